@@ -1,0 +1,1 @@
+"""clerk-sync: keep your SQL users/organizations in step with Clerk."""

@@ -1,0 +1,108 @@
+"""Settings: read once at the edge (CLI, service factory) and passed down; library code never reads os.environ."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from clerk_sync.errors import ConfigError
+
+__all__ = ["DEFAULT_DATABASE_URL", "Settings", "parse_webhook_secrets"]
+
+DEFAULT_DATABASE_URL = "sqlite:///clerk_sync.db"
+_SECRET_HELP = (
+    "Set CLERK_WEBHOOK_SIGNING_SECRET to the endpoint's signing secret (Clerk Dashboard -> Webhooks -> "
+    "your endpoint -> Signing Secret, it starts with 'whsec_'); several secrets may be separated by "
+    "spaces or commas during rotation."
+)
+
+
+def parse_webhook_secrets(raw: str) -> tuple[SecretStr, ...]:
+    """Split a rotation list (spaces or commas) and check each is ``whsec_`` + base64."""
+    secrets = tuple(s for s in re.split(r"[\s,]+", raw.strip()) if s)
+    if not secrets:
+        raise ConfigError(f"CLERK_WEBHOOK_SIGNING_SECRET is empty. {_SECRET_HELP}")
+    for i, secret in enumerate(secrets, 1):
+        body = secret.removeprefix("whsec_")
+        if not secret.startswith("whsec_") or not body:
+            raise ConfigError(f"Webhook secret #{i} does not start with 'whsec_'. {_SECRET_HELP}")
+        try:
+            key = base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            raise ConfigError(f"Webhook secret #{i} is not valid base64 after 'whsec_'. {_SECRET_HELP}") from None
+        if not key:
+            raise ConfigError(f"Webhook secret #{i} decodes to an empty key. {_SECRET_HELP}")
+    return tuple(SecretStr(s) for s in secrets)
+
+
+class Settings(BaseSettings):
+    """Everything clerk-sync reads from the environment; build with :meth:`from_env`."""
+
+    model_config = SettingsConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+
+    database_url: str = Field(DEFAULT_DATABASE_URL, validation_alias="DATABASE_URL")
+    webhook_secret: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("CLERK_WEBHOOK_SIGNING_SECRET", "CLERK_WEBHOOK_SECRET")
+    )
+    instance_id: str | None = Field(None, validation_alias="CLERK_INSTANCE_ID")
+    max_body_bytes: int = Field(1024 * 1024, gt=0, validation_alias="CLERK_SYNC_MAX_BODY_BYTES")
+    webhook_tolerance_s: int = Field(300, ge=0, validation_alias="CLERK_SYNC_WEBHOOK_TOLERANCE_S")
+    clerk_secret_key: SecretStr | None = Field(None, validation_alias="CLERK_SECRET_KEY")
+    clerk_api_url: str = Field("https://api.clerk.com", validation_alias="CLERK_API_URL")
+    redis_url: str | None = Field(None, validation_alias="REDIS_URL")
+    log_level: str = Field("INFO", validation_alias="CLERK_SYNC_LOG_LEVEL")
+
+    @field_validator("instance_id", "redis_url", "webhook_secret", "clerk_secret_key", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        """Read settings from ``environ`` (default ``os.environ``); errors name the variable."""
+        env = dict(os.environ if environ is None else environ)
+        known = {name for f in cls.model_fields.values() for name in _aliases(f.validation_alias)}
+        values: dict[str, object] = {k: v for k, v in env.items() if k in known}
+        values.update(overrides)
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ConfigError(f"Invalid setting {where}: {first['msg']}") from None
+
+    def webhook_secrets(self) -> tuple[SecretStr, ...]:
+        """The secrets to verify against; a missing or malformed secret is a start-up error."""
+        if self.webhook_secret is None:
+            raise ConfigError(f"CLERK_WEBHOOK_SIGNING_SECRET is not set. {_SECRET_HELP}")
+        return parse_webhook_secrets(self.webhook_secret.get_secret_value())
+
+    def sqlalchemy_url(self) -> str:
+        """``DATABASE_URL`` with the driver we ship (psycopg 3) filled in for bare postgres URLs."""
+        url = self.database_url
+        for prefix in ("postgres://", "postgresql://"):
+            if url.startswith(prefix):
+                return "postgresql+psycopg://" + url[len(prefix):]
+        return url
+
+    def sqlite_path(self) -> Path | None:
+        """The file of a file-backed SQLite URL, for messages and the dev command."""
+        url = self.database_url
+        if url.startswith("sqlite:///") and ":memory:" not in url:
+            return Path(url.removeprefix("sqlite:///"))
+        return None
+
+
+def _aliases(alias: object) -> list[str]:
+    if isinstance(alias, str):
+        return [alias]
+    if isinstance(alias, AliasChoices):
+        return [c for c in alias.choices if isinstance(c, str)]
+    return []

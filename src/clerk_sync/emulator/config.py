@@ -1,0 +1,145 @@
+"""Settings for the local Clerk emulator.
+
+The emulator is configured once, at the edge, with an immutable :class:`EmulatorConfig`.
+Knobs that tests flip at run time (faults, latency, outage) are copied from it into the
+mutable :class:`~clerk_sync.emulator.faults.FaultSettings` owned by the running emulator.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "DEFAULT_ROLE_PERMISSIONS",
+    "SVIX_RETRY_SCHEDULE_S",
+    "EmulatorConfig",
+    "generate_webhook_secret",
+]
+
+#: Delays before each delivery attempt, as Svix documents them (immediately, 5 s, 5 min,
+#: 30 min, 2 h, 5 h, 10 h, 10 h): eight attempts over about 27.6 hours.
+SVIX_RETRY_SCHEDULE_S: tuple[float, ...] = (0, 5, 300, 1800, 7200, 18000, 36000, 36000)
+
+_SYSTEM_PERMISSIONS: tuple[str, ...] = (
+    "org:sys_profile:manage",
+    "org:sys_profile:delete",
+    "org:sys_memberships:read",
+    "org:sys_memberships:manage",
+    "org:sys_domains:read",
+    "org:sys_domains:manage",
+    "org:sys_billing:read",
+    "org:sys_billing:manage",
+)
+
+#: Permissions each role grants, as Clerk's default roles do.  Custom roles and custom
+#: (non-``org:sys_*``) permissions can be added through ``EmulatorConfig.role_permissions``.
+DEFAULT_ROLE_PERMISSIONS: Mapping[str, tuple[str, ...]] = {
+    "org:admin": _SYSTEM_PERMISSIONS,
+    "org:member": ("org:sys_memberships:read", "org:sys_billing:read"),
+}
+
+
+def generate_webhook_secret() -> str:
+    """Return a fresh ``whsec_`` secret of 24 random bytes, the size the Svix server uses."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode("ascii")
+
+
+def _env_float(environ: Mapping[str, str], name: str, default: float) -> float:
+    raw = environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from None
+
+
+@dataclass(frozen=True)
+class EmulatorConfig:
+    """Everything the emulator needs to know before it starts.
+
+    ``webhook_secret=None`` means "generate one"; read the effective secret from
+    :attr:`effective_webhook_secret` (it is fixed when the config object is created, so
+    every copy made with :func:`dataclasses.replace` keeps it).
+    """
+
+    secret_key: str = "sk_test_emulator"
+    webhook_url: str | None = None
+    webhook_secret: str | None = None
+    instance_id: str = "ins_emulator0000000000000000000"
+    # Backend API rate limit, per secret key (Clerk development instances: 100 / 10 s).
+    rate_limit_requests: int = 100
+    rate_limit_window_s: float = 10.0
+    # Divides the Svix retry delays, so tests can run the whole schedule in milliseconds.
+    time_scale: float = 1.0
+    retry_schedule_s: tuple[float, ...] = SVIX_RETRY_SCHEDULE_S
+    delivery_timeout_s: float = 15.0
+    # Backend API fault knobs (also settable at run time).
+    latency_s: float = 0.0
+    error_rate: float = 0.0
+    outage: bool = False
+    # Webhook delivery fault knobs, each a probability in [0, 1].
+    duplicate_rate: float = 0.0
+    reorder_rate: float = 0.0
+    drop_then_redeliver_rate: float = 0.0
+    fail_rate: float = 0.0
+    # How long a message picked for reordering waits for a successor before it is sent anyway.
+    reorder_hold_s: float = 0.5
+    seed: int | None = None
+    # Frontend API URL used as the ``iss`` claim; None means "this server's own base URL".
+    frontend_url: str | None = None
+    authorized_party: str | None = "http://localhost:3000"
+    session_token_lifetime_s: int = 60
+    session_token_template: Mapping[str, Any] | None = None
+    jwt_templates: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    role_permissions: Mapping[str, tuple[str, ...]] = field(
+        default_factory=lambda: dict(DEFAULT_ROLE_PERMISSIONS)
+    )
+    # How long a rotated-out signing key stays in the JWKS.
+    key_grace_s: float = 3600.0
+    _generated_secret: str = field(default_factory=generate_webhook_secret, repr=False)
+
+    @property
+    def effective_webhook_secret(self) -> str:
+        """The ``whsec_`` secret deliveries are signed with."""
+        return self.webhook_secret or self._generated_secret
+
+    @property
+    def webhook_secret_was_generated(self) -> bool:
+        """True when no secret was configured, so the caller should show the generated one."""
+        return self.webhook_secret is None
+
+    def replace(self, **changes: Any) -> EmulatorConfig:
+        """Return a copy with ``changes`` applied (the generated secret is kept)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> EmulatorConfig:
+        """Build a config from ``CLERK_SECRET_KEY``, ``CLERK_WEBHOOK_SIGNING_SECRET`` and friends.
+
+        Also read: ``CLERK_EMULATOR_WEBHOOK_URL``, ``CLERK_EMULATOR_TIME_SCALE``,
+        ``CLERK_EMULATOR_SEED``.  Explicit ``overrides`` win over the environment.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        if env.get("CLERK_SECRET_KEY"):
+            values["secret_key"] = env["CLERK_SECRET_KEY"]
+        if env.get("CLERK_WEBHOOK_SIGNING_SECRET"):
+            values["webhook_secret"] = env["CLERK_WEBHOOK_SIGNING_SECRET"]
+        if env.get("CLERK_EMULATOR_WEBHOOK_URL"):
+            values["webhook_url"] = env["CLERK_EMULATOR_WEBHOOK_URL"]
+        values["time_scale"] = _env_float(env, "CLERK_EMULATOR_TIME_SCALE", 1.0)
+        seed = env.get("CLERK_EMULATOR_SEED")
+        if seed:
+            try:
+                values["seed"] = int(seed)
+            except ValueError:
+                raise ValueError(f"CLERK_EMULATOR_SEED must be an integer, got {seed!r}") from None
+        values.update(overrides)
+        return cls(**values)

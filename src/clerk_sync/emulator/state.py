@@ -1,0 +1,163 @@
+"""The emulator's in-memory instance data, guarded by one lock.
+
+:class:`Store` owns every record plus the things all mutations share: the lock (the HTTP
+server thread, the delivery thread and test code all touch it), the seeded id factory, the
+clock, and the event sink that turns changes into webhook messages.  The operations live in
+``users.py``, ``orgs.py`` and ``sessions.py``; they take the store as their first argument.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+from .records import (
+    ActorTokenRecord,
+    MembershipRecord,
+    OrgRecord,
+    SessionRecord,
+    SignInTokenRecord,
+    UserRecord,
+)
+
+__all__ = ["EventSink", "Store", "deep_merge"]
+
+JSON = dict[str, Any]
+#: Receives ``(event_type, data)`` for every change, in the order the changes happened.
+EventSink = Callable[[str, JSON], None]
+
+_ALPHABET = string.ascii_letters + string.digits
+
+
+def _discard(event_type: str, data: JSON) -> None:
+    """Default sink: an emulator without a delivery worker simply forgets events."""
+
+
+def deep_merge(base: JSON, patch: JSON) -> JSON:
+    """Clerk's metadata merge: nested objects merge, a ``None`` value removes the key.
+
+    Returns a new dict; neither argument is modified.
+    """
+    merged = dict(base)
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+class Store:
+    """Records of one emulated Clerk instance.
+
+    Users are kept in creation order in ``user_order`` (oldest first), so list endpoints
+    can page with an offset without sorting 100k records on every call.
+    """
+
+    def __init__(
+        self,
+        *,
+        seed: int | None = None,
+        clock: Callable[[], float] = time.time,
+        sink: EventSink = _discard,
+        role_permissions: Mapping[str, tuple[str, ...]] | None = None,
+    ) -> None:
+        self.lock = threading.RLock()
+        self.role_permissions: Mapping[str, tuple[str, ...]] = role_permissions or {}
+        self.clock = clock
+        self.sink = sink
+        self._seed = seed
+        self.rng = random.Random(seed)
+        self.users: dict[str, UserRecord] = {}
+        self.user_order: list[str] = []
+        self.email_index: dict[str, str] = {}
+        self.orgs: dict[str, OrgRecord] = {}
+        self.slug_index: dict[str, str] = {}
+        # organization id -> user id -> membership, in creation order.
+        self.memberships: dict[str, dict[str, MembershipRecord]] = {}
+        self.sessions: dict[str, SessionRecord] = {}
+        self.actor_tokens: dict[str, ActorTokenRecord] = {}
+        self.sign_in_tokens: dict[str, SignInTokenRecord] = {}
+        self._last_ms = 0
+
+    @contextmanager
+    def locked(self) -> Iterator[Store]:
+        """Hold the store lock for a compound operation."""
+        with self.lock:
+            yield self
+
+    def reset(self) -> None:
+        """Forget every record and restart the id sequence from the seed."""
+        with self.lock:
+            self.rng = random.Random(self._seed)
+            for table in (
+                self.users,
+                self.email_index,
+                self.orgs,
+                self.slug_index,
+                self.memberships,
+                self.sessions,
+                self.actor_tokens,
+                self.sign_in_tokens,
+            ):
+                table.clear()
+            self.user_order.clear()
+
+    def new_id(self, prefix: str) -> str:
+        """A Clerk-looking id: prefix, underscore, 27 base62 characters (seeded)."""
+        with self.lock:
+            return prefix + "_" + "".join(self.rng.choices(_ALPHABET, k=27))
+
+    def new_token(self, length: int = 40) -> str:
+        """An opaque token string, drawn from the seeded generator."""
+        with self.lock:
+            return "".join(self.rng.choices(_ALPHABET, k=length))
+
+    def now_ms(self) -> int:
+        """Current time in ms, never going backwards, so ``updated_at`` always grows."""
+        with self.lock:
+            now = int(self.clock() * 1000)
+            self._last_ms = max(now, self._last_ms)
+            return self._last_ms
+
+    def bump_ms(self, previous: int) -> int:
+        """A timestamp strictly greater than ``previous`` (for ``updated_at`` on a change)."""
+        with self.lock:
+            self._last_ms = max(self.now_ms(), previous + 1)
+            return self._last_ms
+
+    def emit(self, event_type: str, data: JSON) -> None:
+        """Hand one event to the sink (called with the lock held, so order is preserved)."""
+        self.sink(event_type, data)
+
+    def permissions_for(self, role: str) -> tuple[str, ...]:
+        """Permission keys a role grants (unknown custom roles grant none)."""
+        return tuple(self.role_permissions.get(role, ()))
+
+    def members_count(self, org_id: str) -> int:
+        """Number of memberships of an organization."""
+        return len(self.memberships.get(org_id, ()))
+
+    def all_memberships(self) -> list[MembershipRecord]:
+        """Every membership of the instance, oldest first."""
+        found = [m for members in self.memberships.values() for m in members.values()]
+        return sorted(found, key=lambda m: m.created_at)
+
+    def summary(self) -> dict[str, int]:
+        """Record counts, for ``GET /_emulator/state``."""
+        with self.lock:
+            return {
+                "users": len(self.users),
+                "organizations": len(self.orgs),
+                "memberships": sum(len(m) for m in self.memberships.values()),
+                "sessions": len(self.sessions),
+                "actor_tokens": len(self.actor_tokens),
+                "sign_in_tokens": len(self.sign_in_tokens),
+            }

@@ -1,0 +1,368 @@
+"""User operations of the emulated Backend API (``/v1/users``).
+
+Each mutation bumps ``updated_at`` and emits the matching webhook event while holding the
+store lock, so events leave in the order the changes happened.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import sessions
+from .errors import ClerkAPIError
+from .records import EmailRecord, UserRecord, deleted_object, render_user
+from .state import Store, deep_merge
+
+__all__ = [
+    "UserQuery",
+    "bulk_create_users",
+    "count_users",
+    "create_user",
+    "delete_user",
+    "get_user",
+    "list_users",
+    "merge_metadata",
+    "replace_metadata",
+    "require_user",
+    "set_flag",
+    "update_user",
+]
+
+JSON = dict[str, Any]
+_EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+_METADATA_FIELDS = ("public_metadata", "private_metadata", "unsafe_metadata")
+# API version from which PATCH /users/{id} rejects metadata (use the /metadata endpoints).
+_METADATA_REMOVED_IN = "2026-05-12"
+_SIMPLE_FIELDS = (
+    "external_id",
+    "first_name",
+    "last_name",
+    "username",
+    "locale",
+    "delete_self_enabled",
+    "create_organization_enabled",
+    "create_organizations_limit",
+    "bypass_client_trust",
+)
+
+
+@dataclass(frozen=True)
+class UserQuery:
+    """Filters and paging of ``GET /users`` and ``GET /users/count``."""
+
+    email_addresses: tuple[str, ...] = ()
+    user_ids: tuple[str, ...] = ()
+    external_ids: tuple[str, ...] = ()
+    usernames: tuple[str, ...] = ()
+    query: str | None = None
+    banned: bool | None = None
+    order_by: str = "-created_at"
+    limit: int = 10
+    offset: int = 0
+    starting_after: str | None = None
+    filters: tuple[Callable[[UserRecord], bool], ...] = field(default=(), compare=False)
+
+    def has_filters(self) -> bool:
+        return bool(
+            self.email_addresses or self.user_ids or self.external_ids or self.usernames
+            or self.query or self.banned is not None
+        )
+
+
+def require_user(store: Store, user_id: str) -> UserRecord:
+    """The user, or a Clerk 404."""
+    user = store.users.get(user_id)
+    if user is None:
+        raise ClerkAPIError.not_found()
+    return user
+
+
+def _check_emails(store: Store, addresses: Iterable[str], owner: str | None = None) -> list[str]:
+    cleaned = []
+    for raw in addresses:
+        address = raw.strip().lower()
+        if not _EMAIL_RE.match(address):
+            raise ClerkAPIError.invalid(
+                "email_address", "is invalid", code="form_param_format_invalid"
+            )
+        if store.email_index.get(address, owner) != owner or address in cleaned:
+            raise ClerkAPIError.identifier_exists("email_address")
+        cleaned.append(address)
+    return cleaned
+
+
+def _check_username(store: Store, username: Any, owner: str | None = None) -> None:
+    if username is None:
+        return
+    if not isinstance(username, str) or not username:
+        raise ClerkAPIError.invalid("username", "is invalid", code="form_param_format_invalid")
+    for user in store.users.values():
+        if user.username == username and user.id != owner:
+            raise ClerkAPIError(
+                422, "form_identifier_exists", "That username is taken. Please try another.",
+                meta={"param_name": "username"},
+            )
+
+
+def _metadata(body: JSON, name: str) -> JSON | None:
+    value = body.get(name)
+    if value is not None and not isinstance(value, dict):
+        raise ClerkAPIError.invalid(name, f"{name} must be an object")
+    return value
+
+
+def _new_user(store: Store, user_id: str, addresses: list[str], now: int) -> UserRecord:
+    emails = [EmailRecord(store.new_id("idn"), address, now, now) for address in addresses]
+    user = UserRecord(id=user_id, created_at=now, updated_at=now, emails=emails)
+    user.primary_email_address_id = emails[0].id if emails else None
+    return user
+
+
+def _insert(store: Store, user: UserRecord) -> None:
+    store.users[user.id] = user
+    store.user_order.append(user.id)
+    for email in user.emails:
+        store.email_index[email.email_address] = user.id
+
+
+def create_user(store: Store, body: JSON) -> JSON:
+    """``POST /users``: create a user with admin-verified email addresses; emits ``user.created``."""
+    with store.lock:
+        addresses = _check_emails(store, body.get("email_address") or [])
+        _check_username(store, body.get("username"))
+        now = store.now_ms()
+        user = _new_user(store, store.new_id("user"), addresses, now)
+        for name in _SIMPLE_FIELDS:
+            if body.get(name) is not None:
+                setattr(user, name, body[name])
+        for name in _METADATA_FIELDS:
+            setattr(user, name, _metadata(body, name) or {})
+        user.password_enabled = bool(body.get("password") or body.get("password_digest"))
+        user.banned = bool(body.get("banned"))
+        user.locked = bool(body.get("locked"))
+        _insert(store, user)
+        data = render_user(user)
+        store.emit("user.created", data)
+        return data
+
+
+def bulk_create_users(store: Store, count: int, *, domain: str = "bulk.example.com") -> int:
+    """Insert ``count`` users at once, emitting no webhooks (for reconcile benchmarks)."""
+    with store.lock:
+        start = len(store.user_order)
+        for n in range(start, start + count):
+            now = store.now_ms()
+            user = _new_user(store, store.new_id("user"), [f"user{n}@{domain}"], now)
+            user.first_name = "User"
+            user.last_name = str(n)
+            _insert(store, user)
+        return count
+
+
+def get_user(store: Store, user_id: str) -> JSON:
+    with store.lock:
+        return render_user(require_user(store, user_id))
+
+
+def _matches(store: Store, user: UserRecord, q: UserQuery) -> bool:
+    if q.email_addresses and not any(e.email_address in q.email_addresses for e in user.emails):
+        return False
+    if q.external_ids and user.external_id not in q.external_ids:
+        return False
+    if q.usernames and user.username not in q.usernames:
+        return False
+    if q.banned is not None and user.banned != q.banned:
+        return False
+    if q.user_ids and not _id_filter(user.id, q.user_ids):
+        return False
+    if q.query and not _text_match(user, q.query.lower()):
+        return False
+    return all(check(user) for check in q.filters)
+
+
+def _id_filter(user_id: str, wanted: tuple[str, ...]) -> bool:
+    """Clerk's ``user_id`` filter: plain/``+`` ids include, ``-`` ids exclude."""
+    include = {w.lstrip("+") for w in wanted if not w.startswith("-")}
+    exclude = {w[1:] for w in wanted if w.startswith("-")}
+    return user_id not in exclude and (not include or user_id in include)
+
+
+def _text_match(user: UserRecord, needle: str) -> bool:
+    haystack = [user.id, user.username, user.first_name, user.last_name, user.external_id]
+    haystack += [e.email_address for e in user.emails]
+    return any(needle in value.lower() for value in haystack if value)
+
+
+def _ordered(store: Store, q: UserQuery) -> list[UserRecord]:
+    field_name = q.order_by.lstrip("+-") or "created_at"
+    descending = q.order_by.startswith("-")
+    if field_name == "created_at":
+        ids = reversed(store.user_order) if descending else iter(store.user_order)
+        return [store.users[i] for i in ids if _matches(store, store.users[i], q)]
+    users = [u for u in store.users.values() if _matches(store, u, q)]
+    key = _sort_key(field_name)
+    present = [u for u in users if key(u) is not None]
+    missing = [u for u in users if key(u) is None]
+    present.sort(key=key, reverse=descending)  # type: ignore[arg-type,return-value]
+    return present + missing
+
+
+def _sort_key(field_name: str) -> Callable[[UserRecord], Any]:
+    if field_name == "email_address":
+        return lambda u: u.primary_email()
+    if field_name in {"updated_at", "first_name", "last_name", "username", "last_sign_in_at",
+                      "last_active_at"}:
+        return lambda u: getattr(u, field_name)
+    raise ClerkAPIError.invalid("order_by", f"order_by {field_name!r} is not supported")
+
+
+def _page_fast(store: Store, q: UserQuery) -> list[UserRecord]:
+    """Unfiltered ``created_at`` paging: slice the creation-ordered id list directly."""
+    order = store.user_order
+    if q.order_by.startswith("-"):
+        end = len(order) - q.offset
+        ids = order[max(end - q.limit, 0) : max(end, 0)][::-1]
+    else:
+        ids = order[q.offset : q.offset + q.limit]
+    return [store.users[i] for i in ids]
+
+
+def list_users(store: Store, q: UserQuery) -> list[JSON]:
+    """``GET /users``: a bare array of users, newest first by default."""
+    with store.lock:
+        fast = q.order_by.lstrip("+-") == "created_at" and not q.has_filters()
+        if fast and not q.filters and q.starting_after is None:
+            return [render_user(u) for u in _page_fast(store, q)]
+        users = _ordered(store, q)
+        start = q.offset
+        if q.starting_after is not None:
+            ids = [u.id for u in users]
+            start = ids.index(q.starting_after) + 1 if q.starting_after in ids else len(ids)
+        return [render_user(u) for u in users[start : start + q.limit]]
+
+
+def count_users(store: Store, q: UserQuery) -> int:
+    """``GET /users/count``: how many users match the filters (paging ignored)."""
+    with store.lock:
+        if not q.has_filters() and not q.filters:
+            return len(store.users)
+        return sum(1 for u in store.users.values() if _matches(store, u, q))
+
+
+def _touch(store: Store, user: UserRecord) -> JSON:
+    user.updated_at = store.bump_ms(user.updated_at)
+    data = render_user(user)
+    store.emit("user.updated", data)
+    return data
+
+
+def update_user(store: Store, user_id: str, body: JSON, api_version: str | None) -> JSON:
+    """``PATCH /users/{id}``; metadata is replaced wholesale here before API 2026-05-12."""
+    with store.lock:
+        user = require_user(store, user_id)
+        has_metadata = any(name in body for name in _METADATA_FIELDS)
+        if has_metadata and api_version is not None and api_version >= _METADATA_REMOVED_IN:
+            name = next(n for n in _METADATA_FIELDS if n in body)
+            raise ClerkAPIError.invalid(name, f"{name} is not a valid parameter", "form_param_unknown")
+        _check_username(store, body.get("username"), owner=user.id)
+        primary = body.get("primary_email_address_id")
+        if primary is not None and primary not in {e.id for e in user.emails}:
+            raise ClerkAPIError.invalid("primary_email_address_id", "is invalid")
+        for name in _SIMPLE_FIELDS:
+            if name in body:
+                setattr(user, name, body[name])
+        for name in _METADATA_FIELDS:
+            if name in body:
+                setattr(user, name, _metadata(body, name) or {})
+        if primary is not None:
+            user.primary_email_address_id = primary
+        if body.get("password"):
+            user.password_enabled = True
+        data = _touch(store, user)
+        _notify_emails(store, user, body)
+        return data
+
+
+def _notify_emails(store: Store, user: UserRecord, body: JSON) -> None:
+    """Clerk emails the user about password and primary-address changes: ``email.created``."""
+    if body.get("password"):
+        _emit_email(store, user, "password_changed", "Your password has been changed")
+    if body.get("primary_email_address_id") and body.get("notify_primary_email_address_changed"):
+        _emit_email(store, user, "primary_email_address_changed", "Your primary email changed")
+
+
+def _emit_email(store: Store, user: UserRecord, slug: str, subject: str) -> None:
+    address = user.primary_email()
+    if address is None:
+        return
+    store.emit("email.created", {
+        "object": "email",
+        "id": store.new_id("ema"),
+        "slug": slug,
+        "from_email_name": "notifications",
+        "reply_to_email_name": None,
+        "to_email_address": address,
+        "email_address_id": user.primary_email_address_id,
+        "user_id": user.id,
+        "subject": subject,
+        "body": f"<p>{subject}.</p>",
+        "body_plain": f"{subject}.",
+        "status": "queued",
+        "data": {"user": {"public_metadata": dict(user.public_metadata)}},
+        "delivered_by_clerk": True,
+    })
+
+
+def merge_metadata(store: Store, user_id: str, body: JSON) -> JSON:
+    """``PATCH /users/{id}/metadata``: deep merge; a ``null`` value removes the key."""
+    with store.lock:
+        user = require_user(store, user_id)
+        for name in _METADATA_FIELDS:
+            patch = _metadata(body, name)
+            if patch is not None:
+                setattr(user, name, deep_merge(getattr(user, name), patch))
+        return _touch(store, user)
+
+
+def replace_metadata(store: Store, user_id: str, body: JSON) -> JSON:
+    """``PUT /users/{id}/metadata``: each supplied field replaced wholesale."""
+    with store.lock:
+        user = require_user(store, user_id)
+        for name in _METADATA_FIELDS:
+            if name in body:
+                setattr(user, name, _metadata(body, name) or {})
+        return _touch(store, user)
+
+
+def set_flag(store: Store, user_id: str, flag: str, value: bool) -> JSON:
+    """Ban/unban/lock/unlock; banning also revokes every active session of the user."""
+    with store.lock:
+        user = require_user(store, user_id)
+        setattr(user, flag, value)
+        data = _touch(store, user)
+        if flag == "banned" and value:
+            sessions.revoke_all_for_user(store, user_id)
+        return data
+
+
+def delete_user(store: Store, user_id: str) -> JSON:
+    """``DELETE /users/{id}``: emits ``user.deleted`` with a DeletedObject.
+
+    Like Clerk (as far as documented), no ``organizationMembership.deleted`` events are sent
+    for the user's memberships; they disappear with the user.
+    """
+    with store.lock:
+        user = require_user(store, user_id)
+        del store.users[user_id]
+        store.user_order.remove(user_id)
+        for email in user.emails:
+            store.email_index.pop(email.email_address, None)
+        for members in store.memberships.values():
+            members.pop(user_id, None)
+        sessions.remove_all_for_user(store, user_id)
+        data = deleted_object("user", user_id, external_id=user.external_id)
+        store.emit("user.deleted", data)
+        return data

@@ -1,0 +1,152 @@
+"""Pure sync decisions: what an event means for our tables (no I/O, easy to table-test).
+
+``plan(envelope)`` turns an event into one write *intent*. ``decide(current, intent)`` states the
+ordering rules the store enforces in SQL: a newer Clerk ``updated_at`` wins, a tombstone is terminal,
+and a membership whose user or organization is deleted is deleted too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from clerk_sync.errors import EventShapeError
+from clerk_sync.events import (
+    Envelope,
+    MembershipRecord,
+    OrganizationRecord,
+    UserRecord,
+    membership_record,
+    organization_record,
+    user_record,
+)
+
+__all__ = [
+    "HANDLED_EVENT_TYPES",
+    "Action",
+    "Entity",
+    "Ignore",
+    "Intent",
+    "Record",
+    "RowState",
+    "Tombstone",
+    "Upsert",
+    "decide",
+    "plan",
+]
+
+Record = UserRecord | OrganizationRecord | MembershipRecord
+
+
+class Entity(StrEnum):
+    """The mirrored tables; the value is the table name."""
+
+    USER = "users"
+    ORGANIZATION = "organizations"
+    MEMBERSHIP = "organization_memberships"
+
+
+@dataclass(frozen=True, slots=True)
+class Upsert:
+    """Insert or replace the row if ``record.clerk_updated_at`` is newer and the row is not deleted."""
+
+    entity: Entity
+    record: Record
+
+    @property
+    def clerk_id(self) -> str:
+        return self.record.clerk_id
+
+    @property
+    def version(self) -> int:
+        return self.record.clerk_updated_at
+
+
+@dataclass(frozen=True, slots=True)
+class Tombstone:
+    """Soft-delete the row (creating a tombstone if we never saw it) so nothing can resurrect it."""
+
+    entity: Entity
+    clerk_id: str
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ignore:
+    """An event type we record and acknowledge but do not mirror."""
+
+    reason: str
+
+
+Intent = Upsert | Tombstone | Ignore
+
+
+class Action(StrEnum):
+    """What applying an intent to the current row does."""
+
+    INSERT = "insert"
+    UPDATE = "update"
+    DELETE = "delete"
+    SKIP_STALE = "skip_stale"
+    SKIP_DELETED = "skip_deleted"
+
+
+@dataclass(frozen=True, slots=True)
+class RowState:
+    """The two facts about a stored row that ordering depends on."""
+
+    version: int
+    deleted: bool
+
+
+def _upsert(entity: Entity, build: Callable[[dict[str, Any]], Record]) -> Callable[[Envelope], Intent]:
+    return lambda env: Upsert(entity, build(env.data))
+
+
+def _tombstone(entity: Entity) -> Callable[[Envelope], Intent]:
+    def plan_delete(env: Envelope) -> Intent:
+        clerk_id = env.data.get("id")
+        if not isinstance(clerk_id, str) or not clerk_id:
+            raise EventShapeError(f"{env.type} has no data.id")
+        # Deleted objects carry no updated_at: the envelope timestamp is the version.
+        updated = env.data.get("updated_at")
+        version = max(env.timestamp_ms, updated if isinstance(updated, int) else 0)
+        return Tombstone(entity, clerk_id, version)
+
+    return plan_delete
+
+
+_PLANNERS: dict[str, Callable[[Envelope], Intent]] = {
+    "user.created": _upsert(Entity.USER, user_record),
+    "user.updated": _upsert(Entity.USER, user_record),
+    "user.deleted": _tombstone(Entity.USER),
+    "organization.created": _upsert(Entity.ORGANIZATION, organization_record),
+    "organization.updated": _upsert(Entity.ORGANIZATION, organization_record),
+    "organization.deleted": _tombstone(Entity.ORGANIZATION),
+    "organizationMembership.created": _upsert(Entity.MEMBERSHIP, membership_record),
+    "organizationMembership.updated": _upsert(Entity.MEMBERSHIP, membership_record),
+    "organizationMembership.deleted": _tombstone(Entity.MEMBERSHIP),
+}
+
+HANDLED_EVENT_TYPES = frozenset(_PLANNERS)
+
+
+def plan(envelope: Envelope) -> Intent:
+    """Map an event to one intent; raises :class:`EventShapeError` when a handled event lacks fields."""
+    planner = _PLANNERS.get(envelope.type)
+    if planner is None:
+        return Ignore(f"event type {envelope.type!r} is not mirrored")
+    return planner(envelope)
+
+
+def decide(current: RowState | None, intent: Upsert | Tombstone) -> Action:
+    """The ordering rule, stated once; ``store`` implements the same rule as guarded SQL."""
+    if isinstance(intent, Tombstone):
+        return Action.SKIP_DELETED if current is not None and current.deleted else Action.DELETE
+    if current is None:
+        return Action.INSERT
+    if current.deleted:
+        return Action.SKIP_DELETED
+    return Action.UPDATE if intent.version > current.version else Action.SKIP_STALE

@@ -1,0 +1,101 @@
+"""One exception tree for clerk-sync.
+
+Branch by what the caller does next::
+
+    ClerkSyncError                      code
+    ├── ConfigError                     config_error      fix the setting named in the message
+    ├── WebhookError                                       reject the delivery, write nothing
+    │   ├── WebhookHeadersMissing       webhook_headers_missing   -> 400
+    │   ├── WebhookVerificationError    webhook_signature_invalid -> 401
+    │   ├── PayloadError                payload_invalid           -> 400
+    │   │   └── PayloadTooLarge         payload_too_large         -> 413
+    │   └── WrongInstance               wrong_instance            -> 403
+    ├── EventShapeError                 event_shape_invalid  the event verified but cannot be applied
+    └── StoreError                      store_unavailable    transient DB failure: 5xx, Svix retries
+
+HTTP status codes are assigned only in the integrations (``status_code`` is a hint they read).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ClerkSyncError",
+    "ConfigError",
+    "EventShapeError",
+    "PayloadError",
+    "PayloadTooLarge",
+    "StoreError",
+    "WebhookError",
+    "WebhookHeadersMissing",
+    "WebhookVerificationError",
+    "WrongInstance",
+]
+
+
+class ClerkSyncError(Exception):
+    """Root of every error clerk-sync raises on purpose."""
+
+    code = "clerk_sync_error"
+    status_code = 500
+
+
+class ConfigError(ClerkSyncError):
+    """A setting is missing or malformed; the message names it and where to find it."""
+
+    code = "config_error"
+
+
+class WebhookError(ClerkSyncError):
+    """A delivery was refused before anything was written."""
+
+    code = "webhook_error"
+    status_code = 400
+
+
+class WebhookHeadersMissing(WebhookError):
+    """One of ``svix-id``, ``svix-timestamp``, ``svix-signature`` is absent."""
+
+    code = "webhook_headers_missing"
+    status_code = 400
+
+
+class WebhookVerificationError(WebhookError):
+    """The signature does not match any configured secret, or the timestamp is outside tolerance."""
+
+    code = "webhook_signature_invalid"
+    status_code = 401
+
+
+class PayloadError(WebhookError):
+    """The body verified but is not a Clerk event envelope (not JSON, missing ``type``/``data``)."""
+
+    code = "payload_invalid"
+    status_code = 400
+
+
+class PayloadTooLarge(PayloadError):
+    """The body exceeds the configured limit; refused before it is read in full."""
+
+    code = "payload_too_large"
+    status_code = 413
+
+
+class WrongInstance(WebhookError):
+    """The event comes from a Clerk instance other than ``CLERK_INSTANCE_ID``."""
+
+    code = "wrong_instance"
+    status_code = 403
+
+
+class EventShapeError(ClerkSyncError):
+    """An event of a known type lacks a field we need; stored as ``failed`` and replayable."""
+
+    code = "event_shape_invalid"
+    status_code = 200
+
+
+class StoreError(ClerkSyncError):
+    """The database failed transiently (down, deadlock, lock timeout); the delivery must be retried."""
+
+    code = "store_unavailable"
+    status_code = 503

@@ -1,0 +1,141 @@
+"""The webhook path, framework-free: verify -> parse -> one transaction (inbox row + apply).
+
+``WebhookProcessor.process(headers, body)`` is what every integration calls. It raises
+:class:`~clerk_sync.errors.WebhookError` subclasses for deliveries to refuse (nothing written) and
+:class:`~clerk_sync.errors.StoreError` for transient database failures (answer 5xx: Svix retries).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
+import sqlalchemy as sa
+import structlog
+
+from clerk_sync.engine import Ignore, plan
+from clerk_sync.errors import EventShapeError, PayloadError, PayloadTooLarge, WrongInstance
+from clerk_sync.events import Envelope, parse_envelope
+from clerk_sync.metrics import Metrics
+from clerk_sync.store import Store, Writer
+from clerk_sync.tables import webhook_events
+from clerk_sync.webhooks import WebhookVerifier
+
+__all__ = ["Outcome", "ReplayReport", "WebhookProcessor", "apply_envelope", "replay_deliveries"]
+
+log = structlog.get_logger("clerk_sync.webhook")
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What happened to one delivery: applied, skipped (stale/no-op), ignored, failed or duplicate."""
+
+    svix_id: str
+    event_type: str
+    status: str
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayReport:
+    """Counts of a ``replay`` run by resulting status."""
+
+    total: int
+    by_status: dict[str, int]
+
+
+class WebhookProcessor:
+    """Verifies and applies Clerk deliveries; one instance per service, shared across requests."""
+
+    def __init__(
+        self,
+        store: Store,
+        verifier: WebhookVerifier,
+        *,
+        instance_id: str | None = None,
+        max_body_bytes: int = 1024 * 1024,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.store = store
+        self.verifier = verifier
+        self.instance_id = instance_id
+        self.max_body_bytes = max_body_bytes
+        self.metrics = metrics or Metrics()
+
+    def process(self, headers: Mapping[str, str], body: bytes) -> Outcome:
+        """Verify, parse and apply one delivery in one transaction."""
+        started = time.perf_counter()
+        if len(body) > self.max_body_bytes:
+            raise PayloadTooLarge(f"body is {len(body)} bytes, the limit is {self.max_body_bytes}")
+        svix_id = self.verifier.verify(headers, body)
+        with structlog.contextvars.bound_contextvars(svix_id=svix_id):
+            envelope = parse_envelope(body)
+            if self.instance_id and envelope.instance_id and envelope.instance_id != self.instance_id:
+                raise WrongInstance(
+                    f"event from instance {envelope.instance_id!r}, expected {self.instance_id!r} "
+                    "(CLERK_INSTANCE_ID)"
+                )
+            with self.store.transaction() as writer:
+                outcome = self._apply_new(writer, svix_id, envelope)
+            self.metrics.observe(envelope.type, outcome.status, time.perf_counter() - started)
+            log.info("webhook", event_type=envelope.type, status=outcome.status, error=outcome.error)
+            return outcome
+
+    def _apply_new(self, writer: Writer, svix_id: str, envelope: Envelope) -> Outcome:
+        fresh = writer.record_delivery(
+            svix_id, envelope.raw, event_type=envelope.type,
+            instance_id=envelope.instance_id, event_timestamp=envelope.timestamp_ms,
+        )
+        if not fresh:
+            return Outcome(svix_id, envelope.type, "duplicate")
+        status, error = apply_envelope(writer, envelope)
+        writer.finish_delivery(svix_id, status, error)
+        return Outcome(svix_id, envelope.type, status, error)
+
+
+def replay_deliveries(
+    store: Store, *, status: str = "failed", since: datetime | None = None
+) -> ReplayReport:
+    """Re-apply stored deliveries (e.g. ``failed`` ones after a fix), one transaction each.
+
+    Payloads were verified when received, so no secret is needed.
+    """
+    query = sa.select(webhook_events.c.svix_id).where(webhook_events.c.status == status)
+    if since is not None:
+        query = query.where(webhook_events.c.received_at >= since)
+    with store.connect() as conn:
+        ids = list(conn.execute(query.order_by(webhook_events.c.id)).scalars())
+    counts: dict[str, int] = {}
+    for svix_id in ids:
+        with store.transaction() as writer:
+            result = _replay_one(writer, svix_id)
+        counts[result] = counts.get(result, 0) + 1
+    return ReplayReport(len(ids), counts)
+
+
+def _replay_one(writer: Writer, svix_id: str) -> str:
+    payload = writer.conn.execute(
+        sa.select(webhook_events.c.payload).where(webhook_events.c.svix_id == svix_id)
+    ).scalar_one()
+    try:
+        envelope = parse_envelope(json.dumps(payload))
+    except PayloadError as exc:
+        writer.finish_delivery(svix_id, "failed", str(exc), count_attempt=True)
+        return "failed"
+    status, error = apply_envelope(writer, envelope)
+    writer.finish_delivery(svix_id, status, error, count_attempt=True)
+    return status
+
+
+def apply_envelope(writer: Writer, envelope: Envelope) -> tuple[str, str | None]:
+    """Apply a parsed event inside the caller's transaction; returns (status, error)."""
+    try:
+        intent = plan(envelope)
+    except EventShapeError as exc:
+        return "failed", str(exc)
+    if isinstance(intent, Ignore):
+        return "ignored", None
+    return ("applied" if writer.apply(intent) else "skipped"), None

@@ -1,0 +1,1 @@
+"""Framework adapters over the framework-free core (the only place HTTP status codes are chosen)."""

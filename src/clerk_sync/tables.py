@@ -1,0 +1,118 @@
+"""The contract tables (public: apps JOIN their own tables to these). Migrations mirror this file."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+
+__all__ = [
+    "audit_log",
+    "metadata",
+    "organization_memberships",
+    "organizations",
+    "users",
+    "webhook_events",
+]
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+# BIGINT primary keys, but INTEGER on SQLite so they alias ROWID and autoincrement.
+PK = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+JSONType = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+Timestamp = sa.DateTime(timezone=True)
+
+
+def _clerk_columns() -> list[sa.Column[object]]:
+    return [
+        sa.Column("clerk_created_at", sa.BigInteger, nullable=True),
+        sa.Column("clerk_updated_at", sa.BigInteger, nullable=False),
+        sa.Column("created_at", Timestamp, nullable=False),
+        sa.Column("updated_at", Timestamp, nullable=False),
+        sa.Column("deleted_at", Timestamp, nullable=True),
+    ]
+
+
+users = sa.Table(
+    "users",
+    metadata,
+    sa.Column("id", PK, primary_key=True, autoincrement=True),
+    sa.Column("clerk_id", sa.String(64), nullable=False, unique=True),
+    sa.Column("email", sa.String(320), nullable=True, index=True),
+    sa.Column("email_addresses", JSONType, nullable=False, default=list),
+    sa.Column("first_name", sa.String(255), nullable=True),
+    sa.Column("last_name", sa.String(255), nullable=True),
+    sa.Column("username", sa.String(255), nullable=True),
+    sa.Column("image_url", sa.Text, nullable=True),
+    sa.Column("public_metadata", JSONType, nullable=False, default=dict),
+    sa.Column("private_metadata", JSONType, nullable=False, default=dict),
+    sa.Column("unsafe_metadata", JSONType, nullable=False, default=dict),
+    sa.Column("role", sa.String(64), nullable=False, server_default="user"),
+    sa.Column("plan", sa.String(64), nullable=False, server_default="free"),
+    sa.Column("banned", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("locked", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("last_sign_in_at", sa.BigInteger, nullable=True),
+    *_clerk_columns(),
+)
+
+organizations = sa.Table(
+    "organizations",
+    metadata,
+    sa.Column("id", PK, primary_key=True, autoincrement=True),
+    sa.Column("clerk_id", sa.String(64), nullable=False, unique=True),
+    sa.Column("name", sa.String(255), nullable=True),
+    sa.Column("slug", sa.String(255), nullable=True, index=True),
+    sa.Column("image_url", sa.Text, nullable=True),
+    sa.Column("public_metadata", JSONType, nullable=False, default=dict),
+    sa.Column("private_metadata", JSONType, nullable=False, default=dict),
+    sa.Column("plan", sa.String(64), nullable=False, server_default="free"),
+    *_clerk_columns(),
+)
+
+organization_memberships = sa.Table(
+    "organization_memberships",
+    metadata,
+    sa.Column("id", PK, primary_key=True, autoincrement=True),
+    sa.Column("clerk_id", sa.String(64), nullable=False, unique=True),
+    # Clerk ids, not foreign keys: a membership may arrive before its user or organization.
+    sa.Column("organization_clerk_id", sa.String(64), nullable=False, index=True),
+    sa.Column("user_clerk_id", sa.String(64), nullable=False, index=True),
+    sa.Column("role", sa.String(64), nullable=False, server_default="org:member"),
+    sa.Column("permissions", JSONType, nullable=False, default=list),
+    *_clerk_columns(),
+)
+
+webhook_events = sa.Table(
+    "webhook_events",
+    metadata,
+    sa.Column("id", PK, primary_key=True, autoincrement=True),
+    sa.Column("svix_id", sa.String(128), nullable=False, unique=True),
+    sa.Column("type", sa.String(128), nullable=False, index=True),
+    sa.Column("instance_id", sa.String(64), nullable=True),
+    sa.Column("event_timestamp", sa.BigInteger, nullable=True),
+    sa.Column("received_at", Timestamp, nullable=False),
+    sa.Column("payload", JSONType, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="1"),
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.Column("applied_at", Timestamp, nullable=True),
+    sa.Index("ix_webhook_events_status_received_at", "status", "received_at"),
+)
+
+audit_log = sa.Table(
+    "audit_log",
+    metadata,
+    sa.Column("id", PK, primary_key=True, autoincrement=True),
+    sa.Column("action", sa.String(64), nullable=False, index=True),
+    sa.Column("actor_clerk_id", sa.String(64), nullable=True, index=True),
+    sa.Column("target_clerk_id", sa.String(64), nullable=True, index=True),
+    sa.Column("impersonator_clerk_id", sa.String(64), nullable=True),
+    sa.Column("details", JSONType, nullable=False, default=dict),
+    sa.Column("ip", sa.String(64), nullable=True),
+    sa.Column("created_at", Timestamp, nullable=False, index=True),
+)

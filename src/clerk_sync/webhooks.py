@@ -1,0 +1,115 @@
+"""Svix signature verification for Clerk deliveries (pure: secret, headers, body and ``now`` in).
+
+The HMAC itself comes from ``standardwebhooks`` (``Webhook.sign``). We parse the headers and check the
+timestamp ourselves because its ``verify`` reads the wall clock (no injectable ``now``) and lets
+``ValueError``/``binascii.Error`` escape on malformed signature lists; every failure here is one
+:class:`WebhookVerificationError`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from pydantic import SecretStr
+from standardwebhooks.webhooks import EmptyWebhookSecretError, Webhook
+
+from clerk_sync.errors import ConfigError, WebhookHeadersMissing, WebhookVerificationError
+
+__all__ = ["DEFAULT_TOLERANCE_S", "SignedHeaders", "WebhookVerifier", "sign"]
+
+DEFAULT_TOLERANCE_S = 300
+
+
+@dataclass(frozen=True, slots=True)
+class SignedHeaders:
+    """The three Svix headers (``svix-*``, or the unbranded ``webhook-*`` set)."""
+
+    msg_id: str
+    timestamp: str
+    signature: str
+
+    @classmethod
+    def from_headers(cls, headers: Mapping[str, str]) -> SignedHeaders:
+        """Case-insensitive lookup; ``svix-*`` wins over ``webhook-*`` as in the Svix libraries."""
+        lower = {k.lower(): v for k, v in headers.items()}
+        values = [lower.get(f"svix-{n}") or lower.get(f"webhook-{n}") for n in ("id", "timestamp", "signature")]
+        if not all(values):
+            missing = [n for n, v in zip(("id", "timestamp", "signature"), values, strict=True) if not v]
+            raise WebhookHeadersMissing(f"missing webhook header(s): {', '.join('svix-' + m for m in missing)}")
+        msg_id, timestamp, signature = (str(v) for v in values)
+        return cls(msg_id, timestamp, signature)
+
+
+class WebhookVerifier:
+    """Verifies a delivery against one or more secrets (rotation) within a timestamp tolerance."""
+
+    def __init__(
+        self,
+        secrets: Iterable[str | SecretStr],
+        *,
+        tolerance_s: int = DEFAULT_TOLERANCE_S,
+        now: Callable[[], float] = time.time,
+    ) -> None:
+        raw = [s.get_secret_value() if isinstance(s, SecretStr) else s for s in secrets]
+        if not raw:
+            raise ConfigError("no webhook secret configured (CLERK_WEBHOOK_SIGNING_SECRET)")
+        try:
+            self._hooks = [Webhook(s) for s in raw]
+        except (EmptyWebhookSecretError, binascii.Error, ValueError) as exc:
+            raise ConfigError(f"a webhook secret is malformed: {exc}") from None
+        self._tolerance = tolerance_s
+        self._now = now
+
+    def verify(self, headers: Mapping[str, str], body: bytes) -> str:
+        """Return the message id of an authentic delivery; raise otherwise."""
+        signed = SignedHeaders.from_headers(headers)
+        moment = self._check_timestamp(signed.timestamp)
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise WebhookVerificationError("body is not UTF-8, cannot match a signature") from None
+        offered = _offered_signatures(signed.signature)
+        for hook in self._hooks:
+            expected = base64.b64decode(hook.sign(signed.msg_id, moment, text).split(",", 1)[1])
+            if any(hmac.compare_digest(expected, sig) for sig in offered):
+                return signed.msg_id
+        raise WebhookVerificationError("no matching signature found")
+
+    def _check_timestamp(self, value: str) -> datetime:
+        try:
+            seconds = int(value)
+        except ValueError:
+            raise WebhookVerificationError(f"svix-timestamp {value[:32]!r} is not an integer") from None
+        drift = seconds - self._now()
+        if drift < -self._tolerance:
+            raise WebhookVerificationError("message timestamp too old (outside the 5 minute tolerance)")
+        if drift > self._tolerance:
+            raise WebhookVerificationError("message timestamp too new (outside the 5 minute tolerance)")
+        return datetime.fromtimestamp(seconds, tz=UTC)
+
+
+def _offered_signatures(header: str) -> list[bytes]:
+    """``v1,<b64> v1,<b64> v2,...``: keep decodable v1 entries, skip everything else."""
+    found = []
+    for entry in header.split(" "):
+        version, _, sig = entry.partition(",")
+        if version != "v1" or not sig:
+            continue
+        try:
+            found.append(base64.b64decode(sig, validate=True))
+        except (binascii.Error, ValueError):
+            continue
+    return found
+
+
+def sign(secret: str, msg_id: str, timestamp: int, body: bytes | str) -> dict[str, str]:
+    """Headers for a delivery signed like Svix does (for tests, benchmarks and tools)."""
+    text = body if isinstance(body, str) else body.decode("utf-8")
+    signature = Webhook(secret).sign(msg_id, datetime.fromtimestamp(timestamp, tz=UTC), text)
+    return {"svix-id": msg_id, "svix-timestamp": str(timestamp), "svix-signature": signature}
