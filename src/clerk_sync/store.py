@@ -93,7 +93,7 @@ class Writer:
             event_timestamp=event_timestamp, received_at=self.now, payload=payload,
             status="received", attempts=1,
         ).on_conflict_do_nothing(index_elements=["svix_id"])
-        return self.conn.execute(stmt).rowcount == 1
+        return self._changed(stmt.returning(webhook_events.c.id))
 
     def finish_delivery(self, svix_id: str, status: str, error: str | None = None,
                         *, count_attempt: bool = False) -> None:
@@ -144,7 +144,7 @@ class Writer:
                 table.c.clerk_updated_at < stmt.excluded.clerk_updated_at,
             ),
         )
-        return self.conn.execute(stmt).rowcount == 1
+        return self._changed(stmt.returning(table.c.id))
 
     def _tombstone(self, intent: Tombstone) -> bool:
         table = _TABLES[intent.entity]
@@ -167,7 +167,7 @@ class Writer:
             },
             where=table.c.deleted_at.is_(None),
         )
-        return self.conn.execute(stmt).rowcount == 1
+        return self._changed(stmt.returning(table.c.id))
 
     def _cascade_memberships(self, entity: Entity, clerk_id: str) -> None:
         m = organization_memberships
@@ -194,6 +194,11 @@ class Writer:
             .values(deleted_at=self.now, updated_at=self.now)
         )
         return self.conn.execute(stmt).rowcount == 1
+
+    def _changed(self, stmt: Any) -> bool:
+        # RETURNING, not rowcount: with implicit RETURNING drivers report rowcount -1, and a
+        # skipped ON CONFLICT .. DO UPDATE WHERE returns no row on both SQLite and PostgreSQL.
+        return self.conn.execute(stmt).first() is not None
 
     def _insert(self, table: sa.Table) -> Any:
         return postgresql.insert(table) if self._pg else sqlite.insert(table)

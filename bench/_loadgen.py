@@ -1,0 +1,142 @@
+"""Closed-loop HTTP/1.1 load generator for bench/ingest.py (run as its own process).
+
+N keep-alive connections, each sending pre-signed, pre-serialised POSTs one after another over raw
+asyncio streams (no HTTP client library: the generator must stay cheap on a 2-core machine).
+Prints one JSON object: completed requests in the measurement window, throughput, latency
+percentiles, status counts.
+
+    python bench/_loadgen.py --port 8000 --concurrency 16 --warmup 1.5 --duration 8 \
+        --corpus /tmp/corpus.jsonl --label pg-c16-service
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import sys
+import time
+from typing import Any
+
+SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+
+def _signer(secret: str) -> Any:
+    key = base64.b64decode(secret.removeprefix("whsec_"))
+
+    def sign(msg_id: str, ts: int, body: bytes) -> str:
+        mac = hmac.new(key, f"{msg_id}.{ts}.".encode() + body, hashlib.sha256).digest()
+        return "v1," + base64.b64encode(mac).decode()
+
+    return sign
+
+
+def build_requests(corpus: list[bytes], label: str, host: str, path: str) -> list[bytes]:
+    """Sign every body with a unique svix-id (label + index) and serialise the whole request."""
+    sign = _signer(SECRET)
+    ts = int(time.time())
+    out = []
+    for i, body in enumerate(corpus):
+        msg_id = f"msg_{label}_{i:06d}"
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nsvix-id: {msg_id}\r\nsvix-timestamp: {ts}\r\n"
+            f"svix-signature: {sign(msg_id, ts, body)}\r\n\r\n"
+        )
+        out.append(head.encode() + body)
+    return out
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    corpus = [line.rstrip(b"\n") for line in open(args.corpus, "rb") if line.strip()]  # noqa: SIM115
+    requests = build_requests(corpus, args.label, f"{args.host}:{args.port}", args.path)
+    n_req = len(requests)
+    next_i = 0
+    wrapped = False
+    perf = time.perf_counter
+    t0 = perf() + 0.2  # let every connection open first
+    w_start, w_end = t0 + args.warmup, t0 + args.warmup + args.duration
+    lat: list[float] = []  # seconds, requests completed inside the window
+    statuses: dict[str, int] = {}
+    errors: list[str] = []
+
+    async def client() -> None:
+        nonlocal next_i, wrapped
+        reader, writer = await asyncio.open_connection(args.host, args.port)
+        while perf() < t0:
+            await asyncio.sleep(0.005)
+        try:
+            while True:
+                start = perf()
+                if start >= w_end:
+                    return
+                i = next_i
+                next_i += 1
+                if i >= n_req:
+                    wrapped = True
+                    return
+                writer.write(requests[i])
+                head = await reader.readuntil(b"\r\n\r\n")
+                status = head[9:12].decode()
+                clen = 0
+                for line in head.split(b"\r\n")[1:]:
+                    if line[:15].lower() == b"content-length:":
+                        clen = int(line[15:])
+                        break
+                if clen:
+                    await reader.readexactly(clen)
+                end = perf()
+                if w_start <= end < w_end:
+                    lat.append(end - start)
+                    statuses[status] = statuses.get(status, 0) + 1
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            errors.append(f"{type(exc).__name__}: {exc}")
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(client() for _ in range(args.concurrency)))
+    lat.sort()
+    ok = sum(v for k, v in statuses.items() if k.startswith("2"))
+
+    def pct(p: float) -> float | None:
+        if not lat:
+            return None
+        return lat[min(len(lat) - 1, int(p * len(lat)))] * 1000
+
+    return {
+        "label": args.label,
+        "concurrency": args.concurrency,
+        "duration_s": args.duration,
+        "completed": len(lat),
+        "ok": ok,
+        "tps": ok / args.duration,
+        "p50_ms": pct(0.50),
+        "p99_ms": pct(0.99),
+        "max_ms": lat[-1] * 1000 if lat else None,
+        "statuses": statuses,
+        "sent": min(next_i, n_req),
+        "corpus_exhausted": wrapped,
+        "client_errors": errors[:5],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--path", default="/webhooks/clerk")
+    ap.add_argument("--concurrency", type=int, required=True)
+    ap.add_argument("--warmup", type=float, default=1.5)
+    ap.add_argument("--duration", type=float, default=8.0)
+    ap.add_argument("--corpus", required=True)
+    ap.add_argument("--label", required=True)
+    args = ap.parse_args()
+    json.dump(asyncio.run(run(args)), sys.stdout)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()

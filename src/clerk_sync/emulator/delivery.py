@@ -1,0 +1,335 @@
+"""Svix-style webhook delivery: signing, a background worker, retries, faults and a log.
+
+Every event becomes a *message* with a ``msg_`` id.  A single worker thread sends due
+attempts, so the API never waits for the receiver.  A failed attempt (non-2xx, timeout,
+connection error, injected failure) is retried on the Svix schedule divided by
+``time_scale``, with the same ``svix-id`` and a new ``svix-timestamp`` and signature.
+
+Injected faults, decided per message from the seeded generator when it is queued:
+
+* ``duplicate``: after the first successful attempt the message is sent once more.
+* ``reorder``: the message is held back and sent right after the next message (or after
+  ``reorder_hold_s`` if no other message comes).
+* ``drop_then_redeliver``: the first attempt is not sent and counts as a failure.
+* ``fail`` (rolled per attempt): the attempt is not sent and counts as a failure.
+
+Not emulated: Svix's ±20 % jitter, the 60 s overload penalty and ``Retry-After`` clamping.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+from standardwebhooks.webhooks import Webhook
+
+from .faults import Faults
+
+__all__ = ["Attempt", "Deliverer", "Message", "sign_headers"]
+
+JSON = dict[str, Any]
+_USER_AGENT = "Svix-Webhooks/1.0 (clerk-sync emulator)"
+
+
+def sign_headers(secret: str, msg_id: str, timestamp: int, body: str) -> dict[str, str]:
+    """The three ``svix-*`` headers for one attempt, signed with standardwebhooks' HMAC."""
+    moment = datetime.fromtimestamp(timestamp, tz=UTC)
+    signature = Webhook(secret).sign(msg_id, moment, body)
+    return {"svix-id": msg_id, "svix-timestamp": str(timestamp), "svix-signature": signature}
+
+
+@dataclass
+class Attempt:
+    """One delivery attempt as the log shows it."""
+
+    number: int
+    timestamp: int
+    outcome: str  # succeeded | failed | timeout | error | dropped | injected_failure
+    status_code: int | None = None
+    error: str | None = None
+    duration_ms: float = 0.0
+    duplicate: bool = False
+    manual: bool = False
+
+
+@dataclass
+class Message:
+    """A webhook message and its delivery history."""
+
+    id: str
+    event_type: str
+    body: str
+    created_at: float
+    status: str = "pending"  # pending | held | succeeded | failed | no_endpoint
+    attempts: list[Attempt] = field(default_factory=list)
+    next_attempt_at: float | None = None
+    failures: int = 0
+    duplicate: bool = False
+    drop_first: bool = False
+    duplicated: bool = False
+    manual: bool = False
+
+    def summary(self, include_payload: bool = False) -> JSON:
+        out: JSON = {
+            "id": self.id, "type": self.event_type, "status": self.status,
+            "created_at": self.created_at, "next_attempt_at": self.next_attempt_at,
+            "attempts": [asdict(a) for a in self.attempts],
+            "statuses": [a.status_code for a in self.attempts],
+            "faults": [n for n, on in (("duplicate", self.duplicate),
+                                       ("drop_then_redeliver", self.drop_first)) if on],
+        }
+        if include_payload:
+            out["payload"] = json.loads(self.body)
+        return out
+
+
+@dataclass(order=True)
+class _Due:
+    at: float
+    seq: int
+    message_id: str = field(compare=False)
+    duplicate: bool = field(default=False, compare=False)
+
+
+class Deliverer:
+    """Queues, signs and sends webhook messages from one background thread."""
+
+    def __init__(
+        self,
+        *,
+        secret: str,
+        url: str | None,
+        faults: Faults,
+        new_id: Callable[[], str],
+        schedule: tuple[float, ...],
+        timeout_s: float = 15.0,
+        reorder_hold_s: float = 0.5,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.secret = secret
+        self._url = url
+        self._faults = faults
+        self._new_id = new_id
+        self._schedule = schedule
+        self._timeout_s = timeout_s
+        self._reorder_hold_s = reorder_hold_s
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._messages: dict[str, Message] = {}
+        self._queue: list[_Due] = []
+        self._seq = 0
+        self._held: tuple[str, float] | None = None
+        self._in_flight = 0
+        self._thread: threading.Thread | None = None
+        self._closing = False
+
+    # -- producer side -----------------------------------------------------------------
+
+    @property
+    def url(self) -> str | None:
+        with self._cond:
+            return self._url
+
+    def set_url(self, url: str | None) -> None:
+        """Point deliveries at a new endpoint (messages already queued follow it)."""
+        with self._cond:
+            self._url = url
+
+    def enqueue(self, event_type: str, envelope: JSON) -> Message:
+        """Record a message and schedule its first attempt; never blocks on the network."""
+        body = json.dumps(envelope, separators=(",", ":"))
+        with self._cond:
+            message = Message(self._new_id(), event_type, body, self._clock())
+            self._messages[message.id] = message
+            if self._url is None:
+                message.status = "no_endpoint"
+                return message
+            message.duplicate = self._faults.roll("duplicate_rate")
+            message.drop_first = self._faults.roll("drop_then_redeliver_rate")
+            hold = self._held is None and self._faults.roll("reorder_rate")
+            self._schedule_at(message, self._clock())
+            self._release_held()
+            if hold:
+                self._hold(message)
+            return message
+
+    def _hold(self, message: Message) -> None:
+        self._queue = [d for d in self._queue if d.message_id != message.id]
+        heapq.heapify(self._queue)
+        message.status = "held"
+        message.next_attempt_at = None
+        self._held = (message.id, self._clock() + self._reorder_hold_s)
+        self._cond.notify_all()
+
+    def _release_held(self) -> None:
+        if self._held is not None:
+            held = self._messages[self._held[0]]
+            self._held = None
+            held.status = "pending"
+            self._schedule_at(held, self._clock())
+
+    def _schedule_at(self, message: Message, at: float, *, duplicate: bool = False) -> None:
+        self._seq += 1
+        if not duplicate:
+            message.next_attempt_at = at
+        heapq.heappush(self._queue, _Due(at, self._seq, message.id, duplicate))
+        self._ensure_worker()
+        self._cond.notify_all()
+
+    def replay(self, message_ids: Iterable[str] | None = None, *, status: str | None = None) -> list[str]:
+        """Send messages again now (one manual attempt each, not retried, as Svix resends)."""
+        wanted = None if message_ids is None else set(message_ids)
+        with self._cond:
+            if self._url is None:
+                return []
+            chosen = [
+                m for m in self._messages.values()
+                if (wanted is None or m.id in wanted) and (status is None or m.status == status)
+                and m.status not in {"pending", "held"}
+            ]
+            for message in chosen:
+                message.manual = True
+                message.status = "pending"
+                self._schedule_at(message, self._clock())
+            return [m.id for m in chosen]
+
+    # -- introspection -----------------------------------------------------------------
+
+    def log(self, include_payload: bool = False) -> list[JSON]:
+        with self._cond:
+            return [m.summary(include_payload) for m in self._messages.values()]
+
+    def message(self, message_id: str) -> Message | None:
+        with self._cond:
+            return self._messages.get(message_id)
+
+    def is_idle(self) -> bool:
+        with self._cond:
+            return not self._queue and self._held is None and self._in_flight == 0
+
+    def wait_idle(self, timeout: float) -> None:
+        """Block until nothing is queued, held or in flight; ``TimeoutError`` otherwise."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._queue or self._held is not None or self._in_flight:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    pending = [d.message_id for d in self._queue]
+                    raise TimeoutError(f"webhook deliveries still pending: {pending}")
+                self._cond.wait(min(remaining, 0.05))
+
+    def clear(self) -> None:
+        """Forget every message (``POST /_emulator/reset``)."""
+        with self._cond:
+            self._messages.clear()
+            self._queue.clear()
+            self._held = None
+            self._cond.notify_all()
+
+    # -- worker side -------------------------------------------------------------------
+
+    def _ensure_worker(self) -> None:
+        if self._thread is None and not self._closing:
+            self._thread = threading.Thread(target=self._run, name="clerk-emulator-webhooks", daemon=True)
+            self._thread.start()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the worker (pending messages stay in the log)."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
+    def _next_due(self) -> _Due | None:
+        """Wait for the next due attempt (holding the condition); None when closing."""
+        while not self._closing:
+            now = self._clock()
+            if self._held is not None and self._held[1] <= now:
+                self._release_held()
+            if self._queue and self._queue[0].at <= now:
+                self._in_flight += 1
+                return heapq.heappop(self._queue)
+            waits = [d.at - now for d in self._queue[:1]]
+            waits += [self._held[1] - now] if self._held else []
+            self._cond.wait(min([*waits, 1.0]))
+        return None
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=self._timeout_s, follow_redirects=False) as client:
+            while True:
+                with self._cond:
+                    due = self._next_due()
+                    if due is None:
+                        return
+                    message = self._messages.get(due.message_id)
+                    url = self._url
+                try:
+                    if message is not None and url is not None:
+                        self._attempt(client, url, message, due.duplicate)
+                finally:
+                    with self._cond:
+                        self._in_flight -= 1
+                        self._cond.notify_all()
+
+    def _attempt(self, client: httpx.Client, url: str, message: Message, duplicate: bool) -> None:
+        with self._cond:
+            number = len(message.attempts) + 1
+            timestamp = int(self._clock())
+            injected = "dropped" if (message.drop_first and number == 1) else None
+        if injected is None and not duplicate and self._faults.roll("fail_rate"):
+            injected = "injected_failure"
+        attempt = Attempt(number, timestamp, injected or "failed", duplicate=duplicate,
+                          manual=message.manual)
+        abort = False
+        if injected is None:
+            abort = self._send(client, url, message, attempt)
+        with self._cond:
+            message.attempts.append(attempt)
+            if not duplicate:
+                self._settle(message, attempt, abort)
+
+    def _send(self, client: httpx.Client, url: str, message: Message, attempt: Attempt) -> bool:
+        """POST one attempt; fills ``attempt``; returns True if the receiver aborted retries."""
+        headers = sign_headers(self.secret, message.id, attempt.timestamp, message.body)
+        headers.update({"content-type": "application/json", "user-agent": _USER_AGENT})
+        started = time.monotonic()
+        try:
+            response = client.post(url, content=message.body.encode(), headers=headers)
+        except httpx.TimeoutException as exc:
+            attempt.outcome, attempt.error = "timeout", repr(exc)
+            return False
+        except httpx.HTTPError as exc:
+            attempt.outcome, attempt.error = "error", repr(exc)
+            return False
+        finally:
+            attempt.duration_ms = round((time.monotonic() - started) * 1000, 2)
+        attempt.status_code = response.status_code
+        attempt.outcome = "succeeded" if 200 <= response.status_code < 300 else "failed"
+        return response.headers.get("webhook-delivery", "") in {"abort-message", "disable"}
+
+    def _settle(self, message: Message, attempt: Attempt, abort: bool) -> None:
+        """Record the result of a regular attempt and schedule what comes next."""
+        if attempt.outcome == "succeeded":
+            message.status = "succeeded"
+            message.next_attempt_at = None
+            if message.duplicate and not message.duplicated:
+                message.duplicated = True
+                self._schedule_at(message, self._clock(), duplicate=True)
+            return
+        message.failures += 1
+        if message.manual or abort or message.failures >= len(self._schedule):
+            message.status = "failed"
+            message.next_attempt_at = None
+            return
+        delay = self._schedule[message.failures] / self._faults.settings.time_scale
+        message.status = "pending"
+        self._schedule_at(message, self._clock() + delay)

@@ -1,0 +1,85 @@
+"""The ordering rules as a table, without a database."""
+
+from __future__ import annotations
+
+import pytest
+
+from clerk_sync.engine import Action, Entity, Ignore, RowState, Tombstone, Upsert, decide, plan
+from clerk_sync.errors import EventShapeError, PayloadError
+from clerk_sync.events import normalize_timestamp_ms, parse_envelope, user_record
+from tests import factories as f
+
+UP = Upsert(Entity.USER, user_record(f.user("user_1", 200)))
+DEL = Tombstone(Entity.USER, "user_1", 150)
+
+
+@pytest.mark.parametrize(
+    ("current", "intent", "expected"),
+    [
+        (None, UP, Action.INSERT),
+        (RowState(100, False), UP, Action.UPDATE),
+        (RowState(200, False), UP, Action.SKIP_STALE),
+        (RowState(300, False), UP, Action.SKIP_STALE),
+        (RowState(100, True), UP, Action.SKIP_DELETED),
+        (None, DEL, Action.DELETE),
+        (RowState(999, False), DEL, Action.DELETE),
+        (RowState(100, True), DEL, Action.SKIP_DELETED),
+    ],
+    ids=["new", "newer", "same-version", "older", "after-delete", "tombstone-new",
+         "delete-beats-newer-row", "delete-twice"],
+)
+def test_decide(current: RowState | None, intent: Upsert | Tombstone, expected: Action) -> None:
+    assert decide(current, intent) is expected
+
+
+def test_plan_maps_each_mirrored_type() -> None:
+    assert isinstance(plan(parse_envelope(f.body_of(f.envelope("user.created", f.user("u", 1))))), Upsert)
+    tomb = plan(parse_envelope(f.body_of(f.envelope("user.deleted", f.deleted("user", "u"), 1_700_000_000))))
+    assert tomb == Tombstone(Entity.USER, "u", 1_700_000_000_000)  # seconds envelope -> ms
+    mem = plan(parse_envelope(f.body_of(f.envelope("organizationMembership.deleted", f.membership("m", "o", "u", 5)))))
+    assert isinstance(mem, Tombstone) and mem.entity is Entity.MEMBERSHIP
+    assert isinstance(plan(parse_envelope(f.body_of(f.envelope("session.created", {"id": "s"})))), Ignore)
+
+
+def test_primary_email_is_the_one_named_by_primary_email_address_id() -> None:
+    record = user_record(f.user("user_1", 1, email="main@example.com"))
+    assert record.email == "main@example.com"
+    assert record.email_addresses == ["alt.main@example.com", "main@example.com"]
+
+
+def test_role_comes_from_public_metadata_with_user_default() -> None:
+    assert user_record(f.user("u", 1, role="admin")).role == "admin"
+    assert user_record(f.user("u", 1)).role == "user"
+
+
+def test_legacy_membership_roles_are_normalised() -> None:
+    env = parse_envelope(f.body_of(f.envelope("organizationMembership.created", f.membership("m", "o", "u", 5, role="basic_member"))))
+    intent = plan(env)
+    assert isinstance(intent, Upsert) and intent.record.role == "org:member"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("raw", "ms"), [(1_654_012_591, 1_654_012_591_000), (1_654_012_591_835, 1_654_012_591_835)])
+def test_timestamps_in_seconds_or_ms_normalise_to_ms(raw: int, ms: int) -> None:
+    assert normalize_timestamp_ms(raw) == ms
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"not json", b"[]", b'{"data":{}}', b'{"type":"user.created"}', b'{"type":"x","data":{},"timestamp":"now"}',
+     b'{"type":"x","data":{},"object":"list","timestamp":1}'],
+    ids=["not-json", "array", "no-type", "no-data", "bad-timestamp", "not-an-event"],
+)
+def test_non_envelopes_are_payload_errors(body: bytes) -> None:
+    with pytest.raises(PayloadError):
+        parse_envelope(body)
+
+
+def test_shape_errors_are_reported_not_guessed() -> None:
+    bad = f.membership("m", "o", "u", 5)
+    del bad["public_user_data"]
+    with pytest.raises(EventShapeError, match="public_user_data"):
+        plan(parse_envelope(f.body_of(f.envelope("organizationMembership.created", bad))))
+    no_updated = f.user("u", 1)
+    del no_updated["updated_at"]
+    with pytest.raises(EventShapeError, match="updated_at"):
+        plan(parse_envelope(f.body_of(f.envelope("user.updated", no_updated))))

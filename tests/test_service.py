@@ -1,0 +1,237 @@
+"""The webhook service over real HTTP on loopback, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from clerk_sync import migrations
+from clerk_sync.config import Settings
+from clerk_sync.errors import ConfigError
+from clerk_sync.ingest import replay_deliveries
+from clerk_sync.integrations.starlette import build_processor, create_app
+from clerk_sync.store import Store, create_engine
+from clerk_sync.tables import metadata, organization_memberships, users, webhook_events
+from tests import factories as f
+from tests._server import running
+from tests.conftest import EXAMPLES, SECRET
+
+EXAMPLE_FILES = sorted((EXAMPLES / "examples").glob("*.json")) + sorted((EXAMPLES / "examples" / "variants").glob("*.json"))
+
+
+def _settings(db_url: str, **extra: str) -> Settings:
+    return Settings.from_env({"DATABASE_URL": db_url, "CLERK_WEBHOOK_SIGNING_SECRET": SECRET, **extra})
+
+
+@pytest.fixture
+def service(db_url: str) -> Iterator[tuple[httpx.Client, Store]]:
+    settings = _settings(db_url, CLERK_INSTANCE_ID=f.INSTANCE)
+    processor = build_processor(settings)
+    with running(create_app(settings, processor)) as url, httpx.Client(base_url=url) as client:
+        yield client, processor.store
+    processor.store.dispose()
+
+
+def post(client: httpx.Client, event: dict[str, object] | bytes, svix_id: str, **kw: object) -> httpx.Response:
+    headers, body = f.signed(event, svix_id, **kw)  # type: ignore[arg-type]
+    return client.post("/webhooks/clerk", content=body, headers=headers)
+
+
+def row_counts(store: Store) -> dict[str, int]:
+    with store.connect() as conn:
+        return {t.name: conn.execute(sa.select(sa.func.count()).select_from(t)).scalar_one() for t in metadata.sorted_tables}
+
+
+def user_row(store: Store, clerk_id: str) -> dict[str, object] | None:
+    with store.connect() as conn:
+        row = conn.execute(sa.select(users).where(users.c.clerk_id == clerk_id)).mappings().first()
+    return dict(row) if row else None
+
+
+def test_every_example_payload_is_accepted(service: tuple[httpx.Client, Store]) -> None:
+    client, store = service
+    statuses = {}
+    for i, path in enumerate(EXAMPLE_FILES):
+        body = path.read_bytes()
+        event = json.loads(body)
+        event.pop("instance_id", None)  # examples come from other instances; the check is tested below
+        response = post(client, json.dumps(event).encode(), f"msg_example_{i}")
+        assert response.status_code == 200, (path.name, response.text)
+        statuses[path.name] = response.json()["status"]
+    assert len(EXAMPLE_FILES) >= 45
+    assert statuses["user.created.json"] == "applied"
+    assert statuses["session.created.json"] == "ignored"
+    assert set(statuses.values()) <= {"applied", "skipped", "ignored"}
+    assert row_counts(store)["webhook_events"] == len(EXAMPLE_FILES)
+
+
+def test_created_then_updated_then_stale_update(service: tuple[httpx.Client, Store]) -> None:
+    client, store = service
+    assert post(client, f.envelope("user.created", f.user("user_a", 100, first_name="One")), "m1").json()["status"] == "applied"
+    assert post(client, f.envelope("user.updated", f.user("user_a", 300, first_name="Three", role="admin")), "m2").json()["status"] == "applied"
+    assert post(client, f.envelope("user.updated", f.user("user_a", 200, first_name="Two")), "m3").json()["status"] == "skipped"
+    row = user_row(store, "user_a")
+    assert row is not None
+    assert (row["first_name"], row["role"], row["clerk_updated_at"]) == ("Three", "admin", 300)
+    assert row["email"] == "user_a@example.com"
+
+
+def test_duplicate_delivery_changes_nothing(service: tuple[httpx.Client, Store]) -> None:
+    client, store = service
+    event = f.envelope("user.created", f.user("user_d", 100))
+    assert post(client, event, "msg_dup").json()["status"] == "applied"
+    before = user_row(store, "user_d")
+    second = post(client, event, "msg_dup")
+    assert second.status_code == 200 and second.json()["status"] == "duplicate"
+    assert user_row(store, "user_d") == before
+    assert row_counts(store)["webhook_events"] == 1
+
+
+def test_delete_is_terminal_and_late_created_does_not_resurrect(service: tuple[httpx.Client, Store]) -> None:
+    client, store = service
+    post(client, f.envelope("user.deleted", f.deleted("user", "user_z"), 1_700_000_000), "d1")
+    late = post(client, f.envelope("user.created", f.user("user_z", 1_800_000_000_000)), "c1")
+    assert late.json()["status"] == "skipped"
+    row = user_row(store, "user_z")
+    assert row is not None and row["deleted_at"] is not None and row["email"] is None
+
+
+def test_membership_before_its_user_and_org_is_stored(service: tuple[httpx.Client, Store]) -> None:
+    client, store = service
+    r = post(client, f.envelope("organizationMembership.created", f.membership("orgmem_1", "org_1", "user_m", 10)), "mm1")
+    assert r.json()["status"] == "applied"
+    post(client, f.envelope("user.created", f.user("user_m", 5)), "mm2")
+    with store.connect() as conn:
+        mem = conn.execute(sa.select(organization_memberships)).mappings().one()
+    assert (mem["organization_clerk_id"], mem["user_clerk_id"], mem["deleted_at"]) == ("org_1", "user_m", None)
+
+
+def test_user_deletion_cascades_to_memberships_in_either_order(service: tuple[httpx.Client, Store]) -> None:
+    client, store = service
+    post(client, f.envelope("organizationMembership.created", f.membership("orgmem_a", "org_1", "user_c", 10)), "c1")
+    post(client, f.envelope("user.deleted", f.deleted("user", "user_c")), "c2")
+    post(client, f.envelope("organizationMembership.created", f.membership("orgmem_b", "org_2", "user_c", 10)), "c3")
+    with store.connect() as conn:
+        alive = conn.execute(sa.select(organization_memberships.c.clerk_id).where(organization_memberships.c.deleted_at.is_(None))).all()
+    assert alive == []
+
+
+def test_unknown_event_type_is_recorded_and_acknowledged(service: tuple[httpx.Client, Store]) -> None:
+    client, store = service
+    r = post(client, f.envelope("brandNew.thing", {"id": "x"}), "u1")
+    assert r.status_code == 200 and r.json()["status"] == "ignored"
+    with store.connect() as conn:
+        assert conn.execute(sa.select(webhook_events.c.status)).scalar_one() == "ignored"
+
+
+def test_shape_error_is_stored_failed_and_replayable(service: tuple[httpx.Client, Store]) -> None:
+    client, store = service
+    broken = f.membership("orgmem_x", "org_1", "user_1", 10)
+    del broken["public_user_data"]
+    r = post(client, f.envelope("organizationMembership.created", broken), "bad1")
+    assert r.status_code == 200 and r.json()["status"] == "failed"
+    report = replay_deliveries(store)
+    assert report.by_status == {"failed": 1}
+    fixed = f.envelope("organizationMembership.created", f.membership("orgmem_x", "org_1", "user_1", 10))
+    with store.transaction() as w:  # an operator repairs the stored payload, then replays
+        w.conn.execute(webhook_events.update().values(payload=fixed))
+    assert replay_deliveries(store).by_status == {"applied": 1}
+    with store.connect() as conn:
+        ev = conn.execute(sa.select(webhook_events)).mappings().one()
+    assert (ev["status"], ev["attempts"], ev["last_error"]) == ("applied", 3, None)
+    assert row_counts(store)["organization_memberships"] == 1
+
+
+def _bad_requests() -> list[tuple[str, dict[str, str], bytes, int]]:
+    now = int(time.time())
+    good = f.body_of(f.envelope("user.created", f.user("user_bad", 1)))
+    signed, _ = f.signed(good, "msg_bad")
+    cases = [
+        ("no-headers", {}, good, 400),
+        ("missing-signature", {"svix-id": "m", "svix-timestamp": str(now)}, good, 400),
+        ("forged-signature", {**signed, "svix-signature": "v1,AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}, good, 401),
+        ("garbage-signature", {**signed, "svix-signature": "garbage"}, good, 401),
+        ("stale", f.signed(good, "msg_old", timestamp=now - 3600)[0], good, 401),
+        ("wrong-secret", f.signed(good, "msg_ws", secret="whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD")[0], good, 401),
+        ("tampered", signed, good.replace(b"user_bad", b"user_evil"), 401),
+        ("not-json", f.signed(b"not json", "msg_nj")[0], b"not json", 400),
+        ("not-envelope", f.signed(b'{"hello":1}', "msg_ne")[0], b'{"hello":1}', 400),
+    ]
+    other = json.loads(good)
+    other["instance_id"] = "ins_someone_else"
+    body = json.dumps(other).encode()
+    cases.append(("wrong-instance", f.signed(body, "msg_wi")[0], body, 403))
+    big = b'{"type":"user.created","data":{},"pad":"' + b"a" * (1024 * 1024) + b'"}'
+    cases.append(("too-large", f.signed(big, "msg_big")[0], big, 413))
+    return cases
+
+
+@pytest.mark.parametrize(("headers", "body", "status"), [c[1:] for c in _bad_requests()], ids=[c[0] for c in _bad_requests()])
+def test_bad_input_is_refused_and_writes_nothing(service: tuple[httpx.Client, Store], headers: dict[str, str], body: bytes, status: int) -> None:
+    client, store = service
+    response = client.post("/webhooks/clerk", content=body, headers=headers)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]
+    assert set(row_counts(store).values()) == {0}
+
+
+def test_oversized_chunked_body_is_refused_while_streaming(service: tuple[httpx.Client, Store]) -> None:
+    client, store = service
+
+    def chunks() -> Iterator[bytes]:
+        for _ in range(40):
+            yield b"a" * 65536
+
+    response = client.post("/webhooks/clerk", content=chunks(), headers={"svix-id": "m", "svix-timestamp": "1", "svix-signature": "v1,x"})
+    assert response.status_code == 413
+    assert set(row_counts(store).values()) == {0}
+
+
+def test_database_down_answers_503_and_writes_nothing(tmp_path: Path) -> None:
+    settings = _settings("postgresql+psycopg://postgres@127.0.0.1:1/nowhere?connect_timeout=1")
+    processor = build_processor(settings)
+    with running(create_app(settings, processor)) as url, httpx.Client(base_url=url) as client:
+        r = post(client, f.envelope("user.created", f.user("user_down", 1)), "msg_down")
+        assert r.status_code == 503 and r.headers["retry-after"]
+        assert r.json()["error"] == "store_unavailable"
+        assert client.get("/readyz").status_code == 503
+        assert client.get("/healthz").status_code == 200
+    processor.store.dispose()
+
+
+def test_readyz_reports_pending_migrations(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    settings = _settings(url)
+    app = create_app(settings)
+    with running(app) as base, httpx.Client(base_url=base) as client:
+        r = client.get("/readyz")
+        assert r.status_code == 503 and r.json()["migrations_current"] is False
+        engine = create_engine(url)
+        migrations.upgrade(engine)
+        engine.dispose()
+        assert client.get("/readyz").json() == {"database": "ok", "migrations_current": True}
+
+
+def test_metrics_count_events_by_type_and_status(service: tuple[httpx.Client, Store]) -> None:
+    client, _ = service
+    post(client, f.envelope("user.created", f.user("user_metrics", 1)), "mx1")
+    post(client, f.envelope("user.created", f.user("user_metrics", 1)), "mx1")
+    text = client.get("/metrics").text
+    assert 'clerk_sync_webhook_events_total{status="applied",type="user.created"} 1.0' in text
+    assert 'clerk_sync_webhook_events_total{status="duplicate",type="user.created"} 1.0' in text
+    assert "clerk_sync_webhook_seconds_bucket" in text
+
+
+def test_missing_secret_fails_at_start_up_naming_the_variable(tmp_path: Path) -> None:
+    settings = Settings.from_env({"DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}"})
+    with pytest.raises(ConfigError, match="CLERK_WEBHOOK_SIGNING_SECRET"):
+        build_processor(settings)
+    bad = Settings.from_env({"CLERK_WEBHOOK_SECRET": "not-a-whsec"})
+    with pytest.raises(ConfigError, match="whsec_"):
+        build_processor(bad)
