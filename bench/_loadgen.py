@@ -78,22 +78,30 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 if i >= n_req:
                     wrapped = True
                     return
-                writer.write(requests[i])
-                head = await reader.readuntil(b"\r\n\r\n")
-                status = head[9:12].decode()
-                clen = 0
-                for line in head.split(b"\r\n")[1:]:
-                    if line[:15].lower() == b"content-length:":
-                        clen = int(line[15:])
-                        break
-                if clen:
-                    await reader.readexactly(clen)
+                try:
+                    writer.write(requests[i])
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    status = head[9:12].decode()
+                    clen, close = 0, False
+                    for line in head.split(b"\r\n")[1:]:
+                        name = line[:15].lower()
+                        if name == b"content-length:":
+                            clen = int(line[15:])
+                        elif name.startswith(b"connection:") and b"close" in line.lower():
+                            close = True
+                    if clen:
+                        await reader.readexactly(clen)
+                except (OSError, asyncio.IncompleteReadError) as exc:
+                    # e.g. uvicorn drops the connection after an unhandled 500: count it, reconnect
+                    errors.append(f"{type(exc).__name__}: {exc}")
+                    status, close = "conn", True
                 end = perf()
                 if w_start <= end < w_end:
                     lat.append(end - start)
                     statuses[status] = statuses.get(status, 0) + 1
-        except (OSError, asyncio.IncompleteReadError) as exc:
-            errors.append(f"{type(exc).__name__}: {exc}")
+                if close:
+                    writer.close()
+                    reader, writer = await asyncio.open_connection(args.host, args.port)
         finally:
             writer.close()
 
@@ -120,6 +128,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "sent": min(next_i, n_req),
         "corpus_exhausted": wrapped,
         "client_errors": errors[:5],
+        "client_error_count": len(errors),
     }
 
 

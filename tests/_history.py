@@ -17,11 +17,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import sqlalchemy as sa
-from factories import body_of, deleted, envelope, membership, organization, user
 
 from clerk_sync.engine import Action, Entity, RowState, Tombstone, Upsert, decide, plan
 from clerk_sync.events import MembershipRecord, parse_envelope
 from clerk_sync.tables import organization_memberships, organizations, users, webhook_events
+from tests.factories import body_of, deleted, envelope, membership, organization, user
 
 BASE_MS = 1_700_000_000_000
 TERMINAL_STATUSES = frozenset({"applied", "skipped", "ignored", "failed"})
@@ -113,7 +113,8 @@ def render(ev: Ev, ns: str) -> dict[str, Any]:
     elif spec.entity is Entity.ORGANIZATION:
         data = organization(cid, ev.clock, name=f"Org{v}")
     else:
-        assert spec.org is not None and spec.user is not None
+        assert spec.org is not None
+        assert spec.user is not None
         data = membership(cid, clerk_id(Entity.ORGANIZATION, spec.org, ns),
                           clerk_id(Entity.USER, spec.user, ns), ev.clock, role=_MEMBER_ROLES[v])
     # The envelope timestamp trails the object's updated_at a little, as Clerk's does.

@@ -91,3 +91,8 @@ def verifier() -> WebhookVerifier:
 
 def now_s() -> int:
     return int(time.time())
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"

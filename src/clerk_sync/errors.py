@@ -11,6 +11,13 @@ Branch by what the caller does next::
     │   │   └── PayloadTooLarge         payload_too_large         -> 413
     │   └── WrongInstance               wrong_instance            -> 403
     ├── EventShapeError                 event_shape_invalid  the event verified but cannot be applied
+    ├── TokenError                      token_invalid        session token refused -> 401 (leaves below)
+    │   ├── TokenMissing, TokenMalformed, TokenAlgorithmNotAllowed, TokenKeyUnknown,
+    │   ├── TokenSignatureInvalid, TokenExpired, TokenNotYetValid, TokenIssuedInFuture,
+    │   ├── TokenIssuerInvalid, TokenAuthorizedPartyInvalid, TokenClaimMissing,
+    │   └── SessionRevoked, SessionPending
+    ├── AccessDenied                    access_denied        signed in but not allowed -> 403
+    │   └── UserBanned                  user_banned
     └── StoreError                      store_unavailable    transient DB failure: 5xx, Svix retries
 
 HTTP status codes are assigned only in the integrations (``status_code`` is a hint they read).
@@ -21,7 +28,23 @@ from __future__ import annotations
 __all__ = [
     "ClerkSyncError",
     "ConfigError",
+    "AccessDenied",
     "EventShapeError",
+    "SessionPending",
+    "SessionRevoked",
+    "TokenAlgorithmNotAllowed",
+    "TokenAuthorizedPartyInvalid",
+    "TokenClaimMissing",
+    "TokenError",
+    "TokenExpired",
+    "TokenIssuedInFuture",
+    "TokenIssuerInvalid",
+    "TokenKeyUnknown",
+    "TokenMalformed",
+    "TokenMissing",
+    "TokenNotYetValid",
+    "TokenSignatureInvalid",
+    "UserBanned",
     "PayloadError",
     "PayloadTooLarge",
     "StoreError",
@@ -99,3 +122,101 @@ class StoreError(ClerkSyncError):
 
     code = "store_unavailable"
     status_code = 503
+
+
+class TokenError(ClerkSyncError):
+    """A session token was refused; treat the request as signed out (401)."""
+
+    code = "token_invalid"
+    status_code = 401
+
+
+class TokenMissing(TokenError):
+    """No Bearer header and no __session cookie."""
+
+    code = "token_missing"
+
+
+class TokenMalformed(TokenError):
+    """Not a decodable JWT."""
+
+    code = "token_malformed"
+
+
+class TokenAlgorithmNotAllowed(TokenError):
+    """Header alg is not RS256 (alg none, HS256...)."""
+
+    code = "token_algorithm_not_allowed"
+
+
+class TokenKeyUnknown(TokenError):
+    """No key with this kid, even after a refetch."""
+
+    code = "token_key_unknown"
+
+
+class TokenSignatureInvalid(TokenError):
+    """Signature does not verify."""
+
+    code = "token_signature_invalid"
+
+
+class TokenExpired(TokenError):
+    """exp is in the past (beyond the leeway)."""
+
+    code = "token_expired"
+
+
+class TokenNotYetValid(TokenError):
+    """nbf is in the future."""
+
+    code = "token_not_active_yet"
+
+
+class TokenIssuedInFuture(TokenError):
+    """iat is in the future."""
+
+    code = "token_iat_in_the_future"
+
+
+class TokenIssuerInvalid(TokenError):
+    """iss is not the expected issuer."""
+
+    code = "token_invalid_issuer"
+
+
+class TokenAuthorizedPartyInvalid(TokenError):
+    """azp is not in CLERK_AUTHORIZED_PARTIES."""
+
+    code = "token_invalid_authorized_parties"
+
+
+class TokenClaimMissing(TokenError):
+    """A required claim (sub, sid, exp) is absent."""
+
+    code = "token_claim_missing"
+
+
+class SessionRevoked(TokenError):
+    """The session was revoked/ended/removed."""
+
+    code = "session_revoked"
+
+
+class SessionPending(TokenError):
+    """sts is pending: treated as signed out."""
+
+    code = "session_pending"
+
+
+class AccessDenied(ClerkSyncError):
+    """Signed in, but not allowed here (role, permission, impersonation guard) -> 403."""
+
+    code = "access_denied"
+    status_code = 403
+
+
+class UserBanned(AccessDenied):
+    """The user is banned in Clerk (mirrored in ``users.banned``)."""
+
+    code = "user_banned"

@@ -1,0 +1,84 @@
+"""Application factory and server entry point.
+
+Usage::
+
+    app, emulator = create_app(EmulatorConfig(webhook_url="http://127.0.0.1:8000/webhooks/clerk"))
+    serve(EmulatorConfig(), host="127.0.0.1", port=4010)   # blocking
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TextIO
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from .admin import admin_routes
+from .api import bapi_routes
+from .config import EmulatorConfig
+from .core import Emulator
+from .errors import ClerkAPIError
+
+__all__ = ["create_app", "serve"]
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Unknown paths and methods answer in Clerk's error shape too."""
+    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    if status == 404:
+        return ClerkAPIError.not_found().to_response()
+    return ClerkAPIError(status, "request_invalid", "Request is not valid", str(exc)).to_response()
+
+
+def create_app(config: EmulatorConfig, emulator: Emulator | None = None) -> tuple[Starlette, Emulator]:
+    """Build the ASGI app and the :class:`Emulator` behind it.
+
+    The emulator can be driven in-process (knobs, seeding, token minting) while the app
+    serves HTTP; its delivery worker stops when the app's lifespan ends.
+    """
+    emulator = emulator or Emulator(config)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            emulator.close()
+
+    app = Starlette(
+        routes=[*bapi_routes(), *admin_routes()],
+        exception_handlers={HTTPException: _http_error},
+        lifespan=lifespan,
+    )
+    app.state.emulator = emulator
+    return app, emulator
+
+
+def _public_host(host: str) -> str:
+    return "localhost" if host in {"0.0.0.0", "::", ""} else host  # noqa: S104 (a comparison)
+
+
+def serve(
+    config: EmulatorConfig, host: str = "127.0.0.1", port: int = 4010, *,
+    log_level: str = "info", out: TextIO | None = None,
+) -> None:
+    """Run the emulator with uvicorn until interrupted (blocking).
+
+    Prints the URLs and, when it was generated, the webhook signing secret: the receiving
+    service needs it as ``CLERK_WEBHOOK_SIGNING_SECRET``.
+    """
+    stream = out or sys.stdout
+    app, emulator = create_app(config)
+    url = f"http://{_public_host(host)}:{port}"
+    emulator.frontend_url = config.frontend_url or url
+    print(f"Clerk emulator: Backend API {url}/v1  (secret key {config.secret_key})", file=stream)
+    if config.webhook_secret_was_generated:
+        print(f"Webhook signing secret (generated): {config.effective_webhook_secret}", file=stream)
+    print(f"Webhooks -> {config.webhook_url or '(none; POST /_emulator/webhook to set)'}", file=stream)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, ws="none")

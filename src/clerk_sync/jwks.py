@@ -1,0 +1,132 @@
+"""Where session-token keys come from: a PEM (networkless) or Clerk's JWKS, cached.
+
+Security: an unknown ``kid`` triggers at most one JWKS fetch per ``cooldown_s`` (PyJWT refetches for
+every unknown kid, which lets an unauthenticated client turn each request into an upstream call).
+Requests whose kid is cached never wait on a fetch.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import httpx
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from jwt import PyJWK
+from jwt.exceptions import PyJWKError
+
+from clerk_sync.errors import ConfigError, TokenKeyUnknown
+
+__all__ = ["JWKSKeySource", "KeySource", "NeedsFetch", "StaticKeySource"]
+
+
+class NeedsFetch(Exception):  # noqa: N818 - control flow, not an error users see
+    """The kid is unknown and a fetch is allowed: the async caller should retry off the event loop."""
+
+
+class KeySource(Protocol):
+    """Finds the RSA public key for a ``kid``."""
+
+    def get(self, kid: str | None, *, allow_fetch: bool = True) -> RSAPublicKey: ...
+
+
+class StaticKeySource:
+    """``CLERK_JWT_KEY``: the PEM public key from the Dashboard; no network at all."""
+
+    def __init__(self, pem: str) -> None:
+        try:
+            key = load_pem_public_key(_normalise_pem(pem).encode())
+        except ValueError as exc:
+            raise ConfigError(
+                "CLERK_JWT_KEY is not a PEM public key (Clerk Dashboard -> API keys -> JWKS Public Key)"
+            ) from exc
+        if not isinstance(key, RSAPublicKey):
+            raise ConfigError("CLERK_JWT_KEY must be an RSA public key")
+        self._key = key
+
+    def get(self, kid: str | None, *, allow_fetch: bool = True) -> RSAPublicKey:
+        return self._key
+
+
+def _normalise_pem(pem: str) -> str:
+    # Env vars often carry the PEM on one line with literal "\n" sequences.
+    return pem.replace("\\n", "\n").strip()
+
+
+class JWKSKeySource:
+    """Keys by kid from a JWKS URL, cached ``ttl_s``; unknown kids refetch at most once per cooldown."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        client: httpx.Client,
+        headers: dict[str, str] | None = None,
+        ttl_s: float = 300.0,
+        cooldown_s: float = 30.0,
+        fetch_timeout_s: float = 5.0,
+        now: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.url = url
+        self._client = client
+        self._headers = headers or {}
+        self._ttl = ttl_s
+        self._cooldown = cooldown_s
+        self._timeout = fetch_timeout_s
+        self._now = now
+        self._keys: dict[str, RSAPublicKey] = {}
+        self._fetched_at: float | None = None
+        self._last_attempt: float | None = None
+        self._lock = threading.Lock()
+        self.fetches = 0
+
+    def get(self, kid: str | None, *, allow_fetch: bool = True) -> RSAPublicKey:
+        key = self._keys.get(kid or "")
+        fresh = self._fetched_at is not None and self._now() - self._fetched_at < self._ttl
+        if key is not None and (fresh or not allow_fetch):
+            return key
+        if not allow_fetch:
+            if self._may_fetch():
+                raise NeedsFetch
+            raise TokenKeyUnknown(f"no key with kid {kid!r} (JWKS refetch on cooldown)")
+        self._refresh()
+        key = self._keys.get(kid or "")
+        if key is None:
+            raise TokenKeyUnknown(f"no key with kid {kid!r} in {self.url}")
+        return key
+
+    def _may_fetch(self) -> bool:
+        return self._last_attempt is None or self._now() - self._last_attempt >= self._cooldown
+
+    def _refresh(self) -> None:
+        with self._lock:  # one fetch at a time; waiters then see its result
+            if not self._may_fetch():
+                return
+            self._last_attempt = self._now()
+            self.fetches += 1
+            try:
+                response = self._client.get(self.url, headers=self._headers, timeout=self._timeout)
+                response.raise_for_status()
+                self._keys = _parse_jwks(response.json())
+                self._fetched_at = self._now()
+            except (httpx.HTTPError, ValueError) as exc:
+                if not self._keys:
+                    raise TokenKeyUnknown(f"JWKS fetch from {self.url} failed: {exc}") from exc
+                # Keep serving the keys we have; the cooldown limits retries.
+
+
+def _parse_jwks(document: Any) -> dict[str, RSAPublicKey]:
+    keys: dict[str, RSAPublicKey] = {}
+    for jwk in document.get("keys", []) if isinstance(document, dict) else []:
+        if not isinstance(jwk, dict) or jwk.get("kty") != "RSA" or jwk.get("use", "sig") != "sig":
+            continue
+        try:
+            key = PyJWK(jwk, algorithm="RS256").key
+        except PyJWKError:
+            continue
+        if isinstance(key, RSAPublicKey):
+            keys[str(jwk.get("kid", ""))] = key
+    return keys

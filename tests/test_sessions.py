@@ -1,0 +1,222 @@
+"""Session-token verification: the attack matrix, v1/v2 claims, JWKS rotation and its cooldown."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from jwt.algorithms import RSAAlgorithm
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from clerk_sync import errors
+from clerk_sync.jwks import JWKSKeySource, StaticKeySource
+from clerk_sync.sessions import SessionPolicy, SessionVerifier, auth_from_claims, token_from_request
+from tests._server import running
+
+NOW = 1_800_000_000
+ISS = "https://clerk.example.test"
+AZP = "https://app.example.test"
+KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+OTHER_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def pem(key: rsa.RSAPrivateKey) -> str:
+    return key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+def claims(**over: Any) -> dict[str, Any]:
+    base = {"sub": "user_1", "sid": "sess_1", "iss": ISS, "azp": AZP, "iat": NOW - 5, "nbf": NOW - 15,
+            "exp": NOW + 55, "v": 2, "metadata": {"role": "admin"}}
+    base.update(over)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+def mint(payload: dict[str, Any] | None = None, key: rsa.RSAPrivateKey = KEY, kid: str = "ins_1", alg: str = "RS256") -> str:
+    return jwt.encode(payload or claims(), key, algorithm=alg, headers={"kid": kid})
+
+
+class Revoked:
+    def __init__(self) -> None:
+        self.ids: set[str] = set()
+
+    def is_revoked(self, session_id: str) -> bool:
+        return session_id in self.ids
+
+
+@pytest.fixture
+def clock() -> list[float]:
+    return [float(NOW)]
+
+
+@pytest.fixture
+def revoked() -> Revoked:
+    return Revoked()
+
+
+@pytest.fixture
+def verifier(clock: list[float], revoked: Revoked) -> SessionVerifier:
+    return SessionVerifier(
+        StaticKeySource(pem(KEY)),
+        SessionPolicy(issuer=ISS, authorized_parties=frozenset({AZP})),
+        revocations=revoked,
+        now=lambda: clock[0],
+    )
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _forge_none() -> str:
+    return f"{_b64(json.dumps({'alg': 'none', 'kid': 'ins_1'}).encode())}.{_b64(json.dumps(claims()).encode())}."
+
+
+def _forge_hs256_with_public_key() -> str:
+    # The classic confusion attack: HMAC keyed with the public PEM. PyJWT refuses to *create* it, so by hand.
+    import hashlib
+    import hmac
+
+    head = _b64(json.dumps({"alg": "HS256", "kid": "ins_1", "typ": "JWT"}).encode())
+    body = _b64(json.dumps(claims()).encode())
+    sig = hmac.new(pem(KEY).encode(), f"{head}.{body}".encode(), hashlib.sha256).digest()
+    return f"{head}.{body}.{_b64(sig)}"
+
+
+def _tampered() -> str:
+    head, _, sig = mint().split(".")
+    return f"{head}.{_b64(json.dumps(claims(sub='user_admin')).encode())}.{sig}"
+
+
+ATTACKS = {
+    "alg-none": (_forge_none, errors.TokenAlgorithmNotAllowed),
+    "hs256-with-public-key": (_forge_hs256_with_public_key, errors.TokenAlgorithmNotAllowed),
+    "other-key": (lambda: mint(key=OTHER_KEY), errors.TokenSignatureInvalid),
+    "expired": (lambda: mint(claims(exp=NOW - 6, iat=NOW - 66, nbf=NOW - 76)), errors.TokenExpired),
+    "nbf-in-future": (lambda: mint(claims(nbf=NOW + 60, iat=NOW - 1)), errors.TokenNotYetValid),
+    "iat-in-future": (lambda: mint(claims(iat=NOW + 60, nbf=None)), errors.TokenIssuedInFuture),
+    "wrong-azp": (lambda: mint(claims(azp="https://evil.test")), errors.TokenAuthorizedPartyInvalid),
+    "missing-azp": (lambda: mint(claims(azp=None)), errors.TokenAuthorizedPartyInvalid),
+    "wrong-iss": (lambda: mint(claims(iss="https://evil.clerk.test")), errors.TokenIssuerInvalid),
+    "tampered-payload": (_tampered, errors.TokenSignatureInvalid),
+    "missing-sub": (lambda: mint(claims(sub=None)), errors.TokenClaimMissing),
+    "missing-sid": (lambda: mint(claims(sid=None)), errors.TokenClaimMissing),
+    "pending-session": (lambda: mint(claims(sts="pending")), errors.SessionPending),
+    "garbage": (lambda: "not.a.jwt", errors.TokenMalformed),
+    "empty": (lambda: "", errors.TokenMalformed),
+}
+
+
+@pytest.mark.parametrize(("forge", "error"), ATTACKS.values(), ids=ATTACKS.keys())
+def test_attack_matrix_is_refused(verifier: SessionVerifier, forge: Any, error: type[errors.TokenError]) -> None:
+    with pytest.raises(error) as info:
+        verifier.verify(forge())
+    assert info.value.status_code == 401
+
+
+def test_valid_v2_token_normalises(verifier: SessionVerifier) -> None:
+    token = mint(claims(o={"id": "org_1", "rol": "admin", "slg": "acme", "per": "manage,read", "fpm": "3,2"},
+                        fea="o:dashboard,u:x,o:teams", act={"sub": "user_admin", "sid": "sess_a"}))
+    auth = verifier.verify(token)
+    assert (auth.user_id, auth.session_id, auth.org_id, auth.org_role, auth.org_slug) == ("user_1", "sess_1", "org_1", "org:admin", "acme")
+    assert auth.org_permissions == ("org:dashboard:manage", "org:dashboard:read", "org:teams:read")
+    assert auth.is_impersonated and auth.actor_id == "user_admin"
+    assert auth.role == "admin" and auth.version == 2
+
+
+def test_v1_claims_normalise_to_the_same_shape() -> None:
+    auth = auth_from_claims({"sub": "u", "sid": "s", "exp": 1, "org_id": "org_1", "org_role": "org:member",
+                             "org_slug": "acme", "org_permissions": ["org:posts:read"]})
+    assert (auth.version, auth.org_id, auth.org_role, auth.org_permissions) == (1, "org_1", "org:member", ("org:posts:read",))
+
+
+def test_revocation_and_expiry_apply_to_cached_tokens(verifier: SessionVerifier, clock: list[float], revoked: Revoked) -> None:
+    token = mint()
+    assert verifier.verify(token).user_id == "user_1"
+    assert verifier.verify(token).user_id == "user_1"  # cached signature result
+    revoked.ids.add("sess_1")
+    with pytest.raises(errors.SessionRevoked):
+        verifier.verify(token)
+    revoked.ids.clear()
+    clock[0] = NOW + 61
+    with pytest.raises(errors.TokenExpired):
+        verifier.verify(token)
+
+
+def test_leeway_accepts_small_clock_skew(verifier: SessionVerifier, clock: list[float]) -> None:
+    token = mint(claims(exp=NOW - 3))
+    assert verifier.verify(token).user_id == "user_1"
+
+
+def test_pem_with_escaped_newlines_from_env_is_accepted() -> None:
+    source = StaticKeySource(pem(KEY).replace("\n", "\\n"))
+    assert source.get("anything") is not None
+    with pytest.raises(errors.ConfigError, match="CLERK_JWT_KEY"):
+        StaticKeySource("not a pem")
+
+
+def test_token_sources() -> None:
+    assert token_from_request({"authorization": "Bearer abc"}, {"__session": "zzz"}) == "abc"
+    assert token_from_request({}, {"__session_Ab12Cd34": "cookie"}) == "cookie"
+    with pytest.raises(errors.TokenMissing):
+        token_from_request({"authorization": "Basic x"}, {})
+
+
+class _JWKSServer:
+    def __init__(self) -> None:
+        self.keys = {"ins_1": KEY}
+        self.fetches = 0
+
+    def app(self) -> Starlette:
+        async def jwks(_: Request) -> JSONResponse:
+            self.fetches += 1
+            out = []
+            for kid, key in self.keys.items():
+                jwk = json.loads(RSAAlgorithm.to_jwk(key.public_key()))
+                out.append({**jwk, "kid": kid, "use": "sig", "alg": "RS256"})
+            return JSONResponse({"keys": out})
+
+        return Starlette(routes=[Route("/v1/jwks", jwks)])
+
+
+@pytest.fixture
+def jwks_server() -> Iterator[tuple[_JWKSServer, str]]:
+    server = _JWKSServer()
+    with running(server.app()) as url:
+        yield server, url
+
+
+def test_jwks_rotation_without_restart_and_cooldown_on_unknown_kids(jwks_server: tuple[_JWKSServer, str], clock: list[float]) -> None:
+    server, url = jwks_server
+    mono = [0.0]
+    with httpx.Client() as client:
+        source = JWKSKeySource(f"{url}/v1/jwks", client=client, cooldown_s=30, now=lambda: mono[0])
+        verifier = SessionVerifier(source, SessionPolicy(issuer=ISS), now=lambda: clock[0])
+        assert verifier.verify(mint()).user_id == "user_1"
+        assert server.fetches == 1
+        for i in range(200):  # a flood of unknown kids
+            with pytest.raises(errors.TokenKeyUnknown):
+                verifier.verify(mint(kid=f"ins_evil_{i}", key=OTHER_KEY))
+        assert server.fetches <= 2  # at most one refetch per cooldown
+        server.keys["ins_2"] = OTHER_KEY  # rotation on the Clerk side
+        mono[0] += 31
+        assert verifier.verify(mint(kid="ins_2", key=OTHER_KEY)).user_id == "user_1"
+        assert server.fetches <= 3
+        assert verifier.verify(mint()).user_id == "user_1"  # the old key still served
+
+
+@pytest.mark.anyio
+async def test_async_verify_fetches_off_the_loop(jwks_server: tuple[_JWKSServer, str], clock: list[float]) -> None:
+    _, url = jwks_server
+    with httpx.Client() as client:
+        verifier = SessionVerifier(JWKSKeySource(f"{url}/v1/jwks", client=client), SessionPolicy(), now=lambda: clock[0])
+        assert (await verifier.averify(mint())).user_id == "user_1"
