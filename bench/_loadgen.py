@@ -78,23 +78,30 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 if i >= n_req:
                     wrapped = True
                     return
-                try:
-                    writer.write(requests[i])
-                    head = await reader.readuntil(b"\r\n\r\n")
-                    status = head[9:12].decode()
-                    clen, close = 0, False
-                    for line in head.split(b"\r\n")[1:]:
-                        name = line[:15].lower()
-                        if name == b"content-length:":
-                            clen = int(line[15:])
-                        elif name.startswith(b"connection:") and b"close" in line.lower():
-                            close = True
-                    if clen:
-                        await reader.readexactly(clen)
-                except (OSError, asyncio.IncompleteReadError) as exc:
-                    # e.g. uvicorn drops the connection after an unhandled 500: count it, reconnect
-                    errors.append(f"{type(exc).__name__}: {exc}")
-                    status, close = "conn", True
+                for attempt in (1, 2):
+                    try:
+                        writer.write(requests[i])
+                        head = await reader.readuntil(b"\r\n\r\n")
+                        status = head[9:12].decode()
+                        clen, close = 0, False
+                        for line in head.split(b"\r\n")[1:]:
+                            name = line[:15].lower()
+                            if name == b"content-length:":
+                                clen = int(line[15:])
+                            elif name.startswith(b"connection:") and b"close" in line.lower():
+                                close = True
+                        if clen:
+                            await reader.readexactly(clen)
+                        break
+                    except (OSError, asyncio.IncompleteReadError) as exc:
+                        # uvicorn drops a keep-alive connection after an unhandled exception (the
+                        # seed handler's 500s): reconnect and resend once, then count an error.
+                        errors.append(f"{type(exc).__name__}: {exc}")
+                        status, close = "conn", False
+                        writer.close()
+                        reader, writer = await asyncio.open_connection(args.host, args.port)
+                        if attempt == 2:
+                            break
                 end = perf()
                 if w_start <= end < w_end:
                     lat.append(end - start)

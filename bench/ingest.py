@@ -210,7 +210,7 @@ def http_cell(system: str, store_kind: str, conc: int, cfg: argparse.Namespace, 
             if profile is not None:
                 spy = subprocess.Popen(
                     [str(VENV_BIN / "py-spy"), "record", "--pid", str(proc.pid), "--format", "raw",
-                     "--rate", "200", "--output", str(profile), "--subprocesses",
+                     "--rate", "200", "--gil", "--output", str(profile), "--subprocesses",
                      "--duration", str(int(cfg.warmup + cfg.duration))],
                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                 time.sleep(0.5)
@@ -227,7 +227,7 @@ def http_cell(system: str, store_kind: str, conc: int, cfg: argparse.Namespace, 
         result["db_rows"] = {str(k): int(v) for k, v in rows}
     except Exception as exc:
         result["db_rows"] = {"error": str(exc)[:200]}
-    if not any(s.startswith("2") for s in result["statuses"]) or result.get("client_errors"):
+    if not any(s.startswith("2") for s in result["statuses"]):
         result["server_log_tail"] = log_path.read_text(errors="replace")[-2000:]
     store.drop()
     log_path.unlink(missing_ok=True)
@@ -428,9 +428,10 @@ def render(results: list[dict[str, Any]], cfg: argparse.Namespace, notes: list[s
     for r in results:
         if r.get("corpus_exhausted"):
             sanity.append(f"- WARNING: corpus exhausted in {r['store']} {r['system']} c={r['concurrency']}")
-        if r.get("client_errors"):
-            sanity.append(f"- WARNING: client errors in {r['store']} {r['system']} c={r['concurrency']}: "
-                          f"{r['client_errors'][:2]}")
+        bad = {k: v for k, v in r["statuses"].items() if not k.startswith("2")}
+        if bad or r.get("client_error_count"):
+            sanity.append(f"- non-2xx in {r['store']} {r['system']} c={r['concurrency']}: {bad} "
+                          f"(connection resets, resent once: {r.get('client_error_count', 0)})")
     svc_rows = [r for r in results if r["system"].startswith("service")]
     statuses: Counter[str] = Counter()
     for r in svc_rows:

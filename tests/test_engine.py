@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from clerk_sync.engine import Action, Entity, Ignore, RowState, Tombstone, Upsert, decide, plan
+from clerk_sync.engine import Action, Entity, Ignore, RevokeSession, RowState, Tombstone, Upsert, decide, plan
 from clerk_sync.errors import EventShapeError, PayloadError
 from clerk_sync.events import normalize_timestamp_ms, parse_envelope, user_record
 from tests import factories as f
@@ -39,6 +39,8 @@ def test_plan_maps_each_mirrored_type() -> None:
     mem = plan(parse_envelope(f.body_of(f.envelope("organizationMembership.deleted", f.membership("m", "o", "u", 5)))))
     assert isinstance(mem, Tombstone) and mem.entity is Entity.MEMBERSHIP
     assert isinstance(plan(parse_envelope(f.body_of(f.envelope("session.created", {"id": "s"})))), Ignore)
+    revoke = plan(parse_envelope(f.body_of(f.envelope("session.revoked", {"id": "sess_1", "user_id": "u", "expire_at": 9}))))
+    assert revoke == RevokeSession("sess_1", "u", "revoked", 9)
 
 
 def test_primary_email_is_the_one_named_by_primary_email_address_id() -> None:

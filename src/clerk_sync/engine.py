@@ -30,6 +30,7 @@ __all__ = [
     "Ignore",
     "Intent",
     "Record",
+    "RevokeSession",
     "RowState",
     "Tombstone",
     "Upsert",
@@ -74,13 +75,23 @@ class Tombstone:
 
 
 @dataclass(frozen=True, slots=True)
+class RevokeSession:
+    """Add a session to the deny list checked on every authenticated request."""
+
+    session_id: str
+    user_id: str | None
+    reason: str
+    expire_at: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class Ignore:
     """An event type we record and acknowledge but do not mirror."""
 
     reason: str
 
 
-Intent = Upsert | Tombstone | Ignore
+Intent = Upsert | Tombstone | RevokeSession | Ignore
 
 
 class Action(StrEnum):
@@ -118,6 +129,18 @@ def _tombstone(entity: Entity) -> Callable[[Envelope], Intent]:
     return plan_delete
 
 
+def _revoke(env: Envelope) -> Intent:
+    session_id, user_id, expire_at = env.data.get("id"), env.data.get("user_id"), env.data.get("expire_at")
+    if not isinstance(session_id, str) or not session_id:
+        raise EventShapeError(f"{env.type} has no data.id")
+    return RevokeSession(
+        session_id,
+        user_id if isinstance(user_id, str) else None,
+        env.type.removeprefix("session."),
+        expire_at if isinstance(expire_at, int) else None,
+    )
+
+
 _PLANNERS: dict[str, Callable[[Envelope], Intent]] = {
     "user.created": _upsert(Entity.USER, user_record),
     "user.updated": _upsert(Entity.USER, user_record),
@@ -128,6 +151,9 @@ _PLANNERS: dict[str, Callable[[Envelope], Intent]] = {
     "organizationMembership.created": _upsert(Entity.MEMBERSHIP, membership_record),
     "organizationMembership.updated": _upsert(Entity.MEMBERSHIP, membership_record),
     "organizationMembership.deleted": _tombstone(Entity.MEMBERSHIP),
+    "session.revoked": _revoke,
+    "session.ended": _revoke,
+    "session.removed": _revoke,
 }
 
 HANDLED_EVENT_TYPES = frozenset(_PLANNERS)

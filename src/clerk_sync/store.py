@@ -19,12 +19,13 @@ from sqlalchemy import event as sa_event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
-from clerk_sync.engine import Entity, Tombstone, Upsert
+from clerk_sync.engine import Entity, RevokeSession, Tombstone, Upsert
 from clerk_sync.errors import StoreError
 from clerk_sync.events import MembershipRecord
 from clerk_sync.tables import (
     organization_memberships,
     organizations,
+    revoked_sessions,
     users,
     webhook_events,
 )
@@ -119,8 +120,10 @@ class Writer:
         for key in sorted(set(keys)):
             self.conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_lock_id(key))))
 
-    def apply(self, intent: Upsert | Tombstone) -> bool:
+    def apply(self, intent: Upsert | Tombstone | RevokeSession) -> bool:
         """Execute an intent under the ordering guard; True when a row changed."""
+        if isinstance(intent, RevokeSession):
+            return self._revoke_session(intent)
         self.lock(_lock_keys(intent))
         if isinstance(intent, Upsert):
             changed = self._upsert(intent)
@@ -168,6 +171,13 @@ class Writer:
             where=table.c.deleted_at.is_(None),
         )
         return self._changed(stmt.returning(table.c.id))
+
+    def _revoke_session(self, intent: RevokeSession) -> bool:
+        stmt = self._insert(revoked_sessions).values(
+            session_id=intent.session_id, user_clerk_id=intent.user_id, reason=intent.reason,
+            expire_at=intent.expire_at, revoked_at=self.now,
+        ).on_conflict_do_nothing(index_elements=["session_id"])
+        return self._changed(stmt.returning(revoked_sessions.c.id))
 
     def _cascade_memberships(self, entity: Entity, clerk_id: str) -> None:
         m = organization_memberships

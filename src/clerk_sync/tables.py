@@ -10,6 +10,7 @@ __all__ = [
     "metadata",
     "organization_memberships",
     "organizations",
+    "revoked_sessions",
     "users",
     "webhook_events",
 ]
@@ -115,4 +116,15 @@ audit_log = sa.Table(
     sa.Column("details", JSONType, nullable=False, default=dict),
     sa.Column("ip", sa.String(64), nullable=True),
     sa.Column("created_at", Timestamp, nullable=False, index=True),
+)
+
+revoked_sessions = sa.Table(
+    "revoked_sessions",
+    metadata,
+    sa.Column("id", PK, primary_key=True, autoincrement=True),
+    sa.Column("session_id", sa.String(64), nullable=False, unique=True),
+    sa.Column("user_clerk_id", sa.String(64), nullable=True, index=True),
+    sa.Column("reason", sa.String(16), nullable=False),
+    sa.Column("expire_at", sa.BigInteger, nullable=True),
+    sa.Column("revoked_at", Timestamp, nullable=False),
 )
