@@ -17,6 +17,7 @@ import base64
 import hashlib
 import hmac
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -32,6 +33,44 @@ def _signer(secret: str) -> Any:
         return "v1," + base64.b64encode(mac).decode()
 
     return sign
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_snapshot(server_pid: int | None) -> dict[str, float]:
+    """CPU seconds so far: server process tree, all postgres processes, this process, whole machine."""
+    procs: dict[int, tuple[int, str, float]] = {}  # pid -> (ppid, comm, cpu s)
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                raw = f.read()
+        except OSError:
+            continue
+        comm = raw[raw.index("(") + 1 : raw.rindex(")")]
+        fields = raw[raw.rindex(")") + 2 :].split()
+        procs[int(d)] = (int(fields[1]), comm, (int(fields[11]) + int(fields[12])) / _TICK)
+    tree: set[int] = set()
+    if server_pid:
+        tree.add(server_pid)
+        grew = True
+        while grew:
+            grew = False
+            for pid, (ppid, _, _) in procs.items():
+                if ppid in tree and pid not in tree:
+                    tree.add(pid)
+                    grew = True
+    with open("/proc/stat") as f:
+        cpu = [int(x) for x in f.readline().split()[1:]]
+    return {
+        "server": sum(procs[p][2] for p in tree if p in procs),
+        "postgres": sum(c for _, comm, c in procs.values() if comm.startswith("postgres")),
+        "loadgen": sum(os.times()[:2]),
+        "machine_busy": (sum(cpu) - cpu[3] - cpu[4]) / _TICK,
+        "machine_total": sum(cpu) / _TICK,
+    }
 
 
 def build_requests(corpus: list[bytes], label: str, host: str, path: str) -> list[bytes]:
@@ -112,7 +151,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             writer.close()
 
-    await asyncio.gather(*(client() for _ in range(args.concurrency)))
+    snaps: list[dict[str, float]] = []
+
+    async def sampler() -> None:
+        for moment in (w_start, w_end):
+            await asyncio.sleep(max(0.0, moment - perf()))
+            snaps.append(cpu_snapshot(args.server_pid))
+
+    await asyncio.gather(sampler(), *(client() for _ in range(args.concurrency)))
+    cpu = {k: snaps[1][k] - snaps[0][k] for k in snaps[0]}
     lat.sort()
     ok = sum(v for k, v in statuses.items() if k.startswith("2"))
 
@@ -135,6 +182,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "sent": min(next_i, n_req),
         "corpus_exhausted": wrapped,
         "client_errors": errors[:5],
+        # CPU ms per completed request in the window (server tree, all postgres processes, load
+        # generator) and the machine's busy share over the window (2 cores = 100 %).
+        "cpu_ms_per_req": {k: 1000 * cpu[k] / max(1, len(lat)) for k in ("server", "postgres", "loadgen")},
+        "machine_busy": cpu["machine_busy"] / cpu["machine_total"] if cpu["machine_total"] else None,
         "client_error_count": len(errors),
     }
 
@@ -149,6 +200,7 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=8.0)
     ap.add_argument("--corpus", required=True)
     ap.add_argument("--label", required=True)
+    ap.add_argument("--server-pid", type=int, default=None, help="for CPU accounting")
     args = ap.parse_args()
     json.dump(asyncio.run(run(args)), sys.stdout)
     sys.stdout.write("\n")

@@ -47,6 +47,9 @@ RESULTS = BENCH / "results"
 sys.path.insert(0, str(ROOT / "tests"))
 import factories  # noqa: E402  (tests/factories.py: envelope builders shaped like Clerk's examples)
 
+sys.path.insert(0, str(BENCH))
+from _loadgen import cpu_snapshot  # noqa: E402
+
 PY = sys.executable
 VENV_BIN = Path(PY).parent
 SECRET = factories.SECRET
@@ -177,12 +180,19 @@ class Store:
                 Path(f"{self.path}{suffix}").unlink(missing_ok=True)
 
 
-def run_loadgen(port: int, conc: int, cfg: argparse.Namespace, corpus: Path, label: str) -> dict[str, Any]:
+def run_loadgen(port: int, conc: int, cfg: argparse.Namespace, corpus: Path, label: str,
+                server_pid: int) -> subprocess.Popen[str]:
     cmd = [PY, str(BENCH / "_loadgen.py"), "--port", str(port), "--concurrency", str(conc),
            "--warmup", str(cfg.warmup), "--duration", str(cfg.duration), "--corpus", str(corpus),
-           "--label", label]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=cfg.duration + 120)
-    return json.loads(out.stdout)
+           "--label", label, "--server-pid", str(server_pid)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish_loadgen(gen: subprocess.Popen[str], cfg: argparse.Namespace) -> dict[str, Any]:
+    out, err = gen.communicate(timeout=cfg.warmup + cfg.duration + 120)
+    if gen.returncode != 0:
+        raise RuntimeError(f"load generator failed: {err[-2000:]}")
+    return dict(json.loads(out))
 
 
 def http_cell(system: str, store_kind: str, conc: int, cfg: argparse.Namespace, corpus: Path,
@@ -207,14 +217,15 @@ def http_cell(system: str, store_kind: str, conc: int, cfg: argparse.Namespace, 
         spy = None
         try:
             wait_http(port, proc)
-            if profile is not None:
+            gen = run_loadgen(port, conc, cfg, corpus, label, proc.pid)
+            if profile is not None:  # sample the measured window only (not start-up/warm-up)
+                time.sleep(cfg.warmup + 0.6)
                 spy = subprocess.Popen(
                     [str(VENV_BIN / "py-spy"), "record", "--pid", str(proc.pid), "--format", "raw",
-                     "--rate", "200", "--gil", "--output", str(profile), "--subprocesses",
-                     "--duration", str(int(cfg.warmup + cfg.duration))],
+                     "--rate", "250", "--gil", "--output", str(profile), "--subprocesses",
+                     "--duration", str(max(1, int(cfg.duration) - 1))],
                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-                time.sleep(0.5)
-            result = run_loadgen(port, conc, cfg, corpus, label)
+            result = finish_loadgen(gen, cfg)
         finally:
             if spy is not None:
                 spy.wait(timeout=60)
@@ -254,8 +265,16 @@ def pgbench_cell(conc: int, cfg: argparse.Namespace, tmp: Path) -> dict[str, Any
     cmd = [pgbench_bin(), "-h", "127.0.0.1", "-U", "postgres", "-N", "-c", str(conc), "-j", str(min(conc, 2)),
            "-T", str(max(1, round(total + 0.5))), "-l", "--log-prefix", str(logdir / "pgb"), PGBENCH_DB]
     started = time.time()
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=logdir)
-    reported = re.search(r"tps = ([\d.]+) \(without initial connection time\)", out.stdout)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=logdir)
+    time.sleep(cfg.warmup + 0.1)
+    snap0 = cpu_snapshot(proc.pid)
+    time.sleep(cfg.duration)
+    snap1 = cpu_snapshot(proc.pid)
+    stdout, stderr = proc.communicate(timeout=120)
+    if proc.returncode != 0:
+        raise RuntimeError(f"pgbench failed: {stderr[-2000:]}")
+    cpu = {k: snap1[k] - snap0[k] for k in snap0}
+    reported = re.search(r"tps = ([\d.]+) \(without initial connection time\)", stdout)
     done: list[tuple[float, float]] = []  # (end epoch s, latency s)
     for f in logdir.glob("pgb*"):
         for line in f.read_text().splitlines():
@@ -274,7 +293,10 @@ def pgbench_cell(conc: int, cfg: argparse.Namespace, tmp: Path) -> dict[str, Any
     return {"system": "pgbench -N", "store": "postgres", "concurrency": conc, "duration_s": cfg.duration,
             "completed": len(lat), "ok": len(lat), "tps": len(lat) / cfg.duration, "p50_ms": pct(0.5),
             "p99_ms": pct(0.99), "max_ms": lat[-1] * 1000 if lat else None,
-            "pgbench_reported_tps": float(reported.group(1)) if reported else None, "statuses": {}}
+            "pgbench_reported_tps": float(reported.group(1)) if reported else None, "statuses": {},
+            "cpu_ms_per_req": {"pgbench": 1000 * cpu["server"] / max(1, len(lat)),
+                               "postgres": 1000 * cpu["postgres"] / max(1, len(lat))},
+            "machine_busy": cpu["machine_busy"] / cpu["machine_total"] if cpu["machine_total"] else None}
 
 
 # ------------------------------------------------------------------------------------------- profile
@@ -351,6 +373,10 @@ def machine_notes() -> list[str]:
                             "('synchronous_commit','fsync','shared_buffers','wal_sync_method')"))
     pgb = subprocess.run([pgbench_bin(), "--version"], capture_output=True, text=True).stdout.strip()
     loop = "uvloop" if _has("uvloop") else "asyncio"
+    rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                         text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "src"], capture_output=True,
+                           text=True).stdout.strip()
     http = "httptools" if _has("httptools") else "h11"
     return [
         f"- date: {datetime.now(UTC):%Y-%m-%d %H:%M UTC}; host: {os.cpu_count()} cores ({cpu}), "
@@ -361,7 +387,11 @@ def machine_notes() -> list[str]:
         f"- PostgreSQL {pg} on 127.0.0.1 (synchronous_commit={settings.get('synchronous_commit')}, "
         f"fsync={settings.get('fsync')}, wal_sync_method={settings.get('wal_sync_method')}, "
         f"shared_buffers={settings.get('shared_buffers')}x8kB); {pgb}",
-        "- load generator, servers, PostgreSQL and pgbench all share the same 2 cores",
+        f"- code: git {rev}{' + uncommitted changes in src/' if dirty else ''} (service measured as installed, "
+        "editable)",
+        "- load generator, servers, PostgreSQL and pgbench all share the same 2 cores; CPU columns are CPU ms "
+        "per completed delivery inside the window (app = server process tree, or the pgbench client; "
+        "PG = all postgres processes), machine busy = both cores",
     ]
 
 
@@ -374,8 +404,8 @@ def _has(mod: str) -> bool:
 def render(results: list[dict[str, Any]], cfg: argparse.Namespace, notes: list[str], elapsed: float) -> str:
     by = {(r["store"], r["system"], r["concurrency"]): r for r in results}
     head = ("| store | senders | system | deliveries/s | p50 ms | p99 ms | non-2xx | service/seed | "
-            "service/pgbench |")
-    rows = [head, "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+            "service/pgbench | app CPU ms/req | PG CPU ms/req | machine busy |")
+    rows = [head, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     order = ["service", "service --workers 2", "seed", "pgbench -N"]
     for store in ("postgres", "sqlite"):
         for conc in CONCURRENCY:
@@ -393,8 +423,13 @@ def render(results: list[dict[str, Any]], cfg: argparse.Namespace, notes: list[s
                     if pgb and pgb["tps"]:
                         vs_pgb = f"{r['tps'] / pgb['tps']:.0%}"
                 sysname = f"**{system}**" if system == "service" else system
+                cpu = r.get("cpu_ms_per_req", {})
+                app_cpu = cpu.get("pgbench", cpu.get("server"))
+                pg_cpu = cpu.get("postgres") if store == "postgres" else None
+                busy = f"{r['machine_busy']:.0%}" if r.get("machine_busy") is not None else "-"
                 rows.append(f"| {store} | {conc} | {sysname} | {fmt(r['tps'])} | {fmt(r['p50_ms'], 2)} | "
-                            f"{fmt(r['p99_ms'], 2)} | {bad if system != 'pgbench -N' else '-'} | {vs_seed} | {vs_pgb} |")
+                            f"{fmt(r['p99_ms'], 2)} | {bad if system != 'pgbench -N' else '-'} | {vs_seed} | {vs_pgb} | "
+                            f"{fmt(app_cpu, 2)} | {fmt(pg_cpu, 2)} | {busy} |")
     table = "\n".join(rows)
 
     svc, seed, pgb = (by.get(("postgres", s, 16)) for s in ("service", "seed", "pgbench -N"))

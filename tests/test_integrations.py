@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import httpx
 import sqlalchemy as sa
 from fastapi import FastAPI

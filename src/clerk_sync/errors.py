@@ -15,7 +15,7 @@ Branch by what the caller does next::
     │   ├── TokenMissing, TokenMalformed, TokenAlgorithmNotAllowed, TokenKeyUnknown,
     │   ├── TokenSignatureInvalid, TokenExpired, TokenNotYetValid, TokenIssuedInFuture,
     │   ├── TokenIssuerInvalid, TokenAuthorizedPartyInvalid, TokenClaimMissing,
-    │   └── SessionRevoked, SessionPending
+    │   └── SessionRevoked, SessionPending, SessionUserBanned
     ├── AccessDenied                    access_denied        signed in but not allowed -> 403
     │   └── UserBanned                  user_banned
     └── StoreError                      store_unavailable    transient DB failure: 5xx, Svix retries
@@ -26,12 +26,16 @@ HTTP status codes are assigned only in the integrations (``status_code`` is a hi
 from __future__ import annotations
 
 __all__ = [
+    "AccessDenied",
     "ClerkSyncError",
     "ConfigError",
-    "AccessDenied",
     "EventShapeError",
+    "PayloadError",
+    "PayloadTooLarge",
     "SessionPending",
     "SessionRevoked",
+    "SessionUserBanned",
+    "StoreError",
     "TokenAlgorithmNotAllowed",
     "TokenAuthorizedPartyInvalid",
     "TokenClaimMissing",
@@ -45,9 +49,6 @@ __all__ = [
     "TokenNotYetValid",
     "TokenSignatureInvalid",
     "UserBanned",
-    "PayloadError",
-    "PayloadTooLarge",
-    "StoreError",
     "WebhookError",
     "WebhookHeadersMissing",
     "WebhookVerificationError",
@@ -207,6 +208,12 @@ class SessionPending(TokenError):
     """sts is pending: treated as signed out."""
 
     code = "session_pending"
+
+
+class SessionUserBanned(TokenError):
+    """The token is valid but its user is banned or deleted in our mirror: treated as signed out."""
+
+    code = "session_user_banned"
 
 
 class AccessDenied(ClerkSyncError):

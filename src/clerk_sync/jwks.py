@@ -23,7 +23,7 @@ from clerk_sync.errors import ConfigError, TokenKeyUnknown
 __all__ = ["JWKSKeySource", "KeySource", "NeedsFetch", "StaticKeySource"]
 
 
-class NeedsFetch(Exception):  # noqa: N818 - control flow, not an error users see
+class NeedsFetch(Exception):
     """The kid is unknown and a fetch is allowed: the async caller should retry off the event loop."""
 
 

@@ -41,6 +41,7 @@ class Receiver:
     url: str = ""
     received: list[Received] = field(default_factory=list)
     status_for: Callable[[Received], int] = _always_ok
+    response_headers: dict[str, str] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def record(self, item: Received) -> int:
@@ -64,6 +65,8 @@ def handler_for(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
             item = Received({k.lower(): v for k, v in self.headers.items()}, self.rfile.read(length))
             status = receiver.record(item)
             self.send_response(status)
+            for name, value in receiver.response_headers.items():
+                self.send_header(name, value)
             self.send_header("content-length", "0")
             self.end_headers()
 

@@ -14,8 +14,8 @@ from starlette.routing import Route
 from . import orgs, sessions, users
 from .errors import ClerkAPIError
 from .http import (
-    base_url,
     bapi_endpoint,
+    base_url,
     bool_param,
     emulator_of,
     int_param,

@@ -1,23 +1,38 @@
-"""FastAPI adapter: the same webhook endpoint as the Starlette one, as an ``APIRouter``.
+"""FastAPI adapter: the webhook router, and auth dependencies over :class:`~clerk_sync.auth.Authenticator`.
 
 Usage::
 
-    processor = build_processor(Settings.from_env())
-    app = FastAPI()
-    app.include_router(webhook_router(processor))
+    clerk = ClerkAuth(authenticator)
+    clerk.install(app)                       # maps our errors to 401/403/410/503
+
+    @app.get("/admin")
+    def admin(user: DbUser = Depends(clerk.require_role("admin"))): ...
+
+Each dependency verifies the token itself (cheap: verified signatures are cached until ``exp``),
+so a route stays protected even where no middleware runs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import Any
+
 try:
-    from fastapi import APIRouter
+    from fastapi import APIRouter, FastAPI, Request
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("clerk_sync.integrations.fastapi needs FastAPI: pip install 'clerk-sync[fastapi]'") from exc
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import JSONResponse
 
+from clerk_sync.auth import Authenticator, DbUser
+from clerk_sync.errors import ClerkSyncError, TokenError
 from clerk_sync.ingest import WebhookProcessor
 from clerk_sync.integrations.starlette import build_processor, webhook_endpoint
+from clerk_sync.sessions import Auth
 
-__all__ = ["build_processor", "webhook_router"]
+__all__ = ["ClerkAuth", "build_processor", "webhook_router"]
+
+UserGetter = Callable[[Auth], Any]
 
 
 def webhook_router(processor: WebhookProcessor, path: str = "/webhooks/clerk") -> APIRouter:
@@ -25,3 +40,62 @@ def webhook_router(processor: WebhookProcessor, path: str = "/webhooks/clerk") -
     router = APIRouter()
     router.add_api_route(path, webhook_endpoint(processor), methods=["POST"], include_in_schema=False)
     return router
+
+
+class ClerkAuth:
+    """FastAPI dependencies: ``current_auth``, ``current_user``, ``require_role``, ``require_org_role``,
+    ``require_permission``, ``not_impersonated``."""
+
+    def __init__(self, authenticator: Authenticator, *, get_user: UserGetter | None = None) -> None:
+        self.authenticator = authenticator
+        # get_user(auth) -> user row; default: the users table. The JIT sync can be plugged in here.
+        self._get_user: UserGetter = get_user or authenticator.user
+
+    def install(self, app: FastAPI) -> None:
+        """Translate clerk-sync errors into HTTP answers (the only place status codes are chosen)."""
+
+        async def handle(_: Request, exc: Exception) -> JSONResponse:
+            assert isinstance(exc, ClerkSyncError)
+            headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, TokenError) else {}
+            retry_after = getattr(exc, "retry_after", None)
+            if retry_after is not None:
+                headers["Retry-After"] = str(int(retry_after) or 1)
+            return JSONResponse({"error": exc.code, "message": str(exc)}, status_code=exc.status_code, headers=headers)
+
+        app.add_exception_handler(ClerkSyncError, handle)
+
+    async def current_auth(self, request: Request) -> Auth:
+        """The verified session (401 when missing/invalid/revoked)."""
+        return await self.authenticator.aauthenticate(request.headers, request.cookies)
+
+    async def current_user(self, request: Request) -> Any:
+        """The caller's DB row (JIT-synced when configured)."""
+        auth = await self.current_auth(request)
+        return await run_in_threadpool(self._get_user, auth)
+
+    def require_role(self, *roles: str) -> Callable[[Request], Awaitable[DbUser]]:
+        """Role confirmed against the DB row, so a demotion applies at once."""
+
+        async def dependency(request: Request) -> DbUser:
+            auth = await self.current_auth(request)
+            return await run_in_threadpool(self.authenticator.require_role, auth, *roles)
+
+        return dependency
+
+    def require_org_role(self, *roles: str) -> Callable[[Request], Awaitable[Auth]]:
+        async def dependency(request: Request) -> Auth:
+            return self.authenticator.require_org_role(await self.current_auth(request), *roles)
+
+        return dependency
+
+    def require_permission(self, permission: str) -> Callable[[Request], Awaitable[Auth]]:
+        async def dependency(request: Request) -> Auth:
+            return self.authenticator.require_permission(await self.current_auth(request), permission)
+
+        return dependency
+
+    async def not_impersonated(self, request: Request) -> Auth:
+        """Refuse impersonated sessions on sensitive routes."""
+        return self.authenticator.forbid_impersonation(await self.current_auth(request))
+
+

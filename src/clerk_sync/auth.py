@@ -1,0 +1,191 @@
+"""Request-time authorisation, framework-free: who is calling (token), may they (DB-confirmed roles),
+and what admins did (audit). No Clerk call on the request path.
+
+The integrations (``integrations/starlette.py``, ``integrations/fastapi.py``) are thin shells over
+:class:`Authenticator`; every check here stands on its own, whether or not a middleware ran first.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from clerk_sync.errors import AccessDenied, SessionUserBanned
+from clerk_sync.sessions import Auth, SessionVerifier, token_from_request
+from clerk_sync.store import Store, Writer
+from clerk_sync.tables import audit_log, revoked_sessions, users
+
+__all__ = ["AuditEntry", "Authenticator", "DbUser", "DenyList", "load_db_user", "record_audit"]
+
+
+class DenyList:
+    """Revoked sessions and banned/deleted users, read from the DB at most every ``refresh_s``.
+
+    Serves :class:`~clerk_sync.sessions.RevocationCheck`. A periodic refresh (not a query per
+    request) keeps the protected path cheap; replicas see a revocation within ``refresh_s``.
+    """
+
+    def __init__(self, store: Store, *, refresh_s: float = 1.0, now: Callable[[], float] = time.monotonic) -> None:
+        self._store = store
+        self._refresh_s = refresh_s
+        self._now = now
+        self._revoked: set[str] = set()
+        self._blocked_users: frozenset[str] = frozenset()
+        self._last_id = 0
+        self._loaded_at: float | None = None
+        self._lock = threading.Lock()
+
+    def is_revoked(self, session_id: str) -> bool:
+        self._maybe_refresh()
+        return session_id in self._revoked
+
+    def is_user_blocked(self, user_id: str) -> bool:
+        self._maybe_refresh()
+        return user_id in self._blocked_users
+
+    def refresh(self) -> None:
+        """Load new revocations (incrementally) and the current banned/deleted users."""
+        with self._store.connect() as conn:
+            rows = conn.execute(
+                sa.select(revoked_sessions.c.id, revoked_sessions.c.session_id)
+                .where(revoked_sessions.c.id > self._last_id)
+                .order_by(revoked_sessions.c.id)
+            ).all()
+            blocked = conn.execute(
+                sa.select(users.c.clerk_id).where(sa.or_(users.c.banned.is_(True), users.c.deleted_at.is_not(None)))
+            ).scalars()
+            self._blocked_users = frozenset(blocked)
+        for row_id, session_id in rows:
+            self._revoked.add(session_id)
+            self._last_id = max(self._last_id, row_id)
+        self._loaded_at = self._now()
+
+    def _maybe_refresh(self) -> None:
+        if self._loaded_at is not None and self._now() - self._loaded_at < self._refresh_s:
+            return
+        if self._lock.acquire(blocking=self._loaded_at is None):
+            try:
+                self.refresh()
+            finally:
+                self._lock.release()
+
+
+@dataclass(frozen=True, slots=True)
+class DbUser:
+    """The ``users`` row fields the auth layer decides on."""
+
+    id: int
+    clerk_id: str
+    email: str | None
+    role: str
+    plan: str
+    banned: bool
+    deleted_at: datetime | None
+    public_metadata: Mapping[str, Any]
+
+
+UserLoader = Callable[[str], DbUser | None]
+
+
+class Authenticator:
+    """Turns a request's headers/cookies into an :class:`Auth`, and answers role questions from the DB."""
+
+    def __init__(self, verifier: SessionVerifier, store: Store, *, deny_list: DenyList | None = None,
+                 load_user: UserLoader | None = None) -> None:
+        self.verifier = verifier
+        self.store = store
+        self.deny_list = deny_list or DenyList(store)
+        if verifier.revocations is None:
+            verifier.revocations = self.deny_list
+        self._load_user = load_user or self._user_from_table
+
+    # -- who -------------------------------------------------------------------------------------
+    def authenticate(self, headers: Mapping[str, str], cookies: Mapping[str, str]) -> Auth:
+        """Verify the request's session token (401 errors) and refuse banned/deleted users."""
+        return self._check_user(self.verifier.verify(token_from_request(headers, cookies)))
+
+    async def aauthenticate(self, headers: Mapping[str, str], cookies: Mapping[str, str]) -> Auth:
+        return self._check_user(await self.verifier.averify(token_from_request(headers, cookies)))
+
+    def _check_user(self, auth: Auth) -> Auth:
+        if self.deny_list.is_user_blocked(auth.user_id):
+            raise SessionUserBanned("user is banned or deleted")
+        return auth
+
+    # -- may they --------------------------------------------------------------------------------
+    def user(self, auth: Auth) -> DbUser:
+        """The caller's DB row (403 when it does not exist yet or is banned/deleted)."""
+        user = self._load_user(auth.user_id)
+        if user is None:
+            raise AccessDenied("no user row yet for this session (webhook not arrived; use JIT sync)")
+        if user.banned or user.deleted_at is not None:
+            raise SessionUserBanned("user is banned or deleted")
+        return user
+
+    def require_role(self, auth: Auth, *roles: str) -> DbUser:
+        """Confirm the role against the DB, not only the token claim: a demoted admin loses access at once."""
+        user = self.user(auth)
+        if user.role not in roles:
+            raise AccessDenied(f"role {user.role!r} is not one of {sorted(roles)}")
+        return user
+
+    @staticmethod
+    def require_org_role(auth: Auth, *roles: str) -> Auth:
+        if auth.org_id is None or auth.org_role not in roles:
+            raise AccessDenied(f"active organization role must be one of {sorted(roles)}")
+        return auth
+
+    @staticmethod
+    def require_permission(auth: Auth, permission: str) -> Auth:
+        if permission not in auth.org_permissions:
+            raise AccessDenied(f"missing permission {permission!r} in the active organization")
+        return auth
+
+    @staticmethod
+    def forbid_impersonation(auth: Auth) -> Auth:
+        """Guard for sensitive routes (billing, password, deleting the account)."""
+        if auth.is_impersonated:
+            raise AccessDenied("not available while impersonating")
+        return auth
+
+    def _user_from_table(self, clerk_id: str) -> DbUser | None:
+        return load_db_user(self.store, clerk_id)
+
+
+def load_db_user(store: Store, clerk_id: str) -> DbUser | None:
+    """One indexed query on ``users.clerk_id``."""
+    cols = [users.c[name] for name in DbUser.__slots__]  # type: ignore[attr-defined]
+    with store.connect() as conn:
+        row = conn.execute(sa.select(*cols).where(users.c.clerk_id == clerk_id)).mappings().first()
+    return DbUser(**row) if row else None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One privileged action; ``impersonator`` is set when an admin acted as someone else."""
+
+    action: str
+    actor: str | None
+    target: str | None = None
+    impersonator: str | None = None
+    details: Mapping[str, Any] | None = None
+    ip: str | None = None
+
+
+def record_audit(writer: Writer, entry: AuditEntry) -> None:
+    """Append to ``audit_log`` inside the caller's transaction (rows are never updated or deleted)."""
+    if not entry.action:
+        raise ValueError("audit entries need an action")
+    writer.conn.execute(
+        audit_log.insert().values(
+            action=entry.action, actor_clerk_id=entry.actor, target_clerk_id=entry.target,
+            impersonator_clerk_id=entry.impersonator, details=dict(entry.details or {}),
+            ip=entry.ip, created_at=writer.now,
+        )
+    )

@@ -1,0 +1,99 @@
+"""Starlette/ASGI session authentication: a pure ASGI middleware and an ``AuthenticationBackend``.
+
+The middleware is convenience (deny by default, public routes declared); handler dependencies in
+``integrations/fastapi.py`` re-check on their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from http.cookies import SimpleCookie
+
+from starlette.authentication import AuthCredentials, AuthenticationBackend, AuthenticationError, BaseUser
+from starlette.requests import HTTPConnection
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from clerk_sync.auth import Authenticator
+from clerk_sync.errors import TokenError, TokenMissing
+from clerk_sync.sessions import Auth
+
+__all__ = ["ClerkAuthBackend", "ClerkAuthMiddleware", "ClerkUser"]
+
+
+class ClerkUser(BaseUser):
+    """Starlette's ``request.user`` for a verified Clerk session."""
+
+    def __init__(self, auth: Auth) -> None:
+        self.auth = auth
+
+    @property
+    def is_authenticated(self) -> bool:
+        return True
+
+    @property
+    def display_name(self) -> str:
+        return self.auth.user_id
+
+    @property
+    def identity(self) -> str:
+        return self.auth.user_id
+
+
+class ClerkAuthBackend(AuthenticationBackend):
+    """For ``starlette.middleware.authentication.AuthenticationMiddleware``: scopes ``authenticated``,
+    ``org:<role>`` and each org permission."""
+
+    def __init__(self, authenticator: Authenticator) -> None:
+        self.authenticator = authenticator
+
+    async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, BaseUser] | None:
+        try:
+            auth = await self.authenticator.aauthenticate(conn.headers, conn.cookies)
+        except TokenMissing:
+            return None
+        except TokenError as exc:
+            raise AuthenticationError(exc.code) from exc
+        scopes = ["authenticated", *([auth.org_role] if auth.org_role else []), *auth.org_permissions]
+        return AuthCredentials(scopes), ClerkUser(auth)
+
+
+class ClerkAuthMiddleware:
+    """Pure ASGI: verifies the session on every HTTP request; 401 unless the path is declared public.
+
+    Sets ``scope["clerk_auth"]`` to the :class:`Auth` (or None on a public path without a session).
+    """
+
+    def __init__(self, app: ASGIApp, authenticator: Authenticator, *, public_paths: Iterable[str] = (),
+                 public_prefixes: Iterable[str] = ()) -> None:
+        self.app = app
+        self.authenticator = authenticator
+        self.public_paths = frozenset(public_paths)
+        self.public_prefixes = tuple(public_prefixes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        public = path in self.public_paths or (bool(self.public_prefixes) and path.startswith(self.public_prefixes))
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        try:
+            scope["clerk_auth"] = await self.authenticator.aauthenticate(headers, _cookies(headers))
+        except TokenError as exc:
+            if not public:
+                response = JSONResponse({"error": exc.code, "message": str(exc)}, status_code=401,
+                                        headers={"WWW-Authenticate": "Bearer"})
+                await response(scope, receive, send)
+                return
+            scope["clerk_auth"] = None
+        await self.app(scope, receive, send)
+
+
+def _cookies(headers: dict[str, str]) -> dict[str, str]:
+    raw = headers.get("cookie")
+    if not raw:
+        return {}
+    jar: SimpleCookie = SimpleCookie()
+    jar.load(raw)
+    return {k: m.value for k, m in jar.items()}

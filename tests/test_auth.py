@@ -1,0 +1,174 @@
+"""Route protection over real HTTP: deny by default, DB-confirmed roles, revocation, bans, guards."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from fastapi import Depends, FastAPI
+
+from clerk_sync.auth import Authenticator, DbUser, DenyList
+from clerk_sync.config import Settings
+from clerk_sync.integrations.auth_asgi import ClerkAuthMiddleware
+from clerk_sync.integrations.fastapi import ClerkAuth
+from clerk_sync.integrations.starlette import build_processor
+from clerk_sync.jwks import StaticKeySource
+from clerk_sync.sessions import Auth, SessionPolicy, SessionVerifier
+from clerk_sync.tables import metadata
+from tests import factories as f
+from tests._server import running
+from tests.conftest import SECRET
+from tests.test_sessions import AZP, ISS, KEY, mint, pem
+
+
+def token(user_id: str, **extra: Any) -> str:
+    now = int(time.time())
+    claims = {"sub": user_id, "sid": f"sess_{user_id}", "iss": ISS, "azp": AZP, "iat": now, "nbf": now - 10,
+              "exp": now + 60, "v": 2, **extra}
+    return mint(claims)
+
+
+class Harness:
+    def __init__(self, db_url: str) -> None:
+        settings = Settings.from_env({"DATABASE_URL": db_url, "CLERK_WEBHOOK_SIGNING_SECRET": SECRET})
+        self.processor = build_processor(settings)
+        self.store = self.processor.store
+        verifier = SessionVerifier(StaticKeySource(pem(KEY)), SessionPolicy(issuer=ISS, authorized_parties=frozenset({AZP})))
+        self.auth = Authenticator(verifier, self.store, deny_list=DenyList(self.store, refresh_s=0))
+        self.n = 0
+
+    def event(self, event_type: str, data: dict[str, Any]) -> None:
+        self.n += 1
+        headers, body = f.signed(f.envelope(event_type, data), f"msg_h{self.n}")
+        assert self.processor.process(headers, body).status in ("applied", "skipped")
+
+    def counts(self) -> dict[str, int]:
+        with self.store.connect() as conn:
+            return {t.name: conn.execute(sa.select(sa.func.count()).select_from(t)).scalar_one() for t in metadata.sorted_tables}
+
+
+def build_app(h: Harness) -> FastAPI:
+    clerk = ClerkAuth(h.auth)
+    app = FastAPI()
+    clerk.install(app)
+
+    @app.get("/")
+    def home() -> dict[str, str]:
+        return {"page": "public"}
+
+    @app.get("/me")
+    async def me(auth: Auth = Depends(clerk.current_auth)) -> dict[str, Any]:
+        return {"user_id": auth.user_id, "impersonated": auth.is_impersonated}
+
+    @app.get("/admin")
+    def admin(user: DbUser = Depends(clerk.require_role("admin"))) -> dict[str, str]:
+        return {"admin": user.clerk_id}
+
+    @app.get("/org/settings")
+    async def org_settings(auth: Auth = Depends(clerk.require_org_role("org:admin"))) -> dict[str, Any]:
+        return {"org": auth.org_id}
+
+    @app.get("/org/invoices")
+    async def invoices(auth: Auth = Depends(clerk.require_permission("org:invoices:read"))) -> dict[str, Any]:
+        return {"org": auth.org_id}
+
+    @app.get("/billing")
+    async def billing(auth: Auth = Depends(clerk.not_impersonated)) -> dict[str, Any]:
+        return {"ok": True}
+
+    return app
+
+
+@pytest.fixture
+def harness(db_url: str) -> Iterator[tuple[Harness, httpx.Client]]:
+    h = Harness(db_url)
+    app = ClerkAuthMiddleware(build_app(h), h.auth, public_paths={"/"})
+    with running(app) as url, httpx.Client(base_url=url) as client:
+        yield h, client
+    h.store.dispose()
+
+
+def bearer(tok: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {tok}"}
+
+
+def test_public_route_open_everything_else_denied_by_default(harness: tuple[Harness, httpx.Client]) -> None:
+    h, client = harness
+    assert client.get("/").status_code == 200
+    assert client.get("/me").status_code == 401
+    assert client.get("/not-declared-anywhere").status_code == 401
+    before = h.counts()
+    assert client.get("/me", headers=bearer("garbage")).status_code == 401
+    assert h.counts() == before  # refusals write nothing
+
+
+def test_signed_in_via_bearer_or_session_cookie(harness: tuple[Harness, httpx.Client]) -> None:
+    h, client = harness
+    h.event("user.created", f.user("user_s", 1))
+    assert client.get("/me", headers=bearer(token("user_s"))).json() == {"user_id": "user_s", "impersonated": False}
+    client.cookies.set("__session", token("user_s"))
+    assert client.get("/me").status_code == 200
+    client.cookies.clear()
+
+
+def test_admin_confirmed_against_db_and_demotion_is_immediate(harness: tuple[Harness, httpx.Client]) -> None:
+    h, client = harness
+    h.event("user.created", f.user("user_adm", 1, role="admin"))
+    tok = token("user_adm", metadata={"role": "admin"})  # the claim keeps saying admin for 60 s
+    assert client.get("/admin", headers=bearer(tok)).status_code == 200
+    h.event("user.updated", f.user("user_adm", 2, role="user"))
+    r = client.get("/admin", headers=bearer(tok))
+    assert r.status_code == 403 and r.json()["error"] == "access_denied"
+
+
+def test_claim_alone_does_not_make_an_admin(harness: tuple[Harness, httpx.Client]) -> None:
+    h, client = harness
+    h.event("user.created", f.user("user_plain", 1))
+    assert client.get("/admin", headers=bearer(token("user_plain", metadata={"role": "admin"}))).status_code == 403
+
+
+def test_revoked_session_and_banned_user_are_signed_out(harness: tuple[Harness, httpx.Client]) -> None:
+    h, client = harness
+    h.event("user.created", f.user("user_r", 1))
+    tok = token("user_r")
+    assert client.get("/me", headers=bearer(tok)).status_code == 200
+    h.event("session.revoked", {"id": "sess_user_r", "object": "session", "user_id": "user_r", "status": "revoked"})
+    r = client.get("/me", headers=bearer(tok))
+    assert r.status_code == 401 and r.json()["error"] == "session_revoked"
+    h.event("user.created", f.user("user_b", 1))
+    assert client.get("/me", headers=bearer(token("user_b"))).status_code == 200
+    h.event("user.updated", f.user("user_b", 2, banned=True))
+    r = client.get("/me", headers=bearer(token("user_b")))
+    assert r.status_code == 401 and r.json()["error"] == "session_user_banned"
+
+
+def test_org_role_and_permission_dependencies(harness: tuple[Harness, httpx.Client]) -> None:
+    _, client = harness
+    org = {"id": "org_1", "rol": "admin", "slg": "acme", "per": "read", "fpm": "1"}
+    admin_tok = token("user_o", o=org, fea="o:invoices")
+    member_tok = token("user_o", o={**org, "rol": "member", "fpm": "0"}, fea="o:invoices")
+    assert client.get("/org/settings", headers=bearer(admin_tok)).json() == {"org": "org_1"}
+    assert client.get("/org/invoices", headers=bearer(admin_tok)).status_code == 200
+    assert client.get("/org/settings", headers=bearer(member_tok)).status_code == 403
+    assert client.get("/org/invoices", headers=bearer(member_tok)).status_code == 403
+    assert client.get("/org/settings", headers=bearer(token("user_o"))).status_code == 403
+
+
+def test_impersonated_sessions_are_marked_and_kept_off_sensitive_routes(harness: tuple[Harness, httpx.Client]) -> None:
+    _, client = harness
+    tok = token("user_t", act={"sub": "user_admin", "sid": "sess_admin"})
+    assert client.get("/me", headers=bearer(tok)).json() == {"user_id": "user_t", "impersonated": True}
+    assert client.get("/billing", headers=bearer(tok)).status_code == 403
+    assert client.get("/billing", headers=bearer(token("user_t"))).status_code == 200
+
+
+def test_handler_checks_stand_without_the_middleware(db_url: str) -> None:
+    h = Harness(db_url)
+    with running(build_app(h)) as url, httpx.Client(base_url=url) as client:  # no middleware at all
+        assert client.get("/me").status_code == 401
+        assert client.get("/admin", headers=bearer(token("nobody"))).status_code == 403
+    h.store.dispose()
