@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import sqlalchemy as sa
 
-from clerk_sync.engine import Action, Entity, RowState, Tombstone, Upsert, decide, plan
-from clerk_sync.events import MembershipRecord, parse_envelope
+from clerk_sync.engine import Action, Entity, Record, RowState, Tombstone, Upsert, decide, plan
+from clerk_sync.events import MembershipRecord, OrganizationRecord, UserRecord, parse_envelope
 from clerk_sync.tables import organization_memberships, organizations, users, webhook_events
 from tests.factories import body_of, deleted, envelope, membership, organization, user
 
@@ -130,7 +130,7 @@ def bodies(history: Sequence[Ev], ns: str) -> list[bytes]:
 @dataclass(slots=True)
 class _Row:
     state: RowState
-    record: Any | None  # None for a tombstone that never saw an upsert
+    record: Record | None  # None for a tombstone that never saw an upsert
 
 
 def model(event_bodies: Iterable[bytes]) -> Final:
@@ -162,14 +162,14 @@ def model(event_bodies: Iterable[bytes]) -> Final:
                                           or is_deleted(Entity.ORGANIZATION, rec.organization_clerk_id)):
                 row.state = RowState(row.state.version, deleted=True)
         if isinstance(intent, Tombstone) and intent.entity is not Entity.MEMBERSHIP:
-            for (entity, _), row in rows.items():
-                if entity is Entity.MEMBERSHIP and not row.state.deleted and row.record is not None:
+            for row in rows.values():
+                if isinstance(row.record, MembershipRecord) and not row.state.deleted:
                     parent = (row.record.user_clerk_id if intent.entity is Entity.USER
                               else row.record.organization_clerk_id)
                     if parent == intent.clerk_id:
                         row.state = RowState(row.state.version, deleted=True)
     return {
-        (entity.value, cid): None if row.state.deleted else asdict(row.record)
+        (entity.value, cid): None if row.state.deleted or row.record is None else asdict(row.record)
         for (entity, cid), row in rows.items()
     }
 
@@ -177,11 +177,9 @@ def model(event_bodies: Iterable[bytes]) -> Final:
 # -- reading what the database holds --------------------------------------------------------------
 
 def _record_columns(entity: Entity) -> list[str]:
-    from clerk_sync.events import OrganizationRecord, UserRecord
-
     record = {Entity.USER: UserRecord, Entity.ORGANIZATION: OrganizationRecord,
               Entity.MEMBERSHIP: MembershipRecord}[entity]
-    return list(record.__dataclass_fields__)
+    return [f.name for f in fields(record)]
 
 
 def db_rows(conn: sa.Connection, ns: str) -> Final:

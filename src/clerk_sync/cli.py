@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -75,6 +76,46 @@ def replay(
         since = since.replace(tzinfo=UTC)
     report = replay_deliveries(store, status=status, since=since)
     console.print(f"replayed {report.total} deliveries: {report.by_status or 'none'}")
+
+
+@app.command()
+def emulate(
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to bind.")] = 4010,
+    webhook_url: Annotated[str | None, typer.Option(help="Where to deliver webhooks.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Make fault injection deterministic.")] = None,
+    time_scale: Annotated[float, typer.Option(help="Divide Svix retry delays by this.")] = 1.0,
+    rate_limit: Annotated[int, typer.Option(help="Backend API requests allowed per 10 s per key.")] = 100,
+) -> None:
+    """Run a local Clerk (Backend API subset, JWKS, session tokens, Svix-signed webhooks).
+
+    Reads CLERK_SECRET_KEY and CLERK_WEBHOOK_SIGNING_SECRET (generated and printed when unset).
+    """
+    from clerk_sync.emulator import EmulatorConfig, serve
+
+    overrides: dict[str, object] = {"time_scale": time_scale, "rate_limit_requests": rate_limit}
+    if webhook_url:
+        overrides["webhook_url"] = webhook_url
+    if seed is not None:
+        overrides["seed"] = seed
+    serve(EmulatorConfig.from_env(**overrides), host, port)
+
+
+@app.command()
+def dev(
+    db: Annotated[Path, typer.Option(help="SQLite file for the demo (recreated).")] = Path("clerk_sync_dev.db"),
+    port: Annotated[int, typer.Option(help="Sync service port (0 = any free port).")] = 0,
+    users: Annotated[int, typer.Option(help="Demo users to create.")] = 12,
+    orgs: Annotated[int, typer.Option(help="Demo organizations to create.")] = 3,
+    once: Annotated[bool, typer.Option("--once", help="Exit after the report instead of serving.")] = False,
+) -> None:
+    """Zero-config demo: local Clerk + sync service on SQLite, demo data, convergence report."""
+    from clerk_sync.devstack import run_dev
+
+    configure_logging("WARNING")
+    report = run_dev(db, port=port, users_n=users, orgs_n=orgs, console=Console(), keep_running=not once)
+    if not report.converged:
+        raise SystemExit(1)
 
 
 def _safe(settings: Settings) -> str:

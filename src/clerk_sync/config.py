@@ -57,9 +57,15 @@ class Settings(BaseSettings):
     clerk_secret_key: SecretStr | None = Field(None, validation_alias="CLERK_SECRET_KEY")
     clerk_api_url: str = Field("https://api.clerk.com", validation_alias="CLERK_API_URL")
     redis_url: str | None = Field(None, validation_alias="REDIS_URL")
+    # Clerk's per-instance Backend API budget; unset: 1000 / 10 s for sk_live_ keys, else 100 / 10 s.
+    clerk_api_rate_limit: int | None = Field(None, gt=0, validation_alias="CLERK_API_RATE_LIMIT")
+    clerk_api_rate_window_s: float = Field(10.0, gt=0, validation_alias="CLERK_API_RATE_WINDOW_S")
+    clerk_api_connect_timeout_s: float = Field(3.0, gt=0, validation_alias="CLERK_API_CONNECT_TIMEOUT_S")
+    clerk_api_read_timeout_s: float = Field(10.0, gt=0, validation_alias="CLERK_API_READ_TIMEOUT_S")
     log_level: str = Field("INFO", validation_alias="CLERK_SYNC_LOG_LEVEL")
 
-    @field_validator("instance_id", "redis_url", "webhook_secret", "clerk_secret_key", mode="before")
+    @field_validator("instance_id", "redis_url", "webhook_secret", "clerk_secret_key", "clerk_api_rate_limit",
+                     mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value

@@ -17,8 +17,16 @@ Branch by what the caller does next::
     │   ├── TokenIssuerInvalid, TokenAuthorizedPartyInvalid, TokenClaimMissing,
     │   └── SessionRevoked, SessionPending, SessionUserBanned
     ├── AccessDenied                    access_denied        signed in but not allowed -> 403
-    │   └── UserBanned                  user_banned
-    └── StoreError                      store_unavailable    transient DB failure: 5xx, Svix retries
+    │   ├── UserBanned                  user_banned
+    │   └── UserDeleted                 user_deleted         the user was deleted in Clerk -> 410
+    ├── StoreError                      store_unavailable    transient DB failure: 5xx, Svix retries
+    ├── ClerkAPIError                   clerk_api_error      Clerk's Backend API refused or failed
+    │   ├── ClerkNotFound               clerk_not_found      404: the object does not exist (any more)
+    │   ├── ClerkUnauthorized           clerk_unauthorized   401/403: CLERK_SECRET_KEY is wrong
+    │   ├── ClerkValidationError        clerk_validation     400/422: our request was invalid
+    │   ├── RateLimited                 clerk_rate_limited   budget spent: retry after ``retry_after``
+    │   └── ClerkUnavailable            clerk_unavailable    Clerk down/5xx/timeouts: 503, Retry-After
+    └── ReconcileBusy                   reconcile_busy       another reconcile run is making progress
 
 HTTP status codes are assigned only in the integrations (``status_code`` is a hint they read).
 """
@@ -26,6 +34,14 @@ HTTP status codes are assigned only in the integrations (``status_code`` is a hi
 from __future__ import annotations
 
 __all__ = [
+    "ClerkAPIError",
+    "ClerkNotFound",
+    "ClerkUnauthorized",
+    "ClerkUnavailable",
+    "ClerkValidationError",
+    "RateLimited",
+    "ReconcileBusy",
+    "UserDeleted",
     "AccessDenied",
     "ClerkSyncError",
     "ConfigError",
@@ -227,3 +243,82 @@ class UserBanned(AccessDenied):
     """The user is banned in Clerk (mirrored in ``users.banned``)."""
 
     code = "user_banned"
+
+
+class UserDeleted(AccessDenied):
+    """The user was deleted in Clerk (tombstoned in ``users``, or Clerk answers 404) -> 410."""
+
+    code = "user_deleted"
+    status_code = 410
+
+
+class ClerkAPIError(ClerkSyncError):
+    """Clerk's Backend API answered with an error; ``status``, ``clerk_code`` and ``trace_id`` say which.
+
+    ``method`` and ``path`` name the request (never its body or the secret key).
+    """
+
+    code = "clerk_api_error"
+    status_code = 502
+
+    def __init__(self, message: str, *, status: int | None = None, clerk_code: str | None = None,
+                 trace_id: str | None = None, method: str | None = None, path: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.clerk_code = clerk_code
+        self.trace_id = trace_id
+        self.method = method
+        self.path = path
+
+
+class ClerkNotFound(ClerkAPIError):
+    """404: the user/organization/session does not exist in Clerk (deleted, or never existed)."""
+
+    code = "clerk_not_found"
+    status_code = 404
+
+
+class ClerkUnauthorized(ClerkAPIError):
+    """401/403 from Clerk: ``CLERK_SECRET_KEY`` is missing, wrong, or for another instance."""
+
+    code = "clerk_unauthorized"
+    status_code = 500
+
+
+class ClerkValidationError(ClerkAPIError):
+    """400/422 from Clerk: the request was invalid (a bad parameter, a taken identifier...)."""
+
+    code = "clerk_validation_error"
+    status_code = 422
+
+
+class RateLimited(ClerkAPIError):
+    """The Clerk budget is spent (Clerk said 429, or waiting for a token would pass the deadline).
+
+    Retry after ``retry_after`` seconds; integrations answer 503 with ``Retry-After``.
+    """
+
+    code = "clerk_rate_limited"
+    status_code = 503
+
+    def __init__(self, message: str, *, retry_after: float, **context: str | int | None) -> None:
+        super().__init__(message, **context)  # type: ignore[arg-type]
+        self.retry_after = retry_after
+
+
+class ClerkUnavailable(ClerkAPIError):
+    """Clerk is down or failing (5xx, timeouts, open circuit): retry after ``retry_after`` seconds (503)."""
+
+    code = "clerk_unavailable"
+    status_code = 503
+
+    def __init__(self, message: str, *, retry_after: float, **context: str | int | None) -> None:
+        super().__init__(message, **context)  # type: ignore[arg-type]
+        self.retry_after = retry_after
+
+
+class ReconcileBusy(ClerkSyncError):
+    """Another ``clerk-sync reconcile`` is running (its heartbeat is recent); try again later."""
+
+    code = "reconcile_busy"
+    status_code = 409

@@ -128,3 +128,6 @@ revoked_sessions = sa.Table(
     sa.Column("expire_at", sa.BigInteger, nullable=True),
     sa.Column("revoked_at", Timestamp, nullable=False),
 )
+
+# Reconcile bookkeeping lives in its own module but on this metadata, so migrations compare against it.
+from clerk_sync import reconcile_tables as _reconcile_tables  # noqa: E402, F401

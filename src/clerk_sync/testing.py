@@ -55,12 +55,17 @@ class EmulatorServer:
         app, emulator = create_app(self.config)
         self.emulator: Emulator = emulator
         uv_config = uvicorn.Config(
-            app, log_level="warning", access_log=False, ws="none", lifespan="on",
+            app,
+            log_level="warning",
+            access_log=False,
+            ws="none",
+            lifespan="on",
         )
         self._server = uvicorn.Server(uv_config)
         self._thread: threading.Thread | None = None
         self._client = httpx.Client(
-            base_url=self.url, headers={"Authorization": f"Bearer {self.config.secret_key}"},
+            base_url=self.url,
+            headers={"Authorization": f"Bearer {self.config.secret_key}"},
             timeout=30.0,
         )
 
@@ -81,7 +86,9 @@ class EmulatorServer:
 
     def start(self) -> EmulatorServer:
         self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [self._sock]}, name="clerk-emulator",
+            target=self._server.run,
+            kwargs={"sockets": [self._sock]},
+            name="clerk-emulator",
             daemon=True,
         )
         self._thread.start()
@@ -104,7 +111,9 @@ class EmulatorServer:
         return self.start()
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
         self.stop()
@@ -118,30 +127,45 @@ class EmulatorServer:
         return response.json()
 
     def create_user(
-        self, email: str | list[str] | None = None, *, first_name: str | None = None,
-        last_name: str | None = None, public_metadata: JSON | None = None, **extra: Any,
+        self,
+        email: str | list[str] | None = None,
+        *,
+        first_name: str | None = None,
+        last_name: str | None = None,
+        public_metadata: JSON | None = None,
+        **extra: Any,
     ) -> JSON:
         """``POST /v1/users``; returns the Clerk User object."""
         emails = [email] if isinstance(email, str) else list(email or [])
-        body = {"email_address": emails, "first_name": first_name, "last_name": last_name,
-                "public_metadata": public_metadata, **extra}
+        body = {
+            "email_address": emails,
+            "first_name": first_name,
+            "last_name": last_name,
+            "public_metadata": public_metadata,
+            **extra,
+        }
         result: JSON = self.request("POST", "/v1/users", json=_compact(body))
         return result
 
     def create_organization(
-        self, name: str, *, created_by: str | None = None, slug: str | None = None,
-        public_metadata: JSON | None = None, **extra: Any,
+        self,
+        name: str,
+        *,
+        created_by: str | None = None,
+        slug: str | None = None,
+        public_metadata: JSON | None = None,
+        **extra: Any,
     ) -> JSON:
         """``POST /v1/organizations``; ``created_by`` becomes an ``org:admin`` member."""
-        body = {"name": name, "created_by": created_by, "slug": slug,
-                "public_metadata": public_metadata, **extra}
+        body = {"name": name, "created_by": created_by, "slug": slug, "public_metadata": public_metadata, **extra}
         result: JSON = self.request("POST", "/v1/organizations", json=_compact(body))
         return result
 
     def add_membership(self, organization_id: str, user_id: str, role: str = "org:member") -> JSON:
         """``POST /v1/organizations/{id}/memberships``."""
         result: JSON = self.request(
-            "POST", f"/v1/organizations/{organization_id}/memberships",
+            "POST",
+            f"/v1/organizations/{organization_id}/memberships",
             json={"user_id": user_id, "role": role},
         )
         return result
@@ -153,26 +177,32 @@ class EmulatorServer:
         return result
 
     def mint_session_token(
-        self, user_id: str, org_id: str | None = None, actor: JSON | str | None = None, *,
-        template_name: str | None = None, expires_in_seconds: int | None = None,
+        self,
+        user_id: str,
+        org_id: str | None = None,
+        actor: JSON | str | None = None,
+        *,
+        template_name: str | None = None,
+        expires_in_seconds: int | None = None,
     ) -> str:
         """Sign ``user_id`` in (in ``org_id``; impersonated by ``actor``, a user id or an
         ``{"sub": ...}`` dict) and return a session token (or a JWT-template token)."""
         if actor is not None:
             actor_body = {"sub": actor} if isinstance(actor, str) else actor
-            ticket = self.request("POST", "/v1/actor_tokens",
-                                  json={"user_id": user_id, "actor": actor_body})
+            ticket = self.request("POST", "/v1/actor_tokens", json={"user_id": user_id, "actor": actor_body})
             accepted = self.request("POST", f"/_emulator/actor_tokens/{ticket['id']}/accept")
             if template_name is None and expires_in_seconds is None:
                 return str(accepted["jwt"])
             session_id = accepted["session"]["id"]
         else:
             session_id = self.create_session(user_id, org_id)["id"]
-        return self.session_token(session_id, template_name=template_name,
-                                  expires_in_seconds=expires_in_seconds)
+        return self.session_token(session_id, template_name=template_name, expires_in_seconds=expires_in_seconds)
 
     def session_token(
-        self, session_id: str, *, template_name: str | None = None,
+        self,
+        session_id: str,
+        *,
+        template_name: str | None = None,
         expires_in_seconds: int | None = None,
     ) -> str:
         """``POST /v1/sessions/{id}/tokens[/{template}]``: a fresh token for an existing session."""

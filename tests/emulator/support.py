@@ -11,9 +11,9 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
-import yaml
-from jsonschema import Draft4Validator
-from referencing import Registry, Resource
+import yaml  # type: ignore[import-untyped]
+from jsonschema import Draft4Validator  # type: ignore[import-untyped]
+from referencing import Registry
 from referencing.jsonschema import DRAFT4
 
 SHARED = Path("/work/shared/clerk")
@@ -101,9 +101,7 @@ class SpecValidator:
 
     def __init__(self, path: Path) -> None:
         self.uri = f"urn:spec:{path.name}"
-        self.registry: Registry[Any] = Registry().with_resource(
-            self.uri, Resource(contents=_spec(path), specification=DRAFT4)
-        )
+        self.registry: Registry[Any] = Registry().with_resource(self.uri, DRAFT4.create_resource(_spec(path)))
 
     def errors(self, name: str, instance: Any) -> list[str]:
         schema = {"$ref": f"{self.uri}#/components/schemas/{name}"}
@@ -116,9 +114,13 @@ class SpecValidator:
 
 
 _DATA_SCHEMA = {
-    "user.created": "User", "user.updated": "User", "user.deleted": "DeletedObject",
-    "organization.created": "Organization", "organization.updated": "Organization",
-    "organization.deleted": "DeletedObject", "email.created": "EmailEventPayload",
+    "user.created": "User",
+    "user.updated": "User",
+    "user.deleted": "DeletedObject",
+    "organization.created": "Organization",
+    "organization.updated": "Organization",
+    "organization.deleted": "DeletedObject",
+    "email.created": "EmailEventPayload",
 }
 
 

@@ -61,17 +61,23 @@ def test_organization_endpoints_match_spec(clerk: EmulatorServer, bapi: SpecVali
         ("GET", f"/v1/organizations/{oid}", None, "Organization"),
         ("GET", f"/v1/organizations/{org['slug']}", None, "Organization"),
         ("PATCH", f"/v1/organizations/{oid}", {"name": "Acme Inc"}, "Organization"),
-        ("PATCH", f"/v1/organizations/{oid}/metadata", {"public_metadata": {"plan": "team"}},
-         "Organization"),
+        ("PATCH", f"/v1/organizations/{oid}/metadata", {"public_metadata": {"plan": "team"}}, "Organization"),
         ("GET", "/v1/organizations", None, "Organizations"),
         ("GET", f"/v1/organizations/{oid}/memberships", None, "OrganizationMemberships"),
         ("GET", "/v1/organization_memberships", None, "OrganizationMemberships"),
-        ("PATCH", f"/v1/organizations/{oid}/memberships/{member['id']}", {"role": "org:admin"},
-         "OrganizationMembership"),
-        ("PATCH", f"/v1/organizations/{oid}/memberships/{member['id']}/metadata",
-         {"public_metadata": {"team": "a"}}, "OrganizationMembership"),
-        ("DELETE", f"/v1/organizations/{oid}/memberships/{member['id']}", None,
-         "OrganizationMembership"),
+        (
+            "PATCH",
+            f"/v1/organizations/{oid}/memberships/{member['id']}",
+            {"role": "org:admin"},
+            "OrganizationMembership",
+        ),
+        (
+            "PATCH",
+            f"/v1/organizations/{oid}/memberships/{member['id']}/metadata",
+            {"public_metadata": {"team": "a"}},
+            "OrganizationMembership",
+        ),
+        ("DELETE", f"/v1/organizations/{oid}/memberships/{member['id']}", None, "OrganizationMembership"),
         ("DELETE", f"/v1/organizations/{oid}", None, "DeletedObject"),
     ]:
         response = _call(clerk, method, path, json=body)
@@ -91,15 +97,14 @@ def test_session_and_token_endpoints_match_spec(clerk: EmulatorServer, bapi: Spe
     for item in listed:
         bapi.validate("Session", item)
     token = _call(clerk, "POST", f"/v1/sessions/{sid}/tokens").json()
-    assert token["object"] == "token" and token["jwt"].count(".") == 2
-    actor = _call(clerk, "POST", "/v1/actor_tokens",
-                  json={"user_id": user["id"], "actor": {"sub": admin["id"]}}).json()
+    assert token["object"] == "token"
+    assert token["jwt"].count(".") == 2
+    actor = _call(clerk, "POST", "/v1/actor_tokens", json={"user_id": user["id"], "actor": {"sub": admin["id"]}}).json()
     bapi.validate("ActorToken", actor)
     bapi.validate("ActorToken", _call(clerk, "POST", f"/v1/actor_tokens/{actor['id']}/revoke").json())
     sign_in = _call(clerk, "POST", "/v1/sign_in_tokens", json={"user_id": user["id"]}).json()
     bapi.validate("SignInToken", sign_in)
-    bapi.validate("SignInToken",
-                  _call(clerk, "POST", f"/v1/sign_in_tokens/{sign_in['id']}/revoke").json())
+    bapi.validate("SignInToken", _call(clerk, "POST", f"/v1/sign_in_tokens/{sign_in['id']}/revoke").json())
     revoked = _call(clerk, "POST", f"/v1/sessions/{sid}/revoke").json()
     bapi.validate("Session", revoked)
     assert revoked["status"] == "revoked"
@@ -118,7 +123,12 @@ def test_session_and_token_endpoints_match_spec(clerk: EmulatorServer, bapi: Spe
     ids=["missing-user", "bad-email", "limit-too-big", "org-without-name", "unknown-route"],
 )
 def test_errors_use_clerk_shape(
-    clerk: EmulatorServer, bapi: SpecValidator, method: str, path: str, body: Any, status: int,
+    clerk: EmulatorServer,
+    bapi: SpecValidator,
+    method: str,
+    path: str,
+    body: Any,
+    status: int,
     code: str,
 ) -> None:
     response = _call(clerk, method, path, json=body)
@@ -145,11 +155,14 @@ def test_duplicate_email_is_form_identifier_exists(clerk: EmulatorServer, bapi: 
 
 
 @pytest.mark.parametrize(
-    "path", sorted(p for p in (SHARED / "examples").glob("*.json")
-                   if p.stem.split(".")[0] in {"user", "organization", "organizationMembership",
-                                               "session", "email"}
-                   # The spec's Session.status enum lacks "pending", which its own example uses.
-                   and p.stem != "session.pending"),
+    "path",
+    sorted(
+        p
+        for p in (SHARED / "examples").glob("*.json")
+        if p.stem.split(".")[0] in {"user", "organization", "organizationMembership", "session", "email"}
+        # The spec's Session.status enum lacks "pending", which its own example uses.
+        and p.stem != "session.pending"
+    ),
     ids=lambda p: p.stem,
 )
 def test_validator_accepts_clerks_own_examples(path: Path, webhook_spec: SpecValidator) -> None:
@@ -165,8 +178,7 @@ def test_webhook_payloads_match_spec(
     user = clerk.create_user("user@example.com", external_id="ext_1")
     org = clerk.create_organization("Acme", created_by=admin["id"])
     clerk.add_membership(org["id"], user["id"])
-    clerk.request("PATCH", f"/v1/organizations/{org['id']}/memberships/{user['id']}",
-                  json={"role": "org:admin"})
+    clerk.request("PATCH", f"/v1/organizations/{org['id']}/memberships/{user['id']}", json={"role": "org:admin"})
     clerk.request("PATCH", f"/v1/organizations/{org['id']}/metadata", json={"public_metadata": {"a": 1}})
     clerk.request("DELETE", f"/v1/organizations/{org['id']}/memberships/{user['id']}")
     session = clerk.create_session(user["id"])
@@ -183,11 +195,25 @@ def test_webhook_payloads_match_spec(
     payloads = [r.json() for r in receiver.received]
     types = [p["type"] for p in payloads]
     assert types == [
-        "user.created", "user.created", "organization.created", "organizationMembership.created",
-        "organizationMembership.created", "organizationMembership.updated", "organization.updated",
-        "organizationMembership.deleted", "session.created", "session.revoked", "session.created",
-        "session.ended", "session.created", "session.removed", "user.updated", "email.created",
-        "user.updated", "organization.deleted", "user.deleted",
+        "user.created",
+        "user.created",
+        "organization.created",
+        "organizationMembership.created",
+        "organizationMembership.created",
+        "organizationMembership.updated",
+        "organization.updated",
+        "organizationMembership.deleted",
+        "session.created",
+        "session.revoked",
+        "session.created",
+        "session.ended",
+        "session.created",
+        "session.removed",
+        "user.updated",
+        "email.created",
+        "user.updated",
+        "organization.deleted",
+        "user.deleted",
     ]
     for payload in payloads:
         validate_event(webhook_spec, payload)
@@ -195,7 +221,5 @@ def test_webhook_payloads_match_spec(
         assert payload["instance_id"] == clerk.config.instance_id
         assert payload["timestamp"] > 10**12  # milliseconds
         assert set(payload["event_attributes"]["http_request"]) == {"client_ip", "user_agent"}
-    assert payloads[-1]["data"] == {"object": "user", "id": user["id"], "deleted": True,
-                                    "external_id": "ext_1"}
-    assert payloads[-2]["data"] == {"object": "organization", "id": org["id"], "deleted": True,
-                                    "slug": org["slug"]}
+    assert payloads[-1]["data"] == {"object": "user", "id": user["id"], "deleted": True, "external_id": "ext_1"}
+    assert payloads[-2]["data"] == {"object": "organization", "id": org["id"], "deleted": True, "slug": org["slug"]}

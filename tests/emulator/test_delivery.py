@@ -25,7 +25,8 @@ def _log_entry(clerk: EmulatorServer, index: int = 0) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(
-    "vector", json.loads((SHARED / "webhook-signature-vectors.json").read_text())["valid"][:3],
+    "vector",
+    json.loads((SHARED / "webhook-signature-vectors.json").read_text())["valid"][:3],
     ids=lambda v: v["msg_id"],
 )
 def test_signer_matches_published_vectors(vector: dict[str, Any]) -> None:
@@ -33,9 +34,7 @@ def test_signer_matches_published_vectors(vector: dict[str, Any]) -> None:
     assert headers["svix-signature"] == vector["signature"]
 
 
-def test_deliveries_verify_with_svix_and_standardwebhooks(
-    clerk_hooked: EmulatorServer, receiver: Receiver
-) -> None:
+def test_deliveries_verify_with_svix_and_standardwebhooks(clerk_hooked: EmulatorServer, receiver: Receiver) -> None:
     clerk_hooked.create_user("sig@example.com")
     clerk_hooked.wait_for_deliveries()
     (delivery,) = receiver.received
@@ -48,7 +47,7 @@ def test_deliveries_verify_with_svix_and_standardwebhooks(
 
 
 def test_configured_secret_is_used(receiver: Receiver) -> None:
-    secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+    secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # noqa: S105 (Svix test vector)
     with EmulatorServer(webhook_url=receiver.url, webhook_secret=secret) as clerk:
         assert clerk.webhook_secret == secret
         clerk.create_user("own@example.com")
@@ -119,7 +118,8 @@ def test_duplicate_fault_sends_the_same_message_twice(receiver: Receiver) -> Non
         clerk.wait_for_deliveries()
         entry = _log_entry(clerk)
     ids = receiver.ids()
-    assert len(ids) == 2 and ids[0] == ids[1]
+    assert len(ids) == 2
+    assert ids[0] == ids[1]
     assert receiver.received[0].body == receiver.received[1].body
     assert [a["duplicate"] for a in entry["attempts"]] == [False, True]
     assert entry["faults"] == ["duplicate"]
@@ -134,7 +134,7 @@ def test_reorder_fault_swaps_with_the_next_message(receiver: Receiver) -> None:
 
 
 def test_reorder_fault_releases_a_lone_message_after_the_hold(receiver: Receiver) -> None:
-    with EmulatorServer(webhook_url=receiver.url, reorder_rate=1.0, reorder_hold_s=0.1) as clerk:
+    with EmulatorServer(webhook_url=receiver.url, reorder_rate=1.0, reorder_hold_s=0.5) as clerk:
         clerk.create_user("alone@example.com")
         assert clerk.deliveries()[0]["status"] == "held"
         clerk.wait_for_deliveries()
@@ -142,8 +142,7 @@ def test_reorder_fault_releases_a_lone_message_after_the_hold(receiver: Receiver
 
 
 def test_drop_then_redeliver(receiver: Receiver) -> None:
-    with EmulatorServer(webhook_url=receiver.url, drop_then_redeliver_rate=1.0,
-                        time_scale=1000.0) as clerk:
+    with EmulatorServer(webhook_url=receiver.url, drop_then_redeliver_rate=1.0, time_scale=1000.0) as clerk:
         clerk.create_user("dropped@example.com")
         clerk.wait_for_deliveries()
         entry = _log_entry(clerk)
@@ -157,7 +156,8 @@ def test_fail_fault_exhausts_then_replay_delivers(receiver: Receiver) -> None:
         clerk.create_user("failing@example.com")
         clerk.wait_for_deliveries()
         entry = _log_entry(clerk)
-        assert entry["status"] == "failed" and receiver.received == []
+        assert entry["status"] == "failed"
+        assert receiver.received == []
         assert {a["outcome"] for a in entry["attempts"]} == {"injected_failure"}
         clerk.set_faults(fail_rate=0.0)
         replayed = clerk.request("POST", "/_emulator/deliveries/replay", json={"status": "failed"})
@@ -177,7 +177,8 @@ def test_no_endpoint_then_set_url_and_replay(clerk: EmulatorServer, receiver: Re
     clerk.request("POST", "/_emulator/deliveries/replay", json={"status": "no_endpoint"})
     clerk.wait_for_deliveries()
     assert sorted(r.json()["data"]["email_addresses"][0]["email_address"] for r in receiver.received) == [
-        "early@example.com", "later@example.com",
+        "early@example.com",
+        "later@example.com",
     ]
 
 
@@ -189,14 +190,20 @@ def test_receiver_can_abort_retries(receiver: Receiver) -> None:
         clerk.create_user("gone@example.com")
         clerk.wait_for_deliveries()
         entry = _log_entry(clerk)
-    assert entry["statuses"] == [500] and entry["status"] == "failed"
+    assert entry["statuses"] == [500]
+    assert entry["status"] == "failed"
 
 
 def test_faults_are_deterministic_with_a_seed(receiver: Receiver) -> None:
     def run() -> list[tuple[list[str], list[str]]]:
-        with EmulatorServer(webhook_url=receiver.url, seed=42, duplicate_rate=0.5,
-                            drop_then_redeliver_rate=0.5, fail_rate=0.3,
-                            time_scale=100_000.0) as clerk:
+        with EmulatorServer(
+            webhook_url=receiver.url,
+            seed=42,
+            duplicate_rate=0.5,
+            drop_then_redeliver_rate=0.5,
+            fail_rate=0.3,
+            time_scale=100_000.0,
+        ) as clerk:
             for n in range(8):
                 clerk.create_user(f"seeded{n}@example.com")
             clerk.wait_for_deliveries()

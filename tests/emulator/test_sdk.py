@@ -24,8 +24,11 @@ def sdk(clerk: EmulatorServer) -> Iterator[Clerk]:
 
 def test_users_round_trip(sdk: Clerk) -> None:
     created = sdk.users.create(
-        email_address=["grace@example.com"], first_name="Grace", last_name="Hopper",
-        public_metadata={"role": "admin"}, skip_password_checks=True,
+        email_address=["grace@example.com"],
+        first_name="Grace",
+        last_name="Hopper",
+        public_metadata={"role": "admin"},
+        skip_password_checks=True,
     )
     assert created.id.startswith("user_")
     assert created.email_addresses[0].email_address == "grace@example.com"
@@ -33,9 +36,7 @@ def test_users_round_trip(sdk: Clerk) -> None:
     listed = sdk.users.list(request={"email_address": ["grace@example.com"], "limit": 5})
     assert [u.id for u in listed] == [created.id]
     assert sdk.users.count(request={}).total_count == 1
-    merged = sdk.users.update_metadata(
-        user_id=created.id, public_metadata={"plan": "pro", "role": None}
-    )
+    merged = sdk.users.update_metadata(user_id=created.id, public_metadata={"plan": "pro", "role": None})
     assert merged.public_metadata == {"plan": "pro"}
     assert merged.updated_at > created.updated_at
     assert sdk.users.get(user_id=created.id).first_name == "Grace"
@@ -50,9 +51,7 @@ def test_organizations_and_memberships(sdk: Clerk) -> None:
     owner = sdk.users.create(email_address=["owner@example.com"])
     member = sdk.users.create(email_address=["member@example.com"])
     org = sdk.organizations.create(request={"name": "Acme", "created_by": owner.id})
-    membership = sdk.organization_memberships.create(
-        organization_id=org.id, user_id=member.id, role="org:member"
-    )
+    membership = sdk.organization_memberships.create(organization_id=org.id, user_id=member.id, role="org:member")
     assert membership.role == "org:member"
     assert membership.public_user_data is not None
     assert membership.public_user_data.user_id == member.id
@@ -61,9 +60,11 @@ def test_organizations_and_memberships(sdk: Clerk) -> None:
     roles = {m.public_user_data.user_id: m.role for m in page.data if m.public_user_data}
     assert roles == {owner.id: "org:admin", member.id: "org:member"}
     orgs = sdk.organizations.list(limit=10)
-    assert orgs.total_count == 1 and orgs.data[0].id == org.id
+    assert orgs.total_count == 1
+    assert orgs.data[0].id == org.id
     fetched = sdk.organizations.get(organization_id=org.slug)
-    assert fetched.id == org.id and fetched.members_count == 2
+    assert fetched.id == org.id
+    assert fetched.members_count == 2
     merged = sdk.organizations.merge_metadata(organization_id=org.id, public_metadata={"plan": "team"})
     assert merged.public_metadata == {"plan": "team"}
     assert sdk.organizations.delete(organization_id=org.id).deleted is True
@@ -73,9 +74,11 @@ def test_actor_and_sign_in_tokens(sdk: Clerk, clerk: EmulatorServer) -> None:
     admin = sdk.users.create(email_address=["admin@example.com"])
     user = sdk.users.create(email_address=["user@example.com"])
     actor = sdk.actor_tokens.create(request={"user_id": user.id, "actor": {"sub": admin.id}})
-    assert actor.status == "pending" and actor.user_id == user.id
+    assert actor.status == "pending"
+    assert actor.user_id == user.id
     sign_in = sdk.sign_in_tokens.create(request={"user_id": user.id, "expires_in_seconds": 600})
-    assert sign_in.status == "pending" and sign_in.token
+    assert sign_in.status == "pending"
+    assert sign_in.token
     accepted = clerk.request("POST", f"/_emulator/sign_in_tokens/{sign_in.id}/accept")
     assert accepted["session"]["user_id"] == user.id
     session = sdk.sessions.get(session_id=accepted["session"]["id"])
@@ -84,7 +87,8 @@ def test_actor_and_sign_in_tokens(sdk: Clerk, clerk: EmulatorServer) -> None:
     assert token.jwt is not None
     options = VerifyTokenOptions(secret_key=clerk.secret_key, api_url=clerk.url)
     claims = verify_token(token.jwt, options)
-    assert claims["sub"] == user.id and claims["sid"] == session.id
+    assert claims["sub"] == user.id
+    assert claims["sid"] == session.id
 
 
 def test_sdk_authenticate_request_with_emulator_key(sdk: Clerk, clerk: EmulatorServer) -> None:
@@ -98,4 +102,5 @@ def test_sdk_authenticate_request_with_emulator_key(sdk: Clerk, clerk: EmulatorS
     state = authenticate_request(request, options)
     assert state.is_signed_in, state.reason
     assert state.payload is not None
-    assert state.payload["org_id"] == org.id and state.payload["org_role"] == "admin"
+    assert state.payload["org_id"] == org.id
+    assert state.payload["org_role"] == "admin"

@@ -33,7 +33,7 @@ from starlette.routing import Route
 
 from . import sessions
 from .core import Emulator
-from .http import admin_endpoint, base_url, bool_param, emulator_of, json_body
+from .endpoints import admin_endpoint, base_url, bool_param, emulator_of, json_body
 
 __all__ = ["admin_routes"]
 

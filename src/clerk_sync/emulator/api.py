@@ -12,8 +12,7 @@ from starlette.requests import Request
 from starlette.routing import Route
 
 from . import orgs, sessions, users
-from .errors import ClerkAPIError
-from .http import (
+from .endpoints import (
     bapi_endpoint,
     base_url,
     bool_param,
@@ -22,6 +21,7 @@ from .http import (
     json_body,
     list_param,
 )
+from .errors import ClerkAPIError
 
 __all__ = ["bapi_routes"]
 
@@ -157,9 +157,13 @@ async def list_org_memberships(request: Request) -> Any:
     limit, offset = _paging(request)
     user_ids = list_param(request, "user_id")
     return orgs.list_memberships(
-        emulator_of(request).store, org=request.path_params["org_id"],
-        user_id=user_ids[0] if user_ids else None, roles=list_param(request, "role"),
-        order_by=request.query_params.get("order_by") or "created_at", limit=limit, offset=offset,
+        emulator_of(request).store,
+        org=request.path_params["org_id"],
+        user_id=user_ids[0] if user_ids else None,
+        roles=list_param(request, "role"),
+        order_by=request.query_params.get("order_by") or "created_at",
+        limit=limit,
+        offset=offset,
     )
 
 
@@ -182,16 +186,16 @@ async def delete_membership(request: Request) -> Any:
 async def merge_membership_metadata(request: Request) -> Any:
     body = await json_body(request)
     params = request.path_params
-    return orgs.merge_membership_metadata(
-        emulator_of(request).store, params["org_id"], params["user_id"], body
-    )
+    return orgs.merge_membership_metadata(emulator_of(request).store, params["org_id"], params["user_id"], body)
 
 
 async def instance_memberships(request: Request) -> Any:
     limit, offset = _paging(request)
     return orgs.list_memberships(
-        emulator_of(request).store, order_by=request.query_params.get("order_by") or "created_at",
-        limit=limit, offset=offset,
+        emulator_of(request).store,
+        order_by=request.query_params.get("order_by") or "created_at",
+        limit=limit,
+        offset=offset,
     )
 
 
@@ -205,7 +209,9 @@ async def list_sessions(request: Request) -> Any:
         raise ClerkAPIError.invalid("user_id", "Either user_id or client_id must be provided")
     limit, offset = _paging(request)
     found = sessions.list_sessions(
-        emulator_of(request).store, user_id=user_id, client_id=client_id,
+        emulator_of(request).store,
+        user_id=user_id,
+        client_id=client_id,
         status=request.query_params.get("status") or None,
     )
     page = found[offset : offset + limit]
@@ -240,8 +246,10 @@ async def create_session_token(request: Request) -> Any:
         raise ClerkAPIError.invalid("expires_in_seconds", "expires_in_seconds must be at least 30")
     emulator = emulator_of(request)
     jwt = emulator.session_token(
-        request.path_params["session_id"], template_name=request.path_params.get("template_name"),
-        expires_in_s=expires_in, issuer=emulator.issuer(base_url(request)),
+        request.path_params["session_id"],
+        template_name=request.path_params.get("template_name"),
+        expires_in_s=expires_in,
+        issuer=emulator.issuer(base_url(request)),
     )
     return {"object": "token", "jwt": jwt}
 
@@ -303,8 +311,7 @@ def bapi_routes() -> list[Route]:
         _route("/organizations/{org_id}/memberships", create_membership, "POST"),
         _route("/organizations/{org_id}/memberships/{user_id}", update_membership, "PATCH"),
         _route("/organizations/{org_id}/memberships/{user_id}", delete_membership, "DELETE"),
-        _route("/organizations/{org_id}/memberships/{user_id}/metadata",
-               merge_membership_metadata, "PATCH"),
+        _route("/organizations/{org_id}/memberships/{user_id}/metadata", merge_membership_metadata, "PATCH"),
         _route("/organization_memberships", instance_memberships, "GET"),
         _route("/sessions", list_sessions, "GET"),
         _route("/sessions", create_session, "POST"),

@@ -65,8 +65,12 @@ def _public_host(host: str) -> str:
 
 
 def serve(
-    config: EmulatorConfig, host: str = "127.0.0.1", port: int = 4010, *,
-    log_level: str = "info", out: TextIO | None = None,
+    config: EmulatorConfig,
+    host: str = "127.0.0.1",
+    port: int = 4010,
+    *,
+    log_level: str = "info",
+    out: TextIO | None = None,
 ) -> None:
     """Run the emulator with uvicorn until interrupted (blocking).
 

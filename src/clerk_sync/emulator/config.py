@@ -69,7 +69,7 @@ class EmulatorConfig:
     every copy made with :func:`dataclasses.replace` keeps it).
     """
 
-    secret_key: str = "sk_test_emulator"
+    secret_key: str = "sk_test_emulator"  # noqa: S105 (the emulator's well-known test key)
     webhook_url: str | None = None
     webhook_secret: str | None = None
     instance_id: str = "ins_emulator0000000000000000000"
@@ -98,9 +98,7 @@ class EmulatorConfig:
     session_token_lifetime_s: int = 60
     session_token_template: Mapping[str, Any] | None = None
     jwt_templates: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    role_permissions: Mapping[str, tuple[str, ...]] = field(
-        default_factory=lambda: dict(DEFAULT_ROLE_PERMISSIONS)
-    )
+    role_permissions: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_ROLE_PERMISSIONS))
     # How long a rotated-out signing key stays in the JWKS.
     key_grace_s: float = 3600.0
     _generated_secret: str = field(default_factory=generate_webhook_secret, repr=False)

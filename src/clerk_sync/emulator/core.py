@@ -43,13 +43,16 @@ class Emulator:
         self.keys = KeyRing(config.instance_id, grace_s=config.key_grace_s, clock=clock)
         self._msg_rng = random.Random(config.seed)
         self.delivery = Deliverer(
-            secret=config.effective_webhook_secret, url=config.webhook_url, faults=self.faults,
-            new_id=self._new_message_id, schedule=config.retry_schedule_s,
-            timeout_s=config.delivery_timeout_s, reorder_hold_s=config.reorder_hold_s, clock=clock,
+            secret=config.effective_webhook_secret,
+            url=config.webhook_url,
+            faults=self.faults,
+            new_id=self._new_message_id,
+            schedule=config.retry_schedule_s,
+            timeout_s=config.delivery_timeout_s,
+            reorder_hold_s=config.reorder_hold_s,
+            clock=clock,
         )
-        self.store = Store(
-            seed=config.seed, clock=clock, sink=self._emit, role_permissions=config.role_permissions
-        )
+        self.store = Store(seed=config.seed, clock=clock, sink=self._emit, role_permissions=config.role_permissions)
 
     @property
     def webhook_secret(self) -> str:
@@ -115,16 +118,18 @@ class Emulator:
         """Deterministic demo data (emits webhooks): users, orgs, one admin per org, members."""
         created_users = [
             self.create_user(
-                email_address=[f"demo{i}@example.com"], first_name="Demo", last_name=f"User {i}",
-                username=f"demo{i}", public_metadata={"role": "admin" if i == 0 else "user"},
+                email_address=[f"demo{i}@example.com"],
+                first_name="Demo",
+                last_name=f"User {i}",
+                username=f"demo{i}",
+                public_metadata={"role": "admin" if i == 0 else "user"},
             )
             for i in range(n_users)
         ]
         created_orgs = []
         for j in range(n_orgs):
             creator = created_users[j % n_users]["id"] if n_users else None
-            org = self.create_organization(name=f"Demo Org {j}", slug=f"demo-org-{j}",
-                                           created_by=creator)
+            org = self.create_organization(name=f"Demo Org {j}", slug=f"demo-org-{j}", created_by=creator)
             created_orgs.append(org)
         for i, user in enumerate(created_users):
             if n_orgs and i >= n_orgs:
@@ -137,8 +142,12 @@ class Emulator:
         return (self.frontend_url or fallback).rstrip("/")
 
     def session_token(
-        self, session_id: str, *, template_name: str | None = None,
-        expires_in_s: int | None = None, issuer: str | None = None,
+        self,
+        session_id: str,
+        *,
+        template_name: str | None = None,
+        expires_in_s: int | None = None,
+        issuer: str | None = None,
     ) -> str:
         """Mint a token for a live session (``POST /v1/sessions/{id}/tokens[/{template}]``)."""
         template = None
@@ -157,7 +166,9 @@ class Emulator:
         session = sessions.require_session(self.store, session_id)
         if session.status not in {"active", "pending"}:
             raise ClerkAPIError(
-                404, "session_not_active", "Session is not active",
+                404,
+                "session_not_active",
+                "Session is not active",
                 f"Cannot create a token for a {session.status} session.",
             )
         user = users.get_user(self.store, session.user_id)
@@ -167,23 +178,31 @@ class Emulator:
             membership = self.store.memberships[org_id].get(session.user_id)
             org = orgs.org_json(self.store, self.store.orgs[org_id]) if membership else None
         return SessionClaimsInput(
-            user=user, session_id=session.id, issuer=issuer,
+            user=user,
+            session_id=session.id,
+            issuer=issuer,
             authorized_party=self.config.authorized_party,
             lifetime_s=expires_in_s or self.config.session_token_lifetime_s,
-            jti=self.store.new_token(20), org=org,
+            jti=self.store.new_token(20),
+            org=org,
             membership_role=membership.role if membership else None,
             permissions=self.store.permissions_for(membership.role) if membership else (),
-            actor=session.actor, pending=session.status == "pending",
+            actor=session.actor,
+            pending=session.status == "pending",
             template=self.session_token_template,
         )
 
     def mint_session_token(
-        self, user_id: str, org_id: str | None = None, actor: JSON | None = None, *,
-        pending: bool = False, template_name: str | None = None, expires_in_s: int | None = None,
+        self,
+        user_id: str,
+        org_id: str | None = None,
+        actor: JSON | None = None,
+        *,
+        pending: bool = False,
+        template_name: str | None = None,
+        expires_in_s: int | None = None,
     ) -> str:
         """Create a session for ``user_id`` (optionally in ``org_id``, impersonated by
         ``actor``) and return a fresh token for it."""
-        session = sessions.create_session(
-            self.store, user_id, organization_id=org_id, actor=actor, pending=pending
-        )
+        session = sessions.create_session(self.store, user_id, organization_id=org_id, actor=actor, pending=pending)
         return self.session_token(session["id"], template_name=template_name, expires_in_s=expires_in_s)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import random
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -75,15 +76,18 @@ class Message:
     drop_first: bool = False
     duplicated: bool = False
     manual: bool = False
+    rng: random.Random = field(default_factory=random.Random, repr=False)
 
     def summary(self, include_payload: bool = False) -> JSON:
         out: JSON = {
-            "id": self.id, "type": self.event_type, "status": self.status,
-            "created_at": self.created_at, "next_attempt_at": self.next_attempt_at,
+            "id": self.id,
+            "type": self.event_type,
+            "status": self.status,
+            "created_at": self.created_at,
+            "next_attempt_at": self.next_attempt_at,
             "attempts": [asdict(a) for a in self.attempts],
             "statuses": [a.status_code for a in self.attempts],
-            "faults": [n for n, on in (("duplicate", self.duplicate),
-                                       ("drop_then_redeliver", self.drop_first)) if on],
+            "faults": [n for n, on in (("duplicate", self.duplicate), ("drop_then_redeliver", self.drop_first)) if on],
         }
         if include_payload:
             out["payload"] = json.loads(self.body)
@@ -146,14 +150,15 @@ class Deliverer:
         """Record a message and schedule its first attempt; never blocks on the network."""
         body = json.dumps(envelope, separators=(",", ":"))
         with self._cond:
-            message = Message(self._new_id(), event_type, body, self._clock())
+            message = Message(self._new_id(), event_type, body, self._clock(), rng=self._faults.spawn())
             self._messages[message.id] = message
             if self._url is None:
                 message.status = "no_endpoint"
                 return message
-            message.duplicate = self._faults.roll("duplicate_rate")
-            message.drop_first = self._faults.roll("drop_then_redeliver_rate")
-            hold = self._held is None and self._faults.roll("reorder_rate")
+            message.duplicate = self._faults.roll("duplicate_rate", message.rng)
+            message.drop_first = self._faults.roll("drop_then_redeliver_rate", message.rng)
+            reorder = self._faults.roll("reorder_rate", message.rng)
+            hold = self._held is None and reorder
             self._schedule_at(message, self._clock())
             self._release_held()
             if hold:
@@ -190,8 +195,10 @@ class Deliverer:
             if self._url is None:
                 return []
             chosen = [
-                m for m in self._messages.values()
-                if (wanted is None or m.id in wanted) and (status is None or m.status == status)
+                m
+                for m in self._messages.values()
+                if (wanted is None or m.id in wanted)
+                and (status is None or m.status == status)
                 and m.status not in {"pending", "held"}
             ]
             for message in chosen:
@@ -285,10 +292,9 @@ class Deliverer:
             number = len(message.attempts) + 1
             timestamp = int(self._clock())
             injected = "dropped" if (message.drop_first and number == 1) else None
-        if injected is None and not duplicate and self._faults.roll("fail_rate"):
+        if injected is None and not duplicate and self._faults.roll("fail_rate", message.rng):
             injected = "injected_failure"
-        attempt = Attempt(number, timestamp, injected or "failed", duplicate=duplicate,
-                          manual=message.manual)
+        attempt = Attempt(number, timestamp, injected or "failed", duplicate=duplicate, manual=message.manual)
         abort = False
         if injected is None:
             abort = self._send(client, url, message, attempt)

@@ -61,7 +61,10 @@ class ClerkAPIError(Exception):
     @classmethod
     def missing(cls, param: str) -> ClerkAPIError:
         return cls(
-            422, "form_param_missing", f"{param} must be included.", f"{param} must be included.",
+            422,
+            "form_param_missing",
+            f"{param} must be included.",
+            f"{param} must be included.",
             meta={"param_name": param},
         )
 

@@ -50,7 +50,15 @@ class Faults:
         self._lock = threading.Lock()
         self._settings = settings
         self._seed = seed
-        self._rng = random.Random(seed)
+        self._rng, self._spawner = self._streams(seed)
+
+    @staticmethod
+    def _streams(seed: int | None) -> tuple[random.Random, random.Random]:
+        # Separate streams: API faults are rolled by the server thread, delivery faults by
+        # the worker; sharing one generator would make results depend on thread timing.
+        if seed is None:
+            return random.Random(), random.Random()
+        return random.Random(seed), random.Random(seed ^ 0x5EED)
 
     @property
     def settings(self) -> FaultSettings:
@@ -71,13 +79,21 @@ class Faults:
     def reset(self, settings: FaultSettings) -> None:
         with self._lock:
             self._settings = settings
-            self._rng = random.Random(self._seed)
+            self._rng, self._spawner = self._streams(self._seed)
 
-    def roll(self, name: str) -> bool:
-        """True with the probability held in the knob ``name`` (e.g. ``"fail_rate"``)."""
+    def spawn(self) -> random.Random:
+        """A generator of its own for one webhook message, derived from the seed in order."""
+        with self._lock:
+            return random.Random(self._spawner.getrandbits(64))
+
+    def roll(self, name: str, rng: random.Random | None = None) -> bool:
+        """True with the probability held in the knob ``name`` (e.g. ``"fail_rate"``).
+
+        ``rng`` defaults to the API stream; webhook messages pass their own generator.
+        """
         with self._lock:
             rate = float(getattr(self._settings, name))
-            return rate > 0 and self._rng.random() < rate
+            return rate > 0 and (rng or self._rng).random() < rate
 
 
 def _coerce(name: str, value: Any) -> Any:

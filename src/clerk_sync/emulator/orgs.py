@@ -55,7 +55,9 @@ def _claim_slug(store: Store, wanted: str | None, name: str, owner: str | None) 
     if wanted is not None:
         if store.slug_index.get(wanted, owner) != owner:
             raise ClerkAPIError(
-                422, "form_identifier_exists", "This slug is already taken",
+                422,
+                "form_identifier_exists",
+                "This slug is already taken",
                 "This organization slug is already taken. Please choose another one.",
                 meta={"param_name": "slug"},
             )
@@ -86,8 +88,12 @@ def create_org(store: Store, body: JSON) -> JSON:
             raise ClerkAPIError.invalid("created_by", "created_by is not a valid user")
         now = store.now_ms()
         org = OrgRecord(
-            id=store.new_id("org"), name=name, slug=_claim_slug(store, body.get("slug"), name, None),
-            created_at=now, updated_at=now, created_by=created_by,
+            id=store.new_id("org"),
+            name=name,
+            slug=_claim_slug(store, body.get("slug"), name, None),
+            created_at=now,
+            updated_at=now,
+            created_by=created_by,
             public_metadata=_metadata(body, "public_metadata") or {},
             private_metadata=_metadata(body, "private_metadata") or {},
             max_allowed_memberships=int(body.get("max_allowed_memberships") or 0),
@@ -107,8 +113,14 @@ def get_org(store: Store, id_or_slug: str) -> JSON:
 
 
 def list_orgs(
-    store: Store, *, query: str | None, user_ids: tuple[str, ...], org_ids: tuple[str, ...],
-    order_by: str, limit: int, offset: int,
+    store: Store,
+    *,
+    query: str | None,
+    user_ids: tuple[str, ...],
+    org_ids: tuple[str, ...],
+    order_by: str,
+    limit: int,
+    offset: int,
 ) -> JSON:
     """``GET /organizations``: ``{data, total_count}``, newest first by default."""
     with store.lock:
@@ -201,7 +213,9 @@ def delete_org(store: Store, id_or_slug: str) -> JSON:
 def membership_json(store: Store, membership: MembershipRecord) -> JSON:
     org = store.orgs[membership.organization_id]
     return render_membership(
-        membership, org_json(store, org), store.users.get(membership.user_id),
+        membership,
+        org_json(store, org),
+        store.users.get(membership.user_id),
         store.permissions_for(membership.role),
     )
 
@@ -217,8 +231,12 @@ def _check_role(role: Any) -> str:
 def _add_member(store: Store, org: OrgRecord, user_id: str, role: str, body: JSON) -> JSON:
     now = store.now_ms()
     membership = MembershipRecord(
-        id=store.new_id("orgmem"), organization_id=org.id, user_id=user_id, role=role,
-        created_at=now, updated_at=now,
+        id=store.new_id("orgmem"),
+        organization_id=org.id,
+        user_id=user_id,
+        role=role,
+        created_at=now,
+        updated_at=now,
         public_metadata=_metadata(body, "public_metadata") or {},
         private_metadata=_metadata(body, "private_metadata") or {},
     )
@@ -240,13 +258,18 @@ def create_membership(store: Store, id_or_slug: str, body: JSON) -> JSON:
             raise ClerkAPIError.not_found()
         if user_id in store.memberships[org.id]:
             raise ClerkAPIError(
-                422, "already_a_member_in_organization", "Already a member",
-                "The user is already a member of this organization.", meta={"param_name": "user_id"},
+                422,
+                "already_a_member_in_organization",
+                "Already a member",
+                "The user is already a member of this organization.",
+                meta={"param_name": "user_id"},
             )
         limit = org.max_allowed_memberships
         if limit and store.members_count(org.id) >= limit:
             raise ClerkAPIError(
-                403, "organization_membership_quota_exceeded", "Membership quota exceeded",
+                403,
+                "organization_membership_quota_exceeded",
+                "Membership quota exceeded",
                 "The organization has reached its maximum number of memberships.",
             )
         return _add_member(store, org, user_id, role, body)
@@ -298,8 +321,14 @@ def delete_membership(store: Store, id_or_slug: str, user_id: str) -> JSON:
 
 
 def list_memberships(
-    store: Store, *, org: str | None = None, user_id: str | None = None,
-    roles: tuple[str, ...] = (), order_by: str = "created_at", limit: int = 10, offset: int = 0,
+    store: Store,
+    *,
+    org: str | None = None,
+    user_id: str | None = None,
+    roles: tuple[str, ...] = (),
+    order_by: str = "created_at",
+    limit: int = 10,
+    offset: int = 0,
 ) -> JSON:
     """Memberships of one organization, one user, or the whole instance: ``{data, total_count}``."""
     with store.lock:

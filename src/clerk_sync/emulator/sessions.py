@@ -96,8 +96,7 @@ def create_session(
         store.sessions[session.id] = session
         user.last_sign_in_at = now
         user.last_active_at = now
-        store.emit("session.pending" if pending else "session.created",
-                   session_event_data(store, session))
+        store.emit("session.pending" if pending else "session.created", session_event_data(store, session))
         return render_session(session, session.updated_at)
 
 
@@ -107,13 +106,12 @@ def get_session(store: Store, session_id: str) -> JSON:
         return render_session(session, session.updated_at)
 
 
-def list_sessions(
-    store: Store, *, user_id: str | None, client_id: str | None, status: str | None
-) -> list[JSON]:
+def list_sessions(store: Store, *, user_id: str | None, client_id: str | None, status: str | None) -> list[JSON]:
     """Sessions matching the filters, newest first."""
     with store.lock:
         found = [
-            s for s in store.sessions.values()
+            s
+            for s in store.sessions.values()
             if (user_id is None or s.user_id == user_id)
             and (client_id is None or s.client_id == client_id)
             and (status is None or s.status == status)
@@ -136,7 +134,9 @@ def end_session(store: Store, session_id: str, status: str) -> JSON:
         session = require_session(store, session_id)
         if session.status not in {"active", "pending"}:
             raise ClerkAPIError(
-                400, "session_not_active", "Session is not active",
+                400,
+                "session_not_active",
+                "Session is not active",
                 f"The session is {session.status} and cannot be {status}.",
             )
         return _finish(store, session, status)
@@ -184,8 +184,14 @@ def create_actor_token(store: Store, body: JSON) -> ActorTokenRecord:
             raise ClerkAPIError.not_found()
         now = store.now_ms()
         token = ActorTokenRecord(
-            id=store.new_id("act"), user_id=user_id, actor=dict(actor), token=store.new_token(),
-            status="pending", created_at=now, updated_at=now, expires_at=now + expires_in * 1000,
+            id=store.new_id("act"),
+            user_id=user_id,
+            actor=dict(actor),
+            token=store.new_token(),
+            status="pending",
+            created_at=now,
+            updated_at=now,
+            expires_at=now + expires_in * 1000,
             session_max_duration_s=max_duration,
         )
         store.actor_tokens[token.id] = token
@@ -198,7 +204,9 @@ def _pending_token(table: dict[str, Any], token_id: str, now: int) -> Any:
         raise ClerkAPIError.not_found()
     if token.status != "pending" or token.expires_at <= now:
         raise ClerkAPIError(
-            400, "token_invalid", "Token is not valid",
+            400,
+            "token_invalid",
+            "Token is not valid",
             f"The token is {token.status if token.status != 'pending' else 'expired'}.",
         )
     return token
@@ -220,7 +228,9 @@ def accept_actor_token(store: Store, token_id: str) -> JSON:
         token.status = "accepted"
         token.updated_at = store.bump_ms(token.updated_at)
         return create_session(
-            store, token.user_id, actor=token.actor,
+            store,
+            token.user_id,
+            actor=token.actor,
             lifetime_ms=token.session_max_duration_s * 1000,
         )
 
@@ -249,8 +259,13 @@ def create_sign_in_token(store: Store, body: JSON) -> SignInTokenRecord:
             raise ClerkAPIError.not_found()
         now = store.now_ms()
         token = SignInTokenRecord(
-            id=store.new_id("sit"), user_id=user_id, token=store.new_token(), status="pending",
-            created_at=now, updated_at=now, expires_at=now + expires_in * 1000,
+            id=store.new_id("sit"),
+            user_id=user_id,
+            token=store.new_token(),
+            status="pending",
+            created_at=now,
+            updated_at=now,
+            expires_at=now + expires_in * 1000,
             org_id=body.get("org_id"),
         )
         store.sign_in_tokens[token.id] = token

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import jwt
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
@@ -31,7 +32,7 @@ __all__ = [
 
 JSON = dict[str, Any]
 #: ``cat`` header values Clerk puts on session tokens and on JWT-template tokens.
-SESSION_TOKEN_CATEGORY = "cl_B7d4PD111AAA"
+SESSION_TOKEN_CATEGORY = "cl_B7d4PD111AAA"  # noqa: S105 (a public tag, not a secret)
 JWT_TEMPLATE_CATEGORY = "cl_B7d4PD222AAA"
 _SHORTCODE = re.compile(r"\{\{\s*([a-zA-Z0-9_.]+)\s*\}\}")
 
@@ -46,9 +47,7 @@ class _Key:
 class KeyRing:
     """The instance's RSA signing keys: one current, retired ones kept for ``grace_s``."""
 
-    def __init__(
-        self, instance_id: str, *, grace_s: float = 3600.0, clock: Callable[[], float] = time.time
-    ) -> None:
+    def __init__(self, instance_id: str, *, grace_s: float = 3600.0, clock: Callable[[], float] = time.time) -> None:
         self._instance_id = instance_id
         self._grace_s = grace_s
         self._clock = clock
@@ -95,8 +94,6 @@ class KeyRing:
 
     def public_key_pem(self, kid: str | None = None) -> str:
         """PEM of a published key (the current one by default), for networkless verification."""
-        from cryptography.hazmat.primitives import serialization
-
         with self._lock:
             keys = self._published()
         key = next((k for k in keys if kid is None or k.kid == kid), keys[-1])
@@ -142,9 +139,7 @@ def render_template(template: Any, context: Mapping[str, Any]) -> Any:
     return _SHORTCODE.sub(text, template)
 
 
-def org_claims(
-    org_id: str, slug: str, role: str, permissions: tuple[str, ...]
-) -> tuple[JSON, str | None]:
+def org_claims(org_id: str, slug: str, role: str, permissions: tuple[str, ...]) -> tuple[JSON, str | None]:
     """The v2 ``o`` claim and the ``fea`` claim for an active organization.
 
     Only custom permissions (``org:<feature>:<permission>``, not ``org:sys_*``) are encoded:
@@ -208,16 +203,23 @@ def session_claims(data: SessionClaimsInput, now: int) -> JSON:
     if data.template:
         context = template_context(data.user, data.org, data.membership_role, data.actor)
         claims.update(render_template(dict(data.template), context))
-    claims.update({
-        "iat": now, "nbf": now - 10, "exp": now + data.lifetime_s, "iss": data.issuer,
-        "sub": data.user["id"], "sid": data.session_id, "jti": data.jti, "v": 2, "fva": [0, -1],
-    })
+    claims.update(
+        {
+            "iat": now,
+            "nbf": now - 10,
+            "exp": now + data.lifetime_s,
+            "iss": data.issuer,
+            "sub": data.user["id"],
+            "sid": data.session_id,
+            "jti": data.jti,
+            "v": 2,
+            "fva": [0, -1],
+        }
+    )
     if data.authorized_party:
         claims["azp"] = data.authorized_party
     if data.org is not None and data.membership_role is not None:
-        claims["o"], features = org_claims(
-            data.org["id"], data.org["slug"], data.membership_role, data.permissions
-        )
+        claims["o"], features = org_claims(data.org["id"], data.org["slug"], data.membership_role, data.permissions)
         if features:
             claims["fea"] = features
     if data.actor:
@@ -227,16 +229,20 @@ def session_claims(data: SessionClaimsInput, now: int) -> JSON:
     return claims
 
 
-def template_claims(
-    template: Mapping[str, Any], data: SessionClaimsInput, now: int
-) -> JSON:
+def template_claims(template: Mapping[str, Any], data: SessionClaimsInput, now: int) -> JSON:
     """Claims of a JWT-template token: the rendered template plus the standard claims."""
     context = template_context(data.user, data.org, data.membership_role, data.actor)
     claims: JSON = render_template(dict(template), context)
-    claims.update({
-        "iat": now, "nbf": now - 5, "exp": now + data.lifetime_s, "iss": data.issuer,
-        "sub": data.user["id"], "jti": data.jti,
-    })
+    claims.update(
+        {
+            "iat": now,
+            "nbf": now - 5,
+            "exp": now + data.lifetime_s,
+            "iss": data.issuer,
+            "sub": data.user["id"],
+            "jti": data.jti,
+        }
+    )
     if data.authorized_party:
         claims["azp"] = data.authorized_party
     return claims

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from . import sessions
@@ -63,12 +63,15 @@ class UserQuery:
     limit: int = 10
     offset: int = 0
     starting_after: str | None = None
-    filters: tuple[Callable[[UserRecord], bool], ...] = field(default=(), compare=False)
 
     def has_filters(self) -> bool:
         return bool(
-            self.email_addresses or self.user_ids or self.external_ids or self.usernames
-            or self.query or self.banned is not None
+            self.email_addresses
+            or self.user_ids
+            or self.external_ids
+            or self.usernames
+            or self.query
+            or self.banned is not None
         )
 
 
@@ -85,9 +88,7 @@ def _check_emails(store: Store, addresses: Iterable[str], owner: str | None = No
     for raw in addresses:
         address = raw.strip().lower()
         if not _EMAIL_RE.match(address):
-            raise ClerkAPIError.invalid(
-                "email_address", "is invalid", code="form_param_format_invalid"
-            )
+            raise ClerkAPIError.invalid("email_address", "is invalid", code="form_param_format_invalid")
         if store.email_index.get(address, owner) != owner or address in cleaned:
             raise ClerkAPIError.identifier_exists("email_address")
         cleaned.append(address)
@@ -102,7 +103,9 @@ def _check_username(store: Store, username: Any, owner: str | None = None) -> No
     for user in store.users.values():
         if user.username == username and user.id != owner:
             raise ClerkAPIError(
-                422, "form_identifier_exists", "That username is taken. Please try another.",
+                422,
+                "form_identifier_exists",
+                "That username is taken. Please try another.",
                 meta={"param_name": "username"},
             )
 
@@ -167,7 +170,7 @@ def get_user(store: Store, user_id: str) -> JSON:
         return render_user(require_user(store, user_id))
 
 
-def _matches(store: Store, user: UserRecord, q: UserQuery) -> bool:
+def _matches(user: UserRecord, q: UserQuery) -> bool:
     if q.email_addresses and not any(e.email_address in q.email_addresses for e in user.emails):
         return False
     if q.external_ids and user.external_id not in q.external_ids:
@@ -178,9 +181,7 @@ def _matches(store: Store, user: UserRecord, q: UserQuery) -> bool:
         return False
     if q.user_ids and not _id_filter(user.id, q.user_ids):
         return False
-    if q.query and not _text_match(user, q.query.lower()):
-        return False
-    return all(check(user) for check in q.filters)
+    return not q.query or _text_match(user, q.query.lower())
 
 
 def _id_filter(user_id: str, wanted: tuple[str, ...]) -> bool:
@@ -201,20 +202,19 @@ def _ordered(store: Store, q: UserQuery) -> list[UserRecord]:
     descending = q.order_by.startswith("-")
     if field_name == "created_at":
         ids = reversed(store.user_order) if descending else iter(store.user_order)
-        return [store.users[i] for i in ids if _matches(store, store.users[i], q)]
-    users = [u for u in store.users.values() if _matches(store, u, q)]
+        return [store.users[i] for i in ids if _matches(store.users[i], q)]
+    users = [u for u in store.users.values() if _matches(u, q)]
     key = _sort_key(field_name)
     present = [u for u in users if key(u) is not None]
     missing = [u for u in users if key(u) is None]
-    present.sort(key=key, reverse=descending)  # type: ignore[arg-type,return-value]
+    present.sort(key=key, reverse=descending)
     return present + missing
 
 
 def _sort_key(field_name: str) -> Callable[[UserRecord], Any]:
     if field_name == "email_address":
         return lambda u: u.primary_email()
-    if field_name in {"updated_at", "first_name", "last_name", "username", "last_sign_in_at",
-                      "last_active_at"}:
+    if field_name in {"updated_at", "first_name", "last_name", "username", "last_sign_in_at", "last_active_at"}:
         return lambda u: getattr(u, field_name)
     raise ClerkAPIError.invalid("order_by", f"order_by {field_name!r} is not supported")
 
@@ -234,7 +234,7 @@ def list_users(store: Store, q: UserQuery) -> list[JSON]:
     """``GET /users``: a bare array of users, newest first by default."""
     with store.lock:
         fast = q.order_by.lstrip("+-") == "created_at" and not q.has_filters()
-        if fast and not q.filters and q.starting_after is None:
+        if fast and q.starting_after is None:
             return [render_user(u) for u in _page_fast(store, q)]
         users = _ordered(store, q)
         start = q.offset
@@ -247,9 +247,9 @@ def list_users(store: Store, q: UserQuery) -> list[JSON]:
 def count_users(store: Store, q: UserQuery) -> int:
     """``GET /users/count``: how many users match the filters (paging ignored)."""
     with store.lock:
-        if not q.has_filters() and not q.filters:
+        if not q.has_filters():
             return len(store.users)
-        return sum(1 for u in store.users.values() if _matches(store, u, q))
+        return sum(1 for u in store.users.values() if _matches(u, q))
 
 
 def _touch(store: Store, user: UserRecord) -> JSON:
@@ -298,22 +298,25 @@ def _emit_email(store: Store, user: UserRecord, slug: str, subject: str) -> None
     address = user.primary_email()
     if address is None:
         return
-    store.emit("email.created", {
-        "object": "email",
-        "id": store.new_id("ema"),
-        "slug": slug,
-        "from_email_name": "notifications",
-        "reply_to_email_name": None,
-        "to_email_address": address,
-        "email_address_id": user.primary_email_address_id,
-        "user_id": user.id,
-        "subject": subject,
-        "body": f"<p>{subject}.</p>",
-        "body_plain": f"{subject}.",
-        "status": "queued",
-        "data": {"user": {"public_metadata": dict(user.public_metadata)}},
-        "delivered_by_clerk": True,
-    })
+    store.emit(
+        "email.created",
+        {
+            "object": "email",
+            "id": store.new_id("ema"),
+            "slug": slug,
+            "from_email_name": "notifications",
+            "reply_to_email_name": None,
+            "to_email_address": address,
+            "email_address_id": user.primary_email_address_id,
+            "user_id": user.id,
+            "subject": subject,
+            "body": f"<p>{subject}.</p>",
+            "body_plain": f"{subject}.",
+            "status": "queued",
+            "data": {"user": {"public_metadata": dict(user.public_metadata)}},
+            "delivered_by_clerk": True,
+        },
+    )
 
 
 def merge_metadata(store: Store, user_id: str, body: JSON) -> JSON:

@@ -58,7 +58,10 @@ def _check_rate_limit(emulator: Emulator) -> None:
     )
     if retry_after is not None:
         raise ClerkAPIError(
-            429, "too_many_requests", "Too many requests", "Too many requests, retry later",
+            429,
+            "too_many_requests",
+            "Too many requests",
+            "Too many requests, retry later",
             headers={"Retry-After": str(retry_after)},
         )
 
@@ -66,12 +69,16 @@ def _check_rate_limit(emulator: Emulator) -> None:
 def _check_faults(emulator: Emulator) -> None:
     if emulator.faults.settings.outage:
         raise ClerkAPIError(
-            503, "service_unavailable", "Service unavailable",
+            503,
+            "service_unavailable",
+            "Service unavailable",
             "The Clerk emulator is simulating an outage.",
         )
     if emulator.faults.roll("error_rate"):
         raise ClerkAPIError(
-            500, "internal_clerk_error", "Oops, an unexpected error occurred",
+            500,
+            "internal_clerk_error",
+            "Oops, an unexpected error occurred",
             "There was an internal error on our servers. We've been notified and are working on fixing it.",
         )
 
@@ -133,9 +140,7 @@ async def json_body(request: Request) -> dict[str, Any]:
     return body
 
 
-def int_param(
-    request: Request, name: str, default: int, *, minimum: int = 0, maximum: int | None = None
-) -> int:
+def int_param(request: Request, name: str, default: int, *, minimum: int = 0, maximum: int | None = None) -> int:
     raw = request.query_params.get(name)
     if raw is None or raw == "":
         return default

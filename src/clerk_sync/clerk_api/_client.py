@@ -1,0 +1,306 @@
+"""Thin sync and async shells over the sans-IO policy: they execute steps, nothing else.
+
+Usage::
+
+    clerk = ClerkClient.from_settings(settings)            # or AsyncClerkClient
+    user = clerk.get_user("user_2abc")                     # JSON dict, Clerk's User object
+    page = clerk.list_organizations(limit=500, offset=0)   # Page(data, total_count)
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Sequence
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, TypeVar
+
+import anyio
+import httpx
+
+from clerk_sync.clerk_api import _endpoints as ep
+from clerk_sync.clerk_api._endpoints import JSON, MAX_PAGE, Page
+from clerk_sync.clerk_api._flights import AsyncFlights, SyncFlights
+from clerk_sync.clerk_api._policy import (
+    Acquire,
+    ApiRequest,
+    CircuitBreaker,
+    Penalize,
+    RetryPolicy,
+    Send,
+    Sleep,
+    Stats,
+    Step,
+    _Context,
+    call_flow,
+)
+from clerk_sync.config import Settings
+from clerk_sync.errors import ConfigError
+from clerk_sync.ratelimit import Budget, LocalBudget, budget_from_settings, default_rate_limit
+
+__all__ = ["API_VERSION", "DEFAULT_API_URL", "DEFAULT_TIMEOUT", "AsyncClerkClient", "ClerkClient"]
+
+T = TypeVar("T")
+API_VERSION = "2026-05-12"
+DEFAULT_API_URL = "https://api.clerk.com"
+DEFAULT_TIMEOUT = httpx.Timeout(10.0, connect=3.0)
+
+
+def _user_agent() -> str:
+    try:
+        return f"clerk-sync/{version('clerk-sync')}"
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "clerk-sync"
+
+
+class _Base:
+    """Configuration shared by both faces; the faces differ only in how they execute steps."""
+
+    def __init__(
+        self,
+        secret_key: str,
+        *,
+        api_url: str = DEFAULT_API_URL,
+        budget: Budget | None = None,
+        retry: RetryPolicy | None = None,
+        breaker: CircuitBreaker | None = None,
+        timeout: httpx.Timeout = DEFAULT_TIMEOUT,
+        clock: Callable[[], float] = time.monotonic,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        if not secret_key:
+            raise ConfigError("CLERK_SECRET_KEY is not set (Clerk Dashboard -> API keys -> Secret keys)")
+        self.budget: Budget = budget or LocalBudget(default_rate_limit(secret_key))
+        self.breaker = breaker or CircuitBreaker(clock=clock)
+        self.retry = retry or RetryPolicy()
+        self.stats = Stats()
+        headers = {
+            "Authorization": f"Bearer {secret_key}",
+            "Clerk-API-Version": API_VERSION,
+            "User-Agent": _user_agent(),
+            "Accept": "application/json",
+        }
+        self._ctx = _Context(api_url.rstrip("/") + "/v1", headers, timeout, self.retry, self.breaker,
+                             self.stats, clock, rng)
+
+    @staticmethod
+    def _settings_kwargs(settings: Settings, budget: Budget | None) -> dict[str, Any]:
+        if settings.clerk_secret_key is None:
+            raise ConfigError("CLERK_SECRET_KEY is not set (Clerk Dashboard -> API keys -> Secret keys)")
+        return {
+            "secret_key": settings.clerk_secret_key.get_secret_value(),
+            "api_url": settings.clerk_api_url,
+            "budget": budget or budget_from_settings(settings),
+            "timeout": httpx.Timeout(settings.clerk_api_read_timeout_s,
+                                     connect=settings.clerk_api_connect_timeout_s),
+        }
+
+    def _timeout(self, deadline_s: float | None) -> float:
+        return deadline_s if deadline_s is not None else self.retry.deadline_s
+
+
+class ClerkClient(_Base):
+    """Blocking face; thread-safe. Pass ``http`` (an :class:`httpx.Client` you own) or a ``transport``."""
+
+    def __init__(self, secret_key: str, *, http: httpx.Client | None = None,
+                 transport: httpx.BaseTransport | None = None, **options: Any) -> None:
+        super().__init__(secret_key, **options)
+        self._owns_http = http is None
+        self._http = http or httpx.Client(transport=transport, timeout=DEFAULT_TIMEOUT)
+        self._flights = SyncFlights()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, http: httpx.Client | None = None,
+                      budget: Budget | None = None, **options: Any) -> ClerkClient:
+        return cls(http=http, **cls._settings_kwargs(settings, budget), **options)
+
+    def close(self) -> None:
+        if self._owns_http:
+            self._http.close()
+
+    def __enter__(self) -> ClerkClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def send(self, req: ApiRequest[T], deadline_s: float | None = None) -> T:
+        """Run one request through budget, retries and breaker (coalesced if ``req.coalesce``)."""
+        if req.coalesce:
+            return self._flights.do(req.key, lambda: self._run(req, deadline_s), self._timeout(deadline_s))
+        return self._run(req, deadline_s)
+
+    def _run(self, req: ApiRequest[T], deadline_s: float | None) -> T:
+        flow = call_flow(self._ctx, req, deadline_s)
+        reply: Any = None
+        while True:
+            try:
+                step = flow.send(reply)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+            reply = self._execute(step)
+
+    def _execute(self, step: Step) -> Any:
+        if isinstance(step, Acquire):
+            return self.budget.reserve(step.max_wait)
+        if isinstance(step, Sleep):
+            time.sleep(step.seconds)
+        elif isinstance(step, Penalize):
+            self.budget.penalize(step.seconds)
+        else:
+            try:
+                return self._http.send(step.request)
+            except httpx.TransportError as exc:
+                return exc
+        return None
+
+    # -- endpoints (one line each; the requests are built in _endpoints) ----------------------
+    def get_user(self, user_id: str, *, deadline_s: float | None = None) -> JSON:
+        return self.send(ep.get_user(user_id), deadline_s)
+
+    def list_users(self, *, limit: int = MAX_PAGE, offset: int = 0, order_by: str | None = "-created_at",
+                   user_ids: Sequence[str] = (), deadline_s: float | None = None) -> list[JSON]:
+        return self.send(ep.list_users(limit, offset, order_by, user_ids), deadline_s)
+
+    def count_users(self, *, deadline_s: float | None = None) -> int:
+        return self.send(ep.count_users(), deadline_s)
+
+    def get_organization(self, org_id: str, *, deadline_s: float | None = None) -> JSON:
+        return self.send(ep.get_organization(org_id), deadline_s)
+
+    def list_organizations(self, *, limit: int = MAX_PAGE, offset: int = 0, order_by: str | None = "-created_at",
+                           org_ids: Sequence[str] = (), deadline_s: float | None = None) -> Page:
+        return self.send(ep.list_organizations(limit, offset, order_by, org_ids), deadline_s)
+
+    def list_organization_memberships(self, org_id: str, *, limit: int = MAX_PAGE, offset: int = 0,
+                                      order_by: str | None = None, deadline_s: float | None = None) -> Page:
+        return self.send(ep.list_organization_memberships(org_id, limit, offset, order_by), deadline_s)
+
+    def list_all_organization_memberships(self, *, limit: int = MAX_PAGE, offset: int = 0,
+                                          order_by: str | None = None, deadline_s: float | None = None) -> Page:
+        return self.send(ep.list_all_organization_memberships(limit, offset, order_by), deadline_s)
+
+    def update_user_metadata(self, user_id: str, *, public_metadata: JSON | None = None,
+                             private_metadata: JSON | None = None, unsafe_metadata: JSON | None = None,
+                             deadline_s: float | None = None) -> JSON:
+        """Deep-merge metadata (``None`` values delete keys); returns the updated User."""
+        req = ep.update_user_metadata(user_id, public_metadata, private_metadata, unsafe_metadata)
+        return self.send(req, deadline_s)
+
+    def create_actor_token(self, user_id: str, actor: JSON, *, expires_in_seconds: int | None = None,
+                           session_max_duration_in_seconds: int | None = None,
+                           deadline_s: float | None = None) -> JSON:
+        req = ep.create_actor_token(user_id, actor, expires_in_seconds, session_max_duration_in_seconds)
+        return self.send(req, deadline_s)
+
+    def create_sign_in_token(self, user_id: str, *, expires_in_seconds: int | None = None,
+                             deadline_s: float | None = None) -> JSON:
+        return self.send(ep.create_sign_in_token(user_id, expires_in_seconds), deadline_s)
+
+    def revoke_session(self, session_id: str, *, deadline_s: float | None = None) -> JSON:
+        return self.send(ep.revoke_session(session_id), deadline_s)
+
+
+class AsyncClerkClient(_Base):
+    """Async face (asyncio or trio); use from one event loop. Pass ``http`` or a ``transport``."""
+
+    def __init__(self, secret_key: str, *, http: httpx.AsyncClient | None = None,
+                 transport: httpx.AsyncBaseTransport | None = None, **options: Any) -> None:
+        super().__init__(secret_key, **options)
+        self._owns_http = http is None
+        self._http = http or httpx.AsyncClient(transport=transport, timeout=DEFAULT_TIMEOUT)
+        self._flights = AsyncFlights()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, http: httpx.AsyncClient | None = None,
+                      budget: Budget | None = None, **options: Any) -> AsyncClerkClient:
+        return cls(http=http, **cls._settings_kwargs(settings, budget), **options)
+
+    async def aclose(self) -> None:
+        if self._owns_http:
+            await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClerkClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def send(self, req: ApiRequest[T], deadline_s: float | None = None) -> T:
+        """Run one request through budget, retries and breaker (coalesced if ``req.coalesce``)."""
+        if req.coalesce:
+            return await self._flights.do(req.key, lambda: self._run(req, deadline_s), self._timeout(deadline_s))
+        return await self._run(req, deadline_s)
+
+    async def _run(self, req: ApiRequest[T], deadline_s: float | None) -> T:
+        flow = call_flow(self._ctx, req, deadline_s)
+        reply: Any = None
+        while True:
+            try:
+                step = flow.send(reply)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+            reply = await self._execute(step)
+
+    async def _execute(self, step: Step) -> Any:
+        if isinstance(step, Acquire):
+            return await self.budget.areserve(step.max_wait)
+        if isinstance(step, Sleep):
+            await anyio.sleep(step.seconds)
+        elif isinstance(step, Penalize):
+            await self.budget.apenalize(step.seconds)
+        else:
+            try:
+                return await self._http.send(step.request)
+            except httpx.TransportError as exc:
+                return exc
+        return None
+
+    # -- endpoints -------------------------------------------------------------------------
+    async def get_user(self, user_id: str, *, deadline_s: float | None = None) -> JSON:
+        return await self.send(ep.get_user(user_id), deadline_s)
+
+    async def list_users(self, *, limit: int = MAX_PAGE, offset: int = 0, order_by: str | None = "-created_at",
+                         user_ids: Sequence[str] = (), deadline_s: float | None = None) -> list[JSON]:
+        return await self.send(ep.list_users(limit, offset, order_by, user_ids), deadline_s)
+
+    async def count_users(self, *, deadline_s: float | None = None) -> int:
+        return await self.send(ep.count_users(), deadline_s)
+
+    async def get_organization(self, org_id: str, *, deadline_s: float | None = None) -> JSON:
+        return await self.send(ep.get_organization(org_id), deadline_s)
+
+    async def list_organizations(self, *, limit: int = MAX_PAGE, offset: int = 0,
+                                 order_by: str | None = "-created_at", org_ids: Sequence[str] = (),
+                                 deadline_s: float | None = None) -> Page:
+        return await self.send(ep.list_organizations(limit, offset, order_by, org_ids), deadline_s)
+
+    async def list_organization_memberships(self, org_id: str, *, limit: int = MAX_PAGE, offset: int = 0,
+                                            order_by: str | None = None, deadline_s: float | None = None) -> Page:
+        return await self.send(ep.list_organization_memberships(org_id, limit, offset, order_by), deadline_s)
+
+    async def list_all_organization_memberships(self, *, limit: int = MAX_PAGE, offset: int = 0,
+                                                order_by: str | None = None,
+                                                deadline_s: float | None = None) -> Page:
+        return await self.send(ep.list_all_organization_memberships(limit, offset, order_by), deadline_s)
+
+    async def update_user_metadata(self, user_id: str, *, public_metadata: JSON | None = None,
+                                   private_metadata: JSON | None = None, unsafe_metadata: JSON | None = None,
+                                   deadline_s: float | None = None) -> JSON:
+        """Deep-merge metadata (``None`` values delete keys); returns the updated User."""
+        req = ep.update_user_metadata(user_id, public_metadata, private_metadata, unsafe_metadata)
+        return await self.send(req, deadline_s)
+
+    async def create_actor_token(self, user_id: str, actor: JSON, *, expires_in_seconds: int | None = None,
+                                 session_max_duration_in_seconds: int | None = None,
+                                 deadline_s: float | None = None) -> JSON:
+        req = ep.create_actor_token(user_id, actor, expires_in_seconds, session_max_duration_in_seconds)
+        return await self.send(req, deadline_s)
+
+    async def create_sign_in_token(self, user_id: str, *, expires_in_seconds: int | None = None,
+                                   deadline_s: float | None = None) -> JSON:
+        return await self.send(ep.create_sign_in_token(user_id, expires_in_seconds), deadline_s)
+
+    async def revoke_session(self, session_id: str, *, deadline_s: float | None = None) -> JSON:
+        return await self.send(ep.revoke_session(session_id), deadline_s)
+

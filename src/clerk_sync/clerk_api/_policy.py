@@ -1,0 +1,321 @@
+"""The request policy, sans I/O: budget, retries with jitter, ``Retry-After``, circuit breaker.
+
+:func:`call_flow` is a generator that *describes* one API call as steps (:class:`Acquire` a token,
+:class:`Sleep`, :class:`Send`, :class:`Penalize` the budget) and receives each step's outcome; the
+sync and async clients only execute steps. All decisions live here once, so both faces behave the same
+and the policy is testable with a fake clock.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import random
+import threading
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import httpx
+
+from clerk_sync.errors import (
+    ClerkAPIError,
+    ClerkNotFound,
+    ClerkUnauthorized,
+    ClerkUnavailable,
+    ClerkValidationError,
+    RateLimited,
+)
+from clerk_sync.ratelimit import Reservation
+
+__all__ = [
+    "Acquire",
+    "ApiRequest",
+    "CircuitBreaker",
+    "Penalize",
+    "RetryPolicy",
+    "Send",
+    "Sleep",
+    "Stats",
+    "Step",
+    "call_flow",
+]
+
+T = TypeVar("T")
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True, slots=True)
+class ApiRequest(Generic[T]):
+    """One Backend API call: path under ``/v1``, how to parse the JSON answer, how it may be retried.
+
+    ``idempotent=False`` (creating tokens) is retried only when the request surely never reached Clerk
+    (connect errors, 429). ``coalesce=True`` lets concurrent identical calls share one request.
+    """
+
+    method: str
+    path: str
+    parse: Callable[[Any], T]
+    params: tuple[tuple[str, str], ...] = ()
+    json: Any = None
+    idempotent: bool = True
+    coalesce: bool = False
+
+    @property
+    def key(self) -> tuple[str, str, tuple[tuple[str, str], ...]]:
+        return (self.method, self.path, self.params)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Bounded retries: ``attempts`` tries on 5xx/timeouts with full-jitter exponential backoff,
+    plus up to ``rate_limited_attempts`` waits on 429. ``deadline_s`` bounds the whole call."""
+
+    attempts: int = 3
+    backoff_s: float = 0.2
+    backoff_max_s: float = 5.0
+    rate_limited_attempts: int = 5
+    deadline_s: float = 30.0
+
+    def backoff(self, attempt: int, rng: Callable[[], float]) -> float:
+        return rng() * min(self.backoff_max_s, self.backoff_s * 2**attempt)
+
+
+class CircuitBreaker:
+    """Fail fast while Clerk is down: ``threshold`` consecutive failures open the circuit for ``reset_s``.
+
+    Then one probe is let through (half-open); its success closes the circuit, its failure re-opens it.
+    Shared by all threads of a client; state changes happen under a lock.
+    """
+
+    def __init__(self, threshold: int = 5, reset_s: float = 5.0, *, clock: Clock = time.monotonic) -> None:
+        self.threshold = threshold
+        self.reset_s = reset_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._failures = 0
+        self._opened_at: float | None = None
+        self._probe_at: float | None = None
+
+    @property
+    def is_open(self) -> bool:
+        with self._lock:
+            return self._opened_at is not None
+
+    def check(self) -> float | None:
+        """``None`` when a request may go out, else seconds until the circuit lets a probe through."""
+        with self._lock:
+            if self._opened_at is None:
+                return None
+            now = self._clock()
+            wait = self._opened_at + self.reset_s - now
+            if wait > 0:
+                return wait
+            if self._probe_at is not None and now - self._probe_at < self.reset_s:
+                return self._probe_at + self.reset_s - now  # a probe is in flight
+            self._probe_at = now
+            return None
+
+    def success(self) -> None:
+        with self._lock:
+            self._failures, self._opened_at, self._probe_at = 0, None, None
+
+    def failure(self) -> None:
+        with self._lock:
+            self._failures += 1
+            if self._opened_at is not None or self._failures >= self.threshold:
+                self._opened_at, self._probe_at = self._clock(), None
+
+
+@dataclass
+class Stats:
+    """Counters of one client: what went over the wire and what came back."""
+
+    requests: int = 0
+    rate_limited: int = 0
+    retries: int = 0
+    failures: int = 0
+    by_status: dict[int, int] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def sent(self, status: int | None) -> None:
+        with self._lock:
+            self.requests += 1
+            if status is None:
+                self.failures += 1
+            else:
+                self.by_status[status] = self.by_status.get(status, 0) + 1
+                self.rate_limited += status == 429
+
+    def retried(self) -> None:
+        with self._lock:
+            self.retries += 1
+
+
+@dataclass(frozen=True, slots=True)
+class Acquire:
+    """Reserve a budget token; the shell answers with a :class:`~clerk_sync.ratelimit.Reservation`."""
+
+    max_wait: float
+
+
+@dataclass(frozen=True, slots=True)
+class Penalize:
+    """Clerk said 429: block the (shared) budget for ``seconds``."""
+
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Sleep:
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Send ``request``; the shell answers with the :class:`httpx.Response` or the transport error."""
+
+    request: httpx.Request
+
+
+Step = Acquire | Penalize | Sleep | Send
+Flow = Generator[Step, Any, T]
+
+
+@dataclass(frozen=True, slots=True)
+class _Context:
+    base_url: str
+    headers: dict[str, str]
+    timeout: httpx.Timeout
+    retry: RetryPolicy
+    breaker: CircuitBreaker
+    stats: Stats
+    clock: Clock
+    rng: Callable[[], float] = random.random
+
+
+_RETRYABLE_STATUS = frozenset({500, 502, 503, 504})
+
+
+def call_flow(ctx: _Context, req: ApiRequest[T], deadline_s: float | None = None) -> Flow[T]:
+    """Drive one call to a parsed result or a :class:`~clerk_sync.errors.ClerkAPIError`."""
+    deadline = ctx.clock() + (deadline_s if deadline_s is not None else ctx.retry.deadline_s)
+    attempt = limited = 0
+    where = {"method": req.method, "path": req.path}
+    while True:
+        remaining = deadline - ctx.clock()
+        blocked = ctx.breaker.check()
+        if blocked is not None:
+            raise ClerkUnavailable("Clerk is unavailable (circuit open)", retry_after=blocked, **where)
+        reservation: Reservation = yield Acquire(max_wait=max(0.0, remaining))
+        if not reservation.granted:
+            raise RateLimited("Clerk request budget exhausted before the deadline",
+                              retry_after=reservation.wait, **where)
+        if reservation.wait > 0:
+            yield Sleep(reservation.wait)
+        outcome = yield Send(_build(ctx, req, deadline - ctx.clock()))
+        status = outcome.status_code if isinstance(outcome, httpx.Response) else None
+        ctx.stats.sent(status)
+        if isinstance(outcome, httpx.Response) and status is not None and status < 400:
+            ctx.breaker.success()
+            return req.parse(outcome.json() if outcome.content else None)
+        if status == 429:
+            limited += 1
+            retry_after = _retry_after(outcome, default=1.0)
+            yield Penalize(retry_after)
+            if limited > ctx.retry.rate_limited_attempts or retry_after > deadline - ctx.clock():
+                raise RateLimited("Clerk answered 429 Too Many Requests", retry_after=retry_after,
+                                  status=429, **where)
+            ctx.stats.retried()
+            continue
+        if status is not None and status not in _RETRYABLE_STATUS:
+            ctx.breaker.success()  # Clerk is up; the request was refused
+            raise _error(outcome, req)
+        ctx.breaker.failure()
+        attempt += 1
+        pause = _pause(ctx, req, outcome, attempt)
+        if pause is None or pause > deadline - ctx.clock():
+            raise _unavailable(outcome, req, retry_after=max(pause or 0.0, 1.0))
+        ctx.stats.retried()
+        yield Sleep(pause)
+
+
+def _pause(ctx: _Context, req: ApiRequest[Any], outcome: Any, attempt: int) -> float | None:
+    """Seconds to wait before retrying a failed attempt, or ``None`` when it must not be retried."""
+    if attempt >= ctx.retry.attempts:
+        return None
+    if not req.idempotent and not isinstance(outcome, httpx.ConnectError | httpx.ConnectTimeout):
+        return None
+    pause = ctx.retry.backoff(attempt - 1, ctx.rng)
+    if isinstance(outcome, httpx.Response):
+        pause = max(pause, _retry_after(outcome, default=0.0))
+    return pause
+
+
+def _build(ctx: _Context, req: ApiRequest[Any], remaining: float) -> httpx.Request:
+    # Never wait on one attempt longer than the whole call may take.
+    cap = max(remaining, 0.001)
+    t = ctx.timeout
+    timeout = httpx.Timeout(
+        connect=min(t.connect or cap, cap), read=min(t.read or cap, cap),
+        write=min(t.write or cap, cap), pool=min(t.pool or cap, cap),
+    )
+    return httpx.Request(
+        req.method, ctx.base_url + req.path, params=list(req.params) or None, json=req.json,
+        headers=ctx.headers, extensions={"timeout": timeout.as_dict()},
+    )
+
+
+def _retry_after(response: httpx.Response, default: float) -> float:
+    """``Retry-After`` as seconds (integer or HTTP date); ``default`` when absent or unreadable."""
+    raw = response.headers.get("retry-after")
+    if raw is None:
+        return default
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError):
+        return default
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _clerk_error(response: httpx.Response) -> tuple[str, str | None, str | None]:
+    """Message, Clerk error code and trace id from a ``ClerkErrors`` body (tolerating any body)."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        return f"HTTP {response.status_code}", None, response.headers.get("cf-ray")
+    errors = body.get("errors")
+    first = errors[0] if isinstance(errors, list) and errors and isinstance(errors[0], dict) else {}
+    message = first.get("long_message") or first.get("message") or f"HTTP {response.status_code}"
+    trace = body.get("clerk_trace_id") or response.headers.get("cf-ray")
+    return str(message), first.get("code"), trace
+
+
+_BY_STATUS: dict[int, type[ClerkAPIError]] = {
+    400: ClerkValidationError, 401: ClerkUnauthorized, 403: ClerkUnauthorized,
+    404: ClerkNotFound, 422: ClerkValidationError,
+}
+
+
+def _error(response: httpx.Response, req: ApiRequest[Any]) -> ClerkAPIError:
+    message, code, trace = _clerk_error(response)
+    cls = _BY_STATUS.get(response.status_code, ClerkAPIError)
+    return cls(f"{req.method} {req.path}: {message}", status=response.status_code, clerk_code=code,
+               trace_id=trace, method=req.method, path=req.path)
+
+
+def _unavailable(outcome: Any, req: ApiRequest[Any], retry_after: float) -> ClerkUnavailable:
+    where = {"method": req.method, "path": req.path}
+    if isinstance(outcome, httpx.Response):
+        message, code, trace = _clerk_error(outcome)
+        return ClerkUnavailable(f"{req.method} {req.path}: Clerk answered {outcome.status_code}: {message}",
+                                retry_after=retry_after, status=outcome.status_code, clerk_code=code,
+                                trace_id=trace, **where)
+    return ClerkUnavailable(f"{req.method} {req.path}: {type(outcome).__name__}: {outcome}",
+                            retry_after=retry_after, **where)

@@ -1,0 +1,215 @@
+"""``clerk-sync dev``: the whole system on one machine, zero config.
+
+A local Clerk (the emulator) and the sync service on a SQLite file, wired by a generated webhook
+secret; demo users/orgs/memberships are created through the emulator's Backend API (so they arrive
+as real signed webhooks), then we wait until the database equals the emulator's state.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import sqlalchemy as sa
+import uvicorn
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from clerk_sync import migrations
+from clerk_sync.config import Settings
+from clerk_sync.integrations.starlette import build_processor, create_app
+from clerk_sync.store import Store
+from clerk_sync.tables import organization_memberships, organizations, users, webhook_events
+from clerk_sync.testing import EmulatorServer
+
+__all__ = ["DevReport", "DevStack", "seed_demo"]
+
+_FIRST = ["Ada", "Grace", "Alan", "Edsger", "Barbara", "Donald", "Margaret", "Ken", "Frances", "John",
+          "Radia", "Tim", "Hedy", "Linus", "Sophie", "Guido"]
+_LAST = ["Lovelace", "Hopper", "Turing", "Dijkstra", "Liskov", "Knuth", "Hamilton", "Thompson", "Allen",
+         "McCarthy", "Perlman", "Berners-Lee", "Lamarr", "Torvalds", "Wilson", "van Rossum"]
+_ORGS = ["Acme", "Globex", "Initech", "Umbrella", "Hooli"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class DevReport:
+    """What the demo produced, for printing and for tests."""
+
+    db_rows: dict[str, int]
+    clerk_counts: dict[str, int]
+    events_by_status: dict[str, int]
+    seconds: float
+    converged: bool
+    service_url: str
+    emulator_url: str
+    notes: list[str] = field(default_factory=list)
+
+
+@contextmanager
+def _serve(app: Any, port: int) -> Iterator[str]:
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, name="clerk-sync-service", daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError(f"the sync service could not start on port {port}")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+class DevStack:
+    """Emulator + sync service, started together and stopped together."""
+
+    def __init__(self, db_path: Path, *, port: int = 0, fresh: bool = True, faults: bool = True) -> None:
+        if fresh:
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{db_path}{suffix}").unlink(missing_ok=True)
+        self.port = port or _free_port()
+        self.emulator = EmulatorServer(webhook_url=f"http://127.0.0.1:{self.port}/webhooks/clerk",
+                                       time_scale=100.0, seed=7,
+                                       # Show at-least-once delivery: some duplicates and reorderings.
+                                       duplicate_rate=0.2 if faults else 0.0, reorder_rate=0.2 if faults else 0.0)
+        self.settings = Settings.from_env({
+            "DATABASE_URL": f"sqlite:///{db_path}",
+            "CLERK_WEBHOOK_SIGNING_SECRET": self.emulator.webhook_secret,
+            "CLERK_INSTANCE_ID": self.emulator.config.instance_id,
+        })
+        self.processor = build_processor(self.settings)
+        self.store: Store = self.processor.store
+
+    @contextmanager
+    def running(self) -> Iterator[DevStack]:
+        migrations.upgrade(self.store.engine)
+        with _serve(create_app(self.settings, self.processor), self.port) as url, self.emulator:
+            self.service_url = url
+            try:
+                yield self
+            finally:
+                self.store.dispose()
+
+    def clerk(self) -> httpx.Client:
+        return httpx.Client(base_url=f"{self.emulator.url}/v1", timeout=30,
+                            headers={"Authorization": f"Bearer {self.emulator.secret_key}"})
+
+    def clerk_counts(self) -> dict[str, int]:
+        with self.clerk() as c:
+            n_users = c.get("/users/count").json()["total_count"]
+            orgs = c.get("/organizations", params={"limit": 100}).json()
+            n_members = sum(c.get(f"/organizations/{o['id']}/memberships", params={"limit": 100}).json()["total_count"]
+                            for o in orgs["data"])
+        return {"users": n_users, "organizations": orgs["total_count"], "organization_memberships": n_members}
+
+    def db_rows(self) -> dict[str, int]:
+        with self.store.connect() as conn:
+            return {t.name: conn.execute(sa.select(sa.func.count()).select_from(t).where(t.c.deleted_at.is_(None))).scalar_one()
+                    for t in (users, organizations, organization_memberships)}
+
+    def events_by_status(self) -> dict[str, int]:
+        with self.store.connect() as conn:
+            rows = conn.execute(sa.select(webhook_events.c.status, sa.func.count()).group_by(webhook_events.c.status))
+            return {status: n for status, n in rows}
+
+    def wait_converged(self, timeout_s: float = 60.0) -> bool:
+        deadline = time.monotonic() + timeout_s
+        self.emulator.wait_for_deliveries(timeout=timeout_s)
+        target = self.clerk_counts()
+        while time.monotonic() < deadline:
+            if self.db_rows() == target:
+                return True
+            time.sleep(0.1)
+        return False
+
+
+def seed_demo(clerk: httpx.Client, n_users: int, n_orgs: int, progress: Progress | None = None) -> None:
+    """Create users, orgs and memberships through the Backend API, then rename one user and delete one."""
+    steps = n_users + n_orgs * 2 + 2
+    task = progress.add_task("seeding Clerk", total=steps) if progress else None
+
+    def advance() -> None:
+        if progress is not None and task is not None:
+            progress.advance(task)
+
+    user_ids = []
+    for i in range(n_users):
+        first, last = _FIRST[i % len(_FIRST)], _LAST[i % len(_LAST)]
+        body = {"email_address": [f"{first.lower()}.{i}@example.com"], "first_name": first, "last_name": last,
+                "public_metadata": {"role": "admin" if i == 0 else "user"}}
+        user_ids.append(_ok(clerk.post("/users", json=body))["id"])
+        advance()
+    for j in range(n_orgs):
+        org = _ok(clerk.post("/organizations", json={"name": _ORGS[j % len(_ORGS)], "created_by": user_ids[j % n_users]}))
+        advance()
+        for k in range(2):
+            member = user_ids[(j * 3 + k + 1) % n_users]
+            if member != user_ids[j % n_users]:
+                _ok(clerk.post(f"/organizations/{org['id']}/memberships", json={"user_id": member, "role": "org:member"}))
+        advance()
+    _ok(clerk.patch(f"/users/{user_ids[1]}", json={"first_name": "Renamed"}))
+    advance()
+    _ok(clerk.delete(f"/users/{user_ids[-1]}"))
+    advance()
+
+
+def _ok(response: httpx.Response) -> Any:
+    if response.status_code >= 400:
+        raise RuntimeError(f"emulator answered {response.status_code}: {response.text[:300]}")
+    return response.json()
+
+
+def run_dev(db_path: Path, *, port: int = 0, users_n: int = 12, orgs_n: int = 3, console: Console,
+            keep_running: bool = True) -> DevReport:
+    """Start everything, seed, wait for convergence, print the report; then serve until Ctrl-C."""
+    started = time.monotonic()
+    stack = DevStack(db_path, port=port)
+    with stack.running():
+        console.print(f"Clerk emulator  {stack.emulator.url}/v1   (secret key {stack.emulator.secret_key})")
+        console.print(f"sync service    {stack.service_url}/webhooks/clerk   (SQLite {db_path})")
+        with Progress(console=console, transient=True) as progress, stack.clerk() as clerk:
+            seed_demo(clerk, users_n, orgs_n, progress)
+        converged = stack.wait_converged()
+        report = DevReport(stack.db_rows(), stack.clerk_counts(), stack.events_by_status(),
+                           time.monotonic() - started, converged, stack.service_url, stack.emulator.url)
+        _print_report(console, report, stack)
+        if keep_running:
+            console.print("Running; press Ctrl-C to stop.")
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                pass
+    return report
+
+
+def _print_report(console: Console, report: DevReport, stack: DevStack) -> None:
+    table = Table(title="clerk-sync dev: Clerk (emulator) vs your database")
+    table.add_column("table")
+    table.add_column("in Clerk", justify="right")
+    table.add_column("in DB (live rows)", justify="right")
+    for name, n in report.db_rows.items():
+        table.add_row(name, str(report.clerk_counts.get(name, "?")), str(n))
+    console.print(table)
+    console.print(f"webhook deliveries by status: {report.events_by_status}")
+    verdict = "[green]converged[/]" if report.converged else "[red]NOT converged[/]"
+    console.print(f"{verdict} in {report.seconds:.1f} s")
+    console.print("Try:")
+    console.print(f"  curl -s {report.service_url}/metrics | grep clerk_sync_webhook_events")
+    console.print(f"  curl -s -H 'Authorization: Bearer {stack.emulator.secret_key}' {report.emulator_url}/v1/users?limit=3")
+    console.print(f"  sqlite3 {stack.settings.sqlite_path()} 'select clerk_id, email, role from users'")

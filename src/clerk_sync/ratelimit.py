@@ -1,0 +1,250 @@
+"""The Clerk instance's request budget: a token bucket, in-process or shared through Redis.
+
+Clerk limits the Backend API per instance (per secret key): 1000 requests / 10 s in production,
+100 / 10 s in development. Every process that talks to Clerk with the same key must draw from one
+budget, so with ``REDIS_URL`` set the bucket lives in Redis and is updated by one atomic Lua script
+that also reads Redis' own clock (no skew between hosts).
+
+The bucket works by *reservation*: a caller takes a token now, possibly going into debt, and is told
+how long to sleep before sending. Callers are therefore served in arrival order, each with one round
+trip. A reservation that would wait longer than the caller's ``max_wait`` is refused and changes
+nothing, so a request with a deadline never queues behind a wait it cannot afford.
+
+Staying under a *fixed window* limit of ``L`` requests per ``W`` seconds (how Clerk and the emulator
+count) needs ``burst + rate * W <= L``: a full bucket plus one window of refill. :class:`RateLimit`
+derives ``rate`` from that, minus a little headroom for network jitter between hosts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from clerk_sync.errors import ClerkUnavailable
+
+if TYPE_CHECKING:
+    from clerk_sync.config import Settings
+
+__all__ = [
+    "Budget",
+    "LocalBudget",
+    "RateLimit",
+    "RedisBudget",
+    "Reservation",
+    "budget_from_settings",
+    "default_rate_limit",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """``requests`` per ``window_s`` as the server counts them, and how we spend it.
+
+    ``burst`` tokens may be spent at once (default 2 % of the window); ``headroom`` is the fraction of
+    the window we leave unused so that jitter between our clock and the server's never tips a window
+    over the limit.
+    """
+
+    requests: int
+    window_s: float = 10.0
+    burst: int | None = None
+    headroom: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.requests < 1 or self.window_s <= 0:
+            raise ValueError("a rate limit needs requests >= 1 and window_s > 0")
+        if not 0 <= self.headroom < 1:
+            raise ValueError("headroom must be in [0, 1)")
+
+    @property
+    def capacity(self) -> float:
+        """Tokens the bucket holds when full."""
+        return float(self.burst if self.burst is not None else max(1, self.requests // 50))
+
+    @property
+    def rate(self) -> float:
+        """Sustained tokens per second, so that ``capacity + rate * window_s`` stays under the limit."""
+        usable = self.requests * (1 - self.headroom) - self.capacity
+        return max(usable, 1.0) / self.window_s
+
+
+def default_rate_limit(secret_key: str | None) -> RateLimit:
+    """Clerk's documented limit for the key's environment: ``sk_live_`` 1000 / 10 s, else 100 / 10 s."""
+    live = bool(secret_key and secret_key.startswith("sk_live_"))
+    return RateLimit(1000 if live else 100, 10.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """``granted``: a token is yours, send after ``wait`` seconds. Refused: ``wait`` is what it would cost."""
+
+    granted: bool
+    wait: float
+
+
+class Budget(Protocol):
+    """What the Clerk client needs from a budget; sync and async faces of the same operations."""
+
+    def reserve(self, max_wait: float) -> Reservation: ...
+
+    def penalize(self, seconds: float) -> None: ...
+
+    async def areserve(self, max_wait: float) -> Reservation: ...
+
+    async def apenalize(self, seconds: float) -> None: ...
+
+
+def _take(tokens: float, rate: float, max_wait: float) -> tuple[float, Reservation]:
+    """The bucket rule (mirrored in the Lua script): take one token if the wait is affordable."""
+    wait = max(0.0, (1.0 - tokens) / rate)
+    if wait > max_wait:
+        return tokens, Reservation(False, wait)
+    return tokens - 1.0, Reservation(True, wait)
+
+
+class LocalBudget:
+    """A token bucket for one process (threads and event loops alike; the lock is held for microseconds)."""
+
+    def __init__(self, limit: RateLimit, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit = limit
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._tokens = limit.capacity
+        self._stamp = clock()
+
+    def _refill(self) -> None:
+        now = self._clock()
+        elapsed = max(0.0, now - self._stamp)
+        self._tokens = min(self.limit.capacity, self._tokens + elapsed * self.limit.rate)
+        self._stamp = now
+
+    def reserve(self, max_wait: float) -> Reservation:
+        with self._lock:
+            self._refill()
+            self._tokens, reservation = _take(self._tokens, self.limit.rate, max_wait)
+            return reservation
+
+    def penalize(self, seconds: float) -> None:
+        """The server said 429: nobody may send for ``seconds`` (the next token is that far away)."""
+        with self._lock:
+            self._refill()
+            self._tokens = min(self._tokens, 1.0 - seconds * self.limit.rate)
+
+    async def areserve(self, max_wait: float) -> Reservation:
+        return self.reserve(max_wait)
+
+    async def apenalize(self, seconds: float) -> None:
+        self.penalize(seconds)
+
+
+# KEYS[1] = bucket hash; ARGV = rate, capacity, max_wait, penalty_s (0 = reserve, > 0 = penalize).
+# Returns {granted, wait} with wait as a string: Redis truncates Lua numbers to integers.
+_SCRIPT = """
+local rate = tonumber(ARGV[1])
+local capacity = tonumber(ARGV[2])
+local max_wait = tonumber(ARGV[3])
+local penalty = tonumber(ARGV[4])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'stamp')
+local tokens = tonumber(state[1])
+local stamp = tonumber(state[2])
+if tokens == nil or stamp == nil then
+  tokens = capacity
+  stamp = now
+end
+tokens = math.min(capacity, tokens + math.max(0, now - stamp) * rate)
+local granted = 0
+local wait = 0
+if penalty > 0 then
+  tokens = math.min(tokens, 1 - penalty * rate)
+else
+  wait = math.max(0, (1 - tokens) / rate)
+  if wait <= max_wait then
+    tokens = tokens - 1
+    granted = 1
+  end
+end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'stamp', tostring(now))
+redis.call('PEXPIRE', KEYS[1], math.ceil((capacity - tokens) / rate * 1000) + 60000)
+return {granted, tostring(wait)}
+"""
+
+
+class RedisBudget:
+    """The same bucket in Redis, shared by every process using the same Clerk secret key.
+
+    Needs the ``redis`` extra. The key is derived from a hash of the secret key, never the key itself.
+    """
+
+    def __init__(self, url: str, limit: RateLimit, secret_key: str, *, prefix: str = "clerk_sync:budget") -> None:
+        try:
+            import redis
+            import redis.asyncio
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise ImportError("REDIS_URL is set but the 'redis' package is missing: pip install 'clerk-sync[redis]'") from exc
+        self.limit = limit
+        self.key = f"{prefix}:{hashlib.sha256(secret_key.encode()).hexdigest()[:16]}"
+        self._sync = redis.Redis.from_url(url)
+        self._async = redis.asyncio.Redis.from_url(url)
+        self._script = self._sync.register_script(_SCRIPT)
+        self._ascript = self._async.register_script(_SCRIPT)
+        self._error_type = redis.RedisError
+
+    def _args(self, max_wait: float, penalty: float) -> list[str]:
+        return [repr(self.limit.rate), repr(self.limit.capacity), repr(max_wait), repr(penalty)]
+
+    def reserve(self, max_wait: float) -> Reservation:
+        with self._redis_errors():
+            return _reservation(self._script(keys=[self.key], args=self._args(max_wait, 0.0)))
+
+    def penalize(self, seconds: float) -> None:
+        with self._redis_errors():
+            self._script(keys=[self.key], args=self._args(0.0, max(seconds, 1e-6)))
+
+    async def areserve(self, max_wait: float) -> Reservation:
+        with self._redis_errors():
+            return _reservation(await self._ascript(keys=[self.key], args=self._args(max_wait, 0.0)))
+
+    async def apenalize(self, seconds: float) -> None:
+        with self._redis_errors():
+            await self._ascript(keys=[self.key], args=self._args(0.0, max(seconds, 1e-6)))
+
+    @contextmanager
+    def _redis_errors(self) -> Iterator[None]:
+        # Without the shared budget we cannot know what other processes spent: fail closed, retryably.
+        try:
+            yield
+        except self._error_type as exc:
+            raise ClerkUnavailable(f"the shared Clerk budget (Redis) is unreachable: {exc}", retry_after=1.0) from exc
+
+    def reset(self) -> None:
+        """Forget the bucket (tests and benchmarks start from a full bucket)."""
+        self._sync.delete(self.key)
+
+    def close(self) -> None:
+        self._sync.close()
+
+    async def aclose(self) -> None:
+        await self._async.aclose()
+
+
+def _reservation(reply: Any) -> Reservation:
+    granted, wait = reply
+    return Reservation(bool(int(granted)), float(wait))
+
+
+def budget_from_settings(settings: Settings) -> LocalBudget | RedisBudget:
+    """Redis-shared when ``REDIS_URL`` is set, in-process otherwise; the limit from the settings."""
+    secret = settings.clerk_secret_key.get_secret_value() if settings.clerk_secret_key else ""
+    limit = default_rate_limit(secret)
+    if settings.clerk_api_rate_limit is not None:
+        limit = RateLimit(settings.clerk_api_rate_limit, settings.clerk_api_rate_window_s)
+    if settings.redis_url:
+        return RedisBudget(settings.redis_url, limit, secret)
+    return LocalBudget(limit)

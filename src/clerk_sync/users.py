@@ -1,0 +1,156 @@
+"""Just-in-time user sync: the signed-in user's row, fetched from Clerk when the webhook is late.
+
+``get_auth_user`` costs one indexed query when the row exists. When it does not (the sign-up race:
+the user's first request beats ``user.created``), it fetches the user from Clerk once — single-flight
+and within the shared budget — upserts it through the same guarded write as the webhook path
+(``Writer.apply(Upsert(...))``), and returns it. Whichever of webhook and JIT lands first, the other
+is a no-op, so the row ends the same.
+
+Usage::
+
+    users = AuthUsers(store, clerk=ClerkClient.from_settings(settings))
+    user = users.get_auth_user(auth.user_id)          # or: await users.aget_auth_user(...)
+
+Errors: :class:`~clerk_sync.errors.UserDeleted` (410), :class:`~clerk_sync.errors.UserBanned` (403),
+:class:`~clerk_sync.errors.ClerkUnavailable` / :class:`~clerk_sync.errors.RateLimited` (503 with
+``retry_after``) when the row is missing and Clerk cannot be asked within ``timeout_s``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from datetime import datetime
+from typing import Any
+
+import anyio
+import sqlalchemy as sa
+
+from clerk_sync.clerk_api import AsyncClerkClient, ClerkClient
+from clerk_sync.engine import Entity, Upsert
+from clerk_sync.errors import ClerkNotFound, ClerkUnavailable, UserBanned, UserDeleted
+from clerk_sync.events import user_record
+from clerk_sync.store import Store
+from clerk_sync.tables import users
+
+__all__ = ["AuthUser", "AuthUsers", "load_user"]
+
+JSON = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class AuthUser:
+    """A ``users`` row, read-only. ``clerk_id`` is Clerk's user id; ``id`` is ours (join on it)."""
+
+    id: int
+    clerk_id: str
+    email: str | None
+    email_addresses: list[str]
+    first_name: str | None
+    last_name: str | None
+    username: str | None
+    image_url: str | None
+    public_metadata: JSON
+    private_metadata: JSON
+    unsafe_metadata: JSON
+    role: str
+    plan: str
+    banned: bool
+    locked: bool
+    last_sign_in_at: int | None
+    clerk_created_at: int | None
+    clerk_updated_at: int
+    created_at: datetime
+    updated_at: datetime
+    deleted_at: datetime | None
+
+    @property
+    def is_deleted(self) -> bool:
+        return self.deleted_at is not None
+
+
+_COLUMNS = [users.c[f.name] for f in fields(AuthUser)]
+
+
+def load_user(conn: sa.Connection, clerk_id: str) -> AuthUser | None:
+    """The row for ``clerk_id`` (deleted or not): one query on the unique ``clerk_id`` index."""
+    row = conn.execute(sa.select(*_COLUMNS).where(users.c.clerk_id == clerk_id)).mappings().first()
+    return AuthUser(**row) if row is not None else None
+
+
+def _usable(user: AuthUser) -> AuthUser:
+    if user.deleted_at is not None:
+        raise UserDeleted(f"user {user.clerk_id} was deleted")
+    if user.banned:
+        raise UserBanned(f"user {user.clerk_id} is banned")
+    return user
+
+
+class AuthUsers:
+    """The signed-in user's row, with a just-in-time fetch from Clerk; one instance per app.
+
+    Pass ``clerk`` for the blocking methods, ``aclerk`` for the async ones (or both).
+    ``timeout_s`` bounds the Clerk part of a call, waiting for the budget and retries included.
+    """
+
+    def __init__(self, store: Store, *, clerk: ClerkClient | None = None,
+                 aclerk: AsyncClerkClient | None = None, timeout_s: float = 5.0) -> None:
+        self.store = store
+        self.clerk = clerk
+        self.aclerk = aclerk
+        self.timeout_s = timeout_s
+
+    # -- blocking ---------------------------------------------------------------------------
+    def get_auth_user(self, user_id: str) -> AuthUser:
+        """The user's row; fetched from Clerk and stored first if the webhook has not arrived yet."""
+        user = self._read(user_id)
+        if user is None:
+            user = self.refresh_user(user_id, check=False)
+        return _usable(user)
+
+    def refresh_user(self, user_id: str, *, check: bool = True) -> AuthUser:
+        """Fetch the user from Clerk now and upsert it (after sign-up: ``POST /sync/me``)."""
+        if self.clerk is None:
+            raise TypeError("AuthUsers needs clerk=ClerkClient(...) for blocking calls")
+        try:
+            data = self.clerk.get_user(user_id, deadline_s=self.timeout_s)
+        except ClerkNotFound:
+            raise UserDeleted(f"user {user_id} does not exist in Clerk") from None
+        user = self._store(data)
+        return _usable(user) if check else user
+
+    # -- async ------------------------------------------------------------------------------
+    async def aget_auth_user(self, user_id: str) -> AuthUser:
+        """Async :meth:`get_auth_user`: the database runs in a worker thread, Clerk on the event loop."""
+        user = await anyio.to_thread.run_sync(self._read, user_id)
+        if user is None:
+            user = await self.arefresh_user(user_id, check=False)
+        return _usable(user)
+
+    async def arefresh_user(self, user_id: str, *, check: bool = True) -> AuthUser:
+        """Async :meth:`refresh_user`."""
+        if self.aclerk is None:
+            raise TypeError("AuthUsers needs aclerk=AsyncClerkClient(...) for async calls")
+        try:
+            # The client's deadline already bounds the call; this is the belt to its braces.
+            with anyio.fail_after(self.timeout_s + 1.0):
+                data = await self.aclerk.get_user(user_id, deadline_s=self.timeout_s)
+        except ClerkNotFound:
+            raise UserDeleted(f"user {user_id} does not exist in Clerk") from None
+        except TimeoutError:
+            raise ClerkUnavailable(f"Clerk did not answer within {self.timeout_s}s", retry_after=1.0) from None
+        user = await anyio.to_thread.run_sync(self._store, data)
+        return _usable(user) if check else user
+
+    # -- database ---------------------------------------------------------------------------
+    def _read(self, user_id: str) -> AuthUser | None:
+        with self.store.connect() as conn:
+            return load_user(conn, user_id)
+
+    def _store(self, data: JSON) -> AuthUser:
+        """Upsert through the webhook path's guard, then read back what won (maybe a newer webhook)."""
+        record = user_record(data)
+        with self.store.transaction() as writer:
+            writer.apply(Upsert(Entity.USER, record))
+            user = load_user(writer.conn, record.clerk_id)
+        assert user is not None  # we just wrote it, inside this transaction
+        return user

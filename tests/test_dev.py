@@ -1,0 +1,45 @@
+"""`clerk-sync dev` end to end: emulator + service on SQLite converge to the same rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import sqlalchemy as sa
+from rich.console import Console
+
+from clerk_sync.devstack import DevStack, run_dev, seed_demo
+from clerk_sync.tables import organization_memberships, organizations, users
+
+
+def _live(stack: DevStack, table: sa.Table) -> set[str]:
+    with stack.store.connect() as conn:
+        return set(conn.execute(sa.select(table.c.clerk_id).where(table.c.deleted_at.is_(None))).scalars())
+
+
+def test_demo_converges_to_the_emulators_state(tmp_path: Path) -> None:
+    stack = DevStack(tmp_path / "dev.db")
+    with stack.running(), stack.clerk() as clerk:
+        seed_demo(clerk, 10, 3)
+        assert stack.wait_converged(timeout_s=30)
+        clerk_users = {u["id"] for u in clerk.get("/users", params={"limit": 100}).json()}
+        orgs = clerk.get("/organizations", params={"limit": 100}).json()["data"]
+        members = {m["id"] for o in orgs for m in clerk.get(f"/organizations/{o['id']}/memberships").json()["data"]}
+        assert _live(stack, users) == clerk_users
+        assert _live(stack, organizations) == {o["id"] for o in orgs}
+        assert _live(stack, organization_memberships) == members
+        with stack.store.connect() as conn:
+            renamed = conn.execute(sa.select(users.c.first_name).where(users.c.first_name == "Renamed")).all()
+            deleted = conn.execute(sa.select(sa.func.count()).select_from(users).where(users.c.deleted_at.is_not(None))).scalar_one()
+        assert len(renamed) == 1 and deleted == 1
+        statuses = stack.events_by_status()
+        assert statuses.get("duplicate", 0) == 0  # duplicates are acknowledged, not stored twice
+        assert sum(statuses.values()) == len(stack.emulator.deliveries())
+
+
+def test_dev_command_reports_convergence(tmp_path: Path) -> None:
+    console = Console(record=True, width=120)
+    report = run_dev(tmp_path / "demo.db", users_n=5, orgs_n=2, console=console, keep_running=False)
+    assert report.converged
+    assert report.db_rows == report.clerk_counts
+    text = console.export_text()
+    assert "converged" in text and "curl" in text
