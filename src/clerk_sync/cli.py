@@ -118,6 +118,35 @@ def dev(
         raise SystemExit(1)
 
 
+users_app = typer.Typer(help="Manage mirrored users (admin actions are audited).", no_args_is_help=True)
+app.add_typer(users_app, name="users")
+
+
+@users_app.command("promote")
+def users_promote(
+    email: Annotated[str, typer.Argument(help="Primary email of the user.")],
+    role: Annotated[str, typer.Option(help="Role to set in public_metadata.role.")] = "admin",
+    retry_pending: Annotated[bool, typer.Option("--retry-pending", help="Also push earlier pending changes.")] = False,
+) -> None:
+    """Set a user's role in Clerk and the DB (CLERK_SECRET_KEY, DATABASE_URL); audited."""
+    from clerk_sync.admin import AdminActions, find_user_by_email
+    from clerk_sync.clerk_api import ClerkClient
+
+    settings = _settings()
+    store = Store.from_url(settings.sqlalchemy_url())
+    clerk_id = find_user_by_email(store, email)
+    if clerk_id is None:
+        console.print(f"[red]error:[/] no synced user with email {email!r} (run `clerk-sync reconcile` first?)")
+        raise SystemExit(1)
+    with ClerkClient.from_settings(settings) as client:
+        actions = AdminActions(store, client)
+        if retry_pending:
+            console.print(f"pending changes: {actions.retry_pending()}")
+        change = actions.promote(clerk_id, role, by=None)
+    colour = "green" if change.status == "applied" else "yellow"
+    console.print(f"[{colour}]{change.status}[/]: {email} ({clerk_id}) {change.previous_role} -> {role}")
+
+
 def _safe(settings: Settings) -> str:
     from sqlalchemy.engine import make_url
 

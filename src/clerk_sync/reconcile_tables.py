@@ -5,11 +5,13 @@ Defined on :data:`clerk_sync.tables.metadata` (``tables`` imports this module), 
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 
 from clerk_sync.tables import PK, JSONType, Timestamp, metadata
 
-__all__ = ["reconcile_runs", "reconcile_seen"]
+__all__ = ["reconcile_runs", "reconcile_seen", "seen_columns"]
 
 # One row per run: where it is (phase + offset), what it did so far, and a heartbeat so a second
 # invocation can tell a live run from a killed one.
@@ -36,10 +38,13 @@ reconcile_runs = sa.Table(
 
 # The Clerk ids a run has listed, per table: staged here rather than in memory so 10 M users cost
 # no RAM and a resumed run still knows what it saw before the kill.
-reconcile_seen = sa.Table(
-    "reconcile_seen",
-    metadata,
-    sa.Column("run_id", sa.BigInteger, primary_key=True, autoincrement=False),
-    sa.Column("entity", sa.String(32), primary_key=True),
-    sa.Column("clerk_id", sa.String(64), primary_key=True),
-)
+def seen_columns() -> list[sa.Column[Any]]:
+    """Fresh columns of ``reconcile_seen`` (a dry run builds a TEMPORARY twin from them)."""
+    return [
+        sa.Column("run_id", sa.BigInteger, primary_key=True, autoincrement=False),
+        sa.Column("entity", sa.String(32), primary_key=True),
+        sa.Column("clerk_id", sa.String(64), primary_key=True),
+    ]
+
+
+reconcile_seen = sa.Table("reconcile_seen", metadata, *seen_columns())

@@ -10,6 +10,7 @@ __all__ = [
     "metadata",
     "organization_memberships",
     "organizations",
+    "pending_role_changes",
     "revoked_sessions",
     "users",
     "webhook_events",
@@ -131,3 +132,16 @@ revoked_sessions = sa.Table(
 
 # Reconcile bookkeeping lives in its own module but on this metadata, so migrations compare against it.
 from clerk_sync import reconcile_tables as _reconcile_tables  # noqa: E402, F401
+
+pending_role_changes = sa.Table(
+    "pending_role_changes",
+    metadata,
+    sa.Column("id", PK, primary_key=True, autoincrement=True),
+    sa.Column("user_clerk_id", sa.String(64), nullable=False, index=True),
+    sa.Column("role", sa.String(64), nullable=False),
+    sa.Column("requested_by", sa.String(64), nullable=True),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.Column("done_at", Timestamp, nullable=True),
+)

@@ -1,0 +1,161 @@
+"""Privileged actions: role promotion (DB + Clerk metadata) and impersonation, each audited.
+
+Clerk is the source of truth for ``public_metadata.role``: a promotion writes Clerk first and then
+stores Clerk's answer through the same guarded upsert as webhooks, so the two never disagree. If
+Clerk is unreachable the change is recorded in ``pending_role_changes`` (and audited as pending);
+:meth:`AdminActions.retry_pending` pushes it later. The DB role never changes ahead of Clerk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import sqlalchemy as sa
+
+from clerk_sync.auth import AuditEntry, DbUser, load_db_user, record_audit
+from clerk_sync.engine import Entity, Upsert
+from clerk_sync.errors import AccessDenied, ClerkNotFound, ClerkValidationError, RateLimited
+from clerk_sync.errors import ClerkUnavailable as _ClerkUnavailable
+from clerk_sync.events import user_record
+from clerk_sync.store import Store
+from clerk_sync.tables import pending_role_changes, users
+
+__all__ = ["ADMIN_ROLE", "AdminActions", "ClerkAdminAPI", "Impersonation", "RoleChange"]
+
+ADMIN_ROLE = "admin"
+MAX_IMPERSONATION_S = 300
+_RETRYABLE = (_ClerkUnavailable, RateLimited)
+
+
+class ClerkAdminAPI(Protocol):
+    """The Clerk calls admin actions need (``clerk_api.ClerkClient`` provides them)."""
+
+    def update_user_metadata(self, user_id: str, *, public_metadata: dict[str, Any] | None = None) -> dict[str, Any]: ...
+
+    def create_actor_token(self, user_id: str, actor: dict[str, Any], *,
+                           expires_in_seconds: int | None = None) -> dict[str, Any]: ...
+
+    def create_sign_in_token(self, user_id: str, *, expires_in_seconds: int | None = None) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RoleChange:
+    """Outcome of :meth:`AdminActions.promote`: ``applied`` or ``pending`` (Clerk unreachable)."""
+
+    user_clerk_id: str
+    role: str
+    status: str
+    previous_role: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Impersonation:
+    """A short-lived way in as ``target``: an actor token (``act`` in the session) or a sign-in token."""
+
+    target: str
+    actor: str
+    method: str
+    token: str
+    url: str | None
+    expires_in_s: int
+
+
+class AdminActions:
+    """Promotion and impersonation with their audit trail."""
+
+    def __init__(self, store: Store, clerk: ClerkAdminAPI) -> None:
+        self.store = store
+        self.clerk = clerk
+
+    # -- roles -----------------------------------------------------------------------------------
+    def promote(self, target: str, role: str, *, by: str | None, ip: str | None = None) -> RoleChange:
+        """Set ``public_metadata.role`` in Clerk and the DB; ``by`` must be an admin (None = CLI operator)."""
+        if by is not None:
+            self._require_admin(by, action="role.change", target=target, ip=ip)
+        before = load_db_user(self.store, target)
+        previous = before.role if before else None
+        try:
+            clerk_user = self.clerk.update_user_metadata(target, public_metadata={"role": role})
+        except _RETRYABLE as exc:
+            self._record_pending(target, role, by, ip, previous, str(exc))
+            return RoleChange(target, role, "pending", previous)
+        self._store_clerk_user(clerk_user, AuditEntry("role.changed", by, target, details={"from": previous, "to": role}, ip=ip))
+        return RoleChange(target, role, "applied", previous)
+
+    def retry_pending(self) -> dict[str, int]:
+        """Push pending role changes to Clerk (oldest first); returns counts by outcome."""
+        with self.store.connect() as conn:
+            rows = conn.execute(sa.select(pending_role_changes).where(pending_role_changes.c.done_at.is_(None))
+                                .order_by(pending_role_changes.c.id)).mappings().all()
+        counts = {"applied": 0, "pending": 0}
+        for row in rows:
+            try:
+                clerk_user = self.clerk.update_user_metadata(row["user_clerk_id"], public_metadata={"role": row["role"]})
+            except _RETRYABLE as exc:
+                with self.store.transaction() as w:
+                    w.conn.execute(pending_role_changes.update().where(pending_role_changes.c.id == row["id"])
+                                   .values(attempts=pending_role_changes.c.attempts + 1, last_error=str(exc)))
+                counts["pending"] += 1
+                continue
+            entry = AuditEntry("role.changed", row["requested_by"], row["user_clerk_id"],
+                               details={"to": row["role"], "pending_id": row["id"]})
+            self._store_clerk_user(clerk_user, entry, done_pending=row["id"])
+            counts["applied"] += 1
+        return counts
+
+    def _store_clerk_user(self, clerk_user: dict[str, Any], entry: AuditEntry, done_pending: int | None = None) -> None:
+        with self.store.transaction() as w:
+            w.apply(Upsert(Entity.USER, user_record(clerk_user)))
+            record_audit(w, entry)
+            if done_pending is not None:
+                w.conn.execute(pending_role_changes.update().where(pending_role_changes.c.id == done_pending)
+                               .values(done_at=w.now, attempts=pending_role_changes.c.attempts + 1, last_error=None))
+
+    def _record_pending(self, target: str, role: str, by: str | None, ip: str | None, previous: str | None,
+                        error: str) -> None:
+        with self.store.transaction() as w:
+            w.conn.execute(pending_role_changes.insert().values(
+                user_clerk_id=target, role=role, requested_by=by, attempts=1, last_error=error, created_at=w.now))
+            record_audit(w, AuditEntry("role.change_pending", by, target,
+                                       details={"from": previous, "to": role, "error": error}, ip=ip))
+
+    # -- impersonation ---------------------------------------------------------------------------
+    def start_impersonation(self, admin: str, target: str, *, ip: str | None = None,
+                            expires_in_s: int = MAX_IMPERSONATION_S) -> Impersonation:
+        """Ask Clerk for an actor token (≤ 5 min); fall back to a sign-in token. Non-admins are refused."""
+        self._require_admin(admin, action="impersonation", target=target, ip=ip)
+        if admin == target:
+            raise AccessDenied("an admin cannot impersonate themself")
+        ttl = max(1, min(expires_in_s, MAX_IMPERSONATION_S))
+        try:
+            grant = self.clerk.create_actor_token(target, {"sub": admin}, expires_in_seconds=ttl)
+            method = "actor_token"
+        except (ClerkValidationError, ClerkNotFound) as exc:
+            if isinstance(exc, ClerkNotFound) and exc.path and "/users" in exc.path:
+                raise
+            grant = self.clerk.create_sign_in_token(target, expires_in_seconds=ttl)
+            method = "sign_in_token"
+        result = Impersonation(target, admin, method, str(grant.get("token", "")), grant.get("url"), ttl)
+        with self.store.transaction() as w:
+            record_audit(w, AuditEntry("impersonation.granted", admin, target,
+                                       details={"method": method, "expires_in_s": ttl, "grant_id": grant.get("id")}, ip=ip))
+        return result
+
+    def _require_admin(self, clerk_id: str, *, action: str, target: str, ip: str | None) -> DbUser:
+        user = load_db_user(self.store, clerk_id)
+        if user is None or user.role != ADMIN_ROLE or user.banned or user.deleted_at is not None:
+            with self.store.transaction() as w:
+                record_audit(w, AuditEntry(f"{action}.refused", clerk_id, target,
+                                           details={"reason": "not an admin"}, ip=ip))
+            raise AccessDenied(f"{action} requires the {ADMIN_ROLE!r} role")
+        return user
+
+
+def find_user_by_email(store: Store, email: str) -> str | None:
+    """The Clerk id of the live user with this primary email (for the CLI)."""
+    with store.connect() as conn:
+        return conn.execute(sa.select(users.c.clerk_id).where(sa.func.lower(users.c.email) == email.lower(),
+                                                              users.c.deleted_at.is_(None))).scalar()
+
+

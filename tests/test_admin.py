@@ -1,0 +1,122 @@
+"""Role promotion and impersonation against the emulator, with the audit trail."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from clerk_sync.admin import AdminActions
+from clerk_sync.auth import load_db_user
+from clerk_sync.clerk_api import CircuitBreaker, ClerkClient, RetryPolicy
+from clerk_sync.engine import Entity, Upsert
+from clerk_sync.errors import AccessDenied, StoreError
+from clerk_sync.events import user_record
+from clerk_sync.jwks import JWKSKeySource
+from clerk_sync.sessions import SessionPolicy, SessionVerifier
+from clerk_sync.store import Store
+from clerk_sync.tables import audit_log, pending_role_changes
+from clerk_sync.testing import EmulatorServer
+
+
+@pytest.fixture
+def clerk() -> Iterator[EmulatorServer]:
+    with EmulatorServer(rate_limit_requests=1000) as server:
+        yield server
+
+
+@pytest.fixture
+def actions(clerk: EmulatorServer, store: Store) -> Iterator[AdminActions]:
+    client = ClerkClient(clerk.secret_key, api_url=clerk.url, retry=RetryPolicy(attempts=1, deadline_s=2),
+                         breaker=CircuitBreaker(threshold=100))
+    yield AdminActions(store, client)
+    client.close()
+
+
+def synced_user(clerk: EmulatorServer, store: Store, email: str, role: str = "user") -> str:
+    user = clerk.create_user(email, first_name="T", public_metadata={"role": role})
+    with store.transaction() as w:
+        w.apply(Upsert(Entity.USER, user_record(user)))
+    return str(user["id"])
+
+
+def audit_rows(store: Store) -> list[dict[str, Any]]:
+    with store.connect() as conn:
+        return [dict(r) for r in conn.execute(sa.select(audit_log).order_by(audit_log.c.id)).mappings()]
+
+
+def test_admin_promotes_user_in_clerk_and_db_with_audit(clerk: EmulatorServer, store: Store, actions: AdminActions) -> None:
+    admin = synced_user(clerk, store, "admin@example.com", role="admin")
+    target = synced_user(clerk, store, "bob@example.com")
+    change = actions.promote(target, "admin", by=admin, ip="203.0.113.9")
+    assert (change.status, change.previous_role) == ("applied", "user")
+    assert clerk.request("GET", f"/v1/users/{target}")["public_metadata"]["role"] == "admin"
+    db = load_db_user(store, target)
+    assert db is not None and db.role == "admin" and db.public_metadata["role"] == "admin"
+    [row] = audit_rows(store)
+    assert (row["action"], row["actor_clerk_id"], row["target_clerk_id"], row["ip"]) == ("role.changed", admin, target, "203.0.113.9")
+    assert row["details"] == {"from": "user", "to": "admin"}
+
+
+def test_non_admin_cannot_promote_and_the_refusal_is_audited(clerk: EmulatorServer, store: Store, actions: AdminActions) -> None:
+    mallory = synced_user(clerk, store, "mallory@example.com")
+    with pytest.raises(AccessDenied):
+        actions.promote(mallory, "admin", by=mallory)
+    assert clerk.request("GET", f"/v1/users/{mallory}")["public_metadata"].get("role") == "user"
+    assert [r["action"] for r in audit_rows(store)] == ["role.change.refused"]
+
+
+def test_clerk_outage_records_pending_then_retry_converges(clerk: EmulatorServer, store: Store, actions: AdminActions) -> None:
+    target = synced_user(clerk, store, "carol@example.com")
+    clerk.set_faults(outage=True)
+    change = actions.promote(target, "admin", by=None)
+    assert change.status == "pending"
+    db = load_db_user(store, target)
+    assert db is not None and db.role == "user"  # never ahead of Clerk
+    assert actions.retry_pending() == {"applied": 0, "pending": 1}
+    clerk.set_faults(outage=False)
+    assert actions.retry_pending() == {"applied": 1, "pending": 0}
+    db = load_db_user(store, target)
+    assert db is not None and db.role == "admin"
+    assert clerk.request("GET", f"/v1/users/{target}")["public_metadata"]["role"] == "admin"
+    with store.connect() as conn:
+        pending = conn.execute(sa.select(pending_role_changes)).mappings().one()
+    assert pending["done_at"] is not None and pending["attempts"] == 3
+    assert [r["action"] for r in audit_rows(store)] == ["role.change_pending", "role.changed"]
+
+
+def test_impersonation_yields_an_act_session_and_is_audited(clerk: EmulatorServer, store: Store, actions: AdminActions) -> None:
+    admin = synced_user(clerk, store, "root@example.com", role="admin")
+    target = synced_user(clerk, store, "dave@example.com")
+    grant = actions.start_impersonation(admin, target, ip="198.51.100.7")
+    assert grant.method == "actor_token" and grant.expires_in_s <= 300
+    [row] = audit_rows(store)
+    assert (row["action"], row["actor_clerk_id"], row["target_clerk_id"]) == ("impersonation.granted", admin, target)
+    accepted = clerk.request("POST", f"/_emulator/actor_tokens/{row['details']['grant_id']}/accept")
+    with httpx.Client() as http:
+        verifier = SessionVerifier(JWKSKeySource(f"{clerk.api_url}/jwks", client=http,
+                                                 headers={"Authorization": f"Bearer {clerk.secret_key}"}), SessionPolicy())
+        auth = verifier.verify(accepted["jwt"])
+    assert auth.user_id == target and auth.is_impersonated and auth.actor_id == admin
+
+
+def test_non_admin_impersonation_is_refused_and_audited(clerk: EmulatorServer, store: Store, actions: AdminActions) -> None:
+    eve = synced_user(clerk, store, "eve@example.com")
+    target = synced_user(clerk, store, "frank@example.com")
+    with pytest.raises(AccessDenied):
+        actions.start_impersonation(eve, target)
+    assert [r["action"] for r in audit_rows(store)] == ["impersonation.refused"]
+
+
+def test_audit_log_is_append_only(clerk: EmulatorServer, store: Store, actions: AdminActions) -> None:
+    eve = synced_user(clerk, store, "eve2@example.com")
+    with pytest.raises(AccessDenied):
+        actions.promote(eve, "admin", by=eve)
+    with pytest.raises(StoreError, match="append-only"), store.transaction() as w:
+        w.conn.execute(audit_log.update().values(action="nothing.happened"))
+    with pytest.raises(StoreError, match="append-only"), store.transaction() as w:
+        w.conn.execute(audit_log.delete())
+    assert [r["action"] for r in audit_rows(store)] == ["role.change.refused"]
