@@ -147,6 +147,17 @@ def users_promote(
     console.print(f"[{colour}]{change.status}[/]: {email} ({clerk_id}) {change.previous_role} -> {role}")
 
 
+@app.command()
+def reconcile(
+    since: Annotated[str | None, typer.Option(help="Only users updated at/after this ISO time.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Write nothing; print the diff.")] = False,
+) -> None:
+    """Re-read Clerk (users, organizations, memberships) and repair drift; resumes after a kill."""
+    from clerk_sync.reconcile import reconcile_command
+
+    reconcile_command(_settings(), since=since, dry_run=dry_run, console=console)
+
+
 def _safe(settings: Settings) -> str:
     from sqlalchemy.engine import make_url
 

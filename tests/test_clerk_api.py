@@ -1,0 +1,280 @@
+"""The Clerk client against the emulator over loopback HTTP: errors, budget, 429s, outage, single-flight."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from clerk_sync.clerk_api import ApiRequest, AsyncClerkClient, CircuitBreaker, ClerkClient, RetryPolicy
+from clerk_sync.clerk_api._policy import _retry_after
+from clerk_sync.config import Settings
+from clerk_sync.errors import (
+    ClerkNotFound,
+    ClerkUnauthorized,
+    ClerkUnavailable,
+    ClerkValidationError,
+    RateLimited,
+)
+from clerk_sync.ratelimit import LocalBudget, RateLimit, RedisBudget, budget_from_settings
+from clerk_sync.testing import EmulatorServer
+
+REDIS_URL = os.environ.get("CLERK_SYNC_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+FAST_RETRY = RetryPolicy(attempts=3, backoff_s=0.02, backoff_max_s=0.05, deadline_s=5.0)
+
+
+@pytest.fixture(scope="module")
+def emulator() -> Iterator[EmulatorServer]:
+    with EmulatorServer(rate_limit_requests=1000, rate_limit_window_s=1.0) as server:
+        yield server
+
+
+@pytest.fixture
+def clerk_emu(emulator: EmulatorServer) -> EmulatorServer:
+    emulator.reset()
+    return emulator
+
+
+def client_for(emu: EmulatorServer, *, limit: RateLimit = RateLimit(1000, 1.0), **options: Any) -> ClerkClient:
+    options.setdefault("retry", FAST_RETRY)
+    return ClerkClient(emu.secret_key, api_url=emu.url, budget=LocalBudget(limit), **options)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+# -- pure parts ------------------------------------------------------------------------------
+
+
+def test_bucket_stays_under_a_fixed_window_and_refuses_unaffordable_waits() -> None:
+    clock = FakeClock()
+    limit = RateLimit(100, 10.0)
+    assert limit.capacity + limit.rate * limit.window_s <= 100
+    budget = LocalBudget(limit, clock=clock)
+    waits = [budget.reserve(max_wait=60).wait for _ in range(50)]
+    assert waits[: int(limit.capacity)] == [0.0] * int(limit.capacity)
+    assert waits[-1] == pytest.approx((50 - limit.capacity) / limit.rate)
+    refused = budget.reserve(max_wait=0.5)
+    assert not refused.granted and refused.wait > 0.5
+    assert budget.reserve(max_wait=60).wait == pytest.approx(waits[-1] + 1 / limit.rate)  # refusal cost nothing
+
+
+def test_penalty_blocks_the_bucket_for_retry_after() -> None:
+    clock = FakeClock()
+    budget = LocalBudget(RateLimit(100, 1.0), clock=clock)
+    budget.penalize(3.0)
+    assert budget.reserve(max_wait=60).wait >= 3.0
+
+
+def test_breaker_opens_fails_fast_and_probes_once() -> None:
+    clock = FakeClock()
+    breaker = CircuitBreaker(threshold=2, reset_s=5.0, clock=clock)
+    breaker.failure()
+    assert breaker.check() is None
+    breaker.failure()
+    assert breaker.check() == pytest.approx(5.0)
+    clock.t += 5.0
+    assert breaker.check() is None  # the probe
+    assert breaker.check() is not None  # everyone else waits for it
+    breaker.success()
+    assert breaker.check() is None and not breaker.is_open
+
+
+@pytest.mark.parametrize(("header", "expected"), [("7", 7.0), (None, 1.0), ("soon", 1.0)], ids=["seconds", "absent", "junk"])
+def test_retry_after_parsing(header: str | None, expected: float) -> None:
+    headers = {"retry-after": header} if header is not None else {}
+    assert _retry_after(httpx.Response(429, headers=headers), default=1.0) == expected
+
+
+def test_settings_pick_the_budget() -> None:
+    local = budget_from_settings(Settings.from_env({"CLERK_SECRET_KEY": "sk_live_x"}))
+    assert isinstance(local, LocalBudget) and local.limit.requests == 1000
+    shared = budget_from_settings(Settings.from_env({"CLERK_SECRET_KEY": "sk_test_x", "REDIS_URL": REDIS_URL,
+                                                    "CLERK_API_RATE_LIMIT": "50"}))
+    assert isinstance(shared, RedisBudget) and shared.limit.requests == 50 and "sk_test_x" not in shared.key
+    shared.close()
+
+
+# -- against the emulator --------------------------------------------------------------------
+
+
+def test_calls_send_version_header_and_map_errors(clerk_emu: EmulatorServer) -> None:
+    seen: list[httpx.Request] = []
+    http = httpx.Client(event_hooks={"request": [seen.append]})
+    user = clerk_emu.create_user(email="ada@example.com", first_name="Ada")
+    with client_for(clerk_emu, http=http) as clerk:
+        assert clerk.get_user(user["id"])["first_name"] == "Ada"
+        assert clerk.count_users() == 1
+        assert [u["id"] for u in clerk.list_users(order_by="+created_at")] == [user["id"]]
+        merged = clerk.update_user_metadata(user["id"], public_metadata={"role": "admin"})
+        assert merged["public_metadata"] == {"role": "admin"}
+        org = clerk_emu.create_organization("Acme", created_by=user["id"])
+        assert clerk.list_organizations().total_count == 1
+        assert clerk.list_organization_memberships(org["id"]).data[0]["role"] == "org:admin"
+        assert clerk.list_all_organization_memberships().total_count == 1
+        assert clerk.create_sign_in_token(user["id"])["object"] == "sign_in_token"
+        actor = clerk.create_actor_token(user["id"], {"sub": "user_admin"})
+        assert actor["object"] == "actor_token"
+        with pytest.raises(ClerkNotFound) as missing:
+            clerk.get_user("user_missing")
+        assert missing.value.status == 404 and missing.value.clerk_code == "resource_not_found"
+        with pytest.raises(ClerkValidationError):
+            clerk.send(ApiRequest("GET", "/users", list, params=(("limit", "0"),)))
+    assert {r.headers["clerk-api-version"] for r in seen} == {"2026-05-12"}
+    assert all(r.headers["authorization"] == f"Bearer {clerk_emu.secret_key}" for r in seen)
+    http.close()
+    with pytest.raises(ClerkUnauthorized), ClerkClient("sk_test_wrong", api_url=clerk_emu.url) as bad:
+        bad.count_users()
+
+
+def test_sync_single_flight_makes_one_call(clerk_emu: EmulatorServer) -> None:
+    user = clerk_emu.create_user(email="ada@example.com")
+    clerk_emu.set_faults(latency_s=0.2)
+    with client_for(clerk_emu) as clerk:
+        results: list[dict[str, Any]] = []
+        threads = [threading.Thread(target=lambda: results.append(clerk.get_user(user["id"]))) for _ in range(50)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(results) == 50 and {r["id"] for r in results} == {user["id"]}
+        assert clerk.stats.requests == 1
+        results[0]["first_name"] = "mutated"
+        assert sum(r["first_name"] == "mutated" for r in results) == 1  # followers got copies
+
+
+@pytest.mark.anyio
+async def test_async_single_flight_makes_one_call(clerk_emu: EmulatorServer) -> None:
+    user = clerk_emu.create_user(email="ada@example.com")
+    clerk_emu.set_faults(latency_s=0.2)
+    results: list[str] = []
+    async with AsyncClerkClient(clerk_emu.secret_key, api_url=clerk_emu.url, retry=FAST_RETRY) as clerk:
+
+        async def one() -> None:
+            results.append((await clerk.get_user(user["id"]))["id"])
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(100):
+                tg.start_soon(one)
+        assert results == [user["id"]] * 100
+        assert clerk.stats.requests == 1
+
+
+def test_storm_within_budget_gets_no_429(clerk_emu: EmulatorServer) -> None:
+    clerk_emu.set_faults(rate_limit_requests=20, rate_limit_window_s=1.0)
+    with client_for(clerk_emu, limit=RateLimit(20, 1.0)) as clerk:
+        started = time.monotonic()
+        counts: list[int] = []
+        threads = [threading.Thread(target=lambda: counts.append(clerk.count_users())) for _ in range(60)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.monotonic() - started
+    assert len(counts) == 60
+    assert clerk.stats.rate_limited == 0 and clerk.stats.by_status == {200: 60}
+    assert elapsed >= (60 - 20) / 20 * 0.9  # paced by the budget, not by 429s
+
+
+def test_429_storm_honours_retry_after_and_everyone_is_served(clerk_emu: EmulatorServer) -> None:
+    # Our budget thinks it may send 1000/s, the server allows 10/s: a storm of 429s.
+    clerk_emu.set_faults(rate_limit_requests=10, rate_limit_window_s=1.0)
+    with client_for(clerk_emu, retry=RetryPolicy(rate_limited_attempts=10, deadline_s=20)) as clerk:
+        done: list[int] = []
+        threads = [threading.Thread(target=lambda: done.append(clerk.count_users())) for _ in range(30)]
+        started = time.monotonic()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.monotonic() - started
+    assert len(done) == 30
+    assert clerk.stats.by_status[200] == 30
+    assert 0 < clerk.stats.rate_limited <= 30  # one penalty per wave, not a retry hammer
+    assert elapsed >= 2.0  # three windows of 10
+
+
+def test_outage_fails_fast_then_recovers(clerk_emu: EmulatorServer) -> None:
+    clerk_emu.set_faults(outage=True)
+    breaker = CircuitBreaker(threshold=3, reset_s=0.3)
+    with client_for(clerk_emu, breaker=breaker) as clerk:
+        started = time.monotonic()
+        with pytest.raises(ClerkUnavailable) as first:
+            clerk.count_users()
+        assert time.monotonic() - started < 1.0 and first.value.status == 503
+        assert clerk.stats.requests == 3 and breaker.is_open
+        started = time.monotonic()
+        with pytest.raises(ClerkUnavailable) as fast:
+            clerk.count_users()
+        assert time.monotonic() - started < 0.05 and fast.value.retry_after > 0
+        assert clerk.stats.requests == 3  # nothing sent while open
+        clerk_emu.set_faults(outage=False)
+        time.sleep(0.35)
+        assert clerk.count_users() == 0
+        assert not breaker.is_open
+
+
+def test_timeouts_are_retried_then_bounded_by_the_deadline(clerk_emu: EmulatorServer) -> None:
+    clerk_emu.set_faults(latency_s=0.5)
+    timeout = httpx.Timeout(0.1, connect=0.5)
+    with client_for(clerk_emu, timeout=timeout, retry=RetryPolicy(attempts=3, backoff_s=0.01)) as clerk:
+        with pytest.raises(ClerkUnavailable):
+            clerk.count_users()
+        assert clerk.stats.requests == 3 and clerk.stats.failures == 3
+    with client_for(clerk_emu, retry=RetryPolicy(attempts=10, backoff_s=0.01)) as clerk:
+        started = time.monotonic()
+        with pytest.raises(ClerkUnavailable):
+            clerk.count_users(deadline_s=0.3)
+        assert time.monotonic() - started < 0.6
+
+
+def test_budget_wait_past_the_deadline_is_refused_without_sending(clerk_emu: EmulatorServer) -> None:
+    with client_for(clerk_emu, limit=RateLimit(2, 10.0, burst=1)) as clerk:
+        clerk.count_users()
+        with pytest.raises(RateLimited) as refused:
+            clerk.count_users(deadline_s=0.5)
+        assert refused.value.retry_after > 0.5 and clerk.stats.requests == 1
+
+
+# -- three processes, one Redis budget ---------------------------------------------------------
+
+_WORKER = """
+import json, sys
+from clerk_sync.clerk_api import ClerkClient, RetryPolicy
+from clerk_sync.ratelimit import RateLimit, RedisBudget
+url, key, redis_url, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+budget = RedisBudget(redis_url, RateLimit(15, 1.0), key, prefix=sys.argv[5])
+with ClerkClient(key, api_url=url, budget=budget, retry=RetryPolicy(deadline_s=30)) as clerk:
+    for _ in range(n):
+        clerk.count_users()
+    print(json.dumps({"requests": clerk.stats.requests, "rate_limited": clerk.stats.rate_limited}))
+"""
+
+
+def test_three_processes_share_the_redis_budget(clerk_emu: EmulatorServer) -> None:
+    prefix = f"clerk_sync_test:{os.getpid()}:{time.monotonic_ns()}"
+    clerk_emu.set_faults(rate_limit_requests=15, rate_limit_window_s=1.0)
+    args = [clerk_emu.url, clerk_emu.secret_key, REDIS_URL, "15", prefix]
+    started = time.monotonic()
+    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, *args], stdout=subprocess.PIPE, text=True)  # noqa: S603
+             for _ in range(3)]
+    results = [json.loads(p.communicate(timeout=60)[0]) for p in procs]
+    elapsed = time.monotonic() - started
+    assert all(p.returncode == 0 for p in procs)
+    assert sum(r["requests"] for r in results) == 45
+    assert sum(r["rate_limited"] for r in results) == 0  # 45 requests, 15/s allowed: never over
+    assert elapsed >= 2.0  # they really waited for each other
