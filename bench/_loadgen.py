@@ -1,3 +1,4 @@
+# ruff: noqa: S105
 """Closed-loop HTTP/1.1 load generator for bench/ingest.py (run as its own process).
 
 N keep-alive connections, each sending pre-signed, pre-serialised POSTs one after another over raw

@@ -18,7 +18,7 @@ from clerk_sync.integrations.fastapi import ClerkAuth
 from clerk_sync.integrations.starlette import build_processor
 from clerk_sync.jwks import StaticKeySource
 from clerk_sync.sessions import Auth, SessionPolicy, SessionVerifier
-from clerk_sync.tables import metadata
+from clerk_sync.tables import audit_log, metadata
 from tests import factories as f
 from tests._server import running
 from tests.conftest import SECRET
@@ -158,12 +158,20 @@ def test_org_role_and_permission_dependencies(harness: tuple[Harness, httpx.Clie
     assert client.get("/org/settings", headers=bearer(token("user_o"))).status_code == 403
 
 
-def test_impersonated_sessions_are_marked_and_kept_off_sensitive_routes(harness: tuple[Harness, httpx.Client]) -> None:
+def test_impersonated_sessions_are_marked_audited_and_kept_off_sensitive_routes(harness: tuple[Harness, httpx.Client]) -> None:
     _, client = harness
     tok = token("user_t", act={"sub": "user_admin", "sid": "sess_admin"})
     assert client.get("/me", headers=bearer(tok)).json() == {"user_id": "user_t", "impersonated": True}
     assert client.get("/billing", headers=bearer(tok)).status_code == 403
     assert client.get("/billing", headers=bearer(token("user_t"))).status_code == 200
+    h, _ = harness
+    with h.store.connect() as conn:
+        rows = conn.execute(sa.select(audit_log.c.action, audit_log.c.impersonator_clerk_id, audit_log.c.target_clerk_id,
+                                      audit_log.c.details)).all()
+    assert [(r[0], r[1], r[2], r[3]["path"]) for r in rows] == [
+        ("impersonation.request", "user_admin", "user_t", "/me"),
+        ("impersonation.request", "user_admin", "user_t", "/billing"),
+    ]
 
 
 def test_handler_checks_stand_without_the_middleware(db_url: str) -> None:

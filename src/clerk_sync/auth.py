@@ -154,6 +154,12 @@ class Authenticator:
             raise AccessDenied("not available while impersonating")
         return auth
 
+    def audit_impersonated_request(self, auth: Auth, method: str, path: str, ip: str | None) -> None:
+        """Requests made while impersonating are privileged actions: one audit row each."""
+        with self.store.transaction() as w:
+            record_audit(w, AuditEntry("impersonation.request", auth.actor_id, auth.user_id,
+                                       impersonator=auth.actor_id, details={"method": method, "path": path}, ip=ip))
+
     def _user_from_table(self, clerk_id: str) -> DbUser | None:
         return load_db_user(self.store, clerk_id)
 

@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from http.cookies import SimpleCookie
 
 from starlette.authentication import AuthCredentials, AuthenticationBackend, AuthenticationError, BaseUser
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import HTTPConnection
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -65,8 +66,9 @@ class ClerkAuthMiddleware:
     """
 
     def __init__(self, app: ASGIApp, authenticator: Authenticator, *, public_paths: Iterable[str] = (),
-                 public_prefixes: Iterable[str] = ()) -> None:
+                 public_prefixes: Iterable[str] = (), audit_impersonation: bool = True) -> None:
         self.app = app
+        self.audit_impersonation = audit_impersonation
         self.authenticator = authenticator
         self.public_paths = frozenset(public_paths)
         self.public_prefixes = tuple(public_prefixes)
@@ -79,7 +81,12 @@ class ClerkAuthMiddleware:
         public = path in self.public_paths or (bool(self.public_prefixes) and path.startswith(self.public_prefixes))
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         try:
-            scope["clerk_auth"] = await self.authenticator.aauthenticate(headers, _cookies(headers))
+            auth = await self.authenticator.aauthenticate(headers, _cookies(headers))
+            scope["clerk_auth"] = auth
+            if auth.is_impersonated and self.audit_impersonation:
+                client = scope.get("client")
+                await run_in_threadpool(self.authenticator.audit_impersonated_request, auth, scope["method"], path,
+                                        client[0] if client else None)
         except TokenError as exc:
             if not public:
                 response = JSONResponse({"error": exc.code, "message": str(exc)}, status_code=401,

@@ -1,0 +1,235 @@
+"""Just-in-time user sync against the emulator, on SQLite and PostgreSQL: the sign-up race above all."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+from typing import Any
+
+import anyio
+import pytest
+import sqlalchemy as sa
+
+from clerk_sync.clerk_api import AsyncClerkClient, CircuitBreaker, ClerkClient, RetryPolicy
+from clerk_sync.engine import Entity, Tombstone
+from clerk_sync.errors import ClerkUnavailable, UserBanned, UserDeleted
+from clerk_sync.events import user_record
+from clerk_sync.ingest import WebhookProcessor
+from clerk_sync.ratelimit import LocalBudget, RateLimit
+from clerk_sync.store import Store
+from clerk_sync.tables import users
+from clerk_sync.testing import EmulatorServer
+from clerk_sync.users import AuthUser, AuthUsers
+from clerk_sync.webhooks import WebhookVerifier
+from tests import factories
+
+RETRY = RetryPolicy(attempts=2, backoff_s=0.02, backoff_max_s=0.05, deadline_s=3.0)
+
+
+@pytest.fixture(scope="module")
+def emulator() -> Iterator[EmulatorServer]:
+    with EmulatorServer(rate_limit_requests=1000, rate_limit_window_s=1.0) as server:
+        yield server
+
+
+@pytest.fixture
+def emu(emulator: EmulatorServer) -> EmulatorServer:
+    emulator.reset()
+    return emulator
+
+
+@pytest.fixture
+def clerk(emu: EmulatorServer) -> Iterator[ClerkClient]:
+    with ClerkClient(emu.secret_key, api_url=emu.url, budget=LocalBudget(RateLimit(1000, 1.0)), retry=RETRY,
+                     breaker=CircuitBreaker(threshold=2, reset_s=0.3)) as client:
+        yield client
+
+
+@pytest.fixture
+def jit(store: Store, clerk: ClerkClient) -> AuthUsers:
+    return AuthUsers(store, clerk=clerk, timeout_s=2.0)
+
+
+def deliver(store: Store, event_type: str, data: dict[str, Any], svix_id: str) -> str:
+    processor = WebhookProcessor(store, WebhookVerifier([factories.SECRET]))
+    headers, body = factories.signed(factories.envelope(event_type, data), svix_id)
+    return processor.process(headers, body).status
+
+
+def clerk_columns(user: AuthUser) -> dict[str, Any]:
+    """The columns that come from Clerk (ours, id/created_at/updated_at, may legitimately differ)."""
+    return {k: v for k, v in asdict(user).items() if k not in {"id", "created_at", "updated_at"}}
+
+
+def rows(store: Store) -> int:
+    with store.connect() as conn:
+        return int(conn.execute(sa.select(sa.func.count()).select_from(users)).scalar_one())
+
+
+def test_existing_row_costs_one_query_and_no_clerk_call(store: Store, jit: AuthUsers, emu: EmulatorServer) -> None:
+    data = emu.create_user(email="ada@example.com", first_name="Ada")
+    assert deliver(store, "user.created", data, "msg_1") == "applied"
+    selects: list[str] = []
+
+    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT"):
+            selects.append(statement)
+
+    sa.event.listen(store.engine, "before_cursor_execute", count)
+    try:
+        user = jit.get_auth_user(data["id"])
+    finally:
+        sa.event.remove(store.engine, "before_cursor_execute", count)
+    assert user.first_name == "Ada" and user.email == "ada@example.com"
+    assert len(selects) == 1 and "clerk_id" in selects[0]
+    assert jit.clerk is not None and jit.clerk.stats.requests == 0
+
+
+def test_missing_row_is_fetched_and_stored_like_the_webhook_would(store: Store, jit: AuthUsers,
+                                                                  emu: EmulatorServer) -> None:
+    data = emu.create_user(email="ada@example.com", first_name="Ada", public_metadata={"role": "admin"})
+    user = jit.get_auth_user(data["id"])
+    expected = asdict(user_record(data))
+    assert {k: getattr(user, k) for k in expected} == expected
+    assert user.role == "admin" and rows(store) == 1
+    assert jit.get_auth_user(data["id"]) == user  # now from the table
+    assert jit.clerk is not None and jit.clerk.stats.requests == 1
+
+
+@pytest.mark.parametrize("webhook_first", [True, False], ids=["webhook-then-jit", "jit-then-webhook"])
+def test_sign_up_race_either_order_ends_with_one_identical_row(store: Store, jit: AuthUsers, emu: EmulatorServer,
+                                                               webhook_first: bool) -> None:
+    data = emu.create_user(email="ada@example.com", first_name="Ada")
+    if webhook_first:
+        assert deliver(store, "user.created", data, "msg_1") == "applied"
+        user = jit.get_auth_user(data["id"])
+    else:
+        user = jit.get_auth_user(data["id"])
+        assert deliver(store, "user.created", data, "msg_1") == "skipped"  # same version: a no-op
+    assert rows(store) == 1
+    assert jit.get_auth_user(data["id"]) == user
+    assert clerk_columns(user) == clerk_columns(_reference(data))
+
+
+def test_sign_up_race_concurrent(store: Store, jit: AuthUsers, emu: EmulatorServer) -> None:
+    emu.set_faults(latency_s=0.05)  # JIT fetches overlap the webhook's transaction
+    data = emu.create_user(email="ada@example.com", first_name="Ada")
+    barrier = threading.Barrier(11)
+    seen: list[AuthUser] = []
+    statuses: list[str] = []
+
+    def webhook() -> None:
+        barrier.wait()
+        statuses.append(deliver(store, "user.created", data, "msg_1"))
+
+    def request() -> None:
+        barrier.wait()
+        seen.append(jit.get_auth_user(data["id"]))
+
+    threads = [threading.Thread(target=webhook)] + [threading.Thread(target=request) for _ in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert rows(store) == 1 and len(seen) == 10
+    assert statuses[0] in {"applied", "skipped"}
+    assert {tuple(sorted(clerk_columns(u).items(), key=str)) for u in seen} == {
+        tuple(sorted(clerk_columns(_reference(data)).items(), key=str))
+    }
+    assert jit.clerk is not None and jit.clerk.stats.requests <= 1
+
+
+def test_late_older_webhook_does_not_undo_a_newer_jit_fetch(store: Store, jit: AuthUsers, emu: EmulatorServer) -> None:
+    created = emu.create_user(email="ada@example.com", first_name="Ada")
+    renamed = emu.request("PATCH", f"/v1/users/{created['id']}", json={"first_name": "Grace"})
+    assert jit.get_auth_user(created["id"]).first_name == "Grace"
+    assert deliver(store, "user.created", created, "msg_old") == "skipped"
+    assert jit.get_auth_user(created["id"]).first_name == "Grace"
+    assert deliver(store, "user.updated", renamed, "msg_new") == "skipped"
+
+
+def test_single_flight_many_requests_one_clerk_call(store: Store, jit: AuthUsers, emu: EmulatorServer) -> None:
+    emu.set_faults(latency_s=0.2)
+    data = emu.create_user(email="ada@example.com")
+    found: list[str] = []
+    threads = [threading.Thread(target=lambda: found.append(jit.get_auth_user(data["id"]).clerk_id))
+               for _ in range(30)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert found == [data["id"]] * 30 and rows(store) == 1
+    assert jit.clerk is not None and jit.clerk.stats.requests == 1
+
+
+@pytest.mark.anyio
+async def test_async_single_flight_and_race(store: Store, emu: EmulatorServer) -> None:
+    emu.set_faults(latency_s=0.2)
+    data = emu.create_user(email="ada@example.com")
+    async with AsyncClerkClient(emu.secret_key, api_url=emu.url, retry=RETRY) as aclerk:
+        jit = AuthUsers(store, aclerk=aclerk, timeout_s=2.0)
+        found: list[AuthUser] = []
+
+        async def one() -> None:
+            found.append(await jit.aget_auth_user(data["id"]))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(50):
+                tg.start_soon(one)
+            tg.start_soon(anyio.to_thread.run_sync, deliver, store, "user.created", data, "msg_1")
+        assert len(found) == 50 and {u.clerk_id for u in found} == {data["id"]}
+        assert aclerk.stats.requests <= 1 and rows(store) == 1
+
+
+def test_deleted_and_banned_users_are_refused(store: Store, jit: AuthUsers, emu: EmulatorServer) -> None:
+    gone = emu.create_user(email="gone@example.com")
+    with store.transaction() as writer:
+        writer.apply(Tombstone(Entity.USER, gone["id"], int(time.time() * 1000)))
+    with pytest.raises(UserDeleted) as deleted:
+        jit.get_auth_user(gone["id"])
+    assert deleted.value.status_code == 410
+    banned = emu.create_user(email="bad@example.com", banned=True)
+    with pytest.raises(UserBanned):
+        jit.get_auth_user(banned["id"])
+    assert rows(store) == 2  # the banned user is stored all the same
+    with pytest.raises(UserDeleted):
+        jit.get_auth_user("user_never_existed")
+
+
+def test_clerk_outage_without_a_row_is_a_fast_503(store: Store, jit: AuthUsers, emu: EmulatorServer) -> None:
+    known = emu.create_user(email="known@example.com")
+    jit.get_auth_user(known["id"])
+    emu.set_faults(outage=True)
+    started = time.monotonic()
+    with pytest.raises(ClerkUnavailable) as down:
+        jit.get_auth_user("user_unknown")
+    assert time.monotonic() - started < 1.0
+    assert down.value.status_code == 503 and down.value.retry_after > 0
+    started = time.monotonic()
+    with pytest.raises(ClerkUnavailable):
+        jit.get_auth_user("user_unknown_2")  # circuit open: no request at all
+    assert time.monotonic() - started < 0.05
+    assert jit.get_auth_user(known["id"]).clerk_id == known["id"]  # stored users unaffected
+    emu.set_faults(outage=False)
+    time.sleep(0.35)
+    late = emu.create_user(email="late@example.com")
+    assert jit.get_auth_user(late["id"]).clerk_id == late["id"]
+
+
+def test_slow_clerk_is_bounded_by_the_timeout(store: Store, emu: EmulatorServer) -> None:
+    emu.set_faults(latency_s=2.0)
+    with ClerkClient(emu.secret_key, api_url=emu.url, retry=RETRY) as clerk:
+        jit = AuthUsers(store, clerk=clerk, timeout_s=0.3)
+        started = time.monotonic()
+        with pytest.raises(ClerkUnavailable):
+            jit.get_auth_user("user_slow")
+        assert time.monotonic() - started < 1.0
+
+
+def _reference(data: dict[str, Any]) -> AuthUser:
+    """What the row must hold for ``data``: its record plus our defaults."""
+    record = asdict(user_record(data))
+    now = time.time()
+    return AuthUser(id=0, plan="free", created_at=now, updated_at=now, deleted_at=None, **record)  # type: ignore[arg-type]
