@@ -10,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 
 from clerk_sync.admin import AdminActions
-from clerk_sync.auth import load_db_user
+from clerk_sync.auth import read_user
 from clerk_sync.clerk_api import CircuitBreaker, ClerkClient, RetryPolicy
 from clerk_sync.engine import Entity, Upsert
 from clerk_sync.errors import AccessDenied, StoreError
@@ -54,7 +54,7 @@ def test_admin_promotes_user_in_clerk_and_db_with_audit(clerk: EmulatorServer, s
     change = actions.promote(target, "admin", by=admin, ip="203.0.113.9")
     assert (change.status, change.previous_role) == ("applied", "user")
     assert clerk.request("GET", f"/v1/users/{target}")["public_metadata"]["role"] == "admin"
-    db = load_db_user(store, target)
+    db = read_user(store, target)
     assert db is not None and db.role == "admin" and db.public_metadata["role"] == "admin"
     [row] = audit_rows(store)
     assert (row["action"], row["actor_clerk_id"], row["target_clerk_id"], row["ip"]) == ("role.changed", admin, target, "203.0.113.9")
@@ -74,12 +74,12 @@ def test_clerk_outage_records_pending_then_retry_converges(clerk: EmulatorServer
     clerk.set_faults(outage=True)
     change = actions.promote(target, "admin", by=None)
     assert change.status == "pending"
-    db = load_db_user(store, target)
+    db = read_user(store, target)
     assert db is not None and db.role == "user"  # never ahead of Clerk
     assert actions.retry_pending() == {"applied": 0, "pending": 1}
     clerk.set_faults(outage=False)
     assert actions.retry_pending() == {"applied": 1, "pending": 0}
-    db = load_db_user(store, target)
+    db = read_user(store, target)
     assert db is not None and db.role == "admin"
     assert clerk.request("GET", f"/v1/users/{target}")["public_metadata"]["role"] == "admin"
     with store.connect() as conn:

@@ -11,7 +11,7 @@ import pytest
 import sqlalchemy as sa
 from fastapi import Depends, FastAPI
 
-from clerk_sync.auth import Authenticator, DbUser, DenyList
+from clerk_sync.auth import Authenticator, DenyList
 from clerk_sync.config import Settings
 from clerk_sync.integrations.auth_asgi import ClerkAuthMiddleware
 from clerk_sync.integrations.fastapi import ClerkAuth
@@ -19,6 +19,7 @@ from clerk_sync.integrations.starlette import build_processor
 from clerk_sync.jwks import StaticKeySource
 from clerk_sync.sessions import Auth, SessionPolicy, SessionVerifier
 from clerk_sync.tables import audit_log, metadata
+from clerk_sync.users import AuthUser
 from tests import factories as f
 from tests._server import running
 from tests.conftest import SECRET
@@ -65,7 +66,7 @@ def build_app(h: Harness) -> FastAPI:
         return {"user_id": auth.user_id, "impersonated": auth.is_impersonated}
 
     @app.get("/admin")
-    def admin(user: DbUser = Depends(clerk.require_role("admin"))) -> dict[str, str]:
+    def admin(user: AuthUser = Depends(clerk.require_role("admin"))) -> dict[str, str]:
         return {"admin": user.clerk_id}
 
     @app.get("/org/settings")

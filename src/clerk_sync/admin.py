@@ -13,13 +13,14 @@ from typing import Any, Protocol
 
 import sqlalchemy as sa
 
-from clerk_sync.auth import AuditEntry, DbUser, load_db_user, record_audit
+from clerk_sync.auth import AuditEntry, read_user, record_audit
 from clerk_sync.engine import Entity, Upsert
 from clerk_sync.errors import AccessDenied, ClerkNotFound, ClerkValidationError, RateLimited
 from clerk_sync.errors import ClerkUnavailable as _ClerkUnavailable
 from clerk_sync.events import user_record
 from clerk_sync.store import Store
 from clerk_sync.tables import pending_role_changes, users
+from clerk_sync.users import AuthUser
 
 __all__ = ["ADMIN_ROLE", "AdminActions", "ClerkAdminAPI", "Impersonation", "RoleChange"]
 
@@ -73,7 +74,7 @@ class AdminActions:
         """Set ``public_metadata.role`` in Clerk and the DB; ``by`` must be an admin (None = CLI operator)."""
         if by is not None:
             self._require_admin(by, action="role.change", target=target, ip=ip)
-        before = load_db_user(self.store, target)
+        before = read_user(self.store, target)
         previous = before.role if before else None
         try:
             clerk_user = self.clerk.update_user_metadata(target, public_metadata={"role": role})
@@ -142,8 +143,8 @@ class AdminActions:
                                        details={"method": method, "expires_in_s": ttl, "grant_id": grant.get("id")}, ip=ip))
         return result
 
-    def _require_admin(self, clerk_id: str, *, action: str, target: str, ip: str | None) -> DbUser:
-        user = load_db_user(self.store, clerk_id)
+    def _require_admin(self, clerk_id: str, *, action: str, target: str, ip: str | None) -> AuthUser:
+        user = read_user(self.store, clerk_id)
         if user is None or user.role != ADMIN_ROLE or user.banned or user.deleted_at is not None:
             with self.store.transaction() as w:
                 record_audit(w, AuditEntry(f"{action}.refused", clerk_id, target,

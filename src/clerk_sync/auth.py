@@ -11,7 +11,6 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -20,8 +19,9 @@ from clerk_sync.errors import AccessDenied, SessionUserBanned
 from clerk_sync.sessions import Auth, SessionVerifier, token_from_request
 from clerk_sync.store import Store, Writer
 from clerk_sync.tables import audit_log, revoked_sessions, users
+from clerk_sync.users import AuthUser, load_user
 
-__all__ = ["AuditEntry", "Authenticator", "DbUser", "DenyList", "load_db_user", "record_audit"]
+__all__ = ["AuditEntry", "Authenticator", "DenyList", "read_user", "record_audit"]
 
 
 class DenyList:
@@ -76,21 +76,7 @@ class DenyList:
                 self._lock.release()
 
 
-@dataclass(frozen=True, slots=True)
-class DbUser:
-    """The ``users`` row fields the auth layer decides on."""
-
-    id: int
-    clerk_id: str
-    email: str | None
-    role: str
-    plan: str
-    banned: bool
-    deleted_at: datetime | None
-    public_metadata: Mapping[str, Any]
-
-
-UserLoader = Callable[[str], DbUser | None]
+UserLoader = Callable[[str], AuthUser | None]
 
 
 class Authenticator:
@@ -119,7 +105,7 @@ class Authenticator:
         return auth
 
     # -- may they --------------------------------------------------------------------------------
-    def user(self, auth: Auth) -> DbUser:
+    def user(self, auth: Auth) -> AuthUser:
         """The caller's DB row (403 when it does not exist yet or is banned/deleted)."""
         user = self._load_user(auth.user_id)
         if user is None:
@@ -128,7 +114,7 @@ class Authenticator:
             raise SessionUserBanned("user is banned or deleted")
         return user
 
-    def require_role(self, auth: Auth, *roles: str) -> DbUser:
+    def require_role(self, auth: Auth, *roles: str) -> AuthUser:
         """Confirm the role against the DB, not only the token claim: a demoted admin loses access at once."""
         user = self.user(auth)
         if user.role not in roles:
@@ -160,16 +146,14 @@ class Authenticator:
             record_audit(w, AuditEntry("impersonation.request", auth.actor_id, auth.user_id,
                                        impersonator=auth.actor_id, details={"method": method, "path": path}, ip=ip))
 
-    def _user_from_table(self, clerk_id: str) -> DbUser | None:
-        return load_db_user(self.store, clerk_id)
+    def _user_from_table(self, clerk_id: str) -> AuthUser | None:
+        return read_user(self.store, clerk_id)
 
 
-def load_db_user(store: Store, clerk_id: str) -> DbUser | None:
-    """One indexed query on ``users.clerk_id``."""
-    cols = [users.c[name] for name in DbUser.__slots__]  # type: ignore[attr-defined]
+def read_user(store: Store, clerk_id: str) -> AuthUser | None:
+    """The ``users`` row for a Clerk id (one indexed query), deleted or not."""
     with store.connect() as conn:
-        row = conn.execute(sa.select(*cols).where(users.c.clerk_id == clerk_id)).mappings().first()
-    return DbUser(**row) if row else None
+        return load_user(conn, clerk_id)
 
 
 @dataclass(frozen=True, slots=True)

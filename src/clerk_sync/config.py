@@ -63,6 +63,12 @@ class Settings(BaseSettings):
     clerk_api_connect_timeout_s: float = Field(3.0, gt=0, validation_alias="CLERK_API_CONNECT_TIMEOUT_S")
     clerk_api_read_timeout_s: float = Field(10.0, gt=0, validation_alias="CLERK_API_READ_TIMEOUT_S")
     log_level: str = Field("INFO", validation_alias="CLERK_SYNC_LOG_LEVEL")
+    # Session verification (auth layer): a PEM key (networkless) or JWKS from CLERK_API_URL/v1/jwks.
+    clerk_jwt_key: SecretStr | None = Field(None, validation_alias="CLERK_JWT_KEY")
+    clerk_jwks_url: str | None = Field(None, validation_alias="CLERK_JWKS_URL")
+    clerk_issuer: str | None = Field(None, validation_alias=AliasChoices("CLERK_ISSUER", "CLERK_FRONTEND_API_URL"))
+    authorized_parties_raw: str | None = Field(None, validation_alias="CLERK_AUTHORIZED_PARTIES")
+    session_leeway_s: float = Field(5.0, ge=0, validation_alias="CLERK_SYNC_SESSION_LEEWAY_S")
 
     @field_validator("instance_id", "redis_url", "webhook_secret", "clerk_secret_key", "clerk_api_rate_limit",
                      mode="before")
@@ -89,6 +95,12 @@ class Settings(BaseSettings):
         if self.webhook_secret is None:
             raise ConfigError(f"CLERK_WEBHOOK_SIGNING_SECRET is not set. {_SECRET_HELP}")
         return parse_webhook_secrets(self.webhook_secret.get_secret_value())
+
+    def authorized_parties(self) -> frozenset[str] | None:
+        """``CLERK_AUTHORIZED_PARTIES`` (comma-separated origins), or None when unset (azp not checked)."""
+        if not self.authorized_parties_raw:
+            return None
+        return frozenset(p.strip().rstrip("/") for p in self.authorized_parties_raw.split(",") if p.strip())
 
     def sqlalchemy_url(self) -> str:
         """``DATABASE_URL`` with the driver we ship (psycopg 3) filled in for bare postgres URLs."""

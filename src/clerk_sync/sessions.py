@@ -15,10 +15,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import httpx
 import jwt
 from anyio import to_thread
 
 from clerk_sync.errors import (
+    ConfigError,
     SessionPending,
     SessionRevoked,
     TokenAlgorithmNotAllowed,
@@ -32,9 +34,19 @@ from clerk_sync.errors import (
     TokenNotYetValid,
     TokenSignatureInvalid,
 )
-from clerk_sync.jwks import KeySource, NeedsFetch
+from clerk_sync.config import Settings
+from clerk_sync.jwks import JWKSKeySource, KeySource, NeedsFetch, StaticKeySource
 
-__all__ = ["ALLOWED_ALGORITHMS", "Auth", "RevocationCheck", "SessionPolicy", "SessionVerifier", "token_from_request"]
+__all__ = [
+    "ALLOWED_ALGORITHMS",
+    "Auth",
+    "RevocationCheck",
+    "SessionPolicy",
+    "SessionVerifier",
+    "auth_from_claims",
+    "token_from_request",
+    "verifier_from_settings",
+]
 
 ALLOWED_ALGORITHMS = ("RS256",)
 _DECODE_OPTIONS: Any = {
@@ -200,6 +212,28 @@ class SessionVerifier:
             del self._cache[token]
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
+
+
+def verifier_from_settings(settings: Settings, *, http: httpx.Client | None = None,
+                           revocations: RevocationCheck | None = None) -> SessionVerifier:
+    """``CLERK_JWT_KEY`` (networkless) if set, else JWKS from ``CLERK_JWKS_URL`` or ``CLERK_API_URL``/v1/jwks."""
+    policy = SessionPolicy(issuer=settings.clerk_issuer, authorized_parties=settings.authorized_parties(),
+                           leeway_s=settings.session_leeway_s)
+    if settings.clerk_jwt_key is not None:
+        keys: KeySource = StaticKeySource(settings.clerk_jwt_key.get_secret_value())
+    else:
+        headers = {}
+        url = settings.clerk_jwks_url
+        if url is None:
+            if settings.clerk_secret_key is None:
+                raise ConfigError(
+                    "set CLERK_JWT_KEY (Dashboard -> API keys -> JWKS Public Key) or CLERK_SECRET_KEY "
+                    "(to fetch the JWKS from the Backend API) to verify session tokens"
+                )
+            url = settings.clerk_api_url.rstrip("/") + "/v1/jwks"
+            headers["Authorization"] = f"Bearer {settings.clerk_secret_key.get_secret_value()}"
+        keys = JWKSKeySource(url, client=http or httpx.Client(), headers=headers)
+    return SessionVerifier(keys, policy, revocations=revocations)
 
 
 def auth_from_claims(claims: Mapping[str, Any]) -> Auth:

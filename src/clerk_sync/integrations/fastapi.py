@@ -6,7 +6,7 @@ Usage::
     clerk.install(app)                       # maps our errors to 401/403/410/503
 
     @app.get("/admin")
-    def admin(user: DbUser = Depends(clerk.require_role("admin"))): ...
+    def admin(user: AuthUser = Depends(clerk.require_role("admin"))): ...
 
 Each dependency verifies the token itself (cheap: verified signatures are cached until ``exp``),
 so a route stays protected even where no middleware runs.
@@ -24,11 +24,12 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse
 
-from clerk_sync.auth import Authenticator, DbUser
+from clerk_sync.auth import Authenticator
 from clerk_sync.errors import ClerkSyncError, TokenError
 from clerk_sync.ingest import WebhookProcessor
 from clerk_sync.integrations.starlette import build_processor, webhook_endpoint
 from clerk_sync.sessions import Auth
+from clerk_sync.users import AuthUser
 
 __all__ = ["ClerkAuth", "build_processor", "webhook_router"]
 
@@ -73,10 +74,10 @@ class ClerkAuth:
         auth = await self.current_auth(request)
         return await run_in_threadpool(self._get_user, auth)
 
-    def require_role(self, *roles: str) -> Callable[[Request], Awaitable[DbUser]]:
+    def require_role(self, *roles: str) -> Callable[[Request], Awaitable[AuthUser]]:
         """Role confirmed against the DB row, so a demotion applies at once."""
 
-        async def dependency(request: Request) -> DbUser:
+        async def dependency(request: Request) -> AuthUser:
             auth = await self.current_auth(request)
             return await run_in_threadpool(self.authenticator.require_role, auth, *roles)
 
