@@ -19,9 +19,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def running(app: Any) -> Iterator[str]:
+def running(app: Any, port: int | None = None) -> Iterator[str]:
     """Yield the base URL while the app is served; stop it afterwards."""
-    port = free_port()
+    port = port or free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

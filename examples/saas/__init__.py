@@ -1,0 +1,1 @@
+"""A small SaaS app built on clerk-sync (see README.md in this folder)."""

@@ -1,0 +1,111 @@
+"""examples/saas end to end against the emulator: sign-up -> webhook -> pages, JIT, roles, impersonation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from clerk_sync.config import Settings
+from clerk_sync.testing import EmulatorServer
+from examples.saas.app import create_app
+from tests._server import free_port, running
+
+
+@dataclass
+class World:
+    clerk: EmulatorServer
+    app: httpx.Client
+
+
+@pytest.fixture
+def world(db_url: str) -> Iterator[World]:
+    port = free_port()
+    with EmulatorServer(webhook_url=f"http://127.0.0.1:{port}/webhooks/clerk", rate_limit_requests=1000) as clerk:
+        settings = Settings.from_env({
+            "DATABASE_URL": db_url, "CLERK_WEBHOOK_SIGNING_SECRET": clerk.webhook_secret,
+            "CLERK_SECRET_KEY": clerk.secret_key, "CLERK_API_URL": clerk.url, "CLERK_ISSUER": clerk.url,
+            "CLERK_AUTHORIZED_PARTIES": "http://localhost:3000",
+        })
+        with running(create_app(settings), port=port) as url, httpx.Client(base_url=url, timeout=30) as app:
+            yield World(clerk, app)
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_sign_up_webhook_then_protected_page(world: World) -> None:
+    user = world.clerk.create_user("ada@example.com", first_name="Ada")
+    world.clerk.wait_for_deliveries()
+    assert world.app.get("/").status_code == 200
+    assert world.app.get("/dashboard").status_code == 401
+    page = world.app.get("/dashboard", headers=bearer(world.clerk.mint_session_token(user["id"])))
+    assert page.status_code == 200
+    assert page.json()["email"] == "ada@example.com"
+
+
+def test_first_request_before_the_webhook_is_synced_just_in_time(world: World) -> None:
+    world.clerk.set_webhook_url(None)  # the webhook is late
+    user = world.clerk.create_user("late@example.com")
+    page = world.app.get("/dashboard", headers=bearer(world.clerk.mint_session_token(user["id"])))
+    assert page.status_code == 200
+    assert page.json()["email"] == "late@example.com"
+
+
+def test_promotion_and_immediate_demotion(world: World) -> None:
+    admin = world.clerk.create_user("root@example.com", public_metadata={"role": "admin"})
+    bob = world.clerk.create_user("bob@example.com")
+    world.clerk.wait_for_deliveries()
+    admin_tok = world.clerk.mint_session_token(admin["id"])
+    bob_tok = world.clerk.mint_session_token(bob["id"])
+    assert world.app.get("/admin/users", headers=bearer(bob_tok)).status_code == 403
+    r = world.app.post(f"/admin/users/{bob['id']}/role", params={"role": "admin"}, headers=bearer(admin_tok))
+    assert r.json() == {"user": bob["id"], "role": "admin", "status": "applied", "previous": "user"}
+    assert world.app.get("/admin/users", headers=bearer(bob_tok)).status_code == 200  # same token, DB says admin
+    world.app.post(f"/admin/users/{bob['id']}/role", params={"role": "user"}, headers=bearer(admin_tok))
+    assert world.app.get("/admin/users", headers=bearer(bob_tok)).status_code == 403  # demotion is immediate
+    assert world.clerk.request("GET", f"/v1/users/{bob['id']}")["public_metadata"]["role"] == "user"
+    actions = [a["action"] for a in world.app.get("/admin/audit", headers=bearer(admin_tok)).json()]
+    assert actions[:2] == ["role.changed", "role.changed"]
+
+
+def test_org_page_lists_members_from_our_tables(world: World) -> None:
+    owner = world.clerk.create_user("owner@example.com")
+    member = world.clerk.create_user("member@example.com")
+    org = world.clerk.create_organization("Acme", created_by=owner["id"])
+    world.clerk.add_membership(org["id"], member["id"])
+    world.clerk.wait_for_deliveries()
+    page = world.app.get("/org", headers=bearer(world.clerk.mint_session_token(member["id"], org_id=org["id"])))
+    assert page.status_code == 200
+    assert page.json()["members"] == [{"email": "member@example.com", "role": "org:member"},
+                                      {"email": "owner@example.com", "role": "org:admin"}]
+    assert world.app.get("/org", headers=bearer(world.clerk.mint_session_token(member["id"]))).status_code == 403
+
+
+def test_impersonation_is_granted_marked_guarded_and_audited(world: World) -> None:
+    admin = world.clerk.create_user("boss@example.com", public_metadata={"role": "admin"})
+    carol = world.clerk.create_user("carol@example.com")
+    world.clerk.wait_for_deliveries()
+    admin_tok = world.clerk.mint_session_token(admin["id"])
+    grant = world.app.post(f"/admin/impersonate/{carol['id']}", headers=bearer(admin_tok)).json()
+    assert grant["method"] == "actor_token"
+    assert grant["expires_in_s"] <= 300
+    audit = world.app.get("/admin/audit", headers=bearer(admin_tok)).json()
+    granted = next(a for a in audit if a["action"] == "impersonation.granted")
+    session = world.clerk.request("POST", f"/_emulator/actor_tokens/{granted['details']['grant_id']}/accept")
+    as_carol = bearer(session["jwt"])
+    page = world.app.get("/dashboard", headers=as_carol).json()
+    assert (page["user"], page["impersonated_by"]) == (carol["id"], admin["id"])
+    assert world.app.get("/billing", headers=as_carol).status_code == 403
+    assert world.app.post(f"/admin/impersonate/{admin['id']}", headers=as_carol).status_code == 403
+    carol_tok = world.clerk.mint_session_token(carol["id"])
+    assert world.app.post(f"/admin/impersonate/{admin['id']}", headers=bearer(carol_tok)).status_code == 403
+    actions = [a["action"] for a in world.app.get("/admin/audit", headers=bearer(admin_tok)).json()]
+    assert "impersonation.request" in actions
+    assert "impersonation.granted" in actions
+    refused = next(a for a in world.app.get("/admin/audit", headers=bearer(admin_tok)).json()
+                   if a["action"] == "impersonation.refused")
+    assert (refused["actor_clerk_id"], refused["target_clerk_id"]) == (carol["id"], admin["id"])

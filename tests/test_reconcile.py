@@ -1,0 +1,232 @@
+"""``clerk-sync reconcile`` against the emulator, on SQLite and PostgreSQL: drift converges, resume, dry run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from clerk_sync.clerk_api import ClerkClient, RetryPolicy
+from clerk_sync.engine import Entity
+from clerk_sync.errors import ClerkUnavailable, ReconcileBusy
+from clerk_sync.events import membership_record, organization_record, user_record
+from clerk_sync.reconcile import Change, Reconciler, parse_since
+from clerk_sync.reconcile_tables import reconcile_runs, reconcile_seen
+from clerk_sync.ratelimit import LocalBudget, RateLimit
+from clerk_sync.store import Store
+from clerk_sync.tables import organization_memberships, organizations, users
+from clerk_sync.testing import EmulatorServer
+from tests import factories
+
+RETRY = RetryPolicy(attempts=2, backoff_s=0.02, backoff_max_s=0.05, deadline_s=5.0)
+TABLES = {"users": users, "organizations": organizations, "organization_memberships": organization_memberships}
+
+
+@pytest.fixture(scope="module")
+def emulator() -> Iterator[EmulatorServer]:
+    with EmulatorServer(rate_limit_requests=200, rate_limit_window_s=1.0) as server:
+        yield server
+
+
+@pytest.fixture
+def emu(emulator: EmulatorServer) -> EmulatorServer:
+    emulator.reset()
+    return emulator
+
+
+@pytest.fixture
+def clerk(emu: EmulatorServer) -> Iterator[ClerkClient]:
+    with ClerkClient(emu.secret_key, api_url=emu.url, budget=LocalBudget(RateLimit(200, 1.0)), retry=RETRY) as c:
+        yield c
+
+
+def reconciler(store: Store, clerk: ClerkClient, **options: Any) -> Reconciler:
+    options.setdefault("page_size", 50)
+    return Reconciler(store, clerk, **options)
+
+
+def live_rows(store: Store, table: str) -> dict[str, dict[str, Any]]:
+    t = TABLES[table]
+    with store.connect() as conn:
+        return {r["clerk_id"]: dict(r) for r in conn.execute(sa.select(t).where(t.c.deleted_at.is_(None))).mappings()}
+
+
+def assert_mirrors_clerk(store: Store, emu: EmulatorServer) -> None:
+    """Every live row equals the record built from Clerk's object, and nothing else is live."""
+    clerk_users = emu.request("GET", "/v1/users", params={"limit": 500})
+    clerk_orgs = emu.request("GET", "/v1/organizations", params={"limit": 500})["data"]
+    clerk_mems = emu.request("GET", "/v1/organization_memberships", params={"limit": 500})["data"]
+    for table, objects, build in (("users", clerk_users, user_record), ("organizations", clerk_orgs, organization_record),
+                                  ("organization_memberships", clerk_mems, membership_record)):
+        rows = live_rows(store, table)
+        assert set(rows) == {o["id"] for o in objects}, table
+        for obj in objects:
+            record = asdict(build(obj))
+            assert {k: rows[obj["id"]][k] for k in record} == record
+
+
+def seed(emu: EmulatorServer, n_users: int = 120) -> dict[str, Any]:
+    emu.emulator.bulk_create_users(n_users)
+    ada = emu.create_user(email="ada@example.com", first_name="Ada")
+    bob = emu.create_user(email="bob@example.com", first_name="Bob")
+    acme = emu.create_organization("Acme", created_by=ada["id"])
+    globex = emu.create_organization("Globex", created_by=bob["id"])
+    emu.add_membership(acme["id"], bob["id"])
+    return {"ada": ada, "bob": bob, "acme": acme, "globex": globex}
+
+
+def test_drift_repair_converges(store: Store, clerk: ClerkClient, emu: EmulatorServer) -> None:
+    ids = seed(emu)
+    first = reconciler(store, clerk).run()
+    assert first.counts["users"].created == 122 and first.counts["organizations"].created == 2
+    assert first.counts["organization_memberships"].created == 3
+    assert_mirrors_clerk(store, emu)
+
+    # Drift that webhooks would have carried, had they not been missed:
+    ada, bob, acme, globex = ids["ada"]["id"], ids["bob"]["id"], ids["acme"]["id"], ids["globex"]["id"]
+    emu.request("PATCH", f"/v1/users/{ada}", json={"first_name": "Grace"})                  # rename
+    emu.request("PATCH", f"/v1/users/{ada}/metadata", json={"public_metadata": {"role": "admin"}})
+    emu.request("PATCH", f"/v1/organizations/{acme}", json={"name": "Acme Corp"})          # org rename
+    emu.request("PATCH", f"/v1/organizations/{acme}/memberships/{bob}", json={"role": "org:admin"})
+    emu.request("DELETE", f"/v1/users/{bob}")                                               # deletion
+    emu.request("DELETE", f"/v1/organizations/{globex}")
+    carol = emu.create_user(email="carol@example.com", first_name="Carol")                  # missed create
+    with store.transaction() as writer:  # a row Clerk never listed (e.g. a hand-made fixture)
+        writer.conn.execute(users.insert().values(**asdict(user_record(factories.user("user_ghost", 1))),
+                                                  created_at=writer.now, updated_at=writer.now))
+
+    second = reconciler(store, clerk).run()
+    assert second.counts["users"].created == 1 and second.counts["users"].updated == 1
+    assert second.counts["users"].deleted == 2  # bob, and the ghost
+    assert second.counts["organizations"].updated == 1 and second.counts["organizations"].deleted == 1
+    assert_mirrors_clerk(store, emu)
+    assert live_rows(store, "users")[ada]["role"] == "admin"
+    assert carol["id"] in live_rows(store, "users")
+
+    third = reconciler(store, clerk).run()
+    assert third.total("created") == third.total("updated") == third.total("deleted") == 0
+    assert third.total("unchanged") == 122 + 1 + 1  # users, orgs, memberships left
+    assert_mirrors_clerk(store, emu)
+    with store.connect() as conn:
+        runs = conn.execute(sa.select(reconcile_runs).order_by(reconcile_runs.c.id)).mappings().all()
+        assert [r["status"] for r in runs] == ["completed"] * 3
+        assert runs[1]["deleted"] == second.total("deleted") and runs[1]["requests"] == second.requests
+        assert conn.execute(sa.select(sa.func.count()).select_from(reconcile_seen)).scalar_one() == 0
+
+
+def test_dry_run_writes_nothing_and_reports_the_diff(store: Store, clerk: ClerkClient, emu: EmulatorServer) -> None:
+    ids = seed(emu, n_users=10)
+    reconciler(store, clerk).run()
+    emu.request("PATCH", f"/v1/users/{ids['ada']['id']}", json={"first_name": "Grace"})
+    emu.request("DELETE", f"/v1/users/{ids['bob']['id']}")
+    new = emu.create_user(email="new@example.com")
+    before = {t: live_rows(store, t) for t in TABLES}
+    changes: list[Change] = []
+    report = reconciler(store, clerk, on_change=changes.append).run(dry_run=True)
+    assert {t: live_rows(store, t) for t in TABLES} == before
+    assert Change(Entity.USER, "update", ids["ada"]["id"], ("first_name",)) in changes
+    assert Change(Entity.USER, "delete", ids["bob"]["id"]) in changes
+    assert Change(Entity.USER, "create", new["id"]) in changes
+    assert report.run_id is None and report.dry_run
+    with store.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(reconcile_runs)).scalar_one() == 1
+
+
+def test_since_repairs_recent_updates_only(store: Store, clerk: ClerkClient, emu: EmulatorServer) -> None:
+    ids = seed(emu, n_users=60)
+    reconciler(store, clerk).run()
+    time.sleep(0.01)
+    cutoff = datetime.now(UTC)
+    emu.request("PATCH", f"/v1/users/{ids['ada']['id']}", json={"first_name": "Grace"})
+    emu.request("DELETE", f"/v1/users/{ids['bob']['id']}")
+    report = reconciler(store, clerk).run(since=cutoff)
+    assert report.counts["users"].updated == 1
+    assert report.counts["users"].unchanged == 0  # stopped at the first older user
+    assert "users" not in report.swept and ids["bob"]["id"] in live_rows(store, "users")
+    assert live_rows(store, "users")[ids["ada"]["id"]]["first_name"] == "Grace"
+    assert parse_since("2026-01-31T12:00:00Z") == datetime(2026, 1, 31, 12, tzinfo=UTC)
+
+
+def test_failed_run_resumes_from_its_cursor(store: Store, clerk: ClerkClient, emu: EmulatorServer) -> None:
+    emu.emulator.bulk_create_users(300)
+    calls = {"n": 0}
+    real = clerk.list_users
+
+    def flaky(**kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise ClerkUnavailable("simulated outage", retry_after=1.0)
+        return real(**kwargs)
+
+    clerk.list_users = flaky  # type: ignore[method-assign]
+    with pytest.raises(ClerkUnavailable):
+        reconciler(store, clerk, prefetch=1).run()
+    with store.connect() as conn:
+        run = conn.execute(sa.select(reconcile_runs)).mappings().one()
+    assert run["status"] == "failed" and run["cursor"] == 150 and run["created"] == 150
+    report = reconciler(store, clerk, prefetch=1).run()
+    assert report.resumed and report.run_id == run["id"]
+    assert report.counts["users"].created == 300
+    assert calls["n"] == 4 + 4  # pages 150, 200, 250 and the empty 300: nothing before the cursor again
+    assert len(live_rows(store, "users")) == 300
+
+
+def test_a_live_run_is_not_taken_over(store: Store, clerk: ClerkClient) -> None:
+    now = datetime.now(UTC)
+    with store.transaction() as writer:
+        writer.conn.execute(reconcile_runs.insert().values(status="running", phase="users", details={},
+                                                           started_at=now, heartbeat_at=now))
+    with pytest.raises(ReconcileBusy):
+        reconciler(store, clerk).run()
+    with store.transaction() as writer:
+        writer.conn.execute(reconcile_runs.update().values(heartbeat_at=now - timedelta(minutes=5)))
+    assert reconciler(store, clerk).run().resumed
+
+
+def test_killed_cli_run_resumes(db_url: str, store: Store, emu: EmulatorServer) -> None:
+    emu.emulator.bulk_create_users(3000)
+    env = {**os.environ, "DATABASE_URL": db_url, "CLERK_SECRET_KEY": emu.secret_key, "CLERK_API_URL": emu.url,
+           "CLERK_API_RATE_LIMIT": "4", "CLERK_API_RATE_WINDOW_S": "1", "REDIS_URL": ""}
+    proc = subprocess.Popen([sys.executable, "-c", "from clerk_sync.cli import main; main()", "reconcile"],  # noqa: S603
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    cursor = 0
+    while cursor < 1000 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        with store.connect() as conn:
+            cursor = conn.execute(sa.select(sa.func.max(reconcile_runs.c.cursor))).scalar() or 0
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    assert 1000 <= cursor < 3000
+    with ClerkClient(emu.secret_key, api_url=emu.url, retry=RETRY, budget=LocalBudget(RateLimit(200, 1.0))) as clerk:
+        report = Reconciler(store, clerk, stale_after_s=0).run()
+        assert report.resumed and report.counts["users"].created == 3000
+        full_run = 1 + 3000 // 500 + 1 + 2  # count, pages, the empty page, orgs, memberships
+        assert clerk.stats.requests < full_run
+    assert len(live_rows(store, "users")) == 3000
+    assert_mirrors_clerk_users_count(store, 3000)
+
+
+def assert_mirrors_clerk_users_count(store: Store, n: int) -> None:
+    with store.connect() as conn:
+        run = conn.execute(sa.select(reconcile_runs)).mappings().one()
+    assert run["status"] == "completed" and run["created"] == n
+
+
+def test_reconcile_stays_within_the_rate_limit(store: Store, emu: EmulatorServer) -> None:
+    emu.set_faults(rate_limit_requests=10, rate_limit_window_s=1.0)
+    emu.emulator.bulk_create_users(1000)
+    with ClerkClient(emu.secret_key, api_url=emu.url, retry=RETRY, budget=LocalBudget(RateLimit(10, 1.0))) as clerk:
+        report = Reconciler(store, clerk, page_size=50).run()
+    assert report.counts["users"].created == 1000
+    assert report.rate_limited == 0 and report.requests == 1 + 20 + 1 + 2
+    assert report.duration_s >= (report.requests - 10) / 10 * 0.9
