@@ -19,9 +19,9 @@ from clerk_sync.clerk_api import ClerkClient, RetryPolicy
 from clerk_sync.engine import Entity
 from clerk_sync.errors import ClerkUnavailable, ReconcileBusy
 from clerk_sync.events import membership_record, organization_record, user_record
+from clerk_sync.ratelimit import LocalBudget, RateLimit
 from clerk_sync.reconcile import Change, Reconciler, parse_since
 from clerk_sync.reconcile_tables import reconcile_runs, reconcile_seen
-from clerk_sync.ratelimit import LocalBudget, RateLimit
 from clerk_sync.store import Store
 from clerk_sync.tables import organization_memberships, organizations, users
 from clerk_sync.testing import EmulatorServer
@@ -196,7 +196,7 @@ def test_killed_cli_run_resumes(db_url: str, store: Store, emu: EmulatorServer) 
     emu.emulator.bulk_create_users(3000)
     env = {**os.environ, "DATABASE_URL": db_url, "CLERK_SECRET_KEY": emu.secret_key, "CLERK_API_URL": emu.url,
            "CLERK_API_RATE_LIMIT": "4", "CLERK_API_RATE_WINDOW_S": "1", "REDIS_URL": ""}
-    proc = subprocess.Popen([sys.executable, "-c", "from clerk_sync.cli import main; main()", "reconcile"],  # noqa: S603
+    proc = subprocess.Popen([sys.executable, "-c", "from clerk_sync.cli import main; main()", "reconcile"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
     cursor = 0

@@ -11,8 +11,9 @@ trip. A reservation that would wait longer than the caller's ``max_wait`` is ref
 nothing, so a request with a deadline never queues behind a wait it cannot afford.
 
 Staying under a *fixed window* limit of ``L`` requests per ``W`` seconds (how Clerk and the emulator
-count) needs ``burst + rate * W <= L``: a full bucket plus one window of refill. :class:`RateLimit`
-derives ``rate`` from that, minus a little headroom for network jitter between hosts.
+count) needs ``burst + rate * W <= L``: a full bucket plus one window of refill. Requests also reach the
+server a little early or late (scheduling, network), so :class:`RateLimit` budgets the window as
+``W + jitter_s``: ``rate = (L - burst) / (W + jitter_s)``.
 """
 
 from __future__ import annotations
@@ -45,21 +46,18 @@ __all__ = [
 class RateLimit:
     """``requests`` per ``window_s`` as the server counts them, and how we spend it.
 
-    ``burst`` tokens may be spent at once (default 2 % of the window); ``headroom`` is the fraction of
-    the window we leave unused so that jitter between our clock and the server's never tips a window
-    over the limit.
+    ``burst`` tokens may be spent at once (default 2 % of the limit); ``jitter_s`` is how far a request's
+    arrival may drift from its planned send time without ever tipping a server window over the limit.
     """
 
     requests: int
     window_s: float = 10.0
     burst: int | None = None
-    headroom: float = 0.01
+    jitter_s: float = 0.1
 
     def __post_init__(self) -> None:
-        if self.requests < 1 or self.window_s <= 0:
-            raise ValueError("a rate limit needs requests >= 1 and window_s > 0")
-        if not 0 <= self.headroom < 1:
-            raise ValueError("headroom must be in [0, 1)")
+        if self.requests < 1 or self.window_s <= 0 or self.jitter_s < 0:
+            raise ValueError("a rate limit needs requests >= 1, window_s > 0 and jitter_s >= 0")
 
     @property
     def capacity(self) -> float:
@@ -68,9 +66,8 @@ class RateLimit:
 
     @property
     def rate(self) -> float:
-        """Sustained tokens per second, so that ``capacity + rate * window_s`` stays under the limit."""
-        usable = self.requests * (1 - self.headroom) - self.capacity
-        return max(usable, 1.0) / self.window_s
+        """Sustained tokens per second: ``capacity + rate * (window_s + jitter_s)`` stays within the limit."""
+        return max(self.requests - self.capacity, 1.0) / (self.window_s + self.jitter_s)
 
 
 def default_rate_limit(secret_key: str | None) -> RateLimit:
@@ -187,7 +184,9 @@ class RedisBudget:
             import redis
             import redis.asyncio
         except ImportError as exc:  # pragma: no cover - depends on the environment
-            raise ImportError("REDIS_URL is set but the 'redis' package is missing: pip install 'clerk-sync[redis]'") from exc
+            raise ImportError(
+                "REDIS_URL is set but the 'redis' package is missing: pip install 'clerk-sync[redis]'"
+            ) from exc
         self.limit = limit
         self.key = f"{prefix}:{hashlib.sha256(secret_key.encode()).hexdigest()[:16]}"
         self._sync = redis.Redis.from_url(url)

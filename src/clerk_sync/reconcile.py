@@ -514,14 +514,14 @@ def _upsert_many(writer: Writer, entity: Entity, records: list[Record]) -> None:
         return
     table = _TABLES[entity]
     stmt = _insert(writer.conn, table)
-    names = [f.name for f in fields(records[0])]  # type: ignore[arg-type]
+    names = [f.name for f in fields(records[0])]
     stmt = stmt.on_conflict_do_update(
         index_elements=["clerk_id"],
         set_={**{n: stmt.excluded[n] for n in names if n != "clerk_id"}, "updated_at": stmt.excluded.updated_at},
         where=sa.and_(table.c.deleted_at.is_(None), table.c.clerk_updated_at < stmt.excluded.clerk_updated_at),
     )
     stamp = {"created_at": writer.now, "updated_at": writer.now}
-    writer.conn.execute(stmt, [asdict(r) | stamp for r in records])  # type: ignore[call-overload]
+    writer.conn.execute(stmt, [asdict(r) | stamp for r in records])
 
 
 def _dump_counts(report: ReconcileReport) -> dict[str, Any]:

@@ -27,7 +27,6 @@ from clerk_sync.clerk_api._policy import (
     CircuitBreaker,
     Penalize,
     RetryPolicy,
-    Send,
     Sleep,
     Stats,
     Step,

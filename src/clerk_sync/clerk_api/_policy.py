@@ -78,7 +78,7 @@ class RetryPolicy:
     deadline_s: float = 30.0
 
     def backoff(self, attempt: int, rng: Callable[[], float]) -> float:
-        return rng() * min(self.backoff_max_s, self.backoff_s * 2**attempt)
+        return rng() * min(self.backoff_max_s, self.backoff_s * 2.0**attempt)
 
 
 class CircuitBreaker:

@@ -1,0 +1,108 @@
+"""The command line, as a user runs it: real processes, real exit codes and messages."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import sqlalchemy as sa
+
+from clerk_sync.engine import Entity, Upsert
+from clerk_sync.events import user_record
+from clerk_sync.store import Store
+from clerk_sync.tables import audit_log, users, webhook_events
+from clerk_sync.testing import EmulatorServer
+from tests import factories as f
+from tests._server import free_port
+from tests.conftest import SECRET
+
+CLI = [sys.executable, "-c", "from clerk_sync.cli import main; main()"]
+
+
+def run(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("CLERK_") and k != "DATABASE_URL"}
+    full_env.update(env or {})
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=120, check=False)
+
+
+def test_serve_without_secret_fails_fast_naming_the_variable(tmp_path: Path) -> None:
+    result = run("serve", "--port", str(free_port()), env={"DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}"})
+    assert result.returncode == 2
+    assert "CLERK_WEBHOOK_SIGNING_SECRET" in result.stdout + result.stderr
+    assert "Signing Secret" in result.stdout + result.stderr
+
+
+def test_bad_setting_is_named(tmp_path: Path) -> None:
+    result = run("migrate", env={"CLERK_SYNC_MAX_BODY_BYTES": "lots"})
+    assert result.returncode == 2
+    assert "CLERK_SYNC_MAX_BODY_BYTES" in result.stdout + result.stderr
+
+
+def test_migrate_then_replay_failed_deliveries(db_url: str) -> None:
+    assert run("migrate", env={"DATABASE_URL": db_url}).returncode == 0
+    store = Store.from_url(db_url)
+    broken = f.envelope("user.created", {**f.user("user_cli", 5), "updated_at": "yesterday"})
+    with store.transaction() as w:
+        w.record_delivery("msg_cli", broken, event_type="user.created", instance_id=None, event_timestamp=1)
+        w.finish_delivery("msg_cli", "failed", "bad updated_at")
+    result = run("replay", env={"DATABASE_URL": db_url})
+    assert result.returncode == 0, result.stderr
+    assert "replayed 1" in result.stdout + result.stderr
+    fixed = f.envelope("user.created", f.user("user_cli", 5))
+    with store.transaction() as w:
+        w.conn.execute(webhook_events.update().values(payload=fixed))
+    run("replay", "--status", "failed", "--since", "2000-01-01T00:00:00", env={"DATABASE_URL": db_url})
+    with store.connect() as conn:
+        assert conn.execute(sa.select(users.c.clerk_id)).scalar_one() == "user_cli"
+        assert conn.execute(sa.select(webhook_events.c.status)).scalar_one() == "applied"
+    store.dispose()
+
+
+def test_users_promote_against_the_emulator(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    assert run("migrate", env={"DATABASE_URL": url}).returncode == 0
+    with EmulatorServer() as clerk:
+        user = clerk.create_user("promote.me@example.com")
+        store = Store.from_url(url)
+        with store.transaction() as w:
+            w.apply(Upsert(Entity.USER, user_record(user)))
+        env = {"DATABASE_URL": url, "CLERK_SECRET_KEY": clerk.secret_key, "CLERK_API_URL": clerk.url}
+        result = run("users", "promote", "promote.me@example.com", "--role", "admin", env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "applied" in result.stdout + result.stderr
+        assert clerk.request("GET", f"/v1/users/{user['id']}")["public_metadata"]["role"] == "admin"
+        missing = run("users", "promote", "nobody@example.com", env=env)
+        assert missing.returncode == 1
+        assert "no synced user" in missing.stdout + missing.stderr
+    with store.connect() as conn:
+        assert conn.execute(sa.select(users.c.role)).scalar_one() == "admin"
+        assert conn.execute(sa.select(audit_log.c.action)).scalar_one() == "role.changed"
+    store.dispose()
+
+
+def test_emulate_serves_the_backend_api_and_jwks() -> None:
+    port = free_port()
+    proc = subprocess.Popen([*CLI, "emulate", "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={k: v for k, v in os.environ.items() if not k.startswith("CLERK_")})
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                jwks = httpx.get(f"http://127.0.0.1:{port}/.well-known/jwks.json", timeout=1)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "emulator did not start"
+                time.sleep(0.2)
+        assert jwks.json()["keys"][0]["kty"] == "RSA"
+        headers = {"Authorization": "Bearer sk_test_emulator"}
+        created = httpx.post(f"http://127.0.0.1:{port}/v1/users", json={"email_address": ["e@example.com"]}, headers=headers)
+        assert created.status_code == 200
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/users", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=10)
+    assert "Webhook signing secret (generated): whsec_" in out
