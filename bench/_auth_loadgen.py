@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _loadgen import cpu_snapshot  # noqa: E402
+from _loadgen import cpu_snapshot
 
 
 def build_requests(host: str, path: str, tokens: list[str]) -> list[bytes]:

@@ -33,6 +33,7 @@ from clerk_sync.tables import (
 __all__ = ["Store", "Writer", "create_engine"]
 
 Clock = Callable[[], datetime]
+_READ_ONLY = "clerk_sync_read_only"
 _TABLES: dict[Entity, sa.Table] = {
     Entity.USER: users,
     Entity.ORGANIZATION: organizations,
@@ -74,7 +75,9 @@ def _tune_sqlite(engine: Engine) -> None:
 
     @sa_event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # Readers (Store.connect) take a deferred snapshot: WAL lets them run beside the writer.
+        reader = conn.get_execution_options().get(_READ_ONLY, False)
+        conn.exec_driver_sql("BEGIN" if reader else "BEGIN IMMEDIATE")
 
 
 class Writer:
@@ -258,7 +261,7 @@ class Store:
     def connect(self) -> Iterator[Connection]:
         """A plain connection for reads; DB errors become StoreError."""
         try:
-            with self.engine.connect() as conn:
+            with self.engine.connect().execution_options(**{_READ_ONLY: True}) as conn:
                 yield conn
         except sa.exc.SQLAlchemyError as exc:
             raise StoreError(f"database error: {exc}") from exc
