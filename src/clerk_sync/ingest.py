@@ -16,7 +16,7 @@ from datetime import datetime
 import sqlalchemy as sa
 import structlog
 
-from clerk_sync.engine import Ignore, plan
+from clerk_sync.engine import Ignore, Intent, plan
 from clerk_sync.errors import EventShapeError, PayloadError, PayloadTooLarge, WrongInstance
 from clerk_sync.events import Envelope, parse_envelope
 from clerk_sync.metrics import Metrics
@@ -71,28 +71,35 @@ class WebhookProcessor:
         if len(body) > self.max_body_bytes:
             raise PayloadTooLarge(f"body is {len(body)} bytes, the limit is {self.max_body_bytes}")
         svix_id = self.verifier.verify(headers, body)
-        with structlog.contextvars.bound_contextvars(svix_id=svix_id):
-            envelope = parse_envelope(body)
-            if self.instance_id and envelope.instance_id and envelope.instance_id != self.instance_id:
-                raise WrongInstance(
-                    f"event from instance {envelope.instance_id!r}, expected {self.instance_id!r} "
-                    "(CLERK_INSTANCE_ID)"
-                )
-            with self.store.transaction() as writer:
-                outcome = self._apply_new(writer, svix_id, envelope)
-            self.metrics.observe(envelope.type, outcome.status, time.perf_counter() - started)
-            log.info("webhook", event_type=envelope.type, status=outcome.status, error=outcome.error)
-            return outcome
+        envelope = parse_envelope(body)
+        if self.instance_id and envelope.instance_id and envelope.instance_id != self.instance_id:
+            raise WrongInstance(
+                f"event from instance {envelope.instance_id!r}, expected {self.instance_id!r} (CLERK_INSTANCE_ID)"
+            )
+        with self.store.transaction() as writer:
+            outcome = self._apply_new(writer, svix_id, envelope, body.decode())
+        self.metrics.observe(envelope.type, outcome.status, time.perf_counter() - started)
+        log.info("webhook", svix_id=svix_id, event_type=envelope.type, status=outcome.status, error=outcome.error)
+        return outcome
 
-    def _apply_new(self, writer: Writer, svix_id: str, envelope: Envelope) -> Outcome:
+    def _apply_new(self, writer: Writer, svix_id: str, envelope: Envelope, body: str) -> Outcome:
+        # Plan first (pure), so the inbox row is written once with its expected outcome; only a
+        # stale upsert (skipped) needs a second statement.
+        try:
+            intent: Intent | None = plan(envelope)
+            error = None
+        except EventShapeError as exc:
+            intent, error = None, str(exc)
+        status = "failed" if intent is None else "ignored" if isinstance(intent, Ignore) else "applied"
         fresh = writer.record_delivery(
-            svix_id, envelope.raw, event_type=envelope.type,
-            instance_id=envelope.instance_id, event_timestamp=envelope.timestamp_ms,
+            svix_id, body, event_type=envelope.type, instance_id=envelope.instance_id,
+            event_timestamp=envelope.timestamp_ms, status=status, error=error,
         )
         if not fresh:
             return Outcome(svix_id, envelope.type, "duplicate")
-        status, error = apply_envelope(writer, envelope)
-        writer.finish_delivery(svix_id, status, error)
+        if status == "applied" and not writer.apply(intent):  # type: ignore[arg-type]
+            status = "skipped"
+            writer.finish_delivery(svix_id, status)
         return Outcome(svix_id, envelope.type, status, error)
 
 

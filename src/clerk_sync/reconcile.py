@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -499,29 +499,13 @@ def _stage(conn: sa.Connection, seen: sa.Table, run_id: int, entity: Entity, ids
 
 
 def _upsert_many(writer: Writer, entity: Entity, records: list[Record]) -> None:
-    """The webhook path's guarded upsert for a whole page in one executemany.
-
-    Same statement shape as :meth:`Writer.apply` (``ON CONFLICT (clerk_id) DO UPDATE ... WHERE not
-    deleted AND stored clerk_updated_at < new``), compiled once per page instead of once per row: a
-    100k-user first sync is otherwise bound by statement construction. Memberships go through
-    :meth:`Writer.apply` one by one, for its locks and its deleted-parent cascade.
-    """
-    if not records:
-        return
+    """A page through the webhook path's guarded upsert; memberships one by one through
+    :meth:`Writer.apply`, for its locks and its deleted-parent cascade."""
     if entity is Entity.MEMBERSHIP:
         for record in records:
             writer.apply(Upsert(entity, record))
-        return
-    table = _TABLES[entity]
-    stmt = _insert(writer.conn, table)
-    names = [f.name for f in fields(records[0])]
-    stmt = stmt.on_conflict_do_update(
-        index_elements=["clerk_id"],
-        set_={**{n: stmt.excluded[n] for n in names if n != "clerk_id"}, "updated_at": stmt.excluded.updated_at},
-        where=sa.and_(table.c.deleted_at.is_(None), table.c.clerk_updated_at < stmt.excluded.clerk_updated_at),
-    )
-    stamp = {"created_at": writer.now, "updated_at": writer.now}
-    writer.conn.execute(stmt, [asdict(r) | stamp for r in records])
+    else:
+        writer.upsert_many(entity, records)
 
 
 def _dump_counts(report: ReconcileReport) -> dict[str, Any]:

@@ -7,10 +7,12 @@ Every write that decides something is a single guarded statement (``INSERT .. ON
 
 from __future__ import annotations
 
+import functools
+import json
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import fields
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,10 +21,11 @@ from sqlalchemy import event as sa_event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
-from clerk_sync.engine import Entity, RevokeSession, Tombstone, Upsert
+from clerk_sync.engine import Entity, Record, RevokeSession, Tombstone, Upsert
 from clerk_sync.errors import StoreError
-from clerk_sync.events import MembershipRecord
+from clerk_sync.events import MembershipRecord, OrganizationRecord, UserRecord
 from clerk_sync.tables import (
+    Timestamp,
     organization_memberships,
     organizations,
     revoked_sessions,
@@ -51,7 +54,9 @@ def create_engine(url: str, **kwargs: Any) -> Engine:
         engine = sa.create_engine(url, connect_args={"timeout": 30}, **kwargs)
         _tune_sqlite(engine)
         return engine
-    kwargs.setdefault("pool_pre_ping", True)
+    # No pre-ping: it costs a round trip per delivery. A connection broken by a server restart fails
+    # one transaction (503, which Svix retries) and the pool replaces it.
+    kwargs.setdefault("pool_pre_ping", False)
     kwargs.setdefault("pool_size", 20)
     kwargs.setdefault("max_overflow", 20)
     return sa.create_engine(url, **kwargs)
@@ -89,21 +94,25 @@ class Writer:
         self._pg = conn.dialect.name == "postgresql"
 
     # -- inbox ---------------------------------------------------------------------------------
-    def record_delivery(self, svix_id: str, payload: dict[str, Any], *, event_type: str,
-                        instance_id: str | None, event_timestamp: int | None) -> bool:
-        """Insert the inbox row; False when this ``svix_id`` was already received (a duplicate)."""
-        stmt = self._insert(webhook_events).values(
-            svix_id=svix_id, type=event_type, instance_id=instance_id,
-            event_timestamp=event_timestamp, received_at=self.now, payload=payload,
-            status="received", attempts=1,
-        ).on_conflict_do_nothing(index_elements=["svix_id"])
-        return self._changed(stmt.returning(webhook_events.c.id))
+    def record_delivery(self, svix_id: str, payload: dict[str, Any] | str, *, event_type: str,
+                        instance_id: str | None, event_timestamp: int | None, status: str = "received",
+                        error: str | None = None) -> bool:
+        """Insert the inbox row; False when this ``svix_id`` was already received (a duplicate).
+
+        ``payload`` may be the verified body text: it is stored as received, not re-serialised.
+        ``status`` lets the caller write the expected outcome at once (one statement fewer).
+        """
+        text = payload if isinstance(payload, str) else json.dumps(payload)
+        params = {"svix_id": svix_id, "type": event_type, "instance_id": instance_id,
+                  "event_timestamp": event_timestamp, "now": self.now, "payload": text, "status": status,
+                  "last_error": error, "applied_at": self.now if status in _APPLIED else None}
+        return self.conn.execute(_inbox_sql(self._pg), params).first() is not None
 
     def finish_delivery(self, svix_id: str, status: str, error: str | None = None,
                         *, count_attempt: bool = False) -> None:
         """Set the outcome of a delivery (applied, skipped, ignored, failed)."""
         values: dict[str, Any] = {"status": status, "last_error": error}
-        if status in ("applied", "skipped"):
+        if status in _APPLIED:
             values["applied_at"] = self.now
         if count_attempt:
             values["attempts"] = webhook_events.c.attempts + 1
@@ -121,7 +130,7 @@ class Writer:
         if not self._pg:
             return
         for key in sorted(set(keys)):
-            self.conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_lock_id(key))))
+            self.conn.execute(_LOCK_SQL, {"key": _lock_id(key)})
 
     def apply(self, intent: Upsert | Tombstone | RevokeSession) -> bool:
         """Execute an intent under the ordering guard; True when a row changed."""
@@ -139,41 +148,22 @@ class Writer:
         return changed
 
     def _upsert(self, intent: Upsert) -> bool:
-        table = _TABLES[intent.entity]
-        values = asdict(intent.record)
-        stmt = self._insert(table).values(**values, created_at=self.now, updated_at=self.now)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=["clerk_id"],
-            set_={**{k: stmt.excluded[k] for k in values if k != "clerk_id"}, "updated_at": self.now},
-            where=sa.and_(
-                table.c.deleted_at.is_(None),
-                table.c.clerk_updated_at < stmt.excluded.clerk_updated_at,
-            ),
-        )
-        return self._changed(stmt.returning(table.c.id))
+        params = _params(intent.entity, intent.record) | {"now": self.now}
+        return self.conn.execute(_upsert_sql(intent.entity, returning=True), params).first() is not None
+
+    def upsert_many(self, entity: Entity, records: Sequence[Record]) -> None:
+        """The same guarded upsert for many rows in one executemany (reconcile pages).
+
+        No locks or cascades: memberships, whose parents may be deleted, go through :meth:`apply`.
+        """
+        if records:
+            stamp = {"now": self.now}
+            self.conn.execute(_upsert_sql(entity, returning=False), [_params(entity, r) | stamp for r in records])
 
     def _tombstone(self, intent: Tombstone) -> bool:
-        table = _TABLES[intent.entity]
-        values: dict[str, Any] = {"clerk_id": intent.clerk_id, "clerk_updated_at": intent.version}
-        if intent.entity is Entity.MEMBERSHIP:
-            # Unknown parents of a tombstone-only membership; never read (the row is deleted).
-            values |= {"organization_clerk_id": "", "user_clerk_id": ""}
-        stmt = self._insert(table).values(
-            **values, created_at=self.now, updated_at=self.now, deleted_at=self.now
-        )
-        stmt = stmt.on_conflict_do_update(
-            index_elements=["clerk_id"],
-            set_={
-                "deleted_at": self.now,
-                "updated_at": self.now,
-                "clerk_updated_at": sa.case(
-                    (table.c.clerk_updated_at > stmt.excluded.clerk_updated_at, table.c.clerk_updated_at),
-                    else_=stmt.excluded.clerk_updated_at,
-                ),
-            },
-            where=table.c.deleted_at.is_(None),
-        )
-        return self._changed(stmt.returning(table.c.id))
+        params = {"clerk_id": intent.clerk_id, "clerk_updated_at": intent.version, "now": self.now,
+                  **_TOMBSTONE_FILL[intent.entity]}
+        return self.conn.execute(_tombstone_sql(intent.entity), params).first() is not None
 
     def _revoke_session(self, intent: RevokeSession) -> bool:
         stmt = self._insert(revoked_sessions).values(
@@ -235,6 +225,76 @@ def _lock_id(key: str) -> int:
     hi, lo = zlib.crc32(key.encode()), zlib.crc32(key.encode()[::-1])
     value = (hi << 32) | lo
     return value - (1 << 64) if value >= 1 << 63 else value
+
+
+# -- prebuilt statements ---------------------------------------------------------------------------
+# The hot path runs a few fixed statements per delivery. They are written once as text (the ON
+# CONFLICT syntax is the same on SQLite >= 3.35 and PostgreSQL >= 9.5) with typed bind parameters,
+# so SQLAlchemy still converts JSON and datetimes but no longer builds and compiles a DML
+# construct per delivery (that was over a third of the service's CPU, see BENCHMARKS.md).
+_APPLIED = frozenset({"applied", "skipped"})
+_LOCK_SQL = sa.text("SELECT pg_advisory_xact_lock(:key)").bindparams(sa.bindparam("key", type_=sa.BigInteger))
+_RECORD_FIELDS: dict[Entity, list[str]] = {
+    Entity.USER: [f.name for f in fields(UserRecord)],
+    Entity.ORGANIZATION: [f.name for f in fields(OrganizationRecord)],
+    Entity.MEMBERSHIP: [f.name for f in fields(MembershipRecord)],
+}
+# NOT NULL columns a tombstone for a never-seen id must still fill (never read: the row is deleted).
+_TOMBSTONE_FILL: dict[Entity, dict[str, Any]] = {
+    Entity.USER: {"email_addresses": [], "public_metadata": {}, "private_metadata": {}, "unsafe_metadata": {}},
+    Entity.ORGANIZATION: {"public_metadata": {}, "private_metadata": {}},
+    Entity.MEMBERSHIP: {"organization_clerk_id": "", "user_clerk_id": "", "permissions": []},
+}
+
+
+def _params(entity: Entity, record: Record) -> dict[str, Any]:
+    # Shallow, unlike dataclasses.asdict, which deep-copies every metadata dict.
+    return {name: getattr(record, name) for name in _RECORD_FIELDS[entity]}
+
+
+def _typed(table: sa.Table, sql: str, names: Sequence[str]) -> sa.TextClause:
+    params = [sa.bindparam(n, type_=table.c[n].type) for n in names]
+    return sa.text(sql).bindparams(*params, sa.bindparam("now", type_=Timestamp))
+
+
+@functools.cache
+def _upsert_sql(entity: Entity, *, returning: bool) -> sa.TextClause:
+    table, names = _TABLES[entity], _RECORD_FIELDS[entity]
+    t = table.name
+    sets = ", ".join(f"{n} = excluded.{n}" for n in names if n != "clerk_id")
+    return _typed(table, (
+        f"INSERT INTO {t} ({', '.join(names)}, created_at, updated_at) "
+        f"VALUES ({', '.join(':' + n for n in names)}, :now, :now) "
+        f"ON CONFLICT (clerk_id) DO UPDATE SET {sets}, updated_at = excluded.updated_at "
+        f"WHERE {t}.deleted_at IS NULL AND {t}.clerk_updated_at < excluded.clerk_updated_at"
+        + (" RETURNING id" if returning else "")
+    ), names)
+
+
+@functools.cache
+def _tombstone_sql(entity: Entity) -> sa.TextClause:
+    table = _TABLES[entity]
+    t, names = table.name, ["clerk_id", "clerk_updated_at", *_TOMBSTONE_FILL[entity]]
+    return _typed(table, (
+        f"INSERT INTO {t} ({', '.join(names)}, created_at, updated_at, deleted_at) "
+        f"VALUES ({', '.join(':' + n for n in names)}, :now, :now, :now) "
+        f"ON CONFLICT (clerk_id) DO UPDATE SET deleted_at = excluded.deleted_at, updated_at = excluded.updated_at, "
+        f"clerk_updated_at = CASE WHEN {t}.clerk_updated_at > excluded.clerk_updated_at "
+        f"THEN {t}.clerk_updated_at ELSE excluded.clerk_updated_at END "
+        f"WHERE {t}.deleted_at IS NULL RETURNING id"
+    ), names)
+
+
+@functools.cache
+def _inbox_sql(postgres: bool) -> sa.TextClause:
+    # The payload is bound as text: the verified body is stored as received (JSONB parses it on PG).
+    payload = "CAST(:payload AS JSONB)" if postgres else ":payload"
+    names = ["svix_id", "type", "instance_id", "event_timestamp", "status", "last_error", "applied_at"]
+    return _typed(webhook_events, (
+        f"INSERT INTO webhook_events ({', '.join(names)}, payload, received_at, attempts) "
+        f"VALUES ({', '.join(':' + n for n in names)}, {payload}, :now, 1) "
+        "ON CONFLICT (svix_id) DO NOTHING RETURNING id"
+    ), names).bindparams(sa.bindparam("payload", type_=sa.Text))
 
 
 class Store:
