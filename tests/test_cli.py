@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 import sqlalchemy as sa
 
 from clerk_sync.engine import Entity, Upsert
@@ -106,3 +107,35 @@ def test_emulate_serves_the_backend_api_and_jwks() -> None:
         proc.terminate()
         out, _ = proc.communicate(timeout=10)
     assert "Webhook signing secret (generated): whsec_" in out
+
+
+@pytest.mark.parametrize("db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
+def test_serve_with_two_workers_on_postgres(db_url: str) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLERK_")}
+    env.update({"DATABASE_URL": db_url, "CLERK_WEBHOOK_SIGNING_SECRET": SECRET})
+    proc = subprocess.Popen([*CLI, "serve", "--port", str(port), "--workers", "2"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(f"{base}/healthz", timeout=1)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "serve --workers 2 did not start"
+                time.sleep(0.2)
+        with httpx.Client(base_url=base) as client:
+            statuses = []
+            for i in range(30):
+                headers, body = f.signed(f.envelope("user.created", f.user(f"user_w{i % 10}", 100 + i)), f"msg_w{i}")
+                statuses.append(client.post("/webhooks/clerk", content=body, headers=headers).json()["status"])
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    assert statuses.count("applied") == 30
+    store = Store.from_url(db_url)
+    with store.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(users)).scalar_one() == 10
+    store.dispose()

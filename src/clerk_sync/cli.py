@@ -54,8 +54,7 @@ def serve(
         migrations.upgrade(processor.store.engine)
     console.print(f"clerk-sync serving on http://{host}:{port}/webhooks/clerk ({_safe(settings)})")
     if workers > 1:
-        uvicorn.run("clerk_sync.integrations.starlette:app_from_env", factory=True, host=host,
-                    port=port, workers=workers, log_level="warning")
+        _serve_workers(host, port, workers)
     else:
         from clerk_sync.integrations.starlette import create_app
 
@@ -156,6 +155,25 @@ def reconcile(
     from clerk_sync.reconcile import reconcile_command
 
     reconcile_command(_settings(), since=since, dry_run=dry_run, console=console)
+
+
+def _serve_workers(host: str, port: int, workers: int) -> None:
+    """uvicorn's multi-worker mode, with TCP_NODELAY restored on accepted connections.
+
+    ``Config.bind_socket()`` creates the listener with ``proto=0``, so asyncio never sets
+    TCP_NODELAY and each keep-alive response waits ~40 ms for a delayed ACK (Kludex/uvicorn#3149).
+    Re-wrapping the descriptor with ``IPPROTO_TCP`` fixes it; measured in BENCHMARKS.md.
+    """
+    import socket
+
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
+    config = uvicorn.Config("clerk_sync.integrations.starlette:app_from_env", factory=True, host=host,
+                            port=port, workers=workers, log_level="warning")
+    bound = config.bind_socket()
+    sock = socket.socket(bound.family, bound.type, socket.IPPROTO_TCP, fileno=bound.detach())
+    Multiprocess(config, sockets=[sock]).run()
 
 
 def _safe(settings: Settings) -> str:
