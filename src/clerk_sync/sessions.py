@@ -349,8 +349,8 @@ def _b64url_decode(segment: bytes, name: str) -> bytes:
 
 
 def _json_object(raw: bytes, name: str) -> dict[str, Any]:
-    try:
-        value = json.loads(raw)
+    try:  # UTF-8 only (RFC 7519 7.2), which also skips json's encoding sniffing
+        value = json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError) as exc:
         raise TokenMalformed(f"invalid {name}: {exc}") from None
     if not isinstance(value, dict):

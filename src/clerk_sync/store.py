@@ -8,10 +8,11 @@ Every write that decides something is a single guarded statement (``INSERT .. ON
 from __future__ import annotations
 
 import functools
+import threading
 import json
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import fields
 from datetime import UTC, datetime
 from typing import Any
@@ -303,6 +304,11 @@ class Store:
     def __init__(self, engine: Engine, *, now: Clock = _utcnow) -> None:
         self.engine = engine
         self._now = now
+        # SQLite has one writer; queueing our own threads on a lock is fair and immediate, where
+        # SQLite's busy handler sleeps and polls (a 0.4-0.6 s p99 tail at 16 senders).
+        self._writers: AbstractContextManager[Any] = (
+            threading.RLock() if engine.dialect.name == "sqlite" else nullcontext()
+        )
 
     @classmethod
     def from_url(cls, url: str, **engine_kwargs: Any) -> Store:
@@ -312,7 +318,7 @@ class Store:
     def transaction(self) -> Iterator[Writer]:
         """One unit of work: commit on success, roll back on any error; DB errors become StoreError."""
         try:
-            with self.engine.begin() as conn:
+            with self._writers, self.engine.begin() as conn:
                 yield Writer(conn, self._now())
         except sa.exc.SQLAlchemyError as exc:
             raise StoreError(f"database error: {type(getattr(exc, 'orig', None) or exc).__name__}: {exc}") from exc
