@@ -53,7 +53,9 @@ def create_app(settings: Settings) -> Any:
         return {"status": "ok"}
 
     @app.get("/dashboard")
-    def dashboard(user: AuthUser = Depends(clerk.current_user), auth: Auth = Depends(clerk.current_auth)) -> dict[str, Any]:
+    def dashboard(
+        user: AuthUser = Depends(clerk.current_user), auth: Auth = Depends(clerk.current_auth)
+    ) -> dict[str, Any]:
         return {"user": user.clerk_id, "email": user.email, "role": user.role, "plan": user.plan,
                 "impersonated_by": auth.actor_id}
 

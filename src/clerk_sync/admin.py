@@ -32,7 +32,9 @@ _RETRYABLE = (_ClerkUnavailable, RateLimited)
 class ClerkAdminAPI(Protocol):
     """The Clerk calls admin actions need (``clerk_api.ClerkClient`` provides them)."""
 
-    def update_user_metadata(self, user_id: str, *, public_metadata: dict[str, Any] | None = None) -> dict[str, Any]: ...
+    def update_user_metadata(
+        self, user_id: str, *, public_metadata: dict[str, Any] | None = None
+    ) -> dict[str, Any]: ...
 
     def create_actor_token(self, user_id: str, actor: dict[str, Any], *,
                            expires_in_seconds: int | None = None) -> dict[str, Any]: ...
@@ -81,7 +83,8 @@ class AdminActions:
         except _RETRYABLE as exc:
             self._record_pending(target, role, by, ip, previous, str(exc))
             return RoleChange(target, role, "pending", previous)
-        self._store_clerk_user(clerk_user, AuditEntry("role.changed", by, target, details={"from": previous, "to": role}, ip=ip))
+        entry = AuditEntry("role.changed", by, target, details={"from": previous, "to": role}, ip=ip)
+        self._store_clerk_user(clerk_user, entry)
         return RoleChange(target, role, "applied", previous)
 
     def retry_pending(self) -> dict[str, int]:
@@ -92,7 +95,8 @@ class AdminActions:
         counts = {"applied": 0, "pending": 0}
         for row in rows:
             try:
-                clerk_user = self.clerk.update_user_metadata(row["user_clerk_id"], public_metadata={"role": row["role"]})
+                patch = {"role": row["role"]}
+                clerk_user = self.clerk.update_user_metadata(row["user_clerk_id"], public_metadata=patch)
             except _RETRYABLE as exc:
                 with self.store.transaction() as w:
                     w.conn.execute(pending_role_changes.update().where(pending_role_changes.c.id == row["id"])
@@ -139,8 +143,8 @@ class AdminActions:
             method = "sign_in_token"
         result = Impersonation(target, admin, method, str(grant.get("token", "")), grant.get("url"), ttl)
         with self.store.transaction() as w:
-            record_audit(w, AuditEntry("impersonation.granted", admin, target,
-                                       details={"method": method, "expires_in_s": ttl, "grant_id": grant.get("id")}, ip=ip))
+            details = {"method": method, "expires_in_s": ttl, "grant_id": grant.get("id")}
+            record_audit(w, AuditEntry("impersonation.granted", admin, target, details=details, ip=ip))
         return result
 
     def _require_admin(self, clerk_id: str, *, action: str, target: str, ip: str | None) -> AuthUser:

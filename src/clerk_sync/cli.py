@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -92,12 +92,12 @@ def emulate(
     """
     from clerk_sync.emulator import EmulatorConfig, serve
 
-    overrides: dict[str, object] = {"time_scale": time_scale, "rate_limit_requests": rate_limit}
+    overrides: dict[str, Any] = {"time_scale": time_scale, "rate_limit_requests": rate_limit}
     if webhook_url:
         overrides["webhook_url"] = webhook_url
     if seed is not None:
         overrides["seed"] = seed
-    serve(EmulatorConfig.from_env(**overrides), host, port)
+    serve(EmulatorConfig.from_env(None, **overrides), host, port)
 
 
 @app.command()

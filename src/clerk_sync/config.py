@@ -18,7 +18,7 @@ __all__ = ["DEFAULT_DATABASE_URL", "Settings", "parse_webhook_secrets"]
 
 DEFAULT_DATABASE_URL = "sqlite:///clerk_sync.db"
 _SECRET_HELP = (
-    "Set CLERK_WEBHOOK_SIGNING_SECRET to the endpoint's signing secret (Clerk Dashboard -> Webhooks -> "
+    "Set CLERK_WEBHOOK_SIGNING_SECRET to the endpoint's signing secret (Clerk Dashboard -> Webhooks -> "  # noqa: S105
     "your endpoint -> Signing Secret, it starts with 'whsec_'); several secrets may be separated by "
     "spaces or commas during rotation."
 )

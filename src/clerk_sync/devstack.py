@@ -119,8 +119,9 @@ class DevStack:
 
     def db_rows(self) -> dict[str, int]:
         with self.store.connect() as conn:
-            return {t.name: conn.execute(sa.select(sa.func.count()).select_from(t).where(t.c.deleted_at.is_(None))).scalar_one()
+            live = {t: sa.select(sa.func.count()).select_from(t).where(t.c.deleted_at.is_(None))
                     for t in (users, organizations, organization_memberships)}
+            return {t.name: conn.execute(query).scalar_one() for t, query in live.items()}
 
     def events_by_status(self) -> dict[str, int]:
         with self.store.connect() as conn:
@@ -155,12 +156,14 @@ def seed_demo(clerk: httpx.Client, n_users: int, n_orgs: int, progress: Progress
         user_ids.append(_ok(clerk.post("/users", json=body))["id"])
         advance()
     for j in range(n_orgs):
-        org = _ok(clerk.post("/organizations", json={"name": _ORGS[j % len(_ORGS)], "created_by": user_ids[j % n_users]}))
+        body = {"name": _ORGS[j % len(_ORGS)], "created_by": user_ids[j % n_users]}
+        org = _ok(clerk.post("/organizations", json=body))
         advance()
         for k in range(2):
             member = user_ids[(j * 3 + k + 1) % n_users]
             if member != user_ids[j % n_users]:
-                _ok(clerk.post(f"/organizations/{org['id']}/memberships", json={"user_id": member, "role": "org:member"}))
+                membership = {"user_id": member, "role": "org:member"}
+                _ok(clerk.post(f"/organizations/{org['id']}/memberships", json=membership))
         advance()
     _ok(clerk.patch(f"/users/{user_ids[1]}", json={"first_name": "Renamed"}))
     advance()
@@ -211,5 +214,6 @@ def _print_report(console: Console, report: DevReport, stack: DevStack) -> None:
     console.print(f"{verdict} in {report.seconds:.1f} s")
     console.print("Try:")
     console.print(f"  curl -s {report.service_url}/metrics | grep clerk_sync_webhook_events")
-    console.print(f"  curl -s -H 'Authorization: Bearer {stack.emulator.secret_key}' {report.emulator_url}/v1/users?limit=3")
-    console.print(f"  sqlite3 {stack.settings.sqlite_path()} 'select clerk_id, email, role from users'")
+    key = stack.emulator.secret_key
+    console.print(f"  curl -s -H 'Authorization: Bearer {key}' {report.emulator_url}/v1/users?limit=3")
+    console.print(f"  sqlite3 {stack.settings.sqlite_path()} 'select clerk_id, email, role from users'")  # noqa: S608
