@@ -1,4 +1,4 @@
-# ruff: noqa: S603, S607, RUF001, E501, SIM105
+# ruff: noqa: RUF001, SIM105
 """Ingest benchmark: signed Clerk webhook deliveries into ``clerk-sync serve`` vs. baselines.
 
     .venv/bin/python bench/ingest.py [--quick] [--profile]

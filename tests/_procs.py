@@ -46,7 +46,7 @@ class Server:
         args = [sys.executable, "-c", SERVE, "serve", "--host", "127.0.0.1", "--port", str(self.port),
                 "--migrate" if migrate else "--no-migrate"]
         self._log = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(args, env=env, stdout=self._log, stderr=self._log)  # noqa: S603 - our own argv
+        self.proc = subprocess.Popen(args, env=env, stdout=self._log, stderr=self._log)
 
     def wait_ready(self, timeout: float = 30.0) -> Server:
         deadline = time.monotonic() + timeout
@@ -158,7 +158,7 @@ def spawn_poster(job: Path) -> subprocess.Popen[bytes]:
     """A poster process reading ``job`` (JSON: urls, secret, seed, threads, deliveries) and writing a tally."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
     argv = [sys.executable, str(HERE / "_procs.py"), "poster", str(job)]
-    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE)  # noqa: S603 - our own argv
+    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE)
 
 
 def _poster_main(job_path: str) -> None:

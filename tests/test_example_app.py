@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
+from examples.saas.app import create_app
 
 from clerk_sync.config import Settings
 from clerk_sync.testing import EmulatorServer
-from examples.saas.app import create_app
 from tests._server import free_port, running
 
 

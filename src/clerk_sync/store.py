@@ -8,8 +8,8 @@ Every write that decides something is a single guarded statement (``INSERT .. ON
 from __future__ import annotations
 
 import functools
-import threading
 import json
+import threading
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext

@@ -47,7 +47,7 @@ def test_deliveries_verify_with_svix_and_standardwebhooks(clerk_hooked: Emulator
 
 
 def test_configured_secret_is_used(receiver: Receiver) -> None:
-    secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # noqa: S105 (Svix test vector)
+    secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
     with EmulatorServer(webhook_url=receiver.url, webhook_secret=secret) as clerk:
         assert clerk.webhook_secret == secret
         clerk.create_user("own@example.com")
