@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -220,3 +221,144 @@ async def test_async_verify_fetches_off_the_loop(jwks_server: tuple[_JWKSServer,
     with httpx.Client() as client:
         verifier = SessionVerifier(JWKSKeySource(f"{url}/v1/jwks", client=client), SessionPolicy(), now=lambda: clock[0])
         assert (await verifier.averify(mint())).user_id == "user_1"
+
+
+# --- one-pass parser: strict structure (regressions for the hand-rolled split/decode) -----------------------------
+_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+def _segment(value: Any) -> str:
+    """A base64url segment whose length is not a multiple of 4, so its last character has unused bits."""
+    raw = value if isinstance(value, bytes) else json.dumps(value).encode()
+    while len(raw) % 3 == 0:  # JSON tolerates trailing whitespace
+        raw += b" "
+    return _b64(raw)
+
+
+def _signed(head: str, body: str, key: rsa.RSAPrivateKey = KEY) -> str:
+    """Sign arbitrary segments with the trusted key: a refusal then comes from the parser, not the signature."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    signature = key.sign(f"{head}.{body}".encode(), padding.PKCS1v15(), hashes.SHA256())
+    return f"{head}.{body}.{_b64(signature)}"
+
+
+def _noncanonical(segment: str) -> str:
+    """Same decoded bytes, different text: set a low bit the last character does not carry."""
+    assert len(segment) % 4 in (2, 3)
+    return segment[:-1] + _ALPHABET[_ALPHABET.index(segment[-1]) | 1]
+
+
+HEADER = {"alg": "RS256", "kid": "ins_1", "typ": "JWT"}
+
+
+def test_signed_hand_built_token_is_accepted(verifier: SessionVerifier) -> None:
+    # The control for the cases below: the helpers build tokens the verifier accepts.
+    assert verifier.verify(_signed(_segment(HEADER), _segment(claims()))).user_id == "user_1"
+
+
+def _noncanonical_signature() -> str:
+    head, body, sig = mint().split(".")
+    return f"{head}.{body}.{_noncanonical(sig)}"
+
+
+def _impossible_length() -> str:
+    body = _segment(claims())
+    return _signed(_segment(HEADER), body + "A" * ((1 - len(body)) % 4))  # len % 4 == 1 decodes to nothing
+
+
+# case -> (token builder, what the refusal names)
+STRUCTURE = {
+    "noncanonical-signature": (_noncanonical_signature, "non-canonical base64url in the signature"),
+    "noncanonical-header": (lambda: _signed(_noncanonical(_segment(HEADER)), _segment(claims())),
+                            "non-canonical base64url in the header"),
+    "noncanonical-payload": (lambda: _signed(_segment(HEADER), _noncanonical(_segment(claims()))),
+                             "non-canonical base64url in the payload"),
+    "padded-signature": (lambda: mint() + "==", "invalid base64url in the signature"),
+    "padded-payload": (lambda: _signed(_segment(HEADER), _segment(claims()) + "=="), "invalid base64url in the payload"),
+    "four-segments": (lambda: mint() + ".x", "4 segments"),
+    "trailing-dot": (lambda: mint() + ".", "4 segments"),
+    "two-segments": (lambda: mint().rpartition(".")[0], "2 segments"),
+    "junk-after-signature": (lambda: mint() + "!!!!", "invalid base64url in the signature"),
+    "space-in-signature": (lambda: mint()[:-4] + " " + mint()[-3:], "invalid base64url in the signature"),
+    "junk-in-payload": (lambda: _signed(_segment(HEADER), _segment(claims())[:-4] + "+/" + _segment(claims())[-2:]),
+                        "invalid base64url in the payload"),
+    "impossible-length": (_impossible_length, "invalid base64url in the payload"),
+    "non-ascii": (lambda: mint() + "é", "non-ASCII"),
+    "crit-header": (lambda: _signed(_segment({**HEADER, "crit": ["exp"], "exp": NOW}), _segment(claims())), "crit"),
+    "b64-header": (lambda: _signed(_segment({**HEADER, "b64": False, "crit": ["b64"]}), _segment(claims())), "b64"),
+    "int-kid": (lambda: _signed(_segment({**HEADER, "kid": 1}), _segment(claims())), "kid must be a string"),
+    "null-kid": (lambda: _signed(_segment({**HEADER, "kid": None}), _segment(claims())), "kid must be a string"),
+    "header-not-object": (lambda: _signed(_segment(["RS256"]), _segment(claims())), "header: not a JSON object"),
+    "payload-list": (lambda: _signed(_segment(HEADER), _segment([claims()])), "payload: not a JSON object"),
+    "payload-string": (lambda: _signed(_segment(HEADER), _segment("user_1")), "payload: not a JSON object"),
+    "payload-null": (lambda: _signed(_segment(HEADER), _segment(None)), "payload: not a JSON object"),
+    "payload-not-json": (lambda: _signed(_segment(HEADER), _segment(b"{sub: user_1}")), "invalid payload"),
+    "payload-not-utf8": (lambda: _signed(_segment(HEADER), _segment(b'{"sub": "\xff"}')), "invalid payload"),
+    "int-sub": (lambda: mint(claims(sub=12345)), "'sub' is not a string"),
+    "int-jti": (lambda: mint(claims(jti=7)), "'jti' is not a string"),
+}
+
+
+@pytest.mark.parametrize(("forge", "reason"), STRUCTURE.values(), ids=STRUCTURE.keys())
+def test_malformed_structure_is_refused(verifier: SessionVerifier, forge: Any, reason: str) -> None:
+    token = forge()
+    with pytest.raises(errors.TokenMalformed, match=re.escape(reason)):
+        verifier.verify(token)
+    with pytest.raises(errors.TokenMalformed):  # and again: nothing about it was remembered
+        verifier.verify(token)
+
+
+def test_forged_header_does_not_poison_the_header_memo(verifier: SessionVerifier) -> None:
+    head = _segment(HEADER)
+    forged = _signed(head, _segment(claims(sub="user_admin")), key=OTHER_KEY)
+    with pytest.raises(errors.TokenSignatureInvalid):
+        verifier.verify(forged)
+    assert verifier.verify(_signed(head, _segment(claims()))).user_id == "user_1"
+    with pytest.raises(errors.TokenSignatureInvalid):  # the memoised header does not skip the signature
+        verifier.verify(forged)
+
+
+def test_flood_of_distinct_tokens_stays_bounded_and_correct(clock: list[float]) -> None:
+    verifier = SessionVerifier(StaticKeySource(pem(KEY)), SessionPolicy(issuer=ISS), now=lambda: clock[0],
+                               cache_size=50)
+    tokens = [mint(claims(sub=f"user_{i}", sid=f"sess_{i}")) for i in range(500)]
+    for i, token in enumerate(tokens):
+        auth = verifier.verify(token)
+        assert (auth.user_id, auth.session_id) == (f"user_{i}", f"sess_{i}")
+    assert len(verifier._cache) == 50
+    assert list(verifier._cache) == tokens[-50:]  # FIFO: the newest survive
+    assert verifier.verify(tokens[0]).user_id == "user_0"  # evicted tokens verify again from scratch
+    with pytest.raises(errors.TokenSignatureInvalid):  # and forgeries among them are still refused
+        verifier.verify(_tampered())
+
+
+def test_expired_entries_are_evicted_before_live_ones(clock: list[float]) -> None:
+    verifier = SessionVerifier(StaticKeySource(pem(KEY)), SessionPolicy(issuer=ISS), now=lambda: clock[0],
+                               cache_size=3)
+    short = [mint(claims(sub=f"short_{i}", exp=NOW + 10)) for i in range(2)]
+    long = mint(claims(sub="long", exp=NOW + 600))
+    for token in [*short, long]:
+        verifier.verify(token)
+    clock[0] = NOW + 30  # both short tokens are now expired (past their leeway too)
+    newcomer = mint(claims(sub="new", iat=NOW + 25, nbf=NOW + 20, exp=NOW + 600))
+    verifier.verify(newcomer)
+    assert list(verifier._cache) == [long, newcomer]
+    with pytest.raises(errors.TokenExpired):
+        verifier.verify(short[0])
+
+
+def test_v2_permissions_tolerate_odd_claim_types() -> None:
+    base = {"sub": "u", "sid": "s", "exp": 1, "v": 2}
+    auth = auth_from_claims({**base, "o": {"id": "org_1", "per": ["read"], "fpm": [1]}, "fea": {"o": 1}})
+    assert (auth.org_id, auth.org_permissions) == ("org_1", ())
+    auth = auth_from_claims({**base, "o": {"id": "org_1", "per": "read,²", "fpm": "²,3"}, "fea": "o:x"})
+    assert auth.org_permissions == ("org:x:read", "org:x:²")
+
+
+def test_auth_from_claims_does_not_alias_the_callers_dict() -> None:
+    raw = {"sub": "u", "sid": "s", "exp": 1}
+    auth = auth_from_claims(raw)
+    raw["sub"] = "someone_else"
+    assert auth.claims["sub"] == "u"
