@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 import jwt
+from _report import write_section  # bench/ is on sys.path when run as a script
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
@@ -574,19 +575,7 @@ def render(micro: dict[str, list[float]], sizes: dict[str, int], http: list[dict
 
 
 def write_benchmarks_md(block: str) -> Path:
-    """Replace only this section's generated block (re-read right before writing: others edit the file)."""
-    path = ROOT / "BENCHMARKS.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        pre, rest = text.split(BEGIN, 1)
-        text = pre + block + rest.split(END, 1)[1]
-    elif SECTION in text:
-        pre, post = text.split(SECTION, 1)
-        text = pre + SECTION + "\n\n" + block + "\n" + post
-    else:
-        text = text.rstrip("\n") + f"\n\n{SECTION}\n\n{block}\n"
-    path.write_text(text)
-    return path
+    return write_section(SECTION, BEGIN, END, block)
 
 
 # ---------------------------------------------------------------------------------------------- main

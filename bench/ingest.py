@@ -51,6 +51,7 @@ import factories  # noqa: E402  (tests/factories.py: envelope builders shaped li
 
 sys.path.insert(0, str(BENCH))
 from _loadgen import cpu_snapshot  # noqa: E402
+from _report import write_section  # noqa: E402
 
 PY = sys.executable
 VENV_BIN = Path(PY).parent
@@ -570,19 +571,7 @@ def render(results: list[dict[str, Any]], cfg: argparse.Namespace, notes: list[s
 
 
 def write_benchmarks_md(block: str) -> Path:
-    path = ROOT / "BENCHMARKS.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        pre, rest = text.split(BEGIN, 1)
-        post = rest.split(END, 1)[1]
-        text = pre + block + post
-    elif SECTION in text:
-        pre, post = text.split(SECTION, 1)
-        text = pre + SECTION + "\n\n" + block + "\n" + post
-    else:
-        text = text.rstrip("\n") + f"\n\n{SECTION}\n\n{block}\n"
-    path.write_text(text)
-    return path
+    return write_section(SECTION, BEGIN, END, block)
 
 
 # ---------------------------------------------------------------------------------------------- main

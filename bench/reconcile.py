@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from _report import write_section  # bench/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Reconcile (bench/reconcile.py)"
@@ -143,18 +144,7 @@ def render(results: list[dict[str, Any]], limit: int, window: float, store: str)
 
 
 def write_benchmarks_md(block: str) -> Path:
-    path = ROOT / "BENCHMARKS.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        pre, rest = text.split(BEGIN, 1)
-        text = pre + block + rest.split(END, 1)[1]
-    elif SECTION in text:
-        pre, post = text.split(SECTION, 1)
-        text = pre + SECTION + "\n\n" + block + "\n" + post
-    else:
-        text = text.rstrip("\n") + f"\n\n{SECTION}\n\n{block}\n"
-    path.write_text(text)
-    return path
+    return write_section(SECTION, BEGIN, END, block)
 
 
 def main() -> None:
