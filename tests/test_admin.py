@@ -13,7 +13,7 @@ from clerk_sync.admin import AdminActions
 from clerk_sync.auth import read_user
 from clerk_sync.clerk_api import CircuitBreaker, ClerkClient, RetryPolicy
 from clerk_sync.engine import Entity, Upsert
-from clerk_sync.errors import AccessDenied, StoreError
+from clerk_sync.errors import AccessDenied, ClerkValidationError, StoreError
 from clerk_sync.events import user_record
 from clerk_sync.jwks import JWKSKeySource
 from clerk_sync.sessions import SessionPolicy, SessionVerifier
@@ -120,3 +120,32 @@ def test_audit_log_is_append_only(clerk: EmulatorServer, store: Store, actions: 
     with pytest.raises(StoreError, match="append-only"), store.transaction() as w:
         w.conn.execute(audit_log.delete())
     assert [r["action"] for r in audit_rows(store)] == ["role.change.refused"]
+
+
+class ActorTokensUnavailable:
+    """The real client over HTTP, except that actor tokens are refused as on plans without them."""
+
+    def __init__(self, client: ClerkClient) -> None:
+        self.client = client
+
+    def update_user_metadata(self, user_id: str, *, public_metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+        return self.client.update_user_metadata(user_id, public_metadata=public_metadata)
+
+    def create_actor_token(self, user_id: str, actor: dict[str, Any], *,
+                           expires_in_seconds: int | None = None) -> dict[str, Any]:
+        raise ClerkValidationError("actor tokens are not available on this plan", status=402, path="/actor_tokens")
+
+    def create_sign_in_token(self, user_id: str, *, expires_in_seconds: int | None = None) -> dict[str, Any]:
+        return self.client.create_sign_in_token(user_id, expires_in_seconds=expires_in_seconds)
+
+
+def test_impersonation_falls_back_to_a_sign_in_token(clerk: EmulatorServer, store: Store, actions: AdminActions) -> None:
+    admin = synced_user(clerk, store, "ops@example.com", role="admin")
+    target = synced_user(clerk, store, "gina@example.com")
+    fallback = AdminActions(store, ActorTokensUnavailable(actions.clerk))  # type: ignore[arg-type]
+    grant = fallback.start_impersonation(admin, target, expires_in_s=3600)
+    assert grant.method == "sign_in_token"
+    assert grant.expires_in_s == 300  # capped at five minutes
+    assert grant.token
+    [row] = audit_rows(store)
+    assert row["details"]["method"] == "sign_in_token"

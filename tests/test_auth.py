@@ -181,3 +181,37 @@ def test_handler_checks_stand_without_the_middleware(db_url: str) -> None:
         assert client.get("/me").status_code == 401
         assert client.get("/admin", headers=bearer(token("nobody"))).status_code == 403
     h.store.dispose()
+
+
+def test_starlette_authentication_backend_scopes(db_url: str) -> None:
+    from starlette.applications import Starlette
+    from starlette.authentication import requires
+    from starlette.middleware import Middleware
+    from starlette.middleware.authentication import AuthenticationMiddleware
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from clerk_sync.integrations.auth_asgi import ClerkAuthBackend
+
+    h = Harness(db_url)
+
+    @requires("authenticated")
+    async def me(request: Request) -> JSONResponse:
+        return JSONResponse({"user": request.user.identity, "scopes": request.auth.scopes})
+
+    @requires("org:admin", status_code=403)
+    async def org_admin(request: Request) -> JSONResponse:
+        return JSONResponse({"ok": True})
+
+    app = Starlette(routes=[Route("/me", me), Route("/org", org_admin)],
+                    middleware=[Middleware(AuthenticationMiddleware, backend=ClerkAuthBackend(h.auth))])
+    org = {"id": "org_1", "rol": "admin", "slg": "acme", "per": "read", "fpm": "1"}
+    with running(app) as url, httpx.Client(base_url=url) as client:
+        assert client.get("/me").status_code == 403  # no token: unauthenticated
+        assert client.get("/me", headers=bearer("garbage")).status_code == 400  # invalid token
+        r = client.get("/me", headers=bearer(token("user_sb", o=org, fea="o:invoices")))
+        assert r.json() == {"user": "user_sb", "scopes": ["authenticated", "org:admin", "org:invoices:read"]}
+        assert client.get("/org", headers=bearer(token("user_sb"))).status_code == 403
+        assert client.get("/org", headers=bearer(token("user_sb", o=org))).status_code == 200
+    h.store.dispose()

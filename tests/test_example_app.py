@@ -109,3 +109,15 @@ def test_impersonation_is_granted_marked_guarded_and_audited(world: World) -> No
     refused = next(a for a in world.app.get("/admin/audit", headers=bearer(admin_tok)).json()
                    if a["action"] == "impersonation.refused")
     assert (refused["actor_clerk_id"], refused["target_clerk_id"]) == (carol["id"], admin["id"])
+
+
+def test_sync_me_right_after_sign_up_creates_the_row_before_the_webhook(world: World) -> None:
+    world.clerk.set_webhook_url(None)
+    user = world.clerk.create_user("fresh@example.com", public_metadata={"role": "user"})
+    tok = bearer(world.clerk.mint_session_token(user["id"]))
+    assert world.app.post("/sync/me").status_code == 401
+    synced = world.app.post("/sync/me", headers=tok)
+    assert synced.json() == {"user_id": user["id"], "email": "fresh@example.com", "role": "user"}
+    world.clerk.request("DELETE", f"/v1/users/{user['id']}")
+    gone = world.app.post("/sync/me", headers=tok)
+    assert gone.status_code == 410  # deleted in Clerk: UserDeleted

@@ -18,7 +18,7 @@ from clerk_sync.auth import Authenticator
 from clerk_sync.clerk_api import ClerkClient
 from clerk_sync.config import Settings
 from clerk_sync.integrations.auth_asgi import ClerkAuthMiddleware
-from clerk_sync.integrations.fastapi import ClerkAuth, build_processor, webhook_router
+from clerk_sync.integrations.fastapi import ClerkAuth, build_processor, sync_me_router, webhook_router
 from clerk_sync.sessions import Auth, verifier_from_settings
 from clerk_sync.tables import audit_log, organization_memberships, organizations, users
 from clerk_sync.users import AuthUser, AuthUsers
@@ -42,6 +42,7 @@ def create_app(settings: Settings) -> Any:
     app = FastAPI(title="clerk-sync example SaaS")
     clerk.install(app)
     app.include_router(webhook_router(processor))
+    app.include_router(sync_me_router(clerk, jit))  # POST /sync/me, right after sign-up
     app.state.store = store
 
     @app.get("/")
@@ -58,12 +59,6 @@ def create_app(settings: Settings) -> Any:
     ) -> dict[str, Any]:
         return {"user": user.clerk_id, "email": user.email, "role": user.role, "plan": user.plan,
                 "impersonated_by": auth.actor_id}
-
-    @app.post("/sync/me")
-    async def sync_me(auth: Auth = Depends(clerk.current_auth)) -> dict[str, Any]:
-        """Flow A: call right after sign-up so the row exists before the webhook arrives."""
-        user = jit.refresh_user(auth.user_id)
-        return {"user": user.clerk_id, "email": user.email}
 
     @app.get("/org")
     def org_page(auth: Auth = Depends(clerk.require_org_role("org:admin", "org:member"))) -> dict[str, Any]:

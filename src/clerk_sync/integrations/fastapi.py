@@ -29,9 +29,10 @@ from clerk_sync.errors import ClerkSyncError, TokenError
 from clerk_sync.ingest import WebhookProcessor
 from clerk_sync.integrations.starlette import build_processor, webhook_endpoint
 from clerk_sync.sessions import Auth
+from clerk_sync.users import AuthUsers
 from clerk_sync.users import AuthUser
 
-__all__ = ["ClerkAuth", "build_processor", "webhook_router"]
+__all__ = ["ClerkAuth", "build_processor", "sync_me_router", "webhook_router"]
 
 UserGetter = Callable[[Auth], Any]
 
@@ -40,6 +41,20 @@ def webhook_router(processor: WebhookProcessor, path: str = "/webhooks/clerk") -
     """A router with ``POST path``; signature-checked, so keep it outside your auth dependencies."""
     router = APIRouter()
     router.add_api_route(path, webhook_endpoint(processor), methods=["POST"], include_in_schema=False)
+    return router
+
+
+def sync_me_router(clerk: ClerkAuth, users: AuthUsers, path: str = "/sync/me") -> APIRouter:
+    """Flow A: the front end calls ``POST path`` right after sign-up, so the user's row exists before
+    the ``user.created`` webhook arrives (one budgeted Clerk call, the same guarded upsert)."""
+    router = APIRouter()
+
+    async def sync_me(request: Request) -> dict[str, Any]:
+        auth = await clerk.current_auth(request)
+        user = await run_in_threadpool(users.refresh_user, auth.user_id)
+        return {"user_id": user.clerk_id, "email": user.email, "role": user.role}
+
+    router.add_api_route(path, sync_me, methods=["POST"])
     return router
 
 
