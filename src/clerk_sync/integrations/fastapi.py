@@ -29,8 +29,7 @@ from clerk_sync.errors import ClerkSyncError, TokenError
 from clerk_sync.ingest import WebhookProcessor
 from clerk_sync.integrations.starlette import build_processor, webhook_endpoint
 from clerk_sync.sessions import Auth
-from clerk_sync.users import AuthUsers
-from clerk_sync.users import AuthUser
+from clerk_sync.users import AuthUser, AuthUsers
 
 __all__ = ["ClerkAuth", "build_processor", "sync_me_router", "webhook_router"]
 
