@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import structlog
-from anyio import to_thread
+from anyio import CapacityLimiter, to_thread
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
@@ -64,8 +64,13 @@ async def read_limited_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def webhook_endpoint(processor: WebhookProcessor) -> Any:
-    """An ASGI endpoint for ``POST /webhooks/clerk``."""
+def webhook_endpoint(processor: WebhookProcessor, *, threads: int = 4) -> Any:
+    """An ASGI endpoint for ``POST /webhooks/clerk``.
+
+    ``threads`` caps concurrent deliveries in the thread pool: the work is GIL-bound, and more
+    threads than that only queue for the GIL (and lengthen the latency tail).
+    """
+    limiters: list[CapacityLimiter] = []  # created on first use, inside the event loop
 
     async def endpoint(request: Request) -> Response:
         # Unverified, but it correlates every log line of this delivery (refusals included).
@@ -77,7 +82,8 @@ def webhook_endpoint(processor: WebhookProcessor) -> Any:
         try:
             body = await read_limited_body(request, processor.max_body_bytes)
             # The store is synchronous (SQLAlchemy Core): run it off the event loop.
-            outcome = await to_thread.run_sync(processor.process, dict(request.headers), body)
+            outcome = await to_thread.run_sync(processor.process, dict(request.headers), body,
+                                               limiter=_limiter(limiters, threads))
         except WebhookError as exc:
             log.info("webhook_refused", code=exc.code, reason=str(exc))
             processor.metrics.events.labels(type="unknown", status=exc.code).inc()
@@ -90,6 +96,12 @@ def webhook_endpoint(processor: WebhookProcessor) -> Any:
         return JSONResponse({"status": outcome.status, "svix_id": outcome.svix_id})
 
     return endpoint
+
+
+def _limiter(holder: list[CapacityLimiter], threads: int) -> CapacityLimiter:
+    if not holder:
+        holder.append(CapacityLimiter(threads))
+    return holder[0]
 
 
 def webhook_routes(processor: WebhookProcessor, path: str = "/webhooks/clerk") -> list[BaseRoute]:
