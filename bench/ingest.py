@@ -201,7 +201,6 @@ def finish_loadgen(gen: subprocess.Popen[str], cfg: argparse.Namespace) -> dict[
 SYSTEM_NAMES = {
     ("service", 1): "service",
     ("service", 2): "service --workers 2",
-    ("service-nodelay", 2): "service --workers 2, TCP_NODELAY fixed",
     ("seed", 1): "seed",
     ("floor", 1): "HTTP floor (no-op Starlette)",
 }
@@ -219,9 +218,6 @@ def http_cell(system: str, store_kind: str, conc: int, cfg: argparse.Namespace, 
         env["DATABASE_URL"] = store.url  # type: ignore[union-attr]
         cmd = [str(VENV_BIN / "clerk-sync"), "serve", "--host", "127.0.0.1", "--port", str(port),
                "--workers", str(workers)]
-    elif system == "service-nodelay":
-        env["DATABASE_URL"] = store.url  # type: ignore[union-attr]
-        cmd = [PY, str(BENCH / "_serve_nodelay.py"), str(port), str(workers)]
     elif system == "seed":
         env["SEED_DATABASE_URL"] = store.url  # type: ignore[union-attr]
         cmd = [PY, *uvicorn_app, "seed_handler:app"]
@@ -448,7 +444,7 @@ def render(results: list[dict[str, Any]], cfg: argparse.Namespace, notes: list[s
     head = ("| store | senders | system | deliveries/s | p50 ms | p99 ms | non-2xx | service/seed | "
             "service/pgbench | app CPU ms/req | PG CPU ms/req | machine busy | foreign |")
     rows = [head, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    order = ["service", "service --workers 2", "service --workers 2, TCP_NODELAY fixed", "seed", "pgbench -N"]
+    order = ["service", "service --workers 2", "seed", "pgbench -N"]
     for store in ("postgres", "sqlite"):
         for conc in CONCURRENCY:
             seed = by.get((store, "seed", conc))
@@ -512,7 +508,7 @@ def render(results: list[dict[str, Any]], cfg: argparse.Namespace, notes: list[s
     tgt = ["| target (PostgreSQL, 16 senders, service 1 worker) | measured | met? |", "|---|---|---|"]
     for name, ok, measured, miss in checks:
         tgt.append(f"| {name} | {measured} | {'yes' if ok else 'NO: ' + miss} |")
-    for extra in ("service --workers 2", "service --workers 2, TCP_NODELAY fixed"):
+    for extra in ("service --workers 2",):
         w2 = by.get(("postgres", extra, 16))
         if w2 and seed and pgb and seed["tps"] and pgb["tps"]:
             tgt.append(f"| (extra) {extra} | {w2['tps'] / seed['tps']:.2f}× seed, "
@@ -611,7 +607,7 @@ def main() -> None:
                     flip = not flip
                     if store == "postgres":
                         plan[1:1] = [("pgbench", 0), ("floor", 1)]
-                        plan += [("service", 2), ("service-nodelay", 2)]
+                        plan += [("service", 2)]
                     for system, workers in plan:
                         name = "pgbench -N" if system == "pgbench" else SYSTEM_NAMES[(system, workers)]
                         print(f"  {store if system != 'floor' else '-':8} c={conc:<2} {name} ...",
