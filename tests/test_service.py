@@ -6,6 +6,7 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -235,3 +236,39 @@ def test_missing_secret_fails_at_start_up_naming_the_variable(tmp_path: Path) ->
     bad = Settings.from_env({"CLERK_WEBHOOK_SECRET": "not-a-whsec"})
     with pytest.raises(ConfigError, match="whsec_"):
         build_processor(bad)
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda u: u.update(first_name="x" * 300),  # longer than the column (PostgreSQL refuses)
+        lambda u: u.update(unsafe_metadata={"note": "nul\u0000byte"}),  # JSONB refuses \\u0000
+        lambda u: u.update(updated_at=10**20),  # does not fit BIGINT
+    ],
+    ids=["too-long", "nul-escape", "bigint-overflow"],
+)
+def test_values_the_database_refuses_are_stored_failed_not_retried_forever(
+    service: tuple[httpx.Client, Store], mutate: Any
+) -> None:
+    client, store = service
+    data = f.user("user_poison", 5, email="secret.person@example.com")
+    mutate(data)
+    r = post(client, f.envelope("user.updated", data), "msg_poison")
+    assert r.status_code == 200, r.text
+    expected = "failed" if store.engine.dialect.name == "postgresql" or data["updated_at"] > 2**63 else "applied"
+    assert r.json()["status"] == expected  # SQLite stores long strings and NULs as they are
+    assert "secret.person" not in r.text
+    with store.connect() as conn:
+        ev = conn.execute(sa.select(webhook_events.c.status, webhook_events.c.last_error)).one()
+    assert ev.status == r.json()["status"]
+    assert "secret.person" not in (ev.last_error or "")
+    assert post(client, f.envelope("user.updated", data), "msg_poison").json()["status"] == "duplicate"
+
+
+def test_non_finite_timestamp_is_a_payload_error(service: tuple[httpx.Client, Store]) -> None:
+    client, store = service
+    body = f.body_of(f.envelope("user.created", f.user("user_nan", 1))).replace(b'"timestamp":', b'"timestamp":NaN,"x":')
+    headers, _ = f.signed(body, "msg_nan")
+    r = client.post("/webhooks/clerk", content=body, headers=headers)
+    assert r.status_code == 400
+    assert set(row_counts(store).values()) == {0}

@@ -50,6 +50,7 @@ __all__ = [
     "SessionPending",
     "SessionRevoked",
     "SessionUserBanned",
+    "StoreDataError",
     "StoreError",
     "TokenAlgorithmNotAllowed",
     "TokenAuthorizedPartyInvalid",
@@ -139,6 +140,15 @@ class StoreError(ClerkSyncError):
 
     code = "store_unavailable"
     status_code = 503
+
+
+class StoreDataError(StoreError):
+    """The database refused a value for good (too long, out of range, an escape JSONB rejects).
+
+    Retrying cannot help: the webhook path stores the delivery as ``failed`` (replayable) and answers 200.
+    """
+
+    code = "store_data_rejected"
 
 
 class TokenError(ClerkSyncError):
@@ -301,7 +311,9 @@ class RateLimited(ClerkAPIError):
     code = "clerk_rate_limited"
     status_code = 503
 
-    def __init__(self, message: str, *, retry_after: float, **context: str | int | None) -> None:
+    # retry_after has a default so copy.copy (single-flight followers) can rebuild the exception;
+    # the copied __dict__ then restores the real value.
+    def __init__(self, message: str, *, retry_after: float = 1.0, **context: str | int | None) -> None:
         super().__init__(message, **context)  # type: ignore[arg-type]
         self.retry_after = retry_after
 
@@ -312,7 +324,9 @@ class ClerkUnavailable(ClerkAPIError):
     code = "clerk_unavailable"
     status_code = 503
 
-    def __init__(self, message: str, *, retry_after: float, **context: str | int | None) -> None:
+    # retry_after has a default so copy.copy (single-flight followers) can rebuild the exception;
+    # the copied __dict__ then restores the real value.
+    def __init__(self, message: str, *, retry_after: float = 1.0, **context: str | int | None) -> None:
         super().__init__(message, **context)  # type: ignore[arg-type]
         self.retry_after = retry_after
 

@@ -7,6 +7,7 @@ because Clerk sends the same User/Organization/OrganizationMembership objects on
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,8 @@ __all__ = [
 ]
 
 JSON = dict[str, Any]
+# Larger timestamps would not fit BIGINT columns (and are meaningless: year 292 million).
+_MAX_MS = 2**63 - 1
 # Seconds-vs-milliseconds cut-off: 10^11 s is the year 5138, 10^11 ms is 1973.
 _MS_THRESHOLD = 100_000_000_000
 # Legacy payloads used role keys without the ``org:`` prefix (see shared/clerk examples/variants).
@@ -33,10 +36,13 @@ _LEGACY_ORG_ROLES = {"admin": "org:admin", "basic_member": "org:member"}
 
 def normalize_timestamp_ms(value: object) -> int:
     """Clerk's envelope ``timestamp`` is ms in the docs and seconds in the spec examples."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise PayloadError(f"event timestamp must be a number, got {value!r}")
     number = float(value)
-    return int(number if number >= _MS_THRESHOLD else number * 1000)
+    ms = int(number if number >= _MS_THRESHOLD else number * 1000)
+    if not 0 <= ms <= _MAX_MS:
+        raise PayloadError(f"event timestamp {value!r} is out of range")
+    return ms
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,15 +202,18 @@ def _id(data: JSON, what: str) -> str:
 
 
 def _ms(data: JSON, key: str) -> int:
-    value = data.get(key)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise EventShapeError(f"'{key}' must be a number of milliseconds, got {value!r}")
-    return int(value)
+    value = _opt_int(data, key)
+    if value is None:
+        raise EventShapeError(f"'{key}' must be a number of milliseconds, got {data.get(key)!r}")
+    return value
 
 
 def _opt_int(data: JSON, key: str) -> int | None:
+    """A millisecond timestamp that fits a BIGINT column, else None."""
     value = data.get(key)
-    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return int(value) if 0 <= value <= _MAX_MS else None
 
 
 def _opt_str(data: JSON, key: str) -> str | None:

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 import structlog
 
 from clerk_sync.engine import Ignore, Intent, plan
-from clerk_sync.errors import EventShapeError, PayloadError, PayloadTooLarge, WrongInstance
+from clerk_sync.errors import EventShapeError, PayloadError, PayloadTooLarge, StoreDataError, WrongInstance
 from clerk_sync.events import Envelope, parse_envelope
 from clerk_sync.metrics import Metrics
 from clerk_sync.store import Store, Writer
@@ -76,11 +76,26 @@ class WebhookProcessor:
             raise WrongInstance(
                 f"event from instance {envelope.instance_id!r}, expected {self.instance_id!r} (CLERK_INSTANCE_ID)"
             )
-        with self.store.transaction() as writer:
-            outcome = self._apply_new(writer, svix_id, envelope, body.decode())
+        try:
+            with self.store.transaction() as writer:
+                outcome = self._apply_new(writer, svix_id, envelope, body.decode())
+        except StoreDataError as exc:
+            outcome = self._store_refused(svix_id, envelope, body.decode(), exc)
         self.metrics.observe(envelope.type, outcome.status, time.perf_counter() - started)
         log.info("webhook", svix_id=svix_id, event_type=envelope.type, status=outcome.status, error=outcome.error)
         return outcome
+
+    def _store_refused(self, svix_id: str, envelope: Envelope, body: str, exc: StoreDataError) -> Outcome:
+        """The DB refused a value for good: keep the delivery as ``failed`` (replayable after a fix)
+        instead of answering 503 forever. NUL escapes, which JSONB refuses, are neutralised."""
+        error = str(exc)
+        with self.store.transaction() as writer:
+            fresh = writer.record_delivery(
+                svix_id, body.replace("\\u0000", "\\ufffd"), event_type=envelope.type,
+                instance_id=envelope.instance_id, event_timestamp=envelope.timestamp_ms,
+                status="failed", error=error,
+            )
+        return Outcome(svix_id, envelope.type, "failed" if fresh else "duplicate", error)
 
     def _apply_new(self, writer: Writer, svix_id: str, envelope: Envelope, body: str) -> Outcome:
         # Plan first (pure), so the inbox row is written once with its expected outcome; only a

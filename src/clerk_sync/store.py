@@ -23,7 +23,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from clerk_sync.engine import Entity, Record, RevokeSession, Tombstone, Upsert
-from clerk_sync.errors import StoreError
+from clerk_sync.errors import StoreDataError, StoreError
 from clerk_sync.events import MembershipRecord, OrganizationRecord, UserRecord
 from clerk_sync.tables import (
     Timestamp,
@@ -51,6 +51,7 @@ def _utcnow() -> datetime:
 
 def create_engine(url: str, **kwargs: Any) -> Engine:
     """An engine with the settings clerk-sync relies on (SQLite: WAL, busy timeout, BEGIN IMMEDIATE)."""
+    kwargs.setdefault("hide_parameters", True)  # bound values (emails, metadata) stay out of errors
     if url.startswith("sqlite"):
         engine = sa.create_engine(url, connect_args={"timeout": 30}, **kwargs)
         _tune_sqlite(engine)
@@ -298,6 +299,17 @@ def _inbox_sql(postgres: bool) -> sa.TextClause:
     ), names).bindparams(sa.bindparam("payload", type_=sa.Text))
 
 
+def _store_error(exc: sa.exc.SQLAlchemyError) -> StoreError:
+    """A StoreError whose message names the failure but never carries SQL or bound values
+    (they hold emails and private metadata, and the message reaches HTTP answers and logs)."""
+    orig = getattr(exc, "orig", None) or exc
+    first_line = (str(orig).strip().splitlines() or [""])[0][:200]
+    message = f"database error: {type(orig).__name__}: {first_line}"
+    if isinstance(exc, sa.exc.DataError):  # a value refused for good: retrying cannot help
+        return StoreDataError(message)
+    return StoreError(message)
+
+
 class Store:
     """Owns the engine; hands out one :class:`Writer` per transaction."""
 
@@ -321,7 +333,7 @@ class Store:
             with self._writers, self.engine.begin() as conn:
                 yield Writer(conn, self._now())
         except sa.exc.SQLAlchemyError as exc:
-            raise StoreError(f"database error: {type(getattr(exc, 'orig', None) or exc).__name__}: {exc}") from exc
+            raise _store_error(exc) from exc
 
     @contextmanager
     def connect(self) -> Iterator[Connection]:
@@ -330,7 +342,7 @@ class Store:
             with self.engine.connect().execution_options(**{_READ_ONLY: True}) as conn:
                 yield conn
         except sa.exc.SQLAlchemyError as exc:
-            raise StoreError(f"database error: {exc}") from exc
+            raise _store_error(exc) from exc
 
     def ping(self) -> None:
         with self.connect() as conn:
