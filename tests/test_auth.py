@@ -18,6 +18,7 @@ from clerk_sync.integrations.fastapi import ClerkAuth
 from clerk_sync.integrations.starlette import build_processor
 from clerk_sync.jwks import StaticKeySource
 from clerk_sync.sessions import Auth, SessionPolicy, SessionVerifier
+from clerk_sync.store import Store
 from clerk_sync.tables import audit_log, metadata
 from clerk_sync.users import AuthUser
 from tests import factories as f
@@ -214,4 +215,60 @@ def test_starlette_authentication_backend_scopes(db_url: str) -> None:
         assert r.json() == {"user": "user_sb", "scopes": ["authenticated", "org:admin", "org:invoices:read"]}
         assert client.get("/org", headers=bearer(token("user_sb"))).status_code == 403
         assert client.get("/org", headers=bearer(token("user_sb", o=org))).status_code == 200
+    h.store.dispose()
+
+
+def test_middleware_finds_the_session_cookie_after_an_unparsable_cookie(harness: tuple[Harness, httpx.Client]) -> None:
+    h, client = harness
+    h.event("user.created", f.user("user_ck", 1))
+    cookie = f'theme={{"a":1}}; __session={token("user_ck")}'
+    assert client.get("/me", headers={"Cookie": cookie}).json()["user_id"] == "user_ck"
+
+
+def test_blank_session_settings_mean_unset() -> None:
+    settings = Settings.from_env({"CLERK_ISSUER": "", "CLERK_JWT_KEY": " ", "CLERK_JWKS_URL": "", "DATABASE_URL": ""})
+    assert (settings.clerk_issuer, settings.clerk_jwt_key, settings.clerk_jwks_url) == (None, None, None)
+    assert settings.database_url == "sqlite:///clerk_sync.db"
+
+
+@pytest.mark.parametrize("db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
+def test_deny_list_sees_a_revocation_that_commits_after_a_later_one(db_url: str) -> None:
+    """PostgreSQL commits out of insertion order: an incremental refresh must not skip the straggler."""
+    from datetime import UTC, datetime
+
+    from clerk_sync.tables import revoked_sessions
+
+    store = Store.from_url(db_url)
+    deny = DenyList(store, refresh_s=0)
+    deny.refresh()
+    now = datetime.now(UTC)
+    slow = store.engine.connect()
+    slow_tx = slow.begin()
+    slow.execute(revoked_sessions.insert().values(session_id="sess_A", reason="revoked", revoked_at=now))
+    with store.transaction() as w:
+        w.conn.execute(revoked_sessions.insert().values(session_id="sess_B", reason="revoked", revoked_at=now))
+    assert deny.is_revoked("sess_B")
+    assert not deny.is_revoked("sess_A")  # not committed yet
+    slow_tx.commit()
+    slow.close()
+    assert deny.is_revoked("sess_A")
+    store.dispose()
+
+
+def test_deny_list_forgets_expired_revocations_and_unbanned_users(db_url: str) -> None:
+    from datetime import UTC, datetime
+
+    from clerk_sync.tables import revoked_sessions
+
+    h = Harness(db_url)
+    deny = DenyList(h.store, refresh_s=0)
+    past = int(datetime.now(UTC).timestamp() * 1000) - 1000
+    with h.store.transaction() as w:
+        w.conn.execute(revoked_sessions.insert().values(session_id="sess_old", reason="ended", revoked_at=w.now,
+                                                        expire_at=past))
+    assert not deny.is_revoked("sess_old")
+    h.event("user.created", f.user("user_ub", 1, banned=True))
+    assert deny.is_user_blocked("user_ub")
+    h.event("user.updated", f.user("user_ub", 2, banned=False))
+    assert not deny.is_user_blocked("user_ub")
     h.store.dispose()

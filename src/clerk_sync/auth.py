@@ -11,9 +11,11 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from anyio import to_thread
 
 from clerk_sync.errors import AccessDenied, SessionUserBanned
 from clerk_sync.sessions import Auth, SessionVerifier, token_from_request
@@ -24,54 +26,82 @@ from clerk_sync.users import AuthUser, load_user
 __all__ = ["AuditEntry", "Authenticator", "DenyList", "read_user", "record_audit"]
 
 
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
 class DenyList:
     """Revoked sessions and banned/deleted users, read from the DB at most every ``refresh_s``.
 
     Serves :class:`~clerk_sync.sessions.RevocationCheck`. A periodic refresh (not a query per
     request) keeps the protected path cheap; replicas see a revocation within ``refresh_s``.
+    Refreshes are incremental: rows written since the last refresh *minus a margin*, because on
+    PostgreSQL transactions commit out of id/timestamp order (a revocation inserted first can become
+    visible last). Expired revocations are dropped, so the set stays the size of live sessions.
     """
 
-    def __init__(self, store: Store, *, refresh_s: float = 1.0, now: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, store: Store, *, refresh_s: float = 1.0, margin_s: float = 60.0,
+                 now: Callable[[], float] = time.monotonic, wall: Callable[[], datetime] = _utcnow) -> None:
         self._store = store
         self._refresh_s = refresh_s
+        self._margin = timedelta(seconds=margin_s)
         self._now = now
-        self._revoked: set[str] = set()
-        self._blocked_users: frozenset[str] = frozenset()
-        self._last_id = 0
+        self._wall = wall
+        self._revoked: dict[str, int | None] = {}  # session id -> session expire_at (ms)
+        self._blocked_users: set[str] = set()
+        self._since: datetime | None = None
         self._loaded_at: float | None = None
         self._lock = threading.Lock()
 
     def is_revoked(self, session_id: str) -> bool:
-        self._maybe_refresh()
+        self.refresh_if_due()
         return session_id in self._revoked
 
     def is_user_blocked(self, user_id: str) -> bool:
-        self._maybe_refresh()
+        self.refresh_if_due()
         return user_id in self._blocked_users
 
+    def due(self) -> bool:
+        """True when the next check would query the DB (async callers refresh off the event loop)."""
+        return self._loaded_at is None or self._now() - self._loaded_at >= self._refresh_s
+
     def refresh(self) -> None:
-        """Load new revocations (incrementally) and the current banned/deleted users."""
+        """Read revocations and user bans/deletions changed since the last refresh (all, the first time)."""
+        started = self._wall()
+        now_ms = int(started.timestamp() * 1000)
+        r, u = revoked_sessions, users
+        live = sa.or_(r.c.expire_at.is_(None), r.c.expire_at > now_ms)
+        revocations = sa.select(r.c.session_id, r.c.expire_at).where(live)
+        changed_users = sa.select(u.c.clerk_id, u.c.banned, u.c.deleted_at)
+        if self._since is None:
+            changed_users = changed_users.where(sa.or_(u.c.banned.is_(True), u.c.deleted_at.is_not(None)))
+        else:
+            revocations = revocations.where(r.c.revoked_at >= self._since - self._margin)
+            changed_users = changed_users.where(u.c.updated_at >= self._since - self._margin)
         with self._store.connect() as conn:
-            rows = conn.execute(
-                sa.select(revoked_sessions.c.id, revoked_sessions.c.session_id)
-                .where(revoked_sessions.c.id > self._last_id)
-                .order_by(revoked_sessions.c.id)
-            ).all()
-            blocked = conn.execute(
-                sa.select(users.c.clerk_id).where(sa.or_(users.c.banned.is_(True), users.c.deleted_at.is_not(None)))
-            ).scalars()
-            self._blocked_users = frozenset(blocked)
-        for row_id, session_id in rows:
-            self._revoked.add(session_id)
-            self._last_id = max(self._last_id, row_id)
+            new_revocations = conn.execute(revocations).all()
+            user_rows = conn.execute(changed_users).all()
+        for session_id, expire_at in new_revocations:
+            self._revoked[session_id] = expire_at
+        for clerk_id, banned, deleted_at in user_rows:
+            if banned or deleted_at is not None:
+                self._blocked_users.add(clerk_id)
+            else:
+                self._blocked_users.discard(clerk_id)
+        for session_id in [s for s, exp in self._revoked.items() if exp is not None and exp <= now_ms]:
+            del self._revoked[session_id]
+        self._since = started
         self._loaded_at = self._now()
 
-    def _maybe_refresh(self) -> None:
-        if self._loaded_at is not None and self._now() - self._loaded_at < self._refresh_s:
+    def refresh_if_due(self) -> None:
+        if not self.due():
             return
+        # The first load blocks (nothing to serve yet); later, one thread refreshes and others keep
+        # serving the previous snapshot.
         if self._lock.acquire(blocking=self._loaded_at is None):
             try:
-                self.refresh()
+                if self.due():
+                    self.refresh()
             finally:
                 self._lock.release()
 
@@ -97,6 +127,8 @@ class Authenticator:
         return self._check_user(self.verifier.verify(token_from_request(headers, cookies)))
 
     async def aauthenticate(self, headers: Mapping[str, str], cookies: Mapping[str, str]) -> Auth:
+        if self.deny_list.due():  # its DB read runs in a worker thread, never on the event loop
+            await to_thread.run_sync(self.deny_list.refresh_if_due)
         return self._check_user(await self.verifier.averify(token_from_request(headers, cookies)))
 
     def _check_user(self, auth: Auth) -> Auth:

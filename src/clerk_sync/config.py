@@ -71,10 +71,16 @@ class Settings(BaseSettings):
     session_leeway_s: float = Field(5.0, ge=0, validation_alias="CLERK_SYNC_SESSION_LEEWAY_S")
 
     @field_validator("instance_id", "redis_url", "webhook_secret", "clerk_secret_key", "clerk_api_rate_limit",
-                     mode="before")
+                     "clerk_jwt_key", "clerk_jwks_url", "clerk_issuer", "authorized_parties_raw", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
+        # `export CLERK_ISSUER=` means "not set", not "the empty issuer".
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("database_url", mode="before")
+    @classmethod
+    def _blank_is_default(cls, value: object) -> object:
+        return DEFAULT_DATABASE_URL if isinstance(value, str) and not value.strip() else value
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:

@@ -60,6 +60,7 @@ users = sa.Table(
     sa.Column("locked", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("last_sign_in_at", sa.BigInteger, nullable=True),
     *_clerk_columns(),
+    sa.Index("ix_users_updated_at", "updated_at"),  # incremental deny-list refresh
 )
 
 organizations = sa.Table(
@@ -127,7 +128,7 @@ revoked_sessions = sa.Table(
     sa.Column("user_clerk_id", sa.String(64), nullable=True, index=True),
     sa.Column("reason", sa.String(16), nullable=False),
     sa.Column("expire_at", sa.BigInteger, nullable=True),
-    sa.Column("revoked_at", Timestamp, nullable=False),
+    sa.Column("revoked_at", Timestamp, nullable=False, index=True),
 )
 
 # Reconcile bookkeeping lives in its own module but on this metadata, so migrations compare against it.

@@ -7,16 +7,15 @@ The middleware is convenience (deny by default, public routes declared); handler
 from __future__ import annotations
 
 from collections.abc import Iterable
-from http.cookies import SimpleCookie
 
 from starlette.authentication import AuthCredentials, AuthenticationBackend, AuthenticationError, BaseUser
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import HTTPConnection
+from starlette.requests import HTTPConnection, cookie_parser
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from clerk_sync.auth import Authenticator
-from clerk_sync.errors import TokenError, TokenMissing
+from clerk_sync.errors import StoreError, TokenError, TokenMissing
 from clerk_sync.sessions import Auth
 
 __all__ = ["ClerkAuthBackend", "ClerkAuthMiddleware", "ClerkUser"]
@@ -87,10 +86,12 @@ class ClerkAuthMiddleware:
                 client = scope.get("client")
                 await run_in_threadpool(self.authenticator.audit_impersonated_request, auth, scope["method"], path,
                                         client[0] if client else None)
-        except TokenError as exc:
+        except (TokenError, StoreError) as exc:
+            # A database outage (deny list unreadable) must not take public pages down with it.
             if not public:
-                response = JSONResponse({"error": exc.code, "message": str(exc)}, status_code=401,
-                                        headers={"WWW-Authenticate": "Bearer"})
+                status = 401 if isinstance(exc, TokenError) else 503
+                headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {"Retry-After": "5"}
+                response = JSONResponse({"error": exc.code, "message": str(exc)}, status_code=status, headers=headers)
                 await response(scope, receive, send)
                 return
             scope["clerk_auth"] = None
@@ -98,9 +99,6 @@ class ClerkAuthMiddleware:
 
 
 def _cookies(headers: dict[str, str]) -> dict[str, str]:
+    # Starlette's parser, as request.cookies uses: SimpleCookie drops every cookie after one it cannot parse.
     raw = headers.get("cookie")
-    if not raw:
-        return {}
-    jar: SimpleCookie = SimpleCookie()
-    jar.load(raw)
-    return {k: m.value for k, m in jar.items()}
+    return cookie_parser(raw) if raw else {}
