@@ -76,9 +76,9 @@ def test_clerk_outage_records_pending_then_retry_converges(clerk: EmulatorServer
     assert change.status == "pending"
     db = read_user(store, target)
     assert db is not None and db.role == "user"  # never ahead of Clerk
-    assert actions.retry_pending() == {"applied": 0, "pending": 1}
+    assert actions.retry_pending() == {"applied": 0, "pending": 1, "failed": 0}
     clerk.set_faults(outage=False)
-    assert actions.retry_pending() == {"applied": 1, "pending": 0}
+    assert actions.retry_pending() == {"applied": 1, "pending": 0, "failed": 0}
     db = read_user(store, target)
     assert db is not None and db.role == "admin"
     assert clerk.request("GET", f"/v1/users/{target}")["public_metadata"]["role"] == "admin"
@@ -142,10 +142,42 @@ class ActorTokensUnavailable:
 def test_impersonation_falls_back_to_a_sign_in_token(clerk: EmulatorServer, store: Store, actions: AdminActions) -> None:
     admin = synced_user(clerk, store, "ops@example.com", role="admin")
     target = synced_user(clerk, store, "gina@example.com")
-    fallback = AdminActions(store, ActorTokensUnavailable(actions.clerk))  # type: ignore[arg-type]
+    strict = AdminActions(store, ActorTokensUnavailable(actions.clerk))  # type: ignore[arg-type]
+    with pytest.raises(ClerkValidationError):
+        strict.start_impersonation(admin, target)  # no silent, unmarked session by default
+    fallback = AdminActions(store, ActorTokensUnavailable(actions.clerk), sign_in_token_fallback=True)  # type: ignore[arg-type]
     grant = fallback.start_impersonation(admin, target, expires_in_s=3600)
     assert grant.method == "sign_in_token"
     assert grant.expires_in_s == 300  # capped at five minutes
     assert grant.token
-    [row] = audit_rows(store)
-    assert row["details"]["method"] == "sign_in_token"
+    failed, granted = audit_rows(store)
+    assert failed["action"] == "impersonation.failed"
+    assert granted["details"]["method"] == "sign_in_token"
+
+
+def test_a_stale_pending_change_never_overrides_a_newer_one(clerk: EmulatorServer, store: Store, actions: AdminActions) -> None:
+    target = synced_user(clerk, store, "henry@example.com")
+    clerk.set_faults(outage=True)
+    assert actions.promote(target, "admin", by=None).status == "pending"
+    clerk.set_faults(outage=False)
+    assert actions.promote(target, "user", by=None).status == "applied"  # the newer decision
+    assert actions.retry_pending() == {"applied": 0, "pending": 0, "failed": 0}
+    assert clerk.request("GET", f"/v1/users/{target}")["public_metadata"]["role"] == "user"
+    db = read_user(store, target)
+    assert db is not None
+    assert db.role == "user"
+
+
+def test_a_permanently_refused_pending_change_does_not_block_the_queue(
+    clerk: EmulatorServer, store: Store, actions: AdminActions
+) -> None:
+    gone = synced_user(clerk, store, "ivy@example.com")
+    kept = synced_user(clerk, store, "jack@example.com")
+    clerk.set_faults(outage=True)
+    actions.promote(gone, "admin", by=None)
+    actions.promote(kept, "admin", by=None)
+    clerk.set_faults(outage=False)
+    clerk.request("DELETE", f"/v1/users/{gone}")
+    assert actions.retry_pending() == {"applied": 1, "pending": 0, "failed": 1}
+    assert clerk.request("GET", f"/v1/users/{kept}")["public_metadata"]["role"] == "admin"
+    assert "role.change_failed" in [r["action"] for r in audit_rows(store)]

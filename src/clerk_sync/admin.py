@@ -15,10 +15,10 @@ import sqlalchemy as sa
 
 from clerk_sync.auth import AuditEntry, read_user, record_audit
 from clerk_sync.engine import Entity, Upsert
-from clerk_sync.errors import AccessDenied, ClerkNotFound, ClerkValidationError, RateLimited
+from clerk_sync.errors import AccessDenied, ClerkAPIError, ClerkNotFound, ClerkValidationError, RateLimited
 from clerk_sync.errors import ClerkUnavailable as _ClerkUnavailable
 from clerk_sync.events import user_record
-from clerk_sync.store import Store
+from clerk_sync.store import Store, Writer
 from clerk_sync.tables import pending_role_changes, users
 from clerk_sync.users import AuthUser
 
@@ -67,9 +67,10 @@ class Impersonation:
 class AdminActions:
     """Promotion and impersonation with their audit trail."""
 
-    def __init__(self, store: Store, clerk: ClerkAdminAPI) -> None:
+    def __init__(self, store: Store, clerk: ClerkAdminAPI, *, sign_in_token_fallback: bool = False) -> None:
         self.store = store
         self.clerk = clerk
+        self.sign_in_token_fallback = sign_in_token_fallback
 
     # -- roles -----------------------------------------------------------------------------------
     def promote(self, target: str, role: str, *, by: str | None, ip: str | None = None) -> RoleChange:
@@ -88,34 +89,54 @@ class AdminActions:
         return RoleChange(target, role, "applied", previous)
 
     def retry_pending(self) -> dict[str, int]:
-        """Push pending role changes to Clerk (oldest first); returns counts by outcome."""
+        """Push pending role changes to Clerk, the newest per user only (older ones are superseded).
+
+        Returns counts by outcome: applied, pending (Clerk still unreachable), failed (Clerk refused
+        it for good, e.g. the user was deleted: recorded and audited, so it does not block the queue).
+        """
+        p = pending_role_changes
         with self.store.connect() as conn:
-            rows = conn.execute(sa.select(pending_role_changes).where(pending_role_changes.c.done_at.is_(None))
-                                .order_by(pending_role_changes.c.id)).mappings().all()
-        counts = {"applied": 0, "pending": 0}
+            rows = conn.execute(sa.select(p).where(p.c.done_at.is_(None)).order_by(p.c.id.desc())).mappings().all()
+        newest: dict[str, Any] = {}
         for row in rows:
+            newest.setdefault(row["user_clerk_id"], row)
+        counts = {"applied": 0, "pending": 0, "failed": 0}
+        for row in reversed(list(newest.values())):
             try:
                 patch = {"role": row["role"]}
                 clerk_user = self.clerk.update_user_metadata(row["user_clerk_id"], public_metadata=patch)
             except _RETRYABLE as exc:
                 with self.store.transaction() as w:
-                    w.conn.execute(pending_role_changes.update().where(pending_role_changes.c.id == row["id"])
-                                   .values(attempts=pending_role_changes.c.attempts + 1, last_error=str(exc)))
+                    w.conn.execute(p.update().where(p.c.id == row["id"])
+                                   .values(attempts=p.c.attempts + 1, last_error=str(exc)))
                 counts["pending"] += 1
+                continue
+            except ClerkAPIError as exc:
+                with self.store.transaction() as w:
+                    self._close_pending(w, row["user_clerk_id"], error=str(exc))
+                    record_audit(w, AuditEntry("role.change_failed", row["requested_by"], row["user_clerk_id"],
+                                               details={"to": row["role"], "error": str(exc)}))
+                counts["failed"] += 1
                 continue
             entry = AuditEntry("role.changed", row["requested_by"], row["user_clerk_id"],
                                details={"to": row["role"], "pending_id": row["id"]})
-            self._store_clerk_user(clerk_user, entry, done_pending=row["id"])
+            self._store_clerk_user(clerk_user, entry)
             counts["applied"] += 1
         return counts
 
-    def _store_clerk_user(self, clerk_user: dict[str, Any], entry: AuditEntry, done_pending: int | None = None) -> None:
+    def _store_clerk_user(self, clerk_user: dict[str, Any], entry: AuditEntry) -> None:
+        """Store Clerk's answer, audit it, and close the user's pending changes: they are older
+        than what Clerk now holds, so pushing them later would undo this change."""
         with self.store.transaction() as w:
             w.apply(Upsert(Entity.USER, user_record(clerk_user)))
             record_audit(w, entry)
-            if done_pending is not None:
-                w.conn.execute(pending_role_changes.update().where(pending_role_changes.c.id == done_pending)
-                               .values(done_at=w.now, attempts=pending_role_changes.c.attempts + 1, last_error=None))
+            self._close_pending(w, str(clerk_user["id"]), error=None)
+
+    @staticmethod
+    def _close_pending(w: Writer, user_clerk_id: str, *, error: str | None) -> None:
+        p = pending_role_changes
+        w.conn.execute(p.update().where(p.c.user_clerk_id == user_clerk_id, p.c.done_at.is_(None))
+                       .values(done_at=w.now, attempts=p.c.attempts + 1, last_error=error))
 
     def _record_pending(self, target: str, role: str, by: str | None, ip: str | None, previous: str | None,
                         error: str) -> None:
@@ -128,7 +149,12 @@ class AdminActions:
     # -- impersonation ---------------------------------------------------------------------------
     def start_impersonation(self, admin: str, target: str, *, ip: str | None = None,
                             expires_in_s: int = MAX_IMPERSONATION_S) -> Impersonation:
-        """Ask Clerk for an actor token (≤ 5 min); fall back to a sign-in token. Non-admins are refused."""
+        """Ask Clerk for an actor token (≤ 5 min). Non-admins are refused, and refusals are audited.
+
+        With ``sign_in_token_fallback`` (off by default), a refused actor token falls back to a sign-in
+        token. Its session is an ordinary session of the target: no ``act`` claim, so the impersonation
+        guards and per-request audit cannot see it. Only the grant itself is audited.
+        """
         self._require_admin(admin, action="impersonation", target=target, ip=ip)
         if admin == target:
             raise AccessDenied("an admin cannot impersonate themself")
@@ -137,7 +163,11 @@ class AdminActions:
             grant = self.clerk.create_actor_token(target, {"sub": admin}, expires_in_seconds=ttl)
             method = "actor_token"
         except (ClerkValidationError, ClerkNotFound) as exc:
-            if isinstance(exc, ClerkNotFound) and exc.path and "/users" in exc.path:
+            user_missing = isinstance(exc, ClerkNotFound) and bool(exc.path) and "/users" in str(exc.path)
+            if not self.sign_in_token_fallback or user_missing:
+                entry = AuditEntry("impersonation.failed", admin, target, details={"error": str(exc)}, ip=ip)
+                with self.store.transaction() as w:
+                    record_audit(w, entry)
                 raise
             grant = self.clerk.create_sign_in_token(target, expires_in_seconds=ttl)
             method = "sign_in_token"
