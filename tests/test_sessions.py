@@ -362,3 +362,22 @@ def test_auth_from_claims_does_not_alias_the_callers_dict() -> None:
     auth = auth_from_claims(raw)
     raw["sub"] = "someone_else"
     assert auth.claims["sub"] == "u"
+
+
+@pytest.mark.anyio
+async def test_async_path_refreshes_a_stale_key_and_drops_a_withdrawn_one(
+    jwks_server: tuple[_JWKSServer, str], clock: list[float]
+) -> None:
+    server, url = jwks_server
+    mono = [0.0]
+    with httpx.Client() as client:
+        source = JWKSKeySource(f"{url}/v1/jwks", client=client, ttl_s=300, cooldown_s=30, now=lambda: mono[0])
+        verifier = SessionVerifier(source, SessionPolicy(), now=lambda: clock[0])
+        assert (await verifier.averify(mint(claims(sid="sess_a")))).user_id == "user_1"
+        server.keys = {"ins_2": OTHER_KEY}  # Clerk withdraws ins_1
+        mono[0] += 100
+        assert (await verifier.averify(mint(claims(sid="sess_b")))).user_id == "user_1"  # still fresh: cached
+        mono[0] += 300
+        with pytest.raises(errors.TokenKeyUnknown, match="no longer"):
+            await verifier.averify(mint(claims(sid="sess_c")))
+        assert server.fetches == 2

@@ -85,24 +85,37 @@ class JWKSKeySource:
 
     def get(self, kid: str | None, *, allow_fetch: bool = True) -> RSAPublicKey:
         key = self._keys.get(kid or "")
-        fresh = self._fetched_at is not None and self._now() - self._fetched_at < self._ttl
-        if key is not None and (fresh or not allow_fetch):
+        if key is not None:
+            if self._is_stale() and self._may_fetch():
+                # Past the TTL: refresh so a key Clerk has withdrawn stops being trusted. Async callers
+                # do it off the event loop (NeedsFetch); concurrent callers keep using the cached key.
+                if not allow_fetch:
+                    raise NeedsFetch
+                self._refresh(wait=False)
+                key = self._keys.get(kid or "")
+                if key is None:
+                    raise TokenKeyUnknown(f"key {kid!r} is no longer in {self.url}")
             return key
         if not allow_fetch:
             if self._may_fetch():
                 raise NeedsFetch
             raise TokenKeyUnknown(f"no key with kid {kid!r} (JWKS refetch on cooldown)")
-        self._refresh()
+        self._refresh(wait=True)  # an unknown kid (rotation) waits for a fetch already in flight
         key = self._keys.get(kid or "")
         if key is None:
             raise TokenKeyUnknown(f"no key with kid {kid!r} in {self.url}")
         return key
 
+    def _is_stale(self) -> bool:
+        return self._fetched_at is None or self._now() - self._fetched_at >= self._ttl
+
     def _may_fetch(self) -> bool:
         return self._last_attempt is None or self._now() - self._last_attempt >= self._cooldown
 
-    def _refresh(self) -> None:
-        with self._lock:  # one fetch at a time; waiters then see its result
+    def _refresh(self, *, wait: bool) -> None:
+        if not self._lock.acquire(blocking=wait):
+            return  # another thread is fetching; serve what we have
+        try:
             if not self._may_fetch():
                 return
             self._last_attempt = self._now()
@@ -110,12 +123,16 @@ class JWKSKeySource:
             try:
                 response = self._client.get(self.url, headers=self._headers, timeout=self._timeout)
                 response.raise_for_status()
-                self._keys = _parse_jwks(response.json())
-                self._fetched_at = self._now()
+                keys = _parse_jwks(response.json())
             except (httpx.HTTPError, ValueError) as exc:
                 if not self._keys:
                     raise TokenKeyUnknown(f"JWKS fetch from {self.url} failed: {exc}") from exc
-                # Keep serving the keys we have; the cooldown limits retries.
+                return  # keep serving the keys we have; the cooldown limits retries
+            if keys or not self._keys:  # an empty answer is a misconfiguration, not "trust nothing"
+                self._keys = keys
+            self._fetched_at = self._now()
+        finally:
+            self._lock.release()
 
 
 def _parse_jwks(document: Any) -> dict[str, RSAPublicKey]:
