@@ -139,3 +139,11 @@ def test_serve_with_two_workers_on_postgres(db_url: str) -> None:
     with store.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(users)).scalar_one() == 10
     store.dispose()
+
+
+def test_database_down_is_one_readable_line() -> None:
+    result = run("migrate", env={"DATABASE_URL": "postgresql://postgres@127.0.0.1:1/nowhere"})
+    assert result.returncode == 2
+    out = result.stdout + result.stderr
+    assert "DATABASE_URL" in out
+    assert "Traceback" not in out

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from sqlalchemy.exc import SQLAlchemyError
 
 from clerk_sync import migrations
 from clerk_sync._logging import configure_logging
@@ -64,16 +64,16 @@ def serve(
 @app.command()
 def replay(
     status: Annotated[str, typer.Option(help="Replay deliveries with this status.")] = "failed",
-    since: Annotated[datetime | None, typer.Option(help="Only deliveries received at/after (ISO).")] = None,
+    since: Annotated[str | None, typer.Option(help="Received at/after (ISO 8601, naive = UTC).")] = None,
 ) -> None:
     """Re-apply stored deliveries (after fixing what made them fail)."""
     from clerk_sync.ingest import replay_deliveries
+    from clerk_sync.reconcile import parse_since
 
     settings = _settings()
     store = Store.from_url(settings.sqlalchemy_url())
-    if since is not None and since.tzinfo is None:
-        since = since.replace(tzinfo=UTC)
-    report = replay_deliveries(store, status=status, since=since)
+    report = replay_deliveries(store, status=status, since=parse_since(since))
+    store.dispose()
     console.print(f"replayed {report.total} deliveries: {report.by_status or 'none'}")
 
 
@@ -188,4 +188,9 @@ def main() -> None:
         app()
     except ClerkSyncError as exc:
         console.print(f"[red]error:[/] {exc}")
+        raise SystemExit(2) from None
+    except SQLAlchemyError as exc:  # e.g. `migrate` with the database down: one line, not a traceback
+        orig = getattr(exc, "orig", None) or exc
+        first = (str(orig).strip().splitlines() or [""])[0]
+        console.print(f"[red]error:[/] database error ({type(orig).__name__}): {first}. Check DATABASE_URL.")
         raise SystemExit(2) from None

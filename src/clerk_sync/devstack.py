@@ -112,10 +112,9 @@ class DevStack:
     def clerk_counts(self) -> dict[str, int]:
         with self.clerk() as c:
             n_users = c.get("/users/count").json()["total_count"]
-            orgs = c.get("/organizations", params={"limit": 100}).json()
-            n_members = sum(c.get(f"/organizations/{o['id']}/memberships", params={"limit": 100}).json()["total_count"]
-                            for o in orgs["data"])
-        return {"users": n_users, "organizations": orgs["total_count"], "organization_memberships": n_members}
+            orgs = _all_pages(c, "/organizations")
+            n_members = sum(len(_all_pages(c, f"/organizations/{o['id']}/memberships")) for o in orgs)
+        return {"users": n_users, "organizations": len(orgs), "organization_memberships": n_members}
 
     def db_rows(self) -> dict[str, int]:
         with self.store.connect() as conn:
@@ -169,6 +168,16 @@ def seed_demo(clerk: httpx.Client, n_users: int, n_orgs: int, progress: Progress
     advance()
     _ok(clerk.delete(f"/users/{user_ids[-1]}"))
     advance()
+
+
+def _all_pages(clerk: httpx.Client, path: str, limit: int = 100) -> list[dict[str, Any]]:
+    """Every item of a ``{data, total_count}`` list, page by page."""
+    items: list[dict[str, Any]] = []
+    while True:
+        page = _ok(clerk.get(path, params={"limit": limit, "offset": len(items)}))
+        items.extend(page["data"])
+        if not page["data"] or len(items) >= page["total_count"]:
+            return items
 
 
 def _ok(response: httpx.Response) -> Any:
