@@ -34,10 +34,10 @@ from clerk_sync.tables import (
     webhook_events,
 )
 
-__all__ = ["Store", "Writer", "create_engine"]
+__all__ = ["READ_ONLY_OPTION", "Store", "Writer", "create_engine"]
 
 Clock = Callable[[], datetime]
-_READ_ONLY = "clerk_sync_read_only"
+READ_ONLY_OPTION = _READ_ONLY = "clerk_sync_read_only"  # execution option: a deferred (reader) BEGIN on SQLite
 _TABLES: dict[Entity, sa.Table] = {
     Entity.USER: users,
     Entity.ORGANIZATION: organizations,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from alembic import command
@@ -9,6 +10,8 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Engine
+
+from clerk_sync.store import READ_ONLY_OPTION
 
 __all__ = ["current_revision", "head_revision", "is_current", "upgrade"]
 
@@ -32,12 +35,14 @@ def downgrade(engine: Engine, revision: str) -> None:
     command.downgrade(_config(engine), revision)
 
 
+@functools.cache
 def head_revision() -> str | None:
     return ScriptDirectory.from_config(_config()).get_current_head()
 
 
 def current_revision(engine: Engine) -> str | None:
-    with engine.connect() as conn:
+    # A reader's connection: on SQLite it must not take the write lock (``/readyz`` runs this).
+    with engine.connect().execution_options(**{READ_ONLY_OPTION: True}) as conn:
         return MigrationContext.configure(conn).get_current_revision()
 
 
