@@ -135,7 +135,10 @@ def list_orgs(
         field_name = order_by.lstrip("+-")
         if field_name not in {"created_at", "name", "members_count"}:
             raise ClerkAPIError.invalid("order_by", f"order_by {field_name!r} is not supported")
-        orgs.sort(key=lambda o: _org_sort_key(store, o, field_name), reverse=order_by.startswith("-"))
+        # Creation order breaks ties (several orgs in one millisecond), in the requested direction.
+        position = {o.id: i for i, o in enumerate(store.orgs.values())}
+        orgs.sort(key=lambda o: (_org_sort_key(store, o, field_name), position[o.id]),
+                  reverse=order_by.startswith("-"))
         page = orgs[offset : offset + limit]
         return {"data": [org_json(store, o) for o in page], "total_count": len(orgs)}
 
