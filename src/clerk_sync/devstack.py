@@ -127,6 +127,11 @@ class DevStack:
             rows = conn.execute(sa.select(webhook_events.c.status, sa.func.count()).group_by(webhook_events.c.status))
             return {status: n for status, n in rows}
 
+    def duplicates_acknowledged(self) -> int:
+        """Re-deliveries (injected by the emulator) answered 200 without touching the database."""
+        return int(sum(sample.value for metric in self.processor.metrics.events.collect() for sample in metric.samples
+                       if sample.name.endswith("_total") and sample.labels.get("status") == "duplicate"))
+
     def wait_converged(self, timeout_s: float = 60.0) -> bool:
         deadline = time.monotonic() + timeout_s
         self.emulator.wait_for_deliveries(timeout=timeout_s)
@@ -218,7 +223,8 @@ def _print_report(console: Console, report: DevReport, stack: DevStack) -> None:
     for name, n in report.db_rows.items():
         table.add_row(name, str(report.clerk_counts.get(name, "?")), str(n))
     console.print(table)
-    console.print(f"webhook deliveries by status: {report.events_by_status}")
+    console.print(f"webhook deliveries by status: {report.events_by_status}; "
+                  f"duplicate re-deliveries acknowledged without a write: {stack.duplicates_acknowledged()}")
     verdict = "[green]converged[/]" if report.converged else "[red]NOT converged[/]"
     console.print(f"{verdict} in {report.seconds:.1f} s")
     console.print("Try:")
