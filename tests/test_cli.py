@@ -147,3 +147,22 @@ def test_database_down_is_one_readable_line() -> None:
     out = result.stdout + result.stderr
     assert "DATABASE_URL" in out
     assert "Traceback" not in out
+
+
+def test_doctor_reports_each_check_and_what_to_do(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'doc.db'}"
+    with EmulatorServer() as clerk:
+        env = {"DATABASE_URL": url, "CLERK_WEBHOOK_SIGNING_SECRET": SECRET, "CLERK_SECRET_KEY": clerk.secret_key,
+               "CLERK_API_URL": clerk.url}
+        before = run("doctor", env=env)
+        assert before.returncode == 1
+        assert "run `clerk-sync migrate`" in before.stdout
+        assert run("migrate", env=env).returncode == 0
+        after = run("doctor", env=env)
+        assert after.returncode == 0, after.stdout
+        assert "migrations current" in after.stdout
+        assert "key(s)" in after.stdout  # the JWKS was fetched
+        assert "CLERK_AUTHORIZED_PARTIES" in after.stdout  # azp unchecked: a warning, not a failure
+        wrong = run("doctor", env={**env, "CLERK_SECRET_KEY": "sk_test_wrong"})
+        assert wrong.returncode == 1
+        assert "refused CLERK_SECRET_KEY" in wrong.stdout

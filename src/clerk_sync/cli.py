@@ -176,6 +176,20 @@ def _serve_workers(host: str, port: int, workers: int) -> None:
     Multiprocess(config, sockets=[sock]).run()
 
 
+@app.command()
+def doctor() -> None:
+    """Check the configuration end to end: settings, database, migrations, Clerk API, session keys."""
+    from clerk_sync.diagnostics import run_checks
+
+    results = run_checks(_settings())
+    out = Console(soft_wrap=True)  # the report is the command's output: stdout, one line per check
+    for check in results:
+        mark = {"ok": "[green]ok  [/]", "warn": "[yellow]warn[/]", "fail": "[red]FAIL[/]"}[check.status]
+        out.print(f"{mark}  {check.name}: {check.detail}")
+    if any(c.status == "fail" for c in results):
+        raise SystemExit(1)
+
+
 def _safe(settings: Settings) -> str:
     from sqlalchemy.engine import make_url
 

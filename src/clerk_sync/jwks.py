@@ -106,6 +106,11 @@ class JWKSKeySource:
             raise TokenKeyUnknown(f"no key with kid {kid!r} in {self.url}")
         return key
 
+    def prefetch(self) -> int:
+        """Fetch the JWKS now (at start-up, or from ``clerk-sync doctor``); returns how many keys it holds."""
+        self._refresh(wait=True)
+        return len(self._keys)
+
     def _is_stale(self) -> bool:
         return self._fetched_at is None or self._now() - self._fetched_at >= self._ttl
 

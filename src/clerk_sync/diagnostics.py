@@ -1,0 +1,98 @@
+"""``clerk-sync doctor``: each check says what it found and, when something is wrong, what to do."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import httpx
+
+from clerk_sync import migrations
+from clerk_sync.config import Settings
+from clerk_sync.errors import ClerkSyncError
+from clerk_sync.store import Store
+
+__all__ = ["Check", "run_checks"]
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One line of the report: ``status`` is ok, warn or fail."""
+
+    name: str
+    status: str
+    detail: str
+
+
+def run_checks(settings: Settings, *, http: httpx.Client | None = None) -> list[Check]:
+    """Run every check; one failing check never hides the others."""
+    client = http or httpx.Client(timeout=5)
+    try:
+        return [_guard(name, fn) for name, fn in (
+            ("webhook secret", lambda: _webhook_secret(settings)),
+            ("database", lambda: _database(settings)),
+            ("Clerk Backend API", lambda: _clerk_api(settings, client)),
+            ("session keys", lambda: _session_keys(settings, client)),
+        )]
+    finally:
+        if http is None:
+            client.close()
+
+
+def _guard(name: str, fn: Callable[[], tuple[str, str]]) -> Check:
+    try:
+        status, detail = fn()
+    except (ClerkSyncError, httpx.HTTPError) as exc:
+        status, detail = "fail", str(exc)
+    return Check(name, status, detail)
+
+
+def _webhook_secret(settings: Settings) -> tuple[str, str]:
+    secrets = settings.webhook_secrets()
+    return "ok", f"{len(secrets)} secret(s) configured"
+
+
+def _database(settings: Settings) -> tuple[str, str]:
+    store = Store.from_url(settings.sqlalchemy_url())
+    try:
+        store.ping()
+        current = migrations.current_revision(store.engine)
+    except Exception as exc:
+        return "fail", f"cannot reach the database ({type(exc).__name__}); check DATABASE_URL"
+    finally:
+        store.dispose()
+    head = migrations.head_revision()
+    if current != head:
+        return "fail", f"schema at {current or 'nothing'}, code expects {head}: run `clerk-sync migrate`"
+    return "ok", f"reachable, migrations current ({head})"
+
+
+def _clerk_api(settings: Settings, client: httpx.Client) -> tuple[str, str]:
+    if settings.clerk_secret_key is None:
+        return "warn", "CLERK_SECRET_KEY not set: JIT sync, reconcile and admin actions are unavailable"
+    url = settings.clerk_api_url.rstrip("/") + "/v1/users/count"
+    response = client.get(url, headers={"Authorization": f"Bearer {settings.clerk_secret_key.get_secret_value()}"})
+    if response.status_code in (401, 403):
+        return "fail", f"{url} refused CLERK_SECRET_KEY ({response.status_code}): use this instance's secret key"
+    if response.status_code >= 400:
+        return "fail", f"{url} answered {response.status_code}"
+    return "ok", f"{settings.clerk_api_url} reachable, {response.json().get('total_count', '?')} users"
+
+
+def _session_keys(settings: Settings, client: httpx.Client) -> tuple[str, str]:
+    from clerk_sync.jwks import JWKSKeySource
+    from clerk_sync.sessions import verifier_from_settings
+
+    if settings.clerk_jwt_key is None and settings.clerk_jwks_url is None and settings.clerk_secret_key is None:
+        return "warn", "no CLERK_JWT_KEY / CLERK_JWKS_URL / CLERK_SECRET_KEY: session verification is not configured"
+    keys = verifier_from_settings(settings, http=client).keys
+    mode = "PEM key (networkless)"
+    if isinstance(keys, JWKSKeySource):
+        count = keys.prefetch()
+        if count == 0:
+            return "fail", f"{keys.url} holds no RS256 signing key"
+        mode = f"JWKS {keys.url} ({count} key(s))"
+    parties = settings.authorized_parties()
+    if not parties:
+        return "warn", f"{mode}; azp is not checked: set CLERK_AUTHORIZED_PARTIES to your app's origins"
+    return "ok", f"{mode}; azp checked against {sorted(parties)}"
