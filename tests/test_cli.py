@@ -166,3 +166,23 @@ def test_doctor_reports_each_check_and_what_to_do(tmp_path: Path) -> None:
         wrong = run("doctor", env={**env, "CLERK_SECRET_KEY": "sk_test_wrong"})
         assert wrong.returncode == 1
         assert "refused CLERK_SECRET_KEY" in wrong.stdout
+
+
+def test_promote_during_an_outage_is_pending_until_retry_pending(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'pending.db'}"
+    assert run("migrate", env={"DATABASE_URL": url}).returncode == 0
+    with EmulatorServer() as clerk:
+        user = clerk.create_user("later@example.com")
+        store = Store.from_url(url)
+        with store.transaction() as w:
+            w.apply(Upsert(Entity.USER, user_record(user)))
+        store.dispose()
+        env = {"DATABASE_URL": url, "CLERK_SECRET_KEY": clerk.secret_key, "CLERK_API_URL": clerk.url}
+        clerk.set_faults(outage=True)
+        promoted = run("users", "promote", "later@example.com", env=env)
+        assert "pending:" in promoted.stdout + promoted.stderr
+        assert run("users", "retry-pending", env=env).returncode == 3
+        clerk.set_faults(outage=False)
+        done = run("users", "retry-pending", env=env)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert clerk.request("GET", f"/v1/users/{user['id']}")["public_metadata"]["role"] == "admin"

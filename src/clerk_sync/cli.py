@@ -157,6 +157,22 @@ def reconcile(
     reconcile_command(_settings(), since=since, dry_run=dry_run, console=console)
 
 
+@users_app.command("retry-pending")
+def users_retry_pending() -> None:
+    """Push role changes recorded while Clerk was unreachable (run it from cron or a scheduler)."""
+    from clerk_sync.admin import AdminActions
+    from clerk_sync.clerk_api import ClerkClient
+
+    settings = _settings()
+    store = Store.from_url(settings.sqlalchemy_url())
+    with ClerkClient.from_settings(settings) as client:
+        counts = AdminActions(store, client).retry_pending()
+    store.dispose()
+    console.print(f"pending role changes: {counts}")
+    if counts["pending"]:
+        raise SystemExit(3)  # still waiting on Clerk: let the scheduler notice
+
+
 def _serve_workers(host: str, port: int, workers: int) -> None:
     """uvicorn's multi-worker mode, with TCP_NODELAY restored on accepted connections.
 
