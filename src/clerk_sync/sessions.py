@@ -247,7 +247,11 @@ class SessionVerifier:
 
 def verifier_from_settings(settings: Settings, *, http: httpx.Client | None = None,
                            revocations: RevocationCheck | None = None) -> SessionVerifier:
-    """``CLERK_JWT_KEY`` (networkless) if set, else JWKS from ``CLERK_JWKS_URL`` or ``CLERK_API_URL``/v1/jwks."""
+    """``CLERK_JWT_KEY`` (networkless) if set, else JWKS from ``CLERK_JWKS_URL`` or ``CLERK_API_URL``/v1/jwks.
+
+    Pass ``http`` to own the JWKS client's lifetime; without it a client is made that lives as long as
+    the verifier (one per application, built at start-up).
+    """
     policy = SessionPolicy(issuer=settings.clerk_issuer, authorized_parties=settings.authorized_parties(),
                            leeway_s=settings.session_leeway_s)
     if settings.clerk_jwt_key is not None:

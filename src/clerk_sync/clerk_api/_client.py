@@ -70,6 +70,7 @@ class _Base:
         if not secret_key:
             raise ConfigError("CLERK_SECRET_KEY is not set (Clerk Dashboard -> API keys -> Secret keys)")
         self.budget: Budget = budget or LocalBudget(default_rate_limit(secret_key))
+        self._owns_budget = False  # set by from_settings, which may create a Redis budget
         self.breaker = breaker or CircuitBreaker(clock=clock)
         self.retry = retry or RetryPolicy()
         self.stats = Stats()
@@ -111,11 +112,16 @@ class ClerkClient(_Base):
     @classmethod
     def from_settings(cls, settings: Settings, *, http: httpx.Client | None = None,
                       budget: Budget | None = None, **options: Any) -> ClerkClient:
-        return cls(http=http, **cls._settings_kwargs(settings, budget), **options)
+        client = cls(http=http, **cls._settings_kwargs(settings, budget), **options)
+        client._owns_budget = budget is None  # a Redis budget made here holds connections: close it with us
+        return client
 
     def close(self) -> None:
         if self._owns_http:
             self._http.close()
+        close_budget = getattr(self.budget, "close", None)
+        if self._owns_budget and close_budget is not None:
+            close_budget()
 
     def __enter__(self) -> ClerkClient:
         return self
@@ -213,11 +219,16 @@ class AsyncClerkClient(_Base):
     @classmethod
     def from_settings(cls, settings: Settings, *, http: httpx.AsyncClient | None = None,
                       budget: Budget | None = None, **options: Any) -> AsyncClerkClient:
-        return cls(http=http, **cls._settings_kwargs(settings, budget), **options)
+        client = cls(http=http, **cls._settings_kwargs(settings, budget), **options)
+        client._owns_budget = budget is None
+        return client
 
     async def aclose(self) -> None:
         if self._owns_http:
             await self._http.aclose()
+        close_budget = getattr(self.budget, "aclose", None)
+        if self._owns_budget and close_budget is not None:
+            await close_budget()
 
     async def __aenter__(self) -> AsyncClerkClient:
         return self
