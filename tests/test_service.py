@@ -272,3 +272,19 @@ def test_non_finite_timestamp_is_a_payload_error(service: tuple[httpx.Client, St
     r = client.post("/webhooks/clerk", content=body, headers=headers)
     assert r.status_code == 400
     assert set(row_counts(store).values()) == {0}
+
+
+@pytest.mark.parametrize("db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
+def test_replay_of_a_still_refused_delivery_records_it_and_goes_on(service: tuple[httpx.Client, Store]) -> None:
+    client, store = service
+    too_long = f.user("user_long", 5)
+    too_long["first_name"] = "x" * 300
+    assert post(client, f.envelope("user.updated", too_long), "msg_long").json()["status"] == "failed"
+    broken = f.membership("orgmem_r", "org_1", "user_1", 10)
+    del broken["public_user_data"]
+    post(client, f.envelope("organizationMembership.created", broken), "msg_shape")
+    report = replay_deliveries(store)
+    assert report.by_status == {"failed": 2}
+    with store.connect() as conn:
+        attempts = dict(conn.execute(sa.select(webhook_events.c.svix_id, webhook_events.c.attempts)).all())
+    assert attempts == {"msg_long": 2, "msg_shape": 2}

@@ -76,11 +76,12 @@ class WebhookProcessor:
             raise WrongInstance(
                 f"event from instance {envelope.instance_id!r}, expected {self.instance_id!r} (CLERK_INSTANCE_ID)"
             )
+        text = body.decode()  # verified above, so valid UTF-8
         try:
             with self.store.transaction() as writer:
-                outcome = self._apply_new(writer, svix_id, envelope, body.decode())
+                outcome = self._apply_new(writer, svix_id, envelope, text)
         except StoreDataError as exc:
-            outcome = self._store_refused(svix_id, envelope, body.decode(), exc)
+            outcome = self._store_refused(svix_id, envelope, text, exc)
         self.metrics.observe(envelope.type, outcome.status, time.perf_counter() - started)
         log.info("webhook", svix_id=svix_id, event_type=envelope.type, status=outcome.status, error=outcome.error)
         return outcome
@@ -112,7 +113,7 @@ class WebhookProcessor:
         )
         if not fresh:
             return Outcome(svix_id, envelope.type, "duplicate")
-        if status == "applied" and not writer.apply(intent):  # type: ignore[arg-type]
+        if intent is not None and not isinstance(intent, Ignore) and not writer.apply(intent):
             status = "skipped"
             writer.finish_delivery(svix_id, status)
         return Outcome(svix_id, envelope.type, status, error)
@@ -132,8 +133,13 @@ def replay_deliveries(
         ids = list(conn.execute(query.order_by(webhook_events.c.id)).scalars())
     counts: dict[str, int] = {}
     for svix_id in ids:
-        with store.transaction() as writer:
-            result = _replay_one(writer, svix_id)
+        try:
+            with store.transaction() as writer:
+                result = _replay_one(writer, svix_id)
+        except StoreDataError as exc:  # still refused by the DB: record it and go on with the rest
+            with store.transaction() as writer:
+                writer.finish_delivery(svix_id, "failed", str(exc), count_attempt=True)
+            result = "failed"
         counts[result] = counts.get(result, 0) + 1
     return ReplayReport(len(ids), counts)
 
