@@ -1,0 +1,40 @@
+"""The README's usage, type-checked by `scripts/check` (mypy --strict): the documented API must stay typed."""
+
+from __future__ import annotations
+
+from fastapi import Depends, FastAPI
+from starlette.applications import Starlette
+
+from clerk_sync.auth import Authenticator
+from clerk_sync.clerk_api import ClerkClient
+from clerk_sync.config import Settings
+from clerk_sync.integrations.auth_asgi import ClerkAuthMiddleware
+from clerk_sync.integrations.fastapi import ClerkAuth, build_processor, sync_me_router, webhook_router
+from clerk_sync.integrations.starlette import webhook_routes
+from clerk_sync.sessions import Auth, verifier_from_settings
+from clerk_sync.users import AuthUser, AuthUsers
+
+
+def build(settings: Settings) -> ClerkAuthMiddleware:
+    processor = build_processor(settings)
+    store = processor.store
+    starlette_app = Starlette(routes=webhook_routes(processor))
+    assert starlette_app.routes
+
+    app = FastAPI()
+    app.include_router(webhook_router(processor))
+    jit = AuthUsers(store, clerk=ClerkClient.from_settings(settings))
+    authenticator = Authenticator(verifier_from_settings(settings), store, load_user=jit.get_auth_user)
+    clerk = ClerkAuth(authenticator, get_user=lambda auth: jit.get_auth_user(auth.user_id))
+    clerk.install(app)
+    app.include_router(sync_me_router(clerk, jit))
+
+    @app.get("/admin")
+    def admin_page(user: AuthUser = Depends(clerk.require_role("admin"))) -> dict[str, str]:
+        return {"admin": user.clerk_id}
+
+    @app.get("/me")
+    async def me(auth: Auth = Depends(clerk.current_auth)) -> dict[str, str | None]:
+        return {"user": auth.user_id, "org": auth.org_id, "impersonator": auth.actor_id}
+
+    return ClerkAuthMiddleware(app, authenticator, public_paths={"/", "/webhooks/clerk"})
