@@ -8,6 +8,7 @@ faults, and translation of :class:`ClerkAPIError` into Clerk's error body.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -47,7 +48,8 @@ def base_url(request: Request) -> str:
 def _check_auth(request: Request, emulator: Emulator) -> None:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or token.strip() != emulator.config.secret_key:
+    expected = emulator.config.secret_key.encode()
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
         raise ClerkAPIError.unauthorized()
 
 
