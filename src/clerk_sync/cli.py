@@ -68,7 +68,7 @@ def replay(
 ) -> None:
     """Re-apply stored deliveries (after fixing what made them fail)."""
     from clerk_sync.ingest import replay_deliveries
-    from clerk_sync.reconcile import parse_since
+    from clerk_sync.reconcile_cli import parse_since
 
     settings = _settings()
     store = Store.from_url(settings.sqlalchemy_url())
@@ -152,7 +152,7 @@ def reconcile(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Write nothing; print the diff.")] = False,
 ) -> None:
     """Re-read Clerk (users, organizations, memberships) and repair drift; resumes after a kill."""
-    from clerk_sync.reconcile import reconcile_command
+    from clerk_sync.reconcile_cli import reconcile_command
 
     reconcile_command(_settings(), since=since, dry_run=dry_run, console=console)
 

@@ -1,0 +1,91 @@
+"""``clerk-sync reconcile`` on the terminal: a Rich progress bar, the diff of a dry run, the summary.
+
+The reconciling itself lives in :mod:`clerk_sync.reconcile`; this module only presents it.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from clerk_sync.clerk_api import ClerkClient
+from clerk_sync.errors import ConfigError
+from clerk_sync.reconcile import Change, Reconciler, ReconcileReport
+from clerk_sync.store import Store
+
+__all__ = ["parse_since", "reconcile_command"]
+
+_DIFF_LINES = 200
+_MARKS = {"create": "[green]+[/]", "update": "[yellow]~[/]", "delete": "[red]-[/]"}
+
+
+def parse_since(value: str | None) -> datetime | None:
+    """``--since`` as ISO 8601 (``2026-01-31``, ``2026-01-31T12:00:00Z``, offsets); naive means UTC."""
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise ConfigError(f"--since {value!r} is not an ISO 8601 date or time") from None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
+def reconcile_command(settings: Any, *, since: str | None, dry_run: bool, console: Any) -> ReconcileReport:
+    """``clerk-sync reconcile``: a Rich progress bar on ``console`` (stderr), the diff (dry run) and the
+    summary on stdout."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import Progress as RichProgress
+
+    out = Console()
+
+    store = Store.from_url(settings.sqlalchemy_url())
+    shown = [0]
+
+    def show(change: Change) -> None:
+        shown[0] += 1
+        if shown[0] <= _DIFF_LINES:
+            extra = f" ({', '.join(change.fields)})" if change.fields else ""
+            out.print(f"{_MARKS[change.action]} {change.entity.value} {change.clerk_id}{extra}")
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    try:
+        with ClerkClient.from_settings(settings) as clerk, RichProgress(*columns, console=console) as bar:
+            reconciler = Reconciler(store, clerk, progress=_RichProgress(bar), on_change=show)
+            report = reconciler.run(since=parse_since(since), dry_run=dry_run)
+    finally:
+        store.dispose()
+    if shown[0] > _DIFF_LINES:
+        out.print(f"... and {shown[0] - _DIFF_LINES} more changes")
+    out.print(_summary_table(report))
+    return report
+
+
+class _RichProgress:
+    def __init__(self, bar: Any) -> None:
+        self._bar = bar
+        self._tasks: dict[str, Any] = {}
+
+    def start(self, phase: str, total: int | None, completed: int) -> None:
+        self._tasks[phase] = self._bar.add_task(phase, total=total, completed=completed)
+
+    def advance(self, phase: str, n: int) -> None:
+        self._bar.advance(self._tasks[phase], n)
+
+
+def _summary_table(report: ReconcileReport) -> Any:
+    from rich.table import Table
+
+    title = "reconcile (dry run: nothing written)" if report.dry_run else f"reconcile run {report.run_id}"
+    if report.resumed:
+        title += " (resumed)"
+    table = Table(title=title)
+    for name in ("table", "created", "updated", "deleted", "unchanged", "failed"):
+        table.add_column(name, justify="left" if name == "table" else "right")
+    for entity, counts in report.counts.items():
+        deleted = str(counts.deleted) if entity in report.swept else "not checked"
+        table.add_row(entity, str(counts.created), str(counts.updated), deleted, str(counts.unchanged),
+                      str(counts.failed))
+    table.caption = (f"{report.requests} Clerk requests ({report.rate_limited} answered 429), "
+                     f"{report.duration_s:.1f}s")
+    return table
