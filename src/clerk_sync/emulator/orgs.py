@@ -11,7 +11,7 @@ from typing import Any
 
 from .errors import ClerkAPIError
 from .records import MembershipRecord, OrgRecord, deleted_object, render_membership, render_org
-from .state import Store, deep_merge
+from .state import Store, merge_metadata_fields, metadata_arg, replace_metadata_fields
 
 __all__ = [
     "create_membership",
@@ -70,13 +70,6 @@ def _claim_slug(store: Store, wanted: str | None, name: str, owner: str | None) 
     return slug
 
 
-def _metadata(body: JSON, name: str) -> JSON | None:
-    value = body.get(name)
-    if value is not None and not isinstance(value, dict):
-        raise ClerkAPIError.invalid(name, f"{name} must be an object")
-    return value
-
-
 def create_org(store: Store, body: JSON) -> JSON:
     """``POST /organizations``; ``created_by`` becomes an ``org:admin`` member."""
     name = body.get("name")
@@ -94,8 +87,8 @@ def create_org(store: Store, body: JSON) -> JSON:
             created_at=now,
             updated_at=now,
             created_by=created_by,
-            public_metadata=_metadata(body, "public_metadata") or {},
-            private_metadata=_metadata(body, "private_metadata") or {},
+            public_metadata=metadata_arg(body, "public_metadata") or {},
+            private_metadata=metadata_arg(body, "private_metadata") or {},
             max_allowed_memberships=int(body.get("max_allowed_memberships") or 0),
         )
         store.orgs[org.id] = org
@@ -178,10 +171,7 @@ def merge_org_metadata(store: Store, id_or_slug: str, body: JSON) -> JSON:
     """``PATCH /organizations/{id}/metadata``: deep merge, ``null`` removes."""
     with store.lock:
         org = require_org(store, id_or_slug)
-        for name in _METADATA_FIELDS:
-            patch = _metadata(body, name)
-            if patch is not None:
-                setattr(org, name, deep_merge(getattr(org, name), patch))
+        merge_metadata_fields(org, _METADATA_FIELDS, body)
         return _touch_org(store, org)
 
 
@@ -189,9 +179,7 @@ def replace_org_metadata(store: Store, id_or_slug: str, body: JSON) -> JSON:
     """``PUT /organizations/{id}/metadata``: supplied fields replaced wholesale."""
     with store.lock:
         org = require_org(store, id_or_slug)
-        for name in _METADATA_FIELDS:
-            if name in body:
-                setattr(org, name, _metadata(body, name) or {})
+        replace_metadata_fields(org, _METADATA_FIELDS, body)
         return _touch_org(store, org)
 
 
@@ -240,8 +228,8 @@ def _add_member(store: Store, org: OrgRecord, user_id: str, role: str, body: JSO
         role=role,
         created_at=now,
         updated_at=now,
-        public_metadata=_metadata(body, "public_metadata") or {},
-        private_metadata=_metadata(body, "private_metadata") or {},
+        public_metadata=metadata_arg(body, "public_metadata") or {},
+        private_metadata=metadata_arg(body, "private_metadata") or {},
     )
     store.memberships[org.id][user_id] = membership
     data = membership_json(store, membership)
@@ -306,10 +294,7 @@ def merge_membership_metadata(store: Store, id_or_slug: str, user_id: str, body:
     """``PATCH .../memberships/{user_id}/metadata``: deep merge."""
     with store.lock:
         membership = _require_membership(store, id_or_slug, user_id)
-        for name in _METADATA_FIELDS:
-            patch = _metadata(body, name)
-            if patch is not None:
-                setattr(membership, name, deep_merge(getattr(membership, name), patch))
+        merge_metadata_fields(membership, _METADATA_FIELDS, body)
         return _touch_membership(store, membership)
 
 

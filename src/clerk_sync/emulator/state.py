@@ -12,10 +12,11 @@ import random
 import string
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+from .errors import ClerkAPIError
 from .records import (
     ActorTokenRecord,
     MembershipRecord,
@@ -25,7 +26,14 @@ from .records import (
     UserRecord,
 )
 
-__all__ = ["EventSink", "Store", "deep_merge"]
+__all__ = [
+    "EventSink",
+    "Store",
+    "deep_merge",
+    "merge_metadata_fields",
+    "metadata_arg",
+    "replace_metadata_fields",
+]
 
 JSON = dict[str, Any]
 #: Receives ``(event_type, data)`` for every change, in the order the changes happened.
@@ -36,6 +44,29 @@ _ALPHABET = string.ascii_letters + string.digits
 
 def _discard(event_type: str, data: JSON) -> None:
     """Default sink: an emulator without a delivery worker simply forgets events."""
+
+
+def metadata_arg(body: JSON, name: str) -> JSON | None:
+    """A metadata field of a request body: an object, or None when absent (422 otherwise)."""
+    value = body.get(name)
+    if value is not None and not isinstance(value, dict):
+        raise ClerkAPIError.invalid(name, f"{name} must be an object")
+    return value
+
+
+def merge_metadata_fields(record: object, fields: Iterable[str], body: JSON) -> None:
+    """``PATCH .../metadata`` on a user or organization: each supplied field deep-merged."""
+    for name in fields:
+        patch = metadata_arg(body, name)
+        if patch is not None:
+            setattr(record, name, deep_merge(getattr(record, name), patch))
+
+
+def replace_metadata_fields(record: object, fields: Iterable[str], body: JSON) -> None:
+    """``PUT .../metadata``: each supplied field replaced wholesale (``null`` stores ``{}``)."""
+    for name in fields:
+        if name in body:
+            setattr(record, name, metadata_arg(body, name) or {})
 
 
 def deep_merge(base: JSON, patch: JSON) -> JSON:

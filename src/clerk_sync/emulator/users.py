@@ -14,7 +14,7 @@ from typing import Any
 from . import sessions
 from .errors import ClerkAPIError
 from .records import EmailRecord, UserRecord, deleted_object, render_user
-from .state import Store, deep_merge
+from .state import Store, merge_metadata_fields, metadata_arg, replace_metadata_fields
 
 __all__ = [
     "UserQuery",
@@ -110,13 +110,6 @@ def _check_username(store: Store, username: Any, owner: str | None = None) -> No
             )
 
 
-def _metadata(body: JSON, name: str) -> JSON | None:
-    value = body.get(name)
-    if value is not None and not isinstance(value, dict):
-        raise ClerkAPIError.invalid(name, f"{name} must be an object")
-    return value
-
-
 def _new_user(store: Store, user_id: str, addresses: list[str], now: int) -> UserRecord:
     emails = [EmailRecord(store.new_id("idn"), address, now, now) for address in addresses]
     user = UserRecord(id=user_id, created_at=now, updated_at=now, emails=emails)
@@ -142,7 +135,7 @@ def create_user(store: Store, body: JSON) -> JSON:
             if body.get(name) is not None:
                 setattr(user, name, body[name])
         for name in _METADATA_FIELDS:
-            setattr(user, name, _metadata(body, name) or {})
+            setattr(user, name, metadata_arg(body, name) or {})
         user.password_enabled = bool(body.get("password") or body.get("password_digest"))
         user.banned = bool(body.get("banned"))
         user.locked = bool(body.get("locked"))
@@ -274,9 +267,7 @@ def update_user(store: Store, user_id: str, body: JSON, api_version: str | None)
         for name in _SIMPLE_FIELDS:
             if name in body:
                 setattr(user, name, body[name])
-        for name in _METADATA_FIELDS:
-            if name in body:
-                setattr(user, name, _metadata(body, name) or {})
+        replace_metadata_fields(user, _METADATA_FIELDS, body)
         if primary is not None:
             user.primary_email_address_id = primary
         if body.get("password"):
@@ -323,10 +314,7 @@ def merge_metadata(store: Store, user_id: str, body: JSON) -> JSON:
     """``PATCH /users/{id}/metadata``: deep merge; a ``null`` value removes the key."""
     with store.lock:
         user = require_user(store, user_id)
-        for name in _METADATA_FIELDS:
-            patch = _metadata(body, name)
-            if patch is not None:
-                setattr(user, name, deep_merge(getattr(user, name), patch))
+        merge_metadata_fields(user, _METADATA_FIELDS, body)
         return _touch(store, user)
 
 
@@ -334,9 +322,7 @@ def replace_metadata(store: Store, user_id: str, body: JSON) -> JSON:
     """``PUT /users/{id}/metadata``: each supplied field replaced wholesale."""
     with store.lock:
         user = require_user(store, user_id)
-        for name in _METADATA_FIELDS:
-            if name in body:
-                setattr(user, name, _metadata(body, name) or {})
+        replace_metadata_fields(user, _METADATA_FIELDS, body)
         return _touch(store, user)
 
 
