@@ -66,11 +66,12 @@ class _Base:
         timeout: httpx.Timeout = DEFAULT_TIMEOUT,
         clock: Callable[[], float] = time.monotonic,
         rng: Callable[[], float] = random.random,
+        owns_budget: bool = False,
     ) -> None:
         if not secret_key:
             raise ConfigError("CLERK_SECRET_KEY is not set (Clerk Dashboard -> API keys -> Secret keys)")
         self.budget: Budget = budget or LocalBudget(default_rate_limit(secret_key))
-        self._owns_budget = False  # set by from_settings, which may create a Redis budget
+        self._owns_budget = owns_budget  # from_settings may create a Redis budget: close it with us
         self.breaker = breaker or CircuitBreaker(clock=clock)
         self.retry = retry or RetryPolicy()
         self.stats = Stats()
@@ -91,6 +92,7 @@ class _Base:
             "secret_key": settings.clerk_secret_key.get_secret_value(),
             "api_url": settings.clerk_api_url,
             "budget": budget or budget_from_settings(settings),
+            "owns_budget": budget is None,
             "timeout": httpx.Timeout(settings.clerk_api_read_timeout_s,
                                      connect=settings.clerk_api_connect_timeout_s),
         }
@@ -112,9 +114,7 @@ class ClerkClient(_Base):
     @classmethod
     def from_settings(cls, settings: Settings, *, http: httpx.Client | None = None,
                       budget: Budget | None = None, **options: Any) -> ClerkClient:
-        client = cls(http=http, **cls._settings_kwargs(settings, budget), **options)
-        client._owns_budget = budget is None  # a Redis budget made here holds connections: close it with us
-        return client
+        return cls(http=http, **cls._settings_kwargs(settings, budget), **options)
 
     def close(self) -> None:
         if self._owns_http:
@@ -219,9 +219,7 @@ class AsyncClerkClient(_Base):
     @classmethod
     def from_settings(cls, settings: Settings, *, http: httpx.AsyncClient | None = None,
                       budget: Budget | None = None, **options: Any) -> AsyncClerkClient:
-        client = cls(http=http, **cls._settings_kwargs(settings, budget), **options)
-        client._owns_budget = budget is None
-        return client
+        return cls(http=http, **cls._settings_kwargs(settings, budget), **options)
 
     async def aclose(self) -> None:
         if self._owns_http:
