@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _loadgen import cpu_snapshot
+from _loadgen import run_window
 
 
 def build_requests(host: str, path: str, tokens: list[str]) -> list[bytes]:
@@ -60,15 +60,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             writer.close()
 
-    snaps: list[dict[str, float]] = []
-
-    async def sampler() -> None:
-        for moment in (w_start, w_end):
-            await asyncio.sleep(max(0.0, moment - perf()))
-            snaps.append(cpu_snapshot(args.server_pid))
-
-    await asyncio.gather(sampler(), *(client() for _ in range(args.concurrency)))
-    cpu = {k: snaps[1][k] - snaps[0][k] for k in snaps[0]}
+    cpu = await run_window([client() for _ in range(args.concurrency)], args.server_pid, w_start, w_end)
     lat.sort()
     ok = sum(v for k, v in statuses.items() if k.startswith("2"))
     n = max(1, len(lat))

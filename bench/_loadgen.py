@@ -78,6 +78,20 @@ def cpu_snapshot(server_pid: int | None) -> dict[str, float]:
     }
 
 
+async def run_window(clients: list[Any], server_pid: int | None, w_start: float, w_end: float) -> dict[str, float]:
+    """Run the client coroutines while sampling the server's CPU at the window's start and end;
+    returns the CPU used inside the window (shared by the ingest and auth load generators)."""
+    snaps: list[dict[str, float]] = []
+
+    async def sampler() -> None:
+        for moment in (w_start, w_end):
+            await asyncio.sleep(max(0.0, moment - time.perf_counter()))
+            snaps.append(cpu_snapshot(server_pid))
+
+    await asyncio.gather(sampler(), *clients)
+    return {k: snaps[1][k] - snaps[0][k] for k in snaps[0]}
+
+
 def build_requests(corpus: list[bytes], label: str, host: str, path: str) -> list[bytes]:
     """Sign every body with a unique svix-id (label + index) and serialise the whole request."""
     sign = _signer(SECRET)
@@ -158,15 +172,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             writer.close()
 
-    snaps: list[dict[str, float]] = []
-
-    async def sampler() -> None:
-        for moment in (w_start, w_end):
-            await asyncio.sleep(max(0.0, moment - perf()))
-            snaps.append(cpu_snapshot(args.server_pid))
-
-    await asyncio.gather(sampler(), *(client() for _ in range(args.concurrency)))
-    cpu = {k: snaps[1][k] - snaps[0][k] for k in snaps[0]}
+    cpu = await run_window([client() for _ in range(args.concurrency)], args.server_pid, w_start, w_end)
     lat.sort()
     ok = sum(v for k, v in statuses.items() if k.startswith("2"))
 
