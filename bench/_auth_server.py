@@ -17,11 +17,12 @@ import uvicorn
 from fastapi import Depends, FastAPI
 
 from clerk_sync import migrations
-from clerk_sync.auth import Authenticator, DenyList
-from clerk_sync.integrations.auth_asgi import ClerkAuthMiddleware
+from clerk_sync.auth.authenticator import Authenticator, DenyList
+from clerk_sync.auth.claims import Auth, ClaimsValidator
+from clerk_sync.auth.jwks import StaticKeySource
+from clerk_sync.auth.sessions import SessionVerifier
+from clerk_sync.integrations.asgi import ClerkAuthMiddleware
 from clerk_sync.integrations.fastapi import ClerkAuth
-from clerk_sync.jwks import StaticKeySource
-from clerk_sync.sessions import Auth, SessionPolicy, SessionVerifier
 from clerk_sync.store import Store
 
 PUBLIC = ("/open", "/healthz")
@@ -30,7 +31,7 @@ PUBLIC = ("/open", "/healthz")
 def build(db_path: str, pem: str, issuer: str, azp: str) -> ClerkAuthMiddleware:
     store = Store.from_url(f"sqlite:///{db_path}")
     migrations.upgrade(store.engine)
-    verifier = SessionVerifier(StaticKeySource(pem), SessionPolicy(issuer=issuer, authorized_parties=frozenset({azp})))
+    verifier = SessionVerifier(StaticKeySource(pem), ClaimsValidator(issuer=issuer, authorized_parties=frozenset({azp})))
     authenticator = Authenticator(verifier, store, deny_list=DenyList(store, refresh_s=1.0))
     clerk = ClerkAuth(authenticator)
     app = FastAPI()

@@ -61,18 +61,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from clerk_sync import migrations
-from clerk_sync.auth import Authenticator
-from clerk_sync.errors import TokenError
-from clerk_sync.jwks import StaticKeySource
-from clerk_sync.sessions import (
-    Auth,
-    SessionPolicy,
+from clerk_sync.auth.authenticator import Authenticator
+from clerk_sync.auth.claims import Auth, ClaimsValidator, auth_from_claims, normalize_claims
+from clerk_sync.auth.jwks import StaticKeySource
+from clerk_sync.auth.sessions import (
     SessionVerifier,
-    _auth,  # private: the first-seen path's steps are timed alone
-    _b64url_decode,
+    _b64url_decode,  # private: the first-seen path's steps are timed alone
     _json_object,
-    auth_from_claims,
 )
+from clerk_sync.errors import TokenError
 from clerk_sync.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,7 +81,7 @@ AZP = "https://app.bench.test"
 KID = "ins_bench"
 POOL = 100  # distinct users for repeat tokens
 FULL_CACHE = 10_000  # SessionVerifier's default cache_size
-# What SessionVerifier used to pass to jwt.decode: signature only, time claims left to SessionPolicy.
+# What SessionVerifier used to pass to jwt.decode: signature only, time claims left to ClaimsValidator.
 PYJWT_OPTIONS: Any = {"verify_exp": False, "verify_nbf": False, "verify_iat": False, "verify_aud": False,
                       "verify_iss": False}
 TARGETS = {"first_seen_vs_floor": 1.5, "repeat_vs_floor": 0.1}
@@ -119,8 +116,8 @@ def public_pem(key: rsa.RSAPrivateKey) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- ops
-def policy() -> SessionPolicy:
-    return SessionPolicy(issuer=ISS, authorized_parties=frozenset({AZP}))
+def policy() -> ClaimsValidator:
+    return ClaimsValidator(issuer=ISS, authorized_parties=frozenset({AZP}))
 
 
 def chunks(items: list[Any], n: int) -> list[list[Any]]:
@@ -614,8 +611,8 @@ def main() -> None:
         checker = SessionVerifier(StaticKeySource(pem), policy())
 
         def claims_step(claims: dict[str, Any]) -> Auth:
-            checker._check_static(claims)
-            return _auth(claims)
+            checker.claims.validate_static(claims)
+            return normalize_claims(claims)
 
         ops: dict[str, Op] = {
             "floor": floor_op(pub, parts),

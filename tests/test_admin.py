@@ -9,14 +9,15 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from clerk_sync.admin import AdminActions
-from clerk_sync.auth import read_user
+from clerk_sync.auth.admin import AdminActions
+from clerk_sync.auth.claims import ClaimsValidator
+from clerk_sync.auth.jwks import JWKSKeySource
+from clerk_sync.auth.sessions import SessionVerifier
+from clerk_sync.auth.users import read_user
 from clerk_sync.clerk_api import CircuitBreaker, ClerkClient, RetryPolicy
 from clerk_sync.engine import Entity, Upsert
 from clerk_sync.errors import AccessDenied, ClerkValidationError, StoreError
 from clerk_sync.events import user_record
-from clerk_sync.jwks import JWKSKeySource
-from clerk_sync.sessions import SessionPolicy, SessionVerifier
 from clerk_sync.store import Store
 from clerk_sync.tables import audit_log, pending_role_changes
 from clerk_sync.testing import EmulatorServer
@@ -98,7 +99,7 @@ def test_impersonation_yields_an_act_session_and_is_audited(clerk: EmulatorServe
     accepted = clerk.request("POST", f"/_emulator/actor_tokens/{row['details']['grant_id']}/accept")
     with httpx.Client() as http:
         verifier = SessionVerifier(JWKSKeySource(f"{clerk.api_url}/jwks", client=http,
-                                                 headers={"Authorization": f"Bearer {clerk.secret_key}"}), SessionPolicy())
+                                                 headers={"Authorization": f"Bearer {clerk.secret_key}"}), ClaimsValidator())
         auth = verifier.verify(accepted["jwt"])
     assert auth.user_id == target and auth.is_impersonated and auth.actor_id == admin
 

@@ -11,16 +11,17 @@ import pytest
 import sqlalchemy as sa
 from fastapi import Depends, FastAPI
 
-from clerk_sync.auth import Authenticator, DenyList
+from clerk_sync.auth.authenticator import Authenticator, DenyList
+from clerk_sync.auth.claims import Auth, ClaimsValidator
+from clerk_sync.auth.jwks import StaticKeySource
+from clerk_sync.auth.sessions import SessionVerifier
+from clerk_sync.auth.users import AuthUser
 from clerk_sync.config import Settings
-from clerk_sync.integrations.auth_asgi import ClerkAuthMiddleware
+from clerk_sync.integrations.asgi import ClerkAuthMiddleware
 from clerk_sync.integrations.fastapi import ClerkAuth
 from clerk_sync.integrations.starlette import build_processor
-from clerk_sync.jwks import StaticKeySource
-from clerk_sync.sessions import Auth, SessionPolicy, SessionVerifier
 from clerk_sync.store import Store
 from clerk_sync.tables import audit_log, metadata
-from clerk_sync.users import AuthUser
 from tests import factories as f
 from tests._server import running
 from tests.conftest import SECRET
@@ -39,7 +40,7 @@ class Harness:
         settings = Settings.from_env({"DATABASE_URL": db_url, "CLERK_WEBHOOK_SIGNING_SECRET": SECRET})
         self.processor = build_processor(settings)
         self.store = self.processor.store
-        verifier = SessionVerifier(StaticKeySource(pem(KEY)), SessionPolicy(issuer=ISS, authorized_parties=frozenset({AZP})))
+        verifier = SessionVerifier(StaticKeySource(pem(KEY)), ClaimsValidator(issuer=ISS, authorized_parties=frozenset({AZP})))
         self.auth = Authenticator(verifier, self.store, deny_list=DenyList(self.store, refresh_s=0))
         self.n = 0
 
@@ -193,7 +194,7 @@ def test_starlette_authentication_backend_scopes(db_url: str) -> None:
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
-    from clerk_sync.integrations.auth_asgi import ClerkAuthBackend
+    from clerk_sync.integrations.asgi import ClerkAuthBackend
 
     h = Harness(db_url)
 

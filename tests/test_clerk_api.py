@@ -17,6 +17,7 @@ import pytest
 
 from clerk_sync.clerk_api import ApiRequest, AsyncClerkClient, CircuitBreaker, ClerkClient, RetryPolicy
 from clerk_sync.clerk_api._policy import _retry_after
+from clerk_sync.clerk_api.ratelimit import LocalBudget, RateLimit, RedisBudget, budget_from_settings
 from clerk_sync.config import Settings
 from clerk_sync.errors import (
     ClerkNotFound,
@@ -25,7 +26,6 @@ from clerk_sync.errors import (
     ClerkValidationError,
     RateLimited,
 )
-from clerk_sync.ratelimit import LocalBudget, RateLimit, RedisBudget, budget_from_settings
 from clerk_sync.testing import EmulatorServer
 
 REDIS_URL = os.environ.get("CLERK_SYNC_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
@@ -255,7 +255,7 @@ def test_budget_wait_past_the_deadline_is_refused_without_sending(clerk_emu: Emu
 _WORKER = """
 import json, sys
 from clerk_sync.clerk_api import ClerkClient, RetryPolicy
-from clerk_sync.ratelimit import RateLimit, RedisBudget
+from clerk_sync.clerk_api.ratelimit import RateLimit, RedisBudget
 url, key, redis_url, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 budget = RedisBudget(redis_url, RateLimit(15, 1.0), key, prefix=sys.argv[5])
 with ClerkClient(key, api_url=url, budget=budget, retry=RetryPolicy(deadline_s=30)) as clerk:

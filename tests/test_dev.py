@@ -7,7 +7,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from rich.console import Console
 
-from clerk_sync.devstack import DevStack, run_dev, seed_demo
+from clerk_sync.cli.dev import DevStack, run_dev, seed_demo
 from clerk_sync.tables import organization_memberships, organizations, users
 
 

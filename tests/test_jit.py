@@ -12,16 +12,17 @@ import anyio
 import pytest
 import sqlalchemy as sa
 
+from clerk_sync.auth.users import AuthUser, JitUsers
 from clerk_sync.clerk_api import AsyncClerkClient, CircuitBreaker, ClerkClient, RetryPolicy
+from clerk_sync.clerk_api.ratelimit import LocalBudget, RateLimit
 from clerk_sync.engine import Entity, Tombstone
 from clerk_sync.errors import ClerkUnavailable, UserBanned, UserDeleted
 from clerk_sync.events import user_record
 from clerk_sync.ingest import WebhookProcessor
-from clerk_sync.ratelimit import LocalBudget, RateLimit
+from clerk_sync.integrations.http import status_for
 from clerk_sync.store import Store
 from clerk_sync.tables import users
 from clerk_sync.testing import EmulatorServer
-from clerk_sync.users import AuthUser, AuthUsers
 from clerk_sync.webhooks import WebhookVerifier
 from tests import factories
 
@@ -48,8 +49,8 @@ def clerk(emu: EmulatorServer) -> Iterator[ClerkClient]:
 
 
 @pytest.fixture
-def jit(store: Store, clerk: ClerkClient) -> AuthUsers:
-    return AuthUsers(store, clerk=clerk, timeout_s=2.0)
+def jit(store: Store, clerk: ClerkClient) -> JitUsers:
+    return JitUsers(store, clerk=clerk, timeout_s=2.0)
 
 
 def deliver(store: Store, event_type: str, data: dict[str, Any], svix_id: str) -> str:
@@ -68,7 +69,7 @@ def rows(store: Store) -> int:
         return int(conn.execute(sa.select(sa.func.count()).select_from(users)).scalar_one())
 
 
-def test_existing_row_costs_one_query_and_no_clerk_call(store: Store, jit: AuthUsers, emu: EmulatorServer) -> None:
+def test_existing_row_costs_one_query_and_no_clerk_call(store: Store, jit: JitUsers, emu: EmulatorServer) -> None:
     data = emu.create_user(email="ada@example.com", first_name="Ada")
     assert deliver(store, "user.created", data, "msg_1") == "applied"
     selects: list[str] = []
@@ -87,7 +88,7 @@ def test_existing_row_costs_one_query_and_no_clerk_call(store: Store, jit: AuthU
     assert jit.clerk is not None and jit.clerk.stats.requests == 0
 
 
-def test_missing_row_is_fetched_and_stored_like_the_webhook_would(store: Store, jit: AuthUsers,
+def test_missing_row_is_fetched_and_stored_like_the_webhook_would(store: Store, jit: JitUsers,
                                                                   emu: EmulatorServer) -> None:
     data = emu.create_user(email="ada@example.com", first_name="Ada", public_metadata={"role": "admin"})
     user = jit.get_auth_user(data["id"])
@@ -99,7 +100,7 @@ def test_missing_row_is_fetched_and_stored_like_the_webhook_would(store: Store, 
 
 
 @pytest.mark.parametrize("webhook_first", [True, False], ids=["webhook-then-jit", "jit-then-webhook"])
-def test_sign_up_race_either_order_ends_with_one_identical_row(store: Store, jit: AuthUsers, emu: EmulatorServer,
+def test_sign_up_race_either_order_ends_with_one_identical_row(store: Store, jit: JitUsers, emu: EmulatorServer,
                                                                webhook_first: bool) -> None:
     data = emu.create_user(email="ada@example.com", first_name="Ada")
     if webhook_first:
@@ -113,7 +114,7 @@ def test_sign_up_race_either_order_ends_with_one_identical_row(store: Store, jit
     assert clerk_columns(user) == clerk_columns(_reference(data))
 
 
-def test_sign_up_race_concurrent(store: Store, jit: AuthUsers, emu: EmulatorServer) -> None:
+def test_sign_up_race_concurrent(store: Store, jit: JitUsers, emu: EmulatorServer) -> None:
     emu.set_faults(latency_s=0.05)  # JIT fetches overlap the webhook's transaction
     data = emu.create_user(email="ada@example.com", first_name="Ada")
     barrier = threading.Barrier(11)
@@ -140,7 +141,7 @@ def test_sign_up_race_concurrent(store: Store, jit: AuthUsers, emu: EmulatorServ
     assert jit.clerk is not None and jit.clerk.stats.requests <= 1
 
 
-def test_late_older_webhook_does_not_undo_a_newer_jit_fetch(store: Store, jit: AuthUsers, emu: EmulatorServer) -> None:
+def test_late_older_webhook_does_not_undo_a_newer_jit_fetch(store: Store, jit: JitUsers, emu: EmulatorServer) -> None:
     created = emu.create_user(email="ada@example.com", first_name="Ada")
     renamed = emu.request("PATCH", f"/v1/users/{created['id']}", json={"first_name": "Grace"})
     assert jit.get_auth_user(created["id"]).first_name == "Grace"
@@ -149,7 +150,7 @@ def test_late_older_webhook_does_not_undo_a_newer_jit_fetch(store: Store, jit: A
     assert deliver(store, "user.updated", renamed, "msg_new") == "skipped"
 
 
-def test_single_flight_many_requests_one_clerk_call(store: Store, jit: AuthUsers, emu: EmulatorServer) -> None:
+def test_single_flight_many_requests_one_clerk_call(store: Store, jit: JitUsers, emu: EmulatorServer) -> None:
     emu.set_faults(latency_s=0.2)
     data = emu.create_user(email="ada@example.com")
     found: list[str] = []
@@ -168,7 +169,7 @@ async def test_async_single_flight_and_race(store: Store, emu: EmulatorServer) -
     emu.set_faults(latency_s=0.2)
     data = emu.create_user(email="ada@example.com")
     async with AsyncClerkClient(emu.secret_key, api_url=emu.url, retry=RETRY) as aclerk:
-        jit = AuthUsers(store, aclerk=aclerk, timeout_s=2.0)
+        jit = JitUsers(store, aclerk=aclerk, timeout_s=2.0)
         found: list[AuthUser] = []
 
         async def one() -> None:
@@ -182,13 +183,13 @@ async def test_async_single_flight_and_race(store: Store, emu: EmulatorServer) -
         assert aclerk.stats.requests <= 1 and rows(store) == 1
 
 
-def test_deleted_and_banned_users_are_refused(store: Store, jit: AuthUsers, emu: EmulatorServer) -> None:
+def test_deleted_and_banned_users_are_refused(store: Store, jit: JitUsers, emu: EmulatorServer) -> None:
     gone = emu.create_user(email="gone@example.com")
     with store.transaction() as writer:
         writer.apply(Tombstone(Entity.USER, gone["id"], int(time.time() * 1000)))
     with pytest.raises(UserDeleted) as deleted:
         jit.get_auth_user(gone["id"])
-    assert deleted.value.status_code == 410
+    assert status_for(deleted.value) == 410
     banned = emu.create_user(email="bad@example.com", banned=True)
     with pytest.raises(UserBanned):
         jit.get_auth_user(banned["id"])
@@ -197,7 +198,7 @@ def test_deleted_and_banned_users_are_refused(store: Store, jit: AuthUsers, emu:
         jit.get_auth_user("user_never_existed")
 
 
-def test_clerk_outage_without_a_row_is_a_fast_503(store: Store, jit: AuthUsers, emu: EmulatorServer) -> None:
+def test_clerk_outage_without_a_row_is_a_fast_503(store: Store, jit: JitUsers, emu: EmulatorServer) -> None:
     known = emu.create_user(email="known@example.com")
     jit.get_auth_user(known["id"])
     emu.set_faults(outage=True)
@@ -205,7 +206,7 @@ def test_clerk_outage_without_a_row_is_a_fast_503(store: Store, jit: AuthUsers, 
     with pytest.raises(ClerkUnavailable) as down:
         jit.get_auth_user("user_unknown")
     assert time.monotonic() - started < 1.0
-    assert down.value.status_code == 503 and down.value.retry_after > 0
+    assert status_for(down.value) == 503 and down.value.retry_after > 0
     started = time.monotonic()
     with pytest.raises(ClerkUnavailable):
         jit.get_auth_user("user_unknown_2")  # circuit open: no request at all
@@ -220,7 +221,7 @@ def test_clerk_outage_without_a_row_is_a_fast_503(store: Store, jit: AuthUsers, 
 def test_slow_clerk_is_bounded_by_the_timeout(store: Store, emu: EmulatorServer) -> None:
     emu.set_faults(latency_s=2.0)
     with ClerkClient(emu.secret_key, api_url=emu.url, retry=RETRY) as clerk:
-        jit = AuthUsers(store, clerk=clerk, timeout_s=0.3)
+        jit = JitUsers(store, clerk=clerk, timeout_s=0.3)
         started = time.monotonic()
         with pytest.raises(ClerkUnavailable):
             jit.get_auth_user("user_slow")

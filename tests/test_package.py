@@ -1,28 +1,85 @@
-"""The public surface is decided on purpose: every module declares ``__all__`` and every name in it exists."""
+"""The public surface is decided on purpose and pinned here, name by name (as httpx's
+``test_exported_members.py`` does): adding or dropping a public name is a change to this file."""
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
+import subprocess
+import sys
+import warnings
 
 import pytest
 
 import clerk_sync
+from clerk_sync import _compat
 
 MODULES = sorted(
     m.name for m in pkgutil.walk_packages(clerk_sync.__path__, "clerk_sync.")
     if ".migrations.versions" not in m.name and not m.name.endswith("migrations.env")
 )
 
+# fmt: off
+PUBLIC_API: dict[str, list[str]] = {
+    "clerk_sync": ["__version__"],
+    "clerk_sync.auth": ["AuditEntry", "Auth", "AuthUser", "Authenticator", "ClaimsValidator", "DenyList", "JitUsers", "SessionVerifier", "read_user", "record_audit", "verifier_from_settings"],
+    "clerk_sync.auth.admin": ["ADMIN_ROLE", "AdminActions", "ClerkAdminAPI", "Impersonation", "RoleChange"],
+    "clerk_sync.auth.audit": ["AuditEntry", "record_audit"],
+    "clerk_sync.auth.authenticator": ["Authenticator", "DenyList", "UserLoader"],
+    "clerk_sync.auth.claims": ["Auth", "ClaimsValidator", "auth_from_claims", "normalize_claims"],
+    "clerk_sync.auth.jwks": ["JWKSKeySource", "KeySource", "NeedsFetch", "StaticKeySource"],
+    "clerk_sync.auth.sessions": ["ALLOWED_ALGORITHMS", "RevocationCheck", "SessionVerifier", "token_from_request", "verifier_from_settings"],
+    "clerk_sync.auth.users": ["AuthUser", "JitUsers", "load_user", "read_user"],
+    "clerk_sync.clerk_api": ["API_VERSION", "ApiRequest", "AsyncClerkClient", "CircuitBreaker", "ClerkClient", "DEFAULT_API_URL", "DEFAULT_TIMEOUT", "JSON", "MAX_PAGE", "Page", "RetryPolicy", "Stats"],
+    "clerk_sync.clerk_api.ratelimit": ["Budget", "LocalBudget", "RateLimit", "RedisBudget", "Reservation", "budget_from_settings", "default_rate_limit"],
+    "clerk_sync.cli": ["app", "main"],
+    "clerk_sync.cli.dev": ["DevReport", "DevStack", "run_dev", "seed_demo"],
+    "clerk_sync.cli.doctor": ["Check", "run_checks"],
+    "clerk_sync.cli.main": ["app", "main"],
+    "clerk_sync.cli.reconcile": ["reconcile_command"],
+    "clerk_sync.config": ["DEFAULT_DATABASE_URL", "Settings", "parse_webhook_secrets"],
+    "clerk_sync.engine": ["Action", "Entity", "HANDLED_EVENT_TYPES", "Ignore", "Intent", "Record", "RevokeSession", "RowState", "Tombstone", "Upsert", "decide", "plan"],
+    "clerk_sync.errors": ["AccessDenied", "ClerkAPIError", "ClerkNotFound", "ClerkSyncDeprecationWarning", "ClerkSyncError", "ClerkUnauthorized", "ClerkUnavailable", "ClerkValidationError", "ConfigError", "EventShapeError", "PayloadError", "PayloadTooLarge", "RateLimited", "ReconcileBusy", "SessionPending", "SessionRevoked", "SessionUserBanned", "StoreDataError", "StoreError", "TokenAlgorithmNotAllowed", "TokenAuthorizedPartyInvalid", "TokenClaimMissing", "TokenError", "TokenExpired", "TokenIssuedInFuture", "TokenIssuerInvalid", "TokenKeyUnknown", "TokenMalformed", "TokenMissing", "TokenNotYetValid", "TokenSignatureInvalid", "UserBanned", "UserDeleted", "WebhookError", "WebhookHeadersMissing", "WebhookVerificationError", "WrongInstance"],
+    "clerk_sync.events": ["Envelope", "MembershipRecord", "OrganizationRecord", "UserRecord", "membership_record", "normalize_timestamp_ms", "organization_record", "parse_envelope", "user_record"],
+    "clerk_sync.ingest": ["Outcome", "ReplayReport", "WebhookProcessor", "apply_envelope", "replay_deliveries"],
+    "clerk_sync.integrations": [],
+    "clerk_sync.integrations.asgi": ["ClerkAuthBackend", "ClerkAuthMiddleware", "ClerkUser"],
+    "clerk_sync.integrations.fastapi": ["ClerkAuth", "build_processor", "sync_me_router", "webhook_router"],
+    "clerk_sync.integrations.http": ["ErrorResponse", "STATUS_BY_ERROR", "error_response", "status_for"],
+    "clerk_sync.integrations.starlette": ["app_from_env", "build_processor", "create_app", "error_json", "read_limited_body", "webhook_endpoint", "webhook_routes"],
+    "clerk_sync.metrics": ["CONTENT_TYPE_LATEST", "Metrics"],
+    "clerk_sync.migrations": ["current_revision", "head_revision", "is_current", "upgrade"],
+    "clerk_sync.reconcile": ["Change", "Counts", "Progress", "ReconcileReport", "Reconciler"],
+    "clerk_sync.store": ["READ_ONLY_OPTION", "Store", "Writer", "create_engine"],
+    "clerk_sync.tables": ["audit_log", "metadata", "organization_memberships", "organizations", "pending_role_changes", "reconcile_runs", "reconcile_seen", "revoked_sessions", "seen_columns", "users", "webhook_events"],
+    "clerk_sync.testing": ["EmulatorServer"],
+    "clerk_sync.webhooks": ["DEFAULT_TOLERANCE_S", "SignedHeaders", "WebhookVerifier", "sign"],
+}
+# fmt: on
+
+
+def test_every_public_module_is_pinned() -> None:
+    public = {"clerk_sync"} | {
+        m for m in MODULES if not any(part.startswith("_") for part in m.split(".")) and ".emulator" not in m
+    }
+    assert public == set(PUBLIC_API)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLIC_API))
+def test_public_names_are_exactly_the_pinned_ones(name: str) -> None:
+    module = importlib.import_module(name)
+    assert sorted(module.__all__) == PUBLIC_API[name]
+    assert len(set(module.__all__)) == len(module.__all__)
+    missing = [n for n in module.__all__ if not hasattr(module, n)]
+    assert missing == []
+
 
 @pytest.mark.parametrize("name", MODULES)
-def test_module_declares_an_existing_all(name: str) -> None:
+def test_every_module_declares_an_existing_all(name: str) -> None:
     module = importlib.import_module(name)
     exported = getattr(module, "__all__", None)
     assert isinstance(exported, list), f"{name} has no __all__ list"
-    missing = [n for n in exported if not hasattr(module, n)]
-    assert missing == []
-    assert len(set(exported)) == len(exported)
+    assert [n for n in exported if not hasattr(module, n)] == []
 
 
 def test_every_error_is_in_the_one_tree_and_exported() -> None:
@@ -30,11 +87,55 @@ def test_every_error_is_in_the_one_tree_and_exported() -> None:
 
     classes = {n for n, v in vars(errors).items() if isinstance(v, type) and issubclass(v, Exception)}
     assert classes == set(errors.__all__)
-    for name in classes:
+    for name in classes - {"ClerkSyncDeprecationWarning"}:
         cls = getattr(errors, name)
         assert issubclass(cls, errors.ClerkSyncError), name
         assert cls.code and cls.code == cls.code.lower(), name
+    assert issubclass(errors.ClerkSyncDeprecationWarning, UserWarning)  # shown by default
+
+
+def test_every_error_has_an_http_status_in_the_one_table() -> None:
+    from clerk_sync import errors
+    from clerk_sync.integrations.http import STATUS_BY_ERROR, status_for
+
+    assert status_for(errors.UserDeleted("x")) == 410  # the nearest class wins over AccessDenied
+    assert status_for(errors.SessionUserBanned("x")) == 401
+    assert status_for(errors.PayloadTooLarge("x")) == 413
+    assert status_for(errors.StoreDataError("x")) == 503
+    assert not any(hasattr(getattr(errors, n), "status_code") for n in errors.__all__)  # chosen only in the table
+    assert all(100 <= s < 600 for s in STATUS_BY_ERROR.values())
 
 
 def test_version_comes_from_the_installed_metadata() -> None:
     assert clerk_sync.__version__ != "0.0.0"
+
+
+@pytest.mark.parametrize(("old", "name", "new"), [
+    ("clerk_sync.sessions", "SessionVerifier", "clerk_sync.auth.sessions"),
+    ("clerk_sync.sessions", "Auth", "clerk_sync.auth.claims"),
+    ("clerk_sync.users", "AuthUser", "clerk_sync.auth.users"),
+    ("clerk_sync.reconcile_tables", "reconcile_runs", "clerk_sync.tables"),
+    ("clerk_sync.reconcile_cli", "parse_since", "clerk_sync.cli._args"),
+    ("clerk_sync.integrations.auth_asgi", "ClerkAuthMiddleware", "clerk_sync.integrations.asgi"),
+])
+def test_old_module_paths_still_import_for_one_release_and_warn(old: str, name: str, new: str) -> None:
+    # A fresh interpreter: the warning fires on the first import only.
+    code = (f"import warnings; warnings.simplefilter('error')\n"
+            f"try:\n    from {old} import {name}\nexcept Warning as w:\n    print(type(w).__name__, w)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("ClerkSyncDeprecationWarning") and new.rsplit(".", 1)[0] in out
+    assert old in _compat.MOVED_MODULES
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", clerk_sync.errors.ClerkSyncDeprecationWarning)
+        module = importlib.import_module(old)
+    assert getattr(module, name) is getattr(importlib.import_module(new), name)
+
+
+def test_renamed_names_resolve_to_the_new_ones_with_a_warning() -> None:
+    import clerk_sync.auth.claims as claims
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", clerk_sync.errors.ClerkSyncDeprecationWarning)
+        old = importlib.import_module("clerk_sync.sessions")
+    with pytest.warns(clerk_sync.errors.ClerkSyncDeprecationWarning, match="ClaimsValidator"):
+        assert old.SessionPolicy is claims.ClaimsValidator

@@ -16,15 +16,14 @@ import pytest
 import sqlalchemy as sa
 
 from clerk_sync.clerk_api import ClerkClient, RetryPolicy
+from clerk_sync.clerk_api.ratelimit import LocalBudget, RateLimit
+from clerk_sync.cli._args import parse_since
 from clerk_sync.engine import Entity
 from clerk_sync.errors import ClerkUnavailable, ReconcileBusy
 from clerk_sync.events import membership_record, organization_record, user_record
-from clerk_sync.ratelimit import LocalBudget, RateLimit
 from clerk_sync.reconcile import Change, Reconciler
-from clerk_sync.reconcile_cli import parse_since
-from clerk_sync.reconcile_tables import reconcile_runs, reconcile_seen
 from clerk_sync.store import Store
-from clerk_sync.tables import organization_memberships, organizations, users
+from clerk_sync.tables import organization_memberships, organizations, reconcile_runs, reconcile_seen, users
 from clerk_sync.testing import EmulatorServer
 from tests import factories
 

@@ -13,15 +13,16 @@ import httpx
 import sqlalchemy as sa
 from fastapi import Depends, FastAPI, Request
 
-from clerk_sync.admin import AdminActions
-from clerk_sync.auth import Authenticator
+from clerk_sync.auth.admin import AdminActions
+from clerk_sync.auth.authenticator import Authenticator
+from clerk_sync.auth.claims import Auth
+from clerk_sync.auth.sessions import verifier_from_settings
+from clerk_sync.auth.users import AuthUser, JitUsers
 from clerk_sync.clerk_api import ClerkClient
 from clerk_sync.config import Settings
-from clerk_sync.integrations.auth_asgi import ClerkAuthMiddleware
+from clerk_sync.integrations.asgi import ClerkAuthMiddleware
 from clerk_sync.integrations.fastapi import ClerkAuth, build_processor, sync_me_router, webhook_router
-from clerk_sync.sessions import Auth, verifier_from_settings
 from clerk_sync.tables import audit_log, organization_memberships, organizations, users
-from clerk_sync.users import AuthUser, AuthUsers
 
 PUBLIC = {"/", "/webhooks/clerk", "/healthz"}
 
@@ -32,7 +33,7 @@ def create_app(settings: Settings) -> Any:
     store = processor.store
     http = httpx.Client()
     clerk_api = ClerkClient.from_settings(settings)
-    jit = AuthUsers(store, clerk=clerk_api)
+    jit = JitUsers(store, clerk=clerk_api)
     authenticator = Authenticator(verifier_from_settings(settings, http=http), store,
                                   load_user=jit.get_auth_user)
     clerk = ClerkAuth(authenticator, get_user=lambda auth: jit.get_auth_user(auth.user_id))

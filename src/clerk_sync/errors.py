@@ -28,7 +28,8 @@ Branch by what the caller does next::
     │   └── ClerkUnavailable            clerk_unavailable    Clerk down/5xx/timeouts: 503, Retry-After
     └── ReconcileBusy                   reconcile_busy       another reconcile run is making progress
 
-HTTP status codes are assigned only in the integrations (``status_code`` is a hint they read).
+HTTP status codes are chosen in one table, ``clerk_sync.integrations.http`` (every framework adapter uses it).
+Warnings: :class:`ClerkSyncDeprecationWarning` (a ``UserWarning``, so users see it) for moved names.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ __all__ = [
     "AccessDenied",
     "ClerkAPIError",
     "ClerkNotFound",
+    "ClerkSyncDeprecationWarning",
     "ClerkSyncError",
     "ClerkUnauthorized",
     "ClerkUnavailable",
@@ -77,7 +79,10 @@ class ClerkSyncError(Exception):
     """Root of every error clerk-sync raises on purpose."""
 
     code = "clerk_sync_error"
-    status_code = 500
+
+
+class ClerkSyncDeprecationWarning(UserWarning):
+    """A name or module path that moved; the message names the new one and the removal version."""
 
 
 class ConfigError(ClerkSyncError):
@@ -90,56 +95,48 @@ class WebhookError(ClerkSyncError):
     """A delivery was refused before anything was written."""
 
     code = "webhook_error"
-    status_code = 400
 
 
 class WebhookHeadersMissing(WebhookError):
     """One of ``svix-id``, ``svix-timestamp``, ``svix-signature`` is absent."""
 
     code = "webhook_headers_missing"
-    status_code = 400
 
 
 class WebhookVerificationError(WebhookError):
     """The signature does not match any configured secret, or the timestamp is outside tolerance."""
 
     code = "webhook_signature_invalid"
-    status_code = 401
 
 
 class PayloadError(WebhookError):
     """The body verified but is not a Clerk event envelope (not JSON, missing ``type``/``data``)."""
 
     code = "payload_invalid"
-    status_code = 400
 
 
 class PayloadTooLarge(PayloadError):
     """The body exceeds the configured limit; refused before it is read in full."""
 
     code = "payload_too_large"
-    status_code = 413
 
 
 class WrongInstance(WebhookError):
     """The event comes from a Clerk instance other than ``CLERK_INSTANCE_ID``."""
 
     code = "wrong_instance"
-    status_code = 403
 
 
 class EventShapeError(ClerkSyncError):
     """An event of a known type lacks a field we need; stored as ``failed`` and replayable."""
 
     code = "event_shape_invalid"
-    status_code = 200
 
 
 class StoreError(ClerkSyncError):
     """The database failed transiently (down, deadlock, lock timeout); the delivery must be retried."""
 
     code = "store_unavailable"
-    status_code = 503
 
 
 class StoreDataError(StoreError):
@@ -155,7 +152,6 @@ class TokenError(ClerkSyncError):
     """A session token was refused; treat the request as signed out (401)."""
 
     code = "token_invalid"
-    status_code = 401
 
 
 class TokenMissing(TokenError):
@@ -246,7 +242,6 @@ class AccessDenied(ClerkSyncError):
     """Signed in, but not allowed here (role, permission, impersonation guard) -> 403."""
 
     code = "access_denied"
-    status_code = 403
 
 
 class UserBanned(AccessDenied):
@@ -259,7 +254,6 @@ class UserDeleted(AccessDenied):
     """The user was deleted in Clerk (tombstoned in ``users``, or Clerk answers 404) -> 410."""
 
     code = "user_deleted"
-    status_code = 410
 
 
 class ClerkAPIError(ClerkSyncError):
@@ -269,7 +263,6 @@ class ClerkAPIError(ClerkSyncError):
     """
 
     code = "clerk_api_error"
-    status_code = 502
 
     def __init__(self, message: str, *, status: int | None = None, clerk_code: str | None = None,
                  trace_id: str | None = None, method: str | None = None, path: str | None = None) -> None:
@@ -285,21 +278,18 @@ class ClerkNotFound(ClerkAPIError):
     """404: the user/organization/session does not exist in Clerk (deleted, or never existed)."""
 
     code = "clerk_not_found"
-    status_code = 404
 
 
 class ClerkUnauthorized(ClerkAPIError):
     """401/403 from Clerk: ``CLERK_SECRET_KEY`` is missing, wrong, or for another instance."""
 
     code = "clerk_unauthorized"
-    status_code = 500
 
 
 class ClerkValidationError(ClerkAPIError):
     """400/422 from Clerk: the request was invalid (a bad parameter, a taken identifier...)."""
 
     code = "clerk_validation_error"
-    status_code = 422
 
 
 class RateLimited(ClerkAPIError):
@@ -309,7 +299,6 @@ class RateLimited(ClerkAPIError):
     """
 
     code = "clerk_rate_limited"
-    status_code = 503
 
     # retry_after has a default so copy.copy (single-flight followers) can rebuild the exception;
     # the copied __dict__ then restores the real value.
@@ -322,7 +311,6 @@ class ClerkUnavailable(ClerkAPIError):
     """Clerk is down or failing (5xx, timeouts, open circuit): retry after ``retry_after`` seconds (503)."""
 
     code = "clerk_unavailable"
-    status_code = 503
 
     # retry_after has a default so copy.copy (single-flight followers) can rebuild the exception;
     # the copied __dict__ then restores the real value.
@@ -335,4 +323,3 @@ class ReconcileBusy(ClerkSyncError):
     """Another ``clerk-sync reconcile`` is running (its heartbeat is recent); try again later."""
 
     code = "reconcile_busy"
-    status_code = 409

@@ -33,9 +33,15 @@ from clerk_sync.clerk_api import JSON, ClerkClient
 from clerk_sync.engine import Action, Entity, Record, RowState, Tombstone, Upsert, decide
 from clerk_sync.errors import ClerkNotFound, EventShapeError, ReconcileBusy
 from clerk_sync.events import membership_record, organization_record, user_record
-from clerk_sync.reconcile_tables import reconcile_runs, reconcile_seen, seen_columns
 from clerk_sync.store import Store, Writer
-from clerk_sync.tables import organization_memberships, organizations, users
+from clerk_sync.tables import (
+    organization_memberships,
+    organizations,
+    reconcile_runs,
+    reconcile_seen,
+    seen_columns,
+    users,
+)
 
 __all__ = ["Change", "Counts", "Progress", "ReconcileReport", "Reconciler"]
 

@@ -5,14 +5,15 @@ from __future__ import annotations
 from fastapi import Depends, FastAPI
 from starlette.applications import Starlette
 
-from clerk_sync.auth import Authenticator
+from clerk_sync.auth.authenticator import Authenticator
+from clerk_sync.auth.claims import Auth
+from clerk_sync.auth.sessions import verifier_from_settings
+from clerk_sync.auth.users import AuthUser, JitUsers
 from clerk_sync.clerk_api import ClerkClient
 from clerk_sync.config import Settings
-from clerk_sync.integrations.auth_asgi import ClerkAuthMiddleware
+from clerk_sync.integrations.asgi import ClerkAuthMiddleware
 from clerk_sync.integrations.fastapi import ClerkAuth, build_processor, sync_me_router, webhook_router
 from clerk_sync.integrations.starlette import webhook_routes
-from clerk_sync.sessions import Auth, verifier_from_settings
-from clerk_sync.users import AuthUser, AuthUsers
 
 
 def build(settings: Settings) -> ClerkAuthMiddleware:
@@ -23,7 +24,7 @@ def build(settings: Settings) -> ClerkAuthMiddleware:
 
     app = FastAPI()
     app.include_router(webhook_router(processor))
-    jit = AuthUsers(store, clerk=ClerkClient.from_settings(settings))
+    jit = JitUsers(store, clerk=ClerkClient.from_settings(settings))
     authenticator = Authenticator(verifier_from_settings(settings), store, load_user=jit.get_auth_user)
     clerk = ClerkAuth(authenticator, get_user=lambda auth: jit.get_auth_user(auth.user_id))
     clerk.install(app)

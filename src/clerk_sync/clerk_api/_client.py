@@ -33,9 +33,9 @@ from clerk_sync.clerk_api._policy import (
     _Context,
     call_flow,
 )
+from clerk_sync.clerk_api.ratelimit import Budget, LocalBudget, budget_from_settings, default_rate_limit
 from clerk_sync.config import Settings
 from clerk_sync.errors import ConfigError
-from clerk_sync.ratelimit import Budget, LocalBudget, budget_from_settings, default_rate_limit
 
 __all__ = ["API_VERSION", "DEFAULT_API_URL", "DEFAULT_TIMEOUT", "AsyncClerkClient", "ClerkClient"]
 

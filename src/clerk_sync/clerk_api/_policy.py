@@ -18,6 +18,7 @@ from typing import Any, Generic, TypeVar
 
 import httpx
 
+from clerk_sync.clerk_api.ratelimit import Reservation
 from clerk_sync.errors import (
     ClerkAPIError,
     ClerkNotFound,
@@ -26,7 +27,6 @@ from clerk_sync.errors import (
     ClerkValidationError,
     RateLimited,
 )
-from clerk_sync.ratelimit import Reservation
 
 __all__ = [
     "Acquire",
@@ -154,7 +154,7 @@ class Stats:
 
 @dataclass(frozen=True, slots=True)
 class Acquire:
-    """Reserve a budget token; the shell answers with a :class:`~clerk_sync.ratelimit.Reservation`."""
+    """Reserve a budget token; the shell answers with a :class:`~clerk_sync.clerk_api.ratelimit.Reservation`."""
 
     max_wait: float
 

@@ -1,4 +1,5 @@
-"""FastAPI adapter: the webhook router, and auth dependencies over :class:`~clerk_sync.auth.Authenticator`.
+"""FastAPI adapter: the webhook router, and auth dependencies over
+:class:`~clerk_sync.auth.authenticator.Authenticator`.
 
 Usage::
 
@@ -24,12 +25,12 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse
 
-from clerk_sync.auth import Authenticator
-from clerk_sync.errors import ClerkSyncError, TokenError
+from clerk_sync.auth.authenticator import Authenticator
+from clerk_sync.auth.claims import Auth
+from clerk_sync.auth.users import AuthUser, JitUsers
+from clerk_sync.errors import ClerkSyncError
 from clerk_sync.ingest import WebhookProcessor
-from clerk_sync.integrations.starlette import build_processor, webhook_endpoint
-from clerk_sync.sessions import Auth
-from clerk_sync.users import AuthUser, AuthUsers
+from clerk_sync.integrations.starlette import build_processor, error_json, webhook_endpoint
 
 __all__ = ["ClerkAuth", "build_processor", "sync_me_router", "webhook_router"]
 
@@ -43,7 +44,7 @@ def webhook_router(processor: WebhookProcessor, path: str = "/webhooks/clerk") -
     return router
 
 
-def sync_me_router(clerk: ClerkAuth, users: AuthUsers, path: str = "/sync/me") -> APIRouter:
+def sync_me_router(clerk: ClerkAuth, users: JitUsers, path: str = "/sync/me") -> APIRouter:
     """Flow A: the front end calls ``POST path`` right after sign-up, so the user's row exists before
     the ``user.created`` webhook arrives (one budgeted Clerk call, the same guarded upsert)."""
     router = APIRouter()
@@ -67,15 +68,11 @@ class ClerkAuth:
         self._get_user: UserGetter = get_user or authenticator.user
 
     def install(self, app: FastAPI) -> None:
-        """Translate clerk-sync errors into HTTP answers (the only place status codes are chosen)."""
+        """Translate clerk-sync errors into HTTP answers (through the one table in :mod:`.http`)."""
 
         async def handle(_: Request, exc: Exception) -> JSONResponse:
             assert isinstance(exc, ClerkSyncError)
-            headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, TokenError) else {}
-            retry_after = getattr(exc, "retry_after", None)
-            if retry_after is not None:
-                headers["Retry-After"] = str(int(retry_after) or 1)
-            return JSONResponse({"error": exc.code, "message": str(exc)}, status_code=exc.status_code, headers=headers)
+            return error_json(exc)
 
         app.add_exception_handler(ClerkSyncError, handle)
 

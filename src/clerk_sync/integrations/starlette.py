@@ -22,6 +22,7 @@ from clerk_sync import migrations
 from clerk_sync.config import Settings
 from clerk_sync.errors import ClerkSyncError, PayloadTooLarge, StoreError, WebhookError
 from clerk_sync.ingest import WebhookProcessor
+from clerk_sync.integrations.http import error_response
 from clerk_sync.metrics import CONTENT_TYPE_LATEST
 from clerk_sync.store import Store
 from clerk_sync.webhooks import WebhookVerifier
@@ -29,7 +30,12 @@ from clerk_sync.webhooks import WebhookVerifier
 __all__ = [
     "app_from_env",
     "build_processor",
-    "create_app", "read_limited_body", "webhook_endpoint", "webhook_routes"]
+    "create_app",
+    "error_json",
+    "read_limited_body",
+    "webhook_endpoint",
+    "webhook_routes",
+]
 
 log = structlog.get_logger("clerk_sync.http")
 
@@ -45,8 +51,10 @@ def build_processor(settings: Settings, store: Store | None = None) -> WebhookPr
     )
 
 
-def _error(exc: ClerkSyncError, status: int, **headers: str) -> JSONResponse:
-    return JSONResponse({"error": exc.code, "message": str(exc)}, status_code=status, headers=headers)
+def error_json(exc: ClerkSyncError) -> JSONResponse:
+    """A clerk-sync error as Starlette answers it (the status and headers come from :mod:`.http`)."""
+    answer = error_response(exc)
+    return JSONResponse(answer.body, status_code=answer.status, headers=answer.headers)
 
 
 async def read_limited_body(request: Request, limit: int) -> bytes:
@@ -87,10 +95,10 @@ def webhook_endpoint(processor: WebhookProcessor, *, threads: int = 4) -> Any:
         except WebhookError as exc:
             log.info("webhook_refused", code=exc.code, reason=str(exc))
             processor.metrics.events.labels(type="unknown", status=exc.code).inc()
-            return _error(exc, exc.status_code)
+            return error_json(exc)
         except StoreError as exc:
             log.warning("webhook_store_error", reason=str(exc))
-            return _error(exc, 503, **{"Retry-After": "5"})
+            return error_json(exc)
         except ClientDisconnect:
             return Response(status_code=400)
         return JSONResponse({"status": outcome.status, "svix_id": outcome.svix_id})

@@ -80,8 +80,8 @@ def _clerk_api(settings: Settings, client: httpx.Client) -> tuple[str, str]:
 
 
 def _session_keys(settings: Settings, client: httpx.Client) -> tuple[str, str]:
-    from clerk_sync.jwks import JWKSKeySource
-    from clerk_sync.sessions import verifier_from_settings
+    from clerk_sync.auth.jwks import JWKSKeySource
+    from clerk_sync.auth.sessions import verifier_from_settings
 
     if settings.clerk_jwt_key is None and settings.clerk_jwks_url is None and settings.clerk_secret_key is None:
         return "warn", "no CLERK_JWT_KEY / CLERK_JWKS_URL / CLERK_SECRET_KEY: session verification is not configured"

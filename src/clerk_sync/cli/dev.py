@@ -30,7 +30,7 @@ from clerk_sync.store import Store
 from clerk_sync.tables import organization_memberships, organizations, users, webhook_events
 from clerk_sync.testing import EmulatorServer
 
-__all__ = ["DevReport", "DevStack", "seed_demo"]
+__all__ = ["DevReport", "DevStack", "run_dev", "seed_demo"]
 
 _FIRST = ["Ada", "Grace", "Alan", "Edsger", "Barbara", "Donald", "Margaret", "Ken", "Frances", "John",
           "Radia", "Tim", "Hedy", "Linus", "Sophie", "Guido"]

@@ -5,29 +5,17 @@ The reconciling itself lives in :mod:`clerk_sync.reconcile`; this module only pr
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 from clerk_sync.clerk_api import ClerkClient
-from clerk_sync.errors import ConfigError
+from clerk_sync.cli._args import parse_since
 from clerk_sync.reconcile import Change, Reconciler, ReconcileReport
 from clerk_sync.store import Store
 
-__all__ = ["parse_since", "reconcile_command"]
+__all__ = ["reconcile_command"]
 
 _DIFF_LINES = 200
 _MARKS = {"create": "[green]+[/]", "update": "[yellow]~[/]", "delete": "[red]-[/]"}
-
-
-def parse_since(value: str | None) -> datetime | None:
-    """``--since`` as ISO 8601 (``2026-01-31``, ``2026-01-31T12:00:00Z``, offsets); naive means UTC."""
-    if value is None:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
-        raise ConfigError(f"--since {value!r} is not an ISO 8601 date or time") from None
-    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
 
 
 def reconcile_command(settings: Any, *, since: str | None, dry_run: bool, console: Any) -> ReconcileReport:

@@ -10,20 +10,20 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import sqlalchemy as sa
 from anyio import to_thread
 
+from clerk_sync.auth.audit import AuditEntry, record_audit
+from clerk_sync.auth.claims import Auth
+from clerk_sync.auth.sessions import SessionVerifier, token_from_request
+from clerk_sync.auth.users import AuthUser, read_user
 from clerk_sync.errors import AccessDenied, SessionUserBanned
-from clerk_sync.sessions import Auth, SessionVerifier, token_from_request
-from clerk_sync.store import Store, Writer
-from clerk_sync.tables import audit_log, revoked_sessions, users
-from clerk_sync.users import AuthUser, load_user
+from clerk_sync.store import Store
+from clerk_sync.tables import revoked_sessions, users
 
-__all__ = ["AuditEntry", "Authenticator", "DenyList", "read_user", "record_audit"]
+__all__ = ["Authenticator", "DenyList", "UserLoader"]
 
 
 def _utcnow() -> datetime:
@@ -33,7 +33,7 @@ def _utcnow() -> datetime:
 class DenyList:
     """Revoked sessions and banned/deleted users, read from the DB at most every ``refresh_s``.
 
-    Serves :class:`~clerk_sync.sessions.RevocationCheck`. A periodic refresh (not a query per
+    Serves :class:`~clerk_sync.auth.sessions.RevocationCheck`. A periodic refresh (not a query per
     request) keeps the protected path cheap; replicas see a revocation within ``refresh_s``.
     Refreshes are incremental: rows written since the last refresh *minus a margin*, because on
     PostgreSQL transactions commit out of id/timestamp order (a revocation inserted first can become
@@ -180,34 +180,3 @@ class Authenticator:
 
     def _user_from_table(self, clerk_id: str) -> AuthUser | None:
         return read_user(self.store, clerk_id)
-
-
-def read_user(store: Store, clerk_id: str) -> AuthUser | None:
-    """The ``users`` row for a Clerk id (one indexed query), deleted or not."""
-    with store.connect() as conn:
-        return load_user(conn, clerk_id)
-
-
-@dataclass(frozen=True, slots=True)
-class AuditEntry:
-    """One privileged action; ``impersonator`` is set when an admin acted as someone else."""
-
-    action: str
-    actor: str | None
-    target: str | None = None
-    impersonator: str | None = None
-    details: Mapping[str, Any] | None = None
-    ip: str | None = None
-
-
-def record_audit(writer: Writer, entry: AuditEntry) -> None:
-    """Append to ``audit_log`` inside the caller's transaction (rows are never updated or deleted)."""
-    if not entry.action:
-        raise ValueError("audit entries need an action")
-    writer.conn.execute(
-        audit_log.insert().values(
-            action=entry.action, actor_clerk_id=entry.actor, target_clerk_id=entry.target,
-            impersonator_clerk_id=entry.impersonator, details=dict(entry.details or {}),
-            ip=entry.ip, created_at=writer.now,
-        )
-    )

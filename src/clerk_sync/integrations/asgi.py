@@ -11,12 +11,12 @@ from collections.abc import Iterable
 from starlette.authentication import AuthCredentials, AuthenticationBackend, AuthenticationError, BaseUser
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import HTTPConnection, cookie_parser
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from clerk_sync.auth import Authenticator
+from clerk_sync.auth.authenticator import Authenticator
+from clerk_sync.auth.claims import Auth
 from clerk_sync.errors import StoreError, TokenError, TokenMissing
-from clerk_sync.sessions import Auth
+from clerk_sync.integrations.starlette import error_json
 
 __all__ = ["ClerkAuthBackend", "ClerkAuthMiddleware", "ClerkUser"]
 
@@ -89,10 +89,7 @@ class ClerkAuthMiddleware:
         except (TokenError, StoreError) as exc:
             # A database outage (deny list unreadable) must not take public pages down with it.
             if not public:
-                status = 401 if isinstance(exc, TokenError) else 503
-                headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {"Retry-After": "5"}
-                response = JSONResponse({"error": exc.code, "message": str(exc)}, status_code=status, headers=headers)
-                await response(scope, receive, send)
+                await error_json(exc)(scope, receive, send)
                 return
             scope["clerk_auth"] = None
         await self.app(scope, receive, send)

@@ -2,7 +2,8 @@
 
 Two explicit steps (see joserfc/PyJWT): (1) the signature, with the algorithm allow-listed to RS256
 and the key chosen by ``kid`` (so ``alg: none`` and HS256-signed-with-the-public-key are refused
-before any key is touched); (2) the claims, by a :class:`SessionPolicy` with an injectable clock.
+before any key is touched); (2) the claims, by a :class:`~clerk_sync.auth.claims.ClaimsValidator`
+with an injectable clock.
 A token whose signature already verified is remembered until its ``exp``; expiry, revocation and
 ``sts`` are still checked on every call.
 
@@ -16,44 +17,33 @@ parsed only after the signature holds.
 from __future__ import annotations
 
 import base64
-import functools
 import json
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import httpx
 from anyio import to_thread
 from jwt.algorithms import RSAAlgorithm
 
+from clerk_sync.auth.claims import Auth, ClaimsValidator, normalize_claims
+from clerk_sync.auth.jwks import JWKSKeySource, KeySource, NeedsFetch, StaticKeySource
 from clerk_sync.config import Settings
 from clerk_sync.errors import (
     ConfigError,
-    SessionPending,
     SessionRevoked,
     TokenAlgorithmNotAllowed,
-    TokenAuthorizedPartyInvalid,
-    TokenClaimMissing,
-    TokenExpired,
-    TokenIssuedInFuture,
-    TokenIssuerInvalid,
     TokenMalformed,
     TokenMissing,
-    TokenNotYetValid,
     TokenSignatureInvalid,
 )
-from clerk_sync.jwks import JWKSKeySource, KeySource, NeedsFetch, StaticKeySource
 
 __all__ = [
     "ALLOWED_ALGORITHMS",
-    "Auth",
     "RevocationCheck",
-    "SessionPolicy",
     "SessionVerifier",
-    "auth_from_claims",
     "token_from_request",
     "verifier_from_settings",
 ]
@@ -65,50 +55,6 @@ _B64URL_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456
 # 2 bits when len % 4 == 3), so the last character's alphabet index is a multiple of 16 or 4.
 _CANONICAL_LAST = {2: frozenset(_B64URL_ALPHABET[::16]), 3: frozenset(_B64URL_ALPHABET[::4])}
 _HEADER_MEMO_SIZE = 16  # an instance signs every token with one header per kid; rotation adds one
-
-
-@dataclass(frozen=True, slots=True)
-class Auth:
-    """Who is calling: v1 and v2 session claims normalised into one shape."""
-
-    user_id: str
-    session_id: str
-    expires_at: int
-    version: int = 1
-    status: str = "active"
-    org_id: str | None = None
-    org_role: str | None = None
-    org_slug: str | None = None
-    org_permissions: tuple[str, ...] = ()
-    actor: Mapping[str, Any] | None = None
-    claims: Mapping[str, Any] = field(default_factory=dict, repr=False)
-
-    @property
-    def is_impersonated(self) -> bool:
-        return self.actor is not None
-
-    @property
-    def actor_id(self) -> str | None:
-        """The impersonating admin's user id (``act.sub``)."""
-        sub = self.actor.get("sub") if self.actor else None
-        return sub if isinstance(sub, str) else None
-
-    @property
-    def role(self) -> str | None:
-        """The app role from the ``metadata`` custom claim (``{{user.public_metadata}}``), if configured."""
-        metadata = self.claims.get("metadata")
-        role = metadata.get("role") if isinstance(metadata, dict) else None
-        return role if isinstance(role, str) else None
-
-
-@dataclass(frozen=True, slots=True)
-class SessionPolicy:
-    """The claim checks; build once from settings."""
-
-    issuer: str | None = None
-    authorized_parties: frozenset[str] | None = None
-    leeway_s: float = 5.0
-    pending_is_signed_out: bool = True
 
 
 class RevocationCheck(Protocol):
@@ -129,19 +75,19 @@ def token_from_request(headers: Mapping[str, str], cookies: Mapping[str, str]) -
 
 
 class SessionVerifier:
-    """Verifies Clerk session JWTs against a key source and a policy."""
+    """Verifies Clerk session JWTs against a key source and a :class:`ClaimsValidator`."""
 
     def __init__(
         self,
         keys: KeySource,
-        policy: SessionPolicy,
+        claims: ClaimsValidator,
         *,
         revocations: RevocationCheck | None = None,
         now: Callable[[], float] = time.time,
         cache_size: int = 10_000,
     ) -> None:
         self.keys = keys
-        self.policy = policy
+        self.claims = claims
         self.revocations = revocations
         self._now = now
         self._cache: OrderedDict[str, Auth] = OrderedDict()
@@ -189,42 +135,16 @@ class SessionVerifier:
         if not known:  # only signed headers, so forged ones cannot churn the memo
             self._remember_header(head, kid)
         claims = _json_object(payload, "payload")
-        self._check_static(claims)
-        return _auth(claims)
+        self.claims.validate_static(claims)
+        return normalize_claims(claims)
 
     def _remember_header(self, head: bytes, kid: str | None) -> None:
         if len(self._headers) >= _HEADER_MEMO_SIZE:
             self._headers.clear()
         self._headers[head] = kid
 
-    def _check_static(self, claims: Mapping[str, Any]) -> None:
-        for name in ("sub", "sid", "exp"):
-            if not claims.get(name):
-                raise TokenClaimMissing(f"claim {name!r} is missing")
-        for name in ("sub", "jti"):  # as PyJWT's decode checked them
-            if name in claims and not isinstance(claims[name], str):
-                raise TokenMalformed(f"claim {name!r} is not a string")
-        policy = self.policy
-        if policy.issuer is not None and claims.get("iss") != policy.issuer:
-            raise TokenIssuerInvalid(f"iss {claims.get('iss')!r} is not {policy.issuer!r}")
-        azp = claims.get("azp")
-        if policy.authorized_parties is not None and azp not in policy.authorized_parties:
-            raise TokenAuthorizedPartyInvalid(f"azp {azp!r} is not an authorized party (CLERK_AUTHORIZED_PARTIES)")
-        for name in ("exp", "nbf", "iat"):
-            if name in claims and not isinstance(claims[name], int | float):
-                raise TokenMalformed(f"claim {name!r} is not a number")
-
     def _check_dynamic(self, auth: Auth) -> None:
-        now, leeway = self._now(), self.policy.leeway_s
-        if auth.expires_at <= now - leeway:
-            raise TokenExpired("session token expired")
-        nbf, iat = auth.claims.get("nbf"), auth.claims.get("iat")
-        if isinstance(nbf, int | float) and nbf > now + leeway:
-            raise TokenNotYetValid("session token not valid yet (nbf)")
-        if isinstance(iat, int | float) and iat > now + leeway:
-            raise TokenIssuedInFuture("session token issued in the future (iat)")
-        if auth.status == "pending" and self.policy.pending_is_signed_out:
-            raise SessionPending("session is pending (sts): treated as signed out")
+        self.claims.validate_live(auth, self._now())
         if self.revocations is not None and self.revocations.is_revoked(auth.session_id):
             raise SessionRevoked("session was revoked")
 
@@ -252,8 +172,8 @@ def verifier_from_settings(settings: Settings, *, http: httpx.Client | None = No
     Pass ``http`` to own the JWKS client's lifetime; without it a client is made that lives as long as
     the verifier (one per application, built at start-up).
     """
-    policy = SessionPolicy(issuer=settings.clerk_issuer, authorized_parties=settings.authorized_parties(),
-                           leeway_s=settings.session_leeway_s)
+    claims = ClaimsValidator(issuer=settings.clerk_issuer, authorized_parties=settings.authorized_parties(),
+                             leeway_s=settings.session_leeway_s)
     if settings.clerk_jwt_key is not None:
         keys: KeySource = StaticKeySource(settings.clerk_jwt_key.get_secret_value())
     else:
@@ -268,64 +188,7 @@ def verifier_from_settings(settings: Settings, *, http: httpx.Client | None = No
             url = settings.clerk_api_url.rstrip("/") + "/v1/jwks"
             headers["Authorization"] = f"Bearer {settings.clerk_secret_key.get_secret_value()}"
         keys = JWKSKeySource(url, client=http or httpx.Client(), headers=headers)
-    return SessionVerifier(keys, policy, revocations=revocations)
-
-
-def auth_from_claims(claims: Mapping[str, Any]) -> Auth:
-    """Normalise v1 (``org_id``/``org_role``...) and v2 (``o`` + ``fea``/``fpm``) claims."""
-    return _auth(dict(claims))
-
-
-def _auth(claims: dict[str, Any]) -> Auth:
-    """:func:`auth_from_claims` for a dict the caller hands over (a freshly parsed payload: no copy)."""
-    v = claims.get("v", 1)
-    version = int(v) if isinstance(v, int) else 1
-    org = claims.get("o") if version >= 2 else None
-    if isinstance(org, dict):
-        role = org.get("rol")
-        org_id, org_slug = _str(org.get("id")), _str(org.get("slg"))
-        org_role = f"org:{role}" if isinstance(role, str) and not role.startswith("org:") else _str(role)
-        permissions = _v2_permissions(
-            str(org.get("per") or ""), str(org.get("fpm") or ""), str(claims.get("fea") or "")
-        )
-    else:
-        org_id, org_slug = _str(claims.get("org_id")), _str(claims.get("org_slug"))
-        org_role = _str(claims.get("org_role"))
-        perms = claims.get("org_permissions")
-        permissions = tuple(p for p in perms if isinstance(p, str)) if isinstance(perms, list) else ()
-    actor = claims.get("act")
-    return Auth(
-        user_id=str(claims["sub"]),
-        session_id=str(claims["sid"]),
-        expires_at=int(claims["exp"]),
-        version=version,
-        status=str(claims.get("sts") or "active"),
-        org_id=org_id,
-        org_role=org_role,
-        org_slug=org_slug,
-        org_permissions=permissions,
-        actor=actor if isinstance(actor, dict) else None,
-        claims=claims,
-    )
-
-
-@functools.lru_cache(maxsize=1024)
-def _v2_permissions(per: str, fpm: str, features: str) -> tuple[str, ...]:
-    """``fpm`` i-th int is a bitmap (LSB first) over ``per`` for the i-th org-scoped feature in ``fea``.
-
-    Memoised on the three strings: every member of an org with the same role carries the same ones.
-    """
-    names = [p for p in per.split(",") if p]
-    bitmaps = [int(x) for x in fpm.split(",") if x.strip().isdecimal()]
-    org_features = [f[2:] for f in features.split(",") if f.startswith("o:")]
-    out: list[str] = []
-    for feature, bitmap in zip(org_features, bitmaps, strict=False):
-        out.extend(f"org:{feature}:{p}" for bit, p in enumerate(names) if bitmap >> bit & 1)
-    return tuple(out)
-
-
-def _str(value: object) -> str | None:
-    return value if isinstance(value, str) and value else None
+    return SessionVerifier(keys, claims, revocations=revocations)
 
 
 def _header_kid(segment: bytes) -> str | None:

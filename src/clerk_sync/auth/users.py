@@ -8,7 +8,7 @@ is a no-op, so the row ends the same.
 
 Usage::
 
-    users = AuthUsers(store, clerk=ClerkClient.from_settings(settings))
+    users = JitUsers(store, clerk=ClerkClient.from_settings(settings))
     user = users.get_auth_user(auth.user_id)          # or: await users.aget_auth_user(...)
 
 Errors: :class:`~clerk_sync.errors.UserDeleted` (410), :class:`~clerk_sync.errors.UserBanned` (403),
@@ -32,7 +32,7 @@ from clerk_sync.events import user_record
 from clerk_sync.store import Store
 from clerk_sync.tables import users
 
-__all__ = ["AuthUser", "AuthUsers", "load_user"]
+__all__ = ["AuthUser", "JitUsers", "load_user", "read_user"]
 
 JSON = dict[str, Any]
 
@@ -77,6 +77,12 @@ def load_user(conn: sa.Connection, clerk_id: str) -> AuthUser | None:
     return AuthUser(**row) if row is not None else None
 
 
+def read_user(store: Store, clerk_id: str) -> AuthUser | None:
+    """The ``users`` row for a Clerk id (one indexed query), deleted or not."""
+    with store.connect() as conn:
+        return load_user(conn, clerk_id)
+
+
 def _usable(user: AuthUser) -> AuthUser:
     if user.deleted_at is not None:
         raise UserDeleted(f"user {user.clerk_id} was deleted")
@@ -85,7 +91,7 @@ def _usable(user: AuthUser) -> AuthUser:
     return user
 
 
-class AuthUsers:
+class JitUsers:
     """The signed-in user's row, with a just-in-time fetch from Clerk; one instance per app.
 
     Pass ``clerk`` for the blocking methods, ``aclerk`` for the async ones (or both).
@@ -110,7 +116,7 @@ class AuthUsers:
     def refresh_user(self, user_id: str, *, check: bool = True) -> AuthUser:
         """Fetch the user from Clerk now and upsert it (after sign-up: ``POST /sync/me``)."""
         if self.clerk is None:
-            raise TypeError("AuthUsers needs clerk=ClerkClient(...) for blocking calls")
+            raise TypeError("JitUsers needs clerk=ClerkClient(...) for blocking calls")
         try:
             data = self.clerk.get_user(user_id, deadline_s=self.timeout_s)
         except ClerkNotFound:
@@ -129,7 +135,7 @@ class AuthUsers:
     async def arefresh_user(self, user_id: str, *, check: bool = True) -> AuthUser:
         """Async :meth:`refresh_user`."""
         if self.aclerk is None:
-            raise TypeError("AuthUsers needs aclerk=AsyncClerkClient(...) for async calls")
+            raise TypeError("JitUsers needs aclerk=AsyncClerkClient(...) for async calls")
         try:
             # The client's deadline already bounds the call; this is the belt to its braces.
             with anyio.fail_after(self.timeout_s + 1.0):
@@ -143,8 +149,7 @@ class AuthUsers:
 
     # -- database ---------------------------------------------------------------------------
     def _read(self, user_id: str) -> AuthUser | None:
-        with self.store.connect() as conn:
-            return load_user(conn, user_id)
+        return read_user(self.store, user_id)
 
     def _store(self, data: JSON) -> AuthUser:
         """Upsert through the webhook path's guard, then read back what won (maybe a newer webhook)."""
@@ -154,3 +159,4 @@ class AuthUsers:
             user = load_user(writer.conn, record.clerk_id)
         assert user is not None  # we just wrote it, inside this transaction
         return user
+

@@ -13,14 +13,14 @@ from typing import Any, Protocol
 
 import sqlalchemy as sa
 
-from clerk_sync.auth import AuditEntry, read_user, record_audit
+from clerk_sync.auth.audit import AuditEntry, record_audit
+from clerk_sync.auth.users import AuthUser, read_user
 from clerk_sync.engine import Entity, Upsert
 from clerk_sync.errors import AccessDenied, ClerkAPIError, ClerkNotFound, ClerkValidationError, RateLimited
 from clerk_sync.errors import ClerkUnavailable as _ClerkUnavailable
 from clerk_sync.events import user_record
 from clerk_sync.store import Store, Writer
 from clerk_sync.tables import pending_role_changes, users
-from clerk_sync.users import AuthUser
 
 __all__ = ["ADMIN_ROLE", "AdminActions", "ClerkAdminAPI", "Impersonation", "RoleChange"]
 

@@ -67,8 +67,8 @@ def replay(
     since: Annotated[str | None, typer.Option(help="Received at/after (ISO 8601, naive = UTC).")] = None,
 ) -> None:
     """Re-apply stored deliveries (after fixing what made them fail)."""
+    from clerk_sync.cli._args import parse_since
     from clerk_sync.ingest import replay_deliveries
-    from clerk_sync.reconcile_cli import parse_since
 
     settings = _settings()
     store = Store.from_url(settings.sqlalchemy_url())
@@ -109,7 +109,7 @@ def dev(
     once: Annotated[bool, typer.Option("--once", help="Exit after the report instead of serving.")] = False,
 ) -> None:
     """Zero-config demo: local Clerk + sync service on SQLite, demo data, convergence report."""
-    from clerk_sync.devstack import run_dev
+    from clerk_sync.cli.dev import run_dev
 
     configure_logging("WARNING")
     report = run_dev(db, port=port, users_n=users, orgs_n=orgs, console=Console(), keep_running=not once)
@@ -128,7 +128,7 @@ def users_promote(
     retry_pending: Annotated[bool, typer.Option("--retry-pending", help="Also push earlier pending changes.")] = False,
 ) -> None:
     """Set a user's role in Clerk and the DB (CLERK_SECRET_KEY, DATABASE_URL); audited."""
-    from clerk_sync.admin import AdminActions, find_user_by_email
+    from clerk_sync.auth.admin import AdminActions, find_user_by_email
     from clerk_sync.clerk_api import ClerkClient
 
     settings = _settings()
@@ -152,7 +152,7 @@ def reconcile(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Write nothing; print the diff.")] = False,
 ) -> None:
     """Re-read Clerk (users, organizations, memberships) and repair drift; resumes after a kill."""
-    from clerk_sync.reconcile_cli import reconcile_command
+    from clerk_sync.cli.reconcile import reconcile_command
 
     reconcile_command(_settings(), since=since, dry_run=dry_run, console=console)
 
@@ -160,7 +160,7 @@ def reconcile(
 @users_app.command("retry-pending")
 def users_retry_pending() -> None:
     """Push role changes recorded while Clerk was unreachable (run it from cron or a scheduler)."""
-    from clerk_sync.admin import AdminActions
+    from clerk_sync.auth.admin import AdminActions
     from clerk_sync.clerk_api import ClerkClient
 
     settings = _settings()
@@ -195,7 +195,7 @@ def _serve_workers(host: str, port: int, workers: int) -> None:
 @app.command()
 def doctor() -> None:
     """Check the configuration end to end: settings, database, migrations, Clerk API, session keys."""
-    from clerk_sync.diagnostics import run_checks
+    from clerk_sync.cli.doctor import run_checks
 
     results = run_checks(_settings())
     out = Console(soft_wrap=True)  # the report is the command's output: stdout, one line per check

@@ -1,0 +1,163 @@
+"""Session-token claims: the :class:`Auth` they describe, and the :class:`ClaimsValidator` that checks them.
+
+Step two of verification (step one, the signature, is :mod:`clerk_sync.auth.sessions`). Kept apart as
+in joserfc's claims registry: a validator is one typed object built once from settings, with an
+injectable clock, so the policy a deployment runs is visible in one place and table-testable.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from clerk_sync.errors import (
+    SessionPending,
+    TokenAuthorizedPartyInvalid,
+    TokenClaimMissing,
+    TokenExpired,
+    TokenIssuedInFuture,
+    TokenIssuerInvalid,
+    TokenMalformed,
+    TokenNotYetValid,
+)
+
+__all__ = ["Auth", "ClaimsValidator", "auth_from_claims", "normalize_claims"]
+
+_REQUIRED = ("sub", "sid", "exp")
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    """Who is calling: v1 and v2 session claims normalised into one shape."""
+
+    user_id: str
+    session_id: str
+    expires_at: int
+    version: int = 1
+    status: str = "active"
+    org_id: str | None = None
+    org_role: str | None = None
+    org_slug: str | None = None
+    org_permissions: tuple[str, ...] = ()
+    actor: Mapping[str, Any] | None = None
+    claims: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def is_impersonated(self) -> bool:
+        return self.actor is not None
+
+    @property
+    def actor_id(self) -> str | None:
+        """The impersonating admin's user id (``act.sub``)."""
+        sub = self.actor.get("sub") if self.actor else None
+        return sub if isinstance(sub, str) else None
+
+    @property
+    def role(self) -> str | None:
+        """The app role from the ``metadata`` custom claim (``{{user.public_metadata}}``), if configured."""
+        metadata = self.claims.get("metadata")
+        role = metadata.get("role") if isinstance(metadata, dict) else None
+        return role if isinstance(role, str) else None
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimsValidator:
+    """The claim checks of a deployment; build once from settings.
+
+    ``validate_static`` runs once per token (its result is cached with the signature);
+    ``validate_live`` runs on every request, since time passes and ``sts`` decides access.
+    """
+
+    issuer: str | None = None
+    authorized_parties: frozenset[str] | None = None
+    leeway_s: float = 5.0
+    pending_is_signed_out: bool = True
+
+    def validate_static(self, claims: Mapping[str, Any]) -> None:
+        """Required claims, their types, ``iss`` and ``azp``: what cannot change while the token lives."""
+        for name in _REQUIRED:
+            if not claims.get(name):
+                raise TokenClaimMissing(f"claim {name!r} is missing")
+        for name in ("sub", "jti"):  # as PyJWT's decode checked them
+            if name in claims and not isinstance(claims[name], str):
+                raise TokenMalformed(f"claim {name!r} is not a string")
+        if self.issuer is not None and claims.get("iss") != self.issuer:
+            raise TokenIssuerInvalid(f"iss {claims.get('iss')!r} is not {self.issuer!r}")
+        azp = claims.get("azp")
+        if self.authorized_parties is not None and azp not in self.authorized_parties:
+            raise TokenAuthorizedPartyInvalid(f"azp {azp!r} is not an authorized party (CLERK_AUTHORIZED_PARTIES)")
+        for name in ("exp", "nbf", "iat"):
+            if name in claims and not isinstance(claims[name], int | float):
+                raise TokenMalformed(f"claim {name!r} is not a number")
+
+    def validate_live(self, auth: Auth, now: float) -> None:
+        """``exp``/``nbf``/``iat`` against ``now`` with the leeway, and a pending ``sts``."""
+        leeway = self.leeway_s
+        if auth.expires_at <= now - leeway:
+            raise TokenExpired("session token expired")
+        nbf, iat = auth.claims.get("nbf"), auth.claims.get("iat")
+        if isinstance(nbf, int | float) and nbf > now + leeway:
+            raise TokenNotYetValid("session token not valid yet (nbf)")
+        if isinstance(iat, int | float) and iat > now + leeway:
+            raise TokenIssuedInFuture("session token issued in the future (iat)")
+        if auth.status == "pending" and self.pending_is_signed_out:
+            raise SessionPending("session is pending (sts): treated as signed out")
+
+
+def auth_from_claims(claims: Mapping[str, Any]) -> Auth:
+    """Normalise v1 (``org_id``/``org_role``...) and v2 (``o`` + ``fea``/``fpm``) claims."""
+    return normalize_claims(dict(claims))
+
+
+def normalize_claims(claims: dict[str, Any]) -> Auth:
+    """:func:`auth_from_claims` for a dict the caller hands over (a freshly parsed payload: no copy)."""
+    v = claims.get("v", 1)
+    version = int(v) if isinstance(v, int) else 1
+    org = claims.get("o") if version >= 2 else None
+    if isinstance(org, dict):
+        role = org.get("rol")
+        org_id, org_slug = _str(org.get("id")), _str(org.get("slg"))
+        org_role = f"org:{role}" if isinstance(role, str) and not role.startswith("org:") else _str(role)
+        permissions = _v2_permissions(
+            str(org.get("per") or ""), str(org.get("fpm") or ""), str(claims.get("fea") or "")
+        )
+    else:
+        org_id, org_slug = _str(claims.get("org_id")), _str(claims.get("org_slug"))
+        org_role = _str(claims.get("org_role"))
+        perms = claims.get("org_permissions")
+        permissions = tuple(p for p in perms if isinstance(p, str)) if isinstance(perms, list) else ()
+    actor = claims.get("act")
+    return Auth(
+        user_id=str(claims["sub"]),
+        session_id=str(claims["sid"]),
+        expires_at=int(claims["exp"]),
+        version=version,
+        status=str(claims.get("sts") or "active"),
+        org_id=org_id,
+        org_role=org_role,
+        org_slug=org_slug,
+        org_permissions=permissions,
+        actor=actor if isinstance(actor, dict) else None,
+        claims=claims,
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def _v2_permissions(per: str, fpm: str, features: str) -> tuple[str, ...]:
+    """``fpm`` i-th int is a bitmap (LSB first) over ``per`` for the i-th org-scoped feature in ``fea``.
+
+    Memoised on the three strings: every member of an org with the same role carries the same ones.
+    """
+    names = [p for p in per.split(",") if p]
+    bitmaps = [int(x) for x in fpm.split(",") if x.strip().isdecimal()]
+    org_features = [f[2:] for f in features.split(",") if f.startswith("o:")]
+    out: list[str] = []
+    for feature, bitmap in zip(org_features, bitmaps, strict=False):
+        out.extend(f"org:{feature}:{p}" for bit, p in enumerate(names) if bitmap >> bit & 1)
+    return tuple(out)
+
+
+def _str(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None

@@ -1,0 +1,90 @@
+"""The one error -> HTTP table: every framework adapter (Starlette, FastAPI, the ASGI middleware,
+Django, Flask, the console) answers clerk-sync errors through :func:`error_response`.
+
+The body is always ``{"error": <stable code>, "message": <what happened and what to do>}``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from clerk_sync.errors import (
+    AccessDenied,
+    ClerkAPIError,
+    ClerkNotFound,
+    ClerkSyncError,
+    ClerkUnauthorized,
+    ClerkUnavailable,
+    ClerkValidationError,
+    ConfigError,
+    EventShapeError,
+    PayloadError,
+    PayloadTooLarge,
+    RateLimited,
+    ReconcileBusy,
+    StoreError,
+    TokenError,
+    UserDeleted,
+    WebhookError,
+    WebhookHeadersMissing,
+    WebhookVerificationError,
+    WrongInstance,
+)
+
+__all__ = ["STATUS_BY_ERROR", "ErrorResponse", "error_response", "status_for"]
+
+#: Looked up along the exception's MRO, so the most specific class wins.
+STATUS_BY_ERROR: dict[type[ClerkSyncError], int] = {
+    ClerkSyncError: 500,
+    ConfigError: 500,
+    WebhookError: 400,
+    WebhookHeadersMissing: 400,
+    WebhookVerificationError: 401,
+    PayloadError: 400,
+    PayloadTooLarge: 413,
+    WrongInstance: 403,
+    EventShapeError: 422,
+    TokenError: 401,
+    AccessDenied: 403,
+    UserDeleted: 410,
+    StoreError: 503,
+    ClerkAPIError: 502,
+    ClerkNotFound: 404,
+    ClerkUnauthorized: 500,
+    ClerkValidationError: 422,
+    RateLimited: 503,
+    ClerkUnavailable: 503,
+    ReconcileBusy: 409,
+}
+
+_STORE_RETRY_AFTER_S = 5
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorResponse:
+    """What to answer: status, JSON body and headers (``WWW-Authenticate``, ``Retry-After``)."""
+
+    status: int
+    body: dict[str, str]
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def status_for(exc: ClerkSyncError) -> int:
+    """The HTTP status for an error: the entry of its nearest class in :data:`STATUS_BY_ERROR`."""
+    for cls in type(exc).__mro__:
+        if cls in STATUS_BY_ERROR:
+            return STATUS_BY_ERROR[cls]
+    return 500  # pragma: no cover - ClerkSyncError itself is in the table
+
+
+def error_response(exc: ClerkSyncError) -> ErrorResponse:
+    """Status, body and headers for ``exc``."""
+    headers: dict[str, str] = {}
+    if isinstance(exc, TokenError):
+        headers["WWW-Authenticate"] = "Bearer"
+    retry_after = getattr(exc, "retry_after", None)
+    if isinstance(retry_after, int | float):
+        headers["Retry-After"] = str(max(1, int(retry_after)))
+    elif isinstance(exc, StoreError):
+        headers["Retry-After"] = str(_STORE_RETRY_AFTER_S)
+    return ErrorResponse(status_for(exc), {"error": exc.code, "message": str(exc)}, headers)
