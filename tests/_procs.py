@@ -11,7 +11,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,15 +23,10 @@ from typing import Any
 import httpx
 
 from clerk_sync.webhooks import sign
+from tests._server import free_port, wait_for_http
 
 HERE = Path(__file__).resolve().parent
 SERVE = "from clerk_sync.cli import main; main()"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Server:
@@ -49,18 +43,8 @@ class Server:
         self.proc = subprocess.Popen(args, env=env, stdout=self._log, stderr=self._log)
 
     def wait_ready(self, timeout: float = 30.0) -> Server:
-        deadline = time.monotonic() + timeout
-        with httpx.Client(timeout=2.0) as client:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"clerk-sync serve exited with {self.proc.returncode}")
-                try:
-                    if client.get(f"{self.url}/healthz").status_code == 200:
-                        return self
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.05)
-        raise TimeoutError(f"clerk-sync serve did not answer /healthz on {self.url}")
+        wait_for_http(f"{self.url}/healthz", timeout=timeout, proc=self.proc)
+        return self
 
     def kill(self) -> None:
         if self.proc.poll() is None:

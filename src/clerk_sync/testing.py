@@ -18,6 +18,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -41,10 +42,12 @@ def _bind_loopback() -> socket.socket:
 class EmulatorServer:
     """Context manager serving a fresh emulator on ``127.0.0.1:<free port>`` in a thread.
 
-    Pass an :class:`EmulatorConfig`, or keyword arguments for one (not both).
+    Pass an :class:`EmulatorConfig`, or keyword arguments for one (not both). ``clock`` (unix seconds)
+    drives the emulator's time: token ``iat``/``exp``, key grace periods, event timestamps.
     """
 
-    def __init__(self, config: EmulatorConfig | None = None, **overrides: Any) -> None:
+    def __init__(self, config: EmulatorConfig | None = None, *, clock: Callable[[], float] = time.time,
+                 **overrides: Any) -> None:
         if config is not None and overrides:
             raise TypeError("pass either a config or keyword overrides, not both")
         self._sock = _bind_loopback()
@@ -52,7 +55,7 @@ class EmulatorServer:
         self.url = f"http://127.0.0.1:{port}"
         base = config or EmulatorConfig(**overrides)
         self.config = base if base.frontend_url else base.replace(frontend_url=self.url)
-        app, emulator = create_app(self.config)
+        app, emulator = create_app(self.config, Emulator(self.config, clock=clock))
         self.emulator: Emulator = emulator
         uv_config = uvicorn.Config(
             app,
