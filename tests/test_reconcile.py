@@ -220,3 +220,16 @@ def test_reconcile_stays_within_the_rate_limit(store: Store, emu: EmulatorServer
     assert report.counts["users"].created == 1000
     assert report.rate_limited == 0 and report.requests == 1 + 20 + 1 + 2
     assert report.duration_s >= (report.requests - 10) / 10 * 0.9
+
+
+def test_tombstones_are_versioned_by_the_injected_clock(store: Store, clerk: ClerkClient, emu: EmulatorServer) -> None:
+    ids = seed(emu, n_users=3)
+    reconciler(store, clerk).run()
+    emu.request("DELETE", f"/v1/users/{ids['bob']['id']}")
+    fixed = datetime(2030, 1, 1, tzinfo=UTC)
+    reconciler(store, clerk, now=lambda: fixed).run()
+    with store.connect() as conn:
+        row = conn.execute(sa.select(users.c.clerk_updated_at, users.c.deleted_at)
+                           .where(users.c.clerk_id == ids["bob"]["id"])).one()
+    assert row.deleted_at is not None
+    assert row.clerk_updated_at == int(fixed.timestamp() * 1000)

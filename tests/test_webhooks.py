@@ -116,3 +116,10 @@ def test_our_signatures_verify_with_the_official_libraries() -> None:
 def test_empty_secret_list_is_a_config_error() -> None:
     with pytest.raises(ConfigError):
         WebhookVerifier([])
+
+
+def test_the_tolerance_message_names_the_configured_tolerance() -> None:
+    now = 1_700_000_000
+    headers = sign(SECRET, "msg_t", now - 11, b"{}")
+    with pytest.raises(WebhookVerificationError, match=r"too old: 11 s off, outside the 10 s tolerance"):
+        WebhookVerifier([SECRET], tolerance_s=10, now=lambda: now).verify(headers, b"{}")

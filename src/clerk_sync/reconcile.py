@@ -451,7 +451,7 @@ class Reconciler:
 
     def _tombstone(self, run: _Run, entity: Entity, gone: list[str]) -> None:
         counts = run.report.counts[entity.value]
-        version = int(time.time() * 1000)
+        version = int(self._now().timestamp() * 1000)  # the injected clock, as for heartbeats
         with self._unit(run) as (_, writer):
             for clerk_id in gone:
                 if writer is None:
