@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -20,6 +21,7 @@ from clerk_sync.store import Store
 from clerk_sync.tables import audit_log, metadata, organization_memberships, users, webhook_events
 from clerk_sync.webhooks import WebhookVerifier
 from tests import factories as f
+from tests._server import running
 from tests.conftest import SECRET
 
 EMAIL, FIRST, LAST, SECRET_META = "ada.private@example.com", "Adalind", "Lovelacey", "blood-type-0-neg"
@@ -206,4 +208,24 @@ def test_prune_and_erase_commands(db_url: str, verifier: WebhookVerifier) -> Non
     fresh = run("doctor", "--freshness")
     assert fresh.returncode == 0, fresh.stdout + fresh.stderr
     assert "newest delivery" in fresh.stdout
+    store.dispose()
+
+
+def test_serve_prunes_on_a_schedule(db_url: str, verifier: WebhookVerifier) -> None:
+    import httpx
+
+    from clerk_sync.config import Settings
+    from clerk_sync.integrations.starlette import create_app
+
+    store = Store.from_url(db_url)
+    assert deliver(WebhookProcessor(store, verifier), f.envelope("user.created", _user("user_s", 1)), "msg_s") == "applied"
+    settings = Settings.from_env({"DATABASE_URL": db_url, "CLERK_WEBHOOK_SIGNING_SECRET": SECRET,
+                                  "CLERK_SYNC_INBOX_REDACT_AFTER_DAYS": "0", "CLERK_SYNC_PRUNE_INTERVAL_S": "3600"})
+    with running(create_app(settings), lifespan="on") as url, httpx.Client(base_url=url) as client:
+        # the lifespan starts the schedule: a first pass at start-up
+        deadline = time.monotonic() + 30
+        while leaks(store, skip=("users",)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert leaks(store, skip=("users",)) == {}
+        assert 'clerk_sync_pruned_rows_total{action="redacted"} 1.0' in client.get("/metrics").text
     store.dispose()
