@@ -12,13 +12,15 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
+import structlog
+import structlog.testing
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from clerk_sync.auth.users import JitUsers
 from clerk_sync.clerk_api import CircuitBreaker, ClerkClient, RetryPolicy
 from clerk_sync.config import Settings
-from clerk_sync.errors import ClerkUnavailable, RateLimited, UserDeleted
+from clerk_sync.errors import ClerkUnavailable, ConfigError, RateLimited, UserDeleted
 from clerk_sync.freshness import check_freshness, database_probe
 from clerk_sync.ingest import WebhookProcessor
 from clerk_sync.integrations.starlette import build_processor, create_app
@@ -241,3 +243,22 @@ def test_alert_rules_name_only_live_series(emu: EmulatorServer, service: tuple[h
     needed = {"ClerkSyncNoDeliveriesWhileDrift", "ClerkSyncFailedBacklogGrowing", "ClerkSyncApplyLagHigh",
               "ClerkSyncClerkRateLimited", "ClerkSyncClerkCircuitOpen"}
     assert needed <= {r["alert"] for r in rules}
+
+
+def test_one_log_line_per_delivery_at_the_chosen_level(db_url: str) -> None:
+    settings = Settings.from_env({"DATABASE_URL": db_url, "CLERK_WEBHOOK_SIGNING_SECRET": SECRET,
+                                  "CLERK_SYNC_DELIVERY_LOG_LEVEL": "debug"})
+    processor = build_processor(settings)
+    headers, body = f.signed(f.envelope("user.created", f.user("user_log", 1)), "msg_log")
+    with structlog.testing.capture_logs() as lines:
+        processor.process(headers, body)
+    processor.store.dispose()
+    (line,) = [entry for entry in lines if entry["event"] == "webhook"]
+    assert line["log_level"] == "debug"
+    assert (line["svix_id"], line["event_type"], line["status"]) == ("msg_log", "user.created", "applied")
+    assert line["seconds"] > 0
+
+
+def test_an_unknown_log_level_is_named() -> None:
+    with pytest.raises(ConfigError, match="CLERK_SYNC_DELIVERY_LOG_LEVEL"):
+        Settings.from_env({"CLERK_SYNC_DELIVERY_LOG_LEVEL": "loud"})

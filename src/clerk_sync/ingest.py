@@ -86,10 +86,10 @@ class WebhookProcessor:
                 outcome = self._apply_new(writer, svix_id, envelope, text)
         except StoreDataError as exc:
             outcome = self._store_refused(svix_id, envelope, text, exc)
-        self.metrics.observe(envelope.type, outcome.status, time.perf_counter() - started,
-                             event_ms=envelope.timestamp_ms)
+        seconds = time.perf_counter() - started
+        self.metrics.observe(envelope.type, outcome.status, seconds, event_ms=envelope.timestamp_ms)
         log.log(self.log_level, "webhook", svix_id=svix_id, event_type=envelope.type, status=outcome.status,
-                error=outcome.error, event_ms=envelope.timestamp_ms)
+                error=outcome.error, event_ms=envelope.timestamp_ms, seconds=round(seconds, 6))
         delivery_span(started_ns, svix_id, envelope.type, outcome.status, outcome.error)
         return outcome
 

@@ -146,7 +146,8 @@ def _service_routes(processor: WebhookProcessor) -> Sequence[BaseRoute]:
         return JSONResponse(state, status_code=code)
 
     async def metrics(_: Request) -> Response:
-        return Response(processor.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        # Off the event loop: rendering reads the database (cached freshness series).
+        return Response(await to_thread.run_sync(processor.metrics.render), media_type=CONTENT_TYPE_LATEST)
 
     return [
         *webhook_routes(processor),
