@@ -208,6 +208,11 @@ def test_prune_and_erase_commands(db_url: str, verifier: WebhookVerifier) -> Non
     fresh = run("doctor", "--freshness")
     assert fresh.returncode == 0, fresh.stdout + fresh.stderr
     assert "newest delivery" in fresh.stdout
+    broken = f.envelope("user.created", {"object": "user"})
+    assert deliver(processor, broken, "msg_cli_failed") == "failed"
+    stale = run("doctor", "--freshness")
+    assert stale.returncode == 1  # for cron: a failed delivery waits for `clerk-sync replay`
+    assert "clerk-sync replay" in stale.stdout
     store.dispose()
 
 

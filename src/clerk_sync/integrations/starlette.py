@@ -187,6 +187,9 @@ class PruneSchedule:
             if self.retention.metrics is not None:
                 self.retention.metrics.db_errors.labels(operation="prune").inc()
             return None
+        except Exception:  # a bug must not take the webhook service down with it; the next pass retries
+            log.exception("prune_crashed")
+            return None
         finally:
             self.passes += 1
         log.info("pruned", redacted=report.redacted, deleted=report.deleted, cleared=report.cleared)
