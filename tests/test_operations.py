@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from clerk_sync.auth.users import JitUsers
 from clerk_sync.clerk_api import CircuitBreaker, ClerkClient, RetryPolicy
+from clerk_sync.clerk_api.ratelimit import LocalBudget, RateLimit
 from clerk_sync.config import Settings
 from clerk_sync.errors import ClerkUnavailable, ConfigError, RateLimited, UserDeleted
 from clerk_sync.freshness import check_freshness, database_probe
@@ -152,7 +153,7 @@ def test_clerk_api_jit_and_reconcile_series(emu: EmulatorServer, service: tuple[
             users.get_auth_user(second)
         limited = scrape(client)
         emu.set_faults(rate_limit_requests=1000, rate_limit_window_s=1.0, outage=True)
-        clerk.budget = clerk_client(emu).budget  # a fresh budget: the 429 penalty is the budget's, not the breaker's
+        clerk.budget = LocalBudget(RateLimit(1000, 1.0))  # lift the 429 penalty: the outage is the breaker's
         with pytest.raises(ClerkUnavailable):
             users.get_auth_user(third)
         broken = scrape(client)
@@ -167,6 +168,7 @@ def test_clerk_api_jit_and_reconcile_series(emu: EmulatorServer, service: tuple[
     assert limited.get("clerk_sync_clerk_api_circuit_open") == 0
     assert broken.get("clerk_sync_jit_fetches_total", outcome="unavailable") == 1
     assert broken.get("clerk_sync_clerk_api_circuit_open") == 1
+    assert broken.get("clerk_sync_clerk_api_budget_tokens") > 0  # the gauge reads the client's current budget
 
     emu.set_faults(outage=False)
     assert not scrape(client).has("clerk_sync_reconcile_last_success_timestamp_seconds")

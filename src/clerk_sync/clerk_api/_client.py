@@ -91,8 +91,10 @@ class _Base:
         self._ctx = _Context(api_url.rstrip("/") + "/v1", headers, timeout, self.retry, self.breaker,
                              self.stats, clock, rng, metrics.api_call if metrics is not None else None)
         if metrics is not None:
-            available = getattr(self.budget, "available", None)  # a local budget knows; Redis would cost a call
-            metrics.watch_clerk_client(breaker_open=lambda: self.breaker.is_open, budget_tokens=available)
+            # A local budget knows its tokens; asking Redis would cost a round trip per scrape.
+            local = hasattr(self.budget, "available")
+            metrics.watch_clerk_client(breaker_open=lambda: self.breaker.is_open,
+                                       budget_tokens=(lambda: float(self.budget.available())) if local else None)  # type: ignore[attr-defined]
 
     @staticmethod
     def _settings_kwargs(settings: Settings, budget: Budget | None) -> dict[str, Any]:
