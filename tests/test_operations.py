@@ -264,3 +264,17 @@ def test_one_log_line_per_delivery_at_the_chosen_level(db_url: str) -> None:
 def test_an_unknown_log_level_is_named() -> None:
     with pytest.raises(ConfigError, match="CLERK_SYNC_DELIVERY_LOG_LEVEL"):
         Settings.from_env({"CLERK_SYNC_DELIVERY_LOG_LEVEL": "loud"})
+
+
+def test_readme_metrics_snippet_runs(db_url: str) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("readme_usage", Path(__file__).parent / "typing" / "readme_usage.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    settings = Settings.from_env({"DATABASE_URL": db_url, "CLERK_WEBHOOK_SIGNING_SECRET": SECRET,
+                                  "CLERK_SECRET_KEY": "sk_test_readme"})
+    text = module.observe(settings).decode()
+    assert "clerk_sync_database_up 1.0" in text
+    assert "clerk_sync_clerk_api_circuit_open 0.0" in text
