@@ -278,3 +278,33 @@ def test_readme_metrics_snippet_runs(db_url: str) -> None:
     text = module.observe(settings).decode()
     assert "clerk_sync_database_up 1.0" in text
     assert "clerk_sync_clerk_api_circuit_open 0.0" in text
+
+
+def test_the_delivery_that_never_arrives_is_caught(db_url: str, emu: EmulatorServer) -> None:
+    """The public incident: Svix disabled the endpoint, the handler saw nothing. The freshness series,
+    reconcile's drift and ``doctor --freshness`` still tell."""
+    from clerk_sync.cli.doctor import run_freshness
+
+    settings = Settings.from_env({"DATABASE_URL": db_url, "CLERK_WEBHOOK_SIGNING_SECRET": emu.webhook_secret,
+                                  "CLERK_SYNC_PRUNE_INTERVAL_S": "0", "CLERK_SYNC_FRESHNESS_MAX_DELIVERY_AGE_S": "1800"})
+    processor = build_processor(settings)
+    app = create_app(settings, processor)
+    processor.metrics.watch_database(database_probe(processor.store), ttl_s=0)
+    with running(app) as url, httpx.Client(base_url=url) as client:
+        emu.set_webhook_url(url + "/webhooks/clerk")
+        emu.create_user("first@example.com")
+        emu.wait_for_deliveries()
+        emu.set_webhook_url(None)  # the endpoint is disabled: nothing arrives any more
+        emu.create_user("second@example.com")
+        with clerk_client(emu, metrics=processor.metrics) as clerk:
+            Reconciler(processor.store, clerk, metrics=processor.metrics).run()
+        live = scrape(client)
+    processor.store.dispose()
+    # ClerkSyncNoDeliveriesWhileDrift, evaluated half an hour later.
+    later = time.time() + 2 * 1800
+    assert later - live.get("clerk_sync_newest_delivery_timestamp_seconds") > 1800
+    assert sum(live.get("clerk_sync_reconcile_last_drift", action=a) for a in ("created", "updated", "deleted")) == 1
+    checks = {c.name: c for c in run_freshness(settings, now=lambda: later)}
+    assert checks["newest delivery"].status == "fail"
+    assert "Clerk Dashboard" in checks["newest delivery"].detail
+    assert checks["last reconcile"].status == "warn" and "missed" in checks["last reconcile"].detail
