@@ -9,7 +9,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from clerk_sync.errors import ConfigError
@@ -17,6 +17,7 @@ from clerk_sync.errors import ConfigError
 __all__ = ["DEFAULT_DATABASE_URL", "Settings", "parse_webhook_secrets"]
 
 DEFAULT_DATABASE_URL = "sqlite:///clerk_sync.db"
+_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _SECRET_HELP = (
     "Set CLERK_WEBHOOK_SIGNING_SECRET to the endpoint's signing secret (Clerk Dashboard -> Webhooks -> "  # noqa: S105
     "your endpoint -> Signing Secret, it starts with 'whsec_'); several secrets may be separated by "
@@ -69,6 +70,19 @@ class Settings(BaseSettings):
     clerk_issuer: str | None = Field(None, validation_alias=AliasChoices("CLERK_ISSUER", "CLERK_FRONTEND_API_URL"))
     authorized_parties_raw: str | None = Field(None, validation_alias="CLERK_AUTHORIZED_PARTIES")
     session_leeway_s: float = Field(5.0, ge=0, validation_alias="CLERK_SYNC_SESSION_LEEWAY_S")
+    # Operations: one log line per delivery at this level; retention of the inbox and of tombstones.
+    delivery_log_level: str = Field("INFO", validation_alias="CLERK_SYNC_DELIVERY_LOG_LEVEL")
+    inbox_redact_after_days: float = Field(30.0, ge=0, validation_alias="CLERK_SYNC_INBOX_REDACT_AFTER_DAYS")
+    # Longer than Svix's retry window (about 27 h), so a retried delivery is still seen as a duplicate.
+    inbox_delete_after_days: float = Field(90.0, ge=3, validation_alias="CLERK_SYNC_INBOX_DELETE_AFTER_DAYS")
+    tombstone_clear_after_days: float = Field(0.0, ge=0, validation_alias="CLERK_SYNC_TOMBSTONE_CLEAR_AFTER_DAYS")
+    prune_interval_s: float = Field(3600.0, ge=0, validation_alias="CLERK_SYNC_PRUNE_INTERVAL_S")
+    prune_batch: int = Field(500, gt=0, validation_alias="CLERK_SYNC_PRUNE_BATCH")
+    freshness_max_delivery_age_s: float = Field(
+        3600.0, gt=0, validation_alias="CLERK_SYNC_FRESHNESS_MAX_DELIVERY_AGE_S")
+    freshness_max_failed: int = Field(0, ge=0, validation_alias="CLERK_SYNC_FRESHNESS_MAX_FAILED")
+    freshness_max_reconcile_age_s: float = Field(
+        2 * 86400.0, gt=0, validation_alias="CLERK_SYNC_FRESHNESS_MAX_RECONCILE_AGE_S")
 
     @field_validator("instance_id", "redis_url", "webhook_secret", "clerk_secret_key", "clerk_api_rate_limit",
                      "clerk_jwt_key", "clerk_jwks_url", "clerk_issuer", "authorized_parties_raw", mode="before")
@@ -81,6 +95,19 @@ class Settings(BaseSettings):
     @classmethod
     def _blank_is_default(cls, value: object) -> object:
         return DEFAULT_DATABASE_URL if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("delivery_log_level", "log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        if value.upper() not in _LEVELS:
+            raise ValueError(f"must be one of {', '.join(_LEVELS)}")
+        return value.upper()
+
+    @model_validator(mode="after")
+    def _delete_after_redact(self) -> Settings:
+        if self.inbox_delete_after_days < self.inbox_redact_after_days:
+            raise ValueError("CLERK_SYNC_INBOX_DELETE_AFTER_DAYS must be >= CLERK_SYNC_INBOX_REDACT_AFTER_DAYS")
+        return self
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:

@@ -11,6 +11,7 @@ from clerk_sync.auth.sessions import verifier_from_settings
 from clerk_sync.auth.users import AuthUser, JitUsers
 from clerk_sync.clerk_api import ClerkClient
 from clerk_sync.config import Settings
+from clerk_sync.freshness import database_probe
 from clerk_sync.integrations.asgi import ClerkAuthMiddleware
 from clerk_sync.integrations.fastapi import ClerkAuth, build_processor, sync_me_router, webhook_router
 from clerk_sync.integrations.starlette import webhook_routes
@@ -39,3 +40,13 @@ def build(settings: Settings) -> ClerkAuthMiddleware:
         return {"user": auth.user_id, "org": auth.org_id, "impersonator": auth.actor_id}
 
     return ClerkAuthMiddleware(app, authenticator, public_paths={"/", "/webhooks/clerk"})
+
+
+def observe(settings: Settings) -> bytes:
+    processor = build_processor(settings)
+    store = processor.store
+    metrics = processor.metrics
+    metrics.watch_database(database_probe(processor.store))
+    jit = JitUsers(store, clerk=ClerkClient.from_settings(settings, metrics=metrics), metrics=metrics)
+    assert jit.metrics is metrics
+    return metrics.render()

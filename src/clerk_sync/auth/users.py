@@ -27,8 +27,17 @@ import sqlalchemy as sa
 
 from clerk_sync.clerk_api import AsyncClerkClient, ClerkClient
 from clerk_sync.engine import Entity, Upsert
-from clerk_sync.errors import ClerkNotFound, ClerkUnavailable, UserBanned, UserDeleted
+from clerk_sync.errors import (
+    ClerkAPIError,
+    ClerkNotFound,
+    ClerkUnavailable,
+    RateLimited,
+    StoreError,
+    UserBanned,
+    UserDeleted,
+)
 from clerk_sync.events import user_record
+from clerk_sync.metrics import Metrics
 from clerk_sync.store import Store
 from clerk_sync.tables import users
 
@@ -91,6 +100,12 @@ def _usable(user: AuthUser) -> AuthUser:
     return user
 
 
+def _failure(exc: Exception) -> str:
+    if isinstance(exc, RateLimited):
+        return "rate_limited"
+    return "unavailable" if isinstance(exc, ClerkUnavailable) else "error"
+
+
 class JitUsers:
     """The signed-in user's row, with a just-in-time fetch from Clerk; one instance per app.
 
@@ -99,11 +114,17 @@ class JitUsers:
     """
 
     def __init__(self, store: Store, *, clerk: ClerkClient | None = None,
-                 aclerk: AsyncClerkClient | None = None, timeout_s: float = 5.0) -> None:
+                 aclerk: AsyncClerkClient | None = None, timeout_s: float = 5.0,
+                 metrics: Metrics | None = None) -> None:
         self.store = store
         self.clerk = clerk
         self.aclerk = aclerk
         self.timeout_s = timeout_s
+        self.metrics = metrics  # counts fetches by outcome: clerk_sync_jit_fetches_total{outcome}
+
+    def _count(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.jit.labels(outcome=outcome).inc()
 
     # -- blocking ---------------------------------------------------------------------------
     def get_auth_user(self, user_id: str) -> AuthUser:
@@ -120,7 +141,11 @@ class JitUsers:
         try:
             data = self.clerk.get_user(user_id, deadline_s=self.timeout_s)
         except ClerkNotFound:
+            self._count("not_found")
             raise UserDeleted(f"user {user_id} does not exist in Clerk") from None
+        except ClerkAPIError as exc:
+            self._count(_failure(exc))
+            raise
         user = self._store(data)
         return _usable(user) if check else user
 
@@ -141,8 +166,13 @@ class JitUsers:
             with anyio.fail_after(self.timeout_s + 1.0):
                 data = await self.aclerk.get_user(user_id, deadline_s=self.timeout_s)
         except ClerkNotFound:
+            self._count("not_found")
             raise UserDeleted(f"user {user_id} does not exist in Clerk") from None
+        except ClerkAPIError as exc:
+            self._count(_failure(exc))
+            raise
         except TimeoutError:
+            self._count("unavailable")
             raise ClerkUnavailable(f"Clerk did not answer within {self.timeout_s}s", retry_after=1.0) from None
         user = await anyio.to_thread.run_sync(self._store, data)
         return _usable(user) if check else user
@@ -154,9 +184,14 @@ class JitUsers:
     def _store(self, data: JSON) -> AuthUser:
         """Upsert through the webhook path's guard, then read back what won (maybe a newer webhook)."""
         record = user_record(data)
-        with self.store.transaction() as writer:
-            writer.apply(Upsert(Entity.USER, record))
-            user = load_user(writer.conn, record.clerk_id)
+        try:
+            with self.store.transaction() as writer:
+                writer.apply(Upsert(Entity.USER, record))
+                user = load_user(writer.conn, record.clerk_id)
+        except StoreError:
+            self._count("db_error")
+            raise
+        self._count("stored")
         assert user is not None  # we just wrote it, inside this transaction
         return user
 

@@ -147,6 +147,52 @@ def users_promote(
 
 
 @app.command()
+def prune(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Count what is due; change nothing.")] = False,
+) -> None:
+    """Apply retention: redact old inbox payloads, delete older rows, clear tombstones (serve also runs it).
+
+    Ages come from CLERK_SYNC_INBOX_REDACT_AFTER_DAYS, CLERK_SYNC_INBOX_DELETE_AFTER_DAYS and
+    CLERK_SYNC_TOMBSTONE_CLEAR_AFTER_DAYS; failed deliveries are kept until replayed.
+    """
+    from clerk_sync.retention import Retention, RetentionPolicy
+
+    settings = _settings()
+    store = Store.from_url(settings.sqlalchemy_url())
+    try:
+        report = Retention(store, RetentionPolicy.from_settings(settings)).prune(dry_run=dry_run)
+    finally:
+        store.dispose()
+    verb = "would redact" if dry_run else "redacted"
+    typer.echo(f"{verb} {report.redacted} payload(s), {'would delete' if dry_run else 'deleted'} {report.deleted} "
+          f"delivery row(s), {'would clear' if dry_run else 'cleared'} {report.cleared} tombstone(s)")
+
+
+@users_app.command("erase")
+def users_erase(
+    clerk_id: Annotated[str, typer.Argument(help="Clerk user id (user_...).")],
+    reason: Annotated[str | None, typer.Option(help="Recorded in the audit log, e.g. a ticket id.")] = None,
+    actor: Annotated[str | None, typer.Option(help="Clerk id of the admin acting (audit log).")] = None,
+) -> None:
+    """Erase a user's personal data from every table and stored payload now (data-subject request).
+
+    The row stays as a tombstone with personal columns cleared, so no late event brings it back.
+    Delete the user in Clerk too, or the next reconcile cannot restore them either (the tombstone
+    is final) but Clerk still holds their data.
+    """
+    from clerk_sync.retention import Retention
+
+    settings = _settings()
+    store = Store.from_url(settings.sqlalchemy_url())
+    try:
+        report = Retention(store).erase_user(clerk_id, actor=actor, reason=reason)
+    finally:
+        store.dispose()
+    found = "erased" if report.row_existed else "no row for it; tombstone written"
+    typer.echo(f"{clerk_id}: {found}, {report.payloads_redacted} stored payload(s) redacted; audited as user.erased")
+
+
+@app.command()
 def reconcile(
     since: Annotated[str | None, typer.Option(help="Only users updated at/after this ISO time.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Write nothing; print the diff.")] = False,
@@ -193,11 +239,17 @@ def _serve_workers(host: str, port: int, workers: int) -> None:
 
 
 @app.command()
-def doctor() -> None:
-    """Check the configuration end to end: settings, database, migrations, Clerk API, session keys."""
-    from clerk_sync.cli.doctor import run_checks
+def doctor(
+    freshness: Annotated[bool, typer.Option("--freshness", help="Check sync freshness instead (for cron).")] = False,
+) -> None:
+    """Check the configuration end to end: settings, database, migrations, Clerk API, session keys.
 
-    results = run_checks(_settings())
+    ``--freshness`` asks what the alert rules ask (newest delivery, failed backlog, last reconcile);
+    exit code 1 when one fails.
+    """
+    from clerk_sync.cli.doctor import run_checks, run_freshness
+
+    results = run_freshness(_settings()) if freshness else run_checks(_settings())
     out = Console(soft_wrap=True)  # the report is the command's output: stdout, one line per check
     for check in results:
         mark = {"ok": "[green]ok  [/]", "warn": "[yellow]warn[/]", "fail": "[red]FAIL[/]"}[check.status]

@@ -8,9 +8,11 @@ Usage in your own app::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
 import structlog
 from anyio import CapacityLimiter, to_thread
 from starlette.applications import Starlette
@@ -21,13 +23,16 @@ from starlette.routing import BaseRoute, Route
 from clerk_sync import migrations
 from clerk_sync.config import Settings
 from clerk_sync.errors import ClerkSyncError, PayloadTooLarge, StoreError, WebhookError
+from clerk_sync.freshness import database_probe
 from clerk_sync.ingest import WebhookProcessor
 from clerk_sync.integrations.http import error_response
 from clerk_sync.metrics import CONTENT_TYPE_LATEST
+from clerk_sync.retention import PruneReport, Retention, RetentionPolicy
 from clerk_sync.store import Store
 from clerk_sync.webhooks import WebhookVerifier
 
 __all__ = [
+    "PruneSchedule",
     "app_from_env",
     "build_processor",
     "create_app",
@@ -48,6 +53,7 @@ def build_processor(settings: Settings, store: Store | None = None) -> WebhookPr
         verifier,
         instance_id=settings.instance_id,
         max_body_bytes=settings.max_body_bytes,
+        log_level=settings.delivery_log_level,
     )
 
 
@@ -94,10 +100,12 @@ def webhook_endpoint(processor: WebhookProcessor, *, threads: int = 4) -> Any:
                                                limiter=_limiter(limiters, threads))
         except WebhookError as exc:
             log.info("webhook_refused", code=exc.code, reason=str(exc))
-            processor.metrics.events.labels(type="unknown", status=exc.code).inc()
+            processor.metrics.refused.labels(code=exc.code).inc()
             return error_json(exc)
         except StoreError as exc:
             log.warning("webhook_store_error", reason=str(exc))
+            processor.metrics.db_errors.labels(operation="webhook").inc()
+            processor.metrics.unavailable.inc()
             return error_json(exc)
         except ClientDisconnect:
             return Response(status_code=400)
@@ -138,7 +146,8 @@ def _service_routes(processor: WebhookProcessor) -> Sequence[BaseRoute]:
         return JSONResponse(state, status_code=code)
 
     async def metrics(_: Request) -> Response:
-        return Response(processor.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        # Off the event loop: rendering reads the database (cached freshness series).
+        return Response(await to_thread.run_sync(processor.metrics.render), media_type=CONTENT_TYPE_LATEST)
 
     return [
         *webhook_routes(processor),
@@ -149,9 +158,57 @@ def _service_routes(processor: WebhookProcessor) -> Sequence[BaseRoute]:
 
 
 def create_app(settings: Settings, processor: WebhookProcessor | None = None) -> Starlette:
-    """The standalone sync service (``clerk-sync serve``)."""
+    """The standalone sync service (``clerk-sync serve``): the routes, database-backed freshness
+    series on ``/metrics``, and retention (``prune``) every ``CLERK_SYNC_PRUNE_INTERVAL_S`` (0: never)."""
     processor = processor or build_processor(settings)
-    return Starlette(routes=list(_service_routes(processor)))
+    processor.metrics.watch_database(database_probe(processor.store))
+    retention = Retention(processor.store, RetentionPolicy.from_settings(settings), metrics=processor.metrics)
+    schedule = PruneSchedule(retention, settings.prune_interval_s)
+    return Starlette(routes=list(_service_routes(processor)), lifespan=schedule.lifespan)
+
+
+class PruneSchedule:
+    """Runs :meth:`Retention.prune` now and then every ``interval_s`` while the app is up.
+
+    Every replica runs it: prune batches skip rows another replica holds, so they share the work.
+    A failed pass is logged and counted (``clerk_sync_db_errors_total{operation="prune"}``), never fatal.
+    """
+
+    def __init__(self, retention: Retention, interval_s: float) -> None:
+        self.retention = retention
+        self.interval_s = interval_s
+        self.passes = 0
+
+    def run_once(self) -> PruneReport | None:
+        try:
+            report = self.retention.prune()
+        except StoreError as exc:
+            log.warning("prune_failed", reason=str(exc))
+            if self.retention.metrics is not None:
+                self.retention.metrics.db_errors.labels(operation="prune").inc()
+            return None
+        except Exception:  # a bug must not take the webhook service down with it; the next pass retries
+            log.exception("prune_crashed")
+            return None
+        finally:
+            self.passes += 1
+        log.info("pruned", redacted=report.redacted, deleted=report.deleted, cleared=report.cleared)
+        return report
+
+    async def _loop(self) -> None:
+        while True:
+            await to_thread.run_sync(self.run_once)
+            await anyio.sleep(self.interval_s)
+
+    @asynccontextmanager
+    async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
+        if self.interval_s <= 0:
+            yield
+            return
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(self._loop)
+            yield
+            tasks.cancel_scope.cancel()
 
 
 def app_from_env() -> Starlette:
