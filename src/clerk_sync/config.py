@@ -69,6 +69,8 @@ class Settings(BaseSettings):
     clerk_issuer: str | None = Field(None, validation_alias=AliasChoices("CLERK_ISSUER", "CLERK_FRONTEND_API_URL"))
     authorized_parties_raw: str | None = Field(None, validation_alias="CLERK_AUTHORIZED_PARTIES")
     session_leeway_s: float = Field(5.0, ge=0, validation_alias="CLERK_SYNC_SESSION_LEEWAY_S")
+    # A token whose kid is unknown refetches the JWKS once the last fetch is this old (key rotation).
+    jwks_min_refetch_s: float = Field(5.0, ge=0, validation_alias="CLERK_SYNC_JWKS_MIN_REFETCH_S")
 
     @field_validator("instance_id", "redis_url", "webhook_secret", "clerk_secret_key", "clerk_api_rate_limit",
                      "clerk_jwt_key", "clerk_jwks_url", "clerk_issuer", "authorized_parties_raw", mode="before")
