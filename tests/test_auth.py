@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -272,4 +273,74 @@ def test_deny_list_forgets_expired_revocations_and_unbanned_users(db_url: str) -
     assert deny.is_user_blocked("user_ub")
     h.event("user.updated", f.user("user_ub", 2, banned=False))
     assert not deny.is_user_blocked("user_ub")
+    h.store.dispose()
+
+
+# --- websockets (issue 10 #5: they used to bypass deny-by-default) -----------------------------------------------
+def _ws_app(h: Harness) -> Any:
+    from starlette.applications import Starlette
+    from starlette.routing import WebSocketRoute
+    from starlette.websockets import WebSocket
+
+    async def whoami(ws: WebSocket) -> None:
+        await ws.accept()
+        auth = ws.scope["clerk_auth"]
+        await ws.send_json({"user_id": auth.user_id if auth else None})
+        await ws.close()
+
+    inner = Starlette(routes=[WebSocketRoute("/ws", whoami), WebSocketRoute("/public-ws", whoami)])
+    return ClerkAuthMiddleware(inner, h.auth, public_paths={"/public-ws"})
+
+
+def test_websocket_without_a_valid_session_is_refused_before_accept(db_url: str) -> None:
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    h = Harness(db_url)
+    h.event("user.created", f.user("user_ws", 1))
+    with running(_ws_app(h)) as url:
+        ws_url = url.replace("http://", "ws://")
+        for headers in ({}, bearer("garbage")):
+            with pytest.raises(InvalidStatus) as refused:
+                connect(f"{ws_url}/ws", additional_headers=headers, open_timeout=5)
+            assert refused.value.response.status_code == 401  # the HTTP answer, via websocket.http.response
+            assert json.loads(refused.value.response.body)["error"] in ("token_missing", "token_malformed")
+        with connect(f"{ws_url}/ws", additional_headers=bearer(token("user_ws")), open_timeout=5) as ws:
+            assert json.loads(ws.recv(timeout=5)) == {"user_id": "user_ws"}
+        with connect(f"{ws_url}/public-ws", open_timeout=5) as ws:  # declared public: open, no session
+            assert json.loads(ws.recv(timeout=5)) == {"user_id": None}
+        h.event("user.updated", f.user("user_ws", 2, banned=True))
+        with pytest.raises(InvalidStatus):
+            connect(f"{ws_url}/ws", additional_headers=bearer(token("user_ws")), open_timeout=5)
+    h.store.dispose()
+
+
+@pytest.mark.anyio
+async def test_websocket_refusal_without_the_denial_extension_closes_with_1008(tmp_path: Any) -> None:
+    """Servers without ``websocket.http.response`` get a close before accept (as Starlette's own
+    AuthenticationMiddleware does), with the policy-violation code and our error code as reason."""
+    from clerk_sync import migrations
+
+    url = f"sqlite:///{tmp_path / 'ws.db'}"
+    migrated = Store.from_url(url)
+    migrations.upgrade(migrated.engine)
+    migrated.dispose()
+    h = Harness(url)
+    called: list[str] = []
+
+    async def inner(scope: Any, receive: Any, send: Any) -> None:
+        called.append(scope["path"])
+
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "websocket.connect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "websocket", "path": "/ws", "headers": [], "extensions": {}}
+    await ClerkAuthMiddleware(inner, h.auth)(scope, receive, send)
+    assert sent == [{"type": "websocket.close", "code": 1008, "reason": "token_missing"}]
+    assert called == []
     h.store.dispose()
