@@ -344,3 +344,53 @@ async def test_websocket_refusal_without_the_denial_extension_closes_with_1008(t
     assert sent == [{"type": "websocket.close", "code": 1008, "reason": "token_missing"}]
     assert called == []
     h.store.dispose()
+
+
+# --- Directory Sync / lockout (issue 10 #7) ----------------------------------------------------------------------
+def _set_user_flags(store: Store, clerk_id: str, **flags: bool) -> None:
+    """What ``user.updated`` with ``deprovisioned: true`` writes (the event mapping lives in events.py)."""
+    from clerk_sync.tables import users
+
+    with store.transaction() as w:
+        w.conn.execute(users.update().where(users.c.clerk_id == clerk_id).values(**flags, updated_at=w.now))
+
+
+def test_deprovisioned_user_gets_403_at_once_and_locked_user_too(db_url: str) -> None:
+    h = Harness(db_url)
+    frozen = [0.0]  # the deny list refreshes only when this clock moves
+    h.auth = Authenticator(h.auth.verifier, h.store, deny_list=DenyList(h.store, refresh_s=60, now=lambda: frozen[0]))
+    h.auth.verifier.revocations = h.auth.deny_list
+    app = ClerkAuthMiddleware(build_app(h), h.auth, public_paths={"/"})
+    h.event("user.created", f.user("user_dp", 1, role="admin"))
+    h.event("user.created", f.user("user_lk", 1, role="admin"))
+    tok_dp, tok_lk = token("user_dp"), token("user_lk")
+    with running(app) as url, httpx.Client(base_url=url) as client:
+        assert client.get("/admin", headers=bearer(tok_dp)).status_code == 200
+        assert client.get("/admin", headers=bearer(tok_lk)).status_code == 200
+        _set_user_flags(h.store, "user_dp", deprovisioned=True)
+        locked = f.user("user_lk", 2, role="admin") | {"locked": True}
+        h.event("user.updated", locked)
+        # At once: require_role reads the row, the deny list has not refreshed yet.
+        for tok, code in ((tok_dp, "user_deprovisioned"), (tok_lk, "user_locked")):
+            r = client.get("/admin", headers=bearer(tok))
+            assert (r.status_code, r.json()["error"]) == (403, code)
+        assert client.get("/me", headers=bearer(tok_dp)).status_code == 200  # token-only route: deny list
+        frozen[0] += 60  # its next refresh
+        for tok, code in ((tok_dp, "user_deprovisioned"), (tok_lk, "user_locked")):
+            r = client.get("/me", headers=bearer(tok))
+            assert (r.status_code, r.json()["error"]) == (403, code)
+        assert client.get("/", headers=bearer(tok_dp)).status_code == 200  # public pages stay public
+        _set_user_flags(h.store, "user_dp", deprovisioned=False)  # re-provisioned
+        frozen[0] += 60
+        assert client.get("/me", headers=bearer(tok_dp)).status_code == 200
+    h.store.dispose()
+
+
+def test_deny_list_first_load_includes_deprovisioned_and_locked_users(db_url: str) -> None:
+    h = Harness(db_url)
+    h.event("user.created", f.user("user_a", 1))
+    h.event("user.created", f.user("user_b", 1) | {"locked": True})
+    _set_user_flags(h.store, "user_a", deprovisioned=True)
+    deny = DenyList(h.store)  # a fresh replica: the full first load
+    assert (deny.blocked_reason("user_a"), deny.blocked_reason("user_b")) == ("deprovisioned", "locked")
+    h.store.dispose()
