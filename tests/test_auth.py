@@ -55,10 +55,14 @@ class Harness:
             return {t.name: conn.execute(sa.select(sa.func.count()).select_from(t)).scalar_one() for t in metadata.sorted_tables}
 
 
-def build_app(h: Harness) -> FastAPI:
+def build_app(h: Harness, *, deny_by_default: bool = False) -> FastAPI:
     clerk = ClerkAuth(h.auth)
     app = FastAPI()
-    clerk.install(app)
+    clerk.install(app, public_paths={"/"}, deny_by_default=deny_by_default)
+
+    @app.get("/no-dependency")
+    def no_dependency() -> dict[str, str]:
+        return {"page": "forgot its dependency"}
 
     @app.get("/")
     def home() -> dict[str, str]:
@@ -176,6 +180,26 @@ def test_impersonated_sessions_are_marked_audited_and_kept_off_sensitive_routes(
         ("impersonation.request", "user_admin", "user_t", "/me"),
         ("impersonation.request", "user_admin", "user_t", "/billing"),
     ]
+
+
+def test_install_protects_the_app_itself_routes_without_a_dependency_included(db_url: str) -> None:
+    """Regression (issue 10 #8): serving ``app`` instead of the wrapped ASGI app used to leave every
+    route without a dependency open."""
+    h = Harness(db_url)
+    h.event("user.created", f.user("user_in", 1))
+    tok = token("user_in", act={"sub": "user_admin", "sid": "sess_admin"})
+    app = build_app(h, deny_by_default=True)
+    with running(app) as url, httpx.Client(base_url=url) as client:
+        assert client.get("/").status_code == 200
+        r = client.get("/no-dependency")
+        assert (r.status_code, r.json()["error"]) == (401, "token_missing")
+        assert client.get("/no-dependency", headers=bearer(tok)).status_code == 200
+    # Also wrapped by hand (the 0.1 README): one check, one audit row per impersonated request.
+    with running(ClerkAuthMiddleware(app, h.auth, public_paths={"/"})) as url, httpx.Client(base_url=url) as client:
+        assert client.get("/no-dependency", headers=bearer(tok)).status_code == 200
+    with h.store.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(audit_log)).scalar_one() == 2
+    h.store.dispose()
 
 
 def test_handler_checks_stand_without_the_middleware(db_url: str) -> None:

@@ -25,18 +25,25 @@ _SECRET_HELP = (
 
 
 def parse_webhook_secrets(raw: str) -> tuple[SecretStr, ...]:
-    """Split a rotation list (spaces or commas) and check each is ``whsec_`` + base64."""
+    """Split a rotation list (spaces or commas) and check each is base64, ``whsec_``-prefixed or not.
+
+    The prefix is optional as in the Svix and Standard Webhooks libraries (``Webhook(secret)`` strips it
+    when present), so a secret that verifies there also verifies here. Unlike them we refuse characters
+    outside base64 instead of silently dropping them (that would verify against a different key).
+    """
     secrets = tuple(s for s in re.split(r"[\s,]+", raw.strip()) if s)
     if not secrets:
         raise ConfigError(f"CLERK_WEBHOOK_SIGNING_SECRET is empty. {_SECRET_HELP}")
     for i, secret in enumerate(secrets, 1):
         body = secret.removeprefix("whsec_")
-        if not secret.startswith("whsec_") or not body:
-            raise ConfigError(f"Webhook secret #{i} does not start with 'whsec_'. {_SECRET_HELP}")
+        if not body:
+            raise ConfigError(f"Webhook secret #{i} is only the 'whsec_' prefix. {_SECRET_HELP}")
         try:
             key = base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
         except (binascii.Error, ValueError):
-            raise ConfigError(f"Webhook secret #{i} is not valid base64 after 'whsec_'. {_SECRET_HELP}") from None
+            raise ConfigError(
+                f"Webhook secret #{i} is not valid base64 (with or without its 'whsec_' prefix). {_SECRET_HELP}"
+            ) from None
         if not key:
             raise ConfigError(f"Webhook secret #{i} decodes to an empty key. {_SECRET_HELP}")
     return tuple(SecretStr(s) for s in secrets)

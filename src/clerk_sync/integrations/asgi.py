@@ -80,8 +80,8 @@ class ClerkAuthMiddleware:
         return path in self.public_paths or (bool(self.public_prefixes) and path.startswith(self.public_prefixes))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket"):  # lifespan
-            await self.app(scope, receive, send)
+        if scope["type"] not in ("http", "websocket") or "clerk_auth" in scope:
+            await self.app(scope, receive, send)  # lifespan, or an outer instance has decided already
             return
         path: str = scope["path"]
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
