@@ -7,6 +7,7 @@ import binascii
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
@@ -14,7 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from clerk_sync.errors import ConfigError
 
-__all__ = ["DEFAULT_DATABASE_URL", "Settings", "parse_webhook_secrets"]
+__all__ = ["DEFAULT_DATABASE_URL", "DatabaseTimeouts", "Settings", "parse_webhook_secrets"]
 
 DEFAULT_DATABASE_URL = "sqlite:///clerk_sync.db"
 _SECRET_HELP = (
@@ -49,6 +50,25 @@ def parse_webhook_secrets(raw: str) -> tuple[SecretStr, ...]:
     return tuple(SecretStr(s) for s in secrets)
 
 
+@dataclass(frozen=True, slots=True)
+class DatabaseTimeouts:
+    """Bounds on every database wait (PostgreSQL), so one stuck replica or a dead host cannot stall
+    the healthy ones: a wait past a bound fails the delivery with 503 and Svix retries it. 0 disables.
+
+    ``lock_s`` bounds waiting for a row or advisory lock; ``statement_s`` one statement;
+    ``idle_in_transaction_s`` how long the server keeps a transaction whose client went quiet (its
+    locks with it); ``keepalive_s`` how soon either side notices a peer that vanished without
+    closing its socket (TCP keepalive idle time; the kernel default is 2 hours); ``connect_s``
+    bounds opening a connection.
+    """
+
+    lock_s: float = 5.0
+    statement_s: float = 15.0
+    idle_in_transaction_s: float = 15.0
+    keepalive_s: float = 10.0
+    connect_s: float = 5.0
+
+
 class Settings(BaseSettings):
     """Everything clerk-sync reads from the environment; build with :meth:`from_env`."""
 
@@ -78,6 +98,14 @@ class Settings(BaseSettings):
     session_leeway_s: float = Field(5.0, ge=0, validation_alias="CLERK_SYNC_SESSION_LEEWAY_S")
     # A token whose kid is unknown refetches the JWKS once the last fetch is this old (key rotation).
     jwks_min_refetch_s: float = Field(5.0, ge=0, validation_alias="CLERK_SYNC_JWKS_MIN_REFETCH_S")
+    # Bounds on database waits (PostgreSQL); see DatabaseTimeouts. 0 disables one.
+    db_lock_timeout_s: float = Field(5.0, ge=0, validation_alias="CLERK_SYNC_DB_LOCK_TIMEOUT_S")
+    db_statement_timeout_s: float = Field(15.0, ge=0, validation_alias="CLERK_SYNC_DB_STATEMENT_TIMEOUT_S")
+    db_idle_in_transaction_timeout_s: float = Field(
+        15.0, ge=0, validation_alias="CLERK_SYNC_DB_IDLE_IN_TRANSACTION_TIMEOUT_S"
+    )
+    db_keepalive_s: float = Field(10.0, ge=0, validation_alias="CLERK_SYNC_DB_KEEPALIVE_S")
+    db_connect_timeout_s: float = Field(5.0, ge=0, validation_alias="CLERK_SYNC_DB_CONNECT_TIMEOUT_S")
 
     @field_validator("instance_id", "redis_url", "webhook_secret", "clerk_secret_key", "clerk_api_rate_limit",
                      "clerk_jwt_key", "clerk_jwks_url", "clerk_issuer", "authorized_parties_raw", mode="before")
@@ -110,6 +138,12 @@ class Settings(BaseSettings):
         if self.webhook_secret is None:
             raise ConfigError(f"CLERK_WEBHOOK_SIGNING_SECRET is not set. {_SECRET_HELP}")
         return parse_webhook_secrets(self.webhook_secret.get_secret_value())
+
+    def database_timeouts(self) -> DatabaseTimeouts:
+        """The ``CLERK_SYNC_DB_*`` bounds, for :func:`clerk_sync.store.create_engine`."""
+        return DatabaseTimeouts(lock_s=self.db_lock_timeout_s, statement_s=self.db_statement_timeout_s,
+                                idle_in_transaction_s=self.db_idle_in_transaction_timeout_s,
+                                keepalive_s=self.db_keepalive_s, connect_s=self.db_connect_timeout_s)
 
     def authorized_parties(self) -> frozenset[str] | None:
         """``CLERK_AUTHORIZED_PARTIES`` (comma-separated origins), or None when unset (azp not checked)."""

@@ -29,7 +29,7 @@ def _settings() -> Settings:
 def migrate() -> None:
     """Apply database migrations (DATABASE_URL)."""
     settings = _settings()
-    store = Store.from_url(settings.sqlalchemy_url())
+    store = Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts())
     migrations.upgrade(store.engine)
     console.print(f"[green]migrations current[/] ({migrations.head_revision()}) on {_safe(settings)}")
 
@@ -71,7 +71,7 @@ def replay(
     from clerk_sync.ingest import replay_deliveries
 
     settings = _settings()
-    store = Store.from_url(settings.sqlalchemy_url())
+    store = Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts())
     report = replay_deliveries(store, status=status, since=parse_since(since))
     store.dispose()
     console.print(f"replayed {report.total} deliveries: {report.by_status or 'none'}")
@@ -132,7 +132,7 @@ def users_promote(
     from clerk_sync.clerk_api import ClerkClient
 
     settings = _settings()
-    store = Store.from_url(settings.sqlalchemy_url())
+    store = Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts())
     clerk_id = find_user_by_email(store, email)
     if clerk_id is None:
         console.print(f"[red]error:[/] no synced user with email {email!r} (run `clerk-sync reconcile` first?)")
@@ -164,7 +164,7 @@ def users_retry_pending() -> None:
     from clerk_sync.clerk_api import ClerkClient
 
     settings = _settings()
-    store = Store.from_url(settings.sqlalchemy_url())
+    store = Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts())
     with ClerkClient.from_settings(settings) as client:
         counts = AdminActions(store, client).retry_pending()
     store.dispose()

@@ -21,7 +21,8 @@ from starlette.routing import BaseRoute, Route
 from clerk_sync import migrations
 from clerk_sync.config import Settings
 from clerk_sync.errors import ClerkSyncError, PayloadTooLarge, StoreError, WebhookError
-from clerk_sync.ingest import WebhookProcessor
+from clerk_sync.ingest import Outcome, WebhookProcessor
+from clerk_sync.integrations._gate import KeyGate, delivery_keys
 from clerk_sync.integrations.http import error_response
 from clerk_sync.metrics import CONTENT_TYPE_LATEST
 from clerk_sync.store import Store
@@ -44,7 +45,7 @@ def build_processor(settings: Settings, store: Store | None = None) -> WebhookPr
     """Wire the processor from settings; raises ConfigError at start-up, not per request."""
     verifier = WebhookVerifier(settings.webhook_secrets(), tolerance_s=settings.webhook_tolerance_s)
     return WebhookProcessor(
-        store or Store.from_url(settings.sqlalchemy_url()),
+        store or Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts()),
         verifier,
         instance_id=settings.instance_id,
         max_body_bytes=settings.max_body_bytes,
@@ -72,13 +73,20 @@ async def read_limited_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def webhook_endpoint(processor: WebhookProcessor, *, threads: int = 4) -> Any:
+def webhook_endpoint(processor: WebhookProcessor, *, threads: int = 4, key_patience_s: float = 0.5) -> Any:
     """An ASGI endpoint for ``POST /webhooks/clerk``.
 
     ``threads`` caps concurrent deliveries in the thread pool: the work is GIL-bound, and more
-    threads than that only queue for the GIL (and lengthen the latency tail).
+    threads than that only queue for the GIL (and lengthen the latency tail). Deliveries for one
+    user or organization take turns (:class:`~._gate.KeyGate`): when one of them is stuck on a lock
+    held elsewhere, the others are refused after ``key_patience_s`` instead of taking every thread.
     """
     limiters: list[CapacityLimiter] = []  # created on first use, inside the event loop
+    gate = KeyGate(patience_s=key_patience_s)
+
+    def process(headers: dict[str, str], body: bytes) -> Outcome:
+        with gate.hold(delivery_keys(headers.get("svix-id") or headers.get("webhook-id"), body)):
+            return processor.process(headers, body)
 
     async def endpoint(request: Request) -> Response:
         # Unverified, but it correlates every log line of this delivery (refusals included).
@@ -90,7 +98,7 @@ def webhook_endpoint(processor: WebhookProcessor, *, threads: int = 4) -> Any:
         try:
             body = await read_limited_body(request, processor.max_body_bytes)
             # The store is synchronous (SQLAlchemy Core): run it off the event loop.
-            outcome = await to_thread.run_sync(processor.process, dict(request.headers), body,
+            outcome = await to_thread.run_sync(process, dict(request.headers), body,
                                                limiter=_limiter(limiters, threads))
         except WebhookError as exc:
             log.info("webhook_refused", code=exc.code, reason=str(exc))
