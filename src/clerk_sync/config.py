@@ -106,6 +106,8 @@ class Settings(BaseSettings):
     )
     db_keepalive_s: float = Field(10.0, ge=0, validation_alias="CLERK_SYNC_DB_KEEPALIVE_S")
     db_connect_timeout_s: float = Field(5.0, ge=0, validation_alias="CLERK_SYNC_DB_CONNECT_TIMEOUT_S")
+    # The service app factory (multi-worker `serve`) migrates in the background when set.
+    migrate_on_start: bool = Field(False, validation_alias="CLERK_SYNC_MIGRATE_ON_START")
 
     @field_validator("instance_id", "redis_url", "webhook_secret", "clerk_secret_key", "clerk_api_rate_limit",
                      "clerk_jwt_key", "clerk_jwks_url", "clerk_issuer", "authorized_parties_raw", mode="before")
