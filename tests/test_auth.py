@@ -241,6 +241,9 @@ def test_starlette_authentication_backend_scopes(db_url: str) -> None:
         assert r.json() == {"user": "user_sb", "scopes": ["authenticated", "org:admin", "org:invoices:read"]}
         assert client.get("/org", headers=bearer(token("user_sb"))).status_code == 403
         assert client.get("/org", headers=bearer(token("user_sb", o=org))).status_code == 200
+        h.event("user.created", f.user("user_sb", 1) | {"locked": True})
+        r = client.get("/me", headers=bearer(token("user_sb")))
+        assert (r.status_code, r.text) == (400, "user_locked")  # Starlette's on_error answer, not a 500
     h.store.dispose()
 
 

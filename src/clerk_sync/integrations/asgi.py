@@ -52,7 +52,7 @@ class ClerkAuthBackend(AuthenticationBackend):
             auth = await self.authenticator.aauthenticate(conn.headers, conn.cookies)
         except TokenMissing:
             return None
-        except TokenError as exc:
+        except (TokenError, AccessDenied) as exc:  # AccessDenied: a deprovisioned or locked user
             raise AuthenticationError(exc.code) from exc
         scopes = ["authenticated", *([auth.org_role] if auth.org_role else []), *auth.org_permissions]
         return AuthCredentials(scopes), ClerkUser(auth)
