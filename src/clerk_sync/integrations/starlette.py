@@ -8,9 +8,10 @@ Usage in your own app::
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import structlog
@@ -44,6 +45,7 @@ __all__ = [
 ]
 
 log = structlog.get_logger("clerk_sync.http")
+T = TypeVar("T")
 
 
 def build_processor(settings: Settings, store: Store | None = None) -> WebhookProcessor:
@@ -78,15 +80,18 @@ async def read_limited_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def webhook_endpoint(processor: WebhookProcessor, *, threads: int = 4, key_patience_s: float = 0.5,
-                     not_ready: Callable[[], str | None] | None = None) -> Any:
+def webhook_endpoint(processor: WebhookProcessor, *, threads: int = 4, slow_s: float = 0.5,
+                     key_patience_s: float = 0.5, not_ready: Callable[[], str | None] | None = None) -> Any:
     """An ASGI endpoint for ``POST /webhooks/clerk``.
 
     ``threads`` caps concurrent deliveries in the thread pool: the work is GIL-bound, and more
-    threads than that only queue for the GIL (and lengthen the latency tail). Deliveries for one
-    user or organization take turns (:class:`~._gate.KeyGate`): when one of them is stuck on a lock
-    held elsewhere, the others are refused after ``key_patience_s`` instead of taking every thread.
-    ``not_ready()`` says why deliveries must wait (503, nothing written), e.g. migrations pending.
+    threads than that only queue for the GIL (and lengthen the latency tail). A delivery still
+    running after ``slow_s`` is waiting on the database (a lock held by a stuck replica), not on the
+    CPU: it gives its place back so unrelated deliveries do not queue behind it (the database's own
+    ``lock_timeout`` ends its wait). Deliveries for one user or organization take turns
+    (:class:`~._gate.KeyGate`): while one of them is stuck, the others are refused (503) after
+    ``key_patience_s``. ``not_ready()`` says why deliveries must wait (503, nothing written), e.g.
+    migrations pending.
     """
     limiters: list[CapacityLimiter] = []  # created on first use, inside the event loop
     gate = KeyGate(patience_s=key_patience_s)
@@ -108,8 +113,7 @@ def webhook_endpoint(processor: WebhookProcessor, *, threads: int = 4, key_patie
         try:
             body = await read_limited_body(request, processor.max_body_bytes)
             # The store is synchronous (SQLAlchemy Core): run it off the event loop.
-            outcome = await to_thread.run_sync(process, dict(request.headers), body,
-                                               limiter=_limiter(limiters, threads))
+            outcome = await _in_slot(_limiter(limiters, threads), slow_s, process, dict(request.headers), body)
         except WebhookError as exc:
             log.info("webhook_refused", code=exc.code, reason=str(exc))
             processor.metrics.events.labels(type="unknown", status=exc.code).inc()
@@ -122,6 +126,31 @@ def webhook_endpoint(processor: WebhookProcessor, *, threads: int = 4, key_patie
         return JSONResponse({"status": outcome.status, "svix_id": outcome.svix_id})
 
     return endpoint
+
+
+async def _in_slot(slots: CapacityLimiter, slow_s: float, fn: Callable[..., T], *args: Any) -> T:
+    """Run ``fn`` in a worker thread holding one of ``slots`` for at most ``slow_s`` (see
+    :func:`webhook_endpoint`); the thread pool's own limit still bounds the threads."""
+    borrower = object()
+    await slots.acquire_on_behalf_of(borrower)
+    held = True
+
+    def give_back() -> None:
+        nonlocal held
+        if held:
+            held = False
+            slots.release_on_behalf_of(borrower)
+
+    try:  # a timer on the event loop: cheaper than a watchdog task per delivery
+        timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(slow_s, give_back)
+    except RuntimeError:  # not asyncio (trio): the place is held to the end
+        timer = None
+    try:
+        return await to_thread.run_sync(fn, *args)
+    finally:
+        if timer is not None:
+            timer.cancel()
+        give_back()
 
 
 def _limiter(holder: list[CapacityLimiter], threads: int) -> CapacityLimiter:
