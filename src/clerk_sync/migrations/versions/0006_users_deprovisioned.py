@@ -1,4 +1,5 @@
-"""users.deprovisioned: a user removed by the company's identity provider (Clerk Directory Sync/SCIM).
+"""users.deprovisioned: with SCIM Directory Sync a user removed by the IdP arrives as user.updated
+with ``deprovisioned: true``, not as user.deleted.
 
 Revision ID: 0006
 Revises: 0005
@@ -20,4 +21,5 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    op.drop_column("users", "deprovisioned")  # SQLite >= 3.35, which RETURNING needs anyway
+    with op.batch_alter_table("users") as batch:
+        batch.drop_column("deprovisioned")
