@@ -64,6 +64,7 @@ users = sa.Table(
     sa.Column("plan", sa.String(64), nullable=False, server_default="free"),
     sa.Column("banned", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("locked", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("deprovisioned", sa.Boolean, nullable=False, server_default=sa.false()),  # SCIM (0006)
     sa.Column("last_sign_in_at", sa.BigInteger, nullable=True),
     *_clerk_columns(),
     sa.Index("ix_users_updated_at", "updated_at"),  # incremental deny-list refresh

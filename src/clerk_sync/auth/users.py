@@ -11,7 +11,8 @@ Usage::
     users = JitUsers(store, clerk=ClerkClient.from_settings(settings))
     user = users.get_auth_user(auth.user_id)          # or: await users.aget_auth_user(...)
 
-Errors: :class:`~clerk_sync.errors.UserDeleted` (410), :class:`~clerk_sync.errors.UserBanned` (403),
+Errors: :class:`~clerk_sync.errors.UserDeleted` (410), :class:`~clerk_sync.errors.UserBanned` (403; its
+leaves :class:`~clerk_sync.errors.UserLocked` and :class:`~clerk_sync.errors.UserDeprovisioned` too),
 :class:`~clerk_sync.errors.ClerkUnavailable` / :class:`~clerk_sync.errors.RateLimited` (503 with
 ``retry_after``) when the row is missing and Clerk cannot be asked within ``timeout_s``.
 """
@@ -35,13 +36,15 @@ from clerk_sync.errors import (
     StoreError,
     UserBanned,
     UserDeleted,
+    UserDeprovisioned,
+    UserLocked,
 )
 from clerk_sync.events import user_record
 from clerk_sync.metrics import Metrics
 from clerk_sync.store import Store
 from clerk_sync.tables import users
 
-__all__ = ["AuthUser", "JitUsers", "load_user", "read_user"]
+__all__ = ["AuthUser", "JitUsers", "load_user", "read_user", "standing_error"]
 
 JSON = dict[str, Any]
 
@@ -65,6 +68,7 @@ class AuthUser:
     plan: str
     banned: bool
     locked: bool
+    deprovisioned: bool
     last_sign_in_at: int | None
     clerk_created_at: int | None
     clerk_updated_at: int
@@ -92,11 +96,23 @@ def read_user(store: Store, clerk_id: str) -> AuthUser | None:
         return load_user(conn, clerk_id)
 
 
-def _usable(user: AuthUser) -> AuthUser:
+def standing_error(user: AuthUser) -> UserBanned | UserDeleted | None:
+    """Why this user may not be served (deleted, banned, deprovisioned, locked), or None."""
     if user.deleted_at is not None:
-        raise UserDeleted(f"user {user.clerk_id} was deleted")
+        return UserDeleted(f"user {user.clerk_id} was deleted")
     if user.banned:
-        raise UserBanned(f"user {user.clerk_id} is banned")
+        return UserBanned(f"user {user.clerk_id} is banned")
+    if user.deprovisioned:
+        return UserDeprovisioned(f"user {user.clerk_id} was deprovisioned by the organization's identity provider")
+    if user.locked:
+        return UserLocked(f"user {user.clerk_id} is locked in Clerk (too many failed sign-ins)")
+    return None
+
+
+def _usable(user: AuthUser) -> AuthUser:
+    refusal = standing_error(user)
+    if refusal is not None:
+        raise refusal
     return user
 
 

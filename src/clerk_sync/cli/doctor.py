@@ -71,7 +71,7 @@ def _webhook_secret(settings: Settings) -> tuple[str, str]:
 
 
 def _database(settings: Settings) -> tuple[str, str]:
-    store = Store.from_url(settings.sqlalchemy_url())
+    store = Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts())
     try:
         store.ping()
         current = migrations.current_revision(store.engine)

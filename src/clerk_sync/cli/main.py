@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -29,7 +30,7 @@ def _settings() -> Settings:
 def migrate() -> None:
     """Apply database migrations (DATABASE_URL)."""
     settings = _settings()
-    store = Store.from_url(settings.sqlalchemy_url())
+    store = Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts())
     migrations.upgrade(store.engine)
     console.print(f"[green]migrations current[/] ({migrations.head_revision()}) on {_safe(settings)}")
 
@@ -39,7 +40,11 @@ def serve(
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to bind.")] = 8000,
     workers: Annotated[int, typer.Option(help="Worker processes (PostgreSQL for more than 1).")] = 1,
-    migrate_first: Annotated[bool, typer.Option("--migrate/--no-migrate", help="Apply migrations first.")] = True,
+    migrate_first: Annotated[bool, typer.Option(
+        "--migrate/--no-migrate",
+        help="Apply migrations in the background from start-up (retried while the database is down); "
+             "--no-migrate when a deploy step runs `clerk-sync migrate` or this role may not change the schema.",
+    )] = True,
     json_logs: Annotated[bool, typer.Option("--json-logs", help="Log JSON lines.")] = False,
 ) -> None:
     """Run the webhook sync service: POST /webhooks/clerk, /healthz, /readyz, /metrics."""
@@ -50,15 +55,17 @@ def serve(
     settings = _settings()
     configure_logging(settings.log_level, json=json_logs)
     processor = build_processor(settings)  # fails here, once, on a missing/malformed secret
-    if migrate_first:
-        migrations.upgrade(processor.store.engine)
+    # The database may be down: the service starts anyway and answers 503 until it is back (and
+    # migrated), instead of exiting and leaving Svix's retries nowhere to land.
     console.print(f"clerk-sync serving on http://{host}:{port}/webhooks/clerk ({_safe(settings)})")
     if workers > 1:
+        os.environ["CLERK_SYNC_MIGRATE_ON_START"] = "1" if migrate_first else "0"  # for the worker processes
         _serve_workers(host, port, workers)
     else:
         from clerk_sync.integrations.starlette import create_app
 
-        uvicorn.run(create_app(settings, processor), host=host, port=port, log_level="warning")
+        app = create_app(settings, processor, migrate=migrate_first)
+        uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
 @app.command()
@@ -71,7 +78,7 @@ def replay(
     from clerk_sync.ingest import replay_deliveries
 
     settings = _settings()
-    store = Store.from_url(settings.sqlalchemy_url())
+    store = Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts())
     report = replay_deliveries(store, status=status, since=parse_since(since))
     store.dispose()
     console.print(f"replayed {report.total} deliveries: {report.by_status or 'none'}")
@@ -132,7 +139,7 @@ def users_promote(
     from clerk_sync.clerk_api import ClerkClient
 
     settings = _settings()
-    store = Store.from_url(settings.sqlalchemy_url())
+    store = Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts())
     clerk_id = find_user_by_email(store, email)
     if clerk_id is None:
         console.print(f"[red]error:[/] no synced user with email {email!r} (run `clerk-sync reconcile` first?)")
@@ -210,7 +217,7 @@ def users_retry_pending() -> None:
     from clerk_sync.clerk_api import ClerkClient
 
     settings = _settings()
-    store = Store.from_url(settings.sqlalchemy_url())
+    store = Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts())
     with ClerkClient.from_settings(settings) as client:
         counts = AdminActions(store, client).retry_pending()
     store.dispose()

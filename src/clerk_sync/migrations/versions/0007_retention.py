@@ -1,7 +1,7 @@
 """Retention: ``webhook_events.redacted_at`` marks payloads reduced to ids, indexed for the prune job.
 
-Revision ID: 0006_retention
-Revises: 0005
+Revision ID: 0007
+Revises: 0006
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0006_retention"
-down_revision = "0005"
+revision = "0007"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 
