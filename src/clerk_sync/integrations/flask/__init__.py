@@ -22,8 +22,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise ImportError("clerk_sync.integrations.flask needs Flask: pip install 'clerk-sync[flask]'") from exc
 
 from clerk_sync.integrations.flask._cli import cli_group
-from clerk_sync.integrations.flask._ext import (
-    ClerkSync,
+from clerk_sync.integrations.flask._core import (
     ClerkSyncState,
     clerk_login_required,
     clerk_state,
@@ -38,6 +37,7 @@ from clerk_sync.integrations.flask._ext import (
     require_role,
     settings_from_config,
 )
+from clerk_sync.integrations.flask._extension import ClerkSync
 from clerk_sync.integrations.flask._webhook import webhook_blueprint
 
 __all__ = [

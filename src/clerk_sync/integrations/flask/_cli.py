@@ -16,7 +16,7 @@ from rich.console import Console
 
 from clerk_sync import migrations
 from clerk_sync.errors import ClerkSyncError, ConfigError
-from clerk_sync.integrations.flask._ext import clerk_state
+from clerk_sync.integrations.flask._core import clerk_state
 
 __all__ = ["cli_group"]
 

@@ -6,7 +6,7 @@ import structlog
 from flask import Blueprint, Response, jsonify, request
 
 from clerk_sync.errors import PayloadTooLarge, StoreError, WebhookError
-from clerk_sync.integrations.flask._ext import clerk_state, error_json
+from clerk_sync.integrations.flask._core import clerk_state, error_json
 
 __all__ = ["read_limited_body", "webhook_blueprint"]
 

@@ -1,44 +1,41 @@
-"""The Flask extension: settings from ``app.config``, per-app state, the session proxies and the guards.
+"""What the Flask extension stands on: settings from ``app.config``, per-app state, the session proxies, the guards.
 
-Shaped like Flask-Login: ``ClerkSync(app)`` or ``ClerkSync()`` then ``init_app(app)``; everything built
-for an app lives in ``app.extensions["clerk_sync"]`` (a :class:`ClerkSyncState`), so one extension
-object can serve several apps. Flask is synchronous: the blocking ``Authenticator.authenticate`` and
-``JitUsers.get_auth_user`` run in the request thread, and no event loop is ever created.
+Everything built for an app lives in ``app.extensions["clerk_sync"]`` (a :class:`ClerkSyncState`), so one
+:class:`~clerk_sync.integrations.flask.ClerkSync` can serve several apps. Flask is synchronous: the
+blocking ``Authenticator.authenticate`` and ``JitUsers.get_auth_user`` run in the request thread, and no
+event loop is ever created.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar, cast
 
-import httpx
 from flask import Flask, Response, current_app, g, jsonify, request
 from werkzeug.local import LocalProxy
 
 from clerk_sync.auth.admin import AdminActions
-from clerk_sync.auth.authenticator import Authenticator, DenyList
+from clerk_sync.auth.authenticator import Authenticator
 from clerk_sync.auth.claims import Auth
-from clerk_sync.auth.sessions import verifier_from_settings
 from clerk_sync.auth.users import AuthUser, JitUsers
-from clerk_sync.clerk_api import ClerkClient
 from clerk_sync.config import Settings
 from clerk_sync.errors import ClerkSyncError, ConfigError, TokenError
 from clerk_sync.ingest import WebhookProcessor
 from clerk_sync.integrations.http import error_response
-from clerk_sync.integrations.starlette import build_processor
 from clerk_sync.store import Store
 
 __all__ = [
     "EXTENSION_KEY",
-    "ClerkSync",
+    "WEBHOOK_ENDPOINT",
     "ClerkSyncState",
     "clerk_login_required",
     "clerk_state",
     "current_clerk",
     "current_user",
+    "deny_by_default",
     "error_json",
     "not_impersonated",
     "optional_clerk",
@@ -98,9 +95,9 @@ def settings_from_config(config: Mapping[str, Any], environ: Mapping[str, str] |
 
 
 # -- per-app state ---------------------------------------------------------------------------------
-@dataclass(eq=False)
+@dataclass(frozen=True, eq=False)
 class ClerkSyncState:
-    """What :class:`ClerkSync` built for one app: find it with :func:`clerk_state`.
+    """What :class:`~clerk_sync.integrations.flask.ClerkSync` built for one app: find it with :func:`clerk_state`.
 
     ``processor`` is None without a webhook route, ``authenticator`` without session keys
     (``CLERK_JWT_KEY`` or ``CLERK_SECRET_KEY``), ``users`` (JIT sync) and ``admin`` without
@@ -110,26 +107,25 @@ class ClerkSyncState:
     settings: Settings
     store: Store
     processor: WebhookProcessor | None = None
-    authenticator_: Authenticator | None = None
+    authenticator: Authenticator | None = None
     users: JitUsers | None = None
     admin: AdminActions | None = None
     deny_by_default: bool = False
     public_endpoints: frozenset[str] = frozenset()
     audit_impersonation: bool = True
-    _closers: list[Callable[[], None]] = field(default_factory=list, repr=False)
-
-    @property
-    def authenticator(self) -> Authenticator:
-        if self.authenticator_ is None:
-            raise ConfigError("session verification is not configured: set CLERK_JWT_KEY (Dashboard -> API keys "
-                              "-> JWKS Public Key) or CLERK_SECRET_KEY (to fetch the JWKS) in app.config")
-        return self.authenticator_
+    closers: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
     def close(self) -> None:
         """Release the database pool and HTTP clients (tests, or an app that is torn down)."""
-        for close in reversed(self._closers):
-            close()
-        self._closers.clear()
+        while self.closers:
+            self.closers.pop()()
+
+
+def _authenticator(state: ClerkSyncState) -> Authenticator:
+    if state.authenticator is None:
+        raise ConfigError("session verification is not configured: set CLERK_JWT_KEY (Dashboard -> API keys -> "
+                          "JWKS Public Key) or CLERK_SECRET_KEY (to fetch the JWKS) in app.config or the environment")
+    return state.authenticator
 
 
 def clerk_state(app: Flask | None = None) -> ClerkSyncState:
@@ -139,76 +135,6 @@ def clerk_state(app: Flask | None = None) -> ClerkSyncState:
     if not isinstance(state, ClerkSyncState):
         raise RuntimeError("clerk-sync is not set up on this app: call ClerkSync(app) or ClerkSync().init_app(app)")
     return state
-
-
-class ClerkSync:
-    """The Flask extension: the webhook route, session verification, guards, errors as JSON, CLI.
-
-    Usage::
-
-        app.config["CLERK_SYNC"] = {"DATABASE_URL": ..., "CLERK_WEBHOOK_SIGNING_SECRET": ...}
-        clerk = ClerkSync(app, deny_by_default=True, public_endpoints={"home"})
-
-    ``deny_by_default`` refuses (401) every endpoint without a valid session unless it is listed in
-    ``public_endpoints`` or decorated with :func:`public` (the webhook route always is).
-    ``jit`` syncs a signed-in user whose webhook has not arrived (needs ``CLERK_SECRET_KEY``).
-    ``revocation_refresh_s`` is how stale the deny list (revoked sessions, banned users) may be.
-    """
-
-    def __init__(self, app: Flask | None = None, *, settings: Settings | None = None,
-                 webhook_path: str | None = "/webhooks/clerk", deny_by_default: bool = False,
-                 public_endpoints: Iterable[str] = ("static",), jit: bool = True,
-                 audit_impersonation: bool = True, revocation_refresh_s: float = 1.0) -> None:
-        self.settings = settings
-        self.webhook_path = webhook_path
-        self.deny_by_default = deny_by_default
-        self.public_endpoints = frozenset(public_endpoints)
-        self.jit = jit
-        self.audit_impersonation = audit_impersonation
-        self.revocation_refresh_s = revocation_refresh_s
-        if app is not None:
-            self.init_app(app)
-
-    def init_app(self, app: Flask) -> None:
-        """Build the app's state from its config (errors name the missing setting), register the rest."""
-        from clerk_sync.integrations.flask._cli import cli_group
-        from clerk_sync.integrations.flask._webhook import webhook_blueprint
-
-        if EXTENSION_KEY in app.extensions:
-            raise RuntimeError("ClerkSync is already set up on this app")
-        state = self._build(self.settings or settings_from_config(app.config))
-        app.extensions[EXTENSION_KEY] = state
-        if self.webhook_path is not None:
-            app.register_blueprint(webhook_blueprint(self.webhook_path))
-        app.register_error_handler(ClerkSyncError, error_json)
-        app.before_request(_deny_by_default)
-        app.cli.add_command(cli_group())
-
-    def state(self, app: Flask | None = None) -> ClerkSyncState:
-        return clerk_state(app)
-
-    def _build(self, settings: Settings) -> ClerkSyncState:
-        # A missing or malformed webhook secret fails here, at start-up, not on the first delivery.
-        processor = build_processor(settings) if self.webhook_path is not None else None
-        store = processor.store if processor is not None else Store.from_url(settings.sqlalchemy_url())
-        public = self.public_endpoints | ({WEBHOOK_ENDPOINT} if processor else set())
-        state = ClerkSyncState(settings, store, processor, deny_by_default=self.deny_by_default,
-                               public_endpoints=public, audit_impersonation=self.audit_impersonation)
-        state._closers.append(store.dispose)
-        if settings.clerk_secret_key is not None:
-            clerk = ClerkClient.from_settings(settings)
-            state._closers.append(clerk.close)
-            state.admin = AdminActions(store, clerk)
-            state.users = JitUsers(store, clerk=clerk) if self.jit else None
-        if settings.clerk_jwt_key is not None or settings.clerk_secret_key is not None or settings.clerk_jwks_url:
-            http = httpx.Client()
-            state._closers.append(http.close)
-            load_user = state.users.get_auth_user if state.users is not None else None
-            state.authenticator_ = Authenticator(
-                verifier_from_settings(settings, http=http), store,
-                deny_list=DenyList(store, refresh_s=self.revocation_refresh_s), load_user=load_user,
-            )
-        return state
 
 
 # -- errors ----------------------------------------------------------------------------------------
@@ -228,10 +154,10 @@ def _current_auth() -> Auth:
     if auth is None:
         state = clerk_state()
         headers = {k.lower(): v for k, v in request.headers.items()}
-        auth = state.authenticator.authenticate(headers, request.cookies)
+        auth = _authenticator(state).authenticate(headers, request.cookies)
         g._clerk_auth = auth
         if auth.is_impersonated and state.audit_impersonation:
-            state.authenticator.audit_impersonated_request(auth, request.method, request.path, request.remote_addr)
+            _authenticator(state).audit_impersonated_request(auth, request.method, request.path, request.remote_addr)
     return auth
 
 
@@ -239,7 +165,7 @@ def _current_user() -> AuthUser:
     """The caller's row, read (or JIT-synced) on first use in a request and kept for the rest of it."""
     user: AuthUser | None = g.get("_clerk_user")
     if user is None:
-        user = clerk_state().authenticator.user(_current_auth())
+        user = _authenticator(clerk_state()).user(_current_auth())
         g._clerk_user = user
     return user
 
@@ -265,7 +191,8 @@ def public(view: Callable[P, R]) -> Callable[P, R]:
     return view
 
 
-def _deny_by_default() -> None:
+def deny_by_default() -> None:
+    """``before_request``: refuse non-public endpoints without a valid session (when the app asks for it)."""
     state = clerk_state()
     if not state.deny_by_default:
         return
@@ -297,7 +224,7 @@ def require_role(*roles: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """An app role confirmed against the DB row, so a demotion applies on the next request (403)."""
 
     def check() -> None:
-        g._clerk_user = clerk_state().authenticator.require_role(_current_auth(), *roles)
+        g._clerk_user = _authenticator(clerk_state()).require_role(_current_auth(), *roles)
 
     return _guard(check)
 
