@@ -8,46 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import httpx
 import pytest
 from examples.flask_saas.app import create_app
-from flask import Flask
 
 from clerk_sync.config import Settings
 from clerk_sync.integrations.flask import clerk_state
 from clerk_sync.testing import EmulatorServer
+from tests._flask import Pages, running_wsgi
 from tests._server import free_port
-from tests._wsgi import running_wsgi
-
-
-@dataclass(frozen=True)
-class Page:
-    status: int
-    json: Any
-
-
-class Pages:
-    """One way of making requests, for both clients: ``get``/``post`` with an optional session token."""
-
-    def __init__(self, app: Flask, http: httpx.Client | None) -> None:
-        self.app, self.http = app, http
-
-    def request(self, method: str, path: str, token: str | None = None, **params: str) -> Page:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        if self.http is not None:
-            r = self.http.request(method, path, headers=headers, params=params)
-            return Page(r.status_code, r.json())
-        with self.app.test_client() as client:
-            resp = client.open(path, method=method, headers=headers, query_string=params)
-            return Page(resp.status_code, resp.get_json())
-
-    def get(self, path: str, token: str | None = None, **params: str) -> Page:
-        return self.request("GET", path, token, **params)
-
-    def post(self, path: str, token: str | None = None, **params: str) -> Page:
-        return self.request("POST", path, token, **params)
 
 
 @dataclass
