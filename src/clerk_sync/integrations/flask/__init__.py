@@ -21,7 +21,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("clerk_sync.integrations.flask needs Flask: pip install 'clerk-sync[flask]'") from exc
 
-from clerk_sync.integrations.flask._cli import cli_group
+from clerk_sync.integrations.flask._cli import clerk_sync_cli
 from clerk_sync.integrations.flask._core import (
     ClerkSyncState,
     clerk_login_required,
@@ -45,7 +45,7 @@ __all__ = [
     "ClerkSyncState",
     "clerk_login_required",
     "clerk_state",
-    "cli_group",
+    "clerk_sync_cli",
     "current_clerk",
     "current_user",
     "error_json",

@@ -18,7 +18,7 @@ from clerk_sync import migrations
 from clerk_sync.errors import ClerkSyncError, ConfigError
 from clerk_sync.integrations.flask._core import clerk_state
 
-__all__ = ["cli_group"]
+__all__ = ["clerk_sync_cli"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -37,6 +37,10 @@ def _readable(command: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
+clerk_sync_cli = AppGroup("clerk-sync", help="clerk-sync commands, configured from this app's config.")
+
+
+@clerk_sync_cli.command()
 @_readable
 def migrate() -> None:
     """Apply database migrations."""
@@ -44,6 +48,9 @@ def migrate() -> None:
     click.echo(f"migrations current ({migrations.head_revision()})")
 
 
+@clerk_sync_cli.command()
+@click.option("--status", default="failed", show_default=True, help="Replay deliveries with this status.")
+@click.option("--since", default=None, help="Received at/after (ISO 8601, naive = UTC).")
 @_readable
 def replay(status: str, since: str | None) -> None:
     """Re-apply stored deliveries (after fixing what made them fail)."""
@@ -54,6 +61,9 @@ def replay(status: str, since: str | None) -> None:
     click.echo(f"replayed {report.total} deliveries: {report.by_status or 'none'}")
 
 
+@clerk_sync_cli.command()
+@click.option("--since", default=None, help="Only users updated at/after this ISO time.")
+@click.option("--dry-run", is_flag=True, help="Write nothing; print the diff.")
 @_readable
 def reconcile(since: str | None, dry_run: bool) -> None:
     """Re-read Clerk (users, organizations, memberships) and repair drift; resumes after a kill."""
@@ -62,6 +72,9 @@ def reconcile(since: str | None, dry_run: bool) -> None:
     reconcile_command(clerk_state().settings, since=since, dry_run=dry_run, console=Console(stderr=True))
 
 
+@clerk_sync_cli.command()
+@click.argument("email")
+@click.option("--role", default="admin", show_default=True, help="Role for public_metadata.role.")
 @_readable
 def promote(email: str, role: str) -> None:
     """Set a user's role in Clerk and the DB (needs CLERK_SECRET_KEY); audited."""
@@ -75,19 +88,3 @@ def promote(email: str, role: str) -> None:
         raise click.ClickException(f"no synced user with email {email!r} (run `flask clerk-sync reconcile` first?)")
     change = state.admin.promote(clerk_id, role, by=None)
     click.echo(f"{change.status}: {email} ({clerk_id}) {change.previous_role} -> {role}")
-
-
-def cli_group() -> AppGroup:
-    """A fresh ``clerk-sync`` command group (commands run inside the app context)."""
-    group = AppGroup("clerk-sync", help="clerk-sync commands, configured from this app's config.")
-    group.command("migrate")(migrate)
-    group.command("replay")(
-        click.option("--status", default="failed", show_default=True, help="Replay deliveries with this status.")(
-            click.option("--since", default=None, help="Received at/after (ISO 8601, naive = UTC).")(replay)))
-    group.command("reconcile")(
-        click.option("--since", default=None, help="Only users updated at/after this ISO time.")(
-            click.option("--dry-run", is_flag=True, help="Write nothing; print the diff.")(reconcile)))
-    group.command("promote")(
-        click.argument("email")(
-            click.option("--role", default="admin", show_default=True, help="Role for public_metadata.role.")(promote)))
-    return group

@@ -14,7 +14,7 @@ from clerk_sync.auth.users import JitUsers
 from clerk_sync.clerk_api import ClerkClient
 from clerk_sync.config import Settings
 from clerk_sync.errors import ClerkSyncError
-from clerk_sync.integrations.flask._cli import cli_group
+from clerk_sync.integrations.flask._cli import clerk_sync_cli
 from clerk_sync.integrations.flask._core import (
     EXTENSION_KEY,
     WEBHOOK_ENDPOINT,
@@ -69,7 +69,7 @@ class ClerkSync:
             app.register_blueprint(webhook_blueprint(self.webhook_path))
         app.register_error_handler(ClerkSyncError, error_json)
         app.before_request(deny_by_default)
-        app.cli.add_command(cli_group())
+        app.cli.add_command(clerk_sync_cli)
 
     def state(self, app: Flask | None = None) -> ClerkSyncState:
         return clerk_state(app)
