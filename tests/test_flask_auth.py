@@ -49,7 +49,11 @@ ROLE_PERMISSIONS = {"org:admin": ("org:sys_memberships:manage",), "org:member": 
 def build_app(config: dict[str, Any], **options: Any) -> Flask:
     app = Flask(__name__)
     app.config["CLERK_SYNC"] = config
-    ClerkSync(app, **{"deny_by_default": True, "revocation_refresh_s": 0, **options})
+    ClerkSync(app, **{"deny_by_default": True, "revocation_refresh_s": 0, "public_endpoints": {"status"}, **options})
+
+    @app.get("/status")
+    def status() -> dict[str, str]:  # public through public_endpoints
+        return {"status": "ok"}
 
     @app.get("/")
     @public
@@ -219,6 +223,7 @@ def test_deny_by_default_public_views_and_unknown_paths(world: World) -> None:
     assert world.app.get("/").json == {"page": "public", "user": None}
     assert world.app.get("/", token).json == {"page": "public", "user": user["id"]}
     assert world.app.get("/", "garbage").json["user"] is None  # a bad token on a public page: signed out
+    assert world.app.get("/status").json == {"status": "ok"}
     missing = world.app.get("/session")
     assert (missing.status, missing.json["error"]) == (401, "token_missing")
     assert world.app.get("/session", token).json == {"user": user["id"]}

@@ -40,19 +40,19 @@ class ClerkSync:
         clerk = ClerkSync(app, deny_by_default=True, public_endpoints={"home"})
 
     ``deny_by_default`` refuses (401) every endpoint without a valid session unless it is listed in
-    ``public_endpoints`` or decorated with :func:`public` (the webhook route always is).
+    ``public_endpoints`` or decorated with :func:`public` (the webhook route and ``static`` always are).
     ``jit`` syncs a signed-in user whose webhook has not arrived (needs ``CLERK_SECRET_KEY``).
     ``revocation_refresh_s`` is how stale the deny list (revoked sessions, banned users) may be.
     """
 
     def __init__(self, app: Flask | None = None, *, settings: Settings | None = None,
                  webhook_path: str | None = "/webhooks/clerk", deny_by_default: bool = False,
-                 public_endpoints: Iterable[str] = ("static",), jit: bool = True,
+                 public_endpoints: Iterable[str] = (), jit: bool = True,
                  audit_impersonation: bool = True, revocation_refresh_s: float = 1.0) -> None:
         self.settings = settings
         self.webhook_path = webhook_path
         self.deny_by_default = deny_by_default
-        self.public_endpoints = frozenset(public_endpoints)
+        self.public_endpoints = frozenset(public_endpoints) | {"static"}  # the app's static files
         self.jit = jit
         self.audit_impersonation = audit_impersonation
         self.revocation_refresh_s = revocation_refresh_s
