@@ -6,8 +6,12 @@ requested either through ``app.test_client()`` or over HTTP to the same server.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -135,3 +139,23 @@ def test_sync_me_right_after_sign_up_creates_the_row_before_the_webhook(world: W
     assert world.app.post("/sync/me", tok).json == {"user_id": user["id"], "email": "fresh@example.com", "role": "user"}
     world.clerk.request("DELETE", f"/v1/users/{user['id']}")
     assert world.app.post("/sync/me", tok).status == 410  # deleted in Clerk: UserDeleted
+
+
+def test_one_command_runs_the_example_against_the_emulator(tmp_path: Path) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLERK_") and k != "DATABASE_URL"}
+    env.update(PYTHONPATH=str(Path(__file__).resolve().parents[1]), PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "examples.flask_saas", str(port)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline() for _ in range(3)]
+        assert lines[0].startswith(f"example app (Flask): http://127.0.0.1:{port}"), lines
+        admin_token = lines[1].rsplit(" ", 1)[1].strip()
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            assert http.get("/").status_code == 200
+            page = http.get("/dashboard", headers={"Authorization": f"Bearer {admin_token}"})
+            assert (page.status_code, page.json()["email"], page.json()["role"]) == (200, "admin@example.com", "admin")
+    finally:
+        proc.terminate()
+        proc.wait(10)
