@@ -37,6 +37,7 @@ from clerk_sync.integrations.flask import (
 from clerk_sync.store import Store
 from clerk_sync.tables import audit_log, metadata
 from clerk_sync.testing import EmulatorServer
+from tests import factories as f
 from tests._flask import Pages, running_wsgi
 from tests._server import free_port
 from tests.conftest import SECRET
@@ -325,4 +326,26 @@ def test_a_missing_secret_or_key_fails_at_start_up_and_says_what_to_set(tmp_path
     assert "CLERK_JWT_KEY" in refused.json["message"]
     with pytest.raises(RuntimeError, match="already set up"):
         ClerkSync(app)
+    clerk_state(app).close()
+
+
+def test_database_down_public_pages_stay_up_protected_ones_answer_503() -> None:
+    from tests.test_auth import token
+    from tests.test_sessions import AZP, ISS, KEY, pem
+
+    down = "postgresql+psycopg://postgres@127.0.0.1:1/nowhere?connect_timeout=1"
+    app = build_app({"DATABASE_URL": down, "CLERK_WEBHOOK_SIGNING_SECRET": SECRET, "CLERK_JWT_KEY": pem(KEY),
+                     "CLERK_ISSUER": ISS, "CLERK_AUTHORIZED_PARTIES": AZP})
+    pages = Pages(app, None)
+    tok = token("user_down")
+    assert pages.get("/", tok).json == {"page": "public", "user": None}  # the deny list is unreadable: signed out
+    refused = pages.get("/session", tok)
+    assert (refused.status, refused.json["error"]) == (503, "store_unavailable")
+    with app.test_client() as client:
+        r = client.post("/webhooks/clerk", data=b"{}", headers={"svix-id": "m", "svix-timestamp": str(int(time.time())),
+                                                                "svix-signature": "v1,x"})
+        assert r.status_code == 401  # refused before the database is needed
+        headers, body = f.signed(f.envelope("user.created", f.user("user_down", 1)), "msg_down")
+        r = client.post("/webhooks/clerk", data=body, headers=headers)
+        assert (r.status_code, r.get_json()["error"], r.headers["Retry-After"]) == (503, "store_unavailable", "5")
     clerk_state(app).close()

@@ -22,7 +22,7 @@ from clerk_sync.auth.authenticator import Authenticator
 from clerk_sync.auth.claims import Auth
 from clerk_sync.auth.users import AuthUser, JitUsers
 from clerk_sync.config import Settings
-from clerk_sync.errors import ClerkSyncError, ConfigError, TokenError
+from clerk_sync.errors import ClerkSyncError, ConfigError, StoreError, TokenError
 from clerk_sync.ingest import WebhookProcessor
 from clerk_sync.integrations.http import error_response
 from clerk_sync.store import Store
@@ -54,13 +54,14 @@ R = TypeVar("R")
 
 
 # -- settings --------------------------------------------------------------------------------------
-def _spellings() -> dict[str, tuple[str, ...]]:
-    """Each setting's primary environment name -> its environment names, in Settings' order of preference."""
+def _spellings(*, field_names: bool = False) -> dict[str, tuple[str, ...]]:
+    """Each setting's primary environment name -> its environment names in Settings' order of preference
+    (then its field name, with ``field_names``)."""
     out: dict[str, tuple[str, ...]] = {}
     for name, info in Settings.model_fields.items():
         alias = info.validation_alias
         names = [alias] if isinstance(alias, str) else [c for c in getattr(alias, "choices", ()) if isinstance(c, str)]
-        out[names[0] if names else name] = tuple(names)
+        out[names[0] if names else name] = (*names, name) if field_names else tuple(names)
     return out
 
 
@@ -77,12 +78,10 @@ def settings_from_config(config: Mapping[str, Any], environ: Mapping[str, str] |
     config keys named like the environment variables (``CLERK_WEBHOOK_SIGNING_SECRET``, ``DATABASE_URL``,
     ``CLERK_SYNC_MAX_BODY_BYTES`` ...), then the environment (``environ``, default ``os.environ``).
     """
-    spellings = _spellings()
+    spellings, fields = _spellings(), _spellings(field_names=True)
     section = config.get("CLERK_SYNC") or {}
     if not isinstance(section, Mapping):
         raise ConfigError("app.config['CLERK_SYNC'] must be a dict of settings, e.g. {'DATABASE_URL': ...}")
-    fields = {primary: (*keys, name) for (primary, keys), name in zip(spellings.items(), Settings.model_fields,
-                                                                       strict=True)}
     known = {key for keys in fields.values() for key in keys}
     unknown = sorted(str(k) for k in section if k not in known)
     if unknown:
@@ -154,10 +153,11 @@ def _current_auth() -> Auth:
     if auth is None:
         state = clerk_state()
         headers = {k.lower(): v for k, v in request.headers.items()}
-        auth = _authenticator(state).authenticate(headers, request.cookies)
+        authenticator = _authenticator(state)
+        auth = authenticator.authenticate(headers, request.cookies)
+        if auth.is_impersonated and state.audit_impersonation:  # no audit row, no access (503)
+            authenticator.audit_impersonated_request(auth, request.method, request.path, request.remote_addr)
         g._clerk_auth = auth
-        if auth.is_impersonated and state.audit_impersonation:
-            _authenticator(state).audit_impersonated_request(auth, request.method, request.path, request.remote_addr)
     return auth
 
 
@@ -177,10 +177,13 @@ current_user = cast(AuthUser, LocalProxy(_current_user))
 
 
 def optional_clerk() -> Auth | None:
-    """The verified session, or None when the request has none (or a bad one): for public pages."""
+    """The verified session, or None when the request has none (or a bad one): for public pages.
+
+    A database outage (deny list unreadable) also reads as signed out: it must not take public pages down.
+    """
     try:
         return _current_auth()
-    except TokenError:
+    except (TokenError, StoreError):
         return None
 
 
