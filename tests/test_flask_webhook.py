@@ -149,3 +149,26 @@ def test_an_oversized_body_is_refused_before_it_is_read(db_url: str) -> None:
         assert (r.status_code, r.json()["error"]) == (413, "payload_too_large")
     assert set(row_counts(clerk_state(app).store).values()) == {0}
     clerk_state(app).close()
+
+
+def test_one_extension_serves_two_apps_each_with_its_own_database(tmp_path: Any) -> None:
+    from clerk_sync import migrations
+    from clerk_sync.store import create_engine
+
+    extension = ClerkSync()  # the application-factory shape: init_app per app
+    apps = []
+    for name in ("a", "b"):
+        url = f"sqlite:///{tmp_path / name}.db"
+        engine = create_engine(url)
+        migrations.upgrade(engine)
+        engine.dispose()
+        app = Flask(name)
+        app.config.update(DATABASE_URL=url, CLERK_WEBHOOK_SIGNING_SECRET=SECRET)  # top-level config keys
+        extension.init_app(app)
+        apps.append(app)
+    headers, body = f.signed(f.envelope("user.created", f.user("user_a_only", 1)), "msg_a")
+    assert apps[0].test_client().post("/webhooks/clerk", data=body, headers=headers).get_json()["status"] == "applied"
+    assert row_counts(clerk_state(apps[0]).store)["users"] == 1
+    assert row_counts(clerk_state(apps[1]).store)["users"] == 0
+    for app in apps:
+        clerk_state(app).close()
