@@ -41,7 +41,7 @@ PUBLIC_API: dict[str, list[str]] = {
     "clerk_sync.engine": ["Action", "Entity", "HANDLED_EVENT_TYPES", "Ignore", "Intent", "Record", "RevokeSession", "RowState", "Tombstone", "Upsert", "decide", "plan"],
     "clerk_sync.errors": ["AccessDenied", "ClerkAPIError", "ClerkNotFound", "ClerkSyncDeprecationWarning", "ClerkSyncError", "ClerkUnauthorized", "ClerkUnavailable", "ClerkValidationError", "ConfigError", "EventShapeError", "PayloadError", "PayloadTooLarge", "RateLimited", "ReconcileBusy", "SessionPending", "SessionRevoked", "SessionUserBanned", "StoreDataError", "StoreError", "TokenAlgorithmNotAllowed", "TokenAuthorizedPartyInvalid", "TokenClaimMissing", "TokenError", "TokenExpired", "TokenIssuedInFuture", "TokenIssuerInvalid", "TokenKeyUnknown", "TokenMalformed", "TokenMissing", "TokenNotYetValid", "TokenSignatureInvalid", "UserBanned", "UserDeleted", "WebhookError", "WebhookHeadersMissing", "WebhookVerificationError", "WrongInstance"],
     "clerk_sync.events": ["Envelope", "MembershipRecord", "OrganizationRecord", "UserRecord", "membership_record", "normalize_timestamp_ms", "organization_record", "parse_envelope", "user_record"],
-    "clerk_sync.ingest": ["Outcome", "ReplayReport", "WebhookProcessor", "apply_envelope", "replay_deliveries"],
+    "clerk_sync.ingest": ["Outcome", "ReplayReport", "WebhookProcessor", "apply_envelope", "replay_deliveries", "replay_one"],
     "clerk_sync.integrations": [],
     "clerk_sync.integrations.asgi": ["ClerkAuthBackend", "ClerkAuthMiddleware", "ClerkUser"],
     "clerk_sync.integrations.fastapi": ["ClerkAuth", "build_processor", "sync_me_router", "webhook_router"],

@@ -69,9 +69,15 @@ class Settings(BaseSettings):
     clerk_issuer: str | None = Field(None, validation_alias=AliasChoices("CLERK_ISSUER", "CLERK_FRONTEND_API_URL"))
     authorized_parties_raw: str | None = Field(None, validation_alias="CLERK_AUTHORIZED_PARTIES")
     session_leeway_s: float = Field(5.0, ge=0, validation_alias="CLERK_SYNC_SESSION_LEEWAY_S")
+    # The operator console at /console of `clerk-sync serve` (opt-in); admins sign in with Clerk, or an
+    # operator with this token (a standalone service with no Clerk front end).
+    console_enabled: bool = Field(False, validation_alias="CLERK_SYNC_CONSOLE")
+    console_operator_token: SecretStr | None = Field(None, validation_alias="CLERK_SYNC_CONSOLE_TOKEN")
+    console_read_only: bool = Field(False, validation_alias="CLERK_SYNC_CONSOLE_READ_ONLY")
 
     @field_validator("instance_id", "redis_url", "webhook_secret", "clerk_secret_key", "clerk_api_rate_limit",
-                     "clerk_jwt_key", "clerk_jwks_url", "clerk_issuer", "authorized_parties_raw", mode="before")
+                     "clerk_jwt_key", "clerk_jwks_url", "clerk_issuer", "authorized_parties_raw",
+                     "console_operator_token", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         # `export CLERK_ISSUER=` means "not set", not "the empty issuer".

@@ -111,6 +111,8 @@ webhook_events = sa.Table(
     sa.Column("last_error", sa.Text, nullable=True),
     sa.Column("applied_at", Timestamp, nullable=True),
     sa.Index("ix_webhook_events_status_received_at", "status", "received_at"),
+    sa.Index("ix_webhook_events_received_at", "received_at"),  # the console's freshness figures
+    # Migration 0006_console also indexes the Clerk ids inside ``payload`` (expression indexes).
 )
 
 audit_log = sa.Table(
