@@ -43,6 +43,7 @@ PUBLIC_API: dict[str, list[str]] = {
     "clerk_sync.events": ["Envelope", "MembershipRecord", "OrganizationRecord", "UserRecord", "membership_record", "normalize_timestamp_ms", "organization_record", "parse_envelope", "user_record"],
     "clerk_sync.ingest": ["Outcome", "ReplayReport", "WebhookProcessor", "apply_envelope", "replay_deliveries", "replay_one"],
     "clerk_sync.integrations": [],
+    "clerk_sync.integrations.console": ["create_console"],
     "clerk_sync.integrations.asgi": ["ClerkAuthBackend", "ClerkAuthMiddleware", "ClerkUser"],
     "clerk_sync.integrations.fastapi": ["ClerkAuth", "build_processor", "sync_me_router", "webhook_router"],
     "clerk_sync.integrations.http": ["ErrorResponse", "STATUS_BY_ERROR", "error_response", "status_for"],

@@ -16,7 +16,7 @@ from anyio import CapacityLimiter, to_thread
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute, Mount, Route
 
 from clerk_sync import migrations
 from clerk_sync.config import Settings
@@ -149,9 +149,15 @@ def _service_routes(processor: WebhookProcessor) -> Sequence[BaseRoute]:
 
 
 def create_app(settings: Settings, processor: WebhookProcessor | None = None) -> Starlette:
-    """The standalone sync service (``clerk-sync serve``)."""
+    """The standalone sync service (``clerk-sync serve``), with the console at ``/console`` when
+    ``CLERK_SYNC_CONSOLE`` is set."""
     processor = processor or build_processor(settings)
-    return Starlette(routes=list(_service_routes(processor)))
+    routes = list(_service_routes(processor))
+    if settings.console_enabled:
+        from clerk_sync.integrations.console import create_console
+
+        routes.append(Mount("/console", app=create_console(processor.store, settings)))
+    return Starlette(routes=routes)
 
 
 def app_from_env() -> Starlette:
