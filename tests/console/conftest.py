@@ -16,7 +16,7 @@ import pytest
 import sqlalchemy as sa
 
 from clerk_sync.config import Settings
-from clerk_sync.integrations.console._app import Console
+from clerk_sync.integrations.console._console import Console
 from clerk_sync.integrations.starlette import build_processor, create_app
 from clerk_sync.store import Store
 from clerk_sync.tables import audit_log, users

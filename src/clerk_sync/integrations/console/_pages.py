@@ -12,7 +12,7 @@ import io
 import json
 import re
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import sqlalchemy as sa
 from starlette.requests import Request
@@ -25,12 +25,10 @@ from clerk_sync.errors import ConfigError, StoreDataError, StoreError
 from clerk_sync.ingest import replay_one
 from clerk_sync.integrations.console import _queries as q
 from clerk_sync.integrations.console._access import Identity
+from clerk_sync.integrations.console._console import Console
 from clerk_sync.integrations.console._masking import mask
 from clerk_sync.integrations.console._web import BadInput, NotFound, client_ip, set_session_cookie
 from clerk_sync.tables import audit_log
-
-if TYPE_CHECKING:
-    from clerk_sync.integrations.console._app import Console
 
 __all__ = [
     "audit", "audit_csv", "deliveries", "delivery", "drift", "drift_run", "drift_status", "logout", "organization",
