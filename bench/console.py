@@ -53,7 +53,7 @@ from clerk_sync.tables import (
 SECTION = "## Console (bench/console.py)"
 BEGIN, END = "<!-- console-bench:begin -->", "<!-- console-bench:end -->"
 PG_URL = os.environ.get("CLERK_SYNC_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-TOKEN = "bench-operator-token"
+TOKEN = "bench-operator-token"  # noqa: S105 - a throwaway local server
 TARGET_MS = 100.0
 FIRST = ["Ada", "Grace", "Alan", "Edsger", "Barbara", "Donald", "Margaret", "Ken", "Frances", "John"]
 LAST = ["Lovelace", "Hopper", "Turing", "Dijkstra", "Liskov", "Knuth", "Hamilton", "Thompson", "Allen", "Backus"]

@@ -52,3 +52,18 @@ def test_mask_hides_personal_fields_at_any_depth() -> None:
     assert data["private_metadata"] == MASK and data["unsafe_metadata"] == {}
     assert data["public_metadata"] == {"role": "admin"} and data["id"] == "user_1"
     assert payload["data"]["first_name"] == "Ada"  # a copy: the stored payload is untouched
+
+
+def test_delivery_types_lists_each_type_once(store: Store) -> None:
+    from clerk_sync.integrations.console._queries import delivery_types
+
+    with store.transaction() as w:
+        for i, kind in enumerate(["user.updated", "user.created", "user.updated", "session.created"]):
+            w.record_delivery(f"msg_{i}", {"type": kind, "data": {}}, event_type=kind, instance_id=None,
+                              event_timestamp=None)
+    with store.connect() as conn:
+        assert delivery_types(conn) == ["session.created", "user.created", "user.updated"]
+    with store.transaction() as w:
+        w.conn.execute(sa.delete(webhook_events))
+    with store.connect() as conn:
+        assert delivery_types(conn) == []
