@@ -167,7 +167,8 @@ def _signed_in(request: Request, identity: Identity, next_path: str) -> Response
     home = request.url_for("overview").path
     root = request.scope.get("root_path") or ""
     # Only paths inside the console: never an open redirect to another site.
-    target = next_path if next_path.startswith(root + "/") and not next_path.startswith("//") else home
+    inside = next_path.startswith(root + "/") and not next_path.startswith("//") and "\\" not in next_path
+    target = next_path if inside else home
     response = RedirectResponse(target, status_code=303)
     if identity.new_cookie:
         set_session_cookie(request, response, identity.new_cookie)
