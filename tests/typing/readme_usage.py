@@ -39,3 +39,14 @@ def build(settings: Settings) -> ClerkAuthMiddleware:
         return {"user": auth.user_id, "org": auth.org_id, "impersonator": auth.actor_id}
 
     return ClerkAuthMiddleware(app, authenticator, public_paths={"/", "/webhooks/clerk"})
+
+
+def console(settings: Settings) -> Starlette:
+    """The README's "Operator console" snippet."""
+    from starlette.routing import Mount
+
+    from clerk_sync.integrations.console import create_console
+    from clerk_sync.store import Store
+
+    store = Store.from_url(settings.sqlalchemy_url())
+    return Starlette(routes=[Mount("/console", app=create_console(store, settings))])
