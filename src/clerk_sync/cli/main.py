@@ -53,6 +53,8 @@ def serve(
     if migrate_first:
         migrations.upgrade(processor.store.engine)
     console.print(f"clerk-sync serving on http://{host}:{port}/webhooks/clerk ({_safe(settings)})")
+    if settings.console_enabled:
+        console.print(f"operator console on http://{host}:{port}/console")
     if workers > 1:
         _serve_workers(host, port, workers)
     else:
