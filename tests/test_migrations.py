@@ -13,7 +13,7 @@ from clerk_sync import migrations
 from clerk_sync.store import create_engine
 from clerk_sync.tables import metadata
 
-# Expression indexes (migration 0006_console) live in the migration only: SQLAlchemy cannot reflect
+# Expression indexes (migration 0008_console) live in the migration only: SQLAlchemy cannot reflect
 # them on SQLite, nor compare them on PostgreSQL.
 EXPRESSION_INDEXES = {"ix_webhook_events_data_id", "ix_webhook_events_data_user_id", "ix_webhook_events_data_org_id",
                       "ix_users_first_name_lower", "ix_users_last_name_lower", "ix_organizations_name_lower"}

@@ -1,4 +1,4 @@
-"""The console's reads use the indexes of migration 0006_console, and masking hides personal data."""
+"""The console's reads use the indexes of migration 0008_console, and masking hides personal data."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 so page 1 and page 2,000 cost the same; no list counts its rows.
 
 Filters on Clerk ids inside a delivery's payload use the expression indexes of migration
-``0006_console``: the expressions below compile to exactly the indexed text on each dialect.
+``0008_console``: the expressions below compile to exactly the indexed text on each dialect.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ _TOP = "\U0010ffff"  # above every character: ``x >= q AND x < q + _TOP`` is a p
 
 
 class _PayloadText(FunctionElement[str]):
-    """``payload`` -> a text field at ``path``, written as migration 0006_console indexes it."""
+    """``payload`` -> a text field at ``path``, written as migration 0008_console indexes it."""
 
     type = sa.String()
     inherit_cache = True

@@ -4,16 +4,16 @@ users and organizations by lower-cased name (prefix search).
 The expression indexes are not declared in ``tables.py`` (SQLAlchemy cannot compare them across
 dialects); the console's queries use the very same expressions (``integrations/console/queries.py``).
 
-Revision ID: 0006_console
-Revises: 0005
+Revision ID: 0008_console
+Revises: 0007
 """
 
 from __future__ import annotations
 
 from alembic import op
 
-revision = "0006_console"
-down_revision = "0005"
+revision = "0008_console"
+down_revision = "0007"
 branch_labels = None
 depends_on = None
 
