@@ -17,7 +17,6 @@ import argparse
 import os
 import platform
 import random
-import socket
 import statistics
 import sys
 import tempfile
@@ -33,7 +32,7 @@ from typing import Any
 import httpx
 import sqlalchemy as sa
 import uvicorn
-from _report import write_section  # bench/ is on sys.path when run as a script
+from _common import free_port, write_section  # bench/ is on sys.path when run as a script
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
@@ -132,9 +131,7 @@ def seed(store: Store, n_users: int, n_deliveries: int) -> dict[str, Any]:
 
 @contextmanager
 def serving(app: Any) -> Iterator[str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
