@@ -251,3 +251,13 @@ def test_settings_read_the_console_variables() -> None:
                                   "CLERK_SYNC_CONSOLE_READ_ONLY": "true"})
     assert settings.console_enabled and settings.console_read_only and settings.console_operator_token is None
     assert not Settings.from_env({}).console_enabled
+
+
+def test_overview_shows_the_freshness_checks_of_the_alert_rules(stack: ConsoleStack) -> None:
+    with operator_client(stack) as client:
+        calm = client.get("/", headers=HTML).text
+        assert 'data-testid="freshness"' in calm and '<span class="bad">fail</span>' not in calm
+        stack.failed_delivery(stack.user_id, first_name="Gracie")
+        alarmed = client.get("/", headers=HTML).text
+    row = re.search(r"<tr><td><span class=\"bad\">fail</span></td><td>([^<]+)</td>", alarmed)
+    assert row is not None and "failed" in row.group(1)  # CLERK_SYNC_FRESHNESS_MAX_FAILED is 0 by default

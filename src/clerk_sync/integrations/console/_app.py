@@ -196,7 +196,11 @@ def create_console(store: Store, settings: Settings, *, clerk: ClerkClient | Non
     key = secret or signing_key(operator, *(s.get_secret_value() for s in (settings.clerk_secret_key,
                                                                             settings.webhook_secret) if s))
     access = ConsoleAccess(store, operator_token=operator, authenticator=authenticator, secret=key)
-    console = Console(store, access, clerk=clerk, read_only=settings.console_read_only, now=now)
+    limits = {"max_delivery_age_s": settings.freshness_max_delivery_age_s,
+              "max_failed": settings.freshness_max_failed,
+              "max_reconcile_age_s": settings.freshness_max_reconcile_age_s}
+    console = Console(store, access, clerk=clerk, read_only=settings.console_read_only, now=now,
+                      freshness_limits=limits)
     app = Starlette(routes=_routes(console))
     app.state.console = console
     return app

@@ -33,12 +33,14 @@ class Console:
     """What the handlers share: the store, access rules, templates, the Clerk client and the drift job."""
 
     def __init__(self, store: Store, access: ConsoleAccess, *, clerk: ClerkClient | None, read_only: bool,
-                 now: Callable[[], datetime]) -> None:
+                 now: Callable[[], datetime], freshness_limits: dict[str, float] | None = None) -> None:
         self.store = store
         self.access = access
         self.clerk = clerk
         self.read_only = read_only
         self.now = now
+        # The thresholds of the alert rules and `doctor --freshness` (CLERK_SYNC_FRESHNESS_*).
+        self.freshness_limits = freshness_limits or {}
         self.drift = DriftJob(store, clerk, now=now) if clerk is not None else None
         env = Environment(loader=PackageLoader("clerk_sync.integrations.console", "templates"),
                           autoescape=select_autoescape(default=True), trim_blocks=True, lstrip_blocks=True)

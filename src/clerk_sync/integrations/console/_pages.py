@@ -22,6 +22,7 @@ from clerk_sync import migrations
 from clerk_sync.auth.admin import AdminActions
 from clerk_sync.auth.audit import record_audit
 from clerk_sync.errors import ConfigError, StoreDataError, StoreError
+from clerk_sync.freshness import FreshnessCheck, check_freshness, read_snapshot
 from clerk_sync.ingest import replay_one
 from clerk_sync.integrations.console import _queries as q
 from clerk_sync.integrations.console._access import Identity
@@ -80,7 +81,17 @@ def overview(console: Console, request: Request, identity: Identity, form: Form)
     with console.store.connect() as conn:
         figures = q.overview(conn, console.now())
     return console.render(request, "overview.html", identity, figures=figures, database=_database(console),
-                          clerk=_clerk_state(console))
+                          clerk=_clerk_state(console), checks=_freshness(console))
+
+
+def _freshness(console: Console) -> list[FreshnessCheck]:
+    """The questions the alert rules and ``doctor --freshness`` ask, with the same thresholds."""
+    limits = console.freshness_limits
+    if not limits:
+        return []
+    return check_freshness(read_snapshot(console.store), now=console.now().timestamp(),
+                           max_delivery_age_s=limits["max_delivery_age_s"], max_failed=int(limits["max_failed"]),
+                           max_reconcile_age_s=limits["max_reconcile_age_s"])
 
 
 def _database(console: Console) -> dict[str, Any]:
