@@ -26,7 +26,7 @@ from clerk_sync.tables import webhook_events
 from clerk_sync.tracing import delivery_span
 from clerk_sync.webhooks import WebhookVerifier
 
-__all__ = ["Outcome", "ReplayReport", "WebhookProcessor", "apply_envelope", "replay_deliveries"]
+__all__ = ["Outcome", "ReplayReport", "WebhookProcessor", "apply_envelope", "replay_deliveries", "replay_one"]
 
 log = structlog.get_logger("clerk_sync.webhook")
 
@@ -142,7 +142,7 @@ def replay_deliveries(
     for svix_id in ids:
         try:
             with store.transaction() as writer:
-                result = _replay_one(writer, svix_id)
+                result = replay_one(writer, svix_id)
         except StoreDataError as exc:  # still refused by the DB: record it and go on with the rest
             with store.transaction() as writer:
                 writer.finish_delivery(svix_id, "failed", str(exc), count_attempt=True)
@@ -151,7 +151,9 @@ def replay_deliveries(
     return ReplayReport(len(ids), counts)
 
 
-def _replay_one(writer: Writer, svix_id: str) -> str:
+def replay_one(writer: Writer, svix_id: str) -> str:
+    """Re-apply one stored delivery inside the caller's transaction (so an audit row can share it);
+    returns its new status. :func:`replay_deliveries` runs it once per delivery."""
     payload = writer.conn.execute(
         sa.select(webhook_events.c.payload).where(webhook_events.c.svix_id == svix_id)
     ).scalar_one()

@@ -114,6 +114,8 @@ webhook_events = sa.Table(
     sa.Column("redacted_at", Timestamp, nullable=True),  # payload reduced to ids (retention, erasure)
     sa.Index("ix_webhook_events_status_received_at", "status", "received_at"),
     sa.Index("ix_webhook_events_redacted_at_received_at", "redacted_at", "received_at"),
+    sa.Index("ix_webhook_events_received_at", "received_at"),  # the console's freshness figures
+    # Migration 0008_console also indexes the Clerk ids inside ``payload`` (expression indexes).
 )
 
 audit_log = sa.Table(
