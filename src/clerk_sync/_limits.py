@@ -91,7 +91,7 @@ class _Unusual(Exception):
 def parse_json(text: str) -> Parsed:
     """Parse RFC 8259 JSON into values both stores accept; ``ValueError`` if it is not JSON."""
     try:
-        value = json.loads(text, parse_float=_plain_float, parse_constant=_refuse_constant)
+        value = _FAST.decode(text)
     except (_Unusual, RecursionError, ValueError):  # ValueError: too many digits, or not JSON at all
         return _parse_slow(text)
     if (
@@ -156,6 +156,11 @@ def _bounded_int(literal: str) -> object:
     return _HUGE if len(literal.lstrip("-")) > MAX_INT_DIGITS else int(literal)
 
 
+# Built once: json.loads(text, **hooks) would build a decoder and its scanner per call (~3 us).
+_FAST = json.JSONDecoder(parse_float=_plain_float, parse_constant=_refuse_constant)
+_SLOW = json.JSONDecoder(parse_int=_bounded_int, parse_constant=_refuse_constant)
+
+
 def _deeper_than(value: Any, limit: int) -> bool:
     if isinstance(value, dict):
         value = list(value.values())
@@ -168,7 +173,7 @@ def _deeper_than(value: Any, limit: int) -> bool:
 
 def _parse_slow(text: str) -> Parsed:
     cut = _cut_deep(text)
-    value = json.loads(cut, parse_int=_bounded_int, parse_constant=_refuse_constant)
+    value = _SLOW.decode(cut)
     cleaner = _Cleaner()
     clean = cleaner.clean(value, 1, ())
     stored = json.dumps(clean, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
