@@ -45,6 +45,7 @@ __all__ = [
     "fit_clerk_id",
     "fit_ms",
     "fit_text",
+    "isfinite",
     "parse_json",
     "show",
 ]
@@ -119,9 +120,14 @@ def fit_clerk_id(value: object, what: str) -> str:
 
 def fit_ms(value: object) -> int | None:
     """A millisecond timestamp that fits a BIGINT column, else None."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float) or not isfinite(value):
         return None
     return int(value) if 0 <= value <= BIGINT_MAX else None
+
+
+def isfinite(value: int | float) -> bool:
+    """``math.isfinite`` that also answers for integers too large for a float (it raises on 10**400)."""
+    return isinstance(value, int) or math.isfinite(value)
 
 
 def fit_text(value: object, where: str, limit: int | None, notes: Notes) -> str | None:
@@ -136,6 +142,8 @@ def fit_text(value: object, where: str, limit: int | None, notes: Notes) -> str 
 
 def show(value: object, limit: int = 40) -> str:
     """A short ``repr`` for error messages: never the whole of a 10,000-character value."""
+    if isinstance(value, int) and value.bit_length() > 128:  # repr of a 5,000-digit int raises
+        return f"an integer of about {int(value.bit_length() * 0.30103)} digits"
     text = repr(value) if not isinstance(value, dict | list) else type(value).__name__
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 

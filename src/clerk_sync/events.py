@@ -13,7 +13,6 @@ are still applied.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +27,7 @@ from clerk_sync._limits import (
     fit_clerk_id,
     fit_ms,
     fit_text,
+    isfinite,
     parse_json,
     show,
 )
@@ -56,8 +56,10 @@ _LEGACY_ORG_ROLES = {"admin": "org:admin", "basic_member": "org:member"}
 
 def normalize_timestamp_ms(value: object) -> int:
     """Clerk's envelope ``timestamp`` is ms in the docs and seconds in the spec examples."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float) or not isfinite(value):
         raise PayloadError(f"event timestamp must be a number, got {show(value)}")
+    if value > _MAX_MS:  # before float(): an integer of 400 digits overflows it
+        raise PayloadError(f"event timestamp {show(value)} is out of range")
     number = float(value)
     ms = int(number if number >= _MS_THRESHOLD else number * 1000)
     if not 0 <= ms <= _MAX_MS:
