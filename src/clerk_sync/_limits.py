@@ -66,6 +66,7 @@ _TOO_DEEP_JSON = json.dumps(_TOO_DEEP)
 _TOKENS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
 _CLOSE = {"[": "]", "{": "}"}
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_ESCAPES = re.compile(r"\\u(?:0000|[dD][89a-fA-F])")  # \u0000 and surrogate escapes (pairs too)
 _HUGE = object()  # an integer literal longer than MAX_INT_DIGITS
 _NOTE_TEXT = {
     "nul": "NUL replaced by U+FFFD",
@@ -96,9 +97,7 @@ def parse_json(text: str) -> Parsed:
     except (_Unusual, RecursionError, ValueError):  # ValueError: too many digits, or not JSON at all
         return _parse_slow(text)
     if (
-        "\\u0000" in text
-        or "\\ud" in text
-        or "\\uD" in text
+        ("\\" in text and _ESCAPES.search(text) is not None)  # most bodies have no backslash at all
         or (text.count("{") + text.count("[") > MAX_DEPTH and _deeper_than(value, MAX_DEPTH))
     ):
         return _parse_slow(text)
