@@ -3,7 +3,8 @@ side by side: no 5xx while the database is up, the same answer and the same stor
 stores, security-relevant state always applied, refused bodies write nothing.
 
 The regression tests at the top are the reported cases (issue items 1-4); the hypothesis test below
-generalises them to every field of every mirrored event type.
+generalises them to every field of every mirrored event type (150 examples, about 10 s; set
+``CLERK_SYNC_HOSTILE_EXAMPLES=2500`` for a deeper run).
 """
 
 from __future__ import annotations
@@ -412,6 +413,7 @@ def is_essential(kind: str, path: tuple[str | int, ...]) -> bool:
     return any(field[: len(inner)] == inner for field in ESSENTIAL[kind])
 
 
+@pytest.mark.slow
 @settings(max_examples=int(os.environ.get("CLERK_SYNC_HOSTILE_EXAMPLES", "150")), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(st.data())
