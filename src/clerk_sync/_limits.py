@@ -221,35 +221,29 @@ class _Cleaner:
 
     def clean(self, value: Any, depth: int, path: tuple[str, ...]) -> Any:
         if isinstance(value, str):
-            if value == _TOO_DEEP:
-                return self._note(path, "deep")
-            return self._text(value, path)
+            return self._text(value, path) if value != _TOO_DEEP else self._drop(path, "deep")
         if isinstance(value, dict | list) and depth > MAX_DEPTH:
-            return self._note(path, "deep")
+            return self._drop(path, "deep")
         if isinstance(value, dict):
             return {self._text(k, path): self.clean(v, depth + 1, _sub(path, k)) for k, v in value.items()}
         if isinstance(value, list):
             return [self.clean(v, depth + 1, path) for v in value]
         if isinstance(value, float) and not math.isfinite(value):
-            return self._note(path, "nonfinite")
-        if value is _HUGE:
-            return self._note(path, "huge")
-        return value
+            return self._drop(path, "nonfinite")
+        return self._drop(path, "huge") if value is _HUGE else value
 
     def _text(self, text: str, path: tuple[str, ...]) -> str:
-        if text.isascii():
-            if "\x00" in text:
-                self._note(path, "nul", text.count("\x00"))
-                return text.replace("\x00", "\ufffd")
-            return text
         if "\x00" in text:
             self._note(path, "nul", text.count("\x00"))
             text = text.replace("\x00", "\ufffd")
-        found = len(_SURROGATE.findall(text))
-        if found:
+        if not text.isascii() and (found := len(_SURROGATE.findall(text))):
             self._note(path, "surrogate", found)
             text = _SURROGATE.sub("\ufffd", text)
         return text
+
+    def _drop(self, path: tuple[str, ...], kind: str) -> None:
+        self._note(path, kind)
+        return None
 
     def _note(self, path: tuple[str, ...], kind: str, count: int = 1) -> None:
         key = (".".join(path) or "body", kind)

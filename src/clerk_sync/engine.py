@@ -140,11 +140,12 @@ def _revoke(env: Envelope) -> Intent:
     notes: list[str] = []
     session_id = fit_clerk_id(env.data.get("id"), f"{env.type} data.id")
     user_id = fit_text(env.data.get("user_id"), "data.user_id", CLERK_ID_CHARS, notes)
-    expire_at = env.data.get("expire_at")
-    if expire_at is not None and fit_ms(expire_at) is None:
-        notes.append(f"data.expire_at dropped: not a millisecond timestamp in range ({show(expire_at)})")
+    raw_expiry = env.data.get("expire_at")
+    expire_at = fit_ms(raw_expiry)
+    if raw_expiry is not None and expire_at is None:
+        notes.append(f"data.expire_at dropped: not a millisecond timestamp in range ({show(raw_expiry)})")
     reason = env.type.removeprefix("session.")
-    return RevokeSession(session_id, user_id or None, reason, fit_ms(expire_at), tuple(notes))
+    return RevokeSession(session_id, user_id or None, reason, expire_at, tuple(notes))
 
 
 _PLANNERS: dict[str, Callable[[Envelope], Intent]] = {

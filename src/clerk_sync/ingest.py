@@ -27,6 +27,7 @@ from clerk_sync.webhooks import WebhookVerifier
 __all__ = ["Outcome", "ReplayReport", "WebhookProcessor", "apply_envelope", "replay_deliveries"]
 
 log = structlog.get_logger("clerk_sync.webhook")
+_MAX_REASON = 2000  # characters of last_error: a failure, then what was cleaned or dropped
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,5 +183,3 @@ def _reason(error: str | None, notes: tuple[str, ...]) -> str | None:
     text = f"{error}; {cleaned}" if error else cleaned
     return text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 3] + "..."
 
-
-_MAX_REASON = 2000
