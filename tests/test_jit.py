@@ -92,7 +92,7 @@ def test_missing_row_is_fetched_and_stored_like_the_webhook_would(store: Store, 
                                                                   emu: EmulatorServer) -> None:
     data = emu.create_user(email="ada@example.com", first_name="Ada", public_metadata={"role": "admin"})
     user = jit.get_auth_user(data["id"])
-    expected = asdict(user_record(data))
+    expected = _record(data)
     assert {k: getattr(user, k) for k in expected} == expected
     assert user.role == "admin" and rows(store) == 1
     assert jit.get_auth_user(data["id"]) == user  # now from the table
@@ -228,8 +228,14 @@ def test_slow_clerk_is_bounded_by_the_timeout(store: Store, emu: EmulatorServer)
         assert time.monotonic() - started < 1.0
 
 
+def _record(data: dict[str, Any]) -> dict[str, Any]:
+    """The record's columns that AuthUser reads. users.deprovisioned (migration 0006) is mirrored
+    before the auth layer reads it: drop this filter once AuthUser has the field."""
+    return {k: v for k, v in asdict(user_record(data)).items() if k in AuthUser.__dataclass_fields__}
+
+
 def _reference(data: dict[str, Any]) -> AuthUser:
     """What the row must hold for ``data``: its record plus our defaults."""
-    record = asdict(user_record(data))
+    record = _record(data)
     now = time.time()
     return AuthUser(id=0, plan="free", created_at=now, updated_at=now, deleted_at=None, **record)  # type: ignore[arg-type]
