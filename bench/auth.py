@@ -41,8 +41,6 @@ import json
 import os
 import platform
 import random
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -56,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 import jwt
-from _report import write_section  # bench/ is on sys.path when run as a script
+from _common import free_port, stop, wait_quiet, write_section  # bench/ is on sys.path when run as a script
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
@@ -293,32 +291,6 @@ def check_verifier(key: rsa.RSAPrivateKey, pem: str, tokens: list[str]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- HTTP
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def machine_busy(seconds: float = 0.5) -> float:
-    def read() -> list[int]:
-        with open("/proc/stat") as f:
-            return [int(x) for x in f.readline().split()[1:]]
-
-    a = read()
-    time.sleep(seconds)
-    d = [y - x for x, y in zip(a, read(), strict=True)]
-    return 1 - (d[3] + d[4]) / max(1, sum(d))
-
-
-def wait_quiet(threshold: float = 0.35, max_wait: float = 8.0) -> float:
-    """Other sessions share this 2-core box: start a cell once it is mostly idle (bounded wait)."""
-    deadline = time.time() + max_wait
-    busy = machine_busy()
-    while time.time() < deadline and busy > threshold:
-        busy = machine_busy()
-    return busy
-
-
 def start_server(port: int, tmp: Path, pem: str) -> subprocess.Popen[bytes]:
     pem_path = tmp / "key.pem"
     pem_path.write_text(pem)
@@ -336,16 +308,6 @@ def start_server(port: int, tmp: Path, pem: str) -> subprocess.Popen[bytes]:
         except OSError:
             time.sleep(0.1)
     raise RuntimeError("auth server did not become healthy")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 # cell -> (path, sends a Bearer token): /open with a token isolates the middleware's verify and the
@@ -378,7 +340,7 @@ def http_rounds(key: rsa.RSAPrivateKey, pem: str, cfg: argparse.Namespace) -> li
             order = list(CELLS)
             for rnd in range(cfg.rounds):
                 for route in (order if rnd % 2 == 0 else order[::-1]):
-                    busy_before = wait_quiet()
+                    busy_before, _ = wait_quiet(threshold=0.35, max_wait=8.0)
                     r = load(port, server.pid, route, tokens_file, cfg)
                     r.update(round=rnd, busy_before=busy_before)
                     bad = {s: n for s, n in r["statuses"].items() if not s.startswith("2")}

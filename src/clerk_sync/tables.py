@@ -125,7 +125,9 @@ webhook_events = sa.Table(
     sa.Column("attempts", sa.Integer, nullable=False, server_default="1"),
     sa.Column("last_error", sa.Text, nullable=True),
     sa.Column("applied_at", Timestamp, nullable=True),
+    sa.Column("redacted_at", Timestamp, nullable=True),  # payload reduced to ids (retention, erasure)
     sa.Index("ix_webhook_events_status_received_at", "status", "received_at"),
+    sa.Index("ix_webhook_events_redacted_at_received_at", "redacted_at", "received_at"),
 )
 
 audit_log = sa.Table(

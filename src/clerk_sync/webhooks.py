@@ -91,10 +91,12 @@ class WebhookVerifier:
         except ValueError:
             raise WebhookVerificationError(f"svix-timestamp {value[:32]!r} is not an integer") from None
         drift = seconds - self._now()
-        if drift < -self._tolerance:
-            raise WebhookVerificationError("message timestamp too old (outside the 5 minute tolerance)")
-        if drift > self._tolerance:
-            raise WebhookVerificationError("message timestamp too new (outside the 5 minute tolerance)")
+        if abs(drift) > self._tolerance:
+            which = "old" if drift < 0 else "new"
+            raise WebhookVerificationError(
+                f"message timestamp too {which}: {abs(drift)} s off, outside the {self._tolerance} s tolerance "
+                "(check this host's clock)"
+            )
         return datetime.fromtimestamp(seconds, tz=UTC)
 
 
