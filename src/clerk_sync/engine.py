@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from clerk_sync.errors import EventShapeError
+from clerk_sync._limits import CLERK_ID_CHARS, fit_clerk_id, fit_ms, fit_text, show
 from clerk_sync.events import (
     Envelope,
     MembershipRecord,
@@ -55,6 +55,7 @@ class Upsert:
 
     entity: Entity
     record: Record
+    notes: tuple[str, ...] = ()  # values dropped from the record because no column could hold them
 
     @property
     def clerk_id(self) -> str:
@@ -72,6 +73,7 @@ class Tombstone:
     entity: Entity
     clerk_id: str
     version: int
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +84,7 @@ class RevokeSession:
     user_id: str | None
     reason: str
     expire_at: int | None
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,33 +115,37 @@ class RowState:
     deleted: bool
 
 
-def _upsert(entity: Entity, build: Callable[[dict[str, Any]], Record]) -> Callable[[Envelope], Intent]:
-    return lambda env: Upsert(entity, build(env.data))
+def _upsert(entity: Entity, build: Callable[[dict[str, Any], list[str]], Record]) -> Callable[[Envelope], Intent]:
+    def plan_upsert(env: Envelope) -> Intent:
+        notes: list[str] = []
+        record = build(env.data, notes)
+        return Upsert(entity, record, tuple(notes))
+
+    return plan_upsert
 
 
 def _tombstone(entity: Entity) -> Callable[[Envelope], Intent]:
     def plan_delete(env: Envelope) -> Intent:
-        clerk_id = env.data.get("id")
-        if not isinstance(clerk_id, str) or not clerk_id:
-            raise EventShapeError(f"{env.type} has no data.id")
+        clerk_id = fit_clerk_id(env.data.get("id"), f"{env.type} data.id")
         # Deleted objects carry no updated_at: the envelope timestamp is the version.
-        updated = env.data.get("updated_at")
-        version = max(env.timestamp_ms, updated if isinstance(updated, int) else 0)
+        version = max(env.timestamp_ms, fit_ms(env.data.get("updated_at")) or 0)
         return Tombstone(entity, clerk_id, version)
 
     return plan_delete
 
 
 def _revoke(env: Envelope) -> Intent:
-    session_id, user_id, expire_at = env.data.get("id"), env.data.get("user_id"), env.data.get("expire_at")
-    if not isinstance(session_id, str) or not session_id:
-        raise EventShapeError(f"{env.type} has no data.id")
-    return RevokeSession(
-        session_id,
-        user_id if isinstance(user_id, str) else None,
-        env.type.removeprefix("session."),
-        expire_at if isinstance(expire_at, int) else None,
-    )
+    # Only the session id is essential: the deny list is keyed by it. A user id or expiry that no
+    # column can hold is dropped (and noted) rather than holding the revocation back.
+    notes: list[str] = []
+    session_id = fit_clerk_id(env.data.get("id"), f"{env.type} data.id")
+    user_id = fit_text(env.data.get("user_id"), "data.user_id", CLERK_ID_CHARS, notes)
+    raw_expiry = env.data.get("expire_at")
+    expire_at = fit_ms(raw_expiry)
+    if raw_expiry is not None and expire_at is None:
+        notes.append(f"data.expire_at dropped: not a millisecond timestamp in range ({show(raw_expiry)})")
+    reason = env.type.removeprefix("session.")
+    return RevokeSession(session_id, user_id or None, reason, expire_at, tuple(notes))
 
 
 _PLANNERS: dict[str, Callable[[Envelope], Intent]] = {

@@ -17,7 +17,7 @@ from datetime import datetime
 import sqlalchemy as sa
 import structlog
 
-from clerk_sync.engine import Ignore, Intent, plan
+from clerk_sync.engine import Ignore, RevokeSession, Tombstone, Upsert, plan
 from clerk_sync.errors import EventShapeError, PayloadError, PayloadTooLarge, StoreDataError, WrongInstance
 from clerk_sync.events import Envelope, parse_envelope
 from clerk_sync.metrics import Metrics
@@ -29,6 +29,7 @@ from clerk_sync.webhooks import WebhookVerifier
 __all__ = ["Outcome", "ReplayReport", "WebhookProcessor", "apply_envelope", "replay_deliveries", "replay_one"]
 
 log = structlog.get_logger("clerk_sync.webhook")
+_MAX_REASON = 2000  # characters of last_error: a failure, then what was cleaned or dropped
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,12 +81,11 @@ class WebhookProcessor:
             raise WrongInstance(
                 f"event from instance {envelope.instance_id!r}, expected {self.instance_id!r} (CLERK_INSTANCE_ID)"
             )
-        text = body.decode()  # verified above, so valid UTF-8
         try:
             with self.store.transaction() as writer:
-                outcome = self._apply_new(writer, svix_id, envelope, text)
+                outcome = self._apply_new(writer, svix_id, envelope)
         except StoreDataError as exc:
-            outcome = self._store_refused(svix_id, envelope, text, exc)
+            outcome = self._store_refused(svix_id, envelope, exc)
         seconds = time.perf_counter() - started
         self.metrics.observe(envelope.type, outcome.status, seconds, event_ms=envelope.timestamp_ms)
         log.log(self.log_level, "webhook", svix_id=svix_id, event_type=envelope.type, status=outcome.status,
@@ -93,36 +93,33 @@ class WebhookProcessor:
         delivery_span(started_ns, svix_id, envelope.type, outcome.status, outcome.error)
         return outcome
 
-    def _store_refused(self, svix_id: str, envelope: Envelope, body: str, exc: StoreDataError) -> Outcome:
+    def _store_refused(self, svix_id: str, envelope: Envelope, exc: StoreDataError) -> Outcome:
         """The DB refused a value for good: keep the delivery as ``failed`` (replayable after a fix)
-        instead of answering 503 forever. NUL escapes, which JSONB refuses, are neutralised."""
-        error = str(exc)
+        instead of answering 503 forever. Every value is checked before it reaches the database
+        (``clerk_sync._limits``), so this only happens when a table differs from ours (an app
+        narrowed a column, added a constraint); the stored payload is always storable."""
+        error = _reason(str(exc), envelope.notes)
         with self.store.transaction() as writer:
             fresh = writer.record_delivery(
-                svix_id, body.replace("\\u0000", "\\ufffd"), event_type=envelope.type,
+                svix_id, envelope.text, event_type=envelope.type,
                 instance_id=envelope.instance_id, event_timestamp=envelope.timestamp_ms,
                 status="failed", error=error,
             )
         return Outcome(svix_id, envelope.type, "failed" if fresh else "duplicate", error)
 
-    def _apply_new(self, writer: Writer, svix_id: str, envelope: Envelope, body: str) -> Outcome:
+    def _apply_new(self, writer: Writer, svix_id: str, envelope: Envelope) -> Outcome:
         # Plan first (pure), so the inbox row is written once with its expected outcome; only a
         # stale upsert (skipped) needs a second statement.
-        try:
-            intent: Intent | None = plan(envelope)
-            error = None
-        except EventShapeError as exc:
-            intent, error = None, str(exc)
-        status = "failed" if intent is None else "ignored" if isinstance(intent, Ignore) else "applied"
+        status, intent, error = _plan(envelope)
         fresh = writer.record_delivery(
-            svix_id, body, event_type=envelope.type, instance_id=envelope.instance_id,
+            svix_id, envelope.text, event_type=envelope.type, instance_id=envelope.instance_id,
             event_timestamp=envelope.timestamp_ms, status=status, error=error,
         )
         if not fresh:
             return Outcome(svix_id, envelope.type, "duplicate")
-        if intent is not None and not isinstance(intent, Ignore) and not writer.apply(intent):
+        if intent is not None and not writer.apply(intent):
             status = "skipped"
-            writer.finish_delivery(svix_id, status)
+            writer.finish_delivery(svix_id, status, error)
         return Outcome(svix_id, envelope.type, status, error)
 
 
@@ -168,11 +165,30 @@ def replay_one(writer: Writer, svix_id: str) -> str:
 
 
 def apply_envelope(writer: Writer, envelope: Envelope) -> tuple[str, str | None]:
-    """Apply a parsed event inside the caller's transaction; returns (status, error)."""
+    """Apply a parsed event inside the caller's transaction; returns (status, error or notes)."""
+    status, intent, error = _plan(envelope)
+    if intent is not None and not writer.apply(intent):
+        status = "skipped"
+    return status, error
+
+
+def _plan(envelope: Envelope) -> tuple[str, Upsert | Tombstone | RevokeSession | None, str | None]:
+    """The expected status, the intent to apply (None: nothing to write), and the reason to record:
+    the shape error of a ``failed`` event, or what was dropped from an applied one."""
     try:
         intent = plan(envelope)
     except EventShapeError as exc:
-        return "failed", str(exc)
+        return "failed", None, _reason(str(exc), envelope.notes)
     if isinstance(intent, Ignore):
-        return "ignored", None
-    return ("applied" if writer.apply(intent) else "skipped"), None
+        return "ignored", None, _reason(None, envelope.notes)
+    return "applied", intent, _reason(None, envelope.notes + intent.notes)
+
+
+def _reason(error: str | None, notes: tuple[str, ...]) -> str | None:
+    """``last_error``: why it failed, then what was cleaned or dropped (so operators see it)."""
+    if not notes:
+        return error
+    cleaned = "cleaned: " + "; ".join(notes)
+    text = f"{error}; {cleaned}" if error else cleaned
+    return text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 3] + "..."
+
