@@ -38,7 +38,7 @@ PUBLIC_API: dict[str, list[str]] = {
     "clerk_sync.cli.main": ["app", "main"],
     "clerk_sync.cli.reconcile": ["reconcile_command"],
     "clerk_sync.config": ["DEFAULT_DATABASE_URL", "DatabaseTimeouts", "Settings", "parse_webhook_secrets"],
-    "clerk_sync.engine": ["Action", "Entity", "HANDLED_EVENT_TYPES", "Ignore", "Intent", "Record", "RevokeSession", "RowState", "Tombstone", "Upsert", "decide", "plan"],
+    "clerk_sync.engine": ["Action", "DeliveryPlan", "DeliveryStatus", "Entity", "HANDLED_EVENT_TYPES", "Ignore", "Intent", "Record", "RevokeSession", "RowState", "Tombstone", "Upsert", "decide", "delivery_reason", "plan", "plan_delivery"],
     "clerk_sync.errors": ["AccessDenied", "ClerkAPIError", "ClerkNotFound", "ClerkSyncDeprecationWarning", "ClerkSyncError", "ClerkUnauthorized", "ClerkUnavailable", "ClerkValidationError", "ConfigError", "EventShapeError", "PayloadError", "PayloadTooLarge", "RateLimited", "ReconcileBusy", "SessionPending", "SessionRevoked", "SessionUserBanned", "StoreDataError", "StoreError", "TokenAlgorithmNotAllowed", "TokenAuthorizedPartyInvalid", "TokenClaimMissing", "TokenError", "TokenExpired", "TokenIssuedInFuture", "TokenIssuerInvalid", "TokenKeyUnknown", "TokenMalformed", "TokenMissing", "TokenNotYetValid", "TokenSignatureInvalid", "UserBanned", "UserDeleted", "UserDeprovisioned", "UserLocked", "WebhookError", "WebhookHeadersMissing", "WebhookVerificationError", "WrongInstance"],
     "clerk_sync.events": ["Envelope", "MembershipRecord", "OrganizationRecord", "UserRecord", "membership_record", "normalize_timestamp_ms", "organization_record", "parse_envelope", "user_record"],
     "clerk_sync.ingest": ["Outcome", "ReplayReport", "WebhookProcessor", "apply_envelope", "replay_deliveries", "replay_one"],

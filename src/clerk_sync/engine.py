@@ -13,6 +13,7 @@ from enum import StrEnum
 from typing import Any
 
 from clerk_sync._limits import CLERK_ID_CHARS, fit_clerk_id, fit_ms, fit_text, show
+from clerk_sync.errors import EventShapeError
 from clerk_sync.events import (
     Envelope,
     MembershipRecord,
@@ -26,6 +27,8 @@ from clerk_sync.events import (
 __all__ = [
     "HANDLED_EVENT_TYPES",
     "Action",
+    "DeliveryPlan",
+    "DeliveryStatus",
     "Entity",
     "Ignore",
     "Intent",
@@ -35,7 +38,9 @@ __all__ = [
     "Tombstone",
     "Upsert",
     "decide",
+    "delivery_reason",
     "plan",
+    "plan_delivery",
 ]
 
 Record = UserRecord | OrganizationRecord | MembershipRecord
@@ -183,3 +188,50 @@ def decide(current: RowState | None, intent: Upsert | Tombstone) -> Action:
     if current.deleted:
         return Action.SKIP_DELETED
     return Action.UPDATE if intent.version > current.version else Action.SKIP_STALE
+
+
+class DeliveryStatus(StrEnum):
+    """The outcome of one delivery, as ``webhook_events.status`` stores it (and the service answers)."""
+
+    APPLIED = "applied"  # its intent changed a row
+    SKIPPED = "skipped"  # stale or a no-op: the guard kept the newer row
+    IGNORED = "ignored"  # a type we do not mirror
+    FAILED = "failed"  # verified but unusable: kept with its reason, replayable
+    DUPLICATE = "duplicate"  # this svix-id was received before (never stored twice)
+
+
+_MAX_REASON = 2000  # characters of last_error: a failure, then what was cleaned or dropped
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryPlan:
+    """What a delivery is expected to do: the status to store, the intent to apply, the reason to record."""
+
+    status: DeliveryStatus
+    intent: Upsert | Tombstone | RevokeSession | None
+    reason: str | None
+
+    def status_after(self, changed: bool) -> DeliveryStatus:
+        """The final status once the intent ran: an upsert the guard refused is ``skipped``."""
+        return self.status if changed else DeliveryStatus.SKIPPED
+
+
+def plan_delivery(envelope: Envelope) -> DeliveryPlan:
+    """The status rule, in one place (live deliveries and ``replay`` both use it): a shape error is
+    ``failed``, an unmirrored type ``ignored``, anything else ``applied`` unless the guard skips it."""
+    try:
+        intent = plan(envelope)
+    except EventShapeError as exc:
+        return DeliveryPlan(DeliveryStatus.FAILED, None, delivery_reason(str(exc), envelope.notes))
+    if isinstance(intent, Ignore):
+        return DeliveryPlan(DeliveryStatus.IGNORED, None, delivery_reason(None, envelope.notes))
+    return DeliveryPlan(DeliveryStatus.APPLIED, intent, delivery_reason(None, envelope.notes + intent.notes))
+
+
+def delivery_reason(error: str | None, notes: tuple[str, ...]) -> str | None:
+    """``last_error``: why it failed, then what was cleaned or dropped (so operators see it)."""
+    if not notes:
+        return error
+    cleaned = "cleaned: " + "; ".join(notes)
+    text = f"{error}; {cleaned}" if error else cleaned
+    return text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 3] + "..."

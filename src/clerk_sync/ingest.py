@@ -17,8 +17,8 @@ from datetime import datetime
 import sqlalchemy as sa
 import structlog
 
-from clerk_sync.engine import Ignore, RevokeSession, Tombstone, Upsert, plan
-from clerk_sync.errors import EventShapeError, PayloadError, PayloadTooLarge, StoreDataError, WrongInstance
+from clerk_sync.engine import DeliveryStatus, delivery_reason, plan_delivery
+from clerk_sync.errors import PayloadError, PayloadTooLarge, StoreDataError, WrongInstance
 from clerk_sync.events import Envelope, parse_envelope
 from clerk_sync.metrics import Metrics
 from clerk_sync.store import Store, Writer
@@ -29,7 +29,6 @@ from clerk_sync.webhooks import WebhookVerifier
 __all__ = ["Outcome", "ReplayReport", "WebhookProcessor", "apply_envelope", "replay_deliveries", "replay_one"]
 
 log = structlog.get_logger("clerk_sync.webhook")
-_MAX_REASON = 2000  # characters of last_error: a failure, then what was cleaned or dropped
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +37,7 @@ class Outcome:
 
     svix_id: str
     event_type: str
-    status: str
+    status: DeliveryStatus
     error: str | None = None
 
 
@@ -98,27 +97,28 @@ class WebhookProcessor:
         instead of answering 503 forever. Every value is checked before it reaches the database
         (``clerk_sync._limits``), so this only happens when a table differs from ours (an app
         narrowed a column, added a constraint); the stored payload is always storable."""
-        error = _reason(str(exc), envelope.notes)
+        error = delivery_reason(str(exc), envelope.notes)
         with self.store.transaction() as writer:
             fresh = writer.record_delivery(
                 svix_id, envelope.text, event_type=envelope.type,
                 instance_id=envelope.instance_id, event_timestamp=envelope.timestamp_ms,
-                status="failed", error=error,
+                status=DeliveryStatus.FAILED, error=error,
             )
-        return Outcome(svix_id, envelope.type, "failed" if fresh else "duplicate", error)
+        return Outcome(svix_id, envelope.type, DeliveryStatus.FAILED if fresh else DeliveryStatus.DUPLICATE, error)
 
     def _apply_new(self, writer: Writer, svix_id: str, envelope: Envelope) -> Outcome:
         # Plan first (pure), so the inbox row is written once with its expected outcome; only a
         # stale upsert (skipped) needs a second statement.
-        status, intent, error = _plan(envelope)
+        planned = plan_delivery(envelope)
+        error = planned.reason
         fresh = writer.record_delivery(
             svix_id, envelope.text, event_type=envelope.type, instance_id=envelope.instance_id,
-            event_timestamp=envelope.timestamp_ms, status=status, error=error,
+            event_timestamp=envelope.timestamp_ms, status=planned.status, error=error,
         )
         if not fresh:
-            return Outcome(svix_id, envelope.type, "duplicate")
-        if intent is not None and not writer.apply(intent):
-            status = "skipped"
+            return Outcome(svix_id, envelope.type, DeliveryStatus.DUPLICATE)
+        status = planned.status_after(writer.apply(planned.intent) if planned.intent else True)
+        if status != planned.status:
             writer.finish_delivery(svix_id, status, error)
         return Outcome(svix_id, envelope.type, status, error)
 
@@ -142,13 +142,13 @@ def replay_deliveries(
                 result = replay_one(writer, svix_id)
         except StoreDataError as exc:  # still refused by the DB: record it and go on with the rest
             with store.transaction() as writer:
-                writer.finish_delivery(svix_id, "failed", str(exc), count_attempt=True)
-            result = "failed"
+                writer.finish_delivery(svix_id, DeliveryStatus.FAILED, str(exc), count_attempt=True)
+            result = DeliveryStatus.FAILED
         counts[result] = counts.get(result, 0) + 1
     return ReplayReport(len(ids), counts)
 
 
-def replay_one(writer: Writer, svix_id: str) -> str:
+def replay_one(writer: Writer, svix_id: str) -> DeliveryStatus:
     """Re-apply one stored delivery inside the caller's transaction (so an audit row can share it);
     returns its new status. :func:`replay_deliveries` runs it once per delivery."""
     payload = writer.conn.execute(
@@ -157,38 +157,14 @@ def replay_one(writer: Writer, svix_id: str) -> str:
     try:
         envelope = parse_envelope(json.dumps(payload))
     except PayloadError as exc:
-        writer.finish_delivery(svix_id, "failed", str(exc), count_attempt=True)
-        return "failed"
+        writer.finish_delivery(svix_id, DeliveryStatus.FAILED, str(exc), count_attempt=True)
+        return DeliveryStatus.FAILED
     status, error = apply_envelope(writer, envelope)
     writer.finish_delivery(svix_id, status, error, count_attempt=True)
     return status
 
 
-def apply_envelope(writer: Writer, envelope: Envelope) -> tuple[str, str | None]:
+def apply_envelope(writer: Writer, envelope: Envelope) -> tuple[DeliveryStatus, str | None]:
     """Apply a parsed event inside the caller's transaction; returns (status, error or notes)."""
-    status, intent, error = _plan(envelope)
-    if intent is not None and not writer.apply(intent):
-        status = "skipped"
-    return status, error
-
-
-def _plan(envelope: Envelope) -> tuple[str, Upsert | Tombstone | RevokeSession | None, str | None]:
-    """The expected status, the intent to apply (None: nothing to write), and the reason to record:
-    the shape error of a ``failed`` event, or what was dropped from an applied one."""
-    try:
-        intent = plan(envelope)
-    except EventShapeError as exc:
-        return "failed", None, _reason(str(exc), envelope.notes)
-    if isinstance(intent, Ignore):
-        return "ignored", None, _reason(None, envelope.notes)
-    return "applied", intent, _reason(None, envelope.notes + intent.notes)
-
-
-def _reason(error: str | None, notes: tuple[str, ...]) -> str | None:
-    """``last_error``: why it failed, then what was cleaned or dropped (so operators see it)."""
-    if not notes:
-        return error
-    cleaned = "cleaned: " + "; ".join(notes)
-    text = f"{error}; {cleaned}" if error else cleaned
-    return text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 3] + "..."
-
+    planned = plan_delivery(envelope)
+    return planned.status_after(writer.apply(planned.intent) if planned.intent else True), planned.reason

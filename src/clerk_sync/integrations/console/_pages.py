@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from clerk_sync import migrations
 from clerk_sync.auth.admin import AdminActions
 from clerk_sync.auth.audit import record_audit
+from clerk_sync.engine import DeliveryStatus
 from clerk_sync.errors import ConfigError, StoreDataError, StoreError
 from clerk_sync.freshness import FreshnessCheck, check_freshness, read_snapshot
 from clerk_sync.ingest import replay_one
@@ -170,10 +171,10 @@ def _replay_audited(console: Console, request: Request, identity: Identity, svix
                                                 svix_id=svix_id, result=status))
     except StoreDataError as exc:  # still refused by the database: keep it failed, with the reason
         with console.store.transaction() as w:
-            w.finish_delivery(svix_id, "failed", str(exc), count_attempt=True)
+            w.finish_delivery(svix_id, DeliveryStatus.FAILED, str(exc), count_attempt=True)
             record_audit(w, console.audit_entry(identity, "console.delivery_replayed", subject, request,
-                                                svix_id=svix_id, result="failed"))
-        status = "failed"
+                                                svix_id=svix_id, result=DeliveryStatus.FAILED))
+        status = DeliveryStatus.FAILED
     return status
 
 
