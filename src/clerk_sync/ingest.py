@@ -144,7 +144,7 @@ def replay_deliveries(
             with store.transaction() as writer:
                 writer.finish_delivery(svix_id, DeliveryStatus.FAILED, str(exc), count_attempt=True)
             result = DeliveryStatus.FAILED
-        counts[result] = counts.get(result, 0) + 1
+        counts[str(result)] = counts.get(str(result), 0) + 1  # plain strings: reports print and compare as text
     return ReplayReport(len(ids), counts)
 
 
