@@ -24,7 +24,7 @@ from clerk_sync.store import Store, Writer
 from clerk_sync.tables import webhook_events
 from clerk_sync.webhooks import WebhookVerifier
 
-__all__ = ["Outcome", "ReplayReport", "WebhookProcessor", "apply_envelope", "replay_deliveries"]
+__all__ = ["Outcome", "ReplayReport", "WebhookProcessor", "apply_envelope", "replay_deliveries", "replay_delivery"]
 
 log = structlog.get_logger("clerk_sync.webhook")
 
@@ -133,15 +133,20 @@ def replay_deliveries(
         ids = list(conn.execute(query.order_by(webhook_events.c.id)).scalars())
     counts: dict[str, int] = {}
     for svix_id in ids:
-        try:
-            with store.transaction() as writer:
-                result = _replay_one(writer, svix_id)
-        except StoreDataError as exc:  # still refused by the DB: record it and go on with the rest
-            with store.transaction() as writer:
-                writer.finish_delivery(svix_id, "failed", str(exc), count_attempt=True)
-            result = "failed"
+        result = replay_delivery(store, svix_id)
         counts[result] = counts.get(result, 0) + 1
     return ReplayReport(len(ids), counts)
+
+
+def replay_delivery(store: Store, svix_id: str) -> str:
+    """Re-apply one stored delivery in a transaction of its own; returns its new status."""
+    try:
+        with store.transaction() as writer:
+            return _replay_one(writer, svix_id)
+    except StoreDataError as exc:  # still refused by the DB: record it (the caller goes on with the rest)
+        with store.transaction() as writer:
+            writer.finish_delivery(svix_id, "failed", str(exc), count_attempt=True)
+        return "failed"
 
 
 def _replay_one(writer: Writer, svix_id: str) -> str:
