@@ -28,7 +28,17 @@ from clerk_sync.tables import metadata
 from clerk_sync.testing import EmulatorServer
 from tests._server import free_port, running
 
-PUBLIC_EXTRA = ["/t/drf/open"]
+PUBLIC_EXTRA = ["/t/drf/open", "/t/django-login-required"]
+
+
+@pytest.fixture(autouse=True)
+def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``CLERK_SYNC`` falls back to the environment: keep the developer's variables out of the tests."""
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("CLERK_") or name in ("DATABASE_URL", "REDIS_URL"):
+            monkeypatch.delenv(name)
 
 
 def django_db_settings(db_url: str) -> dict[str, Any]:

@@ -1,0 +1,184 @@
+"""The rest of the Django surface: settings, checks, ``manage.py clerk_sync``, the admin pages, the
+user backend, DRF, async views, guards without the middleware, CSRF and laziness."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from io import StringIO
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from django.core.exceptions import ImproperlyConfigured
+from django.core.management import call_command
+from django.core.management.base import CommandError, SystemCheckError
+from django.test import Client, override_settings
+
+from clerk_sync.auth.users import read_user
+from clerk_sync.config import DEFAULT_DATABASE_URL
+from clerk_sync.errors import ConfigError
+from clerk_sync.integrations.django.checks import check_settings
+from clerk_sync.integrations.django.conf import clerk_settings, database_url_from_django, django_options
+from clerk_sync.integrations.django.runtime import get_clerk_sync
+from clerk_sync.tables import webhook_events
+from tests import factories as f
+from tests.conftest import SECRET
+from tests.django.conftest import World, bearer, django_database, emulator_settings, world_for
+from tests.test_sessions import KEY, pem
+
+# -- settings ---------------------------------------------------------------------------------------
+
+
+def test_clerk_sync_keys_win_over_the_environment_and_fall_back_to_it() -> None:
+    env = {"CLERK_WEBHOOK_SECRET": "whsec_env", "CLERK_ISSUER": "https://env.example", "DATABASE_URL": "sqlite:///env.db"}
+    with override_settings(CLERK_SYNC={"CLERK_WEBHOOK_SIGNING_SECRET": SECRET, "CLERK_SYNC_MAX_BODY_BYTES": 10}):
+        settings = clerk_settings(env)
+    assert settings.webhook_secret is not None and settings.webhook_secret.get_secret_value() == SECRET
+    assert (settings.clerk_issuer, settings.database_url, settings.max_body_bytes) == ("https://env.example", "sqlite:///env.db", 10)
+
+
+@pytest.mark.filterwarnings("ignore:Overriding setting DATABASES:UserWarning")
+def test_database_url_defaults_to_djangos_database() -> None:
+    with override_settings(DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": "/srv/app.db"}}):
+        assert clerk_settings({}).database_url == "sqlite:////srv/app.db"
+    pg = {"ENGINE": "django.db.backends.postgresql", "NAME": "app", "USER": "me", "PASSWORD": "p@ss", "HOST": "db",
+          "PORT": 5433, "OPTIONS": {"options": "-csearch_path=s1"}}
+    assert database_url_from_django(pg) == "postgresql+psycopg://me:p%40ss@db:5433/app?options=-csearch_path%3Ds1"
+    assert database_url_from_django({"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}) is None
+    with override_settings(DATABASES={"default": {"ENGINE": "django.db.backends.mysql", "NAME": "x"}}):
+        assert clerk_settings({}).database_url == DEFAULT_DATABASE_URL
+
+
+def test_unknown_and_invalid_keys_are_errors_that_say_what_to_do() -> None:
+    with override_settings(CLERK_SYNC={"CLERK_WEBHOOK_SIGNING_SECRT": "x"}), pytest.raises(ImproperlyConfigured, match="unknown keys"):
+        clerk_settings({})
+    with override_settings(CLERK_SYNC={"CLERK_SYNC_MAX_BODY_BYTES": "-1"}), pytest.raises(ConfigError, match="CLERK_SYNC_MAX_BODY_BYTES: Input should be greater than 0"):
+        clerk_settings({})
+    with override_settings(CLERK_SYNC={"PUBLIC_PATHS": ["/a"], "USER_FIELDS": "tests.django.test_integration.only_email"}):
+        options = django_options()
+    assert options.public_paths == frozenset({"/a"}) and options.user_fields is only_email
+
+
+def only_email(row: Any) -> dict[str, Any]:
+    return {"email": row.email or ""}
+
+
+# -- system checks -------------------------------------------------------------------------------------
+
+
+def test_missing_secret_and_keys_are_check_errors_with_the_fix() -> None:
+    with override_settings(CLERK_SYNC={}):
+        found = {m.id: m for m in check_settings() if m.is_serious()}
+        assert set(found) >= {"clerk_sync.E002", "clerk_sync.E003"}
+        assert "CLERK_WEBHOOK_SIGNING_SECRET" in found["clerk_sync.E002"].msg + str(found["clerk_sync.E002"].hint)
+        assert "CLERK_JWT_KEY" in str(found["clerk_sync.E003"].hint)
+        with pytest.raises(SystemCheckError, match="clerk_sync.E002"):
+            call_command("check", stdout=StringIO(), stderr=StringIO())
+    with override_settings(CLERK_SYNC={"CLERK_WEBHOOK_SIGNING_SECRET": "whsec_!!", "CLERK_JWT_KEY": pem(KEY)}):
+        assert [m.id for m in check_settings()] == ["clerk_sync.E002"]  # malformed: not base64
+    with override_settings(CLERK_SYNC={"CLERK_WEBHOOK_SIGNING_SECRET": SECRET, "CLERK_JWT_KEY": pem(KEY)}):
+        assert check_settings() == []
+        call_command("check", stdout=StringIO())
+
+
+def test_middleware_before_authentication_middleware_is_a_check_error() -> None:
+    from django.conf import settings
+
+    order = [m for m in settings.MIDDLEWARE if "ClerkMiddleware" not in m]
+    order.insert(0, "clerk_sync.integrations.django.middleware.ClerkMiddleware")
+    with override_settings(MIDDLEWARE=order, CLERK_SYNC={"CLERK_WEBHOOK_SIGNING_SECRET": SECRET, "CLERK_JWT_KEY": pem(KEY)}):
+        assert [m.id for m in check_settings()] == ["clerk_sync.E004"]
+
+
+# -- manage.py clerk_sync ------------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:Overriding setting DATABASES:UserWarning")
+def test_manage_py_migrate_creates_clerk_syncs_tables_in_djangos_database(tmp_path: Any) -> None:
+    path = tmp_path / "fresh.db"
+    with override_settings(DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": str(path)}},
+                           CLERK_SYNC={}):
+        out = StringIO()
+        call_command("clerk_sync", "migrate", stdout=out)
+    assert "migrations current" in out.getvalue()
+    assert {"users", "webhook_events", "audit_log"} <= set(sa.inspect(sa.create_engine(f"sqlite:///{path}")).get_table_names())
+
+
+def test_manage_py_replay_promote_and_reconcile(client_world: World) -> None:
+    clerk = client_world.clerk
+    store = client_world.store
+    processor = get_clerk_sync().processor
+    bad = f.envelope("user.created", {"id": "user_bad", "object": "user"})  # no updated_at: stored failed
+    assert processor.process(*f.signed(bad, "msg_bad", secret=clerk.webhook_secret)).status == "failed"
+    out = StringIO()
+    call_command("clerk_sync", "replay", stdout=out)
+    assert "replayed 1 deliveries: {'failed': 1}" in out.getvalue()
+
+    ada = clerk.create_user("ada@example.com")
+    clerk.wait_for_deliveries()
+    call_command("clerk_sync", "promote", "ada@example.com", "--role", "admin", stdout=out)
+    assert "applied: ada@example.com" in out.getvalue()
+    row = read_user(store, ada["id"])
+    assert row is not None and row.role == "admin"
+    with pytest.raises(CommandError, match="no synced user"):
+        call_command("clerk_sync", "promote", "nobody@example.com", stdout=out)
+
+    clerk.set_webhook_url(None)  # lost webhooks: reconcile repairs them
+    late = clerk.create_user("late@example.com")
+    assert read_user(store, late["id"]) is None
+    call_command("clerk_sync", "reconcile", stdout=out)
+    assert read_user(store, late["id"]) is not None
+
+
+# -- admin pages, the user backend --------------------------------------------------------------------
+
+
+def test_admin_pages_are_read_only_and_replay_a_delivery(client_world: World) -> None:
+    clerk, app = client_world.clerk, client_world.app
+    admin = clerk.create_user("root@example.com", first_name="Root", public_metadata={"role": "admin"})
+    bob = clerk.create_user("bob@example.com")
+    clerk.wait_for_deliveries()
+    as_admin, as_bob = bearer(clerk.mint_session_token(admin["id"])), bearer(clerk.mint_session_token(bob["id"]))
+    page = app.get("/django-admin/clerk_sync/clerkuser/", headers=as_admin)
+    assert page.status_code == 200 and b"bob@example.com" in page.content
+    for model in ("clerkorganization", "clerkmembership", "webhookdelivery", "auditlogentry"):
+        assert app.get(f"/django-admin/clerk_sync/{model}/", headers=as_admin).status_code == 200
+    assert app.get("/django-admin/clerk_sync/clerkuser/add/", headers=as_admin).status_code == 403
+    assert app.get("/django-admin/clerk_sync/clerkuser/", headers=as_bob).status_code == 302  # not staff: to login
+
+    with get_clerk_sync().store.transaction() as w:
+        w.conn.execute(webhook_events.update().values(status="failed"))
+    with get_clerk_sync().store.connect() as conn:
+        ids = list(conn.execute(sa.select(webhook_events.c.id)).scalars())
+    replay = app.post("/django-admin/clerk_sync/webhookdelivery/", {"action": "replay", "_selected_action": ids},
+                      headers=as_admin, follow=True)
+    assert replay.status_code == 200 and b"Replayed:" in replay.content
+    with get_clerk_sync().store.connect() as conn:
+        assert "failed" not in set(conn.execute(sa.select(webhook_events.c.status)).scalars())
+
+
+def test_request_user_is_a_linked_django_user_kept_in_step_with_the_row(client_world: World) -> None:
+    from django.contrib.auth import get_user_model
+
+    clerk, app = client_world.clerk, client_world.app
+    ada = clerk.create_user("ada@example.com", first_name="Ada", last_name="L", public_metadata={"role": "admin"})
+    clerk.wait_for_deliveries()
+    tok = bearer(clerk.mint_session_token(ada["id"]))
+    assert app.get("/t/django-login-required").status_code == 302  # Django's own login_required
+    page = app.get("/t/django-login-required", headers=tok)
+    assert page.json() == {"username": ada["id"], "email": "ada@example.com", "is_staff": True}
+    user = get_user_model().objects.get(username=ada["id"])
+    assert (user.first_name, user.last_name, user.has_usable_password()) == ("Ada", "L", False)
+    clerk.request("PATCH", f"/v1/users/{ada['id']}/metadata", json={"public_metadata": {"role": "user"}})
+    clerk.wait_for_deliveries()
+    assert app.get("/t/django-login-required", headers=tok).json()["is_staff"] is False  # demoted: no admin
+    assert app.get("/django-admin/", headers=tok).status_code == 302
+    with override_settings(CLERK_SYNC={**emulator_settings(clerk), "USER_FIELDS": "tests.django.test_integration.only_email"}):
+        other = clerk.create_user("other@example.com", first_name="Other")
+        clerk.wait_for_deliveries()
+        app.get("/t/django-login-required", headers=bearer(clerk.mint_session_token(other["id"])))
+    created = get_user_model().objects.get(username=other["id"])
+    assert (created.email, created.first_name, created.is_staff) == ("other@example.com", "", False)
+    assert get_user_model().objects.count() == 2
