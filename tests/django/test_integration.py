@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from io import StringIO
 from typing import Any
 
@@ -182,3 +183,135 @@ def test_request_user_is_a_linked_django_user_kept_in_step_with_the_row(client_w
     created = get_user_model().objects.get(username=other["id"])
     assert (created.email, created.first_name, created.is_staff) == ("other@example.com", "", False)
     assert get_user_model().objects.count() == 2
+
+
+# -- DRF, async views, class-based views -------------------------------------------------------------
+
+
+def test_drf_permissions_answer_with_the_one_error_table(client_world: World) -> None:
+    clerk, app = client_world.clerk, client_world.app
+    owner = clerk.create_user("owner@example.com", public_metadata={"role": "admin"})
+    member = clerk.create_user("member@example.com")
+    org = clerk.create_organization("Acme", created_by=owner["id"])
+    clerk.add_membership(org["id"], member["id"])
+    clerk.wait_for_deliveries()
+    as_owner = bearer(clerk.mint_session_token(owner["id"], org_id=org["id"]))
+    as_member = bearer(clerk.mint_session_token(member["id"], org_id=org["id"]))
+    assert app.get("/t/drf/admin", headers=as_owner).json() == {"admin": owner["id"]}
+    refused = app.get("/t/drf/admin", headers=as_member)
+    assert refused.status_code == 403 and refused.json()["error"] == "access_denied"
+    assert app.get("/t/drf/org-admin", headers=as_owner).json() == {"org": org["id"]}
+    assert app.get("/t/drf/org-admin", headers=as_member).status_code == 403
+    assert app.get("/t/drf/invoices", headers=as_member).status_code == 403  # no such permission
+    assert app.get("/t/drf/open").json() == {"signed_in": False}
+    assert app.get("/t/drf/open", headers=as_member).json() == {"signed_in": True}
+    forged = app.get("/t/drf/open", headers=bearer("not.a.jwt"))
+    assert (forged.status_code, forged.json()["error"], forged["WWW-Authenticate"]) == (401, "token_malformed", "Bearer")
+
+
+def test_async_views_class_based_views_and_org_guards(client_world: World) -> None:
+    clerk, app = client_world.clerk, client_world.app
+    admin = clerk.create_user("boss@example.com", public_metadata={"role": "admin"})
+    carol = clerk.create_user("carol@example.com")
+    org = clerk.create_organization("Acme", created_by=admin["id"])
+    clerk.wait_for_deliveries()
+    as_admin = bearer(clerk.mint_session_token(admin["id"], org_id=org["id"]))
+    as_carol = bearer(clerk.mint_session_token(carol["id"]))
+    assert app.get("/t/async/me", headers=as_carol).json() == {"user": carol["id"], "email": "carol@example.com",
+                                                               "django_user": carol["id"]}
+    assert app.get("/t/async/admin", headers=as_admin).json() == {"admin": admin["id"]}
+    assert app.get("/t/async/admin", headers=as_carol).status_code == 403
+    assert app.get("/t/org-admin", headers=as_admin).json() == {"org_admin": True}
+    assert app.get("/t/org-admin", headers=as_carol).status_code == 403
+    assert app.get("/t/cbv/invoices", headers=as_carol).status_code == 403
+    impersonating = bearer(clerk.mint_session_token(carol["id"], actor=admin["id"]))
+    for path in ("/t/async/billing", "/t/cbv/billing", "/billing"):
+        assert app.get(path, headers=as_carol).status_code == 200, path
+        refused = app.get(path, headers=impersonating)
+        assert (refused.status_code, refused.json()["error"]) == (403, "access_denied"), path
+
+
+def test_guards_stand_without_the_middleware_and_without_require_auth(db_url: str) -> None:
+    from django.conf import settings
+
+    without = [m for m in settings.MIDDLEWARE if "ClerkMiddleware" not in m]
+    with world_for(db_url, "test-client", REQUIRE_AUTH=False) as w, override_settings(MIDDLEWARE=without):
+        user = w.clerk.create_user("solo@example.com")
+        w.clerk.wait_for_deliveries()
+        for path in ("/dashboard", "/t/async/me", "/t/cbv/me", "/admin/users"):
+            assert w.app.get(path).status_code == 401, path
+        assert w.app.get("/dashboard", headers=bearer(w.clerk.mint_session_token(user["id"]))).status_code == 200
+        assert w.app.get("/t/async/me", headers=bearer(w.clerk.mint_session_token(user["id"]))).status_code == 200
+
+
+# -- cookies and CSRF, laziness, no event loop on the sync path ---------------------------------------
+
+
+def test_session_cookie_works_and_unsafe_cookie_requests_need_csrf(client_world: World) -> None:
+    clerk = client_world.clerk
+    admin = clerk.create_user("root@example.com", public_metadata={"role": "admin"})
+    clerk.wait_for_deliveries()
+    token = clerk.mint_session_token(admin["id"])
+    browser = Client(enforce_csrf_checks=True)
+    browser.cookies["__session"] = token
+    assert browser.get("/dashboard").json()["user"] == admin["id"]
+    assert browser.post("/admin/impersonate/user_x").status_code == 403  # cookie only: CSRF applies
+    api = Client(enforce_csrf_checks=True)  # a Bearer token is never sent by the browser on its own
+    assert api.post("/admin/impersonate/user_x", headers=bearer(token)).status_code != 403
+
+
+@contextmanager
+def sql_statements() -> Iterator[list[str]]:
+    """The SQL clerk-sync's store runs meanwhile."""
+    statements: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(statement)
+
+    engine = get_clerk_sync().store.engine
+    sa.event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield statements
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", record)
+
+
+def test_the_row_is_read_only_when_asked(client_world: World) -> None:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    clerk = client_world.clerk
+    user = clerk.create_user("lazy@example.com")
+    clerk.wait_for_deliveries()
+    tok = bearer(clerk.mint_session_token(user["id"]))
+    with override_settings(CLERK_SYNC={**emulator_settings(clerk), "DENY_LIST_REFRESH_S": 3600}), \
+            sql_statements() as statements:
+        app = client_world.app
+        assert app.get("/t/cbv/me", headers=tok).status_code == 200
+        assert any("FROM revoked_sessions" in s for s in statements)  # the first request loads the deny list
+        statements.clear()
+        with CaptureQueriesContext(connection) as django_queries:
+            assert app.get("/t/cbv/me", headers=tok).status_code == 200
+        assert (statements, len(django_queries)) == ([], 0)  # a signed-in page that never asks: no query
+        assert app.get("/dashboard", headers=tok).status_code == 200
+        assert any("FROM users" in s for s in statements)
+
+
+def test_sync_requests_create_no_event_loop(client_world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    clerk = client_world.clerk
+    admin = clerk.create_user("root@example.com", public_metadata={"role": "admin"})
+    clerk.wait_for_deliveries()
+    tok = bearer(clerk.mint_session_token(admin["id"]))
+    created: list[int] = []
+    original = asyncio.BaseEventLoop.__init__
+
+    def spy(self: asyncio.BaseEventLoop) -> None:
+        created.append(threading.get_ident())
+        original(self)
+
+    monkeypatch.setattr(asyncio.BaseEventLoop, "__init__", spy)
+    for path in ("/dashboard", "/admin/users", "/api/me", "/t/drf/admin", "/t/django-login-required", "/billing"):
+        assert client_world.app.get(path, headers=tok).status_code == 200, path
+    assert created == []
+    assert client_world.app.get("/t/async/me", headers=tok).status_code == 200
+    assert len(created) == 1  # the spy sees loops: an async view under WSGI needs one per request
