@@ -102,48 +102,6 @@ class ClerkMiddleware:
         return error_json(exception) if isinstance(exception, ClerkSyncError) else None
 
     @staticmethod
-    def _refusal(request: HttpRequest, state: ClerkRequest) -> HttpResponse | None:
-        """Deny by default, before any other middleware's view hook (CSRF included) gets to answer:
-        401 unless the path is public or resolves to a :func:`clerk_public` view (404s stay 404s)."""
-        options = state.runtime.options
-        path = request.path_info
-        if not options.require_auth or path in options.public_paths \
-                or (options.public_prefixes and path.startswith(options.public_prefixes)):
-            return None
-        try:
-            match = resolve(path, getattr(request, "urlconf", None))
-        except Resolver404:
-            return None
-        if getattr(match.func, "clerk_public", False) or getattr(getattr(match.func, "view_class", None),
-                                                                  "clerk_public", False):
-            return None
-        try:
-            state.require_auth()
-        except ClerkSyncError as exc:
-            return error_json(exc)
-        return None  # pragma: no cover - require_auth raises when there is no session
-
-    def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponse | None:
-        """A clerk-sync error raised by a view (e.g. an admin action) answers through the one table."""
-        return error_json(exception) if isinstance(exception, ClerkSyncError) else None
-
-    def process_view(self, request: HttpRequest, view_func: Callable[..., Any], view_args: Any,
-                     view_kwargs: Any) -> HttpResponse | None:
-        """Deny by default: the check runs once the view is known, so ``clerk_public`` views stay open."""
-        state = clerk_request(request)
-        options = state.runtime.options
-        if not options.require_auth or state.auth is not None or getattr(view_func, "clerk_public", False):
-            return None
-        path = request.path_info
-        if path in options.public_paths or (options.public_prefixes and path.startswith(options.public_prefixes)):
-            return None
-        try:
-            state.require_auth()
-        except ClerkSyncError as exc:
-            return error_json(exc)
-        return None  # pragma: no cover - require_auth raises when auth is None
-
-    @staticmethod
     def _audit(state: ClerkRequest, request: HttpRequest) -> None:
         auth = state.auth
         if auth is not None and auth.is_impersonated and state.runtime.options.audit_impersonation:
