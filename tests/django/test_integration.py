@@ -256,8 +256,11 @@ def test_session_cookie_works_and_unsafe_cookie_requests_need_csrf(client_world:
     browser.cookies["__session"] = token
     assert browser.get("/dashboard").json()["user"] == admin["id"]
     assert browser.post("/admin/impersonate/user_x").status_code == 403  # cookie only: CSRF applies
+    refused = browser.post("/t/drf/open")  # DRF views are CSRF-exempt: ClerkAuthentication checks it itself
+    assert refused.status_code == 403 and "CSRF" in refused.json()["detail"]
     api = Client(enforce_csrf_checks=True)  # a Bearer token is never sent by the browser on its own
-    assert api.post("/admin/impersonate/user_x", headers=bearer(token)).status_code != 403
+    assert api.post("/admin/impersonate/user_x", headers=bearer(token)).status_code == 404  # past CSRF: no such user
+    assert api.post("/t/drf/open", headers=bearer(token)).json() == {"signed_in": True}
 
 
 @contextmanager

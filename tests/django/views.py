@@ -107,3 +107,6 @@ class DrfOpen(APIView):
 
     def get(self, request: Request) -> Response:
         return Response({"signed_in": request.auth is not None})
+
+    def post(self, request: Request) -> Response:
+        return Response({"signed_in": request.auth is not None})

@@ -17,12 +17,14 @@ from typing import Any, ClassVar
 
 try:
     from rest_framework import exceptions
-    from rest_framework.authentication import BaseAuthentication
+    from rest_framework.authentication import BaseAuthentication, CSRFCheck
     from rest_framework.permissions import BasePermission
     from rest_framework.request import Request
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("clerk_sync.integrations.django.rest_framework needs djangorestframework: "
                       "pip install 'clerk-sync[django]'") from exc
+
+from django.http import HttpResponse
 
 from clerk_sync.auth.authenticator import Authenticator
 from clerk_sync.auth.claims import Auth
@@ -93,7 +95,19 @@ class ClerkAuthentication(BaseAuthentication):
             if state.error is None:
                 return None
             raise ClerkAPIException(state.error)
+        bearer = request._request.headers.get("Authorization", "")
+        if not (bearer[:7].lower() == "bearer " and bearer[7:].strip()):
+            self.enforce_csrf(request)  # the __session cookie is ambient: as DRF's SessionAuthentication
         return self._user(request, state), state.auth
+
+    @staticmethod
+    def enforce_csrf(request: Request) -> None:
+        """Django's CSRF check for cookie-authenticated requests (APIView is CSRF-exempt otherwise)."""
+        check = CSRFCheck(lambda _: HttpResponse())
+        check.process_request(request._request)
+        reason = check.process_view(request._request, None, (), {})  # type: ignore[arg-type]
+        if reason:
+            raise exceptions.PermissionDenied(f"CSRF Failed: {reason}")
 
     def authenticate_header(self, request: Request) -> str:
         return "Bearer"
