@@ -3,10 +3,15 @@ emulator, one command. Serves the ASGI app with uvicorn, or the WSGI app with ``
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
+import threading
+import time
 from typing import Any
+
+import httpx
 
 
 def _free_port() -> int:
@@ -26,6 +31,43 @@ def environment(clerk: Any) -> dict[str, str]:
     }
 
 
+def serve_in_thread(port: int, wsgi: bool) -> threading.Thread:
+    """The Django app on loopback: the ASGI app under uvicorn, or the WSGI app under a threaded server."""
+    if wsgi:
+        from socketserver import ThreadingMixIn
+        from wsgiref.simple_server import WSGIServer, make_server
+
+        from django.core.wsgi import get_wsgi_application
+
+        class ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+            daemon_threads = True
+
+        server = make_server("127.0.0.1", port, get_wsgi_application(), server_class=ThreadingWSGIServer)
+        target = server.serve_forever
+    else:
+        import uvicorn
+        from django.core.asgi import get_asgi_application
+
+        target = uvicorn.Server(uvicorn.Config(get_asgi_application(), host="127.0.0.1", port=port,
+                                               log_level="warning", lifespan="off")).run
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread
+
+
+def wait_until_up(url: str, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the example app did not answer at {url}")
+        time.sleep(0.05)
+
+
 def main(argv: list[str]) -> None:
     import django
     from django.core.management import call_command
@@ -40,25 +82,19 @@ def main(argv: list[str]) -> None:
         django.setup()
         call_command("migrate", verbosity=0)  # Django's own tables (auth, admin, sessions)
         call_command("clerk_sync", "migrate")  # clerk-sync's tables, in the same database
+        server = serve_in_thread(port, wsgi="--wsgi" in argv)
+        wait_until_up(f"http://127.0.0.1:{port}/healthz")
         admin = clerk.create_user("admin@example.com", first_name="Ada", public_metadata={"role": "admin"})
         member = clerk.create_user("member@example.com", first_name="Bob")
         org = clerk.create_organization("Acme", created_by=admin["id"])
         clerk.add_membership(org["id"], member["id"])
+        clerk.wait_for_deliveries()
         print(f"example app: http://127.0.0.1:{port}   emulator: {clerk.url}")
         print(f"admin token  (60 s): {clerk.mint_session_token(admin['id'], org_id=org['id'])}")
         print(f"member token (60 s): {clerk.mint_session_token(member['id'], org_id=org['id'])}")
-        print(f"try: curl -H 'Authorization: Bearer <token>' http://127.0.0.1:{port}/dashboard")
-        if "--wsgi" in argv:
-            from wsgiref.simple_server import make_server
-
-            from django.core.wsgi import get_wsgi_application
-
-            make_server("127.0.0.1", port, get_wsgi_application()).serve_forever()
-        else:
-            import uvicorn
-            from django.core.asgi import get_asgi_application
-
-            uvicorn.run(get_asgi_application(), host="127.0.0.1", port=port, log_level="warning")
+        print(f"try: curl -H 'Authorization: Bearer <token>' http://127.0.0.1:{port}/dashboard", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            server.join()
 
 
 if __name__ == "__main__":
