@@ -12,6 +12,7 @@ from functools import cached_property
 from typing import Any
 
 import httpx
+from asgiref.sync import sync_to_async
 from django.core.signals import setting_changed
 from django.dispatch import receiver
 
@@ -19,9 +20,10 @@ from clerk_sync.auth.admin import AdminActions
 from clerk_sync.auth.authenticator import Authenticator, DenyList
 from clerk_sync.auth.claims import Auth
 from clerk_sync.auth.sessions import verifier_from_settings
-from clerk_sync.auth.users import AuthUser, JitUsers, read_user
+from clerk_sync.auth.users import AuthUser, JitUsers
 from clerk_sync.clerk_api import AsyncClerkClient, ClerkClient
 from clerk_sync.config import Settings
+from clerk_sync.errors import ConfigError
 from clerk_sync.ingest import WebhookProcessor
 from clerk_sync.integrations.django.conf import DjangoOptions, clerk_settings, django_options
 from clerk_sync.integrations.starlette import build_processor
@@ -36,11 +38,8 @@ class ClerkSync:
     def __init__(self, settings: Settings, options: DjangoOptions) -> None:
         self.settings = settings
         self.options = options
+        self.store = Store.from_url(settings.sqlalchemy_url())  # no connection until first used
         self._http = httpx.Client()
-
-    @cached_property
-    def store(self) -> Store:
-        return Store.from_url(self.settings.sqlalchemy_url())
 
     @cached_property
     def processor(self) -> WebhookProcessor:
@@ -74,8 +73,6 @@ class ClerkSync:
     @cached_property
     def admin_actions(self) -> AdminActions:
         if self.clerk is None:
-            from clerk_sync.errors import ConfigError
-
             raise ConfigError("admin actions call Clerk: set CLERK_SECRET_KEY in settings.CLERK_SYNC")
         return AdminActions(self.store, self.clerk)
 
@@ -84,14 +81,10 @@ class ClerkSync:
         return self.authenticator.user(auth)
 
     async def auser(self, auth: Auth) -> AuthUser:
-        from asgiref.sync import sync_to_async
-
+        """Async :meth:`user`: a JIT fetch on the event loop, database reads in worker threads."""
         if self.jit is not None:
             return await self.jit.aget_auth_user(auth.user_id)
         return await sync_to_async(self.authenticator.user, thread_sensitive=False)(auth)
-
-    def read_user(self, clerk_id: str) -> AuthUser | None:
-        return read_user(self.store, clerk_id)
 
     def close(self) -> None:
         """Release connections and HTTP clients (the next :func:`get_clerk_sync` builds anew)."""
@@ -99,10 +92,11 @@ class ClerkSync:
         built: dict[str, Any] = self.__dict__
         if "clerk" in built and self.clerk is not None:
             self.clerk.close()
-        if "store" in built:
-            self.store.dispose()
+        self.store.dispose()
 
 
+# One per process, as Django's own settings and connections are; built lazily and replaceable (tests,
+# override_settings), so nothing is read at import time.
 _lock = threading.Lock()
 _current: list[ClerkSync] = []
 
