@@ -35,14 +35,19 @@ def serve_in_thread(port: int, wsgi: bool) -> threading.Thread:
     """The Django app on loopback: the ASGI app under uvicorn, or the WSGI app under a threaded server."""
     if wsgi:
         from socketserver import ThreadingMixIn
-        from wsgiref.simple_server import WSGIServer, make_server
+        from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
         from django.core.wsgi import get_wsgi_application
 
         class ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
             daemon_threads = True
 
-        server = make_server("127.0.0.1", port, get_wsgi_application(), server_class=ThreadingWSGIServer)
+        class QuietHandler(WSGIRequestHandler):  # like uvicorn at log_level="warning": no access log
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        server = make_server("127.0.0.1", port, get_wsgi_application(), server_class=ThreadingWSGIServer,
+                             handler_class=QuietHandler)
         target = server.serve_forever
     else:
         import uvicorn
