@@ -221,6 +221,8 @@ def test_async_views_class_based_views_and_org_guards(client_world: World) -> No
                                                                "django_user": carol["id"]}
     assert app.get("/t/async/admin", headers=as_admin).json() == {"admin": admin["id"]}
     assert app.get("/t/async/admin", headers=as_carol).status_code == 403
+    assert app.get("/t/cbv/async-admin", headers=as_admin).json() == {"admin": admin["id"]}
+    assert app.get("/t/cbv/async-admin", headers=as_carol).status_code == 403
     assert app.get("/t/org-admin", headers=as_admin).json() == {"org_admin": True}
     assert app.get("/t/org-admin", headers=as_carol).status_code == 403
     assert app.get("/t/cbv/invoices", headers=as_carol).status_code == 403

@@ -17,6 +17,7 @@ urlpatterns = [
     path("t/cbv/billing", views.CbvBilling.as_view()),
     path("t/cbv/invoices", views.CbvInvoices.as_view()),
     path("t/cbv/me", views.CbvMe.as_view()),
+    path("t/cbv/async-admin", views.AsyncCbvAdmin.as_view()),
     path("t/django-login-required", views.django_login_required),
     path("t/drf/admin", views.DrfAdmin.as_view()),
     path("t/drf/org-admin", views.DrfOrgAdmin.as_view()),

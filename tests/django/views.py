@@ -23,6 +23,7 @@ from clerk_sync.integrations.django.mixins import (
     NotImpersonatedMixin,
     OrgPermissionRequiredMixin,
     OrgRoleRequiredMixin,
+    RoleRequiredMixin,
 )
 from clerk_sync.integrations.django.request import aclerk_request
 from clerk_sync.integrations.django.rest_framework import HasOrgRole, HasPermission, HasRole, IsClerkAuthenticated
@@ -68,6 +69,13 @@ class CbvInvoices(OrgPermissionRequiredMixin, View):
 
     def get(self, request: HttpRequest) -> JsonResponse:
         return JsonResponse({"invoices": []})
+
+
+class AsyncCbvAdmin(RoleRequiredMixin, View):
+    required_roles = ("admin",)
+
+    async def get(self, request: HttpRequest) -> JsonResponse:
+        return JsonResponse({"admin": (await (await aclerk_request(request)).auser()).clerk_id})
 
 
 class CbvMe(ClerkLoginRequiredMixin, View):

@@ -4,8 +4,8 @@
         required_roles = ("admin",)
         def get(self, request): ...
 
-Each mixin wraps ``dispatch`` in the matching decorator, so checks and answers are the same.
-The view's handlers must be sync, as ``View.dispatch`` is.
+Each mixin wraps ``dispatch`` in the matching decorator, so checks and answers are the same; views
+with ``async def`` handlers get the async guards.
 """
 
 from __future__ import annotations
@@ -29,10 +29,16 @@ class _GuardMixin:
     def _guard(self) -> Any:
         raise NotImplementedError
 
-    def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+    def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> Any:
         parent = super().dispatch  # type: ignore[misc]
-        response: HttpResponseBase = self._guard()(parent)(request, *args, **kwargs)
-        return response
+        if getattr(self, "view_is_async", False):  # Django's View: the handlers are coroutines
+
+            async def parent_async(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+                response: HttpResponseBase = await parent(request, *args, **kwargs)
+                return response
+
+            return self._guard()(parent_async)(request, *args, **kwargs)
+        return self._guard()(parent)(request, *args, **kwargs)
 
 
 class ClerkLoginRequiredMixin(_GuardMixin):
