@@ -319,11 +319,11 @@ def wait_quiet(threshold: float = 0.35, max_wait: float = 8.0) -> float:
     return busy
 
 
-def start_server(port: int, tmp: Path, pem: str) -> subprocess.Popen[bytes]:
+def start_server(port: int, tmp: Path, pem: str, script: str = "_auth_server.py") -> subprocess.Popen[bytes]:
     pem_path = tmp / "key.pem"
     pem_path.write_text(pem)
     log = (tmp / "server.log").open("wb")
-    proc = subprocess.Popen([PY, str(BENCH / "_auth_server.py"), str(port), str(tmp / "auth.db"), str(pem_path),
+    proc = subprocess.Popen([PY, str(BENCH / script), str(port), str(tmp / "auth.db"), str(pem_path),
                              ISS, AZP], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 60
     while time.time() < deadline:
@@ -351,10 +351,13 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 # cell -> (path, sends a Bearer token): /open with a token isolates the middleware's verify and the
 # bigger request from the FastAPI dependency that /me adds on top.
 CELLS = {"open": ("/open", False), "open+token": ("/open", True), "me": ("/me", True)}
+# The same two routes as Django views (bench/_auth_server_django.py): `@clerk_login_required` vs public.
+DJANGO_CELLS = {"django open": ("/open", False), "django me": ("/me", True)}
+PATHS = {**CELLS, **DJANGO_CELLS}
 
 
 def load(port: int, server_pid: int, cell: str, tokens_file: Path, cfg: argparse.Namespace) -> dict[str, Any]:
-    path, with_token = CELLS[cell]
+    path, with_token = PATHS[cell]
     args = [PY, str(BENCH / "_auth_loadgen.py"), "--port", str(port), "--path", path, "--concurrency",
             str(cfg.concurrency), "--warmup", str(cfg.warmup), "--duration", str(cfg.duration),
             "--server-pid", str(server_pid)]
@@ -363,19 +366,20 @@ def load(port: int, server_pid: int, cell: str, tokens_file: Path, cfg: argparse
     return {**json.loads(out), "cell": cell}
 
 
-def http_rounds(key: rsa.RSAPrivateKey, pem: str, cfg: argparse.Namespace) -> list[dict[str, Any]]:
+def http_rounds(key: rsa.RSAPrivateKey, pem: str, cfg: argparse.Namespace, cells: dict[str, Any] = CELLS,
+                script: str = "_auth_server.py") -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="bench-auth-") as d:
         tmp = Path(d)
         tokens_file = tmp / "tokens.txt"
         tokens_file.write_text("\n".join(mint(key, POOL, start=500_000)))
         port = free_port()
-        server = start_server(port, tmp, pem)
+        server = start_server(port, tmp, pem, script)
         results: list[dict[str, Any]] = []
         try:
             warm = argparse.Namespace(**{**vars(cfg), "warmup": 0.3, "duration": 0.7})
-            for cell in CELLS:  # unmeasured warm-up of every cell
+            for cell in cells:  # unmeasured warm-up of every cell
                 load(port, server.pid, cell, tokens_file, warm)
-            order = list(CELLS)
+            order = list(cells)
             for rnd in range(cfg.rounds):
                 for route in (order if rnd % 2 == 0 else order[::-1]):
                     busy_before = wait_quiet()
@@ -530,6 +534,7 @@ def render(micro: dict[str, list[float]], sizes: dict[str, int], http: list[dict
         f"second cached verify); a cached `Authenticator.authenticate` costs {med(micro['authenticate']):.1f} µs "
         "in process.",
         "",
+        *django_rows(http, cfg),
         "### Where first-seen time goes",
         "",
         f"`SessionVerifier.verify` parses each token once (split; header segment checked once and memoised; "
@@ -569,6 +574,40 @@ def render(micro: dict[str, list[float]], sizes: dict[str, int], http: list[dict
         END,
     ]
     return "\n".join(lines)
+
+
+def django_rows(http: list[dict[str, Any]], cfg: argparse.Namespace) -> list[str]:
+    """The Django table: a `@clerk_login_required` sync view vs a public one, same server and stack."""
+    by = {cell: sorted((r for r in http if r["cell"] == cell), key=lambda r: r["round"]) for cell in DJANGO_CELLS}
+    if not all(by.values()):
+        return []
+    pairs = list(zip(by["django me"], by["django open"], strict=True))
+    lines = [
+        f"### Django view, protected vs unprotected (ASGI app under uvicorn 1 worker, c={cfg.concurrency} "
+        f"keep-alive, {POOL} users' tokens)",
+        "",
+        "| route | req/s (median) | min-max | vs `/open` (paired) | p50 ms | p99 ms | server CPU µs/req | vs `/open` |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    labels = {"django open": "`/open`: public path, no token",
+              "django me": "**`/me`: `@clerk_login_required`, Bearer token**"}
+    for cell, label in labels.items():
+        rs = by[cell]
+        ratio = med([r["rps"] / b["rps"] for r, b in zip(rs, by["django open"], strict=True)])
+        cpu = med([r["server_cpu_us_per_req"] - b["server_cpu_us_per_req"] for r, b in zip(rs, by["django open"], strict=True)])
+        lines.append(
+            f"| {label} | {med([r['rps'] for r in rs]):,.0f} | {min(r['rps'] for r in rs):,.0f}-"
+            f"{max(r['rps'] for r in rs):,.0f} | {ratio:.2f} | {med([r['p50_ms'] for r in rs]):.2f} | "
+            f"{med([r['p99_ms'] for r in rs]):.2f} | {med([r['server_cpu_us_per_req'] for r in rs]):,.0f} | {cpu:+,.0f} |")
+    ratio = med([a["rps"] / b["rps"] for a, b in pairs])
+    lines += [
+        "",
+        f"Protected / unprotected req/s: **{ratio:.2f}**. Both views pass through Django's handler, "
+        "`CommonMiddleware`, `CsrfViewMiddleware` and `ClerkMiddleware` (async under ASGI: it verifies the "
+        "token with the cached `aauthenticate`); the sync views run in Django's thread executor.",
+        "",
+    ]
+    return lines
 
 
 def write_benchmarks_md(block: str) -> Path:
@@ -636,6 +675,8 @@ def main() -> None:
     if not cfg.no_http:
         print(f"HTTP: {cfg.rounds} rounds x {len(CELLS)} cells ...", flush=True)
         http = http_rounds(key, pem, cfg)
+        print(f"HTTP, Django: {cfg.rounds} rounds x {len(DJANGO_CELLS)} cells ...", flush=True)
+        http += http_rounds(key, pem, cfg, DJANGO_CELLS, "_auth_server_django.py")
     if not http:
         raise SystemExit("HTTP part skipped: nothing written")
     block = render(micro, sizes, http, parity, cfg, time.time() - started)
