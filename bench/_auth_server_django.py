@@ -1,10 +1,13 @@
-"""Django server for bench/auth.py: the ASGI app under uvicorn (one worker), a protected and a public view.
+"""Django server for bench/auth.py: under uvicorn (one worker), as the ASGI app or (``wsgi``) the WSGI one.
 
 ``/me`` is a sync view under ``clerk_login_required``; ``/open`` and ``/healthz`` are public. Both go
 through the same middleware stack (``ClerkMiddleware`` included), so they differ only by the session.
 The store is a SQLite file migrated with ``clerk_sync.migrations.upgrade`` (the deny list reads it).
 
-    python bench/_auth_server_django.py PORT SQLITE_PATH PEM_PATH ISSUER AZP
+    python bench/_auth_server_django.py PORT SQLITE_PATH PEM_PATH ISSUER AZP asgi|wsgi
+
+Under WSGI the whole Django path is sync (uvicorn hands each request to a worker thread); under ASGI
+``ClerkMiddleware`` runs async and the sync views in Django's thread executor.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ def open_route(request: HttpRequest) -> JsonResponse:
 
 
 def main() -> None:
-    port, db_path, pem_path, issuer, azp = sys.argv[1:6]
+    port, db_path, pem_path, issuer, azp, interface = sys.argv[1:7]
     engine = create_engine(f"sqlite:///{db_path}")
     migrations.upgrade(engine)
     engine.dispose()
@@ -50,12 +53,15 @@ def main() -> None:
     )
     django.setup()
     from django.core.asgi import get_asgi_application
+    from django.core.wsgi import get_wsgi_application
 
     from clerk_sync.integrations.django.decorators import clerk_login_required
 
     global urlpatterns
     urlpatterns = [path("me", clerk_login_required(me)), path("open", open_route), path("healthz", open_route)]
-    uvicorn.run(get_asgi_application(), host="127.0.0.1", port=int(port), log_level="warning", access_log=False)
+    app = get_wsgi_application() if interface == "wsgi" else get_asgi_application()
+    uvicorn.run(app, host="127.0.0.1", port=int(port), log_level="warning", access_log=False,
+                interface="wsgi" if interface == "wsgi" else "asgi3")
 
 
 urlpatterns: list[object] = []
