@@ -26,7 +26,13 @@ from clerk_sync.integrations.django.mixins import (
     RoleRequiredMixin,
 )
 from clerk_sync.integrations.django.request import aclerk_request
-from clerk_sync.integrations.django.rest_framework import HasOrgRole, HasPermission, HasRole, IsClerkAuthenticated
+from clerk_sync.integrations.django.rest_framework import (
+    HasOrgRole,
+    HasPermission,
+    HasRole,
+    IsClerkAuthenticated,
+    clerk_auth,
+)
 
 
 @clerk_login_required
@@ -100,7 +106,7 @@ class DrfOrgAdmin(APIView):
     permission_classes = (IsClerkAuthenticated, HasOrgRole.of("org:admin"),)
 
     def get(self, request: Request) -> Response:
-        return Response({"org": request.auth.org_id})
+        return Response({"org": clerk_auth(request).org_id})
 
 
 class DrfInvoices(APIView):

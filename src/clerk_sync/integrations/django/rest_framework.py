@@ -41,6 +41,7 @@ __all__ = [
     "HasPermission",
     "HasRole",
     "IsClerkAuthenticated",
+    "clerk_auth",
 ]
 
 _BACKEND = "clerk_sync.integrations.django.backends.ClerkBackend"
@@ -71,6 +72,11 @@ class ClerkPrincipal:
 
     def __str__(self) -> str:
         return self.clerk_id
+
+
+def clerk_auth(request: Request) -> Auth:
+    """``request.auth`` typed: the verified session (raises the 401 when there is none)."""
+    return _require(request).require_auth()
 
 
 def _state(request: Request) -> ClerkRequest:
