@@ -1,4 +1,5 @@
-"""Django server for bench/auth.py: under uvicorn (one worker), as the ASGI app or (``wsgi``) the WSGI one.
+"""Django server for bench/auth.py: the WSGI app under gunicorn (one gthread worker, as the Flask row), or
+the ASGI app under uvicorn (one worker).
 
 ``/me`` is a sync view under ``clerk_login_required``; ``/open`` and ``/healthz`` are public. Both go
 through the same middleware stack (``ClerkMiddleware`` included), so they differ only by the session.
@@ -6,20 +7,22 @@ The store is a SQLite file migrated with ``clerk_sync.migrations.upgrade`` (the 
 
     python bench/_auth_server_django.py PORT SQLITE_PATH PEM_PATH ISSUER AZP asgi|wsgi
 
-Under WSGI the whole Django path is sync (uvicorn hands each request to a worker thread); under ASGI
-``ClerkMiddleware`` runs async and the sync views in Django's thread executor.
+Under WSGI the whole Django path is sync; under ASGI ``ClerkMiddleware`` runs async and the sync views
+in Django's thread executor.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import django
 import uvicorn
 from django.conf import settings
 from django.http import HttpRequest, JsonResponse
 from django.urls import path
+from gunicorn.app.base import BaseApplication
 
 from clerk_sync import migrations
 from clerk_sync.store import create_engine
@@ -59,9 +62,27 @@ def main() -> None:
 
     global urlpatterns
     urlpatterns = [path("me", clerk_login_required(me)), path("open", open_route), path("healthz", open_route)]
-    app = get_wsgi_application() if interface == "wsgi" else get_asgi_application()
-    uvicorn.run(app, host="127.0.0.1", port=int(port), log_level="warning", access_log=False,
-                interface="wsgi" if interface == "wsgi" else "asgi3")
+    if interface == "wsgi":
+        _Gunicorn(int(port), get_wsgi_application()).run()
+    else:
+        uvicorn.run(get_asgi_application(), host="127.0.0.1", port=int(port), log_level="warning",
+                    access_log=False)
+
+
+class _Gunicorn(BaseApplication):
+    """gunicorn from Python, configured as bench/_auth_flask_server.py's (1 gthread worker x 8 threads)."""
+
+    def __init__(self, port: int, app: Any) -> None:
+        self.port, self.app = port, app
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in {"bind": f"127.0.0.1:{self.port}", "workers": 1, "worker_class": "gthread",
+                           "threads": 8, "keepalive": 75, "loglevel": "warning", "accesslog": None}.items():
+            self.cfg.set(key, value)
+
+    def load(self) -> Any:
+        return self.app
 
 
 urlpatterns: list[object] = []

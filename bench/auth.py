@@ -24,9 +24,13 @@ Part 2, over HTTP: ``/me`` (``Depends(clerk.current_auth)``) vs ``/open`` (publi
 app behind ``ClerkAuthMiddleware``, uvicorn with one worker on loopback (bench/_auth_server.py), a
 SQLite store migrated with ``clerk_sync.migrations.upgrade``; load from bench/_auth_loadgen.py in its
 own process, 8 keep-alive connections, 100 users' tokens round-robin. The two routes alternate
-round by round against the same server process. Then the same pair as Django views
-(bench/_auth_server_django.py: ``@clerk_login_required`` vs a public view, ``ClerkMiddleware`` on both),
-served by uvicorn as the ASGI app and as the WSGI app.
+round by round against the same server process.
+
+Part 2b, the same cells against a Flask app (``ClerkSync``, ``@clerk_login_required`` vs ``@public``)
+under gunicorn, one gthread worker with 8 threads (bench/_auth_flask_server.py), in the same run.
+Part 2c, the same cells against a Django project (``ClerkMiddleware``, ``@clerk_login_required`` vs a
+public view; bench/_auth_server_django.py): the WSGI app under the same gunicorn, and the ASGI app under
+uvicorn (one worker).
 
 Results: a table on stdout and the "Auth (bench/auth.py)" section of BENCHMARKS.md.
 """
@@ -43,8 +47,6 @@ import json
 import os
 import platform
 import random
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -58,7 +60,7 @@ from pathlib import Path
 from typing import Any
 
 import jwt
-from _report import write_section  # bench/ is on sys.path when run as a script
+from _common import free_port, stop, wait_quiet, write_section  # bench/ is on sys.path when run as a script
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
@@ -295,38 +297,12 @@ def check_verifier(key: rsa.RSAPrivateKey, pem: str, tokens: list[str]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- HTTP
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def machine_busy(seconds: float = 0.5) -> float:
-    def read() -> list[int]:
-        with open("/proc/stat") as f:
-            return [int(x) for x in f.readline().split()[1:]]
-
-    a = read()
-    time.sleep(seconds)
-    d = [y - x for x, y in zip(a, read(), strict=True)]
-    return 1 - (d[3] + d[4]) / max(1, sum(d))
-
-
-def wait_quiet(threshold: float = 0.35, max_wait: float = 8.0) -> float:
-    """Other sessions share this 2-core box: start a cell once it is mostly idle (bounded wait)."""
-    deadline = time.time() + max_wait
-    busy = machine_busy()
-    while time.time() < deadline and busy > threshold:
-        busy = machine_busy()
-    return busy
-
-
-def start_server(port: int, tmp: Path, pem: str, script: str = "_auth_server.py",
+def start_server(port: int, tmp: Path, pem: str, server: str = "_auth_server.py",
                  extra: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
     pem_path = tmp / "key.pem"
     pem_path.write_text(pem)
     log = (tmp / "server.log").open("wb")
-    proc = subprocess.Popen([PY, str(BENCH / script), str(port), str(tmp / "auth.db"), str(pem_path),
+    proc = subprocess.Popen([PY, str(BENCH / server), str(port), str(tmp / "auth.db"), str(pem_path),
                              ISS, AZP, *extra], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 60
     while time.time() < deadline:
@@ -341,28 +317,13 @@ def start_server(port: int, tmp: Path, pem: str, script: str = "_auth_server.py"
     raise RuntimeError("auth server did not become healthy")
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 # cell -> (path, sends a Bearer token): /open with a token isolates the middleware's verify and the
 # bigger request from the FastAPI dependency that /me adds on top.
 CELLS = {"open": ("/open", False), "open+token": ("/open", True), "me": ("/me", True)}
-# The same two routes as Django views (bench/_auth_server_django.py): `@clerk_login_required` vs public,
-# served as the ASGI app and as the WSGI app.
-DJANGO_CELLS = {f"django {kind} {route}": (f"/{route}", route == "me") for kind in ("asgi", "wsgi")
-                for route in ("open", "me")}
-PATHS = {**CELLS, **DJANGO_CELLS}
 
 
 def load(port: int, server_pid: int, cell: str, tokens_file: Path, cfg: argparse.Namespace) -> dict[str, Any]:
-    path, with_token = PATHS[cell]
+    path, with_token = CELLS[cell]
     args = [PY, str(BENCH / "_auth_loadgen.py"), "--port", str(port), "--path", path, "--concurrency",
             str(cfg.concurrency), "--warmup", str(cfg.warmup), "--duration", str(cfg.duration),
             "--server-pid", str(server_pid)]
@@ -371,23 +332,23 @@ def load(port: int, server_pid: int, cell: str, tokens_file: Path, cfg: argparse
     return {**json.loads(out), "cell": cell}
 
 
-def http_rounds(key: rsa.RSAPrivateKey, pem: str, cfg: argparse.Namespace, cells: dict[str, Any] = CELLS,
-                script: str = "_auth_server.py", extra: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+def http_rounds(key: rsa.RSAPrivateKey, pem: str, cfg: argparse.Namespace,
+                server_script: str = "_auth_server.py", extra: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="bench-auth-") as d:
         tmp = Path(d)
         tokens_file = tmp / "tokens.txt"
         tokens_file.write_text("\n".join(mint(key, POOL, start=500_000)))
         port = free_port()
-        server = start_server(port, tmp, pem, script, extra)
+        server = start_server(port, tmp, pem, server_script, extra)
         results: list[dict[str, Any]] = []
         try:
             warm = argparse.Namespace(**{**vars(cfg), "warmup": 0.3, "duration": 0.7})
-            for cell in cells:  # unmeasured warm-up of every cell
+            for cell in CELLS:  # unmeasured warm-up of every cell
                 load(port, server.pid, cell, tokens_file, warm)
-            order = list(cells)
+            order = list(CELLS)
             for rnd in range(cfg.rounds):
                 for route in (order if rnd % 2 == 0 else order[::-1]):
-                    busy_before = wait_quiet()
+                    busy_before, _ = wait_quiet(threshold=0.35, max_wait=8.0)
                     r = load(port, server.pid, route, tokens_file, cfg)
                     r.update(round=rnd, busy_before=busy_before)
                     bad = {s: n for s, n in r["statuses"].items() if not s.startswith("2")}
@@ -445,7 +406,8 @@ def machine_notes(cfg: argparse.Namespace) -> list[str]:
 
 
 def render(micro: dict[str, list[float]], sizes: dict[str, int], http: list[dict[str, Any]], parity: str,
-           cfg: argparse.Namespace, elapsed: float) -> str:
+           cfg: argparse.Namespace, elapsed: float, flask_http: list[dict[str, Any]] | None = None,
+           django_http: dict[str, list[dict[str, Any]]] | None = None) -> str:
     floor = micro["floor"]
 
     def ratio(name: str) -> float:
@@ -539,7 +501,8 @@ def render(micro: dict[str, list[float]], sizes: dict[str, int], http: list[dict
         f"second cached verify); a cached `Authenticator.authenticate` costs {med(micro['authenticate']):.1f} µs "
         "in process.",
         "",
-        *django_rows(http, cfg),
+        *(flask_lines(flask_http, cfg) if flask_http else []),
+        *(django_lines(django_http, cfg) if django_http else []),
         "### Where first-seen time goes",
         "",
         f"`SessionVerifier.verify` parses each token once (split; header segment checked once and memoised; "
@@ -581,43 +544,89 @@ def render(micro: dict[str, list[float]], sizes: dict[str, int], http: list[dict
     return "\n".join(lines)
 
 
-def django_rows(http: list[dict[str, Any]], cfg: argparse.Namespace) -> list[str]:
-    """The Django table: a `@clerk_login_required` sync view vs a public one, per deployment, same stack."""
-    by = {cell: sorted((r for r in http if r["cell"] == cell), key=lambda r: r["round"]) for cell in DJANGO_CELLS}
-    if not all(by.values()):
-        return []
+def flask_lines(http: list[dict[str, Any]], cfg: argparse.Namespace) -> list[str]:
+    """The Flask row: the same three cells against ``ClerkSync`` under gunicorn (bench/_auth_flask_server.py)."""
+    by = {cell: sorted((r for r in http if r["cell"] == cell), key=lambda r: r["round"]) for cell in CELLS}
+
+    def paired(cell: str, key: Callable[[dict[str, Any], dict[str, Any]], float]) -> float:
+        return med([key(a, b) for a, b in zip(by[cell], by["open"], strict=True)])
+
     lines = [
-        f"### Django view, protected vs unprotected (uvicorn 1 worker, c={cfg.concurrency} keep-alive, "
-        f"{POOL} users' tokens)",
+        f"### Flask route, protected vs unprotected (gunicorn 1 gthread worker x 8 threads, c={cfg.concurrency} "
+        f"keep-alive, {POOL} users' tokens)",
+        "",
+        "| route | req/s (median) | min-max | vs `/open` (paired) | p50 ms | p99 ms | server CPU µs/req "
+        "| vs `/open` | foreign CPU |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    labels = {"open": "`/open`: `@public` view, no token",
+              "open+token": "`/open` with a Bearer token (lazy: not verified)",
+              "me": "**`/me`: `@clerk_login_required`, Bearer token**"}
+    for cell, label in labels.items():
+        rs = by[cell]
+        lines.append(
+            f"| {label} | {med([r['rps'] for r in rs]):,.0f} | {min(r['rps'] for r in rs):,.0f}-"
+            f"{max(r['rps'] for r in rs):,.0f} | {paired(cell, lambda a, b: a['rps'] / b['rps']):.2f} | "
+            f"{med([r['p50_ms'] for r in rs]):.2f} | {med([r['p99_ms'] for r in rs]):.2f} | "
+            f"{med([r['server_cpu_us_per_req'] for r in rs]):,.0f} | "
+            f"{paired(cell, lambda a, b: a['server_cpu_us_per_req'] - b['server_cpu_us_per_req']):+,.0f} | "
+            f"{med([r['foreign_cpu'] for r in rs]):.0%} |")
+    cpu_me = paired("me", lambda a, b: a["server_cpu_us_per_req"] - b["server_cpu_us_per_req"])
+    cpu_open = med([r["server_cpu_us_per_req"] for r in by["open"]])
+    lines += [
+        "",
+        f"Protected / unprotected req/s: **{paired('me', lambda a, b: a['rps'] / b['rps']):.2f}** (median of "
+        "per-round ratios), same run, same tokens and load generator as the FastAPI rows. The steadier "
+        f"measure is server CPU: the session check adds ~{cpu_me:,.0f} µs per request to the {cpu_open:,.0f} µs "
+        f"gunicorn and Flask spend on `/open` ({cpu_me / cpu_open:+.0%}); with that little added, the req/s "
+        "ratio mostly shows what else the shared box was running. `ClerkSync(deny_by_default=True)` verifies "
+        "in a `before_request` hook (the blocking `Authenticator.authenticate`, a cached verify, no event "
+        "loop); a `@public` view never verifies, even with a token, until it reads `current_clerk`.",
+        "",
+    ]
+    return lines
+
+
+def django_lines(runs: dict[str, list[dict[str, Any]]], cfg: argparse.Namespace) -> list[str]:
+    """The Django rows: the same three cells against the WSGI app (gunicorn) and the ASGI app (uvicorn)."""
+    lines = [
+        f"### Django view, protected vs unprotected (c={cfg.concurrency} keep-alive, {POOL} users' tokens)",
         "",
         "| deployment | route | req/s (median) | min-max | vs `/open` (paired) | p50 ms | p99 ms "
         "| server CPU µs/req | vs `/open` |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    ratios = {}
-    for kind in ("asgi", "wsgi"):
-        base = by[f"django {kind} open"]
-        for route, label in (("open", "`/open`: public path, no token"),
-                             ("me", "**`/me`: `@clerk_login_required`, Bearer token**")):
-            rs = by[f"django {kind} {route}"]
-            pairs = list(zip(rs, base, strict=True))
-            ratio = med([a["rps"] / b["rps"] for a, b in pairs])
-            cpu = med([a["server_cpu_us_per_req"] - b["server_cpu_us_per_req"] for a, b in pairs])
-            ratios[kind] = ratio
+    servers = {"wsgi": "WSGI, gunicorn 1 gthread worker x 8 threads", "asgi": "ASGI, uvicorn 1 worker"}
+    labels = {"open": "`/open`: public view, no token",
+              "open+token": "`/open` with a Bearer token (the middleware verifies it)",
+              "me": "**`/me`: `@clerk_login_required`, Bearer token**"}
+    summary = []
+    for kind, http in runs.items():
+        by = {cell: sorted((r for r in http if r["cell"] == cell), key=lambda r: r["round"]) for cell in CELLS}
+
+        def paired(cell: str, key: Callable[[dict[str, Any], dict[str, Any]], float],
+                   by: dict[str, list[dict[str, Any]]] = by) -> float:
+            return med([key(a, b) for a, b in zip(by[cell], by["open"], strict=True)])
+
+        for cell, label in labels.items():
+            rs = by[cell]
             lines.append(
-                f"| {kind.upper()} | {label} | {med([r['rps'] for r in rs]):,.0f} | {min(r['rps'] for r in rs):,.0f}-"
-                f"{max(r['rps'] for r in rs):,.0f} | {ratio:.2f} | {med([r['p50_ms'] for r in rs]):.2f} | "
+                f"| {servers[kind]} | {label} | {med([r['rps'] for r in rs]):,.0f} | "
+                f"{min(r['rps'] for r in rs):,.0f}-{max(r['rps'] for r in rs):,.0f} | "
+                f"{paired(cell, lambda a, b: a['rps'] / b['rps']):.2f} | {med([r['p50_ms'] for r in rs]):.2f} | "
                 f"{med([r['p99_ms'] for r in rs]):.2f} | {med([r['server_cpu_us_per_req'] for r in rs]):,.0f} | "
-                f"{cpu:+,.0f} |")
+                f"{paired(cell, lambda a, b: a['server_cpu_us_per_req'] - b['server_cpu_us_per_req']):+,.0f} |")
+        cpu_me = paired("me", lambda a, b: a["server_cpu_us_per_req"] - b["server_cpu_us_per_req"])
+        cpu_open = med([r["server_cpu_us_per_req"] for r in by["open"]])
+        summary.append(f"{kind.upper()} **{paired('me', lambda a, b: a['rps'] / b['rps']):.2f}** (the session "
+                       f"adds ~{cpu_me:,.0f} µs of server CPU to {cpu_open:,.0f} µs)")
     lines += [
         "",
-        f"Protected / unprotected req/s: **{ratios['asgi']:.2f}** under ASGI, **{ratios['wsgi']:.2f}** under "
-        "WSGI. Both views pass through Django's handler, `CommonMiddleware`, `CsrfViewMiddleware` and "
-        "`ClerkMiddleware`. Under WSGI everything is sync (no event loop on Django's path; uvicorn hands each "
-        "request to a worker thread); under ASGI the middleware verifies with the cached `aauthenticate` and "
-        "the sync views run in Django's thread executor. The ASGI rows cost ~1 ms of server CPU per request with or "
-        "without a session: that is Django's ASGI path itself (its classic middleware and sync views each hop to a "
-        "thread), not the session check.",
+        f"Protected / unprotected req/s: {'; '.join(summary)}. Every route passes through Django's handler, "
+        "`CommonMiddleware`, `CsrfViewMiddleware` and `ClerkMiddleware`. Under WSGI the whole path is sync "
+        "(the blocking `Authenticator.authenticate`, a cached verify, no event loop); under ASGI the "
+        "middleware awaits `aauthenticate` and Django runs its classic middleware and the sync views in "
+        "its thread executor, which is most of the ASGI rows' server CPU, with or without a session.",
         "",
     ]
     return lines
@@ -685,16 +694,19 @@ def main() -> None:
         print(f"  {name:24} {med(xs):10.2f} µs/op   x floor {med(xs) / med(micro['floor']):7.3f}", flush=True)
 
     http: list[dict[str, Any]] = []
+    flask_http: list[dict[str, Any]] = []
+    django_http: dict[str, list[dict[str, Any]]] = {}
     if not cfg.no_http:
         print(f"HTTP: {cfg.rounds} rounds x {len(CELLS)} cells ...", flush=True)
         http = http_rounds(key, pem, cfg)
-        for kind in ("asgi", "wsgi"):
-            cells = {cell: v for cell, v in DJANGO_CELLS.items() if cell.startswith(f"django {kind} ")}
-            print(f"HTTP, Django {kind.upper()}: {cfg.rounds} rounds x {len(cells)} cells ...", flush=True)
-            http += http_rounds(key, pem, cfg, cells, "_auth_server_django.py", (kind,))
+        print(f"HTTP (Flask): {cfg.rounds} rounds x {len(CELLS)} cells ...", flush=True)
+        flask_http = http_rounds(key, pem, cfg, "_auth_flask_server.py")
+        for kind in ("wsgi", "asgi"):
+            print(f"HTTP (Django {kind.upper()}): {cfg.rounds} rounds x {len(CELLS)} cells ...", flush=True)
+            django_http[kind] = http_rounds(key, pem, cfg, "_auth_server_django.py", (kind,))
     if not http:
         raise SystemExit("HTTP part skipped: nothing written")
-    block = render(micro, sizes, http, parity, cfg, time.time() - started)
+    block = render(micro, sizes, http, parity, cfg, time.time() - started, flask_http, django_http)
     print()
     print(block.replace(BEGIN, "").replace(END, "").strip())
     if not cfg.no_write:

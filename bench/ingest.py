@@ -27,14 +27,11 @@ import platform
 import random
 import re
 import shutil
-import signal
-import socket
 import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import Counter
 from datetime import UTC, datetime
 from importlib import metadata as md
@@ -50,8 +47,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 import factories  # noqa: E402  (tests/factories.py: envelope builders shaped like Clerk's examples)
 
 sys.path.insert(0, str(BENCH))
+from _common import free_port, stop, wait_http, wait_quiet, write_section  # noqa: E402
 from _loadgen import cpu_snapshot  # noqa: E402
-from _report import write_section  # noqa: E402
+from _observe_cost import measure as observe_cost  # noqa: E402
 
 PY = sys.executable
 VENV_BIN = Path(PY).parent
@@ -116,44 +114,12 @@ def build_corpus(n: int, seed: int = 7) -> list[bytes]:
 
 
 # -------------------------------------------------------------------------------------------- helpers
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def pg_exec(sql: str, dbname: str = "test", *, schema: str | None = None) -> list[tuple[Any, ...]]:
     with psycopg.connect(PG_ADMIN.rsplit("/", 1)[0] + "/" + dbname, autocommit=True) as conn:
         if schema:
             conn.execute(f'SET search_path TO "{schema}"')
         cur = conn.execute(sql)
         return cur.fetchall() if cur.description else []
-
-
-def wait_http(port: int, proc: subprocess.Popen[bytes], timeout: float = 90.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before becoming healthy")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError("server did not become healthy")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """Stop a server we started (its own process group: uvicorn --workers children included)."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGINT)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 class Store:
@@ -231,7 +197,7 @@ def http_cell(system: str, store_kind: str, conc: int, cfg: argparse.Namespace, 
         spy = None
         try:
             wait_http(port, proc)
-            wait_quiet(cfg)
+            cfg.waited_s = getattr(cfg, "waited_s", 0.0) + wait_quiet(threshold=0.25, max_wait=20.0)[1]
             gen = run_loadgen(port, conc, cfg, corpus, label, proc.pid, wrap=system == "floor")
             if profile is not None:  # sample the measured window only (not start-up/warm-up)
                 time.sleep(cfg.warmup + 0.6)
@@ -262,25 +228,6 @@ def http_cell(system: str, store_kind: str, conc: int, cfg: argparse.Namespace, 
     return result
 
 
-def machine_busy(seconds: float = 0.5) -> float:
-    def read() -> list[int]:
-        with open("/proc/stat") as f:
-            return [int(x) for x in f.readline().split()[1:]]
-
-    a = read()
-    time.sleep(seconds)
-    b = read()
-    d = [y - x for x, y in zip(a, b, strict=True)]
-    return 1 - (d[3] + d[4]) / max(1, sum(d))
-
-
-def wait_quiet(cfg: argparse.Namespace, threshold: float = 0.25, max_wait: float = 20.0) -> None:
-    """Other sessions share this 2-core box (test suites): start a cell once it is mostly idle."""
-    deadline = time.time() + max_wait
-    while time.time() < deadline and machine_busy() > threshold:
-        cfg.waited_s = getattr(cfg, "waited_s", 0.0) + 0.5
-
-
 def pgbench_bin() -> str:
     found = shutil.which("pgbench")
     if found:
@@ -295,7 +242,7 @@ def pgbench_cell(conc: int, cfg: argparse.Namespace, tmp: Path) -> dict[str, Any
     """``pgbench -N`` for warmup+duration; tps/latency from the per-transaction log, same window."""
     logdir = Path(tempfile.mkdtemp(dir=tmp, prefix="pgb"))
     pg_exec("CHECKPOINT")
-    wait_quiet(cfg)
+    cfg.waited_s = getattr(cfg, "waited_s", 0.0) + wait_quiet(threshold=0.25, max_wait=20.0)[1]
     total = cfg.warmup + cfg.duration
     cmd = [pgbench_bin(), "-h", "127.0.0.1", "-U", "postgres", "-N", "-c", str(conc), "-j", str(min(conc, 2)),
            "-T", str(math.ceil(total + 1.0)), "-l", "--log-prefix", str(logdir / "pgb"), PGBENCH_DB]
@@ -647,6 +594,8 @@ def main() -> None:
     for key, r in best.items():
         r["all_rounds_tps"] = spread[key]
     block = render(list(best.values()), cfg, machine_notes(), elapsed, profile_md)
+    print("  cost of observing one delivery (metrics, log line, span) ...", file=sys.stderr)
+    block = block.replace(END, f"\n{observe_cost(cfg.quick)}\n{END}")
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     (RESULTS / f"ingest-{stamp}.json").write_text(json.dumps(results, indent=1, default=str))
     print()

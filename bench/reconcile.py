@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from _report import write_section  # bench/ is on sys.path when run as a script
+from _common import free_port, write_section  # bench/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Reconcile (bench/reconcile.py)"
@@ -44,12 +43,6 @@ serve(EmulatorConfig(secret_key=sys.argv[1], rate_limit_requests=int(sys.argv[2]
                      rate_limit_window_s=float(sys.argv[3])),
       host="127.0.0.1", port=int(sys.argv[4]), log_level="warning", out=open("/dev/null", "w"))
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def admin(url: str, path: str, body: dict[str, Any]) -> Any:

@@ -11,12 +11,11 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,43 +23,29 @@ from typing import Any
 import httpx
 
 from clerk_sync.webhooks import sign
+from tests._server import free_port, wait_for_http
 
 HERE = Path(__file__).resolve().parent
 SERVE = "from clerk_sync.cli import main; main()"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class Server:
     """One ``clerk-sync serve`` subprocess; ``kill()`` is ``kill -9``, ``stop()`` a clean shutdown."""
 
-    def __init__(self, database_url: str, secret: str, *, migrate: bool = False, log: Path | None = None) -> None:
+    def __init__(self, database_url: str, secret: str, *, migrate: bool = False, log: Path | None = None,
+                 env: Mapping[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "DATABASE_URL": database_url, "CLERK_WEBHOOK_SIGNING_SECRET": secret,
-               "CLERK_SYNC_LOG_LEVEL": "WARNING"}
+               "CLERK_SYNC_LOG_LEVEL": "WARNING", **(env or {})}
         args = [sys.executable, "-c", SERVE, "serve", "--host", "127.0.0.1", "--port", str(self.port),
                 "--migrate" if migrate else "--no-migrate"]
         self._log = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(args, env=env, stdout=self._log, stderr=self._log)
 
     def wait_ready(self, timeout: float = 30.0) -> Server:
-        deadline = time.monotonic() + timeout
-        with httpx.Client(timeout=2.0) as client:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"clerk-sync serve exited with {self.proc.returncode}")
-                try:
-                    if client.get(f"{self.url}/healthz").status_code == 200:
-                        return self
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.05)
-        raise TimeoutError(f"clerk-sync serve did not answer /healthz on {self.url}")
+        wait_for_http(f"{self.url}/healthz", timeout=timeout, proc=self.proc)
+        return self
 
     def kill(self) -> None:
         if self.proc.poll() is None:

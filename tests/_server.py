@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import httpx
 import uvicorn
 
 
@@ -18,11 +20,26 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_for_http(url: str, *, timeout: float = 30.0, proc: subprocess.Popen[Any] | None = None) -> httpx.Response:
+    """Poll ``url`` until it answers (any status); fail early if ``proc`` exits. Returns the first answer."""
+    deadline = time.monotonic() + timeout
+    with httpx.Client(timeout=2.0) as client:
+        while True:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"{proc.args!r} exited with {proc.returncode} before {url} answered")
+            try:
+                return client.get(url)
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{url} did not answer within {timeout}s") from None
+                time.sleep(0.05)
+
+
 @contextmanager
-def running(app: Any, port: int | None = None) -> Iterator[str]:
-    """Yield the base URL while the app is served; stop it afterwards."""
+def running(app: Any, port: int | None = None, *, lifespan: str = "off") -> Iterator[str]:
+    """Yield the base URL while the app is served; stop it afterwards (``lifespan="on"``: run start-up tasks)."""
     port = port or free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan=lifespan))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10

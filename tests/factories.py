@@ -1,4 +1,4 @@
-"""Builders for Clerk event envelopes shaped like ../shared/clerk/examples (minimal but faithful)."""
+"""Builders for Clerk event envelopes shaped like tests/fixtures/clerk/examples (minimal but faithful)."""
 
 from __future__ import annotations
 

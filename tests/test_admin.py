@@ -24,21 +24,15 @@ from clerk_sync.testing import EmulatorServer
 
 
 @pytest.fixture
-def clerk() -> Iterator[EmulatorServer]:
-    with EmulatorServer(rate_limit_requests=1000) as server:
-        yield server
-
-
-@pytest.fixture
-def actions(clerk: EmulatorServer, store: Store) -> Iterator[AdminActions]:
-    client = ClerkClient(clerk.secret_key, api_url=clerk.url, retry=RetryPolicy(attempts=1, deadline_s=2),
+def actions(emu: EmulatorServer, store: Store) -> Iterator[AdminActions]:
+    client = ClerkClient(emu.secret_key, api_url=emu.url, retry=RetryPolicy(attempts=1, deadline_s=2),
                          breaker=CircuitBreaker(threshold=100))
     yield AdminActions(store, client)
     client.close()
 
 
-def synced_user(clerk: EmulatorServer, store: Store, email: str, role: str = "user") -> str:
-    user = clerk.create_user(email, first_name="T", public_metadata={"role": role})
+def synced_user(emu: EmulatorServer, store: Store, email: str, role: str = "user") -> str:
+    user = emu.create_user(email, first_name="T", public_metadata={"role": role})
     with store.transaction() as w:
         w.apply(Upsert(Entity.USER, user_record(user)))
     return str(user["id"])
@@ -49,12 +43,12 @@ def audit_rows(store: Store) -> list[dict[str, Any]]:
         return [dict(r) for r in conn.execute(sa.select(audit_log).order_by(audit_log.c.id)).mappings()]
 
 
-def test_admin_promotes_user_in_clerk_and_db_with_audit(clerk: EmulatorServer, store: Store, actions: AdminActions) -> None:
-    admin = synced_user(clerk, store, "admin@example.com", role="admin")
-    target = synced_user(clerk, store, "bob@example.com")
+def test_admin_promotes_user_in_clerk_and_db_with_audit(emu: EmulatorServer, store: Store, actions: AdminActions) -> None:
+    admin = synced_user(emu, store, "admin@example.com", role="admin")
+    target = synced_user(emu, store, "bob@example.com")
     change = actions.promote(target, "admin", by=admin, ip="203.0.113.9")
     assert (change.status, change.previous_role) == ("applied", "user")
-    assert clerk.request("GET", f"/v1/users/{target}")["public_metadata"]["role"] == "admin"
+    assert emu.request("GET", f"/v1/users/{target}")["public_metadata"]["role"] == "admin"
     db = read_user(store, target)
     assert db is not None and db.role == "admin" and db.public_metadata["role"] == "admin"
     [row] = audit_rows(store)
@@ -62,58 +56,58 @@ def test_admin_promotes_user_in_clerk_and_db_with_audit(clerk: EmulatorServer, s
     assert row["details"] == {"from": "user", "to": "admin"}
 
 
-def test_non_admin_cannot_promote_and_the_refusal_is_audited(clerk: EmulatorServer, store: Store, actions: AdminActions) -> None:
-    mallory = synced_user(clerk, store, "mallory@example.com")
+def test_non_admin_cannot_promote_and_the_refusal_is_audited(emu: EmulatorServer, store: Store, actions: AdminActions) -> None:
+    mallory = synced_user(emu, store, "mallory@example.com")
     with pytest.raises(AccessDenied):
         actions.promote(mallory, "admin", by=mallory)
-    assert clerk.request("GET", f"/v1/users/{mallory}")["public_metadata"].get("role") == "user"
+    assert emu.request("GET", f"/v1/users/{mallory}")["public_metadata"].get("role") == "user"
     assert [r["action"] for r in audit_rows(store)] == ["role.change.refused"]
 
 
-def test_clerk_outage_records_pending_then_retry_converges(clerk: EmulatorServer, store: Store, actions: AdminActions) -> None:
-    target = synced_user(clerk, store, "carol@example.com")
-    clerk.set_faults(outage=True)
+def test_clerk_outage_records_pending_then_retry_converges(emu: EmulatorServer, store: Store, actions: AdminActions) -> None:
+    target = synced_user(emu, store, "carol@example.com")
+    emu.set_faults(outage=True)
     change = actions.promote(target, "admin", by=None)
     assert change.status == "pending"
     db = read_user(store, target)
     assert db is not None and db.role == "user"  # never ahead of Clerk
     assert actions.retry_pending() == {"applied": 0, "pending": 1, "failed": 0}
-    clerk.set_faults(outage=False)
+    emu.set_faults(outage=False)
     assert actions.retry_pending() == {"applied": 1, "pending": 0, "failed": 0}
     db = read_user(store, target)
     assert db is not None and db.role == "admin"
-    assert clerk.request("GET", f"/v1/users/{target}")["public_metadata"]["role"] == "admin"
+    assert emu.request("GET", f"/v1/users/{target}")["public_metadata"]["role"] == "admin"
     with store.connect() as conn:
         pending = conn.execute(sa.select(pending_role_changes)).mappings().one()
     assert pending["done_at"] is not None and pending["attempts"] == 3
     assert [r["action"] for r in audit_rows(store)] == ["role.change_pending", "role.changed"]
 
 
-def test_impersonation_yields_an_act_session_and_is_audited(clerk: EmulatorServer, store: Store, actions: AdminActions) -> None:
-    admin = synced_user(clerk, store, "root@example.com", role="admin")
-    target = synced_user(clerk, store, "dave@example.com")
+def test_impersonation_yields_an_act_session_and_is_audited(emu: EmulatorServer, store: Store, actions: AdminActions) -> None:
+    admin = synced_user(emu, store, "root@example.com", role="admin")
+    target = synced_user(emu, store, "dave@example.com")
     grant = actions.start_impersonation(admin, target, ip="198.51.100.7")
     assert grant.method == "actor_token" and grant.expires_in_s <= 300
     [row] = audit_rows(store)
     assert (row["action"], row["actor_clerk_id"], row["target_clerk_id"]) == ("impersonation.granted", admin, target)
-    accepted = clerk.request("POST", f"/_emulator/actor_tokens/{row['details']['grant_id']}/accept")
+    accepted = emu.request("POST", f"/_emulator/actor_tokens/{row['details']['grant_id']}/accept")
     with httpx.Client() as http:
-        verifier = SessionVerifier(JWKSKeySource(f"{clerk.api_url}/jwks", client=http,
-                                                 headers={"Authorization": f"Bearer {clerk.secret_key}"}), ClaimsValidator())
+        verifier = SessionVerifier(JWKSKeySource(f"{emu.api_url}/jwks", client=http,
+                                                 headers={"Authorization": f"Bearer {emu.secret_key}"}), ClaimsValidator())
         auth = verifier.verify(accepted["jwt"])
     assert auth.user_id == target and auth.is_impersonated and auth.actor_id == admin
 
 
-def test_non_admin_impersonation_is_refused_and_audited(clerk: EmulatorServer, store: Store, actions: AdminActions) -> None:
-    eve = synced_user(clerk, store, "eve@example.com")
-    target = synced_user(clerk, store, "frank@example.com")
+def test_non_admin_impersonation_is_refused_and_audited(emu: EmulatorServer, store: Store, actions: AdminActions) -> None:
+    eve = synced_user(emu, store, "eve@example.com")
+    target = synced_user(emu, store, "frank@example.com")
     with pytest.raises(AccessDenied):
         actions.start_impersonation(eve, target)
     assert [r["action"] for r in audit_rows(store)] == ["impersonation.refused"]
 
 
-def test_audit_log_is_append_only(clerk: EmulatorServer, store: Store, actions: AdminActions) -> None:
-    eve = synced_user(clerk, store, "eve2@example.com")
+def test_audit_log_is_append_only(emu: EmulatorServer, store: Store, actions: AdminActions) -> None:
+    eve = synced_user(emu, store, "eve2@example.com")
     with pytest.raises(AccessDenied):
         actions.promote(eve, "admin", by=eve)
     with pytest.raises(StoreError, match="append-only"), store.transaction() as w:
@@ -140,9 +134,9 @@ class ActorTokensUnavailable:
         return self.client.create_sign_in_token(user_id, expires_in_seconds=expires_in_seconds)
 
 
-def test_impersonation_falls_back_to_a_sign_in_token(clerk: EmulatorServer, store: Store, actions: AdminActions) -> None:
-    admin = synced_user(clerk, store, "ops@example.com", role="admin")
-    target = synced_user(clerk, store, "gina@example.com")
+def test_impersonation_falls_back_to_a_sign_in_token(emu: EmulatorServer, store: Store, actions: AdminActions) -> None:
+    admin = synced_user(emu, store, "ops@example.com", role="admin")
+    target = synced_user(emu, store, "gina@example.com")
     strict = AdminActions(store, ActorTokensUnavailable(actions.clerk))  # type: ignore[arg-type]
     with pytest.raises(ClerkValidationError):
         strict.start_impersonation(admin, target)  # no silent, unmarked session by default
@@ -156,29 +150,29 @@ def test_impersonation_falls_back_to_a_sign_in_token(clerk: EmulatorServer, stor
     assert granted["details"]["method"] == "sign_in_token"
 
 
-def test_a_stale_pending_change_never_overrides_a_newer_one(clerk: EmulatorServer, store: Store, actions: AdminActions) -> None:
-    target = synced_user(clerk, store, "henry@example.com")
-    clerk.set_faults(outage=True)
+def test_a_stale_pending_change_never_overrides_a_newer_one(emu: EmulatorServer, store: Store, actions: AdminActions) -> None:
+    target = synced_user(emu, store, "henry@example.com")
+    emu.set_faults(outage=True)
     assert actions.promote(target, "admin", by=None).status == "pending"
-    clerk.set_faults(outage=False)
+    emu.set_faults(outage=False)
     assert actions.promote(target, "user", by=None).status == "applied"  # the newer decision
     assert actions.retry_pending() == {"applied": 0, "pending": 0, "failed": 0}
-    assert clerk.request("GET", f"/v1/users/{target}")["public_metadata"]["role"] == "user"
+    assert emu.request("GET", f"/v1/users/{target}")["public_metadata"]["role"] == "user"
     db = read_user(store, target)
     assert db is not None
     assert db.role == "user"
 
 
 def test_a_permanently_refused_pending_change_does_not_block_the_queue(
-    clerk: EmulatorServer, store: Store, actions: AdminActions
+    emu: EmulatorServer, store: Store, actions: AdminActions
 ) -> None:
-    gone = synced_user(clerk, store, "ivy@example.com")
-    kept = synced_user(clerk, store, "jack@example.com")
-    clerk.set_faults(outage=True)
+    gone = synced_user(emu, store, "ivy@example.com")
+    kept = synced_user(emu, store, "jack@example.com")
+    emu.set_faults(outage=True)
     actions.promote(gone, "admin", by=None)
     actions.promote(kept, "admin", by=None)
-    clerk.set_faults(outage=False)
-    clerk.request("DELETE", f"/v1/users/{gone}")
+    emu.set_faults(outage=False)
+    emu.request("DELETE", f"/v1/users/{gone}")
     assert actions.retry_pending() == {"applied": 1, "pending": 0, "failed": 1}
-    assert clerk.request("GET", f"/v1/users/{kept}")["public_metadata"]["role"] == "admin"
+    assert emu.request("GET", f"/v1/users/{kept}")["public_metadata"]["role"] == "admin"
     assert "role.change_failed" in [r["action"] for r in audit_rows(store)]

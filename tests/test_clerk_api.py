@@ -8,7 +8,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import anyio
@@ -27,34 +26,15 @@ from clerk_sync.errors import (
     RateLimited,
 )
 from clerk_sync.testing import EmulatorServer
+from tests.conftest import FakeClock, clerk_client
 
 REDIS_URL = os.environ.get("CLERK_SYNC_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 FAST_RETRY = RetryPolicy(attempts=3, backoff_s=0.02, backoff_max_s=0.05, deadline_s=5.0)
 
 
-@pytest.fixture(scope="module")
-def emulator() -> Iterator[EmulatorServer]:
-    with EmulatorServer(rate_limit_requests=1000, rate_limit_window_s=1.0) as server:
-        yield server
-
-
-@pytest.fixture
-def clerk_emu(emulator: EmulatorServer) -> EmulatorServer:
-    emulator.reset()
-    return emulator
-
-
-def client_for(emu: EmulatorServer, *, limit: RateLimit = RateLimit(1000, 1.0), **options: Any) -> ClerkClient:
+def client_for(emu: EmulatorServer, *, limit: RateLimit | None = None, **options: Any) -> ClerkClient:
     options.setdefault("retry", FAST_RETRY)
-    return ClerkClient(emu.secret_key, api_url=emu.url, budget=LocalBudget(limit), **options)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 100.0
-
-    def __call__(self) -> float:
-        return self.t
+    return clerk_client(emu, limit=limit, **options)
 
 
 # -- pure parts ------------------------------------------------------------------------------
@@ -112,17 +92,17 @@ def test_settings_pick_the_budget() -> None:
 # -- against the emulator --------------------------------------------------------------------
 
 
-def test_calls_send_version_header_and_map_errors(clerk_emu: EmulatorServer) -> None:
+def test_calls_send_version_header_and_map_errors(emu: EmulatorServer) -> None:
     seen: list[httpx.Request] = []
     http = httpx.Client(event_hooks={"request": [seen.append]})
-    user = clerk_emu.create_user(email="ada@example.com", first_name="Ada")
-    with client_for(clerk_emu, http=http) as clerk:
+    user = emu.create_user(email="ada@example.com", first_name="Ada")
+    with client_for(emu, http=http) as clerk:
         assert clerk.get_user(user["id"])["first_name"] == "Ada"
         assert clerk.count_users() == 1
         assert [u["id"] for u in clerk.list_users(order_by="+created_at")] == [user["id"]]
         merged = clerk.update_user_metadata(user["id"], public_metadata={"role": "admin"})
         assert merged["public_metadata"] == {"role": "admin"}
-        org = clerk_emu.create_organization("Acme", created_by=user["id"])
+        org = emu.create_organization("Acme", created_by=user["id"])
         assert clerk.list_organizations().total_count == 1
         assert clerk.list_organization_memberships(org["id"]).data[0]["role"] == "org:admin"
         assert clerk.list_all_organization_memberships().total_count == 1
@@ -135,16 +115,16 @@ def test_calls_send_version_header_and_map_errors(clerk_emu: EmulatorServer) -> 
         with pytest.raises(ClerkValidationError):
             clerk.send(ApiRequest("GET", "/users", list, params=(("limit", "0"),)))
     assert {r.headers["clerk-api-version"] for r in seen} == {"2026-05-12"}
-    assert all(r.headers["authorization"] == f"Bearer {clerk_emu.secret_key}" for r in seen)
+    assert all(r.headers["authorization"] == f"Bearer {emu.secret_key}" for r in seen)
     http.close()
-    with pytest.raises(ClerkUnauthorized), ClerkClient("sk_test_wrong", api_url=clerk_emu.url) as bad:
+    with pytest.raises(ClerkUnauthorized), ClerkClient("sk_test_wrong", api_url=emu.url) as bad:
         bad.count_users()
 
 
-def test_sync_single_flight_makes_one_call(clerk_emu: EmulatorServer) -> None:
-    user = clerk_emu.create_user(email="ada@example.com")
-    clerk_emu.set_faults(latency_s=0.2)
-    with client_for(clerk_emu) as clerk:
+def test_sync_single_flight_makes_one_call(emu: EmulatorServer) -> None:
+    user = emu.create_user(email="ada@example.com")
+    emu.set_faults(latency_s=0.2)
+    with client_for(emu) as clerk:
         results: list[dict[str, Any]] = []
         threads = [threading.Thread(target=lambda: results.append(clerk.get_user(user["id"]))) for _ in range(50)]
         for t in threads:
@@ -158,11 +138,11 @@ def test_sync_single_flight_makes_one_call(clerk_emu: EmulatorServer) -> None:
 
 
 @pytest.mark.anyio
-async def test_async_single_flight_makes_one_call(clerk_emu: EmulatorServer) -> None:
-    user = clerk_emu.create_user(email="ada@example.com")
-    clerk_emu.set_faults(latency_s=0.2)
+async def test_async_single_flight_makes_one_call(emu: EmulatorServer) -> None:
+    user = emu.create_user(email="ada@example.com")
+    emu.set_faults(latency_s=0.2)
     results: list[str] = []
-    async with AsyncClerkClient(clerk_emu.secret_key, api_url=clerk_emu.url, retry=FAST_RETRY) as clerk:
+    async with AsyncClerkClient(emu.secret_key, api_url=emu.url, retry=FAST_RETRY) as clerk:
 
         async def one() -> None:
             results.append((await clerk.get_user(user["id"]))["id"])
@@ -174,9 +154,9 @@ async def test_async_single_flight_makes_one_call(clerk_emu: EmulatorServer) -> 
         assert clerk.stats.requests == 1
 
 
-def test_storm_within_budget_gets_no_429(clerk_emu: EmulatorServer) -> None:
-    clerk_emu.set_faults(rate_limit_requests=20, rate_limit_window_s=1.0)
-    with client_for(clerk_emu, limit=RateLimit(20, 1.0)) as clerk:
+def test_storm_within_budget_gets_no_429(emu: EmulatorServer) -> None:
+    emu.set_faults(rate_limit_requests=20, rate_limit_window_s=1.0)
+    with client_for(emu, limit=RateLimit(20, 1.0)) as clerk:
         started = time.monotonic()
         counts: list[int] = []
         threads = [threading.Thread(target=lambda: counts.append(clerk.count_users())) for _ in range(60)]
@@ -190,10 +170,10 @@ def test_storm_within_budget_gets_no_429(clerk_emu: EmulatorServer) -> None:
     assert elapsed >= (60 - 20) / 20 * 0.9  # paced by the budget, not by 429s
 
 
-def test_429_storm_honours_retry_after_and_everyone_is_served(clerk_emu: EmulatorServer) -> None:
+def test_429_storm_honours_retry_after_and_everyone_is_served(emu: EmulatorServer) -> None:
     # Our budget thinks it may send 1000/s, the server allows 10/s: a storm of 429s.
-    clerk_emu.set_faults(rate_limit_requests=10, rate_limit_window_s=1.0)
-    with client_for(clerk_emu, retry=RetryPolicy(rate_limited_attempts=10, deadline_s=20)) as clerk:
+    emu.set_faults(rate_limit_requests=10, rate_limit_window_s=1.0)
+    with client_for(emu, retry=RetryPolicy(rate_limited_attempts=10, deadline_s=20)) as clerk:
         done: list[int] = []
         threads = [threading.Thread(target=lambda: done.append(clerk.count_users())) for _ in range(30)]
         started = time.monotonic()
@@ -208,42 +188,41 @@ def test_429_storm_honours_retry_after_and_everyone_is_served(clerk_emu: Emulato
     assert elapsed >= 2.0  # three windows of 10
 
 
-def test_outage_fails_fast_then_recovers(clerk_emu: EmulatorServer) -> None:
-    clerk_emu.set_faults(outage=True)
-    breaker = CircuitBreaker(threshold=3, reset_s=0.3)
-    with client_for(clerk_emu, breaker=breaker) as clerk:
-        started = time.monotonic()
+def test_outage_fails_fast_then_recovers(emu: EmulatorServer) -> None:
+    emu.set_faults(outage=True)
+    clock = FakeClock()
+    breaker = CircuitBreaker(threshold=3, reset_s=5.0, clock=clock)
+    with client_for(emu, breaker=breaker, retry=RetryPolicy(attempts=3, backoff_s=0.01, deadline_s=5.0)) as clerk:
         with pytest.raises(ClerkUnavailable) as first:
             clerk.count_users()
-        assert time.monotonic() - started < 1.0 and first.value.status == 503
+        assert first.value.status == 503
         assert clerk.stats.requests == 3 and breaker.is_open
-        started = time.monotonic()
         with pytest.raises(ClerkUnavailable) as fast:
             clerk.count_users()
-        assert time.monotonic() - started < 0.05 and fast.value.retry_after > 0
+        assert fast.value.retry_after > 0
         assert clerk.stats.requests == 3  # nothing sent while open
-        clerk_emu.set_faults(outage=False)
-        time.sleep(0.35)
+        emu.set_faults(outage=False)
+        clock.t += 5.0  # reset_s later, one probe goes through and closes the circuit
         assert clerk.count_users() == 0
         assert not breaker.is_open
 
 
-def test_timeouts_are_retried_then_bounded_by_the_deadline(clerk_emu: EmulatorServer) -> None:
-    clerk_emu.set_faults(latency_s=0.5)
+def test_timeouts_are_retried_then_bounded_by_the_deadline(emu: EmulatorServer) -> None:
+    emu.set_faults(latency_s=0.5)
     timeout = httpx.Timeout(0.1, connect=0.5)
-    with client_for(clerk_emu, timeout=timeout, retry=RetryPolicy(attempts=3, backoff_s=0.01)) as clerk:
+    with client_for(emu, timeout=timeout, retry=RetryPolicy(attempts=3, backoff_s=0.01)) as clerk:
         with pytest.raises(ClerkUnavailable):
             clerk.count_users()
         assert clerk.stats.requests == 3 and clerk.stats.failures == 3
-    with client_for(clerk_emu, retry=RetryPolicy(attempts=10, backoff_s=0.01)) as clerk:
+    with client_for(emu, retry=RetryPolicy(attempts=10, backoff_s=0.01)) as clerk:
         started = time.monotonic()
         with pytest.raises(ClerkUnavailable):
             clerk.count_users(deadline_s=0.3)
         assert time.monotonic() - started < 0.6
 
 
-def test_budget_wait_past_the_deadline_is_refused_without_sending(clerk_emu: EmulatorServer) -> None:
-    with client_for(clerk_emu, limit=RateLimit(2, 10.0, burst=1)) as clerk:
+def test_budget_wait_past_the_deadline_is_refused_without_sending(emu: EmulatorServer) -> None:
+    with client_for(emu, limit=RateLimit(2, 10.0, burst=1)) as clerk:
         clerk.count_users()
         with pytest.raises(RateLimited) as refused:
             clerk.count_users(deadline_s=0.5)
@@ -265,10 +244,10 @@ with ClerkClient(key, api_url=url, budget=budget, retry=RetryPolicy(deadline_s=3
 """
 
 
-def test_three_processes_share_the_redis_budget(clerk_emu: EmulatorServer) -> None:
+def test_three_processes_share_the_redis_budget(emu: EmulatorServer) -> None:
     prefix = f"clerk_sync_test:{os.getpid()}:{time.monotonic_ns()}"
-    clerk_emu.set_faults(rate_limit_requests=15, rate_limit_window_s=1.0)
-    args = [clerk_emu.url, clerk_emu.secret_key, REDIS_URL, "15", prefix]
+    emu.set_faults(rate_limit_requests=15, rate_limit_window_s=1.0)
+    args = [emu.url, emu.secret_key, REDIS_URL, "15", prefix]
     started = time.monotonic()
     procs = [subprocess.Popen([sys.executable, "-c", _WORKER, *args], stdout=subprocess.PIPE, text=True)
              for _ in range(3)]

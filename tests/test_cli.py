@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -18,7 +17,7 @@ from clerk_sync.store import Store
 from clerk_sync.tables import audit_log, users, webhook_events
 from clerk_sync.testing import EmulatorServer
 from tests import factories as f
-from tests._server import free_port
+from tests._server import free_port, wait_for_http
 from tests.conftest import SECRET
 
 CLI = [sys.executable, "-c", "from clerk_sync.cli import main; main()"]
@@ -90,14 +89,7 @@ def test_emulate_serves_the_backend_api_and_jwks() -> None:
     proc = subprocess.Popen([*CLI, "emulate", "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env={k: v for k, v in os.environ.items() if not k.startswith("CLERK_")})
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                jwks = httpx.get(f"http://127.0.0.1:{port}/.well-known/jwks.json", timeout=1)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "emulator did not start"
-                time.sleep(0.2)
+        jwks = wait_for_http(f"http://127.0.0.1:{port}/.well-known/jwks.json", timeout=20, proc=proc)
         assert jwks.json()["keys"][0]["kty"] == "RSA"
         headers = {"Authorization": "Bearer sk_test_emulator"}
         created = httpx.post(f"http://127.0.0.1:{port}/v1/users", json={"email_address": ["e@example.com"]}, headers=headers)
@@ -118,14 +110,7 @@ def test_serve_with_two_workers_on_postgres(db_url: str) -> None:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(f"{base}/healthz", timeout=1)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "serve --workers 2 did not start"
-                time.sleep(0.2)
+        wait_for_http(f"{base}/healthz", timeout=30, proc=proc)
         with httpx.Client(base_url=base) as client:
             statuses = []
             for i in range(30):

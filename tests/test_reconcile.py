@@ -26,26 +26,16 @@ from clerk_sync.store import Store
 from clerk_sync.tables import organization_memberships, organizations, reconcile_runs, reconcile_seen, users
 from clerk_sync.testing import EmulatorServer
 from tests import factories
+from tests.conftest import clerk_client
 
 RETRY = RetryPolicy(attempts=2, backoff_s=0.02, backoff_max_s=0.05, deadline_s=5.0)
 TABLES = {"users": users, "organizations": organizations, "organization_memberships": organization_memberships}
 
 
-@pytest.fixture(scope="module")
-def emulator() -> Iterator[EmulatorServer]:
-    with EmulatorServer(rate_limit_requests=200, rate_limit_window_s=1.0) as server:
-        yield server
-
-
-@pytest.fixture
-def emu(emulator: EmulatorServer) -> EmulatorServer:
-    emulator.reset()
-    return emulator
-
-
 @pytest.fixture
 def clerk(emu: EmulatorServer) -> Iterator[ClerkClient]:
-    with ClerkClient(emu.secret_key, api_url=emu.url, budget=LocalBudget(RateLimit(200, 1.0)), retry=RETRY) as c:
+    """Within a 200/s budget (the emulator allows 1000/s), so a run never sees a 429."""
+    with clerk_client(emu, limit=RateLimit(200, 1.0), retry=RETRY) as c:
         yield c
 
 
@@ -230,3 +220,16 @@ def test_reconcile_stays_within_the_rate_limit(store: Store, emu: EmulatorServer
     assert report.counts["users"].created == 1000
     assert report.rate_limited == 0 and report.requests == 1 + 20 + 1 + 2
     assert report.duration_s >= (report.requests - 10) / 10 * 0.9
+
+
+def test_tombstones_are_versioned_by_the_injected_clock(store: Store, clerk: ClerkClient, emu: EmulatorServer) -> None:
+    ids = seed(emu, n_users=3)
+    reconciler(store, clerk).run()
+    emu.request("DELETE", f"/v1/users/{ids['bob']['id']}")
+    fixed = datetime(2030, 1, 1, tzinfo=UTC)
+    reconciler(store, clerk, now=lambda: fixed).run()
+    with store.connect() as conn:
+        row = conn.execute(sa.select(users.c.clerk_updated_at, users.c.deleted_at)
+                           .where(users.c.clerk_id == ids["bob"]["id"])).one()
+    assert row.deleted_at is not None
+    assert row.clerk_updated_at == int(fixed.timestamp() * 1000)

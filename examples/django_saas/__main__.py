@@ -94,10 +94,14 @@ def main(argv: list[str]) -> None:
         org = clerk.create_organization("Acme", created_by=admin["id"])
         clerk.add_membership(org["id"], member["id"])
         clerk.wait_for_deliveries()
-        print(f"example app: http://127.0.0.1:{port}   emulator: {clerk.url}")
-        print(f"admin token  (60 s): {clerk.mint_session_token(admin['id'], org_id=org['id'])}")
-        print(f"member token (60 s): {clerk.mint_session_token(member['id'], org_id=org['id'])}")
-        print(f"try: curl -H 'Authorization: Bearer <token>' http://127.0.0.1:{port}/dashboard", flush=True)
+        admin_token = clerk.mint_session_token(admin["id"], org_id=org["id"])
+        member_token = clerk.mint_session_token(member["id"], org_id=org["id"])
+        # One write: request logs from the server threads cannot land inside a token.
+        sys.stdout.write(f"example app: http://127.0.0.1:{port}   emulator: {clerk.url}\n"
+                         f"admin token  (60 s): {admin_token}\n"
+                         f"member token (60 s): {member_token}\n"
+                         f"try: curl -H 'Authorization: Bearer <token>' http://127.0.0.1:{port}/dashboard\n")
+        sys.stdout.flush()
         with contextlib.suppress(KeyboardInterrupt):
             server.join()
 

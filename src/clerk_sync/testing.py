@@ -18,6 +18,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -41,10 +42,12 @@ def _bind_loopback() -> socket.socket:
 class EmulatorServer:
     """Context manager serving a fresh emulator on ``127.0.0.1:<free port>`` in a thread.
 
-    Pass an :class:`EmulatorConfig`, or keyword arguments for one (not both).
+    Pass an :class:`EmulatorConfig`, or keyword arguments for one (not both). ``clock`` (unix seconds)
+    drives the emulator's time: token ``iat``/``exp``, key grace periods, event timestamps.
     """
 
-    def __init__(self, config: EmulatorConfig | None = None, **overrides: Any) -> None:
+    def __init__(self, config: EmulatorConfig | None = None, *, clock: Callable[[], float] = time.time,
+                 **overrides: Any) -> None:
         if config is not None and overrides:
             raise TypeError("pass either a config or keyword overrides, not both")
         self._sock = _bind_loopback()
@@ -52,7 +55,7 @@ class EmulatorServer:
         self.url = f"http://127.0.0.1:{port}"
         base = config or EmulatorConfig(**overrides)
         self.config = base if base.frontend_url else base.replace(frontend_url=self.url)
-        app, emulator = create_app(self.config)
+        app, emulator = create_app(self.config, Emulator(self.config, clock=clock))
         self.emulator: Emulator = emulator
         uv_config = uvicorn.Config(
             app,
@@ -182,11 +185,25 @@ class EmulatorServer:
         org_id: str | None = None,
         actor: JSON | str | None = None,
         *,
+        pending: bool = False,
         template_name: str | None = None,
         expires_in_seconds: int | None = None,
     ) -> str:
         """Sign ``user_id`` in (in ``org_id``; impersonated by ``actor``, a user id or an
-        ``{"sub": ...}`` dict) and return a session token (or a JWT-template token)."""
+        ``{"sub": ...}`` dict) and return a session token (or a JWT-template token).
+
+        ``pending=True``: the session still has a task to finish (choose an organization); its token
+        carries ``sts: "pending"``, which verifiers refuse by default.
+        """
+        if actor is not None and pending:
+            raise ValueError("an impersonated session is never pending: pass actor or pending, not both")
+        if pending:
+            body = _compact({"user_id": user_id, "active_organization_id": org_id, "pending": True})
+            signed_in = self.request("POST", "/_emulator/sessions", json=body)
+            if template_name is None and expires_in_seconds is None:
+                return str(signed_in["jwt"])
+            return self.session_token(signed_in["session"]["id"], template_name=template_name,
+                                      expires_in_seconds=expires_in_seconds)
         if actor is not None:
             actor_body = {"sub": actor} if isinstance(actor, str) else actor
             ticket = self.request("POST", "/v1/actor_tokens", json={"user_id": user_id, "actor": actor_body})

@@ -21,7 +21,7 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def django_snippets() -> list[str]:
-    section = README.read_text().split("## Django and Django REST framework\n", 1)[1].split("\n## ", 1)[0]
+    section = README.read_text().split("## In a Django project\n", 1)[1].split("\n## ", 1)[0]
     return re.findall(r"```python\n(.*?)```", section, re.S)
 
 

@@ -49,6 +49,18 @@ def test_session_token_claims(clerk: EmulatorServer) -> None:
     assert _verify(clerk, token, "/.well-known/jwks.json") == claims
 
 
+def test_pending_session_token_as_the_readme_promises(clerk: EmulatorServer) -> None:
+    """Regression (issue 10 #8): ``mint_session_token(uid, pending=True)`` raised TypeError."""
+    user = clerk.create_user("pending@example.com")
+    claims = _verify(clerk, clerk.mint_session_token(user["id"], pending=True))
+    assert (claims["sub"], claims["sts"]) == (user["id"], "pending")
+    assert "sts" not in _verify(clerk, clerk.mint_session_token(user["id"]))
+    events = [d["type"] for d in clerk.deliveries()]
+    assert "session.pending" in events
+    with pytest.raises(ValueError, match="never pending"):
+        clerk.mint_session_token(user["id"], actor=user["id"], pending=True)
+
+
 def test_org_claims_with_custom_permissions() -> None:
     perms = {"org:member": ("org:sys_memberships:read", "org:posts:read", "org:posts:write", "org:billing:read")}
     with EmulatorServer(EmulatorConfig(role_permissions=perms)) as clerk:
@@ -160,7 +172,8 @@ def test_no_tokens_for_revoked_sessions_and_ban_revokes(clerk: EmulatorServer) -
 
 
 def test_key_rotation_keeps_old_key_for_the_grace_period() -> None:
-    with EmulatorServer(key_grace_s=1.0) as clerk:
+    now = [time.time()]
+    with EmulatorServer(key_grace_s=1.0, clock=lambda: now[0]) as clerk:
         user = clerk.create_user("rotate@example.com")
         old = clerk.mint_session_token(user["id"])
         rotated = clerk.request("POST", "/_emulator/keys/rotate")
@@ -168,5 +181,7 @@ def test_key_rotation_keeps_old_key_for_the_grace_period() -> None:
         assert jwt.get_unverified_header(new)["kid"] == rotated["kid"] != clerk.config.instance_id
         assert [k["kid"] for k in clerk.jwks()["keys"]] == [rotated["kid"], clerk.config.instance_id]
         assert _verify(clerk, old)["sub"] == _verify(clerk, new)["sub"] == user["id"]
-        time.sleep(1.1)
+        now[0] += 0.999
+        assert len(clerk.jwks()["keys"]) == 2  # still within the grace period
+        now[0] += 0.002
         assert [k["kid"] for k in clerk.jwks()["keys"]] == [rotated["kid"]]

@@ -27,7 +27,7 @@ def reconcile_command(settings: Any, *, since: str | None, dry_run: bool, consol
 
     out = Console()
 
-    store = Store.from_url(settings.sqlalchemy_url())
+    store = Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts())
     shown = [0]
 
     def show(change: Change) -> None:

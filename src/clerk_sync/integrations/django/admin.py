@@ -12,7 +12,10 @@ from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
-from clerk_sync.ingest import replay_delivery
+from clerk_sync.auth.audit import AuditEntry, record_audit
+from clerk_sync.engine import DeliveryStatus
+from clerk_sync.errors import StoreDataError
+from clerk_sync.ingest import replay_one
 from clerk_sync.integrations.django.models import (
     AuditLogEntry,
     ClerkMembership,
@@ -21,9 +24,10 @@ from clerk_sync.integrations.django.models import (
     WebhookDelivery,
 )
 from clerk_sync.integrations.django.runtime import get_clerk_sync
+from clerk_sync.store import Writer
 
 __all__ = ["AuditLogAdmin", "ClerkUserAdmin", "MembershipAdmin", "OrganizationAdmin", "ReadOnlyAdmin",
-           "WebhookDeliveryAdmin"]
+           "WebhookDeliveryAdmin", "replay_audited"]
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
@@ -72,14 +76,34 @@ class WebhookDeliveryAdmin(ReadOnlyAdmin):
 
     @admin.action(description="Replay the selected deliveries", permissions=["replay"])
     def replay(self, request: HttpRequest, queryset: QuerySet[WebhookDelivery]) -> None:
-        store = get_clerk_sync().store
+        actor = request.user.get_username() or None
         counts: dict[str, int] = {}
         for svix_id in queryset.order_by("id").values_list("svix_id", flat=True):
-            status = replay_delivery(store, svix_id)
+            status = replay_audited(svix_id, actor, request.META.get("REMOTE_ADDR"))
             counts[status] = counts.get(status, 0) + 1
         summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "nothing"
         self.message_user(request, f"Replayed: {summary}.",
                           messages.WARNING if "failed" in counts else messages.SUCCESS)
+
+
+def replay_audited(svix_id: str, actor: str | None, ip: str | None) -> str:
+    """Re-apply one delivery (as ``clerk-sync replay`` does); its audit row commits with the outcome."""
+    store = get_clerk_sync().store
+
+    def audit(w: Writer, status: str) -> None:
+        record_audit(w, AuditEntry("django_admin.delivery_replayed", actor,
+                                   details={"svix_id": svix_id, "result": status}, ip=ip))
+
+    try:
+        with store.transaction() as w:
+            status = str(replay_one(w, svix_id))
+            audit(w, status)
+    except StoreDataError as exc:  # still refused by the database: keep it failed, with the reason
+        status = str(DeliveryStatus.FAILED)
+        with store.transaction() as w:
+            w.finish_delivery(svix_id, DeliveryStatus.FAILED, str(exc), count_attempt=True)
+            audit(w, status)
+    return status
 
 
 @admin.register(AuditLogEntry)

@@ -38,7 +38,7 @@ class ClerkSync:
     def __init__(self, settings: Settings, options: DjangoOptions) -> None:
         self.settings = settings
         self.options = options
-        self.store = Store.from_url(settings.sqlalchemy_url())  # no connection until first used
+        self.store = Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts())  # lazy connect
         self._http = httpx.Client()
 
     @cached_property

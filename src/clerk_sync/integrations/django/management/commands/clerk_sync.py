@@ -39,7 +39,8 @@ class Command(BaseCommand):
     def _migrate(self, **_: Any) -> None:
         from clerk_sync.store import Store
 
-        store = Store.from_url(clerk_settings().sqlalchemy_url())
+        settings = clerk_settings()
+        store = Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts())
         try:
             migrations.upgrade(store.engine)
         finally:
@@ -60,12 +61,14 @@ class Command(BaseCommand):
         from clerk_sync.ingest import replay_deliveries
         from clerk_sync.store import Store
 
-        store = Store.from_url(clerk_settings().sqlalchemy_url())
+        settings = clerk_settings()
+        store = Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts())
         try:
             report = replay_deliveries(store, status=status, since=parse_since(since))
         finally:
             store.dispose()
-        self.stdout.write(f"replayed {report.total} deliveries: {report.by_status or 'none'}")
+        by_status = {str(status): n for status, n in report.by_status.items()}
+        self.stdout.write(f"replayed {report.total} deliveries: {by_status or 'none'}")
 
     def _promote(self, *, email: str, role: str, **_: Any) -> None:
         from clerk_sync.auth.admin import AdminActions, find_user_by_email
@@ -73,7 +76,7 @@ class Command(BaseCommand):
         from clerk_sync.store import Store
 
         settings = clerk_settings()
-        store = Store.from_url(settings.sqlalchemy_url())
+        store = Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts())
         try:
             clerk_id = find_user_by_email(store, email)
             if clerk_id is None:
