@@ -618,11 +618,12 @@ def django_lines(runs: dict[str, list[dict[str, Any]]], cfg: argparse.Namespace)
                 f"{paired(cell, lambda a, b: a['server_cpu_us_per_req'] - b['server_cpu_us_per_req']):+,.0f} |")
         cpu_me = paired("me", lambda a, b: a["server_cpu_us_per_req"] - b["server_cpu_us_per_req"])
         cpu_open = med([r["server_cpu_us_per_req"] for r in by["open"]])
-        summary.append(f"{kind.upper()} **{paired('me', lambda a, b: a['rps'] / b['rps']):.2f}** (the session "
-                       f"adds ~{cpu_me:,.0f} µs of server CPU to {cpu_open:,.0f} µs)")
+        summary.append(f"{kind.upper()} **{paired('me', lambda a, b: a['rps'] / b['rps']):.2f}** (server CPU "
+                       f"{cpu_me:+,.0f} µs per request on {cpu_open:,.0f} µs for `/open`)")
     lines += [
         "",
-        f"Protected / unprotected req/s: {'; '.join(summary)}. Every route passes through Django's handler, "
+        f"Protected / unprotected req/s: {'; '.join(summary)}; on this shared box a difference that small is "
+        "within the round-to-round noise (see min-max). Every route passes through Django's handler, "
         "`CommonMiddleware`, `CsrfViewMiddleware` and `ClerkMiddleware`. Under WSGI the whole path is sync "
         "(the blocking `Authenticator.authenticate`, a cached verify, no event loop); under ASGI the "
         "middleware awaits `aauthenticate` and Django runs its classic middleware and the sync views in "
