@@ -23,7 +23,7 @@ from clerk_sync.errors import ConfigError
 from clerk_sync.integrations.django.checks import check_settings
 from clerk_sync.integrations.django.conf import clerk_settings, database_url_from_django, django_options
 from clerk_sync.integrations.django.runtime import get_clerk_sync
-from clerk_sync.tables import webhook_events
+from clerk_sync.tables import audit_log, webhook_events
 from tests import factories as f
 from tests.conftest import SECRET
 from tests.django.conftest import World, bearer, emulator_settings, world_for
@@ -158,6 +158,9 @@ def test_admin_pages_are_read_only_and_replay_a_delivery(client_world: World) ->
     assert replay.status_code == 200 and b"Replayed:" in replay.content
     with get_clerk_sync().store.connect() as conn:
         assert "failed" not in set(conn.execute(sa.select(webhook_events.c.status)).scalars())
+        replays = conn.execute(sa.select(audit_log.c.actor_clerk_id, audit_log.c.details)
+                               .where(audit_log.c.action == "django_admin.delivery_replayed")).all()
+    assert len(replays) == len(ids) and {actor for actor, _ in replays} == {admin["id"]}  # audited, by whom
 
 
 def test_request_user_is_a_linked_django_user_kept_in_step_with_the_row(client_world: World) -> None:
