@@ -35,7 +35,7 @@ def build(db_path: str, pem: str, issuer: str, azp: str) -> ClerkAuthMiddleware:
     authenticator = Authenticator(verifier, store, deny_list=DenyList(store, refresh_s=1.0))
     clerk = ClerkAuth(authenticator)
     app = FastAPI()
-    clerk.install(app)
+    clerk.install(app, public_paths=PUBLIC, deny_by_default=False)  # the middleware wraps the app below
 
     @app.get("/me")
     async def me(auth: Auth = Depends(clerk.current_auth)) -> dict[str, Any]:  # noqa: B008 (as tests/test_auth.py)

@@ -28,6 +28,9 @@ round by round against the same server process.
 
 Part 2b, the same cells against a Flask app (``ClerkSync``, ``@clerk_login_required`` vs ``@public``)
 under gunicorn, one gthread worker with 8 threads (bench/_auth_flask_server.py), in the same run.
+Part 2c, the same cells against a Django project (``ClerkMiddleware``, ``@clerk_login_required`` vs a
+public view; bench/_auth_server_django.py): the WSGI app under the same gunicorn, and the ASGI app under
+uvicorn (one worker).
 
 Results: a table on stdout and the "Auth (bench/auth.py)" section of BENCHMARKS.md.
 """
@@ -294,12 +297,13 @@ def check_verifier(key: rsa.RSAPrivateKey, pem: str, tokens: list[str]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- HTTP
-def start_server(port: int, tmp: Path, pem: str, server: str = "_auth_server.py") -> subprocess.Popen[bytes]:
+def start_server(port: int, tmp: Path, pem: str, server: str = "_auth_server.py",
+                 extra: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
     pem_path = tmp / "key.pem"
     pem_path.write_text(pem)
     log = (tmp / "server.log").open("wb")
     proc = subprocess.Popen([PY, str(BENCH / server), str(port), str(tmp / "auth.db"), str(pem_path),
-                             ISS, AZP], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                             ISS, AZP, *extra], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 60
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -329,13 +333,13 @@ def load(port: int, server_pid: int, cell: str, tokens_file: Path, cfg: argparse
 
 
 def http_rounds(key: rsa.RSAPrivateKey, pem: str, cfg: argparse.Namespace,
-                server_script: str = "_auth_server.py") -> list[dict[str, Any]]:
+                server_script: str = "_auth_server.py", extra: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="bench-auth-") as d:
         tmp = Path(d)
         tokens_file = tmp / "tokens.txt"
         tokens_file.write_text("\n".join(mint(key, POOL, start=500_000)))
         port = free_port()
-        server = start_server(port, tmp, pem, server_script)
+        server = start_server(port, tmp, pem, server_script, extra)
         results: list[dict[str, Any]] = []
         try:
             warm = argparse.Namespace(**{**vars(cfg), "warmup": 0.3, "duration": 0.7})
@@ -402,7 +406,8 @@ def machine_notes(cfg: argparse.Namespace) -> list[str]:
 
 
 def render(micro: dict[str, list[float]], sizes: dict[str, int], http: list[dict[str, Any]], parity: str,
-           cfg: argparse.Namespace, elapsed: float, flask_http: list[dict[str, Any]] | None = None) -> str:
+           cfg: argparse.Namespace, elapsed: float, flask_http: list[dict[str, Any]] | None = None,
+           django_http: dict[str, list[dict[str, Any]]] | None = None) -> str:
     floor = micro["floor"]
 
     def ratio(name: str) -> float:
@@ -497,6 +502,7 @@ def render(micro: dict[str, list[float]], sizes: dict[str, int], http: list[dict
         "in process.",
         "",
         *(flask_lines(flask_http, cfg) if flask_http else []),
+        *(django_lines(django_http, cfg) if django_http else []),
         "### Where first-seen time goes",
         "",
         f"`SessionVerifier.verify` parses each token once (split; header segment checked once and memoised; "
@@ -581,6 +587,52 @@ def flask_lines(http: list[dict[str, Any]], cfg: argparse.Namespace) -> list[str
     return lines
 
 
+def django_lines(runs: dict[str, list[dict[str, Any]]], cfg: argparse.Namespace) -> list[str]:
+    """The Django rows: the same three cells against the WSGI app (gunicorn) and the ASGI app (uvicorn)."""
+    lines = [
+        f"### Django view, protected vs unprotected (c={cfg.concurrency} keep-alive, {POOL} users' tokens)",
+        "",
+        "| deployment | route | req/s (median) | min-max | vs `/open` (paired) | p50 ms | p99 ms "
+        "| server CPU µs/req | vs `/open` |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    servers = {"wsgi": "WSGI, gunicorn 1 gthread worker x 8 threads", "asgi": "ASGI, uvicorn 1 worker"}
+    labels = {"open": "`/open`: public view, no token",
+              "open+token": "`/open` with a Bearer token (the middleware verifies it)",
+              "me": "**`/me`: `@clerk_login_required`, Bearer token**"}
+    summary = []
+    for kind, http in runs.items():
+        by = {cell: sorted((r for r in http if r["cell"] == cell), key=lambda r: r["round"]) for cell in CELLS}
+
+        def paired(cell: str, key: Callable[[dict[str, Any], dict[str, Any]], float],
+                   by: dict[str, list[dict[str, Any]]] = by) -> float:
+            return med([key(a, b) for a, b in zip(by[cell], by["open"], strict=True)])
+
+        for cell, label in labels.items():
+            rs = by[cell]
+            lines.append(
+                f"| {servers[kind]} | {label} | {med([r['rps'] for r in rs]):,.0f} | "
+                f"{min(r['rps'] for r in rs):,.0f}-{max(r['rps'] for r in rs):,.0f} | "
+                f"{paired(cell, lambda a, b: a['rps'] / b['rps']):.2f} | {med([r['p50_ms'] for r in rs]):.2f} | "
+                f"{med([r['p99_ms'] for r in rs]):.2f} | {med([r['server_cpu_us_per_req'] for r in rs]):,.0f} | "
+                f"{paired(cell, lambda a, b: a['server_cpu_us_per_req'] - b['server_cpu_us_per_req']):+,.0f} |")
+        cpu_me = paired("me", lambda a, b: a["server_cpu_us_per_req"] - b["server_cpu_us_per_req"])
+        cpu_open = med([r["server_cpu_us_per_req"] for r in by["open"]])
+        summary.append(f"{kind.upper()} **{paired('me', lambda a, b: a['rps'] / b['rps']):.2f}** (server CPU "
+                       f"{cpu_me:+,.0f} µs per request on {cpu_open:,.0f} µs for `/open`)")
+    lines += [
+        "",
+        f"Protected / unprotected req/s: {'; '.join(summary)}; on this shared box a difference that small is "
+        "within the round-to-round noise (see min-max). Every route passes through Django's handler, "
+        "`CommonMiddleware`, `CsrfViewMiddleware` and `ClerkMiddleware`. Under WSGI the whole path is sync "
+        "(the blocking `Authenticator.authenticate`, a cached verify, no event loop); under ASGI the "
+        "middleware awaits `aauthenticate` and Django runs its classic middleware and the sync views in "
+        "its thread executor, which is most of the ASGI rows' server CPU, with or without a session.",
+        "",
+    ]
+    return lines
+
+
 def write_benchmarks_md(block: str) -> Path:
     return write_section(SECTION, BEGIN, END, block)
 
@@ -644,14 +696,18 @@ def main() -> None:
 
     http: list[dict[str, Any]] = []
     flask_http: list[dict[str, Any]] = []
+    django_http: dict[str, list[dict[str, Any]]] = {}
     if not cfg.no_http:
         print(f"HTTP: {cfg.rounds} rounds x {len(CELLS)} cells ...", flush=True)
         http = http_rounds(key, pem, cfg)
         print(f"HTTP (Flask): {cfg.rounds} rounds x {len(CELLS)} cells ...", flush=True)
         flask_http = http_rounds(key, pem, cfg, "_auth_flask_server.py")
+        for kind in ("wsgi", "asgi"):
+            print(f"HTTP (Django {kind.upper()}): {cfg.rounds} rounds x {len(CELLS)} cells ...", flush=True)
+            django_http[kind] = http_rounds(key, pem, cfg, "_auth_server_django.py", (kind,))
     if not http:
         raise SystemExit("HTTP part skipped: nothing written")
-    block = render(micro, sizes, http, parity, cfg, time.time() - started, flask_http)
+    block = render(micro, sizes, http, parity, cfg, time.time() - started, flask_http, django_http)
     print()
     print(block.replace(BEGIN, "").replace(END, "").strip())
     if not cfg.no_write:

@@ -97,6 +97,14 @@ def now_s() -> int:
     return int(time.time())
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Django is configured once per session (the example project's settings), so that every module of
+    # clerk_sync.integrations.django imports, tests/django or not (test_package imports them all).
+    from tests.django.settings import configure_django
+
+    configure_django()
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"

@@ -36,6 +36,7 @@ LAYERS: dict[str, int] = {
     "clerk_sync.integrations.flask": 5,  # its `flask clerk-sync` group wraps cli/ commands
     "clerk_sync.testing": 4,
     "clerk_sync.cli": 5,
+    "clerk_sync.integrations.django.management": 5,  # manage.py commands wrap the CLI's functions
     "clerk_sync.emulator": 0,  # Clerk's stand-in: an island (see ISLANDS)
 }
 ISLANDS = ("clerk_sync.emulator",)  # may import nothing of clerk_sync outside itself

@@ -1,0 +1,82 @@
+"""``request.user`` as a Django user linked to the Clerk id, so ``login_required``, permissions and
+the Django admin work for Clerk sessions (opt-in)::
+
+    AUTHENTICATION_BACKENDS = ["clerk_sync.integrations.django.backends.ClerkBackend",
+                               "django.contrib.auth.backends.ModelBackend"]
+
+The Django user's ``USERNAME_FIELD`` holds the Clerk user id. It is created on the first request of
+a Clerk session and updated from the mirrored ``users`` row whenever the copied fields differ. What
+is copied is decided by ``CLERK_SYNC["USER_FIELDS"]``, a dotted path to ``(AuthUser) -> dict``; the
+default (:func:`~.conf.default_user_fields`) copies email and names, ``is_active`` and gives Django
+admin access (``is_staff``/``is_superuser``) to the ``admin`` app role only. The app role itself is
+always read from the row, so demotion removes Django admin access on the next request.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from django.contrib.auth import authenticate, get_user_model
+from django.contrib.auth.backends import BaseBackend
+from django.contrib.auth.models import AnonymousUser
+from django.http import HttpRequest
+
+from clerk_sync.auth.users import AuthUser
+from clerk_sync.errors import ClerkSyncError
+from clerk_sync.integrations.django.runtime import get_clerk_sync
+
+if TYPE_CHECKING:
+    from clerk_sync.integrations.django.request import ClerkRequest
+
+__all__ = ["ClerkBackend", "django_user", "sync_django_user"]
+
+
+def sync_django_user(row: AuthUser) -> Any:
+    """Create or update the Django user for a ``users`` row (saves only when a copied field changed)."""
+    model = get_user_model()
+    fields = get_clerk_sync().options.user_fields(row)
+    lookup: dict[str, Any] = {str(model.USERNAME_FIELD): row.clerk_id}
+    user, created = model._default_manager.get_or_create(**lookup, defaults=fields)
+    if created:
+        user.set_unusable_password()
+        user.save(update_fields=["password"])
+        return user
+    changed = [name for name, value in fields.items() if getattr(user, name) != value]
+    if changed:
+        for name in changed:
+            setattr(user, name, fields[name])
+        user.save(update_fields=changed)
+    return user
+
+
+def django_user(request: HttpRequest, state: ClerkRequest) -> Any:
+    """The Django user of a Clerk session through ``authenticate()`` (so the backend is recorded),
+    or ``AnonymousUser`` when the session has no usable row (not synced yet, banned, deleted)."""
+    return authenticate(request, clerk_request=state) or AnonymousUser()
+
+
+class ClerkBackend(BaseBackend):
+    """Authenticates a verified Clerk session (``authenticate(request, clerk_request=...)``)."""
+
+    def authenticate(self, request: HttpRequest | None, clerk_request: ClerkRequest | None = None,
+                     **_: Any) -> Any:
+        if clerk_request is None or clerk_request.auth is None:
+            return None
+        try:
+            row = clerk_request.user
+        except ClerkSyncError:  # no row (webhook late, JIT off), banned or deleted: not signed in
+            return None
+        user = sync_django_user(row)
+        return user if self.user_can_authenticate(user) else None
+
+    def get_user(self, user_id: Any) -> Any:
+        model = get_user_model()
+        try:
+            user = model._default_manager.get(pk=user_id)
+        except model.DoesNotExist:
+            return None
+        return user if self.user_can_authenticate(user) else None
+
+    @staticmethod
+    def user_can_authenticate(user: Any) -> bool:
+        return getattr(user, "is_active", True) is not False

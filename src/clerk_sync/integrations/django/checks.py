@@ -1,0 +1,63 @@
+"""``manage.py check`` errors for a configuration that cannot work, each with its fix.
+
+Registered by the app (``INSTALLED_APPS``); they read ``CLERK_SYNC`` the way requests will.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings as django_settings
+from django.core import checks
+from django.core.exceptions import ImproperlyConfigured
+
+from clerk_sync.config import Settings
+from clerk_sync.errors import ConfigError
+from clerk_sync.integrations.django.conf import clerk_settings
+
+__all__ = ["check_settings"]
+
+_MIDDLEWARE = "clerk_sync.integrations.django.middleware.ClerkMiddleware"
+_AUTH_MIDDLEWARE = "django.contrib.auth.middleware.AuthenticationMiddleware"
+
+
+def check_settings(app_configs: Any = None, **_: Any) -> list[checks.CheckMessage]:
+    """Settings readable, webhook secret well-formed, a way to verify session tokens, middleware order."""
+    try:
+        settings = clerk_settings()
+    except (ConfigError, ImproperlyConfigured) as exc:
+        return [checks.Error(str(exc), hint="Fix settings.CLERK_SYNC (keys are the environment variable names).",
+                             id="clerk_sync.E001")]
+    return [*_webhook_secret(settings), *_session_keys(settings), *_middleware_order()]
+
+
+def _webhook_secret(settings: Settings) -> list[checks.CheckMessage]:
+    try:
+        settings.webhook_secrets()
+    except ConfigError as exc:
+        return [checks.Error(
+            f"clerk-sync cannot verify webhooks: {exc}",
+            hint="Add CLERK_SYNC = {'CLERK_WEBHOOK_SIGNING_SECRET': os.environ['CLERK_WEBHOOK_SIGNING_SECRET'], ...} "
+                 "to settings.py, or export CLERK_WEBHOOK_SIGNING_SECRET.",
+            id="clerk_sync.E002")]
+    return []
+
+
+def _session_keys(settings: Settings) -> list[checks.CheckMessage]:
+    if settings.clerk_jwt_key is None and settings.clerk_jwks_url is None and settings.clerk_secret_key is None:
+        return [checks.Error(
+            "clerk-sync cannot verify session tokens: no CLERK_JWT_KEY, CLERK_JWKS_URL or CLERK_SECRET_KEY.",
+            hint="Set CLERK_JWT_KEY to the PEM from Clerk Dashboard -> API keys -> JWKS Public Key (no network "
+                 "needed), or CLERK_SECRET_KEY to fetch the keys from the Backend API.",
+            id="clerk_sync.E003")]
+    return []
+
+
+def _middleware_order() -> list[checks.CheckMessage]:
+    middleware = list(getattr(django_settings, "MIDDLEWARE", []))
+    if _MIDDLEWARE in middleware and _AUTH_MIDDLEWARE in middleware \
+            and middleware.index(_MIDDLEWARE) < middleware.index(_AUTH_MIDDLEWARE):
+        return [checks.Error(
+            "ClerkMiddleware runs before AuthenticationMiddleware, which would overwrite request.user.",
+            hint=f"Move {_MIDDLEWARE!r} after {_AUTH_MIDDLEWARE!r} in MIDDLEWARE.", id="clerk_sync.E004")]
+    return []

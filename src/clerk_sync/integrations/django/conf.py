@@ -1,0 +1,126 @@
+"""``settings.CLERK_SYNC``: one :class:`~clerk_sync.config.Settings` built from Django settings.
+
+Keys are the environment variable names ``Settings`` reads (``CLERK_WEBHOOK_SIGNING_SECRET``,
+``CLERK_JWT_KEY``...); a key left out falls back to the environment, and ``DATABASE_URL`` finally to
+Django's ``default`` database, so clerk-sync's tables live next to the app's. A few keys concern only
+Django (:class:`DjangoOptions`). Unknown keys are an error, so a typo does not silently disable a check.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+from django.conf import settings as django_settings
+from django.core.exceptions import ImproperlyConfigured
+from django.utils.module_loading import import_string
+
+from clerk_sync.auth.users import AuthUser
+from clerk_sync.config import Settings, _aliases
+
+__all__ = ["DjangoOptions", "UserFields", "clerk_settings", "database_url_from_django", "default_user_fields",
+           "django_options"]
+
+UserFields = Callable[[AuthUser], dict[str, Any]]
+
+
+def default_user_fields(row: AuthUser) -> dict[str, Any]:
+    """What :class:`~.backends.ClerkBackend` copies onto the Django user: names and email, active unless
+    banned or deleted, and Django admin access (staff + superuser) for the ``admin`` app role only."""
+    admin = row.role == "admin"
+    return {"email": row.email or "", "first_name": row.first_name or "", "last_name": row.last_name or "",
+            "is_active": not (row.banned or row.is_deleted), "is_staff": admin, "is_superuser": admin}
+
+
+@dataclass(frozen=True, slots=True)
+class DjangoOptions:
+    """The Django-only keys of ``CLERK_SYNC`` (all optional)."""
+
+    #: ``REQUIRE_AUTH``: the middleware answers 401 on every path not declared public.
+    require_auth: bool = False
+    #: ``PUBLIC_PATHS`` / ``PUBLIC_PREFIXES``: open without a session when ``REQUIRE_AUTH`` is on.
+    public_paths: frozenset[str] = frozenset()
+    public_prefixes: tuple[str, ...] = ()
+    #: ``JIT``: fetch a user from Clerk when their row has not arrived yet (needs CLERK_SECRET_KEY).
+    jit: bool = True
+    #: ``AUDIT_IMPERSONATION``: one audit row per request made while impersonating.
+    audit_impersonation: bool = True
+    #: ``DENY_LIST_REFRESH_S``: how stale revocations/bans may be (a DB read at most this often).
+    deny_list_refresh_s: float = 1.0
+    #: ``USER_FIELDS``: dotted path of ``(AuthUser) -> dict`` deciding what the backend copies.
+    user_fields: UserFields = default_user_fields
+
+
+_OPTION_KEYS = {
+    "REQUIRE_AUTH": "require_auth", "PUBLIC_PATHS": "public_paths", "PUBLIC_PREFIXES": "public_prefixes",
+    "JIT": "jit", "AUDIT_IMPERSONATION": "audit_impersonation", "DENY_LIST_REFRESH_S": "deny_list_refresh_s",
+    "USER_FIELDS": "user_fields",
+}
+
+
+def _raw() -> Mapping[str, Any]:
+    raw = getattr(django_settings, "CLERK_SYNC", {})
+    if not isinstance(raw, Mapping):
+        raise ImproperlyConfigured("settings.CLERK_SYNC must be a dict, e.g. {'CLERK_JWT_KEY': '...'}")
+    return raw
+
+
+def _setting_names() -> dict[str, set[str]]:
+    """Each ``Settings`` field's names (its environment variable and aliases)."""
+    return {field: set(_aliases(info.validation_alias)) for field, info in Settings.model_fields.items()}
+
+
+def clerk_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """``Settings`` from ``CLERK_SYNC``, then the environment, then Django's default database."""
+    raw = _raw()
+    names = _setting_names()
+    known = set().union(*names.values())
+    unknown = sorted(set(raw) - known - set(_OPTION_KEYS))
+    if unknown:
+        raise ImproperlyConfigured(f"settings.CLERK_SYNC has unknown keys {unknown}; the known ones are "
+                                   f"{sorted(known | set(_OPTION_KEYS))}")
+    env = dict(os.environ if environ is None else environ)
+    for aliases in names.values():
+        if aliases & set(raw):  # CLERK_SYNC wins over every alias of the same setting in the environment
+            for name in aliases:
+                env.pop(name, None)
+    env.update({k: v if isinstance(v, str) else str(v) for k, v in raw.items() if k in known and v is not None})
+    if "DATABASE_URL" not in env:
+        derived = database_url_from_django(django_settings.DATABASES.get("default", {}))
+        if derived is not None:
+            env["DATABASE_URL"] = derived
+    return Settings.from_env(env)
+
+
+def django_options() -> DjangoOptions:
+    """The Django-only keys of ``CLERK_SYNC``."""
+    raw = _raw()
+    values: dict[str, Any] = {_OPTION_KEYS[k]: v for k, v in raw.items() if k in _OPTION_KEYS}
+    if "public_paths" in values:
+        values["public_paths"] = frozenset(values["public_paths"])
+    if "public_prefixes" in values:
+        values["public_prefixes"] = tuple(values["public_prefixes"])
+    if isinstance(values.get("user_fields"), str):
+        values["user_fields"] = import_string(values["user_fields"])
+    return DjangoOptions(**values)
+
+
+def database_url_from_django(db: Mapping[str, Any]) -> str | None:
+    """A SQLAlchemy URL for a Django ``DATABASES`` entry (SQLite and PostgreSQL), or None."""
+    engine = db.get("ENGINE", "")
+    if engine == "django.db.backends.sqlite3":
+        name = str(db.get("NAME", ""))
+        return None if not name or name.startswith(":memory:") or "mode=memory" in name else f"sqlite:///{name}"
+    if engine == "django.db.backends.postgresql":
+        user = quote(str(db.get("USER") or ""), safe="")
+        password = quote(str(db.get("PASSWORD") or ""), safe="")
+        auth = f"{user}:{password}@" if password else f"{user}@" if user else ""
+        host = str(db.get("HOST") or "")
+        port = f":{db['PORT']}" if db.get("PORT") else ""
+        url = f"postgresql+psycopg://{auth}{host}{port}/{quote(str(db.get('NAME') or ''), safe='')}"
+        options = (db.get("OPTIONS") or {}).get("options")
+        return f"{url}?options={quote(str(options), safe='')}" if options else url
+    return None

@@ -1,0 +1,130 @@
+"""Route guards for function views, sync or async; each answers through the one error table.
+
+::
+
+    @require_role("admin")          # role confirmed against the users row: demotion is immediate
+    def admin_page(request): ...
+
+    @not_impersonated               # billing, password, deleting the account
+    async def billing(request): ...
+
+Every guard verifies the session itself when no middleware did, so a view stays protected wherever
+it is mounted. Refusals are JSON: 401 (no/invalid session), 403 (not allowed), 503 (DB down).
+Sync views never touch an event loop; async views use the ``a*`` variants.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from asgiref.sync import iscoroutinefunction
+
+from clerk_sync.auth.authenticator import Authenticator
+from clerk_sync.auth.claims import Auth
+from clerk_sync.auth.users import AuthUser
+from clerk_sync.errors import AccessDenied, ClerkSyncError
+from clerk_sync.integrations.django.request import ClerkRequest, aclerk_request, clerk_request
+from clerk_sync.integrations.django.views import error_json
+
+__all__ = [
+    "Check",
+    "check_role",
+    "clerk_guard",
+    "clerk_login_required",
+    "not_impersonated",
+    "require_org_role",
+    "require_permission",
+    "require_role",
+]
+
+V = TypeVar("V", bound=Callable[..., Any])
+#: A guard's test: raise a ClerkSyncError to refuse. ``needs_user`` guards get the row as well.
+Check = Callable[[Auth, AuthUser | None], None]
+
+
+def check_role(user: AuthUser, roles: tuple[str, ...]) -> None:
+    if user.role not in roles:
+        raise AccessDenied(f"role {user.role!r} is not one of {sorted(roles)}")
+
+
+def clerk_guard(check: Check, *, needs_user: bool = False) -> Callable[[V], V]:
+    """Build a decorator from a check; the other guards are made with it."""
+
+    def decorate(view: V) -> V:
+        if iscoroutinefunction(view):
+
+            @functools.wraps(view)
+            async def async_view(request: Any, *args: Any, **kwargs: Any) -> Any:
+                state = await aclerk_request(request)
+                try:
+                    check(state.require_auth(), await state.auser() if needs_user else None)
+                except ClerkSyncError as exc:
+                    return error_json(exc)
+                return await view(request, *args, **kwargs)
+
+            return async_view  # type: ignore[return-value]
+
+        @functools.wraps(view)
+        def sync_view(request: Any, *args: Any, **kwargs: Any) -> Any:
+            state = clerk_request(request)
+            try:
+                _run(check, state, needs_user)
+            except ClerkSyncError as exc:
+                return error_json(exc)
+            return view(request, *args, **kwargs)
+
+        return sync_view  # type: ignore[return-value]
+
+    return decorate
+
+
+def _run(check: Check, state: ClerkRequest, needs_user: bool) -> None:
+    check(state.require_auth(), state.user if needs_user else None)
+
+
+def _signed_in(auth: Auth, user: AuthUser | None) -> None:
+    """Nothing beyond a verified session (``require_auth`` already ran)."""
+
+
+def clerk_login_required(view: V) -> V:
+    """A verified session (401 otherwise); the row is not read."""
+    return clerk_guard(_signed_in)(view)
+
+
+def require_role(*roles: str) -> Callable[[V], V]:
+    """The app role (``users.role``) is one of ``roles``, confirmed against the DB on each request."""
+
+    def check(auth: Auth, user: AuthUser | None) -> None:
+        assert user is not None  # needs_user
+        check_role(user, roles)
+
+    return clerk_guard(check, needs_user=True)
+
+
+def require_org_role(*roles: str) -> Callable[[V], V]:
+    """The session's active organization role is one of ``roles`` (e.g. ``"org:admin"``)."""
+
+    def check(auth: Auth, user: AuthUser | None) -> None:
+        Authenticator.require_org_role(auth, *roles)
+
+    return clerk_guard(check)
+
+
+def require_permission(permission: str) -> Callable[[V], V]:
+    """The active organization grants ``permission`` (e.g. ``"org:invoices:read"``)."""
+
+    def check(auth: Auth, user: AuthUser | None) -> None:
+        Authenticator.require_permission(auth, permission)
+
+    return clerk_guard(check)
+
+
+def _not_impersonated(auth: Auth, user: AuthUser | None) -> None:
+    Authenticator.forbid_impersonation(auth)
+
+
+def not_impersonated(view: V) -> V:
+    """Refuse sessions where an admin acts as the user (billing, password, deleting the account)."""
+    return clerk_guard(_not_impersonated)(view)

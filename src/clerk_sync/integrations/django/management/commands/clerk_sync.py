@@ -1,0 +1,88 @@
+"""``manage.py clerk_sync migrate|reconcile|replay|promote``: the ``clerk-sync`` commands, with the
+settings read from ``settings.CLERK_SYNC`` (and its fallbacks) instead of the environment alone."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from clerk_sync import migrations
+from clerk_sync.errors import ClerkSyncError
+from clerk_sync.integrations.django.conf import clerk_settings
+
+__all__ = ["Command"]
+
+
+class Command(BaseCommand):
+    help = "clerk-sync: migrate its tables, reconcile with Clerk, replay deliveries, promote a user."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        sub = parser.add_subparsers(dest="action", required=True)
+        sub.add_parser("migrate", help="Apply clerk-sync's migrations to DATABASE_URL.")
+        reconcile = sub.add_parser("reconcile", help="Re-read Clerk and repair drift (resumes after a kill).")
+        reconcile.add_argument("--since", help="Only users updated at/after this ISO time.")
+        reconcile.add_argument("--dry-run", action="store_true", help="Write nothing; print the diff.")
+        replay = sub.add_parser("replay", help="Re-apply stored deliveries (after fixing what made them fail).")
+        replay.add_argument("--status", default="failed", help="Replay deliveries with this status.")
+        replay.add_argument("--since", help="Received at/after (ISO 8601, naive = UTC).")
+        promote = sub.add_parser("promote", help="Set a user's role in Clerk and the DB; audited.")
+        promote.add_argument("email", help="Primary email of the user.")
+        promote.add_argument("--role", default="admin", help="Role to set in public_metadata.role.")
+
+    def handle(self, *args: Any, action: str, **options: Any) -> None:
+        try:
+            getattr(self, f"_{action}")(**options)
+        except ClerkSyncError as exc:
+            raise CommandError(str(exc)) from exc
+
+    def _migrate(self, **_: Any) -> None:
+        from clerk_sync.store import Store
+
+        settings = clerk_settings()
+        store = Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts())
+        try:
+            migrations.upgrade(store.engine)
+        finally:
+            store.dispose()
+        self.stdout.write(f"clerk-sync migrations current ({migrations.head_revision()})")
+
+    def _reconcile(self, *, since: str | None, dry_run: bool, **_: Any) -> None:
+        from rich.console import Console
+
+        from clerk_sync.cli.reconcile import reconcile_command
+
+        report = reconcile_command(clerk_settings(), since=since, dry_run=dry_run, console=Console(stderr=True))
+        self.stdout.write(f"reconcile {'dry run' if dry_run else 'run'} done: "
+                          + ", ".join(f"{k} {v.created}+/{v.updated}~/{v.deleted}-" for k, v in report.counts.items()))
+
+    def _replay(self, *, status: str, since: str | None, **_: Any) -> None:
+        from clerk_sync.cli._args import parse_since
+        from clerk_sync.ingest import replay_deliveries
+        from clerk_sync.store import Store
+
+        settings = clerk_settings()
+        store = Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts())
+        try:
+            report = replay_deliveries(store, status=status, since=parse_since(since))
+        finally:
+            store.dispose()
+        by_status = {str(status): n for status, n in report.by_status.items()}
+        self.stdout.write(f"replayed {report.total} deliveries: {by_status or 'none'}")
+
+    def _promote(self, *, email: str, role: str, **_: Any) -> None:
+        from clerk_sync.auth.admin import AdminActions, find_user_by_email
+        from clerk_sync.clerk_api import ClerkClient
+        from clerk_sync.store import Store
+
+        settings = clerk_settings()
+        store = Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts())
+        try:
+            clerk_id = find_user_by_email(store, email)
+            if clerk_id is None:
+                raise CommandError(f"no synced user with email {email!r} (run `manage.py clerk_sync reconcile` first?)")
+            with ClerkClient.from_settings(settings) as client:
+                change = AdminActions(store, client).promote(clerk_id, role, by=None)
+        finally:
+            store.dispose()
+        self.stdout.write(f"{change.status}: {email} ({clerk_id}) {change.previous_role} -> {role}")

@@ -1,0 +1,133 @@
+"""``request.clerk``: the verified session of a Django request, and deny-by-default.
+
+Add ``"clerk_sync.integrations.django.middleware.ClerkMiddleware"`` to ``MIDDLEWARE`` after
+``AuthenticationMiddleware``. Per request it verifies the session token (Bearer header or
+``__session`` cookie: signatures are cached, no DB query) and sets ``request.clerk``, a
+:class:`ClerkRequest` whose ``user`` row is read only when asked. With ``REQUIRE_AUTH`` it answers 401
+on every view not declared public (``PUBLIC_PATHS``, ``PUBLIC_PREFIXES``, :func:`clerk_public`), before
+the view middleware (CSRF included) runs.
+With :class:`~.backends.ClerkBackend` in ``AUTHENTICATION_BACKENDS``, ``request.user`` (and
+``await request.auser()``) become the Django user linked to the Clerk id, again only when asked.
+
+The middleware is sync and async capable: under WSGI nothing here touches an event loop; under
+ASGI the ``a*`` variants run and database reads go to worker threads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
+from django.conf import settings as django_settings
+from django.http import HttpRequest, HttpResponse
+from django.urls import Resolver404, resolve
+from django.utils.functional import SimpleLazyObject
+
+from clerk_sync.errors import ClerkSyncError
+from clerk_sync.integrations.django.request import ClerkRequest, aclerk_request, clerk_request
+from clerk_sync.integrations.django.views import error_json
+
+__all__ = ["ClerkMiddleware", "clerk_public"]
+
+_BACKEND = "clerk_sync.integrations.django.backends.ClerkBackend"
+V = TypeVar("V", bound=Callable[..., Any])
+
+
+def clerk_public(view: V) -> V:
+    """Mark a view as open without a session when ``REQUIRE_AUTH`` is on (like ``login_not_required``)."""
+    view.clerk_public = True  # type: ignore[attr-defined]
+    return view
+
+
+class ClerkMiddleware:
+    """Sets ``request.clerk`` (and ``request.user`` with the backend); refuses non-public views when
+    ``REQUIRE_AUTH`` is set; audits each request made while impersonating."""
+
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response: Callable[[HttpRequest], Any]) -> None:
+        self.get_response = get_response
+        self.is_async = iscoroutinefunction(get_response)
+        if self.is_async:
+            markcoroutinefunction(self)
+
+    def __call__(self, request: HttpRequest) -> Any:
+        if self.is_async:
+            return self.__acall__(request)
+        state = clerk_request(request)
+        if state.auth is not None:
+            self._audit(state, request)
+            self._signed_in(request, state)
+        elif (refusal := self._refusal(request, state)) is not None:
+            return refusal
+        return self.get_response(request)
+
+    async def __acall__(self, request: HttpRequest) -> HttpResponse:
+        state = await aclerk_request(request)
+        if state.auth is not None:
+            if state.auth.is_impersonated:
+                await sync_to_async(self._audit, thread_sensitive=False)(state, request)
+            self._signed_in(request, state)
+        elif (refusal := self._refusal(request, state)) is not None:
+            return refusal
+        response: Awaitable[HttpResponse] = self.get_response(request)
+        return await response
+
+    @staticmethod
+    def _refusal(request: HttpRequest, state: ClerkRequest) -> HttpResponse | None:
+        """Deny by default, before any other middleware's view hook (CSRF included) gets to answer:
+        401 unless the path is public or resolves to a :func:`clerk_public` view (404s stay 404s)."""
+        options = state.runtime.options
+        path = request.path_info
+        if not options.require_auth or path in options.public_paths \
+                or (options.public_prefixes and path.startswith(options.public_prefixes)):
+            return None
+        try:
+            match = resolve(path, getattr(request, "urlconf", None))
+        except Resolver404:
+            return None
+        if getattr(match.func, "clerk_public", False) or getattr(getattr(match.func, "view_class", None),
+                                                                  "clerk_public", False):
+            return None
+        try:
+            state.require_auth()
+        except ClerkSyncError as exc:
+            return error_json(exc)
+        return None  # pragma: no cover - require_auth raises when there is no session
+
+    def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponse | None:
+        """A clerk-sync error raised by a view (e.g. an admin action) answers through the one table."""
+        return error_json(exception) if isinstance(exception, ClerkSyncError) else None
+
+    @staticmethod
+    def _audit(state: ClerkRequest, request: HttpRequest) -> None:
+        auth = state.auth
+        if auth is not None and auth.is_impersonated and state.runtime.options.audit_impersonation:
+            state.runtime.authenticator.audit_impersonated_request(auth, request.method or "", request.path,
+                                                                   request.META.get("REMOTE_ADDR"))
+
+    @classmethod
+    def _signed_in(cls, request: HttpRequest, state: ClerkRequest) -> None:
+        bearer = request.headers.get("Authorization", "")
+        if bearer[:7].lower() == "bearer " and bearer[7:].strip():  # the verified token came from here
+            # A verified Bearer token is never attached by the browser on its own, so a cross-site
+            # form cannot forge it: CSRF checks are for the ambient ``__session`` cookie only.
+            request._dont_enforce_csrf_checks = True  # type: ignore[attr-defined]
+        cls._link_user(request, state)
+
+    @staticmethod
+    def _link_user(request: HttpRequest, state: ClerkRequest) -> None:
+        """``request.user`` from the Clerk session, resolved on first use (a Clerk session wins over a
+        Django login session)."""
+        if _BACKEND not in getattr(django_settings, "AUTHENTICATION_BACKENDS", ()):
+            return
+        from clerk_sync.integrations.django.backends import django_user
+
+        request.user = SimpleLazyObject(lambda: django_user(request, state))  # type: ignore[assignment]
+
+        async def auser() -> Any:
+            return await sync_to_async(django_user)(request, state)
+
+        request.auser = auser

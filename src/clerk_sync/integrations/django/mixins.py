@@ -1,0 +1,88 @@
+"""The guards of :mod:`.decorators` for class-based views (put the mixin first)::
+
+    class AdminUsers(RoleRequiredMixin, View):
+        required_roles = ("admin",)
+        def get(self, request): ...
+
+Each mixin wraps ``dispatch`` in the matching decorator, so checks and answers are the same; views
+with ``async def`` handlers get the async guards.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from django.http import HttpRequest, HttpResponseBase
+
+from clerk_sync.integrations.django import decorators
+
+__all__ = [
+    "ClerkLoginRequiredMixin",
+    "NotImpersonatedMixin",
+    "OrgPermissionRequiredMixin",
+    "OrgRoleRequiredMixin",
+    "RoleRequiredMixin",
+]
+
+
+class _GuardMixin:
+    def _guard(self) -> Any:
+        raise NotImplementedError
+
+    def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> Any:
+        parent = super().dispatch  # type: ignore[misc]
+        if getattr(self, "view_is_async", False):  # Django's View: the handlers are coroutines
+
+            async def parent_async(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+                response: HttpResponseBase = await parent(request, *args, **kwargs)
+                return response
+
+            return self._guard()(parent_async)(request, *args, **kwargs)
+        return self._guard()(parent)(request, *args, **kwargs)
+
+
+class ClerkLoginRequiredMixin(_GuardMixin):
+    """A verified Clerk session (401 otherwise)."""
+
+    def _guard(self) -> Any:
+        return decorators.clerk_login_required
+
+
+class RoleRequiredMixin(_GuardMixin):
+    """``users.role`` in :attr:`required_roles`, confirmed against the DB."""
+
+    required_roles: ClassVar[tuple[str, ...]] = ()
+
+    def _guard(self) -> Any:
+        if not self.required_roles:
+            raise TypeError(f"{type(self).__name__} sets no required_roles")
+        return decorators.require_role(*self.required_roles)
+
+
+class OrgRoleRequiredMixin(_GuardMixin):
+    """The active organization role in :attr:`required_org_roles`."""
+
+    required_org_roles: ClassVar[tuple[str, ...]] = ()
+
+    def _guard(self) -> Any:
+        if not self.required_org_roles:
+            raise TypeError(f"{type(self).__name__} sets no required_org_roles")
+        return decorators.require_org_role(*self.required_org_roles)
+
+
+class OrgPermissionRequiredMixin(_GuardMixin):
+    """The active organization grants :attr:`required_permission`."""
+
+    required_permission: ClassVar[str] = ""
+
+    def _guard(self) -> Any:
+        if not self.required_permission:
+            raise TypeError(f"{type(self).__name__} sets no required_permission")
+        return decorators.require_permission(self.required_permission)
+
+
+class NotImpersonatedMixin(_GuardMixin):
+    """Refuse impersonated sessions."""
+
+    def _guard(self) -> Any:
+        return decorators.not_impersonated

@@ -1,0 +1,93 @@
+"""``request.clerk``: what a request's Clerk session is, verified once and shared by every guard.
+
+:func:`clerk_request` returns it, verifying the session itself when no middleware did (so guards
+stand alone); :func:`aclerk_request` is the async twin. The user's row is read only when asked.
+"""
+
+from __future__ import annotations
+
+from django.http import HttpRequest
+
+from clerk_sync.auth.claims import Auth
+from clerk_sync.auth.users import AuthUser
+from clerk_sync.errors import ClerkSyncError, ConfigError, StoreError, TokenError, TokenMissing
+from clerk_sync.integrations.django.runtime import ClerkSync, get_clerk_sync
+
+__all__ = ["ClerkRequest", "aclerk_request", "clerk_request"]
+
+
+class ClerkRequest:
+    """What ``request.clerk`` holds: the session (``auth``), or why there is none (``error``)."""
+
+    def __init__(self, runtime: ClerkSync, auth: Auth | None, error: ClerkSyncError | None = None) -> None:
+        self.runtime = runtime
+        self.auth = auth
+        self.error = error
+        self._user: AuthUser | None = None
+
+    @property
+    def is_authenticated(self) -> bool:
+        return self.auth is not None
+
+    def require_auth(self) -> Auth:
+        """The session, or the error to answer (401: missing, invalid, revoked; 503: DB down)."""
+        if self.auth is None:
+            raise self.error or TokenMissing("no session token (Authorization: Bearer or __session cookie)")
+        return self.auth
+
+    @property
+    def user(self) -> AuthUser:
+        """The caller's ``users`` row (one indexed query, once per request; JIT-synced when enabled)."""
+        if self._user is None:
+            self._user = self.runtime.user(self.require_auth())
+        return self._user
+
+    async def auser(self) -> AuthUser:
+        """Async :attr:`user`: the query runs in a worker thread, a JIT fetch on the event loop."""
+        if self._user is None:
+            self._user = await self.runtime.auser(self.require_auth())
+        return self._user
+
+
+def _headers_and_cookies(request: HttpRequest) -> tuple[dict[str, str], dict[str, str]]:
+    return {k.lower(): v for k, v in request.headers.items()}, dict(request.COOKIES)
+
+
+def _answer(runtime: ClerkSync, result: Auth | ClerkSyncError) -> ClerkRequest:
+    if isinstance(result, TokenMissing):
+        return ClerkRequest(runtime, None)
+    if isinstance(result, ClerkSyncError):
+        return ClerkRequest(runtime, None, result)
+    return ClerkRequest(runtime, result)
+
+
+def clerk_request(request: HttpRequest) -> ClerkRequest:
+    """``request.clerk``, verifying the session here when no middleware did (guards stand alone)."""
+    state = getattr(request, "clerk", None)
+    if isinstance(state, ClerkRequest):
+        return state
+    runtime = get_clerk_sync()
+    headers, cookies = _headers_and_cookies(request)
+    try:
+        result: Auth | ClerkSyncError = runtime.authenticator.authenticate(headers, cookies)
+    except (TokenError, StoreError, ConfigError) as exc:  # a config error fails protected views only
+        result = exc
+    state = _answer(runtime, result)
+    request.clerk = state  # type: ignore[attr-defined]
+    return state
+
+
+async def aclerk_request(request: HttpRequest) -> ClerkRequest:
+    """Async :func:`clerk_request` (the deny-list refresh runs off the event loop)."""
+    state = getattr(request, "clerk", None)
+    if isinstance(state, ClerkRequest):
+        return state
+    runtime = get_clerk_sync()
+    headers, cookies = _headers_and_cookies(request)
+    try:
+        result: Auth | ClerkSyncError = await runtime.authenticator.aauthenticate(headers, cookies)
+    except (TokenError, StoreError, ConfigError) as exc:  # a config error fails protected views only
+        result = exc
+    state = _answer(runtime, result)
+    request.clerk = state  # type: ignore[attr-defined]
+    return state

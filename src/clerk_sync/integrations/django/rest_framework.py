@@ -1,0 +1,194 @@
+"""Django REST framework: an authentication class and permission classes over the same checks::
+
+    REST_FRAMEWORK = {"DEFAULT_AUTHENTICATION_CLASSES": [
+        "clerk_sync.integrations.django.rest_framework.ClerkAuthentication"]}
+
+    class Invoices(APIView):
+        permission_classes = [IsClerkAuthenticated, HasPermission.of("org:invoices:read")]
+
+``request.auth`` is the verified :class:`~clerk_sync.auth.claims.Auth`; ``request.user`` is the Django
+user when :class:`~.backends.ClerkBackend` is installed, else a :class:`ClerkPrincipal`. Refusals keep
+the status, body and headers of the one error table (``{"error": ..., "message": ...}``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+try:
+    from rest_framework import exceptions
+    from rest_framework.authentication import BaseAuthentication, CSRFCheck
+    from rest_framework.permissions import BasePermission
+    from rest_framework.request import Request
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError("clerk_sync.integrations.django.rest_framework needs djangorestframework: "
+                      "pip install 'clerk-sync[django]'") from exc
+
+from django.http import HttpResponse
+
+from clerk_sync.auth.authenticator import Authenticator
+from clerk_sync.auth.claims import Auth
+from clerk_sync.errors import ClerkSyncError
+from clerk_sync.integrations.django.decorators import check_role
+from clerk_sync.integrations.django.request import ClerkRequest, clerk_request
+from clerk_sync.integrations.http import error_response
+
+__all__ = [
+    "ClerkAPIException",
+    "ClerkAuthentication",
+    "ClerkPrincipal",
+    "HasOrgRole",
+    "HasPermission",
+    "HasRole",
+    "IsClerkAuthenticated",
+    "clerk_auth",
+]
+
+_BACKEND = "clerk_sync.integrations.django.backends.ClerkBackend"
+
+
+class ClerkAPIException(exceptions.APIException):
+    """A clerk-sync error in DRF's shape, with the status, body and headers of ``error_response``."""
+
+    def __init__(self, error: ClerkSyncError) -> None:
+        answer = error_response(error)
+        super().__init__(detail=answer.body)
+        self.status_code = answer.status
+        self.error = error
+        self.auth_header = answer.headers.get("WWW-Authenticate")
+        retry_after = answer.headers.get("Retry-After")
+        self.wait = float(retry_after) if retry_after else None
+
+
+class ClerkPrincipal:
+    """``request.user`` for a Clerk session when no Django user is linked (no backend installed)."""
+
+    is_authenticated = True
+    is_anonymous = False
+
+    def __init__(self, auth: Auth) -> None:
+        self.auth = auth
+        self.clerk_id = auth.user_id
+
+    def __str__(self) -> str:
+        return self.clerk_id
+
+
+def clerk_auth(request: Request) -> Auth:
+    """``request.auth`` typed: the verified session (raises the 401 when there is none)."""
+    return _require(request).require_auth()
+
+
+def _state(request: Request) -> ClerkRequest:
+    return clerk_request(request._request)
+
+
+def _require(request: Request) -> ClerkRequest:
+    state = _state(request)
+    try:
+        state.require_auth()
+    except ClerkSyncError as exc:
+        raise ClerkAPIException(exc) from exc
+    return state
+
+
+class ClerkAuthentication(BaseAuthentication):
+    """Bearer token or ``__session`` cookie; no token means anonymous (other classes may try)."""
+
+    def authenticate(self, request: Request) -> tuple[Any, Auth] | None:
+        state = _state(request)
+        if state.auth is None:
+            if state.error is None:
+                return None
+            raise ClerkAPIException(state.error)
+        bearer = request._request.headers.get("Authorization", "")
+        if not (bearer[:7].lower() == "bearer " and bearer[7:].strip()):
+            self.enforce_csrf(request)  # the __session cookie is ambient: as DRF's SessionAuthentication
+        return self._user(request, state), state.auth
+
+    @staticmethod
+    def enforce_csrf(request: Request) -> None:
+        """Django's CSRF check for cookie-authenticated requests (APIView is CSRF-exempt otherwise)."""
+        check = CSRFCheck(lambda _: HttpResponse())
+        check.process_request(request._request)
+        reason = check.process_view(request._request, None, (), {})  # type: ignore[arg-type]
+        if reason:
+            raise exceptions.PermissionDenied(f"CSRF Failed: {reason}")
+
+    def authenticate_header(self, request: Request) -> str:
+        return "Bearer"
+
+    @staticmethod
+    def _user(request: Request, state: ClerkRequest) -> Any:
+        from django.conf import settings
+
+        assert state.auth is not None
+        if _BACKEND in getattr(settings, "AUTHENTICATION_BACKENDS", ()):
+            from clerk_sync.integrations.django.backends import django_user
+
+            user = django_user(request._request, state)
+            if user.is_authenticated:
+                return user
+        return ClerkPrincipal(state.auth)
+
+
+class IsClerkAuthenticated(BasePermission):
+    """A verified Clerk session (401 otherwise), whichever class authenticated the request."""
+
+    def has_permission(self, request: Request, view: Any) -> bool:
+        _require(request)
+        return True
+
+
+class _ClerkCheck(BasePermission):
+    def has_permission(self, request: Request, view: Any) -> bool:
+        state = _require(request)
+        try:
+            self.check(state)
+        except ClerkSyncError as exc:
+            raise ClerkAPIException(exc) from exc
+        return True
+
+    def check(self, state: ClerkRequest) -> None:
+        raise NotImplementedError
+
+
+class HasRole(_ClerkCheck):
+    """``users.role`` in :attr:`roles`, confirmed against the DB; ``HasRole.of("admin")``."""
+
+    roles: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def of(cls, *roles: str) -> type[HasRole]:
+        return type(f"HasRole_{'_'.join(roles)}", (cls,), {"roles": roles})
+
+    def check(self, state: ClerkRequest) -> None:
+        check_role(state.user, self.roles)
+
+
+class HasOrgRole(_ClerkCheck):
+    """The active organization role in :attr:`roles`; ``HasOrgRole.of("org:admin")``."""
+
+    roles: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def of(cls, *roles: str) -> type[HasOrgRole]:
+        return type(f"HasOrgRole_{'_'.join(roles)}", (cls,), {"roles": roles})
+
+    def check(self, state: ClerkRequest) -> None:
+        assert state.auth is not None
+        Authenticator.require_org_role(state.auth, *self.roles)
+
+
+class HasPermission(_ClerkCheck):
+    """The active organization grants :attr:`permission`; ``HasPermission.of("org:invoices:read")``."""
+
+    permission: ClassVar[str] = ""
+
+    @classmethod
+    def of(cls, permission: str) -> type[HasPermission]:
+        return type(f"HasPermission_{permission}", (cls,), {"permission": permission})
+
+    def check(self, state: ClerkRequest) -> None:
+        assert state.auth is not None
+        Authenticator.require_permission(state.auth, self.permission)

@@ -1,0 +1,124 @@
+"""The clerk-sync parts of a Django process, built once from ``settings.CLERK_SYNC`` and shared.
+
+:func:`get_clerk_sync` returns them; each part is built on first use, so a missing webhook secret
+fails the webhook view (and ``manage.py check``) but not pages that only verify sessions. Changing
+``CLERK_SYNC`` (``override_settings`` in tests) drops them, and the next use rebuilds them.
+"""
+
+from __future__ import annotations
+
+import threading
+from functools import cached_property
+from typing import Any
+
+import httpx
+from asgiref.sync import sync_to_async
+from django.core.signals import setting_changed
+from django.dispatch import receiver
+
+from clerk_sync.auth.admin import AdminActions
+from clerk_sync.auth.authenticator import Authenticator, DenyList
+from clerk_sync.auth.claims import Auth
+from clerk_sync.auth.sessions import verifier_from_settings
+from clerk_sync.auth.users import AuthUser, JitUsers
+from clerk_sync.clerk_api import AsyncClerkClient, ClerkClient
+from clerk_sync.config import Settings
+from clerk_sync.errors import ConfigError
+from clerk_sync.ingest import WebhookProcessor
+from clerk_sync.integrations.django.conf import DjangoOptions, clerk_settings, django_options
+from clerk_sync.integrations.starlette import build_processor
+from clerk_sync.store import Store
+
+__all__ = ["ClerkSync", "get_clerk_sync", "reset_clerk_sync"]
+
+
+class ClerkSync:
+    """Settings, store, webhook processor, authenticator, JIT users and admin actions of one process."""
+
+    def __init__(self, settings: Settings, options: DjangoOptions) -> None:
+        self.settings = settings
+        self.options = options
+        self.store = Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts())  # lazy connect
+        self._http = httpx.Client()
+
+    @cached_property
+    def processor(self) -> WebhookProcessor:
+        """Raises ConfigError (naming the variable) when the webhook secret is missing or malformed."""
+        return build_processor(self.settings, self.store)
+
+    @cached_property
+    def clerk(self) -> ClerkClient | None:
+        return ClerkClient.from_settings(self.settings) if self.settings.clerk_secret_key else None
+
+    @cached_property
+    def aclerk(self) -> AsyncClerkClient | None:
+        return AsyncClerkClient.from_settings(self.settings) if self.settings.clerk_secret_key else None
+
+    @cached_property
+    def jit(self) -> JitUsers | None:
+        """JIT sync when enabled and a secret key is set; else rows come from webhooks only."""
+        if not self.options.jit or self.clerk is None:
+            return None
+        return JitUsers(self.store, clerk=self.clerk, aclerk=self.aclerk)
+
+    @cached_property
+    def authenticator(self) -> Authenticator:
+        """Raises ConfigError when neither CLERK_JWT_KEY nor CLERK_SECRET_KEY is set."""
+        verifier = verifier_from_settings(self.settings, http=self._http)
+        deny_list = DenyList(self.store, refresh_s=self.options.deny_list_refresh_s)
+        jit = self.jit
+        return Authenticator(verifier, self.store, deny_list=deny_list,
+                             load_user=jit.get_auth_user if jit is not None else None)
+
+    @cached_property
+    def admin_actions(self) -> AdminActions:
+        if self.clerk is None:
+            raise ConfigError("admin actions call Clerk: set CLERK_SECRET_KEY in settings.CLERK_SYNC")
+        return AdminActions(self.store, self.clerk)
+
+    def user(self, auth: Auth) -> AuthUser:
+        """The caller's row: JIT-synced when enabled, else the table (403 until the webhook lands)."""
+        return self.authenticator.user(auth)
+
+    async def auser(self, auth: Auth) -> AuthUser:
+        """Async :meth:`user`: a JIT fetch on the event loop, database reads in worker threads."""
+        if self.jit is not None:
+            return await self.jit.aget_auth_user(auth.user_id)
+        return await sync_to_async(self.authenticator.user, thread_sensitive=False)(auth)
+
+    def close(self) -> None:
+        """Release connections and HTTP clients (the next :func:`get_clerk_sync` builds anew)."""
+        self._http.close()
+        built: dict[str, Any] = self.__dict__
+        if "clerk" in built and self.clerk is not None:
+            self.clerk.close()
+        self.store.dispose()
+
+
+# One per process, as Django's own settings and connections are; built lazily and replaceable (tests,
+# override_settings), so nothing is read at import time.
+_lock = threading.Lock()
+_current: list[ClerkSync] = []
+
+
+def get_clerk_sync() -> ClerkSync:
+    """The process's :class:`ClerkSync`, built from ``settings.CLERK_SYNC`` on first use."""
+    if _current:
+        return _current[0]
+    with _lock:
+        if not _current:
+            _current.append(ClerkSync(clerk_settings(), django_options()))
+        return _current[0]
+
+
+def reset_clerk_sync() -> None:
+    """Drop the current parts (closing them); called when ``CLERK_SYNC`` or ``DATABASES`` change."""
+    with _lock:
+        if _current:
+            _current.pop().close()
+
+
+@receiver(setting_changed)
+def _on_setting_changed(*, setting: str, **_: Any) -> None:
+    if setting in ("CLERK_SYNC", "DATABASES"):
+        reset_clerk_sync()

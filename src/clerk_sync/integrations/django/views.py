@@ -1,0 +1,68 @@
+"""The webhook endpoint as a Django view: the same core and statuses as the standalone service.
+
+It is a plain sync view, so under WSGI no event loop is involved; under ASGI Django runs it in a
+worker thread. Bodies over ``CLERK_SYNC_MAX_BODY_BYTES`` are refused from ``Content-Length`` or while
+reading, before they are held in full.
+"""
+
+from __future__ import annotations
+
+import structlog
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.http import require_POST
+
+from clerk_sync.errors import ClerkSyncError, ConfigError, PayloadTooLarge, StoreError, WebhookError
+from clerk_sync.integrations.django.runtime import get_clerk_sync
+from clerk_sync.integrations.http import error_response
+
+__all__ = ["error_json", "read_limited_body", "webhook"]
+
+log = structlog.get_logger("clerk_sync.http")
+
+
+def error_json(exc: ClerkSyncError) -> JsonResponse:
+    """A clerk-sync error as Django answers it (status and headers from the one table in ``http.py``)."""
+    answer = error_response(exc)
+    response = JsonResponse(answer.body, status=answer.status)
+    for name, value in answer.headers.items():
+        response[name] = value
+    return response
+
+
+def read_limited_body(request: HttpRequest, limit: int) -> bytes:
+    """At most ``limit`` bytes of the body; a larger one is refused without reading it all."""
+    declared = request.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"body is {declared} bytes, the limit is {limit}")
+    body = request.read(limit + 1)
+    if len(body) > limit:
+        raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
+    return body
+
+
+@csrf_exempt  # authenticated by its Svix signature, not by a browser session
+@require_POST
+def webhook(request: HttpRequest) -> HttpResponse:
+    """``POST``: verify, store and apply one Clerk delivery (``{"status": ..., "svix_id": ...}``)."""
+    claimed = request.headers.get("svix-id") or request.headers.get("webhook-id")
+    with structlog.contextvars.bound_contextvars(svix_id=claimed):
+        try:
+            processor = get_clerk_sync().processor
+        except ConfigError as exc:
+            log.error("webhook_misconfigured", reason=str(exc))
+            return error_json(exc)
+        try:
+            body = read_limited_body(request, processor.max_body_bytes)
+            outcome = processor.process(dict(request.headers), body)
+        except WebhookError as exc:
+            log.info("webhook_refused", code=exc.code, reason=str(exc))
+            processor.metrics.events.labels(type="unknown", status=exc.code).inc()
+            return error_json(exc)
+        except StoreError as exc:
+            log.warning("webhook_store_error", reason=str(exc))
+            return error_json(exc)
+    return JsonResponse({"status": outcome.status, "svix_id": outcome.svix_id})
+
+
+webhook.clerk_public = True  # type: ignore[attr-defined]  # signed deliveries carry no session

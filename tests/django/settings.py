@@ -1,0 +1,25 @@
+"""Django configured once per test session: the example project's settings, with test routes added.
+
+Each test then points Django's ``default`` database at its own (``django_database``) and sets
+``CLERK_SYNC`` with ``override_settings``.
+"""
+
+from __future__ import annotations
+
+import django
+from django.conf import settings
+
+
+def configure_django() -> None:
+    if settings.configured:
+        return
+    from examples.django_saas import settings as example
+
+    values = {name: getattr(example, name) for name in dir(example) if name.isupper()}
+    values.update(
+        ROOT_URLCONF="tests.django.urls",
+        DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}},
+        CLERK_SYNC={},
+    )
+    settings.configure(**values)
+    django.setup()

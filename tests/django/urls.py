@@ -1,0 +1,26 @@
+"""The example's routes plus views that exercise the rest of the surface (async, mixins, DRF)."""
+
+from __future__ import annotations
+
+from django.urls import path
+from examples.django_saas.urls import urlpatterns as example_urls
+
+from tests.django import views
+
+urlpatterns = [
+    *example_urls,
+    path("t/async/me", views.async_me),
+    path("t/async/admin", views.async_admin),
+    path("t/async/billing", views.async_billing),
+    path("t/invoices", views.invoices),
+    path("t/org-admin", views.OrgAdmin.as_view()),
+    path("t/cbv/billing", views.CbvBilling.as_view()),
+    path("t/cbv/invoices", views.CbvInvoices.as_view()),
+    path("t/cbv/me", views.CbvMe.as_view()),
+    path("t/cbv/async-admin", views.AsyncCbvAdmin.as_view()),
+    path("t/django-login-required", views.django_login_required),
+    path("t/drf/admin", views.DrfAdmin.as_view()),
+    path("t/drf/org-admin", views.DrfOrgAdmin.as_view()),
+    path("t/drf/invoices", views.DrfInvoices.as_view()),
+    path("t/drf/open", views.DrfOpen.as_view()),
+]

@@ -1,0 +1,126 @@
+"""Test-only views over the guards not used by the example."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib.auth.decorators import login_required
+from django.http import HttpRequest, JsonResponse
+from django.views import View
+from rest_framework.permissions import AllowAny
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from clerk_sync.integrations.django.decorators import (
+    clerk_login_required,
+    not_impersonated,
+    require_permission,
+    require_role,
+)
+from clerk_sync.integrations.django.mixins import (
+    ClerkLoginRequiredMixin,
+    NotImpersonatedMixin,
+    OrgPermissionRequiredMixin,
+    OrgRoleRequiredMixin,
+    RoleRequiredMixin,
+)
+from clerk_sync.integrations.django.request import aclerk_request
+from clerk_sync.integrations.django.rest_framework import (
+    HasOrgRole,
+    HasPermission,
+    HasRole,
+    IsClerkAuthenticated,
+    clerk_auth,
+)
+
+
+@clerk_login_required
+async def async_me(request: HttpRequest) -> JsonResponse:
+    clerk = await aclerk_request(request)
+    user = await clerk.auser()
+    django_user = await request.auser()
+    return JsonResponse({"user": user.clerk_id, "email": user.email, "django_user": django_user.get_username()})
+
+
+@require_role("admin")
+async def async_admin(request: HttpRequest) -> JsonResponse:
+    return JsonResponse({"admin": (await (await aclerk_request(request)).auser()).clerk_id})
+
+
+@not_impersonated
+async def async_billing(request: HttpRequest) -> JsonResponse:
+    return JsonResponse({"billing": "ok"})
+
+
+@require_permission("org:invoices:read")
+def invoices(request: HttpRequest) -> JsonResponse:
+    return JsonResponse({"invoices": []})
+
+
+class OrgAdmin(OrgRoleRequiredMixin, View):
+    required_org_roles = ("org:admin",)
+
+    def get(self, request: HttpRequest) -> JsonResponse:
+        return JsonResponse({"org_admin": True})
+
+
+class CbvBilling(NotImpersonatedMixin, View):
+    def get(self, request: HttpRequest) -> JsonResponse:
+        return JsonResponse({"billing": "ok"})
+
+
+class CbvInvoices(OrgPermissionRequiredMixin, View):
+    required_permission = "org:invoices:read"
+
+    def get(self, request: HttpRequest) -> JsonResponse:
+        return JsonResponse({"invoices": []})
+
+
+class AsyncCbvAdmin(RoleRequiredMixin, View):
+    required_roles = ("admin",)
+
+    async def get(self, request: HttpRequest) -> JsonResponse:
+        return JsonResponse({"admin": (await (await aclerk_request(request)).auser()).clerk_id})
+
+
+class CbvMe(ClerkLoginRequiredMixin, View):
+    def get(self, request: HttpRequest) -> JsonResponse:
+        return JsonResponse({"me": True})
+
+
+@login_required
+def django_login_required(request: HttpRequest) -> JsonResponse:
+    user: Any = request.user
+    return JsonResponse({"username": user.get_username(), "email": user.email, "is_staff": user.is_staff})
+
+
+class DrfAdmin(APIView):
+    permission_classes = (HasRole.of("admin"),)
+
+    def get(self, request: Request) -> Response:
+        return Response({"admin": request.auth.user_id})
+
+
+class DrfOrgAdmin(APIView):
+    permission_classes = (IsClerkAuthenticated, HasOrgRole.of("org:admin"),)
+
+    def get(self, request: Request) -> Response:
+        return Response({"org": clerk_auth(request).org_id})
+
+
+class DrfInvoices(APIView):
+    permission_classes = (HasPermission.of("org:invoices:read"),)
+
+    def get(self, request: Request) -> Response:
+        return Response({"invoices": []})
+
+
+class DrfOpen(APIView):
+    permission_classes = (AllowAny,)
+
+    def get(self, request: Request) -> Response:
+        return Response({"signed_in": request.auth is not None})
+
+    def post(self, request: Request) -> Response:
+        return Response({"signed_in": request.auth is not None})
