@@ -72,6 +72,13 @@ class WebhookProcessor:
     def process(self, headers: Mapping[str, str], body: bytes) -> Outcome:
         """Verify, parse and apply one delivery in one transaction."""
         started, started_ns = time.perf_counter(), time.time_ns()
+        svix_id, envelope = self.verify_and_parse(headers, body)
+        outcome = self.apply_alone(svix_id, envelope)
+        self.observe(envelope, outcome, started, started_ns)
+        return outcome
+
+    def verify_and_parse(self, headers: Mapping[str, str], body: bytes) -> tuple[str, Envelope]:
+        """The checks that need no database (size, signature, shape, instance); raises WebhookError."""
         if len(body) > self.max_body_bytes:
             raise PayloadTooLarge(f"body is {len(body)} bytes, the limit is {self.max_body_bytes}")
         svix_id = self.verifier.verify(headers, body)
@@ -80,17 +87,24 @@ class WebhookProcessor:
             raise WrongInstance(
                 f"event from instance {envelope.instance_id!r}, expected {self.instance_id!r} (CLERK_INSTANCE_ID)"
             )
+        return svix_id, envelope
+
+    def apply_alone(self, svix_id: str, envelope: Envelope) -> Outcome:
+        """Apply a verified delivery in its own transaction (a value the database refuses: stored failed)."""
         try:
             with self.store.transaction() as writer:
-                outcome = self._apply_new(writer, svix_id, envelope)
+                return self.apply_in(writer, svix_id, envelope)
         except StoreDataError as exc:
-            outcome = self._store_refused(svix_id, envelope, exc)
+            return self._store_refused(svix_id, envelope, exc)
+
+    def observe(self, envelope: Envelope, outcome: Outcome, started: float, started_ns: int) -> None:
+        """Metrics, the per-delivery log line and the trace span of a committed delivery."""
         seconds = time.perf_counter() - started
         self.metrics.observe(envelope.type, outcome.status, seconds, event_ms=envelope.timestamp_ms)
-        log.log(self.log_level, "webhook", svix_id=svix_id, event_type=envelope.type, status=outcome.status,
-                error=outcome.error, event_ms=envelope.timestamp_ms, seconds=round(seconds, 6))
-        delivery_span(started_ns, svix_id, envelope.type, outcome.status, outcome.error)
-        return outcome
+        log.log(self.log_level, "webhook", svix_id=outcome.svix_id, event_type=envelope.type,
+                status=outcome.status, error=outcome.error, event_ms=envelope.timestamp_ms,
+                seconds=round(seconds, 6))
+        delivery_span(started_ns, outcome.svix_id, envelope.type, outcome.status, outcome.error)
 
     def _store_refused(self, svix_id: str, envelope: Envelope, exc: StoreDataError) -> Outcome:
         """The DB refused a value for good: keep the delivery as ``failed`` (replayable after a fix)
@@ -106,9 +120,11 @@ class WebhookProcessor:
             )
         return Outcome(svix_id, envelope.type, DeliveryStatus.FAILED if fresh else DeliveryStatus.DUPLICATE, error)
 
-    def _apply_new(self, writer: Writer, svix_id: str, envelope: Envelope) -> Outcome:
-        # Plan first (pure), so the inbox row is written once with its expected outcome; only a
-        # stale upsert (skipped) needs a second statement.
+    def apply_in(self, writer: Writer, svix_id: str, envelope: Envelope) -> Outcome:
+        """Inbox row + apply inside the caller's transaction (the group committer runs many in one).
+
+        Plan first (pure), so the inbox row is written once with its expected outcome; only a
+        stale upsert (skipped) needs a second statement."""
         planned = plan_delivery(envelope)
         error = planned.reason
         fresh = writer.record_delivery(

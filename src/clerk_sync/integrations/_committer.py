@@ -1,0 +1,181 @@
+"""Group commit: concurrent deliveries share one transaction and one COMMIT.
+
+The ASGI endpoint verifies and parses on the event loop, then hands the delivery to
+:class:`GroupCommitter`. One writer thread per process drains whatever is waiting (up to
+``max_batch``), writes every delivery in one transaction, commits once, and only then answers each
+of them: a 2xx still means committed, and a crash before the COMMIT loses only unanswered deliveries.
+
+A delivery the batch cannot take does not fail its batch-mates. When one statement fails, the
+transaction is rolled back, that delivery leaves the batch (:data:`ALONE`: the endpoint runs it in
+its own transaction, as before group commit, where a refused value is stored ``failed`` and a lock
+held elsewhere waits out ``lock_timeout``), and the rest is written again. On PostgreSQL the batch
+waits for a lock at most ``lock_wait_s`` (``SET LOCAL lock_timeout``), so a user held by a stuck
+replica costs its batch-mates that long, once. Only a failure of the connection or of the COMMIT
+fails the whole batch: every delivery in it answers 503 and nothing was acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Final
+
+import sqlalchemy as sa
+import structlog
+
+from clerk_sync.errors import StoreError
+from clerk_sync.events import Envelope
+from clerk_sync.ingest import Outcome, WebhookProcessor
+
+__all__ = ["ALONE", "GroupCommitter"]
+
+log = structlog.get_logger("clerk_sync.http")
+
+
+class _Alone:
+    def __repr__(self) -> str:
+        return "ALONE"
+
+
+ALONE: Final = _Alone()  # "apply this delivery in its own transaction" (see the module docstring)
+Result = Outcome | StoreError | _Alone
+
+
+@dataclass(slots=True)
+class _Job:
+    svix_id: str
+    envelope: Envelope
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Result] = field(repr=False)
+
+
+class _Isolate(Exception):
+    """Job ``index`` of the batch failed: roll back, take it out, write the rest again."""
+
+    def __init__(self, index: int, cause: sa.exc.SQLAlchemyError) -> None:
+        super().__init__(index)
+        self.index, self.cause = index, cause
+
+
+class GroupCommitter:
+    """One writer thread applying queued deliveries in batches (started on first use)."""
+
+    def __init__(self, processor: WebhookProcessor, *, max_batch: int = 64, lock_wait_s: float = 0.05) -> None:
+        self.processor = processor
+        self.max_batch = max_batch
+        self._lock_wait_ms = max(1, int(lock_wait_s * 1000))
+        self._pg = processor.store.engine.dialect.name == "postgresql"
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._start = threading.Lock()
+        self.batches = 0  # committed batches and the deliveries in them (tests, benchmarks)
+        self.committed = 0
+
+    async def submit(self, svix_id: str, envelope: Envelope) -> Outcome | _Alone:
+        """Queue a verified delivery; returns its outcome once its batch has committed, or
+        :data:`ALONE`. Raises :class:`StoreError` when the batch could not commit."""
+        self._ensure_started()
+        loop = asyncio.get_running_loop()
+        job = _Job(svix_id, envelope, loop, loop.create_future())
+        self._queue.put(job)
+        result = await job.future
+        if isinstance(result, StoreError):
+            raise result
+        return result
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Finish what is queued, then stop the writer thread."""
+        thread = self._thread
+        if thread is not None:
+            self._queue.put(None)
+            thread.join(timeout)
+            self._thread = None
+
+    # -- the writer thread -----------------------------------------------------------------------
+    def _ensure_started(self) -> None:
+        if self._thread is None:
+            with self._start:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="clerk-sync-committer", daemon=True)
+                    self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            batch = [job]
+            while len(batch) < self.max_batch:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._queue.put(None)  # stop after this batch
+                    break
+                batch.append(more)
+            try:
+                results = self.write(batch)
+            except Exception as exc:  # a bug must not leave requests waiting forever
+                log.exception("group_commit_crashed")
+                results = [StoreError(f"internal error while writing: {type(exc).__name__}")] * len(batch)
+            _answer(batch, results)
+
+    def write(self, batch: list[_Job]) -> list[Result]:
+        """Write ``batch`` in one transaction; one result per job, in order."""
+        results: list[Result | None] = [None] * len(batch)
+        pending = list(range(len(batch)))
+        while pending:
+            try:
+                outcomes = self._attempt([batch[i] for i in pending])
+            except _Isolate as failed:
+                index = pending.pop(failed.index)
+                results[index] = ALONE
+                log.info("group_commit_isolated", svix_id=batch[index].svix_id,
+                         reason=type(failed.cause.orig or failed.cause).__name__
+                         if isinstance(failed.cause, sa.exc.DBAPIError) else type(failed.cause).__name__)
+                continue
+            except StoreError as exc:  # the connection or the COMMIT failed: nothing in the batch holds
+                for index in pending:
+                    results[index] = exc
+                break
+            for index, outcome in zip(pending, outcomes, strict=True):
+                results[index] = outcome
+            self.batches += 1
+            self.committed += len(pending)
+            break
+        return [r if r is not None else StoreError("not written") for r in results]
+
+    def _attempt(self, jobs: list[_Job]) -> list[Outcome]:
+        apply_in = self.processor.apply_in
+        outcomes: list[Outcome] = []
+        with self.processor.store.transaction() as writer:
+            if self._pg:
+                writer.conn.exec_driver_sql(f"SET LOCAL lock_timeout = {self._lock_wait_ms}")
+            for position, job in enumerate(jobs):
+                try:
+                    outcomes.append(apply_in(writer, job.svix_id, job.envelope))
+                except sa.exc.SQLAlchemyError as exc:
+                    if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+                        raise  # the connection is gone: fail the batch (StoreError)
+                    raise _Isolate(position, exc) from exc
+        return outcomes
+
+
+def _answer(batch: list[_Job], results: list[Result]) -> None:
+    """Resolve every future of the batch with one wake-up per event loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Result], Result]]] = {}
+    for job, result in zip(batch, results, strict=True):
+        by_loop.setdefault(job.loop, []).append((job.future, result))
+    for loop, pairs in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # a closed loop (shutdown): nobody is waiting any more
+            loop.call_soon_threadsafe(_resolve, pairs)
+
+
+def _resolve(pairs: list[tuple[asyncio.Future[Result], Result]]) -> None:
+    for future, result in pairs:
+        if not future.done():
+            future.set_result(result)
