@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -21,7 +21,7 @@ from clerk_sync.engine import DeliveryStatus, delivery_reason, plan_delivery
 from clerk_sync.errors import PayloadError, PayloadTooLarge, StoreDataError, WrongInstance
 from clerk_sync.events import Envelope, parse_envelope
 from clerk_sync.metrics import Metrics
-from clerk_sync.store import Store, Writer
+from clerk_sync.store import OneStatement, Store, Writer
 from clerk_sync.tables import webhook_events
 from clerk_sync.tracing import delivery_span
 from clerk_sync.webhooks import WebhookVerifier
@@ -120,6 +120,24 @@ class WebhookProcessor:
             )
         return Outcome(svix_id, envelope.type, DeliveryStatus.FAILED if fresh else DeliveryStatus.DUPLICATE, error)
 
+    def apply_many_in(self, writer: Writer, deliveries: Sequence[tuple[str, Envelope]]) -> list[Outcome]:
+        """:meth:`apply_in` for many deliveries in the caller's transaction; on PostgreSQL the user and
+        organization upserts go to the database in one pipeline. A database error does not say which
+        delivery caused it (run them one by one with :meth:`apply_in` to find out)."""
+        plans = [plan_delivery(envelope) for _, envelope in deliveries]
+        fast = [i for i, plan in enumerate(plans) if plan.intent is not None and writer.one_statement(plan.intent)]
+        outcomes: list[Outcome | None] = [None] * len(deliveries)
+        if len(fast) > 1:
+            items: list[OneStatement] = []
+            for i in fast:
+                svix_id, envelope = deliveries[i]
+                items.append((svix_id, envelope.text, envelope.type, envelope.instance_id, envelope.timestamp_ms,
+                              plans[i].reason, plans[i].intent))  # type: ignore[arg-type]
+            for i, status in zip(fast, writer.record_and_upsert_many(items), strict=True):
+                svix_id, envelope = deliveries[i]
+                outcomes[i] = Outcome(svix_id, envelope.type, status or DeliveryStatus.DUPLICATE, plans[i].reason)
+        return [done or self.apply_in(writer, *deliveries[i]) for i, done in enumerate(outcomes)]
+
     def apply_in(self, writer: Writer, svix_id: str, envelope: Envelope) -> Outcome:
         """Inbox row + apply inside the caller's transaction (the group committer runs many in one).
 
@@ -127,6 +145,12 @@ class WebhookProcessor:
         stale upsert (skipped) needs a second statement."""
         planned = plan_delivery(envelope)
         error = planned.reason
+        if planned.intent is not None and writer.one_statement(planned.intent):
+            combined = writer.record_and_upsert(
+                svix_id, envelope.text, event_type=envelope.type, instance_id=envelope.instance_id,
+                event_timestamp=envelope.timestamp_ms, error=error, intent=planned.intent,  # type: ignore[arg-type]
+            )
+            return Outcome(svix_id, envelope.type, combined or DeliveryStatus.DUPLICATE, error)
         fresh = writer.record_delivery(
             svix_id, envelope.text, event_type=envelope.type, instance_id=envelope.instance_id,
             event_timestamp=envelope.timestamp_ms, status=planned.status, error=error,

@@ -117,6 +117,7 @@ class Writer:
         self.conn = conn
         self.now = now
         self._pg = conn.dialect.name == "postgresql"
+        self._psycopg = self._pg and conn.dialect.driver == "psycopg"
 
     # -- inbox ---------------------------------------------------------------------------------
     def record_delivery(self, svix_id: str, payload: dict[str, Any] | str, *, event_type: str,
@@ -132,6 +133,58 @@ class Writer:
                   "event_timestamp": event_timestamp, "now": self.now, "payload": text, "status": status,
                   "last_error": error, "applied_at": self.now if status in _APPLIED else None}
         return self.conn.execute(_inbox_sql(self._pg), params).first() is not None
+
+    def one_statement(self, intent: Upsert | Tombstone | RevokeSession) -> bool:
+        """Whether :meth:`record_and_upsert` can take this intent (PostgreSQL, a user or organization
+        upsert: no lock, no cascade)."""
+        return self._psycopg and isinstance(intent, Upsert) and intent.entity in _ONE_STATEMENT
+
+    def record_and_upsert(self, svix_id: str, payload: str, *, event_type: str, instance_id: str | None,
+                          event_timestamp: int | None, error: str | None, intent: Upsert) -> DeliveryStatus | None:
+        """The inbox row and the guarded upsert in one statement (a data-modifying CTE, PostgreSQL):
+        ``applied``, ``skipped`` (the guard refused the row), or None for a duplicate ``svix_id``.
+
+        The upsert runs before the inbox insert, also for a duplicate: harmless, because the guard
+        (``clerk_updated_at <`` the stored one) refuses a version that was already written. The
+        statement goes to psycopg directly (prepared by psycopg after a few runs): no SQLAlchemy work
+        per delivery on the hot path.
+        """
+        return self.record_and_upsert_many([(svix_id, payload, event_type, instance_id, event_timestamp, error,
+                                              intent)], pipeline=False)[0]
+
+    def record_and_upsert_many(self, items: Sequence[OneStatement], *,
+                               pipeline: bool = True) -> list[DeliveryStatus | None]:
+        """:meth:`record_and_upsert` for many deliveries, sent in one psycopg pipeline (one round trip
+        for all of them). A failure does not say which delivery caused it: the caller retries them one
+        statement at a time (``pipeline=False``) to find out."""
+        import psycopg  # the postgres extra; only reached on a psycopg connection
+        from psycopg.types.json import Jsonb
+
+        raw: Any = self.conn.connection.driver_connection
+        statements = []
+        for svix_id, payload, event_type, instance_id, event_timestamp, error, intent in items:
+            sql, json_at = _one_statement_sql(intent.entity)
+            values: list[Any] = [getattr(intent.record, name) for name in _RECORD_FIELDS[intent.entity]]
+            for i in json_at:
+                values[i] = Jsonb(values[i])
+            values += [self.now, self.now, svix_id, event_type, instance_id, event_timestamp, error, self.now,
+                       payload, self.now]
+            statements.append((sql, values))
+        rows: list[Any] = []
+        try:
+            with raw.pipeline() if pipeline and len(statements) > 1 else nullcontext():
+                cursors = []
+                for sql, values in statements:
+                    cur = raw.cursor()
+                    cur.execute(sql, values)
+                    cursors.append(cur)
+                for cur in cursors:
+                    rows.append(cur.fetchone())
+                    cur.close()
+        except psycopg.Error as exc:
+            raise sa.exc.DBAPIError.instance(statements[len(rows)][0], None, exc, psycopg.Error, hide_parameters=True,
+                                             connection_invalidated=bool(raw.closed)) from exc
+        return [None if row is None else DeliveryStatus(row[0]) for row in rows]
 
     def finish_delivery(self, svix_id: str, status: str, error: str | None = None,
                         *, count_attempt: bool = False) -> None:
@@ -320,6 +373,35 @@ def _inbox_sql(postgres: bool) -> sa.TextClause:
         f"VALUES ({', '.join(':' + n for n in names)}, {payload}, :now, 1) "
         "ON CONFLICT (svix_id) DO NOTHING RETURNING id"
     ), names).bindparams(sa.bindparam("payload", type_=sa.Text))
+
+
+_ONE_STATEMENT = frozenset({Entity.USER, Entity.ORGANIZATION})
+# svix_id, payload text, event type, instance id, event timestamp (ms), reason, the upsert
+OneStatement = tuple[str, str, str, str | None, int | None, str | None, Upsert]
+
+
+@functools.cache
+def _one_statement_sql(entity: Entity) -> tuple[str, tuple[int, ...]]:
+    """psycopg SQL for :meth:`Writer.record_and_upsert`, and the positions of its JSON parameters."""
+    table, names = _TABLES[entity], _RECORD_FIELDS[entity]
+    t = table.name
+    sets = ", ".join(f"{n} = excluded.{n}" for n in names if n != "clerk_id")
+    inbox = ["svix_id", "type", "instance_id", "event_timestamp", "status", "last_error", "applied_at", "payload",
+             "received_at", "attempts"]
+    status = (f"CASE WHEN EXISTS (SELECT 1 FROM up) THEN '{DeliveryStatus.APPLIED}' "
+              f"ELSE '{DeliveryStatus.SKIPPED}' END")
+    sql = (
+        f"WITH up AS (INSERT INTO {t} ({', '.join(names)}, created_at, updated_at) "
+        f"VALUES ({', '.join(['%s'] * (len(names) + 2))}) "
+        f"ON CONFLICT (clerk_id) DO UPDATE SET {sets}, updated_at = excluded.updated_at "
+        f"WHERE {t}.deleted_at IS NULL AND {t}.clerk_updated_at < excluded.clerk_updated_at RETURNING 1), "
+        f"ins AS (INSERT INTO webhook_events ({', '.join(inbox)}) "
+        f"VALUES (%s, %s, %s, %s, {status}, %s, %s, %s::jsonb, %s, 1) "
+        "ON CONFLICT (svix_id) DO NOTHING RETURNING status) "
+        "SELECT status FROM ins"
+    )
+    json_at = tuple(i for i, n in enumerate(names) if isinstance(table.c[n].type, sa.JSON))
+    return sql, json_at
 
 
 _TIMEOUTS = {  # SQLSTATEs of the bounds set in _postgres_bounds

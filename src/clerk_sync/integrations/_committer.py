@@ -128,15 +128,18 @@ class GroupCommitter:
         """Write ``batch`` in one transaction; one result per job, in order."""
         results: list[Result | None] = [None] * len(batch)
         pending = list(range(len(batch)))
+        pipelined = True
         while pending:
             try:
-                outcomes = self._attempt([batch[i] for i in pending])
+                outcomes = self._attempt([batch[i] for i in pending], pipelined=pipelined)
             except _Isolate as failed:
+                if failed.index < 0:  # the pipeline failed somewhere: again, one statement at a time
+                    pipelined = False
+                    continue
                 index = pending.pop(failed.index)
                 results[index] = ALONE
-                log.info("group_commit_isolated", svix_id=batch[index].svix_id,
-                         reason=type(failed.cause.orig or failed.cause).__name__
-                         if isinstance(failed.cause, sa.exc.DBAPIError) else type(failed.cause).__name__)
+                cause = failed.cause.orig if isinstance(failed.cause, sa.exc.DBAPIError) else failed.cause
+                log.info("group_commit_isolated", svix_id=batch[index].svix_id, reason=type(cause).__name__)
                 continue
             except StoreError as exc:  # the connection or the COMMIT failed: nothing in the batch holds
                 for index in pending:
@@ -149,20 +152,27 @@ class GroupCommitter:
             break
         return [r if r is not None else StoreError("not written") for r in results]
 
-    def _attempt(self, jobs: list[_Job]) -> list[Outcome]:
-        apply_in = self.processor.apply_in
-        outcomes: list[Outcome] = []
-        with self.processor.store.transaction() as writer:
+    def _attempt(self, jobs: list[_Job], *, pipelined: bool) -> list[Outcome]:
+        processor = self.processor
+        with processor.store.transaction() as writer:
             if self._pg:
                 writer.conn.exec_driver_sql(f"SET LOCAL lock_timeout = {self._lock_wait_ms}")
+            if pipelined and len(jobs) > 1:
+                try:
+                    return processor.apply_many_in(writer, [(job.svix_id, job.envelope) for job in jobs])
+                except sa.exc.SQLAlchemyError as exc:
+                    if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+                        raise
+                    raise _Isolate(-1, exc) from exc
+            outcomes: list[Outcome] = []
             for position, job in enumerate(jobs):
                 try:
-                    outcomes.append(apply_in(writer, job.svix_id, job.envelope))
+                    outcomes.append(processor.apply_in(writer, job.svix_id, job.envelope))
                 except sa.exc.SQLAlchemyError as exc:
                     if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
                         raise  # the connection is gone: fail the batch (StoreError)
                     raise _Isolate(position, exc) from exc
-        return outcomes
+            return outcomes
 
 
 def _answer(batch: list[_Job], results: list[Result]) -> None:
