@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import queue
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -73,6 +74,7 @@ class GroupCommitter:
         self._start = threading.Lock()
         self.batches = 0  # committed batches and the deliveries in them (tests, benchmarks)
         self.committed = 0
+        self.waiting = 0  # submitted, not answered yet
 
     async def submit(self, svix_id: str, envelope: Envelope) -> Outcome | _Alone:
         """Queue a verified delivery; returns its outcome once its batch has committed, or
@@ -80,8 +82,12 @@ class GroupCommitter:
         self._ensure_started()
         loop = asyncio.get_running_loop()
         job = _Job(svix_id, envelope, loop, loop.create_future())
+        self.waiting += 1
         self._queue.put(job)
-        result = await job.future
+        try:
+            result = await job.future
+        finally:
+            self.waiting -= 1
         if isinstance(result, StoreError):
             raise result
         return result
@@ -118,14 +124,14 @@ class GroupCommitter:
                     break
                 batch.append(more)
             try:
-                results = self.write(batch)
+                results = self.write([(job.svix_id, job.envelope) for job in batch])
             except Exception as exc:  # a bug must not leave requests waiting forever
                 log.exception("group_commit_crashed")
                 results = [StoreError(f"internal error while writing: {type(exc).__name__}")] * len(batch)
             _answer(batch, results)
 
-    def write(self, batch: list[_Job]) -> list[Result]:
-        """Write ``batch`` in one transaction; one result per job, in order."""
+    def write(self, batch: Sequence[tuple[str, Envelope]]) -> list[Result]:
+        """Write ``batch`` (svix id, parsed event) in one transaction; one result per delivery, in order."""
         results: list[Result | None] = [None] * len(batch)
         pending = list(range(len(batch)))
         pipelined = True
@@ -139,7 +145,7 @@ class GroupCommitter:
                 index = pending.pop(failed.index)
                 results[index] = ALONE
                 cause = failed.cause.orig if isinstance(failed.cause, sa.exc.DBAPIError) else failed.cause
-                log.info("group_commit_isolated", svix_id=batch[index].svix_id, reason=type(cause).__name__)
+                log.info("group_commit_isolated", svix_id=batch[index][0], reason=type(cause).__name__)
                 continue
             except StoreError as exc:  # the connection or the COMMIT failed: nothing in the batch holds
                 for index in pending:
@@ -152,22 +158,22 @@ class GroupCommitter:
             break
         return [r if r is not None else StoreError("not written") for r in results]
 
-    def _attempt(self, jobs: list[_Job], *, pipelined: bool) -> list[Outcome]:
+    def _attempt(self, jobs: list[tuple[str, Envelope]], *, pipelined: bool) -> list[Outcome]:
         processor = self.processor
         with processor.store.transaction() as writer:
             if self._pg:
                 writer.conn.exec_driver_sql(f"SET LOCAL lock_timeout = {self._lock_wait_ms}")
             if pipelined and len(jobs) > 1:
                 try:
-                    return processor.apply_many_in(writer, [(job.svix_id, job.envelope) for job in jobs])
+                    return processor.apply_many_in(writer, jobs)
                 except sa.exc.SQLAlchemyError as exc:
                     if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
                         raise
                     raise _Isolate(-1, exc) from exc
             outcomes: list[Outcome] = []
-            for position, job in enumerate(jobs):
+            for position, (svix_id, envelope) in enumerate(jobs):
                 try:
-                    outcomes.append(processor.apply_in(writer, job.svix_id, job.envelope))
+                    outcomes.append(processor.apply_in(writer, svix_id, envelope))
                 except sa.exc.SQLAlchemyError as exc:
                     if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
                         raise  # the connection is gone: fail the batch (StoreError)
