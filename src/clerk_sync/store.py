@@ -135,9 +135,8 @@ class Writer:
         return self.conn.execute(_inbox_sql(self._pg), params).first() is not None
 
     def one_statement(self, intent: Upsert | Tombstone | RevokeSession) -> bool:
-        """Whether :meth:`record_and_upsert` can take this intent (PostgreSQL, a user or organization
-        upsert: no lock, no cascade)."""
-        return self._psycopg and isinstance(intent, Upsert) and intent.entity in _ONE_STATEMENT
+        """Whether :meth:`record_and_upsert` can take this intent (an upsert, on PostgreSQL with psycopg)."""
+        return self._psycopg and isinstance(intent, Upsert)
 
     def record_and_upsert(self, svix_id: str, payload: str, *, event_type: str, instance_id: str | None,
                           event_timestamp: int | None, error: str | None, intent: Upsert) -> DeliveryStatus | None:
@@ -156,20 +155,43 @@ class Writer:
                                pipeline: bool = True) -> list[DeliveryStatus | None]:
         """:meth:`record_and_upsert` for many deliveries, sent in one psycopg pipeline (one round trip
         for all of them). A failure does not say which delivery caused it: the caller retries them one
-        statement at a time (``pipeline=False``) to find out."""
+        by one to find out.
+
+        Memberships take three statements (inbox row, guarded upsert, "deleted if its user or
+        organization is"), after one statement that takes the advisory locks of all of them in one
+        sorted pass (see :meth:`lock`); a membership the guard refused is set ``skipped`` afterwards.
+        """
         import psycopg  # the postgres extra; only reached on a psycopg connection
         from psycopg.types.json import Jsonb
 
         raw: Any = self.conn.connection.driver_connection
-        statements = []
+        now = self.now
+        statements: list[tuple[str, list[Any]]] = []
+        shape: list[int] = []  # statements per item: 1 (user/organization) or 3 (membership)
+        keys = sorted({_lock_id(k) for *_, intent in items if intent.entity is Entity.MEMBERSHIP
+                       for k in _lock_keys(intent)})
+        if keys:
+            statements.append((_LOCKS_SQL, [keys]))
         for svix_id, payload, event_type, instance_id, event_timestamp, error, intent in items:
-            sql, json_at = _one_statement_sql(intent.entity)
             values: list[Any] = [getattr(intent.record, name) for name in _RECORD_FIELDS[intent.entity]]
+            if intent.entity is Entity.MEMBERSHIP:
+                sql, json_at = _raw_upsert_sql(intent.entity)
+                for i in json_at:
+                    values[i] = Jsonb(values[i])
+                statements += [
+                    (_RAW_INBOX_SQL, [svix_id, event_type, instance_id, event_timestamp, DeliveryStatus.APPLIED.value,
+                                      error, now, payload, now]),
+                    (sql, [*values, now, now]),
+                    (_RAW_PARENT_DELETED_SQL, [now, now, intent.clerk_id]),
+                ]
+                shape.append(3)
+                continue
+            sql, json_at = _one_statement_sql(intent.entity)
             for i in json_at:
                 values[i] = Jsonb(values[i])
-            values += [self.now, self.now, svix_id, event_type, instance_id, event_timestamp, error, self.now,
-                       payload, self.now]
+            values += [now, now, svix_id, event_type, instance_id, event_timestamp, error, now, payload, now]
             statements.append((sql, values))
+            shape.append(1)
         rows: list[Any] = []
         try:
             with raw.pipeline() if pipeline and len(statements) > 1 else nullcontext():
@@ -182,9 +204,23 @@ class Writer:
                     rows.append(cur.fetchone())
                     cur.close()
         except psycopg.Error as exc:
-            raise sa.exc.DBAPIError.instance(statements[len(rows)][0], None, exc, psycopg.Error, hide_parameters=True,
+            raise sa.exc.DBAPIError.instance(statements[min(len(rows), len(statements) - 1)][0], None, exc,
+                                             psycopg.Error, hide_parameters=True,
                                              connection_invalidated=bool(raw.closed)) from exc
-        return [None if row is None else DeliveryStatus(row[0]) for row in rows]
+        out: list[DeliveryStatus | None] = []
+        at = 1 if keys else 0
+        for item, size in zip(items, shape, strict=True):
+            if size == 1:
+                out.append(None if rows[at] is None else DeliveryStatus(rows[at][0]))
+            elif rows[at] is None:
+                out.append(None)  # a duplicate: its upsert and check ran again, harmlessly (guarded)
+            elif rows[at + 1] is None and rows[at + 2] is None:
+                self.finish_delivery(item[0], DeliveryStatus.SKIPPED, item[5])
+                out.append(DeliveryStatus.SKIPPED)
+            else:
+                out.append(DeliveryStatus.APPLIED)
+            at += size
+        return out
 
     def finish_delivery(self, svix_id: str, status: str, error: str | None = None,
                         *, count_attempt: bool = False) -> None:
@@ -375,7 +411,33 @@ def _inbox_sql(postgres: bool) -> sa.TextClause:
     ), names).bindparams(sa.bindparam("payload", type_=sa.Text))
 
 
-_ONE_STATEMENT = frozenset({Entity.USER, Entity.ORGANIZATION})
+_LOCKS_SQL = "SELECT pg_advisory_xact_lock(k) FROM unnest(%s::bigint[]) AS k"  # in the array's (sorted) order
+_RAW_INBOX_SQL = (
+    "INSERT INTO webhook_events (svix_id, type, instance_id, event_timestamp, status, last_error, applied_at, "
+    "payload, received_at, attempts) VALUES (%s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s, 1) "
+    "ON CONFLICT (svix_id) DO NOTHING RETURNING id"
+)
+_RAW_PARENT_DELETED_SQL = (  # Writer._delete_membership_if_parent_deleted, as psycopg SQL
+    "UPDATE organization_memberships m SET deleted_at = %s, updated_at = %s "
+    "WHERE m.clerk_id = %s AND m.deleted_at IS NULL AND ("
+    "EXISTS (SELECT 1 FROM users u WHERE u.clerk_id = m.user_clerk_id AND u.deleted_at IS NOT NULL) OR "
+    "EXISTS (SELECT 1 FROM organizations o WHERE o.clerk_id = m.organization_clerk_id AND o.deleted_at IS NOT NULL)"
+    ") RETURNING m.id"
+)
+
+
+@functools.cache
+def _raw_upsert_sql(entity: Entity) -> tuple[str, tuple[int, ...]]:
+    """:func:`_upsert_sql` as psycopg SQL (positional), and the positions of its JSON parameters."""
+    table, names = _TABLES[entity], _RECORD_FIELDS[entity]
+    t = table.name
+    sets = ", ".join(f"{n} = excluded.{n}" for n in names if n != "clerk_id")
+    sql = (
+        f"INSERT INTO {t} ({', '.join(names)}, created_at, updated_at) VALUES ({', '.join(['%s'] * (len(names) + 2))}) "
+        f"ON CONFLICT (clerk_id) DO UPDATE SET {sets}, updated_at = excluded.updated_at "
+        f"WHERE {t}.deleted_at IS NULL AND {t}.clerk_updated_at < excluded.clerk_updated_at RETURNING id"
+    )
+    return sql, tuple(i for i, n in enumerate(names) if isinstance(table.c[n].type, sa.JSON))
 # svix_id, payload text, event type, instance id, event timestamp (ms), reason, the upsert
 OneStatement = tuple[str, str, str, str | None, int | None, str | None, Upsert]
 
