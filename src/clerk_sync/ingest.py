@@ -121,13 +121,19 @@ class WebhookProcessor:
         return Outcome(svix_id, envelope.type, DeliveryStatus.FAILED if fresh else DeliveryStatus.DUPLICATE, error)
 
     def apply_many_in(self, writer: Writer, deliveries: Sequence[tuple[str, Envelope]]) -> list[Outcome]:
-        """:meth:`apply_in` for many deliveries in the caller's transaction; on PostgreSQL the user and
-        organization upserts go to the database in one pipeline. A database error does not say which
-        delivery caused it (run them one by one with :meth:`apply_in` to find out)."""
+        """:meth:`apply_in` for many deliveries in the caller's transaction; on PostgreSQL the upserts
+        go to the database in one pipeline. A database error does not say which delivery caused it
+        (run them one by one with :meth:`apply_in` to find out)."""
+        done = self.pipelined_in(writer, deliveries)
+        return [outcome or self.apply_in(writer, *deliveries[i]) for i, outcome in enumerate(done)]
+
+    def pipelined_in(self, writer: Writer, deliveries: Sequence[tuple[str, Envelope]]) -> list[Outcome | None]:
+        """The part of :meth:`apply_many_in` that goes in one pipeline (PostgreSQL, psycopg: the
+        upserts); None for the deliveries left to :meth:`apply_in`."""
         plans = [plan_delivery(envelope) for _, envelope in deliveries]
         fast = [i for i, plan in enumerate(plans) if plan.intent is not None and writer.one_statement(plan.intent)]
         outcomes: list[Outcome | None] = [None] * len(deliveries)
-        if len(fast) > 1:
+        if fast:
             items: list[OneStatement] = []
             for i in fast:
                 svix_id, envelope = deliveries[i]
@@ -136,7 +142,7 @@ class WebhookProcessor:
             for i, status in zip(fast, writer.record_and_upsert_many(items), strict=True):
                 svix_id, envelope = deliveries[i]
                 outcomes[i] = Outcome(svix_id, envelope.type, status or DeliveryStatus.DUPLICATE, plans[i].reason)
-        return [done or self.apply_in(writer, *deliveries[i]) for i, done in enumerate(outcomes)]
+        return outcomes
 
     def apply_in(self, writer: Writer, svix_id: str, envelope: Envelope) -> Outcome:
         """Inbox row + apply inside the caller's transaction (the group committer runs many in one).

@@ -134,6 +134,11 @@ class Writer:
                   "last_error": error, "applied_at": self.now if status in _APPLIED else None}
         return self.conn.execute(_inbox_sql(self._pg), params).first() is not None
 
+    @property
+    def pipelines(self) -> bool:
+        """Whether :meth:`record_and_upsert_many` sends its statements in one pipeline (psycopg)."""
+        return self._psycopg
+
     def one_statement(self, intent: Upsert | Tombstone | RevokeSession) -> bool:
         """Whether :meth:`record_and_upsert` can take this intent (an upsert, on PostgreSQL with psycopg)."""
         return self._psycopg and isinstance(intent, Upsert)

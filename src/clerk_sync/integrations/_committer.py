@@ -30,6 +30,7 @@ import structlog
 from clerk_sync.errors import StoreError
 from clerk_sync.events import Envelope
 from clerk_sync.ingest import Outcome, WebhookProcessor
+from clerk_sync.store import Writer
 
 __all__ = ["ALONE", "GroupCommitter"]
 
@@ -169,15 +170,10 @@ class GroupCommitter:
     def _attempt(self, jobs: list[tuple[str, Envelope]], *, pipelined: bool) -> list[Outcome]:
         processor = self.processor
         with processor.store.transaction() as writer:
+            if pipelined and writer.pipelines:
+                return self._pipelined(writer, jobs)
             if self._pg:
                 writer.conn.exec_driver_sql(f"SET LOCAL lock_timeout = {self._lock_wait_ms}")
-            if pipelined and len(jobs) > 1:
-                try:
-                    return processor.apply_many_in(writer, jobs)
-                except sa.exc.SQLAlchemyError as exc:
-                    if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
-                        raise
-                    raise _Isolate(-1, exc) from exc
             outcomes: list[Outcome] = []
             for position, (svix_id, envelope) in enumerate(jobs):
                 try:
@@ -187,6 +183,28 @@ class GroupCommitter:
                         raise  # the connection is gone: fail the batch (StoreError)
                     raise _Isolate(position, exc) from exc
             return outcomes
+
+    def _pipelined(self, writer: Writer, jobs: list[tuple[str, Envelope]]) -> list[Outcome]:
+        """BEGIN, the lock bound and every upsert of the batch in one psycopg pipeline (one round
+        trip); the other deliveries (deletions, ignored types) after it, one by one."""
+        import psycopg  # writer.pipelines: the connection is psycopg's
+
+        raw = writer.conn.connection.driver_connection
+        try:
+            with raw.pipeline():  # type: ignore[union-attr]
+                raw.execute(f"SET LOCAL lock_timeout = {self._lock_wait_ms}")  # type: ignore[union-attr]
+                done = self.processor.pipelined_in(writer, jobs)
+            return [outcome or self.processor.apply_in(writer, *jobs[i]) for i, outcome in enumerate(done)]
+        except sa.exc.SQLAlchemyError as exc:
+            if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+                raise  # the connection is gone: fail the batch (StoreError)
+            raise _Isolate(-1, exc) from exc
+        except psycopg.Error as exc:
+            closed = bool(raw.closed)  # type: ignore[union-attr]
+            wrapped = sa.exc.DBAPIError.instance("pipeline", None, exc, psycopg.Error, connection_invalidated=closed)
+            if closed:
+                raise wrapped from exc
+            raise _Isolate(-1, wrapped) from exc
 
 
 def _answer(batch: list[_Job], results: list[Result]) -> None:

@@ -43,6 +43,7 @@ from clerk_sync.webhooks import WebhookVerifier
 __all__ = [
     "PruneSchedule",
     "StartupMigration",
+    "WebhookFastPath",
     "app_from_env",
     "build_processor",
     "create_app",
