@@ -248,6 +248,8 @@ def http_cell(system: str, store_kind: str, conc: int, cfg: argparse.Namespace, 
 
 
 WRK_NAME = "service (wrk)"
+# Cells measured only at some sender counts (run time; pgbench beyond 64 clients exceeds max_connections=100).
+ONLY_AT = {"pgbench": (1, 4, 16, 64), "w2": (16,), "nogc": (16,), "floor": (1, 16)}
 ALL_SYSTEMS = {"service": "service, Python sender", "wrk": "service, wrk sender", "nogc": "service without group "
                "commit (PostgreSQL)", "w2": "service --workers 2 (PostgreSQL)", "seed": "the seed-style handler",
                "pgbench": "pgbench -N", "floor": "no-op HTTP floor"}
@@ -732,7 +734,7 @@ def main() -> None:
                     plan.insert(1, ("wrk", 1))
                     for system, workers in plan:
                         key = {("service", 2): "w2", ("service", 1): "service"}.get((system, workers), system)
-                        if key not in cfg.only:
+                        if key not in cfg.only or conc not in ONLY_AT.get(key, (conc,)):
                             continue
                         name = {"pgbench": "pgbench -N", "wrk": WRK_NAME}.get(system) or SYSTEM_NAMES[(system, workers)]
                         print(f"  {store if system != 'floor' else '-':8} c={conc:<3} {name} ...",
