@@ -50,7 +50,8 @@ def _read(db_url: str, ns: str) -> tuple[Final, dict[str, list[str]], int]:
         engine.dispose()
 
 
-def _post_until_killed(server: Server, stream: list[tuple[str, bytes]], kill_after: int) -> tuple[Tally, int]:
+def _post_until_killed(server: Server, stream: list[tuple[str, bytes]], kill_after: int,
+                       senders: int = 8) -> tuple[Tally, int]:
     """Post from several threads without retrying; ``kill -9`` once ``kill_after`` deliveries are acked."""
     tally = Tally()
     queue = list(reversed(stream))
@@ -70,7 +71,7 @@ def _post_until_killed(server: Server, stream: list[tuple[str, bytes]], kill_aft
                 with queue_lock:
                     in_flight[0] -= 1
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(senders)]
     for t in threads:
         t.start()
     try:
@@ -127,6 +128,30 @@ def test_kill_9_mid_stream_then_redeliver(db_url: str, tmp_path: Path) -> None:
     for svix_id, statuses in final_inbox.items():
         assert len(statuses) == 1, svix_id
         assert statuses[0] in TERMINAL_STATUSES, (svix_id, statuses)
+
+
+def test_kill_9_in_the_middle_of_group_commit_batches_loses_no_acknowledged_delivery(
+        db_url: str, tmp_path: Path) -> None:
+    """32 senders keep the group committer's batches full (``serve`` answers a delivery only after its
+    batch's COMMIT); ``kill -9`` lands while batches are being written: every acknowledged delivery is
+    in the database, and no batch is left half-written."""
+    history = random_history(random.Random(7), n_users=40, n_orgs=8, n_memberships=40, n_steps=600)
+    ns = uuid.uuid4().hex[:10]
+    stream = [(f"msg_{ns}_{i}", body) for i, body in enumerate(bodies(history, ns))]
+    server = Server(db_url, SECRET, log=tmp_path / "serve.log")
+    try:
+        server.wait_ready()
+        before, busy = _post_until_killed(server, stream, kill_after=len(stream) // 2, senders=32)
+    finally:
+        server.stop()
+    assert before.client_errors == []
+    assert before.gave_up, "the server was killed after the stream was done"
+    assert busy > 1, "fewer than two requests were in flight at the kill"
+    _, after_crash, received = _read(db_url, ns)
+    assert received == 0
+    missing = set(before.acked) - set(after_crash)
+    assert not missing, f"acknowledged but not in the database: {sorted(missing)[:5]}"
+    assert all(statuses == [statuses[0]] and statuses[0] in TERMINAL_STATUSES for statuses in after_crash.values())
 
 
 # -- a fault between the inbox insert and the row write ------------------------------------------

@@ -66,7 +66,7 @@ PUBLIC_API: dict[str, list[str]] = {
     "clerk_sync.integrations.fastapi": ["ClerkAuth", "build_processor", "sync_me_router", "webhook_router"],
     "clerk_sync.integrations.flask": ["ClerkSync", "ClerkSyncState", "clerk_login_required", "clerk_state", "clerk_sync_cli", "current_clerk", "current_user", "error_json", "not_impersonated", "optional_clerk", "public", "require_org_role", "require_permission", "require_role", "settings_from_config", "webhook_blueprint"],
     "clerk_sync.integrations.http": ["ErrorResponse", "STATUS_BY_ERROR", "error_response", "status_for"],
-    "clerk_sync.integrations.starlette": ["PruneSchedule", "StartupMigration", "app_from_env", "build_processor", "create_app", "error_json", "read_limited_body", "webhook_endpoint", "webhook_routes"],
+    "clerk_sync.integrations.starlette": ["PruneSchedule", "StartupMigration", "WebhookFastPath", "app_from_env", "build_processor", "create_app", "error_json", "read_limited_body", "webhook_endpoint", "webhook_routes"],
     "clerk_sync.metrics": ["CONTENT_TYPE_LATEST", "DatabaseSnapshot", "KNOWN_EVENT_TYPES", "Metrics", "event_type_label"],
     "clerk_sync.freshness": ["FreshnessCheck", "check_freshness", "database_probe", "read_snapshot"],
     "clerk_sync.retention": ["ErasureReport", "PruneReport", "Retention", "RetentionPolicy", "redact_payload"],

@@ -99,6 +99,8 @@ class Settings(BaseSettings):
     session_leeway_s: float = Field(5.0, ge=0, validation_alias="CLERK_SYNC_SESSION_LEEWAY_S")
     # Operations: one log line per delivery at this level; retention of the inbox and of tombstones.
     delivery_log_level: str = Field("INFO", validation_alias="CLERK_SYNC_DELIVERY_LOG_LEVEL")
+    # serve: concurrent deliveries share one transaction and one COMMIT (see docs/ARCHITECTURE.md).
+    group_commit: bool = Field(True, validation_alias="CLERK_SYNC_GROUP_COMMIT")
     inbox_redact_after_days: float = Field(30.0, ge=0, validation_alias="CLERK_SYNC_INBOX_REDACT_AFTER_DAYS")
     # Longer than Svix's retry window (about 27 h), so a retried delivery is still seen as a duplicate.
     inbox_delete_after_days: float = Field(90.0, ge=3, validation_alias="CLERK_SYNC_INBOX_DELETE_AFTER_DAYS")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -21,7 +21,7 @@ from clerk_sync.engine import DeliveryStatus, delivery_reason, plan_delivery
 from clerk_sync.errors import PayloadError, PayloadTooLarge, StoreDataError, WrongInstance
 from clerk_sync.events import Envelope, parse_envelope
 from clerk_sync.metrics import Metrics
-from clerk_sync.store import Store, Writer
+from clerk_sync.store import OneStatement, Store, Writer
 from clerk_sync.tables import webhook_events
 from clerk_sync.tracing import delivery_span
 from clerk_sync.webhooks import WebhookVerifier
@@ -72,6 +72,13 @@ class WebhookProcessor:
     def process(self, headers: Mapping[str, str], body: bytes) -> Outcome:
         """Verify, parse and apply one delivery in one transaction."""
         started, started_ns = time.perf_counter(), time.time_ns()
+        svix_id, envelope = self.verify_and_parse(headers, body)
+        outcome = self.apply_alone(svix_id, envelope)
+        self.observe(envelope, outcome, started, started_ns)
+        return outcome
+
+    def verify_and_parse(self, headers: Mapping[str, str], body: bytes) -> tuple[str, Envelope]:
+        """The checks that need no database (size, signature, shape, instance); raises WebhookError."""
         if len(body) > self.max_body_bytes:
             raise PayloadTooLarge(f"body is {len(body)} bytes, the limit is {self.max_body_bytes}")
         svix_id = self.verifier.verify(headers, body)
@@ -80,17 +87,24 @@ class WebhookProcessor:
             raise WrongInstance(
                 f"event from instance {envelope.instance_id!r}, expected {self.instance_id!r} (CLERK_INSTANCE_ID)"
             )
+        return svix_id, envelope
+
+    def apply_alone(self, svix_id: str, envelope: Envelope) -> Outcome:
+        """Apply a verified delivery in its own transaction (a value the database refuses: stored failed)."""
         try:
             with self.store.transaction() as writer:
-                outcome = self._apply_new(writer, svix_id, envelope)
+                return self.apply_in(writer, svix_id, envelope)
         except StoreDataError as exc:
-            outcome = self._store_refused(svix_id, envelope, exc)
+            return self._store_refused(svix_id, envelope, exc)
+
+    def observe(self, envelope: Envelope, outcome: Outcome, started: float, started_ns: int) -> None:
+        """Metrics, the per-delivery log line and the trace span of a committed delivery."""
         seconds = time.perf_counter() - started
         self.metrics.observe(envelope.type, outcome.status, seconds, event_ms=envelope.timestamp_ms)
-        log.log(self.log_level, "webhook", svix_id=svix_id, event_type=envelope.type, status=outcome.status,
-                error=outcome.error, event_ms=envelope.timestamp_ms, seconds=round(seconds, 6))
-        delivery_span(started_ns, svix_id, envelope.type, outcome.status, outcome.error)
-        return outcome
+        log.log(self.log_level, "webhook", svix_id=outcome.svix_id, event_type=envelope.type,
+                status=outcome.status, error=outcome.error, event_ms=envelope.timestamp_ms,
+                seconds=round(seconds, 6))
+        delivery_span(started_ns, outcome.svix_id, envelope.type, outcome.status, outcome.error)
 
     def _store_refused(self, svix_id: str, envelope: Envelope, exc: StoreDataError) -> Outcome:
         """The DB refused a value for good: keep the delivery as ``failed`` (replayable after a fix)
@@ -106,11 +120,43 @@ class WebhookProcessor:
             )
         return Outcome(svix_id, envelope.type, DeliveryStatus.FAILED if fresh else DeliveryStatus.DUPLICATE, error)
 
-    def _apply_new(self, writer: Writer, svix_id: str, envelope: Envelope) -> Outcome:
-        # Plan first (pure), so the inbox row is written once with its expected outcome; only a
-        # stale upsert (skipped) needs a second statement.
+    def apply_many_in(self, writer: Writer, deliveries: Sequence[tuple[str, Envelope]]) -> list[Outcome]:
+        """:meth:`apply_in` for many deliveries in the caller's transaction; on PostgreSQL the upserts
+        go to the database in one pipeline. A database error does not say which delivery caused it
+        (run them one by one with :meth:`apply_in` to find out)."""
+        done = self.pipelined_in(writer, deliveries)
+        return [outcome or self.apply_in(writer, *deliveries[i]) for i, outcome in enumerate(done)]
+
+    def pipelined_in(self, writer: Writer, deliveries: Sequence[tuple[str, Envelope]]) -> list[Outcome | None]:
+        """The part of :meth:`apply_many_in` that goes in one pipeline (PostgreSQL, psycopg: the
+        upserts); None for the deliveries left to :meth:`apply_in`."""
+        plans = [plan_delivery(envelope) for _, envelope in deliveries]
+        fast = [i for i, plan in enumerate(plans) if plan.intent is not None and writer.one_statement(plan.intent)]
+        outcomes: list[Outcome | None] = [None] * len(deliveries)
+        if fast:
+            items: list[OneStatement] = []
+            for i in fast:
+                svix_id, envelope = deliveries[i]
+                items.append((svix_id, envelope.text, envelope.type, envelope.instance_id, envelope.timestamp_ms,
+                              plans[i].reason, plans[i].intent))  # type: ignore[arg-type]
+            for i, status in zip(fast, writer.record_and_upsert_many(items), strict=True):
+                svix_id, envelope = deliveries[i]
+                outcomes[i] = Outcome(svix_id, envelope.type, status or DeliveryStatus.DUPLICATE, plans[i].reason)
+        return outcomes
+
+    def apply_in(self, writer: Writer, svix_id: str, envelope: Envelope) -> Outcome:
+        """Inbox row + apply inside the caller's transaction (the group committer runs many in one).
+
+        Plan first (pure), so the inbox row is written once with its expected outcome; only a
+        stale upsert (skipped) needs a second statement."""
         planned = plan_delivery(envelope)
         error = planned.reason
+        if planned.intent is not None and writer.one_statement(planned.intent):
+            combined = writer.record_and_upsert(
+                svix_id, envelope.text, event_type=envelope.type, instance_id=envelope.instance_id,
+                event_timestamp=envelope.timestamp_ms, error=error, intent=planned.intent,  # type: ignore[arg-type]
+            )
+            return Outcome(svix_id, envelope.type, combined or DeliveryStatus.DUPLICATE, error)
         fresh = writer.record_delivery(
             svix_id, envelope.text, event_type=envelope.type, instance_id=envelope.instance_id,
             event_timestamp=envelope.timestamp_ms, status=planned.status, error=error,

@@ -117,6 +117,7 @@ class Writer:
         self.conn = conn
         self.now = now
         self._pg = conn.dialect.name == "postgresql"
+        self._psycopg = self._pg and conn.dialect.driver == "psycopg"
 
     # -- inbox ---------------------------------------------------------------------------------
     def record_delivery(self, svix_id: str, payload: dict[str, Any] | str, *, event_type: str,
@@ -132,6 +133,99 @@ class Writer:
                   "event_timestamp": event_timestamp, "now": self.now, "payload": text, "status": status,
                   "last_error": error, "applied_at": self.now if status in _APPLIED else None}
         return self.conn.execute(_inbox_sql(self._pg), params).first() is not None
+
+    @property
+    def pipelines(self) -> bool:
+        """Whether :meth:`record_and_upsert_many` sends its statements in one pipeline (psycopg)."""
+        return self._psycopg
+
+    def one_statement(self, intent: Upsert | Tombstone | RevokeSession) -> bool:
+        """Whether :meth:`record_and_upsert` can take this intent (an upsert, on PostgreSQL with psycopg)."""
+        return self._psycopg and isinstance(intent, Upsert)
+
+    def record_and_upsert(self, svix_id: str, payload: str, *, event_type: str, instance_id: str | None,
+                          event_timestamp: int | None, error: str | None, intent: Upsert) -> DeliveryStatus | None:
+        """The inbox row and the guarded upsert in one statement (a data-modifying CTE, PostgreSQL):
+        ``applied``, ``skipped`` (the guard refused the row), or None for a duplicate ``svix_id``.
+
+        The upsert runs before the inbox insert, also for a duplicate: harmless, because the guard
+        (``clerk_updated_at <`` the stored one) refuses a version that was already written. The
+        statement goes to psycopg directly (prepared by psycopg after a few runs): no SQLAlchemy work
+        per delivery on the hot path.
+        """
+        return self.record_and_upsert_many([(svix_id, payload, event_type, instance_id, event_timestamp, error,
+                                              intent)], pipeline=False)[0]
+
+    def record_and_upsert_many(self, items: Sequence[OneStatement], *,
+                               pipeline: bool = True) -> list[DeliveryStatus | None]:
+        """:meth:`record_and_upsert` for many deliveries, sent in one psycopg pipeline (one round trip
+        for all of them). A failure does not say which delivery caused it: the caller retries them one
+        by one to find out.
+
+        Memberships take three statements (inbox row, guarded upsert, "deleted if its user or
+        organization is"), after one statement that takes the advisory locks of all of them in one
+        sorted pass (see :meth:`lock`); a membership the guard refused is set ``skipped`` afterwards.
+        """
+        import psycopg  # the postgres extra; only reached on a psycopg connection
+        from psycopg.types.json import Jsonb
+
+        raw: Any = self.conn.connection.driver_connection
+        now = self.now
+        statements: list[tuple[str, list[Any]]] = []
+        shape: list[int] = []  # statements per item: 1 (user/organization) or 3 (membership)
+        keys = sorted({_lock_id(k) for *_, intent in items if intent.entity is Entity.MEMBERSHIP
+                       for k in _lock_keys(intent)})
+        if keys:
+            statements.append((_LOCKS_SQL, [keys]))
+        for svix_id, payload, event_type, instance_id, event_timestamp, error, intent in items:
+            values: list[Any] = [getattr(intent.record, name) for name in _RECORD_FIELDS[intent.entity]]
+            if intent.entity is Entity.MEMBERSHIP:
+                sql, json_at = _raw_upsert_sql(intent.entity)
+                for i in json_at:
+                    values[i] = Jsonb(values[i])
+                statements += [
+                    (_RAW_INBOX_SQL, [svix_id, event_type, instance_id, event_timestamp, DeliveryStatus.APPLIED.value,
+                                      error, now, payload, now]),
+                    (sql, [*values, now, now]),
+                    (_RAW_PARENT_DELETED_SQL, [now, now, intent.clerk_id]),
+                ]
+                shape.append(3)
+                continue
+            sql, json_at = _one_statement_sql(intent.entity)
+            for i in json_at:
+                values[i] = Jsonb(values[i])
+            values += [now, now, svix_id, event_type, instance_id, event_timestamp, error, now, payload, now]
+            statements.append((sql, values))
+            shape.append(1)
+        rows: list[Any] = []
+        try:
+            with raw.pipeline() if pipeline and len(statements) > 1 else nullcontext():
+                cursors = []
+                for sql, values in statements:
+                    cur = raw.cursor()
+                    cur.execute(sql, values)
+                    cursors.append(cur)
+                for cur in cursors:
+                    rows.append(cur.fetchone())
+                    cur.close()
+        except psycopg.Error as exc:
+            raise sa.exc.DBAPIError.instance(statements[min(len(rows), len(statements) - 1)][0], None, exc,
+                                             psycopg.Error, hide_parameters=True,
+                                             connection_invalidated=bool(raw.closed)) from exc
+        out: list[DeliveryStatus | None] = []
+        at = 1 if keys else 0
+        for item, size in zip(items, shape, strict=True):
+            if size == 1:
+                out.append(None if rows[at] is None else DeliveryStatus(rows[at][0]))
+            elif rows[at] is None:
+                out.append(None)  # a duplicate: its upsert and check ran again, harmlessly (guarded)
+            elif rows[at + 1] is None and rows[at + 2] is None:
+                self.finish_delivery(item[0], DeliveryStatus.SKIPPED, item[5])
+                out.append(DeliveryStatus.SKIPPED)
+            else:
+                out.append(DeliveryStatus.APPLIED)
+            at += size
+        return out
 
     def finish_delivery(self, svix_id: str, status: str, error: str | None = None,
                         *, count_attempt: bool = False) -> None:
@@ -320,6 +414,61 @@ def _inbox_sql(postgres: bool) -> sa.TextClause:
         f"VALUES ({', '.join(':' + n for n in names)}, {payload}, :now, 1) "
         "ON CONFLICT (svix_id) DO NOTHING RETURNING id"
     ), names).bindparams(sa.bindparam("payload", type_=sa.Text))
+
+
+_LOCKS_SQL = "SELECT pg_advisory_xact_lock(k) FROM unnest(%s::bigint[]) AS k"  # in the array's (sorted) order
+_RAW_INBOX_SQL = (
+    "INSERT INTO webhook_events (svix_id, type, instance_id, event_timestamp, status, last_error, applied_at, "
+    "payload, received_at, attempts) VALUES (%s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s, 1) "
+    "ON CONFLICT (svix_id) DO NOTHING RETURNING id"
+)
+_RAW_PARENT_DELETED_SQL = (  # Writer._delete_membership_if_parent_deleted, as psycopg SQL
+    "UPDATE organization_memberships m SET deleted_at = %s, updated_at = %s "
+    "WHERE m.clerk_id = %s AND m.deleted_at IS NULL AND ("
+    "EXISTS (SELECT 1 FROM users u WHERE u.clerk_id = m.user_clerk_id AND u.deleted_at IS NOT NULL) OR "
+    "EXISTS (SELECT 1 FROM organizations o WHERE o.clerk_id = m.organization_clerk_id AND o.deleted_at IS NOT NULL)"
+    ") RETURNING m.id"
+)
+
+
+@functools.cache
+def _raw_upsert_sql(entity: Entity) -> tuple[str, tuple[int, ...]]:
+    """:func:`_upsert_sql` as psycopg SQL (positional), and the positions of its JSON parameters."""
+    table, names = _TABLES[entity], _RECORD_FIELDS[entity]
+    t = table.name
+    sets = ", ".join(f"{n} = excluded.{n}" for n in names if n != "clerk_id")
+    sql = (
+        f"INSERT INTO {t} ({', '.join(names)}, created_at, updated_at) VALUES ({', '.join(['%s'] * (len(names) + 2))}) "
+        f"ON CONFLICT (clerk_id) DO UPDATE SET {sets}, updated_at = excluded.updated_at "
+        f"WHERE {t}.deleted_at IS NULL AND {t}.clerk_updated_at < excluded.clerk_updated_at RETURNING id"
+    )
+    return sql, tuple(i for i, n in enumerate(names) if isinstance(table.c[n].type, sa.JSON))
+# svix_id, payload text, event type, instance id, event timestamp (ms), reason, the upsert
+OneStatement = tuple[str, str, str, str | None, int | None, str | None, Upsert]
+
+
+@functools.cache
+def _one_statement_sql(entity: Entity) -> tuple[str, tuple[int, ...]]:
+    """psycopg SQL for :meth:`Writer.record_and_upsert`, and the positions of its JSON parameters."""
+    table, names = _TABLES[entity], _RECORD_FIELDS[entity]
+    t = table.name
+    sets = ", ".join(f"{n} = excluded.{n}" for n in names if n != "clerk_id")
+    inbox = ["svix_id", "type", "instance_id", "event_timestamp", "status", "last_error", "applied_at", "payload",
+             "received_at", "attempts"]
+    status = (f"CASE WHEN EXISTS (SELECT 1 FROM up) THEN '{DeliveryStatus.APPLIED}' "
+              f"ELSE '{DeliveryStatus.SKIPPED}' END")
+    sql = (
+        f"WITH up AS (INSERT INTO {t} ({', '.join(names)}, created_at, updated_at) "
+        f"VALUES ({', '.join(['%s'] * (len(names) + 2))}) "
+        f"ON CONFLICT (clerk_id) DO UPDATE SET {sets}, updated_at = excluded.updated_at "
+        f"WHERE {t}.deleted_at IS NULL AND {t}.clerk_updated_at < excluded.clerk_updated_at RETURNING 1), "
+        f"ins AS (INSERT INTO webhook_events ({', '.join(inbox)}) "
+        f"VALUES (%s, %s, %s, %s, {status}, %s, %s, %s::jsonb, %s, 1) "
+        "ON CONFLICT (svix_id) DO NOTHING RETURNING status) "
+        "SELECT status FROM ins"
+    )
+    json_at = tuple(i for i, n in enumerate(names) if isinstance(table.c[n].type, sa.JSON))
+    return sql, json_at
 
 
 _TIMEOUTS = {  # SQLSTATEs of the bounds set in _postgres_bounds

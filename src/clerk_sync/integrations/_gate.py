@@ -19,7 +19,7 @@ from typing import Any
 
 from clerk_sync.errors import StoreError
 
-__all__ = ["KeyGate", "delivery_keys"]
+__all__ = ["KeyGate", "delivery_keys", "envelope_keys"]
 
 
 class KeyGate:
@@ -30,6 +30,12 @@ class KeyGate:
         self._now = now
         self._cond = threading.Condition()
         self._held: dict[str, float] = {}  # key -> when its holder took it
+
+    def busy(self, keys: Iterable[str]) -> bool:
+        """Whether a delivery holds one of ``keys`` now (a later one for the same user should wait here,
+        not in a shared transaction)."""
+        with self._cond:
+            return any(k in self._held for k in keys)
 
     @contextmanager
     def hold(self, keys: Iterable[str]) -> Iterator[None]:
@@ -55,13 +61,18 @@ class KeyGate:
 def delivery_keys(svix_id: str | None, body: bytes) -> list[str]:
     """The delivery's id and the users/organizations whose rows or locks it touches (best effort: an
     unreadable body gates on its id alone and is refused by the processor anyway)."""
-    keys = [f"svix:{svix_id}"] if svix_id else []
     try:
         event = json.loads(body)
     except (ValueError, RecursionError):
-        return keys
+        event = None
     data: Any = event.get("data") if isinstance(event, dict) else None
     kind = str(event.get("type", "")) if isinstance(event, dict) else ""
+    return envelope_keys(svix_id, kind, data)
+
+
+def envelope_keys(svix_id: str | None, kind: str, data: Any) -> list[str]:
+    """:func:`delivery_keys` of an already parsed event (type and ``data``)."""
+    keys = [f"svix:{svix_id}"] if svix_id else []
     if not isinstance(data, dict):
         return keys
     if kind.startswith("user."):

@@ -9,7 +9,9 @@ Usage in your own app::
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
+import json
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -19,6 +21,7 @@ from anyio import CapacityLimiter, to_thread
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
@@ -26,10 +29,12 @@ from starlette.routing import BaseRoute, Mount, Route
 from clerk_sync import migrations
 from clerk_sync.config import Settings
 from clerk_sync.errors import ClerkSyncError, PayloadTooLarge, StoreError, WebhookError
+from clerk_sync.events import Envelope
 from clerk_sync.freshness import database_probe
 from clerk_sync.ingest import Outcome, WebhookProcessor
-from clerk_sync.integrations._gate import KeyGate, delivery_keys
-from clerk_sync.integrations.http import error_response
+from clerk_sync.integrations._committer import ALONE, GroupCommitter
+from clerk_sync.integrations._gate import KeyGate, envelope_keys
+from clerk_sync.integrations.http import ErrorResponse, error_response
 from clerk_sync.metrics import CONTENT_TYPE_LATEST
 from clerk_sync.retention import PruneReport, Retention, RetentionPolicy
 from clerk_sync.store import Store
@@ -38,6 +43,7 @@ from clerk_sync.webhooks import WebhookVerifier
 __all__ = [
     "PruneSchedule",
     "StartupMigration",
+    "WebhookFastPath",
     "app_from_env",
     "build_processor",
     "create_app",
@@ -84,8 +90,56 @@ async def read_limited_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+class _WebhookPath:
+    """What every webhook endpoint does once the body is read (see :func:`webhook_endpoint`)."""
+
+    def __init__(self, processor: WebhookProcessor, *, threads: int, slow_s: float, key_patience_s: float,
+                 not_ready: Callable[[], str | None] | None, committer: GroupCommitter | None) -> None:
+        self.processor = processor
+        self.threads, self.slow_s = threads, slow_s
+        self.gate = KeyGate(patience_s=key_patience_s)
+        self.not_ready = not_ready
+        self.committer = committer
+        self._limiters: list[CapacityLimiter] = []  # created on first use, inside the event loop
+
+    async def deliver(self, headers: Mapping[str, str], body: bytes) -> Outcome:
+        """Verify and parse (on the event loop: HMAC and JSON are C code), then write: in a shared
+        transaction when there is a group committer and no delivery of the same user is waiting on the
+        database, else alone in a worker thread. Raises ClerkSyncError."""
+        started, started_ns = time.perf_counter(), time.time_ns()
+        waiting = self.not_ready() if self.not_ready is not None else None
+        if waiting is not None:
+            raise StoreError(waiting)
+        svix_id, envelope = self.processor.verify_and_parse(headers, body)
+        keys = envelope_keys(svix_id, envelope.type, envelope.data)
+        result: Outcome | object = ALONE
+        if self.committer is not None and not self.gate.busy(keys):
+            result = await self.committer.submit(svix_id, envelope)
+        if not isinstance(result, Outcome):
+            result = await _in_slot(_limiter(self._limiters, self.threads), self.slow_s, self._alone, keys,
+                                    svix_id, envelope)
+        self.processor.observe(envelope, result, started, started_ns)
+        return result
+
+    def _alone(self, keys: list[str], svix_id: str, envelope: Envelope) -> Outcome:
+        with self.gate.hold(keys):
+            return self.processor.apply_alone(svix_id, envelope)
+
+    def refused(self, exc: ClerkSyncError, claimed: str | None) -> ErrorResponse:
+        """Log and count a refusal; the answer to send."""
+        if isinstance(exc, WebhookError):
+            log.info("webhook_refused", svix_id=claimed, code=exc.code, reason=str(exc))
+            self.processor.metrics.refused.labels(code=exc.code).inc()
+        elif isinstance(exc, StoreError):
+            log.warning("webhook_store_error", svix_id=claimed, reason=str(exc))
+            self.processor.metrics.db_errors.labels(operation="webhook").inc()
+            self.processor.metrics.unavailable.inc()
+        return error_response(exc)
+
+
 def webhook_endpoint(processor: WebhookProcessor, *, threads: int = 4, slow_s: float = 0.5,
-                     key_patience_s: float = 0.5, not_ready: Callable[[], str | None] | None = None) -> Any:
+                     key_patience_s: float = 0.5, not_ready: Callable[[], str | None] | None = None,
+                     committer: GroupCommitter | None = None) -> Any:
     """An ASGI endpoint for ``POST /webhooks/clerk``.
 
     ``threads`` caps concurrent deliveries in the thread pool: the work is GIL-bound, and more
@@ -95,43 +149,88 @@ def webhook_endpoint(processor: WebhookProcessor, *, threads: int = 4, slow_s: f
     ``lock_timeout`` ends its wait). Deliveries for one user or organization take turns
     (:class:`~._gate.KeyGate`): while one of them is stuck, the others are refused (503) after
     ``key_patience_s``. ``not_ready()`` says why deliveries must wait (503, nothing written), e.g.
-    migrations pending.
+    migrations pending. With a ``committer`` (the service's :class:`~._committer.GroupCommitter`),
+    concurrent deliveries share one transaction and one COMMIT.
     """
-    limiters: list[CapacityLimiter] = []  # created on first use, inside the event loop
-    gate = KeyGate(patience_s=key_patience_s)
-
-    def process(headers: dict[str, str], body: bytes) -> Outcome:
-        with gate.hold(delivery_keys(headers.get("svix-id") or headers.get("webhook-id"), body)):
-            return processor.process(headers, body)
+    path = _WebhookPath(processor, threads=threads, slow_s=slow_s, key_patience_s=key_patience_s,
+                        not_ready=not_ready, committer=committer)
 
     async def endpoint(request: Request) -> Response:
         # Unverified, but it correlates every log line of this delivery (refusals included).
         claimed = request.headers.get("svix-id") or request.headers.get("webhook-id")
-        with structlog.contextvars.bound_contextvars(svix_id=claimed):
-            return await _handle(request)
-
-    async def _handle(request: Request) -> Response:
-        waiting = not_ready() if not_ready is not None else None
-        if waiting is not None:
-            return error_json(StoreError(waiting))
         try:
             body = await read_limited_body(request, processor.max_body_bytes)
-            # The store is synchronous (SQLAlchemy Core): run it off the event loop.
-            outcome = await _in_slot(_limiter(limiters, threads), slow_s, process, dict(request.headers), body)
-        except WebhookError as exc:
-            log.info("webhook_refused", code=exc.code, reason=str(exc))
-            processor.metrics.refused.labels(code=exc.code).inc()
-            return error_json(exc)
-        except StoreError as exc:
-            log.warning("webhook_store_error", reason=str(exc))
-            processor.metrics.db_errors.labels(operation="webhook").inc()
-            processor.metrics.unavailable.inc()
-            return error_json(exc)
+            outcome = await path.deliver(request.headers, body)
+        except (WebhookError, StoreError) as exc:
+            answer = path.refused(exc, claimed)
+            return JSONResponse(answer.body, status_code=answer.status, headers=answer.headers)
         except ClientDisconnect:
             return Response(status_code=400)
         return JSONResponse({"status": outcome.status, "svix_id": outcome.svix_id})
 
     return endpoint
+
+
+class WebhookFastPath:
+    """Pure ASGI in front of an app: ``POST path`` is answered here (no routing, no Request/Response
+    objects, the body parsed once, group commit); everything else goes to ``app``.
+
+    The service (``clerk-sync serve``) runs behind it; apps mounting :func:`webhook_routes` keep the
+    Starlette endpoint.
+    """
+
+    def __init__(self, app: Any, processor: WebhookProcessor, *, path: str = "/webhooks/clerk",
+                 not_ready: Callable[[], str | None] | None = None, committer: GroupCommitter | None = None,
+                 threads: int = 4, slow_s: float = 0.5, key_patience_s: float = 0.5) -> None:
+        self.app, self.path_name = app, path
+        self.committer = committer
+        self._path = _WebhookPath(processor, threads=threads, slow_s=slow_s, key_patience_s=key_patience_s,
+                                  not_ready=not_ready, committer=self.committer)
+        self._limit = processor.max_body_bytes
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] != self.path_name or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        claimed = headers.get("svix-id") or headers.get("webhook-id")
+        try:
+            body = await self._body(headers, receive)
+            outcome = await self._path.deliver(headers, body)
+        except (WebhookError, StoreError) as exc:
+            answer = self._path.refused(exc, claimed)
+            await _send_json(send, answer.status, answer.body, answer.headers)
+            return
+        except ClientDisconnect:
+            await _send_json(send, 400, {"error": "client_disconnected", "message": "the body was not received"})
+            return
+        await _send_json(send, 200, {"status": outcome.status, "svix_id": outcome.svix_id})
+
+    async def _body(self, headers: Mapping[str, str], receive: Any) -> bytes:
+        declared = headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self._limit:
+            raise PayloadTooLarge(f"body is {declared} bytes, the limit is {self._limit}")
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnect()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self._limit:
+                raise PayloadTooLarge(f"body exceeds the limit of {self._limit} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def _send_json(send: Any, status: int, body: Mapping[str, str], headers: Mapping[str, str] | None = None) -> None:
+    data = json.dumps(body, separators=(",", ":")).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": data})
 
 
 async def _in_slot(slots: CapacityLimiter, slow_s: float, fn: Callable[..., T], *args: Any) -> T:
@@ -213,7 +312,8 @@ class StartupMigration:
             delay = min(delay * 2, self._max)
 
 
-def _service_routes(processor: WebhookProcessor, migration: StartupMigration | None) -> Sequence[BaseRoute]:
+def _service_routes(processor: WebhookProcessor, migration: StartupMigration | None,
+                    committer: GroupCommitter | None) -> Sequence[BaseRoute]:
     store = processor.store
 
     async def healthz(_: Request) -> Response:
@@ -247,7 +347,8 @@ def _service_routes(processor: WebhookProcessor, migration: StartupMigration | N
 
     not_ready = migration.pending if migration is not None else None
     return [
-        Route("/webhooks/clerk", webhook_endpoint(processor, not_ready=not_ready), methods=["POST"]),
+        Route("/webhooks/clerk", webhook_endpoint(processor, not_ready=not_ready, committer=committer),
+              methods=["POST"]),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics),
@@ -265,6 +366,7 @@ def create_app(settings: Settings, processor: WebhookProcessor | None = None, *,
     retention = Retention(processor.store, RetentionPolicy.from_settings(settings), metrics=processor.metrics)
     schedule = PruneSchedule(retention, settings.prune_interval_s)
     migration = StartupMigration(processor.store.engine) if migrate else None
+    committer = GroupCommitter(processor) if settings.group_commit else None
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -276,13 +378,18 @@ def create_app(settings: Settings, processor: WebhookProcessor | None = None, *,
             async with schedule.lifespan(app):
                 yield
             tasks.cancel_scope.cancel()
+        if committer is not None:  # what is queued is written (and answered) before the process ends
+            await to_thread.run_sync(committer.close)
 
-    routes = list(_service_routes(processor, migration))
+    routes = list(_service_routes(processor, migration, committer))
     if settings.console_enabled:
         from clerk_sync.integrations.console import create_console
 
         routes.append(Mount("/console", app=create_console(processor.store, settings)))
-    return Starlette(routes=routes, lifespan=lifespan)
+    # POST /webhooks/clerk skips the router and Starlette's Request/Response (WebhookFastPath).
+    fast = Middleware(WebhookFastPath, processor=processor, committer=committer,
+                      not_ready=migration.pending if migration is not None else None)
+    return Starlette(routes=routes, lifespan=lifespan, middleware=[fast])
 
 
 class PruneSchedule:

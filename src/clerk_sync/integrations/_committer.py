@@ -1,0 +1,223 @@
+"""Group commit: concurrent deliveries share one transaction and one COMMIT.
+
+The ASGI endpoint verifies and parses on the event loop, then hands the delivery to
+:class:`GroupCommitter`. One writer thread per process drains whatever is waiting (up to
+``max_batch``), writes every delivery in one transaction, commits once, and only then answers each
+of them: a 2xx still means committed, and a crash before the COMMIT loses only unanswered deliveries.
+
+A delivery the batch cannot take does not fail its batch-mates. When one statement fails, the
+transaction is rolled back, that delivery leaves the batch (:data:`ALONE`: the endpoint runs it in
+its own transaction, as before group commit, where a refused value is stored ``failed`` and a lock
+held elsewhere waits out ``lock_timeout``), and the rest is written again. On PostgreSQL the batch
+waits for a lock at most ``lock_wait_s`` (``SET LOCAL lock_timeout``), so a user held by a stuck
+replica costs its batch-mates that long, once. Only a failure of the connection or of the COMMIT
+fails the whole batch: every delivery in it answers 503 and nothing was acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+import sqlalchemy as sa
+import structlog
+
+from clerk_sync.errors import StoreError
+from clerk_sync.events import Envelope
+from clerk_sync.ingest import Outcome, WebhookProcessor
+from clerk_sync.store import Writer
+
+__all__ = ["ALONE", "GroupCommitter"]
+
+log = structlog.get_logger("clerk_sync.http")
+
+
+class _Alone:
+    def __repr__(self) -> str:
+        return "ALONE"
+
+
+ALONE: Final = _Alone()  # "apply this delivery in its own transaction" (see the module docstring)
+Result = Outcome | StoreError | _Alone
+
+
+@dataclass(slots=True)
+class _Job:
+    svix_id: str
+    envelope: Envelope
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Result] = field(repr=False)
+
+
+class _Isolate(Exception):
+    """Job ``index`` of the batch failed: roll back, take it out, write the rest again."""
+
+    def __init__(self, index: int, cause: sa.exc.SQLAlchemyError) -> None:
+        super().__init__(index)
+        self.index, self.cause = index, cause
+
+
+class GroupCommitter:
+    """One writer thread applying queued deliveries in batches (started on first use)."""
+
+    def __init__(self, processor: WebhookProcessor, *, max_batch: int = 64, lock_wait_s: float = 0.05,
+                 writers: int | None = None) -> None:
+        self.processor = processor
+        self.max_batch = max_batch
+        self._lock_wait_ms = max(1, int(lock_wait_s * 1000))
+        self._pg = processor.store.engine.dialect.name == "postgresql"
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        # PostgreSQL: while one batch waits for its COMMIT (the WAL flush), others are written (4 measured
+        # best on 2 cores, see BENCHMARKS.md).
+        # SQLite has one writer anyway.
+        self._writers = writers or (4 if self._pg else 1)
+        self._threads: list[threading.Thread] = []
+        self._start = threading.Lock()
+        self.batches = 0  # committed batches and the deliveries in them (tests, benchmarks)
+        self.committed = 0
+        self.waiting = 0  # submitted, not answered yet
+
+    async def submit(self, svix_id: str, envelope: Envelope) -> Outcome | _Alone:
+        """Queue a verified delivery; returns its outcome once its batch has committed, or
+        :data:`ALONE`. Raises :class:`StoreError` when the batch could not commit."""
+        self._ensure_started()
+        loop = asyncio.get_running_loop()
+        job = _Job(svix_id, envelope, loop, loop.create_future())
+        self.waiting += 1
+        self._queue.put(job)
+        try:
+            result = await job.future
+        finally:
+            self.waiting -= 1
+        if isinstance(result, StoreError):
+            raise result
+        return result
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Finish what is queued, then stop the writer thread."""
+        threads, self._threads = self._threads, []
+        for _ in threads:
+            self._queue.put(None)
+        for thread in threads:
+            thread.join(timeout)
+
+    # -- the writer thread -----------------------------------------------------------------------
+    def _ensure_started(self) -> None:
+        if not self._threads:
+            with self._start:
+                if not self._threads:
+                    threads = [threading.Thread(target=self._run, name=f"clerk-sync-committer-{n}", daemon=True)
+                               for n in range(self._writers)]
+                    for thread in threads:
+                        thread.start()
+                    self._threads = threads
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            batch = [job]
+            while len(batch) < self.max_batch:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._queue.put(None)  # another thread's stop signal, or ours: after this batch
+                    break
+                batch.append(more)
+            try:
+                results = self.write([(job.svix_id, job.envelope) for job in batch])
+            except Exception as exc:  # a bug must not leave requests waiting forever
+                log.exception("group_commit_crashed")
+                results = [StoreError(f"internal error while writing: {type(exc).__name__}")] * len(batch)
+            _answer(batch, results)
+
+    def write(self, batch: Sequence[tuple[str, Envelope]]) -> list[Result]:
+        """Write ``batch`` (svix id, parsed event) in one transaction; one result per delivery, in order."""
+        results: list[Result | None] = [None] * len(batch)
+        pending = list(range(len(batch)))
+        pipelined = True
+        while pending:
+            try:
+                outcomes = self._attempt([batch[i] for i in pending], pipelined=pipelined)
+            except _Isolate as failed:
+                if failed.index < 0:  # the pipeline failed somewhere: again, one statement at a time
+                    pipelined = False
+                    continue
+                index = pending.pop(failed.index)
+                results[index] = ALONE
+                cause = failed.cause.orig if isinstance(failed.cause, sa.exc.DBAPIError) else failed.cause
+                log.info("group_commit_isolated", svix_id=batch[index][0], reason=type(cause).__name__)
+                continue
+            except StoreError as exc:  # the connection or the COMMIT failed: nothing in the batch holds
+                for index in pending:
+                    results[index] = exc
+                break
+            for index, outcome in zip(pending, outcomes, strict=True):
+                results[index] = outcome
+            self.batches += 1
+            self.committed += len(pending)
+            break
+        return [r if r is not None else StoreError("not written") for r in results]
+
+    def _attempt(self, jobs: list[tuple[str, Envelope]], *, pipelined: bool) -> list[Outcome]:
+        processor = self.processor
+        with processor.store.transaction() as writer:
+            if pipelined and writer.pipelines:
+                return self._pipelined(writer, jobs)
+            if self._pg:
+                writer.conn.exec_driver_sql(f"SET LOCAL lock_timeout = {self._lock_wait_ms}")
+            outcomes: list[Outcome] = []
+            for position, (svix_id, envelope) in enumerate(jobs):
+                try:
+                    outcomes.append(processor.apply_in(writer, svix_id, envelope))
+                except sa.exc.SQLAlchemyError as exc:
+                    if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+                        raise  # the connection is gone: fail the batch (StoreError)
+                    raise _Isolate(position, exc) from exc
+            return outcomes
+
+    def _pipelined(self, writer: Writer, jobs: list[tuple[str, Envelope]]) -> list[Outcome]:
+        """BEGIN, the lock bound and every upsert of the batch in one psycopg pipeline (one round
+        trip); the other deliveries (deletions, ignored types) after it, one by one."""
+        import psycopg  # writer.pipelines: the connection is psycopg's
+
+        raw = writer.conn.connection.driver_connection
+        try:
+            with raw.pipeline():  # type: ignore[union-attr]
+                raw.execute(f"SET LOCAL lock_timeout = {self._lock_wait_ms}")  # type: ignore[union-attr]
+                done = self.processor.pipelined_in(writer, jobs)
+            return [outcome or self.processor.apply_in(writer, *jobs[i]) for i, outcome in enumerate(done)]
+        except sa.exc.SQLAlchemyError as exc:
+            if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+                raise  # the connection is gone: fail the batch (StoreError)
+            raise _Isolate(-1, exc) from exc
+        except psycopg.Error as exc:
+            closed = bool(raw.closed)  # type: ignore[union-attr]
+            wrapped = sa.exc.DBAPIError.instance("pipeline", None, exc, psycopg.Error, connection_invalidated=closed)
+            if closed:
+                raise wrapped from exc
+            raise _Isolate(-1, wrapped) from exc
+
+
+def _answer(batch: list[_Job], results: list[Result]) -> None:
+    """Resolve every future of the batch with one wake-up per event loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Result], Result]]] = {}
+    for job, result in zip(batch, results, strict=True):
+        by_loop.setdefault(job.loop, []).append((job.future, result))
+    for loop, pairs in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # a closed loop (shutdown): nobody is waiting any more
+            loop.call_soon_threadsafe(_resolve, pairs)
+
+
+def _resolve(pairs: list[tuple[asyncio.Future[Result], Result]]) -> None:
+    for future, result in pairs:
+        if not future.done():
+            future.set_result(result)

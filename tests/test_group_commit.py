@@ -1,0 +1,202 @@
+"""Group commit (``serve``): deliveries share one transaction, and one delivery the database refuses or
+cannot lock does not fail its batch-mates; concurrent requests really end up in one batch."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from starlette.applications import Starlette
+
+from clerk_sync.config import DatabaseTimeouts
+from clerk_sync.engine import DeliveryStatus
+from clerk_sync.events import Envelope, parse_envelope
+from clerk_sync.ingest import Outcome, WebhookProcessor
+from clerk_sync.integrations._committer import ALONE, GroupCommitter
+from clerk_sync.integrations.starlette import WebhookFastPath
+from clerk_sync.store import Store
+from clerk_sync.tables import organization_memberships, organizations, users, webhook_events
+from clerk_sync.webhooks import WebhookVerifier
+from tests import factories as f
+from tests._server import running
+from tests.test_crash_safety import _users_refuse_inserts
+
+
+def _parsed(event: dict[str, Any]) -> Envelope:
+    return parse_envelope(f.body_of(event))
+
+
+def _statuses(results: list[Any]) -> list[Any]:
+    return [r.status if isinstance(r, Outcome) else r for r in results]
+
+
+def _inbox(store: Store) -> dict[str, str]:
+    with store.connect() as conn:
+        return dict(conn.execute(sa.select(webhook_events.c.svix_id, webhook_events.c.status)).all())
+
+
+def test_a_batch_writes_every_delivery_in_one_transaction(store: Store, verifier: WebhookVerifier) -> None:
+    ns = uuid.uuid4().hex[:8]
+    committer = GroupCommitter(WebhookProcessor(store, verifier))
+    batch = [
+        (f"m{ns}_1", _parsed(f.envelope("user.created", f.user(f"user_{ns}a", 10)))),
+        (f"m{ns}_2", _parsed(f.envelope("user.created", f.user(f"user_{ns}b", 10)))),
+        (f"m{ns}_3", _parsed(f.envelope("user.updated", f.user(f"user_{ns}a", 5)))),  # older: skipped
+        (f"m{ns}_1", _parsed(f.envelope("user.created", f.user(f"user_{ns}a", 10)))),  # same svix id again
+        (f"m{ns}_4", _parsed(f.envelope("organization.created", f.organization(f"org_{ns}", 10)))),
+        (f"m{ns}_5", _parsed(f.envelope("organizationMembership.created",
+                                        f.membership(f"mem_{ns}", f"org_{ns}", f"user_{ns}a", 10)))),
+        (f"m{ns}_6", _parsed(f.envelope("user.deleted", f.deleted("user", f"user_{ns}b")))),
+        (f"m{ns}_7", _parsed(f.envelope("email.created", {"id": "ema_1", "object": "email"}))),
+    ]
+    results = committer.write(batch)
+    assert _statuses(results) == ["applied", "applied", "skipped", "duplicate", "applied", "applied", "applied",
+                                  "ignored"]
+    assert committer.batches == 1 and committer.committed == len(batch)
+    assert _inbox(store) == {f"m{ns}_{i}": s for i, s in
+                             enumerate(["applied", "applied", "skipped", "applied", "applied", "applied", "ignored"],
+                                       start=1)}
+    with store.connect() as conn:
+        live = dict(conn.execute(sa.select(users.c.clerk_id, users.c.deleted_at.is_(None))).all())
+        org = conn.execute(sa.select(organizations.c.clerk_id)).scalar_one()
+        member = conn.execute(sa.select(organization_memberships.c.user_clerk_id)).scalar_one()
+    assert live == {f"user_{ns}a": True, f"user_{ns}b": False}
+    assert (org, member) == (f"org_{ns}", f"user_{ns}a")
+
+
+def test_a_refused_delivery_leaves_the_batch_and_the_rest_commits(store: Store, verifier: WebhookVerifier) -> None:
+    processor = WebhookProcessor(store, verifier)
+    committer = GroupCommitter(processor)
+    batch = [
+        ("msg_u1", _parsed(f.envelope("user.created", f.user("user_refused_1", 10)))),
+        ("msg_o1", _parsed(f.envelope("organization.created", f.organization("org_ok_1", 10)))),
+        ("msg_u2", _parsed(f.envelope("user.created", f.user("user_refused_2", 10)))),
+        ("msg_o2", _parsed(f.envelope("organization.created", f.organization("org_ok_2", 10)))),
+    ]
+    with _users_refuse_inserts(store):
+        results = committer.write(batch)
+    # The user rows are refused (a trigger): those two are to be written alone (where the refusal is a
+    # 503, as without group commit); their batch-mates committed.
+    assert _statuses(results) == [ALONE, "applied", ALONE, "applied"]
+    assert _inbox(store) == {"msg_o1": "applied", "msg_o2": "applied"}
+    assert committer.batches == 1 and committer.committed == 2
+    # Written alone once the table accepts them again, as Svix's retry would.
+    assert processor.apply_alone(*batch[0]).status == DeliveryStatus.APPLIED
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+def test_a_user_locked_elsewhere_is_written_alone_without_holding_the_batch(db_url: str,
+                                                                           verifier: WebhookVerifier) -> None:
+    store = Store.from_url(db_url, timeouts=DatabaseTimeouts(lock_s=10.0))
+    committer = GroupCommitter(WebhookProcessor(store, verifier), lock_wait_s=0.05)
+    committer.write([("msg_seed", _parsed(f.envelope("user.created", f.user("user_held", 1))))])
+    foreign = sa.create_engine(db_url)
+    try:
+        with foreign.connect() as conn, conn.begin():  # a stuck replica holds the user's row
+            conn.execute(users.update().where(users.c.clerk_id == "user_held").values(first_name="Stuck"))
+            started = time.monotonic()
+            results = committer.write([
+                ("msg_held", _parsed(f.envelope("user.updated", f.user("user_held", 2)))),
+                ("msg_free", _parsed(f.envelope("user.created", f.user("user_free", 2)))),
+                ("msg_org", _parsed(f.envelope("organization.created", f.organization("org_free", 2)))),
+            ])
+            waited = time.monotonic() - started
+    finally:
+        foreign.dispose()
+    assert _statuses(results) == [ALONE, "applied", "applied"]
+    assert waited < 5.0  # the batch gave up on the lock long before the 10 s lock_timeout
+    assert _inbox(store) == {"msg_seed": "applied", "msg_free": "applied", "msg_org": "applied"}
+    store.dispose()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_concurrent_requests_share_one_batch_and_are_answered_after_its_commit(
+        store: Store, verifier: WebhookVerifier) -> None:
+    processor = WebhookProcessor(store, verifier)
+    committer = GroupCommitter(processor)
+    app = WebhookFastPath(Starlette(), processor, committer=committer)
+    posts = [f.signed(f.envelope("user.created", f.user(f"user_c{i}", 10)), f"msg_c{i}") for i in range(10)]
+    with running(app) as url, httpx.Client(base_url=url, timeout=30) as client, ThreadPoolExecutor(10) as pool:
+        # Hold the store's writer lock: the first batch's transaction waits for it, the others queue
+        # (and then all go in the second batch).
+        with store._writers:
+            futures = [pool.submit(client.post, "/webhooks/clerk", content=body, headers=headers)
+                       for headers, body in posts]
+            deadline = time.monotonic() + 20
+            while committer.waiting < len(posts) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert committer.waiting == len(posts)
+            assert not any(fut.done() for fut in futures)  # nothing is answered before its COMMIT
+            assert _inbox_count(store) == 0
+        answers = [fut.result(timeout=30) for fut in futures]
+    committer.close()
+    assert [a.status_code for a in answers] == [200] * len(posts)
+    assert {a.json()["status"] for a in answers} == {"applied"}
+    assert (committer.batches, committer.committed) == (2, len(posts))
+    assert len(_inbox(store)) == len(posts)
+
+
+def _inbox_count(store: Store) -> int:
+    # A reader beside the held writer lock (WAL: readers do not wait for the writer).
+    with store.connect() as conn:
+        return int(conn.execute(sa.select(sa.func.count()).select_from(webhook_events)).scalar_one())
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_the_fast_path_refuses_like_the_endpoint_and_passes_other_routes_on(
+        store: Store, verifier: WebhookVerifier) -> None:
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    async def hello(_: Any) -> PlainTextResponse:
+        return PlainTextResponse("hello")
+
+    processor = WebhookProcessor(store, verifier, max_body_bytes=4096)
+    app = WebhookFastPath(Starlette(routes=[Route("/hello", hello)]), processor,
+                          committer=GroupCommitter(processor))
+    headers, body = f.signed(f.envelope("user.created", f.user("user_fp", 10)), "msg_fp")
+    with running(app) as url, httpx.Client(base_url=url) as client:
+        assert client.get("/hello").text == "hello"
+        bad = client.post("/webhooks/clerk", content=body, headers={**headers, "svix-signature": "v1,AAAA"})
+        assert bad.status_code == 401, bad.text
+        big = client.post("/webhooks/clerk", content=b"x" * 5000, headers=headers)
+        assert big.status_code == 413
+        ok = client.post("/webhooks/clerk", content=body, headers=headers)
+        again = client.post("/webhooks/clerk", content=body, headers=headers)
+    assert (ok.status_code, ok.json()) == (200, {"status": "applied", "svix_id": "msg_fp"})
+    assert again.json()["status"] == "duplicate"
+    assert _inbox(store) == {"msg_fp": "applied"}
+
+
+def test_batches_in_any_order_converge_to_the_model(store: Store, verifier: WebhookVerifier) -> None:
+    """Random histories (deletes, membership cascades, stale updates) delivered shuffled, with
+    redeliveries, in batches of up to 12 through the committer (on PostgreSQL: the pipelined
+    statements) end in the rows the pure model says, every inbox row once and terminal."""
+    import random
+
+    from tests._history import TERMINAL_STATUSES, bodies, db_rows, inbox, model, random_history
+
+    committer = GroupCommitter(WebhookProcessor(store, verifier))
+    for seed in range(4):
+        rng = random.Random(seed)
+        history = random_history(rng, n_users=6, n_orgs=3, n_memberships=8, n_steps=60)
+        ns = uuid.uuid4().hex[:10]
+        all_bodies = bodies(history, ns)
+        order = [*range(len(all_bodies)), *rng.choices(range(len(all_bodies)), k=15)]
+        rng.shuffle(order)
+        results: list[Any] = []
+        while order:
+            size = rng.randint(1, 12)
+            chunk, order = order[:size], order[size:]
+            results += committer.write([(f"msg_{ns}_{i}", parse_envelope(all_bodies[i])) for i in chunk])
+        assert all(isinstance(r, Outcome) for r in results)
+        with store.connect() as conn:
+            assert db_rows(conn, ns) == model(all_bodies), f"seed {seed}"
+            stored = inbox(conn, f"msg_{ns}_")
+        assert len(stored) == len(all_bodies)
+        assert all(len(s) == 1 and s[0] in TERMINAL_STATUSES for s in stored.values())
