@@ -1,0 +1,158 @@
+"""The hooks outbox in the database: jobs written in the apply's transaction, claimed by dispatchers.
+
+:class:`Outbox` is the write side, used by :class:`~clerk_sync.store.Writer` when the store has
+hooks: it reads the row before the write, and after an applied write inserts one ``hook_jobs`` row
+per hook that wants the change (so each hook retries on its own). The claim side (:func:`claim`,
+:func:`finish`, :func:`fail`) serves :class:`~clerk_sync.hooks.Dispatcher`:
+
+- a job is claimable when it is ``pending`` and due, or ``running`` with an expired lease (its worker
+  died), and no earlier job with the same ``entity_key`` (hook + entity) is unfinished: order per entity;
+- on PostgreSQL the claim is ``SELECT .. FOR UPDATE SKIP LOCKED`` then a lease with a fresh token, so
+  replicas never run a job concurrently (within the lease); on SQLite the writer lock serialises claims;
+- a finished job is deleted; one that failed ``max_attempts`` times stays as ``dead`` for the CLI.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from clerk_sync.changes import Change, Hook
+from clerk_sync.engine import Entity
+from clerk_sync.events import MembershipRecord, OrganizationRecord, UserRecord
+from clerk_sync.tables import hook_jobs, organization_memberships, organizations, users
+
+__all__ = ["Job", "Outbox", "claim", "delete_jobs", "fail", "finish", "list_jobs", "retry_jobs"]
+
+JSON = dict[str, Any]
+_TABLES: dict[Entity, sa.Table] = {
+    Entity.USER: users,
+    Entity.ORGANIZATION: organizations,
+    Entity.MEMBERSHIP: organization_memberships,
+}
+FIELDS: dict[Entity, list[str]] = {
+    Entity.USER: [f.name for f in fields(UserRecord)],
+    Entity.ORGANIZATION: [f.name for f in fields(OrganizationRecord)],
+    Entity.MEMBERSHIP: [f.name for f in fields(MembershipRecord)],
+}
+
+
+class Outbox:
+    """The hook side of one unit of work; ``changes`` lists what it recorded, in order."""
+
+    def __init__(self, conn: Connection, now: datetime, hooks: Sequence[Hook]) -> None:
+        self.conn = conn
+        self.now = now
+        self.hooks = hooks
+        self.changes: list[Change] = []
+
+    def before(self, entity: Entity, clerk_id: str) -> JSON | None:
+        """The live row's Clerk fields, or None (absent or deleted). Read under the writer's lock."""
+        table = _TABLES[entity]
+        query = sa.select(*[table.c[n] for n in FIELDS[entity]]).where(
+            table.c.clerk_id == clerk_id, table.c.deleted_at.is_(None))
+        row = self.conn.execute(query).first()
+        return None if row is None else dict(row._mapping)
+
+    def record(self, change: Change | None) -> None:
+        """Queue ``change`` for every hook that wants it (nothing when it is None: no change)."""
+        if change is None:
+            return
+        self.changes.append(change)
+        rows = [self._job(hook.name, change) for hook in self.hooks if hook.wants(change)]
+        if rows:
+            self.conn.execute(hook_jobs.insert(), rows)
+
+    def _job(self, hook: str, change: Change) -> JSON:
+        return {"hook": hook, "type": change.type, "entity_key": f"{hook}|{change.entity.value}:{change.clerk_id}",
+                "idempotency_key": change.idempotency_key, "payload": change.to_json(), "status": "pending",
+                "attempts": 0, "available_at": self.now, "created_at": self.now}
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A claimed (or listed) job; ``token`` proves the claim when finishing it."""
+
+    id: int
+    hook: str
+    change: Change
+    attempts: int
+    token: str | None
+    status: str = "running"
+    last_error: str | None = None
+
+
+def claim(conn: Connection, now: datetime, *, lease: timedelta, limit: int, max_attempts: int) -> list[Job]:
+    """Lease up to ``limit`` claimable jobs (at most one per entity_key), oldest first.
+
+    A job whose lease expired after ``max_attempts`` claims is marked dead instead (its worker keeps
+    dying, or the handler outlives the lease). Run inside the caller's transaction.
+    """
+    j, earlier = hook_jobs, hook_jobs.alias("earlier")
+    due = sa.or_(sa.and_(j.c.status == "pending", j.c.available_at <= now),
+                 sa.and_(j.c.status == "running", j.c.lease_until < now))
+    blocked = sa.exists().where(earlier.c.entity_key == j.c.entity_key, earlier.c.id < j.c.id,
+                                earlier.c.status.in_(("pending", "running")))
+    query = sa.select(j.c.id, j.c.hook, j.c.payload, j.c.attempts).where(due, ~blocked).order_by(j.c.id).limit(limit)
+    if conn.dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True, of=j)
+    jobs: list[Job] = []
+    for row in conn.execute(query).all():
+        if row.attempts >= max_attempts:
+            error = f"lease expired after {row.attempts} attempts (worker killed, or handler slower than the lease)"
+            _set(conn, row.id, status="dead", lease_until=None, claim_token=None, last_error=error)
+            continue
+        token = str(uuid.uuid4())
+        _set(conn, row.id, status="running", lease_until=now + lease, claim_token=token, attempts=row.attempts + 1)
+        jobs.append(Job(row.id, row.hook, Change.from_json(row.payload), row.attempts + 1, token))
+    return jobs
+
+
+def finish(conn: Connection, job: Job) -> bool:
+    """Delete a job that ran; False if the claim was lost (lease expired and another worker took it)."""
+    result = conn.execute(sa.delete(hook_jobs).where(hook_jobs.c.id == job.id, hook_jobs.c.claim_token == job.token))
+    return result.rowcount == 1
+
+
+def fail(conn: Connection, job: Job, error: str, retry_at: datetime | None) -> bool:
+    """Record a failed attempt: pending again at ``retry_at``, or dead when it is None."""
+    values: JSON = {"status": "pending" if retry_at else "dead", "last_error": error[:2000],
+                    "lease_until": None, "claim_token": None}
+    if retry_at is not None:
+        values["available_at"] = retry_at
+    stmt = sa.update(hook_jobs).where(hook_jobs.c.id == job.id, hook_jobs.c.claim_token == job.token)
+    return conn.execute(stmt.values(**values)).rowcount == 1
+
+
+def list_jobs(conn: Connection, *, status: str | None = "dead", limit: int = 100) -> list[Job]:
+    query = sa.select(hook_jobs).order_by(hook_jobs.c.id).limit(limit)
+    if status is not None:
+        query = query.where(hook_jobs.c.status == status)
+    return [Job(r.id, r.hook, Change.from_json(r.payload), r.attempts, None, r.status, r.last_error)
+            for r in conn.execute(query)]
+
+
+def retry_jobs(conn: Connection, now: datetime, ids: Sequence[int] | None = None) -> int:
+    """Dead jobs (all, or these ids) back to pending with a fresh attempt budget."""
+    stmt = sa.update(hook_jobs).where(hook_jobs.c.status == "dead")
+    if ids is not None:
+        stmt = stmt.where(hook_jobs.c.id.in_(ids))
+    return conn.execute(stmt.values(status="pending", attempts=0, available_at=now)).rowcount
+
+
+def delete_jobs(conn: Connection, ids: Sequence[int] | None = None) -> int:
+    """Purge dead jobs (all, or these ids); pending and running jobs are never purged."""
+    stmt = sa.delete(hook_jobs).where(hook_jobs.c.status == "dead")
+    if ids is not None:
+        stmt = stmt.where(hook_jobs.c.id.in_(ids))
+    return conn.execute(stmt).rowcount
+
+
+def _set(conn: Connection, job_id: int, **values: Any) -> None:
+    conn.execute(sa.update(hook_jobs).where(hook_jobs.c.id == job_id).values(**values))
