@@ -11,13 +11,16 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from clerk_sync import migrations
 from clerk_sync._logging import configure_logging
+from clerk_sync.cli.hooks import HOOKS_HELP, hooks_app, load_hooks, worker
 from clerk_sync.config import Settings
-from clerk_sync.errors import ClerkSyncError
+from clerk_sync.errors import ClerkSyncError, ConfigError
 from clerk_sync.store import Store
 
 __all__ = ["app", "main"]
 
 app = typer.Typer(help="Keep your SQL database in sync with Clerk.", no_args_is_help=True)
+app.add_typer(hooks_app, name="hooks")
+app.command()(worker)
 console = Console(stderr=True)
 
 
@@ -41,6 +44,7 @@ def serve(
     workers: Annotated[int, typer.Option(help="Worker processes (PostgreSQL for more than 1).")] = 1,
     migrate_first: Annotated[bool, typer.Option("--migrate/--no-migrate", help="Apply migrations first.")] = True,
     json_logs: Annotated[bool, typer.Option("--json-logs", help="Log JSON lines.")] = False,
+    hooks: Annotated[str | None, typer.Option(help=HOOKS_HELP + " Dispatched by a thread.")] = None,
 ) -> None:
     """Run the webhook sync service: POST /webhooks/clerk, /healthz, /readyz, /metrics."""
     import uvicorn
@@ -49,30 +53,43 @@ def serve(
 
     settings = _settings()
     configure_logging(settings.log_level, json=json_logs)
-    processor = build_processor(settings)  # fails here, once, on a missing/malformed secret
+    if hooks and workers > 1:
+        raise ConfigError("--hooks runs in one process: use --workers 1, or `clerk-sync worker --hooks` beside it")
+    store = Store.from_url(settings.sqlalchemy_url(), hooks=load_hooks(hooks) if hooks else ())
+    processor = build_processor(settings, store)  # fails here, once, on a missing/malformed secret
     if migrate_first:
         migrations.upgrade(processor.store.engine)
     console.print(f"clerk-sync serving on http://{host}:{port}/webhooks/clerk ({_safe(settings)})")
     if workers > 1:
         _serve_workers(host, port, workers)
     else:
+        from clerk_sync.hooks import Dispatcher
         from clerk_sync.integrations.starlette import create_app
 
-        uvicorn.run(create_app(settings, processor), host=host, port=port, log_level="warning")
+        dispatcher = Dispatcher(store) if store.hooks else None
+        if dispatcher is not None:
+            dispatcher.start()
+        try:
+            uvicorn.run(create_app(settings, processor), host=host, port=port, log_level="warning")
+        finally:
+            if dispatcher is not None:
+                dispatcher.stop()
 
 
 @app.command()
 def replay(
     status: Annotated[str, typer.Option(help="Replay deliveries with this status.")] = "failed",
     since: Annotated[str | None, typer.Option(help="Received at/after (ISO 8601, naive = UTC).")] = None,
+    with_hooks: Annotated[str | None, typer.Option(help="Fire these hooks for what the replay applies "
+                                                        "(module:attribute); by default none fire.")] = None,
 ) -> None:
     """Re-apply stored deliveries (after fixing what made them fail)."""
     from clerk_sync.cli._args import parse_since
     from clerk_sync.ingest import replay_deliveries
 
     settings = _settings()
-    store = Store.from_url(settings.sqlalchemy_url())
-    report = replay_deliveries(store, status=status, since=parse_since(since))
+    store = Store.from_url(settings.sqlalchemy_url(), hooks=load_hooks(with_hooks) if with_hooks else ())
+    report = replay_deliveries(store, status=status, since=parse_since(since), with_hooks=bool(with_hooks))
     store.dispose()
     console.print(f"replayed {report.total} deliveries: {report.by_status or 'none'}")
 
@@ -150,11 +167,14 @@ def users_promote(
 def reconcile(
     since: Annotated[str | None, typer.Option(help="Only users updated at/after this ISO time.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Write nothing; print the diff.")] = False,
+    with_hooks: Annotated[str | None, typer.Option(help="Fire these hooks for the repairs (module:attribute); "
+                                                        "by default none fire.")] = None,
 ) -> None:
     """Re-read Clerk (users, organizations, memberships) and repair drift; resumes after a kill."""
     from clerk_sync.cli.reconcile import reconcile_command
 
-    reconcile_command(_settings(), since=since, dry_run=dry_run, console=console)
+    hooks = load_hooks(with_hooks) if with_hooks else ()
+    reconcile_command(_settings(), since=since, dry_run=dry_run, console=console, hooks=hooks)
 
 
 @users_app.command("retry-pending")
