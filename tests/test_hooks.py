@@ -19,7 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from clerk_sync.changes import Change, Hook, describe
-from clerk_sync.engine import Entity
+from clerk_sync.engine import Entity, Upsert
+from clerk_sync.events import user_record
 from clerk_sync.hooks import Backoff, Dispatcher
 from clerk_sync.ingest import WebhookProcessor, replay_deliveries
 from clerk_sync.outbox import claim, delete_jobs, list_jobs, retry_jobs
@@ -168,18 +169,19 @@ def test_user_delete_cascades_to_membership_deleted_changes(db_url: str) -> None
 
 
 def test_a_failed_apply_leaves_no_job(hstore: Store) -> None:
-    with pytest.raises(RuntimeError), hstore.transaction() as writer:
-        writer.apply(f_upsert("user_1"))
-        assert writer.outbox is not None and len(writer.outbox.changes) == 1
-        raise RuntimeError("rolled back after the apply")
+    recorded: list[Change] = []
+
+    def apply_then_fail() -> None:
+        with hstore.transaction() as writer:
+            writer.apply(Upsert(Entity.USER, user_record(f.user("user_1", B + 1000))))
+            assert writer.outbox is not None
+            recorded.extend(writer.outbox.changes)
+            raise RuntimeError("rolled back after the apply")
+
+    with pytest.raises(RuntimeError):
+        apply_then_fail()
+    assert [c.type for c in recorded] == ["user.created"]
     assert jobs(hstore) == []
-
-
-def f_upsert(clerk_id: str, version: int = 1000, **kw: Any) -> Any:
-    from clerk_sync.engine import Upsert
-    from clerk_sync.events import user_record
-
-    return Upsert(Entity.USER, user_record(f.user(clerk_id, version, **kw)))
 
 
 # -- dispatch: retries, backoff, dead jobs, order per entity ---------------------------------------------
