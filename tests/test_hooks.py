@@ -24,11 +24,14 @@ from clerk_sync.events import user_record
 from clerk_sync.hooks import Backoff, Dispatcher
 from clerk_sync.ingest import WebhookProcessor, replay_deliveries
 from clerk_sync.outbox import claim, delete_jobs, list_jobs, retry_jobs
+from clerk_sync.reconcile import Reconciler
 from clerk_sync.store import Store, create_engine
 from clerk_sync.tables import hook_jobs, users
+from clerk_sync.testing import EmulatorServer
 from clerk_sync.webhooks import WebhookVerifier
 from tests import factories as f
 from tests._history import bodies, build_history, db_rows, specs
+from tests.conftest import clerk_client
 
 B = 1_800_000_000_000  # a realistic Clerk ms timestamp (small numbers read as seconds)
 
@@ -362,3 +365,17 @@ def test_every_applied_change_reaches_the_handler_once_per_key(db_url: str, step
     assert set(calls) == set(acted)  # every key a handler was called with was eventually acted on
     store.dispose()
 
+
+
+def test_reconcile_fires_hooks_only_when_asked(hstore: Store, emu: EmulatorServer) -> None:
+    ada = emu.create_user(email="ada@example.com", first_name="Ada")
+    emu.create_organization("Acme", created_by=ada["id"])  # with ada's membership
+    with clerk_client(emu) as clerk:
+        first = Reconciler(hstore, clerk, page_size=50).run()
+        assert (first.counts["users"].created, first.counts["organization_memberships"].created) == (1, 1)
+        assert jobs(hstore) == []  # repairs are not news: no welcome mail from a reconcile
+        with hstore.transaction() as writer:  # drift: the row went missing
+            writer.conn.execute(users.delete())
+        Reconciler(hstore, clerk, page_size=50, with_hooks=True).run()
+    # The organization and the membership were still mirrored: unchanged, so no job either.
+    assert [(j["type"], j["payload"]["clerk_id"]) for j in jobs(hstore)] == [("user.created", ada["id"])]

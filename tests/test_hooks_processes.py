@@ -166,3 +166,39 @@ def test_four_dispatchers_never_run_a_job_twice_at_once(db_url: str) -> None:
     assert all(versions == [B + 1000, B + 2000, B + 3000] for versions in handled.values())
     for s in [producer, *stores]:
         s.dispose()
+
+
+def test_cli_lists_retries_and_purges_dead_jobs(db_url: str) -> None:
+    def down(change: Change) -> None:
+        raise RuntimeError("smtp refused")
+
+    store = Store.from_url(db_url, hooks=[Hook("mail", down)])
+    deliver(store, f.envelope("user.created", f.user("user_1", B + 1000)),
+            f.envelope("user.created", f.user("user_2", B + 1000)))
+    Dispatcher(store, backoff=Backoff(max_attempts=1)).drain()
+    env = {"DATABASE_URL": db_url}
+
+    listed = run("hooks", "list", env=env)
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.strip().splitlines()
+    assert [line.split("\t")[1:4] for line in lines] == [["mail", "user.created", "user_1"],
+                                                           ["mail", "user.created", "user_2"]]
+    assert "RuntimeError: smtp refused" in lines[0]
+    first_id = lines[0].split("\t")[0]
+
+    refused = run("hooks", "purge", env=env)
+    assert refused.returncode == 2 and "--all" in refused.stderr
+    assert "1 dead job(s) queued again" in run("hooks", "retry", first_id, env=env).stdout
+    assert "1 dead job(s) purged" in run("hooks", "purge", "--all", env=env).stdout
+    with store.connect() as conn:
+        assert list(conn.execute(sa.select(hook_jobs.c.status, hook_jobs.c.attempts))) == [("pending", 0)]
+    store.dispose()
+
+
+def test_worker_names_a_bad_hooks_spec(tmp_path: Path) -> None:
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}"}
+    for spec, message in (("nocolon", "expected module:attribute"), ("tests.nope:HOOKS", "No module named"),
+                          ("tests._hook_worker:meta", "non-empty list of clerk_sync.changes.Hook")):
+        result = run("worker", "--hooks", spec, "--once", env={**env, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+        assert result.returncode == 2
+        assert message in " ".join(result.stderr.split()), result.stderr

@@ -26,7 +26,6 @@ __all__ = ["HOOKS_HELP", "hooks_app", "load_hooks", "worker"]
 
 HOOKS_HELP = "Your hooks, as module:attribute (a list of Hook, or a function returning one)."
 hooks_app = typer.Typer(help="Inspect and repair the after-commit hook queue (dead jobs).", no_args_is_help=True)
-_out = Console(soft_wrap=True)
 
 
 def load_hooks(spec: str) -> list[Hook]:
@@ -87,13 +86,13 @@ def list_command(
     status: Annotated[str, typer.Option(help="dead, pending or running.")] = "dead",
     limit: Annotated[int, typer.Option(help="At most this many.")] = 50,
 ) -> None:
-    """List queued hook jobs (dead ones by default) with their last error."""
+    """List queued hook jobs (dead ones by default), tab-separated: id, hook, type, Clerk id, attempts, error."""
     store = _store()
     with store.connect() as conn:
         jobs = list_jobs(conn, status=status, limit=limit)
     store.dispose()
     for job in jobs:
-        _out.print(f"{job.id}\t{job.hook}\t{job.change.type}\t{job.change.clerk_id}\tattempts={job.attempts}"
+        typer.echo(f"{job.id}\t{job.hook}\t{job.change.type}\t{job.change.clerk_id}\tattempts={job.attempts}"
                    f"\t{job.last_error or ''}")
     Console(stderr=True).print(f"{len(jobs)} {status} job(s)")
 
@@ -108,7 +107,7 @@ def retry_command(
     with store.transaction() as writer:
         count = retry_jobs(writer.conn, datetime.now(UTC), _ids(ids, all_, "retry"))
     store.dispose()
-    _out.print(f"{count} dead job(s) queued again")
+    typer.echo(f"{count} dead job(s) queued again")
 
 
 @hooks_app.command("purge")
@@ -121,4 +120,4 @@ def purge_command(
     with store.transaction() as writer:
         count = delete_jobs(writer.conn, _ids(ids, all_, "purge"))
     store.dispose()
-    _out.print(f"{count} dead job(s) purged")
+    typer.echo(f"{count} dead job(s) purged")
