@@ -26,6 +26,7 @@ LAYERS: dict[str, int] = {
     "clerk_sync.store": 1,
     "clerk_sync.migrations": 1,
     "clerk_sync.outbox": 1,
+    "clerk_sync.mapping": 1,
     "clerk_sync.webhooks": 2,  # services that talk to one outside party
     "clerk_sync.clerk_api": 2,
     "clerk_sync.ingest": 3,  # services built on those

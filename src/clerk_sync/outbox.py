@@ -26,6 +26,7 @@ from sqlalchemy.engine import Connection
 from clerk_sync.changes import Change, Hook
 from clerk_sync.engine import Entity
 from clerk_sync.events import MembershipRecord, OrganizationRecord, UserRecord
+from clerk_sync.mapping import SchemaMapping
 from clerk_sync.tables import hook_jobs, organization_memberships, organizations, users
 
 __all__ = ["Job", "Outbox", "claim", "delete_jobs", "fail", "finish", "list_jobs", "retry_jobs"]
@@ -44,12 +45,15 @@ FIELDS: dict[Entity, list[str]] = {
 
 
 class Outbox:
-    """The hook side of one unit of work; ``changes`` lists what it recorded, in order."""
+    """Where the applied changes of one unit of work go: the app's mapped tables (projected at once,
+    :mod:`clerk_sync.mapping`) and the hook jobs. ``changes`` lists what it recorded, in order."""
 
-    def __init__(self, conn: Connection, now: datetime, hooks: Sequence[Hook]) -> None:
+    def __init__(self, conn: Connection, now: datetime, hooks: Sequence[Hook],
+                 mapping: SchemaMapping | None = None) -> None:
         self.conn = conn
         self.now = now
         self.hooks = hooks
+        self.mapping = mapping
         self.changes: list[Change] = []
 
     def before(self, entity: Entity, clerk_id: str) -> JSON | None:
@@ -65,6 +69,8 @@ class Outbox:
         if change is None:
             return
         self.changes.append(change)
+        if self.mapping is not None:
+            self.mapping.project(self.conn, self.now, change)
         rows = [self._job(hook.name, change) for hook in self.hooks if hook.wants(change)]
         if rows:
             self.conn.execute(hook_jobs.insert(), rows)

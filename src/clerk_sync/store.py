@@ -27,6 +27,7 @@ from clerk_sync.changes import Hook, describe
 from clerk_sync.engine import Entity, Record, RevokeSession, Tombstone, Upsert
 from clerk_sync.errors import StoreDataError, StoreError
 from clerk_sync.events import MembershipRecord, OrganizationRecord, UserRecord
+from clerk_sync.mapping import SchemaMapping
 from clerk_sync.outbox import Outbox
 from clerk_sync.tables import (
     Timestamp,
@@ -93,12 +94,14 @@ def _tune_sqlite(engine: Engine) -> None:
 class Writer:
     """The write operations of one unit of work, bound to an open transaction."""
 
-    def __init__(self, conn: Connection, now: datetime, *, hooks: Sequence[Hook] = ()) -> None:
+    def __init__(self, conn: Connection, now: datetime, *, hooks: Sequence[Hook] = (),
+                 mapping: SchemaMapping | None = None) -> None:
         self.conn = conn
         self.now = now
         self._pg = conn.dialect.name == "postgresql"
-        # hooks: applied changes go to the outbox in this transaction (None: no hooks, no extra reads)
-        self.outbox = Outbox(conn, now, hooks) if hooks else None
+        # Applied changes go to the app's mapped tables and the hook outbox, in this transaction
+        # (None: neither is configured, so no extra reads).
+        self.outbox = Outbox(conn, now, hooks, mapping) if hooks or mapping else None
 
     # -- inbox ---------------------------------------------------------------------------------
     def record_delivery(self, svix_id: str, payload: dict[str, Any] | str, *, event_type: str,
@@ -356,10 +359,12 @@ def _store_error(exc: sa.exc.SQLAlchemyError) -> StoreError:
 class Store:
     """Owns the engine; hands out one :class:`Writer` per transaction."""
 
-    def __init__(self, engine: Engine, *, now: Clock = _utcnow, hooks: Sequence[Hook] = ()) -> None:
+    def __init__(self, engine: Engine, *, now: Clock = _utcnow, hooks: Sequence[Hook] = (),
+                 mapping: SchemaMapping | None = None) -> None:
         self.engine = engine
         self._now = now
         self.hooks = _checked_hooks(hooks)  # every unit of work queues their jobs (clerk_sync.outbox)
+        self.mapping = mapping  # and writes the app's own tables (clerk_sync.mapping)
         # SQLite has one writer; queueing our own threads on a lock is fair and immediate, where
         # SQLite's busy handler sleeps and polls (a 0.4-0.6 s p99 tail at 16 senders).
         self._writers: AbstractContextManager[Any] = (
@@ -367,15 +372,16 @@ class Store:
         )
 
     @classmethod
-    def from_url(cls, url: str, *, hooks: Sequence[Hook] = (), **engine_kwargs: Any) -> Store:
-        return cls(create_engine(url, **engine_kwargs), hooks=hooks)
+    def from_url(cls, url: str, *, hooks: Sequence[Hook] = (), mapping: SchemaMapping | None = None,
+                 **engine_kwargs: Any) -> Store:
+        return cls(create_engine(url, **engine_kwargs), hooks=hooks, mapping=mapping)
 
     @contextmanager
     def transaction(self) -> Iterator[Writer]:
         """One unit of work: commit on success, roll back on any error; DB errors become StoreError."""
         try:
             with self._writers, self.engine.begin() as conn:
-                yield Writer(conn, self._now(), hooks=self.hooks)
+                yield Writer(conn, self._now(), hooks=self.hooks, mapping=self.mapping)
         except sa.exc.SQLAlchemyError as exc:
             raise _store_error(exc) from exc
 
@@ -389,7 +395,7 @@ class Store:
             raise _store_error(exc) from exc
 
     def without_hooks(self) -> Store:
-        """The same store (engine, clock, writer lock) queueing no hook jobs: replay, reconcile."""
+        """The same store (engine, clock, writer lock, mapping) queueing no hook jobs: replay, reconcile."""
         twin = copy.copy(self)
         twin.hooks = ()
         return twin
