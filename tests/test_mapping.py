@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,6 +32,7 @@ from clerk_sync.store import Store
 from clerk_sync.webhooks import WebhookVerifier
 from tests import factories as f
 from tests._history import bodies, build_history, db_rows, specs
+from tests.test_cli import run
 from tests.test_hooks import B, deliver, jobs
 
 POLICIES: list[DeletePolicy] = [SoftDelete("deleted_at"), Deactivate("is_active"), Anonymise(), HardDelete()]
@@ -254,3 +256,27 @@ def test_every_delete_policy_and_the_membership_cascade(app_db: str, policy: Del
 def policy_live(policy: DeletePolicy) -> bool | None:
     """What the deactivate column holds on a live row: True under Deactivate, else never written."""
     return True if isinstance(policy, Deactivate) else None
+
+
+_APP_MODULE = """
+from clerk_sync.mapping import MappedTable, SchemaMapping, SoftDelete
+MAPPING = SchemaMapping(users=MappedTable("accounts", "clerk_user_id", {"email": "email"}, SoftDelete("deleted_at")))
+"""
+
+
+def test_migrate_and_doctor_with_a_mapping_on_the_command_line(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'app.db'}"
+    engine = sa.create_engine(url)
+    app_meta.create_all(engine, tables=[accounts])
+    (tmp_path / "appmap.py").write_text(_APP_MODULE)
+    env = {"DATABASE_URL": url, "PYTHONPATH": str(tmp_path)}
+
+    before = run("doctor", "--mapping", "appmap:MAPPING", env=env)
+    assert "FAIL  mapping: accounts.clerk_user_id is missing: run `clerk-sync migrate --mapping" in before.stdout
+    migrated = run("migrate", "--mapping", "appmap:MAPPING", env=env)
+    assert migrated.returncode == 0, migrated.stderr
+    assert "mapping: added accounts.clerk_user_id" in " ".join(migrated.stderr.split())
+    after = run("doctor", "--mapping", "appmap:MAPPING", env=env)
+    assert "ok    mapping: accounts match the mapping" in after.stdout
+    assert {c["name"] for c in sa.inspect(engine).get_columns("accounts")} >= {"clerk_user_id", "deleted_at"}
+    engine.dispose()

@@ -10,6 +10,7 @@ import httpx
 from clerk_sync import migrations
 from clerk_sync.config import Settings
 from clerk_sync.errors import ClerkSyncError
+from clerk_sync.mapping import SchemaMapping, check_schema
 from clerk_sync.store import Store
 
 __all__ = ["Check", "run_checks"]
@@ -24,11 +25,12 @@ class Check:
     detail: str
 
 
-def run_checks(settings: Settings, *, http: httpx.Client | None = None) -> list[Check]:
+def run_checks(settings: Settings, *, http: httpx.Client | None = None,
+               mapping: SchemaMapping | None = None) -> list[Check]:
     """Run every check; one failing check never hides the others."""
     client = http or httpx.Client(timeout=5)
     try:
-        return [_guard(name, fn) for name, fn in (
+        checks = [_guard(name, fn) for name, fn in (
             ("webhook secret", lambda: _webhook_secret(settings)),
             ("database", lambda: _database(settings)),
             ("Clerk Backend API", lambda: _clerk_api(settings, client)),
@@ -37,6 +39,21 @@ def run_checks(settings: Settings, *, http: httpx.Client | None = None) -> list[
     finally:
         if http is None:
             client.close()
+    return checks + (_mapping_checks(settings, mapping) if mapping is not None else [])
+
+
+def _mapping_checks(settings: Settings, mapping: SchemaMapping) -> list[Check]:
+    """One line per problem of the mapped tables (clerk_sync.mapping.check_schema), or one ok."""
+    store = Store.from_url(settings.sqlalchemy_url())
+    try:
+        with store.connect() as conn:
+            problems = check_schema(conn, mapping)
+    except ClerkSyncError as exc:
+        return [Check("mapping", "fail", str(exc))]
+    finally:
+        store.dispose()
+    tables = ", ".join(t.table for t in mapping.tables.values())
+    return [Check("mapping", s, p) for s, p in problems] or [Check("mapping", "ok", f"{tables} match the mapping")]
 
 
 def _guard(name: str, fn: Callable[[], tuple[str, str]]) -> Check:

@@ -19,29 +19,44 @@ from rich.console import Console
 from clerk_sync.changes import Hook
 from clerk_sync.config import Settings
 from clerk_sync.errors import ConfigError
+from clerk_sync.mapping import SchemaMapping
 from clerk_sync.outbox import delete_jobs, list_jobs, retry_jobs
 from clerk_sync.store import Store
 
-__all__ = ["HOOKS_HELP", "hooks_app", "load_hooks", "worker"]
+__all__ = ["HOOKS_HELP", "MAPPING_HELP", "hooks_app", "load_hooks", "load_mapping", "worker"]
 
 HOOKS_HELP = "Your hooks, as module:attribute (a list of Hook, or a function returning one)."
+MAPPING_HELP = "Your tables' mapping, as module:attribute (a SchemaMapping, or a function returning one)."
 hooks_app = typer.Typer(help="Inspect and repair the after-commit hook queue (dead jobs).", no_args_is_help=True)
+
+
+def _load(option: str, spec: str) -> Any:
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"{option} {spec!r}: expected module:attribute, e.g. myapp.clerk:VALUE")
+    try:
+        value: Any = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"{option} {spec!r}: {exc} (is the module on PYTHONPATH?)") from None
+    return value() if callable(value) and not isinstance(value, SchemaMapping) else value
 
 
 def load_hooks(spec: str) -> list[Hook]:
     """Import ``module:attribute`` and return its hooks; every mistake is a :class:`ConfigError`."""
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise ConfigError(f"--hooks {spec!r}: expected module:attribute, e.g. myapp.hooks:HOOKS")
-    try:
-        value: Any = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"--hooks {spec!r}: {exc} (is the module on PYTHONPATH?)") from None
-    if callable(value):
-        value = value()
+    value = _load("--hooks", spec)
     if not isinstance(value, Sequence) or not value or not all(isinstance(h, Hook) for h in value):
         raise ConfigError(f"--hooks {spec!r} must be a non-empty list of clerk_sync.changes.Hook")
     return list(value)
+
+
+def load_mapping(spec: str | None) -> SchemaMapping | None:
+    """Import ``module:attribute`` and return its :class:`SchemaMapping` (None when ``spec`` is None)."""
+    if spec is None:
+        return None
+    value = _load("--mapping", spec)
+    if not isinstance(value, SchemaMapping):
+        raise ConfigError(f"--mapping {spec!r} must be a clerk_sync.mapping.SchemaMapping")
+    return value
 
 
 def worker(

@@ -11,7 +11,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from clerk_sync import migrations
 from clerk_sync._logging import configure_logging
-from clerk_sync.cli.hooks import HOOKS_HELP, hooks_app, load_hooks, worker
+from clerk_sync.cli.hooks import HOOKS_HELP, MAPPING_HELP, hooks_app, load_hooks, load_mapping, worker
 from clerk_sync.config import Settings
 from clerk_sync.errors import ClerkSyncError, ConfigError
 from clerk_sync.store import Store
@@ -29,12 +29,22 @@ def _settings() -> Settings:
 
 
 @app.command()
-def migrate() -> None:
+def migrate(
+    mapping: Annotated[str | None, typer.Option(help=MAPPING_HELP + " Adds its Clerk-id and delete columns.")] = None,
+) -> None:
     """Apply database migrations (DATABASE_URL)."""
+    from clerk_sync.mapping import migrate_schema
+
     settings = _settings()
+    schema = load_mapping(mapping)
     store = Store.from_url(settings.sqlalchemy_url())
     migrations.upgrade(store.engine)
     console.print(f"[green]migrations current[/] ({migrations.head_revision()}) on {_safe(settings)}")
+    if schema is not None:
+        with store.engine.begin() as conn:
+            for line in migrate_schema(conn, schema) or ["mapped tables already have what the mapping needs"]:
+                console.print(f"mapping: {line}")
+    store.dispose()
 
 
 @app.command()
@@ -45,6 +55,7 @@ def serve(
     migrate_first: Annotated[bool, typer.Option("--migrate/--no-migrate", help="Apply migrations first.")] = True,
     json_logs: Annotated[bool, typer.Option("--json-logs", help="Log JSON lines.")] = False,
     hooks: Annotated[str | None, typer.Option(help=HOOKS_HELP + " Dispatched by a thread.")] = None,
+    mapping: Annotated[str | None, typer.Option(help=MAPPING_HELP)] = None,
 ) -> None:
     """Run the webhook sync service: POST /webhooks/clerk, /healthz, /readyz, /metrics."""
     import uvicorn
@@ -53,9 +64,10 @@ def serve(
 
     settings = _settings()
     configure_logging(settings.log_level, json=json_logs)
-    if hooks and workers > 1:
-        raise ConfigError("--hooks runs in one process: use --workers 1, or `clerk-sync worker --hooks` beside it")
-    store = Store.from_url(settings.sqlalchemy_url(), hooks=load_hooks(hooks) if hooks else ())
+    if (hooks or mapping) and workers > 1:
+        raise ConfigError("--hooks/--mapping run in one process: use --workers 1 (and `clerk-sync worker` beside it)")
+    store = Store.from_url(settings.sqlalchemy_url(), hooks=load_hooks(hooks) if hooks else (),
+                           mapping=load_mapping(mapping))
     processor = build_processor(settings, store)  # fails here, once, on a missing/malformed secret
     if migrate_first:
         migrations.upgrade(processor.store.engine)
@@ -82,13 +94,15 @@ def replay(
     since: Annotated[str | None, typer.Option(help="Received at/after (ISO 8601, naive = UTC).")] = None,
     with_hooks: Annotated[str | None, typer.Option(help="Fire these hooks for what the replay applies "
                                                         "(module:attribute); by default none fire.")] = None,
+    mapping: Annotated[str | None, typer.Option(help=MAPPING_HELP)] = None,
 ) -> None:
     """Re-apply stored deliveries (after fixing what made them fail)."""
     from clerk_sync.cli._args import parse_since
     from clerk_sync.ingest import replay_deliveries
 
     settings = _settings()
-    store = Store.from_url(settings.sqlalchemy_url(), hooks=load_hooks(with_hooks) if with_hooks else ())
+    store = Store.from_url(settings.sqlalchemy_url(), hooks=load_hooks(with_hooks) if with_hooks else (),
+                           mapping=load_mapping(mapping))
     report = replay_deliveries(store, status=status, since=parse_since(since), with_hooks=bool(with_hooks))
     store.dispose()
     console.print(f"replayed {report.total} deliveries: {report.by_status or 'none'}")
@@ -169,12 +183,14 @@ def reconcile(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Write nothing; print the diff.")] = False,
     with_hooks: Annotated[str | None, typer.Option(help="Fire these hooks for the repairs (module:attribute); "
                                                         "by default none fire.")] = None,
+    mapping: Annotated[str | None, typer.Option(help=MAPPING_HELP)] = None,
 ) -> None:
     """Re-read Clerk (users, organizations, memberships) and repair drift; resumes after a kill."""
     from clerk_sync.cli.reconcile import reconcile_command
 
     hooks = load_hooks(with_hooks) if with_hooks else ()
-    reconcile_command(_settings(), since=since, dry_run=dry_run, console=console, hooks=hooks)
+    reconcile_command(_settings(), since=since, dry_run=dry_run, console=console, hooks=hooks,
+                      mapping=load_mapping(mapping))
 
 
 @users_app.command("retry-pending")
@@ -213,11 +229,13 @@ def _serve_workers(host: str, port: int, workers: int) -> None:
 
 
 @app.command()
-def doctor() -> None:
+def doctor(
+    mapping: Annotated[str | None, typer.Option(help=MAPPING_HELP + " Checked against the live schema.")] = None,
+) -> None:
     """Check the configuration end to end: settings, database, migrations, Clerk API, session keys."""
     from clerk_sync.cli.doctor import run_checks
 
-    results = run_checks(_settings())
+    results = run_checks(_settings(), mapping=load_mapping(mapping))
     out = Console(soft_wrap=True)  # the report is the command's output: stdout, one line per check
     for check in results:
         mark = {"ok": "[green]ok  [/]", "warn": "[yellow]warn[/]", "fail": "[red]FAIL[/]"}[check.status]

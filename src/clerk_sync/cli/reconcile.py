@@ -11,6 +11,7 @@ from typing import Any
 from clerk_sync.changes import Hook
 from clerk_sync.clerk_api import ClerkClient
 from clerk_sync.cli._args import parse_since
+from clerk_sync.mapping import SchemaMapping
 from clerk_sync.reconcile import Change, Reconciler, ReconcileReport
 from clerk_sync.store import Store
 
@@ -21,7 +22,7 @@ _MARKS = {"create": "[green]+[/]", "update": "[yellow]~[/]", "delete": "[red]-[/
 
 
 def reconcile_command(settings: Any, *, since: str | None, dry_run: bool, console: Any,
-                      hooks: Sequence[Hook] = ()) -> ReconcileReport:
+                      hooks: Sequence[Hook] = (), mapping: SchemaMapping | None = None) -> ReconcileReport:
     """``clerk-sync reconcile``: a Rich progress bar on ``console`` (stderr), the diff (dry run) and the
     summary on stdout. ``hooks`` fire for the repairs (``--with-hooks``)."""
     from rich.console import Console
@@ -30,7 +31,7 @@ def reconcile_command(settings: Any, *, since: str | None, dry_run: bool, consol
 
     out = Console()
 
-    store = Store.from_url(settings.sqlalchemy_url(), hooks=hooks)
+    store = Store.from_url(settings.sqlalchemy_url(), hooks=hooks, mapping=mapping)
     shown = [0]
 
     def show(change: Change) -> None:
