@@ -121,7 +121,7 @@ def claim(conn: Connection, now: datetime, *, lease: timedelta, limit: int, max_
 
 
 def finish(conn: Connection, job: Job) -> bool:
-    """Delete a job that ran; False if the claim was lost (lease expired and another worker took it)."""
+    """Delete a job that ran; False if the claim was lost (its lease expired and another worker took it)."""
     result = conn.execute(sa.delete(hook_jobs).where(hook_jobs.c.id == job.id, hook_jobs.c.claim_token == job.token))
     return result.rowcount == 1
 

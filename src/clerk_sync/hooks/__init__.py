@@ -76,8 +76,12 @@ class Dispatcher:
         with self.store.transaction() as writer:
             jobs = claim(writer.conn, self._now(), lease=self.lease, limit=self.batch,
                          max_attempts=self.backoff.max_attempts)
-        for job in jobs:
-            self._run(job)
+        done = [job for job in jobs if self._run(job)]
+        if done:  # one transaction for the batch's successes (a crash before it re-runs them: at least once)
+            with self.store.transaction() as writer:
+                lost = [job.id for job in done if not finish(writer.conn, job)]
+            if lost:
+                log.warning("hook claims lost (lease expired while running; raise lease_s)", jobs=lost)
         return len(jobs)
 
     def drain(self, max_batches: int = 1000) -> int:
@@ -90,7 +94,8 @@ class Dispatcher:
                 break
         return total
 
-    def _run(self, job: Job) -> None:
+    def _run(self, job: Job) -> bool:
+        """Call the job's handler; True when it succeeded (the failure is recorded otherwise)."""
         handler = self._handlers.get(job.hook)
         started = time.perf_counter()
         try:
@@ -100,11 +105,10 @@ class Dispatcher:
             handler(job.change)
         except Exception as exc:
             self._failed(job, exc, final=handler is None)
-            return
-        with self.store.transaction() as writer:
-            kept = finish(writer.conn, job)
-        log.info("hook", hook=job.hook, type=job.change.type, job=job.id, attempt=job.attempts,
-                 ms=round((time.perf_counter() - started) * 1000, 1), claim_lost=not kept)
+            return False
+        log.debug("hook", hook=job.hook, type=job.change.type, job=job.id, attempt=job.attempts,
+                  ms=round((time.perf_counter() - started) * 1000, 1))
+        return True
 
     def _failed(self, job: Job, exc: Exception, *, final: bool) -> None:
         error = f"{type(exc).__name__}: {exc}"
