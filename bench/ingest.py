@@ -8,7 +8,9 @@ in the same run and alternating so machine noise hits them alike:
 
 * ``service``  -- ``clerk-sync serve`` (one uvicorn worker), plus ``service --workers 2`` on PostgreSQL;
 * ``seed``     -- bench/seed_handler.py, the tutorial-style FastAPI + svix + ORM handler;
-* ``pgbench``  -- ``pgbench -N`` at the same client count (PostgreSQL only): the durable-commit ceiling.
+* ``pgbench``  -- ``pgbench -N`` at the same client count (PostgreSQL only): the durable-commit ceiling;
+* ``mapped``   -- ``serve --mapping --hooks`` (bench/_bench_mapped.py): users also written into an app
+                  ``accounts`` table, and one hook on user changes (outbox row + dispatcher thread).
 
 Every cell gets a fresh schema (PostgreSQL) or file (SQLite) and a fresh server process. The load
 generator (bench/_loadgen.py) is a separate process with raw asyncio streams and pre-signed requests.
@@ -168,7 +170,9 @@ SYSTEM_NAMES = {
     ("service", 2): "service --workers 2",
     ("seed", 1): "seed",
     ("floor", 1): "HTTP floor (no-op Starlette)",
+    ("mapped", 1): "service + mapped table + hook",
 }
+MAPPED_TARGET = 0.8  # issue 11: the mapped + hook service within 20 % of the contract-table service
 
 
 def http_cell(system: str, store_kind: str, conc: int, cfg: argparse.Namespace, corpus: Path,
@@ -183,6 +187,12 @@ def http_cell(system: str, store_kind: str, conc: int, cfg: argparse.Namespace, 
         env["DATABASE_URL"] = store.url  # type: ignore[union-attr]
         cmd = [str(VENV_BIN / "clerk-sync"), "serve", "--host", "127.0.0.1", "--port", str(port),
                "--workers", str(workers)]
+    elif system == "mapped":
+        env.update(DATABASE_URL=store.url, PYTHONPATH=str(BENCH))  # type: ignore[union-attr]
+        spec = ["--mapping", "_bench_mapped:mapping"]
+        subprocess.run([str(VENV_BIN / "clerk-sync"), "migrate", *spec], env=env, check=True, capture_output=True)
+        cmd = [str(VENV_BIN / "clerk-sync"), "serve", "--host", "127.0.0.1", "--port", str(port), *spec,
+               "--hooks", "_bench_mapped:hooks"]
     elif system == "seed":
         env["SEED_DATABASE_URL"] = store.url  # type: ignore[union-attr]
         cmd = [PY, *uvicorn_app, "seed_handler:app"]
@@ -212,8 +222,11 @@ def http_cell(system: str, store_kind: str, conc: int, cfg: argparse.Namespace, 
             stop(proc)
     if store is not None:
         try:
-            if system.startswith("service"):
+            if system.startswith("service") or system == "mapped":
                 rows = store.query("SELECT status, count(*) FROM webhook_events GROUP BY status ORDER BY 1")
+                if system == "mapped":
+                    rows += [("accounts", store.query("SELECT count(*) FROM accounts")[0][0]),
+                             ("hook_jobs left", store.query("SELECT count(*) FROM hook_jobs")[0][0])]
             else:
                 rows = [("seed_users", store.query("SELECT count(*) FROM seed_users")[0][0])]
             result["db_rows"] = {str(k): int(v) for k, v in rows}
@@ -390,7 +403,7 @@ def render(results: list[dict[str, Any]], cfg: argparse.Namespace, notes: list[s
     head = ("| store | senders | system | deliveries/s | p50 ms | p99 ms | non-2xx | service/seed | "
             "service/pgbench | app CPU ms/req | PG CPU ms/req | machine busy | foreign |")
     rows = [head, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    order = ["service", "service --workers 2", "seed", "pgbench -N"]
+    order = ["service", "service + mapped table + hook", "service --workers 2", "seed", "pgbench -N"]
     for store in ("postgres", "sqlite"):
         for conc in CONCURRENCY:
             seed = by.get((store, "seed", conc))
@@ -434,6 +447,15 @@ def render(results: list[dict[str, Any]], cfg: argparse.Namespace, notes: list[s
             f"| {conc} | {fmt(f['tps'])} | {fmt(f['p50_ms'], 2)} | {fmt(f['p99_ms'], 2)} | "
             f"{fmt(f.get('cpu_ms_per_req', {}).get('server'), 2)} | {svc_share} | {seed_share} | {need_share} |")
     floor_table = "\n".join(floor_rows)
+    mapped_rows = ["| store | senders | service/s | + mapped table + hook /s | ratio | within 20 %? |",
+                   "|---|---:|---:|---:|---:|---|"]
+    for store in ("postgres", "sqlite"):
+        for conc in CONCURRENCY:
+            base, mapped = by.get((store, "service", conc)), by.get((store, "service + mapped table + hook", conc))
+            if base and mapped and base["tps"]:
+                ratio = mapped["tps"] / base["tps"]
+                mapped_rows.append(f"| {store} | {conc} | {fmt(base['tps'])} | {fmt(mapped['tps'])} | {ratio:.0%} | "
+                                   f"{'yes' if ratio >= MAPPED_TARGET else 'NO'} |")
 
     svc, seed, pgb = (by.get(("postgres", s, 16)) for s in ("service", "seed", "pgbench -N"))
     checks = []
@@ -505,6 +527,11 @@ def render(results: list[dict[str, Any]], cfg: argparse.Namespace, notes: list[s
         "Targets:",
         "",
         *tgt,
+        "",
+        "Mapped table + one hook (issue 11; users also projected into an app `accounts` table, one outbox row "
+        "per user change, dispatched by the in-process thread):",
+        "",
+        *mapped_rows,
         *(["", "<details><summary>py-spy profile of the service (1 worker, PostgreSQL, 16 senders; "
            "--gil: where the interpreter spends its time)</summary>", "", profile_md, "", "</details>"]
           if profile_md else []),
@@ -525,6 +552,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=0,
                     help="measure every cell this many times, keep the best throughput (default 2; quick 1)")
     ap.add_argument("--no-write", action="store_true", help="don't touch BENCHMARKS.md")
+    ap.add_argument("--systems", default="", help="only these, comma-separated: service,mapped,seed,pgbench,floor")
     cfg = ap.parse_args()
     cfg.warmup, cfg.duration = (1.0, 3.0) if cfg.quick else (1.5, 9.0)
     cfg.corpus_size = 15_000 if cfg.quick else 40_000
@@ -547,7 +575,7 @@ def main() -> None:
             flip = rnd % 2 == 1
             for conc in CONCURRENCY:
                 for store in ("postgres", "sqlite"):
-                    plan: list[tuple[str, int]] = [("service", 1), ("seed", 1)]
+                    plan: list[tuple[str, int]] = [("service", 1), ("mapped", 1), ("seed", 1)]
                     if flip:
                         plan.reverse()
                     flip = not flip
@@ -555,6 +583,8 @@ def main() -> None:
                         plan[1:1] = [("pgbench", 0), ("floor", 1)]
                         plan += [("service", 2)]
                     for system, workers in plan:
+                        if cfg.systems and system not in cfg.systems.split(","):
+                            continue
                         name = "pgbench -N" if system == "pgbench" else SYSTEM_NAMES[(system, workers)]
                         print(f"  {store if system != 'floor' else '-':8} c={conc:<2} {name} ...",
                               end="", flush=True, file=sys.stderr)

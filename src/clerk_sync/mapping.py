@@ -146,39 +146,49 @@ class SchemaMapping:
         for entity, mapped in self.tables.items():
             if mapped.link_by_email and entity is not Entity.USER:
                 raise ValueError(f"{mapped.table}: link_by_email applies to users only")
-        self._reflected: dict[tuple[int, str], sa.Table] = {}
+        self._projections: dict[tuple[int, Entity], _Projection] = {}
 
     def table(self, conn: Connection, name: str) -> sa.Table:
-        """The app's table as the database has it (reflected once per engine)."""
-        key = (id(conn.engine), name)
-        if key not in self._reflected:
-            self._reflected[key] = sa.Table(name, sa.MetaData(), autoload_with=conn)
-        return self._reflected[key]
+        """The app's table as the database has it (reflected)."""
+        return sa.Table(name, sa.MetaData(), autoload_with=conn)
 
     def project(self, conn: Connection, now: datetime, change: Change) -> None:
         """Write ``change`` into the mapped table, inside the caller's transaction."""
         mapped = self.tables.get(change.entity)
-        if mapped is not None:
-            _Projection(self.table(conn, mapped.table), mapped, conn, now).apply(change)
+        if mapped is None:
+            return
+        key = (id(conn.engine), change.entity)  # reflected, and statements built, once per engine
+        if key not in self._projections:
+            self._projections[key] = _Projection(self.table(conn, mapped.table), mapped)
+        self._projections[key].apply(conn, now, change)
 
 
 class _Projection:
-    def __init__(self, table: sa.Table, mapped: MappedTable, conn: Connection, now: datetime) -> None:
-        self.t, self.m, self.conn, self.now = table, mapped, conn, now
-        self.key = table.c[mapped.clerk_id_column]
+    """The statements for one mapped table, built once (bound parameters, no per-call construct)."""
 
-    def apply(self, change: Change) -> None:
+    def __init__(self, table: sa.Table, mapped: MappedTable) -> None:
+        self.t, self.m, self.columns = table, mapped, mapped.resolved()
+        self.key = table.c[mapped.clerk_id_column]
+        self.fixed: JSON = {}  # what a live row's delete-policy column holds
+        if isinstance(mapped.on_delete, SoftDelete):
+            self.fixed[mapped.on_delete.column] = None
+        elif isinstance(mapped.on_delete, Deactivate):
+            self.fixed[mapped.on_delete.column] = True
+        names = [*self.columns, *self.fixed]
+        self.update = sa.update(table).where(self.key == sa.bindparam("_clerk_id")).values(
+            {n: sa.bindparam(n, type_=table.c[n].type) for n in names})
+        self.insert = sa.insert(table).values(
+            {n: sa.bindparam(n, type_=table.c[n].type) for n in names} | {self.key.name: sa.bindparam("_clerk_id")})
+
+    def apply(self, conn: Connection, now: datetime, change: Change) -> None:
+        self.conn, self.now = conn, now
         if change.kind == "deleted":
             self._delete(change.clerk_id)
             return
-        values = {name: col.value(change.values) for name, col in self.m.resolved().items()}
-        if isinstance(self.m.on_delete, SoftDelete):
-            values[self.m.on_delete.column] = None
-        elif isinstance(self.m.on_delete, Deactivate):
-            values[self.m.on_delete.column] = True
-        updated = self.conn.execute(sa.update(self.t).where(self.key == change.clerk_id).values(**values))
-        if updated.rowcount == 0 and not self._link(change, values):
-            self.conn.execute(sa.insert(self.t).values(**values, **{self.key.name: change.clerk_id}))
+        values = {name: col.value(change.values) for name, col in self.columns.items()} | self.fixed
+        params = values | {"_clerk_id": change.clerk_id}
+        if conn.execute(self.update, params).rowcount == 0 and not self._link(change, values):
+            conn.execute(self.insert, params)
 
     def _link(self, change: Change, values: JSON) -> bool:
         email = change.values.get("email")
@@ -207,7 +217,7 @@ class _Projection:
         elif isinstance(policy, Deactivate):
             self.conn.execute(sa.update(self.t).where(where).values(**{policy.column: False}))
         else:
-            personal = {name: None for name, col in self.m.resolved().items() if col.personal}
+            personal = {name: None for name, col in self.columns.items() if col.personal}
             if personal:
                 self.conn.execute(sa.update(self.t).where(where).values(**personal))
 
