@@ -552,7 +552,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=0,
                     help="measure every cell this many times, keep the best throughput (default 2; quick 1)")
     ap.add_argument("--no-write", action="store_true", help="don't touch BENCHMARKS.md")
-    ap.add_argument("--systems", default="", help="only these, comma-separated: service,mapped,seed,pgbench,floor")
+    ap.add_argument("--systems", default="", help="only these, comma-separated: service,service2,mapped,seed,pgbench,floor")
     cfg = ap.parse_args()
     cfg.warmup, cfg.duration = (1.0, 3.0) if cfg.quick else (1.5, 9.0)
     cfg.corpus_size = 15_000 if cfg.quick else 40_000
@@ -583,7 +583,7 @@ def main() -> None:
                         plan[1:1] = [("pgbench", 0), ("floor", 1)]
                         plan += [("service", 2)]
                     for system, workers in plan:
-                        if cfg.systems and system not in cfg.systems.split(","):
+                        if cfg.systems and f"{system}{workers if workers > 1 else ''}" not in cfg.systems.split(","):
                             continue
                         name = "pgbench -N" if system == "pgbench" else SYSTEM_NAMES[(system, workers)]
                         print(f"  {store if system != 'floor' else '-':8} c={conc:<2} {name} ...",

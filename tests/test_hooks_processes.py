@@ -15,6 +15,7 @@ from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 import sqlalchemy as sa
 
@@ -24,6 +25,7 @@ from clerk_sync.store import Store
 from clerk_sync.tables import hook_jobs
 from tests import _hook_worker
 from tests import factories as f
+from tests._server import free_port, wait_for_http
 from tests.test_cli import run
 from tests.test_hooks import deliver
 
@@ -202,3 +204,30 @@ def test_worker_names_a_bad_hooks_spec(tmp_path: Path) -> None:
         result = run("worker", "--hooks", spec, "--once", env={**env, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
         assert result.returncode == 2
         assert message in " ".join(result.stderr.split()), result.stderr
+
+
+@pytest.mark.slow
+def test_serve_with_hooks_runs_them_in_a_thread_after_the_commit(db_url: str) -> None:
+    engine = sa.create_engine(db_url)
+    _hook_worker.meta.create_all(engine)
+    port = free_port()
+    env = {**os.environ, "DATABASE_URL": db_url, "CLERK_WEBHOOK_SIGNING_SECRET": f.SECRET, "PYTHONPATH": str(ROOT),
+           "CLERK_SYNC_LOG_LEVEL": "WARNING"}
+    proc = subprocess.Popen([sys.executable, "-c", "from clerk_sync.cli import main; main()", "serve", "--port",
+                             str(port), "--hooks", "tests._hook_worker:hooks"], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/healthz", proc=proc)
+        headers, body = f.signed(f.envelope("user.created", f.user("user_1", B + 1000)), "msg_serve_1")
+        assert httpx.post(f"http://127.0.0.1:{port}/webhooks/clerk", content=body, headers=headers).status_code == 200
+        deadline = time.monotonic() + 30  # the dispatcher polls every second: wait for the outcome, not a time
+        effects: list[str] = []
+        while not effects and time.monotonic() < deadline:
+            with engine.connect() as conn:
+                effects = list(conn.execute(sa.select(_hook_worker.effects.c.key)).scalars())
+            time.sleep(0.05)
+        assert effects == [f"user.created:user_1:{B + 1000}"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        engine.dispose()

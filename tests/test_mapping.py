@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from clerk_sync.auth.users import JitUsers
 from clerk_sync.changes import Change, Hook
 from clerk_sync.ingest import WebhookProcessor
 from clerk_sync.mapping import (
@@ -28,10 +29,13 @@ from clerk_sync.mapping import (
     check_schema,
     migrate_schema,
 )
+from clerk_sync.reconcile import Reconciler
 from clerk_sync.store import Store
+from clerk_sync.testing import EmulatorServer
 from clerk_sync.webhooks import WebhookVerifier
 from tests import factories as f
 from tests._history import bodies, build_history, db_rows, specs
+from tests.conftest import clerk_client
 from tests.test_cli import run
 from tests.test_hooks import B, deliver, jobs
 
@@ -280,3 +284,20 @@ def test_migrate_and_doctor_with_a_mapping_on_the_command_line(tmp_path: Path) -
     assert "ok    mapping: accounts match the mapping" in after.stdout
     assert {c["name"] for c in sa.inspect(engine).get_columns("accounts")} >= {"clerk_user_id", "deleted_at"}
     engine.dispose()
+
+
+def test_jit_sync_and_reconcile_write_through_the_mapping(app_db: str, emu: EmulatorServer) -> None:
+    store = Store.from_url(app_db, mapping=mapping_for(SoftDelete()))
+    ada = emu.create_user(email="ada@example.com", first_name="Ada", public_metadata={"role": "admin"})
+    bob = emu.create_user(email="bob@example.com", first_name="Bob")
+    with clerk_client(emu) as clerk:
+        assert JitUsers(store, clerk=clerk).get_auth_user(ada["id"]).role == "admin"  # before any webhook
+        with store.connect() as conn:
+            assert set(app_rows(conn, "user_")) == {("users", ada["id"])}
+        emu.request("DELETE", f"/v1/users/{ada['id']}")
+        Reconciler(store, clerk, page_size=50).run()
+    with store.connect() as conn:
+        rows = app_rows(conn, "user_")
+    store.dispose()
+    assert (rows[("users", bob["id"])]["email"], rows[("users", bob["id"])]["deleted_at"]) == ("bob@example.com", None)
+    assert rows[("users", ada["id"])]["deleted_at"] is not None  # reconcile's tombstone, projected
