@@ -51,6 +51,7 @@ import factories  # noqa: E402  (tests/factories.py: envelope builders shaped li
 sys.path.insert(0, str(BENCH))
 from _common import free_port, stop, wait_http, wait_quiet, write_section  # noqa: E402
 from _loadgen import cpu_snapshot  # noqa: E402
+from _observe_cost import measure as observe_cost  # noqa: E402
 
 PY = sys.executable
 VENV_BIN = Path(PY).parent
@@ -623,6 +624,8 @@ def main() -> None:
     for key, r in best.items():
         r["all_rounds_tps"] = spread[key]
     block = render(list(best.values()), cfg, machine_notes(), elapsed, profile_md)
+    print("  cost of observing one delivery (metrics, log line, span) ...", file=sys.stderr)
+    block = block.replace(END, f"\n{observe_cost(cfg.quick)}\n{END}")
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     (RESULTS / f"ingest-{stamp}.json").write_text(json.dumps(results, indent=1, default=str))
     print()

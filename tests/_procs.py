@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,11 +32,12 @@ SERVE = "from clerk_sync.cli import main; main()"
 class Server:
     """One ``clerk-sync serve`` subprocess; ``kill()`` is ``kill -9``, ``stop()`` a clean shutdown."""
 
-    def __init__(self, database_url: str, secret: str, *, migrate: bool = False, log: Path | None = None) -> None:
+    def __init__(self, database_url: str, secret: str, *, migrate: bool = False, log: Path | None = None,
+                 env: Mapping[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "DATABASE_URL": database_url, "CLERK_WEBHOOK_SIGNING_SECRET": secret,
-               "CLERK_SYNC_LOG_LEVEL": "WARNING"}
+               "CLERK_SYNC_LOG_LEVEL": "WARNING", **(env or {})}
         args = [sys.executable, "-c", SERVE, "serve", "--host", "127.0.0.1", "--port", str(self.port),
                 "--migrate" if migrate else "--no-migrate"]
         self._log = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - closed in stop()

@@ -36,10 +36,10 @@ def wait_for_http(url: str, *, timeout: float = 30.0, proc: subprocess.Popen[Any
 
 
 @contextmanager
-def running(app: Any, port: int | None = None) -> Iterator[str]:
-    """Yield the base URL while the app is served; stop it afterwards."""
+def running(app: Any, port: int | None = None, *, lifespan: str = "off") -> Iterator[str]:
+    """Yield the base URL while the app is served; stop it afterwards (``lifespan="on"``: run start-up tasks)."""
     port = port or free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan=lifespan))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -54,10 +55,14 @@ class Harness:
             return {t.name: conn.execute(sa.select(sa.func.count()).select_from(t)).scalar_one() for t in metadata.sorted_tables}
 
 
-def build_app(h: Harness) -> FastAPI:
+def build_app(h: Harness, *, deny_by_default: bool = False) -> FastAPI:
     clerk = ClerkAuth(h.auth)
     app = FastAPI()
-    clerk.install(app)
+    clerk.install(app, public_paths={"/"}, deny_by_default=deny_by_default)
+
+    @app.get("/no-dependency")
+    def no_dependency() -> dict[str, str]:
+        return {"page": "forgot its dependency"}
 
     @app.get("/")
     def home() -> dict[str, str]:
@@ -177,6 +182,26 @@ def test_impersonated_sessions_are_marked_audited_and_kept_off_sensitive_routes(
     ]
 
 
+def test_install_protects_the_app_itself_routes_without_a_dependency_included(db_url: str) -> None:
+    """Regression (issue 10 #8): serving ``app`` instead of the wrapped ASGI app used to leave every
+    route without a dependency open."""
+    h = Harness(db_url)
+    h.event("user.created", f.user("user_in", 1))
+    tok = token("user_in", act={"sub": "user_admin", "sid": "sess_admin"})
+    app = build_app(h, deny_by_default=True)
+    with running(app) as url, httpx.Client(base_url=url) as client:
+        assert client.get("/").status_code == 200
+        r = client.get("/no-dependency")
+        assert (r.status_code, r.json()["error"]) == (401, "token_missing")
+        assert client.get("/no-dependency", headers=bearer(tok)).status_code == 200
+    # Also wrapped by hand (the 0.1 README): one check, one audit row per impersonated request.
+    with running(ClerkAuthMiddleware(app, h.auth, public_paths={"/"})) as url, httpx.Client(base_url=url) as client:
+        assert client.get("/no-dependency", headers=bearer(tok)).status_code == 200
+    with h.store.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(audit_log)).scalar_one() == 2
+    h.store.dispose()
+
+
 def test_handler_checks_stand_without_the_middleware(db_url: str) -> None:
     h = Harness(db_url)
     with running(build_app(h)) as url, httpx.Client(base_url=url) as client:  # no middleware at all
@@ -216,6 +241,9 @@ def test_starlette_authentication_backend_scopes(db_url: str) -> None:
         assert r.json() == {"user": "user_sb", "scopes": ["authenticated", "org:admin", "org:invoices:read"]}
         assert client.get("/org", headers=bearer(token("user_sb"))).status_code == 403
         assert client.get("/org", headers=bearer(token("user_sb", o=org))).status_code == 200
+        h.event("user.created", f.user("user_sb", 1) | {"locked": True})
+        r = client.get("/me", headers=bearer(token("user_sb")))
+        assert (r.status_code, r.text) == (400, "user_locked")  # Starlette's on_error answer, not a 500
     h.store.dispose()
 
 
@@ -272,4 +300,124 @@ def test_deny_list_forgets_expired_revocations_and_unbanned_users(db_url: str) -
     assert deny.is_user_blocked("user_ub")
     h.event("user.updated", f.user("user_ub", 2, banned=False))
     assert not deny.is_user_blocked("user_ub")
+    h.store.dispose()
+
+
+# --- websockets (issue 10 #5: they used to bypass deny-by-default) -----------------------------------------------
+def _ws_app(h: Harness) -> Any:
+    from starlette.applications import Starlette
+    from starlette.routing import WebSocketRoute
+    from starlette.websockets import WebSocket
+
+    async def whoami(ws: WebSocket) -> None:
+        await ws.accept()
+        auth = ws.scope["clerk_auth"]
+        await ws.send_json({"user_id": auth.user_id if auth else None})
+        await ws.close()
+
+    inner = Starlette(routes=[WebSocketRoute("/ws", whoami), WebSocketRoute("/public-ws", whoami)])
+    return ClerkAuthMiddleware(inner, h.auth, public_paths={"/public-ws"})
+
+
+def test_websocket_without_a_valid_session_is_refused_before_accept(db_url: str) -> None:
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    h = Harness(db_url)
+    h.event("user.created", f.user("user_ws", 1))
+    with running(_ws_app(h)) as url:
+        ws_url = url.replace("http://", "ws://")
+        for headers in ({}, bearer("garbage")):
+            with pytest.raises(InvalidStatus) as refused:
+                connect(f"{ws_url}/ws", additional_headers=headers, open_timeout=5)
+            assert refused.value.response.status_code == 401  # the HTTP answer, via websocket.http.response
+            assert json.loads(refused.value.response.body)["error"] in ("token_missing", "token_malformed")
+        with connect(f"{ws_url}/ws", additional_headers=bearer(token("user_ws")), open_timeout=5) as ws:
+            assert json.loads(ws.recv(timeout=5)) == {"user_id": "user_ws"}
+        with connect(f"{ws_url}/public-ws", open_timeout=5) as ws:  # declared public: open, no session
+            assert json.loads(ws.recv(timeout=5)) == {"user_id": None}
+        h.event("user.updated", f.user("user_ws", 2, banned=True))
+        with pytest.raises(InvalidStatus):
+            connect(f"{ws_url}/ws", additional_headers=bearer(token("user_ws")), open_timeout=5)
+    h.store.dispose()
+
+
+@pytest.mark.anyio
+async def test_websocket_refusal_without_the_denial_extension_closes_with_1008(tmp_path: Any) -> None:
+    """Servers without ``websocket.http.response`` get a close before accept (as Starlette's own
+    AuthenticationMiddleware does), with the policy-violation code and our error code as reason."""
+    from clerk_sync import migrations
+
+    url = f"sqlite:///{tmp_path / 'ws.db'}"
+    migrated = Store.from_url(url)
+    migrations.upgrade(migrated.engine)
+    migrated.dispose()
+    h = Harness(url)
+    called: list[str] = []
+
+    async def inner(scope: Any, receive: Any, send: Any) -> None:
+        called.append(scope["path"])
+
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "websocket.connect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "websocket", "path": "/ws", "headers": [], "extensions": {}}
+    await ClerkAuthMiddleware(inner, h.auth)(scope, receive, send)
+    assert sent == [{"type": "websocket.close", "code": 1008, "reason": "token_missing"}]
+    assert called == []
+    h.store.dispose()
+
+
+# --- Directory Sync / lockout (issue 10 #7) ----------------------------------------------------------------------
+def _set_user_flags(store: Store, clerk_id: str, **flags: bool) -> None:
+    """What ``user.updated`` with ``deprovisioned: true`` writes (the event mapping lives in events.py)."""
+    from clerk_sync.tables import users
+
+    with store.transaction() as w:
+        w.conn.execute(users.update().where(users.c.clerk_id == clerk_id).values(**flags, updated_at=w.now))
+
+
+def test_deprovisioned_user_gets_403_at_once_and_locked_user_too(db_url: str) -> None:
+    h = Harness(db_url)
+    frozen = [0.0]  # the deny list refreshes only when this clock moves
+    h.auth = Authenticator(h.auth.verifier, h.store, deny_list=DenyList(h.store, refresh_s=60, now=lambda: frozen[0]))
+    h.auth.verifier.revocations = h.auth.deny_list
+    app = ClerkAuthMiddleware(build_app(h), h.auth, public_paths={"/"})
+    h.event("user.created", f.user("user_dp", 1, role="admin"))
+    h.event("user.created", f.user("user_lk", 1, role="admin"))
+    tok_dp, tok_lk = token("user_dp"), token("user_lk")
+    with running(app) as url, httpx.Client(base_url=url) as client:
+        assert client.get("/admin", headers=bearer(tok_dp)).status_code == 200
+        assert client.get("/admin", headers=bearer(tok_lk)).status_code == 200
+        _set_user_flags(h.store, "user_dp", deprovisioned=True)
+        locked = f.user("user_lk", 2, role="admin") | {"locked": True}
+        h.event("user.updated", locked)
+        # At once: require_role reads the row, the deny list has not refreshed yet.
+        for tok, code in ((tok_dp, "user_deprovisioned"), (tok_lk, "user_locked")):
+            r = client.get("/admin", headers=bearer(tok))
+            assert (r.status_code, r.json()["error"]) == (403, code)
+        assert client.get("/me", headers=bearer(tok_dp)).status_code == 200  # token-only route: deny list
+        frozen[0] += 60  # its next refresh
+        for tok, code in ((tok_dp, "user_deprovisioned"), (tok_lk, "user_locked")):
+            r = client.get("/me", headers=bearer(tok))
+            assert (r.status_code, r.json()["error"]) == (403, code)
+        assert client.get("/", headers=bearer(tok_dp)).status_code == 200  # public pages stay public
+        _set_user_flags(h.store, "user_dp", deprovisioned=False)  # re-provisioned
+        frozen[0] += 60
+        assert client.get("/me", headers=bearer(tok_dp)).status_code == 200
+    h.store.dispose()
+
+
+def test_deny_list_first_load_includes_deprovisioned_and_locked_users(db_url: str) -> None:
+    h = Harness(db_url)
+    h.event("user.created", f.user("user_a", 1))
+    h.event("user.created", f.user("user_b", 1) | {"locked": True})
+    _set_user_flags(h.store, "user_a", deprovisioned=True)
+    deny = DenyList(h.store)  # a fresh replica: the full first load
+    assert (deny.blocked_reason("user_a"), deny.blocked_reason("user_b")) == ("deprovisioned", "locked")
     h.store.dispose()

@@ -22,9 +22,11 @@ LAYERS: dict[str, int] = {
     "clerk_sync.engine": 0,
     "clerk_sync.metrics": 0,
     "clerk_sync.changes": 0,
+    "clerk_sync.tracing": 0,
     "clerk_sync.tables": 1,  # the database
     "clerk_sync.store": 1,
     "clerk_sync.migrations": 1,
+    "clerk_sync.freshness": 1,
     "clerk_sync.outbox": 1,
     "clerk_sync.mapping": 1,
     "clerk_sync.webhooks": 2,  # services that talk to one outside party
@@ -33,6 +35,7 @@ LAYERS: dict[str, int] = {
     "clerk_sync.auth": 3,
     "clerk_sync.reconcile": 3,
     "clerk_sync.hooks": 3,
+    "clerk_sync.retention": 3,
     "clerk_sync.integrations": 4,  # faces
     "clerk_sync.testing": 4,
     "clerk_sync.cli": 5,

@@ -217,6 +217,54 @@ def test_jwks_rotation_without_restart_and_cooldown_on_unknown_kids(jwks_server:
         assert verifier.verify(mint()).user_id == "user_1"  # the old key still served
 
 
+def test_rotated_key_verifies_within_seconds_of_its_first_token_even_right_after_a_fetch(
+    jwks_server: tuple[_JWKSServer, str], clock: list[float]
+) -> None:
+    """Regression (issue 10 #6): a fetch, the start-up one included, used to block the next one for the
+    whole 30 s cooldown, so every token signed with a just-rotated key got 401 for up to 30 s."""
+    server, url = jwks_server
+    mono = [0.0]
+    with httpx.Client() as client:
+        source = JWKSKeySource(f"{url}/v1/jwks", client=client, cooldown_s=30, min_refetch_s=3, now=lambda: mono[0])
+        verifier = SessionVerifier(source, ClaimsValidator(issuer=ISS), now=lambda: clock[0])
+        assert source.prefetch() == 1  # start-up
+        server.keys["ins_2"] = OTHER_KEY  # Clerk rotates one second later
+        mono[0] = 1.0
+        rotated = mint(claims(sid="sess_rot"), key=OTHER_KEY, kid="ins_2")
+        first_seen = mono[0]
+        while True:  # the client retries its 401s every half second
+            try:
+                assert verifier.verify(rotated).user_id == "user_1"
+                break
+            except errors.TokenKeyUnknown:
+                mono[0] += 0.5
+        assert mono[0] - first_seen <= 3  # within the floor, not the 30 s cooldown
+        assert server.fetches == 2
+
+
+def test_a_flood_of_random_kids_costs_at_most_one_fetch_per_cooldown(
+    jwks_server: tuple[_JWKSServer, str], clock: list[float]
+) -> None:
+    server, url = jwks_server
+    mono = [100.0]
+    with httpx.Client() as client:
+        source = JWKSKeySource(f"{url}/v1/jwks", client=client, cooldown_s=30, min_refetch_s=3, now=lambda: mono[0])
+        verifier = SessionVerifier(source, ClaimsValidator(issuer=ISS), now=lambda: clock[0])
+        source.prefetch()
+        mono[0] = flood_start = 110.0  # past the floor: the first random kid may fetch
+        for i in range(200):  # spread over 20 s, well past the floor, inside one cooldown
+            with pytest.raises(errors.TokenKeyUnknown):
+                verifier.verify(mint(claims(sid=f"sess_evil_{i}"), key=OTHER_KEY, kid=f"ins_evil_{i}"))
+            mono[0] += 0.1
+        assert server.fetches == 2  # the start-up fetch and one refetch for the whole flood
+        mono[0] = flood_start + 30  # the cooldown has passed: a real rotation is picked up again
+        server.keys["ins_3"] = OTHER_KEY
+        assert verifier.verify(mint(claims(sid="sess_new"), key=OTHER_KEY, kid="ins_3")).user_id == "user_1"
+        assert server.fetches == 3
+        assert verifier.verify(mint(claims(sid="sess_old"))).user_id == "user_1"  # no fetch for a cached kid
+        assert server.fetches == 3
+
+
 @pytest.mark.anyio
 async def test_async_verify_fetches_off_the_loop(jwks_server: tuple[_JWKSServer, str], clock: list[float]) -> None:
     _, url = jwks_server

@@ -113,6 +113,25 @@ def test_our_signatures_verify_with_the_official_libraries() -> None:
     StdWebhook(SECRET).verify(body, {k.replace("svix-", "webhook-"): v for k, v in headers.items()})
 
 
+def test_secret_without_the_whsec_prefix_is_accepted_like_the_svix_libraries_do() -> None:
+    """Regression (issue 10 #8): a prefix-less secret verified in Svix's libraries but was refused at start-up."""
+    import time
+
+    from clerk_sync.config import Settings
+
+    bare = SECRET.removeprefix("whsec_")
+    body = b'{"type":"user.created","data":{}}'
+    headers = sign(SECRET, "msg_bare", 1_700_000_000, body)
+    now = int(time.time())
+    SvixWebhook(bare).verify(body, sign(SECRET, "msg_bare", now, body))  # Svix accepts it (wall clock)
+    settings = Settings.from_env({"CLERK_WEBHOOK_SIGNING_SECRET": f"{bare} whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD"})
+    verifier = WebhookVerifier(settings.webhook_secrets(), now=lambda: 1_700_000_000)
+    assert verifier.verify(headers, body) == "msg_bare"
+    for bad in ("whsec_", "not base64!", "whsec_abc$def"):
+        with pytest.raises(ConfigError, match="whsec_"):
+            Settings.from_env({"CLERK_WEBHOOK_SIGNING_SECRET": bad}).webhook_secrets()
+
+
 def test_empty_secret_list_is_a_config_error() -> None:
     with pytest.raises(ConfigError):
         WebhookVerifier([])

@@ -20,15 +20,14 @@ from clerk_sync.auth.sessions import verifier_from_settings
 from clerk_sync.auth.users import AuthUser, JitUsers
 from clerk_sync.clerk_api import ClerkClient
 from clerk_sync.config import Settings
-from clerk_sync.integrations.asgi import ClerkAuthMiddleware
 from clerk_sync.integrations.fastapi import ClerkAuth, build_processor, sync_me_router, webhook_router
 from clerk_sync.tables import audit_log, organization_memberships, organizations, users
 
 PUBLIC = {"/", "/webhooks/clerk", "/healthz"}
 
 
-def create_app(settings: Settings) -> Any:
-    """Build the app from settings; returns the ASGI app (FastAPI wrapped in the auth middleware)."""
+def create_app(settings: Settings) -> FastAPI:
+    """Build the app from settings: FastAPI, protected by default (``clerk.install``)."""
     processor = build_processor(settings)
     store = processor.store
     http = httpx.Client()
@@ -41,7 +40,7 @@ def create_app(settings: Settings) -> Any:
     require_admin = clerk.require_role("admin")
 
     app = FastAPI(title="clerk-sync example SaaS")
-    clerk.install(app)
+    clerk.install(app, public_paths=PUBLIC)  # deny by default: serving `app` is safe
     app.include_router(webhook_router(processor))
     app.include_router(sync_me_router(clerk, jit))  # POST /sync/me, right after sign-up
     app.state.store = store
@@ -104,7 +103,7 @@ def create_app(settings: Settings) -> Any:
     def billing(auth: Auth = Depends(clerk.not_impersonated)) -> dict[str, Any]:
         return {"billing": "sensitive", "user": auth.user_id}
 
-    return ClerkAuthMiddleware(app, authenticator, public_paths=PUBLIC)
+    return app
 
 
 def _ip(request: Request) -> str | None:

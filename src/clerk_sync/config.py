@@ -7,16 +7,18 @@ import binascii
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from clerk_sync.errors import ConfigError
 
-__all__ = ["DEFAULT_DATABASE_URL", "Settings", "parse_webhook_secrets"]
+__all__ = ["DEFAULT_DATABASE_URL", "DatabaseTimeouts", "Settings", "parse_webhook_secrets"]
 
 DEFAULT_DATABASE_URL = "sqlite:///clerk_sync.db"
+_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _SECRET_HELP = (
     "Set CLERK_WEBHOOK_SIGNING_SECRET to the endpoint's signing secret (Clerk Dashboard -> Webhooks -> "  # noqa: S105
     "your endpoint -> Signing Secret, it starts with 'whsec_'); several secrets may be separated by "
@@ -25,21 +27,47 @@ _SECRET_HELP = (
 
 
 def parse_webhook_secrets(raw: str) -> tuple[SecretStr, ...]:
-    """Split a rotation list (spaces or commas) and check each is ``whsec_`` + base64."""
+    """Split a rotation list (spaces or commas) and check each is base64, ``whsec_``-prefixed or not.
+
+    The prefix is optional as in the Svix and Standard Webhooks libraries (``Webhook(secret)`` strips it
+    when present), so a secret that verifies there also verifies here. Unlike them we refuse characters
+    outside base64 instead of silently dropping them (that would verify against a different key).
+    """
     secrets = tuple(s for s in re.split(r"[\s,]+", raw.strip()) if s)
     if not secrets:
         raise ConfigError(f"CLERK_WEBHOOK_SIGNING_SECRET is empty. {_SECRET_HELP}")
     for i, secret in enumerate(secrets, 1):
         body = secret.removeprefix("whsec_")
-        if not secret.startswith("whsec_") or not body:
-            raise ConfigError(f"Webhook secret #{i} does not start with 'whsec_'. {_SECRET_HELP}")
+        if not body:
+            raise ConfigError(f"Webhook secret #{i} is only the 'whsec_' prefix. {_SECRET_HELP}")
         try:
             key = base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
         except (binascii.Error, ValueError):
-            raise ConfigError(f"Webhook secret #{i} is not valid base64 after 'whsec_'. {_SECRET_HELP}") from None
+            raise ConfigError(
+                f"Webhook secret #{i} is not valid base64 (with or without its 'whsec_' prefix). {_SECRET_HELP}"
+            ) from None
         if not key:
             raise ConfigError(f"Webhook secret #{i} decodes to an empty key. {_SECRET_HELP}")
     return tuple(SecretStr(s) for s in secrets)
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseTimeouts:
+    """Bounds on every database wait (PostgreSQL), so one stuck replica or a dead host cannot stall
+    the healthy ones: a wait past a bound fails the delivery with 503 and Svix retries it. 0 disables.
+
+    ``lock_s`` bounds waiting for a row or advisory lock; ``statement_s`` one statement;
+    ``idle_in_transaction_s`` how long the server keeps a transaction whose client went quiet (its
+    locks with it); ``keepalive_s`` how soon either side notices a peer that vanished without
+    closing its socket (TCP keepalive idle time; the kernel default is 2 hours); ``connect_s``
+    bounds opening a connection.
+    """
+
+    lock_s: float = 5.0
+    statement_s: float = 15.0
+    idle_in_transaction_s: float = 15.0
+    keepalive_s: float = 10.0
+    connect_s: float = 5.0
 
 
 class Settings(BaseSettings):
@@ -69,6 +97,31 @@ class Settings(BaseSettings):
     clerk_issuer: str | None = Field(None, validation_alias=AliasChoices("CLERK_ISSUER", "CLERK_FRONTEND_API_URL"))
     authorized_parties_raw: str | None = Field(None, validation_alias="CLERK_AUTHORIZED_PARTIES")
     session_leeway_s: float = Field(5.0, ge=0, validation_alias="CLERK_SYNC_SESSION_LEEWAY_S")
+    # Operations: one log line per delivery at this level; retention of the inbox and of tombstones.
+    delivery_log_level: str = Field("INFO", validation_alias="CLERK_SYNC_DELIVERY_LOG_LEVEL")
+    inbox_redact_after_days: float = Field(30.0, ge=0, validation_alias="CLERK_SYNC_INBOX_REDACT_AFTER_DAYS")
+    # Longer than Svix's retry window (about 27 h), so a retried delivery is still seen as a duplicate.
+    inbox_delete_after_days: float = Field(90.0, ge=3, validation_alias="CLERK_SYNC_INBOX_DELETE_AFTER_DAYS")
+    tombstone_clear_after_days: float = Field(0.0, ge=0, validation_alias="CLERK_SYNC_TOMBSTONE_CLEAR_AFTER_DAYS")
+    prune_interval_s: float = Field(3600.0, ge=0, validation_alias="CLERK_SYNC_PRUNE_INTERVAL_S")
+    prune_batch: int = Field(500, gt=0, validation_alias="CLERK_SYNC_PRUNE_BATCH")
+    freshness_max_delivery_age_s: float = Field(
+        3600.0, gt=0, validation_alias="CLERK_SYNC_FRESHNESS_MAX_DELIVERY_AGE_S")
+    freshness_max_failed: int = Field(0, ge=0, validation_alias="CLERK_SYNC_FRESHNESS_MAX_FAILED")
+    freshness_max_reconcile_age_s: float = Field(
+        2 * 86400.0, gt=0, validation_alias="CLERK_SYNC_FRESHNESS_MAX_RECONCILE_AGE_S")
+    # A token whose kid is unknown refetches the JWKS once the last fetch is this old (key rotation).
+    jwks_min_refetch_s: float = Field(5.0, ge=0, validation_alias="CLERK_SYNC_JWKS_MIN_REFETCH_S")
+    # Bounds on database waits (PostgreSQL); see DatabaseTimeouts. 0 disables one.
+    db_lock_timeout_s: float = Field(5.0, ge=0, validation_alias="CLERK_SYNC_DB_LOCK_TIMEOUT_S")
+    db_statement_timeout_s: float = Field(15.0, ge=0, validation_alias="CLERK_SYNC_DB_STATEMENT_TIMEOUT_S")
+    db_idle_in_transaction_timeout_s: float = Field(
+        15.0, ge=0, validation_alias="CLERK_SYNC_DB_IDLE_IN_TRANSACTION_TIMEOUT_S"
+    )
+    db_keepalive_s: float = Field(10.0, ge=0, validation_alias="CLERK_SYNC_DB_KEEPALIVE_S")
+    db_connect_timeout_s: float = Field(5.0, ge=0, validation_alias="CLERK_SYNC_DB_CONNECT_TIMEOUT_S")
+    # The service app factory (multi-worker `serve`) migrates in the background when set.
+    migrate_on_start: bool = Field(False, validation_alias="CLERK_SYNC_MIGRATE_ON_START")
 
     @field_validator("instance_id", "redis_url", "webhook_secret", "clerk_secret_key", "clerk_api_rate_limit",
                      "clerk_jwt_key", "clerk_jwks_url", "clerk_issuer", "authorized_parties_raw", mode="before")
@@ -81,6 +134,19 @@ class Settings(BaseSettings):
     @classmethod
     def _blank_is_default(cls, value: object) -> object:
         return DEFAULT_DATABASE_URL if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("delivery_log_level", "log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        if value.upper() not in _LEVELS:
+            raise ValueError(f"must be one of {', '.join(_LEVELS)}")
+        return value.upper()
+
+    @model_validator(mode="after")
+    def _delete_after_redact(self) -> Settings:
+        if self.inbox_delete_after_days < self.inbox_redact_after_days:
+            raise ValueError("CLERK_SYNC_INBOX_DELETE_AFTER_DAYS must be >= CLERK_SYNC_INBOX_REDACT_AFTER_DAYS")
+        return self
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -101,6 +167,12 @@ class Settings(BaseSettings):
         if self.webhook_secret is None:
             raise ConfigError(f"CLERK_WEBHOOK_SIGNING_SECRET is not set. {_SECRET_HELP}")
         return parse_webhook_secrets(self.webhook_secret.get_secret_value())
+
+    def database_timeouts(self) -> DatabaseTimeouts:
+        """The ``CLERK_SYNC_DB_*`` bounds, for :func:`clerk_sync.store.create_engine`."""
+        return DatabaseTimeouts(lock_s=self.db_lock_timeout_s, statement_s=self.db_statement_timeout_s,
+                                idle_in_transaction_s=self.db_idle_in_transaction_timeout_s,
+                                keepalive_s=self.db_keepalive_s, connect_s=self.db_connect_timeout_s)
 
     def authorized_parties(self) -> frozenset[str] | None:
         """``CLERK_AUTHORIZED_PARTIES`` (comma-separated origins), or None when unset (azp not checked)."""

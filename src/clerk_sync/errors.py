@@ -18,6 +18,8 @@ Branch by what the caller does next::
     │   └── SessionRevoked, SessionPending, SessionUserBanned
     ├── AccessDenied                    access_denied        signed in but not allowed -> 403
     │   ├── UserBanned                  user_banned
+    │   │   ├── UserLocked              user_locked          locked out in Clerk (failed sign-ins)
+    │   │   └── UserDeprovisioned       user_deprovisioned   removed by the company's identity provider (SCIM)
     │   └── UserDeleted                 user_deleted         the user was deleted in Clerk -> 410
     ├── StoreError                      store_unavailable    transient DB failure: 5xx, Svix retries
     ├── ClerkAPIError                   clerk_api_error      Clerk's Backend API refused or failed
@@ -68,6 +70,8 @@ __all__ = [
     "TokenSignatureInvalid",
     "UserBanned",
     "UserDeleted",
+    "UserDeprovisioned",
+    "UserLocked",
     "WebhookError",
     "WebhookHeadersMissing",
     "WebhookVerificationError",
@@ -248,6 +252,19 @@ class UserBanned(AccessDenied):
     """The user is banned in Clerk (mirrored in ``users.banned``)."""
 
     code = "user_banned"
+
+
+class UserLocked(UserBanned):
+    """The user is locked in Clerk (``users.locked``: too many failed sign-ins), refused like a banned one."""
+
+    code = "user_locked"
+
+
+class UserDeprovisioned(UserBanned):
+    """The company's identity provider removed the user (Directory Sync/SCIM: ``users.deprovisioned``);
+    Clerk sends ``user.updated``, not ``user.deleted``, so the row stays but the user is refused."""
+
+    code = "user_deprovisioned"
 
 
 class UserDeleted(AccessDenied):

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from clerk_sync.events import Envelope, parse_envelope
 from clerk_sync.metrics import Metrics
 from clerk_sync.store import Store, Writer
 from clerk_sync.tables import webhook_events
+from clerk_sync.tracing import delivery_span
 from clerk_sync.webhooks import WebhookVerifier
 
 __all__ = ["Outcome", "ReplayReport", "WebhookProcessor", "apply_envelope", "replay_deliveries"]
@@ -58,16 +60,18 @@ class WebhookProcessor:
         instance_id: str | None = None,
         max_body_bytes: int = 1024 * 1024,
         metrics: Metrics | None = None,
+        log_level: str = "INFO",
     ) -> None:
         self.store = store
         self.verifier = verifier
         self.instance_id = instance_id
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics or Metrics()
+        self.log_level = logging.getLevelNamesMapping()[log_level.upper()]  # the per-delivery line's level
 
     def process(self, headers: Mapping[str, str], body: bytes) -> Outcome:
         """Verify, parse and apply one delivery in one transaction."""
-        started = time.perf_counter()
+        started, started_ns = time.perf_counter(), time.time_ns()
         if len(body) > self.max_body_bytes:
             raise PayloadTooLarge(f"body is {len(body)} bytes, the limit is {self.max_body_bytes}")
         svix_id = self.verifier.verify(headers, body)
@@ -82,8 +86,11 @@ class WebhookProcessor:
                 outcome = self._apply_new(writer, svix_id, envelope, text)
         except StoreDataError as exc:
             outcome = self._store_refused(svix_id, envelope, text, exc)
-        self.metrics.observe(envelope.type, outcome.status, time.perf_counter() - started)
-        log.info("webhook", svix_id=svix_id, event_type=envelope.type, status=outcome.status, error=outcome.error)
+        seconds = time.perf_counter() - started
+        self.metrics.observe(envelope.type, outcome.status, seconds, event_ms=envelope.timestamp_ms)
+        log.log(self.log_level, "webhook", svix_id=svix_id, event_type=envelope.type, status=outcome.status,
+                error=outcome.error, event_ms=envelope.timestamp_ms, seconds=round(seconds, 6))
+        delivery_span(started_ns, svix_id, envelope.type, outcome.status, outcome.error)
         return outcome
 
     def _store_refused(self, svix_id: str, envelope: Envelope, body: str, exc: StoreDataError) -> Outcome:

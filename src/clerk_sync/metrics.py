@@ -1,34 +1,192 @@
-"""Prometheus metrics, one registry per service instance (no process-global state)."""
+"""Prometheus metrics, one registry per service instance (no process-global state).
+
+The series answer "is sync fresh and healthy?" (alert rules: ``docs/alerts.yml``). Everything here is
+pure bookkeeping on prometheus_client objects: values that live in the database (newest delivery,
+failed backlog, last reconcile) come from a ``probe`` callable the caller injects
+(:meth:`Metrics.watch_database`), read at scrape time and cached for ``ttl_s``.
+
+Label sets are bounded: ``type`` is a known Clerk event type or ``"other"``, ``endpoint`` a path
+template (``/users/{id}``), ``status`` an outcome or an HTTP status code.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
-__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+from clerk_sync.engine import HANDLED_EVENT_TYPES
+
+__all__ = ["CONTENT_TYPE_LATEST", "KNOWN_EVENT_TYPES", "DatabaseSnapshot", "Metrics", "event_type_label"]
+
+# Clerk's webhook event types (shared/clerk/examples) : anything else is counted as "other", so a
+# sender cannot grow the label set.
+KNOWN_EVENT_TYPES = HANDLED_EVENT_TYPES | frozenset({
+    "email.created", "sms.created", "session.created", "session.pending",
+    "organizationDomain.created", "organizationDomain.updated", "organizationDomain.deleted",
+    "organizationInvitation.created", "organizationInvitation.accepted", "organizationInvitation.revoked",
+    "role.created", "role.updated", "role.deleted", "permission.created", "permission.updated",
+    "permission.deleted", "waitlistEntry.created", "waitlistEntry.updated",
+    "paymentAttempt.created", "paymentAttempt.updated", "subscription.created", "subscription.updated",
+    "subscription.active", "subscription.pastDue", "subscriptionItem.updated", "subscriptionItem.active",
+    "subscriptionItem.canceled", "subscriptionItem.upcoming", "subscriptionItem.ended",
+    "subscriptionItem.abandoned", "subscriptionItem.incomplete", "subscriptionItem.pastDue",
+    "subscriptionItem.freeTrialEnding",
+})
+_APPLIED = frozenset({"applied", "skipped"})
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# Event time -> applied: seconds for a live delivery, hours for a Svix retry after an outage.
+_LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 21600.0, 86400.0)
+
+
+def event_type_label(event_type: str) -> str:
+    """The ``type`` label: the event type when it is a known one, else ``"other"``."""
+    return event_type if event_type in KNOWN_EVENT_TYPES else "other"
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseSnapshot:
+    """What the database says about freshness, read at scrape time (``None``: nothing yet)."""
+
+    newest_delivery_at: float | None  # unix seconds, the newest delivery applied/skipped/ignored
+    failed_backlog: int
+    reconcile_last_success_at: float | None  # unix seconds
+    reconcile_last_drift: dict[str, int] = field(default_factory=dict)  # created/updated/deleted
+
+
+class _DatabaseCollector(Collector):
+    """Series read from the database, cached for ``ttl_s`` so a scrape storm costs one query."""
+
+    def __init__(self, probe: Callable[[], DatabaseSnapshot], ttl_s: float, clock: Callable[[], float],
+                 on_error: Callable[[], None]) -> None:
+        self._probe, self._ttl_s, self._clock, self._on_error = probe, ttl_s, clock, on_error
+        self._lock = threading.Lock()
+        self._cached: tuple[float, DatabaseSnapshot] | None = None
+
+    def snapshot(self) -> DatabaseSnapshot | None:
+        with self._lock:
+            now = self._clock()
+            if self._cached is None or now - self._cached[0] >= self._ttl_s:
+                try:
+                    self._cached = (now, self._probe())
+                except Exception:  # the database is down: say so, keep /metrics answering
+                    self._on_error()
+                    return None
+            return self._cached[1]
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self.snapshot()
+        up = GaugeMetricFamily("clerk_sync_database_up", "1 when the last scrape-time database read worked.")
+        up.add_metric([], 0.0 if snap is None else 1.0)
+        yield up
+        if snap is None:
+            return
+        backlog = GaugeMetricFamily("clerk_sync_failed_deliveries", "Deliveries stored as failed (replay them).")
+        backlog.add_metric([], float(snap.failed_backlog))
+        yield backlog
+        if snap.newest_delivery_at is not None:
+            newest = GaugeMetricFamily("clerk_sync_newest_delivery_timestamp_seconds",
+                                       "When the newest delivery that was applied, skipped or ignored arrived.")
+            newest.add_metric([], snap.newest_delivery_at)
+            yield newest
+        if snap.reconcile_last_success_at is not None:
+            last = GaugeMetricFamily("clerk_sync_reconcile_last_success_timestamp_seconds",
+                                     "When the last completed reconcile run finished.")
+            last.add_metric([], snap.reconcile_last_success_at)
+            yield last
+            drift = GaugeMetricFamily("clerk_sync_reconcile_last_drift",
+                                      "Rows the last completed reconcile run repaired, by action.", labels=["action"])
+            for action in ("created", "updated", "deleted"):
+                drift.add_metric([action], float(snap.reconcile_last_drift.get(action, 0)))
+            yield drift
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # values need the database: never read them at registration
 
 
 class Metrics:
-    """Events by type and status, and webhook handling latency."""
+    """All of clerk-sync's series, on this instance's own registry."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, *, clock: Callable[[], float] = time.time) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
-        self.events = Counter(
-            "clerk_sync_webhook_events",
-            "Webhook deliveries by event type and outcome.",
-            ["type", "status"],
-            registry=self.registry,
-        )
-        self.latency = Histogram(
-            "clerk_sync_webhook_seconds",
-            "Time to verify, store and apply one delivery.",
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
-            registry=self.registry,
-        )
+        self._clock = clock
+        r = self.registry
+        self.events = Counter("clerk_sync_webhook_events", "Webhook deliveries by event type and outcome.",
+                              ["type", "status"], registry=r)
+        self.latency = Histogram("clerk_sync_webhook_seconds", "Time to verify, store and apply one delivery.",
+                                 buckets=_LATENCY_BUCKETS, registry=r)
+        self.apply_lag = Histogram("clerk_sync_apply_lag_seconds",
+                                   "Applied-at minus the event's own timestamp, for applied or skipped deliveries.",
+                                   buckets=_LAG_BUCKETS, registry=r)
+        self.refused = Counter("clerk_sync_webhook_refused", "Deliveries refused with a 4xx (nothing written).",
+                               ["code"], registry=r)
+        self.unavailable = Counter("clerk_sync_webhook_unavailable",
+                                   "Deliveries answered 503 (database unavailable); Svix retries them.", registry=r)
+        self.db_errors = Counter("clerk_sync_db_errors", "Database errors by operation.", ["operation"], registry=r)
+        self.jit = Counter("clerk_sync_jit_fetches", "Just-in-time user fetches from Clerk by outcome.",
+                           ["outcome"], registry=r)
+        self.api_requests = Counter("clerk_sync_clerk_api_requests",
+                                    "Clerk Backend API requests by endpoint template and HTTP status ('error': none).",
+                                    ["endpoint", "status"], registry=r)
+        self.api_rate_limited = Counter("clerk_sync_clerk_api_rate_limited",
+                                        "Clerk Backend API answers 429 Too Many Requests.", ["endpoint"], registry=r)
+        self.breaker_open = Gauge("clerk_sync_clerk_api_circuit_open",
+                                  "1 while the Clerk API circuit breaker is open.", registry=r)
+        self.budget_tokens = Gauge("clerk_sync_clerk_api_budget_tokens",
+                                   "Requests the local Clerk API budget allows right now.", registry=r)
+        self.reconcile_runs = Counter("clerk_sync_reconcile_runs", "Reconcile runs by result.", ["result"],
+                                      registry=r)
+        self.reconcile_drift = Counter("clerk_sync_reconcile_drift", "Drift reconcile found, by table and action.",
+                                       ["entity", "action"], registry=r)
+        self.pruned = Counter("clerk_sync_pruned_rows", "Rows retention redacted, deleted or cleared.", ["action"],
+                              registry=r)
+        self._database: _DatabaseCollector | None = None
 
-    def observe(self, event_type: str, status: str, seconds: float) -> None:
-        self.events.labels(type=event_type, status=status).inc()
+    # -- webhook path ---------------------------------------------------------------------------
+    def observe(self, event_type: str, status: str, seconds: float, *, event_ms: int | None = None) -> None:
+        """One delivery's outcome; ``event_ms`` (the envelope timestamp) feeds the apply-lag histogram."""
+        self.events.labels(type=event_type_label(event_type), status=status).inc()
         self.latency.observe(seconds)
+        if event_ms is not None and status in _APPLIED:
+            self.apply_lag.observe(max(0.0, self._clock() - event_ms / 1000.0))
+
+    # -- Clerk API (the hook the client calls; see clerk_api) ----------------------------------
+    def api_call(self, endpoint: str, status: int | None) -> None:
+        self.api_requests.labels(endpoint=endpoint, status=str(status) if status is not None else "error").inc()
+        if status == 429:
+            self.api_rate_limited.labels(endpoint=endpoint).inc()
+
+    def watch_clerk_client(self, *, breaker_open: Callable[[], bool],
+                           budget_tokens: Callable[[], float] | None = None) -> None:
+        """Read the breaker (and budget, when local) at scrape time; the last client watched wins."""
+        self.breaker_open.set_function(lambda: 1.0 if breaker_open() else 0.0)
+        if budget_tokens is not None:
+            self.budget_tokens.set_function(budget_tokens)
+
+    # -- reconcile ------------------------------------------------------------------------------
+    def reconciled(self, result: str, drift: dict[str, dict[str, int]]) -> None:
+        """A finished run: ``drift`` maps table -> {created, updated, deleted}."""
+        self.reconcile_runs.labels(result=result).inc()
+        for entity, counts in drift.items():
+            for action, n in counts.items():
+                if n:
+                    self.reconcile_drift.labels(entity=entity, action=action).inc(n)
+
+    # -- database-backed series -----------------------------------------------------------------
+    def watch_database(self, probe: Callable[[], DatabaseSnapshot], *, ttl_s: float = 5.0,
+                       clock: Callable[[], float] = time.monotonic) -> None:
+        """Expose ``probe()``'s snapshot at scrape time (cached ``ttl_s``); a second call replaces the first."""
+        if self._database is not None:
+            self.registry.unregister(self._database)
+        self._database = _DatabaseCollector(probe, ttl_s, clock,
+                                            lambda: self.db_errors.labels(operation="metrics").inc())
+        self.registry.register(self._database)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -33,6 +33,7 @@ from clerk_sync.clerk_api import JSON, ClerkClient
 from clerk_sync.engine import Action, Entity, Record, RowState, Tombstone, Upsert, decide
 from clerk_sync.errors import ClerkNotFound, EventShapeError, ReconcileBusy
 from clerk_sync.events import membership_record, organization_record, user_record
+from clerk_sync.metrics import Metrics
 from clerk_sync.store import Store, Writer
 from clerk_sync.tables import (
     organization_memberships,
@@ -42,6 +43,7 @@ from clerk_sync.tables import (
     seen_columns,
     users,
 )
+from clerk_sync.tracing import span
 
 __all__ = ["Change", "Counts", "Progress", "ReconcileReport", "Reconciler"]
 
@@ -157,6 +159,7 @@ class Reconciler:
         on_change: Callable[[Change], None] | None = None,
         now: Callable[[], datetime] = _utcnow,
         with_hooks: bool = False,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store if with_hooks else store.without_hooks()  # repairs fire hooks only if asked
         self.clerk = clerk
@@ -166,6 +169,7 @@ class Reconciler:
         self.progress: Progress = progress or _NoProgress()
         self.on_change = on_change or (lambda change: None)
         self._now = now
+        self.metrics = metrics  # clerk_sync_reconcile_runs_total{result}, clerk_sync_reconcile_drift_total
 
     def run(self, *, since: datetime | None = None, dry_run: bool = False) -> ReconcileReport:
         """One reconcile pass, resuming an unfinished run with the same ``since`` if there is one."""
@@ -175,9 +179,17 @@ class Reconciler:
                 self._phases(run)
             except BaseException as exc:
                 self._fail(run, exc)
+                self._observe("failed", run.report)
                 raise
             self._finish(run)
+            self._observe("dry_run" if dry_run else "completed", run.report)
             return run.report
+
+    def _observe(self, result: str, report: ReconcileReport) -> None:
+        if self.metrics is not None:
+            drift = {name: {"created": c.created, "updated": c.updated, "deleted": c.deleted}
+                     for name, c in report.counts.items()}
+            self.metrics.reconciled(result, drift)
 
     # -- run bookkeeping --------------------------------------------------------------------
     @contextmanager
@@ -355,6 +367,11 @@ class Reconciler:
                     future.cancel()
 
     def _apply_page(self, run: _Run, entity: Entity, items: list[JSON], next_cursor: int) -> None:
+        with span("reconcile.page", {"clerk_sync.entity": entity.value, "clerk_sync.items": len(items),
+                                     "clerk_sync.cursor": next_cursor}):
+            self._apply_items(run, entity, items, next_cursor)
+
+    def _apply_items(self, run: _Run, entity: Entity, items: list[JSON], next_cursor: int) -> None:
         records, failed = _records(entity, items)
         counts = run.report.counts[entity.value]
         counts.failed += failed

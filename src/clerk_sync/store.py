@@ -24,6 +24,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from clerk_sync.changes import Hook, describe
+from clerk_sync.config import DatabaseTimeouts
 from clerk_sync.engine import Entity, Record, RevokeSession, Tombstone, Upsert
 from clerk_sync.errors import StoreDataError, StoreError
 from clerk_sync.events import MembershipRecord, OrganizationRecord, UserRecord
@@ -53,8 +54,9 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def create_engine(url: str, **kwargs: Any) -> Engine:
-    """An engine with the settings clerk-sync relies on (SQLite: WAL, busy timeout, BEGIN IMMEDIATE)."""
+def create_engine(url: str, *, timeouts: DatabaseTimeouts | None = None, **kwargs: Any) -> Engine:
+    """An engine with the settings clerk-sync relies on (SQLite: WAL, busy timeout, BEGIN IMMEDIATE;
+    PostgreSQL: every wait bounded by ``timeouts``, see :class:`~clerk_sync.config.DatabaseTimeouts`)."""
     kwargs.setdefault("hide_parameters", True)  # bound values (emails, metadata) stay out of errors
     if url.startswith("sqlite"):
         engine = sa.create_engine(url, connect_args={"timeout": 30}, **kwargs)
@@ -65,7 +67,28 @@ def create_engine(url: str, **kwargs: Any) -> Engine:
     kwargs.setdefault("pool_pre_ping", False)
     kwargs.setdefault("pool_size", 20)
     kwargs.setdefault("max_overflow", 20)
+    if url.startswith("postgresql"):
+        kwargs["connect_args"] = _postgres_bounds(url, timeouts or DatabaseTimeouts()) | kwargs.get("connect_args", {})
     return sa.create_engine(url, **kwargs)
+
+
+def _postgres_bounds(url: str, t: DatabaseTimeouts) -> dict[str, Any]:
+    """libpq parameters: server settings through ``options`` (no round trip per connection), merged
+    before the URL's own ``options`` so an explicit setting there wins; client-side keepalives."""
+    ms = {"lock_timeout": t.lock_s, "statement_timeout": t.statement_s,
+          "idle_in_transaction_session_timeout": t.idle_in_transaction_s}
+    server = [f"-c {name}={int(s * 1000)}" for name, s in ms.items() if s > 0]
+    if t.keepalive_s > 0:  # the server drops a vanished client's locks within ~keepalive_s + 6 s
+        idle = max(1, int(t.keepalive_s))
+        server += [f"-c tcp_keepalives_idle={idle}", "-c tcp_keepalives_interval=2", "-c tcp_keepalives_count=3"]
+    own = sa.engine.make_url(url).query.get("options")
+    args: dict[str, Any] = {"options": " ".join([*server, *([own] if isinstance(own, str) else own or [])])}
+    if t.keepalive_s > 0:
+        args |= {"keepalives": 1, "keepalives_idle": max(1, int(t.keepalive_s)), "keepalives_interval": 2,
+                 "keepalives_count": 3}
+    if t.connect_s > 0:
+        args["connect_timeout"] = max(2, int(t.connect_s))  # libpq's minimum is 2 s
+    return args
 
 
 def _tune_sqlite(engine: Engine) -> None:
@@ -345,12 +368,22 @@ def _inbox_sql(postgres: bool) -> sa.TextClause:
     ), names).bindparams(sa.bindparam("payload", type_=sa.Text))
 
 
+_TIMEOUTS = {  # SQLSTATEs of the bounds set in _postgres_bounds
+    "55P03": "waited longer than lock_timeout for a lock held by another connection",
+    "57014": "a statement ran longer than statement_timeout",
+    "25P03": "the transaction sat idle longer than idle_in_transaction_session_timeout",
+}
+
+
 def _store_error(exc: sa.exc.SQLAlchemyError) -> StoreError:
     """A StoreError whose message names the failure but never carries SQL or bound values
     (they hold emails and private metadata, and the message reaches HTTP answers and logs)."""
     orig = getattr(exc, "orig", None) or exc
     first_line = (str(orig).strip().splitlines() or [""])[0][:200]
     message = f"database error: {type(orig).__name__}: {first_line}"
+    bound = _TIMEOUTS.get(getattr(orig, "sqlstate", None) or "")
+    if bound is not None:  # a bounded wait ran out: someone else holds what we need, try again later
+        return StoreError(f"database timeout: {bound} ({first_line}); nothing was applied, retry later")
     if isinstance(exc, sa.exc.DataError):  # a value refused for good: retrying cannot help
         return StoreDataError(message)
     return StoreError(message)

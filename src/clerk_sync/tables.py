@@ -65,6 +65,7 @@ users = sa.Table(
     sa.Column("plan", sa.String(64), nullable=False, server_default="free"),
     sa.Column("banned", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("locked", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("deprovisioned", sa.Boolean, nullable=False, server_default=sa.false()),  # SCIM (0006)
     sa.Column("last_sign_in_at", sa.BigInteger, nullable=True),
     *_clerk_columns(),
     sa.Index("ix_users_updated_at", "updated_at"),  # incremental deny-list refresh
@@ -111,7 +112,9 @@ webhook_events = sa.Table(
     sa.Column("attempts", sa.Integer, nullable=False, server_default="1"),
     sa.Column("last_error", sa.Text, nullable=True),
     sa.Column("applied_at", Timestamp, nullable=True),
+    sa.Column("redacted_at", Timestamp, nullable=True),  # payload reduced to ids (retention, erasure)
     sa.Index("ix_webhook_events_status_received_at", "status", "received_at"),
+    sa.Index("ix_webhook_events_redacted_at_received_at", "redacted_at", "received_at"),
 )
 
 audit_log = sa.Table(

@@ -185,11 +185,25 @@ class EmulatorServer:
         org_id: str | None = None,
         actor: JSON | str | None = None,
         *,
+        pending: bool = False,
         template_name: str | None = None,
         expires_in_seconds: int | None = None,
     ) -> str:
         """Sign ``user_id`` in (in ``org_id``; impersonated by ``actor``, a user id or an
-        ``{"sub": ...}`` dict) and return a session token (or a JWT-template token)."""
+        ``{"sub": ...}`` dict) and return a session token (or a JWT-template token).
+
+        ``pending=True``: the session still has a task to finish (choose an organization); its token
+        carries ``sts: "pending"``, which verifiers refuse by default.
+        """
+        if actor is not None and pending:
+            raise ValueError("an impersonated session is never pending: pass actor or pending, not both")
+        if pending:
+            body = _compact({"user_id": user_id, "active_organization_id": org_id, "pending": True})
+            signed_in = self.request("POST", "/_emulator/sessions", json=body)
+            if template_name is None and expires_in_seconds is None:
+                return str(signed_in["jwt"])
+            return self.session_token(signed_in["session"]["id"], template_name=template_name,
+                                      expires_in_seconds=expires_in_seconds)
         if actor is not None:
             actor_body = {"sub": actor} if isinstance(actor, str) else actor
             ticket = self.request("POST", "/v1/actor_tokens", json={"user_id": user_id, "actor": actor_body})

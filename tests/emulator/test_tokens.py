@@ -49,6 +49,18 @@ def test_session_token_claims(clerk: EmulatorServer) -> None:
     assert _verify(clerk, token, "/.well-known/jwks.json") == claims
 
 
+def test_pending_session_token_as_the_readme_promises(clerk: EmulatorServer) -> None:
+    """Regression (issue 10 #8): ``mint_session_token(uid, pending=True)`` raised TypeError."""
+    user = clerk.create_user("pending@example.com")
+    claims = _verify(clerk, clerk.mint_session_token(user["id"], pending=True))
+    assert (claims["sub"], claims["sts"]) == (user["id"], "pending")
+    assert "sts" not in _verify(clerk, clerk.mint_session_token(user["id"]))
+    events = [d["type"] for d in clerk.deliveries()]
+    assert "session.pending" in events
+    with pytest.raises(ValueError, match="never pending"):
+        clerk.mint_session_token(user["id"], actor=user["id"], pending=True)
+
+
 def test_org_claims_with_custom_permissions() -> None:
     perms = {"org:member": ("org:sys_memberships:read", "org:posts:read", "org:posts:write", "org:billing:read")}
     with EmulatorServer(EmulatorConfig(role_permissions=perms)) as clerk:

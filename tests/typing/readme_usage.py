@@ -11,12 +11,14 @@ from clerk_sync.auth.sessions import verifier_from_settings
 from clerk_sync.auth.users import AuthUser, JitUsers
 from clerk_sync.clerk_api import ClerkClient
 from clerk_sync.config import Settings
+from clerk_sync.freshness import database_probe
 from clerk_sync.integrations.asgi import ClerkAuthMiddleware
 from clerk_sync.integrations.fastapi import ClerkAuth, build_processor, sync_me_router, webhook_router
 from clerk_sync.integrations.starlette import webhook_routes
+from clerk_sync.store import Store
 
 
-def build(settings: Settings) -> ClerkAuthMiddleware:
+def build(settings: Settings) -> FastAPI:
     processor = build_processor(settings)
     store = processor.store
     starlette_app = Starlette(routes=webhook_routes(processor))
@@ -27,7 +29,7 @@ def build(settings: Settings) -> ClerkAuthMiddleware:
     jit = JitUsers(store, clerk=ClerkClient.from_settings(settings))
     authenticator = Authenticator(verifier_from_settings(settings), store, load_user=jit.get_auth_user)
     clerk = ClerkAuth(authenticator, get_user=lambda auth: jit.get_auth_user(auth.user_id))
-    clerk.install(app)
+    clerk.install(app, public_paths={"/", "/webhooks/clerk"})
     app.include_router(sync_me_router(clerk, jit))
 
     @app.get("/admin")
@@ -38,4 +40,19 @@ def build(settings: Settings) -> ClerkAuthMiddleware:
     async def me(auth: Auth = Depends(clerk.current_auth)) -> dict[str, str | None]:
         return {"user": auth.user_id, "org": auth.org_id, "impersonator": auth.actor_id}
 
-    return ClerkAuthMiddleware(app, authenticator, public_paths={"/", "/webhooks/clerk"})
+    return app
+
+
+def wrap_any_asgi_app(settings: Settings, store: Store) -> ClerkAuthMiddleware:
+    authenticator = Authenticator(verifier_from_settings(settings), store)
+    return ClerkAuthMiddleware(Starlette(), authenticator, public_paths={"/", "/webhooks/clerk"})
+
+
+def observe(settings: Settings) -> bytes:
+    processor = build_processor(settings)
+    store = processor.store
+    metrics = processor.metrics
+    metrics.watch_database(database_probe(processor.store))
+    jit = JitUsers(store, clerk=ClerkClient.from_settings(settings, metrics=metrics), metrics=metrics)
+    assert jit.metrics is metrics
+    return metrics.render()

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import sqlalchemy as sa
 
 from clerk_sync.auth.audit import AuditEntry, record_audit
-from clerk_sync.auth.users import AuthUser, read_user
+from clerk_sync.auth.users import AuthUser, read_user, standing_error
 from clerk_sync.engine import Entity, Upsert
 from clerk_sync.errors import AccessDenied, ClerkAPIError, ClerkNotFound, ClerkValidationError, RateLimited
 from clerk_sync.errors import ClerkUnavailable as _ClerkUnavailable
@@ -179,7 +179,7 @@ class AdminActions:
 
     def _require_admin(self, clerk_id: str, *, action: str, target: str, ip: str | None) -> AuthUser:
         user = read_user(self.store, clerk_id)
-        if user is None or user.role != ADMIN_ROLE or user.banned or user.deleted_at is not None:
+        if user is None or user.role != ADMIN_ROLE or standing_error(user) is not None:
             with self.store.transaction() as w:
                 record_audit(w, AuditEntry(f"{action}.refused", clerk_id, target,
                                            details={"reason": "not an admin"}, ip=ip))

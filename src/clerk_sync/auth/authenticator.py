@@ -18,8 +18,8 @@ from anyio import to_thread
 from clerk_sync.auth.audit import AuditEntry, record_audit
 from clerk_sync.auth.claims import Auth
 from clerk_sync.auth.sessions import SessionVerifier, token_from_request
-from clerk_sync.auth.users import AuthUser, read_user
-from clerk_sync.errors import AccessDenied, SessionUserBanned
+from clerk_sync.auth.users import AuthUser, read_user, standing_error
+from clerk_sync.errors import AccessDenied, SessionUserBanned, UserDeprovisioned, UserLocked
 from clerk_sync.store import Store
 from clerk_sync.tables import revoked_sessions, users
 
@@ -31,7 +31,8 @@ def _utcnow() -> datetime:
 
 
 class DenyList:
-    """Revoked sessions and banned/deleted users, read from the DB at most every ``refresh_s``.
+    """Revoked sessions and blocked users (banned, deleted, deprovisioned, locked), read from the DB at
+    most every ``refresh_s``.
 
     Serves :class:`~clerk_sync.auth.sessions.RevocationCheck`. A periodic refresh (not a query per
     request) keeps the protected path cheap; replicas see a revocation within ``refresh_s``.
@@ -48,7 +49,7 @@ class DenyList:
         self._now = now
         self._wall = wall
         self._revoked: dict[str, int | None] = {}  # session id -> session expire_at (ms)
-        self._blocked_users: set[str] = set()
+        self._blocked_users: dict[str, str] = {}  # user id -> why: banned, deleted, deprovisioned, locked
         self._since: datetime | None = None
         self._loaded_at: float | None = None
         self._lock = threading.Lock()
@@ -58,8 +59,12 @@ class DenyList:
         return session_id in self._revoked
 
     def is_user_blocked(self, user_id: str) -> bool:
+        return self.blocked_reason(user_id) is not None
+
+    def blocked_reason(self, user_id: str) -> str | None:
+        """``banned``, ``deleted``, ``deprovisioned`` or ``locked`` for a blocked user, else None."""
         self.refresh_if_due()
-        return user_id in self._blocked_users
+        return self._blocked_users.get(user_id)
 
     def due(self) -> bool:
         """True when the next check would query the DB (async callers refresh off the event loop)."""
@@ -72,9 +77,10 @@ class DenyList:
         r, u = revoked_sessions, users
         live = sa.or_(r.c.expire_at.is_(None), r.c.expire_at > now_ms)
         revocations = sa.select(r.c.session_id, r.c.expire_at).where(live)
-        changed_users = sa.select(u.c.clerk_id, u.c.banned, u.c.deleted_at)
+        changed_users = sa.select(u.c.clerk_id, u.c.banned, u.c.deleted_at, u.c.deprovisioned, u.c.locked)
         if self._since is None:
-            changed_users = changed_users.where(sa.or_(u.c.banned.is_(True), u.c.deleted_at.is_not(None)))
+            changed_users = changed_users.where(sa.or_(u.c.banned.is_(True), u.c.deleted_at.is_not(None),
+                                                       u.c.deprovisioned.is_(True), u.c.locked.is_(True)))
         else:
             revocations = revocations.where(r.c.revoked_at >= self._since - self._margin)
             changed_users = changed_users.where(u.c.updated_at >= self._since - self._margin)
@@ -83,11 +89,12 @@ class DenyList:
             user_rows = conn.execute(changed_users).all()
         for session_id, expire_at in new_revocations:
             self._revoked[session_id] = expire_at
-        for clerk_id, banned, deleted_at in user_rows:
-            if banned or deleted_at is not None:
-                self._blocked_users.add(clerk_id)
+        for clerk_id, banned, deleted_at, deprovisioned, locked in user_rows:
+            reason = _block_reason(banned, deleted_at, deprovisioned, locked)
+            if reason is not None:
+                self._blocked_users[clerk_id] = reason
             else:
-                self._blocked_users.discard(clerk_id)
+                self._blocked_users.pop(clerk_id, None)
         for session_id in [s for s, exp in self._revoked.items() if exp is not None and exp <= now_ms]:
             del self._revoked[session_id]
         self._since = started
@@ -104,6 +111,14 @@ class DenyList:
                     self.refresh()
             finally:
                 self._lock.release()
+
+
+def _block_reason(banned: bool, deleted_at: datetime | None, deprovisioned: bool, locked: bool) -> str | None:
+    for reason, flag in (("deleted", deleted_at is not None), ("banned", banned),
+                         ("deprovisioned", deprovisioned), ("locked", locked)):
+        if flag:
+            return reason
+    return None
 
 
 UserLoader = Callable[[str], AuthUser | None]
@@ -123,7 +138,8 @@ class Authenticator:
 
     # -- who -------------------------------------------------------------------------------------
     def authenticate(self, headers: Mapping[str, str], cookies: Mapping[str, str]) -> Auth:
-        """Verify the request's session token (401 errors) and refuse banned/deleted users."""
+        """Verify the request's session token (401 errors) and refuse blocked users: banned/deleted as
+        signed out (401), deprovisioned/locked with 403 (signing in again cannot help)."""
         return self._check_user(self.verifier.verify(token_from_request(headers, cookies)))
 
     async def aauthenticate(self, headers: Mapping[str, str], cookies: Mapping[str, str]) -> Auth:
@@ -132,18 +148,28 @@ class Authenticator:
         return self._check_user(await self.verifier.averify(token_from_request(headers, cookies)))
 
     def _check_user(self, auth: Auth) -> Auth:
-        if self.deny_list.is_user_blocked(auth.user_id):
+        reason = self.deny_list.blocked_reason(auth.user_id)
+        if reason == "deprovisioned":
+            raise UserDeprovisioned(f"user {auth.user_id} was deprovisioned by the organization's identity provider")
+        if reason == "locked":
+            raise UserLocked(f"user {auth.user_id} is locked in Clerk (too many failed sign-ins)")
+        if reason is not None:
             raise SessionUserBanned("user is banned or deleted")
         return auth
 
     # -- may they --------------------------------------------------------------------------------
     def user(self, auth: Auth) -> AuthUser:
-        """The caller's DB row (403 when it does not exist yet or is banned/deleted)."""
+        """The caller's DB row, read now (so a ban or deprovisioning applies at once, before the deny
+        list's next refresh): 403 when it does not exist yet or is deprovisioned/locked, 401 when
+        banned/deleted."""
         user = self._load_user(auth.user_id)
         if user is None:
             raise AccessDenied("no user row yet for this session (webhook not arrived; use JIT sync)")
+        refusal = standing_error(user)
         if user.banned or user.deleted_at is not None:
             raise SessionUserBanned("user is banned or deleted")
+        if refusal is not None:
+            raise refusal
         return user
 
     def require_role(self, auth: Auth, *roles: str) -> AuthUser:

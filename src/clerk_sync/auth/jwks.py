@@ -1,8 +1,11 @@
 """Where session-token keys come from: a PEM (networkless) or Clerk's JWKS, cached.
 
-Security: an unknown ``kid`` triggers at most one JWKS fetch per ``cooldown_s`` (PyJWT refetches for
-every unknown kid, which lets an unauthenticated client turn each request into an upstream call).
-Requests whose kid is cached never wait on a fetch.
+Rotation versus flooding: a token with an unknown ``kid`` refetches the JWKS once the last fetch is
+``min_refetch_s`` old (a few seconds), so a key Clerk has just rotated in verifies almost at once even
+right after start-up. A refetch that does *not* find the kid (a forged or random kid) starts the
+``cooldown_s``: until it ends, no unknown kid fetches again, so a flood of random kids costs at most
+one fetch per cooldown (PyJWT refetches for every unknown kid, which lets an unauthenticated client
+turn each request into an upstream call). Requests whose kid is cached never wait on a fetch.
 """
 
 from __future__ import annotations
@@ -57,7 +60,11 @@ def _normalise_pem(pem: str) -> str:
 
 
 class JWKSKeySource:
-    """Keys by kid from a JWKS URL, cached ``ttl_s``; unknown kids refetch at most once per cooldown."""
+    """Keys by kid from a JWKS URL, cached ``ttl_s``.
+
+    An unknown kid refetches when the last fetch is ``min_refetch_s`` old, unless an unknown kid
+    missed within the last ``cooldown_s`` (see the module docstring).
+    """
 
     def __init__(
         self,
@@ -67,6 +74,7 @@ class JWKSKeySource:
         headers: dict[str, str] | None = None,
         ttl_s: float = 300.0,
         cooldown_s: float = 30.0,
+        min_refetch_s: float = 5.0,
         fetch_timeout_s: float = 5.0,
         now: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -75,32 +83,35 @@ class JWKSKeySource:
         self._headers = headers or {}
         self._ttl = ttl_s
         self._cooldown = cooldown_s
+        self._floor = min_refetch_s
         self._timeout = fetch_timeout_s
         self._now = now
         self._keys: dict[str, RSAPublicKey] = {}
         self._fetched_at: float | None = None
         self._last_attempt: float | None = None
+        self._last_miss: float | None = None  # the last unknown-kid fetch that did not find its kid
         self._lock = threading.Lock()
         self.fetches = 0
 
     def get(self, kid: str | None, *, allow_fetch: bool = True) -> RSAPublicKey:
         key = self._keys.get(kid or "")
         if key is not None:
-            if self._is_stale() and self._may_fetch():
+            if self._is_stale() and self._may_refresh():
                 # Past the TTL: refresh so a key Clerk has withdrawn stops being trusted. Async callers
                 # do it off the event loop (NeedsFetch); concurrent callers keep using the cached key.
                 if not allow_fetch:
                     raise NeedsFetch
-                self._refresh(wait=False)
+                self._refresh(wait=False, allowed=self._may_refresh)
                 key = self._keys.get(kid or "")
                 if key is None:
                     raise TokenKeyUnknown(f"key {kid!r} is no longer in {self.url}")
             return key
         if not allow_fetch:
-            if self._may_fetch():
+            if self._may_fetch_unknown():
                 raise NeedsFetch
             raise TokenKeyUnknown(f"no key with kid {kid!r} (JWKS refetch on cooldown)")
-        self._refresh(wait=True)  # an unknown kid (rotation) waits for a fetch already in flight
+        # An unknown kid (rotation) waits for a fetch already in flight.
+        self._refresh(wait=True, allowed=self._may_fetch_unknown, kid=kid or "")
         key = self._keys.get(kid or "")
         if key is None:
             raise TokenKeyUnknown(f"no key with kid {kid!r} in {self.url}")
@@ -108,36 +119,49 @@ class JWKSKeySource:
 
     def prefetch(self) -> int:
         """Fetch the JWKS now (at start-up, or from ``clerk-sync doctor``); returns how many keys it holds."""
-        self._refresh(wait=True)
+        self._refresh(wait=True, allowed=lambda: True)
         return len(self._keys)
 
     def _is_stale(self) -> bool:
         return self._fetched_at is None or self._now() - self._fetched_at >= self._ttl
 
-    def _may_fetch(self) -> bool:
-        return self._last_attempt is None or self._now() - self._last_attempt >= self._cooldown
+    def _since(self, moment: float | None) -> float:
+        return float("inf") if moment is None else self._now() - moment
 
-    def _refresh(self, *, wait: bool) -> None:
+    def _may_refresh(self) -> bool:
+        """A TTL refresh: at most one attempt per cooldown (a failing endpoint is not hammered)."""
+        return self._since(self._last_attempt) >= self._cooldown
+
+    def _may_fetch_unknown(self) -> bool:
+        """An unknown kid: past the short floor, and no unknown kid missed within the cooldown."""
+        return self._since(self._last_attempt) >= self._floor and self._since(self._last_miss) >= self._cooldown
+
+    def _refresh(self, *, wait: bool, allowed: Callable[[], bool], kid: str | None = None) -> None:
         if not self._lock.acquire(blocking=wait):
             return  # another thread is fetching; serve what we have
         try:
-            if not self._may_fetch():
-                return
-            self._last_attempt = self._now()
-            self.fetches += 1
-            try:
-                response = self._client.get(self.url, headers=self._headers, timeout=self._timeout)
-                response.raise_for_status()
-                keys = _parse_jwks(response.json())
-            except (httpx.HTTPError, ValueError) as exc:
-                if not self._keys:
-                    raise TokenKeyUnknown(f"JWKS fetch from {self.url} failed: {exc}") from exc
-                return  # keep serving the keys we have; the cooldown limits retries
-            if keys or not self._keys:  # an empty answer is a misconfiguration, not "trust nothing"
-                self._keys = keys
-            self._fetched_at = self._now()
+            if (kid is not None and kid in self._keys) or not allowed():
+                return  # fetched meanwhile by the thread we waited for, or not allowed yet
+            self._fetch()
+            if kid is not None and kid not in self._keys:
+                self._last_miss = self._now()
         finally:
             self._lock.release()
+
+    def _fetch(self) -> None:
+        self._last_attempt = self._now()
+        self.fetches += 1
+        try:
+            response = self._client.get(self.url, headers=self._headers, timeout=self._timeout)
+            response.raise_for_status()
+            keys = _parse_jwks(response.json())
+        except (httpx.HTTPError, ValueError) as exc:
+            if not self._keys:
+                raise TokenKeyUnknown(f"JWKS fetch from {self.url} failed: {exc}") from exc
+            return  # keep serving the keys we have; the floor and cooldown limit retries
+        if keys or not self._keys:  # an empty answer is a misconfiguration, not "trust nothing"
+            self._keys = keys
+        self._fetched_at = self._now()
 
 
 def _parse_jwks(document: Any) -> dict[str, RSAPublicKey]:

@@ -187,7 +187,8 @@ def verifier_from_settings(settings: Settings, *, http: httpx.Client | None = No
                 )
             url = settings.clerk_api_url.rstrip("/") + "/v1/jwks"
             headers["Authorization"] = f"Bearer {settings.clerk_secret_key.get_secret_value()}"
-        keys = JWKSKeySource(url, client=http or httpx.Client(), headers=headers)
+        keys = JWKSKeySource(url, client=http or httpx.Client(), headers=headers,
+                             min_refetch_s=settings.jwks_min_refetch_s)
     return SessionVerifier(keys, claims, revocations=revocations)
 
 

@@ -11,7 +11,8 @@ Usage::
     users = JitUsers(store, clerk=ClerkClient.from_settings(settings))
     user = users.get_auth_user(auth.user_id)          # or: await users.aget_auth_user(...)
 
-Errors: :class:`~clerk_sync.errors.UserDeleted` (410), :class:`~clerk_sync.errors.UserBanned` (403),
+Errors: :class:`~clerk_sync.errors.UserDeleted` (410), :class:`~clerk_sync.errors.UserBanned` (403; its
+leaves :class:`~clerk_sync.errors.UserLocked` and :class:`~clerk_sync.errors.UserDeprovisioned` too),
 :class:`~clerk_sync.errors.ClerkUnavailable` / :class:`~clerk_sync.errors.RateLimited` (503 with
 ``retry_after``) when the row is missing and Clerk cannot be asked within ``timeout_s``.
 """
@@ -27,12 +28,23 @@ import sqlalchemy as sa
 
 from clerk_sync.clerk_api import AsyncClerkClient, ClerkClient
 from clerk_sync.engine import Entity, Upsert
-from clerk_sync.errors import ClerkNotFound, ClerkUnavailable, UserBanned, UserDeleted
+from clerk_sync.errors import (
+    ClerkAPIError,
+    ClerkNotFound,
+    ClerkUnavailable,
+    RateLimited,
+    StoreError,
+    UserBanned,
+    UserDeleted,
+    UserDeprovisioned,
+    UserLocked,
+)
 from clerk_sync.events import user_record
+from clerk_sync.metrics import Metrics
 from clerk_sync.store import Store
 from clerk_sync.tables import users
 
-__all__ = ["AuthUser", "JitUsers", "load_user", "read_user"]
+__all__ = ["AuthUser", "JitUsers", "load_user", "read_user", "standing_error"]
 
 JSON = dict[str, Any]
 
@@ -56,6 +68,7 @@ class AuthUser:
     plan: str
     banned: bool
     locked: bool
+    deprovisioned: bool
     last_sign_in_at: int | None
     clerk_created_at: int | None
     clerk_updated_at: int
@@ -83,12 +96,30 @@ def read_user(store: Store, clerk_id: str) -> AuthUser | None:
         return load_user(conn, clerk_id)
 
 
-def _usable(user: AuthUser) -> AuthUser:
+def standing_error(user: AuthUser) -> UserBanned | UserDeleted | None:
+    """Why this user may not be served (deleted, banned, deprovisioned, locked), or None."""
     if user.deleted_at is not None:
-        raise UserDeleted(f"user {user.clerk_id} was deleted")
+        return UserDeleted(f"user {user.clerk_id} was deleted")
     if user.banned:
-        raise UserBanned(f"user {user.clerk_id} is banned")
+        return UserBanned(f"user {user.clerk_id} is banned")
+    if user.deprovisioned:
+        return UserDeprovisioned(f"user {user.clerk_id} was deprovisioned by the organization's identity provider")
+    if user.locked:
+        return UserLocked(f"user {user.clerk_id} is locked in Clerk (too many failed sign-ins)")
+    return None
+
+
+def _usable(user: AuthUser) -> AuthUser:
+    refusal = standing_error(user)
+    if refusal is not None:
+        raise refusal
     return user
+
+
+def _failure(exc: Exception) -> str:
+    if isinstance(exc, RateLimited):
+        return "rate_limited"
+    return "unavailable" if isinstance(exc, ClerkUnavailable) else "error"
 
 
 class JitUsers:
@@ -99,11 +130,17 @@ class JitUsers:
     """
 
     def __init__(self, store: Store, *, clerk: ClerkClient | None = None,
-                 aclerk: AsyncClerkClient | None = None, timeout_s: float = 5.0) -> None:
+                 aclerk: AsyncClerkClient | None = None, timeout_s: float = 5.0,
+                 metrics: Metrics | None = None) -> None:
         self.store = store
         self.clerk = clerk
         self.aclerk = aclerk
         self.timeout_s = timeout_s
+        self.metrics = metrics  # counts fetches by outcome: clerk_sync_jit_fetches_total{outcome}
+
+    def _count(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.jit.labels(outcome=outcome).inc()
 
     # -- blocking ---------------------------------------------------------------------------
     def get_auth_user(self, user_id: str) -> AuthUser:
@@ -120,7 +157,11 @@ class JitUsers:
         try:
             data = self.clerk.get_user(user_id, deadline_s=self.timeout_s)
         except ClerkNotFound:
+            self._count("not_found")
             raise UserDeleted(f"user {user_id} does not exist in Clerk") from None
+        except ClerkAPIError as exc:
+            self._count(_failure(exc))
+            raise
         user = self._store(data)
         return _usable(user) if check else user
 
@@ -141,8 +182,13 @@ class JitUsers:
             with anyio.fail_after(self.timeout_s + 1.0):
                 data = await self.aclerk.get_user(user_id, deadline_s=self.timeout_s)
         except ClerkNotFound:
+            self._count("not_found")
             raise UserDeleted(f"user {user_id} does not exist in Clerk") from None
+        except ClerkAPIError as exc:
+            self._count(_failure(exc))
+            raise
         except TimeoutError:
+            self._count("unavailable")
             raise ClerkUnavailable(f"Clerk did not answer within {self.timeout_s}s", retry_after=1.0) from None
         user = await anyio.to_thread.run_sync(self._store, data)
         return _usable(user) if check else user
@@ -154,9 +200,14 @@ class JitUsers:
     def _store(self, data: JSON) -> AuthUser:
         """Upsert through the webhook path's guard, then read back what won (maybe a newer webhook)."""
         record = user_record(data)
-        with self.store.transaction() as writer:
-            writer.apply(Upsert(Entity.USER, record))
-            user = load_user(writer.conn, record.clerk_id)
+        try:
+            with self.store.transaction() as writer:
+                writer.apply(Upsert(Entity.USER, record))
+                user = load_user(writer.conn, record.clerk_id)
+        except StoreError:
+            self._count("db_error")
+            raise
+        self._count("stored")
         assert user is not None  # we just wrote it, inside this transaction
         return user
 

@@ -36,6 +36,8 @@ from clerk_sync.clerk_api._policy import (
 from clerk_sync.clerk_api.ratelimit import Budget, LocalBudget, budget_from_settings, default_rate_limit
 from clerk_sync.config import Settings
 from clerk_sync.errors import ConfigError
+from clerk_sync.metrics import Metrics
+from clerk_sync.tracing import span
 
 __all__ = ["API_VERSION", "DEFAULT_API_URL", "DEFAULT_TIMEOUT", "AsyncClerkClient", "ClerkClient"]
 
@@ -50,6 +52,10 @@ def _user_agent() -> str:
         return f"clerk-sync/{version('clerk-sync')}"
     except PackageNotFoundError:  # pragma: no cover - running from a source tree
         return "clerk-sync"
+
+
+def _span_attributes(req: ApiRequest[Any]) -> dict[str, str]:
+    return {"http.request.method": req.method, "url.template": req.endpoint}
 
 
 class _Base:
@@ -67,6 +73,7 @@ class _Base:
         clock: Callable[[], float] = time.monotonic,
         rng: Callable[[], float] = random.random,
         owns_budget: bool = False,
+        metrics: Metrics | None = None,
     ) -> None:
         if not secret_key:
             raise ConfigError("CLERK_SECRET_KEY is not set (Clerk Dashboard -> API keys -> Secret keys)")
@@ -82,7 +89,12 @@ class _Base:
             "Accept": "application/json",
         }
         self._ctx = _Context(api_url.rstrip("/") + "/v1", headers, timeout, self.retry, self.breaker,
-                             self.stats, clock, rng)
+                             self.stats, clock, rng, metrics.api_call if metrics is not None else None)
+        if metrics is not None:
+            # A local budget knows its tokens; asking Redis would cost a round trip per scrape.
+            local = hasattr(self.budget, "available")
+            metrics.watch_clerk_client(breaker_open=lambda: self.breaker.is_open,
+                                       budget_tokens=(lambda: float(self.budget.available())) if local else None)  # type: ignore[attr-defined]
 
     @staticmethod
     def _settings_kwargs(settings: Settings, budget: Budget | None) -> dict[str, Any]:
@@ -138,12 +150,13 @@ class ClerkClient(_Base):
     def _run(self, req: ApiRequest[T], deadline_s: float | None) -> T:
         flow = call_flow(self._ctx, req, deadline_s)
         reply: Any = None
-        while True:
-            try:
-                step = flow.send(reply)
-            except StopIteration as stop:
-                return stop.value  # type: ignore[no-any-return]
-            reply = self._execute(step)
+        with span(f"clerk_api {req.method} {req.endpoint}", _span_attributes(req)):
+            while True:
+                try:
+                    step = flow.send(reply)
+                except StopIteration as stop:
+                    return stop.value  # type: ignore[no-any-return]
+                reply = self._execute(step)
 
     def _execute(self, step: Step) -> Any:
         if isinstance(step, Acquire):
@@ -243,12 +256,13 @@ class AsyncClerkClient(_Base):
     async def _run(self, req: ApiRequest[T], deadline_s: float | None) -> T:
         flow = call_flow(self._ctx, req, deadline_s)
         reply: Any = None
-        while True:
-            try:
-                step = flow.send(reply)
-            except StopIteration as stop:
-                return stop.value  # type: ignore[no-any-return]
-            reply = await self._execute(step)
+        with span(f"clerk_api {req.method} {req.endpoint}", _span_attributes(req)):
+            while True:
+                try:
+                    step = flow.send(reply)
+                except StopIteration as stop:
+                    return stop.value  # type: ignore[no-any-return]
+                reply = await self._execute(step)
 
     async def _execute(self, step: Step) -> Any:
         if isinstance(step, Acquire):

@@ -72,7 +72,7 @@ def _compact(body: JSON) -> JSON:
 
 
 def get_user(user_id: str) -> ApiRequest[JSON]:
-    return ApiRequest("GET", f"/users/{_id(user_id)}", _object, coalesce=True)
+    return ApiRequest("GET", f"/users/{_id(user_id)}", _object, coalesce=True, route="/users/{id}")
 
 
 def list_users(limit: int, offset: int, order_by: str | None, user_ids: Sequence[str]) -> ApiRequest[list[JSON]]:
@@ -85,7 +85,8 @@ def count_users() -> ApiRequest[int]:
 
 
 def get_organization(org_id: str) -> ApiRequest[JSON]:
-    return ApiRequest("GET", f"/organizations/{_id(org_id)}", _object, coalesce=True)
+    return ApiRequest("GET", f"/organizations/{_id(org_id)}", _object, coalesce=True,
+                      route="/organizations/{id}")
 
 
 def list_organizations(limit: int, offset: int, order_by: str | None, org_ids: Sequence[str]) -> ApiRequest[Page]:
@@ -95,7 +96,8 @@ def list_organizations(limit: int, offset: int, order_by: str | None, org_ids: S
 
 def list_organization_memberships(org_id: str, limit: int, offset: int, order_by: str | None) -> ApiRequest[Page]:
     params = tuple(_paging(limit, offset, order_by))
-    return ApiRequest("GET", f"/organizations/{_id(org_id)}/memberships", _page, params)
+    return ApiRequest("GET", f"/organizations/{_id(org_id)}/memberships", _page, params,
+                      route="/organizations/{id}/memberships")
 
 
 def list_all_organization_memberships(limit: int, offset: int, order_by: str | None) -> ApiRequest[Page]:
@@ -105,7 +107,7 @@ def list_all_organization_memberships(limit: int, offset: int, order_by: str | N
 def update_user_metadata(user_id: str, public: JSON | None, private: JSON | None,
                          unsafe: JSON | None) -> ApiRequest[JSON]:
     body = _compact({"public_metadata": public, "private_metadata": private, "unsafe_metadata": unsafe})
-    return ApiRequest("PATCH", f"/users/{_id(user_id)}/metadata", _object, json=body)
+    return ApiRequest("PATCH", f"/users/{_id(user_id)}/metadata", _object, json=body, route="/users/{id}/metadata")
 
 
 def create_actor_token(user_id: str, actor: JSON, expires_in_seconds: int | None,
@@ -121,4 +123,4 @@ def create_sign_in_token(user_id: str, expires_in_seconds: int | None) -> ApiReq
 
 
 def revoke_session(session_id: str) -> ApiRequest[JSON]:
-    return ApiRequest("POST", f"/sessions/{_id(session_id)}/revoke", _object)
+    return ApiRequest("POST", f"/sessions/{_id(session_id)}/revoke", _object, route="/sessions/{id}/revoke")

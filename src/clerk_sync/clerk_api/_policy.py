@@ -60,6 +60,11 @@ class ApiRequest(Generic[T]):
     json: Any = None
     idempotent: bool = True
     coalesce: bool = False
+    route: str = ""  # the path template for metrics and spans (``/users/{id}``); default: ``path``
+
+    @property
+    def endpoint(self) -> str:
+        return self.route or self.path
 
     @property
     def key(self) -> tuple[str, str, tuple[tuple[str, str], ...]]:
@@ -192,6 +197,7 @@ class _Context:
     stats: Stats
     clock: Clock
     rng: Callable[[], float] = random.random
+    on_response: Callable[[str, int | None], None] | None = None  # (endpoint, status): the metrics hook
 
 
 _RETRYABLE_STATUS = frozenset({500, 502, 503, 504})
@@ -216,6 +222,8 @@ def call_flow(ctx: _Context, req: ApiRequest[T], deadline_s: float | None = None
         outcome = yield Send(_build(ctx, req, deadline - ctx.clock()))
         status = outcome.status_code if isinstance(outcome, httpx.Response) else None
         ctx.stats.sent(status)
+        if ctx.on_response is not None:
+            ctx.on_response(req.endpoint, status)
         if isinstance(outcome, httpx.Response) and status is not None and status < 400:
             ctx.breaker.success()
             return req.parse(outcome.json() if outcome.content else None)

@@ -120,6 +120,12 @@ class LocalBudget:
         self._tokens = min(self.limit.capacity, self._tokens + elapsed * self.limit.rate)
         self._stamp = now
 
+    def available(self) -> float:
+        """Tokens left right now (negative while a 429 penalty lasts): the budget gauge reads it."""
+        with self._lock:
+            self._refill()
+            return self._tokens
+
     def reserve(self, max_wait: float) -> Reservation:
         with self._lock:
             self._refill()

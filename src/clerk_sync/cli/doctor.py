@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -13,7 +14,7 @@ from clerk_sync.errors import ClerkSyncError
 from clerk_sync.mapping import SchemaMapping, check_schema
 from clerk_sync.store import Store
 
-__all__ = ["Check", "run_checks"]
+__all__ = ["Check", "run_checks", "run_freshness"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +57,23 @@ def _mapping_checks(settings: Settings, mapping: SchemaMapping) -> list[Check]:
     return [Check("mapping", s, p) for s, p in problems] or [Check("mapping", "ok", f"{tables} match the mapping")]
 
 
+def run_freshness(settings: Settings, *, now: Callable[[], float] = time.time) -> list[Check]:
+    """``doctor --freshness``: the alert rules' questions, answered from the database."""
+    from clerk_sync.freshness import check_freshness, read_snapshot
+
+    store = Store.from_url(settings.sqlalchemy_url())
+    try:
+        snap = read_snapshot(store)
+    except ClerkSyncError as exc:
+        return [Check("database", "fail", f"{exc}; check DATABASE_URL and run `clerk-sync migrate`")]
+    finally:
+        store.dispose()
+    found = check_freshness(snap, now=now(), max_delivery_age_s=settings.freshness_max_delivery_age_s,
+                            max_failed=settings.freshness_max_failed,
+                            max_reconcile_age_s=settings.freshness_max_reconcile_age_s)
+    return [Check(c.name, c.status, c.detail) for c in found]
+
+
 def _guard(name: str, fn: Callable[[], tuple[str, str]]) -> Check:
     try:
         status, detail = fn()
@@ -70,7 +88,7 @@ def _webhook_secret(settings: Settings) -> tuple[str, str]:
 
 
 def _database(settings: Settings) -> tuple[str, str]:
-    store = Store.from_url(settings.sqlalchemy_url())
+    store = Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts())
     try:
         store.ping()
         current = migrations.current_revision(store.engine)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -37,7 +38,7 @@ def migrate(
 
     settings = _settings()
     schema = load_mapping(mapping)
-    store = Store.from_url(settings.sqlalchemy_url())
+    store = Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts())
     migrations.upgrade(store.engine)
     console.print(f"[green]migrations current[/] ({migrations.head_revision()}) on {_safe(settings)}")
     if schema is not None:
@@ -52,7 +53,11 @@ def serve(
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to bind.")] = 8000,
     workers: Annotated[int, typer.Option(help="Worker processes (PostgreSQL for more than 1).")] = 1,
-    migrate_first: Annotated[bool, typer.Option("--migrate/--no-migrate", help="Apply migrations first.")] = True,
+    migrate_first: Annotated[bool, typer.Option(
+        "--migrate/--no-migrate",
+        help="Apply migrations in the background from start-up (retried while the database is down); "
+             "--no-migrate when a deploy step runs `clerk-sync migrate` or this role may not change the schema.",
+    )] = True,
     json_logs: Annotated[bool, typer.Option("--json-logs", help="Log JSON lines.")] = False,
     hooks: Annotated[str | None, typer.Option(help=HOOKS_HELP + " Dispatched by a thread.")] = None,
     mapping: Annotated[str | None, typer.Option(help=MAPPING_HELP)] = None,
@@ -66,23 +71,27 @@ def serve(
     configure_logging(settings.log_level, json=json_logs)
     if (hooks or mapping) and workers > 1:
         raise ConfigError("--hooks/--mapping run in one process: use --workers 1 (and `clerk-sync worker` beside it)")
-    store = Store.from_url(settings.sqlalchemy_url(), hooks=load_hooks(hooks) if hooks else (),
-                           mapping=load_mapping(mapping))
+    store = None
+    if hooks or mapping:
+        store = Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts(),
+                               hooks=load_hooks(hooks) if hooks else (), mapping=load_mapping(mapping))
     processor = build_processor(settings, store)  # fails here, once, on a missing/malformed secret
-    if migrate_first:
-        migrations.upgrade(processor.store.engine)
+    # The database may be down: the service starts anyway and answers 503 until it is back (and
+    # migrated), instead of exiting and leaving Svix's retries nowhere to land.
     console.print(f"clerk-sync serving on http://{host}:{port}/webhooks/clerk ({_safe(settings)})")
     if workers > 1:
+        os.environ["CLERK_SYNC_MIGRATE_ON_START"] = "1" if migrate_first else "0"  # for the worker processes
         _serve_workers(host, port, workers)
     else:
         from clerk_sync.hooks import Dispatcher
         from clerk_sync.integrations.starlette import create_app
 
-        dispatcher = Dispatcher(store) if store.hooks else None
+        app = create_app(settings, processor, migrate=migrate_first)
+        dispatcher = Dispatcher(processor.store) if processor.store.hooks else None  # retries while the DB is down
         if dispatcher is not None:
             dispatcher.start()
         try:
-            uvicorn.run(create_app(settings, processor), host=host, port=port, log_level="warning")
+            uvicorn.run(app, host=host, port=port, log_level="warning")
         finally:
             if dispatcher is not None:
                 dispatcher.stop()
@@ -101,8 +110,8 @@ def replay(
     from clerk_sync.ingest import replay_deliveries
 
     settings = _settings()
-    store = Store.from_url(settings.sqlalchemy_url(), hooks=load_hooks(with_hooks) if with_hooks else (),
-                           mapping=load_mapping(mapping))
+    store = Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts(),
+                           hooks=load_hooks(with_hooks) if with_hooks else (), mapping=load_mapping(mapping))
     report = replay_deliveries(store, status=status, since=parse_since(since), with_hooks=bool(with_hooks))
     store.dispose()
     console.print(f"replayed {report.total} deliveries: {report.by_status or 'none'}")
@@ -163,7 +172,7 @@ def users_promote(
     from clerk_sync.clerk_api import ClerkClient
 
     settings = _settings()
-    store = Store.from_url(settings.sqlalchemy_url())
+    store = Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts())
     clerk_id = find_user_by_email(store, email)
     if clerk_id is None:
         console.print(f"[red]error:[/] no synced user with email {email!r} (run `clerk-sync reconcile` first?)")
@@ -175,6 +184,52 @@ def users_promote(
         change = actions.promote(clerk_id, role, by=None)
     colour = "green" if change.status == "applied" else "yellow"
     console.print(f"[{colour}]{change.status}[/]: {email} ({clerk_id}) {change.previous_role} -> {role}")
+
+
+@app.command()
+def prune(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Count what is due; change nothing.")] = False,
+) -> None:
+    """Apply retention: redact old inbox payloads, delete older rows, clear tombstones (serve also runs it).
+
+    Ages come from CLERK_SYNC_INBOX_REDACT_AFTER_DAYS, CLERK_SYNC_INBOX_DELETE_AFTER_DAYS and
+    CLERK_SYNC_TOMBSTONE_CLEAR_AFTER_DAYS; failed deliveries are kept until replayed.
+    """
+    from clerk_sync.retention import Retention, RetentionPolicy
+
+    settings = _settings()
+    store = Store.from_url(settings.sqlalchemy_url())
+    try:
+        report = Retention(store, RetentionPolicy.from_settings(settings)).prune(dry_run=dry_run)
+    finally:
+        store.dispose()
+    verb = "would redact" if dry_run else "redacted"
+    typer.echo(f"{verb} {report.redacted} payload(s), {'would delete' if dry_run else 'deleted'} {report.deleted} "
+          f"delivery row(s), {'would clear' if dry_run else 'cleared'} {report.cleared} tombstone(s)")
+
+
+@users_app.command("erase")
+def users_erase(
+    clerk_id: Annotated[str, typer.Argument(help="Clerk user id (user_...).")],
+    reason: Annotated[str | None, typer.Option(help="Recorded in the audit log, e.g. a ticket id.")] = None,
+    actor: Annotated[str | None, typer.Option(help="Clerk id of the admin acting (audit log).")] = None,
+) -> None:
+    """Erase a user's personal data from every table and stored payload now (data-subject request).
+
+    The row stays as a tombstone with personal columns cleared, so no late event brings it back.
+    Delete the user in Clerk too, or the next reconcile cannot restore them either (the tombstone
+    is final) but Clerk still holds their data.
+    """
+    from clerk_sync.retention import Retention
+
+    settings = _settings()
+    store = Store.from_url(settings.sqlalchemy_url())
+    try:
+        report = Retention(store).erase_user(clerk_id, actor=actor, reason=reason)
+    finally:
+        store.dispose()
+    found = "erased" if report.row_existed else "no row for it; tombstone written"
+    typer.echo(f"{clerk_id}: {found}, {report.payloads_redacted} stored payload(s) redacted; audited as user.erased")
 
 
 @app.command()
@@ -200,7 +255,7 @@ def users_retry_pending() -> None:
     from clerk_sync.clerk_api import ClerkClient
 
     settings = _settings()
-    store = Store.from_url(settings.sqlalchemy_url())
+    store = Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts())
     with ClerkClient.from_settings(settings) as client:
         counts = AdminActions(store, client).retry_pending()
     store.dispose()
@@ -230,12 +285,17 @@ def _serve_workers(host: str, port: int, workers: int) -> None:
 
 @app.command()
 def doctor(
+    freshness: Annotated[bool, typer.Option("--freshness", help="Check sync freshness instead (for cron).")] = False,
     mapping: Annotated[str | None, typer.Option(help=MAPPING_HELP + " Checked against the live schema.")] = None,
 ) -> None:
-    """Check the configuration end to end: settings, database, migrations, Clerk API, session keys."""
-    from clerk_sync.cli.doctor import run_checks
+    """Check the configuration end to end: settings, database, migrations, Clerk API, session keys.
 
-    results = run_checks(_settings(), mapping=load_mapping(mapping))
+    ``--freshness`` asks what the alert rules ask (newest delivery, failed backlog, last reconcile);
+    exit code 1 when one fails.
+    """
+    from clerk_sync.cli.doctor import run_checks, run_freshness
+
+    results = run_freshness(_settings()) if freshness else run_checks(_settings(), mapping=load_mapping(mapping))
     out = Console(soft_wrap=True)  # the report is the command's output: stdout, one line per check
     for check in results:
         mark = {"ok": "[green]ok  [/]", "warn": "[yellow]warn[/]", "fail": "[red]FAIL[/]"}[check.status]

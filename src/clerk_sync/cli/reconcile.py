@@ -31,7 +31,8 @@ def reconcile_command(settings: Any, *, since: str | None, dry_run: bool, consol
 
     out = Console()
 
-    store = Store.from_url(settings.sqlalchemy_url(), hooks=hooks, mapping=mapping)
+    store = Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts(), hooks=hooks,
+                           mapping=mapping)
     shown = [0]
 
     def show(change: Change) -> None:

@@ -17,6 +17,9 @@ or impersonation link, signing out, the Dashboard's replay button) and expose th
 ``PUT  /_emulator/session_token_template``  claims template for session tokens (or ``null``)
 ``POST /_emulator/actor_tokens/{id}/accept``    impersonated session + token carrying ``act``
 ``POST /_emulator/sign_in_tokens/{id}/accept``  session (+ token) from a sign-in token
+``POST /_emulator/sessions``             ``{"user_id", "active_organization_id"?, "pending"?}``: a user
+                                          signs in (``pending``: must still choose an organization);
+                                          session + token
 ``POST /_emulator/sessions/{id}/end``     user signs out: ``session.ended``
 ``POST /_emulator/sessions/{id}/remove``  session removed: ``session.removed``
 ``GET  /.well-known/jwks.json``           Frontend-API JWKS (public, no key needed)
@@ -34,6 +37,7 @@ from starlette.routing import Route
 from . import sessions
 from .core import Emulator
 from .endpoints import admin_endpoint, base_url, bool_param, emulator_of, json_body
+from .errors import ClerkAPIError
 
 __all__ = ["admin_routes"]
 
@@ -132,6 +136,17 @@ async def accept_sign_in_token(request: Request) -> Any:
     return _with_token(request, sessions.accept_sign_in_token(store, request.path_params["token_id"]))
 
 
+async def sign_in(request: Request) -> Any:
+    body = await json_body(request)
+    user_id, org_id, pending = body.get("user_id"), body.get("active_organization_id"), body.get("pending", False)
+    if not isinstance(user_id, str):
+        raise ClerkAPIError.missing("user_id")
+    if not isinstance(pending, bool):
+        raise ClerkAPIError.invalid("pending", "pending must be a boolean")
+    store = emulator_of(request).store
+    return _with_token(request, sessions.create_session(store, user_id, organization_id=org_id, pending=pending))
+
+
 def _end_as(status: str) -> Any:
     async def handler(request: Request) -> Any:
         store = emulator_of(request).store
@@ -165,6 +180,7 @@ def admin_routes() -> list[Route]:
         _route("/session_token_template", set_template, "PUT"),
         _route("/actor_tokens/{token_id}/accept", accept_actor_token, "POST"),
         _route("/sign_in_tokens/{token_id}/accept", accept_sign_in_token, "POST"),
+        _route("/sessions", sign_in, "POST"),
         _route("/sessions/{session_id}/end", _end_as("ended"), "POST"),
         _route("/sessions/{session_id}/remove", _end_as("removed"), "POST"),
     ]

@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from clerk_sync.auth.authenticator import Authenticator
 from clerk_sync.auth.claims import Auth
-from clerk_sync.errors import StoreError, TokenError, TokenMissing
+from clerk_sync.errors import AccessDenied, ClerkSyncError, StoreError, TokenError, TokenMissing
 from clerk_sync.integrations.starlette import error_json
 
 __all__ = ["ClerkAuthBackend", "ClerkAuthMiddleware", "ClerkUser"]
@@ -52,16 +52,20 @@ class ClerkAuthBackend(AuthenticationBackend):
             auth = await self.authenticator.aauthenticate(conn.headers, conn.cookies)
         except TokenMissing:
             return None
-        except TokenError as exc:
+        except (TokenError, AccessDenied) as exc:  # AccessDenied: a deprovisioned or locked user
             raise AuthenticationError(exc.code) from exc
         scopes = ["authenticated", *([auth.org_role] if auth.org_role else []), *auth.org_permissions]
         return AuthCredentials(scopes), ClerkUser(auth)
 
 
 class ClerkAuthMiddleware:
-    """Pure ASGI: verifies the session on every HTTP request; 401 unless the path is declared public.
+    """Pure ASGI: verifies the session of every HTTP request and websocket handshake; refused unless the
+    path is declared public (HTTP: 401/403/503 JSON; websocket: closed before accept, see below).
 
     Sets ``scope["clerk_auth"]`` to the :class:`Auth` (or None on a public path without a session).
+    A refused websocket gets the same JSON answer as HTTP where the server supports the ASGI
+    ``websocket.http.response`` extension (uvicorn does), else a close before accept: code 1008
+    (policy violation) for a refused session, 1013 (try again later) when the database is down.
     """
 
     def __init__(self, app: ASGIApp, authenticator: Authenticator, *, public_paths: Iterable[str] = (),
@@ -72,27 +76,37 @@ class ClerkAuthMiddleware:
         self.public_paths = frozenset(public_paths)
         self.public_prefixes = tuple(public_prefixes)
 
+    def is_public(self, path: str) -> bool:
+        return path in self.public_paths or (bool(self.public_prefixes) and path.startswith(self.public_prefixes))
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
+        if scope["type"] not in ("http", "websocket") or "clerk_auth" in scope:
+            await self.app(scope, receive, send)  # lifespan, or an outer instance has decided already
             return
         path: str = scope["path"]
-        public = path in self.public_paths or (bool(self.public_prefixes) and path.startswith(self.public_prefixes))
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         try:
             auth = await self.authenticator.aauthenticate(headers, _cookies(headers))
             scope["clerk_auth"] = auth
             if auth.is_impersonated and self.audit_impersonation:
                 client = scope.get("client")
-                await run_in_threadpool(self.authenticator.audit_impersonated_request, auth, scope["method"], path,
-                                        client[0] if client else None)
-        except (TokenError, StoreError) as exc:
+                await run_in_threadpool(self.authenticator.audit_impersonated_request, auth,
+                                        scope.get("method", "GET"), path, client[0] if client else None)
+        except (TokenError, AccessDenied, StoreError) as exc:
             # A database outage (deny list unreadable) must not take public pages down with it.
-            if not public:
-                await error_json(exc)(scope, receive, send)
+            if not self.is_public(path):
+                await _refuse(exc, scope, receive, send)
                 return
             scope["clerk_auth"] = None
         await self.app(scope, receive, send)
+
+
+async def _refuse(exc: ClerkSyncError, scope: Scope, receive: Receive, send: Send) -> None:
+    if scope["type"] == "http" or "websocket.http.response" in scope.get("extensions", {}):
+        await error_json(exc)(scope, receive, send)  # Starlette turns it into a handshake denial
+        return
+    code = 1013 if isinstance(exc, StoreError) else 1008
+    await send({"type": "websocket.close", "code": code, "reason": exc.code})
 
 
 def _cookies(headers: dict[str, str]) -> dict[str, str]:

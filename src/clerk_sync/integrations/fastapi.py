@@ -4,7 +4,7 @@
 Usage::
 
     clerk = ClerkAuth(authenticator)
-    clerk.install(app)                       # maps our errors to 401/403/410/503
+    clerk.install(app, public_paths={"/", "/webhooks/clerk"})  # deny by default; 401/403/410/503 answers
 
     @app.get("/admin")
     def admin(user: AuthUser = Depends(clerk.require_role("admin"))): ...
@@ -15,7 +15,7 @@ so a route stays protected even where no middleware runs.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 try:
@@ -30,6 +30,7 @@ from clerk_sync.auth.claims import Auth
 from clerk_sync.auth.users import AuthUser, JitUsers
 from clerk_sync.errors import ClerkSyncError
 from clerk_sync.ingest import WebhookProcessor
+from clerk_sync.integrations.asgi import ClerkAuthMiddleware
 from clerk_sync.integrations.starlette import build_processor, error_json, webhook_endpoint
 
 __all__ = ["ClerkAuth", "build_processor", "sync_me_router", "webhook_router"]
@@ -67,14 +68,25 @@ class ClerkAuth:
         # get_user(auth) -> user row; default: the users table. The JIT sync can be plugged in here.
         self._get_user: UserGetter = get_user or authenticator.user
 
-    def install(self, app: FastAPI) -> None:
-        """Translate clerk-sync errors into HTTP answers (through the one table in :mod:`.http`)."""
+    def install(self, app: FastAPI, *, public_paths: Iterable[str], public_prefixes: Iterable[str] = (),
+                deny_by_default: bool = True) -> None:
+        """Protect ``app`` itself: the deny-by-default :class:`ClerkAuthMiddleware` (every path not
+        declared public needs a session, routes without a dependency included), and clerk-sync errors
+        answered through the one table in :mod:`.http`.
+
+        ``public_paths`` is required so the choice is made on purpose: list your public pages and the
+        webhook path (its signature is its authentication). ``deny_by_default=False`` leaves protection
+        to the dependencies alone, route by route.
+        """
 
         async def handle(_: Request, exc: Exception) -> JSONResponse:
             assert isinstance(exc, ClerkSyncError)
             return error_json(exc)
 
         app.add_exception_handler(ClerkSyncError, handle)
+        if deny_by_default:
+            app.add_middleware(ClerkAuthMiddleware, authenticator=self.authenticator,
+                               public_paths=public_paths, public_prefixes=public_prefixes)
 
     async def current_auth(self, request: Request) -> Auth:
         """The verified session (401 when missing/invalid/revoked)."""

@@ -8,11 +8,16 @@ Usage in your own app::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import asyncio
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
 
+import anyio
 import structlog
 from anyio import CapacityLimiter, to_thread
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
@@ -21,13 +26,18 @@ from starlette.routing import BaseRoute, Route
 from clerk_sync import migrations
 from clerk_sync.config import Settings
 from clerk_sync.errors import ClerkSyncError, PayloadTooLarge, StoreError, WebhookError
-from clerk_sync.ingest import WebhookProcessor
+from clerk_sync.freshness import database_probe
+from clerk_sync.ingest import Outcome, WebhookProcessor
+from clerk_sync.integrations._gate import KeyGate, delivery_keys
 from clerk_sync.integrations.http import error_response
 from clerk_sync.metrics import CONTENT_TYPE_LATEST
+from clerk_sync.retention import PruneReport, Retention, RetentionPolicy
 from clerk_sync.store import Store
 from clerk_sync.webhooks import WebhookVerifier
 
 __all__ = [
+    "PruneSchedule",
+    "StartupMigration",
     "app_from_env",
     "build_processor",
     "create_app",
@@ -38,16 +48,18 @@ __all__ = [
 ]
 
 log = structlog.get_logger("clerk_sync.http")
+T = TypeVar("T")
 
 
 def build_processor(settings: Settings, store: Store | None = None) -> WebhookProcessor:
     """Wire the processor from settings; raises ConfigError at start-up, not per request."""
     verifier = WebhookVerifier(settings.webhook_secrets(), tolerance_s=settings.webhook_tolerance_s)
     return WebhookProcessor(
-        store or Store.from_url(settings.sqlalchemy_url()),
+        store or Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts()),
         verifier,
         instance_id=settings.instance_id,
         max_body_bytes=settings.max_body_bytes,
+        log_level=settings.delivery_log_level,
     )
 
 
@@ -72,13 +84,25 @@ async def read_limited_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def webhook_endpoint(processor: WebhookProcessor, *, threads: int = 4) -> Any:
+def webhook_endpoint(processor: WebhookProcessor, *, threads: int = 4, slow_s: float = 0.5,
+                     key_patience_s: float = 0.5, not_ready: Callable[[], str | None] | None = None) -> Any:
     """An ASGI endpoint for ``POST /webhooks/clerk``.
 
     ``threads`` caps concurrent deliveries in the thread pool: the work is GIL-bound, and more
-    threads than that only queue for the GIL (and lengthen the latency tail).
+    threads than that only queue for the GIL (and lengthen the latency tail). A delivery still
+    running after ``slow_s`` is waiting on the database (a lock held by a stuck replica), not on the
+    CPU: it gives its place back so unrelated deliveries do not queue behind it (the database's own
+    ``lock_timeout`` ends its wait). Deliveries for one user or organization take turns
+    (:class:`~._gate.KeyGate`): while one of them is stuck, the others are refused (503) after
+    ``key_patience_s``. ``not_ready()`` says why deliveries must wait (503, nothing written), e.g.
+    migrations pending.
     """
     limiters: list[CapacityLimiter] = []  # created on first use, inside the event loop
+    gate = KeyGate(patience_s=key_patience_s)
+
+    def process(headers: dict[str, str], body: bytes) -> Outcome:
+        with gate.hold(delivery_keys(headers.get("svix-id") or headers.get("webhook-id"), body)):
+            return processor.process(headers, body)
 
     async def endpoint(request: Request) -> Response:
         # Unverified, but it correlates every log line of this delivery (refusals included).
@@ -87,23 +111,52 @@ def webhook_endpoint(processor: WebhookProcessor, *, threads: int = 4) -> Any:
             return await _handle(request)
 
     async def _handle(request: Request) -> Response:
+        waiting = not_ready() if not_ready is not None else None
+        if waiting is not None:
+            return error_json(StoreError(waiting))
         try:
             body = await read_limited_body(request, processor.max_body_bytes)
             # The store is synchronous (SQLAlchemy Core): run it off the event loop.
-            outcome = await to_thread.run_sync(processor.process, dict(request.headers), body,
-                                               limiter=_limiter(limiters, threads))
+            outcome = await _in_slot(_limiter(limiters, threads), slow_s, process, dict(request.headers), body)
         except WebhookError as exc:
             log.info("webhook_refused", code=exc.code, reason=str(exc))
-            processor.metrics.events.labels(type="unknown", status=exc.code).inc()
+            processor.metrics.refused.labels(code=exc.code).inc()
             return error_json(exc)
         except StoreError as exc:
             log.warning("webhook_store_error", reason=str(exc))
+            processor.metrics.db_errors.labels(operation="webhook").inc()
+            processor.metrics.unavailable.inc()
             return error_json(exc)
         except ClientDisconnect:
             return Response(status_code=400)
         return JSONResponse({"status": outcome.status, "svix_id": outcome.svix_id})
 
     return endpoint
+
+
+async def _in_slot(slots: CapacityLimiter, slow_s: float, fn: Callable[..., T], *args: Any) -> T:
+    """Run ``fn`` in a worker thread holding one of ``slots`` for at most ``slow_s`` (see
+    :func:`webhook_endpoint`); the thread pool's own limit still bounds the threads."""
+    borrower = object()
+    await slots.acquire_on_behalf_of(borrower)
+    held = True
+
+    def give_back() -> None:
+        nonlocal held
+        if held:
+            held = False
+            slots.release_on_behalf_of(borrower)
+
+    try:  # a timer on the event loop: cheaper than a watchdog task per delivery
+        timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(slow_s, give_back)
+    except RuntimeError:  # not asyncio (trio): the place is held to the end
+        timer = None
+    try:
+        return await to_thread.run_sync(fn, *args)
+    finally:
+        if timer is not None:
+            timer.cancel()
+        give_back()
 
 
 def _limiter(holder: list[CapacityLimiter], threads: int) -> CapacityLimiter:
@@ -117,7 +170,50 @@ def webhook_routes(processor: WebhookProcessor, path: str = "/webhooks/clerk") -
     return [Route(path, webhook_endpoint(processor), methods=["POST"])]
 
 
-def _service_routes(processor: WebhookProcessor) -> Sequence[BaseRoute]:
+class StartupMigration:
+    """``serve`` migrates in the background instead of refusing to start when the database is down:
+    until the migration has run, ``/readyz`` and deliveries answer 503 (Svix retries); attempts back
+    off from ``first_delay_s`` to ``max_delay_s``."""
+
+    def __init__(self, engine: Engine, *, first_delay_s: float = 0.5, max_delay_s: float = 30.0) -> None:
+        self.engine = engine
+        self.done = False
+        self.error: str | None = None
+        self.attempts = 0
+        self._first, self._max = first_delay_s, max_delay_s
+
+    def pending(self) -> str | None:
+        """Why deliveries must wait, or None once migrations are current."""
+        if self.done:
+            return None
+        last = f" (last attempt: {self.error})" if self.error else ""
+        return f"database not ready: migrations have not run yet, retrying in the background{last}"
+
+    async def attempt(self) -> bool:
+        """One try; True once migrations are current."""
+        self.attempts += 1
+        try:
+            await to_thread.run_sync(migrations.upgrade, self.engine)
+        except SQLAlchemyError as exc:
+            orig = getattr(exc, "orig", None) or exc
+            self.error = f"{type(orig).__name__}: {(str(orig).strip().splitlines() or [''])[0][:200]}"
+            return False
+        self.done, self.error = True, None
+        log.info("migrations_current", attempts=self.attempts)
+        return True
+
+    async def retry(self) -> None:
+        """Try again with backoff until it works (the service keeps answering meanwhile)."""
+        delay = self._first
+        while True:
+            log.warning("migration_retry", attempt=self.attempts, retry_in_s=delay, error=self.error)
+            await anyio.sleep(delay)
+            if await self.attempt():
+                return
+            delay = min(delay * 2, self._max)
+
+
+def _service_routes(processor: WebhookProcessor, migration: StartupMigration | None) -> Sequence[BaseRoute]:
     store = processor.store
 
     async def healthz(_: Request) -> Response:
@@ -126,34 +222,109 @@ def _service_routes(processor: WebhookProcessor) -> Sequence[BaseRoute]:
     async def readyz(_: Request) -> Response:
         def check() -> dict[str, Any]:
             store.ping()
-            return {"database": "ok", "migrations_current": migrations.is_current(store.engine)}
+            try:
+                current = migrations.is_current(store.engine)
+            except SQLAlchemyError as exc:  # went down between the two queries
+                raise StoreError(f"database error: {type(exc).__name__}") from exc
+            return {"database": "ok", "migrations_current": current}
 
         try:
             state = await to_thread.run_sync(check)
         except StoreError as exc:
-            return JSONResponse({"database": "down", "error": str(exc)}, status_code=503)
+            state = {"database": "down", "error": str(exc)}
+            if migration is not None and not migration.done:
+                state["hint"] = "migrations will run as soon as the database answers"
+            return JSONResponse(state, status_code=503)
         code = 200 if state["migrations_current"] else 503
         if code != 200:
-            state["hint"] = "run `clerk-sync migrate`"
+            pending = migration is not None and not migration.done
+            state["hint"] = "migrating in the background" if pending else "run `clerk-sync migrate`"
         return JSONResponse(state, status_code=code)
 
     async def metrics(_: Request) -> Response:
-        return Response(processor.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        # Off the event loop: rendering reads the database (cached freshness series).
+        return Response(await to_thread.run_sync(processor.metrics.render), media_type=CONTENT_TYPE_LATEST)
 
+    not_ready = migration.pending if migration is not None else None
     return [
-        *webhook_routes(processor),
+        Route("/webhooks/clerk", webhook_endpoint(processor, not_ready=not_ready), methods=["POST"]),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics),
     ]
 
 
-def create_app(settings: Settings, processor: WebhookProcessor | None = None) -> Starlette:
-    """The standalone sync service (``clerk-sync serve``)."""
+def create_app(settings: Settings, processor: WebhookProcessor | None = None, *, migrate: bool = False) -> Starlette:
+    """The standalone sync service (``clerk-sync serve``): the routes, database-backed freshness series on
+    ``/metrics``, and retention (``prune``) every ``CLERK_SYNC_PRUNE_INTERVAL_S`` (0: never).
+    ``migrate=True`` applies migrations in the background from start-up on (:class:`StartupMigration`),
+    so the service starts while the database is down."""
     processor = processor or build_processor(settings)
-    return Starlette(routes=list(_service_routes(processor)))
+    processor.metrics.watch_database(database_probe(processor.store))
+    retention = Retention(processor.store, RetentionPolicy.from_settings(settings), metrics=processor.metrics)
+    schedule = PruneSchedule(retention, settings.prune_interval_s)
+    migration = StartupMigration(processor.store.engine) if migrate else None
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with anyio.create_task_group() as tasks:
+            # The first attempt before serving (ready from the first request when the database is
+            # up); the retries behind it, while serving.
+            if migration is not None and not await migration.attempt():
+                tasks.start_soon(migration.retry)
+            async with schedule.lifespan(app):
+                yield
+            tasks.cancel_scope.cancel()
+
+    return Starlette(routes=list(_service_routes(processor, migration)), lifespan=lifespan)
+
+
+class PruneSchedule:
+    """Runs :meth:`Retention.prune` now and then every ``interval_s`` while the app is up.
+
+    Every replica runs it: prune batches skip rows another replica holds, so they share the work.
+    A failed pass is logged and counted (``clerk_sync_db_errors_total{operation="prune"}``), never fatal.
+    """
+
+    def __init__(self, retention: Retention, interval_s: float) -> None:
+        self.retention = retention
+        self.interval_s = interval_s
+        self.passes = 0
+
+    def run_once(self) -> PruneReport | None:
+        try:
+            report = self.retention.prune()
+        except StoreError as exc:
+            log.warning("prune_failed", reason=str(exc))
+            if self.retention.metrics is not None:
+                self.retention.metrics.db_errors.labels(operation="prune").inc()
+            return None
+        except Exception:  # a bug must not take the webhook service down with it; the next pass retries
+            log.exception("prune_crashed")
+            return None
+        finally:
+            self.passes += 1
+        log.info("pruned", redacted=report.redacted, deleted=report.deleted, cleared=report.cleared)
+        return report
+
+    async def _loop(self) -> None:
+        while True:
+            await to_thread.run_sync(self.run_once)
+            await anyio.sleep(self.interval_s)
+
+    @asynccontextmanager
+    async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
+        if self.interval_s <= 0:
+            yield
+            return
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(self._loop)
+            yield
+            tasks.cancel_scope.cancel()
 
 
 def app_from_env() -> Starlette:
-    """Factory for ``uvicorn --factory`` (multi-worker ``serve``): settings from the environment."""
-    return create_app(Settings.from_env())
+    """Factory for ``uvicorn --factory`` (multi-worker ``serve``): settings from the environment;
+    ``CLERK_SYNC_MIGRATE_ON_START=1`` (set by ``serve --migrate``) migrates in the background."""
+    settings = Settings.from_env()
+    return create_app(settings, migrate=settings.migrate_on_start)

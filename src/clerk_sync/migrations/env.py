@@ -13,6 +13,10 @@ _MIGRATION_LOCK = 0x636C65726B73796E
 engine = context.config.attributes["engine"]
 with engine.begin() as connection:
     if connection.dialect.name == "postgresql":
+        connection.exec_driver_sql("SET LOCAL statement_timeout = 0")  # an index build may take long
+        connection.exec_driver_sql("SET LOCAL lock_timeout = 0")  # wait for a replica migrating first
         connection.execute(sa.select(sa.func.pg_advisory_xact_lock(_MIGRATION_LOCK)))
+        # DDL keeps the bound: queued behind live traffic, it would block every query on its table.
+        connection.exec_driver_sql("SET LOCAL lock_timeout = DEFAULT")
     context.configure(connection=connection, target_metadata=metadata, render_as_batch=True)
     context.run_migrations()

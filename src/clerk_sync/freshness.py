@@ -1,0 +1,101 @@
+"""Is sync fresh? The database's answer, for ``/metrics`` (read at scrape time) and ``doctor --freshness``.
+
+Each read is a handful of index lookups: the newest delivery per outcome and the failed count use
+``ix_webhook_events_status_received_at``; the last reconcile run uses ``reconcile_runs.status``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+
+from clerk_sync.metrics import DatabaseSnapshot
+from clerk_sync.store import Store
+from clerk_sync.tables import reconcile_runs, webhook_events
+
+__all__ = ["FreshnessCheck", "check_freshness", "database_probe", "read_snapshot"]
+
+_DONE = ("applied", "skipped", "ignored")
+
+
+def _stamp(value: datetime | None) -> float | None:
+    if value is None:
+        return None
+    return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
+
+
+def read_snapshot(store: Store) -> DatabaseSnapshot:
+    """One read-only round trip: newest delivery, failed backlog, last completed reconcile run."""
+    e, r = webhook_events, reconcile_runs
+    newest = [sa.select(sa.func.max(e.c.received_at)).where(e.c.status == s).scalar_subquery() for s in _DONE]
+    failed = sa.select(sa.func.count()).select_from(e).where(e.c.status == "failed").scalar_subquery()
+    last_id = sa.select(sa.func.max(r.c.id)).where(r.c.status == "completed").scalar_subquery()
+    with store.connect() as conn:
+        row = conn.execute(sa.select(*newest, failed)).one()
+        run = conn.execute(
+            sa.select(r.c.finished_at, r.c.created, r.c.updated, r.c.deleted).where(r.c.id == last_id)
+        ).first()
+    stamps = [s for s in (_stamp(v) for v in row[:3]) if s is not None]
+    return DatabaseSnapshot(
+        newest_delivery_at=max(stamps) if stamps else None,
+        failed_backlog=int(row[3]),
+        reconcile_last_success_at=_stamp(run.finished_at) if run is not None else None,
+        reconcile_last_drift={"created": run.created, "updated": run.updated, "deleted": run.deleted} if run else {},
+    )
+
+
+def database_probe(store: Store) -> Callable[[], DatabaseSnapshot]:
+    """The probe :meth:`~clerk_sync.metrics.Metrics.watch_database` calls at scrape time."""
+    return lambda: read_snapshot(store)
+
+
+@dataclass(frozen=True, slots=True)
+class FreshnessCheck:
+    """One line of ``doctor --freshness``: ``status`` is ok, warn or fail (fail: exit 1)."""
+
+    name: str
+    status: str
+    detail: str
+
+
+def check_freshness(snap: DatabaseSnapshot, *, now: float, max_delivery_age_s: float,
+                    max_failed: int, max_reconcile_age_s: float) -> list[FreshnessCheck]:
+    """The alert rules' questions, answered from one snapshot (pure: ``now`` is unix seconds)."""
+    return [_deliveries(snap, now, max_delivery_age_s), _backlog(snap, max_failed),
+            _reconcile(snap, now, max_reconcile_age_s)]
+
+
+def _deliveries(snap: DatabaseSnapshot, now: float, max_age: float) -> FreshnessCheck:
+    name = "newest delivery"
+    if snap.newest_delivery_at is None:
+        return FreshnessCheck(name, "warn", "no delivery stored yet: is the Clerk webhook endpoint configured?")
+    age = now - snap.newest_delivery_at
+    if age > max_age:
+        return FreshnessCheck(name, "fail", f"{age:.0f}s ago (limit {max_age:.0f}s): check the endpoint in the "
+                              "Clerk Dashboard (Webhooks -> your endpoint -> message attempts; disabled?)")
+    return FreshnessCheck(name, "ok", f"{age:.0f}s ago")
+
+
+def _backlog(snap: DatabaseSnapshot, max_failed: int) -> FreshnessCheck:
+    name = "failed deliveries"
+    if snap.failed_backlog > max_failed:
+        return FreshnessCheck(name, "fail", f"{snap.failed_backlog} stored as failed (limit {max_failed}): read "
+                              "webhook_events.last_error, fix the cause, then `clerk-sync replay`")
+    return FreshnessCheck(name, "ok", f"{snap.failed_backlog} failed")
+
+
+def _reconcile(snap: DatabaseSnapshot, now: float, max_age: float) -> FreshnessCheck:
+    name = "last reconcile"
+    if snap.reconcile_last_success_at is None:
+        return FreshnessCheck(name, "warn", "no completed `clerk-sync reconcile` run yet: schedule one (cron)")
+    age = now - snap.reconcile_last_success_at
+    drift = sum(snap.reconcile_last_drift.values())
+    detail = f"completed {age:.0f}s ago, repaired {drift} row(s) {snap.reconcile_last_drift}"
+    if age > max_age:
+        return FreshnessCheck(name, "warn", f"{detail}; older than {max_age:.0f}s: is the schedule running?")
+    if drift:
+        return FreshnessCheck(name, "warn", f"{detail}: deliveries were missed; check the endpoint's attempts")
+    return FreshnessCheck(name, "ok", detail)

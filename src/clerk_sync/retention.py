@@ -1,0 +1,262 @@
+"""Retention and erasure of personal data: the inbox, tombstones, and data-subject requests.
+
+**Inbox.** A delivery's payload holds the user's e-mails, names, metadata (``private_metadata``
+included) and the client's IP. After ``redact_after`` the payloads of applied, skipped and ignored
+deliveries are reduced to ids, types and versions (:func:`redact_payload`): the ``svix_id`` column
+still catches a retried delivery, and ordering lives in the contract tables' ``clerk_updated_at``, so
+neither needs the rest. After ``delete_after`` those rows are deleted. ``failed`` deliveries are kept
+whole until replayed (or removed by hand): their payload is what a replay needs.
+
+**Tombstones.** ``user.deleted`` keeps the row with ``deleted_at`` set: that row is what makes a late
+``user.created`` a no-op (``engine.decide``: a tombstone is terminal). After ``clear_tombstones_after``
+its personal columns are cleared; the row itself (ids, version, ``deleted_at``) stays for good. We do
+not offer hard deletion: a deleted row loses its tombstone, and the guarded upsert would then let a
+late or replayed ``user.created`` resurrect the user. A cleared tombstone holds no personal data.
+
+**Erasure** (:meth:`Retention.erase_user`): tombstones the user now (memberships too), clears the
+row, redacts every stored payload that mentions the user's id or e-mail addresses, and writes an
+audit row, in one transaction.
+
+Several replicas may prune at once: each batch is one short transaction over at most ``batch`` rows,
+picked with ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, and every statement is idempotent.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+
+from clerk_sync.auth.audit import AuditEntry, record_audit
+from clerk_sync.config import Settings
+from clerk_sync.engine import Entity, Tombstone
+from clerk_sync.metrics import Metrics
+from clerk_sync.store import Store, Writer
+from clerk_sync.tables import organizations, users, webhook_events
+
+__all__ = ["ErasureReport", "PruneReport", "Retention", "RetentionPolicy", "redact_payload"]
+
+_DONE = ("applied", "skipped", "ignored")
+# What a redacted payload keeps: enough to tell what the delivery was, nothing about the person.
+_ENVELOPE_KEEP = ("type", "object", "timestamp", "instance_id")
+_DATA_KEEP = ("id", "object", "deleted", "created_at", "updated_at", "user_id", "organization_id",
+              "expire_at", "status")
+_NESTED_ID = ("organization", "public_user_data")
+# Personal columns and their cleared values (NOT NULL JSON columns get an empty value).
+_CLEARED: dict[sa.Table, dict[str, Any]] = {
+    users: {"email": None, "email_addresses": [], "first_name": None, "last_name": None, "username": None,
+            "image_url": None, "public_metadata": {}, "private_metadata": {}, "unsafe_metadata": {},
+            "last_sign_in_at": None},
+    organizations: {"name": None, "slug": None, "image_url": None, "public_metadata": {}, "private_metadata": {}},
+}
+
+
+def redact_payload(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """The payload without personal data: envelope type/timestamp, object ids and versions only."""
+    out: dict[str, Any] = {k: payload[k] for k in _ENVELOPE_KEEP if k in payload}
+    data = payload.get("data")
+    if isinstance(data, Mapping):
+        kept = {k: data[k] for k in _DATA_KEEP if k in data}
+        for key in _NESTED_ID:
+            nested = data.get(key)
+            if isinstance(nested, Mapping):
+                kept[key] = {k: nested[k] for k in ("id", "user_id") if k in nested}
+        out["data"] = kept
+    out["redacted"] = True
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionPolicy:
+    """How long personal data stays; build it from settings with :meth:`from_settings`."""
+
+    redact_after: timedelta = timedelta(days=30)
+    delete_after: timedelta = timedelta(days=90)
+    clear_tombstones_after: timedelta = timedelta(0)
+    batch: int = 500
+
+    def __post_init__(self) -> None:
+        if self.delete_after < self.redact_after:
+            raise ValueError("delete_after must not be shorter than redact_after")
+        if self.batch < 1:
+            raise ValueError("batch must be at least 1")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RetentionPolicy:
+        return cls(timedelta(days=settings.inbox_redact_after_days), timedelta(days=settings.inbox_delete_after_days),
+                   timedelta(days=settings.tombstone_clear_after_days), settings.prune_batch)
+
+
+@dataclass(frozen=True, slots=True)
+class PruneReport:
+    """Rows a prune pass redacted, deleted and cleared (would have, for a dry run)."""
+
+    redacted: int
+    deleted: int
+    cleared: int
+    dry_run: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ErasureReport:
+    """What ``erase_user`` changed: the user row (tombstoned/cleared) and the payloads it redacted."""
+
+    clerk_id: str
+    row_existed: bool
+    payloads_redacted: int
+
+
+class Retention:
+    """Prunes the inbox and tombstones per ``policy``; erases one user on request."""
+
+    def __init__(self, store: Store, policy: RetentionPolicy | None = None, *, metrics: Metrics | None = None,
+                 now: Callable[[], datetime] | None = None) -> None:
+        self.store = store
+        self.policy = policy or RetentionPolicy()
+        self.metrics = metrics
+        self._now = now or (lambda: datetime.now(UTC))
+
+    # -- prune ----------------------------------------------------------------------------------
+    def prune(self, *, dry_run: bool = False) -> PruneReport:
+        """One pass over everything due; safe to run on several replicas at once."""
+        now = self._now()
+        p = self.policy
+        redact_cut, delete_cut, clear_cut = now - p.redact_after, now - p.delete_after, now - p.clear_tombstones_after
+        if dry_run:
+            return self._count(redact_cut, delete_cut, clear_cut)
+        report = PruneReport(
+            redacted=self._drain(lambda w: self._redact_batch(w, redact_cut)),
+            deleted=self._drain(lambda w: self._delete_batch(w, delete_cut)),
+            cleared=sum(self._drain(functools.partial(self._clear_batch, table=t, cutoff=clear_cut))
+                        for t in _CLEARED),
+            dry_run=False,
+        )
+        if self.metrics is not None:
+            for action in ("redacted", "deleted", "cleared"):
+                self.metrics.pruned.labels(action=action).inc(getattr(report, action))
+        return report
+
+    def _drain(self, batch: Callable[[Writer], int]) -> int:
+        """Run ``batch`` in its own short transaction until it finds less than a full batch."""
+        total = 0
+        while True:
+            with self.store.transaction() as writer:
+                n = batch(writer)
+            total += n
+            if n < self.policy.batch:
+                return total
+
+    def _pick(self, query: sa.Select[Any]) -> sa.Select[Any]:
+        # SKIP LOCKED: replicas pruning together take disjoint batches (ignored on SQLite: one writer).
+        return query.limit(self.policy.batch).with_for_update(skip_locked=True)
+
+    def _redactable(self, cutoff: datetime) -> list[sa.ColumnElement[bool]]:
+        e = webhook_events
+        return [e.c.redacted_at.is_(None), e.c.received_at < cutoff, e.c.status.in_(_DONE)]
+
+    def _deletable(self, cutoff: datetime) -> list[sa.ColumnElement[bool]]:
+        e = webhook_events
+        return [e.c.status.in_(_DONE), e.c.received_at < cutoff]
+
+    def _redact_batch(self, writer: Writer, cutoff: datetime) -> int:
+        e = webhook_events
+        rows = writer.conn.execute(self._pick(sa.select(e.c.id, e.c.payload).where(*self._redactable(cutoff)))).all()
+        _store_redacted(writer, [(row.id, row.payload) for row in rows])
+        return len(rows)
+
+    def _delete_batch(self, writer: Writer, cutoff: datetime) -> int:
+        e = webhook_events
+        ids = list(writer.conn.execute(self._pick(sa.select(e.c.id).where(*self._deletable(cutoff)))).scalars())
+        if ids:
+            writer.conn.execute(e.delete().where(e.c.id.in_(ids)))
+        return len(ids)
+
+    def _clear_batch(self, writer: Writer, *, table: sa.Table, cutoff: datetime) -> int:
+        query = sa.select(table.c.id).where(table.c.deleted_at.is_not(None), table.c.deleted_at < cutoff,
+                                            _not_cleared(table))
+        ids = list(writer.conn.execute(self._pick(query)).scalars())
+        if ids:
+            writer.conn.execute(table.update().where(table.c.id.in_(ids)).values(**_CLEARED[table]))
+        return len(ids)
+
+    def _count(self, redact_cut: datetime, delete_cut: datetime, clear_cut: datetime) -> PruneReport:
+        def count(table: sa.Table, *where: sa.ColumnElement[bool]) -> int:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(table).where(*where)).scalar_one())
+
+        with self.store.connect() as conn:
+            return PruneReport(
+                redacted=count(webhook_events, *self._redactable(redact_cut)),
+                deleted=count(webhook_events, *self._deletable(delete_cut)),
+                cleared=sum(count(t, t.c.deleted_at.is_not(None), t.c.deleted_at < clear_cut, _not_cleared(t))
+                            for t in _CLEARED),
+                dry_run=True,
+            )
+
+    # -- erasure --------------------------------------------------------------------------------
+    def erase_user(self, clerk_id: str, *, actor: str | None = None, reason: str | None = None) -> ErasureReport:
+        """Remove a user's personal data from every table and stored payload now; audited.
+
+        The row stays as a cleared tombstone, so no later or replayed event brings the user back.
+        """
+        if not clerk_id:
+            raise ValueError("erase_user needs a Clerk user id")
+        with self.store.transaction() as writer:
+            row = writer.conn.execute(
+                sa.select(users.c.email, users.c.email_addresses).where(users.c.clerk_id == clerk_id)
+            ).first()
+            needles = {clerk_id, *_emails(row)}
+            writer.apply(Tombstone(Entity.USER, clerk_id, int(writer.now.timestamp() * 1000)))
+            writer.conn.execute(users.update().where(users.c.clerk_id == clerk_id).values(**_CLEARED[users]))
+            redacted = _redact_mentions(writer, needles)
+            record_audit(writer, AuditEntry("user.erased", actor, clerk_id,
+                                            details={"payloads_redacted": redacted, "reason": reason}))
+        return ErasureReport(clerk_id, row is not None, redacted)
+
+
+def _emails(row: Any) -> set[str]:
+    if row is None:
+        return set()
+    found = {row.email} if row.email else set()
+    return found | {e for e in (row.email_addresses or []) if isinstance(e, str) and e}
+
+
+def _redact_mentions(writer: Writer, needles: set[str]) -> int:
+    """Redact every stored payload (any status) whose text contains one of ``needles``."""
+    e = webhook_events
+    text = sa.cast(e.c.payload, sa.Text)
+    query = sa.select(e.c.id, e.c.payload).where(sa.or_(*(text.contains(n, autoescape=True) for n in needles)))
+    rows = writer.conn.execute(query).all()
+    _store_redacted(writer, [(row.id, row.payload) for row in rows])
+    return len(rows)
+
+
+def _store_redacted(writer: Writer, rows: list[tuple[int, Any]]) -> None:
+    if not rows:
+        return
+    e = webhook_events
+    stmt = e.update().where(e.c.id == sa.bindparam("row_id")).values(
+        payload=sa.bindparam("new_payload", type_=e.c.payload.type), redacted_at=writer.now)
+    writer.conn.execute(stmt, [{"row_id": i, "new_payload": redact_payload(_as_dict(p))} for i, p in rows])
+
+
+def _as_dict(payload: Any) -> Mapping[str, Any]:
+    if isinstance(payload, str):  # SQLite hands JSON back parsed, but be liberal
+        payload = json.loads(payload)
+    return payload if isinstance(payload, Mapping) else {}
+
+
+def _not_cleared(table: sa.Table) -> sa.ColumnElement[bool]:
+    """True while any personal column of ``table`` still holds something."""
+    conditions: list[sa.ColumnElement[bool]] = []
+    for name, empty in _CLEARED[table].items():
+        column = table.c[name]
+        if empty is None:
+            conditions.append(column.is_not(None))
+        else:
+            conditions.append(sa.cast(column, sa.Text) != json.dumps(empty))
+    return sa.or_(*conditions)

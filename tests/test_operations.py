@@ -1,0 +1,310 @@
+"""Operations: /metrics read over real HTTP moves with deliveries, failures, DB errors, Clerk 429s, the
+breaker, JIT fetches and reconcile runs; the alert rules only name series a live scrape has."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+import structlog
+import structlog.testing
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from clerk_sync.auth.users import JitUsers
+from clerk_sync.clerk_api import CircuitBreaker, ClerkClient, RetryPolicy
+from clerk_sync.clerk_api.ratelimit import LocalBudget, RateLimit
+from clerk_sync.config import Settings
+from clerk_sync.errors import ClerkUnavailable, ConfigError, RateLimited, UserDeleted
+from clerk_sync.freshness import check_freshness, database_probe
+from clerk_sync.ingest import WebhookProcessor
+from clerk_sync.integrations.starlette import build_processor, create_app
+from clerk_sync.metrics import DatabaseSnapshot, Metrics, event_type_label
+from clerk_sync.reconcile import Reconciler
+from clerk_sync.store import create_engine
+from clerk_sync.testing import EmulatorServer
+from tests import factories as f
+from tests._server import running
+from tests.conftest import SECRET, FakeClock, clerk_client
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+class Scrape:
+    """One GET /metrics, parsed: sample values by (name, labels), and the families' types."""
+
+    def __init__(self, text: str) -> None:
+        self.samples: Samples = {}
+        self.families: dict[str, str] = {}
+        for family in text_string_to_metric_families(text):
+            self.families[family.name] = family.type
+            for s in family.samples:
+                self.samples[(s.name, frozenset(s.labels.items()))] = s.value
+
+    def get(self, name: str, **labels: str) -> float:
+        return self.samples.get((name, frozenset(labels.items())), 0.0)
+
+    def has(self, name: str) -> bool:
+        return any(key[0] == name for key in self.samples)
+
+
+def scrape(client: httpx.Client) -> Scrape:
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    return Scrape(response.text)
+
+
+def _settings(db_url: str) -> Settings:
+    return Settings.from_env({"DATABASE_URL": db_url, "CLERK_WEBHOOK_SIGNING_SECRET": SECRET,
+                              "CLERK_SYNC_PRUNE_INTERVAL_S": "0"})
+
+
+@pytest.fixture
+def service(db_url: str) -> Iterator[tuple[httpx.Client, WebhookProcessor]]:
+    settings = _settings(db_url)
+    processor = build_processor(settings)
+    app = create_app(settings, processor)
+    processor.metrics.watch_database(database_probe(processor.store), ttl_s=0)  # no cache: each scrape reads
+    with running(app) as url, httpx.Client(base_url=url) as client:
+        yield client, processor
+    processor.store.dispose()
+
+
+def post(client: httpx.Client, event: dict[str, Any], svix_id: str, **kw: Any) -> httpx.Response:
+    headers, body = f.signed(event, svix_id, **kw)
+    return client.post("/webhooks/clerk", content=body, headers=headers)
+
+
+def test_delivery_series_move_with_outcomes(service: tuple[httpx.Client, WebhookProcessor]) -> None:
+    client, _ = service
+    before = scrape(client)
+    assert before.get("clerk_sync_database_up") == 1.0
+    assert before.get("clerk_sync_failed_deliveries") == 0.0
+    assert not before.has("clerk_sync_newest_delivery_timestamp_seconds")
+
+    sent_ms = int(time.time() * 1000) - 3000  # the event happened 3 s before we apply it
+    event = f.envelope("user.created", f.user("user_m1", 1), timestamp=sent_ms)
+    assert post(client, event, "msg_m1").json()["status"] == "applied"
+    assert post(client, event, "msg_m1").json()["status"] == "duplicate"
+    assert post(client, f.envelope("user.created", {"object": "user"}), "msg_m2").json()["status"] == "failed"
+    assert post(client, f.envelope("made.up", {"id": "x"}), "msg_m3").json()["status"] == "ignored"
+    headers, body = f.signed(f.envelope("user.created", f.user("user_m4", 1)), "msg_m4", secret="whsec_" + "A" * 32)
+    assert client.post("/webhooks/clerk", content=body, headers=headers).status_code in (400, 401)
+
+    after = scrape(client)
+    assert after.get("clerk_sync_webhook_events_total", type="user.created", status="applied") == 1
+    assert after.get("clerk_sync_webhook_events_total", type="user.created", status="duplicate") == 1
+    assert after.get("clerk_sync_webhook_events_total", type="user.created", status="failed") == 1
+    assert after.get("clerk_sync_webhook_events_total", type="other", status="ignored") == 1  # bounded label
+    assert after.get("clerk_sync_webhook_refused_total", code="webhook_signature_invalid") == 1
+    assert after.get("clerk_sync_apply_lag_seconds_count") == 1
+    assert after.get("clerk_sync_apply_lag_seconds_sum") >= 3.0
+    assert after.get("clerk_sync_failed_deliveries") == 1
+    newest = after.get("clerk_sync_newest_delivery_timestamp_seconds")
+    assert abs(newest - time.time()) < 60
+
+
+def test_database_errors_answer_503_and_are_counted(db_url: str, service: tuple[httpx.Client, WebhookProcessor]) -> None:
+    client, _ = service
+    engine = create_engine(db_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("ALTER TABLE webhook_events RENAME TO webhook_events_away"))
+    try:
+        response = post(client, f.envelope("user.created", f.user("user_db", 1)), "msg_db")
+        assert response.status_code == 503
+        first = scrape(client)
+        broken = scrape(client)  # a failed read is counted while the first scrape is being rendered
+    finally:
+        with engine.begin() as conn:
+            conn.execute(sa.text("ALTER TABLE webhook_events_away RENAME TO webhook_events"))
+        engine.dispose()
+    assert broken.get("clerk_sync_webhook_unavailable_total") == 1
+    assert broken.get("clerk_sync_db_errors_total", operation="webhook") == 1
+    assert first.get("clerk_sync_database_up") == 0  # the scrape-time read failed too; /metrics still answers
+    assert broken.get("clerk_sync_database_up") == 0
+    assert broken.get("clerk_sync_db_errors_total", operation="metrics") >= 1
+    assert scrape(client).get("clerk_sync_database_up") == 1
+
+
+def _client(emu: EmulatorServer, metrics: Metrics, **options: Any) -> ClerkClient:
+    return clerk_client(emu, metrics=metrics, retry=RetryPolicy(attempts=1, rate_limited_attempts=0, deadline_s=5),
+                        **options)
+
+
+def test_clerk_api_jit_and_reconcile_series(emu: EmulatorServer, service: tuple[httpx.Client, WebhookProcessor]) -> None:
+    client, processor = service
+    metrics, store = processor.metrics, processor.store
+    first, second, third = (emu.create_user(f"u{i}@example.com")["id"] for i in range(3))
+    with _client(emu, metrics, breaker=CircuitBreaker(threshold=1, reset_s=3600)) as clerk:
+        users = JitUsers(store, clerk=clerk, metrics=metrics)
+        users.get_auth_user(first)
+        with pytest.raises(UserDeleted):
+            users.get_auth_user("user_nobody")
+        emu.set_faults(rate_limit_requests=1, rate_limit_window_s=3600)  # the requests above used it up
+        with pytest.raises(RateLimited):
+            users.get_auth_user(second)
+        limited = scrape(client)
+        emu.set_faults(rate_limit_requests=1000, rate_limit_window_s=1.0, outage=True)
+        clerk.budget = LocalBudget(RateLimit(1000, 1.0))  # lift the 429 penalty: the outage is the breaker's
+        with pytest.raises(ClerkUnavailable):
+            users.get_auth_user(third)
+        broken = scrape(client)
+    assert limited.get("clerk_sync_jit_fetches_total", outcome="stored") == 1
+    assert limited.get("clerk_sync_jit_fetches_total", outcome="not_found") == 1
+    assert limited.get("clerk_sync_jit_fetches_total", outcome="rate_limited") == 1
+    assert limited.get("clerk_sync_clerk_api_requests_total", endpoint="/users/{id}", status="200") == 1
+    assert limited.get("clerk_sync_clerk_api_requests_total", endpoint="/users/{id}", status="404") == 1
+    assert limited.get("clerk_sync_clerk_api_requests_total", endpoint="/users/{id}", status="429") == 1
+    assert limited.get("clerk_sync_clerk_api_rate_limited_total", endpoint="/users/{id}") == 1
+    assert limited.get("clerk_sync_clerk_api_budget_tokens") < 0  # penalised for Retry-After
+    assert limited.get("clerk_sync_clerk_api_circuit_open") == 0
+    assert broken.get("clerk_sync_jit_fetches_total", outcome="unavailable") == 1
+    assert broken.get("clerk_sync_clerk_api_circuit_open") == 1
+    assert broken.get("clerk_sync_clerk_api_budget_tokens") > 0  # the gauge reads the client's current budget
+
+    emu.set_faults(outage=False)
+    assert not scrape(client).has("clerk_sync_reconcile_last_success_timestamp_seconds")
+    with clerk_client(emu, metrics=metrics) as clerk:
+        Reconciler(store, clerk, metrics=metrics).run()
+    after = scrape(client)
+    assert after.get("clerk_sync_reconcile_runs_total", result="completed") == 1
+    assert after.get("clerk_sync_reconcile_drift_total", entity="users", action="created") == 2  # second, third
+    assert after.get("clerk_sync_reconcile_last_drift", action="created") == 2
+    assert abs(after.get("clerk_sync_reconcile_last_success_timestamp_seconds") - time.time()) < 60
+    assert after.get("clerk_sync_clerk_api_circuit_open") == 0  # the newest client is watched
+
+
+def test_database_series_are_cached_between_scrapes() -> None:
+    reads: list[int] = []
+    clock = FakeClock()
+
+    def probe() -> DatabaseSnapshot:
+        reads.append(1)
+        return DatabaseSnapshot(None, len(reads), None)
+
+    metrics = Metrics()
+    metrics.watch_database(probe, ttl_s=5, clock=clock)
+    values = []
+    for step in (0, 1, 5):
+        clock.t += step
+        values.append(Scrape(metrics.render().decode()).get("clerk_sync_failed_deliveries"))
+    assert values == [1, 1, 2]
+
+
+def test_event_type_label_is_bounded() -> None:
+    assert event_type_label("user.created") == "user.created"
+    assert event_type_label("session.created") == "session.created"
+    assert event_type_label("x" * 200) == "other"
+
+
+def test_freshness_checks() -> None:
+    now = 1_000_000.0
+    fresh = DatabaseSnapshot(now - 10, 0, now - 60, {"created": 0, "updated": 0, "deleted": 0})
+    assert [c.status for c in check_freshness(fresh, now=now, max_delivery_age_s=600, max_failed=0,
+                                              max_reconcile_age_s=3600)] == ["ok", "ok", "ok"]
+    stale = DatabaseSnapshot(now - 7200, 3, now - 60, {"created": 2, "updated": 0, "deleted": 0})
+    checks = check_freshness(stale, now=now, max_delivery_age_s=600, max_failed=0, max_reconcile_age_s=3600)
+    assert [c.status for c in checks] == ["fail", "fail", "warn"]
+    assert "clerk-sync replay" in checks[1].detail
+
+
+# -- alert rules ------------------------------------------------------------------------------------
+_SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",)}
+
+
+def _alert_rules() -> list[dict[str, Any]]:
+    doc = yaml.safe_load((DOCS / "alerts.yml").read_text())
+    return [rule for group in doc["groups"] for rule in group["rules"]]
+
+
+def test_alert_rules_name_only_live_series(emu: EmulatorServer, service: tuple[httpx.Client, WebhookProcessor]) -> None:
+    client, processor = service
+    assert post(client, f.envelope("user.created", f.user("user_alert", 1)), "msg_alert").status_code == 200
+    with clerk_client(emu, metrics=processor.metrics) as clerk:
+        Reconciler(processor.store, clerk, metrics=processor.metrics).run()
+    live = scrape(client)
+    exposed = {name + suffix for name, kind in live.families.items() for suffix in _SUFFIXES.get(kind, ("",))}
+    rules = _alert_rules()
+    runbook = (DOCS / "RUNBOOK.md").read_text()
+    assert len(rules) >= 5
+    for rule in rules:
+        assert set(rule) >= {"alert", "expr", "labels", "annotations"}, rule
+        assert rule["labels"]["severity"] in {"page", "ticket"}
+        names = set(re.findall(r"\bclerk_sync_[a-z_]+", rule["expr"]))
+        assert names, rule["alert"]
+        assert names <= exposed, (rule["alert"], names - exposed)
+        assert f"## {rule['alert']}" in runbook, f"RUNBOOK.md has no section for {rule['alert']}"
+    needed = {"ClerkSyncNoDeliveriesWhileDrift", "ClerkSyncFailedBacklogGrowing", "ClerkSyncApplyLagHigh",
+              "ClerkSyncClerkRateLimited", "ClerkSyncClerkCircuitOpen"}
+    assert needed <= {r["alert"] for r in rules}
+
+
+def test_one_log_line_per_delivery_at_the_chosen_level(db_url: str) -> None:
+    settings = Settings.from_env({"DATABASE_URL": db_url, "CLERK_WEBHOOK_SIGNING_SECRET": SECRET,
+                                  "CLERK_SYNC_DELIVERY_LOG_LEVEL": "debug"})
+    processor = build_processor(settings)
+    headers, body = f.signed(f.envelope("user.created", f.user("user_log", 1)), "msg_log")
+    with structlog.testing.capture_logs() as lines:
+        processor.process(headers, body)
+    processor.store.dispose()
+    (line,) = [entry for entry in lines if entry["event"] == "webhook"]
+    assert line["log_level"] == "debug"
+    assert (line["svix_id"], line["event_type"], line["status"]) == ("msg_log", "user.created", "applied")
+    assert line["seconds"] > 0
+
+
+def test_an_unknown_log_level_is_named() -> None:
+    with pytest.raises(ConfigError, match="CLERK_SYNC_DELIVERY_LOG_LEVEL"):
+        Settings.from_env({"CLERK_SYNC_DELIVERY_LOG_LEVEL": "loud"})
+
+
+def test_readme_metrics_snippet_runs(db_url: str) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("readme_usage", Path(__file__).parent / "typing" / "readme_usage.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    settings = Settings.from_env({"DATABASE_URL": db_url, "CLERK_WEBHOOK_SIGNING_SECRET": SECRET,
+                                  "CLERK_SECRET_KEY": "sk_test_readme"})
+    text = module.observe(settings).decode()
+    assert "clerk_sync_database_up 1.0" in text
+    assert "clerk_sync_clerk_api_circuit_open 0.0" in text
+
+
+def test_the_delivery_that_never_arrives_is_caught(db_url: str, emu: EmulatorServer) -> None:
+    """The public incident: Svix disabled the endpoint, the handler saw nothing. The freshness series,
+    reconcile's drift and ``doctor --freshness`` still tell."""
+    from clerk_sync.cli.doctor import run_freshness
+
+    settings = Settings.from_env({"DATABASE_URL": db_url, "CLERK_WEBHOOK_SIGNING_SECRET": emu.webhook_secret,
+                                  "CLERK_SYNC_PRUNE_INTERVAL_S": "0", "CLERK_SYNC_FRESHNESS_MAX_DELIVERY_AGE_S": "1800"})
+    processor = build_processor(settings)
+    app = create_app(settings, processor)
+    processor.metrics.watch_database(database_probe(processor.store), ttl_s=0)
+    with running(app) as url, httpx.Client(base_url=url) as client:
+        emu.set_webhook_url(url + "/webhooks/clerk")
+        emu.create_user("first@example.com")
+        emu.wait_for_deliveries()
+        emu.set_webhook_url(None)  # the endpoint is disabled: nothing arrives any more
+        emu.create_user("second@example.com")
+        with clerk_client(emu, metrics=processor.metrics) as clerk:
+            Reconciler(processor.store, clerk, metrics=processor.metrics).run()
+        live = scrape(client)
+    processor.store.dispose()
+    # ClerkSyncNoDeliveriesWhileDrift, evaluated half an hour later.
+    later = time.time() + 2 * 1800
+    assert later - live.get("clerk_sync_newest_delivery_timestamp_seconds") > 1800
+    assert sum(live.get("clerk_sync_reconcile_last_drift", action=a) for a in ("created", "updated", "deleted")) == 1
+    checks = {c.name: c for c in run_freshness(settings, now=lambda: later)}
+    assert checks["newest delivery"].status == "fail"
+    assert "Clerk Dashboard" in checks["newest delivery"].detail
+    assert checks["last reconcile"].status == "warn" and "missed" in checks["last reconcile"].detail

@@ -1,0 +1,236 @@
+"""Retention and erasure on SQLite and PostgreSQL: after prune or erase no stored payload or row holds
+the user's e-mail, names or metadata; old svix-ids are still duplicates; an erased user stays erased."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+
+from clerk_sync.ingest import WebhookProcessor
+from clerk_sync.retention import Retention, RetentionPolicy, redact_payload
+from clerk_sync.store import Store
+from clerk_sync.tables import audit_log, metadata, organization_memberships, users, webhook_events
+from clerk_sync.webhooks import WebhookVerifier
+from tests import factories as f
+from tests._server import running
+from tests.conftest import SECRET
+
+EMAIL, FIRST, LAST, SECRET_META = "ada.private@example.com", "Adalind", "Lovelacey", "blood-type-0-neg"
+PERSONAL = (EMAIL, FIRST, LAST, SECRET_META)
+
+
+def _user(user_id: str, updated_at: int) -> dict[str, Any]:
+    data = f.user(user_id, updated_at, email=EMAIL, first_name=FIRST)
+    data["last_name"] = LAST
+    data["private_metadata"] = {"medical": SECRET_META}
+    data["unsafe_metadata"] = {"note": SECRET_META}
+    return data
+
+
+def _later(days: float) -> Callable[[], datetime]:
+    return lambda: datetime.now(UTC) + timedelta(days=days)
+
+
+def deliver(processor: WebhookProcessor, event: dict[str, Any], svix_id: str) -> str:
+    headers, body = f.signed(event, svix_id)
+    return processor.process(headers, body).status
+
+
+def dump(store: Store, *, skip: tuple[str, ...] = ()) -> dict[str, str]:
+    """Every table as text (JSON columns included), to search for personal data."""
+    with store.connect() as conn:
+        return {t.name: "\n".join(json.dumps(dict(r), default=str) for r in conn.execute(sa.select(t)).mappings())
+                for t in metadata.sorted_tables if t.name not in skip}
+
+
+def leaks(store: Store, **kw: Any) -> dict[str, list[str]]:
+    found = {name: [p for p in PERSONAL if p in text] for name, text in dump(store, **kw).items()}
+    return {name: hits for name, hits in found.items() if hits}
+
+
+def user_row(store: Store, clerk_id: str) -> dict[str, Any]:
+    with store.connect() as conn:
+        return dict(conn.execute(sa.select(users).where(users.c.clerk_id == clerk_id)).mappings().one())
+
+
+def test_redact_payload_keeps_ids_and_versions_only() -> None:
+    event = f.envelope("organizationMembership.created", f.membership("orgmem_1", "org_1", "user_1", 5))
+    redacted = redact_payload(event)
+    assert redacted["type"] == "organizationMembership.created"
+    assert redacted["timestamp"] == event["timestamp"]
+    assert redacted["data"]["id"] == "orgmem_1"
+    assert redacted["data"]["updated_at"] == 5
+    assert redacted["data"]["organization"] == {"id": "org_1"}
+    assert redacted["data"]["public_user_data"] == {"user_id": "user_1"}
+    assert "event_attributes" not in redacted  # the client's IP and user agent
+    assert "Ada" not in json.dumps(redacted)
+    assert "example.com" not in json.dumps(redacted)
+
+
+def test_prune_redacts_then_deletes_keeps_failed_and_ordering(store: Store, verifier: WebhookVerifier) -> None:
+    processor = WebhookProcessor(store, verifier)
+    assert deliver(processor, f.envelope("user.created", _user("user_p", 100)), "msg_c") == "applied"
+    assert deliver(processor, f.envelope("user.deleted", f.deleted("user", "user_p")), "msg_d") == "applied"
+    broken = f.envelope("user.created", {"object": "user", "first_name": FIRST, "email_addresses": [EMAIL]})
+    assert deliver(processor, broken, "msg_f") == "failed"
+    policy = RetentionPolicy(redact_after=timedelta(days=30), delete_after=timedelta(days=90),
+                             clear_tombstones_after=timedelta(days=7), batch=1)
+
+    # Before the ages nothing is due; a dry run counts and writes nothing.
+    nothing = Retention(store, policy).prune()
+    assert (nothing.redacted, nothing.deleted, nothing.cleared) == (0, 0, 0)
+    assert user_row(store, "user_p")["first_name"] == FIRST  # a tombstone keeps its columns for 7 days
+    before = dump(store)
+    dry = Retention(store, policy, now=_later(31)).prune(dry_run=True)
+    assert (dry.redacted, dry.deleted, dry.cleared) == (2, 0, 1)
+    assert dump(store) == before
+
+    report = Retention(store, policy, now=_later(31)).prune()
+    assert (report.redacted, report.deleted, report.cleared) == (2, 0, 1)
+    assert leaks(store, skip=("webhook_events",)) == {}
+    with store.connect() as conn:
+        kept = {r.svix_id: json.dumps(r.payload) for r in conn.execute(sa.select(webhook_events))}
+    assert [p for p in PERSONAL if p in kept["msg_c"] + kept["msg_d"]] == []
+    assert EMAIL in kept["msg_f"]  # failed: kept whole until replayed
+    row = user_row(store, "user_p")
+    assert row["deleted_at"] is not None and row["email"] is None and row["private_metadata"] == {}
+
+    # Dedup and ordering survive redaction: a retry is a duplicate, a late create does not resurrect.
+    assert deliver(processor, f.envelope("user.created", _user("user_p", 100)), "msg_c") == "duplicate"
+    assert deliver(processor, f.envelope("user.created", _user("user_p", 900)), "msg_late") == "skipped"
+    assert user_row(store, "user_p")["first_name"] is None
+    again = Retention(store, policy, now=_later(31)).prune()
+    assert (again.redacted, again.cleared) == (1, 0)  # only the late create is new; nothing twice
+
+    gone = Retention(store, policy, now=_later(91)).prune()
+    assert gone.deleted == 3
+    with store.connect() as conn:
+        assert list(conn.execute(sa.select(webhook_events.c.svix_id)).scalars()) == ["msg_f"]
+    assert deliver(processor, f.envelope("user.created", _user("user_p", 1000)), "msg_later") == "skipped"
+    assert user_row(store, "user_p")["deleted_at"] is not None
+    assert leaks(store, skip=("webhook_events",)) == {}
+
+
+def test_erase_user_removes_personal_data_everywhere(store: Store, verifier: WebhookVerifier) -> None:
+    processor = WebhookProcessor(store, verifier)
+    assert deliver(processor, f.envelope("user.created", _user("user_e", 100)), "msg_1") == "applied"
+    member = f.membership("orgmem_e", "org_e", "user_e", 100)
+    member["public_user_data"].update(first_name=FIRST, last_name=LAST, identifier=EMAIL)
+    assert deliver(processor, f.envelope("organizationMembership.created", member), "msg_2") == "applied"
+    email_event = {"id": "ema_1", "object": "email", "to_email_address": EMAIL, "subject": f"Hi {FIRST}"}
+    assert deliver(processor, f.envelope("email.created", email_event), "msg_3") == "ignored"
+    assert deliver(processor, f.envelope("user.created", _user("user_other", 1) | {"first_name": "Bob",
+               "last_name": "B", "email_addresses": [], "private_metadata": {}, "unsafe_metadata": {}}),
+               "msg_4") == "applied"
+
+    report = Retention(store).erase_user("user_e", actor="user_admin", reason="DSR-42")
+    assert report.row_existed and report.payloads_redacted == 3
+
+    assert leaks(store) == {}
+    row = user_row(store, "user_e")
+    assert row["deleted_at"] is not None
+    assert (row["email"], row["first_name"], row["email_addresses"], row["unsafe_metadata"]) == (None, None, [], {})
+    assert user_row(store, "user_other")["first_name"] == "Bob"  # nobody else is touched
+    with store.connect() as conn:
+        membership = conn.execute(sa.select(organization_memberships.c.deleted_at)).scalar_one()
+        audit = conn.execute(sa.select(audit_log)).mappings().one()
+        other_payload = conn.execute(sa.select(webhook_events.c.payload, webhook_events.c.redacted_at)
+                                     .where(webhook_events.c.svix_id == "msg_4")).one()
+    assert membership is not None
+    assert (audit["action"], audit["actor_clerk_id"], audit["target_clerk_id"]) == ("user.erased", "user_admin", "user_e")
+    assert audit["details"] == {"payloads_redacted": 3, "reason": "DSR-42"}
+    assert other_payload.redacted_at is None and other_payload.payload["data"]["first_name"] == "Bob"
+
+    assert deliver(processor, f.envelope("user.created", _user("user_e", 100)), "msg_1") == "duplicate"
+    assert deliver(processor, f.envelope("user.created", _user("user_e", 10**13)), "msg_5") == "skipped"
+    assert deliver(processor, f.envelope("user.updated", _user("user_e", 10**13 + 1)), "msg_6") == "skipped"
+    assert user_row(store, "user_e")["email"] is None
+
+
+def test_erasing_an_unknown_user_leaves_a_tombstone(store: Store, verifier: WebhookVerifier) -> None:
+    report = Retention(store).erase_user("user_never_seen")
+    assert not report.row_existed and report.payloads_redacted == 0
+    processor = WebhookProcessor(store, verifier)
+    assert deliver(processor, f.envelope("user.created", _user("user_never_seen", 5)), "msg_x") == "skipped"
+
+
+def test_replicas_pruning_together_share_the_work(store: Store, verifier: WebhookVerifier) -> None:
+    processor = WebhookProcessor(store, verifier)
+    for i in range(30):
+        assert deliver(processor, f.envelope("user.created", _user(f"user_r{i}", 1)), f"msg_r{i}") == "applied"
+    policy = RetentionPolicy(redact_after=timedelta(days=1), delete_after=timedelta(days=100), batch=4)
+    results: list[int] = []
+    errors: list[BaseException] = []
+
+    def replica() -> None:
+        try:
+            results.append(Retention(store, policy, now=_later(2)).prune().redacted)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=replica) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    assert sum(results) == 30  # every row redacted exactly once: replicas took disjoint batches
+    assert leaks(store, skip=("users",)) == {}
+
+
+def test_prune_and_erase_commands(db_url: str, verifier: WebhookVerifier) -> None:
+    store = Store.from_url(db_url)
+    processor = WebhookProcessor(store, verifier)
+    assert deliver(processor, f.envelope("user.created", _user("user_cli", 1)), "msg_cli") == "applied"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLERK_") and k != "DATABASE_URL"}
+    env.update(DATABASE_URL=db_url, CLERK_WEBHOOK_SIGNING_SECRET=SECRET, CLERK_SYNC_INBOX_REDACT_AFTER_DAYS="0")
+    cli = [sys.executable, "-c", "from clerk_sync.cli import main; main()"]
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*cli, *args], capture_output=True, text=True, env=env, timeout=120, check=False)
+
+    dry = run("prune", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "would redact 1 payload(s)" in dry.stdout
+    erased = run("users", "erase", "user_cli", "--reason", "DSR-7")
+    assert erased.returncode == 0, erased.stderr
+    assert "1 stored payload(s) redacted" in erased.stdout
+    assert leaks(store) == {}
+    fresh = run("doctor", "--freshness")
+    assert fresh.returncode == 0, fresh.stdout + fresh.stderr
+    assert "newest delivery" in fresh.stdout
+    broken = f.envelope("user.created", {"object": "user"})
+    assert deliver(processor, broken, "msg_cli_failed") == "failed"
+    stale = run("doctor", "--freshness")
+    assert stale.returncode == 1  # for cron: a failed delivery waits for `clerk-sync replay`
+    assert "clerk-sync replay" in stale.stdout
+    store.dispose()
+
+
+def test_serve_prunes_on_a_schedule(db_url: str, verifier: WebhookVerifier) -> None:
+    import httpx
+
+    from clerk_sync.config import Settings
+    from clerk_sync.integrations.starlette import create_app
+
+    store = Store.from_url(db_url)
+    assert deliver(WebhookProcessor(store, verifier), f.envelope("user.created", _user("user_s", 1)), "msg_s") == "applied"
+    settings = Settings.from_env({"DATABASE_URL": db_url, "CLERK_WEBHOOK_SIGNING_SECRET": SECRET,
+                                  "CLERK_SYNC_INBOX_REDACT_AFTER_DAYS": "0", "CLERK_SYNC_PRUNE_INTERVAL_S": "3600"})
+    with running(create_app(settings), lifespan="on") as url, httpx.Client(base_url=url) as client:
+        # the lifespan starts the schedule: a first pass at start-up
+        deadline = time.monotonic() + 30
+        while leaks(store, skip=("users",)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert leaks(store, skip=("users",)) == {}
+        assert 'clerk_sync_pruned_rows_total{action="redacted"} 1.0' in client.get("/metrics").text
+    store.dispose()
