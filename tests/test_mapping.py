@@ -4,6 +4,7 @@ mapping keep what the app wrote; linking by e-mail; ``migrate_schema`` and ``che
 
 from __future__ import annotations
 
+import json
 import random
 import uuid
 from pathlib import Path
@@ -30,6 +31,7 @@ from clerk_sync.mapping import (
     migrate_schema,
 )
 from clerk_sync.reconcile import Reconciler
+from clerk_sync.retention import Retention
 from clerk_sync.store import Store
 from clerk_sync.testing import EmulatorServer
 from clerk_sync.webhooks import WebhookVerifier
@@ -301,3 +303,18 @@ def test_jit_sync_and_reconcile_write_through_the_mapping(app_db: str, emu: Emul
     store.dispose()
     assert (rows[("users", bob["id"])]["email"], rows[("users", bob["id"])]["deleted_at"]) == ("bob@example.com", None)
     assert rows[("users", ada["id"])]["deleted_at"] is not None  # reconcile's tombstone, projected
+
+
+def test_erasure_clears_the_mapped_row_and_the_queued_hook_jobs(app_db: str) -> None:
+    store = Store.from_url(app_db, mapping=mapping_for(Deactivate("is_active")), hooks=[Hook("crm", print)])
+    deliver(store, f.envelope("user.created", f.user("user_1", B + 1000, email="ada@example.com")))
+    report = Retention(store).erase_user("user_1", reason="GDPR request")
+    with store.connect() as conn:
+        row = app_rows(conn, "user_1")[("users", "user_1")]
+    queued = jobs(store)
+    store.dispose()
+    assert report.payloads_redacted >= 2  # the inbox row and the queued jobs
+    assert (row["email"], row["display_name"], row["is_active"]) == (None, None, False)
+    assert [j["type"] for j in queued] == ["user.created", "user.deleted"]  # still told, without the person
+    assert all("ada@example.com" not in json.dumps(j["payload"]) for j in queued)
+    assert queued[1]["payload"]["values"] == {}

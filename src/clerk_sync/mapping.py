@@ -162,6 +162,14 @@ class SchemaMapping:
             self._projections[key] = _Projection(self.table(conn, mapped.table), mapped)
         self._projections[key].apply(conn, now, change)
 
+    def erase(self, conn: Connection, entity: Entity, clerk_id: str) -> None:
+        """Erasure: clear the mapped personal columns of this entity's row, whatever the delete policy."""
+        mapped = self.tables.get(entity)
+        personal = {n: None for n, col in (mapped.resolved().items() if mapped else ()) if col.personal}
+        if mapped is not None and personal:
+            table = self.table(conn, mapped.table)
+            conn.execute(sa.update(table).where(table.c[mapped.clerk_id_column] == clerk_id).values(**personal))
+
 
 class _Projection:
     """The statements for one mapped table, built once (bound parameters, no per-call construct)."""

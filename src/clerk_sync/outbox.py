@@ -31,7 +31,7 @@ from clerk_sync.events import MembershipRecord, OrganizationRecord, UserRecord
 from clerk_sync.mapping import SchemaMapping
 from clerk_sync.tables import hook_jobs, organization_memberships, organizations, users
 
-__all__ = ["Job", "Outbox", "claim", "delete_jobs", "fail", "finish", "list_jobs", "retry_jobs"]
+__all__ = ["Job", "Outbox", "claim", "delete_jobs", "fail", "finish", "list_jobs", "redact_jobs", "retry_jobs"]
 
 JSON = dict[str, Any]
 _TABLES: dict[Entity, sa.Table] = {
@@ -158,6 +158,20 @@ def delete_jobs(conn: Connection, ids: Sequence[int] | None = None) -> int:
     if ids is not None:
         stmt = stmt.where(hook_jobs.c.id.in_(ids))
     return conn.execute(stmt).rowcount
+
+
+def redact_jobs(conn: Connection, needles: set[str]) -> int:
+    """Erasure: queued jobs whose change mentions one of ``needles`` keep only the ids (entity, Clerk id,
+    kind, version); the handler still learns of the change, not the person. Returns how many."""
+    j = hook_jobs
+    text = sa.cast(j.c.payload, sa.Text)
+    rows = conn.execute(sa.select(j.c.id, j.c.payload).where(
+        sa.or_(*(text.contains(n, autoescape=True) for n in needles)))).all()
+    for row in rows:
+        payload = row.payload if isinstance(row.payload, dict) else json.loads(row.payload)
+        kept = {k: payload[k] for k in ("entity", "clerk_id", "kind", "version") if k in payload}
+        conn.execute(sa.update(j).where(j.c.id == row.id).values(payload=kept | {"values": {}, "previous": {}}))
+    return len(rows)
 
 
 # Prebuilt statements: built once, as the hot path in store.py does (a Core construct per delivery
