@@ -231,3 +231,18 @@ def test_serve_with_hooks_runs_them_in_a_thread_after_the_commit(db_url: str) ->
         proc.terminate()
         proc.wait(timeout=20)
         engine.dispose()
+
+
+def test_doctor_points_at_dead_hook_jobs(db_url: str) -> None:
+    def down(change: Change) -> None:
+        raise RuntimeError("crm unreachable")
+
+    env = {"DATABASE_URL": db_url}
+    assert "ok    hook jobs: none dead, 0 queued" in run("doctor", env=env).stdout
+    store = Store.from_url(db_url, hooks=[Hook("crm", down)])
+    deliver(store, f.envelope("user.created", f.user("user_1", B + 1000)),
+            f.envelope("user.created", f.user("user_2", B + 1000)))
+    Dispatcher(store, backoff=Backoff(max_attempts=1)).run_once()
+    deliver(store, f.envelope("user.created", f.user("user_3", B + 1000)))
+    store.dispose()
+    assert "warn  hook jobs: 2 dead, 1 queued: `clerk-sync hooks list`" in run("doctor", env=env).stdout

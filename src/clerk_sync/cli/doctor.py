@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
+import sqlalchemy as sa
 
 from clerk_sync import migrations
 from clerk_sync.config import Settings
@@ -34,6 +35,7 @@ def run_checks(settings: Settings, *, http: httpx.Client | None = None,
         checks = [_guard(name, fn) for name, fn in (
             ("webhook secret", lambda: _webhook_secret(settings)),
             ("database", lambda: _database(settings)),
+            ("hook jobs", lambda: _hook_jobs(settings)),
             ("Clerk Backend API", lambda: _clerk_api(settings, client)),
             ("session keys", lambda: _session_keys(settings, client)),
         )]
@@ -41,6 +43,26 @@ def run_checks(settings: Settings, *, http: httpx.Client | None = None,
         if http is None:
             client.close()
     return checks + (_mapping_checks(settings, mapping) if mapping is not None else [])
+
+
+def _hook_jobs(settings: Settings) -> tuple[str, str]:
+    """Dead after-commit hook jobs wait for a person: say how many and what to run."""
+    from clerk_sync.tables import hook_jobs
+
+    store = Store.from_url(settings.sqlalchemy_url())
+    try:
+        with store.connect() as conn:
+            by_status = sa.select(hook_jobs.c.status, sa.func.count()).group_by(hook_jobs.c.status)
+            counts: dict[str, int] = {status: n for status, n in conn.execute(by_status).all()}
+    except ClerkSyncError:
+        return "warn", "cannot read hook_jobs (see the database line): run `clerk-sync migrate`"
+    finally:
+        store.dispose()
+    queued = counts.get("pending", 0) + counts.get("running", 0)
+    if counts.get("dead"):
+        return "warn", (f"{counts['dead']} dead, {queued} queued: `clerk-sync hooks list`, then "
+                        "`clerk-sync hooks retry` or `purge`")
+    return "ok", f"none dead, {queued} queued"
 
 
 def _mapping_checks(settings: Settings, mapping: SchemaMapping) -> list[Check]:
