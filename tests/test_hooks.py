@@ -379,3 +379,22 @@ def test_reconcile_fires_hooks_only_when_asked(hstore: Store, emu: EmulatorServe
         Reconciler(hstore, clerk, page_size=50, with_hooks=True).run()
     # The organization and the membership were still mirrored: unchanged, so no job either.
     assert [(j["type"], j["payload"]["clerk_id"]) for j in jobs(hstore)] == [("user.created", ada["id"])]
+
+
+def test_a_batch_that_outlives_its_lease_gives_the_rest_back(db_url: str) -> None:
+    seen: list[str] = []
+    clock = Clock()
+
+    def slow(change: Change) -> None:
+        seen.append(change.clerk_id)
+        clock.advance(25)  # each handler takes 25 s of the 60 s lease
+
+    store = hooked(db_url, Hook("slow", slow), now=clock)
+    deliver(store, *[f.envelope("user.created", f.user(f"user_{n}", B + 1000)) for n in range(4)])
+    dispatcher = Dispatcher(store, lease_s=60, now=clock)
+    assert dispatcher.run_once() == 4
+    assert seen == ["user_0", "user_1"]  # the third would start at 50 s, past 80 % of the lease
+    assert [(j["status"], j["attempts"]) for j in jobs(store)] == [("pending", 0), ("pending", 0)]
+    assert dispatcher.drain() == 2
+    assert seen == ["user_0", "user_1", "user_2", "user_3"]
+    store.dispose()

@@ -57,7 +57,7 @@ PUBLIC_API: dict[str, list[str]] = {
     "clerk_sync.tracing": ["ENABLED", "delivery_span", "span"],
     "clerk_sync.mapping": ["Anonymise", "Column", "Deactivate", "DeletePolicy", "HardDelete", "LinkAmbiguous", "MappedTable", "SchemaMapping", "SoftDelete", "TRANSFORMS", "check_schema", "migrate_schema"],
     "clerk_sync.migrations": ["current_revision", "head_revision", "is_current", "upgrade"],
-    "clerk_sync.outbox": ["Job", "Outbox", "claim", "delete_jobs", "fail", "finish", "list_jobs", "redact_jobs", "retry_jobs"],
+    "clerk_sync.outbox": ["Job", "Outbox", "claim", "delete_jobs", "fail", "finish", "list_jobs", "redact_jobs", "release", "retry_jobs"],
     "clerk_sync.reconcile": ["Change", "Counts", "Progress", "ReconcileReport", "Reconciler"],
     "clerk_sync.store": ["READ_ONLY_OPTION", "Store", "Writer", "create_engine"],
     "clerk_sync.tables": ["audit_log", "hook_jobs", "metadata", "organization_memberships", "organizations", "pending_role_changes", "reconcile_runs", "reconcile_seen", "revoked_sessions", "seen_columns", "users", "webhook_events"],

@@ -31,7 +31,8 @@ from clerk_sync.events import MembershipRecord, OrganizationRecord, UserRecord
 from clerk_sync.mapping import SchemaMapping
 from clerk_sync.tables import hook_jobs, organization_memberships, organizations, users
 
-__all__ = ["Job", "Outbox", "claim", "delete_jobs", "fail", "finish", "list_jobs", "redact_jobs", "retry_jobs"]
+__all__ = ["Job", "Outbox", "claim", "delete_jobs", "fail", "finish", "list_jobs", "redact_jobs", "release",
+           "retry_jobs"]
 
 JSON = dict[str, Any]
 _TABLES: dict[Entity, sa.Table] = {
@@ -134,6 +135,13 @@ def fail(conn: Connection, job: Job, error: str, retry_at: datetime | None) -> b
         values["available_at"] = retry_at
     stmt = sa.update(hook_jobs).where(hook_jobs.c.id == job.id, hook_jobs.c.claim_token == job.token)
     return conn.execute(stmt.values(**values)).rowcount == 1
+
+
+def release(conn: Connection, jobs: Sequence[Job]) -> None:
+    """Give claimed jobs back unrun (due now, the claim's attempt not counted)."""
+    for job in jobs:
+        stmt = sa.update(hook_jobs).where(hook_jobs.c.id == job.id, hook_jobs.c.claim_token == job.token)
+        conn.execute(stmt.values(status="pending", lease_until=None, claim_token=None, attempts=job.attempts - 1))
 
 
 def list_jobs(conn: Connection, *, status: str | None = "dead", limit: int = 100) -> list[Job]:

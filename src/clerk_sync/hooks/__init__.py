@@ -20,7 +20,7 @@ import structlog
 
 from clerk_sync.changes import Change, Handler, Hook
 from clerk_sync.errors import StoreError
-from clerk_sync.outbox import Job, claim, fail, finish
+from clerk_sync.outbox import Job, claim, fail, finish, release
 from clerk_sync.store import Store
 
 __all__ = ["Backoff", "Change", "Dispatcher", "Hook"]
@@ -72,11 +72,24 @@ class Dispatcher:
         self._thread: threading.Thread | None = None
 
     def run_once(self) -> int:
-        """Claim one batch, run it, record the outcomes; returns how many jobs were claimed."""
+        """Claim one batch, run it, record the outcomes; returns how many jobs were claimed.
+
+        Jobs not started before 80 % of the lease has passed are given back rather than run late,
+        when another dispatcher could already be taking them over.
+        """
+        claimed_at = self._now()
         with self.store.transaction() as writer:
-            jobs = claim(writer.conn, self._now(), lease=self.lease, limit=self.batch,
+            jobs = claim(writer.conn, claimed_at, lease=self.lease, limit=self.batch,
                          max_attempts=self.backoff.max_attempts)
-        done = [job for job in jobs if self._run(job)]
+        done: list[Job] = []
+        for n, job in enumerate(jobs):
+            if self._now() >= claimed_at + self.lease * 0.8:
+                with self.store.transaction() as writer:
+                    release(writer.conn, jobs[n:])
+                log.warning("hook batch outlived 80 % of its lease; rest given back", released=len(jobs) - n)
+                break
+            if self._run(job):
+                done.append(job)
         if done:  # one transaction for the batch's successes (a crash before it re-runs them: at least once)
             with self.store.transaction() as writer:
                 lost = [job.id for job in done if not finish(writer.conn, job)]
