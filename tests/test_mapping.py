@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -318,3 +319,51 @@ def test_erasure_clears_the_mapped_row_and_the_queued_hook_jobs(app_db: str) -> 
     assert [j["type"] for j in queued] == ["user.created", "user.deleted"]  # still told, without the person
     assert all("ada@example.com" not in json.dumps(j["payload"]) for j in queued)
     assert queued[1]["payload"]["values"] == {}
+
+
+# Django's auth_user as `manage.py migrate` creates it (no database defaults): what a Django
+# integration would point the users mapping at (AUTH_USER_MODEL).
+django_meta = sa.MetaData()
+auth_user = sa.Table(
+    "auth_user", django_meta,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("password", sa.String(128), nullable=False),
+    sa.Column("last_login", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("is_superuser", sa.Boolean, nullable=False),
+    sa.Column("username", sa.String(150), nullable=False, unique=True),
+    sa.Column("first_name", sa.String(150), nullable=False),
+    sa.Column("last_name", sa.String(150), nullable=False),
+    sa.Column("email", sa.String(254), nullable=False),
+    sa.Column("is_staff", sa.Boolean, nullable=False),
+    sa.Column("is_active", sa.Boolean, nullable=False),
+    sa.Column("date_joined", sa.DateTime(timezone=True), nullable=False),
+)
+
+
+def test_a_django_auth_user_table_needs_its_not_null_columns_mapped(db_url: str) -> None:
+    engine = sa.create_engine(db_url)
+    django_meta.create_all(engine)
+    partial = SchemaMapping(users=MappedTable("auth_user", "clerk_id", {"email": "email"}, Deactivate("is_active")))
+    full = SchemaMapping(users=MappedTable("auth_user", "clerk_id", {
+        "username": "clerk_id", "email": Column("email", default=""),
+        "first_name": Column("first_name", default=""), "last_name": Column("last_name", default=""),
+        "is_staff": Column(compute=lambda v: v.get("role") == "admin"),
+        "is_superuser": Column(compute=lambda v: False),
+        "password": Column(compute=lambda v: "!"),  # Django's unusable password: sign-in is Clerk's
+        "date_joined": Column(compute=lambda v: datetime.fromtimestamp((v.get("clerk_created_at") or 0) / 1000, UTC)),
+    }, on_delete=Deactivate("is_active")))
+    with engine.begin() as conn:
+        migrate_schema(conn, full)
+        problems = [p for _, p in check_schema(conn, partial)]
+        assert check_schema(conn, full) == []
+    assert {p.split(" ")[0] for p in problems if "NOT NULL" in p} == {
+        "auth_user.password", "auth_user.is_superuser", "auth_user.username", "auth_user.first_name",
+        "auth_user.last_name", "auth_user.is_staff", "auth_user.date_joined"}
+    store = Store.from_url(db_url, mapping=full)
+    deliver(store, f.envelope("user.created", f.user("user_1", B + 1000, role="admin")),
+            f.envelope("user.deleted", f.deleted("user", "user_1"), B + 2000))
+    with engine.connect() as conn:
+        row = conn.execute(sa.text("SELECT username, email, is_staff, is_active, password FROM auth_user")).one()
+    store.dispose()
+    engine.dispose()
+    assert tuple(row) == ("user_1", "user_1@example.com", True, False, "!")
