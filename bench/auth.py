@@ -26,6 +26,9 @@ SQLite store migrated with ``clerk_sync.migrations.upgrade``; load from bench/_a
 own process, 8 keep-alive connections, 100 users' tokens round-robin. The two routes alternate
 round by round against the same server process.
 
+Part 2b, the same cells against a Flask app (``ClerkSync``, ``@clerk_login_required`` vs ``@public``)
+under gunicorn, one gthread worker with 8 threads (bench/_auth_flask_server.py), in the same run.
+
 Results: a table on stdout and the "Auth (bench/auth.py)" section of BENCHMARKS.md.
 """
 
@@ -291,11 +294,11 @@ def check_verifier(key: rsa.RSAPrivateKey, pem: str, tokens: list[str]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- HTTP
-def start_server(port: int, tmp: Path, pem: str) -> subprocess.Popen[bytes]:
+def start_server(port: int, tmp: Path, pem: str, server: str = "_auth_server.py") -> subprocess.Popen[bytes]:
     pem_path = tmp / "key.pem"
     pem_path.write_text(pem)
     log = (tmp / "server.log").open("wb")
-    proc = subprocess.Popen([PY, str(BENCH / "_auth_server.py"), str(port), str(tmp / "auth.db"), str(pem_path),
+    proc = subprocess.Popen([PY, str(BENCH / server), str(port), str(tmp / "auth.db"), str(pem_path),
                              ISS, AZP], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 60
     while time.time() < deadline:
@@ -325,13 +328,14 @@ def load(port: int, server_pid: int, cell: str, tokens_file: Path, cfg: argparse
     return {**json.loads(out), "cell": cell}
 
 
-def http_rounds(key: rsa.RSAPrivateKey, pem: str, cfg: argparse.Namespace) -> list[dict[str, Any]]:
+def http_rounds(key: rsa.RSAPrivateKey, pem: str, cfg: argparse.Namespace,
+                server_script: str = "_auth_server.py") -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="bench-auth-") as d:
         tmp = Path(d)
         tokens_file = tmp / "tokens.txt"
         tokens_file.write_text("\n".join(mint(key, POOL, start=500_000)))
         port = free_port()
-        server = start_server(port, tmp, pem)
+        server = start_server(port, tmp, pem, server_script)
         results: list[dict[str, Any]] = []
         try:
             warm = argparse.Namespace(**{**vars(cfg), "warmup": 0.3, "duration": 0.7})
@@ -398,7 +402,7 @@ def machine_notes(cfg: argparse.Namespace) -> list[str]:
 
 
 def render(micro: dict[str, list[float]], sizes: dict[str, int], http: list[dict[str, Any]], parity: str,
-           cfg: argparse.Namespace, elapsed: float) -> str:
+           cfg: argparse.Namespace, elapsed: float, flask_http: list[dict[str, Any]] | None = None) -> str:
     floor = micro["floor"]
 
     def ratio(name: str) -> float:
@@ -492,6 +496,7 @@ def render(micro: dict[str, list[float]], sizes: dict[str, int], http: list[dict
         f"second cached verify); a cached `Authenticator.authenticate` costs {med(micro['authenticate']):.1f} µs "
         "in process.",
         "",
+        *(flask_lines(flask_http, cfg) if flask_http else []),
         "### Where first-seen time goes",
         "",
         f"`SessionVerifier.verify` parses each token once (split; header segment checked once and memoised; "
@@ -531,6 +536,49 @@ def render(micro: dict[str, list[float]], sizes: dict[str, int], http: list[dict
         END,
     ]
     return "\n".join(lines)
+
+
+def flask_lines(http: list[dict[str, Any]], cfg: argparse.Namespace) -> list[str]:
+    """The Flask row: the same three cells against ``ClerkSync`` under gunicorn (bench/_auth_flask_server.py)."""
+    by = {cell: sorted((r for r in http if r["cell"] == cell), key=lambda r: r["round"]) for cell in CELLS}
+
+    def paired(cell: str, key: Callable[[dict[str, Any], dict[str, Any]], float]) -> float:
+        return med([key(a, b) for a, b in zip(by[cell], by["open"], strict=True)])
+
+    lines = [
+        f"### Flask route, protected vs unprotected (gunicorn 1 gthread worker x 8 threads, c={cfg.concurrency} "
+        f"keep-alive, {POOL} users' tokens)",
+        "",
+        "| route | req/s (median) | min-max | vs `/open` (paired) | p50 ms | p99 ms | server CPU µs/req "
+        "| vs `/open` | foreign CPU |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    labels = {"open": "`/open`: `@public` view, no token",
+              "open+token": "`/open` with a Bearer token (lazy: not verified)",
+              "me": "**`/me`: `@clerk_login_required`, Bearer token**"}
+    for cell, label in labels.items():
+        rs = by[cell]
+        lines.append(
+            f"| {label} | {med([r['rps'] for r in rs]):,.0f} | {min(r['rps'] for r in rs):,.0f}-"
+            f"{max(r['rps'] for r in rs):,.0f} | {paired(cell, lambda a, b: a['rps'] / b['rps']):.2f} | "
+            f"{med([r['p50_ms'] for r in rs]):.2f} | {med([r['p99_ms'] for r in rs]):.2f} | "
+            f"{med([r['server_cpu_us_per_req'] for r in rs]):,.0f} | "
+            f"{paired(cell, lambda a, b: a['server_cpu_us_per_req'] - b['server_cpu_us_per_req']):+,.0f} | "
+            f"{med([r['foreign_cpu'] for r in rs]):.0%} |")
+    cpu_me = paired("me", lambda a, b: a["server_cpu_us_per_req"] - b["server_cpu_us_per_req"])
+    cpu_open = med([r["server_cpu_us_per_req"] for r in by["open"]])
+    lines += [
+        "",
+        f"Protected / unprotected req/s: **{paired('me', lambda a, b: a['rps'] / b['rps']):.2f}** (median of "
+        "per-round ratios), same run, same tokens and load generator as the FastAPI rows. The steadier "
+        f"measure is server CPU: the session check adds ~{cpu_me:,.0f} µs per request to the {cpu_open:,.0f} µs "
+        f"gunicorn and Flask spend on `/open` ({cpu_me / cpu_open:+.0%}); with that little added, the req/s "
+        "ratio mostly shows what else the shared box was running. `ClerkSync(deny_by_default=True)` verifies "
+        "in a `before_request` hook (the blocking `Authenticator.authenticate`, a cached verify, no event "
+        "loop); a `@public` view never verifies, even with a token, until it reads `current_clerk`.",
+        "",
+    ]
+    return lines
 
 
 def write_benchmarks_md(block: str) -> Path:
@@ -595,12 +643,15 @@ def main() -> None:
         print(f"  {name:24} {med(xs):10.2f} µs/op   x floor {med(xs) / med(micro['floor']):7.3f}", flush=True)
 
     http: list[dict[str, Any]] = []
+    flask_http: list[dict[str, Any]] = []
     if not cfg.no_http:
         print(f"HTTP: {cfg.rounds} rounds x {len(CELLS)} cells ...", flush=True)
         http = http_rounds(key, pem, cfg)
+        print(f"HTTP (Flask): {cfg.rounds} rounds x {len(CELLS)} cells ...", flush=True)
+        flask_http = http_rounds(key, pem, cfg, "_auth_flask_server.py")
     if not http:
         raise SystemExit("HTTP part skipped: nothing written")
-    block = render(micro, sizes, http, parity, cfg, time.time() - started)
+    block = render(micro, sizes, http, parity, cfg, time.time() - started, flask_http)
     print()
     print(block.replace(BEGIN, "").replace(END, "").strip())
     if not cfg.no_write:

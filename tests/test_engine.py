@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from clerk_sync.engine import Action, Entity, Ignore, RevokeSession, RowState, Tombstone, Upsert, decide, plan
@@ -85,3 +87,18 @@ def test_shape_errors_are_reported_not_guessed() -> None:
     del no_updated["updated_at"]
     with pytest.raises(EventShapeError, match="updated_at"):
         plan(parse_envelope(f.body_of(f.envelope("user.updated", no_updated))))
+
+
+def test_the_status_rule_is_one_pure_function() -> None:
+    from clerk_sync.engine import DeliveryStatus, plan_delivery
+    from clerk_sync.events import parse_envelope
+
+    def planned(event_type: str, data: dict[str, object]) -> tuple[DeliveryStatus, DeliveryStatus]:
+        body = json.dumps({"type": event_type, "object": "event", "timestamp": 1_700_000_000_000, "data": data})
+        p = plan_delivery(parse_envelope(body))
+        return p.status, p.status_after(False)
+
+    assert planned("email.created", {"id": "x"}) == (DeliveryStatus.IGNORED, DeliveryStatus.SKIPPED)
+    assert planned("user.created", {"id": "user_1"})[0] == DeliveryStatus.FAILED  # no updated_at: unusable
+    assert planned("user.deleted", {"id": "user_1", "deleted": True}) == (DeliveryStatus.APPLIED, DeliveryStatus.SKIPPED)
+    assert DeliveryStatus.DUPLICATE == "duplicate"  # what the inbox stores and the service answers

@@ -214,6 +214,6 @@ def test_slow_clerk_is_bounded_by_the_timeout(store: Store, emu: EmulatorServer)
 
 def _reference(data: dict[str, Any]) -> AuthUser:
     """What the row must hold for ``data``: its record plus our defaults."""
-    record = {"deprovisioned": False} | asdict(user_record(data))  # a column default until events map it
+    record = asdict(user_record(data))  # events map deprovisioned now
     now = time.time()
     return AuthUser(id=0, plan="free", created_at=now, updated_at=now, deleted_at=None, **record)  # type: ignore[arg-type]

@@ -37,6 +37,7 @@ LAYERS: dict[str, int] = {
     "clerk_sync.hooks": 3,
     "clerk_sync.retention": 3,
     "clerk_sync.integrations": 4,  # faces
+    "clerk_sync.integrations.flask": 5,  # its `flask clerk-sync` group wraps cli/ commands
     "clerk_sync.testing": 4,
     "clerk_sync.cli": 5,
     "clerk_sync.emulator": 0,  # Clerk's stand-in: an island (see ISLANDS)

@@ -16,7 +16,6 @@ from tests import factories as f
 
 with store.transaction() as writer:
     writer.apply(Upsert(Entity.USER, user_record(f.user("user_1", 1_800_000_000_000, role="admin"))))
-dispatcher.stop()
 dispatcher.drain()
 with engine.connect() as conn:
     print(dict(conn.execute(sa.text("SELECT clerk_user_id, email, role, plan FROM accounts")).one()._mapping))
@@ -28,7 +27,7 @@ def test_the_hooks_snippet_runs_as_printed(tmp_path: Path) -> None:
     block = re.search(r"<!-- readme-hooks:begin -->\n```python\n(.*?)```\n<!-- readme-hooks:end -->", readme, re.S)
     assert block is not None
     result = subprocess.run([sys.executable, "-c", block.group(1) + _THEN], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=60, check=False, env={"PYTHONPATH": str(ROOT), "PATH": ""})
+                            text=True, timeout=60, check=False, env={"PYTHONPATH": str(ROOT), "PATH": "", "DATABASE_URL": f"sqlite:///{tmp_path / 'app.db'}"})
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stdout.splitlines() if not line.startswith("20")]  # log lines
     assert lines == [

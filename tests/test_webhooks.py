@@ -140,5 +140,5 @@ def test_empty_secret_list_is_a_config_error() -> None:
 def test_the_tolerance_message_names_the_configured_tolerance() -> None:
     now = 1_700_000_000
     headers = sign(SECRET, "msg_t", now - 11, b"{}")
-    with pytest.raises(WebhookVerificationError, match=r"too old: 11 s off, outside the 10 s tolerance"):
+    with pytest.raises(WebhookVerificationError, match=r"too old: outside the 10 s tolerance"):
         WebhookVerifier([SECRET], tolerance_s=10, now=lambda: now).verify(headers, b"{}")

@@ -122,9 +122,15 @@ class Settings(BaseSettings):
     db_connect_timeout_s: float = Field(5.0, ge=0, validation_alias="CLERK_SYNC_DB_CONNECT_TIMEOUT_S")
     # The service app factory (multi-worker `serve`) migrates in the background when set.
     migrate_on_start: bool = Field(False, validation_alias="CLERK_SYNC_MIGRATE_ON_START")
+    # The operator console at /console of `clerk-sync serve` (opt-in); admins sign in with Clerk, or an
+    # operator with this token (a standalone service with no Clerk front end).
+    console_enabled: bool = Field(False, validation_alias="CLERK_SYNC_CONSOLE")
+    console_operator_token: SecretStr | None = Field(None, validation_alias="CLERK_SYNC_CONSOLE_TOKEN")
+    console_read_only: bool = Field(False, validation_alias="CLERK_SYNC_CONSOLE_READ_ONLY")
 
     @field_validator("instance_id", "redis_url", "webhook_secret", "clerk_secret_key", "clerk_api_rate_limit",
-                     "clerk_jwt_key", "clerk_jwks_url", "clerk_issuer", "authorized_parties_raw", mode="before")
+                     "clerk_jwt_key", "clerk_jwks_url", "clerk_issuer", "authorized_parties_raw",
+                     "console_operator_token", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         # `export CLERK_ISSUER=` means "not set", not "the empty issuer".

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from clerk_sync._limits import CLERK_ID_CHARS, fit_clerk_id, fit_ms, fit_text, show
 from clerk_sync.errors import EventShapeError
 from clerk_sync.events import (
     Envelope,
@@ -26,6 +27,8 @@ from clerk_sync.events import (
 __all__ = [
     "HANDLED_EVENT_TYPES",
     "Action",
+    "DeliveryPlan",
+    "DeliveryStatus",
     "Entity",
     "Ignore",
     "Intent",
@@ -35,7 +38,9 @@ __all__ = [
     "Tombstone",
     "Upsert",
     "decide",
+    "delivery_reason",
     "plan",
+    "plan_delivery",
 ]
 
 Record = UserRecord | OrganizationRecord | MembershipRecord
@@ -55,6 +60,7 @@ class Upsert:
 
     entity: Entity
     record: Record
+    notes: tuple[str, ...] = ()  # values dropped from the record because no column could hold them
 
     @property
     def clerk_id(self) -> str:
@@ -72,6 +78,7 @@ class Tombstone:
     entity: Entity
     clerk_id: str
     version: int
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +89,7 @@ class RevokeSession:
     user_id: str | None
     reason: str
     expire_at: int | None
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,33 +120,37 @@ class RowState:
     deleted: bool
 
 
-def _upsert(entity: Entity, build: Callable[[dict[str, Any]], Record]) -> Callable[[Envelope], Intent]:
-    return lambda env: Upsert(entity, build(env.data))
+def _upsert(entity: Entity, build: Callable[[dict[str, Any], list[str]], Record]) -> Callable[[Envelope], Intent]:
+    def plan_upsert(env: Envelope) -> Intent:
+        notes: list[str] = []
+        record = build(env.data, notes)
+        return Upsert(entity, record, tuple(notes))
+
+    return plan_upsert
 
 
 def _tombstone(entity: Entity) -> Callable[[Envelope], Intent]:
     def plan_delete(env: Envelope) -> Intent:
-        clerk_id = env.data.get("id")
-        if not isinstance(clerk_id, str) or not clerk_id:
-            raise EventShapeError(f"{env.type} has no data.id")
+        clerk_id = fit_clerk_id(env.data.get("id"), f"{env.type} data.id")
         # Deleted objects carry no updated_at: the envelope timestamp is the version.
-        updated = env.data.get("updated_at")
-        version = max(env.timestamp_ms, updated if isinstance(updated, int) else 0)
+        version = max(env.timestamp_ms, fit_ms(env.data.get("updated_at")) or 0)
         return Tombstone(entity, clerk_id, version)
 
     return plan_delete
 
 
 def _revoke(env: Envelope) -> Intent:
-    session_id, user_id, expire_at = env.data.get("id"), env.data.get("user_id"), env.data.get("expire_at")
-    if not isinstance(session_id, str) or not session_id:
-        raise EventShapeError(f"{env.type} has no data.id")
-    return RevokeSession(
-        session_id,
-        user_id if isinstance(user_id, str) else None,
-        env.type.removeprefix("session."),
-        expire_at if isinstance(expire_at, int) else None,
-    )
+    # Only the session id is essential: the deny list is keyed by it. A user id or expiry that no
+    # column can hold is dropped (and noted) rather than holding the revocation back.
+    notes: list[str] = []
+    session_id = fit_clerk_id(env.data.get("id"), f"{env.type} data.id")
+    user_id = fit_text(env.data.get("user_id"), "data.user_id", CLERK_ID_CHARS, notes)
+    raw_expiry = env.data.get("expire_at")
+    expire_at = fit_ms(raw_expiry)
+    if raw_expiry is not None and expire_at is None:
+        notes.append(f"data.expire_at dropped: not a millisecond timestamp in range ({show(raw_expiry)})")
+    reason = env.type.removeprefix("session.")
+    return RevokeSession(session_id, user_id or None, reason, expire_at, tuple(notes))
 
 
 _PLANNERS: dict[str, Callable[[Envelope], Intent]] = {
@@ -176,3 +188,50 @@ def decide(current: RowState | None, intent: Upsert | Tombstone) -> Action:
     if current.deleted:
         return Action.SKIP_DELETED
     return Action.UPDATE if intent.version > current.version else Action.SKIP_STALE
+
+
+class DeliveryStatus(StrEnum):
+    """The outcome of one delivery, as ``webhook_events.status`` stores it (and the service answers)."""
+
+    APPLIED = "applied"  # its intent changed a row
+    SKIPPED = "skipped"  # stale or a no-op: the guard kept the newer row
+    IGNORED = "ignored"  # a type we do not mirror
+    FAILED = "failed"  # verified but unusable: kept with its reason, replayable
+    DUPLICATE = "duplicate"  # this svix-id was received before (never stored twice)
+
+
+_MAX_REASON = 2000  # characters of last_error: a failure, then what was cleaned or dropped
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryPlan:
+    """What a delivery is expected to do: the status to store, the intent to apply, the reason to record."""
+
+    status: DeliveryStatus
+    intent: Upsert | Tombstone | RevokeSession | None
+    reason: str | None
+
+    def status_after(self, changed: bool) -> DeliveryStatus:
+        """The final status once the intent ran: an upsert the guard refused is ``skipped``."""
+        return self.status if changed else DeliveryStatus.SKIPPED
+
+
+def plan_delivery(envelope: Envelope) -> DeliveryPlan:
+    """The status rule, in one place (live deliveries and ``replay`` both use it): a shape error is
+    ``failed``, an unmirrored type ``ignored``, anything else ``applied`` unless the guard skips it."""
+    try:
+        intent = plan(envelope)
+    except EventShapeError as exc:
+        return DeliveryPlan(DeliveryStatus.FAILED, None, delivery_reason(str(exc), envelope.notes))
+    if isinstance(intent, Ignore):
+        return DeliveryPlan(DeliveryStatus.IGNORED, None, delivery_reason(None, envelope.notes))
+    return DeliveryPlan(DeliveryStatus.APPLIED, intent, delivery_reason(None, envelope.notes + intent.notes))
+
+
+def delivery_reason(error: str | None, notes: tuple[str, ...]) -> str | None:
+    """``last_error``: why it failed, then what was cleaned or dropped (so operators see it)."""
+    if not notes:
+        return error
+    cleaned = "cleaned: " + "; ".join(notes)
+    text = f"{error}; {cleaned}" if error else cleaned
+    return text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 3] + "..."

@@ -2,15 +2,35 @@
 
 The same record builders serve webhooks and Backend API responses (JIT sync, reconcile),
 because Clerk sends the same User/Organization/OrganizationMembership objects on both.
+
+Every value is checked against the limits in :mod:`clerk_sync._limits` before a store sees it, so
+SQLite and PostgreSQL decide alike. An identity that cannot be stored (an id longer than a Clerk id
+can be, a missing ``updated_at``) is an :class:`EventShapeError`: the delivery is kept as ``failed``.
+Anything else that cannot be stored (a 300-character name, metadata that is not an object) is dropped
+and described in ``notes``, and the security-relevant columns (role, banned, locked, deprovisioned)
+are still applied.
 """
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from clerk_sync._limits import (
+    BIGINT_MAX,
+    EMAIL_CHARS,
+    EVENT_TYPE_CHARS,
+    INSTANCE_ID_CHARS,
+    NAME_CHARS,
+    ROLE_CHARS,
+    Notes,
+    fit_clerk_id,
+    fit_ms,
+    fit_text,
+    isfinite,
+    parse_json,
+    show,
+)
 from clerk_sync.errors import EventShapeError, PayloadError
 
 __all__ = [
@@ -27,7 +47,7 @@ __all__ = [
 
 JSON = dict[str, Any]
 # Larger timestamps would not fit BIGINT columns (and are meaningless: year 292 million).
-_MAX_MS = 2**63 - 1
+_MAX_MS = BIGINT_MAX
 # Seconds-vs-milliseconds cut-off: 10^11 s is the year 5138, 10^11 ms is 1973.
 _MS_THRESHOLD = 100_000_000_000
 # Legacy payloads used role keys without the ``org:`` prefix (see shared/clerk examples/variants).
@@ -36,48 +56,63 @@ _LEGACY_ORG_ROLES = {"admin": "org:admin", "basic_member": "org:member"}
 
 def normalize_timestamp_ms(value: object) -> int:
     """Clerk's envelope ``timestamp`` is ms in the docs and seconds in the spec examples."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise PayloadError(f"event timestamp must be a number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not isfinite(value):
+        raise PayloadError(f"event timestamp must be a number, got {show(value)}")
+    if value > _MAX_MS:  # before float(): an integer of 400 digits overflows it
+        raise PayloadError(f"event timestamp {show(value)} is out of range")
     number = float(value)
     ms = int(number if number >= _MS_THRESHOLD else number * 1000)
     if not 0 <= ms <= _MAX_MS:
-        raise PayloadError(f"event timestamp {value!r} is out of range")
+        raise PayloadError(f"event timestamp {show(value)} is out of range")
     return ms
 
 
 @dataclass(frozen=True, slots=True)
 class Envelope:
-    """A Clerk event: ``{"data", "object": "event", "type", "timestamp", "instance_id"}``."""
+    """A Clerk event: ``{"data", "object": "event", "type", "timestamp", "instance_id"}``.
+
+    ``text`` is what the inbox stores: the body as received, or its cleaned copy when the body held
+    values a store refuses (``notes`` then says what was changed, e.g. a NUL replaced).
+    """
 
     type: str
     data: JSON
     timestamp_ms: int
     instance_id: str | None
     raw: JSON = field(repr=False)
+    text: str = field(default="", repr=False)
+    notes: tuple[str, ...] = ()
 
 
 def parse_envelope(body: bytes | str) -> Envelope:
     """Parse a verified body; anything that is not a Clerk event envelope is a :class:`PayloadError`."""
     try:
-        raw = json.loads(body)
+        parsed = parse_json(body.decode() if isinstance(body, bytes) else body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise PayloadError(f"body is not JSON: {exc}") from None
+    raw = parsed.value
     if not isinstance(raw, dict):
         raise PayloadError("body is not a JSON object")
     etype, data = raw.get("type"), raw.get("data")
     if not isinstance(etype, str) or not etype:
         raise PayloadError("event has no 'type'")
+    if len(etype) > EVENT_TYPE_CHARS:
+        raise PayloadError(f"event 'type' is {len(etype)} characters, Clerk's have at most {EVENT_TYPE_CHARS}")
     if not isinstance(data, dict):
         raise PayloadError("event has no 'data' object")
     if raw.get("object", "event") != "event":
-        raise PayloadError(f"'object' is {raw.get('object')!r}, expected 'event'")
+        raise PayloadError(f"'object' is {show(raw.get('object'))}, expected 'event'")
     instance_id = raw.get("instance_id")
+    if isinstance(instance_id, str) and len(instance_id) > INSTANCE_ID_CHARS:
+        raise PayloadError(f"'instance_id' is {len(instance_id)} characters, Clerk's have at most {INSTANCE_ID_CHARS}")
     return Envelope(
         type=etype,
         data=data,
         timestamp_ms=normalize_timestamp_ms(raw.get("timestamp")),
         instance_id=instance_id if isinstance(instance_id, str) else None,
         raw=raw,
+        text=parsed.text,
+        notes=parsed.notes,
     )
 
 
@@ -101,6 +136,7 @@ class UserRecord:
     banned: bool
     locked: bool
     last_sign_in_at: int | None
+    deprovisioned: bool = False  # SCIM: a user removed by the IdP arrives as user.updated, not user.deleted
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,59 +166,56 @@ class MembershipRecord:
     permissions: list[str]
 
 
-def user_record(data: JSON) -> UserRecord:
-    """Build a user row from a Clerk User object."""
-    emails = [e for e in _list(data, "email_addresses") if isinstance(e, dict)]
+def user_record(data: JSON, notes: Notes = None) -> UserRecord:
+    """Build a user row from a Clerk User object; ``notes`` (if given) receives what was dropped."""
+    emails = [e for e in _list(data, "email_addresses", notes) if isinstance(e, dict)]
     primary_id = data.get("primary_email_address_id")
     primary = next((e.get("email_address") for e in emails if e.get("id") == primary_id), None)
-    public = _obj(data, "public_metadata")
-    role = public.get("role")
+    public = _obj(data, "public_metadata", notes)
     return UserRecord(
         clerk_id=_id(data, "user"),
         clerk_updated_at=_ms(data, "updated_at"),
         clerk_created_at=_opt_int(data, "created_at"),
-        email=primary if isinstance(primary, str) else None,
-        email_addresses=[str(e["email_address"]) for e in emails if e.get("email_address")],
-        first_name=_opt_str(data, "first_name"),
-        last_name=_opt_str(data, "last_name"),
-        username=_opt_str(data, "username"),
-        image_url=_opt_str(data, "image_url"),
+        email=fit_text(primary, "primary email address", EMAIL_CHARS, notes),
+        email_addresses=[a for e in emails if isinstance(a := e.get("email_address"), str) and a],
+        first_name=_fit(data, "first_name", NAME_CHARS, notes),
+        last_name=_fit(data, "last_name", NAME_CHARS, notes),
+        username=_fit(data, "username", NAME_CHARS, notes),
+        image_url=_fit(data, "image_url", None, notes),
         public_metadata=public,
-        private_metadata=_obj(data, "private_metadata"),
-        unsafe_metadata=_obj(data, "unsafe_metadata"),
-        role=role if isinstance(role, str) and role else "user",
-        banned=bool(data.get("banned", False)),
-        locked=bool(data.get("locked", False)),
+        private_metadata=_obj(data, "private_metadata", notes),
+        unsafe_metadata=_obj(data, "unsafe_metadata", notes),
+        role=_role(public, "data.public_metadata.role", "user", notes),
+        banned=_flag(data, "banned"),
+        locked=_flag(data, "locked"),
+        deprovisioned=_flag(data, "deprovisioned"),
         last_sign_in_at=_opt_int(data, "last_sign_in_at"),
     )
 
 
-def organization_record(data: JSON) -> OrganizationRecord:
+def organization_record(data: JSON, notes: Notes = None) -> OrganizationRecord:
     """Build an organization row from a Clerk Organization object."""
     return OrganizationRecord(
         clerk_id=_id(data, "organization"),
         clerk_updated_at=_ms(data, "updated_at"),
         clerk_created_at=_opt_int(data, "created_at"),
-        name=_opt_str(data, "name"),
-        slug=_opt_str(data, "slug"),
-        image_url=_opt_str(data, "image_url") or _opt_str(data, "logo_url"),
-        public_metadata=_obj(data, "public_metadata"),
-        private_metadata=_obj(data, "private_metadata"),
+        name=_fit(data, "name", NAME_CHARS, notes),
+        slug=_fit(data, "slug", NAME_CHARS, notes),
+        image_url=_fit(data, "image_url", None, notes) or _fit(data, "logo_url", None, notes),
+        public_metadata=_obj(data, "public_metadata", notes),
+        private_metadata=_obj(data, "private_metadata", notes),
     )
 
 
-def membership_record(data: JSON) -> MembershipRecord:
+def membership_record(data: JSON, notes: Notes = None) -> MembershipRecord:
     """Build a membership row; the org and user may not be in our tables yet, and that is fine."""
     org = data.get("organization")
     user = data.get("public_user_data")
-    org_id = org.get("id") if isinstance(org, dict) else None
-    user_id = user.get("user_id") if isinstance(user, dict) else None
-    if not isinstance(org_id, str) or not org_id:
-        raise EventShapeError("membership has no organization.id")
-    if not isinstance(user_id, str) or not user_id:
-        raise EventShapeError("membership has no public_user_data.user_id")
-    role = _opt_str(data, "role") or "org:member"
-    perms = [p for p in _list(data, "permissions") if isinstance(p, str)]
+    org_id = fit_clerk_id(org.get("id") if isinstance(org, dict) else None, "membership organization.id")
+    user_id = fit_clerk_id(
+        user.get("user_id") if isinstance(user, dict) else None, "membership public_user_data.user_id"
+    )
+    role = _role(data, "data.role", "org:member", notes)
     return MembershipRecord(
         clerk_id=_id(data, "organization membership"),
         clerk_updated_at=_ms(data, "updated_at"),
@@ -190,42 +223,62 @@ def membership_record(data: JSON) -> MembershipRecord:
         organization_clerk_id=org_id,
         user_clerk_id=user_id,
         role=_LEGACY_ORG_ROLES.get(role, role),
-        permissions=perms,
+        permissions=[p for p in _list(data, "permissions", notes) if isinstance(p, str)],
     )
 
 
 def _id(data: JSON, what: str) -> str:
-    value = data.get("id")
-    if not isinstance(value, str) or not value:
-        raise EventShapeError(f"{what} object has no 'id'")
-    return value
+    return fit_clerk_id(data.get("id"), f"{what} object 'id'")
 
 
 def _ms(data: JSON, key: str) -> int:
     value = _opt_int(data, key)
     if value is None:
-        raise EventShapeError(f"'{key}' must be a number of milliseconds, got {data.get(key)!r}")
+        raise EventShapeError(f"'{key}' must be a number of milliseconds, got {show(data.get(key))}")
     return value
 
 
 def _opt_int(data: JSON, key: str) -> int | None:
     """A millisecond timestamp that fits a BIGINT column, else None."""
+    return fit_ms(data.get(key))
+
+
+def _flag(data: JSON, key: str) -> bool:
+    # Security-relevant: a value that is neither a boolean nor absent is a malformed event, not False.
     value = data.get(key)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        return None
-    return int(value) if 0 <= value <= _MAX_MS else None
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    raise EventShapeError(f"'{key}' must be true or false, got {show(value)}")
 
 
-def _opt_str(data: JSON, key: str) -> str | None:
+def _role(data: JSON, where: str, default: str, notes: Notes) -> str:
+    """A role that fits its column; anything else means the least-privileged ``default``."""
+    value = data.get("role")
+    if isinstance(value, str) and 0 < len(value) <= ROLE_CHARS:
+        return value
+    if value is not None and notes is not None:
+        what = f"{len(value)} characters" if isinstance(value, str) else f"not a string: {show(value)}"
+        notes.append(f"{where} ignored ({what}): {default!r} applied")
+    return default
+
+
+def _fit(data: JSON, key: str, limit: int | None, notes: Notes) -> str | None:
+    return fit_text(data.get(key), f"data.{key}", limit, notes)
+
+
+def _obj(data: JSON, key: str, notes: Notes) -> JSON:
     value = data.get(key)
-    return value if isinstance(value, str) else None
+    if isinstance(value, dict):
+        return value
+    if value is not None and notes is not None:
+        notes.append(f"data.{key} dropped: not an object")
+    return {}
 
 
-def _obj(data: JSON, key: str) -> JSON:
+def _list(data: JSON, key: str, notes: Notes) -> list[Any]:
     value = data.get(key)
-    return value if isinstance(value, dict) else {}
-
-
-def _list(data: JSON, key: str) -> list[Any]:
-    value = data.get(key)
-    return value if isinstance(value, list) else []
+    if isinstance(value, list):
+        return value
+    if value is not None and notes is not None:
+        notes.append(f"data.{key} dropped: not a list")
+    return []

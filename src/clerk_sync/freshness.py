@@ -12,13 +12,14 @@ from datetime import UTC, datetime
 
 import sqlalchemy as sa
 
+from clerk_sync.engine import DeliveryStatus
 from clerk_sync.metrics import DatabaseSnapshot
 from clerk_sync.store import Store
 from clerk_sync.tables import reconcile_runs, webhook_events
 
 __all__ = ["FreshnessCheck", "check_freshness", "database_probe", "read_snapshot"]
 
-_DONE = ("applied", "skipped", "ignored")
+_DONE = (DeliveryStatus.APPLIED, DeliveryStatus.SKIPPED, DeliveryStatus.IGNORED)
 
 
 def _stamp(value: datetime | None) -> float | None:
@@ -31,7 +32,7 @@ def read_snapshot(store: Store) -> DatabaseSnapshot:
     """One read-only round trip: newest delivery, failed backlog, last completed reconcile run."""
     e, r = webhook_events, reconcile_runs
     newest = [sa.select(sa.func.max(e.c.received_at)).where(e.c.status == s).scalar_subquery() for s in _DONE]
-    failed = sa.select(sa.func.count()).select_from(e).where(e.c.status == "failed").scalar_subquery()
+    failed = sa.select(sa.func.count()).select_from(e).where(e.c.status == DeliveryStatus.FAILED).scalar_subquery()
     last_id = sa.select(sa.func.max(r.c.id)).where(r.c.status == "completed").scalar_subquery()
     with store.connect() as conn:
         row = conn.execute(sa.select(*newest, failed)).one()

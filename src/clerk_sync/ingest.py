@@ -17,8 +17,8 @@ from datetime import datetime
 import sqlalchemy as sa
 import structlog
 
-from clerk_sync.engine import Ignore, Intent, plan
-from clerk_sync.errors import EventShapeError, PayloadError, PayloadTooLarge, StoreDataError, WrongInstance
+from clerk_sync.engine import DeliveryStatus, delivery_reason, plan_delivery
+from clerk_sync.errors import PayloadError, PayloadTooLarge, StoreDataError, WrongInstance
 from clerk_sync.events import Envelope, parse_envelope
 from clerk_sync.metrics import Metrics
 from clerk_sync.store import Store, Writer
@@ -26,7 +26,7 @@ from clerk_sync.tables import webhook_events
 from clerk_sync.tracing import delivery_span
 from clerk_sync.webhooks import WebhookVerifier
 
-__all__ = ["Outcome", "ReplayReport", "WebhookProcessor", "apply_envelope", "replay_deliveries"]
+__all__ = ["Outcome", "ReplayReport", "WebhookProcessor", "apply_envelope", "replay_deliveries", "replay_one"]
 
 log = structlog.get_logger("clerk_sync.webhook")
 
@@ -37,7 +37,7 @@ class Outcome:
 
     svix_id: str
     event_type: str
-    status: str
+    status: DeliveryStatus
     error: str | None = None
 
 
@@ -80,12 +80,11 @@ class WebhookProcessor:
             raise WrongInstance(
                 f"event from instance {envelope.instance_id!r}, expected {self.instance_id!r} (CLERK_INSTANCE_ID)"
             )
-        text = body.decode()  # verified above, so valid UTF-8
         try:
             with self.store.transaction() as writer:
-                outcome = self._apply_new(writer, svix_id, envelope, text)
+                outcome = self._apply_new(writer, svix_id, envelope)
         except StoreDataError as exc:
-            outcome = self._store_refused(svix_id, envelope, text, exc)
+            outcome = self._store_refused(svix_id, envelope, exc)
         seconds = time.perf_counter() - started
         self.metrics.observe(envelope.type, outcome.status, seconds, event_ms=envelope.timestamp_ms)
         log.log(self.log_level, "webhook", svix_id=svix_id, event_type=envelope.type, status=outcome.status,
@@ -93,36 +92,34 @@ class WebhookProcessor:
         delivery_span(started_ns, svix_id, envelope.type, outcome.status, outcome.error)
         return outcome
 
-    def _store_refused(self, svix_id: str, envelope: Envelope, body: str, exc: StoreDataError) -> Outcome:
+    def _store_refused(self, svix_id: str, envelope: Envelope, exc: StoreDataError) -> Outcome:
         """The DB refused a value for good: keep the delivery as ``failed`` (replayable after a fix)
-        instead of answering 503 forever. NUL escapes, which JSONB refuses, are neutralised."""
-        error = str(exc)
+        instead of answering 503 forever. Every value is checked before it reaches the database
+        (``clerk_sync._limits``), so this only happens when a table differs from ours (an app
+        narrowed a column, added a constraint); the stored payload is always storable."""
+        error = delivery_reason(str(exc), envelope.notes)
         with self.store.transaction() as writer:
             fresh = writer.record_delivery(
-                svix_id, body.replace("\\u0000", "\\ufffd"), event_type=envelope.type,
+                svix_id, envelope.text, event_type=envelope.type,
                 instance_id=envelope.instance_id, event_timestamp=envelope.timestamp_ms,
-                status="failed", error=error,
+                status=DeliveryStatus.FAILED, error=error,
             )
-        return Outcome(svix_id, envelope.type, "failed" if fresh else "duplicate", error)
+        return Outcome(svix_id, envelope.type, DeliveryStatus.FAILED if fresh else DeliveryStatus.DUPLICATE, error)
 
-    def _apply_new(self, writer: Writer, svix_id: str, envelope: Envelope, body: str) -> Outcome:
+    def _apply_new(self, writer: Writer, svix_id: str, envelope: Envelope) -> Outcome:
         # Plan first (pure), so the inbox row is written once with its expected outcome; only a
         # stale upsert (skipped) needs a second statement.
-        try:
-            intent: Intent | None = plan(envelope)
-            error = None
-        except EventShapeError as exc:
-            intent, error = None, str(exc)
-        status = "failed" if intent is None else "ignored" if isinstance(intent, Ignore) else "applied"
+        planned = plan_delivery(envelope)
+        error = planned.reason
         fresh = writer.record_delivery(
-            svix_id, body, event_type=envelope.type, instance_id=envelope.instance_id,
-            event_timestamp=envelope.timestamp_ms, status=status, error=error,
+            svix_id, envelope.text, event_type=envelope.type, instance_id=envelope.instance_id,
+            event_timestamp=envelope.timestamp_ms, status=planned.status, error=error,
         )
         if not fresh:
-            return Outcome(svix_id, envelope.type, "duplicate")
-        if intent is not None and not isinstance(intent, Ignore) and not writer.apply(intent):
-            status = "skipped"
-            writer.finish_delivery(svix_id, status)
+            return Outcome(svix_id, envelope.type, DeliveryStatus.DUPLICATE)
+        status = planned.status_after(writer.apply(planned.intent) if planned.intent else True)
+        if status != planned.status:
+            writer.finish_delivery(svix_id, status, error)
         return Outcome(svix_id, envelope.type, status, error)
 
 
@@ -144,35 +141,32 @@ def replay_deliveries(
     for svix_id in ids:
         try:
             with store.transaction() as writer:
-                result = _replay_one(writer, svix_id)
+                result = replay_one(writer, svix_id)
         except StoreDataError as exc:  # still refused by the DB: record it and go on with the rest
             with store.transaction() as writer:
-                writer.finish_delivery(svix_id, "failed", str(exc), count_attempt=True)
-            result = "failed"
+                writer.finish_delivery(svix_id, DeliveryStatus.FAILED, str(exc), count_attempt=True)
+            result = DeliveryStatus.FAILED
         counts[result] = counts.get(result, 0) + 1
     return ReplayReport(len(ids), counts)
 
 
-def _replay_one(writer: Writer, svix_id: str) -> str:
+def replay_one(writer: Writer, svix_id: str) -> DeliveryStatus:
+    """Re-apply one stored delivery inside the caller's transaction (so an audit row can share it);
+    returns its new status. :func:`replay_deliveries` runs it once per delivery."""
     payload = writer.conn.execute(
         sa.select(webhook_events.c.payload).where(webhook_events.c.svix_id == svix_id)
     ).scalar_one()
     try:
         envelope = parse_envelope(json.dumps(payload))
     except PayloadError as exc:
-        writer.finish_delivery(svix_id, "failed", str(exc), count_attempt=True)
-        return "failed"
+        writer.finish_delivery(svix_id, DeliveryStatus.FAILED, str(exc), count_attempt=True)
+        return DeliveryStatus.FAILED
     status, error = apply_envelope(writer, envelope)
     writer.finish_delivery(svix_id, status, error, count_attempt=True)
     return status
 
 
-def apply_envelope(writer: Writer, envelope: Envelope) -> tuple[str, str | None]:
-    """Apply a parsed event inside the caller's transaction; returns (status, error)."""
-    try:
-        intent = plan(envelope)
-    except EventShapeError as exc:
-        return "failed", str(exc)
-    if isinstance(intent, Ignore):
-        return "ignored", None
-    return ("applied" if writer.apply(intent) else "skipped"), None
+def apply_envelope(writer: Writer, envelope: Envelope) -> tuple[DeliveryStatus, str | None]:
+    """Apply a parsed event inside the caller's transaction; returns (status, error or notes)."""
+    planned = plan_delivery(envelope)
+    return planned.status_after(writer.apply(planned.intent) if planned.intent else True), planned.reason

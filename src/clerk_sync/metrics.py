@@ -21,7 +21,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-from clerk_sync.engine import HANDLED_EVENT_TYPES
+from clerk_sync.engine import HANDLED_EVENT_TYPES, DeliveryStatus
 
 __all__ = ["CONTENT_TYPE_LATEST", "KNOWN_EVENT_TYPES", "DatabaseSnapshot", "Metrics", "event_type_label"]
 
@@ -39,7 +39,7 @@ KNOWN_EVENT_TYPES = HANDLED_EVENT_TYPES | frozenset({
     "subscriptionItem.abandoned", "subscriptionItem.incomplete", "subscriptionItem.pastDue",
     "subscriptionItem.freeTrialEnding",
 })
-_APPLIED = frozenset({"applied", "skipped"})
+_APPLIED = frozenset({DeliveryStatus.APPLIED, DeliveryStatus.SKIPPED})
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 # Event time -> applied: seconds for a live delivery, hours for a Svix retry after an outage.
 _LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 21600.0, 86400.0)

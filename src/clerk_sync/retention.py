@@ -34,7 +34,7 @@ import sqlalchemy as sa
 
 from clerk_sync.auth.audit import AuditEntry, record_audit
 from clerk_sync.config import Settings
-from clerk_sync.engine import Entity, Tombstone
+from clerk_sync.engine import DeliveryStatus, Entity, Tombstone
 from clerk_sync.metrics import Metrics
 from clerk_sync.outbox import redact_jobs
 from clerk_sync.store import Store, Writer
@@ -42,7 +42,7 @@ from clerk_sync.tables import organizations, users, webhook_events
 
 __all__ = ["ErasureReport", "PruneReport", "Retention", "RetentionPolicy", "redact_payload"]
 
-_DONE = ("applied", "skipped", "ignored")
+_DONE = (DeliveryStatus.APPLIED, DeliveryStatus.SKIPPED, DeliveryStatus.IGNORED)
 # What a redacted payload keeps: enough to tell what the delivery was, nothing about the person.
 _ENVELOPE_KEEP = ("type", "object", "timestamp", "instance_id")
 _DATA_KEEP = ("id", "object", "deleted", "created_at", "updated_at", "user_id", "organization_id",

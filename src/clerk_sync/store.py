@@ -25,7 +25,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from clerk_sync.changes import Hook, describe
 from clerk_sync.config import DatabaseTimeouts
-from clerk_sync.engine import Entity, Record, RevokeSession, Tombstone, Upsert
+from clerk_sync.engine import DeliveryStatus, Entity, Record, RevokeSession, Tombstone, Upsert
 from clerk_sync.errors import StoreDataError, StoreError
 from clerk_sync.events import MembershipRecord, OrganizationRecord, UserRecord
 from clerk_sync.mapping import SchemaMapping
@@ -303,7 +303,7 @@ def _lock_id(key: str) -> int:
 # CONFLICT syntax is the same on SQLite >= 3.35 and PostgreSQL >= 9.5) with typed bind parameters,
 # so SQLAlchemy still converts JSON and datetimes but no longer builds and compiles a DML
 # construct per delivery (that was over a third of the service's CPU, see BENCHMARKS.md).
-_APPLIED = frozenset({"applied", "skipped"})
+_APPLIED = frozenset({DeliveryStatus.APPLIED, DeliveryStatus.SKIPPED})
 _LOCK_SQL = sa.text("SELECT pg_advisory_xact_lock(:key)").bindparams(sa.bindparam("key", type_=sa.BigInteger))
 _RECORD_FIELDS: dict[Entity, list[str]] = {
     Entity.USER: [f.name for f in fields(UserRecord)],

@@ -1,5 +1,9 @@
 """The contract tables (public: apps JOIN their own tables to these) and clerk-sync's own bookkeeping
-(inbox, deny list, pending role changes, reconcile runs). Migrations mirror this file."""
+(inbox, deny list, pending role changes, reconcile runs). Migrations mirror this file.
+
+Column sizes that Clerk values must fit come from ``clerk_sync._limits``, where the webhook path checks
+them before either store sees a value (so SQLite, which would store anything, decides like PostgreSQL).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,16 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
+
+from clerk_sync._limits import (
+    CLERK_ID_CHARS,
+    EMAIL_CHARS,
+    EVENT_TYPE_CHARS,
+    INSTANCE_ID_CHARS,
+    NAME_CHARS,
+    ROLE_CHARS,
+    SVIX_ID_CHARS,
+)
 
 __all__ = [
     "audit_log",
@@ -51,17 +65,17 @@ users = sa.Table(
     "users",
     metadata,
     sa.Column("id", PK, primary_key=True, autoincrement=True),
-    sa.Column("clerk_id", sa.String(64), nullable=False, unique=True),
-    sa.Column("email", sa.String(320), nullable=True, index=True),
+    sa.Column("clerk_id", sa.String(CLERK_ID_CHARS), nullable=False, unique=True),
+    sa.Column("email", sa.String(EMAIL_CHARS), nullable=True, index=True),
     sa.Column("email_addresses", JSONType, nullable=False, default=list),
-    sa.Column("first_name", sa.String(255), nullable=True),
-    sa.Column("last_name", sa.String(255), nullable=True),
-    sa.Column("username", sa.String(255), nullable=True),
+    sa.Column("first_name", sa.String(NAME_CHARS), nullable=True),
+    sa.Column("last_name", sa.String(NAME_CHARS), nullable=True),
+    sa.Column("username", sa.String(NAME_CHARS), nullable=True),
     sa.Column("image_url", sa.Text, nullable=True),
     sa.Column("public_metadata", JSONType, nullable=False, default=dict),
     sa.Column("private_metadata", JSONType, nullable=False, default=dict),
     sa.Column("unsafe_metadata", JSONType, nullable=False, default=dict),
-    sa.Column("role", sa.String(64), nullable=False, server_default="user"),
+    sa.Column("role", sa.String(ROLE_CHARS), nullable=False, server_default="user"),
     sa.Column("plan", sa.String(64), nullable=False, server_default="free"),
     sa.Column("banned", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("locked", sa.Boolean, nullable=False, server_default=sa.false()),
@@ -75,9 +89,9 @@ organizations = sa.Table(
     "organizations",
     metadata,
     sa.Column("id", PK, primary_key=True, autoincrement=True),
-    sa.Column("clerk_id", sa.String(64), nullable=False, unique=True),
-    sa.Column("name", sa.String(255), nullable=True),
-    sa.Column("slug", sa.String(255), nullable=True, index=True),
+    sa.Column("clerk_id", sa.String(CLERK_ID_CHARS), nullable=False, unique=True),
+    sa.Column("name", sa.String(NAME_CHARS), nullable=True),
+    sa.Column("slug", sa.String(NAME_CHARS), nullable=True, index=True),
     sa.Column("image_url", sa.Text, nullable=True),
     sa.Column("public_metadata", JSONType, nullable=False, default=dict),
     sa.Column("private_metadata", JSONType, nullable=False, default=dict),
@@ -89,11 +103,11 @@ organization_memberships = sa.Table(
     "organization_memberships",
     metadata,
     sa.Column("id", PK, primary_key=True, autoincrement=True),
-    sa.Column("clerk_id", sa.String(64), nullable=False, unique=True),
+    sa.Column("clerk_id", sa.String(CLERK_ID_CHARS), nullable=False, unique=True),
     # Clerk ids, not foreign keys: a membership may arrive before its user or organization.
-    sa.Column("organization_clerk_id", sa.String(64), nullable=False, index=True),
-    sa.Column("user_clerk_id", sa.String(64), nullable=False, index=True),
-    sa.Column("role", sa.String(64), nullable=False, server_default="org:member"),
+    sa.Column("organization_clerk_id", sa.String(CLERK_ID_CHARS), nullable=False, index=True),
+    sa.Column("user_clerk_id", sa.String(CLERK_ID_CHARS), nullable=False, index=True),
+    sa.Column("role", sa.String(ROLE_CHARS), nullable=False, server_default="org:member"),
     sa.Column("permissions", JSONType, nullable=False, default=list),
     *_clerk_columns(),
 )
@@ -102,9 +116,9 @@ webhook_events = sa.Table(
     "webhook_events",
     metadata,
     sa.Column("id", PK, primary_key=True, autoincrement=True),
-    sa.Column("svix_id", sa.String(128), nullable=False, unique=True),
-    sa.Column("type", sa.String(128), nullable=False, index=True),
-    sa.Column("instance_id", sa.String(64), nullable=True),
+    sa.Column("svix_id", sa.String(SVIX_ID_CHARS), nullable=False, unique=True),
+    sa.Column("type", sa.String(EVENT_TYPE_CHARS), nullable=False, index=True),
+    sa.Column("instance_id", sa.String(INSTANCE_ID_CHARS), nullable=True),
     sa.Column("event_timestamp", sa.BigInteger, nullable=True),
     sa.Column("received_at", Timestamp, nullable=False),
     sa.Column("payload", JSONType, nullable=False),
@@ -115,6 +129,8 @@ webhook_events = sa.Table(
     sa.Column("redacted_at", Timestamp, nullable=True),  # payload reduced to ids (retention, erasure)
     sa.Index("ix_webhook_events_status_received_at", "status", "received_at"),
     sa.Index("ix_webhook_events_redacted_at_received_at", "redacted_at", "received_at"),
+    sa.Index("ix_webhook_events_received_at", "received_at"),  # the console's freshness figures
+    # Migration 0008_console also indexes the Clerk ids inside ``payload`` (expression indexes).
 )
 
 audit_log = sa.Table(
@@ -134,8 +150,8 @@ revoked_sessions = sa.Table(
     "revoked_sessions",
     metadata,
     sa.Column("id", PK, primary_key=True, autoincrement=True),
-    sa.Column("session_id", sa.String(64), nullable=False, unique=True),
-    sa.Column("user_clerk_id", sa.String(64), nullable=True, index=True),
+    sa.Column("session_id", sa.String(CLERK_ID_CHARS), nullable=False, unique=True),
+    sa.Column("user_clerk_id", sa.String(CLERK_ID_CHARS), nullable=True, index=True),
     sa.Column("reason", sa.String(16), nullable=False),
     sa.Column("expire_at", sa.BigInteger, nullable=True),
     sa.Column("revoked_at", Timestamp, nullable=False, index=True),

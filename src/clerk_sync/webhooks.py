@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from pydantic import SecretStr
 from standardwebhooks.webhooks import EmptyWebhookSecretError, Webhook
 
+from clerk_sync._limits import SVIX_ID_CHARS
 from clerk_sync.errors import ConfigError, WebhookHeadersMissing, WebhookVerificationError
 
 __all__ = ["DEFAULT_TOLERANCE_S", "SignedHeaders", "WebhookVerifier", "sign"]
@@ -43,6 +44,9 @@ class SignedHeaders:
             missing = [n for n, v in zip(("id", "timestamp", "signature"), values, strict=True) if not v]
             raise WebhookHeadersMissing(f"missing webhook header(s): {', '.join('svix-' + m for m in missing)}")
         msg_id, timestamp, signature = (str(v) for v in values)
+        if len(msg_id) > SVIX_ID_CHARS or not msg_id.isprintable():
+            # The inbox keys deliveries by this id: refuse one no column can hold, before any work.
+            raise WebhookHeadersMissing(f"svix-id must be at most {SVIX_ID_CHARS} printable characters")
         return cls(msg_id, timestamp, signature)
 
 
@@ -90,8 +94,7 @@ class WebhookVerifier:
         if abs(drift) > self._tolerance:
             which = "old" if drift < 0 else "new"
             raise WebhookVerificationError(
-                f"message timestamp too {which}: {abs(drift)} s off, outside the {self._tolerance} s tolerance "
-                "(check this host's clock)"
+                f"message timestamp too {which}: outside the {self._tolerance} s tolerance (check this host's clock)"
             )
         return datetime.fromtimestamp(seconds, tz=UTC)
 

@@ -56,3 +56,13 @@ def observe(settings: Settings) -> bytes:
     jit = JitUsers(store, clerk=ClerkClient.from_settings(settings, metrics=metrics), metrics=metrics)
     assert jit.metrics is metrics
     return metrics.render()
+
+
+def console(settings: Settings) -> Starlette:
+    """The README's "Operator console" snippet."""
+    from starlette.routing import Mount
+
+    from clerk_sync.integrations.console import create_console
+
+    store = Store.from_url(settings.sqlalchemy_url())
+    return Starlette(routes=[Mount("/console", app=create_console(store, settings))])

@@ -7,6 +7,7 @@ as real signed webhooks), then we wait until the database equals the emulator's 
 
 from __future__ import annotations
 
+import secrets
 import socket
 import threading
 import time
@@ -57,6 +58,7 @@ class DevReport:
     service_url: str
     emulator_url: str
     notes: list[str] = field(default_factory=list)
+    console_url: str | None = None
 
 
 @contextmanager
@@ -91,6 +93,11 @@ class DevStack:
             "DATABASE_URL": f"sqlite:///{db_path}",
             "CLERK_WEBHOOK_SIGNING_SECRET": self.emulator.webhook_secret,
             "CLERK_INSTANCE_ID": self.emulator.config.instance_id,
+            # The emulator is Clerk for the console too: drift, promotion, and admin sign-in.
+            "CLERK_SECRET_KEY": self.emulator.secret_key,
+            "CLERK_API_URL": self.emulator.url,
+            "CLERK_SYNC_CONSOLE": "1",
+            "CLERK_SYNC_CONSOLE_TOKEN": secrets.token_urlsafe(24),
         })
         self.processor = build_processor(self.settings)
         self.store: Store = self.processor.store
@@ -104,6 +111,17 @@ class DevStack:
                 yield self
             finally:
                 self.store.dispose()
+
+    def console_link(self, *, expires_in_s: int = 3600) -> str | None:
+        """A sign-in link to the console for the demo admin: a session token minted by the emulator
+        (the console verifies it like any Clerk session, then confirms the role in the database)."""
+        with self.store.connect() as conn:
+            live_admins = sa.select(users.c.clerk_id).where(users.c.role == "admin", users.c.deleted_at.is_(None))
+            admin = conn.execute(live_admins.order_by(users.c.id).limit(1)).scalar()
+        if admin is None:
+            return None
+        token = self.emulator.mint_session_token(admin, expires_in_seconds=expires_in_s)
+        return f"{self.service_url}/console/login/clerk?token={token}"
 
     def clerk(self) -> httpx.Client:
         return httpx.Client(base_url=f"{self.emulator.url}/v1", timeout=30,
@@ -203,7 +221,8 @@ def run_dev(db_path: Path, *, port: int = 0, users_n: int = 12, orgs_n: int = 3,
             seed_demo(clerk, users_n, orgs_n, progress)
         converged = stack.wait_converged()
         report = DevReport(stack.db_rows(), stack.clerk_counts(), stack.events_by_status(),
-                           time.monotonic() - started, converged, stack.service_url, stack.emulator.url)
+                           time.monotonic() - started, converged, stack.service_url, stack.emulator.url,
+                           console_url=stack.console_link())
         _print_report(console, report, stack)
         if keep_running:
             console.print("Running; press Ctrl-C to stop.")
@@ -227,6 +246,9 @@ def _print_report(console: Console, report: DevReport, stack: DevStack) -> None:
                   f"duplicate re-deliveries acknowledged without a write: {stack.duplicates_acknowledged()}")
     verdict = "[green]converged[/]" if report.converged else "[red]NOT converged[/]"
     console.print(f"{verdict} in {report.seconds:.1f} s")
+    if report.console_url:
+        console.print(f"[bold]console[/]  {report.console_url}", soft_wrap=True)  # one line: keep it clickable
+        console.print("         (signed in as the demo admin; the link holds a session token valid for 1 hour)")
     console.print("Try:")
     console.print(f"  curl -s {report.service_url}/metrics | grep clerk_sync_webhook_events")
     key = stack.emulator.secret_key

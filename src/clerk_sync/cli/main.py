@@ -79,6 +79,8 @@ def serve(
     # The database may be down: the service starts anyway and answers 503 until it is back (and
     # migrated), instead of exiting and leaving Svix's retries nowhere to land.
     console.print(f"clerk-sync serving on http://{host}:{port}/webhooks/clerk ({_safe(settings)})")
+    if settings.console_enabled:
+        console.print(f"operator console on http://{host}:{port}/console")
     if workers > 1:
         os.environ["CLERK_SYNC_MIGRATE_ON_START"] = "1" if migrate_first else "0"  # for the worker processes
         _serve_workers(host, port, workers)

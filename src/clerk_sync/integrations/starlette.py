@@ -21,7 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute, Mount, Route
 
 from clerk_sync import migrations
 from clerk_sync.config import Settings
@@ -258,7 +258,8 @@ def create_app(settings: Settings, processor: WebhookProcessor | None = None, *,
     """The standalone sync service (``clerk-sync serve``): the routes, database-backed freshness series on
     ``/metrics``, and retention (``prune``) every ``CLERK_SYNC_PRUNE_INTERVAL_S`` (0: never).
     ``migrate=True`` applies migrations in the background from start-up on (:class:`StartupMigration`),
-    so the service starts while the database is down."""
+    so the service starts while the database is down. The operator console is at ``/console`` when
+    ``CLERK_SYNC_CONSOLE`` is set."""
     processor = processor or build_processor(settings)
     processor.metrics.watch_database(database_probe(processor.store))
     retention = Retention(processor.store, RetentionPolicy.from_settings(settings), metrics=processor.metrics)
@@ -276,7 +277,12 @@ def create_app(settings: Settings, processor: WebhookProcessor | None = None, *,
                 yield
             tasks.cancel_scope.cancel()
 
-    return Starlette(routes=list(_service_routes(processor, migration)), lifespan=lifespan)
+    routes = list(_service_routes(processor, migration))
+    if settings.console_enabled:
+        from clerk_sync.integrations.console import create_console
+
+        routes.append(Mount("/console", app=create_console(processor.store, settings)))
+    return Starlette(routes=routes, lifespan=lifespan)
 
 
 class PruneSchedule:

@@ -1,7 +1,7 @@
 """The hooks outbox: ``hook_jobs`` (issue 11, after-commit hooks).
 
-Revision ID: 0008
-Revises: 0007
+Revision ID: 0009
+Revises: 0008_console
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-revision = "0008"
-down_revision = "0007"
+revision = "0009"
+down_revision = "0008_console"
 branch_labels = None
 depends_on = None
 

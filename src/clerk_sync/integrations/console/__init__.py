@@ -1,0 +1,20 @@
+"""The operator console: deliveries, replay, drift, users, audit log, as server-rendered pages.
+
+Mount it in your own Starlette/FastAPI app, or enable it in ``clerk-sync serve`` with
+``CLERK_SYNC_CONSOLE=1`` (it is then served at ``/console``)::
+
+    from starlette.routing import Mount
+    from clerk_sync.integrations.console import create_console
+
+    app.routes.append(Mount("/console", app=create_console(store, settings)))
+
+Admins sign in with Clerk (role confirmed against the database), operators with
+``CLERK_SYNC_CONSOLE_TOKEN``. Every action is a POST with a CSRF token and writes an audit row;
+``CLERK_SYNC_CONSOLE_READ_ONLY=1`` refuses them all.
+"""
+
+from __future__ import annotations
+
+from clerk_sync.integrations.console._app import create_console
+
+__all__ = ["create_console"]

@@ -1,0 +1,173 @@
+"""Who may use the console, and the CSRF token of their console session.
+
+Two ways in:
+
+- an **admin signed in with Clerk**: a verified session token (``__session`` cookie, ``Bearer``, or a
+  sign-in link carrying one), then the ``admin`` role confirmed against the database, on every
+  request: a demoted admin loses access at once;
+- an **operator token** from the environment (``CLERK_SYNC_CONSOLE_TOKEN``), typed into the login
+  form or sent as ``Authorization: Bearer``.
+
+A browser sign-in becomes a console session: a cookie signed with itsdangerous that holds the
+identity and a random CSRF token, which every form repeats in a hidden field. ``Bearer`` callers
+carry no ambient credential, so they need no CSRF token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from itsdangerous import BadSignature, URLSafeTimedSerializer
+
+from clerk_sync.auth.admin import ADMIN_ROLE
+from clerk_sync.auth.authenticator import Authenticator
+from clerk_sync.auth.users import read_user
+from clerk_sync.errors import AccessDenied, TokenError, TokenMissing
+from clerk_sync.store import Store
+
+__all__ = ["ADMIN", "COOKIE", "LOGIN_COOKIE", "OPERATOR", "ConsoleAccess", "Identity", "check_csrf", "signing_key"]
+
+COOKIE = "clerk_sync_console"
+LOGIN_COOKIE = "clerk_sync_console_login"
+OPERATOR = "operator"
+ADMIN = "admin"
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """A console user: an operator (token) or an admin (``clerk_id``); ``csrf`` is None for Bearer callers."""
+
+    kind: str
+    clerk_id: str | None
+    csrf: str | None
+    new_cookie: str | None = None  # a console session minted by this request (set it on the response)
+
+    @property
+    def actor(self) -> str | None:
+        """The audit log's ``actor_clerk_id``: the admin, or None for the operator (as the CLI)."""
+        return self.clerk_id
+
+    @property
+    def label(self) -> str:
+        return self.clerk_id or "operator (token)"
+
+
+def signing_key(*material: str | None) -> bytes:
+    """A cookie-signing key derived from the service's secrets, so every worker agrees on it;
+    random (sessions end at restart) when there is none."""
+    known = [m for m in material if m]
+    if not known:
+        return secrets.token_bytes(32)
+    return hashlib.sha256(b"clerk-sync console\x00" + "\x00".join(known).encode()).digest()
+
+
+class ConsoleAccess:
+    """Resolves a request's :class:`Identity` and issues console sessions."""
+
+    def __init__(self, store: Store, *, operator_token: str | None, authenticator: Authenticator | None,
+                 secret: bytes, max_age_s: int = 8 * 3600) -> None:
+        self.store = store
+        self.operator_token = operator_token
+        self.authenticator = authenticator
+        self.max_age_s = max_age_s
+        self._sessions = URLSafeTimedSerializer(secret, salt="clerk-sync-console-session")
+        self._login = URLSafeTimedSerializer(secret, salt="clerk-sync-console-login")
+
+    # -- per request -----------------------------------------------------------------------------
+    def identify(self, headers: Mapping[str, str], cookies: Mapping[str, str]) -> Identity:
+        """The caller, or TokenError (401: sign in) / AccessDenied (403: signed in, not an admin)."""
+        bearer = _bearer(headers)
+        if bearer is not None:
+            if self.operator_token and hmac.compare_digest(bearer.encode(), self.operator_token.encode()):
+                return Identity(OPERATOR, None, None)
+            return Identity(ADMIN, self._clerk_admin(headers, {}), None)
+        session = self._session(cookies.get(COOKIE))
+        if session is not None:
+            kind, clerk_id, csrf = session
+            if kind == ADMIN:
+                self.confirm_admin(str(clerk_id))
+            elif not self.operator_token:
+                raise TokenMissing("operator sign-in is disabled (CLERK_SYNC_CONSOLE_TOKEN is not set)")
+            return Identity(kind, clerk_id, csrf)
+        if self.authenticator is not None and any(n.startswith("__session") for n in cookies):
+            return self.admin_session(self._clerk_admin(headers, cookies))
+        raise TokenMissing("sign in to the console: an admin's Clerk session or the operator token")
+
+    def confirm_admin(self, clerk_id: str) -> None:
+        """The database, not the token, says who is an admin (as ``Authenticator.require_role``)."""
+        user = read_user(self.store, clerk_id)
+        if user is None or user.role != ADMIN_ROLE or user.banned or user.deleted_at is not None:
+            raise AccessDenied(f"the console requires the {ADMIN_ROLE!r} role")
+
+    def _clerk_admin(self, headers: Mapping[str, str], cookies: Mapping[str, str]) -> str:
+        if self.authenticator is None:
+            raise TokenMissing("Clerk sign-in is not configured for the console (set CLERK_SECRET_KEY or "
+                               "CLERK_JWT_KEY), and the token is not the operator token")
+        auth = self.authenticator.authenticate(headers, cookies)
+        if auth.is_impersonated:
+            raise AccessDenied("the console is not available while impersonating")
+        return self.authenticator.require_role(auth, ADMIN_ROLE).clerk_id
+
+    # -- sessions --------------------------------------------------------------------------------
+    def operator_session(self, token: str) -> Identity:
+        """Sign in with the operator token (TokenError when it is wrong or operator sign-in is off)."""
+        if not self.operator_token:
+            raise TokenMissing("operator sign-in is disabled (CLERK_SYNC_CONSOLE_TOKEN is not set)")
+        if not hmac.compare_digest(token.encode(), self.operator_token.encode()):
+            raise TokenError("that is not the operator token (CLERK_SYNC_CONSOLE_TOKEN)")
+        return self._mint(OPERATOR, None)
+
+    def clerk_session(self, session_token: str) -> Identity:
+        """Sign in with a Clerk session token (a sign-in link from ``clerk-sync dev``, or a front end)."""
+        return self.admin_session(self._clerk_admin({"authorization": f"Bearer {session_token}"}, {}))
+
+    def admin_session(self, clerk_id: str) -> Identity:
+        return self._mint(ADMIN, clerk_id)
+
+    def _mint(self, kind: str, clerk_id: str | None) -> Identity:
+        csrf = secrets.token_urlsafe(24)
+        cookie = self._sessions.dumps({"k": kind, "sub": clerk_id, "csrf": csrf})
+        return Identity(kind, clerk_id, csrf, new_cookie=cookie)
+
+    def _session(self, cookie: str | None) -> tuple[str, str | None, str] | None:
+        if not cookie:
+            return None
+        try:
+            data: Any = self._sessions.loads(cookie, max_age=self.max_age_s)
+        except BadSignature:  # includes SignatureExpired
+            return None
+        if not isinstance(data, dict) or data.get("k") not in (OPERATOR, ADMIN) or not data.get("csrf"):
+            return None
+        return str(data["k"]), data.get("sub"), str(data["csrf"])
+
+    # -- the login form's own CSRF token (double submit: cookie + hidden field) --------------------
+    def login_token(self) -> str:
+        return self._login.dumps(secrets.token_urlsafe(16))
+
+    def check_login_token(self, cookie: str | None, field: str | None) -> bool:
+        if not cookie or not field or not hmac.compare_digest(cookie.encode(), field.encode()):
+            return False
+        try:
+            self._login.loads(field, max_age=3600)
+        except BadSignature:
+            return False
+        return True
+
+
+def check_csrf(identity: Identity, submitted: str | None) -> bool:
+    """A cookie session's form must carry its CSRF token; Bearer callers have none to forge."""
+    if identity.csrf is None:
+        return True
+    return submitted is not None and hmac.compare_digest(submitted.encode(), identity.csrf.encode())
+
+
+def _bearer(headers: Mapping[str, str]) -> str | None:
+    value = headers.get("authorization", "")
+    if value[:7].lower() == "bearer " and value[7:].strip():
+        return value[7:].strip()
+    return None

@@ -1,0 +1,207 @@
+"""The console's Starlette app: routes, the access guard, and error pages.
+
+Every page goes through :func:`_guard`: identify the caller (401 -> the login page, 403 -> an error
+page with nothing else on it), and for POSTs verify the CSRF token and the read-only setting before
+the handler runs. Handlers are plain functions run in a worker thread (the store is synchronous).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from urllib.parse import quote
+
+from anyio import to_thread
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from clerk_sync.auth.authenticator import Authenticator
+from clerk_sync.auth.sessions import verifier_from_settings
+from clerk_sync.clerk_api import ClerkClient
+from clerk_sync.config import Settings
+from clerk_sync.errors import AccessDenied, ClerkSyncError, ConfigError, TokenError
+from clerk_sync.integrations.console import _pages
+from clerk_sync.integrations.console._access import LOGIN_COOKIE, ConsoleAccess, Identity, check_csrf, signing_key
+from clerk_sync.integrations.console._console import Console, utcnow
+from clerk_sync.integrations.console._web import BadInput, NotFound, read_form, set_session_cookie
+from clerk_sync.store import Store
+
+__all__ = ["create_console"]
+
+Handler = Callable[["Console", Request, Identity, dict[str, str]], Response]
+_HEADERS = {
+    "Cache-Control": "no-store",  # pages carry personal data
+    "Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'; form-action 'self'",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "same-origin",
+}
+
+
+def _guard(console: Console, handler: Handler, *, post: bool = False) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        try:
+            identity = await to_thread.run_sync(console.access.identify, request.headers, request.cookies)
+        except TokenError as exc:
+            if request.method == "GET" and "text/html" in request.headers.get("accept", ""):
+                target = request.url_for("login").path + "?next=" + quote(request.url.path)
+                return RedirectResponse(target, status_code=303)
+            return console.clerk_error(request, exc)
+        except ClerkSyncError as exc:  # AccessDenied (403), StoreError (503)
+            return console.clerk_error(request, exc)
+        try:
+            form = await read_form(request) if post else {}
+            if post and not check_csrf(identity, form.get("csrf")):
+                raise AccessDenied("the form's CSRF token is missing or wrong: reload the page and submit it again")
+            if post and console.read_only:
+                raise AccessDenied("the console is read-only (CLERK_SYNC_CONSOLE_READ_ONLY is set)")
+            if identity.new_cookie:  # first request of a Clerk session: record the sign-in
+                await to_thread.run_sync(lambda: console.audit(identity, "console.login", identity.clerk_id, request,
+                                                               method="clerk_session"))
+            response = await to_thread.run_sync(handler, console, request, identity, form)
+        except BadInput as exc:
+            response = console.error(request, 400, "bad_request", str(exc))
+        except NotFound as exc:
+            response = console.error(request, 404, "not_found", str(exc))
+        except ClerkSyncError as exc:
+            response = console.clerk_error(request, exc)
+        if identity.new_cookie:
+            set_session_cookie(request, response, identity.new_cookie)
+        response.headers.update(_HEADERS)
+        return response
+
+    return endpoint
+
+
+def _routes(console: Console) -> list[BaseRoute]:
+    def page(path: str, handler: Handler, name: str, *, post: bool = False) -> Route:
+        return Route(path, _guard(console, handler, post=post), methods=["POST"] if post else ["GET"], name=name)
+
+    return [
+        Route("/login", _login_page(console), methods=["GET"], name="login"),
+        Route("/login", _login_submit(console), methods=["POST"], name="login_submit"),
+        Route("/login/clerk", _login_clerk(console), methods=["GET"], name="login_clerk"),
+        page("/logout", _pages.logout, "logout", post=True),
+        page("/", _pages.overview, "overview"),
+        page("/deliveries", _pages.deliveries, "deliveries"),
+        page("/deliveries/replay", _pages.replay_matching, "replay_matching", post=True),
+        page("/deliveries/{delivery_id:int}", _pages.delivery, "delivery"),
+        page("/deliveries/{delivery_id:int}/replay", _pages.replay, "replay", post=True),
+        page("/deliveries/{delivery_id:int}/reveal", _pages.reveal, "reveal", post=True),
+        page("/drift", _pages.drift, "drift"),
+        page("/drift/run", _pages.drift_run, "drift_run", post=True),
+        page("/drift/status.json", _pages.drift_status, "drift_status"),
+        page("/users", _pages.users_page, "users"),
+        page("/users/{clerk_id}", _pages.user, "user"),
+        page("/users/{clerk_id}/role", _pages.set_role, "set_role", post=True),
+        page("/organizations/{clerk_id}", _pages.organization, "organization"),
+        page("/audit", _pages.audit, "audit"),
+        page("/audit.csv", _pages.audit_csv, "audit_csv"),
+        Mount("/static", StaticFiles(packages=[("clerk_sync.integrations.console", "static")]), name="static"),
+    ]
+
+
+def _login_page(console: Console) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        return _login_form(console, request)
+
+    return endpoint
+
+
+def _login_form(console: Console, request: Request, *, status: int = 200, message: str | None = None) -> Response:
+    token = console.access.login_token()
+    response = console.render(request, "login.html", None, status=status, login_csrf=token, message=message,
+                              operator=bool(console.access.operator_token),
+                              clerk=console.access.authenticator is not None,
+                              next=request.query_params.get("next", ""))
+    response.set_cookie(LOGIN_COOKIE, token, path=request.scope.get("root_path") or "/", httponly=True,
+                        samesite="strict", secure=request.url.scheme == "https", max_age=3600)
+    response.headers.update(_HEADERS)
+    return response
+
+
+def _login_submit(console: Console) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        try:
+            form = await read_form(request)
+        except BadInput as exc:
+            return console.error(request, 400, "bad_request", str(exc))
+        if not console.access.check_login_token(request.cookies.get(LOGIN_COOKIE), form.get("csrf")):
+            return console.error(request, 403, "access_denied",
+                                 "the sign-in form expired or its CSRF token is missing: reload the page")
+        try:
+            identity = console.access.operator_session(form.get("token", ""))
+        except TokenError as exc:
+            return _login_form(console, request, status=401, message=str(exc))
+        await to_thread.run_sync(lambda: console.audit(identity, "console.login", None, request, method="operator"))
+        return _signed_in(request, identity, form.get("next", ""))
+
+    return endpoint
+
+
+def _login_clerk(console: Console) -> Callable[[Request], Awaitable[Response]]:
+    """A sign-in link carrying a Clerk session token (``clerk-sync dev`` prints one for its demo admin)."""
+
+    async def endpoint(request: Request) -> Response:
+        token = request.query_params.get("token", "")
+        try:
+            if not token:
+                identity = await to_thread.run_sync(console.access.identify, request.headers, request.cookies)
+            else:
+                identity = await to_thread.run_sync(console.access.clerk_session, token)
+            if identity.new_cookie:
+                await to_thread.run_sync(lambda: console.audit(identity, "console.login", identity.clerk_id, request,
+                                                               method="clerk_link" if token else "clerk_session"))
+        except ClerkSyncError as exc:
+            response = console.clerk_error(request, exc)
+            response.headers.update(_HEADERS)
+            return response
+        return _signed_in(request, identity, "")
+
+    return endpoint
+
+
+def _signed_in(request: Request, identity: Identity, next_path: str) -> Response:
+    home = request.url_for("overview").path
+    root = request.scope.get("root_path") or ""
+    # Only paths inside the console: never an open redirect to another site.
+    inside = next_path.startswith(root + "/") and not next_path.startswith("//") and "\\" not in next_path
+    target = next_path if inside else home
+    response = RedirectResponse(target, status_code=303)
+    if identity.new_cookie:
+        set_session_cookie(request, response, identity.new_cookie)
+    response.headers.update(_HEADERS)
+    return response
+
+
+def create_console(store: Store, settings: Settings, *, clerk: ClerkClient | None = None,
+                   authenticator: Authenticator | None = None, now: Callable[[], datetime] = utcnow,
+                   secret: bytes | None = None) -> Starlette:
+    """The console as a Starlette app: ``Mount("/console", app=create_console(store, settings))``.
+
+    ``clerk`` (default: from ``CLERK_SECRET_KEY``) powers drift and promotion; ``authenticator``
+    (default: from the session-key settings) lets Clerk-signed-in admins in. Without either an
+    authenticator or ``CLERK_SYNC_CONSOLE_TOKEN`` nobody could sign in: that is a ConfigError.
+    """
+    if clerk is None and settings.clerk_secret_key is not None:
+        clerk = ClerkClient.from_settings(settings)
+    if authenticator is None and (settings.clerk_jwt_key or settings.clerk_secret_key or settings.clerk_jwks_url):
+        authenticator = Authenticator(verifier_from_settings(settings), store)
+    operator = settings.console_operator_token.get_secret_value() if settings.console_operator_token else None
+    if authenticator is None and not operator:
+        raise ConfigError("the console has no way to sign in: set CLERK_SYNC_CONSOLE_TOKEN (operator token), or "
+                          "CLERK_SECRET_KEY / CLERK_JWT_KEY so admins can sign in with Clerk")
+    key = secret or signing_key(operator, *(s.get_secret_value() for s in (settings.clerk_secret_key,
+                                                                            settings.webhook_secret) if s))
+    access = ConsoleAccess(store, operator_token=operator, authenticator=authenticator, secret=key)
+    limits = {"max_delivery_age_s": settings.freshness_max_delivery_age_s,
+              "max_failed": settings.freshness_max_failed,
+              "max_reconcile_age_s": settings.freshness_max_reconcile_age_s}
+    console = Console(store, access, clerk=clerk, read_only=settings.console_read_only, now=now,
+                      freshness_limits=limits)
+    app = Starlette(routes=_routes(console))
+    app.state.console = console
+    return app
+

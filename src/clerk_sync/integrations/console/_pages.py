@@ -1,0 +1,320 @@
+"""The console's pages and actions, one function each: ``(console, request, identity, form) -> Response``.
+
+They run in a worker thread (the store is synchronous); :mod:`._app` has already identified the
+caller and, for POSTs, checked the CSRF token and the read-only setting. Each action writes its audit
+row in the transaction of the change itself when it can (replay), else right after it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from starlette.requests import Request
+from starlette.responses import JSONResponse, RedirectResponse, Response
+
+from clerk_sync import migrations
+from clerk_sync.auth.admin import AdminActions
+from clerk_sync.auth.audit import record_audit
+from clerk_sync.engine import DeliveryStatus
+from clerk_sync.errors import ConfigError, StoreDataError, StoreError
+from clerk_sync.freshness import FreshnessCheck, check_freshness, read_snapshot
+from clerk_sync.ingest import replay_one
+from clerk_sync.integrations.console import _queries as q
+from clerk_sync.integrations.console._access import Identity
+from clerk_sync.integrations.console._console import Console
+from clerk_sync.integrations.console._masking import mask
+from clerk_sync.integrations.console._web import BadInput, NotFound, client_ip, set_session_cookie
+from clerk_sync.tables import audit_log
+
+__all__ = [
+    "audit", "audit_csv", "deliveries", "delivery", "drift", "drift_run", "drift_status", "logout", "organization",
+    "overview", "replay", "replay_matching", "reveal", "set_role", "user", "users_page",
+]
+
+Form = dict[str, str]
+STATUSES = ("received", "applied", "skipped", "ignored", "failed")
+MAX_REPLAY = 1000  # per click: a bigger backlog is `clerk-sync replay`'s job
+MAX_CSV_ROWS = 100_000
+_ROLE = re.compile(r"^[A-Za-z0-9:_-]{1,64}$")
+
+
+def _time(value: str | None, name: str) -> datetime | None:
+    if not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise BadInput(f"{name}={value!r} is not an ISO 8601 time (e.g. 2026-11-30T20:00)") from None
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed
+
+
+def _before(request: Request) -> int | None:
+    value = request.query_params.get("before")
+    if value is None or value == "":
+        return None
+    if not value.isdigit():
+        raise BadInput(f"before={value!r} is not a row id")
+    return int(value)
+
+
+def _delivery_filter(values: Any) -> q.DeliveryFilter:
+    status = values.get("status") or None
+    if status is not None and status not in STATUSES:
+        raise BadInput(f"status={status!r} is not one of {', '.join(STATUSES)}")
+    return q.DeliveryFilter(status=status, type=values.get("type") or None,
+                            clerk_id=(values.get("clerk_id") or "").strip() or None,
+                            since=_time(values.get("since"), "since"), until=_time(values.get("until"), "until"))
+
+
+def _redirect(request: Request, name: str, query: str = "", **params: Any) -> Response:
+    url = request.url_for(name, **params).path
+    return RedirectResponse(url + (f"?{query}" if query else ""), status_code=303)
+
+
+# -- overview --------------------------------------------------------------------------------------
+def overview(console: Console, request: Request, identity: Identity, form: Form) -> Response:
+    with console.store.connect() as conn:
+        figures = q.overview(conn, console.now())
+    return console.render(request, "overview.html", identity, figures=figures, database=_database(console),
+                          clerk=_clerk_state(console), checks=_freshness(console))
+
+
+def _freshness(console: Console) -> list[FreshnessCheck]:
+    """The questions the alert rules and ``doctor --freshness`` ask, with the same thresholds."""
+    limits = console.freshness_limits
+    if not limits:
+        return []
+    return check_freshness(read_snapshot(console.store), now=console.now().timestamp(),
+                           max_delivery_age_s=limits["max_delivery_age_s"], max_failed=int(limits["max_failed"]),
+                           max_reconcile_age_s=limits["max_reconcile_age_s"])
+
+
+def _database(console: Console) -> dict[str, Any]:
+    try:
+        console.store.ping()
+        current = migrations.is_current(console.store.engine)
+    except (StoreError, sa.exc.SQLAlchemyError) as exc:
+        return {"ok": False, "detail": str(exc)}
+    detail = "migrations current" if current else "migrations behind: run `clerk-sync migrate`"
+    return {"ok": current, "detail": detail}
+
+
+def _clerk_state(console: Console) -> dict[str, Any] | None:
+    if console.clerk is None:
+        return None
+    limit = getattr(console.clerk.budget, "limit", None)
+    stats = console.clerk.stats
+    return {"limit": f"{limit.requests} requests / {limit.window_s:g} s" if limit else "shared (Redis)",
+            "requests": stats.requests, "rate_limited": stats.rate_limited, "failures": stats.failures,
+            "breaker_open": console.clerk.breaker.is_open}
+
+
+# -- deliveries ------------------------------------------------------------------------------------
+def deliveries(console: Console, request: Request, identity: Identity, form: Form) -> Response:
+    where = _delivery_filter(request.query_params)
+    with console.store.connect() as conn:
+        page = q.list_deliveries(conn, where, _before(request))
+        types = q.delivery_types(conn)
+    return console.render(request, "deliveries.html", identity, page=page, where=where, types=types,
+                          statuses=STATUSES, done=request.query_params.get("done"))
+
+
+def _load_delivery(console: Console, request: Request) -> Any:
+    with console.store.connect() as conn:
+        row = q.get_delivery(conn, int(request.path_params["delivery_id"]))
+    if row is None:
+        raise NotFound("no such delivery")
+    return row
+
+
+def delivery(console: Console, request: Request, identity: Identity, form: Form,
+             *, revealed: bool = False) -> Response:
+    row = _load_delivery(console, request)
+    payload = row["payload"] if revealed else mask(row["payload"])
+    return console.render(request, "delivery.html", identity, row=row, payload=payload, revealed=revealed,
+                          subject=_subject(row["payload"]), done=request.query_params.get("done"))
+
+
+def _subject(payload: Any) -> str | None:
+    data = payload.get("data") if isinstance(payload, dict) else None
+    value = data.get("id") if isinstance(data, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def reveal(console: Console, request: Request, identity: Identity, form: Form) -> Response:
+    """Show the payload unmasked, once, and record who looked at whose data."""
+    row = _load_delivery(console, request)
+    console.audit(identity, "console.payload_revealed", _subject(row["payload"]), request,
+                  delivery_id=row["id"], svix_id=row["svix_id"])
+    return delivery(console, request, identity, form, revealed=True)
+
+
+def replay(console: Console, request: Request, identity: Identity, form: Form) -> Response:
+    row = _load_delivery(console, request)
+    status = _replay_audited(console, request, identity, row["svix_id"], _subject(row["payload"]))
+    return _redirect(request, "delivery", f"done=replayed:{status}", delivery_id=row["id"])
+
+
+def _replay_audited(console: Console, request: Request, identity: Identity, svix_id: str,
+                    subject: str | None) -> str:
+    """Re-apply one delivery; its audit row commits with the outcome."""
+    try:
+        with console.store.transaction() as w:
+            status = replay_one(w, svix_id)
+            record_audit(w, console.audit_entry(identity, "console.delivery_replayed", subject, request,
+                                                svix_id=svix_id, result=status))
+    except StoreDataError as exc:  # still refused by the database: keep it failed, with the reason
+        with console.store.transaction() as w:
+            w.finish_delivery(svix_id, DeliveryStatus.FAILED, str(exc), count_attempt=True)
+            record_audit(w, console.audit_entry(identity, "console.delivery_replayed", subject, request,
+                                                svix_id=svix_id, result=DeliveryStatus.FAILED))
+        status = DeliveryStatus.FAILED
+    return status
+
+
+def replay_matching(console: Console, request: Request, identity: Identity, form: Form) -> Response:
+    """Replay every ``failed`` delivery matching the page's filter (at most :data:`MAX_REPLAY`)."""
+    where = _delivery_filter({**form, "status": "failed"})
+    with console.store.connect() as conn:
+        ids = q.delivery_ids(conn, where, MAX_REPLAY)
+    counts: dict[str, int] = {}
+    for svix_id in ids:
+        status = _replay_one_quietly(console, svix_id)
+        counts[status] = counts.get(status, 0) + 1
+    console.audit(identity, "console.deliveries_replayed", where.clerk_id, request,
+                  filter=where.query(), total=len(ids), by_status=counts)
+    summary = ",".join(f"{k}:{v}" for k, v in sorted(counts.items())) or "none"
+    return _redirect(request, "deliveries", where.urlencode(done=f"replayed {len(ids)} ({summary})"))
+
+
+def _replay_one_quietly(console: Console, svix_id: str) -> str:
+    try:
+        with console.store.transaction() as w:
+            return replay_one(w, svix_id)
+    except StoreDataError as exc:
+        with console.store.transaction() as w:
+            w.finish_delivery(svix_id, "failed", str(exc), count_attempt=True)
+        return "failed"
+
+
+# -- drift -----------------------------------------------------------------------------------------
+def drift(console: Console, request: Request, identity: Identity, form: Form) -> Response:
+    state = console.drift.snapshot() if console.drift else None
+    return console.render(request, "drift.html", identity, state=state)
+
+
+def drift_run(console: Console, request: Request, identity: Identity, form: Form) -> Response:
+    if console.drift is None:
+        raise ConfigError("reconcile needs CLERK_SECRET_KEY (Clerk Dashboard -> API keys)")
+    mode = form.get("mode")
+    if mode not in ("dry_run", "apply"):
+        raise BadInput("mode must be dry_run or apply")
+    console.audit(identity, "console.reconcile.started", None, request, dry_run=mode == "dry_run")
+    console.drift.start(dry_run=mode == "dry_run", actor=identity.actor, ip=client_ip(request))
+    return _redirect(request, "drift")
+
+
+def drift_status(console: Console, request: Request, identity: Identity, form: Form) -> Response:
+    return JSONResponse(console.drift.snapshot() if console.drift else {"status": "unavailable"})
+
+
+# -- users and organizations -----------------------------------------------------------------------
+def users_page(console: Console, request: Request, identity: Identity, form: Form) -> Response:
+    text = request.query_params.get("q", "")
+    before = _before(request)
+    with console.store.connect() as conn:
+        page = q.search_users(conn, text, before)
+        orgs = q.search_organizations(conn, text) if before is None and not text.startswith("user_") else []
+    return console.render(request, "users.html", identity, page=page, q=text, orgs=orgs)
+
+
+def user(console: Console, request: Request, identity: Identity, form: Form) -> Response:
+    clerk_id = request.path_params["clerk_id"]
+    with console.store.connect() as conn:
+        row = q.get_user(conn, clerk_id)
+        if row is None:
+            raise NotFound(f"no user {clerk_id} in the database (not synced yet? try Drift)")
+        context: dict[str, Any] = {
+            "memberships": q.memberships(conn, user=clerk_id), "pending": q.pending_changes(conn, clerk_id),
+            "recent": q.list_deliveries(conn, q.DeliveryFilter(clerk_id=clerk_id), None, limit=10).rows,
+        }
+    return console.render(request, "user.html", identity, row=row, can_promote=console.clerk is not None,
+                          done=request.query_params.get("done"), **context)
+
+
+def set_role(console: Console, request: Request, identity: Identity, form: Form) -> Response:
+    """Promote/demote through :class:`AdminActions`, the same audited action as ``clerk-sync users promote``."""
+    clerk_id = request.path_params["clerk_id"]
+    role = form.get("role", "").strip()
+    if not _ROLE.match(role):
+        raise BadInput("role must be 1-64 letters, digits, ':', '_' or '-' (e.g. admin, user)")
+    if console.clerk is None:
+        raise ConfigError("changing a role needs CLERK_SECRET_KEY: Clerk holds the role (public_metadata.role)")
+    with console.store.connect() as conn:
+        if q.get_user(conn, clerk_id) is None:
+            raise NotFound(f"no user {clerk_id} in the database")
+    change = AdminActions(console.store, console.clerk).promote(
+        clerk_id, role, by=identity.actor, ip=client_ip(request))
+    return _redirect(request, "user", f"done=role:{change.status}", clerk_id=clerk_id)
+
+
+def organization(console: Console, request: Request, identity: Identity, form: Form) -> Response:
+    clerk_id = request.path_params["clerk_id"]
+    with console.store.connect() as conn:
+        row = q.get_organization(conn, clerk_id)
+        if row is None:
+            raise NotFound(f"no organization {clerk_id} in the database")
+        members = q.memberships(conn, organization=clerk_id)
+        recent = q.list_deliveries(conn, q.DeliveryFilter(clerk_id=clerk_id), None, limit=10).rows
+    return console.render(request, "organization.html", identity, row=row, members=members, recent=recent)
+
+
+# -- audit log -------------------------------------------------------------------------------------
+def _audit_filter(values: Any) -> q.AuditFilter:
+    return q.AuditFilter(actor=values.get("actor") or None, action=values.get("action") or None,
+                         target=values.get("target") or None, since=_time(values.get("since"), "since"),
+                         until=_time(values.get("until"), "until"))
+
+
+def audit(console: Console, request: Request, identity: Identity, form: Form) -> Response:
+    where = _audit_filter(request.query_params)
+    with console.store.connect() as conn:
+        page = q.list_audit(conn, where, _before(request))
+    return console.render(request, "audit.html", identity, page=page, where=where)
+
+
+def audit_csv(console: Console, request: Request, identity: Identity, form: Form) -> Response:
+    """The filtered audit log as CSV, oldest first (at most :data:`MAX_CSV_ROWS` rows)."""
+    where = _audit_filter(request.query_params)
+    out = io.StringIO()
+    writer = csv.writer(out)
+    columns = ["id", "created_at", "action", "actor_clerk_id", "target_clerk_id", "impersonator_clerk_id", "ip",
+               "details"]
+    writer.writerow(columns)
+    a = audit_log.c
+    with console.store.connect() as conn:
+        rows = conn.execute(sa.select(audit_log).where(*where.conditions()).order_by(a.id).limit(MAX_CSV_ROWS))
+        for row in rows.mappings():
+            values = [row[c] for c in columns[:-1]]
+            values[1] = q.aware(row["created_at"]).isoformat()  # type: ignore[union-attr]
+            writer.writerow([*values, _json(row["details"])])
+    return Response(out.getvalue(), media_type="text/csv; charset=utf-8",
+                    headers={"Content-Disposition": 'attachment; filename="audit_log.csv"'})
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def logout(console: Console, request: Request, identity: Identity, form: Form) -> Response:
+    response = _redirect(request, "login")
+    set_session_cookie(request, response, None)
+    return response
+
+

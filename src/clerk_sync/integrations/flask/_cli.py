@@ -1,0 +1,90 @@
+"""``flask clerk-sync migrate|replay|reconcile|promote``: the ``clerk-sync`` commands, with the app's settings.
+
+They do what ``cli/main.py`` does, but read the settings :class:`ClerkSync` built from ``app.config``
+instead of the environment, so ``flask --app yourapp clerk-sync migrate`` needs no second configuration.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
+import click
+from flask.cli import AppGroup
+from rich.console import Console
+
+from clerk_sync import migrations
+from clerk_sync.errors import ClerkSyncError, ConfigError
+from clerk_sync.integrations.flask._core import clerk_state
+
+__all__ = ["clerk_sync_cli"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _readable(command: Callable[P, R]) -> Callable[P, R]:
+    """Our errors become one line (``Error: ...``, exit 1) instead of a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return command(*args, **kwargs)
+        except ClerkSyncError as exc:
+            raise click.ClickException(str(exc)) from None
+
+    return wrapper
+
+
+clerk_sync_cli = AppGroup("clerk-sync", help="clerk-sync commands, configured from this app's config.")
+
+
+@clerk_sync_cli.command()
+@_readable
+def migrate() -> None:
+    """Apply database migrations."""
+    migrations.upgrade(clerk_state().store.engine)
+    click.echo(f"migrations current ({migrations.head_revision()})")
+
+
+@clerk_sync_cli.command()
+@click.option("--status", default="failed", show_default=True, help="Replay deliveries with this status.")
+@click.option("--since", default=None, help="Received at/after (ISO 8601, naive = UTC).")
+@_readable
+def replay(status: str, since: str | None) -> None:
+    """Re-apply stored deliveries (after fixing what made them fail)."""
+    from clerk_sync.cli._args import parse_since
+    from clerk_sync.ingest import replay_deliveries
+
+    report = replay_deliveries(clerk_state().store, status=status, since=parse_since(since))
+    click.echo(f"replayed {report.total} deliveries: {report.by_status or 'none'}")
+
+
+@clerk_sync_cli.command()
+@click.option("--since", default=None, help="Only users updated at/after this ISO time.")
+@click.option("--dry-run", is_flag=True, help="Write nothing; print the diff.")
+@_readable
+def reconcile(since: str | None, dry_run: bool) -> None:
+    """Re-read Clerk (users, organizations, memberships) and repair drift; resumes after a kill."""
+    from clerk_sync.cli.reconcile import reconcile_command
+
+    reconcile_command(clerk_state().settings, since=since, dry_run=dry_run, console=Console(stderr=True))
+
+
+@clerk_sync_cli.command()
+@click.argument("email")
+@click.option("--role", default="admin", show_default=True, help="Role for public_metadata.role.")
+@_readable
+def promote(email: str, role: str) -> None:
+    """Set a user's role in Clerk and the DB (needs CLERK_SECRET_KEY); audited."""
+    from clerk_sync.auth.admin import find_user_by_email
+
+    state = clerk_state()
+    if state.admin is None:
+        raise ConfigError("promote needs CLERK_SECRET_KEY (Clerk Dashboard -> API keys) in app.config")
+    clerk_id = find_user_by_email(state.store, email)
+    if clerk_id is None:
+        raise click.ClickException(f"no synced user with email {email!r} (run `flask clerk-sync reconcile` first?)")
+    change = state.admin.promote(clerk_id, role, by=None)
+    click.echo(f"{change.status}: {email} ({clerk_id}) {change.previous_role} -> {role}")

@@ -1,0 +1,247 @@
+"""What the Flask extension stands on: settings from ``app.config``, per-app state, the session proxies, the guards.
+
+Everything built for an app lives in ``app.extensions["clerk_sync"]`` (a :class:`ClerkSyncState`), so one
+:class:`~clerk_sync.integrations.flask.ClerkSync` can serve several apps. Flask is synchronous: the
+blocking ``Authenticator.authenticate`` and ``JitUsers.get_auth_user`` run in the request thread, and no
+event loop is ever created.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ParamSpec, TypeVar, cast
+
+from flask import Flask, Response, current_app, g, jsonify, request
+from werkzeug.local import LocalProxy
+
+from clerk_sync.auth.admin import AdminActions
+from clerk_sync.auth.authenticator import Authenticator
+from clerk_sync.auth.claims import Auth
+from clerk_sync.auth.users import AuthUser, JitUsers
+from clerk_sync.config import Settings
+from clerk_sync.errors import ClerkSyncError, ConfigError, StoreError, TokenError
+from clerk_sync.ingest import WebhookProcessor
+from clerk_sync.integrations.http import error_response
+from clerk_sync.store import Store
+
+__all__ = [
+    "EXTENSION_KEY",
+    "WEBHOOK_ENDPOINT",
+    "ClerkSyncState",
+    "clerk_login_required",
+    "clerk_state",
+    "current_clerk",
+    "current_user",
+    "deny_by_default",
+    "error_json",
+    "not_impersonated",
+    "optional_clerk",
+    "public",
+    "require_org_role",
+    "require_permission",
+    "require_role",
+    "settings_from_config",
+]
+
+EXTENSION_KEY = "clerk_sync"
+WEBHOOK_ENDPOINT = "clerk_sync.webhook"
+_PUBLIC_ATTR = "clerk_sync_public"
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+# -- settings --------------------------------------------------------------------------------------
+def _spellings(*, field_names: bool = False) -> dict[str, tuple[str, ...]]:
+    """Each setting's primary environment name -> its environment names in Settings' order of preference
+    (then its field name, with ``field_names``)."""
+    out: dict[str, tuple[str, ...]] = {}
+    for name, info in Settings.model_fields.items():
+        alias = info.validation_alias
+        names = [alias] if isinstance(alias, str) else [c for c in getattr(alias, "choices", ()) if isinstance(c, str)]
+        out[names[0] if names else name] = (*names, name) if field_names else tuple(names)
+    return out
+
+
+def _pick(source: Mapping[str, Any], spellings: Mapping[str, tuple[str, ...]]) -> dict[str, Any]:
+    """The settings present in ``source``, keyed by primary name (the preferred spelling wins)."""
+    return {primary: source[key] for primary, keys in spellings.items()
+            for key in reversed(keys) if key in source}
+
+
+def settings_from_config(config: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Settings:
+    """One :class:`~clerk_sync.config.Settings` from a Flask config, under the environment's names.
+
+    Precedence: the ``CLERK_SYNC`` dict (environment names or ``Settings`` field names), then top-level
+    config keys named like the environment variables (``CLERK_WEBHOOK_SIGNING_SECRET``, ``DATABASE_URL``,
+    ``CLERK_SYNC_MAX_BODY_BYTES`` ...), then the environment (``environ``, default ``os.environ``).
+    """
+    spellings, fields = _spellings(), _spellings(field_names=True)
+    section = config.get("CLERK_SYNC") or {}
+    if not isinstance(section, Mapping):
+        raise ConfigError("app.config['CLERK_SYNC'] must be a dict of settings, e.g. {'DATABASE_URL': ...}")
+    known = {key for keys in fields.values() for key in keys}
+    unknown = sorted(str(k) for k in section if k not in known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) in app.config['CLERK_SYNC']: {', '.join(unknown)}; use the "
+                          f"environment variable names (CLERK_WEBHOOK_SIGNING_SECRET, DATABASE_URL, ...)")
+    values = _pick(os.environ if environ is None else environ, spellings)
+    values.update(_pick(config, spellings))
+    values.update(_pick(section, fields))
+    return Settings.from_env(values)
+
+
+# -- per-app state ---------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class ClerkSyncState:
+    """What :class:`~clerk_sync.integrations.flask.ClerkSync` built for one app: find it with :func:`clerk_state`.
+
+    ``processor`` is None without a webhook route, ``authenticator`` without session keys
+    (``CLERK_JWT_KEY`` or ``CLERK_SECRET_KEY``), ``users`` (JIT sync) and ``admin`` without
+    ``CLERK_SECRET_KEY``.
+    """
+
+    settings: Settings
+    store: Store
+    processor: WebhookProcessor | None = None
+    authenticator: Authenticator | None = None
+    users: JitUsers | None = None
+    admin: AdminActions | None = None
+    deny_by_default: bool = False
+    public_endpoints: frozenset[str] = frozenset()
+    audit_impersonation: bool = True
+    closers: list[Callable[[], None]] = field(default_factory=list, repr=False)
+
+    def close(self) -> None:
+        """Release the database pool and HTTP clients (tests, or an app that is torn down)."""
+        while self.closers:
+            self.closers.pop()()
+
+
+def _authenticator(state: ClerkSyncState) -> Authenticator:
+    if state.authenticator is None:
+        raise ConfigError("session verification is not configured: set CLERK_JWT_KEY (Dashboard -> API keys -> "
+                          "JWKS Public Key) or CLERK_SECRET_KEY (to fetch the JWKS) in app.config or the environment")
+    return state.authenticator
+
+
+def clerk_state(app: Flask | None = None) -> ClerkSyncState:
+    """The state of ``app`` (default: the current app)."""
+    target = app if app is not None else current_app
+    state = target.extensions.get(EXTENSION_KEY)
+    if not isinstance(state, ClerkSyncState):
+        raise RuntimeError("clerk-sync is not set up on this app: call ClerkSync(app) or ClerkSync().init_app(app)")
+    return state
+
+
+# -- errors ----------------------------------------------------------------------------------------
+def error_json(exc: ClerkSyncError) -> Response:
+    """A clerk-sync error as a Flask response (status, body and headers from :mod:`..http`)."""
+    answer = error_response(exc)
+    response = jsonify(answer.body)
+    response.status_code = answer.status
+    response.headers.update(answer.headers)
+    return response
+
+
+# -- who is calling --------------------------------------------------------------------------------
+def _current_auth() -> Auth:
+    """Verify the session once per request (raises a TokenError: 401); audit impersonated requests."""
+    auth: Auth | None = g.get("_clerk_auth")
+    if auth is None:
+        state = clerk_state()
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        authenticator = _authenticator(state)
+        auth = authenticator.authenticate(headers, request.cookies)
+        if auth.is_impersonated and state.audit_impersonation:  # no audit row, no access (503)
+            authenticator.audit_impersonated_request(auth, request.method, request.path, request.remote_addr)
+        g._clerk_auth = auth
+    return auth
+
+
+def _current_user() -> AuthUser:
+    """The caller's row, read (or JIT-synced) on first use in a request and kept for the rest of it."""
+    user: AuthUser | None = g.get("_clerk_user")
+    if user is None:
+        user = _authenticator(clerk_state()).user(_current_auth())
+        g._clerk_user = user
+    return user
+
+
+#: The verified session of this request (:class:`~clerk_sync.auth.claims.Auth`); 401 without one.
+current_clerk = cast(Auth, LocalProxy(_current_auth))
+#: The caller's ``users`` row (:class:`~clerk_sync.auth.users.AuthUser`), JIT-synced when configured.
+current_user = cast(AuthUser, LocalProxy(_current_user))
+
+
+def optional_clerk() -> Auth | None:
+    """The verified session, or None when the request has none (or a bad one): for public pages.
+
+    A database outage (deny list unreadable) also reads as signed out: it must not take public pages down.
+    """
+    try:
+        return _current_auth()
+    except (TokenError, StoreError):
+        return None
+
+
+# -- guards ----------------------------------------------------------------------------------------
+def public(view: Callable[P, R]) -> Callable[P, R]:
+    """Mark a view as open to everyone when ``deny_by_default`` is on."""
+    setattr(view, _PUBLIC_ATTR, True)
+    return view
+
+
+def deny_by_default() -> None:
+    """``before_request``: refuse non-public endpoints without a valid session (when the app asks for it)."""
+    state = clerk_state()
+    if not state.deny_by_default:
+        return
+    endpoint = request.endpoint
+    view = current_app.view_functions.get(endpoint) if endpoint else None
+    if endpoint in state.public_endpoints or getattr(view, _PUBLIC_ATTR, False):
+        return
+    _current_auth()  # unknown paths too: refuse before revealing what exists
+
+
+def _guard(check: Callable[[], object]) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    def decorator(view: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(view)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            check()
+            return view(*args, **kwargs)
+
+        return wrapper
+
+    return decorator
+
+
+def clerk_login_required(view: Callable[P, R]) -> Callable[P, R]:
+    """A valid session (401 otherwise)."""
+    return _guard(_current_auth)(view)
+
+
+def require_role(*roles: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """An app role confirmed against the DB row, so a demotion applies on the next request (403)."""
+
+    def check() -> None:
+        g._clerk_user = _authenticator(clerk_state()).require_role(_current_auth(), *roles)
+
+    return _guard(check)
+
+
+def require_org_role(*roles: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """An active organization with one of ``roles`` (``org:admin`` ...), from the token (403)."""
+    return _guard(lambda: Authenticator.require_org_role(_current_auth(), *roles))
+
+
+def require_permission(permission: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """``permission`` in the active organization (403)."""
+    return _guard(lambda: Authenticator.require_permission(_current_auth(), permission))
+
+
+def not_impersonated(view: Callable[P, R]) -> Callable[P, R]:
+    """Refuse impersonated sessions on sensitive routes (billing, password, deleting the account)."""
+    return _guard(lambda: Authenticator.forbid_impersonation(_current_auth()))(view)

@@ -1,0 +1,99 @@
+"""The Flask extension, shaped like Flask-Login: ``ClerkSync(app)``, or ``ClerkSync()`` then ``init_app(app)``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import httpx
+from flask import Flask
+
+from clerk_sync.auth.admin import AdminActions
+from clerk_sync.auth.authenticator import Authenticator, DenyList
+from clerk_sync.auth.sessions import verifier_from_settings
+from clerk_sync.auth.users import JitUsers
+from clerk_sync.clerk_api import ClerkClient
+from clerk_sync.config import Settings
+from clerk_sync.errors import ClerkSyncError
+from clerk_sync.integrations.flask._cli import clerk_sync_cli
+from clerk_sync.integrations.flask._core import (
+    EXTENSION_KEY,
+    WEBHOOK_ENDPOINT,
+    ClerkSyncState,
+    clerk_state,
+    deny_by_default,
+    error_json,
+    settings_from_config,
+)
+from clerk_sync.integrations.flask._webhook import webhook_blueprint
+from clerk_sync.integrations.starlette import build_processor
+from clerk_sync.store import Store
+
+__all__ = ["ClerkSync"]
+
+
+class ClerkSync:
+    """The Flask extension: the webhook route, session verification, guards, errors as JSON, CLI.
+
+    Usage::
+
+        app.config["CLERK_SYNC"] = {"DATABASE_URL": ..., "CLERK_WEBHOOK_SIGNING_SECRET": ...}
+        clerk = ClerkSync(app, deny_by_default=True, public_endpoints={"home"})
+
+    ``deny_by_default`` refuses (401) every endpoint without a valid session unless it is listed in
+    ``public_endpoints`` or decorated with :func:`public` (the webhook route and ``static`` always are).
+    ``jit`` syncs a signed-in user whose webhook has not arrived (needs ``CLERK_SECRET_KEY``).
+    ``revocation_refresh_s`` is how stale the deny list (revoked sessions, banned users) may be.
+    """
+
+    def __init__(self, app: Flask | None = None, *, settings: Settings | None = None,
+                 webhook_path: str | None = "/webhooks/clerk", deny_by_default: bool = False,
+                 public_endpoints: Iterable[str] = (), jit: bool = True,
+                 audit_impersonation: bool = True, revocation_refresh_s: float = 1.0) -> None:
+        self.settings = settings
+        self.webhook_path = webhook_path
+        self.deny_by_default = deny_by_default
+        self.public_endpoints = frozenset(public_endpoints) | {"static"}  # the app's static files
+        self.jit = jit
+        self.audit_impersonation = audit_impersonation
+        self.revocation_refresh_s = revocation_refresh_s
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Flask) -> None:
+        """Build the app's state from its config (errors name the missing setting), register the rest."""
+        if EXTENSION_KEY in app.extensions:
+            raise RuntimeError("ClerkSync is already set up on this app")
+        state = self._build(self.settings or settings_from_config(app.config))
+        app.extensions[EXTENSION_KEY] = state
+        if self.webhook_path is not None:
+            app.register_blueprint(webhook_blueprint(self.webhook_path))
+        app.register_error_handler(ClerkSyncError, error_json)
+        app.before_request(deny_by_default)
+        app.cli.add_command(clerk_sync_cli)
+
+    def state(self, app: Flask | None = None) -> ClerkSyncState:
+        return clerk_state(app)
+
+    def _build(self, settings: Settings) -> ClerkSyncState:
+        # A missing or malformed webhook secret fails here, at start-up, not on the first delivery.
+        processor = build_processor(settings) if self.webhook_path is not None else None
+        store = processor.store if processor is not None else Store.from_url(settings.sqlalchemy_url())
+        closers: list[Callable[[], None]] = [store.dispose]
+        clerk = ClerkClient.from_settings(settings) if settings.clerk_secret_key is not None else None
+        if clerk is not None:
+            closers.append(clerk.close)
+        users = JitUsers(store, clerk=clerk) if clerk is not None and self.jit else None
+        authenticator = None
+        if settings.clerk_jwt_key is not None or settings.clerk_secret_key is not None or settings.clerk_jwks_url:
+            http = httpx.Client()
+            closers.append(http.close)
+            authenticator = Authenticator(
+                verifier_from_settings(settings, http=http), store,
+                deny_list=DenyList(store, refresh_s=self.revocation_refresh_s),
+                load_user=users.get_auth_user if users is not None else None,
+            )
+        return ClerkSyncState(
+            settings, store, processor, authenticator, users, AdminActions(store, clerk) if clerk else None,
+            deny_by_default=self.deny_by_default, audit_impersonation=self.audit_impersonation,
+            public_endpoints=self.public_endpoints | ({WEBHOOK_ENDPOINT} if processor else set()), closers=closers,
+        )

@@ -1,0 +1,59 @@
+"""The webhook blueprint: ``POST /webhooks/clerk`` into ``WebhookProcessor.process``, as the service answers."""
+
+from __future__ import annotations
+
+import structlog
+from flask import Blueprint, Response, jsonify, request
+
+from clerk_sync.errors import PayloadTooLarge, StoreError, WebhookError
+from clerk_sync.integrations.flask._core import clerk_state, error_json
+
+__all__ = ["read_limited_body", "webhook_blueprint"]
+
+log = structlog.get_logger("clerk_sync.http")
+_CHUNK = 64 * 1024
+
+
+def read_limited_body(limit: int) -> bytes:
+    """The request body, refused (413) before it is read in full when it is larger than ``limit``."""
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise PayloadTooLarge(f"body is {declared} bytes, the limit is {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := request.stream.read(_CHUNK):
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def receive() -> Response:
+    """Signature-checked, so it is public; deliveries refused here write nothing."""
+    processor = clerk_state().processor
+    assert processor is not None  # the blueprint is registered only with a processor
+    headers = {k.lower(): v for k, v in request.headers.items()}
+    # Unverified, but it correlates every log line of this delivery (refusals included).
+    with structlog.contextvars.bound_contextvars(svix_id=headers.get("svix-id") or headers.get("webhook-id")):
+        try:
+            outcome = processor.process(headers, read_limited_body(processor.max_body_bytes))
+        except WebhookError as exc:
+            log.info("webhook_refused", code=exc.code, reason=str(exc))
+            processor.metrics.events.labels(type="unknown", status=exc.code).inc()
+            return error_json(exc)
+        except StoreError as exc:
+            log.warning("webhook_store_error", reason=str(exc))
+            return error_json(exc)
+    return jsonify({"status": outcome.status, "svix_id": outcome.svix_id})
+
+
+def webhook_blueprint(path: str = "/webhooks/clerk") -> Blueprint:
+    """A blueprint named ``clerk_sync`` with ``POST path`` (endpoint ``clerk_sync.webhook``).
+
+    :class:`~clerk_sync.integrations.flask.ClerkSync` registers it; with CSRF protection (Flask-WTF),
+    exempt it: ``csrf.exempt(blueprint)``.
+    """
+    blueprint = Blueprint("clerk_sync", __name__)
+    blueprint.add_url_rule(path, "webhook", receive, methods=["POST"])
+    return blueprint

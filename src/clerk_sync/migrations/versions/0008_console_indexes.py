@@ -1,0 +1,48 @@
+"""Indexes for the operator console: deliveries by time and by the Clerk ids in their payload,
+users and organizations by lower-cased name (prefix search).
+
+The expression indexes are not declared in ``tables.py`` (SQLAlchemy cannot compare them across
+dialects); the console's queries use the very same expressions (``integrations/console/queries.py``).
+
+Revision ID: 0008_console
+Revises: 0007
+"""
+
+from __future__ import annotations
+
+from alembic import op
+
+revision = "0008_console"
+down_revision = "0007"
+branch_labels = None
+depends_on = None
+
+# name -> (table, SQLite expression, PostgreSQL expression, partial: only rows where it is not NULL)
+_EXPRESSIONS = {
+    "ix_webhook_events_data_id": (
+        "webhook_events", "json_extract(payload, '$.data.id')", "(payload -> 'data' ->> 'id')", False),
+    "ix_webhook_events_data_user_id": (
+        "webhook_events", "json_extract(payload, '$.data.public_user_data.user_id')",
+        "(payload -> 'data' -> 'public_user_data' ->> 'user_id')", True),
+    "ix_webhook_events_data_org_id": (
+        "webhook_events", "json_extract(payload, '$.data.organization.id')",
+        "(payload -> 'data' -> 'organization' ->> 'id')", True),
+    "ix_users_first_name_lower": ("users", "lower(first_name)", "lower(first_name)", False),
+    "ix_users_last_name_lower": ("users", "lower(last_name)", "lower(last_name)", False),
+    "ix_organizations_name_lower": ("organizations", "lower(name)", "lower(name)", False),
+}
+
+
+def upgrade() -> None:
+    op.create_index("ix_webhook_events_received_at", "webhook_events", ["received_at"])
+    postgres = op.get_bind().dialect.name == "postgresql"
+    for name, (table, sqlite_expr, pg_expr, partial) in _EXPRESSIONS.items():
+        expr = pg_expr if postgres else sqlite_expr
+        where = f" WHERE {expr} IS NOT NULL" if partial else ""
+        op.execute(f"CREATE INDEX {name} ON {table} ({expr}){where}")
+
+
+def downgrade() -> None:
+    for name in reversed(_EXPRESSIONS):
+        op.execute(f"DROP INDEX {name}")
+    op.drop_index("ix_webhook_events_received_at", table_name="webhook_events")

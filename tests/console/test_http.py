@@ -1,0 +1,263 @@
+"""The console over real HTTP (no browser), on SQLite and PostgreSQL: access rules, CSRF, read-only
+mode, bad input, pagination, filters, bulk replay, CSV export."""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from clerk_sync.auth.admin import AdminActions
+from clerk_sync.config import Settings
+from clerk_sync.errors import ConfigError
+from clerk_sync.integrations.console import create_console
+from clerk_sync.store import Store
+from clerk_sync.tables import webhook_events
+from tests.console.conftest import OPERATOR_TOKEN, ConsoleStack, make_stack, operator_client
+
+HTML = {"Accept": "text/html"}
+
+
+def csrf_of(html: str) -> str:
+    found = re.search(r'name="csrf" value="([^"]+)"', html)
+    assert found, "no CSRF field on the page"
+    return found.group(1)
+
+
+def browser_like(stack: ConsoleStack) -> httpx.Client:
+    return httpx.Client(base_url=stack.console_url, headers=HTML, timeout=30)
+
+
+@contextmanager
+def signed_in(stack: ConsoleStack, user_id: str) -> Iterator[httpx.Client]:
+    with browser_like(stack) as client:
+        response = client.get(stack.sign_in_link(user_id))
+        assert response.status_code == 303, response.text[:300]
+        yield client
+
+
+def status_of(stack: ConsoleStack, svix_id: str) -> str:
+    with stack.store.connect() as conn:
+        return str(conn.execute(sa.select(webhook_events.c.status).where(webhook_events.c.svix_id == svix_id))
+                   .scalar_one())
+
+
+def delivery_id(stack: ConsoleStack, svix_id: str) -> int:
+    with stack.store.connect() as conn:
+        return int(conn.execute(sa.select(webhook_events.c.id).where(webhook_events.c.svix_id == svix_id))
+                   .scalar_one())
+
+
+def test_operator_bearer_sees_every_page(stack: ConsoleStack) -> None:
+    with operator_client(stack) as client:
+        for path in ("/", "/deliveries", "/drift", "/users", "/users?q=ada", f"/users/{stack.user_id}", "/audit"):
+            response = client.get(path, headers=HTML)
+            assert response.status_code == 200, (path, response.text[:500])
+            assert "<nav>" in response.text
+            assert response.headers["cache-control"] == "no-store"
+
+
+def test_strangers_are_sent_to_sign_in_and_api_callers_get_401(stack: ConsoleStack) -> None:
+    with browser_like(stack) as client:
+        response = client.get("/deliveries")
+        assert response.status_code == 303 and response.headers["location"] == "/console/login?next=/console/deliveries"
+        assert client.get("/login").status_code == 200
+    api = httpx.get(f"{stack.console_url}/deliveries", headers={"Accept": "application/json"})
+    assert api.status_code == 401 and api.json()["error"] == "token_missing"
+    forged = httpx.get(f"{stack.console_url}/", headers=HTML, cookies={"clerk_sync_console": "eyJrIjoib3BlcmF0b3IifQ.x.y"})
+    assert forged.status_code == 303  # a tampered cookie is no session
+
+
+def test_operator_signs_in_with_the_login_form(stack: ConsoleStack) -> None:
+    with browser_like(stack) as client:
+        token = csrf_of(client.get("/login").text)
+        wrong = client.post("/login", data={"csrf": token, "token": "nope"})
+        assert wrong.status_code == 401 and "not the operator token" in wrong.text
+        token = csrf_of(wrong.text)  # the form came back with a fresh token
+        response = client.post("/login", data={"csrf": token, "token": OPERATOR_TOKEN, "next": "/console/audit"})
+        assert response.status_code == 303 and response.headers["location"] == "/console/audit"
+        assert client.get("/").status_code == 200
+        token = csrf_of(client.get("/login").text)
+        offsite = client.post("/login", data={"csrf": token, "token": OPERATOR_TOKEN, "next": "//evil.example/"})
+        assert offsite.headers["location"] == "/console/"
+    logins = [r for r in stack.audit_rows() if r["action"] == "console.login"]
+    assert [(r["actor_clerk_id"], r["details"]["as"]) for r in logins] == [(None, "operator"), (None, "operator")]
+
+
+def test_the_login_form_needs_its_csrf_token(stack: ConsoleStack) -> None:
+    response = httpx.post(f"{stack.console_url}/login", data={"token": OPERATOR_TOKEN}, headers=HTML)
+    assert response.status_code == 403 and "clerk_sync_console" not in response.headers.get("set-cookie", "")
+    assert stack.audit_rows() == []
+
+
+def test_unauthenticated_post_without_csrf_is_refused_and_audits_nothing(stack: ConsoleStack) -> None:
+    svix_id = stack.failed_delivery(stack.user_id, first_name="Gracie")
+    target = f"{stack.console_url}/deliveries/{delivery_id(stack, svix_id)}/replay"
+    assert httpx.post(target, headers=HTML).status_code == 401
+    assert httpx.post(f"{stack.console_url}/users/{stack.user_id}/role", data={"role": "admin"}).status_code == 401
+    assert status_of(stack, svix_id) == "failed"
+    assert stack.user_row(stack.user_id)["role"] == "user"
+    assert stack.audit_rows() == []
+
+
+def test_a_signed_in_post_without_the_csrf_token_is_refused_and_audits_nothing(stack: ConsoleStack) -> None:
+    svix_id = stack.failed_delivery(stack.user_id, first_name="Gracie")
+    path = f"/deliveries/{delivery_id(stack, svix_id)}/replay"
+    with signed_in(stack, stack.admin_id) as client:
+        before = stack.audit_rows()
+        assert client.post(path).status_code == 403
+        assert client.post(path, data={"csrf": "forged"}).status_code == 403
+        # A Clerk session cookie alone (no console session yet) has no CSRF token either.
+        token = stack.emulator.mint_session_token(stack.admin_id)
+        fresh = httpx.post(stack.console_url + path, cookies={"__session": token}, headers=HTML)
+        assert fresh.status_code == 403
+        assert stack.audit_rows() == before
+        assert status_of(stack, svix_id) == "failed"
+        ok = client.post(path, data={"csrf": csrf_of(client.get("/").text)})
+        assert ok.status_code == 303 and status_of(stack, svix_id) == "applied"
+
+
+def test_a_clerk_session_cookie_signs_an_admin_in(stack: ConsoleStack) -> None:
+    token = stack.emulator.mint_session_token(stack.admin_id)
+    response = httpx.get(f"{stack.console_url}/", cookies={"__session": token}, headers=HTML)
+    assert response.status_code == 200 and stack.admin_id in response.text
+    assert "clerk_sync_console=" in response.headers["set-cookie"]
+    assert [r["details"]["method"] for r in stack.audit_rows() if r["action"] == "console.login"] == ["clerk_session"]
+
+
+def test_a_non_admin_gets_403_without_content(stack: ConsoleStack) -> None:
+    token = stack.emulator.mint_session_token(stack.user_id)
+    for response in (httpx.get(f"{stack.console_url}/", cookies={"__session": token}, headers=HTML),
+                     httpx.get(f"{stack.console_url}/deliveries", headers={"Authorization": f"Bearer {token}"})):
+        assert response.status_code == 403
+        assert "<nav" not in response.text and "ada@example.com" not in response.text
+        assert "set-cookie" not in response.headers
+    assert response.json()["error"] == "access_denied"
+
+
+def test_a_demoted_admin_loses_access_at_once(stack: ConsoleStack) -> None:
+    with signed_in(stack, stack.admin_id) as client:
+        assert client.get("/").status_code == 200
+        assert stack.console.clerk is not None
+        AdminActions(stack.store, stack.console.clerk).promote(stack.admin_id, "user", by=None)
+        response = client.get("/")
+        assert response.status_code == 403 and "<nav" not in response.text
+
+
+def test_bad_input_is_a_clear_400_and_writes_nothing(stack: ConsoleStack) -> None:
+    with operator_client(stack) as client:
+        response = client.get("/deliveries", params={"status": "bogus"})
+        assert response.status_code == 400 and "status='bogus' is not one of" in response.json()["message"]
+        assert client.get("/deliveries", params={"since": "yesterday"}).status_code == 400
+        assert client.get("/audit", params={"before": "abc"}).status_code == 400
+        assert client.get("/deliveries/999999").status_code == 404
+        assert client.get("/users/user_missing").status_code == 404
+        assert client.post(f"/users/{stack.user_id}/role", data={"role": "admin; drop"}).status_code == 400
+        assert client.post("/drift/run", data={"mode": "everything"}).status_code == 400
+    assert stack.audit_rows() == []
+    assert stack.user_row(stack.user_id)["role"] == "user"
+
+
+def test_deliveries_page_by_keyset_and_filter(stack: ConsoleStack) -> None:
+    for i in range(60):
+        stack.failed_delivery(stack.user_id if i % 3 else stack.admin_id, first_name=f"n{i}")
+    seen: list[int] = []
+    with operator_client(stack) as client:
+        path = "/deliveries?status=failed"
+        while path:
+            html = client.get(path).text
+            seen += [int(n) for n in re.findall(r'/console/deliveries/(\d+)"', html)]
+            more = re.search(r'href="/console(/deliveries\?[^"]*before=\d+[^"]*)"', html)
+            path = more.group(1).replace("&amp;", "&") if more else ""
+        assert len(seen) == 60 and seen == sorted(seen, reverse=True)
+        about_ada = client.get("/deliveries", params={"clerk_id": stack.admin_id, "status": "failed"}).text
+        assert len(re.findall(r'/console/deliveries/(\d+)"', about_ada)) == 20
+        created = client.get("/deliveries", params={"type": "user.created"}).text
+        assert len(re.findall(r'/console/deliveries/(\d+)"', created)) == 2
+
+
+def test_replay_all_failed_matching_a_filter(stack: ConsoleStack) -> None:
+    grace = [stack.failed_delivery(stack.user_id, first_name=f"G{i}") for i in range(3)]
+    ada = stack.failed_delivery(stack.admin_id, first_name="Ada2")
+    with operator_client(stack) as client:
+        response = client.post("/deliveries/replay", data={"clerk_id": stack.user_id})
+        assert response.status_code == 303 and "replayed+3" in response.headers["location"]
+    assert [status_of(stack, s) for s in grace] == ["applied", "skipped", "skipped"]  # replayed oldest first
+    assert status_of(stack, ada) == "failed"
+    assert stack.user_row(stack.user_id)["first_name"] == "G0"  # same updated_at: the first applied wins
+    [row] = [r for r in stack.audit_rows() if r["action"] == "console.deliveries_replayed"]
+    assert row["details"]["total"] == 3 and row["target_clerk_id"] == stack.user_id
+
+
+def test_reveal_is_audited_and_masking_hides_personal_fields(stack: ConsoleStack) -> None:
+    svix_id = stack.failed_delivery(stack.user_id, private_metadata={"stripe": "cus_123"})
+    path = f"/deliveries/{delivery_id(stack, svix_id)}"
+    with operator_client(stack) as client:
+        masked = client.get(path, headers=HTML).text
+        assert "grace@example.com" not in masked and "Hopper" not in masked and "cus_123" not in masked
+        revealed = client.post(path + "/reveal", headers=HTML).text
+        assert "grace@example.com" in revealed and "cus_123" in revealed
+    [row] = [r for r in stack.audit_rows() if r["action"] == "console.payload_revealed"]
+    assert row["target_clerk_id"] == stack.user_id and row["details"]["svix_id"] == svix_id
+
+
+def test_audit_log_filters_and_exports_csv(stack: ConsoleStack) -> None:
+    with operator_client(stack) as client:
+        client.post(f"/users/{stack.user_id}/role", data={"role": "admin"})
+        svix_id = stack.failed_delivery(stack.admin_id, first_name="A")
+        client.post(f"/deliveries/{delivery_id(stack, svix_id)}/reveal")
+        page = client.get("/audit", params={"action": "role.changed"}, headers=HTML).text
+        assert "role.changed" in page and "console.payload_revealed" not in page
+        exported = client.get("/audit.csv", params={"target": stack.user_id})
+    assert exported.headers["content-type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(exported.text)))
+    assert [r["action"] for r in rows] == ["role.changed"]
+    assert rows[0]["target_clerk_id"] == stack.user_id and '"to": "admin"' in rows[0]["details"]
+
+
+@pytest.fixture
+def read_only_stack(db_url: str) -> Iterator[ConsoleStack]:
+    yield from make_stack(db_url, CLERK_SYNC_CONSOLE_READ_ONLY="1")
+
+
+def test_read_only_mode_refuses_every_action(read_only_stack: ConsoleStack) -> None:
+    stack = read_only_stack
+    svix_id = stack.failed_delivery(stack.user_id, first_name="Gracie")
+    with operator_client(stack) as client:
+        page = client.get(f"/deliveries/{delivery_id(stack, svix_id)}", headers=HTML).text
+        assert "read-only" in page and 'data-testid="replay"' not in page
+        for path, form in ((f"/deliveries/{delivery_id(stack, svix_id)}/replay", {}),
+                           (f"/users/{stack.user_id}/role", {"role": "admin"}), ("/drift/run", {"mode": "apply"})):
+            response = client.post(path, data=form)
+            assert response.status_code == 403 and "read-only" in response.json()["message"]
+    assert status_of(stack, svix_id) == "failed" and stack.audit_rows() == []
+
+
+def test_a_console_nobody_can_sign_in_to_is_a_config_error(db_url: str) -> None:
+    store = Store.from_url(db_url)
+    with pytest.raises(ConfigError, match="CLERK_SYNC_CONSOLE_TOKEN"):
+        create_console(store, Settings.from_env({"CLERK_SYNC_CONSOLE": "1"}))
+    store.dispose()
+
+
+def test_settings_read_the_console_variables() -> None:
+    settings = Settings.from_env({"CLERK_SYNC_CONSOLE": "1", "CLERK_SYNC_CONSOLE_TOKEN": " ",
+                                  "CLERK_SYNC_CONSOLE_READ_ONLY": "true"})
+    assert settings.console_enabled and settings.console_read_only and settings.console_operator_token is None
+    assert not Settings.from_env({}).console_enabled
+
+
+def test_overview_shows_the_freshness_checks_of_the_alert_rules(stack: ConsoleStack) -> None:
+    with operator_client(stack) as client:
+        calm = client.get("/", headers=HTML).text
+        assert 'data-testid="freshness"' in calm and '<span class="bad">fail</span>' not in calm
+        stack.failed_delivery(stack.user_id, first_name="Gracie")
+        alarmed = client.get("/", headers=HTML).text
+    row = re.search(r"<tr><td><span class=\"bad\">fail</span></td><td>([^<]+)</td>", alarmed)
+    assert row is not None and "failed" in row.group(1)  # CLERK_SYNC_FRESHNESS_MAX_FAILED is 0 by default

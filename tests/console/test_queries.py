@@ -1,0 +1,69 @@
+"""The console's reads use the indexes of migration 0008_console, and masking hides personal data."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from clerk_sync.integrations.console._masking import MASK, mask
+from clerk_sync.integrations.console._queries import DeliveryFilter, _user_matches, touching
+from clerk_sync.store import Store
+from clerk_sync.tables import users, webhook_events
+
+
+def _plan(store: Store, query: sa.Select[tuple[int]] | sa.CompoundSelect[tuple[int]]) -> str:
+    with store.connect() as conn:
+        if conn.dialect.name == "sqlite":
+            sql = str(query.compile(conn, compile_kwargs={"literal_binds": True}))
+            return "\n".join(str(r[-1]) for r in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}"))
+        conn.exec_driver_sql("SET enable_seqscan = off")  # tiny tables: make the planner show its index choice
+        sql = str(query.compile(conn, compile_kwargs={"literal_binds": True}))
+        return "\n".join(r[0] for r in conn.exec_driver_sql(f"EXPLAIN {sql}"))
+
+
+def test_clerk_id_filter_uses_the_payload_indexes(store: Store) -> None:
+    plan = _plan(store, sa.select(webhook_events.c.id).where(webhook_events.c.id.in_(touching("user_1"))))
+    for index in ("ix_webhook_events_data_id", "ix_webhook_events_data_user_id", "ix_webhook_events_data_org_id"):
+        assert index in plan, plan
+
+
+def test_name_search_uses_the_lower_case_indexes(store: Store) -> None:
+    plan = _plan(store, sa.select(users.c.id).where(users.c.id.in_(_user_matches("ada"))))
+    for index in ("ix_users_first_name_lower", "ix_users_last_name_lower", "ix_users_email"):
+        assert index in plan, plan
+
+
+def test_time_filter_uses_the_received_at_index(store: Store) -> None:
+    since = sa.select(webhook_events.c.id).where(*DeliveryFilter(status=None).conditions(),
+                                                 webhook_events.c.received_at >= sa.literal("2026-01-01"))
+    assert "ix_webhook_events_received_at" in _plan(store, since)
+
+
+def test_mask_hides_personal_fields_at_any_depth() -> None:
+    payload = {"type": "user.updated", "data": {
+        "id": "user_1", "first_name": "Ada", "last_name": None, "image_url": "https://img/1",
+        "email_addresses": [{"id": "idn_1", "email_address": "ada@example.com"}],
+        "phone_numbers": [{"phone_number": "+15555550100"}], "private_metadata": {"stripe": "cus_1"},
+        "public_metadata": {"role": "admin"}, "unsafe_metadata": {},
+    }}
+    data = mask(payload)["data"]
+    assert data["first_name"] == MASK and data["last_name"] is None and data["image_url"] == MASK
+    assert data["email_addresses"] == [{"id": "idn_1", "email_address": MASK}]
+    assert data["phone_numbers"] == [{"phone_number": MASK}]
+    assert data["private_metadata"] == MASK and data["unsafe_metadata"] == {}
+    assert data["public_metadata"] == {"role": "admin"} and data["id"] == "user_1"
+    assert payload["data"]["first_name"] == "Ada"  # a copy: the stored payload is untouched
+
+
+def test_delivery_types_lists_each_type_once(store: Store) -> None:
+    from clerk_sync.integrations.console._queries import delivery_types
+
+    with store.transaction() as w:
+        for i, kind in enumerate(["user.updated", "user.created", "user.updated", "session.created"]):
+            w.record_delivery(f"msg_{i}", {"type": kind, "data": {}}, event_type=kind, instance_id=None,
+                              event_timestamp=None)
+    with store.connect() as conn:
+        assert delivery_types(conn) == ["session.created", "user.created", "user.updated"]
+    with store.transaction() as w:
+        w.conn.execute(sa.delete(webhook_events))
+    with store.connect() as conn:
+        assert delivery_types(conn) == []

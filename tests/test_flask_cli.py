@@ -1,0 +1,101 @@
+"""``flask clerk-sync migrate|replay|reconcile|promote``: the commands, configured from the app."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import sqlalchemy as sa
+from flask import Flask
+
+from clerk_sync import migrations
+from clerk_sync.config import Settings
+from clerk_sync.integrations.flask import ClerkSync, clerk_state
+from clerk_sync.store import Store
+from clerk_sync.tables import audit_log, organizations, users, webhook_events
+from clerk_sync.testing import EmulatorServer
+from tests import factories as f
+from tests.conftest import SECRET
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def flask_app(**env: str) -> Flask:
+    app = Flask(__name__)
+    ClerkSync(app, settings=Settings.from_env({"CLERK_WEBHOOK_SIGNING_SECRET": SECRET, **env}))
+    return app
+
+
+def test_the_flask_command_migrates_the_database_the_app_is_configured_with(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'flask.db'}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLERK_") and k != "DATABASE_URL"}
+    env.update({"DATABASE_URL": url, "CLERK_WEBHOOK_SIGNING_SECRET": SECRET})
+    command = [sys.executable, "-m", "flask", "--app", "examples.flask_saas.app:create_app", "clerk-sync"]
+    listing = subprocess.run([*command, "--help"], capture_output=True, text=True, env=env, cwd=ROOT, check=False)
+    assert listing.returncode == 0, listing.stderr
+    assert {"migrate", "reconcile", "replay", "promote"} <= set(listing.stdout.split())
+    result = subprocess.run([*command, "migrate"], capture_output=True, text=True, env=env, cwd=ROOT, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "migrations current" in result.stdout
+    store = Store.from_url(url)
+    assert migrations.is_current(store.engine)
+    store.dispose()
+
+
+def test_replay_failed_deliveries(db_url: str) -> None:
+    app = flask_app(DATABASE_URL=db_url)
+    store = clerk_state(app).store
+    broken = f.envelope("user.created", {**f.user("user_fl", 5), "updated_at": "yesterday"})
+    with store.transaction() as w:
+        w.record_delivery("msg_fl", broken, event_type="user.created", instance_id=None, event_timestamp=1)
+        w.finish_delivery("msg_fl", "failed", "bad updated_at")
+    cli = app.test_cli_runner()
+    result = cli.invoke(args=["clerk-sync", "replay"])
+    assert result.exit_code == 0, result.output
+    assert "replayed 1 deliveries: {'failed': 1}" in result.output
+    with store.transaction() as w:
+        w.conn.execute(webhook_events.update().values(payload=f.envelope("user.created", f.user("user_fl", 5))))
+    result = cli.invoke(args=["clerk-sync", "replay", "--status", "failed", "--since", "2000-01-01"])
+    assert "replayed 1 deliveries: {'applied': 1}" in result.output
+    with store.connect() as conn:
+        assert conn.execute(sa.select(users.c.clerk_id)).scalar_one() == "user_fl"
+    bad = cli.invoke(args=["clerk-sync", "replay", "--since", "last tuesday"])
+    assert bad.exit_code == 1 and "Error: --since 'last tuesday' is not an ISO 8601" in bad.output
+    clerk_state(app).close()
+
+
+def test_reconcile_then_promote_against_the_emulator(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    with EmulatorServer(rate_limit_requests=1000) as clerk:
+        ada = clerk.create_user("ada@example.com")
+        clerk.create_organization("Acme", created_by=ada["id"])
+        app = flask_app(DATABASE_URL=url, CLERK_SECRET_KEY=clerk.secret_key, CLERK_API_URL=clerk.url)
+        cli = app.test_cli_runner()
+        assert cli.invoke(args=["clerk-sync", "migrate"]).exit_code == 0
+        dry = cli.invoke(args=["clerk-sync", "reconcile", "--dry-run"])
+        assert dry.exit_code == 0, dry.output
+        assert f"+ users {ada['id']}" in dry.output
+        done = cli.invoke(args=["clerk-sync", "reconcile"])
+        assert done.exit_code == 0, done.output
+        promoted = cli.invoke(args=["clerk-sync", "promote", "ada@example.com", "--role", "admin"])
+        assert promoted.exit_code == 0, promoted.output
+        assert f"applied: ada@example.com ({ada['id']}) user -> admin" in promoted.output
+        assert clerk.request("GET", f"/v1/users/{ada['id']}")["public_metadata"]["role"] == "admin"
+        missing = cli.invoke(args=["clerk-sync", "promote", "nobody@example.com"])
+        assert missing.exit_code == 1 and "no synced user with email 'nobody@example.com'" in missing.output
+    store = clerk_state(app).store
+    with store.connect() as conn:
+        assert conn.execute(sa.select(users.c.role)).scalar_one() == "admin"
+        assert conn.execute(sa.select(organizations.c.name)).scalar_one() == "Acme"
+        assert conn.execute(sa.select(audit_log.c.action)).scalar_one() == "role.changed"
+    clerk_state(app).close()
+
+
+def test_promote_without_a_secret_key_says_what_to_set(tmp_path: Path) -> None:
+    app = flask_app(DATABASE_URL=f"sqlite:///{tmp_path / 'x.db'}")
+    result = app.test_cli_runner().invoke(args=["clerk-sync", "promote", "ada@example.com"])
+    assert result.exit_code == 1
+    assert "Error: promote needs CLERK_SECRET_KEY" in result.output
+    clerk_state(app).close()
