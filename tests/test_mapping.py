@@ -280,9 +280,10 @@ def test_migrate_and_doctor_with_a_mapping_on_the_command_line(tmp_path: Path) -
 
     before = run("doctor", "--mapping", "appmap:MAPPING", env=env)
     assert "FAIL  mapping: accounts.clerk_user_id is missing: run `clerk-sync migrate --mapping" in before.stdout
-    migrated = run("migrate", "--mapping", "appmap:MAPPING", env=env)
+    migrated = run("migrate", "--mapping", "appmap:MAPPING", "--backfill", env=env)
     assert migrated.returncode == 0, migrated.stderr
     assert "mapping: added accounts.clerk_user_id" in " ".join(migrated.stderr.split())
+    assert "mapping: backfilled nothing" in migrated.stderr
     after = run("doctor", "--mapping", "appmap:MAPPING", env=env)
     assert "ok    mapping: accounts match the mapping" in after.stdout
     assert {c["name"] for c in sa.inspect(engine).get_columns("accounts")} >= {"clerk_user_id", "deleted_at"}
@@ -367,3 +368,24 @@ def test_a_django_auth_user_table_needs_its_not_null_columns_mapped(db_url: str)
     store.dispose()
     engine.dispose()
     assert tuple(row) == ("user_1", "user_1@example.com", True, False, "!")
+
+
+def test_backfill_projects_what_clerk_sync_already_holds(app_db: str) -> None:
+    plain = Store.from_url(app_db)  # a running install, before the app adopted a mapping
+    deliver(plain, f.envelope("user.created", f.user("user_1", B + 1000, role="admin")),
+            f.envelope("user.created", f.user("user_2", B + 1000)),
+            f.envelope("user.deleted", f.deleted("user", "user_2"), B + 2000))
+    plain.dispose()
+    mapping = mapping_for(SoftDelete())
+    store = Store.from_url(app_db, mapping=mapping)
+    with store.transaction() as writer:  # the app had linked user_2 by hand before it was deleted
+        writer.conn.execute(sa.text("INSERT INTO accounts (clerk_user_id, email) VALUES ('user_2', 'b@x')"))
+    for _ in range(2):  # idempotent
+        with store.transaction() as writer:
+            assert mapping.backfill(writer.conn, writer.now) == {"users": 2}
+    with store.connect() as conn:
+        rows = app_rows(conn, "user_")
+    store.dispose()
+    assert len(rows) == 2
+    assert (rows[("users", "user_1")]["role"], rows[("users", "user_1")]["deleted_at"]) == ("admin", None)
+    assert rows[("users", "user_2")]["deleted_at"] is not None

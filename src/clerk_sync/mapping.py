@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any
 
@@ -30,6 +30,8 @@ from sqlalchemy.engine import Connection
 from clerk_sync.changes import Change
 from clerk_sync.engine import Entity
 from clerk_sync.errors import StoreDataError
+from clerk_sync.events import MembershipRecord, OrganizationRecord, UserRecord
+from clerk_sync.tables import organization_memberships, organizations, users
 
 __all__ = [
     "TRANSFORMS",
@@ -47,6 +49,9 @@ __all__ = [
 ]
 
 JSON = dict[str, Any]
+_CONTRACT = {Entity.USER: users, Entity.ORGANIZATION: organizations, Entity.MEMBERSHIP: organization_memberships}
+_RECORDS: dict[Entity, type[Any]] = {Entity.USER: UserRecord, Entity.ORGANIZATION: OrganizationRecord,
+                                     Entity.MEMBERSHIP: MembershipRecord}
 PERSONAL = frozenset({"email", "email_addresses", "first_name", "last_name", "full_name", "username", "image_url"})
 TRANSFORMS: dict[str, Callable[[Any], Any]] = {
     "lower": lambda v: v.lower() if isinstance(v, str) else v,
@@ -161,6 +166,20 @@ class SchemaMapping:
         if key not in self._projections:
             self._projections[key] = _Projection(self.table(conn, mapped.table), mapped)
         self._projections[key].apply(conn, now, change)
+
+    def backfill(self, conn: Connection, now: datetime) -> dict[str, int]:
+        """Project every row the contract tables already hold (a mapping added to a running install);
+        idempotent. Live rows are written (or linked), deleted ones get the delete policy if present."""
+        counts: dict[str, int] = {}
+        for entity in self.tables:
+            table, names = _CONTRACT[entity], [f.name for f in fields(_RECORDS[entity])]
+            query = sa.select(table.c.deleted_at, *[table.c[n] for n in names]).order_by(table.c.id)
+            for row in conn.execute(query).mappings():
+                values = {n: row[n] for n in names}
+                kind = "created" if row["deleted_at"] is None else "deleted"
+                self.project(conn, now, Change(entity, values["clerk_id"], kind, values["clerk_updated_at"], values))
+                counts[entity.value] = counts.get(entity.value, 0) + 1
+        return counts
 
     def erase(self, conn: Connection, entity: Entity, clerk_id: str) -> None:
         """Erasure: clear the mapped personal columns of this entity's row, whatever the delete policy."""

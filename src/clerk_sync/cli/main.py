@@ -32,6 +32,8 @@ def _settings() -> Settings:
 @app.command()
 def migrate(
     mapping: Annotated[str | None, typer.Option(help=MAPPING_HELP + " Adds its Clerk-id and delete columns.")] = None,
+    backfill: Annotated[bool, typer.Option("--backfill", help="Also write the rows clerk-sync already holds "
+                                                                "into the mapped tables (idempotent).")] = False,
 ) -> None:
     """Apply database migrations (DATABASE_URL)."""
     from clerk_sync.mapping import migrate_schema
@@ -45,6 +47,11 @@ def migrate(
         with store.engine.begin() as conn:
             for line in migrate_schema(conn, schema) or ["mapped tables already have what the mapping needs"]:
                 console.print(f"mapping: {line}")
+        if backfill:
+            with store.transaction() as writer:
+                console.print(f"mapping: backfilled {schema.backfill(writer.conn, writer.now) or 'nothing'}")
+    elif backfill:
+        raise ConfigError("--backfill needs --mapping module:attribute")
     store.dispose()
 
 
