@@ -25,6 +25,7 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from clerk_sync.changes import Change
@@ -164,7 +165,7 @@ class SchemaMapping:
             return
         key = (id(conn.engine), change.entity)  # reflected, and statements built, once per engine
         if key not in self._projections:
-            self._projections[key] = _Projection(self.table(conn, mapped.table), mapped)
+            self._projections[key] = _Projection(self.table(conn, mapped.table), mapped, conn.dialect.name)
         self._projections[key].apply(conn, now, change)
 
     def backfill(self, conn: Connection, now: datetime) -> dict[str, int]:
@@ -193,7 +194,7 @@ class SchemaMapping:
 class _Projection:
     """The statements for one mapped table, built once (bound parameters, no per-call construct)."""
 
-    def __init__(self, table: sa.Table, mapped: MappedTable) -> None:
+    def __init__(self, table: sa.Table, mapped: MappedTable, dialect: str) -> None:
         self.t, self.m, self.columns = table, mapped, mapped.resolved()
         self.key = table.c[mapped.clerk_id_column]
         self.fixed: JSON = {}  # what a live row's delete-policy column holds
@@ -202,10 +203,14 @@ class _Projection:
         elif isinstance(mapped.on_delete, Deactivate):
             self.fixed[mapped.on_delete.column] = True
         names = [*self.columns, *self.fixed]
-        self.update = sa.update(table).where(self.key == sa.bindparam("_clerk_id")).values(
-            {n: sa.bindparam(n, type_=table.c[n].type) for n in names})
-        self.insert = sa.insert(table).values(
-            {n: sa.bindparam(n, type_=table.c[n].type) for n in names} | {self.key.name: sa.bindparam("_clerk_id")})
+        binds = {n: sa.bindparam(n, type_=table.c[n].type) for n in names}
+        row = binds | {self.key.name: sa.bindparam("_clerk_id")}
+        self.update = sa.update(table).where(self.key == sa.bindparam("_clerk_id")).values(binds)
+        self.insert = sa.insert(table).values(row)
+        # A creation usually finds no row: one statement. Any unique conflict skips it, and the UPDATE
+        # (then the plain INSERT, which raises on a conflict with another row) takes over.
+        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        self.insert_new = insert(table).values(row).on_conflict_do_nothing() if _unique(table, self.key) else None
 
     def apply(self, conn: Connection, now: datetime, change: Change) -> None:
         self.conn, self.now = conn, now
@@ -214,6 +219,9 @@ class _Projection:
             return
         values = {name: col.value(change.values) for name, col in self.columns.items()} | self.fixed
         params = values | {"_clerk_id": change.clerk_id}
+        if (change.kind == "created" and self.insert_new is not None and not self.m.link_by_email
+                and conn.execute(self.insert_new, params).rowcount):
+            return
         if conn.execute(self.update, params).rowcount == 0 and not self._link(change, values):
             conn.execute(self.insert, params)
 
@@ -247,6 +255,13 @@ class _Projection:
             personal = {name: None for name, col in self.columns.items() if col.personal}
             if personal:
                 self.conn.execute(sa.update(self.t).where(where).values(**personal))
+
+
+def _unique(table: sa.Table, column: sa.Column[Any]) -> bool:
+    """Whether ``column`` alone is unique in the reflected ``table`` (index or constraint)."""
+    indexes = [list(i.columns) for i in table.indexes if i.unique]
+    constraints = [list(c.columns) for c in table.constraints if isinstance(c, sa.UniqueConstraint)]
+    return any(len(cols) == 1 and cols[0].name == column.name for cols in indexes + constraints)
 
 
 def _lookup(values: JSON, source: str) -> Any:
