@@ -389,3 +389,21 @@ def test_backfill_projects_what_clerk_sync_already_holds(app_db: str) -> None:
     assert len(rows) == 2
     assert (rows[("users", "user_1")]["role"], rows[("users", "user_1")]["deleted_at"]) == ("admin", None)
     assert rows[("users", "user_2")]["deleted_at"] is not None
+
+
+def test_a_clerk_id_column_without_a_unique_index_still_gets_one_row(db_url: str) -> None:
+    engine = sa.create_engine(db_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE members (id INTEGER PRIMARY KEY, cid VARCHAR(64), email VARCHAR(320))"))
+    mapping = SchemaMapping(users=MappedTable("members", "cid", {"email": "email"}, HardDelete()))
+    with engine.connect() as conn:
+        assert any("no unique index" in p for _, p in check_schema(conn, mapping))
+    store = Store.from_url(db_url, mapping=mapping)
+    deliver(store, f.envelope("user.updated", f.user("user_1", B + 2000, email="new@example.com")),
+            f.envelope("user.created", f.user("user_1", B + 1000)),  # stale
+            f.envelope("user.updated", f.user("user_1", B + 3000, email="newer@example.com")))
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT cid, email FROM members")).all()
+    store.dispose()
+    engine.dispose()
+    assert [tuple(r) for r in rows] == [("user_1", "newer@example.com")]
