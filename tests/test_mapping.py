@@ -393,8 +393,8 @@ def test_backfill_projects_what_clerk_sync_already_holds(app_db: str) -> None:
 
 def test_a_clerk_id_column_without_a_unique_index_still_gets_one_row(db_url: str) -> None:
     engine = sa.create_engine(db_url)
-    with engine.begin() as conn:
-        conn.execute(sa.text("CREATE TABLE members (id INTEGER PRIMARY KEY, cid VARCHAR(64), email VARCHAR(320))"))
+    sa.Table("members", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+             sa.Column("cid", sa.String(64)), sa.Column("email", sa.String(320))).create(engine)
     mapping = SchemaMapping(users=MappedTable("members", "cid", {"email": "email"}, HardDelete()))
     with engine.connect() as conn:
         assert any("no unique index" in p for _, p in check_schema(conn, mapping))
