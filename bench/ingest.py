@@ -8,7 +8,9 @@ in the same run and alternating so machine noise hits them alike:
 
 * ``service``  -- ``clerk-sync serve`` (one uvicorn worker), plus ``service --workers 2`` on PostgreSQL;
 * ``seed``     -- bench/seed_handler.py, the tutorial-style FastAPI + svix + ORM handler;
-* ``pgbench``  -- ``pgbench -N`` at the same client count (PostgreSQL only): the durable-commit ceiling.
+* ``pgbench``  -- ``pgbench -N`` at the same client count (PostgreSQL only): the durable-commit ceiling;
+* ``mapped``   -- ``serve --mapping --hooks`` (bench/_bench_mapped.py): users also written into an app
+                  ``accounts`` table, and one hook on user changes (outbox row + dispatcher thread).
 
 Every cell gets a fresh schema (PostgreSQL) or file (SQLite) and a fresh server process. The load
 generator (bench/_loadgen.py) is a separate process with raw asyncio streams and pre-signed requests.
@@ -187,7 +189,9 @@ SYSTEM_NAMES = {
     ("nogc", 1): "service, no group commit",
     ("seed", 1): "seed",
     ("floor", 1): "HTTP floor (no-op Starlette)",
+    ("mapped", 1): "service + mapped table + hook",
 }
+MAPPED_TARGET = 0.8  # issue 11: the mapped + hook service within 20 % of the contract-table service
 
 
 def http_cell(system: str, store_kind: str, conc: int, cfg: argparse.Namespace, corpus: Path,
@@ -198,11 +202,17 @@ def http_cell(system: str, store_kind: str, conc: int, cfg: argparse.Namespace, 
     env = {**os.environ, "CLERK_WEBHOOK_SIGNING_SECRET": SECRET}
     uvicorn_app = ["-m", "uvicorn", "--app-dir", str(BENCH), "--host", "127.0.0.1", "--port", str(port),
                    "--log-level", "warning", "--no-access-log"]
-    if system in ("service", "nogc"):
+    if system in ("service", "nogc", "mapped"):
         env["DATABASE_URL"] = store.url  # type: ignore[union-attr]
         env["CLERK_SYNC_GROUP_COMMIT"] = "0" if system == "nogc" else "1"
         cmd = [str(VENV_BIN / "clerk-sync"), "serve", "--host", "127.0.0.1", "--port", str(port),
                "--workers", str(workers)]
+    elif system == "mapped":
+        env.update(DATABASE_URL=store.url, PYTHONPATH=str(BENCH))  # type: ignore[union-attr]
+        spec = ["--mapping", "_bench_mapped:mapping"]
+        subprocess.run([str(VENV_BIN / "clerk-sync"), "migrate", *spec], env=env, check=True, capture_output=True)
+        cmd = [str(VENV_BIN / "clerk-sync"), "serve", "--host", "127.0.0.1", "--port", str(port), *spec,
+               "--hooks", "_bench_mapped:hooks"]
     elif system == "seed":
         env["SEED_DATABASE_URL"] = store.url  # type: ignore[union-attr]
         cmd = [PY, *uvicorn_app, "seed_handler:app"]
@@ -232,8 +242,11 @@ def http_cell(system: str, store_kind: str, conc: int, cfg: argparse.Namespace, 
             stop(proc)
     if store is not None:
         try:
-            if system in ("service", "nogc"):
+            if system in ("service", "nogc", "mapped"):
                 rows = store.query("SELECT status, count(*) FROM webhook_events GROUP BY status ORDER BY 1")
+                if system == "mapped":
+                    rows += [("accounts", store.query("SELECT count(*) FROM accounts")[0][0]),
+                             ("hook_jobs left", store.query("SELECT count(*) FROM hook_jobs")[0][0])]
             else:
                 rows = [("seed_users", store.query("SELECT count(*) FROM seed_users")[0][0])]
             result["db_rows"] = {str(k): int(v) for k, v in rows}
@@ -249,10 +262,11 @@ def http_cell(system: str, store_kind: str, conc: int, cfg: argparse.Namespace, 
 
 WRK_NAME = "service (wrk)"
 # Cells measured only at some sender counts (run time; pgbench beyond 64 clients exceeds max_connections=100).
-ONLY_AT = {"pgbench": (1, 4, 16, 64), "w2": (16,), "nogc": (16,), "floor": (1, 16)}
+ONLY_AT = {"pgbench": (1, 4, 16, 64), "w2": (16,), "nogc": (16,), "floor": (1, 16), "mapped": (1, 16)}
 ALL_SYSTEMS = {"service": "service, Python sender", "wrk": "service, wrk sender", "nogc": "service without group "
                "commit (PostgreSQL)", "w2": "service --workers 2 (PostgreSQL)", "seed": "the seed-style handler",
-               "pgbench": "pgbench -N", "floor": "no-op HTTP floor"}
+               "pgbench": "pgbench -N", "floor": "no-op HTTP floor",
+               "mapped": "service with a mapped table and one hook"}
 WRK_LUA = r"""
 -- Pre-signed requests, one per line of a file (\n inside them escaped as \1); each wrk thread
 -- sends its own share in order and never repeats one (a repeat would be a cheap duplicate).
@@ -526,7 +540,7 @@ def render(results: list[dict[str, Any]], cfg: argparse.Namespace, notes: list[s
     head = ("| store | senders | system | deliveries/s | p50 ms | p99 ms | non-2xx | service/seed | "
             "service/pgbench | app CPU ms/req | PG CPU ms/req | machine busy | foreign |")
     rows = [head, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    order = ["service", WRK_NAME, "service, no group commit", "service --workers 2", "seed", "pgbench -N"]
+    order = ["service", WRK_NAME, "service, no group commit", "service + mapped table + hook", "service --workers 2", "seed", "pgbench -N"]
     concs = sorted({r["concurrency"] for r in results})
     for store in ("postgres", "sqlite"):
         for conc in concs:
@@ -571,6 +585,15 @@ def render(results: list[dict[str, Any]], cfg: argparse.Namespace, notes: list[s
             f"| {conc} | {fmt(f['tps'])} | {fmt(f['p50_ms'], 2)} | {fmt(f['p99_ms'], 2)} | "
             f"{fmt(f.get('cpu_ms_per_req', {}).get('server'), 2)} | {svc_share} | {seed_share} | {need_share} |")
     floor_table = "\n".join(floor_rows)
+    mapped_rows = ["| store | senders | service/s | + mapped table + hook /s | ratio | within 20 %? |",
+                   "|---|---:|---:|---:|---:|---|"]
+    for store in ("postgres", "sqlite"):
+        for conc in CONCURRENCY:
+            base, mapped = by.get((store, "service", conc)), by.get((store, "service + mapped table + hook", conc))
+            if base and mapped and base["tps"]:
+                ratio = mapped["tps"] / base["tps"]
+                mapped_rows.append(f"| {store} | {conc} | {fmt(base['tps'])} | {fmt(mapped['tps'])} | {ratio:.0%} | "
+                                   f"{'yes' if ratio >= MAPPED_TARGET else 'NO'} |")
 
     svc, seed, pgb = (by.get(("postgres", s, 16)) for s in ("service", "seed", "pgbench -N"))
     checks = []
@@ -667,6 +690,11 @@ def render(results: list[dict[str, Any]], cfg: argparse.Namespace, notes: list[s
         "Targets:",
         "",
         *tgt,
+        "",
+        "Mapped table + one hook (issue 11; users also projected into an app `accounts` table, one outbox row "
+        "per user change, dispatched by the in-process thread):",
+        "",
+        *mapped_rows,
         *(["", "<details><summary>py-spy profile of the service (1 worker, PostgreSQL, 16 senders; "
            "--gil: where the interpreter spends its time)</summary>", "", profile_md, "", "</details>"]
           if profile_md else []),
@@ -724,7 +752,7 @@ def main() -> None:
             flip = rnd % 2 == 1
             for conc in cfg.conc:
                 for store in cfg.store_kinds:
-                    plan: list[tuple[str, int]] = [("service", 1), ("seed", 1)]
+                    plan: list[tuple[str, int]] = [("service", 1), ("mapped", 1), ("seed", 1)]
                     if flip:
                         plan.reverse()
                     flip = not flip

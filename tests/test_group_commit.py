@@ -200,3 +200,26 @@ def test_batches_in_any_order_converge_to_the_model(store: Store, verifier: Webh
             stored = inbox(conn, f"msg_{ns}_")
         assert len(stored) == len(all_bodies)
         assert all(len(s) == 1 and s[0] in TERMINAL_STATUSES for s in stored.values())
+
+
+def test_hooks_see_every_change_written_through_group_commit(db_url: str, verifier: WebhookVerifier) -> None:
+    """The pipelined one-statement path skips the row read that hooks need: with hooks it is not taken,
+    and each applied change of a batch queues its outbox job in the batch's transaction."""
+    from clerk_sync.changes import Hook
+    from clerk_sync.tables import hook_jobs
+
+    store = Store.from_url(db_url, hooks=[Hook("welcome", lambda change: None, on=["user.created", "user.updated"])])
+    try:
+        batch = [
+            ("mh_1", _parsed(f.envelope("user.created", f.user("user_h1", 10)))),
+            ("mh_2", _parsed(f.envelope("user.created", f.user("user_h2", 10)))),
+            ("mh_3", _parsed(f.envelope("user.updated", f.user("user_h1", 5)))),  # stale: no job
+            ("mh_4", _parsed(f.envelope("user.updated", f.user("user_h2", 20, first_name="New")))),
+        ]
+        results = GroupCommitter(WebhookProcessor(store, verifier)).write(batch)
+        assert _statuses(results) == ["applied", "applied", "skipped", "applied"]
+        with store.connect() as conn:
+            jobs = conn.execute(sa.select(hook_jobs.c.type, hook_jobs.c.entity_key).order_by(hook_jobs.c.id)).all()
+        assert [job.type for job in jobs] == ["user.created", "user.created", "user.updated"]
+    finally:
+        store.dispose()

@@ -21,16 +21,20 @@ LAYERS: dict[str, int] = {
     "clerk_sync.events": 0,
     "clerk_sync.engine": 0,
     "clerk_sync.metrics": 0,
+    "clerk_sync.changes": 0,
     "clerk_sync.tracing": 0,
     "clerk_sync.tables": 1,  # the database
     "clerk_sync.store": 1,
     "clerk_sync.migrations": 1,
     "clerk_sync.freshness": 1,
+    "clerk_sync.outbox": 1,
+    "clerk_sync.mapping": 1,
     "clerk_sync.webhooks": 2,  # services that talk to one outside party
     "clerk_sync.clerk_api": 2,
     "clerk_sync.ingest": 3,  # services built on those
     "clerk_sync.auth": 3,
     "clerk_sync.reconcile": 3,
+    "clerk_sync.hooks": 3,
     "clerk_sync.retention": 3,
     "clerk_sync.integrations": 4,  # faces
     "clerk_sync.integrations.flask": 5,  # its `flask clerk-sync` group wraps cli/ commands

@@ -170,12 +170,14 @@ class WebhookProcessor:
 
 
 def replay_deliveries(
-    store: Store, *, status: str = "failed", since: datetime | None = None
+    store: Store, *, status: str = "failed", since: datetime | None = None, with_hooks: bool = False
 ) -> ReplayReport:
     """Re-apply stored deliveries (e.g. ``failed`` ones after a fix), one transaction each.
 
-    Payloads were verified when received, so no secret is needed.
+    Payloads were verified when received, so no secret is needed. The store's hooks fire only
+    ``with_hooks``: re-processing must not send the welcome mail twice.
     """
+    store = store if with_hooks else store.without_hooks()
     query = sa.select(webhook_events.c.svix_id).where(webhook_events.c.status == status)
     if since is not None:
         query = query.where(webhook_events.c.received_at >= since)

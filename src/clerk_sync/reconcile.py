@@ -158,9 +158,10 @@ class Reconciler:
         progress: Progress | None = None,
         on_change: Callable[[Change], None] | None = None,
         now: Callable[[], datetime] = _utcnow,
+        with_hooks: bool = False,
         metrics: Metrics | None = None,
     ) -> None:
-        self.store = store
+        self.store = store if with_hooks else store.without_hooks()  # repairs fire hooks only if asked
         self.clerk = clerk
         self.page_size = page_size
         self.prefetch = max(1, prefetch)
@@ -524,7 +525,7 @@ def _stage(conn: sa.Connection, seen: sa.Table, run_id: int, entity: Entity, ids
 def _upsert_many(writer: Writer, entity: Entity, records: list[Record]) -> None:
     """A page through the webhook path's guarded upsert; memberships one by one through
     :meth:`Writer.apply`, for its locks and its deleted-parent cascade."""
-    if entity is Entity.MEMBERSHIP:
+    if entity is Entity.MEMBERSHIP or writer.outbox is not None:  # hooks need each row's before-state
         for record in records:
             writer.apply(Upsert(entity, record))
     else:

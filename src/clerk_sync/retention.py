@@ -36,6 +36,7 @@ from clerk_sync.auth.audit import AuditEntry, record_audit
 from clerk_sync.config import Settings
 from clerk_sync.engine import DeliveryStatus, Entity, Tombstone
 from clerk_sync.metrics import Metrics
+from clerk_sync.outbox import redact_jobs
 from clerk_sync.store import Store, Writer
 from clerk_sync.tables import organizations, users, webhook_events
 
@@ -213,6 +214,10 @@ class Retention:
             writer.apply(Tombstone(Entity.USER, clerk_id, int(writer.now.timestamp() * 1000)))
             writer.conn.execute(users.update().where(users.c.clerk_id == clerk_id).values(**_CLEARED[users]))
             redacted = _redact_mentions(writer, needles)
+            # Issue 11: the app's mapped table and queued hook jobs hold personal data too.
+            redacted += redact_jobs(writer.conn, needles)
+            if self.store.mapping is not None:
+                self.store.mapping.erase(writer.conn, Entity.USER, clerk_id)
             record_audit(writer, AuditEntry("user.erased", actor, clerk_id,
                                             details={"payloads_redacted": redacted, "reason": reason}))
         return ErasureReport(clerk_id, row is not None, redacted)

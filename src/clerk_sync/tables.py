@@ -24,6 +24,7 @@ from clerk_sync._limits import (
 
 __all__ = [
     "audit_log",
+    "hook_jobs",
     "metadata",
     "organization_memberships",
     "organizations",
@@ -206,3 +207,27 @@ def seen_columns() -> list[sa.Column[Any]]:
 
 
 reconcile_seen = sa.Table("reconcile_seen", metadata, *seen_columns())
+
+
+# -- The hooks outbox (``clerk_sync.outbox``): one row per (applied change, hook that wants it),
+# written in the apply's transaction; dispatchers claim, run and delete them (dead ones stay).
+hook_jobs = sa.Table(
+    "hook_jobs",
+    metadata,
+    sa.Column("id", PK, primary_key=True, autoincrement=True),
+    sa.Column("hook", sa.String(64), nullable=False),
+    sa.Column("type", sa.String(64), nullable=False),
+    # hook + entity + Clerk id: a job waits while an earlier one with the same key is unfinished.
+    sa.Column("entity_key", sa.String(200), nullable=False),
+    sa.Column("idempotency_key", sa.String(200), nullable=False),
+    sa.Column("payload", JSONType, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),  # pending | running | dead
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("available_at", Timestamp, nullable=False),
+    sa.Column("lease_until", Timestamp, nullable=True),
+    sa.Column("claim_token", sa.String(36), nullable=True),
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.Index("ix_hook_jobs_status_available_at", "status", "available_at"),
+    sa.Index("ix_hook_jobs_entity_key_id", "entity_key", "id"),
+)

@@ -7,10 +7,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
+import sqlalchemy as sa
 
 from clerk_sync import migrations
 from clerk_sync.config import Settings
 from clerk_sync.errors import ClerkSyncError
+from clerk_sync.mapping import SchemaMapping, check_schema
 from clerk_sync.store import Store
 
 __all__ = ["Check", "run_checks", "run_freshness"]
@@ -25,19 +27,56 @@ class Check:
     detail: str
 
 
-def run_checks(settings: Settings, *, http: httpx.Client | None = None) -> list[Check]:
+def run_checks(settings: Settings, *, http: httpx.Client | None = None,
+               mapping: SchemaMapping | None = None) -> list[Check]:
     """Run every check; one failing check never hides the others."""
     client = http or httpx.Client(timeout=5)
     try:
-        return [_guard(name, fn) for name, fn in (
+        checks = [_guard(name, fn) for name, fn in (
             ("webhook secret", lambda: _webhook_secret(settings)),
             ("database", lambda: _database(settings)),
+            ("hook jobs", lambda: _hook_jobs(settings)),
             ("Clerk Backend API", lambda: _clerk_api(settings, client)),
             ("session keys", lambda: _session_keys(settings, client)),
         )]
     finally:
         if http is None:
             client.close()
+    return checks + (_mapping_checks(settings, mapping) if mapping is not None else [])
+
+
+def _hook_jobs(settings: Settings) -> tuple[str, str]:
+    """Dead after-commit hook jobs wait for a person: say how many and what to run."""
+    from clerk_sync.tables import hook_jobs
+
+    store = Store.from_url(settings.sqlalchemy_url())
+    try:
+        with store.connect() as conn:
+            by_status = sa.select(hook_jobs.c.status, sa.func.count()).group_by(hook_jobs.c.status)
+            counts: dict[str, int] = {status: n for status, n in conn.execute(by_status).all()}
+    except ClerkSyncError:
+        return "warn", "cannot read hook_jobs (see the database line): run `clerk-sync migrate`"
+    finally:
+        store.dispose()
+    queued = counts.get("pending", 0) + counts.get("running", 0)
+    if counts.get("dead"):
+        return "warn", (f"{counts['dead']} dead, {queued} queued: `clerk-sync hooks list`, then "
+                        "`clerk-sync hooks retry` or `purge`")
+    return "ok", f"none dead, {queued} queued"
+
+
+def _mapping_checks(settings: Settings, mapping: SchemaMapping) -> list[Check]:
+    """One line per problem of the mapped tables (clerk_sync.mapping.check_schema), or one ok."""
+    store = Store.from_url(settings.sqlalchemy_url())
+    try:
+        with store.connect() as conn:
+            problems = check_schema(conn, mapping)
+    except ClerkSyncError as exc:
+        return [Check("mapping", "fail", str(exc))]
+    finally:
+        store.dispose()
+    tables = ", ".join(t.table for t in mapping.tables.values())
+    return [Check("mapping", s, p) for s, p in problems] or [Check("mapping", "ok", f"{tables} match the mapping")]
 
 
 def run_freshness(settings: Settings, *, now: Callable[[], float] = time.time) -> list[Check]:

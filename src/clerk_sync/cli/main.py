@@ -12,13 +12,16 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from clerk_sync import migrations
 from clerk_sync._logging import configure_logging
+from clerk_sync.cli.hooks import HOOKS_HELP, MAPPING_HELP, hooks_app, load_hooks, load_mapping, worker
 from clerk_sync.config import Settings
-from clerk_sync.errors import ClerkSyncError
+from clerk_sync.errors import ClerkSyncError, ConfigError
 from clerk_sync.store import Store
 
 __all__ = ["app", "main"]
 
 app = typer.Typer(help="Keep your SQL database in sync with Clerk.", no_args_is_help=True)
+app.add_typer(hooks_app, name="hooks")
+app.command()(worker)
 console = Console(stderr=True)
 
 
@@ -27,12 +30,29 @@ def _settings() -> Settings:
 
 
 @app.command()
-def migrate() -> None:
+def migrate(
+    mapping: Annotated[str | None, typer.Option(help=MAPPING_HELP + " Adds its Clerk-id and delete columns.")] = None,
+    backfill: Annotated[bool, typer.Option("--backfill", help="Also write the rows clerk-sync already holds "
+                                                                "into the mapped tables (idempotent).")] = False,
+) -> None:
     """Apply database migrations (DATABASE_URL)."""
+    from clerk_sync.mapping import migrate_schema
+
     settings = _settings()
+    schema = load_mapping(mapping)
     store = Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts())
     migrations.upgrade(store.engine)
     console.print(f"[green]migrations current[/] ({migrations.head_revision()}) on {_safe(settings)}")
+    if schema is not None:
+        with store.engine.begin() as conn:
+            for line in migrate_schema(conn, schema) or ["mapped tables already have what the mapping needs"]:
+                console.print(f"mapping: {line}")
+        if backfill:
+            with store.transaction() as writer:
+                console.print(f"mapping: backfilled {schema.backfill(writer.conn, writer.now) or 'nothing'}")
+    elif backfill:
+        raise ConfigError("--backfill needs --mapping module:attribute")
+    store.dispose()
 
 
 @app.command()
@@ -46,6 +66,8 @@ def serve(
              "--no-migrate when a deploy step runs `clerk-sync migrate` or this role may not change the schema.",
     )] = True,
     json_logs: Annotated[bool, typer.Option("--json-logs", help="Log JSON lines.")] = False,
+    hooks: Annotated[str | None, typer.Option(help=HOOKS_HELP + " Dispatched by a thread.")] = None,
+    mapping: Annotated[str | None, typer.Option(help=MAPPING_HELP)] = None,
 ) -> None:
     """Run the webhook sync service: POST /webhooks/clerk, /healthz, /readyz, /metrics."""
     import uvicorn
@@ -54,7 +76,13 @@ def serve(
 
     settings = _settings()
     configure_logging(settings.log_level, json=json_logs)
-    processor = build_processor(settings)  # fails here, once, on a missing/malformed secret
+    if (hooks or mapping) and workers > 1:
+        raise ConfigError("--hooks/--mapping run in one process: use --workers 1 (and `clerk-sync worker` beside it)")
+    store = None
+    if hooks or mapping:
+        store = Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts(),
+                               hooks=load_hooks(hooks) if hooks else (), mapping=load_mapping(mapping))
+    processor = build_processor(settings, store)  # fails here, once, on a missing/malformed secret
     # The database may be down: the service starts anyway and answers 503 until it is back (and
     # migrated), instead of exiting and leaving Svix's retries nowhere to land.
     console.print(f"clerk-sync serving on http://{host}:{port}/webhooks/clerk ({_safe(settings)})")
@@ -64,24 +92,36 @@ def serve(
         os.environ["CLERK_SYNC_MIGRATE_ON_START"] = "1" if migrate_first else "0"  # for the worker processes
         _serve_workers(host, port, workers)
     else:
+        from clerk_sync.hooks import Dispatcher
         from clerk_sync.integrations.starlette import create_app
 
         app = create_app(settings, processor, migrate=migrate_first)
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        dispatcher = Dispatcher(processor.store) if processor.store.hooks else None  # retries while the DB is down
+        if dispatcher is not None:
+            dispatcher.start()
+        try:
+            uvicorn.run(app, host=host, port=port, log_level="warning")
+        finally:
+            if dispatcher is not None:
+                dispatcher.stop()
 
 
 @app.command()
 def replay(
     status: Annotated[str, typer.Option(help="Replay deliveries with this status.")] = "failed",
     since: Annotated[str | None, typer.Option(help="Received at/after (ISO 8601, naive = UTC).")] = None,
+    with_hooks: Annotated[str | None, typer.Option(help="Fire these hooks for what the replay applies "
+                                                        "(module:attribute); by default none fire.")] = None,
+    mapping: Annotated[str | None, typer.Option(help=MAPPING_HELP)] = None,
 ) -> None:
     """Re-apply stored deliveries (after fixing what made them fail)."""
     from clerk_sync.cli._args import parse_since
     from clerk_sync.ingest import replay_deliveries
 
     settings = _settings()
-    store = Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts())
-    report = replay_deliveries(store, status=status, since=parse_since(since))
+    store = Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts(),
+                           hooks=load_hooks(with_hooks) if with_hooks else (), mapping=load_mapping(mapping))
+    report = replay_deliveries(store, status=status, since=parse_since(since), with_hooks=bool(with_hooks))
     store.dispose()
     console.print(f"replayed {report.total} deliveries: {report.by_status or 'none'}")
 
@@ -205,11 +245,16 @@ def users_erase(
 def reconcile(
     since: Annotated[str | None, typer.Option(help="Only users updated at/after this ISO time.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Write nothing; print the diff.")] = False,
+    with_hooks: Annotated[str | None, typer.Option(help="Fire these hooks for the repairs (module:attribute); "
+                                                        "by default none fire.")] = None,
+    mapping: Annotated[str | None, typer.Option(help=MAPPING_HELP)] = None,
 ) -> None:
     """Re-read Clerk (users, organizations, memberships) and repair drift; resumes after a kill."""
     from clerk_sync.cli.reconcile import reconcile_command
 
-    reconcile_command(_settings(), since=since, dry_run=dry_run, console=console)
+    hooks = load_hooks(with_hooks) if with_hooks else ()
+    reconcile_command(_settings(), since=since, dry_run=dry_run, console=console, hooks=hooks,
+                      mapping=load_mapping(mapping))
 
 
 @users_app.command("retry-pending")
@@ -250,6 +295,7 @@ def _serve_workers(host: str, port: int, workers: int) -> None:
 @app.command()
 def doctor(
     freshness: Annotated[bool, typer.Option("--freshness", help="Check sync freshness instead (for cron).")] = False,
+    mapping: Annotated[str | None, typer.Option(help=MAPPING_HELP + " Checked against the live schema.")] = None,
 ) -> None:
     """Check the configuration end to end: settings, database, migrations, Clerk API, session keys.
 
@@ -258,7 +304,7 @@ def doctor(
     """
     from clerk_sync.cli.doctor import run_checks, run_freshness
 
-    results = run_freshness(_settings()) if freshness else run_checks(_settings())
+    results = run_freshness(_settings()) if freshness else run_checks(_settings(), mapping=load_mapping(mapping))
     out = Console(soft_wrap=True)  # the report is the command's output: stdout, one line per check
     for check in results:
         mark = {"ok": "[green]ok  [/]", "warn": "[yellow]warn[/]", "fail": "[red]FAIL[/]"}[check.status]

@@ -5,10 +5,13 @@ The reconciling itself lives in :mod:`clerk_sync.reconcile`; this module only pr
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+from clerk_sync.changes import Hook
 from clerk_sync.clerk_api import ClerkClient
 from clerk_sync.cli._args import parse_since
+from clerk_sync.mapping import SchemaMapping
 from clerk_sync.reconcile import Change, Reconciler, ReconcileReport
 from clerk_sync.store import Store
 
@@ -18,16 +21,18 @@ _DIFF_LINES = 200
 _MARKS = {"create": "[green]+[/]", "update": "[yellow]~[/]", "delete": "[red]-[/]"}
 
 
-def reconcile_command(settings: Any, *, since: str | None, dry_run: bool, console: Any) -> ReconcileReport:
+def reconcile_command(settings: Any, *, since: str | None, dry_run: bool, console: Any,
+                      hooks: Sequence[Hook] = (), mapping: SchemaMapping | None = None) -> ReconcileReport:
     """``clerk-sync reconcile``: a Rich progress bar on ``console`` (stderr), the diff (dry run) and the
-    summary on stdout."""
+    summary on stdout. ``hooks`` fire for the repairs (``--with-hooks``)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
     from rich.progress import Progress as RichProgress
 
     out = Console()
 
-    store = Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts())
+    store = Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts(), hooks=hooks,
+                           mapping=mapping)
     shown = [0]
 
     def show(change: Change) -> None:
@@ -39,7 +44,7 @@ def reconcile_command(settings: Any, *, since: str | None, dry_run: bool, consol
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     try:
         with ClerkClient.from_settings(settings) as clerk, RichProgress(*columns, console=console) as bar:
-            reconciler = Reconciler(store, clerk, progress=_RichProgress(bar), on_change=show)
+            reconciler = Reconciler(store, clerk, progress=_RichProgress(bar), on_change=show, with_hooks=bool(hooks))
             report = reconciler.run(since=parse_since(since), dry_run=dry_run)
     finally:
         store.dispose()

@@ -1,0 +1,105 @@
+"""What an applied write changed, and which hooks want to hear about it (pure: no I/O).
+
+The store calls :func:`describe` with the row as it was and the row as written, inside the
+transaction of the apply, and writes one outbox row per :class:`Hook` that :meth:`Hook.wants` the
+:class:`Change`. The type is the change *as the app's table saw it*: a ``user.updated`` event that
+arrives before its ``user.created`` creates the row, so it is the ``user.created`` change; the late
+``user.created`` is then stale and produces nothing. Duplicates, stale events, writes that change no
+field and tombstones for rows never seen produce no change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from clerk_sync.engine import Entity
+
+__all__ = ["Change", "Handler", "Hook", "describe"]
+
+JSON = dict[str, Any]
+_PREFIX = {Entity.USER: "user", Entity.ORGANIZATION: "organization", Entity.MEMBERSHIP: "organizationMembership"}
+# Always different on an applied update, so never "a change" on their own.
+_BOOKKEEPING = frozenset({"clerk_updated_at"})
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One applied change: ``values`` as written (for a delete, the last values), ``previous`` the old
+    value of each field an update changed, ``version`` the Clerk ``updated_at`` (ms) it carries."""
+
+    entity: Entity
+    clerk_id: str
+    kind: str  # "created" | "updated" | "deleted"
+    version: int
+    values: JSON
+    previous: JSON = field(default_factory=dict)
+
+    @property
+    def type(self) -> str:
+        """The event name handlers subscribe to: ``user.created``, ``organizationMembership.deleted``…"""
+        return f"{_PREFIX[self.entity]}.{self.kind}"
+
+    @property
+    def idempotency_key(self) -> str:
+        """Stable across retries and re-deliveries: the ordering guard applies a version only once."""
+        return f"{self.type}:{self.clerk_id}:{self.version}"
+
+    def changed(self, name: str) -> bool:
+        """Whether this change touched field ``name`` (always true for created and deleted)."""
+        return self.kind != "updated" or name in self.previous
+
+    def to_json(self) -> JSON:
+        return {"entity": self.entity.value, "clerk_id": self.clerk_id, "kind": self.kind,
+                "version": self.version, "values": self.values, "previous": self.previous}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Change:
+        return cls(Entity(data["entity"]), data["clerk_id"], data["kind"], int(data["version"]),
+                   dict(data["values"]), dict(data.get("previous") or {}))
+
+
+Handler = Callable[[Change], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Hook:
+    """A named handler for some changes.
+
+    ``on`` holds change types (``"user.created"``), entity wildcards (``"user.*"``) or ``"*"``;
+    ``fields`` narrows *updates* to those that changed one of these fields (``{"role"}``). The name
+    is stored with each queued job, so keep it stable: renaming a hook strands its queued jobs.
+    """
+
+    name: str
+    handler: Handler
+    on: Collection[str] = ("*",)
+    fields: Collection[str] = ()
+
+    def __post_init__(self) -> None:
+        if not self.name or len(self.name) > 64:
+            raise ValueError(f"hook name must be 1-64 characters, got {self.name!r}")
+        if isinstance(self.on, str) or isinstance(self.fields, str):
+            raise TypeError(f"hook {self.name!r}: 'on' and 'fields' take a list, e.g. on=['user.created']")
+        known = {f"{p}.{k}" for p in _PREFIX.values() for k in ("created", "updated", "deleted")}
+        known |= {f"{p}.*" for p in _PREFIX.values()} | {"*"}
+        unknown = sorted(set(self.on) - known)
+        if unknown:
+            raise ValueError(f"hook {self.name!r}: unknown change type(s) {unknown}; expected e.g. 'user.created'")
+
+    def wants(self, change: Change) -> bool:
+        kind = change.type
+        if not ({"*", kind, kind.rpartition(".")[0] + ".*"} & set(self.on)):
+            return False
+        return change.kind != "updated" or not self.fields or any(change.changed(f) for f in self.fields)
+
+
+def describe(entity: Entity, clerk_id: str, version: int, before: JSON | None, after: JSON | None) -> Change | None:
+    """The change from ``before`` (None: no live row) to ``after`` (None: deleted), or None if there is none."""
+    if after is None:
+        return None if before is None else Change(entity, clerk_id, "deleted", version, before)
+    if before is None:
+        return Change(entity, clerk_id, "created", version, after)
+    previous = {k: before.get(k) for k, v in after.items() if k not in _BOOKKEEPING and before.get(k) != v}
+    return Change(entity, clerk_id, "updated", version, after, previous) if previous else None

@@ -1,0 +1,160 @@
+"""After-commit hooks: run the handlers of applied changes from the durable outbox.
+
+Give the hooks to the store (``Store(engine, hooks=[Hook("welcome", send_welcome, on=["user.created"])])``):
+every write through it queues one job per hook that wants the change, in the write's transaction
+(:mod:`clerk_sync.outbox`). A :class:`Dispatcher` (a thread in ``serve``, or ``clerk-sync worker``)
+claims due jobs, calls the handlers after the commit, retries failures with :class:`Backoff`, and
+leaves a job ``dead`` after ``max_attempts``. Delivery is at least once: a worker killed mid-handler
+means the handler runs again after the lease, with the same ``change.idempotency_key``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import structlog
+
+from clerk_sync.changes import Change, Handler, Hook
+from clerk_sync.errors import StoreError
+from clerk_sync.outbox import Job, claim, fail, finish, release
+from clerk_sync.store import Store
+
+__all__ = ["Backoff", "Change", "Dispatcher", "Hook"]
+
+log = structlog.get_logger("clerk_sync.hooks")
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Retry schedule of a failing job: ``base_s * 2**(attempt-1)`` capped at ``max_s``; dead after
+    ``max_attempts`` (the defaults span about 4 hours)."""
+
+    max_attempts: int = 10
+    base_s: float = 2.0
+    max_s: float = 3600.0
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1 or self.base_s < 0 or self.max_s < 0:
+            raise ValueError(f"invalid backoff {self!r}: max_attempts >= 1, delays >= 0")
+
+    def delay(self, attempts: int) -> timedelta:
+        return timedelta(seconds=min(self.max_s, self.base_s * 2 ** max(0, attempts - 1)))
+
+
+class Dispatcher:
+    """Runs the store's hooks for queued jobs; safe to run in several processes at once.
+
+    ``lease_s`` must exceed the time a batch of handlers takes: past it, another dispatcher may take
+    the job over (that is how jobs of a killed worker resume). ``now`` is the clock for due times and
+    leases; ``poll_s`` the pause of :meth:`start`'s thread when the queue is empty.
+    """
+
+    def __init__(self, store: Store, *, backoff: Backoff | None = None, lease_s: float = 60.0, batch: int = 20,
+                 poll_s: float = 1.0, now: Callable[[], datetime] = _utcnow) -> None:
+        if not store.hooks:
+            raise ValueError("the store has no hooks: pass them as Store(engine, hooks=[Hook(...)])")
+        self.store = store
+        self.backoff = backoff or Backoff()
+        self.lease = timedelta(seconds=lease_s)
+        self.batch = batch
+        self.poll_s = poll_s
+        self._now = now
+        self._handlers: dict[str, Handler] = {h.name: h.handler for h in store.hooks}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def run_once(self) -> int:
+        """Claim one batch, run it, record the outcomes; returns how many jobs were claimed.
+
+        Jobs not started before 80 % of the lease has passed are given back rather than run late,
+        when another dispatcher could already be taking them over.
+        """
+        claimed_at = self._now()
+        with self.store.transaction() as writer:
+            jobs = claim(writer.conn, claimed_at, lease=self.lease, limit=self.batch,
+                         max_attempts=self.backoff.max_attempts)
+        done: list[Job] = []
+        for n, job in enumerate(jobs):
+            if self._now() >= claimed_at + self.lease * 0.8:
+                with self.store.transaction() as writer:
+                    release(writer.conn, jobs[n:])
+                log.warning("hook batch outlived 80 % of its lease; rest given back", released=len(jobs) - n)
+                break
+            if self._run(job):
+                done.append(job)
+        if done:  # one transaction for the batch's successes (a crash before it re-runs them: at least once)
+            with self.store.transaction() as writer:
+                lost = [job.id for job in done if not finish(writer.conn, job)]
+            if lost:
+                log.warning("hook claims lost (lease expired while running; raise lease_s)", jobs=lost)
+        return len(jobs)
+
+    def drain(self, max_batches: int = 1000) -> int:
+        """Run batches until none is due (jobs waiting on a backoff stay queued); returns jobs claimed."""
+        total = 0
+        for _ in range(max_batches):
+            claimed = self.run_once()
+            total += claimed
+            if not claimed:
+                break
+        return total
+
+    def _run(self, job: Job) -> bool:
+        """Call the job's handler; True when it succeeded (the failure is recorded otherwise)."""
+        handler = self._handlers.get(job.hook)
+        started = time.perf_counter()
+        try:
+            if handler is None:
+                raise LookupError(f"no hook named {job.hook!r} in this process (renamed or removed?): "
+                                  "restore it and run `clerk-sync hooks retry`, or `clerk-sync hooks purge`")
+            handler(job.change)
+        except Exception as exc:
+            self._failed(job, exc, final=handler is None)
+            return False
+        log.debug("hook", hook=job.hook, type=job.change.type, job=job.id, attempt=job.attempts,
+                  ms=round((time.perf_counter() - started) * 1000, 1))
+        return True
+
+    def _failed(self, job: Job, exc: Exception, *, final: bool) -> None:
+        error = f"{type(exc).__name__}: {exc}"
+        dead = final or job.attempts >= self.backoff.max_attempts
+        retry_at = None if dead else self._now() + self.backoff.delay(job.attempts)
+        with self.store.transaction() as writer:
+            fail(writer.conn, job, error, retry_at)
+        log.warning("hook failed", hook=job.hook, type=job.change.type, job=job.id, attempt=job.attempts,
+                    error=error, dead=dead, retry_at=retry_at.isoformat() if retry_at else None)
+
+    # -- as a background thread (``serve``) --------------------------------------------------------
+    def start(self) -> None:
+        """Dispatch in a daemon thread until :meth:`stop`."""
+        if self._thread is not None:
+            raise RuntimeError("dispatcher already started")
+        self._stop.clear()
+        self._thread = threading.Thread(target=self.run_forever, name="clerk-sync-hooks", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Ask the loop to stop after the current batch, and wait for it."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            self._thread = None
+
+    def run_forever(self) -> None:
+        """The worker loop: full batches back to back, otherwise a ``poll_s`` pause; DB outages are retried."""
+        while not self._stop.is_set():
+            try:
+                claimed = self.run_once()
+            except StoreError as exc:
+                log.warning("hook dispatch: database unavailable", error=str(exc))
+                claimed = 0
+            if claimed < self.batch:
+                self._stop.wait(self.poll_s)

@@ -1,0 +1,82 @@
+"""Built-in hook handlers that forward each applied change to an app that is not in Python.
+
+Both run after the commit, from the outbox: when a change arrives, the database already holds it.
+Delivery is at least once (a retry after a timeout may repeat one), so receivers deduplicate on the
+idempotency key (the ``webhook-id`` header, or the stream entry's ``idempotency_key`` field).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import httpx
+from pydantic import SecretStr
+from standardwebhooks.webhooks import Webhook
+
+from clerk_sync.changes import Change
+
+if TYPE_CHECKING:
+    import redis
+
+__all__ = ["RedisStreamSink", "StandardWebhookSink", "change_message"]
+
+
+def change_message(change: Change) -> dict[str, Any]:
+    """The JSON both sinks send: ``{"type", "idempotency_key", "data": {entity, clerk_id, kind, version,
+    values, previous}}``."""
+    return {"type": change.type, "idempotency_key": change.idempotency_key, "data": change.to_json()}
+
+
+class StandardWebhookSink:
+    """POSTs each change to ``url``, signed per Standard Webhooks (``webhook-id``/``-timestamp``/
+    ``-signature``); any answer but 2xx is a failure the dispatcher retries.
+
+    ``secret`` is a ``whsec_…`` key the receiver verifies with (any Standard Webhooks library).
+    """
+
+    def __init__(self, url: str, secret: str | SecretStr, *, client: httpx.Client | None = None,
+                 timeout_s: float = 10.0, now: Callable[[], float] = time.time) -> None:
+        raw = secret.get_secret_value() if isinstance(secret, SecretStr) else secret
+        self._signer = Webhook(raw)
+        self.url = url
+        self._client = client or httpx.Client(timeout=timeout_s)
+        self._now = now
+
+    def __call__(self, change: Change) -> None:
+        body = json.dumps(change_message(change), separators=(",", ":"))
+        stamp = datetime.fromtimestamp(int(self._now()), UTC)
+        headers = {
+            "content-type": "application/json",
+            "webhook-id": change.idempotency_key,
+            "webhook-timestamp": str(int(stamp.timestamp())),
+            "webhook-signature": self._signer.sign(change.idempotency_key, stamp, body),
+        }
+        response = self._client.post(self.url, content=body.encode(), headers=headers)
+        if not response.is_success:
+            raise RuntimeError(f"{self.url} answered {response.status_code}: {response.text[:200]}")
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class RedisStreamSink:
+    """Appends each change to a Redis Stream (``XADD``), trimmed to about ``maxlen`` entries if set.
+
+    Fields: ``type``, ``idempotency_key`` and ``change`` (the JSON of :func:`change_message`).
+    """
+
+    def __init__(self, client: redis.Redis, stream: str = "clerk-sync:changes", *, maxlen: int | None = None) -> None:
+        self.client = client
+        self.stream = stream
+        self.maxlen = maxlen
+
+    def __call__(self, change: Change) -> None:
+        fields: dict[Any, Any] = {  # redis' own FieldT/EncodableT aliases are not public
+            "type": change.type, "idempotency_key": change.idempotency_key,
+            "change": json.dumps(change_message(change), separators=(",", ":")),
+        }
+        self.client.xadd(self.stream, fields, maxlen=self.maxlen, approximate=self.maxlen is not None)

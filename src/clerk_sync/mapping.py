@@ -1,0 +1,351 @@
+"""Sync into the app's own tables through a declarative mapping (users, organizations, memberships).
+
+The contract tables stay the source of ordering truth: they keep the versions and tombstones, and the
+guarded upsert there decides whether an event applies. Every change it applies is then *projected*
+into the app's table in the same transaction, so the app's table needs only its Clerk-id column and
+inherits every guarantee (newer ``updated_at`` wins, terminal deletes, duplicates are no-ops,
+membership cascades). Columns the mapping does not name are never written.
+
+Sources (what a column is filled from): any field of the mirrored record (``email`` = the primary
+address, ``first_name``, ``image_url``, ``role`` = ``public_metadata.role``, ``banned``…), ``full_name``,
+or a dotted metadata path (``public_metadata.plan``, ``private_metadata.stripe.customer``). Transforms:
+``lower``, ``strip``, ``str``, ``bool``, ``int``, ``json`` (a JSON text); or ``compute``, a function of
+the record's values, for the rest.
+
+Delete policies: :class:`SoftDelete` (a timestamp column), :class:`Deactivate` (a boolean column set
+false), :class:`Anonymise` (mapped personal columns set NULL) and :class:`HardDelete`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+
+from clerk_sync.changes import Change
+from clerk_sync.engine import Entity
+from clerk_sync.errors import StoreDataError
+from clerk_sync.events import MembershipRecord, OrganizationRecord, UserRecord
+from clerk_sync.tables import organization_memberships, organizations, users
+
+__all__ = [
+    "TRANSFORMS",
+    "Anonymise",
+    "Column",
+    "Deactivate",
+    "DeletePolicy",
+    "HardDelete",
+    "LinkAmbiguous",
+    "MappedTable",
+    "SchemaMapping",
+    "SoftDelete",
+    "check_schema",
+    "migrate_schema",
+]
+
+JSON = dict[str, Any]
+_CONTRACT = {Entity.USER: users, Entity.ORGANIZATION: organizations, Entity.MEMBERSHIP: organization_memberships}
+_RECORDS: dict[Entity, type[Any]] = {Entity.USER: UserRecord, Entity.ORGANIZATION: OrganizationRecord,
+                                     Entity.MEMBERSHIP: MembershipRecord}
+PERSONAL = frozenset({"email", "email_addresses", "first_name", "last_name", "full_name", "username", "image_url"})
+TRANSFORMS: dict[str, Callable[[Any], Any]] = {
+    "lower": lambda v: v.lower() if isinstance(v, str) else v,
+    "strip": lambda v: v.strip() if isinstance(v, str) else v,
+    "str": lambda v: None if v is None else str(v),
+    "bool": bool,
+    "int": lambda v: int(v) if isinstance(v, int | float | str) and str(v).lstrip("-").isdigit() else None,
+    "json": lambda v: json.dumps(v, sort_keys=True),
+}
+
+
+class LinkAmbiguous(StoreDataError):
+    """Several existing rows match a new Clerk user's e-mail: the delivery is kept as ``failed``
+    (replayable) until the app resolves the duplicates; nothing is guessed."""
+
+    code = "link_ambiguous"
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    """Where one column's value comes from: ``source`` (+ ``transform``, ``default`` for None), or ``compute``."""
+
+    source: str | None = None
+    transform: str | None = None
+    default: Any = None
+    compute: Callable[[JSON], Any] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.source is None) == (self.compute is None):
+            raise ValueError("a Column takes a source or a compute function, not both")
+        if self.transform is not None and self.transform not in TRANSFORMS:
+            raise ValueError(f"unknown transform {self.transform!r}; known: {sorted(TRANSFORMS)}")
+        if self.source == "clerk_updated_at":
+            raise ValueError("clerk_updated_at is clerk-sync's version, not app data: it cannot be mapped")
+
+    def value(self, values: JSON) -> Any:
+        if self.compute is not None:
+            return self.compute(values)
+        result = _lookup(values, self.source or "")
+        if self.transform is not None and result is not None:
+            result = TRANSFORMS[self.transform](result)
+        return self.default if result is None else result
+
+    @property
+    def personal(self) -> bool:
+        return self.source in PERSONAL
+
+
+@dataclass(frozen=True, slots=True)
+class SoftDelete:
+    column: str = "deleted_at"
+
+
+@dataclass(frozen=True, slots=True)
+class Deactivate:
+    column: str = "is_active"
+
+
+@dataclass(frozen=True, slots=True)
+class Anonymise:
+    """Set the mapped personal columns (from e-mail, names, username, image) to NULL; keep the row."""
+
+
+@dataclass(frozen=True, slots=True)
+class HardDelete:
+    pass
+
+
+DeletePolicy = SoftDelete | Deactivate | Anonymise | HardDelete
+
+
+@dataclass(frozen=True, slots=True)
+class MappedTable:
+    """One entity's target: the app's ``table`` (reflected), its Clerk-id column, its mapped columns.
+
+    ``link_by_email`` names the app's e-mail column: a Clerk user seen for the first time is linked to
+    the one existing row with that e-mail and no Clerk id (opt-in; users only).
+    """
+
+    table: str
+    clerk_id_column: str
+    columns: Mapping[str, str | Column]
+    on_delete: DeletePolicy = field(default_factory=SoftDelete)
+    link_by_email: str | None = None
+
+    def resolved(self) -> dict[str, Column]:
+        return {name: c if isinstance(c, Column) else Column(c) for name, c in self.columns.items()}
+
+
+class SchemaMapping:
+    """The mapped tables per entity; give it to ``Store(engine, mapping=...)``."""
+
+    def __init__(self, *, users: MappedTable | None = None, organizations: MappedTable | None = None,
+                 memberships: MappedTable | None = None) -> None:
+        self.tables = {e: t for e, t in ((Entity.USER, users), (Entity.ORGANIZATION, organizations),
+                                         (Entity.MEMBERSHIP, memberships)) if t is not None}
+        for entity, mapped in self.tables.items():
+            if mapped.link_by_email and entity is not Entity.USER:
+                raise ValueError(f"{mapped.table}: link_by_email applies to users only")
+        self._projections: dict[tuple[int, Entity], _Projection] = {}
+
+    def table(self, conn: Connection, name: str) -> sa.Table:
+        """The app's table as the database has it (reflected)."""
+        return sa.Table(name, sa.MetaData(), autoload_with=conn)
+
+    def project(self, conn: Connection, now: datetime, change: Change) -> None:
+        """Write ``change`` into the mapped table, inside the caller's transaction."""
+        mapped = self.tables.get(change.entity)
+        if mapped is None:
+            return
+        key = (id(conn.engine), change.entity)  # reflected, and statements built, once per engine
+        if key not in self._projections:
+            self._projections[key] = _Projection(self.table(conn, mapped.table), mapped, conn.dialect.name)
+        self._projections[key].apply(conn, now, change)
+
+    def backfill(self, conn: Connection, now: datetime) -> dict[str, int]:
+        """Project every row the contract tables already hold (a mapping added to a running install);
+        idempotent. Live rows are written (or linked), deleted ones get the delete policy if present."""
+        counts: dict[str, int] = {}
+        for entity in self.tables:
+            table, names = _CONTRACT[entity], [f.name for f in fields(_RECORDS[entity])]
+            query = sa.select(table.c.deleted_at, *[table.c[n] for n in names]).order_by(table.c.id)
+            for row in conn.execute(query).mappings():
+                values = {n: row[n] for n in names}
+                kind = "created" if row["deleted_at"] is None else "deleted"
+                self.project(conn, now, Change(entity, values["clerk_id"], kind, values["clerk_updated_at"], values))
+                counts[entity.value] = counts.get(entity.value, 0) + 1
+        return counts
+
+    def erase(self, conn: Connection, entity: Entity, clerk_id: str) -> None:
+        """Erasure: clear the mapped personal columns of this entity's row, whatever the delete policy."""
+        mapped = self.tables.get(entity)
+        personal = {n: None for n, col in (mapped.resolved().items() if mapped else ()) if col.personal}
+        if mapped is not None and personal:
+            table = self.table(conn, mapped.table)
+            conn.execute(sa.update(table).where(table.c[mapped.clerk_id_column] == clerk_id).values(**personal))
+
+
+class _Projection:
+    """The statements for one mapped table, built once (bound parameters, no per-call construct)."""
+
+    def __init__(self, table: sa.Table, mapped: MappedTable, dialect: str) -> None:
+        self.t, self.m, self.columns = table, mapped, mapped.resolved()
+        self.key = table.c[mapped.clerk_id_column]
+        self.fixed: JSON = {}  # what a live row's delete-policy column holds
+        if isinstance(mapped.on_delete, SoftDelete):
+            self.fixed[mapped.on_delete.column] = None
+        elif isinstance(mapped.on_delete, Deactivate):
+            self.fixed[mapped.on_delete.column] = True
+        names = [*self.columns, *self.fixed]
+        binds = {n: sa.bindparam(n, type_=table.c[n].type) for n in names}
+        row = binds | {self.key.name: sa.bindparam("_clerk_id")}
+        self.update = sa.update(table).where(self.key == sa.bindparam("_clerk_id")).values(binds)
+        self.insert = sa.insert(table).values(row)
+        # A creation usually finds no row: one statement. Any unique conflict skips it, and the UPDATE
+        # (then the plain INSERT, which raises on a conflict with another row) takes over.
+        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        self.insert_new = insert(table).values(row).on_conflict_do_nothing() if _unique(table, self.key) else None
+
+    def apply(self, conn: Connection, now: datetime, change: Change) -> None:
+        self.conn, self.now = conn, now
+        if change.kind == "deleted":
+            self._delete(change.clerk_id)
+            return
+        values = {name: col.value(change.values) for name, col in self.columns.items()} | self.fixed
+        params = values | {"_clerk_id": change.clerk_id}
+        if (change.kind == "created" and self.insert_new is not None and not self.m.link_by_email
+                and conn.execute(self.insert_new, params).rowcount):
+            return
+        if conn.execute(self.update, params).rowcount == 0 and not self._link(change, values):
+            conn.execute(self.insert, params)
+
+    def _link(self, change: Change, values: JSON) -> bool:
+        email = change.values.get("email")
+        if self.m.link_by_email is None or not email:
+            return False
+        column = self.t.c[self.m.link_by_email]
+        pk = list(self.t.primary_key.columns)
+        matches = self.conn.execute(
+            sa.select(*pk).where(sa.func.lower(column) == email.lower(), self.key.is_(None)).limit(3)).all()
+        if len(matches) > 1:
+            raise LinkAmbiguous(
+                f"{self.m.table}: {len(matches)}+ rows without a Clerk id have e-mail {email!r}; merge or remove "
+                f"the duplicates, then `clerk-sync replay` (user {change.clerk_id} was not linked)")
+        if not matches:
+            return False
+        where = sa.and_(*[c == v for c, v in zip(pk, matches[0], strict=True)])
+        self.conn.execute(sa.update(self.t).where(where).values(**values, **{self.key.name: change.clerk_id}))
+        return True
+
+    def _delete(self, clerk_id: str) -> None:
+        policy, where = self.m.on_delete, self.key == clerk_id
+        if isinstance(policy, HardDelete):
+            self.conn.execute(sa.delete(self.t).where(where))
+        elif isinstance(policy, SoftDelete):
+            self.conn.execute(sa.update(self.t).where(where).values(**{policy.column: self.now}))
+        elif isinstance(policy, Deactivate):
+            self.conn.execute(sa.update(self.t).where(where).values(**{policy.column: False}))
+        else:
+            personal = {name: None for name, col in self.columns.items() if col.personal}
+            if personal:
+                self.conn.execute(sa.update(self.t).where(where).values(**personal))
+
+
+def _unique(table: sa.Table, column: sa.Column[Any]) -> bool:
+    """Whether ``column`` alone is unique in the reflected ``table`` (index or constraint)."""
+    indexes = [list(i.columns) for i in table.indexes if i.unique]
+    constraints = [list(c.columns) for c in table.constraints if isinstance(c, sa.UniqueConstraint)]
+    return any(len(cols) == 1 and cols[0].name == column.name for cols in indexes + constraints)
+
+
+def _lookup(values: JSON, source: str) -> Any:
+    if source == "full_name":
+        names = [values.get("first_name"), values.get("last_name")]
+        return " ".join(n for n in names if n) or None
+    head, _, rest = source.partition(".")
+    value: Any = values.get(head)
+    for part in rest.split(".") if rest else ():
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+# -- the live schema: what the mapping needs, checked (doctor) and added (migrate) ---------------------
+
+def _policy_column(mapped: MappedTable) -> tuple[str, sa.types.TypeEngine[Any]] | None:
+    if isinstance(mapped.on_delete, SoftDelete):
+        return mapped.on_delete.column, sa.DateTime(timezone=True)
+    if isinstance(mapped.on_delete, Deactivate):
+        return mapped.on_delete.column, sa.Boolean()
+    return None
+
+
+def check_schema(conn: Connection, mapping: SchemaMapping) -> list[tuple[str, str]]:
+    """Problems of the live schema against the mapping, as (severity, what to fix); empty when fine."""
+    inspector = sa.inspect(conn)
+    problems: list[tuple[str, str]] = []
+    for mapped in mapping.tables.values():
+        name = mapped.table
+        if not inspector.has_table(name):
+            problems.append(("fail", f"table {name!r} does not exist: create it (the mapping writes existing tables)"))
+            continue
+        columns = {c["name"]: c for c in inspector.get_columns(name)}
+        needed = [mapped.clerk_id_column, *mapped.columns, *([mapped.link_by_email] if mapped.link_by_email else [])]
+        policy = _policy_column(mapped)
+        for column in [*needed, *([policy[0]] if policy else [])]:
+            if column not in columns:
+                fix = "run `clerk-sync migrate --mapping ...`" if column in (mapped.clerk_id_column, *(
+                    [policy[0]] if policy else [])) else "add it or remove it from the mapping"
+                problems.append(("fail", f"{name}.{column} is missing: {fix}"))
+        unique = {tuple(i["column_names"]) for i in inspector.get_indexes(name) if i.get("unique")}
+        unique |= {tuple(u["column_names"]) for u in inspector.get_unique_constraints(name)}
+        if mapped.clerk_id_column in columns and (mapped.clerk_id_column,) not in unique:
+            problems.append(("fail", f"{name}.{mapped.clerk_id_column} has no unique index: run "
+                                     "`clerk-sync migrate --mapping ...`"))
+        written = {mapped.clerk_id_column, *mapped.columns, *([policy[0]] if policy else [])}
+        for column, info in columns.items():
+            if (column not in written and not info.get("nullable", True) and info.get("default") is None
+                    and not info.get("autoincrement") and column not in _primary_key(inspector, name)):
+                problems.append(("fail", f"{name}.{column} is NOT NULL without a default and not mapped: inserts "
+                                         "of new Clerk entities will fail; map it or give it a default"))
+        if isinstance(mapped.on_delete, Anonymise):
+            for column, col in mapped.resolved().items():
+                if col.personal and column in columns and not columns[column].get("nullable", True):
+                    problems.append(("fail", f"{name}.{column} is NOT NULL: Anonymise cannot clear it"))
+    return problems
+
+
+def _primary_key(inspector: Any, table: str) -> set[str]:
+    return set(inspector.get_pk_constraint(table).get("constrained_columns") or [])
+
+
+def migrate_schema(conn: Connection, mapping: SchemaMapping) -> list[str]:
+    """Add what the mapping needs (the Clerk-id column with a unique index, the delete-policy column),
+    through Alembic operations; returns what it did. Idempotent; never drops or alters a column."""
+    from alembic.migration import MigrationContext
+    from alembic.operations import Operations
+
+    ops = Operations(MigrationContext.configure(conn))
+    inspector = sa.inspect(conn)
+    done: list[str] = []
+    for mapped in mapping.tables.values():
+        name = mapped.table
+        columns = {c["name"] for c in inspector.get_columns(name)}
+        policy = _policy_column(mapped)
+        wanted: list[tuple[str, sa.types.TypeEngine[Any]]] = [(mapped.clerk_id_column, sa.String(64))]
+        for column, type_ in [*wanted, *([policy] if policy else [])]:
+            if column not in columns:
+                ops.add_column(name, sa.Column(column, type_, nullable=True))
+                done.append(f"added {name}.{column}")
+        unique = {tuple(i["column_names"]) for i in inspector.get_indexes(name) if i.get("unique")}
+        unique |= {tuple(u["column_names"]) for u in inspector.get_unique_constraints(name)}
+        if (mapped.clerk_id_column,) not in unique:
+            index = f"uq_{name}_{mapped.clerk_id_column}"
+            ops.create_index(index, name, [mapped.clerk_id_column], unique=True)
+            done.append(f"created unique index {index}")
+    return done

@@ -1,0 +1,400 @@
+"""After-commit hooks: outbox rows only for applied changes, dispatched at least once, in order per entity.
+
+Everything runs on real SQLite and PostgreSQL (``store``/``db_url`` fixtures) with real deliveries
+through ``WebhookProcessor``; the dispatcher's clock is a hand-moved :class:`Clock`, so backoff and
+leases are tested without sleeping.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from clerk_sync.changes import Change, Hook, describe
+from clerk_sync.engine import Entity, Upsert
+from clerk_sync.events import user_record
+from clerk_sync.hooks import Backoff, Dispatcher
+from clerk_sync.ingest import WebhookProcessor, replay_deliveries
+from clerk_sync.outbox import claim, delete_jobs, list_jobs, retry_jobs
+from clerk_sync.reconcile import Reconciler
+from clerk_sync.store import Store, create_engine
+from clerk_sync.tables import hook_jobs, users
+from clerk_sync.testing import EmulatorServer
+from clerk_sync.webhooks import WebhookVerifier
+from tests import factories as f
+from tests._history import bodies, build_history, db_rows, specs
+from tests.conftest import clerk_client
+
+B = 1_800_000_000_000  # a realistic Clerk ms timestamp (small numbers read as seconds)
+
+
+class Clock:
+    """A datetime clock the test moves by hand (``clock.advance(5)``)."""
+
+    def __init__(self, start: datetime | None = None) -> None:
+        self.t = start or datetime.now(UTC)
+
+    def __call__(self) -> datetime:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += timedelta(seconds=seconds)
+
+
+class Recorder:
+    """A handler that records what it saw, and fails its first ``failures`` calls."""
+
+    def __init__(self, failures: int = 0) -> None:
+        self.seen: list[Change] = []
+        self.failures = failures
+
+    def __call__(self, change: Change) -> None:
+        self.seen.append(change)
+        if self.failures > 0:
+            self.failures -= 1
+            raise RuntimeError("mail server down")
+
+    @property
+    def types(self) -> list[str]:
+        return [c.type for c in self.seen]
+
+
+def hooked(db_url: str, *hooks: Hook, now: Clock | None = None) -> Store:
+    """A store with hooks; pass the dispatcher's clock as ``now`` so jobs are due when it says so."""
+    return Store(create_engine(db_url), hooks=hooks, now=now or (lambda: datetime.now(UTC)))
+
+
+@pytest.fixture
+def recorder() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+def hstore(db_url: str, recorder: Recorder) -> Iterator[Store]:
+    s = hooked(db_url, Hook("all", recorder))
+    yield s
+    s.dispose()
+
+
+def deliver(store: Store, *events: dict[str, Any]) -> list[str]:
+    processor = WebhookProcessor(store, WebhookVerifier([f.SECRET]))
+    out = []
+    for event in events:
+        headers, body = f.signed(event, f"msg_{uuid.uuid4().hex}")
+        out.append(processor.process(headers, body).status)
+    return out
+
+
+def jobs(store: Store) -> list[dict[str, Any]]:
+    with store.connect() as conn:
+        return [dict(r) for r in conn.execute(sa.select(hook_jobs).order_by(hook_jobs.c.id)).mappings()]
+
+
+# -- pure: what changed, who wants it ---------------------------------------------------------------
+
+def test_describe_names_the_change_as_the_table_saw_it() -> None:
+    row = {"clerk_id": "u1", "clerk_updated_at": 1, "role": "user", "email": "a@x"}
+    newer = row | {"clerk_updated_at": 2}
+    assert describe(Entity.USER, "u1", 1, None, row) == Change(Entity.USER, "u1", "created", 1, row)
+    assert describe(Entity.USER, "u1", 2, row, newer) is None  # only the version moved: a no-op update
+    promoted = describe(Entity.USER, "u1", 2, row, newer | {"role": "admin"})
+    assert promoted is not None
+    assert (promoted.type, promoted.previous, promoted.changed("role"), promoted.changed("email")) == (
+        "user.updated", {"role": "user"}, True, False)
+    assert describe(Entity.USER, "u1", 3, row, None) == Change(Entity.USER, "u1", "deleted", 3, row)
+    assert describe(Entity.USER, "u1", 3, None, None) is None  # a tombstone for a row never seen
+
+
+def test_hook_matching_and_validation() -> None:
+    change = Change(Entity.USER, "u1", "updated", 2, {"role": "admin"}, {"role": "user"})
+    assert Hook("a", print, on=["user.updated"], fields=["role"]).wants(change)
+    assert not Hook("b", print, on=["user.updated"], fields=["plan"]).wants(change)
+    assert Hook("c", print, on=["user.*"]).wants(change)
+    assert not Hook("d", print, on=["organizationMembership.deleted"]).wants(change)
+    assert Hook("e", print, fields=["plan"]).wants(Change(Entity.USER, "u1", "created", 1, {}))
+    assert change.idempotency_key == "user.updated:u1:2"
+    assert Change.from_json(change.to_json()) == change
+    with pytest.raises(ValueError, match="unknown change type"):
+        Hook("x", print, on=["user.create"])
+    with pytest.raises(TypeError, match="take a list"):
+        Hook("x", print, on="user.created")
+    with pytest.raises(ValueError, match="unique"):
+        Store(sa.create_engine("sqlite://"), hooks=[Hook("x", print), Hook("x", print)])
+
+
+# -- the outbox is written in the apply's transaction, only for applied changes -----------------------
+
+def test_jobs_only_for_applied_changes(hstore: Store) -> None:
+    created = f.envelope("user.created", f.user("user_1", B + 1000))
+    statuses = deliver(
+        hstore,
+        created,
+        created,  # same event re-sent under a new svix id: stale
+        f.envelope("user.updated", f.user("user_1", B + 900, role="admin")),  # older: stale
+        f.envelope("user.updated", f.user("user_1", B + 2000)),  # newer, same values: no-op update
+        f.envelope("user.updated", f.user("user_1", B + 3000, role="admin")),
+        f.envelope("user.deleted", f.deleted("user", "user_1"), B + 4000),
+        f.envelope("user.deleted", f.deleted("user", "user_1"), B + 5000),  # already deleted
+        f.envelope("user.deleted", f.deleted("user", "user_never_seen"), B + 5000),
+    )
+    assert statuses == ["applied", "skipped", "skipped", "applied", "applied", "applied", "skipped", "applied"]
+    queued = jobs(hstore)
+    assert [j["type"] for j in queued] == ["user.created", "user.updated", "user.deleted"]
+    assert queued[1]["payload"]["previous"] == {"role": "user", "public_metadata": {}}
+    assert {j["idempotency_key"] for j in queued} == {
+        f"user.created:user_1:{B + 1000}", f"user.updated:user_1:{B + 3000}", f"user.deleted:user_1:{B + 4000}"}
+
+
+def test_reordered_update_is_the_creation_and_the_late_create_fires_nothing(hstore: Store) -> None:
+    deliver(hstore, f.envelope("user.updated", f.user("user_1", 2000, role="admin")),
+            f.envelope("user.created", f.user("user_1", 1000)))
+    assert [(j["type"], j["payload"]["values"]["role"]) for j in jobs(hstore)] == [("user.created", "admin")]
+
+
+def test_user_delete_cascades_to_membership_deleted_changes(db_url: str) -> None:
+    seen = Recorder()
+    store = hooked(db_url, Hook("left-org", seen, on=["organizationMembership.deleted"]))
+    deliver(store, f.envelope("organizationMembership.created", f.membership("orgmem_1", "org_1", "user_1", 1000)),
+            f.envelope("organizationMembership.created", f.membership("orgmem_2", "org_1", "user_2", 1000)),
+            f.envelope("user.deleted", f.deleted("user", "user_1"), 2000))
+    Dispatcher(store).drain()
+    assert [(c.type, c.clerk_id, c.values["user_clerk_id"]) for c in seen.seen] == [
+        ("organizationMembership.deleted", "orgmem_1", "user_1")]
+    store.dispose()
+
+
+def test_a_failed_apply_leaves_no_job(hstore: Store) -> None:
+    recorded: list[Change] = []
+
+    def apply_then_fail() -> None:
+        with hstore.transaction() as writer:
+            writer.apply(Upsert(Entity.USER, user_record(f.user("user_1", B + 1000))))
+            assert writer.outbox is not None
+            recorded.extend(writer.outbox.changes)
+            raise RuntimeError("rolled back after the apply")
+
+    with pytest.raises(RuntimeError):
+        apply_then_fail()
+    assert [c.type for c in recorded] == ["user.created"]
+    assert jobs(hstore) == []
+
+
+# -- dispatch: retries, backoff, dead jobs, order per entity ---------------------------------------------
+
+def test_handler_gets_the_change_after_commit(hstore: Store, recorder: Recorder) -> None:
+    def handler(change: Change) -> None:
+        with hstore.connect() as conn:  # the row is already committed when the handler runs
+            role = conn.execute(sa.select(users.c.role).where(users.c.clerk_id == change.clerk_id)).scalar_one()
+        recorder(change)
+        assert role == "admin"
+
+    deliver(hstore, f.envelope("user.created", f.user("user_1", 1000, role="admin")))
+    dispatcher = Dispatcher(Store(hstore.engine, hooks=[Hook("all", handler)]))
+    assert dispatcher.drain() == 1
+    (change,) = recorder.seen
+    assert (change.type, change.values["email"], change.idempotency_key) == (
+        "user.created", "user_1@example.com", "user.created:user_1:1000")
+    assert jobs(hstore) == []  # done jobs are deleted
+
+
+def test_retries_with_backoff_then_dead_then_retry_and_purge(db_url: str) -> None:
+    flaky = Recorder(failures=100)
+    clock = Clock()
+    store = hooked(db_url, Hook("mail", flaky, on=["user.created"]), now=clock)
+    dispatcher = Dispatcher(store, backoff=Backoff(max_attempts=3, base_s=10, max_s=15), now=clock)
+    deliver(store, f.envelope("user.created", f.user("user_1", 1000)))
+    assert dispatcher.run_once() == 1
+    assert dispatcher.run_once() == 0  # waits out the backoff
+    clock.advance(9)
+    assert dispatcher.run_once() == 0
+    clock.advance(1)
+    assert dispatcher.run_once() == 1  # second attempt at +10 s
+    clock.advance(15)  # capped at max_s (20 s uncapped)
+    assert dispatcher.run_once() == 1
+    (job,) = jobs(store)
+    assert (job["status"], job["attempts"], job["last_error"]) == ("dead", 3, "RuntimeError: mail server down")
+    clock.advance(3600)
+    assert dispatcher.run_once() == 0  # dead jobs stay dead
+    with store.transaction() as writer:
+        assert [j.change.type for j in list_jobs(writer.conn)] == ["user.created"]
+        assert retry_jobs(writer.conn, clock()) == 1
+    flaky.failures = 0
+    assert dispatcher.drain() == 1
+    assert len(flaky.seen) == 4 and jobs(store) == []
+    deliver(store, f.envelope("user.created", f.user("user_2", 1000)))
+    flaky.failures = 100
+    for _ in range(3):
+        dispatcher.run_once()
+        clock.advance(60)
+    with store.transaction() as writer:
+        assert delete_jobs(writer.conn) == 1
+    assert jobs(store) == []
+    store.dispose()
+
+
+def test_order_per_entity_and_other_entities_go_on(db_url: str) -> None:
+    handler = Recorder()
+    clock = Clock()
+    store = hooked(db_url, Hook("sync", handler), now=clock)
+    dispatcher = Dispatcher(store, backoff=Backoff(max_attempts=2, base_s=5), now=clock)
+    deliver(store, f.envelope("user.created", f.user("user_1", 1000)),
+            f.envelope("user.updated", f.user("user_1", 2000, role="admin")),
+            f.envelope("user.created", f.user("user_2", 1000)))
+    handler.failures = 1
+    assert dispatcher.run_once() == 2  # user_1's creation (fails) and user_2's; user_1's update waits
+    assert dispatcher.run_once() == 0
+    clock.advance(5)
+    assert dispatcher.drain() == 2
+    assert [(c.clerk_id, c.type) for c in handler.seen] == [
+        ("user_1", "user.created"), ("user_2", "user.created"), ("user_1", "user.created"), ("user_1", "user.updated")]
+    store.dispose()
+
+
+def test_a_dead_job_unblocks_the_entity_and_an_unknown_hook_is_dead_at_once(db_url: str) -> None:
+    store = hooked(db_url, Hook("gone", Recorder()), Hook("kept", Recorder()))
+    deliver(store, f.envelope("user.created", f.user("user_1", 1000)))
+    dispatcher = Dispatcher(Store(store.engine, hooks=[Hook("kept", Recorder())]))
+    assert dispatcher.drain() == 2
+    (job,) = jobs(store)
+    assert (job["hook"], job["status"], job["attempts"]) == ("gone", "dead", 1)
+    assert "no hook named 'gone'" in job["last_error"]
+    store.dispose()
+
+
+def test_an_expired_lease_is_taken_over_with_the_same_idempotency_key(hstore: Store, recorder: Recorder) -> None:
+    deliver(hstore, f.envelope("user.created", f.user("user_1", 1000)))
+    clock = Clock()  # after the delivery: the job is due
+    with hstore.transaction() as writer:  # a worker claims the job, then dies before finishing it
+        (lost,) = claim(writer.conn, clock(), lease=timedelta(seconds=30), limit=10, max_attempts=5)
+    dispatcher = Dispatcher(hstore, lease_s=30, now=clock)
+    assert dispatcher.run_once() == 0  # leased
+    clock.advance(31)
+    assert dispatcher.run_once() == 1
+    assert [c.idempotency_key for c in recorder.seen] == [lost.change.idempotency_key]
+    assert jobs(hstore) == []
+
+
+# -- replay and reconcile fire nothing unless asked ------------------------------------------------------
+
+def test_replay_fires_hooks_only_when_asked(hstore: Store, recorder: Recorder) -> None:
+    deliver(hstore, f.envelope("user.created", f.user("user_1", 1000)))
+    Dispatcher(hstore).drain()
+    with hstore.transaction() as writer:  # pretend the delivery failed, and the row was lost
+        writer.conn.execute(sa.text("UPDATE webhook_events SET status = 'failed'"))
+        writer.conn.execute(users.delete())
+    assert replay_deliveries(hstore).by_status == {"applied": 1}
+    assert jobs(hstore) == []
+    with hstore.transaction() as writer:
+        writer.conn.execute(sa.text("UPDATE webhook_events SET status = 'failed'"))
+        writer.conn.execute(users.delete())
+    assert replay_deliveries(hstore, with_hooks=True).by_status == {"applied": 1}
+    assert [j["type"] for j in jobs(hstore)] == ["user.created"]
+
+
+# -- the property: at least once, exactly once with the key, under duplicates and reordering ----------
+
+def fold(changes: list[Change]) -> dict[tuple[str, str], Any]:
+    """Rebuild the live rows from the changes a handler saw, in the order it saw them."""
+    state: dict[tuple[str, str], Any] = {}
+    for change in changes:
+        state[(change.entity.value, change.clerk_id)] = None if change.kind == "deleted" else change.values
+    return {k: without_version(v) for k, v in state.items() if v is not None}
+
+
+def without_version(values: dict[str, Any]) -> dict[str, Any]:
+    """A no-op update (newer version, same values) moves only clerk_updated_at, and fires nothing."""
+    return {k: v for k, v in values.items() if k != "clerk_updated_at"}
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    steps=st.lists(st.tuples(st.integers(0, 5), st.booleans(), st.integers(0, 3)), min_size=1, max_size=30),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_every_applied_change_reaches_the_handler_once_per_key(db_url: str, steps: list[Any], seed: int) -> None:
+    """Deliver a history shuffled with duplicates and re-sends, dispatching between deliveries with a
+    handler that fails at random; the changes it acted on (deduplicated by idempotency key) rebuild
+    exactly the live rows, every entity is created at most once, and no key acts twice."""
+    rng = random.Random(seed)
+    ns = uuid.uuid4().hex[:8]
+    history = build_history(specs(2, 2, [(0, 0), (1, 1)]), steps)
+    events = bodies(history, ns)
+    deliveries = [(f"msg_{ns}_{i}", b) for i, b in enumerate(events)]
+    deliveries += rng.sample(deliveries, len(deliveries) // 2)  # Svix re-sends (same id)
+    deliveries += [(f"msg_{ns}_again_{i}", b) for i, b in enumerate(rng.sample(events, len(events) // 3))]
+    rng.shuffle(deliveries)
+
+    acted: dict[str, Change] = {}
+    calls: list[str] = []
+
+    def idempotent(change: Change) -> None:
+        calls.append(change.idempotency_key)
+        if rng.random() < 0.3:
+            raise RuntimeError("flaky before acting")
+        acted.setdefault(change.idempotency_key, change)  # the side effect, keyed
+        if rng.random() < 0.2:
+            raise RuntimeError("flaky after acting")
+
+    clock = Clock()
+    store = hooked(db_url, Hook("sync", idempotent), now=clock)
+    processor = WebhookProcessor(store, WebhookVerifier([f.SECRET]))
+    dispatcher = Dispatcher(store, backoff=Backoff(max_attempts=50, base_s=1, max_s=1), now=clock)
+    for svix_id, body in deliveries:
+        headers, _ = f.signed(body, svix_id)
+        processor.process(headers, body)
+        if rng.random() < 0.3:
+            dispatcher.run_once()
+            clock.advance(1)
+    while jobs(store):
+        dispatcher.drain()
+        clock.advance(1)
+    with store.connect() as conn:
+        live = {k: without_version(v) for k, v in db_rows(conn, ns).items() if v is not None}
+    ordered = sorted(acted.values(), key=lambda c: calls.index(c.idempotency_key))
+    assert fold(ordered) == live
+    created = [(c.entity, c.clerk_id) for c in acted.values() if c.kind == "created"]
+    assert len(created) == len(set(created))
+    assert set(calls) == set(acted)  # every key a handler was called with was eventually acted on
+    store.dispose()
+
+
+
+def test_reconcile_fires_hooks_only_when_asked(hstore: Store, emu: EmulatorServer) -> None:
+    ada = emu.create_user(email="ada@example.com", first_name="Ada")
+    emu.create_organization("Acme", created_by=ada["id"])  # with ada's membership
+    with clerk_client(emu) as clerk:
+        first = Reconciler(hstore, clerk, page_size=50).run()
+        assert (first.counts["users"].created, first.counts["organization_memberships"].created) == (1, 1)
+        assert jobs(hstore) == []  # repairs are not news: no welcome mail from a reconcile
+        with hstore.transaction() as writer:  # drift: the row went missing
+            writer.conn.execute(users.delete())
+        Reconciler(hstore, clerk, page_size=50, with_hooks=True).run()
+    # The organization and the membership were still mirrored: unchanged, so no job either.
+    assert [(j["type"], j["payload"]["clerk_id"]) for j in jobs(hstore)] == [("user.created", ada["id"])]
+
+
+def test_a_batch_that_outlives_its_lease_gives_the_rest_back(db_url: str) -> None:
+    seen: list[str] = []
+    clock = Clock()
+
+    def slow(change: Change) -> None:
+        seen.append(change.clerk_id)
+        clock.advance(25)  # each handler takes 25 s of the 60 s lease
+
+    store = hooked(db_url, Hook("slow", slow), now=clock)
+    deliver(store, *[f.envelope("user.created", f.user(f"user_{n}", B + 1000)) for n in range(4)])
+    dispatcher = Dispatcher(store, lease_s=60, now=clock)
+    assert dispatcher.run_once() == 4
+    assert seen == ["user_0", "user_1"]  # the third would start at 50 s, past 80 % of the lease
+    assert [(j["status"], j["attempts"]) for j in jobs(store)] == [("pending", 0), ("pending", 0)]
+    assert dispatcher.drain() == 2
+    assert seen == ["user_0", "user_1", "user_2", "user_3"]
+    store.dispose()

@@ -1,0 +1,248 @@
+"""Hooks across processes and replicas: ``kill -9`` between commit and dispatch and in the middle of a
+handler loses no change and repeats no keyed side effect; four dispatchers on PostgreSQL never run
+one job at the same time, and keep each entity's order."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from clerk_sync.changes import Change, Hook
+from clerk_sync.hooks import Backoff, Dispatcher
+from clerk_sync.store import Store
+from clerk_sync.tables import hook_jobs
+from tests import _hook_worker
+from tests import factories as f
+from tests._server import free_port, wait_for_http
+from tests.test_cli import run
+from tests.test_hooks import deliver
+
+B = 1_800_000_000_000
+ROOT = Path(__file__).resolve().parent.parent
+
+# Ingest with hooks, then die by SIGKILL before anything dispatches: the commits must hold the jobs.
+_INGEST_THEN_DIE = """
+import json, os, signal, sys
+from clerk_sync.ingest import WebhookProcessor
+from clerk_sync.store import Store
+from clerk_sync.webhooks import WebhookVerifier, sign
+from tests import _hook_worker
+store = Store.from_url(os.environ["DATABASE_URL"], hooks=_hook_worker.hooks())
+processor = WebhookProcessor(store, WebhookVerifier([sys.argv[2]]))
+for svix_id, body in json.load(open(sys.argv[1])):
+    processor.process(sign(sys.argv[2], svix_id, int(__import__("time").time()), body.encode()), body.encode())
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _history() -> list[tuple[str, str]]:
+    """Creations, a role change, a cascade, with a duplicate, a re-send and an out-of-order update."""
+    events = [
+        f.envelope("user.created", f.user("user_1", B + 1000)),
+        f.envelope("organization.created", f.organization("org_1", B + 1000)),
+        f.envelope("organizationMembership.created", f.membership("orgmem_1", "org_1", "user_1", B + 1000)),
+        f.envelope("user.updated", f.user("user_2", B + 2000, role="admin")),  # before its creation
+        f.envelope("user.created", f.user("user_2", B + 1000)),  # stale
+        f.envelope("user.updated", f.user("user_1", B + 2000, role="admin")),
+        f.envelope("user.deleted", f.deleted("user", "user_1"), B + 3000),
+    ]
+    deliveries = [(f"msg_{i}", f.body_of(e).decode()) for i, e in enumerate(events)]
+    return [*deliveries, deliveries[0], ("msg_resent", deliveries[5][1])]
+
+
+EXPECTED = {
+    f"user.created:user_1:{B + 1000}", f"organization.created:org_1:{B + 1000}",
+    f"organizationMembership.created:orgmem_1:{B + 1000}", f"user.created:user_2:{B + 2000}",
+    f"user.updated:user_1:{B + 2000}", f"user.deleted:user_1:{B + 3000}",
+    f"organizationMembership.deleted:orgmem_1:{B + 3000}",
+}
+
+
+@pytest.mark.slow
+def test_kill_9_after_commit_and_mid_handler(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = sa.create_engine(db_url)
+    _hook_worker.meta.create_all(engine)
+    env = {"DATABASE_URL": db_url, "PYTHONPATH": str(ROOT)}
+    (tmp_path / "deliveries.json").write_text(json.dumps(_history()))
+
+    ingest = subprocess.run([sys.executable, "-c", _INGEST_THEN_DIE, str(tmp_path / "deliveries.json"), f.SECRET],
+                            env={**os.environ, **env}, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert ingest.returncode == -9, ingest.stderr
+    with engine.connect() as conn:
+        assert set(conn.execute(sa.select(hook_jobs.c.idempotency_key)).scalars()) == EXPECTED
+
+    (tmp_path / "crash").touch()  # the worker acts on its first job, then is killed before finishing it
+    worker = run("worker", "--hooks", "tests._hook_worker:hooks", "--once",
+                 env={**env, "HOOK_CRASH_FILE": str(tmp_path / "crash")}, cwd=ROOT)
+    assert worker.returncode == -9, worker.stderr
+    with engine.connect() as conn:
+        (first,) = conn.execute(sa.select(_hook_worker.calls.c.key)).scalars()
+        assert conn.execute(sa.select(hook_jobs.c.status).where(hook_jobs.c.idempotency_key == first)).scalar() \
+            == "running"
+
+    monkeypatch.setenv("DATABASE_URL", db_url)
+    store = Store.from_url(db_url, hooks=_hook_worker.hooks())
+    later = datetime.now(UTC) + timedelta(seconds=61)  # past the dead worker's lease
+    Dispatcher(store, now=lambda: later).drain()
+    with engine.connect() as conn:
+        calls = list(conn.execute(sa.select(_hook_worker.calls.c.key)).scalars())
+        effects = set(conn.execute(sa.select(_hook_worker.effects.c.key)).scalars())
+        assert conn.execute(sa.select(sa.func.count()).select_from(hook_jobs)).scalar() == 0
+    assert effects == EXPECTED  # every applied change acted on, exactly once
+    assert sorted(calls) == sorted([*EXPECTED, first])  # only the interrupted one was called twice
+    store.dispose()
+    engine.dispose()
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+def test_four_dispatchers_never_run_a_job_twice_at_once(db_url: str) -> None:
+    lock = threading.Lock()
+    running: set[int] = set()
+    overlaps: list[str] = []
+    handled: dict[str, list[int]] = defaultdict(list)  # entity -> versions, in handling order
+    done: list[str] = []
+    rng = random.Random(7)
+
+    def handler(change: Change) -> None:
+        key = id_of(change)
+        with lock:
+            if key in running:
+                overlaps.append(change.idempotency_key)
+            running.add(key)
+        try:
+            time.sleep(0.002)  # widen the window in which a second claim would overlap
+            with lock:
+                fails = rng.random() < 0.2
+            if fails:
+                raise RuntimeError("flaky")
+            with lock:
+                handled[change.clerk_id].append(change.version)
+                done.append(change.idempotency_key)
+        finally:
+            with lock:
+                running.discard(key)
+
+    def id_of(change: Change) -> int:
+        return hash(change.idempotency_key)
+
+    hooks = [Hook("h", handler)]
+    producer = Store.from_url(db_url, hooks=hooks)
+    events = []
+    for n in range(40):
+        events += [f.envelope("user.created", f.user(f"user_{n}", B + 1000)),
+                   f.envelope("user.updated", f.user(f"user_{n}", B + 2000, role="admin")),
+                   f.envelope("user.updated", f.user(f"user_{n}", B + 3000, role="member"))]
+    deliver(producer, *events)
+    stores = [Store.from_url(db_url, hooks=hooks) for _ in range(4)]
+    dispatchers = [Dispatcher(s, backoff=Backoff(max_attempts=100, base_s=0), batch=5) for s in stores]
+
+    def work(d: Dispatcher) -> None:
+        while True:
+            with producer.connect() as conn:
+                if not conn.execute(sa.select(sa.func.count()).select_from(hook_jobs)).scalar():
+                    return
+            d.run_once()
+
+    threads = [threading.Thread(target=work, args=(d,)) for d in dispatchers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert overlaps == []
+    assert len(done) == len(set(done)) == 120
+    assert all(versions == [B + 1000, B + 2000, B + 3000] for versions in handled.values())
+    for s in [producer, *stores]:
+        s.dispose()
+
+
+def test_cli_lists_retries_and_purges_dead_jobs(db_url: str) -> None:
+    def down(change: Change) -> None:
+        raise RuntimeError("smtp refused")
+
+    store = Store.from_url(db_url, hooks=[Hook("mail", down)])
+    deliver(store, f.envelope("user.created", f.user("user_1", B + 1000)),
+            f.envelope("user.created", f.user("user_2", B + 1000)))
+    Dispatcher(store, backoff=Backoff(max_attempts=1)).drain()
+    env = {"DATABASE_URL": db_url}
+
+    listed = run("hooks", "list", env=env)
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.strip().splitlines()
+    assert [line.split("\t")[1:4] for line in lines] == [["mail", "user.created", "user_1"],
+                                                           ["mail", "user.created", "user_2"]]
+    assert "RuntimeError: smtp refused" in lines[0]
+    first_id = lines[0].split("\t")[0]
+
+    refused = run("hooks", "purge", env=env)
+    assert refused.returncode == 2 and "--all" in refused.stderr
+    assert "1 dead job(s) queued again" in run("hooks", "retry", first_id, env=env).stdout
+    assert "1 dead job(s) purged" in run("hooks", "purge", "--all", env=env).stdout
+    with store.connect() as conn:
+        assert list(conn.execute(sa.select(hook_jobs.c.status, hook_jobs.c.attempts))) == [("pending", 0)]
+    store.dispose()
+
+
+def test_worker_names_a_bad_hooks_spec(tmp_path: Path) -> None:
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}"}
+    for spec, message in (("nocolon", "expected module:attribute"), ("tests.nope:HOOKS", "No module named"),
+                          ("tests._hook_worker:meta", "non-empty list of clerk_sync.changes.Hook")):
+        result = run("worker", "--hooks", spec, "--once", env={**env, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+        assert result.returncode == 2
+        assert message in " ".join(result.stderr.split()), result.stderr
+
+
+@pytest.mark.slow
+def test_serve_with_hooks_runs_them_in_a_thread_after_the_commit(db_url: str) -> None:
+    engine = sa.create_engine(db_url)
+    _hook_worker.meta.create_all(engine)
+    port = free_port()
+    env = {**os.environ, "DATABASE_URL": db_url, "CLERK_WEBHOOK_SIGNING_SECRET": f.SECRET, "PYTHONPATH": str(ROOT),
+           "CLERK_SYNC_LOG_LEVEL": "WARNING"}
+    proc = subprocess.Popen([sys.executable, "-c", "from clerk_sync.cli import main; main()", "serve", "--port",
+                             str(port), "--hooks", "tests._hook_worker:hooks"], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/healthz", proc=proc)
+        headers, body = f.signed(f.envelope("user.created", f.user("user_1", B + 1000)), "msg_serve_1")
+        assert httpx.post(f"http://127.0.0.1:{port}/webhooks/clerk", content=body, headers=headers).status_code == 200
+        deadline = time.monotonic() + 30  # the dispatcher polls every second: wait for the outcome, not a time
+        effects: list[str] = []
+        while not effects and time.monotonic() < deadline:
+            with engine.connect() as conn:
+                effects = list(conn.execute(sa.select(_hook_worker.effects.c.key)).scalars())
+            time.sleep(0.05)
+        assert effects == [f"user.created:user_1:{B + 1000}"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        engine.dispose()
+
+
+def test_doctor_points_at_dead_hook_jobs(db_url: str) -> None:
+    def down(change: Change) -> None:
+        raise RuntimeError("crm unreachable")
+
+    env = {"DATABASE_URL": db_url}
+    assert "ok    hook jobs: none dead, 0 queued" in run("doctor", env=env).stdout
+    store = Store.from_url(db_url, hooks=[Hook("crm", down)])
+    deliver(store, f.envelope("user.created", f.user("user_1", B + 1000)),
+            f.envelope("user.created", f.user("user_2", B + 1000)))
+    Dispatcher(store, backoff=Backoff(max_attempts=1)).run_once()
+    deliver(store, f.envelope("user.created", f.user("user_3", B + 1000)))
+    store.dispose()
+    assert "warn  hook jobs: 2 dead, 1 queued: `clerk-sync hooks list`" in run("doctor", env=env).stdout

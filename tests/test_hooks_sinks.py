@@ -1,0 +1,108 @@
+"""The forwarding sinks, against real receivers: a Starlette app verifying Standard Webhooks
+signatures on loopback, and the local Redis server's streams."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+import sqlalchemy as sa
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from clerk_sync.changes import Change, Hook
+from clerk_sync.hooks import Backoff, Dispatcher
+from clerk_sync.hooks.sinks import RedisStreamSink, StandardWebhookSink
+from clerk_sync.store import Store
+from clerk_sync.tables import hook_jobs, users
+from tests import factories as f
+from tests._server import running
+from tests.test_hooks import B, deliver
+
+REDIS_URL = os.environ.get("CLERK_SYNC_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+FORWARD_SECRET = "whsec_" + "c2VjcmV0LWZvci10aGUtYXBwLXRoYXQtcmVjZWl2ZXM="
+
+
+def receiver(store: Store, received: list[dict[str, Any]], answers: list[int]) -> Starlette:
+    """The app's own endpoint: verifies the signature and checks the row is already in the database."""
+
+    async def endpoint(request: Request) -> Response:
+        body = await request.body()
+        try:
+            message = Webhook(FORWARD_SECRET).verify(body, dict(request.headers))
+        except WebhookVerificationError:
+            return Response(status_code=400)
+        with store.connect() as conn:
+            role = conn.execute(sa.select(users.c.role).where(users.c.clerk_id == message["data"]["clerk_id"])).scalar()
+        received.append(message | {"db_role": role, "webhook_id": request.headers["webhook-id"]})
+        return Response(status_code=answers.pop(0) if answers else 204)
+
+    return Starlette(routes=[Route("/clerk-changes", endpoint, methods=["POST"])])
+
+
+def test_standard_webhooks_sink_posts_signed_changes_after_commit(store: Store) -> None:
+    received: list[dict[str, Any]] = []
+    answers = [500]  # the app is down once: the dispatcher retries
+    with running(receiver(store, received, answers)) as url:
+        sink = StandardWebhookSink(f"{url}/clerk-changes", FORWARD_SECRET)
+        hooked = Store(store.engine, hooks=[Hook("forward", sink, on=["user.*"])])
+        deliver(hooked, f.envelope("user.created", f.user("user_1", B + 1000, role="admin")))
+        dispatcher = Dispatcher(hooked, backoff=Backoff(base_s=0))
+        dispatcher.drain()
+        sink.close()
+    assert len(received) == 2  # the refused attempt, then the accepted one
+    message = received[-1]
+    assert (message["type"], message["db_role"], message["webhook_id"]) == (
+        "user.created", "admin", f"user.created:user_1:{B + 1000}")
+    assert message["data"]["values"]["email"] == "user_1@example.com"
+    with store.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(hook_jobs)).scalar() == 0
+
+
+def test_a_wrong_signature_is_refused_by_the_receiver(store: Store) -> None:
+    received: list[dict[str, Any]] = []
+    with running(receiver(store, received, [])) as url:
+        sink = StandardWebhookSink(f"{url}/clerk-changes", "whsec_" + "b3RoZXItc2VjcmV0LW5vdC10aGUtcmlnaHQtb25l")
+        with pytest.raises(RuntimeError, match="answered 400"):
+            sink(Change.from_json({"entity": "users", "clerk_id": "user_1", "kind": "created", "version": 1,
+                                   "values": {}}))
+        sink.close()
+    assert received == []
+
+
+@pytest.fixture
+def redis_client() -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        client.ping()
+    except redis.ConnectionError as exc:
+        if os.environ.get("CLERK_SYNC_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"Redis required but unreachable at {REDIS_URL}: {exc}")
+        pytest.skip(f"Redis unreachable: {exc}")
+    yield client
+    client.close()
+
+
+def test_redis_stream_sink_appends_each_change(store: Store, redis_client: redis.Redis) -> None:
+    stream = f"clerk-sync-test:{uuid.uuid4().hex}"
+    hooked = Store(store.engine, hooks=[Hook("stream", RedisStreamSink(redis_client, stream, maxlen=1000))])
+    deliver(hooked, f.envelope("user.created", f.user("user_1", B + 1000)),
+            f.envelope("user.updated", f.user("user_1", B + 2000, role="admin")),
+            f.envelope("user.updated", f.user("user_1", B + 2000, role="admin")))  # stale: not forwarded
+    Dispatcher(hooked).drain()
+    try:
+        entries = redis_client.xrange(stream)
+        assert [e[b"type"] for _, e in entries] == [b"user.created", b"user.updated"]
+        change = json.loads(entries[1][1][b"change"])
+        assert (change["idempotency_key"], change["data"]["previous"]["role"]) == (
+            f"user.updated:user_1:{B + 2000}", "user")
+    finally:
+        redis_client.delete(stream)

@@ -1,0 +1,409 @@
+"""Sync into the app's own tables: the mapped tables converge on the contract tables under any delivery
+order, duplicates and re-sends, on SQLite and PostgreSQL, for every delete policy; columns outside the
+mapping keep what the app wrote; linking by e-mail; ``migrate_schema`` and ``check_schema``."""
+
+from __future__ import annotations
+
+import json
+import random
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from clerk_sync.auth.users import JitUsers
+from clerk_sync.changes import Change, Hook
+from clerk_sync.ingest import WebhookProcessor
+from clerk_sync.mapping import (
+    Anonymise,
+    Column,
+    Deactivate,
+    DeletePolicy,
+    HardDelete,
+    MappedTable,
+    SchemaMapping,
+    SoftDelete,
+    check_schema,
+    migrate_schema,
+)
+from clerk_sync.reconcile import Reconciler
+from clerk_sync.retention import Retention
+from clerk_sync.store import Store
+from clerk_sync.testing import EmulatorServer
+from clerk_sync.webhooks import WebhookVerifier
+from tests import factories as f
+from tests._history import bodies, build_history, db_rows, specs
+from tests.conftest import clerk_client
+from tests.test_cli import run
+from tests.test_hooks import B, deliver, jobs
+
+POLICIES: list[DeletePolicy] = [SoftDelete("deleted_at"), Deactivate("is_active"), Anonymise(), HardDelete()]
+
+app_meta = sa.MetaData()
+accounts = sa.Table(  # the app's own users table, before clerk-sync: no Clerk id yet
+    "accounts", app_meta,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("email", sa.String(320), nullable=True),
+    sa.Column("email_lower", sa.String(320), nullable=True),
+    sa.Column("display_name", sa.String(255), nullable=True),
+    sa.Column("avatar", sa.Text, nullable=True),
+    sa.Column("role", sa.String(32), nullable=False, server_default="member"),
+    sa.Column("is_admin", sa.Boolean, nullable=True),
+    sa.Column("plan", sa.String(32), nullable=False, server_default="free"),  # the app's own
+    sa.Column("notes", sa.Text, nullable=True),  # the app's own
+)
+teams = sa.Table(
+    "teams", app_meta,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(255), nullable=True),
+    sa.Column("slug", sa.String(255), nullable=True),
+    sa.Column("notes", sa.Text, nullable=True),
+)
+team_members = sa.Table(
+    "team_members", app_meta,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("team", sa.String(64), nullable=True),
+    sa.Column("member", sa.String(64), nullable=True),
+    sa.Column("role", sa.String(64), nullable=True),
+    sa.Column("notes", sa.Text, nullable=True),
+)
+TABLES = {"users": ("accounts", "clerk_user_id"), "organizations": ("teams", "clerk_org_id"),
+          "organization_memberships": ("team_members", "clerk_membership_id")}
+
+
+def mapping_for(policy: DeletePolicy, *, link: bool = False) -> SchemaMapping:
+    return SchemaMapping(
+        users=MappedTable("accounts", "clerk_user_id", {
+            "email": "email",
+            "email_lower": Column("email", transform="lower"),
+            "display_name": "full_name",
+            "avatar": "image_url",
+            "role": Column("public_metadata.role", default="member"),
+            "is_admin": Column(compute=lambda values: values.get("role") == "admin"),
+        }, on_delete=policy, link_by_email="email" if link else None),
+        organizations=MappedTable("teams", "clerk_org_id", {"name": "name", "slug": "slug"}, on_delete=policy),
+        memberships=MappedTable("team_members", "clerk_membership_id", {
+            "team": "organization_clerk_id", "member": "user_clerk_id", "role": "role"}, on_delete=policy),
+    )
+
+
+def expected(table: str, values: dict[str, Any]) -> dict[str, Any]:
+    """The mapped columns for a contract row, written out by hand."""
+    if table == "users":
+        names = [n for n in (values["first_name"], values["last_name"]) if n]
+        return {"email": values["email"], "email_lower": values["email"] and values["email"].lower(),
+                "display_name": " ".join(names) or None, "avatar": values["image_url"],
+                "role": values["public_metadata"].get("role") or "member", "is_admin": values["role"] == "admin"}
+    if table == "organizations":
+        return {"name": values["name"], "slug": values["slug"]}
+    return {"team": values["organization_clerk_id"], "member": values["user_clerk_id"], "role": values["role"]}
+
+
+@pytest.fixture
+def app_db(db_url: str) -> str:
+    """The test database with the app's tables, migrated for the mapping (every policy's column)."""
+    engine = sa.create_engine(db_url)
+    app_meta.create_all(engine)
+    with engine.begin() as conn:
+        assert len(check_schema(conn, mapping_for(SoftDelete()))) >= 3  # Clerk-id columns missing
+        done = [d for p in POLICIES for d in migrate_schema(conn, mapping_for(p))]
+        assert "added accounts.clerk_user_id" in done and "added accounts.is_active" in done
+        assert migrate_schema(conn, mapping_for(SoftDelete())) == []  # idempotent
+        for policy in POLICIES:
+            assert check_schema(conn, mapping_for(policy)) == []
+    engine.dispose()
+    return db_url
+
+
+def app_rows(conn: sa.Connection, ns: str) -> dict[tuple[str, str], dict[str, Any]]:
+    out = {}
+    for entity, (name, key) in TABLES.items():
+        table = sa.Table(name, sa.MetaData(), autoload_with=conn)
+        for row in conn.execute(sa.select(table).where(table.c[key].like(f"%{ns}%"))).mappings():
+            out[(entity, row[key])] = dict(row)
+    return out
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: type(p).__name__)
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    steps=st.lists(st.tuples(st.integers(0, 5), st.booleans(), st.integers(0, 3)), min_size=1, max_size=30),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_mapped_tables_converge_on_the_contract_tables(app_db: str, steps: list[Any], seed: int,
+                                                      policy: DeletePolicy) -> None:
+    rng = random.Random(seed)
+    ns = uuid.uuid4().hex[:8]
+    events = bodies(build_history(specs(2, 2, [(0, 0), (1, 1)]), steps), ns)
+    deliveries = [(f"msg_{ns}_{i}", b) for i, b in enumerate(events)]
+    deliveries += rng.sample(deliveries, len(deliveries) // 2)
+    deliveries += [(f"msg_{ns}_again_{i}", b) for i, b in enumerate(rng.sample(events, len(events) // 3))]
+    rng.shuffle(deliveries)
+
+    store = Store.from_url(app_db, mapping=mapping_for(policy))
+    processor = WebhookProcessor(store, WebhookVerifier([f.SECRET]))
+    notes: dict[tuple[str, str], str] = {}
+    for n, (svix_id, body) in enumerate(deliveries):
+        headers, _ = f.signed(body, svix_id)
+        processor.process(headers, body)
+        if rng.random() < 0.4:  # the app writes its own column on some row
+            with store.transaction() as writer:
+                rows = sorted(app_rows(writer.conn, ns))
+                if rows:
+                    entity, clerk_id = rng.choice(rows)
+                    name, key = TABLES[entity]
+                    table = sa.Table(name, sa.MetaData(), autoload_with=writer.conn)
+                    writer.conn.execute(table.update().where(table.c[key] == clerk_id).values(notes=f"n{n}"))
+                    notes[(entity, clerk_id)] = f"n{n}"
+
+    with store.connect() as conn:
+        contract, mapped = db_rows(conn, ns), app_rows(conn, ns)
+    assert set(mapped) <= set(contract)  # nothing in the app's table that clerk-sync does not know
+    for key, values in contract.items():
+        row = mapped.get(key)
+        if values is not None:  # live: the mapped columns are the contract row's, the rest the app's
+            assert row is not None, key
+            assert {k: row[k] for k in expected(key[0], values)} == expected(key[0], values)
+            assert row.get("deleted_at") is None and row.get("is_active") in (None, True)
+        elif isinstance(policy, HardDelete):
+            assert row is None
+        elif row is not None:
+            _assert_deleted(policy, key[0], row)
+        if row is not None:
+            assert row["notes"] == notes.get(key)
+            if key[0] == "users":
+                assert row["plan"] == "free"
+    store.dispose()
+
+
+def _assert_deleted(policy: DeletePolicy, entity: str, row: dict[str, Any]) -> None:
+    if isinstance(policy, SoftDelete):
+        assert row["deleted_at"] is not None
+    elif isinstance(policy, Deactivate):
+        assert row["is_active"] is False
+    elif entity == "users":  # Anonymise: the personal columns are cleared, the rest kept
+        assert (row["email"], row["email_lower"], row["display_name"], row["avatar"]) == (None, None, None, None)
+
+
+# -- linking existing rows, hooks alongside, doctor ---------------------------------------------------------
+
+def test_link_by_email_adopts_the_one_matching_row_and_refuses_to_guess(app_db: str) -> None:
+    engine = sa.create_engine(app_db)
+    with engine.begin() as conn:
+        conn.execute(accounts.insert().values(email="Ada@Example.com", plan="pro", notes="customer since 2019"))
+        conn.execute(accounts.insert(), [{"email": "twin@example.com"}, {"email": "twin@example.com"}])
+    seen: list[Change] = []
+    store = Store.from_url(app_db, mapping=mapping_for(SoftDelete(), link=True), hooks=[Hook("welcome", seen.append)])
+    statuses = deliver(store, f.envelope("user.created", f.user("user_ada", B + 1000, email="ada@example.com")),
+                       f.envelope("user.created", f.user("user_twin", B + 1000, email="twin@example.com")),
+                       f.envelope("user.created", f.user("user_new", B + 1000, email="new@example.com")))
+    assert statuses == ["applied", "failed", "applied"]
+    with engine.connect() as conn:
+        rows = {r.email: r for r in conn.execute(sa.text("SELECT * FROM accounts ORDER BY id"))}
+        failure = conn.execute(sa.text("SELECT last_error FROM webhook_events WHERE status = 'failed'")).scalar_one()
+    assert (rows["ada@example.com"].clerk_user_id, rows["ada@example.com"].plan, rows["ada@example.com"].notes) == (
+        "user_ada", "pro", "customer since 2019")  # linked: one row, the app's columns kept
+    assert rows["new@example.com"].clerk_user_id == "user_new"
+    assert "twin@example.com" in failure and "duplicates" in failure  # reported, never guessed
+    assert [j["payload"]["clerk_id"] for j in jobs(store)] == ["user_ada", "user_new"]
+    store.dispose()
+    engine.dispose()
+
+
+def test_check_schema_says_what_to_fix(app_db: str) -> None:
+    broken = SchemaMapping(users=MappedTable("accounts", "clerk_user_id", {"nickname": "username"}, Anonymise()),
+                           organizations=MappedTable("workspaces", "clerk_id", {}))
+    engine = sa.create_engine(app_db)
+    with engine.connect() as conn:
+        problems = [p for _, p in check_schema(conn, broken)]
+    engine.dispose()
+    assert any("accounts.nickname is missing" in p for p in problems)
+    assert any("'workspaces' does not exist" in p for p in problems)
+
+
+def test_columns_take_a_source_or_a_function() -> None:
+    assert Column("public_metadata.billing.plan").value({"public_metadata": {"billing": {"plan": "pro"}}}) == "pro"
+    assert Column("public_metadata.billing.plan", default="free").value({"public_metadata": {}}) == "free"
+    assert Column("email", transform="strip").value({"email": " a@x "}) == "a@x"
+    with pytest.raises(ValueError, match="unknown transform"):
+        Column("email", transform="upper")
+    with pytest.raises(ValueError, match="not both"):
+        Column("email", compute=lambda v: v)
+    with pytest.raises(ValueError, match="version"):
+        Column("clerk_updated_at")
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: type(p).__name__)
+def test_every_delete_policy_and_the_membership_cascade(app_db: str, policy: DeletePolicy) -> None:
+    store = Store.from_url(app_db, mapping=mapping_for(policy))
+    deliver(store, f.envelope("user.created", f.user("user_1", B + 1000, role="admin")),
+            f.envelope("organization.created", f.organization("org_1", B + 1000)),
+            f.envelope("organizationMembership.created", f.membership("orgmem_1", "org_1", "user_1", B + 1000)),
+            f.envelope("user.deleted", f.deleted("user", "user_1"), B + 2000))
+    with store.connect() as conn:
+        rows = app_rows(conn, "_1")
+    store.dispose()
+    team = rows[("organizations", "org_1")]
+    assert (team["name"], team["deleted_at"], team["is_active"]) == ("Acme", None, policy_live(policy))
+    if isinstance(policy, HardDelete):
+        assert set(rows) == {("organizations", "org_1")}
+        return
+    user, member = rows[("users", "user_1")], rows[("organization_memberships", "orgmem_1")]
+    _assert_deleted(policy, "users", user)
+    _assert_deleted(policy, "organization_memberships", member)
+    if isinstance(policy, Anonymise):
+        assert (user["role"], user["is_admin"], member["role"]) == ("admin", True, "org:member")
+
+
+def policy_live(policy: DeletePolicy) -> bool | None:
+    """What the deactivate column holds on a live row: True under Deactivate, else never written."""
+    return True if isinstance(policy, Deactivate) else None
+
+
+_APP_MODULE = """
+from clerk_sync.mapping import MappedTable, SchemaMapping, SoftDelete
+MAPPING = SchemaMapping(users=MappedTable("accounts", "clerk_user_id", {"email": "email"}, SoftDelete("deleted_at")))
+"""
+
+
+def test_migrate_and_doctor_with_a_mapping_on_the_command_line(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'app.db'}"
+    engine = sa.create_engine(url)
+    app_meta.create_all(engine, tables=[accounts])
+    (tmp_path / "appmap.py").write_text(_APP_MODULE)
+    env = {"DATABASE_URL": url, "PYTHONPATH": str(tmp_path)}
+
+    before = run("doctor", "--mapping", "appmap:MAPPING", env=env)
+    assert "FAIL  mapping: accounts.clerk_user_id is missing: run `clerk-sync migrate --mapping" in before.stdout
+    migrated = run("migrate", "--mapping", "appmap:MAPPING", "--backfill", env=env)
+    assert migrated.returncode == 0, migrated.stderr
+    assert "mapping: added accounts.clerk_user_id" in " ".join(migrated.stderr.split())
+    assert "mapping: backfilled nothing" in migrated.stderr
+    after = run("doctor", "--mapping", "appmap:MAPPING", env=env)
+    assert "ok    mapping: accounts match the mapping" in after.stdout
+    assert {c["name"] for c in sa.inspect(engine).get_columns("accounts")} >= {"clerk_user_id", "deleted_at"}
+    engine.dispose()
+
+
+def test_jit_sync_and_reconcile_write_through_the_mapping(app_db: str, emu: EmulatorServer) -> None:
+    store = Store.from_url(app_db, mapping=mapping_for(SoftDelete()))
+    ada = emu.create_user(email="ada@example.com", first_name="Ada", public_metadata={"role": "admin"})
+    bob = emu.create_user(email="bob@example.com", first_name="Bob")
+    with clerk_client(emu) as clerk:
+        assert JitUsers(store, clerk=clerk).get_auth_user(ada["id"]).role == "admin"  # before any webhook
+        with store.connect() as conn:
+            assert set(app_rows(conn, "user_")) == {("users", ada["id"])}
+        emu.request("DELETE", f"/v1/users/{ada['id']}")
+        Reconciler(store, clerk, page_size=50).run()
+    with store.connect() as conn:
+        rows = app_rows(conn, "user_")
+    store.dispose()
+    assert (rows[("users", bob["id"])]["email"], rows[("users", bob["id"])]["deleted_at"]) == ("bob@example.com", None)
+    assert rows[("users", ada["id"])]["deleted_at"] is not None  # reconcile's tombstone, projected
+
+
+def test_erasure_clears_the_mapped_row_and_the_queued_hook_jobs(app_db: str) -> None:
+    store = Store.from_url(app_db, mapping=mapping_for(Deactivate("is_active")), hooks=[Hook("crm", print)])
+    deliver(store, f.envelope("user.created", f.user("user_1", B + 1000, email="ada@example.com")))
+    report = Retention(store).erase_user("user_1", reason="GDPR request")
+    with store.connect() as conn:
+        row = app_rows(conn, "user_1")[("users", "user_1")]
+    queued = jobs(store)
+    store.dispose()
+    assert report.payloads_redacted >= 2  # the inbox row and the queued jobs
+    assert (row["email"], row["display_name"], row["is_active"]) == (None, None, False)
+    assert [j["type"] for j in queued] == ["user.created", "user.deleted"]  # still told, without the person
+    assert all("ada@example.com" not in json.dumps(j["payload"]) for j in queued)
+    assert queued[1]["payload"]["values"] == {}
+
+
+# Django's auth_user as `manage.py migrate` creates it (no database defaults): what a Django
+# integration would point the users mapping at (AUTH_USER_MODEL).
+django_meta = sa.MetaData()
+auth_user = sa.Table(
+    "auth_user", django_meta,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("password", sa.String(128), nullable=False),
+    sa.Column("last_login", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("is_superuser", sa.Boolean, nullable=False),
+    sa.Column("username", sa.String(150), nullable=False, unique=True),
+    sa.Column("first_name", sa.String(150), nullable=False),
+    sa.Column("last_name", sa.String(150), nullable=False),
+    sa.Column("email", sa.String(254), nullable=False),
+    sa.Column("is_staff", sa.Boolean, nullable=False),
+    sa.Column("is_active", sa.Boolean, nullable=False),
+    sa.Column("date_joined", sa.DateTime(timezone=True), nullable=False),
+)
+
+
+def test_a_django_auth_user_table_needs_its_not_null_columns_mapped(db_url: str) -> None:
+    engine = sa.create_engine(db_url)
+    django_meta.create_all(engine)
+    partial = SchemaMapping(users=MappedTable("auth_user", "clerk_id", {"email": "email"}, Deactivate("is_active")))
+    full = SchemaMapping(users=MappedTable("auth_user", "clerk_id", {
+        "username": "clerk_id", "email": Column("email", default=""),
+        "first_name": Column("first_name", default=""), "last_name": Column("last_name", default=""),
+        "is_staff": Column(compute=lambda v: v.get("role") == "admin"),
+        "is_superuser": Column(compute=lambda v: False),
+        "password": Column(compute=lambda v: "!"),  # Django's unusable password: sign-in is Clerk's
+        "date_joined": Column(compute=lambda v: datetime.fromtimestamp((v.get("clerk_created_at") or 0) / 1000, UTC)),
+    }, on_delete=Deactivate("is_active")))
+    with engine.begin() as conn:
+        migrate_schema(conn, full)
+        problems = [p for _, p in check_schema(conn, partial)]
+        assert check_schema(conn, full) == []
+    assert {p.split(" ")[0] for p in problems if "NOT NULL" in p} == {
+        "auth_user.password", "auth_user.is_superuser", "auth_user.username", "auth_user.first_name",
+        "auth_user.last_name", "auth_user.is_staff", "auth_user.date_joined"}
+    store = Store.from_url(db_url, mapping=full)
+    deliver(store, f.envelope("user.created", f.user("user_1", B + 1000, role="admin")),
+            f.envelope("user.deleted", f.deleted("user", "user_1"), B + 2000))
+    with engine.connect() as conn:
+        row = conn.execute(sa.text("SELECT username, email, is_staff, is_active, password FROM auth_user")).one()
+    store.dispose()
+    engine.dispose()
+    assert tuple(row) == ("user_1", "user_1@example.com", True, False, "!")
+
+
+def test_backfill_projects_what_clerk_sync_already_holds(app_db: str) -> None:
+    plain = Store.from_url(app_db)  # a running install, before the app adopted a mapping
+    deliver(plain, f.envelope("user.created", f.user("user_1", B + 1000, role="admin")),
+            f.envelope("user.created", f.user("user_2", B + 1000)),
+            f.envelope("user.deleted", f.deleted("user", "user_2"), B + 2000))
+    plain.dispose()
+    mapping = mapping_for(SoftDelete())
+    store = Store.from_url(app_db, mapping=mapping)
+    with store.transaction() as writer:  # the app had linked user_2 by hand before it was deleted
+        writer.conn.execute(sa.text("INSERT INTO accounts (clerk_user_id, email) VALUES ('user_2', 'b@x')"))
+    for _ in range(2):  # idempotent
+        with store.transaction() as writer:
+            assert mapping.backfill(writer.conn, writer.now) == {"users": 2}
+    with store.connect() as conn:
+        rows = app_rows(conn, "user_")
+    store.dispose()
+    assert len(rows) == 2
+    assert (rows[("users", "user_1")]["role"], rows[("users", "user_1")]["deleted_at"]) == ("admin", None)
+    assert rows[("users", "user_2")]["deleted_at"] is not None
+
+
+def test_a_clerk_id_column_without_a_unique_index_still_gets_one_row(db_url: str) -> None:
+    engine = sa.create_engine(db_url)
+    sa.Table("members", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+             sa.Column("cid", sa.String(64)), sa.Column("email", sa.String(320))).create(engine)
+    mapping = SchemaMapping(users=MappedTable("members", "cid", {"email": "email"}, HardDelete()))
+    with engine.connect() as conn:
+        assert any("no unique index" in p for _, p in check_schema(conn, mapping))
+    store = Store.from_url(db_url, mapping=mapping)
+    deliver(store, f.envelope("user.updated", f.user("user_1", B + 2000, email="new@example.com")),
+            f.envelope("user.created", f.user("user_1", B + 1000)),  # stale
+            f.envelope("user.updated", f.user("user_1", B + 3000, email="newer@example.com")))
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT cid, email FROM members")).all()
+    store.dispose()
+    engine.dispose()
+    assert [tuple(r) for r in rows] == [("user_1", "newer@example.com")]

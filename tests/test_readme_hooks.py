@@ -1,0 +1,38 @@
+"""The README's "Your own tables, your side effects" snippet runs as printed, then does what it says."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+_THEN = """
+from clerk_sync.engine import Entity, Upsert
+from clerk_sync.events import user_record
+from tests import factories as f
+
+with store.transaction() as writer:
+    writer.apply(Upsert(Entity.USER, user_record(f.user("user_1", 1_800_000_000_000, role="admin"))))
+dispatcher.drain()
+with engine.connect() as conn:
+    print(dict(conn.execute(sa.text("SELECT clerk_user_id, email, role, plan FROM accounts")).one()._mapping))
+"""
+
+
+def test_the_hooks_snippet_runs_as_printed(tmp_path: Path) -> None:
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- readme-hooks:begin -->\n```python\n(.*?)```\n<!-- readme-hooks:end -->", readme, re.S)
+    assert block is not None
+    result = subprocess.run([sys.executable, "-c", block.group(1) + _THEN], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=60, check=False, env={"PYTHONPATH": str(ROOT), "PATH": "", "DATABASE_URL": f"sqlite:///{tmp_path / 'app.db'}"})
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if not line.startswith("20")]  # log lines
+    assert lines == [
+        "['added accounts.clerk_user_id', 'added accounts.deleted_at', "
+        "'created unique index uq_accounts_clerk_user_id']",
+        "welcome user_1@example.com user.created:user_1:1800000000000",
+        "{'clerk_user_id': 'user_1', 'email': 'user_1@example.com', 'role': 'admin', 'plan': 'free'}",
+    ]
