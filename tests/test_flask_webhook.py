@@ -111,9 +111,9 @@ def test_every_example_payload_gives_the_rows_and_statuses_of_the_service(
     assert snapshot(store) == service_rows
 
 
-@pytest.mark.parametrize(("name", "headers", "body", "status"), _bad_requests(), ids=[c[0] for c in _bad_requests()])
-def test_refusals_match_the_service_and_write_nothing(
-        flask_post: tuple[Post, Store], db_url: str, name: str, headers: dict[str, str], body: bytes, status: int) -> None:
+@pytest.mark.parametrize("name", [c[0] for c in _bad_requests()])
+def test_refusals_match_the_service_and_write_nothing(flask_post: tuple[Post, Store], db_url: str, name: str) -> None:
+    _, headers, body, status = next(c for c in _bad_requests() if c[0] == name)  # signed now, not at collection
     post, store = flask_post
     settings = _settings(db_url)
     processor = build_processor(settings)

@@ -173,8 +173,13 @@ def _bad_requests() -> list[tuple[str, dict[str, str], bytes, int]]:
     return cases
 
 
-@pytest.mark.parametrize(("headers", "body", "status"), [c[1:] for c in _bad_requests()], ids=[c[0] for c in _bad_requests()])
-def test_bad_input_is_refused_and_writes_nothing(service: tuple[httpx.Client, Store], headers: dict[str, str], body: bytes, status: int) -> None:
+_BAD_CASES = [c[0] for c in _bad_requests()]
+
+
+@pytest.mark.parametrize("case", _BAD_CASES)
+def test_bad_input_is_refused_and_writes_nothing(service: tuple[httpx.Client, Store], case: str) -> None:
+    # Signed when the test runs, not at collection: a long suite must not turn them into stale ones.
+    _, headers, body, status = next(c for c in _bad_requests() if c[0] == case)
     client, store = service
     response = client.post("/webhooks/clerk", content=body, headers=headers)
     assert response.status_code == status, response.text
