@@ -223,3 +223,40 @@ def test_hooks_see_every_change_written_through_group_commit(db_url: str, verifi
         assert [job.type for job in jobs] == ["user.created", "user.created", "user.updated"]
     finally:
         store.dispose()
+
+
+def test_mapping_refusals_are_stored_failed_without_failing_the_batch(tmp_path: Any, verifier: WebhookVerifier) -> None:
+    """Review finding: an ambiguous link (StoreDataError raised by our code, not the database) and a
+    UNIQUE clash in the app's own table (IntegrityError) used to fail every batch they landed in, 503
+    forever. Now each is stored ``failed`` and its batch-mates commit."""
+    from clerk_sync import migrations
+    from clerk_sync.integrations._committer import ALONE
+    from clerk_sync.mapping import MappedTable, SchemaMapping, SoftDelete
+    from clerk_sync.store import create_engine
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'app.db'}")
+    migrations.upgrade(engine)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE accounts (id INTEGER PRIMARY KEY, clerk_user_id VARCHAR(64) UNIQUE, "
+                             "email VARCHAR(320) UNIQUE, deleted_at TIMESTAMP)")
+        conn.exec_driver_sql("INSERT INTO accounts (email) VALUES ('legacy@x.io')")
+        conn.exec_driver_sql("CREATE TABLE legacy (id INTEGER PRIMARY KEY, clerk_user_id VARCHAR(64) UNIQUE, "
+                             "email VARCHAR(320), deleted_at TIMESTAMP)")
+        conn.exec_driver_sql("INSERT INTO legacy (email) VALUES ('dup@x.io'), ('dup@x.io')")
+    clash = SchemaMapping(users=MappedTable("accounts", "clerk_user_id", {"email": "email"},
+                                            on_delete=SoftDelete("deleted_at")))
+    ambiguous = SchemaMapping(users=MappedTable("legacy", "clerk_user_id", {"email": "email"}, link_by_email="email"))
+    for mapping, bad_email in ((clash, "legacy@x.io"), (ambiguous, "dup@x.io")):
+        store = Store(engine, mapping=mapping)
+        processor = WebhookProcessor(store, verifier)
+        tag = uuid.uuid4().hex[:6]
+        batch = [(f"a{tag}", _parsed(f.envelope("user.created", f.user(f"user_ok{tag}", 10, email=f"{tag}@x.io")))),
+                 (f"b{tag}", _parsed(f.envelope("user.created", f.user(f"user_bad{tag}", 10, email=bad_email)))),
+                 (f"c{tag}", _parsed(f.envelope("organization.created", f.organization(f"org_{tag}", 10))))]
+        results = GroupCommitter(processor).write(batch)
+        assert results[0].status == results[2].status == "applied"  # type: ignore[union-attr]
+        assert results[1] is ALONE
+        assert processor.apply_alone(*batch[1]).status == "failed"  # stored with its reason, replayable
+        inbox = _inbox(store)
+        assert (inbox[f"a{tag}"], inbox[f"b{tag}"], inbox[f"c{tag}"]) == ("applied", "failed", "applied")
+    engine.dispose()

@@ -18,7 +18,7 @@ import sqlalchemy as sa
 import structlog
 
 from clerk_sync.engine import DeliveryStatus, delivery_reason, plan_delivery
-from clerk_sync.errors import PayloadError, PayloadTooLarge, StoreDataError, WrongInstance
+from clerk_sync.errors import ClerkSyncError, PayloadError, PayloadTooLarge, StoreDataError, WrongInstance
 from clerk_sync.events import Envelope, parse_envelope
 from clerk_sync.metrics import Metrics
 from clerk_sync.store import OneStatement, Store, Writer
@@ -96,6 +96,11 @@ class WebhookProcessor:
                 return self.apply_in(writer, svix_id, envelope)
         except StoreDataError as exc:
             return self._store_refused(svix_id, envelope, exc)
+        except (ClerkSyncError, sa.exc.SQLAlchemyError):
+            raise  # a transient failure: 503, Svix retries
+        except Exception as exc:  # app code on the apply path (a mapping's compute hook) refused this event
+            log.exception("apply_crashed", svix_id=svix_id, event_type=envelope.type)
+            return self._store_refused(svix_id, envelope, StoreDataError(f"apply raised {type(exc).__name__}: {exc}"))
 
     def observe(self, envelope: Envelope, outcome: Outcome, started: float, started_ns: int) -> None:
         """Metrics, the per-delivery log line and the trace span of a committed delivery."""

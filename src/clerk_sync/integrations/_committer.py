@@ -178,7 +178,7 @@ class GroupCommitter:
             for position, (svix_id, envelope) in enumerate(jobs):
                 try:
                     outcomes.append(processor.apply_in(writer, svix_id, envelope))
-                except sa.exc.SQLAlchemyError as exc:
+                except Exception as exc:  # any failure of one delivery: it goes alone, its batch-mates commit
                     if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
                         raise  # the connection is gone: fail the batch (StoreError)
                     raise _Isolate(position, exc) from exc
@@ -205,6 +205,8 @@ class GroupCommitter:
             if closed:
                 raise wrapped from exc
             raise _Isolate(-1, wrapped) from exc
+        except Exception as exc:  # not the database's: find the delivery one statement at a time
+            raise _Isolate(-1, exc) from exc
 
 
 def _answer(batch: list[_Job], results: list[Result]) -> None:
