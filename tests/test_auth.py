@@ -421,3 +421,29 @@ def test_deny_list_first_load_includes_deprovisioned_and_locked_users(db_url: st
     deny = DenyList(h.store)  # a fresh replica: the full first load
     assert (deny.blocked_reason("user_a"), deny.blocked_reason("user_b")) == ("deprovisioned", "locked")
     h.store.dispose()
+
+
+def test_the_starlette_backend_keeps_anonymous_pages_up_while_the_database_is_down() -> None:
+    """Review finding: ClerkAuthBackend read the deny list before looking for a token, so a database
+    outage answered 500 to anonymous visitors of public pages."""
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.middleware.authentication import AuthenticationMiddleware
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from clerk_sync.auth.claims import ClaimsValidator
+    from clerk_sync.auth.jwks import StaticKeySource
+    from clerk_sync.auth.sessions import SessionVerifier
+    from clerk_sync.integrations.asgi import ClerkAuthBackend
+    from tests._server import running
+    from tests.test_sessions import KEY, pem
+
+    down = Store.from_url("postgresql+psycopg://postgres@127.0.0.1:1/nothing_listens")
+    authenticator = Authenticator(SessionVerifier(StaticKeySource(pem(KEY)), ClaimsValidator()), down)
+    app = Starlette(routes=[Route("/", lambda _: PlainTextResponse("public home"))],
+                    middleware=[Middleware(AuthenticationMiddleware, backend=ClerkAuthBackend(authenticator))])
+    with running(app) as url, httpx.Client(base_url=url) as client:
+        assert client.get("/").status_code == 200
+        assert client.get("/", headers={"Authorization": "Bearer x.y.z"}).status_code == 400  # refused, not a 500
+    down.dispose()

@@ -143,9 +143,10 @@ class Authenticator:
         return self._check_user(self.verifier.verify(token_from_request(headers, cookies)))
 
     async def aauthenticate(self, headers: Mapping[str, str], cookies: Mapping[str, str]) -> Auth:
+        token = token_from_request(headers, cookies)  # first: an anonymous request never touches the DB
         if self.deny_list.due():  # its DB read runs in a worker thread, never on the event loop
             await to_thread.run_sync(self.deny_list.refresh_if_due)
-        return self._check_user(await self.verifier.averify(token_from_request(headers, cookies)))
+        return self._check_user(await self.verifier.averify(token))
 
     def _check_user(self, auth: Auth) -> Auth:
         reason = self.deny_list.blocked_reason(auth.user_id)

@@ -156,5 +156,8 @@ class Dispatcher:
             except StoreError as exc:
                 log.warning("hook dispatch: database unavailable", error=str(exc))
                 claimed = 0
+            except Exception:  # a bug must not stop hooks for good while serve keeps answering 200
+                log.exception("hook dispatch crashed; retrying after a pause")
+                claimed = 0
             if claimed < self.batch:
                 self._stop.wait(self.poll_s)

@@ -57,7 +57,7 @@ class _Job:
 class _Isolate(Exception):
     """Job ``index`` of the batch failed: roll back, take it out, write the rest again."""
 
-    def __init__(self, index: int, cause: sa.exc.SQLAlchemyError) -> None:
+    def __init__(self, index: int, cause: Exception) -> None:
         super().__init__(index)
         self.index, self.cause = index, cause
 

@@ -52,8 +52,8 @@ class ClerkAuthBackend(AuthenticationBackend):
             auth = await self.authenticator.aauthenticate(conn.headers, conn.cookies)
         except TokenMissing:
             return None
-        except (TokenError, AccessDenied) as exc:  # AccessDenied: a deprovisioned or locked user
-            raise AuthenticationError(exc.code) from exc
+        except (TokenError, AccessDenied, StoreError) as exc:  # AccessDenied: deprovisioned or locked;
+            raise AuthenticationError(exc.code) from exc  # StoreError: the deny list is unreadable
         scopes = ["authenticated", *([auth.org_role] if auth.org_role else []), *auth.org_permissions]
         return AuthCredentials(scopes), ClerkUser(auth)
 

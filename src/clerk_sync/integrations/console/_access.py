@@ -26,7 +26,7 @@ from itsdangerous import BadSignature, URLSafeTimedSerializer
 
 from clerk_sync.auth.admin import ADMIN_ROLE
 from clerk_sync.auth.authenticator import Authenticator
-from clerk_sync.auth.users import read_user
+from clerk_sync.auth.users import read_user, standing_error
 from clerk_sync.errors import AccessDenied, TokenError, TokenMissing
 from clerk_sync.store import Store
 
@@ -101,8 +101,11 @@ class ConsoleAccess:
     def confirm_admin(self, clerk_id: str) -> None:
         """The database, not the token, says who is an admin (as ``Authenticator.require_role``)."""
         user = read_user(self.store, clerk_id)
-        if user is None or user.role != ADMIN_ROLE or user.banned or user.deleted_at is not None:
+        if user is None or user.role != ADMIN_ROLE:
             raise AccessDenied(f"the console requires the {ADMIN_ROLE!r} role")
+        refusal = standing_error(user)  # banned, deleted, deprovisioned by the IdP, or locked: out at once
+        if refusal is not None:
+            raise refusal
 
     def _clerk_admin(self, headers: Mapping[str, str], cookies: Mapping[str, str]) -> str:
         if self.authenticator is None:

@@ -10,7 +10,7 @@ from django.http import HttpRequest
 
 from clerk_sync.auth.claims import Auth
 from clerk_sync.auth.users import AuthUser
-from clerk_sync.errors import ClerkSyncError, ConfigError, StoreError, TokenError, TokenMissing
+from clerk_sync.errors import AccessDenied, ClerkSyncError, ConfigError, StoreError, TokenError, TokenMissing
 from clerk_sync.integrations.django.runtime import ClerkSync, get_clerk_sync
 
 __all__ = ["ClerkRequest", "aclerk_request", "clerk_request"]
@@ -70,7 +70,7 @@ def clerk_request(request: HttpRequest) -> ClerkRequest:
     headers, cookies = _headers_and_cookies(request)
     try:
         result: Auth | ClerkSyncError = runtime.authenticator.authenticate(headers, cookies)
-    except (TokenError, StoreError, ConfigError) as exc:  # a config error fails protected views only
+    except (TokenError, AccessDenied, StoreError, ConfigError) as exc:  # fails protected views only
         result = exc
     state = _answer(runtime, result)
     request.clerk = state  # type: ignore[attr-defined]
@@ -86,7 +86,7 @@ async def aclerk_request(request: HttpRequest) -> ClerkRequest:
     headers, cookies = _headers_and_cookies(request)
     try:
         result: Auth | ClerkSyncError = await runtime.authenticator.aauthenticate(headers, cookies)
-    except (TokenError, StoreError, ConfigError) as exc:  # a config error fails protected views only
+    except (TokenError, AccessDenied, StoreError, ConfigError) as exc:  # fails protected views only
         result = exc
     state = _answer(runtime, result)
     request.clerk = state  # type: ignore[attr-defined]

@@ -22,7 +22,7 @@ from clerk_sync.auth.authenticator import Authenticator
 from clerk_sync.auth.claims import Auth
 from clerk_sync.auth.users import AuthUser, JitUsers
 from clerk_sync.config import Settings
-from clerk_sync.errors import ClerkSyncError, ConfigError, StoreError, TokenError
+from clerk_sync.errors import AccessDenied, ClerkSyncError, ConfigError, StoreError, TokenError
 from clerk_sync.ingest import WebhookProcessor
 from clerk_sync.integrations.http import error_response
 from clerk_sync.store import Store
@@ -183,7 +183,7 @@ def optional_clerk() -> Auth | None:
     """
     try:
         return _current_auth()
-    except (TokenError, StoreError):
+    except (TokenError, AccessDenied, StoreError):  # a locked user browses public pages signed out
         return None
 
 
