@@ -1,26 +1,43 @@
-"""Personal data in delivery payloads is masked on screen unless an admin reveals it (audited)."""
+"""Personal data in delivery payloads is masked on screen unless an admin reveals it (audited).
+
+An allow-list, not a deny-list: Clerk adds event types and fields (OTP codes and message bodies in
+``email.created``/``sms.created``, IP addresses in ``session.created``), and a field we have never
+heard of must be hidden by default. Kept in clear: identifiers, types, statuses, roles, permissions,
+timestamps and every number or boolean; every other string is masked, and the private and unsafe
+metadata blobs are masked whole.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["MASK", "PERSONAL_KEYS", "mask"]
+__all__ = ["MASK", "PERSONAL_KEYS", "SAFE_KEYS", "mask"]
 
-#: Keys whose values are personal: emails, names, phone numbers, images, and private metadata whole.
-PERSONAL_KEYS = frozenset({
-    "email_address", "email", "first_name", "last_name", "username", "phone_number",
-    "image_url", "profile_image_url", "identifier", "private_metadata", "unsafe_metadata",
+#: Keys whose whole value is personal (masked even when it is an object).
+PERSONAL_KEYS = frozenset({"private_metadata", "unsafe_metadata"})
+#: Keys whose string values are not personal; ``id`` and ``*_id`` keys are safe as well.
+SAFE_KEYS = frozenset({
+    "object", "type", "status", "role", "role_name", "permissions", "strategy", "slug", "instance_id",
+    "event_type", "abandon_at", "expire_at", "timestamp", "reason", "channel", "delivered_by_clerk",
 })
 MASK = "•••"
 
 
-def mask(value: Any) -> Any:
-    """A copy of ``value`` with every personal key's value replaced by :data:`MASK` (None stays None)."""
+def mask(value: Any, key: str | None = None) -> Any:
+    """A copy of ``value`` with personal values replaced by :data:`MASK` (None and empty values stay)."""
+    if key in PERSONAL_KEYS:
+        return _hide(value)
     if isinstance(value, dict):
-        return {k: (_hide(v) if k in PERSONAL_KEYS else mask(v)) for k, v in value.items()}
+        return {k: mask(v, k) for k, v in value.items()}
     if isinstance(value, list):
-        return [mask(v) for v in value]
-    return value
+        return [mask(v, key) for v in value]
+    if isinstance(value, str) and not _safe(key):
+        return _hide(value)
+    return value  # numbers, booleans, None, and strings under a safe key
+
+
+def _safe(key: str | None) -> bool:
+    return key is None or key in SAFE_KEYS or key == "id" or key.endswith(("_id", "_at"))
 
 
 def _hide(value: Any) -> Any:
