@@ -166,7 +166,14 @@ class SchemaMapping:
         key = (id(conn.engine), change.entity)  # reflected, and statements built, once per engine
         if key not in self._projections:
             self._projections[key] = _Projection(self.table(conn, mapped.table), mapped, conn.dialect.name)
-        self._projections[key].apply(conn, now, change)
+        try:
+            self._projections[key].apply(conn, now, change)
+        except sa.exc.IntegrityError as exc:
+            # The app's own constraint (a UNIQUE e-mail still held by a soft-deleted row, a NOT NULL
+            # column the mapping does not fill): retrying cannot help, so the delivery is stored failed.
+            first_line = (str(exc.orig).strip().splitlines() or [""])[0][:200]  # never the values
+            raise StoreDataError(f"{mapped.table} refused {change.type} for {change.clerk_id}: {first_line}; "
+                                 "fix the table or the mapping, then `clerk-sync replay`") from None
 
     def backfill(self, conn: Connection, now: datetime) -> dict[str, int]:
         """Project every row the contract tables already hold (a mapping added to a running install);

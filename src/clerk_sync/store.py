@@ -534,10 +534,7 @@ def _store_error(exc: sa.exc.SQLAlchemyError) -> StoreError:
     bound = _TIMEOUTS.get(getattr(orig, "sqlstate", None) or "")
     if bound is not None:  # a bounded wait ran out: someone else holds what we need, try again later
         return StoreError(f"database timeout: {bound} ({first_line}); nothing was applied, retry later")
-    # A value refused for good, or a constraint of the app's own mapped table (a UNIQUE e-mail kept by
-    # a soft-deleted row, a NOT NULL column): retrying cannot help, so the delivery is stored failed.
-    # Our own writes never raise IntegrityError (every insert is ON CONFLICT-guarded).
-    if isinstance(exc, sa.exc.DataError | sa.exc.IntegrityError):
+    if isinstance(exc, sa.exc.DataError):  # a value refused for good: retrying cannot help
         return StoreDataError(message)
     return StoreError(message)
 
