@@ -172,3 +172,23 @@ def test_one_extension_serves_two_apps_each_with_its_own_database(tmp_path: Any)
     assert row_counts(clerk_state(apps[1]).store)["users"] == 0
     for app in apps:
         clerk_state(app).close()
+
+
+def test_a_store_with_hooks_is_used_for_every_write(db_url: str) -> None:
+    """Review finding: the extension built its own Store, so hooks and mappings configured on the app's
+    store were skipped by Flask's webhook, JIT and admin writes. ``ClerkSync(store=...)`` shares it."""
+    from clerk_sync.changes import Hook
+    from clerk_sync.tables import hook_jobs
+
+    store = Store.from_url(db_url, hooks=[Hook("welcome", lambda change: None, on=["user.created"])])
+    try:
+        app = Flask(__name__)
+        ClerkSync(app, settings=_settings(db_url), store=store)
+        assert clerk_state(app).store is store
+        headers, body = f.signed(f.envelope("user.created", f.user("user_hooked", 10)), "msg_hooked")
+        response = app.test_client().post("/webhooks/clerk", data=body, headers=headers)
+        assert response.status_code == 200 and response.get_json()["status"] == "applied"
+        with store.connect() as conn:
+            assert conn.execute(sa.select(hook_jobs.c.type)).scalars().all() == ["user.created"]
+    finally:
+        store.dispose()

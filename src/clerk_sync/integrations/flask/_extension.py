@@ -43,13 +43,17 @@ class ClerkSync:
     ``public_endpoints`` or decorated with :func:`public` (the webhook route and ``static`` always are).
     ``jit`` syncs a signed-in user whose webhook has not arrived (needs ``CLERK_SECRET_KEY``).
     ``revocation_refresh_s`` is how stale the deny list (revoked sessions, banned users) may be.
+    ``store``: a :class:`~clerk_sync.store.Store` you built with ``hooks=``/``mapping=`` — pass it so
+    webhooks, JIT syncs and admin actions all queue your hooks and write your tables (you close it).
     """
 
     def __init__(self, app: Flask | None = None, *, settings: Settings | None = None,
                  webhook_path: str | None = "/webhooks/clerk", deny_by_default: bool = False,
                  public_endpoints: Iterable[str] = (), jit: bool = True,
-                 audit_impersonation: bool = True, revocation_refresh_s: float = 1.0) -> None:
+                 audit_impersonation: bool = True, revocation_refresh_s: float = 1.0,
+                 store: Store | None = None) -> None:
         self.settings = settings
+        self.store = store
         self.webhook_path = webhook_path
         self.deny_by_default = deny_by_default
         self.public_endpoints = frozenset(public_endpoints) | {"static"}  # the app's static files
@@ -76,9 +80,9 @@ class ClerkSync:
 
     def _build(self, settings: Settings) -> ClerkSyncState:
         # A missing or malformed webhook secret fails here, at start-up, not on the first delivery.
-        processor = build_processor(settings) if self.webhook_path is not None else None
-        store = processor.store if processor is not None else Store.from_url(settings.sqlalchemy_url())
-        closers: list[Callable[[], None]] = [store.dispose]
+        processor = build_processor(settings, self.store) if self.webhook_path is not None else None
+        store = processor.store if processor is not None else self.store or Store.from_url(settings.sqlalchemy_url())
+        closers: list[Callable[[], None]] = [] if self.store is not None else [store.dispose]
         clerk = ClerkClient.from_settings(settings) if settings.clerk_secret_key is not None else None
         if clerk is not None:
             closers.append(clerk.close)
