@@ -18,6 +18,7 @@ from django.core.management.base import CommandError, SystemCheckError
 from django.test import Client, override_settings
 
 from clerk_sync.auth.users import read_user
+from clerk_sync.changes import Hook
 from clerk_sync.config import DEFAULT_DATABASE_URL
 from clerk_sync.errors import ConfigError
 from clerk_sync.integrations.django.checks import check_settings
@@ -323,3 +324,21 @@ def test_sync_requests_create_no_event_loop(client_world: World, monkeypatch: py
     assert created == []
     assert client_world.app.get("/t/async/me", headers=tok).status_code == 200
     assert len(created) == 1  # the spy sees loops: an async view under WSGI needs one per request
+
+
+#: Loaded by dotted path from CLERK_SYNC["HOOKS"] in the test below.
+WELCOME_HOOKS = [Hook("welcome", lambda change: None, on=["user.created"])]
+
+
+def test_hooks_and_mapping_settings_reach_the_store() -> None:
+    """Review finding: the Django runtime built a Store without hooks or mapping, so its JIT and admin
+    writes skipped the outbox. ``CLERK_SYNC["HOOKS"]`` / ``["MAPPING"]`` (dotted paths) configure it."""
+    from clerk_sync.integrations.django.runtime import ClerkSync
+
+    with override_settings(CLERK_SYNC={"CLERK_WEBHOOK_SIGNING_SECRET": SECRET, "DATABASE_URL": "sqlite://",
+                                       "HOOKS": "tests.django.test_integration.WELCOME_HOOKS"}):
+        options = django_options()
+        runtime = ClerkSync(clerk_settings({}), options)
+    assert [hook.name for hook in options.hooks] == ["welcome"]
+    assert [hook.name for hook in runtime.store.hooks] == ["welcome"]
+    runtime.store.dispose()

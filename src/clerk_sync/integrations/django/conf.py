@@ -52,12 +52,17 @@ class DjangoOptions:
     deny_list_refresh_s: float = 1.0
     #: ``USER_FIELDS``: dotted path of ``(AuthUser) -> dict`` deciding what the backend copies.
     user_fields: UserFields = default_user_fields
+    #: ``HOOKS`` / ``MAPPING``: dotted paths of a list of :class:`~clerk_sync.changes.Hook` and of a
+    #: :class:`~clerk_sync.mapping.SchemaMapping`, so the webhook view, JIT syncs and admin actions
+    #: queue the same hooks and write the same tables as ``clerk-sync serve --hooks/--mapping``.
+    hooks: tuple[Any, ...] = ()
+    mapping: Any = None
 
 
 _OPTION_KEYS = {
     "REQUIRE_AUTH": "require_auth", "PUBLIC_PATHS": "public_paths", "PUBLIC_PREFIXES": "public_prefixes",
     "JIT": "jit", "AUDIT_IMPERSONATION": "audit_impersonation", "DENY_LIST_REFRESH_S": "deny_list_refresh_s",
-    "USER_FIELDS": "user_fields",
+    "USER_FIELDS": "user_fields", "HOOKS": "hooks", "MAPPING": "mapping",
 }
 
 
@@ -103,8 +108,11 @@ def django_options() -> DjangoOptions:
         values["public_paths"] = frozenset(values["public_paths"])
     if "public_prefixes" in values:
         values["public_prefixes"] = tuple(values["public_prefixes"])
-    if isinstance(values.get("user_fields"), str):
-        values["user_fields"] = import_string(values["user_fields"])
+    for name in ("user_fields", "hooks", "mapping"):
+        if isinstance(values.get(name), str):
+            values[name] = import_string(values[name])
+    if "hooks" in values:
+        values["hooks"] = tuple(values["hooks"])
     return DjangoOptions(**values)
 
 

@@ -38,7 +38,8 @@ class ClerkSync:
     def __init__(self, settings: Settings, options: DjangoOptions) -> None:
         self.settings = settings
         self.options = options
-        self.store = Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts())  # lazy connect
+        self.store = Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts(),  # lazy connect
+                                    hooks=options.hooks, mapping=options.mapping)
         self._http = httpx.Client()
 
     @cached_property
