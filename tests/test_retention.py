@@ -15,6 +15,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from clerk_sync.events import parse_envelope
 from clerk_sync.ingest import WebhookProcessor
 from clerk_sync.retention import Retention, RetentionPolicy, redact_payload
 from clerk_sync.store import Store
@@ -109,7 +110,7 @@ def test_prune_redacts_then_deletes_keeps_failed_and_ordering(store: Store, veri
     assert deliver(processor, f.envelope("user.created", _user("user_p", 900)), "msg_late") == "skipped"
     assert user_row(store, "user_p")["first_name"] is None
     again = Retention(store, policy, now=_later(31)).prune()
-    assert (again.redacted, again.cleared) == (1, 0)  # only the late create is new; nothing twice
+    assert (again.redacted, again.cleared) == (0, 0)  # the late create was redacted on arrival; nothing twice
 
     gone = Retention(store, policy, now=_later(91)).prune()
     assert gone.deleted == 3
@@ -234,3 +235,19 @@ def test_serve_prunes_on_a_schedule(db_url: str, verifier: WebhookVerifier) -> N
         assert leaks(store, skip=("users",)) == {}
         assert 'clerk_sync_pruned_rows_total{action="redacted"} 1.0' in client.get("/metrics").text
     store.dispose()
+
+
+def test_a_retry_arriving_after_erasure_keeps_no_personal_data(store: Store, verifier: WebhookVerifier) -> None:
+    """Review finding: a late ``user.updated`` for an erased user was skipped but stored whole; its
+    payload is now redacted at once (ids and versions stay, so it still counts as a duplicate)."""
+    from clerk_sync.integrations._committer import GroupCommitter
+
+    processor = WebhookProcessor(store, verifier)
+    assert deliver(processor, f.envelope("user.created", _user("user_e", 100)), "msg_1") == "applied"
+    Retention(store).erase_user("user_e", actor="user_admin", reason="DSR-43")
+    assert deliver(processor, f.envelope("user.updated", _user("user_e", 200)), "msg_late") == "skipped"
+    late = f.envelope("user.updated", _user("user_e", 300))
+    batch = GroupCommitter(processor).write([("msg_late_batch", parse_envelope(f.body_of(late)))])
+    assert [r.status for r in batch] == ["skipped"]  # type: ignore[union-attr]
+    assert leaks(store) == {}
+    assert deliver(processor, f.envelope("user.updated", _user("user_e", 200)), "msg_late") == "duplicate"

@@ -17,10 +17,11 @@ from datetime import datetime
 import sqlalchemy as sa
 import structlog
 
-from clerk_sync.engine import DeliveryStatus, delivery_reason, plan_delivery
+from clerk_sync.engine import DeliveryStatus, Upsert, delivery_reason, plan_delivery
 from clerk_sync.errors import ClerkSyncError, PayloadError, PayloadTooLarge, StoreDataError, WrongInstance
 from clerk_sync.events import Envelope, parse_envelope
 from clerk_sync.metrics import Metrics
+from clerk_sync.retention import redact_payload
 from clerk_sync.store import OneStatement, Store, Writer
 from clerk_sync.tables import webhook_events
 from clerk_sync.tracing import delivery_span
@@ -161,7 +162,9 @@ class WebhookProcessor:
                 svix_id, envelope.text, event_type=envelope.type, instance_id=envelope.instance_id,
                 event_timestamp=envelope.timestamp_ms, error=error, intent=planned.intent,  # type: ignore[arg-type]
             )
-            return Outcome(svix_id, envelope.type, combined or DeliveryStatus.DUPLICATE, error)
+            outcome = Outcome(svix_id, envelope.type, combined or DeliveryStatus.DUPLICATE, error)
+            self.forget_if_deleted(writer, outcome, envelope)
+            return outcome
         fresh = writer.record_delivery(
             svix_id, envelope.text, event_type=envelope.type, instance_id=envelope.instance_id,
             event_timestamp=envelope.timestamp_ms, status=planned.status, error=error,
@@ -171,7 +174,20 @@ class WebhookProcessor:
         status = planned.status_after(writer.apply(planned.intent) if planned.intent else True)
         if status != planned.status:
             writer.finish_delivery(svix_id, status, error)
-        return Outcome(svix_id, envelope.type, status, error)
+        outcome = Outcome(svix_id, envelope.type, status, error)
+        self.forget_if_deleted(writer, outcome, envelope)
+        return outcome
+
+    @staticmethod
+    def forget_if_deleted(writer: Writer, outcome: Outcome, envelope: Envelope) -> None:
+        """A skipped upsert whose row is a tombstone (a retry arriving after ``users erase``): keep its
+        ids and versions for dedup, not the personal data it carries."""
+        if outcome.status != DeliveryStatus.SKIPPED:
+            return
+        intent = plan_delivery(envelope).intent
+        if isinstance(intent, Upsert):
+            writer.forget_payload_if_deleted(outcome.svix_id, intent.entity, intent.record.clerk_id,
+                                             redact_payload(envelope.raw))
 
 
 def replay_deliveries(

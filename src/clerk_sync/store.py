@@ -236,6 +236,16 @@ class Writer:
             at += size
         return out
 
+    def forget_payload_if_deleted(self, svix_id: str, entity: Entity, clerk_id: str,
+                                  redacted: dict[str, Any]) -> bool:
+        """Store ``redacted`` instead of the payload when its entity is a tombstone: a late event for a
+        deleted (maybe erased) user changes nothing, so its personal data is not kept either."""
+        table = _TABLES[entity]
+        gone = sa.exists().where(table.c.clerk_id == clerk_id, table.c.deleted_at.is_not(None))
+        stmt = (webhook_events.update().where(webhook_events.c.svix_id == svix_id, gone)
+                .values(payload=redacted, redacted_at=self.now))
+        return bool(self.conn.execute(stmt).rowcount)
+
     def finish_delivery(self, svix_id: str, status: str, error: str | None = None,
                         *, count_attempt: bool = False) -> None:
         """Set the outcome of a delivery (applied, skipped, ignored, failed)."""

@@ -194,6 +194,9 @@ class GroupCommitter:
             with raw.pipeline():  # type: ignore[union-attr]
                 raw.execute(f"SET LOCAL lock_timeout = {self._lock_wait_ms}")  # type: ignore[union-attr]
                 done = self.processor.pipelined_in(writer, jobs)
+            for i, outcome in enumerate(done):  # after the pipeline: a skipped late event for a tombstone
+                if outcome is not None:
+                    self.processor.forget_if_deleted(writer, outcome, jobs[i][1])
             return [outcome or self.processor.apply_in(writer, *jobs[i]) for i, outcome in enumerate(done)]
         except sa.exc.SQLAlchemyError as exc:
             if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
