@@ -342,6 +342,29 @@ def test_websocket_without_a_valid_session_is_refused_before_accept(db_url: str)
     h.store.dispose()
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_cookie_websocket_from_a_foreign_origin_is_refused(db_url: str) -> None:
+    """Review hardening: browsers attach the __session cookie to cross-site websocket handshakes, so a
+    cookie-authenticated handshake must come from an authorized party's origin."""
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    h = Harness(db_url)
+    h.event("user.created", f.user("user_wso", 1))
+    cookie = {"Cookie": f"__session={token('user_wso')}"}
+    with running(_ws_app(h)) as url:
+        ws_url = url.replace("http://", "ws://")
+        with pytest.raises(InvalidStatus) as refused:
+            connect(f"{ws_url}/ws", additional_headers=cookie, origin="https://evil.example", open_timeout=5)
+        assert refused.value.response.status_code == 403
+        with connect(f"{ws_url}/ws", additional_headers=cookie, origin=AZP, open_timeout=5) as ws:
+            assert json.loads(ws.recv(timeout=5)) == {"user_id": "user_wso"}
+        with connect(f"{ws_url}/ws", additional_headers=bearer(token("user_wso")), origin="https://evil.example",
+                     open_timeout=5) as ws:  # a Bearer token is no ambient credential
+            assert json.loads(ws.recv(timeout=5)) == {"user_id": "user_wso"}
+    h.store.dispose()
+
+
 @pytest.mark.anyio
 async def test_websocket_refusal_without_the_denial_extension_closes_with_1008(tmp_path: Any) -> None:
     """Servers without ``websocket.http.response`` get a close before accept (as Starlette's own

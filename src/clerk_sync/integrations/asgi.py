@@ -86,6 +86,8 @@ class ClerkAuthMiddleware:
         path: str = scope["path"]
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         try:
+            if scope["type"] == "websocket":
+                self._check_origin(headers)
             auth = await self.authenticator.aauthenticate(headers, _cookies(headers))
             scope["clerk_auth"] = auth
             if auth.is_impersonated and self.audit_impersonation:
@@ -99,6 +101,20 @@ class ClerkAuthMiddleware:
                 return
             scope["clerk_auth"] = None
         await self.app(scope, receive, send)
+
+
+    def _check_origin(self, headers: dict[str, str]) -> None:
+        """A websocket handshake riding on the ``__session`` cookie must come from an authorized origin:
+        browsers send cookies with cross-site websocket handshakes, and ``azp`` only says which origin
+        the token was minted for, not which page opened the socket. Bearer handshakes carry no ambient
+        credential, and without ``CLERK_AUTHORIZED_PARTIES`` there is no list to check against."""
+        parties = self.authenticator.verifier.claims.authorized_parties
+        if parties is None or headers.get("authorization", "")[:7].lower() == "bearer ":
+            return
+        origin = headers.get("origin")
+        if origin is not None and origin not in parties:
+            raise AccessDenied(f"websocket origin {origin[:100]!r} is not an authorized party "
+                               "(CLERK_AUTHORIZED_PARTIES)")
 
 
 async def _refuse(exc: ClerkSyncError, scope: Scope, receive: Receive, send: Send) -> None:
