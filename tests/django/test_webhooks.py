@@ -55,8 +55,10 @@ def rows(store: Store) -> dict[str, list[dict[str, Any]]]:
     for table in (users, organizations, organization_memberships, webhook_events):
         with store.connect() as conn:
             found = conn.execute(sa.select(table).order_by(table.c.id)).mappings().all()
-        out[table.name] = [{**{k: v for k, v in r.items() if k not in VOLATILE | {"deleted_at"}},
-                            **({"deleted": r["deleted_at"] is not None} if "deleted_at" in r else {})} for r in found]
+        out[table.name] = [{**{k: v for k, v in r.items() if k not in VOLATILE | {"deleted_at", "redacted_at"}},
+                            **({"deleted": r["deleted_at"] is not None} if "deleted_at" in r else {}),
+                            **({"redacted": r["redacted_at"] is not None} if "redacted_at" in r else {})}
+                           for r in found]
     return out
 
 
