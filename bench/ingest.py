@@ -202,13 +202,14 @@ def http_cell(system: str, store_kind: str, conc: int, cfg: argparse.Namespace, 
     env = {**os.environ, "CLERK_WEBHOOK_SIGNING_SECRET": SECRET}
     uvicorn_app = ["-m", "uvicorn", "--app-dir", str(BENCH), "--host", "127.0.0.1", "--port", str(port),
                    "--log-level", "warning", "--no-access-log"]
-    if system in ("service", "nogc", "mapped"):
+    if system in ("service", "nogc"):
         env["DATABASE_URL"] = store.url  # type: ignore[union-attr]
         env["CLERK_SYNC_GROUP_COMMIT"] = "0" if system == "nogc" else "1"
         cmd = [str(VENV_BIN / "clerk-sync"), "serve", "--host", "127.0.0.1", "--port", str(port),
                "--workers", str(workers)]
-    elif system == "mapped":
-        env.update(DATABASE_URL=store.url, PYTHONPATH=str(BENCH))  # type: ignore[union-attr]
+    elif system == "mapped":  # the same service (group commit on), plus the mapping and the hook
+        path = os.pathsep.join([str(BENCH), *filter(None, [os.environ.get("PYTHONPATH")])])
+        env.update(DATABASE_URL=store.url, PYTHONPATH=path, CLERK_SYNC_GROUP_COMMIT="1")  # type: ignore[union-attr]
         spec = ["--mapping", "_bench_mapped:mapping"]
         subprocess.run([str(VENV_BIN / "clerk-sync"), "migrate", *spec], env=env, check=True, capture_output=True)
         cmd = [str(VENV_BIN / "clerk-sync"), "serve", "--host", "127.0.0.1", "--port", str(port), *spec,

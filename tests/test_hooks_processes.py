@@ -31,6 +31,7 @@ from tests.test_hooks import deliver
 
 B = 1_800_000_000_000
 ROOT = Path(__file__).resolve().parent.parent
+PATHS = os.pathsep.join([str(ROOT / "src"), str(ROOT)])  # subprocesses run this checkout's code
 
 # Ingest with hooks, then die by SIGKILL before anything dispatches: the commits must hold the jobs.
 _INGEST_THEN_DIE = """
@@ -74,7 +75,7 @@ EXPECTED = {
 def test_kill_9_after_commit_and_mid_handler(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     engine = sa.create_engine(db_url)
     _hook_worker.meta.create_all(engine)
-    env = {"DATABASE_URL": db_url, "PYTHONPATH": str(ROOT)}
+    env = {"DATABASE_URL": db_url, "PYTHONPATH": PATHS}
     (tmp_path / "deliveries.json").write_text(json.dumps(_history()))
 
     ingest = subprocess.run([sys.executable, "-c", _INGEST_THEN_DIE, str(tmp_path / "deliveries.json"), f.SECRET],
@@ -201,7 +202,7 @@ def test_worker_names_a_bad_hooks_spec(tmp_path: Path) -> None:
     env = {"DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}"}
     for spec, message in (("nocolon", "expected module:attribute"), ("tests.nope:HOOKS", "No module named"),
                           ("tests._hook_worker:meta", "non-empty list of clerk_sync.changes.Hook")):
-        result = run("worker", "--hooks", spec, "--once", env={**env, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+        result = run("worker", "--hooks", spec, "--once", env={**env, "PYTHONPATH": PATHS}, cwd=ROOT)
         assert result.returncode == 2
         assert message in " ".join(result.stderr.split()), result.stderr
 
@@ -211,7 +212,7 @@ def test_serve_with_hooks_runs_them_in_a_thread_after_the_commit(db_url: str) ->
     engine = sa.create_engine(db_url)
     _hook_worker.meta.create_all(engine)
     port = free_port()
-    env = {**os.environ, "DATABASE_URL": db_url, "CLERK_WEBHOOK_SIGNING_SECRET": f.SECRET, "PYTHONPATH": str(ROOT),
+    env = {**os.environ, "DATABASE_URL": db_url, "CLERK_WEBHOOK_SIGNING_SECRET": f.SECRET, "PYTHONPATH": PATHS,
            "CLERK_SYNC_LOG_LEVEL": "WARNING"}
     proc = subprocess.Popen([sys.executable, "-c", "from clerk_sync.cli import main; main()", "serve", "--port",
                              str(port), "--hooks", "tests._hook_worker:hooks"], env=env, cwd=ROOT,

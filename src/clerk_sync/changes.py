@@ -88,6 +88,10 @@ class Hook:
         if unknown:
             raise ValueError(f"hook {self.name!r}: unknown change type(s) {unknown}; expected e.g. 'user.created'")
 
+    def covers(self, entity: Entity) -> bool:
+        """Whether some change of ``entity`` may be wanted (no need to look at its changes otherwise)."""
+        return any(p == "*" or p.partition(".")[0] == _PREFIX[entity] for p in self.on)
+
     def wants(self, change: Change) -> bool:
         kind = change.type
         if not ({"*", kind, kind.rpartition(".")[0] + ".*"} & set(self.on)):

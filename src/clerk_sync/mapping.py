@@ -19,7 +19,7 @@ false), :class:`Anonymise` (mapped personal columns set NULL) and :class:`HardDe
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any
@@ -163,17 +163,40 @@ class SchemaMapping:
         mapped = self.tables.get(change.entity)
         if mapped is None:
             return
-        key = (id(conn.engine), change.entity)  # reflected, and statements built, once per engine
-        if key not in self._projections:
-            self._projections[key] = _Projection(self.table(conn, mapped.table), mapped, conn.dialect.name)
         try:
-            self._projections[key].apply(conn, now, change)
+            self._projection(conn, change.entity, mapped).apply(conn, now, change)
         except sa.exc.IntegrityError as exc:
             # The app's own constraint (a UNIQUE e-mail still held by a soft-deleted row, a NOT NULL
             # column the mapping does not fill): retrying cannot help, so the delivery is stored failed.
             first_line = (str(exc.orig).strip().splitlines() or [""])[0][:200]  # never the values
             raise StoreDataError(f"{mapped.table} refused {change.type} for {change.clerk_id}: {first_line}; "
                                  "fix the table or the mapping, then `clerk-sync replay`") from None
+
+    def pipelines(self, conn: Connection, entity: Entity) -> bool:
+        """Whether this entity's created/updated changes can be written by :meth:`raw_statements` (psycopg
+        pipelines): not when linking, with a column type not adapted here, or without a plain unique
+        index on the Clerk-id column. Reflects on a connection of its own: ``conn`` may be mid-pipeline."""
+        mapped = self.tables.get(entity)
+        if mapped is None:
+            return True
+        if (id(conn.engine), entity) not in self._projections:
+            with conn.engine.connect() as own:
+                self._projection(own, entity, mapped)
+        return self._projection(conn, entity, mapped).raw_sql is not None
+
+    def raw_statements(self, conn: Connection, change: Change) -> list[tuple[str, list[Any]]]:
+        """A created/updated ``change`` of an entity that :meth:`pipelines` as psycopg statements: an upsert
+        on the Clerk-id column (none for an entity the mapping leaves alone)."""
+        mapped = self.tables.get(change.entity)
+        if mapped is None:
+            return []
+        return [self._projection(conn, change.entity, mapped).raw(change)]
+
+    def _projection(self, conn: Connection, entity: Entity, mapped: MappedTable) -> _Projection:
+        key = (id(conn.engine), entity)  # reflected, and statements built, once per engine
+        if key not in self._projections:
+            self._projections[key] = _Projection(self.table(conn, mapped.table), mapped, conn.dialect.name)
+        return self._projections[key]
 
     def backfill(self, conn: Connection, now: datetime) -> dict[str, int]:
         """Project every row the contract tables already hold (a mapping added to a running install);
@@ -218,6 +241,35 @@ class _Projection:
         # (then the plain INSERT, which raises on a conflict with another row) takes over.
         insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
         self.insert_new = insert(table).values(row).on_conflict_do_nothing() if _unique(table, self.key) else None
+        self.raw_sql, self.json_at = _raw_upsert_sql(table, self.key, names, mapped, dialect)
+        # Creations and updates in one prebuilt statement (no Core construct to key per call), when
+        # ON CONFLICT can name the Clerk-id column and no row is to be linked.
+        self.upsert: sa.TextClause | None = None
+        self.sqlite_upsert: str | None = None
+        self.sqlite_binds: list[Callable[[Any], Any] | None] = []
+        if not mapped.link_by_email and _unique(table, self.key, plain=True):
+            quote = (postgresql if dialect == "postgresql" else sqlite).dialect().identifier_preparer.quote
+            key = quote(self.key.name)
+            sets = ", ".join(f"{quote(n)} = excluded.{quote(n)}" for n in names) or f"{key} = excluded.{key}"
+            head = f"INSERT INTO {quote(table.name)} ({', '.join(quote(n) for n in names)}, {key}) "
+            tail = f"ON CONFLICT ({key}) DO UPDATE SET {sets}"
+            self.upsert = sa.text(
+                f"{head}VALUES ({', '.join(':' + _bind(i) for i in range(len(names)))}, :_clerk_id) {tail}"
+            ).bindparams(*[sa.bindparam(_bind(i), type_=table.c[n].type) for i, n in enumerate(names)])
+            if dialect == "sqlite":  # run on the driver directly (see sqlite_execute)
+                self.sqlite_upsert = f"{head}VALUES ({', '.join(['?'] * (len(names) + 1))}) {tail}"
+                self.sqlite_binds = processors([table.c[n].type for n in names], sqlite.dialect())
+
+    def raw(self, change: Change) -> tuple[str, list[Any]]:
+        """The psycopg upsert writing a created/updated ``change`` (see :meth:`SchemaMapping.pipelines`)."""
+        if self.raw_sql is None or change.kind == "deleted":
+            raise ValueError(f"{self.m.table}: {change.type} cannot be written by one upsert")
+        from psycopg.types.json import Jsonb  # raw_sql is only built for PostgreSQL (psycopg) connections
+
+        values = [col.value(change.values) for col in self.columns.values()] + list(self.fixed.values())
+        for i in self.json_at:
+            values[i] = Jsonb(values[i])
+        return self.raw_sql, [*values, change.clerk_id]
 
     def apply(self, conn: Connection, now: datetime, change: Change) -> None:
         self.conn, self.now = conn, now
@@ -225,6 +277,14 @@ class _Projection:
             self._delete(change.clerk_id)
             return
         values = {name: col.value(change.values) for name, col in self.columns.items()} | self.fixed
+        if self.sqlite_upsert is not None:
+            row = [v if f is None else f(v) for f, v in zip(self.sqlite_binds, values.values(), strict=True)]
+            sqlite_execute(conn, self.sqlite_upsert, [[*row, change.clerk_id]])
+            return
+        if self.upsert is not None:
+            bound = {_bind(i): v for i, v in enumerate(values.values())}
+            conn.execute(self.upsert, bound | {"_clerk_id": change.clerk_id})
+            return
         params = values | {"_clerk_id": change.clerk_id}
         if (change.kind == "created" and self.insert_new is not None and not self.m.link_by_email
                 and conn.execute(self.insert_new, params).rowcount):
@@ -264,9 +324,61 @@ class _Projection:
                 self.conn.execute(sa.update(self.t).where(where).values(**personal))
 
 
-def _unique(table: sa.Table, column: sa.Column[Any]) -> bool:
+def sqlite_execute(conn: Connection, sql: str, rows: Sequence[Sequence[Any]], *, many: bool = False) -> list[Any]:
+    """Run one ``?``-style statement on the sqlite3 connection under ``conn`` (in its transaction), without
+    SQLAlchemy's per-call work (several times the statement's own cost on the hooks path); the caller
+    converts values. Errors come out as SQLAlchemy's, as from ``conn.execute``."""
+    import sqlite3
+
+    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    try:
+        if many:
+            cursor.executemany(sql, rows)
+            return []
+        return list(cursor.execute(sql, rows[0]).fetchall())
+    except sqlite3.Error as exc:
+        raise sa.exc.DBAPIError.instance(sql, None, exc, sqlite3.Error, hide_parameters=True) from exc
+    finally:
+        cursor.close()
+
+
+def processors(types: Sequence[sa.types.TypeEngine[Any]], dialect: sa.Dialect, *,
+               result: bool = False) -> list[Callable[[Any], Any] | None]:
+    """SQLAlchemy's own value conversions for these column types (bind, or result), to use with
+    :func:`sqlite_execute`."""
+    return [t.dialect_impl(dialect).result_processor(dialect, None) if result else
+            t.dialect_impl(dialect).bind_processor(dialect) for t in types]
+
+
+def _bind(i: int) -> str:
+    return f"c{i}"  # bind names by position: the app's column names need not be valid bind names
+
+
+# Column types whose Python values psycopg adapts exactly as SQLAlchemy would (JSON goes as Jsonb).
+_RAW_TYPES = (sa.String, sa.Integer, sa.Boolean, sa.DateTime, sa.Numeric, sa.Float, sa.JSON)
+
+
+def _raw_upsert_sql(table: sa.Table, key: sa.Column[Any], names: list[str], mapped: MappedTable,
+                    dialect: str) -> tuple[str | None, tuple[int, ...]]:
+    """``INSERT .. ON CONFLICT (clerk id) DO UPDATE`` for psycopg, and the positions of its JSON values;
+    (None, ()) when the projection's own statements must be used instead."""
+    types = [table.c[n].type for n in names]
+    if (dialect != "postgresql" or mapped.link_by_email or not _unique(table, key, plain=True)
+            or not all(isinstance(t, _RAW_TYPES) and not isinstance(t, sa.Enum) for t in types)):
+        return None, ()
+    q = postgresql.dialect().identifier_preparer.quote  # type: ignore[no-untyped-call]
+    columns = ", ".join(q(n) for n in [*names, key.name])
+    sets = ", ".join(f"{q(n)} = excluded.{q(n)}" for n in names) or f"{q(key.name)} = excluded.{q(key.name)}"
+    sql = (f"INSERT INTO {q(table.name)} ({columns}) VALUES ({', '.join(['%s'] * (len(names) + 1))}) "  # noqa: S608
+           f"ON CONFLICT ({q(key.name)}) DO UPDATE SET {sets}")
+    return sql, tuple(i for i, t in enumerate(types) if isinstance(t, sa.JSON))
+
+
+def _unique(table: sa.Table, column: sa.Column[Any], *, plain: bool = False) -> bool:
     """Whether ``column`` alone is unique in the reflected ``table`` (index or constraint)."""
-    indexes = [list(i.columns) for i in table.indexes if i.unique]
+    # plain: not a partial index (ON CONFLICT (column) cannot infer one without its predicate)
+    indexes = [list(i.columns) for i in table.indexes
+               if i.unique and not (plain and i.dialect_options["postgresql"].get("where") is not None)]
     constraints = [list(c.columns) for c in table.constraints if isinstance(c, sa.UniqueConstraint)]
     return any(len(cols) == 1 and cols[0].name == column.name for cols in indexes + constraints)
 

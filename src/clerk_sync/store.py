@@ -23,7 +23,7 @@ from sqlalchemy import event as sa_event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
-from clerk_sync.changes import Hook, describe
+from clerk_sync.changes import Change, Hook, describe
 from clerk_sync.config import DatabaseTimeouts
 from clerk_sync.engine import DeliveryStatus, Entity, Record, RevokeSession, Tombstone, Upsert
 from clerk_sync.errors import StoreDataError, StoreError
@@ -148,9 +148,10 @@ class Writer:
         return self._psycopg
 
     def one_statement(self, intent: Upsert | Tombstone | RevokeSession) -> bool:
-        """Whether :meth:`record_and_upsert` can take this intent (an upsert, on PostgreSQL with psycopg,
-        with no hooks or mapping: those need the row before and after, which :meth:`apply` reads)."""
-        return self._psycopg and self.outbox is None and isinstance(intent, Upsert)
+        """Whether :meth:`record_and_upsert` can take this intent: an upsert, on PostgreSQL with psycopg;
+        with hooks or a mapping, of a user or organization (the statement returns the row before too)."""
+        return (self._psycopg and isinstance(intent, Upsert)
+                and (self.outbox is None or not self.outbox.wants(intent) or self.outbox.pipelines(intent.entity)))
 
     def record_and_upsert(self, svix_id: str, payload: str, *, event_type: str, instance_id: str | None,
                           event_timestamp: int | None, error: str | None, intent: Upsert) -> DeliveryStatus | None:
@@ -174,19 +175,31 @@ class Writer:
         Memberships take three statements (inbox row, guarded upsert, "deleted if its user or
         organization is"), after one statement that takes the advisory locks of all of them in one
         sorted pass (see :meth:`lock`); a membership the guard refused is set ``skipped`` afterwards.
+
+        An upsert the hooks or the mapping care about (see :meth:`Outbox.wants`) takes its entity's lock in
+        that pass too, and its statement also returns the row before, so the change is described as
+        :meth:`_apply_with_hooks` does; a second pipeline then writes the mapped rows and hook jobs of the
+        applied changes. A duplicate ``svix_id`` whose upsert still applied (its first delivery was
+        stored failed) is recorded too: every change to the mirrored row reaches the mapping and hooks.
+        Alone (``pipeline=False``) the mapping writes through :meth:`Outbox.record`, whose errors say
+        which table refused what.
         """
-        import psycopg  # the postgres extra; only reached on a psycopg connection
-        from psycopg.types.json import Jsonb
+        from psycopg.types.json import Jsonb  # the postgres extra; only reached on a psycopg connection
 
         raw: Any = self.conn.connection.driver_connection
+        outbox = self.outbox
         now = self.now
         statements: list[tuple[str, list[Any]]] = []
-        shape: list[int] = []  # statements per item: 1 (user/organization) or 3 (membership)
+        shape: list[int] = []  # statements per item: 1 (user/organization), 3 (membership); 0: 1, hooked
+        hooked = [outbox is not None and outbox.wants(intent) for *_, intent in items]
         keys = sorted({_lock_id(k) for *_, intent in items if intent.entity is Entity.MEMBERSHIP
-                       for k in _lock_keys(intent)})
+                       for k in _lock_keys(intent)}
+                      | {_lock_id(f"{_LOCK_PREFIX[item[-1].entity]}:{item[-1].clerk_id}")
+                         for item, h in zip(items, hooked, strict=True) if h})
         if keys:
             statements.append((_LOCKS_SQL, [keys]))
-        for svix_id, payload, event_type, instance_id, event_timestamp, error, intent in items:
+        for (svix_id, payload, event_type, instance_id, event_timestamp, error, intent), h in zip(
+                items, hooked, strict=True):
             values: list[Any] = [getattr(intent.record, name) for name in _RECORD_FIELDS[intent.entity]]
             if intent.entity is Entity.MEMBERSHIP:
                 sql, json_at = _raw_upsert_sql(intent.entity)
@@ -200,31 +213,24 @@ class Writer:
                 ]
                 shape.append(3)
                 continue
-            sql, json_at = _one_statement_sql(intent.entity)
+            sql, json_at = _hooked_statement_sql(intent.entity) if h else _one_statement_sql(intent.entity)
             for i in json_at:
                 values[i] = Jsonb(values[i])
             values += [now, now, svix_id, event_type, instance_id, event_timestamp, error, now, payload, now]
-            statements.append((sql, values))
-            shape.append(1)
-        rows: list[Any] = []
-        try:
-            with raw.pipeline() if pipeline and len(statements) > 1 else nullcontext():
-                cursors = []
-                for sql, values in statements:
-                    cur = raw.cursor()
-                    cur.execute(sql, values)
-                    cursors.append(cur)
-                for cur in cursors:
-                    rows.append(cur.fetchone())
-                    cur.close()
-        except psycopg.Error as exc:
-            raise sa.exc.DBAPIError.instance(statements[min(len(rows), len(statements) - 1)][0], None, exc,
-                                             psycopg.Error, hide_parameters=True,
-                                             connection_invalidated=bool(raw.closed)) from exc
+            statements.append((sql, [intent.clerk_id, *values] if h else values))
+            shape.append(0 if h else 1)
+        rows = _run_raw(raw, statements, pipeline=pipeline)
         out: list[DeliveryStatus | None] = []
+        changes: list[Change] = []
         at = 1 if keys else 0
         for item, size in zip(items, shape, strict=True):
-            if size == 1:
+            if size == 0:
+                status, upserted, *before = rows[at]
+                out.append(None if status is None else DeliveryStatus(status))
+                change = _hooked_change(item[-1], before) if upserted else None
+                if change is not None:
+                    changes.append(change)
+            elif size == 1:
                 out.append(None if rows[at] is None else DeliveryStatus(rows[at][0]))
             elif rows[at] is None:
                 out.append(None)  # a duplicate: its upsert and check ran again, harmlessly (guarded)
@@ -233,7 +239,13 @@ class Writer:
                 out.append(DeliveryStatus.SKIPPED)
             else:
                 out.append(DeliveryStatus.APPLIED)
-            at += size
+            at += max(size, 1)
+        if outbox is not None and changes:
+            if pipeline:
+                _run_many(raw, outbox.raw_statements(changes))
+            else:
+                for change in changes:
+                    outbox.record(change)
         return out
 
     def forget_payload_if_deleted(self, svix_id: str, entity: Entity, clerk_id: str,
@@ -274,7 +286,7 @@ class Writer:
         """Execute an intent under the ordering guard; True when a row changed."""
         if isinstance(intent, RevokeSession):
             return self._revoke_session(intent)
-        if self.outbox is not None:
+        if self.outbox is not None and self.outbox.wants(intent):
             return self._apply_with_hooks(intent, self.outbox)
         self.lock(_lock_keys(intent))
         if isinstance(intent, Upsert):
@@ -526,6 +538,80 @@ def _one_statement_sql(entity: Entity) -> tuple[str, tuple[int, ...]]:
     )
     json_at = tuple(i for i, n in enumerate(names) if isinstance(table.c[n].type, sa.JSON))
     return sql, json_at
+
+
+@functools.cache
+def _hooked_statement_sql(entity: Entity) -> tuple[str, tuple[int, ...]]:
+    """:func:`_one_statement_sql` that also returns whether the upsert applied and the live row before it
+    (all NULL when there was none): ``status, upserted, <record fields>``. The caller holds the entity's
+    advisory lock, so the row read is the one the upsert replaces (every part sees the same snapshot)."""
+    table, names = _TABLES[entity], _RECORD_FIELDS[entity]
+    t = table.name
+    sets = ", ".join(f"{n} = excluded.{n}" for n in names if n != "clerk_id")
+    inbox = ["svix_id", "type", "instance_id", "event_timestamp", "status", "last_error", "applied_at", "payload",
+             "received_at", "attempts"]
+    status = (f"CASE WHEN EXISTS (SELECT 1 FROM up) THEN '{DeliveryStatus.APPLIED}' "
+              f"ELSE '{DeliveryStatus.SKIPPED}' END")
+    sql = (
+        f"WITH before AS (SELECT {', '.join(names)} FROM {t} WHERE clerk_id = %s AND deleted_at IS NULL), "
+        f"up AS (INSERT INTO {t} ({', '.join(names)}, created_at, updated_at) "
+        f"VALUES ({', '.join(['%s'] * (len(names) + 2))}) "
+        f"ON CONFLICT (clerk_id) DO UPDATE SET {sets}, updated_at = excluded.updated_at "
+        f"WHERE {t}.deleted_at IS NULL AND {t}.clerk_updated_at < excluded.clerk_updated_at RETURNING 1), "
+        f"ins AS (INSERT INTO webhook_events ({', '.join(inbox)}) "
+        f"VALUES (%s, %s, %s, %s, {status}, %s, %s, %s::jsonb, %s, 1) "
+        "ON CONFLICT (svix_id) DO NOTHING RETURNING status) "
+        "SELECT (SELECT status FROM ins), EXISTS (SELECT 1 FROM up), before.* "
+        "FROM (SELECT 1) AS one LEFT JOIN before ON true"
+    )
+    return sql, tuple(i for i, n in enumerate(names) if isinstance(table.c[n].type, sa.JSON))
+
+
+def _hooked_change(intent: Upsert, before: Sequence[Any]) -> Change | None:
+    """The change an applied upsert made, from the row before it (all NULL: there was none)."""
+    names = _RECORD_FIELDS[intent.entity]
+    old = None if before[0] is None else dict(zip(names, before, strict=True))
+    return describe(intent.entity, intent.clerk_id, intent.version, old, _params(intent.entity, intent.record))
+
+
+def _run_raw(raw: Any, statements: Sequence[tuple[str, list[Any]]], *, pipeline: bool, fetch: bool = True) -> list[Any]:
+    """Run psycopg statements (in one pipeline when asked and there are several); the first row of each
+    when ``fetch`` (every statement returns rows). psycopg errors come out as SQLAlchemy's, as execute's do."""
+    import psycopg
+
+    rows: list[Any] = []
+    try:
+        with raw.pipeline() if pipeline and len(statements) > 1 else nullcontext():
+            cursors = []
+            for sql, values in statements:
+                cur = raw.cursor()
+                cur.execute(sql, values)
+                cursors.append(cur)
+            for cur in cursors:
+                rows.append(cur.fetchone() if fetch else None)
+                cur.close()
+    except psycopg.Error as exc:
+        raise sa.exc.DBAPIError.instance(statements[min(len(rows), len(statements) - 1)][0], None, exc,
+                                         psycopg.Error, hide_parameters=True,
+                                         connection_invalidated=bool(raw.closed)) from exc
+    return rows
+
+
+def _run_many(raw: Any, statements: Sequence[tuple[str, list[Any]]]) -> None:
+    """Run psycopg statements that return no rows, one executemany per distinct SQL text (each keeps its
+    statements' order; they write different tables), as SQLAlchemy's errors."""
+    import psycopg
+
+    by_sql: dict[str, list[list[Any]]] = {}
+    for sql, values in statements:
+        by_sql.setdefault(sql, []).append(values)
+    try:
+        with raw.cursor() as cur:
+            for sql, rows in by_sql.items():
+                cur.executemany(sql, rows)
+    except psycopg.Error as exc:
+        raise sa.exc.DBAPIError.instance("executemany", None, exc, psycopg.Error, hide_parameters=True,
+                                         connection_invalidated=bool(raw.closed)) from exc
 
 
 _TIMEOUTS = {  # SQLSTATEs of the bounds set in _postgres_bounds

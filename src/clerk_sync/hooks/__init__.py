@@ -11,7 +11,6 @@ means the handler runs again after the lease, with the same ``change.idempotency
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -20,7 +19,7 @@ import structlog
 
 from clerk_sync.changes import Change, Handler, Hook
 from clerk_sync.errors import StoreError
-from clerk_sync.outbox import Job, claim, fail, finish, release
+from clerk_sync.outbox import Job, claim, fail, finish_many, release
 from clerk_sync.store import Store
 
 __all__ = ["Backoff", "Change", "Dispatcher", "Hook"]
@@ -57,7 +56,7 @@ class Dispatcher:
     leases; ``poll_s`` the pause of :meth:`start`'s thread when the queue is empty.
     """
 
-    def __init__(self, store: Store, *, backoff: Backoff | None = None, lease_s: float = 60.0, batch: int = 20,
+    def __init__(self, store: Store, *, backoff: Backoff | None = None, lease_s: float = 60.0, batch: int = 100,
                  poll_s: float = 1.0, now: Callable[[], datetime] = _utcnow) -> None:
         if not store.hooks:
             raise ValueError("the store has no hooks: pass them as Store(engine, hooks=[Hook(...)])")
@@ -92,7 +91,7 @@ class Dispatcher:
                 done.append(job)
         if done:  # one transaction for the batch's successes (a crash before it re-runs them: at least once)
             with self.store.transaction() as writer:
-                lost = [job.id for job in done if not finish(writer.conn, job)]
+                lost = finish_many(writer.conn, done)
             if lost:
                 log.warning("hook claims lost (lease expired while running; raise lease_s)", jobs=lost)
         return len(jobs)
@@ -110,7 +109,6 @@ class Dispatcher:
     def _run(self, job: Job) -> bool:
         """Call the job's handler; True when it succeeded (the failure is recorded otherwise)."""
         handler = self._handlers.get(job.hook)
-        started = time.perf_counter()
         try:
             if handler is None:
                 raise LookupError(f"no hook named {job.hook!r} in this process (renamed or removed?): "
@@ -119,8 +117,6 @@ class Dispatcher:
         except Exception as exc:
             self._failed(job, exc, final=handler is None)
             return False
-        log.debug("hook", hook=job.hook, type=job.change.type, job=job.id, attempt=job.attempts,
-                  ms=round((time.perf_counter() - started) * 1000, 1))
         return True
 
     def _failed(self, job: Job, exc: Exception, *, final: bool) -> None:
