@@ -216,8 +216,10 @@ class _Projection:
         self.insert = sa.insert(table).values(row)
         # A creation usually finds no row: one statement. Any unique conflict skips it, and the UPDATE
         # (then the plain INSERT, which raises on a conflict with another row) takes over.
+        # (Not on MySQL: its "do nothing" counts a skipped row like an inserted one.)
         insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-        self.insert_new = insert(table).values(row).on_conflict_do_nothing() if _unique(table, self.key) else None
+        self.insert_new = (insert(table).values(row).on_conflict_do_nothing()
+                           if _unique(table, self.key) and dialect in ("postgresql", "sqlite") else None)
 
     def apply(self, conn: Connection, now: datetime, change: Change) -> None:
         self.conn, self.now = conn, now

@@ -74,7 +74,7 @@ class Outbox:
         names = [hook.name for hook in self.hooks if hook.wants(change)]
         if names:
             payload = json.dumps(change.to_json())
-            pg = self.conn.dialect.name == "postgresql"
+            pg = self.conn.dialect.name == "postgresql"  # JSONB: the payload is cast there
             self.conn.execute(_job_sql(pg), [self._job(name, change, payload) for name in names])
 
     def _job(self, hook: str, change: Change, payload: str) -> JSON:
@@ -109,6 +109,8 @@ def claim(conn: Connection, now: datetime, *, lease: timedelta, limit: int, max_
     query = sa.select(j.c.id, j.c.hook, j.c.payload, j.c.attempts).where(due, ~blocked).order_by(j.c.id).limit(limit)
     if conn.dialect.name == "postgresql":
         query = query.with_for_update(skip_locked=True, of=j)
+    elif conn.dialect.name in ("mysql", "mariadb"):  # MariaDB has SKIP LOCKED but no FOR UPDATE OF
+        query = query.with_for_update(skip_locked=True)
     jobs: list[Job] = []
     for row in conn.execute(query).all():
         if row.attempts >= max_attempts:

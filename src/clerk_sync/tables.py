@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects import mysql, postgresql
 
 from clerk_sync._limits import (
     CLERK_ID_CHARS,
@@ -33,6 +33,7 @@ __all__ = [
     "reconcile_seen",
     "revoked_sessions",
     "seen_columns",
+    "sync_locks",
     "users",
     "webhook_events",
 ]
@@ -48,7 +49,12 @@ metadata = sa.MetaData(
 # BIGINT primary keys, but INTEGER on SQLite so they alias ROWID and autoincrement.
 PK = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 JSONType = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
-Timestamp = sa.DateTime(timezone=True)
+# MySQL's DATETIME keeps whole seconds unless told otherwise; it has no time zone, so the drivers
+# store the UTC wall clock we always pass (and read it back naive, as SQLite does).
+Timestamp = sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6, timezone=True), "mysql", "mariadb")
+# MySQL/MariaDB tables: 4-byte UTF-8, and a binary collation because Clerk ids are case-sensitive
+# (``user_2aB`` and ``user_2Ab`` are two users; the servers' default ``_ci`` collations would merge them).
+MYSQL_TABLE: dict[str, Any] = {"mysql_charset": "utf8mb4", "mysql_collate": "utf8mb4_bin", "mysql_engine": "InnoDB"}
 
 
 def _clerk_columns() -> list[sa.Column[object]]:
@@ -231,3 +237,15 @@ hook_jobs = sa.Table(
     sa.Index("ix_hook_jobs_status_available_at", "status", "available_at"),
     sa.Index("ix_hook_jobs_entity_key_id", "entity_key", "id"),
 )
+
+
+# Row locks standing in for PostgreSQL's advisory locks on MySQL/MariaDB (``store.Writer.lock``): a
+# writer upserts the rows of the keys it needs, in sorted order, and holds them until it commits.
+sync_locks = sa.Table(
+    "clerk_sync_locks",
+    metadata,
+    sa.Column("lock_key", sa.BigInteger, primary_key=True, autoincrement=False),
+)
+
+for _table in metadata.tables.values():
+    _table.dialect_kwargs.update(MYSQL_TABLE)

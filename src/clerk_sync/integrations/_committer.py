@@ -74,8 +74,8 @@ class GroupCommitter:
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         # PostgreSQL: while one batch waits for its COMMIT (the WAL flush), others are written (4 measured
         # best on 2 cores, see BENCHMARKS.md).
-        # SQLite has one writer anyway.
-        self._writers = writers or (4 if self._pg else 1)
+        # MySQL/MariaDB alike; SQLite has one writer anyway.
+        self._writers = writers or (1 if processor.store.dialect == "sqlite" else 4)
         self._threads: list[threading.Thread] = []
         self._start = threading.Lock()
         self.batches = 0  # committed batches and the deliveries in them (tests, benchmarks)
