@@ -24,7 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql, postgresql, sqlite
@@ -228,10 +228,10 @@ class Reconciler:
             writer.conn.execute(reconcile_runs.update().where(reconcile_runs.c.id == row["id"])
                                 .values(status="abandoned", finished_at=now))
             writer.conn.execute(reconcile_seen.delete().where(reconcile_seen.c.run_id == row["id"]))
-        run_id = writer.conn.execute(  # the new id without RETURNING, which MySQL lacks
+        inserted = writer.conn.execute(  # the new id without RETURNING, which MySQL lacks
             reconcile_runs.insert().values(status="running", since=since, phase=_PHASES[0], cursor=0,
-                                           details={}, started_at=now, heartbeat_at=now)
-        ).inserted_primary_key[0]
+                                           details={}, started_at=now, heartbeat_at=now))
+        run_id = int(cast("sa.Row[Any]", inserted.inserted_primary_key)[0])
         return _Run(ReconcileReport(run_id, False, since, False), _PHASES[0], 0, reconcile_seen)
 
     def _checkpoint(self, writer: Writer, run: _Run, **values: Any) -> None:

@@ -478,7 +478,7 @@ def _lock_id(key: str) -> int:
 _APPLIED = frozenset({DeliveryStatus.APPLIED, DeliveryStatus.SKIPPED})
 _LOCK_SQL = sa.text("SELECT pg_advisory_xact_lock(:key)").bindparams(sa.bindparam("key", type_=sa.BigInteger))
 _MYSQL_LOCK_SQL = sa.text(
-    f"INSERT INTO {sync_locks.name} (lock_key) VALUES (:key) ON DUPLICATE KEY UPDATE lock_key = lock_key"  # noqa: S608
+    f"INSERT INTO {sync_locks.name} (lock_key) VALUES (:key) ON DUPLICATE KEY UPDATE lock_key = lock_key"
 ).bindparams(sa.bindparam("key", type_=sa.BigInteger))
 _RECORD_FIELDS: dict[Entity, list[str]] = {
     Entity.USER: [f.name for f in fields(UserRecord)],
