@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import json
 import re
 import threading
@@ -33,6 +34,7 @@ from clerk_sync.mapping import SchemaMapping
 from clerk_sync.outbox import Outbox
 from clerk_sync.tables import (
     Timestamp,
+    erased,
     organization_memberships,
     organizations,
     revoked_sessions,
@@ -41,7 +43,7 @@ from clerk_sync.tables import (
     webhook_events,
 )
 
-__all__ = ["READ_ONLY_OPTION", "Store", "Writer", "create_engine", "dialect_family"]
+__all__ = ["READ_ONLY_OPTION", "Store", "Writer", "create_engine", "dialect_family", "erased_digest"]
 
 Clock = Callable[[], datetime]
 READ_ONLY_OPTION = _READ_ONLY = "clerk_sync_read_only"  # execution option: a deferred (reader) BEGIN on SQLite
@@ -239,7 +241,7 @@ class Writer:
                 statements += [
                     (_RAW_INBOX_SQL, [svix_id, event_type, instance_id, event_timestamp, DeliveryStatus.APPLIED.value,
                                       error, now, payload, now]),
-                    (sql, [*values, now, now]),
+                    (sql, [*values, now, now, erased_digest(intent.entity, intent.clerk_id)]),
                     (_RAW_PARENT_DELETED_SQL, [now, now, intent.clerk_id]),
                 ]
                 shape.append(3)
@@ -247,7 +249,8 @@ class Writer:
             sql, json_at = _one_statement_sql(intent.entity)
             for i in json_at:
                 values[i] = Jsonb(values[i])
-            values += [now, now, svix_id, event_type, instance_id, event_timestamp, error, now, payload, now]
+            values += [now, now, erased_digest(intent.entity, intent.clerk_id), svix_id, event_type, instance_id,
+                       event_timestamp, error, now, payload, now]
             statements.append((sql, values))
             shape.append(1)
         rows: list[Any] = []
@@ -285,7 +288,8 @@ class Writer:
         """Store ``redacted`` instead of the payload when its entity is a tombstone: a late event for a
         deleted (maybe erased) user changes nothing, so its personal data is not kept either."""
         table = _TABLES[entity]
-        gone = sa.exists().where(table.c.clerk_id == clerk_id, table.c.deleted_at.is_not(None))
+        gone = sa.or_(sa.exists().where(table.c.clerk_id == clerk_id, table.c.deleted_at.is_not(None)),
+                      sa.exists().where(erased.c.digest == erased_digest(entity, clerk_id)))
         stmt = (webhook_events.update().where(webhook_events.c.svix_id == svix_id, gone)
                 .values(payload=redacted, redacted_at=self.now))
         return bool(self.conn.execute(stmt).rowcount)
@@ -356,7 +360,8 @@ class Writer:
         return changed
 
     def _upsert(self, intent: Upsert) -> bool:
-        params = _params(intent.entity, intent.record) | {"now": self.now}
+        params = _params(intent.entity, intent.record) | {"now": self.now,
+                                                          "erased": erased_digest(intent.entity, intent.clerk_id)}
         return self._wrote(self.conn.execute(_upsert_sql(intent.entity, self._dialect, returning=True), params))
 
     def upsert_many(self, entity: Entity, records: Sequence[Record]) -> None:
@@ -367,11 +372,12 @@ class Writer:
         if records:
             stamp = {"now": self.now}
             self.conn.execute(_upsert_sql(entity, self._dialect, returning=False),
-                              [_params(entity, r) | stamp for r in records])
+                              [_params(entity, r) | stamp | {"erased": erased_digest(entity, r.clerk_id)}
+                               for r in records])
 
     def _tombstone(self, intent: Tombstone) -> bool:
         params = {"clerk_id": intent.clerk_id, "clerk_updated_at": intent.version, "now": self.now,
-                  **_TOMBSTONE_FILL[intent.entity]}
+                  "erased": erased_digest(intent.entity, intent.clerk_id), **_TOMBSTONE_FILL[intent.entity]}
         return self._wrote(self.conn.execute(_tombstone_sql(intent.entity, self._dialect), params))
 
     def _revoke_session(self, intent: RevokeSession) -> bool:
@@ -500,7 +506,19 @@ def _params(entity: Entity, record: Record) -> dict[str, Any]:
 
 def _typed(table: sa.Table, sql: str, names: Sequence[str]) -> sa.TextClause:
     params = [sa.bindparam(n, type_=table.c[n].type) for n in names]
+    if ":erased" in sql:
+        params.append(sa.bindparam("erased", type_=erased.c.digest.type))
     return sa.text(sql).bindparams(*params, sa.bindparam("now", type_=Timestamp))
+
+
+def erased_digest(entity: Entity, clerk_id: str) -> str:
+    """What ``clerk_sync_erased`` keeps of a hard-deleted entity: a SHA-256, not the id itself."""
+    return hashlib.sha256(f"{entity.value}:{clerk_id}".encode()).hexdigest()
+
+
+# Every guarded insert is an INSERT .. SELECT with this filter (PostgreSQL, SQLite and MySQL alike):
+# a hard-deleted entity's digest stops the row from coming back; a live row is updated as before.
+_NOT_ERASED = f"WHERE NOT EXISTS (SELECT 1 FROM {erased.name} WHERE digest = %s)"
 
 
 def _q(name: str) -> str:
@@ -520,12 +538,13 @@ def _upsert_sql(entity: Entity, dialect: str, *, returning: bool) -> sa.TextClau
         sets = ", ".join(f"{_q(n)} = IF({guard}, VALUES({_q(n)}), {t}.{_q(n)})" for n in order)
         return _typed(table, (
             f"INSERT INTO {t} ({', '.join(map(_q, names))}, created_at, updated_at) "
-            f"VALUES ({', '.join(':' + n for n in names)}, :now, :now) ON DUPLICATE KEY UPDATE {sets}"
+            f"SELECT {', '.join(':' + n for n in names)}, :now, :now FROM DUAL {_NOT_ERASED % ':erased'} "
+            f"ON DUPLICATE KEY UPDATE {sets}"
         ), names)
     sets = ", ".join(f"{n} = excluded.{n}" for n in names if n != "clerk_id")
     return _typed(table, (
         f"INSERT INTO {t} ({', '.join(names)}, created_at, updated_at) "
-        f"VALUES ({', '.join(':' + n for n in names)}, :now, :now) "
+        f"SELECT {', '.join(':' + n for n in names)}, :now, :now {_NOT_ERASED % ':erased'} "
         f"ON CONFLICT (clerk_id) DO UPDATE SET {sets}, updated_at = excluded.updated_at "
         f"WHERE {t}.deleted_at IS NULL AND {t}.clerk_updated_at < excluded.clerk_updated_at"
         + (" RETURNING id" if returning else "")
@@ -540,14 +559,15 @@ def _tombstone_sql(entity: Entity, dialect: str) -> sa.TextClause:
         live = f"{t}.deleted_at IS NULL"
         return _typed(table, (
             f"INSERT INTO {t} ({', '.join(map(_q, names))}, created_at, updated_at, deleted_at) "
-            f"VALUES ({', '.join(':' + n for n in names)}, :now, :now, :now) ON DUPLICATE KEY UPDATE "
+            f"SELECT {', '.join(':' + n for n in names)}, :now, :now, :now FROM DUAL {_NOT_ERASED % ':erased'} "
+            "ON DUPLICATE KEY UPDATE "
             f"clerk_updated_at = IF({live}, GREATEST({t}.clerk_updated_at, VALUES(clerk_updated_at)), "
             f"{t}.clerk_updated_at), updated_at = IF({live}, VALUES(updated_at), {t}.updated_at), "
             f"deleted_at = IF({live}, VALUES(deleted_at), {t}.deleted_at)"
         ), names)
     return _typed(table, (
         f"INSERT INTO {t} ({', '.join(names)}, created_at, updated_at, deleted_at) "
-        f"VALUES ({', '.join(':' + n for n in names)}, :now, :now, :now) "
+        f"SELECT {', '.join(':' + n for n in names)}, :now, :now, :now {_NOT_ERASED % ':erased'} "
         f"ON CONFLICT (clerk_id) DO UPDATE SET deleted_at = excluded.deleted_at, updated_at = excluded.updated_at, "
         f"clerk_updated_at = CASE WHEN {t}.clerk_updated_at > excluded.clerk_updated_at "
         f"THEN {t}.clerk_updated_at ELSE excluded.clerk_updated_at END "
@@ -589,9 +609,9 @@ def _raw_upsert_sql(entity: Entity) -> tuple[str, tuple[int, ...]]:
     table, names = _TABLES[entity], _RECORD_FIELDS[entity]
     t = table.name
     sets = ", ".join(f"{n} = excluded.{n}" for n in names if n != "clerk_id")
-    sql = (
-        f"INSERT INTO {t} ({', '.join(names)}, created_at, updated_at) VALUES ({', '.join(['%s'] * (len(names) + 2))}) "
-        f"ON CONFLICT (clerk_id) DO UPDATE SET {sets}, updated_at = excluded.updated_at "
+    sql = (  # parameters: the record's, now, now, the erased digest
+        f"INSERT INTO {t} ({', '.join(names)}, created_at, updated_at) SELECT {', '.join(['%s'] * (len(names) + 2))} "
+        f"{_NOT_ERASED % '%s'} ON CONFLICT (clerk_id) DO UPDATE SET {sets}, updated_at = excluded.updated_at "
         f"WHERE {t}.deleted_at IS NULL AND {t}.clerk_updated_at < excluded.clerk_updated_at RETURNING id"
     )
     return sql, tuple(i for i, n in enumerate(names) if isinstance(table.c[n].type, sa.JSON))
@@ -601,7 +621,9 @@ OneStatement = tuple[str, str, str, str | None, int | None, str | None, Upsert]
 
 @functools.cache
 def _one_statement_sql(entity: Entity) -> tuple[str, tuple[int, ...]]:
-    """psycopg SQL for :meth:`Writer.record_and_upsert`, and the positions of its JSON parameters."""
+    """psycopg SQL for :meth:`Writer.record_and_upsert`, and the positions of its JSON parameters.
+
+    Parameters: the record's, now, now, the erased digest, then the inbox row's."""
     table, names = _TABLES[entity], _RECORD_FIELDS[entity]
     t = table.name
     sets = ", ".join(f"{n} = excluded.{n}" for n in names if n != "clerk_id")
@@ -611,7 +633,7 @@ def _one_statement_sql(entity: Entity) -> tuple[str, tuple[int, ...]]:
               f"ELSE '{DeliveryStatus.SKIPPED}' END")
     sql = (
         f"WITH up AS (INSERT INTO {t} ({', '.join(names)}, created_at, updated_at) "
-        f"VALUES ({', '.join(['%s'] * (len(names) + 2))}) "
+        f"SELECT {', '.join(['%s'] * (len(names) + 2))} {_NOT_ERASED % '%s'} "
         f"ON CONFLICT (clerk_id) DO UPDATE SET {sets}, updated_at = excluded.updated_at "
         f"WHERE {t}.deleted_at IS NULL AND {t}.clerk_updated_at < excluded.clerk_updated_at RETURNING 1), "
         f"ins AS (INSERT INTO webhook_events ({', '.join(inbox)}) "

@@ -24,6 +24,7 @@ from clerk_sync._limits import (
 
 __all__ = [
     "audit_log",
+    "erased",
     "hook_jobs",
     "metadata",
     "organization_memberships",
@@ -245,6 +246,17 @@ sync_locks = sa.Table(
     "clerk_sync_locks",
     metadata,
     sa.Column("lock_key", sa.BigInteger, primary_key=True, autoincrement=False),
+)
+
+# Hard-deleted tombstones (``RetentionPolicy.delete_tombstones_after``): the SHA-256 of
+# "entity:clerk_id", not the id, so the table lists nobody; every guarded insert consults it, so a
+# late or replayed event cannot bring an erased entity back.
+erased = sa.Table(
+    "clerk_sync_erased",
+    metadata,
+    sa.Column("digest", sa.String(64), primary_key=True),
+    sa.Column("entity", sa.String(32), nullable=False),
+    sa.Column("erased_at", Timestamp, nullable=False),
 )
 
 for _table in metadata.tables.values():
