@@ -7,6 +7,7 @@ them before either store sees a value (so SQLite, which would store anything, de
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import sqlalchemy as sa
@@ -49,7 +50,24 @@ metadata = sa.MetaData(
 
 # BIGINT primary keys, but INTEGER on SQLite so they alias ROWID and autoincrement.
 PK = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
-JSONType = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+
+
+class JSONText(sa.types.TypeDecorator[Any]):
+    """JSON kept as text on MySQL/MariaDB. MariaDB's ``JSON`` is LONGTEXT with a ``JSON_VALID`` check
+    that refuses nesting deeper than 32 levels, which a signed Clerk event may hold (``_limits`` allows
+    64, as PostgreSQL and SQLite store): the check would turn such an event into a 503 forever."""
+
+    impl = mysql.LONGTEXT
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: sa.Dialect) -> str | None:
+        return None if value is None else json.dumps(value)
+
+    def process_result_value(self, value: Any, dialect: sa.Dialect) -> Any:
+        return None if value is None else json.loads(value)
+
+
+JSONType = sa.JSON().with_variant(postgresql.JSONB(), "postgresql").with_variant(JSONText(), "mysql", "mariadb")
 # MySQL's DATETIME keeps whole seconds unless told otherwise; it has no time zone, so the drivers
 # store the UTC wall clock we always pass (and read it back naive, as SQLite does).
 Timestamp = sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6, timezone=True), "mysql", "mariadb")
