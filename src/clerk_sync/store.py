@@ -321,6 +321,14 @@ class Writer:
             ids = sorted({_lock_id(k) for k in keys})
             self.conn.execute(_MYSQL_LOCK_SQL, [{"key": k} for k in ids])
 
+    def lock_entities(self, intents: Sequence[object]) -> None:
+        """Lock every user/organization/membership a batch will write, in one sorted pass, before
+        writing any (MySQL/MariaDB group commit): batches touching the same entities in different
+        orders then queue instead of deadlocking on their rows (InnoDB would roll one back)."""
+        keys = [key for intent in intents if isinstance(intent, Upsert | Tombstone)
+                for key in (*_lock_keys(intent), f"{_LOCK_PREFIX[intent.entity]}:{intent.clerk_id}")]
+        self.lock(keys)
+
     def apply(self, intent: Upsert | Tombstone | RevokeSession) -> bool:
         """Execute an intent under the ordering guard; True when a row changed."""
         if isinstance(intent, RevokeSession):

@@ -27,6 +27,7 @@ from typing import Final
 import sqlalchemy as sa
 import structlog
 
+from clerk_sync.engine import plan_delivery
 from clerk_sync.errors import StoreError
 from clerk_sync.events import Envelope
 from clerk_sync.ingest import Outcome, WebhookProcessor
@@ -174,6 +175,8 @@ class GroupCommitter:
                 return self._pipelined(writer, jobs)
             if self._pg:
                 writer.conn.exec_driver_sql(f"SET LOCAL lock_timeout = {self._lock_wait_ms}")
+            elif processor.store.dialect == "mysql":
+                writer.lock_entities([plan_delivery(envelope).intent for _, envelope in jobs])
             outcomes: list[Outcome] = []
             for position, (svix_id, envelope) in enumerate(jobs):
                 try:
