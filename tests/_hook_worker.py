@@ -12,7 +12,7 @@ import signal
 from pathlib import Path
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import mysql, postgresql, sqlite
 
 from clerk_sync.changes import Change, Hook
 
@@ -24,10 +24,14 @@ effects = sa.Table("test_hook_effects", meta, sa.Column("key", sa.String(200), p
 
 
 def act(engine: sa.Engine, change: Change) -> None:
-    insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
     with engine.begin() as conn:
         conn.execute(calls.insert().values(key=change.idempotency_key))
     with engine.begin() as conn:  # the side effect, keyed: a second call does nothing
+        if engine.dialect.name in ("mysql", "mariadb"):
+            stmt = mysql.insert(effects).values(key=change.idempotency_key, type=change.type)
+            conn.execute(stmt.on_duplicate_key_update(key=stmt.inserted.key))
+            return
+        insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
         conn.execute(insert(effects).values(key=change.idempotency_key, type=change.type).on_conflict_do_nothing())
 
 

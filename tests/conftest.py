@@ -11,6 +11,7 @@ import os
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +32,12 @@ CLERK_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "clerk"
 EXAMPLES = CLERK_FIXTURES  # the name older tests use
 
 
-def _pg_available() -> str | None:
+MYSQL_URL = os.environ.get("CLERK_SYNC_TEST_MYSQL_URL", "mysql+mysqldb://root@127.0.0.1:3306/test")
+
+
+def _pg_available(url: str = PG_URL) -> str | None:
     try:
-        engine = sa.create_engine(PG_URL)
+        engine = sa.create_engine(url)
         with engine.connect() as conn:
             conn.execute(sa.text("SELECT 1"))
         engine.dispose()
@@ -43,6 +47,31 @@ def _pg_available() -> str | None:
 
 
 _PG_PROBLEM = _pg_available()
+_MYSQL_PROBLEM = _pg_available(MYSQL_URL)
+
+
+def mysql_database_url(name: str) -> str:
+    """The test MySQL/MariaDB URL pointing at database ``name``."""
+    return sa.engine.make_url(MYSQL_URL).set(database=name).render_as_string(hide_password=False)
+
+
+@contextmanager
+def mysql_database() -> Iterator[str]:
+    """A new, empty MariaDB database (utf8mb4, binary collation) for one test; dropped afterwards."""
+    if _MYSQL_PROBLEM is not None:
+        if os.environ.get("CLERK_SYNC_REQUIRE_MARIADB") == "1":
+            pytest.fail(f"MariaDB required but unreachable at {MYSQL_URL}: {_MYSQL_PROBLEM}")
+        pytest.skip(f"MariaDB unreachable: {_MYSQL_PROBLEM}")
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(MYSQL_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
+    try:
+        yield mysql_database_url(name)
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS `{name}`")
+        admin.dispose()
 
 
 def pg_schema_url(schema: str) -> str:
@@ -51,9 +80,17 @@ def pg_schema_url(schema: str) -> str:
     return f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres),
+                        pytest.param("mariadb", marks=pytest.mark.mariadb)])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A migrated, empty database URL: SQLite file, or a private PostgreSQL schema."""
+    """A migrated, empty database URL: SQLite file, a private PostgreSQL schema, or a MariaDB database."""
+    if request.param == "mariadb":
+        with mysql_database() as url:
+            engine = create_engine(url)
+            migrations.upgrade(engine)
+            engine.dispose()
+            yield url
+        return
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'clerk_sync.db'}"
         engine = create_engine(url)

@@ -159,16 +159,17 @@ def test_kill_9_in_the_middle_of_group_commit_batches_loses_no_acknowledged_deli
 @contextmanager
 def _users_refuse_inserts(store: Store) -> Iterator[None]:
     """Make the database reject any insert into ``users`` (a trigger), then put things back."""
-    pg = store.engine.dialect.name == "postgresql"
-    install = (
-        ["CREATE FUNCTION refuse_users() RETURNS trigger LANGUAGE plpgsql AS "
-         "$$ BEGIN RAISE EXCEPTION 'injected fault'; END $$",
-         "CREATE TRIGGER refuse_users BEFORE INSERT ON users FOR EACH ROW EXECUTE FUNCTION refuse_users()"]
-        if pg else
-        ["CREATE TRIGGER refuse_users BEFORE INSERT ON users BEGIN SELECT RAISE(ABORT, 'injected fault'); END"]
-    )
-    remove = ["DROP TRIGGER refuse_users ON users", "DROP FUNCTION refuse_users()"] if pg else \
-        ["DROP TRIGGER refuse_users"]
+    install, remove = {
+        "postgresql": (["CREATE FUNCTION refuse_users() RETURNS trigger LANGUAGE plpgsql AS "
+                        "$$ BEGIN RAISE EXCEPTION 'injected fault'; END $$",
+                        "CREATE TRIGGER refuse_users BEFORE INSERT ON users FOR EACH ROW EXECUTE FUNCTION refuse_users()"],
+                       ["DROP TRIGGER refuse_users ON users", "DROP FUNCTION refuse_users()"]),
+        "sqlite": (["CREATE TRIGGER refuse_users BEFORE INSERT ON users BEGIN SELECT RAISE(ABORT, 'injected fault'); END"],
+                   ["DROP TRIGGER refuse_users"]),
+        "mysql": (["CREATE TRIGGER refuse_users BEFORE INSERT ON users FOR EACH ROW "
+                   "SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'injected fault'"],
+                  ["DROP TRIGGER refuse_users"]),
+    }[store.dialect]
     with store.engine.begin() as conn:
         for statement in install:
             conn.exec_driver_sql(statement)

@@ -260,3 +260,33 @@ def test_mapping_refusals_are_stored_failed_without_failing_the_batch(tmp_path: 
         inbox = _inbox(store)
         assert (inbox[f"a{tag}"], inbox[f"b{tag}"], inbox[f"c{tag}"]) == ("applied", "failed", "applied")
     engine.dispose()
+
+
+def test_erased_entities_stay_gone_through_a_batch(store: Store, verifier: WebhookVerifier) -> None:
+    """The batched paths (on PostgreSQL the pipelined one-statement upserts) consult the digests of
+    hard-deleted tombstones like the one-delivery path does."""
+    from datetime import UTC, datetime, timedelta
+
+    from clerk_sync.retention import Retention, RetentionPolicy
+
+    ns = uuid.uuid4().hex[:8]
+    user_id, org_id = f"user_{ns}", f"org_{ns}"
+    committer = GroupCommitter(WebhookProcessor(store, verifier))
+    first = [(f"a{ns}_1", _parsed(f.envelope("user.created", f.user(user_id, 10)))),
+             (f"a{ns}_2", _parsed(f.envelope("organization.created", f.organization(org_id, 10)))),
+             (f"a{ns}_3", _parsed(f.envelope("organizationMembership.created",
+                                             f.membership(f"mem_{ns}", org_id, user_id, 10)))),
+             (f"a{ns}_4", _parsed(f.envelope("user.deleted", f.deleted("user", user_id))))]
+    assert _statuses(committer.write(first)) == ["applied"] * 4
+    later = datetime.now(UTC) + timedelta(days=2)
+    policy = RetentionPolicy(delete_tombstones_after=timedelta(days=1))
+    assert Retention(store, policy, now=lambda: later).prune().erased == 2
+    late = [(f"b{ns}_1", _parsed(f.envelope("user.created", f.user(user_id, 20)))),
+            (f"b{ns}_2", _parsed(f.envelope("user.updated", f.user(user_id, 30)))),
+            (f"b{ns}_3", _parsed(f.envelope("organizationMembership.updated",
+                                            f.membership(f"mem_{ns}", org_id, user_id, 20)))),
+            (f"b{ns}_4", _parsed(f.envelope("organization.updated", f.organization(org_id, 20))))]
+    assert _statuses(committer.write(late)) == ["skipped", "skipped", "skipped", "applied"]
+    with store.connect() as conn:
+        assert conn.execute(sa.select(users.c.clerk_id).where(users.c.clerk_id == user_id)).first() is None
+        assert conn.execute(sa.select(organization_memberships.c.id)).first() is None

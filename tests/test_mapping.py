@@ -185,7 +185,7 @@ def _assert_deleted(policy: DeletePolicy, entity: str, row: dict[str, Any]) -> N
     if isinstance(policy, SoftDelete):
         assert row["deleted_at"] is not None
     elif isinstance(policy, Deactivate):
-        assert row["is_active"] is False
+        assert row["is_active"] in (False, 0) and row["is_active"] is not None  # MySQL reads BOOL as 0/1
     elif entity == "users":  # Anonymise: the personal columns are cleared, the rest kept
         assert (row["email"], row["email_lower"], row["display_name"], row["avatar"]) == (None, None, None, None)
 

@@ -79,8 +79,8 @@ PUBLIC_API: dict[str, list[str]] = {
     "clerk_sync.migrations": ["current_revision", "head_revision", "is_current", "upgrade"],
     "clerk_sync.outbox": ["Job", "Outbox", "claim", "delete_jobs", "fail", "finish", "list_jobs", "redact_jobs", "release", "retry_jobs"],
     "clerk_sync.reconcile": ["Change", "Counts", "Progress", "ReconcileReport", "Reconciler"],
-    "clerk_sync.store": ["READ_ONLY_OPTION", "Store", "Writer", "create_engine"],
-    "clerk_sync.tables": ["audit_log", "hook_jobs", "metadata", "organization_memberships", "organizations", "pending_role_changes", "reconcile_runs", "reconcile_seen", "revoked_sessions", "seen_columns", "users", "webhook_events"],
+    "clerk_sync.store": ["READ_ONLY_OPTION", "Store", "Writer", "create_engine", "dialect_family", "erased_digest"],
+    "clerk_sync.tables": ["audit_log", "erased", "hook_jobs", "metadata", "organization_memberships", "organizations", "pending_role_changes", "reconcile_runs", "reconcile_seen", "revoked_sessions", "seen_columns", "sync_locks", "users", "webhook_events"],
     "clerk_sync.testing": ["EmulatorServer"],
     "clerk_sync.webhooks": ["DEFAULT_TOLERANCE_S", "SignedHeaders", "WebhookVerifier", "sign"],
 }

@@ -13,9 +13,11 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 
-from clerk_sync.events import parse_envelope
+from clerk_sync.engine import Entity
+from clerk_sync.events import parse_envelope, user_record
 from clerk_sync.ingest import WebhookProcessor
 from clerk_sync.retention import Retention, RetentionPolicy, redact_payload
 from clerk_sync.store import Store
@@ -251,3 +253,54 @@ def test_a_retry_arriving_after_erasure_keeps_no_personal_data(store: Store, ver
     assert [r.status for r in batch] == ["skipped"]  # type: ignore[union-attr]
     assert leaks(store) == {}
     assert deliver(processor, f.envelope("user.updated", _user("user_e", 200)), "msg_late") == "duplicate"
+
+
+# -- hard deletion of tombstones (``delete_tombstones_after``) -------------------------------------
+def _rows(store: Store, table: sa.Table, clerk_id: str) -> int:
+    with store.connect() as conn:
+        return int(conn.execute(sa.select(sa.func.count()).select_from(table)
+                                .where(table.c.clerk_id == clerk_id)).scalar_one())
+
+
+def test_hard_deleted_tombstones_stay_gone_on_every_path(store: Store, verifier: WebhookVerifier) -> None:
+    processor = WebhookProcessor(store, verifier)
+    assert deliver(processor, f.envelope("user.created", _user("user_h", 1000)), "msg_h1") == "applied"
+    assert deliver(processor, f.envelope("organization.created", f.organization("org_h", 1000)), "msg_h2") == "applied"
+    assert deliver(processor, f.envelope("organizationMembership.created",
+                                         f.membership("orgmem_h", "org_h", "user_h", 1000)), "msg_h3") == "applied"
+    assert deliver(processor, f.envelope("user.deleted", f.deleted("user", "user_h")), "msg_h4") == "applied"
+    assert deliver(processor, f.envelope("user.created", _user("user_live", 1000)), "msg_h5") == "applied"
+
+    policy = RetentionPolicy(delete_tombstones_after=timedelta(days=30))
+    assert Retention(store, policy, now=_later(29)).prune().erased == 0  # not old enough yet
+    assert Retention(store, policy, now=_later(31)).prune(dry_run=True).erased == 2  # the user, its membership
+    report = Retention(store, policy, now=_later(31)).prune()
+    assert report.erased == 2
+    assert (_rows(store, users, "user_h"), _rows(store, organization_memberships, "orgmem_h")) == (0, 0)
+    assert _rows(store, users, "user_live") == 1  # live rows are never touched
+    assert Retention(store, policy, now=_later(32)).prune().erased == 0  # idempotent
+    assert "user_h" not in dump(store, skip=("webhook_events", "audit_log"))["clerk_sync_erased"]
+
+    # Late, replayed and duplicated events: nothing comes back, for the webhook path ...
+    assert deliver(processor, f.envelope("user.created", _user("user_h", 5000)), "msg_h6") == "skipped"
+    assert deliver(processor, f.envelope("user.updated", _user("user_h", 6000)), "msg_h7") == "skipped"
+    assert deliver(processor, f.envelope("organizationMembership.updated",
+                                         f.membership("orgmem_h", "org_h", "user_h", 7000)), "msg_h8") == "skipped"
+    assert deliver(processor, f.envelope("user.deleted", f.deleted("user", "user_h")), "msg_h9") == "skipped"
+    assert deliver(processor, f.envelope("user.created", _user("user_h", 1000)), "msg_h1") == "duplicate"
+    # ... and for reconcile's page upsert (the same guarded statement, many rows at once).
+    with store.transaction() as writer:
+        writer.upsert_many(Entity.USER, [user_record(_user("user_h", 9000))])
+    assert (_rows(store, users, "user_h"), _rows(store, organization_memberships, "orgmem_h")) == (0, 0)
+    # The late deliveries kept no personal data either.
+    with store.connect() as conn:
+        late = conn.execute(sa.select(webhook_events.c.payload).where(webhook_events.c.svix_id.in_(
+            ["msg_h6", "msg_h7"]))).scalars().all()
+    assert all(SECRET_META not in json.dumps(p) for p in late)
+    # The organization was not deleted: it stays.
+    assert _rows(store, users, "user_live") == 1
+
+
+def test_hard_deletion_needs_the_tombstone_cleared_first() -> None:
+    with pytest.raises(ValueError, match="delete_tombstones_after"):
+        RetentionPolicy(clear_tombstones_after=timedelta(days=10), delete_tombstones_after=timedelta(days=5))

@@ -105,6 +105,9 @@ class Settings(BaseSettings):
     # Longer than Svix's retry window (about 27 h), so a retried delivery is still seen as a duplicate.
     inbox_delete_after_days: float = Field(90.0, ge=3, validation_alias="CLERK_SYNC_INBOX_DELETE_AFTER_DAYS")
     tombstone_clear_after_days: float = Field(0.0, ge=0, validation_alias="CLERK_SYNC_TOMBSTONE_CLEAR_AFTER_DAYS")
+    # None: tombstones stay (cleared) for good; N: their rows are deleted N days after the deletion.
+    tombstone_delete_after_days: float | None = Field(
+        None, ge=0, validation_alias="CLERK_SYNC_TOMBSTONE_DELETE_AFTER_DAYS")
     prune_interval_s: float = Field(3600.0, ge=0, validation_alias="CLERK_SYNC_PRUNE_INTERVAL_S")
     prune_batch: int = Field(500, gt=0, validation_alias="CLERK_SYNC_PRUNE_BATCH")
     freshness_max_delivery_age_s: float = Field(

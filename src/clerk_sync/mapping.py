@@ -239,15 +239,17 @@ class _Projection:
         self.insert = sa.insert(table).values(row)
         # A creation usually finds no row: one statement. Any unique conflict skips it, and the UPDATE
         # (then the plain INSERT, which raises on a conflict with another row) takes over.
+        # (Not on MySQL: its "do nothing" counts a skipped row like an inserted one.)
         insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-        self.insert_new = insert(table).values(row).on_conflict_do_nothing() if _unique(table, self.key) else None
+        self.insert_new = (insert(table).values(row).on_conflict_do_nothing()
+                           if _unique(table, self.key) and dialect in ("postgresql", "sqlite") else None)
         self.raw_sql, self.json_at = _raw_upsert_sql(table, self.key, names, mapped, dialect)
         # Creations and updates in one prebuilt statement (no Core construct to key per call), when
         # ON CONFLICT can name the Clerk-id column and no row is to be linked.
         self.upsert: sa.TextClause | None = None
         self.sqlite_upsert: str | None = None
         self.sqlite_binds: list[Callable[[Any], Any] | None] = []
-        if not mapped.link_by_email and _unique(table, self.key, plain=True):
+        if not mapped.link_by_email and dialect in ("postgresql", "sqlite") and _unique(table, self.key, plain=True):
             quote = (postgresql if dialect == "postgresql" else sqlite).dialect().identifier_preparer.quote
             key = quote(self.key.name)
             sets = ", ".join(f"{quote(n)} = excluded.{quote(n)}" for n in names) or f"{key} = excluded.{key}"

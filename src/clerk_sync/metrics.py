@@ -144,8 +144,8 @@ class Metrics:
                                       registry=r)
         self.reconcile_drift = Counter("clerk_sync_reconcile_drift", "Drift reconcile found, by table and action.",
                                        ["entity", "action"], registry=r)
-        self.pruned = Counter("clerk_sync_pruned_rows", "Rows retention redacted, deleted or cleared.", ["action"],
-                              registry=r)
+        self.pruned = Counter("clerk_sync_pruned_rows", "Rows retention redacted, deleted, cleared or erased.",
+                              ["action"], registry=r)
         self._database: _DatabaseCollector | None = None
 
     # -- webhook path ---------------------------------------------------------------------------

@@ -96,7 +96,8 @@ class Outbox:
                     [name, change.type, _entity_key(name, change), change.idempotency_key, payload, now, now]
                     for name in names], many=True)
                 return
-            self.conn.execute(_job_sql(dialect == "postgresql"), [self._job(name, change, payload) for name in names])
+            pg = dialect == "postgresql"  # JSONB: the payload is cast there
+            self.conn.execute(_job_sql(pg), [self._job(name, change, payload) for name in names])
 
     def pipelines(self, entity: Entity) -> bool:
         """Whether :meth:`raw_statements` can take this entity's created/updated changes."""
@@ -144,6 +145,8 @@ def claim(conn: Connection, now: datetime, *, lease: timedelta, limit: int, max_
     A job whose lease expired after ``max_attempts`` claims is marked dead instead (its worker keeps
     dying, or the handler outlives the lease).
     """
+    if conn.dialect.name in ("mysql", "mariadb"):  # no UPDATE .. RETURNING, nor a subquery on the updated table
+        return _claim_one_by_one(conn, now, lease=lease, limit=limit, max_attempts=max_attempts)
     pg = conn.dialect.name == "postgresql"
     error = "attempts (worker killed, or handler slower than the lease)"
     conn.execute(_dead_sql(pg), {"now": now, "max_attempts": max_attempts, "error": error})
@@ -159,6 +162,28 @@ def claim(conn: Connection, now: datetime, *, lease: timedelta, limit: int, max_
             for row in sorted(rows, key=lambda r: r.id)]
 
 
+def _claim_one_by_one(conn: Connection, now: datetime, *, lease: timedelta, limit: int,
+                      max_attempts: int) -> list[Job]:
+    """:func:`claim` as a select then one update per job (MySQL/MariaDB)."""
+    j, earlier = hook_jobs, hook_jobs.alias("earlier")
+    due = sa.or_(sa.and_(j.c.status == "pending", j.c.available_at <= now),
+                 sa.and_(j.c.status == "running", j.c.lease_until < now))
+    blocked = sa.exists().where(earlier.c.entity_key == j.c.entity_key, earlier.c.id < j.c.id,
+                                earlier.c.status.in_(("pending", "running")))
+    query = sa.select(j.c.id, j.c.hook, j.c.payload, j.c.attempts).where(due, ~blocked).order_by(j.c.id).limit(limit)
+    query = query.with_for_update(skip_locked=True)  # MariaDB has SKIP LOCKED but no FOR UPDATE OF
+    jobs: list[Job] = []
+    for row in conn.execute(query).all():
+        if row.attempts >= max_attempts:
+            error = f"lease expired after {row.attempts} attempts (worker killed, or handler slower than the lease)"
+            _set(conn, row.id, status="dead", lease_until=None, claim_token=None, last_error=error)
+            continue
+        token = str(uuid.uuid4())
+        _set(conn, row.id, status="running", lease_until=now + lease, claim_token=token, attempts=row.attempts + 1)
+        jobs.append(Job(row.id, row.hook, Change.from_json(row.payload), row.attempts + 1, token))
+    return jobs
+
+
 def finish(conn: Connection, job: Job) -> bool:
     """Delete a job that ran; False if the claim was lost (its lease expired and another worker took it)."""
     return not finish_many(conn, [job])
@@ -166,6 +191,10 @@ def finish(conn: Connection, job: Job) -> bool:
 
 def finish_many(conn: Connection, jobs: Sequence[Job]) -> list[int]:
     """Delete jobs that ran, in one statement; returns the ids whose claim was lost (see :func:`finish`)."""
+    if conn.dialect.name in ("mysql", "mariadb"):  # no DELETE .. RETURNING on MySQL
+        d = sa.delete(hook_jobs).where(hook_jobs.c.id == sa.bindparam("job_id"),
+                                       hook_jobs.c.claim_token == sa.bindparam("token"))
+        return [job.id for job in jobs if conn.execute(d, {"job_id": job.id, "token": job.token}).rowcount != 1]
     deleted: set[int] = set()
     for token in {job.token for job in jobs}:
         ids = [job.id for job in jobs if job.token == token]
@@ -321,3 +350,7 @@ _RAW_JOB_SQL = (  # _job_sql(True) as psycopg SQL
     "INSERT INTO hook_jobs (hook, type, entity_key, idempotency_key, payload, status, attempts, available_at, "
     "created_at) VALUES (%s, %s, %s, %s, %s::jsonb, 'pending', 0, %s, %s)"
 )
+
+
+def _set(conn: Connection, job_id: int, **values: Any) -> None:
+    conn.execute(sa.update(hook_jobs).where(hook_jobs.c.id == job_id).values(**values))

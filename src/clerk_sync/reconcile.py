@@ -24,17 +24,17 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import mysql, postgresql, sqlite
 
 from clerk_sync.clerk_api import JSON, ClerkClient
 from clerk_sync.engine import Action, Entity, Record, RowState, Tombstone, Upsert, decide
 from clerk_sync.errors import ClerkNotFound, EventShapeError, ReconcileBusy
 from clerk_sync.events import membership_record, organization_record, user_record
 from clerk_sync.metrics import Metrics
-from clerk_sync.store import Store, Writer
+from clerk_sync.store import Store, Writer, dialect_family
 from clerk_sync.tables import (
     organization_memberships,
     organizations,
@@ -228,11 +228,10 @@ class Reconciler:
             writer.conn.execute(reconcile_runs.update().where(reconcile_runs.c.id == row["id"])
                                 .values(status="abandoned", finished_at=now))
             writer.conn.execute(reconcile_seen.delete().where(reconcile_seen.c.run_id == row["id"]))
-        run_id = writer.conn.execute(
+        inserted = writer.conn.execute(  # the new id without RETURNING, which MySQL lacks
             reconcile_runs.insert().values(status="running", since=since, phase=_PHASES[0], cursor=0,
-                                           details={}, started_at=now, heartbeat_at=now)
-            .returning(reconcile_runs.c.id)
-        ).scalar_one()
+                                           details={}, started_at=now, heartbeat_at=now))
+        run_id = int(cast("sa.Row[Any]", inserted.inserted_primary_key)[0])
         return _Run(ReconcileReport(run_id, False, since, False), _PHASES[0], 0, reconcile_seen)
 
     def _checkpoint(self, writer: Writer, run: _Run, **values: Any) -> None:
@@ -512,13 +511,14 @@ def _current(conn: sa.Connection, entity: Entity, ids: list[str]) -> dict[str, R
     return {r.clerk_id: RowState(r.clerk_updated_at, r.deleted_at is not None) for r in conn.execute(query)}
 
 
-def _insert(conn: sa.Connection, table: sa.Table) -> Any:
-    return postgresql.insert(table) if conn.dialect.name == "postgresql" else sqlite.insert(table)
-
-
 def _stage(conn: sa.Connection, seen: sa.Table, run_id: int, entity: Entity, ids: list[str]) -> None:
     if ids:
-        stmt = _insert(conn, seen).on_conflict_do_nothing()
+        if dialect_family(conn.dialect) == "mysql":
+            mine = mysql.insert(seen)
+            stmt: Any = mine.on_duplicate_key_update(clerk_id=mine.inserted.clerk_id)
+        else:
+            stmt = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(seen)
+            stmt = stmt.on_conflict_do_nothing()
         conn.execute(stmt, [{"run_id": run_id, "entity": entity.value, "clerk_id": i} for i in ids])
 
 

@@ -9,9 +9,12 @@ whole until replayed (or removed by hand): their payload is what a replay needs.
 
 **Tombstones.** ``user.deleted`` keeps the row with ``deleted_at`` set: that row is what makes a late
 ``user.created`` a no-op (``engine.decide``: a tombstone is terminal). After ``clear_tombstones_after``
-its personal columns are cleared; the row itself (ids, version, ``deleted_at``) stays for good. We do
-not offer hard deletion: a deleted row loses its tombstone, and the guarded upsert would then let a
-late or replayed ``user.created`` resurrect the user. A cleared tombstone holds no personal data.
+its personal columns are cleared; by default the row itself (ids, version, ``deleted_at``) stays for
+good. With ``delete_tombstones_after`` the rows of users, organizations and memberships deleted that
+long ago are hard-deleted, and what stops a late or replayed ``user.created`` from bringing one back
+is then a row of ``clerk_sync_erased``: the SHA-256 of "entity:clerk_id", which every guarded insert
+consults (``store._NOT_ERASED``). The digests are written and committed before the rows are
+deleted, so at every moment either the tombstone or the digest is there for a racing insert to see.
 
 **Erasure** (:meth:`Retention.erase_user`): tombstones the user now (memberships too), clears the
 row, redacts every stored payload that mentions the user's id or e-mail addresses, and writes an
@@ -31,14 +34,15 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import mysql, postgresql, sqlite
 
 from clerk_sync.auth.audit import AuditEntry, record_audit
 from clerk_sync.config import Settings
 from clerk_sync.engine import DeliveryStatus, Entity, Tombstone
 from clerk_sync.metrics import Metrics
 from clerk_sync.outbox import redact_jobs
-from clerk_sync.store import Store, Writer
-from clerk_sync.tables import organizations, users, webhook_events
+from clerk_sync.store import Store, Writer, dialect_family, erased_digest
+from clerk_sync.tables import erased, organization_memberships, organizations, users, webhook_events
 
 __all__ = ["ErasureReport", "PruneReport", "Retention", "RetentionPolicy", "redact_payload"]
 
@@ -55,6 +59,11 @@ _CLEARED: dict[sa.Table, dict[str, Any]] = {
             "last_sign_in_at": None},
     organizations: {"name": None, "slug": None, "image_url": None, "public_metadata": {}, "private_metadata": {}},
 }
+
+
+# The contract tables whose tombstones ``delete_tombstones_after`` hard-deletes.
+_ERASABLE: dict[Entity, sa.Table] = {Entity.USER: users, Entity.ORGANIZATION: organizations,
+                                     Entity.MEMBERSHIP: organization_memberships}
 
 
 def redact_payload(payload: Mapping[str, Any]) -> dict[str, Any]:
@@ -80,27 +89,33 @@ class RetentionPolicy:
     delete_after: timedelta = timedelta(days=90)
     clear_tombstones_after: timedelta = timedelta(0)
     batch: int = 500
+    delete_tombstones_after: timedelta | None = None  # None: tombstones stay (cleared) for good
 
     def __post_init__(self) -> None:
         if self.delete_after < self.redact_after:
             raise ValueError("delete_after must not be shorter than redact_after")
         if self.batch < 1:
             raise ValueError("batch must be at least 1")
+        if self.delete_tombstones_after is not None and self.delete_tombstones_after < self.clear_tombstones_after:
+            raise ValueError("delete_tombstones_after must not be shorter than clear_tombstones_after")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RetentionPolicy:
+        hard = settings.tombstone_delete_after_days
         return cls(timedelta(days=settings.inbox_redact_after_days), timedelta(days=settings.inbox_delete_after_days),
-                   timedelta(days=settings.tombstone_clear_after_days), settings.prune_batch)
+                   timedelta(days=settings.tombstone_clear_after_days), settings.prune_batch,
+                   None if hard is None else timedelta(days=hard))
 
 
 @dataclass(frozen=True, slots=True)
 class PruneReport:
-    """Rows a prune pass redacted, deleted and cleared (would have, for a dry run)."""
+    """Rows a prune pass redacted, deleted, cleared and erased (would have, for a dry run)."""
 
     redacted: int
     deleted: int
     cleared: int
     dry_run: bool
+    erased: int = 0  # tombstone rows hard-deleted (``delete_tombstones_after``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,17 +143,19 @@ class Retention:
         now = self._now()
         p = self.policy
         redact_cut, delete_cut, clear_cut = now - p.redact_after, now - p.delete_after, now - p.clear_tombstones_after
+        erase_cut = None if p.delete_tombstones_after is None else now - p.delete_tombstones_after
         if dry_run:
-            return self._count(redact_cut, delete_cut, clear_cut)
+            return self._count(redact_cut, delete_cut, clear_cut, erase_cut)
         report = PruneReport(
             redacted=self._drain(lambda w: self._redact_batch(w, redact_cut)),
             deleted=self._drain(lambda w: self._delete_batch(w, delete_cut)),
             cleared=sum(self._drain(functools.partial(self._clear_batch, table=t, cutoff=clear_cut))
                         for t in _CLEARED),
             dry_run=False,
+            erased=0 if erase_cut is None else sum(self._erase_tombstones(e, erase_cut) for e in _ERASABLE),
         )
         if self.metrics is not None:
-            for action in ("redacted", "deleted", "cleared"):
+            for action in ("redacted", "deleted", "cleared", "erased"):
                 self.metrics.pruned.labels(action=action).inc(getattr(report, action))
         return report
 
@@ -185,7 +202,26 @@ class Retention:
             writer.conn.execute(table.update().where(table.c.id.in_(ids)).values(**_CLEARED[table]))
         return len(ids)
 
-    def _count(self, redact_cut: datetime, delete_cut: datetime, clear_cut: datetime) -> PruneReport:
+    def _erase_tombstones(self, entity: Entity, cutoff: datetime) -> int:
+        """Hard-delete the tombstones of ``entity`` older than ``cutoff``, a batch at a time: first
+        the digests (committed), then the rows, so a racing insert always meets one or the other."""
+        table, total = _ERASABLE[entity], 0
+        while True:
+            with self.store.transaction() as writer:
+                rows = writer.conn.execute(self._pick(sa.select(table.c.id, table.c.clerk_id).where(
+                    table.c.deleted_at.is_not(None), table.c.deleted_at < cutoff))).all()
+                if rows:
+                    _mark_erased(writer, entity, [row.clerk_id for row in rows])
+            if rows:
+                with self.store.transaction() as writer:
+                    writer.conn.execute(table.delete().where(table.c.id.in_([row.id for row in rows]),
+                                                             table.c.deleted_at.is_not(None)))
+            total += len(rows)
+            if len(rows) < self.policy.batch:
+                return total
+
+    def _count(self, redact_cut: datetime, delete_cut: datetime, clear_cut: datetime,
+               erase_cut: datetime | None) -> PruneReport:
         def count(table: sa.Table, *where: sa.ColumnElement[bool]) -> int:
             return int(conn.execute(sa.select(sa.func.count()).select_from(table).where(*where)).scalar_one())
 
@@ -196,6 +232,8 @@ class Retention:
                 cleared=sum(count(t, t.c.deleted_at.is_not(None), t.c.deleted_at < clear_cut, _not_cleared(t))
                             for t in _CLEARED),
                 dry_run=True,
+                erased=0 if erase_cut is None else sum(
+                    count(t, t.c.deleted_at.is_not(None), t.c.deleted_at < erase_cut) for t in _ERASABLE.values()),
             )
 
     # -- erasure --------------------------------------------------------------------------------
@@ -221,6 +259,18 @@ class Retention:
             record_audit(writer, AuditEntry("user.erased", actor, clerk_id,
                                             details={"payloads_redacted": redacted, "reason": reason}))
         return ErasureReport(clerk_id, row is not None, redacted)
+
+
+def _mark_erased(writer: Writer, entity: Entity, clerk_ids: list[str]) -> None:
+    """Record the digests of ``clerk_ids`` (already recorded ones are left as they are)."""
+    values = [{"digest": erased_digest(entity, i), "entity": entity.value, "erased_at": writer.now} for i in clerk_ids]
+    family = dialect_family(writer.conn.dialect)
+    if family == "mysql":
+        mine = mysql.insert(erased)
+        writer.conn.execute(mine.on_duplicate_key_update(digest=mine.inserted.digest), values)
+    else:
+        insert = postgresql.insert if family == "postgresql" else sqlite.insert
+        writer.conn.execute(insert(erased).on_conflict_do_nothing(index_elements=["digest"]), values)
 
 
 def _emails(row: Any) -> set[str]:

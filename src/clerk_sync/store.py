@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import json
+import re
 import threading
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -20,7 +22,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from clerk_sync.changes import Change, Hook, describe
@@ -32,14 +34,16 @@ from clerk_sync.mapping import SchemaMapping
 from clerk_sync.outbox import Outbox
 from clerk_sync.tables import (
     Timestamp,
+    erased,
     organization_memberships,
     organizations,
     revoked_sessions,
+    sync_locks,
     users,
     webhook_events,
 )
 
-__all__ = ["READ_ONLY_OPTION", "Store", "Writer", "create_engine"]
+__all__ = ["READ_ONLY_OPTION", "Store", "Writer", "create_engine", "dialect_family", "erased_digest"]
 
 Clock = Callable[[], datetime]
 READ_ONLY_OPTION = _READ_ONLY = "clerk_sync_read_only"  # execution option: a deferred (reader) BEGIN on SQLite
@@ -54,9 +58,15 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def dialect_family(dialect: sa.Dialect) -> str:
+    """``"postgresql"``, ``"sqlite"`` or ``"mysql"`` (MySQL and MariaDB, whichever URL scheme named them)."""
+    return "mysql" if dialect.name in ("mysql", "mariadb") else dialect.name
+
+
 def create_engine(url: str, *, timeouts: DatabaseTimeouts | None = None, **kwargs: Any) -> Engine:
     """An engine with the settings clerk-sync relies on (SQLite: WAL, busy timeout, BEGIN IMMEDIATE;
-    PostgreSQL: every wait bounded by ``timeouts``, see :class:`~clerk_sync.config.DatabaseTimeouts`)."""
+    PostgreSQL and MySQL/MariaDB: every wait bounded by ``timeouts``, see
+    :class:`~clerk_sync.config.DatabaseTimeouts`; MySQL/MariaDB: utf8mb4, strict mode, UTC, READ COMMITTED)."""
     kwargs.setdefault("hide_parameters", True)  # bound values (emails, metadata) stay out of errors
     if url.startswith("sqlite"):
         engine = sa.create_engine(url, connect_args={"timeout": 30}, **kwargs)
@@ -69,7 +79,41 @@ def create_engine(url: str, *, timeouts: DatabaseTimeouts | None = None, **kwarg
     kwargs.setdefault("max_overflow", 20)
     if url.startswith("postgresql"):
         kwargs["connect_args"] = _postgres_bounds(url, timeouts or DatabaseTimeouts()) | kwargs.get("connect_args", {})
+    if url.startswith(("mysql", "mariadb")):
+        return _mysql_engine(url, timeouts or DatabaseTimeouts(), kwargs)
     return sa.create_engine(url, **kwargs)
+
+
+def _mysql_engine(url: str, t: DatabaseTimeouts, kwargs: dict[str, Any]) -> Engine:
+    """MySQL/MariaDB with PostgreSQL's semantics where they differ by default: READ COMMITTED (no gap
+    locks between concurrent upserts), strict mode (a value that does not fit is an error, never
+    truncated), utf8mb4 on the wire, UTC session time, and the same bounds on waits."""
+    parsed = sa.engine.make_url(url)
+    if "charset" not in parsed.query:
+        parsed = parsed.update_query_dict({"charset": "utf8mb4"})
+    kwargs.setdefault("isolation_level", "READ COMMITTED")
+    session = ["sql_mode = 'STRICT_ALL_TABLES,ERROR_FOR_DIVISION_BY_ZERO,NO_ENGINE_SUBSTITUTION'",
+               "time_zone = '+00:00'"]
+    if t.lock_s > 0:  # row locks (and our lock rows): whole seconds, at least 1
+        session.append(f"innodb_lock_wait_timeout = {max(1, round(t.lock_s))}")
+    if t.idle_in_transaction_s > 0:  # the server drops a client that went quiet (and its locks)
+        session.append(f"wait_timeout = {max(1, round(max(t.idle_in_transaction_s, 60)))}")
+    connect: dict[str, Any] = {"init_command": "SET SESSION " + ", ".join(session)}
+    if t.connect_s > 0:
+        connect["connect_timeout"] = max(1, int(t.connect_s))
+    kwargs["connect_args"] = connect | kwargs.get("connect_args", {})
+    engine = sa.create_engine(parsed, **kwargs)
+    if t.statement_s > 0:
+        @sa_event.listens_for(engine, "connect")
+        def _bound_statements(dbapi_conn: Any, _record: Any) -> None:
+            # MariaDB bounds every statement (max_statement_time, seconds); MySQL only SELECTs (ms).
+            cur = dbapi_conn.cursor()
+            cur.execute("SELECT VERSION()")
+            mariadb = "mariadb" in str(cur.fetchone()[0]).lower()
+            cur.execute(f"SET SESSION max_statement_time = {t.statement_s:g}" if mariadb
+                        else f"SET SESSION max_execution_time = {int(t.statement_s * 1000)}")
+            cur.close()
+    return engine
 
 
 def _postgres_bounds(url: str, t: DatabaseTimeouts) -> dict[str, Any]:
@@ -121,7 +165,9 @@ class Writer:
                  mapping: SchemaMapping | None = None) -> None:
         self.conn = conn
         self.now = now
-        self._pg = conn.dialect.name == "postgresql"
+        self._dialect = dialect_family(conn.dialect)
+        self._pg = self._dialect == "postgresql"
+        self._my = self._dialect == "mysql"
         self._psycopg = self._pg and conn.dialect.driver == "psycopg"
         # Applied changes go to the app's mapped tables and the hook outbox, in this transaction
         # (None: neither is configured, so no extra reads).
@@ -140,7 +186,7 @@ class Writer:
         params = {"svix_id": svix_id, "type": event_type, "instance_id": instance_id,
                   "event_timestamp": event_timestamp, "now": self.now, "payload": text, "status": status,
                   "last_error": error, "applied_at": self.now if status in _APPLIED else None}
-        return self.conn.execute(_inbox_sql(self._pg), params).first() is not None
+        return self._wrote(self.conn.execute(_inbox_sql(self._dialect), params))
 
     @property
     def pipelines(self) -> bool:
@@ -208,7 +254,7 @@ class Writer:
                 statements += [
                     (_RAW_INBOX_SQL, [svix_id, event_type, instance_id, event_timestamp, DeliveryStatus.APPLIED.value,
                                       error, now, payload, now]),
-                    (sql, [*values, now, now]),
+                    (sql, [*values, now, now, erased_digest(intent.entity, intent.clerk_id)]),
                     (_RAW_PARENT_DELETED_SQL, [now, now, intent.clerk_id]),
                 ]
                 shape.append(3)
@@ -216,7 +262,8 @@ class Writer:
             sql, json_at = _hooked_statement_sql(intent.entity) if h else _one_statement_sql(intent.entity)
             for i in json_at:
                 values[i] = Jsonb(values[i])
-            values += [now, now, svix_id, event_type, instance_id, event_timestamp, error, now, payload, now]
+            values += [now, now, erased_digest(intent.entity, intent.clerk_id), svix_id, event_type, instance_id,
+                       event_timestamp, error, now, payload, now]
             statements.append((sql, [intent.clerk_id, *values] if h else values))
             shape.append(0 if h else 1)
         rows = _run_raw(raw, statements, pipeline=pipeline)
@@ -253,7 +300,8 @@ class Writer:
         """Store ``redacted`` instead of the payload when its entity is a tombstone: a late event for a
         deleted (maybe erased) user changes nothing, so its personal data is not kept either."""
         table = _TABLES[entity]
-        gone = sa.exists().where(table.c.clerk_id == clerk_id, table.c.deleted_at.is_not(None))
+        gone = sa.or_(sa.exists().where(table.c.clerk_id == clerk_id, table.c.deleted_at.is_not(None)),
+                      sa.exists().where(erased.c.digest == erased_digest(entity, clerk_id)))
         stmt = (webhook_events.update().where(webhook_events.c.svix_id == svix_id, gone)
                 .values(payload=redacted, redacted_at=self.now))
         return bool(self.conn.execute(stmt).rowcount)
@@ -272,15 +320,26 @@ class Writer:
 
     # -- mirrored rows -------------------------------------------------------------------------
     def lock(self, keys: Sequence[str]) -> None:
-        """Serialise writers that touch the same user/organization (PostgreSQL advisory locks).
+        """Serialise writers that touch the same user/organization (PostgreSQL advisory locks; on
+        MySQL/MariaDB the rows of ``clerk_sync_locks``, upserted in sorted order and held to COMMIT).
 
         Needed for the membership cascade: "membership deleted if its user is deleted" reads one
         row and writes another, which row locks alone cannot order. SQLite has one writer already.
         """
-        if not self._pg:
-            return
-        for key in sorted(set(keys)):
-            self.conn.execute(_LOCK_SQL, {"key": _lock_id(key)})
+        if self._pg:
+            for key in sorted(set(keys)):
+                self.conn.execute(_LOCK_SQL, {"key": _lock_id(key)})
+        elif self._my and keys:
+            ids = sorted({_lock_id(k) for k in keys})
+            self.conn.execute(_MYSQL_LOCK_SQL, [{"key": k} for k in ids])
+
+    def lock_entities(self, intents: Sequence[object]) -> None:
+        """Lock every user/organization/membership a batch will write, in one sorted pass, before
+        writing any (MySQL/MariaDB group commit): batches touching the same entities in different
+        orders then queue instead of deadlocking on their rows (InnoDB would roll one back)."""
+        keys = [key for intent in intents if isinstance(intent, Upsert | Tombstone)
+                for key in (*_lock_keys(intent), f"{_LOCK_PREFIX[intent.entity]}:{intent.clerk_id}")]
+        self.lock(keys)
 
     def apply(self, intent: Upsert | Tombstone | RevokeSession) -> bool:
         """Execute an intent under the ordering guard; True when a row changed."""
@@ -321,8 +380,9 @@ class Writer:
         return changed
 
     def _upsert(self, intent: Upsert) -> bool:
-        params = _params(intent.entity, intent.record) | {"now": self.now}
-        return self.conn.execute(_upsert_sql(intent.entity, returning=True), params).first() is not None
+        params = _params(intent.entity, intent.record) | {"now": self.now,
+                                                          "erased": erased_digest(intent.entity, intent.clerk_id)}
+        return self._wrote(self.conn.execute(_upsert_sql(intent.entity, self._dialect, returning=True), params))
 
     def upsert_many(self, entity: Entity, records: Sequence[Record]) -> None:
         """The same guarded upsert for many rows in one executemany (reconcile pages).
@@ -331,18 +391,22 @@ class Writer:
         """
         if records:
             stamp = {"now": self.now}
-            self.conn.execute(_upsert_sql(entity, returning=False), [_params(entity, r) | stamp for r in records])
+            self.conn.execute(_upsert_sql(entity, self._dialect, returning=False),
+                              [_params(entity, r) | stamp | {"erased": erased_digest(entity, r.clerk_id)}
+                               for r in records])
 
     def _tombstone(self, intent: Tombstone) -> bool:
         params = {"clerk_id": intent.clerk_id, "clerk_updated_at": intent.version, "now": self.now,
-                  **_TOMBSTONE_FILL[intent.entity]}
-        return self.conn.execute(_tombstone_sql(intent.entity), params).first() is not None
+                  "erased": erased_digest(intent.entity, intent.clerk_id), **_TOMBSTONE_FILL[intent.entity]}
+        return self._wrote(self.conn.execute(_tombstone_sql(intent.entity, self._dialect), params))
 
     def _revoke_session(self, intent: RevokeSession) -> bool:
-        stmt = self._insert(revoked_sessions).values(
-            session_id=intent.session_id, user_clerk_id=intent.user_id, reason=intent.reason,
-            expire_at=intent.expire_at, revoked_at=self.now,
-        ).on_conflict_do_nothing(index_elements=["session_id"])
+        values = {"session_id": intent.session_id, "user_clerk_id": intent.user_id, "reason": intent.reason,
+                  "expire_at": intent.expire_at, "revoked_at": self.now}
+        if self._my:
+            stmt = mysql.insert(revoked_sessions).values(values)
+            return self._wrote(self.conn.execute(stmt.on_duplicate_key_update(session_id=stmt.inserted.session_id)))
+        stmt = self._insert(revoked_sessions).values(values).on_conflict_do_nothing(index_elements=["session_id"])
         return self._changed(stmt.returning(revoked_sessions.c.id))
 
     def _cascade_memberships(self, entity: Entity, clerk_id: str, *, returning: bool = False) -> Sequence[Any]:
@@ -356,7 +420,13 @@ class Writer:
         if not returning:
             self.conn.execute(stmt)
             return []
-        return self.conn.execute(stmt.returning(*[m.c[n] for n in _RECORD_FIELDS[Entity.MEMBERSHIP]])).all()
+        columns = [m.c[n] for n in _RECORD_FIELDS[Entity.MEMBERSHIP]]
+        if self._my:  # no UPDATE .. RETURNING: read the rows first (the parent's lock is held)
+            rows = self.conn.execute(sa.select(*columns).where(column == clerk_id, m.c.deleted_at.is_(None))
+                                     .with_for_update()).all()
+            self.conn.execute(stmt)
+            return rows
+        return self.conn.execute(stmt.returning(*columns)).all()
 
     def _delete_membership_if_parent_deleted(self, clerk_id: str) -> bool:
         m = organization_memberships
@@ -374,6 +444,17 @@ class Writer:
             .values(deleted_at=self.now, updated_at=self.now)
         )
         return self.conn.execute(stmt).rowcount == 1
+
+    def _wrote(self, result: sa.CursorResult[Any]) -> bool:
+        """Whether a guarded write (with RETURNING on PostgreSQL/SQLite) inserted or changed its row.
+
+        MySQL has no ``ON DUPLICATE KEY .. RETURNING`` that tells a no-op apart, and with the
+        FOUND_ROWS flag SQLAlchemy sets, an insert and an unchanged row both count 1: an insert is
+        told by its new auto-increment id, a change by the count 2.
+        """
+        if self._my:
+            return result.rowcount == 2 or bool(result.lastrowid)
+        return result.first() is not None
 
     def _changed(self, stmt: Any) -> bool:
         # RETURNING, not rowcount: with implicit RETURNING drivers report rowcount -1, and a
@@ -422,6 +503,9 @@ def _lock_id(key: str) -> int:
 # construct per delivery (that was over a third of the service's CPU, see BENCHMARKS.md).
 _APPLIED = frozenset({DeliveryStatus.APPLIED, DeliveryStatus.SKIPPED})
 _LOCK_SQL = sa.text("SELECT pg_advisory_xact_lock(:key)").bindparams(sa.bindparam("key", type_=sa.BigInteger))
+_MYSQL_LOCK_SQL = sa.text(
+    f"INSERT INTO {sync_locks.name} (lock_key) VALUES (:key) ON DUPLICATE KEY UPDATE lock_key = lock_key"
+).bindparams(sa.bindparam("key", type_=sa.BigInteger))
 _RECORD_FIELDS: dict[Entity, list[str]] = {
     Entity.USER: [f.name for f in fields(UserRecord)],
     Entity.ORGANIZATION: [f.name for f in fields(OrganizationRecord)],
@@ -442,17 +526,45 @@ def _params(entity: Entity, record: Record) -> dict[str, Any]:
 
 def _typed(table: sa.Table, sql: str, names: Sequence[str]) -> sa.TextClause:
     params = [sa.bindparam(n, type_=table.c[n].type) for n in names]
+    if ":erased" in sql:
+        params.append(sa.bindparam("erased", type_=erased.c.digest.type))
     return sa.text(sql).bindparams(*params, sa.bindparam("now", type_=Timestamp))
 
 
+def erased_digest(entity: Entity, clerk_id: str) -> str:
+    """What ``clerk_sync_erased`` keeps of a hard-deleted entity: a SHA-256, not the id itself."""
+    return hashlib.sha256(f"{entity.value}:{clerk_id}".encode()).hexdigest()
+
+
+# Every guarded insert is an INSERT .. SELECT with this filter (PostgreSQL, SQLite and MySQL alike):
+# a hard-deleted entity's digest stops the row from coming back; a live row is updated as before.
+_NOT_ERASED = f"WHERE NOT EXISTS (SELECT 1 FROM {erased.name} WHERE digest = %s)"
+
+
+def _q(name: str) -> str:
+    # MySQL reserves some of our column names (``role``); backticks are MySQL-only SQL, so quote there.
+    return f"`{name}`"
+
+
 @functools.cache
-def _upsert_sql(entity: Entity, *, returning: bool) -> sa.TextClause:
+def _upsert_sql(entity: Entity, dialect: str, *, returning: bool) -> sa.TextClause:
     table, names = _TABLES[entity], _RECORD_FIELDS[entity]
     t = table.name
+    if dialect == "mysql":
+        # The guard in every assignment: MySQL evaluates them left to right, each seeing the ones
+        # before, so the guarded columns (clerk_updated_at, read by the guard) are assigned last.
+        guard = f"{t}.deleted_at IS NULL AND {t}.clerk_updated_at < VALUES(clerk_updated_at)"
+        order = [n for n in names if n not in ("clerk_id", "clerk_updated_at")] + ["updated_at", "clerk_updated_at"]
+        sets = ", ".join(f"{_q(n)} = IF({guard}, VALUES({_q(n)}), {t}.{_q(n)})" for n in order)
+        return _typed(table, (
+            f"INSERT INTO {t} ({', '.join(map(_q, names))}, created_at, updated_at) "
+            f"SELECT {', '.join(':' + n for n in names)}, :now, :now FROM DUAL {_NOT_ERASED % ':erased'} "
+            f"ON DUPLICATE KEY UPDATE {sets}"
+        ), names)
     sets = ", ".join(f"{n} = excluded.{n}" for n in names if n != "clerk_id")
     return _typed(table, (
         f"INSERT INTO {t} ({', '.join(names)}, created_at, updated_at) "
-        f"VALUES ({', '.join(':' + n for n in names)}, :now, :now) "
+        f"SELECT {', '.join(':' + n for n in names)}, :now, :now {_NOT_ERASED % ':erased'} "
         f"ON CONFLICT (clerk_id) DO UPDATE SET {sets}, updated_at = excluded.updated_at "
         f"WHERE {t}.deleted_at IS NULL AND {t}.clerk_updated_at < excluded.clerk_updated_at"
         + (" RETURNING id" if returning else "")
@@ -460,12 +572,22 @@ def _upsert_sql(entity: Entity, *, returning: bool) -> sa.TextClause:
 
 
 @functools.cache
-def _tombstone_sql(entity: Entity) -> sa.TextClause:
+def _tombstone_sql(entity: Entity, dialect: str) -> sa.TextClause:
     table = _TABLES[entity]
     t, names = table.name, ["clerk_id", "clerk_updated_at", *_TOMBSTONE_FILL[entity]]
+    if dialect == "mysql":  # deleted_at last: the assignments before it read the old one
+        live = f"{t}.deleted_at IS NULL"
+        return _typed(table, (
+            f"INSERT INTO {t} ({', '.join(map(_q, names))}, created_at, updated_at, deleted_at) "
+            f"SELECT {', '.join(':' + n for n in names)}, :now, :now, :now FROM DUAL {_NOT_ERASED % ':erased'} "
+            "ON DUPLICATE KEY UPDATE "
+            f"clerk_updated_at = IF({live}, GREATEST({t}.clerk_updated_at, VALUES(clerk_updated_at)), "
+            f"{t}.clerk_updated_at), updated_at = IF({live}, VALUES(updated_at), {t}.updated_at), "
+            f"deleted_at = IF({live}, VALUES(deleted_at), {t}.deleted_at)"
+        ), names)
     return _typed(table, (
         f"INSERT INTO {t} ({', '.join(names)}, created_at, updated_at, deleted_at) "
-        f"VALUES ({', '.join(':' + n for n in names)}, :now, :now, :now) "
+        f"SELECT {', '.join(':' + n for n in names)}, :now, :now, :now {_NOT_ERASED % ':erased'} "
         f"ON CONFLICT (clerk_id) DO UPDATE SET deleted_at = excluded.deleted_at, updated_at = excluded.updated_at, "
         f"clerk_updated_at = CASE WHEN {t}.clerk_updated_at > excluded.clerk_updated_at "
         f"THEN {t}.clerk_updated_at ELSE excluded.clerk_updated_at END "
@@ -474,14 +596,15 @@ def _tombstone_sql(entity: Entity) -> sa.TextClause:
 
 
 @functools.cache
-def _inbox_sql(postgres: bool) -> sa.TextClause:
+def _inbox_sql(dialect: str) -> sa.TextClause:
     # The payload is bound as text: the verified body is stored as received (JSONB parses it on PG).
-    payload = "CAST(:payload AS JSONB)" if postgres else ":payload"
+    payload = "CAST(:payload AS JSONB)" if dialect == "postgresql" else ":payload"
     names = ["svix_id", "type", "instance_id", "event_timestamp", "status", "last_error", "applied_at"]
+    duplicate = ("ON DUPLICATE KEY UPDATE svix_id = svix_id" if dialect == "mysql"
+                 else "ON CONFLICT (svix_id) DO NOTHING RETURNING id")
     return _typed(webhook_events, (
         f"INSERT INTO webhook_events ({', '.join(names)}, payload, received_at, attempts) "
-        f"VALUES ({', '.join(':' + n for n in names)}, {payload}, :now, 1) "
-        "ON CONFLICT (svix_id) DO NOTHING RETURNING id"
+        f"VALUES ({', '.join(':' + n for n in names)}, {payload}, :now, 1) {duplicate}"
     ), names).bindparams(sa.bindparam("payload", type_=sa.Text))
 
 
@@ -506,9 +629,9 @@ def _raw_upsert_sql(entity: Entity) -> tuple[str, tuple[int, ...]]:
     table, names = _TABLES[entity], _RECORD_FIELDS[entity]
     t = table.name
     sets = ", ".join(f"{n} = excluded.{n}" for n in names if n != "clerk_id")
-    sql = (
-        f"INSERT INTO {t} ({', '.join(names)}, created_at, updated_at) VALUES ({', '.join(['%s'] * (len(names) + 2))}) "
-        f"ON CONFLICT (clerk_id) DO UPDATE SET {sets}, updated_at = excluded.updated_at "
+    sql = (  # parameters: the record's, now, now, the erased digest
+        f"INSERT INTO {t} ({', '.join(names)}, created_at, updated_at) SELECT {', '.join(['%s'] * (len(names) + 2))} "
+        f"{_NOT_ERASED % '%s'} ON CONFLICT (clerk_id) DO UPDATE SET {sets}, updated_at = excluded.updated_at "
         f"WHERE {t}.deleted_at IS NULL AND {t}.clerk_updated_at < excluded.clerk_updated_at RETURNING id"
     )
     return sql, tuple(i for i, n in enumerate(names) if isinstance(table.c[n].type, sa.JSON))
@@ -518,7 +641,9 @@ OneStatement = tuple[str, str, str, str | None, int | None, str | None, Upsert]
 
 @functools.cache
 def _one_statement_sql(entity: Entity) -> tuple[str, tuple[int, ...]]:
-    """psycopg SQL for :meth:`Writer.record_and_upsert`, and the positions of its JSON parameters."""
+    """psycopg SQL for :meth:`Writer.record_and_upsert`, and the positions of its JSON parameters.
+
+    Parameters: the record's, now, now, the erased digest, then the inbox row's."""
     table, names = _TABLES[entity], _RECORD_FIELDS[entity]
     t = table.name
     sets = ", ".join(f"{n} = excluded.{n}" for n in names if n != "clerk_id")
@@ -528,7 +653,7 @@ def _one_statement_sql(entity: Entity) -> tuple[str, tuple[int, ...]]:
               f"ELSE '{DeliveryStatus.SKIPPED}' END")
     sql = (
         f"WITH up AS (INSERT INTO {t} ({', '.join(names)}, created_at, updated_at) "
-        f"VALUES ({', '.join(['%s'] * (len(names) + 2))}) "
+        f"SELECT {', '.join(['%s'] * (len(names) + 2))} {_NOT_ERASED % '%s'} "
         f"ON CONFLICT (clerk_id) DO UPDATE SET {sets}, updated_at = excluded.updated_at "
         f"WHERE {t}.deleted_at IS NULL AND {t}.clerk_updated_at < excluded.clerk_updated_at RETURNING 1), "
         f"ins AS (INSERT INTO webhook_events ({', '.join(inbox)}) "
@@ -555,7 +680,7 @@ def _hooked_statement_sql(entity: Entity) -> tuple[str, tuple[int, ...]]:
     sql = (
         f"WITH before AS (SELECT {', '.join(names)} FROM {t} WHERE clerk_id = %s AND deleted_at IS NULL), "
         f"up AS (INSERT INTO {t} ({', '.join(names)}, created_at, updated_at) "
-        f"VALUES ({', '.join(['%s'] * (len(names) + 2))}) "
+        f"SELECT {', '.join(['%s'] * (len(names) + 2))} {_NOT_ERASED % '%s'} "
         f"ON CONFLICT (clerk_id) DO UPDATE SET {sets}, updated_at = excluded.updated_at "
         f"WHERE {t}.deleted_at IS NULL AND {t}.clerk_updated_at < excluded.clerk_updated_at RETURNING 1), "
         f"ins AS (INSERT INTO webhook_events ({', '.join(inbox)}) "
@@ -621,13 +746,32 @@ _TIMEOUTS = {  # SQLSTATEs of the bounds set in _postgres_bounds
 }
 
 
+_MYSQL_WAITS = {  # MySQL/MariaDB error numbers of the same bounds (see _mysql_engine)
+    1205: "waited longer than innodb_lock_wait_timeout for a lock held by another connection",
+    1213: "a deadlock with another transaction (the server rolled this one back)",
+    1969: "a statement ran longer than max_statement_time",
+    3024: "a statement ran longer than max_execution_time",
+}
+
+
+# Duplicate entry '<value>', Incorrect string value: '<bytes>', Incorrect datetime value: '<value>'
+_MYSQL_QUOTES_VALUE = frozenset({1062, 1366, 1292, 1367})
+
+
+def _mysql_errno(orig: object) -> int:
+    args = getattr(orig, "args", ())
+    return args[0] if args and isinstance(args[0], int) else 0
+
+
 def _store_error(exc: sa.exc.SQLAlchemyError) -> StoreError:
     """A StoreError whose message names the failure but never carries SQL or bound values
     (they hold emails and private metadata, and the message reaches HTTP answers and logs)."""
     orig = getattr(exc, "orig", None) or exc
     first_line = (str(orig).strip().splitlines() or [""])[0][:200]
+    if _mysql_errno(orig) in _MYSQL_QUOTES_VALUE:  # MySQL puts the refused value in the first line
+        first_line = re.sub(r"'(?:[^'\\]|\\.)*'", "'…'", first_line, count=1)
     message = f"database error: {type(orig).__name__}: {first_line}"
-    bound = _TIMEOUTS.get(getattr(orig, "sqlstate", None) or "")
+    bound = _TIMEOUTS.get(getattr(orig, "sqlstate", None) or "") or _MYSQL_WAITS.get(_mysql_errno(orig))
     if bound is not None:  # a bounded wait ran out: someone else holds what we need, try again later
         return StoreError(f"database timeout: {bound} ({first_line}); nothing was applied, retry later")
     if isinstance(exc, sa.exc.DataError):  # a value refused for good: retrying cannot help
@@ -649,6 +793,7 @@ class Store:
         self._writers: AbstractContextManager[Any] = (
             threading.RLock() if engine.dialect.name == "sqlite" else nullcontext()
         )
+        self.dialect = dialect_family(engine.dialect)  # "postgresql", "sqlite" or "mysql"
 
     @classmethod
     def from_url(cls, url: str, *, hooks: Sequence[Hook] = (), mapping: SchemaMapping | None = None,

@@ -7,10 +7,11 @@ them before either store sees a value (so SQLite, which would store anything, de
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects import mysql, postgresql
 
 from clerk_sync._limits import (
     CLERK_ID_CHARS,
@@ -24,6 +25,7 @@ from clerk_sync._limits import (
 
 __all__ = [
     "audit_log",
+    "erased",
     "hook_jobs",
     "metadata",
     "organization_memberships",
@@ -33,6 +35,7 @@ __all__ = [
     "reconcile_seen",
     "revoked_sessions",
     "seen_columns",
+    "sync_locks",
     "users",
     "webhook_events",
 ]
@@ -47,8 +50,30 @@ metadata = sa.MetaData(
 
 # BIGINT primary keys, but INTEGER on SQLite so they alias ROWID and autoincrement.
 PK = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
-JSONType = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
-Timestamp = sa.DateTime(timezone=True)
+
+
+class JSONText(sa.types.TypeDecorator[Any]):
+    """JSON kept as text on MySQL/MariaDB. MariaDB's ``JSON`` is LONGTEXT with a ``JSON_VALID`` check
+    that refuses nesting deeper than 32 levels, which a signed Clerk event may hold (``_limits`` allows
+    64, as PostgreSQL and SQLite store): the check would turn such an event into a 503 forever."""
+
+    impl = mysql.LONGTEXT
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: sa.Dialect) -> str | None:
+        return None if value is None else json.dumps(value)
+
+    def process_result_value(self, value: Any, dialect: sa.Dialect) -> Any:
+        return None if value is None else json.loads(value)
+
+
+JSONType = sa.JSON().with_variant(postgresql.JSONB(), "postgresql").with_variant(JSONText(), "mysql", "mariadb")
+# MySQL's DATETIME keeps whole seconds unless told otherwise; it has no time zone, so the drivers
+# store the UTC wall clock we always pass (and read it back naive, as SQLite does).
+Timestamp = sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6, timezone=True), "mysql", "mariadb")
+# MySQL/MariaDB tables: 4-byte UTF-8, and a binary collation because Clerk ids are case-sensitive
+# (``user_2aB`` and ``user_2Ab`` are two users; the servers' default ``_ci`` collations would merge them).
+MYSQL_TABLE: dict[str, Any] = {"mysql_charset": "utf8mb4", "mysql_collate": "utf8mb4_bin", "mysql_engine": "InnoDB"}
 
 
 def _clerk_columns() -> list[sa.Column[object]]:
@@ -231,3 +256,26 @@ hook_jobs = sa.Table(
     sa.Index("ix_hook_jobs_status_available_at", "status", "available_at"),
     sa.Index("ix_hook_jobs_entity_key_id", "entity_key", "id"),
 )
+
+
+# Row locks standing in for PostgreSQL's advisory locks on MySQL/MariaDB (``store.Writer.lock``): a
+# writer upserts the rows of the keys it needs, in sorted order, and holds them until it commits.
+sync_locks = sa.Table(
+    "clerk_sync_locks",
+    metadata,
+    sa.Column("lock_key", sa.BigInteger, primary_key=True, autoincrement=False),
+)
+
+# Hard-deleted tombstones (``RetentionPolicy.delete_tombstones_after``): the SHA-256 of
+# "entity:clerk_id", not the id, so the table lists nobody; every guarded insert consults it, so a
+# late or replayed event cannot bring an erased entity back.
+erased = sa.Table(
+    "clerk_sync_erased",
+    metadata,
+    sa.Column("digest", sa.String(64), primary_key=True),
+    sa.Column("entity", sa.String(32), nullable=False),
+    sa.Column("erased_at", Timestamp, nullable=False),
+)
+
+for _table in metadata.tables.values():
+    _table.dialect_kwargs.update(MYSQL_TABLE)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import sqlalchemy as sa
 
 from clerk_sync.integrations.console._masking import MASK, mask
@@ -10,8 +11,14 @@ from clerk_sync.store import Store
 from clerk_sync.tables import users, webhook_events
 
 
-def _plan(store: Store, query: sa.Select[tuple[int]] | sa.CompoundSelect[tuple[int]]) -> str:
+def _plan(store: Store, query: sa.Select[tuple[int]] | sa.CompoundSelect[tuple[int]], *,
+          expressions: bool = True) -> str:
+    if expressions and store.dialect == "mysql":
+        pytest.skip("MariaDB indexes no expressions (migration 0008_console): the console scans there")
     with store.connect() as conn:
+        if store.dialect == "mysql":  # FORCE INDEX-free: the plan's possible_keys name the usable indexes
+            sql = str(query.compile(conn, compile_kwargs={"literal_binds": True}))
+            return "\n".join(" ".join(map(str, r)) for r in conn.exec_driver_sql(f"EXPLAIN {sql}"))
         if conn.dialect.name == "sqlite":
             sql = str(query.compile(conn, compile_kwargs={"literal_binds": True}))
             return "\n".join(str(r[-1]) for r in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}"))
@@ -35,7 +42,7 @@ def test_name_search_uses_the_lower_case_indexes(store: Store) -> None:
 def test_time_filter_uses_the_received_at_index(store: Store) -> None:
     since = sa.select(webhook_events.c.id).where(*DeliveryFilter(status=None).conditions(),
                                                  webhook_events.c.received_at >= sa.literal("2026-01-01"))
-    assert "ix_webhook_events_received_at" in _plan(store, since)
+    assert "ix_webhook_events_received_at" in _plan(store, since, expressions=False)
 
 
 def test_mask_hides_personal_fields_at_any_depth() -> None:

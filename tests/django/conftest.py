@@ -46,6 +46,10 @@ def django_db_settings(db_url: str) -> dict[str, Any]:
     url = sa.engine.make_url(db_url)
     if url.get_backend_name() == "sqlite":
         return {"ENGINE": "django.db.backends.sqlite3", "NAME": url.database}
+    if url.get_backend_name() in ("mysql", "mariadb"):
+        return {"ENGINE": "django.db.backends.mysql", "NAME": url.database, "USER": url.username or "",
+                "PASSWORD": url.password or "", "HOST": url.host or "", "PORT": str(url.port or ""),
+                "OPTIONS": {"charset": "utf8mb4"}}
     options = url.query.get("options")
     return {"ENGINE": "django.db.backends.postgresql", "NAME": url.database, "USER": url.username or "",
             "PASSWORD": url.password or "", "HOST": url.host or "", "PORT": str(url.port or ""),

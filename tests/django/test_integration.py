@@ -49,7 +49,10 @@ def test_database_url_defaults_to_djangos_database() -> None:
           "PORT": 5433, "OPTIONS": {"options": "-csearch_path=s1"}}
     assert database_url_from_django(pg) == "postgresql+psycopg://me:p%40ss@db:5433/app?options=-csearch_path%3Ds1"
     assert database_url_from_django({"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}) is None
-    with override_settings(DATABASES={"default": {"ENGINE": "django.db.backends.mysql", "NAME": "x"}}):
+    with override_settings(DATABASES={"default": {"ENGINE": "django.db.backends.mysql", "NAME": "app", "USER": "me",
+                                                  "HOST": "db", "PORT": 3307}}):
+        assert clerk_settings({}).database_url == "mysql+mysqldb://me@db:3307/app"
+    with override_settings(DATABASES={"default": {"ENGINE": "django.db.backends.oracle", "NAME": "x"}}):
         assert clerk_settings({}).database_url == DEFAULT_DATABASE_URL
 
 

@@ -201,8 +201,9 @@ def prune(
 ) -> None:
     """Apply retention: redact old inbox payloads, delete older rows, clear tombstones (serve also runs it).
 
-    Ages come from CLERK_SYNC_INBOX_REDACT_AFTER_DAYS, CLERK_SYNC_INBOX_DELETE_AFTER_DAYS and
-    CLERK_SYNC_TOMBSTONE_CLEAR_AFTER_DAYS; failed deliveries are kept until replayed.
+    Ages come from CLERK_SYNC_INBOX_REDACT_AFTER_DAYS, CLERK_SYNC_INBOX_DELETE_AFTER_DAYS,
+    CLERK_SYNC_TOMBSTONE_CLEAR_AFTER_DAYS and (opt-in, hard deletion) CLERK_SYNC_TOMBSTONE_DELETE_AFTER_DAYS;
+    failed deliveries are kept until replayed.
     """
     from clerk_sync.retention import Retention, RetentionPolicy
 
@@ -214,7 +215,8 @@ def prune(
         store.dispose()
     verb = "would redact" if dry_run else "redacted"
     typer.echo(f"{verb} {report.redacted} payload(s), {'would delete' if dry_run else 'deleted'} {report.deleted} "
-          f"delivery row(s), {'would clear' if dry_run else 'cleared'} {report.cleared} tombstone(s)")
+               f"delivery row(s), {'would clear' if dry_run else 'cleared'} {report.cleared} tombstone(s), "
+               f"{'would erase' if dry_run else 'erased'} {report.erased} tombstone row(s)")
 
 
 @users_app.command("erase")

@@ -27,6 +27,7 @@ from typing import Final
 import sqlalchemy as sa
 import structlog
 
+from clerk_sync.engine import plan_delivery
 from clerk_sync.errors import StoreError
 from clerk_sync.events import Envelope
 from clerk_sync.ingest import Outcome, WebhookProcessor
@@ -74,8 +75,8 @@ class GroupCommitter:
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         # PostgreSQL: while one batch waits for its COMMIT (the WAL flush), others are written (4 measured
         # best on 2 cores, see BENCHMARKS.md).
-        # SQLite has one writer anyway.
-        self._writers = writers or (4 if self._pg else 1)
+        # MySQL/MariaDB alike; SQLite has one writer anyway.
+        self._writers = writers or (1 if processor.store.dialect == "sqlite" else 4)
         self._threads: list[threading.Thread] = []
         self._start = threading.Lock()
         self.batches = 0  # committed batches and the deliveries in them (tests, benchmarks)
@@ -174,6 +175,8 @@ class GroupCommitter:
                 return self._pipelined(writer, jobs)
             if self._pg:
                 writer.conn.exec_driver_sql(f"SET LOCAL lock_timeout = {self._lock_wait_ms}")
+            elif processor.store.dialect == "mysql":
+                writer.lock_entities([plan_delivery(envelope).intent for _, envelope in jobs])
             outcomes: list[Outcome] = []
             for position, (svix_id, envelope) in enumerate(jobs):
                 try:

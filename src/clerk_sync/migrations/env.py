@@ -18,5 +18,12 @@ with engine.begin() as connection:
         connection.execute(sa.select(sa.func.pg_advisory_xact_lock(_MIGRATION_LOCK)))
         # DDL keeps the bound: queued behind live traffic, it would block every query on its table.
         connection.exec_driver_sql("SET LOCAL lock_timeout = DEFAULT")
+    elif connection.dialect.name in ("mysql", "mariadb"):
+        # MySQL's DDL commits as it goes, so the lock is the session's, released once migrated.
+        connection.exec_driver_sql("SELECT GET_LOCK('clerk_sync_migrations', 600)")
     context.configure(connection=connection, target_metadata=metadata, render_as_batch=True)
-    context.run_migrations()
+    try:
+        context.run_migrations()
+    finally:
+        if connection.dialect.name in ("mysql", "mariadb"):
+            connection.exec_driver_sql("SELECT RELEASE_LOCK('clerk_sync_migrations')")

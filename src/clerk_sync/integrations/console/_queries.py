@@ -67,6 +67,12 @@ def _sqlite_path(element: _PayloadText, compiler: SQLCompiler, **kw: Any) -> str
     return f"json_extract(payload, '$.{'.'.join(element.path)}')"
 
 
+@compiles(_PayloadText, "mysql")
+@compiles(_PayloadText, "mariadb")
+def _mysql_path(element: _PayloadText, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"JSON_VALUE(payload, '$.{'.'.join(element.path)}')"
+
+
 @compiles(_PayloadText, "postgresql")
 def _pg_path(element: _PayloadText, compiler: SQLCompiler, **kw: Any) -> str:
     *parents, leaf = element.path

@@ -117,18 +117,22 @@ def django_options() -> DjangoOptions:
 
 
 def database_url_from_django(db: Mapping[str, Any]) -> str | None:
-    """A SQLAlchemy URL for a Django ``DATABASES`` entry (SQLite and PostgreSQL), or None."""
+    """A SQLAlchemy URL for a Django ``DATABASES`` entry (SQLite, PostgreSQL, MySQL/MariaDB), or None."""
     engine = db.get("ENGINE", "")
     if engine == "django.db.backends.sqlite3":
         name = str(db.get("NAME", ""))
         return None if not name or name.startswith(":memory:") or "mode=memory" in name else f"sqlite:///{name}"
-    if engine == "django.db.backends.postgresql":
-        user = quote(str(db.get("USER") or ""), safe="")
-        password = quote(str(db.get("PASSWORD") or ""), safe="")
-        auth = f"{user}:{password}@" if password else f"{user}@" if user else ""
-        host = str(db.get("HOST") or "")
-        port = f":{db['PORT']}" if db.get("PORT") else ""
-        url = f"postgresql+psycopg://{auth}{host}{port}/{quote(str(db.get('NAME') or ''), safe='')}"
-        options = (db.get("OPTIONS") or {}).get("options")
-        return f"{url}?options={quote(str(options), safe='')}" if options else url
-    return None
+    scheme = {"django.db.backends.postgresql": "postgresql+psycopg",
+              "django.db.backends.mysql": "mysql+mysqldb"}.get(engine)  # Django's own MySQL driver too
+    if scheme is None:
+        return None
+    user = quote(str(db.get("USER") or ""), safe="")
+    password = quote(str(db.get("PASSWORD") or ""), safe="")
+    auth = f"{user}:{password}@" if password else f"{user}@" if user else ""
+    host = str(db.get("HOST") or "")
+    port = f":{db['PORT']}" if db.get("PORT") else ""
+    url = f"{scheme}://{auth}{host}{port}/{quote(str(db.get('NAME') or ''), safe='')}"
+    options = (db.get("OPTIONS") or {}).get("options")
+    if options and scheme.startswith("postgresql"):
+        return f"{url}?options={quote(str(options), safe='')}"
+    return url

@@ -8,25 +8,23 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
-from sqlalchemy.dialects import postgresql
+
+from clerk_sync.tables import MYSQL_TABLE, PK, JSONType, Timestamp
 
 revision = "0001"
 down_revision = None
 branch_labels = None
 depends_on = None
 
-PK = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
-JSONType = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
-TS = sa.DateTime(timezone=True)
 
 
 def _clerk_columns() -> list[sa.Column[object]]:
     return [
         sa.Column("clerk_created_at", sa.BigInteger, nullable=True),
         sa.Column("clerk_updated_at", sa.BigInteger, nullable=False),
-        sa.Column("created_at", TS, nullable=False),
-        sa.Column("updated_at", TS, nullable=False),
-        sa.Column("deleted_at", TS, nullable=True),
+        sa.Column("created_at", Timestamp, nullable=False),
+        sa.Column("updated_at", Timestamp, nullable=False),
+        sa.Column("deleted_at", Timestamp, nullable=True),
     ]
 
 
@@ -56,6 +54,7 @@ def upgrade() -> None:
         *_clerk_columns(),
         sa.PrimaryKeyConstraint("id", name="pk_users"),
         sa.UniqueConstraint("clerk_id", name="uq_users_clerk_id"),
+        **MYSQL_TABLE,
     )
     op.create_index("ix_users_email", "users", ["email"])
 
@@ -72,6 +71,7 @@ def upgrade() -> None:
         *_clerk_columns(),
         sa.PrimaryKeyConstraint("id", name="pk_organizations"),
         sa.UniqueConstraint("clerk_id", name="uq_organizations_clerk_id"),
+        **MYSQL_TABLE,
     )
     op.create_index("ix_organizations_slug", "organizations", ["slug"])
 
@@ -86,6 +86,7 @@ def upgrade() -> None:
         *_clerk_columns(),
         sa.PrimaryKeyConstraint("id", name="pk_organization_memberships"),
         sa.UniqueConstraint("clerk_id", name="uq_organization_memberships_clerk_id"),
+        **MYSQL_TABLE,
     )
     op.create_index(
         "ix_organization_memberships_organization_clerk_id",
@@ -103,14 +104,15 @@ def upgrade() -> None:
         sa.Column("type", sa.String(128), nullable=False),
         sa.Column("instance_id", sa.String(64), nullable=True),
         sa.Column("event_timestamp", sa.BigInteger, nullable=True),
-        sa.Column("received_at", TS, nullable=False),
+        sa.Column("received_at", Timestamp, nullable=False),
         sa.Column("payload", JSONType, nullable=False),
         sa.Column("status", sa.String(16), nullable=False),
         sa.Column("attempts", sa.Integer, nullable=False, server_default="1"),
         sa.Column("last_error", sa.Text, nullable=True),
-        sa.Column("applied_at", TS, nullable=True),
+        sa.Column("applied_at", Timestamp, nullable=True),
         sa.PrimaryKeyConstraint("id", name="pk_webhook_events"),
         sa.UniqueConstraint("svix_id", name="uq_webhook_events_svix_id"),
+        **MYSQL_TABLE,
     )
     op.create_index("ix_webhook_events_type", "webhook_events", ["type"])
     op.create_index(
@@ -126,8 +128,9 @@ def upgrade() -> None:
         sa.Column("impersonator_clerk_id", sa.String(64), nullable=True),
         sa.Column("details", JSONType, nullable=False),
         sa.Column("ip", sa.String(64), nullable=True),
-        sa.Column("created_at", TS, nullable=False),
+        sa.Column("created_at", Timestamp, nullable=False),
         sa.PrimaryKeyConstraint("id", name="pk_audit_log"),
+        **MYSQL_TABLE,
     )
     for column in ("action", "actor_clerk_id", "target_clerk_id", "created_at"):
         op.create_index(f"ix_audit_log_{column}", "audit_log", [column])

@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
-from sqlalchemy.dialects import postgresql
+
+from clerk_sync.tables import MYSQL_TABLE, PK, JSONType, Timestamp
 
 revision = "0003"
 down_revision = "0002"
 branch_labels = None
 depends_on = None
 
-PK = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
-JSONType = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
-TS = sa.DateTime(timezone=True)
 
 
 def upgrade() -> None:
@@ -25,7 +23,7 @@ def upgrade() -> None:
         "reconcile_runs",
         sa.Column("id", PK, autoincrement=True),
         sa.Column("status", sa.String(16), nullable=False),
-        sa.Column("since", TS, nullable=True),
+        sa.Column("since", Timestamp, nullable=True),
         sa.Column("phase", sa.String(32), nullable=False),
         sa.Column("cursor", sa.BigInteger, nullable=False, server_default="0"),
         sa.Column("created", sa.Integer, nullable=False, server_default="0"),
@@ -36,10 +34,11 @@ def upgrade() -> None:
         sa.Column("duration_s", sa.Float, nullable=False, server_default="0"),
         sa.Column("details", JSONType, nullable=False),
         sa.Column("error", sa.Text, nullable=True),
-        sa.Column("started_at", TS, nullable=False),
-        sa.Column("heartbeat_at", TS, nullable=False),
-        sa.Column("finished_at", TS, nullable=True),
+        sa.Column("started_at", Timestamp, nullable=False),
+        sa.Column("heartbeat_at", Timestamp, nullable=False),
+        sa.Column("finished_at", Timestamp, nullable=True),
         sa.PrimaryKeyConstraint("id", name="pk_reconcile_runs"),
+        **MYSQL_TABLE,
     )
     op.create_index("ix_reconcile_runs_status", "reconcile_runs", ["status"])
     op.create_table(
@@ -48,6 +47,7 @@ def upgrade() -> None:
         sa.Column("entity", sa.String(32), nullable=False),
         sa.Column("clerk_id", sa.String(64), nullable=False),
         sa.PrimaryKeyConstraint("run_id", "entity", "clerk_id", name="pk_reconcile_seen"),
+        **MYSQL_TABLE,
     )
 
 

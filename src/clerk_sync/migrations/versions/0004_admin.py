@@ -9,6 +9,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from clerk_sync.tables import MYSQL_TABLE, Timestamp
+
 revision = "0004"
 down_revision = "0003"
 branch_labels = None
@@ -32,9 +34,10 @@ def upgrade() -> None:
         sa.Column("requested_by", sa.String(64), nullable=True),
         sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
         sa.Column("last_error", sa.Text, nullable=True),
-        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-        sa.Column("done_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("created_at", Timestamp, nullable=False),
+        sa.Column("done_at", Timestamp, nullable=True),
         sa.PrimaryKeyConstraint("id", name="pk_pending_role_changes"),
+        **MYSQL_TABLE,
     )
     op.create_index("ix_pending_role_changes_user_clerk_id", "pending_role_changes", ["user_clerk_id"])
     dialect = op.get_bind().dialect.name
@@ -50,6 +53,12 @@ def upgrade() -> None:
                 f"CREATE TRIGGER audit_log_no_{verb.lower()} BEFORE {verb} ON audit_log "
                 "BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END"
             )
+    elif dialect in ("mysql", "mariadb"):
+        for verb in ("UPDATE", "DELETE"):
+            op.execute(
+                f"CREATE TRIGGER audit_log_no_{verb.lower()} BEFORE {verb} ON audit_log FOR EACH ROW "
+                "SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'audit_log is append-only'"
+            )
 
 
 def downgrade() -> None:
@@ -57,7 +66,7 @@ def downgrade() -> None:
     if dialect == "postgresql":
         op.execute("DROP TRIGGER IF EXISTS audit_log_append_only ON audit_log")
         op.execute("DROP FUNCTION IF EXISTS clerk_sync_audit_append_only()")
-    elif dialect == "sqlite":
+    else:
         op.execute("DROP TRIGGER IF EXISTS audit_log_no_update")
         op.execute("DROP TRIGGER IF EXISTS audit_log_no_delete")
     op.drop_table("pending_role_changes")

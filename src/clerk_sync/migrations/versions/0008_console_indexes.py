@@ -35,7 +35,11 @@ _EXPRESSIONS = {
 
 def upgrade() -> None:
     op.create_index("ix_webhook_events_received_at", "webhook_events", ["received_at"])
-    postgres = op.get_bind().dialect.name == "postgresql"
+    dialect = op.get_bind().dialect.name
+    if dialect in ("mysql", "mariadb"):
+        # MariaDB indexes no expressions (only generated columns); the console scans instead there.
+        return
+    postgres = dialect == "postgresql"
     for name, (table, sqlite_expr, pg_expr, partial) in _EXPRESSIONS.items():
         expr = pg_expr if postgres else sqlite_expr
         where = f" WHERE {expr} IS NOT NULL" if partial else ""
@@ -43,6 +47,6 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    for name in reversed(_EXPRESSIONS):
+    for name in reversed(_EXPRESSIONS) if op.get_bind().dialect.name not in ("mysql", "mariadb") else ():
         op.execute(f"DROP INDEX {name}")
     op.drop_index("ix_webhook_events_received_at", table_name="webhook_events")

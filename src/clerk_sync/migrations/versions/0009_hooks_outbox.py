@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
-from sqlalchemy.dialects import postgresql
+
+from clerk_sync.tables import MYSQL_TABLE, PK, JSONType, Timestamp
 
 revision = "0009"
 down_revision = "0008_console"
 branch_labels = None
 depends_on = None
 
-PK = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
-JSONType = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
-Timestamp = sa.DateTime(timezone=True)
 
 
 def upgrade() -> None:
@@ -37,6 +35,7 @@ def upgrade() -> None:
         sa.Column("last_error", sa.Text, nullable=True),
         sa.Column("created_at", Timestamp, nullable=False),
         sa.PrimaryKeyConstraint("id", name="pk_hook_jobs"),
+        **MYSQL_TABLE,
     )
     op.create_index("ix_hook_jobs_status_available_at", "hook_jobs", ["status", "available_at"])
     op.create_index("ix_hook_jobs_entity_key_id", "hook_jobs", ["entity_key", "id"])

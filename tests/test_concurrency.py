@@ -1,4 +1,4 @@
-"""Concurrent replicas on one PostgreSQL schema converge, over real HTTP and real processes.
+"""Concurrent replicas on one PostgreSQL schema (or MariaDB database) converge, over real HTTP and real processes.
 
 Three ``clerk-sync serve`` subprocesses share one schema. Four poster processes each send the whole
 signed history (~300 events over 40 users, 10 organizations, 60 memberships, with updates and
@@ -38,7 +38,9 @@ REPLICAS = 3
 POSTERS = 4
 THREADS_PER_POSTER = 3
 
-pytestmark = [pytest.mark.postgres, pytest.mark.slow]
+pytestmark = [pytest.mark.slow]
+# The stores with many writers (SQLite has one).
+SERVERS = [pytest.param("postgres", marks=pytest.mark.postgres), pytest.param("mariadb", marks=pytest.mark.mariadb)]
 
 
 def _log_tail(paths: list[Path]) -> str:
@@ -46,7 +48,7 @@ def _log_tail(paths: list[Path]) -> str:
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+@pytest.mark.parametrize("db_url", SERVERS, indirect=True)
 def test_replicas_converge_under_concurrent_duplicated_delivery(db_url: str, tmp_path: Path) -> None:
     rng = random.Random(20240611)
     history = random_history(rng, n_users=40, n_orgs=10, n_memberships=60, n_steps=340, p_delete=0.1)
@@ -114,7 +116,7 @@ def test_replicas_converge_under_concurrent_duplicated_delivery(db_url: str, tmp
     assert live == 0
 
 
-@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+@pytest.mark.parametrize("db_url", SERVERS, indirect=True)
 def test_membership_racing_its_parents_delete_is_deleted(db_url: str, store: Store, verifier: WebhookVerifier) -> None:
     """The cascade under contention: a membership upsert racing its user's (or org's) delete ends deleted.
 

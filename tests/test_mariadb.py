@@ -1,0 +1,160 @@
+"""What is particular to MariaDB/MySQL: collation, 4-byte UTF-8, strict mode, and waits that end in a
+retryable error (deadlock, lock timeout) rather than a hang. The shared suite (convergence, crash
+safety, concurrency, migrations, bad input) runs on MariaDB through the ``db_url`` fixture."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+
+from clerk_sync import migrations
+from clerk_sync.config import DatabaseTimeouts
+from clerk_sync.errors import StoreDataError, StoreError
+from clerk_sync.ingest import WebhookProcessor
+from clerk_sync.store import Store, create_engine
+from clerk_sync.tables import users
+from clerk_sync.webhooks import WebhookVerifier
+from tests import factories as f
+from tests.conftest import mysql_database
+
+pytestmark = pytest.mark.mariadb
+
+
+@pytest.fixture
+def maria_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A migrated MariaDB database (the ``db_url`` fixture's, without the other stores)."""
+    with mysql_database() as url:
+        engine = create_engine(url)
+        migrations.upgrade(engine)
+        engine.dispose()
+        yield url
+
+
+def _user(store: Store, clerk_id: str) -> sa.Row[tuple[str, str | None, str | None]] | None:
+    with store.connect() as conn:
+        return conn.execute(sa.select(users.c.clerk_id, users.c.first_name, users.c.email)
+                            .where(users.c.clerk_id == clerk_id)).first()
+
+
+def test_clerk_ids_differing_in_case_are_two_users(maria_url: str, verifier: WebhookVerifier) -> None:
+    store = Store.from_url(maria_url)
+    processor = WebhookProcessor(store, verifier)
+    try:
+        for i, clerk_id in enumerate(("user_2aBc", "user_2AbC")):
+            out = processor.process(*f.signed(f.envelope("user.created", f.user(clerk_id, 1000, first_name=f"n{i}")),
+                                              f"msg_case_{i}"))
+            assert out.status == "applied"
+        assert _user(store, "user_2aBc")[1] == "n0"  # type: ignore[index]
+        assert _user(store, "user_2AbC")[1] == "n1"  # type: ignore[index]
+    finally:
+        store.dispose()
+
+
+def test_four_byte_characters_round_trip(maria_url: str, verifier: WebhookVerifier) -> None:
+    store = Store.from_url(maria_url)
+    processor = WebhookProcessor(store, verifier)
+    try:
+        name = "Zoë 🦄 \U0001d504da"  # a unicorn and a Fraktur A: 4-byte UTF-8
+        out = processor.process(*f.signed(f.envelope("user.created", f.user("user_emoji", 1000, first_name=name)),
+                                          "msg_emoji"))
+        assert out.status == "applied"
+        assert _user(store, "user_emoji")[1] == name  # type: ignore[index]
+    finally:
+        store.dispose()
+
+
+def test_tables_are_utf8mb4_bin_whatever_the_database_default() -> None:
+    with mysql_database() as url:
+        engine = create_engine(url)
+        with engine.begin() as conn:  # an app's database created with an old default
+            conn.exec_driver_sql(f"ALTER DATABASE `{engine.url.database}` CHARACTER SET latin1 COLLATE latin1_swedish_ci")
+        migrations.upgrade(engine)
+        with engine.connect() as conn:
+            collations = set(conn.execute(sa.text(
+                "SELECT DISTINCT table_collation FROM information_schema.tables WHERE table_schema = DATABASE() "
+                "AND table_name <> 'alembic_version'")).scalars())
+            columns = set(conn.execute(sa.text(
+                "SELECT DISTINCT collation_name FROM information_schema.columns WHERE table_schema = DATABASE() "
+                "AND collation_name IS NOT NULL AND table_name <> 'alembic_version'")).scalars())
+        engine.dispose()
+    assert collations == {"utf8mb4_bin"}
+    assert columns <= {"utf8mb4_bin"}, columns  # JSON columns are longtext utf8mb4_bin too
+
+
+def test_strict_mode_refuses_instead_of_truncating(maria_url: str) -> None:
+    store = Store.from_url(maria_url)
+    try:
+        with pytest.raises(StoreDataError, match="Data too long"), store.transaction() as w:
+            w.conn.execute(users.insert().values(clerk_id="user_long", first_name="x" * 300, email_addresses=[],
+                                                 public_metadata={}, private_metadata={}, unsafe_metadata={},
+                                                 clerk_updated_at=1, created_at=w.now, updated_at=w.now))
+        assert _user(store, "user_long") is None
+    finally:
+        store.dispose()
+
+
+def test_duplicate_key_errors_do_not_carry_the_value(maria_url: str) -> None:
+    store = Store.from_url(maria_url)
+    row = {"email_addresses": [], "public_metadata": {}, "private_metadata": {}, "unsafe_metadata": {},
+           "clerk_updated_at": 1}
+    try:
+        insert = users.insert().values(clerk_id="user_secret@example.com", **row)
+        with store.transaction() as w:
+            w.conn.execute(insert.values(created_at=w.now, updated_at=w.now))
+        with pytest.raises(StoreError) as caught, store.transaction() as w:
+            w.conn.execute(insert.values(created_at=w.now, updated_at=w.now))
+        assert "secret" not in str(caught.value) and "Duplicate entry" in str(caught.value)
+    finally:
+        store.dispose()
+
+
+def _two_writers(url: str, first: list[str], second: list[str], *, lock_s: float) -> list[BaseException | None]:
+    """Two transactions that each lock their first key, meet, then lock their second key."""
+    stores = [Store(create_engine(url, timeouts=DatabaseTimeouts(lock_s=lock_s))) for _ in range(2)]
+    met = threading.Barrier(2, timeout=30)
+    results: list[BaseException | None] = [None, None]
+
+    def work(i: int, keys: list[str]) -> None:
+        try:
+            with stores[i].transaction() as w:
+                w.lock(keys[:1])
+                met.wait()
+                w.lock(keys[1:])
+        except BaseException as exc:  # the outcome is the assertion
+            results[i] = exc
+
+    threads = [threading.Thread(target=work, args=(i, keys)) for i, keys in enumerate((first, second))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for s in stores:
+        s.dispose()
+    return results
+
+
+def test_a_deadlock_is_a_retryable_store_error(maria_url: str) -> None:
+    a, b = f"user:{uuid.uuid4().hex}", f"org:{uuid.uuid4().hex}"
+    results = _two_writers(maria_url, [a, b], [b, a], lock_s=30)
+    failed = [r for r in results if r is not None]
+    assert len(failed) == 1, results  # InnoDB picks one victim; the other commits
+    assert isinstance(failed[0], StoreError) and not isinstance(failed[0], StoreDataError)
+    assert "deadlock" in str(failed[0]) and "retry later" in str(failed[0])
+
+
+def test_a_lock_held_elsewhere_ends_in_a_timeout_not_a_hang(maria_url: str) -> None:
+    key = f"user:{uuid.uuid4().hex}"
+    holder = Store(create_engine(maria_url))
+    waiter = Store(create_engine(maria_url, timeouts=DatabaseTimeouts(lock_s=1)))
+    try:
+        with holder.transaction() as held:
+            held.lock([key])
+            with pytest.raises(StoreError, match="innodb_lock_wait_timeout"), waiter.transaction() as w:
+                w.lock([key])
+    finally:
+        holder.dispose()
+        waiter.dispose()
