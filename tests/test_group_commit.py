@@ -290,3 +290,40 @@ def test_erased_entities_stay_gone_through_a_batch(store: Store, verifier: Webho
     with store.connect() as conn:
         assert conn.execute(sa.select(users.c.clerk_id).where(users.c.clerk_id == user_id)).first() is None
         assert conn.execute(sa.select(organization_memberships.c.id)).first() is None
+
+
+def test_a_mapped_row_the_app_table_refuses_leaves_the_pipelined_batch(db_url: str, verifier: WebhookVerifier) -> None:
+    """On PostgreSQL the mapped rows of a batch go in one pipeline: a UNIQUE clash in the app's table
+    fails it, the batch is written again one statement at a time, and only the clashing delivery goes
+    alone (then stored ``failed``); its batch-mates commit with their mapped rows and jobs."""
+    from clerk_sync.changes import Hook
+    from clerk_sync.mapping import MappedTable, SchemaMapping, SoftDelete, migrate_schema
+    from clerk_sync.tables import hook_jobs
+
+    engine = sa.create_engine(db_url)
+    accounts = sa.Table("accounts", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
+                        sa.Column("email", sa.String(320), unique=True))
+    with engine.begin() as conn:
+        accounts.create(conn)
+        conn.execute(accounts.insert().values(email="legacy@x.io"))
+    mapping = SchemaMapping(users=MappedTable("accounts", "clerk_user_id", {"email": "email"},
+                                              on_delete=SoftDelete("deleted_at")))
+    with engine.begin() as conn:
+        migrate_schema(conn, mapping)
+    engine.dispose()
+    store = Store.from_url(db_url, mapping=mapping, hooks=[Hook("welcome", lambda change: None)])
+    try:
+        processor = WebhookProcessor(store, verifier)
+        batch = [("ok1", _parsed(f.envelope("user.created", f.user("user_ok1", 10, email="a@x.io")))),
+                 ("bad", _parsed(f.envelope("user.created", f.user("user_bad", 10, email="legacy@x.io")))),
+                 ("ok2", _parsed(f.envelope("user.created", f.user("user_ok2", 10, email="b@x.io"))))]
+        results = GroupCommitter(processor).write(batch)
+        assert _statuses(results) == ["applied", ALONE, "applied"]
+        assert processor.apply_alone(*batch[1]).status == "failed"
+        with store.connect() as conn:
+            emails = set(conn.exec_driver_sql("SELECT email FROM accounts WHERE clerk_user_id IS NOT NULL").scalars())
+            jobs = list(conn.execute(sa.select(hook_jobs.c.idempotency_key)).scalars())
+        assert emails == {"a@x.io", "b@x.io"}
+        assert sorted(jobs) == ["user.created:user_ok1:10", "user.created:user_ok2:10"]
+    finally:
+        store.dispose()

@@ -407,3 +407,41 @@ def test_a_clerk_id_column_without_a_unique_index_still_gets_one_row(db_url: str
     store.dispose()
     engine.dispose()
     assert [tuple(r) for r in rows] == [("user_1", "newer@example.com")]
+
+
+def test_mapped_tables_and_hooks_converge_through_group_commit(app_db: str) -> None:
+    """The committer's batches (on PostgreSQL: hooked upserts pipelined, their row before read in the same
+    statement; mapped rows and jobs in a second pipeline) end where one-by-one delivery does: the mapped
+    tables hold the contract rows, and the jobs, in order, replay to the live rows with each entity
+    created once and each idempotency key queued once."""
+    from clerk_sync.events import parse_envelope
+    from clerk_sync.integrations._committer import GroupCommitter
+    from clerk_sync.outbox import list_jobs
+    from tests.test_hooks import fold, without_version
+
+    store = Store.from_url(app_db, mapping=mapping_for(SoftDelete()), hooks=[Hook("all", lambda change: None)])
+    committer = GroupCommitter(WebhookProcessor(store, WebhookVerifier([f.SECRET])))
+    for seed in range(3):
+        rng = random.Random(seed)
+        ns = uuid.uuid4().hex[:8]
+        steps = [(rng.randint(0, 5), rng.random() < 0.5, rng.randint(0, 3)) for _ in range(30)]
+        events = bodies(build_history(specs(3, 2, [(0, 0), (1, 1), (2, 0)]), steps), ns)
+        order = [*range(len(events)), *rng.choices(range(len(events)), k=10)]  # with Svix re-sends
+        rng.shuffle(order)
+        while order:
+            size = rng.randint(1, 12)
+            chunk, order = order[:size], order[size:]
+            committer.write([(f"msg_{ns}_{i}", parse_envelope(events[i])) for i in chunk])
+        with store.connect() as conn:
+            contract, mapped = db_rows(conn, ns), app_rows(conn, ns)
+            queued = [job.change for job in list_jobs(conn, status="pending", limit=10_000) if ns in job.change.clerk_id]
+        for key, values in contract.items():
+            if values is not None:
+                assert {k: mapped[key][k] for k in expected(key[0], values)} == expected(key[0], values), key
+            elif key in mapped:
+                assert mapped[key]["deleted_at"] is not None
+        live = {k: without_version(v) for k, v in contract.items() if v is not None}
+        assert fold(queued) == live, f"seed {seed}"
+        keys = [c.idempotency_key for c in queued]
+        assert len(keys) == len(set(keys))
+    store.dispose()
