@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import sqlalchemy as sa
 
 from clerk_sync.engine import Action, Entity, Record, RowState, Tombstone, Upsert, decide, plan
-from clerk_sync.events import MembershipRecord, OrganizationRecord, UserRecord, parse_envelope
+from clerk_sync.events import MembershipRecord, OrganizationRecord, UserRecord, parse_envelope, record_columns
 from clerk_sync.tables import organization_memberships, organizations, users, webhook_events
 from tests.factories import body_of, deleted, envelope, membership, organization, user
 
@@ -169,9 +169,15 @@ def model(event_bodies: Iterable[bytes]) -> Final:
                     if parent == intent.clerk_id:
                         row.state = RowState(row.state.version, deleted=True)
     return {
-        (entity.value, cid): None if row.state.deleted or row.record is None else asdict(row.record)
+        (entity.value, cid): None if row.state.deleted or row.record is None else _mirrored(row.record)
         for (entity, cid), row in rows.items()
     }
+
+
+def _mirrored(record: Record) -> dict[str, Any]:
+    """The record's values the contract table holds (a user's external_id is carried, not mirrored)."""
+    columns = set(record_columns(type(record)))
+    return {k: v for k, v in asdict(record).items() if k in columns}
 
 
 # -- reading what the database holds --------------------------------------------------------------
@@ -179,7 +185,7 @@ def model(event_bodies: Iterable[bytes]) -> Final:
 def _record_columns(entity: Entity) -> list[str]:
     record = {Entity.USER: UserRecord, Entity.ORGANIZATION: OrganizationRecord,
               Entity.MEMBERSHIP: MembershipRecord}[entity]
-    return [f.name for f in fields(record)]
+    return record_columns(record)
 
 
 def db_rows(conn: sa.Connection, ns: str) -> Final:

@@ -310,8 +310,9 @@ def fold(changes: list[Change]) -> dict[tuple[str, str], Any]:
 
 
 def without_version(values: dict[str, Any]) -> dict[str, Any]:
-    """A no-op update (newer version, same values) moves only clerk_updated_at, and fires nothing."""
-    return {k: v for k, v in values.items() if k != "clerk_updated_at"}
+    """A no-op update (newer version, same values) moves only clerk_updated_at, and fires nothing; a
+    change also carries the user's external_id, which the contract table does not mirror."""
+    return {k: v for k, v in values.items() if k not in ("clerk_updated_at", "external_id")}
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

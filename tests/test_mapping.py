@@ -4,6 +4,7 @@ mapping keep what the app wrote; linking by e-mail; ``migrate_schema`` and ``che
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import uuid
@@ -445,3 +446,75 @@ def test_mapped_tables_and_hooks_converge_through_group_commit(app_db: str) -> N
         keys = [c.idempotency_key for c in queued]
         assert len(keys) == len(set(keys))
     store.dispose()
+
+
+def _external(user_id: str, external_id: str | None, email: str) -> dict[str, Any]:
+    body = f.user(user_id, B + 1000, email=email)
+    body["external_id"] = external_id
+    return f.envelope("user.created", body)
+
+
+def test_link_by_external_id_adopts_the_row_with_the_apps_own_id_and_refuses_to_guess(db_url: str) -> None:
+    """The app's own id (Clerk's ``external_id``) links first; no match falls back to the e-mail, then a
+    new row; a row already linked to another Clerk user is never taken; several rows with the id fail
+    the delivery (kept, replayable) and ``check_schema`` warned about them beforehand."""
+    legacy = sa.Table("legacy_users", sa.MetaData(),
+                      sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+                      sa.Column("legacy_id", sa.String(32)), sa.Column("email", sa.String(320)),
+                      sa.Column("plan", sa.String(16)))
+    mapping = SchemaMapping(users=MappedTable("legacy_users", "clerk_user_id", {"email": "email"},
+                                              link_by_external_id="legacy_id", link_by_email="email"))
+    engine = sa.create_engine(db_url)
+    with engine.begin() as conn:
+        legacy.create(conn)
+        migrate_schema(conn, mapping)
+        conn.execute(legacy.insert(), [
+            {"legacy_id": "L-1", "email": "old-address@example.com", "plan": "pro"},  # linked by id
+            {"legacy_id": "L-2", "email": "b@example.com", "plan": "team"},  # linked to user_b below
+            {"legacy_id": "L-3", "email": "c@example.com", "plan": None},
+            {"legacy_id": "L-3", "email": "c2@example.com", "plan": None},
+            {"legacy_id": None, "email": "e@example.com", "plan": "free"},  # linked by e-mail
+        ])
+        assert [s for s, _ in check_schema(conn, mapping)] == ["warn"]  # L-3 is shared: named before it fails
+    store = Store.from_url(db_url, mapping=mapping)
+    statuses = deliver(store, _external("user_a", "L-1", "a@example.com"),
+                       _external("user_b", "L-2", "b@example.com"),
+                       _external("user_thief", "L-2", "thief@example.com"),  # L-2 is taken by now
+                       _external("user_c", "L-3", "c@example.com"),
+                       _external("user_e", "L-404", "e@example.com"),
+                       _external("user_n", None, "n@example.com"))
+    assert statuses == ["applied", "applied", "applied", "failed", "applied", "applied"]
+    with engine.connect() as conn:
+        rows = {r.clerk_user_id: r for r in conn.execute(sa.select(legacy, sa.column("clerk_user_id")))}
+        failure = conn.execute(sa.text("SELECT last_error FROM webhook_events WHERE status = 'failed'")).scalar_one()
+    assert (rows["user_a"].legacy_id, rows["user_a"].email, rows["user_a"].plan) == ("L-1", "a@example.com", "pro")
+    assert (rows["user_b"].legacy_id, rows["user_b"].plan) == ("L-2", "team")
+    assert (rows["user_thief"].legacy_id, rows["user_thief"].plan) == (None, None)  # a new row, nothing taken
+    assert (rows["user_e"].legacy_id, rows["user_e"].plan) == (None, "free")  # no id match: the e-mail linked
+    assert rows["user_n"].legacy_id is None and "user_c" not in rows
+    assert "external id 'L-3'" in failure and "duplicates" in failure
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(legacy)).scalar_one() == 7  # 5 + thief + n
+    store.dispose()
+    engine.dispose()
+
+
+def test_external_id_is_carried_not_mirrored_and_matches_an_integer_id_column() -> None:
+    """``users`` has no external_id column: the record carries it for the mapping and hooks only, a change
+    to it alone is no change, and an integer id column matches only a numeric external id."""
+    from clerk_sync.changes import describe
+    from clerk_sync.engine import Entity
+    from clerk_sync.events import UserRecord, record_columns, user_record
+    from clerk_sync.mapping import _as_column_value
+
+    body = f.user("user_x", B)
+    body["external_id"] = "42"
+    assert user_record(body).external_id == "42"
+    assert "external_id" not in record_columns(UserRecord)
+    before = {n: v for n, v in dataclasses.asdict(user_record(body)).items() if n != "external_id"}
+    body["external_id"], body["updated_at"] = "43", B + 1
+    after = dataclasses.asdict(user_record(body))
+    assert describe(Entity.USER, "user_x", B + 1, before, after) is None
+    column = sa.Column("id", sa.Integer)
+    assert (_as_column_value(column, "42"), _as_column_value(column, "abc")) == (42, None)
+    assert _as_column_value(sa.Column("legacy", sa.String(8)), "abc") == "abc"

@@ -105,5 +105,6 @@ def describe(entity: Entity, clerk_id: str, version: int, before: JSON | None, a
         return None if before is None else Change(entity, clerk_id, "deleted", version, before)
     if before is None:
         return Change(entity, clerk_id, "created", version, after)
-    previous = {k: before.get(k) for k, v in after.items() if k not in _BOOKKEEPING and before.get(k) != v}
+    # Fields with no column (a user's external_id) are not in ``before``: carried, never "a change".
+    previous = {k: before[k] for k, v in after.items() if k not in _BOOKKEEPING and k in before and before[k] != v}
     return Change(entity, clerk_id, "updated", version, after, previous) if previous else None

@@ -13,7 +13,7 @@ are still applied.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from clerk_sync._limits import (
@@ -42,6 +42,7 @@ __all__ = [
     "normalize_timestamp_ms",
     "organization_record",
     "parse_envelope",
+    "record_columns",
     "user_record",
 ]
 
@@ -137,6 +138,9 @@ class UserRecord:
     locked: bool
     last_sign_in_at: int | None
     deprovisioned: bool = False  # SCIM: a user removed by the IdP arrives as user.updated, not user.deleted
+    # The app's own id for this user (Clerk's ``external_id``): carried for the mapping and hooks (linking
+    # existing rows), not mirrored (``users`` has no column for it, see record_columns).
+    external_id: str | None = field(default=None, metadata={"column": False})
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +194,14 @@ def user_record(data: JSON, notes: Notes = None) -> UserRecord:
         locked=_flag(data, "locked"),
         deprovisioned=_flag(data, "deprovisioned"),
         last_sign_in_at=_opt_int(data, "last_sign_in_at"),
+        external_id=_fit(data, "external_id", NAME_CHARS, notes),
     )
+
+
+def record_columns(record_type: type[Any]) -> list[str]:
+    """The fields of a record type that its contract table has a column for, in order (a few fields,
+    such as a user's ``external_id``, are carried for the mapping and hooks only)."""
+    return [f.name for f in fields(record_type) if f.metadata.get("column", True)]
 
 
 def organization_record(data: JSON, notes: Notes = None) -> OrganizationRecord:

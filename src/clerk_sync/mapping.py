@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -31,7 +31,7 @@ from sqlalchemy.engine import Connection
 from clerk_sync.changes import Change
 from clerk_sync.engine import Entity
 from clerk_sync.errors import StoreDataError
-from clerk_sync.events import MembershipRecord, OrganizationRecord, UserRecord
+from clerk_sync.events import MembershipRecord, OrganizationRecord, UserRecord, record_columns
 from clerk_sync.tables import organization_memberships, organizations, users
 
 __all__ = [
@@ -65,8 +65,8 @@ TRANSFORMS: dict[str, Callable[[Any], Any]] = {
 
 
 class LinkAmbiguous(StoreDataError):
-    """Several existing rows match a new Clerk user's e-mail: the delivery is kept as ``failed``
-    (replayable) until the app resolves the duplicates; nothing is guessed."""
+    """Several existing rows match a new Clerk user's external id or e-mail: the delivery is kept as
+    ``failed`` (replayable) until the app resolves the duplicates; nothing is guessed."""
 
     code = "link_ambiguous"
 
@@ -128,8 +128,10 @@ DeletePolicy = SoftDelete | Deactivate | Anonymise | HardDelete
 class MappedTable:
     """One entity's target: the app's ``table`` (reflected), its Clerk-id column, its mapped columns.
 
-    ``link_by_email`` names the app's e-mail column: a Clerk user seen for the first time is linked to
-    the one existing row with that e-mail and no Clerk id (opt-in; users only).
+    ``link_by_external_id`` names the app's own id column (the value Clerk carries as the user's
+    ``external_id``) and ``link_by_email`` its e-mail column: a Clerk user seen for the first time is
+    linked to the one existing row with that id (tried first), else that e-mail, and no Clerk id yet
+    (opt-in; users only). Several matching rows fail the delivery (:class:`LinkAmbiguous`).
     """
 
     table: str
@@ -137,6 +139,15 @@ class MappedTable:
     columns: Mapping[str, str | Column]
     on_delete: DeletePolicy = field(default_factory=SoftDelete)
     link_by_email: str | None = None
+    link_by_external_id: str | None = None
+
+    @property
+    def links(self) -> bool:
+        return bool(self.link_by_email or self.link_by_external_id)
+
+    @property
+    def link_columns(self) -> list[str]:
+        return [c for c in (self.link_by_external_id, self.link_by_email) if c]
 
     def resolved(self) -> dict[str, Column]:
         return {name: c if isinstance(c, Column) else Column(c) for name, c in self.columns.items()}
@@ -150,8 +161,8 @@ class SchemaMapping:
         self.tables = {e: t for e, t in ((Entity.USER, users), (Entity.ORGANIZATION, organizations),
                                          (Entity.MEMBERSHIP, memberships)) if t is not None}
         for entity, mapped in self.tables.items():
-            if mapped.link_by_email and entity is not Entity.USER:
-                raise ValueError(f"{mapped.table}: link_by_email applies to users only")
+            if mapped.links and entity is not Entity.USER:
+                raise ValueError(f"{mapped.table}: link_by_email/link_by_external_id apply to users only")
         self._projections: dict[tuple[int, Entity], _Projection] = {}
 
     def table(self, conn: Connection, name: str) -> sa.Table:
@@ -203,7 +214,7 @@ class SchemaMapping:
         idempotent. Live rows are written (or linked), deleted ones get the delete policy if present."""
         counts: dict[str, int] = {}
         for entity in self.tables:
-            table, names = _CONTRACT[entity], [f.name for f in fields(_RECORDS[entity])]
+            table, names = _CONTRACT[entity], record_columns(_RECORDS[entity])
             query = sa.select(table.c.deleted_at, *[table.c[n] for n in names]).order_by(table.c.id)
             for row in conn.execute(query).mappings():
                 values = {n: row[n] for n in names}
@@ -249,7 +260,7 @@ class _Projection:
         self.upsert: sa.TextClause | None = None
         self.sqlite_upsert: str | None = None
         self.sqlite_binds: list[Callable[[Any], Any] | None] = []
-        if not mapped.link_by_email and dialect in ("postgresql", "sqlite") and _unique(table, self.key, plain=True):
+        if not mapped.links and dialect in ("postgresql", "sqlite") and _unique(table, self.key, plain=True):
             quote = (postgresql if dialect == "postgresql" else sqlite).dialect().identifier_preparer.quote
             key = quote(self.key.name)
             sets = ", ".join(f"{quote(n)} = excluded.{quote(n)}" for n in names) or f"{key} = excluded.{key}"
@@ -288,23 +299,31 @@ class _Projection:
             conn.execute(self.upsert, bound | {"_clerk_id": change.clerk_id})
             return
         params = values | {"_clerk_id": change.clerk_id}
-        if (change.kind == "created" and self.insert_new is not None and not self.m.link_by_email
+        if (change.kind == "created" and self.insert_new is not None and not self.m.links
                 and conn.execute(self.insert_new, params).rowcount):
             return
         if conn.execute(self.update, params).rowcount == 0 and not self._link(change, values):
             conn.execute(self.insert, params)
 
     def _link(self, change: Change, values: JSON) -> bool:
-        email = change.values.get("email")
-        if self.m.link_by_email is None or not email:
-            return False
-        column = self.t.c[self.m.link_by_email]
+        """Adopt the one existing row without a Clerk id whose external id, else e-mail, is this user's."""
+        external_id, email = change.values.get("external_id"), change.values.get("email")
+        if self.m.link_by_external_id and external_id:
+            column = self.t.c[self.m.link_by_external_id]
+            wanted = _as_column_value(column, external_id)
+            if wanted is not None and self._adopt(change, values, column == wanted, f"external id {external_id!r}"):
+                return True
+        if self.m.link_by_email and email:
+            column = self.t.c[self.m.link_by_email]
+            return self._adopt(change, values, sa.func.lower(column) == email.lower(), f"e-mail {email!r}")
+        return False
+
+    def _adopt(self, change: Change, values: JSON, match: sa.ColumnElement[bool], what: str) -> bool:
         pk = list(self.t.primary_key.columns)
-        matches = self.conn.execute(
-            sa.select(*pk).where(sa.func.lower(column) == email.lower(), self.key.is_(None)).limit(3)).all()
+        matches = self.conn.execute(sa.select(*pk).where(match, self.key.is_(None)).limit(3)).all()
         if len(matches) > 1:
             raise LinkAmbiguous(
-                f"{self.m.table}: {len(matches)}+ rows without a Clerk id have e-mail {email!r}; merge or remove "
+                f"{self.m.table}: {len(matches)}+ rows without a Clerk id have {what}; merge or remove "
                 f"the duplicates, then `clerk-sync replay` (user {change.clerk_id} was not linked)")
         if not matches:
             return False
@@ -365,7 +384,7 @@ def _raw_upsert_sql(table: sa.Table, key: sa.Column[Any], names: list[str], mapp
     """``INSERT .. ON CONFLICT (clerk id) DO UPDATE`` for psycopg, and the positions of its JSON values;
     (None, ()) when the projection's own statements must be used instead."""
     types = [table.c[n].type for n in names]
-    if (dialect != "postgresql" or mapped.link_by_email or not _unique(table, key, plain=True)
+    if (dialect != "postgresql" or mapped.links or not _unique(table, key, plain=True)
             or not all(isinstance(t, _RAW_TYPES) and not isinstance(t, sa.Enum) for t in types)):
         return None, ()
     q = postgresql.dialect().identifier_preparer.quote  # type: ignore[no-untyped-call]
@@ -374,6 +393,18 @@ def _raw_upsert_sql(table: sa.Table, key: sa.Column[Any], names: list[str], mapp
     sql = (f"INSERT INTO {q(table.name)} ({columns}) VALUES ({', '.join(['%s'] * (len(names) + 1))}) "  # noqa: S608
            f"ON CONFLICT ({q(key.name)}) DO UPDATE SET {sets}")
     return sql, tuple(i for i, t in enumerate(types) if isinstance(t, sa.JSON))
+
+
+def _as_column_value(column: sa.Column[Any], external_id: str) -> Any:
+    """Clerk's external id (a string) as the app's id column holds it; None if it cannot be one (the
+    text ``"abc"`` is no integer id), so nothing matches."""
+    try:
+        python_type = column.type.python_type
+    except NotImplementedError:
+        return external_id
+    if python_type is int:
+        return int(external_id) if external_id.lstrip("-").isdigit() else None
+    return external_id if python_type is str else None
 
 
 def _unique(table: sa.Table, column: sa.Column[Any], *, plain: bool = False) -> bool:
@@ -416,13 +447,16 @@ def check_schema(conn: Connection, mapping: SchemaMapping) -> list[tuple[str, st
             problems.append(("fail", f"table {name!r} does not exist: create it (the mapping writes existing tables)"))
             continue
         columns = {c["name"]: c for c in inspector.get_columns(name)}
-        needed = [mapped.clerk_id_column, *mapped.columns, *([mapped.link_by_email] if mapped.link_by_email else [])]
+        needed = [mapped.clerk_id_column, *mapped.columns, *mapped.link_columns]
         policy = _policy_column(mapped)
         for column in [*needed, *([policy[0]] if policy else [])]:
             if column not in columns:
                 fix = "run `clerk-sync migrate --mapping ...`" if column in (mapped.clerk_id_column, *(
                     [policy[0]] if policy else [])) else "add it or remove it from the mapping"
                 problems.append(("fail", f"{name}.{column} is missing: {fix}"))
+        if mapped.clerk_id_column in columns:
+            problems += [("warn", p) for c in mapped.link_columns if c in columns
+                         for p in _shared_link_values(conn, mapped, c)]
         unique = {tuple(i["column_names"]) for i in inspector.get_indexes(name) if i.get("unique")}
         unique |= {tuple(u["column_names"]) for u in inspector.get_unique_constraints(name)}
         if mapped.clerk_id_column in columns and (mapped.clerk_id_column,) not in unique:
@@ -439,6 +473,21 @@ def check_schema(conn: Connection, mapping: SchemaMapping) -> list[tuple[str, st
                 if col.personal and column in columns and not columns[column].get("nullable", True):
                     problems.append(("fail", f"{name}.{column} is NOT NULL: Anonymise cannot clear it"))
     return problems
+
+
+def _shared_link_values(conn: Connection, mapped: MappedTable, column: str) -> list[str]:
+    """The link column's values held by several rows without a Clerk id: users with them will not be
+    linked (their deliveries fail as :class:`LinkAmbiguous`). Counted, not shown (they are personal)."""
+    t = sa.table(mapped.table, sa.column(column), sa.column(mapped.clerk_id_column))
+    value = sa.func.lower(t.c[column]) if column == mapped.link_by_email else t.c[column]
+    shared = (sa.select(value).where(t.c[mapped.clerk_id_column].is_(None), t.c[column].is_not(None))
+              .group_by(value).having(sa.func.count() > 1).subquery())
+    n = conn.execute(sa.select(sa.func.count()).select_from(shared)).scalar_one()
+    if not n:
+        return []
+    kind = "e-mail" if column == mapped.link_by_email else "external id"
+    return [f"{mapped.table}.{column}: {n} {kind} value(s) are shared by several rows without a Clerk id; the "
+            "users with them will not be linked (their deliveries fail, replayable) until you merge the rows"]
 
 
 def _primary_key(inspector: Any, table: str) -> set[str]:

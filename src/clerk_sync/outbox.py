@@ -18,7 +18,7 @@ import functools
 import json
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -28,7 +28,7 @@ from sqlalchemy.engine import Connection
 
 from clerk_sync.changes import Change, Hook
 from clerk_sync.engine import Entity, Tombstone, Upsert
-from clerk_sync.events import MembershipRecord, OrganizationRecord, UserRecord
+from clerk_sync.events import MembershipRecord, OrganizationRecord, UserRecord, record_columns
 from clerk_sync.mapping import SchemaMapping, processors, sqlite_execute
 from clerk_sync.tables import hook_jobs, organization_memberships, organizations, users
 
@@ -41,10 +41,10 @@ _TABLES: dict[Entity, sa.Table] = {
     Entity.ORGANIZATION: organizations,
     Entity.MEMBERSHIP: organization_memberships,
 }
-FIELDS: dict[Entity, list[str]] = {
-    Entity.USER: [f.name for f in fields(UserRecord)],
-    Entity.ORGANIZATION: [f.name for f in fields(OrganizationRecord)],
-    Entity.MEMBERSHIP: [f.name for f in fields(MembershipRecord)],
+FIELDS: dict[Entity, list[str]] = {  # the columns a change's row before is read from
+    Entity.USER: record_columns(UserRecord),
+    Entity.ORGANIZATION: record_columns(OrganizationRecord),
+    Entity.MEMBERSHIP: record_columns(MembershipRecord),
 }
 
 

@@ -408,7 +408,8 @@ class Reconciler:
             if row is None:
                 self.on_change(Change(entity, "create", record.clerk_id))
                 continue
-            diff = tuple(k for k, v in asdict(record).items() if k != "clerk_updated_at" and row[k] != v)
+            diff = tuple(k for k, v in asdict(record).items()
+                         if k != "clerk_updated_at" and k in row and row[k] != v)  # external_id: no column
             self.on_change(Change(entity, "update", record.clerk_id, diff))
 
     # -- deletions --------------------------------------------------------------------------

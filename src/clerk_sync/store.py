@@ -29,7 +29,7 @@ from clerk_sync.changes import Change, Hook, describe
 from clerk_sync.config import DatabaseTimeouts
 from clerk_sync.engine import DeliveryStatus, Entity, Record, RevokeSession, Tombstone, Upsert
 from clerk_sync.errors import StoreDataError, StoreError
-from clerk_sync.events import MembershipRecord, OrganizationRecord, UserRecord
+from clerk_sync.events import MembershipRecord, OrganizationRecord, UserRecord, record_columns
 from clerk_sync.mapping import SchemaMapping
 from clerk_sync.outbox import Outbox
 from clerk_sync.tables import (
@@ -366,7 +366,7 @@ class Writer:
         if isinstance(intent, Upsert):
             upserted = self._upsert(intent)
             removed = intent.entity is Entity.MEMBERSHIP and self._delete_membership_if_parent_deleted(intent.clerk_id)
-            after = None if removed else _params(intent.entity, intent.record)
+            after = None if removed else _change_values(intent.record)
             if upserted or removed:
                 outbox.record(describe(intent.entity, intent.clerk_id, intent.version, before, after))
             return upserted or removed
@@ -506,10 +506,10 @@ _LOCK_SQL = sa.text("SELECT pg_advisory_xact_lock(:key)").bindparams(sa.bindpara
 _MYSQL_LOCK_SQL = sa.text(
     f"INSERT INTO {sync_locks.name} (lock_key) VALUES (:key) ON DUPLICATE KEY UPDATE lock_key = lock_key"
 ).bindparams(sa.bindparam("key", type_=sa.BigInteger))
-_RECORD_FIELDS: dict[Entity, list[str]] = {
-    Entity.USER: [f.name for f in fields(UserRecord)],
-    Entity.ORGANIZATION: [f.name for f in fields(OrganizationRecord)],
-    Entity.MEMBERSHIP: [f.name for f in fields(MembershipRecord)],
+_RECORD_FIELDS: dict[Entity, list[str]] = {  # the contract tables' columns (record_columns)
+    Entity.USER: record_columns(UserRecord),
+    Entity.ORGANIZATION: record_columns(OrganizationRecord),
+    Entity.MEMBERSHIP: record_columns(MembershipRecord),
 }
 # NOT NULL columns a tombstone for a never-seen id must still fill (never read: the row is deleted).
 _TOMBSTONE_FILL: dict[Entity, dict[str, Any]] = {
@@ -696,7 +696,12 @@ def _hooked_change(intent: Upsert, before: Sequence[Any]) -> Change | None:
     """The change an applied upsert made, from the row before it (all NULL: there was none)."""
     names = _RECORD_FIELDS[intent.entity]
     old = None if before[0] is None else dict(zip(names, before, strict=True))
-    return describe(intent.entity, intent.clerk_id, intent.version, old, _params(intent.entity, intent.record))
+    return describe(intent.entity, intent.clerk_id, intent.version, old, _change_values(intent.record))
+
+
+def _change_values(record: Record) -> dict[str, Any]:
+    """What a change carries: every field of the record (the columns, and e.g. a user's external_id)."""
+    return {f.name: getattr(record, f.name) for f in fields(record)}
 
 
 def _run_raw(raw: Any, statements: Sequence[tuple[str, list[Any]]], *, pipeline: bool, fetch: bool = True) -> list[Any]:
