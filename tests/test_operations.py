@@ -182,6 +182,50 @@ def test_clerk_api_jit_and_reconcile_series(emu: EmulatorServer, service: tuple[
     assert after.get("clerk_sync_clerk_api_circuit_open") == 0  # the newest client is watched
 
 
+def test_hook_series_move_with_the_outbox_and_the_dispatcher(db_url: str) -> None:
+    """The outbox backlog by status (read from the database at scrape time) and the dispatcher's runs by
+    hook and outcome, with their durations, as a live scrape of a hooked service shows them."""
+    from datetime import UTC, datetime, timedelta
+
+    from clerk_sync.changes import Change, Hook
+    from clerk_sync.hooks import Backoff, Dispatcher
+    from clerk_sync.store import Store
+
+    def flaky(change: Change) -> None:
+        if change.clerk_id == "user_bounce":
+            raise RuntimeError("mail server down")
+
+    clock = FakeClock()
+    moment = [datetime.now(UTC)]
+    settings = _settings(db_url)
+    store = Store(create_engine(db_url), hooks=[Hook("welcome", flaky, on=["user.created"])], now=lambda: moment[0])
+    processor = build_processor(settings, store)
+    app = create_app(settings, processor)
+    processor.metrics.watch_database(database_probe(store), ttl_s=0, clock=clock)
+    dispatcher = Dispatcher(store, backoff=Backoff(max_attempts=2, base_s=10), metrics=processor.metrics,
+                            now=lambda: moment[0])
+    with running(app) as url, httpx.Client(base_url=url) as client:
+        before = scrape(client)
+        for user in ("user_ok", "user_bounce"):
+            assert post(client, f.envelope("user.created", f.user(user, 1)), f"msg_{user}").status_code == 200
+        queued = scrape(client)
+        dispatcher.run_once()  # user_ok runs, user_bounce fails once (retry in 10 s)
+        moment[0] += timedelta(seconds=11)
+        dispatcher.run_once()  # user_bounce fails again: dead
+        after = scrape(client)
+    store.dispose()
+    assert before.get("clerk_sync_hook_jobs", status="pending") == 0
+    assert not before.has("clerk_sync_hook_oldest_pending_timestamp_seconds")
+    assert queued.get("clerk_sync_hook_jobs", status="pending") == 2
+    assert abs(queued.get("clerk_sync_hook_oldest_pending_timestamp_seconds") - moment[0].timestamp()) < 60
+    assert (after.get("clerk_sync_hook_jobs", status="pending"), after.get("clerk_sync_hook_jobs", status="dead")) \
+        == (0, 1)
+    runs = {o: after.get("clerk_sync_hook_runs_total", hook="welcome", outcome=o) for o in ("ok", "retry", "dead")}
+    assert runs == {"ok": 1, "retry": 1, "dead": 1}
+    assert after.get("clerk_sync_hook_seconds_count", hook="welcome") == 3
+    assert after.families["clerk_sync_hook_jobs"] == "gauge"
+
+
 def test_database_series_are_cached_between_scrapes() -> None:
     reads: list[int] = []
     clock = FakeClock()

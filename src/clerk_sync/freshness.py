@@ -15,11 +15,12 @@ import sqlalchemy as sa
 from clerk_sync.engine import DeliveryStatus
 from clerk_sync.metrics import DatabaseSnapshot
 from clerk_sync.store import Store
-from clerk_sync.tables import reconcile_runs, webhook_events
+from clerk_sync.tables import hook_jobs, reconcile_runs, webhook_events
 
 __all__ = ["FreshnessCheck", "check_freshness", "database_probe", "read_snapshot"]
 
 _DONE = (DeliveryStatus.APPLIED, DeliveryStatus.SKIPPED, DeliveryStatus.IGNORED)
+_JOB_STATUSES = ("pending", "running", "dead")
 
 
 def _stamp(value: datetime | None) -> float | None:
@@ -29,13 +30,17 @@ def _stamp(value: datetime | None) -> float | None:
 
 
 def read_snapshot(store: Store) -> DatabaseSnapshot:
-    """One read-only round trip: newest delivery, failed backlog, last completed reconcile run."""
+    """Two read-only round trips: newest delivery, failed backlog, hook jobs by status; the last completed
+    reconcile run."""
     e, r = webhook_events, reconcile_runs
     newest = [sa.select(sa.func.max(e.c.received_at)).where(e.c.status == s).scalar_subquery() for s in _DONE]
     failed = sa.select(sa.func.count()).select_from(e).where(e.c.status == DeliveryStatus.FAILED).scalar_subquery()
     last_id = sa.select(sa.func.max(r.c.id)).where(r.c.status == "completed").scalar_subquery()
+    j = hook_jobs  # counted on ix_hook_jobs_status_available_at
+    jobs = [sa.select(sa.func.count()).select_from(j).where(j.c.status == s).scalar_subquery() for s in _JOB_STATUSES]
+    oldest = sa.select(sa.func.min(j.c.created_at)).where(j.c.status == "pending").scalar_subquery()
     with store.connect() as conn:
-        row = conn.execute(sa.select(*newest, failed)).one()
+        row = conn.execute(sa.select(*newest, failed, *jobs, oldest)).one()
         run = conn.execute(
             sa.select(r.c.finished_at, r.c.created, r.c.updated, r.c.deleted).where(r.c.id == last_id)
         ).first()
@@ -45,6 +50,8 @@ def read_snapshot(store: Store) -> DatabaseSnapshot:
         failed_backlog=int(row[3]),
         reconcile_last_success_at=_stamp(run.finished_at) if run is not None else None,
         reconcile_last_drift={"created": run.created, "updated": run.updated, "deleted": run.deleted} if run else {},
+        hook_jobs={s: int(n) for s, n in zip(_JOB_STATUSES, row[4:7], strict=True)},
+        hook_oldest_pending_at=_stamp(row[7]),
     )
 
 

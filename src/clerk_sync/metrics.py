@@ -6,7 +6,8 @@ failed backlog, last reconcile) come from a ``probe`` callable the caller inject
 (:meth:`Metrics.watch_database`), read at scrape time and cached for ``ttl_s``.
 
 Label sets are bounded: ``type`` is a known Clerk event type or ``"other"``, ``endpoint`` a path
-template (``/users/{id}``), ``status`` an outcome or an HTTP status code.
+template (``/users/{id}``), ``status`` an outcome or an HTTP status code, ``hook`` a hook's name (set
+in code).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ KNOWN_EVENT_TYPES = HANDLED_EVENT_TYPES | frozenset({
 _APPLIED = frozenset({DeliveryStatus.APPLIED, DeliveryStatus.SKIPPED})
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 # Event time -> applied: seconds for a live delivery, hours for a Svix retry after an outage.
+_HOOK_BUCKETS = (0.001, 0.005, 0.025, 0.1, 0.25, 1.0, 2.5, 10.0, 30.0, 60.0)  # a local write .. a slow API
 _LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 21600.0, 86400.0)
 
 
@@ -58,6 +60,8 @@ class DatabaseSnapshot:
     failed_backlog: int
     reconcile_last_success_at: float | None  # unix seconds
     reconcile_last_drift: dict[str, int] = field(default_factory=dict)  # created/updated/deleted
+    hook_jobs: dict[str, int] = field(default_factory=dict)  # the outbox by status: pending, running, dead
+    hook_oldest_pending_at: float | None = None  # unix seconds, when the oldest pending job was queued
 
 
 class _DatabaseCollector(Collector):
@@ -105,9 +109,25 @@ class _DatabaseCollector(Collector):
             for action in ("created", "updated", "deleted"):
                 drift.add_metric([action], float(snap.reconcile_last_drift.get(action, 0)))
             yield drift
+        yield from _hook_backlog(snap)
 
     def describe(self) -> Iterator[Metric]:
         return iter(())  # values need the database: never read them at registration
+
+
+def _hook_backlog(snap: DatabaseSnapshot) -> Iterator[Metric]:
+    """The hooks outbox: jobs by status (dead ones wait for ``clerk-sync hooks retry|purge``), and the
+    oldest pending one (a dispatcher that stopped, or cannot keep up)."""
+    jobs = GaugeMetricFamily("clerk_sync_hook_jobs", "Queued hook jobs by status (pending, running, dead).",
+                             labels=["status"])
+    for status in ("pending", "running", "dead"):
+        jobs.add_metric([status], float(snap.hook_jobs.get(status, 0)))
+    yield jobs
+    if snap.hook_oldest_pending_at is not None:
+        oldest = GaugeMetricFamily("clerk_sync_hook_oldest_pending_timestamp_seconds",
+                                   "When the oldest pending hook job was queued.")
+        oldest.add_metric([], snap.hook_oldest_pending_at)
+        yield oldest
 
 
 class Metrics:
@@ -146,6 +166,10 @@ class Metrics:
                                        ["entity", "action"], registry=r)
         self.pruned = Counter("clerk_sync_pruned_rows", "Rows retention redacted, deleted, cleared or erased.",
                               ["action"], registry=r)
+        self.hook_runs = Counter("clerk_sync_hook_runs", "Hook handler runs by hook and outcome (ok, retry, dead).",
+                                 ["hook", "outcome"], registry=r)
+        self.hook_seconds = Histogram("clerk_sync_hook_seconds", "Time one hook handler run took, by hook.",
+                                      ["hook"], buckets=_HOOK_BUCKETS, registry=r)
         self._database: _DatabaseCollector | None = None
 
     # -- webhook path ---------------------------------------------------------------------------
@@ -155,6 +179,12 @@ class Metrics:
         self.latency.observe(seconds)
         if event_ms is not None and status in _APPLIED:
             self.apply_lag.observe(max(0.0, self._clock() - event_ms / 1000.0))
+
+    # -- hooks (the dispatcher calls this; see clerk_sync.hooks) ----------------------------------
+    def hook_ran(self, hook: str, outcome: str, seconds: float) -> None:
+        """One handler run: ``outcome`` is ok, retry (failed, queued again) or dead (failed for good)."""
+        self.hook_runs.labels(hook=hook, outcome=outcome).inc()
+        self.hook_seconds.labels(hook=hook).observe(seconds)
 
     # -- Clerk API (the hook the client calls; see clerk_api) ----------------------------------
     def api_call(self, endpoint: str, status: int | None) -> None:

@@ -96,7 +96,8 @@ def serve(
         from clerk_sync.integrations.starlette import create_app
 
         app = create_app(settings, processor, migrate=migrate_first)
-        dispatcher = Dispatcher(processor.store) if processor.store.hooks else None  # retries while the DB is down
+        dispatcher = (Dispatcher(processor.store, metrics=processor.metrics)  # retries while the DB is down
+                      if processor.store.hooks else None)
         if dispatcher is not None:
             dispatcher.start()
         try:

@@ -11,6 +11,7 @@ means the handler runs again after the lease, with the same ``change.idempotency
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -19,6 +20,7 @@ import structlog
 
 from clerk_sync.changes import Change, Handler, Hook
 from clerk_sync.errors import StoreError
+from clerk_sync.metrics import Metrics
 from clerk_sync.outbox import Job, claim, fail, finish_many, release
 from clerk_sync.store import Store
 
@@ -57,7 +59,7 @@ class Dispatcher:
     """
 
     def __init__(self, store: Store, *, backoff: Backoff | None = None, lease_s: float = 60.0, batch: int = 100,
-                 poll_s: float = 1.0, now: Callable[[], datetime] = _utcnow) -> None:
+                 poll_s: float = 1.0, now: Callable[[], datetime] = _utcnow, metrics: Metrics | None = None) -> None:
         if not store.hooks:
             raise ValueError("the store has no hooks: pass them as Store(engine, hooks=[Hook(...)])")
         self.store = store
@@ -66,6 +68,7 @@ class Dispatcher:
         self.batch = batch
         self.poll_s = poll_s
         self._now = now
+        self.metrics = metrics  # runs by hook and outcome, and their durations (clerk_sync_hook_*)
         self._handlers: dict[str, Handler] = {h.name: h.handler for h in store.hooks}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -109,17 +112,25 @@ class Dispatcher:
     def _run(self, job: Job) -> bool:
         """Call the job's handler; True when it succeeded (the failure is recorded otherwise)."""
         handler = self._handlers.get(job.hook)
+        started = time.perf_counter()
         try:
             if handler is None:
                 raise LookupError(f"no hook named {job.hook!r} in this process (renamed or removed?): "
                                   "restore it and run `clerk-sync hooks retry`, or `clerk-sync hooks purge`")
             handler(job.change)
         except Exception as exc:
-            self._failed(job, exc, final=handler is None)
+            dead = self._failed(job, exc, final=handler is None)
+            self._ran(job, "dead" if dead else "retry", started)
             return False
+        self._ran(job, "ok", started)
         return True
 
-    def _failed(self, job: Job, exc: Exception, *, final: bool) -> None:
+    def _ran(self, job: Job, outcome: str, started: float) -> None:
+        if self.metrics is not None:
+            self.metrics.hook_ran(job.hook, outcome, time.perf_counter() - started)
+
+    def _failed(self, job: Job, exc: Exception, *, final: bool) -> bool:
+        """Record the failure (pending again after the backoff, or dead); True when it is dead."""
         error = f"{type(exc).__name__}: {exc}"
         dead = final or job.attempts >= self.backoff.max_attempts
         retry_at = None if dead else self._now() + self.backoff.delay(job.attempts)
@@ -127,6 +138,7 @@ class Dispatcher:
             fail(writer.conn, job, error, retry_at)
         log.warning("hook failed", hook=job.hook, type=job.change.type, job=job.id, attempt=job.attempts,
                     error=error, dead=dead, retry_at=retry_at.isoformat() if retry_at else None)
+        return dead
 
     # -- as a background thread (``serve``) --------------------------------------------------------
     def start(self) -> None:
