@@ -8,6 +8,7 @@ leases are tested without sleeping.
 from __future__ import annotations
 
 import random
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -15,6 +16,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+import structlog.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -398,4 +400,64 @@ def test_a_batch_that_outlives_its_lease_gives_the_rest_back(db_url: str) -> Non
     assert [(j["status"], j["attempts"]) for j in jobs(store)] == [("pending", 0), ("pending", 0)]
     assert dispatcher.drain() == 2
     assert seen == ["user_0", "user_1", "user_2", "user_3"]
+    store.dispose()
+
+
+# -- lease heartbeat: a slow handler keeps its job -------------------------------------------------------
+
+def _lease_of(store: Store) -> datetime:
+    with store.connect() as conn:
+        value = conn.execute(sa.select(hook_jobs.c.lease_until)).scalar_one()
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+@pytest.mark.parametrize("heartbeat", [True, False], ids=["heartbeat", "none"])
+def test_a_slow_handler_keeps_its_job_while_the_heartbeat_extends_the_lease(db_url: str, heartbeat: bool) -> None:
+    """A handler that runs past its lease: with the heartbeat's extensions another dispatcher finds nothing
+    to claim and the job runs once; without them it is taken over (and the first claim is lost)."""
+    clock = Clock()
+    calls: list[str] = []
+    other: list[int] = []
+
+    def slow(change: Change) -> None:
+        calls.append(change.idempotency_key)
+        if len(calls) > 1:
+            return  # the second dispatcher's run of a job taken over
+        for _ in range(3):  # 3 x 25 s: past the 60 s lease
+            clock.advance(25)
+            if heartbeat:
+                assert dispatcher.extend_leases() == 1  # what the heartbeat thread does every lease_s / 3
+            other.append(rival.run_once())
+
+    store = hooked(db_url, Hook("slow", slow), now=clock)
+    deliver(store, f.envelope("user.created", f.user("user_slow", B + 1000)))
+    dispatcher = Dispatcher(store, lease_s=60, heartbeat_s=0, now=clock)
+    rival = Dispatcher(store, lease_s=60, heartbeat_s=0, now=clock)
+    with structlog.testing.capture_logs() as logs:
+        assert dispatcher.run_once() == 1
+    if heartbeat:
+        assert (other, len(calls), jobs(store)) == ([0, 0, 0], 1, [])
+    else:
+        assert (other, len(calls), jobs(store)) == ([0, 0, 1], 2, [])  # taken over at 75 s: ran twice
+        assert any(entry["event"].startswith("hook claims lost") for entry in logs)
+    store.dispose()
+
+
+def test_the_heartbeat_thread_extends_the_running_jobs_lease(db_url: str) -> None:
+    clock = Clock()
+    seen: list[datetime] = []
+
+    def slow(change: Change) -> None:
+        clock.advance(45)  # the clock moves; the next beat leases until clock + 60 s
+        deadline = time.monotonic() + 10
+        while _lease_of(store) < clock() + timedelta(seconds=60) and time.monotonic() < deadline:
+            time.sleep(0.005)  # waiting for the beat, not for a threshold
+        seen.append(_lease_of(store))
+
+    store = hooked(db_url, Hook("slow", slow), now=clock)
+    deliver(store, f.envelope("user.created", f.user("user_beat", B + 1000)))
+    dispatcher = Dispatcher(store, lease_s=60, heartbeat_s=0.01, now=clock)
+    claimed_at = clock()
+    assert dispatcher.run_once() == 1
+    assert seen == [claimed_at + timedelta(seconds=105)] and jobs(store) == []
     store.dispose()

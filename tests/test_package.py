@@ -77,7 +77,7 @@ PUBLIC_API: dict[str, list[str]] = {
     "clerk_sync.tracing": ["ENABLED", "delivery_span", "span"],
     "clerk_sync.mapping": ["Anonymise", "Column", "Deactivate", "DeletePolicy", "HardDelete", "LinkAmbiguous", "MappedTable", "SchemaMapping", "SoftDelete", "TRANSFORMS", "check_schema", "migrate_schema"],
     "clerk_sync.migrations": ["current_revision", "head_revision", "is_current", "upgrade"],
-    "clerk_sync.outbox": ["Job", "Outbox", "claim", "delete_jobs", "fail", "finish", "finish_many", "list_jobs", "redact_jobs", "release", "retry_jobs"],
+    "clerk_sync.outbox": ["Job", "Outbox", "claim", "delete_jobs", "extend", "fail", "finish", "finish_many", "list_jobs", "redact_jobs", "release", "retry_jobs"],
     "clerk_sync.reconcile": ["Change", "Counts", "Progress", "ReconcileReport", "Reconciler"],
     "clerk_sync.store": ["READ_ONLY_OPTION", "Store", "Writer", "create_engine", "dialect_family", "erased_digest"],
     "clerk_sync.tables": ["audit_log", "erased", "hook_jobs", "metadata", "organization_memberships", "organizations", "pending_role_changes", "reconcile_runs", "reconcile_seen", "revoked_sessions", "seen_columns", "sync_locks", "users", "webhook_events"],

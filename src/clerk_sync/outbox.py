@@ -32,8 +32,8 @@ from clerk_sync.events import MembershipRecord, OrganizationRecord, UserRecord, 
 from clerk_sync.mapping import SchemaMapping, processors, sqlite_execute
 from clerk_sync.tables import hook_jobs, organization_memberships, organizations, users
 
-__all__ = ["Job", "Outbox", "claim", "delete_jobs", "fail", "finish", "finish_many", "list_jobs", "redact_jobs",
-           "release", "retry_jobs"]
+__all__ = ["Job", "Outbox", "claim", "delete_jobs", "extend", "fail", "finish", "finish_many", "list_jobs",
+           "redact_jobs", "release", "retry_jobs"]
 
 JSON = dict[str, Any]
 _TABLES: dict[Entity, sa.Table] = {
@@ -200,6 +200,16 @@ def finish_many(conn: Connection, jobs: Sequence[Job]) -> list[int]:
         ids = [job.id for job in jobs if job.token == token]
         deleted |= set(conn.execute(_finish_sql(), {"ids": ids, "token": token}).scalars())
     return [job.id for job in jobs if job.id not in deleted]
+
+
+def extend(conn: Connection, jobs: Sequence[Job], until: datetime) -> int:
+    """Move the leases of claimed jobs to ``until`` (a heartbeat); returns how many are still this
+    claim's (the others' leases expired and another dispatcher took them, or they were finished)."""
+    stmt = sa.update(hook_jobs).where(hook_jobs.c.id.in_(sa.bindparam("ids", expanding=True)),
+                                      hook_jobs.c.claim_token == sa.bindparam("token"),
+                                      hook_jobs.c.status == "running").values(lease_until=until)
+    return sum(conn.execute(stmt, {"ids": [j.id for j in jobs if j.token == token], "token": token}).rowcount
+               for token in {j.token for j in jobs})
 
 
 def fail(conn: Connection, job: Job, error: str, retry_at: datetime | None) -> bool:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -21,7 +22,7 @@ import structlog
 from clerk_sync.changes import Change, Handler, Hook
 from clerk_sync.errors import StoreError
 from clerk_sync.metrics import Metrics
-from clerk_sync.outbox import Job, claim, fail, finish_many, release
+from clerk_sync.outbox import Job, claim, extend, fail, finish_many, release
 from clerk_sync.store import Store
 
 __all__ = ["Backoff", "Change", "Dispatcher", "Hook"]
@@ -53,13 +54,18 @@ class Backoff:
 class Dispatcher:
     """Runs the store's hooks for queued jobs; safe to run in several processes at once.
 
-    ``lease_s`` must exceed the time a batch of handlers takes: past it, another dispatcher may take
-    the job over (that is how jobs of a killed worker resume). ``now`` is the clock for due times and
-    leases; ``poll_s`` the pause of :meth:`start`'s thread when the queue is empty.
+    ``lease_s`` bounds how long a job stays claimed without news from its dispatcher: past it, another
+    dispatcher may take the job over (that is how jobs of a killed worker resume). While a batch runs, a
+    heartbeat thread extends, every ``heartbeat_s`` (default a third of the lease; 0: none), the leases
+    of the jobs it holds (the one running and those done but not yet finished), so a slow handler is not
+    claimed twice; jobs of the batch not started by 80 % of the lease are given back instead. ``now``
+    is the clock for due times and leases; ``poll_s`` the pause of :meth:`start`'s thread when the
+    queue is empty.
     """
 
     def __init__(self, store: Store, *, backoff: Backoff | None = None, lease_s: float = 60.0, batch: int = 100,
-                 poll_s: float = 1.0, now: Callable[[], datetime] = _utcnow, metrics: Metrics | None = None) -> None:
+                 poll_s: float = 1.0, now: Callable[[], datetime] = _utcnow, metrics: Metrics | None = None,
+                 heartbeat_s: float | None = None) -> None:
         if not store.hooks:
             raise ValueError("the store has no hooks: pass them as Store(engine, hooks=[Hook(...)])")
         self.store = store
@@ -72,6 +78,9 @@ class Dispatcher:
         self._handlers: dict[str, Handler] = {h.name: h.handler for h in store.hooks}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.heartbeat_s = lease_s / 3 if heartbeat_s is None else heartbeat_s
+        self._held: dict[int, Job] = {}  # claimed by this dispatcher and not finished: their leases are kept
+        self._held_lock = threading.Lock()
 
     def run_once(self) -> int:
         """Claim one batch, run it, record the outcomes; returns how many jobs were claimed.
@@ -84,20 +93,66 @@ class Dispatcher:
             jobs = claim(writer.conn, claimed_at, lease=self.lease, limit=self.batch,
                          max_attempts=self.backoff.max_attempts)
         done: list[Job] = []
-        for n, job in enumerate(jobs):
-            if self._now() >= claimed_at + self.lease * 0.8:
+        with self._heartbeat() if jobs else nullcontext():
+            for n, job in enumerate(jobs):
+                if self._now() >= claimed_at + self.lease * 0.8:
+                    with self.store.transaction() as writer:
+                        release(writer.conn, jobs[n:])
+                    log.warning("hook batch outlived 80 % of its lease; rest given back", released=len(jobs) - n)
+                    break
+                self._hold(job)
+                if self._run(job):
+                    done.append(job)
+                else:
+                    self._hold(job, False)  # its failure is recorded: no longer ours
+            if done:  # one transaction for the batch's successes (a crash before it re-runs them: at least once)
                 with self.store.transaction() as writer:
-                    release(writer.conn, jobs[n:])
-                log.warning("hook batch outlived 80 % of its lease; rest given back", released=len(jobs) - n)
-                break
-            if self._run(job):
-                done.append(job)
-        if done:  # one transaction for the batch's successes (a crash before it re-runs them: at least once)
-            with self.store.transaction() as writer:
-                lost = finish_many(writer.conn, done)
-            if lost:
-                log.warning("hook claims lost (lease expired while running; raise lease_s)", jobs=lost)
+                    lost = finish_many(writer.conn, done)
+                if lost:
+                    log.warning("hook claims lost (lease expired while running; raise lease_s)", jobs=lost)
+        with self._held_lock:
+            self._held.clear()
         return len(jobs)
+
+    def extend_leases(self) -> int:
+        """Push the leases of the jobs this dispatcher holds to ``now + lease_s`` (the heartbeat calls it);
+        returns how many were extended (fewer than held: a claim was lost, its lease had already expired)."""
+        with self._held_lock:
+            held = list(self._held.values())
+        if not held:
+            return 0
+        with self.store.transaction() as writer:
+            return extend(writer.conn, held, self._now() + self.lease)
+
+    def _hold(self, job: Job, held: bool = True) -> None:
+        with self._held_lock:
+            if held:
+                self._held[job.id] = job
+            else:
+                self._held.pop(job.id, None)
+
+    @contextmanager
+    def _heartbeat(self) -> Iterator[None]:
+        """While the block runs, :meth:`extend_leases` every ``heartbeat_s`` in a thread of its own."""
+        if self.heartbeat_s <= 0:
+            yield
+            return
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(self.heartbeat_s):
+                try:
+                    self.extend_leases()
+                except Exception:  # the database is away: the next beat tries again
+                    log.warning("hook lease heartbeat failed", exc_info=True)
+
+        thread = threading.Thread(target=beat, name="clerk-sync-hooks-heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
 
     def drain(self, max_batches: int = 1000) -> int:
         """Run batches until none is due (jobs waiting on a backoff stay queued); returns jobs claimed."""
