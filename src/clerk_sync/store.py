@@ -195,7 +195,8 @@ class Writer:
 
     def one_statement(self, intent: Upsert | Tombstone | RevokeSession) -> bool:
         """Whether :meth:`record_and_upsert` can take this intent: an upsert, on PostgreSQL with psycopg;
-        with hooks or a mapping, of a user or organization (the statement returns the row before too)."""
+        one the hooks or the mapping care about if :meth:`Outbox.pipelines` its entity (the statement then
+        returns the row before too)."""
         return (self._psycopg and isinstance(intent, Upsert)
                 and (self.outbox is None or not self.outbox.wants(intent) or self.outbox.pipelines(intent.entity)))
 
@@ -224,9 +225,10 @@ class Writer:
 
         An upsert the hooks or the mapping care about (see :meth:`Outbox.wants`) takes its entity's lock in
         that pass too, and its statement also returns the row before, so the change is described as
-        :meth:`_apply_with_hooks` does; a second pipeline then writes the mapped rows and hook jobs of the
-        applied changes. A duplicate ``svix_id`` whose upsert still applied (its first delivery was
-        stored failed) is recorded too: every change to the mirrored row reaches the mapping and hooks.
+        :meth:`_apply_with_hooks` does; then one executemany per table (in the same pipeline) writes the
+        mapped rows and hook jobs of the applied changes. A duplicate ``svix_id`` whose upsert still
+        applied (its first delivery was stored failed) is recorded too: every change to the mirrored row
+        reaches the mapping and hooks.
         Alone (``pipeline=False``) the mapping writes through :meth:`Outbox.record`, whose errors say
         which table refused what.
         """
@@ -704,9 +706,9 @@ def _change_values(record: Record) -> dict[str, Any]:
     return {f.name: getattr(record, f.name) for f in fields(record)}
 
 
-def _run_raw(raw: Any, statements: Sequence[tuple[str, list[Any]]], *, pipeline: bool, fetch: bool = True) -> list[Any]:
+def _run_raw(raw: Any, statements: Sequence[tuple[str, list[Any]]], *, pipeline: bool) -> list[Any]:
     """Run psycopg statements (in one pipeline when asked and there are several); the first row of each
-    when ``fetch`` (every statement returns rows). psycopg errors come out as SQLAlchemy's, as execute's do."""
+    (None when it returned none). psycopg errors come out as SQLAlchemy's, as execute's do."""
     import psycopg
 
     rows: list[Any] = []
@@ -718,7 +720,7 @@ def _run_raw(raw: Any, statements: Sequence[tuple[str, list[Any]]], *, pipeline:
                 cur.execute(sql, values)
                 cursors.append(cur)
             for cur in cursors:
-                rows.append(cur.fetchone() if fetch else None)
+                rows.append(cur.fetchone())
                 cur.close()
     except psycopg.Error as exc:
         raise sa.exc.DBAPIError.instance(statements[min(len(rows), len(statements) - 1)][0], None, exc,
