@@ -518,6 +518,7 @@ def summarize_profile(raw: Path, top: int = 25) -> str:
         ("structlog (per-event log line)", ("structlog",)),
         ("prometheus metrics", ("prometheus_client",)),
         ("psycopg (driver, incl. waiting on PG)", ("psycopg",)),
+        ("MySQL driver (incl. waiting on MariaDB)", ("MySQLdb", "pymysql")),
         ("SQLAlchemy compile/execute", ("sqlalchemy",)),
         ("JSON parse + records", ("events.py", "engine.py:plan", "json/")),
         ("h11/uvicorn HTTP", ("h11", "uvicorn/protocols")),
