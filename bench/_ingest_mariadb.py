@@ -171,18 +171,21 @@ def _sanity(my: list[dict[str, Any]], primary: str) -> list[str]:
     status: Counter[str] = Counter()
     wrong = 0
     lines = []
+    bad: dict[tuple[str, int], Counter[str]] = {}  # summed over a cell's runs
     for r in my:
         if r["system"].startswith("service"):
             outcomes.update({k: v for k, v in r.get("db_rows", {}).items() if k != "error"})
             wrong += r.get("outcome_check", {}).get("wrong", 0)
         isolated.update(r.get("log_counts", {}).get("isolated_reasons", {}))
         status.update({k: v for k, v in r.get("mariadb_status", {}).items() if isinstance(v, int)})
-        bad = {k: v for k, v in r["statuses"].items() if not k.startswith("2")}
-        if bad or r.get("client_error_count"):
-            lines.append(f"- non-2xx in {r['system']} c={r['concurrency']}: {bad} "
-                         f"(connection resets, resent once: {r.get('client_error_count', 0)})")
+        cell = bad.setdefault((r["system"], r["concurrency"]), Counter())
+        cell.update({k: v for k, v in r["statuses"].items() if not k.startswith("2")})
+        cell["connection resets (resent once)"] += r.get("client_error_count", 0)
         if r.get("outcome_check", {}).get("wrong"):
             lines.append(f"- WRONG OUTCOMES in {r['system']} c={r['concurrency']}: {r['outcome_check']}")
+    for (system, conc), counts in sorted(bad.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        if +counts:
+            lines.append(f"- non-2xx in {system} c={conc}, all runs: {dict(+counts)}")
     return [
         f"- service = `clerk-sync serve` (1 worker; group commit, 4 writer threads) on `mysql+{primary}://` "
         f"({DRIVERS[primary]}), schema by `clerk-sync migrate` before each cell; `service, <driver>` = the same "

@@ -305,7 +305,7 @@ def log_counts(text: str) -> dict[str, Any]:
     errors = [line for line in text.splitlines() if "[error" in line or "Traceback" in line]
     warnings = [line for line in text.splitlines() if "[warning" in line]
     return {"isolated_reasons": dict(reasons), "errors": len(errors), "warnings": len(warnings),
-            "first_error": errors[0][:300] if errors else None}
+            "first_error": errors[0][:300] if errors else None, "first_warnings": [w[:400] for w in warnings[:3]]}
 
 
 def corpus_index(corpus: list[bytes]) -> list[tuple[str, str, int]]:

@@ -1,16 +1,18 @@
 """Concurrent group-commit batches that touch the same users in opposite orders must not deadlock.
 
 Found by bench/ingest.py on MariaDB: every ``group_commit_isolated reason=OperationalError`` in the
-service cells was an InnoDB deadlock (``Innodb_deadlocks`` rose by exactly as many: 148 in one run,
-59-67 per 256-sender cell). On MySQL/MariaDB the committer writes a batch one delivery at a time, and
-each delivery takes its lock rows (``clerk_sync_locks``) when it is applied, so two batches holding
-users in opposite orders wait on each other; InnoDB then kills one transaction (1213), the delivery
-that hit it is written alone and its batch-mates are written again. On PostgreSQL the pipelined
-path takes the whole batch's advisory locks in one sorted pass first, so batches queue instead.
+service cells was an InnoDB deadlock (``Innodb_deadlocks`` rose by as many: 232 of 233 in one run,
+57-67 per 256-sender cell), and twice a delivery then written alone deadlocked again and was answered
+503. ``SHOW ENGINE INNODB STATUS`` shows two batch transactions, each holding one user's row in
+``uq_users_clerk_id`` (taken by its ``INSERT .. ON DUPLICATE KEY UPDATE``) and waiting for the other's:
+on MySQL/MariaDB the committer writes a batch one delivery at a time, in arrival order, so two
+batches with the same two users in opposite orders wait on each other; InnoDB rolls one back (1213,
+"Deadlock found when trying to get lock; try restarting transaction"), the delivery that hit it is
+set aside (written alone) and its batch-mates are written again.
 
 The barrier makes the interleaving certain (each batch has applied its first delivery before either
-applies its second); it gives up after a second, so a committer that locks the whole batch up front
-(the other batch then waits before its first delivery) passes too instead of hanging.
+applies its second); it gives up after a second, so a committer that takes the batch's rows in one
+order (e.g. sorted by key), where the other batch waits instead, passes instead of hanging.
 """
 
 from __future__ import annotations
