@@ -40,7 +40,8 @@ _TICK = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_snapshot(server_pid: int | None) -> dict[str, float]:
-    """CPU seconds so far: server process tree, all postgres processes, this process, whole machine."""
+    """CPU seconds so far: server process tree, all postgres processes, the MariaDB/MySQL server
+    (one process, its threads included), this process, whole machine."""
     procs: dict[int, tuple[int, str, float]] = {}  # pid -> (ppid, comm, cpu s)
     children: list[tuple[str, float]] = []  # (comm, CPU s of reaped children)
     for d in os.listdir("/proc"):
@@ -72,6 +73,7 @@ def cpu_snapshot(server_pid: int | None) -> dict[str, float]:
         # live postgres processes + what the postmaster reaped (backends that exited in between)
         "postgres": sum(c for _, comm, c in procs.values() if comm.startswith("postgres"))
         + sum(reaped for comm, reaped in children if comm.startswith("postgres")),
+        "mariadb": sum(c for _, comm, c in procs.values() if comm in ("mariadbd", "mysqld")),
         "loadgen": sum(os.times()[:2]),
         "machine_busy": (sum(cpu) - cpu[3] - cpu[4]) / _TICK,
         "machine_total": sum(cpu) / _TICK,
@@ -195,12 +197,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "sent": min(next_i, n_req),
         "corpus_exhausted": wrapped,
         "client_errors": errors[:5],
-        # CPU ms per completed request in the window (server tree, all postgres processes, load
+        # CPU ms per completed request in the window (server tree, all postgres processes, mariadbd, load
         # generator) and the machine's busy share over the window (2 cores = 100 %).
-        "cpu_ms_per_req": {k: 1000 * cpu[k] / max(1, len(lat)) for k in ("server", "postgres", "loadgen")},
+        "cpu_ms_per_req": {k: 1000 * cpu[k] / max(1, len(lat))
+                           for k in ("server", "postgres", "mariadb", "loadgen")},
         "machine_busy": cpu["machine_busy"] / cpu["machine_total"] if cpu["machine_total"] else None,
-        # busy CPU not spent by the server tree, postgres or this generator (other users of the box)
-        "foreign_cpu": (cpu["machine_busy"] - cpu["server"] - cpu["postgres"] - cpu["loadgen"])
+        # busy CPU not spent by the server tree, the databases or this generator (other users of the box)
+        "foreign_cpu": (cpu["machine_busy"] - cpu["server"] - cpu["postgres"] - cpu["mariadb"] - cpu["loadgen"])
         / cpu["machine_total"] if cpu["machine_total"] else None,
         "client_error_count": len(errors),
     }

@@ -8,7 +8,9 @@ blocking-session variant would serialise every request on the event loop.
 
 Run: ``SEED_DATABASE_URL=... CLERK_WEBHOOK_SIGNING_SECRET=whsec_... \
       uvicorn --app-dir bench seed_handler:app --port 8001``
-Tables are created on start-up (``create_all``) in whatever schema/file the URL points at.
+Tables are created on start-up (``create_all``) in whatever schema/file/database the URL points at.
+MariaDB/MySQL needs no change: ``mysql+mysqldb://root@127.0.0.1:3306/<db>?charset=utf8mb4`` (the
+charset is the one tutorial step it takes; the server's default REPEATABLE READ and sql_mode stay).
 """
 
 from __future__ import annotations
