@@ -287,6 +287,10 @@ def test_erased_entities_stay_gone_through_a_batch(store: Store, verifier: Webho
                                             f.membership(f"mem_{ns}", org_id, user_id, 20)))),
             (f"b{ns}_4", _parsed(f.envelope("organization.updated", f.organization(org_id, 20))))]
     assert _statuses(committer.write(late)) == ["skipped", "skipped", "skipped", "applied"]
+    # A membership never seen before, of the erased user: the pipelined membership statement refuses it too.
+    other = [(f"c{ns}_1", _parsed(f.envelope("organizationMembership.created",
+                                             f.membership(f"mem2_{ns}", org_id, user_id, 40))))]
+    assert _statuses(committer.write(other)) == ["skipped"]
     with store.connect() as conn:
         assert conn.execute(sa.select(users.c.clerk_id).where(users.c.clerk_id == user_id)).first() is None
         assert conn.execute(sa.select(organization_memberships.c.id)).first() is None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Iterator
+from datetime import UTC
 
 import pytest
 import sqlalchemy as sa
@@ -158,3 +159,33 @@ def test_a_lock_held_elsewhere_ends_in_a_timeout_not_a_hang(maria_url: str) -> N
     finally:
         holder.dispose()
         waiter.dispose()
+
+
+def test_database_messages_never_quote_the_value() -> None:
+    from clerk_sync.errors import database_message
+
+    dup = Exception(1062, "Duplicate entry 'o'brien.secret@example.com' for key 'uq_accounts_email'")
+    bad = Exception(1366, "Incorrect string value: '\\xF0\\x9F' for column `t`.`users`.`first_name` at row 1")
+    assert database_message(dup) == "(1062, \"Duplicate entry '…' for key 'uq_accounts_email'\")"
+    assert "secret" not in database_message(dup) and "brien" not in database_message(dup)
+    assert "xF0" not in database_message(bad) and "first_name" in database_message(bad)
+
+
+def test_an_aware_timestamp_is_stored_in_utc(maria_url: str) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    from clerk_sync.tables import revoked_sessions
+
+    store = Store.from_url(maria_url)
+    at = datetime(2026, 1, 1, 12, 0, tzinfo=timezone(timedelta(hours=2)))
+    try:
+        with store.transaction() as w:
+            w.conn.execute(revoked_sessions.insert().values(session_id="sess_tz", reason="revoked", revoked_at=at))
+        with store.connect() as conn:
+            stored = conn.execute(sa.select(revoked_sessions.c.revoked_at)).scalar_one()
+            newer = conn.execute(sa.select(sa.func.count()).select_from(revoked_sessions)
+                                 .where(revoked_sessions.c.revoked_at >= datetime(2026, 1, 1, 10, 30, tzinfo=UTC)))
+        assert stored == datetime(2026, 1, 1, 10, 0)  # naive UTC, as SQLite gives it back
+        assert newer.scalar_one() == 0
+    finally:
+        store.dispose()

@@ -304,3 +304,24 @@ def test_hard_deleted_tombstones_stay_gone_on_every_path(store: Store, verifier:
 def test_hard_deletion_needs_the_tombstone_cleared_first() -> None:
     with pytest.raises(ValueError, match="delete_tombstones_after"):
         RetentionPolicy(clear_tombstones_after=timedelta(days=10), delete_tombstones_after=timedelta(days=5))
+
+
+def test_a_late_membership_of_a_hard_deleted_user_or_organization_stays_out(
+        store: Store, verifier: WebhookVerifier) -> None:
+    """Review finding: the "deleted parent" check reads the parent's tombstone, which hard deletion removes."""
+    processor = WebhookProcessor(store, verifier)
+    assert deliver(processor, f.envelope("user.created", _user("user_p", 1000)), "msg_p1") == "applied"
+    assert deliver(processor, f.envelope("organization.created", f.organization("org_p", 1000)), "msg_p2") == "applied"
+    assert deliver(processor, f.envelope("user.deleted", f.deleted("user", "user_p")), "msg_p3") == "applied"
+    assert deliver(processor, f.envelope("organization.deleted", f.deleted("organization", "org_p")), "msg_p4") == "applied"
+    assert deliver(processor, f.envelope("organization.created", f.organization("org_q", 1000)), "msg_p5") == "applied"
+    assert deliver(processor, f.envelope("user.created", _user("user_q", 1000)), "msg_p6") == "applied"
+    report = Retention(store, RetentionPolicy(delete_tombstones_after=timedelta(days=1)), now=_later(2)).prune()
+    assert report.erased == 2
+    for i, (org, user) in enumerate((("org_q", "user_p"), ("org_p", "user_q"))):  # never seen memberships
+        event = f.envelope("organizationMembership.created", f.membership(f"orgmem_p{i}", org, user, 2000))
+        assert deliver(processor, event, f"msg_pm{i}") == "skipped"
+        assert _rows(store, organization_memberships, f"orgmem_p{i}") == 0
+    event = f.envelope("organizationMembership.created", f.membership("orgmem_live", "org_q", "user_q", 2000))
+    assert deliver(processor, event, "msg_pm_live") == "applied"
+

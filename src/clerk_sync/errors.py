@@ -36,6 +36,8 @@ Warnings: :class:`ClerkSyncDeprecationWarning` (a ``UserWarning``, so users see 
 
 from __future__ import annotations
 
+import re
+
 __all__ = [
     "AccessDenied",
     "ClerkAPIError",
@@ -340,3 +342,20 @@ class ReconcileBusy(ClerkSyncError):
     """Another ``clerk-sync reconcile`` is running (its heartbeat is recent); try again later."""
 
     code = "reconcile_busy"
+
+
+# MySQL/MariaDB put the refused value in the first line of some errors; PostgreSQL keeps it in DETAIL.
+_MYSQL_VALUE = (
+    (re.compile(r"Duplicate entry '.*' for key", re.DOTALL), "Duplicate entry '…' for key"),
+    (re.compile(r"value: '.*' for column", re.DOTALL), "value: '…' for column"),
+)
+
+
+def database_message(orig: BaseException) -> str:
+    """The first line of a database error, without the values it may quote (e-mails, metadata):
+    it goes into answers, logs and ``last_error``. (A helper of the store and the mapping, not an
+    error: not in ``__all__``, which lists the tree.)"""
+    line = (str(orig).strip().splitlines() or [""])[0]
+    for pattern, replacement in _MYSQL_VALUE:
+        line = pattern.sub(replacement, line)
+    return line[:200]

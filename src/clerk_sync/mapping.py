@@ -30,7 +30,7 @@ from sqlalchemy.engine import Connection
 
 from clerk_sync.changes import Change
 from clerk_sync.engine import Entity
-from clerk_sync.errors import StoreDataError
+from clerk_sync.errors import StoreDataError, database_message
 from clerk_sync.events import MembershipRecord, OrganizationRecord, UserRecord, record_columns
 from clerk_sync.tables import organization_memberships, organizations, users
 
@@ -179,7 +179,7 @@ class SchemaMapping:
         except sa.exc.IntegrityError as exc:
             # The app's own constraint (a UNIQUE e-mail still held by a soft-deleted row, a NOT NULL
             # column the mapping does not fill): retrying cannot help, so the delivery is stored failed.
-            first_line = (str(exc.orig).strip().splitlines() or [""])[0][:200]  # never the values
+            first_line = database_message(exc.orig or exc)  # never the values (MySQL quotes them)
             raise StoreDataError(f"{mapped.table} refused {change.type} for {change.clerk_id}: {first_line}; "
                                  "fix the table or the mapping, then `clerk-sync replay`") from None
 

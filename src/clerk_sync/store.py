@@ -11,7 +11,6 @@ import copy
 import functools
 import hashlib
 import json
-import re
 import threading
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -28,7 +27,7 @@ from sqlalchemy.engine import Connection, Engine
 from clerk_sync.changes import Change, Hook, describe
 from clerk_sync.config import DatabaseTimeouts
 from clerk_sync.engine import DeliveryStatus, Entity, Record, RevokeSession, Tombstone, Upsert
-from clerk_sync.errors import StoreDataError, StoreError
+from clerk_sync.errors import StoreDataError, StoreError, database_message
 from clerk_sync.events import MembershipRecord, OrganizationRecord, UserRecord, record_columns
 from clerk_sync.mapping import SchemaMapping
 from clerk_sync.outbox import Outbox
@@ -96,23 +95,28 @@ def _mysql_engine(url: str, t: DatabaseTimeouts, kwargs: dict[str, Any]) -> Engi
                "time_zone = '+00:00'"]
     if t.lock_s > 0:  # row locks (and our lock rows): whole seconds, at least 1
         session.append(f"innodb_lock_wait_timeout = {max(1, round(t.lock_s))}")
-    if t.idle_in_transaction_s > 0:  # the server drops a client that went quiet (and its locks)
-        session.append(f"wait_timeout = {max(1, round(max(t.idle_in_transaction_s, 60)))}")
     connect: dict[str, Any] = {"init_command": "SET SESSION " + ", ".join(session)}
     if t.connect_s > 0:
         connect["connect_timeout"] = max(1, int(t.connect_s))
     kwargs["connect_args"] = connect | kwargs.get("connect_args", {})
+    # Pooled connections idle past the server's wait_timeout (8 h by default) are gone: replace them
+    # before that, without a ping per checkout.
+    kwargs.setdefault("pool_recycle", 3600)
     engine = sa.create_engine(parsed, **kwargs)
-    if t.statement_s > 0:
-        @sa_event.listens_for(engine, "connect")
-        def _bound_statements(dbapi_conn: Any, _record: Any) -> None:
-            # MariaDB bounds every statement (max_statement_time, seconds); MySQL only SELECTs (ms).
-            cur = dbapi_conn.cursor()
-            cur.execute("SELECT VERSION()")
-            mariadb = "mariadb" in str(cur.fetchone()[0]).lower()
+
+    @sa_event.listens_for(engine, "connect")
+    def _bounds(dbapi_conn: Any, _record: Any) -> None:
+        # MariaDB bounds every statement (max_statement_time, s) and an idle open transaction
+        # (idle_transaction_timeout); MySQL only SELECTs (max_execution_time, ms).
+        cur = dbapi_conn.cursor()
+        cur.execute("SELECT VERSION()")
+        mariadb = "mariadb" in str(cur.fetchone()[0]).lower()
+        if t.statement_s > 0:
             cur.execute(f"SET SESSION max_statement_time = {t.statement_s:g}" if mariadb
                         else f"SET SESSION max_execution_time = {int(t.statement_s * 1000)}")
-            cur.close()
+        if mariadb and t.idle_in_transaction_s > 0:
+            cur.execute(f"SET SESSION idle_transaction_timeout = {max(1, round(t.idle_in_transaction_s))}")
+        cur.close()
     return engine
 
 
@@ -256,7 +260,7 @@ class Writer:
                 statements += [
                     (_RAW_INBOX_SQL, [svix_id, event_type, instance_id, event_timestamp, DeliveryStatus.APPLIED.value,
                                       error, now, payload, now]),
-                    (sql, [*values, now, now, erased_digest(intent.entity, intent.clerk_id)]),
+                    (sql, [*values, now, now, *_erased_params(intent.entity, intent.record).values()]),
                     (_RAW_PARENT_DELETED_SQL, [now, now, intent.clerk_id]),
                 ]
                 shape.append(3)
@@ -383,7 +387,7 @@ class Writer:
 
     def _upsert(self, intent: Upsert) -> bool:
         params = _params(intent.entity, intent.record) | {"now": self.now,
-                                                          "erased": erased_digest(intent.entity, intent.clerk_id)}
+                                                          **_erased_params(intent.entity, intent.record)}
         return self._wrote(self.conn.execute(_upsert_sql(intent.entity, self._dialect, returning=True), params))
 
     def upsert_many(self, entity: Entity, records: Sequence[Record]) -> None:
@@ -394,7 +398,7 @@ class Writer:
         if records:
             stamp = {"now": self.now}
             self.conn.execute(_upsert_sql(entity, self._dialect, returning=False),
-                              [_params(entity, r) | stamp | {"erased": erased_digest(entity, r.clerk_id)}
+                              [_params(entity, r) | stamp | _erased_params(entity, r)
                                for r in records])
 
     def _tombstone(self, intent: Tombstone) -> bool:
@@ -528,8 +532,8 @@ def _params(entity: Entity, record: Record) -> dict[str, Any]:
 
 def _typed(table: sa.Table, sql: str, names: Sequence[str]) -> sa.TextClause:
     params = [sa.bindparam(n, type_=table.c[n].type) for n in names]
-    if ":erased" in sql:
-        params.append(sa.bindparam("erased", type_=erased.c.digest.type))
+    params += [sa.bindparam(n, type_=erased.c.digest.type) for n in ("erased", "erased_user", "erased_org")
+               if f":{n}" in sql]
     return sa.text(sql).bindparams(*params, sa.bindparam("now", type_=Timestamp))
 
 
@@ -541,6 +545,24 @@ def erased_digest(entity: Entity, clerk_id: str) -> str:
 # Every guarded insert is an INSERT .. SELECT with this filter (PostgreSQL, SQLite and MySQL alike):
 # a hard-deleted entity's digest stops the row from coming back; a live row is updated as before.
 _NOT_ERASED = f"WHERE NOT EXISTS (SELECT 1 FROM {erased.name} WHERE digest = %s)"
+
+
+def _not_erased(entity: Entity, *, named: bool) -> str:
+    """:data:`_NOT_ERASED` for an upsert; a membership is also refused when its user or organization was
+    hard-deleted (their tombstones, which the "deleted parent" check reads, are gone)."""
+    if entity is not Entity.MEMBERSHIP:
+        return _NOT_ERASED % (":erased" if named else "%s")
+    marks = ":erased, :erased_user, :erased_org" if named else "%s, %s, %s"
+    return f"WHERE NOT EXISTS (SELECT 1 FROM {erased.name} WHERE digest IN ({marks}))"
+
+
+def _erased_params(entity: Entity, record: Record) -> dict[str, str]:
+    """The digests :func:`_not_erased` compares, as named parameters."""
+    if isinstance(record, MembershipRecord):
+        return {"erased": erased_digest(entity, record.clerk_id),
+                "erased_user": erased_digest(Entity.USER, record.user_clerk_id),
+                "erased_org": erased_digest(Entity.ORGANIZATION, record.organization_clerk_id)}
+    return {"erased": erased_digest(entity, record.clerk_id)}
 
 
 def _q(name: str) -> str:
@@ -560,13 +582,13 @@ def _upsert_sql(entity: Entity, dialect: str, *, returning: bool) -> sa.TextClau
         sets = ", ".join(f"{_q(n)} = IF({guard}, VALUES({_q(n)}), {t}.{_q(n)})" for n in order)
         return _typed(table, (
             f"INSERT INTO {t} ({', '.join(map(_q, names))}, created_at, updated_at) "
-            f"SELECT {', '.join(':' + n for n in names)}, :now, :now FROM DUAL {_NOT_ERASED % ':erased'} "
+            f"SELECT {', '.join(':' + n for n in names)}, :now, :now FROM DUAL {_not_erased(entity, named=True)} "
             f"ON DUPLICATE KEY UPDATE {sets}"
         ), names)
     sets = ", ".join(f"{n} = excluded.{n}" for n in names if n != "clerk_id")
     return _typed(table, (
         f"INSERT INTO {t} ({', '.join(names)}, created_at, updated_at) "
-        f"SELECT {', '.join(':' + n for n in names)}, :now, :now {_NOT_ERASED % ':erased'} "
+        f"SELECT {', '.join(':' + n for n in names)}, :now, :now {_not_erased(entity, named=True)} "
         f"ON CONFLICT (clerk_id) DO UPDATE SET {sets}, updated_at = excluded.updated_at "
         f"WHERE {t}.deleted_at IS NULL AND {t}.clerk_updated_at < excluded.clerk_updated_at"
         + (" RETURNING id" if returning else "")
@@ -631,9 +653,10 @@ def _raw_upsert_sql(entity: Entity) -> tuple[str, tuple[int, ...]]:
     table, names = _TABLES[entity], _RECORD_FIELDS[entity]
     t = table.name
     sets = ", ".join(f"{n} = excluded.{n}" for n in names if n != "clerk_id")
-    sql = (  # parameters: the record's, now, now, the erased digest
+    sql = (  # parameters: the record's, now, now, the erased digests (its own, its user's, its org's)
         f"INSERT INTO {t} ({', '.join(names)}, created_at, updated_at) SELECT {', '.join(['%s'] * (len(names) + 2))} "
-        f"{_NOT_ERASED % '%s'} ON CONFLICT (clerk_id) DO UPDATE SET {sets}, updated_at = excluded.updated_at "
+        f"{_not_erased(entity, named=False)} "
+        f"ON CONFLICT (clerk_id) DO UPDATE SET {sets}, updated_at = excluded.updated_at "
         f"WHERE {t}.deleted_at IS NULL AND {t}.clerk_updated_at < excluded.clerk_updated_at RETURNING id"
     )
     return sql, tuple(i for i, n in enumerate(names) if isinstance(table.c[n].type, sa.JSON))
@@ -761,10 +784,6 @@ _MYSQL_WAITS = {  # MySQL/MariaDB error numbers of the same bounds (see _mysql_e
 }
 
 
-# Duplicate entry '<value>', Incorrect string value: '<bytes>', Incorrect datetime value: '<value>'
-_MYSQL_QUOTES_VALUE = frozenset({1062, 1366, 1292, 1367})
-
-
 def _mysql_errno(orig: object) -> int:
     args = getattr(orig, "args", ())
     return args[0] if args and isinstance(args[0], int) else 0
@@ -774,9 +793,7 @@ def _store_error(exc: sa.exc.SQLAlchemyError) -> StoreError:
     """A StoreError whose message names the failure but never carries SQL or bound values
     (they hold emails and private metadata, and the message reaches HTTP answers and logs)."""
     orig = getattr(exc, "orig", None) or exc
-    first_line = (str(orig).strip().splitlines() or [""])[0][:200]
-    if _mysql_errno(orig) in _MYSQL_QUOTES_VALUE:  # MySQL puts the refused value in the first line
-        first_line = re.sub(r"'(?:[^'\\]|\\.)*'", "'…'", first_line, count=1)
+    first_line = database_message(orig)
     message = f"database error: {type(orig).__name__}: {first_line}"
     bound = _TIMEOUTS.get(getattr(orig, "sqlstate", None) or "") or _MYSQL_WAITS.get(_mysql_errno(orig))
     if bound is not None:  # a bounded wait ran out: someone else holds what we need, try again later

@@ -8,6 +8,7 @@ them before either store sees a value (so SQLite, which would store anything, de
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -68,9 +69,20 @@ class JSONText(sa.types.TypeDecorator[Any]):
 
 
 JSONType = sa.JSON().with_variant(postgresql.JSONB(), "postgresql").with_variant(JSONText(), "mysql", "mariadb")
-# MySQL's DATETIME keeps whole seconds unless told otherwise; it has no time zone, so the drivers
-# store the UTC wall clock we always pass (and read it back naive, as SQLite does).
-Timestamp = sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6, timezone=True), "mysql", "mariadb")
+class UTCDateTime(sa.types.TypeDecorator[datetime]):
+    """MySQL's DATETIME(6) holding UTC: it has no time zone and the drivers drop an offset, so an aware
+    value is converted first (read back naive, as SQLite gives it). Plain DATETIME keeps whole seconds."""
+
+    impl = mysql.DATETIME(fsp=6)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is not None:
+            return value.astimezone(UTC).replace(tzinfo=None)
+        return value
+
+
+Timestamp = sa.DateTime(timezone=True).with_variant(UTCDateTime(), "mysql", "mariadb")
 # MySQL/MariaDB tables: 4-byte UTF-8, and a binary collation because Clerk ids are case-sensitive
 # (``user_2aB`` and ``user_2Ab`` are two users; the servers' default ``_ci`` collations would merge them).
 MYSQL_TABLE: dict[str, Any] = {"mysql_charset": "utf8mb4", "mysql_collate": "utf8mb4_bin", "mysql_engine": "InnoDB"}

@@ -92,26 +92,28 @@ class Dispatcher:
         claimed_at = self._now()
         with self._bookkeeping() as conn:
             jobs = claim(conn, claimed_at, lease=self.lease, limit=self.batch, max_attempts=self.backoff.max_attempts)
-        done: list[Job] = []
-        with self._heartbeat() if jobs else nullcontext():
-            for n, job in enumerate(jobs):
-                if self._now() >= claimed_at + self.lease * 0.8:
-                    with self.store.transaction() as writer:
-                        release(writer.conn, jobs[n:])
-                    log.warning("hook batch outlived 80 % of its lease; rest given back", released=len(jobs) - n)
-                    break
-                self._hold(job)
-                if self._run(job):
-                    done.append(job)
-                else:
-                    self._hold(job, False)  # its failure is recorded: no longer ours
-            if done:  # one transaction for the batch's successes (a crash before it re-runs them: at least once)
-                with self._bookkeeping() as conn:
-                    lost = finish_many(conn, done)
-                if lost:
-                    log.warning("hook claims lost (lease expired while running; raise lease_s)", jobs=lost)
-        with self._held_lock:
-            self._held.clear()
+        try:
+            done: list[Job] = []
+            with self._heartbeat() if jobs else nullcontext():
+                for n, job in enumerate(jobs):
+                    if self._now() >= claimed_at + self.lease * 0.8:
+                        with self.store.transaction() as writer:
+                            release(writer.conn, jobs[n:])
+                        log.warning("hook batch outlived 80 % of its lease; rest given back", released=len(jobs) - n)
+                        break
+                    self._hold(job)
+                    if self._run(job):
+                        done.append(job)
+                    else:
+                        self._hold(job, False)  # its failure is recorded: no longer ours
+                if done:  # one transaction for the batch's successes (a crash before it re-runs them: at least once)
+                    with self._bookkeeping() as conn:
+                        lost = finish_many(conn, done)
+                    if lost:
+                        log.warning("hook claims lost (lease expired while running; raise lease_s)", jobs=lost)
+        finally:  # also when the bookkeeping failed (a database blip): the heartbeat must not keep them
+            with self._held_lock:
+                self._held.clear()
         return len(jobs)
 
     def extend_leases(self) -> int:

@@ -19,8 +19,15 @@ with engine.begin() as connection:
         # DDL keeps the bound: queued behind live traffic, it would block every query on its table.
         connection.exec_driver_sql("SET LOCAL lock_timeout = DEFAULT")
     elif connection.dialect.name in ("mysql", "mariadb"):
-        # MySQL's DDL commits as it goes, so the lock is the session's, released once migrated.
-        connection.exec_driver_sql("SELECT GET_LOCK('clerk_sync_migrations', 600)")
+        # MySQL's DDL commits as it goes, so the lock is the session's, released once migrated. Waiting for
+        # a replica migrating first, or a long index build, must not hit the service's statement bound.
+        version = str(connection.exec_driver_sql("SELECT VERSION()").scalar()).lower()
+        connection.exec_driver_sql("SET SESSION max_statement_time = 0" if "mariadb" in version
+                                   else "SET SESSION max_execution_time = 0")
+        got = connection.exec_driver_sql("SELECT GET_LOCK('clerk_sync_migrations', 600)").scalar()
+        if got != 1:
+            raise RuntimeError("another process held the migration lock for 10 minutes (GET_LOCK "
+                               "'clerk_sync_migrations'): check for a stuck `clerk-sync migrate`, then retry")
     context.configure(connection=connection, target_metadata=metadata, render_as_batch=True)
     try:
         context.run_migrations()
