@@ -52,6 +52,9 @@ def test_database_url_defaults_to_djangos_database() -> None:
     with override_settings(DATABASES={"default": {"ENGINE": "django.db.backends.mysql", "NAME": "app", "USER": "me",
                                                   "HOST": "db", "PORT": 3307}}):
         assert clerk_settings({}).database_url == "mysql+mysqldb://me@db:3307/app"
+    tls = {"ENGINE": "django.db.backends.mysql", "NAME": "app", "HOST": "db",
+           "OPTIONS": {"charset": "utf8mb4", "ssl": {"ca": "/etc/ca.pem"}, "init_command": "SET x=1"}}
+    assert database_url_from_django(tls) == "mysql+mysqldb://db/app?charset=utf8mb4&ssl_ca=%2Fetc%2Fca.pem"
     with override_settings(DATABASES={"default": {"ENGINE": "django.db.backends.oracle", "NAME": "x"}}):
         assert clerk_settings({}).database_url == DEFAULT_DATABASE_URL
 

@@ -132,7 +132,21 @@ def database_url_from_django(db: Mapping[str, Any]) -> str | None:
     host = str(db.get("HOST") or "")
     port = f":{db['PORT']}" if db.get("PORT") else ""
     url = f"{scheme}://{auth}{host}{port}/{quote(str(db.get('NAME') or ''), safe='')}"
+    if scheme.startswith("mysql"):
+        return url + _mysql_query(db.get("OPTIONS") or {})
     options = (db.get("OPTIONS") or {}).get("options")
-    if options and scheme.startswith("postgresql"):
+    if options:
         return f"{url}?options={quote(str(options), safe='')}"
     return url
+
+
+def _mysql_query(options: Mapping[str, Any]) -> str:
+    """Django's MySQL ``OPTIONS`` that reach the connection (socket, TLS, charset, option file) as the
+    URL query mysqlclient's SQLAlchemy dialect reads; others (``init_command``, ``isolation_level``)
+    are left out: clerk-sync sets its own session."""
+    query: dict[str, str] = {k: str(options[k]) for k in ("charset", "unix_socket", "read_default_file",
+                                                           "read_default_group", "ssl_mode") if k in options}
+    ssl = options.get("ssl")
+    if isinstance(ssl, Mapping):
+        query |= {f"ssl_{k}": str(v) for k, v in ssl.items() if k in ("ca", "cert", "key", "capath", "cipher")}
+    return "?" + "&".join(f"{k}={quote(v, safe='')}" for k, v in query.items()) if query else ""
