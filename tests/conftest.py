@@ -50,6 +50,15 @@ _PG_PROBLEM = _pg_available()
 _MYSQL_PROBLEM = _pg_available(MYSQL_URL)
 
 
+def require_server(name: str, url: str, problem: str | None, required_by: str) -> None:
+    """Skip when the server is unreachable, or fail when ``required_by`` is set (CI never skips)."""
+    if problem is None:
+        return
+    if os.environ.get(required_by) == "1":
+        pytest.fail(f"{name} required but unreachable at {url}: {problem}")
+    pytest.skip(f"{name} unreachable: {problem}")
+
+
 def mysql_database_url(name: str) -> str:
     """The test MySQL/MariaDB URL pointing at database ``name``."""
     return sa.engine.make_url(MYSQL_URL).set(database=name).render_as_string(hide_password=False)
@@ -58,10 +67,7 @@ def mysql_database_url(name: str) -> str:
 @contextmanager
 def mysql_database() -> Iterator[str]:
     """A new, empty MariaDB database (utf8mb4, binary collation) for one test; dropped afterwards."""
-    if _MYSQL_PROBLEM is not None:
-        if os.environ.get("CLERK_SYNC_REQUIRE_MARIADB") == "1":
-            pytest.fail(f"MariaDB required but unreachable at {MYSQL_URL}: {_MYSQL_PROBLEM}")
-        pytest.skip(f"MariaDB unreachable: {_MYSQL_PROBLEM}")
+    require_server("MariaDB", MYSQL_URL, _MYSQL_PROBLEM, "CLERK_SYNC_REQUIRE_MARIADB")
     name = f"t_{uuid.uuid4().hex[:12]}"
     admin = sa.create_engine(MYSQL_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
@@ -98,10 +104,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         engine.dispose()
         yield url
         return
-    if _PG_PROBLEM is not None:
-        if os.environ.get("CLERK_SYNC_REQUIRE_POSTGRES") == "1":
-            pytest.fail(f"PostgreSQL required but unreachable at {PG_URL}: {_PG_PROBLEM}")
-        pytest.skip(f"PostgreSQL unreachable: {_PG_PROBLEM}")
+    require_server("PostgreSQL", PG_URL, _PG_PROBLEM, "CLERK_SYNC_REQUIRE_POSTGRES")
     schema = f"t_{uuid.uuid4().hex[:12]}"
     admin = sa.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:

@@ -37,7 +37,7 @@ from clerk_sync.store import Store, create_engine
 from clerk_sync.tables import metadata, organization_memberships, organizations, revoked_sessions, users, webhook_events
 from tests import factories as f
 from tests._server import running
-from tests.conftest import _PG_PROBLEM, PG_URL, SECRET, mysql_database, pg_schema_url
+from tests.conftest import _PG_PROBLEM, PG_URL, SECRET, mysql_database, pg_schema_url, require_server
 
 pytestmark = [pytest.mark.postgres, pytest.mark.mariadb]
 
@@ -57,10 +57,7 @@ class Side:
 @pytest.fixture(scope="module")
 def sides(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Side]]:
     """The service on SQLite, PostgreSQL and MariaDB at once (every test uses fresh ids, so they can share)."""
-    if _PG_PROBLEM is not None:
-        if os.environ.get("CLERK_SYNC_REQUIRE_POSTGRES") == "1":
-            pytest.fail(f"PostgreSQL required but unreachable at {PG_URL}: {_PG_PROBLEM}")
-        pytest.skip(f"PostgreSQL unreachable: {_PG_PROBLEM}")
+    require_server("PostgreSQL", PG_URL, _PG_PROBLEM, "CLERK_SYNC_REQUIRE_POSTGRES")
     schema = f"t_{uuid.uuid4().hex[:12]}"
     admin = sa.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:

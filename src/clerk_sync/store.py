@@ -647,19 +647,39 @@ _RAW_PARENT_DELETED_SQL = (  # Writer._delete_membership_if_parent_deleted, as p
 )
 
 
-@functools.cache
-def _raw_upsert_sql(entity: Entity) -> tuple[str, tuple[int, ...]]:
-    """:func:`_upsert_sql` as psycopg SQL (positional), and the positions of its JSON parameters."""
+def _raw_upsert(entity: Entity, returning: str) -> str:
+    """:func:`_upsert_sql` as psycopg SQL (positional: the record's fields, now, now, the erased digests)."""
     table, names = _TABLES[entity], _RECORD_FIELDS[entity]
     t = table.name
     sets = ", ".join(f"{n} = excluded.{n}" for n in names if n != "clerk_id")
-    sql = (  # parameters: the record's, now, now, the erased digests (its own, its user's, its org's)
+    return (
         f"INSERT INTO {t} ({', '.join(names)}, created_at, updated_at) SELECT {', '.join(['%s'] * (len(names) + 2))} "
         f"{_not_erased(entity, named=False)} "
         f"ON CONFLICT (clerk_id) DO UPDATE SET {sets}, updated_at = excluded.updated_at "
-        f"WHERE {t}.deleted_at IS NULL AND {t}.clerk_updated_at < excluded.clerk_updated_at RETURNING id"
+        f"WHERE {t}.deleted_at IS NULL AND {t}.clerk_updated_at < excluded.clerk_updated_at RETURNING {returning}"
     )
-    return sql, tuple(i for i, n in enumerate(names) if isinstance(table.c[n].type, sa.JSON))
+
+
+def _json_at(entity: Entity) -> tuple[int, ...]:
+    """Positions of the JSON fields among the record's (psycopg needs them wrapped in ``Jsonb``)."""
+    table = _TABLES[entity]
+    return tuple(i for i, n in enumerate(_RECORD_FIELDS[entity]) if isinstance(table.c[n].type, sa.JSON))
+
+
+# The inbox row of a one-statement delivery, its status from the upsert CTE ``up`` (psycopg parameters:
+# svix_id, type, instance_id, event_timestamp, last_error, applied_at, payload, received_at).
+_RAW_INBOX_CTE = (
+    "ins AS (INSERT INTO webhook_events (svix_id, type, instance_id, event_timestamp, status, last_error, "
+    "applied_at, payload, received_at, attempts) VALUES (%s, %s, %s, %s, "
+    f"CASE WHEN EXISTS (SELECT 1 FROM up) THEN '{DeliveryStatus.APPLIED}' ELSE '{DeliveryStatus.SKIPPED}' END, "
+    "%s, %s, %s::jsonb, %s, 1) ON CONFLICT (svix_id) DO NOTHING RETURNING status)"
+)
+
+
+@functools.cache
+def _raw_upsert_sql(entity: Entity) -> tuple[str, tuple[int, ...]]:
+    """:func:`_upsert_sql` as psycopg SQL (positional), and the positions of its JSON parameters."""
+    return _raw_upsert(entity, "id"), _json_at(entity)
 # svix_id, payload text, event type, instance id, event timestamp (ms), reason, the upsert
 OneStatement = tuple[str, str, str, str | None, int | None, str | None, Upsert]
 
@@ -669,25 +689,7 @@ def _one_statement_sql(entity: Entity) -> tuple[str, tuple[int, ...]]:
     """psycopg SQL for :meth:`Writer.record_and_upsert`, and the positions of its JSON parameters.
 
     Parameters: the record's, now, now, the erased digest, then the inbox row's."""
-    table, names = _TABLES[entity], _RECORD_FIELDS[entity]
-    t = table.name
-    sets = ", ".join(f"{n} = excluded.{n}" for n in names if n != "clerk_id")
-    inbox = ["svix_id", "type", "instance_id", "event_timestamp", "status", "last_error", "applied_at", "payload",
-             "received_at", "attempts"]
-    status = (f"CASE WHEN EXISTS (SELECT 1 FROM up) THEN '{DeliveryStatus.APPLIED}' "
-              f"ELSE '{DeliveryStatus.SKIPPED}' END")
-    sql = (
-        f"WITH up AS (INSERT INTO {t} ({', '.join(names)}, created_at, updated_at) "
-        f"SELECT {', '.join(['%s'] * (len(names) + 2))} {_NOT_ERASED % '%s'} "
-        f"ON CONFLICT (clerk_id) DO UPDATE SET {sets}, updated_at = excluded.updated_at "
-        f"WHERE {t}.deleted_at IS NULL AND {t}.clerk_updated_at < excluded.clerk_updated_at RETURNING 1), "
-        f"ins AS (INSERT INTO webhook_events ({', '.join(inbox)}) "
-        f"VALUES (%s, %s, %s, %s, {status}, %s, %s, %s::jsonb, %s, 1) "
-        "ON CONFLICT (svix_id) DO NOTHING RETURNING status) "
-        "SELECT status FROM ins"
-    )
-    json_at = tuple(i for i, n in enumerate(names) if isinstance(table.c[n].type, sa.JSON))
-    return sql, json_at
+    return f"WITH up AS ({_raw_upsert(entity, '1')}), {_RAW_INBOX_CTE} SELECT status FROM ins", _json_at(entity)
 
 
 @functools.cache
@@ -695,26 +697,14 @@ def _hooked_statement_sql(entity: Entity) -> tuple[str, tuple[int, ...]]:
     """:func:`_one_statement_sql` that also returns whether the upsert applied and the live row before it
     (all NULL when there was none): ``status, upserted, <record fields>``. The caller holds the entity's
     advisory lock, so the row read is the one the upsert replaces (every part sees the same snapshot)."""
-    table, names = _TABLES[entity], _RECORD_FIELDS[entity]
-    t = table.name
-    sets = ", ".join(f"{n} = excluded.{n}" for n in names if n != "clerk_id")
-    inbox = ["svix_id", "type", "instance_id", "event_timestamp", "status", "last_error", "applied_at", "payload",
-             "received_at", "attempts"]
-    status = (f"CASE WHEN EXISTS (SELECT 1 FROM up) THEN '{DeliveryStatus.APPLIED}' "
-              f"ELSE '{DeliveryStatus.SKIPPED}' END")
+    t, names = _TABLES[entity].name, _RECORD_FIELDS[entity]
     sql = (
         f"WITH before AS (SELECT {', '.join(names)} FROM {t} WHERE clerk_id = %s AND deleted_at IS NULL), "
-        f"up AS (INSERT INTO {t} ({', '.join(names)}, created_at, updated_at) "
-        f"SELECT {', '.join(['%s'] * (len(names) + 2))} {_NOT_ERASED % '%s'} "
-        f"ON CONFLICT (clerk_id) DO UPDATE SET {sets}, updated_at = excluded.updated_at "
-        f"WHERE {t}.deleted_at IS NULL AND {t}.clerk_updated_at < excluded.clerk_updated_at RETURNING 1), "
-        f"ins AS (INSERT INTO webhook_events ({', '.join(inbox)}) "
-        f"VALUES (%s, %s, %s, %s, {status}, %s, %s, %s::jsonb, %s, 1) "
-        "ON CONFLICT (svix_id) DO NOTHING RETURNING status) "
+        f"up AS ({_raw_upsert(entity, '1')}), {_RAW_INBOX_CTE} "
         "SELECT (SELECT status FROM ins), EXISTS (SELECT 1 FROM up), before.* "
         "FROM (SELECT 1) AS one LEFT JOIN before ON true"
     )
-    return sql, tuple(i for i, n in enumerate(names) if isinstance(table.c[n].type, sa.JSON))
+    return sql, _json_at(entity)
 
 
 def _hooked_change(intent: Upsert, before: Sequence[Any]) -> Change | None:
