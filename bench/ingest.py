@@ -35,6 +35,7 @@ import os
 import platform
 import random
 import re
+import shlex
 import shutil
 import sqlite3
 import subprocess
@@ -200,6 +201,7 @@ def finish_loadgen(gen: subprocess.Popen[str], cfg: argparse.Namespace) -> dict[
     return dict(json.loads(out))
 
 
+MAPPED_WORKER = "service + mapped table + hook, worker beside"  # hooks dispatched by `clerk-sync worker` beside `serve --no-dispatch`
 SYSTEM_NAMES = {
     ("service", 1): "service",
     ("service", 2): "service --workers 2",
@@ -207,6 +209,7 @@ SYSTEM_NAMES = {
     ("seed", 1): "seed",
     ("floor", 1): "HTTP floor (no-op Starlette)",
     ("mapped", 1): "service + mapped table + hook",
+    ("mappedw", 1): MAPPED_WORKER,
 }
 MAPPED_TARGET = 0.8  # issue 11: the mapped + hook service within 20 % of the contract-table service
 
@@ -226,13 +229,17 @@ def http_cell(system: str, store_kind: str, conc: int, cfg: argparse.Namespace, 
     uvicorn_app = ["-m", "uvicorn", "--app-dir", str(BENCH), "--host", "127.0.0.1", "--port", str(port),
                    "--log-level", "warning", "--no-access-log"]
     clerk_sync = str(VENV_BIN / "clerk-sync")
-    if system == "mapped":
+    if system in ("mapped", "mappedw"):
         env.update(DATABASE_URL=store.url,  # type: ignore[union-attr]
                    PYTHONPATH=os.pathsep.join(filter(None, [str(BENCH), os.environ.get("PYTHONPATH")])))
         spec = ["--mapping", "_bench_mapped:mapping"]
         subprocess.run([clerk_sync, "migrate", *spec], env=env, check=True, capture_output=True)
         cmd = [clerk_sync, "serve", "--host", "127.0.0.1", "--port", str(port), *spec,
                "--hooks", "_bench_mapped:hooks"]
+        if system == "mappedw":  # the dispatcher in `clerk-sync worker`, a child of the server's pid (its CPU
+            # counts as the service's): sh starts it, then becomes `serve`
+            worker = [clerk_sync, "worker", "--hooks", "_bench_mapped:hooks", "--batch", "100"]
+            cmd = ["sh", "-c", f"{shlex.join(worker)} & exec {shlex.join([*cmd, '--no-dispatch'])}"]
     elif system in ("service", "nogc"):
         env["DATABASE_URL"] = store.url  # type: ignore[union-attr]
         env["CLERK_SYNC_GROUP_COMMIT"] = "0" if system == "nogc" else "1"
@@ -275,9 +282,9 @@ def http_cell(system: str, store_kind: str, conc: int, cfg: argparse.Namespace, 
             stop(proc)
     if store is not None:
         try:
-            if system in ("service", "nogc", "mapped"):
+            if system in ("service", "nogc", "mapped", "mappedw"):
                 rows = store.query("SELECT status, count(*) FROM webhook_events GROUP BY status ORDER BY 1")
-                if system == "mapped":
+                if system in ("mapped", "mappedw"):
                     rows += [("accounts", store.query("SELECT count(*) FROM accounts")[0][0]),
                              ("hook_jobs left", store.query("SELECT count(*) FROM hook_jobs")[0][0])]
                 result["outcome_check"] = check_users(store, cfg.corpus_index, result["sent"])
@@ -336,11 +343,13 @@ def check_users(store: Store, index: list[tuple[str, str, int]], sent: int) -> d
 
 WRK_NAME = "service (wrk)"
 # Cells measured only at some sender counts (run time; pgbench beyond 64 clients exceeds max_connections=100).
-ONLY_AT = {"pgbench": (1, 4, 16, 64), "w2": (16,), "nogc": (16,), "floor": (1, 16), "mapped": (1, 16)}
+ONLY_AT = {"pgbench": (1, 4, 16, 64), "w2": (16,), "nogc": (16,), "floor": (1, 16), "mapped": (1, 16),
+           "mappedw": (1, 16)}
 ALL_SYSTEMS = {"service": "service, Python sender", "wrk": "service, wrk sender", "nogc": "service without group "
                "commit (PostgreSQL)", "w2": "service --workers 2 (PostgreSQL)", "seed": "the seed-style handler",
                "pgbench": "pgbench -N", "floor": "no-op HTTP floor",
-               "mapped": "service with a mapped table and one hook"}
+               "mapped": "service with a mapped table and one hook",
+               "mappedw": "the same, hooks dispatched by `clerk-sync worker` beside `serve --no-dispatch`"}
 WRK_LUA = r"""
 -- Pre-signed requests, one per line of a file (\n inside them escaped as \1); each wrk thread
 -- sends its own share in order and never repeats one (a repeat would be a cheap duplicate).
@@ -616,7 +625,7 @@ def render(results: list[dict[str, Any]], cfg: argparse.Namespace, notes: list[s
     head = ("| store | senders | system | deliveries/s | p50 ms | p99 ms | non-2xx | service/seed | "
             "service/pgbench | app CPU ms/req | PG CPU ms/req | machine busy | foreign |")
     rows = [head, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    order = ["service", WRK_NAME, "service, no group commit", "service + mapped table + hook", "service --workers 2", "seed", "pgbench -N"]
+    order = ["service", WRK_NAME, "service, no group commit", "service + mapped table + hook", MAPPED_WORKER, "service --workers 2", "seed", "pgbench -N"]
     concs = sorted({r["concurrency"] for r in results})
     for store in ("postgres", "sqlite"):
         for conc in concs:
@@ -661,15 +670,16 @@ def render(results: list[dict[str, Any]], cfg: argparse.Namespace, notes: list[s
             f"| {conc} | {fmt(f['tps'])} | {fmt(f['p50_ms'], 2)} | {fmt(f['p99_ms'], 2)} | "
             f"{fmt(f.get('cpu_ms_per_req', {}).get('server'), 2)} | {svc_share} | {seed_share} | {need_share} |")
     floor_table = "\n".join(floor_rows)
-    mapped_rows = ["| store | senders | service/s | + mapped table + hook /s | ratio | within 20 %? |",
-                   "|---|---:|---:|---:|---:|---|"]
+    mapped_rows = ["| store | senders | dispatcher | service/s | + mapped table + hook /s | ratio | within 20 %? |",
+                   "|---|---:|---|---:|---:|---:|---|"]
     for store in ("postgres", "sqlite"):
         for conc in CONCURRENCY:
-            base, mapped = by.get((store, "service", conc)), by.get((store, "service + mapped table + hook", conc))
-            if base and mapped and base["tps"]:
-                ratio = mapped["tps"] / base["tps"]
-                mapped_rows.append(f"| {store} | {conc} | {fmt(base['tps'])} | {fmt(mapped['tps'])} | {ratio:.0%} | "
-                                   f"{'yes' if ratio >= MAPPED_TARGET else 'NO'} |")
+            for where, name in (("thread in serve", "service + mapped table + hook"), ("`clerk-sync worker`", MAPPED_WORKER)):
+                base, mapped = by.get((store, "service", conc)), by.get((store, name, conc))
+                if base and mapped and base["tps"]:
+                    ratio = mapped["tps"] / base["tps"]
+                    mapped_rows.append(f"| {store} | {conc} | {where} | {fmt(base['tps'])} | {fmt(mapped['tps'])} | "
+                                       f"{ratio:.0%} | {'yes' if ratio >= MAPPED_TARGET else 'NO'} |")
 
     svc, seed, pgb = (by.get(("postgres", s, 16)) for s in ("service", "seed", "pgbench -N"))
     checks = []
@@ -788,6 +798,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="~3 s per cell instead of ~9 s")
     ap.add_argument("--profile", action="store_true",
                     help="also py-spy the service in an extra (unmeasured) PostgreSQL c=16 cell")
+    ap.add_argument("--profile-system", default="service", choices=["service", "mapped", "mappedw"],
+                    help="which cell --profile samples (default service)")
     ap.add_argument("--rounds", type=int, default=0,
                     help="measure every cell this many times, keep the best throughput (default 2; quick 1)")
     ap.add_argument("--no-write", action="store_true", help="don't touch BENCHMARKS.md")
@@ -838,7 +850,7 @@ def plan_for(store: str, conc: int, rnd: int, flip: bool, cfg: argparse.Namespac
         trio: list[tuple[str, int, str | None]] = [("service", 1, d) for d in cfg.mysql_drivers] + pair[1:]
         repeats = [k for k in range(cfg.key_repeats) if k % cfg.rounds == rnd]  # this round's share
         return [cell for k in repeats for cell in trio[k % len(trio):] + trio[:k % len(trio)]]
-    plan: list[tuple[str, int]] = [("service", 1), ("mapped", 1), ("seed", 1)]
+    plan: list[tuple[str, int]] = [("service", 1), ("mapped", 1), ("mappedw", 1), ("seed", 1)]
     if flip:
         plan.reverse()
     if store == "postgres":
@@ -918,7 +930,7 @@ def main() -> None:
         if cfg.profile:
             raw = RESULTS / f"ingest-profile-{datetime.now(UTC):%Y%m%dT%H%M%S}.txt"
             print("  profiling service (postgres, c=16) with py-spy ...", file=sys.stderr)
-            r = http_cell("service", "postgres", 16, cfg, corpus_path, tmp, profile=raw)
+            r = http_cell(cfg.profile_system, "postgres", 16, cfg, corpus_path, tmp, profile=raw)
             profile_md = summarize_profile(raw)
             (raw.with_suffix(".md")).write_text(
                 f"py-spy, service 1 worker, PostgreSQL, 16 senders (throughput under profiling: "

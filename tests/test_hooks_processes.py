@@ -14,6 +14,7 @@ import time
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -25,7 +26,7 @@ from clerk_sync.store import Store
 from clerk_sync.tables import hook_jobs
 from tests import _hook_worker
 from tests import factories as f
-from tests._server import free_port, wait_for_http
+from tests._server import free_port, running, wait_for_http
 from tests.test_cli import run
 from tests.test_hooks import deliver
 
@@ -247,3 +248,42 @@ def test_doctor_points_at_dead_hook_jobs(db_url: str) -> None:
     deliver(store, f.envelope("user.created", f.user("user_3", B + 1000)))
     store.dispose()
     assert "warn  hook jobs: 2 dead, 1 queued: `clerk-sync hooks list`" in run("doctor", env=env).stdout
+
+
+@pytest.mark.parametrize("dispatch", [True, False], ids=["dispatch", "no-dispatch"])
+def test_serve_no_dispatch_queues_jobs_for_a_worker_beside_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              dispatch: bool) -> None:
+    """``serve --hooks --no-dispatch`` still writes each applied change's job in the delivery's transaction,
+    but starts no dispatcher: the jobs wait for ``clerk-sync worker`` (which then runs them)."""
+    import uvicorn
+
+    from clerk_sync.cli.main import serve
+    from clerk_sync.hooks import Dispatcher
+
+    url = f"sqlite:///{tmp_path / 'serve.db'}"
+    started: list[bool] = []
+    answers: list[int] = []
+    monkeypatch.setattr(Dispatcher, "start", lambda self: started.append(True))
+
+    def run_app(asgi_app: Any, **_: Any) -> None:  # instead of serving forever: one delivery, then return
+        with running(asgi_app, lifespan="on") as base:
+            headers, body = f.signed(f.envelope("user.created", f.user("user_1", B + 1000)), "msg_nd_1")
+            answers.append(httpx.post(f"{base}/webhooks/clerk", content=body, headers=headers).status_code)
+
+    monkeypatch.setattr(uvicorn, "run", run_app)
+    monkeypatch.setenv("DATABASE_URL", url)
+    monkeypatch.setenv("CLERK_WEBHOOK_SIGNING_SECRET", f.SECRET)
+    monkeypatch.syspath_prepend(str(ROOT))
+    serve(hooks="tests._hook_worker:hooks", dispatch=dispatch)  # the command's function, as `clerk-sync serve`
+    assert answers == [200] and started == ([True] if dispatch else [])
+    if not dispatch:
+        engine = sa.create_engine(url)
+        _hook_worker.meta.create_all(engine)
+        with engine.connect() as conn:
+            assert list(conn.execute(sa.text("SELECT type, status FROM hook_jobs"))) == [("user.created", "pending")]
+        worker = run("worker", "--hooks", "tests._hook_worker:hooks", "--once",
+                     env={"DATABASE_URL": url, "PYTHONPATH": PATHS}, cwd=ROOT)
+        assert "ran 1 hook jobs" in worker.stderr, worker.stderr
+        with engine.connect() as conn:
+            assert list(conn.execute(sa.select(_hook_worker.effects.c.key)).scalars()) == [f"user.created:user_1:{B + 1000}"]
+        engine.dispose()

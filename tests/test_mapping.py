@@ -518,3 +518,102 @@ def test_external_id_is_carried_not_mirrored_and_matches_an_integer_id_column() 
     column = sa.Column("id", sa.Integer)
     assert (_as_column_value(column, "42"), _as_column_value(column, "abc")) == (42, None)
     assert _as_column_value(sa.Column("legacy", sa.String(8)), "abc") == "abc"
+
+
+@pytest.mark.parametrize("policy", [SoftDelete("deleted_at"), HardDelete()], ids=lambda p: type(p).__name__)
+def test_mapped_tables_without_hooks_converge_through_group_commit(app_db: str, policy: DeletePolicy) -> None:
+    """With a mapping and no hooks, the committer's batches (on PostgreSQL: the mapped upsert is a part of
+    each delivery's one statement, written only when its guarded upsert applied) end where the contract
+    tables do, under re-sends, reordering and the app writing its own column in between."""
+    from clerk_sync.events import parse_envelope
+    from clerk_sync.integrations._committer import GroupCommitter
+
+    store = Store.from_url(app_db, mapping=mapping_for(policy))
+    committer = GroupCommitter(WebhookProcessor(store, WebhookVerifier([f.SECRET])))
+    for seed in range(3):
+        rng = random.Random(seed)
+        ns = uuid.uuid4().hex[:8]
+        steps = [(rng.randint(0, 5), rng.random() < 0.5, rng.randint(0, 3)) for _ in range(30)]
+        events = bodies(build_history(specs(3, 2, [(0, 0), (1, 1), (2, 0)]), steps), ns)
+        order = [*range(len(events)), *rng.choices(range(len(events)), k=10)]  # with Svix re-sends
+        rng.shuffle(order)
+        while order:
+            size = rng.randint(1, 12)
+            chunk, order = order[:size], order[size:]
+            committer.write([(f"msg_{ns}_{i}", parse_envelope(events[i])) for i in chunk])
+            with store.transaction() as writer:  # the app's own column, on every row it has
+                writer.conn.execute(sa.text("UPDATE accounts SET notes = :notes WHERE clerk_user_id LIKE :ns"),
+                                    {"notes": f"kept {size}", "ns": f"%{ns}%"})
+        with store.connect() as conn:
+            contract, mapped = db_rows(conn, ns), app_rows(conn, ns)
+        assert set(mapped) <= set(contract)
+        for key, values in contract.items():
+            if values is not None:
+                assert {k: mapped[key][k] for k in expected(key[0], values)} == expected(key[0], values), key
+                if key[0] == "users":
+                    assert mapped[key]["notes"] is not None and mapped[key]["notes"].startswith("kept ")
+            elif isinstance(policy, HardDelete):
+                assert key not in mapped
+            elif key in mapped:
+                assert mapped[key]["deleted_at"] is not None
+    store.dispose()
+
+
+@pytest.mark.postgres
+def test_one_statement_projection_skips_rows_that_already_hold_the_values() -> None:
+    """PostgreSQL's pipelined path writes the app's row in the delivery's own statement: a newer version
+    with new mapped values rewrites it, one whose mapped values are unchanged (another field changed)
+    leaves the row's tuple as it was (``xmin``: no dead tuple, no app trigger run), a stale one writes
+    nothing; a ``json`` column (no equality operator) is compared as jsonb."""
+    from clerk_sync.events import parse_envelope
+    from clerk_sync.integrations._committer import GroupCommitter
+    from tests.conftest import PG_URL, pg_schema_url
+
+    schema = f"proj_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(PG_URL)
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
+        conn.exec_driver_sql(f"CREATE TABLE {schema}.profiles (id serial PRIMARY KEY, "
+                             "clerk_id varchar(64) UNIQUE, email varchar(320), meta json, notes text, "
+                             "deleted_at timestamptz)")
+    url = pg_schema_url(schema)
+    store = Store.from_url(url, mapping=SchemaMapping(users=MappedTable(
+        "profiles", "clerk_id", {"email": "email", "meta": "public_metadata"})))
+    try:
+        from clerk_sync.migrations import upgrade
+
+        upgrade(store.engine)
+        committer = GroupCommitter(WebhookProcessor(store, WebhookVerifier([f.SECRET])))
+
+        def write(*events: dict[str, Any]) -> list[str]:
+            out = committer.write([(f"msg_{uuid.uuid4().hex}", parse_envelope(json.dumps(e).encode()))
+                                   for e in events])
+            return [getattr(o, "status", str(o)) for o in out]
+
+        def row() -> tuple[Any, ...]:
+            with store.connect() as conn:
+                return tuple(conn.execute(sa.text("SELECT xmin::text, email, meta::text, notes FROM profiles "
+                                                  "WHERE clerk_id = 'user_1'")).one())
+
+        assert write(f.envelope("user.created", f.user("user_1", B + 1000, role="admin"))) == ["applied"]
+        with store.transaction() as writer:
+            writer.conn.execute(sa.text("UPDATE profiles SET notes = 'mine'"))
+        first = row()
+        assert first[1:] == ("user_1@example.com", '{"role": "admin"}', "mine")
+        # a newer version changing a field the mapping does not name: applied, the app's row untouched
+        assert write(f.envelope("user.updated", f.user("user_1", B + 2000, role="admin", first_name="Bo"))) == [
+            "applied"]
+        assert row() == first
+        # newer, with a new e-mail: rewritten (mapped columns only); then a stale one: nothing
+        assert write(f.envelope("user.updated", f.user("user_1", B + 3000, email="new@example.com",
+                                                       role="member"))) == ["applied"]
+        second = row()
+        assert second[0] != first[0] and second[1:] == ("new@example.com", '{"role": "member"}', "mine")
+        assert write(f.envelope("user.updated", f.user("user_1", B + 2500, email="old@example.com"))) == [
+            "skipped"]
+        assert row() == second
+    finally:
+        store.dispose()
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
+        admin.dispose()

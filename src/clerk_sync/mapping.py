@@ -184,7 +184,7 @@ class SchemaMapping:
                                  "fix the table or the mapping, then `clerk-sync replay`") from None
 
     def pipelines(self, conn: Connection, entity: Entity) -> bool:
-        """Whether this entity's created/updated changes can be written by :meth:`raw_statements` (psycopg
+        """Whether this entity's created/updated changes can be written by :meth:`cte` (psycopg
         pipelines): not when linking, with a column type not adapted here, or without a plain unique
         index on the Clerk-id column. Reflects on a connection of its own: ``conn`` may be mid-pipeline."""
         mapped = self.tables.get(entity)
@@ -193,15 +193,23 @@ class SchemaMapping:
         if (id(conn.engine), entity) not in self._projections:
             with conn.engine.connect() as own:
                 self._projection(own, entity, mapped)
-        return self._projection(conn, entity, mapped).raw_sql is not None
+        return self._projection(conn, entity, mapped).cte_sql is not None
 
-    def raw_statements(self, conn: Connection, change: Change) -> list[tuple[str, list[Any]]]:
-        """A created/updated ``change`` of an entity that :meth:`pipelines` as psycopg statements: an upsert
-        on the Clerk-id column (none for an entity the mapping leaves alone)."""
-        mapped = self.tables.get(change.entity)
-        if mapped is None:
-            return []
-        return [self._projection(conn, change.entity, mapped).raw(change)]
+    def cte(self, conn: Connection, entity: Entity) -> tuple[str, tuple[int, ...]] | None:
+        """The mapped upsert of an entity that :meth:`pipelines`, as a data-modifying CTE named
+        ``mapped`` that writes only when the contract upsert ``up`` of the same statement returned a row
+        (it applied), and leaves a row that already holds these values alone; with the positions of its
+        JSON parameters. None for an entity the mapping leaves alone. Parameters: :meth:`cte_params`."""
+        mapped = self.tables.get(entity)
+        if mapped is None or not self.pipelines(conn, entity):  # (which reflects on a connection of its own)
+            return None
+        projection = self._projection(conn, entity, mapped)
+        return None if projection.cte_sql is None else (projection.cte_sql, projection.json_at)
+
+    def cte_params(self, conn: Connection, entity: Entity, clerk_id: str, values: JSON) -> list[Any]:
+        """The parameters of :meth:`cte` for a created/updated record's ``values`` (JSON ones not wrapped)."""
+        projection = self._projection(conn, entity, self.tables[entity])
+        return [*(col.value(values) for col in projection.columns.values()), *projection.fixed.values(), clerk_id]
 
     def _projection(self, conn: Connection, entity: Entity, mapped: MappedTable) -> _Projection:
         key = (id(conn.engine), entity)  # reflected, and statements built, once per engine
@@ -254,7 +262,7 @@ class _Projection:
         insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
         self.insert_new = (insert(table).values(row).on_conflict_do_nothing()
                            if _unique(table, self.key) and dialect in ("postgresql", "sqlite") else None)
-        self.raw_sql, self.json_at = _raw_upsert_sql(table, self.key, names, mapped, dialect)
+        self.cte_sql, self.json_at = _cte_sql(table, self.key, names, mapped, dialect)
         # Creations and updates in one prebuilt statement (no Core construct to key per call), when
         # ON CONFLICT can name the Clerk-id column and no row is to be linked.
         self.upsert: sa.TextClause | None = None
@@ -272,17 +280,6 @@ class _Projection:
             if dialect == "sqlite":  # run on the driver directly (see sqlite_execute)
                 self.sqlite_upsert = f"{head}VALUES ({', '.join(['?'] * (len(names) + 1))}) {tail}"
                 self.sqlite_binds = processors([table.c[n].type for n in names], sqlite.dialect())
-
-    def raw(self, change: Change) -> tuple[str, list[Any]]:
-        """The psycopg upsert writing a created/updated ``change`` (see :meth:`SchemaMapping.pipelines`)."""
-        if self.raw_sql is None or change.kind == "deleted":
-            raise ValueError(f"{self.m.table}: {change.type} cannot be written by one upsert")
-        from psycopg.types.json import Jsonb  # raw_sql is only built for PostgreSQL (psycopg) connections
-
-        values = [col.value(change.values) for col in self.columns.values()] + list(self.fixed.values())
-        for i in self.json_at:
-            values[i] = Jsonb(values[i])
-        return self.raw_sql, [*values, change.clerk_id]
 
     def apply(self, conn: Connection, now: datetime, change: Change) -> None:
         self.conn, self.now = conn, now
@@ -379,20 +376,32 @@ def _bind(i: int) -> str:
 _RAW_TYPES = (sa.String, sa.Integer, sa.Boolean, sa.DateTime, sa.Numeric, sa.Float, sa.JSON)
 
 
-def _raw_upsert_sql(table: sa.Table, key: sa.Column[Any], names: list[str], mapped: MappedTable,
-                    dialect: str) -> tuple[str | None, tuple[int, ...]]:
-    """``INSERT .. ON CONFLICT (clerk id) DO UPDATE`` for psycopg, and the positions of its JSON values;
-    (None, ()) when the projection's own statements must be used instead."""
+def _cte_sql(table: sa.Table, key: sa.Column[Any], names: list[str], mapped: MappedTable,
+             dialect: str) -> tuple[str | None, tuple[int, ...]]:
+    """The mapped upsert as the ``mapped`` CTE of the one-statement delivery (see :meth:`SchemaMapping.cte`),
+    and the positions of its JSON values; (None, ()) when the projection's own statements must be used
+    instead (not PostgreSQL, linking, no plain unique index on the Clerk-id column, a type psycopg would
+    not adapt as SQLAlchemy does).
+
+    Its rows come ``FROM up``: none when the guarded contract upsert refused the version, so the app's
+    row follows the contract row's ordering and tombstones without a lock or a read of its own. An
+    update whose mapped values the row already holds writes nothing (no dead tuple, no trigger run)."""
     types = [table.c[n].type for n in names]
     if (dialect != "postgresql" or mapped.links or not _unique(table, key, plain=True)
             or not all(isinstance(t, _RAW_TYPES) and not isinstance(t, sa.Enum) for t in types)):
         return None, ()
     q = postgresql.dialect().identifier_preparer.quote  # type: ignore[no-untyped-call]
-    columns = ", ".join(q(n) for n in [*names, key.name])
-    sets = ", ".join(f"{q(n)} = excluded.{q(n)}" for n in names) or f"{q(key.name)} = excluded.{q(key.name)}"
-    sql = (f"INSERT INTO {q(table.name)} ({columns}) VALUES ({', '.join(['%s'] * (len(names) + 1))}) "  # noqa: S608
-           f"ON CONFLICT ({q(key.name)}) DO UPDATE SET {sets}")
-    return sql, tuple(i for i, t in enumerate(types) if isinstance(t, sa.JSON))
+    t, k = q(table.name), q(key.name)
+    cols = [q(n) for n in names]
+    # json has no equality operator: its values are compared as jsonb
+    cast = ["::jsonb" if isinstance(typ, sa.JSON) else "" for typ in types]
+    mine = ", ".join(f"{t}.{c}{x}" for c, x in zip(cols, cast, strict=True))
+    theirs = ", ".join(f"excluded.{c}{x}" for c, x in zip(cols, cast, strict=True))
+    update = (f"DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in cols)} "
+              f"WHERE ROW({mine}) IS DISTINCT FROM ROW({theirs})" if cols else "DO NOTHING")
+    sql = (f"mapped AS (INSERT INTO {t} ({', '.join([*cols, k])}) "  # noqa: S608 (identifiers quoted; values bound)
+           f"SELECT {', '.join(['%s'] * (len(cols) + 1))} FROM up ON CONFLICT ({k}) {update})")
+    return sql, tuple(i for i, typ in enumerate(types) if isinstance(typ, sa.JSON))
 
 
 def _as_column_value(column: sa.Column[Any], external_id: str) -> Any:

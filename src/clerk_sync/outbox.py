@@ -59,14 +59,17 @@ class Outbox:
         self.hooks = hooks
         self.mapping = mapping
         self.changes: list[Change] = []
-        self._wanted = {e for e in Entity if (mapping is not None and e in mapping.tables)
-                        or any(hook.covers(e) for hook in hooks)}
+        self._hooked = {e for e in Entity if any(hook.covers(e) for hook in hooks)}
+        self._wanted = self._hooked | set(mapping.tables if mapping is not None else ())
 
     def wants(self, intent: Upsert | Tombstone) -> bool:
         """Whether the mapping or a hook can care about what ``intent`` changes (a user's or organization's
         deletion also deletes its memberships); if not, the writer takes its plain path."""
-        cascades = isinstance(intent, Tombstone) and intent.entity is not Entity.MEMBERSHIP
-        return intent.entity in self._wanted or (cascades and Entity.MEMBERSHIP in self._wanted)
+        return _touches(intent, self._wanted)
+
+    def hooked(self, intent: Upsert | Tombstone) -> bool:
+        """Whether a hook can care about what ``intent`` changes (then the write reads the row before)."""
+        return _touches(intent, self._hooked)
 
     def before(self, entity: Entity, clerk_id: str) -> JSON | None:
         """The live row's Clerk fields, or None (absent or deleted). Read under the writer's lock."""
@@ -100,16 +103,16 @@ class Outbox:
             self.conn.execute(_job_sql(pg), [self._job(name, change, payload) for name in names])
 
     def pipelines(self, entity: Entity) -> bool:
-        """Whether :meth:`raw_statements` can take this entity's created/updated changes."""
+        """Whether the one-statement path (with :meth:`raw_statements` for the jobs) can take this entity's
+        created/updated changes."""
         return entity is not Entity.MEMBERSHIP and (self.mapping is None or self.mapping.pipelines(self.conn, entity))
 
     def raw_statements(self, changes: Sequence[Change]) -> list[tuple[str, list[Any]]]:
-        """:meth:`record` for created/updated ``changes`` of entities that :meth:`pipelines`, as psycopg
-        statements in order (the caller sends them in one pipeline)."""
+        """The hook jobs of created/updated ``changes`` of entities that :meth:`pipelines`, as psycopg
+        statements in order (the caller sends them in one pipeline); their mapped rows were written by
+        the statement that applied them (:meth:`SchemaMapping.cte`)."""
         statements: list[tuple[str, list[Any]]] = []
         for change in changes:
-            if self.mapping is not None:
-                statements += self.mapping.raw_statements(self.conn, change)
             names = [hook.name for hook in self.hooks if hook.wants(change)]
             if names:
                 payload = json.dumps(change.to_json())
@@ -123,6 +126,12 @@ class Outbox:
     def _job(self, hook: str, change: Change, payload: str) -> JSON:
         return {"hook": hook, "type": change.type, "entity_key": _entity_key(hook, change),
                 "idempotency_key": change.idempotency_key, "payload": payload, "now": self.now}
+
+
+def _touches(intent: Upsert | Tombstone, entities: set[Entity]) -> bool:
+    # a user's or organization's deletion also deletes its memberships
+    cascades = isinstance(intent, Tombstone) and intent.entity is not Entity.MEMBERSHIP
+    return intent.entity in entities or (cascades and Entity.MEMBERSHIP in entities)
 
 
 @dataclass(frozen=True, slots=True)

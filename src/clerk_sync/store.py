@@ -227,12 +227,13 @@ class Writer:
         organization is"), after one statement that takes the advisory locks of all of them in one
         sorted pass (see :meth:`lock`); a membership the guard refused is set ``skipped`` afterwards.
 
-        An upsert the hooks or the mapping care about (see :meth:`Outbox.wants`) takes its entity's lock in
-        that pass too, and its statement also returns the row before, so the change is described as
-        :meth:`_apply_with_hooks` does; then one executemany per table (in the same pipeline) writes the
-        mapped rows and hook jobs of the applied changes. A duplicate ``svix_id`` whose upsert still
-        applied (its first delivery was stored failed) is recorded too: every change to the mirrored row
-        reaches the mapping and hooks.
+        The mapped table's upsert of an entity the mapping covers is a part of the delivery's statement
+        (:meth:`SchemaMapping.cte`: it writes when the guarded upsert applied). An upsert a hook may care
+        about (see :meth:`Outbox.hooked`) takes its entity's lock in that pass too, and its statement also
+        returns the row before, so the change is described as :meth:`_apply_with_hooks` does; then one
+        executemany (in the same pipeline) writes the hook jobs of the applied changes. A duplicate
+        ``svix_id`` whose upsert still applied (its first delivery was stored failed) is recorded too:
+        every change to the mirrored row reaches the mapping and hooks.
         Alone (``pipeline=False``) the mapping writes through :meth:`Outbox.record`, whose errors say
         which table refused what.
         """
@@ -243,7 +244,11 @@ class Writer:
         now = self.now
         statements: list[tuple[str, list[Any]]] = []
         shape: list[int] = []  # statements per item: 1 (user/organization), 3 (membership); 0: 1, hooked
-        hooked = [outbox is not None and outbox.wants(intent) for *_, intent in items]
+        # Piped, the mapping's upsert is part of the delivery's statement (SchemaMapping.cte): only what a
+        # hook may want reads the row before. Alone, the mapping writes through Outbox.record.
+        hooked = [outbox is not None and (outbox.hooked(intent) if pipeline else outbox.wants(intent))
+                  for *_, intent in items]
+        mapping = outbox.mapping if outbox is not None and pipeline else None
         keys = sorted({_lock_id(k) for *_, intent in items if intent.entity is Entity.MEMBERSHIP
                        for k in _lock_keys(intent)}
                       | {_lock_id(f"{_LOCK_PREFIX[item[-1].entity]}:{item[-1].clerk_id}")
@@ -265,11 +270,16 @@ class Writer:
                 ]
                 shape.append(3)
                 continue
-            sql, json_at = _hooked_statement_sql(intent.entity) if h else _one_statement_sql(intent.entity)
+            cte = mapping.cte(self.conn, intent.entity) if mapping is not None else None
+            mapped_sql, mapped_json = cte or ("", ())
+            sql, json_at = (_hooked_statement_sql if h else _one_statement_sql)(intent.entity, mapped_sql)
             for i in json_at:
                 values[i] = Jsonb(values[i])
             values += [now, now, erased_digest(intent.entity, intent.clerk_id), svix_id, event_type, instance_id,
                        event_timestamp, error, now, payload, now]
+            if mapping is not None and cte is not None:
+                row = mapping.cte_params(self.conn, intent.entity, intent.clerk_id, _change_values(intent.record))
+                values += [Jsonb(v) if i in mapped_json else v for i, v in enumerate(row)]
             statements.append((sql, [intent.clerk_id, *values] if h else values))
             shape.append(0 if h else 1)
         rows = _run_raw(raw, statements, pipeline=pipeline)
@@ -685,22 +695,26 @@ OneStatement = tuple[str, str, str, str | None, int | None, str | None, Upsert]
 
 
 @functools.cache
-def _one_statement_sql(entity: Entity) -> tuple[str, tuple[int, ...]]:
+def _one_statement_sql(entity: Entity, mapped: str = "") -> tuple[str, tuple[int, ...]]:
     """psycopg SQL for :meth:`Writer.record_and_upsert`, and the positions of its JSON parameters.
 
-    Parameters: the record's, now, now, the erased digest, then the inbox row's."""
-    return f"WITH up AS ({_raw_upsert(entity, '1')}), {_RAW_INBOX_CTE} SELECT status FROM ins", _json_at(entity)
+    Parameters: the record's, now, now, the erased digest, then the inbox row's, then those of
+    ``mapped`` (a mapped table's upsert, :meth:`SchemaMapping.cte`; "" for none)."""
+    also = f", {mapped}" if mapped else ""
+    return f"WITH up AS ({_raw_upsert(entity, '1')}), {_RAW_INBOX_CTE}{also} SELECT status FROM ins", _json_at(entity)
 
 
 @functools.cache
-def _hooked_statement_sql(entity: Entity) -> tuple[str, tuple[int, ...]]:
+def _hooked_statement_sql(entity: Entity, mapped: str = "") -> tuple[str, tuple[int, ...]]:
     """:func:`_one_statement_sql` that also returns whether the upsert applied and the live row before it
     (all NULL when there was none): ``status, upserted, <record fields>``. The caller holds the entity's
-    advisory lock, so the row read is the one the upsert replaces (every part sees the same snapshot)."""
+    advisory lock, so the row read is the one the upsert replaces (every part sees the same snapshot).
+    Parameters: the Clerk id, then :func:`_one_statement_sql`'s."""
     t, names = _TABLES[entity].name, _RECORD_FIELDS[entity]
+    also = f", {mapped}" if mapped else ""
     sql = (
         f"WITH before AS (SELECT {', '.join(names)} FROM {t} WHERE clerk_id = %s AND deleted_at IS NULL), "
-        f"up AS ({_raw_upsert(entity, '1')}), {_RAW_INBOX_CTE} "
+        f"up AS ({_raw_upsert(entity, '1')}), {_RAW_INBOX_CTE}{also} "
         "SELECT (SELECT status FROM ins), EXISTS (SELECT 1 FROM up), before.* "
         "FROM (SELECT 1) AS one LEFT JOIN before ON true"
     )

@@ -68,6 +68,11 @@ def serve(
     json_logs: Annotated[bool, typer.Option("--json-logs", help="Log JSON lines.")] = False,
     hooks: Annotated[str | None, typer.Option(help=HOOKS_HELP + " Dispatched by a thread.")] = None,
     mapping: Annotated[str | None, typer.Option(help=MAPPING_HELP)] = None,
+    dispatch: Annotated[bool, typer.Option(
+        "--dispatch/--no-dispatch",
+        help="Run the --hooks' jobs in a thread of this process; --no-dispatch only queues them, for "
+             "`clerk-sync worker` processes beside it (the webhook process then keeps its CPU for ingest).",
+    )] = True,
 ) -> None:
     """Run the webhook sync service: POST /webhooks/clerk, /healthz, /readyz, /metrics."""
     import uvicorn
@@ -97,7 +102,7 @@ def serve(
 
         app = create_app(settings, processor, migrate=migrate_first)
         dispatcher = (Dispatcher(processor.store, metrics=processor.metrics)  # retries while the DB is down
-                      if processor.store.hooks else None)
+                      if processor.store.hooks and dispatch else None)
         if dispatcher is not None:
             dispatcher.start()
         try:
