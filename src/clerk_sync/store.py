@@ -730,7 +730,12 @@ def _hooked_change(intent: Upsert, before: Sequence[Any]) -> Change | None:
 
 def _change_values(record: Record) -> dict[str, Any]:
     """What a change carries: every field of the record (the columns, and e.g. a user's external_id)."""
-    return {f.name: getattr(record, f.name) for f in fields(record)}
+    return {name: getattr(record, name) for name in _field_names(type(record))}
+
+
+@functools.cache
+def _field_names(record_type: type[Any]) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(record_type))
 
 
 def _run_raw(raw: Any, statements: Sequence[tuple[str, list[Any]]], *, pipeline: bool) -> list[Any]:
