@@ -15,6 +15,7 @@ from starlette.applications import Starlette
 
 from clerk_sync.config import DatabaseTimeouts
 from clerk_sync.engine import DeliveryStatus
+from clerk_sync.errors import StoreError
 from clerk_sync.events import Envelope, parse_envelope
 from clerk_sync.ingest import Outcome, WebhookProcessor
 from clerk_sync.integrations._committer import ALONE, GroupCommitter
@@ -331,3 +332,47 @@ def test_a_mapped_row_the_app_table_refuses_leaves_the_pipelined_batch(db_url: s
         assert sorted(jobs) == ["user.created:user_ok1:10", "user.created:user_ok2:10"]
     finally:
         store.dispose()
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+def test_a_commit_the_database_refuses_fails_the_batch_and_leaves_its_connection_clean(
+        db_url: str, verifier: WebhookVerifier) -> None:
+    """The pipelined batch runs its own BEGIN .. COMMIT on a driver connection in autocommit. A COMMIT the
+    database refuses (a deferred constraint trigger) answers every delivery with a StoreError and writes
+    nothing; and the one pooled connection comes back as a normal one: a later unit of work that fails
+    is rolled back, not left committed statement by statement."""
+    store = Store.from_url(db_url, pool_size=1, max_overflow=0)
+    committer = GroupCommitter(WebhookProcessor(store, verifier))
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE FUNCTION refuse_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "IF starts_with(NEW.clerk_id, 'user_nocommit') THEN RAISE EXCEPTION 'refused at commit'; END IF; "
+            "RETURN NEW; END $$")
+        conn.exec_driver_sql("CREATE CONSTRAINT TRIGGER refuse_at_commit AFTER INSERT OR UPDATE ON users "
+                             "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse_at_commit()")
+    ok = committer.write([("msg_ok", _parsed(f.envelope("user.created", f.user("user_ok", 10))))])
+    assert _statuses(ok) == ["applied"]
+    results = committer.write([
+        ("msg_a", _parsed(f.envelope("organization.created", f.organization("org_a", 10)))),
+        ("msg_b", _parsed(f.envelope("user.created", f.user("user_nocommit_1", 10)))),
+    ])
+    assert all(isinstance(r, StoreError) for r in results), results
+    assert _inbox(store) == {"msg_ok": "applied"}
+    with store.engine.connect() as conn:
+        raw = conn.connection.driver_connection
+        assert raw is not None and raw.autocommit is False  # type: ignore[attr-defined]
+    def insert_then_fail() -> None:
+        with store.transaction() as writer:
+            writer.conn.execute(organizations.insert().values(clerk_id="org_rolled_back", name="x", slug="x",
+                                                              clerk_updated_at=1, created_at=writer.now,
+                                                              updated_at=writer.now))
+            raise RuntimeError("the unit of work fails after its insert")
+
+    with pytest.raises(RuntimeError):
+        insert_then_fail()
+    with store.connect() as conn:
+        assert conn.execute(sa.select(organizations.c.clerk_id)).scalars().all() == []
+    # and the next batch commits as usual on the same connection
+    assert _statuses(committer.write([("msg_c", _parsed(f.envelope("user.created", f.user("user_c", 10))))])) == [
+        "applied"]
+    store.dispose()

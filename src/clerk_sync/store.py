@@ -734,7 +734,7 @@ def _change_values(record: Record) -> dict[str, Any]:
 
 
 @functools.cache
-def _field_names(record_type: type[Any]) -> tuple[str, ...]:
+def _field_names(record_type: Any) -> tuple[str, ...]:  # Any: mypy does not see a record class as Hashable
     return tuple(f.name for f in fields(record_type))
 
 
@@ -744,8 +744,11 @@ def _run_raw(raw: Any, statements: Sequence[tuple[str, list[Any]]], *, pipeline:
     import psycopg
 
     rows: list[Any] = []
+    # Already in the caller's pipeline: no nested one (entering it would sync what the caller queued, one
+    # more round trip); the first fetchone asks the server for the results so far (a flush, not a sync).
+    piped = raw.pgconn.pipeline_status != psycopg.pq.PipelineStatus.OFF
     try:
-        with raw.pipeline() if pipeline and len(statements) > 1 else nullcontext():
+        with raw.pipeline() if pipeline and len(statements) > 1 and not piped else nullcontext():
             cursors = []
             for sql, values in statements:
                 cur = raw.cursor()

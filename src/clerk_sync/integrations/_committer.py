@@ -22,12 +22,12 @@ import queue
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 import sqlalchemy as sa
 import structlog
 
-from clerk_sync.engine import plan_delivery
+from clerk_sync.engine import DeliveryStatus, plan_delivery
 from clerk_sync.errors import StoreError
 from clerk_sync.events import Envelope
 from clerk_sync.ingest import Outcome, WebhookProcessor
@@ -188,31 +188,72 @@ class GroupCommitter:
             return outcomes
 
     def _pipelined(self, writer: Writer, jobs: list[tuple[str, Envelope]]) -> list[Outcome]:
-        """BEGIN, the lock bound and every upsert of the batch in one psycopg pipeline (one round
-        trip); the other deliveries (deletions, ignored types) after it, one by one."""
+        """The batch in two round trips: BEGIN, the lock bound and every upsert in one psycopg pipeline
+        (their results come back on a flush), then the hook jobs (if any) and COMMIT with the pipeline's
+        sync. Deliveries the pipeline cannot take (deletions, ignored types) and the redaction of late
+        events for tombstones run after it, one by one, before the COMMIT.
+
+        psycopg would sync after its own BEGIN (one more round trip, as would a nested pipeline): the
+        driver connection is in autocommit for the batch and the transaction is ours, BEGIN to COMMIT.
+        The COMMIT's result is read before anyone is answered: a 2xx still means committed."""
         import psycopg  # writer.pipelines: the connection is psycopg's
 
         raw = writer.conn.connection.driver_connection
+        if raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:  # type: ignore[union-attr]
+            raise _Isolate(-1, RuntimeError("connection not idle at the start of a batch"))
+        raw.autocommit = True  # type: ignore[union-attr]
         try:
-            with raw.pipeline():  # type: ignore[union-attr]
-                raw.execute(f"SET LOCAL lock_timeout = {self._lock_wait_ms}")  # type: ignore[union-attr]
-                done = self.processor.pipelined_in(writer, jobs)
-            for i, outcome in enumerate(done):  # after the pipeline: a skipped late event for a tombstone
-                if outcome is not None:
-                    self.processor.forget_if_deleted(writer, outcome, jobs[i][1])
-            return [outcome or self.processor.apply_in(writer, *jobs[i]) for i, outcome in enumerate(done)]
+            outcomes = self._in_own_transaction(writer, raw, jobs)
+        except BaseException:
+            _rollback(raw)
+            raise
+        finally:
+            with contextlib.suppress(psycopg.Error):  # a broken connection: the pool discards it
+                raw.autocommit = False  # type: ignore[union-attr]
+        return outcomes
+
+    def _in_own_transaction(self, writer: Writer, raw: Any, jobs: list[tuple[str, Envelope]]) -> list[Outcome]:
+        import psycopg
+
+        processor = self.processor
+        try:
+            with raw.pipeline():
+                raw.execute("BEGIN")
+                raw.execute(f"SET LOCAL lock_timeout = {self._lock_wait_ms}")
+                done = processor.pipelined_in(writer, jobs)
+                rest = any(outcome is None or outcome.status == DeliveryStatus.SKIPPED for outcome in done)
+                if not rest:
+                    raw.execute("COMMIT")  # sent with the jobs; its result read by the pipeline's closing sync
+            if rest:  # after the pipeline: one statement at a time, then COMMIT
+                for i, outcome in enumerate(done):
+                    if outcome is not None:  # a skipped late event for a tombstone
+                        processor.forget_if_deleted(writer, outcome, jobs[i][1])
+                done = [outcome or processor.apply_in(writer, *jobs[i]) for i, outcome in enumerate(done)]
+                raw.execute("COMMIT")
+            return [outcome for outcome in done if outcome is not None]
         except sa.exc.SQLAlchemyError as exc:
             if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
                 raise  # the connection is gone: fail the batch (StoreError)
             raise _Isolate(-1, exc) from exc
         except psycopg.Error as exc:
-            closed = bool(raw.closed)  # type: ignore[union-attr]
+            closed = bool(raw.closed)
             wrapped = sa.exc.DBAPIError.instance("pipeline", None, exc, psycopg.Error, connection_invalidated=closed)
             if closed:
                 raise wrapped from exc
             raise _Isolate(-1, wrapped) from exc
+        except _Isolate:
+            raise
         except Exception as exc:  # not the database's: find the delivery one statement at a time
             raise _Isolate(-1, exc) from exc
+
+
+def _rollback(raw: Any) -> None:
+    """End whatever the batch left open on the server (nothing when the COMMIT went through)."""
+    import psycopg
+
+    with contextlib.suppress(psycopg.Error):
+        if not raw.closed and raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            raw.execute("ROLLBACK")
 
 
 def _answer(batch: list[_Job], results: list[Result]) -> None:
