@@ -730,12 +730,13 @@ def _hooked_change(intent: Upsert, before: Sequence[Any]) -> Change | None:
 
 def _change_values(record: Record) -> dict[str, Any]:
     """What a change carries: every field of the record (the columns, and e.g. a user's external_id)."""
-    return {name: getattr(record, name) for name in _field_names(type(record))}
+    names = _FIELD_NAMES.get(type(record))
+    if names is None:
+        names = _FIELD_NAMES[type(record)] = tuple(f.name for f in fields(record))
+    return {name: getattr(record, name) for name in names}
 
 
-@functools.cache
-def _field_names(record_type: Any) -> tuple[str, ...]:  # Any: mypy does not see a record class as Hashable
-    return tuple(f.name for f in fields(record_type))
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}  # per record class (dataclasses.fields is slow per call)
 
 
 def _run_raw(raw: Any, statements: Sequence[tuple[str, list[Any]]], *, pipeline: bool) -> list[Any]:
