@@ -308,9 +308,11 @@ def http_cell(system: str, store_kind: str, conc: int, cfg: argparse.Namespace, 
 
 def log_counts(text: str) -> dict[str, Any]:
     """What the server logged besides one line per delivery: batch-mates set aside, errors, warnings."""
-    reasons = Counter(m.group(1) for m in re.finditer(r"group_commit_isolated\s+reason=(\S+)", text))
-    errors = [line for line in text.splitlines() if "[error" in line or "Traceback" in line]
-    warnings = [line for line in text.splitlines() if "[warning" in line]
+    # logfmt (the service's output to a file) or the aligned terminal form
+    reasons = Counter(m.group(1) for m in re.finditer(r"group_commit_isolated\b.*?\breason=(\S+)", text))
+    errors = [line for line in text.splitlines()
+              if "[error" in line or "level=error" in line or "level=critical" in line or "Traceback" in line]
+    warnings = [line for line in text.splitlines() if "[warning" in line or "level=warning" in line]
     return {"isolated_reasons": dict(reasons), "errors": len(errors), "warnings": len(warnings),
             "first_error": errors[0][:300] if errors else None, "first_warnings": [w[:400] for w in warnings[:3]]}
 

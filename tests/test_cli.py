@@ -171,3 +171,39 @@ def test_promote_during_an_outage_is_pending_until_retry_pending(tmp_path: Path)
         done = run("users", "retry-pending", env=env)
         assert done.returncode == 0, done.stdout + done.stderr
         assert clerk.request("GET", f"/v1/users/{user['id']}")["public_metadata"]["role"] == "admin"
+
+
+@pytest.mark.parametrize("tty", [False, True], ids=["file", "terminal"])
+def test_log_lines_are_logfmt_in_a_file_and_aligned_at_a_terminal(monkeypatch: pytest.MonkeyPatch, tty: bool) -> None:
+    """What ``serve`` writes to a file, journald or a container log is logfmt, one parseable line per event
+    (values with spaces or quotes quoted); a person at a terminal gets the aligned form."""
+    import io
+    import shlex
+
+    import structlog
+
+    from clerk_sync._logging import configure_logging
+
+    class Stream(io.StringIO):
+        def isatty(self) -> bool:
+            return tty
+
+    stream = Stream()
+    monkeypatch.setattr(sys, "stderr", stream)
+    try:
+        configure_logging("INFO")
+        log = structlog.get_logger("test")
+        log.info("webhook", svix_id="msg_1", status="applied", error=None, retried=False)
+        log.warning("hook failed", error='Boom: "quoted" thing')
+        log.debug("not at INFO")
+    finally:
+        structlog.reset_defaults()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2
+    if tty:
+        assert "[info     ] webhook" in lines[0] and "svix_id=msg_1" in lines[0]
+        return
+    fields = [dict(part.split("=", 1) for part in shlex.split(line)) for line in lines]
+    assert [(f["level"], f["event"]) for f in fields] == [("info", "webhook"), ("warning", "hook failed")]
+    assert fields[0]["svix_id"] == "msg_1" and fields[0]["retried"] == "false" and fields[0]["timestamp"].endswith("Z")
+    assert fields[1]["error"] == 'Boom: "quoted" thing'
