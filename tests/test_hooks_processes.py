@@ -272,7 +272,7 @@ def test_serve_no_dispatch_queues_jobs_for_a_worker_beside_it(tmp_path: Path, mo
 
     monkeypatch.setattr(uvicorn, "run", run_app)
     # not the process-wide logging set-up (its cached loggers would outlive this test's captured stderr)
-    monkeypatch.setattr("clerk_sync.cli.main.configure_logging", lambda *args, **kwargs: None)
+    monkeypatch.setattr(sys.modules["clerk_sync.cli.main"], "configure_logging", lambda *args, **kwargs: None)
     monkeypatch.setenv("DATABASE_URL", url)
     monkeypatch.setenv("CLERK_WEBHOOK_SIGNING_SECRET", f.SECRET)
     monkeypatch.syspath_prepend(str(ROOT))
