@@ -64,6 +64,23 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    # the rest of the group too (a `clerk-sync worker` beside `serve`); bounded: a zombie nobody reaps
+    # stays in the group
+    for patience in (15.0, 5.0):
+        deadline = time.monotonic() + patience
+        while _group_alive(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not _group_alive(proc.pid):
+            return
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def machine_busy(seconds: float = 0.5) -> float:

@@ -196,14 +196,21 @@ def test_log_lines_are_logfmt_in_a_file_and_aligned_at_a_terminal(monkeypatch: p
         log.info("webhook", svix_id="msg_1", status="applied", error=None, retried=False)
         log.warning("hook failed", error='Boom: "quoted" thing')
         log.debug("not at INFO")
+        try:
+            raise ZeroDivisionError("the cause")
+        except ZeroDivisionError:
+            log.exception("group_commit_crashed")
     finally:
         structlog.reset_defaults()
-    lines = stream.getvalue().splitlines()
-    assert len(lines) == 2
+    text = stream.getvalue()
+    assert "ZeroDivisionError: the cause" in text and "Traceback" in text  # the traceback is never dropped
+    lines = text.splitlines()
     if tty:
         assert "[info     ] webhook" in lines[0] and "svix_id=msg_1" in lines[0]
         return
+    assert len(lines) == 3  # one line per event, the traceback inside its own
     fields = [dict(part.split("=", 1) for part in shlex.split(line)) for line in lines]
-    assert [(f["level"], f["event"]) for f in fields] == [("info", "webhook"), ("warning", "hook failed")]
+    assert [(f["level"], f["event"]) for f in fields[:2]] == [("info", "webhook"), ("warning", "hook failed")]
     assert fields[0]["svix_id"] == "msg_1" and fields[0]["retried"] == "false" and fields[0]["timestamp"].endswith("Z")
     assert fields[1]["error"] == 'Boom: "quoted" thing'
+    assert fields[2]["level"] == "error" and "ZeroDivisionError: the cause" in fields[2]["exception"]

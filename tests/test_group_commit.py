@@ -342,6 +342,13 @@ def test_a_commit_the_database_refuses_fails_the_batch_and_leaves_its_connection
     nothing; and the one pooled connection comes back as a normal one: a later unit of work that fails
     is rolled back, not left committed statement by statement."""
     store = Store.from_url(db_url, pool_size=1, max_overflow=0)
+    try:
+        _refused_commit(store, verifier)
+    finally:
+        store.dispose()
+
+
+def _refused_commit(store: Store, verifier: WebhookVerifier) -> None:
     committer = GroupCommitter(WebhookProcessor(store, verifier))
     with store.engine.begin() as conn:
         conn.exec_driver_sql(
@@ -352,9 +359,15 @@ def test_a_commit_the_database_refuses_fails_the_batch_and_leaves_its_connection
                              "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse_at_commit()")
     ok = committer.write([("msg_ok", _parsed(f.envelope("user.created", f.user("user_ok", 10))))])
     assert _statuses(ok) == ["applied"]
-    results = committer.write([
+    results = committer.write([  # COMMIT sent in the pipeline
         ("msg_a", _parsed(f.envelope("organization.created", f.organization("org_a", 10)))),
         ("msg_b", _parsed(f.envelope("user.created", f.user("user_nocommit_1", 10)))),
+    ])
+    assert all(isinstance(r, StoreError) for r in results), results
+    results = committer.write([  # a stale delivery and a deletion: COMMIT after the pipeline
+        ("msg_d", _parsed(f.envelope("user.updated", f.user("user_ok", 5)))),
+        ("msg_e", _parsed(f.envelope("user.created", f.user("user_nocommit_2", 10)))),
+        ("msg_f", _parsed(f.envelope("organization.deleted", f.deleted("organization", "org_a")))),
     ])
     assert all(isinstance(r, StoreError) for r in results), results
     assert _inbox(store) == {"msg_ok": "applied"}
@@ -375,4 +388,25 @@ def test_a_commit_the_database_refuses_fails_the_batch_and_leaves_its_connection
     # and the next batch commits as usual on the same connection
     assert _statuses(committer.write([("msg_c", _parsed(f.envelope("user.created", f.user("user_c", 10))))])) == [
         "applied"]
-    store.dispose()
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+def test_a_pipelined_batch_begins_at_the_connections_isolation_level(db_url: str, verifier: WebhookVerifier) -> None:
+    """The batch sends its own BEGIN: it carries what psycopg's implicit one would (the engine's isolation
+    level), and the connection's autocommit setting comes back as it was."""
+    from clerk_sync.integrations._committer import _begin_sql
+
+    store = Store.from_url(db_url, isolation_level="REPEATABLE READ", pool_size=1, max_overflow=0)
+    try:
+        with store.engine.connect() as conn:
+            raw = conn.connection.driver_connection
+            assert _begin_sql(raw) == "BEGIN ISOLATION LEVEL REPEATABLE READ"
+        committer = GroupCommitter(WebhookProcessor(store, verifier))
+        assert _statuses(committer.write([("m1", _parsed(f.envelope("user.created", f.user("user_rr", 10))))])) == [
+            "applied"]
+        with store.engine.connect() as conn:
+            raw = conn.connection.driver_connection
+            assert raw.autocommit is False  # type: ignore[union-attr]
+            assert conn.exec_driver_sql("SHOW transaction_isolation").scalar() == "repeatable read"
+    finally:
+        store.dispose()

@@ -15,7 +15,8 @@ def configure_logging(level: str = "INFO", *, json: bool = False) -> None:
 
     Key-value lines are aligned for a person at a terminal, and logfmt (``timestamp=.. level=info
     event=webhook svix_id=..``) anywhere else: a file, journald, a container's log collector. The
-    aligned form costs ~30 µs a line, a tenth of a webhook delivery's own CPU at the default level."""
+    aligned form costs ~30 µs a line (logfmt ~10 µs), about 4 % of a webhook delivery's CPU at the default
+    level. A traceback is one field of its line (``exception="Traceback ..\\n.."``) outside a terminal."""
     renderer: structlog.types.Processor
     if json:
         renderer = structlog.processors.JSONRenderer()
@@ -29,6 +30,8 @@ def configure_logging(level: str = "INFO", *, json: bool = False) -> None:
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
+            # the aligned renderer formats exc_info itself; the others print the traceback as one field
+            *([] if isinstance(renderer, structlog.dev.ConsoleRenderer) else [structlog.processors.format_exc_info]),
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),

@@ -385,12 +385,20 @@ def _cte_sql(table: sa.Table, key: sa.Column[Any], names: list[str], mapped: Map
 
     Its rows come ``FROM up``: none when the guarded contract upsert refused the version, so the app's
     row follows the contract row's ordering and tombstones without a lock or a read of its own. An
-    update whose mapped values the row already holds writes nothing (no dead tuple, no trigger run)."""
+    update whose mapped values the row already holds writes nothing (no dead tuple, no trigger run).
+    One statement, one snapshot: a BEFORE trigger of the app's table that reads the contract tables sees
+    them as they were before the statement (AFTER triggers and foreign keys see the new row). The mapped
+    values are computed for every delivery the batch pipelines, stale ones too (a ``compute`` that
+    raises sends the batch down the one-by-one path, where it runs only for applied changes)."""
     types = [table.c[n].type for n in names]
     if (dialect != "postgresql" or mapped.links or not _unique(table, key, plain=True)
             or not all(isinstance(t, _RAW_TYPES) and not isinstance(t, sa.Enum) for t in types)):
         return None, ()
-    q = postgresql.dialect().identifier_preparer.quote  # type: ignore[no-untyped-call]
+    quote = postgresql.dialect().identifier_preparer.quote  # type: ignore[no-untyped-call]
+
+    def q(name: str) -> str:  # a "%" in a name is psycopg's placeholder sign: doubled in the SQL text
+        return str(quote(name)).replace("%", "%%")
+
     t, k = q(table.name), q(key.name)
     cols = [q(n) for n in names]
     # json has no equality operator: its values are compared as jsonb

@@ -200,7 +200,7 @@ class Writer:
     def one_statement(self, intent: Upsert | Tombstone | RevokeSession) -> bool:
         """Whether :meth:`record_and_upsert` can take this intent: an upsert, on PostgreSQL with psycopg;
         one the hooks or the mapping care about if :meth:`Outbox.pipelines` its entity (the statement then
-        returns the row before too)."""
+        also writes the mapped row, and returns the row before when a hook may want the change)."""
         return (self._psycopg and isinstance(intent, Upsert)
                 and (self.outbox is None or not self.outbox.wants(intent) or self.outbox.pipelines(intent.entity)))
 

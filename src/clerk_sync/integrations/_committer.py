@@ -11,7 +11,9 @@ its own transaction, as before group commit, where a refused value is stored ``f
 held elsewhere waits out ``lock_timeout``), and the rest is written again. On PostgreSQL the batch
 waits for a lock at most ``lock_wait_s`` (``SET LOCAL lock_timeout``), so a user held by a stuck
 replica costs its batch-mates that long, once. Only a failure of the connection or of the COMMIT
-fails the whole batch: every delivery in it answers 503 and nothing was acknowledged.
+fails the whole batch: every delivery in it answers 503 and nothing was acknowledged (on PostgreSQL
+a pipelined batch whose COMMIT is refused is first written again one statement at a time, and
+answers 503 when that COMMIT is refused too).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import queue
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import sqlalchemy as sa
 import structlog
@@ -194,22 +196,26 @@ class GroupCommitter:
         events for tombstones run after it, one by one, before the COMMIT.
 
         psycopg would sync after its own BEGIN (one more round trip, as would a nested pipeline): the
-        driver connection is in autocommit for the batch and the transaction is ours, BEGIN to COMMIT.
-        The COMMIT's result is read before anyone is answered: a 2xx still means committed."""
+        driver connection is in autocommit for the batch and the transaction is ours, BEGIN (with the
+        connection's isolation level) to COMMIT, whose result is checked before anyone is answered: a
+        2xx still means committed. The connection goes back to the pool as it came, or is invalidated."""
         import psycopg  # writer.pipelines: the connection is psycopg's
 
-        raw = writer.conn.connection.driver_connection
-        if raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:  # type: ignore[union-attr]
+        raw: Any = writer.conn.connection.driver_connection
+        if raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
             raise _Isolate(-1, RuntimeError("connection not idle at the start of a batch"))
-        raw.autocommit = True  # type: ignore[union-attr]
+        was = raw.autocommit
+        raw.autocommit = True
         try:
             outcomes = self._in_own_transaction(writer, raw, jobs)
         except BaseException:
             _rollback(raw)
             raise
         finally:
-            with contextlib.suppress(psycopg.Error):  # a broken connection: the pool discards it
-                raw.autocommit = False  # type: ignore[union-attr]
+            try:
+                raw.autocommit = was
+            except psycopg.Error:  # not idle (a failed ROLLBACK) or broken: never hand it out again
+                writer.conn.invalidate()
         return outcomes
 
     def _in_own_transaction(self, writer: Writer, raw: Any, jobs: list[tuple[str, Envelope]]) -> list[Outcome]:
@@ -218,19 +224,22 @@ class GroupCommitter:
         processor = self.processor
         try:
             with raw.pipeline():
-                raw.execute("BEGIN")
+                raw.execute(_begin_sql(raw))
                 raw.execute(f"SET LOCAL lock_timeout = {self._lock_wait_ms}")
                 done = processor.pipelined_in(writer, jobs)
                 rest = any(outcome is None or outcome.status == DeliveryStatus.SKIPPED for outcome in done)
-                if not rest:
-                    raw.execute("COMMIT")  # sent with the jobs; its result read by the pipeline's closing sync
+                # sent with the jobs; its result read by the pipeline's closing sync
+                commit = None if rest else raw.execute("COMMIT")
             if rest:  # after the pipeline: one statement at a time, then COMMIT
                 for i, outcome in enumerate(done):
                     if outcome is not None:  # a skipped late event for a tombstone
                         processor.forget_if_deleted(writer, outcome, jobs[i][1])
                 done = [outcome or processor.apply_in(writer, *jobs[i]) for i, outcome in enumerate(done)]
-                raw.execute("COMMIT")
-            return [outcome for outcome in done if outcome is not None]
+                commit = raw.execute("COMMIT")
+            status = commit.statusmessage if commit is not None else None
+            if status != "COMMIT":  # PostgreSQL answers ROLLBACK to the COMMIT of a failed transaction
+                raise _Isolate(-1, RuntimeError(f"the batch's COMMIT answered {status}"))
+            return cast(list[Outcome], done)  # every None was replaced by apply_in's outcome
         except sa.exc.SQLAlchemyError as exc:
             if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
                 raise  # the connection is gone: fail the batch (StoreError)
@@ -245,6 +254,18 @@ class GroupCommitter:
             raise
         except Exception as exc:  # not the database's: find the delivery one statement at a time
             raise _Isolate(-1, exc) from exc
+
+
+def _begin_sql(raw: Any) -> str:
+    """The BEGIN psycopg would send itself: the connection's isolation level, read-only, deferrable."""
+    parts = ["BEGIN"]
+    if raw.isolation_level is not None:
+        parts.append("ISOLATION LEVEL " + raw.isolation_level.name.replace("_", " "))
+    if raw.read_only is not None:
+        parts.append("READ ONLY" if raw.read_only else "READ WRITE")
+    if raw.deferrable is not None:
+        parts.append("DEFERRABLE" if raw.deferrable else "NOT DEFERRABLE")
+    return " ".join(parts)
 
 
 def _rollback(raw: Any) -> None:
