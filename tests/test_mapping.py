@@ -415,7 +415,6 @@ def test_mapped_tables_and_hooks_converge_through_group_commit(app_db: str) -> N
     statement; mapped rows and jobs in a second pipeline) end where one-by-one delivery does: the mapped
     tables hold the contract rows, and the jobs, in order, replay to the live rows with each entity
     created once and each idempotency key queued once."""
-    from clerk_sync.events import parse_envelope
     from clerk_sync.integrations._committer import GroupCommitter
     from clerk_sync.outbox import list_jobs
     from tests.test_hooks import fold, without_version
@@ -423,16 +422,9 @@ def test_mapped_tables_and_hooks_converge_through_group_commit(app_db: str) -> N
     store = Store.from_url(app_db, mapping=mapping_for(SoftDelete()), hooks=[Hook("all", lambda change: None)])
     committer = GroupCommitter(WebhookProcessor(store, WebhookVerifier([f.SECRET])))
     for seed in range(3):
-        rng = random.Random(seed)
-        ns = uuid.uuid4().hex[:8]
-        steps = [(rng.randint(0, 5), rng.random() < 0.5, rng.randint(0, 3)) for _ in range(30)]
-        events = bodies(build_history(specs(3, 2, [(0, 0), (1, 1), (2, 0)]), steps), ns)
-        order = [*range(len(events)), *rng.choices(range(len(events)), k=10)]  # with Svix re-sends
-        rng.shuffle(order)
-        while order:
-            size = rng.randint(1, 12)
-            chunk, order = order[:size], order[size:]
-            committer.write([(f"msg_{ns}_{i}", parse_envelope(events[i])) for i in chunk])
+        ns, batches = _history_batches(seed)
+        for batch in batches:
+            committer.write(batch)
         with store.connect() as conn:
             contract, mapped = db_rows(conn, ns), app_rows(conn, ns)
             queued = [job.change for job in list_jobs(conn, status="pending", limit=10_000) if ns in job.change.clerk_id]
@@ -446,6 +438,25 @@ def test_mapped_tables_and_hooks_converge_through_group_commit(app_db: str) -> N
         keys = [c.idempotency_key for c in queued]
         assert len(keys) == len(set(keys))
     store.dispose()
+
+
+def _history_batches(seed: int) -> tuple[str, list[list[tuple[str, Any]]]]:
+    """A random history of 3 users, 2 organizations and their memberships (with Svix re-sends), shuffled
+    and cut into group-commit batches of 1-12 deliveries; and its namespace."""
+    from clerk_sync.events import parse_envelope
+
+    rng = random.Random(seed)
+    ns = uuid.uuid4().hex[:8]
+    steps = [(rng.randint(0, 5), rng.random() < 0.5, rng.randint(0, 3)) for _ in range(30)]
+    events = bodies(build_history(specs(3, 2, [(0, 0), (1, 1), (2, 0)]), steps), ns)
+    order = [*range(len(events)), *rng.choices(range(len(events)), k=10)]
+    rng.shuffle(order)
+    batches = []
+    while order:
+        size = rng.randint(1, 12)
+        chunk, order = order[:size], order[size:]
+        batches.append([(f"msg_{ns}_{i}", parse_envelope(events[i])) for i in chunk])
+    return ns, batches
 
 
 def _external(user_id: str, external_id: str | None, email: str) -> dict[str, Any]:
@@ -526,7 +537,6 @@ def test_mapped_tables_without_hooks_converge_through_group_commit(app_db: str, 
     """With a mapping and no hooks, the committer's batches (on PostgreSQL: the mapped upsert is a part of
     each delivery's one statement, written only when its guarded upsert applied) end where the contract
     tables do, under re-sends, reordering and the app writing its own column in between."""
-    from clerk_sync.events import parse_envelope
     from clerk_sync.ingest import Outcome
     from clerk_sync.integrations._committer import GroupCommitter
     from clerk_sync.outbox import Outbox
@@ -543,17 +553,11 @@ def test_mapped_tables_without_hooks_converge_through_group_commit(app_db: str, 
 
     monkeypatch.setattr(Outbox, "record", counting)
     for seed in range(3):
-        rng = random.Random(seed)
-        ns = uuid.uuid4().hex[:8]
-        steps = [(rng.randint(0, 5), rng.random() < 0.5, rng.randint(0, 3)) for _ in range(30)]
-        events = bodies(build_history(specs(3, 2, [(0, 0), (1, 1), (2, 0)]), steps), ns)
-        order = [*range(len(events)), *rng.choices(range(len(events)), k=10)]  # with Svix re-sends
-        rng.shuffle(order)
-        while order:
-            size = rng.randint(1, 12)
-            chunk, order = order[:size], order[size:]
-            results = committer.write([(f"msg_{ns}_{i}", parse_envelope(events[i])) for i in chunk])
+        ns, batches = _history_batches(seed)
+        for batch in batches:
+            results = committer.write(batch)
             assert all(isinstance(r, Outcome) for r in results), results  # none set aside, none failed
+            size = len(batch)
             with store.transaction() as writer:  # the app's own column, on every row it has
                 writer.conn.execute(sa.text("UPDATE accounts SET notes = :notes WHERE clerk_user_id LIKE :ns"),
                                     {"notes": f"kept {size}", "ns": f"%{ns}%"})
