@@ -195,21 +195,15 @@ class SchemaMapping:
                 self._projection(own, entity, mapped)
         return self._projection(conn, entity, mapped).cte_sql is not None
 
-    def cte(self, conn: Connection, entity: Entity) -> tuple[str, tuple[int, ...]] | None:
-        """The mapped upsert of an entity that :meth:`pipelines`, as a data-modifying CTE named
-        ``mapped`` that writes only when the contract upsert ``up`` of the same statement returned a row
-        (it applied), and leaves a row that already holds these values alone; with the positions of its
-        JSON parameters. None for an entity the mapping leaves alone. Parameters: :meth:`cte_params`."""
+    def cte(self, conn: Connection, entity: Entity, clerk_id: str, values: JSON) -> tuple[str, list[Any]] | None:
+        """The mapped upsert of a created/updated record's ``values``, for an entity that :meth:`pipelines`,
+        as a data-modifying CTE named ``mapped`` that writes only when the contract upsert ``up`` of the
+        same statement returned a row (it applied), and leaves a row that already holds these values
+        alone; with its psycopg parameters. None for an entity the mapping leaves alone."""
         mapped = self.tables.get(entity)
         if mapped is None or not self.pipelines(conn, entity):  # (which reflects on a connection of its own)
             return None
-        projection = self._projection(conn, entity, mapped)
-        return None if projection.cte_sql is None else (projection.cte_sql, projection.json_at)
-
-    def cte_params(self, conn: Connection, entity: Entity, clerk_id: str, values: JSON) -> list[Any]:
-        """The parameters of :meth:`cte` for a created/updated record's ``values`` (JSON ones not wrapped)."""
-        projection = self._projection(conn, entity, self.tables[entity])
-        return [*(col.value(values) for col in projection.columns.values()), *projection.fixed.values(), clerk_id]
+        return self._projection(conn, entity, mapped).cte(clerk_id, values)
 
     def _projection(self, conn: Connection, entity: Entity, mapped: MappedTable) -> _Projection:
         key = (id(conn.engine), entity)  # reflected, and statements built, once per engine
@@ -280,6 +274,15 @@ class _Projection:
             if dialect == "sqlite":  # run on the driver directly (see sqlite_execute)
                 self.sqlite_upsert = f"{head}VALUES ({', '.join(['?'] * (len(names) + 1))}) {tail}"
                 self.sqlite_binds = processors([table.c[n].type for n in names], sqlite.dialect())
+
+    def cte(self, clerk_id: str, values: JSON) -> tuple[str, list[Any]]:
+        """:meth:`SchemaMapping.cte` (only built for PostgreSQL, psycopg: see :func:`_cte_sql`)."""
+        from psycopg.types.json import Jsonb
+
+        if self.cte_sql is None:
+            raise ValueError(f"{self.m.table}: cannot be written by the delivery's statement (see pipelines)")
+        row = [*(col.value(values) for col in self.columns.values()), *self.fixed.values()]
+        return self.cte_sql, [*(Jsonb(v) if i in self.json_at else v for i, v in enumerate(row)), clerk_id]
 
     def apply(self, conn: Connection, now: datetime, change: Change) -> None:
         self.conn, self.now = conn, now

@@ -270,16 +270,14 @@ class Writer:
                 ]
                 shape.append(3)
                 continue
-            cte = mapping.cte(self.conn, intent.entity) if mapping is not None else None
-            mapped_sql, mapped_json = cte or ("", ())
+            cte = (mapping.cte(self.conn, intent.entity, intent.clerk_id, _change_values(intent.record))
+                   if mapping is not None else None)
+            mapped_sql, mapped_params = cte or ("", [])
             sql, json_at = (_hooked_statement_sql if h else _one_statement_sql)(intent.entity, mapped_sql)
             for i in json_at:
                 values[i] = Jsonb(values[i])
             values += [now, now, erased_digest(intent.entity, intent.clerk_id), svix_id, event_type, instance_id,
-                       event_timestamp, error, now, payload, now]
-            if mapping is not None and cte is not None:
-                row = mapping.cte_params(self.conn, intent.entity, intent.clerk_id, _change_values(intent.record))
-                values += [Jsonb(v) if i in mapped_json else v for i, v in enumerate(row)]
+                       event_timestamp, error, now, payload, now, *mapped_params]
             statements.append((sql, [intent.clerk_id, *values] if h else values))
             shape.append(0 if h else 1)
         rows = _run_raw(raw, statements, pipeline=pipeline)
