@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -171,11 +172,19 @@ class Metrics:
         self.hook_seconds = Histogram("clerk_sync_hook_seconds", "Time one hook handler run took, by hook.",
                                       ["hook"], buckets=_HOOK_BUCKETS, registry=r)
         self._database: _DatabaseCollector | None = None
+        # Labelled children of the per-delivery and per-job series, by label values: ``labels()`` costs a
+        # lock and a dict lookup by joined strings on every call (~2 µs, twice per delivery or job).
+        self._event_children: dict[tuple[str, str], Any] = {}
+        self._hook_children: dict[tuple[str, str], tuple[Any, Any]] = {}
 
     # -- webhook path ---------------------------------------------------------------------------
     def observe(self, event_type: str, status: str, seconds: float, *, event_ms: int | None = None) -> None:
         """One delivery's outcome; ``event_ms`` (the envelope timestamp) feeds the apply-lag histogram."""
-        self.events.labels(type=event_type_label(event_type), status=status).inc()
+        key = (event_type_label(event_type), status)  # bounded: known types and "other"
+        child = self._event_children.get(key)
+        if child is None:
+            child = self._event_children[key] = self.events.labels(type=key[0], status=status)
+        child.inc()
         self.latency.observe(seconds)
         if event_ms is not None and status in _APPLIED:
             self.apply_lag.observe(max(0.0, self._clock() - event_ms / 1000.0))
@@ -183,8 +192,12 @@ class Metrics:
     # -- hooks (the dispatcher calls this; see clerk_sync.hooks) ----------------------------------
     def hook_ran(self, hook: str, outcome: str, seconds: float) -> None:
         """One handler run: ``outcome`` is ok, retry (failed, queued again) or dead (failed for good)."""
-        self.hook_runs.labels(hook=hook, outcome=outcome).inc()
-        self.hook_seconds.labels(hook=hook).observe(seconds)
+        children = self._hook_children.get((hook, outcome))
+        if children is None:
+            children = self._hook_children[(hook, outcome)] = (self.hook_runs.labels(hook=hook, outcome=outcome),
+                                                                self.hook_seconds.labels(hook=hook))
+        children[0].inc()
+        children[1].observe(seconds)
 
     # -- Clerk API (the hook the client calls; see clerk_api) ----------------------------------
     def api_call(self, endpoint: str, status: int | None) -> None:

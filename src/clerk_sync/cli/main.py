@@ -106,7 +106,7 @@ def serve(
         if dispatcher is not None:
             dispatcher.start()
         try:
-            uvicorn.run(app, host=host, port=port, log_level="warning")
+            uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)  # our own line per delivery
         finally:
             if dispatcher is not None:
                 dispatcher.stop()
@@ -294,7 +294,7 @@ def _serve_workers(host: str, port: int, workers: int) -> None:
     from uvicorn.supervisors import Multiprocess
 
     config = uvicorn.Config("clerk_sync.integrations.starlette:app_from_env", factory=True, host=host,
-                            port=port, workers=workers, log_level="warning")
+                            port=port, workers=workers, log_level="warning", access_log=False)
     bound = config.bind_socket()
     sock = socket.socket(bound.family, bound.type, socket.IPPROTO_TCP, fileno=bound.detach())
     Multiprocess(config, sockets=[sock]).run()
