@@ -21,7 +21,7 @@ __all__ = ["Change", "Handler", "Hook", "describe"]
 JSON = dict[str, Any]
 _PREFIX = {Entity.USER: "user", Entity.ORGANIZATION: "organization", Entity.MEMBERSHIP: "organizationMembership"}
 # Always different on an applied update, so never "a change" on their own.
-_BOOKKEEPING = frozenset({"clerk_updated_at"})
+BOOKKEEPING = frozenset({"clerk_updated_at"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +39,7 @@ class Change:
     @property
     def type(self) -> str:
         """The event name handlers subscribe to: ``user.created``, ``organizationMembership.deleted``…"""
-        return f"{_PREFIX[self.entity]}.{self.kind}"
+        return change_type(self.entity, self.kind)
 
     @property
     def idempotency_key(self) -> str:
@@ -61,6 +61,11 @@ class Change:
 
 
 Handler = Callable[[Change], None]
+
+
+def change_type(entity: Entity, kind: str) -> str:
+    """``user.created``, ``organizationMembership.*`` (kind ``*``), ``user.`` (kind "")."""
+    return f"{_PREFIX[entity]}.{kind}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,5 +111,5 @@ def describe(entity: Entity, clerk_id: str, version: int, before: JSON | None, a
     if before is None:
         return Change(entity, clerk_id, "created", version, after)
     # Fields with no column (a user's external_id) are not in ``before``: carried, never "a change".
-    previous = {k: before[k] for k, v in after.items() if k not in _BOOKKEEPING and k in before and before[k] != v}
+    previous = {k: before[k] for k, v in after.items() if k not in BOOKKEEPING and k in before and before[k] != v}
     return Change(entity, clerk_id, "updated", version, after, previous) if previous else None

@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Connection
 
-from clerk_sync.changes import Change, Hook
+from clerk_sync.changes import BOOKKEEPING, Change, Hook, change_type
 from clerk_sync.engine import Entity, Tombstone, Upsert
 from clerk_sync.events import MembershipRecord, OrganizationRecord, UserRecord, record_columns
 from clerk_sync.mapping import SchemaMapping, processors, sqlite_execute
@@ -60,6 +60,7 @@ class Outbox:
         self.mapping = mapping
         self.changes: list[Change] = []
         self._hooked = {e for e in Entity if any(hook.covers(e) for hook in hooks)}
+        self._upsert_hooks: dict[Entity, list[tuple[str, list[str], list[str]]]] = {}
         self._wanted = self._hooked | set(mapping.tables if mapping is not None else ())
 
     def wants(self, intent: Upsert | Tombstone) -> bool:
@@ -103,25 +104,31 @@ class Outbox:
             self.conn.execute(_job_sql(pg), [self._job(name, change, payload) for name in names])
 
     def pipelines(self, entity: Entity) -> bool:
-        """Whether the one-statement path (with :meth:`raw_statements` for the jobs) can take this entity's
+        """Whether the one-statement path (with :func:`jobs_cte_sql` for the jobs) can take this entity's
         created/updated changes."""
         return entity is not Entity.MEMBERSHIP and (self.mapping is None or self.mapping.pipelines(self.conn, entity))
 
-    def raw_statements(self, changes: Sequence[Change]) -> list[tuple[str, list[Any]]]:
-        """The hook jobs of created/updated ``changes`` of entities that :meth:`pipelines`, as psycopg
-        statements in order (the caller sends them in one pipeline); their mapped rows were written by
-        the statement that applied them (:meth:`SchemaMapping.cte`)."""
-        statements: list[tuple[str, list[Any]]] = []
-        for change in changes:
-            names = [hook.name for hook in self.hooks if hook.wants(change)]
-            if names:
-                payload = json.dumps(change.to_json())
-                for name in names:
-                    job = self._job(name, change, payload)
-                    statements.append((_RAW_JOB_SQL, [job["hook"], job["type"], job["entity_key"],
-                                                      job["idempotency_key"], payload, self.now, self.now]))
-        self.changes += changes
-        return statements
+    def upsert_hooks(self, entity: Entity) -> list[tuple[str, list[str], list[str]]]:
+        """The hooks that may want a created or updated ``entity``, as (name, kinds, fields) for
+        :func:`jobs_cte_sql`: the one-statement path writes their jobs in SQL (the same choice as
+        :meth:`Hook.wants` on the :func:`~clerk_sync.changes.describe` of the write)."""
+        specs = self._upsert_hooks.get(entity)
+        if specs is None:
+            specs = self._upsert_hooks[entity] = [
+                (hook.name, kinds, list(hook.fields)) for hook in self.hooks
+                if (kinds := [k for k in ("created", "updated")
+                              if {"*", change_type(entity, k), change_type(entity, "*")} & set(hook.on)])]
+        return specs
+
+    def jobs_params(self, entity: Entity, clerk_id: str, version: int, values_json: str,
+                    specs: Sequence[tuple[str, list[str], list[str]]]) -> list[Any]:
+        """The parameters of :func:`jobs_cte_sql` for one upsert (``values_json``: the change's values)."""
+        prefix = change_type(entity, "")
+        params: list[Any] = [values_json, prefix, f"|{entity.value}:{clerk_id}", prefix, f":{clerk_id}:{version}",
+                             entity.value, clerk_id, version, self.now, self.now]
+        for spec in specs:
+            params += spec
+        return params
 
     def _job(self, hook: str, change: Change, payload: str) -> JSON:
         return {"hook": hook, "type": change.type, "entity_key": _entity_key(hook, change),
@@ -365,10 +372,33 @@ _SQLITE_JOB_SQL = (  # _job_sql(False) for sqlite_execute
     "INSERT INTO hook_jobs (hook, type, entity_key, idempotency_key, payload, status, attempts, available_at, "
     "created_at) VALUES (?, ?, ?, ?, ?, 'pending', 0, ?, ?)"
 )
-_RAW_JOB_SQL = (  # _job_sql(True) as psycopg SQL
-    "INSERT INTO hook_jobs (hook, type, entity_key, idempotency_key, payload, status, attempts, available_at, "
-    "created_at) VALUES (%s, %s, %s, %s, %s::jsonb, 'pending', 0, %s, %s)"
-)
+
+
+@functools.cache
+def jobs_cte_sql(hooks: int) -> str:
+    """The hook jobs of an applied upsert as two CTEs (psycopg SQL) that follow ``before`` (the live row as
+    one jsonb ``prev``, absent: none) and ``up`` (a row when the upsert applied) in the delivery's statement.
+
+    ``chg`` is :func:`~clerk_sync.changes.describe` in SQL: created when there was no live row, else
+    updated with ``previous`` the old value of every column the write changed (bookkeeping excluded; no
+    change, no job); ``jobs`` inserts one row per hook of :meth:`Outbox.upsert_hooks` that wants it. No
+    second round trip for the row before, no Python per change. Parameters: :meth:`Outbox.jobs_params`."""
+    rows = ", ".join(["(%s, %s::text[], %s::text[])"] * hooks)
+    bookkeeping = "".join(f" AND o.key <> '{name}'" for name in sorted(BOOKKEEPING))
+    return (
+        "chg AS (SELECT CASE WHEN b.prev IS NULL THEN 'created' ELSE 'updated' END AS kind, "  # noqa: S608
+        "CASE WHEN b.prev IS NULL THEN '{}'::jsonb ELSE COALESCE((SELECT jsonb_object_agg(o.key, o.value) "
+        f"FROM jsonb_each(b.prev) AS o WHERE v.doc ? o.key{bookkeeping} "
+        "AND (v.doc -> o.key) IS DISTINCT FROM o.value), '{}'::jsonb) END AS previous, v.doc "
+        "FROM up CROSS JOIN (SELECT %s::jsonb AS doc) AS v LEFT JOIN before AS b ON true), "
+        "jobs AS (INSERT INTO hook_jobs (hook, type, entity_key, idempotency_key, payload, status, attempts, "
+        "available_at, created_at) SELECT h.name, %s::text || c.kind, h.name || %s::text, "
+        "%s::text || c.kind || %s::text, jsonb_build_object('entity', %s::text, 'clerk_id', %s::text, "
+        "'kind', c.kind, 'version', %s::bigint, 'values', c.doc, 'previous', c.previous), 'pending', 0, %s, %s "
+        f"FROM chg AS c CROSS JOIN (VALUES {rows}) AS h(name, kinds, fields) "
+        "WHERE (c.kind = 'created' OR c.previous <> '{}'::jsonb) AND c.kind = ANY(h.kinds) "
+        "AND (c.kind <> 'updated' OR cardinality(h.fields) = 0 OR c.previous ?| h.fields))"
+    )
 
 
 def _set(conn: Connection, job_id: int, **values: Any) -> None:

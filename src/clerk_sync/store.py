@@ -30,7 +30,7 @@ from clerk_sync.engine import DeliveryStatus, Entity, Record, RevokeSession, Tom
 from clerk_sync.errors import StoreDataError, StoreError, database_message
 from clerk_sync.events import MembershipRecord, OrganizationRecord, UserRecord, record_columns
 from clerk_sync.mapping import SchemaMapping
-from clerk_sync.outbox import Outbox
+from clerk_sync.outbox import Outbox, jobs_cte_sql
 from clerk_sync.tables import (
     Timestamp,
     erased,
@@ -243,11 +243,14 @@ class Writer:
         outbox = self.outbox
         now = self.now
         statements: list[tuple[str, list[Any]]] = []
-        shape: list[int] = []  # statements per item: 1 (user/organization), 3 (membership); 0: 1, hooked
-        # Piped, the mapping's upsert is part of the delivery's statement (SchemaMapping.cte): only what a
-        # hook may want reads the row before. Alone, the mapping writes through Outbox.record.
-        hooked = [outbox is not None and (outbox.hooked(intent) if pipeline else outbox.wants(intent))
-                  for *_, intent in items]
+        shape: list[int] = []  # statements per item: 1 (user/organization), 3 (membership); 0: 1, hooked alone
+        # Piped, the mapping's upsert and the hook jobs are parts of the delivery's statement
+        # (SchemaMapping.cte, jobs_cte_sql). Alone, the statement returns the row before and the change goes
+        # through Outbox.record (mapped row and jobs), whose errors say which table refused what.
+        hooks = [(outbox.upsert_hooks(intent.entity) if pipeline else None) if outbox is not None else None
+                 for *_, intent in items]
+        hooked = [outbox is not None and (bool(specs) if pipeline else outbox.wants(intent))
+                  for (*_, intent), specs in zip(items, hooks, strict=True)]
         mapping = outbox.mapping if outbox is not None and pipeline else None
         keys = sorted({_lock_id(k) for *_, intent in items if intent.entity is Entity.MEMBERSHIP
                        for k in _lock_keys(intent)}
@@ -255,8 +258,8 @@ class Writer:
                          for item, h in zip(items, hooked, strict=True) if h})
         if keys:
             statements.append((_LOCKS_SQL, [keys]))
-        for (svix_id, payload, event_type, instance_id, event_timestamp, error, intent), h in zip(
-                items, hooked, strict=True):
+        for (svix_id, payload, event_type, instance_id, event_timestamp, error, intent), h, specs in zip(
+                items, hooked, hooks, strict=True):
             values: list[Any] = [getattr(intent.record, name) for name in _RECORD_FIELDS[intent.entity]]
             if intent.entity is Entity.MEMBERSHIP:
                 sql, json_at = _raw_upsert_sql(intent.entity)
@@ -270,16 +273,23 @@ class Writer:
                 ]
                 shape.append(3)
                 continue
-            cte = (mapping.cte(self.conn, intent.entity, intent.clerk_id, _change_values(intent.record))
+            changed = _change_values(intent.record) if mapping is not None or (h and pipeline) else None
+            cte = (mapping.cte(self.conn, intent.entity, intent.clerk_id, changed)  # type: ignore[arg-type]
                    if mapping is not None else None)
             mapped_sql, mapped_params = cte or ("", [])
-            sql, json_at = (_hooked_statement_sql if h else _one_statement_sql)(intent.entity, mapped_sql)
+            if h and pipeline:
+                sql, json_at = _jobs_statement_sql(intent.entity, mapped_sql, len(specs))  # type: ignore[arg-type]
+            else:
+                sql, json_at = (_hooked_statement_sql if h else _one_statement_sql)(intent.entity, mapped_sql)
             for i in json_at:
                 values[i] = Jsonb(values[i])
             values += [now, now, erased_digest(intent.entity, intent.clerk_id), svix_id, event_type, instance_id,
                        event_timestamp, error, now, payload, now, *mapped_params]
+            if h and pipeline:
+                values += outbox.jobs_params(intent.entity, intent.clerk_id, intent.version,  # type: ignore[union-attr]
+                                             json.dumps(changed), specs)  # type: ignore[arg-type]
             statements.append((sql, [intent.clerk_id, *values] if h else values))
-            shape.append(0 if h else 1)
+            shape.append(0 if h and not pipeline else 1)
         rows = _run_raw(raw, statements, pipeline=pipeline)
         out: list[DeliveryStatus | None] = []
         changes: list[Change] = []
@@ -301,12 +311,9 @@ class Writer:
             else:
                 out.append(DeliveryStatus.APPLIED)
             at += max(size, 1)
-        if outbox is not None and changes:
-            if pipeline:
-                _run_many(raw, outbox.raw_statements(changes))
-            else:
-                for change in changes:
-                    outbox.record(change)
+        if outbox is not None:
+            for change in changes:  # alone (pipeline=False): the mapped row and jobs through Outbox.record
+                outbox.record(change)
         return out
 
     def forget_payload_if_deleted(self, svix_id: str, entity: Entity, clerk_id: str,
@@ -719,6 +726,22 @@ def _hooked_statement_sql(entity: Entity, mapped: str = "") -> tuple[str, tuple[
     return sql, _json_at(entity)
 
 
+@functools.cache
+def _jobs_statement_sql(entity: Entity, mapped: str, hooks: int) -> tuple[str, tuple[int, ...]]:
+    """:func:`_one_statement_sql` that also writes the hook jobs of the change (:func:`jobs_cte_sql`, for
+    ``hooks`` hooks), from the live row before it as jsonb. The caller holds the entity's advisory lock, so
+    that row is the one the upsert replaces. Parameters: the Clerk id, then :func:`_one_statement_sql`'s,
+    then :meth:`Outbox.jobs_params`."""
+    t, names = _TABLES[entity].name, _RECORD_FIELDS[entity]
+    also = f", {mapped}" if mapped else ""
+    sql = (
+        f"WITH before AS (SELECT to_jsonb(r) AS prev FROM (SELECT {', '.join(names)} FROM {t} "
+        "WHERE clerk_id = %s AND deleted_at IS NULL) AS r), "
+        f"up AS ({_raw_upsert(entity, '1')}), {_RAW_INBOX_CTE}{also}, {jobs_cte_sql(hooks)} SELECT status FROM ins"
+    )
+    return sql, _json_at(entity)
+
+
 def _hooked_change(intent: Upsert, before: Sequence[Any]) -> Change | None:
     """The change an applied upsert made, from the row before it (all NULL: there was none)."""
     names = _RECORD_FIELDS[intent.entity]
@@ -761,23 +784,6 @@ def _run_raw(raw: Any, statements: Sequence[tuple[str, list[Any]]], *, pipeline:
                                          psycopg.Error, hide_parameters=True,
                                          connection_invalidated=bool(raw.closed)) from exc
     return rows
-
-
-def _run_many(raw: Any, statements: Sequence[tuple[str, list[Any]]]) -> None:
-    """Run psycopg statements that return no rows, one executemany per distinct SQL text (each keeps its
-    statements' order; they write different tables), as SQLAlchemy's errors."""
-    import psycopg
-
-    by_sql: dict[str, list[list[Any]]] = {}
-    for sql, values in statements:
-        by_sql.setdefault(sql, []).append(values)
-    try:
-        with raw.cursor() as cur:
-            for sql, rows in by_sql.items():
-                cur.executemany(sql, rows)
-    except psycopg.Error as exc:
-        raise sa.exc.DBAPIError.instance("executemany", None, exc, psycopg.Error, hide_parameters=True,
-                                         connection_invalidated=bool(raw.closed)) from exc
 
 
 _TIMEOUTS = {  # SQLSTATEs of the bounds set in _postgres_bounds
