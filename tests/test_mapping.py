@@ -411,8 +411,8 @@ def test_a_clerk_id_column_without_a_unique_index_still_gets_one_row(db_url: str
 
 
 def test_mapped_tables_and_hooks_converge_through_group_commit(app_db: str) -> None:
-    """The committer's batches (on PostgreSQL: hooked upserts pipelined, their row before read in the same
-    statement; mapped rows and jobs in a second pipeline) end where one-by-one delivery does: the mapped
+    """The committer's batches (on PostgreSQL: hooked upserts pipelined, the mapped row and the jobs
+    written by the delivery's own statement) end where one-by-one delivery does: the mapped
     tables hold the contract rows, and the jobs, in order, replay to the live rows with each entity
     created once and each idempotency key queued once."""
     from clerk_sync.integrations._committer import GroupCommitter

@@ -2,7 +2,8 @@
 
 :class:`Outbox` is the write side, used by :class:`~clerk_sync.store.Writer` when the store has
 hooks: it reads the row before the write, and after an applied write inserts one ``hook_jobs`` row
-per hook that wants the change (so each hook retries on its own). The claim side (:func:`claim`,
+per hook that wants the change (so each hook retries on its own). PostgreSQL's batched path does the
+same inside the delivery's statement (:func:`jobs_cte_sql`). The claim side (:func:`claim`,
 :func:`finish`, :func:`fail`) serves :class:`~clerk_sync.hooks.Dispatcher`:
 
 - a job is claimable when it is ``pending`` and due, or ``running`` with an expired lease (its worker
@@ -50,7 +51,8 @@ FIELDS: dict[Entity, list[str]] = {  # the columns a change's row before is read
 
 class Outbox:
     """Where the applied changes of one unit of work go: the app's mapped tables (projected at once,
-    :mod:`clerk_sync.mapping`) and the hook jobs. ``changes`` lists what it recorded, in order."""
+    :mod:`clerk_sync.mapping`) and the hook jobs. ``changes`` lists what it recorded, in order (not the
+    jobs a batched statement wrote in SQL, :func:`jobs_cte_sql`)."""
 
     def __init__(self, conn: Connection, now: datetime, hooks: Sequence[Hook],
                  mapping: SchemaMapping | None = None) -> None:
@@ -67,10 +69,6 @@ class Outbox:
         """Whether the mapping or a hook can care about what ``intent`` changes (a user's or organization's
         deletion also deletes its memberships); if not, the writer takes its plain path."""
         return _touches(intent, self._wanted)
-
-    def hooked(self, intent: Upsert | Tombstone) -> bool:
-        """Whether a hook can care about what ``intent`` changes (then the write reads the row before)."""
-        return _touches(intent, self._hooked)
 
     def before(self, entity: Entity, clerk_id: str) -> JSON | None:
         """The live row's Clerk fields, or None (absent or deleted). Read under the writer's lock."""

@@ -200,7 +200,7 @@ class Writer:
     def one_statement(self, intent: Upsert | Tombstone | RevokeSession) -> bool:
         """Whether :meth:`record_and_upsert` can take this intent: an upsert, on PostgreSQL with psycopg;
         one the hooks or the mapping care about if :meth:`Outbox.pipelines` its entity (the statement then
-        also writes the mapped row, and returns the row before when a hook may want the change)."""
+        also writes the mapped row, and the hook jobs when a hook may want the change)."""
         return (self._psycopg and isinstance(intent, Upsert)
                 and (self.outbox is None or not self.outbox.wants(intent) or self.outbox.pipelines(intent.entity)))
 
@@ -229,13 +229,13 @@ class Writer:
 
         The mapped table's upsert of an entity the mapping covers is a part of the delivery's statement
         (:meth:`SchemaMapping.cte`: it writes when the guarded upsert applied). An upsert a hook may care
-        about (see :meth:`Outbox.hooked`) takes its entity's lock in that pass too, and its statement also
-        returns the row before, so the change is described as :meth:`_apply_with_hooks` does; then one
-        executemany (in the same pipeline) writes the hook jobs of the applied changes. A duplicate
-        ``svix_id`` whose upsert still applied (its first delivery was stored failed) is recorded too:
-        every change to the mirrored row reaches the mapping and hooks.
-        Alone (``pipeline=False``) the mapping writes through :meth:`Outbox.record`, whose errors say
-        which table refused what.
+        about (see :meth:`Outbox.upsert_hooks`) takes its entity's lock in that pass too, and its statement
+        also reads the row before and writes the jobs of the change (:func:`~clerk_sync.outbox.jobs_cte_sql`:
+        the change described in SQL, as :meth:`_apply_with_hooks` does in Python). A duplicate ``svix_id``
+        whose upsert still applied (its first delivery was stored failed) is recorded too: every change to
+        the mirrored row reaches the mapping and hooks. Jobs written in SQL are not in ``Outbox.changes``.
+        Alone (``pipeline=False``) the statement returns the row before, and the mapping and the jobs go
+        through :meth:`Outbox.record`, whose errors say which table refused what.
         """
         from psycopg.types.json import Jsonb  # the postgres extra; only reached on a psycopg connection
 

@@ -191,9 +191,9 @@ class GroupCommitter:
 
     def _pipelined(self, writer: Writer, jobs: list[tuple[str, Envelope]]) -> list[Outcome]:
         """The batch in two round trips: BEGIN, the lock bound and every upsert in one psycopg pipeline
-        (their results come back on a flush), then the hook jobs (if any) and COMMIT with the pipeline's
-        sync. Deliveries the pipeline cannot take (deletions, ignored types) and the redaction of late
-        events for tombstones run after it, one by one, before the COMMIT.
+        (their results come back on a flush; mapped rows and hook jobs are parts of the upserts' statements),
+        then COMMIT with the pipeline's sync. Deliveries the pipeline cannot take (deletions, ignored
+        types) and the redaction of late events for tombstones run after it, one by one, before the COMMIT.
 
         psycopg would sync after its own BEGIN (one more round trip, as would a nested pipeline): the
         driver connection is in autocommit for the batch and the transaction is ours, BEGIN (with the
