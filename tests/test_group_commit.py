@@ -204,8 +204,8 @@ def test_batches_in_any_order_converge_to_the_model(store: Store, verifier: Webh
 
 
 def test_hooks_see_every_change_written_through_group_commit(db_url: str, verifier: WebhookVerifier) -> None:
-    """The pipelined one-statement path skips the row read that hooks need: with hooks it is not taken,
-    and each applied change of a batch queues its outbox job in the batch's transaction."""
+    """Each applied change of a batch queues its outbox job in the batch's transaction (on PostgreSQL by the
+    delivery's own statement, without falling back to one statement at a time); stale ones queue none."""
     from clerk_sync.changes import Hook
     from clerk_sync.tables import hook_jobs
 
@@ -217,8 +217,10 @@ def test_hooks_see_every_change_written_through_group_commit(db_url: str, verifi
             ("mh_3", _parsed(f.envelope("user.updated", f.user("user_h1", 5)))),  # stale: no job
             ("mh_4", _parsed(f.envelope("user.updated", f.user("user_h2", 20, first_name="New")))),
         ]
-        results = GroupCommitter(WebhookProcessor(store, verifier)).write(batch)
+        committer = GroupCommitter(WebhookProcessor(store, verifier))
+        results = committer.write(batch)
         assert _statuses(results) == ["applied", "applied", "skipped", "applied"]
+        assert committer.retried == 0
         with store.connect() as conn:
             jobs = conn.execute(sa.select(hook_jobs.c.type, hook_jobs.c.entity_key).order_by(hook_jobs.c.id)).all()
         assert [job.type for job in jobs] == ["user.created", "user.created", "user.updated"]
@@ -419,8 +421,10 @@ def test_jobs_written_by_the_batch_statement_are_the_ones_describe_gives(db_url:
     change described in SQL). The same random user/organization history (stale, duplicate and no-op
     versions, role and name changes), once through group commit and once one delivery at a time (the
     row before read, :func:`~clerk_sync.changes.describe` and ``Hook.wants`` in Python), queues the
-    same jobs in the same order: hook, type, keys and payload, ``previous`` included. On SQLite and
-    MariaDB both sides run the Python path (the test then pins the batch order)."""
+    same jobs in the same order: hook, type, keys and payload, ``previous`` included (metadata flips
+    between ``1`` and ``true``: JSON tells them apart), and no batch falls back to one statement at a time
+    (the Python path would hide a broken statement). On SQLite and MariaDB both sides run the Python path
+    (the test then pins the batch order)."""
     import random
 
     from clerk_sync.changes import Hook
@@ -432,22 +436,25 @@ def test_jobs_written_by_the_batch_statement_are_the_ones_describe_gives(db_url:
              Hook("orgs", lambda change: None, on=["organization.*"])]
     rng = random.Random(seed)
     steps = []
-    for _ in range(60):
+    for n in range(60):
         version = rng.randint(1, 15)
         if rng.random() < 0.7:
-            steps.append(("user", rng.randint(0, 2), version, rng.choice(["Ada", "Bea"]), rng.choice([None, "admin"])))
+            steps.append((n, "user", rng.randint(0, 2), version, rng.choice(["Ada", "Bea"]),
+                          rng.choice([None, "admin"]), rng.choice([1, True, 0, False])))
         else:
-            steps.append(("organization", rng.randint(0, 1), version, rng.choice(["Acme", "Zeta"]), None))
-    steps += rng.choices(steps, k=8)  # Svix re-sends
+            steps.append((n, "organization", rng.randint(0, 1), version, rng.choice(["Acme", "Zeta"]), None, None))
+    steps += rng.choices(steps, k=8)  # Svix re-sends: the same svix-id and body
 
     def deliveries(ns: str) -> list[tuple[str, Envelope]]:
         out = []
-        for n, (kind, i, version, name, role) in enumerate(steps):
+        for n, kind, i, version, name, role, flag in steps:
             if kind == "user":
-                event = f.envelope(rng.choice(["user.created", "user.updated"]),
-                                   f.user(f"user_{ns}_{i}", version, first_name=name, role=role))
+                body = f.user(f"user_{ns}_{i}", version, first_name=name, role=role)
+                body["public_metadata"]["beta"] = flag
+                event = f.envelope(["user.created", "user.updated"][n % 2], body, timestamp=version)
             else:
-                event = f.envelope("organization.updated", f.organization(f"org_{ns}_{i}", version, name=name))
+                event = f.envelope("organization.updated", f.organization(f"org_{ns}_{i}", version, name=name),
+                                   timestamp=version)
             out.append((f"msg_{ns}_{n}", _parsed(event)))
         return out
 
@@ -463,10 +470,7 @@ def test_jobs_written_by_the_batch_statement_are_the_ones_describe_gives(db_url:
     try:
         processor = WebhookProcessor(store, verifier)
         batched, alone = uuid.uuid4().hex[:8], uuid.uuid4().hex[:8]
-        rng.seed(seed)
-        batch_deliveries = deliveries(batched)
-        rng.seed(seed)
-        alone_deliveries = deliveries(alone)
+        batch_deliveries, alone_deliveries = deliveries(batched), deliveries(alone)
         committer = GroupCommitter(processor)
         at = 0
         while at < len(batch_deliveries):
@@ -474,6 +478,7 @@ def test_jobs_written_by_the_batch_statement_are_the_ones_describe_gives(db_url:
             results = committer.write(batch_deliveries[at:at + size])
             assert all(isinstance(r, Outcome) for r in results), results
             at += size
+        assert committer.retried == 0
         for svix_id, envelope in alone_deliveries:
             processor.apply_alone(svix_id, envelope)
         queued = jobs(store, batched)

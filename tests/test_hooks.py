@@ -115,6 +115,21 @@ def test_describe_names_the_change_as_the_table_saw_it() -> None:
     assert describe(Entity.USER, "u1", 3, None, None) is None  # a tombstone for a row never seen
 
 
+def test_describe_compares_values_as_json() -> None:
+    """``true`` where ``1`` was is a change (JSON and PostgreSQL's jsonb tell them apart; Python's ``==`` does
+    not), at any depth; ``1`` and ``1.0`` are the same number, and key order does not matter."""
+    row = {"clerk_id": "u1", "clerk_updated_at": 1, "public_metadata": {"beta": 1, "tags": [0, {"a": 1}]}}
+
+    def meta(value: object) -> dict[str, object]:
+        return row | {"clerk_updated_at": 2, "public_metadata": value}
+
+    flipped = describe(Entity.USER, "u1", 2, row, meta({"beta": True, "tags": [0, {"a": 1}]}))
+    assert flipped is not None and flipped.previous == {"public_metadata": row["public_metadata"]}
+    assert describe(Entity.USER, "u1", 2, row, meta({"beta": 1, "tags": [False, {"a": 1}]})) is not None
+    assert describe(Entity.USER, "u1", 2, row, meta({"beta": 1, "tags": [0, {"a": True}]})) is not None
+    assert describe(Entity.USER, "u1", 2, row, meta({"tags": [0, {"a": 1.0}], "beta": 1.0})) is None
+
+
 def test_hook_matching_and_validation() -> None:
     change = Change(Entity.USER, "u1", "updated", 2, {"role": "admin"}, {"role": "user"})
     assert Hook("a", print, on=["user.updated"], fields=["role"]).wants(change)

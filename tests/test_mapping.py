@@ -425,6 +425,7 @@ def test_mapped_tables_and_hooks_converge_through_group_commit(app_db: str) -> N
         ns, batches = _history_batches(seed)
         for batch in batches:
             committer.write(batch)
+        assert committer.retried == 0  # no batch fell back to one statement at a time
         with store.connect() as conn:
             contract, mapped = db_rows(conn, ns), app_rows(conn, ns)
             queued = [job.change for job in list_jobs(conn, status="pending", limit=10_000) if ns in job.change.clerk_id]

@@ -2,10 +2,11 @@
 
 The store calls :func:`describe` with the row as it was and the row as written, inside the
 transaction of the apply, and writes one outbox row per :class:`Hook` that :meth:`Hook.wants` the
-:class:`Change`. The type is the change *as the app's table saw it*: a ``user.updated`` event that
-arrives before its ``user.created`` creates the row, so it is the ``user.created`` change; the late
-``user.created`` is then stale and produces nothing. Duplicates, stale events, writes that change no
-field and tombstones for rows never seen produce no change.
+:class:`Change` (PostgreSQL's batched path does the same in SQL: :func:`clerk_sync.outbox.jobs_cte_sql`).
+Values compare as JSON does: ``true`` is not ``1``. The type is the change *as the app's table saw
+it*: a ``user.updated`` event that arrives before its ``user.created`` creates the row, so it is the
+``user.created`` change; the late ``user.created`` is then stale and produces nothing. Duplicates,
+stale events, writes that change no field and tombstones for rows never seen produce no change.
 """
 
 from __future__ import annotations
@@ -111,5 +112,17 @@ def describe(entity: Entity, clerk_id: str, version: int, before: JSON | None, a
     if before is None:
         return Change(entity, clerk_id, "created", version, after)
     # Fields with no column (a user's external_id) are not in ``before``: carried, never "a change".
-    previous = {k: before[k] for k, v in after.items() if k not in BOOKKEEPING and k in before and before[k] != v}
+    previous = {k: before[k] for k, v in after.items()
+                if k not in BOOKKEEPING and k in before and not _same_json(before[k], v)}
     return Change(entity, clerk_id, "updated", version, after, previous) if previous else None
+
+
+def _same_json(a: Any, b: Any) -> bool:
+    """Equal as JSON values (as PostgreSQL compares jsonb): Python's ``True == 1`` is not."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_json(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same_json(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)

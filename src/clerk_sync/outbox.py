@@ -381,7 +381,7 @@ def jobs_cte_sql(hooks: int) -> str:
     updated with ``previous`` the old value of every column the write changed (bookkeeping excluded; no
     change, no job); ``jobs`` inserts one row per hook of :meth:`Outbox.upsert_hooks` that wants it. No
     second round trip for the row before, no Python per change. Parameters: :meth:`Outbox.jobs_params`."""
-    rows = ", ".join(["(%s, %s::text[], %s::text[])"] * hooks)
+    rows = ", ".join(f"({n}, %s, %s::text[], %s::text[])" for n in range(hooks))
     bookkeeping = "".join(f" AND o.key <> '{name}'" for name in sorted(BOOKKEEPING))
     return (
         "chg AS (SELECT CASE WHEN b.prev IS NULL THEN 'created' ELSE 'updated' END AS kind, "  # noqa: S608
@@ -393,9 +393,9 @@ def jobs_cte_sql(hooks: int) -> str:
         "available_at, created_at) SELECT h.name, %s::text || c.kind, h.name || %s::text, "
         "%s::text || c.kind || %s::text, jsonb_build_object('entity', %s::text, 'clerk_id', %s::text, "
         "'kind', c.kind, 'version', %s::bigint, 'values', c.doc, 'previous', c.previous), 'pending', 0, %s, %s "
-        f"FROM chg AS c CROSS JOIN (VALUES {rows}) AS h(name, kinds, fields) "
+        f"FROM chg AS c CROSS JOIN (VALUES {rows}) AS h(n, name, kinds, fields) "
         "WHERE (c.kind = 'created' OR c.previous <> '{}'::jsonb) AND c.kind = ANY(h.kinds) "
-        "AND (c.kind <> 'updated' OR cardinality(h.fields) = 0 OR c.previous ?| h.fields))"
+        "AND (c.kind <> 'updated' OR cardinality(h.fields) = 0 OR c.previous ?| h.fields) ORDER BY h.n)"
     )
 
 

@@ -83,6 +83,7 @@ class GroupCommitter:
         self._start = threading.Lock()
         self.batches = 0  # committed batches and the deliveries in them (tests, benchmarks)
         self.committed = 0
+        self.retried = 0  # batches the pipeline failed, written again one statement at a time
         self.waiting = 0  # submitted, not answered yet
 
     async def submit(self, svix_id: str, envelope: Envelope) -> Outcome | _Alone:
@@ -153,6 +154,7 @@ class GroupCommitter:
             except _Isolate as failed:
                 if failed.index < 0:  # the pipeline failed somewhere: again, one statement at a time
                     pipelined = False
+                    self.retried += 1
                     continue
                 index = pending.pop(failed.index)
                 results[index] = ALONE
