@@ -247,9 +247,10 @@ class Writer:
         # Piped, the mapping's upsert and the hook jobs are parts of the delivery's statement
         # (SchemaMapping.cte, jobs_cte_sql). Alone, the statement returns the row before and the change goes
         # through Outbox.record (mapped row and jobs), whose errors say which table refused what.
-        hooks = [(outbox.upsert_hooks(intent.entity) if pipeline else None) if outbox is not None else None
+        # Piped: the hooks that may want each upsert (their jobs written in SQL); alone: whether any may.
+        hooks = [outbox.upsert_hooks(intent.entity) if outbox is not None and pipeline else []
                  for *_, intent in items]
-        hooked = [outbox is not None and (bool(specs) if pipeline else outbox.wants(intent))
+        hooked = [bool(specs) if pipeline else outbox is not None and outbox.wants(intent)
                   for (*_, intent), specs in zip(items, hooks, strict=True)]
         mapping = outbox.mapping if outbox is not None and pipeline else None
         keys = sorted({_lock_id(k) for *_, intent in items if intent.entity is Entity.MEMBERSHIP
@@ -273,23 +274,22 @@ class Writer:
                 ]
                 shape.append(3)
                 continue
-            changed = _change_values(intent.record) if mapping is not None or (h and pipeline) else None
-            cte = (mapping.cte(self.conn, intent.entity, intent.clerk_id, changed)  # type: ignore[arg-type]
-                   if mapping is not None else None)
+            changed = _change_values(intent.record) if mapping is not None or specs else {}
+            cte = mapping.cte(self.conn, intent.entity, intent.clerk_id, changed) if mapping is not None else None
             mapped_sql, mapped_params = cte or ("", [])
-            if h and pipeline:
-                sql, json_at = _jobs_statement_sql(intent.entity, mapped_sql, len(specs))  # type: ignore[arg-type]
+            if specs:
+                sql, json_at = _jobs_statement_sql(intent.entity, mapped_sql, len(specs))
             else:
                 sql, json_at = (_hooked_statement_sql if h else _one_statement_sql)(intent.entity, mapped_sql)
             for i in json_at:
                 values[i] = Jsonb(values[i])
             values += [now, now, erased_digest(intent.entity, intent.clerk_id), svix_id, event_type, instance_id,
                        event_timestamp, error, now, payload, now, *mapped_params]
-            if h and pipeline:
-                values += outbox.jobs_params(intent.entity, intent.clerk_id, intent.version,  # type: ignore[union-attr]
-                                             json.dumps(changed), specs)  # type: ignore[arg-type]
+            if specs:
+                assert outbox is not None  # specs come from it
+                values += outbox.jobs_params(intent.entity, intent.clerk_id, intent.version, json.dumps(changed), specs)
             statements.append((sql, [intent.clerk_id, *values] if h else values))
-            shape.append(0 if h and not pipeline else 1)
+            shape.append(0 if h and not specs else 1)
         rows = _run_raw(raw, statements, pipeline=pipeline)
         out: list[DeliveryStatus | None] = []
         changes: list[Change] = []
