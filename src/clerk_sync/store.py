@@ -247,7 +247,8 @@ class Writer:
         # Piped, the mapping's upsert and the hook jobs are parts of the delivery's statement
         # (SchemaMapping.cte, jobs_cte_sql). Alone, the statement returns the row before and the change goes
         # through Outbox.record (mapped row and jobs), whose errors say which table refused what.
-        # Piped: the hooks that may want each upsert (their jobs written in SQL); alone: whether any may.
+        # Piped: the hooks that may want each upsert (their jobs written in SQL; none alone). ``hooked``: the
+        # row before is read (under the entity's lock), piped for those jobs, alone for Outbox.record.
         hooks = [outbox.upsert_hooks(intent.entity) if outbox is not None and pipeline else []
                  for *_, intent in items]
         hooked = [bool(specs) if pipeline else outbox is not None and outbox.wants(intent)
