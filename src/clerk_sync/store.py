@@ -30,7 +30,7 @@ from clerk_sync.engine import DeliveryStatus, Entity, Record, RevokeSession, Tom
 from clerk_sync.errors import StoreDataError, StoreError, database_message
 from clerk_sync.events import MembershipRecord, OrganizationRecord, UserRecord, record_columns
 from clerk_sync.mapping import SchemaMapping
-from clerk_sync.outbox import Outbox, jobs_cte_sql
+from clerk_sync.outbox import HookSpec, Outbox, jobs_cte_sql
 from clerk_sync.tables import (
     Timestamp,
     erased,
@@ -279,7 +279,7 @@ class Writer:
             cte = mapping.cte(self.conn, intent.entity, intent.clerk_id, changed) if mapping is not None else None
             mapped_sql, mapped_params = cte or ("", [])
             if specs:
-                sql, json_at = _jobs_statement_sql(intent.entity, mapped_sql, len(specs))
+                sql, json_at = _jobs_statement_sql(intent.entity, mapped_sql, specs)
             else:
                 sql, json_at = (_hooked_statement_sql if h else _one_statement_sql)(intent.entity, mapped_sql)
             for i in json_at:
@@ -288,7 +288,7 @@ class Writer:
                        event_timestamp, error, now, payload, now, *mapped_params]
             if specs:
                 assert outbox is not None  # specs come from it
-                values += outbox.jobs_params(intent.entity, intent.clerk_id, intent.version, json.dumps(changed), specs)
+                values += outbox.jobs_params(intent.entity, intent.clerk_id, intent.version, json.dumps(changed))
             statements.append((sql, [intent.clerk_id, *values] if h else values))
             shape.append(0 if h and not specs else 1)
         rows = _run_raw(raw, statements, pipeline=pipeline)
@@ -728,9 +728,9 @@ def _hooked_statement_sql(entity: Entity, mapped: str = "") -> tuple[str, tuple[
 
 
 @functools.cache
-def _jobs_statement_sql(entity: Entity, mapped: str, hooks: int) -> tuple[str, tuple[int, ...]]:
-    """:func:`_one_statement_sql` that also writes the hook jobs of the change (:func:`jobs_cte_sql`, for
-    ``hooks`` hooks), from the live row before it as jsonb. The caller holds the entity's advisory lock, so
+def _jobs_statement_sql(entity: Entity, mapped: str, hooks: tuple[HookSpec, ...]) -> tuple[str, tuple[int, ...]]:
+    """:func:`_one_statement_sql` that also writes the hook jobs of the change (:func:`jobs_cte_sql` for
+    ``hooks``), from the live row before it as jsonb. The caller holds the entity's advisory lock, so
     that row is the one the upsert replaces. Parameters: the Clerk id, then :func:`_one_statement_sql`'s,
     then :meth:`Outbox.jobs_params`."""
     t, names = _TABLES[entity].name, _RECORD_FIELDS[entity]
