@@ -97,8 +97,10 @@ class Settings(BaseSettings):
     clerk_issuer: str | None = Field(None, validation_alias=AliasChoices("CLERK_ISSUER", "CLERK_FRONTEND_API_URL"))
     authorized_parties_raw: str | None = Field(None, validation_alias="CLERK_AUTHORIZED_PARTIES")
     session_leeway_s: float = Field(5.0, ge=0, validation_alias="CLERK_SYNC_SESSION_LEEWAY_S")
-    # Operations: one log line per delivery at this level; retention of the inbox and of tombstones.
-    delivery_log_level: str = Field("INFO", validation_alias="CLERK_SYNC_DELIVERY_LOG_LEVEL")
+    # Operations: one log line per delivery at this level (a failed one: WARNING at least), a summary line
+    # every delivery_summary_s (0: none); retention of the inbox and of tombstones.
+    delivery_log_level: str = Field("DEBUG", validation_alias="CLERK_SYNC_DELIVERY_LOG_LEVEL")
+    delivery_summary_s: float = Field(60.0, ge=0, validation_alias="CLERK_SYNC_DELIVERY_SUMMARY_S")
     # serve: concurrent deliveries share one transaction and one COMMIT (see docs/ARCHITECTURE.md).
     group_commit: bool = Field(True, validation_alias="CLERK_SYNC_GROUP_COMMIT")
     inbox_redact_after_days: float = Field(30.0, ge=0, validation_alias="CLERK_SYNC_INBOX_REDACT_AFTER_DAYS")

@@ -106,7 +106,7 @@ def serve(
         if dispatcher is not None:
             dispatcher.start()
         try:
-            uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)  # our own line per delivery
+            uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)  # our own lines (ingest.py)
         finally:
             if dispatcher is not None:
                 dispatcher.stop()

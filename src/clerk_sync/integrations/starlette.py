@@ -66,6 +66,7 @@ def build_processor(settings: Settings, store: Store | None = None) -> WebhookPr
         instance_id=settings.instance_id,
         max_body_bytes=settings.max_body_bytes,
         log_level=settings.delivery_log_level,
+        summary_s=settings.delivery_summary_s,
     )
 
 
