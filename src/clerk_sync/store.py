@@ -29,7 +29,7 @@ from clerk_sync.config import DatabaseTimeouts
 from clerk_sync.engine import DeliveryStatus, Entity, Record, RevokeSession, Tombstone, Upsert
 from clerk_sync.errors import StoreDataError, StoreError, database_message
 from clerk_sync.events import MembershipRecord, OrganizationRecord, UserRecord, record_columns
-from clerk_sync.mapping import SchemaMapping
+from clerk_sync.mapping import SchemaMapping, processors, sqlite_execute
 from clerk_sync.outbox import HookSpec, Outbox, jobs_cte_sql
 from clerk_sync.tables import (
     Timestamp,
@@ -173,6 +173,8 @@ class Writer:
         self._pg = self._dialect == "postgresql"
         self._my = self._dialect == "mysql"
         self._psycopg = self._pg and conn.dialect.driver == "psycopg"
+        # SQLite through the stdlib driver: the hot writes go to it directly (see _sqlite_statement)
+        self._pysqlite = self._dialect == "sqlite" and conn.dialect.driver == "pysqlite"
         # Applied changes go to the app's mapped tables and the hook outbox, in this transaction
         # (None: neither is configured, so no extra reads).
         self.outbox = Outbox(conn, now, hooks, mapping) if hooks or mapping else None
@@ -187,6 +189,13 @@ class Writer:
         ``status`` lets the caller write the expected outcome at once (one statement fewer).
         """
         text = payload if isinstance(payload, str) else json.dumps(payload)
+        if self._pysqlite:
+            sql, (stamp,) = _sqlite_statement(_RAW_INBOX_SQL.replace("%s::jsonb", "%s"), self.conn.dialect,
+                                              (Timestamp,))
+            now = stamp(self.now) if stamp is not None else self.now
+            return bool(sqlite_execute(self.conn, sql, [[
+                svix_id, event_type, instance_id, event_timestamp, str(status), error,
+                now if status in _APPLIED else None, text, now]]))
         params = {"svix_id": svix_id, "type": event_type, "instance_id": instance_id,
                   "event_timestamp": event_timestamp, "now": self.now, "payload": text, "status": status,
                   "last_error": error, "applied_at": self.now if status in _APPLIED else None}
@@ -402,6 +411,16 @@ class Writer:
         return changed
 
     def _upsert(self, intent: Upsert) -> bool:
+        if self._pysqlite:
+            table, names = _TABLES[intent.entity], _RECORD_FIELDS[intent.entity]
+            sql, convert = _sqlite_statement(_raw_upsert(intent.entity, "id"), self.conn.dialect,
+                                             (*(table.c[n].type for n in names), Timestamp))
+            record, (*convert_fields, stamp) = intent.record, convert
+            values = [getattr(record, n) if f is None else f(getattr(record, n))
+                      for n, f in zip(names, convert_fields, strict=True)]
+            now = stamp(self.now) if stamp is not None else self.now
+            values += [now, now, *_erased_params(intent.entity, record).values()]
+            return bool(sqlite_execute(self.conn, sql, [values]))
         params = _params(intent.entity, intent.record) | {"now": self.now,
                                                           **_erased_params(intent.entity, intent.record)}
         return self._wrote(self.conn.execute(_upsert_sql(intent.entity, self._dialect, returning=True), params))
@@ -451,6 +470,10 @@ class Writer:
         return self.conn.execute(stmt.returning(*columns)).all()
 
     def _delete_membership_if_parent_deleted(self, clerk_id: str) -> bool:
+        if self._pysqlite:
+            sql, (stamp,) = _sqlite_statement(_SQLITE_PARENT_DELETED_SQL, self.conn.dialect, (Timestamp,))
+            now = stamp(self.now) if stamp is not None else self.now
+            return bool(sqlite_execute(self.conn, sql, [[now, now, clerk_id]]))
         m = organization_memberships
 
         def deleted(table: sa.Table, column: sa.ColumnElement[str]) -> sa.Exists:
@@ -661,6 +684,26 @@ _RAW_PARENT_DELETED_SQL = (  # Writer._delete_membership_if_parent_deleted, as p
     "EXISTS (SELECT 1 FROM organizations o WHERE o.clerk_id = m.organization_clerk_id AND o.deleted_at IS NOT NULL)"
     ") RETURNING m.id"
 )
+
+
+_SQLITE_PARENT_DELETED_SQL = (  # the same, for SQLite (no alias in its UPDATE .. RETURNING)
+    "UPDATE organization_memberships SET deleted_at = %s, updated_at = %s "
+    "WHERE clerk_id = %s AND deleted_at IS NULL AND ("
+    "EXISTS (SELECT 1 FROM users u WHERE u.clerk_id = organization_memberships.user_clerk_id "
+    "AND u.deleted_at IS NOT NULL) OR "
+    "EXISTS (SELECT 1 FROM organizations o WHERE o.clerk_id = organization_memberships.organization_clerk_id "
+    "AND o.deleted_at IS NOT NULL)) RETURNING id"
+)
+
+
+@functools.cache
+def _sqlite_statement(sql: str, dialect: sa.Dialect,
+                      types: tuple[sa.types.TypeEngine[Any], ...]) -> tuple[str, list[Callable[[Any], Any] | None]]:
+    """A psycopg statement of this module as sqlite3 SQL, and SQLAlchemy's conversions of ``types`` (the
+    values bound first, in order). The inbox row, the guarded upsert and the membership check of every
+    delivery on SQLite skip SQLAlchemy's per-call work (compile cache, bind processing, result set-up),
+    which cost more than the statements themselves; the values are converted exactly as it would."""
+    return sql.replace("%s", "?"), processors(types, dialect)
 
 
 def _raw_upsert(entity: Entity, returning: str) -> str:
