@@ -498,3 +498,60 @@ def _renamed(payload: Any, ns: str) -> Any:
 
     text = payload if isinstance(payload, str) else json.dumps(payload, sort_keys=True)
     return json.loads(text.replace(ns, "NS"))
+
+
+def test_hook_names_and_fields_with_quotes_and_percent_signs_reach_the_batch_statement_intact(
+        db_url: str, verifier: WebhookVerifier) -> None:
+    """Review finding: on PostgreSQL the batch statement carries its hooks as quoted constants beside its
+    parameters; a ``%`` there would be read as a placeholder (every batch falling back to one statement at
+    a time, or ``%%`` stored as ``%``)."""
+    from clerk_sync.changes import Hook
+    from clerk_sync.tables import hook_jobs
+
+    odd = ["100% o'clock \\ %s", "50%%"]
+    store = Store.from_url(db_url, hooks=[
+        Hook(odd[0], lambda change: None, on=["user.created"]),
+        Hook(odd[1], lambda change: None, on=["user.updated"], fields=["first_name", "a%b'c"])])
+    try:
+        committer = GroupCommitter(WebhookProcessor(store, verifier))
+        results = committer.write([
+            ("mp_1", _parsed(f.envelope("user.created", f.user("user_pct", 10)))),
+            ("mp_2", _parsed(f.envelope("user.updated", f.user("user_pct", 20, first_name="Percy")))),
+            ("mp_3", _parsed(f.envelope("user.updated", f.user("user_pct", 30, first_name="Percy")))),  # no-op
+        ])
+        assert _statuses(results) == ["applied", "applied", "applied"]
+        assert committer.retried == 0
+        with store.connect() as conn:
+            rows = conn.execute(sa.select(hook_jobs.c.hook, hook_jobs.c.type).order_by(hook_jobs.c.id)).all()
+        assert [tuple(row) for row in rows] == [(odd[0], "user.created"), (odd[1], "user.updated")]
+    finally:
+        store.dispose()
+
+
+def test_one_turn_of_the_event_loop_is_written_in_batches_of_at_most_max_batch(
+        store: Store, verifier: WebhookVerifier, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review finding: the deliveries of one turn of the loop reach the writers together; a burst larger
+    than ``max_batch`` must still be written in batches of at most ``max_batch``, every delivery answered."""
+    import asyncio
+
+    committer = GroupCommitter(WebhookProcessor(store, verifier), max_batch=3, writers=1)
+    sizes: list[int] = []
+    write = committer.write
+
+    def recording(batch: Any) -> list[Any]:
+        sizes.append(len(batch))
+        return write(batch)
+
+    monkeypatch.setattr(committer, "write", recording)
+
+    async def burst() -> list[Any]:
+        return await asyncio.gather(*(
+            committer.submit(f"mb_{i}", _parsed(f.envelope("user.created", f.user(f"user_mb{i}", 1))))
+            for i in range(10)))
+
+    try:
+        outcomes = asyncio.run(burst())
+    finally:
+        committer.close()
+    assert _statuses(outcomes) == ["applied"] * 10
+    assert sum(sizes) == 10 and max(sizes) <= 3, sizes

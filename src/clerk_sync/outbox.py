@@ -401,9 +401,10 @@ def jobs_cte_sql(hooks: Sequence[HookSpec]) -> str:
 
 
 def _literal(value: str | list[str]) -> str:
+    """``value`` quoted for the statement's text, its ``%`` doubled: the statement also has parameters."""
     from psycopg import sql  # the postgres extra; only reached when writing through psycopg
 
-    return sql.Literal(value).as_string(None)
+    return sql.Literal(value).as_string(None).replace("%", "%%")
 
 
 def _set(conn: Connection, job_id: int, **values: Any) -> None:

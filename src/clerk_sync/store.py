@@ -190,8 +190,7 @@ class Writer:
         """
         text = payload if isinstance(payload, str) else json.dumps(payload)
         if self._pysqlite:
-            sql, (stamp,) = _sqlite_statement(_RAW_INBOX_SQL.replace("%s::jsonb", "%s"), self.conn.dialect,
-                                              (Timestamp,))
+            sql, (stamp,) = _sqlite_statement(_SQLITE_INBOX_SQL, self.conn.dialect, (Timestamp,))
             now = stamp(self.now) if stamp is not None else self.now
             return bool(sqlite_execute(self.conn, sql, [[
                 svix_id, event_type, instance_id, event_timestamp, str(status), error,
@@ -412,9 +411,8 @@ class Writer:
 
     def _upsert(self, intent: Upsert) -> bool:
         if self._pysqlite:
-            table, names = _TABLES[intent.entity], _RECORD_FIELDS[intent.entity]
-            sql, convert = _sqlite_statement(_raw_upsert(intent.entity, "id"), self.conn.dialect,
-                                             (*(table.c[n].type for n in names), Timestamp))
+            names = _RECORD_FIELDS[intent.entity]
+            sql, convert = _sqlite_upsert(intent.entity, self.conn.dialect)
             record, (*convert_fields, stamp) = intent.record, convert
             values = [getattr(record, n) if f is None else f(getattr(record, n))
                       for n, f in zip(names, convert_fields, strict=True)]
@@ -696,7 +694,18 @@ _SQLITE_PARENT_DELETED_SQL = (  # the same, for SQLite (no alias in its UPDATE .
 )
 
 
-@functools.cache
+_SQLITE_INBOX_SQL = _RAW_INBOX_SQL.replace("%s::jsonb", "%s")  # the payload is text there
+
+
+@functools.lru_cache(maxsize=64)  # per engine (its dialect): bounded for apps and tests that make many
+def _sqlite_upsert(entity: Entity, dialect: sa.Dialect) -> tuple[str, list[Callable[[Any], Any] | None]]:
+    """:func:`_sqlite_statement` of the guarded upsert: its record's columns, then ``now``."""
+    table = _TABLES[entity]
+    types = (*(table.c[n].type for n in _RECORD_FIELDS[entity]), Timestamp)
+    return _sqlite_statement(_raw_upsert_sql(entity)[0], dialect, types)
+
+
+@functools.lru_cache(maxsize=64)
 def _sqlite_statement(sql: str, dialect: sa.Dialect,
                       types: tuple[sa.types.TypeEngine[Any], ...]) -> tuple[str, list[Callable[[Any], Any] | None]]:
     """A psycopg statement of this module as sqlite3 SQL, and SQLAlchemy's conversions of ``types`` (the

@@ -100,8 +100,8 @@ class GroupCommitter:
         # one queue put (one writer woken, one GIL hand-off) for all of them instead of one per delivery.
         pending = self._pending.get(loop)
         if pending is None:
-            pending = self._pending[loop] = []
             loop.call_soon(self._hand_off, loop)
+            pending = self._pending[loop] = []
         pending.append(job)
         try:
             result = await job.future
@@ -112,11 +112,15 @@ class GroupCommitter:
         return result
 
     def _hand_off(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._queue.put(self._pending.pop(loop))
+        jobs = self._pending.pop(loop, [])
+        for start in range(0, len(jobs), self.max_batch):  # no list longer than a batch
+            self._queue.put(jobs[start:start + self.max_batch])
 
     def close(self, timeout: float = 10.0) -> None:
         """Finish what is queued, then stop the writer thread."""
         threads, self._threads = self._threads, []
+        for loop in list(self._pending):  # submitted but not handed off yet: before the stop signals
+            self._hand_off(loop)
         for _ in threads:
             self._queue.put(None)
         for thread in threads:
@@ -134,8 +138,10 @@ class GroupCommitter:
                     self._threads = threads
 
     def _run(self) -> None:
+        carry: list[_Job] | None = None  # taken from the queue, too many for the last batch: the next one
         while True:
-            jobs = self._queue.get()
+            jobs = carry if carry is not None else self._queue.get()
+            carry = None
             if jobs is None:
                 return
             batch = list(jobs)
@@ -146,6 +152,9 @@ class GroupCommitter:
                     break
                 if more is None:
                     self._queue.put(None)  # another thread's stop signal, or ours: after this batch
+                    break
+                if len(batch) + len(more) > self.max_batch:
+                    carry = more
                     break
                 batch += more
             try:
