@@ -732,7 +732,7 @@ def render(results: list[dict[str, Any]], cfg: argparse.Namespace, notes: list[s
            + (", minimal bodies" if cfg.minimal_bodies else
               f" and dressed in every field of Clerk's own example of each type (tests/fixtures/clerk/examples): "
               f"{cfg.body_bytes:,.0f} bytes per body on average") +
-           "; the service runs at its default log level (INFO: one log line per delivery, to a file)")
+           "; the service runs at its default log levels (INFO; the line per delivery at DEBUG, so not written, and a summary line a minute; to a file)")
     sanity = []
     for r in results:
         if r.get("corpus_exhausted") and not r["system"].startswith("HTTP floor"):
