@@ -98,7 +98,7 @@ class Settings(BaseSettings):
     authorized_parties_raw: str | None = Field(None, validation_alias="CLERK_AUTHORIZED_PARTIES")
     session_leeway_s: float = Field(5.0, ge=0, validation_alias="CLERK_SYNC_SESSION_LEEWAY_S")
     # Operations: one log line per delivery at this level (a failed one: WARNING at least), a summary line
-    # every delivery_summary_s (0: none); retention of the inbox and of tombstones.
+    # at most once per delivery_summary_s (0: none); retention of the inbox and of tombstones.
     delivery_log_level: str = Field("DEBUG", validation_alias="CLERK_SYNC_DELIVERY_LOG_LEVEL")
     delivery_summary_s: float = Field(60.0, ge=0, validation_alias="CLERK_SYNC_DELIVERY_SUMMARY_S")
     # serve: concurrent deliveries share one transaction and one COMMIT (see docs/ARCHITECTURE.md).

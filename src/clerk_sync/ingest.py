@@ -201,26 +201,28 @@ class WebhookProcessor:
 
 
 class _Summary:
-    """Counts outcomes and logs them at INFO once per ``every_s`` (``event=webhooks``, one field per status):
-    the line that says what went through while the per-delivery lines are below the log level. Logged
-    by the delivery that finds the period over (no timer thread); a quiet period logs nothing."""
+    """Counts outcomes and logs them at INFO (``event=webhooks``, one field per status) at most once per
+    ``every_s``: the line that says what went through while the per-delivery lines are below the log
+    level. Logged by the delivery that finds the last line ``every_s`` old, or none yet (no timer thread):
+    so the first delivery after start or after a quiet period (a test event sent from Clerk's dashboard)
+    is said at once, and under load one line a period counts the rest."""
 
     def __init__(self, every_s: float, clock: Callable[[], float]) -> None:
         self.every_s, self._clock = every_s, clock
         self._lock = threading.Lock()  # the event loop and the thread pool both observe deliveries
         self._counts: dict[str, int] = {}
-        self._since = clock()
+        self._last: float | None = None  # when the last line was logged
 
     def count(self, status: DeliveryStatus) -> None:
         now = self._clock()
         with self._lock:
             self._counts[status.value] = self._counts.get(status.value, 0) + 1
-            if now - self._since < self.every_s:
+            last = self._last
+            if last is not None and now - last < self.every_s:
                 return
-            counts, since = self._counts, self._since
-            self._counts, self._since = {}, now
-        log.info("webhooks", seconds=round(now - since, 1), deliveries=sum(counts.values()),
-                 **dict(sorted(counts.items())))
+            counts, self._counts, self._last = self._counts, {}, now
+        log.info("webhooks", seconds=round(now - last, 1) if last is not None else 0.0,
+                 deliveries=sum(counts.values()), **dict(sorted(counts.items())))
 
 
 def replay_deliveries(
