@@ -32,7 +32,7 @@ from clerk_sync.changes import Change
 from clerk_sync.engine import Entity
 from clerk_sync.errors import StoreDataError, database_message
 from clerk_sync.events import MembershipRecord, OrganizationRecord, UserRecord, record_columns
-from clerk_sync.tables import organization_memberships, organizations, users
+from clerk_sync.tables import Timestamp, organization_memberships, organizations, users
 
 __all__ = [
     "TRANSFORMS",
@@ -369,6 +369,14 @@ def processors(types: Sequence[sa.types.TypeEngine[Any]], dialect: sa.Dialect, *
     :func:`sqlite_execute`."""
     return [t.dialect_impl(dialect).result_processor(dialect, None) if result else
             t.dialect_impl(dialect).bind_processor(dialect) for t in types]
+
+
+def sqlite_time(value: datetime) -> Any:
+    """A timestamp as SQLAlchemy binds it on SQLite, for :func:`sqlite_execute`."""
+    return _SQLITE_TIME(value) if _SQLITE_TIME is not None else value
+
+
+_SQLITE_TIME = processors([Timestamp], sqlite.dialect())[0]
 
 
 def _bind(i: int) -> str:

@@ -30,7 +30,7 @@ from sqlalchemy.engine import Connection
 from clerk_sync.changes import BOOKKEEPING, Change, Hook, change_type
 from clerk_sync.engine import Entity, Tombstone, Upsert
 from clerk_sync.events import MembershipRecord, OrganizationRecord, UserRecord, record_columns
-from clerk_sync.mapping import SchemaMapping, processors, sqlite_execute
+from clerk_sync.mapping import SchemaMapping, processors, sqlite_execute, sqlite_time
 from clerk_sync.tables import hook_jobs, organization_memberships, organizations, users
 
 __all__ = ["Job", "Outbox", "claim", "delete_jobs", "extend", "fail", "finish", "finish_many", "list_jobs",
@@ -94,7 +94,7 @@ class Outbox:
             payload = json.dumps(change.to_json())
             dialect = self.conn.dialect.name
             if dialect == "sqlite":
-                now = _SQLITE_TIME(self.now)
+                now = sqlite_time(self.now)
                 sqlite_execute(self.conn, _SQLITE_JOB_SQL, [
                     [name, change.type, _entity_key(name, change), change.idempotency_key, payload, now, now]
                     for name in names], many=True)
@@ -362,7 +362,6 @@ def _sqlite_before(entity: Entity) -> tuple[str, list[Callable[[Any], Any] | Non
     return sql, processors([table.c[n].type for n in names], sqlite.dialect(), result=True)
 
 
-_SQLITE_TIME = processors([hook_jobs.c.created_at.type], sqlite.dialect())[0] or (lambda value: value)
 _SQLITE_JOB_SQL = (  # _job_sql(False) for sqlite_execute
     "INSERT INTO hook_jobs (hook, type, entity_key, idempotency_key, payload, status, attempts, available_at, "
     "created_at) VALUES (?, ?, ?, ?, ?, 'pending', 0, ?, ?)"
@@ -370,7 +369,7 @@ _SQLITE_JOB_SQL = (  # _job_sql(False) for sqlite_execute
 
 
 @functools.cache
-def jobs_cte_sql(hooks: Sequence[HookSpec]) -> str:
+def jobs_cte_sql(hooks: tuple[HookSpec, ...]) -> str:
     """The hook jobs of an applied upsert as two CTEs (psycopg SQL) that follow ``before`` (the live row as
     one jsonb ``prev``, absent: none) and ``up`` (a row when the upsert applied) in the delivery's statement.
 

@@ -29,7 +29,7 @@ from clerk_sync.config import DatabaseTimeouts
 from clerk_sync.engine import DeliveryStatus, Entity, Record, RevokeSession, Tombstone, Upsert
 from clerk_sync.errors import StoreDataError, StoreError, database_message
 from clerk_sync.events import MembershipRecord, OrganizationRecord, UserRecord, record_columns
-from clerk_sync.mapping import SchemaMapping, processors, sqlite_execute
+from clerk_sync.mapping import SchemaMapping, processors, sqlite_execute, sqlite_time
 from clerk_sync.outbox import HookSpec, Outbox, jobs_cte_sql
 from clerk_sync.tables import (
     Timestamp,
@@ -173,8 +173,9 @@ class Writer:
         self._pg = self._dialect == "postgresql"
         self._my = self._dialect == "mysql"
         self._psycopg = self._pg and conn.dialect.driver == "psycopg"
-        # SQLite through the stdlib driver: the hot writes go to it directly (see _sqlite_statement)
+        # SQLite through the stdlib driver: the hot writes go to it directly (see _sqlite_upsert)
         self._pysqlite = self._dialect == "sqlite" and conn.dialect.driver == "pysqlite"
+        self._sqlite_now = sqlite_time(now) if self._pysqlite else None
         # Applied changes go to the app's mapped tables and the hook outbox, in this transaction
         # (None: neither is configured, so no extra reads).
         self.outbox = Outbox(conn, now, hooks, mapping) if hooks or mapping else None
@@ -190,9 +191,8 @@ class Writer:
         """
         text = payload if isinstance(payload, str) else json.dumps(payload)
         if self._pysqlite:
-            sql, (stamp,) = _sqlite_statement(_SQLITE_INBOX_SQL, self.conn.dialect, (Timestamp,))
-            now = stamp(self.now) if stamp is not None else self.now
-            return bool(sqlite_execute(self.conn, sql, [[
+            now = self._sqlite_now
+            return bool(sqlite_execute(self.conn, _SQLITE_INBOX_SQL, [[
                 svix_id, event_type, instance_id, event_timestamp, str(status), error,
                 now if status in _APPLIED else None, text, now]]))
         params = {"svix_id": svix_id, "type": event_type, "instance_id": instance_id,
@@ -257,7 +257,7 @@ class Writer:
         # through Outbox.record (mapped row and jobs), whose errors say which table refused what.
         # Piped: the hooks that may want each upsert (their jobs written in SQL; none alone). ``hooked``: the
         # row before is read (under the entity's lock), piped for those jobs, alone for Outbox.record.
-        hooks = [outbox.upsert_hooks(intent.entity) if outbox is not None and pipeline else []
+        hooks = [outbox.upsert_hooks(intent.entity) if outbox is not None and pipeline else ()
                  for *_, intent in items]
         hooked = [bool(specs) if pipeline else outbox is not None and outbox.wants(intent)
                   for (*_, intent), specs in zip(items, hooks, strict=True)]
@@ -411,13 +411,11 @@ class Writer:
 
     def _upsert(self, intent: Upsert) -> bool:
         if self._pysqlite:
-            names = _RECORD_FIELDS[intent.entity]
-            sql, convert = _sqlite_upsert(intent.entity, self.conn.dialect)
-            record, (*convert_fields, stamp) = intent.record, convert
+            sql, convert = _sqlite_upsert(intent.entity)
+            record = intent.record
             values = [getattr(record, n) if f is None else f(getattr(record, n))
-                      for n, f in zip(names, convert_fields, strict=True)]
-            now = stamp(self.now) if stamp is not None else self.now
-            values += [now, now, *_erased_params(intent.entity, record).values()]
+                      for n, f in zip(_RECORD_FIELDS[intent.entity], convert, strict=True)]
+            values += [self._sqlite_now, self._sqlite_now, *_erased_params(intent.entity, record).values()]
             return bool(sqlite_execute(self.conn, sql, [values]))
         params = _params(intent.entity, intent.record) | {"now": self.now,
                                                           **_erased_params(intent.entity, intent.record)}
@@ -469,9 +467,8 @@ class Writer:
 
     def _delete_membership_if_parent_deleted(self, clerk_id: str) -> bool:
         if self._pysqlite:
-            sql, (stamp,) = _sqlite_statement(_SQLITE_PARENT_DELETED_SQL, self.conn.dialect, (Timestamp,))
-            now = stamp(self.now) if stamp is not None else self.now
-            return bool(sqlite_execute(self.conn, sql, [[now, now, clerk_id]]))
+            now = self._sqlite_now
+            return bool(sqlite_execute(self.conn, _SQLITE_PARENT_DELETED_SQL, [[now, now, clerk_id]]))
         m = organization_memberships
 
         def deleted(table: sa.Table, column: sa.ColumnElement[str]) -> sa.Exists:
@@ -675,16 +672,7 @@ _RAW_INBOX_SQL = (
     "payload, received_at, attempts) VALUES (%s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s, 1) "
     "ON CONFLICT (svix_id) DO NOTHING RETURNING id"
 )
-_RAW_PARENT_DELETED_SQL = (  # Writer._delete_membership_if_parent_deleted, as psycopg SQL
-    "UPDATE organization_memberships m SET deleted_at = %s, updated_at = %s "
-    "WHERE m.clerk_id = %s AND m.deleted_at IS NULL AND ("
-    "EXISTS (SELECT 1 FROM users u WHERE u.clerk_id = m.user_clerk_id AND u.deleted_at IS NOT NULL) OR "
-    "EXISTS (SELECT 1 FROM organizations o WHERE o.clerk_id = m.organization_clerk_id AND o.deleted_at IS NOT NULL)"
-    ") RETURNING m.id"
-)
-
-
-_SQLITE_PARENT_DELETED_SQL = (  # the same, for SQLite (no alias in its UPDATE .. RETURNING)
+_RAW_PARENT_DELETED_SQL = (  # Writer._delete_membership_if_parent_deleted, as psycopg SQL (no alias: SQLite too)
     "UPDATE organization_memberships SET deleted_at = %s, updated_at = %s "
     "WHERE clerk_id = %s AND deleted_at IS NULL AND ("
     "EXISTS (SELECT 1 FROM users u WHERE u.clerk_id = organization_memberships.user_clerk_id "
@@ -694,25 +682,20 @@ _SQLITE_PARENT_DELETED_SQL = (  # the same, for SQLite (no alias in its UPDATE .
 )
 
 
-_SQLITE_INBOX_SQL = _RAW_INBOX_SQL.replace("%s::jsonb", "%s")  # the payload is text there
+# The same statements for the sqlite3 driver (its placeholders; the payload is text there).
+_SQLITE_INBOX_SQL = _RAW_INBOX_SQL.replace("%s::jsonb", "%s").replace("%s", "?")
+_SQLITE_PARENT_DELETED_SQL = _RAW_PARENT_DELETED_SQL.replace("%s", "?")
 
 
-@functools.lru_cache(maxsize=64)  # per engine (its dialect): bounded for apps and tests that make many
-def _sqlite_upsert(entity: Entity, dialect: sa.Dialect) -> tuple[str, list[Callable[[Any], Any] | None]]:
-    """:func:`_sqlite_statement` of the guarded upsert: its record's columns, then ``now``."""
+@functools.cache
+def _sqlite_upsert(entity: Entity) -> tuple[str, list[Callable[[Any], Any] | None]]:
+    """The guarded upsert for the sqlite3 driver, and SQLAlchemy's conversions of its record's columns
+    (then ``now`` twice and the erased digests). The inbox row, this upsert and the membership check of
+    every delivery on SQLite skip SQLAlchemy's per-call work (compile cache, bind processing, result
+    set-up), which cost more than the statements themselves; values are converted exactly as it would."""
     table = _TABLES[entity]
-    types = (*(table.c[n].type for n in _RECORD_FIELDS[entity]), Timestamp)
-    return _sqlite_statement(_raw_upsert_sql(entity)[0], dialect, types)
-
-
-@functools.lru_cache(maxsize=64)
-def _sqlite_statement(sql: str, dialect: sa.Dialect,
-                      types: tuple[sa.types.TypeEngine[Any], ...]) -> tuple[str, list[Callable[[Any], Any] | None]]:
-    """A psycopg statement of this module as sqlite3 SQL, and SQLAlchemy's conversions of ``types`` (the
-    values bound first, in order). The inbox row, the guarded upsert and the membership check of every
-    delivery on SQLite skip SQLAlchemy's per-call work (compile cache, bind processing, result set-up),
-    which cost more than the statements themselves; the values are converted exactly as it would."""
-    return sql.replace("%s", "?"), processors(types, dialect)
+    return (_raw_upsert_sql(entity)[0].replace("%s", "?"),
+            processors([table.c[n].type for n in _RECORD_FIELDS[entity]], sqlite.dialect()))
 
 
 def _raw_upsert(entity: Entity, returning: str) -> str:
