@@ -209,7 +209,12 @@ def finish_many(conn: Connection, jobs: Sequence[Job]) -> list[int]:
     deleted: set[int] = set()
     for token in {job.token for job in jobs}:
         ids = [job.id for job in jobs if job.token == token]
-        deleted |= set(conn.execute(_finish_sql(), {"ids": ids, "token": token}).scalars())
+        if conn.dialect.name == "postgresql":  # one array parameter: the same statement text for any batch size,
+            # so psycopg's query cache and prepared statement serve it (an expanded IN list missed both)
+            found = conn.exec_driver_sql(_PG_FINISH_SQL, {"ids": ids, "token": token}).scalars()
+        else:
+            found = conn.execute(_finish_sql(), {"ids": ids, "token": token}).scalars()
+        deleted.update(found)
     return [job.id for job in jobs if job.id not in deleted]
 
 
@@ -338,6 +343,9 @@ def _claim_sql(postgres: bool, *, windowed: bool) -> sa.TextualSelect:
     ).bindparams(sa.bindparam("now", type_=hook_jobs.c.created_at.type),
                  sa.bindparam("lease_until", type_=hook_jobs.c.created_at.type)).columns(
         hook_jobs.c.id, hook_jobs.c.hook, hook_jobs.c.payload, hook_jobs.c.attempts)
+
+
+_PG_FINISH_SQL = "DELETE FROM hook_jobs WHERE claim_token = %(token)s AND id = ANY(%(ids)s::bigint[]) RETURNING id"
 
 
 @functools.cache
