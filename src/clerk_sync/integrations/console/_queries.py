@@ -40,26 +40,51 @@ _TOP = "\U0010ffff"  # above every character: ``x >= q AND x < q + _TOP`` is a p
 
 
 class _PayloadText(FunctionElement[str]):
-    """``payload`` -> a text field at ``path``, written as migration 0008_console indexes it."""
+    """``payload`` -> a text field at ``path``, written as migration 0008_console indexes it; on
+    MySQL/MariaDB the indexed virtual ``column`` of migration 0012 that computes it."""
 
     type = sa.String()
     inherit_cache = True
     path: ClassVar[tuple[str, ...]] = ()
+    column: ClassVar[str] = ""
 
 
 class _DataId(_PayloadText):
     inherit_cache = True
     path = ("data", "id")
+    column = "data_id"
 
 
 class _DataUserId(_PayloadText):
     inherit_cache = True
     path = ("data", "public_user_data", "user_id")
+    column = "data_user_id"
 
 
 class _DataOrgId(_PayloadText):
     inherit_cache = True
     path = ("data", "organization", "id")
+    column = "data_org_id"
+
+
+class _Lower(FunctionElement[str]):
+    """``lower(column)`` as migration 0008_console indexes it; on MySQL/MariaDB the indexed virtual
+    ``<column>_lower`` of migration 0012."""
+
+    type = sa.String()
+    inherit_cache = True
+
+
+@compiles(_Lower)
+def _lower(element: _Lower, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"lower({compiler.process(element.clauses, **kw)})"
+
+
+@compiles(_Lower, "mysql")
+@compiles(_Lower, "mariadb")
+def _mysql_lower(element: _Lower, compiler: SQLCompiler, **kw: Any) -> str:
+    (column,) = element.clauses
+    return compiler.process(column, **kw) + "_lower"
 
 
 @compiles(_PayloadText, "sqlite")
@@ -70,7 +95,7 @@ def _sqlite_path(element: _PayloadText, compiler: SQLCompiler, **kw: Any) -> str
 @compiles(_PayloadText, "mysql")
 @compiles(_PayloadText, "mariadb")
 def _mysql_path(element: _PayloadText, compiler: SQLCompiler, **kw: Any) -> str:
-    return f"JSON_VALUE(payload, '$.{'.'.join(element.path)}')"
+    return element.column  # LEFT(JSON_VALUE(payload, '$.<path>'), 191), computed and indexed
 
 
 @compiles(_PayloadText, "postgresql")
@@ -240,10 +265,10 @@ def _user_matches(q: str) -> sa.CompoundSelect[Any] | sa.Select[Any]:
         return sa.select(u.id).where(_prefix(u.email, low))
     first, _, last = low.partition(" ")
     if last:
-        return sa.select(u.id).where(_prefix(sa.func.lower(u.first_name), first),
-                                     _prefix(sa.func.lower(u.last_name), last.strip()))
-    return sa.union(sa.select(u.id).where(_prefix(sa.func.lower(u.first_name), low)),
-                    sa.select(u.id).where(_prefix(sa.func.lower(u.last_name), low)),
+        return sa.select(u.id).where(_prefix(_Lower(u.first_name), first),
+                                     _prefix(_Lower(u.last_name), last.strip()))
+    return sa.union(sa.select(u.id).where(_prefix(_Lower(u.first_name), low)),
+                    sa.select(u.id).where(_prefix(_Lower(u.last_name), low)),
                     sa.select(u.id).where(_prefix(u.email, low)))
 
 
@@ -254,7 +279,7 @@ def search_organizations(conn: Connection, q: str, limit: int = 20) -> list[RowM
     if q.startswith("org_"):
         query = query.where(_prefix(o.clerk_id, q))
     elif q:
-        query = query.where(_prefix(sa.func.lower(o.name), q.lower()))
+        query = query.where(_prefix(_Lower(o.name), q.lower()))
     return list(conn.execute(query.order_by(o.id.desc()).limit(limit)).mappings())
 
 

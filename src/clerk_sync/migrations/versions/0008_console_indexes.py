@@ -37,7 +37,7 @@ def upgrade() -> None:
     op.create_index("ix_webhook_events_received_at", "webhook_events", ["received_at"])
     dialect = op.get_bind().dialect.name
     if dialect in ("mysql", "mariadb"):
-        # MariaDB indexes no expressions (only generated columns); the console scans instead there.
+        # MariaDB indexes no expressions: migration 0012 indexes virtual columns computing them there.
         return
     postgres = dialect == "postgresql"
     for name, (table, sqlite_expr, pg_expr, partial) in _EXPRESSIONS.items():
