@@ -5,10 +5,20 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
+from clerk_sync.ingest import WebhookProcessor
 from clerk_sync.integrations.console._masking import MASK, mask
-from clerk_sync.integrations.console._queries import DeliveryFilter, _user_matches, touching
+from clerk_sync.integrations.console._queries import (
+    DeliveryFilter,
+    _user_matches,
+    list_deliveries,
+    search_organizations,
+    search_users,
+    touching,
+)
 from clerk_sync.store import Store
 from clerk_sync.tables import users, webhook_events
+from clerk_sync.webhooks import WebhookVerifier
+from tests import factories as f
 
 
 def _plan(store: Store, query: sa.Select[tuple[int]] | sa.CompoundSelect[tuple[int]]) -> str:
@@ -44,11 +54,6 @@ def test_time_filter_uses_the_received_at_index(store: Store) -> None:
 
 def test_clerk_id_filter_and_name_search_find_the_rows_on_every_store(store: Store) -> None:
     """The same answers from the expressions (SQLite, PostgreSQL) and the virtual columns (MySQL/MariaDB)."""
-    from clerk_sync.integrations.console._queries import list_deliveries, search_organizations, search_users
-    from clerk_sync.ingest import WebhookProcessor
-    from clerk_sync.webhooks import WebhookVerifier
-    from tests import factories as f
-
     processor = WebhookProcessor(store, WebhookVerifier([f.SECRET]))
     events = {"u": f.envelope("user.created", f.user("user_a", 10, first_name="Ada")),
               "v": f.envelope("user.created", f.user("user_b", 10, first_name="Grace")),
