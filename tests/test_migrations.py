@@ -64,3 +64,17 @@ def test_downgrade_to_base_and_up_again(db_url: str) -> None:
     assert migrations.is_current(engine)
     assert {"users", "organizations", "organization_memberships", "webhook_events", "audit_log"} <= set(sa.inspect(engine).get_table_names())
     engine.dispose()
+
+
+@pytest.mark.parametrize("db_url", ["mariadb"], indirect=True)
+def test_the_mysql_console_columns_migration_can_be_run_again_after_stopping_half_way(db_url: str) -> None:
+    """MySQL DDL is not transactional: a 0012 stopped after some of its columns must not fail when re-run."""
+    engine = create_engine(db_url)
+    migrations.downgrade(engine, "0011")
+    with engine.begin() as conn:  # what a run stopped after its first column left behind
+        conn.exec_driver_sql("ALTER TABLE users ADD COLUMN first_name_lower VARCHAR(255) AS (lower(first_name)) VIRTUAL")
+    migrations.upgrade(engine)
+    assert migrations.is_current(engine)
+    indexes = {ix["name"] for t in ("webhook_events", "users", "organizations") for ix in sa.inspect(engine).get_indexes(t)}
+    assert indexes >= EXPRESSION_INDEXES
+    engine.dispose()

@@ -332,6 +332,9 @@ def test_by_default_the_delivery_line_is_debug_a_failed_one_a_warning_and_a_summ
         processor.process(*f.signed(f.envelope("user.updated", f.user("user_sum", 4)), "msg_sum_5"))
         clock.t += 29.9  # 59.9 s after the last summary: still none
         processor.process(*f.signed(f.envelope("user.updated", f.user("user_sum", 5)), "msg_sum_6"))
+        clock.t += 5
+        processor.flush_summary()  # serve stopping: the last seconds are said too, once
+        processor.flush_summary()
     processor.store.dispose()
     per_delivery = [line for line in lines if line["event"] == "webhook"]
     assert [(line["svix_id"], line["status"], line["log_level"]) for line in per_delivery] == [
@@ -339,12 +342,44 @@ def test_by_default_the_delivery_line_is_debug_a_failed_one_a_warning_and_a_summ
         ("msg_sum_3", "failed", "warning"), ("msg_sum_4", "applied", "debug"), ("msg_sum_5", "applied", "debug"),
         ("msg_sum_6", "applied", "debug")]
     assert "updated_at" in per_delivery[3]["error"]
-    first, second = [line for line in lines if line["event"] == "webhooks"]
-    assert first["log_level"] == second["log_level"] == "info"
+    first, second, last = [line for line in lines if line["event"] == "webhooks"]
+    assert first["log_level"] == second["log_level"] == last["log_level"] == "info"
+    assert {k: last.get(k) for k in ("seconds", "deliveries", "applied", "failed")} == {
+        "seconds": 64.9, "deliveries": 2, "applied": 2, "failed": None}
     assert {k: first.get(k) for k in ("seconds", "deliveries", "applied", "duplicate")} == {
         "seconds": 0.0, "deliveries": 1, "applied": 1, "duplicate": None}
     assert {k: second[k] for k in ("seconds", "deliveries", "applied", "duplicate", "failed")} == {
         "seconds": 61.0, "deliveries": 4, "applied": 2, "duplicate": 1, "failed": 1}
+
+
+def test_the_summary_line_is_not_about_the_request_that_happens_to_log_it(db_url: str) -> None:
+    """Flask and Django bind the delivery's svix_id to the request's logging context; the summary line
+    counts many deliveries and must not carry the id of the one that logged it."""
+    settings = Settings.from_env({"DATABASE_URL": db_url, "CLERK_WEBHOOK_SIGNING_SECRET": SECRET})
+    processor = build_processor(settings)
+    with (structlog.testing.capture_logs(processors=[structlog.contextvars.merge_contextvars]) as lines,
+          structlog.contextvars.bound_contextvars(svix_id="msg_ctx_1")):
+        processor.process(*f.signed(f.envelope("user.created", f.user("user_ctx", 1)), "msg_ctx_1"))
+    processor.store.dispose()
+    (summary,) = [line for line in lines if line["event"] == "webhooks"]
+    (delivery,) = [line for line in lines if line["event"] == "webhook"]
+    assert "svix_id" not in summary and summary["deliveries"] == 1
+    assert delivery["svix_id"] == "msg_ctx_1"
+
+
+def test_serve_says_the_last_deliveries_when_it_stops(db_url: str) -> None:
+    """The deliveries counted since the last summary line are said when the service stops, not lost."""
+    settings = Settings.from_env({"DATABASE_URL": db_url, "CLERK_WEBHOOK_SIGNING_SECRET": SECRET})
+    processor = build_processor(settings)
+    with (structlog.testing.capture_logs() as lines,
+          running(create_app(settings, processor), lifespan="on") as url, httpx.Client(base_url=url) as client):
+        for n in range(3):
+            headers, body = f.signed(f.envelope("user.created", f.user(f"user_stop_{n}", 1)), f"msg_stop_{n}")
+            assert client.post("/webhooks/clerk", content=body, headers=headers).json()["status"] == "applied"
+        assert [line["deliveries"] for line in lines if line["event"] == "webhooks"] == [1]  # the first, at once
+    processor.store.dispose()
+    assert [(line["deliveries"], line.get("applied")) for line in lines if line["event"] == "webhooks"] == [
+        (1, 1), (2, 2)]
 
 
 def test_an_unknown_log_level_is_named() -> None:

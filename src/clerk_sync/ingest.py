@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import threading
@@ -122,6 +123,12 @@ class WebhookProcessor:
             self._summary.count(outcome.status)
         delivery_span(started_ns, outcome.svix_id, envelope.type, outcome.status, outcome.error)
 
+    def flush_summary(self) -> None:
+        """Log the summary line of the deliveries counted since the last one (``serve`` calls it when it
+        stops, so the last seconds before a shutdown are said too)."""
+        if self._summary is not None:
+            self._summary.flush()
+
     def _store_refused(self, svix_id: str, envelope: Envelope, exc: StoreDataError) -> Outcome:
         """The DB refused a value for good: keep the delivery as ``failed`` (replayable after a fix)
         instead of answering 503 forever. Every value is checked before it reaches the database
@@ -221,8 +228,22 @@ class _Summary:
             if last is not None and now - last < self.every_s:
                 return
             counts, self._counts, self._last = self._counts, {}, now
-        log.info("webhooks", seconds=round(now - last, 1) if last is not None else 0.0,
-                 deliveries=sum(counts.values()), **dict(sorted(counts.items())))
+        self._say(counts, now, last)
+
+    def flush(self) -> None:
+        """Log what was counted since the last line, if anything (at shutdown: the last seconds too)."""
+        now = self._clock()
+        with self._lock:
+            counts, self._counts, last, self._last = self._counts, {}, self._last, now
+        if counts:
+            self._say(counts, now, last)
+
+    @staticmethod
+    def _say(counts: dict[str, int], now: float, last: float | None) -> None:
+        # In an empty context: the line is about many deliveries, not the request that happens to log
+        # it (Flask and Django bind the delivery's svix_id to the request's logging context).
+        contextvars.Context().run(log.info, "webhooks", seconds=round(now - last, 1) if last is not None else 0.0,
+                                  deliveries=sum(counts.values()), **dict(sorted(counts.items())))
 
 
 def replay_deliveries(

@@ -24,7 +24,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import sqlite
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from clerk_sync.changes import BOOKKEEPING, Change, Hook, change_type
@@ -209,12 +209,10 @@ def finish_many(conn: Connection, jobs: Sequence[Job]) -> list[int]:
     deleted: set[int] = set()
     for token in {job.token for job in jobs}:
         ids = [job.id for job in jobs if job.token == token]
-        if conn.dialect.name == "postgresql":  # one array parameter: the same statement text for any batch size,
-            # so psycopg's query cache and prepared statement serve it (an expanded IN list missed both)
-            found = conn.exec_driver_sql(_PG_FINISH_SQL, {"ids": ids, "token": token}).scalars()
-        else:
-            found = conn.execute(_finish_sql(), {"ids": ids, "token": token}).scalars()
-        deleted.update(found)
+        # PostgreSQL: one array parameter, the same statement text for any batch size, so psycopg's query
+        # cache and prepared statement serve it (an expanded IN list missed both)
+        finish = _finish_sql(conn.dialect.name == "postgresql")
+        deleted.update(conn.execute(finish, {"ids": ids, "token": token}).scalars())
     return [job.id for job in jobs if job.id not in deleted]
 
 
@@ -345,11 +343,11 @@ def _claim_sql(postgres: bool, *, windowed: bool) -> sa.TextualSelect:
         hook_jobs.c.id, hook_jobs.c.hook, hook_jobs.c.payload, hook_jobs.c.attempts)
 
 
-_PG_FINISH_SQL = "DELETE FROM hook_jobs WHERE claim_token = %(token)s AND id = ANY(%(ids)s::bigint[]) RETURNING id"
-
-
 @functools.cache
-def _finish_sql() -> sa.TextClause:
+def _finish_sql(postgres: bool) -> sa.TextClause:
+    if postgres:
+        return sa.text("DELETE FROM hook_jobs WHERE claim_token = :token AND id = ANY(:ids) RETURNING id").bindparams(
+            sa.bindparam("ids", type_=postgresql.ARRAY(sa.BigInteger)))
     return sa.text("DELETE FROM hook_jobs WHERE claim_token = :token AND id IN :ids RETURNING id").bindparams(
         sa.bindparam("ids", expanding=True))
 

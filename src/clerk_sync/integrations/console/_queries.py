@@ -80,11 +80,15 @@ def _lower(element: _Lower, compiler: SQLCompiler, **kw: Any) -> str:
     return f"lower({compiler.process(element.clauses, **kw)})"
 
 
+_LOWER_COLUMNS = {("users", "first_name"): "first_name_lower", ("users", "last_name"): "last_name_lower",
+                  ("organizations", "name"): "name_lower"}
+
+
 @compiles(_Lower, "mysql")
 @compiles(_Lower, "mariadb")
 def _mysql_lower(element: _Lower, compiler: SQLCompiler, **kw: Any) -> str:
     (column,) = element.clauses
-    return compiler.process(column, **kw) + "_lower"
+    return _LOWER_COLUMNS[(column.table.name, column.name)]  # computed and indexed (migration 0012)
 
 
 @compiles(_PayloadText, "sqlite")
@@ -95,7 +99,7 @@ def _sqlite_path(element: _PayloadText, compiler: SQLCompiler, **kw: Any) -> str
 @compiles(_PayloadText, "mysql")
 @compiles(_PayloadText, "mariadb")
 def _mysql_path(element: _PayloadText, compiler: SQLCompiler, **kw: Any) -> str:
-    return element.column  # LEFT(JSON_VALUE(payload, '$.<path>'), 191), computed and indexed
+    return element.column  # the text at '$.<path>', cut to 191 characters, computed and indexed
 
 
 @compiles(_PayloadText, "postgresql")
