@@ -637,3 +637,30 @@ def test_one_statement_projection_skips_rows_that_already_hold_the_values() -> N
         with admin.begin() as conn:
             conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
         admin.dispose()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_an_engines_json_serializer_is_applied_on_sqlites_direct_paths_too(app_db: str) -> None:
+    """SQLite's hot writes go to sqlite3 with SQLAlchemy's default conversions; an engine given its own
+    ``json_serializer`` takes SQLAlchemy's path instead, so what it writes is what the app asked for."""
+    from clerk_sync.store import create_engine
+
+    def compact(value: Any) -> str:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+    seen: list[Change] = []
+    store = Store(create_engine(app_db, json_serializer=compact), hooks=[Hook("all", seen.append)],
+                  mapping=mapping_for(SoftDelete()))
+    user = f.user("user_ser", B + 1, role="admin")
+    user["public_metadata"]["plan"] = "pro"
+    assert deliver(store, f.envelope("user.created", user), f.envelope("user.updated", {**user, "updated_at": B + 2,
+                   "first_name": "Grace"})) == ["applied", "applied"]
+    with store.connect() as conn:
+        raw = conn.exec_driver_sql("SELECT public_metadata FROM users WHERE clerk_id = 'user_ser'").scalar_one()
+        mapped = conn.exec_driver_sql("SELECT display_name FROM accounts WHERE clerk_user_id = 'user_ser'").scalar()
+    assert raw == '{"plan":"pro","role":"admin"}'
+    assert mapped == "Grace Lovelace"
+    queued = [(j["type"], json.loads(j["payload"]) if isinstance(j["payload"], str) else j["payload"]) for j in jobs(store)]
+    assert [(kind, payload["previous"]) for kind, payload in queued] == [
+        ("user.created", {}), ("user.updated", {"first_name": "Ada"})]  # the row before, read back through it
+    store.dispose()

@@ -290,7 +290,7 @@ class _Projection:
             self._delete(change.clerk_id)
             return
         values = {name: col.value(change.values) for name, col in self.columns.items()} | self.fixed
-        if self.sqlite_upsert is not None:
+        if self.sqlite_upsert is not None and direct_sqlite(conn.dialect):
             row = [v if f is None else f(v) for f, v in zip(self.sqlite_binds, values.values(), strict=True)]
             sqlite_execute(conn, self.sqlite_upsert, [[*row, change.clerk_id]])
             return
@@ -361,6 +361,14 @@ def sqlite_execute(conn: Connection, sql: str, rows: Sequence[Sequence[Any]], *,
         raise sa.exc.DBAPIError.instance(sql, None, exc, sqlite3.Error, hide_parameters=True) from exc
     finally:
         cursor.close()
+
+
+def direct_sqlite(dialect: sa.Dialect) -> bool:
+    """Whether :func:`sqlite_execute` with the default SQLite dialect's conversions (:func:`processors`)
+    writes what SQLAlchemy would: SQLite, and no ``json_serializer``/``json_deserializer`` given to the
+    engine (with one, the writes go through SQLAlchemy, which applies it)."""
+    return (dialect.name == "sqlite" and getattr(dialect, "_json_serializer", None) is None
+            and getattr(dialect, "_json_deserializer", None) is None)
 
 
 def processors(types: Sequence[sa.types.TypeEngine[Any]], dialect: sa.Dialect, *,

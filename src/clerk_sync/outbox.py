@@ -30,7 +30,7 @@ from sqlalchemy.engine import Connection
 from clerk_sync.changes import BOOKKEEPING, Change, Hook, change_type
 from clerk_sync.engine import Entity, Tombstone, Upsert
 from clerk_sync.events import MembershipRecord, OrganizationRecord, UserRecord, record_columns
-from clerk_sync.mapping import SchemaMapping, processors, sqlite_execute, sqlite_time
+from clerk_sync.mapping import SchemaMapping, direct_sqlite, processors, sqlite_execute, sqlite_time
 from clerk_sync.tables import hook_jobs, organization_memberships, organizations, users
 
 __all__ = ["Job", "Outbox", "claim", "delete_jobs", "extend", "fail", "finish", "finish_many", "list_jobs",
@@ -73,7 +73,7 @@ class Outbox:
 
     def before(self, entity: Entity, clerk_id: str) -> JSON | None:
         """The live row's Clerk fields, or None (absent or deleted). Read under the writer's lock."""
-        if self.conn.dialect.name == "sqlite":  # the driver directly, converting as SQLAlchemy would
+        if direct_sqlite(self.conn.dialect):  # the driver directly, converting as SQLAlchemy would
             sql, convert = _sqlite_before(entity)
             rows = sqlite_execute(self.conn, sql, [[clerk_id]])
             if not rows:
@@ -92,14 +92,13 @@ class Outbox:
         names = [hook.name for hook in self.hooks if hook.wants(change)]
         if names:
             payload = json.dumps(change.to_json())
-            dialect = self.conn.dialect.name
-            if dialect == "sqlite":
+            if direct_sqlite(self.conn.dialect):
                 now = sqlite_time(self.now)
                 sqlite_execute(self.conn, _SQLITE_JOB_SQL, [
                     [name, change.type, _entity_key(name, change), change.idempotency_key, payload, now, now]
                     for name in names], many=True)
                 return
-            pg = dialect == "postgresql"  # JSONB: the payload is cast there
+            pg = self.conn.dialect.name == "postgresql"  # JSONB: the payload is cast there
             self.conn.execute(_job_sql(pg), [self._job(name, change, payload) for name in names])
 
     def pipelines(self, entity: Entity) -> bool:

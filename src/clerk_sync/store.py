@@ -29,7 +29,7 @@ from clerk_sync.config import DatabaseTimeouts
 from clerk_sync.engine import DeliveryStatus, Entity, Record, RevokeSession, Tombstone, Upsert
 from clerk_sync.errors import StoreDataError, StoreError, database_message
 from clerk_sync.events import MembershipRecord, OrganizationRecord, UserRecord, record_columns
-from clerk_sync.mapping import SchemaMapping, processors, sqlite_execute, sqlite_time
+from clerk_sync.mapping import SchemaMapping, direct_sqlite, processors, sqlite_execute, sqlite_time
 from clerk_sync.outbox import HookSpec, Outbox, jobs_cte_sql
 from clerk_sync.tables import (
     Timestamp,
@@ -174,7 +174,7 @@ class Writer:
         self._my = self._dialect == "mysql"
         self._psycopg = self._pg and conn.dialect.driver == "psycopg"
         # SQLite through the stdlib driver: the hot writes go to it directly (see _sqlite_upsert)
-        self._pysqlite = self._dialect == "sqlite" and conn.dialect.driver == "pysqlite"
+        self._pysqlite = conn.dialect.driver == "pysqlite" and direct_sqlite(conn.dialect)
         self._sqlite_now = sqlite_time(now) if self._pysqlite else None
         # Applied changes go to the app's mapped tables and the hook outbox, in this transaction
         # (None: neither is configured, so no extra reads).
