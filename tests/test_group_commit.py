@@ -555,3 +555,14 @@ def test_one_turn_of_the_event_loop_is_written_in_batches_of_at_most_max_batch(
         committer.close()
     assert _statuses(outcomes) == ["applied"] * 10
     assert sum(sizes) == 10 and max(sizes) <= 3, sizes
+
+
+def test_batch_statements_go_to_postgresql_in_its_own_placeholder_form() -> None:
+    """psycopg's own cursor re-splits a statement longer than 4,096 characters or with more than 50
+    parameters on every execution (a wide mapping plus hooks crosses that); the batch's statements are
+    sent in PostgreSQL's ``$n`` form instead, ``%%`` (a literal percent sign) restored."""
+    from clerk_sync.store import _native
+
+    assert _native("SELECT %s, '100%% %%s', %s WHERE x = %s") == b"SELECT $1, '100% %s', $2 WHERE x = $3"
+    wide = "SELECT " + ", ".join(["%s"] * 60) + " -- " + "x" * 5000
+    assert _native(wide).startswith(b"SELECT $1, $2") and b"$60 --" in _native(wide)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+import itertools
 import json
+import re
 import threading
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -809,8 +811,8 @@ def _run_raw(raw: Any, statements: Sequence[tuple[str, list[Any]]], *, pipeline:
         with raw.pipeline() if pipeline and len(statements) > 1 and not piped else nullcontext():
             cursors = []
             for sql, values in statements:
-                cur = raw.cursor()
-                cur.execute(sql, values)
+                cur = psycopg.RawCursor(raw)
+                cur.execute(_native(sql), values)
                 cursors.append(cur)
             for cur in cursors:
                 rows.append(cur.fetchone())
@@ -822,6 +824,17 @@ def _run_raw(raw: Any, statements: Sequence[tuple[str, list[Any]]], *, pipeline:
     return rows
 
 
+@functools.lru_cache(maxsize=512)
+def _native(sql: str) -> bytes:
+    """A ``%s`` statement in PostgreSQL's own ``$n`` form, for ``psycopg.RawCursor`` (``%%`` back to
+    ``%``). psycopg's own cursor splits a statement on every execution when it is longer than 4,096
+    characters or has more than 50 parameters (the bounds of its cache): a mapped and hooked delivery's
+    statement crossed them, ~0.1 ms of Python each time (BENCHMARKS.md, issue 11)."""
+    count = itertools.count(1)
+    return _PLACEHOLDER.sub(lambda m: "%" if m.group(1) == "%" else f"${next(count)}", sql).encode()
+
+
+_PLACEHOLDER = re.compile(r"%([%s])")
 _TIMEOUTS = {  # SQLSTATEs of the bounds set in _postgres_bounds
     "55P03": "waited longer than lock_timeout for a lock held by another connection",
     "57014": "a statement ran longer than statement_timeout",
