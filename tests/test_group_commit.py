@@ -563,6 +563,30 @@ def test_batch_statements_go_to_postgresql_in_its_own_placeholder_form() -> None
     sent in PostgreSQL's ``$n`` form instead, ``%%`` (a literal percent sign) restored."""
     from clerk_sync.store import _native
 
-    assert _native("SELECT %s, '100%% %%s', %s WHERE x = %s") == b"SELECT $1, '100% %s', $2 WHERE x = $3"
+    assert _native("SELECT %s, '100%% %%s', %s WHERE x = %s") == "SELECT $1, '100% %s', $2 WHERE x = $3"
     wide = "SELECT " + ", ".join(["%s"] * 60) + " -- " + "x" * 5000
-    assert _native(wide).startswith(b"SELECT $1, $2") and b"$60 --" in _native(wide)
+    assert _native(wide).startswith("SELECT $1, $2") and "$60 --" in _native(wide)
+    for unsupported in ("SELECT %(name)s", "SELECT %b", "SELECT 5 %"):
+        with pytest.raises(ValueError, match="only %s placeholders"):
+            _native(unsupported)
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+def test_a_batch_statement_is_sent_in_the_connections_own_encoding(db_url: str, verifier: WebhookVerifier) -> None:
+    """Review finding: the statement text went out as UTF-8 whatever the connection's client_encoding, so
+    on a LATIN1 connection a hook named "café" had its jobs stored under "cafÃ©" (never claimed)."""
+    from clerk_sync.changes import Hook
+    from clerk_sync.tables import hook_jobs
+
+    store = Store.from_url(db_url, hooks=[Hook("café", lambda change: None, on=["user.created"])],
+                           connect_args={"client_encoding": "LATIN1"})
+    try:
+        committer = GroupCommitter(WebhookProcessor(store, verifier))
+        results = committer.write([("enc_1", _parsed(f.envelope("user.created", f.user("user_enc", 10)))),
+                                   ("enc_2", _parsed(f.envelope("user.created", f.user("user_enc2", 10))))])
+        assert _statuses(results) == ["applied", "applied"] and committer.retried == 0
+        with store.connect() as conn:
+            assert conn.exec_driver_sql("SHOW client_encoding").scalar() == "LATIN1"
+            assert list(conn.execute(sa.select(hook_jobs.c.hook)).scalars()) == ["café", "café"]
+    finally:
+        store.dispose()

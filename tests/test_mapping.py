@@ -19,7 +19,9 @@ from hypothesis import strategies as st
 
 from clerk_sync.auth.users import JitUsers
 from clerk_sync.changes import Change, Hook
+from clerk_sync.events import parse_envelope
 from clerk_sync.ingest import WebhookProcessor
+from clerk_sync.integrations._committer import GroupCommitter
 from clerk_sync.mapping import (
     Anonymise,
     Column,
@@ -660,7 +662,47 @@ def test_an_engines_json_serializer_is_applied_on_sqlites_direct_paths_too(app_d
         mapped = conn.exec_driver_sql("SELECT display_name FROM accounts WHERE clerk_user_id = 'user_ser'").scalar()
     assert raw == '{"plan":"pro","role":"admin"}'
     assert mapped == "Grace Lovelace"
+    store.dispose()
+    # A JSON column of the app's own table, written by the projection.
+    engine = sa.create_engine(app_db)
+    profiles = sa.Table("profiles", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
+                        sa.Column("clerk_user_id", sa.String(64), unique=True), sa.Column("meta", sa.JSON))
+    profiles.create(engine)
+    mapping = SchemaMapping(users=MappedTable("profiles", "clerk_user_id", {"meta": "public_metadata"}))
+    with engine.begin() as conn:
+        migrate_schema(conn, mapping)
+    engine.dispose()
+    store = Store(create_engine(app_db, json_serializer=compact), mapping=mapping)
+    assert deliver(store, f.envelope("user.updated", {**user, "updated_at": B + 3})) == ["applied"]
+    with store.connect() as conn:
+        assert conn.exec_driver_sql("SELECT meta FROM profiles").scalar_one() == '{"plan":"pro","role":"admin"}'
+    store.dispose()
+    store = Store(create_engine(app_db, json_serializer=compact), hooks=[Hook("all", seen.append)])
     queued = [(j["type"], json.loads(j["payload"]) if isinstance(j["payload"], str) else j["payload"]) for j in jobs(store)]
     assert [(kind, payload["previous"]) for kind, payload in queued] == [
         ("user.created", {}), ("user.updated", {"first_name": "Ada"})]  # the row before, read back through it
+    store.dispose()
+
+
+def test_percent_signs_in_the_apps_table_and_column_names_reach_the_database_intact(db_url: str) -> None:
+    """Review finding: a "%" in a mapped identifier was doubled once by SQLAlchemy's PostgreSQL quoting and
+    again for psycopg, so the statement named another table and every delivery failed its batch."""
+    engine = sa.create_engine(db_url)
+    odd = sa.Table("acc%ounts", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
+                   sa.Column("clerk_user_id", sa.String(64), unique=True), sa.Column("em%ail", sa.String(320)))
+    odd.create(engine)
+    mapping = SchemaMapping(users=MappedTable("acc%ounts", "clerk_user_id", {"em%ail": "email"}))
+    with engine.begin() as conn:
+        migrate_schema(conn, mapping)  # the delete policy's column
+    engine.dispose()
+    store = Store.from_url(db_url, mapping=mapping)
+    verifier = WebhookVerifier([f.SECRET])
+    committer = GroupCommitter(WebhookProcessor(store, verifier))
+    events = [f.envelope("user.created", f.user("user_pct_1", B + 1)), f.envelope("user.created", f.user("user_pct_2", B + 1))]
+    results = committer.write([(f"pct_{n}", parse_envelope(f.body_of(e))) for n, e in enumerate(events)])
+    assert [r.status for r in results] == ["applied", "applied"] and committer.retried == 0  # type: ignore[union-attr]
+    assert deliver(store, f.envelope("user.updated", f.user("user_pct_1", B + 2, email="new@example.com"))) == ["applied"]
+    with store.connect() as conn:
+        rows = conn.execute(sa.select(odd.c.clerk_user_id, odd.c["em%ail"]).order_by(odd.c.clerk_user_id)).all()
+    assert [tuple(r) for r in rows] == [("user_pct_1", "new@example.com"), ("user_pct_2", "user_pct_2@example.com")]
     store.dispose()

@@ -221,8 +221,8 @@ class _Summary:
         self._last: float | None = None  # when the last line was logged
 
     def count(self, status: DeliveryStatus) -> None:
-        now = self._clock()
         with self._lock:
+            now = self._clock()
             self._counts[status.value] = self._counts.get(status.value, 0) + 1
             last = self._last
             if last is not None and now - last < self.every_s:
@@ -232,18 +232,22 @@ class _Summary:
 
     def flush(self) -> None:
         """Log what was counted since the last line, if anything (at shutdown: the last seconds too)."""
-        now = self._clock()
         with self._lock:
+            now = self._clock()
             counts, self._counts, last, self._last = self._counts, {}, self._last, now
         if counts:
             self._say(counts, now, last)
 
     @staticmethod
     def _say(counts: dict[str, int], now: float, last: float | None) -> None:
-        # In an empty context: the line is about many deliveries, not the request that happens to log
-        # it (Flask and Django bind the delivery's svix_id to the request's logging context).
-        contextvars.Context().run(log.info, "webhooks", seconds=round(now - last, 1) if last is not None else 0.0,
-                                  deliveries=sum(counts.values()), **dict(sorted(counts.items())))
+        def say() -> None:
+            # The line is about many deliveries, not the request that happens to log it (Flask and Django
+            # bind the delivery's svix_id to the request's logging context); the app's own bindings stay.
+            structlog.contextvars.unbind_contextvars("svix_id")
+            log.info("webhooks", seconds=round(now - last, 1) if last is not None else 0.0,
+                     deliveries=sum(counts.values()), **dict(sorted(counts.items())))
+
+        contextvars.copy_context().run(say)  # the unbinding stays in the copy
 
 
 def replay_deliveries(

@@ -263,7 +263,7 @@ class _Projection:
         self.sqlite_upsert: str | None = None
         self.sqlite_binds: list[Callable[[Any], Any] | None] = []
         if not mapped.links and dialect in ("postgresql", "sqlite") and _unique(table, self.key, plain=True):
-            quote = (postgresql if dialect == "postgresql" else sqlite).dialect().identifier_preparer.quote
+            quote = _quote_ident  # the text is SQLAlchemy's: it doubles a "%" itself where the driver needs it
             key = quote(self.key.name)
             sets = ", ".join(f"{quote(n)} = excluded.{quote(n)}" for n in names) or f"{key} = excluded.{key}"
             head = f"INSERT INTO {quote(table.name)} ({', '.join(quote(n) for n in names)}, {key}) "
@@ -363,6 +363,13 @@ def sqlite_execute(conn: Connection, sql: str, rows: Sequence[Sequence[Any]], *,
         cursor.close()
 
 
+def _quote_ident(name: str) -> str:
+    """An identifier quoted for PostgreSQL and SQLite, as it is (no ``%`` doubled: SQLAlchemy's
+    PostgreSQL preparer doubles it for its pyformat drivers, which was once too many on the psycopg
+    statements built here and on the text SQLAlchemy compiles, which doubles it again)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
 def direct_sqlite(dialect: sa.Dialect) -> bool:
     """Whether :func:`sqlite_execute` with the default SQLite dialect's conversions (:func:`processors`)
     writes what SQLAlchemy would: SQLite, and no ``json_serializer``/``json_deserializer`` given to the
@@ -413,10 +420,8 @@ def _cte_sql(table: sa.Table, key: sa.Column[Any], names: list[str], mapped: Map
     if (dialect != "postgresql" or mapped.links or not _unique(table, key, plain=True)
             or not all(isinstance(t, _RAW_TYPES) and not isinstance(t, sa.Enum) for t in types)):
         return None, ()
-    quote = postgresql.dialect().identifier_preparer.quote  # type: ignore[no-untyped-call]
-
     def q(name: str) -> str:  # a "%" in a name is psycopg's placeholder sign: doubled in the SQL text
-        return str(quote(name)).replace("%", "%%")
+        return _quote_ident(name).replace("%", "%%")
 
     t, k = q(table.name), q(key.name)
     cols = [q(n) for n in names]

@@ -825,16 +825,25 @@ def _run_raw(raw: Any, statements: Sequence[tuple[str, list[Any]]], *, pipeline:
 
 
 @functools.lru_cache(maxsize=512)
-def _native(sql: str) -> bytes:
+def _native(sql: str) -> str:
     """A ``%s`` statement in PostgreSQL's own ``$n`` form, for ``psycopg.RawCursor`` (``%%`` back to
-    ``%``). psycopg's own cursor splits a statement on every execution when it is longer than 4,096
-    characters or has more than 50 parameters (the bounds of its cache): a mapped and hooked delivery's
-    statement crossed them, ~0.1 ms of Python each time (BENCHMARKS.md, issue 11)."""
+    ``%``; text, so the cursor encodes it in the connection's encoding). psycopg's own cursor splits a
+    statement on every execution when it is longer than 4,096 characters or has more than 50
+    parameters (the bounds of its cache): a wide mapping plus a hook crossed them, ~0.1 ms of Python
+    each time (BENCHMARKS.md, issue 11). Any other ``%`` sequence is refused, as psycopg would."""
     count = itertools.count(1)
-    return _PLACEHOLDER.sub(lambda m: "%" if m.group(1) == "%" else f"${next(count)}", sql).encode()
+
+    def placeholder(match: re.Match[str]) -> str:
+        if match.group(1) == "%":
+            return "%"
+        if match.group(1) == "s":
+            return f"${next(count)}"
+        raise ValueError(f"only %s placeholders and %% are supported, got {match.group(0)!r} in: {sql[:200]}")
+
+    return _PLACEHOLDER.sub(placeholder, sql)
 
 
-_PLACEHOLDER = re.compile(r"%([%s])")
+_PLACEHOLDER = re.compile(r"%(.?)", re.DOTALL)
 _TIMEOUTS = {  # SQLSTATEs of the bounds set in _postgres_bounds
     "55P03": "waited longer than lock_timeout for a lock held by another connection",
     "57014": "a statement ran longer than statement_timeout",

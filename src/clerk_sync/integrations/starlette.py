@@ -379,9 +379,11 @@ def create_app(settings: Settings, processor: WebhookProcessor | None = None, *,
             async with schedule.lifespan(app):
                 yield
             tasks.cancel_scope.cancel()
-        if committer is not None:  # what is queued is written (and answered) before the process ends
-            await to_thread.run_sync(committer.close)
-        processor.flush_summary()
+        try:
+            if committer is not None:  # what is queued is written (and answered) before the process ends
+                await to_thread.run_sync(committer.close)
+        finally:
+            processor.flush_summary()
 
     routes = list(_service_routes(processor, migration, committer))
     if settings.console_enabled:
