@@ -358,12 +358,14 @@ def test_the_summary_line_is_not_about_the_request_that_happens_to_log_it(db_url
     settings = Settings.from_env({"DATABASE_URL": db_url, "CLERK_WEBHOOK_SIGNING_SECRET": SECRET})
     processor = build_processor(settings)
     with (structlog.testing.capture_logs(processors=[structlog.contextvars.merge_contextvars]) as lines,
+          structlog.contextvars.bound_contextvars(service="billing"),  # the app's own, kept
           structlog.contextvars.bound_contextvars(svix_id="msg_ctx_1")):
         processor.process(*f.signed(f.envelope("user.created", f.user("user_ctx", 1)), "msg_ctx_1"))
+        assert structlog.contextvars.get_contextvars()["svix_id"] == "msg_ctx_1"  # unbound for the line only
     processor.store.dispose()
     (summary,) = [line for line in lines if line["event"] == "webhooks"]
     (delivery,) = [line for line in lines if line["event"] == "webhook"]
-    assert "svix_id" not in summary and summary["deliveries"] == 1
+    assert "svix_id" not in summary and summary["deliveries"] == 1 and summary["service"] == "billing"
     assert delivery["svix_id"] == "msg_ctx_1"
 
 
