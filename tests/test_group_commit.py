@@ -590,3 +590,22 @@ def test_a_batch_statement_is_sent_in_the_connections_own_encoding(db_url: str, 
             assert list(conn.execute(sa.select(hook_jobs.c.hook)).scalars()) == ["café", "café"]
     finally:
         store.dispose()
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+@pytest.mark.parametrize("pipeline", [True, False], ids=["piped", "alone"])
+def test_a_failing_statement_of_several_is_the_one_the_error_names(db_url: str, pipeline: bool) -> None:
+    """Review finding: one statement at a time, an error in the second was reported against the first."""
+    from clerk_sync.store import _run_raw
+
+    store = Store.from_url(db_url)
+    try:
+        with store.transaction() as writer:
+            raw = writer.conn.connection.driver_connection
+            with pytest.raises(sa.exc.DBAPIError) as caught:
+                _run_raw(raw, [("SELECT %s", [1]), ("SELECT * FROM no_such_table WHERE x = %s", [2]),
+                               ("SELECT 3", [])], pipeline=pipeline)
+            writer.conn.rollback()
+        assert "no_such_table" in str(caught.value.statement)
+    finally:
+        store.dispose()

@@ -807,20 +807,25 @@ def _run_raw(raw: Any, statements: Sequence[tuple[str, list[Any]]], *, pipeline:
     # Already in the caller's pipeline: no nested one (entering it would sync what the caller queued, one
     # more round trip); the first fetchone asks the server for the results so far (a flush, not a sync).
     piped = raw.pgconn.pipeline_status != psycopg.pq.PipelineStatus.OFF
+    cursors: list[Any] = []
     try:
         with raw.pipeline() if pipeline and len(statements) > 1 and not piped else nullcontext():
-            cursors = []
             for sql, values in statements:
                 cur = psycopg.RawCursor(raw)
-                cur.execute(_native(sql), values)
                 cursors.append(cur)
+                cur.execute(_native(sql), values)
             for cur in cursors:
                 rows.append(cur.fetchone())
                 cur.close()
     except psycopg.Error as exc:
-        raise sa.exc.DBAPIError.instance(statements[min(len(rows), len(statements) - 1)][0], None, exc,
-                                         psycopg.Error, hide_parameters=True,
-                                         connection_invalidated=bool(raw.closed)) from exc
+        # The statement the error is about. Piped, any fetch may raise it: results come in order and the
+        # failed statement's cursor is the first without one (those after it were skipped). Alone, its
+        # execute raised: the last cursor.
+        failed = next((i for i, c in enumerate(cursors)
+                       if c.pgresult is None or c.pgresult.status == psycopg.pq.ExecStatus.FATAL_ERROR),
+                      len(cursors) - 1)
+        raise sa.exc.DBAPIError.instance(statements[max(failed, 0)][0], None, exc, psycopg.Error,
+                                         hide_parameters=True, connection_invalidated=bool(raw.closed)) from exc
     return rows
 
 
