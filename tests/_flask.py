@@ -16,7 +16,10 @@ from werkzeug.serving import make_server
 @contextmanager
 def running_wsgi(app: Any, port: int = 0) -> Iterator[str]:
     """Yield the base URL while ``app`` is served; shut the server down afterwards."""
-    server = make_server("127.0.0.1", port, app, threaded=True)  # bound and listening on return
+    try:
+        server = make_server("127.0.0.1", port, app, threaded=True)  # bound and listening on return
+    except SystemExit as exc:  # werkzeug exits the process when the port is taken: fail this test only
+        raise RuntimeError(f"could not serve on 127.0.0.1:{port} (see stderr)") from exc
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

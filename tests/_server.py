@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import socket
 import subprocess
 import threading
@@ -15,9 +16,35 @@ import uvicorn
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free loopback port for a server a test starts later, taken below the kernel's ephemeral range.
+
+    A port the kernel hands out (a bind to port 0, the local end of an outgoing connection) could
+    otherwise be the very one released here before its server binds it ("Address already in use",
+    seen once in CI when an emulator started in between)."""
+    low = _ephemeral_low()
+    for _ in range(500):
+        port = random.randrange(max(1024, low - 12_000), low)
+        if port in _given:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _given.add(port)
+        return port
+    raise RuntimeError(f"no free loopback port found below {low}")
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+_given: set[int] = set()  # handed out by this process: two servers of one test never share a port
 
 
 def wait_for_http(url: str, *, timeout: float = 30.0, proc: subprocess.Popen[Any] | None = None) -> httpx.Response:
