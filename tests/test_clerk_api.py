@@ -156,7 +156,9 @@ async def test_async_single_flight_makes_one_call(emu: EmulatorServer) -> None:
 
 def test_storm_within_budget_gets_no_429(emu: EmulatorServer) -> None:
     emu.set_faults(rate_limit_requests=20, rate_limit_window_s=1.0)
-    with client_for(emu, limit=RateLimit(20, 1.0)) as clerk:
+    # A little under the server's limit, as a deployment sets it: the two sides count on their own
+    # clocks (at exactly the limit, a reconcile test once saw a 429 in CI)
+    with client_for(emu, limit=RateLimit(18, 1.0)) as clerk:
         started = time.monotonic()
         counts: list[int] = []
         threads = [threading.Thread(target=lambda: counts.append(clerk.count_users())) for _ in range(60)]
@@ -167,7 +169,7 @@ def test_storm_within_budget_gets_no_429(emu: EmulatorServer) -> None:
         elapsed = time.monotonic() - started
     assert len(counts) == 60
     assert clerk.stats.rate_limited == 0 and clerk.stats.by_status == {200: 60}
-    assert elapsed >= (60 - 20) / 20 * 0.9  # paced by the budget, not by 429s
+    assert elapsed >= (60 - 18) / 18 * 0.9  # paced by the budget, not by 429s
 
 
 def test_429_storm_honours_retry_after_and_everyone_is_served(emu: EmulatorServer) -> None:
@@ -236,7 +238,7 @@ import json, sys
 from clerk_sync.clerk_api import ClerkClient, RetryPolicy
 from clerk_sync.clerk_api.ratelimit import RateLimit, RedisBudget
 url, key, redis_url, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-budget = RedisBudget(redis_url, RateLimit(15, 1.0), key, prefix=sys.argv[5])
+budget = RedisBudget(redis_url, RateLimit(14, 1.0), key, prefix=sys.argv[5])  # a little under the server's 15/s
 with ClerkClient(key, api_url=url, budget=budget, retry=RetryPolicy(deadline_s=30)) as clerk:
     for _ in range(n):
         clerk.count_users()
@@ -255,5 +257,5 @@ def test_three_processes_share_the_redis_budget(emu: EmulatorServer) -> None:
     elapsed = time.monotonic() - started
     assert all(p.returncode == 0 for p in procs)
     assert sum(r["requests"] for r in results) == 45
-    assert sum(r["rate_limited"] for r in results) == 0  # 45 requests, 15/s allowed: never over
+    assert sum(r["rate_limited"] for r in results) == 0  # 45 requests, 14/s sent, 15/s allowed: never over
     assert elapsed >= 2.0  # they really waited for each other

@@ -220,13 +220,16 @@ def assert_mirrors_clerk_users_count(store: Store, n: int) -> None:
 
 
 def test_reconcile_stays_within_the_rate_limit(store: Store, emu: EmulatorServer) -> None:
+    """A budget set a little under Clerk's limit (as a deployment would: the two sides count requests on
+    their own clocks, and a request's arrival lags its sending) never meets a 429. At exactly the limit,
+    one CI run in many saw 11 requests land in one of the server's windows."""
     emu.set_faults(rate_limit_requests=10, rate_limit_window_s=1.0)
     emu.emulator.bulk_create_users(1000)
-    with ClerkClient(emu.secret_key, api_url=emu.url, retry=RETRY, budget=LocalBudget(RateLimit(10, 1.0))) as clerk:
+    with ClerkClient(emu.secret_key, api_url=emu.url, retry=RETRY, budget=LocalBudget(RateLimit(9, 1.0))) as clerk:
         report = Reconciler(store, clerk, page_size=50).run()
     assert report.counts["users"].created == 1000
     assert report.rate_limited == 0 and report.requests == 1 + 20 + 1 + 2
-    assert report.duration_s >= (report.requests - 10) / 10 * 0.9
+    assert report.duration_s >= (report.requests - 9) / 9 * 0.9
 
 
 def test_tombstones_are_versioned_by_the_injected_clock(store: Store, clerk: ClerkClient, emu: EmulatorServer) -> None:
