@@ -145,6 +145,14 @@ def pytest_configure(config: pytest.Config) -> None:
     configure_django()
 
 
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # The processors the tests left alive would say their last counts at interpreter exit, after
+    # pytest's summary (tests/test_operations.py checks that behaviour in a process of its own).
+    from clerk_sync.ingest import _SUMMARIES
+
+    _SUMMARIES.clear()
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"

@@ -194,3 +194,20 @@ def test_a_store_with_hooks_is_used_for_every_write(db_url: str) -> None:
             assert conn.execute(sa.select(hook_jobs.c.type)).scalars().all() == ["user.created"]
     finally:
         store.dispose()
+
+
+def test_closing_the_extension_says_the_deliveries_since_the_last_summary_line(db_url: str) -> None:
+    """A Flask app torn down (tests, a worker recycled) says the deliveries its summary line counted but
+    had not said yet; the first one is said at once, as by ``serve``."""
+    import structlog
+
+    app = _flask_app(db_url)
+    client = app.test_client()
+    with structlog.testing.capture_logs() as lines:
+        for n in range(3):
+            headers, body = f.signed(f.envelope("user.created", f.user(f"user_fclose_{n}", 1)), f"msg_fclose_{n}")
+            assert client.post("/webhooks/clerk", data=body, headers=headers).status_code == 200
+        assert [line["deliveries"] for line in lines if line["event"] == "webhooks"] == [1]
+        clerk_state(app).close()
+    assert [(line["deliveries"], line.get("applied")) for line in lines if line["event"] == "webhooks"] == [
+        (1, 1), (2, 2)]

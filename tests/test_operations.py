@@ -431,3 +431,33 @@ def test_the_delivery_that_never_arrives_is_caught(db_url: str, emu: EmulatorSer
     assert checks["newest delivery"].status == "fail"
     assert "Clerk Dashboard" in checks["newest delivery"].detail
     assert checks["last reconcile"].status == "warn" and "missed" in checks["last reconcile"].detail
+
+
+def test_a_process_that_exits_says_the_deliveries_since_the_last_summary_line(tmp_path: Path) -> None:
+    """WSGI servers (gunicorn, uWSGI) have no shutdown hook for the app: the counts are said at
+    interpreter exit, from a real process that applies three deliveries and returns."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parents[1])!r})\n"
+        "from clerk_sync.config import Settings\n"
+        "from clerk_sync.integrations.starlette import build_processor\n"
+        "from clerk_sync.migrations import upgrade\n"
+        "from tests import factories as f\n"
+        f"settings = Settings.from_env({{'DATABASE_URL': {f'sqlite:///{tmp_path}/exit.db'!r}, "
+        f"'CLERK_WEBHOOK_SIGNING_SECRET': {SECRET!r}}})\n"
+        "processor = build_processor(settings)\n"
+        "upgrade(processor.store.engine)\n"
+        "for n in range(3):\n"
+        "    processor.process(*f.signed(f.envelope('user.created', f.user(f'user_exit_{n}', 1)), f'msg_exit_{n}'))\n"
+        "print('done', flush=True)\n"
+    )
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 0, run.stderr
+    summaries = [line for line in run.stdout.splitlines() if "webhooks" in line and "deliveries=" in line]
+    assert len(summaries) == 2, run.stdout  # the first delivery at once, the other two at exit
+    assert "deliveries=1" in summaries[0] and "deliveries=2" in summaries[1] and "applied=2" in summaries[1]
+    assert run.stdout.index("done") < run.stdout.index(summaries[1])

@@ -7,11 +7,14 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import contextvars
 import json
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -219,6 +222,7 @@ class _Summary:
         self._lock = threading.Lock()  # the event loop and the thread pool both observe deliveries
         self._counts: dict[str, int] = {}
         self._last: float | None = None  # when the last line was logged
+        _SUMMARIES.add(self)  # said at interpreter exit too (WSGI servers have no shutdown hook to call)
 
     def count(self, status: DeliveryStatus) -> None:
         with self._lock:
@@ -248,6 +252,18 @@ class _Summary:
                      deliveries=sum(counts.values()), **dict(sorted(counts.items())))
 
         contextvars.copy_context().run(say)  # the unbinding stays in the copy
+
+
+_SUMMARIES: weakref.WeakSet[_Summary] = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_summaries() -> None:
+    """The last seconds before a process exits are said too: ``serve`` flushes in its lifespan, but Flask
+    and Django (gunicorn, uWSGI workers) only offer interpreter exit."""
+    for summary in list(_SUMMARIES):
+        with contextlib.suppress(Exception):  # at exit the log's stream may already be closed: nothing to tell
+            summary.flush()
 
 
 def replay_deliveries(

@@ -83,6 +83,8 @@ class ClerkSync:
         processor = build_processor(settings, self.store) if self.webhook_path is not None else None
         store = processor.store if processor is not None else self.store or Store.from_url(settings.sqlalchemy_url())
         closers: list[Callable[[], None]] = [] if self.store is not None else [store.dispose]
+        if processor is not None:
+            closers.append(processor.flush_summary)  # the deliveries since the last summary line
         clerk = ClerkClient.from_settings(settings) if settings.clerk_secret_key is not None else None
         if clerk is not None:
             closers.append(clerk.close)
