@@ -7,6 +7,7 @@ leases are tested without sleeping.
 
 from __future__ import annotations
 
+import json
 import random
 import time
 import uuid
@@ -475,4 +476,35 @@ def test_the_heartbeat_thread_extends_the_running_jobs_lease(db_url: str) -> Non
     claimed_at = clock()
     assert dispatcher.run_once() == 1
     assert seen == [claimed_at + timedelta(seconds=105)] and jobs(store) == []
+    store.dispose()
+
+
+@pytest.mark.parametrize("db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
+def test_claims_on_postgresql_read_the_queue_with_plain_index_scans(db_url: str, recorder: Recorder) -> None:
+    """Every job is inserted, claimed and deleted: between two autovacuum runs the queue is mostly dead
+    rows. Bitmap and sequential scans visit them again at every claim; a plain index scan marks those
+    it meets, so the next claim skips them. The dispatcher's transactions ask for plain index scans
+    (and no wait for the WAL flush), for that transaction only."""
+    from clerk_sync.outbox import _claim_sql, _dead_sql
+
+    store = hooked(db_url, Hook("all", recorder))
+    deliver(store, *[f.envelope("user.created", f.user(f"user_scan_{n}", 1)) for n in range(3)])
+    dispatcher = Dispatcher(store)
+    now = datetime.now(UTC)
+    params = {"now": now, "lease_until": now + timedelta(seconds=60), "token": "t", "limit": 100, "window": 400,
+              "max_attempts": 5, "error": "x"}
+    plans: list[str] = []
+    with dispatcher._bookkeeping() as conn:
+        settings = conn.exec_driver_sql("SELECT current_setting('enable_bitmapscan'), current_setting('enable_seqscan'), "
+                                        "current_setting('synchronous_commit')").one()
+        for stmt in (_dead_sql(True), _claim_sql(True, windowed=True), _claim_sql(True, windowed=False)):
+            sql = str(stmt.compile(dialect=conn.dialect))
+            plans.append(json.dumps(conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + sql, params).scalar()))
+    assert tuple(settings) == ("off", "off", "off")
+    for plan in plans:
+        assert '"Index Scan"' in plan or '"Index Only Scan"' in plan
+        assert "Bitmap" not in plan and '"Seq Scan"' not in plan
+    with store.connect() as conn:  # set for that transaction only
+        assert conn.exec_driver_sql("SELECT current_setting('enable_bitmapscan')").scalar() == "on"
+    assert dispatcher.drain() == 3 and len(recorder.seen) == 3
     store.dispose()

@@ -52,6 +52,10 @@ class Backoff:
         return timedelta(seconds=min(self.max_s, self.base_s * 2 ** max(0, attempts - 1)))
 
 
+_QUEUE_SETTINGS = ("SELECT set_config('synchronous_commit', 'off', true), "  # for this transaction only
+                   "set_config('enable_bitmapscan', 'off', true), set_config('enable_seqscan', 'off', true)")
+
+
 class Dispatcher:
     """Runs the store's hooks for queued jobs; safe to run in several processes at once.
 
@@ -130,10 +134,16 @@ class Dispatcher:
     def _bookkeeping(self) -> Iterator[Connection]:
         """A transaction for claims and finishes. On PostgreSQL it does not wait for the WAL flush
         (``synchronous_commit = off``): one lost in a crash only means a job runs again, which at least
-        once allows, and the webhook path's commits keep the disk to themselves."""
+        once allows, and the webhook path's commits keep the disk to themselves.
+
+        It also reads the queue with plain index scans only. Every job is inserted, claimed and deleted,
+        so the table holds mostly dead rows until autovacuum comes (a minute apart by default: ~100k rows
+        at full ingest). Bitmap and sequential scans visit them again at every claim (5 ms for 3 live
+        jobs among 20k dead ones, measured); a plain index scan marks the dead entries it meets as such,
+        and the next claim skips them (0.2 ms)."""
         with self.store.transaction() as writer:
             if writer.conn.dialect.name == "postgresql":
-                writer.conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
+                writer.conn.exec_driver_sql(_QUEUE_SETTINGS)
             yield writer.conn
 
     def _hold(self, job: Job, held: bool = True) -> None:
