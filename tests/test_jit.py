@@ -101,7 +101,7 @@ def test_sign_up_race_either_order_ends_with_one_identical_row(store: Store, jit
 
 
 def test_sign_up_race_concurrent(store: Store, jit: JitUsers, emu: EmulatorServer) -> None:
-    emu.set_faults(latency_s=0.05)  # JIT fetches overlap the webhook's transaction
+    emu.set_faults(latency_s=0.3)  # JIT fetches overlap the webhook's transaction; all reads miss within it
     data = emu.create_user(email="ada@example.com", first_name="Ada")
     barrier = threading.Barrier(11)
     seen: list[AuthUser] = []
@@ -137,7 +137,7 @@ def test_late_older_webhook_does_not_undo_a_newer_jit_fetch(store: Store, jit: J
 
 
 def test_single_flight_many_requests_one_clerk_call(store: Store, jit: JitUsers, emu: EmulatorServer) -> None:
-    emu.set_faults(latency_s=0.2)
+    emu.set_faults(latency_s=0.6)  # every thread reads the table and joins the flight within it (CI: 2-core box)
     data = emu.create_user(email="ada@example.com")
     found: list[str] = []
     threads = [threading.Thread(target=lambda: found.append(jit.get_auth_user(data["id"]).clerk_id))
@@ -152,7 +152,7 @@ def test_single_flight_many_requests_one_clerk_call(store: Store, jit: JitUsers,
 
 @pytest.mark.anyio
 async def test_async_single_flight_and_race(store: Store, emu: EmulatorServer) -> None:
-    emu.set_faults(latency_s=0.2)
+    emu.set_faults(latency_s=1.0)  # 50 reads through a 40-thread pool and new connections: all within it
     data = emu.create_user(email="ada@example.com")
     async with AsyncClerkClient(emu.secret_key, api_url=emu.url, retry=RETRY) as aclerk:
         jit = JitUsers(store, aclerk=aclerk, timeout_s=2.0)
@@ -215,7 +215,7 @@ def test_slow_clerk_is_bounded_by_the_timeout(store: Store, emu: EmulatorServer)
         started = time.monotonic()
         with pytest.raises(ClerkUnavailable):
             jit.get_auth_user("user_slow")
-        assert time.monotonic() - started < 1.0
+        assert time.monotonic() - started < 1.9  # Clerk answers after 2 s
 
 
 def _reference(data: dict[str, Any]) -> AuthUser:

@@ -40,10 +40,18 @@ _LAST = ["Lovelace", "Hopper", "Turing", "Dijkstra", "Liskov", "Knuth", "Hamilto
 _ORGS = ["Acme", "Globex", "Initech", "Umbrella", "Hooli"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _bound(port: int) -> socket.socket:
+    """The service's socket, bound now and kept: a port picked and released here could be taken (by the
+    emulator binding port 0, say) before the service bound it."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError as exc:
+        sock.close()
+        raise RuntimeError(f"the sync service cannot listen on 127.0.0.1:{port} ({exc.strerror}): "
+                           "pass another --port, or stop what uses it") from None
+    return sock
 
 
 @dataclass
@@ -62,9 +70,10 @@ class DevReport:
 
 
 @contextmanager
-def _serve(app: Any, port: int) -> Iterator[str]:
+def _serve(app: Any, sock: socket.socket) -> Iterator[str]:
+    port = int(sock.getsockname()[1])
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, name="clerk-sync-service", daemon=True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="clerk-sync-service", daemon=True)
     thread.start()
     while not server.started:
         if not thread.is_alive():
@@ -84,7 +93,8 @@ class DevStack:
         if fresh:
             for suffix in ("", "-wal", "-shm"):
                 Path(f"{db_path}{suffix}").unlink(missing_ok=True)
-        self.port = port or _free_port()
+        self._socket = _bound(port)
+        self.port = int(self._socket.getsockname()[1])
         self.emulator = EmulatorServer(webhook_url=f"http://127.0.0.1:{self.port}/webhooks/clerk",
                                        time_scale=100.0, seed=7,
                                        # Show at-least-once delivery: some duplicates and reorderings.
@@ -105,7 +115,7 @@ class DevStack:
     @contextmanager
     def running(self) -> Iterator[DevStack]:
         migrations.upgrade(self.store.engine)
-        with _serve(create_app(self.settings, self.processor), self.port) as url, self.emulator:
+        with self._socket, _serve(create_app(self.settings, self.processor), self._socket) as url, self.emulator:
             self.service_url = url
             try:
                 yield self
