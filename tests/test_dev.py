@@ -43,3 +43,21 @@ def test_dev_command_reports_convergence(tmp_path: Path) -> None:
     assert report.db_rows == report.clerk_counts
     text = console.export_text()
     assert "converged" in text and "curl" in text
+
+
+def test_a_port_in_use_is_named_and_the_last_demo_is_kept(tmp_path: Path) -> None:
+    import socket
+
+    import pytest
+
+    from clerk_sync.errors import ConfigError
+
+    db = tmp_path / "dev.db"
+    db.write_bytes(b"the last demo")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"127.0.0.1:{port}.*--port"):
+            DevStack(db, port=port)
+    assert db.read_bytes() == b"the last demo"  # fresh=True, but nothing was started: nothing removed

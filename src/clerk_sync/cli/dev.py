@@ -26,6 +26,7 @@ from rich.table import Table
 
 from clerk_sync import migrations
 from clerk_sync.config import Settings
+from clerk_sync.errors import ConfigError
 from clerk_sync.integrations.starlette import build_processor, create_app
 from clerk_sync.store import Store
 from clerk_sync.tables import organization_memberships, organizations, users, webhook_events
@@ -49,8 +50,8 @@ def _bound(port: int) -> socket.socket:
         sock.bind(("127.0.0.1", port))
     except OSError as exc:
         sock.close()
-        raise RuntimeError(f"the sync service cannot listen on 127.0.0.1:{port} ({exc.strerror}): "
-                           "pass another --port, or stop what uses it") from None
+        raise ConfigError(f"the sync service cannot listen on 127.0.0.1:{port} ({exc.strerror}): "
+                          "pass another --port, or stop what uses it") from None
     return sock
 
 
@@ -77,7 +78,7 @@ def _serve(app: Any, sock: socket.socket) -> Iterator[str]:
     thread.start()
     while not server.started:
         if not thread.is_alive():
-            raise RuntimeError(f"the sync service could not start on port {port}")
+            raise ConfigError(f"the sync service could not start on 127.0.0.1:{port}: see the lines above")
         time.sleep(0.01)
     try:
         yield f"http://127.0.0.1:{port}"
@@ -90,10 +91,17 @@ class DevStack:
     """Emulator + sync service, started together and stopped together."""
 
     def __init__(self, db_path: Path, *, port: int = 0, fresh: bool = True, faults: bool = True) -> None:
+        self._socket = _bound(port)  # first: a port in use leaves the last demo's database as it was
+        try:
+            self._set_up(db_path, fresh=fresh, faults=faults)
+        except BaseException:
+            self._socket.close()
+            raise
+
+    def _set_up(self, db_path: Path, *, fresh: bool, faults: bool) -> None:
         if fresh:
             for suffix in ("", "-wal", "-shm"):
                 Path(f"{db_path}{suffix}").unlink(missing_ok=True)
-        self._socket = _bound(port)
         self.port = int(self._socket.getsockname()[1])
         self.emulator = EmulatorServer(webhook_url=f"http://127.0.0.1:{self.port}/webhooks/clerk",
                                        time_scale=100.0, seed=7,
@@ -114,13 +122,14 @@ class DevStack:
 
     @contextmanager
     def running(self) -> Iterator[DevStack]:
-        migrations.upgrade(self.store.engine)
-        with self._socket, _serve(create_app(self.settings, self.processor), self._socket) as url, self.emulator:
-            self.service_url = url
-            try:
-                yield self
-            finally:
-                self.store.dispose()
+        with self._socket:  # closed however this ends
+            migrations.upgrade(self.store.engine)
+            with _serve(create_app(self.settings, self.processor), self._socket) as url, self.emulator:
+                self.service_url = url
+                try:
+                    yield self
+                finally:
+                    self.store.dispose()
 
     def console_link(self, *, expires_in_s: int = 3600) -> str | None:
         """A sign-in link to the console for the demo admin: a session token minted by the emulator
