@@ -149,25 +149,42 @@ class Job:
 
 
 def claim(conn: Connection, now: datetime, *, lease: timedelta, limit: int, max_attempts: int) -> list[Job]:
-    """Lease up to ``limit`` claimable jobs (at most one per entity_key), oldest first, in two or three
-    statements; all jobs of one claim share its token. Run inside the caller's transaction.
+    """Lease up to ``limit`` claimable jobs (at most one per entity_key), oldest first; all jobs of one
+    claim share its token. Run inside the caller's transaction.
 
     A job whose lease expired after ``max_attempts`` claims is marked dead instead (its worker keeps
     dying, or the handler outlives the lease).
+
+    Three short statements rather than one: the oldest due jobs, page by page (a page of 2 x ``limit``);
+    the first unfinished job of each of their entities (only that one may run: order per entity); then
+    the update of those, skipping what another dispatcher holds and what is no longer due. Each is one
+    index scan (at worst one pass over the table) whatever the statistics say. The single statement it
+    replaced nested its subqueries under a plan chosen from statistics taken when the queue was empty
+    (as vacuum leaves them on a queue table): 15 ms per claim of 80 jobs, growing with the square of the
+    queue.
     """
     if conn.dialect.name in ("mysql", "mariadb"):  # no UPDATE .. RETURNING, nor a subquery on the updated table
         return _claim_one_by_one(conn, now, lease=lease, limit=limit, max_attempts=max_attempts)
     pg = conn.dialect.name == "postgresql"
     error = "attempts (worker killed, or handler slower than the lease)"
     conn.execute(_dead_sql(pg), {"now": now, "max_attempts": max_attempts, "error": error})
+    due = {"now": now, "max_attempts": max_attempts}
+    chosen: list[int] = []
+    after = 0
+    while len(chosen) < limit:
+        page = conn.execute(_due_sql(), due | {"after": after, "page": 2 * limit}).all()
+        if not page:
+            break
+        keys = sorted({row.entity_key for row in page})
+        first: dict[str, int] = {key: job_id for key, job_id in conn.execute(_first_sql(pg), {"keys": keys})}
+        chosen += [row.id for row in page if first.get(row.entity_key) == row.id][:limit - len(chosen)]
+        if len(page) < 2 * limit:
+            break
+        after = page[-1].id
+    if not chosen:
+        return []
     token = str(uuid.uuid4())
-    params = {"now": now, "lease_until": now + lease, "token": token, "limit": limit, "max_attempts": max_attempts}
-    # First among the oldest 4 x limit due jobs (bounded work whatever plan the statistics lead to), then,
-    # if that did not fill the batch, among all (jobs blocked behind their entity's earlier ones may
-    # fill the window).
-    rows = list(conn.execute(_claim_sql(pg, windowed=True), params | {"window": 4 * limit}).all())
-    if len(rows) < limit:
-        rows += conn.execute(_claim_sql(pg, windowed=False), params | {"limit": limit - len(rows)}).all()
+    rows = conn.execute(_take_sql(pg), due | {"ids": chosen, "lease_until": now + lease, "token": token}).all()
     return [Job(row.id, row.hook, Change.from_json(_json(row.payload)), row.attempts, token)
             for row in sorted(rows, key=lambda r: r.id)]
 
@@ -300,18 +317,14 @@ def _job_sql(postgres: bool) -> sa.TextClause:
     ).bindparams(sa.bindparam("payload", type_=sa.Text), sa.bindparam("now", type_=hook_jobs.c.created_at.type))
 
 
-# Claimable: pending and due, or running with an expired lease; and no earlier unfinished job of its entity.
-# Unfinished is written "<> 'dead'" (the only other status), which no index serves: the probe then uses the
-# (entity_key, id) index alone. With "IN ('pending', 'running')" and stale statistics (a queue that grew
-# since the last ANALYZE), PostgreSQL chose to AND it with the status index: 0.2 ms per candidate.
 # Due: pending and available, or running with an expired lease and attempts left (the dead statement takes
 # the others). A pending job past max_attempts (the limit was lowered) runs once more before it is dead.
 _DUE = ("((j.status = 'pending' AND j.available_at <= :now) "
         "OR (j.status = 'running' AND j.lease_until < :now AND j.attempts < :max_attempts))")
-_CLAIMABLE = (
-    f"{_DUE} AND NOT EXISTS (SELECT 1 FROM hook_jobs e WHERE e.entity_key = j.entity_key AND e.id < j.id "  # noqa: S608
-    "AND e.status <> 'dead')"
-)
+# The same test as one expression no index serves: where the rows are already named by id, the planner
+# must not prefer the status index (with statistics from an empty queue it did, and walked every due row).
+_STILL_DUE = ("CASE WHEN j.status = 'pending' THEN j.available_at <= :now WHEN j.status = 'running' "
+              "THEN j.lease_until < :now AND j.attempts < :max_attempts ELSE false END")
 
 
 @functools.cache
@@ -326,20 +339,40 @@ def _dead_sql(postgres: bool) -> sa.TextClause:
 
 
 @functools.cache
-def _claim_sql(postgres: bool, *, windowed: bool) -> sa.TextualSelect:
-    # PostgreSQL: rows another dispatcher is claiming are skipped, never waited for (SKIP LOCKED).
-    # Windowed: only among the oldest :window due jobs, so the per-candidate NOT EXISTS probe runs a bounded
-    # number of times (with statistics from when the queue was small, PostgreSQL sorts every due job).
-    lock = " FOR UPDATE OF j SKIP LOCKED" if postgres else ""
-    window = f"AND j.id IN (SELECT j.id FROM hook_jobs j WHERE {_DUE} ORDER BY j.id LIMIT :window) "  # noqa: S608
+def _due_sql() -> sa.TextClause:
+    """A page of due jobs after id ``:after``, oldest first: their ids and entities."""
     return sa.text(
+        f"SELECT j.id, j.entity_key FROM hook_jobs j WHERE {_DUE} AND j.id > :after ORDER BY j.id LIMIT :page"  # noqa: S608
+    ).bindparams(sa.bindparam("now", type_=hook_jobs.c.created_at.type))
+
+
+@functools.cache
+def _first_sql(postgres: bool) -> sa.TextClause:
+    """The first unfinished (pending or running) job of each entity in ``:keys``; "<> 'dead'" is what no
+    index serves, so the (entity_key, id) index is the one used."""
+    keys = "entity_key = ANY(:keys)" if postgres else "entity_key IN :keys"
+    stmt = sa.text(
+        f"SELECT entity_key, min(id) FROM hook_jobs WHERE {keys} AND status <> 'dead' GROUP BY entity_key"  # noqa: S608
+    )
+    if postgres:
+        return stmt.bindparams(sa.bindparam("keys", type_=postgresql.ARRAY(sa.String)))
+    return stmt.bindparams(sa.bindparam("keys", expanding=True))
+
+
+@functools.cache
+def _take_sql(postgres: bool) -> sa.TextualSelect:
+    """Lease the chosen jobs that are still due. PostgreSQL: a row another dispatcher is claiming is
+    skipped, never waited for (SKIP LOCKED); once it committed, the row is no longer due."""
+    ids, lock = ("j.id = ANY(:ids)", " FOR UPDATE OF j SKIP LOCKED") if postgres else ("j.id IN :ids", "")
+    stmt = sa.text(
         "UPDATE hook_jobs SET status = 'running', lease_until = :lease_until, claim_token = :token, "  # noqa: S608
-        "attempts = attempts + 1 "
-        f"WHERE id IN (SELECT j.id FROM hook_jobs j WHERE {_CLAIMABLE} "
-        f"{window if windowed else ''}ORDER BY j.id LIMIT :limit{lock}) RETURNING id, hook, payload, attempts"
+        f"attempts = attempts + 1 WHERE id IN (SELECT j.id FROM hook_jobs j WHERE {ids} AND {_STILL_DUE}{lock}) "
+        "RETURNING id, hook, payload, attempts"
     ).bindparams(sa.bindparam("now", type_=hook_jobs.c.created_at.type),
-                 sa.bindparam("lease_until", type_=hook_jobs.c.created_at.type)).columns(
-        hook_jobs.c.id, hook_jobs.c.hook, hook_jobs.c.payload, hook_jobs.c.attempts)
+                 sa.bindparam("lease_until", type_=hook_jobs.c.created_at.type),
+                 sa.bindparam("ids", type_=postgresql.ARRAY(sa.BigInteger)) if postgres
+                 else sa.bindparam("ids", expanding=True))
+    return stmt.columns(hook_jobs.c.id, hook_jobs.c.hook, hook_jobs.c.payload, hook_jobs.c.attempts)
 
 
 @functools.cache
