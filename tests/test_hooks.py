@@ -527,3 +527,20 @@ def test_a_claim_reads_each_queued_job_a_bounded_number_of_times(db_url: str, re
     assert sorted(job.change.clerk_id for job in claimed) == users_  # one per entity, the first
     assert read <= 10 * 80, read  # the single statement it replaced read 6,066 rows here
     store.dispose()
+
+
+@pytest.mark.parametrize("db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
+def test_two_claims_at_the_same_moment_take_different_jobs(db_url: str, recorder: Recorder) -> None:
+    """Two dispatchers that claim at once compute the same oldest candidates: the second must skip what
+    the first holds (not committed yet) and take the next ones, not come back empty while jobs are due."""
+    store = hooked(db_url, Hook("all", recorder))
+    deliver(store, *[f.envelope("user.created", f.user(f"user_two_{n:02d}", 1)) for n in range(20)])
+    now = datetime.now(UTC)
+    with store.transaction() as first:
+        held = claim(first.conn, now, lease=timedelta(seconds=60), limit=5, max_attempts=5)
+        with store.transaction() as second:
+            other = claim(second.conn, now, lease=timedelta(seconds=60), limit=5, max_attempts=5)
+    assert len(held) == len(other) == 5
+    assert not {job.id for job in held} & {job.id for job in other}
+    assert {job.change.clerk_id for job in held} == {f"user_two_{n:02d}" for n in range(5)}  # the oldest first
+    store.dispose()

@@ -155,10 +155,11 @@ def claim(conn: Connection, now: datetime, *, lease: timedelta, limit: int, max_
     A job whose lease expired after ``max_attempts`` claims is marked dead instead (its worker keeps
     dying, or the handler outlives the lease).
 
-    Three short statements rather than one: the oldest due jobs, page by page (a page of 2 x ``limit``);
-    the first unfinished job of each of their entities (only that one may run: order per entity); then
-    the update of those, skipping what another dispatcher holds and what is no longer due. Each is one
-    index scan (at worst one pass over the table) whatever the statistics say. The single statement it
+    Three short statements rather than one: the oldest due jobs, page by page (2 x ``limit`` a page); the
+    first unfinished job of each of their entities (only that one may run: order per entity); then the
+    update of ``limit`` of those, skipping what another dispatcher holds and what is no longer due (and
+    then looking further for what was skipped). Each is one index scan (at worst one pass over the
+    table) whatever the statistics say. The single statement it
     replaced nested its subqueries under a plan chosen from statistics taken when the queue was empty
     (as vacuum leaves them on a queue table): 15 ms per claim of 80 jobs, growing with the square of the
     queue.
@@ -169,24 +170,35 @@ def claim(conn: Connection, now: datetime, *, lease: timedelta, limit: int, max_
     error = "attempts (worker killed, or handler slower than the lease)"
     conn.execute(_dead_sql(pg), {"now": now, "max_attempts": max_attempts, "error": error})
     due = {"now": now, "max_attempts": max_attempts}
-    chosen: list[int] = []
-    after = 0
-    while len(chosen) < limit:
-        page = conn.execute(_due_sql(), due | {"after": after, "page": 2 * limit}).all()
-        if not page:
-            break
-        keys = sorted({row.entity_key for row in page})
-        first: dict[str, int] = {key: job_id for key, job_id in conn.execute(_first_sql(pg), {"keys": keys})}
-        chosen += [row.id for row in page if first.get(row.entity_key) == row.id][:limit - len(chosen)]
-        if len(page) < 2 * limit:
-            break
-        after = page[-1].id
-    if not chosen:
-        return []
     token = str(uuid.uuid4())
-    rows = conn.execute(_take_sql(pg), due | {"ids": chosen, "lease_until": now + lease, "token": token}).all()
+    take = due | {"lease_until": now + lease, "token": token}
+    taken: list[Any] = []
+    decided: set[str] = set()  # entities already looked at: at most one candidate each, the first
+    after, exhausted = 0, False
+    while len(taken) < limit and not exhausted:
+        need, chosen = limit - len(taken), list[int]()
+        while len(chosen) < need and not exhausted:
+            page = conn.execute(_due_sql(), due | {"after": after, "page": 2 * limit}).all()
+            keys = sorted({row.entity_key for row in page} - decided)
+            first = {key: job_id for key, job_id in conn.execute(_first_sql(pg), {"keys": keys})} if keys else {}
+            exhausted = len(page) < 2 * limit
+            for row in page:
+                after = row.id
+                if row.entity_key in decided:
+                    continue
+                decided.add(row.entity_key)
+                if first.get(row.entity_key) == row.id:
+                    chosen.append(row.id)
+                    if len(chosen) == need:
+                        exhausted = exhausted and row is page[-1]
+                        break
+        if not chosen:
+            break
+        # Fewer taken than chosen: another dispatcher holds some of them (it chose the same oldest ones
+        # at the same moment): look further rather than come back short.
+        taken += conn.execute(_take_sql(pg), take | {"ids": chosen}).all()
     return [Job(row.id, row.hook, Change.from_json(_json(row.payload)), row.attempts, token)
-            for row in sorted(rows, key=lambda r: r.id)]
+            for row in sorted(taken, key=lambda r: r.id)]
 
 
 def _claim_one_by_one(conn: Connection, now: datetime, *, lease: timedelta, limit: int,
