@@ -21,30 +21,36 @@ from examples.saas_hooks.billing import create_billing
 BILLING_SECRET = "whsec_" + "ZXhhbXBsZS1iaWxsaW5nLXNlY3JldC0zMi1ieXRlcyE="
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _listening() -> socket.socket:
+    """A loopback socket bound now, for a server started later: a port picked and released could be
+    taken meanwhile (by the emulator's own bind, say)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    return sock
 
 
-def _serve(app: Any, port: int) -> uvicorn.Server:
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
+def _serve(app: Any, sock: socket.socket) -> uvicorn.Server:
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
     while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError(f"a server of the example could not start on {sock.getsockname()}")
         time.sleep(0.01)
     return server
 
 
 def main() -> None:
-    app_port, billing_port = _free_port(), _free_port()
+    app_socket, billing_socket = _listening(), _listening()
+    app_port, billing_port = app_socket.getsockname()[1], billing_socket.getsockname()[1]
     db = Path(tempfile.mkdtemp()) / "saas_hooks.db"
     with EmulatorServer(webhook_url=f"http://127.0.0.1:{app_port}/webhooks/clerk") as clerk:
         settings = Settings.from_env({"DATABASE_URL": f"sqlite:///{db}",
                                       "CLERK_WEBHOOK_SIGNING_SECRET": clerk.webhook_secret})
         example = build(settings, billing_url=f"http://127.0.0.1:{billing_port}/clerk-changes",
                         billing_secret=BILLING_SECRET)
-        _serve(create_billing(BILLING_SECRET), billing_port)
-        _serve(example.app, app_port)
+        _serve(create_billing(BILLING_SECRET), billing_socket)
+        _serve(example.app, app_socket)
         example.dispatcher.start()
         clerk.create_user("ada@example.com", first_name="Ada", public_metadata={"role": "admin"})
         clerk.wait_for_deliveries()
