@@ -244,7 +244,8 @@ import json, sys
 from clerk_sync.clerk_api import ClerkClient, RetryPolicy
 from clerk_sync.clerk_api.ratelimit import RateLimit, RedisBudget
 url, key, redis_url, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-budget = RedisBudget(redis_url, RateLimit(14, 1.0), key, prefix=sys.argv[5])  # a little under the server's 15/s
+# a little under the server's 15/s, with room for arrivals bunched by the emulator's process (jitter_s)
+budget = RedisBudget(redis_url, RateLimit(14, 1.0, jitter_s=0.3), key, prefix=sys.argv[5])
 with ClerkClient(key, api_url=url, budget=budget, retry=RetryPolicy(deadline_s=30)) as clerk:
     for _ in range(n):
         clerk.count_users()
@@ -263,5 +264,5 @@ def test_three_processes_share_the_redis_budget(emu: EmulatorServer) -> None:
     elapsed = time.monotonic() - started
     assert all(p.returncode == 0 for p in procs)
     assert sum(r["requests"] for r in results) == 45
-    assert sum(r["rate_limited"] for r in results) == 0  # 45 requests, 14/s sent, 15/s allowed: never over
+    assert sum(r["rate_limited"] for r in results) == 0  # 45 requests, 10/s sent, 15/s allowed: never over
     assert elapsed >= 2.0  # they really waited for each other
