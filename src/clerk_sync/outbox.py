@@ -174,14 +174,14 @@ def claim(conn: Connection, now: datetime, *, lease: timedelta, limit: int, max_
     take = due | {"lease_until": now + lease, "token": token}
     taken: list[Any] = []
     decided: set[str] = set()  # entities already looked at: at most one candidate each, the first
-    after, exhausted = 0, False
+    after, exhausted, size = 0, False, 2 * limit
     while len(taken) < limit and not exhausted:
         need, chosen = limit - len(taken), list[int]()
         while len(chosen) < need and not exhausted:
-            page = conn.execute(_due_sql(), due | {"after": after, "page": 2 * limit}).all()
+            page = conn.execute(_due_sql(), due | {"after": after, "page": size}).all()
             keys = sorted({row.entity_key for row in page} - decided)
             first = {key: job_id for key, job_id in conn.execute(_first_sql(pg), {"keys": keys})} if keys else {}
-            exhausted = len(page) < 2 * limit
+            exhausted, before = len(page) < size, len(chosen)
             for row in page:
                 after = row.id
                 if row.entity_key in decided:
@@ -192,6 +192,9 @@ def claim(conn: Connection, now: datetime, *, lease: timedelta, limit: int, max_
                     if len(chosen) == need:
                         exhausted = exhausted and row is page[-1]
                         break
+            if len(chosen) == before:  # a page of jobs blocked behind their entities' first ones (a sink
+                # down, its first jobs in backoff): larger pages, not one round trip per 2 x limit of them
+                size = min(2 * size, max(4096, 2 * limit))
         if not chosen:
             break
         # Fewer taken than chosen: another dispatcher holds some of them (it chose the same oldest ones
