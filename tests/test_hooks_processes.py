@@ -289,3 +289,33 @@ def test_serve_no_dispatch_queues_jobs_for_a_worker_beside_it(tmp_path: Path, mo
         with engine.connect() as conn:
             assert list(conn.execute(sa.select(_hook_worker.effects.c.key)).scalars()) == [f"user.created:user_1:{B + 1000}"]
         engine.dispose()
+
+
+@pytest.mark.parametrize("db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
+def test_the_worker_vacuums_the_outbox_as_told(db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``clerk-sync worker --vacuum-every N``: the outbox is vacuumed after N finished jobs (0: never)."""
+    engine = sa.create_engine(db_url)
+    _hook_worker.meta.create_all(engine)
+    env = {"DATABASE_URL": db_url, "PYTHONPATH": PATHS}
+    monkeypatch.setenv("DATABASE_URL", db_url)
+    store = Store.from_url(db_url, hooks=_hook_worker.hooks())  # the worker's own hooks: its jobs finish
+
+    def vacuums() -> int:
+        with engine.connect() as conn:
+            return int(conn.exec_driver_sql(
+                "SELECT vacuum_count FROM pg_stat_user_tables WHERE relid = 'hook_jobs'::regclass").scalar_one())
+
+    for every, expected in (("0", 0), ("2", 1)):
+        deliver(store, *[f.envelope("user.created", f.user(f"user_w{every}_{n}", 1)) for n in range(3)])
+        worker = run("worker", "--hooks", "tests._hook_worker:hooks", "--once", "--batch", "2",
+                     "--vacuum-every", every, env=env, cwd=ROOT)
+        assert worker.returncode == 0, worker.stderr
+        assert "ran 3 hook jobs" in worker.stderr
+        deadline = time.monotonic() + 10  # shared statistics: at the end of the VACUUM's transaction
+        while vacuums() < expected and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert vacuums() == expected
+        with engine.connect() as conn:
+            assert conn.execute(sa.select(sa.func.count()).select_from(hook_jobs)).scalar() == 0  # all done
+    store.dispose()
+    engine.dispose()

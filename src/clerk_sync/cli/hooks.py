@@ -65,12 +65,14 @@ def worker(
     poll: Annotated[float, typer.Option(help="Seconds between polls of an empty queue.")] = 1.0,
     batch: Annotated[int, typer.Option(help="Jobs claimed per round.")] = 20,
     lease: Annotated[float, typer.Option(help="Seconds a claim lasts (longer than a batch of handlers).")] = 60.0,
+    vacuum_every: Annotated[int, typer.Option(
+        help="PostgreSQL: VACUUM the outbox after so many finished jobs (0: leave it to autovacuum).")] = 1000,
 ) -> None:
     """Run after-commit hooks from the outbox (DATABASE_URL); run several for more throughput."""
     from clerk_sync.hooks import Dispatcher
 
     store = Store.from_url(Settings.from_env().sqlalchemy_url(), hooks=load_hooks(hooks))
-    dispatcher = Dispatcher(store, batch=batch, lease_s=lease, poll_s=poll)
+    dispatcher = Dispatcher(store, batch=batch, lease_s=lease, poll_s=poll, vacuum_every=vacuum_every)
     if once:
         count = dispatcher.drain()
         store.dispose()
