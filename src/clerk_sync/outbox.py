@@ -159,10 +159,9 @@ def claim(conn: Connection, now: datetime, *, lease: timedelta, limit: int, max_
     first unfinished job of each of their entities (only that one may run: order per entity); then the
     update of ``limit`` of those, skipping what another dispatcher holds and what is no longer due (and
     then looking further for what was skipped). Each is one index scan (at worst one pass over the
-    table) whatever the statistics say. The single statement it
-    replaced nested its subqueries under a plan chosen from statistics taken when the queue was empty
-    (as vacuum leaves them on a queue table): 15 ms per claim of 80 jobs, growing with the square of the
-    queue.
+    table) whatever the statistics say. The single statement it replaced nested its subqueries under a
+    plan chosen from statistics taken when the queue was empty (as vacuum leaves them on a queue table):
+    15 ms per claim of 80 jobs, growing with the square of the queue.
     """
     if conn.dialect.name in ("mysql", "mariadb"):  # no UPDATE .. RETURNING, nor a subquery on the updated table
         return _claim_one_by_one(conn, now, lease=lease, limit=limit, max_attempts=max_attempts)
