@@ -6,7 +6,18 @@ import json
 
 import pytest
 
-from clerk_sync.engine import Action, Entity, Ignore, RevokeSession, RowState, Tombstone, Upsert, decide, plan
+from clerk_sync.engine import (
+    Action,
+    Entity,
+    Ignore,
+    RevokeSession,
+    RowState,
+    Tombstone,
+    Upsert,
+    decide,
+    plan,
+    touches,
+)
 from clerk_sync.errors import EventShapeError, PayloadError
 from clerk_sync.events import normalize_timestamp_ms, parse_envelope, user_record
 from tests import factories as f
@@ -32,6 +43,19 @@ DEL = Tombstone(Entity.USER, "user_1", 150)
 )
 def test_decide(current: RowState | None, intent: Upsert | Tombstone, expected: Action) -> None:
     assert decide(current, intent) is expected
+
+
+def test_a_membership_touches_its_user_and_organization_and_a_deletion_only_its_row() -> None:
+    """What a batch keeps in order (see WebhookProcessor.pipelined_in)."""
+    member = plan(parse_envelope(f.body_of(f.envelope("organizationMembership.created",
+                                                      f.membership("orgmem_1", "org_1", "user_1", 5)))))
+    assert touches(member) == {(Entity.MEMBERSHIP, "orgmem_1"), (Entity.USER, "user_1"),
+                               (Entity.ORGANIZATION, "org_1")}
+    assert touches(plan(parse_envelope(f.body_of(f.envelope("user.updated", f.user("user_1", 5)))))) == {
+        (Entity.USER, "user_1")}
+    gone = plan(parse_envelope(f.body_of(f.envelope("user.deleted", f.deleted("user", "user_1")))))
+    assert isinstance(gone, Tombstone) and touches(gone) == {(Entity.USER, "user_1")}
+    assert touches(RevokeSession("sess_1", "user_1", "revoked", None)) == frozenset()
 
 
 def test_plan_maps_each_mirrored_type() -> None:

@@ -204,6 +204,39 @@ def test_batches_in_any_order_converge_to_the_model(store: Store, verifier: Webh
         assert all(len(s) == 1 and s[0] in TERMINAL_STATUSES for s in stored.values())
 
 
+def test_a_batch_gives_every_delivery_the_outcome_it_gets_alone(store: Store, verifier: WebhookVerifier) -> None:
+    """The same shuffled deliveries (redeliveries, an entity twice or more in one batch, stale updates,
+    deletions and memberships between them), once in batches of up to 16 (on PostgreSQL the plain
+    upserts of a batch go in "waves", one statement each) and once one at a time in a second
+    namespace: each delivery ends with the same status, and the rows are the same."""
+    import random
+
+    from tests._history import bodies, db_rows, inbox, normalize, random_history
+
+    processor = WebhookProcessor(store, verifier)
+    committer = GroupCommitter(processor)
+    for seed in range(3):
+        rng = random.Random(100 + seed)
+        history = random_history(rng, n_users=4, n_orgs=2, n_memberships=4, n_steps=50)
+        batched_ns, alone_ns = uuid.uuid4().hex[:10], uuid.uuid4().hex[:10]
+        order = [*range(len(history)), *rng.choices(range(len(history)), k=20)]
+        rng.shuffle(order)
+        batched_bodies, alone_bodies = bodies(history, batched_ns), bodies(history, alone_ns)
+        batched: list[Any] = []
+        rest = list(order)
+        while rest:
+            size = rng.randint(8, 16)
+            chunk, rest = rest[:size], rest[size:]
+            batched += committer.write([(f"msg_{batched_ns}_{i}", parse_envelope(batched_bodies[i])) for i in chunk])
+        alone = [processor.apply_alone(f"msg_{alone_ns}_{i}", parse_envelope(alone_bodies[i])) for i in order]
+        assert _statuses(batched) == _statuses(alone), f"seed {seed}"
+        assert {DeliveryStatus.APPLIED, DeliveryStatus.SKIPPED, DeliveryStatus.DUPLICATE} <= set(_statuses(alone))
+        with store.connect() as conn:
+            assert normalize(db_rows(conn, batched_ns), batched_ns) == normalize(db_rows(conn, alone_ns), alone_ns)
+            assert normalize(inbox(conn, f"msg_{batched_ns}_"), batched_ns) == normalize(
+                inbox(conn, f"msg_{alone_ns}_"), alone_ns)
+
+
 def test_hooks_see_every_change_written_through_group_commit(db_url: str, verifier: WebhookVerifier) -> None:
     """Each applied change of a batch queues its outbox job in the batch's transaction (on PostgreSQL by the
     delivery's own statement, without falling back to one statement at a time); stale ones queue none."""

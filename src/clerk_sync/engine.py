@@ -41,6 +41,7 @@ __all__ = [
     "delivery_reason",
     "plan",
     "plan_delivery",
+    "touches",
 ]
 
 Record = UserRecord | OrganizationRecord | MembershipRecord
@@ -226,6 +227,21 @@ def plan_delivery(envelope: Envelope) -> DeliveryPlan:
     if isinstance(intent, Ignore):
         return DeliveryPlan(DeliveryStatus.IGNORED, None, delivery_reason(None, envelope.notes))
     return DeliveryPlan(DeliveryStatus.APPLIED, intent, delivery_reason(None, envelope.notes + intent.notes))
+
+
+def touches(intent: Intent) -> frozenset[tuple[Entity, str]]:
+    """The rows whose state decides what ``intent`` does: its own, and a membership's user and organization
+    (whose deletion deletes it). A writer that reorders a batch applies a delivery after every earlier one
+    that writes a row it touches."""
+    if isinstance(intent, Upsert):
+        record = intent.record
+        if isinstance(record, MembershipRecord):
+            return frozenset({(Entity.MEMBERSHIP, record.clerk_id), (Entity.USER, record.user_clerk_id),
+                              (Entity.ORGANIZATION, record.organization_clerk_id)})
+        return frozenset({(intent.entity, record.clerk_id)})
+    if isinstance(intent, Tombstone):
+        return frozenset({(intent.entity, intent.clerk_id)})
+    return frozenset()
 
 
 def delivery_reason(error: str | None, notes: tuple[str, ...]) -> str | None:

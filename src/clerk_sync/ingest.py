@@ -22,7 +22,7 @@ from datetime import datetime
 import sqlalchemy as sa
 import structlog
 
-from clerk_sync.engine import DeliveryStatus, Upsert, delivery_reason, plan_delivery
+from clerk_sync.engine import DeliveryStatus, Entity, Tombstone, Upsert, delivery_reason, plan_delivery, touches
 from clerk_sync.errors import ClerkSyncError, PayloadError, PayloadTooLarge, StoreDataError, WrongInstance
 from clerk_sync.events import Envelope, parse_envelope
 from clerk_sync.metrics import Metrics
@@ -157,7 +157,19 @@ class WebhookProcessor:
         """The part of :meth:`apply_many_in` that goes in one pipeline (PostgreSQL, psycopg: the
         upserts); None for the deliveries left to :meth:`apply_in`."""
         plans = [plan_delivery(envelope) for _, envelope in deliveries]
-        fast = [i for i, plan in enumerate(plans) if plan.intent is not None and writer.one_statement(plan.intent)]
+        # What the pipeline cannot take (deletions) runs after it: a later delivery that depends on a row
+        # such a delivery writes runs after it too, in order (else a stale upsert would apply before the
+        # deletion it follows, or a membership before its user's deletion).
+        fast: list[int] = []
+        after: set[tuple[Entity, str]] = set()
+        for i, plan in enumerate(plans):
+            intent = plan.intent
+            if intent is None:
+                continue
+            if writer.one_statement(intent) and not (after and touches(intent) & after):
+                fast.append(i)
+            elif isinstance(intent, Upsert | Tombstone):
+                after.add((intent.entity, intent.clerk_id))
         outcomes: list[Outcome | None] = [None] * len(deliveries)
         if fast:
             items: list[OneStatement] = []

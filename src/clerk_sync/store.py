@@ -15,7 +15,7 @@ import json
 import re
 import threading
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import fields
 from datetime import UTC, datetime
@@ -233,6 +233,12 @@ class Writer:
         for all of them). A failure does not say which delivery caused it: the caller retries them one
         by one to find out.
 
+        A user or organization neither the mapping nor a hook cares about goes in a "wave" (:func:`_wave_sql`):
+        one statement for the plain deliveries of an entity type, at most one per row and ``svix_id``, a
+        delivery that repeats either in the next wave. Rows of one entity stay in batch order that way;
+        those of different entities are independent (an upsert never changes ``deleted_at``, which is all
+        the membership check reads), so the waves go after the other statements.
+
         Memberships take three statements (inbox row, guarded upsert, "deleted if its user or
         organization is"), after one statement that takes the advisory locks of all of them in one
         sorted pass (see :meth:`lock`); a membership the guard refused is set ``skipped`` afterwards.
@@ -270,8 +276,23 @@ class Writer:
                          for item, h in zip(items, hooked, strict=True) if h})
         if keys:
             statements.append((_LOCKS_SQL, [keys]))
-        for (svix_id, payload, event_type, instance_id, event_timestamp, error, intent), h, specs in zip(
-                items, hooked, hooks, strict=True):
+        # Plain deliveries (an entity neither mapped nor hooked) go in waves (_wave_sql): one statement per
+        # entity and wave, a delivery in the wave after the last one holding its entity or svix_id.
+        waves: dict[tuple[int, Entity], list[int]] = {}
+        wave_of: dict[tuple[Entity, str] | str, int] = {}
+        where: list[tuple[int, int]] = []  # per item: (its statement, its row in it); waves filled in below
+        for n, ((svix_id, payload, event_type, instance_id, event_timestamp, error, intent), h, specs) in enumerate(
+                zip(items, hooked, hooks, strict=True)):
+            if (pipeline and not specs and intent.entity is not Entity.MEMBERSHIP
+                    and (mapping is None or intent.entity not in mapping.tables)):
+                key = (intent.entity, intent.clerk_id)
+                wave = max(wave_of.get(key, -1), wave_of.get(svix_id, -1)) + 1
+                wave_of[key] = wave_of[svix_id] = wave
+                waves.setdefault((wave, intent.entity), []).append(n)
+                where.append((-1, -1))
+                shape.append(-1)
+                continue
+            where.append((len(statements), 0))
             values: list[Any] = [getattr(intent.record, name) for name in _RECORD_FIELDS[intent.entity]]
             if intent.entity is Entity.MEMBERSHIP:
                 sql, json_at = _raw_upsert_sql(intent.entity)
@@ -301,12 +322,28 @@ class Writer:
                 values += outbox.jobs_params(intent.entity, intent.clerk_id, intent.version, json.dumps(changed))
             statements.append((sql, [intent.clerk_id, *values] if h else values))
             shape.append(0 if h and not specs else 1)
-        rows = _run_raw(raw, statements, pipeline=pipeline)
+        many: set[int] = set()
+        for (_, entity), members in sorted(waves.items(), key=lambda kv: kv[0][0]):
+            names = _RECORD_FIELDS[entity]
+            wave_rows: list[dict[str, Any]] = []
+            for row, n in enumerate(members):
+                svix_id, payload, event_type, instance_id, event_timestamp, error, intent = items[n]
+                record = intent.record
+                one = {name: getattr(record, name) for name in names}
+                one.update(o=row, erased_=erased_digest(entity, intent.clerk_id), svix_id_=svix_id, type_=event_type,
+                           instance_=instance_id, event_ts_=event_timestamp, error_=error, payload_=payload)
+                wave_rows.append(one)
+                where[n] = (len(statements), row)
+            many.add(len(statements))
+            statements.append((_wave_sql(entity), [json.dumps(wave_rows), now, now, now, now]))
+        rows = _run_raw(raw, statements, pipeline=pipeline, many=many)
         out: list[DeliveryStatus | None] = []
         changes: list[Change] = []
-        at = 1 if keys else 0
-        for item, size in zip(items, shape, strict=True):
-            if size == 0:
+        for item, size, (at, row) in zip(items, shape, where, strict=True):
+            if size == -1:
+                status = rows[at][row][0]
+                out.append(None if status is None else DeliveryStatus(status))
+            elif size == 0:
                 status, upserted, *before = rows[at]
                 out.append(None if status is None else DeliveryStatus(status))
                 change = _hooked_change(item[-1], before) if upserted else None
@@ -321,7 +358,6 @@ class Writer:
                 out.append(DeliveryStatus.SKIPPED)
             else:
                 out.append(DeliveryStatus.APPLIED)
-            at += max(size, 1)
         if outbox is not None:
             for change in changes:  # alone (pipeline=False): the mapped row and jobs through Outbox.record
                 outbox.record(change)
@@ -748,6 +784,35 @@ def _one_statement_sql(entity: Entity, mapped: str = "") -> tuple[str, tuple[int
 
 
 @functools.cache
+def _wave_sql(entity: Entity) -> str:
+    """Many plain deliveries of ``entity`` (no mapping, no hooks) in one statement: the guarded upserts and
+    the inbox rows of a "wave", at most one delivery per entity and per ``svix_id`` (so every row is
+    written once), passed as one JSON array (json_to_recordset: one parameter, parsed in C, instead of
+    ~20 adapted parameters and a psycopg cursor per delivery). Returns each delivery's status (NULL: a
+    duplicate ``svix_id``) in the array's order. Parameters: the array, then now four times."""
+    table, names = _TABLES[entity], _RECORD_FIELDS[entity]
+    t = table.name
+    pg = postgresql.dialect()  # type: ignore[no-untyped-call]
+    columns = ", ".join(f"{n} {table.c[n].type.compile(pg)}" for n in names)
+    sets = ", ".join(f"{n} = excluded.{n}" for n in names if n != "clerk_id")
+    return (
+        f"WITH v AS (SELECT * FROM json_to_recordset(%s::json) AS v(o integer, {columns}, "
+        "erased_ text, svix_id_ text, type_ text, instance_ text, event_ts_ bigint, error_ text, payload_ text)), "
+        f"up AS (INSERT INTO {t} ({', '.join(names)}, created_at, updated_at) "
+        f"SELECT {', '.join('v.' + n for n in names)}, %s::timestamptz, %s::timestamptz FROM v "
+        f"WHERE NOT EXISTS (SELECT 1 FROM {erased.name} x WHERE x.digest = v.erased_) ORDER BY v.clerk_id "
+        f"ON CONFLICT (clerk_id) DO UPDATE SET {sets}, updated_at = excluded.updated_at "
+        f"WHERE {t}.deleted_at IS NULL AND {t}.clerk_updated_at < excluded.clerk_updated_at RETURNING clerk_id), "
+        "ins AS (INSERT INTO webhook_events (svix_id, type, instance_id, event_timestamp, status, last_error, "
+        "applied_at, payload, received_at, attempts) SELECT v.svix_id_, v.type_, v.instance_, v.event_ts_, "
+        f"CASE WHEN EXISTS (SELECT 1 FROM up WHERE up.clerk_id = v.clerk_id) THEN '{DeliveryStatus.APPLIED}' "
+        f"ELSE '{DeliveryStatus.SKIPPED}' END, v.error_, %s::timestamptz, v.payload_::jsonb, %s::timestamptz, 1 "
+        "FROM v ORDER BY v.o ON CONFLICT (svix_id) DO NOTHING RETURNING svix_id, status) "
+        "SELECT ins.status FROM v LEFT JOIN ins ON ins.svix_id = v.svix_id_ ORDER BY v.o"
+    )
+
+
+@functools.cache
 def _hooked_statement_sql(entity: Entity, mapped: str = "") -> tuple[str, tuple[int, ...]]:
     """:func:`_one_statement_sql` that also returns whether the upsert applied and the live row before it
     (all NULL when there was none): ``status, upserted, <record fields>``. The caller holds the entity's
@@ -798,9 +863,11 @@ def _change_values(record: Record) -> dict[str, Any]:
 _FIELD_NAMES: dict[type, tuple[str, ...]] = {}  # per record class (dataclasses.fields is slow per call)
 
 
-def _run_raw(raw: Any, statements: Sequence[tuple[str, list[Any]]], *, pipeline: bool) -> list[Any]:
+def _run_raw(raw: Any, statements: Sequence[tuple[str, list[Any]]], *, pipeline: bool,
+             many: Collection[int] = ()) -> list[Any]:
     """Run psycopg statements (in one pipeline when asked and there are several); the first row of each
-    (None when it returned none). psycopg errors come out as SQLAlchemy's, as execute's do."""
+    (None when it returned none), every row of those in ``many``. psycopg errors come out as
+    SQLAlchemy's, as execute's do."""
     import psycopg
 
     rows: list[Any] = []
@@ -814,8 +881,8 @@ def _run_raw(raw: Any, statements: Sequence[tuple[str, list[Any]]], *, pipeline:
                 cur = psycopg.RawCursor(raw)
                 cursors.append(cur)
                 cur.execute(_native(sql), values)
-            for cur in cursors:
-                rows.append(cur.fetchone())
+            for n, cur in enumerate(cursors):
+                rows.append(cur.fetchall() if n in many else cur.fetchone())
                 cur.close()
     except psycopg.Error as exc:
         # The statement the error is about. Piped, any fetch may raise it: results come in order and the
