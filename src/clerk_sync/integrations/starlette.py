@@ -205,7 +205,11 @@ class WebhookFastPath:
         except ClientDisconnect:
             await _send_json(send, 400, {"error": "client_disconnected", "message": "the body was not received"})
             return
-        await _send_json(send, 200, {"status": outcome.status, "svix_id": outcome.svix_id})
+        # The 2xx every delivery gets, as _send_json would write it, without a JSON encoder per request.
+        data = b'{"status":"%s","svix_id":%s}' % (outcome.status.encode(), _dumps(outcome.svix_id).encode())
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [_JSON_TYPE, (b"content-length", b"%d" % len(data))]})
+        await send({"type": "http.response.body", "body": data})
 
     async def _body(self, headers: Mapping[str, str], receive: Any) -> bytes:
         declared = headers.get("content-length")
@@ -226,9 +230,13 @@ class WebhookFastPath:
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+_JSON_TYPE = (b"content-type", b"application/json")
+_dumps = json.JSONEncoder(separators=(",", ":")).encode  # one encoder, not one per call as json.dumps(separators=)
+
+
 async def _send_json(send: Any, status: int, body: Mapping[str, str], headers: Mapping[str, str] | None = None) -> None:
-    data = json.dumps(body, separators=(",", ":")).encode()
-    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    data = _dumps(body).encode()
+    raw = [_JSON_TYPE, (b"content-length", str(len(data)).encode())]
     raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": data})
