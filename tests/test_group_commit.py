@@ -371,6 +371,80 @@ def test_a_mapped_row_the_app_table_refuses_leaves_the_pipelined_batch(db_url: s
 
 
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+@pytest.mark.parametrize("mapped", [False, True], ids=["contract", "mapped+hook"])
+def test_users_and_organizations_of_a_batch_go_in_one_statement_per_type_and_wave(
+        db_url: str, verifier: WebhookVerifier, monkeypatch: pytest.MonkeyPatch, mapped: bool) -> None:
+    """A batch of 12 user deliveries (two of them for the same user, one a re-send) and 2 organization
+    deliveries is sent as 3 statements (users in two waves, organizations in one) plus the lock pass,
+    with or without a mapped table and a hook, and ends as the same deliveries one at a time do."""
+    import clerk_sync.store as store_module
+    from clerk_sync.changes import Hook
+    from clerk_sync.mapping import MappedTable, SchemaMapping, migrate_schema
+    from clerk_sync.tables import hook_jobs
+
+    kwargs: dict[str, Any] = {}
+    if mapped:
+        engine = sa.create_engine(db_url)
+        with engine.begin() as conn:
+            sa.Table("accounts", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
+                     sa.Column("email", sa.String(320)), sa.Column("plan", sa.String(20)),
+                     sa.Column("meta", sa.JSON)).create(conn)
+        mapping = SchemaMapping(users=MappedTable("accounts", "clerk_user_id", {
+            "email": "email", "meta": "public_metadata"}))
+        with engine.begin() as conn:
+            migrate_schema(conn, mapping)
+        engine.dispose()
+        kwargs = {"mapping": mapping, "hooks": [Hook("welcome", lambda change: None, on=["user.*"])]}
+    sent: list[str] = []
+    run_raw = store_module._run_raw
+
+    def counting(raw: Any, statements: Any, **kw: Any) -> Any:
+        sent.extend(sql for sql, _ in statements)
+        return run_raw(raw, statements, **kw)
+
+    monkeypatch.setattr(store_module, "_run_raw", counting)
+    store = Store.from_url(db_url, **kwargs)
+    try:
+        processor = WebhookProcessor(store, verifier)
+
+        def batch(ns: str) -> list[tuple[str, Envelope]]:
+            users_ = [(f"u{i}_{ns}", f.envelope("user.created", f.user(f"user_{ns}_{i}", 10, email=f"{i}@x.io",
+                                                                       role="admin" if i % 2 else None)))
+                      for i in range(10)]
+            later = (f"u10_{ns}", f.envelope("user.updated", f.user(f"user_{ns}_3", 11, email="new@x.io")))
+            orgs = [(f"o{i}_{ns}", f.envelope("organization.created", f.organization(f"org_{ns}_{i}", 10)))
+                    for i in range(2)]
+            return [(svix_id, _parsed(event)) for svix_id, event in [*users_, later, users_[0], *orgs]]
+
+        batched, alone = uuid.uuid4().hex[:8], uuid.uuid4().hex[:8]
+        results = GroupCommitter(processor).write(batch(batched))
+        assert len([sql for sql in sent if "json_to_recordset" in sql]) == 3, [s[:120] for s in sent]
+        assert len(sent) == 3 + (1 if mapped else 0)  # hooked entities are locked first (one sorted pass)
+        alone_results = [processor.apply_alone(*delivery) for delivery in batch(alone)]
+        assert _statuses(results) == _statuses(alone_results) == ["applied"] * 11 + ["duplicate"] + ["applied"] * 2
+        with store.connect() as conn:
+            def state(ns: str) -> Any:
+                users_ = conn.execute(sa.select(users.c.clerk_id, users.c.email, users.c.role)
+                                      .where(users.c.clerk_id.like(f"%{ns}%"))).all()
+                out = [tuple(str(v).replace(ns, "NS") for v in row) for row in sorted(users_)]
+                if mapped:
+                    out += sorted(tuple(str(v).replace(ns, "NS") for v in row) for row in conn.exec_driver_sql(
+                        "SELECT clerk_user_id, email, meta::text FROM accounts WHERE clerk_user_id LIKE %s",
+                        (f"%{ns}%",)))
+                    out += sorted(tuple(str(v).replace(ns, "NS") for v in row) for row in conn.execute(
+                        sa.select(hook_jobs.c.idempotency_key, hook_jobs.c.payload["previous"].as_string())
+                        .where(hook_jobs.c.entity_key.like(f"%{ns}%"))))
+                return out
+
+            assert state(batched) == state(alone)
+            rows = state(batched)
+            assert mapped is False or (("user_NS_3", "new@x.io", "{}") in rows and any(
+                row[0].startswith("user.updated:user_NS_3") and '"3@x.io"' in row[1] for row in rows)), rows
+    finally:
+        store.dispose()
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
 def test_a_commit_the_database_refuses_fails_the_batch_and_leaves_its_connection_clean(
         db_url: str, verifier: WebhookVerifier) -> None:
     """The pipelined batch runs its own BEGIN .. COMMIT on a driver connection in autocommit. A COMMIT the
@@ -455,7 +529,7 @@ def test_jobs_written_by_the_batch_statement_are_the_ones_describe_gives(db_url:
     change described in SQL). The same random user/organization history (stale, duplicate and no-op
     versions, role and name changes), once through group commit and once one delivery at a time (the
     row before read, :func:`~clerk_sync.changes.describe` and ``Hook.wants`` in Python), queues the
-    same jobs in the same order: hook, type, keys and payload, ``previous`` included (metadata flips
+    same jobs in the same order per entity: hook, type, keys and payload, ``previous`` included (metadata flips
     between ``1`` and ``true``: JSON tells them apart), and no batch falls back to one statement at a time
     (the Python path would hide a broken statement). On SQLite and MariaDB both sides run the Python path
     (the test then pins the batch order)."""
@@ -516,7 +590,7 @@ def test_jobs_written_by_the_batch_statement_are_the_ones_describe_gives(db_url:
         for svix_id, envelope in alone_deliveries:
             processor.apply_alone(svix_id, envelope)
         queued = jobs(store, batched)
-        assert queued == jobs(store, alone)
+        assert _per_entity(queued) == _per_entity(jobs(store, alone))  # the dispatcher keeps order per entity
         by_hook = {name: sum(1 for job in queued if job[0] == name) for name in ("all", "roles", "names", "orgs")}
         updates = sum(1 for job in queued if job[0] == "all" and job[1] == "user.updated")
         assert all(by_hook.values()), by_hook  # every hook got some, and the role filter dropped some updates
@@ -524,6 +598,14 @@ def test_jobs_written_by_the_batch_statement_are_the_ones_describe_gives(db_url:
         assert any(job[4]["previous"] for job in queued)
     finally:
         store.dispose()
+
+
+def _per_entity(queued: list[tuple[Any, ...]]) -> dict[str, list[tuple[Any, ...]]]:
+    """Jobs by entity key (hook and entity), each list in the order queued."""
+    out: dict[str, list[tuple[Any, ...]]] = {}
+    for job in queued:
+        out.setdefault(job[2], []).append(job)
+    return out
 
 
 def _renamed(payload: Any, ns: str) -> Any:

@@ -22,6 +22,7 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 import sqlalchemy as sa
@@ -205,6 +206,14 @@ class SchemaMapping:
             return None
         return self._projection(conn, entity, mapped).cte(clerk_id, values)
 
+    def wave(self, conn: Connection, entity: Entity) -> MappedWave | None:
+        """The mapped upsert of many deliveries of ``entity`` in one statement (the writer's waves), for an
+        entity that :meth:`pipelines`; None otherwise."""
+        mapped = self.tables.get(entity)
+        if mapped is None or not self.pipelines(conn, entity):
+            return None
+        return self._projection(conn, entity, mapped).wave
+
     def _projection(self, conn: Connection, entity: Entity, mapped: MappedTable) -> _Projection:
         key = (id(conn.engine), entity)  # reflected, and statements built, once per engine
         if key not in self._projections:
@@ -257,6 +266,7 @@ class _Projection:
         self.insert_new = (insert(table).values(row).on_conflict_do_nothing()
                            if _unique(table, self.key) and dialect in ("postgresql", "sqlite") else None)
         self.cte_sql, self.json_at = _cte_sql(table, self.key, names, mapped, dialect)
+        self.wave = _wave(table, self.key, names, self) if self.cte_sql is not None else None
         # Creations and updates in one prebuilt statement (no Core construct to key per call), when
         # ON CONFLICT can name the Clerk-id column and no row is to be linked.
         self.upsert: sa.TextClause | None = None
@@ -275,13 +285,17 @@ class _Projection:
                 self.sqlite_upsert = f"{head}VALUES ({', '.join(['?'] * (len(names) + 1))}) {tail}"
                 self.sqlite_binds = processors([table.c[n].type for n in names], sqlite.dialect())
 
+    def row(self, values: JSON) -> list[Any]:
+        """The mapped columns' values of a created/updated record's ``values`` (then the policy's fixed ones)."""
+        return [*(col.value(values) for col in self.columns.values()), *self.fixed.values()]
+
     def cte(self, clerk_id: str, values: JSON) -> tuple[str, list[Any]]:
         """:meth:`SchemaMapping.cte` (only built for PostgreSQL, psycopg: see :func:`_cte_sql`)."""
         from psycopg.types.json import Jsonb
 
         if self.cte_sql is None:
             raise ValueError(f"{self.m.table}: cannot be written by the delivery's statement (see pipelines)")
-        row = [*(col.value(values) for col in self.columns.values()), *self.fixed.values()]
+        row = self.row(values)
         return self.cte_sql, [*(Jsonb(v) if i in self.json_at else v for i, v in enumerate(row)), clerk_id]
 
     def apply(self, conn: Connection, now: datetime, change: Change) -> None:
@@ -434,6 +448,71 @@ def _cte_sql(table: sa.Table, key: sa.Column[Any], names: list[str], mapped: Map
     sql = (f"mapped AS (INSERT INTO {t} ({', '.join([*cols, k])}) "  # noqa: S608 (identifiers quoted; values bound)
            f"SELECT {', '.join(['%s'] * (len(cols) + 1))} FROM up ON CONFLICT ({k}) {update})")
     return sql, tuple(i for i, typ in enumerate(types) if isinstance(typ, sa.JSON))
+
+
+@dataclass(frozen=True, slots=True)
+class MappedWave:
+    """A mapped table's part of a wave statement (see ``store._wave_sql``): ``columns`` are the
+    definitions of its values in the wave's JSON rows (``m0``, ``m1``, ...), ``sql`` the ``mapped`` CTE
+    that writes them for the rows the contract upsert ``up`` returned, ``row`` a record's values."""
+
+    columns: str
+    sql: str
+    row: Callable[[JSON], list[Any]]
+
+
+def json_column_type(type_: sa.types.TypeEngine[Any]) -> str:
+    """How json_to_recordset reads a value for a column of ``type_`` (PostgreSQL): strings as ``text``, so
+    the column's own length check refuses a long one as an INSERT of the value would (a cast would cut
+    it); date-times as ``timestamptz``, as psycopg sends an aware one."""
+    if isinstance(type_, sa.String):
+        return "text"
+    if isinstance(type_, sa.DateTime):
+        return "timestamptz"
+    return str(type_.compile(postgresql.dialect()))  # type: ignore[no-untyped-call]
+
+
+_JSON_NATIVE = (str, int, float, bool, dict, list, type(None))
+
+
+def _as_json(type_: sa.types.TypeEngine[Any]) -> Callable[[Any], Any]:
+    """A mapped value as the wave's JSON carries it for a column of ``type_``: date-times and decimals as
+    their text (which PostgreSQL reads back exactly), anything else JSON has no value for refused
+    (TypeError: the batch is written one statement at a time, where psycopg adapts it)."""
+    def convert(value: Any) -> Any:
+        if isinstance(value, _JSON_NATIVE):
+            return value
+        if isinstance(value, datetime) and isinstance(type_, sa.DateTime):
+            return value.isoformat()
+        if isinstance(value, Decimal) and isinstance(type_, sa.Numeric):
+            return str(value)
+        raise TypeError(f"{type(value).__name__} for a {type_} column")
+
+    return convert
+
+
+def _wave(table: sa.Table, key: sa.Column[Any], names: list[str], projection: _Projection) -> MappedWave:
+    types = [table.c[n].type for n in names]
+    columns = ", ".join(f"m{i} {json_column_type(t)}" for i, t in enumerate(types))
+    converters = [_as_json(t) for t in types]
+
+    def row(values: JSON) -> list[Any]:
+        return [convert(value) for convert, value in zip(converters, projection.row(values), strict=True)]
+
+    def q(name: str) -> str:
+        return _quote_ident(name).replace("%", "%%")
+
+    t, k = q(table.name), q(key.name)
+    cols = [q(n) for n in names]
+    cast = ["::jsonb" if isinstance(typ, sa.JSON) else "" for typ in types]
+    mine = ", ".join(f"{t}.{c}{x}" for c, x in zip(cols, cast, strict=True))
+    theirs = ", ".join(f"excluded.{c}{x}" for c, x in zip(cols, cast, strict=True))
+    update = (f"DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in cols)} "
+              f"WHERE ROW({mine}) IS DISTINCT FROM ROW({theirs})" if cols else "DO NOTHING")
+    sql = (f"mapped AS (INSERT INTO {t} ({', '.join([*cols, k])}) "  # noqa: S608 (identifiers quoted; values bound)
+           f"SELECT {', '.join([*(f'v.m{i}' for i in range(len(cols))), 'v.clerk_id'])} FROM up "
+           f"JOIN v ON v.clerk_id = up.clerk_id ORDER BY v.clerk_id ON CONFLICT ({k}) {update})")
+    return MappedWave(columns, sql, row)
 
 
 def _as_column_value(column: sa.Column[Any], external_id: str) -> Any:

@@ -451,6 +451,32 @@ def jobs_cte_sql(hooks: tuple[HookSpec, ...]) -> str:
     )
 
 
+def jobs_wave_sql(hooks: tuple[HookSpec, ...]) -> str:
+    """:func:`jobs_cte_sql` for a wave of upserts (``store._wave_sql``): ``before`` holds one ``prev`` per
+    Clerk id (``k_``), the wave's rows ``v`` carry each change's values (``doc_``) and version
+    (``version_``). Parameters: the change type's prefix (``user.``), the entity (``user``), now, now."""
+    rows = ", ".join(f"({n}, {_literal(name)}, {_literal(list(kinds))}::text[], {_literal(list(fields))}::text[])"
+                     for n, (name, kinds, fields) in enumerate(hooks))
+    bookkeeping = "".join(f" AND o.key <> '{name}'" for name in sorted(BOOKKEEPING))
+    return (
+        "chg AS (SELECT v.o, v.clerk_id, v.version_, "  # noqa: S608
+        "CASE WHEN b.prev IS NULL THEN 'created' ELSE 'updated' END AS kind, "
+        "CASE WHEN b.prev IS NULL THEN '{}'::jsonb ELSE COALESCE((SELECT jsonb_object_agg(o.key, o.value) "
+        f"FROM jsonb_each(b.prev) AS o WHERE v.doc_ ? o.key{bookkeeping} "
+        "AND (v.doc_ -> o.key) IS DISTINCT FROM o.value), '{}'::jsonb) END AS previous, v.doc_ AS doc "
+        "FROM up JOIN v ON v.clerk_id = up.clerk_id LEFT JOIN before AS b ON b.k_ = v.clerk_id), "
+        "pre AS (SELECT %s::text AS prefix, %s::text AS entity), "
+        "jobs AS (INSERT INTO hook_jobs (hook, type, entity_key, idempotency_key, payload, status, attempts, "
+        "available_at, created_at) SELECT h.name, p.prefix || c.kind, h.name || '|' || p.entity || ':' || c.clerk_id, "
+        "p.prefix || c.kind || ':' || c.clerk_id || ':' || c.version_, jsonb_build_object('entity', p.entity, "
+        "'clerk_id', c.clerk_id, 'kind', c.kind, 'version', c.version_, 'values', c.doc, 'previous', c.previous), "
+        "'pending', 0, %s, %s "
+        f"FROM chg AS c CROSS JOIN pre AS p CROSS JOIN (VALUES {rows}) AS h(n, name, kinds, fields) "
+        "WHERE (c.kind = 'created' OR c.previous <> '{}'::jsonb) AND c.kind = ANY(h.kinds) "
+        "AND (c.kind <> 'updated' OR cardinality(h.fields) = 0 OR c.previous ?| h.fields) ORDER BY c.o, h.n)"
+    )
+
+
 def _literal(value: str | list[str]) -> str:
     """``value`` quoted for the statement's text, its ``%`` doubled: the statement also has parameters."""
     from psycopg import sql  # the postgres extra; only reached when writing through psycopg

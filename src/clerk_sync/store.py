@@ -26,13 +26,21 @@ from sqlalchemy import event as sa_event
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
-from clerk_sync.changes import Change, Hook, describe
+from clerk_sync.changes import Change, Hook, change_type, describe
 from clerk_sync.config import DatabaseTimeouts
 from clerk_sync.engine import DeliveryStatus, Entity, Record, RevokeSession, Tombstone, Upsert
 from clerk_sync.errors import StoreDataError, StoreError, database_message
 from clerk_sync.events import MembershipRecord, OrganizationRecord, UserRecord, record_columns
-from clerk_sync.mapping import SchemaMapping, direct_sqlite, processors, sqlite_execute, sqlite_time
-from clerk_sync.outbox import HookSpec, Outbox, jobs_cte_sql
+from clerk_sync.mapping import (
+    MappedWave,
+    SchemaMapping,
+    direct_sqlite,
+    json_column_type,
+    processors,
+    sqlite_execute,
+    sqlite_time,
+)
+from clerk_sync.outbox import HookSpec, Outbox, jobs_cte_sql, jobs_wave_sql
 from clerk_sync.tables import (
     Timestamp,
     erased,
@@ -276,15 +284,18 @@ class Writer:
                          for item, h in zip(items, hooked, strict=True) if h})
         if keys:
             statements.append((_LOCKS_SQL, [keys]))
-        # Plain deliveries (an entity neither mapped nor hooked) go in waves (_wave_sql): one statement per
-        # entity and wave, a delivery in the wave after the last one holding its entity or svix_id.
+        # Users and organizations go in waves (_wave_sql): one statement per entity type and wave, a
+        # delivery in the wave after the last one holding its entity or svix_id (a mapped table whose
+        # columns JSON cannot carry as they are: one statement per delivery).
         waves: dict[tuple[int, Entity], list[int]] = {}
         wave_of: dict[tuple[Entity, str] | str, int] = {}
         where: list[tuple[int, int]] = []  # per item: (its statement, its row in it); waves filled in below
+        mapped_waves: dict[Entity, MappedWave | None] = {}
         for n, ((svix_id, payload, event_type, instance_id, event_timestamp, error, intent), h, specs) in enumerate(
                 zip(items, hooked, hooks, strict=True)):
-            if (pipeline and not specs and intent.entity is not Entity.MEMBERSHIP
-                    and (mapping is None or intent.entity not in mapping.tables)):
+            if pipeline and intent.entity is not Entity.MEMBERSHIP and (
+                    mapping is None or intent.entity not in mapping.tables or self._mapped_wave(
+                        mapping, intent.entity, mapped_waves) is not None):
                 key = (intent.entity, intent.clerk_id)
                 wave = max(wave_of.get(key, -1), wave_of.get(svix_id, -1)) + 1
                 wave_of[key] = wave_of[svix_id] = wave
@@ -325,17 +336,31 @@ class Writer:
         many: set[int] = set()
         for (_, entity), members in sorted(waves.items(), key=lambda kv: kv[0][0]):
             names = _RECORD_FIELDS[entity]
-            wave_rows: list[dict[str, Any]] = []
+            mapped = mapped_waves.get(entity)
+            specs = hooks[members[0]]  # the same for every delivery of an entity type
+            rows_json: list[str] = []
             for row, n in enumerate(members):
                 svix_id, payload, event_type, instance_id, event_timestamp, error, intent = items[n]
                 record = intent.record
                 one = {name: getattr(record, name) for name in names}
                 one.update(o=row, erased_=erased_digest(entity, intent.clerk_id), svix_id_=svix_id, type_=event_type,
-                           instance_=instance_id, event_ts_=event_timestamp, error_=error, payload_=payload)
-                wave_rows.append(one)
+                           instance_=instance_id, event_ts_=event_timestamp, error_=error)
+                if mapped is not None or specs:
+                    changed = _change_values(record)
+                    if mapped is not None:
+                        one.update((f"m{i}", value) for i, value in enumerate(mapped.row(changed)))
+                    if specs:
+                        one.update(doc_=changed, version_=intent.version)
+                # The payload is JSON already (as received, or cleaned): spliced in, not escaped into a string.
+                rows_json.append(f'{json.dumps(one)[:-1]},"payload_":{payload}}}')
                 where[n] = (len(statements), row)
             many.add(len(statements))
-            statements.append((_wave_sql(entity), [json.dumps(wave_rows), now, now, now, now]))
+            params: list[Any] = ["[" + ",".join(rows_json) + "]", now, now, now, now]
+            if specs:
+                params += [change_type(entity, ""), entity.value, now, now]
+            sql = _wave_sql(entity, mapped.columns, mapped.sql, specs) if mapped is not None else _wave_sql(
+                entity, hooks=specs)
+            statements.append((sql, params))
         rows = _run_raw(raw, statements, pipeline=pipeline, many=many)
         out: list[DeliveryStatus | None] = []
         changes: list[Change] = []
@@ -362,6 +387,12 @@ class Writer:
             for change in changes:  # alone (pipeline=False): the mapped row and jobs through Outbox.record
                 outbox.record(change)
         return out
+
+    def _mapped_wave(self, mapping: SchemaMapping, entity: Entity,
+                     known: dict[Entity, MappedWave | None]) -> MappedWave | None:
+        if entity not in known:
+            known[entity] = mapping.wave(self.conn, entity)
+        return known[entity]
 
     def forget_payload_if_deleted(self, svix_id: str, entity: Entity, clerk_id: str,
                                   redacted: dict[str, Any]) -> bool:
@@ -784,20 +815,26 @@ def _one_statement_sql(entity: Entity, mapped: str = "") -> tuple[str, tuple[int
 
 
 @functools.cache
-def _wave_sql(entity: Entity) -> str:
-    """Many plain deliveries of ``entity`` (no mapping, no hooks) in one statement: the guarded upserts and
-    the inbox rows of a "wave", at most one delivery per entity and per ``svix_id`` (so every row is
-    written once), passed as one JSON array (json_to_recordset: one parameter, parsed in C, instead of
-    ~20 adapted parameters and a psycopg cursor per delivery). Returns each delivery's status (NULL: a
-    duplicate ``svix_id``) in the array's order. Parameters: the array, then now four times."""
+def _wave_sql(entity: Entity, mapped_columns: str = "", mapped: str = "", hooks: tuple[HookSpec, ...] = ()) -> str:
+    """Many deliveries of ``entity`` in one statement: the guarded upserts and the inbox rows of a "wave",
+    at most one delivery per entity and per ``svix_id`` (so every row is written once), passed as one
+    JSON array (json_to_recordset: one parameter, parsed in C, instead of ~20 adapted parameters and a
+    psycopg cursor per delivery). With ``mapped`` (:meth:`SchemaMapping.wave`: its values are the rows'
+    ``m0``, ``m1``.. described by ``mapped_columns``) the app's rows are written too, and with ``hooks``
+    the jobs of the changes (:func:`~clerk_sync.outbox.jobs_wave_sql`, from the rows before as jsonb).
+    Returns each delivery's status (NULL: a duplicate ``svix_id``) in the array's order. Parameters: the
+    array, now four times, then with ``hooks`` those of jobs_wave_sql."""
     table, names = _TABLES[entity], _RECORD_FIELDS[entity]
     t = table.name
-    pg = postgresql.dialect()  # type: ignore[no-untyped-call]
-    columns = ", ".join(f"{n} {table.c[n].type.compile(pg)}" for n in names)
+    columns = ", ".join(f"{n} {json_column_type(table.c[n].type)}" for n in names)
     sets = ", ".join(f"{n} = excluded.{n}" for n in names if n != "clerk_id")
+    extra = (f", {mapped_columns}" if mapped_columns else "") + (", doc_ jsonb, version_ bigint" if hooks else "")
+    before = (f"before AS (SELECT r.clerk_id AS k_, to_jsonb(r) AS prev FROM (SELECT {', '.join(names)} FROM {t} "
+              "WHERE clerk_id IN (SELECT v.clerk_id FROM v) AND deleted_at IS NULL) AS r), " if hooks else "")
+    also = (f", {mapped}" if mapped else "") + (f", {jobs_wave_sql(hooks)}" if hooks else "")
     return (
-        f"WITH v AS (SELECT * FROM json_to_recordset(%s::json) AS v(o integer, {columns}, "
-        "erased_ text, svix_id_ text, type_ text, instance_ text, event_ts_ bigint, error_ text, payload_ text)), "
+        f"WITH v AS (SELECT * FROM json_to_recordset(%s::json) AS v(o integer, {columns}, erased_ text, "
+        f"svix_id_ text, type_ text, instance_ text, event_ts_ bigint, error_ text, payload_ jsonb{extra})), {before}"
         f"up AS (INSERT INTO {t} ({', '.join(names)}, created_at, updated_at) "
         f"SELECT {', '.join('v.' + n for n in names)}, %s::timestamptz, %s::timestamptz FROM v "
         f"WHERE NOT EXISTS (SELECT 1 FROM {erased.name} x WHERE x.digest = v.erased_) ORDER BY v.clerk_id "
@@ -806,8 +843,8 @@ def _wave_sql(entity: Entity) -> str:
         "ins AS (INSERT INTO webhook_events (svix_id, type, instance_id, event_timestamp, status, last_error, "
         "applied_at, payload, received_at, attempts) SELECT v.svix_id_, v.type_, v.instance_, v.event_ts_, "
         f"CASE WHEN EXISTS (SELECT 1 FROM up WHERE up.clerk_id = v.clerk_id) THEN '{DeliveryStatus.APPLIED}' "
-        f"ELSE '{DeliveryStatus.SKIPPED}' END, v.error_, %s::timestamptz, v.payload_::jsonb, %s::timestamptz, 1 "
-        "FROM v ORDER BY v.o ON CONFLICT (svix_id) DO NOTHING RETURNING svix_id, status) "
+        f"ELSE '{DeliveryStatus.SKIPPED}' END, v.error_, %s::timestamptz, v.payload_, %s::timestamptz, 1 "
+        f"FROM v ORDER BY v.o ON CONFLICT (svix_id) DO NOTHING RETURNING svix_id, status){also} "
         "SELECT ins.status FROM v LEFT JOIN ins ON ins.svix_id = v.svix_id_ ORDER BY v.o"
     )
 
