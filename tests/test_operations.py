@@ -305,6 +305,24 @@ def test_one_log_line_per_delivery_at_the_chosen_level(db_url: str) -> None:
     assert line["seconds"] > 0
 
 
+def test_the_delivery_line_is_written_under_an_apps_generic_structlog_wrapper(db_url: str) -> None:
+    """An app may configure structlog with the generic ``BoundLogger``, which has ``info()`` and friends but
+    no ``log(level, ..)``: the line is written (``log(level, ..)`` raised there, after the commit)."""
+    settings = Settings.from_env({"DATABASE_URL": db_url, "CLERK_WEBHOOK_SIGNING_SECRET": SECRET,
+                                  "CLERK_SYNC_DELIVERY_LOG_LEVEL": "info"})
+    processor = build_processor(settings)
+    saved = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.BoundLogger, cache_logger_on_first_use=False)
+    try:
+        with structlog.testing.capture_logs() as lines:
+            outcome = processor.process(*f.signed(f.envelope("user.created", f.user("user_wrap", 1)), "msg_wrap"))
+    finally:
+        structlog.configure(**saved)
+        processor.store.dispose()
+    assert outcome.status == "applied"
+    assert [line["svix_id"] for line in lines if line["event"] == "webhook"] == ["msg_wrap"]
+
+
 def test_by_default_the_delivery_line_is_debug_a_failed_one_a_warning_and_a_summary_says_what_went_through(
         db_url: str) -> None:
     """serve's defaults: no INFO line per delivery (it cost ~10 % of the throughput); a failed delivery is

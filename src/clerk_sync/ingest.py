@@ -119,9 +119,11 @@ class WebhookProcessor:
         seconds = time.perf_counter() - started
         self.metrics.observe(envelope.type, outcome.status, seconds, event_ms=envelope.timestamp_ms)
         failed = outcome.status == DeliveryStatus.FAILED  # stored for a replay after a fix: always said
-        log.log(max(self.log_level, logging.WARNING) if failed else self.log_level, "webhook",
-                svix_id=outcome.svix_id, event_type=envelope.type, status=outcome.status, error=outcome.error,
-                event_ms=envelope.timestamp_ms, seconds=round(seconds, 6))
+        level = max(self.log_level, logging.WARNING) if failed else self.log_level
+        # By the level's own method: structlog's generic BoundLogger has no log(level, ..) (it raised).
+        getattr(log, _LEVEL_METHODS.get(level, "warning"))(
+            "webhook", svix_id=outcome.svix_id, event_type=envelope.type, status=outcome.status,
+            error=outcome.error, event_ms=envelope.timestamp_ms, seconds=round(seconds, 6))
         if self._summary is not None:
             self._summary.count(outcome.status)
         delivery_span(started_ns, outcome.svix_id, envelope.type, outcome.status, outcome.error)
@@ -220,6 +222,10 @@ class WebhookProcessor:
         if isinstance(intent, Upsert):
             writer.forget_payload_if_deleted(outcome.svix_id, intent.entity, intent.record.clerk_id,
                                              redact_payload(envelope.raw))
+
+
+_LEVEL_METHODS = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning", logging.ERROR: "error",
+                  logging.CRITICAL: "critical"}
 
 
 class _Summary:
