@@ -434,20 +434,26 @@ def _cte_sql(table: sa.Table, key: sa.Column[Any], names: list[str], mapped: Map
     if (dialect != "postgresql" or mapped.links or not _unique(table, key, plain=True)
             or not all(isinstance(t, _RAW_TYPES) and not isinstance(t, sa.Enum) for t in types)):
         return None, ()
+    insert, conflict = _mapped_upsert(table, key, names)
+    sql = f"mapped AS ({insert} SELECT {', '.join(['%s'] * (len(names) + 1))} FROM up {conflict})"  # noqa: S608
+    return sql, tuple(i for i, typ in enumerate(types) if isinstance(typ, sa.JSON))
+
+
+def _mapped_upsert(table: sa.Table, key: sa.Column[Any], names: list[str]) -> tuple[str, str]:
+    """The ``INSERT INTO .. (columns, Clerk id)`` and ``ON CONFLICT ..`` around the rows of a ``mapped`` CTE
+    (psycopg SQL): a row that already holds the values is left alone."""
     def q(name: str) -> str:  # a "%" in a name is psycopg's placeholder sign: doubled in the SQL text
         return _quote_ident(name).replace("%", "%%")
 
     t, k = q(table.name), q(key.name)
     cols = [q(n) for n in names]
     # json has no equality operator: its values are compared as jsonb
-    cast = ["::jsonb" if isinstance(typ, sa.JSON) else "" for typ in types]
+    cast = ["::jsonb" if isinstance(table.c[n].type, sa.JSON) else "" for n in names]
     mine = ", ".join(f"{t}.{c}{x}" for c, x in zip(cols, cast, strict=True))
     theirs = ", ".join(f"excluded.{c}{x}" for c, x in zip(cols, cast, strict=True))
     update = (f"DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in cols)} "
               f"WHERE ROW({mine}) IS DISTINCT FROM ROW({theirs})" if cols else "DO NOTHING")
-    sql = (f"mapped AS (INSERT INTO {t} ({', '.join([*cols, k])}) "  # noqa: S608 (identifiers quoted; values bound)
-           f"SELECT {', '.join(['%s'] * (len(cols) + 1))} FROM up ON CONFLICT ({k}) {update})")
-    return sql, tuple(i for i, typ in enumerate(types) if isinstance(typ, sa.JSON))
+    return f"INSERT INTO {t} ({', '.join([*cols, k])})", f"ON CONFLICT ({k}) {update}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -499,19 +505,10 @@ def _wave(table: sa.Table, key: sa.Column[Any], names: list[str], projection: _P
     def row(values: JSON) -> list[Any]:
         return [convert(value) for convert, value in zip(converters, projection.row(values), strict=True)]
 
-    def q(name: str) -> str:
-        return _quote_ident(name).replace("%", "%%")
-
-    t, k = q(table.name), q(key.name)
-    cols = [q(n) for n in names]
-    cast = ["::jsonb" if isinstance(typ, sa.JSON) else "" for typ in types]
-    mine = ", ".join(f"{t}.{c}{x}" for c, x in zip(cols, cast, strict=True))
-    theirs = ", ".join(f"excluded.{c}{x}" for c, x in zip(cols, cast, strict=True))
-    update = (f"DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in cols)} "
-              f"WHERE ROW({mine}) IS DISTINCT FROM ROW({theirs})" if cols else "DO NOTHING")
-    sql = (f"mapped AS (INSERT INTO {t} ({', '.join([*cols, k])}) "  # noqa: S608 (identifiers quoted; values bound)
-           f"SELECT {', '.join([*(f'v.m{i}' for i in range(len(cols))), 'v.clerk_id'])} FROM up "
-           f"JOIN v ON v.clerk_id = up.clerk_id ORDER BY v.clerk_id ON CONFLICT ({k}) {update})")
+    insert, conflict = _mapped_upsert(table, key, names)
+    values = ", ".join([*(f"v.m{i}" for i in range(len(names))), "v.clerk_id"])
+    sql = (f"mapped AS ({insert} SELECT {values} FROM up "  # noqa: S608 (identifiers quoted; values bound)
+           f"JOIN v ON v.clerk_id = up.clerk_id ORDER BY v.clerk_id {conflict})")
     return MappedWave(columns, sql, row)
 
 

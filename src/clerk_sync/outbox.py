@@ -432,14 +432,9 @@ def jobs_cte_sql(hooks: tuple[HookSpec, ...]) -> str:
 
     The hooks are constants of the statement (quoted by psycopg), not parameters: the statement is prepared
     once per connection, while two lists per hook and delivery cost psycopg ~10 µs of Python to adapt."""
-    rows = ", ".join(f"({n}, {_literal(name)}, {_literal(list(kinds))}::text[], {_literal(list(fields))}::text[])"
-                     for n, (name, kinds, fields) in enumerate(hooks))
-    bookkeeping = "".join(f" AND o.key <> '{name}'" for name in sorted(BOOKKEEPING))
+    rows, kind_previous = _hooks_values(hooks), _kind_previous("v.doc")
     return (
-        "chg AS (SELECT CASE WHEN b.prev IS NULL THEN 'created' ELSE 'updated' END AS kind, "  # noqa: S608
-        "CASE WHEN b.prev IS NULL THEN '{}'::jsonb ELSE COALESCE((SELECT jsonb_object_agg(o.key, o.value) "
-        f"FROM jsonb_each(b.prev) AS o WHERE v.doc ? o.key{bookkeeping} "
-        "AND (v.doc -> o.key) IS DISTINCT FROM o.value), '{}'::jsonb) END AS previous, v.doc "
+        f"chg AS (SELECT {kind_previous}, v.doc "  # noqa: S608
         "FROM up CROSS JOIN (SELECT %s::jsonb AS doc) AS v LEFT JOIN before AS b ON true), "
         "jobs AS (INSERT INTO hook_jobs (hook, type, entity_key, idempotency_key, payload, status, attempts, "
         "available_at, created_at) SELECT h.name, %s::text || c.kind, h.name || %s::text, "
@@ -455,15 +450,9 @@ def jobs_wave_sql(hooks: tuple[HookSpec, ...]) -> str:
     """:func:`jobs_cte_sql` for a wave of upserts (``store._wave_sql``): ``before`` holds one ``prev`` per
     Clerk id (``k_``), the wave's rows ``v`` carry each change's values (``doc_``) and version
     (``version_``). Parameters: the change type's prefix (``user.``), the entity (``user``), now, now."""
-    rows = ", ".join(f"({n}, {_literal(name)}, {_literal(list(kinds))}::text[], {_literal(list(fields))}::text[])"
-                     for n, (name, kinds, fields) in enumerate(hooks))
-    bookkeeping = "".join(f" AND o.key <> '{name}'" for name in sorted(BOOKKEEPING))
+    rows, kind_previous = _hooks_values(hooks), _kind_previous("v.doc_")
     return (
-        "chg AS (SELECT v.o, v.clerk_id, v.version_, "  # noqa: S608
-        "CASE WHEN b.prev IS NULL THEN 'created' ELSE 'updated' END AS kind, "
-        "CASE WHEN b.prev IS NULL THEN '{}'::jsonb ELSE COALESCE((SELECT jsonb_object_agg(o.key, o.value) "
-        f"FROM jsonb_each(b.prev) AS o WHERE v.doc_ ? o.key{bookkeeping} "
-        "AND (v.doc_ -> o.key) IS DISTINCT FROM o.value), '{}'::jsonb) END AS previous, v.doc_ AS doc "
+        f"chg AS (SELECT v.o, v.clerk_id, v.version_, {kind_previous}, v.doc_ AS doc "  # noqa: S608
         "FROM up JOIN v ON v.clerk_id = up.clerk_id LEFT JOIN before AS b ON b.k_ = v.clerk_id), "
         "pre AS (SELECT %s::text AS prefix, %s::text AS entity), "
         "jobs AS (INSERT INTO hook_jobs (hook, type, entity_key, idempotency_key, payload, status, attempts, "
@@ -475,6 +464,21 @@ def jobs_wave_sql(hooks: tuple[HookSpec, ...]) -> str:
         "WHERE (c.kind = 'created' OR c.previous <> '{}'::jsonb) AND c.kind = ANY(h.kinds) "
         "AND (c.kind <> 'updated' OR cardinality(h.fields) = 0 OR c.previous ?| h.fields) ORDER BY c.o, h.n)"
     )
+
+
+def _hooks_values(hooks: tuple[HookSpec, ...]) -> str:
+    """The hooks as the rows of a ``VALUES`` list: (n, name, kinds, fields)."""
+    return ", ".join(f"({n}, {_literal(name)}, {_literal(list(kinds))}::text[], {_literal(list(fields))}::text[])"
+                     for n, (name, kinds, fields) in enumerate(hooks))
+
+
+def _kind_previous(doc: str) -> str:
+    """``kind`` and ``previous`` of a change whose values are ``doc`` (jsonb), from the row before ``b.prev``."""
+    bookkeeping = "".join(f" AND o.key <> '{name}'" for name in sorted(BOOKKEEPING))
+    return ("CASE WHEN b.prev IS NULL THEN 'created' ELSE 'updated' END AS kind, "  # noqa: S608 (constants)
+            "CASE WHEN b.prev IS NULL THEN '{}'::jsonb ELSE COALESCE((SELECT jsonb_object_agg(o.key, o.value) "
+            f"FROM jsonb_each(b.prev) AS o WHERE {doc} ? o.key{bookkeeping} "
+            f"AND ({doc} -> o.key) IS DISTINCT FROM o.value), '{{}}'::jsonb) END AS previous")
 
 
 def _literal(value: str | list[str]) -> str:
