@@ -436,13 +436,10 @@ def jobs_cte_sql(hooks: tuple[HookSpec, ...]) -> str:
     return (
         f"chg AS (SELECT {kind_previous}, v.doc "  # noqa: S608
         "FROM up CROSS JOIN (SELECT %s::jsonb AS doc) AS v LEFT JOIN before AS b ON true), "
-        "jobs AS (INSERT INTO hook_jobs (hook, type, entity_key, idempotency_key, payload, status, attempts, "
-        "available_at, created_at) SELECT h.name, %s::text || c.kind, h.name || %s::text, "
+        f"{_JOBS_INSERT} SELECT h.name, %s::text || c.kind, h.name || %s::text, "
         "%s::text || c.kind || %s::text, jsonb_build_object('entity', %s::text, 'clerk_id', %s::text, "
         "'kind', c.kind, 'version', %s::bigint, 'values', c.doc, 'previous', c.previous), 'pending', 0, %s, %s "
-        f"FROM chg AS c CROSS JOIN (VALUES {rows}) AS h(n, name, kinds, fields) "
-        "WHERE (c.kind = 'created' OR c.previous <> '{}'::jsonb) AND c.kind = ANY(h.kinds) "
-        "AND (c.kind <> 'updated' OR cardinality(h.fields) = 0 OR c.previous ?| h.fields) ORDER BY h.n)"
+        f"FROM chg AS c CROSS JOIN (VALUES {rows}) AS h(n, name, kinds, fields) {_WANTED} ORDER BY h.n)"
     )
 
 
@@ -455,15 +452,20 @@ def jobs_wave_sql(hooks: tuple[HookSpec, ...]) -> str:
         f"chg AS (SELECT v.o, v.clerk_id, v.version_, {kind_previous}, v.doc_ AS doc "  # noqa: S608
         "FROM up JOIN v ON v.clerk_id = up.clerk_id LEFT JOIN before AS b ON b.k_ = v.clerk_id), "
         "pre AS (SELECT %s::text AS prefix, %s::text AS entity), "
-        "jobs AS (INSERT INTO hook_jobs (hook, type, entity_key, idempotency_key, payload, status, attempts, "
-        "available_at, created_at) SELECT h.name, p.prefix || c.kind, h.name || '|' || p.entity || ':' || c.clerk_id, "
+        f"{_JOBS_INSERT} SELECT h.name, p.prefix || c.kind, h.name || '|' || p.entity || ':' || c.clerk_id, "
         "p.prefix || c.kind || ':' || c.clerk_id || ':' || c.version_, jsonb_build_object('entity', p.entity, "
         "'clerk_id', c.clerk_id, 'kind', c.kind, 'version', c.version_, 'values', c.doc, 'previous', c.previous), "
         "'pending', 0, %s, %s "
-        f"FROM chg AS c CROSS JOIN pre AS p CROSS JOIN (VALUES {rows}) AS h(n, name, kinds, fields) "
-        "WHERE (c.kind = 'created' OR c.previous <> '{}'::jsonb) AND c.kind = ANY(h.kinds) "
-        "AND (c.kind <> 'updated' OR cardinality(h.fields) = 0 OR c.previous ?| h.fields) ORDER BY c.o, h.n)"
+        f"FROM chg AS c CROSS JOIN pre AS p CROSS JOIN (VALUES {rows}) AS h(n, name, kinds, fields) {_WANTED} "
+        "ORDER BY c.o, h.n)"
     )
+
+
+_JOBS_INSERT = ("jobs AS (INSERT INTO hook_jobs (hook, type, entity_key, idempotency_key, payload, status, attempts, "
+                "available_at, created_at)")
+# Hook.wants in SQL: created, or updated with a change; of a kind the hook takes; touching a field it names
+_WANTED = ("WHERE (c.kind = 'created' OR c.previous <> '{}'::jsonb) AND c.kind = ANY(h.kinds) "
+           "AND (c.kind <> 'updated' OR cardinality(h.fields) = 0 OR c.previous ?| h.fields)")
 
 
 def _hooks_values(hooks: tuple[HookSpec, ...]) -> str:
