@@ -121,7 +121,7 @@ class WebhookProcessor:
         failed = outcome.status == DeliveryStatus.FAILED  # stored for a replay after a fix: always said
         level = max(self.log_level, logging.WARNING) if failed else self.log_level
         # By the level's own method: structlog's generic BoundLogger has no log(level, ..) (it raised).
-        getattr(log, _LEVEL_METHODS.get(level, "warning"))(
+        getattr(log, _level_method(level))(
             "webhook", svix_id=outcome.svix_id, event_type=envelope.type, status=outcome.status,
             error=outcome.error, event_ms=envelope.timestamp_ms, seconds=round(seconds, 6))
         if self._summary is not None:
@@ -224,8 +224,14 @@ class WebhookProcessor:
                                              redact_payload(envelope.raw))
 
 
-_LEVEL_METHODS = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning", logging.ERROR: "error",
-                  logging.CRITICAL: "critical"}
+def _level_method(level: int) -> str:
+    """The logger method of the highest standard level at or below ``level`` (NOTSET and custom low
+    levels: debug)."""
+    for at_least, name in ((logging.CRITICAL, "critical"), (logging.ERROR, "error"), (logging.WARNING, "warning"),
+                           (logging.INFO, "info")):
+        if level >= at_least:
+            return name
+    return "debug"
 
 
 class _Summary:

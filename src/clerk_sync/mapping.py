@@ -468,31 +468,49 @@ class MappedWave:
 
 
 def json_column_type(type_: sa.types.TypeEngine[Any]) -> str:
-    """How json_to_recordset reads a value for a column of ``type_`` (PostgreSQL): strings as ``text``, so
-    the column's own length check refuses a long one as an INSERT of the value would (a cast would cut
-    it); date-times as ``timestamptz``, as psycopg sends an aware one."""
-    if isinstance(type_, sa.String):
+    """How json_to_recordset reads a value for a column of ``type_`` (PostgreSQL), so that the INSERT
+    stores what it would from psycopg's parameter: strings as ``text`` (the column's own length check
+    refuses a long one; a cast would cut it), date-times with or without a time zone as the column is,
+    JSON as its text (a JSON ``null`` is then the JSON value, as ``Jsonb(None)`` is, not SQL NULL)."""
+    if isinstance(type_, sa.String | sa.JSON):
         return "text"
     if isinstance(type_, sa.DateTime):
-        return "timestamptz"
+        return "timestamptz" if type_.timezone else "timestamp"
     return str(type_.compile(postgresql.dialect()))  # type: ignore[no-untyped-call]
 
 
-_JSON_NATIVE = (str, int, float, bool, dict, list, type(None))
-
-
 def _as_json(type_: sa.types.TypeEngine[Any]) -> Callable[[Any], Any]:
-    """A mapped value as the wave's JSON carries it for a column of ``type_``: date-times and decimals as
-    their text (which PostgreSQL reads back exactly), anything else JSON has no value for refused
-    (TypeError: the batch is written one statement at a time, where psycopg adapts it)."""
-    def convert(value: Any) -> Any:
-        if isinstance(value, _JSON_NATIVE):
-            return value
-        if isinstance(value, datetime) and isinstance(type_, sa.DateTime):
-            return value.isoformat()
-        if isinstance(value, Decimal) and isinstance(type_, sa.Numeric):
-            return str(value)
+    """A mapped value as the wave's JSON carries it for a column of ``type_``, only where PostgreSQL then
+    stores exactly what psycopg's parameter gave: a float for NUMERIC at the 15 digits of PostgreSQL's
+    float8 cast, a decimal or date-time as its text (an aware one not for a column without a time zone,
+    which psycopg's parameter would shift to the session's). Anything else raises TypeError, and that
+    entity's deliveries of the batch take the statement per delivery (psycopg adapts their values)."""
+    def refuse(value: Any) -> Any:
         raise TypeError(f"{type(value).__name__} for a {type_} column")
+
+    def convert(value: Any) -> Any:
+        kind = type(value)
+        if isinstance(type_, sa.JSON):
+            return json.dumps(value)
+        if value is None or kind is str:  # psycopg's text goes through the column type's input, as here
+            return value
+        if isinstance(type_, sa.Boolean):
+            return value if kind is bool else refuse(value)
+        if isinstance(type_, sa.Integer):
+            return value if kind is int else refuse(value)
+        if isinstance(type_, sa.Float):
+            return value if kind in (int, float) else refuse(value)
+        if isinstance(type_, sa.Numeric):
+            if kind is float:
+                return format(value, ".15g")
+            return value if kind is int else str(value) if kind is Decimal else refuse(value)
+        if isinstance(type_, sa.DateTime):
+            if isinstance(value, datetime) and (type_.timezone or value.tzinfo is None):
+                return value.isoformat()
+            return refuse(value)
+        if isinstance(type_, sa.String):
+            return value if kind in (int, float, bool) else refuse(value)
+        return refuse(value)
 
     return convert
 
@@ -506,7 +524,9 @@ def _wave(table: sa.Table, key: sa.Column[Any], names: list[str], projection: _P
         return [convert(value) for convert, value in zip(converters, projection.row(values), strict=True)]
 
     insert, conflict = _mapped_upsert(table, key, names)
-    values = ", ".join([*(f"v.m{i}" for i in range(len(names))), "v.clerk_id"])
+    # JSON columns come as their text, read as jsonb as psycopg's Jsonb parameter is (into a json column too)
+    values = ", ".join([*(f"v.m{i}::jsonb" if isinstance(t, sa.JSON) else f"v.m{i}" for i, t in enumerate(types)),
+                        "v.clerk_id"])
     sql = (f"mapped AS ({insert} SELECT {values} FROM up "  # noqa: S608 (identifiers quoted; values bound)
            f"JOIN v ON v.clerk_id = up.clerk_id ORDER BY v.clerk_id {conflict})")
     return MappedWave(columns, sql, row)

@@ -241,11 +241,13 @@ class Writer:
         for all of them). A failure does not say which delivery caused it: the caller retries them one
         by one to find out.
 
-        A user or organization neither the mapping nor a hook cares about goes in a "wave" (:func:`_wave_sql`):
-        one statement for the plain deliveries of an entity type, at most one per row and ``svix_id``, a
+        Piped, users and organizations go in "waves" (:func:`_wave_sql`): one statement for the deliveries of
+        an entity type (their mapped rows and hook jobs included), at most one per row and ``svix_id``, a
         delivery that repeats either in the next wave. Rows of one entity stay in batch order that way;
         those of different entities are independent (an upsert never changes ``deleted_at``, which is all
-        the membership check reads), so the waves go after the other statements.
+        the membership check reads), so the waves go after the other statements. An entity type whose
+        mapped values the wave's JSON cannot carry as psycopg would (see ``mapping._as_json``) takes the
+        statement per delivery described below.
 
         Memberships take three statements (inbox row, guarded upsert, "deleted if its user or
         organization is"), after one statement that takes the advisory locks of all of them in one
@@ -285,12 +287,23 @@ class Writer:
         if keys:
             statements.append((_LOCKS_SQL, [keys]))
         # Users and organizations go in waves (_wave_sql): one statement per entity type and wave, a
-        # delivery in the wave after the last one holding its entity or svix_id (a mapped table whose
-        # columns JSON cannot carry as they are: one statement per delivery).
+        # delivery in the wave after the last one holding its entity or svix_id (an entity type whose
+        # mapped values JSON cannot carry as psycopg would: one statement per delivery).
         waves: dict[tuple[int, Entity], list[int]] = {}
         wave_of: dict[tuple[Entity, str] | str, int] = {}
         where: list[tuple[int, int]] = []  # per item: (its statement, its row in it); waves filled in below
         mapped_waves: dict[Entity, MappedWave | None] = {}
+        mapped_rows: dict[int, list[Any]] = {}
+        if pipeline and mapping is not None:
+            for n, (*_, intent) in enumerate(items):
+                wave_of_mapped = (self._mapped_wave(mapping, intent.entity, mapped_waves)
+                                  if intent.entity is not Entity.MEMBERSHIP and intent.entity in mapping.tables
+                                  else None)
+                if wave_of_mapped is not None:
+                    try:
+                        mapped_rows[n] = wave_of_mapped.row(_change_values(intent.record))
+                    except TypeError:  # a value the JSON cannot carry as psycopg would: this entity's
+                        mapped_waves[intent.entity] = None  # deliveries take a statement each (mapping.cte)
         for n, ((svix_id, payload, event_type, instance_id, event_timestamp, error, intent), h, specs) in enumerate(
                 zip(items, hooked, hooks, strict=True)):
             if pipeline and intent.entity is not Entity.MEMBERSHIP and (
@@ -345,14 +358,12 @@ class Writer:
                 one = {name: getattr(record, name) for name in names}
                 one.update(o=row, erased_=erased_digest(entity, intent.clerk_id), svix_id_=svix_id, type_=event_type,
                            instance_=instance_id, event_ts_=event_timestamp, error_=error)
-                if mapped is not None or specs:
-                    changed = _change_values(record)
-                    if mapped is not None:
-                        one.update((f"m{i}", value) for i, value in enumerate(mapped.row(changed)))
-                    if specs:
-                        one.update(doc_=changed, version_=intent.version)
+                if mapped is not None:
+                    one.update((f"m{i}", value) for i, value in enumerate(mapped_rows[n]))
+                if specs:
+                    one.update(doc_=_change_values(record), version_=intent.version)
                 # The payload is JSON already (as received, or cleaned): spliced in, not escaped into a string.
-                rows_json.append(f'{json.dumps(one)[:-1]},"payload_":{payload}}}')
+                rows_json.append(f'{json.dumps(one, ensure_ascii=False)[:-1]},"payload_":{payload}}}')
                 where[n] = (len(statements), row)
             many.add(len(statements))
             params: list[Any] = ["[" + ",".join(rows_json) + "]", now, now, now, now]
@@ -826,7 +837,9 @@ def _wave_sql(entity: Entity, mapped_columns: str = "", mapped: str = "", hooks:
     array, now four times, then with ``hooks`` those of jobs_wave_sql."""
     table, names = _TABLES[entity], _RECORD_FIELDS[entity]
     t = table.name
-    columns = ", ".join(f"{n} {json_column_type(table.c[n].type)}" for n in names)
+    # (the record's JSON fields come as JSON values: never None, a dict or list is the same jsonb either way)
+    columns = ", ".join(f"{n} {'jsonb' if isinstance(table.c[n].type, sa.JSON) else json_column_type(table.c[n].type)}"
+                        for n in names)
     sets = ", ".join(f"{n} = excluded.{n}" for n in names if n != "clerk_id")
     extra = (f", {mapped_columns}" if mapped_columns else "") + (", doc_ jsonb, version_ bigint" if hooks else "")
     before = (f"before AS (SELECT r.clerk_id AS k_, to_jsonb(r) AS prev FROM (SELECT {', '.join(names)} FROM {t} "
