@@ -446,28 +446,44 @@ def test_users_and_organizations_of_a_batch_go_in_one_statement_per_type_and_wav
 
 
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
-@pytest.mark.parametrize("level", [7, 10.0], ids=["int", "float-for-integer"])
+@pytest.mark.parametrize(("extra_type", "extra", "stored", "waves"), [
+    ("integer", 7, "7", True), ("integer", 10.0, "10", False), ("text", 1.0, "1", False),
+    ("double precision", float("nan"), "NaN", False), ("real", 1 + 2 ** -24, "1", False),
+], ids=["int", "float-for-integer", "float-for-text", "nan-for-double", "float-for-real"])
 def test_mapped_values_in_a_wave_are_stored_as_one_statement_per_delivery_stores_them(
-        db_url: str, verifier: WebhookVerifier, level: Any) -> None:
+        db_url: str, verifier: WebhookVerifier, monkeypatch: pytest.MonkeyPatch, extra_type: str, extra: Any,
+        stored: str, waves: bool) -> None:
     """Values the wave's JSON carries differently from psycopg's parameters: a missing metadata path into a
     JSONB column (JSON null, not SQL NULL), a float into NUMERIC (PostgreSQL's 15-digit float8 cast), an
     offset time as text and a naive datetime into a timestamp column without time zone, text into an
-    integer column. A float for an INTEGER column (psycopg rounds it; the JSON would be refused) sends
-    the users of the batch down the statement per delivery, without failing the batch."""
+    integer column. A value the JSON cannot carry as psycopg does (a float for INTEGER, which psycopg
+    rounds; for TEXT, whose float8 output is not Python's repr; NaN; a float for REAL, rounded from float8)
+    sends the users of the batch down the statement per delivery, without failing the batch."""
     from datetime import datetime
 
+    import clerk_sync.store as store_module
     from clerk_sync.mapping import Column, MappedTable, SchemaMapping, migrate_schema
+
+    sent: list[str] = []
+    run_raw = store_module._run_raw
+
+    def counting(raw: Any, statements: Any, **kw: Any) -> Any:
+        sent.extend(sql for sql, _ in statements)
+        return run_raw(raw, statements, **kw)
+
+    monkeypatch.setattr(store_module, "_run_raw", counting)
 
     engine = sa.create_engine(db_url)
     with engine.begin() as conn:
         sa.Table("accounts", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
                  sa.Column("prefs", postgresql_jsonb()), sa.Column("score", sa.Numeric(20, 17)),
-                 sa.Column("trial_ends", sa.DateTime), sa.Column("renews", sa.DateTime), sa.Column("seats", sa.Integer),
-                 sa.Column("level", sa.Integer)).create(conn)
+                 sa.Column("trial_ends", sa.DateTime), sa.Column("renews", sa.DateTime), sa.Column("seats", sa.Integer)
+                 ).create(conn)
+        conn.exec_driver_sql(f"ALTER TABLE accounts ADD COLUMN level {extra_type}")
     columns = {"prefs": Column("public_metadata.missing"), "score": Column(compute=lambda v: 0.1 + 0.2),
                "trial_ends": Column(compute=lambda v: "2024-01-01T00:00:00+02:00"),
                "renews": Column(compute=lambda v: datetime(2024, 3, 31, 2, 30)),
-               "seats": Column(compute=lambda v: "12"), "level": Column(compute=lambda v: level)}
+               "seats": Column(compute=lambda v: "12"), "level": Column(compute=lambda v: extra)}
     mapping = SchemaMapping(users=MappedTable("accounts", "clerk_user_id", columns))
     with engine.begin() as conn:
         migrate_schema(conn, mapping)
@@ -483,17 +499,18 @@ def test_mapped_values_in_a_wave_are_stored_as_one_statement_per_delivery_stores
 
         assert _statuses(committer.write(batch(batched))) == ["applied"] * 4
         assert committer.retried == 0
+        assert any("json_to_recordset" in sql for sql in sent) is waves
         for delivery in batch(alone):
             processor.apply_alone(*delivery)
         with store.connect() as conn:
             def rows(ns: str) -> list[tuple[Any, ...]]:
                 return sorted(tuple(str(v).replace(ns, "NS") for v in row) for row in conn.exec_driver_sql(
-                    "SELECT clerk_user_id, prefs IS NULL, prefs::text, score, trial_ends, renews, seats, level "
+                    "SELECT clerk_user_id, prefs IS NULL, prefs::text, score, trial_ends, renews, seats, level::text "
                     "FROM accounts WHERE clerk_user_id LIKE %s", (f"%{ns}%",)))
 
             assert rows(batched) == rows(alone)
             assert rows(batched)[0][1:] == ("False", "null", "0.30000000000000000", "2024-01-01 00:00:00",
-                                            "2024-03-31 02:30:00", "12", str(round(level)))
+                                            "2024-03-31 02:30:00", "12", stored)
     finally:
         store.dispose()
 

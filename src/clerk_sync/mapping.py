@@ -19,6 +19,7 @@ false), :class:`Anonymise` (mapped personal columns set NULL) and :class:`HardDe
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -484,7 +485,8 @@ def _as_json(type_: sa.types.TypeEngine[Any]) -> Callable[[Any], Any]:
     stores exactly what psycopg's parameter gave: a float for NUMERIC at the 15 digits of PostgreSQL's
     float8 cast, a decimal or date-time as its text (an aware one not for a column without a time zone,
     which psycopg's parameter would shift to the session's). Anything else raises TypeError, and that
-    entity's deliveries of the batch take the statement per delivery (psycopg adapts their values)."""
+    entity's deliveries of the batch take the statement per delivery (psycopg adapts their values):
+    floats for text and REAL columns, non-finite ones for DOUBLE, a signalling NaN decimal included."""
     def refuse(value: Any) -> Any:
         raise TypeError(f"{type(value).__name__} for a {type_} column")
 
@@ -498,20 +500,24 @@ def _as_json(type_: sa.types.TypeEngine[Any]) -> Callable[[Any], Any]:
             return value if kind is bool else refuse(value)
         if isinstance(type_, sa.Integer):
             return value if kind is int else refuse(value)
-        if isinstance(type_, sa.Float):
-            return value if kind in (int, float) else refuse(value)
+        if isinstance(type_, sa.Float):  # (float4: psycopg's float8 is rounded to it, not the decimal text)
+            finite = kind is float and math.isfinite(value) and not real
+            return value if kind is int or finite else refuse(value)
         if isinstance(type_, sa.Numeric):
             if kind is float:
                 return format(value, ".15g")
-            return value if kind is int else str(value) if kind is Decimal else refuse(value)
+            if kind is Decimal and not value.is_snan():
+                return str(value)
+            return value if kind is int else refuse(value)
         if isinstance(type_, sa.DateTime):
             if isinstance(value, datetime) and (type_.timezone or value.tzinfo is None):
                 return value.isoformat()
             return refuse(value)
-        if isinstance(type_, sa.String):
-            return value if kind in (int, float, bool) else refuse(value)
+        if isinstance(type_, sa.String):  # (a float's text is PostgreSQL's float8 output there, not repr)
+            return value if kind in (int, bool) else refuse(value)
         return refuse(value)
 
+    real = isinstance(type_, sa.Float) and type_.compile(postgresql.dialect()) == "REAL"  # type: ignore[no-untyped-call]
     return convert
 
 
