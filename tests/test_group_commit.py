@@ -28,6 +28,21 @@ from tests._server import running
 from tests.test_crash_safety import _users_refuse_inserts
 
 
+def _statements_sent(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every psycopg statement the writers send from now on (SQL text, in order)."""
+    import clerk_sync.store as store_module
+
+    sent: list[str] = []
+    run_raw = store_module._run_raw
+
+    def counting(raw: Any, statements: Any, **kw: Any) -> Any:
+        sent.extend(sql for sql, _ in statements)
+        return run_raw(raw, statements, **kw)
+
+    monkeypatch.setattr(store_module, "_run_raw", counting)
+    return sent
+
+
 def _parsed(event: dict[str, Any]) -> Envelope:
     return parse_envelope(f.body_of(event))
 
@@ -378,7 +393,6 @@ def test_users_and_organizations_of_a_batch_go_in_one_statement_per_type_and_wav
     """A batch of 12 user deliveries (two of them for the same user, one a re-send) and 2 organization
     deliveries is sent as 3 statements (users in two waves, organizations in one) plus the lock pass,
     with or without a mapped table and a hook, and ends as the same deliveries one at a time do."""
-    import clerk_sync.store as store_module
     from clerk_sync.changes import Hook
     from clerk_sync.mapping import MappedTable, SchemaMapping, migrate_schema
     from clerk_sync.tables import hook_jobs
@@ -396,14 +410,7 @@ def test_users_and_organizations_of_a_batch_go_in_one_statement_per_type_and_wav
             migrate_schema(conn, mapping)
         engine.dispose()
         kwargs = {"mapping": mapping, "hooks": [Hook("welcome", lambda change: None, on=["user.*"])]}
-    sent: list[str] = []
-    run_raw = store_module._run_raw
-
-    def counting(raw: Any, statements: Any, **kw: Any) -> Any:
-        sent.extend(sql for sql, _ in statements)
-        return run_raw(raw, statements, **kw)
-
-    monkeypatch.setattr(store_module, "_run_raw", counting)
+    sent = _statements_sent(monkeypatch)
     store = Store.from_url(db_url, **kwargs)
     try:
         processor = WebhookProcessor(store, verifier)
@@ -461,17 +468,9 @@ def test_mapped_values_in_a_wave_are_stored_as_one_statement_per_delivery_stores
     sends the users of the batch down the statement per delivery, without failing the batch."""
     from datetime import datetime
 
-    import clerk_sync.store as store_module
     from clerk_sync.mapping import Column, MappedTable, SchemaMapping, migrate_schema
 
-    sent: list[str] = []
-    run_raw = store_module._run_raw
-
-    def counting(raw: Any, statements: Any, **kw: Any) -> Any:
-        sent.extend(sql for sql, _ in statements)
-        return run_raw(raw, statements, **kw)
-
-    monkeypatch.setattr(store_module, "_run_raw", counting)
+    sent = _statements_sent(monkeypatch)
 
     engine = sa.create_engine(db_url)
     with engine.begin() as conn:
