@@ -490,35 +490,41 @@ def _as_json(type_: sa.types.TypeEngine[Any]) -> Callable[[Any], Any]:
     def refuse(value: Any) -> Any:
         raise TypeError(f"{type(value).__name__} for a {type_} column")
 
-    def convert(value: Any) -> Any:
-        kind = type(value)
-        if isinstance(type_, sa.JSON):
-            return json.dumps(value)
-        if value is None or kind is str:  # psycopg's text goes through the column type's input, as here
-            return value
-        if isinstance(type_, sa.Boolean):
-            return value if kind is bool else refuse(value)
-        if isinstance(type_, sa.Integer):
-            return value if kind is int else refuse(value)
-        if isinstance(type_, sa.Float):  # (float4: psycopg's float8 is rounded to it, not the decimal text)
-            finite = kind is float and math.isfinite(value) and not real
-            return value if kind is int or finite else refuse(value)
-        if isinstance(type_, sa.Numeric):
-            if kind is float:
-                return format(value, ".15g")
-            if kind is Decimal and not value.is_snan():
-                return str(value)
-            return value if kind is int else refuse(value)
-        if isinstance(type_, sa.DateTime):
-            if isinstance(value, datetime) and (type_.timezone or value.tzinfo is None):
-                return value.isoformat()
-            return refuse(value)
-        if isinstance(type_, sa.String):  # (a float's text is PostgreSQL's float8 output there, not repr)
-            return value if kind in (int, bool) else refuse(value)
-        return refuse(value)
+    def taking(*kinds: type, convert: Callable[[Any], Any] = lambda v: v) -> Callable[[Any], Any]:
+        def carry(value: Any) -> Any:
+            kind = type(value)
+            if value is None or kind is str:  # psycopg's text goes through the column type's input, as here
+                return value
+            return convert(value) if kind in kinds else refuse(value)
+        return carry
 
-    real = isinstance(type_, sa.Float) and type_.compile(postgresql.dialect()) == "REAL"  # type: ignore[no-untyped-call]
-    return convert
+    def number(value: Any) -> Any:
+        if type(value) is Decimal and value.is_snan():
+            return refuse(value)
+        return format(value, ".15g") if type(value) is float else str(value) if type(value) is Decimal else value
+
+    def finite(value: Any) -> Any:
+        return value if type(value) is int or math.isfinite(value) else refuse(value)
+
+    def when(value: datetime) -> Any:
+        return value.isoformat() if type_.timezone or value.tzinfo is None else refuse(value)  # type: ignore[attr-defined]
+
+    if isinstance(type_, sa.JSON):
+        return json.dumps
+    if isinstance(type_, sa.Boolean):
+        return taking(bool)
+    if isinstance(type_, sa.Integer):
+        return taking(int)
+    if isinstance(type_, sa.Float):  # float4: psycopg's float8 is rounded to it, not the decimal text
+        real = type_.compile(postgresql.dialect()) == "REAL"  # type: ignore[no-untyped-call]
+        return taking(int) if real else taking(int, float, convert=finite)
+    if isinstance(type_, sa.Numeric):
+        return taking(int, float, Decimal, convert=number)
+    if isinstance(type_, sa.DateTime):
+        return taking(datetime, convert=when)
+    if isinstance(type_, sa.String):  # a float's text is PostgreSQL's float8 output there, not repr
+        return taking(int, bool)
+    return taking()
 
 
 def _wave(table: sa.Table, key: sa.Column[Any], names: list[str], projection: _Projection) -> MappedWave:

@@ -292,23 +292,25 @@ class Writer:
         waves: dict[tuple[int, Entity], list[int]] = {}
         wave_of: dict[tuple[Entity, str] | str, int] = {}
         where: list[tuple[int, int]] = []  # per item: (its statement, its row in it); waves filled in below
+        in_waves: dict[Entity, bool] = {}  # per entity type of the batch
         mapped_waves: dict[Entity, MappedWave | None] = {}
         mapped_rows: dict[int, list[Any]] = {}
-        if pipeline and mapping is not None:
-            for n, (*_, intent) in enumerate(items):
-                wave_of_mapped = (self._mapped_wave(mapping, intent.entity, mapped_waves)
-                                  if intent.entity is not Entity.MEMBERSHIP and intent.entity in mapping.tables
-                                  else None)
-                if wave_of_mapped is not None:
-                    try:
-                        mapped_rows[n] = wave_of_mapped.row(_change_values(intent.record))
-                    except TypeError:  # a value the JSON cannot carry as psycopg would: this entity's
-                        mapped_waves[intent.entity] = None  # deliveries take a statement each (mapping.cte)
+        for n, (*_, intent) in enumerate(items if pipeline else ()):
+            entity = intent.entity
+            if entity not in in_waves:
+                mapped_waves[entity] = (mapping.wave(self.conn, entity) if mapping is not None
+                                        and entity is not Entity.MEMBERSHIP and entity in mapping.tables else None)
+                in_waves[entity] = entity is not Entity.MEMBERSHIP and (
+                    mapping is None or entity not in mapping.tables or mapped_waves[entity] is not None)
+            wave_mapped = mapped_waves[entity]
+            if in_waves[entity] and wave_mapped is not None:
+                try:
+                    mapped_rows[n] = wave_mapped.row(_change_values(intent.record))
+                except TypeError:  # a value the JSON cannot carry as psycopg would: this entity type's
+                    in_waves[entity] = False  # deliveries take a statement each (mapping.cte)
         for n, ((svix_id, payload, event_type, instance_id, event_timestamp, error, intent), h, specs) in enumerate(
                 zip(items, hooked, hooks, strict=True)):
-            if pipeline and intent.entity is not Entity.MEMBERSHIP and (
-                    mapping is None or intent.entity not in mapping.tables or self._mapped_wave(
-                        mapping, intent.entity, mapped_waves) is not None):
+            if in_waves.get(intent.entity, False):
                 key = (intent.entity, intent.clerk_id)
                 wave = max(wave_of.get(key, -1), wave_of.get(svix_id, -1)) + 1
                 wave_of[key] = wave_of[svix_id] = wave
@@ -398,12 +400,6 @@ class Writer:
             for change in changes:  # alone (pipeline=False): the mapped row and jobs through Outbox.record
                 outbox.record(change)
         return out
-
-    def _mapped_wave(self, mapping: SchemaMapping, entity: Entity,
-                     known: dict[Entity, MappedWave | None]) -> MappedWave | None:
-        if entity not in known:
-            known[entity] = mapping.wave(self.conn, entity)
-        return known[entity]
 
     def forget_payload_if_deleted(self, svix_id: str, entity: Entity, clerk_id: str,
                                   redacted: dict[str, Any]) -> bool:
