@@ -506,8 +506,12 @@ def _as_json(type_: sa.types.TypeEngine[Any]) -> Callable[[Any], Any]:
     def finite(value: Any) -> Any:
         return value if type(value) is int or math.isfinite(value) else refuse(value)
 
-    def when(value: datetime) -> Any:
-        return value.isoformat() if type_.timezone or value.tzinfo is None else refuse(value)  # type: ignore[attr-defined]
+    def when(value: Any) -> Any:  # (a datetime subclass too, as psycopg adapts it)
+        if value is None or type(value) is str:
+            return value
+        if isinstance(value, datetime) and (type_.timezone or value.tzinfo is None):  # type: ignore[attr-defined]
+            return value.isoformat()
+        return refuse(value)
 
     if isinstance(type_, sa.JSON):
         return json.dumps
@@ -521,7 +525,7 @@ def _as_json(type_: sa.types.TypeEngine[Any]) -> Callable[[Any], Any]:
     if isinstance(type_, sa.Numeric):
         return taking(int, float, Decimal, convert=number)
     if isinstance(type_, sa.DateTime):
-        return taking(datetime, convert=when)
+        return when
     if isinstance(type_, sa.String):  # a float's text is PostgreSQL's float8 output there, not repr
         return taking(int, bool)
     return taking()
