@@ -317,5 +317,7 @@ def test_the_worker_vacuums_the_outbox_as_told(db_url: str, monkeypatch: pytest.
         assert vacuums() == expected
         with engine.connect() as conn:
             assert conn.execute(sa.select(sa.func.count()).select_from(hook_jobs)).scalar() == 0  # all done
+    refused = run("worker", "--hooks", "tests._hook_worker:hooks", "--once", "--vacuum-every", "-1", env=env, cwd=ROOT)
+    assert refused.returncode == 2 and "--vacuum-every" in refused.stderr  # a usage error, before any work
     store.dispose()
     engine.dispose()

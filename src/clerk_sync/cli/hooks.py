@@ -66,7 +66,7 @@ def worker(
     batch: Annotated[int, typer.Option(help="Jobs claimed per round.")] = 20,
     lease: Annotated[float, typer.Option(help="Seconds a claim lasts (longer than a batch of handlers).")] = 60.0,
     vacuum_every: Annotated[int, typer.Option(
-        help="PostgreSQL: VACUUM the outbox after so many finished jobs (0: leave it to autovacuum).")] = 1000,
+        min=0, help="PostgreSQL: VACUUM the outbox after so many finished jobs (0: leave it to autovacuum).")] = 1000,
 ) -> None:
     """Run after-commit hooks from the outbox (DATABASE_URL); run several for more throughput."""
     from clerk_sync.hooks import Dispatcher
