@@ -239,7 +239,7 @@ def http_cell(system: str, store_kind: str, conc: int, cfg: argparse.Namespace, 
                "--hooks", "_bench_mapped:hooks"]
         if system == "mappedw":  # the dispatcher in `clerk-sync worker`, a child of the server's pid (its CPU
             # counts as the service's): sh starts it, then becomes `serve`
-            worker = [clerk_sync, "worker", "--hooks", "_bench_mapped:hooks", "--batch", "100"]
+            worker = [clerk_sync, "worker", "--hooks", "_bench_mapped:hooks"]
             cmd = ["sh", "-c", f"{shlex.join(worker)} & exec {shlex.join([*cmd, '--no-dispatch'])}"]
     elif system in ("service", "nogc"):
         env["DATABASE_URL"] = store.url  # type: ignore[union-attr]

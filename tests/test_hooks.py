@@ -8,6 +8,7 @@ leases are tested without sleeping.
 from __future__ import annotations
 
 import random
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -415,6 +416,65 @@ def test_a_batch_that_outlives_its_lease_gives_the_rest_back(db_url: str) -> Non
     assert [(j["status"], j["attempts"]) for j in jobs(store)] == [("pending", 0), ("pending", 0)]
     assert dispatcher.drain() == 2
     assert seen == ["user_0", "user_1", "user_2", "user_3"]
+    store.dispose()
+
+
+def test_claims_grow_with_fast_handlers_and_shrink_with_slow_ones(db_url: str) -> None:
+    """A claim asks for what the handlers run in a tenth of the lease (10 at first, ``batch`` at most):
+    fast handlers get large claims (fewer statements a job), slow ones small claims, none given back."""
+    clock = Clock()
+    pace = [0.001]
+
+    def handler(change: Change) -> None:
+        clock.advance(pace[0])
+
+    store = hooked(db_url, Hook("paced", handler), now=clock)
+    deliver(store, *[f.envelope("user.created", f.user(f"user_{n}", B + 1000)) for n in range(40)])
+    dispatcher = Dispatcher(store, lease_s=60, batch=25, now=clock)
+    assert dispatcher.claim_limit == 10
+    assert dispatcher.run_once() == 10  # nothing known about the handlers yet
+    assert dispatcher.claim_limit == 25  # 6 s of 1 ms handlers is more than the most a claim takes
+    assert dispatcher.run_once() == 25
+    pace[0] = 2.0  # the handlers slow down (a sink takes 2 s an answer)
+    assert dispatcher.run_once() == 5
+    assert dispatcher.claim_limit < 25
+    limit = dispatcher.claim_limit
+    assert dispatcher.run_once() == 0  # all 40 ran: the slow batch took all it was given, none given back
+    assert limit == int(6 / ((0.001 + 2.0) / 2))  # a 6 s tenth of the lease at the mean pace of the two batches
+    assert jobs(store) == []
+    store.dispose()
+
+
+def test_a_dispatcher_thread_keeps_claiming_while_small_claims_come_back_full(db_url: str) -> None:
+    """Slow handlers make claims small; a full small claim is not "the queue is empty", so the thread goes on
+    without its poll pause (an hour here: the test would time out if it paused)."""
+    clock = Clock()
+    done = threading.Event()
+    seen: list[str] = []
+
+    def slow(change: Change) -> None:
+        clock.advance(5)  # a tenth of the 60 s lease holds one such job
+        seen.append(change.clerk_id)
+        if len(seen) == 12:
+            done.set()
+
+    store = hooked(db_url, Hook("slow", slow), now=clock)
+    deliver(store, *[f.envelope("user.created", f.user(f"user_{n}", B + 1000)) for n in range(12)])
+    dispatcher = Dispatcher(store, lease_s=60, poll_s=3600, heartbeat_s=0, now=clock)
+    dispatcher.start()
+    try:
+        assert done.wait(60), f"the thread paused after a full claim: {len(seen)} of 12 ran"
+        assert dispatcher.claim_limit == 1
+    finally:
+        dispatcher._stop.set()  # not stop(): joining would wait for the hour-long poll
+    assert sorted(seen) == sorted(f"user_{n}" for n in range(12))
+    store.dispose()
+
+
+def test_a_dispatcher_refuses_a_batch_below_one(db_url: str) -> None:
+    store = hooked(db_url, Hook("noop", lambda change: None))
+    with pytest.raises(ValueError, match="batch must be at least 1"):
+        Dispatcher(store, batch=0)
     store.dispose()
 
 
