@@ -64,7 +64,8 @@ def worker(
     once: Annotated[bool, typer.Option("--once", help="Run the due jobs, then exit.")] = False,
     poll: Annotated[float, typer.Option(help="Seconds between polls of an empty queue.")] = 1.0,
     batch: Annotated[int, typer.Option(
-        min=1, help="The most jobs one claim takes (fewer while handlers are slow: a tenth of the lease's worth).")] = 500,
+        min=1, help="The most jobs one claim takes (fewer while handlers are slow: a tenth of the lease's worth)."),
+    ] = 500,
     lease: Annotated[float, typer.Option(help="Seconds a claim lasts (longer than a batch of handlers).")] = 60.0,
     vacuum_every: Annotated[int, typer.Option(
         min=0, help="PostgreSQL: VACUUM the outbox after so many finished jobs (0: leave it to autovacuum).")] = 1000,
