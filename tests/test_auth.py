@@ -470,3 +470,35 @@ def test_the_starlette_backend_keeps_anonymous_pages_up_while_the_database_is_do
         assert client.get("/").status_code == 200
         assert client.get("/", headers={"Authorization": "Bearer x.y.z"}).status_code == 400  # refused, not a 500
     down.dispose()
+
+
+def test_two_authorization_headers_are_refused_not_read_two_ways(harness: tuple[Harness, httpx.Client]) -> None:
+    """The middleware and the app's dependencies must see one identity: with two Authorization headers the
+    middleware read the last and FastAPI the first, so an impersonated token went unaudited."""
+    h, client = harness
+    impersonated = token("user_x", act={"sub": "user_admin", "sid": "sess_admin"})
+    r = client.get("/me", headers=[("Authorization", f"Bearer {impersonated}"),
+                                   ("Authorization", f"Bearer {token('user_admin')}")])
+    assert (r.status_code, r.json()["error"]) == (401, "token_malformed")
+    assert client.get("/me", headers=bearer(impersonated)).json() == {"user_id": "user_x", "impersonated": True}
+    with h.store.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(audit_log)).scalar_one() == 1
+
+
+def test_a_public_prefix_covers_its_segment_only(db_url: str) -> None:
+    h = Harness(db_url)
+    app = FastAPI()
+    ClerkAuth(h.auth).install(app, public_paths=set(), public_prefixes=("/public",))
+
+    @app.get("/public/page")
+    def page() -> dict[str, str]:
+        return {"page": "public"}
+
+    @app.get("/publicity-admin")
+    def admin() -> dict[str, str]:
+        return {"page": "admin"}
+
+    with running(app) as url, httpx.Client(base_url=url) as client:
+        assert client.get("/public/page").status_code == 200
+        assert client.get("/publicity-admin").status_code == 401
+    h.store.dispose()

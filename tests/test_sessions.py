@@ -22,7 +22,7 @@ from starlette.routing import Route
 from clerk_sync import errors
 from clerk_sync.auth.claims import ClaimsValidator, auth_from_claims
 from clerk_sync.auth.jwks import JWKSKeySource, StaticKeySource
-from clerk_sync.auth.sessions import SessionVerifier, token_from_request
+from clerk_sync.auth.sessions import SessionVerifier, is_public_path, token_from_request
 from clerk_sync.integrations.http import status_for
 from tests._server import running
 
@@ -431,3 +431,47 @@ async def test_async_path_refreshes_a_stale_key_and_drops_a_withdrawn_one(
         with pytest.raises(errors.TokenKeyUnknown, match="no longer"):
             await verifier.averify(mint(claims(sid="sess_c")))
         assert server.fetches == 2
+
+
+def test_a_token_of_another_category_is_not_a_session(verifier: SessionVerifier) -> None:
+    """Clerk tags tokens with ``cat``: a JWT-template (or machine) token is refused in the session slot, as
+    Clerk's own SDKs refuse it, whatever claims it carries; session and "ignore" tokens pass."""
+    for category in ("cl_B7d4PD111AAA", "cl_I7d4PD111III"):
+        token = jwt.encode(claims(), KEY, algorithm="RS256", headers={"kid": "ins_1", "cat": category})
+        assert verifier.verify(token).user_id == "user_1"
+    for category in ("cl_B7d4PD222AAA", "cl_B7d4PD333AAA", "anything"):
+        token = jwt.encode(claims(), KEY, algorithm="RS256", headers={"kid": "ins_1", "cat": category})
+        with pytest.raises(errors.TokenMalformed, match="not a session token"):
+            verifier.verify(token)
+
+
+@pytest.mark.parametrize("act", ["user_admin", ["user_admin"], 7, True])
+def test_an_actor_claim_that_is_not_an_object_is_refused_not_read_as_no_impersonation(
+        verifier: SessionVerifier, act: Any) -> None:
+    with pytest.raises(errors.TokenMalformed, match="'act'"):
+        verifier.verify(mint(claims(act=act)))
+    assert verifier.verify(mint(claims(act={"sub": "user_admin"}))).is_impersonated
+
+
+def test_public_paths_and_prefixes_match_whole_segments() -> None:
+    assert is_public_path("/", {"/"}, ())
+    assert is_public_path("/public", (), ("/public",))
+    assert is_public_path("/public/a/b", (), ("/public",))
+    assert is_public_path("/public/a", (), ("/public/",))
+    assert not is_public_path("/publicity-admin", (), ("/public",))
+    assert not is_public_path("/admin", {"/"}, ("/public",))
+    assert is_public_path("/anything", (), ("/",))  # "/" as a prefix: everything
+
+
+def test_no_keys_yet_and_the_jwks_unreachable_is_a_503_to_retry_not_a_sign_out(clock: list[float]) -> None:
+    from clerk_sync.integrations.http import error_response
+
+    with httpx.Client() as client:
+        source = JWKSKeySource("http://127.0.0.1:9/v1/jwks", client=client)  # port 9: nothing listens
+        verifier = SessionVerifier(source, ClaimsValidator(issuer=ISS), now=lambda: clock[0])
+        with pytest.raises(errors.TokenKeysUnavailable, match="JWKS fetch") as caught:
+            verifier.verify(mint())
+    answer = error_response(caught.value)
+    assert answer.status == 503
+    assert answer.headers == {"Retry-After": "5"}  # no WWW-Authenticate: the client is not signed out
+    assert isinstance(caught.value, errors.TokenKeyUnknown)  # public pages still treat it as anonymous

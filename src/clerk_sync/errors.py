@@ -66,6 +66,7 @@ __all__ = [
     "TokenIssuedInFuture",
     "TokenIssuerInvalid",
     "TokenKeyUnknown",
+    "TokenKeysUnavailable",
     "TokenMalformed",
     "TokenMissing",
     "TokenNotYetValid",
@@ -182,6 +183,15 @@ class TokenKeyUnknown(TokenError):
     """No key with this kid, even after a refetch."""
 
     code = "token_key_unknown"
+
+
+class TokenKeysUnavailable(TokenKeyUnknown):
+    """No signing key is known yet and the JWKS could not be fetched (Clerk or the network is down):
+    the token may be fine, so the answer is 503 with ``Retry-After``, not 401 (which tells a client
+    it is signed out). Retry after ``retry_after`` seconds; check ``clerk-sync doctor`` if it lasts."""
+
+    code = "token_keys_unavailable"
+    retry_after = 5
 
 
 class TokenSignatureInvalid(TokenError):

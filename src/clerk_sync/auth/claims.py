@@ -91,6 +91,8 @@ class ClaimsValidator:
         for name in ("exp", "nbf", "iat"):
             if name in claims and not isinstance(claims[name], int | float):
                 raise TokenMalformed(f"claim {name!r} is not a number")
+        if claims.get("act") is not None and not isinstance(claims["act"], dict):  # else read as "not impersonated"
+            raise TokenMalformed("claim 'act' (the impersonating actor) is not an object")
 
     def validate_live(self, auth: Auth, now: float) -> None:
         """``exp``/``nbf``/``iat`` against ``now`` with the leeway, and a pending ``sts``."""

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from jwt import PyJWK
 from jwt.exceptions import PyJWKError
 
-from clerk_sync.errors import ConfigError, TokenKeyUnknown
+from clerk_sync.errors import ConfigError, TokenKeysUnavailable, TokenKeyUnknown
 
 __all__ = ["JWKSKeySource", "KeySource", "NeedsFetch", "StaticKeySource"]
 
@@ -157,7 +157,9 @@ class JWKSKeySource:
             keys = _parse_jwks(response.json())
         except (httpx.HTTPError, ValueError) as exc:
             if not self._keys:
-                raise TokenKeyUnknown(f"JWKS fetch from {self.url} failed: {exc}") from exc
+                raise TokenKeysUnavailable(
+                    f"no signing keys yet: the JWKS fetch from {self.url} failed ({exc}); retrying, "
+                    "check the network and CLERK_JWKS_URL / CLERK_SECRET_KEY (`clerk-sync doctor`)") from exc
             return  # keep serving the keys we have; the floor and cooldown limit retries
         if keys or not self._keys:  # an empty answer is a misconfiguration, not "trust nothing"
             self._keys = keys

@@ -21,7 +21,7 @@ import json
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 import httpx
@@ -44,6 +44,7 @@ __all__ = [
     "ALLOWED_ALGORITHMS",
     "RevocationCheck",
     "SessionVerifier",
+    "is_public_path",
     "token_from_request",
     "verifier_from_settings",
 ]
@@ -54,6 +55,9 @@ _B64URL_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456
 # Canonical base64url: the unused low bits of the last character are zero (4 bits when len % 4 == 2,
 # 2 bits when len % 4 == 3), so the last character's alphabet index is a multiple of 16 or 4.
 _CANONICAL_LAST = {2: frozenset(_B64URL_ALPHABET[::16]), 3: frozenset(_B64URL_ALPHABET[::4])}
+# The ``cat`` header tags a token's category (FACTS 5.1): a session token, or "ignore"; a JWT-template
+# (cl_B7d4PD222AAA) or machine (cl_B7d4PD333AAA) token is not a session, whatever claims it carries.
+_SESSION_CATEGORIES = frozenset({"cl_B7d4PD111AAA", "cl_I7d4PD111III"})
 _HEADER_MEMO_SIZE = 16  # an instance signs every token with one header per kid; rotation adds one
 
 
@@ -61,6 +65,18 @@ class RevocationCheck(Protocol):
     """A deny list of session ids (fed by session.revoked/ended/removed webhooks)."""
 
     def is_revoked(self, session_id: str) -> bool: ...
+
+
+def is_public_path(path: str, paths: Iterable[str], prefixes: Iterable[str]) -> bool:
+    """Whether ``path`` is one of ``paths`` or under one of ``prefixes``, a prefix naming a whole path segment:
+    ``/public`` covers ``/public`` and ``/public/x``, not ``/publicity-admin``."""
+    if path in paths:
+        return True
+    for prefix in prefixes:
+        base = prefix.rstrip("/")
+        if path == base or path.startswith(base + "/"):
+            return True
+    return False
 
 
 def token_from_request(headers: Mapping[str, str], cookies: Mapping[str, str]) -> str:
@@ -200,6 +216,10 @@ def _header_kid(segment: bytes) -> str | None:
         raise TokenAlgorithmNotAllowed(f"alg {alg!r} is not allowed (RS256 only)")
     if "crit" in header or "b64" in header:  # Clerk session tokens use no JWS extension (RFC 7515 4.1.11, RFC 7797)
         raise TokenMalformed("unsupported JWS extension header (crit/b64)")
+    category = header.get("cat")
+    if category is not None and category not in _SESSION_CATEGORIES:  # as Clerk's own SDKs refuse them
+        raise TokenMalformed(f"token category {category!r} is not a session token's (a JWT-template or machine "
+                             "token sent as a session token)")
     kid = header.get("kid")
     if "kid" in header and not isinstance(kid, str):
         raise TokenMalformed("kid must be a string")

@@ -15,7 +15,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from clerk_sync.auth.authenticator import Authenticator
 from clerk_sync.auth.claims import Auth
-from clerk_sync.errors import AccessDenied, ClerkSyncError, StoreError, TokenError, TokenMissing
+from clerk_sync.auth.sessions import is_public_path
+from clerk_sync.errors import AccessDenied, ClerkSyncError, StoreError, TokenError, TokenMalformed, TokenMissing
 from clerk_sync.integrations.starlette import error_json
 
 __all__ = ["ClerkAuthBackend", "ClerkAuthMiddleware", "ClerkUser"]
@@ -77,15 +78,22 @@ class ClerkAuthMiddleware:
         self.public_prefixes = tuple(public_prefixes)
 
     def is_public(self, path: str) -> bool:
-        return path in self.public_paths or (bool(self.public_prefixes) and path.startswith(self.public_prefixes))
+        return is_public_path(path, self.public_paths, self.public_prefixes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket") or "clerk_auth" in scope:
             await self.app(scope, receive, send)  # lifespan, or an outer instance has decided already
             return
         path: str = scope["path"]
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        headers: dict[str, str] = {}
+        repeated = False
+        for key, value in scope["headers"]:
+            name = key.decode("latin-1").lower()
+            repeated = repeated or (name == "authorization" and name in headers)
+            headers.setdefault(name, value.decode("latin-1"))  # the first, as Starlette's request.headers
         try:
+            if repeated:  # two credentials: the app's dependencies and this check could each read another one
+                raise TokenMalformed("more than one Authorization header: send one")
             if scope["type"] == "websocket":
                 self._check_origin(headers)
             auth = await self.authenticator.aauthenticate(headers, _cookies(headers))

@@ -89,7 +89,11 @@ class ClerkAuth:
                                public_paths=public_paths, public_prefixes=public_prefixes)
 
     async def current_auth(self, request: Request) -> Auth:
-        """The verified session (401 when missing/invalid/revoked)."""
+        """The verified session (401 when missing/invalid/revoked): the one :class:`ClerkAuthMiddleware`
+        verified for this request when it ran (one identity per request, audited once), else verified here."""
+        auth = request.scope.get("clerk_auth")
+        if isinstance(auth, Auth):
+            return auth
         return await self.authenticator.aauthenticate(request.headers, request.cookies)
 
     async def current_user(self, request: Request) -> Any:

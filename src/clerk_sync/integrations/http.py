@@ -24,6 +24,7 @@ from clerk_sync.errors import (
     ReconcileBusy,
     StoreError,
     TokenError,
+    TokenKeysUnavailable,
     UserDeleted,
     WebhookError,
     WebhookHeadersMissing,
@@ -45,6 +46,7 @@ STATUS_BY_ERROR: dict[type[ClerkSyncError], int] = {
     WrongInstance: 403,
     EventShapeError: 422,
     TokenError: 401,
+    TokenKeysUnavailable: 503,
     AccessDenied: 403,
     UserDeleted: 410,
     StoreError: 503,
@@ -80,7 +82,7 @@ def status_for(exc: ClerkSyncError) -> int:
 def error_response(exc: ClerkSyncError) -> ErrorResponse:
     """Status, body and headers for ``exc``."""
     headers: dict[str, str] = {}
-    if isinstance(exc, TokenError):
+    if isinstance(exc, TokenError) and not isinstance(exc, TokenKeysUnavailable):  # 503: not signed out
         headers["WWW-Authenticate"] = "Bearer"
     retry_after = getattr(exc, "retry_after", None)
     if isinstance(retry_after, int | float):
