@@ -716,3 +716,42 @@ def test_percent_signs_in_the_apps_table_and_column_names_reach_the_database_int
         rows = conn.execute(sa.select(odd.c.clerk_user_id, odd.c["em%ail"]).order_by(odd.c.clerk_user_id)).all()
     assert [tuple(r) for r in rows] == [("user_pct_1", "new@example.com"), ("user_pct_2", "user_pct_2@example.com")]
     store.dispose()
+
+
+@pytest.mark.parametrize(("column", "value"), [("flag", "maybe"), ("flag", [True]), ("n", {"x": 1}), ("label", {"x": 1})])
+def test_a_metadata_value_the_mapped_column_cannot_take_is_stored_failed_not_answered_503(
+        db_url: str, column: str, value: Any) -> None:
+    """``unsafe_metadata`` is the user's to write: a value the app's column type cannot take (a dict for a
+    text column, a word for a boolean) must end the delivery ``failed`` with a reason (replayable after
+    a mapping fix), never a 503 Svix repeats for days, batched or alone."""
+    from clerk_sync.integrations._committer import ALONE, GroupCommitter
+
+    engine = sa.create_engine(db_url)
+    meta = sa.MetaData()
+    sa.Table("profiles", meta, sa.Column("id", sa.Integer, primary_key=True),
+             sa.Column("clerk_user_id", sa.String(64), unique=True), sa.Column("flag", sa.Boolean),
+             sa.Column("n", sa.Integer), sa.Column("label", sa.Text), sa.Column("deleted_at", sa.DateTime))
+    meta.create_all(engine)
+    engine.dispose()
+    mapping = SchemaMapping(users=MappedTable("profiles", "clerk_user_id", {column: Column(f"unsafe_metadata.{column}")},
+                                              on_delete=SoftDelete("deleted_at")))
+    store = Store.from_url(db_url, mapping=mapping)
+    processor = WebhookProcessor(store, WebhookVerifier([f.SECRET]))
+    poisoned = f.user("user_p", 1_800_000_002_000)
+    poisoned["unsafe_metadata"] = {column: value}
+    deliveries = [("msg_ok", f.envelope("user.created", f.user("user_ok", 1_800_000_001_000))),
+                  ("msg_bad", f.envelope("user.created", poisoned))]
+    parsed = [(svix_id, parse_envelope(json.dumps(body))) for svix_id, body in deliveries]
+    results = GroupCommitter(processor).write(parsed)
+    assert results[0].status == "applied"
+    outcome = processor.apply_alone(*parsed[1]) if results[1] is ALONE else results[1]
+    # SQLite keeps any value in any column (and MariaDB casts some): applied is an answer too; PostgreSQL
+    # refuses all four.
+    assert outcome.status == "failed" if store.dialect == "postgresql" else outcome.status in ("applied", "failed")
+    assert outcome.status != "failed" or outcome.error  # failed says why
+    if store.dialect == "postgresql":
+        assert "mapping" in (outcome.error or "")
+        assert repr(value) not in (outcome.error or "")  # the user's value is not echoed into logs and answers
+    headers, body = f.signed(deliveries[1][1], "msg_bad")  # re-sent by Svix: a duplicate, not a 503
+    assert processor.process(headers, body).status == "duplicate"
+    store.dispose()
