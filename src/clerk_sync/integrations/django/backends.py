@@ -10,14 +10,27 @@ is copied is decided by ``CLERK_SYNC["USER_FIELDS"]``, a dotted path to ``(AuthU
 default (:func:`~.conf.default_user_fields`) copies email and names, ``is_active`` and gives Django
 admin access (``is_staff``/``is_superuser``) to the ``admin`` app role only. The app role itself is
 always read from the row, so demotion removes Django admin access on the next request.
+
+Linking never takes over a local account. The users the backend creates have no usable password
+(only the Clerk session signs them in). A Django user that already exists under the Clerk id with a
+*usable* password (say a local sign-up ``user_2abc...`` from before the move to Clerk) is someone's
+local login: the backend leaves it untouched (no field is copied, no admin flag granted), refuses
+the Clerk session (``request.user`` stays ``AnonymousUser``; DRF answers 401) and logs the error
+``django_user_not_linked`` on every such request. To resolve it, rename the local user (the next
+request then creates the Clerk-linked one), or, when it is the same person, link it explicitly by
+giving up its local password: ``user.set_unusable_password(); user.save()``. An existing user
+without a usable password is adopted as linked, so do not let another sign-in path (e.g. social
+login) create users whose username can equal a Clerk id.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import structlog
 from django.contrib.auth import authenticate, get_user_model
 from django.contrib.auth.backends import BaseBackend
+from django.contrib.auth.hashers import make_password
 from django.contrib.auth.models import AnonymousUser
 from django.http import HttpRequest
 
@@ -30,17 +43,28 @@ if TYPE_CHECKING:
 
 __all__ = ["ClerkBackend", "django_user", "sync_django_user"]
 
+log = structlog.get_logger("clerk_sync.django")
+
 
 def sync_django_user(row: AuthUser) -> Any:
-    """Create or update the Django user for a ``users`` row (saves only when a copied field changed)."""
+    """Create or update the Django user for a ``users`` row (saves only when a copied field changed),
+    or ``None`` when the Clerk id names a local user with a usable password, never taken over."""
     model = get_user_model()
     fields = get_clerk_sync().options.user_fields(row)
     lookup: dict[str, Any] = {str(model.USERNAME_FIELD): row.clerk_id}
-    user, created = model._default_manager.get_or_create(**lookup, defaults=fields)
+    # Created without a usable password in the one INSERT: a concurrent first request that loses the
+    # race reads the row back and must see it as the backend's own, never as a local account.
+    defaults = {**fields, "password": make_password(None)}
+    user, created = model._default_manager.get_or_create(**lookup, defaults=defaults)
     if created:
-        user.set_unusable_password()
-        user.save(update_fields=["password"])
         return user
+    if user.has_usable_password():
+        log.error("django_user_not_linked", clerk_id=row.clerk_id, django_user_pk=user.pk,
+                  reason=f"a local Django user {model.USERNAME_FIELD}={row.clerk_id!r} with a usable password "
+                         "already exists; a Clerk session never takes over a local account, so it is refused",
+                  fix="rename the local user (the next request creates the Clerk-linked one), or, if it is the "
+                      "same person, link it explicitly: user.set_unusable_password(); user.save()")
+        return None
     changed = [name for name, value in fields.items() if getattr(user, name) != value]
     if changed:
         for name in changed:
@@ -56,7 +80,12 @@ def django_user(request: HttpRequest, state: ClerkRequest) -> Any:
 
 
 class ClerkBackend(BaseBackend):
-    """Authenticates a verified Clerk session (``authenticate(request, clerk_request=...)``)."""
+    """Authenticates a verified Clerk session (``authenticate(request, clerk_request=...)``).
+
+    ``None`` (not authenticated) when the session has no usable ``users`` row, when its Django user is
+    inactive, or when the Clerk id names a local user with a usable password (never taken over: see
+    the module's docstring for how to resolve it).
+    """
 
     def authenticate(self, request: HttpRequest | None, clerk_request: ClerkRequest | None = None,
                      **_: Any) -> Any:
@@ -67,7 +96,7 @@ class ClerkBackend(BaseBackend):
         except ClerkSyncError:  # no row (webhook late, JIT off), banned or deleted: not signed in
             return None
         user = sync_django_user(row)
-        return user if self.user_can_authenticate(user) else None
+        return user if user is not None and self.user_can_authenticate(user) else None
 
     def get_user(self, user_id: Any) -> Any:
         model = get_user_model()

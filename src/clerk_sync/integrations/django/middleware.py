@@ -24,6 +24,7 @@ from django.http import HttpRequest, HttpResponse
 from django.urls import Resolver404, resolve
 from django.utils.functional import SimpleLazyObject
 
+from clerk_sync.auth.sessions import is_public_path
 from clerk_sync.errors import ClerkSyncError
 from clerk_sync.integrations.django.request import ClerkRequest, aclerk_request, clerk_request
 from clerk_sync.integrations.django.views import error_json
@@ -81,8 +82,7 @@ class ClerkMiddleware:
         401 unless the path is public or resolves to a :func:`clerk_public` view (404s stay 404s)."""
         options = state.runtime.options
         path = request.path_info
-        if not options.require_auth or path in options.public_paths \
-                or (options.public_prefixes and path.startswith(options.public_prefixes)):
+        if not options.require_auth or is_public_path(path, options.public_paths, options.public_prefixes):
             return None
         try:
             match = resolve(path, getattr(request, "urlconf", None))

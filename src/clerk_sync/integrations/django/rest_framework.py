@@ -7,8 +7,11 @@
         permission_classes = [IsClerkAuthenticated, HasPermission.of("org:invoices:read")]
 
 ``request.auth`` is the verified :class:`~clerk_sync.auth.claims.Auth`; ``request.user`` is the Django
-user when :class:`~.backends.ClerkBackend` is installed, else a :class:`ClerkPrincipal`. Refusals keep
-the status, body and headers of the one error table (``{"error": ..., "message": ...}``).
+user when :class:`~.backends.ClerkBackend` is installed, else a :class:`ClerkPrincipal`. With the backend
+installed, a session whose Django user it refuses (inactive, or a local account it never takes over)
+is not authenticated here either: 401 ``AuthenticationFailed``, as plain Django views see
+``AnonymousUser``. Other refusals keep the status, body and headers of the one error table
+(``{"error": ..., "message": ...}``).
 """
 
 from __future__ import annotations
@@ -120,16 +123,25 @@ class ClerkAuthentication(BaseAuthentication):
 
     @staticmethod
     def _user(request: Request, state: ClerkRequest) -> Any:
+        """The Django user when :class:`~.backends.ClerkBackend` is installed (never a principal in its
+        place: a user the backend refuses fails authentication), else a :class:`ClerkPrincipal`."""
         from django.conf import settings
 
         assert state.auth is not None
-        if _BACKEND in getattr(settings, "AUTHENTICATION_BACKENDS", ()):
-            from clerk_sync.integrations.django.backends import django_user
+        if _BACKEND not in getattr(settings, "AUTHENTICATION_BACKENDS", ()):
+            return ClerkPrincipal(state.auth)
+        from clerk_sync.integrations.django.backends import django_user
 
-            user = django_user(request._request, state)
-            if user.is_authenticated:
-                return user
-        return ClerkPrincipal(state.auth)
+        try:  # the row first: none (late webhook, JIT off or failing), or deleted, answers its own error
+            _ = state.user
+        except ClerkSyncError as exc:
+            raise ClerkAPIException(exc) from exc
+        user = django_user(request._request, state)
+        if not user.is_authenticated:
+            raise exceptions.AuthenticationFailed(
+                f"Clerk user {state.auth.user_id} has no Django user that may sign in: ClerkBackend refused "
+                "it (inactive, or a local account with a usable password that a Clerk session never takes over)")
+        return user
 
 
 class IsClerkAuthenticated(BasePermission):
