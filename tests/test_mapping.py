@@ -755,3 +755,40 @@ def test_a_metadata_value_the_mapped_column_cannot_take_is_stored_failed_not_ans
     headers, body = f.signed(deliveries[1][1], "msg_bad")  # re-sent by Svix: a duplicate, not a 503
     assert processor.process(headers, body).status == "duplicate"
     store.dispose()
+
+
+@pytest.mark.postgres
+def test_a_deferred_constraint_of_the_apps_table_fails_its_delivery_not_every_batch() -> None:
+    """A constraint the app declared DEFERRABLE INITIALLY DEFERRED was checked at COMMIT, where a refusal
+    names no delivery: every batch holding the delivery answered 503, and alone it did too, forever. Checked
+    at each statement (SET CONSTRAINTS ALL IMMEDIATE), the refusal is the delivery's own: stored failed,
+    its batch-mates applied."""
+    from clerk_sync.integrations._committer import ALONE, GroupCommitter
+    from clerk_sync.migrations import upgrade
+    from tests.conftest import PG_URL, pg_schema_url
+
+    schema = f"defer_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(PG_URL)
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
+        conn.exec_driver_sql(
+            f"CREATE TABLE {schema}.profiles (clerk_user_id varchar(64) UNIQUE, email text, deleted_at timestamptz, "
+            "CONSTRAINT uq_profiles_email UNIQUE (email) DEFERRABLE INITIALLY DEFERRED)")
+        conn.exec_driver_sql(f"INSERT INTO {schema}.profiles (email) VALUES ('taken@example.com')")  # noqa: S608 (our own schema name)
+    store = Store.from_url(pg_schema_url(schema), mapping=SchemaMapping(users=MappedTable(
+        "profiles", "clerk_user_id", {"email": "email"}, on_delete=SoftDelete("deleted_at"))))
+    try:
+        upgrade(store.engine)
+        processor = WebhookProcessor(store, WebhookVerifier([f.SECRET]))
+        batch = [(f"msg_{i}", parse_envelope(json.dumps(f.envelope(
+            "user.created", f.user(f"user_{i}", 1_800_000_001_000, email=email)))))
+            for i, email in enumerate(["a@example.com", "taken@example.com", "b@example.com"])]
+        results = GroupCommitter(processor).write(batch)
+        assert [getattr(r, "status", r) for r in (results[0], results[2])] == ["applied", "applied"]
+        outcome = processor.apply_alone(*batch[1]) if results[1] is ALONE else results[1]
+        assert outcome.status == "failed" and "uq_profiles_email" in (outcome.error or ""), outcome
+    finally:
+        store.dispose()
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
+        admin.dispose()

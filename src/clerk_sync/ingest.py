@@ -105,6 +105,7 @@ class WebhookProcessor:
         """Apply a verified delivery in its own transaction (a value the database refuses: stored failed)."""
         try:
             with self.store.transaction() as writer:
+                writer.check_at_once()
                 return self.apply_in(writer, svix_id, envelope)
         except StoreDataError as exc:
             return self._store_refused(svix_id, envelope, exc)
@@ -308,6 +309,7 @@ def replay_deliveries(
     for svix_id in ids:
         try:
             with store.transaction() as writer:
+                writer.check_at_once()
                 result = replay_one(writer, svix_id)
         except StoreDataError as exc:  # still refused by the DB: record it and go on with the rest
             with store.transaction() as writer:

@@ -189,6 +189,23 @@ class Writer:
         # Applied changes go to the app's mapped tables and the hook outbox, in this transaction
         # (None: neither is configured, so no extra reads).
         self.outbox = Outbox(conn, now, hooks, mapping) if hooks or mapping else None
+        self._mapped = mapping is not None
+
+    #: Sent after BEGIN where an app's table may hold a deferred constraint (see :attr:`checks_at_once`).
+    CHECK_AT_ONCE = "SET CONSTRAINTS ALL IMMEDIATE"
+
+    @property
+    def checks_at_once(self) -> bool:
+        """PostgreSQL with a mapping: the app's tables may declare constraints DEFERRABLE INITIALLY DEFERRED,
+        checked only at COMMIT, where a refusal names no statement (so no delivery to store failed: a batch,
+        and alone the delivery, would answer 503 on every retry). Checked at each statement instead, a
+        refusal is the delivery's own, stored failed like any other. Our own tables defer nothing."""
+        return self._pg and self._mapped
+
+    def check_at_once(self) -> None:
+        """:attr:`CHECK_AT_ONCE` when :attr:`checks_at_once` (one statement, in this transaction)."""
+        if self.checks_at_once:
+            self.conn.exec_driver_sql(self.CHECK_AT_ONCE)
 
     # -- inbox ---------------------------------------------------------------------------------
     def record_delivery(self, svix_id: str, payload: dict[str, Any] | str, *, event_type: str,

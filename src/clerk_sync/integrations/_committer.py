@@ -200,6 +200,7 @@ class GroupCommitter:
                 return self._pipelined(writer, jobs)
             if self._pg:
                 writer.conn.exec_driver_sql(f"SET LOCAL lock_timeout = {self._lock_wait_ms}")
+                writer.check_at_once()
             elif processor.store.dialect == "mysql":
                 writer.lock_entities([plan_delivery(envelope).intent for _, envelope in jobs])
             outcomes: list[Outcome] = []
@@ -249,6 +250,8 @@ class GroupCommitter:
             with raw.pipeline():
                 raw.execute(_begin_sql(raw))
                 raw.execute(f"SET LOCAL lock_timeout = {self._lock_wait_ms}")
+                if writer.checks_at_once:
+                    raw.execute(writer.CHECK_AT_ONCE)
                 done = processor.pipelined_in(writer, jobs)
                 rest = any(outcome is None or outcome.status == DeliveryStatus.SKIPPED for outcome in done)
                 # sent with the jobs; its result read by the pipeline's closing sync
