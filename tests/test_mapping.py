@@ -792,3 +792,28 @@ def test_a_deferred_constraint_of_the_apps_table_fails_its_delivery_not_every_ba
         with admin.begin() as conn:
             conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
         admin.dispose()
+
+
+def test_a_change_to_the_external_id_alone_reaches_the_mapped_table_one_at_a_time_too(db_url: str) -> None:
+    """Setting a user's external_id in Clerk (an app linking its legacy ids after the fact) changes no
+    contract column: one delivery at a time (SQLite, MariaDB, Django and Flask's webhook views) it was not
+    projected, where PostgreSQL's batches wrote it. Projected on every store now, with no hook job."""
+    legacy = sa.Table("legacy_accounts", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
+                      sa.Column("clerk_user_id", sa.String(64), unique=True), sa.Column("legacy_id", sa.String(64)),
+                      sa.Column("email", sa.String(320)))
+    mapping = SchemaMapping(users=MappedTable("legacy_accounts", "clerk_user_id",
+                                              {"legacy_id": "external_id", "email": "email"}))
+    engine = sa.create_engine(db_url)
+    with engine.begin() as conn:
+        legacy.create(conn)
+        migrate_schema(conn, mapping)
+    store = Store.from_url(db_url, mapping=mapping, hooks=[Hook("seen", lambda change: None)])
+    created = f.user("user_l", B + 1000, email="l@example.com")
+    updated = {**created, "external_id": "legacy-42", "updated_at": B + 2000}
+    assert deliver(store, f.envelope("user.created", created), f.envelope("user.updated", updated)) == [
+        "applied", "applied"]
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(legacy.c.legacy_id, legacy.c.email)).one() == ("legacy-42", "l@example.com")
+    assert [j["type"] for j in jobs(store)] == ["user.created"]  # no contract column changed: no hook job
+    store.dispose()
+    engine.dispose()

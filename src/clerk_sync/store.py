@@ -393,7 +393,7 @@ class Writer:
             statements.append((sql, params))
         rows = _run_raw(raw, statements, pipeline=pipeline, many=many)
         out: list[DeliveryStatus | None] = []
-        changes: list[Change] = []
+        upserted_alone: list[tuple[Upsert, Change | None]] = []
         for item, size, (at, row) in zip(items, shape, where, strict=True):
             if size == -1:
                 status = rows[at][row][0]
@@ -401,9 +401,8 @@ class Writer:
             elif size == 0:
                 status, upserted, *before = rows[at]
                 out.append(None if status is None else DeliveryStatus(status))
-                change = _hooked_change(item[-1], before) if upserted else None
-                if change is not None:
-                    changes.append(change)
+                if upserted:
+                    upserted_alone.append((item[-1], _hooked_change(item[-1], before)))
             elif size == 1:
                 out.append(None if rows[at] is None else DeliveryStatus(rows[at][0]))
             elif rows[at] is None:
@@ -414,8 +413,8 @@ class Writer:
             else:
                 out.append(DeliveryStatus.APPLIED)
         if outbox is not None:
-            for change in changes:  # alone (pipeline=False): the mapped row and jobs through Outbox.record
-                outbox.record(change)
+            for intent, change in upserted_alone:  # alone (pipeline=False): the mapped row and jobs in Python
+                self._record_upserted(outbox, intent, change)
         return out
 
     def forget_payload_if_deleted(self, svix_id: str, entity: Entity, clerk_id: str,
@@ -491,7 +490,11 @@ class Writer:
             removed = intent.entity is Entity.MEMBERSHIP and self._delete_membership_if_parent_deleted(intent.clerk_id)
             after = None if removed else _change_values(intent.record)
             if upserted or removed:
-                outbox.record(describe(intent.entity, intent.clerk_id, intent.version, before, after))
+                change = describe(intent.entity, intent.clerk_id, intent.version, before, after)
+                if upserted and not removed:
+                    self._record_upserted(outbox, intent, change)
+                else:
+                    outbox.record(change)
             return upserted or removed
         changed = self._tombstone(intent)
         if changed:
@@ -501,6 +504,16 @@ class Writer:
                 values = dict(row._mapping)
                 outbox.record(describe(Entity.MEMBERSHIP, values["clerk_id"], intent.version, values, None))
         return changed
+
+    def _record_upserted(self, outbox: Outbox, intent: Upsert, change: Change | None) -> None:
+        """An applied upsert's change to the mapping and the hooks. With no change to a contract column
+        (``change`` None) a carried field (a user's external_id) or a computed column may still differ in
+        the app's table: projected anyway, as the batches' waves do, with no hook job."""
+        if change is not None:
+            outbox.record(change)
+        elif outbox.mapping is not None:
+            carried = Change(intent.entity, intent.clerk_id, "updated", intent.version, _change_values(intent.record))
+            outbox.mapping.project(self.conn, self.now, carried)
 
     def _upsert(self, intent: Upsert) -> bool:
         if self._pysqlite:
