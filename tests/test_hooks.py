@@ -538,6 +538,115 @@ def test_the_heartbeat_thread_extends_the_running_jobs_lease(db_url: str) -> Non
     store.dispose()
 
 
+
+def _lease_of_entity(store: Store, clerk_id: str) -> datetime:
+    with store.connect() as conn:
+        value = conn.execute(sa.select(hook_jobs.c.lease_until).where(
+            hook_jobs.c.entity_key.endswith(f":{clerk_id}"))).scalar_one()
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+@pytest.mark.parametrize(("heartbeat_s", "last_beat", "started"), [(None, 40, 45), (15, 45, 46)],
+                         ids=["a-third-of-the-lease", "a-quarter"])
+def test_a_job_started_late_in_its_batch_has_its_lease_extended_before_it_runs(
+        db_url: str, heartbeat_s: float | None, last_beat: int, started: int) -> None:
+    """B starts after the heartbeat's last beat (at ``last_beat`` s) but before 80 % of its claim's 60 s
+    lease, so it runs; the next beat would come at 60 s, when the lease ends, and a rival could take the job
+    while it runs. Its lease is extended as it starts instead. The heartbeat's real-time thread does not beat
+    here (its period is seconds of real time): its beats are the test's ``extend_leases()`` calls."""
+    clock = Clock()
+    at_start: dict[str, datetime] = {}
+    rival_took: list[int] = []
+
+    def handler(change: Change) -> None:
+        at_start[change.clerk_id] = _lease_of_entity(store, change.clerk_id)
+        if change.clerk_id == "user_a":
+            clock.advance(last_beat)
+            assert dispatcher.extend_leases() == 1  # the beat while A runs (B is not held yet)
+            clock.advance(started - last_beat)
+            return
+        clock.advance(61 - started)  # past B's claim-time lease
+        rival_took.append(rival.run_once())
+
+    store = hooked(db_url, Hook("h", handler), now=clock)
+    deliver(store, f.envelope("user.created", f.user("user_a", B + 1000)),
+            f.envelope("user.created", f.user("user_b", B + 1000)))
+    dispatcher = Dispatcher(store, lease_s=60, heartbeat_s=heartbeat_s, now=clock)
+    rival = Dispatcher(store, lease_s=60, heartbeat_s=0, now=clock)
+    claimed_at = clock()
+    assert dispatcher.run_once() == 2
+    assert at_start == {"user_a": claimed_at + timedelta(seconds=60),  # early: left as claimed
+                        "user_b": claimed_at + timedelta(seconds=started + 60)}  # late: extended before it ran
+    assert rival_took == [0] and jobs(store) == []  # B ran once, and its claim was not lost
+    store.dispose()
+
+
+def test_a_job_whose_claim_was_lost_before_it_started_is_not_run_again(db_url: str) -> None:
+    """A rival whose clock runs 20 s ahead takes B while A runs (B's lease ended, for it); when B's turn
+    comes, extending its lease finds the claim gone: B is not run a second time."""
+    clock = Clock()
+    calls: list[str] = []
+
+    def handler(change: Change) -> None:
+        calls.append(change.clerk_id)
+        if change.clerk_id == "user_a" and len(calls) == 1:
+            clock.advance(40)
+            dispatcher.extend_leases()  # a beat: A's lease goes on, B is not held yet
+            clock.advance(5)
+            assert rival.run_once() == 1
+
+    store = hooked(db_url, Hook("h", handler), now=clock)
+    deliver(store, f.envelope("user.created", f.user("user_a", B + 1000)),
+            f.envelope("user.created", f.user("user_b", B + 1000)))
+    dispatcher = Dispatcher(store, lease_s=60, now=clock)
+    rival = Dispatcher(store, lease_s=60, heartbeat_s=0, now=lambda: clock() + timedelta(seconds=20))
+    with structlog.testing.capture_logs() as logs:
+        assert dispatcher.run_once() == 2
+    assert calls == ["user_a", "user_b"] and jobs(store) == []
+    assert [entry["job"] for entry in logs if entry["event"].startswith("hook claim lost before")] == [2]
+    store.dispose()
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"lease_s": 0}, "lease_s must be more than 0"),
+    ({"lease_s": -5}, "lease_s must be more than 0"),
+    ({"poll_s": -1}, "poll_s must be 0 or more"),
+    ({"lease_s": 60, "heartbeat_s": 30}, "less than half of lease_s"),
+    ({"lease_s": 60, "heartbeat_s": -1}, "heartbeat_s must be 0"),
+], ids=["lease-0", "lease-negative", "poll-negative", "heartbeat-half-the-lease", "heartbeat-negative"])
+def test_a_dispatcher_refuses_a_lease_poll_or_heartbeat_out_of_range(kwargs: dict[str, float], message: str) -> None:
+    store = Store(create_engine("sqlite://"), hooks=[Hook("noop", lambda change: None)])
+    with pytest.raises(ValueError, match=message):
+        Dispatcher(store, **kwargs)  # type: ignore[arg-type]
+    assert Dispatcher(store, lease_s=60, heartbeat_s=0, poll_s=0).heartbeat_s == 0  # 0: no heartbeat, no pause
+    store.dispose()
+
+
+def test_a_pending_job_past_a_lowered_max_attempts_runs_once_more(db_url: str) -> None:
+    """A pending job that already used more attempts than a dispatcher's ``max_attempts`` (the limit was
+    lowered) runs once more before it is dead, on every database: MariaDB marked it dead unrun, as if its
+    lease had expired."""
+    clock = Clock()
+    seen = Recorder(failures=100)
+    store = hooked(db_url, Hook("h", seen), now=clock)
+    deliver(store, f.envelope("user.created", f.user("user_1", B + 1000)))
+    Dispatcher(store, backoff=Backoff(max_attempts=5, base_s=0), now=clock).drain(max_batches=3)
+    assert [(j["status"], j["attempts"]) for j in jobs(store)] == [("pending", 3)]
+    assert Dispatcher(store, backoff=Backoff(max_attempts=2), now=clock).drain() == 1
+    (job,) = jobs(store)
+    assert (len(seen.seen), job["status"], job["attempts"], job["last_error"]) == (
+        4, "dead", 4, "RuntimeError: mail server down")
+    deliver(store, f.envelope("user.created", f.user("user_2", B + 1000)))
+    with store.transaction() as writer:  # a worker claims it, then dies: its lease expires at its last attempt
+        claim(writer.conn, clock(), lease=timedelta(seconds=30), limit=1, max_attempts=5)
+    clock.advance(31)
+    assert Dispatcher(store, backoff=Backoff(max_attempts=1), now=clock).drain() == 0
+    assert len(seen.seen) == 4  # that one is dead unrun
+    assert [(j["status"], j["last_error"].split(" (")[0]) for j in jobs(store)] == [
+        ("dead", "RuntimeError: mail server down"), ("dead", "lease expired after 1 attempts")]
+    store.dispose()
+
+
 @pytest.mark.parametrize("db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
 def test_the_dispatcher_vacuums_the_outbox_now_and_then_on_postgresql(db_url: str, recorder: Recorder) -> None:
     """Every job is inserted, claimed and deleted: between two autovacuum runs the outbox is mostly dead

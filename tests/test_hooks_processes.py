@@ -28,7 +28,7 @@ from tests import _hook_worker
 from tests import factories as f
 from tests._server import free_port, running, wait_for_http
 from tests.test_cli import run
-from tests.test_hooks import deliver
+from tests.test_hooks import Recorder, deliver
 
 B = 1_800_000_000_000
 ROOT = Path(__file__).resolve().parent.parent
@@ -321,3 +321,69 @@ def test_the_worker_vacuums_the_outbox_as_told(db_url: str, monkeypatch: pytest.
     assert refused.returncode == 2 and "--vacuum-every" in refused.stderr  # a usage error, before any work
     store.dispose()
     engine.dispose()
+
+
+@pytest.mark.parametrize(("option", "value"), [("--lease", "0"), ("--lease", "-5"), ("--poll", "-1")])
+def test_the_worker_refuses_a_lease_or_poll_out_of_range(tmp_path: Path, option: str, value: str) -> None:
+    """A lease of 0 s would let every other worker take each job at once; a usage error, before any work."""
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}", "PYTHONPATH": PATHS}
+    refused = run("worker", "--hooks", "tests._hook_worker:hooks", "--once", option, value, env=env, cwd=ROOT)
+    assert refused.returncode == 2 and option in refused.stderr, refused.stderr
+    assert not (tmp_path / "x.db").exists()
+
+
+def _dead_and_pending(db_url: str) -> tuple[str, str]:
+    """A dead job (user_1's creation) and a pending one (user_2's); their ids."""
+    store = Store.from_url(db_url, hooks=[Hook("mail", lambda change: None)])
+    deliver(store, f.envelope("user.created", f.user("user_1", B + 1000)))
+    with store.transaction() as writer:
+        writer.conn.execute(hook_jobs.update().values(status="dead", attempts=10, last_error="RuntimeError: down"))
+    deliver(store, f.envelope("user.created", f.user("user_2", B + 1000)))
+    with store.connect() as conn:
+        dead, pending = (str(i) for i in conn.execute(sa.select(hook_jobs.c.id).order_by(hook_jobs.c.id)).scalars())
+    store.dispose()
+    return dead, pending
+
+
+@pytest.mark.parametrize("command", ["retry", "purge"])
+def test_retry_and_purge_name_the_ids_that_are_not_dead_jobs(db_url: str, command: str) -> None:
+    """What was asked and could not be done is named, with exit code 1; the dead jobs named are still done."""
+    dead, pending = _dead_and_pending(db_url)
+    env = {"DATABASE_URL": db_url}
+    result = run("hooks", command, "999", pending, dead, env=env)
+    assert result.returncode == 1
+    assert f"1 dead job(s) {'queued again' if command == 'retry' else 'purged'}" in result.stdout
+    assert result.stderr.splitlines() == ["job 999: not found", f"job {pending}: pending, not dead (left as it is)"]
+    listed = run("hooks", "list", "--status", "pending", env=env).stdout.splitlines()
+    assert [line.split("\t")[3] for line in listed] == (["user_1", "user_2"] if command == "retry" else ["user_2"])
+    assert run("hooks", command, "--all", env=env).returncode == 0  # nothing named, nothing refused
+
+
+def test_list_refuses_an_unknown_status(tmp_path: Path) -> None:
+    result = run("hooks", "list", "--status", "bogus", env={"DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}"})
+    assert result.returncode == 2 and "--status" in result.stderr and "bogus" in result.stderr
+
+
+def test_retry_warns_of_a_job_older_than_what_its_entity_has_since(db_url: str) -> None:
+    """Retrying user_1's creation after its updates ran gives the handler version 1000 after 3000: the
+    operator asked for it, so it is queued, with a warning; a job with nothing newer gets none."""
+    handler = Recorder(failures=1)
+    store = Store.from_url(db_url, hooks=[Hook("sync", handler)])
+    deliver(store, f.envelope("user.created", f.user("user_1", B + 1000)),
+            f.envelope("user.updated", f.user("user_1", B + 2000, role="admin")),
+            f.envelope("user.updated", f.user("user_1", B + 3000, role="owner")))
+    Dispatcher(store, backoff=Backoff(max_attempts=1)).drain()  # the creation fails: dead; the updates run
+    handler.failures = 1
+    deliver(store, f.envelope("user.created", f.user("user_2", B + 1000)))
+    Dispatcher(store, backoff=Backoff(max_attempts=1)).drain()
+    with store.connect() as conn:
+        old, alone = conn.execute(sa.select(hook_jobs.c.id).order_by(hook_jobs.c.id)).scalars()
+    env = {"DATABASE_URL": db_url}
+    retried = run("hooks", "retry", str(old), str(alone), env=env)
+    assert retried.returncode == 0 and "2 dead job(s) queued again" in retried.stdout
+    assert retried.stderr.splitlines() == [
+        f"warning: job {old} (user.created of user_1, version {B + 1000}) is older than version {B + 3000}, "
+        "applied or queued since: it will reach the handler out of order"]
+    Dispatcher(store).drain()
+    assert [(c.clerk_id, c.version) for c in handler.seen][-2:] == [("user_1", B + 1000), ("user_2", B + 1000)]
+    store.dispose()

@@ -16,8 +16,10 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from clerk_sync.changes import Change, Hook
 from clerk_sync.engine import Entity
 from clerk_sync.events import parse_envelope, user_record
+from clerk_sync.hooks import Backoff, Dispatcher
 from clerk_sync.ingest import WebhookProcessor
 from clerk_sync.retention import Retention, RetentionPolicy, redact_payload
 from clerk_sync.store import Store
@@ -26,6 +28,9 @@ from clerk_sync.webhooks import WebhookVerifier
 from tests import factories as f
 from tests._server import running
 from tests.conftest import SECRET
+from tests.test_hooks import Clock, hooked
+from tests.test_hooks import deliver as hook_deliver
+from tests.test_hooks import jobs as hook_jobs_of
 
 EMAIL, FIRST, LAST, SECRET_META = "ada.private@example.com", "Adalind", "Lovelacey", "blood-type-0-neg"
 PERSONAL = (EMAIL, FIRST, LAST, SECRET_META)
@@ -327,3 +332,55 @@ def test_a_late_membership_of_a_hard_deleted_user_or_organization_stays_out(
     event = f.envelope("organizationMembership.created", f.membership("orgmem_live", "org_q", "user_q", 2000))
     assert deliver(processor, event, "msg_pm_live") == "applied"
 
+
+
+# -- the hooks' outbox: dead jobs hold the change's values, and the handler's error may quote them ------
+
+def _crm(change: Change) -> None:  # a handler whose error names the person (as a driver's error would)
+    raise ValueError(f"CRM refused contact {change.values.get('email')}")
+
+
+def test_erasure_redacts_the_last_error_of_hook_jobs_too(db_url: str) -> None:
+    clock = Clock()
+    store = hooked(db_url, Hook("crm", _crm), now=clock)
+    hook_deliver(store, f.envelope("user.created", _user("user_1", 1000)))
+    Dispatcher(store, backoff=Backoff(max_attempts=1), now=clock).drain()
+    (dead,) = hook_jobs_of(store)
+    assert dead["status"] == "dead" and EMAIL in dead["last_error"]
+    Retention(store).erase_user("user_1", reason="DSR")
+    assert [(j["type"], j["status"], j["last_error"], j["payload"]["values"]) for j in hook_jobs_of(store)] == [
+        ("user.created", "dead", "ValueError: (redacted)", {}),  # the kind of failure stays
+        ("user.deleted", "pending", None, {}),  # the erasure's own change, its values (the row before) redacted
+    ]
+    assert leaks(store) == {}
+    store.dispose()
+
+
+def test_prune_redacts_then_deletes_dead_hook_jobs(db_url: str) -> None:
+    """Dead jobs are redacted after ``redact_after`` and deleted after ``delete_after`` (from when they were
+    queued), as the inbox is; a pending job is left whole: its handler has yet to see the change."""
+    clock = Clock()
+    store = hooked(db_url, Hook("crm", _crm), now=clock)
+    hook_deliver(store, f.envelope("user.created", _user("user_1", 1000)))
+    Dispatcher(store, backoff=Backoff(max_attempts=1), now=clock).drain()  # dead, the e-mail in its error
+    hook_deliver(store, f.envelope("user.created", _user("user_2", 1000)))  # pending: no dispatcher runs it
+
+    def at(days: int) -> Retention:
+        return Retention(store, now=lambda: clock() + timedelta(days=days))
+
+    def hook_leaks() -> dict[str, list[str]]:
+        rows = {j["payload"]["clerk_id"]: json.dumps(j, default=str) for j in hook_jobs_of(store)}
+        return {clerk_id: [p for p in PERSONAL if p in text] for clerk_id, text in rows.items()}
+
+    at(29).prune()
+    assert hook_leaks() == {"user_1": list(PERSONAL), "user_2": list(PERSONAL)}
+    assert at(31).prune(dry_run=True).redacted == 3  # two deliveries and the dead job
+    assert at(31).prune().redacted == 3
+    assert hook_leaks() == {"user_1": [], "user_2": list(PERSONAL)}
+    dead = next(j for j in hook_jobs_of(store) if j["status"] == "dead")
+    assert (dead["last_error"], dead["payload"]["version"]) == ("ValueError: (redacted)", 1000)
+    assert at(31).prune().redacted == 0  # once
+    assert at(91).prune(dry_run=True).deleted == 3
+    assert at(91).prune().deleted == 3
+    assert [(j["payload"]["clerk_id"], j["status"]) for j in hook_jobs_of(store)] == [("user_2", "pending")]
+    store.dispose()

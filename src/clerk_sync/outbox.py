@@ -10,7 +10,8 @@ same inside the delivery's statement (:func:`jobs_cte_sql`). The claim side (:fu
   died), and no earlier job with the same ``entity_key`` (hook + entity) is unfinished: order per entity;
 - on PostgreSQL the claim is ``SELECT .. FOR UPDATE SKIP LOCKED`` then a lease with a fresh token, so
   replicas never run a job concurrently (within the lease); on SQLite the writer lock serialises claims;
-- a finished job is deleted; one that failed ``max_attempts`` times stays as ``dead`` for the CLI.
+- a finished job is deleted; one that failed ``max_attempts`` times stays as ``dead`` for the CLI, until
+  retention redacts it (:func:`redact_jobs`) and then deletes it.
 """
 
 from __future__ import annotations
@@ -211,11 +212,13 @@ def _claim_one_by_one(conn: Connection, now: datetime, *, lease: timedelta, limi
                  sa.and_(j.c.status == "running", j.c.lease_until < now))
     blocked = sa.exists().where(earlier.c.entity_key == j.c.entity_key, earlier.c.id < j.c.id,
                                 earlier.c.status.in_(("pending", "running")))
-    query = sa.select(j.c.id, j.c.hook, j.c.payload, j.c.attempts).where(due, ~blocked).order_by(j.c.id).limit(limit)
-    query = query.with_for_update(skip_locked=True)  # MariaDB has SKIP LOCKED but no FOR UPDATE OF
+    query = sa.select(j.c.id, j.c.hook, j.c.payload, j.c.attempts, j.c.status).where(due, ~blocked)
+    query = query.order_by(j.c.id).limit(limit).with_for_update(skip_locked=True)  # MariaDB: no FOR UPDATE OF
     jobs: list[Job] = []
     for row in conn.execute(query).all():
-        if row.attempts >= max_attempts:
+        # only a lease that expired is the dead statement's; a pending job past max_attempts (the limit was
+        # lowered) runs once more, as _DUE has it on the other databases
+        if row.status == "running" and row.attempts >= max_attempts:
             error = f"lease expired after {row.attempts} attempts (worker killed, or handler slower than the lease)"
             _set(conn, row.id, status="dead", lease_until=None, claim_token=None, last_error=error)
             continue
@@ -297,18 +300,35 @@ def delete_jobs(conn: Connection, ids: Sequence[int] | None = None) -> int:
     return conn.execute(stmt).rowcount
 
 
-def redact_jobs(conn: Connection, needles: set[str]) -> int:
-    """Erasure: queued jobs whose change mentions one of ``needles`` keep only the ids (entity, Clerk id,
-    kind, version); the handler still learns of the change, not the person. Returns how many."""
+def redact_jobs(conn: Connection, needles: set[str] | None = None, *, ids: Sequence[int] | None = None) -> int:
+    """Keep only the ids (entity, Clerk id, kind, version) of the jobs whose change or last error mentions one
+    of ``needles`` (erasure), or of the jobs ``ids`` (pruning): the handler still learns of the change, not
+    the person. The last error (a handler's message may quote the person) keeps only the exception's name.
+    Returns how many."""
     j = hook_jobs
-    text = sa.cast(j.c.payload, sa.Text)
-    rows = conn.execute(sa.select(j.c.id, j.c.payload).where(
-        sa.or_(*(text.contains(n, autoescape=True) for n in needles)))).all()
+    where: sa.ColumnElement[bool]
+    if ids is not None:
+        where = j.c.id.in_(ids)
+    elif not needles:
+        return 0
+    else:
+        text = sa.cast(j.c.payload, sa.Text)
+        where = sa.or_(*(c.contains(n, autoescape=True) for n in needles or () for c in (text, j.c.last_error)))
+    rows = conn.execute(sa.select(j.c.id, j.c.payload, j.c.last_error).where(where)).all()
     for row in rows:
         payload = row.payload if isinstance(row.payload, dict) else json.loads(row.payload)
         kept = {k: payload[k] for k in ("entity", "clerk_id", "kind", "version") if k in payload}
-        conn.execute(sa.update(j).where(j.c.id == row.id).values(payload=kept | {"values": {}, "previous": {}}))
+        redacted: JSON = {"payload": kept | {"values": {}, "previous": {}, "redacted": True}}
+        if row.last_error is not None:
+            redacted["last_error"] = _redacted_error(row.last_error)
+        conn.execute(sa.update(j).where(j.c.id == row.id).values(**redacted))
     return len(rows)
+
+
+def _redacted_error(error: str) -> str:
+    """``ValueError: CRM refused ada@example.com`` -> ``ValueError: (redacted)``."""
+    name, sep, _ = error.partition(": ")
+    return f"{name}: (redacted)" if sep and name.replace(".", "").replace("_", "").isalnum() else "(redacted)"
 
 
 # Prebuilt statements: built once, as the hot path in store.py does (a Core construct per delivery

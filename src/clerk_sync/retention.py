@@ -7,6 +7,11 @@ still catches a retried delivery, and ordering lives in the contract tables' ``c
 neither needs the rest. After ``delete_after`` those rows are deleted. ``failed`` deliveries are kept
 whole until replayed (or removed by hand): their payload is what a replay needs.
 
+**Dead hook jobs.** A job queued that long ago (``created_at``) and left ``dead`` is redacted the same way
+after ``redact_after`` (:func:`~clerk_sync.outbox.redact_jobs`: ids and version kept, the change's values
+and the handler's error message dropped), and deleted after ``delete_after``. Pending and running jobs are
+left whole: their handlers have yet to see the change.
+
 **Tombstones.** ``user.deleted`` keeps the row with ``deleted_at`` set: that row is what makes a late
 ``user.created`` a no-op (``engine.decide``: a tombstone is terminal). After ``clear_tombstones_after``
 its personal columns are cleared; by default the row itself (ids, version, ``deleted_at``) stays for
@@ -40,9 +45,9 @@ from clerk_sync.auth.audit import AuditEntry, record_audit
 from clerk_sync.config import Settings
 from clerk_sync.engine import DeliveryStatus, Entity, Tombstone
 from clerk_sync.metrics import Metrics
-from clerk_sync.outbox import redact_jobs
+from clerk_sync.outbox import delete_jobs, redact_jobs
 from clerk_sync.store import Store, Writer, dialect_family, erased_digest
-from clerk_sync.tables import erased, organization_memberships, organizations, users, webhook_events
+from clerk_sync.tables import erased, hook_jobs, organization_memberships, organizations, users, webhook_events
 
 __all__ = ["ErasureReport", "PruneReport", "Retention", "RetentionPolicy", "redact_payload"]
 
@@ -109,7 +114,8 @@ class RetentionPolicy:
 
 @dataclass(frozen=True, slots=True)
 class PruneReport:
-    """Rows a prune pass redacted, deleted, cleared and erased (would have, for a dry run)."""
+    """Rows a prune pass redacted, deleted, cleared and erased (would have, for a dry run); ``redacted`` and
+    ``deleted`` count inbox rows and dead hook jobs."""
 
     redacted: int
     deleted: int
@@ -147,8 +153,10 @@ class Retention:
         if dry_run:
             return self._count(redact_cut, delete_cut, clear_cut, erase_cut)
         report = PruneReport(
-            redacted=self._drain(lambda w: self._redact_batch(w, redact_cut)),
-            deleted=self._drain(lambda w: self._delete_batch(w, delete_cut)),
+            redacted=self._drain(lambda w: self._redact_batch(w, redact_cut))
+            + self._drain(lambda w: self._redact_jobs_batch(w, redact_cut)),
+            deleted=self._drain(lambda w: self._delete_batch(w, delete_cut))
+            + self._drain(lambda w: self._delete_jobs_batch(w, delete_cut)),
             cleared=sum(self._drain(functools.partial(self._clear_batch, table=t, cutoff=clear_cut))
                         for t in _CLEARED),
             dry_run=False,
@@ -194,6 +202,15 @@ class Retention:
             writer.conn.execute(e.delete().where(e.c.id.in_(ids)))
         return len(ids)
 
+    def _redact_jobs_batch(self, writer: Writer, cutoff: datetime) -> int:
+        query = sa.select(hook_jobs.c.id).where(*_redactable_jobs(cutoff))
+        ids = list(writer.conn.execute(self._pick(query)).scalars())
+        return redact_jobs(writer.conn, ids=ids) if ids else 0
+
+    def _delete_jobs_batch(self, writer: Writer, cutoff: datetime) -> int:
+        ids = list(writer.conn.execute(self._pick(sa.select(hook_jobs.c.id).where(*_deletable_jobs(cutoff)))).scalars())
+        return delete_jobs(writer.conn, ids) if ids else 0
+
     def _clear_batch(self, writer: Writer, *, table: sa.Table, cutoff: datetime) -> int:
         query = sa.select(table.c.id).where(table.c.deleted_at.is_not(None), table.c.deleted_at < cutoff,
                                             _not_cleared(table))
@@ -227,8 +244,10 @@ class Retention:
 
         with self.store.connect() as conn:
             return PruneReport(
-                redacted=count(webhook_events, *self._redactable(redact_cut)),
-                deleted=count(webhook_events, *self._deletable(delete_cut)),
+                redacted=count(webhook_events, *self._redactable(redact_cut))
+                + count(hook_jobs, *_redactable_jobs(redact_cut)),
+                deleted=count(webhook_events, *self._deletable(delete_cut))
+                + count(hook_jobs, *_deletable_jobs(delete_cut)),
                 cleared=sum(count(t, t.c.deleted_at.is_not(None), t.c.deleted_at < clear_cut, _not_cleared(t))
                             for t in _CLEARED),
                 dry_run=True,
@@ -271,6 +290,16 @@ def _mark_erased(writer: Writer, entity: Entity, clerk_ids: list[str]) -> None:
     else:
         insert = postgresql.insert if family == "postgresql" else sqlite.insert
         writer.conn.execute(insert(erased).on_conflict_do_nothing(index_elements=["digest"]), values)
+
+
+def _redactable_jobs(cutoff: datetime) -> list[sa.ColumnElement[bool]]:
+    """Dead hook jobs queued before ``cutoff`` and not redacted yet (their payload has no ``redacted``)."""
+    j = hook_jobs
+    return [j.c.status == "dead", j.c.created_at < cutoff, j.c.payload["redacted"].as_string().is_(None)]
+
+
+def _deletable_jobs(cutoff: datetime) -> list[sa.ColumnElement[bool]]:
+    return [hook_jobs.c.status == "dead", hook_jobs.c.created_at < cutoff]
 
 
 def _emails(row: Any) -> set[str]:

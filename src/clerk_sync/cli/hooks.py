@@ -2,26 +2,31 @@
 
 Hooks are Python code, so the commands that run them take ``--hooks module:attribute``: a list of
 :class:`~clerk_sync.changes.Hook`, or a function returning one (called once, with no arguments).
-Listing, retrying and purging dead jobs need only the database.
+Listing, retrying and purging dead jobs need only the database; ``retry`` and ``purge`` name the ids that
+are not dead jobs and exit with 1, and ``retry`` names the jobs whose entity has changed since.
 """
 
 from __future__ import annotations
 
 import importlib
 import signal
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
+import sqlalchemy as sa
 import typer
 from rich.console import Console
+from sqlalchemy.engine import Connection
 
-from clerk_sync.changes import Hook
+from clerk_sync.changes import Change, Hook
 from clerk_sync.config import Settings
+from clerk_sync.engine import Entity
 from clerk_sync.errors import ConfigError
 from clerk_sync.mapping import SchemaMapping
 from clerk_sync.outbox import delete_jobs, list_jobs, retry_jobs
 from clerk_sync.store import Store
+from clerk_sync.tables import hook_jobs, organization_memberships, organizations, users
 
 __all__ = ["HOOKS_HELP", "MAPPING_HELP", "hooks_app", "load_hooks", "load_mapping", "worker"]
 
@@ -59,14 +64,21 @@ def load_mapping(spec: str | None) -> SchemaMapping | None:
     return value
 
 
+def _positive(value: float) -> float:
+    if not value > 0:
+        raise typer.BadParameter(f"must be more than 0 seconds, not {value}")
+    return value
+
+
 def worker(
     hooks: Annotated[str, typer.Option(help=HOOKS_HELP)],
     once: Annotated[bool, typer.Option("--once", help="Run the due jobs, then exit.")] = False,
-    poll: Annotated[float, typer.Option(help="Seconds between polls of an empty queue.")] = 1.0,
+    poll: Annotated[float, typer.Option(min=0, help="Seconds between polls of an empty queue.")] = 1.0,
     batch: Annotated[int, typer.Option(
         min=1, help="The most jobs one claim takes (fewer while handlers are slow: a tenth of the lease's worth)."),
     ] = 500,
-    lease: Annotated[float, typer.Option(help="Seconds a claim lasts (longer than a batch of handlers).")] = 60.0,
+    lease: Annotated[float, typer.Option(
+        callback=_positive, help="Seconds a claim lasts (a heartbeat extends it every third of it).")] = 60.0,
     vacuum_every: Annotated[int, typer.Option(
         min=0, help="PostgreSQL: VACUUM the outbox after so many finished jobs (0: leave it to autovacuum).")] = 1000,
 ) -> None:
@@ -102,8 +114,8 @@ def _ids(ids: list[int] | None, all_: bool, verb: str) -> list[int] | None:
 
 @hooks_app.command("list")
 def list_command(
-    status: Annotated[str, typer.Option(help="dead, pending or running.")] = "dead",
-    limit: Annotated[int, typer.Option(help="At most this many.")] = 50,
+    status: Annotated[Literal["dead", "pending", "running"], typer.Option(help="dead, pending or running.")] = "dead",
+    limit: Annotated[int, typer.Option(min=1, help="At most this many.")] = 50,
 ) -> None:
     """List queued hook jobs (dead ones by default), tab-separated: id, hook, type, Clerk id, attempts, error."""
     store = _store()
@@ -121,12 +133,22 @@ def retry_command(
     ids: Annotated[list[int] | None, typer.Argument(help="Job ids.")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Every dead job.")] = False,
 ) -> None:
-    """Queue dead jobs again, with a fresh attempt budget."""
+    """Queue dead jobs again, with a fresh attempt budget.
+
+    A job whose entity has changed since (a newer version applied, or queued) is named on stderr: its
+    handler will get the older change after newer ones, out of order.
+    """
+    wanted = _ids(ids, all_, "retry")
     store = _store()
     with store.transaction() as writer:
-        count = retry_jobs(writer.conn, datetime.now(UTC), _ids(ids, all_, "retry"))
+        refused = _not_dead(writer.conn, wanted)
+        stale = _out_of_order(writer.conn, wanted)
+        count = retry_jobs(writer.conn, datetime.now(UTC), wanted)
     store.dispose()
+    for line in stale:
+        typer.echo(line, err=True)
     typer.echo(f"{count} dead job(s) queued again")
+    _refuse(refused)
 
 
 @hooks_app.command("purge")
@@ -135,8 +157,75 @@ def purge_command(
     all_: Annotated[bool, typer.Option("--all", help="Every dead job.")] = False,
 ) -> None:
     """Delete dead jobs (their changes will not be handled)."""
+    wanted = _ids(ids, all_, "purge")
     store = _store()
     with store.transaction() as writer:
-        count = delete_jobs(writer.conn, _ids(ids, all_, "purge"))
+        refused = _not_dead(writer.conn, wanted)
+        count = delete_jobs(writer.conn, wanted)
     store.dispose()
     typer.echo(f"{count} dead job(s) purged")
+    _refuse(refused)
+
+
+def _not_dead(conn: Connection, ids: list[int] | None) -> list[str]:
+    """What is wrong with each of ``ids`` that is not a dead job (nothing for ``--all``)."""
+    if not ids:
+        return []
+    j, found = hook_jobs, dict[int, str]()
+    for chunk in _chunks(sorted(set(ids))):
+        rows = conn.execute(sa.select(j.c.id, j.c.status).where(j.c.id.in_(chunk)))
+        found.update({row.id: row.status for row in rows})
+    return [f"job {i}: not found" if i not in found else f"job {i}: {found[i]}, not dead (left as it is)"
+            for i in dict.fromkeys(ids) if found.get(i) != "dead"]
+
+
+def _refuse(problems: list[str]) -> None:
+    for line in problems:
+        typer.echo(line, err=True)
+    if problems:
+        raise typer.Exit(1)
+
+
+_ENTITY_TABLES = {Entity.USER: users, Entity.ORGANIZATION: organizations, Entity.MEMBERSHIP: organization_memberships}
+
+
+def _out_of_order(conn: Connection, ids: list[int] | None) -> list[str]:
+    """A warning for each dead job of ``ids`` (None: all) older than its entity's version in the entity's
+    table (applied since: a job of it may have run) or in an unfinished job of the same hook and entity."""
+    j = hook_jobs
+    query = sa.select(j.c.id, j.c.entity_key, j.c.payload).where(j.c.status == "dead").order_by(j.c.id)
+    rows = list(conn.execute(query)) if ids is None else [
+        row for chunk in _chunks(sorted(set(ids))) for row in conn.execute(query.where(j.c.id.in_(chunk)))]
+    dead = [(row.id, row.entity_key, Change.from_json(row.payload)) for row in rows]
+    queued = _queued_versions(conn, {key for _, key, _ in dead})
+    applied = _applied_versions(conn, [change for _, _, change in dead])
+    return [f"warning: job {job_id} ({change.type} of {change.clerk_id}, version {change.version}) is older than "
+            f"version {newer}, applied or queued since: it will reach the handler out of order"
+            for job_id, key, change in dead
+            if (newer := max(queued.get(key, 0), applied.get((change.entity, change.clerk_id), 0))) > change.version]
+
+
+def _queued_versions(conn: Connection, keys: set[str]) -> dict[str, int]:
+    """The newest version of each entity key's (hook, entity, Clerk id) unfinished jobs."""
+    j, newest = hook_jobs, dict[str, int]()
+    for chunk in _chunks(sorted(keys)):
+        query = sa.select(j.c.entity_key, j.c.payload).where(j.c.entity_key.in_(chunk), j.c.status != "dead")
+        for key, payload in conn.execute(query).tuples():
+            newest[key] = max(newest.get(key, 0), int(payload["version"]))
+    return newest
+
+
+def _applied_versions(conn: Connection, changes: list[Change]) -> dict[tuple[Entity, str], int]:
+    """The version of each changed entity in its table (absent: none, or hard-deleted)."""
+    versions: dict[tuple[Entity, str], int] = {}
+    for entity, table in _ENTITY_TABLES.items():
+        for chunk in _chunks(sorted({change.clerk_id for change in changes if change.entity is entity})):
+            query = sa.select(table.c.clerk_id, table.c.clerk_updated_at).where(table.c.clerk_id.in_(chunk))
+            versions.update({(entity, clerk_id): version for clerk_id, version in conn.execute(query).tuples()})
+    return versions
+
+
+def _chunks(items: Sequence[Any], size: int = 500) -> Iterator[Sequence[Any]]:
+    """``items`` a few hundred at a time, for ``IN`` lists."""
+    for start in range(0, len(items), size):
+        yield items[start:start + size]

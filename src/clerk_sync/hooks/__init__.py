@@ -58,9 +58,11 @@ class Dispatcher:
 
     ``lease_s`` bounds how long a job stays claimed without news from its dispatcher: past it, another
     dispatcher may take the job over (that is how jobs of a killed worker resume). While a batch runs, a
-    heartbeat thread extends, every ``heartbeat_s`` (default a third of the lease; 0: none), the leases
-    of the jobs it holds (the one running and those done but not yet finished), so a slow handler is not
-    claimed twice; jobs of the batch not started by 80 % of the lease are given back instead. ``now``
+    heartbeat thread extends, every ``heartbeat_s`` (default a third of the lease; 0: none; less than
+    half the lease), the leases of the jobs it holds (the one running and those done but not yet
+    finished), so a slow handler is not claimed twice. A job started late in its batch, with less of its
+    claim's lease left than the next beat may be away, has its lease extended before its handler runs;
+    jobs of the batch not started by 80 % of the lease are given back instead. ``now``
     is the clock for due times and leases; ``poll_s`` the pause of :meth:`start`'s thread when the
     queue is empty; ``vacuum_every`` how many finished jobs between two ``VACUUM``s of the outbox on
     PostgreSQL (0: leave it to autovacuum).
@@ -79,6 +81,14 @@ class Dispatcher:
             raise ValueError("the store has no hooks: pass them as Store(engine, hooks=[Hook(...)])")
         if batch < 1:
             raise ValueError(f"batch must be at least 1 (the most jobs a claim takes), not {batch}")
+        if not lease_s > 0:  # not `<= 0`: NaN too
+            raise ValueError(f"lease_s must be more than 0 (seconds a claim lasts), not {lease_s}")
+        if not poll_s >= 0:
+            raise ValueError(f"poll_s must be 0 or more (seconds between polls of an empty queue), not {poll_s}")
+        beat = lease_s / 3 if heartbeat_s is None else heartbeat_s
+        if not 0 <= beat < lease_s / 2:
+            raise ValueError(f"heartbeat_s must be 0 (no heartbeat) or more, and less than half of lease_s "
+                             f"({lease_s / 2:g} s) so that a beat comes while a lease lasts, not {heartbeat_s}")
         self.store = store
         self.backoff = backoff or Backoff()
         self.lease = timedelta(seconds=lease_s)
@@ -89,7 +99,10 @@ class Dispatcher:
         self._handlers: dict[str, Handler] = {h.name: h.handler for h in store.hooks}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.heartbeat_s = lease_s / 3 if heartbeat_s is None else heartbeat_s
+        self.heartbeat_s = beat
+        # a job whose lease ends sooner than this when it starts is extended first: the next beat may be a
+        # whole heartbeat_s away, and the beat's statement needs time too (a tenth of the lease for it)
+        self._late = timedelta(seconds=beat) + self.lease / 10
         self._held: dict[int, Job] = {}  # claimed by this dispatcher and not finished: their leases are kept
         self._held_lock = threading.Lock()
         self.vacuum_every = vacuum_every  # PostgreSQL: VACUUM the outbox after so many finished jobs
@@ -127,12 +140,13 @@ class Dispatcher:
                             release(writer.conn, jobs[n:])
                         log.warning("hook batch outlived 80 % of its lease; rest given back", released=len(jobs) - n)
                         break
-                    self._hold(job)
+                    if not self._hold(job, claimed_at + self.lease):
+                        continue  # its claim was lost before it started: not run here
                     ran += 1
                     if self._run(job):
                         done.append(job)
                     else:
-                        self._hold(job, False)  # its failure is recorded: no longer ours
+                        self._drop(job)  # its failure is recorded: no longer ours
                 if done:  # one transaction for the batch's successes (a crash before it re-runs them: at least once)
                     with self._bookkeeping() as conn:
                         lost = finish_many(conn, done)
@@ -190,12 +204,25 @@ class Dispatcher:
         except sa.exc.SQLAlchemyError as exc:  # housekeeping: the next round tries again
             log.warning("hook outbox vacuum failed", error=str(exc).splitlines()[0])
 
-    def _hold(self, job: Job, held: bool = True) -> None:
+    def _hold(self, job: Job, lease_until: datetime) -> bool:
+        """Keep ``job``'s lease (``lease_until``, the claim's) from now on: the heartbeat extends it. Started
+        late in its batch, when the lease ends before the next beat surely came, it is extended now, or
+        another dispatcher could claim it while its handler runs. False: the claim was lost already."""
         with self._held_lock:
-            if held:
-                self._held[job.id] = job
-            else:
-                self._held.pop(job.id, None)
+            self._held[job.id] = job
+        now = self._now()
+        if self.heartbeat_s <= 0 or lease_until - now >= self._late:
+            return True
+        with self.store.transaction() as writer:
+            if extend(writer.conn, [job], now + self.lease):
+                return True
+        self._drop(job)
+        log.warning("hook claim lost before its job started (lease expired); not run here", job=job.id)
+        return False
+
+    def _drop(self, job: Job) -> None:
+        with self._held_lock:
+            self._held.pop(job.id, None)
 
     @contextmanager
     def _heartbeat(self) -> Iterator[None]:
