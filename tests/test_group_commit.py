@@ -278,12 +278,14 @@ def test_hooks_see_every_change_written_through_group_commit(db_url: str, verifi
         store.dispose()
 
 
-def test_mapping_refusals_are_stored_failed_without_failing_the_batch(tmp_path: Any, verifier: WebhookVerifier) -> None:
-    """Review finding: an ambiguous link (StoreDataError raised by our code, not the database) and a
+def test_mapping_refusals_never_fail_the_batch_nor_hold_back_the_delivery(tmp_path: Any,
+                                                                          verifier: WebhookVerifier) -> None:
+    """Review findings: an ambiguous link (StoreDataError raised by our code, not the database) and a
     UNIQUE clash in the app's own table (IntegrityError) used to fail every batch they landed in, 503
-    forever. Now each is stored ``failed`` and its batch-mates commit."""
+    forever; then the whole delivery was stored ``failed``, its contract row (a ban) held back with it.
+    Now the app's row alone is refused (a savepoint), reported in the delivery's last_error, and the
+    batch commits whole."""
     from clerk_sync import migrations
-    from clerk_sync.integrations._committer import ALONE
     from clerk_sync.mapping import MappedTable, SchemaMapping, SoftDelete
     from clerk_sync.store import create_engine
 
@@ -307,11 +309,13 @@ def test_mapping_refusals_are_stored_failed_without_failing_the_batch(tmp_path: 
                  (f"b{tag}", _parsed(f.envelope("user.created", f.user(f"user_bad{tag}", 10, email=bad_email)))),
                  (f"c{tag}", _parsed(f.envelope("organization.created", f.organization(f"org_{tag}", 10))))]
         results = GroupCommitter(processor).write(batch)
-        assert results[0].status == results[2].status == "applied"  # type: ignore[union-attr]
-        assert results[1] is ALONE
-        assert processor.apply_alone(*batch[1]).status == "failed"  # stored with its reason, replayable
+        assert _statuses(results) == ["applied"] * 3
+        assert "the app's table refused" in (results[1].error or "")  # type: ignore[union-attr]
         inbox = _inbox(store)
-        assert (inbox[f"a{tag}"], inbox[f"b{tag}"], inbox[f"c{tag}"]) == ("applied", "failed", "applied")
+        assert (inbox[f"a{tag}"], inbox[f"b{tag}"], inbox[f"c{tag}"]) == ("applied", "applied", "applied")
+        with store.connect() as conn:
+            assert conn.execute(sa.text("SELECT count(*) FROM users WHERE clerk_id = :c"),
+                                {"c": f"user_bad{tag}"}).scalar_one() == 1
     engine.dispose()
 
 
@@ -351,8 +355,8 @@ def test_erased_entities_stay_gone_through_a_batch(store: Store, verifier: Webho
 
 def test_a_mapped_row_the_app_table_refuses_leaves_the_pipelined_batch(db_url: str, verifier: WebhookVerifier) -> None:
     """On PostgreSQL the mapped rows of a batch go in one pipeline: a UNIQUE clash in the app's table
-    fails it, the batch is written again one statement at a time, and only the clashing delivery goes
-    alone (then stored ``failed``); its batch-mates commit with their mapped rows and jobs."""
+    fails it, and the batch is written again one statement at a time, where the clashing delivery's app
+    row alone is refused (reported in its last_error); every delivery commits with its jobs."""
     from clerk_sync.changes import Hook
     from clerk_sync.mapping import MappedTable, SchemaMapping, SoftDelete, migrate_schema
     from clerk_sync.tables import hook_jobs
@@ -375,13 +379,14 @@ def test_a_mapped_row_the_app_table_refuses_leaves_the_pipelined_batch(db_url: s
                  ("bad", _parsed(f.envelope("user.created", f.user("user_bad", 10, email="legacy@x.io")))),
                  ("ok2", _parsed(f.envelope("user.created", f.user("user_ok2", 10, email="b@x.io"))))]
         results = GroupCommitter(processor).write(batch)
-        assert _statuses(results) == ["applied", ALONE, "applied"]
-        assert processor.apply_alone(*batch[1]).status == "failed"
+        outcomes = [r if r is not ALONE else processor.apply_alone(*batch[i]) for i, r in enumerate(results)]
+        assert _statuses(outcomes) == ["applied"] * 3
+        assert "the app's table refused" in (outcomes[1].error or "")  # type: ignore[union-attr]
         with store.connect() as conn:
             emails = set(conn.exec_driver_sql("SELECT email FROM accounts WHERE clerk_user_id IS NOT NULL").scalars())
             jobs = list(conn.execute(sa.select(hook_jobs.c.idempotency_key)).scalars())
         assert emails == {"a@x.io", "b@x.io"}
-        assert sorted(jobs) == ["user.created:user_ok1:10", "user.created:user_ok2:10"]
+        assert sorted(jobs) == ["user.created:user_bad:10", "user.created:user_ok1:10", "user.created:user_ok2:10"]
     finally:
         store.dispose()
 

@@ -192,12 +192,14 @@ class WebhookProcessor:
         stale upsert (skipped) needs a second statement."""
         planned = plan_delivery(envelope)
         error = planned.reason
+        refused = len(writer.refused)
         if planned.intent is not None and writer.one_statement(planned.intent):
             combined = writer.record_and_upsert(
                 svix_id, envelope.text, event_type=envelope.type, instance_id=envelope.instance_id,
                 event_timestamp=envelope.timestamp_ms, error=error, intent=planned.intent,  # type: ignore[arg-type]
             )
-            outcome = Outcome(svix_id, envelope.type, combined or DeliveryStatus.DUPLICATE, error)
+            outcome = self._noting_refusals(writer, refused, Outcome(
+                svix_id, envelope.type, combined or DeliveryStatus.DUPLICATE, error))
             self.forget_if_deleted(writer, outcome, envelope)
             return outcome
         fresh = writer.record_delivery(
@@ -209,9 +211,20 @@ class WebhookProcessor:
         status = planned.status_after(writer.apply(planned.intent) if planned.intent else True)
         if status != planned.status:
             writer.finish_delivery(svix_id, status, error)
-        outcome = Outcome(svix_id, envelope.type, status, error)
+        outcome = self._noting_refusals(writer, refused, Outcome(svix_id, envelope.type, status, error))
         self.forget_if_deleted(writer, outcome, envelope)
         return outcome
+
+    @staticmethod
+    def _noting_refusals(writer: Writer, since: int, outcome: Outcome) -> Outcome:
+        """The delivery applied, and an app's mapped table refused its row (:meth:`Outbox.project`): its
+        inbox row says so in ``last_error`` (the console lists it), the status stays what it is."""
+        refusals = writer.refused[since:]
+        if not refusals or outcome.status == DeliveryStatus.DUPLICATE:
+            return outcome
+        error = "; ".join([outcome.error, *refusals] if outcome.error else refusals)
+        writer.finish_delivery(outcome.svix_id, outcome.status, error)
+        return Outcome(outcome.svix_id, outcome.event_type, outcome.status, error)
 
     @staticmethod
     def forget_if_deleted(writer: Writer, outcome: Outcome, envelope: Envelope) -> None:

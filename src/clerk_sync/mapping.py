@@ -183,7 +183,7 @@ class SchemaMapping:
             # column the mapping does not fill): retrying cannot help, so the delivery is stored failed.
             first_line = database_message(exc.orig or exc)  # never the values (MySQL quotes them)
             raise StoreDataError(f"{mapped.table} refused {change.type} for {change.clerk_id}: {first_line}; "
-                                 "fix the table or the mapping, then `clerk-sync replay`") from None
+                                 "fix the table or the mapping") from None
 
     def pipelines(self, conn: Connection, entity: Entity) -> bool:
         """Whether this entity's created/updated changes can be written by :meth:`cte` (psycopg
@@ -339,7 +339,7 @@ class _Projection:
         if len(matches) > 1:
             raise LinkAmbiguous(
                 f"{self.m.table}: {len(matches)}+ rows without a Clerk id have {what}; merge or remove "
-                f"the duplicates, then `clerk-sync replay` (user {change.clerk_id} was not linked)")
+                f"the duplicates (user {change.clerk_id} was not linked)")
         if not matches:
             return False
         where = sa.and_(*[c == v for c, v in zip(pk, matches[0], strict=True)])

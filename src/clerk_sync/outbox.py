@@ -25,17 +25,22 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+import structlog
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
+from clerk_sync._db_errors import store_error
 from clerk_sync.changes import BOOKKEEPING, Change, Hook, change_type
 from clerk_sync.engine import Entity, Tombstone, Upsert
+from clerk_sync.errors import StoreDataError
 from clerk_sync.events import MembershipRecord, OrganizationRecord, UserRecord, record_columns
 from clerk_sync.mapping import SchemaMapping, direct_sqlite, processors, sqlite_execute, sqlite_time
 from clerk_sync.tables import hook_jobs, organization_memberships, organizations, users
 
 __all__ = ["Job", "Outbox", "claim", "delete_jobs", "extend", "fail", "finish", "finish_many", "list_jobs",
            "redact_jobs", "release", "retry_jobs"]
+
+log = structlog.get_logger("clerk_sync.mapping")
 
 JSON = dict[str, Any]
 HookSpec = tuple[str, tuple[str, ...], tuple[str, ...]]  # a hook's name, the kinds and fields it wants
@@ -54,7 +59,8 @@ FIELDS: dict[Entity, list[str]] = {  # the columns a change's row before is read
 class Outbox:
     """Where the applied changes of one unit of work go: the app's mapped tables (projected at once,
     :mod:`clerk_sync.mapping`) and the hook jobs. ``changes`` lists what it recorded, in order (not the
-    jobs a batched statement wrote in SQL, :func:`jobs_cte_sql`)."""
+    jobs a batched statement wrote in SQL, :func:`jobs_cte_sql`); ``refused`` why the app's tables refused
+    some of them (see :meth:`project`)."""
 
     def __init__(self, conn: Connection, now: datetime, hooks: Sequence[Hook],
                  mapping: SchemaMapping | None = None) -> None:
@@ -63,6 +69,7 @@ class Outbox:
         self.hooks = hooks
         self.mapping = mapping
         self.changes: list[Change] = []
+        self.refused: list[str] = []
         self._hooked = {e for e in Entity if any(hook.covers(e) for hook in hooks)}
         self._upsert_hooks: dict[Entity, tuple[HookSpec, ...]] = {}
         self._wanted = self._hooked | set(mapping.tables if mapping is not None else ())
@@ -89,7 +96,7 @@ class Outbox:
             return
         self.changes.append(change)
         if self.mapping is not None:
-            self.mapping.project(self.conn, self.now, change)
+            self.project(change)
         names = [hook.name for hook in self.hooks if hook.wants(change)]
         if names:
             payload = json.dumps(change.to_json())
@@ -101,6 +108,35 @@ class Outbox:
                 return
             pg = self.conn.dialect.name == "postgresql"  # JSONB: the payload is cast there
             self.conn.execute(_job_sql(pg), [self._job(name, change, payload) for name in names])
+
+    def project(self, change: Change) -> None:
+        """The change into the app's mapped table, under a savepoint: what the app's table refuses for good
+        (its own constraint, a value its column type cannot take, an ambiguous link) is its row's alone.
+        The contract rows, the inbox and the hook jobs still commit, so a role, a ban or a deletion is
+        never held back by an app column the user can fill (``unsafe_metadata``); the refusal is logged and
+        kept in ``refused`` (the delivery's ``last_error``). A transient failure still fails the whole."""
+        assert self.mapping is not None
+        try:
+            with self.conn.begin_nested():
+                self.mapping.project(self.conn, self.now, change)
+        except StoreDataError as exc:
+            reason = str(exc)
+        except sa.exc.SQLAlchemyError as exc:
+            refused = store_error(exc)
+            if not isinstance(refused, StoreDataError):
+                raise
+            reason = str(refused)
+        except (TypeError, ValueError) as exc:  # SQLAlchemy's processors on SQLite's direct path, a compute
+            # (its message may quote the value: only its type is kept)
+            reason = f"{type(exc).__name__}: a value the column's type cannot take, or the mapping's compute refused it"
+        else:
+            return
+        table = self.mapping.tables[change.entity].table
+        self.refused.append(
+            f"the app's table refused the change ({reason}); it is applied to clerk-sync's tables (role, ban "
+            "and deletion hold): fix it, then `clerk-sync migrate --mapping ... --backfill` writes the row")
+        log.warning("mapped_row_refused", table=table, event_type=change.type, clerk_id=change.clerk_id,
+                    reason=reason)
 
     def pipelines(self, entity: Entity) -> bool:
         """Whether the one-statement path (with :func:`jobs_cte_sql` for the jobs) can take this entity's

@@ -26,10 +26,10 @@ from sqlalchemy import event as sa_event
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
+from clerk_sync._db_errors import store_error
 from clerk_sync.changes import Change, Hook, change_type, describe
 from clerk_sync.config import DatabaseTimeouts
 from clerk_sync.engine import DeliveryStatus, Entity, Record, RevokeSession, Tombstone, Upsert
-from clerk_sync.errors import StoreDataError, StoreError, database_message
 from clerk_sync.events import MembershipRecord, OrganizationRecord, UserRecord, record_columns
 from clerk_sync.mapping import (
     MappedWave,
@@ -190,6 +190,12 @@ class Writer:
         # (None: neither is configured, so no extra reads).
         self.outbox = Outbox(conn, now, hooks, mapping) if hooks or mapping else None
         self._mapped = mapping is not None
+
+    @property
+    def refused(self) -> list[str]:
+        """Why the app's mapped tables refused changes of this unit of work (the changes themselves are
+        applied: :meth:`Outbox.project`), in order."""
+        return self.outbox.refused if self.outbox is not None else []
 
     #: Sent after BEGIN where an app's table may hold a deferred constraint (see :attr:`checks_at_once`).
     CHECK_AT_ONCE = "SET CONSTRAINTS ALL IMMEDIATE"
@@ -992,52 +998,6 @@ def _native(sql: str) -> str:
 
 
 _PLACEHOLDER = re.compile(r"%(.?)", re.DOTALL)
-_TIMEOUTS = {  # SQLSTATEs of the bounds set in _postgres_bounds
-    "55P03": "waited longer than lock_timeout for a lock held by another connection",
-    "57014": "a statement ran longer than statement_timeout",
-    "25P03": "the transaction sat idle longer than idle_in_transaction_session_timeout",
-}
-
-
-_MYSQL_WAITS = {  # MySQL/MariaDB error numbers of the same bounds (see _mysql_engine)
-    1205: "waited longer than innodb_lock_wait_timeout for a lock held by another connection",
-    1213: "a deadlock with another transaction (the server rolled this one back)",
-    1969: "a statement ran longer than max_statement_time",
-    3024: "a statement ran longer than max_execution_time",
-}
-
-# MySQL/MariaDB error numbers of a value a column refuses (mysqlclient raises them as OperationalError, so
-# the class does not say it): wrong type, truncated, out of range, too long, invalid JSON.
-_MYSQL_VALUE_REFUSED = frozenset({1264, 1265, 1292, 1366, 1406, 3140})
-_CHECK_MAPPING = "; check the mapping's column types against the values Clerk sends"
-
-
-def _mysql_errno(orig: object) -> int:
-    args = getattr(orig, "args", ())
-    return args[0] if args and isinstance(args[0], int) else 0
-
-
-def _store_error(exc: sa.exc.SQLAlchemyError) -> StoreError:
-    """A StoreError whose message names the failure but never carries SQL or bound values
-    (they hold emails and private metadata, and the message reaches HTTP answers and logs)."""
-    orig = getattr(exc, "orig", None) or exc
-    if isinstance(exc, sa.exc.StatementError) and not isinstance(exc, sa.exc.DBAPIError):
-        # A value the statement could not bind (a text for a Boolean column, a dict for an Integer one, from
-        # a mapping's metadata path): refused for good. Its message quotes the value: not repeated here.
-        return StoreDataError(f"a value could not be bound to the statement ({type(orig).__name__})" + _CHECK_MAPPING)
-    first_line = database_message(orig)
-    message = f"database error: {type(orig).__name__}: {first_line}"
-    bound = _TIMEOUTS.get(getattr(orig, "sqlstate", None) or "") or _MYSQL_WAITS.get(_mysql_errno(orig))
-    if bound is not None:  # a bounded wait ran out: someone else holds what we need, try again later
-        return StoreError(f"database timeout: {bound} ({first_line}); nothing was applied, retry later")
-    if isinstance(exc, sa.exc.DataError):  # a value refused for good: retrying cannot help
-        return StoreDataError(message)
-    if (isinstance(exc, sa.exc.ProgrammingError) and getattr(orig, "sqlstate", None) is None) \
-            or _mysql_errno(orig) in _MYSQL_VALUE_REFUSED:
-        # Refused by the driver before it sent anything ("cannot adapt type 'dict'"), or a MySQL column's
-        # refusal: the same values would be refused on every retry, so stored failed rather than 503.
-        return StoreDataError(message + _CHECK_MAPPING)
-    return StoreError(message)
 
 
 class Store:
@@ -1068,7 +1028,7 @@ class Store:
             with self._writers, self.engine.begin() as conn:
                 yield Writer(conn, self._now(), hooks=self.hooks, mapping=self.mapping)
         except sa.exc.SQLAlchemyError as exc:
-            raise _store_error(exc) from exc
+            raise store_error(exc) from exc
 
     @contextmanager
     def connect(self) -> Iterator[Connection]:
@@ -1077,7 +1037,7 @@ class Store:
             with self.engine.connect().execution_options(**{_READ_ONLY: True}) as conn:
                 yield conn
         except sa.exc.SQLAlchemyError as exc:
-            raise _store_error(exc) from exc
+            raise store_error(exc) from exc
 
     def without_hooks(self) -> Store:
         """The same store (engine, clock, writer lock, mapping) queueing no hook jobs: replay, reconcile."""

@@ -1,0 +1,58 @@
+"""Database exceptions as clerk-sync's errors: transient (:class:`StoreError`, 503, retried) or a value
+refused for good (:class:`StoreDataError`: the delivery is stored failed, or the app's mapped row
+refused). One place, for the store's transactions and the outbox's guarded projection."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from clerk_sync.errors import StoreDataError, StoreError, database_message
+
+__all__ = ["store_error"]
+
+_TIMEOUTS = {  # SQLSTATEs of the bounds set in _postgres_bounds
+    "55P03": "waited longer than lock_timeout for a lock held by another connection",
+    "57014": "a statement ran longer than statement_timeout",
+    "25P03": "the transaction sat idle longer than idle_in_transaction_session_timeout",
+}
+
+
+_MYSQL_WAITS = {  # MySQL/MariaDB error numbers of the same bounds (see _mysql_engine)
+    1205: "waited longer than innodb_lock_wait_timeout for a lock held by another connection",
+    1213: "a deadlock with another transaction (the server rolled this one back)",
+    1969: "a statement ran longer than max_statement_time",
+    3024: "a statement ran longer than max_execution_time",
+}
+
+# MySQL/MariaDB error numbers of a value a column refuses (mysqlclient raises them as OperationalError, so
+# the class does not say it): wrong type, truncated, out of range, too long, invalid JSON.
+_MYSQL_VALUE_REFUSED = frozenset({1264, 1265, 1292, 1366, 1406, 3140})
+_CHECK_MAPPING = "; check the mapping's column types against the values Clerk sends"
+
+
+def _mysql_errno(orig: object) -> int:
+    args = getattr(orig, "args", ())
+    return args[0] if args and isinstance(args[0], int) else 0
+
+
+def store_error(exc: sa.exc.SQLAlchemyError) -> StoreError:
+    """A StoreError whose message names the failure but never carries SQL or bound values
+    (they hold emails and private metadata, and the message reaches HTTP answers and logs)."""
+    orig = getattr(exc, "orig", None) or exc
+    if isinstance(exc, sa.exc.StatementError) and not isinstance(exc, sa.exc.DBAPIError):
+        # A value the statement could not bind (a text for a Boolean column, a dict for an Integer one, from
+        # a mapping's metadata path): refused for good. Its message quotes the value: not repeated here.
+        return StoreDataError(f"a value could not be bound to the statement ({type(orig).__name__})" + _CHECK_MAPPING)
+    first_line = database_message(orig)
+    message = f"database error: {type(orig).__name__}: {first_line}"
+    bound = _TIMEOUTS.get(getattr(orig, "sqlstate", None) or "") or _MYSQL_WAITS.get(_mysql_errno(orig))
+    if bound is not None:  # a bounded wait ran out: someone else holds what we need, try again later
+        return StoreError(f"database timeout: {bound} ({first_line}); nothing was applied, retry later")
+    if isinstance(exc, sa.exc.DataError):  # a value refused for good: retrying cannot help
+        return StoreDataError(message)
+    if (isinstance(exc, sa.exc.ProgrammingError) and getattr(orig, "sqlstate", None) is None) \
+            or _mysql_errno(orig) in _MYSQL_VALUE_REFUSED:
+        # Refused by the driver before it sent anything ("cannot adapt type 'dict'"), or a MySQL column's
+        # refusal: the same values would be refused on every retry, so stored failed rather than 503.
+        return StoreDataError(message + _CHECK_MAPPING)
+    return StoreError(message)
