@@ -254,6 +254,16 @@ def test_middleware_finds_the_session_cookie_after_an_unparsable_cookie(harness:
     assert client.get("/me", headers={"Cookie": cookie}).json()["user_id"] == "user_ck"
 
 
+def test_middleware_uses_the_plain_session_cookie_when_another_app_s_comes_first(
+        harness: tuple[Harness, httpx.Client]) -> None:
+    """Review finding: the first ``__session*`` cookie won, so another app's suffixed cookie on the same host
+    (sent first) signed the visitor out of this one."""
+    h, client = harness
+    h.event("user.created", f.user("user_sf", 1))
+    cookie = f"__session_Ab12Cd34={token('user_elsewhere', iss='https://other.example.test')}; __session={token('user_sf')}"
+    assert client.get("/me", headers={"Cookie": cookie}).json()["user_id"] == "user_sf"
+
+
 def test_blank_session_settings_mean_unset() -> None:
     settings = Settings.from_env({"CLERK_ISSUER": "", "CLERK_JWT_KEY": " ", "CLERK_JWKS_URL": "", "DATABASE_URL": ""})
     assert (settings.clerk_issuer, settings.clerk_jwt_key, settings.clerk_jwks_url) == (None, None, None)

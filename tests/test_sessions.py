@@ -174,6 +174,25 @@ def test_token_sources() -> None:
         token_from_request({"authorization": "Basic x"}, {})
 
 
+@pytest.mark.parametrize("cookies", [
+    {"__session_Ab12Cd34": "foreign", "__session": "ours"},  # the review's case: a suffixed cookie first
+    {"__session": "ours", "__session_Ab12Cd34": "foreign"},
+    {"__session_Zz": "one", "__session": "ours", "__session_Ab": "two"},
+])
+def test_the_plain_session_cookie_wins_whatever_the_cookie_order(cookies: dict[str, str]) -> None:
+    """Review finding: the first ``__session*`` cookie was used, whatever its suffix (FACTS 5.3: apps sharing
+    a host get ``__session_<suffix>`` cookies besides ``__session``)."""
+    assert token_from_request({}, cookies) == "ours"
+
+
+def test_one_session_cookie_is_used_whatever_its_name_and_several_suffixed_ones_are_refused() -> None:
+    assert token_from_request({}, {"__session": "", "__session_Ab12Cd34": "only"}) == "only"  # empty: no candidate
+    assert token_from_request({}, {"__sessionx": "not ours", "__session": "ours"}) == "ours"
+    with pytest.raises(errors.TokenMalformed, match="which app"):
+        token_from_request({}, {"__session_Ab12Cd34": "a", "__session_Zz99Yy88": "b"})
+    assert token_from_request({"authorization": "Bearer t"}, {"__session_A": "a", "__session_B": "b"}) == "t"
+
+
 class _JWKSServer:
     def __init__(self) -> None:
         self.keys = {"ins_1": KEY}
@@ -461,6 +480,14 @@ def test_public_paths_and_prefixes_match_whole_segments() -> None:
     assert not is_public_path("/publicity-admin", (), ("/public",))
     assert not is_public_path("/admin", {"/"}, ("/public",))
     assert is_public_path("/anything", (), ("/",))  # "/" as a prefix: everything
+
+
+def test_a_path_with_dot_segments_is_never_under_a_public_prefix() -> None:
+    """Review finding: ``/public/../admin`` counted as under ``/public``; a proxy that resolves dot segments
+    (or a router that does) then serves ``/admin`` without a session check."""
+    for path in ("/public/../admin", "/public/./x", "/public/a/.."):
+        assert not is_public_path(path, (), ("/public",)), path
+    assert is_public_path("/public/..well-named", (), ("/public",))
 
 
 def test_no_keys_yet_and_the_jwks_unreachable_is_a_503_to_retry_not_a_sign_out(clock: list[float]) -> None:

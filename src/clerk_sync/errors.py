@@ -17,6 +17,7 @@ Branch by what the caller does next::
     │   ├── TokenIssuerInvalid, TokenAuthorizedPartyInvalid, TokenClaimMissing,
     │   └── SessionRevoked, SessionPending, SessionUserBanned
     ├── AccessDenied                    access_denied        signed in but not allowed -> 403
+    │   ├── CrossSiteRequest            cross_site_request   cookie-authenticated unsafe request from another origin
     │   ├── UserBanned                  user_banned
     │   │   ├── UserLocked              user_locked          locked out in Clerk (failed sign-ins)
     │   │   └── UserDeprovisioned       user_deprovisioned   removed by the company's identity provider (SCIM)
@@ -48,6 +49,7 @@ __all__ = [
     "ClerkUnavailable",
     "ClerkValidationError",
     "ConfigError",
+    "CrossSiteRequest",
     "EventShapeError",
     "PayloadError",
     "PayloadTooLarge",
@@ -258,6 +260,15 @@ class AccessDenied(ClerkSyncError):
     """Signed in, but not allowed here (role, permission, impersonation guard) -> 403."""
 
     code = "access_denied"
+
+
+class CrossSiteRequest(AccessDenied):
+    """A POST (or other unsafe method) authenticated by the ``__session`` cookie came from another origin,
+    or said nowhere where it came from (no ``Origin``, no ``Referer``): refused as cross-site request
+    forgery -> 403. Cross-origin callers send the token as ``Authorization: Bearer``; a front end on
+    another origin that relies on the cookie is listed in ``CLERK_AUTHORIZED_PARTIES``."""
+
+    code = "cross_site_request"
 
 
 class UserBanned(AccessDenied):

@@ -21,7 +21,7 @@ def test_a_signed_in_admin_is_out_once_deprovisioned_or_locked(store: Store, col
             clerk_id="user_adm", email_addresses=[], public_metadata={"role": "admin"}, private_metadata={},
             unsafe_metadata={}, role="admin", clerk_updated_at=1, created_at=now, updated_at=now))
     access = ConsoleAccess(store, operator_token=None, authenticator=None, secret=b"k" * 32)
-    cookie = access.admin_session("user_adm").new_cookie
+    cookie = access.admin_session("user_adm", "sess_adm").new_cookie
     assert access.identify({}, {COOKIE: cookie}).kind == "admin"
     with store.transaction() as w:
         w.conn.execute(users.update().values(**{column: True}))

@@ -17,7 +17,7 @@ from anyio import to_thread
 
 from clerk_sync.auth.audit import AuditEntry, record_audit
 from clerk_sync.auth.claims import Auth
-from clerk_sync.auth.sessions import SessionVerifier, token_from_request
+from clerk_sync.auth.sessions import SessionVerifier, check_request_origin, token_from_request
 from clerk_sync.auth.users import AuthUser, read_user, standing_error
 from clerk_sync.errors import AccessDenied, SessionUserBanned, UserDeprovisioned, UserLocked
 from clerk_sync.store import Store
@@ -137,16 +137,31 @@ class Authenticator:
         self._load_user = load_user or self._user_from_table
 
     # -- who -------------------------------------------------------------------------------------
-    def authenticate(self, headers: Mapping[str, str], cookies: Mapping[str, str]) -> Auth:
+    def authenticate(self, headers: Mapping[str, str], cookies: Mapping[str, str], *, method: str | None = None,
+                     scheme: str | None = None) -> Auth:
         """Verify the request's session token (401 errors) and refuse blocked users: banned/deleted as
-        signed out (401), deprovisioned/locked with 403 (signing in again cannot help)."""
-        return self._check_user(self.verifier.verify(token_from_request(headers, cookies)))
+        signed out (401), deprovisioned/locked with 403 (signing in again cannot help).
 
-    async def aauthenticate(self, headers: Mapping[str, str], cookies: Mapping[str, str]) -> Auth:
+        With the request's ``method`` (and ``scheme``, for its own origin), an unsafe request carrying the
+        ``__session`` cookie must come from an allowed origin (:func:`~clerk_sync.auth.sessions.check_request_origin`,
+        403 :class:`~clerk_sync.errors.CrossSiteRequest`): integrations pass them for HTTP requests.
+        """
+        token = token_from_request(headers, cookies)
+        self._check_site(headers, method, scheme)
+        return self._check_user(self.verifier.verify(token))
+
+    async def aauthenticate(self, headers: Mapping[str, str], cookies: Mapping[str, str], *,
+                            method: str | None = None, scheme: str | None = None) -> Auth:
         token = token_from_request(headers, cookies)  # first: an anonymous request never touches the DB
+        self._check_site(headers, method, scheme)
         if self.deny_list.due():  # its DB read runs in a worker thread, never on the event loop
             await to_thread.run_sync(self.deny_list.refresh_if_due)
         return self._check_user(await self.verifier.averify(token))
+
+    def _check_site(self, headers: Mapping[str, str], method: str | None, scheme: str | None) -> None:
+        if method is not None:
+            check_request_origin(method, headers, scheme=scheme,
+                                 authorized_parties=self.verifier.claims.authorized_parties)
 
     def _check_user(self, auth: Auth) -> Auth:
         reason = self.deny_list.blocked_reason(auth.user_id)

@@ -23,6 +23,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import httpx
 from anyio import to_thread
@@ -33,6 +34,7 @@ from clerk_sync.auth.jwks import JWKSKeySource, KeySource, NeedsFetch, StaticKey
 from clerk_sync.config import Settings
 from clerk_sync.errors import (
     ConfigError,
+    CrossSiteRequest,
     SessionRevoked,
     TokenAlgorithmNotAllowed,
     TokenMalformed,
@@ -42,14 +44,19 @@ from clerk_sync.errors import (
 
 __all__ = [
     "ALLOWED_ALGORITHMS",
+    "SAFE_METHODS",
     "RevocationCheck",
     "SessionVerifier",
+    "check_request_origin",
     "is_public_path",
     "token_from_request",
     "verifier_from_settings",
 ]
 
 ALLOWED_ALGORITHMS = ("RS256",)
+#: Methods that must not change state (RFC 9110 9.2.1): no cross-site request check for them.
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 _RS256 = RSAAlgorithm(RSAAlgorithm.SHA256)
 _B64URL_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 # Canonical base64url: the unused low bits of the last character are zero (4 bits when len % 4 == 2,
@@ -69,9 +76,12 @@ class RevocationCheck(Protocol):
 
 def is_public_path(path: str, paths: Iterable[str], prefixes: Iterable[str]) -> bool:
     """Whether ``path`` is one of ``paths`` or under one of ``prefixes``, a prefix naming a whole path segment:
-    ``/public`` covers ``/public`` and ``/public/x``, not ``/publicity-admin``."""
+    ``/public`` covers ``/public`` and ``/public/x``, not ``/publicity-admin``, nor ``/public/../admin``
+    (dot segments: a proxy or router that resolves them would serve ``/admin``)."""
     if path in paths:
         return True
+    if any(segment in (".", "..") for segment in path.split("/")):
+        return False
     for prefix in prefixes:
         base = prefix.rstrip("/")
         if path == base or path.startswith(base + "/"):
@@ -80,14 +90,89 @@ def is_public_path(path: str, paths: Iterable[str], prefixes: Iterable[str]) -> 
 
 
 def token_from_request(headers: Mapping[str, str], cookies: Mapping[str, str]) -> str:
-    """``Authorization: Bearer`` first (cross-origin), else the ``__session`` cookie (same-origin)."""
+    """``Authorization: Bearer`` first (cross-origin), else the session cookie (same-origin).
+
+    Clerk names the cookie ``__session``, or ``__session_<suffix>`` when several apps share a host (the
+    suffix comes from each app's publishable key, and Clerk JS writes both names). The choice does not
+    depend on the order of the ``Cookie`` header: one non-empty candidate is used whatever its name;
+    among several, the plain ``__session``; several suffixed ones without it are refused
+    (:class:`~clerk_sync.errors.TokenMalformed`), as nothing says which app's is ours.
+    """
+    token = _bearer(headers)
+    if token is not None:
+        return token
+    candidates = {name: value for name, value in cookies.items()
+                  if value and (name == "__session" or name.startswith("__session_"))}
+    if len(candidates) == 1:
+        return next(iter(candidates.values()))
+    if "__session" in candidates:
+        return candidates["__session"]
+    if candidates:
+        raise TokenMalformed(f"{len(candidates)} suffixed __session_<suffix> cookies and no __session: cannot "
+                             "tell which app's session this is; send the token as Authorization: Bearer")
+    raise TokenMissing("no session token (Authorization: Bearer or __session cookie)")
+
+
+def check_request_origin(method: str, headers: Mapping[str, str], *, scheme: str | None,
+                         authorized_parties: frozenset[str] | None) -> None:
+    """Refuse cross-site request forgery: an unsafe request (not GET/HEAD/OPTIONS/TRACE) authenticated
+    by the session cookie must say it comes from an allowed origin, else :class:`CrossSiteRequest`.
+
+    Browsers attach the ``__session`` cookie to requests other sites make, and a token's ``azp`` says
+    which origin it was minted for, not which page sent this request; ``Authorization: Bearer`` is no
+    ambient credential, so those requests pass. The request's ``Origin`` (or, without one, the origin of
+    its ``Referer``) must be in ``authorized_parties`` (``CLERK_AUTHORIZED_PARTIES``) when that is set,
+    else equal the request's own origin: ``scheme`` plus the ``Host`` header (``scheme=None``: unknown,
+    nothing matches). A request with neither header is refused: browsers send ``Origin`` on cross-site
+    POSTs, so its absence cannot be taken for "same site". ``headers`` has lower-case names.
+    """
+    if method.upper() in SAFE_METHODS or _bearer(headers) is not None:
+        return
+    sent = headers.get("origin")
+    header = "Origin"
+    if sent is None and headers.get("referer"):
+        sent, header = headers["referer"], "Referer"
+    if sent is None:
+        raise CrossSiteRequest(f"a {method} authenticated by the __session cookie carries neither Origin nor "
+                               "Referer, so it cannot be told from a cross-site request (browsers send Origin "
+                               "on cross-site POSTs); send the token as Authorization: Bearer from "
+                               "non-browser clients")
+    origin = _origin(sent)
+    if authorized_parties is not None:
+        allowed = {o for o in map(_origin, authorized_parties) if o is not None}
+        expected = "in CLERK_AUTHORIZED_PARTIES (list your front end's origin there)"
+    else:
+        own = _origin(f"{scheme}://{headers.get('host', '')}") if scheme else None
+        allowed = {own} if own is not None else set()
+        expected = (f"this site's own origin {own!r} (behind a proxy, forward the Host and X-Forwarded-Proto "
+                    "headers, or list your front end's origin in CLERK_AUTHORIZED_PARTIES)")
+    if origin is None or origin not in allowed:
+        raise CrossSiteRequest(f"cross-site request refused: a {method} authenticated by the __session cookie "
+                               f"from {header} {(origin or sent)[:100]!r}, which is not {expected}; a front end on "
+                               "another origin sends the token as Authorization: Bearer")
+
+
+def _bearer(headers: Mapping[str, str]) -> str | None:
     auth = headers.get("authorization", "")
     if auth[:7].lower() == "bearer " and auth[7:].strip():
         return auth[7:].strip()
-    for name, value in cookies.items():
-        if (name == "__session" or name.startswith("__session_")) and value:
-            return value
-    raise TokenMissing("no session token (Authorization: Bearer or __session cookie)")
+    return None
+
+
+def _origin(url: str) -> str | None:
+    """``scheme://host[:port]`` of an http(s) URL, lower-case and without the default port; None for
+    anything else (``Origin: null`` from sandboxed frames and privacy-sensitive contexts included)."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    scheme, host = parts.scheme.lower(), parts.hostname
+    if scheme not in _DEFAULT_PORTS or not host:
+        return None
+    if ":" in host:  # IPv6: urlsplit dropped the brackets
+        host = f"[{host}]"
+    return f"{scheme}://{host}" if port in (None, _DEFAULT_PORTS[scheme]) else f"{scheme}://{host}:{port}"
 
 
 class SessionVerifier:

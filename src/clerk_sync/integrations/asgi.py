@@ -16,7 +16,15 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from clerk_sync.auth.authenticator import Authenticator
 from clerk_sync.auth.claims import Auth
 from clerk_sync.auth.sessions import is_public_path
-from clerk_sync.errors import AccessDenied, ClerkSyncError, StoreError, TokenError, TokenMalformed, TokenMissing
+from clerk_sync.errors import (
+    AccessDenied,
+    ClerkSyncError,
+    CrossSiteRequest,
+    StoreError,
+    TokenError,
+    TokenMalformed,
+    TokenMissing,
+)
 from clerk_sync.integrations.starlette import error_json
 
 __all__ = ["ClerkAuthBackend", "ClerkAuthMiddleware", "ClerkUser"]
@@ -49,12 +57,15 @@ class ClerkAuthBackend(AuthenticationBackend):
         self.authenticator = authenticator
 
     async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, BaseUser] | None:
+        http = conn.scope["type"] == "http"
         try:
-            auth = await self.authenticator.aauthenticate(conn.headers, conn.cookies)
+            auth = await self.authenticator.aauthenticate(conn.headers, conn.cookies,
+                                                          method=conn.scope["method"] if http else None,
+                                                          scheme=conn.scope.get("scheme", "http"))
         except TokenMissing:
             return None
-        except (TokenError, AccessDenied, StoreError) as exc:  # AccessDenied: deprovisioned or locked;
-            raise AuthenticationError(exc.code) from exc  # StoreError: the deny list is unreadable
+        except (TokenError, AccessDenied, StoreError) as exc:  # AccessDenied: deprovisioned, locked or a
+            raise AuthenticationError(exc.code) from exc  # cross-site POST; StoreError: deny list unreadable
         scopes = ["authenticated", *([auth.org_role] if auth.org_role else []), *auth.org_permissions]
         return AuthCredentials(scopes), ClerkUser(auth)
 
@@ -62,6 +73,11 @@ class ClerkAuthBackend(AuthenticationBackend):
 class ClerkAuthMiddleware:
     """Pure ASGI: verifies the session of every HTTP request and websocket handshake; refused unless the
     path is declared public (HTTP: 401/403/503 JSON; websocket: closed before accept, see below).
+
+    A POST (any method but GET/HEAD/OPTIONS/TRACE) authenticated by the ``__session`` cookie must come
+    from an allowed origin (``Origin``, else ``Referer``: in ``CLERK_AUTHORIZED_PARTIES`` when set, else
+    this site's own), or it is refused as cross-site request forgery (403 ``cross_site_request``; on a
+    public path, served as anonymous). Bearer requests carry no ambient credential and are not checked.
 
     Sets ``scope["clerk_auth"]`` to the :class:`Auth` (or None on a public path without a session).
     A refused websocket gets the same JSON answer as HTTP where the server supports the ASGI
@@ -94,9 +110,12 @@ class ClerkAuthMiddleware:
         try:
             if repeated:  # two credentials: the app's dependencies and this check could each read another one
                 raise TokenMalformed("more than one Authorization header: send one")
-            if scope["type"] == "websocket":
+            http = scope["type"] == "http"
+            if not http:
                 self._check_origin(headers)
-            auth = await self.authenticator.aauthenticate(headers, _cookies(headers))
+            auth = await self.authenticator.aauthenticate(headers, _cookies(headers),
+                                                          method=scope["method"] if http else None,
+                                                          scheme=scope.get("scheme", "http"))
             scope["clerk_auth"] = auth
             if auth.is_impersonated and self.audit_impersonation:
                 client = scope.get("client")
@@ -107,6 +126,8 @@ class ClerkAuthMiddleware:
             if not self.is_public(path):
                 await _refuse(exc, scope, receive, send)
                 return
+            if isinstance(exc, CrossSiteRequest):  # anonymous for the app's own checks too (its dependencies
+                scope = {**scope, "headers": _without_session_cookies(scope["headers"])}  # re-verify)
             scope["clerk_auth"] = None
         await self.app(scope, receive, send)
 
@@ -137,3 +158,21 @@ def _cookies(headers: dict[str, str]) -> dict[str, str]:
     # Starlette's parser, as request.cookies uses: SimpleCookie drops every cookie after one it cannot parse.
     raw = headers.get("cookie")
     return cookie_parser(raw) if raw else {}
+
+
+def _without_session_cookies(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The headers with the ``__session*`` cookies taken out: a cross-site request reaches a public path as
+    the anonymous request a SameSite cookie would have made it."""
+    kept: list[tuple[bytes, bytes]] = []
+    for key, value in headers:
+        if key.lower() == b"cookie":
+            pairs = [p for p in value.split(b";") if not _is_session_cookie(p.split(b"=", 1)[0].strip())]
+            if not pairs:
+                continue
+            value = b";".join(pairs).strip()
+        kept.append((key, value))
+    return kept
+
+
+def _is_session_cookie(name: bytes) -> bool:
+    return name == b"__session" or name.startswith(b"__session_")

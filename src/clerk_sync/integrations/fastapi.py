@@ -94,7 +94,8 @@ class ClerkAuth:
         auth = request.scope.get("clerk_auth")
         if isinstance(auth, Auth):
             return auth
-        return await self.authenticator.aauthenticate(request.headers, request.cookies)
+        return await self.authenticator.aauthenticate(request.headers, request.cookies, method=request.method,
+                                                      scheme=request.url.scheme)
 
     async def current_user(self, request: Request) -> Any:
         """The caller's DB row (JIT-synced when configured)."""

@@ -10,7 +10,10 @@ Two ways in:
 
 A browser sign-in becomes a console session: a cookie signed with itsdangerous that holds the
 identity and a random CSRF token, which every form repeats in a hidden field. ``Bearer`` callers
-carry no ambient credential, so they need no CSRF token.
+carry no ambient credential, so they need no CSRF token. An admin's console session also holds the
+Clerk session it was opened with (``sid``), and ends when Clerk revokes, ends or removes that session
+(signing out everywhere, a compromised session): the deny list and the ``revoked_sessions`` table are
+checked on every request, as the role is.
 """
 
 from __future__ import annotations
@@ -22,13 +25,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import sqlalchemy as sa
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
 from clerk_sync.auth.admin import ADMIN_ROLE
 from clerk_sync.auth.authenticator import Authenticator
 from clerk_sync.auth.users import read_user, standing_error
-from clerk_sync.errors import AccessDenied, TokenError, TokenMissing
+from clerk_sync.errors import AccessDenied, SessionRevoked, TokenError, TokenMissing
 from clerk_sync.store import Store
+from clerk_sync.tables import revoked_sessions
 
 __all__ = ["ADMIN", "COOKIE", "LOGIN_COOKIE", "OPERATOR", "ConsoleAccess", "Identity", "check_csrf", "signing_key"]
 
@@ -85,18 +90,22 @@ class ConsoleAccess:
         if bearer is not None:
             if self.operator_token and hmac.compare_digest(bearer.encode(), self.operator_token.encode()):
                 return Identity(OPERATOR, None, None)
-            return Identity(ADMIN, self._clerk_admin(headers, {}), None)
+            return Identity(ADMIN, self._clerk_admin(headers, {})[0], None)
         session = self._session(cookies.get(COOKIE))
+        ended: TokenError | None = None
         if session is not None:
-            kind, clerk_id, csrf = session
-            if kind == ADMIN:
+            kind, clerk_id, csrf, session_id = session
+            if kind == OPERATOR:
+                if not self.operator_token:
+                    raise TokenMissing("operator sign-in is disabled (CLERK_SYNC_CONSOLE_TOKEN is not set)")
+                return Identity(kind, clerk_id, csrf)
+            ended = self._ended(session_id)
+            if ended is None:
                 self.confirm_admin(str(clerk_id))
-            elif not self.operator_token:
-                raise TokenMissing("operator sign-in is disabled (CLERK_SYNC_CONSOLE_TOKEN is not set)")
-            return Identity(kind, clerk_id, csrf)
+                return Identity(kind, clerk_id, csrf)
         if self.authenticator is not None and any(n.startswith("__session") for n in cookies):
-            return self.admin_session(self._clerk_admin(headers, cookies))
-        raise TokenMissing("sign in to the console: an admin's Clerk session or the operator token")
+            return self.admin_session(*self._clerk_admin(headers, cookies))  # a new Clerk session
+        raise ended or TokenMissing("sign in to the console: an admin's Clerk session or the operator token")
 
     def confirm_admin(self, clerk_id: str) -> None:
         """The database, not the token, says who is an admin (as ``Authenticator.require_role``)."""
@@ -107,14 +116,31 @@ class ConsoleAccess:
         if refusal is not None:
             raise refusal
 
-    def _clerk_admin(self, headers: Mapping[str, str], cookies: Mapping[str, str]) -> str:
+    def _ended(self, session_id: str | None) -> TokenError | None:
+        """Why an admin's console session is over: its Clerk session was revoked, ended or removed (the
+        table keeps the row after the deny list forgets it, once the session would have expired anyway;
+        a console session lasts up to ``max_age_s``), or it predates this check (no ``sid``)."""
+        if not session_id:
+            return SessionRevoked("this console session was opened before console sessions followed their "
+                                  "Clerk session: sign in again")
+        revocations = self.authenticator.verifier.revocations if self.authenticator is not None else None
+        with self.store.connect() as conn:
+            revoked = conn.execute(sa.select(revoked_sessions.c.id)
+                                   .where(revoked_sessions.c.session_id == session_id)).first() is not None
+        if revoked or (revocations is not None and revocations.is_revoked(session_id)):
+            return SessionRevoked("the Clerk session this console session was opened with was revoked or "
+                                  "ended (signed out): sign in again")
+        return None
+
+    def _clerk_admin(self, headers: Mapping[str, str], cookies: Mapping[str, str]) -> tuple[str, str]:
+        """The admin's Clerk id and session id."""
         if self.authenticator is None:
             raise TokenMissing("Clerk sign-in is not configured for the console (set CLERK_SECRET_KEY or "
                                "CLERK_JWT_KEY), and the token is not the operator token")
         auth = self.authenticator.authenticate(headers, cookies)
         if auth.is_impersonated:
             raise AccessDenied("the console is not available while impersonating")
-        return self.authenticator.require_role(auth, ADMIN_ROLE).clerk_id
+        return self.authenticator.require_role(auth, ADMIN_ROLE).clerk_id, auth.session_id
 
     # -- sessions --------------------------------------------------------------------------------
     def operator_session(self, token: str) -> Identity:
@@ -123,21 +149,25 @@ class ConsoleAccess:
             raise TokenMissing("operator sign-in is disabled (CLERK_SYNC_CONSOLE_TOKEN is not set)")
         if not hmac.compare_digest(token.encode(), self.operator_token.encode()):
             raise TokenError("that is not the operator token (CLERK_SYNC_CONSOLE_TOKEN)")
-        return self._mint(OPERATOR, None)
+        return self._mint(OPERATOR, None, None)
 
     def clerk_session(self, session_token: str) -> Identity:
         """Sign in with a Clerk session token (a sign-in link from ``clerk-sync dev``, or a front end)."""
-        return self.admin_session(self._clerk_admin({"authorization": f"Bearer {session_token}"}, {}))
+        return self.admin_session(*self._clerk_admin({"authorization": f"Bearer {session_token}"}, {}))
 
-    def admin_session(self, clerk_id: str) -> Identity:
-        return self._mint(ADMIN, clerk_id)
+    def admin_session(self, clerk_id: str, session_id: str) -> Identity:
+        """A console session for an admin, lasting as long as the Clerk session ``session_id``."""
+        ended = self._ended(session_id)  # the deny list may not have seen a fresh revocation yet
+        if ended is not None:
+            raise ended
+        return self._mint(ADMIN, clerk_id, session_id)
 
-    def _mint(self, kind: str, clerk_id: str | None) -> Identity:
+    def _mint(self, kind: str, clerk_id: str | None, session_id: str | None) -> Identity:
         csrf = secrets.token_urlsafe(24)
-        cookie = self._sessions.dumps({"k": kind, "sub": clerk_id, "csrf": csrf})
+        cookie = self._sessions.dumps({"k": kind, "sub": clerk_id, "sid": session_id, "csrf": csrf})
         return Identity(kind, clerk_id, csrf, new_cookie=cookie)
 
-    def _session(self, cookie: str | None) -> tuple[str, str | None, str] | None:
+    def _session(self, cookie: str | None) -> tuple[str, str | None, str, str | None] | None:
         if not cookie:
             return None
         try:
@@ -146,7 +176,8 @@ class ConsoleAccess:
             return None
         if not isinstance(data, dict) or data.get("k") not in (OPERATOR, ADMIN) or not data.get("csrf"):
             return None
-        return str(data["k"]), data.get("sub"), str(data["csrf"])
+        sid = data.get("sid")
+        return str(data["k"]), data.get("sub"), str(data["csrf"]), sid if isinstance(sid, str) else None
 
     # -- the login form's own CSRF token (double submit: cookie + hidden field) --------------------
     def login_token(self) -> str:

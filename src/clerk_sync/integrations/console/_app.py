@@ -24,7 +24,14 @@ from clerk_sync.clerk_api import ClerkClient
 from clerk_sync.config import Settings
 from clerk_sync.errors import AccessDenied, ClerkSyncError, ConfigError, TokenError
 from clerk_sync.integrations.console import _pages
-from clerk_sync.integrations.console._access import LOGIN_COOKIE, ConsoleAccess, Identity, check_csrf, signing_key
+from clerk_sync.integrations.console._access import (
+    COOKIE,
+    LOGIN_COOKIE,
+    ConsoleAccess,
+    Identity,
+    check_csrf,
+    signing_key,
+)
 from clerk_sync.integrations.console._console import Console, utcnow
 from clerk_sync.integrations.console._web import BadInput, NotFound, read_form, set_session_cookie
 from clerk_sync.store import Store
@@ -47,8 +54,8 @@ def _guard(console: Console, handler: Handler, *, post: bool = False) -> Callabl
         except TokenError as exc:
             if request.method == "GET" and "text/html" in request.headers.get("accept", ""):
                 target = request.url_for("login").path + "?next=" + quote(request.url.path)
-                return RedirectResponse(target, status_code=303)
-            return console.clerk_error(request, exc)
+                return _signed_out(request, RedirectResponse(target, status_code=303))
+            return _signed_out(request, console.clerk_error(request, exc))
         except ClerkSyncError as exc:  # AccessDenied (403), StoreError (503)
             return console.clerk_error(request, exc)
         try:
@@ -73,6 +80,13 @@ def _guard(console: Console, handler: Handler, *, post: bool = False) -> Callabl
         return response
 
     return endpoint
+
+
+def _signed_out(request: Request, response: Response) -> Response:
+    """A refused session (its Clerk session revoked, say) is no session: clear its cookie."""
+    if COOKIE in request.cookies:
+        set_session_cookie(request, response, None)
+    return response
 
 
 def _routes(console: Console) -> list[BaseRoute]:
@@ -156,6 +170,8 @@ def _login_clerk(console: Console) -> Callable[[Request], Awaitable[Response]]:
                                                                method="clerk_link" if token else "clerk_session"))
         except ClerkSyncError as exc:
             response = console.clerk_error(request, exc)
+            if isinstance(exc, TokenError):
+                _signed_out(request, response)
             response.headers.update(_HEADERS)
             return response
         return _signed_in(request, identity, "")

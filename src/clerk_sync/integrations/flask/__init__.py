@@ -23,7 +23,9 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from clerk_sync.integrations.flask._cli import clerk_sync_cli
 from clerk_sync.integrations.flask._core import (
+    AnonymousUser,
     ClerkSyncState,
+    SignedInUser,
     clerk_login_required,
     clerk_state,
     current_clerk,
@@ -41,8 +43,10 @@ from clerk_sync.integrations.flask._extension import ClerkSync
 from clerk_sync.integrations.flask._webhook import webhook_blueprint
 
 __all__ = [
+    "AnonymousUser",
     "ClerkSync",
     "ClerkSyncState",
+    "SignedInUser",
     "clerk_login_required",
     "clerk_state",
     "clerk_sync_cli",

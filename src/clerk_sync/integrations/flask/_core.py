@@ -11,8 +11,8 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, ParamSpec, TypeVar, cast
+from dataclasses import dataclass, field, fields
+from typing import Any, NoReturn, ParamSpec, TypeVar, cast
 
 from flask import Flask, Response, current_app, g, jsonify, request
 from werkzeug.local import LocalProxy
@@ -22,7 +22,7 @@ from clerk_sync.auth.authenticator import Authenticator
 from clerk_sync.auth.claims import Auth
 from clerk_sync.auth.users import AuthUser, JitUsers
 from clerk_sync.config import Settings
-from clerk_sync.errors import AccessDenied, ClerkSyncError, ConfigError, StoreError, TokenError
+from clerk_sync.errors import AccessDenied, ClerkAPIError, ClerkSyncError, ConfigError, StoreError, TokenError
 from clerk_sync.ingest import WebhookProcessor
 from clerk_sync.integrations.http import error_response
 from clerk_sync.store import Store
@@ -30,7 +30,9 @@ from clerk_sync.store import Store
 __all__ = [
     "EXTENSION_KEY",
     "WEBHOOK_ENDPOINT",
+    "AnonymousUser",
     "ClerkSyncState",
+    "SignedInUser",
     "clerk_login_required",
     "clerk_state",
     "current_clerk",
@@ -44,6 +46,7 @@ __all__ = [
     "require_permission",
     "require_role",
     "settings_from_config",
+    "user_context",
 ]
 
 EXTENSION_KEY = "clerk_sync"
@@ -148,32 +151,116 @@ def error_json(exc: ClerkSyncError) -> Response:
 
 # -- who is calling --------------------------------------------------------------------------------
 def _current_auth() -> Auth:
-    """Verify the session once per request (raises a TokenError: 401); audit impersonated requests."""
+    """Verify the session once per request (raises a TokenError: 401); audit impersonated requests.
+
+    A POST (any unsafe method) riding on the ``__session`` cookie must come from an allowed origin, else
+    403 ``cross_site_request`` (see :func:`~clerk_sync.auth.sessions.check_request_origin`).
+    """
     auth: Auth | None = g.get("_clerk_auth")
     if auth is None:
         state = clerk_state()
         headers = {k.lower(): v for k, v in request.headers.items()}
         authenticator = _authenticator(state)
-        auth = authenticator.authenticate(headers, request.cookies)
+        auth = authenticator.authenticate(headers, request.cookies, method=request.method, scheme=request.scheme)
         if auth.is_impersonated and state.audit_impersonation:  # no audit row, no access (503)
             authenticator.audit_impersonated_request(auth, request.method, request.path, request.remote_addr)
         g._clerk_auth = auth
     return auth
 
 
-def _current_user() -> AuthUser:
-    """The caller's row, read (or JIT-synced) on first use in a request and kept for the rest of it."""
-    user: AuthUser | None = g.get("_clerk_user")
+class SignedInUser(AuthUser):
+    """``current_user`` with a session: the caller's ``users`` row (an :class:`AuthUser`), shaped like a
+    Flask-Login user (``is_authenticated``, ``is_active``, ``is_anonymous``, ``get_id()``)."""
+
+    __slots__ = ()
+
+    @classmethod
+    def of(cls, user: AuthUser) -> SignedInUser:
+        return user if isinstance(user, cls) else cls(**{f.name: getattr(user, f.name) for f in fields(user)})
+
+    @property
+    def is_authenticated(self) -> bool:
+        return True
+
+    @property
+    def is_active(self) -> bool:
+        return True  # banned, deleted, locked and deprovisioned users never get this far
+
+    @property
+    def is_anonymous(self) -> bool:
+        return False
+
+    def get_id(self) -> str:
+        return self.clerk_id
+
+
+class AnonymousUser:
+    """``current_user`` without a usable session, shaped like Flask-Login's anonymous user: falsy,
+    ``is_authenticated`` False, ``is_anonymous`` True, ``get_id()`` None.
+
+    Reading any other attribute (``current_user.email``) raises ``error``, why there is no user (401
+    no/invalid session, 403, 503), so a view that reads the row without a guard refuses as before.
+    """
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: ClerkSyncError) -> None:
+        self.error = error
+
+    @property
+    def is_authenticated(self) -> bool:
+        return False
+
+    @property
+    def is_active(self) -> bool:
+        return False
+
+    @property
+    def is_anonymous(self) -> bool:
+        return True
+
+    def get_id(self) -> None:
+        return None
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __getattr__(self, name: str) -> NoReturn:
+        if name.startswith("_"):  # copy, pickle and friends probe for dunders
+            raise AttributeError(name)
+        raise self.error
+
+    def __repr__(self) -> str:
+        return f"<AnonymousUser: {self.error.code}>"
+
+
+def _current_user() -> SignedInUser | AnonymousUser:
+    """The caller's row, read (or JIT-synced) on first use in a request and kept for the rest of it;
+    without a usable session, an :class:`AnonymousUser` holding the refusal."""
+    user: AuthUser | AnonymousUser | None = g.get("_clerk_user")
     if user is None:
-        user = _authenticator(clerk_state()).user(_current_auth())
-        g._clerk_user = user
+        try:
+            user = _authenticator(clerk_state()).user(_current_auth())
+        except (TokenError, AccessDenied, StoreError, ClerkAPIError) as exc:  # as optional_clerk, and JIT
+            user = AnonymousUser(exc)  # sync failing: public pages stay up, fields still refuse
+    if isinstance(user, AuthUser):
+        user = SignedInUser.of(user)
+    g._clerk_user = user
     return user
 
 
 #: The verified session of this request (:class:`~clerk_sync.auth.claims.Auth`); 401 without one.
 current_clerk = cast(Auth, LocalProxy(_current_auth))
-#: The caller's ``users`` row (:class:`~clerk_sync.auth.users.AuthUser`), JIT-synced when configured.
-current_user = cast(AuthUser, LocalProxy(_current_user))
+#: The caller's ``users`` row (:class:`SignedInUser`, an :class:`~clerk_sync.auth.users.AuthUser`),
+#: JIT-synced when configured; without a usable session an :class:`AnonymousUser` (``is_authenticated``
+#: False) whose other attributes refuse (401). Typed as the signed-in user: check ``is_authenticated``.
+current_user = cast(SignedInUser, LocalProxy(_current_user))
+
+
+def user_context() -> dict[str, Any]:
+    """Context processor: ``current_user`` in templates, as Flask-Login does (which keeps its own when the
+    app also uses Flask-Login). Lazy: the row is read only when a template uses it."""
+    return {} if hasattr(current_app, "login_manager") else {"current_user": current_user}
 
 
 def optional_clerk() -> Auth | None:

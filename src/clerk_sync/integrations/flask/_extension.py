@@ -23,6 +23,7 @@ from clerk_sync.integrations.flask._core import (
     deny_by_default,
     error_json,
     settings_from_config,
+    user_context,
 )
 from clerk_sync.integrations.flask._webhook import webhook_blueprint
 from clerk_sync.integrations.starlette import build_processor
@@ -73,6 +74,7 @@ class ClerkSync:
             app.register_blueprint(webhook_blueprint(self.webhook_path))
         app.register_error_handler(ClerkSyncError, error_json)
         app.before_request(deny_by_default)
+        app.context_processor(user_context)  # {% if current_user.is_authenticated %}, as with Flask-Login
         app.cli.add_command(clerk_sync_cli)
 
     def state(self, app: Flask | None = None) -> ClerkSyncState:

@@ -1,0 +1,76 @@
+"""Review finding: an admin's console session outlived the Clerk session it was opened with: revoked in
+Clerk (sign out everywhere, a compromised session), the console cookie kept working for up to 8 hours.
+The console session now holds the Clerk session id and ends with it."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import httpx
+import pytest
+
+from clerk_sync.errors import SessionRevoked
+from clerk_sync.integrations.console._access import COOKIE, ConsoleAccess
+from clerk_sync.store import Store
+from clerk_sync.tables import revoked_sessions, users
+from tests.console.conftest import ConsoleStack
+
+JSON = {"Accept": "application/json"}
+
+
+def test_a_console_session_ends_when_its_clerk_session_is_revoked(stack: ConsoleStack) -> None:
+    session = stack.emulator.create_session(stack.admin_id)
+    other = stack.emulator.create_session(stack.admin_id)  # the same admin, signed in elsewhere
+    token = stack.emulator.session_token(session["id"])
+    r = httpx.get(f"{stack.console_url}/", headers=JSON, cookies={"__session": token})
+    assert r.status_code == 200
+    console_cookie = r.cookies[COOKIE]
+    with httpx.Client(base_url=stack.console_url, cookies={COOKIE: console_cookie}, timeout=30) as client:
+        assert client.get("/audit", headers=JSON).status_code == 200  # the console session alone, as after 60 s
+        stack.emulator.request("POST", f"/v1/sessions/{session['id']}/revoke")
+        stack.wait_synced()
+        r = client.get("/audit", headers=JSON)
+        assert (r.status_code, r.json()["error"]) == (401, "session_revoked")
+        assert f'{COOKIE}=""' in r.headers["set-cookie"] and "Max-Age=0" in r.headers["set-cookie"]  # signed out
+    r = httpx.get(f"{stack.console_url}/audit", headers={"Accept": "text/html"}, cookies={COOKIE: console_cookie})
+    assert r.status_code == 303 and r.headers["location"].startswith("/console/login")
+    # Signing in again with a live session works, the stale console cookie notwithstanding.
+    fresh = stack.emulator.session_token(other["id"])
+    r = httpx.get(f"{stack.console_url}/", headers=JSON, cookies={COOKIE: console_cookie, "__session": fresh})
+    assert r.status_code == 200 and f"{COOKIE}=" in r.headers["set-cookie"]
+    # The revoked session cannot open a new console session either (the deny list may lag; the table does not).
+    r = httpx.get(f"{stack.console_url}/login/clerk", params={"token": token}, headers=JSON)
+    assert r.status_code == 401
+
+
+@pytest.fixture
+def access(store: Store) -> ConsoleAccess:
+    now = datetime.now(UTC)
+    with store.transaction() as w:
+        w.conn.execute(users.insert().values(
+            clerk_id="user_adm", email_addresses=[], public_metadata={"role": "admin"}, private_metadata={},
+            unsafe_metadata={}, role="admin", clerk_updated_at=1, created_at=now, updated_at=now))
+    return ConsoleAccess(store, operator_token=None, authenticator=None, secret=b"k" * 32)
+
+
+def test_a_revocation_the_deny_list_has_forgotten_still_ends_the_console_session(
+        store: Store, access: ConsoleAccess) -> None:
+    """The deny list drops a revocation once the Clerk session would have expired (tokens are dead by
+    then); a console session can last longer, so the table decides."""
+    cookie = access.admin_session("user_adm", "sess_adm").new_cookie
+    assert access.identify({}, {COOKIE: cookie}).kind == "admin"
+    past = int(datetime.now(UTC).timestamp() * 1000) - 1000
+    with store.transaction() as w:
+        w.conn.execute(revoked_sessions.insert().values(session_id="sess_adm", reason="ended", revoked_at=w.now,
+                                                        expire_at=past))
+    with pytest.raises(SessionRevoked):
+        access.identify({}, {COOKIE: cookie})
+    with pytest.raises(SessionRevoked):
+        access.admin_session("user_adm", "sess_adm")
+
+
+def test_an_admin_console_session_without_a_clerk_session_id_is_refused(access: ConsoleAccess) -> None:
+    """Cookies minted before this fix carry no ``sid``: nothing to follow, so sign in again."""
+    old = access._sessions.dumps({"k": "admin", "sub": "user_adm", "csrf": "x" * 32})
+    with pytest.raises(SessionRevoked, match="sign in again"):
+        access.identify({}, {COOKIE: old})
