@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import sqlite3
 import uuid
 from collections import Counter
 from datetime import UTC, datetime
@@ -850,3 +851,112 @@ def test_a_value_the_apps_table_refuses_never_holds_back_a_ban(db_url: str) -> N
     assert [j["type"] for j in jobs(store)] == ["user.created", "user.updated"]
     store.dispose()
     engine.dispose()
+
+
+def test_a_refused_external_id_alone_is_reported_like_any_refusal(db_url: str) -> None:
+    """A change of the external_id alone (no contract column) is projected through the same savepoint as
+    any other change: the app's refusal is reported, the contract row keeps the new version."""
+    legacy = sa.Table("short_ids", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
+                      sa.Column("clerk_user_id", sa.String(64), unique=True), sa.Column("legacy_id", sa.String(4)))
+    mapping = SchemaMapping(users=MappedTable("short_ids", "clerk_user_id", {"legacy_id": "external_id"}))
+    engine = sa.create_engine(db_url)
+    with engine.begin() as conn:
+        legacy.create(conn)
+        migrate_schema(conn, mapping)
+    store = Store.from_url(db_url, mapping=mapping)
+    created = f.user("user_s", B + 1000)
+    updated = {**created, "external_id": "legacy-42", "updated_at": B + 2000}
+    assert deliver(store, f.envelope("user.created", created), f.envelope("user.updated", updated)) == [
+        "applied", "applied"]
+    with store.connect() as conn:
+        version = conn.execute(sa.text("SELECT clerk_updated_at FROM users WHERE clerk_id = 'user_s'")).scalar_one()
+        error = conn.execute(sa.text("SELECT last_error FROM webhook_events WHERE type = 'user.updated'")).scalar_one()
+    assert version == B + 2000
+    if store.dialect != "sqlite":  # (SQLite keeps any length)
+        assert "the app's table refused" in error
+    store.dispose()
+    engine.dispose()
+
+
+def test_replay_reports_what_the_apps_table_still_refuses(db_url: str) -> None:
+    """A delivery stored failed (by an earlier release, for the app's refusal) replayed while the app's
+    table still refuses: applied to clerk-sync's tables, and its last_error says what is left to fix."""
+    from clerk_sync.engine import DeliveryStatus
+    from clerk_sync.ingest import replay_deliveries
+
+    nicks = sa.Table("replay_nicks", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
+                     sa.Column("clerk_user_id", sa.String(64), unique=True), sa.Column("nick", sa.String(4)))
+    mapping = SchemaMapping(users=MappedTable("replay_nicks", "clerk_user_id", {"nick": Column("unsafe_metadata.nick")}))
+    engine = sa.create_engine(db_url)
+    with engine.begin() as conn:
+        nicks.create(conn)
+        migrate_schema(conn, mapping)
+    store = Store.from_url(db_url, mapping=mapping)
+    body = f.user("user_r", B + 1000)
+    body["unsafe_metadata"] = {"nick": "far too long"}
+    with store.transaction() as writer:
+        writer.record_delivery("msg_old", json.dumps(f.envelope("user.created", body)), event_type="user.created",
+                               instance_id=None, event_timestamp=None, status=DeliveryStatus.FAILED, error="old")
+    report = replay_deliveries(store)
+    assert report.by_status == {"applied": 1}
+    with store.connect() as conn:
+        error = conn.execute(sa.text("SELECT last_error FROM webhook_events WHERE svix_id = 'msg_old'")).scalar_one()
+        assert conn.execute(sa.text("SELECT count(*) FROM users WHERE clerk_id = 'user_r'")).scalar_one() == 1
+    if store.dialect == "sqlite":
+        assert error is None
+    else:
+        assert "the app's table refused" in error
+    store.dispose()
+    engine.dispose()
+
+
+def test_a_child_before_its_parent_in_the_apps_tables_is_retried_not_refused(db_url: str) -> None:
+    """The app's memberships table refers to its users table (a foreign key): a membership delivered
+    before its user is an ordering that heals, so it is retried (503, as Svix does), not refused for
+    good; once the user is there the retried delivery writes both tables."""
+    from clerk_sync.errors import StoreError
+
+    meta = sa.MetaData()
+    sa.Table("fk_users", meta, sa.Column("id", sa.Integer, primary_key=True),
+             sa.Column("clerk_user_id", sa.String(64), unique=True))
+    sa.Table("fk_members", meta, sa.Column("id", sa.Integer, primary_key=True),
+             sa.Column("clerk_id", sa.String(64), unique=True),
+             sa.Column("member", sa.String(64), sa.ForeignKey("fk_users.clerk_user_id")))
+    mapping = SchemaMapping(users=MappedTable("fk_users", "clerk_user_id", {}),
+                            memberships=MappedTable("fk_members", "clerk_id", {"member": "user_clerk_id"}))
+    engine = sa.create_engine(db_url)
+    with engine.begin() as conn:
+        meta.create_all(conn)
+        migrate_schema(conn, mapping)
+    store = Store.from_url(db_url, mapping=mapping)
+    processor = WebhookProcessor(store, WebhookVerifier([f.SECRET]))
+    membership = f.envelope("organizationMembership.created", f.membership("orgmem_fk", "org_fk", "user_fk", B + 1000))
+    headers, body = f.signed(membership, "msg_member")
+    with pytest.raises(StoreError, match="not there yet"):
+        processor.process(headers, body)
+    assert deliver(store, f.envelope("user.created", f.user("user_fk", B + 1000))) == ["applied"]
+    assert processor.process(headers, body).status == "applied"  # Svix's retry
+    with store.connect() as conn:
+        assert conn.execute(sa.text("SELECT member FROM fk_members")).scalar_one() == "user_fk"
+    store.dispose()
+    engine.dispose()
+
+
+def test_only_a_drivers_refusal_of_a_value_is_a_refusal_for_good() -> None:
+    """A value the driver cannot send (psycopg's "cannot adapt", sqlite3's "Error binding parameter") is
+    refused for good; a MySQL ProgrammingError (no SQLSTATE there either: a missing table mid-deploy) is
+    not, so the delivery is retried rather than its app row dropped."""
+    import MySQLdb
+    import psycopg
+
+    from clerk_sync._db_errors import store_error
+    from clerk_sync.errors import StoreDataError
+
+    def wrapped(orig: Exception) -> sa.exc.SQLAlchemyError:
+        return sa.exc.ProgrammingError("INSERT ...", {}, orig)
+
+    assert isinstance(store_error(wrapped(psycopg.ProgrammingError("cannot adapt type 'dict'"))), StoreDataError)
+    assert isinstance(store_error(wrapped(sqlite3.ProgrammingError("Error binding parameter 1: type 'dict'"))),
+                      StoreDataError)
+    missing = store_error(wrapped(MySQLdb.ProgrammingError(1146, "Table 'app.accounts' doesn't exist")))
+    assert not isinstance(missing, StoreDataError)

@@ -8,7 +8,7 @@ import sqlalchemy as sa
 
 from clerk_sync.errors import StoreDataError, StoreError, database_message
 
-__all__ = ["store_error"]
+__all__ = ["is_foreign_key_violation", "store_error"]
 
 _TIMEOUTS = {  # SQLSTATEs of the bounds set in _postgres_bounds
     "55P03": "waited longer than lock_timeout for a lock held by another connection",
@@ -50,9 +50,30 @@ def store_error(exc: sa.exc.SQLAlchemyError) -> StoreError:
         return StoreError(f"database timeout: {bound} ({first_line}); nothing was applied, retry later")
     if isinstance(exc, sa.exc.DataError):  # a value refused for good: retrying cannot help
         return StoreDataError(message)
-    if (isinstance(exc, sa.exc.ProgrammingError) and getattr(orig, "sqlstate", None) is None) \
+    if (isinstance(exc, sa.exc.ProgrammingError) and _client_side(orig)) \
             or _mysql_errno(orig) in _MYSQL_VALUE_REFUSED:
         # Refused by the driver before it sent anything ("cannot adapt type 'dict'"), or a MySQL column's
         # refusal: the same values would be refused on every retry, so stored failed rather than 503.
         return StoreDataError(message + _CHECK_MAPPING)
     return StoreError(message)
+
+
+def _client_side(orig: object) -> bool:
+    """The driver refused a value before sending it: psycopg's errors without a SQLSTATE ("cannot adapt
+    type 'dict'"), sqlite3's "Error binding parameter". Not any ProgrammingError without a SQLSTATE: the
+    MySQL drivers' carry none at all (a missing table is one there)."""
+    module = type(orig).__module__
+    if module.startswith("psycopg"):
+        return getattr(orig, "sqlstate", None) is None
+    return module == "sqlite3" and str(orig).startswith("Error binding parameter")
+
+
+def is_foreign_key_violation(orig: object) -> bool:
+    """A row refers to one its table's foreign key does not find (yet): PostgreSQL 23503, MySQL 1452,
+    SQLite's "FOREIGN KEY constraint failed"."""
+    if getattr(orig, "sqlstate", None) == "23503":
+        return True
+    args = getattr(orig, "args", ())
+    if args and args[0] == 1452:
+        return True
+    return type(orig).__module__ == "sqlite3" and str(orig).startswith("FOREIGN KEY constraint failed")

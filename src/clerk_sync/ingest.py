@@ -343,8 +343,10 @@ def replay_one(writer: Writer, svix_id: str) -> DeliveryStatus:
     except PayloadError as exc:
         writer.finish_delivery(svix_id, DeliveryStatus.FAILED, str(exc), count_attempt=True)
         return DeliveryStatus.FAILED
+    refused = len(writer.refused)
     status, error = apply_envelope(writer, envelope)
-    writer.finish_delivery(svix_id, status, error, count_attempt=True)
+    notes = [error, *writer.refused[refused:]] if error else writer.refused[refused:]
+    writer.finish_delivery(svix_id, status, "; ".join(notes) or None, count_attempt=True)
     return status
 
 

@@ -30,9 +30,10 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
+from clerk_sync._db_errors import is_foreign_key_violation
 from clerk_sync.changes import Change
 from clerk_sync.engine import Entity
-from clerk_sync.errors import StoreDataError, database_message
+from clerk_sync.errors import StoreDataError, StoreError, database_message
 from clerk_sync.events import MembershipRecord, OrganizationRecord, UserRecord, record_columns
 from clerk_sync.tables import Timestamp, organization_memberships, organizations, users
 
@@ -179,9 +180,13 @@ class SchemaMapping:
         try:
             self._projection(conn, change.entity, mapped).apply(conn, now, change)
         except sa.exc.IntegrityError as exc:
-            # The app's own constraint (a UNIQUE e-mail still held by a soft-deleted row, a NOT NULL
-            # column the mapping does not fill): retrying cannot help, so the delivery is stored failed.
             first_line = database_message(exc.orig or exc)  # never the values (MySQL quotes them)
+            if is_foreign_key_violation(exc.orig):  # a parent the app's table does not hold yet (a
+                # membership before its user): an ordering that heals, so retried as a whole, as Svix does
+                raise StoreError(f"{mapped.table} refused {change.type} for {change.clerk_id}: {first_line}; "
+                                 "a row it refers to is not there yet: retried") from None
+            # The app's own constraint (a UNIQUE e-mail still held by a soft-deleted row, a NOT NULL
+            # column the mapping does not fill): retrying cannot help.
             raise StoreDataError(f"{mapped.table} refused {change.type} for {change.clerk_id}: {first_line}; "
                                  "fix the table or the mapping") from None
 

@@ -519,7 +519,7 @@ class Writer:
             outbox.record(change)
         elif outbox.mapping is not None:
             carried = Change(intent.entity, intent.clerk_id, "updated", intent.version, _change_values(intent.record))
-            outbox.mapping.project(self.conn, self.now, carried)
+            outbox.project(carried)
 
     def _upsert(self, intent: Upsert) -> bool:
         if self._pysqlite:
