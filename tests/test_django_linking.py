@@ -105,6 +105,21 @@ def test_renaming_the_local_user_lets_the_backend_create_the_linked_one(client_w
     assert app.get("/t/drf/admin", headers=tok).json() == {"admin": ada["id"]}
 
 
+def test_a_user_row_with_an_empty_password_is_the_backends_own(client_world: World) -> None:
+    """An empty password signs nobody in (though Django calls it usable): a row created without one (by
+    the app, or left so by the backend's earlier two-step create) is linked, not refused forever."""
+    clerk, app = client_world.clerk, client_world.app
+    users = get_user_model()
+    ada = clerk.create_user("ada@example.com", public_metadata={"role": "admin"})
+    clerk.wait_for_deliveries()
+    row = users.objects.create(username=ada["id"])  # password ""
+    assert row.password == "" and row.has_usable_password()
+    page = app.get("/t/django-login-required", headers=bearer(clerk.mint_session_token(ada["id"])))
+    assert page.json()["is_staff"] is True
+    row.refresh_from_db()
+    assert row.is_superuser and authenticate(username=ada["id"], password="") is None
+
+
 # -- DRF sees the same user as plain Django views ------------------------------------------------------------
 
 

@@ -58,7 +58,9 @@ def sync_django_user(row: AuthUser) -> Any:
     user, created = model._default_manager.get_or_create(**lookup, defaults=defaults)
     if created:
         return user
-    if user.has_usable_password():
+    # An empty password (a row created without one, or left so by the earlier two-step create) can sign
+    # nobody in, though Django calls it usable: the backend's own, as an unusable one is.
+    if user.password and user.has_usable_password():
         log.error("django_user_not_linked", clerk_id=row.clerk_id, django_user_pk=user.pk,
                   reason=f"a local Django user {model.USERNAME_FIELD}={row.clerk_id!r} with a usable password "
                          "already exists; a Clerk session never takes over a local account, so it is refused",
