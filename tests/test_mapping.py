@@ -806,11 +806,7 @@ def test_a_change_to_the_external_id_alone_reaches_the_mapped_table_one_at_a_tim
                       sa.Column("email", sa.String(320)))
     mapping = SchemaMapping(users=MappedTable("legacy_accounts", "clerk_user_id",
                                               {"legacy_id": "external_id", "email": "email"}))
-    engine = sa.create_engine(db_url)
-    with engine.begin() as conn:
-        legacy.create(conn)
-        migrate_schema(conn, mapping)
-    store = Store.from_url(db_url, mapping=mapping, hooks=[Hook("seen", lambda change: None)])
+    store, engine = _with_app_table(db_url, legacy, mapping, hooks=[Hook("seen", lambda change: None)])
     created = f.user("user_l", B + 1000, email="l@example.com")
     updated = {**created, "external_id": "legacy-42", "updated_at": B + 2000}
     assert deliver(store, f.envelope("user.created", created), f.envelope("user.updated", updated)) == [
@@ -859,11 +855,7 @@ def test_a_refused_external_id_alone_is_reported_like_any_refusal(db_url: str) -
     legacy = sa.Table("short_ids", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
                       sa.Column("clerk_user_id", sa.String(64), unique=True), sa.Column("legacy_id", sa.String(4)))
     mapping = SchemaMapping(users=MappedTable("short_ids", "clerk_user_id", {"legacy_id": "external_id"}))
-    engine = sa.create_engine(db_url)
-    with engine.begin() as conn:
-        legacy.create(conn)
-        migrate_schema(conn, mapping)
-    store = Store.from_url(db_url, mapping=mapping)
+    store, engine = _with_app_table(db_url, legacy, mapping)
     created = f.user("user_s", B + 1000)
     updated = {**created, "external_id": "legacy-42", "updated_at": B + 2000}
     assert deliver(store, f.envelope("user.created", created), f.envelope("user.updated", updated)) == [
@@ -887,11 +879,7 @@ def test_replay_reports_what_the_apps_table_still_refuses(db_url: str) -> None:
     nicks = sa.Table("replay_nicks", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
                      sa.Column("clerk_user_id", sa.String(64), unique=True), sa.Column("nick", sa.String(4)))
     mapping = SchemaMapping(users=MappedTable("replay_nicks", "clerk_user_id", {"nick": Column("unsafe_metadata.nick")}))
-    engine = sa.create_engine(db_url)
-    with engine.begin() as conn:
-        nicks.create(conn)
-        migrate_schema(conn, mapping)
-    store = Store.from_url(db_url, mapping=mapping)
+    store, engine = _with_app_table(db_url, nicks, mapping)
     body = f.user("user_r", B + 1000)
     body["unsafe_metadata"] = {"nick": "far too long"}
     with store.transaction() as writer:
@@ -960,3 +948,12 @@ def test_only_a_drivers_refusal_of_a_value_is_a_refusal_for_good() -> None:
                       StoreDataError)
     missing = store_error(wrapped(MySQLdb.ProgrammingError(1146, "Table 'app.accounts' doesn't exist")))
     assert not isinstance(missing, StoreDataError)
+
+
+def _with_app_table(db_url: str, table: sa.Table, mapping: SchemaMapping, **store: Any) -> tuple[Store, sa.Engine]:
+    """The app's ``table`` created and migrated for ``mapping``; a store writing through it, and an engine."""
+    engine = sa.create_engine(db_url)
+    with engine.begin() as conn:
+        table.create(conn)
+        migrate_schema(conn, mapping)
+    return Store.from_url(db_url, mapping=mapping, **store), engine
