@@ -37,11 +37,11 @@ def token(user_id: str, **extra: Any) -> str:
 
 
 class Harness:
-    def __init__(self, db_url: str) -> None:
+    def __init__(self, db_url: str, *, authorized_parties: frozenset[str] | None = frozenset({AZP})) -> None:
         settings = Settings.from_env({"DATABASE_URL": db_url, "CLERK_WEBHOOK_SIGNING_SECRET": SECRET})
         self.processor = build_processor(settings)
         self.store = self.processor.store
-        verifier = SessionVerifier(StaticKeySource(pem(KEY)), ClaimsValidator(issuer=ISS, authorized_parties=frozenset({AZP})))
+        verifier = SessionVerifier(StaticKeySource(pem(KEY)), ClaimsValidator(issuer=ISS, authorized_parties=authorized_parties))
         self.auth = Authenticator(verifier, self.store, deny_list=DenyList(self.store, refresh_s=0))
         self.n = 0
 
@@ -372,6 +372,28 @@ def test_a_cookie_websocket_from_a_foreign_origin_is_refused(db_url: str) -> Non
         with connect(f"{ws_url}/ws", additional_headers=bearer(token("user_wso")), origin="https://evil.example",
                      open_timeout=5) as ws:  # a Bearer token is no ambient credential
             assert json.loads(ws.recv(timeout=5)) == {"user_id": "user_wso"}
+    h.store.dispose()
+
+
+def test_without_authorized_parties_a_cookie_websocket_must_come_from_the_sites_own_origin(db_url: str) -> None:
+    """Without CLERK_AUTHORIZED_PARTIES there is no list to check a handshake's Origin against: the site's
+    own origin (the Host it was sent to) is the one allowed, as for cookie POSTs; a client that sends no
+    Origin is no browser (browsers always send it on a handshake) and rides no ambient cookie."""
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    h = Harness(db_url, authorized_parties=None)
+    h.event("user.created", f.user("user_wss", 1))
+    cookie = {"Cookie": f"__session={token('user_wss')}"}
+    with running(_ws_app(h)) as url:
+        ws_url = url.replace("http://", "ws://")
+        with pytest.raises(InvalidStatus) as refused:
+            connect(f"{ws_url}/ws", additional_headers=cookie, origin="https://evil.example", open_timeout=5)
+        assert refused.value.response.status_code == 403
+        with connect(f"{ws_url}/ws", additional_headers=cookie, origin=url, open_timeout=5) as ws:
+            assert json.loads(ws.recv(timeout=5)) == {"user_id": "user_wss"}
+        with connect(f"{ws_url}/ws", additional_headers=cookie, open_timeout=5) as ws:  # no Origin: no browser
+            assert json.loads(ws.recv(timeout=5)) == {"user_id": "user_wss"}
     h.store.dispose()
 
 

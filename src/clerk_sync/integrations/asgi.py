@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from clerk_sync.auth.authenticator import Authenticator
 from clerk_sync.auth.claims import Auth
-from clerk_sync.auth.sessions import is_public_path
+from clerk_sync.auth.sessions import check_request_origin, is_public_path
 from clerk_sync.errors import (
     AccessDenied,
     ClerkSyncError,
@@ -112,7 +112,7 @@ class ClerkAuthMiddleware:
                 raise TokenMalformed("more than one Authorization header: send one")
             http = scope["type"] == "http"
             if not http:
-                self._check_origin(headers)
+                self._check_origin(headers, scope.get("scheme", "ws"))
             auth = await self.authenticator.aauthenticate(headers, _cookies(headers),
                                                           method=scope["method"] if http else None,
                                                           scheme=scope.get("scheme", "http"))
@@ -132,18 +132,16 @@ class ClerkAuthMiddleware:
         await self.app(scope, receive, send)
 
 
-    def _check_origin(self, headers: dict[str, str]) -> None:
-        """A websocket handshake riding on the ``__session`` cookie must come from an authorized origin:
-        browsers send cookies with cross-site websocket handshakes, and ``azp`` only says which origin
-        the token was minted for, not which page opened the socket. Bearer handshakes carry no ambient
-        credential, and without ``CLERK_AUTHORIZED_PARTIES`` there is no list to check against."""
-        parties = self.authenticator.verifier.claims.authorized_parties
-        if parties is None or headers.get("authorization", "")[:7].lower() == "bearer ":
+    def _check_origin(self, headers: dict[str, str], scheme: str) -> None:
+        """A websocket handshake riding on the ``__session`` cookie must come from an authorized origin
+        (``CLERK_AUTHORIZED_PARTIES``), or without that list from the site's own, as a cookie POST must
+        (:func:`check_request_origin`): browsers send cookies with cross-site websocket handshakes, and
+        ``azp`` only says which origin the token was minted for, not which page opened the socket. Bearer
+        handshakes carry no ambient credential; a handshake without ``Origin`` comes from no browser."""
+        if "origin" not in headers:
             return
-        origin = headers.get("origin")
-        if origin is not None and origin not in parties:
-            raise AccessDenied(f"websocket origin {origin[:100]!r} is not an authorized party "
-                               "(CLERK_AUTHORIZED_PARTIES)")
+        check_request_origin("WEBSOCKET", headers, scheme="https" if scheme in ("wss", "https") else "http",
+                             authorized_parties=self.authenticator.verifier.claims.authorized_parties)
 
 
 async def _refuse(exc: ClerkSyncError, scope: Scope, receive: Receive, send: Send) -> None:
