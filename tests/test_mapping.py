@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from clerk_sync.auth.users import JitUsers
 from clerk_sync.changes import Change, Hook
+from clerk_sync.engine import Entity
 from clerk_sync.events import parse_envelope
 from clerk_sync.ingest import WebhookProcessor
 from clerk_sync.integrations._committer import GroupCommitter
@@ -957,3 +958,31 @@ def _with_app_table(db_url: str, table: sa.Table, mapping: SchemaMapping, **stor
         table.create(conn)
         migrate_schema(conn, mapping)
     return Store.from_url(db_url, mapping=mapping, **store), engine
+
+
+def test_erasure_clears_the_columns_declared_personal_too(db_url: str) -> None:
+    """A metadata path or a computed column can hold the person's data (a phone number, initials):
+    declared ``personal=True`` it is cleared by erasure (and Anonymise) like the e-mail; an undeclared
+    metadata path (a plan) is the app's to keep."""
+    profiles = sa.Table("personal_profiles", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
+                        sa.Column("clerk_user_id", sa.String(64), unique=True), sa.Column("email", sa.String(320)),
+                        sa.Column("phone", sa.String(32)), sa.Column("initials", sa.String(8)),
+                        sa.Column("plan", sa.String(16)))
+    mapping = SchemaMapping(users=MappedTable("personal_profiles", "clerk_user_id", {
+        "email": "email",
+        "phone": Column("private_metadata.phone", personal=True),
+        "initials": Column(compute=lambda v: (v["first_name"] or "")[:1] + (v["last_name"] or "")[:1], personal=True),
+        "plan": Column("public_metadata.plan"),
+    }))
+    declared = mapping.tables[Entity.USER].resolved()
+    assert [n for n, c in declared.items() if c.is_personal] == ["email", "phone", "initials"]
+    store, engine = _with_app_table(db_url, profiles, mapping)
+    body = f.user("user_e", B + 1000, email="ada@example.com")
+    body["private_metadata"], body["public_metadata"] = {"phone": "+44 20 7946 0000"}, {"plan": "pro"}
+    assert deliver(store, f.envelope("user.created", body)) == ["applied"]
+    Retention(store).erase_user("user_e", reason="GDPR request")
+    with engine.connect() as conn:
+        row = conn.execute(sa.select(profiles.c.email, profiles.c.phone, profiles.c.initials, profiles.c.plan)).one()
+    assert tuple(row) == (None, None, None, "pro")
+    store.dispose()
+    engine.dispose()

@@ -76,12 +76,17 @@ class LinkAmbiguous(StoreDataError):
 
 @dataclass(frozen=True, slots=True)
 class Column:
-    """Where one column's value comes from: ``source`` (+ ``transform``, ``default`` for None), or ``compute``."""
+    """Where one column's value comes from: ``source`` (+ ``transform``, ``default`` for None), or ``compute``.
+
+    ``personal`` says whether erasure and :class:`Anonymise` clear the column: by default the columns
+    from e-mail, names, username and image (:data:`PERSONAL`); say ``personal=True`` for a metadata path
+    or a ``compute`` that holds the person's data (a phone number, initials), ``False`` to keep one."""
 
     source: str | None = None
     transform: str | None = None
     default: Any = None
     compute: Callable[[JSON], Any] | None = None
+    personal: bool | None = None
 
     def __post_init__(self) -> None:
         if (self.source is None) == (self.compute is None):
@@ -100,8 +105,8 @@ class Column:
         return self.default if result is None else result
 
     @property
-    def personal(self) -> bool:
-        return self.source in PERSONAL
+    def is_personal(self) -> bool:
+        return self.source in PERSONAL if self.personal is None else self.personal
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,7 +248,7 @@ class SchemaMapping:
     def erase(self, conn: Connection, entity: Entity, clerk_id: str) -> None:
         """Erasure: clear the mapped personal columns of this entity's row, whatever the delete policy."""
         mapped = self.tables.get(entity)
-        personal = {n: None for n, col in (mapped.resolved().items() if mapped else ()) if col.personal}
+        personal = {n: None for n, col in (mapped.resolved().items() if mapped else ()) if col.is_personal}
         if mapped is not None and personal:
             table = self.table(conn, mapped.table)
             conn.execute(sa.update(table).where(table.c[mapped.clerk_id_column] == clerk_id).values(**personal))
@@ -360,7 +365,7 @@ class _Projection:
         elif isinstance(policy, Deactivate):
             self.conn.execute(sa.update(self.t).where(where).values(**{policy.column: False}))
         else:
-            personal = {name: None for name, col in self.columns.items() if col.personal}
+            personal = {name: None for name, col in self.columns.items() if col.is_personal}
             if personal:
                 self.conn.execute(sa.update(self.t).where(where).values(**personal))
 
@@ -628,7 +633,7 @@ def check_schema(conn: Connection, mapping: SchemaMapping) -> list[tuple[str, st
                                          "of new Clerk entities will fail; map it or give it a default"))
         if isinstance(mapped.on_delete, Anonymise):
             for column, col in mapped.resolved().items():
-                if col.personal and column in columns and not columns[column].get("nullable", True):
+                if col.is_personal and column in columns and not columns[column].get("nullable", True):
                     problems.append(("fail", f"{name}.{column} is NOT NULL: Anonymise cannot clear it"))
     return problems
 
