@@ -384,3 +384,25 @@ def test_prune_redacts_then_deletes_dead_hook_jobs(db_url: str) -> None:
     assert at(91).prune().deleted == 3
     assert [(j["payload"]["clerk_id"], j["status"]) for j in hook_jobs_of(store)] == [("user_2", "pending")]
     store.dispose()
+
+
+def test_erasing_a_deleted_and_pruned_user_finds_the_addresses_their_events_carried(db_url: str) -> None:
+    """Once a deleted user's tombstone is cleared by the prune ``serve`` runs, their row holds no e-mail: the
+    erasure read its needles from the row only, so a stored payload naming just the address (an
+    ``email.created`` without a user id) kept it. The user's own stored events still say the address."""
+    store = Store.from_url(db_url)
+    email_event = {"object": "email", "id": "ema_1", "to_email_address": "ada@example.com", "user_id": None,
+                   "subject": "Your code", "status": "queued"}
+    hook_deliver(store, f.envelope("user.created", f.user("user_pr", 1000, email="ada@example.com")),
+                 f.envelope("email.created", email_event),
+                 f.envelope("user.deleted", f.deleted("user", "user_pr"), 2000))
+    tomorrow = datetime.now(UTC) + timedelta(days=1)
+    Retention(store, now=lambda: tomorrow).prune()
+    with store.connect() as conn:
+        assert conn.execute(sa.select(users.c.email).where(users.c.clerk_id == "user_pr")).scalar_one() is None
+    Retention(store).erase_user("user_pr", reason="data-subject request")
+    with store.connect() as conn:
+        payloads = [json.dumps(p) if not isinstance(p, str) else p
+                    for p in conn.execute(sa.select(webhook_events.c.payload)).scalars()]
+    assert payloads and not [p for p in payloads if "ada@example.com" in p]
+    store.dispose()

@@ -267,7 +267,9 @@ class Retention:
             row = writer.conn.execute(
                 sa.select(users.c.email, users.c.email_addresses).where(users.c.clerk_id == clerk_id)
             ).first()
-            needles = {clerk_id, *_emails(row)}
+            # The row's e-mails, and those its user events carried: once the user was deleted and pruned,
+            # the row holds none, and a payload naming only the address (email.created) would stay.
+            needles = {clerk_id, *_emails(row), *_emails_delivered(writer, clerk_id)}
             writer.apply(Tombstone(Entity.USER, clerk_id, int(writer.now.timestamp() * 1000)))
             writer.conn.execute(users.update().where(users.c.clerk_id == clerk_id).values(**_CLEARED[users]))
             redacted = _redact_mentions(writer, needles)
@@ -307,6 +309,24 @@ def _emails(row: Any) -> set[str]:
         return set()
     found = {row.email} if row.email else set()
     return found | {e for e in (row.email_addresses or []) if isinstance(e, str) and e}
+
+
+def _emails_delivered(writer: Writer, clerk_id: str) -> set[str]:
+    """The addresses the user's own stored events (``user.*`` about ``clerk_id``, not redacted yet) carry."""
+    e = webhook_events
+    query = sa.select(e.c.payload).where(e.c.type.like("user.%"), e.c.redacted_at.is_(None),
+                                         sa.cast(e.c.payload, sa.Text).contains(clerk_id, autoescape=True))
+    found: set[str] = set()
+    for (payload,) in writer.conn.execute(query):
+        document = json.loads(payload) if isinstance(payload, str) else payload
+        data = document.get("data") if isinstance(document, dict) else None
+        if not isinstance(data, dict) or data.get("id") != clerk_id:
+            continue
+        for address in data.get("email_addresses") or []:
+            value = address.get("email_address") if isinstance(address, dict) else None
+            if isinstance(value, str) and value:
+                found.add(value)
+    return found
 
 
 def _redact_mentions(writer: Writer, needles: set[str]) -> int:
