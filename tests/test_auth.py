@@ -244,6 +244,13 @@ def test_starlette_authentication_backend_scopes(db_url: str) -> None:
         h.event("user.created", f.user("user_sb", 1) | {"locked": True})
         r = client.get("/me", headers=bearer(token("user_sb")))
         assert (r.status_code, r.text) == (400, "user_locked")  # Starlette's on_error answer, not a 500
+    with running(Starlette(routes=[Route("/me", me)], middleware=[Middleware(
+            AuthenticationMiddleware, backend=ClerkAuthBackend(h.auth), on_error=ClerkAuthBackend.on_error)])) as url, \
+            httpx.Client(base_url=url) as client:  # the one error table's answers instead
+        r = client.get("/me", headers=bearer("garbage"))
+        assert (r.status_code, r.json()["error"], r.headers["www-authenticate"]) == (401, "token_malformed", "Bearer")
+        r = client.get("/me", headers=bearer(token("user_sb")))
+        assert (r.status_code, r.json()["error"]) == (403, "user_locked")
     h.store.dispose()
 
 

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from starlette.authentication import AuthCredentials, AuthenticationBackend, AuthenticationError, BaseUser
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import HTTPConnection, cookie_parser
+from starlette.responses import PlainTextResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from clerk_sync.auth.authenticator import Authenticator
@@ -51,10 +52,23 @@ class ClerkUser(BaseUser):
 
 class ClerkAuthBackend(AuthenticationBackend):
     """For ``starlette.middleware.authentication.AuthenticationMiddleware``: scopes ``authenticated``,
-    ``org:<role>`` and each org permission."""
+    ``org:<role>`` and each org permission.
+
+    A refused session is Starlette's ``AuthenticationError``, which the middleware answers with its own
+    ``on_error`` (400, plain text, by default); pass ``on_error=ClerkAuthBackend.on_error`` for the
+    answers of the one error table (401 with ``WWW-Authenticate``, 403, 503 with ``Retry-After``; JSON).
+    """
 
     def __init__(self, authenticator: Authenticator) -> None:
         self.authenticator = authenticator
+
+    @staticmethod
+    def on_error(conn: HTTPConnection, exc: Exception) -> Response:
+        """``AuthenticationMiddleware(on_error=...)``: the refusal's own answer (see the class docstring)."""
+        cause = exc.__cause__
+        if isinstance(cause, ClerkSyncError):
+            return error_json(cause)
+        return PlainTextResponse(str(exc), status_code=400)  # not ours: as Starlette answers it
 
     async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, BaseUser] | None:
         http = conn.scope["type"] == "http"
