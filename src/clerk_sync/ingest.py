@@ -219,10 +219,9 @@ class WebhookProcessor:
     def _noting_refusals(writer: Writer, since: int, outcome: Outcome) -> Outcome:
         """The delivery applied, and an app's mapped table refused its row (:meth:`Outbox.project`): its
         inbox row says so in ``last_error`` (the console lists it), the status stays what it is."""
-        refusals = writer.refused[since:]
-        if not refusals or outcome.status == DeliveryStatus.DUPLICATE:
+        if len(writer.refused) == since or outcome.status == DeliveryStatus.DUPLICATE:
             return outcome
-        error = "; ".join([outcome.error, *refusals] if outcome.error else refusals)
+        error = writer.refusals_noted(since, outcome.error)
         writer.finish_delivery(outcome.svix_id, outcome.status, error)
         return Outcome(outcome.svix_id, outcome.event_type, outcome.status, error)
 
@@ -345,8 +344,7 @@ def replay_one(writer: Writer, svix_id: str) -> DeliveryStatus:
         return DeliveryStatus.FAILED
     refused = len(writer.refused)
     status, error = apply_envelope(writer, envelope)
-    notes = [error, *writer.refused[refused:]] if error else writer.refused[refused:]
-    writer.finish_delivery(svix_id, status, "; ".join(notes) or None, count_attempt=True)
+    writer.finish_delivery(svix_id, status, writer.refusals_noted(refused, error), count_attempt=True)
     return status
 
 

@@ -197,6 +197,11 @@ class Writer:
         applied: :meth:`Outbox.project`), in order."""
         return self.outbox.refused if self.outbox is not None else []
 
+    def refusals_noted(self, since: int, error: str | None) -> str | None:
+        """``error`` followed by the refusals recorded since ``len(refused)`` was ``since`` (one delivery's)."""
+        notes = [error, *self.refused[since:]] if error else self.refused[since:]
+        return "; ".join(notes) or None
+
     #: Sent after BEGIN where an app's table may hold a deferred constraint (see :attr:`checks_at_once`).
     CHECK_AT_ONCE = "SET CONSTRAINTS ALL IMMEDIATE"
 
