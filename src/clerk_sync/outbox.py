@@ -203,6 +203,8 @@ def claim(conn: Connection, now: datetime, *, lease: timedelta, limit: int, max_
     if conn.dialect.name in ("mysql", "mariadb"):  # no UPDATE .. RETURNING, nor a subquery on the updated table
         return _claim_one_by_one(conn, now, lease=lease, limit=limit, max_attempts=max_attempts)
     pg = conn.dialect.name == "postgresql"
+    if pg and conn.dialect.driver == "psycopg":
+        return _claim_psycopg(conn, now, lease=lease, limit=limit, max_attempts=max_attempts)
     error = "attempts (worker killed, or handler slower than the lease)"
     conn.execute(_dead_sql(pg), {"now": now, "max_attempts": max_attempts, "error": error})
     due = {"now": now, "max_attempts": max_attempts}
@@ -238,6 +240,57 @@ def claim(conn: Connection, now: datetime, *, lease: timedelta, limit: int, max_
         taken += conn.execute(_take_sql(pg), take | {"ids": chosen}).all()
     return [Job(row.id, row.hook, Change.from_json(_json(row.payload)), row.attempts, token)
             for row in sorted(taken, key=lambda r: r.id)]
+
+
+def _claim_psycopg(conn: Connection, now: datetime, *, lease: timedelta, limit: int, max_attempts: int) -> list[Job]:
+    """:func:`claim` on PostgreSQL through psycopg itself, two statements a page instead of three: each
+    page of due jobs comes with whether each is its entity's first unfinished job (the keys are not sent
+    back), and the rows are psycopg's tuples, not SQLAlchemy's. The dispatcher in ``serve`` shares the
+    interpreter with the webhook path: its CPU per job is the mapped + hook ingest cell's largest cost
+    (BENCHMARKS.md, issue 11)."""
+    import psycopg
+
+    raw: Any = conn.connection.driver_connection  # inside the caller's transaction (SQLAlchemy began it)
+    params: dict[str, Any] = {"now": now, "max_attempts": max_attempts,
+                              "error": "attempts (worker killed, or handler slower than the lease)"}
+    sql = _PG_DEAD
+    try:
+        with raw.cursor() as cur:
+            cur.execute(sql, params)
+            token = str(uuid.uuid4())
+            params |= {"lease_until": now + lease, "token": token}
+            taken: list[Any] = []
+            decided: set[str] = set()  # entities already looked at (see claim)
+            after, exhausted, size = 0, False, 2 * limit
+            while len(taken) < limit and not exhausted:
+                need, chosen = limit - len(taken), list[int]()
+                while len(chosen) < need and not exhausted:
+                    sql = _PG_PAGE
+                    page = cur.execute(sql, params | {"after": after, "page": size}).fetchall()
+                    exhausted, before = len(page) < size, len(chosen)
+                    for job_id, key, first in page:
+                        after = job_id
+                        if key in decided:
+                            continue
+                        decided.add(key)
+                        if first:
+                            chosen.append(job_id)
+                            if len(chosen) == need:
+                                exhausted = exhausted and job_id == page[-1][0]
+                                break
+                    if len(chosen) == before:  # blocked behind their entities' first jobs: larger pages
+                        size = min(2 * size, max(4096, 2 * limit))
+                if not chosen:
+                    break
+                sql = _PG_TAKE  # ids as one text literal: psycopg adapts a list element by element in Python
+                taken += cur.execute(sql, params | {"ids": "{" + ",".join(map(str, chosen)) + "}"}).fetchall()
+    except psycopg.Error as exc:  # as SQLAlchemy's own execute would raise it (Store.transaction: StoreError)
+        if raw.closed:
+            conn.invalidate()
+        raise sa.exc.DBAPIError.instance(sql, None, exc, psycopg.Error, hide_parameters=True,
+                                         connection_invalidated=bool(raw.closed)) from exc
+    taken.sort(key=lambda row: row[0])
+    return [Job(job_id, hook, Change.from_json(payload), attempts, token) for job_id, hook, payload, attempts in taken]
 
 
 def _claim_one_by_one(conn: Connection, now: datetime, *, lease: timedelta, limit: int,
@@ -395,6 +448,32 @@ _DUE = ("((j.status = 'pending' AND j.available_at <= :now) "
 # must not prefer the status index (with statistics from an empty queue it did, and walked every due row).
 _STILL_DUE = ("CASE WHEN j.status = 'pending' THEN j.available_at <= :now WHEN j.status = 'running' "
               "THEN j.lease_until < :now AND j.attempts < :max_attempts ELSE false END")
+
+
+# _claim_psycopg's statements: the same as _dead_sql, _due_sql + _first_sql, and _take_sql, in psycopg's
+# placeholders. The page is materialised, then the first unfinished job of each of its entities is looked up
+# by the (entity_key, id) index, as _first_sql does with the keys sent back.
+_PG_DUE = _DUE.replace(":now", "%(now)s").replace(":max_attempts", "%(max_attempts)s")
+_PG_DEAD = (
+    "UPDATE hook_jobs SET status = 'dead', lease_until = NULL, claim_token = NULL, "
+    "last_error = 'lease expired after ' || attempts || ' ' || %(error)s "
+    "WHERE id IN (SELECT j.id FROM hook_jobs j WHERE j.status = 'running' AND j.lease_until < %(now)s "
+    "AND j.attempts >= %(max_attempts)s FOR UPDATE SKIP LOCKED)"
+)
+_PG_PAGE = (
+    "WITH page AS MATERIALIZED (SELECT j.id, j.entity_key FROM hook_jobs j "  # noqa: S608
+    f"WHERE {_PG_DUE} AND j.id > %(after)s ORDER BY j.id LIMIT %(page)s), "
+    "firsts AS (SELECT f.entity_key, min(f.id) AS id FROM hook_jobs f "
+    "WHERE f.entity_key IN (SELECT entity_key FROM page) AND f.status <> 'dead' GROUP BY f.entity_key) "
+    "SELECT p.id, p.entity_key, p.id = f.id FROM page p LEFT JOIN firsts f ON f.entity_key = p.entity_key "
+    "ORDER BY p.id"
+)
+_PG_TAKE = (
+    "UPDATE hook_jobs SET status = 'running', lease_until = %(lease_until)s, claim_token = %(token)s, "  # noqa: S608
+    "attempts = attempts + 1 WHERE id IN (SELECT j.id FROM hook_jobs j WHERE j.id = ANY(%(ids)s::bigint[]) AND "
+    + _STILL_DUE.replace(":now", "%(now)s").replace(":max_attempts", "%(max_attempts)s")
+    + " FOR UPDATE OF j SKIP LOCKED) RETURNING id, hook, payload, attempts"
+)
 
 
 @functools.cache
