@@ -713,3 +713,25 @@ def test_two_claims_at_the_same_moment_take_different_jobs(db_url: str, recorder
     assert not {job.id for job in held} & {job.id for job in other}
     assert {job.change.clerk_id for job in held} == {f"user_two_{n:02d}" for n in range(5)}  # the oldest first
     store.dispose()
+
+
+@pytest.mark.parametrize("db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
+def test_a_claim_the_database_refuses_is_a_store_error_and_the_next_claim_runs_the_job(
+        db_url: str, recorder: Recorder) -> None:
+    """PostgreSQL claims and finishes go through psycopg itself: a statement the database refuses (here a
+    lock wait that ran out while another session held the table) must come out as StoreError, the
+    dispatcher's "database unavailable, retry", not as a psycopg error that reads as a bug; the job stays
+    queued and the next claim runs it."""
+    from clerk_sync.errors import StoreError
+
+    store = hooked(db_url, Hook("all", recorder))
+    deliver(store, f.envelope("user.created", f.user("user_held", 1)))
+    with store.engine.connect() as other:
+        other.exec_driver_sql("LOCK TABLE hook_jobs IN ACCESS EXCLUSIVE MODE")
+        with pytest.raises(StoreError, match="database timeout"), store.transaction() as writer:
+            writer.conn.exec_driver_sql("SET LOCAL lock_timeout = '50ms'")
+            claim(writer.conn, datetime.now(UTC), lease=timedelta(seconds=60), limit=10, max_attempts=5)
+        other.rollback()
+    assert Dispatcher(store).drain() == 1
+    assert [c.clerk_id for c in recorder.seen] == ["user_held"] and jobs(store) == []
+    store.dispose()

@@ -19,7 +19,8 @@ from __future__ import annotations
 import functools
 import json
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -248,49 +249,56 @@ def _claim_psycopg(conn: Connection, now: datetime, *, lease: timedelta, limit: 
     back), and the rows are psycopg's tuples, not SQLAlchemy's. The dispatcher in ``serve`` shares the
     interpreter with the webhook path: its CPU per job is the mapped + hook ingest cell's largest cost
     (BENCHMARKS.md, issue 11)."""
-    import psycopg
-
-    raw: Any = conn.connection.driver_connection  # inside the caller's transaction (SQLAlchemy began it)
     params: dict[str, Any] = {"now": now, "max_attempts": max_attempts,
                               "error": "attempts (worker killed, or handler slower than the lease)"}
-    sql = _PG_DEAD
-    try:
-        with raw.cursor() as cur:
-            cur.execute(sql, params)
-            token = str(uuid.uuid4())
-            params |= {"lease_until": now + lease, "token": token}
-            taken: list[Any] = []
-            decided: set[str] = set()  # entities already looked at (see claim)
-            after, exhausted, size = 0, False, 2 * limit
-            while len(taken) < limit and not exhausted:
-                need, chosen = limit - len(taken), list[int]()
-                while len(chosen) < need and not exhausted:
-                    sql = _PG_PAGE
-                    page = cur.execute(sql, params | {"after": after, "page": size}).fetchall()
-                    exhausted, before = len(page) < size, len(chosen)
-                    for job_id, key, first in page:
-                        after = job_id
-                        if key in decided:
-                            continue
-                        decided.add(key)
-                        if first:
-                            chosen.append(job_id)
-                            if len(chosen) == need:
-                                exhausted = exhausted and job_id == page[-1][0]
-                                break
-                    if len(chosen) == before:  # blocked behind their entities' first jobs: larger pages
-                        size = min(2 * size, max(4096, 2 * limit))
-                if not chosen:
-                    break
-                sql = _PG_TAKE  # ids as one text literal: psycopg adapts a list element by element in Python
-                taken += cur.execute(sql, params | {"ids": "{" + ",".join(map(str, chosen)) + "}"}).fetchall()
-    except psycopg.Error as exc:  # as SQLAlchemy's own execute would raise it (Store.transaction: StoreError)
-        if raw.closed:
-            conn.invalidate()
-        raise sa.exc.DBAPIError.instance(sql, None, exc, psycopg.Error, hide_parameters=True,
-                                         connection_invalidated=bool(raw.closed)) from exc
+    with _psycopg_cursor(conn, "claim hook jobs") as cur:
+        cur.execute(_PG_DEAD, params)
+        token = str(uuid.uuid4())
+        params |= {"lease_until": now + lease, "token": token}
+        taken: list[Any] = []
+        decided: set[str] = set()  # entities already looked at (see claim)
+        after, exhausted, size = 0, False, 2 * limit
+        while len(taken) < limit and not exhausted:
+            need, chosen = limit - len(taken), list[int]()
+            while len(chosen) < need and not exhausted:
+                page = cur.execute(_PG_PAGE, params | {"after": after, "page": size}).fetchall()
+                exhausted, before = len(page) < size, len(chosen)
+                for job_id, key, first in page:
+                    after = job_id
+                    if key in decided:
+                        continue
+                    decided.add(key)
+                    if first:
+                        chosen.append(job_id)
+                        if len(chosen) == need:
+                            exhausted = exhausted and job_id == page[-1][0]
+                            break
+                if len(chosen) == before:  # blocked behind their entities' first jobs: larger pages
+                    size = min(2 * size, max(4096, 2 * limit))
+            if not chosen:
+                break
+            # the ids as one text literal: psycopg adapts a list element by element, in Python
+            taken += cur.execute(_PG_TAKE, params | {"ids": "{" + ",".join(map(str, chosen)) + "}"}).fetchall()
     taken.sort(key=lambda row: row[0])
     return [Job(job_id, hook, Change.from_json(payload), attempts, token) for job_id, hook, payload, attempts in taken]
+
+
+@contextmanager
+def _psycopg_cursor(conn: Connection, what: str) -> Iterator[Any]:
+    """A psycopg cursor in ``conn``'s transaction (SQLAlchemy began it); a psycopg error comes out as
+    SQLAlchemy's own execute raises it (:meth:`Store.transaction` makes it a StoreError), and a connection
+    it closed is not handed out again."""
+    import psycopg
+
+    raw: Any = conn.connection.driver_connection
+    try:
+        with raw.cursor() as cur:
+            yield cur
+    except psycopg.Error as exc:
+        if raw.closed:
+            conn.invalidate()
+        raise sa.exc.DBAPIError.instance(what, None, exc, psycopg.Error, hide_parameters=True,
+                                         connection_invalidated=bool(raw.closed)) from exc
 
 
 def _claim_one_by_one(conn: Connection, now: datetime, *, lease: timedelta, limit: int,
@@ -328,6 +336,8 @@ def finish_many(conn: Connection, jobs: Sequence[Job]) -> list[int]:
         d = sa.delete(hook_jobs).where(hook_jobs.c.id == sa.bindparam("job_id"),
                                        hook_jobs.c.claim_token == sa.bindparam("token"))
         return [job.id for job in jobs if conn.execute(d, {"job_id": job.id, "token": job.token}).rowcount != 1]
+    if conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg":
+        return _finish_psycopg(conn, jobs)
     deleted: set[int] = set()
     for token in {job.token for job in jobs}:
         ids = [job.id for job in jobs if job.token == token]
@@ -335,6 +345,18 @@ def finish_many(conn: Connection, jobs: Sequence[Job]) -> list[int]:
         # cache and prepared statement serve it (an expanded IN list missed both)
         finish = _finish_sql(conn.dialect.name == "postgresql")
         deleted.update(conn.execute(finish, {"ids": ids, "token": token}).scalars())
+    return [job.id for job in jobs if job.id not in deleted]
+
+
+def _finish_psycopg(conn: Connection, jobs: Sequence[Job]) -> list[int]:
+    """:func:`finish_many` through psycopg itself (see :func:`_claim_psycopg`): the ids as one literal, the
+    deleted ones back as tuples."""
+    deleted: set[int] = set()
+    with _psycopg_cursor(conn, "finish hook jobs") as cur:
+        for token in {job.token for job in jobs}:
+            ids = "{" + ",".join(str(job.id) for job in jobs if job.token == token) + "}"
+            cur.execute(_PG_FINISH, {"ids": ids, "token": token})
+            deleted.update(row[0] for row in cur.fetchall())
     return [job.id for job in jobs if job.id not in deleted]
 
 
@@ -474,6 +496,8 @@ _PG_TAKE = (
     + _STILL_DUE.replace(":now", "%(now)s").replace(":max_attempts", "%(max_attempts)s")
     + " FOR UPDATE OF j SKIP LOCKED) RETURNING id, hook, payload, attempts"
 )
+
+_PG_FINISH = "DELETE FROM hook_jobs WHERE claim_token = %(token)s AND id = ANY(%(ids)s::bigint[]) RETURNING id"
 
 
 @functools.cache
