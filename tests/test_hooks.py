@@ -726,11 +726,16 @@ def test_a_claim_the_database_refuses_is_a_store_error_and_the_next_claim_runs_t
 
     store = hooked(db_url, Hook("all", recorder))
     deliver(store, f.envelope("user.created", f.user("user_held", 1)))
-    with store.engine.connect() as other:
-        other.exec_driver_sql("LOCK TABLE hook_jobs IN ACCESS EXCLUSIVE MODE")
-        with pytest.raises(StoreError, match="database timeout"), store.transaction() as writer:
+
+    def claim_soon() -> None:
+        with store.transaction() as writer:
             writer.conn.exec_driver_sql("SET LOCAL lock_timeout = '50ms'")
             claim(writer.conn, datetime.now(UTC), lease=timedelta(seconds=60), limit=10, max_attempts=5)
+
+    with store.engine.connect() as other:
+        other.exec_driver_sql("LOCK TABLE hook_jobs IN ACCESS EXCLUSIVE MODE")
+        with pytest.raises(StoreError, match="database timeout"):
+            claim_soon()
         other.rollback()
     assert Dispatcher(store).drain() == 1
     assert [c.clerk_id for c in recorder.seen] == ["user_held"] and jobs(store) == []
