@@ -740,3 +740,59 @@ def test_a_claim_the_database_refuses_is_a_store_error_and_the_next_claim_runs_t
     assert Dispatcher(store).drain() == 1
     assert [c.clerk_id for c in recorder.seen] == ["user_held"] and jobs(store) == []
     store.dispose()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
+def test_the_drivers_own_claims_take_what_sqlalchemys_take(db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Claims and finishes go through psycopg or sqlite3 themselves (``outbox._claim_direct``); SQLAlchemy's
+    statements stay for other drivers and for an engine with its own JSON deserializer. Over one queue in
+    every state a job can be in (due, in backoff, dead, an expired lease with attempts left and one without,
+    a second job behind its entity's first), both take the same jobs claim after claim, and leave the same
+    rows."""
+    from clerk_sync import outbox
+
+    def run(direct: bool) -> tuple[list[list[tuple[str, str, int]]], list[tuple[str, str, int, str | None]]]:
+        store = hooked(db_url, Hook("all", Recorder()))
+        with store.transaction() as writer:
+            writer.conn.execute(sa.delete(hook_jobs))
+        prefix = "user_d_" if direct else "user_s_"  # one database: new users for the second run
+        users_ = [f"{prefix}{n:02d}" for n in range(10)]
+        deliver(store, *[f.envelope("user.created", f.user(u, B)) for u in users_],
+                *[f.envelope("user.updated", f.user(u, B + 1, first_name="Again")) for u in users_[:4]])
+        now = datetime.now(UTC)
+        ids = {(job["entity_key"], job["type"]): job["id"] for job in jobs(store)}
+
+        def job_of(user: str, kind: str = "user.created") -> int:
+            return ids[(f"all|users:{user}", kind)]
+
+        states = [  # (job, values): what dispatchers and failures leave behind
+            (job_of(users_[1]), {"available_at": now + timedelta(minutes=5), "attempts": 1}),  # backoff
+            (job_of(users_[2]), {"status": "dead", "attempts": 5, "last_error": "boom"}),
+            (job_of(users_[3]), {"status": "running", "lease_until": now - timedelta(seconds=1), "attempts": 1}),
+            (job_of(users_[4]), {"status": "running", "lease_until": now - timedelta(seconds=1), "attempts": 5}),
+            (job_of(users_[5]), {"status": "running", "lease_until": now + timedelta(minutes=1), "attempts": 1}),
+        ]
+        with store.transaction() as writer:
+            for job_id, values in states:
+                writer.conn.execute(sa.update(hook_jobs).where(hook_jobs.c.id == job_id).values(**values))
+        if not direct:
+            monkeypatch.setattr(outbox, "_direct_kind", lambda conn: None)
+        claims: list[list[tuple[str, str, int]]] = []
+        for _ in range(8):
+            with store.transaction() as writer:
+                taken = claim(writer.conn, now, lease=timedelta(seconds=60), limit=3, max_attempts=5)
+                assert outbox.finish_many(writer.conn, taken[:2]) == []  # the third stays running
+            claims.append([(job.change.clerk_id.removeprefix(prefix), job.change.kind, job.attempts) for job in taken])
+        monkeypatch.undo()
+        left = [(job["entity_key"].replace(prefix, ""), job["status"], job["attempts"], job["last_error"])
+                for job in jobs(store)]
+        store.dispose()
+        return claims, left
+
+    direct, alchemy = run(direct=True), run(direct=False)
+    assert direct == alchemy
+    claims, left = direct
+    assert [c for claim_ in claims for c in claim_][:3] == [
+        ("00", "created", 1), ("03", "created", 2), ("06", "created", 1)]
+    assert ("all|users:04", "dead", 5, "lease expired after 5 attempts (worker killed, or handler "
+            "slower than the lease)") in left

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -204,8 +205,9 @@ def claim(conn: Connection, now: datetime, *, lease: timedelta, limit: int, max_
     if conn.dialect.name in ("mysql", "mariadb"):  # no UPDATE .. RETURNING, nor a subquery on the updated table
         return _claim_one_by_one(conn, now, lease=lease, limit=limit, max_attempts=max_attempts)
     pg = conn.dialect.name == "postgresql"
-    if pg and conn.dialect.driver == "psycopg":
-        return _claim_psycopg(conn, now, lease=lease, limit=limit, max_attempts=max_attempts)
+    direct = _DIRECT.get(_direct_kind(conn))
+    if direct is not None:
+        return _claim_direct(conn, direct, now, lease=lease, limit=limit, max_attempts=max_attempts)
     error = "attempts (worker killed, or handler slower than the lease)"
     conn.execute(_dead_sql(pg), {"now": now, "max_attempts": max_attempts, "error": error})
     due = {"now": now, "max_attempts": max_attempts}
@@ -243,25 +245,27 @@ def claim(conn: Connection, now: datetime, *, lease: timedelta, limit: int, max_
             for row in sorted(taken, key=lambda r: r.id)]
 
 
-def _claim_psycopg(conn: Connection, now: datetime, *, lease: timedelta, limit: int, max_attempts: int) -> list[Job]:
-    """:func:`claim` on PostgreSQL through psycopg itself, two statements a page instead of three: each
-    page of due jobs comes with whether each is its entity's first unfinished job (the keys are not sent
-    back), and the rows are psycopg's tuples, not SQLAlchemy's. The dispatcher in ``serve`` shares the
-    interpreter with the webhook path: its CPU per job is the mapped + hook ingest cell's largest cost
-    (BENCHMARKS.md, issue 11)."""
-    params: dict[str, Any] = {"now": now, "max_attempts": max_attempts,
+def _claim_direct(conn: Connection, sql: _DirectSQL, now: datetime, *, lease: timedelta, limit: int,
+                  max_attempts: int) -> list[Job]:
+    """:func:`claim` through the driver itself (psycopg, sqlite3), two statements a page instead of three:
+    each page of due jobs comes with whether each is its entity's first unfinished job (the keys are not
+    sent back), and the rows are the driver's tuples, not SQLAlchemy's. The dispatcher in ``serve`` shares
+    the interpreter (and on SQLite the writer lock) with the webhook path: its CPU per job was the mapped +
+    hook ingest cell's largest cost (85 -> 28 us a job on PostgreSQL, in process; BENCHMARKS.md, issue 11)."""
+    stamp = sql.time
+    params: dict[str, Any] = {"now": stamp(now), "max_attempts": max_attempts,
                               "error": "attempts (worker killed, or handler slower than the lease)"}
-    with _psycopg_cursor(conn, "claim hook jobs") as cur:
-        cur.execute(_PG_DEAD, params)
+    with _driver_cursor(conn, "claim hook jobs") as cur:
+        cur.execute(sql.dead, params)
         token = str(uuid.uuid4())
-        params |= {"lease_until": now + lease, "token": token}
+        params |= {"lease_until": stamp(now + lease), "token": token}
         taken: list[Any] = []
         decided: set[str] = set()  # entities already looked at (see claim)
         after, exhausted, size = 0, False, 2 * limit
         while len(taken) < limit and not exhausted:
             need, chosen = limit - len(taken), list[int]()
             while len(chosen) < need and not exhausted:
-                page = cur.execute(_PG_PAGE, params | {"after": after, "page": size}).fetchall()
+                page = cur.execute(sql.page, params | {"after": after, "page": size}).fetchall()
                 exhausted, before = len(page) < size, len(chosen)
                 for job_id, key, first in page:
                     after = job_id
@@ -277,28 +281,26 @@ def _claim_psycopg(conn: Connection, now: datetime, *, lease: timedelta, limit: 
                     size = min(2 * size, max(4096, 2 * limit))
             if not chosen:
                 break
-            # the ids as one text literal: psycopg adapts a list element by element, in Python
-            taken += cur.execute(_PG_TAKE, params | {"ids": "{" + ",".join(map(str, chosen)) + "}"}).fetchall()
+            taken += cur.execute(sql.take, params | {"ids": sql.ids(chosen)}).fetchall()
     taken.sort(key=lambda row: row[0])
-    return [Job(job_id, hook, Change.from_json(payload), attempts, token) for job_id, hook, payload, attempts in taken]
+    return [Job(job_id, hook, Change.from_json(_json(payload)), attempts, token)
+            for job_id, hook, payload, attempts in taken]
 
 
 @contextmanager
-def _psycopg_cursor(conn: Connection, what: str) -> Iterator[Any]:
-    """A psycopg cursor in ``conn``'s transaction (SQLAlchemy began it); a psycopg error comes out as
-    SQLAlchemy's own execute raises it (:meth:`Store.transaction` makes it a StoreError), and a connection
-    it closed is not handed out again."""
-    import psycopg
-
+def _driver_cursor(conn: Connection, what: str) -> Iterator[Any]:
+    """A cursor of the driver under ``conn``, in its transaction (SQLAlchemy began it); a driver error
+    comes out as SQLAlchemy's own execute raises it (:meth:`Store.transaction` makes it a StoreError)."""
+    dbapi: Any = conn.dialect.dbapi
     raw: Any = conn.connection.driver_connection
+    cur = raw.cursor()
     try:
-        with raw.cursor() as cur:
-            yield cur
-    except psycopg.Error as exc:
-        if raw.closed:
-            conn.invalidate()
-        raise sa.exc.DBAPIError.instance(what, None, exc, psycopg.Error, hide_parameters=True,
-                                         connection_invalidated=bool(raw.closed)) from exc
+        yield cur
+    except dbapi.Error as exc:
+        raise sa.exc.DBAPIError.instance(what, None, exc, dbapi.Error, hide_parameters=True,
+                                         connection_invalidated=bool(getattr(raw, "closed", False))) from exc
+    finally:
+        cur.close()
 
 
 def _claim_one_by_one(conn: Connection, now: datetime, *, lease: timedelta, limit: int,
@@ -336,8 +338,9 @@ def finish_many(conn: Connection, jobs: Sequence[Job]) -> list[int]:
         d = sa.delete(hook_jobs).where(hook_jobs.c.id == sa.bindparam("job_id"),
                                        hook_jobs.c.claim_token == sa.bindparam("token"))
         return [job.id for job in jobs if conn.execute(d, {"job_id": job.id, "token": job.token}).rowcount != 1]
-    if conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg":
-        return _finish_psycopg(conn, jobs)
+    direct = _DIRECT.get(_direct_kind(conn))
+    if direct is not None:
+        return _finish_direct(conn, direct, jobs)
     deleted: set[int] = set()
     for token in {job.token for job in jobs}:
         ids = [job.id for job in jobs if job.token == token]
@@ -348,15 +351,13 @@ def finish_many(conn: Connection, jobs: Sequence[Job]) -> list[int]:
     return [job.id for job in jobs if job.id not in deleted]
 
 
-def _finish_psycopg(conn: Connection, jobs: Sequence[Job]) -> list[int]:
-    """:func:`finish_many` through psycopg itself (see :func:`_claim_psycopg`): the ids as one literal, the
-    deleted ones back as tuples."""
+def _finish_direct(conn: Connection, sql: _DirectSQL, jobs: Sequence[Job]) -> list[int]:
+    """:func:`finish_many` through the driver itself (see :func:`_claim_direct`)."""
     deleted: set[int] = set()
-    with _psycopg_cursor(conn, "finish hook jobs") as cur:
+    with _driver_cursor(conn, "finish hook jobs") as cur:
         for token in {job.token for job in jobs}:
-            ids = "{" + ",".join(str(job.id) for job in jobs if job.token == token) + "}"
-            cur.execute(_PG_FINISH, {"ids": ids, "token": token})
-            deleted.update(row[0] for row in cur.fetchall())
+            ids = sql.ids([job.id for job in jobs if job.token == token])
+            deleted.update(row[0] for row in cur.execute(sql.finish, {"ids": ids, "token": token}).fetchall())
     return [job.id for job in jobs if job.id not in deleted]
 
 
@@ -472,32 +473,62 @@ _STILL_DUE = ("CASE WHEN j.status = 'pending' THEN j.available_at <= :now WHEN j
               "THEN j.lease_until < :now AND j.attempts < :max_attempts ELSE false END")
 
 
-# _claim_psycopg's statements: the same as _dead_sql, _due_sql + _first_sql, and _take_sql, in psycopg's
-# placeholders. The page is materialised, then the first unfinished job of each of its entities is looked up
-# by the (entity_key, id) index, as _first_sql does with the keys sent back.
-_PG_DUE = _DUE.replace(":now", "%(now)s").replace(":max_attempts", "%(max_attempts)s")
-_PG_DEAD = (
-    "UPDATE hook_jobs SET status = 'dead', lease_until = NULL, claim_token = NULL, "
-    "last_error = 'lease expired after ' || attempts || ' ' || %(error)s "
-    "WHERE id IN (SELECT j.id FROM hook_jobs j WHERE j.status = 'running' AND j.lease_until < %(now)s "
-    "AND j.attempts >= %(max_attempts)s FOR UPDATE SKIP LOCKED)"
-)
-_PG_PAGE = (
-    "WITH page AS MATERIALIZED (SELECT j.id, j.entity_key FROM hook_jobs j "  # noqa: S608
-    f"WHERE {_PG_DUE} AND j.id > %(after)s ORDER BY j.id LIMIT %(page)s), "
-    "firsts AS (SELECT f.entity_key, min(f.id) AS id FROM hook_jobs f "
-    "WHERE f.entity_key IN (SELECT entity_key FROM page) AND f.status <> 'dead' GROUP BY f.entity_key) "
-    "SELECT p.id, p.entity_key, p.id = f.id FROM page p LEFT JOIN firsts f ON f.entity_key = p.entity_key "
-    "ORDER BY p.id"
-)
-_PG_TAKE = (
-    "UPDATE hook_jobs SET status = 'running', lease_until = %(lease_until)s, claim_token = %(token)s, "  # noqa: S608
-    "attempts = attempts + 1 WHERE id IN (SELECT j.id FROM hook_jobs j WHERE j.id = ANY(%(ids)s::bigint[]) AND "
-    + _STILL_DUE.replace(":now", "%(now)s").replace(":max_attempts", "%(max_attempts)s")
-    + " FOR UPDATE OF j SKIP LOCKED) RETURNING id, hook, payload, attempts"
-)
+@dataclass(frozen=True)
+class _DirectSQL:
+    """:func:`_claim_direct`'s statements for one driver: the same as :func:`_dead_sql`, :func:`_due_sql`
+    with :func:`_first_sql`, :func:`_take_sql` and :func:`_finish_sql`, in its placeholders; how it takes a
+    list of ids (one parameter: a driver adapts a list element by element, in Python) and a timestamp."""
 
-_PG_FINISH = "DELETE FROM hook_jobs WHERE claim_token = %(token)s AND id = ANY(%(ids)s::bigint[]) RETURNING id"
+    dead: str
+    page: str
+    take: str
+    finish: str
+    ids: Callable[[list[int]], str]
+    time: Callable[[datetime], Any]
+
+
+def _direct_sql(placeholder: Callable[[str], str], in_ids: str, ids: Callable[[list[int]], str],
+                time: Callable[[datetime], Any]) -> _DirectSQL:
+    def bind(sql: str) -> str:
+        return re.sub(r"(?<!:):(\w+)", lambda m: placeholder(m.group(1)), sql)  # not a ::cast
+
+    # The page is materialised (SQLite does so with a CTE read twice), then the first unfinished job of
+    # each of its entities is looked up by the (entity_key, id) index, as _first_sql does with the keys.
+    page = ("WITH page AS (SELECT j.id, j.entity_key FROM hook_jobs j "  # noqa: S608
+            f"WHERE {_DUE} AND j.id > :after ORDER BY j.id LIMIT :page), "
+            "firsts AS (SELECT f.entity_key, min(f.id) AS id FROM hook_jobs f "
+            "WHERE f.entity_key IN (SELECT entity_key FROM page) AND f.status <> 'dead' GROUP BY f.entity_key) "
+            "SELECT p.id, p.entity_key, p.id = f.id FROM page p LEFT JOIN firsts f ON f.entity_key = p.entity_key "
+            "ORDER BY p.id")
+    lock = " FOR UPDATE OF j SKIP LOCKED" if in_ids.startswith("= ANY") else ""
+    return _DirectSQL(
+        dead=bind("UPDATE hook_jobs SET status = 'dead', lease_until = NULL, claim_token = NULL, "  # noqa: S608
+                  "last_error = 'lease expired after ' || attempts || ' ' || :error WHERE id IN (SELECT j.id "
+                  "FROM hook_jobs j WHERE j.status = 'running' AND j.lease_until < :now "
+                  f"AND j.attempts >= :max_attempts{' FOR UPDATE SKIP LOCKED' if lock else ''})"),
+        page=bind(page.replace("WITH page AS (", "WITH page AS MATERIALIZED (") if lock else page),
+        take=bind("UPDATE hook_jobs SET status = 'running', lease_until = :lease_until, "  # noqa: S608
+                  "claim_token = :token, attempts = attempts + 1 WHERE id IN (SELECT j.id FROM hook_jobs j "
+                  f"WHERE j.id {in_ids} AND {_STILL_DUE}{lock}) RETURNING id, hook, payload, attempts"),
+        finish=bind(f"DELETE FROM hook_jobs WHERE claim_token = :token AND id {in_ids} RETURNING id"),  # noqa: S608
+        ids=ids, time=time)
+
+
+_DIRECT: dict[str | None, _DirectSQL] = {
+    "psycopg": _direct_sql(lambda name: f"%({name})s", "= ANY(:ids::bigint[])",
+                           lambda ids: "{" + ",".join(map(str, ids)) + "}", lambda t: t),
+    # sqlite3 takes :name itself; SQLAlchemy's own timestamp text, so comparisons match what it wrote
+    "sqlite": _direct_sql(lambda name: f":{name}", "IN (SELECT value FROM json_each(:ids))",
+                          lambda ids: "[" + ",".join(map(str, ids)) + "]", sqlite_time),
+}
+
+
+def _direct_kind(conn: Connection) -> str | None:
+    """Which :data:`_DIRECT` statements serve ``conn``: psycopg, or SQLite without a JSON deserializer of
+    the engine's own (that one only SQLAlchemy applies); None: SQLAlchemy's statements."""
+    if conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg":
+        return "psycopg"
+    return "sqlite" if direct_sqlite(conn.dialect) else None
 
 
 @functools.cache
