@@ -200,7 +200,9 @@ def claim(conn: Connection, now: datetime, *, lease: timedelta, limit: int, max_
     then looking further for what was skipped). Each is one index scan (at worst one pass over the
     table) whatever the statistics say. The single statement it replaced nested its subqueries under a
     plan chosen from statistics taken when the queue was empty (as vacuum leaves them on a queue table):
-    15 ms per claim of 80 jobs, growing with the square of the queue.
+    15 ms per claim of 80 jobs, growing with the square of the queue. Through psycopg or sqlite3
+    (:func:`_claim_direct`) the first two are one statement: the page is materialised first, then looked
+    up by entity, so the same bound holds.
     """
     if conn.dialect.name in ("mysql", "mariadb"):  # no UPDATE .. RETURNING, nor a subquery on the updated table
         return _claim_one_by_one(conn, now, lease=lease, limit=limit, max_attempts=max_attempts)
