@@ -119,7 +119,7 @@ class Outbox:
         kept in ``refused`` (the delivery's ``last_error``). A transient failure still fails the whole."""
         assert self.mapping is not None
         try:
-            with self.conn.begin_nested():
+            with _savepoint(self.conn):
                 self.mapping.project(self.conn, self.now, change)
         except StoreDataError as exc:
             reason = str(exc)
@@ -473,6 +473,28 @@ _DUE = ("((j.status = 'pending' AND j.available_at <= :now) "
 # must not prefer the status index (with statistics from an empty queue it did, and walked every due row).
 _STILL_DUE = ("CASE WHEN j.status = 'pending' THEN j.available_at <= :now WHEN j.status = 'running' "
               "THEN j.lease_until < :now AND j.attempts < :max_attempts ELSE false END")
+
+
+@contextmanager
+def _savepoint(conn: Connection) -> Iterator[None]:
+    """``conn.begin_nested()``, through the driver itself on psycopg and sqlite3: SQLAlchemy's SAVEPOINT and
+    RELEASE cost ~0.1 ms of Python each, per mapped change, which was most of what a mapped table cost on
+    SQLite (BENCHMARKS.md, issue 11). SQLAlchemy's transaction is the same: it never sees this savepoint."""
+    if conn.dialect.driver not in ("psycopg", "pysqlite"):
+        with conn.begin_nested():
+            yield
+        return
+    with _driver_cursor(conn, "SAVEPOINT") as cur:
+        cur.execute("SAVEPOINT clerk_sync_mapped")
+    try:
+        yield
+    except BaseException:
+        with _driver_cursor(conn, "ROLLBACK TO SAVEPOINT") as cur:
+            cur.execute("ROLLBACK TO SAVEPOINT clerk_sync_mapped")
+            cur.execute("RELEASE SAVEPOINT clerk_sync_mapped")
+        raise
+    with _driver_cursor(conn, "RELEASE SAVEPOINT") as cur:
+        cur.execute("RELEASE SAVEPOINT clerk_sync_mapped")
 
 
 @dataclass(frozen=True)
