@@ -796,3 +796,41 @@ def test_the_drivers_own_claims_take_what_sqlalchemys_take(db_url: str, monkeypa
         ("00", "created", 1), ("03", "created", 2), ("06", "created", 1)]
     assert ("all|users:04", "dead", 5, "lease expired after 5 attempts (worker killed, or handler "
             "slower than the lease)") in left
+
+
+@pytest.mark.parametrize("db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
+def test_a_claim_over_a_blocked_backlog_does_work_in_proportion_to_it(db_url: str) -> None:
+    """A sink down: every entity's first job waits in backoff, thousands queue behind them, and the
+    statistics are those of the emptied queue (as the dispatcher's vacuum leaves them). The claim's page
+    statement must do work in proportion to the page (counted by PostgreSQL: the rows every plan node
+    produced, times its loops), not regroup the page's entities for each of its rows (review: ~1 s a page
+    of 4,096 with the join it replaced)."""
+    from clerk_sync import outbox
+
+    store = hooked(db_url, Hook("all", Recorder()))
+    with store.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.exec_driver_sql("VACUUM ANALYZE hook_jobs")  # empty: reltuples 0
+    now = datetime.now(UTC)
+    entities, behind = 50, 50
+    with store.transaction() as writer:
+        writer.conn.execute(hook_jobs.insert(), [
+            {"hook": "all", "type": "user.updated", "entity_key": f"all|users:user_b_{e:02d}",
+             "idempotency_key": f"user.updated:user_b_{e:02d}:{n}", "payload": {"n": n}, "status": "pending",
+             "attempts": 1 if n == 0 else 0, "created_at": now,
+             "available_at": now + timedelta(hours=1) if n == 0 else now}  # the first: in backoff
+            for n in range(behind) for e in range(entities)])
+    sql = outbox._DIRECT["psycopg"].page
+    params = {"now": now, "max_attempts": 5, "after": 0, "page": 4096}
+    with store.transaction() as writer:
+        raw: Any = writer.conn.connection.driver_connection
+        (plan,), = raw.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + sql, params).fetchall()
+        taken = claim(writer.conn, now, lease=timedelta(seconds=60), limit=2048, max_attempts=5)
+
+    def work(node: dict[str, Any]) -> int:
+        return (node["Actual Rows"] * node["Actual Loops"]
+                + sum(work(child) for child in node.get("Plans", [])))
+
+    jobs_ = entities * behind
+    assert taken == []  # every one behind its entity's first job
+    assert work(plan[0]["Plan"]) <= 20 * jobs_, plan  # ~8 a job measured; the regrouping plan: ~2,500
+    store.dispose()
