@@ -117,8 +117,14 @@ def describe(entity: Entity, clerk_id: str, version: int, before: JSON | None, a
     return Change(entity, clerk_id, "updated", version, after, previous) if previous else None
 
 
+_SCALARS = frozenset({str, int, float, type(None)})
+
+
 def _same_json(a: Any, b: Any) -> bool:
     """Equal as JSON values (as PostgreSQL compares jsonb): Python's ``True == 1`` is not."""
+    kind = type(a)
+    if kind is type(b) and kind in _SCALARS:  # most fields: one type check (bool is not among them)
+        return bool(a == b)
     if isinstance(a, bool) or isinstance(b, bool):
         return type(a) is type(b) and a == b
     if isinstance(a, dict) and isinstance(b, dict):
