@@ -742,6 +742,33 @@ def test_a_claim_the_database_refuses_is_a_store_error_and_the_next_claim_runs_t
     store.dispose()
 
 
+@pytest.mark.parametrize("db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
+def test_a_finish_the_database_refuses_is_a_store_error_and_the_job_stays_claimed(db_url: str) -> None:
+    """The same for the finish of a batch (a job that ran): StoreError, and the job is still there, still
+    this claim's, so a later finish (or, past the lease, another dispatcher) settles it."""
+    from clerk_sync.errors import StoreError
+    from clerk_sync.outbox import finish_many
+
+    store = hooked(db_url, Hook("all", Recorder()))
+    deliver(store, f.envelope("user.created", f.user("user_done", 1)))
+    with store.transaction() as writer:
+        (job,) = claim(writer.conn, datetime.now(UTC), lease=timedelta(seconds=60), limit=10, max_attempts=5)
+
+    def finish_soon() -> list[int]:
+        with store.transaction() as writer:
+            writer.conn.exec_driver_sql("SET LOCAL lock_timeout = '50ms'")
+            return finish_many(writer.conn, [job])
+
+    with store.engine.connect() as other:
+        other.exec_driver_sql("LOCK TABLE hook_jobs IN ACCESS EXCLUSIVE MODE")
+        with pytest.raises(StoreError, match="database timeout"):
+            finish_soon()
+        other.rollback()
+    assert [(j["id"], j["status"], j["claim_token"]) for j in jobs(store)] == [(job.id, "running", job.token)]
+    assert finish_soon() == [] and jobs(store) == []
+    store.dispose()
+
+
 @pytest.mark.parametrize("db_url", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
 def test_the_drivers_own_claims_take_what_sqlalchemys_take(db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Claims and finishes go through psycopg or sqlite3 themselves (``outbox._claim_direct``); SQLAlchemy's
