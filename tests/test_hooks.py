@@ -837,6 +837,8 @@ def test_a_claim_over_a_blocked_backlog_does_work_in_proportion_to_it(db_url: st
     store = hooked(db_url, Hook("all", Recorder()))
     with store.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.exec_driver_sql("VACUUM ANALYZE hook_jobs")  # empty: reltuples 0
+        # and no autovacuum's ANALYZE of the backlog before the statement runs (it would hide the plan)
+        conn.exec_driver_sql("ALTER TABLE hook_jobs SET (autovacuum_enabled = false)")
     now = datetime.now(UTC)
     entities, behind = 50, 50
     with store.transaction() as writer:
@@ -853,11 +855,34 @@ def test_a_claim_over_a_blocked_backlog_does_work_in_proportion_to_it(db_url: st
         (plan,), = raw.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + sql, params).fetchall()
         taken = claim(writer.conn, now, lease=timedelta(seconds=60), limit=2048, max_attempts=5)
 
-    def work(node: dict[str, Any]) -> int:
-        return (node["Actual Rows"] * node["Actual Loops"]
-                + sum(work(child) for child in node.get("Plans", [])))
+    def work(node: dict[str, Any]) -> int:  # rows each node produced or filtered out, over its loops
+        rows = node["Actual Rows"] + node.get("Rows Removed by Filter", 0) + node.get("Rows Removed by Join Filter", 0)
+        return rows * node["Actual Loops"] + sum(work(child) for child in node.get("Plans", []))
 
     jobs_ = entities * behind
     assert taken == []  # every one behind its entity's first job
     assert work(plan[0]["Plan"]) <= 20 * jobs_, plan  # ~8 a job measured; the regrouping plan: ~2,500
+    store.dispose()
+
+
+@pytest.mark.parametrize("db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
+def test_a_connection_lost_inside_a_mapped_savepoint_reports_why(db_url: str) -> None:
+    """The mapped row's savepoint goes through the driver (``outbox._savepoint``). When the connection dies
+    inside it, the error that says why must come out, as SQLAlchemy's own savepoint lets it (review: a
+    rollback to the savepoint on the invalidated connection put SQLAlchemy's "can't reconnect until
+    invalid transaction is rolled back" in its place, which the group committer does not read as a lost
+    connection)."""
+    from clerk_sync import outbox
+    from clerk_sync.errors import StoreError
+
+    store = hooked(db_url)
+
+    def die_inside() -> None:
+        with store.transaction() as writer, outbox._savepoint(writer.conn):
+            writer.conn.exec_driver_sql("SELECT pg_terminate_backend(pg_backend_pid())")
+
+    with pytest.raises(StoreError, match="AdminShutdown"):
+        die_inside()
+    with store.transaction() as writer:  # and the pool hands out a live connection again
+        assert writer.conn.exec_driver_sql("SELECT 1").scalar_one() == 1
     store.dispose()

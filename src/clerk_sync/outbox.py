@@ -491,6 +491,8 @@ def _savepoint(conn: Connection) -> Iterator[None]:
     try:
         yield
     except BaseException:
+        if conn.invalidated:  # the connection is gone (SQLAlchemy saw it): the original error says why
+            raise
         with _driver_cursor(conn, "ROLLBACK TO SAVEPOINT") as cur:
             cur.execute("ROLLBACK TO SAVEPOINT clerk_sync_mapped")
             cur.execute("RELEASE SAVEPOINT clerk_sync_mapped")
