@@ -201,8 +201,8 @@ def claim(conn: Connection, now: datetime, *, lease: timedelta, limit: int, max_
     table) whatever the statistics say. The single statement it replaced nested its subqueries under a
     plan chosen from statistics taken when the queue was empty (as vacuum leaves them on a queue table):
     15 ms per claim of 80 jobs, growing with the square of the queue. Through psycopg or sqlite3
-    (:func:`_claim_direct`) the first two are one statement: the page is materialised first, then looked
-    up by entity, so the same bound holds.
+    (:func:`_claim_direct`) the first two are one statement: the page first, then one index probe per
+    page row for its entity's first job, so the same bound holds.
     """
     if conn.dialect.name in ("mysql", "mariadb"):  # no UPDATE .. RETURNING, nor a subquery on the updated table
         return _claim_one_by_one(conn, now, lease=lease, limit=limit, max_attempts=max_attempts)
@@ -515,8 +515,8 @@ class _DirectSQL:
     time: Callable[[datetime], Any]
 
 
-def _direct_sql(placeholder: Callable[[str], str], in_ids: str, ids: Callable[[list[int]], str],
-                time: Callable[[datetime], Any]) -> _DirectSQL:
+def _direct_sql(*, postgres: bool, placeholder: Callable[[str], str], in_ids: str,
+                ids: Callable[[list[int]], str], time: Callable[[datetime], Any]) -> _DirectSQL:
     def bind(sql: str) -> str:
         return re.sub(r"(?<!:):(\w+)", lambda m: placeholder(m.group(1)), sql)  # not a ::cast
 
@@ -528,7 +528,7 @@ def _direct_sql(placeholder: Callable[[str], str], in_ids: str, ids: Callable[[l
             f"WHERE {_DUE} AND j.id > :after ORDER BY j.id LIMIT :page) "
             "SELECT p.id, p.entity_key, p.id = (SELECT f.id FROM hook_jobs f WHERE f.entity_key = p.entity_key "
             "AND f.status <> 'dead' ORDER BY f.id LIMIT 1) FROM page p ORDER BY p.id")
-    lock = " FOR UPDATE OF j SKIP LOCKED" if in_ids.startswith("= ANY") else ""
+    lock = " FOR UPDATE OF j SKIP LOCKED" if postgres else ""  # SQLite: the writer lock serialises claims
     return _DirectSQL(
         dead=bind("UPDATE hook_jobs SET status = 'dead', lease_until = NULL, claim_token = NULL, "  # noqa: S608
                   "last_error = 'lease expired after ' || attempts || ' ' || :error WHERE id IN (SELECT j.id "
@@ -544,11 +544,12 @@ def _direct_sql(placeholder: Callable[[str], str], in_ids: str, ids: Callable[[l
 
 
 _DIRECT: dict[str | None, _DirectSQL] = {
-    "psycopg": _direct_sql(lambda name: f"%({name})s", "= ANY(:ids::bigint[])",
-                           lambda ids: "{" + ",".join(map(str, ids)) + "}", lambda t: t),
+    "psycopg": _direct_sql(postgres=True, placeholder=lambda name: f"%({name})s", in_ids="= ANY(:ids::bigint[])",
+                           ids=lambda ids: "{" + ",".join(map(str, ids)) + "}", time=lambda t: t),
     # sqlite3 takes :name itself; SQLAlchemy's own timestamp text, so comparisons match what it wrote
-    "sqlite": _direct_sql(lambda name: f":{name}", "IN (SELECT value FROM json_each(:ids))",
-                          lambda ids: "[" + ",".join(map(str, ids)) + "]", sqlite_time),
+    "sqlite": _direct_sql(postgres=False, placeholder=lambda name: f":{name}",
+                          in_ids="IN (SELECT value FROM json_each(:ids))",
+                          ids=lambda ids: "[" + ",".join(map(str, ids)) + "]", time=sqlite_time),
 }
 
 
