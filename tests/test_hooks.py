@@ -803,7 +803,7 @@ def test_the_drivers_own_claims_take_what_sqlalchemys_take(db_url: str, monkeypa
             for job_id, values in states:
                 writer.conn.execute(sa.update(hook_jobs).where(hook_jobs.c.id == job_id).values(**values))
         if not direct:
-            monkeypatch.setattr(outbox, "_direct_kind", lambda conn: None)
+            monkeypatch.setattr(outbox, "_direct", lambda conn: None)
         claims: list[list[tuple[str, str, int]]] = []
         for _ in range(8):
             with store.transaction() as writer:

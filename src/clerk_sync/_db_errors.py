@@ -4,11 +4,35 @@ refused). One place, for the store's transactions and the outbox's guarded proje
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
 import sqlalchemy as sa
+from sqlalchemy.engine import Connection
 
 from clerk_sync.errors import StoreDataError, StoreError, database_message
 
-__all__ = ["is_foreign_key_violation", "store_error"]
+__all__ = ["driver_cursor", "is_foreign_key_violation", "store_error"]
+
+@contextmanager
+def driver_cursor(conn: Connection, what: str) -> Iterator[Any]:
+    """A cursor of the driver under ``conn``, in its transaction (SQLAlchemy began it), for statements whose
+    SQLAlchemy overhead was measured to matter; a driver error comes out as SQLAlchemy's own execute
+    raises it (``what`` stands for the statement), so :func:`store_error` classifies it as any other."""
+    dbapi: Any = conn.dialect.dbapi
+    raw: Any = conn.connection.driver_connection
+    cur = None
+    try:
+        cur = raw.cursor()  # a closed connection refuses this already
+        yield cur
+    except dbapi.Error as exc:
+        raise sa.exc.DBAPIError.instance(what, None, exc, dbapi.Error, hide_parameters=True,
+                                         connection_invalidated=bool(getattr(raw, "closed", False))) from exc
+    finally:
+        if cur is not None:
+            cur.close()
+
 
 _TIMEOUTS = {  # SQLSTATEs of the bounds set in _postgres_bounds
     "55P03": "waited longer than lock_timeout for a lock held by another connection",

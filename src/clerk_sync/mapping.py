@@ -30,7 +30,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from clerk_sync._db_errors import is_foreign_key_violation
+from clerk_sync._db_errors import driver_cursor, is_foreign_key_violation
 from clerk_sync.changes import Change
 from clerk_sync.engine import Entity
 from clerk_sync.errors import StoreDataError, StoreError, database_message
@@ -374,18 +374,11 @@ def sqlite_execute(conn: Connection, sql: str, rows: Sequence[Sequence[Any]], *,
     """Run one ``?``-style statement on the sqlite3 connection under ``conn`` (in its transaction), without
     SQLAlchemy's per-call work (several times the statement's own cost on the hooks path); the caller
     converts values. Errors come out as SQLAlchemy's, as from ``conn.execute``."""
-    import sqlite3
-
-    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-    try:
+    with driver_cursor(conn, sql) as cursor:
         if many:
             cursor.executemany(sql, rows)
             return []
         return list(cursor.execute(sql, rows[0]).fetchall())
-    except sqlite3.Error as exc:
-        raise sa.exc.DBAPIError.instance(sql, None, exc, sqlite3.Error, hide_parameters=True) from exc
-    finally:
-        cursor.close()
 
 
 def _quote_ident(name: str) -> str:

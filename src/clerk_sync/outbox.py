@@ -31,7 +31,7 @@ import structlog
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from clerk_sync._db_errors import store_error
+from clerk_sync._db_errors import driver_cursor, store_error
 from clerk_sync.changes import BOOKKEEPING, Change, Hook, change_type
 from clerk_sync.engine import Entity, Tombstone, Upsert
 from clerk_sync.errors import StoreDataError
@@ -187,6 +187,9 @@ class Job:
     last_error: str | None = None
 
 
+_LEASE_EXPIRED = "attempts (worker killed, or handler slower than the lease)"  # "lease expired after N " + this
+
+
 def claim(conn: Connection, now: datetime, *, lease: timedelta, limit: int, max_attempts: int) -> list[Job]:
     """Lease up to ``limit`` claimable jobs (at most one per entity_key), oldest first; all jobs of one
     claim share its token. Run inside the caller's transaction.
@@ -207,33 +210,44 @@ def claim(conn: Connection, now: datetime, *, lease: timedelta, limit: int, max_
     if conn.dialect.name in ("mysql", "mariadb"):  # no UPDATE .. RETURNING, nor a subquery on the updated table
         return _claim_one_by_one(conn, now, lease=lease, limit=limit, max_attempts=max_attempts)
     pg = conn.dialect.name == "postgresql"
-    direct = _DIRECT.get(_direct_kind(conn))
+    direct = _direct(conn)
     if direct is not None:
         return _claim_direct(conn, direct, now, lease=lease, limit=limit, max_attempts=max_attempts)
-    error = "attempts (worker killed, or handler slower than the lease)"
-    conn.execute(_dead_sql(pg), {"now": now, "max_attempts": max_attempts, "error": error})
+    conn.execute(_dead_sql(pg), {"now": now, "max_attempts": max_attempts, "error": _LEASE_EXPIRED})
     due = {"now": now, "max_attempts": max_attempts}
     token = str(uuid.uuid4())
     take = due | {"lease_until": now + lease, "token": token}
+
+    def page(after: int, size: int) -> list[tuple[int, str, bool]]:
+        rows = conn.execute(_due_sql(), due | {"after": after, "page": size}).all()
+        keys = sorted({row.entity_key for row in rows})
+        first = {key: job_id for key, job_id in conn.execute(_first_sql(pg), {"keys": keys})} if keys else {}
+        return [(row.id, row.entity_key, first.get(row.entity_key) == row.id) for row in rows]
+
+    return _claim_pages(page, lambda chosen: conn.execute(_take_sql(pg), take | {"ids": chosen}).all(), limit, token)
+
+
+def _claim_pages(page: Callable[[int, int], Sequence[tuple[int, str, Any]]],
+                 take: Callable[[list[int]], Sequence[Any]], limit: int, token: str) -> list[Job]:
+    """The walk of :func:`claim`: pages of due jobs after an id (each with whether it is its entity's first
+    unfinished job) until ``limit`` are chosen, then ``take`` them (id, hook, payload, attempts rows)."""
     taken: list[Any] = []
     decided: set[str] = set()  # entities already looked at: at most one candidate each, the first
     after, exhausted, size = 0, False, 2 * limit
     while len(taken) < limit and not exhausted:
         need, chosen = limit - len(taken), list[int]()
         while len(chosen) < need and not exhausted:
-            page = conn.execute(_due_sql(), due | {"after": after, "page": size}).all()
-            keys = sorted({row.entity_key for row in page} - decided)
-            first = {key: job_id for key, job_id in conn.execute(_first_sql(pg), {"keys": keys})} if keys else {}
-            exhausted, before = len(page) < size, len(chosen)
-            for row in page:
-                after = row.id
-                if row.entity_key in decided:
+            rows = page(after, size)
+            exhausted, before = len(rows) < size, len(chosen)
+            for job_id, key, first in rows:
+                after = job_id
+                if key in decided:
                     continue
-                decided.add(row.entity_key)
-                if first.get(row.entity_key) == row.id:
-                    chosen.append(row.id)
+                decided.add(key)
+                if first:
+                    chosen.append(job_id)
                     if len(chosen) == need:
-                        exhausted = exhausted and row is page[-1]
+                        exhausted = exhausted and job_id == rows[-1][0]
                         break
             if len(chosen) == before:  # a page of jobs blocked behind their entities' first ones (a sink
                 # down, its first jobs in backoff): larger pages, not one round trip per 2 x limit of them
@@ -242,9 +256,9 @@ def claim(conn: Connection, now: datetime, *, lease: timedelta, limit: int, max_
             break
         # Fewer taken than chosen: another dispatcher holds some of them (it chose the same oldest ones
         # at the same moment): look further rather than come back short.
-        taken += conn.execute(_take_sql(pg), take | {"ids": chosen}).all()
-    return [Job(row.id, row.hook, Change.from_json(_json(row.payload)), row.attempts, token)
-            for row in sorted(taken, key=lambda r: r.id)]
+        taken += take(chosen)
+    return [Job(job_id, hook, Change.from_json(_json(payload)), attempts, token)
+            for job_id, hook, payload, attempts in sorted(taken, key=lambda row: row[0])]
 
 
 def _claim_direct(conn: Connection, sql: _DirectSQL, now: datetime, *, lease: timedelta, limit: int,
@@ -254,57 +268,14 @@ def _claim_direct(conn: Connection, sql: _DirectSQL, now: datetime, *, lease: ti
     sent back), and the rows are the driver's tuples, not SQLAlchemy's. The dispatcher in ``serve`` shares
     the interpreter (and on SQLite the writer lock) with the webhook path: its CPU per job was the mapped +
     hook ingest cell's largest cost (85 -> 28 us a job on PostgreSQL, in process; BENCHMARKS.md, issue 11)."""
-    stamp = sql.time
-    params: dict[str, Any] = {"now": stamp(now), "max_attempts": max_attempts,
-                              "error": "attempts (worker killed, or handler slower than the lease)"}
-    with _driver_cursor(conn, "claim hook jobs") as cur:
+    params: dict[str, Any] = {"now": sql.time(now), "max_attempts": max_attempts, "error": _LEASE_EXPIRED}
+    token = str(uuid.uuid4())
+    with driver_cursor(conn, "claim hook jobs") as cur:
         cur.execute(sql.dead, params)
-        token = str(uuid.uuid4())
-        params |= {"lease_until": stamp(now + lease), "token": token}
-        taken: list[Any] = []
-        decided: set[str] = set()  # entities already looked at (see claim)
-        after, exhausted, size = 0, False, 2 * limit
-        while len(taken) < limit and not exhausted:
-            need, chosen = limit - len(taken), list[int]()
-            while len(chosen) < need and not exhausted:
-                page = cur.execute(sql.page, params | {"after": after, "page": size}).fetchall()
-                exhausted, before = len(page) < size, len(chosen)
-                for job_id, key, first in page:
-                    after = job_id
-                    if key in decided:
-                        continue
-                    decided.add(key)
-                    if first:
-                        chosen.append(job_id)
-                        if len(chosen) == need:
-                            exhausted = exhausted and job_id == page[-1][0]
-                            break
-                if len(chosen) == before:  # blocked behind their entities' first jobs: larger pages
-                    size = min(2 * size, max(4096, 2 * limit))
-            if not chosen:
-                break
-            taken += cur.execute(sql.take, params | {"ids": sql.ids(chosen)}).fetchall()
-    taken.sort(key=lambda row: row[0])
-    return [Job(job_id, hook, Change.from_json(_json(payload)), attempts, token)
-            for job_id, hook, payload, attempts in taken]
-
-
-@contextmanager
-def _driver_cursor(conn: Connection, what: str) -> Iterator[Any]:
-    """A cursor of the driver under ``conn``, in its transaction (SQLAlchemy began it); a driver error
-    comes out as SQLAlchemy's own execute raises it (:meth:`Store.transaction` makes it a StoreError)."""
-    dbapi: Any = conn.dialect.dbapi
-    raw: Any = conn.connection.driver_connection
-    cur = None
-    try:
-        cur = raw.cursor()  # a closed connection refuses this already
-        yield cur
-    except dbapi.Error as exc:
-        raise sa.exc.DBAPIError.instance(what, None, exc, dbapi.Error, hide_parameters=True,
-                                         connection_invalidated=bool(getattr(raw, "closed", False))) from exc
-    finally:
-        if cur is not None:
-            cur.close()
+        params |= {"lease_until": sql.time(now + lease), "token": token}
+        return _claim_pages(
+            lambda after, size: cur.execute(sql.page, params | {"after": after, "page": size}).fetchall(),
+            lambda chosen: cur.execute(sql.take, params | {"ids": sql.ids(chosen)}).fetchall(), limit, token)
 
 
 def _claim_one_by_one(conn: Connection, now: datetime, *, lease: timedelta, limit: int,
@@ -322,7 +293,7 @@ def _claim_one_by_one(conn: Connection, now: datetime, *, lease: timedelta, limi
         # only a lease that expired is the dead statement's; a pending job past max_attempts (the limit was
         # lowered) runs once more, as _DUE has it on the other databases
         if row.status == "running" and row.attempts >= max_attempts:
-            error = f"lease expired after {row.attempts} attempts (worker killed, or handler slower than the lease)"
+            error = f"lease expired after {row.attempts} {_LEASE_EXPIRED}"
             _set(conn, row.id, status="dead", lease_until=None, claim_token=None, last_error=error)
             continue
         token = str(uuid.uuid4())
@@ -342,7 +313,7 @@ def finish_many(conn: Connection, jobs: Sequence[Job]) -> list[int]:
         d = sa.delete(hook_jobs).where(hook_jobs.c.id == sa.bindparam("job_id"),
                                        hook_jobs.c.claim_token == sa.bindparam("token"))
         return [job.id for job in jobs if conn.execute(d, {"job_id": job.id, "token": job.token}).rowcount != 1]
-    direct = _DIRECT.get(_direct_kind(conn))
+    direct = _direct(conn)
     if direct is not None:
         return _finish_direct(conn, direct, jobs)
     deleted: set[int] = set()
@@ -358,7 +329,7 @@ def finish_many(conn: Connection, jobs: Sequence[Job]) -> list[int]:
 def _finish_direct(conn: Connection, sql: _DirectSQL, jobs: Sequence[Job]) -> list[int]:
     """:func:`finish_many` through the driver itself (see :func:`_claim_direct`)."""
     deleted: set[int] = set()
-    with _driver_cursor(conn, "finish hook jobs") as cur:
+    with driver_cursor(conn, "finish hook jobs") as cur:
         for token in {job.token for job in jobs}:
             ids = sql.ids([job.id for job in jobs if job.token == token])
             deleted.update(row[0] for row in cur.execute(sql.finish, {"ids": ids, "token": token}).fetchall())
@@ -486,18 +457,18 @@ def _savepoint(conn: Connection) -> Iterator[None]:
         with conn.begin_nested():
             yield
         return
-    with _driver_cursor(conn, "SAVEPOINT") as cur:
+    with driver_cursor(conn, "SAVEPOINT") as cur:
         cur.execute("SAVEPOINT clerk_sync_mapped")
     try:
         yield
     except BaseException:
         if conn.invalidated:  # the connection is gone (SQLAlchemy saw it): the original error says why
             raise
-        with _driver_cursor(conn, "ROLLBACK TO SAVEPOINT") as cur:
+        with driver_cursor(conn, "ROLLBACK TO SAVEPOINT") as cur:
             cur.execute("ROLLBACK TO SAVEPOINT clerk_sync_mapped")
             cur.execute("RELEASE SAVEPOINT clerk_sync_mapped")
         raise
-    with _driver_cursor(conn, "RELEASE SAVEPOINT") as cur:
+    with driver_cursor(conn, "RELEASE SAVEPOINT") as cur:
         cur.execute("RELEASE SAVEPOINT clerk_sync_mapped")
 
 
@@ -543,7 +514,7 @@ def _direct_sql(*, postgres: bool, placeholder: Callable[[str], str], in_ids: st
         ids=ids, time=time)
 
 
-_DIRECT: dict[str | None, _DirectSQL] = {
+_DIRECT: dict[str, _DirectSQL] = {
     "psycopg": _direct_sql(postgres=True, placeholder=lambda name: f"%({name})s", in_ids="= ANY(:ids::bigint[])",
                            ids=lambda ids: "{" + ",".join(map(str, ids)) + "}", time=lambda t: t),
     # sqlite3 takes :name itself; SQLAlchemy's own timestamp text, so comparisons match what it wrote
@@ -553,12 +524,12 @@ _DIRECT: dict[str | None, _DirectSQL] = {
 }
 
 
-def _direct_kind(conn: Connection) -> str | None:
-    """Which :data:`_DIRECT` statements serve ``conn``: psycopg, or SQLite without a JSON deserializer of
-    the engine's own (that one only SQLAlchemy applies); None: SQLAlchemy's statements."""
+def _direct(conn: Connection) -> _DirectSQL | None:
+    """The :data:`_DIRECT` statements that serve ``conn``: psycopg, or SQLite without a JSON deserializer
+    of the engine's own (that one only SQLAlchemy applies); None: SQLAlchemy's statements."""
     if conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg":
-        return "psycopg"
-    return "sqlite" if direct_sqlite(conn.dialect) else None
+        return _DIRECT["psycopg"]
+    return _DIRECT["sqlite"] if direct_sqlite(conn.dialect) else None
 
 
 @functools.cache
