@@ -743,6 +743,29 @@ def test_a_claim_the_database_refuses_is_a_store_error_and_the_next_claim_runs_t
 
 
 @pytest.mark.parametrize("db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
+def test_a_claim_on_a_lost_connection_says_why(db_url: str) -> None:
+    """A connection lost under a claim through psycopg: the error that says why (the server ended it) comes
+    out, as from SQLAlchemy's own execute, not the failed ROLLBACK on the dead connection after it
+    (review), and the pool hands out a live connection next."""
+    from clerk_sync.errors import StoreError
+
+    store = hooked(db_url, Hook("all", Recorder()))
+
+    def claim_after_kill() -> None:
+        with store.transaction() as writer:
+            pid = writer.conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+            with store.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as other:
+                other.exec_driver_sql(f"SELECT pg_terminate_backend({int(pid)})")
+            claim(writer.conn, datetime.now(UTC), lease=timedelta(seconds=60), limit=10, max_attempts=5)
+
+    with pytest.raises(StoreError, match="AdminShutdown"):
+        claim_after_kill()
+    with store.transaction() as writer:
+        assert claim(writer.conn, datetime.now(UTC), lease=timedelta(seconds=60), limit=10, max_attempts=5) == []
+    store.dispose()
+
+
+@pytest.mark.parametrize("db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
 def test_a_finish_the_database_refuses_is_a_store_error_and_the_job_stays_claimed(db_url: str) -> None:
     """The same for the finish of a batch (a job that ran): StoreError, and the job is still there, still
     this claim's, so a later finish (or, past the lease, another dispatcher) settles it."""
@@ -772,7 +795,7 @@ def test_a_finish_the_database_refuses_is_a_store_error_and_the_job_stays_claime
 @pytest.mark.parametrize("db_url", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
 def test_the_drivers_own_claims_take_what_sqlalchemys_take(db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Claims and finishes go through psycopg or sqlite3 themselves (``outbox._claim_direct``); SQLAlchemy's
-    statements stay for other drivers and for an engine with its own JSON deserializer. Over one queue in
+    statements stay for other drivers and for a SQLite engine with its own JSON deserializer. Over one queue in
     every state a job can be in (due, in backoff, dead, an expired lease with attempts left and one without,
     a second job behind its entity's first), both take the same jobs claim after claim, and leave the same
     rows."""

@@ -27,8 +27,11 @@ def driver_cursor(conn: Connection, what: str) -> Iterator[Any]:
         cur = raw.cursor()  # a closed connection refuses this already
         yield cur
     except dbapi.Error as exc:
+        closed = bool(getattr(raw, "closed", False))
+        if closed:  # as SQLAlchemy does: no ROLLBACK on it later, whose failure would hide this error
+            conn.invalidate(exc)
         raise sa.exc.DBAPIError.instance(what, None, exc, dbapi.Error, hide_parameters=True,
-                                         connection_invalidated=bool(getattr(raw, "closed", False))) from exc
+                                         connection_invalidated=closed) from exc
     finally:
         if cur is not None:
             cur.close()
