@@ -899,6 +899,56 @@ def test_replay_reports_what_the_apps_table_still_refuses(db_url: str) -> None:
     engine.dispose()
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_an_apps_trigger_that_rolls_back_the_whole_transaction_holds_back_no_role(db_url: str) -> None:
+    """On SQLite an app's trigger can end the whole transaction (``RAISE(ROLLBACK)``), the mapped row's
+    savepoint with it: the delivery answered 503 ("no such savepoint") on every retry and the role never
+    arrived. Now the delivery is written again without the app's tables: applied, the refusal noted, the
+    hook still told; its batch-mates commit; a stored failed delivery replays the same way."""
+    from clerk_sync.engine import DeliveryStatus
+    from clerk_sync.ingest import replay_deliveries
+    from clerk_sync.integrations._committer import ALONE
+
+    profiles = sa.Table("guarded_profiles", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
+                        sa.Column("clerk_user_id", sa.String(64), unique=True), sa.Column("email", sa.String(320)))
+    mapping = SchemaMapping(users=MappedTable("guarded_profiles", "clerk_user_id", {"email": "email"}))
+    seen: list[Change] = []
+    store, engine = _with_app_table(db_url, profiles, mapping, hooks=[Hook("seen", seen.append)])
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TRIGGER no_blocked BEFORE INSERT ON guarded_profiles "
+                             "WHEN NEW.email LIKE 'blocked%' BEGIN SELECT RAISE(ROLLBACK, 'blocked domain'); END")
+    processor = WebhookProcessor(store, WebhookVerifier([f.SECRET]))
+
+    def event(n: int, email: str) -> tuple[str, Any]:
+        body = f.envelope("user.created", f.user(f"user_t{n}", B + n, email=email, role="admin"))
+        return f"msg_t{n}", parse_envelope(json.dumps(body))
+
+    batch = [event(1, "a@example.com"), event(2, "blocked@example.com"), event(3, "b@example.com")]
+    results = GroupCommitter(processor).write(batch)
+    assert [getattr(r, "status", r) for r in results] == ["applied", ALONE, "applied"]
+    outcome = processor.apply_alone(*batch[1])
+    assert outcome.status == "applied"
+    assert "rolled back the whole transaction" in (outcome.error or "") and "blocked domain" in (outcome.error or "")
+    assert processor.apply_alone(*batch[1]).status == "duplicate"  # Svix's re-send
+    with store.transaction() as writer:  # stored failed by an earlier release: replayed the same way
+        user = f.user("user_t4", B + 4, email="blocked.too@example.com", role="admin")
+        writer.record_delivery("msg_t4", json.dumps(f.envelope("user.created", user)), event_type="user.created",
+                               instance_id=None, event_timestamp=None, status=DeliveryStatus.FAILED, error="old")
+    assert replay_deliveries(store, with_hooks=True).by_status == {"applied": 1}
+    with store.connect() as conn:
+        roles = dict(conn.execute(sa.text("SELECT clerk_id, role FROM users")).all())
+        mapped = set(conn.execute(sa.select(profiles.c.clerk_user_id)).scalars())
+        errors = dict(conn.execute(sa.text("SELECT svix_id, last_error FROM webhook_events")).all())
+    assert roles == {f"user_t{n}": "admin" for n in (1, 2, 3, 4)}
+    assert mapped == {"user_t1", "user_t3"}
+    assert errors["msg_t1"] is None and "blocked domain" in errors["msg_t4"]
+    from clerk_sync.hooks import Dispatcher
+    Dispatcher(store).drain()
+    assert sorted(c.clerk_id for c in seen) == ["user_t1", "user_t2", "user_t3", "user_t4"]
+    store.dispose()
+    engine.dispose()
+
+
 def test_a_child_before_its_parent_in_the_apps_tables_is_retried_not_refused(db_url: str) -> None:
     """The app's memberships table refers to its users table (a foreign key): a membership delivered
     before its user is an ordering that heals, so it is retried (503, as Svix does), not refused for

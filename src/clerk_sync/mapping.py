@@ -74,6 +74,14 @@ class LinkAmbiguous(StoreDataError):
     code = "link_ambiguous"
 
 
+class AppTableRolledBack(StoreDataError):
+    """Writing the app's mapped row rolled back the whole transaction, not just the row (on SQLite, a trigger's
+    ``RAISE(ROLLBACK)``): nothing of the unit of work holds, so it is written again without the app's tables
+    (each change recorded as refused), and the role, ban or deletion it carries still applies."""
+
+    code = "app_table_rolled_back"
+
+
 @dataclass(frozen=True, slots=True)
 class Column:
     """Where one column's value comes from: ``source`` (+ ``transform``, ``default`` for None), or ``compute``.

@@ -36,7 +36,7 @@ from clerk_sync.changes import BOOKKEEPING, Change, Hook, change_type
 from clerk_sync.engine import Entity, Tombstone, Upsert
 from clerk_sync.errors import StoreDataError
 from clerk_sync.events import MembershipRecord, OrganizationRecord, UserRecord, record_columns
-from clerk_sync.mapping import SchemaMapping, direct_sqlite, processors, sqlite_execute, sqlite_time
+from clerk_sync.mapping import AppTableRolledBack, SchemaMapping, direct_sqlite, processors, sqlite_execute, sqlite_time
 from clerk_sync.tables import hook_jobs, organization_memberships, organizations, users
 
 __all__ = ["Job", "Outbox", "claim", "delete_jobs", "extend", "fail", "finish", "finish_many", "list_jobs",
@@ -65,11 +65,14 @@ class Outbox:
     some of them (see :meth:`project`)."""
 
     def __init__(self, conn: Connection, now: datetime, hooks: Sequence[Hook],
-                 mapping: SchemaMapping | None = None) -> None:
+                 mapping: SchemaMapping | None = None, *, unmapped: str | None = None) -> None:
         self.conn = conn
         self.now = now
         self.hooks = hooks
         self.mapping = mapping
+        # Why the app's tables are left out of this unit of work (its first try was rolled back by one of
+        # them, :class:`AppTableRolledBack`): every change they would get is refused with this reason.
+        self.unmapped = unmapped
         self.changes: list[Change] = []
         self.refused: list[str] = []
         self._hooked = {e for e in Entity if any(hook.covers(e) for hook in hooks)}
@@ -116,23 +119,31 @@ class Outbox:
         (its own constraint, a value its column type cannot take, an ambiguous link) is its row's alone.
         The contract rows, the inbox and the hook jobs still commit, so a role, a ban or a deletion is
         never held back by an app column the user can fill (``unsafe_metadata``); the refusal is logged and
-        kept in ``refused`` (the delivery's ``last_error``). A transient failure still fails the whole."""
+        kept in ``refused`` (the delivery's ``last_error``). A transient failure still fails the whole, as
+        does a refusal that rolled back the whole transaction (:class:`AppTableRolledBack`: the caller
+        writes the unit of work again with ``unmapped``)."""
         assert self.mapping is not None
-        try:
-            with _savepoint(self.conn):
-                self.mapping.project(self.conn, self.now, change)
-        except StoreDataError as exc:
-            reason = str(exc)
-        except sa.exc.SQLAlchemyError as exc:
-            refused = store_error(exc)
-            if not isinstance(refused, StoreDataError):
-                raise
-            reason = str(refused)
-        except (TypeError, ValueError) as exc:  # SQLAlchemy's processors on SQLite's direct path, a compute
-            # (its message may quote the value: only its type is kept)
-            reason = f"{type(exc).__name__}: a value the column's type cannot take, or the mapping's compute refused it"
+        if self.unmapped is not None:
+            reason = self.unmapped
         else:
-            return
+            try:
+                with _savepoint(self.conn):
+                    self.mapping.project(self.conn, self.now, change)
+            except AppTableRolledBack:
+                raise
+            except StoreDataError as exc:
+                reason = str(exc)
+            except sa.exc.SQLAlchemyError as exc:
+                refused = store_error(exc)
+                if not isinstance(refused, StoreDataError):
+                    raise
+                reason = str(refused)
+            except (TypeError, ValueError) as exc:  # SQLAlchemy's processors on SQLite's direct path, a compute
+                # (its message may quote the value: only its type is kept)
+                reason = (f"{type(exc).__name__}: a value the column's type cannot take, or the mapping's "
+                          "compute refused it")
+            else:
+                return
         table = self.mapping.tables[change.entity].table
         self.refused.append(
             f"the app's table refused the change ({reason}); it is applied to clerk-sync's tables (role, ban "
@@ -452,7 +463,11 @@ _STILL_DUE = ("CASE WHEN j.status = 'pending' THEN j.available_at <= :now WHEN j
 def _savepoint(conn: Connection) -> Iterator[None]:
     """``conn.begin_nested()``, through the driver itself on psycopg and sqlite3: SQLAlchemy's SAVEPOINT and
     RELEASE cost ~0.1 ms of Python each, per mapped change, which was most of what a mapped table cost on
-    SQLite (BENCHMARKS.md, issue 11). SQLAlchemy's transaction is the same: it never sees this savepoint."""
+    SQLite (BENCHMARKS.md, issue 11). SQLAlchemy's transaction is the same: it never sees this savepoint.
+
+    On SQLite an app's trigger can end the whole transaction (``RAISE(ROLLBACK)``), savepoint included:
+    that comes out as :class:`AppTableRolledBack` (the unit of work is to be written again without the
+    app's tables), not as "no such savepoint", a 503 on every retry of the delivery."""
     if conn.dialect.driver not in ("psycopg", "pysqlite"):
         with conn.begin_nested():
             yield
@@ -461,9 +476,14 @@ def _savepoint(conn: Connection) -> Iterator[None]:
         cur.execute("SAVEPOINT clerk_sync_mapped")
     try:
         yield
-    except BaseException:
+    except BaseException as exc:
         if conn.invalidated:  # the connection is gone (SQLAlchemy saw it): the original error says why
             raise
+        raw: Any = conn.connection.driver_connection
+        if conn.dialect.driver == "pysqlite" and not raw.in_transaction:
+            cause = exc.orig if isinstance(exc, sa.exc.DBAPIError) else exc
+            raise AppTableRolledBack(f"{cause} (and it rolled back the whole transaction: a trigger's "
+                                     "RAISE(ROLLBACK); RAISE(ABORT) refuses only the row)") from exc
         with driver_cursor(conn, "ROLLBACK TO SAVEPOINT") as cur:
             cur.execute("ROLLBACK TO SAVEPOINT clerk_sync_mapped")
             cur.execute("RELEASE SAVEPOINT clerk_sync_mapped")

@@ -176,7 +176,7 @@ class Writer:
     """The write operations of one unit of work, bound to an open transaction."""
 
     def __init__(self, conn: Connection, now: datetime, *, hooks: Sequence[Hook] = (),
-                 mapping: SchemaMapping | None = None) -> None:
+                 mapping: SchemaMapping | None = None, unmapped: str | None = None) -> None:
         self.conn = conn
         self.now = now
         self._dialect = dialect_family(conn.dialect)
@@ -188,7 +188,7 @@ class Writer:
         self._sqlite_now = sqlite_time(now) if self._pysqlite else None
         # Applied changes go to the app's mapped tables and the hook outbox, in this transaction
         # (None: neither is configured, so no extra reads).
-        self.outbox = Outbox(conn, now, hooks, mapping) if hooks or mapping else None
+        self.outbox = Outbox(conn, now, hooks, mapping, unmapped=unmapped) if hooks or mapping else None
         self._mapped = mapping is not None
 
     @property
@@ -1027,11 +1027,12 @@ class Store:
         return cls(create_engine(url, **engine_kwargs), hooks=hooks, mapping=mapping)
 
     @contextmanager
-    def transaction(self) -> Iterator[Writer]:
-        """One unit of work: commit on success, roll back on any error; DB errors become StoreError."""
+    def transaction(self, *, unmapped: str | None = None) -> Iterator[Writer]:
+        """One unit of work: commit on success, roll back on any error; DB errors become StoreError.
+        ``unmapped``: why the app's mapped tables are left out of it (see :class:`AppTableRolledBack`)."""
         try:
             with self._writers, self.engine.begin() as conn:
-                yield Writer(conn, self._now(), hooks=self.hooks, mapping=self.mapping)
+                yield Writer(conn, self._now(), hooks=self.hooks, mapping=self.mapping, unmapped=unmapped)
         except sa.exc.SQLAlchemyError as exc:
             raise store_error(exc) from exc
 
