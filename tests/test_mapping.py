@@ -900,11 +900,13 @@ def test_replay_reports_what_the_apps_table_still_refuses(db_url: str) -> None:
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
-def test_an_apps_trigger_that_rolls_back_the_whole_transaction_holds_back_no_role(db_url: str) -> None:
+def test_an_apps_trigger_that_rolls_back_the_whole_transaction_holds_back_no_role(
+        db_url: str, emu: EmulatorServer) -> None:
     """On SQLite an app's trigger can end the whole transaction (``RAISE(ROLLBACK)``), the mapped row's
     savepoint with it: the delivery answered 503 ("no such savepoint") on every retry and the role never
     arrived. Now the delivery is written again without the app's tables: applied, the refusal noted, the
-    hook still told; its batch-mates commit; a stored failed delivery replays the same way."""
+    hook still told; its batch-mates commit; a stored failed delivery replays the same way, and JIT sync
+    of such a user signs them in."""
     from clerk_sync.engine import DeliveryStatus
     from clerk_sync.ingest import replay_deliveries
     from clerk_sync.integrations._committer import ALONE
@@ -945,6 +947,11 @@ def test_an_apps_trigger_that_rolls_back_the_whole_transaction_holds_back_no_rol
     from clerk_sync.hooks import Dispatcher
     Dispatcher(store).drain()
     assert sorted(c.clerk_id for c in seen) == ["user_t1", "user_t2", "user_t3", "user_t4"]
+    eve = emu.create_user(email="blocked.eve@example.com", public_metadata={"role": "admin"})
+    with clerk_client(emu) as clerk:
+        assert JitUsers(store, clerk=clerk).get_auth_user(eve["id"]).role == "admin"  # before any webhook
+    with store.connect() as conn:
+        assert eve["id"] not in set(conn.execute(sa.select(profiles.c.clerk_user_id)).scalars())
     store.dispose()
     engine.dispose()
 

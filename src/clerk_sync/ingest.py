@@ -18,7 +18,6 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TypeVar
 
 import sqlalchemy as sa
 import structlog
@@ -26,7 +25,6 @@ import structlog
 from clerk_sync.engine import DeliveryStatus, Entity, Tombstone, Upsert, delivery_reason, plan_delivery, touches
 from clerk_sync.errors import ClerkSyncError, PayloadError, PayloadTooLarge, StoreDataError, WrongInstance
 from clerk_sync.events import Envelope, parse_envelope
-from clerk_sync.mapping import AppTableRolledBack
 from clerk_sync.metrics import Metrics
 from clerk_sync.retention import redact_payload
 from clerk_sync.store import OneStatement, Store, Writer
@@ -106,7 +104,7 @@ class WebhookProcessor:
     def apply_alone(self, svix_id: str, envelope: Envelope) -> Outcome:
         """Apply a verified delivery in its own transaction (a value the database refuses: stored failed)."""
         try:
-            return _unit_of_work(self.store, lambda writer: self.apply_in(writer, svix_id, envelope))
+            return self.store.run(lambda writer: self.apply_in(writer, svix_id, envelope))
         except StoreDataError as exc:
             return self._store_refused(svix_id, envelope, exc)
         except (ClerkSyncError, sa.exc.SQLAlchemyError):
@@ -303,24 +301,6 @@ def _flush_summaries() -> None:
             summary.flush()
 
 
-_T = TypeVar("_T")
-
-
-def _unit_of_work(store: Store, work: Callable[[Writer], _T]) -> _T:
-    """``work`` in one transaction (constraints checked at each statement); when the app's mapped table
-    rolled that transaction back whole (:class:`~clerk_sync.mapping.AppTableRolledBack`), once more with
-    the app's tables left out, so the contract rows, the inbox row and the hook jobs still commit."""
-    try:
-        with store.transaction() as writer:
-            writer.check_at_once()
-            return work(writer)
-    except AppTableRolledBack as exc:
-        log.warning("app_table_rolled_back", reason=str(exc))
-        with store.transaction(unmapped=str(exc)) as writer:
-            writer.check_at_once()
-            return work(writer)
-
-
 def replay_deliveries(
     store: Store, *, status: str = "failed", since: datetime | None = None, with_hooks: bool = False
 ) -> ReplayReport:
@@ -338,7 +318,7 @@ def replay_deliveries(
     counts: dict[str, int] = {}
     for svix_id in ids:
         try:
-            result = _unit_of_work(store, lambda writer: replay_one(writer, svix_id))  # noqa: B023 (called at once)
+            result = store.run(lambda writer: replay_one(writer, svix_id))  # noqa: B023 (called at once)
         except StoreDataError as exc:  # still refused by the DB: record it and go on with the rest
             with store.transaction() as writer:
                 writer.finish_delivery(svix_id, DeliveryStatus.FAILED, str(exc), count_attempt=True)

@@ -19,9 +19,10 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import fields
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
+import structlog
 from sqlalchemy import event as sa_event
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
@@ -32,6 +33,7 @@ from clerk_sync.config import DatabaseTimeouts
 from clerk_sync.engine import DeliveryStatus, Entity, Record, RevokeSession, Tombstone, Upsert
 from clerk_sync.events import MembershipRecord, OrganizationRecord, UserRecord, record_columns
 from clerk_sync.mapping import (
+    AppTableRolledBack,
     MappedWave,
     SchemaMapping,
     direct_sqlite,
@@ -55,6 +57,8 @@ from clerk_sync.tables import (
 __all__ = ["READ_ONLY_OPTION", "Store", "Writer", "create_engine", "dialect_family", "erased_digest"]
 
 Clock = Callable[[], datetime]
+_T = TypeVar("_T")
+log = structlog.get_logger("clerk_sync.store")
 READ_ONLY_OPTION = _READ_ONLY = "clerk_sync_read_only"  # execution option: a deferred (reader) BEGIN on SQLite
 _TABLES: dict[Entity, sa.Table] = {
     Entity.USER: users,
@@ -1029,12 +1033,26 @@ class Store:
     @contextmanager
     def transaction(self, *, unmapped: str | None = None) -> Iterator[Writer]:
         """One unit of work: commit on success, roll back on any error; DB errors become StoreError.
-        ``unmapped``: why the app's mapped tables are left out of it (see :class:`AppTableRolledBack`)."""
+        ``unmapped``: why the app's mapped tables are left out of it (see :meth:`run`)."""
         try:
             with self._writers, self.engine.begin() as conn:
                 yield Writer(conn, self._now(), hooks=self.hooks, mapping=self.mapping, unmapped=unmapped)
         except sa.exc.SQLAlchemyError as exc:
             raise store_error(exc) from exc
+
+    def run(self, work: Callable[[Writer], _T]) -> _T:
+        """``work`` in one transaction, constraints checked at each statement (:meth:`Writer.check_at_once`);
+        when an app's mapped table rolled that transaction back whole (:class:`~clerk_sync.mapping.AppTableRolledBack`),
+        once more with the app's tables left out, so the contract rows, the inbox and the hook jobs still commit."""
+        try:
+            with self.transaction() as writer:
+                writer.check_at_once()
+                return work(writer)
+        except AppTableRolledBack as exc:
+            log.warning("app_table_rolled_back", reason=str(exc))
+            with self.transaction(unmapped=str(exc)) as writer:
+                writer.check_at_once()
+                return work(writer)
 
     @contextmanager
     def connect(self) -> Iterator[Connection]:

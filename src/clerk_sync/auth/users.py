@@ -41,7 +41,7 @@ from clerk_sync.errors import (
 )
 from clerk_sync.events import user_record
 from clerk_sync.metrics import Metrics
-from clerk_sync.store import Store
+from clerk_sync.store import Store, Writer
 from clerk_sync.tables import users
 
 __all__ = ["AuthUser", "JitUsers", "load_user", "read_user", "standing_error"]
@@ -200,10 +200,13 @@ class JitUsers:
     def _store(self, data: JSON) -> AuthUser:
         """Upsert through the webhook path's guard, then read back what won (maybe a newer webhook)."""
         record = user_record(data)
+
+        def write(writer: Writer) -> AuthUser | None:
+            writer.apply(Upsert(Entity.USER, record))
+            return load_user(writer.conn, record.clerk_id)
+
         try:
-            with self.store.transaction() as writer:
-                writer.apply(Upsert(Entity.USER, record))
-                user = load_user(writer.conn, record.clerk_id)
+            user = self.store.run(write)
         except StoreError:
             self._count("db_error")
             raise
