@@ -1043,3 +1043,122 @@ def test_erasure_clears_the_columns_declared_personal_too(db_url: str) -> None:
     assert tuple(row) == (None, None, None, "pro")
     store.dispose()
     engine.dispose()
+
+
+def test_a_user_deletion_the_apps_other_tables_still_refer_to_is_applied_not_retried_forever(db_url: str) -> None:
+    """HardDelete of an app row another app table refers to (orders -> accounts): the foreign key refuses
+    the DELETE. That was taken for "a parent not there yet" (transient): 503 on every retry, the user never
+    tombstoned. A deletion refused by a reference never heals by waiting: the row's refusal, the user deleted."""
+    meta = sa.MetaData()
+    owners = sa.Table("fk_owners", meta, sa.Column("id", sa.Integer, primary_key=True),
+                      sa.Column("clerk_user_id", sa.String(64), unique=True), sa.Column("email", sa.String(320)))
+    orders = sa.Table("fk_orders", meta, sa.Column("id", sa.Integer, primary_key=True),
+                      sa.Column("owner_id", sa.Integer, sa.ForeignKey("fk_owners.id"), nullable=False))
+    mapping = SchemaMapping(users=MappedTable("fk_owners", "clerk_user_id", {"email": "email"}, on_delete=HardDelete()))
+    store, engine = _with_app_table(db_url, owners, mapping)
+    orders.create(engine)
+    assert deliver(store, f.envelope("user.created", f.user("user_fk", B + 1000))) == ["applied"]
+    with engine.begin() as conn:
+        owner = conn.execute(sa.select(owners.c.id)).scalar_one()
+        conn.execute(orders.insert().values(owner_id=owner))
+    assert deliver(store, f.envelope("user.deleted", f.deleted("user", "user_fk"))) == ["applied"]
+    with store.connect() as conn:
+        assert conn.execute(sa.text("SELECT deleted_at FROM users WHERE clerk_id = 'user_fk'")).scalar_one() is not None
+        error = conn.execute(sa.text("SELECT last_error FROM webhook_events WHERE type = 'user.deleted'")).scalar_one()
+        assert conn.execute(sa.select(sa.func.count()).select_from(owners)).scalar_one() == 1  # the app's to sort out
+    assert "the app's table refused" in error
+    store.dispose()
+    engine.dispose()
+
+
+def test_a_compute_that_raises_on_a_missing_key_never_holds_back_a_ban(db_url: str) -> None:
+    """A compute reading a metadata key the user can remove (``KeyError``) failed the whole delivery: no
+    ban, no role. Any exception of the app's projection is its row's refusal, alone and in a batch."""
+    from clerk_sync.integrations._committer import ALONE
+
+    plans = sa.Table("compute_plans", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
+                     sa.Column("clerk_user_id", sa.String(64), unique=True), sa.Column("plan", sa.String(16)))
+    mapping = SchemaMapping(users=MappedTable("compute_plans", "clerk_user_id", {
+        "plan": Column(compute=lambda v: v["unsafe_metadata"]["plan"])}))
+    store, engine = _with_app_table(db_url, plans, mapping)
+    with_plan = f.user("user_k1", B + 1000)
+    with_plan["unsafe_metadata"] = {"plan": "pro"}
+    assert deliver(store, f.envelope("user.created", with_plan),
+                   f.envelope("user.updated", f.user("user_k1", B + 2000, banned=True))) == ["applied", "applied"]
+    processor = WebhookProcessor(store, WebhookVerifier([f.SECRET]))
+    batch = [(f"msg_k{n}", parse_envelope(json.dumps(f.envelope("user.created", f.user(f"user_k{n}", B + n, role="admin")))))
+             for n in (2, 3)]
+    results = [processor.apply_alone(*batch[i]) if r is ALONE else r
+               for i, r in enumerate(GroupCommitter(processor).write(batch))]
+    assert [getattr(r, "status", r) for r in results] == ["applied", "applied"]
+    with store.connect() as conn:
+        users_now = {r[0]: (r[1], r[2]) for r in conn.execute(sa.text("SELECT clerk_id, banned, role FROM users"))}
+        errors = [r[0] for r in conn.execute(sa.text("SELECT last_error FROM webhook_events ORDER BY id"))]
+    assert users_now["user_k1"][0] in (True, 1) and users_now["user_k2"][1] == users_now["user_k3"][1] == "admin"
+    assert errors[0] is None and all("KeyError" in (e or "") for e in errors[1:]), errors
+    store.dispose()
+    engine.dispose()
+
+
+@pytest.mark.postgres
+def test_a_row_adopted_by_a_concurrent_delivery_is_not_taken_over() -> None:
+    """Two Clerk users with the app's same legacy id (Clerk does not make ``external_id`` unique), written
+    at once: the second read the row unlinked, waited on its lock, then re-linked it to itself. Now it
+    sees the row taken (503, Svix retries) and, retried, gets a row of its own."""
+    import threading
+
+    from clerk_sync.engine import Upsert
+    from clerk_sync.errors import StoreError
+    from clerk_sync.events import user_record
+    from clerk_sync.migrations import upgrade
+    from tests.conftest import PG_URL, pg_schema_url
+
+    schema = f"adopt_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(PG_URL)
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
+    legacy = sa.Table("race_accounts", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
+                      sa.Column("email", sa.String(320)))
+    mapping = SchemaMapping(users=MappedTable("race_accounts", "clerk_user_id", {"email": "email"},
+                                              link_by_external_id="id"))
+    try:
+        store, engine = _with_app_table(pg_schema_url(schema), legacy, mapping)
+        upgrade(store.engine)
+        with engine.begin() as conn:
+            conn.execute(legacy.insert().values(id=7, email="legacy@example.com"))
+
+        def record(clerk_id: str) -> Any:
+            data = f.user(clerk_id, B + 1000, email=f"{clerk_id}@example.com")
+            data["external_id"] = "7"
+            return user_record(data)
+
+        second: list[BaseException | None] = []
+
+        def write_b() -> None:
+            try:
+                with store.transaction() as writer:
+                    writer.apply(Upsert(Entity.USER, record("user_b")))
+                second.append(None)
+            except BaseException as exc:
+                second.append(exc)
+
+        with store.transaction() as writer:
+            writer.apply(Upsert(Entity.USER, record("user_a")))
+            thread = threading.Thread(target=write_b)
+            thread.start()
+            with admin.connect() as conn:  # until user_b's write waits on the row user_a's transaction holds
+                while not conn.execute(sa.text("SELECT count(*) FROM pg_locks WHERE NOT granted")).scalar_one():
+                    conn.rollback()
+        thread.join()
+        assert isinstance(second[0], StoreError) and "linked to another user meanwhile" in str(second[0])
+        with store.transaction() as writer:  # Svix's retry
+            writer.apply(Upsert(Entity.USER, record("user_b")))
+        with engine.connect() as conn:
+            rows = {r[1]: r[0] for r in conn.execute(sa.text("SELECT id, clerk_user_id FROM race_accounts"))}
+        assert len(rows) == 2 and rows["user_a"] == 7 and rows["user_b"] != 7
+        store.dispose()
+        engine.dispose()
+    finally:
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
+        admin.dispose()

@@ -194,8 +194,10 @@ class SchemaMapping:
             self._projection(conn, change.entity, mapped).apply(conn, now, change)
         except sa.exc.IntegrityError as exc:
             first_line = database_message(exc.orig or exc)  # never the values (MySQL quotes them)
-            if is_foreign_key_violation(exc.orig):  # a parent the app's table does not hold yet (a
-                # membership before its user): an ordering that heals, so retried as a whole, as Svix does
+            if is_foreign_key_violation(exc.orig) and change.kind != "deleted":  # a parent the app's table
+                # does not hold yet (a membership before its user): an ordering that heals, so retried as a
+                # whole, as Svix does. A deletion refused because another app table still refers to the row
+                # (orders -> users under HardDelete) never heals by waiting: the row's refusal, below.
                 raise StoreError(f"{mapped.table} refused {change.type} for {change.clerk_id}: {first_line}; "
                                  "a row it refers to is not there yet: retried") from None
             # The app's own constraint (a UNIQUE e-mail still held by a soft-deleted row, a NOT NULL
@@ -360,8 +362,13 @@ class _Projection:
                 f"the duplicates (user {change.clerk_id} was not linked)")
         if not matches:
             return False
-        where = sa.and_(*[c == v for c, v in zip(pk, matches[0], strict=True)])
-        self.conn.execute(sa.update(self.t).where(where).values(**values, **{self.key.name: change.clerk_id}))
+        # Still unlinked when updated: a concurrent delivery of another user with the same external id or
+        # e-mail may have adopted it since the SELECT (it waited on the row's lock); that user keeps it.
+        where = sa.and_(*[c == v for c, v in zip(pk, matches[0], strict=True)], self.key.is_(None))
+        adopted = self.conn.execute(sa.update(self.t).where(where).values(**values, **{self.key.name: change.clerk_id}))
+        if adopted.rowcount != 1:
+            raise StoreError(f"{self.m.table}: the row with {what} was linked to another user meanwhile; "
+                             f"retried (user {change.clerk_id})")
         return True
 
     def _delete(self, clerk_id: str) -> None:

@@ -34,7 +34,7 @@ from sqlalchemy.engine import Connection
 from clerk_sync._db_errors import driver_cursor, store_error
 from clerk_sync.changes import BOOKKEEPING, Change, Hook, change_type
 from clerk_sync.engine import Entity, Tombstone, Upsert
-from clerk_sync.errors import StoreDataError
+from clerk_sync.errors import StoreDataError, StoreError
 from clerk_sync.events import MembershipRecord, OrganizationRecord, UserRecord, record_columns
 from clerk_sync.mapping import AppTableRolledBack, SchemaMapping, direct_sqlite, processors, sqlite_execute, sqlite_time
 from clerk_sync.tables import hook_jobs, organization_memberships, organizations, users
@@ -133,15 +133,18 @@ class Outbox:
                 raise
             except StoreDataError as exc:
                 reason = str(exc)
+            except StoreError:
+                raise  # transient (a parent row not there yet): the unit of work is retried
             except sa.exc.SQLAlchemyError as exc:
                 refused = store_error(exc)
                 if not isinstance(refused, StoreDataError):
                     raise
                 reason = str(refused)
-            except (TypeError, ValueError) as exc:  # SQLAlchemy's processors on SQLite's direct path, a compute
-                # (its message may quote the value: only its type is kept)
+            except Exception as exc:  # SQLAlchemy's processors on SQLite's direct path, a compute that raised
+                # (a KeyError on a metadata key the user removed must not hold back their ban); its message may
+                # quote the value: only its type is kept
                 reason = (f"{type(exc).__name__}: a value the column's type cannot take, or the mapping's "
-                          "compute refused it")
+                          "compute raised it")
             else:
                 return
         table = self.mapping.tables[change.entity].table

@@ -338,8 +338,10 @@ class Writer:
             if in_waves[entity] and wave_mapped is not None:
                 try:
                     mapped_rows[n] = wave_mapped.row(_change_values(intent.record))
-                except TypeError:  # a value the JSON cannot carry as psycopg would: this entity type's
-                    in_waves[entity] = False  # deliveries take a statement each (mapping.cte)
+                except Exception:  # a value the JSON cannot carry as psycopg would (TypeError), a compute
+                    # that raised: this entity type's deliveries take a statement each (mapping.cte), whose
+                    # refusals are each delivery's own (Outbox.project, once the pipeline is retried alone)
+                    in_waves[entity] = False
         for n, ((svix_id, payload, event_type, instance_id, event_timestamp, error, intent), h, specs) in enumerate(
                 zip(items, hooked, hooks, strict=True)):
             if in_waves.get(intent.entity, False):
