@@ -406,3 +406,44 @@ def test_erasing_a_deleted_and_pruned_user_finds_the_addresses_their_events_carr
                     for p in conn.execute(sa.select(webhook_events.c.payload)).scalars()]
     assert payloads and not [p for p in payloads if "ada@example.com" in p]
     store.dispose()
+
+
+def test_erasure_touches_no_one_else_whose_address_or_id_holds_the_erased_one(db_url: str) -> None:
+    """Erasing ann@example.com also redacted joann@example.com's payloads (a text search), her failed
+    delivery and her pending hook jobs; replaying that failed delivery then blanked her row with its newer
+    version. Erasure now redacts only what names the person as a whole (an address escaped by the sender
+    included, where the store keeps the body as received); a redacted payload is never replayed."""
+    from clerk_sync.engine import DeliveryStatus
+    from clerk_sync.ingest import replay_deliveries
+
+    store = hooked(db_url, Hook("crm", lambda change: None))
+    people = {"ann": f.user("user_ann", 1000, email="anné@example.com", first_name="Ann"),
+              "ann2": f.user("user_ann2", 1000, email="other@example.com", first_name="Annette"),  # "user_ann" + "2"
+              "joann": f.user("user_joann", 1000, email="joanné@example.com", first_name="Joann")}
+    for name, user in people.items():
+        hook_deliver(store, f.envelope("user.created", user))
+    newer = f.envelope("user.updated", {**people["joann"], "first_name": "Joanna", "updated_at": 2000})
+    mail = f.envelope("email.created", {"object": "email", "id": "ema_1", "to_email_address": "anné@example.com",
+                                        "user_id": None, "subject": "Welcome"})
+    with store.transaction() as writer:  # Joann's update stored failed (replayed after a fix); a mail to Ann
+        writer.record_delivery("msg_joann", json.dumps(newer), event_type="user.updated", instance_id=None,
+                               event_timestamp=None, status=DeliveryStatus.FAILED, error="simulated")
+        writer.record_delivery("msg_mail", json.dumps(mail), event_type="email.created",  # as sent: "ann\u00e9@"
+                               instance_id=None, event_timestamp=None, status=DeliveryStatus.IGNORED)
+    report = Retention(store).erase_user("user_ann")
+    with store.connect() as conn:
+        redacted = {(r.type, r.payload["data"]["id"]) for r in conn.execute(
+            sa.select(webhook_events.c.type, webhook_events.c.payload).where(webhook_events.c.redacted_at.is_not(None)))}
+    assert redacted == {("user.created", "user_ann"), ("email.created", "ema_1")}
+    assert report.payloads_redacted == 4  # and two jobs: her user.created, and the erasure's own user.deleted
+    values = {j["payload"]["clerk_id"]: j["payload"]["values"] for j in hook_jobs_of(store) if j["type"] == "user.created"}
+    assert values["user_ann"] == {} and values["user_joann"]["email"] == "joanné@example.com"
+    assert values["user_ann2"]["first_name"] == "Annette"
+    assert replay_deliveries(store).by_status == {"applied": 1}
+    joann = user_row(store, "user_joann")
+    assert (joann["first_name"], joann["email"]) == ("Joanna", "joanné@example.com")
+    with store.transaction() as writer:  # a redacted payload (prune, erasure) replayed: nothing to apply
+        writer.conn.execute(webhook_events.update().where(webhook_events.c.svix_id == "msg_mail")
+                            .values(status=DeliveryStatus.FAILED))
+    assert replay_deliveries(store).by_status == {"skipped": 1}
+    store.dispose()

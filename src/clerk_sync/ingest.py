@@ -327,12 +327,20 @@ def replay_deliveries(
     return ReplayReport(len(ids), counts)
 
 
+_REDACTED_NOT_REPLAYED = ("not replayed: its payload was redacted (retention or erasure) to ids and versions, "
+                          "nothing left to apply")
+
+
 def replay_one(writer: Writer, svix_id: str) -> DeliveryStatus:
     """Re-apply one stored delivery inside the caller's transaction (so an audit row can share it);
     returns its new status. :func:`replay_deliveries` runs it once per delivery."""
     payload = writer.conn.execute(
         sa.select(webhook_events.c.payload).where(webhook_events.c.svix_id == svix_id)
     ).scalar_one()
+    if isinstance(payload, dict) and payload.get("redacted") is True:  # ids and versions only (retention,
+        # erasure): applied, it would blank the row's fields with a version that may be newer
+        writer.finish_delivery(svix_id, DeliveryStatus.SKIPPED, _REDACTED_NOT_REPLAYED, count_attempt=True)
+        return DeliveryStatus.SKIPPED
     try:
         envelope = parse_envelope(json.dumps(payload))
     except PayloadError as exc:

@@ -32,6 +32,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from clerk_sync._db_errors import driver_cursor, store_error
+from clerk_sync._mentions import Mentions
 from clerk_sync.changes import BOOKKEEPING, Change, Hook, change_type
 from clerk_sync.engine import Entity, Tombstone, Upsert
 from clerk_sync.errors import StoreDataError, StoreError
@@ -401,29 +402,33 @@ def delete_jobs(conn: Connection, ids: Sequence[int] | None = None) -> int:
     return conn.execute(stmt).rowcount
 
 
-def redact_jobs(conn: Connection, needles: set[str] | None = None, *, ids: Sequence[int] | None = None) -> int:
-    """Keep only the ids (entity, Clerk id, kind, version) of the jobs whose change or last error mentions one
-    of ``needles`` (erasure), or of the jobs ``ids`` (pruning): the handler still learns of the change, not
-    the person. The last error (a handler's message may quote the person) keeps only the exception's name.
-    Returns how many."""
+def redact_jobs(conn: Connection, mentions: Mentions | None = None, *, ids: Sequence[int] | None = None) -> int:
+    """Keep only the ids (entity, Clerk id, kind, version) of the jobs whose change or last error names the
+    person ``mentions`` (erasure), or of the jobs ``ids`` (pruning): the handler still learns of the change,
+    not the person. The last error (a handler's message may quote the person) keeps only the exception's
+    name. Returns how many."""
     j = hook_jobs
     where: sa.ColumnElement[bool]
     if ids is not None:
         where = j.c.id.in_(ids)
-    elif not needles:
+    elif not mentions:
         return 0
     else:
         text = sa.cast(j.c.payload, sa.Text)
-        where = sa.or_(*(c.contains(n, autoescape=True) for n in needles or () for c in (text, j.c.last_error)))
-    rows = conn.execute(sa.select(j.c.id, j.c.payload, j.c.last_error).where(where)).all()
-    for row in rows:
+        where = sa.or_(*(c.icontains(n, autoescape=True) for n in mentions.patterns() for c in (text, j.c.last_error)))
+    done = 0
+    for row in conn.execute(sa.select(j.c.id, j.c.payload, j.c.last_error).where(where)).all():
         payload = row.payload if isinstance(row.payload, dict) else json.loads(row.payload)
+        if mentions is not None and ids is None and not (
+                mentions.in_document(payload) or mentions.in_text(row.last_error)):
+            continue  # another person's (``joann@`` for ``ann@``)
         kept = {k: payload[k] for k in ("entity", "clerk_id", "kind", "version") if k in payload}
         redacted: JSON = {"payload": kept | {"values": {}, "previous": {}, "redacted": True}}
         if row.last_error is not None:
             redacted["last_error"] = _redacted_error(row.last_error)
         conn.execute(sa.update(j).where(j.c.id == row.id).values(**redacted))
-    return len(rows)
+        done += 1
+    return done
 
 
 def _redacted_error(error: str) -> str:

@@ -41,6 +41,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 
+from clerk_sync._mentions import Mentions
 from clerk_sync.auth.audit import AuditEntry, record_audit
 from clerk_sync.config import Settings
 from clerk_sync.engine import DeliveryStatus, Entity, Tombstone
@@ -269,12 +270,12 @@ class Retention:
             ).first()
             # The row's e-mails, and those its user events carried: once the user was deleted and pruned,
             # the row holds none, and a payload naming only the address (email.created) would stay.
-            needles = {clerk_id, *_emails(row), *_emails_delivered(writer, clerk_id)}
+            mentions = Mentions({clerk_id, *_emails(row), *_emails_delivered(writer, clerk_id)})
             writer.apply(Tombstone(Entity.USER, clerk_id, int(writer.now.timestamp() * 1000)))
             writer.conn.execute(users.update().where(users.c.clerk_id == clerk_id).values(**_CLEARED[users]))
-            redacted = _redact_mentions(writer, needles)
+            redacted = _redact_mentions(writer, mentions)
             # Issue 11: the app's mapped table and queued hook jobs hold personal data too.
-            redacted += redact_jobs(writer.conn, needles)
+            redacted += redact_jobs(writer.conn, mentions)
             if self.store.mapping is not None:
                 self.store.mapping.erase(writer.conn, Entity.USER, clerk_id)
             record_audit(writer, AuditEntry("user.erased", actor, clerk_id,
@@ -329,13 +330,15 @@ def _emails_delivered(writer: Writer, clerk_id: str) -> set[str]:
     return found
 
 
-def _redact_mentions(writer: Writer, needles: set[str]) -> int:
-    """Redact every stored payload (any status) whose text contains one of ``needles``."""
+def _redact_mentions(writer: Writer, mentions: Mentions) -> int:
+    """Redact every stored payload (any status) that names the person: rows found by a text search, kept
+    when their parsed payload names one of the needles as a whole (:class:`~clerk_sync._mentions.Mentions`)."""
     e = webhook_events
     text = sa.cast(e.c.payload, sa.Text)
-    query = sa.select(e.c.id, e.c.payload).where(sa.or_(*(text.contains(n, autoescape=True) for n in needles)))
-    rows = writer.conn.execute(query).all()
-    _store_redacted(writer, [(row.id, row.payload) for row in rows])
+    query = sa.select(e.c.id, e.c.payload).where(
+        e.c.redacted_at.is_(None), sa.or_(*(text.icontains(n, autoescape=True) for n in mentions.patterns())))
+    rows = [(row.id, row.payload) for row in writer.conn.execute(query) if mentions.in_document(_as_dict(row.payload))]
+    _store_redacted(writer, rows)
     return len(rows)
 
 

@@ -1,0 +1,63 @@
+"""Whether a stored JSON document names a person: erasure's test.
+
+A SQL text search (``LIKE '%ann@example.com%'``) only narrows the rows down: it also finds
+``joann@example.com`` and ``user_2ab`` for ``user_2a``, and misses an address the sender escaped
+(``zo\\u00eb@``, Go's ``\\u0026`` for ``&``) where the store keeps the body as received (SQLite,
+MariaDB). :class:`Mentions` gives the SQL patterns that find every candidate and the exact test on the
+parsed document. Hand-written: no library knows where a Clerk id or an e-mail address ends.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from typing import Any
+
+__all__ = ["Mentions"]
+
+# What may stand next to an e-mail address or a Clerk id without being part of it: a character that could
+# continue the address's local part (before) or domain (after), or the id, would make it another one.
+_EMAIL_BEFORE = r"(?<![\w.%+!#$&'*/=?^`{|}~-])"
+_EMAIL_AFTER = r"(?![\w-])(?!\.\w)"
+_ID_BEFORE, _ID_AFTER = r"(?<!\w)", r"(?!\w)"
+
+
+class Mentions:
+    """The Clerk ids and e-mail addresses of one person (``needles``). E-mail addresses compare without
+    regard to case; ids exactly."""
+
+    def __init__(self, needles: Iterable[str]) -> None:
+        self.needles = sorted({n for n in needles if n})
+        parts = [f"(?i:{_EMAIL_BEFORE}{re.escape(n)}{_EMAIL_AFTER})" if "@" in n else
+                 f"{_ID_BEFORE}{re.escape(n)}{_ID_AFTER}" for n in self.needles]
+        self._pattern = re.compile("|".join(parts)) if parts else None
+
+    def __bool__(self) -> bool:
+        return bool(self.needles)
+
+    def patterns(self) -> list[str]:
+        """The texts a SQL search (case-insensitive ``LIKE``) looks for to find every row that may name the
+        person: each needle as written, and as JSON escapes it (non-ASCII as ``\\uXXXX``, and Go's HTML-safe
+        ``\\u0026``, ``\\u003c``, ``\\u003e``)."""
+        found: set[str] = set()
+        for needle in self.needles:
+            escaped = json.dumps(needle)[1:-1]
+            for text in (needle, escaped):
+                found.add(text)
+                found.add(text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e"))
+        return sorted(found)
+
+    def in_text(self, text: str | None) -> bool:
+        """Whether ``text`` names the person (a whole address or id, not a part of another one)."""
+        return bool(text) and self._pattern is not None and self._pattern.search(text or "") is not None
+
+    def in_document(self, document: Any) -> bool:
+        """Whether any string of the parsed JSON ``document`` (values and keys) names the person."""
+        if isinstance(document, str):
+            return self.in_text(document)
+        if isinstance(document, dict):
+            return any(self.in_text(k) or self.in_document(v) for k, v in document.items())
+        if isinstance(document, list):
+            return any(self.in_document(v) for v in document)
+        return False
