@@ -420,7 +420,7 @@ def test_erasure_touches_no_one_else_whose_address_or_id_holds_the_erased_one(db
     people = {"ann": f.user("user_ann", 1000, email="anné@example.com", first_name="Ann"),
               "ann2": f.user("user_ann2", 1000, email="other@example.com", first_name="Annette"),  # "user_ann" + "2"
               "joann": f.user("user_joann", 1000, email="joanné@example.com", first_name="Joann")}
-    for name, user in people.items():
+    for user in people.values():
         hook_deliver(store, f.envelope("user.created", user))
     newer = f.envelope("user.updated", {**people["joann"], "first_name": "Joanna", "updated_at": 2000})
     mail = f.envelope("email.created", {"object": "email", "id": "ema_1", "to_email_address": "anné@example.com",
