@@ -295,6 +295,20 @@ def test_migrate_and_doctor_with_a_mapping_on_the_command_line(tmp_path: Path) -
     after = run("doctor", "--mapping", "appmap:MAPPING", env=env)
     assert "ok    mapping: accounts match the mapping" in after.stdout
     assert {c["name"] for c in sa.inspect(engine).get_columns("accounts")} >= {"clerk_user_id", "deleted_at"}
+    store = Store.from_url(url, mapping=SchemaMapping(users=MappedTable(
+        "accounts", "clerk_user_id", {"email": "email"}, SoftDelete("deleted_at"))))
+    for n in (1, 2):
+        deliver(store, f.envelope("user.created", f.user(f"user_{n}", B + n, email=f"person{n}@example.com")))
+    store.dispose()
+    unmapped = run("users", "erase", "user_1", env=env)  # (the CLI did not know the mapped tables)
+    assert unmapped.returncode == 0 and "--mapping module:attribute" in unmapped.stdout, unmapped.stderr
+    erased = run("users", "erase", "user_2", "--mapping", "appmap:MAPPING", env=env)
+    assert erased.returncode == 0 and "not touched" not in erased.stdout, erased.stderr
+    with engine.connect() as conn:
+        emails = dict(conn.execute(sa.text("SELECT clerk_user_id, email FROM accounts")).all())
+    assert emails == {"user_1": "person1@example.com", "user_2": None}
+    empty = run("users", "erase", " ", env=env)
+    assert empty.returncode == 2 and "Clerk user id" in empty.stderr and "Traceback" not in empty.stderr
     engine.dispose()
 
 

@@ -214,7 +214,7 @@ def prune(
     from clerk_sync.retention import Retention, RetentionPolicy
 
     settings = _settings()
-    store = Store.from_url(settings.sqlalchemy_url())
+    store = Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts())
     try:
         report = Retention(store, RetentionPolicy.from_settings(settings)).prune(dry_run=dry_run)
     finally:
@@ -230,23 +230,31 @@ def users_erase(
     clerk_id: Annotated[str, typer.Argument(help="Clerk user id (user_...).")],
     reason: Annotated[str | None, typer.Option(help="Recorded in the audit log, e.g. a ticket id.")] = None,
     actor: Annotated[str | None, typer.Option(help="Clerk id of the admin acting (audit log).")] = None,
+    mapping: Annotated[str | None, typer.Option(help=MAPPING_HELP + " Its row's personal columns are cleared "
+                                                     "too (the app's mapped tables are not known otherwise).")] = None,
 ) -> None:
     """Erase a user's personal data from every table and stored payload now (data-subject request).
 
     The row stays as a tombstone with personal columns cleared, so no late event brings it back.
     Delete the user in Clerk too, or the next reconcile cannot restore them either (the tombstone
-    is final) but Clerk still holds their data.
+    is final) but Clerk still holds their data. With mapped tables, pass the mapping as ``serve`` does.
     """
     from clerk_sync.retention import Retention
 
+    if not clerk_id.strip():
+        raise typer.BadParameter("a Clerk user id (user_...) is needed", param_hint="CLERK_ID")
     settings = _settings()
-    store = Store.from_url(settings.sqlalchemy_url())
+    store = Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts(),
+                           mapping=load_mapping(mapping))
     try:
         report = Retention(store).erase_user(clerk_id, actor=actor, reason=reason)
     finally:
         store.dispose()
     found = "erased" if report.row_existed else "no row for it; tombstone written"
     typer.echo(f"{clerk_id}: {found}, {report.payloads_redacted} stored payload(s) redacted; audited as user.erased")
+    if mapping is None:
+        typer.echo("the app's mapped tables were not touched: with a mapping, run this again with "
+                   "--mapping module:attribute (it is idempotent)")
 
 
 @app.command()
