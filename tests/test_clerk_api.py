@@ -74,7 +74,9 @@ def test_breaker_opens_fails_fast_and_probes_once() -> None:
     assert breaker.check() is None and not breaker.is_open
 
 
-@pytest.mark.parametrize(("header", "expected"), [("7", 7.0), (None, 1.0), ("soon", 1.0)], ids=["seconds", "absent", "junk"])
+@pytest.mark.parametrize(("header", "expected"), [("7", 7.0), (None, 1.0), ("soon", 1.0), ("inf", 1.0), ("nan", 1.0),
+                                                  ("999999999", 3600.0), ("-5", 0.0)],
+                         ids=["seconds", "absent", "junk", "infinite", "nan", "a-year-capped", "negative"])
 def test_retry_after_parsing(header: str | None, expected: float) -> None:
     headers = {"retry-after": header} if header is not None else {}
     assert _retry_after(httpx.Response(429, headers=headers), default=1.0) == expected

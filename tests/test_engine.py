@@ -91,6 +91,13 @@ def test_timestamps_in_seconds_or_ms_normalise_to_ms(raw: int, ms: int) -> None:
     assert normalize_timestamp_ms(raw) == ms
 
 
+@pytest.mark.parametrize("raw", [10**400, -(10**400), -1], ids=["huge", "huge-negative", "negative"])
+def test_timestamps_out_of_range_are_payload_errors(raw: int) -> None:
+    """-10**400 passed the upper bound, then overflowed float(): a 500 on every retry, not a 400."""
+    with pytest.raises(PayloadError, match="out of range"):
+        normalize_timestamp_ms(raw)
+
+
 @pytest.mark.parametrize(
     "body",
     [b"not json", b"[]", b'{"data":{}}', b'{"type":"user.created"}', b'{"type":"x","data":{},"timestamp":"now"}',

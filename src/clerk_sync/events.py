@@ -59,7 +59,7 @@ def normalize_timestamp_ms(value: object) -> int:
     """Clerk's envelope ``timestamp`` is ms in the docs and seconds in the spec examples."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not isfinite(value):
         raise PayloadError(f"event timestamp must be a number, got {show(value)}")
-    if value > _MAX_MS:  # before float(): an integer of 400 digits overflows it
+    if not -_MAX_MS <= value <= _MAX_MS:  # before float(): an integer of 400 digits (either sign) overflows it
         raise PayloadError(f"event timestamp {show(value)} is out of range")
     number = float(value)
     ms = int(number if number >= _MS_THRESHOLD else number * 1000)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -86,10 +87,11 @@ class WebhookVerifier:
         raise WebhookVerificationError("no matching signature found")
 
     def _check_timestamp(self, value: str) -> datetime:
-        try:
-            seconds = int(value)
-        except ValueError:
-            raise WebhookVerificationError(f"svix-timestamp {value[:32]!r} is not an integer") from None
+        # ASCII digits only, at most 12 (Unix seconds until the year 33658): int() would also take "1_7",
+        # " +17", other scripts' digits, and 400 digits whose difference with now overflows a float.
+        if not _TIMESTAMP.fullmatch(value):
+            raise WebhookVerificationError(f"svix-timestamp {value[:32]!r} is not an integer of seconds")
+        seconds = int(value)
         drift = seconds - self._now()
         if abs(drift) > self._tolerance:
             which = "old" if drift < 0 else "new"
@@ -97,6 +99,9 @@ class WebhookVerifier:
                 f"message timestamp too {which}: outside the {self._tolerance} s tolerance (check this host's clock)"
             )
         return datetime.fromtimestamp(seconds, tz=UTC)
+
+
+_TIMESTAMP = re.compile(r"-?[0-9]{1,12}")
 
 
 def _offered_signatures(header: str) -> list[bytes]:

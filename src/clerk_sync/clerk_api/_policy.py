@@ -9,6 +9,7 @@ and the policy is testable with a fake clock.
 from __future__ import annotations
 
 import email.utils
+import math
 import random
 import threading
 import time
@@ -274,20 +275,25 @@ def _build(ctx: _Context, req: ApiRequest[Any], remaining: float) -> httpx.Reque
     )
 
 
+_MAX_RETRY_AFTER_S = 3600.0  # the longest Retry-After believed (Clerk's own windows are 10 s)
+
+
 def _retry_after(response: httpx.Response, default: float) -> float:
     """``Retry-After`` as seconds (integer or HTTP date); ``default`` when absent or unreadable."""
     raw = response.headers.get("retry-after")
     if raw is None:
         return default
     try:
-        return max(0.0, float(raw))
+        seconds = float(raw)
     except ValueError:
         pass
+    else:  # "inf", "nan" or a year: a server's mistake must not stop every later request of this process
+        return min(max(0.0, seconds), _MAX_RETRY_AFTER_S) if math.isfinite(seconds) else default
     try:
         when = email.utils.parsedate_to_datetime(raw)
     except (TypeError, ValueError):
         return default
-    return max(0.0, when.timestamp() - time.time())
+    return min(max(0.0, when.timestamp() - time.time()), _MAX_RETRY_AFTER_S)
 
 
 def _clerk_error(response: httpx.Response) -> tuple[str, str | None, str | None]:
