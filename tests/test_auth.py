@@ -18,7 +18,7 @@ from clerk_sync.auth.jwks import StaticKeySource
 from clerk_sync.auth.sessions import SessionVerifier
 from clerk_sync.auth.users import AuthUser
 from clerk_sync.config import Settings
-from clerk_sync.integrations.asgi import ClerkAuthMiddleware
+from clerk_sync.integrations.asgi import ClerkAuthBackend, ClerkAuthMiddleware
 from clerk_sync.integrations.fastapi import ClerkAuth
 from clerk_sync.integrations.starlette import build_processor
 from clerk_sync.store import Store
@@ -219,7 +219,6 @@ def test_starlette_authentication_backend_scopes(db_url: str) -> None:
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
-    from clerk_sync.integrations.asgi import ClerkAuthBackend
 
     h = Harness(db_url)
 
@@ -359,15 +358,34 @@ def test_websocket_without_a_valid_session_is_refused_before_accept(db_url: str)
     h.store.dispose()
 
 
+def _ws_backend_app(h: Harness) -> Any:
+    """The same socket behind Starlette's AuthenticationMiddleware with ClerkAuthBackend."""
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.middleware.authentication import AuthenticationMiddleware
+    from starlette.routing import WebSocketRoute
+    from starlette.websockets import WebSocket
+
+    async def whoami(ws: WebSocket) -> None:
+        await ws.accept()
+        await ws.send_json({"user_id": ws.user.identity if ws.user.is_authenticated else None})
+        await ws.close()
+
+    return Starlette(routes=[WebSocketRoute("/ws", whoami)], middleware=[Middleware(
+        AuthenticationMiddleware, backend=ClerkAuthBackend(h.auth), on_error=ClerkAuthBackend.on_error)])
+
+
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
-def test_a_cookie_websocket_from_a_foreign_origin_is_refused(db_url: str) -> None:
+@pytest.mark.parametrize("integration", [_ws_app, _ws_backend_app], ids=["middleware", "backend"])
+def test_a_cookie_websocket_from_a_foreign_origin_is_refused(db_url: str, integration: Any) -> None:
     """Review hardening: browsers attach the __session cookie to cross-site websocket handshakes, so a
-    cookie-authenticated handshake must come from an authorized party's origin."""
+    cookie-authenticated handshake must come from an authorized party's origin (ClerkAuthBackend did not
+    check: another site could open a socket as the user)."""
 
     h = Harness(db_url)
     h.event("user.created", f.user("user_wso", 1))
     cookie = {"Cookie": f"__session={token('user_wso')}"}
-    with running(_ws_app(h)) as url:
+    with running(integration(h)) as url:
         assert _ws_answer(url, cookie, "https://evil.example") == 403
         assert _ws_answer(url, cookie, AZP) == {"user_id": "user_wso"}
         # a Bearer token is no ambient credential

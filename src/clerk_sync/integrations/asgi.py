@@ -6,7 +6,7 @@ The middleware is convenience (deny by default, public routes declared); handler
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from starlette.authentication import AuthCredentials, AuthenticationBackend, AuthenticationError, BaseUser
 from starlette.concurrency import run_in_threadpool
@@ -73,6 +73,8 @@ class ClerkAuthBackend(AuthenticationBackend):
     async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, BaseUser] | None:
         http = conn.scope["type"] == "http"
         try:
+            if not http:  # as ClerkAuthMiddleware: a cookie handshake from another site is refused
+                _check_websocket_origin(conn.headers, conn.scope.get("scheme", "ws"), self.authenticator)
             auth = await self.authenticator.aauthenticate(conn.headers, conn.cookies,
                                                           method=conn.scope["method"] if http else None,
                                                           scheme=conn.scope.get("scheme", "http"))
@@ -126,7 +128,7 @@ class ClerkAuthMiddleware:
                 raise TokenMalformed("more than one Authorization header: send one")
             http = scope["type"] == "http"
             if not http:
-                self._check_origin(headers, scope.get("scheme", "ws"))
+                _check_websocket_origin(headers, scope.get("scheme", "ws"), self.authenticator)
             auth = await self.authenticator.aauthenticate(headers, _cookies(headers),
                                                           method=scope["method"] if http else None,
                                                           scheme=scope.get("scheme", "http"))
@@ -146,16 +148,18 @@ class ClerkAuthMiddleware:
         await self.app(scope, receive, send)
 
 
-    def _check_origin(self, headers: dict[str, str], scheme: str) -> None:
-        """A websocket handshake riding on the ``__session`` cookie must come from an authorized origin
-        (``CLERK_AUTHORIZED_PARTIES``), or without that list from the site's own, as a cookie POST must
-        (:func:`check_request_origin`): browsers send cookies with cross-site websocket handshakes, and
-        ``azp`` only says which origin the token was minted for, not which page opened the socket. Bearer
-        handshakes carry no ambient credential; a handshake without ``Origin`` comes from no browser."""
-        if "origin" not in headers:
-            return
-        check_request_origin("WEBSOCKET", headers, scheme="https" if scheme in ("wss", "https") else "http",
-                             authorized_parties=self.authenticator.verifier.claims.authorized_parties)
+
+def _check_websocket_origin(headers: Mapping[str, str], scheme: str, authenticator: Authenticator) -> None:
+    """A websocket handshake riding on the ``__session`` cookie must come from an authorized origin
+    (``CLERK_AUTHORIZED_PARTIES``), or without that list from the site's own, as a cookie POST must
+    (:func:`check_request_origin`): browsers send cookies with cross-site websocket handshakes, and
+    ``azp`` only says which origin the token was minted for, not which page opened the socket. Bearer
+    handshakes carry no ambient credential; a handshake without ``Origin`` comes from no browser.
+    Raises :class:`CrossSiteRequest`."""
+    if "origin" not in headers:
+        return
+    check_request_origin("WEBSOCKET", headers, scheme="https" if scheme in ("wss", "https") else "http",
+                         authorized_parties=authenticator.verifier.claims.authorized_parties)
 
 
 async def _refuse(exc: ClerkSyncError, scope: Scope, receive: Receive, send: Send) -> None:
