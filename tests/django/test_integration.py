@@ -270,7 +270,12 @@ def test_session_cookie_works_and_unsafe_cookie_requests_need_csrf(client_world:
     assert browser.post("/admin/impersonate/user_x").status_code == 403  # cookie only: CSRF applies
     refused = browser.post("/t/drf/open")  # DRF views are CSRF-exempt: ClerkAuthentication checks it itself
     assert refused.status_code == 403 and "CSRF" in refused.json()["detail"]
+    # Other authentication classes than ClerkAuthentication: the permission class reads the cookie, so it
+    # checks CSRF itself (it did not: another site's form could act as the admin).
+    forged = browser.post("/t/drf/cookie-role-admin", headers={"Origin": "https://evil.example"})
+    assert forged.status_code == 403 and "CSRF" in forged.json()["detail"]
     api = Client(enforce_csrf_checks=True)  # a Bearer token is never sent by the browser on its own
+    assert api.post("/t/drf/cookie-role-admin", headers=bearer(token)).json() == {"deleted": True}
     assert api.post("/admin/impersonate/user_x", headers=bearer(token)).status_code == 404  # past CSRF: no such user
     assert api.post("/t/drf/open", headers=bearer(token)).json() == {"signed_in": True}
 

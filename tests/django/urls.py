@@ -23,4 +23,5 @@ urlpatterns = [
     path("t/drf/org-admin", views.DrfOrgAdmin.as_view()),
     path("t/drf/invoices", views.DrfInvoices.as_view()),
     path("t/drf/open", views.DrfOpen.as_view()),
+    path("t/drf/cookie-role-admin", views.DrfCookieRoleAdmin.as_view()),
 ]

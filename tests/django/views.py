@@ -116,6 +116,17 @@ class DrfInvoices(APIView):
         return Response({"invoices": []})
 
 
+class DrfCookieRoleAdmin(APIView):
+    """No authentication class (or any but ClerkAuthentication), and a Clerk role check: the role comes
+    from the cookie."""
+
+    authentication_classes = ()
+    permission_classes = (HasRole.of("admin"),)
+
+    def post(self, request: Request) -> Response:
+        return Response({"deleted": True})
+
+
 class DrfOpen(APIView):
     permission_classes = (AllowAny,)
 

@@ -87,12 +87,22 @@ def _state(request: Request) -> ClerkRequest:
 
 
 def _require(request: Request) -> ClerkRequest:
+    """The verified session, or the refusal. A session from the ``__session`` cookie is ambient: unless
+    :class:`ClerkAuthentication` authenticated the request (and checked CSRF then), Django's CSRF check
+    runs here, since APIView is CSRF-exempt and the view's own classes may be any (or none)."""
     state = _state(request)
     try:
         state.require_auth()
     except ClerkSyncError as exc:
         raise ClerkAPIException(exc) from exc
+    if not _has_bearer(request) and request.auth is not state.auth:
+        ClerkAuthentication.enforce_csrf(request)
     return state
+
+
+def _has_bearer(request: Request) -> bool:
+    bearer = request._request.headers.get("Authorization", "")
+    return bearer[:7].lower() == "bearer " and bool(bearer[7:].strip())
 
 
 class ClerkAuthentication(BaseAuthentication):
@@ -104,8 +114,7 @@ class ClerkAuthentication(BaseAuthentication):
             if state.error is None:
                 return None
             raise ClerkAPIException(state.error)
-        bearer = request._request.headers.get("Authorization", "")
-        if not (bearer[:7].lower() == "bearer " and bearer[7:].strip()):
+        if not _has_bearer(request):
             self.enforce_csrf(request)  # the __session cookie is ambient: as DRF's SessionAuthentication
         return self._user(request, state), state.auth
 
