@@ -182,6 +182,38 @@ def test_impersonated_sessions_are_marked_audited_and_kept_off_sensitive_routes(
     ]
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_impersonated_requests_are_audited_without_the_middleware_too(db_url: str) -> None:
+    """Only ClerkAuthMiddleware wrote the per-request audit row: FastAPI's dependencies alone
+    (``deny_by_default=False``) and ClerkAuthBackend served impersonated requests unaudited. One row per
+    request, however many dependencies read the session."""
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.middleware.authentication import AuthenticationMiddleware
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    h = Harness(db_url)
+    h.event("user.created", f.user("user_t", 1))
+    tok = token("user_t", act={"sub": "user_admin", "sid": "sess_admin"})
+
+    async def me(request: Request) -> JSONResponse:
+        return JSONResponse({"user": request.user.identity})
+
+    backend_app = Starlette(routes=[Route("/me", me)], middleware=[
+        Middleware(AuthenticationMiddleware, backend=ClerkAuthBackend(h.auth))])
+    for app, path in ((build_app(h), "/org/settings"), (backend_app, "/me")):  # (org route: two dependencies)
+        with running(app) as url, httpx.Client(base_url=url) as client:
+            client.get(path, headers=bearer(tok))
+            assert client.get("/me", headers=bearer(tok)).status_code == 200
+    with h.store.connect() as conn:
+        rows = conn.execute(sa.select(audit_log.c.action, audit_log.c.impersonator_clerk_id, audit_log.c.details)).all()
+    assert [(r[0], r[1], r[2]["path"]) for r in rows] == [
+        ("impersonation.request", "user_admin", p) for p in ("/org/settings", "/me", "/me", "/me")]
+    h.store.dispose()
+
+
 def test_install_protects_the_app_itself_routes_without_a_dependency_included(db_url: str) -> None:
     """Regression (issue 10 #8): serving ``app`` instead of the wrapped ASGI app used to leave every
     route without a dependency open."""

@@ -254,6 +254,14 @@ def test_guards_stand_without_the_middleware_and_without_require_auth(db_url: st
             assert w.app.get(path).status_code == 401, path
         assert w.app.get("/dashboard", headers=bearer(w.clerk.mint_session_token(user["id"]))).status_code == 200
         assert w.app.get("/t/async/me", headers=bearer(w.clerk.mint_session_token(user["id"]))).status_code == 200
+        # a request made while impersonating is audited by the guard as by the middleware (it was not)
+        acting = bearer(w.clerk.mint_session_token(user["id"], actor={"sub": "user_support"}))
+        for path in ("/dashboard", "/t/async/me"):
+            assert w.app.get(path, headers=acting).status_code == 200, path
+        with get_clerk_sync().store.connect() as conn:
+            rows = conn.execute(sa.select(audit_log.c.impersonator_clerk_id, audit_log.c.details).where(
+                audit_log.c.action == "impersonation.request")).all()
+        assert [(r[0], r[1]["path"]) for r in rows] == [("user_support", "/dashboard"), ("user_support", "/t/async/me")]
 
 
 # -- cookies and CSRF, laziness, no event loop on the sync path ---------------------------------------

@@ -78,6 +78,10 @@ class ClerkAuthBackend(AuthenticationBackend):
             auth = await self.authenticator.aauthenticate(conn.headers, conn.cookies,
                                                           method=conn.scope["method"] if http else None,
                                                           scheme=conn.scope.get("scheme", "http"))
+            if auth.is_impersonated:  # one audit row per request, as ClerkAuthMiddleware writes
+                client = conn.scope.get("client")
+                await run_in_threadpool(self.authenticator.audit_impersonated_request, auth, conn.scope.get(
+                    "method", "GET"), conn.scope["path"], client[0] if client else None)
         except TokenMissing:
             return None
         except (TokenError, AccessDenied, StoreError) as exc:  # AccessDenied: deprovisioned, locked or a

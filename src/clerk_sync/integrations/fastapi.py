@@ -90,12 +90,19 @@ class ClerkAuth:
 
     async def current_auth(self, request: Request) -> Auth:
         """The verified session (401 when missing/invalid/revoked): the one :class:`ClerkAuthMiddleware`
-        verified for this request when it ran (one identity per request, audited once), else verified here."""
+        verified for this request when it ran (one identity per request, audited once), else verified here,
+        a request made while impersonating audited here (once: the session is kept for the request's other
+        dependencies)."""
         auth = request.scope.get("clerk_auth")
         if isinstance(auth, Auth):
             return auth
-        return await self.authenticator.aauthenticate(request.headers, request.cookies, method=request.method,
+        auth = await self.authenticator.aauthenticate(request.headers, request.cookies, method=request.method,
                                                       scheme=request.url.scheme)
+        if auth.is_impersonated:  # no audit row, no access (a StoreError: 503)
+            await run_in_threadpool(self.authenticator.audit_impersonated_request, auth, request.method,
+                                    request.url.path, request.client.host if request.client else None)
+        request.scope["clerk_auth"] = auth
+        return auth
 
     async def current_user(self, request: Request) -> Any:
         """The caller's DB row (JIT-synced when configured)."""

@@ -6,6 +6,9 @@ stand alone); :func:`aclerk_request` is the async twin. The user's row is read o
 
 from __future__ import annotations
 
+from typing import TypeGuard
+
+from asgiref.sync import sync_to_async
 from django.http import HttpRequest
 
 from clerk_sync.auth.claims import Auth
@@ -61,6 +64,11 @@ def _answer(runtime: ClerkSync, result: Auth | ClerkSyncError) -> ClerkRequest:
     return ClerkRequest(runtime, result)
 
 
+def _audited(result: Auth | ClerkSyncError, runtime: ClerkSync) -> TypeGuard[Auth]:
+    """Whether ``result`` is a session made while impersonating that gets its audit row here."""
+    return isinstance(result, Auth) and result.is_impersonated and runtime.options.audit_impersonation
+
+
 def clerk_request(request: HttpRequest) -> ClerkRequest:
     """``request.clerk``, verifying the session here when no middleware did (guards stand alone)."""
     state = getattr(request, "clerk", None)
@@ -70,6 +78,9 @@ def clerk_request(request: HttpRequest) -> ClerkRequest:
     headers, cookies = _headers_and_cookies(request)
     try:
         result: Auth | ClerkSyncError = runtime.authenticator.authenticate(headers, cookies)
+        if _audited(result, runtime):  # as ClerkMiddleware does (a guard without it)
+            runtime.authenticator.audit_impersonated_request(result, request.method or "", request.path,
+                                                             request.META.get("REMOTE_ADDR"))
     except (TokenError, AccessDenied, StoreError, ConfigError) as exc:  # fails protected views only
         result = exc
     state = _answer(runtime, result)
@@ -86,6 +97,9 @@ async def aclerk_request(request: HttpRequest) -> ClerkRequest:
     headers, cookies = _headers_and_cookies(request)
     try:
         result: Auth | ClerkSyncError = await runtime.authenticator.aauthenticate(headers, cookies)
+        if _audited(result, runtime):
+            await sync_to_async(runtime.authenticator.audit_impersonated_request)(
+                result, request.method or "", request.path, request.META.get("REMOTE_ADDR"))
     except (TokenError, AccessDenied, StoreError, ConfigError) as exc:  # fails protected views only
         result = exc
     state = _answer(runtime, result)
