@@ -189,3 +189,32 @@ def test_an_aware_timestamp_is_stored_in_utc(maria_url: str) -> None:
         assert newer.scalar_one() == 0
     finally:
         store.dispose()
+
+
+def test_an_entity_held_by_another_transaction_does_not_fail_its_batch_mates(maria_url: str) -> None:
+    """A batch takes the lock rows of all its entities first: one held by another replica's transaction
+    timed the whole batch out, every batch-mate answered 503. Now each goes alone, in its own transaction."""
+    from clerk_sync.events import parse_envelope
+    from clerk_sync.integrations._committer import ALONE, GroupCommitter
+
+    store = Store(create_engine(maria_url, timeouts=DatabaseTimeouts(lock_s=1)))
+    holder = Store(create_engine(maria_url))
+    processor = WebhookProcessor(store, WebhookVerifier([f.SECRET]))
+    committer = GroupCommitter(processor)
+
+    def parsed(event: dict[str, object]) -> object:
+        return parse_envelope(f.body_of(event))
+
+    try:
+        committer.write([("msg_seed", parsed(f.envelope("user.created", f.user("user_held", 1))))])  # type: ignore[list-item]
+        batch = [("msg_held", parsed(f.envelope("user.updated", f.user("user_held", 2)))),
+                 ("msg_free", parsed(f.envelope("user.created", f.user("user_free", 2)))),
+                 ("msg_org", parsed(f.envelope("organization.created", f.organization("org_free", 2))))]
+        with holder.transaction() as held:
+            held.lock(["user:user_held"])
+            assert committer.write(batch) == [ALONE] * 3  # type: ignore[arg-type]
+            # alone, a user's upsert needs no lock row (its own row lock orders it): none waits
+            assert [processor.apply_alone(*job).status for job in batch] == ["applied"] * 3  # type: ignore[arg-type]
+    finally:
+        store.dispose()
+        holder.dispose()

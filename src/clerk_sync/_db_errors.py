@@ -95,6 +95,11 @@ def _client_side(orig: object) -> bool:
     return module == "sqlite3" and str(orig).startswith("Error binding parameter")
 
 
+def is_lock_wait_timeout(orig: object) -> bool:
+    """A bounded wait for a lock another connection holds ran out (PostgreSQL 55P03, MySQL 1205)."""
+    return getattr(orig, "sqlstate", None) == "55P03" or _mysql_errno(orig) == 1205
+
+
 def is_foreign_key_violation(orig: object) -> bool:
     """A row refers to one its table's foreign key does not find (yet): PostgreSQL 23503, MySQL 1452,
     SQLite's "FOREIGN KEY constraint failed"."""

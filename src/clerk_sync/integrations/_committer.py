@@ -30,8 +30,9 @@ from typing import Any, Final, cast
 import sqlalchemy as sa
 import structlog
 
+from clerk_sync._db_errors import is_lock_wait_timeout
 from clerk_sync.engine import DeliveryStatus, plan_delivery
-from clerk_sync.errors import StoreError
+from clerk_sync.errors import StoreError, database_message
 from clerk_sync.events import Envelope
 from clerk_sync.ingest import Outcome, WebhookProcessor
 from clerk_sync.store import Writer
@@ -64,6 +65,10 @@ class _Isolate(Exception):
     def __init__(self, index: int, cause: Exception) -> None:
         super().__init__(index)
         self.index, self.cause = index, cause
+
+
+class _EachAlone(Exception):
+    """The batch cannot say which delivery's entity is held (MySQL's lock pass): every delivery goes alone."""
 
 
 class GroupCommitter:
@@ -182,6 +187,11 @@ class GroupCommitter:
                 cause = failed.cause.orig if isinstance(failed.cause, sa.exc.DBAPIError) else failed.cause
                 log.info("group_commit_isolated", svix_id=batch[index][0], reason=type(cause).__name__)
                 continue
+            except _EachAlone as cause:
+                for index in pending:
+                    results[index] = ALONE
+                log.info("group_commit_each_alone", deliveries=len(pending), reason=str(cause))
+                break
             except StoreError as exc:  # the connection or the COMMIT failed: nothing in the batch holds
                 for index in pending:
                     results[index] = exc
@@ -202,7 +212,7 @@ class GroupCommitter:
                 writer.conn.exec_driver_sql(f"SET LOCAL lock_timeout = {self._lock_wait_ms}")
                 writer.check_at_once()
             elif processor.store.dialect == "mysql":
-                writer.lock_entities([plan_delivery(envelope).intent for _, envelope in jobs])
+                self._lock_batch(writer, jobs)
             outcomes: list[Outcome] = []
             for position, (svix_id, envelope) in enumerate(jobs):
                 try:
@@ -212,6 +222,18 @@ class GroupCommitter:
                         raise  # the connection is gone: fail the batch (StoreError)
                     raise _Isolate(position, exc) from exc
             return outcomes
+
+    @staticmethod
+    def _lock_batch(writer: Writer, jobs: list[tuple[str, Envelope]]) -> None:
+        """MySQL/MariaDB: the lock rows of every entity of the batch in one sorted pass (no deadlock between
+        batches). One held by another transaction (another replica's delivery) must not fail its batch-mates:
+        past the wait, every delivery goes alone, and only the held one waits (and 503s) again."""
+        try:
+            writer.lock_entities([plan_delivery(envelope).intent for _, envelope in jobs])
+        except sa.exc.DBAPIError as exc:
+            if exc.connection_invalidated or not is_lock_wait_timeout(exc.orig):
+                raise
+            raise _EachAlone(database_message(exc.orig or exc)) from exc
 
     def _pipelined(self, writer: Writer, jobs: list[tuple[str, Envelope]]) -> list[Outcome]:
         """The batch in two round trips: BEGIN, the lock bound and every upsert in one psycopg pipeline
