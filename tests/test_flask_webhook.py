@@ -211,3 +211,24 @@ def test_closing_the_extension_says_the_deliveries_since_the_last_summary_line(d
         clerk_state(app).close()
     assert [(line["deliveries"], line.get("applied")) for line in lines if line["event"] == "webhooks"] == [
         (1, 1), (2, 2)]
+
+
+def test_refusals_and_database_failures_are_counted_as_the_services_are(db_url: str) -> None:
+    """Flask (and Django) counted a refusal as an event of type "unknown" and a 503 not at all, so the
+    alerts on ``clerk_sync_webhook_refused_total`` and ``clerk_sync_webhook_unavailable_total`` could never
+    fire there."""
+    app = _flask_app(db_url)
+    client = app.test_client()
+    forged = f.signed(f.envelope("user.created", f.user("user_x", 1)), "msg_x", secret="whsec_" + "A" * 32)
+    assert client.post("/webhooks/clerk", data=forged[1], headers=forged[0]).status_code == 401
+    with clerk_state(app).store.engine.begin() as conn:  # the database breaks
+        conn.exec_driver_sql("DROP TABLE webhook_events")
+    headers, body = f.signed(f.envelope("user.created", f.user("user_y", 1)), "msg_y")
+    assert client.post("/webhooks/clerk", data=body, headers=headers).status_code == 503
+    registry = clerk_state(app).processor.metrics.registry  # type: ignore[union-attr]
+    assert registry.get_sample_value("clerk_sync_webhook_refused_total", {"code": "webhook_signature_invalid"}) == 1
+    assert registry.get_sample_value("clerk_sync_webhook_unavailable_total") == 1
+    assert registry.get_sample_value("clerk_sync_db_errors_total", {"operation": "webhook"}) == 1
+    assert registry.get_sample_value("clerk_sync_webhook_events_total",
+                                     {"type": "unknown", "status": "webhook_signature_invalid"}) is None
+    clerk_state(app).close()

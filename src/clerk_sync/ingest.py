@@ -23,7 +23,15 @@ import sqlalchemy as sa
 import structlog
 
 from clerk_sync.engine import DeliveryStatus, Entity, Tombstone, Upsert, delivery_reason, plan_delivery, touches
-from clerk_sync.errors import ClerkSyncError, PayloadError, PayloadTooLarge, StoreDataError, WrongInstance
+from clerk_sync.errors import (
+    ClerkSyncError,
+    PayloadError,
+    PayloadTooLarge,
+    StoreDataError,
+    StoreError,
+    WebhookError,
+    WrongInstance,
+)
 from clerk_sync.events import Envelope, parse_envelope
 from clerk_sync.metrics import Metrics
 from clerk_sync.retention import redact_payload
@@ -112,6 +120,17 @@ class WebhookProcessor:
         except Exception as exc:  # app code on the apply path (a mapping's compute hook) refused this event
             log.exception("apply_crashed", svix_id=svix_id, event_type=envelope.type)
             return self._store_refused(svix_id, envelope, StoreDataError(f"apply raised {type(exc).__name__}: {exc}"))
+
+    def refused(self, exc: ClerkSyncError, claimed: str | None) -> None:
+        """Log and count a delivery answered with an error (every framework's webhook endpoint): a refusal
+        (4xx, nothing written) by its code, a database failure (503, Svix retries) as unavailable."""
+        if isinstance(exc, WebhookError):
+            log.info("webhook_refused", svix_id=claimed, code=exc.code, reason=str(exc))
+            self.metrics.refused.labels(code=exc.code).inc()
+        elif isinstance(exc, StoreError):
+            log.warning("webhook_store_error", svix_id=claimed, reason=str(exc))
+            self.metrics.db_errors.labels(operation="webhook").inc()
+            self.metrics.unavailable.inc()
 
     def observe(self, envelope: Envelope, outcome: Outcome, started: float, started_ns: int) -> None:
         """Metrics, the per-delivery log line and the trace span of a committed delivery."""

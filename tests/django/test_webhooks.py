@@ -90,12 +90,23 @@ def test_every_example_payload_gives_the_services_statuses_and_rows(
     assert rows(django_store) == rows(service_store)
 
 
+def _refusals(registry: Any) -> dict[str, float]:
+    return {sample.labels["code"]: sample.value for metric in registry.collect()
+            if metric.name == "clerk_sync_webhook_refused" for sample in metric.samples if sample.name.endswith("_total")}
+
+
 @pytest.mark.parametrize("case", [c[0] for c in _bad_requests()])
 def test_bad_input_gets_the_services_status_and_writes_nothing(django_view: tuple[Client, Store], case: str) -> None:
     _, headers, body, status = next(c for c in _bad_requests() if c[0] == case)  # signed now, not at collection
     client, store = django_view
+    registry = get_clerk_sync().processor.metrics.registry
+    before = _refusals(registry)
     got, answer = post_django(client, headers, body)
     assert got == status and answer["error"] and answer["message"]
+    if got < 500:  # counted as the service counts it (it was an event of type "unknown")
+        after = _refusals(registry)
+        assert after[answer["error"]] == before.get(answer["error"], 0) + 1 and sum(after.values()) == sum(
+            before.values()) + 1
     with store.connect() as conn:
         assert {conn.execute(sa.select(sa.func.count()).select_from(t)).scalar_one() for t in metadata.sorted_tables} == {0}
 

@@ -128,13 +128,7 @@ class _WebhookPath:
 
     def refused(self, exc: ClerkSyncError, claimed: str | None) -> ErrorResponse:
         """Log and count a refusal; the answer to send."""
-        if isinstance(exc, WebhookError):
-            log.info("webhook_refused", svix_id=claimed, code=exc.code, reason=str(exc))
-            self.processor.metrics.refused.labels(code=exc.code).inc()
-        elif isinstance(exc, StoreError):
-            log.warning("webhook_store_error", svix_id=claimed, reason=str(exc))
-            self.processor.metrics.db_errors.labels(operation="webhook").inc()
-            self.processor.metrics.unavailable.inc()
+        self.processor.refused(exc, claimed)
         return error_response(exc)
 
 

@@ -55,12 +55,8 @@ def webhook(request: HttpRequest) -> HttpResponse:
         try:
             body = read_limited_body(request, processor.max_body_bytes)
             outcome = processor.process(dict(request.headers), body)
-        except WebhookError as exc:
-            log.info("webhook_refused", code=exc.code, reason=str(exc))
-            processor.metrics.events.labels(type="unknown", status=exc.code).inc()
-            return error_json(exc)
-        except StoreError as exc:
-            log.warning("webhook_store_error", reason=str(exc))
+        except (WebhookError, StoreError) as exc:
+            processor.refused(exc, claimed)  # logged and counted as the other frameworks' endpoints do
             return error_json(exc)
     return JsonResponse({"status": outcome.status, "svix_id": outcome.svix_id})
 

@@ -35,15 +35,12 @@ def receive() -> Response:
     assert processor is not None  # the blueprint is registered only with a processor
     headers = {k.lower(): v for k, v in request.headers.items()}
     # Unverified, but it correlates every log line of this delivery (refusals included).
-    with structlog.contextvars.bound_contextvars(svix_id=headers.get("svix-id") or headers.get("webhook-id")):
+    claimed = headers.get("svix-id") or headers.get("webhook-id")
+    with structlog.contextvars.bound_contextvars(svix_id=claimed):
         try:
             outcome = processor.process(headers, read_limited_body(processor.max_body_bytes))
-        except WebhookError as exc:
-            log.info("webhook_refused", code=exc.code, reason=str(exc))
-            processor.metrics.events.labels(type="unknown", status=exc.code).inc()
-            return error_json(exc)
-        except StoreError as exc:
-            log.warning("webhook_store_error", reason=str(exc))
+        except (WebhookError, StoreError) as exc:
+            processor.refused(exc, claimed)  # logged and counted as the other frameworks' endpoints do
             return error_json(exc)
     return jsonify({"status": outcome.status, "svix_id": outcome.svix_id})
 
