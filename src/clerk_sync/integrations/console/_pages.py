@@ -289,6 +289,14 @@ def audit(console: Console, request: Request, identity: Identity, form: Form) ->
     return console.render(request, "audit.html", identity, page=page, where=where)
 
 
+def _cell(value: object) -> object:
+    """A CSV cell a spreadsheet shows as text: a user can put any text into an audited Clerk id (a refused
+    impersonation of ``=HYPERLINK(...)``), which would run as a formula when an admin opens the export."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
 def audit_csv(console: Console, request: Request, identity: Identity, form: Form) -> Response:
     """The filtered audit log as CSV, oldest first (at most :data:`MAX_CSV_ROWS` rows)."""
     where = _audit_filter(request.query_params)
@@ -303,7 +311,7 @@ def audit_csv(console: Console, request: Request, identity: Identity, form: Form
         for row in rows.mappings():
             values = [row[c] for c in columns[:-1]]
             values[1] = q.aware(row["created_at"]).isoformat()  # type: ignore[union-attr]
-            writer.writerow([*values, _json(row["details"])])
+            writer.writerow([_cell(v) for v in (*values, _json(row["details"]))])
     return Response(out.getvalue(), media_type="text/csv; charset=utf-8",
                     headers={"Content-Disposition": 'attachment; filename="audit_log.csv"'})
 
