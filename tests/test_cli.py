@@ -59,6 +59,12 @@ def test_migrate_then_replay_failed_deliveries(db_url: str) -> None:
     with store.connect() as conn:
         assert conn.execute(sa.select(users.c.clerk_id)).scalar_one() == "user_cli"
         assert conn.execute(sa.select(webhook_events.c.status)).scalar_one() == "applied"
+    typo = run("replay", "--status", "faild", env={"DATABASE_URL": db_url})  # replayed 0 and exited 0
+    with store.transaction() as w:  # a schema behind the release: the error says what to run
+        w.conn.execute(sa.text("DROP TABLE hook_jobs"))
+    behind = run("hooks", "list", env={"DATABASE_URL": db_url})
+    assert behind.returncode == 2 and "run `clerk-sync migrate`" in " ".join(behind.stderr.split()), behind.stderr
+    assert typo.returncode == 2 and "faild" in typo.stderr and "skipped" in typo.stderr
     store.dispose()
 
 

@@ -75,6 +75,8 @@ def store_error(exc: sa.exc.SQLAlchemyError) -> StoreError:
     bound = _TIMEOUTS.get(getattr(orig, "sqlstate", None) or "") or _MYSQL_WAITS.get(_mysql_errno(orig))
     if bound is not None:  # a bounded wait ran out: someone else holds what we need, try again later
         return StoreError(f"database timeout: {bound} ({first_line}); nothing was applied, retry later")
+    if _missing_table(orig):  # the schema is behind (a new install, or a release with a new migration)
+        return StoreError(message + "; the schema is not current: run `clerk-sync migrate`")
     if isinstance(exc, sa.exc.DataError):  # a value refused for good: retrying cannot help
         return StoreDataError(message)
     if (isinstance(exc, sa.exc.ProgrammingError) and _client_side(orig)) \
@@ -83,6 +85,12 @@ def store_error(exc: sa.exc.SQLAlchemyError) -> StoreError:
         # refusal: the same values would be refused on every retry, so stored failed rather than 503.
         return StoreDataError(message + _CHECK_MAPPING)
     return StoreError(message)
+
+
+def _missing_table(orig: object) -> bool:
+    """PostgreSQL 42P01, MySQL 1146, SQLite's "no such table"."""
+    return (getattr(orig, "sqlstate", None) == "42P01" or _mysql_errno(orig) == 1146
+            or (type(orig).__module__ == "sqlite3" and str(orig).startswith("no such table")))
 
 
 def _client_side(orig: object) -> bool:

@@ -122,8 +122,12 @@ def replay(
 ) -> None:
     """Re-apply stored deliveries (after fixing what made them fail)."""
     from clerk_sync.cli._args import parse_since
+    from clerk_sync.engine import DeliveryStatus
     from clerk_sync.ingest import replay_deliveries
 
+    stored = sorted(s.value for s in DeliveryStatus if s is not DeliveryStatus.DUPLICATE)  # (never stored)
+    if status not in stored:  # a typo replayed nothing and said so as if there were nothing to replay
+        raise typer.BadParameter(f"{status!r} is no stored status; one of {', '.join(stored)}", param_hint="--status")
     settings = _settings()
     store = Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts(),
                            hooks=load_hooks(with_hooks) if with_hooks else (), mapping=load_mapping(mapping))
