@@ -447,3 +447,23 @@ def test_erasure_touches_no_one_else_whose_address_or_id_holds_the_erased_one(db
                             .values(status=DeliveryStatus.FAILED))
     assert replay_deliveries(store).by_status == {"skipped": 1}
     store.dispose()
+
+
+def test_reconcile_counts_a_hard_deleted_user_clerk_still_lists_as_unchanged(db_url: str, emu: Any) -> None:
+    """Once a tombstone is hard-deleted (its digest kept), reconcile counted the user Clerk still lists as
+    "created" on every run (the guarded insert refused it): phantom drift that kept the drift gauge up
+    and the no-deliveries-while-drift alert firing."""
+    from clerk_sync.reconcile import Reconciler
+    from tests.conftest import clerk_client
+
+    store = Store.from_url(db_url)
+    ada = emu.create_user(email="ada@example.com", first_name="Ada")
+    with clerk_client(emu) as clerk:
+        assert Reconciler(store, clerk).run().counts["users"].created == 1
+        Retention(store).erase_user(ada["id"], reason="DSR")
+        assert Retention(store, RetentionPolicy(delete_tombstones_after=timedelta(days=1)), now=_later(2)).prune().erased
+        for _ in range(2):
+            counts = Reconciler(store, clerk).run().counts["users"]
+            assert (counts.created, counts.updated, counts.unchanged) == (0, 0, 1)
+    assert _rows(store, users, ada["id"]) == 0
+    store.dispose()

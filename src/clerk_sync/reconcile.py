@@ -34,8 +34,9 @@ from clerk_sync.engine import Action, Entity, Record, RowState, Tombstone, Upser
 from clerk_sync.errors import ClerkNotFound, EventShapeError, ReconcileBusy
 from clerk_sync.events import membership_record, organization_record, user_record
 from clerk_sync.metrics import Metrics
-from clerk_sync.store import Store, Writer, dialect_family
+from clerk_sync.store import Store, Writer, dialect_family, erased_digest
 from clerk_sync.tables import (
+    erased,
     organization_memberships,
     organizations,
     reconcile_runs,
@@ -509,7 +510,14 @@ def _current(conn: sa.Connection, entity: Entity, ids: list[str]) -> dict[str, R
     table = _TABLES[entity]
     query = sa.select(table.c.clerk_id, table.c.clerk_updated_at, table.c.deleted_at).where(
         table.c.clerk_id.in_(ids))
-    return {r.clerk_id: RowState(r.clerk_updated_at, r.deleted_at is not None) for r in conn.execute(query)}
+    found = {r.clerk_id: RowState(r.clerk_updated_at, r.deleted_at is not None) for r in conn.execute(query)}
+    # A hard-deleted tombstone (retention) is a digest in clerk_sync_erased: still deleted for good. Without
+    # it, every run counted such an entity Clerk still lists as "created" (the guarded insert refuses it).
+    digests = {erased_digest(entity, i): i for i in ids if i not in found}
+    if digests:
+        gone = conn.execute(sa.select(erased.c.digest).where(erased.c.digest.in_(list(digests)))).scalars()
+        found.update({digests[d]: RowState(0, True) for d in gone})
+    return found
 
 
 def _stage(conn: sa.Connection, seen: sa.Table, run_id: int, entity: Entity, ids: list[str]) -> None:
