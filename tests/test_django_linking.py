@@ -155,3 +155,29 @@ def test_drf_without_a_users_row_answers_the_rows_error_and_without_the_backend_
         # Without ClerkBackend there is no Django user to refuse: request.user is a ClerkPrincipal.
         with override_settings(AUTHENTICATION_BACKENDS=["django.contrib.auth.backends.ModelBackend"]):
             assert app.get("/t/drf/open", headers=tok).json() == {"signed_in": True}
+
+
+def test_a_session_the_backend_refuses_is_no_failed_login(db_url: str) -> None:
+    """``request.user`` went through ``authenticate()``, which sends ``user_login_failed`` whenever no
+    backend takes the session (no row yet, banned, inactive): lockout tools (django-axes) counted every such
+    request as a failed login. The backend is asked directly."""
+    from django.contrib.auth.signals import user_login_failed
+
+    failed: list[dict[str, Any]] = []
+
+    def record(sender: Any, **kwargs: Any) -> None:
+        failed.append(kwargs)
+
+    with world_for(db_url, "test-client", USER_FIELDS="tests.test_django_linking.only_email") as w:
+        user_login_failed.connect(record)
+        try:
+            real = w.clerk.create_user("real@example.com")
+            w.clerk.wait_for_deliveries()
+            tok = bearer(w.clerk.mint_session_token(real["id"]))
+            assert w.app.get("/t/django-login-required", headers=tok).status_code == 200
+            get_user_model().objects.filter(username=real["id"]).update(is_active=False)  # the app's choice
+            for _ in range(3):
+                assert w.app.get("/t/django-login-required", headers=tok).status_code == 302  # not signed in
+        finally:
+            user_login_failed.disconnect(record)
+    assert failed == []

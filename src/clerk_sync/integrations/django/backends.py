@@ -28,7 +28,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from django.contrib.auth import authenticate, get_user_model
+from django.conf import settings
+from django.contrib.auth import get_user_model, load_backend
 from django.contrib.auth.backends import BaseBackend
 from django.contrib.auth.hashers import make_password
 from django.contrib.auth.models import AnonymousUser
@@ -76,9 +77,19 @@ def sync_django_user(row: AuthUser) -> Any:
 
 
 def django_user(request: HttpRequest, state: ClerkRequest) -> Any:
-    """The Django user of a Clerk session through ``authenticate()`` (so the backend is recorded),
-    or ``AnonymousUser`` when the session has no usable row (not synced yet, banned, deleted)."""
-    return authenticate(request, clerk_request=state) or AnonymousUser()
+    """The Django user of a Clerk session, from the configured :class:`ClerkBackend` (its path recorded as
+    ``authenticate()`` records it), or ``AnonymousUser`` when the session has no usable row (not synced
+    yet, banned, deleted). Not through ``authenticate()``: it sends ``user_login_failed`` for every such
+    request, which lockout tools (django-axes) count as failed logins, and locks the client's IP out."""
+    for path in settings.AUTHENTICATION_BACKENDS:
+        backend = load_backend(path)
+        if isinstance(backend, ClerkBackend):
+            user = backend.authenticate(request, clerk_request=state)
+            if user is None:
+                return AnonymousUser()
+            user.backend = path
+            return user
+    return AnonymousUser()
 
 
 class ClerkBackend(BaseBackend):
