@@ -230,6 +230,32 @@ def test_public_paths_are_matched_as_the_routes_are_under_a_root_path(db_url: st
     h.store.dispose()
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_cors_preflight_reaches_the_apps_cors_middleware_whatever_the_order(db_url: str) -> None:
+    """With CORS added before ``install()`` (so inside the deny-by-default middleware), the browser's
+    preflight, which never carries the session, was answered 401 and cross-origin front ends broke."""
+    from fastapi.middleware.cors import CORSMiddleware
+
+    h = Harness(db_url)
+    app = FastAPI()
+    app.add_middleware(CORSMiddleware, allow_origins=["https://app.example"], allow_methods=["*"],
+                       allow_headers=["authorization"])
+    ClerkAuth(h.auth).install(app, public_paths=())
+
+    @app.post("/orders")
+    def orders() -> dict[str, bool]:
+        return {"ok": True}
+
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization"}
+    with running(app) as url, httpx.Client(base_url=url) as client:
+        answer = client.options("/orders", headers=preflight)
+        assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == "https://app.example"
+        assert client.options("/orders").status_code == 401  # not a preflight: no session, refused
+        assert client.post("/orders", headers={"Origin": "https://app.example"}).status_code == 401
+    h.store.dispose()
+
+
 def test_install_protects_the_app_itself_routes_without_a_dependency_included(db_url: str) -> None:
     """Regression (issue 10 #8): serving ``app`` instead of the wrapped ASGI app used to leave every
     route without a dependency open."""

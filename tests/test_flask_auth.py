@@ -230,6 +230,15 @@ def test_deny_by_default_public_views_and_unknown_paths(world: World) -> None:
     assert world.app.get("/session", token).json == {"user": user["id"]}
     assert world.app.get("/nowhere").status == 401  # what exists is not revealed to the signed-out
     assert world.app.get("/nowhere", token).status == 404
+    # A browser's CORS preflight carries no session by design: answered (Flask's automatic OPTIONS), not 401
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+    if world.app.http is not None:
+        answers = (world.app.http.options("/session", headers=preflight).status_code,
+                   world.app.http.options("/session").status_code)
+    else:
+        with world.app.app.test_client() as client:
+            answers = (client.options("/session", headers=preflight).status_code, client.options("/session").status_code)
+    assert answers == (200, 401)  # a plain OPTIONS is still refused
 
 
 def test_role_is_confirmed_against_the_row_and_demotion_applies_on_the_next_request(world: World) -> None:

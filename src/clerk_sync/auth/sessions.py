@@ -48,6 +48,7 @@ __all__ = [
     "RevocationCheck",
     "SessionVerifier",
     "check_request_origin",
+    "is_cors_preflight",
     "is_public_path",
     "token_from_request",
     "verifier_from_settings",
@@ -111,6 +112,13 @@ def token_from_request(headers: Mapping[str, str], cookies: Mapping[str, str]) -
         raise TokenMalformed(f"{len(candidates)} suffixed __session_<suffix> cookies and no __session: cannot "
                              "tell which app's session this is; send the token as Authorization: Bearer")
     raise TokenMissing("no session token (Authorization: Bearer or __session cookie)")
+
+
+def is_cors_preflight(method: str | None, access_control_request_method: str | None) -> bool:
+    """A browser's CORS preflight (``OPTIONS`` with an ``Access-Control-Request-Method`` header): it never
+    carries the session (no cookie, no Authorization), and a browser needs a 2xx answer before it sends the
+    real request, so deny-by-default lets it through to the app's CORS handling."""
+    return method == "OPTIONS" and bool(access_control_request_method)
 
 
 def check_request_origin(method: str, headers: Mapping[str, str], *, scheme: str | None,

@@ -20,6 +20,7 @@ from werkzeug.local import LocalProxy
 from clerk_sync.auth.admin import AdminActions
 from clerk_sync.auth.authenticator import Authenticator
 from clerk_sync.auth.claims import Auth
+from clerk_sync.auth.sessions import is_cors_preflight
 from clerk_sync.auth.users import AuthUser, JitUsers
 from clerk_sync.config import Settings
 from clerk_sync.errors import AccessDenied, ClerkAPIError, ClerkSyncError, ConfigError, StoreError, TokenError
@@ -286,6 +287,8 @@ def deny_by_default() -> None:
     state = clerk_state()
     if not state.deny_by_default:
         return
+    if is_cors_preflight(request.method, request.headers.get("Access-Control-Request-Method")):
+        return  # carries no credentials by design: the app's CORS handling answers it
     endpoint = request.endpoint
     view = current_app.view_functions.get(endpoint) if endpoint else None
     if endpoint in state.public_endpoints or getattr(view, _PUBLIC_ATTR, False):
