@@ -806,3 +806,31 @@ def test_a_failing_statement_of_several_is_the_one_the_error_names(db_url: str, 
         assert "no_such_table" in str(caught.value.statement)
     finally:
         store.dispose()
+
+
+def test_a_membership_after_a_deletion_of_its_stored_parent_follows_it_in_a_batch(
+        store: Store, verifier: WebhookVerifier) -> None:
+    """A user's deletion cascades to the memberships the rows hold. A later membership event naming another
+    user (Clerk does not move memberships, a stand-in could) went into the pipeline ahead of that deletion:
+    the membership survived in a batch and was deleted one at a time. It now follows it."""
+    processor = WebhookProcessor(store, verifier)
+    ns = uuid.uuid4().hex[:8]
+
+    def parsed(svix_id: str, event: dict[str, Any]) -> tuple[str, Any]:
+        return f"{svix_id}_{ns}", parse_envelope(f.body_of(event))
+
+    outcomes = {}
+    for mode in ("batch", "alone"):
+        mem, user_a = f"orgmem_{mode}_{ns}", f"user_a_{mode}_{ns}"
+        processor.apply_alone(*parsed(f"msg_{mode}_1", f.envelope("organizationMembership.created", f.membership(
+            mem, f"org_{ns}", user_a, 10))))
+        later = [parsed(f"msg_{mode}_2", f.envelope("user.deleted", f.deleted("user", user_a))),
+                 parsed(f"msg_{mode}_3", f.envelope("organizationMembership.updated", f.membership(
+                     mem, f"org_{ns}", f"user_b_{ns}", 20)))]
+        results = (GroupCommitter(processor).write(later) if mode == "batch"
+                   else [processor.apply_alone(*d) for d in later])
+        with store.connect() as conn:
+            live = conn.execute(sa.text("SELECT deleted_at IS NULL FROM organization_memberships WHERE clerk_id = :c"),
+                                {"c": mem}).scalar_one()
+        outcomes[mode] = ([r.status for r in results], bool(live))
+    assert outcomes["batch"] == outcomes["alone"] == (["applied", "skipped"], False)

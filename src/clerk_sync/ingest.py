@@ -182,14 +182,20 @@ class WebhookProcessor:
         # deletion it follows, or a membership before its user's deletion).
         fast: list[int] = []
         after: set[tuple[Entity, str]] = set()
+        parent_deleted = False  # a user or organization deletion before: it cascades to the memberships the
+        # rows hold, whose parents a later membership event may name differently (touches() sees the new ones)
         for i, plan in enumerate(plans):
             intent = plan.intent
             if intent is None:
                 continue
-            if writer.one_statement(intent) and not (after and touches(intent) & after):
+            follows = bool(after and touches(intent) & after) or (
+                parent_deleted and isinstance(intent, Upsert) and intent.entity is Entity.MEMBERSHIP)
+            if writer.one_statement(intent) and not follows:
                 fast.append(i)
             elif isinstance(intent, Upsert | Tombstone):
                 after.add((intent.entity, intent.clerk_id))
+                parent_deleted = parent_deleted or (
+                    isinstance(intent, Tombstone) and intent.entity is not Entity.MEMBERSHIP)
         outcomes: list[Outcome | None] = [None] * len(deliveries)
         if fast:
             items: list[OneStatement] = []
