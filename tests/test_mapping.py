@@ -1176,3 +1176,22 @@ def test_a_row_adopted_by_a_concurrent_delivery_is_not_taken_over() -> None:
         with admin.begin() as conn:
             conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
         admin.dispose()
+
+
+def test_linking_by_email_folds_case_beyond_ascii_on_every_store(db_url: str) -> None:
+    """SQLite's lower() folds ASCII only: ``ÉLODIE@Example.com`` was not found for Clerk's
+    ``élodie@example.com`` there (a second row was inserted) where PostgreSQL and MariaDB linked it."""
+    legacy = sa.Table("unicode_accounts", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
+                      sa.Column("email", sa.String(200)))
+    mapping = SchemaMapping(users=MappedTable("unicode_accounts", "clerk_user_id", {"email": "email"},
+                                              link_by_email="email"))
+    store, engine = _with_app_table(db_url, legacy, mapping)
+    with engine.begin() as conn:
+        conn.execute(legacy.insert().values(id=1, email="ÉLODIE@Example.com"))
+    assert deliver(store, f.envelope("user.created", f.user("user_el", B + 1000, email="élodie@example.com"))) == [
+        "applied"]
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT id, email, clerk_user_id FROM unicode_accounts")).all()
+    assert [tuple(r) for r in rows] == [(1, "élodie@example.com", "user_el")]
+    store.dispose()
+    engine.dispose()

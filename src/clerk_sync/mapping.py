@@ -350,7 +350,7 @@ class _Projection:
                 return True
         if self.m.link_by_email and email:
             column = self.t.c[self.m.link_by_email]
-            return self._adopt(change, values, sa.func.lower(column) == email.lower(), f"e-mail {email!r}")
+            return self._adopt(change, values, _lower(self.conn)(column) == email.lower(), f"e-mail {email!r}")
         return False
 
     def _adopt(self, change: Change, values: JSON, match: sa.ColumnElement[bool], what: str) -> bool:
@@ -383,6 +383,17 @@ class _Projection:
             personal = {name: None for name, col in self.columns.items() if col.is_personal}
             if personal:
                 self.conn.execute(sa.update(self.t).where(where).values(**personal))
+
+
+def _lower(conn: Connection) -> Any:
+    """SQL's ``lower()`` as PostgreSQL and MariaDB have it: SQLite's own folds ASCII only, so linking by
+    e-mail would not find ``ÉLODIE@Example.com`` for Clerk's ``élodie@example.com`` there (and insert a
+    second row): on SQLite, Python's, registered on the connection (linking is rare: once per new user)."""
+    if conn.dialect.name != "sqlite":
+        return sa.func.lower
+    raw: Any = conn.connection.driver_connection
+    raw.create_function("clerk_sync_lower", 1, lambda v: v.lower() if isinstance(v, str) else v, deterministic=True)
+    return sa.func.clerk_sync_lower
 
 
 def sqlite_execute(conn: Connection, sql: str, rows: Sequence[Sequence[Any]], *, many: bool = False) -> list[Any]:
