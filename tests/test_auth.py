@@ -231,28 +231,37 @@ def test_public_paths_are_matched_as_the_routes_are_under_a_root_path(db_url: st
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
-def test_a_cors_preflight_reaches_the_apps_cors_middleware_whatever_the_order(db_url: str) -> None:
-    """With CORS added before ``install()`` (so inside the deny-by-default middleware), the browser's
-    preflight, which never carries the session, was answered 401 and cross-origin front ends broke."""
+def test_cors_middleware_added_after_install_answers_preflights_and_a_faked_one_runs_no_view(db_url: str) -> None:
+    """A browser's preflight never carries the session: CORS middleware added after ``install()`` (so
+    outside the deny-by-default middleware, as the README says) answers it. Inside, any client can send
+    the preflight's headers, so deny-by-default refuses them like any other request without a session."""
     from fastapi.middleware.cors import CORSMiddleware
 
     h = Harness(db_url)
-    app = FastAPI()
-    app.add_middleware(CORSMiddleware, allow_origins=["https://app.example"], allow_methods=["*"],
-                       allow_headers=["authorization"])
-    ClerkAuth(h.auth).install(app, public_paths=())
 
-    @app.post("/orders")
-    def orders() -> dict[str, bool]:
-        return {"ok": True}
+    def app_with(cors_outside: bool) -> FastAPI:
+        app = FastAPI()
+        if not cors_outside:
+            app.add_middleware(CORSMiddleware, allow_origins=["https://app.example"], allow_methods=["*"])
+        ClerkAuth(h.auth).install(app, public_paths=())
+        if cors_outside:
+            app.add_middleware(CORSMiddleware, allow_origins=["https://app.example"], allow_methods=["*"],
+                               allow_headers=["authorization"])
 
-    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+        @app.api_route("/export", methods=["GET", "OPTIONS"])
+        def export() -> dict[str, str]:
+            return {"secret": "every customer"}
+
+        return app
+
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "GET",
                  "Access-Control-Request-Headers": "authorization"}
-    with running(app) as url, httpx.Client(base_url=url) as client:
-        answer = client.options("/orders", headers=preflight)
+    with running(app_with(cors_outside=True)) as url, httpx.Client(base_url=url) as client:
+        answer = client.options("/export", headers=preflight)
         assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == "https://app.example"
-        assert client.options("/orders").status_code == 401  # not a preflight: no session, refused
-        assert client.post("/orders", headers={"Origin": "https://app.example"}).status_code == 401
+        assert client.get("/export", headers={"Origin": "https://app.example"}).status_code == 401
+    with running(app_with(cors_outside=False)) as url, httpx.Client(base_url=url) as client:
+        assert client.options("/export", headers=preflight).status_code == 401  # no view ran for it
     h.store.dispose()
 
 

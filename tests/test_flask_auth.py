@@ -68,6 +68,10 @@ def build_app(config: dict[str, Any], **options: Any) -> Flask:
         return {"user": current_clerk.user_id, "email": current_user.email, "role": current_user.role,
                 "impersonated": current_clerk.is_impersonated}
 
+    @app.route("/export", methods=["GET", "OPTIONS"])  # a view that answers OPTIONS itself
+    def export() -> dict[str, str]:
+        return {"secret": "every customer"}
+
     @app.get("/session")
     def session() -> dict[str, Any]:  # no decorator: deny by default alone protects it
         return {"user": current_clerk.user_id}
@@ -230,15 +234,17 @@ def test_deny_by_default_public_views_and_unknown_paths(world: World) -> None:
     assert world.app.get("/session", token).json == {"user": user["id"]}
     assert world.app.get("/nowhere").status == 401  # what exists is not revealed to the signed-out
     assert world.app.get("/nowhere", token).status == 404
-    # A browser's CORS preflight carries no session by design: answered (Flask's automatic OPTIONS), not 401
+    # A browser's CORS preflight carries no session by design: Flask's automatic OPTIONS answers it, not 401
     preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
     if world.app.http is not None:
-        answers = (world.app.http.options("/session", headers=preflight).status_code,
-                   world.app.http.options("/session").status_code)
+        answers = tuple(world.app.http.options(path, headers=headers).status_code
+                        for path, headers in (("/session", preflight), ("/session", {}), ("/export", preflight)))
     else:
         with world.app.app.test_client() as client:
-            answers = (client.options("/session", headers=preflight).status_code, client.options("/session").status_code)
-    assert answers == (200, 401)  # a plain OPTIONS is still refused
+            answers = tuple(client.options(path, headers=headers).status_code
+                            for path, headers in (("/session", preflight), ("/session", {}), ("/export", preflight)))
+    # a plain OPTIONS is still refused, and so is a "preflight" any client can fake to a view that runs for it
+    assert answers == (200, 401, 401)
 
 
 def test_role_is_confirmed_against_the_row_and_demotion_applies_on_the_next_request(world: World) -> None:

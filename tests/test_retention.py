@@ -408,6 +408,18 @@ def test_erasing_a_deleted_and_pruned_user_finds_the_addresses_their_events_carr
     store.dispose()
 
 
+@pytest.mark.parametrize(("text", "names"), [
+    ("KeyError: 'ann@example.com'", True), ("https://app/invite?email=ann@example.com", True),
+    ("Ann <ann@example.com>", True), ("`ANN@Example.com`", True), ("{ann@example.com}", True),
+    ("mail ann@example.com.", True), ("https://app/users/user_ann/profile", True),
+    ("joann@example.com", False), ("jo.ann@example.com", False), ("ann@example.community", False),
+    ("user_ann2", False), ("xuser_ann", False)])
+def test_a_mention_is_a_whole_address_or_id_however_it_is_quoted(text: str, names: bool) -> None:
+    from clerk_sync._mentions import Mentions
+
+    assert Mentions({"ann@example.com", "user_ann"}).in_text(text) is names
+
+
 def test_erasure_touches_no_one_else_whose_address_or_id_holds_the_erased_one(db_url: str) -> None:
     """Erasing ann@example.com also redacted joann@example.com's payloads (a text search), her failed
     delivery and her pending hook jobs; replaying that failed delivery then blanked her row with its newer

@@ -16,9 +16,12 @@ from typing import Any
 
 __all__ = ["Mentions"]
 
-# What may stand next to an e-mail address or a Clerk id without being part of it: a character that could
-# continue the address's local part (before) or domain (after), or the id, would make it another one.
-_EMAIL_BEFORE = r"(?<![\w.%+!#$&'*/=?^`{|}~-])"
+# What may stand next to an e-mail address or a Clerk id without being part of it. Before an address: not a
+# letter, digit, ``.``, ``%``, ``+``, ``_`` or ``-`` (``joann@`` is not ``ann@``). The rarer characters a local
+# part may also hold (``'``, ``=``, ``/``, ``{``...) are taken as delimiters: they quote or frame addresses far
+# more often (``KeyError: 'ann@example.com'``, ``?email=ann@...``), and an erasure that misses a real mention
+# is worse than one that redacts a payload more. After it: not one that continues the domain.
+_EMAIL_BEFORE = r"(?<![\w.%+-])"
 _EMAIL_AFTER = r"(?![\w-])(?!\.\w)"
 _ID_BEFORE, _ID_AFTER = r"(?<!\w)", r"(?!\w)"
 

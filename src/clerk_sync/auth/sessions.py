@@ -117,7 +117,8 @@ def token_from_request(headers: Mapping[str, str], cookies: Mapping[str, str]) -
 def is_cors_preflight(method: str | None, access_control_request_method: str | None) -> bool:
     """A browser's CORS preflight (``OPTIONS`` with an ``Access-Control-Request-Method`` header): it never
     carries the session (no cookie, no Authorization), and a browser needs a 2xx answer before it sends the
-    real request, so deny-by-default lets it through to the app's CORS handling."""
+    real request. Any client can send those headers, though: deny-by-default lets such a request through
+    only where no view code answers it (Flask's automatic OPTIONS)."""
     return method == "OPTIONS" and bool(access_control_request_method)
 
 

@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from clerk_sync.auth.authenticator import Authenticator
 from clerk_sync.auth.claims import Auth
-from clerk_sync.auth.sessions import check_request_origin, is_cors_preflight, is_public_path
+from clerk_sync.auth.sessions import check_request_origin, is_public_path
 from clerk_sync.errors import (
     AccessDenied,
     ClerkSyncError,
@@ -142,10 +142,8 @@ class ClerkAuthMiddleware:
                 await run_in_threadpool(self.authenticator.audit_impersonated_request, auth,
                                         scope.get("method", "GET"), path, client[0] if client else None)
         except (TokenError, AccessDenied, StoreError) as exc:
-            # A database outage (deny list unreadable) must not take public pages down with it; a CORS
-            # preflight carries no session by design (the app's CORS middleware answers it).
-            if not self.is_public(_route_path(scope)) and not is_cors_preflight(
-                    scope.get("method"), headers.get("access-control-request-method")):
+            # A database outage (deny list unreadable) must not take public pages down with it.
+            if not self.is_public(_route_path(scope)):
                 await _refuse(exc, scope, receive, send)
                 return
             if isinstance(exc, CrossSiteRequest):  # anonymous for the app's own checks too (its dependencies

@@ -287,8 +287,11 @@ def deny_by_default() -> None:
     state = clerk_state()
     if not state.deny_by_default:
         return
-    if is_cors_preflight(request.method, request.headers.get("Access-Control-Request-Method")):
-        return  # carries no credentials by design: the app's CORS handling answers it
+    rule = request.url_rule
+    if (is_cors_preflight(request.method, request.headers.get("Access-Control-Request-Method"))
+            and rule is not None and getattr(rule, "provide_automatic_options", False)):
+        return  # Flask answers it itself, no view runs (Flask-CORS adds its headers): a browser's preflight
+        # carries no session by design. A view that takes OPTIONS itself stays protected.
     endpoint = request.endpoint
     view = current_app.view_functions.get(endpoint) if endpoint else None
     if endpoint in state.public_endpoints or getattr(view, _PUBLIC_ATTR, False):
