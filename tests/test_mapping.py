@@ -1195,3 +1195,34 @@ def test_linking_by_email_folds_case_beyond_ascii_on_every_store(db_url: str) ->
     assert [tuple(r) for r in rows] == [(1, "élodie@example.com", "user_el")]
     store.dispose()
     engine.dispose()
+
+
+def test_a_user_deletion_removes_the_apps_memberships_before_the_users_row(db_url: str) -> None:
+    """The app's memberships table refers to its users table (HardDelete on both): the user's row was
+    projected before the cascaded memberships, so the foreign key refused it for good and the person's
+    e-mail stayed. The memberships go first now, then the user's row."""
+    meta = sa.MetaData()
+    people = sa.Table("fk_people", meta, sa.Column("id", sa.Integer, primary_key=True),
+                      sa.Column("clerk_user_id", sa.String(64), unique=True), sa.Column("email", sa.String(200)))
+    seats = sa.Table("fk_seats", meta, sa.Column("id", sa.Integer, primary_key=True),
+                     sa.Column("clerk_id", sa.String(64), unique=True),
+                     sa.Column("member", sa.String(64), sa.ForeignKey("fk_people.clerk_user_id")))
+    mapping = SchemaMapping(users=MappedTable("fk_people", "clerk_user_id", {"email": "email"}, on_delete=HardDelete()),
+                            memberships=MappedTable("fk_seats", "clerk_id", {"member": "user_clerk_id"},
+                                                    on_delete=HardDelete()))
+    engine = sa.create_engine(db_url)
+    with engine.begin() as conn:
+        meta.create_all(conn)
+        migrate_schema(conn, mapping)
+    store = Store.from_url(db_url, mapping=mapping)
+    assert deliver(store, f.envelope("user.created", f.user("user_fk", B + 1000, email="ann@example.com")),
+                   f.envelope("organization.created", f.organization("org_fk", B + 1000)),
+                   f.envelope("organizationMembership.created",
+                              f.membership("orgmem_fk", "org_fk", "user_fk", B + 1000))) == ["applied"] * 3
+    assert deliver(store, f.envelope("user.deleted", f.deleted("user", "user_fk"))) == ["applied"]
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(people)).scalar_one() == 0
+        assert conn.execute(sa.select(sa.func.count()).select_from(seats)).scalar_one() == 0
+        assert conn.execute(sa.text("SELECT last_error FROM webhook_events WHERE type = 'user.deleted'")).scalar_one() is None
+    store.dispose()
+    engine.dispose()

@@ -342,14 +342,32 @@ def replay_deliveries(
         ids = list(conn.execute(query.order_by(webhook_events.c.id)).scalars())
     counts: dict[str, int] = {}
     for svix_id in ids:
-        try:
-            result = store.run(lambda writer: replay_one(writer, svix_id))  # noqa: B023 (called at once)
-        except StoreDataError as exc:  # still refused by the DB: record it and go on with the rest
-            with store.transaction() as writer:
-                writer.finish_delivery(svix_id, DeliveryStatus.FAILED, str(exc), count_attempt=True)
-            result = DeliveryStatus.FAILED
+        result = replay_delivery(store, svix_id)
         counts[str(result)] = counts.get(str(result), 0) + 1  # plain strings: reports print and compare as text
     return ReplayReport(len(ids), counts)
+
+
+def replay_delivery(store: Store, svix_id: str, *,
+                    audit: Callable[[Writer, DeliveryStatus], None] | None = None) -> DeliveryStatus:
+    """Re-apply one stored delivery in its own unit of work (:meth:`Store.run`: written again without the
+    app's tables if one of them rolled it back), ``audit``'s row in the same transaction. Still refused by
+    the database: kept ``failed`` with the reason (and audited so). ``replay``, the console and the Django
+    admin replay through here."""
+
+    def work(writer: Writer) -> DeliveryStatus:
+        status = replay_one(writer, svix_id)
+        if audit is not None:
+            audit(writer, status)
+        return status
+
+    try:
+        return store.run(work)
+    except StoreDataError as exc:
+        with store.transaction() as writer:
+            writer.finish_delivery(svix_id, DeliveryStatus.FAILED, str(exc), count_attempt=True)
+            if audit is not None:
+                audit(writer, DeliveryStatus.FAILED)
+        return DeliveryStatus.FAILED
 
 
 _REDACTED_NOT_REPLAYED = ("not replayed: its payload was redacted (retention or erasure) to ids and versions, "

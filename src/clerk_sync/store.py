@@ -514,12 +514,15 @@ class Writer:
                     outbox.record(change)
             return upserted or removed
         changed = self._tombstone(intent)
+        cascaded = (self._cascade_memberships(intent.entity, intent.clerk_id, returning=True)
+                    if intent.entity in (Entity.USER, Entity.ORGANIZATION) else ())
+        # The memberships' deletions first: an app's memberships table may refer to its users/organizations
+        # table, whose row (HardDelete) can only go once they are gone.
+        for row in cascaded:
+            values = dict(row._mapping)
+            outbox.record(describe(Entity.MEMBERSHIP, values["clerk_id"], intent.version, values, None))
         if changed:
             outbox.record(describe(intent.entity, intent.clerk_id, intent.version, before, None))
-        if intent.entity in (Entity.USER, Entity.ORGANIZATION):
-            for row in self._cascade_memberships(intent.entity, intent.clerk_id, returning=True):
-                values = dict(row._mapping)
-                outbox.record(describe(Entity.MEMBERSHIP, values["clerk_id"], intent.version, values, None))
         return changed
 
     def _record_upserted(self, outbox: Outbox, intent: Upsert, change: Change | None) -> None:

@@ -74,10 +74,12 @@ class ClerkAuthBackend(AuthenticationBackend):
         http = conn.scope["type"] == "http"
         try:
             if not http:  # as ClerkAuthMiddleware: a cookie handshake from another site is refused
-                _check_websocket_origin(conn.headers, conn.scope.get("scheme", "ws"), self.authenticator)
+                _check_websocket_origin(conn.headers, conn.cookies, conn.scope.get("scheme", "ws"),
+                                        self.authenticator)
             auth = await self.authenticator.aauthenticate(conn.headers, conn.cookies,
                                                           method=conn.scope["method"] if http else None,
                                                           scheme=conn.scope.get("scheme", "http"))
+            conn.scope["clerk_auth"] = auth  # one identity per request: FastAPI's dependencies reuse it
             if auth.is_impersonated:  # one audit row per request, as ClerkAuthMiddleware writes
                 client = conn.scope.get("client")
                 await run_in_threadpool(self.authenticator.audit_impersonated_request, auth, conn.scope.get(
@@ -132,7 +134,7 @@ class ClerkAuthMiddleware:
                 raise TokenMalformed("more than one Authorization header: send one")
             http = scope["type"] == "http"
             if not http:
-                _check_websocket_origin(headers, scope.get("scheme", "ws"), self.authenticator)
+                _check_websocket_origin(headers, _cookies(headers), scope.get("scheme", "ws"), self.authenticator)
             auth = await self.authenticator.aauthenticate(headers, _cookies(headers),
                                                           method=scope["method"] if http else None,
                                                           scheme=scope.get("scheme", "http"))
@@ -153,14 +155,16 @@ class ClerkAuthMiddleware:
 
 
 
-def _check_websocket_origin(headers: Mapping[str, str], scheme: str, authenticator: Authenticator) -> None:
+def _check_websocket_origin(headers: Mapping[str, str], cookies: Mapping[str, str], scheme: str,
+                            authenticator: Authenticator) -> None:
     """A websocket handshake riding on the ``__session`` cookie must come from an authorized origin
     (``CLERK_AUTHORIZED_PARTIES``), or without that list from the site's own, as a cookie POST must
     (:func:`check_request_origin`): browsers send cookies with cross-site websocket handshakes, and
     ``azp`` only says which origin the token was minted for, not which page opened the socket. Bearer
     handshakes carry no ambient credential; a handshake without ``Origin`` comes from no browser.
-    Raises :class:`CrossSiteRequest`."""
-    if "origin" not in headers:
+    Raises :class:`CrossSiteRequest`; a handshake with no session cookie is left to the session check (an
+    anonymous socket is no one's)."""
+    if "origin" not in headers or not any(n == "__session" or n.startswith("__session_") for n in cookies):
         return
     check_request_origin("WEBSOCKET", headers, scheme="https" if scheme in ("wss", "https") else "http",
                          authorized_parties=authenticator.verifier.claims.authorized_parties)

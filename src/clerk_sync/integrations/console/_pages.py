@@ -22,14 +22,15 @@ from clerk_sync import migrations
 from clerk_sync.auth.admin import AdminActions
 from clerk_sync.auth.audit import record_audit
 from clerk_sync.engine import DeliveryStatus
-from clerk_sync.errors import ConfigError, StoreDataError, StoreError
+from clerk_sync.errors import ConfigError, StoreError
 from clerk_sync.freshness import FreshnessCheck, check_freshness, read_snapshot
-from clerk_sync.ingest import replay_one
+from clerk_sync.ingest import replay_delivery
 from clerk_sync.integrations.console import _queries as q
 from clerk_sync.integrations.console._access import Identity
 from clerk_sync.integrations.console._console import Console
 from clerk_sync.integrations.console._masking import mask
 from clerk_sync.integrations.console._web import BadInput, NotFound, client_ip, set_session_cookie
+from clerk_sync.store import Writer
 from clerk_sync.tables import audit_log
 
 __all__ = [
@@ -164,18 +165,12 @@ def replay(console: Console, request: Request, identity: Identity, form: Form) -
 def _replay_audited(console: Console, request: Request, identity: Identity, svix_id: str,
                     subject: str | None) -> str:
     """Re-apply one delivery; its audit row commits with the outcome."""
-    try:
-        with console.store.transaction() as w:
-            status = replay_one(w, svix_id)
-            record_audit(w, console.audit_entry(identity, "console.delivery_replayed", subject, request,
-                                                svix_id=svix_id, result=status))
-    except StoreDataError as exc:  # still refused by the database: keep it failed, with the reason
-        with console.store.transaction() as w:
-            w.finish_delivery(svix_id, DeliveryStatus.FAILED, str(exc), count_attempt=True)
-            record_audit(w, console.audit_entry(identity, "console.delivery_replayed", subject, request,
-                                                svix_id=svix_id, result=DeliveryStatus.FAILED))
-        status = DeliveryStatus.FAILED
-    return status
+
+    def audit(w: Writer, status: DeliveryStatus) -> None:
+        record_audit(w, console.audit_entry(identity, "console.delivery_replayed", subject, request,
+                                            svix_id=svix_id, result=status))
+
+    return replay_delivery(console.store, svix_id, audit=audit)
 
 
 def replay_matching(console: Console, request: Request, identity: Identity, form: Form) -> Response:
@@ -194,13 +189,7 @@ def replay_matching(console: Console, request: Request, identity: Identity, form
 
 
 def _replay_one_quietly(console: Console, svix_id: str) -> str:
-    try:
-        with console.store.transaction() as w:
-            return replay_one(w, svix_id)
-    except StoreDataError as exc:
-        with console.store.transaction() as w:
-            w.finish_delivery(svix_id, "failed", str(exc), count_attempt=True)
-        return "failed"
+    return replay_delivery(console.store, svix_id)
 
 
 # -- drift -----------------------------------------------------------------------------------------

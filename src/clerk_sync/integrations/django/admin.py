@@ -14,8 +14,7 @@ from django.http import HttpRequest
 
 from clerk_sync.auth.audit import AuditEntry, record_audit
 from clerk_sync.engine import DeliveryStatus
-from clerk_sync.errors import StoreDataError
-from clerk_sync.ingest import replay_one
+from clerk_sync.ingest import replay_delivery
 from clerk_sync.integrations.django.models import (
     AuditLogEntry,
     ClerkMembership,
@@ -90,20 +89,11 @@ def replay_audited(svix_id: str, actor: str | None, ip: str | None) -> str:
     """Re-apply one delivery (as ``clerk-sync replay`` does); its audit row commits with the outcome."""
     store = get_clerk_sync().store
 
-    def audit(w: Writer, status: str) -> None:
+    def audit(w: Writer, status: DeliveryStatus) -> None:
         record_audit(w, AuditEntry("django_admin.delivery_replayed", actor,
-                                   details={"svix_id": svix_id, "result": status}, ip=ip))
+                                   details={"svix_id": svix_id, "result": str(status)}, ip=ip))
 
-    try:
-        with store.transaction() as w:
-            status = str(replay_one(w, svix_id))
-            audit(w, status)
-    except StoreDataError as exc:  # still refused by the database: keep it failed, with the reason
-        status = str(DeliveryStatus.FAILED)
-        with store.transaction() as w:
-            w.finish_delivery(svix_id, DeliveryStatus.FAILED, str(exc), count_attempt=True)
-            audit(w, status)
-    return status
+    return str(replay_delivery(store, svix_id, audit=audit))
 
 
 @admin.register(AuditLogEntry)
