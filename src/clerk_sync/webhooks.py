@@ -101,7 +101,7 @@ class WebhookVerifier:
         return datetime.fromtimestamp(seconds, tz=UTC)
 
 
-_TIMESTAMP = re.compile(r"-?[0-9]{1,12}")
+_TIMESTAMP = re.compile(r"[0-9]{1,12}")
 
 
 def _offered_signatures(header: str) -> list[bytes]:

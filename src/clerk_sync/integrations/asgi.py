@@ -145,7 +145,8 @@ class ClerkAuthMiddleware:
                                         scope.get("method", "GET"), path, client[0] if client else None)
         except (TokenError, AccessDenied, StoreError) as exc:
             # A database outage (deny list unreadable) must not take public pages down with it.
-            if not self.is_public(_route_path(scope)):
+            # (the full path too: public paths declared with a proxy's prefix, as before the route path)
+            if not (self.is_public(_route_path(scope)) or self.is_public(path)):
                 await _refuse(exc, scope, receive, send)
                 return
             if isinstance(exc, CrossSiteRequest):  # anonymous for the app's own checks too (its dependencies
