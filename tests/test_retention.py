@@ -442,12 +442,15 @@ def test_erasure_touches_no_one_else_whose_address_or_id_holds_the_erased_one(db
                                event_timestamp=None, status=DeliveryStatus.FAILED, error="simulated")
         writer.record_delivery("msg_mail", json.dumps(mail), event_type="email.created",  # as sent: "ann\u00e9@"
                                instance_id=None, event_timestamp=None, status=DeliveryStatus.IGNORED)
+        shouted = {**mail, "data": {**mail["data"], "id": "ema_2", "to_email_address": "ANNÉ@EXAMPLE.COM"}}
+        writer.record_delivery("msg_mail_2", json.dumps(shouted, ensure_ascii=False), event_type="email.created",
+                               instance_id=None, event_timestamp=None, status=DeliveryStatus.IGNORED)
     report = Retention(store).erase_user("user_ann")
     with store.connect() as conn:
         redacted = {(r.type, r.payload["data"]["id"]) for r in conn.execute(
             sa.select(webhook_events.c.type, webhook_events.c.payload).where(webhook_events.c.redacted_at.is_not(None)))}
-    assert redacted == {("user.created", "user_ann"), ("email.created", "ema_1")}
-    assert report.payloads_redacted == 4  # and two jobs: her user.created, and the erasure's own user.deleted
+    assert redacted == {("user.created", "user_ann"), ("email.created", "ema_1"), ("email.created", "ema_2")}
+    assert report.payloads_redacted == 5  # and two jobs: her user.created, and the erasure's own user.deleted
     values = {j["payload"]["clerk_id"]: j["payload"]["values"] for j in hook_jobs_of(store) if j["type"] == "user.created"}
     assert values["user_ann"] == {} and values["user_joann"]["email"] == "joanné@example.com"
     assert values["user_ann2"]["first_name"] == "Annette"

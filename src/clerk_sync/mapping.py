@@ -350,7 +350,7 @@ class _Projection:
                 return True
         if self.m.link_by_email and email:
             column = self.t.c[self.m.link_by_email]
-            return self._adopt(change, values, _lower(self.conn)(column) == email.lower(), f"e-mail {email!r}")
+            return self._adopt(change, values, unicode_lower(self.conn)(column) == email.lower(), f"e-mail {email!r}")
         return False
 
     def _adopt(self, change: Change, values: JSON, match: sa.ColumnElement[bool], what: str) -> bool:
@@ -385,10 +385,11 @@ class _Projection:
                 self.conn.execute(sa.update(self.t).where(where).values(**personal))
 
 
-def _lower(conn: Connection) -> Any:
+def unicode_lower(conn: Connection) -> Any:
     """SQL's ``lower()`` as PostgreSQL and MariaDB have it: SQLite's own folds ASCII only, so linking by
     e-mail would not find ``ÉLODIE@Example.com`` for Clerk's ``élodie@example.com`` there (and insert a
-    second row): on SQLite, Python's, registered on the connection (linking is rare: once per new user)."""
+    second row), nor erasure a stored ``ANNÉ@``. On SQLite, Python's, registered on the connection (the
+    callers are rare: linking a new user, an erasure)."""
     if conn.dialect.name != "sqlite":
         return sa.func.lower
     raw: Any = conn.connection.driver_connection

@@ -37,7 +37,15 @@ from clerk_sync.changes import BOOKKEEPING, Change, Hook, change_type
 from clerk_sync.engine import Entity, Tombstone, Upsert
 from clerk_sync.errors import StoreDataError, StoreError
 from clerk_sync.events import MembershipRecord, OrganizationRecord, UserRecord, record_columns
-from clerk_sync.mapping import AppTableRolledBack, SchemaMapping, direct_sqlite, processors, sqlite_execute, sqlite_time
+from clerk_sync.mapping import (
+    AppTableRolledBack,
+    SchemaMapping,
+    direct_sqlite,
+    processors,
+    sqlite_execute,
+    sqlite_time,
+    unicode_lower,
+)
 from clerk_sync.tables import hook_jobs, organization_memberships, organizations, users
 
 __all__ = ["Job", "Outbox", "claim", "delete_jobs", "extend", "fail", "finish", "finish_many", "list_jobs",
@@ -414,8 +422,9 @@ def redact_jobs(conn: Connection, mentions: Mentions | None = None, *, ids: Sequ
     elif not mentions:
         return 0
     else:
-        text = sa.cast(j.c.payload, sa.Text)
-        where = sa.or_(*(c.icontains(n, autoescape=True) for n in mentions.patterns() for c in (text, j.c.last_error)))
+        lower = unicode_lower(conn)
+        where = sa.or_(*(lower(c).contains(n.lower(), autoescape=True) for n in mentions.patterns()
+                         for c in (sa.cast(j.c.payload, sa.Text), j.c.last_error)))
     done = 0
     for row in conn.execute(sa.select(j.c.id, j.c.payload, j.c.last_error).where(where)).all():
         payload = row.payload if isinstance(row.payload, dict) else json.loads(row.payload)
