@@ -367,6 +367,11 @@ STRUCTURE = {
     "payload-not-utf8": (lambda: _signed(_segment(HEADER), _segment(b'{"sub": "\xff"}')), "invalid payload"),
     "int-sub": (lambda: mint(claims(sub=12345)), "'sub' is not a string"),
     "int-jti": (lambda: mint(claims(jti=7)), "'jti' is not a string"),
+    # only Clerk's key can sign these; NaN gave a 500 (exp) or passed every comparison (nbf)
+    "nan-exp": (lambda: mint(claims(exp=float("nan"))), "'exp' is not a number"),
+    "nan-nbf": (lambda: mint(claims(nbf=float("nan"))), "'nbf' is not a number"),
+    "infinite-iat": (lambda: mint(claims(iat=float("-inf"))), "'iat' is not a number"),
+    "true-exp": (lambda: mint(claims(exp=True)), "'exp' is not a number"),
 }
 
 

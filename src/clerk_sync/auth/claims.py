@@ -8,6 +8,7 @@ injectable clock, so the policy a deployment runs is visible in one place and ta
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,8 +89,10 @@ class ClaimsValidator:
         azp = claims.get("azp")
         if self.authorized_parties is not None and azp not in self.authorized_parties:
             raise TokenAuthorizedPartyInvalid(f"azp {azp!r} is not an authorized party (CLERK_AUTHORIZED_PARTIES)")
-        for name in ("exp", "nbf", "iat"):
-            if name in claims and not isinstance(claims[name], int | float):
+        for name in ("exp", "nbf", "iat"):  # finite: NaN passes every comparison (nbf) or fails int() (exp)
+            value = claims.get(name)
+            if name in claims and (not isinstance(value, int | float) or isinstance(value, bool)
+                                   or not math.isfinite(value)):
                 raise TokenMalformed(f"claim {name!r} is not a number")
         if claims.get("act") is not None and not isinstance(claims["act"], dict):  # else read as "not impersonated"
             raise TokenMalformed("claim 'act' (the impersonating actor) is not an object")
