@@ -262,6 +262,37 @@ def test_a_retry_arriving_after_erasure_keeps_no_personal_data(store: Store, ver
     assert deliver(processor, f.envelope("user.updated", _user("user_e", 200)), "msg_late") == "duplicate"
 
 
+def test_a_membership_arriving_after_its_users_erasure_keeps_no_personal_data(
+        store: Store, verifier: WebhookVerifier) -> None:
+    """Review finding: a late membership event naming an erased user was applied (the membership deleted on
+    arrival, its user being deleted) and stored with the user's e-mail and names (``public_user_data``) until
+    the 30-day redaction. Such a delivery is redacted at once, alone and in a batch."""
+    from clerk_sync.integrations._committer import GroupCommitter
+
+    processor = WebhookProcessor(store, verifier)
+    assert deliver(processor, f.envelope("user.created", _user("user_m", 100)), "msg_1") == "applied"
+    assert deliver(processor, f.envelope("organization.created", f.organization("org_m", 100)), "msg_2") == "applied"
+    Retention(store).erase_user("user_m", actor="user_admin", reason="DSR-44")
+
+    def late(mem: str) -> dict[str, Any]:
+        body = f.membership(mem, "org_m", "user_m", 500)
+        body["public_user_data"].update(identifier=EMAIL, first_name=FIRST, last_name=LAST)
+        return f.envelope("organizationMembership.created", body)
+
+    assert deliver(processor, late("orgmem_alone"), "msg_late") == "applied"
+    batch = GroupCommitter(processor).write([
+        ("msg_late_batch", parse_envelope(f.body_of(late("orgmem_batch")))),
+        ("msg_other", parse_envelope(f.body_of(f.envelope("user.created", f.user("user_other", 1)))))])
+    assert [r.status for r in batch] == ["applied", "applied"]  # type: ignore[union-attr]
+    assert leaks(store) == {}
+    with store.connect() as conn:
+        deleted = conn.execute(sa.select(organization_memberships.c.clerk_id).where(
+            organization_memberships.c.deleted_at.is_not(None))).scalars().all()
+        other = conn.execute(sa.select(webhook_events.c.redacted_at).where(
+            webhook_events.c.svix_id == "msg_other")).scalar_one()
+    assert sorted(deleted) == ["orgmem_alone", "orgmem_batch"] and other is None  # its batch-mate is whole
+
+
 # -- hard deletion of tombstones (``delete_tombstones_after``) -------------------------------------
 def _rows(store: Store, table: sa.Table, clerk_id: str) -> int:
     with store.connect() as conn:

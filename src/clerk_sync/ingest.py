@@ -250,12 +250,16 @@ class WebhookProcessor:
 
     @staticmethod
     def forget_if_deleted(writer: Writer, outcome: Outcome, envelope: Envelope) -> None:
-        """A skipped upsert whose row is a tombstone (a retry arriving after ``users erase``): keep its
-        ids and versions for dedup, not the personal data it carries."""
-        if outcome.status != DeliveryStatus.SKIPPED:
+        """A skipped upsert whose row is a tombstone (a retry arriving after ``users erase``), or a membership
+        deleted on arrival because its user or organization is (its ``public_user_data`` names the person):
+        keep its ids and versions for dedup, not the personal data it carries."""
+        if outcome.status != DeliveryStatus.SKIPPED and not writer.deleted_with_parent:
             return
         intent = plan_delivery(envelope).intent
-        if isinstance(intent, Upsert):
+        if not isinstance(intent, Upsert):
+            return
+        if outcome.status == DeliveryStatus.SKIPPED or (
+                intent.entity is Entity.MEMBERSHIP and intent.clerk_id in writer.deleted_with_parent):
             writer.forget_payload_if_deleted(outcome.svix_id, intent.entity, intent.record.clerk_id,
                                              redact_payload(envelope.raw))
 

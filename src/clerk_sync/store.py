@@ -194,6 +194,9 @@ class Writer:
         # (None: neither is configured, so no extra reads).
         self.outbox = Outbox(conn, now, hooks, mapping, unmapped=unmapped) if hooks or mapping else None
         self._mapped = mapping is not None
+        # Memberships this unit of work deleted because their user or organization is deleted (a late event
+        # after the parent's deletion or erasure): their deliveries keep no personal data either.
+        self.deleted_with_parent: set[str] = set()
 
     @property
     def refused(self) -> list[str]:
@@ -428,6 +431,8 @@ class Writer:
                 self.finish_delivery(item[0], DeliveryStatus.SKIPPED, item[5])
                 out.append(DeliveryStatus.SKIPPED)
             else:
+                if rows[at + 2] is not None:
+                    self.deleted_with_parent.add(item[-1].clerk_id)
                 out.append(DeliveryStatus.APPLIED)
         if outbox is not None:
             for intent, change in upserted_alone:  # alone (pipeline=False): the mapped row and jobs in Python
@@ -592,6 +597,12 @@ class Writer:
         return self.conn.execute(stmt.returning(*columns)).all()
 
     def _delete_membership_if_parent_deleted(self, clerk_id: str) -> bool:
+        deleted = self._parent_deleted(clerk_id)
+        if deleted:
+            self.deleted_with_parent.add(clerk_id)
+        return deleted
+
+    def _parent_deleted(self, clerk_id: str) -> bool:
         if self._pysqlite:
             now = self._sqlite_now
             return bool(sqlite_execute(self.conn, _SQLITE_PARENT_DELETED_SQL, [[now, now, clerk_id]]))

@@ -275,7 +275,8 @@ class GroupCommitter:
                 if writer.checks_at_once:
                     raw.execute(writer.CHECK_AT_ONCE)
                 done = processor.pipelined_in(writer, jobs)
-                rest = any(outcome is None or outcome.status == DeliveryStatus.SKIPPED for outcome in done)
+                rest = bool(writer.deleted_with_parent) or any(
+                    outcome is None or outcome.status == DeliveryStatus.SKIPPED for outcome in done)
                 # sent with the jobs; its result read by the pipeline's closing sync
                 commit = None if rest else raw.execute("COMMIT")
             if rest:  # after the pipeline: one statement at a time, then COMMIT
