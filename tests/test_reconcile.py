@@ -182,7 +182,7 @@ def test_a_live_run_is_not_taken_over(store: Store, clerk: ClerkClient) -> None:
     with store.transaction() as writer:
         writer.conn.execute(reconcile_runs.insert().values(status="running", phase="users", details={},
                                                            started_at=now, heartbeat_at=now))
-    with pytest.raises(ReconcileBusy):
+    with pytest.raises(ReconcileBusy, match=r"if it was killed, run again in \d+s"):  # says when it will go
         reconciler(store, clerk).run()
     with store.transaction() as writer:
         writer.conn.execute(reconcile_runs.update().values(heartbeat_at=now - timedelta(minutes=5)))

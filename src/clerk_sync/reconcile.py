@@ -219,7 +219,10 @@ class Reconciler:
             assert heartbeat is not None
             age = (now - heartbeat).total_seconds()
             if row["status"] == "running" and age < self.stale_after_s:
-                raise ReconcileBusy(f"reconcile run {row['id']} is running (last progress {age:.0f}s ago)")
+                raise ReconcileBusy(
+                    f"reconcile run {row['id']} is running (last progress {age:.0f}s ago); if it was killed, "
+                    f"run again in {max(1, round(self.stale_after_s - age))}s: a run silent for "
+                    f"{self.stale_after_s:g}s is taken over and resumed where it stopped")
             if _aware(row["since"]) == since:
                 writer.conn.execute(reconcile_runs.update().where(reconcile_runs.c.id == row["id"])
                                     .values(status="running", heartbeat_at=now, error=None))
