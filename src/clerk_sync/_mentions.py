@@ -53,7 +53,9 @@ class Mentions:
 
     def in_text(self, text: str | None) -> bool:
         """Whether ``text`` names the person (a whole address or id, not a part of another one)."""
-        return bool(text) and self._pattern is not None and self._pattern.search(text or "") is not None
+        if not text or self._pattern is None:
+            return False
+        return self._pattern.search(text) is not None
 
     def in_document(self, document: Any) -> bool:
         """Whether any string of the parsed JSON ``document`` (values and keys) names the person."""

@@ -253,13 +253,12 @@ class WebhookProcessor:
         """A skipped upsert whose row is a tombstone (a retry arriving after ``users erase``), or a membership
         deleted on arrival because its user or organization is (its ``public_user_data`` names the person):
         keep its ids and versions for dedup, not the personal data it carries."""
-        if outcome.status != DeliveryStatus.SKIPPED and not writer.deleted_with_parent:
-            return
+        skipped = outcome.status == DeliveryStatus.SKIPPED
+        if not skipped and not writer.deleted_with_parent:
+            return  # (the common case: no statement, no re-planning)
         intent = plan_delivery(envelope).intent
-        if not isinstance(intent, Upsert):
-            return
-        if outcome.status == DeliveryStatus.SKIPPED or (
-                intent.entity is Entity.MEMBERSHIP and intent.clerk_id in writer.deleted_with_parent):
+        if isinstance(intent, Upsert) and (skipped or (
+                intent.entity is Entity.MEMBERSHIP and intent.clerk_id in writer.deleted_with_parent)):
             writer.forget_payload_if_deleted(outcome.svix_id, intent.entity, intent.record.clerk_id,
                                              redact_payload(envelope.raw))
 

@@ -165,7 +165,7 @@ def _check_websocket_origin(headers: Mapping[str, str], cookies: Mapping[str, st
     handshakes carry no ambient credential; a handshake without ``Origin`` comes from no browser.
     Raises :class:`CrossSiteRequest`; a handshake with no session cookie is left to the session check (an
     anonymous socket is no one's)."""
-    if "origin" not in headers or not any(n == "__session" or n.startswith("__session_") for n in cookies):
+    if "origin" not in headers or not any(_is_session_cookie(name) for name in cookies):
         return
     check_request_origin("WEBSOCKET", headers, scheme="https" if scheme in ("wss", "https") else "http",
                          authorized_parties=authenticator.verifier.claims.authorized_parties)
@@ -201,7 +201,8 @@ def _without_session_cookies(headers: Iterable[tuple[bytes, bytes]]) -> list[tup
     kept: list[tuple[bytes, bytes]] = []
     for key, value in headers:
         if key.lower() == b"cookie":
-            pairs = [p for p in value.split(b";") if not _is_session_cookie(p.split(b"=", 1)[0].strip())]
+            pairs = [p for p in value.split(b";")
+                     if not _is_session_cookie(p.split(b"=", 1)[0].strip().decode("latin-1"))]
             if not pairs:
                 continue
             value = b";".join(pairs).strip()
@@ -209,5 +210,5 @@ def _without_session_cookies(headers: Iterable[tuple[bytes, bytes]]) -> list[tup
     return kept
 
 
-def _is_session_cookie(name: bytes) -> bool:
-    return name == b"__session" or name.startswith(b"__session_")
+def _is_session_cookie(name: str) -> bool:
+    return name == "__session" or name.startswith("__session_")
