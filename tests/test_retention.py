@@ -266,7 +266,10 @@ def test_a_membership_arriving_after_its_users_erasure_keeps_no_personal_data(
         store: Store, verifier: WebhookVerifier) -> None:
     """Review finding: a late membership event naming an erased user was applied (the membership deleted on
     arrival, its user being deleted) and stored with the user's e-mail and names (``public_user_data``) until
-    the 30-day redaction. Such a delivery is redacted at once, alone and in a batch."""
+    the 30-day redaction. Such a delivery is redacted at once, alone, in a batch and replayed."""
+    from clerk_sync.engine import DeliveryStatus
+    from clerk_sync.ingest import replay_deliveries
+
     from clerk_sync.integrations._committer import GroupCommitter
 
     processor = WebhookProcessor(store, verifier)
@@ -291,6 +294,12 @@ def test_a_membership_arriving_after_its_users_erasure_keeps_no_personal_data(
         other = conn.execute(sa.select(webhook_events.c.redacted_at).where(
             webhook_events.c.svix_id == "msg_other")).scalar_one()
     assert sorted(deleted) == ["orgmem_alone", "orgmem_batch"] and other is None  # its batch-mate is whole
+    with store.transaction() as writer:  # stored failed earlier, replayed now: the same
+        writer.record_delivery("msg_replayed", f.body_of(late("orgmem_replayed")).decode(),
+                               event_type="organizationMembership.created", instance_id=None, event_timestamp=None,
+                               status=DeliveryStatus.FAILED, error="simulated")
+    assert replay_deliveries(store).by_status == {"applied": 1}
+    assert leaks(store) == {}
 
 
 # -- hard deletion of tombstones (``delete_tombstones_after``) -------------------------------------
@@ -436,6 +445,26 @@ def test_erasing_a_deleted_and_pruned_user_finds_the_addresses_their_events_carr
         payloads = [json.dumps(p) if not isinstance(p, str) else p
                     for p in conn.execute(sa.select(webhook_events.c.payload)).scalars()]
     assert payloads and not [p for p in payloads if "ada@example.com" in p]
+    store.dispose()
+
+
+@pytest.mark.parametrize("address", ["İLKER@example.com", "ΣΟΦΙΑΣ@example.com", "ANNÉ@example.com"])
+def test_erasure_finds_an_address_whatever_its_letters_on_every_store(db_url: str, address: str) -> None:
+    """The text search lowers both sides with the same lower(): Python's and PostgreSQL's disagree on
+    ``İ`` and a final ``Σ``, and a mail naming the person by that address was missed on PostgreSQL."""
+    from clerk_sync.engine import DeliveryStatus
+
+    store = Store.from_url(db_url)
+    processor = WebhookProcessor(store, WebhookVerifier([SECRET]))
+    assert deliver(processor, f.envelope("user.created", f.user("user_zq9x", 1, email=address)), "msg_u") == "applied"
+    mail = f.envelope("email.created", {"object": "email", "id": "ema_9", "to_email_address": address})
+    with store.transaction() as writer:
+        writer.record_delivery("msg_mail", json.dumps(mail, ensure_ascii=False), event_type="email.created",
+                               instance_id=None, event_timestamp=None, status=DeliveryStatus.IGNORED)
+    Retention(store).erase_user("user_zq9x")
+    with store.connect() as conn:
+        kept = conn.execute(sa.select(webhook_events.c.svix_id).where(webhook_events.c.redacted_at.is_(None))).all()
+    assert kept == []
     store.dispose()
 
 

@@ -375,6 +375,11 @@ STRUCTURE = {
 }
 
 
+def test_an_exp_too_large_for_a_float_is_still_a_number(verifier: SessionVerifier) -> None:
+    """The finiteness check must not raise OverflowError on an integer no float holds (a 500)."""
+    assert verifier.verify(mint(claims(exp=10**400))).user_id == "user_1"
+
+
 @pytest.mark.parametrize(("forge", "reason"), STRUCTURE.values(), ids=STRUCTURE.keys())
 def test_malformed_structure_is_refused(verifier: SessionVerifier, forge: Any, reason: str) -> None:
     token = forge()

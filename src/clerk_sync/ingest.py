@@ -394,6 +394,9 @@ def replay_one(writer: Writer, svix_id: str) -> DeliveryStatus:
         return DeliveryStatus.FAILED
     refused = len(writer.refused)
     status, error = apply_envelope(writer, envelope)
+    # as a live delivery: about a deleted entity (a skipped update, a membership deleted on arrival), it
+    # keeps no personal data
+    WebhookProcessor.forget_if_deleted(writer, Outcome(svix_id, envelope.type, status, error), envelope)
     writer.finish_delivery(svix_id, status, writer.refusals_noted(refused, error), count_attempt=True)
     return status
 

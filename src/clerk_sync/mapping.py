@@ -350,7 +350,8 @@ class _Projection:
                 return True
         if self.m.link_by_email and email:
             column = self.t.c[self.m.link_by_email]
-            return self._adopt(change, values, unicode_lower(self.conn)(column) == email.lower(), f"e-mail {email!r}")
+            lower = unicode_lower(self.conn)  # the same lower() on both sides (PostgreSQL's and Python's differ)
+            return self._adopt(change, values, lower(column) == lower(sa.literal(email)), f"e-mail {email!r}")
         return False
 
     def _adopt(self, change: Change, values: JSON, match: sa.ColumnElement[bool], what: str) -> bool:
@@ -395,6 +396,14 @@ def unicode_lower(conn: Connection) -> Any:
     raw: Any = conn.connection.driver_connection
     raw.create_function("clerk_sync_lower", 1, lambda v: v.lower() if isinstance(v, str) else v, deterministic=True)
     return sa.func.clerk_sync_lower
+
+
+def folded_contains(lower: Any, column: Any, needle: str) -> sa.ColumnElement[bool]:
+    """``column`` contains ``needle`` whatever their case, both folded by the same ``lower``
+    (:func:`unicode_lower`): Python's and PostgreSQL's disagree on some letters (``İ``, a final ``Σ``)."""
+    escaped = needle.replace("/", "//").replace("%", "/%").replace("_", "/_")
+    folded: sa.ColumnElement[bool] = lower(column).like(lower(sa.literal(f"%{escaped}%")), escape="/")
+    return folded
 
 
 def sqlite_execute(conn: Connection, sql: str, rows: Sequence[Sequence[Any]], *, many: bool = False) -> list[Any]:

@@ -45,7 +45,7 @@ from clerk_sync._mentions import Mentions
 from clerk_sync.auth.audit import AuditEntry, record_audit
 from clerk_sync.config import Settings
 from clerk_sync.engine import DeliveryStatus, Entity, Tombstone
-from clerk_sync.mapping import unicode_lower
+from clerk_sync.mapping import folded_contains, unicode_lower
 from clerk_sync.metrics import Metrics
 from clerk_sync.outbox import delete_jobs, redact_jobs
 from clerk_sync.store import Store, Writer, dialect_family, erased_digest
@@ -335,9 +335,9 @@ def _redact_mentions(writer: Writer, mentions: Mentions) -> int:
     """Redact every stored payload (any status) that names the person: rows found by a text search, kept
     when their parsed payload names one of the needles as a whole (:class:`~clerk_sync._mentions.Mentions`)."""
     e = webhook_events
-    text = unicode_lower(writer.conn)(sa.cast(e.c.payload, sa.Text))
+    text, lower = sa.cast(e.c.payload, sa.Text), unicode_lower(writer.conn)
     query = sa.select(e.c.id, e.c.payload).where(
-        e.c.redacted_at.is_(None), sa.or_(*(text.contains(n.lower(), autoescape=True) for n in mentions.patterns())))
+        e.c.redacted_at.is_(None), sa.or_(*(folded_contains(lower, text, n) for n in mentions.patterns())))
     rows = [(row.id, row.payload) for row in writer.conn.execute(query) if mentions.in_document(_as_dict(row.payload))]
     _store_redacted(writer, rows)
     return len(rows)

@@ -92,7 +92,7 @@ class ClaimsValidator:
         for name in ("exp", "nbf", "iat"):  # finite: NaN passes every comparison (nbf) or fails int() (exp)
             value = claims.get(name)
             if name in claims and (not isinstance(value, int | float) or isinstance(value, bool)
-                                   or not math.isfinite(value)):
+                                   or (isinstance(value, float) and not math.isfinite(value))):
                 raise TokenMalformed(f"claim {name!r} is not a number")
         if claims.get("act") is not None and not isinstance(claims["act"], dict):  # else read as "not impersonated"
             raise TokenMalformed("claim 'act' (the impersonating actor) is not an object")
