@@ -269,7 +269,6 @@ def test_a_membership_arriving_after_its_users_erasure_keeps_no_personal_data(
     the 30-day redaction. Such a delivery is redacted at once, alone, in a batch and replayed."""
     from clerk_sync.engine import DeliveryStatus
     from clerk_sync.ingest import replay_deliveries
-
     from clerk_sync.integrations._committer import GroupCommitter
 
     processor = WebhookProcessor(store, verifier)
