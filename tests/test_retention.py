@@ -27,7 +27,7 @@ from clerk_sync.tables import audit_log, metadata, organization_memberships, use
 from clerk_sync.webhooks import WebhookVerifier
 from tests import factories as f
 from tests._server import running
-from tests.conftest import SECRET
+from tests.conftest import CLERK_FIXTURES, SECRET
 from tests.test_hooks import Clock, hooked
 from tests.test_hooks import deliver as hook_deliver
 from tests.test_hooks import jobs as hook_jobs_of
@@ -299,6 +299,65 @@ def test_a_membership_arriving_after_its_users_erasure_keeps_no_personal_data(
                                status=DeliveryStatus.FAILED, error="simulated")
     assert replay_deliveries(store).by_status == {"applied": 1}
     assert leaks(store) == {}
+
+
+def _about(event_type: str, user_id: str) -> dict[str, Any]:
+    """Clerk's own example of ``event_type``, about ``user_id``, carrying the person's e-mail and names."""
+    example = json.loads((CLERK_FIXTURES / "examples" / f"{event_type}.json").read_text())
+    data = example["data"]
+    if "payer" in data:
+        data["payer"].update(user_id=user_id, email=EMAIL, first_name=FIRST, last_name=LAST)
+    else:
+        data["user_id"] = user_id
+        if event_type == "email.created":
+            data["to_email_address"] = EMAIL
+        if isinstance(data.get("user"), dict):
+            data["user"].update(id=user_id, first_name=FIRST, last_name=LAST,
+                                email_addresses=[{"id": "idn_1", "email_address": EMAIL}])
+        data.setdefault("email_address", EMAIL)  # an accepted invitation's
+    return f.envelope(event_type, data)
+
+
+_NAMING = ("email.created", "sms.created", "session.created", "session.revoked", "organizationInvitation.accepted",
+           "subscription.created")
+
+
+def test_events_about_a_deleted_or_erased_user_keep_no_personal_data(store: Store, verifier: WebhookVerifier) -> None:
+    """Review finding: an ``email.created``, a session's event or a billing event naming an erased (or
+    deleted) user was stored whole (the address, names, IP) until the 30-day redaction. It is redacted at
+    once, alone and in a batch, with its outcome unchanged; the same events about a live user stay whole."""
+    from clerk_sync.integrations._committer import GroupCommitter
+
+    processor = WebhookProcessor(store, verifier)
+    assert deliver(processor, f.envelope("user.created", _user("user_gone", 100)), "msg_1") == "applied"
+    assert deliver(processor, f.envelope("user.created", f.user("user_deleted", 100)), "msg_2") == "applied"
+    assert deliver(processor, f.envelope("user.created", f.user("user_live", 100)), "msg_3") == "applied"
+    Retention(store).erase_user("user_gone", actor="user_admin", reason="DSR-45")
+    assert deliver(processor, f.envelope("user.deleted", f.deleted("user", "user_deleted")), "msg_4") == "applied"
+    assert leaks(store) == {}
+
+    # the examples' session is revoked once (applied), then again (skipped: already revoked)
+    alone = {t: deliver(processor, _about(t, "user_gone"), f"msg_gone_{t}") for t in _NAMING}
+    alone |= {f"deleted {t}": deliver(processor, _about(t, "user_deleted"), f"msg_del_{t}") for t in _NAMING}
+    assert alone == {**{t: "ignored" for t in _NAMING}, "session.revoked": "applied",
+                     **{f"deleted {t}": "ignored" for t in _NAMING}, "deleted session.revoked": "skipped"}
+    batch = GroupCommitter(processor).write(
+        [(f"msg_batch_{t}", parse_envelope(f.body_of(_about(t, "user_gone")))) for t in _NAMING]
+        + [("msg_batch_user", parse_envelope(f.body_of(f.envelope("user.created", f.user("user_new", 1)))))])
+    statuses = [r.status for r in batch]  # type: ignore[union-attr]
+    assert statuses == ["skipped" if t == "session.revoked" else "ignored" for t in _NAMING] + ["applied"]
+    assert leaks(store) == {}
+    for t in _NAMING:  # the same events about a live user are kept whole
+        assert deliver(processor, _about(t, "user_live"), f"msg_live_{t}") in ("ignored", "skipped")
+    with store.connect() as conn:
+        rows = dict(conn.execute(sa.select(webhook_events.c.svix_id, webhook_events.c.redacted_at)).all())
+        stored = conn.execute(sa.select(webhook_events.c.payload).where(
+            webhook_events.c.svix_id == "msg_gone_email.created")).scalar_one()
+    assert all(rows[f"msg_live_{t}"] is None for t in _NAMING)
+    assert all(rows[f"msg_gone_{t}"] is not None and rows[f"msg_batch_{t}"] is not None for t in _NAMING)
+    stored = json.loads(stored) if isinstance(stored, str) else stored
+    assert stored["redacted"] is True and stored["data"]["user_id"] == "user_gone"  # still says whose it was
+    assert deliver(processor, _about("email.created", "user_gone"), "msg_gone_email.created") == "duplicate"
 
 
 # -- hard deletion of tombstones (``delete_tombstones_after``) -------------------------------------

@@ -250,10 +250,14 @@ class WebhookProcessor:
 
     @staticmethod
     def forget_if_deleted(writer: Writer, outcome: Outcome, envelope: Envelope) -> None:
-        """A skipped upsert whose row is a tombstone (a retry arriving after ``users erase``), or a membership
-        deleted on arrival because its user or organization is (its ``public_user_data`` names the person):
-        keep its ids and versions for dedup, not the personal data it carries."""
+        """A skipped upsert whose row is a tombstone (a retry arriving after ``users erase``), a membership
+        deleted on arrival because its user or organization is (its ``public_user_data`` names the person),
+        or another event about a deleted or erased user (a session's, ``email.created``, ``sms.created``, a
+        billing event's payer): keep its ids and versions for dedup, not the personal data it carries."""
         skipped = outcome.status == DeliveryStatus.SKIPPED
+        if outcome.status in _NAMING_KEPT and (person := _person_named(envelope)) is not None:
+            writer.forget_payload_if_deleted(outcome.svix_id, Entity.USER, person, redact_payload(envelope.raw))
+            return
         if not skipped and not writer.deleted_with_parent:
             return  # (the common case: no statement, no re-planning)
         intent = plan_delivery(envelope).intent
@@ -261,6 +265,23 @@ class WebhookProcessor:
                 intent.entity is Entity.MEMBERSHIP and intent.clerk_id in writer.deleted_with_parent)):
             writer.forget_payload_if_deleted(outcome.svix_id, intent.entity, intent.record.clerk_id,
                                              redact_payload(envelope.raw))
+
+
+# Outcomes whose stored payload is kept (a failed one stays whole for its replay, a duplicate is not stored).
+_NAMING_KEPT = frozenset({DeliveryStatus.APPLIED, DeliveryStatus.SKIPPED, DeliveryStatus.IGNORED})
+_OWN_ROWS = ("user.", "organization.", "organizationMembership.")  # forget_if_deleted's other cases
+
+
+def _person_named(envelope: Envelope) -> str | None:
+    """The user an event that is not about a user, organization or membership row names: ``data.user_id``
+    (sessions, ``email.created``, ``sms.created``, an accepted invitation) or ``data.payer.user_id``
+    (billing). None for the row events and for events that name nobody."""
+    if envelope.type.startswith(_OWN_ROWS):
+        return None
+    data = envelope.data
+    payer = data.get("payer")
+    person = data.get("user_id") or (payer.get("user_id") if isinstance(payer, dict) else None)
+    return person if isinstance(person, str) and person else None
 
 
 def _level_method(level: int) -> str:

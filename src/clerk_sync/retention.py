@@ -58,7 +58,7 @@ _DONE = (DeliveryStatus.APPLIED, DeliveryStatus.SKIPPED, DeliveryStatus.IGNORED)
 _ENVELOPE_KEEP = ("type", "object", "timestamp", "instance_id")
 _DATA_KEEP = ("id", "object", "deleted", "created_at", "updated_at", "user_id", "organization_id",
               "expire_at", "status")
-_NESTED_ID = ("organization", "public_user_data")
+_NESTED_ID = ("organization", "public_user_data", "payer")
 # Personal columns and their cleared values (NOT NULL JSON columns get an empty value).
 _CLEARED: dict[sa.Table, dict[str, Any]] = {
     users: {"email": None, "email_addresses": [], "first_name": None, "last_name": None, "username": None,
