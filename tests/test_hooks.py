@@ -24,8 +24,10 @@ from hypothesis import strategies as st
 from clerk_sync.changes import Change, Hook, describe
 from clerk_sync.engine import Entity, Upsert
 from clerk_sync.events import user_record
+from clerk_sync.errors import HookGaveUp
 from clerk_sync.hooks import Backoff, Dispatcher
 from clerk_sync.ingest import WebhookProcessor, replay_deliveries
+from clerk_sync.metrics import Metrics
 from clerk_sync.outbox import claim, delete_jobs, list_jobs, retry_jobs
 from clerk_sync.reconcile import Reconciler
 from clerk_sync.store import Store, create_engine
@@ -284,6 +286,87 @@ def test_a_dead_job_unblocks_the_entity_and_an_unknown_hook_is_dead_at_once(db_u
     (job,) = jobs(store)
     assert (job["hook"], job["status"], job["attempts"]) == ("gone", "dead", 1)
     assert "no hook named 'gone'" in job["last_error"]
+    store.dispose()
+
+
+def test_a_retried_dead_job_waits_behind_its_entitys_running_job(db_url: str) -> None:
+    """Review finding: ``hooks retry`` set a dead job back to pending under its old (lower) id, which made it
+    its entity's first unfinished job again while a later job of that entity was running: both were
+    claimed, two handlers of one user at once. It is queued at the tail now, behind what is unfinished."""
+    clock, handler = Clock(), Recorder(failures=1)
+    store = hooked(db_url, Hook("sync", handler), now=clock)
+    deliver(store, f.envelope("user.created", f.user("user_1", B + 1000)),
+            f.envelope("user.updated", f.user("user_1", B + 2000, role="admin")))
+    assert Dispatcher(store, backoff=Backoff(max_attempts=1), batch=1, now=clock).run_once() == 1
+    assert [(j["status"], j["payload"]["version"]) for j in jobs(store)] == [("dead", B + 1000), ("pending", B + 2000)]
+    with store.transaction() as writer:  # a worker claims the update and is running its handler
+        (running,) = claim(writer.conn, clock(), lease=timedelta(seconds=60), limit=10, max_attempts=10)
+    with store.transaction() as writer:
+        assert retry_jobs(writer.conn, clock()) == 1
+        assert retry_jobs(writer.conn, clock()) == 0  # queued once
+    clock.advance(1)
+    with store.transaction() as writer:
+        assert claim(writer.conn, clock(), lease=timedelta(seconds=60), limit=10, max_attempts=10) == []
+    retried = [j for j in jobs(store) if j["status"] == "pending"]
+    assert len(retried) == 1 and retried[0]["id"] > running.id and retried[0]["attempts"] == 0
+    assert retried[0]["idempotency_key"] == f"user.created:user_1:{B + 1000}"  # the same change, the same key
+    clock.advance(120)  # the worker died: its job is taken over first, the retried one runs after it
+    handler.failures = 0
+    assert Dispatcher(store, now=clock).drain() == 2
+    assert [c.version for c in handler.seen] == [B + 1000, B + 2000, B + 1000] and jobs(store) == []
+    store.dispose()
+
+
+def test_a_huge_attempt_count_backs_off_without_overflow(db_url: str) -> None:
+    """Review finding: ``Backoff.delay`` computed ``2.0 * 2 ** 1025`` (OverflowError) for a max_attempts in
+    the thousands, inside the batch: a handler that had succeeded beside it was never finished, ran again."""
+    assert Backoff(base_s=2.0, max_s=3600).delay(5000) == timedelta(hours=1)
+    clock, ok = Clock(), Recorder()
+    store = hooked(db_url, Hook("a", ok), Hook("b", Recorder(failures=10**6)), now=clock)
+    deliver(store, f.envelope("user.created", f.user("user_1", B + 1000)))
+    with store.transaction() as writer:
+        writer.conn.execute(hook_jobs.update().where(hook_jobs.c.hook == "b").values(attempts=1025))
+    assert Dispatcher(store, backoff=Backoff(max_attempts=5000), now=clock).run_once() == 2
+    assert len(ok.seen) == 1 and [(j["hook"], j["status"], j["attempts"]) for j in jobs(store)] == [("b", "pending", 1026)]
+    store.dispose()
+
+
+def test_a_handler_that_gives_up_leaves_its_job_dead_at_once(db_url: str) -> None:
+    def refuse(change: Change) -> None:
+        raise HookGaveUp("the CRM says this account is closed for good")
+
+    clock = Clock()
+    store = hooked(db_url, Hook("crm", refuse), now=clock)
+    deliver(store, f.envelope("user.created", f.user("user_1", B + 1000)))
+    metrics = Metrics()
+    assert Dispatcher(store, backoff=Backoff(max_attempts=10), now=clock, metrics=metrics).run_once() == 1
+    (job,) = jobs(store)
+    assert (job["status"], job["attempts"]) == ("dead", 1)
+    assert job["last_error"] == "HookGaveUp: the CRM says this account is closed for good"
+    assert metrics.hook_runs.labels(hook="crm", outcome="dead")._value.get() == 1
+    store.dispose()
+
+
+def test_a_failure_after_the_claim_was_lost_is_not_recorded_as_this_runs(db_url: str) -> None:
+    """A handler that fails after its lease ran out and another dispatcher took the job: the job is the other
+    dispatcher's, so this run records nothing and counts ``lost`` (not ``retry`` or ``dead``)."""
+    clock = Clock()
+    holder: list[Dispatcher] = []
+
+    def slow_then_fail(change: Change) -> None:
+        clock.advance(61)  # the handler outlives its lease; another dispatcher takes the job meanwhile
+        with store.transaction() as writer:
+            assert len(claim(writer.conn, clock(), lease=timedelta(seconds=60), limit=10, max_attempts=10)) == 1
+        raise RuntimeError("timeout")
+
+    store = hooked(db_url, Hook("slow", slow_then_fail), now=clock)
+    deliver(store, f.envelope("user.created", f.user("user_1", B + 1000)))
+    metrics = Metrics()
+    holder.append(Dispatcher(store, lease_s=60, heartbeat_s=0, now=clock, metrics=metrics))
+    assert holder[0].run_once() == 1
+    (job,) = jobs(store)
+    assert (job["status"], job["attempts"], job["last_error"]) == ("running", 2, None)  # the other claim's
+    assert metrics.hook_runs.labels(hook="slow", outcome="lost")._value.get() == 1
     store.dispose()
 
 

@@ -67,6 +67,30 @@ def test_standard_webhooks_sink_posts_signed_changes_after_commit(store: Store) 
         assert conn.execute(sa.select(sa.func.count()).select_from(hook_jobs)).scalar() == 0
 
 
+@pytest.mark.parametrize(("status", "header"), [(410, None), (400, "disable"), (503, "abort-message")])
+def test_a_receiver_that_is_gone_leaves_the_job_dead_at_once(store: Store, status: int, header: str | None) -> None:
+    """Review finding: a 410 Gone (Standard Webhooks: stop sending) was retried like a 500, ten times over
+    about four hours. 410, and Svix's ``webhook-delivery: disable`` / ``abort-message``, leave the job dead
+    at once with an error that says what to do (a plain 500 is still retried: the test above)."""
+    posts: list[str] = []
+
+    async def endpoint(request: Request) -> Response:
+        posts.append(request.headers["webhook-id"])
+        return Response(status_code=status, headers={"webhook-delivery": header} if header else None)
+
+    with running(Starlette(routes=[Route("/gone", endpoint, methods=["POST"])])) as url:
+        sink = StandardWebhookSink(f"{url}/gone", FORWARD_SECRET)
+        hooked = Store(store.engine, hooks=[Hook("forward", sink, on=["user.*"])])
+        deliver(hooked, f.envelope("user.created", f.user("user_1", B + 1000)))
+        Dispatcher(hooked, backoff=Backoff(base_s=0)).drain()
+        sink.close()
+    with store.connect() as conn:
+        (job,) = conn.execute(sa.select(hook_jobs.c.status, hook_jobs.c.attempts, hook_jobs.c.last_error)).all()
+    assert (job.status, job.attempts, len(posts)) == ("dead", 1, 1)
+    assert job.last_error.startswith(f"HookGaveUp: {url}/gone answered {status}")
+    assert "clerk-sync hooks retry" in job.last_error
+
+
 def test_a_wrong_signature_is_refused_by_the_receiver(store: Store) -> None:
     received: list[dict[str, Any]] = []
     with running(receiver(store, received, [])) as url:

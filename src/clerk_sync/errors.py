@@ -51,6 +51,7 @@ __all__ = [
     "ConfigError",
     "CrossSiteRequest",
     "EventShapeError",
+    "HookGaveUp",
     "PayloadError",
     "PayloadTooLarge",
     "RateLimited",
@@ -294,6 +295,14 @@ class UserDeleted(AccessDenied):
     """The user was deleted in Clerk (tombstoned in ``users``, or Clerk answers 404) -> 410."""
 
     code = "user_deleted"
+
+
+class HookGaveUp(ClerkSyncError):
+    """Raised by a hook handler: retrying cannot deliver this change (the receiver answered 410 Gone or
+    asked not to be sent it again). Its job is dead at once, with this message as its last error, instead
+    of retried for hours; ``clerk-sync hooks retry`` queues it again once the cause is fixed."""
+
+    code = "hook_gave_up"
 
 
 class ClerkAPIError(ClerkSyncError):

@@ -167,7 +167,7 @@ class Metrics:
                                        ["entity", "action"], registry=r)
         self.pruned = Counter("clerk_sync_pruned_rows", "Rows retention redacted, deleted, cleared or erased.",
                               ["action"], registry=r)
-        self.hook_runs = Counter("clerk_sync_hook_runs", "Hook handler runs by hook and outcome (ok, retry, dead).",
+        self.hook_runs = Counter("clerk_sync_hook_runs", "Hook handler runs by hook and outcome (ok, retry, dead, lost).",
                                  ["hook", "outcome"], registry=r)
         self.hook_seconds = Histogram("clerk_sync_hook_seconds", "Time one hook handler run took, by hook.",
                                       ["hook"], buckets=_HOOK_BUCKETS, registry=r)
@@ -191,7 +191,8 @@ class Metrics:
 
     # -- hooks (the dispatcher calls this; see clerk_sync.hooks) ----------------------------------
     def hook_ran(self, hook: str, outcome: str, seconds: float) -> None:
-        """One handler run: ``outcome`` is ok, retry (failed, queued again) or dead (failed for good)."""
+        """One handler run: ``outcome`` is ok, retry (failed, queued again), dead (failed for good) or lost
+        (failed after its lease ran out: another dispatcher has the job)."""
         children = self._hook_children.get((hook, outcome))
         if children is None:
             children = self._hook_children[(hook, outcome)] = (self.hook_runs.labels(hook=hook, outcome=outcome),

@@ -396,11 +396,27 @@ def list_jobs(conn: Connection, *, status: str | None = "dead", limit: int = 100
 
 
 def retry_jobs(conn: Connection, now: datetime, ids: Sequence[int] | None = None) -> int:
-    """Dead jobs (all, or these ids) back to pending with a fresh attempt budget."""
-    stmt = sa.update(hook_jobs).where(hook_jobs.c.status == "dead")
-    if ids is not None:
-        stmt = stmt.where(hook_jobs.c.id.in_(ids))
-    return conn.execute(stmt.values(status="pending", attempts=0, available_at=now)).rowcount
+    """Dead jobs (all, or these ids) queued again with a fresh attempt budget, at the tail of the queue:
+    each becomes a new job (a new id, the same change and idempotency key) and the dead row goes.
+
+    Not set back to pending in place: a dead job no longer holds its entity back, so a later job of the
+    same entity may be running; back under its old (lower) id it would be that entity's first unfinished
+    job again and be claimed beside it (two handlers of one entity at once). At the tail it waits behind
+    whatever of its entity is unfinished, as a new change does. Rows are locked first, so two retries at
+    once queue each job once."""
+    j = hook_jobs
+    kept = [j.c.hook, j.c.type, j.c.entity_key, j.c.idempotency_key, j.c.payload, j.c.last_error, j.c.created_at]
+    query = sa.select(j.c.id, *kept).where(j.c.status == "dead").order_by(j.c.id).with_for_update()
+    chunks = [None] if ids is None else [list(ids[i:i + 500]) for i in range(0, len(ids), 500)]
+    rows = [row for chunk in chunks
+            for row in conn.execute(query if chunk is None else query.where(j.c.id.in_(chunk))).all()]
+    rows.sort(key=lambda row: row.id)
+    for start in range(0, len(rows), 500):
+        part = rows[start:start + 500]
+        conn.execute(sa.delete(j).where(j.c.id.in_([row.id for row in part])))
+        conn.execute(sa.insert(j), [{**{c.name: getattr(row, c.name) for c in kept}, "status": "pending",
+                                     "attempts": 0, "available_at": now} for row in part])
+    return len(rows)
 
 
 def delete_jobs(conn: Connection, ids: Sequence[int] | None = None) -> int:
@@ -419,7 +435,7 @@ def redact_jobs(conn: Connection, mentions: Mentions | None = None, *, ids: Sequ
     j = hook_jobs
     where: sa.ColumnElement[bool]
     if ids is not None:
-        where = j.c.id.in_(ids)
+        where = sa.and_(j.c.id.in_(ids), j.c.status == "dead")  # (queued again meanwhile: its handler's)
     elif not mentions:
         return 0
     else:

@@ -22,12 +22,12 @@ import structlog
 from sqlalchemy.engine import Connection
 
 from clerk_sync.changes import Change, Handler, Hook
-from clerk_sync.errors import StoreError
+from clerk_sync.errors import HookGaveUp, StoreError
 from clerk_sync.metrics import Metrics
 from clerk_sync.outbox import Job, claim, extend, fail, finish_many, release
 from clerk_sync.store import Store
 
-__all__ = ["Backoff", "Change", "Dispatcher", "Hook"]
+__all__ = ["Backoff", "Change", "Dispatcher", "Hook", "HookGaveUp"]
 
 log = structlog.get_logger("clerk_sync.hooks")
 
@@ -50,7 +50,9 @@ class Backoff:
             raise ValueError(f"invalid backoff {self!r}: max_attempts >= 1, delays >= 0")
 
     def delay(self, attempts: int) -> timedelta:
-        return timedelta(seconds=min(self.max_s, self.base_s * 2 ** max(0, attempts - 1)))
+        # the exponent capped: 2.0 ** 1025 overflows a float (a max_attempts in the thousands, "retry for
+        # days"), and 2 ** 64 s is past any max_s already
+        return timedelta(seconds=min(self.max_s, self.base_s * 2.0 ** min(max(0, attempts - 1), 64)))
 
 
 class Dispatcher:
@@ -267,8 +269,8 @@ class Dispatcher:
                                   "restore it and run `clerk-sync hooks retry`, or `clerk-sync hooks purge`")
             handler(job.change)
         except Exception as exc:
-            dead = self._failed(job, exc, final=handler is None)
-            self._ran(job, "dead" if dead else "retry", started)
+            outcome = self._failed(job, exc, final=handler is None or isinstance(exc, HookGaveUp))
+            self._ran(job, outcome, started)
             return False
         self._ran(job, "ok", started)
         return True
@@ -277,16 +279,22 @@ class Dispatcher:
         if self.metrics is not None:
             self.metrics.hook_ran(job.hook, outcome, time.perf_counter() - started)
 
-    def _failed(self, job: Job, exc: Exception, *, final: bool) -> bool:
-        """Record the failure (pending again after the backoff, or dead); True when it is dead."""
+    def _failed(self, job: Job, exc: Exception, *, final: bool) -> str:
+        """Record the failure: pending again after the backoff (``retry``), or ``dead``; ``lost`` when the
+        claim was lost meanwhile (the lease ran out and another dispatcher has the job: its outcome is not
+        this run's to record)."""
         error = f"{type(exc).__name__}: {exc}"
         dead = final or job.attempts >= self.backoff.max_attempts
         retry_at = None if dead else self._now() + self.backoff.delay(job.attempts)
         with self.store.transaction() as writer:
-            fail(writer.conn, job, error, retry_at)
+            recorded = fail(writer.conn, job, error, retry_at)
+        if not recorded:
+            log.warning("hook failed after its claim was lost (another dispatcher has the job)", hook=job.hook,
+                        type=job.change.type, job=job.id, attempt=job.attempts, error=error)
+            return "lost"
         log.warning("hook failed", hook=job.hook, type=job.change.type, job=job.id, attempt=job.attempts,
                     error=error, dead=dead, retry_at=retry_at.isoformat() if retry_at else None)
-        return dead
+        return "dead" if dead else "retry"
 
     # -- as a background thread (``serve``) --------------------------------------------------------
     def start(self) -> None:

@@ -18,6 +18,7 @@ from pydantic import SecretStr
 from standardwebhooks.webhooks import Webhook
 
 from clerk_sync.changes import Change
+from clerk_sync.errors import HookGaveUp
 
 if TYPE_CHECKING:
     import redis
@@ -33,7 +34,9 @@ def change_message(change: Change) -> dict[str, Any]:
 
 class StandardWebhookSink:
     """POSTs each change to ``url``, signed per Standard Webhooks (``webhook-id``/``-timestamp``/
-    ``-signature``); any answer but 2xx is a failure the dispatcher retries.
+    ``-signature``); any answer but 2xx is a failure the dispatcher retries, except 410 Gone or a
+    ``webhook-delivery: disable`` / ``abort-message`` header (Svix's delivery control), after which the job
+    is dead at once (:class:`~clerk_sync.errors.HookGaveUp`).
 
     ``secret`` is a ``whsec_…`` key the receiver verifies with (any Standard Webhooks library).
     """
@@ -56,8 +59,17 @@ class StandardWebhookSink:
             "webhook-signature": self._signer.sign(change.idempotency_key, stamp, body),
         }
         response = self._client.post(self.url, content=body.encode(), headers=headers)
-        if not response.is_success:
-            raise RuntimeError(f"{self.url} answered {response.status_code}: {response.text[:200]}")
+        if response.is_success:
+            return
+        said = f"{self.url} answered {response.status_code}: {response.text[:200]}"
+        control = response.headers.get("webhook-delivery", "").strip().lower()
+        if response.status_code == 410 or control in ("disable", "abort-message"):
+            # Standard Webhooks: 410 Gone means "stop sending"; Svix's receivers may say the same with
+            # ``webhook-delivery: disable`` (the endpoint) or ``abort-message`` (this change). Retrying for
+            # hours would only repeat it: dead now, ``clerk-sync hooks retry`` once the receiver is back.
+            raise HookGaveUp(f"{said} (the receiver asked not to be sent this again: the job is dead, not "
+                             "retried; fix the receiver, then `clerk-sync hooks retry`)")
+        raise RuntimeError(said)
 
     def close(self) -> None:
         self._client.close()
