@@ -355,7 +355,8 @@ def test_retry_and_purge_name_the_ids_that_are_not_dead_jobs(db_url: str, comman
     assert f"1 dead job(s) {'queued again' if command == 'retry' else 'purged'}" in result.stdout
     assert result.stderr.splitlines() == ["job 999: not found", f"job {pending}: pending, not dead (left as it is)"]
     listed = run("hooks", "list", "--status", "pending", env=env).stdout.splitlines()
-    assert [line.split("\t")[3] for line in listed] == (["user_1", "user_2"] if command == "retry" else ["user_2"])
+    # a retried job is queued at the tail, behind the pending one
+    assert [line.split("\t")[3] for line in listed] == (["user_2", "user_1"] if command == "retry" else ["user_2"])
     assert run("hooks", command, "--all", env=env).returncode == 0  # nothing named, nothing refused
 
 
