@@ -57,9 +57,8 @@ class ClerkMiddleware:
     def __call__(self, request: HttpRequest) -> Any:
         if self.is_async:
             return self.__acall__(request)
-        state = clerk_request(request)
+        state = clerk_request(request)  # (which audits a request made while impersonating, once)
         if state.auth is not None:
-            self._audit(state, request)
             self._signed_in(request, state)
         elif (refusal := self._refusal(request, state)) is not None:
             return refusal
@@ -68,8 +67,6 @@ class ClerkMiddleware:
     async def __acall__(self, request: HttpRequest) -> HttpResponse:
         state = await aclerk_request(request)
         if state.auth is not None:
-            if state.auth.is_impersonated:
-                await sync_to_async(self._audit, thread_sensitive=False)(state, request)
             self._signed_in(request, state)
         elif (refusal := self._refusal(request, state)) is not None:
             return refusal
@@ -100,13 +97,6 @@ class ClerkMiddleware:
     def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponse | None:
         """A clerk-sync error raised by a view (e.g. an admin action) answers through the one table."""
         return error_json(exception) if isinstance(exception, ClerkSyncError) else None
-
-    @staticmethod
-    def _audit(state: ClerkRequest, request: HttpRequest) -> None:
-        auth = state.auth
-        if auth is not None and auth.is_impersonated and state.runtime.options.audit_impersonation:
-            state.runtime.authenticator.audit_impersonated_request(auth, request.method or "", request.path,
-                                                                   request.META.get("REMOTE_ADDR"))
 
     @classmethod
     def _signed_in(cls, request: HttpRequest, state: ClerkRequest) -> None:
