@@ -526,6 +526,32 @@ def test_erasure_finds_an_address_whatever_its_letters_on_every_store(db_url: st
     store.dispose()
 
 
+@pytest.mark.parametrize(("known", "sent"), [("anné@example.com", "ANNÉ@example.com"),
+                                             ("ANNÉ@example.com", "anné@example.com"),
+                                             ("zoë.ÅSA.ölç@exämple.com", "ZOË.åsa.ÖLÇ@EXÄMPLE.COM"),
+                                             ("äöüéèçñ@example.com", "ÄÖÜÉÈÇÑ@example.com")])
+def test_erasure_finds_an_escaped_address_in_another_case_on_every_store(db_url: str, known: str, sent: str) -> None:
+    """Review finding: a body that wrote the address's non-ASCII letters as JSON escapes, in another case than
+    the one the user's row has (``ANN\\u00c9@`` for ``anné@``), was missed on SQLite and MariaDB, which keep
+    the body as received: ``lower()`` folds the escape's hex digits, not the letter it stands for."""
+    from clerk_sync.engine import DeliveryStatus
+
+    store = Store.from_url(db_url)
+    processor = WebhookProcessor(store, WebhookVerifier([SECRET]))
+    assert deliver(processor, f.envelope("user.created", f.user("user_zq8x", 1, email=known)), "msg_u") == "applied"
+    mail = f.envelope("email.created", {"object": "email", "id": "ema_8", "to_email_address": sent})
+    other = f.envelope("email.created", {"object": "email", "id": "ema_7", "to_email_address": "jo" + sent})
+    with store.transaction() as writer:
+        for svix_id, event in (("msg_mail", mail), ("msg_other", other)):
+            writer.record_delivery(svix_id, json.dumps(event), event_type="email.created",  # escaped (ASCII)
+                                   instance_id=None, event_timestamp=None, status=DeliveryStatus.IGNORED)
+    Retention(store).erase_user("user_zq8x")
+    with store.connect() as conn:
+        kept = conn.execute(sa.select(webhook_events.c.svix_id).where(webhook_events.c.redacted_at.is_(None))).all()
+    assert [k for (k,) in kept] == ["msg_other"]  # someone else's address that holds this one stays
+    store.dispose()
+
+
 @pytest.mark.parametrize(("text", "names"), [
     ("KeyError: 'ann@example.com'", True), ("https://app/invite?email=ann@example.com", True),
     ("Ann <ann@example.com>", True), ("`ANN@Example.com`", True), ("{ann@example.com}", True),
