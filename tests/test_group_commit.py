@@ -834,3 +834,48 @@ def test_a_membership_after_a_deletion_of_its_stored_parent_follows_it_in_a_batc
                                 {"c": mem}).scalar_one()
         outcomes[mode] = ([r.status for r in results], bool(live))
     assert outcomes["batch"] == outcomes["alone"] == (["applied", "skipped"], False)
+
+
+@pytest.mark.parametrize("hooked", [False, True], ids=["plain", "hooked"])
+def test_a_duplicate_of_a_failed_delivery_applies_nothing_on_every_store(
+        store: Store, verifier: WebhookVerifier, hooked: bool) -> None:
+    """Review finding: on PostgreSQL the statement that writes the inbox row and the upsert together ran the
+    upsert for a duplicate too, so a re-sent delivery that had been stored ``failed`` changed the row (and
+    fired the hooks) while its inbox row still said failed; on SQLite and MariaDB it wrote nothing. It is
+    a duplicate that applies nothing everywhere now, alone and in a batch; ``replay`` applies it."""
+    from clerk_sync.changes import Hook
+    from clerk_sync.ingest import replay_deliveries
+    from clerk_sync.tables import hook_jobs
+
+    target = Store(store.engine, hooks=[Hook("count", lambda change: None)]) if hooked else store
+    processor = WebhookProcessor(target, verifier)
+    base = 1_800_000_000_000
+    first = [f.envelope("user.created", f.user("user_alone", base, first_name="Old")),
+             f.envelope("user.created", f.user("user_batch", base, first_name="Old")),
+             f.envelope("organization.created", f.organization("org_1", base)),
+             f.envelope("organizationMembership.created", f.membership("orgmem_1", "org_1", "user_alone", base))]
+    assert _statuses(GroupCommitter(processor).write([(f"msg_{i}", _parsed(e)) for i, e in enumerate(first)])) == [
+        "applied"] * 4
+    later = {"msg_u1": f.envelope("user.updated", f.user("user_alone", base + 1, first_name="New")),
+             "msg_u2": f.envelope("user.updated", f.user("user_batch", base + 1, first_name="New")),
+             "msg_m": f.envelope("organizationMembership.updated",
+                                 f.membership("orgmem_1", "org_1", "user_alone", base + 1, role="org:admin"))}
+    with store.transaction() as writer:  # stored failed once (a value the database refused, since fixed)
+        for svix_id, event in later.items():
+            writer.record_delivery(svix_id, f.body_of(event).decode(), event_type=event["type"], instance_id=None,
+                                   event_timestamp=None, status=DeliveryStatus.FAILED, error="refused once")
+    with store.connect() as conn:
+        jobs_before = conn.execute(sa.select(sa.func.count()).select_from(hook_jobs)).scalar_one()
+    headers, body = f.signed(later["msg_u1"], "msg_u1")
+    assert processor.process(headers, body).status == "duplicate"
+    again = GroupCommitter(processor).write([("msg_u2", _parsed(later["msg_u2"])), ("msg_m", _parsed(later["msg_m"]))])
+    assert _statuses(again) == ["duplicate", "duplicate"]
+    with store.connect() as conn:
+        names = {k: v for k, v in conn.execute(sa.select(users.c.clerk_id, users.c.first_name))}
+        role = conn.execute(sa.select(organization_memberships.c.role)).scalar_one()
+        jobs_after = conn.execute(sa.select(sa.func.count()).select_from(hook_jobs)).scalar_one()
+    assert (names, role, jobs_after) == ({"user_alone": "Old", "user_batch": "Old"}, "org:member", jobs_before)
+    assert {k: v for k, v in _inbox(store).items() if k in later} == dict.fromkeys(later, "failed")
+    assert replay_deliveries(target).by_status == {"applied": 3}  # the way a failed delivery is applied
+    with store.connect() as conn:
+        assert set(conn.execute(sa.select(users.c.first_name)).scalars()) == {"New"}

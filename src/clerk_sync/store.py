@@ -263,7 +263,8 @@ class Writer:
         ``applied``, ``skipped`` (the guard refused the row), or None for a duplicate ``svix_id``.
 
         The upsert runs before the inbox insert, also for a duplicate: harmless, because the guard
-        (``clerk_updated_at <`` the stored one) refuses a version that was already written. The
+        (``clerk_updated_at <`` the stored one) refuses a version that was already written, and a duplicate
+        of a delivery stored ``failed`` is refused too (:data:`_UNLESS_FAILED`: ``replay`` applies it). The
         statement goes to psycopg directly (prepared by psycopg after a few runs): no SQLAlchemy work
         per delivery on the hot path.
         """
@@ -293,8 +294,8 @@ class Writer:
         about (see :meth:`Outbox.upsert_hooks`) takes its entity's lock in that pass too, and its statement
         also reads the row before and writes the jobs of the change (:func:`~clerk_sync.outbox.jobs_cte_sql`:
         the change described in SQL, as :meth:`_apply_with_hooks` does in Python). A duplicate ``svix_id``
-        whose upsert still applied (its first delivery was stored failed) is recorded too: every change to
-        the mirrored row reaches the mapping and hooks. Jobs written in SQL are not in ``Outbox.changes``.
+        applies nothing (:data:`_UNLESS_FAILED`), as on the other stores. Jobs written in SQL are not in
+        ``Outbox.changes``.
         Alone (``pipeline=False``) the statement returns the row before, and the mapping and the jobs go
         through :meth:`Outbox.record`, whose errors say which table refused what.
         """
@@ -358,13 +359,13 @@ class Writer:
             where.append((len(statements), 0))
             values: list[Any] = [getattr(intent.record, name) for name in _RECORD_FIELDS[intent.entity]]
             if intent.entity is Entity.MEMBERSHIP:
-                sql, json_at = _raw_upsert_sql(intent.entity)
+                sql, json_at = _raw_upsert_sql(intent.entity, unless_failed=True)
                 for i in json_at:
                     values[i] = Jsonb(values[i])
                 statements += [
                     (_RAW_INBOX_SQL, [svix_id, event_type, instance_id, event_timestamp, DeliveryStatus.APPLIED.value,
                                       error, now, payload, now]),
-                    (sql, [*values, now, now, *_erased_params(intent.entity, intent.record).values()]),
+                    (sql, [*values, now, now, *_erased_params(intent.entity, intent.record).values(), svix_id]),
                     (_RAW_PARENT_DELETED_SQL, [now, now, intent.clerk_id]),
                 ]
                 shape.append(3)
@@ -378,8 +379,8 @@ class Writer:
                 sql, json_at = (_hooked_statement_sql if h else _one_statement_sql)(intent.entity, mapped_sql)
             for i in json_at:
                 values[i] = Jsonb(values[i])
-            values += [now, now, erased_digest(intent.entity, intent.clerk_id), svix_id, event_type, instance_id,
-                       event_timestamp, error, now, payload, now, *mapped_params]
+            values += [now, now, erased_digest(intent.entity, intent.clerk_id), svix_id,  # (_UNLESS_FAILED's)
+                       svix_id, event_type, instance_id, event_timestamp, error, now, payload, now, *mapped_params]
             if specs:
                 assert outbox is not None  # specs come from it
                 values += outbox.jobs_params(intent.entity, intent.clerk_id, intent.version, json.dumps(changed))
@@ -835,17 +836,27 @@ def _sqlite_upsert(entity: Entity) -> tuple[str, list[Callable[[Any], Any] | Non
             processors([table.c[n].type for n in _RECORD_FIELDS[entity]], sqlite.dialect()))
 
 
-def _raw_upsert(entity: Entity, returning: str) -> str:
-    """:func:`_upsert_sql` as psycopg SQL (positional: the record's fields, now, now, the erased digests)."""
+def _raw_upsert(entity: Entity, returning: str, *, unless_failed: bool = False) -> str:
+    """:func:`_upsert_sql` as psycopg SQL (positional: the record's fields, now, now, the erased digests, and
+    with ``unless_failed`` the delivery's ``svix_id``: see :data:`_UNLESS_FAILED`)."""
     table, names = _TABLES[entity], _RECORD_FIELDS[entity]
     t = table.name
     sets = ", ".join(f"{n} = excluded.{n}" for n in names if n != "clerk_id")
     return (
         f"INSERT INTO {t} ({', '.join(names)}, created_at, updated_at) SELECT {', '.join(['%s'] * (len(names) + 2))} "
-        f"{_not_erased(entity, named=False)} "
+        f"{_not_erased(entity, named=False)}{_UNLESS_FAILED % '%s' if unless_failed else ''} "
         f"ON CONFLICT (clerk_id) DO UPDATE SET {sets}, updated_at = excluded.updated_at "
         f"WHERE {t}.deleted_at IS NULL AND {t}.clerk_updated_at < excluded.clerk_updated_at RETURNING {returning}"
     )
+
+
+# The statements that write the inbox row and the upsert together run the upsert for a duplicate too
+# (guarded, so a version already written is refused). A duplicate of a delivery stored ``failed`` must
+# not apply either: on SQLite and MariaDB a duplicate writes nothing, and a failed delivery is applied by
+# ``replay``, which updates its inbox row (else the row changed, the mapping and hooks fired, and the inbox
+# still said failed, the alert firing for what was applied).
+_UNLESS_FAILED = (f" AND NOT EXISTS (SELECT 1 FROM webhook_events f_ WHERE f_.svix_id = %s "
+                  f"AND f_.status = '{DeliveryStatus.FAILED}')")
 
 
 def _json_at(entity: Entity) -> tuple[int, ...]:
@@ -865,9 +876,9 @@ _RAW_INBOX_CTE = (
 
 
 @functools.cache
-def _raw_upsert_sql(entity: Entity) -> tuple[str, tuple[int, ...]]:
+def _raw_upsert_sql(entity: Entity, *, unless_failed: bool = False) -> tuple[str, tuple[int, ...]]:
     """:func:`_upsert_sql` as psycopg SQL (positional), and the positions of its JSON parameters."""
-    return _raw_upsert(entity, "id"), _json_at(entity)
+    return _raw_upsert(entity, "id", unless_failed=unless_failed), _json_at(entity)
 # svix_id, payload text, event type, instance id, event timestamp (ms), reason, the upsert
 OneStatement = tuple[str, str, str, str | None, int | None, str | None, Upsert]
 
@@ -876,10 +887,11 @@ OneStatement = tuple[str, str, str, str | None, int | None, str | None, Upsert]
 def _one_statement_sql(entity: Entity, mapped: str = "") -> tuple[str, tuple[int, ...]]:
     """psycopg SQL for :meth:`Writer.record_and_upsert`, and the positions of its JSON parameters.
 
-    Parameters: the record's, now, now, the erased digest, then the inbox row's, then those of
-    ``mapped`` (a mapped table's upsert, :meth:`SchemaMapping.cte`; "" for none)."""
+    Parameters: the record's, now, now, the erased digest, the svix_id (:data:`_UNLESS_FAILED`), then the
+    inbox row's, then those of ``mapped`` (a mapped table's upsert, :meth:`SchemaMapping.cte`; "" for none)."""
     also = f", {mapped}" if mapped else ""
-    return f"WITH up AS ({_raw_upsert(entity, '1')}), {_RAW_INBOX_CTE}{also} SELECT status FROM ins", _json_at(entity)
+    up = _raw_upsert(entity, '1', unless_failed=True)
+    return f"WITH up AS ({up}), {_RAW_INBOX_CTE}{also} SELECT status FROM ins", _json_at(entity)
 
 
 @functools.cache
@@ -907,7 +919,8 @@ def _wave_sql(entity: Entity, mapped_columns: str = "", mapped: str = "", hooks:
         f"svix_id_ text, type_ text, instance_ text, event_ts_ bigint, error_ text, payload_ jsonb{extra})), {before}"
         f"up AS (INSERT INTO {t} ({', '.join(names)}, created_at, updated_at) "
         f"SELECT {', '.join('v.' + n for n in names)}, %s::timestamptz, %s::timestamptz FROM v "
-        f"WHERE NOT EXISTS (SELECT 1 FROM {erased.name} x WHERE x.digest = v.erased_) ORDER BY v.clerk_id "
+        f"WHERE NOT EXISTS (SELECT 1 FROM {erased.name} x WHERE x.digest = v.erased_)"
+        f"{_UNLESS_FAILED % 'v.svix_id_'} ORDER BY v.clerk_id "
         f"ON CONFLICT (clerk_id) DO UPDATE SET {sets}, updated_at = excluded.updated_at "
         f"WHERE {t}.deleted_at IS NULL AND {t}.clerk_updated_at < excluded.clerk_updated_at RETURNING clerk_id), "
         "ins AS (INSERT INTO webhook_events (svix_id, type, instance_id, event_timestamp, status, last_error, "
@@ -929,7 +942,7 @@ def _hooked_statement_sql(entity: Entity, mapped: str = "") -> tuple[str, tuple[
     also = f", {mapped}" if mapped else ""
     sql = (
         f"WITH before AS (SELECT {', '.join(names)} FROM {t} WHERE clerk_id = %s AND deleted_at IS NULL), "
-        f"up AS ({_raw_upsert(entity, '1')}), {_RAW_INBOX_CTE}{also} "
+        f"up AS ({_raw_upsert(entity, '1', unless_failed=True)}), {_RAW_INBOX_CTE}{also} "
         "SELECT (SELECT status FROM ins), EXISTS (SELECT 1 FROM up), before.* "
         "FROM (SELECT 1) AS one LEFT JOIN before ON true"
     )
@@ -947,7 +960,8 @@ def _jobs_statement_sql(entity: Entity, mapped: str, hooks: tuple[HookSpec, ...]
     sql = (
         f"WITH before AS (SELECT to_jsonb(r) AS prev FROM (SELECT {', '.join(names)} FROM {t} "
         "WHERE clerk_id = %s AND deleted_at IS NULL) AS r), "
-        f"up AS ({_raw_upsert(entity, '1')}), {_RAW_INBOX_CTE}{also}, {jobs_cte_sql(hooks)} SELECT status FROM ins"
+        f"up AS ({_raw_upsert(entity, '1', unless_failed=True)}), {_RAW_INBOX_CTE}{also}, {jobs_cte_sql(hooks)} "
+        "SELECT status FROM ins"
     )
     return sql, _json_at(entity)
 
