@@ -217,6 +217,48 @@ def test_impersonated_requests_are_audited_without_the_middleware_too(db_url: st
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_audit_of_impersonated_requests_can_be_turned_off_everywhere(db_url: str) -> None:
+    """``audit_impersonation=False`` was an option of the middleware, Flask and Django only: FastAPI's
+    ``ClerkAuth`` (its dependencies and ``install()``) and ``ClerkAuthBackend`` wrote a row regardless."""
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.middleware.authentication import AuthenticationMiddleware
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    h = Harness(db_url)
+    h.event("user.created", f.user("user_t", 1))
+    tok = token("user_t", act={"sub": "user_admin", "sid": "sess_admin"})
+
+    async def me(request: Request) -> JSONResponse:
+        return JSONResponse({"user": request.user.identity})
+
+    def fastapi_app(deny_by_default: bool) -> FastAPI:
+        clerk, app = ClerkAuth(h.auth, audit_impersonation=False), FastAPI()
+        clerk.install(app, public_paths={"/"}, deny_by_default=deny_by_default)
+
+        @app.get("/me")
+        async def me_route(auth: Auth = Depends(clerk.current_auth)) -> dict[str, Any]:
+            return {"impersonated": auth.is_impersonated}
+
+        return app
+
+    backend_app = Starlette(routes=[Route("/me", me)], middleware=[
+        Middleware(AuthenticationMiddleware, backend=ClerkAuthBackend(h.auth, audit_impersonation=False))])
+    for app in (fastapi_app(False), fastapi_app(True), backend_app):
+        with running(app) as url, httpx.Client(base_url=url) as client:
+            assert client.get("/me", headers=bearer(tok)).status_code == 200
+    with h.store.connect() as conn:
+        assert conn.execute(sa.select(audit_log.c.action)).all() == []
+    with running(build_app(h)) as url, httpx.Client(base_url=url) as client:  # on by default
+        assert client.get("/me", headers=bearer(tok)).status_code == 200
+    with h.store.connect() as conn:
+        assert [r[0] for r in conn.execute(sa.select(audit_log.c.action))] == ["impersonation.request"]
+    h.store.dispose()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_public_paths_are_matched_as_the_routes_are_under_a_root_path(db_url: str) -> None:
     """Behind ``--root-path`` or a mount, the request's path holds the prefix the app's routes do not:
     a public ``/health`` was answered 401 there (fail-closed, but the app broken)."""

@@ -57,10 +57,13 @@ class ClerkAuthBackend(AuthenticationBackend):
     A refused session is Starlette's ``AuthenticationError``, which the middleware answers with its own
     ``on_error`` (400, plain text, by default); pass ``on_error=ClerkAuthBackend.on_error`` for the
     answers of the one error table (401 with ``WWW-Authenticate``, 403, 503 with ``Retry-After``; JSON).
+    ``audit_impersonation=False``: no audit row for a request made while impersonating (as the middleware's
+    option of that name).
     """
 
-    def __init__(self, authenticator: Authenticator) -> None:
+    def __init__(self, authenticator: Authenticator, *, audit_impersonation: bool = True) -> None:
         self.authenticator = authenticator
+        self.audit_impersonation = audit_impersonation
 
     @staticmethod
     def on_error(conn: HTTPConnection, exc: Exception) -> Response:
@@ -80,7 +83,7 @@ class ClerkAuthBackend(AuthenticationBackend):
                                                           method=conn.scope["method"] if http else None,
                                                           scheme=conn.scope.get("scheme", "http"))
             conn.scope["clerk_auth"] = auth  # one identity per request: FastAPI's dependencies reuse it
-            if auth.is_impersonated:  # one audit row per request, as ClerkAuthMiddleware writes
+            if auth.is_impersonated and self.audit_impersonation:  # one row a request, as the middleware
                 client = conn.scope.get("client")
                 await run_in_threadpool(self.authenticator.audit_impersonated_request, auth, conn.scope.get(
                     "method", "GET"), conn.scope["path"], client[0] if client else None)

@@ -61,10 +61,15 @@ def sync_me_router(clerk: ClerkAuth, users: JitUsers, path: str = "/sync/me") ->
 
 class ClerkAuth:
     """FastAPI dependencies: ``current_auth``, ``current_user``, ``require_role``, ``require_org_role``,
-    ``require_permission``, ``not_impersonated``."""
+    ``require_permission``, ``not_impersonated``.
 
-    def __init__(self, authenticator: Authenticator, *, get_user: UserGetter | None = None) -> None:
+    A request made while impersonating gets an ``impersonation.request`` audit row (no row, no access:
+    503); ``audit_impersonation=False`` turns that off, as Flask's and Django's option of that name do."""
+
+    def __init__(self, authenticator: Authenticator, *, get_user: UserGetter | None = None,
+                 audit_impersonation: bool = True) -> None:
         self.authenticator = authenticator
+        self.audit_impersonation = audit_impersonation
         # get_user(auth) -> user row; default: the users table. The JIT sync can be plugged in here.
         self._get_user: UserGetter = get_user or authenticator.user
 
@@ -86,7 +91,8 @@ class ClerkAuth:
         app.add_exception_handler(ClerkSyncError, handle)
         if deny_by_default:
             app.add_middleware(ClerkAuthMiddleware, authenticator=self.authenticator,
-                               public_paths=public_paths, public_prefixes=public_prefixes)
+                               public_paths=public_paths, public_prefixes=public_prefixes,
+                               audit_impersonation=self.audit_impersonation)
 
     async def current_auth(self, request: Request) -> Auth:
         """The verified session (401 when missing/invalid/revoked): the one :class:`ClerkAuthMiddleware`
@@ -98,7 +104,7 @@ class ClerkAuth:
             return auth
         auth = await self.authenticator.aauthenticate(request.headers, request.cookies, method=request.method,
                                                       scheme=request.url.scheme)
-        if auth.is_impersonated:  # no audit row, no access (a StoreError: 503)
+        if auth.is_impersonated and self.audit_impersonation:  # no audit row, no access (a StoreError: 503)
             await run_in_threadpool(self.authenticator.audit_impersonated_request, auth, request.method,
                                     request.url.path, request.client.host if request.client else None)
         request.scope["clerk_auth"] = auth
