@@ -23,8 +23,8 @@ from hypothesis import strategies as st
 
 from clerk_sync.changes import Change, Hook, describe
 from clerk_sync.engine import Entity, Upsert
-from clerk_sync.events import user_record
 from clerk_sync.errors import HookGaveUp
+from clerk_sync.events import user_record
 from clerk_sync.hooks import Backoff, Dispatcher
 from clerk_sync.ingest import WebhookProcessor, replay_deliveries
 from clerk_sync.metrics import Metrics

@@ -167,7 +167,8 @@ class Metrics:
                                        ["entity", "action"], registry=r)
         self.pruned = Counter("clerk_sync_pruned_rows", "Rows retention redacted, deleted, cleared or erased.",
                               ["action"], registry=r)
-        self.hook_runs = Counter("clerk_sync_hook_runs", "Hook handler runs by hook and outcome (ok, retry, dead, lost).",
+        self.hook_runs = Counter("clerk_sync_hook_runs",
+                                 "Hook handler runs by hook and outcome (ok, retry, dead, lost).",
                                  ["hook", "outcome"], registry=r)
         self.hook_seconds = Histogram("clerk_sync_hook_seconds", "Time one hook handler run took, by hook.",
                                       ["hook"], buckets=_HOOK_BUCKETS, registry=r)

@@ -196,6 +196,40 @@ def test_replay_all_failed_matching_a_filter(stack: ConsoleStack) -> None:
     assert row["details"]["total"] == 3 and row["target_clerk_id"] == stack.user_id
 
 
+def _refuse_replaying_g1(store: Store) -> None:
+    """Make the database refuse any update of the delivery that names Grace "G1" (a trigger): its replay
+    fails with a StoreError, as when the database goes away."""
+    statements = {
+        "postgresql": ["CREATE FUNCTION refuse_g1() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                       "IF NEW.payload -> 'data' ->> 'first_name' = 'G1' THEN RAISE EXCEPTION 'injected fault'; "
+                       "END IF; RETURN NEW; END $$",
+                       "CREATE TRIGGER refuse_g1 BEFORE UPDATE ON webhook_events FOR EACH ROW EXECUTE FUNCTION refuse_g1()"],
+        "sqlite": ["CREATE TRIGGER refuse_g1 BEFORE UPDATE ON webhook_events "
+                   "WHEN json_extract(NEW.payload, '$.data.first_name') = 'G1' "
+                   "BEGIN SELECT RAISE(ABORT, 'injected fault'); END"],
+        "mysql": ["CREATE TRIGGER refuse_g1 BEFORE UPDATE ON webhook_events FOR EACH ROW "
+                  "IF JSON_VALUE(NEW.payload, '$.data.first_name') = 'G1' "
+                  "THEN SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'injected fault'; END IF"],
+    }[store.dialect]
+    with store.engine.begin() as conn:
+        for statement in statements:
+            conn.exec_driver_sql(statement)
+
+
+def test_bulk_replay_audits_each_replay_even_when_the_database_fails_midway(stack: ConsoleStack) -> None:
+    """Review finding: the bulk replay wrote its one audit row after the loop, so a database error on the
+    2nd of 3 deliveries left the 1st replayed and unaudited. Each replay now commits with its own row."""
+    grace = [stack.failed_delivery(stack.user_id, first_name=f"G{i}") for i in range(3)]
+    _refuse_replaying_g1(stack.store)
+    with operator_client(stack) as client:
+        response = client.post("/deliveries/replay", data={"clerk_id": stack.user_id})
+        assert response.status_code == 503 and "injected fault" in response.json()["message"]
+    assert [status_of(stack, s) for s in grace] == ["applied", "failed", "failed"]
+    replayed = [r for r in stack.audit_rows() if r["action"] == "console.delivery_replayed"]
+    assert [(r["target_clerk_id"], r["details"]["svix_id"], r["details"]["result"], r["details"]["as"])
+            for r in replayed] == [(stack.user_id, grace[0], "applied", "operator")]
+
+
 def test_reveal_is_audited_and_masking_hides_personal_fields(stack: ConsoleStack) -> None:
     svix_id = stack.failed_delivery(stack.user_id, private_metadata={"stripe": "cus_123"})
     path = f"/deliveries/{delivery_id(stack, svix_id)}"
@@ -245,6 +279,18 @@ def test_read_only_mode_refuses_every_action(read_only_stack: ConsoleStack) -> N
             response = client.post(path, data=form)
             assert response.status_code == 403 and "read-only" in response.json()["message"]
     assert status_of(stack, svix_id) == "failed" and stack.audit_rows() == []
+
+
+def test_a_read_only_console_can_still_sign_out(read_only_stack: ConsoleStack) -> None:
+    """Review finding: the read-only guard refused POST /logout too, so nobody could sign out."""
+    stack = read_only_stack
+    with signed_in(stack, stack.admin_id) as client:
+        token = csrf_of(client.get("/").text)
+        assert client.post("/logout").status_code == 403  # the CSRF check still holds
+        response = client.post("/logout", data={"csrf": token})
+        assert response.status_code == 303 and response.headers["location"] == "/console/login"
+        assert 'clerk_sync_console=""' in response.headers["set-cookie"]
+        assert client.get("/").status_code == 303  # signed out: sent to the sign-in page
 
 
 def test_a_console_nobody_can_sign_in_to_is_a_config_error(db_url: str) -> None:

@@ -10,7 +10,7 @@ Mount it in your own Starlette/FastAPI app, or enable it in ``clerk-sync serve``
 
 Admins sign in with Clerk (role confirmed against the database), operators with
 ``CLERK_SYNC_CONSOLE_TOKEN``. Every action is a POST with a CSRF token and writes an audit row;
-``CLERK_SYNC_CONSOLE_READ_ONLY=1`` refuses them all.
+``CLERK_SYNC_CONSOLE_READ_ONLY=1`` refuses them all (signing out excepted).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """The console's Starlette app: routes, the access guard, and error pages.
 
 Every page goes through :func:`_guard`: identify the caller (401 -> the login page, 403 -> an error
-page with nothing else on it), and for POSTs verify the CSRF token and the read-only setting before
-the handler runs. Handlers are plain functions run in a worker thread (the store is synchronous).
+page with nothing else on it), refuse a NUL anywhere in the input (400), and for POSTs verify the CSRF
+token and the read-only setting before the handler runs. Handlers are plain functions run in a worker
+thread (the store is synchronous).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from clerk_sync.integrations.console._access import (
     signing_key,
 )
 from clerk_sync.integrations.console._console import Console, utcnow
-from clerk_sync.integrations.console._web import BadInput, NotFound, read_form, set_session_cookie
+from clerk_sync.integrations.console._web import BadInput, NotFound, read_form, refuse_nul, set_session_cookie
 from clerk_sync.store import Store
 
 __all__ = ["create_console"]
@@ -47,7 +48,10 @@ _HEADERS = {
 }
 
 
-def _guard(console: Console, handler: Handler, *, post: bool = False) -> Callable[[Request], Awaitable[Response]]:
+def _guard(console: Console, handler: Handler, *, post: bool = False,
+           read_only_ok: bool = False) -> Callable[[Request], Awaitable[Response]]:
+    """``read_only_ok``: a POST that changes nothing (signing out), served in a read-only console too."""
+
     async def endpoint(request: Request) -> Response:
         try:
             identity = await to_thread.run_sync(console.access.identify, request.headers, request.cookies)
@@ -60,9 +64,10 @@ def _guard(console: Console, handler: Handler, *, post: bool = False) -> Callabl
             return console.clerk_error(request, exc)
         try:
             form = await read_form(request) if post else {}
+            refuse_nul(request, form)
             if post and not check_csrf(identity, form.get("csrf")):
                 raise AccessDenied("the form's CSRF token is missing or wrong: reload the page and submit it again")
-            if post and console.read_only:
+            if post and console.read_only and not read_only_ok:
                 raise AccessDenied("the console is read-only (CLERK_SYNC_CONSOLE_READ_ONLY is set)")
             if identity.new_cookie:  # first request of a Clerk session: record the sign-in
                 await to_thread.run_sync(lambda: console.audit(identity, "console.login", identity.clerk_id, request,
@@ -90,20 +95,23 @@ def _signed_out(request: Request, response: Response) -> Response:
 
 
 def _routes(console: Console) -> list[BaseRoute]:
-    def page(path: str, handler: Handler, name: str, *, post: bool = False) -> Route:
-        return Route(path, _guard(console, handler, post=post), methods=["POST"] if post else ["GET"], name=name)
+    def page(path: str, handler: Handler, name: str, *, post: bool = False, read_only_ok: bool = False) -> Route:
+        return Route(path, _guard(console, handler, post=post, read_only_ok=read_only_ok),
+                     methods=["POST"] if post else ["GET"], name=name)
 
     return [
         Route("/login", _login_page(console), methods=["GET"], name="login"),
         Route("/login", _login_submit(console), methods=["POST"], name="login_submit"),
         Route("/login/clerk", _login_clerk(console), methods=["GET"], name="login_clerk"),
-        page("/logout", _pages.logout, "logout", post=True),
+        page("/logout", _pages.logout, "logout", post=True, read_only_ok=True),
         page("/", _pages.overview, "overview"),
         page("/deliveries", _pages.deliveries, "deliveries"),
         page("/deliveries/replay", _pages.replay_matching, "replay_matching", post=True),
-        page("/deliveries/{delivery_id:int}", _pages.delivery, "delivery"),
-        page("/deliveries/{delivery_id:int}/replay", _pages.replay, "replay", post=True),
-        page("/deliveries/{delivery_id:int}/reveal", _pages.reveal, "reveal", post=True),
+        # {delivery_id} is text, read by _pages._row_id: Starlette's int converter calls int() on any run of
+        # digits before the guard, and 5,000 of them raise ValueError (500).
+        page("/deliveries/{delivery_id}", _pages.delivery, "delivery"),
+        page("/deliveries/{delivery_id}/replay", _pages.replay, "replay", post=True),
+        page("/deliveries/{delivery_id}/reveal", _pages.reveal, "reveal", post=True),
         page("/drift", _pages.drift, "drift"),
         page("/drift/run", _pages.drift_run, "drift_run", post=True),
         page("/drift/status.json", _pages.drift_status, "drift_status"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -23,6 +24,8 @@ from clerk_sync.integrations.http import error_response
 from clerk_sync.store import Store
 
 __all__ = ["Console", "utcnow"]
+
+_CLERK_ID = re.compile(r"[A-Za-z0-9_]+")  # user_2x…, org_2x…, orgmem_2x…
 
 
 def utcnow() -> datetime:
@@ -45,6 +48,7 @@ class Console:
         env = Environment(loader=PackageLoader("clerk_sync.integrations.console", "templates"),
                           autoescape=select_autoescape(default=True), trim_blocks=True, lstrip_blocks=True)
         env.filters.update(ago=self.ago, when=_when, pretty=_pretty)
+        env.tests["clerk_id"] = _is_clerk_id
         self.templates = Jinja2Templates(env=env)
 
     def render(self, request: Request, name: str, identity: Identity | None, *, status: int = 200,
@@ -85,6 +89,12 @@ class Console:
     def clerk_error(self, request: Request, exc: ClerkSyncError) -> Response:
         answer = error_response(exc)
         return self.error(request, answer.status, answer.body["error"], answer.body["message"], answer.headers)
+
+
+def _is_clerk_id(value: object) -> bool:
+    """Only what looks like a Clerk id is linked (``{% if x is clerk_id %}``): a stored id is any text a
+    payload or an audit row held, and one with a ``/`` (or empty) is no path parameter (url_for asserts)."""
+    return isinstance(value, str) and _CLERK_ID.fullmatch(value) is not None
 
 
 def _when(value: datetime | int | None) -> str:

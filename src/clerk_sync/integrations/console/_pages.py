@@ -43,25 +43,39 @@ STATUSES = ("received", "applied", "skipped", "ignored", "failed")
 MAX_REPLAY = 1000  # per click: a bigger backlog is `clerk-sync replay`'s job
 MAX_CSV_ROWS = 100_000
 _ROLE = re.compile(r"^[A-Za-z0-9:_-]{1,64}$")
+_ROW_ID = re.compile(r"[0-9]{1,19}")  # ASCII digits: str.isdigit() takes "²", which int() refuses
 
 
 def _time(value: str | None, name: str) -> datetime | None:
+    """An ISO 8601 time as aware UTC (naive is UTC). SQLite compares the stored text, so a time that kept its
+    offset would shift the filter by it; one with no UTC time (year 1 at +01:00) is refused, not sent."""
     if not value:
         return None
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
         raise BadInput(f"{name}={value!r} is not an ISO 8601 time (e.g. 2026-11-30T20:00)") from None
-    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed
+    try:
+        return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+    except OverflowError:
+        raise BadInput(f"{name}={value!r} is outside the years 1-9999 once converted to UTC") from None
+
+
+def _row_id(value: str) -> int | None:
+    """A row id the database can hold (BIGINT, up to :data:`~._queries.MAX_ID`), or None."""
+    if _ROW_ID.fullmatch(value) is None or int(value) > q.MAX_ID:
+        return None
+    return int(value)
 
 
 def _before(request: Request) -> int | None:
     value = request.query_params.get("before")
-    if value is None or value == "":
+    if not value:
         return None
-    if not value.isdigit():
-        raise BadInput(f"before={value!r} is not a row id")
-    return int(value)
+    before = _row_id(value)
+    if before is None:
+        raise BadInput(f"before={value!r} is not a row id (a whole number from 0 to {q.MAX_ID})")
+    return before
 
 
 def _delivery_filter(values: Any) -> q.DeliveryFilter:
@@ -127,8 +141,11 @@ def deliveries(console: Console, request: Request, identity: Identity, form: For
 
 
 def _load_delivery(console: Console, request: Request) -> Any:
+    delivery_id = _row_id(request.path_params["delivery_id"])  # a text route parameter: see _app._routes
+    if delivery_id is None:
+        raise NotFound("no such delivery")
     with console.store.connect() as conn:
-        row = q.get_delivery(conn, int(request.path_params["delivery_id"]))
+        row = q.get_delivery(conn, delivery_id)
     if row is None:
         raise NotFound("no such delivery")
     return row
@@ -174,22 +191,24 @@ def _replay_audited(console: Console, request: Request, identity: Identity, svix
 
 
 def replay_matching(console: Console, request: Request, identity: Identity, form: Form) -> Response:
-    """Replay every ``failed`` delivery matching the page's filter (at most :data:`MAX_REPLAY`)."""
+    """Replay every ``failed`` delivery matching the page's filter (at most :data:`MAX_REPLAY`).
+
+    Each replay commits with its own audit row, as a single replay does, so a database error midway
+    leaves every delivery replayed so far audited (a summary row written in a ``finally`` would not: the
+    error that stopped the loop, the database gone, would often refuse it too). The summary row, once
+    all are done, records the filter and the counts.
+    """
     where = _delivery_filter({**form, "status": "failed"})
     with console.store.connect() as conn:
-        ids = q.delivery_ids(conn, where, MAX_REPLAY)
+        found = q.delivery_ids(conn, where, MAX_REPLAY)
     counts: dict[str, int] = {}
-    for svix_id in ids:
-        status = _replay_one_quietly(console, svix_id)
+    for svix_id, subject in found:
+        status = _replay_audited(console, request, identity, svix_id, subject)
         counts[status] = counts.get(status, 0) + 1
     console.audit(identity, "console.deliveries_replayed", where.clerk_id, request,
-                  filter=where.query(), total=len(ids), by_status=counts)
+                  filter=where.query(), total=len(found), by_status=counts)
     summary = ",".join(f"{k}:{v}" for k, v in sorted(counts.items())) or "none"
-    return _redirect(request, "deliveries", where.urlencode(done=f"replayed {len(ids)} ({summary})"))
-
-
-def _replay_one_quietly(console: Console, svix_id: str) -> str:
-    return replay_delivery(console.store, svix_id)
+    return _redirect(request, "deliveries", where.urlencode(done=f"replayed {len(found)} ({summary})"))
 
 
 # -- drift -----------------------------------------------------------------------------------------

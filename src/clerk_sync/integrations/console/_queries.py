@@ -30,12 +30,13 @@ from clerk_sync.tables import (
 )
 
 __all__ = [
-    "PAGE_SIZE", "AuditFilter", "DeliveryFilter", "Overview", "Page", "aware", "delivery_ids", "delivery_types",
-    "get_delivery", "get_organization", "get_user", "list_audit", "list_deliveries", "memberships", "overview",
-    "pending_changes", "search_organizations", "search_users", "touching",
+    "MAX_ID", "PAGE_SIZE", "AuditFilter", "DeliveryFilter", "Overview", "Page", "aware", "delivery_ids",
+    "delivery_types", "get_delivery", "get_organization", "get_user", "list_audit", "list_deliveries", "memberships",
+    "overview", "pending_changes", "search_organizations", "search_users", "touching",
 ]
 
 PAGE_SIZE = 50
+MAX_ID = 2**63 - 1  # BIGINT's top: a larger id names no row, and SQLite's driver cannot even send it
 _TOP = "\U0010ffff"  # above every character: ``x >= q AND x < q + _TOP`` is a prefix match on an index
 
 
@@ -181,11 +182,12 @@ def list_deliveries(conn: Connection, where: DeliveryFilter, before: int | None,
     return _page(conn, query.where(*where.conditions()), e.id, before, limit)
 
 
-def delivery_ids(conn: Connection, where: DeliveryFilter, limit: int) -> list[str]:
-    """The svix ids matching ``where``, oldest first (replay order), at most ``limit``."""
+def delivery_ids(conn: Connection, where: DeliveryFilter, limit: int) -> list[tuple[str, str | None]]:
+    """The svix ids matching ``where`` with their subject (``data.id``, the audit row's target), oldest
+    first (replay order), at most ``limit``."""
     e = webhook_events.c
-    query = sa.select(e.svix_id).where(*where.conditions()).order_by(e.id).limit(limit)
-    return list(conn.execute(query).scalars())
+    query = sa.select(e.svix_id, _DataId()).where(*where.conditions()).order_by(e.id).limit(limit)
+    return [(svix_id, subject if isinstance(subject, str) else None) for svix_id, subject in conn.execute(query)]
 
 
 def get_delivery(conn: Connection, delivery_id: int) -> RowMapping | None:

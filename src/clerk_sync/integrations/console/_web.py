@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from urllib.parse import parse_qsl
 
 from starlette.requests import Request
@@ -9,7 +10,7 @@ from starlette.responses import Response
 
 from clerk_sync.integrations.console._access import COOKIE
 
-__all__ = ["MAX_FORM_BYTES", "BadInput", "NotFound", "client_ip", "read_form", "set_session_cookie"]
+__all__ = ["MAX_FORM_BYTES", "BadInput", "NotFound", "client_ip", "read_form", "refuse_nul", "set_session_cookie"]
 
 MAX_FORM_BYTES = 64 * 1024
 
@@ -36,6 +37,15 @@ async def read_form(request: Request) -> dict[str, str]:
         if len(body) > MAX_FORM_BYTES:
             raise BadInput(f"form larger than {MAX_FORM_BYTES} bytes")
     return dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
+
+
+def refuse_nul(request: Request, form: Mapping[str, str]) -> None:
+    """No console input holds a NUL, and PostgreSQL refuses one in text (an error, so 503): a clear 400."""
+    for where, items in (("path", request.path_params.items()), ("query", request.query_params.multi_items()),
+                         ("form", form.items())):
+        for name, value in items:
+            if isinstance(value, str) and "\x00" in value:
+                raise BadInput(f"the {where} parameter {name!r} contains a NUL character (%00)")
 
 
 def set_session_cookie(request: Request, response: Response, value: str | None) -> None:
