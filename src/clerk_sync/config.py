@@ -134,6 +134,9 @@ class Settings(BaseSettings):
     console_enabled: bool = Field(False, validation_alias="CLERK_SYNC_CONSOLE")
     console_operator_token: SecretStr | None = Field(None, validation_alias="CLERK_SYNC_CONSOLE_TOKEN")
     console_read_only: bool = Field(False, validation_alias="CLERK_SYNC_CONSOLE_READ_ONLY")
+    # How long a console sign-in lasts at most (an admin's also ends with its Clerk session's revocation,
+    # but Clerk sends nothing when a session merely expires: keep this near your session lifetime).
+    console_session_s: int = Field(8 * 3600, ge=60, le=7 * 86400, validation_alias="CLERK_SYNC_CONSOLE_SESSION_S")
 
     @field_validator("instance_id", "redis_url", "webhook_secret", "clerk_secret_key", "clerk_api_rate_limit",
                      "clerk_jwt_key", "clerk_jwks_url", "clerk_issuer", "authorized_parties_raw",

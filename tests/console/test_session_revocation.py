@@ -74,3 +74,29 @@ def test_an_admin_console_session_without_a_clerk_session_id_is_refused(access: 
     old = access._sessions.dumps({"k": "admin", "sub": "user_adm", "csrf": "x" * 32})
     with pytest.raises(SessionRevoked, match="sign in again"):
         access.identify({}, {COOKIE: old})
+
+
+def test_a_console_session_lasts_what_clerk_sync_console_session_s_says(tmp_path: object) -> None:
+    """Clerk sends nothing when a session merely expires, so the console's own limit is what ends a console
+    session then: 8 hours was fixed; ``CLERK_SYNC_CONSOLE_SESSION_S`` sets it (measured on the injected
+    clock, not the wall's)."""
+    from clerk_sync.config import Settings
+    from clerk_sync.errors import TokenMissing
+    from clerk_sync.integrations.console import create_console
+
+    now = [1_800_000_000.0]
+    access = ConsoleAccess(Store.from_url(f"sqlite:///{tmp_path}/c.db"), operator_token="op-token", authenticator=None,
+                           secret=b"k" * 32, max_age_s=600, clock=lambda: now[0])
+    cookie = access.operator_session("op-token").new_cookie
+    assert cookie is not None
+    now[0] += 599
+    assert access.identify({}, {COOKIE: cookie}).kind == "operator"
+    now[0] += 2
+    with pytest.raises(TokenMissing):
+        access.identify({}, {COOKIE: cookie})
+    settings = Settings(_env_file=None, CLERK_SYNC_CONSOLE_TOKEN="op-token",  # type: ignore[call-arg]
+                        CLERK_SYNC_CONSOLE_SESSION_S="900")
+    app = create_console(Store.from_url(f"sqlite:///{tmp_path}/c.db"), settings)
+    assert app.state.console.access.max_age_s == 900
+    with pytest.raises(ValueError, match="CLERK_SYNC_CONSOLE_SESSION_S"):
+        Settings(_env_file=None, CLERK_SYNC_CONSOLE_SESSION_S="5")  # type: ignore[call-arg]

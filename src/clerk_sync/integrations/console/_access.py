@@ -13,7 +13,10 @@ identity and a random CSRF token, which every form repeats in a hidden field. ``
 carry no ambient credential, so they need no CSRF token. An admin's console session also holds the
 Clerk session it was opened with (``sid``), and ends when Clerk revokes, ends or removes that session
 (signing out everywhere, a compromised session): the deny list and the ``revoked_sessions`` table are
-checked on every request, as the role is.
+checked on every request, as the role is. A Clerk session that merely expires (its lifetime, an
+inactivity timeout) sends no webhook, so every console session also ends ``max_age_s`` after sign-in
+(``CLERK_SYNC_CONSOLE_SESSION_S``, 8 hours by default): keep it near your Clerk session lifetime.
+Signing out deletes the cookie; being signed, not stored, a copy of it stays valid until then.
 """
 
 from __future__ import annotations
@@ -21,12 +24,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
-from itsdangerous import BadSignature, URLSafeTimedSerializer
+from itsdangerous import BadSignature, TimestampSigner, URLSafeTimedSerializer
 
 from clerk_sync.auth.admin import ADMIN_ROLE
 from clerk_sync.auth.authenticator import Authenticator
@@ -75,13 +79,13 @@ class ConsoleAccess:
     """Resolves a request's :class:`Identity` and issues console sessions."""
 
     def __init__(self, store: Store, *, operator_token: str | None, authenticator: Authenticator | None,
-                 secret: bytes, max_age_s: int = 8 * 3600) -> None:
+                 secret: bytes, max_age_s: int = 8 * 3600, clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.operator_token = operator_token
         self.authenticator = authenticator
         self.max_age_s = max_age_s
-        self._sessions = URLSafeTimedSerializer(secret, salt="clerk-sync-console-session")
-        self._login = URLSafeTimedSerializer(secret, salt="clerk-sync-console-login")
+        self._sessions = _Serializer(secret, salt="clerk-sync-console-session", clock=clock)
+        self._login = _Serializer(secret, salt="clerk-sync-console-login", clock=clock)
 
     # -- per request -----------------------------------------------------------------------------
     def identify(self, headers: Mapping[str, str], cookies: Mapping[str, str]) -> Identity:
@@ -156,7 +160,8 @@ class ConsoleAccess:
         return self.admin_session(*self._clerk_admin({"authorization": f"Bearer {session_token}"}, {}))
 
     def admin_session(self, clerk_id: str, session_id: str) -> Identity:
-        """A console session for an admin, lasting as long as the Clerk session ``session_id``."""
+        """A console session for an admin, until the Clerk session ``session_id`` is revoked, ended or
+        removed, or ``max_age_s`` has passed."""
         ended = self._ended(session_id)  # the deny list may not have seen a fresh revocation yet
         if ended is not None:
             raise ended
@@ -191,6 +196,17 @@ class ConsoleAccess:
         except BadSignature:
             return False
         return True
+
+
+class _Serializer(URLSafeTimedSerializer):
+    """itsdangerous' timed serializer on an injected clock (the tests' own, not the wall's)."""
+
+    def __init__(self, secret: bytes, *, salt: str, clock: Callable[[], float]) -> None:
+        class Signer(TimestampSigner):
+            def get_timestamp(self) -> int:  # signed into a value, and what loads() measures its age by
+                return int(clock())
+
+        super().__init__(secret, salt=salt, signer=Signer)
 
 
 def check_csrf(identity: Identity, submitted: str | None) -> bool:

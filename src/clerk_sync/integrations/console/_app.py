@@ -219,7 +219,8 @@ def create_console(store: Store, settings: Settings, *, clerk: ClerkClient | Non
                           "CLERK_SECRET_KEY / CLERK_JWT_KEY so admins can sign in with Clerk")
     key = secret or signing_key(operator, *(s.get_secret_value() for s in (settings.clerk_secret_key,
                                                                             settings.webhook_secret) if s))
-    access = ConsoleAccess(store, operator_token=operator, authenticator=authenticator, secret=key)
+    access = ConsoleAccess(store, operator_token=operator, authenticator=authenticator, secret=key,
+                           max_age_s=settings.console_session_s)
     limits = {"max_delivery_age_s": settings.freshness_max_delivery_age_s,
               "max_failed": settings.freshness_max_failed,
               "max_reconcile_age_s": settings.freshness_max_reconcile_age_s}
