@@ -4,21 +4,28 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import anyio
 import httpx
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+from starlette.routing import Route
 
 from clerk_sync.clerk_api import ApiRequest, AsyncClerkClient, CircuitBreaker, ClerkClient, RetryPolicy
 from clerk_sync.clerk_api._policy import _retry_after
 from clerk_sync.clerk_api.ratelimit import LocalBudget, RateLimit, RedisBudget, budget_from_settings
 from clerk_sync.config import Settings
 from clerk_sync.errors import (
+    ClerkAPIError,
     ClerkNotFound,
     ClerkUnauthorized,
     ClerkUnavailable,
@@ -26,6 +33,7 @@ from clerk_sync.errors import (
     RateLimited,
 )
 from clerk_sync.testing import EmulatorServer
+from tests._server import running
 from tests.conftest import FakeClock, clerk_client
 
 REDIS_URL = os.environ.get("CLERK_SYNC_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
@@ -74,9 +82,13 @@ def test_breaker_opens_fails_fast_and_probes_once() -> None:
     assert breaker.check() is None and not breaker.is_open
 
 
+_NO_SUCH_DATE = "Mon, 01 Jan 2000 99999999999999999999:00:00 GMT"  # OverflowError, not ValueError
+
+
 @pytest.mark.parametrize(("header", "expected"), [("7", 7.0), (None, 1.0), ("soon", 1.0), ("inf", 1.0), ("nan", 1.0),
-                                                  ("999999999", 3600.0), ("-5", 0.0)],
-                         ids=["seconds", "absent", "junk", "infinite", "nan", "a-year-capped", "negative"])
+                                                  ("999999999", 3600.0), ("-5", 0.0), (_NO_SUCH_DATE, 1.0)],
+                         ids=["seconds", "absent", "junk", "infinite", "nan", "a-year-capped", "negative",
+                              "overflowing-date"])
 def test_retry_after_parsing(header: str | None, expected: float) -> None:
     headers = {"retry-after": header} if header is not None else {}
     assert _retry_after(httpx.Response(429, headers=headers), default=1.0) == expected
@@ -240,6 +252,82 @@ def test_budget_wait_past_the_deadline_is_refused_without_sending(emu: EmulatorS
         with pytest.raises(RateLimited) as refused:
             clerk.count_users(deadline_s=0.5)
         assert refused.value.retry_after > 0.5 and clerk.stats.requests == 1
+
+
+def test_budget_wait_never_leaves_clerk_too_little_time(emu: EmulatorServer) -> None:
+    """Review: a token 0.8 s away under a 1 s deadline was taken and the request sent with 0.2 s left,
+    too little for Clerk's 0.6 s; the timeout counted against Clerk. Now refused at once, as our budget's."""
+    emu.set_faults(latency_s=0.6)
+    budget = LocalBudget(RateLimit(10, 1.0), clock=FakeClock())
+    budget.penalize(0.8)  # the next token is 0.8 s away on the budget's clock, which stands still
+    with ClerkClient(emu.secret_key, api_url=emu.url, budget=budget, retry=FAST_RETRY) as clerk:
+        with pytest.raises(RateLimited, match=r"budget \(not Clerk\) is the limit") as refused:
+            clerk.count_users(deadline_s=1.0)
+        assert refused.value.retry_after == pytest.approx(0.8)
+        assert clerk.stats.requests == 0 and not clerk.breaker.is_open
+
+
+def test_a_timeout_our_budget_wait_cut_short_does_not_count_against_clerk(emu: EmulatorServer) -> None:
+    """Review: after waiting 0.2 s of a 0.5 s deadline for our budget, the request had 0.3 s and timed out
+    (Clerk answers in 0.6 s); the breaker counted that against Clerk. A call that had its whole deadline
+    and timed out still counts: a hung Clerk must open the circuit."""
+    emu.set_faults(latency_s=0.6)
+    clock = FakeClock()
+    budget = LocalBudget(RateLimit(10, 1.0), clock=clock)  # stands still: each wait is exactly the penalty
+    breaker = CircuitBreaker(threshold=2, reset_s=5.0, clock=FakeClock())
+    retry = RetryPolicy(attempts=3, backoff_s=0.02, min_attempt_s=0.1)
+    with ClerkClient(emu.secret_key, api_url=emu.url, budget=budget, breaker=breaker, retry=retry) as clerk:
+        for _ in range(2):
+            clock.t += 10.0  # a full bucket, then a 0.2 s penalty
+            budget.penalize(0.2)
+            with pytest.raises(ClerkUnavailable, match=r"within the 0\.\d\ds left of the 0\.5s deadline \(the rest"):
+                clerk.count_users(deadline_s=0.5)
+        assert not breaker.is_open and clerk.stats.requests == 2
+        for _ in range(2):  # no waiting of ours: Clerk had the whole deadline
+            clock.t += 10.0
+            with pytest.raises(ClerkUnavailable, match="ReadTimeout"):
+                clerk.count_users(deadline_s=0.3)
+        assert breaker.is_open
+
+
+# -- answers that are not Clerk's ------------------------------------------------------------
+
+
+async def _odd_user(request: Request) -> Response:
+    kind = request.path_params["user_id"]
+    if kind == "user_html":  # a proxy's error page, with 200
+        return HTMLResponse("<html><body>Service temporarily unavailable</body></html>")
+    if kind == "user_moved":  # CLERK_API_URL=http://..., redirected to https
+        return Response(status_code=301, headers={"location": "https://api.clerk.com/v1/users/user_moved"})
+    return Response(status_code=int(kind.removeprefix("user_")), headers={"retry-after": _NO_SUCH_DATE})
+
+
+@pytest.fixture(scope="module")
+def odd_clerk() -> Iterator[str]:
+    """A stand-in for what sits between us and Clerk at times: ``/v1/users/user_<status>`` answers that."""
+    with running(Starlette(routes=[Route("/v1/users/{user_id}", _odd_user)])) as url:
+        yield url
+
+
+@pytest.mark.parametrize(("user_id", "error", "message", "requests", "opened"), [
+    ("user_html", ClerkAPIError, "answered 200 with a body that is not JSON (text/html; charset=utf-8)", 1, False),
+    ("user_moved", ClerkAPIError, "301, a redirect to https://api.clerk.com/v1/users/user_moved: CLERK_API_URL", 1,
+     False),
+    ("user_522", ClerkUnavailable, "Clerk answered 522", 3, True),  # Cloudflare: retried, a failure
+    ("user_503", ClerkUnavailable, "Clerk answered 503", 3, True),  # the Retry-After date is ignored
+    ("user_501", ClerkAPIError, "HTTP 501", 1, False),  # Not Implemented: retrying cannot help
+], ids=["html-200", "redirect", "cloudflare-522", "retry-after-overflow", "not-implemented"])
+def test_odd_answers_are_clerk_api_errors(odd_clerk: str, user_id: str, error: type[ClerkAPIError], message: str,
+                                          requests: int, opened: bool) -> None:
+    """Review: these escaped as JSONDecodeError, OverflowError or a NoneType complaint (JIT: 500), and a
+    522 was neither retried nor counted against Clerk."""
+    breaker = CircuitBreaker(threshold=3, reset_s=5.0, clock=FakeClock())
+    with ClerkClient("sk_test_x", api_url=odd_clerk, budget=LocalBudget(RateLimit(1000, 1.0)), breaker=breaker,
+                     retry=FAST_RETRY) as clerk:
+        with pytest.raises(ClerkAPIError, match=re.escape(message)) as caught:
+            clerk.get_user(user_id)
+        assert type(caught.value) is error and caught.value.path == f"/users/{user_id}"
+        assert clerk.stats.requests == requests and breaker.is_open is opened
 
 
 # -- three processes, one Redis budget ---------------------------------------------------------

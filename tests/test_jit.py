@@ -13,8 +13,9 @@ import sqlalchemy as sa
 
 from clerk_sync.auth.users import AuthUser, JitUsers
 from clerk_sync.clerk_api import AsyncClerkClient, CircuitBreaker, ClerkClient, RetryPolicy
+from clerk_sync.clerk_api.ratelimit import RateLimit
 from clerk_sync.engine import Entity, Tombstone
-from clerk_sync.errors import ClerkUnavailable, UserBanned, UserDeleted
+from clerk_sync.errors import ClerkAPIError, ClerkUnavailable, RateLimited, UserBanned, UserDeleted
 from clerk_sync.events import UserRecord, record_columns, user_record
 from clerk_sync.ingest import WebhookProcessor
 from clerk_sync.integrations.http import status_for
@@ -216,6 +217,36 @@ def test_slow_clerk_is_bounded_by_the_timeout(store: Store, emu: EmulatorServer)
         with pytest.raises(ClerkUnavailable):
             jit.get_auth_user("user_slow")
         assert time.monotonic() - started < 1.9  # Clerk answers after 2 s
+
+
+def test_waiting_for_our_budget_does_not_open_the_breaker(store: Store, emu: EmulatorServer) -> None:
+    """Review: 20 sign-ins at once, a budget of 10/s, a 1 s timeout and Clerk answering in 0.8 s. The
+    later ones were sent with a few ms left; their timeouts opened the breaker (503 for everyone, blaming
+    Clerk). Now they are refused as rate limited, or time out without counting against Clerk."""
+    people = [emu.create_user(email=f"u{i}@example.com")["id"] for i in range(20)]
+    late = emu.create_user(email="late@example.com")
+    emu.set_faults(latency_s=0.8)
+    with clerk_client(emu, limit=RateLimit(10, 1.0)) as clerk:  # the default breaker: 5 failures open it
+        jit = JitUsers(store, clerk=clerk, timeout_s=1.0)
+        start = threading.Barrier(20)
+        errors: list[ClerkAPIError] = []
+
+        def sign_in(user_id: str) -> None:
+            start.wait(timeout=10)
+            try:
+                jit.get_auth_user(user_id)
+            except ClerkAPIError as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=sign_in, args=(u,)) for u in people]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not clerk.breaker.is_open
+        assert errors and all(isinstance(e, RateLimited) or "left of the 1s deadline" in str(e) for e in errors)
+        emu.set_faults(latency_s=0.0)
+        assert jit.get_auth_user(late["id"]).clerk_id == late["id"]
 
 
 def _reference(data: dict[str, Any]) -> AuthUser:

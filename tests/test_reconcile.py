@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,18 +15,23 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 from clerk_sync.clerk_api import ClerkClient, RetryPolicy
 from clerk_sync.clerk_api.ratelimit import LocalBudget, RateLimit
 from clerk_sync.cli._args import parse_since
 from clerk_sync.engine import Entity
-from clerk_sync.errors import ClerkUnavailable, ReconcileBusy
+from clerk_sync.errors import ClerkAPIError, ClerkUnavailable, ReconcileBusy
 from clerk_sync.events import UserRecord, membership_record, organization_record, record_columns, user_record
 from clerk_sync.reconcile import Change, Reconciler
 from clerk_sync.store import Store
 from clerk_sync.tables import organization_memberships, organizations, reconcile_runs, reconcile_seen, users
 from clerk_sync.testing import EmulatorServer
 from tests import factories
+from tests._server import running
 from tests.conftest import clerk_client
 
 RETRY = RetryPolicy(attempts=2, backoff_s=0.02, backoff_max_s=0.05, deadline_s=5.0)
@@ -246,3 +252,103 @@ def test_tombstones_are_versioned_by_the_injected_clock(store: Store, clerk: Cle
                            .where(users.c.clerk_id == ids["bob"]["id"])).one()
     assert row.deleted_at is not None
     assert row.clerk_updated_at == int(fixed.timestamp() * 1000)
+
+
+# -- listings that do not advance (review) -----------------------------------------------------
+
+
+class ClerkStandIn:
+    """Clerk's list endpoints on loopback, served from lists a test changes; ``broken`` names listings that
+    ignore ``offset`` (``"repeat"``: the first page forever, as a proxy did) or list fresh ids forever
+    (``"endless"``). Past 300 requests a listing answers an empty page: a run that does not stop by
+    itself ends, and its test fails instead of hanging."""
+
+    def __init__(self) -> None:
+        self.users: list[dict[str, Any]] = []
+        self.orgs: list[dict[str, Any]] = []
+        self.members: list[dict[str, Any]] = []
+        self.org_members: list[dict[str, Any]] = []  # GET /organizations/{id}/memberships, any id
+        self.broken: dict[str, str] = {}
+        self.requests: dict[str, int] = {}
+        self.app = Starlette(routes=[
+            Route("/v1/users/count", lambda r: JSONResponse({"object": "total_count", "total_count": len(self.users)})),
+            Route("/v1/users", lambda r: JSONResponse(self.listing("users", r)[0])),
+            Route("/v1/organizations", lambda r: self.page("orgs", r)),
+            Route("/v1/organization_memberships", lambda r: self.page("members", r)),
+            Route("/v1/organizations/{org_id}/memberships", lambda r: self.page("org_members", r)),
+        ])
+
+    def page(self, name: str, request: Request) -> JSONResponse:
+        data, total = self.listing(name, request)
+        return JSONResponse({"data": data, "total_count": total})
+
+    def listing(self, name: str, request: Request) -> tuple[list[dict[str, Any]], int]:
+        items: list[dict[str, Any]] = getattr(self, name)
+        self.requests[name] = self.requests.get(name, 0) + 1
+        query = request.query_params
+        wanted = set(query.getlist("user_id") + query.getlist("organization_id"))
+        if wanted:
+            return [i for i in items if i["id"] in wanted], len(items)
+        limit, offset = int(query.get("limit", "10")), int(query.get("offset", "0"))
+        if self.requests[name] > 300:
+            return [], len(items)
+        mode = self.broken.get(name)
+        if mode == "endless":
+            fresh = factories.user if name == "users" else factories.organization
+            return [fresh(f"{name}_{offset + i:06d}", 1) for i in range(limit)], len(items)
+        return items[0 if mode == "repeat" else offset:][:limit], len(items)
+
+
+@pytest.fixture
+def stand_in() -> Iterator[tuple[ClerkStandIn, ClerkClient]]:
+    clerk = ClerkStandIn()
+    with running(clerk.app) as url, ClerkClient("sk_test_stand_in", api_url=url, retry=RETRY,
+                                                budget=LocalBudget(RateLimit(10_000, 1.0))) as client:
+        yield clerk, client
+
+
+def _run_status(store: Store) -> str:
+    with store.connect() as conn:
+        return str(conn.execute(sa.select(reconcile_runs.c.status).order_by(reconcile_runs.c.id.desc())).scalar())
+
+
+@pytest.mark.parametrize(("listing", "mode", "why"), [
+    ("users", "repeat", "the page at offset 50 brings no id the pages before it did not"),
+    ("orgs", "endless", "offset 50 is a page past the total_count of 0 it reports"),
+    ("users", "endless", "4 full pages, the most one listing may take"),
+], ids=["offset-ignored", "past-total-count", "page-cap"])
+def test_a_listing_that_does_not_advance_stops_the_run(store: Store, stand_in: tuple[ClerkStandIn, ClerkClient],
+                                                       listing: str, mode: str, why: str) -> None:
+    """Review: a server that ignored ``offset`` made a dry run fetch 6,076 pages in 5 s, and a real run
+    would then have swept (deleted) on the word of that listing."""
+    clerk, client = stand_in
+    clerk.users = [factories.user(f"user_{i:03d}", 1) for i in range(120)]
+    with store.transaction() as writer:  # a live row the broken listing never shows
+        writer.conn.execute(users.insert().values(**_mirrored(factories.user("user_zzz", 1)),
+                                                  created_at=writer.now, updated_at=writer.now))
+    endpoint = "/users" if listing == "users" else "/organizations"
+    clerk.broken[listing] = mode
+    for dry_run in (True, False):
+        clerk.requests.clear()
+        with pytest.raises(ClerkAPIError, match=re.escape(f"GET {endpoint}: the listing does not advance: {why}")):
+            reconciler(store, client, max_pages=4).run(dry_run=dry_run)
+        assert clerk.requests[listing] <= 4 + 4  # the pages it took, and the prefetched ones
+    assert "user_zzz" in live_rows(store, "users") and _run_status(store) == "failed"
+
+
+def test_a_membership_listing_that_does_not_advance_deletes_nothing(
+        store: Store, stand_in: tuple[ClerkStandIn, ClerkClient]) -> None:
+    """The sweep's per-organization listing (confirming a membership is gone) is guarded the same way."""
+    clerk, client = stand_in
+    clerk.users = [factories.user("user_a", 1)]
+    clerk.orgs = [factories.organization("org_a", 1)]
+    clerk.members = [factories.membership("orgmem_a", "org_a", "user_a", 1)]
+    reconciler(store, client).run()
+    assert "orgmem_a" in live_rows(store, "organization_memberships")
+    clerk.members = []  # orgmem_a is a candidate now; the listing that should confirm it is stuck
+    clerk.org_members = [factories.membership(f"orgmem_{i:03d}", "org_a", "user_b", 1) for i in range(50)]
+    clerk.broken["org_members"] = "repeat"
+    with pytest.raises(ClerkAPIError, match=re.escape("GET /organizations/org_a/memberships: the listing does not")):
+        reconciler(store, client).run()
+    assert clerk.requests["org_members"] == 2
+    assert "orgmem_a" in live_rows(store, "organization_memberships") and _run_status(store) == "failed"

@@ -13,6 +13,10 @@ then (``-updated_at``), so it repairs updates but cannot find user deletions; or
 memberships are always listed in full.
 
 ``dry_run`` writes nothing (ids are staged in a TEMPORARY table) and reports each change instead.
+
+A listing that does not advance (a page of ids already seen, offsets past its ``total_count``, more
+than ``max_pages`` pages) fails the run with a :class:`~clerk_sync.errors.ClerkAPIError`: paging on
+would never end, and a sweep after it would delete on the word of a broken listing.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from sqlalchemy.dialects import mysql, postgresql, sqlite
 
 from clerk_sync.clerk_api import JSON, ClerkClient
 from clerk_sync.engine import Action, Entity, Record, RowState, Tombstone, Upsert, decide
-from clerk_sync.errors import ClerkNotFound, EventShapeError, ReconcileBusy
+from clerk_sync.errors import ClerkAPIError, ClerkNotFound, EventShapeError, ReconcileBusy
 from clerk_sync.events import membership_record, organization_record, user_record
 from clerk_sync.metrics import Metrics
 from clerk_sync.store import Store, Writer, dialect_family, erased_digest
@@ -49,6 +53,8 @@ from clerk_sync.tracing import span
 __all__ = ["Change", "Counts", "Progress", "ReconcileReport", "Reconciler"]
 
 PAGE = 500
+MAX_PAGES = 20_000  # per listing: 10 million objects at 500 a page
+_RECENT_PAGES = 8  # a page must bring an id none of these brought (bounded: a listing may hold millions)
 _VERIFY_BATCH = 100  # Clerk accepts up to 100 values per id filter
 _LISTINGS = (Entity.USER, Entity.ORGANIZATION, Entity.MEMBERSHIP)
 _PHASES = ("users", "organizations", "organization_memberships", "sweep", "done")
@@ -146,6 +152,7 @@ class Reconciler:
 
     ``prefetch`` pages are requested concurrently (the budget still spaces them); ``stale_after_s`` is
     how old a ``running`` run's heartbeat must be before another invocation may take it over.
+    ``max_pages`` bounds each listing, whatever the server says.
     """
 
     def __init__(
@@ -161,6 +168,7 @@ class Reconciler:
         now: Callable[[], datetime] = _utcnow,
         with_hooks: bool = False,
         metrics: Metrics | None = None,
+        max_pages: int = MAX_PAGES,
     ) -> None:
         self.store = store if with_hooks else store.without_hooks()  # repairs fire hooks only if asked
         self.clerk = clerk
@@ -171,6 +179,7 @@ class Reconciler:
         self.on_change = on_change or (lambda change: None)
         self._now = now
         self.metrics = metrics  # clerk_sync_reconcile_runs_total{result}, clerk_sync_reconcile_drift_total
+        self.max_pages = max_pages
 
     def run(self, *, since: datetime | None = None, dry_run: bool = False) -> ReconcileReport:
         """One reconcile pass, resuming an unfinished run with the same ``since`` if there is one."""
@@ -315,7 +324,8 @@ class Reconciler:
         fetch = self._fetcher(entity, by_update)
         total = self.clerk.count_users() if entity is Entity.USER and not by_update else None
         self.progress.start(entity.value, total, run.cursor)
-        for offset, items in self._pages(fetch, run.cursor, total, sequential=by_update):
+        advance = _Advance(f"/{entity.value}", self.page_size, self.max_pages)
+        for offset, items in self._pages(fetch, run.cursor, total, advance, sequential=by_update):
             fresh = [d for d in items if not by_update or _updated_at(d) >= since_ms]  # type: ignore[operator]
             self._apply_page(run, entity, fresh, offset + len(items))
             self.progress.advance(entity.value, len(items))
@@ -339,8 +349,9 @@ class Reconciler:
         return members
 
     def _pages(self, fetch: Callable[[int], tuple[list[JSON], int | None]], start: int, total: int | None,
-               *, sequential: bool) -> Iterator[tuple[int, list[JSON]]]:
-        """Pages in offset order with up to ``prefetch`` requests in flight; ends at a short page.
+               advance: _Advance, *, sequential: bool) -> Iterator[tuple[int, list[JSON]]]:
+        """Pages in offset order with up to ``prefetch`` requests in flight; ends at a short page, and
+        raises when the listing does not advance (:class:`_Advance`).
 
         Offsets below the known total are fetched ahead; past it, one page at a time (objects created
         during the run still get listed).
@@ -363,6 +374,7 @@ class Reconciler:
                     if len(items) < size:
                         yield offset, items
                         return
+                    advance.check(offset, items, reported)
                     horizon = max(reported or 0, horizon or 0, offset + size + 1)
                     yield offset, items
             finally:
@@ -461,13 +473,15 @@ class Reconciler:
     def _membership_ids(self, org_id: str) -> set[str]:
         found: set[str] = set()
         offset = 0
+        advance = _Advance(f"/organizations/{org_id}/memberships", self.page_size, self.max_pages)
         try:
             while True:
                 page = self.clerk.list_organization_memberships(org_id, limit=self.page_size, offset=offset)
                 found |= {m["id"] for m in page.data}
-                offset += len(page.data)
                 if len(page.data) < self.page_size:
                     return found
+                advance.check(offset, page.data, page.total_count)
+                offset += len(page.data)
         except ClerkNotFound:
             return set()  # the organization itself is gone
 
@@ -483,6 +497,36 @@ class Reconciler:
                     counts.deleted += 1
             if writer is not None:
                 self._checkpoint(writer, run)
+
+
+class _Advance:
+    """Refuses a listing that does not advance, before it pages forever: a full page bringing no id the
+    last pages did not, an offset a page past the reported ``total_count``, or ``max_pages`` pages.
+
+    Such a listing (a proxy or stand-in that ignores ``offset``) is broken: the run fails before its
+    sweep, so nothing is deleted on its word, and stays resumable.
+    """
+
+    def __init__(self, path: str, size: int, max_pages: int) -> None:
+        self.path, self.size, self.max_pages = path, size, max_pages
+        self.pages = 0
+        self.recent: deque[set[Any]] = deque(maxlen=_RECENT_PAGES)
+
+    def check(self, offset: int, items: list[JSON], total: int | None) -> None:
+        """Called for each full page (one that says there is more)."""
+        self.pages += 1
+        ids = {d.get("id") if isinstance(d, dict) else None for d in items}
+        if not ids.difference(*self.recent):
+            self._stop(f"the page at offset {offset} brings no id the pages before it did not")
+        if total is not None and offset >= total + self.size:
+            self._stop(f"offset {offset} is a page past the total_count of {total} it reports")
+        if self.pages >= self.max_pages:
+            self._stop(f"{self.pages} full pages, the most one listing may take (Reconciler(max_pages=))")
+        self.recent.append(ids)
+
+    def _stop(self, why: str) -> None:
+        raise ClerkAPIError(f"GET {self.path}: the listing does not advance: {why}; stopped, nothing is "
+                            f"deleted on its word (is CLERK_API_URL Clerk's API?)", method="GET", path=self.path)
 
 
 def _records(entity: Entity, items: list[JSON]) -> tuple[list[Record], int]:

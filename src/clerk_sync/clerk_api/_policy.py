@@ -75,13 +75,18 @@ class ApiRequest(Generic[T]):
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
     """Bounded retries: ``attempts`` tries on 5xx/timeouts with full-jitter exponential backoff,
-    plus up to ``rate_limited_attempts`` waits on 429. ``deadline_s`` bounds the whole call."""
+    plus up to ``rate_limited_attempts`` waits on 429. ``deadline_s`` bounds the whole call.
+
+    An attempt is sent only with ``min_attempt_s`` of the deadline left (or the whole deadline, if
+    shorter): waiting for our own budget must not leave Clerk a few milliseconds to answer in.
+    """
 
     attempts: int = 3
     backoff_s: float = 0.2
     backoff_max_s: float = 5.0
     rate_limited_attempts: int = 5
     deadline_s: float = 30.0
+    min_attempt_s: float = 0.5
 
     def backoff(self, attempt: int, rng: Callable[[], float]) -> float:
         return rng() * min(self.backoff_max_s, self.backoff_s * 2.0**attempt)
@@ -201,52 +206,78 @@ class _Context:
     on_response: Callable[[str, int | None], None] | None = None  # (endpoint, status): the metrics hook
 
 
-_RETRYABLE_STATUS = frozenset({500, 502, 503, 504})
+def _retryable(status: int) -> bool:
+    """Any 5xx (Cloudflare's 520-524 too) but 501 and 505, which say the request can never work."""
+    return 500 <= status < 600 and status not in (501, 505)
 
 
 def call_flow(ctx: _Context, req: ApiRequest[T], deadline_s: float | None = None) -> Flow[T]:
     """Drive one call to a parsed result or a :class:`~clerk_sync.errors.ClerkAPIError`."""
-    deadline = ctx.clock() + (deadline_s if deadline_s is not None else ctx.retry.deadline_s)
+    total = deadline_s if deadline_s is not None else ctx.retry.deadline_s
+    deadline = ctx.clock() + total
+    floor = min(ctx.retry.min_attempt_s, total)  # the least time an attempt is sent with
     attempt = limited = 0
     where = {"method": req.method, "path": req.path}
     while True:
-        remaining = deadline - ctx.clock()
         blocked = ctx.breaker.check()
         if blocked is not None:
             raise ClerkUnavailable("Clerk is unavailable (circuit open)", retry_after=blocked, **where)
-        reservation: Reservation = yield Acquire(max_wait=max(0.0, remaining))
+        reservation: Reservation = yield Acquire(max_wait=max(0.0, deadline - ctx.clock() - floor))
         if not reservation.granted:
-            raise RateLimited("Clerk request budget exhausted before the deadline",
-                              retry_after=reservation.wait, **where)
+            raise RateLimited(
+                f"{req.method} {req.path}: our Clerk request budget (not Clerk) is the limit: the next token "
+                f"is {reservation.wait:.2f}s away, which would leave less than {floor:.2f}s of the "
+                f"{total:g}s deadline to send in", retry_after=reservation.wait, **where)
         if reservation.wait > 0:
             yield Sleep(reservation.wait)
-        outcome = yield Send(_build(ctx, req, deadline - ctx.clock()))
+        left = deadline - ctx.clock()
+        outcome = yield Send(_build(ctx, req, left))
         status = outcome.status_code if isinstance(outcome, httpx.Response) else None
         ctx.stats.sent(status)
         if ctx.on_response is not None:
             ctx.on_response(req.endpoint, status)
-        if isinstance(outcome, httpx.Response) and status is not None and status < 400:
+        if isinstance(outcome, httpx.Response) and 200 <= outcome.status_code < 300:
             ctx.breaker.success()
-            return req.parse(outcome.json() if outcome.content else None)
+            return req.parse(_json(outcome, req))
         if status == 429:
             limited += 1
             retry_after = _retry_after(outcome, default=1.0)
             yield Penalize(retry_after)
-            if limited > ctx.retry.rate_limited_attempts or retry_after > deadline - ctx.clock():
+            if limited > ctx.retry.rate_limited_attempts or retry_after + floor > deadline - ctx.clock():
                 raise RateLimited("Clerk answered 429 Too Many Requests", retry_after=retry_after,
                                   status=429, **where)
             ctx.stats.retried()
             continue
-        if status is not None and status not in _RETRYABLE_STATUS:
+        if status is not None and not _retryable(status):
             ctx.breaker.success()  # Clerk is up; the request was refused
             raise _error(outcome, req)
+        if _cut_short(ctx, outcome, left, total):
+            raise ClerkUnavailable(f"{req.method} {req.path}: no answer within the {max(left, 0.0):.2f}s left of "
+                                   f"the {total:g}s deadline (the rest went waiting for our budget or earlier "
+                                   f"attempts)", retry_after=1.0, **where)
         ctx.breaker.failure()
         attempt += 1
         pause = _pause(ctx, req, outcome, attempt)
-        if pause is None or pause > deadline - ctx.clock():
+        if pause is None or pause + floor > deadline - ctx.clock():
             raise _unavailable(outcome, req, retry_after=max(pause or 0.0, 1.0))
         ctx.stats.retried()
         yield Sleep(pause)
+
+
+_TIMEOUT_OF = {httpx.ConnectTimeout: "connect", httpx.ReadTimeout: "read", httpx.WriteTimeout: "write",
+               httpx.PoolTimeout: "pool"}
+
+
+def _cut_short(ctx: _Context, outcome: Any, left: float, total: float) -> bool:
+    """A timeout at the deadline's cap (not the configured timeout) after our own waiting (the budget,
+    earlier attempts) took a tenth of the deadline or more: the short time was ours, so the breaker must
+    not count it. A call that timed out with (nearly) its whole deadline still counts: a hung Clerk must
+    open the circuit even when callers' deadlines are shorter than the configured timeouts."""
+    kind = _TIMEOUT_OF.get(type(outcome))
+    if kind is None:
+        return False
+    configured = getattr(ctx.timeout, kind)
+    return (configured is None or left < configured) and left < 0.9 * total
 
 
 def _pause(ctx: _Context, req: ApiRequest[Any], outcome: Any, attempt: int) -> float | None:
@@ -259,6 +290,19 @@ def _pause(ctx: _Context, req: ApiRequest[Any], outcome: Any, attempt: int) -> f
     if isinstance(outcome, httpx.Response):
         pause = max(pause, _retry_after(outcome, default=0.0))
     return pause
+
+
+def _json(response: httpx.Response, req: ApiRequest[Any]) -> Any:
+    """The 2xx answer's JSON (``None`` when empty); an HTML page from a proxy is a ClerkAPIError, not a crash."""
+    if not response.content:
+        return None
+    try:
+        return response.json()
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        kind = response.headers.get("content-type", "no content-type")
+        raise ClerkAPIError(f"{req.method} {req.path}: Clerk answered {response.status_code} with a body that is "
+                            f"not JSON ({kind})", status=response.status_code, method=req.method,
+                            path=req.path) from None
 
 
 def _build(ctx: _Context, req: ApiRequest[Any], remaining: float) -> httpx.Request:
@@ -289,11 +333,11 @@ def _retry_after(response: httpx.Response, default: float) -> float:
         pass
     else:  # "inf", "nan" or a year: a server's mistake must not stop every later request of this process
         return min(max(0.0, seconds), _MAX_RETRY_AFTER_S) if math.isfinite(seconds) else default
-    try:
-        when = email.utils.parsedate_to_datetime(raw)
-    except (TypeError, ValueError):
+    try:  # a malformed date ("99999999999999999999:00:00") overflows rather than failing to parse
+        delay = email.utils.parsedate_to_datetime(raw).timestamp() - time.time()
+    except (TypeError, ValueError, OverflowError):
         return default
-    return min(max(0.0, when.timestamp() - time.time()), _MAX_RETRY_AFTER_S)
+    return min(max(0.0, delay), _MAX_RETRY_AFTER_S)
 
 
 def _clerk_error(response: httpx.Response) -> tuple[str, str | None, str | None]:
@@ -318,6 +362,11 @@ _BY_STATUS: dict[int, type[ClerkAPIError]] = {
 
 
 def _error(response: httpx.Response, req: ApiRequest[Any]) -> ClerkAPIError:
+    if 300 <= response.status_code < 400:  # not followed: the URL is wrong, and a 302 would make a POST a GET
+        target = response.headers.get("location", "elsewhere")
+        return ClerkAPIError(f"{req.method} {req.path}: answered {response.status_code}, a redirect to {target}: "
+                             f"CLERK_API_URL must be the API's own address (https://api.clerk.com)",
+                             status=response.status_code, method=req.method, path=req.path)
     message, code, trace = _clerk_error(response)
     cls = _BY_STATUS.get(response.status_code, ClerkAPIError)
     return cls(f"{req.method} {req.path}: {message}", status=response.status_code, clerk_code=code,
