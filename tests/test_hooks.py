@@ -321,6 +321,9 @@ def test_a_huge_attempt_count_backs_off_without_overflow(db_url: str) -> None:
     """Review finding: ``Backoff.delay`` computed ``2.0 * 2 ** 1025`` (OverflowError) for a max_attempts in
     the thousands, inside the batch: a handler that had succeeded beside it was never finished, ran again."""
     assert Backoff(base_s=2.0, max_s=3600).delay(5000) == timedelta(hours=1)
+    for bad in ({"max_s": float("inf")}, {"max_s": 1e12}, {"base_s": float("nan")}):  # (review: still overflowed)
+        with pytest.raises(ValueError, match="a year"):
+            Backoff(**bad)  # type: ignore[arg-type]
     clock, ok = Clock(), Recorder()
     store = hooked(db_url, Hook("a", ok), Hook("b", Recorder(failures=10**6)), now=clock)
     deliver(store, f.envelope("user.created", f.user("user_1", B + 1000)))

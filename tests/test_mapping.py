@@ -1226,3 +1226,24 @@ def test_a_user_deletion_removes_the_apps_memberships_before_the_users_row(db_ur
         assert conn.execute(sa.text("SELECT last_error FROM webhook_events WHERE type = 'user.deleted'")).scalar_one() is None
     store.dispose()
     engine.dispose()
+
+
+def test_a_check_constraint_of_the_apps_table_never_holds_back_a_ban_on_any_store(db_url: str) -> None:
+    """Review finding: MariaDB reports a CHECK constraint's refusal (4025; MySQL 3819) as an operational error,
+    not an integrity one, so it was taken for a passing failure: 503 on every retry, the ban never applied,
+    where SQLite and PostgreSQL applied it and noted the app row's refusal. It is the row's refusal everywhere."""
+    names = sa.Table("checked_names", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
+                     sa.Column("clerk_user_id", sa.String(64), unique=True), sa.Column("display_name", sa.String(64)),
+                     sa.CheckConstraint("display_name <> 'Bad Lovelace'", name="ck_checked_names_display"))
+    mapping = SchemaMapping(users=MappedTable("checked_names", "clerk_user_id", {"display_name": "full_name"}))
+    store, engine = _with_app_table(db_url, names, mapping)
+    bad = f.user("user_ck", B + 1000, first_name="Bad", banned=True)
+    bad["last_name"] = "Lovelace"
+    assert deliver(store, f.envelope("user.created", bad)) == ["applied"]
+    with store.connect() as conn:
+        banned = conn.execute(sa.text("SELECT banned FROM users WHERE clerk_id = 'user_ck'")).scalar_one()
+        error = conn.execute(sa.text("SELECT last_error FROM webhook_events")).scalar_one()
+        rows = conn.execute(sa.select(sa.func.count()).select_from(names)).scalar_one()
+    assert banned in (True, 1) and rows == 0 and "the app's table refused" in error
+    store.dispose()
+    engine.dispose()

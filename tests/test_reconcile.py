@@ -259,8 +259,8 @@ def test_tombstones_are_versioned_by_the_injected_clock(store: Store, clerk: Cle
 
 class ClerkStandIn:
     """Clerk's list endpoints on loopback, served from lists a test changes; ``broken`` names listings that
-    ignore ``offset`` (``"repeat"``: the first page forever, as a proxy did) or list fresh ids forever
-    (``"endless"``). Past 300 requests a listing answers an empty page: a run that does not stop by
+    ignore ``offset`` (``"repeat"``: the first page forever, as a proxy did), list fresh ids forever
+    (``"endless"``), or ignore the id filters (``"unfiltered"``). Past 300 requests a listing answers an empty page: a run that does not stop by
     itself ends, and its test fails instead of hanging."""
 
     def __init__(self) -> None:
@@ -287,7 +287,7 @@ class ClerkStandIn:
         self.requests[name] = self.requests.get(name, 0) + 1
         query = request.query_params
         wanted = set(query.getlist("user_id") + query.getlist("organization_id"))
-        if wanted:
+        if wanted and self.broken.get(name) != "unfiltered":
             return [i for i in items if i["id"] in wanted], len(items)
         limit, offset = int(query.get("limit", "10")), int(query.get("offset", "0"))
         if self.requests[name] > 300:
@@ -352,3 +352,30 @@ def test_a_membership_listing_that_does_not_advance_deletes_nothing(
         reconciler(store, client).run()
     assert clerk.requests["org_members"] == 2
     assert "orgmem_a" in live_rows(store, "organization_memberships") and _run_status(store) == "failed"
+
+
+@pytest.mark.parametrize("listing", ["users", "orgs"])
+def test_a_deletion_check_that_ignores_its_id_filter_deletes_nothing(
+        store: Store, stand_in: tuple[ClerkStandIn, ClerkClient], listing: str) -> None:
+    """Review: deletions are confirmed by asking for the candidates (``?user_id=..``); a stand-in that ignored
+    the filter answered other objects, so every candidate looked gone and was tombstoned. Refused now."""
+    clerk, client = stand_in
+    clerk.users = [factories.user("user_a", 1)]
+    clerk.orgs = [factories.organization("org_a", 1)]
+    reconciler(store, client).run()
+    with store.transaction() as writer:  # rows Clerk does not list: candidates the check must ask about
+        writer.conn.execute(users.insert().values(**_mirrored(factories.user("user_zzz", 1)),
+                                                  created_at=writer.now, updated_at=writer.now))
+    clerk.broken[listing] = "unfiltered"
+    if listing == "orgs":
+        clerk.users.append(factories.user("user_zzz", 1))  # only the organization is a candidate
+        with store.transaction() as writer:
+            writer.conn.execute(sa.text("INSERT INTO organizations (clerk_id, public_metadata, private_metadata, plan, "
+                                        "clerk_updated_at, created_at, updated_at) VALUES ('org_zzz', '{}', '{}', "
+                                        "'free', 1, :now, :now)"), {"now": writer.now})
+    endpoint = "/users?user_id=..." if listing == "users" else "/organizations?organization_id=..."
+    with pytest.raises(ClerkAPIError, match=re.escape(f"GET {endpoint}: answered 1 object(s) it was not asked for")):
+        reconciler(store, client).run()
+    assert "user_zzz" in live_rows(store, "users") and _run_status(store) == "failed"
+    if listing == "orgs":
+        assert "org_zzz" in live_rows(store, "organizations")

@@ -53,7 +53,9 @@ _MYSQL_WAITS = {  # MySQL/MariaDB error numbers of the same bounds (see _mysql_e
 
 # MySQL/MariaDB error numbers of a value a column refuses (mysqlclient raises them as OperationalError, so
 # the class does not say it): wrong type, truncated, out of range, too long, invalid JSON.
-_MYSQL_VALUE_REFUSED = frozenset({1264, 1265, 1292, 1366, 1406, 3140})
+# out of range, truncated, bad datetime, bad value, too long, invalid JSON; a CHECK constraint refused the row
+# (MariaDB 4025, which is also its JSON columns' implicit json_valid check; MySQL 8: 3819)
+_MYSQL_VALUE_REFUSED = frozenset({1264, 1265, 1292, 1366, 1406, 3140, 3819, 4025})
 _CHECK_MAPPING = "; check the mapping's column types against the values Clerk sends"
 
 

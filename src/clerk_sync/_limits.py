@@ -38,8 +38,10 @@ __all__ = [
     "MAX_DEPTH",
     "MAX_INT_DIGITS",
     "NAME_CHARS",
+    "REASON_CHARS",
     "ROLE_CHARS",
     "SVIX_ID_CHARS",
+    "URL_CHARS",
     "Notes",
     "Parsed",
     "fit_clerk_id",
@@ -58,6 +60,8 @@ EVENT_TYPE_CHARS = 128  # webhook_events.type
 SVIX_ID_CHARS = 128  # webhook_events.svix_id
 INSTANCE_ID_CHARS = 64  # webhook_events.instance_id
 BIGINT_MAX = 2**63 - 1  # BIGINT columns (timestamps in ms)
+URL_CHARS = 8192  # image_url, logo_url: TEXT, which MariaDB caps at 64 KB; no working URL is longer
+REASON_CHARS = 2000  # webhook_events.last_error: why a delivery failed, what was cleaned or refused
 MAX_DEPTH = 64  # JSON nesting, the outermost object being level 1; Clerk metadata never comes close
 MAX_INT_DIGITS = 4300  # CPython's default int/str limit: a longer integer could not be read back
 
@@ -114,6 +118,8 @@ def fit_clerk_id(value: object, what: str) -> str:
         raise EventShapeError(f"{what} is missing or not a string (got {show(value)})")
     if len(value) > CLERK_ID_CHARS:
         raise EventShapeError(f"{what} is {len(value)} characters; Clerk ids have at most {CLERK_ID_CHARS}")
+    if value != value.strip():  # MariaDB's PAD SPACE collations would take "user_1 " for "user_1"
+        raise EventShapeError(f"{what} starts or ends with whitespace (got {show(value)}); Clerk ids have none")
     return value
 
 

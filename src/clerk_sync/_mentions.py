@@ -9,9 +9,7 @@ parsed document. Hand-written: no library knows where a Clerk id or an e-mail ad
 
 from __future__ import annotations
 
-import itertools
 import json
-import math
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -26,7 +24,7 @@ __all__ = ["Mentions"]
 _EMAIL_BEFORE = r"(?<![\w.%+-])"
 _EMAIL_AFTER = r"(?![\w-])(?!\.\w)"
 _ID_BEFORE, _ID_AFTER = r"(?<!\w)", r"(?!\w)"
-_MAX_SPELLINGS = 64  # case spellings of an address searched for (see _spellings)
+_ESCAPE = re.compile(r"\\u[0-9a-fA-F]{4}")  # a JSON escape, \u00e9
 
 
 class Mentions:
@@ -43,16 +41,16 @@ class Mentions:
         return bool(self.needles)
 
     def patterns(self) -> list[str]:
-        """The texts a SQL search (case-insensitive ``LIKE``) looks for to find every row that may name the
-        person: each needle as written, and as JSON escapes it (non-ASCII as ``\\uXXXX``, and Go's HTML-safe
-        ``\\u0026``, ``\\u003c``, ``\\u003e``)."""
+        """SQL ``LIKE`` patterns (escape character ``/``, compared with both sides lowered) that find every
+        row that may name the person: each needle as written, and as JSON escapes it (non-ASCII as
+        ``\\uXXXX``, and Go's HTML-safe ``\\u0026``, ``\\u003c``, ``\\u003e``). An escape's hex digits are
+        wildcards: ``lower()`` folds them, not the letter they stand for, so ``ANN\\u00c9@`` must match
+        ``ann\\u00e9@`` (one pattern whatever the address's letters; :meth:`in_document` decides)."""
         found: set[str] = set()
         for needle in self.needles:
-            for spelling in _spellings(needle) if "@" in needle else (needle,):
-                escaped = json.dumps(spelling)[1:-1]
-                for text in (spelling, escaped):
-                    found.add(text)
-                    found.add(text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e"))
+            for text in (needle, json.dumps(needle)[1:-1]):
+                found.add(_like(text))
+                found.add(_like(text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")))
         return sorted(found)
 
     def in_text(self, text: str | None) -> bool:
@@ -72,12 +70,7 @@ class Mentions:
         return False
 
 
-def _spellings(address: str) -> list[str]:
-    """``address`` with each non-ASCII letter in either case. The SQL ``lower()`` folds an escape's hex digits,
-    not the letter it stands for: ``ANN\\u00c9@`` does not lower to ``ann\\u00e9@``, so each spelling's escape
-    is searched for. Past :data:`_MAX_SPELLINGS`, the longest ASCII part of the address stands for all of
-    them (more candidates for :meth:`Mentions.in_document` to turn down, none missed)."""
-    choices = [sorted({c, c.lower(), c.upper()}) if not c.isascii() else [c] for c in address]
-    if math.prod(len(c) for c in choices) <= _MAX_SPELLINGS:
-        return ["".join(spelling) for spelling in itertools.product(*choices)]
-    return [max(re.findall(r"[\x00-\x7f]+", address) or [""], key=len) or address]
+def _like(text: str) -> str:
+    """``%text%`` as a LIKE pattern: ``/``, ``%`` and ``_`` escaped, each JSON escape's hex digits ``____``."""
+    pieces = [piece.replace("/", "//").replace("%", "/%").replace("_", "/_") for piece in _ESCAPE.split(text)]
+    return "%" + "\\u____".join(pieces) + "%"

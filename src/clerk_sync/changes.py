@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from clerk_sync.engine import Entity
@@ -131,4 +132,11 @@ def _same_json(a: Any, b: Any) -> bool:
         return a.keys() == b.keys() and all(_same_json(a[k], b[k]) for k in a)
     if isinstance(a, list) and isinstance(b, list):
         return len(a) == len(b) and all(_same_json(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, int | float) and isinstance(b, int | float):  # 1e23 as sent, 10**23 as jsonb reads it back
+        return _number(a) == _number(b)
     return bool(a == b)
+
+
+def _number(value: int | float) -> Decimal | int:
+    """The JSON number a float was written as (``repr``: 1e23 is 10**23, not the double nearest it)."""
+    return Decimal(repr(value)) if isinstance(value, float) else value

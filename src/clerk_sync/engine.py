@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from clerk_sync._limits import CLERK_ID_CHARS, fit_clerk_id, fit_ms, fit_text, show
+from clerk_sync._limits import CLERK_ID_CHARS, REASON_CHARS, fit_clerk_id, fit_ms, fit_text, show
 from clerk_sync.errors import EventShapeError
 from clerk_sync.events import (
     Envelope,
@@ -201,7 +201,7 @@ class DeliveryStatus(StrEnum):
     DUPLICATE = "duplicate"  # this svix-id was received before (never stored twice)
 
 
-_MAX_REASON = 2000  # characters of last_error: a failure, then what was cleaned or dropped
+_MAX_REASON = REASON_CHARS  # characters of last_error: a failure, then what was cleaned or dropped
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,7 +32,7 @@ from clerk_sync.errors import (
     WebhookError,
     WrongInstance,
 )
-from clerk_sync.events import Envelope, parse_envelope
+from clerk_sync.events import Envelope, MembershipRecord, parse_envelope
 from clerk_sync.metrics import Metrics
 from clerk_sync.retention import redact_payload
 from clerk_sync.store import OneStatement, Store, Writer
@@ -225,9 +225,11 @@ class WebhookProcessor:
                 svix_id, envelope.type, combined or DeliveryStatus.DUPLICATE, error))
             self.forget_if_deleted(writer, outcome, envelope)
             return outcome
-        fresh = writer.record_delivery(
+        person = _person_named(envelope) if planned.status in _NAMING_KEPT else None
+        fresh = writer.record_delivery(  # naming a user: stored redacted if that user is gone, in this statement
             svix_id, envelope.text, event_type=envelope.type, instance_id=envelope.instance_id,
             event_timestamp=envelope.timestamp_ms, status=planned.status, error=error,
+            unless_gone=None if person is None else (person, redact_payload(envelope.raw)),
         )
         if not fresh:
             return Outcome(svix_id, envelope.type, DeliveryStatus.DUPLICATE)
@@ -235,7 +237,8 @@ class WebhookProcessor:
         if status != planned.status:
             writer.finish_delivery(svix_id, status, error)
         outcome = self._noting_refusals(writer, refused, Outcome(svix_id, envelope.type, status, error))
-        self.forget_if_deleted(writer, outcome, envelope)
+        if person is None:
+            self.forget_if_deleted(writer, outcome, envelope)
         return outcome
 
     @staticmethod
@@ -263,8 +266,11 @@ class WebhookProcessor:
         intent = plan_delivery(envelope).intent
         if isinstance(intent, Upsert) and (skipped or (
                 intent.entity is Entity.MEMBERSHIP and intent.clerk_id in writer.deleted_with_parent)):
-            writer.forget_payload_if_deleted(outcome.svix_id, intent.entity, intent.record.clerk_id,
-                                             redact_payload(envelope.raw))
+            record = intent.record  # a membership refused because its user or organization was erased: theirs
+            parents = ([(Entity.USER, record.user_clerk_id), (Entity.ORGANIZATION, record.organization_clerk_id)]
+                       if isinstance(record, MembershipRecord) else [])
+            writer.forget_payload_if_deleted(outcome.svix_id, intent.entity, record.clerk_id,
+                                             redact_payload(envelope.raw), parents=parents)
 
 
 # Outcomes whose stored payload is kept (a failed one stays whole for its replay, a duplicate is not stored).

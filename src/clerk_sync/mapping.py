@@ -398,11 +398,11 @@ def unicode_lower(conn: Connection) -> Any:
     return sa.func.clerk_sync_lower
 
 
-def folded_contains(lower: Any, column: Any, needle: str) -> sa.ColumnElement[bool]:
-    """``column`` contains ``needle`` whatever their case, both folded by the same ``lower``
-    (:func:`unicode_lower`): Python's and PostgreSQL's disagree on some letters (``İ``, a final ``Σ``)."""
-    escaped = needle.replace("/", "//").replace("%", "/%").replace("_", "/_")
-    folded: sa.ColumnElement[bool] = lower(column).like(lower(sa.literal(f"%{escaped}%")), escape="/")
+def folded_like(lower: Any, column: Any, pattern: str) -> sa.ColumnElement[bool]:
+    """``column LIKE pattern`` (escape character ``/``) whatever their case, both folded by the same
+    ``lower`` (:func:`unicode_lower`): Python's and PostgreSQL's disagree on some letters (``İ``, a final
+    ``Σ``)."""
+    folded: sa.ColumnElement[bool] = lower(column).like(lower(sa.literal(pattern)), escape="/")
     return folded
 
 

@@ -41,7 +41,7 @@ from clerk_sync.mapping import (
     AppTableRolledBack,
     SchemaMapping,
     direct_sqlite,
-    folded_contains,
+    folded_like,
     processors,
     sqlite_execute,
     sqlite_time,
@@ -440,7 +440,7 @@ def redact_jobs(conn: Connection, mentions: Mentions | None = None, *, ids: Sequ
         return 0
     else:
         lower = unicode_lower(conn)
-        where = sa.or_(*(folded_contains(lower, c, n) for n in mentions.patterns()
+        where = sa.or_(*(folded_like(lower, c, n) for n in mentions.patterns()
                          for c in (sa.cast(j.c.payload, sa.Text), j.c.last_error)))
     done = 0
     for row in conn.execute(sa.select(j.c.id, j.c.payload, j.c.last_error).where(where)).all():

@@ -40,6 +40,7 @@ from clerk_sync.events import membership_record, organization_record, user_recor
 from clerk_sync.metrics import Metrics
 from clerk_sync.store import Store, Writer, dialect_family, erased_digest
 from clerk_sync.tables import (
+    MYSQL_TABLE,
     erased,
     organization_memberships,
     organizations,
@@ -288,7 +289,8 @@ class Reconciler:
     @contextmanager
     def _dry_staging(self) -> Iterator[tuple[sa.Connection, sa.Table]]:
         """A TEMPORARY copy of ``reconcile_seen`` on one connection: a dry run writes nothing durable."""
-        seen = sa.Table("reconcile_seen_dry", sa.MetaData(), *seen_columns(), prefixes=["TEMPORARY"])
+        seen = sa.Table("reconcile_seen_dry", sa.MetaData(), *seen_columns(), prefixes=["TEMPORARY"],
+                        **MYSQL_TABLE)  # (MySQL: binary collation, else user_2aBc and user_2abc are one id)
         with self.store.engine.connect() as conn:
             with conn.begin():
                 seen.create(conn)
@@ -461,9 +463,11 @@ class Reconciler:
         ids = [c[0] for c in candidates]
         if entity is Entity.USER:
             present = {u["id"] for u in self.clerk.list_users(limit=_VERIFY_BATCH, order_by=None, user_ids=ids)}
+            _only_asked("/users?user_id=...", present, ids)
         elif entity is Entity.ORGANIZATION:
             page = self.clerk.list_organizations(limit=_VERIFY_BATCH, order_by=None, org_ids=ids)
             present = {o["id"] for o in page.data}
+            _only_asked("/organizations?organization_id=...", present, ids)
         else:
             present = set()
             for org_id in sorted({c[1] for c in candidates}):
@@ -478,6 +482,8 @@ class Reconciler:
             while True:
                 page = self.clerk.list_organization_memberships(org_id, limit=self.page_size, offset=offset)
                 found |= {m["id"] for m in page.data}
+                others = {m["id"] for m in page.data if (m.get("organization") or {}).get("id") != org_id}
+                _only_asked(f"/organizations/{org_id}/memberships", others, ())
                 if len(page.data) < self.page_size:
                     return found
                 advance.check(offset, page.data, page.total_count)
@@ -497,6 +503,17 @@ class Reconciler:
                     counts.deleted += 1
             if writer is not None:
                 self._checkpoint(writer, run)
+
+
+def _only_asked(path: str, answered: set[Any], asked: Sequence[str]) -> None:
+    """Deletion is confirmed by asking Clerk for the candidates: an answer with objects that were not asked
+    for (a stand-in or proxy that ignores the filter) would make every candidate look gone. Refused, as a
+    listing that does not advance is: nothing is deleted on its word."""
+    extra = answered.difference(asked)
+    if extra:
+        raise ClerkAPIError(f"GET {path}: answered {len(extra)} object(s) it was not asked for (e.g. "
+                            f"{sorted(map(str, extra))[0]}): its filter is not applied; stopped, nothing is "
+                            "deleted on its word (is CLERK_API_URL Clerk's API?)", method="GET", path=path)
 
 
 class _Advance:

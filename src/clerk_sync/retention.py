@@ -45,7 +45,7 @@ from clerk_sync._mentions import Mentions
 from clerk_sync.auth.audit import AuditEntry, record_audit
 from clerk_sync.config import Settings
 from clerk_sync.engine import DeliveryStatus, Entity, Tombstone
-from clerk_sync.mapping import folded_contains, unicode_lower
+from clerk_sync.mapping import folded_like, unicode_lower
 from clerk_sync.metrics import Metrics
 from clerk_sync.outbox import delete_jobs, redact_jobs
 from clerk_sync.store import Store, Writer, dialect_family, erased_digest
@@ -337,7 +337,7 @@ def _redact_mentions(writer: Writer, mentions: Mentions) -> int:
     e = webhook_events
     text, lower = sa.cast(e.c.payload, sa.Text), unicode_lower(writer.conn)
     query = sa.select(e.c.id, e.c.payload).where(
-        e.c.redacted_at.is_(None), sa.or_(*(folded_contains(lower, text, n) for n in mentions.patterns())))
+        e.c.redacted_at.is_(None), sa.or_(*(folded_like(lower, text, n) for n in mentions.patterns())))
     rows = [(row.id, row.payload) for row in writer.conn.execute(query) if mentions.in_document(_as_dict(row.payload))]
     _store_redacted(writer, rows)
     return len(rows)

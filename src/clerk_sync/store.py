@@ -28,6 +28,7 @@ from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from clerk_sync._db_errors import store_error
+from clerk_sync._limits import REASON_CHARS
 from clerk_sync.changes import Change, Hook, change_type, describe
 from clerk_sync.config import DatabaseTimeouts
 from clerk_sync.engine import DeliveryStatus, Entity, Record, RevokeSession, Tombstone, Upsert
@@ -207,7 +208,8 @@ class Writer:
     def refusals_noted(self, since: int, error: str | None) -> str | None:
         """``error`` followed by the refusals recorded since ``len(refused)`` was ``since`` (one delivery's)."""
         notes = [error, *self.refused[since:]] if error else self.refused[since:]
-        return "; ".join(notes) or None
+        text = "; ".join(notes)  # (a deletion cascading to hundreds of refused rows: bounded, as MariaDB's TEXT is)
+        return (text if len(text) <= REASON_CHARS else text[:REASON_CHARS - 3] + "...") or None
 
     #: Sent after BEGIN where an app's table may hold a deferred constraint (see :attr:`checks_at_once`).
     CHECK_AT_ONCE = "SET CONSTRAINTS ALL IMMEDIATE"
@@ -228,21 +230,35 @@ class Writer:
     # -- inbox ---------------------------------------------------------------------------------
     def record_delivery(self, svix_id: str, payload: dict[str, Any] | str, *, event_type: str,
                         instance_id: str | None, event_timestamp: int | None, status: str = "received",
-                        error: str | None = None) -> bool:
+                        error: str | None = None, unless_gone: tuple[str, dict[str, Any]] | None = None) -> bool:
         """Insert the inbox row; False when this ``svix_id`` was already received (a duplicate).
 
         ``payload`` may be the verified body text: it is stored as received, not re-serialised.
         ``status`` lets the caller write the expected outcome at once (one statement fewer).
+        ``unless_gone`` = (a user's Clerk id, the redacted payload): stored instead, redacted, when that
+        user is a tombstone or erased, decided in the same statement (an event naming a deleted user).
         """
         text = payload if isinstance(payload, str) else json.dumps(payload)
+        applied_at = None if status not in _APPLIED else self._sqlite_now if self._pysqlite else self.now
+        if unless_gone is not None:
+            person, redacted = unless_gone
+            if self._pysqlite:
+                now = self._sqlite_now
+                return bool(sqlite_execute(self.conn, _SQLITE_INBOX_NAMING_SQL, [[
+                    svix_id, event_type, instance_id, event_timestamp, str(status), error, applied_at,
+                    json.dumps(redacted), text, now, now, person, erased_digest(Entity.USER, person)]]))
+            params = {"svix_id": svix_id, "type": event_type, "instance_id": instance_id,
+                      "event_timestamp": event_timestamp, "now": self.now, "payload": text, "status": status,
+                      "last_error": error, "applied_at": applied_at, "redacted": json.dumps(redacted),
+                      "person": person, "erased": erased_digest(Entity.USER, person)}
+            return self._wrote(self.conn.execute(_inbox_naming_sql(self._dialect), params))
         if self._pysqlite:
-            now = self._sqlite_now
             return bool(sqlite_execute(self.conn, _SQLITE_INBOX_SQL, [[
-                svix_id, event_type, instance_id, event_timestamp, str(status), error,
-                now if status in _APPLIED else None, text, now]]))
+                svix_id, event_type, instance_id, event_timestamp, str(status), error, applied_at, text,
+                self._sqlite_now]]))
         params = {"svix_id": svix_id, "type": event_type, "instance_id": instance_id,
                   "event_timestamp": event_timestamp, "now": self.now, "payload": text, "status": status,
-                  "last_error": error, "applied_at": self.now if status in _APPLIED else None}
+                  "last_error": error, "applied_at": applied_at}
         return self._wrote(self.conn.execute(_inbox_sql(self._dialect), params))
 
     @property
@@ -441,12 +457,16 @@ class Writer:
         return out
 
     def forget_payload_if_deleted(self, svix_id: str, entity: Entity, clerk_id: str,
-                                  redacted: dict[str, Any]) -> bool:
-        """Store ``redacted`` instead of the payload when its entity is a tombstone: a late event for a
-        deleted (maybe erased) user changes nothing, so its personal data is not kept either."""
-        table = _TABLES[entity]
-        gone = sa.or_(sa.exists().where(table.c.clerk_id == clerk_id, table.c.deleted_at.is_not(None)),
-                      sa.exists().where(erased.c.digest == erased_digest(entity, clerk_id)))
+                                  redacted: dict[str, Any], *, parents: Sequence[tuple[Entity, str]] = ()) -> bool:
+        """Store ``redacted`` instead of the payload when its entity (or one of ``parents``: a membership's
+        user and organization) is a tombstone or erased: a late event for a deleted (maybe erased) user
+        changes nothing, so its personal data is not kept either."""
+        conditions: list[sa.ColumnElement[bool]] = []
+        for one, one_id in ((entity, clerk_id), *parents):
+            table = _TABLES[one]
+            conditions += [sa.exists().where(table.c.clerk_id == one_id, table.c.deleted_at.is_not(None)),
+                           sa.exists().where(erased.c.digest == erased_digest(one, one_id))]
+        gone = sa.or_(*conditions)
         stmt = (webhook_events.update().where(webhook_events.c.svix_id == svix_id, gone)
                 .values(payload=redacted, redacted_at=self.now))
         return bool(self.conn.execute(stmt).rowcount)
@@ -804,6 +824,30 @@ def _inbox_sql(dialect: str) -> sa.TextClause:
     ), names).bindparams(sa.bindparam("payload", type_=sa.Text))
 
 
+# The user a delivery names is a tombstone or erased (see Writer.record_delivery's ``unless_gone``).
+_GONE = ("SELECT (EXISTS (SELECT 1 FROM users WHERE clerk_id = {p} AND deleted_at IS NOT NULL) "
+         f"OR EXISTS (SELECT 1 FROM {erased.name} WHERE digest = {{d}})) AS gone")
+
+
+@functools.cache
+def _inbox_naming_sql(dialect: str) -> sa.TextClause:
+    """:func:`_inbox_sql` whose payload is ``:redacted`` (and ``redacted_at`` set) when the user
+    ``:person`` is a tombstone or erased: one statement, as the inbox row alone is."""
+    def jsonb(name: str) -> str:
+        return f"CAST({name} AS JSONB)" if dialect == "postgresql" else name
+
+    names = ["svix_id", "type", "instance_id", "event_timestamp", "status", "last_error", "applied_at"]
+    duplicate = ("ON DUPLICATE KEY UPDATE svix_id = webhook_events.svix_id" if dialect == "mysql"
+                 else "ON CONFLICT (svix_id) DO NOTHING RETURNING id")
+    return _typed(webhook_events, (
+        f"INSERT INTO webhook_events ({', '.join(names)}, payload, received_at, attempts, redacted_at) "
+        f"SELECT {', '.join(':' + n for n in names)}, CASE WHEN g.gone THEN {jsonb(':redacted')} "
+        f"ELSE {jsonb(':payload')} END, :now, 1, CASE WHEN g.gone THEN :now END "
+        f"FROM ({_GONE.format(p=':person', d=':erased')}) AS g WHERE 1 = 1 {duplicate}"
+    ), names).bindparams(sa.bindparam("payload", type_=sa.Text), sa.bindparam("redacted", type_=sa.Text),
+                         sa.bindparam("person", type_=users.c.clerk_id.type))
+
+
 _LOCKS_SQL = "SELECT pg_advisory_xact_lock(k) FROM unnest(%s::bigint[]) AS k"  # in the array's (sorted) order
 _RAW_INBOX_SQL = (
     "INSERT INTO webhook_events (svix_id, type, instance_id, event_timestamp, status, last_error, applied_at, "
@@ -822,6 +866,12 @@ _RAW_PARENT_DELETED_SQL = (  # Writer._delete_membership_if_parent_deleted, as p
 
 # The same statements for the sqlite3 driver (its placeholders; the payload is text there).
 _SQLITE_INBOX_SQL = _RAW_INBOX_SQL.replace("%s::jsonb", "%s").replace("%s", "?")
+_SQLITE_INBOX_NAMING_SQL = (  # _inbox_naming_sql for the sqlite3 driver (positional, in the text's order)
+    "INSERT INTO webhook_events (svix_id, type, instance_id, event_timestamp, status, last_error, applied_at, "
+    "payload, received_at, attempts, redacted_at) SELECT ?, ?, ?, ?, ?, ?, ?, CASE WHEN g.gone THEN ? ELSE ? END, "
+    f"?, 1, CASE WHEN g.gone THEN ? END FROM ({_GONE.format(p='?', d='?')}) AS g WHERE 1 = 1 "
+    "ON CONFLICT (svix_id) DO NOTHING RETURNING id"
+)
 _SQLITE_PARENT_DELETED_SQL = _RAW_PARENT_DELETED_SQL.replace("%s", "?")
 
 

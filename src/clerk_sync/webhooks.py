@@ -45,9 +45,11 @@ class SignedHeaders:
             missing = [n for n, v in zip(("id", "timestamp", "signature"), values, strict=True) if not v]
             raise WebhookHeadersMissing(f"missing webhook header(s): {', '.join('svix-' + m for m in missing)}")
         msg_id, timestamp, signature = (str(v) for v in values)
-        if len(msg_id) > SVIX_ID_CHARS or not msg_id.isprintable():
-            # The inbox keys deliveries by this id: refuse one no column can hold, before any work.
-            raise WebhookHeadersMissing(f"svix-id must be at most {SVIX_ID_CHARS} printable characters")
+        if len(msg_id) > SVIX_ID_CHARS or not msg_id.isprintable() or msg_id != msg_id.strip():
+            # The inbox keys deliveries by this id: refuse one no column can hold, before any work (and one
+            # MariaDB's PAD SPACE collation would take for another: "msg_1 " is "msg_1" there).
+            raise WebhookHeadersMissing(f"svix-id must be at most {SVIX_ID_CHARS} printable characters, "
+                                        "with no whitespace at either end")
         return cls(msg_id, timestamp, signature)
 
 

@@ -36,6 +36,9 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+_MAX_DELAY_S = 365 * 86400.0  # a retry further away than this is a dead job, not a delay
+
+
 @dataclass(frozen=True, slots=True)
 class Backoff:
     """Retry schedule of a failing job: ``base_s * 2**(attempt-1)`` capped at ``max_s``; dead after
@@ -46,8 +49,10 @@ class Backoff:
     max_s: float = 3600.0
 
     def __post_init__(self) -> None:
-        if self.max_attempts < 1 or self.base_s < 0 or self.max_s < 0:
-            raise ValueError(f"invalid backoff {self!r}: max_attempts >= 1, delays >= 0")
+        if self.max_attempts < 1 or not 0 <= self.base_s <= _MAX_DELAY_S or not 0 <= self.max_s <= _MAX_DELAY_S:
+            # (a NaN fails both bounds; an infinite or huge max_s would overflow the datetime of the retry)
+            raise ValueError(f"invalid backoff {self!r}: max_attempts >= 1, delays from 0 to {_MAX_DELAY_S:g} s "
+                             "(a year)")
 
     def delay(self, attempts: int) -> timedelta:
         # the exponent capped: 2.0 ** 1025 overflows a float (a max_attempts in the thousands, "retry for
