@@ -191,6 +191,35 @@ def test_an_aware_timestamp_is_stored_in_utc(maria_url: str) -> None:
         store.dispose()
 
 
+def test_an_entity_held_elsewhere_costs_its_batch_mates_a_second_not_the_lock_wait(maria_url: str) -> None:
+    """Review finding: the batch's lock pass waited the configured lock wait (here 10 s) for each held entity
+    before its batch-mates went alone (PostgreSQL's batch waits 50 ms). It waits at most a second now, and
+    the connection's own bound is restored after it."""
+    import time
+
+    from clerk_sync.events import parse_envelope
+    from clerk_sync.integrations._committer import ALONE, GroupCommitter
+
+    store = Store(create_engine(maria_url, timeouts=DatabaseTimeouts(lock_s=10)))
+    holder = Store(create_engine(maria_url))
+    processor = WebhookProcessor(store, WebhookVerifier([f.SECRET]))
+    committer = GroupCommitter(processor)
+    batch = [("msg_held", parse_envelope(f.body_of(f.envelope("user.updated", f.user("user_h2", 2))))),
+             ("msg_free", parse_envelope(f.body_of(f.envelope("user.created", f.user("user_f2", 2)))))]
+    try:
+        with holder.transaction() as held:
+            held.lock(["user:user_h2"])
+            started = time.monotonic()
+            assert committer.write(batch) == [ALONE, ALONE]  # type: ignore[arg-type]
+            waited = time.monotonic() - started
+        assert waited < 5, waited  # one second's bound (and the work), not the configured ten
+        with store.connect() as conn:
+            assert conn.exec_driver_sql("SELECT @@SESSION.innodb_lock_wait_timeout").scalar() == 10
+    finally:
+        store.dispose()
+        holder.dispose()
+
+
 def test_an_entity_held_by_another_transaction_does_not_fail_its_batch_mates(maria_url: str) -> None:
     """A batch takes the lock rows of all its entities first: one held by another replica's transaction
     timed the whole batch out, every batch-mate answered 503. Now each goes alone, in its own transaction."""

@@ -228,12 +228,21 @@ class GroupCommitter:
         """MySQL/MariaDB: the lock rows of every entity of the batch in one sorted pass (no deadlock between
         batches). One held by another transaction (another replica's delivery) must not fail its batch-mates:
         past the wait, every delivery goes alone, and only the held one waits (and 503s) again."""
+        # The pass waits at most a second (InnoDB's bound is whole seconds) rather than the configured lock
+        # wait (5 s by default), as PostgreSQL's batch waits lock_wait_s: an entity another replica holds
+        # costs its batch-mates that long, once; alone, only the held delivery waits the full bound.
+        conn = writer.conn
+        conn.exec_driver_sql("SET @clerk_sync_lock_wait = @@SESSION.innodb_lock_wait_timeout, "
+                             "SESSION innodb_lock_wait_timeout = 1")
         try:
             writer.lock_entities([plan_delivery(envelope).intent for _, envelope in jobs])
         except sa.exc.DBAPIError as exc:
             if exc.connection_invalidated or not is_lock_wait_timeout(exc.orig):
                 raise
             raise _EachAlone(database_message(exc.orig or exc)) from exc
+        finally:
+            if not conn.invalidated:
+                conn.exec_driver_sql("SET SESSION innodb_lock_wait_timeout = @clerk_sync_lock_wait")
 
     def _pipelined(self, writer: Writer, jobs: list[tuple[str, Envelope]]) -> list[Outcome]:
         """The batch in two round trips: BEGIN, the lock bound and every upsert in one psycopg pipeline
