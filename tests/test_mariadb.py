@@ -247,3 +247,40 @@ def test_an_entity_held_by_another_transaction_does_not_fail_its_batch_mates(mar
     finally:
         store.dispose()
         holder.dispose()
+
+
+def test_the_mapped_clerk_id_column_tells_ids_that_differ_only_in_case_apart(maria_url: str) -> None:
+    """Review finding: ``migrate --mapping`` added the Clerk-id column in the table's collation, on this
+    server case-insensitive: ``user_2aBc``'s row took ``user_2abc``'s e-mail and then its deletion. The column
+    is added with a binary collation, and ``doctor`` warns of one that compares without regard to case."""
+    from clerk_sync.mapping import HardDelete, MappedTable, SchemaMapping, SoftDelete, check_schema, migrate_schema
+
+    engine = sa.create_engine(maria_url)
+    meta = sa.MetaData()
+    sa.Table("ci_accounts", meta, sa.Column("id", sa.Integer, primary_key=True), sa.Column("email", sa.String(320)),
+             mysql_collate="utf8mb4_general_ci", mysql_charset="utf8mb4")
+    sa.Table("ci_legacy", meta, sa.Column("id", sa.Integer, primary_key=True),
+             sa.Column("clerk_user_id", sa.String(64), unique=True), sa.Column("email", sa.String(320)),
+             mysql_collate="utf8mb4_general_ci", mysql_charset="utf8mb4")
+    meta.create_all(engine)
+    mapping = SchemaMapping(users=MappedTable("ci_accounts", "clerk_user_id", {"email": "email"},
+                                              on_delete=SoftDelete("deleted_at")))
+    with engine.begin() as conn:
+        migrate_schema(conn, mapping)
+        assert check_schema(conn, mapping) == []
+        legacy = check_schema(conn, SchemaMapping(users=MappedTable("ci_legacy", "clerk_user_id", {"email": "email"},
+                                                                    on_delete=HardDelete())))
+    assert [severity for severity, _ in legacy] == ["warn"] and "utf8mb4_general_ci" in legacy[0][1], legacy
+    store = Store.from_url(maria_url, mapping=mapping)
+    processor = WebhookProcessor(store, WebhookVerifier([f.SECRET]))
+    for n, event in enumerate([f.envelope("user.created", f.user("user_2aBc", 1, email="upper@example.com")),
+                               f.envelope("user.created", f.user("user_2abc", 1, email="lower@example.com")),
+                               f.envelope("user.deleted", f.deleted("user", "user_2abc"))]):
+        headers, body = f.signed(event, f"msg_ci_{n}")
+        assert processor.process(headers, body).status == "applied"
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT clerk_user_id, email, deleted_at IS NULL FROM ci_accounts "
+                                    "ORDER BY clerk_user_id")).all()
+    assert [tuple(r) for r in rows] == [("user_2aBc", "upper@example.com", 1), ("user_2abc", "lower@example.com", 0)]
+    store.dispose()
+    engine.dispose()

@@ -27,7 +27,7 @@ from decimal import Decimal
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from clerk_sync._db_errors import driver_cursor, is_foreign_key_violation
@@ -649,6 +649,12 @@ def check_schema(conn: Connection, mapping: SchemaMapping) -> list[tuple[str, st
         if mapped.clerk_id_column in columns:
             problems += [("warn", p) for c in mapped.link_columns if c in columns
                          for p in _shared_link_values(conn, mapped, c)]
+        collation = _mysql_collation(conn, name, mapped.clerk_id_column) if mapped.clerk_id_column in columns else ""
+        if collation.endswith("_ci"):  # MySQL/MariaDB: a case-insensitive collation (often the table's default)
+            problems.append(("warn", f"{name}.{mapped.clerk_id_column} compares without regard to case "
+                                     f"({collation}): Clerk ids that differ only in case would be one row; "
+                                     f"ALTER TABLE {name} MODIFY {mapped.clerk_id_column} VARCHAR(64) "
+                                     "COLLATE utf8mb4_bin"))
         unique = {tuple(i["column_names"]) for i in inspector.get_indexes(name) if i.get("unique")}
         unique |= {tuple(u["column_names"]) for u in inspector.get_unique_constraints(name)}
         if mapped.clerk_id_column in columns and (mapped.clerk_id_column,) not in unique:
@@ -665,6 +671,15 @@ def check_schema(conn: Connection, mapping: SchemaMapping) -> list[tuple[str, st
                 if col.is_personal and column in columns and not columns[column].get("nullable", True):
                     problems.append(("fail", f"{name}.{column} is NOT NULL: Anonymise cannot clear it"))
     return problems
+
+
+def _mysql_collation(conn: Connection, table: str, column: str) -> str:
+    """A MySQL/MariaDB column's collation ("" elsewhere); reflection names none inherited from the table."""
+    if conn.dialect.name not in ("mysql", "mariadb"):
+        return ""
+    found = conn.execute(sa.text("SELECT collation_name FROM information_schema.columns WHERE table_schema = "
+                                 "DATABASE() AND table_name = :t AND column_name = :c"), {"t": table, "c": column})
+    return str(found.scalar() or "")
 
 
 def _shared_link_values(conn: Connection, mapped: MappedTable, column: str) -> list[str]:
@@ -686,6 +701,12 @@ def _primary_key(inspector: Any, table: str) -> set[str]:
     return set(inspector.get_pk_constraint(table).get("constrained_columns") or [])
 
 
+# The Clerk-id column migrate adds: on MySQL/MariaDB with a binary collation, not the table's default (often
+# case-insensitive: ``user_2aBc`` and ``user_2abc`` would be one row), as clerk-sync's own tables have.
+_CLERK_ID_TYPE = sa.String(64).with_variant(mysql.VARCHAR(64, charset="utf8mb4", collation="utf8mb4_bin"),
+                                            "mysql", "mariadb")
+
+
 def migrate_schema(conn: Connection, mapping: SchemaMapping) -> list[str]:
     """Add what the mapping needs (the Clerk-id column with a unique index, the delete-policy column),
     through Alembic operations; returns what it did. Idempotent; never drops or alters a column."""
@@ -699,7 +720,7 @@ def migrate_schema(conn: Connection, mapping: SchemaMapping) -> list[str]:
         name = mapped.table
         columns = {c["name"] for c in inspector.get_columns(name)}
         policy = _policy_column(mapped)
-        wanted: list[tuple[str, sa.types.TypeEngine[Any]]] = [(mapped.clerk_id_column, sa.String(64))]
+        wanted: list[tuple[str, sa.types.TypeEngine[Any]]] = [(mapped.clerk_id_column, _CLERK_ID_TYPE)]
         for column, type_ in [*wanted, *([policy] if policy else [])]:
             if column not in columns:
                 ops.add_column(name, sa.Column(column, type_, nullable=True))
