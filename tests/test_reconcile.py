@@ -379,3 +379,26 @@ def test_a_deletion_check_that_ignores_its_id_filter_deletes_nothing(
     assert "user_zzz" in live_rows(store, "users") and _run_status(store) == "failed"
     if listing == "orgs":
         assert "org_zzz" in live_rows(store, "organizations")
+
+
+def test_a_run_that_would_delete_most_rows_stops_before_deleting_any(
+        store: Store, stand_in: tuple[ClerkStandIn, ClerkClient]) -> None:
+    """A key of another Clerk instance lists none of this database's users and confirms every one of them
+    gone: the sweep would have tombstoned them all, for good (a tombstone is final). More than a quarter of
+    the live rows, and at least 100, unlisted: the run stops first, unless told the deletions are real."""
+    from clerk_sync.errors import ConfigError
+    from clerk_sync.reconcile import MASS_DELETE_FLOOR
+
+    clerk, client = stand_in
+    clerk.users = [factories.user(f"user_live_{i:03d}", 1) for i in range(200)]
+    reconciler(store, client).run()
+    clerk.users = clerk.users[:-MASS_DELETE_FLOOR + 1]  # 99 deleted in Clerk: under the floor, deleted
+    assert reconciler(store, client).run().counts["users"].deleted == MASS_DELETE_FLOOR - 1
+    assert len(live_rows(store, "users")) == 101
+    clerk.users = []  # another instance's key: nothing of ours listed
+    with pytest.raises(ConfigError, match=r"would delete 101 of 101 users \(100%\).*--allow-mass-delete"):
+        reconciler(store, client).run()
+    assert len(live_rows(store, "users")) == 101 and _run_status(store) == "failed"
+    assert reconciler(store, client).run(dry_run=True).counts["users"].deleted == 101  # listed, not refused
+    assert reconciler(store, client, allow_mass_delete=True).run().counts["users"].deleted == 101
+    assert live_rows(store, "users") == {}

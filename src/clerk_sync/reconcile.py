@@ -35,7 +35,7 @@ from sqlalchemy.dialects import mysql, postgresql, sqlite
 
 from clerk_sync.clerk_api import JSON, ClerkClient
 from clerk_sync.engine import Action, Entity, Record, RowState, Tombstone, Upsert, decide
-from clerk_sync.errors import ClerkAPIError, ClerkNotFound, EventShapeError, ReconcileBusy
+from clerk_sync.errors import ClerkAPIError, ClerkNotFound, ConfigError, EventShapeError, ReconcileBusy
 from clerk_sync.events import membership_record, organization_record, user_record
 from clerk_sync.metrics import Metrics
 from clerk_sync.store import Store, Writer, dialect_family, erased_digest
@@ -154,6 +154,12 @@ class Reconciler:
     ``prefetch`` pages are requested concurrently (the budget still spaces them); ``stale_after_s`` is
     how old a ``running`` run's heartbeat must be before another invocation may take it over.
     ``max_pages`` bounds each listing, whatever the server says.
+
+    A run that finds more than a quarter of the live rows of an entity missing from Clerk's listing (and
+    at least :data:`MASS_DELETE_FLOOR` of them) stops before deleting any: that is what a key of another
+    Clerk instance (development keys against the production database) looks like, and a tombstone is
+    final, so no later event could bring those users back. ``allow_mass_delete=True`` (``clerk-sync
+    reconcile --allow-mass-delete``) is for the day it is real; a dry run lists them either way.
     """
 
     def __init__(
@@ -170,6 +176,7 @@ class Reconciler:
         with_hooks: bool = False,
         metrics: Metrics | None = None,
         max_pages: int = MAX_PAGES,
+        allow_mass_delete: bool = False,
     ) -> None:
         self.store = store if with_hooks else store.without_hooks()  # repairs fire hooks only if asked
         self.clerk = clerk
@@ -181,6 +188,7 @@ class Reconciler:
         self._now = now
         self.metrics = metrics  # clerk_sync_reconcile_runs_total{result}, clerk_sync_reconcile_drift_total
         self.max_pages = max_pages
+        self.allow_mass_delete = allow_mass_delete
 
     def run(self, *, since: datetime | None = None, dry_run: bool = False) -> ReconcileReport:
         """One reconcile pass, resuming an unfinished run with the same ``since`` if there is one."""
@@ -444,6 +452,8 @@ class Reconciler:
         listed = sa.exists().where(seen.c.run_id == run.id, seen.c.entity == entity.value,
                                    seen.c.clerk_id == table.c.clerk_id)
         extra = [table.c.organization_clerk_id] if entity is Entity.MEMBERSHIP else []
+        if not run.report.dry_run and not self.allow_mass_delete:
+            self._refuse_mass_delete(run, entity, listed)
         after = ""
         while True:
             query = (sa.select(table.c.clerk_id, *extra)
@@ -457,6 +467,20 @@ class Reconciler:
             self._tombstone(run, entity, gone)
             self.progress.advance(f"{entity.value} deletions", len(candidates))
             after = candidates[-1][0]
+
+    def _refuse_mass_delete(self, run: _Run, entity: Entity, listed: sa.Exists) -> None:
+        """Stop before the sweep when Clerk did not list a large share of the live rows (see the class)."""
+        table = _TABLES[entity]
+        live = sa.select(sa.func.count()).select_from(table).where(table.c.deleted_at.is_(None))
+        with self._unit(run) as (conn, _):
+            total = conn.execute(live).scalar_one()
+            missing = conn.execute(live.where(~listed)).scalar_one()
+        if missing >= MASS_DELETE_FLOOR and missing > MASS_DELETE_SHARE * total:
+            raise ConfigError(
+                f"reconcile would delete {missing} of {total} {entity.value} ({missing / total:.0%}) that Clerk did "
+                "not list: is CLERK_SECRET_KEY the key of the Clerk instance this database mirrors? Nothing was "
+                "deleted (the repairs so far are kept). `clerk-sync reconcile --dry-run` lists them; "
+                "`--allow-mass-delete` deletes them if they really are gone")
 
     def _confirm_gone(self, entity: Entity, candidates: Sequence[tuple[Any, ...]]) -> list[str]:
         """The candidate ids Clerk confirms are gone (tombstones are final: never guess)."""
@@ -514,6 +538,10 @@ def _only_asked(path: str, answered: set[Any], asked: Sequence[str]) -> None:
         raise ClerkAPIError(f"GET {path}: answered {len(extra)} object(s) it was not asked for (e.g. "
                             f"{sorted(map(str, extra))[0]}): its filter is not applied; stopped, nothing is "
                             "deleted on its word (is CLERK_API_URL Clerk's API?)", method="GET", path=path)
+
+
+MASS_DELETE_SHARE = 0.25  # of an entity's live rows (see Reconciler)
+MASS_DELETE_FLOOR = 100  # below this many, a run deletes what Clerk confirms whatever the share
 
 
 class _Advance:

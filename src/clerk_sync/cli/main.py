@@ -268,13 +268,15 @@ def reconcile(
     with_hooks: Annotated[str | None, typer.Option(help="Fire these hooks for the repairs (module:attribute); "
                                                         "by default none fire.")] = None,
     mapping: Annotated[str | None, typer.Option(help=MAPPING_HELP)] = None,
+    allow_mass_delete: Annotated[bool, typer.Option(
+        "--allow-mass-delete", help="Delete even when Clerk no longer lists over a quarter of the rows.")] = False,
 ) -> None:
     """Re-read Clerk (users, organizations, memberships) and repair drift; resumes after a kill."""
     from clerk_sync.cli.reconcile import reconcile_command
 
     hooks = load_hooks(with_hooks) if with_hooks else ()
     reconcile_command(_settings(), since=since, dry_run=dry_run, console=console, hooks=hooks,
-                      mapping=load_mapping(mapping))
+                      mapping=load_mapping(mapping), allow_mass_delete=allow_mass_delete)
 
 
 @users_app.command("retry-pending")

@@ -22,7 +22,8 @@ _MARKS = {"create": "[green]+[/]", "update": "[yellow]~[/]", "delete": "[red]-[/
 
 
 def reconcile_command(settings: Any, *, since: str | None, dry_run: bool, console: Any,
-                      hooks: Sequence[Hook] = (), mapping: SchemaMapping | None = None) -> ReconcileReport:
+                      hooks: Sequence[Hook] = (), mapping: SchemaMapping | None = None,
+                      allow_mass_delete: bool = False) -> ReconcileReport:
     """``clerk-sync reconcile``: a Rich progress bar on ``console`` (stderr), the diff (dry run) and the
     summary on stdout. ``hooks`` fire for the repairs (``--with-hooks``)."""
     from rich.console import Console
@@ -44,7 +45,8 @@ def reconcile_command(settings: Any, *, since: str | None, dry_run: bool, consol
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     try:
         with ClerkClient.from_settings(settings) as clerk, RichProgress(*columns, console=console) as bar:
-            reconciler = Reconciler(store, clerk, progress=_RichProgress(bar), on_change=show, with_hooks=bool(hooks))
+            reconciler = Reconciler(store, clerk, progress=_RichProgress(bar), on_change=show, with_hooks=bool(hooks),
+                                    allow_mass_delete=allow_mass_delete)
             report = reconciler.run(since=parse_since(since), dry_run=dry_run)
     finally:
         store.dispose()
