@@ -290,6 +290,34 @@ def test_a_timeout_our_budget_wait_cut_short_does_not_count_against_clerk(emu: E
         assert breaker.is_open
 
 
+def test_a_hung_clerk_opens_the_breaker_while_every_call_waits_for_the_budget_first(emu: EmulatorServer) -> None:
+    """Review of the fix above: with the budget busy, every caller waited for a token, so every timeout was
+    "after our own waiting" and none counted: a hung Clerk never opened the circuit, and every worker held
+    on for its whole deadline. A timeout with a second or more left counts."""
+    emu.set_faults(latency_s=3.0)
+    clock = FakeClock()
+    budget = LocalBudget(RateLimit(10, 1.0), clock=clock)
+    breaker = CircuitBreaker(threshold=2, reset_s=60.0, clock=FakeClock())
+    retry = RetryPolicy(attempts=1, min_attempt_s=0.1)
+    with ClerkClient(emu.secret_key, api_url=emu.url, budget=budget, breaker=breaker, retry=retry) as clerk:
+        for _ in range(2):
+            clock.t += 10.0
+            budget.penalize(0.5)  # a busy budget: half a second's wait before each call
+            with pytest.raises(ClerkUnavailable):
+                clerk.count_users(deadline_s=2.0)
+        assert breaker.is_open and clerk.stats.requests == 2
+
+
+def test_a_short_deadline_still_waits_for_a_token_near_it(emu: EmulatorServer) -> None:
+    """``min_attempt_s`` (0.5 s) left a deadline of 0.5 s or less no time to wait for a token at all: refused
+    whenever the budget was busy. It waits up to half of its deadline now."""
+    budget = LocalBudget(RateLimit(10, 1.0), clock=FakeClock())
+    budget.penalize(0.01)
+    with ClerkClient(emu.secret_key, api_url=emu.url, budget=budget, retry=FAST_RETRY) as clerk:
+        assert clerk.count_users(deadline_s=0.4) >= 0
+        assert clerk.stats.requests == 1
+
+
 # -- answers that are not Clerk's ------------------------------------------------------------
 
 

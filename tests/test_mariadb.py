@@ -271,6 +271,7 @@ def test_the_mapped_clerk_id_column_tells_ids_that_differ_only_in_case_apart(mar
         legacy = check_schema(conn, SchemaMapping(users=MappedTable("ci_legacy", "clerk_user_id", {"email": "email"},
                                                                     on_delete=HardDelete())))
     assert [severity for severity, _ in legacy] == ["warn"] and "utf8mb4_general_ci" in legacy[0][1], legacy
+    assert "MODIFY clerk_user_id varchar(64) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin (" in legacy[0][1]
     store = Store.from_url(maria_url, mapping=mapping)
     processor = WebhookProcessor(store, WebhookVerifier([f.SECRET]))
     for n, event in enumerate([f.envelope("user.created", f.user("user_2aBc", 1, email="upper@example.com")),

@@ -649,12 +649,14 @@ def check_schema(conn: Connection, mapping: SchemaMapping) -> list[tuple[str, st
         if mapped.clerk_id_column in columns:
             problems += [("warn", p) for c in mapped.link_columns if c in columns
                          for p in _shared_link_values(conn, mapped, c)]
-        collation = _mysql_collation(conn, name, mapped.clerk_id_column) if mapped.clerk_id_column in columns else ""
+        collation, column_type, nullable = (_mysql_collation(conn, name, mapped.clerk_id_column)
+                                            if mapped.clerk_id_column in columns else ("", "", True))
         if collation.endswith("_ci"):  # MySQL/MariaDB: a case-insensitive collation (often the table's default)
             problems.append(("warn", f"{name}.{mapped.clerk_id_column} compares without regard to case "
                                      f"({collation}): Clerk ids that differ only in case would be one row; "
-                                     f"ALTER TABLE {name} MODIFY {mapped.clerk_id_column} VARCHAR(64) "
-                                     "COLLATE utf8mb4_bin"))
+                                     f"ALTER TABLE {name} MODIFY {mapped.clerk_id_column} {column_type} CHARACTER SET "
+                                     f"utf8mb4 COLLATE utf8mb4_bin{'' if nullable else ' NOT NULL'} (MODIFY restates "
+                                     "the whole column: add its DEFAULT and COMMENT, if any, from SHOW CREATE TABLE)"))
         unique = {tuple(i["column_names"]) for i in inspector.get_indexes(name) if i.get("unique")}
         unique |= {tuple(u["column_names"]) for u in inspector.get_unique_constraints(name)}
         if mapped.clerk_id_column in columns and (mapped.clerk_id_column,) not in unique:
@@ -673,13 +675,17 @@ def check_schema(conn: Connection, mapping: SchemaMapping) -> list[tuple[str, st
     return problems
 
 
-def _mysql_collation(conn: Connection, table: str, column: str) -> str:
-    """A MySQL/MariaDB column's collation ("" elsewhere); reflection names none inherited from the table."""
+def _mysql_collation(conn: Connection, table: str, column: str) -> tuple[str, str, bool]:
+    """A MySQL/MariaDB column's collation, type and nullability (("", "", True) elsewhere); reflection names
+    no collation a column inherits from its table."""
     if conn.dialect.name not in ("mysql", "mariadb"):
-        return ""
-    found = conn.execute(sa.text("SELECT collation_name FROM information_schema.columns WHERE table_schema = "
-                                 "DATABASE() AND table_name = :t AND column_name = :c"), {"t": table, "c": column})
-    return str(found.scalar() or "")
+        return "", "", True
+    found = conn.execute(sa.text("SELECT collation_name, column_type, is_nullable FROM information_schema.columns "
+                                 "WHERE table_schema = DATABASE() AND table_name = :t AND column_name = :c"),
+                         {"t": table, "c": column}).first()
+    if found is None:
+        return "", "", True
+    return str(found[0] or ""), str(found[1]), found[2] == "YES"
 
 
 def _shared_link_values(conn: Connection, mapped: MappedTable, column: str) -> list[str]:

@@ -215,7 +215,8 @@ def call_flow(ctx: _Context, req: ApiRequest[T], deadline_s: float | None = None
     """Drive one call to a parsed result or a :class:`~clerk_sync.errors.ClerkAPIError`."""
     total = deadline_s if deadline_s is not None else ctx.retry.deadline_s
     deadline = ctx.clock() + total
-    floor = min(ctx.retry.min_attempt_s, total)  # the least time an attempt is sent with
+    floor = min(ctx.retry.min_attempt_s, total / 2)  # the least time an attempt is sent with (a short deadline
+    # still waits half of itself for a token, rather than being refused whenever the budget is busy)
     attempt = limited = 0
     where = {"method": req.method, "path": req.path}
     while True:
@@ -264,20 +265,23 @@ def call_flow(ctx: _Context, req: ApiRequest[T], deadline_s: float | None = None
         yield Sleep(pause)
 
 
+_TOO_SHORT_S = 1.0  # under this, a timeout says nothing about Clerk (its answers take ~0.1-0.3 s)
 _TIMEOUT_OF = {httpx.ConnectTimeout: "connect", httpx.ReadTimeout: "read", httpx.WriteTimeout: "write",
                httpx.PoolTimeout: "pool"}
 
 
 def _cut_short(ctx: _Context, outcome: Any, left: float, total: float) -> bool:
-    """A timeout at the deadline's cap (not the configured timeout) after our own waiting (the budget,
-    earlier attempts) took a tenth of the deadline or more: the short time was ours, so the breaker must
-    not count it. A call that timed out with (nearly) its whole deadline still counts: a hung Clerk must
-    open the circuit even when callers' deadlines are shorter than the configured timeouts."""
+    """A timeout at the deadline's cap (not the configured timeout), with under a second left (or twice
+    ``min_attempt_s``) after our own waiting (the budget, earlier attempts) took a tenth of the deadline or
+    more: too little time to say anything about Clerk, so the breaker does not count it. A call that had
+    a second or more, or (nearly) its whole deadline, still counts: a hung Clerk must open the circuit,
+    also while the budget is busy and every caller waits for a token first (review)."""
     kind = _TIMEOUT_OF.get(type(outcome))
     if kind is None:
         return False
     configured = getattr(ctx.timeout, kind)
-    return (configured is None or left < configured) and left < 0.9 * total
+    too_short = max(_TOO_SHORT_S, 2 * ctx.retry.min_attempt_s)
+    return (configured is None or left < configured) and left < 0.9 * total and left < too_short
 
 
 def _pause(ctx: _Context, req: ApiRequest[Any], outcome: Any, attempt: int) -> float | None:
