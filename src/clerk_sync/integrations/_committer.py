@@ -47,6 +47,7 @@ class _Alone:
         return "ALONE"
 
 
+_MYSQL_BATCH_LOCK_WAIT_S = 2  # a MySQL/MariaDB batch's wait for its lock rows (see _lock_batch)
 ALONE: Final = _Alone()  # "apply this delivery in its own transaction" (see the module docstring)
 Result = Outcome | StoreError | _Alone
 
@@ -228,12 +229,13 @@ class GroupCommitter:
         """MySQL/MariaDB: the lock rows of every entity of the batch in one sorted pass (no deadlock between
         batches). One held by another transaction (another replica's delivery) must not fail its batch-mates:
         past the wait, every delivery goes alone, and only the held one waits (and 503s) again."""
-        # The pass waits at most a second (InnoDB's bound is whole seconds) rather than the configured lock
-        # wait (5 s by default), as PostgreSQL's batch waits lock_wait_s: an entity another replica holds
-        # costs its batch-mates that long, once; alone, only the held delivery waits the full bound.
+        # The pass waits at most two seconds rather than the configured lock wait (5 s by default), as
+        # PostgreSQL's batch waits lock_wait_s: an entity a stuck replica holds costs its batch-mates that
+        # long, once; alone, only the held delivery waits the full bound. InnoDB counts whole seconds, and
+        # one would split batches that merely queue behind a slow one (test_group_commit_deadlock).
         conn = writer.conn
         conn.exec_driver_sql("SET @clerk_sync_lock_wait = @@SESSION.innodb_lock_wait_timeout, "
-                             "SESSION innodb_lock_wait_timeout = 1")
+                             f"SESSION innodb_lock_wait_timeout = {_MYSQL_BATCH_LOCK_WAIT_S}")
         try:
             writer.lock_entities([plan_delivery(envelope).intent for _, envelope in jobs])
         except sa.exc.DBAPIError as exc:
