@@ -811,17 +811,28 @@ def _tombstone_sql(entity: Entity, dialect: str) -> sa.TextClause:
     ), names)
 
 
+_INBOX_NAMES = ["svix_id", "type", "instance_id", "event_timestamp", "status", "last_error", "applied_at"]
+
+
+def _jsonb(name: str, dialect: str) -> str:
+    """A JSON text parameter as the payload column takes it (JSONB parses it on PostgreSQL)."""
+    return f"CAST({name} AS JSONB)" if dialect == "postgresql" else name
+
+
+def _inbox_duplicate(dialect: str) -> str:
+    """A repeated ``svix_id`` inserts nothing (and says so: no RETURNING row, or MySQL's counts)."""
+    return ("ON DUPLICATE KEY UPDATE svix_id = webhook_events.svix_id" if dialect == "mysql"
+            else "ON CONFLICT (svix_id) DO NOTHING RETURNING id")
+
+
 @functools.cache
 def _inbox_sql(dialect: str) -> sa.TextClause:
     # The payload is bound as text: the verified body is stored as received (JSONB parses it on PG).
-    payload = "CAST(:payload AS JSONB)" if dialect == "postgresql" else ":payload"
-    names = ["svix_id", "type", "instance_id", "event_timestamp", "status", "last_error", "applied_at"]
-    duplicate = ("ON DUPLICATE KEY UPDATE svix_id = svix_id" if dialect == "mysql"
-                 else "ON CONFLICT (svix_id) DO NOTHING RETURNING id")
     return _typed(webhook_events, (
-        f"INSERT INTO webhook_events ({', '.join(names)}, payload, received_at, attempts) "
-        f"VALUES ({', '.join(':' + n for n in names)}, {payload}, :now, 1) {duplicate}"
-    ), names).bindparams(sa.bindparam("payload", type_=sa.Text))
+        f"INSERT INTO webhook_events ({', '.join(_INBOX_NAMES)}, payload, received_at, attempts) "
+        f"VALUES ({', '.join(':' + n for n in _INBOX_NAMES)}, {_jsonb(':payload', dialect)}, :now, 1) "
+        f"{_inbox_duplicate(dialect)}"
+    ), _INBOX_NAMES).bindparams(sa.bindparam("payload", type_=sa.Text))
 
 
 # The user a delivery names is a tombstone or erased (see Writer.record_delivery's ``unless_gone``).
@@ -833,18 +844,12 @@ _GONE = ("SELECT (EXISTS (SELECT 1 FROM users WHERE clerk_id = {p} AND deleted_a
 def _inbox_naming_sql(dialect: str) -> sa.TextClause:
     """:func:`_inbox_sql` whose payload is ``:redacted`` (and ``redacted_at`` set) when the user
     ``:person`` is a tombstone or erased: one statement, as the inbox row alone is."""
-    def jsonb(name: str) -> str:
-        return f"CAST({name} AS JSONB)" if dialect == "postgresql" else name
-
-    names = ["svix_id", "type", "instance_id", "event_timestamp", "status", "last_error", "applied_at"]
-    duplicate = ("ON DUPLICATE KEY UPDATE svix_id = webhook_events.svix_id" if dialect == "mysql"
-                 else "ON CONFLICT (svix_id) DO NOTHING RETURNING id")
     return _typed(webhook_events, (
-        f"INSERT INTO webhook_events ({', '.join(names)}, payload, received_at, attempts, redacted_at) "
-        f"SELECT {', '.join(':' + n for n in names)}, CASE WHEN g.gone THEN {jsonb(':redacted')} "
-        f"ELSE {jsonb(':payload')} END, :now, 1, CASE WHEN g.gone THEN :now END "
-        f"FROM ({_GONE.format(p=':person', d=':erased')}) AS g WHERE 1 = 1 {duplicate}"
-    ), names).bindparams(sa.bindparam("payload", type_=sa.Text), sa.bindparam("redacted", type_=sa.Text),
+        f"INSERT INTO webhook_events ({', '.join(_INBOX_NAMES)}, payload, received_at, attempts, redacted_at) "
+        f"SELECT {', '.join(':' + n for n in _INBOX_NAMES)}, CASE WHEN g.gone THEN {_jsonb(':redacted', dialect)} "
+        f"ELSE {_jsonb(':payload', dialect)} END, :now, 1, CASE WHEN g.gone THEN :now END "
+        f"FROM ({_GONE.format(p=':person', d=':erased')}) AS g WHERE 1 = 1 {_inbox_duplicate(dialect)}"
+    ), _INBOX_NAMES).bindparams(sa.bindparam("payload", type_=sa.Text), sa.bindparam("redacted", type_=sa.Text),
                          sa.bindparam("person", type_=users.c.clerk_id.type))
 
 
