@@ -840,17 +840,25 @@ _GONE = ("SELECT (EXISTS (SELECT 1 FROM users WHERE clerk_id = {p} AND deleted_a
          f"OR EXISTS (SELECT 1 FROM {erased.name} WHERE digest = {{d}})) AS gone")
 
 
+def _inbox_naming_text(dialect: str, mark: Callable[[str], str]) -> str:
+    """The text of :func:`_inbox_naming_sql`, its parameters written by ``mark`` (``:name``, or ``?`` for the
+    sqlite3 driver: positional, so in this order)."""
+    return (
+        f"INSERT INTO webhook_events ({', '.join(_INBOX_NAMES)}, payload, received_at, attempts, redacted_at) "
+        f"SELECT {', '.join(mark(n) for n in _INBOX_NAMES)}, CASE WHEN g.gone THEN "
+        f"{_jsonb(mark('redacted'), dialect)} ELSE {_jsonb(mark('payload'), dialect)} END, {mark('now')}, 1, "
+        f"CASE WHEN g.gone THEN {mark('now')} END FROM ({_GONE.format(p=mark('person'), d=mark('erased'))}) AS g "
+        f"WHERE 1 = 1 {_inbox_duplicate(dialect)}"
+    )
+
+
 @functools.cache
 def _inbox_naming_sql(dialect: str) -> sa.TextClause:
     """:func:`_inbox_sql` whose payload is ``:redacted`` (and ``redacted_at`` set) when the user
     ``:person`` is a tombstone or erased: one statement, as the inbox row alone is."""
-    return _typed(webhook_events, (
-        f"INSERT INTO webhook_events ({', '.join(_INBOX_NAMES)}, payload, received_at, attempts, redacted_at) "
-        f"SELECT {', '.join(':' + n for n in _INBOX_NAMES)}, CASE WHEN g.gone THEN {_jsonb(':redacted', dialect)} "
-        f"ELSE {_jsonb(':payload', dialect)} END, :now, 1, CASE WHEN g.gone THEN :now END "
-        f"FROM ({_GONE.format(p=':person', d=':erased')}) AS g WHERE 1 = 1 {_inbox_duplicate(dialect)}"
-    ), _INBOX_NAMES).bindparams(sa.bindparam("payload", type_=sa.Text), sa.bindparam("redacted", type_=sa.Text),
-                         sa.bindparam("person", type_=users.c.clerk_id.type))
+    return _typed(webhook_events, _inbox_naming_text(dialect, lambda name: f":{name}"), _INBOX_NAMES).bindparams(
+        sa.bindparam("payload", type_=sa.Text), sa.bindparam("redacted", type_=sa.Text),
+        sa.bindparam("person", type_=users.c.clerk_id.type))
 
 
 _LOCKS_SQL = "SELECT pg_advisory_xact_lock(k) FROM unnest(%s::bigint[]) AS k"  # in the array's (sorted) order
@@ -871,12 +879,7 @@ _RAW_PARENT_DELETED_SQL = (  # Writer._delete_membership_if_parent_deleted, as p
 
 # The same statements for the sqlite3 driver (its placeholders; the payload is text there).
 _SQLITE_INBOX_SQL = _RAW_INBOX_SQL.replace("%s::jsonb", "%s").replace("%s", "?")
-_SQLITE_INBOX_NAMING_SQL = (  # _inbox_naming_sql for the sqlite3 driver (positional, in the text's order)
-    "INSERT INTO webhook_events (svix_id, type, instance_id, event_timestamp, status, last_error, applied_at, "
-    "payload, received_at, attempts, redacted_at) SELECT ?, ?, ?, ?, ?, ?, ?, CASE WHEN g.gone THEN ? ELSE ? END, "
-    f"?, 1, CASE WHEN g.gone THEN ? END FROM ({_GONE.format(p='?', d='?')}) AS g WHERE 1 = 1 "
-    "ON CONFLICT (svix_id) DO NOTHING RETURNING id"
-)
+_SQLITE_INBOX_NAMING_SQL = _inbox_naming_text("sqlite", lambda name: "?")
 _SQLITE_PARENT_DELETED_SQL = _RAW_PARENT_DELETED_SQL.replace("%s", "?")
 
 
