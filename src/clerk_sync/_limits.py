@@ -46,6 +46,7 @@ __all__ = [
     "Parsed",
     "fit_clerk_id",
     "fit_ms",
+    "fit_reason",
     "fit_text",
     "isfinite",
     "parse_json",
@@ -121,6 +122,11 @@ def fit_clerk_id(value: object, what: str) -> str:
     if value != value.strip():  # MariaDB's PAD SPACE collations would take "user_1 " for "user_1"
         raise EventShapeError(f"{what} starts or ends with whitespace (got {show(value)}); Clerk ids have none")
     return value
+
+
+def fit_reason(text: str) -> str:
+    """``text`` cut to :data:`REASON_CHARS` (marked by "..."): what ``last_error`` holds."""
+    return text if len(text) <= REASON_CHARS else text[:REASON_CHARS - 3] + "..."
 
 
 def fit_ms(value: object) -> int | None:

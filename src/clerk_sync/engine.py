@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from clerk_sync._limits import CLERK_ID_CHARS, REASON_CHARS, fit_clerk_id, fit_ms, fit_text, show
+from clerk_sync._limits import CLERK_ID_CHARS, fit_clerk_id, fit_ms, fit_reason, fit_text, show
 from clerk_sync.errors import EventShapeError
 from clerk_sync.events import (
     Envelope,
@@ -201,9 +201,6 @@ class DeliveryStatus(StrEnum):
     DUPLICATE = "duplicate"  # this svix-id was received before (never stored twice)
 
 
-_MAX_REASON = REASON_CHARS  # characters of last_error: a failure, then what was cleaned or dropped
-
-
 @dataclass(frozen=True, slots=True)
 class DeliveryPlan:
     """What a delivery is expected to do: the status to store, the intent to apply, the reason to record."""
@@ -250,4 +247,4 @@ def delivery_reason(error: str | None, notes: tuple[str, ...]) -> str | None:
         return error
     cleaned = "cleaned: " + "; ".join(notes)
     text = f"{error}; {cleaned}" if error else cleaned
-    return text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 3] + "..."
+    return fit_reason(text)

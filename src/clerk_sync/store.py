@@ -28,7 +28,7 @@ from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from clerk_sync._db_errors import store_error
-from clerk_sync._limits import REASON_CHARS
+from clerk_sync._limits import fit_reason
 from clerk_sync.changes import Change, Hook, change_type, describe
 from clerk_sync.config import DatabaseTimeouts
 from clerk_sync.engine import DeliveryStatus, Entity, Record, RevokeSession, Tombstone, Upsert
@@ -208,8 +208,8 @@ class Writer:
     def refusals_noted(self, since: int, error: str | None) -> str | None:
         """``error`` followed by the refusals recorded since ``len(refused)`` was ``since`` (one delivery's)."""
         notes = [error, *self.refused[since:]] if error else self.refused[since:]
-        text = "; ".join(notes)  # (a deletion cascading to hundreds of refused rows: bounded, as MariaDB's TEXT is)
-        return (text if len(text) <= REASON_CHARS else text[:REASON_CHARS - 3] + "...") or None
+        # (a deletion cascading to hundreds of refused rows: bounded, as MariaDB's TEXT is)
+        return fit_reason("; ".join(notes)) or None
 
     #: Sent after BEGIN where an app's table may hold a deferred constraint (see :attr:`checks_at_once`).
     CHECK_AT_ONCE = "SET CONSTRAINTS ALL IMMEDIATE"

@@ -19,6 +19,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
+from clerk_sync._limits import BIGINT_MAX
 from clerk_sync.tables import (
     audit_log,
     organization_memberships,
@@ -36,7 +37,7 @@ __all__ = [
 ]
 
 PAGE_SIZE = 50
-MAX_ID = 2**63 - 1  # BIGINT's top: a larger id names no row, and SQLite's driver cannot even send it
+MAX_ID = BIGINT_MAX  # a larger id names no row, and SQLite's driver cannot even send it
 _TOP = "\U0010ffff"  # above every character: ``x >= q AND x < q + _TOP`` is a prefix match on an index
 
 
