@@ -101,6 +101,12 @@ def test_rotation_any_configured_secret_verifies() -> None:
         WebhookVerifier([new], now=lambda: 1_700_000_000).verify(headers, b"{}")
 
 
+def test_one_secret_may_be_passed_alone() -> None:
+    """A bare string is one secret, not an iterable of one-character secrets (a ConfigError about base64)."""
+    headers = sign(SECRET, "msg_one", 1_700_000_000, b"{}")
+    assert WebhookVerifier(SECRET, now=lambda: 1_700_000_000).verify(headers, b"{}") == "msg_one"
+
+
 def test_tampered_body_is_refused() -> None:
     headers = sign(SECRET, "msg_x", 1_700_000_000, b'{"a":1}')
     with pytest.raises(WebhookVerificationError):

@@ -54,15 +54,19 @@ class SignedHeaders:
 
 
 class WebhookVerifier:
-    """Verifies a delivery against one or more secrets (rotation) within a timestamp tolerance."""
+    """Verifies a delivery against one or more secrets (rotation) within a timestamp tolerance.
+
+    ``secrets``: one secret, or several while rotating (any of them verifies)."""
 
     def __init__(
         self,
-        secrets: Iterable[str | SecretStr],
+        secrets: str | SecretStr | Iterable[str | SecretStr],
         *,
         tolerance_s: int = DEFAULT_TOLERANCE_S,
         now: Callable[[], float] = time.time,
     ) -> None:
+        if isinstance(secrets, str | SecretStr):  # one secret, not its characters
+            secrets = [secrets]
         raw = [s.get_secret_value() if isinstance(s, SecretStr) else s for s in secrets]
         if not raw:
             raise ConfigError("no webhook secret configured (CLERK_WEBHOOK_SIGNING_SECRET)")
