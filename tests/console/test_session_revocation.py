@@ -84,9 +84,13 @@ def test_a_console_session_lasts_what_clerk_sync_console_session_s_says(tmp_path
     from clerk_sync.errors import TokenMissing
     from clerk_sync.integrations.console import create_console
 
+    from clerk_sync import migrations
+
     now = [1_800_000_000.0]
-    access = ConsoleAccess(Store.from_url(f"sqlite:///{tmp_path}/c.db"), operator_token="op-token", authenticator=None,
-                           secret=b"k" * 32, max_age_s=600, clock=lambda: now[0])
+    store = Store.from_url(f"sqlite:///{tmp_path}/c.db")
+    migrations.upgrade(store.engine)
+    access = ConsoleAccess(store, operator_token="op-token", authenticator=None, secret=b"k" * 32, max_age_s=600,
+                           clock=lambda: now[0])
     cookie = access.operator_session("op-token").new_cookie
     assert cookie is not None
     now[0] += 599
@@ -100,3 +104,61 @@ def test_a_console_session_lasts_what_clerk_sync_console_session_s_says(tmp_path
     assert app.state.console.access.max_age_s == 900
     with pytest.raises(ValueError, match="CLERK_SYNC_CONSOLE_SESSION_S"):
         Settings(_env_file=None, CLERK_SYNC_CONSOLE_SESSION_S="5")  # type: ignore[call-arg]
+
+
+def test_a_copy_of_a_signed_out_console_cookie_is_refused(stack: ConsoleStack) -> None:
+    """Review finding (left alone before): signing out only deleted the cookie, so a copy of it (another
+    tab's, a proxy's log, a stolen one) kept the console open until CLERK_SYNC_CONSOLE_SESSION_S. The
+    sign-out's audit row now ends every console session of that admin opened before it."""
+    from tests.console.test_http import csrf_of, signed_in
+
+    with signed_in(stack, stack.admin_id) as client:
+        copy = client.cookies[COOKIE]
+        token = csrf_of(client.get("/", headers={"Accept": "text/html"}).text)
+        assert httpx.get(f"{stack.console_url}/audit", headers=JSON, cookies={COOKIE: copy}).status_code == 200
+        assert client.post("/logout", data={"csrf": token}).status_code == 303
+    r = httpx.get(f"{stack.console_url}/audit", headers=JSON, cookies={COOKIE: copy})
+    assert (r.status_code, r.json()["error"]) == (401, "token_missing") and "signed out" in r.json()["message"]
+    assert f'{COOKIE}=""' in r.headers["set-cookie"]  # the dead cookie is cleared
+    logout = [row for row in stack.audit_rows() if row.action == "console.logout"]
+    assert [(row.actor_clerk_id, row.details["via"]) for row in logout] == [(stack.admin_id, "console")]
+    with signed_in(stack, stack.admin_id) as client:  # signing in again opens a new session
+        assert client.get("/audit", headers=JSON).status_code == 200
+
+
+def test_a_sign_out_ends_only_that_identitys_earlier_sessions(tmp_path: object) -> None:
+    """On the injected clock: the operator's sign-out ends every operator session opened before it (one
+    token, one identity), not those opened after, nor an admin's."""
+    from clerk_sync import migrations
+    from clerk_sync.auth.audit import AuditEntry, record_audit
+    from clerk_sync.errors import TokenMissing
+    from clerk_sync.integrations.console._access import SIGN_OUT
+
+    now = [1_800_000_000.0]
+    store = Store.from_url(f"sqlite:///{tmp_path}/c.db")
+    migrations.upgrade(store.engine)
+    access = ConsoleAccess(store, operator_token="op-token", authenticator=None, secret=b"k" * 32,
+                           clock=lambda: now[0])
+    first, second = (access.operator_session("op-token").new_cookie for _ in range(2))
+    with store.transaction() as w:
+        w.conn.execute(users.insert().values(
+            clerk_id="user_adm", email_addresses=[], public_metadata={"role": "admin"}, private_metadata={},
+            unsafe_metadata={}, role="admin", clerk_updated_at=1, created_at=w.now, updated_at=w.now))
+    admin = access.admin_session("user_adm", "sess_adm").new_cookie
+    assert first and second and admin
+    now[0] += 0.5
+    with store.transaction() as w:
+        record_audit(w, AuditEntry(SIGN_OUT, None, None, details=access.sign_out_details()))
+    for cookie in (first, second):
+        with pytest.raises(TokenMissing, match="signed out"):
+            access.identify({}, {COOKIE: cookie})
+    assert access.identify({}, {COOKIE: admin}).clerk_id == "user_adm"  # another identity's session lives
+    later = access.operator_session("op-token").new_cookie
+    assert later and access.identify({}, {COOKIE: later}).kind == "operator"
+    with store.transaction() as w:  # an admin's sign-out
+        record_audit(w, AuditEntry(SIGN_OUT, "user_adm", "user_adm", details=access.sign_out_details()))
+    now[0] += 0.5
+    with pytest.raises(TokenMissing, match="signed out"):
+        access.identify({}, {COOKIE: admin})
+    assert access.identify({}, {COOKIE: later}).kind == "operator"
+    store.dispose()

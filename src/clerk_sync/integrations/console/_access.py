@@ -16,7 +16,10 @@ Clerk session it was opened with (``sid``), and ends when Clerk revokes, ends or
 checked on every request, as the role is. A Clerk session that merely expires (its lifetime, an
 inactivity timeout) sends no webhook, so every console session also ends ``max_age_s`` after sign-in
 (``CLERK_SYNC_CONSOLE_SESSION_S``, 8 hours by default): keep it near your Clerk session lifetime.
-Signing out deletes the cookie; being signed, not stored, a copy of it stays valid until then.
+Signing out deletes the cookie and writes a ``console.logout`` audit row, which ends every console
+session of that identity opened before it (the cookie is signed, not stored: without the row, a copy of
+it would stay valid until ``max_age_s``); the operator token is one identity, so an operator's sign-out
+ends every operator session.
 """
 
 from __future__ import annotations
@@ -37,14 +40,16 @@ from clerk_sync.auth.authenticator import Authenticator
 from clerk_sync.auth.users import read_user, standing_error
 from clerk_sync.errors import AccessDenied, SessionRevoked, TokenError, TokenMissing
 from clerk_sync.store import Store
-from clerk_sync.tables import revoked_sessions
+from clerk_sync.tables import audit_log, revoked_sessions
 
-__all__ = ["ADMIN", "COOKIE", "LOGIN_COOKIE", "OPERATOR", "ConsoleAccess", "Identity", "check_csrf", "signing_key"]
+__all__ = ["ADMIN", "COOKIE", "LOGIN_COOKIE", "OPERATOR", "SIGN_OUT", "ConsoleAccess", "Identity", "check_csrf",
+           "signing_key"]
 
 COOKIE = "clerk_sync_console"
 LOGIN_COOKIE = "clerk_sync_console_login"
 OPERATOR = "operator"
 ADMIN = "admin"
+SIGN_OUT = "console.logout"  # the audit action that ends an identity's earlier console sessions
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +89,7 @@ class ConsoleAccess:
         self.operator_token = operator_token
         self.authenticator = authenticator
         self.max_age_s = max_age_s
+        self.clock = clock
         self._sessions = _Serializer(secret, salt="clerk-sync-console-session", clock=clock)
         self._login = _Serializer(secret, salt="clerk-sync-console-login", clock=clock)
 
@@ -97,8 +103,10 @@ class ConsoleAccess:
             return Identity(ADMIN, self._clerk_admin(headers, {})[0], None)
         session = self._session(cookies.get(COOKIE))
         ended: TokenError | None = None
+        if session is not None and self._signed_out(*session):
+            session, ended = None, TokenMissing("this console session was signed out: sign in again")
         if session is not None:
-            kind, clerk_id, csrf, session_id = session
+            kind, clerk_id, csrf, session_id, _ = session
             if kind == OPERATOR:
                 if not self.operator_token:
                     raise TokenMissing("operator sign-in is disabled (CLERK_SYNC_CONSOLE_TOKEN is not set)")
@@ -110,6 +118,23 @@ class ConsoleAccess:
         if self.authenticator is not None and any(n.startswith("__session") for n in cookies):
             return self.admin_session(*self._clerk_admin(headers, cookies))  # a new Clerk session
         raise ended or TokenMissing("sign in to the console: an admin's Clerk session or the operator token")
+
+    def sign_out_details(self) -> dict[str, float]:
+        """What the ``console.logout`` audit row records: console sessions of the identity opened before
+        ``ended_through`` (this clock) are over."""
+        return {"ended_through": self.clock()}
+
+    def _signed_out(self, kind: str, clerk_id: str | None, _csrf: str, _sid: str | None, issued: float) -> bool:
+        """Whether the identity signed out of the console after this session was opened (its latest
+        ``console.logout`` row; an operator's have no actor, as every operator action)."""
+        actor = audit_log.c.actor_clerk_id
+        query = (sa.select(audit_log.c.details)
+                 .where(audit_log.c.action == SIGN_OUT, actor.is_(None) if kind == OPERATOR else actor == clerk_id)
+                 .order_by(audit_log.c.id.desc()).limit(1))
+        with self.store.connect() as conn:
+            details = conn.execute(query).scalar()
+        through = details.get("ended_through") if isinstance(details, dict) else None
+        return isinstance(through, int | float) and not isinstance(through, bool) and issued < through
 
     def confirm_admin(self, clerk_id: str) -> None:
         """The database, not the token, says who is an admin (as ``Authenticator.require_role``)."""
@@ -169,10 +194,13 @@ class ConsoleAccess:
 
     def _mint(self, kind: str, clerk_id: str | None, session_id: str | None) -> Identity:
         csrf = secrets.token_urlsafe(24)
-        cookie = self._sessions.dumps({"k": kind, "sub": clerk_id, "sid": session_id, "csrf": csrf})
+        cookie = self._sessions.dumps({"k": kind, "sub": clerk_id, "sid": session_id, "csrf": csrf,
+                                       "iat": self.clock()})
         return Identity(kind, clerk_id, csrf, new_cookie=cookie)
 
-    def _session(self, cookie: str | None) -> tuple[str, str | None, str, str | None] | None:
+    def _session(self, cookie: str | None) -> tuple[str, str | None, str, str | None, float] | None:
+        """kind, Clerk id, CSRF token, Clerk session id, when it was opened (this clock; -inf for
+        sessions minted before it was recorded: any sign-out of the identity ends them)."""
         if not cookie:
             return None
         try:
@@ -181,8 +209,9 @@ class ConsoleAccess:
             return None
         if not isinstance(data, dict) or data.get("k") not in (OPERATOR, ADMIN) or not data.get("csrf"):
             return None
-        sid = data.get("sid")
-        return str(data["k"]), data.get("sub"), str(data["csrf"]), sid if isinstance(sid, str) else None
+        sid, iat = data.get("sid"), data.get("iat")
+        issued = float(iat) if isinstance(iat, int | float) and not isinstance(iat, bool) else float("-inf")
+        return str(data["k"]), data.get("sub"), str(data["csrf"]), sid if isinstance(sid, str) else None, issued
 
     # -- the login form's own CSRF token (double submit: cookie + hidden field) --------------------
     def login_token(self) -> str:

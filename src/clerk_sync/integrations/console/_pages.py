@@ -26,7 +26,7 @@ from clerk_sync.errors import ConfigError, StoreError
 from clerk_sync.freshness import FreshnessCheck, check_freshness, read_snapshot
 from clerk_sync.ingest import replay_delivery
 from clerk_sync.integrations.console import _queries as q
-from clerk_sync.integrations.console._access import Identity
+from clerk_sync.integrations.console._access import SIGN_OUT, Identity
 from clerk_sync.integrations.console._console import Console
 from clerk_sync.integrations.console._masking import mask
 from clerk_sync.integrations.console._web import BadInput, NotFound, client_ip, set_session_cookie
@@ -329,6 +329,8 @@ def _json(value: Any) -> str:
 
 
 def logout(console: Console, request: Request, identity: Identity, form: Form) -> Response:
+    if identity.csrf is not None:  # a cookie session: its copies end too (Bearer callers hold none)
+        console.audit(identity, SIGN_OUT, identity.clerk_id, request, **console.access.sign_out_details())
     response = _redirect(request, "login")
     set_session_cookie(request, response, None)
     return response
