@@ -80,11 +80,10 @@ def test_a_console_session_lasts_what_clerk_sync_console_session_s_says(tmp_path
     """Clerk sends nothing when a session merely expires, so the console's own limit is what ends a console
     session then: 8 hours was fixed; ``CLERK_SYNC_CONSOLE_SESSION_S`` sets it (measured on the injected
     clock, not the wall's)."""
+    from clerk_sync import migrations
     from clerk_sync.config import Settings
     from clerk_sync.errors import TokenMissing
     from clerk_sync.integrations.console import create_console
-
-    from clerk_sync import migrations
 
     now = [1_800_000_000.0]
     store = Store.from_url(f"sqlite:///{tmp_path}/c.db")
