@@ -220,6 +220,40 @@ def test_an_entity_held_elsewhere_costs_its_batch_mates_two_seconds_not_the_lock
         holder.dispose()
 
 
+def test_a_lock_pass_that_fails_otherwise_restores_the_lock_wait_and_keeps_its_error(
+        maria_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review suspicion: the lock pass restored the connection's lock wait in a ``finally`` that ran only
+    when the connection was valid, and a failing restore replaced the pass's own error. A failure other
+    than a lock wait (a bug, here) now keeps its error, and the pooled connection its configured bound."""
+    from clerk_sync.events import parse_envelope
+    from clerk_sync.integrations._committer import GroupCommitter
+    from clerk_sync.store import Writer
+
+    store = Store(create_engine(maria_url, timeouts=DatabaseTimeouts(lock_s=10), pool_size=1, max_overflow=0))
+    committer = GroupCommitter(WebhookProcessor(store, WebhookVerifier([f.SECRET])), writers=1)
+
+    def broken(self: Writer, intents: object) -> None:
+        raise RuntimeError("lock pass bug")
+
+    monkeypatch.setattr(Writer, "lock_entities", broken)
+    batch = [("msg_bug", parse_envelope(f.body_of(f.envelope("user.created", f.user("user_bug", 2)))))]
+    try:
+        with pytest.raises(RuntimeError, match="lock pass bug"):
+            committer._attempt(batch, pipelined=False)
+        with store.connect() as conn:  # the pool's one connection: the one the pass used
+            assert conn.exec_driver_sql("SELECT @@SESSION.innodb_lock_wait_timeout").scalar() == 10
+
+        def spoiled(self: Writer, intents: object) -> None:  # and the restore fails too
+            self.conn.exec_driver_sql("SET @clerk_sync_lock_wait = 'not a number'")
+            raise RuntimeError("lock pass bug")
+
+        monkeypatch.setattr(Writer, "lock_entities", spoiled)
+        with pytest.raises(RuntimeError, match="lock pass bug"):  # not the restore's error
+            committer._attempt(batch, pipelined=False)
+    finally:
+        store.dispose()
+
+
 def test_an_entity_held_by_another_transaction_does_not_fail_its_batch_mates(maria_url: str) -> None:
     """A batch takes the lock rows of all its entities first: one held by another replica's transaction
     timed the whole batch out, every batch-mate answered 503. Now each goes alone, in its own transaction."""

@@ -234,17 +234,20 @@ class GroupCommitter:
         # long, once; alone, only the held delivery waits the full bound. InnoDB counts whole seconds, and
         # one would split batches that merely queue behind a slow one (test_group_commit_deadlock).
         conn = writer.conn
+        restore = "SET SESSION innodb_lock_wait_timeout = @clerk_sync_lock_wait"
         conn.exec_driver_sql("SET @clerk_sync_lock_wait = @@SESSION.innodb_lock_wait_timeout, "
                              f"SESSION innodb_lock_wait_timeout = {_MYSQL_BATCH_LOCK_WAIT_S}")
         try:
             writer.lock_entities([plan_delivery(envelope).intent for _, envelope in jobs])
-        except sa.exc.DBAPIError as exc:
-            if exc.connection_invalidated or not is_lock_wait_timeout(exc.orig):
-                raise
-            raise _EachAlone(database_message(exc.orig or exc)) from exc
-        finally:
-            if not conn.invalidated:
-                conn.exec_driver_sql("SET SESSION innodb_lock_wait_timeout = @clerk_sync_lock_wait")
+        except BaseException as exc:
+            if not conn.invalidated:  # best effort: a failing restore must not hide why the pass failed
+                with contextlib.suppress(sa.exc.SQLAlchemyError):
+                    conn.exec_driver_sql(restore)
+            if (isinstance(exc, sa.exc.DBAPIError) and not exc.connection_invalidated
+                    and is_lock_wait_timeout(exc.orig)):
+                raise _EachAlone(database_message(exc.orig or exc)) from exc
+            raise
+        conn.exec_driver_sql(restore)
 
     def _pipelined(self, writer: Writer, jobs: list[tuple[str, Envelope]]) -> list[Outcome]:
         """The batch in two round trips: BEGIN, the lock bound and every upsert in one psycopg pipeline
