@@ -100,6 +100,54 @@ def test_middleware_before_authentication_middleware_is_a_check_error() -> None:
         assert [m.id for m in check_settings()] == ["clerk_sync.E004"]
 
 
+def test_settings_a_careful_user_could_get_wrong_are_check_errors_not_an_open_site() -> None:
+    """Review findings: ``PUBLIC_PREFIXES: "/static/"`` became the prefixes ``/``, ``s``.. (every path
+    public); ``REQUIRE_AUTH`` without ``ClerkMiddleware`` refused nothing; a bad ``USER_FIELDS`` path
+    failed every request instead of ``check``; a list of authorized parties became ``"['https://a'"``."""
+    from django.conf import settings
+
+    base = {"CLERK_WEBHOOK_SIGNING_SECRET": SECRET, "CLERK_JWT_KEY": pem(KEY)}
+    for key in ("PUBLIC_PREFIXES", "PUBLIC_PATHS"):
+        with override_settings(CLERK_SYNC={**base, "REQUIRE_AUTH": True, key: "/static/"}):
+            found = check_settings()
+            assert [m.id for m in found] == ["clerk_sync.E001"] and "must be a list" in found[0].msg
+            with pytest.raises(ImproperlyConfigured, match=key):
+                django_options()
+    without = [m for m in settings.MIDDLEWARE if "ClerkMiddleware" not in m]
+    with override_settings(MIDDLEWARE=without, CLERK_SYNC={**base, "REQUIRE_AUTH": True}):
+        assert [m.id for m in check_settings()] == ["clerk_sync.E005"]
+    with override_settings(MIDDLEWARE=without, CLERK_SYNC=base):
+        assert check_settings() == []  # guards alone (no REQUIRE_AUTH) need no middleware
+    with override_settings(CLERK_SYNC={**base, "USER_FIELDS": "tests.django.nowhere.fields"}):
+        assert [m.id for m in check_settings()] == ["clerk_sync.E001"]
+    parties = ["https://app.example.com", "https://admin.example.com/"]
+    with override_settings(CLERK_SYNC={**base, "CLERK_AUTHORIZED_PARTIES": parties}):
+        assert clerk_settings({}).authorized_parties() == {"https://app.example.com", "https://admin.example.com"}
+    with override_settings(CLERK_SYNC={**base, "CLERK_ISSUER": ["https://a", "https://b"]}), \
+            pytest.raises(ImproperlyConfigured, match=r"CLERK_ISSUER.*one value"):
+        clerk_settings({})
+
+
+def test_the_url_from_djangos_postgresql_database_keeps_tls_sockets_and_ipv6() -> None:
+    """Review finding: only ``OPTIONS["options"]`` reached the URL, so a ``sslmode=verify-full`` database
+    was reached with libpq's default ``prefer`` (certificate unchecked); a socket directory became part of
+    the database name; an IPv6 host made the URL unreadable."""
+    import sqlalchemy as sa
+
+    tls = {"ENGINE": "django.db.backends.postgresql", "NAME": "app", "USER": "me", "HOST": "db.example.com",
+           "OPTIONS": {"sslmode": "verify-full", "sslrootcert": "/etc/ca.pem", "pool": True,
+                       "options": "-csearch_path=s1"}}
+    url = sa.engine.make_url(str(database_url_from_django(tls)))
+    assert (url.host, url.database, dict(url.query)) == (
+        "db.example.com", "app", {"sslmode": "verify-full", "sslrootcert": "/etc/ca.pem", "options": "-csearch_path=s1"})
+    socket = sa.engine.make_url(str(database_url_from_django(
+        {"ENGINE": "django.db.backends.postgresql", "NAME": "app", "HOST": "/var/run/postgresql"})))
+    assert (socket.host, socket.database, dict(socket.query)) == (None, "app", {"host": "/var/run/postgresql"})
+    ipv6 = sa.engine.make_url(str(database_url_from_django(
+        {"ENGINE": "django.db.backends.postgresql", "NAME": "app", "HOST": "::1", "PORT": "5433"})))
+    assert (ipv6.host, ipv6.port) == ("::1", 5433)
+
+
 # -- manage.py clerk_sync ------------------------------------------------------------------------------
 
 

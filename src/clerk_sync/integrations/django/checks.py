@@ -13,7 +13,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from clerk_sync.config import Settings
 from clerk_sync.errors import ConfigError
-from clerk_sync.integrations.django.conf import clerk_settings
+from clerk_sync.integrations.django.conf import DjangoOptions, clerk_settings, django_options
 
 __all__ = ["check_settings"]
 
@@ -22,13 +22,17 @@ _AUTH_MIDDLEWARE = "django.contrib.auth.middleware.AuthenticationMiddleware"
 
 
 def check_settings(app_configs: Any = None, **_: Any) -> list[checks.CheckMessage]:
-    """Settings readable, webhook secret well-formed, a way to verify session tokens, middleware order."""
+    """Settings readable, webhook secret well-formed, a way to verify session tokens, middleware order,
+    and the Django-only keys (paths, dotted paths) as requests will read them."""
     try:
         settings = clerk_settings()
-    except (ConfigError, ImproperlyConfigured) as exc:
-        return [checks.Error(str(exc), hint="Fix settings.CLERK_SYNC (keys are the environment variable names).",
+        options = django_options()
+    except (ConfigError, ImproperlyConfigured, ImportError, TypeError) as exc:
+        return [checks.Error(str(exc), hint="Fix settings.CLERK_SYNC (keys are the environment variable names; "
+                             "USER_FIELDS, HOOKS and MAPPING dotted paths to importable objects).",
                              id="clerk_sync.E001")]
-    return [*_webhook_secret(settings), *_session_keys(settings), *_middleware_order()]
+    return [*_webhook_secret(settings), *_session_keys(settings), *_middleware_order(),
+            *_require_auth(options)]
 
 
 def _webhook_secret(settings: Settings) -> list[checks.CheckMessage]:
@@ -50,6 +54,16 @@ def _session_keys(settings: Settings) -> list[checks.CheckMessage]:
             hint="Set CLERK_JWT_KEY to the PEM from Clerk Dashboard -> API keys -> JWKS Public Key (no network "
                  "needed), or CLERK_SECRET_KEY to fetch the keys from the Backend API.",
             id="clerk_sync.E003")]
+    return []
+
+
+def _require_auth(options: DjangoOptions) -> list[checks.CheckMessage]:
+    """``REQUIRE_AUTH`` is the middleware's: without it every view would be open, silently."""
+    if options.require_auth and _MIDDLEWARE not in list(getattr(django_settings, "MIDDLEWARE", [])):
+        return [checks.Error(
+            "CLERK_SYNC['REQUIRE_AUTH'] is on, but ClerkMiddleware is not in MIDDLEWARE: nothing refuses "
+            "anonymous requests.",
+            hint=f"Add {_MIDDLEWARE!r} to MIDDLEWARE, after {_AUTH_MIDDLEWARE!r}.", id="clerk_sync.E005")]
     return []
 
 

@@ -12,8 +12,8 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
 
+import sqlalchemy as sa
 from django.conf import settings as django_settings
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
@@ -92,7 +92,7 @@ def clerk_settings(environ: Mapping[str, str] | None = None) -> Settings:
         if aliases & set(raw):  # CLERK_SYNC wins over every alias of the same setting in the environment
             for name in aliases:
                 env.pop(name, None)
-    env.update({k: v if isinstance(v, str) else str(v) for k, v in raw.items() if k in known and v is not None})
+    env.update({k: _env_value(k, v) for k, v in raw.items() if k in known and v is not None})
     if "DATABASE_URL" not in env:
         derived = database_url_from_django(django_settings.DATABASES.get("default", {}))
         if derived is not None:
@@ -100,10 +100,29 @@ def clerk_settings(environ: Mapping[str, str] | None = None) -> Settings:
     return Settings.from_env(env)
 
 
+def _env_value(key: str, value: Any) -> str:
+    """A ``CLERK_SYNC`` value as its environment variable would hold it: a list of origins or secrets
+    comma-separated (``str(list)`` would make ``"['https://a'"`` one origin and refuse every token)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list | tuple | set | frozenset):
+        if key not in _LISTS:
+            raise ImproperlyConfigured(f"settings.CLERK_SYNC[{key!r}] is a list; it takes one value")
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+_LISTS = {"CLERK_AUTHORIZED_PARTIES", "CLERK_WEBHOOK_SIGNING_SECRET"}  # comma-separated where read
+
+
 def django_options() -> DjangoOptions:
     """The Django-only keys of ``CLERK_SYNC``."""
     raw = _raw()
     values: dict[str, Any] = {_OPTION_KEYS[k]: v for k, v in raw.items() if k in _OPTION_KEYS}
+    for key in ("PUBLIC_PATHS", "PUBLIC_PREFIXES"):  # a string is not its characters: "/" would open all
+        if isinstance(raw.get(key), str):
+            raise ImproperlyConfigured(f"settings.CLERK_SYNC[{key!r}] must be a list of paths, e.g. "
+                                       f"[{raw[key]!r}], not a string")
     if "public_paths" in values:
         values["public_paths"] = frozenset(values["public_paths"])
     if "public_prefixes" in values:
@@ -126,21 +145,33 @@ def database_url_from_django(db: Mapping[str, Any]) -> str | None:
               "django.db.backends.mysql": "mysql+mysqldb"}.get(engine)  # Django's own MySQL driver too
     if scheme is None:
         return None
-    user = quote(str(db.get("USER") or ""), safe="")
-    password = quote(str(db.get("PASSWORD") or ""), safe="")
-    auth = f"{user}:{password}@" if password else f"{user}@" if user else ""
-    host = str(db.get("HOST") or "")
-    port = f":{db['PORT']}" if db.get("PORT") else ""
-    url = f"{scheme}://{auth}{host}{port}/{quote(str(db.get('NAME') or ''), safe='')}"
-    if scheme.startswith("mysql"):
-        return url + _mysql_query(db.get("OPTIONS") or {})
-    options = (db.get("OPTIONS") or {}).get("options")
-    if options:
-        return f"{url}?options={quote(str(options), safe='')}"
-    return url
+    options = db.get("OPTIONS") or {}
+    host = str(db.get("HOST") or "") or None
+    query = _mysql_query(options) if scheme.startswith("mysql") else _postgres_query(options)
+    if host is not None and host.startswith("/") and not scheme.startswith("mysql"):
+        query["host"], host = host, None  # a Unix socket directory, as libpq takes it
+    url = sa.engine.URL.create(scheme, username=str(db.get("USER") or "") or None,
+                               password=str(db.get("PASSWORD") or "") or None, host=host,
+                               port=int(db["PORT"]) if db.get("PORT") else None,
+                               database=str(db.get("NAME") or "") or None, query=query)
+    return url.render_as_string(hide_password=False)
 
 
-def _mysql_query(options: Mapping[str, Any]) -> str:
+# libpq's connection parameters Django passes through OPTIONS (TLS above all: left out, a `verify-full`
+# database would be reached with libpq's default `prefer`, certificate unchecked)
+_LIBPQ_OPTIONS = ("sslmode", "sslrootcert", "sslcert", "sslkey", "sslpassword", "sslcrl", "sslcrldir",
+                  "sslsni", "ssl_min_protocol_version", "ssl_max_protocol_version", "gssencmode",
+                  "channel_binding", "requirepeer", "krbsrvname", "service", "passfile", "options",
+                  "application_name", "target_session_attrs", "load_balance_hosts", "hostaddr")
+
+
+def _postgres_query(options: Mapping[str, Any]) -> dict[str, str]:
+    """Django's PostgreSQL ``OPTIONS`` that are libpq connection parameters; Django's own (``pool``,
+    ``server_side_binding``, ``isolation_level``, ``assume_role``) are left out."""
+    return {k: str(options[k]) for k in _LIBPQ_OPTIONS if options.get(k) is not None}
+
+
+def _mysql_query(options: Mapping[str, Any]) -> dict[str, str]:
     """Django's MySQL ``OPTIONS`` that reach the connection (socket, TLS, charset, option file) as the
     URL query mysqlclient's SQLAlchemy dialect reads; others (``init_command``, ``isolation_level``)
     are left out: clerk-sync sets its own session."""
@@ -149,4 +180,4 @@ def _mysql_query(options: Mapping[str, Any]) -> str:
     ssl = options.get("ssl")
     if isinstance(ssl, Mapping):
         query |= {f"ssl_{k}": str(v) for k, v in ssl.items() if k in ("ca", "cert", "key", "capath", "cipher")}
-    return "?" + "&".join(f"{k}={quote(v, safe='')}" for k, v in query.items()) if query else ""
+    return query
