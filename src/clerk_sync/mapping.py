@@ -13,13 +13,14 @@ or a dotted metadata path (``public_metadata.plan``, ``private_metadata.stripe.c
 the record's values, for the rest.
 
 Delete policies: :class:`SoftDelete` (a timestamp column), :class:`Deactivate` (a boolean column set
-false), :class:`Anonymise` (mapped personal columns set NULL) and :class:`HardDelete`.
+false), :class:`Anonymise` (mapped personal columns cleared) and :class:`HardDelete`.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -27,6 +28,7 @@ from decimal import Decimal
 from typing import Any
 
 import sqlalchemy as sa
+import structlog
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Connection
 
@@ -53,6 +55,7 @@ __all__ = [
 ]
 
 JSON = dict[str, Any]
+log = structlog.get_logger("clerk_sync.mapping")
 _CONTRACT = {Entity.USER: users, Entity.ORGANIZATION: organizations, Entity.MEMBERSHIP: organization_memberships}
 _RECORDS: dict[Entity, type[Any]] = {Entity.USER: UserRecord, Entity.ORGANIZATION: OrganizationRecord,
                                      Entity.MEMBERSHIP: MembershipRecord}
@@ -72,6 +75,15 @@ class LinkAmbiguous(StoreDataError):
     ``failed`` (replayable) until the app resolves the duplicates; nothing is guessed."""
 
     code = "link_ambiguous"
+
+
+class ParentNotThere(StoreError):
+    """The app's table refused a mapped row for a foreign key: a parent row not there yet (retried), unless
+    :meth:`SchemaMapping.parents_arrived` says it never will be (then the row's refusal, ``refused``)."""
+
+    def __init__(self, message: str, refused: str) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 class AppTableRolledBack(StoreDataError):
@@ -129,7 +141,8 @@ class Deactivate:
 
 @dataclass(frozen=True, slots=True)
 class Anonymise:
-    """Set the mapped personal columns (from e-mail, names, username, image) to NULL; keep the row."""
+    """Clear the mapped personal columns (from e-mail, names, username, image); keep the row. Cleared is
+    NULL, or for a NOT NULL column its Column's ``default`` else ``""`` (see :func:`cleared_values`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +160,8 @@ class MappedTable:
     ``link_by_external_id`` names the app's own id column (the value Clerk carries as the user's
     ``external_id``) and ``link_by_email`` its e-mail column: a Clerk user seen for the first time is
     linked to the one existing row with that id (tried first), else that e-mail, and no Clerk id yet
-    (opt-in; users only). Several matching rows fail the delivery (:class:`LinkAmbiguous`).
+    (opt-in; users only), compared exactly (the e-mail after ``lower()``), whatever a MariaDB column's
+    collation. Several matching rows fail the delivery (:class:`LinkAmbiguous`).
     """
 
     table: str
@@ -196,14 +210,28 @@ class SchemaMapping:
             first_line = database_message(exc.orig or exc)  # never the values (MySQL quotes them)
             if is_foreign_key_violation(exc.orig) and change.kind != "deleted":  # a parent the app's table
                 # does not hold yet (a membership before its user): an ordering that heals, so retried as a
-                # whole, as Svix does. A deletion refused because another app table still refers to the row
-                # (orders -> users under HardDelete) never heals by waiting: the row's refusal, below.
-                raise StoreError(f"{mapped.table} refused {change.type} for {change.clerk_id}: {first_line}; "
-                                 "a row it refers to is not there yet: retried") from None
+                # whole, as Svix does, while the parent has not arrived (Outbox.project asks parents_arrived,
+                # once this savepoint is rolled back). A deletion refused because another app table still
+                # refers to the row (orders -> users under HardDelete) never heals by waiting: the row's refusal.
+                refused = f"{mapped.table} refused {change.type} for {change.clerk_id}: {first_line}"
+                raise ParentNotThere(f"{refused}; a row it refers to is not there yet: retried", refused) from None
             # The app's own constraint (a UNIQUE e-mail still held by a soft-deleted row, a NOT NULL
             # column the mapping does not fill): retrying cannot help.
             raise StoreDataError(f"{mapped.table} refused {change.type} for {change.clerk_id}: {first_line}; "
                                  "fix the table or the mapping") from None
+
+    def parents_arrived(self, conn: Connection, change: Change) -> bool:
+        """Whether the contract rows a membership's app row refers to are live: then an app table's foreign key
+        refusal (:class:`ParentNotThere`) never heals by waiting (the app refused the parent's own row for
+        good, a CHECK), and retrying it would hold back the membership's role forever. Users and organizations
+        have no contract parent to wait for: False, retried as before."""
+        if change.entity is not Entity.MEMBERSHIP:
+            return False
+        parents = [(users, change.values.get("user_clerk_id")),
+                   (organizations, change.values.get("organization_clerk_id"))]
+        return all(clerk_id is not None and conn.execute(sa.select(sa.literal(1)).where(
+            table.c.clerk_id == clerk_id, table.c.deleted_at.is_(None))).first() is not None
+            for table, clerk_id in parents)
 
     def pipelines(self, conn: Connection, entity: Entity) -> bool:
         """Whether this entity's created/updated changes can be written by :meth:`cte` (psycopg
@@ -213,8 +241,12 @@ class SchemaMapping:
         if mapped is None:
             return True
         if (id(conn.engine), entity) not in self._projections:
-            with conn.engine.connect() as own:
-                self._projection(own, entity, mapped)
+            try:
+                with conn.engine.connect() as own:
+                    self._projection(own, entity, mapped)
+            except Exception:  # a column the mapping names that the table lacks (KeyError): not raised
+                # here, outside the delivery's refusal guard, which Outbox.project's path has (the row's refusal)
+                return False
         return self._projection(conn, entity, mapped).cte_sql is not None
 
     def cte(self, conn: Connection, entity: Entity, clerk_id: str, values: JSON) -> tuple[str, list[Any]] | None:
@@ -243,25 +275,53 @@ class SchemaMapping:
 
     def backfill(self, conn: Connection, now: datetime) -> dict[str, int]:
         """Project every row the contract tables already hold (a mapping added to a running install);
-        idempotent. Live rows are written (or linked), deleted ones get the delete policy if present."""
+        idempotent. Live rows are written (or linked by e-mail), deleted ones get the delete policy if present.
+        Each row under a savepoint: one the app's table refuses (an ambiguous link, a constraint, a compute
+        that raised) is logged and counted as ``refused``, the others are written. Linking by external id
+        cannot happen here: clerk-sync's tables do not keep the external id (new deliveries carry it)."""
         counts: dict[str, int] = {}
+        check_at_once(conn)
         for entity in self.tables:
             table, names = _CONTRACT[entity], record_columns(_RECORDS[entity])
             query = sa.select(table.c.deleted_at, *[table.c[n] for n in names]).order_by(table.c.id)
-            for row in conn.execute(query).mappings():
+            for row in conn.execute(query).mappings().all():
                 values = {n: row[n] for n in names}
                 kind = "created" if row["deleted_at"] is None else "deleted"
-                self.project(conn, now, Change(entity, values["clerk_id"], kind, values["clerk_updated_at"], values))
+                change = Change(entity, values["clerk_id"], kind, values["clerk_updated_at"], values)
+                try:
+                    with conn.begin_nested():
+                        self.project(conn, now, change)
+                except Exception as exc:  # any refusal is the row's (a compute's message may quote values)
+                    reason = str(exc) if isinstance(exc, StoreError) else type(exc).__name__
+                    log.warning("backfill_row_refused", table=self.tables[entity].table, clerk_id=change.clerk_id,
+                                reason=reason)
+                    counts["refused"] = counts.get("refused", 0) + 1
+                    continue
                 counts[entity.value] = counts.get(entity.value, 0) + 1
         return counts
 
-    def erase(self, conn: Connection, entity: Entity, clerk_id: str) -> None:
-        """Erasure: clear the mapped personal columns of this entity's row, whatever the delete policy."""
+    def erase(self, conn: Connection, entity: Entity, clerk_id: str) -> list[str]:
+        """Erasure: clear the mapped personal columns of this entity's row, whatever the delete policy (as
+        :func:`cleared_values`: Django's NOT NULL ``first_name`` gets ``""``, not a NULL that rolled the whole
+        erasure back). Under a savepoint: what the app's table still refuses (a CHECK, a trigger, a NOT NULL
+        column with no cleared value) is logged and returned, and the erasure of clerk-sync's rows holds."""
         mapped = self.tables.get(entity)
-        personal = {n: None for n, col in (mapped.resolved().items() if mapped else ()) if col.is_personal}
-        if mapped is not None and personal:
-            table = self.table(conn, mapped.table)
-            conn.execute(sa.update(table).where(table.c[mapped.clerk_id_column] == clerk_id).values(**personal))
+        if mapped is None or not any(col.is_personal for col in mapped.resolved().values()):
+            return []
+        table = self.table(conn, mapped.table)
+        personal, kept = cleared_values(table, mapped.resolved())
+        check_at_once(conn)
+        refused = [f"{mapped.table}.{c} is NOT NULL with no default or empty value: not cleared" for c in kept]
+        if personal:
+            try:
+                with conn.begin_nested():
+                    conn.execute(sa.update(table).where(table.c[mapped.clerk_id_column] == clerk_id).values(**personal))
+            except sa.exc.DBAPIError as exc:
+                why = database_message(exc.orig or exc)
+                refused.append(f"{mapped.table} refused clearing the personal columns: {why}")
+        for reason in refused:
+            log.warning("mapped_erasure_refused", table=mapped.table, clerk_id=clerk_id, reason=reason)
+        return refused
 
 
 class _Projection:
@@ -287,6 +347,7 @@ class _Projection:
         self.insert_new = (insert(table).values(row).on_conflict_do_nothing()
                            if _unique(table, self.key) and dialect in ("postgresql", "sqlite") else None)
         self.cte_sql, self.json_at = _cte_sql(table, self.key, names, mapped, dialect)
+        self.bool_at = [i for i, n in enumerate(names) if isinstance(table.c[n].type, sa.Boolean)]
         self.wave = _wave(table, self.key, names, self) if self.cte_sql is not None else None
         # Creations and updates in one prebuilt statement (no Core construct to key per call), when
         # ON CONFLICT can name the Clerk-id column and no row is to be linked.
@@ -317,6 +378,9 @@ class _Projection:
         if self.cte_sql is None:
             raise ValueError(f"{self.m.table}: cannot be written by the delivery's statement (see pipelines)")
         row = self.row(values)
+        for i in self.bool_at:  # psycopg's text would be cast ("true"): refused as SQLAlchemy's Boolean does
+            if isinstance(row[i], str):
+                raise TypeError(f"str for a boolean column of {self.m.table}")
         return self.cte_sql, [*(Jsonb(v) if i in self.json_at else v for i, v in enumerate(row)), clerk_id]
 
     def apply(self, conn: Connection, now: datetime, change: Change) -> None:
@@ -346,12 +410,15 @@ class _Projection:
         if self.m.link_by_external_id and external_id:
             column = self.t.c[self.m.link_by_external_id]
             wanted = _as_column_value(column, external_id)
-            if wanted is not None and self._adopt(change, values, column == wanted, f"external id {external_id!r}"):
+            match = (_exactly(self.conn, column) == _exactly(self.conn, sa.literal(wanted, column.type))
+                     if isinstance(column.type, sa.String) else column == wanted)
+            if wanted is not None and self._adopt(change, values, match, f"external id {external_id!r}"):
                 return True
         if self.m.link_by_email and email:
             column = self.t.c[self.m.link_by_email]
             lower = unicode_lower(self.conn)  # the same lower() on both sides (PostgreSQL's and Python's differ)
-            return self._adopt(change, values, lower(column) == lower(sa.literal(email)), f"e-mail {email!r}")
+            match = _exactly(self.conn, lower(column)) == _exactly(self.conn, lower(sa.literal(email)))
+            return self._adopt(change, values, match, f"e-mail {email!r}")
         return False
 
     def _adopt(self, change: Change, values: JSON, match: sa.ColumnElement[bool], what: str) -> bool:
@@ -376,14 +443,57 @@ class _Projection:
         policy, where = self.m.on_delete, self.key == clerk_id
         if isinstance(policy, HardDelete):
             self.conn.execute(sa.delete(self.t).where(where))
-        elif isinstance(policy, SoftDelete):
-            self.conn.execute(sa.update(self.t).where(where).values(**{policy.column: self.now}))
+        elif isinstance(policy, SoftDelete):  # the first deletion's time kept (a backfill re-run, a replay)
+            column = self.t.c[policy.column]
+            self.conn.execute(sa.update(self.t).where(where, column.is_(None)).values(**{policy.column: self.now}))
         elif isinstance(policy, Deactivate):
             self.conn.execute(sa.update(self.t).where(where).values(**{policy.column: False}))
         else:
-            personal = {name: None for name, col in self.columns.items() if col.is_personal}
+            personal, kept = cleared_values(self.t, self.columns)
+            personal |= dict.fromkeys(kept)  # (the table refuses NULL there: the row's refusal, doctor says so)
             if personal:
                 self.conn.execute(sa.update(self.t).where(where).values(**personal))
+
+
+CHECK_AT_ONCE = "SET CONSTRAINTS ALL IMMEDIATE"
+
+
+def check_at_once(conn: Connection) -> None:
+    """PostgreSQL: the app's constraints checked at each statement, also those it declared DEFERRABLE
+    INITIALLY DEFERRED. Checked at COMMIT, a refusal of one mapped row names no statement and rolls back
+    the whole transaction (a reconcile page, an erasure, a backfill) on every run; at once, it is the row's."""
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(CHECK_AT_ONCE)
+
+
+def cleared_values(table: sa.Table, columns: Mapping[str, Column]) -> tuple[JSON, list[str]]:
+    """What erasure and :class:`Anonymise` write into the mapped personal columns, and the NOT NULL ones that
+    have nothing to be cleared to. NULL where the column takes it; else the mapped Column's ``default`` (what
+    the mapping already writes for "no value", ``Column("first_name", default="")``); else ``""`` for a
+    string column (empty rather than a placeholder that reads as data). A NOT NULL number or date without
+    a default has no cleared value: :func:`check_schema` fails it."""
+    values: JSON = {}
+    kept: list[str] = []
+    for name, col in columns.items():
+        if not col.is_personal:
+            continue
+        value = _cleared(table.c[name].nullable, table.c[name].type, col)
+        if value is _NO_VALUE:
+            kept.append(name)
+        else:
+            values[name] = value
+    return values, kept
+
+
+_NO_VALUE = object()
+
+
+def _cleared(nullable: bool | None, type_: Any, col: Column) -> Any:
+    if nullable or nullable is None:
+        return None
+    if col.default is not None:
+        return col.default
+    return "" if isinstance(type_, sa.String) else _NO_VALUE
 
 
 def unicode_lower(conn: Connection) -> Any:
@@ -396,6 +506,16 @@ def unicode_lower(conn: Connection) -> Any:
     raw: Any = conn.connection.driver_connection
     raw.create_function("clerk_sync_lower", 1, lambda v: v.lower() if isinstance(v, str) else v, deterministic=True)
     return sa.func.clerk_sync_lower
+
+
+def _exactly(conn: Connection, text: Any) -> Any:
+    """``text`` compared code point by code point. MySQL/MariaDB compare with the column's collation, whose
+    defaults (``*_general_ci``, ``*_unicode_ci``) ignore accents and trailing spaces: linking would give a
+    new ``élodie@example.com`` the row of ``elodie@example.com``, another person's account. There both sides
+    go as utf8mb4 bytes (``utf8mb4_bin`` still pads spaces); elsewhere ``=`` already compares exactly."""
+    if conn.dialect.name not in ("mysql", "mariadb"):
+        return text
+    return sa.cast(sa.cast(text, mysql.CHAR(charset="utf8mb4")), sa.LargeBinary)
 
 
 def folded_like(lower: Any, column: Any, pattern: str) -> sa.ColumnElement[bool]:
@@ -554,8 +674,8 @@ def _as_json(type_: sa.types.TypeEngine[Any]) -> Callable[[Any], Any]:
 
     if isinstance(type_, sa.JSON):
         return json.dumps
-    if isinstance(type_, sa.Boolean):
-        return taking(bool)
+    if isinstance(type_, sa.Boolean):  # not a str: PostgreSQL would take "true" here, SQLAlchemy's Boolean not
+        return lambda value: value if value is None or type(value) is bool else refuse(value)
     if isinstance(type_, sa.Integer):
         return taking(int)
     if isinstance(type_, sa.Float):  # float4: psycopg's float8 is rounded to it, not the decimal text
@@ -596,6 +716,11 @@ def _as_column_value(column: sa.Column[Any], external_id: str) -> Any:
         return external_id
     if python_type is int:
         return int(external_id) if external_id.lstrip("-").isdigit() else None
+    if python_type is uuid.UUID:  # a uuid primary key (PostgreSQL's uuid, SQLAlchemy's Uuid)
+        try:
+            return uuid.UUID(external_id) if getattr(column.type, "as_uuid", True) else external_id
+        except ValueError:
+            return None
     return external_id if python_type is str else None
 
 
@@ -657,6 +782,13 @@ def check_schema(conn: Connection, mapping: SchemaMapping) -> list[tuple[str, st
                                      f"ALTER TABLE {name} MODIFY {mapped.clerk_id_column} {column_type} CHARACTER SET "
                                      f"utf8mb4 COLLATE utf8mb4_bin{'' if nullable else ' NOT NULL'} (MODIFY restates "
                                      "the whole column: add its DEFAULT and COMMENT, if any, from SHOW CREATE TABLE)"))
+        for column in mapped.link_columns:
+            collation = _mysql_collation(conn, name, column)[0] if column in columns else ""
+            if collation.endswith("_ci"):
+                problems.append(("warn", f"{name}.{column} compares without regard to case or accents ({collation}), "
+                                         "so the app's own lookups take elodie@ and élodie@ for one person; clerk-sync "
+                                         "links by the exact value (this column's index does not serve it): consider "
+                                         "COLLATE utf8mb4_bin"))
         unique = {tuple(i["column_names"]) for i in inspector.get_indexes(name) if i.get("unique")}
         unique |= {tuple(u["column_names"]) for u in inspector.get_unique_constraints(name)}
         if mapped.clerk_id_column in columns and (mapped.clerk_id_column,) not in unique:
@@ -668,10 +800,12 @@ def check_schema(conn: Connection, mapping: SchemaMapping) -> list[tuple[str, st
                     and not info.get("autoincrement") and column not in _primary_key(inspector, name)):
                 problems.append(("fail", f"{name}.{column} is NOT NULL without a default and not mapped: inserts "
                                          "of new Clerk entities will fail; map it or give it a default"))
-        if isinstance(mapped.on_delete, Anonymise):
-            for column, col in mapped.resolved().items():
-                if col.is_personal and column in columns and not columns[column].get("nullable", True):
-                    problems.append(("fail", f"{name}.{column} is NOT NULL: Anonymise cannot clear it"))
+        for column, col in mapped.resolved().items():  # erasure clears them whatever the policy
+            if (col.is_personal and column in columns
+                    and _cleared(columns[column].get("nullable", True), columns[column]["type"], col) is _NO_VALUE):
+                problems.append(("fail", f"{name}.{column} is NOT NULL and holds personal data, with nothing to clear "
+                                         "it to: erasure (and Anonymise) leave it; give the Column a default or "
+                                         "let the column be NULL"))
     return problems
 
 
@@ -692,7 +826,8 @@ def _shared_link_values(conn: Connection, mapped: MappedTable, column: str) -> l
     """The link column's values held by several rows without a Clerk id: users with them will not be
     linked (their deliveries fail as :class:`LinkAmbiguous`). Counted, not shown (they are personal)."""
     t = sa.table(mapped.table, sa.column(column), sa.column(mapped.clerk_id_column))
-    value = sa.func.lower(t.c[column]) if column == mapped.link_by_email else t.c[column]
+    # grouped as linking compares: the same lower(), then exactly (not by a MariaDB _ci collation)
+    value = _exactly(conn, unicode_lower(conn)(t.c[column]) if column == mapped.link_by_email else t.c[column])
     shared = (sa.select(value).where(t.c[mapped.clerk_id_column].is_(None), t.c[column].is_not(None))
               .group_by(value).having(sa.func.count() > 1).subquery())
     n = conn.execute(sa.select(sa.func.count()).select_from(shared)).scalar_one()

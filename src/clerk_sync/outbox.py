@@ -39,7 +39,9 @@ from clerk_sync.errors import StoreDataError, StoreError
 from clerk_sync.events import MembershipRecord, OrganizationRecord, UserRecord, record_columns
 from clerk_sync.mapping import (
     AppTableRolledBack,
+    ParentNotThere,
     SchemaMapping,
+    check_at_once,
     direct_sqlite,
     folded_like,
     processors,
@@ -85,6 +87,7 @@ class Outbox:
         self.unmapped = unmapped
         self.changes: list[Change] = []
         self.refused: list[str] = []
+        self.checked_at_once = False  # whether this transaction checks the app's deferred constraints at once
         self._hooked = {e for e in Entity if any(hook.covers(e) for hook in hooks)}
         self._upsert_hooks: dict[Entity, tuple[HookSpec, ...]] = {}
         self._wanted = self._hooked | set(mapping.tables if mapping is not None else ())
@@ -136,6 +139,9 @@ class Outbox:
         if self.unmapped is not None:
             reason = self.unmapped
         else:
+            if not self.checked_at_once:  # every mapped transaction (reconcile, admin writes), not only Store.run's
+                check_at_once(self.conn)
+                self.checked_at_once = True
             try:
                 with _savepoint(self.conn):
                     self.mapping.project(self.conn, self.now, change)
@@ -143,8 +149,12 @@ class Outbox:
                 raise
             except StoreDataError as exc:
                 reason = str(exc)
+            except ParentNotThere as exc:  # (asked once the savepoint is rolled back: PostgreSQL reads nothing before)
+                if not self.mapping.parents_arrived(self.conn, change):
+                    raise  # a parent row not there yet: the unit of work is retried
+                reason = f"{exc.refused}; the rows it refers to have arrived: the app's table refused theirs"
             except StoreError:
-                raise  # transient (a parent row not there yet): the unit of work is retried
+                raise  # transient: the unit of work is retried
             except sa.exc.SQLAlchemyError as exc:
                 refused = store_error(exc)
                 if not isinstance(refused, StoreDataError):

@@ -33,6 +33,7 @@ from clerk_sync.changes import Change, Hook, change_type, describe
 from clerk_sync.config import DatabaseTimeouts
 from clerk_sync.engine import DeliveryStatus, Entity, Record, RevokeSession, Tombstone, Upsert
 from clerk_sync.events import MembershipRecord, OrganizationRecord, UserRecord, record_columns
+from clerk_sync.mapping import CHECK_AT_ONCE as CHECK_AT_ONCE_SQL
 from clerk_sync.mapping import (
     AppTableRolledBack,
     MappedWave,
@@ -212,7 +213,7 @@ class Writer:
         return fit_reason("; ".join(notes)) or None
 
     #: Sent after BEGIN where an app's table may hold a deferred constraint (see :attr:`checks_at_once`).
-    CHECK_AT_ONCE = "SET CONSTRAINTS ALL IMMEDIATE"
+    CHECK_AT_ONCE = CHECK_AT_ONCE_SQL
 
     @property
     def checks_at_once(self) -> bool:
@@ -226,6 +227,8 @@ class Writer:
         """:attr:`CHECK_AT_ONCE` when :attr:`checks_at_once` (one statement, in this transaction)."""
         if self.checks_at_once:
             self.conn.exec_driver_sql(self.CHECK_AT_ONCE)
+            if self.outbox is not None:
+                self.outbox.checked_at_once = True  # (Outbox.project sends it otherwise)
 
     # -- inbox ---------------------------------------------------------------------------------
     def record_delivery(self, svix_id: str, payload: dict[str, Any] | str, *, event_type: str,

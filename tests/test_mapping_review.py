@@ -1,0 +1,281 @@
+"""Review findings on the mapped tables: exact linking on MariaDB, erasure of NOT NULL personal columns, a
+membership whose app parent was refused for good, a mapping naming a missing column, deferred constraints
+outside Store.run, uuid external ids, backfill refusals, boolean text in batches, the doctor's folding."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from clerk_sync.engine import Entity, Upsert
+from clerk_sync.events import parse_envelope, user_record
+from clerk_sync.ingest import WebhookProcessor
+from clerk_sync.integrations._committer import ALONE, GroupCommitter
+from clerk_sync.mapping import Column, Deactivate, MappedTable, SchemaMapping, SoftDelete, check_schema, migrate_schema
+from clerk_sync.retention import Retention
+from clerk_sync.store import Store
+from clerk_sync.webhooks import WebhookVerifier
+from tests import factories as f
+from tests.test_hooks import B, deliver
+from tests.test_mapping import _with_app_table, auth_user, django_meta
+
+
+def _scalar(store: Store, sql: str) -> Any:
+    with store.connect() as conn:
+        return conn.execute(sa.text(sql)).scalar_one()
+
+
+def test_linking_compares_exactly_under_a_case_and_accent_insensitive_collation(db_url: str) -> None:
+    """MariaDB compared the link columns with their collation: under utf8mb4_general_ci a new Clerk user
+    ``élodie@example.com`` adopted the row of ``elodie@example.com`` (another person's account), and an
+    external id ``ABC`` the row ``abc``. Compared exactly now; the doctor warns about such a column."""
+    legacy = sa.Table("ci_accounts", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
+                      sa.Column("legacy_id", sa.String(64)), sa.Column("email", sa.String(200)),
+                      mysql_charset="utf8mb4", mysql_collate="utf8mb4_general_ci")
+    mapping = SchemaMapping(users=MappedTable("ci_accounts", "clerk_user_id", {"email": "email"},
+                                              link_by_email="email", link_by_external_id="legacy_id"))
+    store, engine = _with_app_table(db_url, legacy, mapping)
+    with engine.begin() as conn:
+        conn.execute(legacy.insert(), [{"id": 1, "email": "elodie@example.com"},
+                                       {"id": 2, "legacy_id": "abc", "email": "someone@example.com"},
+                                       {"id": 3, "email": "Ann@Example.com"}])
+    other = f.user("user_x", B + 1000, email="x@example.com")
+    other["external_id"] = "ABC"
+    assert deliver(store, f.envelope("user.created", f.user("user_el", B + 1000, email="élodie@example.com")),
+                   f.envelope("user.created", other),
+                   f.envelope("user.created", f.user("user_ann", B + 1000, email="ann@example.com"))) == ["applied"] * 3
+    with engine.connect() as conn:
+        linked = dict(conn.execute(sa.text("SELECT id, clerk_user_id FROM ci_accounts WHERE id <= 3")).all())
+        warnings = [p for _, p in check_schema(conn, mapping)]
+    assert linked == {1: None, 2: None, 3: "user_ann"}  # the same address in other case is still linked
+    if store.dialect == "mysql":
+        assert any("ci_accounts.email compares without regard" in w for w in warnings), warnings
+        assert any("ci_accounts.legacy_id compares without regard" in w for w in warnings), warnings
+    store.dispose()
+    engine.dispose()
+
+
+def _django_mapping() -> SchemaMapping:
+    return SchemaMapping(users=MappedTable("auth_user", "clerk_id", {
+        "username": "clerk_id", "email": Column("email", default=""),
+        "first_name": Column("first_name", default=""), "last_name": "last_name",  # (no default: "" for a string)
+        "is_staff": Column(compute=lambda v: v.get("role") == "admin"),
+        "is_superuser": Column(compute=lambda v: False),
+        "password": Column(compute=lambda v: "!"),
+        "date_joined": Column(compute=lambda v: datetime.fromtimestamp((v.get("clerk_created_at") or 0) / 1000, UTC)),
+    }, on_delete=Deactivate("is_active")))
+
+
+def test_erasure_clears_not_null_personal_columns_to_empty_not_null(db_url: str) -> None:
+    """Django's auth_user has NOT NULL e-mail and names: erasure set them NULL and the whole erasure rolled
+    back (StoreError) on every store. They are cleared to the Column's default, else "" now, the user erased;
+    the doctor fails a NOT NULL personal column with nothing to clear it to, whatever the policy."""
+    engine = sa.create_engine(db_url)
+    django_meta.create_all(engine)
+    mapping = _django_mapping()
+    with engine.begin() as conn:
+        migrate_schema(conn, mapping)
+        assert check_schema(conn, mapping) == []
+        conn.execute(sa.text("ALTER TABLE auth_user ADD COLUMN age integer NOT NULL DEFAULT 0"))
+        aged = SchemaMapping(users=MappedTable("auth_user", "clerk_id", {
+            **mapping.tables[Entity.USER].columns, "age": Column("private_metadata.age", personal=True)},
+            on_delete=SoftDelete("date_joined")))
+        assert any("auth_user.age is NOT NULL and holds personal data" in p for _, p in check_schema(conn, aged))
+    store = Store.from_url(db_url, mapping=mapping)
+    assert deliver(store, f.envelope("user.created", f.user("user_1", B + 1000, first_name="Ada"))) == ["applied"]
+    Retention(store).erase_user("user_1", reason="GDPR request")
+    with engine.connect() as conn:
+        row = conn.execute(sa.select(auth_user.c.username, auth_user.c.email, auth_user.c.first_name,
+                                     auth_user.c.last_name)).one()
+    assert tuple(row) == ("user_1", "", "", "")
+    assert _scalar(store, "SELECT deleted_at FROM users WHERE clerk_id = 'user_1'") is not None
+    store.dispose()
+    engine.dispose()
+
+
+def test_a_membership_whose_apps_parent_row_was_refused_for_good_is_applied_not_retried_forever(db_url: str) -> None:
+    """The app's users table refused the user's row for good (a CHECK): its memberships table's foreign key
+    then refused the membership, taken for "a parent not there yet", 503 forever, the role never written.
+    With the contract parents there, it is the membership row's refusal and the role applies."""
+    meta = sa.MetaData()
+    people = sa.Table("fkc_people", meta, sa.Column("id", sa.Integer, primary_key=True),
+                      sa.Column("clerk_user_id", sa.String(64), unique=True), sa.Column("first", sa.String(64)),
+                      sa.CheckConstraint("first <> 'Bad'", name="ck_fkc_people_first"))
+    seats = sa.Table("fkc_seats", meta, sa.Column("id", sa.Integer, primary_key=True),
+                     sa.Column("clerk_id", sa.String(64), unique=True),
+                     sa.Column("member", sa.String(64), sa.ForeignKey("fkc_people.clerk_user_id")))
+    mapping = SchemaMapping(users=MappedTable("fkc_people", "clerk_user_id", {"first": "first_name"}),
+                            memberships=MappedTable("fkc_seats", "clerk_id", {"member": "user_clerk_id"}))
+    engine = sa.create_engine(db_url)
+    with engine.begin() as conn:
+        meta.create_all(conn)
+        migrate_schema(conn, mapping)
+    store = Store.from_url(db_url, mapping=mapping)
+    membership = f.membership("orgmem_c", "org_c", "user_c", B + 1000, role="org:admin")
+    assert deliver(store, f.envelope("user.created", f.user("user_c", B + 1000, first_name="Bad")),
+                   f.envelope("organization.created", f.organization("org_c", B + 1000)),
+                   f.envelope("organizationMembership.created", membership)) == ["applied"] * 3
+    assert _scalar(store, "SELECT role FROM organization_memberships WHERE clerk_id = 'orgmem_c'") == "org:admin"
+    error = _scalar(store, "SELECT last_error FROM webhook_events WHERE type = 'organizationMembership.created'")
+    assert "the app's table refused" in error and "have arrived" in error
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(seats)).scalar_one() == 0
+        assert conn.execute(sa.select(sa.func.count()).select_from(people)).scalar_one() == 0
+    store.dispose()
+    engine.dispose()
+
+
+def test_a_mapping_naming_a_missing_column_never_holds_back_a_ban(db_url: str) -> None:
+    """PostgreSQL built the one-statement projection outside the refusal guard: a mapped column the table
+    lacks raised KeyError there, the delivery was stored failed and its ban not applied (SQLite and
+    MariaDB applied it). Now every store applies the ban and notes the app table's refusal."""
+    nicks = sa.Table("short_nicks", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
+                     sa.Column("clerk_user_id", sa.String(64), unique=True))
+    store, engine = _with_app_table(db_url, nicks, SchemaMapping(users=MappedTable(
+        "short_nicks", "clerk_user_id", {})))
+    store.dispose()
+    store = Store.from_url(db_url, mapping=SchemaMapping(users=MappedTable(
+        "short_nicks", "clerk_user_id", {"nick": Column("unsafe_metadata.nick")})))
+    assert deliver(store, f.envelope("user.created", f.user("user_m", B + 1000, banned=True))) == ["applied"]
+    assert _scalar(store, "SELECT banned FROM users WHERE clerk_id = 'user_m'") in (True, 1)
+    assert "the app's table refused" in _scalar(store, "SELECT last_error FROM webhook_events")
+    store.dispose()
+    engine.dispose()
+
+
+@pytest.mark.postgres
+def test_a_deferred_constraint_is_checked_at_once_in_any_mapped_transaction() -> None:
+    """Store.run checked the app's DEFERRABLE constraints at each statement, a plain Store.transaction()
+    (a reconcile page, an admin write) did not: the refusal came at COMMIT and rolled the whole page
+    back, every run. Now it is the row's refusal there too, and the other users of the page commit."""
+    from clerk_sync.migrations import upgrade
+    from tests.conftest import PG_URL, pg_schema_url
+
+    schema = f"defer_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(PG_URL)
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
+        conn.exec_driver_sql(
+            f"CREATE TABLE {schema}.profiles (clerk_user_id varchar(64) UNIQUE, email text, deleted_at timestamptz, "
+            "CONSTRAINT uq_profiles_email UNIQUE (email) DEFERRABLE INITIALLY DEFERRED)")
+        conn.exec_driver_sql(f"INSERT INTO {schema}.profiles (email) VALUES ('taken@example.com')")  # noqa: S608
+    store = Store.from_url(pg_schema_url(schema), mapping=SchemaMapping(users=MappedTable(
+        "profiles", "clerk_user_id", {"email": "email"}, on_delete=SoftDelete("deleted_at"))))
+    try:
+        upgrade(store.engine)
+        with store.transaction() as writer:  # as a reconcile page writes
+            for n, email in enumerate(["a@example.com", "taken@example.com"]):
+                writer.apply(Upsert(Entity.USER, user_record(f.user(f"user_d{n}", B + 1000, email=email))))
+            refused = list(writer.refused)
+        assert len(refused) == 1 and "uq_profiles_email" in refused[0]
+        assert _scalar(store, "SELECT count(*) FROM users") == 2
+    finally:
+        store.dispose()
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
+        admin.dispose()
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+@pytest.mark.postgres
+def test_link_by_external_id_matches_a_uuid_id_column(db_url: str) -> None:
+    """The app's id column is a uuid: the external id (a string) never matched it. Converted now; an
+    external id that is no uuid matches nothing (a row of its own), without an error."""
+    legacy = sa.Table("uuid_accounts", sa.MetaData(),
+                      sa.Column("id", sa.Uuid, primary_key=True, server_default=sa.text("gen_random_uuid()")),
+                      sa.Column("email", sa.String(200)))
+    mapping = SchemaMapping(users=MappedTable("uuid_accounts", "clerk_user_id", {"email": "email"},
+                                              link_by_external_id="id"))
+    store, engine = _with_app_table(db_url, legacy, mapping)
+    known = uuid.uuid4()
+    with engine.begin() as conn:
+        conn.execute(legacy.insert().values(id=known, email="legacy@example.com"))
+    linked, other = f.user("user_u1", B + 1000), f.user("user_u2", B + 1000)
+    linked["external_id"], other["external_id"] = str(known).upper(), "not-a-uuid"
+    assert deliver(store, f.envelope("user.created", linked), f.envelope("user.created", other)) == ["applied"] * 2
+    with engine.connect() as conn:
+        rows = {r[1]: r[0] for r in conn.execute(sa.text("SELECT id, clerk_user_id FROM uuid_accounts"))}
+    assert len(rows) == 2 and rows["user_u1"] == known
+    store.dispose()
+    engine.dispose()
+
+
+def test_backfill_writes_what_it_can_and_keeps_the_first_deletion_time(db_url: str) -> None:
+    """One row the app's table refused rolled the whole backfill back; each row is its own now (counted as
+    refused). A soft-deleted row's deleted_at was rewritten by every run; it keeps the first now."""
+    names = sa.Table("bf_names", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
+                     sa.Column("clerk_user_id", sa.String(64), unique=True), sa.Column("first", sa.String(64)),
+                     sa.Column("deleted_at", sa.DateTime(timezone=True)),
+                     sa.CheckConstraint("first <> 'Bad'", name="ck_bf_names_first"))
+    plain = Store.from_url(db_url)
+    deliver(plain, f.envelope("user.created", f.user("user_b1", B + 1000, first_name="Bad")),
+            f.envelope("user.created", f.user("user_b2", B + 1000, first_name="Ada")),
+            f.envelope("user.created", f.user("user_b3", B + 1000, first_name="Bo")),
+            f.envelope("user.deleted", f.deleted("user", "user_b3"), B + 2000))
+    plain.dispose()
+    mapping = SchemaMapping(users=MappedTable("bf_names", "clerk_user_id", {"first": "first_name"}))
+    store, engine = _with_app_table(db_url, names, mapping)
+    with engine.begin() as conn:
+        conn.execute(names.insert().values(clerk_user_id="user_b3", first="Bo"))
+    first = datetime(2030, 1, 1, tzinfo=UTC)
+    for n in range(2):
+        with store.transaction() as writer:
+            assert mapping.backfill(writer.conn, first + timedelta(days=n)) == {"users": 2, "refused": 1}
+    with engine.connect() as conn:
+        rows = {r[0]: (r[1], r[2]) for r in conn.execute(sa.select(names.c.clerk_user_id, names.c.first,
+                                                                   names.c.deleted_at))}
+    assert set(rows) == {"user_b2", "user_b3"} and rows["user_b2"] == ("Ada", None)
+    assert rows["user_b3"][1] is not None and rows["user_b3"][1].replace(tzinfo=UTC).day == 1
+    store.dispose()
+    engine.dispose()
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+@pytest.mark.postgres
+def test_a_boolean_written_as_text_is_refused_batched_and_alone_alike(db_url: str) -> None:
+    """PostgreSQL's batches passed ``"true"`` from metadata to a Boolean column (cast there), where a
+    delivery alone (SQLAlchemy's Boolean), SQLite and MariaDB refused it: the app's row depended on how
+    busy the endpoint was. Refused on both paths now; the contract row (the ban) applies either way."""
+    flags = sa.Table("text_flags", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
+                     sa.Column("clerk_user_id", sa.String(64), unique=True), sa.Column("flag", sa.Boolean))
+    mapping = SchemaMapping(users=MappedTable("text_flags", "clerk_user_id", {"flag": Column("unsafe_metadata.flag")}))
+    store, engine = _with_app_table(db_url, flags, mapping)
+    processor = WebhookProcessor(store, WebhookVerifier([f.SECRET]))
+
+    def event(n: int) -> tuple[str, Any]:
+        body = f.user(f"user_f{n}", B + 1000, banned=True)
+        body["unsafe_metadata"] = {"flag": "true"}
+        return f"msg_f{n}", parse_envelope(json.dumps(f.envelope("user.created", body)))
+
+    batched = [event(1), event(2)]
+    outcomes = [processor.apply_alone(*batched[i]) if r is ALONE else r
+                for i, r in enumerate(GroupCommitter(processor).write(batched))]
+    outcomes.append(processor.apply_alone(*event(3)))
+    assert [o.status for o in outcomes] == ["applied"] * 3
+    assert all("the app's table refused" in (o.error or "") for o in outcomes), outcomes
+    assert _scalar(store, "SELECT count(*) FROM users WHERE banned") == 3
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(flags)).scalar_one() == 0
+    store.dispose()
+    engine.dispose()
+
+
+def test_the_doctor_folds_link_e_mails_as_linking_does(db_url: str) -> None:
+    """SQLite's lower() folds ASCII only: the doctor missed ``ÉLODIE@`` and ``élodie@`` shared by two rows
+    without a Clerk id, which linking (Python's lower()) finds ambiguous."""
+    legacy = sa.Table("doctor_accounts", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
+                      sa.Column("email", sa.String(200)))
+    mapping = SchemaMapping(users=MappedTable("doctor_accounts", "clerk_user_id", {"email": "email"},
+                                              link_by_email="email"))
+    store, engine = _with_app_table(db_url, legacy, mapping)
+    with engine.begin() as conn:
+        conn.execute(legacy.insert(), [{"id": 1, "email": "ÉLODIE@Example.com"}, {"id": 2, "email": "élodie@example.com"}])
+        problems = [p for _, p in check_schema(conn, mapping)]
+    assert any("1 e-mail value(s) are shared" in p for p in problems), problems
+    store.dispose()
+    engine.dispose()
