@@ -288,6 +288,8 @@ class GroupCommitter:
                 raw.execute(f"SET LOCAL lock_timeout = {self._lock_wait_ms}")
                 if writer.checks_at_once:
                     raw.execute(writer.CHECK_AT_ONCE)
+                    if writer.outbox is not None:
+                        writer.outbox.checked_at_once = True  # (else Outbox.project would send it again)
                 done = processor.pipelined_in(writer, jobs)
                 rest = bool(writer.deleted_with_parent) or any(
                     outcome is None or outcome.status == DeliveryStatus.SKIPPED for outcome in done)
