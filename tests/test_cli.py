@@ -49,13 +49,14 @@ def test_migrate_then_replay_failed_deliveries(db_url: str) -> None:
     with store.transaction() as w:
         w.record_delivery("msg_cli", broken, event_type="user.created", instance_id=None, event_timestamp=1)
         w.finish_delivery("msg_cli", "failed", "bad updated_at")
-    result = run("replay", env={"DATABASE_URL": db_url})
-    assert result.returncode == 0, result.stderr
-    assert "replayed 1" in result.stdout + result.stderr
+    result = run("replay", env={"DATABASE_URL": db_url})  # still broken: exit 1, not 0 (review)
+    assert result.returncode == 1, result.stderr
+    assert "replayed 1" in result.stdout + result.stderr and "1 still failed" in result.stderr
     fixed = f.envelope("user.created", f.user("user_cli", 5))
     with store.transaction() as w:
         w.conn.execute(webhook_events.update().values(payload=fixed))
-    run("replay", "--status", "failed", "--since", "2000-01-01T00:00:00", env={"DATABASE_URL": db_url})
+    fixed_run = run("replay", "--status", "failed", "--since", "2000-01-01T00:00:00", env={"DATABASE_URL": db_url})
+    assert fixed_run.returncode == 0, fixed_run.stderr
     with store.connect() as conn:
         assert conn.execute(sa.select(users.c.clerk_id)).scalar_one() == "user_cli"
         assert conn.execute(sa.select(webhook_events.c.status)).scalar_one() == "applied"

@@ -279,3 +279,32 @@ def test_the_doctor_folds_link_e_mails_as_linking_does(db_url: str) -> None:
     assert any("1 e-mail value(s) are shared" in p for p in problems), problems
     store.dispose()
     engine.dispose()
+
+
+def test_what_the_app_table_refuses_to_clear_is_reported_and_audited(db_url: str) -> None:
+    """The erasure of clerk-sync's rows holds when the app's table refuses its cleared values (a CHECK
+    here); what is left for the app to clear is in the report, the audit row and the CLI's warning."""
+    from clerk_sync.tables import audit_log
+
+    engine = sa.create_engine(db_url)
+    meta = sa.MetaData()
+    checked = sa.Table("checked_accounts", meta, sa.Column("id", sa.Integer, primary_key=True),
+                       sa.Column("clerk_user_id", sa.String(64), unique=True),
+                       sa.Column("email", sa.String(320), nullable=False),
+                       sa.Column("active", sa.Boolean, nullable=False, server_default=sa.true()),
+                       sa.CheckConstraint("email <> ''", name="ck_checked_accounts_email"))
+    meta.create_all(engine)
+    mapping = SchemaMapping(users=MappedTable("checked_accounts", "clerk_user_id", {"email": "email"},
+                                              on_delete=Deactivate("active")))
+    store = Store.from_url(db_url, mapping=mapping)
+    assert deliver(store, f.envelope("user.created", f.user("user_c", B + 1000, email="c@example.com"))) == ["applied"]
+    report = Retention(store).erase_user("user_c", reason="GDPR request")
+    assert len(report.mapped_refused) == 1 and "checked_accounts refused clearing" in report.mapped_refused[0]
+    assert "c@example.com" not in report.mapped_refused[0]
+    with store.connect() as conn:
+        details = conn.execute(sa.select(audit_log.c.details).where(audit_log.c.action == "user.erased")).scalar_one()
+        assert conn.execute(sa.select(checked.c.email)).scalar_one() == "c@example.com"  # the app's to clear
+    assert (json.loads(details) if isinstance(details, str) else details)["mapped_refused"] == list(report.mapped_refused)
+    assert _scalar(store, "SELECT email FROM users WHERE clerk_id = 'user_c'") is None  # clerk-sync's erased
+    store.dispose()
+    engine.dispose()

@@ -88,7 +88,7 @@ def test_delivery_series_move_with_outcomes(service: tuple[httpx.Client, Webhook
     before = scrape(client)
     assert before.get("clerk_sync_database_up") == 1.0
     assert before.get("clerk_sync_failed_deliveries") == 0.0
-    assert not before.has("clerk_sync_newest_delivery_timestamp_seconds")
+    assert before.get("clerk_sync_newest_delivery_timestamp_seconds") == 0.0  # none yet: 0, so the alert fires
 
     sent_ms = int(time.time() * 1000) - 3000  # the event happened 3 s before we apply it
     event = f.envelope("user.created", f.user("user_m1", 1), timestamp=sent_ms)

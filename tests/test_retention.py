@@ -165,10 +165,41 @@ def test_erase_user_removes_personal_data_everywhere(store: Store, verifier: Web
 
 
 def test_erasing_an_unknown_user_leaves_a_tombstone(store: Store, verifier: WebhookVerifier) -> None:
-    report = Retention(store).erase_user("user_never_seen")
+    report = Retention(store).erase_user("user_never_seen", allow_unknown=True)
     assert not report.row_existed and report.payloads_redacted == 0
     processor = WebhookProcessor(store, verifier)
     assert deliver(processor, f.envelope("user.created", _user("user_never_seen", 5)), "msg_x") == "skipped"
+
+
+def test_erasing_an_id_never_seen_is_refused_and_changes_nothing(store: Store, verifier: WebhookVerifier) -> None:
+    """Review finding: an e-mail address or a mistyped id was "erased": payloads naming the string were
+    redacted, a permanent tombstone for nobody and an audit row written, and the real user kept their data."""
+    from clerk_sync.retention import UnknownUser
+
+    processor = WebhookProcessor(store, verifier)
+    assert deliver(processor, f.envelope("user.created", f.user("user_ann", 1, email="ann@example.com")), "m") == "applied"
+    for wrong in ("ann@example.com", "user_ann ", " "):
+        with pytest.raises(ValueError, match="Clerk user id"):
+            Retention(store).erase_user(wrong)
+    with pytest.raises(UnknownUser, match="user_anne"):
+        Retention(store).erase_user("user_anne")
+    with store.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(audit_log)).scalar_one() == 0
+        assert conn.execute(sa.select(users.c.clerk_id, users.c.email, users.c.deleted_at)).all() == [
+            ("user_ann", "ann@example.com", None)]
+        assert conn.execute(sa.select(webhook_events.c.redacted_at)).scalar_one() is None
+    assert Retention(store).erase_user("user_ann").row_existed  # the real id works
+
+
+def test_erasing_a_hard_deleted_user_again_is_allowed(store: Store, verifier: WebhookVerifier) -> None:
+    """The row of a user whose tombstone was hard-deleted is gone, but the digest says they were here."""
+    processor = WebhookProcessor(store, verifier)
+    assert deliver(processor, f.envelope("user.created", _user("user_hd", 1)), "msg_hd") == "applied"
+    assert deliver(processor, f.envelope("user.deleted", f.deleted("user", "user_hd")), "msg_hd2") == "applied"
+    policy = RetentionPolicy(redact_after=timedelta(0), delete_after=timedelta(days=3),
+                             delete_tombstones_after=timedelta(days=1))
+    assert Retention(store, policy, now=_later(5)).prune().erased == 1
+    assert not Retention(store).erase_user("user_hd").row_existed
 
 
 def test_replicas_pruning_together_share_the_work(store: Store, verifier: WebhookVerifier) -> None:

@@ -162,6 +162,10 @@ class Settings(BaseSettings):
     def _delete_after_redact(self) -> Settings:
         if self.inbox_delete_after_days < self.inbox_redact_after_days:
             raise ValueError("CLERK_SYNC_INBOX_DELETE_AFTER_DAYS must be >= CLERK_SYNC_INBOX_REDACT_AFTER_DAYS")
+        hard = self.tombstone_delete_after_days
+        if hard is not None and hard < self.tombstone_clear_after_days:  # else prune and serve crash later
+            raise ValueError("CLERK_SYNC_TOMBSTONE_DELETE_AFTER_DAYS must be >= CLERK_SYNC_TOMBSTONE_CLEAR_AFTER_DAYS "
+                             "(a row is cleared before it is deleted)")
         return self
 
     @classmethod
@@ -175,8 +179,8 @@ class Settings(BaseSettings):
             return cls.model_validate(values)
         except ValidationError as exc:
             first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise ConfigError(f"Invalid setting {where}: {first['msg']}") from None
+            where = " " + ".".join(str(p) for p in first["loc"]) if first["loc"] else ""  # none: a pair's check
+            raise ConfigError(f"Invalid setting{where}: {first['msg'].removeprefix('Value error, ')}") from None
 
     def webhook_secrets(self) -> tuple[SecretStr, ...]:
         """The secrets to verify against; a missing or malformed secret is a start-up error."""
@@ -201,7 +205,8 @@ class Settings(BaseSettings):
         url = self.database_url
         for prefix in ("postgres://", "postgresql://"):
             if url.startswith(prefix):
-                return "postgresql+psycopg://" + url[len(prefix):]
+                url = "postgresql+psycopg://" + url[len(prefix):]
+        _check_driver(url)
         return url
 
     def sqlite_path(self) -> Path | None:
@@ -210,6 +215,26 @@ class Settings(BaseSettings):
         if url.startswith("sqlite:///") and ":memory:" not in url:
             return Path(url.removeprefix("sqlite:///"))
         return None
+
+
+def _check_driver(url: str) -> None:
+    """A driver that is not installed fails here as a ConfigError, not as a traceback from create_engine."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        parsed = make_url(url)
+        dialect = parsed.get_dialect()
+    except SQLAlchemyError:  # malformed or unknown: create_engine says so, as before
+        return
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        instead = " use postgresql+psycopg:// (psycopg 3, installed with clerk-sync), or" \
+            if parsed.get_backend_name() == "postgresql" else ""
+        raise ConfigError(f"DATABASE_URL names the driver {parsed.drivername!r}, but its module "
+                          f"{exc.name or '?'!r} is not installed:{instead} pip install the driver "
+                          "into this environment") from None
 
 
 def _aliases(alias: object) -> list[str]:

@@ -76,14 +76,20 @@ def check_freshness(snap: DatabaseSnapshot, *, now: float, max_delivery_age_s: f
             _reconcile(snap, now, max_reconcile_age_s)]
 
 
+_ENDPOINT = "check the endpoint in the Clerk Dashboard (Webhooks -> your endpoint -> message attempts; disabled?)"
+
+
 def _deliveries(snap: DatabaseSnapshot, now: float, max_age: float) -> FreshnessCheck:
     name = "newest delivery"
+    drift = sum(snap.reconcile_last_drift.values())
     if snap.newest_delivery_at is None:
+        if drift:  # what ClerkSyncNoDeliveriesWhileDrift pages for: reconcile repairs, nothing arrives
+            return FreshnessCheck(name, "fail", f"no delivery stored yet, while the last reconcile repaired {drift} "
+                                  f"row(s): {_ENDPOINT}")
         return FreshnessCheck(name, "warn", "no delivery stored yet: is the Clerk webhook endpoint configured?")
     age = now - snap.newest_delivery_at
     if age > max_age:
-        return FreshnessCheck(name, "fail", f"{age:.0f}s ago (limit {max_age:.0f}s): check the endpoint in the "
-                              "Clerk Dashboard (Webhooks -> your endpoint -> message attempts; disabled?)")
+        return FreshnessCheck(name, "fail", f"{age:.0f}s ago (limit {max_age:.0f}s): {_ENDPOINT}")
     return FreshnessCheck(name, "ok", f"{age:.0f}s ago")
 
 
@@ -102,8 +108,9 @@ def _reconcile(snap: DatabaseSnapshot, now: float, max_age: float) -> FreshnessC
     age = now - snap.reconcile_last_success_at
     drift = sum(snap.reconcile_last_drift.values())
     detail = f"completed {age:.0f}s ago, repaired {drift} row(s) {snap.reconcile_last_drift}"
-    if age > max_age:
-        return FreshnessCheck(name, "warn", f"{detail}; older than {max_age:.0f}s: is the schedule running?")
+    if age > max_age:  # ClerkSyncReconcileStale: the safety net has stopped
+        return FreshnessCheck(name, "fail", f"{detail}; older than {max_age:.0f}s: is the schedule running? "
+                              "Run `clerk-sync reconcile` and check the cron job's log")
     if drift:
         return FreshnessCheck(name, "warn", f"{detail}: deliveries were missed; check the endpoint's attempts")
     return FreshnessCheck(name, "ok", detail)

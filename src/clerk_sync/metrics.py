@@ -1,5 +1,10 @@
 """Prometheus metrics, one registry per service instance (no process-global state).
 
+Under ``serve --workers N`` each worker is a process of its own and a scrape reaches one of them:
+``serve`` sets ``PROMETHEUS_MULTIPROC_DIR`` to a fresh directory before the workers start, prometheus_client
+then keeps every value in a per-process file there, and :meth:`Metrics.render` sums them across workers
+(``MultiProcessCollector``), so a counter never appears to go back (a "reset" to Prometheus).
+
 The series answer "is sync fresh and healthy?" (alert rules: ``docs/alerts.yml``). Everything here is
 pure bookkeeping on prometheus_client objects: values that live in the database (newest delivery,
 failed backlog, last reconcile) come from a ``probe`` callable the caller injects
@@ -18,7 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess, values
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
@@ -95,11 +100,13 @@ class _DatabaseCollector(Collector):
         backlog = GaugeMetricFamily("clerk_sync_failed_deliveries", "Deliveries stored as failed (replay them).")
         backlog.add_metric([], float(snap.failed_backlog))
         yield backlog
-        if snap.newest_delivery_at is not None:
-            newest = GaugeMetricFamily("clerk_sync_newest_delivery_timestamp_seconds",
-                                       "When the newest delivery that was applied, skipped or ignored arrived.")
-            newest.add_metric([], snap.newest_delivery_at)
-            yield newest
+        # 0 when nothing was ever delivered: an absent series would keep the "no deliveries while drift"
+        # alert silent on exactly the install whose endpoint never worked.
+        newest = GaugeMetricFamily("clerk_sync_newest_delivery_timestamp_seconds",
+                                   "When the newest delivery that was applied, skipped or ignored arrived "
+                                   "(0: none yet).")
+        newest.add_metric([], snap.newest_delivery_at or 0.0)
+        yield newest
         if snap.reconcile_last_success_at is not None:
             last = GaugeMetricFamily("clerk_sync_reconcile_last_success_timestamp_seconds",
                                      "When the last completed reconcile run finished.")
@@ -157,10 +164,14 @@ class Metrics:
                                     ["endpoint", "status"], registry=r)
         self.api_rate_limited = Counter("clerk_sync_clerk_api_rate_limited",
                                         "Clerk Backend API answers 429 Too Many Requests.", ["endpoint"], registry=r)
+        # Across workers (multiprocess mode): open in any live worker; the local budgets add up.
         self.breaker_open = Gauge("clerk_sync_clerk_api_circuit_open",
-                                  "1 while the Clerk API circuit breaker is open.", registry=r)
+                                  "1 while the Clerk API circuit breaker is open.", registry=r,
+                                  multiprocess_mode="livemax")
         self.budget_tokens = Gauge("clerk_sync_clerk_api_budget_tokens",
-                                   "Requests the local Clerk API budget allows right now.", registry=r)
+                                   "Requests the local Clerk API budget allows right now.", registry=r,
+                                   multiprocess_mode="livesum")
+        self._read_at_scrape: list[tuple[Gauge, Callable[[], float]]] = []
         self.reconcile_runs = Counter("clerk_sync_reconcile_runs", "Reconcile runs by result.", ["result"],
                                       registry=r)
         self.reconcile_drift = Counter("clerk_sync_reconcile_drift", "Drift reconcile found, by table and action.",
@@ -210,9 +221,12 @@ class Metrics:
     def watch_clerk_client(self, *, breaker_open: Callable[[], bool],
                            budget_tokens: Callable[[], float] | None = None) -> None:
         """Read the breaker (and budget, when local) at scrape time; the last client watched wins."""
-        self.breaker_open.set_function(lambda: 1.0 if breaker_open() else 0.0)
+        read: list[tuple[Gauge, Callable[[], float]]] = [(self.breaker_open, lambda: 1.0 if breaker_open() else 0.0)]
         if budget_tokens is not None:
-            self.budget_tokens.set_function(budget_tokens)
+            read.append((self.budget_tokens, budget_tokens))
+        for gauge, fn in read:
+            gauge.set_function(fn)
+        self._read_at_scrape = read  # multiprocess mode reads files, not functions: render() writes them
 
     # -- reconcile ------------------------------------------------------------------------------
     def reconciled(self, result: str, drift: dict[str, dict[str, int]]) -> None:
@@ -234,4 +248,13 @@ class Metrics:
         self.registry.register(self._database)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """The exposition text; with ``PROMETHEUS_MULTIPROC_DIR`` set, every worker's values summed."""
+        if not values.ValueClass._multiprocess:
+            return generate_latest(self.registry)
+        for gauge, fn in self._read_at_scrape:
+            gauge.set(fn())
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        if self._database is not None:  # read from the database: the same in every worker
+            registry.register(self._database)
+        return generate_latest(registry)

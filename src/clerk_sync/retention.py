@@ -45,13 +45,14 @@ from clerk_sync._mentions import Mentions
 from clerk_sync.auth.audit import AuditEntry, record_audit
 from clerk_sync.config import Settings
 from clerk_sync.engine import DeliveryStatus, Entity, Tombstone
+from clerk_sync.errors import ClerkSyncError
 from clerk_sync.mapping import folded_like, unicode_lower
 from clerk_sync.metrics import Metrics
 from clerk_sync.outbox import delete_jobs, redact_jobs
 from clerk_sync.store import Store, Writer, dialect_family, erased_digest
 from clerk_sync.tables import erased, hook_jobs, organization_memberships, organizations, users, webhook_events
 
-__all__ = ["ErasureReport", "PruneReport", "Retention", "RetentionPolicy", "redact_payload"]
+__all__ = ["ErasureReport", "PruneReport", "Retention", "RetentionPolicy", "UnknownUser", "redact_payload"]
 
 _DONE = (DeliveryStatus.APPLIED, DeliveryStatus.SKIPPED, DeliveryStatus.IGNORED)
 # What a redacted payload keeps: enough to tell what the delivery was, nothing about the person.
@@ -128,11 +129,17 @@ class PruneReport:
 
 @dataclass(frozen=True, slots=True)
 class ErasureReport:
-    """What ``erase_user`` changed: the user row (tombstoned/cleared) and the payloads it redacted."""
+    """What ``erase_user`` changed: the user row (tombstoned/cleared) and the payloads it redacted;
+    ``mapped_refused``: what the app's mapped table would not clear (also in the audit row)."""
 
     clerk_id: str
     row_existed: bool
     payloads_redacted: int
+    mapped_refused: tuple[str, ...] = ()
+
+
+class UnknownUser(ClerkSyncError, LookupError):
+    """``erase_user`` was given an id this database has never seen (a typo, or an e-mail address)."""
 
 
 class Retention:
@@ -258,30 +265,40 @@ class Retention:
             )
 
     # -- erasure --------------------------------------------------------------------------------
-    def erase_user(self, clerk_id: str, *, actor: str | None = None, reason: str | None = None) -> ErasureReport:
+    def erase_user(self, clerk_id: str, *, actor: str | None = None, reason: str | None = None,
+                   allow_unknown: bool = False) -> ErasureReport:
         """Remove a user's personal data from every table and stored payload now; audited.
 
         The row stays as a cleared tombstone, so no later or replayed event brings the user back.
+        An id never seen here (no row, no digest, no stored event) raises :class:`UnknownUser` and
+        changes nothing: a typo would otherwise leave a permanent tombstone for nobody while the real
+        user keeps their data. ``allow_unknown`` erases it anyway (a request before the first webhook).
         """
-        if not clerk_id:
-            raise ValueError("erase_user needs a Clerk user id")
+        if not clerk_id or "@" in clerk_id or any(c.isspace() for c in clerk_id):
+            raise ValueError(f"erase_user needs a Clerk user id (user_...), not {clerk_id!r}")
         with self.store.transaction() as writer:
             row = writer.conn.execute(
                 sa.select(users.c.email, users.c.email_addresses).where(users.c.clerk_id == clerk_id)
             ).first()
             # The row's e-mails, and those its user events carried: once the user was deleted and pruned,
             # the row holds none, and a payload naming only the address (email.created) would stay.
-            mentions = Mentions({clerk_id, *_emails(row), *_emails_delivered(writer, clerk_id)})
+            seen, delivered = _user_events(writer, clerk_id)
+            if not (allow_unknown or row is not None or seen or _digest_recorded(writer, clerk_id)):
+                raise UnknownUser(f"no user {clerk_id!r} in this database (no row, no stored event): check the "
+                                  "id; erase one never synced only with allow_unknown (CLI: --force)")
+            mentions = Mentions({clerk_id, *_emails(row), *delivered})
             writer.apply(Tombstone(Entity.USER, clerk_id, int(writer.now.timestamp() * 1000)))
             writer.conn.execute(users.update().where(users.c.clerk_id == clerk_id).values(**_CLEARED[users]))
             redacted = _redact_mentions(writer, mentions)
             # Issue 11: the app's mapped table and queued hook jobs hold personal data too.
             redacted += redact_jobs(writer.conn, mentions)
-            if self.store.mapping is not None:
-                self.store.mapping.erase(writer.conn, Entity.USER, clerk_id)
-            record_audit(writer, AuditEntry("user.erased", actor, clerk_id,
-                                            details={"payloads_redacted": redacted, "reason": reason}))
-        return ErasureReport(clerk_id, row is not None, redacted)
+            refused = (tuple(self.store.mapping.erase(writer.conn, Entity.USER, clerk_id))
+                       if self.store.mapping is not None else ())
+            details: dict[str, Any] = {"payloads_redacted": redacted, "reason": reason}
+            if refused:  # the erasure holds; what is left for the app to clear is on record
+                details["mapped_refused"] = list(refused)
+            record_audit(writer, AuditEntry("user.erased", actor, clerk_id, details=details))
+        return ErasureReport(clerk_id, row is not None, redacted, refused)
 
 
 def _mark_erased(writer: Writer, entity: Entity, clerk_ids: list[str]) -> None:
@@ -313,22 +330,31 @@ def _emails(row: Any) -> set[str]:
     return found | {e for e in (row.email_addresses or []) if isinstance(e, str) and e}
 
 
-def _emails_delivered(writer: Writer, clerk_id: str) -> set[str]:
-    """The addresses the user's own stored events (``user.*`` about ``clerk_id``, not redacted yet) carry."""
+def _digest_recorded(writer: Writer, clerk_id: str) -> bool:
+    """True when the user's tombstone was hard-deleted (its digest stays in ``clerk_sync_erased``)."""
+    digest = erased_digest(Entity.USER, clerk_id)
+    return writer.conn.execute(sa.select(erased.c.digest).where(erased.c.digest == digest)).first() is not None
+
+
+def _user_events(writer: Writer, clerk_id: str) -> tuple[bool, set[str]]:
+    """Whether the user's own stored events (``user.*`` about ``clerk_id``, not redacted yet) exist, and
+    the addresses they carry."""
     e = webhook_events
     query = sa.select(e.c.payload).where(e.c.type.like("user.%"), e.c.redacted_at.is_(None),
                                          sa.cast(e.c.payload, sa.Text).contains(clerk_id, autoescape=True))
     found: set[str] = set()
+    seen = False
     for (payload,) in writer.conn.execute(query):
         document = json.loads(payload) if isinstance(payload, str) else payload
         data = document.get("data") if isinstance(document, dict) else None
         if not isinstance(data, dict) or data.get("id") != clerk_id:
             continue
+        seen = True
         for address in data.get("email_addresses") or []:
             value = address.get("email_address") if isinstance(address, dict) else None
             if isinstance(value, str) and value:
                 found.add(value)
-    return found
+    return seen, found
 
 
 def _redact_mentions(writer: Writer, mentions: Mentions) -> int:

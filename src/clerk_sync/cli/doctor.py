@@ -101,6 +101,8 @@ def _guard(name: str, fn: Callable[[], tuple[str, str]]) -> Check:
         status, detail = fn()
     except (ClerkSyncError, httpx.HTTPError) as exc:
         status, detail = "fail", str(exc)
+    except ValueError as exc:  # e.g. an answer that is not the JSON expected: one failed line, not a traceback
+        status, detail = "fail", f"unexpected answer ({type(exc).__name__}: {exc})"
     return Check(name, status, detail)
 
 
@@ -131,9 +133,15 @@ def _clerk_api(settings: Settings, client: httpx.Client) -> tuple[str, str]:
     response = client.get(url, headers={"Authorization": f"Bearer {settings.clerk_secret_key.get_secret_value()}"})
     if response.status_code in (401, 403):
         return "fail", f"{url} refused CLERK_SECRET_KEY ({response.status_code}): use this instance's secret key"
-    if response.status_code >= 400:
-        return "fail", f"{url} answered {response.status_code}"
-    return "ok", f"{settings.clerk_api_url} reachable, {response.json().get('total_count', '?')} users"
+    expected = "CLERK_API_URL should be the Backend API's base URL (default https://api.clerk.com)"
+    if response.status_code >= 300:  # a redirect is not followed: the secret key must not travel on
+        where = response.headers.get("location")
+        return "fail", f"{url} answered {response.status_code}{f' (to {where})' if where else ''}: {expected}"
+    try:
+        total = response.json().get("total_count", "?")
+    except (ValueError, AttributeError):
+        return "fail", f"{url} answered {response.status_code} but not with Clerk's JSON: {expected}"
+    return "ok", f"{settings.clerk_api_url} reachable, {total} users"
 
 
 def _session_keys(settings: Settings, client: httpx.Client) -> tuple[str, str]:

@@ -109,6 +109,8 @@ def _store() -> Store:
 def _ids(ids: list[int] | None, all_: bool, verb: str) -> list[int] | None:
     if not ids and not all_:
         raise ConfigError(f"name the dead jobs to {verb} (ids from `clerk-sync hooks list`), or pass --all")
+    if ids and all_:  # which one was meant? --all used to win silently
+        raise ConfigError(f"pass job ids or --all, not both: `hooks {verb} --all` {verb}s every dead job")
     return None if all_ else ids
 
 

@@ -120,7 +120,7 @@ def replay(
                                                         "(module:attribute); by default none fire.")] = None,
     mapping: Annotated[str | None, typer.Option(help=MAPPING_HELP)] = None,
 ) -> None:
-    """Re-apply stored deliveries (after fixing what made them fail)."""
+    """Re-apply stored deliveries (after fixing what made them fail); exit 1 while some stay failed."""
     from clerk_sync.cli._args import parse_since
     from clerk_sync.engine import DeliveryStatus
     from clerk_sync.ingest import replay_deliveries
@@ -134,6 +134,10 @@ def replay(
     report = replay_deliveries(store, status=status, since=parse_since(since), with_hooks=bool(with_hooks))
     store.dispose()
     console.print(f"replayed {report.total} deliveries: {report.by_status or 'none'}")
+    if still := report.by_status.get(DeliveryStatus.FAILED.value):  # a scheduled replay must not look fine
+        console.print(f"[red]{still} still failed[/]: read webhook_events.last_error (or the console), fix the "
+                      "cause, then replay again")
+        raise SystemExit(1)
 
 
 @app.command()
@@ -163,8 +167,9 @@ def emulate(
 def dev(
     db: Annotated[Path, typer.Option(help="SQLite file for the demo (recreated).")] = Path("clerk_sync_dev.db"),
     port: Annotated[int, typer.Option(help="Sync service port (0 = any free port).")] = 0,
-    users: Annotated[int, typer.Option(help="Demo users to create.")] = 12,
-    orgs: Annotated[int, typer.Option(help="Demo organizations to create.")] = 3,
+    users: Annotated[int, typer.Option(min=2, help="Demo users to create (the demo renames one, deletes "
+                                                   "another).")] = 12,
+    orgs: Annotated[int, typer.Option(min=0, help="Demo organizations to create.")] = 3,
     once: Annotated[bool, typer.Option("--once", help="Exit after the report instead of serving.")] = False,
 ) -> None:
     """Zero-config demo: local Clerk + sync service on SQLite, demo data, convergence report."""
@@ -231,11 +236,14 @@ def prune(
 
 @users_app.command("erase")
 def users_erase(
-    clerk_id: Annotated[str, typer.Argument(help="Clerk user id (user_...).")],
+    clerk_id: Annotated[str, typer.Argument(help="Clerk user id (user_...), not an e-mail address.")],
     reason: Annotated[str | None, typer.Option(help="Recorded in the audit log, e.g. a ticket id.")] = None,
     actor: Annotated[str | None, typer.Option(help="Clerk id of the admin acting (audit log).")] = None,
     mapping: Annotated[str | None, typer.Option(help=MAPPING_HELP + " Its row's personal columns are cleared "
                                                      "too (the app's mapped tables are not known otherwise).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Erase an id this database has never seen (no row, no "
+                                                        "stored event): a tombstone is written so its events never "
+                                                        "land. Without it such an id (a typo?) is refused.")] = False,
 ) -> None:
     """Erase a user's personal data from every table and stored payload now (data-subject request).
 
@@ -243,22 +251,42 @@ def users_erase(
     Delete the user in Clerk too, or the next reconcile cannot restore them either (the tombstone
     is final) but Clerk still holds their data. With mapped tables, pass the mapping as ``serve`` does.
     """
-    from clerk_sync.retention import Retention
+    from clerk_sync.retention import Retention, UnknownUser
 
-    if not clerk_id.strip():
-        raise typer.BadParameter("a Clerk user id (user_...) is needed", param_hint="CLERK_ID")
     settings = _settings()
     store = Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts(),
                            mapping=load_mapping(mapping))
     try:
-        report = Retention(store).erase_user(clerk_id, actor=actor, reason=reason)
+        _check_user_id(store, clerk_id)
+        report = Retention(store).erase_user(clerk_id, actor=actor, reason=reason, allow_unknown=force)
+    except UnknownUser:
+        console.print(f"[red]error:[/] no user {clerk_id!r} in this database (no row, no stored event); nothing "
+                      "was changed. Check the id (Clerk Dashboard -> Users, or the users table's clerk_id), or "
+                      "pass --force to tombstone a user never synced.")
+        raise SystemExit(1) from None
     finally:
         store.dispose()
     found = "erased" if report.row_existed else "no row for it; tombstone written"
     typer.echo(f"{clerk_id}: {found}, {report.payloads_redacted} stored payload(s) redacted; audited as user.erased")
+    for refused in report.mapped_refused:
+        console.print(f"[yellow]warning:[/] {refused}: clear it in the app's table (see `clerk-sync doctor --mapping`)")
     if mapping is None:
         typer.echo("the app's mapped tables were not touched: with a mapping, run this again with "
                    "--mapping module:attribute (it is idempotent)")
+
+
+def _check_user_id(store: Store, clerk_id: str) -> None:
+    """Refuse what cannot be a Clerk user id (an e-mail, blanks): erasing it would tombstone nobody."""
+    from clerk_sync.auth.admin import find_user_by_email
+
+    if clerk_id.strip() and "@" not in clerk_id and not any(c.isspace() for c in clerk_id):
+        return
+    hint = "find it in the Clerk Dashboard (Users) or the users table's clerk_id"
+    if "@" in clerk_id:
+        found = find_user_by_email(store, clerk_id.strip())
+        hint = f"the synced user with this e-mail is {found}" if found else f"no synced user has this e-mail; {hint}"
+    raise typer.BadParameter(f"{clerk_id!r} is not a Clerk user id: pass the id (user_...); {hint}",
+                             param_hint="CLERK_ID")
 
 
 @app.command()
@@ -302,16 +330,26 @@ def _serve_workers(host: str, port: int, workers: int) -> None:
     TCP_NODELAY and each keep-alive response waits ~40 ms for a delayed ACK (Kludex/uvicorn#3149).
     Re-wrapping the descriptor with ``IPPROTO_TCP`` fixes it; measured in BENCHMARKS.md.
     """
+    import shutil
     import socket
+    import tempfile
 
     import uvicorn
     from uvicorn.supervisors import Multiprocess
 
+    # Each worker counts in its own process: with a shared PROMETHEUS_MULTIPROC_DIR /metrics sums them
+    # (clerk_sync.metrics). Fresh each run (inside the operator's directory, if set): files left by an
+    # earlier run would add its counts to this one's.
+    metrics_dir = tempfile.mkdtemp(prefix="clerk-sync-metrics-", dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # before the workers import prometheus_client
     config = uvicorn.Config("clerk_sync.integrations.starlette:app_from_env", factory=True, host=host,
                             port=port, workers=workers, log_level="warning", access_log=False)
-    bound = config.bind_socket()
-    sock = socket.socket(bound.family, bound.type, socket.IPPROTO_TCP, fileno=bound.detach())
-    Multiprocess(config, sockets=[sock]).run()
+    try:
+        bound = config.bind_socket()
+        sock = socket.socket(bound.family, bound.type, socket.IPPROTO_TCP, fileno=bound.detach())
+        Multiprocess(config, sockets=[sock]).run()
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 @app.command()

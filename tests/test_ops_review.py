@@ -1,0 +1,178 @@
+"""Operations review findings: the CLI's exits, errors and metrics an operator or cron relies on."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from clerk_sync.engine import Entity, Upsert
+from clerk_sync.events import user_record
+from clerk_sync.store import Store
+from clerk_sync.tables import audit_log, users
+from tests import factories as f
+from tests._server import free_port, wait_for_http
+from tests.conftest import SECRET
+from tests.test_cli import CLI, run
+
+
+def _sqlite(tmp_path: Path) -> str:
+    url = f"sqlite:///{tmp_path / 'ops.db'}"
+    assert run("migrate", env={"DATABASE_URL": url}).returncode == 0
+    return url
+
+
+def test_users_erase_refuses_an_email_or_an_unknown_id(tmp_path: Path) -> None:
+    """`users erase ann@example.com` exited 0 after tombstoning "ann@example.com" while Ann kept her data."""
+    url = _sqlite(tmp_path)
+    store = Store.from_url(url)
+    with store.transaction() as w:
+        w.apply(Upsert(Entity.USER, user_record(f.user("user_ann", 5, email="ann@example.com"))))
+    env = {"DATABASE_URL": url}
+
+    email = run("users", "erase", "ann@example.com", env=env)
+    assert email.returncode == 2, email.stderr
+    assert "user_ann" in email.stderr and "not a Clerk user id" in " ".join(email.stderr.split())
+    typo = run("users", "erase", "user_anm", env=env)
+    assert typo.returncode == 1 and "--force" in typo.stderr and "nothing was changed" in " ".join(typo.stderr.split())
+    with store.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(audit_log)).scalar_one() == 0
+        assert conn.execute(sa.select(users.c.clerk_id, users.c.email)).all() == [("user_ann", "ann@example.com")]
+
+    forced = run("users", "erase", "user_anm", "--force", env=env)
+    assert forced.returncode == 0 and "tombstone written" in forced.stdout
+    erased = run("users", "erase", "user_ann", env=env)
+    assert erased.returncode == 0 and "user_ann: erased" in erased.stdout
+    with store.connect() as conn:
+        assert conn.execute(sa.select(users.c.email).where(users.c.clerk_id == "user_ann")).scalar_one() is None
+    store.dispose()
+
+
+def test_a_driver_that_is_not_installed_is_one_line_naming_it() -> None:
+    """postgresql+psycopg2:// (psycopg2 is not a dependency) crashed every command with a traceback."""
+    if importlib.util.find_spec("psycopg2") is not None:
+        pytest.skip("psycopg2 is installed here")
+    env = {"DATABASE_URL": "postgresql+psycopg2://app@127.0.0.1:1/app", "CLERK_WEBHOOK_SIGNING_SECRET": SECRET}
+    for command in (["migrate"], ["doctor"], ["prune"], ["doctor", "--freshness"]):
+        result = run(*command, env=env)
+        out = " ".join((result.stdout + result.stderr).split())
+        assert "Traceback" not in out, (command, out)
+        assert result.returncode in (1, 2), (command, out)
+        assert "'psycopg2' is not installed" in out and "postgresql+psycopg://" in out, (command, out)
+
+
+def test_tombstones_deleted_before_they_are_cleared_is_an_invalid_setting() -> None:
+    """serve and prune crashed with a ValueError traceback from RetentionPolicy."""
+    env = {"CLERK_SYNC_TOMBSTONE_CLEAR_AFTER_DAYS": "10", "CLERK_SYNC_TOMBSTONE_DELETE_AFTER_DAYS": "5"}
+    for command in ("prune", "serve"):
+        result = run(command, env=env)
+        out = " ".join(result.stderr.split())
+        assert result.returncode == 2 and "Traceback" not in out, out
+        assert "Invalid setting: CLERK_SYNC_TOMBSTONE_DELETE_AFTER_DAYS must be >=" in out, out
+
+
+def test_dev_refuses_too_few_users_before_starting() -> None:
+    """`dev --users 0` divided by zero and `--users 1` indexed past the end, after starting the emulator."""
+    for n in ("0", "1"):
+        result = run("dev", "--once", "--users", n)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert "--users" in result.stderr
+
+
+def test_hooks_retry_refuses_ids_with_all(tmp_path: Path) -> None:
+    """`hooks retry 3 --all` retried every dead job, ignoring the id the operator named."""
+    url = _sqlite(tmp_path)
+    for verb in ("retry", "purge"):
+        result = run("hooks", verb, "3", "--all", env={"DATABASE_URL": url})
+        assert result.returncode == 2 and "not both" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(("status", "headers", "body"), [
+    (301, {"location": "https://api.clerk.com/v1/users/count"}, b""),
+    (200, {"content-type": "text/html"}, b"<html>login</html>"),
+    (200, {"content-type": "application/json"}, b"[1, 2]"),
+])
+def test_doctor_reports_a_redirect_or_a_page_that_is_not_clerk(status: int, headers: dict[str, str],
+                                                               body: bytes) -> None:
+    """A redirect or an HTML page from CLERK_API_URL crashed `doctor` on response.json()."""
+    from clerk_sync.cli.doctor import run_checks
+    from clerk_sync.config import Settings
+
+    settings = Settings.from_env({"CLERK_SECRET_KEY": "sk_test_x", "CLERK_API_URL": "http://clerk.example",
+                                  "CLERK_WEBHOOK_SIGNING_SECRET": SECRET})
+    with httpx.Client(transport=httpx.MockTransport(lambda _: httpx.Response(status, headers=headers,
+                                                                                content=body))) as client:
+        checks = {c.name: c for c in run_checks(settings, http=client)}
+    api = checks["Clerk Backend API"]
+    assert api.status == "fail" and "CLERK_API_URL should be" in api.detail and str(status) in api.detail
+    assert checks["session keys"].status == "fail"
+
+
+@pytest.mark.parametrize("db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
+def test_serve_with_workers_exposes_one_total_across_workers(db_url: str, tmp_path: Path) -> None:
+    """Each worker had its own registry; a scrape reached one of them, so counters went up and down
+    (resets to Prometheus: rate() alerts fired for ever)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port, refused = free_port(), 24
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLERK_", "PROMETHEUS_"))}
+    env.update({"DATABASE_URL": db_url, "CLERK_WEBHOOK_SIGNING_SECRET": SECRET, "TMPDIR": str(tmp_path)})
+    proc = subprocess.Popen([*CLI, "serve", "--port", str(port), "--workers", "2"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{base}/healthz", timeout=30, proc=proc)
+        for _ in range(refused):  # a fresh connection each: the kernel hands them to either worker
+            assert httpx.post(f"{base}/webhooks/clerk", content=b"{}").status_code == 400
+        totals = []
+        for _ in range(12):
+            text = httpx.get(f"{base}/metrics").text
+            totals.append(sum(s.value for m in text_string_to_metric_families(text) for s in m.samples
+                              if s.name == "clerk_sync_webhook_refused_total"))
+        assert list(tmp_path.glob("clerk-sync-metrics-*"))  # the workers' files live here while serving
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    assert totals == [refused] * len(totals)
+    assert not list(tmp_path.glob("clerk-sync-metrics-*"))  # removed when serve stops
+
+
+def test_no_delivery_ever_is_exported_as_zero_so_the_alert_can_fire() -> None:
+    """The newest-delivery series was absent until a first delivery: ClerkSyncNoDeliveriesWhileDrift
+    (time() - max(series) > 1800) never fired on an install whose endpoint never worked."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from clerk_sync.metrics import DatabaseSnapshot, Metrics
+
+    metrics = Metrics()
+    metrics.watch_database(lambda: DatabaseSnapshot(None, 0, None))
+    samples = {s.name: s.value for m in text_string_to_metric_families(metrics.render().decode()) for s in m.samples}
+    assert samples["clerk_sync_newest_delivery_timestamp_seconds"] == 0.0
+
+
+def test_doctor_freshness_fails_on_drift_without_deliveries_and_on_a_stale_reconcile() -> None:
+    """`doctor --freshness` only warned (exit 0) in both cases, though cron relies on its exit code."""
+    from clerk_sync.freshness import check_freshness
+    from clerk_sync.metrics import DatabaseSnapshot
+
+    now, limits = 1_000_000.0, {"max_delivery_age_s": 600, "max_failed": 0, "max_reconcile_age_s": 3600}
+    drift = {"created": 2, "updated": 0, "deleted": 0}
+    never = {c.name: c for c in check_freshness(DatabaseSnapshot(None, 0, now - 60, drift), now=now, **limits)}
+    assert never["newest delivery"].status == "fail" and "Clerk Dashboard" in never["newest delivery"].detail
+    quiet = {c.name: c for c in check_freshness(DatabaseSnapshot(None, 0, None), now=now, **limits)}
+    assert quiet["newest delivery"].status == "warn"  # a new install, nothing wrong yet
+    clean = {"created": 0, "updated": 0, "deleted": 0}
+    stale = {c.name: c for c in check_freshness(DatabaseSnapshot(now - 10, 0, now - 7200, clean), now=now, **limits)}
+    assert stale["last reconcile"].status == "fail" and "clerk-sync reconcile" in stale["last reconcile"].detail
+    recent = {c.name: c for c in check_freshness(DatabaseSnapshot(now - 10, 0, now - 60, drift), now=now, **limits)}
+    assert [c.status for c in recent.values()] == ["ok", "ok", "warn"]  # drift while deliveries arrive
+
+
+def test_doctor_freshness_on_a_new_install_warns_and_exits_0(tmp_path: Path) -> None:
+    result = run("doctor", "--freshness", env={"DATABASE_URL": _sqlite(tmp_path)})
+    assert result.returncode == 0 and "no delivery stored yet" in result.stdout, result.stdout + result.stderr
