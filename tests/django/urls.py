@@ -24,4 +24,7 @@ urlpatterns = [
     path("t/drf/invoices", views.DrfInvoices.as_view()),
     path("t/drf/open", views.DrfOpen.as_view()),
     path("t/drf/cookie-role-admin", views.DrfCookieRoleAdmin.as_view()),
+    path("t/drf/throttled", views.DrfThrottled.as_view()),
+    path("t/drf/staff-only", views.DrfStaffOnly.as_view()),
+    path("t/drf/django-authenticated", views.DrfDjangoAuthenticated.as_view()),
 ]

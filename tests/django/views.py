@@ -7,9 +7,10 @@ from typing import Any
 from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, JsonResponse
 from django.views import View
-from rest_framework.permissions import AllowAny
+from rest_framework.permissions import AllowAny, IsAdminUser, IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.throttling import UserRateThrottle
 from rest_framework.views import APIView
 
 from clerk_sync.integrations.django.decorators import (
@@ -135,3 +136,33 @@ class DrfOpen(APIView):
 
     def post(self, request: Request) -> Response:
         return Response({"signed_in": request.auth is not None})
+
+
+class _TwoPerUser(UserRateThrottle):
+    rate = "2/hour"
+    scope = "t-two-per-user"
+
+
+class DrfThrottled(APIView):
+    """DRF's own per-user throttle: it keys on ``request.user.pk``."""
+
+    throttle_classes = (_TwoPerUser,)
+
+    def get(self, request: Request) -> Response:
+        return Response({"user": request.user.get_username()})
+
+
+class DrfStaffOnly(APIView):
+    permission_classes = (IsAdminUser,)
+
+    def get(self, request: Request) -> Response:
+        return Response({"staff": True})
+
+
+class DrfDjangoAuthenticated(APIView):
+    """DRF's own ``IsAuthenticated`` (not a Clerk permission class)."""
+
+    permission_classes = (IsAuthenticated,)
+
+    def get(self, request: Request) -> Response:
+        return Response({"user": request.auth.user_id})

@@ -35,14 +35,21 @@ from django.contrib.auth.hashers import make_password
 from django.contrib.auth.models import AnonymousUser
 from django.http import HttpRequest
 
-from clerk_sync.auth.users import AuthUser
-from clerk_sync.errors import ClerkSyncError
+from clerk_sync.auth.users import AuthUser, read_user
+from clerk_sync.errors import (
+    ClerkSyncError,
+    SessionUserBanned,
+    StoreError,
+    UserBanned,
+    UserDeleted,
+    UserLocked,
+)
 from clerk_sync.integrations.django.runtime import get_clerk_sync
 
 if TYPE_CHECKING:
     from clerk_sync.integrations.django.request import ClerkRequest
 
-__all__ = ["ClerkBackend", "django_user", "sync_django_user"]
+__all__ = ["ClerkBackend", "deactivate_django_user", "django_user", "sync_django_user"]
 
 log = structlog.get_logger("clerk_sync.django")
 
@@ -76,6 +83,34 @@ def sync_django_user(row: AuthUser) -> Any:
     return user
 
 
+def _is_linked(user: Any) -> bool:
+    """Whether the backend owns this Django user (no usable password), so may change it."""
+    return not (user.password and user.has_usable_password())
+
+
+def deactivate_django_user(clerk_id: str) -> None:
+    """Make the linked Django user of a banned, deleted or deprovisioned Clerk user inactive and not staff:
+    ``sync_django_user`` never runs for a refused row, and a Django login session (``login()``) would
+    otherwise outlive the ban. Unbanned, the next request's sync copies the flags back. A local account
+    (usable password) is never touched."""
+    model = get_user_model()
+    user = model._default_manager.filter(**{str(model.USERNAME_FIELD): clerk_id}).first()
+    if user is None or not _is_linked(user):
+        return
+    flags = {"is_active": False, "is_staff": False, "is_superuser": False}
+    changed = [name for name, value in flags.items() if hasattr(user, name) and getattr(user, name) != value]
+    if changed:
+        for name in changed:
+            setattr(user, name, flags[name])
+        user.save(update_fields=changed)
+        log.warning("django_user_deactivated", clerk_id=clerk_id, django_user_pk=user.pk)
+
+
+def _refused_for_good(exc: ClerkSyncError) -> bool:
+    """Banned, deleted or deprovisioned (not locked: Clerk unlocks on its own; not "no row yet")."""
+    return isinstance(exc, (SessionUserBanned, UserDeleted, UserBanned)) and not isinstance(exc, UserLocked)
+
+
 def django_user(request: HttpRequest, state: ClerkRequest) -> Any:
     """The Django user of a Clerk session, from the configured :class:`ClerkBackend` (its path recorded as
     ``authenticate()`` records it), or ``AnonymousUser`` when the session has no usable row (not synced
@@ -106,18 +141,34 @@ class ClerkBackend(BaseBackend):
             return None
         try:
             row = clerk_request.user
-        except ClerkSyncError:  # no row (webhook late, JIT off), banned or deleted: not signed in
+        except ClerkSyncError as exc:  # no row (webhook late, JIT off), banned or deleted: not signed in
+            if _refused_for_good(exc):
+                deactivate_django_user(clerk_request.auth.user_id)
             return None
         user = sync_django_user(row)
         return user if user is not None and self.user_can_authenticate(user) else None
 
     def get_user(self, user_id: Any) -> Any:
+        """The user of a Django login session (``login()``), refused once its Clerk user is banned, deleted
+        or deprovisioned (one indexed read of the ``users`` row; a database error refuses this request)."""
         model = get_user_model()
         try:
             user = model._default_manager.get(pk=user_id)
         except model.DoesNotExist:
             return None
-        return user if self.user_can_authenticate(user) else None
+        if not self.user_can_authenticate(user):
+            return None
+        if _is_linked(user):
+            clerk_id = str(user.get_username())
+            try:
+                row = read_user(get_clerk_sync().store, clerk_id)
+            except StoreError:
+                log.warning("django_session_user_unchecked", clerk_id=clerk_id, django_user_pk=user.pk)
+                return None
+            if row is not None and (row.banned or row.is_deleted or row.deprovisioned):
+                deactivate_django_user(clerk_id)
+                return None
+        return user
 
     @staticmethod
     def user_can_authenticate(user: Any) -> bool:

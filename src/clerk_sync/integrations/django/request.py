@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TypeGuard
 
 from asgiref.sync import sync_to_async
+from django.core.handlers.asgi import ASGIRequest
 from django.http import HttpRequest
 
 from clerk_sync.auth.claims import Auth
@@ -22,10 +23,12 @@ __all__ = ["ClerkRequest", "aclerk_request", "clerk_request"]
 class ClerkRequest:
     """What ``request.clerk`` holds: the session (``auth``), or why there is none (``error``)."""
 
-    def __init__(self, runtime: ClerkSync, auth: Auth | None, error: ClerkSyncError | None = None) -> None:
+    def __init__(self, runtime: ClerkSync, auth: Auth | None, error: ClerkSyncError | None = None, *,
+                 asgi: bool = False) -> None:
         self.runtime = runtime
         self.auth = auth
         self.error = error
+        self.asgi = asgi  # served by Django's ASGI handler: one event loop for the process (runtime.auser)
         self._user: AuthUser | None = None
 
     @property
@@ -48,7 +51,7 @@ class ClerkRequest:
     async def auser(self) -> AuthUser:
         """Async :attr:`user`: the query runs in a worker thread, a JIT fetch on the event loop."""
         if self._user is None:
-            self._user = await self.runtime.auser(self.require_auth())
+            self._user = await self.runtime.auser(self.require_auth(), asgi=self.asgi)
         return self._user
 
 
@@ -56,12 +59,13 @@ def _headers_and_cookies(request: HttpRequest) -> tuple[dict[str, str], dict[str
     return {k.lower(): v for k, v in request.headers.items()}, dict(request.COOKIES)
 
 
-def _answer(runtime: ClerkSync, result: Auth | ClerkSyncError) -> ClerkRequest:
+def _answer(runtime: ClerkSync, result: Auth | ClerkSyncError, request: HttpRequest) -> ClerkRequest:
+    asgi = isinstance(request, ASGIRequest)
     if isinstance(result, TokenMissing):
-        return ClerkRequest(runtime, None)
+        return ClerkRequest(runtime, None, asgi=asgi)
     if isinstance(result, ClerkSyncError):
-        return ClerkRequest(runtime, None, result)
-    return ClerkRequest(runtime, result)
+        return ClerkRequest(runtime, None, result, asgi=asgi)
+    return ClerkRequest(runtime, result, asgi=asgi)
 
 
 def _audited(result: Auth | ClerkSyncError, runtime: ClerkSync) -> TypeGuard[Auth]:
@@ -83,7 +87,7 @@ def clerk_request(request: HttpRequest) -> ClerkRequest:
                                                              request.META.get("REMOTE_ADDR"))
     except (TokenError, AccessDenied, StoreError, ConfigError) as exc:  # fails protected views only
         result = exc
-    state = _answer(runtime, result)
+    state = _answer(runtime, result, request)
     request.clerk = state  # type: ignore[attr-defined]
     return state
 
@@ -102,6 +106,6 @@ async def aclerk_request(request: HttpRequest) -> ClerkRequest:
                 result, request.method or "", request.path, request.META.get("REMOTE_ADDR"))
     except (TokenError, AccessDenied, StoreError, ConfigError) as exc:  # fails protected views only
         result = exc
-    state = _answer(runtime, result)
+    state = _answer(runtime, result, request)
     request.clerk = state  # type: ignore[attr-defined]
     return state

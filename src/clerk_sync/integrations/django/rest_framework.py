@@ -64,17 +64,38 @@ class ClerkAPIException(exceptions.APIException):
 
 
 class ClerkPrincipal:
-    """``request.user`` for a Clerk session when no Django user is linked (no backend installed)."""
+    """``request.user`` for a Clerk session when no Django user is linked (no backend installed).
+
+    It answers what DRF and Django read from a user (``pk`` for ``UserRateThrottle``, ``is_staff`` for
+    ``IsAdminUser``, ``has_perm`` for model permissions), as ``AnonymousUser`` does: the Clerk id, and
+    no staff, superuser or Django permission (Clerk roles are checked with :class:`HasRole` & co.).
+    """
 
     is_authenticated = True
     is_anonymous = False
+    is_active = True
+    is_staff = False
+    is_superuser = False
 
     def __init__(self, auth: Auth) -> None:
         self.auth = auth
         self.clerk_id = auth.user_id
+        self.pk = self.id = self.username = auth.user_id
 
     def __str__(self) -> str:
         return self.clerk_id
+
+    def get_username(self) -> str:
+        return self.clerk_id
+
+    def has_perm(self, perm: str, obj: Any = None) -> bool:
+        return False
+
+    def has_perms(self, perm_list: Any, obj: Any = None) -> bool:
+        return False
+
+    def has_module_perms(self, module: str) -> bool:
+        return False
 
 
 def clerk_auth(request: Request) -> Auth:
@@ -106,12 +127,16 @@ def _has_bearer(request: Request) -> bool:
 
 
 class ClerkAuthentication(BaseAuthentication):
-    """Bearer token or ``__session`` cookie; no token means anonymous (other classes may try)."""
+    """Bearer token or ``__session`` cookie; no token means anonymous (other classes may try).
+
+    A ``__session`` cookie that fails (expired, revoked..) is anonymous too, as on plain Django views: a
+    public view serves the visitor signed out, and the Clerk permission classes answer the cookie's
+    own error (401 ``token_expired``..). A Bearer token that fails is refused here (401)."""
 
     def authenticate(self, request: Request) -> tuple[Any, Auth] | None:
         state = _state(request)
         if state.auth is None:
-            if state.error is None:
+            if state.error is None or not _has_bearer(request):
                 return None
             raise ClerkAPIException(state.error)
         if not _has_bearer(request):

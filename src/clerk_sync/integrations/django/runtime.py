@@ -7,7 +7,9 @@ fails the webhook view (and ``manage.py check``) but not pages that only verify 
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import weakref
 from functools import cached_property
 from typing import Any
 
@@ -41,6 +43,7 @@ class ClerkSync:
         self.store = Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts(),  # lazy connect
                                     hooks=options.hooks, mapping=options.mapping)
         self._http = httpx.Client()
+        self._aclerk_loop: weakref.ref[asyncio.AbstractEventLoop] | None = None  # see _aclerk_usable
 
     @cached_property
     def processor(self) -> WebhookProcessor:
@@ -81,11 +84,22 @@ class ClerkSync:
         """The caller's row: JIT-synced when enabled, else the table (403 until the webhook lands)."""
         return self.authenticator.user(auth)
 
-    async def auser(self, auth: Auth) -> AuthUser:
-        """Async :meth:`user`: a JIT fetch on the event loop, database reads in worker threads."""
-        if self.jit is not None:
+    async def auser(self, auth: Auth, *, asgi: bool = False) -> AuthUser:
+        """Async :meth:`user`: database reads in worker threads; a JIT fetch on the event loop under ASGI
+        (``asgi=True``), else the blocking fetch in a worker thread too (see :meth:`_aclerk_usable`)."""
+        if self.jit is not None and asgi and self._aclerk_usable():
             return await self.jit.aget_auth_user(auth.user_id)
         return await sync_to_async(self.authenticator.user, thread_sensitive=False)(auth)
+
+    def _aclerk_usable(self) -> bool:
+        """Whether the async Clerk client may run on this event loop: its connections belong to the first
+        loop that used it (an ASGI server's one loop). Under WSGI, or in tests, each async view gets a
+        new loop that is closed after it, and a client shared with it fails ("Event loop is closed")."""
+        loop = asyncio.get_running_loop()
+        with _lock:
+            if self._aclerk_loop is None:
+                self._aclerk_loop = weakref.ref(loop)
+            return self._aclerk_loop() is loop
 
     def close(self) -> None:
         """Release connections and HTTP clients (the next :func:`get_clerk_sync` builds anew)."""

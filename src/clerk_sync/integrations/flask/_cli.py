@@ -51,25 +51,33 @@ def migrate() -> None:
 @clerk_sync_cli.command()
 @click.option("--status", default="failed", show_default=True, help="Replay deliveries with this status.")
 @click.option("--since", default=None, help="Received at/after (ISO 8601, naive = UTC).")
+@click.option("--with-hooks", is_flag=True, help="Fire the store's hooks for what the replay applies; "
+                                                 "by default none fire.")
 @_readable
-def replay(status: str, since: str | None) -> None:
+def replay(status: str, since: str | None, with_hooks: bool) -> None:
     """Re-apply stored deliveries (after fixing what made them fail)."""
     from clerk_sync.cli._args import parse_since
     from clerk_sync.ingest import replay_deliveries
 
-    report = replay_deliveries(clerk_state().store, status=status, since=parse_since(since))
+    report = replay_deliveries(clerk_state().store, status=status, since=parse_since(since), with_hooks=with_hooks)
     click.echo(f"replayed {report.total} deliveries: {report.by_status or 'none'}")
 
 
 @clerk_sync_cli.command()
 @click.option("--since", default=None, help="Only users updated at/after this ISO time.")
 @click.option("--dry-run", is_flag=True, help="Write nothing; print the diff.")
+@click.option("--with-hooks", is_flag=True, help="Fire the store's hooks for the repairs; by default none fire.")
 @_readable
-def reconcile(since: str | None, dry_run: bool) -> None:
-    """Re-read Clerk (users, organizations, memberships) and repair drift; resumes after a kill."""
+def reconcile(since: str | None, dry_run: bool, with_hooks: bool) -> None:
+    """Re-read Clerk (users, organizations, memberships) and repair drift; resumes after a kill.
+
+    The repairs write the mapped tables of the store given to ``ClerkSync(app, store=...)`` (its database
+    is the one the settings name: the command opens its own connections there)."""
     from clerk_sync.cli.reconcile import reconcile_command
 
-    reconcile_command(clerk_state().settings, since=since, dry_run=dry_run, console=Console(stderr=True))
+    state = clerk_state()
+    reconcile_command(state.settings, since=since, dry_run=dry_run, console=Console(stderr=True),
+                      hooks=state.store.hooks if with_hooks else (), mapping=state.store.mapping)
 
 
 @clerk_sync_cli.command()

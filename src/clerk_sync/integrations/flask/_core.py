@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, NoReturn, ParamSpec, TypeVar, cast
 
-from flask import Flask, Response, current_app, g, jsonify, request
+from flask import Flask, Response, current_app, jsonify, request
 from werkzeug.local import LocalProxy
 
 from clerk_sync.auth.admin import AdminActions
@@ -151,13 +151,21 @@ def error_json(exc: ClerkSyncError) -> Response:
 
 
 # -- who is calling --------------------------------------------------------------------------------
+def _cached() -> dict[str, Any]:
+    """This request's verified session and row. Not in ``g``: that belongs to the app context, which
+    requests share inside an outer ``with app.app_context():`` (a request without credentials got the
+    previous request's user), so they live in the request's own WSGI environ."""
+    cache: dict[str, Any] = request.environ.setdefault("clerk_sync.request", {})
+    return cache
+
+
 def _current_auth() -> Auth:
     """Verify the session once per request (raises a TokenError: 401); audit impersonated requests.
 
     A POST (any unsafe method) riding on the ``__session`` cookie must come from an allowed origin, else
     403 ``cross_site_request`` (see :func:`~clerk_sync.auth.sessions.check_request_origin`).
     """
-    auth: Auth | None = g.get("_clerk_auth")
+    auth: Auth | None = _cached().get("auth")
     if auth is None:
         state = clerk_state()
         headers = {k.lower(): v for k, v in request.headers.items()}
@@ -165,7 +173,7 @@ def _current_auth() -> Auth:
         auth = authenticator.authenticate(headers, request.cookies, method=request.method, scheme=request.scheme)
         if auth.is_impersonated and state.audit_impersonation:  # no audit row, no access (503)
             authenticator.audit_impersonated_request(auth, request.method, request.path, request.remote_addr)
-        g._clerk_auth = auth
+        _cached()["auth"] = auth
     return auth
 
 
@@ -238,7 +246,7 @@ class AnonymousUser:
 def _current_user() -> SignedInUser | AnonymousUser:
     """The caller's row, read (or JIT-synced) on first use in a request and kept for the rest of it;
     without a usable session, an :class:`AnonymousUser` holding the refusal."""
-    user: AuthUser | AnonymousUser | None = g.get("_clerk_user")
+    user: AuthUser | AnonymousUser | None = _cached().get("user")
     if user is None:
         try:
             user = _authenticator(clerk_state()).user(_current_auth())
@@ -246,7 +254,7 @@ def _current_user() -> SignedInUser | AnonymousUser:
             user = AnonymousUser(exc)  # sync failing: public pages stay up, fields still refuse
     if isinstance(user, AuthUser):
         user = SignedInUser.of(user)
-    g._clerk_user = user
+    _cached()["user"] = user
     return user
 
 
@@ -320,7 +328,7 @@ def require_role(*roles: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """An app role confirmed against the DB row, so a demotion applies on the next request (403)."""
 
     def check() -> None:
-        g._clerk_user = _authenticator(clerk_state()).require_role(_current_auth(), *roles)
+        _cached()["user"] = _authenticator(clerk_state()).require_role(_current_auth(), *roles)
 
     return _guard(check)
 

@@ -1,15 +1,23 @@
 """``manage.py clerk_sync migrate|reconcile|replay|promote``: the ``clerk-sync`` commands, with the
-settings read from ``settings.CLERK_SYNC`` (and its fallbacks) instead of the environment alone."""
+settings read from ``settings.CLERK_SYNC`` (and its fallbacks) instead of the environment alone.
+
+``CLERK_SYNC["MAPPING"]`` and ``["HOOKS"]`` apply as they do to the webhook view: replay, reconcile and
+promote write the mapped tables, and promote queues the hooks. Replay and reconcile fire the hooks only
+with ``--with-hooks`` (as ``clerk-sync replay/reconcile --with-hooks``): re-processing must not send the
+welcome mail twice."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from clerk_sync import migrations
 from clerk_sync.errors import ClerkSyncError
-from clerk_sync.integrations.django.conf import clerk_settings
+from clerk_sync.integrations.django.conf import clerk_settings, django_options
+
+if TYPE_CHECKING:
+    from clerk_sync.store import Store
 
 __all__ = ["Command"]
 
@@ -23,9 +31,13 @@ class Command(BaseCommand):
         reconcile = sub.add_parser("reconcile", help="Re-read Clerk and repair drift (resumes after a kill).")
         reconcile.add_argument("--since", help="Only users updated at/after this ISO time.")
         reconcile.add_argument("--dry-run", action="store_true", help="Write nothing; print the diff.")
+        reconcile.add_argument("--with-hooks", action="store_true",
+                               help='Fire CLERK_SYNC["HOOKS"] for the repairs; by default none fire.')
         replay = sub.add_parser("replay", help="Re-apply stored deliveries (after fixing what made them fail).")
         replay.add_argument("--status", default="failed", help="Replay deliveries with this status.")
         replay.add_argument("--since", help="Received at/after (ISO 8601, naive = UTC).")
+        replay.add_argument("--with-hooks", action="store_true",
+                            help='Fire CLERK_SYNC["HOOKS"] for what the replay applies; by default none fire.')
         promote = sub.add_parser("promote", help="Set a user's role in Clerk and the DB; audited.")
         promote.add_argument("email", help="Primary email of the user.")
         promote.add_argument("--role", default="admin", help="Role to set in public_metadata.role.")
@@ -47,24 +59,24 @@ class Command(BaseCommand):
             store.dispose()
         self.stdout.write(f"clerk-sync migrations current ({migrations.head_revision()})")
 
-    def _reconcile(self, *, since: str | None, dry_run: bool, **_: Any) -> None:
+    def _reconcile(self, *, since: str | None, dry_run: bool, with_hooks: bool, **_: Any) -> None:
         from rich.console import Console
 
         from clerk_sync.cli.reconcile import reconcile_command
 
-        report = reconcile_command(clerk_settings(), since=since, dry_run=dry_run, console=Console(stderr=True))
+        options = django_options()
+        report = reconcile_command(clerk_settings(), since=since, dry_run=dry_run, console=Console(stderr=True),
+                                   hooks=options.hooks if with_hooks else (), mapping=options.mapping)
         self.stdout.write(f"reconcile {'dry run' if dry_run else 'run'} done: "
                           + ", ".join(f"{k} {v.created}+/{v.updated}~/{v.deleted}-" for k, v in report.counts.items()))
 
-    def _replay(self, *, status: str, since: str | None, **_: Any) -> None:
+    def _replay(self, *, status: str, since: str | None, with_hooks: bool, **_: Any) -> None:
         from clerk_sync.cli._args import parse_since
         from clerk_sync.ingest import replay_deliveries
-        from clerk_sync.store import Store
 
-        settings = clerk_settings()
-        store = Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts())
+        store = self._store()
         try:
-            report = replay_deliveries(store, status=status, since=parse_since(since))
+            report = replay_deliveries(store, status=status, since=parse_since(since), with_hooks=with_hooks)
         finally:
             store.dispose()
         by_status = {str(status): n for status, n in report.by_status.items()}
@@ -73,10 +85,9 @@ class Command(BaseCommand):
     def _promote(self, *, email: str, role: str, **_: Any) -> None:
         from clerk_sync.auth.admin import AdminActions, find_user_by_email
         from clerk_sync.clerk_api import ClerkClient
-        from clerk_sync.store import Store
 
         settings = clerk_settings()
-        store = Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts())
+        store = self._store()
         try:
             clerk_id = find_user_by_email(store, email)
             if clerk_id is None:
@@ -86,3 +97,12 @@ class Command(BaseCommand):
         finally:
             store.dispose()
         self.stdout.write(f"{change.status}: {email} ({clerk_id}) {change.previous_role} -> {role}")
+
+    @staticmethod
+    def _store() -> Store:
+        """The store as the webhook view builds it: timeouts, ``HOOKS`` and ``MAPPING`` from the settings."""
+        from clerk_sync.store import Store
+
+        settings, options = clerk_settings(), django_options()
+        return Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts(),
+                              hooks=options.hooks, mapping=options.mapping)
