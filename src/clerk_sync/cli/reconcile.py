@@ -23,17 +23,20 @@ _MARKS = {"create": "[green]+[/]", "update": "[yellow]~[/]", "delete": "[red]-[/
 
 def reconcile_command(settings: Any, *, since: str | None, dry_run: bool, console: Any,
                       hooks: Sequence[Hook] = (), mapping: SchemaMapping | None = None,
-                      allow_mass_delete: bool = False) -> ReconcileReport:
+                      allow_mass_delete: bool = False, store: Store | None = None) -> ReconcileReport:
     """``clerk-sync reconcile``: a Rich progress bar on ``console`` (stderr), the diff (dry run) and the
-    summary on stdout. ``hooks`` fire for the repairs (``--with-hooks``)."""
+    summary on stdout. ``hooks`` fire for the repairs (``--with-hooks``). ``store``: an app's own (Flask's
+    ``ClerkSync(app, store=...)``, its mapping and hooks; left open), else one from ``settings``."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
     from rich.progress import Progress as RichProgress
 
     out = Console()
 
-    store = Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts(), hooks=hooks,
-                           mapping=mapping)
+    own = store is None
+    if store is None:
+        store = Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts(), hooks=hooks,
+                               mapping=mapping)
     shown = [0]
 
     def show(change: Change) -> None:
@@ -49,7 +52,8 @@ def reconcile_command(settings: Any, *, since: str | None, dry_run: bool, consol
                                     allow_mass_delete=allow_mass_delete)
             report = reconciler.run(since=parse_since(since), dry_run=dry_run)
     finally:
-        store.dispose()
+        if own:
+            store.dispose()
     if shown[0] > _DIFF_LINES:
         out.print(f"... and {shown[0] - _DIFF_LINES} more changes")
     out.print(_summary_table(report))

@@ -71,13 +71,13 @@ def replay(status: str, since: str | None, with_hooks: bool) -> None:
 def reconcile(since: str | None, dry_run: bool, with_hooks: bool) -> None:
     """Re-read Clerk (users, organizations, memberships) and repair drift; resumes after a kill.
 
-    The repairs write the mapped tables of the store given to ``ClerkSync(app, store=...)`` (its database
-    is the one the settings name: the command opens its own connections there)."""
+    The repairs go through the extension's store (``ClerkSync(app, store=...)``: its mapped tables, and its
+    hooks with ``--with-hooks``)."""
     from clerk_sync.cli.reconcile import reconcile_command
 
     state = clerk_state()
     reconcile_command(state.settings, since=since, dry_run=dry_run, console=Console(stderr=True),
-                      hooks=state.store.hooks if with_hooks else (), mapping=state.store.mapping)
+                      hooks=state.store.hooks if with_hooks else (), store=state.store)
 
 
 @clerk_sync_cli.command()
