@@ -17,6 +17,7 @@ import structlog.testing
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from clerk_sync import migrations
 from clerk_sync.auth.users import JitUsers
 from clerk_sync.clerk_api import CircuitBreaker, ClerkClient, RetryPolicy
 from clerk_sync.clerk_api.ratelimit import LocalBudget, RateLimit
@@ -479,3 +480,24 @@ def test_a_process_that_exits_says_the_deliveries_since_the_last_summary_line(tm
     assert len(summaries) == 2, run.stdout  # the first delivery at once, the other two at exit
     assert "deliveries=1" in summaries[0] and "deliveries=2" in summaries[1] and "applied=2" in summaries[1]
     assert run.stdout.index("done") < run.stdout.index(summaries[1])
+
+
+def test_the_services_console_counts_its_clerk_calls_in_the_services_metrics(
+        tmp_path: Path, emulator: EmulatorServer) -> None:
+    """Review finding: the console's Clerk client (drift, promotion) was built without the service's
+    metrics, so in ``serve`` the breaker and budget series never moved and their alerts could not fire."""
+    settings = Settings.from_env({
+        "DATABASE_URL": f"sqlite:///{tmp_path}/c.db", "CLERK_WEBHOOK_SIGNING_SECRET": SECRET,
+        "CLERK_SYNC_PRUNE_INTERVAL_S": "0", "CLERK_SYNC_CONSOLE": "1", "CLERK_SYNC_CONSOLE_TOKEN": "op-token",
+        "CLERK_SECRET_KEY": "sk_test_console", "CLERK_API_URL": emulator.url})
+    processor = build_processor(settings)
+    migrations.upgrade(processor.store.engine)
+    app = create_app(settings, processor)
+    with running(app) as url, httpx.Client(base_url=url) as client:
+        tokens = scrape(client).get("clerk_sync_clerk_api_budget_tokens")
+        assert tokens > 0  # the console client's local budget, read at scrape time (0: nobody watched)
+        response = client.post("/console/drift/run", data={"mode": "dry_run"},
+                               headers={"Authorization": "Bearer op-token"})
+        assert response.status_code < 400, response.text[:300]
+        assert scrape(client).get("clerk_sync_clerk_api_budget_tokens") < tokens  # its requests spent some
+    processor.store.dispose()

@@ -391,7 +391,7 @@ def create_app(settings: Settings, processor: WebhookProcessor | None = None, *,
     if settings.console_enabled:
         from clerk_sync.integrations.console import create_console
 
-        routes.append(Mount("/console", app=create_console(processor.store, settings)))
+        routes.append(Mount("/console", app=create_console(processor.store, settings, metrics=processor.metrics)))
     # POST /webhooks/clerk skips the router and Starlette's Request/Response (WebhookFastPath).
     fast = Middleware(WebhookFastPath, processor=processor, committer=committer,
                       not_ready=migration.pending if migration is not None else None)

@@ -35,6 +35,7 @@ from clerk_sync.integrations.console._access import (
 )
 from clerk_sync.integrations.console._console import Console, utcnow
 from clerk_sync.integrations.console._web import BadInput, NotFound, read_form, refuse_nul, set_session_cookie
+from clerk_sync.metrics import Metrics
 from clerk_sync.store import Store
 
 __all__ = ["create_console"]
@@ -202,15 +203,17 @@ def _signed_in(request: Request, identity: Identity, next_path: str) -> Response
 
 def create_console(store: Store, settings: Settings, *, clerk: ClerkClient | None = None,
                    authenticator: Authenticator | None = None, now: Callable[[], datetime] = utcnow,
-                   secret: bytes | None = None) -> Starlette:
+                   secret: bytes | None = None, metrics: Metrics | None = None) -> Starlette:
     """The console as a Starlette app: ``Mount("/console", app=create_console(store, settings))``.
 
     ``clerk`` (default: from ``CLERK_SECRET_KEY``) powers drift and promotion; ``authenticator``
     (default: from the session-key settings) lets Clerk-signed-in admins in. Without either an
     authenticator or ``CLERK_SYNC_CONSOLE_TOKEN`` nobody could sign in: that is a ConfigError.
+    ``metrics``: where the Clerk client's calls, 429s, breaker and budget are counted (``serve`` passes its
+    own, so the ``clerk_sync_clerk_api_*`` series and their alerts move).
     """
     if clerk is None and settings.clerk_secret_key is not None:
-        clerk = ClerkClient.from_settings(settings)
+        clerk = ClerkClient.from_settings(settings, metrics=metrics)
     if authenticator is None and (settings.clerk_jwt_key or settings.clerk_secret_key or settings.clerk_jwks_url):
         authenticator = Authenticator(verifier_from_settings(settings), store)
     operator = settings.console_operator_token.get_secret_value() if settings.console_operator_token else None
