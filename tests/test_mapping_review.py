@@ -290,11 +290,12 @@ def test_what_the_app_table_refuses_to_clear_is_reported_and_audited(db_url: str
     meta = sa.MetaData()
     checked = sa.Table("checked_accounts", meta, sa.Column("id", sa.Integer, primary_key=True),
                        sa.Column("clerk_user_id", sa.String(64), unique=True),
-                       sa.Column("email", sa.String(320), nullable=False),
+                       sa.Column("email", sa.String(320), nullable=False), sa.Column("first", sa.String(100)),
                        sa.Column("active", sa.Boolean, nullable=False, server_default=sa.true()),
                        sa.CheckConstraint("email <> ''", name="ck_checked_accounts_email"))
     meta.create_all(engine)
-    mapping = SchemaMapping(users=MappedTable("checked_accounts", "clerk_user_id", {"email": "email"},
+    mapping = SchemaMapping(users=MappedTable("checked_accounts", "clerk_user_id",
+                                              {"email": "email", "first": "first_name"},
                                               on_delete=Deactivate("active")))
     store = Store.from_url(db_url, mapping=mapping)
     assert deliver(store, f.envelope("user.created", f.user("user_c", B + 1000, email="c@example.com"))) == ["applied"]
@@ -303,8 +304,107 @@ def test_what_the_app_table_refuses_to_clear_is_reported_and_audited(db_url: str
     assert "c@example.com" not in report.mapped_refused[0]
     with store.connect() as conn:
         details = conn.execute(sa.select(audit_log.c.details).where(audit_log.c.action == "user.erased")).scalar_one()
-        assert conn.execute(sa.select(checked.c.email)).scalar_one() == "c@example.com"  # the app's to clear
+        # the e-mail is the app's to clear; the name, which the table takes, is cleared (one column at a time)
+        assert tuple(conn.execute(sa.select(checked.c.email, checked.c.first)).one()) == ("c@example.com", None)
     assert (json.loads(details) if isinstance(details, str) else details)["mapped_refused"] == list(report.mapped_refused)
     assert _scalar(store, "SELECT email FROM users WHERE clerk_id = 'user_c'") is None  # clerk-sync's erased
     store.dispose()
+    engine.dispose()
+
+
+@pytest.mark.parametrize("db_url", ["mariadb"], indirect=True)
+def test_exact_linking_by_external_id_still_uses_the_columns_index(db_url: str) -> None:
+    """Review of the fix above: comparing only the binary casts made MariaDB scan the whole app table for
+    every new Clerk user (EXPLAIN: type ALL); the plain equality comes first now, so the index serves it."""
+    legacy = sa.Table("ix_accounts", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
+                      sa.Column("legacy_id", sa.String(64), index=True), sa.Column("email", sa.String(200)),
+                      mysql_charset="utf8mb4", mysql_collate="utf8mb4_general_ci")
+    mapping = SchemaMapping(users=MappedTable("ix_accounts", "clerk_user_id", {"email": "email"},
+                                              link_by_external_id="legacy_id"))
+    store, engine = _with_app_table(db_url, legacy, mapping)
+    with engine.begin() as conn:
+        conn.execute(legacy.insert(), [{"id": i, "legacy_id": f"L-{i}", "email": f"u{i}@example.com"}
+                                       for i in range(1, 2001)])
+        conn.exec_driver_sql("ANALYZE TABLE ix_accounts")
+    seen: list[tuple[str, Any]] = []
+
+    def capture(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
+        if "ix_accounts" in statement and statement.lstrip().upper().startswith("SELECT"):
+            seen.append((statement, parameters))
+
+    sa.event.listen(store.engine, "before_cursor_execute", capture)
+    linked = f.user("user_l7", B + 1000, email="new@example.com")
+    linked["external_id"] = "L-7"
+    assert deliver(store, f.envelope("user.created", linked)) == ["applied"]
+    sa.event.remove(store.engine, "before_cursor_execute", capture)
+    lookups = [(sql, params) for sql, params in seen if "legacy_id" in sql]
+    assert lookups, seen
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT clerk_user_id FROM ix_accounts WHERE id = 7")).scalar_one() == "user_l7"
+        raw = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        for sql, params in lookups:
+            raw.execute("EXPLAIN " + sql, params)
+            columns = [d[0] for d in raw.description]
+            plans = [dict(zip(columns, row, strict=True)) for row in raw.fetchall()]
+            assert all(p["type"] != "ALL" for p in plans if p["table"] == "ix_accounts"), plans
+    store.dispose()
+    engine.dispose()
+
+
+def test_erasing_two_users_clears_a_unique_not_null_e_mail_to_values_of_their_own(db_url: str) -> None:
+    """Review of the fix above: a UNIQUE NOT NULL e-mail (a custom user model's) was cleared to "" for the
+    first erased user, and the second's erasure was refused (the same ""), so their address stayed. Each
+    gets a placeholder of their own now (an address at the reserved .invalid domain)."""
+    engine = sa.create_engine(db_url)
+    meta = sa.MetaData()
+    accounts = sa.Table("uq_accounts", meta, sa.Column("id", sa.Integer, primary_key=True),
+                        sa.Column("clerk_user_id", sa.String(64), unique=True),
+                        sa.Column("email", sa.String(320), nullable=False, unique=True),
+                        sa.Column("first", sa.String(100)),
+                        sa.Column("active", sa.Boolean, nullable=False, server_default=sa.true()))
+    meta.create_all(engine)
+    mapping = SchemaMapping(users=MappedTable("uq_accounts", "clerk_user_id",
+                                              {"email": "email", "first": "first_name"},
+                                              on_delete=Deactivate("active")))
+    with engine.connect() as conn:
+        assert [p for p in check_schema(conn, mapping) if p[0] == "fail"] == []
+    store = Store.from_url(db_url, mapping=mapping)
+    assert deliver(store, f.envelope("user.created", f.user("user_a", B + 1000, email="a@example.com")),
+                   f.envelope("user.created", f.user("user_b", B + 1000, email="b@example.com"))) == ["applied"] * 2
+    reports = [Retention(store).erase_user(user) for user in ("user_a", "user_b")]
+    assert [r.mapped_refused for r in reports] == [(), ()]
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(accounts.c.clerk_user_id, accounts.c.email, accounts.c.first)
+                            .order_by(accounts.c.clerk_user_id)).all()
+    assert [(r.clerk_user_id, r.first) for r in rows] == [("user_a", None), ("user_b", None)]
+    emails = [r.email for r in rows]
+    assert len(set(emails)) == 2 and all(e.startswith("erased-") and e.endswith("@erased.invalid") for e in emails)
+    assert not any("example.com" in e for e in emails)
+    store.dispose()
+    engine.dispose()
+
+
+def test_a_backfill_a_sqlite_trigger_rolls_back_says_so_and_counts_nothing_written(tmp_path: Any) -> None:
+    """Review of the backfill fix: a trigger's RAISE(ROLLBACK) ended the whole transaction, and the rows
+    before it were lost while counted as written; it is an AppTableRolledBack now."""
+    from clerk_sync.mapping import AppTableRolledBack
+
+    url = f"sqlite:///{tmp_path}/b.db"
+    store = Store.from_url(url)
+    from clerk_sync import migrations
+    migrations.upgrade(store.engine)
+    assert deliver(store, *[f.envelope("user.created", f.user(f"user_{i}", B + 1000, first_name=name))
+                            for i, name in enumerate(["Ada", "Bad", "Cy"])]) == ["applied"] * 3
+    store.dispose()
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE tr_accounts (id INTEGER PRIMARY KEY, clerk_user_id VARCHAR(64) UNIQUE, "
+                             "first VARCHAR(100), deleted_at TIMESTAMP)")
+        conn.exec_driver_sql("CREATE TRIGGER no_bad BEFORE INSERT ON tr_accounts WHEN NEW.first = 'Bad' "
+                             "BEGIN SELECT RAISE(ROLLBACK, 'no Bad'); END")
+    mapping = SchemaMapping(users=MappedTable("tr_accounts", "clerk_user_id", {"first": "first_name"}))
+    with engine.connect() as conn, pytest.raises(AppTableRolledBack, match="RAISE"), conn.begin():
+        mapping.backfill(conn, datetime.now(UTC))
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM tr_accounts").scalar_one() == 0
     engine.dispose()

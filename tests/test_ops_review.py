@@ -53,6 +53,29 @@ def test_users_erase_refuses_an_email_or_an_unknown_id(tmp_path: Path) -> None:
     store.dispose()
 
 
+def test_users_erase_exits_1_when_the_apps_table_keeps_personal_data(tmp_path: Path) -> None:
+    """Review of the erasure fix: what the app's table refused to clear was a yellow warning and exit 0;
+    clerk-sync's rows are erased but the data-subject request is not done, so a script must see it."""
+    url = _sqlite(tmp_path)
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE kept (id INTEGER PRIMARY KEY, clerk_user_id VARCHAR(64) UNIQUE, "
+                             "email VARCHAR(320) NOT NULL CHECK (email <> ''), deleted_at TIMESTAMP)")
+        conn.exec_driver_sql("INSERT INTO kept (clerk_user_id, email) VALUES ('user_k', 'k@example.com')")
+    engine.dispose()
+    store = Store.from_url(url)
+    with store.transaction() as w:
+        w.apply(Upsert(Entity.USER, user_record(f.user("user_k", 5, email="k@example.com"))))
+    store.dispose()
+    module = tmp_path / "kept_mapping.py"
+    module.write_text("from clerk_sync.mapping import MappedTable, SchemaMapping\n"
+                      "MAPPING = SchemaMapping(users=MappedTable('kept', 'clerk_user_id', {'email': 'email'}))\n")
+    erased = run("users", "erase", "user_k", "--mapping", "kept_mapping:MAPPING",
+                 env={"DATABASE_URL": url, "PYTHONPATH": str(tmp_path)})
+    assert erased.returncode == 1, (erased.stdout, erased.stderr)
+    assert "user_k: erased" in erased.stdout and "kept refused clearing email" in " ".join(erased.stderr.split())
+
+
 def test_a_driver_that_is_not_installed_is_one_line_naming_it() -> None:
     """postgresql+psycopg2:// (psycopg2 is not a dependency) crashed every command with a traceback."""
     if importlib.util.find_spec("psycopg2") is not None:

@@ -18,6 +18,7 @@ false), :class:`Anonymise` (mapped personal columns cleared) and :class:`HardDel
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import uuid
@@ -276,28 +277,49 @@ class SchemaMapping:
     def backfill(self, conn: Connection, now: datetime) -> dict[str, int]:
         """Project every row the contract tables already hold (a mapping added to a running install);
         idempotent. Live rows are written (or linked by e-mail), deleted ones get the delete policy if present.
-        Each row under a savepoint: one the app's table refuses (an ambiguous link, a constraint, a compute
-        that raised) is logged and counted as ``refused``, the others are written. Linking by external id
-        cannot happen here: clerk-sync's tables do not keep the external id (new deliveries carry it)."""
+        One the app's table refuses (an ambiguous link, a constraint, a compute that raised) is logged and
+        counted as ``refused``, the others are written. Linking by external id cannot happen here: clerk-sync's
+        tables do not keep the external id (new deliveries carry it).
+
+        Pages of :data:`_BACKFILL_PAGE` rows (memory stays flat), each under one savepoint; only a page that
+        fails is written again row by row, a savepoint each (on PostgreSQL thousands of subtransactions in
+        one transaction overflow its cache and slow every session). On SQLite a trigger's ``RAISE(ROLLBACK)``
+        ends the whole transaction: :class:`AppTableRolledBack`, nothing written (not rows counted as
+        written that were rolled back)."""
         counts: dict[str, int] = {}
         check_at_once(conn)
         for entity in self.tables:
             table, names = _CONTRACT[entity], record_columns(_RECORDS[entity])
-            query = sa.select(table.c.deleted_at, *[table.c[n] for n in names]).order_by(table.c.id)
-            for row in conn.execute(query).mappings().all():
-                values = {n: row[n] for n in names}
-                kind = "created" if row["deleted_at"] is None else "deleted"
-                change = Change(entity, values["clerk_id"], kind, values["clerk_updated_at"], values)
+            query = sa.select(table.c.id, table.c.deleted_at, *[table.c[n] for n in names]).order_by(table.c.id)
+            after: int | None = None
+            while True:
+                page = conn.execute((query if after is None else query.where(table.c.id > after))
+                                    .limit(_BACKFILL_PAGE)).mappings().all()
+                if not page:
+                    break
+                after = page[-1]["id"]
+                changes = [Change(entity, row["clerk_id"], "created" if row["deleted_at"] is None else "deleted",
+                                  row["clerk_updated_at"], {n: row[n] for n in names}) for row in page]
                 try:
                     with conn.begin_nested():
-                        self.project(conn, now, change)
-                except Exception as exc:  # any refusal is the row's (a compute's message may quote values)
-                    reason = str(exc) if isinstance(exc, StoreError) else type(exc).__name__
-                    log.warning("backfill_row_refused", table=self.tables[entity].table, clerk_id=change.clerk_id,
-                                reason=reason)
-                    counts["refused"] = counts.get("refused", 0) + 1
+                        for change in changes:
+                            self.project(conn, now, change)
+                    counts[entity.value] = counts.get(entity.value, 0) + len(changes)
                     continue
-                counts[entity.value] = counts.get(entity.value, 0) + 1
+                except Exception:
+                    _still_in_transaction(conn)
+                for change in changes:  # the page again, one row at a time: which were refused
+                    try:
+                        with conn.begin_nested():
+                            self.project(conn, now, change)
+                    except Exception as exc:  # any refusal is the row's (a compute's message may quote values)
+                        _still_in_transaction(conn)
+                        reason = str(exc) if isinstance(exc, StoreError) else type(exc).__name__
+                        log.warning("backfill_row_refused", table=self.tables[entity].table,
+                                    clerk_id=change.clerk_id, reason=reason)
+                        counts["refused"] = counts.get("refused", 0) + 1
+                        continue
+                    counts[entity.value] = counts.get(entity.value, 0) + 1
         return counts
 
     def erase(self, conn: Connection, entity: Entity, clerk_id: str) -> list[str]:
@@ -309,16 +331,18 @@ class SchemaMapping:
         if mapped is None or not any(col.is_personal for col in mapped.resolved().values()):
             return []
         table = self.table(conn, mapped.table)
-        personal, kept = cleared_values(table, mapped.resolved())
+        personal, kept = cleared_values(table, mapped.resolved(), clerk_id)
         check_at_once(conn)
-        refused = [f"{mapped.table}.{c} is NOT NULL with no default or empty value: not cleared" for c in kept]
-        if personal:
+        refused = [f"{mapped.table}.{c} is NOT NULL (or UNIQUE) with nothing to clear it to: not cleared"
+                   for c in kept]
+        row = table.c[mapped.clerk_id_column] == clerk_id
+        for name, value in personal.items():  # one at a time: a column the table refuses leaves the others cleared
             try:
                 with conn.begin_nested():
-                    conn.execute(sa.update(table).where(table.c[mapped.clerk_id_column] == clerk_id).values(**personal))
+                    conn.execute(sa.update(table).where(row).values({name: value}))
             except sa.exc.DBAPIError as exc:
                 why = database_message(exc.orig or exc)
-                refused.append(f"{mapped.table} refused clearing the personal columns: {why}")
+                refused.append(f"{mapped.table} refused clearing {name}: {why}")
         for reason in refused:
             log.warning("mapped_erasure_refused", table=mapped.table, clerk_id=clerk_id, reason=reason)
         return refused
@@ -410,8 +434,10 @@ class _Projection:
         if self.m.link_by_external_id and external_id:
             column = self.t.c[self.m.link_by_external_id]
             wanted = _as_column_value(column, external_id)
-            match = (_exactly(self.conn, column) == _exactly(self.conn, sa.literal(wanted, column.type))
-                     if isinstance(column.type, sa.String) else column == wanted)
+            match = column == wanted  # (the plain equality first: the column's index serves it)
+            if isinstance(column.type, sa.String) and self.conn.dialect.name in ("mysql", "mariadb"):
+                match = sa.and_(match, _exactly(self.conn, column) == _exactly(self.conn, sa.literal(wanted,
+                                                                                                      column.type)))
             if wanted is not None and self._adopt(change, values, match, f"external id {external_id!r}"):
                 return True
         if self.m.link_by_email and email:
@@ -449,13 +475,21 @@ class _Projection:
         elif isinstance(policy, Deactivate):
             self.conn.execute(sa.update(self.t).where(where).values(**{policy.column: False}))
         else:
-            personal, kept = cleared_values(self.t, self.columns)
+            personal, kept = cleared_values(self.t, self.columns, clerk_id)
             personal |= dict.fromkeys(kept)  # (the table refuses NULL there: the row's refusal, doctor says so)
             if personal:
                 self.conn.execute(sa.update(self.t).where(where).values(**personal))
 
 
 CHECK_AT_ONCE = "SET CONSTRAINTS ALL IMMEDIATE"
+_BACKFILL_PAGE = 500  # rows of a backfill page (one savepoint, one query)
+
+
+def _still_in_transaction(conn: Connection) -> None:
+    """SQLite: an app trigger's ``RAISE(ROLLBACK)`` ended the transaction, savepoints and earlier rows too."""
+    if conn.dialect.name == "sqlite" and not conn.connection.driver_connection.in_transaction:  # type: ignore[union-attr]
+        raise AppTableRolledBack("the app's table rolled back the whole transaction (a trigger's RAISE(ROLLBACK)): "
+                                 "nothing was written; make the trigger RAISE(ABORT), which refuses only the row")
 
 
 def check_at_once(conn: Connection) -> None:
@@ -466,18 +500,21 @@ def check_at_once(conn: Connection) -> None:
         conn.exec_driver_sql(CHECK_AT_ONCE)
 
 
-def cleared_values(table: sa.Table, columns: Mapping[str, Column]) -> tuple[JSON, list[str]]:
+def cleared_values(table: sa.Table, columns: Mapping[str, Column], clerk_id: str) -> tuple[JSON, list[str]]:
     """What erasure and :class:`Anonymise` write into the mapped personal columns, and the NOT NULL ones that
-    have nothing to be cleared to. NULL where the column takes it; else the mapped Column's ``default`` (what
+    have nothing to be cleared to. NULL where the column takes it; for a NOT NULL string column that is
+    UNIQUE (a custom user model's e-mail), a placeholder of this user's own (:func:`erased_placeholder`:
+    one value for every erased user would refuse the second); else the mapped Column's ``default`` (what
     the mapping already writes for "no value", ``Column("first_name", default="")``); else ``""`` for a
     string column (empty rather than a placeholder that reads as data). A NOT NULL number or date without
-    a default has no cleared value: :func:`check_schema` fails it."""
+    a default, or a UNIQUE one, has no cleared value: :func:`check_schema` fails it."""
     values: JSON = {}
     kept: list[str] = []
     for name, col in columns.items():
         if not col.is_personal:
             continue
-        value = _cleared(table.c[name].nullable, table.c[name].type, col)
+        column = table.c[name]
+        value = _cleared(column.nullable, column.type, col, unique=_unique(table, column), clerk_id=clerk_id)
         if value is _NO_VALUE:
             kept.append(name)
         else:
@@ -488,12 +525,24 @@ def cleared_values(table: sa.Table, columns: Mapping[str, Column]) -> tuple[JSON
 _NO_VALUE = object()
 
 
-def _cleared(nullable: bool | None, type_: Any, col: Column) -> Any:
+def _cleared(nullable: bool | None, type_: Any, col: Column, *, unique: bool, clerk_id: str | None) -> Any:
     if nullable or nullable is None:
         return None
+    if unique:
+        if not isinstance(type_, sa.String):
+            return _NO_VALUE
+        return "erased" if clerk_id is None else erased_placeholder(clerk_id, col.source == "email", type_.length)
     if col.default is not None:
         return col.default
     return "" if isinstance(type_, sa.String) else _NO_VALUE
+
+
+def erased_placeholder(clerk_id: str, email: bool, length: int | None) -> str:
+    """A UNIQUE column's cleared value: per user (a digest of the Clerk id, not personal), shaped as an
+    address for an e-mail column (``.invalid`` is reserved, RFC 2606: it reaches no one)."""
+    digest = hashlib.sha256(clerk_id.encode()).hexdigest()
+    value = f"erased-{digest[:16]}@erased.invalid" if email else f"erased-{digest[:16]}"
+    return value[:length] if length else value
 
 
 def unicode_lower(conn: Connection) -> Any:
@@ -802,10 +851,11 @@ def check_schema(conn: Connection, mapping: SchemaMapping) -> list[tuple[str, st
                                          "of new Clerk entities will fail; map it or give it a default"))
         for column, col in mapped.resolved().items():  # erasure clears them whatever the policy
             if (col.is_personal and column in columns
-                    and _cleared(columns[column].get("nullable", True), columns[column]["type"], col) is _NO_VALUE):
+                    and _cleared(columns[column].get("nullable", True), columns[column]["type"], col,
+                                 unique=(column,) in unique, clerk_id=None) is _NO_VALUE):
                 problems.append(("fail", f"{name}.{column} is NOT NULL and holds personal data, with nothing to clear "
-                                         "it to: erasure (and Anonymise) leave it; give the Column a default or "
-                                         "let the column be NULL"))
+                                         "it to (a number or date without a default, or UNIQUE): erasure (and "
+                                         "Anonymise) leave it; let the column be NULL or make it text"))
     return problems
 
 

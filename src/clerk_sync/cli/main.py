@@ -269,7 +269,9 @@ def users_erase(
     found = "erased" if report.row_existed else "no row for it; tombstone written"
     typer.echo(f"{clerk_id}: {found}, {report.payloads_redacted} stored payload(s) redacted; audited as user.erased")
     for refused in report.mapped_refused:
-        console.print(f"[yellow]warning:[/] {refused}: clear it in the app's table (see `clerk-sync doctor --mapping`)")
+        console.print(f"[red]error:[/] {refused}: clear it in the app's table (see `clerk-sync doctor --mapping`)")
+    if report.mapped_refused:  # clerk-sync's rows are erased, the request is not done: a script must see it
+        raise SystemExit(1)
     if mapping is None:
         typer.echo("the app's mapped tables were not touched: with a mapping, run this again with "
                    "--mapping module:attribute (it is idempotent)")
