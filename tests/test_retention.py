@@ -191,6 +191,25 @@ def test_erasing_an_id_never_seen_is_refused_and_changes_nothing(store: Store, v
     assert Retention(store).erase_user("user_ann").row_existed  # the real id works
 
 
+def test_a_user_known_only_from_membership_or_session_events_can_be_erased(
+        store: Store, verifier: WebhookVerifier) -> None:
+    """Review of the fix above: only a user row or the user's own user.* events counted as "seen", so a
+    user whose user events never came (not subscribed, or pruned) could not be erased though a membership
+    and stored payloads held their name. A prefix of a real id is still unknown."""
+    from clerk_sync.retention import UnknownUser
+
+    processor = WebhookProcessor(store, verifier)
+    assert deliver(processor, f.envelope("organization.created", f.organization("org_m", 1)), "m1") == "applied"
+    assert deliver(processor, f.envelope("organizationMembership.created",
+                                         f.membership("orgmem_m", "org_m", "user_mm", 1)), "m2") == "applied"
+    assert deliver(processor, f.envelope("session.created", {"id": "sess_s", "user_id": "user_ss",
+                                                             "status": "active"}), "m3") == "ignored"
+    with pytest.raises(UnknownUser):
+        Retention(store).erase_user("user_m")  # a prefix of user_mm: not a user seen here
+    assert not Retention(store).erase_user("user_mm").row_existed  # the membership and its payload
+    assert not Retention(store).erase_user("user_ss").row_existed  # a session event's payload
+
+
 def test_erasing_a_hard_deleted_user_again_is_allowed(store: Store, verifier: WebhookVerifier) -> None:
     """The row of a user whose tombstone was hard-deleted is gone, but the digest says they were here."""
     processor = WebhookProcessor(store, verifier)

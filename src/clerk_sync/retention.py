@@ -270,9 +270,9 @@ class Retention:
         """Remove a user's personal data from every table and stored payload now; audited.
 
         The row stays as a cleared tombstone, so no later or replayed event brings the user back.
-        An id never seen here (no row, no digest, no stored event) raises :class:`UnknownUser` and
-        changes nothing: a typo would otherwise leave a permanent tombstone for nobody while the real
-        user keeps their data. ``allow_unknown`` erases it anyway (a request before the first webhook).
+        An id never seen here (no row, no digest, no membership, no stored payload naming it) raises
+        :class:`UnknownUser` and changes nothing: a typo would otherwise leave a permanent tombstone for
+        nobody while the real user keeps their data. ``allow_unknown`` erases it anyway (a request before the first webhook).
         """
         if not clerk_id or "@" in clerk_id or any(c.isspace() for c in clerk_id):
             raise ValueError(f"erase_user needs a Clerk user id (user_...), not {clerk_id!r}")
@@ -283,7 +283,8 @@ class Retention:
             # The row's e-mails, and those its user events carried: once the user was deleted and pruned,
             # the row holds none, and a payload naming only the address (email.created) would stay.
             seen, delivered = _user_events(writer, clerk_id)
-            if not (allow_unknown or row is not None or seen or _digest_recorded(writer, clerk_id)):
+            if not (allow_unknown or row is not None or seen or _digest_recorded(writer, clerk_id)
+                    or _mentioned(writer, clerk_id)):
                 raise UnknownUser(f"no user {clerk_id!r} in this database (no row, no stored event): check the "
                                   "id; erase one never synced only with allow_unknown (CLI: --force)")
             mentions = Mentions({clerk_id, *_emails(row), *delivered})
@@ -328,6 +329,19 @@ def _emails(row: Any) -> set[str]:
         return set()
     found = {row.email} if row.email else set()
     return found | {e for e in (row.email_addresses or []) if isinstance(e, str) and e}
+
+
+def _mentioned(writer: Writer, clerk_id: str) -> bool:
+    """Whether anything else shows the user was here: a membership row, or any stored payload naming the
+    id (a session or membership event of a user whose own events never came, or were pruned)."""
+    m, e = organization_memberships, webhook_events
+    if writer.conn.execute(sa.select(m.c.id).where(m.c.user_clerk_id == clerk_id).limit(1)).first() is not None:
+        return True
+    named = sa.select(e.c.id).where(e.c.redacted_at.is_(None),
+                                    # as a JSON string, quotes included: not "user_an" inside "user_ann"
+                                    sa.cast(e.c.payload, sa.Text).contains(json.dumps(clerk_id), autoescape=True)
+                                    ).limit(1)
+    return writer.conn.execute(named).first() is not None
 
 
 def _digest_recorded(writer: Writer, clerk_id: str) -> bool:
