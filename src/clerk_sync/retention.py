@@ -272,7 +272,8 @@ class Retention:
         The row stays as a cleared tombstone, so no later or replayed event brings the user back.
         An id never seen here (no row, no digest, no membership, no stored payload naming it) raises
         :class:`UnknownUser` and changes nothing: a typo would otherwise leave a permanent tombstone for
-        nobody while the real user keeps their data. ``allow_unknown`` erases it anyway (a request before the first webhook).
+        nobody while the real user keeps their data. ``allow_unknown`` erases it anyway (a request before
+        the first webhook).
         """
         if not clerk_id or "@" in clerk_id or any(c.isspace() for c in clerk_id):
             raise ValueError(f"erase_user needs a Clerk user id (user_...), not {clerk_id!r}")
