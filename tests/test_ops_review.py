@@ -89,6 +89,17 @@ def test_a_driver_that_is_not_installed_is_one_line_naming_it() -> None:
         assert "'psycopg2' is not installed" in out and "postgresql+psycopg://" in out, (command, out)
 
 
+def test_a_driver_that_cannot_load_says_why_not_to_use_itself() -> None:
+    """Review of the fix above: psycopg installed but its C implementation (or libpq) missing gave
+    "its module '?' is not installed: use postgresql+psycopg://", the driver already in use."""
+    if importlib.util.find_spec("psycopg_c") is not None:
+        pytest.skip("psycopg_c is installed here")
+    result = run("migrate", env={"DATABASE_URL": "postgresql://app@127.0.0.1:1/app", "PSYCOPG_IMPL": "c"})
+    out = " ".join((result.stdout + result.stderr).split())
+    assert result.returncode in (1, 2) and "Traceback" not in out, out
+    assert "cannot be loaded" in out and "psycopg_c" in out and "use postgresql+psycopg://" not in out, out
+
+
 def test_tombstones_deleted_before_they_are_cleared_is_an_invalid_setting() -> None:
     """serve and prune crashed with a ValueError traceback from RetentionPolicy."""
     env = {"CLERK_SYNC_TOMBSTONE_CLEAR_AFTER_DAYS": "10", "CLERK_SYNC_TOMBSTONE_DELETE_AFTER_DAYS": "5"}

@@ -230,10 +230,13 @@ def _check_driver(url: str) -> None:
     try:
         dialect.import_dbapi()
     except ImportError as exc:
+        if exc.name is None or parsed.drivername == "postgresql+psycopg":  # installed, but cannot load
+            raise ConfigError(f"DATABASE_URL's driver {parsed.drivername!r} cannot be loaded: {exc} (a missing "
+                              "system library such as libpq, or a PSYCOPG_IMPL this install lacks)") from None
         instead = " use postgresql+psycopg:// (psycopg 3, installed with clerk-sync), or" \
             if parsed.get_backend_name() == "postgresql" else ""
         raise ConfigError(f"DATABASE_URL names the driver {parsed.drivername!r}, but its module "
-                          f"{exc.name or '?'!r} is not installed:{instead} pip install the driver "
+                          f"{exc.name!r} is not installed:{instead} pip install the driver "
                           "into this environment") from None
 
 
