@@ -176,6 +176,61 @@ def test_serve_with_workers_exposes_one_total_across_workers(db_url: str, tmp_pa
     assert not list(tmp_path.glob("clerk-sync-metrics-*"))  # removed when serve stops
 
 
+_WORKER = """
+import sys
+from clerk_sync.metrics import Metrics
+metrics = Metrics()
+metrics.watch_clerk_client(breaker_open=lambda: sys.argv[1] == "open", budget_tokens=lambda: float(sys.argv[2]))
+print("ready", flush=True)
+sys.stdin.read()  # until the test closes it
+metrics.close()  # a worker that ends: its live gauges leave the sums
+"""
+
+
+def test_every_workers_breaker_and_budget_reach_the_sums(tmp_path: Path) -> None:
+    """Review of the fix above: in multiprocess mode the breaker and budget gauges were written only by the
+    worker a scrape reached, so another worker's open breaker read 0. Each worker writes them every second
+    now, and a worker that ends leaves the live sums."""
+    import sys
+    import time
+
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROMETHEUS_")}
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path)
+
+    def worker(*args: str) -> subprocess.Popen[str]:
+        proc = subprocess.Popen([sys.executable, "-c", _WORKER, *args], env=env, text=True,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        return proc
+
+    def gauges() -> dict[str, float]:
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=str(tmp_path))  # type: ignore[no-untyped-call]
+        return {s.name: s.value for m in registry.collect() for s in m.samples
+                if s.name in ("clerk_sync_clerk_api_circuit_open", "clerk_sync_clerk_api_budget_tokens")}
+
+    def eventually(want: dict[str, float]) -> None:
+        deadline = time.monotonic() + 15  # the workers write every second; this bounds a stuck test only
+        while gauges() != want:
+            assert time.monotonic() < deadline, gauges()
+            time.sleep(0.1)
+
+    stays = worker("open", "30")
+    try:
+        leaves = worker("closed", "50")
+        eventually({"clerk_sync_clerk_api_circuit_open": 1.0, "clerk_sync_clerk_api_budget_tokens": 80.0})
+        assert leaves.stdin is not None
+        leaves.stdin.close()
+        assert leaves.wait(timeout=15) == 0
+        eventually({"clerk_sync_clerk_api_circuit_open": 1.0, "clerk_sync_clerk_api_budget_tokens": 30.0})
+    finally:
+        stays.kill()
+        stays.wait()
+
+
 def test_no_delivery_ever_is_exported_as_zero_so_the_alert_can_fire() -> None:
     """The newest-delivery series was absent until a first delivery: ClerkSyncNoDeliveriesWhileDrift
     (time() - max(series) > 1800) never fired on an install whose endpoint never worked."""

@@ -17,18 +17,28 @@ in code).
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess, values
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from clerk_sync.engine import HANDLED_EVENT_TYPES, DeliveryStatus
+
+log = structlog.get_logger("clerk_sync.metrics")
+_REFRESH_S = 1.0  # multiprocess mode: how often a worker writes its watched gauges (breaker, budget)
+
+
+def _multiprocess() -> bool:
+    """prometheus_client keeps values in PROMETHEUS_MULTIPROC_DIR's files (chosen when it was imported)."""
+    return bool(values.ValueClass._multiprocess)
 
 __all__ = ["CONTENT_TYPE_LATEST", "KNOWN_EVENT_TYPES", "DatabaseSnapshot", "Metrics", "event_type_label"]
 
@@ -172,6 +182,8 @@ class Metrics:
                                    "Requests the local Clerk API budget allows right now.", registry=r,
                                    multiprocess_mode="livesum")
         self._read_at_scrape: list[tuple[Gauge, Callable[[], float]]] = []
+        self._refresher: threading.Thread | None = None
+        self._closed = threading.Event()
         self.reconcile_runs = Counter("clerk_sync_reconcile_runs", "Reconcile runs by result.", ["result"],
                                       registry=r)
         self.reconcile_drift = Counter("clerk_sync_reconcile_drift", "Drift reconcile found, by table and action.",
@@ -226,7 +238,29 @@ class Metrics:
             read.append((self.budget_tokens, budget_tokens))
         for gauge, fn in read:
             gauge.set_function(fn)
-        self._read_at_scrape = read  # multiprocess mode reads files, not functions: render() writes them
+        self._read_at_scrape = read
+        if _multiprocess() and self._refresher is None:
+            # Multiprocess mode reads every worker's file, not functions: each worker writes its own values
+            # every second (a scrape reaches one worker; at scrape time only that one's would be current).
+            self._refresher = threading.Thread(target=self._refresh, name="clerk-sync-metrics", daemon=True)
+            self._refresher.start()
+
+    def _refresh(self) -> None:
+        while not self._closed.wait(_REFRESH_S):
+            self._write_watched()
+
+    def _write_watched(self) -> None:
+        for gauge, fn in self._read_at_scrape:
+            try:
+                gauge.set(fn())
+            except Exception:  # a metric must never take a worker down
+                log.debug("metrics_refresh_failed", exc_info=True)
+
+    def close(self) -> None:
+        """A worker that ends (``serve --workers``): its live gauges leave the sums, its thread stops."""
+        self._closed.set()
+        if _multiprocess():
+            multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
 
     # -- reconcile ------------------------------------------------------------------------------
     def reconciled(self, result: str, drift: dict[str, dict[str, int]]) -> None:
@@ -249,10 +283,9 @@ class Metrics:
 
     def render(self) -> bytes:
         """The exposition text; with ``PROMETHEUS_MULTIPROC_DIR`` set, every worker's values summed."""
-        if not values.ValueClass._multiprocess:
+        if not _multiprocess():
             return generate_latest(self.registry)
-        for gauge, fn in self._read_at_scrape:
-            gauge.set(fn())
+        self._write_watched()
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         if self._database is not None:  # read from the database: the same in every worker

@@ -342,7 +342,10 @@ def _serve_workers(host: str, port: int, workers: int) -> None:
     # Each worker counts in its own process: with a shared PROMETHEUS_MULTIPROC_DIR /metrics sums them
     # (clerk_sync.metrics). Fresh each run (inside the operator's directory, if set): files left by an
     # earlier run would add its counts to this one's.
-    metrics_dir = tempfile.mkdtemp(prefix="clerk-sync-metrics-", dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+    parent = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+    if parent is not None:
+        os.makedirs(parent, exist_ok=True)  # named by the operator, not made yet: made, not a crash
+    metrics_dir = tempfile.mkdtemp(prefix="clerk-sync-metrics-", dir=parent)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # before the workers import prometheus_client
     config = uvicorn.Config("clerk_sync.integrations.starlette:app_from_env", factory=True, host=host,
                             port=port, workers=workers, log_level="warning", access_log=False)

@@ -386,6 +386,7 @@ def create_app(settings: Settings, processor: WebhookProcessor | None = None, *,
                 await to_thread.run_sync(committer.close)
         finally:
             processor.flush_summary()
+            processor.metrics.close()  # serve --workers: this worker's live gauges leave the sums
 
     routes = list(_service_routes(processor, migration, committer))
     if settings.console_enabled:
