@@ -47,6 +47,34 @@ def test_requests_inside_one_app_context_do_not_share_the_caller(db_url: str) ->
         assert client.get("/who").get_json() == {"session": None, "user": None}
 
 
+def test_requests_on_one_environ_check_the_session_each_time(db_url: str) -> None:
+    """Review of the fix above: the cache moved to the WSGI environ, but Flask-SocketIO runs every event of a
+    connection in ``app.request_context(<the handshake's environ>)``: after the first event a ban (or a
+    revocation, an expiry) was never seen again. The cache lives on the request object now."""
+    from werkzeug.test import EnvironBuilder
+
+    from clerk_sync.errors import SessionUserBanned
+    from clerk_sync.integrations.flask import clerk_login_required
+
+    app = Flask(__name__)
+    app.config["CLERK_SYNC"] = _config(db_url)
+    ClerkSync(app, revocation_refresh_s=0)
+
+    @clerk_login_required
+    def event() -> str:
+        return str(current_user.get_id())
+
+    processor = clerk_state(app).processor
+    assert processor.process(*f.signed(f.envelope("user.created", f.user("user_sk", 10)), "msg_sk1")).status == "applied"  # type: ignore[union-attr]
+    environ = EnvironBuilder(path="/socket.io/", headers=bearer(token("user_sk"))).get_environ()
+    with app.request_context(environ):
+        assert event() == "user_sk"
+    banned = f.envelope("user.updated", f.user("user_sk", 20, banned=True))
+    assert processor.process(*f.signed(banned, "msg_sk2")).status == "applied"  # type: ignore[union-attr]
+    with app.request_context(environ), pytest.raises(SessionUserBanned):
+        event()
+
+
 @pytest.mark.parametrize("db_url", ["postgres", "mariadb"], indirect=True)  # SQLite: no server-side lock timeout
 def test_without_a_webhook_route_the_store_keeps_the_database_timeouts(db_url: str) -> None:
     """Review finding: ``ClerkSync(app, webhook_path=None)`` opened its store without the

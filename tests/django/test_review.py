@@ -122,6 +122,68 @@ def test_a_banned_or_deleted_clerk_user_loses_its_django_account_and_login_sessi
         assert _django_flags(bob["id"]) == (False, False, False)
 
 
+def only_email(row: object) -> dict[str, object]:
+    """A USER_FIELDS that leaves is_active and the staff flags to the app."""
+    return {"email": getattr(row, "email", None) or ""}
+
+
+def test_a_login_session_ends_with_its_purged_row_and_an_unban_lets_the_user_back(client_world: World) -> None:
+    """Review of the fix above: ``get_user`` let a login session through once the user's row was purged
+    (hard-deleted tombstone); and with a USER_FIELDS that does not copy ``is_active``, the deactivation of a
+    ban was never undone (locked out for good after the unban)."""
+    from django.contrib.auth import get_user_model
+
+    clerk, app = client_world.clerk, client_world.app
+    backend = "clerk_sync.integrations.django.backends.ClerkBackend"
+    cy = clerk.create_user("cy@example.com")
+    di = clerk.create_user("di@example.com")
+    clerk.wait_for_deliveries()
+    fields = {**emulator_settings(clerk), "USER_FIELDS": "tests.django.test_review.only_email"}
+    with override_settings(CLERK_SYNC=fields):
+        for who in (cy, di):
+            assert app.get("/t/django-login-required",
+                           headers=bearer(clerk.mint_session_token(who["id"]))).status_code == 200
+        purged, banned = Client(), Client()
+        purged.force_login(get_user_model().objects.get(username=cy["id"]), backend=backend)
+        banned.force_login(get_user_model().objects.get(username=di["id"]), backend=backend)
+        with get_clerk_sync().store.transaction() as w:  # the tombstone purged by retention
+            w.conn.execute(users.delete().where(users.c.clerk_id == cy["id"]))
+        assert purged.get("/t/django-login-required").status_code == 302
+        assert _django_flags(cy["id"])[0] is False
+
+        clerk.request("POST", f"/v1/users/{di['id']}/ban")
+        clerk.wait_for_deliveries()
+        assert banned.get("/t/django-login-required").status_code == 302
+        assert _django_flags(di["id"])[0] is True  # is_active is the app's here: left alone
+        clerk.request("POST", f"/v1/users/{di['id']}/unban")
+        clerk.wait_for_deliveries()
+        assert banned.get("/t/django-login-required").status_code == 200  # back in once unbanned
+
+
+def test_require_auth_with_a_subclass_of_clerk_middleware_is_no_check_error() -> None:
+    """Review of E005: an app's own subclass of ClerkMiddleware was taken for no middleware at all."""
+    from django.conf import settings
+
+    from clerk_sync.integrations.django.checks import check_settings
+    from tests.conftest import SECRET
+    from tests.test_sessions import KEY, pem
+
+    order = [m if "ClerkMiddleware" not in m else "tests.django.test_review.MyClerkMiddleware"
+             for m in settings.MIDDLEWARE]
+    base = {"CLERK_WEBHOOK_SIGNING_SECRET": SECRET, "CLERK_JWT_KEY": pem(KEY), "REQUIRE_AUTH": True}
+    with override_settings(MIDDLEWARE=order, CLERK_SYNC=base):
+        assert check_settings() == []
+    with override_settings(CLERK_SYNC={**base, "CLERK_WEBHOOK_SECRET": [SECRET, SECRET]}):
+        assert check_settings() == []  # a rotation list under the alias too
+
+
+from clerk_sync.integrations.django.middleware import ClerkMiddleware  # noqa: E402
+
+
+class MyClerkMiddleware(ClerkMiddleware):
+    """An app's own (the check above)."""
+
+
 #: Loaded by dotted path from CLERK_SYNC["MAPPING"] / ["HOOKS"] in the test below.
 ACCOUNTS = SchemaMapping(users=MappedTable("accounts", "clerk_user_id", {"email": "email"}))
 HOOKS = [Hook("welcome", lambda change: None, on=["user.created"]),

@@ -25,6 +25,7 @@ login) create users whose username can equal a Clerk id.
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -88,16 +89,24 @@ def _is_linked(user: Any) -> bool:
     return not (user.password and user.has_usable_password())
 
 
-def deactivate_django_user(clerk_id: str) -> None:
+_FLAGS = ("is_active", "is_staff", "is_superuser")
+
+
+def deactivate_django_user(clerk_id: str, row: AuthUser | None = None) -> None:
     """Make the linked Django user of a banned, deleted or deprovisioned Clerk user inactive and not staff:
     ``sync_django_user`` never runs for a refused row, and a Django login session (``login()``) would
-    otherwise outlive the ban. Unbanned, the next request's sync copies the flags back. A local account
-    (usable password) is never touched."""
+    otherwise outlive the ban. For a ban (``row`` banned or deprovisioned, which can be lifted) only the
+    flags ``USER_FIELDS`` copies are changed, so the next sync after an unban sets them back; for a
+    deletion (terminal) or a row that is gone, all three. A local account (usable password) is never
+    touched."""
     model = get_user_model()
     user = model._default_manager.filter(**{str(model.USERNAME_FIELD): clerk_id}).first()
     if user is None or not _is_linked(user):
         return
-    flags = {"is_active": False, "is_staff": False, "is_superuser": False}
+    names: tuple[str, ...] = _FLAGS
+    if row is not None and not row.is_deleted:
+        names = tuple(n for n in _FLAGS if n in get_clerk_sync().options.user_fields(row))
+    flags = dict.fromkeys(names, False)
     changed = [name for name, value in flags.items() if hasattr(user, name) and getattr(user, name) != value]
     if changed:
         for name in changed:
@@ -143,7 +152,9 @@ class ClerkBackend(BaseBackend):
             row = clerk_request.user
         except ClerkSyncError as exc:  # no row (webhook late, JIT off), banned or deleted: not signed in
             if _refused_for_good(exc):
-                deactivate_django_user(clerk_request.auth.user_id)
+                clerk_id = clerk_request.auth.user_id
+                with contextlib.suppress(StoreError):  # (unread: the next request does it)
+                    deactivate_django_user(clerk_id, read_user(get_clerk_sync().store, clerk_id))
             return None
         user = sync_django_user(row)
         return user if user is not None and self.user_can_authenticate(user) else None
@@ -165,8 +176,9 @@ class ClerkBackend(BaseBackend):
             except StoreError:
                 log.warning("django_session_user_unchecked", clerk_id=clerk_id, django_user_pk=user.pk)
                 return None
-            if row is not None and (row.banned or row.is_deleted or row.deprovisioned):
-                deactivate_django_user(clerk_id)
+            # A linked user exists because a row did: none now (a purged tombstone) is a deletion too.
+            if row is None or row.banned or row.is_deleted or row.deprovisioned:
+                deactivate_django_user(clerk_id, row)
                 return None
         return user
 

@@ -10,6 +10,7 @@ from typing import Any
 from django.conf import settings as django_settings
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
+from django.utils.module_loading import import_string
 
 from clerk_sync.config import Settings
 from clerk_sync.errors import ConfigError
@@ -59,12 +60,25 @@ def _session_keys(settings: Settings) -> list[checks.CheckMessage]:
 
 def _require_auth(options: DjangoOptions) -> list[checks.CheckMessage]:
     """``REQUIRE_AUTH`` is the middleware's: without it every view would be open, silently."""
-    if options.require_auth and _MIDDLEWARE not in list(getattr(django_settings, "MIDDLEWARE", [])):
+    if options.require_auth and not any(_is_clerk_middleware(m) for m in getattr(django_settings, "MIDDLEWARE", [])):
         return [checks.Error(
             "CLERK_SYNC['REQUIRE_AUTH'] is on, but ClerkMiddleware is not in MIDDLEWARE: nothing refuses "
             "anonymous requests.",
             hint=f"Add {_MIDDLEWARE!r} to MIDDLEWARE, after {_AUTH_MIDDLEWARE!r}.", id="clerk_sync.E005")]
     return []
+
+
+def _is_clerk_middleware(path: str) -> bool:
+    """``ClerkMiddleware`` by its path, or a subclass of it (an app's own, re-exported)."""
+    if path == _MIDDLEWARE:
+        return True
+    from clerk_sync.integrations.django.middleware import ClerkMiddleware
+
+    try:
+        found = import_string(path)
+    except ImportError:  # Django's own check reports a middleware that does not import
+        return False
+    return isinstance(found, type) and issubclass(found, ClerkMiddleware)
 
 
 def _middleware_order() -> list[checks.CheckMessage]:

@@ -112,7 +112,9 @@ def _env_value(key: str, value: Any) -> str:
     return str(value)
 
 
-_LISTS = {"CLERK_AUTHORIZED_PARTIES", "CLERK_WEBHOOK_SIGNING_SECRET"}  # comma-separated where read
+# comma-separated where read, under any of their names
+_LISTS = {name for field in ("authorized_parties_raw", "webhook_secret")
+          for name in _aliases(Settings.model_fields[field].validation_alias)}
 
 
 def django_options() -> DjangoOptions:

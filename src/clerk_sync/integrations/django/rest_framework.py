@@ -11,7 +11,10 @@ user when :class:`~.backends.ClerkBackend` is installed, else a :class:`ClerkPri
 installed, a session whose Django user it refuses (inactive, or a local account it never takes over)
 is not authenticated here either: 401 ``AuthenticationFailed``, as plain Django views see
 ``AnonymousUser``. Other refusals keep the status, body and headers of the one error table
-(``{"error": ..., "message": ...}``).
+(``{"error": ..., "message": ...}``) where a Clerk class decides: a failed ``__session`` cookie is
+anonymous to :class:`ClerkAuthentication`, so DRF's own ``IsAuthenticated`` answers its generic 401 for
+it, where :class:`IsClerkAuthenticated` answers the cookie's own error (``token_expired``, 503 while the
+database is down).
 """
 
 from __future__ import annotations

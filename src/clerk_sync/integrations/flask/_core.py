@@ -152,10 +152,16 @@ def error_json(exc: ClerkSyncError) -> Response:
 
 # -- who is calling --------------------------------------------------------------------------------
 def _cached() -> dict[str, Any]:
-    """This request's verified session and row. Not in ``g``: that belongs to the app context, which
-    requests share inside an outer ``with app.app_context():`` (a request without credentials got the
-    previous request's user), so they live in the request's own WSGI environ."""
-    cache: dict[str, Any] = request.environ.setdefault("clerk_sync.request", {})
+    """This request's verified session and row, on the request object itself. Not in ``g``: that belongs
+    to the app context, which requests share inside an outer ``with app.app_context():`` (a request without
+    credentials got the previous request's user). Not in the WSGI environ either: Flask-SocketIO runs every
+    event of a connection on the handshake's environ (a ban or revocation would never be seen again), and a
+    sub-request may copy it."""
+    current = request._get_current_object()  # type: ignore[attr-defined]
+    cache: dict[str, Any] | None = getattr(current, "_clerk_sync", None)
+    if cache is None:
+        cache = {}
+        current._clerk_sync = cache
     return cache
 
 
