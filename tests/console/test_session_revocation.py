@@ -161,3 +161,21 @@ def test_a_sign_out_ends_only_that_identitys_earlier_sessions(tmp_path: object) 
         access.identify({}, {COOKIE: admin})
     assert access.identify({}, {COOKIE: later}).kind == "operator"
     store.dispose()
+
+
+def test_signing_out_when_the_audit_row_cannot_be_written_still_signs_this_browser_out(
+        stack: ConsoleStack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review suspicion: the sign-out's audit row is a write; refused (a read-only database role), the
+    sign-out answered 503 and left the cookie in place. This browser is signed out all the same."""
+    from clerk_sync.errors import StoreError
+    from clerk_sync.integrations.console._console import Console
+    from tests.console.test_http import csrf_of, signed_in
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise StoreError("database error: permission denied for table audit_log")
+
+    with signed_in(stack, stack.admin_id) as client:
+        token = csrf_of(client.get("/", headers={"Accept": "text/html"}).text)
+        monkeypatch.setattr(Console, "audit", refused)
+        response = client.post("/logout", data={"csrf": token})
+        assert response.status_code == 303 and f'{COOKIE}=""' in response.headers["set-cookie"]

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
+import structlog
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
@@ -330,7 +331,11 @@ def _json(value: Any) -> str:
 
 def logout(console: Console, request: Request, identity: Identity, form: Form) -> Response:
     if identity.csrf is not None:  # a cookie session: its copies end too (Bearer callers hold none)
-        console.audit(identity, SIGN_OUT, identity.clerk_id, request, **console.access.sign_out_details())
+        try:
+            console.audit(identity, SIGN_OUT, identity.clerk_id, request, **console.access.sign_out_details())
+        except StoreError as exc:  # this browser is signed out all the same; copies last until they expire
+            structlog.get_logger("clerk_sync.console").warning("console_sign_out_unrecorded", error=str(exc),
+                                                               who=identity.label)
     response = _redirect(request, "login")
     set_session_cookie(request, response, None)
     return response
