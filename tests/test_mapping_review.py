@@ -130,6 +130,40 @@ def test_a_membership_whose_apps_parent_row_was_refused_for_good_is_applied_not_
     engine.dispose()
 
 
+def test_a_membership_whose_key_refers_to_a_row_the_app_makes_itself_is_retried_until_it_is_there(
+        db_url: str) -> None:
+    """Review of the fix above: a foreign key to a row the app creates itself (a workspace its own hook
+    makes) became a final refusal as soon as clerk-sync's parents were there, though it heals once the app
+    has made the row. Only a mapped parent's missing app row (refused for good) is final now."""
+    from clerk_sync.errors import StoreError
+
+    meta = sa.MetaData()
+    workspaces = sa.Table("fkw_workspaces", meta, sa.Column("id", sa.Integer, primary_key=True),
+                          sa.Column("org", sa.String(64), unique=True))
+    sa.Table("fkw_seats", meta, sa.Column("id", sa.Integer, primary_key=True),
+             sa.Column("clerk_id", sa.String(64), unique=True),
+             sa.Column("org", sa.String(64), sa.ForeignKey("fkw_workspaces.org")))
+    mapping = SchemaMapping(memberships=MappedTable("fkw_seats", "clerk_id", {"org": "organization_clerk_id"}))
+    engine = sa.create_engine(db_url)
+    with engine.begin() as conn:
+        meta.create_all(conn)
+        migrate_schema(conn, mapping)
+    store = Store.from_url(db_url, mapping=mapping)
+    processor = WebhookProcessor(store, WebhookVerifier([f.SECRET]))
+    assert deliver(store, f.envelope("user.created", f.user("user_w", B + 1000)),
+                   f.envelope("organization.created", f.organization("org_w", B + 1000))) == ["applied"] * 2
+    membership = f.signed(f.envelope("organizationMembership.created",
+                                     f.membership("orgmem_w", "org_w", "user_w", B + 1000)), "msg_w")
+    with pytest.raises(StoreError, match="not there yet"):  # 503: Svix retries
+        processor.process(*membership)
+    with engine.begin() as conn:  # the app's hook makes the workspace
+        conn.execute(workspaces.insert().values(org="org_w"))
+    assert processor.process(*membership).status == "applied"
+    assert _scalar(store, "SELECT count(*) FROM fkw_seats") == 1
+    store.dispose()
+    engine.dispose()
+
+
 def test_a_mapping_naming_a_missing_column_never_holds_back_a_ban(db_url: str) -> None:
     """PostgreSQL built the one-statement projection outside the refusal guard: a mapped column the table
     lacks raised KeyError there, the delivery was stored failed and its ban not applied (SQLite and

@@ -222,17 +222,28 @@ class SchemaMapping:
                                  "fix the table or the mapping") from None
 
     def parents_arrived(self, conn: Connection, change: Change) -> bool:
-        """Whether the contract rows a membership's app row refers to are live: then an app table's foreign key
-        refusal (:class:`ParentNotThere`) never heals by waiting (the app refused the parent's own row for
-        good, a CHECK), and retrying it would hold back the membership's role forever. Users and organizations
-        have no contract parent to wait for: False, retried as before."""
+        """Whether an app table's foreign key refusal of a membership's row (:class:`ParentNotThere`) never
+        heals by waiting: its user and organization are live in clerk-sync's tables, and the app's mapped row
+        of one of them is missing (the app's table refused it for good, a CHECK), so retrying would hold back
+        the membership's role forever. When the mapped parents' rows are there (or none is mapped), the key
+        refers to a row the app makes itself (a workspace its hook creates): retried, it may heal. Users and
+        organizations have no contract parent to wait for: False, retried as before."""
         if change.entity is not Entity.MEMBERSHIP:
             return False
-        parents = [(users, change.values.get("user_clerk_id")),
-                   (organizations, change.values.get("organization_clerk_id"))]
-        return all(clerk_id is not None and conn.execute(sa.select(sa.literal(1)).where(
-            table.c.clerk_id == clerk_id, table.c.deleted_at.is_(None))).first() is not None
-            for table, clerk_id in parents)
+        parents = [(Entity.USER, users, change.values.get("user_clerk_id")),
+                   (Entity.ORGANIZATION, organizations, change.values.get("organization_clerk_id"))]
+        if not all(clerk_id is not None and conn.execute(sa.select(sa.literal(1)).where(
+                table.c.clerk_id == clerk_id, table.c.deleted_at.is_(None))).first() is not None
+                for _, table, clerk_id in parents):
+            return False
+        for entity, _, clerk_id in parents:
+            mapped = self.tables.get(entity)
+            if mapped is None:
+                continue
+            app = self.table(conn, mapped.table)
+            if conn.execute(sa.select(sa.literal(1)).where(app.c[mapped.clerk_id_column] == clerk_id)).first() is None:
+                return True
+        return False
 
     def pipelines(self, conn: Connection, entity: Entity) -> bool:
         """Whether this entity's created/updated changes can be written by :meth:`cte` (psycopg
