@@ -29,7 +29,8 @@ Branch by what the caller does next::
     │   ├── ClerkValidationError        clerk_validation     400/422: our request was invalid
     │   ├── RateLimited                 clerk_rate_limited   budget spent: retry after ``retry_after``
     │   └── ClerkUnavailable            clerk_unavailable    Clerk down/5xx/timeouts: 503, Retry-After
-    └── ReconcileBusy                   reconcile_busy       another reconcile run is making progress
+    ├── ReconcileBusy                   reconcile_busy       another reconcile run is making progress
+    └── UnknownUser                     unknown_user         erasure of an id never seen here: nothing changed
 
 HTTP status codes are chosen in one table, ``clerk_sync.integrations.http`` (every framework adapter uses it).
 Warnings: :class:`ClerkSyncDeprecationWarning` (a ``UserWarning``, so users see it) for moved names.
@@ -74,6 +75,7 @@ __all__ = [
     "TokenMissing",
     "TokenNotYetValid",
     "TokenSignatureInvalid",
+    "UnknownUser",
     "UserBanned",
     "UserDeleted",
     "UserDeprovisioned",
@@ -372,6 +374,13 @@ class ReconcileBusy(ClerkSyncError):
     """Another ``clerk-sync reconcile`` is running (its heartbeat is recent); try again later."""
 
     code = "reconcile_busy"
+
+
+class UnknownUser(ClerkSyncError, LookupError):
+    """``Retention.erase_user`` was given an id this database has never seen (a typo, an e-mail address):
+    nothing was changed; check the id, or pass ``allow_unknown`` (CLI: ``--force``)."""
+
+    code = "unknown_user"
 
 
 # MySQL/MariaDB put the refused value in the first line of some errors; PostgreSQL keeps it in DETAIL.

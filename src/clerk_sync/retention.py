@@ -45,7 +45,7 @@ from clerk_sync._mentions import Mentions
 from clerk_sync.auth.audit import AuditEntry, record_audit
 from clerk_sync.config import Settings
 from clerk_sync.engine import DeliveryStatus, Entity, Tombstone
-from clerk_sync.errors import ClerkSyncError
+from clerk_sync.errors import UnknownUser
 from clerk_sync.mapping import folded_like, unicode_lower
 from clerk_sync.metrics import Metrics
 from clerk_sync.outbox import delete_jobs, redact_jobs
@@ -136,10 +136,6 @@ class ErasureReport:
     row_existed: bool
     payloads_redacted: int
     mapped_refused: tuple[str, ...] = ()
-
-
-class UnknownUser(ClerkSyncError, LookupError):
-    """``erase_user`` was given an id this database has never seen (a typo, or an e-mail address)."""
 
 
 class Retention:

@@ -26,6 +26,7 @@ from clerk_sync.errors import (
     StoreError,
     TokenError,
     TokenKeysUnavailable,
+    UnknownUser,
     UserDeleted,
     WebhookError,
     WebhookHeadersMissing,
@@ -59,6 +60,7 @@ STATUS_BY_ERROR: dict[type[ClerkSyncError], int] = {
     RateLimited: 503,
     ClerkUnavailable: 503,
     ReconcileBusy: 409,
+    UnknownUser: 404,
 }
 
 _STORE_RETRY_AFTER_S = 5
