@@ -326,7 +326,7 @@ def test_what_the_app_table_refuses_to_clear_is_reported_and_audited(db_url: str
                        sa.Column("clerk_user_id", sa.String(64), unique=True),
                        sa.Column("email", sa.String(320), nullable=False), sa.Column("first", sa.String(100)),
                        sa.Column("active", sa.Boolean, nullable=False, server_default=sa.true()),
-                       sa.CheckConstraint("email <> ''", name="ck_checked_accounts_email"))
+                       sa.CheckConstraint("email LIKE '%@example.com'", name="ck_checked_accounts_email"))
     meta.create_all(engine)
     mapping = SchemaMapping(users=MappedTable("checked_accounts", "clerk_user_id",
                                               {"email": "email", "first": "first_name"},
@@ -441,4 +441,36 @@ def test_a_backfill_a_sqlite_trigger_rolls_back_says_so_and_counts_nothing_writt
         mapping.backfill(conn, datetime.now(UTC))
     with engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT count(*) FROM tr_accounts").scalar_one() == 0
+    engine.dispose()
+
+
+def test_an_inline_or_expression_unique_e_mail_is_erased_to_placeholders_too(db_url: str) -> None:
+    """Review of the placeholder fix: SQLAlchemy reflects no inline ``UNIQUE`` on SQLite (Django's DDL) and
+    no expression index (``lower(email)``), so the second erased user's "" was refused there and the doctor
+    said the Clerk-id column had no unique index. Both are seen (or retried with the placeholder) now."""
+    engine = sa.create_engine(db_url)
+    pk = {"sqlite": "INTEGER PRIMARY KEY", "postgresql": "SERIAL PRIMARY KEY"}.get(engine.dialect.name,
+                                                                                 "INTEGER AUTO_INCREMENT PRIMARY KEY")
+    with engine.begin() as conn:  # as Django writes them: UNIQUE inline
+        conn.exec_driver_sql(f"CREATE TABLE dj_accounts (id {pk}, clerk_user_id VARCHAR(64) NULL UNIQUE, "
+                             "email VARCHAR(254) NOT NULL UNIQUE, active BOOLEAN NOT NULL DEFAULT TRUE)")
+        conn.exec_driver_sql(f"CREATE TABLE ex_accounts (id {pk}, clerk_user_id VARCHAR(64) NULL UNIQUE, "
+                             "email VARCHAR(254) NOT NULL, active BOOLEAN NOT NULL DEFAULT TRUE)")
+        if engine.dialect.name != "mysql":  # (MariaDB has no expression indexes)
+            conn.exec_driver_sql("CREATE UNIQUE INDEX ex_accounts_email_lower ON ex_accounts (lower(email))")
+    tables = ["dj_accounts"] + (["ex_accounts"] if engine.dialect.name != "mysql" else [])
+    for name in tables:
+        mapping = SchemaMapping(users=MappedTable(name, "clerk_user_id", {"email": "email"},
+                                                 on_delete=Deactivate("active")))
+        with engine.connect() as conn:
+            assert [p for p in check_schema(conn, mapping) if p[0] == "fail"] == [], name
+        store = Store.from_url(db_url, mapping=mapping)
+        a, b = f"user_{name}_a", f"user_{name}_b"
+        assert deliver(store, f.envelope("user.created", f.user(a, B + 1000, email=f"a@{name}.example.com")),
+                       f.envelope("user.created", f.user(b, B + 1000, email=f"b@{name}.example.com"))) == ["applied"] * 2
+        assert [Retention(store).erase_user(u).mapped_refused for u in (a, b)] == [(), ()], name
+        with engine.connect() as conn:
+            emails = conn.execute(sa.select(sa.table(name, sa.column("email")).c.email)).scalars().all()
+        assert len(set(emails)) == 2 and not any("example.com" in e for e in emails), (name, emails)
+        store.dispose()
     engine.dispose()

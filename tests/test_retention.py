@@ -204,8 +204,9 @@ def test_a_user_known_only_from_membership_or_session_events_can_be_erased(
                                          f.membership("orgmem_m", "org_m", "user_mm", 1)), "m2") == "applied"
     assert deliver(processor, f.envelope("session.created", {"id": "sess_s", "user_id": "user_ss",
                                                              "status": "active"}), "m3") == "ignored"
-    with pytest.raises(UnknownUser):
-        Retention(store).erase_user("user_m")  # a prefix of user_mm: not a user seen here
+    for wrong in ("user_m", "USER_MM", "org_m", "orgmem_m", "sess_s"):  # a prefix, another case, not users
+        with pytest.raises(UnknownUser):
+            Retention(store).erase_user(wrong)
     assert not Retention(store).erase_user("user_mm").row_existed  # the membership and its payload
     assert not Retention(store).erase_user("user_ss").row_existed  # a session event's payload
 

@@ -18,11 +18,13 @@ false), :class:`Anonymise` (mapped personal columns cleared) and :class:`HardDel
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -197,8 +199,19 @@ class SchemaMapping:
         self._projections: dict[tuple[int, Entity], _Projection] = {}
 
     def table(self, conn: Connection, name: str) -> sa.Table:
-        """The app's table as the database has it (reflected)."""
-        return sa.Table(name, sa.MetaData(), autoload_with=conn)
+        """The app's table as the database has it (reflected). On SQLite with its inline ``UNIQUE`` columns
+        too (Django writes ``"email" varchar(254) NOT NULL UNIQUE``): SQLAlchemy reflects neither the
+        constraint nor its automatic index, and they decide an erased e-mail's value and ON CONFLICT."""
+        with _expression_indexes_skipped():
+            table = sa.Table(name, sa.MetaData(), autoload_with=conn)
+        if conn.dialect.name == "sqlite":
+            with _expression_indexes_skipped():
+                indexes = sa.inspect(conn).get_indexes(name, include_auto_indexes=True)
+            for index in indexes:
+                if index.get("unique") and str(index["name"]).startswith("sqlite_autoindex_"):
+                    sa.Index(index["name"], *[table.c[c] for c in index["column_names"] if c is not None],
+                             unique=True)
+        return table
 
     def project(self, conn: Connection, now: datetime, change: Change) -> None:
         """Write ``change`` into the mapped table, inside the caller's transaction."""
@@ -348,11 +361,19 @@ class SchemaMapping:
                    for c in kept]
         row = table.c[mapped.clerk_id_column] == clerk_id
         for name, value in personal.items():  # one at a time: a column the table refuses leaves the others cleared
-            try:
-                with conn.begin_nested():
-                    conn.execute(sa.update(table).where(row).values({name: value}))
-            except sa.exc.DBAPIError as exc:
-                why = database_message(exc.orig or exc)
+            tries = [value]
+            column = table.c[name]
+            if isinstance(value, str) and isinstance(column.type, sa.String):  # unique in a way not reflected
+                own = erased_placeholder(clerk_id, mapped.resolved()[name].source == "email", column.type.length)
+                tries += [own] if own != value else []  # (an expression index: lower(email))
+            for attempt in tries:
+                try:
+                    with conn.begin_nested():
+                        conn.execute(sa.update(table).where(row).values({name: attempt}))
+                    break
+                except sa.exc.DBAPIError as exc:
+                    why = database_message(exc.orig or exc)
+            else:
                 refused.append(f"{mapped.table} refused clearing {name}: {why}")
         for reason in refused:
             log.warning("mapped_erasure_refused", table=mapped.table, clerk_id=clerk_id, reason=reason)
@@ -793,6 +814,25 @@ def _unique(table: sa.Table, column: sa.Column[Any], *, plain: bool = False) -> 
     return any(len(cols) == 1 and cols[0].name == column.name for cols in indexes + constraints)
 
 
+@contextlib.contextmanager
+def _expression_indexes_skipped() -> Iterator[None]:
+    """SQLAlchemy warns that it does not reflect an app's expression index (``lower(email)``): nothing
+    here needs it (an erased e-mail it refuses is retried with a placeholder), so no warning per table."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Skipped unsupported reflection of expression-based index",
+                                sa.exc.SAWarning)
+        yield
+
+
+def _unique_sets(inspector: Any, name: str) -> set[tuple[str, ...]]:
+    """The column sets unique in table ``name`` (indexes, constraints; SQLite's inline ``UNIQUE`` too)."""
+    extra = {"include_auto_indexes": True} if inspector.dialect.name == "sqlite" else {}
+    with _expression_indexes_skipped():
+        indexes = inspector.get_indexes(name, **extra)
+    unique = {tuple(i["column_names"]) for i in indexes if i.get("unique") and None not in i["column_names"]}
+    return unique | {tuple(u["column_names"]) for u in inspector.get_unique_constraints(name)}
+
+
 def _lookup(values: JSON, source: str) -> Any:
     if source == "full_name":
         names = [values.get("first_name"), values.get("last_name")]
@@ -849,8 +889,7 @@ def check_schema(conn: Connection, mapping: SchemaMapping) -> list[tuple[str, st
                                          "so the app's own lookups take elodie@ and élodie@ for one person; clerk-sync "
                                          "links by the exact value (this column's index does not serve it): consider "
                                          "COLLATE utf8mb4_bin"))
-        unique = {tuple(i["column_names"]) for i in inspector.get_indexes(name) if i.get("unique")}
-        unique |= {tuple(u["column_names"]) for u in inspector.get_unique_constraints(name)}
+        unique = _unique_sets(inspector, name)
         if mapped.clerk_id_column in columns and (mapped.clerk_id_column,) not in unique:
             problems.append(("fail", f"{name}.{mapped.clerk_id_column} has no unique index: run "
                                      "`clerk-sync migrate --mapping ...`"))
@@ -927,8 +966,7 @@ def migrate_schema(conn: Connection, mapping: SchemaMapping) -> list[str]:
             if column not in columns:
                 ops.add_column(name, sa.Column(column, type_, nullable=True))
                 done.append(f"added {name}.{column}")
-        unique = {tuple(i["column_names"]) for i in inspector.get_indexes(name) if i.get("unique")}
-        unique |= {tuple(u["column_names"]) for u in inspector.get_unique_constraints(name)}
+        unique = _unique_sets(inspector, name)
         if (mapped.clerk_id_column,) not in unique:
             index = f"uq_{name}_{mapped.clerk_id_column}"
             ops.create_index(index, name, [mapped.clerk_id_column], unique=True)
