@@ -474,3 +474,36 @@ def test_an_inline_or_expression_unique_e_mail_is_erased_to_placeholders_too(db_
         assert len(set(emails)) == 2 and not any("example.com" in e for e in emails), (name, emails)
         store.dispose()
     engine.dispose()
+
+
+def test_a_backfill_that_meets_a_deadlock_fails_whole_not_as_a_refused_row(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review round 3: on MySQL a deadlock rolls the whole transaction back; the backfill counted it as one
+    refused row and went on, earlier rows lost but counted as written. A deadlock or lock wait (or a lost
+    connection) is a StoreError now: the backfill is run again."""
+    from clerk_sync import migrations
+    from clerk_sync.errors import StoreDataError, StoreError
+
+    url = f"sqlite:///{tmp_path}/d.db"
+    store = Store.from_url(url)
+    migrations.upgrade(store.engine)
+    assert deliver(store, *[f.envelope("user.created", f.user(f"user_{i}", B + 1000)) for i in range(3)]) == ["applied"] * 3
+    store.dispose()
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE dl_accounts (id INTEGER PRIMARY KEY, clerk_user_id VARCHAR(64) UNIQUE, "
+                             "first VARCHAR(100))")
+    mapping = SchemaMapping(users=MappedTable("dl_accounts", "clerk_user_id", {"first": "first_name"}))
+
+    class Deadlock(Exception):
+        pass
+
+    def project(self: SchemaMapping, conn: Any, now: Any, change: Any) -> None:
+        if change.clerk_id == "user_1":
+            raise sa.exc.OperationalError("UPDATE dl_accounts ..", {}, Deadlock(1213, "Deadlock found"))
+
+    monkeypatch.setattr(SchemaMapping, "project", project)
+    with engine.connect() as conn, conn.begin(), pytest.raises(StoreError, match="deadlock") as failed:
+        mapping.backfill(conn, datetime.now(UTC))
+    assert not isinstance(failed.value, StoreDataError)
+    engine.dispose()

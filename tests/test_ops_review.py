@@ -100,6 +100,23 @@ def test_a_driver_that_cannot_load_says_why_not_to_use_itself() -> None:
     assert "cannot be loaded" in out and "psycopg_c" in out and "use postgresql+psycopg://" not in out, out
 
 
+def test_a_driver_whose_extension_cannot_load_is_not_called_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review round 3: mysqlclient installed but its C extension unable to load (no libmariadb) named
+    "its module 'MySQLdb._mysql' is not installed: pip install the driver"."""
+    from sqlalchemy.dialects.mysql.mysqldb import MySQLDialect_mysqldb
+
+    from clerk_sync.config import Settings
+    from clerk_sync.errors import ConfigError
+
+    def broken(cls: object) -> None:
+        raise ImportError("libmariadb.so.3: cannot open shared object file", name="MySQLdb._mysql")
+
+    monkeypatch.setattr(MySQLDialect_mysqldb, "import_dbapi", classmethod(broken))
+    with pytest.raises(ConfigError, match="cannot be loaded: libmariadb") as refused:
+        Settings.from_env({"DATABASE_URL": "mysql+mysqldb://root@127.0.0.1/test"}).sqlalchemy_url()
+    assert "pip install" not in str(refused.value)
+
+
 def test_tombstones_deleted_before_they_are_cleared_is_an_invalid_setting() -> None:
     """serve and prune crashed with a ValueError traceback from RetentionPolicy."""
     env = {"CLERK_SYNC_TOMBSTONE_CLEAR_AFTER_DAYS": "10", "CLERK_SYNC_TOMBSTONE_DELETE_AFTER_DAYS": "5"}
@@ -155,7 +172,8 @@ def test_serve_with_workers_exposes_one_total_across_workers(db_url: str, tmp_pa
 
     port, refused = free_port(), 24
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CLERK_", "PROMETHEUS_"))}
-    env.update({"DATABASE_URL": db_url, "CLERK_WEBHOOK_SIGNING_SECRET": SECRET, "TMPDIR": str(tmp_path)})
+    prom = tmp_path / "prom"  # named by the operator and missing (review): made, not a crash
+    env.update({"DATABASE_URL": db_url, "CLERK_WEBHOOK_SIGNING_SECRET": SECRET, "PROMETHEUS_MULTIPROC_DIR": str(prom)})
     proc = subprocess.Popen([*CLI, "serve", "--port", str(port), "--workers", "2"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
@@ -168,12 +186,12 @@ def test_serve_with_workers_exposes_one_total_across_workers(db_url: str, tmp_pa
             text = httpx.get(f"{base}/metrics").text
             totals.append(sum(s.value for m in text_string_to_metric_families(text) for s in m.samples
                               if s.name == "clerk_sync_webhook_refused_total"))
-        assert list(tmp_path.glob("clerk-sync-metrics-*"))  # the workers' files live here while serving
+        assert list(prom.glob("clerk-sync-metrics-*/*.db"))  # the workers' files live here while serving
     finally:
         proc.terminate()
         proc.wait(timeout=20)
     assert totals == [refused] * len(totals)
-    assert not list(tmp_path.glob("clerk-sync-metrics-*"))  # removed when serve stops
+    assert list(prom.iterdir()) == []  # removed when serve stops, the parent process's own files too
 
 
 _WORKER = """

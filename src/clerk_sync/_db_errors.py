@@ -105,6 +105,13 @@ def _client_side(orig: object) -> bool:
     return module == "sqlite3" and str(orig).startswith("Error binding parameter")
 
 
+def is_transient(orig: object) -> bool:
+    """A bounded wait ran out or a deadlock was broken (PostgreSQL 55P03/57014/25P03/40P01/40001, MySQL
+    1205/1213/..): nothing about the row itself, and on MySQL a deadlock rolled the whole transaction back."""
+    return (getattr(orig, "sqlstate", None) in (*_TIMEOUTS, "40P01", "40001")
+            or _mysql_errno(orig) in _MYSQL_WAITS)
+
+
 def is_lock_wait_timeout(orig: object) -> bool:
     """A bounded wait for a lock another connection holds ran out (PostgreSQL 55P03, MySQL 1205)."""
     return getattr(orig, "sqlstate", None) == "55P03" or _mysql_errno(orig) == 1205

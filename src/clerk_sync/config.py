@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import importlib.util
 import os
 import re
 from collections.abc import Mapping
@@ -230,9 +231,11 @@ def _check_driver(url: str) -> None:
     try:
         dialect.import_dbapi()
     except ImportError as exc:
-        if exc.name is None or parsed.drivername == "postgresql+psycopg":  # installed, but cannot load
+        top = (exc.name or "").split(".")[0]
+        if not top or importlib.util.find_spec(top) is not None:  # installed, but cannot load (libpq, a .so)
             raise ConfigError(f"DATABASE_URL's driver {parsed.drivername!r} cannot be loaded: {exc} (a missing "
-                              "system library such as libpq, or a PSYCOPG_IMPL this install lacks)") from None
+                              "system library such as libpq or libmariadb, or a PSYCOPG_IMPL this install "
+                              "lacks)") from None
         instead = " use postgresql+psycopg:// (psycopg 3, installed with clerk-sync), or" \
             if parsed.get_backend_name() == "postgresql" else ""
         raise ConfigError(f"DATABASE_URL names the driver {parsed.drivername!r}, but its module "

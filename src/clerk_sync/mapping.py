@@ -35,7 +35,7 @@ import structlog
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from clerk_sync._db_errors import driver_cursor, is_foreign_key_violation
+from clerk_sync._db_errors import driver_cursor, is_foreign_key_violation, is_transient, store_error
 from clerk_sync.changes import Change
 from clerk_sync.engine import Entity
 from clerk_sync.errors import StoreDataError, StoreError, database_message
@@ -330,14 +330,14 @@ class SchemaMapping:
                             self.project(conn, now, change)
                     counts[entity.value] = counts.get(entity.value, 0) + len(changes)
                     continue
-                except Exception:
-                    _still_in_transaction(conn)
+                except Exception as exc:
+                    _still_in_transaction(conn, exc)
                 for change in changes:  # the page again, one row at a time: which were refused
                     try:
                         with conn.begin_nested():
                             self.project(conn, now, change)
                     except Exception as exc:  # any refusal is the row's (a compute's message may quote values)
-                        _still_in_transaction(conn)
+                        _still_in_transaction(conn, exc)
                         reason = str(exc) if isinstance(exc, StoreError) else type(exc).__name__
                         log.warning("backfill_row_refused", table=self.tables[entity].table,
                                     clerk_id=change.clerk_id, reason=reason)
@@ -517,8 +517,13 @@ CHECK_AT_ONCE = "SET CONSTRAINTS ALL IMMEDIATE"
 _BACKFILL_PAGE = 500  # rows of a backfill page (one savepoint, one query)
 
 
-def _still_in_transaction(conn: Connection) -> None:
-    """SQLite: an app trigger's ``RAISE(ROLLBACK)`` ended the transaction, savepoints and earlier rows too."""
+def _still_in_transaction(conn: Connection, exc: Exception) -> None:
+    """Whether a failed backfill row is the row's refusal, or the whole transaction's end: a deadlock or a
+    lock wait ran out (on MySQL a deadlock rolled everything back; retrying the row in it would count rows
+    as written that were not), the connection is gone, or on SQLite an app trigger's ``RAISE(ROLLBACK)``
+    ended the transaction, savepoints and earlier rows too. Those are raised, the backfill to be run again."""
+    if isinstance(exc, sa.exc.DBAPIError) and (exc.connection_invalidated or is_transient(exc.orig)):
+        raise store_error(exc) from exc
     if conn.dialect.name == "sqlite" and not conn.connection.driver_connection.in_transaction:  # type: ignore[union-attr]
         raise AppTableRolledBack("the app's table rolled back the whole transaction (a trigger's RAISE(ROLLBACK)): "
                                  "nothing was written; make the trigger RAISE(ABORT), which refuses only the row")

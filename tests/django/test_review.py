@@ -149,7 +149,7 @@ def test_a_login_session_ends_with_its_purged_row_and_an_unban_lets_the_user_bac
         with get_clerk_sync().store.transaction() as w:  # the tombstone purged by retention
             w.conn.execute(users.delete().where(users.c.clerk_id == cy["id"]))
         assert purged.get("/t/django-login-required").status_code == 302
-        assert _django_flags(cy["id"])[0] is False
+        assert _django_flags(cy["id"])[0] is True  # refused, not rewritten: no row says what it should be
 
         clerk.request("POST", f"/v1/users/{di['id']}/ban")
         clerk.wait_for_deliveries()

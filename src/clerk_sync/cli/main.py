@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -75,6 +77,15 @@ def serve(
     )] = True,
 ) -> None:
     """Run the webhook sync service: POST /webhooks/clerk, /healthz, /readyz, /metrics."""
+    if workers > 1:
+        with _shared_metrics():
+            _serve(host, port, workers, json_logs, hooks, mapping, migrate_first, dispatch)
+        return
+    _serve(host, port, workers, json_logs, hooks, mapping, migrate_first, dispatch)
+
+
+def _serve(host: str, port: int, workers: int, json_logs: bool, hooks: str | None, mapping: str | None,
+           migrate_first: bool, dispatch: bool) -> None:
     import uvicorn
 
     from clerk_sync.integrations.starlette import build_processor
@@ -332,27 +343,34 @@ def _serve_workers(host: str, port: int, workers: int) -> None:
     TCP_NODELAY and each keep-alive response waits ~40 ms for a delayed ACK (Kludex/uvicorn#3149).
     Re-wrapping the descriptor with ``IPPROTO_TCP`` fixes it; measured in BENCHMARKS.md.
     """
-    import shutil
     import socket
-    import tempfile
 
     import uvicorn
     from uvicorn.supervisors import Multiprocess
 
-    # Each worker counts in its own process: with a shared PROMETHEUS_MULTIPROC_DIR /metrics sums them
-    # (clerk_sync.metrics). Fresh each run (inside the operator's directory, if set): files left by an
-    # earlier run would add its counts to this one's.
-    parent = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
-    if parent is not None:
-        os.makedirs(parent, exist_ok=True)  # named by the operator, not made yet: made, not a crash
-    metrics_dir = tempfile.mkdtemp(prefix="clerk-sync-metrics-", dir=parent)
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # before the workers import prometheus_client
     config = uvicorn.Config("clerk_sync.integrations.starlette:app_from_env", factory=True, host=host,
                             port=port, workers=workers, log_level="warning", access_log=False)
+    bound = config.bind_socket()
+    sock = socket.socket(bound.family, bound.type, socket.IPPROTO_TCP, fileno=bound.detach())
+    Multiprocess(config, sockets=[sock]).run()
+
+
+@contextlib.contextmanager
+def _shared_metrics() -> Iterator[None]:
+    """``serve --workers``: each worker counts in its own process; with one PROMETHEUS_MULTIPROC_DIR
+    /metrics sums them (clerk_sync.metrics). Fresh each run (inside the operator's directory, if set, made
+    if missing): files left by an earlier run would add its counts to this one's. Set before anything
+    imports prometheus_client, which reads it once (the parent's own files land here too), removed after."""
+    import shutil
+    import tempfile
+
+    parent = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+    if parent is not None:
+        os.makedirs(parent, exist_ok=True)
+    metrics_dir = tempfile.mkdtemp(prefix="clerk-sync-metrics-", dir=parent)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     try:
-        bound = config.bind_socket()
-        sock = socket.socket(bound.family, bound.type, socket.IPPROTO_TCP, fileno=bound.detach())
-        Multiprocess(config, sockets=[sock]).run()
+        yield
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
 

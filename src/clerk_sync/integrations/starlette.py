@@ -385,8 +385,10 @@ def create_app(settings: Settings, processor: WebhookProcessor | None = None, *,
             if committer is not None:  # what is queued is written (and answered) before the process ends
                 await to_thread.run_sync(committer.close)
         finally:
-            processor.flush_summary()
-            processor.metrics.close()  # serve --workers: this worker's live gauges leave the sums
+            try:
+                processor.flush_summary()
+            finally:
+                processor.metrics.close()  # serve --workers: this worker's live gauges leave the sums
 
     routes = list(_service_routes(processor, migration, committer))
     if settings.console_enabled:

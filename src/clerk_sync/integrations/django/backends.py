@@ -176,8 +176,10 @@ class ClerkBackend(BaseBackend):
             except StoreError:
                 log.warning("django_session_user_unchecked", clerk_id=clerk_id, django_user_pk=user.pk)
                 return None
-            # A linked user exists because a row did: none now (a purged tombstone) is a deletion too.
-            if row is None or row.banned or row.is_deleted or row.deprovisioned:
+            if row is None:  # a purged tombstone, or a user the backend never made (nothing to change then)
+                log.info("django_session_user_unknown", clerk_id=clerk_id, django_user_pk=user.pk)
+                return None
+            if row.banned or row.is_deleted or row.deprovisioned:
                 deactivate_django_user(clerk_id, row)
                 return None
         return user

@@ -76,7 +76,7 @@ def _is_clerk_middleware(path: str) -> bool:
 
     try:
         found = import_string(path)
-    except ImportError:  # Django's own check reports a middleware that does not import
+    except Exception:  # Django itself reports a middleware that does not import (ImproperlyConfigured..)
         return False
     return isinstance(found, type) and issubclass(found, ClerkMiddleware)
 
