@@ -1022,11 +1022,16 @@ def test_only_a_drivers_refusal_of_a_value_is_a_refusal_for_good() -> None:
     assert not isinstance(missing, StoreDataError)
 
 
-def _with_app_table(db_url: str, table: sa.Table, mapping: SchemaMapping, **store: Any) -> tuple[Store, sa.Engine]:
-    """The app's ``table`` created and migrated for ``mapping``; a store writing through it, and an engine."""
+def _with_app_table(db_url: str, table: sa.Table | sa.MetaData, mapping: SchemaMapping,
+                    **store: Any) -> tuple[Store, sa.Engine]:
+    """The app's ``table`` (or every table of a MetaData) created and migrated for ``mapping``; a store
+    writing through it, and an engine."""
     engine = sa.create_engine(db_url)
     with engine.begin() as conn:
-        table.create(conn)
+        if isinstance(table, sa.MetaData):
+            table.create_all(conn)
+        else:
+            table.create(conn)
         migrate_schema(conn, mapping)
     return Store.from_url(db_url, mapping=mapping, **store), engine
 

@@ -111,11 +111,7 @@ def test_a_membership_whose_apps_parent_row_was_refused_for_good_is_applied_not_
                      sa.Column("member", sa.String(64), sa.ForeignKey("fkc_people.clerk_user_id")))
     mapping = SchemaMapping(users=MappedTable("fkc_people", "clerk_user_id", {"first": "first_name"}),
                             memberships=MappedTable("fkc_seats", "clerk_id", {"member": "user_clerk_id"}))
-    engine = sa.create_engine(db_url)
-    with engine.begin() as conn:
-        meta.create_all(conn)
-        migrate_schema(conn, mapping)
-    store = Store.from_url(db_url, mapping=mapping)
+    store, engine = _with_app_table(db_url, meta, mapping)
     membership = f.membership("orgmem_c", "org_c", "user_c", B + 1000, role="org:admin")
     assert deliver(store, f.envelope("user.created", f.user("user_c", B + 1000, first_name="Bad")),
                    f.envelope("organization.created", f.organization("org_c", B + 1000)),
@@ -144,11 +140,7 @@ def test_a_membership_whose_key_refers_to_a_row_the_app_makes_itself_is_retried_
              sa.Column("clerk_id", sa.String(64), unique=True),
              sa.Column("org", sa.String(64), sa.ForeignKey("fkw_workspaces.org")))
     mapping = SchemaMapping(memberships=MappedTable("fkw_seats", "clerk_id", {"org": "organization_clerk_id"}))
-    engine = sa.create_engine(db_url)
-    with engine.begin() as conn:
-        meta.create_all(conn)
-        migrate_schema(conn, mapping)
-    store = Store.from_url(db_url, mapping=mapping)
+    store, engine = _with_app_table(db_url, meta, mapping)
     processor = WebhookProcessor(store, WebhookVerifier([f.SECRET]))
     assert deliver(store, f.envelope("user.created", f.user("user_w", B + 1000)),
                    f.envelope("organization.created", f.organization("org_w", B + 1000))) == ["applied"] * 2
@@ -182,37 +174,28 @@ def test_a_mapping_naming_a_missing_column_never_holds_back_a_ban(db_url: str) -
     engine.dispose()
 
 
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
 @pytest.mark.postgres
-def test_a_deferred_constraint_is_checked_at_once_in_any_mapped_transaction() -> None:
+def test_a_deferred_constraint_is_checked_at_once_in_any_mapped_transaction(db_url: str) -> None:
     """Store.run checked the app's DEFERRABLE constraints at each statement, a plain Store.transaction()
     (a reconcile page, an admin write) did not: the refusal came at COMMIT and rolled the whole page
     back, every run. Now it is the row's refusal there too, and the other users of the page commit."""
-    from clerk_sync.migrations import upgrade
-    from tests.conftest import PG_URL, pg_schema_url
-
-    schema = f"defer_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(PG_URL)
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
+    engine = sa.create_engine(db_url)
+    with engine.begin() as conn:
         conn.exec_driver_sql(
-            f"CREATE TABLE {schema}.profiles (clerk_user_id varchar(64) UNIQUE, email text, deleted_at timestamptz, "
+            "CREATE TABLE profiles (clerk_user_id varchar(64) UNIQUE, email text, deleted_at timestamptz, "
             "CONSTRAINT uq_profiles_email UNIQUE (email) DEFERRABLE INITIALLY DEFERRED)")
-        conn.exec_driver_sql(f"INSERT INTO {schema}.profiles (email) VALUES ('taken@example.com')")  # noqa: S608
-    store = Store.from_url(pg_schema_url(schema), mapping=SchemaMapping(users=MappedTable(
+        conn.exec_driver_sql("INSERT INTO profiles (email) VALUES ('taken@example.com')")
+    engine.dispose()
+    store = Store.from_url(db_url, mapping=SchemaMapping(users=MappedTable(
         "profiles", "clerk_user_id", {"email": "email"}, on_delete=SoftDelete("deleted_at"))))
-    try:
-        upgrade(store.engine)
-        with store.transaction() as writer:  # as a reconcile page writes
-            for n, email in enumerate(["a@example.com", "taken@example.com"]):
-                writer.apply(Upsert(Entity.USER, user_record(f.user(f"user_d{n}", B + 1000, email=email))))
-            refused = list(writer.refused)
-        assert len(refused) == 1 and "uq_profiles_email" in refused[0]
-        assert _scalar(store, "SELECT count(*) FROM users") == 2
-    finally:
-        store.dispose()
-        with admin.begin() as conn:
-            conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
-        admin.dispose()
+    with store.transaction() as writer:  # as a reconcile page writes
+        for n, email in enumerate(["a@example.com", "taken@example.com"]):
+            writer.apply(Upsert(Entity.USER, user_record(f.user(f"user_d{n}", B + 1000, email=email))))
+        refused = list(writer.refused)
+    assert len(refused) == 1 and "uq_profiles_email" in refused[0]
+    assert _scalar(store, "SELECT count(*) FROM users") == 2
+    store.dispose()
 
 
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
