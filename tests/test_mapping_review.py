@@ -489,4 +489,19 @@ def test_a_backfill_that_meets_a_deadlock_fails_whole_not_as_a_refused_row(
     with engine.connect() as conn, conn.begin(), pytest.raises(StoreError, match="deadlock") as failed:
         mapping.backfill(conn, datetime.now(UTC))
     assert not isinstance(failed.value, StoreDataError)
+
+    def savepoint_gone(self: SchemaMapping, conn: Any, now: Any, change: Any) -> None:
+        """As on a real MariaDB (review round 4): the deadlock rolled the savepoint back with the transaction,
+        so leaving begin_nested() fails on ROLLBACK TO SAVEPOINT, the deadlock only in the context."""
+        if change.clerk_id == "user_1":
+            try:
+                raise sa.exc.OperationalError("UPDATE dl_accounts ..", {}, Deadlock(1213, "Deadlock found"))
+            except sa.exc.OperationalError:
+                raise sa.exc.OperationalError("ROLLBACK TO SAVEPOINT sa_savepoint_1", {},
+                                              Deadlock(1305, "SAVEPOINT sa_savepoint_1 does not exist")) from None
+
+    monkeypatch.setattr(SchemaMapping, "project", savepoint_gone)
+    with engine.connect() as conn, conn.begin(), pytest.raises(StoreError) as failed:
+        mapping.backfill(conn, datetime.now(UTC))
+    assert not isinstance(failed.value, StoreDataError)
     engine.dispose()

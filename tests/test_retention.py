@@ -211,6 +211,24 @@ def test_a_user_known_only_from_membership_or_session_events_can_be_erased(
     assert not Retention(store).erase_user("user_ss").row_existed  # a session event's payload
 
 
+def test_a_user_named_only_past_many_other_mentions_or_as_an_orgs_creator_can_be_erased(
+        store: Store, verifier: WebhookVerifier) -> None:
+    """Review round 4: the exact check read only the first 50 payloads the text search found (60 others
+    naming the id in metadata hid the session event), and missed an organization's ``created_by``."""
+    processor = WebhookProcessor(store, verifier)
+    for n in range(60):
+        referred = f.user(f"user_r{n}", 1)
+        referred["public_metadata"] = {"referred_by": "user_z"}
+        assert deliver(processor, f.envelope("user.created", referred), f"r{n}") == "applied"
+    assert deliver(processor, f.envelope("session.created", {"id": "sess_z", "user_id": "user_z",
+                                                             "status": "active"}), "z1") == "ignored"
+    organization = f.organization("org_c", 1)
+    organization["created_by"] = "user_c"
+    assert deliver(processor, f.envelope("organization.created", organization), "c1") == "applied"
+    assert not Retention(store).erase_user("user_z").row_existed
+    assert not Retention(store).erase_user("user_c").row_existed
+
+
 def test_erasing_a_hard_deleted_user_again_is_allowed(store: Store, verifier: WebhookVerifier) -> None:
     """The row of a user whose tombstone was hard-deleted is gone, but the digest says they were here."""
     processor = WebhookProcessor(store, verifier)

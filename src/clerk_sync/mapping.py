@@ -372,6 +372,7 @@ class SchemaMapping:
                         conn.execute(sa.update(table).where(row).values({name: attempt}))
                     break
                 except sa.exc.DBAPIError as exc:
+                    _still_in_transaction(conn, exc)  # (a deadlock: the erasure fails whole, nothing half-done)
                     why = database_message(exc.orig or exc)
             else:
                 refused.append(f"{mapped.table} refused clearing {name}: {why}")
@@ -521,12 +522,26 @@ def _still_in_transaction(conn: Connection, exc: Exception) -> None:
     """Whether a failed backfill row is the row's refusal, or the whole transaction's end: a deadlock or a
     lock wait ran out (on MySQL a deadlock rolled everything back; retrying the row in it would count rows
     as written that were not), the connection is gone, or on SQLite an app trigger's ``RAISE(ROLLBACK)``
-    ended the transaction, savepoints and earlier rows too. Those are raised, the backfill to be run again."""
-    if isinstance(exc, sa.exc.DBAPIError) and (exc.connection_invalidated or is_transient(exc.orig)):
-        raise store_error(exc) from exc
+    ended the transaction, savepoints and earlier rows too. Those are raised, the backfill to be run again.
+
+    The deadlock is rarely ``exc`` itself: InnoDB rolled the savepoint back with the transaction, so leaving
+    ``begin_nested()`` fails on its ROLLBACK TO SAVEPOINT (1305, "SAVEPOINT does not exist"), the deadlock
+    that caused it in the exception's context: the whole chain is read."""
+    seen: Exception | BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, sa.exc.DBAPIError) and (seen.connection_invalidated or is_transient(seen.orig)
+                                                     or _savepoint_gone(seen.orig)):
+            raise store_error(seen) from exc
+        seen = seen.__cause__ or seen.__context__
     if conn.dialect.name == "sqlite" and not conn.connection.driver_connection.in_transaction:  # type: ignore[union-attr]
         raise AppTableRolledBack("the app's table rolled back the whole transaction (a trigger's RAISE(ROLLBACK)): "
                                  "nothing was written; make the trigger RAISE(ABORT), which refuses only the row")
+
+
+def _savepoint_gone(orig: object) -> bool:
+    """MySQL/MariaDB 1305 on a savepoint: the transaction that held it was rolled back (a deadlock)."""
+    args: tuple[Any, ...] = tuple(getattr(orig, "args", ()))
+    return len(args) > 1 and args[0] == 1305 and "SAVEPOINT" in str(args[1]).upper()
 
 
 def check_at_once(conn: Connection) -> None:

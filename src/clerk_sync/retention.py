@@ -330,8 +330,9 @@ def _emails(row: Any) -> set[str]:
 
 def _mentioned(writer: Writer, clerk_id: str) -> bool:
     """Whether anything else shows the user was here: a membership row, or a stored payload that names the
-    id where a user id goes (``data.user_id``, ``data.public_user_data.user_id``, ``data.payer.user_id``: a
-    session or membership event of a user whose own events never came, or were pruned). Compared exactly
+    id where a user id goes (``data.user_id``, ``data.created_by``, ``data.public_user_data.user_id``,
+    ``data.payer.user_id``: a session or membership event of a user whose own events never came, or were
+    pruned). Compared exactly
     in Python: the text search alone would take an organization's id, or an id differing in case (SQLite's
     LIKE, a MariaDB ``_ci`` cast), for a user seen here."""
     m, e = organization_memberships, webhook_events
@@ -339,21 +340,21 @@ def _mentioned(writer: Writer, clerk_id: str) -> bool:
         return True
     named = sa.select(e.c.payload).where(e.c.redacted_at.is_(None),
                                          # as a JSON string, quotes included: not "user_an" inside "user_ann"
-                                         sa.cast(e.c.payload, sa.Text).contains(json.dumps(clerk_id), autoescape=True)
-                                         ).limit(_CANDIDATES)
-    for (payload,) in writer.conn.execute(named):
-        document = json.loads(payload) if isinstance(payload, str) else payload
-        data = document.get("data") if isinstance(document, dict) else None
-        if isinstance(data, dict) and clerk_id in _user_ids_named(data):
-            return True
+                                         sa.cast(e.c.payload, sa.Text).contains(json.dumps(clerk_id), autoescape=True))
+    result = writer.conn.execute(named.execution_options(yield_per=100))  # every candidate, to the first match
+    try:
+        for (payload,) in result:
+            document = json.loads(payload) if isinstance(payload, str) else payload
+            data = document.get("data") if isinstance(document, dict) else None
+            if isinstance(data, dict) and clerk_id in _user_ids_named(data):
+                return True
+    finally:
+        result.close()
     return False
 
 
-_CANDIDATES = 50  # payloads a "was this user here?" check reads at most
-
-
 def _user_ids_named(data: dict[str, Any]) -> set[Any]:
-    found = {data.get("user_id")}
+    found = {data.get("user_id"), data.get("created_by")}  # (an organization's creator)
     for parent in ("public_user_data", "payer"):
         inner = data.get(parent)
         if isinstance(inner, dict):
