@@ -60,7 +60,7 @@ def test_users_erase_exits_1_when_the_apps_table_keeps_personal_data(tmp_path: P
     engine = sa.create_engine(url)
     with engine.begin() as conn:
         conn.exec_driver_sql("CREATE TABLE kept (id INTEGER PRIMARY KEY, clerk_user_id VARCHAR(64) UNIQUE, "
-                             "email VARCHAR(320) NOT NULL CHECK (email <> ''), deleted_at TIMESTAMP)")
+                             "email VARCHAR(320) NOT NULL CHECK (email LIKE '%@example.com'), deleted_at TIMESTAMP)")
         conn.exec_driver_sql("INSERT INTO kept (clerk_user_id, email) VALUES ('user_k', 'k@example.com')")
     engine.dispose()
     store = Store.from_url(url)
