@@ -271,7 +271,7 @@ class Retention:
         nobody while the real user keeps their data. ``allow_unknown`` erases it anyway (a request before
         the first webhook).
         """
-        if not clerk_id or "@" in clerk_id or any(c.isspace() for c in clerk_id):
+        if not could_be_user_id(clerk_id):
             raise ValueError(f"erase_user needs a Clerk user id (user_...), not {clerk_id!r}")
         with self.store.transaction() as writer:
             row = writer.conn.execute(
@@ -328,13 +328,24 @@ def _emails(row: Any) -> set[str]:
     return found | {e for e in (row.email_addresses or []) if isinstance(e, str) and e}
 
 
+def could_be_user_id(clerk_id: str) -> bool:
+    """Not blank, no ``@`` (an e-mail address), no whitespace: erasing anything else tombstones nobody."""
+    return bool(clerk_id) and "@" not in clerk_id and not any(c.isspace() for c in clerk_id)
+
+
+def _data_of(payload: Any) -> dict[str, Any] | None:
+    """A stored payload's ``data`` object (stored as text on SQLite, parsed elsewhere), or None."""
+    document = json.loads(payload) if isinstance(payload, str) else payload
+    data = document.get("data") if isinstance(document, dict) else None
+    return data if isinstance(data, dict) else None
+
+
 def _mentioned(writer: Writer, clerk_id: str) -> bool:
     """Whether anything else shows the user was here: a membership row, or a stored payload that names the
     id where a user id goes (``data.user_id``, ``data.created_by``, ``data.public_user_data.user_id``,
     ``data.payer.user_id``: a session or membership event of a user whose own events never came, or were
-    pruned). Compared exactly
-    in Python: the text search alone would take an organization's id, or an id differing in case (SQLite's
-    LIKE, a MariaDB ``_ci`` cast), for a user seen here."""
+    pruned). Compared exactly in Python: the text search alone would take an organization's id, or an id
+    differing in case (SQLite's LIKE, a MariaDB ``_ci`` cast), for a user seen here."""
     m, e = organization_memberships, webhook_events
     if writer.conn.execute(sa.select(m.c.id).where(m.c.user_clerk_id == clerk_id).limit(1)).first() is not None:
         return True
@@ -344,9 +355,8 @@ def _mentioned(writer: Writer, clerk_id: str) -> bool:
     result = writer.conn.execute(named.execution_options(yield_per=100))  # every candidate, to the first match
     try:
         for (payload,) in result:
-            document = json.loads(payload) if isinstance(payload, str) else payload
-            data = document.get("data") if isinstance(document, dict) else None
-            if isinstance(data, dict) and clerk_id in _user_ids_named(data):
+            data = _data_of(payload)
+            if data is not None and clerk_id in _user_ids_named(data):
                 return True
     finally:
         result.close()
@@ -377,9 +387,8 @@ def _user_events(writer: Writer, clerk_id: str) -> tuple[bool, set[str]]:
     found: set[str] = set()
     seen = False
     for (payload,) in writer.conn.execute(query):
-        document = json.loads(payload) if isinstance(payload, str) else payload
-        data = document.get("data") if isinstance(document, dict) else None
-        if not isinstance(data, dict) or data.get("id") != clerk_id:
+        data = _data_of(payload)
+        if data is None or data.get("id") != clerk_id:
             continue
         seen = True
         for address in data.get("email_addresses") or []:

@@ -291,8 +291,9 @@ def users_erase(
 def _check_user_id(store: Store, clerk_id: str) -> None:
     """Refuse what cannot be a Clerk user id (an e-mail, blanks): erasing it would tombstone nobody."""
     from clerk_sync.auth.admin import find_user_by_email
+    from clerk_sync.retention import could_be_user_id
 
-    if clerk_id.strip() and "@" not in clerk_id and not any(c.isspace() for c in clerk_id):
+    if could_be_user_id(clerk_id):
         return
     hint = "find it in the Clerk Dashboard (Users) or the users table's clerk_id"
     if "@" in clerk_id:
