@@ -409,3 +409,33 @@ def test_hooks_and_mapping_settings_reach_the_store() -> None:
     assert [hook.name for hook in options.hooks] == ["welcome"]
     assert [hook.name for hook in runtime.store.hooks] == ["welcome"]
     runtime.store.dispose()
+
+
+@pytest.mark.mariadb
+def test_the_url_from_djangos_mysql_database_reaches_a_socket_named_as_host() -> None:
+    """Django's MySQL backend takes a ``HOST`` that is a path as the socket file (``unix_socket``); the
+    derived URL made it a host name, so clerk-sync could not reach a database Django reached. Checked
+    against the real MariaDB: its own socket, asked over TCP first."""
+    import sqlalchemy as sa
+
+    from tests.conftest import MYSQL_URL, mysql_database
+
+    with mysql_database() as url:
+        tcp = sa.create_engine(url)
+        with tcp.connect() as conn:
+            socket_path, name = conn.exec_driver_sql("SELECT @@socket, DATABASE()").one()
+        tcp.dispose()
+        tcp_url = sa.engine.make_url(MYSQL_URL)
+        django_db = {"ENGINE": "django.db.backends.mysql", "NAME": name, "USER": tcp_url.username,
+                     "HOST": socket_path, "OPTIONS": {"charset": "utf8mb4"}}
+        derived = sa.engine.make_url(str(database_url_from_django(django_db)))
+        assert dict(derived.query) == {"charset": "utf8mb4", "unix_socket": socket_path}
+        engine = sa.create_engine(derived)
+        try:
+            with engine.connect() as conn:
+                assert conn.exec_driver_sql("SELECT DATABASE()").scalar() == name
+        finally:
+            engine.dispose()
+        chosen = {**django_db, "OPTIONS": {"unix_socket": "/elsewhere.sock"}}  # OPTIONS wins, as in Django
+        assert dict(sa.engine.make_url(str(database_url_from_django(chosen))).query) == {
+            "unix_socket": "/elsewhere.sock"}

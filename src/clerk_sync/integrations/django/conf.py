@@ -150,8 +150,12 @@ def database_url_from_django(db: Mapping[str, Any]) -> str | None:
     options = db.get("OPTIONS") or {}
     host = str(db.get("HOST") or "") or None
     query = _mysql_query(options) if scheme.startswith("mysql") else _postgres_query(options)
-    if host is not None and host.startswith("/") and not scheme.startswith("mysql"):
-        query["host"], host = host, None  # a Unix socket directory, as libpq takes it
+    if host is not None and host.startswith("/"):
+        if scheme.startswith("mysql"):  # Django's MySQL backend takes a HOST path as the socket file
+            query.setdefault("unix_socket", host)  # (OPTIONS["unix_socket"] wins, as in Django)
+            host = "localhost"  # (mysqlclient reaches a socket only for "localhost" or no host)
+        else:
+            query["host"], host = host, None  # a Unix socket directory, as libpq takes it
     url = sa.engine.URL.create(scheme, username=str(db.get("USER") or "") or None,
                                password=str(db.get("PASSWORD") or "") or None, host=host,
                                port=int(db["PORT"]) if db.get("PORT") else None,
