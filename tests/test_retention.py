@@ -429,6 +429,41 @@ def test_events_about_a_deleted_or_erased_user_keep_no_personal_data(store: Stor
     assert deliver(processor, _about("email.created", "user_gone"), "msg_gone_email.created") == "duplicate"
 
 
+
+def test_erasure_finds_a_text_message_that_names_only_the_users_phone_number(
+        store: Store, verifier: WebhookVerifier) -> None:
+    """An ``sms.created`` sent before sign-up completed carries the number and no ``user_id``: erasure
+    searched the user's id and e-mail addresses only, so the number (and the message) stayed stored until
+    the 30-day redaction. The numbers the user's own events carried are searched too; another number stays."""
+    processor = WebhookProcessor(store, verifier)
+    phone, other = "+15550100777", "+15550100778"
+    user = _user("user_tel", 100)
+    user["phone_numbers"] = [{"id": "idn_tel", "object": "phone_number", "phone_number": phone}]
+    assert deliver(processor, f.envelope("user.created", user), "msg_t1") == "applied"
+
+    def sms(number: str) -> dict[str, Any]:
+        data = json.loads((CLERK_FIXTURES / "examples" / "sms.created.json").read_text())["data"]
+        data.update(user_id=None, to_phone_number=number, message=f"Your code for {number} is 123456")
+        return f.envelope("sms.created", data)
+
+    assert deliver(processor, sms(phone), "msg_t2") == "ignored"
+    assert deliver(processor, sms(other), "msg_t3") == "ignored"
+    assert deliver(processor, sms(phone + "9"), "msg_t4") == "ignored"  # a longer number is another one
+    report = Retention(store).erase_user("user_tel", actor="user_admin", reason="DSR-46")
+    with store.connect() as conn:
+        redacted = dict(conn.execute(sa.select(webhook_events.c.svix_id, webhook_events.c.redacted_at)).all())
+        kept = conn.execute(sa.select(webhook_events.c.payload).where(webhook_events.c.svix_id == "msg_t3")).scalar_one()
+    assert redacted["msg_t1"] is not None and redacted["msg_t2"] is not None
+    assert redacted["msg_t3"] is None and redacted["msg_t4"] is None
+    assert report.payloads_redacted == 2
+    kept = json.loads(kept) if isinstance(kept, str) else kept
+    assert kept["data"]["to_phone_number"] == other
+    with store.connect() as conn:
+        naming = sorted(svix_id for svix_id, payload in conn.execute(
+            sa.select(webhook_events.c.svix_id, webhook_events.c.payload)) if phone in json.dumps(payload))
+    assert naming == ["msg_t4"]  # (only as the start of the longer number)
+    assert phone not in json.dumps(dump(store, skip=("audit_log", "webhook_events")))
+
 # -- hard deletion of tombstones (``delete_tombstones_after``) -------------------------------------
 def _rows(store: Store, table: sa.Table, clerk_id: str) -> int:
     with store.connect() as conn:

@@ -28,8 +28,8 @@ _ESCAPE = re.compile(r"\\u[0-9a-fA-F]{4}")  # a JSON escape, \u00e9
 
 
 class Mentions:
-    """The Clerk ids and e-mail addresses of one person (``needles``). E-mail addresses compare without
-    regard to case; ids exactly."""
+    """The Clerk ids, e-mail addresses and phone numbers of one person (``needles``). E-mail addresses
+    compare without regard to case; ids and numbers exactly, as whole words."""
 
     def __init__(self, needles: Iterable[str]) -> None:
         self.needles = sorted({n for n in needles if n})

@@ -380,7 +380,8 @@ def _digest_recorded(writer: Writer, clerk_id: str) -> bool:
 
 def _user_events(writer: Writer, clerk_id: str) -> tuple[bool, set[str]]:
     """Whether the user's own stored events (``user.*`` about ``clerk_id``, not redacted yet) exist, and
-    the addresses they carry."""
+    the e-mail addresses and phone numbers they carry (an ``sms.created`` sent before sign-up completed
+    names only the number)."""
     e = webhook_events
     query = sa.select(e.c.payload).where(e.c.type.like("user.%"), e.c.redacted_at.is_(None),
                                          sa.cast(e.c.payload, sa.Text).contains(clerk_id, autoescape=True))
@@ -391,10 +392,11 @@ def _user_events(writer: Writer, clerk_id: str) -> tuple[bool, set[str]]:
         if data is None or data.get("id") != clerk_id:
             continue
         seen = True
-        for address in data.get("email_addresses") or []:
-            value = address.get("email_address") if isinstance(address, dict) else None
-            if isinstance(value, str) and value:
-                found.add(value)
+        for key, field in (("email_addresses", "email_address"), ("phone_numbers", "phone_number")):
+            for entry in data.get(key) or []:
+                value = entry.get(field) if isinstance(entry, dict) else None
+                if isinstance(value, str) and value.strip():
+                    found.add(value)
     return seen, found
 
 
