@@ -48,7 +48,8 @@ from tests.conftest import clerk_client
 from tests.test_cli import run
 from tests.test_hooks import B, deliver, jobs
 
-POLICIES: list[DeletePolicy] = [SoftDelete("deleted_at"), Deactivate("is_active"), Anonymise(), HardDelete()]
+POLICIES: list[DeletePolicy] = [SoftDelete("deleted_at"), Deactivate("is_active"), Anonymise(), Anonymise("deleted_at"),
+                                 HardDelete()]
 
 app_meta = sa.MetaData()
 accounts = sa.Table(  # the app's own users table, before clerk-sync: no Clerk id yet
@@ -135,7 +136,7 @@ def app_rows(conn: sa.Connection, ns: str) -> dict[tuple[str, str], dict[str, An
     return out
 
 
-@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: type(p).__name__)
+@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: type(p).__name__ + f"_{getattr(p, 'column', None) or ''}")
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     steps=st.lists(st.tuples(st.integers(0, 5), st.booleans(), st.integers(0, 3)), min_size=1, max_size=30),
@@ -192,8 +193,11 @@ def _assert_deleted(policy: DeletePolicy, entity: str, row: dict[str, Any]) -> N
         assert row["deleted_at"] is not None
     elif isinstance(policy, Deactivate):
         assert row["is_active"] in (False, 0) and row["is_active"] is not None  # MySQL reads BOOL as 0/1
-    elif entity == "users":  # Anonymise: the personal columns are cleared, the rest kept
-        assert (row["email"], row["email_lower"], row["display_name"], row["avatar"]) == (None, None, None, None)
+    else:  # Anonymise: the personal columns are cleared, the rest kept; with a column, the deletion's time there
+        assert isinstance(policy, Anonymise)
+        assert (row["deleted_at"] is not None) is (policy.column is not None)
+        if entity == "users":
+            assert (row["email"], row["email_lower"], row["display_name"], row["avatar"]) == (None, None, None, None)
 
 
 # -- linking existing rows, hooks alongside, doctor ---------------------------------------------------------
@@ -246,7 +250,7 @@ def test_columns_take_a_source_or_a_function() -> None:
         Column("clerk_updated_at")
 
 
-@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: type(p).__name__)
+@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: type(p).__name__ + f"_{getattr(p, 'column', None) or ''}")
 def test_every_delete_policy_and_the_membership_cascade(app_db: str, policy: DeletePolicy) -> None:
     store = Store.from_url(app_db, mapping=mapping_for(policy))
     deliver(store, f.envelope("user.created", f.user("user_1", B + 1000, role="admin")),

@@ -145,7 +145,11 @@ class Deactivate:
 @dataclass(frozen=True, slots=True)
 class Anonymise:
     """Clear the mapped personal columns (from e-mail, names, username, image); keep the row. Cleared is
-    NULL, or for a NOT NULL column its Column's ``default`` else ``""`` (see :func:`cleared_values`)."""
+    NULL, or for a NOT NULL column its Column's ``default`` else ``""`` (see :func:`cleared_values`).
+    ``column``: a timestamp column also set at the deletion (as :class:`SoftDelete`'s, NULL while the row
+    is live), so the app can tell an anonymised row from a live one with no e-mail; None: none."""
+
+    column: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -392,6 +396,8 @@ class _Projection:
             self.fixed[mapped.on_delete.column] = None
         elif isinstance(mapped.on_delete, Deactivate):
             self.fixed[mapped.on_delete.column] = True
+        elif isinstance(mapped.on_delete, Anonymise) and mapped.on_delete.column is not None:
+            self.fixed[mapped.on_delete.column] = None
         names = [*self.columns, *self.fixed]
         binds = {n: sa.bindparam(n, type_=table.c[n].type) for n in names}
         row = binds | {self.key.name: sa.bindparam("_clerk_id")}
@@ -512,6 +518,9 @@ class _Projection:
             personal |= dict.fromkeys(kept)  # (the table refuses NULL there: the row's refusal, doctor says so)
             if personal:
                 self.conn.execute(sa.update(self.t).where(where).values(**personal))
+            if policy.column is not None:  # the first deletion's time kept, as SoftDelete's
+                column = self.t.c[policy.column]
+                self.conn.execute(sa.update(self.t).where(where, column.is_(None)).values(**{policy.column: self.now}))
 
 
 CHECK_AT_ONCE = "SET CONSTRAINTS ALL IMMEDIATE"
@@ -867,7 +876,7 @@ def _lookup(values: JSON, source: str) -> Any:
 # -- the live schema: what the mapping needs, checked (doctor) and added (migrate) ---------------------
 
 def _policy_column(mapped: MappedTable) -> tuple[str, sa.types.TypeEngine[Any]] | None:
-    if isinstance(mapped.on_delete, SoftDelete):
+    if isinstance(mapped.on_delete, SoftDelete | Anonymise) and mapped.on_delete.column is not None:
         return mapped.on_delete.column, sa.DateTime(timezone=True)
     if isinstance(mapped.on_delete, Deactivate):
         return mapped.on_delete.column, sa.Boolean()
