@@ -846,11 +846,14 @@ def _unique(table: sa.Table, column: sa.Column[Any], *, plain: bool = False) -> 
 @contextlib.contextmanager
 def _expression_indexes_skipped() -> Iterator[None]:
     """SQLAlchemy warns that it does not reflect an app's expression index (``lower(email)``): nothing
-    here needs it (an erased e-mail it refuses is retried with a placeholder), so no warning per table."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "Skipped unsupported reflection of expression-based index",
-                                sa.exc.SAWarning)
-        yield
+    here needs it (an erased e-mail it refuses is retried with a placeholder), so no warning per table.
+
+    A filter for that one message, added (again: the same filter is not repeated) before each reflection
+    and left in place: ``warnings.catch_warnings`` would restore the process's whole filter list on leaving,
+    undoing filters another thread added meanwhile (it is not thread-safe), and reflection runs in the
+    committer's and the dispatcher's threads."""
+    warnings.filterwarnings("ignore", "Skipped unsupported reflection of expression-based index", sa.exc.SAWarning)
+    yield
 
 
 def _unique_sets(inspector: Any, name: str) -> set[tuple[str, ...]]:
