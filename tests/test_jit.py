@@ -185,6 +185,39 @@ def test_deleted_and_banned_users_are_refused(store: Store, jit: JitUsers, emu: 
         jit.get_auth_user("user_never_existed")
 
 
+
+def test_a_user_erased_here_but_live_in_clerk_is_refused_without_a_clerk_call(store: Store, jit: JitUsers,
+                                                                             emu: EmulatorServer) -> None:
+    """Review finding: once retention hard-deleted an erased user's tombstone (only its digest is left), the
+    JIT fetch from Clerk (which still has the user) was refused by the guard, and ``assert user is not
+    None`` made every request of that user a 500 and a Clerk call. Now 410 ``UserDeleted``, sync and async,
+    before any Clerk request; and the guard's refusal after the read (an erasure in between) is a 410 too."""
+    from datetime import UTC, datetime, timedelta
+
+    from clerk_sync.retention import Retention, RetentionPolicy
+
+    data = emu.create_user(email="erased@example.com")
+    assert deliver(store, "user.created", data, "msg_1") == "applied"
+    Retention(store).erase_user(data["id"], actor="user_admin", reason="DSR-1")  # erased here, not in Clerk
+    policy = RetentionPolicy(clear_tombstones_after=timedelta(days=1), delete_tombstones_after=timedelta(days=2))
+    assert Retention(store, policy, now=lambda: datetime.now(UTC) + timedelta(days=3)).prune().erased == 1
+    assert rows(store) == 0
+    with pytest.raises(UserDeleted) as refused:
+        jit.get_auth_user(data["id"])
+    assert status_for(refused.value) == 410
+    assert jit.clerk is not None and jit.clerk.stats.requests == 0
+
+    async def main() -> None:
+        async with AsyncClerkClient(emu.secret_key, api_url=emu.url, retry=RETRY) as aclerk:
+            with pytest.raises(UserDeleted):
+                await JitUsers(store, aclerk=aclerk, timeout_s=2.0).aget_auth_user(data["id"])
+            assert aclerk.stats.requests == 0
+    anyio.run(main)
+
+    with pytest.raises(UserDeleted):  # refresh_user fetches (Clerk has the user); the guard refuses the row
+        jit.refresh_user(data["id"])
+    assert jit.clerk.stats.requests == 1 and rows(store) == 0
+
 def test_clerk_outage_without_a_row_is_a_fast_503(store: Store, emu: EmulatorServer) -> None:
     clock = FakeClock()
     breaker = CircuitBreaker(threshold=2, reset_s=5.0, clock=clock)

@@ -41,8 +41,8 @@ from clerk_sync.errors import (
 )
 from clerk_sync.events import user_record
 from clerk_sync.metrics import Metrics
-from clerk_sync.store import Store, Writer
-from clerk_sync.tables import users
+from clerk_sync.store import Store, Writer, erased_digest
+from clerk_sync.tables import erased, users
 
 __all__ = ["AuthUser", "JitUsers", "load_user", "read_user", "standing_error"]
 
@@ -195,7 +195,15 @@ class JitUsers:
 
     # -- database ---------------------------------------------------------------------------
     def _read(self, user_id: str) -> AuthUser | None:
-        return read_user(self.store, user_id)
+        """The user's row; None when it is not here yet. A user whose tombstone was hard-deleted (its digest
+        in ``clerk_sync_erased``) is refused here: Clerk may still have them (erased here only), and the
+        guarded upsert would not store them anyway, so no Clerk request is spent on every such call."""
+        with self.store.connect() as conn:
+            user = load_user(conn, user_id)
+            if user is None and conn.execute(sa.select(erased.c.digest).where(
+                    erased.c.digest == erased_digest(Entity.USER, user_id))).first() is not None:
+                raise UserDeleted(f"user {user_id} was deleted")
+        return user
 
     def _store(self, data: JSON) -> AuthUser:
         """Upsert through the webhook path's guard, then read back what won (maybe a newer webhook)."""
@@ -210,7 +218,8 @@ class JitUsers:
         except StoreError:
             self._count("db_error")
             raise
+        if user is None:  # the guard refused it: erased here (its digest) since the read
+            raise UserDeleted(f"user {record.clerk_id} was deleted")
         self._count("stored")
-        assert user is not None  # we just wrote it, inside this transaction
         return user
 
