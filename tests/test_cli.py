@@ -172,7 +172,10 @@ def test_promote_during_an_outage_is_pending_until_retry_pending(tmp_path: Path)
         env = {"DATABASE_URL": url, "CLERK_SECRET_KEY": clerk.secret_key, "CLERK_API_URL": clerk.url}
         clerk.set_faults(outage=True)
         promoted = run("users", "promote", "later@example.com", env=env)
-        assert "pending:" in promoted.stdout + promoted.stderr
+        said = " ".join((promoted.stdout + promoted.stderr).split())
+        # not done: exit 3 (review: it exited 0), with why and what pushes it later
+        assert promoted.returncode == 3 and "pending:" in said, said
+        assert "Clerk was not reached (" in said and "run `clerk-sync users retry-pending`" in said
         assert run("users", "retry-pending", env=env).returncode == 3
         clerk.set_faults(outage=False)
         done = run("users", "retry-pending", env=env)

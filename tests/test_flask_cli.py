@@ -93,6 +93,33 @@ def test_reconcile_then_promote_against_the_emulator(tmp_path: Path) -> None:
     clerk_state(app).close()
 
 
+def test_promote_during_an_outage_exits_3_and_retry_pending_pushes_it(tmp_path: Path) -> None:
+    """Review finding: a promote Clerk never received exited 0 without saying why, and a Flask app had no
+    command to push it later (only the environment-configured `clerk-sync users retry-pending`)."""
+    url = f"sqlite:///{tmp_path / 'pending.db'}"
+    with EmulatorServer(rate_limit_requests=1000) as clerk:
+        ada = clerk.create_user("ada@example.com")
+        app = flask_app(DATABASE_URL=url, CLERK_SECRET_KEY=clerk.secret_key, CLERK_API_URL=clerk.url)
+        cli = app.test_cli_runner()
+        assert cli.invoke(args=["clerk-sync", "migrate"]).exit_code == 0
+        assert cli.invoke(args=["clerk-sync", "reconcile"]).exit_code == 0
+        clerk.set_faults(outage=True)
+        promoted = cli.invoke(args=["clerk-sync", "promote", "ada@example.com", "--role", "admin"])
+        assert promoted.exit_code == 3, promoted.output
+        assert "Clerk was not reached (" in promoted.output
+        assert "run `flask clerk-sync retry-pending`" in promoted.output
+        assert cli.invoke(args=["clerk-sync", "retry-pending"]).exit_code == 3  # Clerk still away
+        clerk.set_faults(outage=False)
+        clerk_state(app).close()
+        # cron's next run: a new process (this one's circuit breaker is open after the outage)
+        app = flask_app(DATABASE_URL=url, CLERK_SECRET_KEY=clerk.secret_key, CLERK_API_URL=clerk.url)
+        done = app.test_cli_runner().invoke(args=["clerk-sync", "retry-pending"])
+        assert done.exit_code == 0 and "'applied': 1" in done.output, done.output
+        assert clerk.request("GET", f"/v1/users/{ada['id']}")["public_metadata"]["role"] == "admin"
+    with clerk_state(app).store.connect() as conn:
+        assert conn.execute(sa.select(users.c.role)).scalar_one() == "admin"
+    clerk_state(app).close()
+
 def test_promote_without_a_secret_key_says_what_to_set(tmp_path: Path) -> None:
     app = flask_app(DATABASE_URL=f"sqlite:///{tmp_path / 'x.db'}")
     result = app.test_cli_runner().invoke(args=["clerk-sync", "promote", "ada@example.com"])

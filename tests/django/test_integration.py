@@ -180,6 +180,19 @@ def test_manage_py_replay_promote_and_reconcile(client_world: World) -> None:
     assert row is not None and row.role == "admin"
     with pytest.raises(CommandError, match="no synced user"):
         call_command("clerk_sync", "promote", "nobody@example.com", stdout=out)
+    # Clerk away: the change waits (exit 3, why, what pushes it), `retry-pending` pushes it once Clerk is back
+    clerk.set_faults(outage=True)
+    with pytest.raises(CommandError, match=r"Clerk was not reached \(.*run `manage.py clerk_sync retry-pending`") as wait:
+        call_command("clerk_sync", "promote", "ada@example.com", "--role", "owner", stdout=out)
+    assert wait.value.returncode == 3
+    with pytest.raises(CommandError, match="still wait for Clerk") as still:
+        call_command("clerk_sync", "retry-pending", stdout=out)
+    assert still.value.returncode == 3
+    clerk.set_faults(outage=False)
+    call_command("clerk_sync", "retry-pending", stdout=out)
+    assert "'applied': 1" in out.getvalue()
+    row = read_user(store, ada["id"])
+    assert row is not None and row.role == "owner"
 
     clerk.set_webhook_url(None)  # lost webhooks: reconcile repairs them
     late = clerk.create_user("late@example.com")

@@ -44,12 +44,20 @@ class ClerkAdminAPI(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class RoleChange:
-    """Outcome of :meth:`AdminActions.promote`: ``applied`` or ``pending`` (Clerk unreachable)."""
+    """Outcome of :meth:`AdminActions.promote`: ``applied`` or ``pending`` (Clerk unreachable: ``error``
+    says why; the database keeps the previous role until :meth:`AdminActions.retry_pending` reaches Clerk)."""
 
     user_clerk_id: str
     role: str
     status: str
     previous_role: str | None
+    error: str | None = None
+
+    def pending_advice(self, retry_command: str) -> str:
+        """What a command line says of a pending change: why, and what pushes it (``retry_command``)."""
+        return (f"Clerk was not reached ({self.error}); the change is recorded and the database keeps the role "
+                f"{self.previous_role!r} until it reaches Clerk: run `{retry_command}` (from cron, say) once "
+                "Clerk answers")
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +91,7 @@ class AdminActions:
             clerk_user = self.clerk.update_user_metadata(target, public_metadata={"role": role})
         except _RETRYABLE as exc:
             self._record_pending(target, role, by, ip, previous, str(exc))
-            return RoleChange(target, role, "pending", previous)
+            return RoleChange(target, role, "pending", previous, str(exc))
         entry = AuditEntry("role.changed", by, target, details={"from": previous, "to": role}, ip=ip)
         self._store_clerk_user(clerk_user, entry)
         return RoleChange(target, role, "applied", previous)

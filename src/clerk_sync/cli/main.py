@@ -219,6 +219,9 @@ def users_promote(
         change = actions.promote(clerk_id, role, by=None)
     colour = "green" if change.status == "applied" else "yellow"
     console.print(f"[{colour}]{change.status}[/]: {email} ({clerk_id}) {change.previous_role} -> {role}")
+    if change.status == "pending":  # not done: a script must see it (as retry-pending's exit code 3)
+        console.print(change.pending_advice("clerk-sync users retry-pending"))
+        raise SystemExit(3)
 
 
 @app.command()

@@ -1,4 +1,5 @@
-"""``flask clerk-sync migrate|replay|reconcile|promote``: the ``clerk-sync`` commands, with the app's settings.
+"""``flask clerk-sync migrate|replay|reconcile|promote|retry-pending``: the ``clerk-sync`` commands, with
+the app's settings.
 
 They do what ``cli/main.py`` does, but read the settings :class:`ClerkSync` built from ``app.config``
 instead of the environment, so ``flask --app yourapp clerk-sync migrate`` needs no second configuration.
@@ -96,3 +97,19 @@ def promote(email: str, role: str) -> None:
         raise click.ClickException(f"no synced user with email {email!r} (run `flask clerk-sync reconcile` first?)")
     change = state.admin.promote(clerk_id, role, by=None)
     click.echo(f"{change.status}: {email} ({clerk_id}) {change.previous_role} -> {role}")
+    if change.status == "pending":  # not done: a script must see it
+        click.echo(change.pending_advice("flask clerk-sync retry-pending"), err=True)
+        raise SystemExit(3)
+
+
+@clerk_sync_cli.command("retry-pending")
+@_readable
+def retry_pending() -> None:
+    """Push role changes recorded while Clerk was unreachable (from cron); exit 3 while some still wait."""
+    state = clerk_state()
+    if state.admin is None:
+        raise ConfigError("retry-pending needs CLERK_SECRET_KEY (Clerk Dashboard -> API keys) in app.config")
+    counts = state.admin.retry_pending()
+    click.echo(f"pending role changes: {counts}")
+    if counts["pending"]:
+        raise SystemExit(3)  # still waiting on Clerk: let the scheduler notice

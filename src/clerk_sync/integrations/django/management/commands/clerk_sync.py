@@ -1,4 +1,4 @@
-"""``manage.py clerk_sync migrate|reconcile|replay|promote``: the ``clerk-sync`` commands, with the
+"""``manage.py clerk_sync migrate|reconcile|replay|promote|retry-pending``: the ``clerk-sync`` commands, with the
 settings read from ``settings.CLERK_SYNC`` (and its fallbacks) instead of the environment alone.
 
 ``CLERK_SYNC["MAPPING"]`` and ``["HOOKS"]`` apply as they do to the webhook view: replay, reconcile and
@@ -41,10 +41,12 @@ class Command(BaseCommand):
         promote = sub.add_parser("promote", help="Set a user's role in Clerk and the DB; audited.")
         promote.add_argument("email", help="Primary email of the user.")
         promote.add_argument("--role", default="admin", help="Role to set in public_metadata.role.")
+        sub.add_parser("retry-pending", help="Push role changes recorded while Clerk was unreachable (from cron); "
+                                             "exit 3 while some still wait.")
 
     def handle(self, *args: Any, action: str, **options: Any) -> None:
         try:
-            getattr(self, f"_{action}")(**options)
+            getattr(self, f"_{action.replace('-', '_')}")(**options)
         except ClerkSyncError as exc:
             raise CommandError(str(exc)) from exc
 
@@ -97,6 +99,23 @@ class Command(BaseCommand):
         finally:
             store.dispose()
         self.stdout.write(f"{change.status}: {email} ({clerk_id}) {change.previous_role} -> {role}")
+        if change.status == "pending":  # not done: a script must see it
+            raise CommandError(change.pending_advice("manage.py clerk_sync retry-pending"), returncode=3)
+
+    def _retry_pending(self, **_: Any) -> None:
+        from clerk_sync.auth.admin import AdminActions
+        from clerk_sync.clerk_api import ClerkClient
+
+        store = self._store()
+        try:
+            with ClerkClient.from_settings(clerk_settings()) as client:
+                counts = AdminActions(store, client).retry_pending()
+        finally:
+            store.dispose()
+        self.stdout.write(f"pending role changes: {counts}")
+        if counts["pending"]:  # still waiting on Clerk: let the scheduler notice
+            raise CommandError(f"{counts['pending']} role change(s) still wait for Clerk; run this again later",
+                               returncode=3)
 
     @staticmethod
     def _store() -> Store:
