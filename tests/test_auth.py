@@ -687,3 +687,33 @@ def test_a_public_prefix_covers_its_segment_only(db_url: str) -> None:
         assert client.get("/public/page").status_code == 200
         assert client.get("/publicity-admin").status_code == 401
     h.store.dispose()
+
+
+def test_a_mounted_apps_deny_by_default_holds_inside_an_outer_apps_public_prefix(db_url: str) -> None:
+    """Review finding: an outer app with deny-by-default and ``/partner`` public ("the sub-app decides")
+    marked the anonymous request ``clerk_auth = None``, and the mounted app's own middleware took that for
+    a decision and let ``/partner/secret`` through (200 with no token). The inner instance decides what is
+    public for its own routes; a caller the outer one authenticated is not verified twice."""
+    h = Harness(db_url)
+    partner = FastAPI()
+    ClerkAuth(h.auth).install(partner, public_paths={"/"})
+
+    @partner.get("/")
+    def landing() -> dict[str, str]:
+        return {"page": "partner landing"}
+
+    @partner.get("/secret")  # no dependency: deny-by-default is all that guards it
+    def secret() -> dict[str, str]:
+        return {"secret": "partner data"}
+
+    app = FastAPI()
+    app.mount("/partner", partner)
+    ClerkAuth(h.auth).install(app, public_paths={"/"}, public_prefixes=("/partner",))
+    with running(app) as url, httpx.Client(base_url=url) as client:
+        assert client.get("/partner/").json() == {"page": "partner landing"}
+        refused = client.get("/partner/secret")
+        assert refused.status_code == 401 and refused.json()["error"] == "token_missing"
+        forged = client.get("/partner/secret", headers=bearer("not-a-token"))
+        assert forged.status_code == 401
+        assert client.get("/partner/secret", headers=bearer(token("user_partner"))).json() == {"secret": "partner data"}
+    h.store.dispose()

@@ -122,9 +122,11 @@ class ClerkAuthMiddleware:
         return is_public_path(path, self.public_paths, self.public_prefixes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket") or "clerk_auth" in scope:
-            await self.app(scope, receive, send)  # lifespan, or an outer instance has decided already
+        if scope["type"] not in ("http", "websocket") or scope.get("clerk_auth") is not None:
+            await self.app(scope, receive, send)  # lifespan, or an outer instance has authenticated the caller
             return
+        # (None: an outer instance let an anonymous caller through as public on *its* paths; what is public
+        # here is this instance's to say, so a mounted app's own deny-by-default holds: checked again below)
         path: str = scope["path"]
         headers: dict[str, str] = {}
         repeated = False
