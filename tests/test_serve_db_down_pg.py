@@ -103,6 +103,14 @@ def test_serve_starts_while_the_database_is_unreachable_and_becomes_ready_when_i
             refused = _post(client, server.url, "msg_while_down")
             assert refused.status_code == 503 and refused.headers["retry-after"]
             assert refused.json()["error"] == "store_unavailable"
+            # review: the 503 named the database's host and port (the driver's error) to anyone, and an
+            # unsigned or forged request got it too, before its signature was checked
+            assert str(port) not in refused.text and "127.0.0.1" not in refused.text
+            unsigned = client.post(f"{server.url}/webhooks/clerk", content=b"junk")
+            assert unsigned.status_code == 400 and str(port) not in unsigned.text
+            headers, body = f.signed(f.envelope("user.created", f.user("user_late", 1)), "msg_forged")
+            forged = client.post(f"{server.url}/webhooks/clerk", content=body + b" ", headers=headers)
+            assert forged.status_code == 401
 
             with tcp_proxy(port):  # the database comes back
                 deadline = time.monotonic() + 60

@@ -108,10 +108,10 @@ class _WebhookPath:
         transaction when there is a group committer and no delivery of the same user is waiting on the
         database, else alone in a worker thread. Raises ClerkSyncError."""
         started, started_ns = time.perf_counter(), time.time_ns()
+        svix_id, envelope = self.processor.verify_and_parse(headers, body)  # forged or malformed: 4xx, always
         waiting = self.not_ready() if self.not_ready is not None else None
         if waiting is not None:
             raise StoreError(waiting)
-        svix_id, envelope = self.processor.verify_and_parse(headers, body)
         keys = envelope_keys(svix_id, envelope.type, envelope.data)
         result: Outcome | object = ALONE
         if self.committer is not None and not self.gate.busy(keys):
@@ -285,11 +285,12 @@ class StartupMigration:
         self._first, self._max = first_delay_s, max_delay_s
 
     def pending(self) -> str | None:
-        """Why deliveries must wait, or None once migrations are current."""
+        """Why deliveries must wait, or None once migrations are current. The driver's error (host, port,
+        user) is not in it, only in the service log: this is the body of a 503 anyone may receive."""
         if self.done:
             return None
-        last = f" (last attempt: {self.error})" if self.error else ""
-        return f"database not ready: migrations have not run yet, retrying in the background{last}"
+        return ("database not ready: migrations have not run yet, retrying in the background (the service log "
+                "says why: migration_retry)")
 
     async def attempt(self) -> bool:
         """One try; True once migrations are current."""
