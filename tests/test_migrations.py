@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -78,3 +79,21 @@ def test_the_mysql_console_columns_migration_can_be_run_again_after_stopping_hal
     indexes = {ix["name"] for t in ("webhook_events", "users", "organizations") for ix in sa.inspect(engine).get_indexes(t)}
     assert indexes >= EXPRESSION_INDEXES
     engine.dispose()
+
+
+def test_a_database_a_newer_release_migrated_is_one_line_saying_what_to_do(tmp_path: Path) -> None:
+    """Review finding: `migrate` on a database at a revision this release does not know (a newer clerk-sync
+    migrated it, then the deploy was rolled back) dumped alembic's traceback and exited 1."""
+    from tests.test_cli import run
+
+    url = f"sqlite:///{tmp_path / 'newer.db'}"
+    assert run("migrate", env={"DATABASE_URL": url}).returncode == 0
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = '0099_from_the_future'"))
+    engine.dispose()
+    result = run("migrate", env={"DATABASE_URL": url})
+    out = " ".join((result.stdout + result.stderr).split())
+    assert result.returncode == 2 and "Traceback" not in out, out
+    assert "the database is at migration '0099_from_the_future', which this clerk-sync does not know" in out
+    assert f"(its newest is '{migrations.head_revision()}')" in out and "serve --no-migrate" in out

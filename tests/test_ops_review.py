@@ -127,6 +127,24 @@ def test_tombstones_deleted_before_they_are_cleared_is_an_invalid_setting() -> N
         assert "Invalid setting: CLERK_SYNC_TOMBSTONE_DELETE_AFTER_DAYS must be >=" in out, out
 
 
+
+@pytest.mark.parametrize(("name", "value", "said"), [
+    ("CLERK_SYNC_DB_LOCK_TIMEOUT_S", "inf", "a finite number"),
+    ("CLERK_SYNC_INBOX_REDACT_AFTER_DAYS", "1e400", "a finite number"),
+    ("CLERK_SYNC_INBOX_DELETE_AFTER_DAYS", "1e300", "less than or equal to 1000000"),
+    ("CLERK_SYNC_DB_STATEMENT_TIMEOUT_S", "9e9", "less than or equal to 2000000"),
+])
+def test_an_endless_or_overflowing_number_is_an_invalid_setting(tmp_path: Path, name: str, value: str,
+                                                                said: str) -> None:
+    """Review finding: ``inf`` (or ``1e400``) passed validation, then `migrate` and `prune` crashed with an
+    OverflowError traceback that did not name the variable (under serve: a prune_crashed line every pass);
+    a retention age past a million days overflowed the dates too, a DB timeout past PostgreSQL's 2^31 ms
+    failed every connection."""
+    result = run("prune", env={"DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}", name: value})
+    out = " ".join((result.stdout + result.stderr).split())
+    assert result.returncode == 2 and "Traceback" not in out, out
+    assert f"Invalid setting {name}: Input should be {said}" in out, out
+
 def test_dev_refuses_too_few_users_before_starting() -> None:
     """`dev --users 0` divided by zero and `--users 1` indexed past the end, after starting the emulator."""
     for n in ("0", "1"):

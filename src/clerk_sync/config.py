@@ -71,10 +71,17 @@ class DatabaseTimeouts:
     connect_s: float = 5.0
 
 
+# Upper bounds a store or the clock can take: PostgreSQL's timeouts end at 2^31 - 1 ms (~24.8 days), a
+# retention age past a million days overflows the dates it is subtracted from (0 disables either).
+_MAX_DB_WAIT_S = 2_000_000.0
+_MAX_DAYS = 1_000_000.0
+
+
 class Settings(BaseSettings):
     """Everything clerk-sync reads from the environment; build with :meth:`from_env`."""
 
-    model_config = SettingsConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+    # No inf or nan (`inf`, `1e400`): an endless timeout or retention is 0 where 0 disables, or a large number
+    model_config = SettingsConfigDict(frozen=True, extra="ignore", populate_by_name=True, allow_inf_nan=False)
 
     database_url: str = Field(DEFAULT_DATABASE_URL, validation_alias="DATABASE_URL")
     webhook_secret: SecretStr | None = Field(
@@ -104,13 +111,16 @@ class Settings(BaseSettings):
     delivery_summary_s: float = Field(60.0, ge=0, validation_alias="CLERK_SYNC_DELIVERY_SUMMARY_S")
     # serve: concurrent deliveries share one transaction and one COMMIT (see docs/ARCHITECTURE.md).
     group_commit: bool = Field(True, validation_alias="CLERK_SYNC_GROUP_COMMIT")
-    inbox_redact_after_days: float = Field(30.0, ge=0, validation_alias="CLERK_SYNC_INBOX_REDACT_AFTER_DAYS")
+    inbox_redact_after_days: float = Field(
+        30.0, ge=0, le=_MAX_DAYS, validation_alias="CLERK_SYNC_INBOX_REDACT_AFTER_DAYS")
     # Longer than Svix's retry window (about 27 h), so a retried delivery is still seen as a duplicate.
-    inbox_delete_after_days: float = Field(90.0, ge=3, validation_alias="CLERK_SYNC_INBOX_DELETE_AFTER_DAYS")
-    tombstone_clear_after_days: float = Field(0.0, ge=0, validation_alias="CLERK_SYNC_TOMBSTONE_CLEAR_AFTER_DAYS")
+    inbox_delete_after_days: float = Field(
+        90.0, ge=3, le=_MAX_DAYS, validation_alias="CLERK_SYNC_INBOX_DELETE_AFTER_DAYS")
+    tombstone_clear_after_days: float = Field(
+        0.0, ge=0, le=_MAX_DAYS, validation_alias="CLERK_SYNC_TOMBSTONE_CLEAR_AFTER_DAYS")
     # None: tombstones stay (cleared) for good; N: their rows are deleted N days after the deletion.
     tombstone_delete_after_days: float | None = Field(
-        None, ge=0, validation_alias="CLERK_SYNC_TOMBSTONE_DELETE_AFTER_DAYS")
+        None, ge=0, le=_MAX_DAYS, validation_alias="CLERK_SYNC_TOMBSTONE_DELETE_AFTER_DAYS")
     prune_interval_s: float = Field(3600.0, ge=0, validation_alias="CLERK_SYNC_PRUNE_INTERVAL_S")
     prune_batch: int = Field(500, gt=0, validation_alias="CLERK_SYNC_PRUNE_BATCH")
     freshness_max_delivery_age_s: float = Field(
@@ -121,13 +131,15 @@ class Settings(BaseSettings):
     # A token whose kid is unknown refetches the JWKS once the last fetch is this old (key rotation).
     jwks_min_refetch_s: float = Field(5.0, ge=0, validation_alias="CLERK_SYNC_JWKS_MIN_REFETCH_S")
     # Bounds on database waits (PostgreSQL); see DatabaseTimeouts. 0 disables one.
-    db_lock_timeout_s: float = Field(5.0, ge=0, validation_alias="CLERK_SYNC_DB_LOCK_TIMEOUT_S")
-    db_statement_timeout_s: float = Field(15.0, ge=0, validation_alias="CLERK_SYNC_DB_STATEMENT_TIMEOUT_S")
+    db_lock_timeout_s: float = Field(5.0, ge=0, le=_MAX_DB_WAIT_S, validation_alias="CLERK_SYNC_DB_LOCK_TIMEOUT_S")
+    db_statement_timeout_s: float = Field(
+        15.0, ge=0, le=_MAX_DB_WAIT_S, validation_alias="CLERK_SYNC_DB_STATEMENT_TIMEOUT_S")
     db_idle_in_transaction_timeout_s: float = Field(
-        15.0, ge=0, validation_alias="CLERK_SYNC_DB_IDLE_IN_TRANSACTION_TIMEOUT_S"
+        15.0, ge=0, le=_MAX_DB_WAIT_S, validation_alias="CLERK_SYNC_DB_IDLE_IN_TRANSACTION_TIMEOUT_S"
     )
-    db_keepalive_s: float = Field(10.0, ge=0, validation_alias="CLERK_SYNC_DB_KEEPALIVE_S")
-    db_connect_timeout_s: float = Field(5.0, ge=0, validation_alias="CLERK_SYNC_DB_CONNECT_TIMEOUT_S")
+    db_keepalive_s: float = Field(10.0, ge=0, le=_MAX_DB_WAIT_S, validation_alias="CLERK_SYNC_DB_KEEPALIVE_S")
+    db_connect_timeout_s: float = Field(
+        5.0, ge=0, le=_MAX_DB_WAIT_S, validation_alias="CLERK_SYNC_DB_CONNECT_TIMEOUT_S")
     # The service app factory (multi-worker `serve`) migrates in the background when set.
     migrate_on_start: bool = Field(False, validation_alias="CLERK_SYNC_MIGRATE_ON_START")
     # The operator console at /console of `clerk-sync serve` (opt-in); admins sign in with Clerk, or an

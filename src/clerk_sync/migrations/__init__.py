@@ -9,8 +9,10 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util.exc import CommandError
 from sqlalchemy.engine import Engine
 
+from clerk_sync.errors import ConfigError
 from clerk_sync.store import READ_ONLY_OPTION
 
 __all__ = ["current_revision", "head_revision", "is_current", "upgrade"]
@@ -27,8 +29,25 @@ def _config(engine: Engine | None = None) -> Config:
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Apply migrations up to ``revision`` (idempotent)."""
-    command.upgrade(_config(engine), revision)
+    """Apply migrations up to ``revision`` (idempotent). A database at a revision this release does not
+    know (a newer clerk-sync migrated it: a rolled-back deploy) is a :class:`ConfigError` that says so."""
+    try:
+        command.upgrade(_config(engine), revision)
+    except CommandError:
+        at = current_revision(engine)
+        if at is None or _knows(at):
+            raise
+        raise ConfigError(
+            f"the database is at migration {at!r}, which this clerk-sync does not know (its newest is "
+            f"{head_revision()!r}): a newer clerk-sync migrated it. Run that release (or newer), or restore the "
+            "database to a migration this one knows; `serve --no-migrate` starts without migrating") from None
+
+
+def _knows(revision: str) -> bool:
+    try:
+        return ScriptDirectory.from_config(_config()).get_revision(revision) is not None
+    except CommandError:  # (alembic's "Can't locate revision")
+        return False
 
 
 def downgrade(engine: Engine, revision: str) -> None:
