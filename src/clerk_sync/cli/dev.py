@@ -268,8 +268,9 @@ def _print_report(console: Console, report: DevReport, stack: DevStack) -> None:
     if report.console_url:
         console.print(f"[bold]console[/]  {report.console_url}", soft_wrap=True)  # one line: keep it clickable
         console.print("         (signed in as the demo admin; the link holds a session token valid for 1 hour)")
-    console.print("Try:")
-    console.print(f"  curl -s {report.service_url}/metrics | grep clerk_sync_webhook_events")
+    console.print("Try:")  # one line each, not wrapped at the terminal's width, URLs quoted: copy-pasteable
     key = stack.emulator.secret_key
-    console.print(f"  curl -s -H 'Authorization: Bearer {key}' {report.emulator_url}/v1/users?limit=3")
-    console.print(f"  sqlite3 {stack.settings.sqlite_path()} 'select clerk_id, email, role from users'")  # noqa: S608
+    for command in (f"curl -s '{report.service_url}/metrics' | grep clerk_sync_webhook_events",
+                    f"curl -s -H 'Authorization: Bearer {key}' '{report.emulator_url}/v1/users?limit=3'",
+                    f"sqlite3 {stack.settings.sqlite_path()} 'select clerk_id, email, role from users'"):  # noqa: S608
+        console.print(f"  {command}", soft_wrap=True, markup=False, highlight=False)
