@@ -224,3 +224,38 @@ def test_log_lines_are_logfmt_in_a_file_and_aligned_at_a_terminal(monkeypatch: p
     assert fields[0]["svix_id"] == "msg_1" and fields[0]["retried"] == "false" and fields[0]["timestamp"].endswith("Z")
     assert fields[1]["error"] == 'Boom: "quoted" thing'
     assert fields[2]["level"] == "error" and "ZeroDivisionError: the cause" in fields[2]["exception"]
+
+
+
+def test_clerk_refusing_a_command_says_what_to_check(tmp_path: Path) -> None:
+    """Review finding: a wrong key or a user deleted in Clerk printed Clerk's message alone (``Unable to
+    authenticate the request``, ``Resource not found``), never naming CLERK_SECRET_KEY or reconcile."""
+    url = f"sqlite:///{tmp_path / 'hints.db'}"
+    assert run("migrate", env={"DATABASE_URL": url}).returncode == 0
+    with EmulatorServer() as clerk:
+        gone = clerk.create_user("gone@example.com")
+        store = Store.from_url(url)
+        with store.transaction() as w:
+            w.apply(Upsert(Entity.USER, user_record(gone)))
+        store.dispose()
+        clerk.request("DELETE", f"/v1/users/{gone['id']}")  # deleted in Clerk, the webhook never came
+        env = {"DATABASE_URL": url, "CLERK_SECRET_KEY": clerk.secret_key, "CLERK_API_URL": clerk.url}
+        wrong = run("reconcile", "--dry-run", env={**env, "CLERK_SECRET_KEY": "sk_test_wrong"})
+        said = " ".join(wrong.stdout.split() + wrong.stderr.split())
+        assert wrong.returncode == 2 and "Check CLERK_SECRET_KEY" in said and "clerk-sync doctor" in said, said
+        missing = run("users", "promote", "gone@example.com", env=env)
+        said = " ".join(missing.stdout.split() + missing.stderr.split())
+        assert missing.returncode == 2 and "Clerk has no such resource" in said, said
+        assert "`clerk-sync reconcile`" in said
+
+
+def test_serve_with_workers_refuses_a_console_it_could_not_build_once(tmp_path: Path) -> None:
+    """Review finding: with --workers 2, an error only building the app finds (the console with no way to
+    sign in) was raised in each worker, and uvicorn's supervisor restarted them for ever (26 spawns in a
+    minute, never exiting). It is found once, before any worker starts: one line, exit 2."""
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path / 'w.db'}", "CLERK_WEBHOOK_SIGNING_SECRET": SECRET,
+           "CLERK_SYNC_CONSOLE": "1"}
+    result = run("serve", "--workers", "2", "--port", str(free_port()), env=env)
+    said = " ".join(result.stdout.split() + result.stderr.split())
+    assert result.returncode == 2 and "Traceback" not in said, said
+    assert "the console has no way to sign in" in said

@@ -134,7 +134,7 @@ def test_postgres_connections_bound_every_wait_and_keep_the_url_options(db_url: 
     from clerk_sync.store import Store
 
     settings = Settings.from_env({"DATABASE_URL": db_url, "CLERK_SYNC_DB_LOCK_TIMEOUT_S": "0.5"})
-    store = Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts())
+    store = Store.from_settings(settings)
     with store.connect() as conn:
         shown = {n: conn.exec_driver_sql(f"SHOW {n}").scalar() for n in (
             "lock_timeout", "statement_timeout", "idle_in_transaction_session_timeout", "tcp_keepalives_idle")}
@@ -148,3 +148,20 @@ def test_postgres_connections_bound_every_wait_and_keep_the_url_options(db_url: 
             w.lock(["user:u"])
     other.dispose()
     store.dispose()
+
+
+def test_every_command_and_face_builds_its_store_with_the_settings_timeouts() -> None:
+    """Review finding: `worker`, `hooks ...` and `doctor` built their store from DATABASE_URL alone, so
+    CLERK_SYNC_DB_* (a lock or statement timeout) did not apply there. Every command and framework face
+    builds it with ``Store.from_settings`` (DATABASE_URL and its timeouts, the test above) now: a store
+    built from the URL alone is a bug there."""
+    import re
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "src" / "clerk_sync"
+    faces = [*(src / "cli").rglob("*.py"), *(src / "integrations").rglob("*.py")]
+    assert len(faces) > 20
+    offenders = [f"{path.relative_to(src)}:{text[:match.start()].count(chr(10)) + 1}"
+                 for path in faces for text in [path.read_text()]
+                 for match in re.finditer(r"Store\.from_url\(", text)]
+    assert offenders == []

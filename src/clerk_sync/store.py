@@ -30,7 +30,7 @@ from sqlalchemy.engine import Connection, Engine
 from clerk_sync._db_errors import store_error
 from clerk_sync._limits import fit_reason
 from clerk_sync.changes import Change, Hook, change_type, describe
-from clerk_sync.config import DatabaseTimeouts
+from clerk_sync.config import DatabaseTimeouts, Settings
 from clerk_sync.engine import DeliveryStatus, Entity, Record, RevokeSession, Tombstone, Upsert
 from clerk_sync.events import MembershipRecord, OrganizationRecord, UserRecord, record_columns
 from clerk_sync.mapping import CHECK_AT_ONCE as CHECK_AT_ONCE_SQL
@@ -1120,6 +1120,14 @@ class Store:
     def from_url(cls, url: str, *, hooks: Sequence[Hook] = (), mapping: SchemaMapping | None = None,
                  **engine_kwargs: Any) -> Store:
         return cls(create_engine(url, **engine_kwargs), hooks=hooks, mapping=mapping)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, hooks: Sequence[Hook] = (),
+                      mapping: SchemaMapping | None = None) -> Store:
+        """The store every command and face builds from the settings: ``DATABASE_URL`` with its
+        ``CLERK_SYNC_DB_*`` timeouts (one place, so no command forgets them)."""
+        return cls.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts(), hooks=hooks,
+                            mapping=mapping)
 
     @contextmanager
     def transaction(self, *, unmapped: str | None = None) -> Iterator[Writer]:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from typing import Any
 
 import httpx
 import pytest
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
-from clerk_sync.emulator import Emulator, EmulatorConfig
+from clerk_sync.emulator import Emulator, EmulatorConfig, create_app
 from clerk_sync.testing import EmulatorServer
 
 
@@ -93,6 +98,102 @@ def test_patch_user_metadata_depends_on_api_version(clerk: EmulatorServer) -> No
             headers={"Clerk-API-Version": "2026-05-12"},
         )
     assert info.value.response.status_code == 422
+
+
+def test_patch_organization_metadata_depends_on_api_version(clerk: EmulatorServer) -> None:
+    """Stored (wholesale) before 2026-05-12 and without a version header, as PATCH /users/{id} does."""
+    org = clerk.create_organization("Versioned", public_metadata={"old": True})
+    path = f"/v1/organizations/{org['id']}"
+    unversioned = clerk.request("PATCH", path, json={"public_metadata": {"a": 1}, "private_metadata": {"p": 1}})
+    assert (unversioned["public_metadata"], unversioned["private_metadata"]) == ({"a": 1}, {"p": 1})
+    old = clerk.request("PATCH", path, json={"public_metadata": {"b": 2}}, headers={"Clerk-API-Version": "2025-11-10"})
+    assert (old["public_metadata"], old["private_metadata"]) == ({"b": 2}, {"p": 1})
+    refused = _call(clerk, "PATCH", path, json={"private_metadata": {"c": 3}}, headers={"Clerk-API-Version": "2026-05-12"})
+    assert refused.status_code == 422
+    assert refused.json()["errors"][0]["meta"] == {"param_name": "private_metadata"}
+    assert clerk.request("GET", path)["private_metadata"] == {"p": 1}
+
+
+def _call(clerk: EmulatorServer, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {clerk.secret_key}", **kwargs.pop("headers", {})}
+    return httpx.request(method, clerk.url + path, headers=headers, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param", "says"),
+    [
+        ("/v1/organizations", {"name": "Q", "max_allowed_memberships": "abc"}, "max_allowed_memberships",
+         "max_allowed_memberships must be an integer"),
+        ("/v1/actor_tokens", {"actor": {"sub": "user_admin"}, "expires_in_seconds": "abc"}, None,
+         "wrong type (ValueError: invalid literal for int() with base 10: 'abc')"),
+        ("/v1/users", {"email_address": [5]}, "email_address", "is invalid"),
+    ],
+    ids=["org-limit-string", "actor-token-expiry-string", "email-number"],
+)
+def test_wrong_body_types_are_clerk_422s(clerk: EmulatorServer, path: str, body: dict[str, Any],
+                                         param: str | None, says: str) -> None:
+    """Not a text/plain 500: a value the emulator does not check itself still gets Clerk's 422."""
+    if path == "/v1/actor_tokens":
+        body = {**body, "user_id": clerk.create_user("imp@example.com")["id"]}
+    response = _call(clerk, "POST", path, json=body)
+    assert response.status_code == 422, response.text
+    (error,) = response.json()["errors"]
+    assert error["code"] == "form_param_format_invalid"
+    assert error["meta"] == ({"param_name": param} if param else {})
+    assert says in error["long_message"]
+
+
+def test_unexpected_errors_answer_in_clerk_shape() -> None:
+    """A bug in a handler is still Clerk's error JSON (a 500), which clients parse like any other."""
+    async def broken(request: Request) -> Response:
+        raise RuntimeError("boom")
+
+    app, emulator = create_app(EmulatorConfig())
+    app.router.routes.append(Route("/v1/broken", broken))
+
+    async def call() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://emulator") as client:
+            return await client.get("/v1/broken")
+
+    try:
+        response = asyncio.run(call())
+    finally:
+        emulator.close()
+    assert response.status_code == 500
+    assert response.headers["content-type"] == "application/json"
+    (error,) = response.json()["errors"]
+    assert error["code"] == "internal_clerk_error"
+    assert "RuntimeError: boom" in error["long_message"]
+
+
+def test_starting_after_needs_the_created_at_ordering(clerk: EmulatorServer) -> None:
+    ids = [clerk.create_user(f"c{n}@example.com")["id"] for n in range(4)]
+    for order_by, expected in [(None, ids[0:1]), ("-created_at", ids[0:1]), ("created_at", ids[2:3]),
+                               ("+created_at", ids[2:3])]:
+        params = {"starting_after": ids[1], "limit": 1, **({"order_by": order_by} if order_by else {})}
+        assert [u["id"] for u in clerk.request("GET", "/v1/users", params=params)] == expected, order_by
+    refused = _get(clerk, "/v1/users", starting_after=ids[1], order_by="-updated_at")
+    assert refused.status_code == 422
+    (error,) = refused.json()["errors"]
+    assert error["meta"] == {"param_name": "order_by"}
+    assert "requires ordering by created_at" in error["message"]
+
+
+def test_query_parameter_bounds(clerk: EmulatorServer) -> None:
+    """offset has no maximum; id filters take up to 100 values; session statuses are the spec's enum."""
+    offset = _get(clerk, "/v1/users", offset=-1)
+    assert offset.status_code == 422
+    assert offset.json()["errors"][0]["message"] == "offset must be at least 0"
+    assert _get(clerk, "/v1/users", user_id=[f"user_{n}" for n in range(100)]).status_code == 200
+    too_many = _get(clerk, "/v1/users", user_id=[f"user_{n}" for n in range(101)])
+    assert too_many.status_code == 422
+    assert too_many.json()["errors"][0]["meta"] == {"param_name": "user_id"}
+    user = clerk.create_user("st@example.com")
+    assert _get(clerk, "/v1/sessions", user_id=user["id"], status="active").status_code == 200
+    bogus = _get(clerk, "/v1/sessions", user_id=user["id"], status="bogus")
+    assert bogus.status_code == 422
+    assert bogus.json()["errors"][0]["meta"] == {"param_name": "status"}
 
 
 def test_organizations_page_and_filter(clerk: EmulatorServer) -> None:
@@ -242,3 +343,14 @@ def test_config_from_env() -> None:
     assert generated.replace(seed=1).effective_webhook_secret == generated.effective_webhook_secret
     with pytest.raises(ValueError, match="CLERK_EMULATOR_SEED"):
         EmulatorConfig.from_env({"CLERK_EMULATOR_SEED": "x"})
+    assert EmulatorConfig.from_env({"CLERK_EMULATOR_SEED": "x"}, seed=4).seed == 4  # an override wins
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("nan")], ids=["zero", "negative", "nan"])
+def test_time_scale_must_be_positive(scale: float) -> None:
+    """It divides the retry delays: 0 used to kill the delivery worker at the first retry."""
+    with pytest.raises(ValueError, match="time_scale must be greater than 0"):
+        EmulatorConfig(time_scale=scale)
+    with pytest.raises(ValueError, match="CLERK_EMULATOR_TIME_SCALE must be a number greater than 0"):
+        EmulatorConfig.from_env({"CLERK_EMULATOR_TIME_SCALE": str(scale)})
+    assert EmulatorConfig.from_env({"CLERK_EMULATOR_TIME_SCALE": "0"}, time_scale=2.0).time_scale == 2.0

@@ -11,7 +11,9 @@ import pytest
 from standardwebhooks.webhooks import Webhook as StandardWebhook
 from svix.webhooks import Webhook as SvixWebhook
 
-from clerk_sync.emulator import SVIX_RETRY_SCHEDULE_S, sign_headers
+from clerk_sync.emulator import SVIX_RETRY_SCHEDULE_S, EmulatorConfig, FaultSettings, sign_headers
+from clerk_sync.emulator.delivery import Deliverer
+from clerk_sync.emulator.faults import Faults
 from clerk_sync.testing import EmulatorServer
 
 from .support import SHARED, Received, Receiver
@@ -217,3 +219,38 @@ def test_faults_are_deterministic_with_a_seed(receiver: Receiver) -> None:
     first, second = run(), run()
     assert first == second
     assert any(faults for faults, _ in first)
+
+
+def test_worker_survives_an_attempt_that_crashes(receiver: Receiver) -> None:
+    """A bug in one attempt (here time_scale=0 dividing the retry delay, once possible through the
+    config) fails that message; the worker lives on and later messages are still delivered."""
+    receiver.status_for = lambda item: 500 if len(receiver.received) == 1 else 204
+    ids = iter(["msg_first", "msg_second"])
+    deliverer = Deliverer(
+        secret="whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        url=receiver.url,
+        faults=Faults(FaultSettings(time_scale=0.0), seed=None),
+        new_id=lambda: next(ids),
+        schedule=SVIX_RETRY_SCHEDULE_S,
+    )
+    try:
+        first = deliverer.enqueue("user.created", {"type": "user.created"})
+        deliverer.wait_idle(5)
+        second = deliverer.enqueue("user.updated", {"type": "user.updated"})
+        deliverer.wait_idle(5)
+    finally:
+        deliverer.close()
+    assert first.status == "failed"
+    assert [(a.outcome, a.status_code) for a in first.attempts] == [("failed", 500)]
+    assert "ZeroDivisionError" in (first.attempts[0].error or "")
+    assert second.status == "succeeded"
+    assert receiver.ids() == ["msg_first", "msg_second"]
+
+
+@pytest.mark.parametrize("secret", ["whsec_", "whsec_!!!", "whsec_a"])
+def test_unusable_webhook_secret_fails_at_start_up(secret: str) -> None:
+    """Not at the first delivery, in the worker thread, where it stopped every later delivery."""
+    with pytest.raises(ValueError, match=r"webhook signing secret cannot sign .*whsec_"):
+        EmulatorConfig(webhook_secret=secret)
+    with pytest.raises(ValueError, match="webhook signing secret cannot sign"):
+        Deliverer(secret=secret, url=None, faults=Faults(FaultSettings(), None), new_id=str, schedule=(0,))

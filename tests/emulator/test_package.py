@@ -1,11 +1,18 @@
-"""The emulator's public surface, its independence from clerk-sync, and in-process use."""
+"""The emulator's public surface, its independence from clerk-sync, in-process use, and how
+``serve`` and ``clerk-sync emulate`` start (or refuse to)."""
 
 from __future__ import annotations
 
 import ast
 import asyncio
 import importlib
+import io
+import os
 import pkgutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -13,7 +20,10 @@ import pytest
 
 import clerk_sync.emulator
 from clerk_sync import testing
-from clerk_sync.emulator import EmulatorConfig, create_app
+from clerk_sync.emulator import EmulatorConfig, create_app, serve
+from tests._server import free_port, wait_for_http
+
+CLI = [sys.executable, "-c", "from clerk_sync.cli import main; main()"]
 
 PACKAGE_DIR = Path(clerk_sync.emulator.__file__).parent
 MODULES = sorted(m.name for m in pkgutil.iter_modules([str(PACKAGE_DIR)]))
@@ -66,3 +76,71 @@ def test_create_app_in_process() -> None:
         asyncio.run(scenario())
     finally:
         emulator.close()
+
+
+def _environ(**extra: str) -> dict[str, str]:
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("CLERK_")}, **extra}
+
+
+def _emulate_fails(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run ``clerk-sync emulate`` expecting it to stop at once (killed after 60 s if it serves)."""
+    return subprocess.run([*CLI, "emulate", *args], env=_environ(**env), capture_output=True, text=True,
+                          timeout=60, check=False)
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        yield taken.getsockname()[1]
+
+
+def test_serve_refuses_a_busy_port_before_printing(busy_port: int) -> None:
+    """No URLs and no generated secret for a server that never runs."""
+    out = io.StringIO()
+    with pytest.raises(OSError, match=rf"cannot listen on 127\.0\.0\.1:{busy_port} .*another port"):
+        serve(EmulatorConfig(), "127.0.0.1", busy_port, out=out)
+    assert out.getvalue() == ""
+
+
+def test_emulate_on_a_busy_port_is_one_error_line(busy_port: int) -> None:
+    done = _emulate_fails("--port", str(busy_port))
+    assert done.returncode == 2, done.stderr
+    assert f"127.0.0.1:{busy_port}" in done.stderr
+    assert "--port" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert "whsec_" not in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "says"),
+    [
+        ((), {"CLERK_EMULATOR_SEED": "abc"}, "CLERK_EMULATOR_SEED must be an integer"),
+        ((), {"CLERK_EMULATOR_TIME_SCALE": "0"}, "CLERK_EMULATOR_TIME_SCALE must be a number greater than 0"),
+        ((), {"CLERK_WEBHOOK_SIGNING_SECRET": "whsec_"},
+         "CLERK_WEBHOOK_SIGNING_SECRET: the webhook signing secret cannot sign"),
+        (("--time-scale", "0"), {}, "must be greater than 0"),
+    ],
+    ids=["seed", "env-time-scale", "secret", "option-time-scale"],
+)
+def test_emulate_refuses_bad_settings_in_one_line(args: tuple[str, ...], env: dict[str, str], says: str) -> None:
+    done = _emulate_fails("--port", "0", *args, **env)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert says in " ".join(done.stderr.split())  # Rich wraps a long line
+    assert "Traceback" not in done.stderr
+
+
+def test_emulate_reads_the_time_scale_from_the_environment() -> None:
+    """The --time-scale default used to override CLERK_EMULATOR_TIME_SCALE with 1.0."""
+    port = free_port()
+    proc = subprocess.Popen([*CLI, "emulate", "--port", str(port)], env=_environ(CLERK_EMULATOR_TIME_SCALE="250"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/.well-known/jwks.json", timeout=20, proc=proc)
+        state = httpx.get(f"http://127.0.0.1:{port}/_emulator/state",
+                          headers={"Authorization": "Bearer sk_test_emulator"}).json()
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=10)
+    assert state["faults"]["time_scale"] == 250.0

@@ -49,7 +49,7 @@ def _hook_jobs(settings: Settings) -> tuple[str, str]:
     """Dead after-commit hook jobs wait for a person: say how many and what to run."""
     from clerk_sync.tables import hook_jobs
 
-    store = Store.from_url(settings.sqlalchemy_url())
+    store = Store.from_settings(settings)
     try:
         with store.connect() as conn:
             by_status = sa.select(hook_jobs.c.status, sa.func.count()).group_by(hook_jobs.c.status)
@@ -67,7 +67,7 @@ def _hook_jobs(settings: Settings) -> tuple[str, str]:
 
 def _mapping_checks(settings: Settings, mapping: SchemaMapping) -> list[Check]:
     """One line per problem of the mapped tables (clerk_sync.mapping.check_schema), or one ok."""
-    store = Store.from_url(settings.sqlalchemy_url())
+    store = Store.from_settings(settings)
     try:
         with store.connect() as conn:
             problems = check_schema(conn, mapping)
@@ -83,7 +83,7 @@ def run_freshness(settings: Settings, *, now: Callable[[], float] = time.time) -
     """``doctor --freshness``: the alert rules' questions, answered from the database."""
     from clerk_sync.freshness import check_freshness, read_snapshot
 
-    store = Store.from_url(settings.sqlalchemy_url())
+    store = Store.from_settings(settings)
     try:
         snap = read_snapshot(store)
     except ClerkSyncError as exc:
@@ -112,7 +112,7 @@ def _webhook_secret(settings: Settings) -> tuple[str, str]:
 
 
 def _database(settings: Settings) -> tuple[str, str]:
-    store = Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts())
+    store = Store.from_settings(settings)
     try:
         store.ping()
         current = migrations.current_revision(store.engine)

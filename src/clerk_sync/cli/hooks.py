@@ -85,7 +85,7 @@ def worker(
     """Run after-commit hooks from the outbox (DATABASE_URL); run several for more throughput."""
     from clerk_sync.hooks import Dispatcher
 
-    store = Store.from_url(Settings.from_env().sqlalchemy_url(), hooks=load_hooks(hooks))
+    store = Store.from_settings(Settings.from_env(), hooks=load_hooks(hooks))
     dispatcher = Dispatcher(store, batch=batch, lease_s=lease, poll_s=poll, vacuum_every=vacuum_every)
     if once:
         count = dispatcher.drain()
@@ -103,7 +103,7 @@ def worker(
 
 
 def _store() -> Store:
-    return Store.from_url(Settings.from_env().sqlalchemy_url())
+    return Store.from_settings(Settings.from_env())
 
 
 def _ids(ids: list[int] | None, all_: bool, verb: str) -> list[int] | None:

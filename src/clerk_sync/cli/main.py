@@ -16,7 +16,7 @@ from clerk_sync import migrations
 from clerk_sync._logging import configure_logging
 from clerk_sync.cli.hooks import HOOKS_HELP, MAPPING_HELP, hooks_app, load_hooks, load_mapping, worker
 from clerk_sync.config import Settings
-from clerk_sync.errors import ClerkSyncError, ConfigError
+from clerk_sync.errors import ClerkNotFound, ClerkSyncError, ClerkUnauthorized, ConfigError
 from clerk_sync.store import Store
 
 __all__ = ["app", "main"]
@@ -42,7 +42,7 @@ def migrate(
 
     settings = _settings()
     schema = load_mapping(mapping)
-    store = Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts())
+    store = Store.from_settings(settings)
     migrations.upgrade(store.engine)
     console.print(f"[green]migrations current[/] ({migrations.head_revision()}) on {_safe(settings)}")
     if schema is not None:
@@ -96,8 +96,8 @@ def _serve(host: str, port: int, workers: int, json_logs: bool, hooks: str | Non
         raise ConfigError("--hooks/--mapping run in one process: use --workers 1 (and `clerk-sync worker` beside it)")
     store = None
     if hooks or mapping:
-        store = Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts(),
-                               hooks=load_hooks(hooks) if hooks else (), mapping=load_mapping(mapping))
+        store = Store.from_settings(settings, hooks=load_hooks(hooks) if hooks else (),
+                                    mapping=load_mapping(mapping))
     processor = build_processor(settings, store)  # fails here, once, on a missing/malformed secret
     # The database may be down: the service starts anyway and answers 503 until it is back (and
     # migrated), instead of exiting and leaving Svix's retries nowhere to land.
@@ -105,6 +105,11 @@ def _serve(host: str, port: int, workers: int, json_logs: bool, hooks: str | Non
     if settings.console_enabled:
         console.print(f"operator console on http://{host}:{port}/console")
     if workers > 1:
+        from clerk_sync.integrations.starlette import create_app
+
+        # What only building the app finds (the console's sign-in, say) fails here, once: in the workers,
+        # uvicorn's supervisor would restart each crashing worker for ever.
+        create_app(settings, processor, migrate=False)
         os.environ["CLERK_SYNC_MIGRATE_ON_START"] = "1" if migrate_first else "0"  # for the worker processes
         _serve_workers(host, port, workers)
     else:
@@ -140,8 +145,8 @@ def replay(
     if status not in stored:  # a typo replayed nothing and said so as if there were nothing to replay
         raise typer.BadParameter(f"{status!r} is no stored status; one of {', '.join(stored)}", param_hint="--status")
     settings = _settings()
-    store = Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts(),
-                           hooks=load_hooks(with_hooks) if with_hooks else (), mapping=load_mapping(mapping))
+    store = Store.from_settings(settings, hooks=load_hooks(with_hooks) if with_hooks else (),
+                                mapping=load_mapping(mapping))
     report = replay_deliveries(store, status=status, since=parse_since(since), with_hooks=bool(with_hooks))
     store.dispose()
     console.print(f"replayed {report.total} deliveries: {report.by_status or 'none'}")
@@ -157,21 +162,34 @@ def emulate(
     port: Annotated[int, typer.Option(help="Port to bind.")] = 4010,
     webhook_url: Annotated[str | None, typer.Option(help="Where to deliver webhooks.")] = None,
     seed: Annotated[int | None, typer.Option(help="Make fault injection deterministic.")] = None,
-    time_scale: Annotated[float, typer.Option(help="Divide Svix retry delays by this.")] = 1.0,
+    time_scale: Annotated[float | None, typer.Option(help="Divide Svix retry delays by this (> 0; default "
+                                                          "CLERK_EMULATOR_TIME_SCALE, else 1).")] = None,
     rate_limit: Annotated[int, typer.Option(help="Backend API requests allowed per 10 s per key.")] = 100,
 ) -> None:
     """Run a local Clerk (Backend API subset, JWKS, session tokens, Svix-signed webhooks).
 
-    Reads CLERK_SECRET_KEY and CLERK_WEBHOOK_SIGNING_SECRET (generated and printed when unset).
+    Reads CLERK_SECRET_KEY and CLERK_WEBHOOK_SIGNING_SECRET (generated and printed when unset), and
+    CLERK_EMULATOR_WEBHOOK_URL, CLERK_EMULATOR_TIME_SCALE and CLERK_EMULATOR_SEED; options win over them.
     """
     from clerk_sync.emulator import EmulatorConfig, serve
 
-    overrides: dict[str, Any] = {"time_scale": time_scale, "rate_limit_requests": rate_limit}
+    if time_scale is not None and not time_scale > 0:  # it divides the retry delays
+        raise typer.BadParameter("must be greater than 0", param_hint="'--time-scale'")
+    overrides: dict[str, Any] = {"rate_limit_requests": rate_limit}
+    if time_scale is not None:  # only when given: CLERK_EMULATOR_TIME_SCALE applies otherwise
+        overrides["time_scale"] = time_scale
     if webhook_url:
         overrides["webhook_url"] = webhook_url
     if seed is not None:
         overrides["seed"] = seed
-    serve(EmulatorConfig.from_env(None, **overrides), host, port)
+    try:  # the emulator imports nothing of clerk-sync, so its config errors are ValueErrors
+        config = EmulatorConfig.from_env(None, **overrides)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    try:
+        serve(config, host, port)
+    except OSError as exc:  # serve binds before printing anything: the port is busy or not ours
+        raise ConfigError(exc.strerror or str(exc)) from None
 
 
 @app.command()
@@ -207,7 +225,7 @@ def users_promote(
     from clerk_sync.clerk_api import ClerkClient
 
     settings = _settings()
-    store = Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts())
+    store = Store.from_settings(settings)
     clerk_id = find_user_by_email(store, email)
     if clerk_id is None:
         console.print(f"[red]error:[/] no synced user with email {email!r} (run `clerk-sync reconcile` first?)")
@@ -237,7 +255,7 @@ def prune(
     from clerk_sync.retention import Retention, RetentionPolicy
 
     settings = _settings()
-    store = Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts())
+    store = Store.from_settings(settings)
     try:
         report = Retention(store, RetentionPolicy.from_settings(settings)).prune(dry_run=dry_run)
     finally:
@@ -268,8 +286,7 @@ def users_erase(
     from clerk_sync.retention import Retention, UnknownUser
 
     settings = _settings()
-    store = Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts(),
-                           mapping=load_mapping(mapping))
+    store = Store.from_settings(settings, mapping=load_mapping(mapping))
     try:
         _check_user_id(store, clerk_id)
         report = Retention(store).erase_user(clerk_id, actor=actor, reason=reason, allow_unknown=force)
@@ -331,7 +348,7 @@ def users_retry_pending() -> None:
     from clerk_sync.clerk_api import ClerkClient
 
     settings = _settings()
-    store = Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts())
+    store = Store.from_settings(settings)
     with ClerkClient.from_settings(settings) as client:
         counts = AdminActions(store, client).retry_pending()
     store.dispose()
@@ -406,12 +423,21 @@ def _safe(settings: Settings) -> str:
     return make_url(settings.sqlalchemy_url()).render_as_string(hide_password=True)
 
 
+# What to check when Clerk refuses a command's request (its message says what failed, this what to do)
+_HINTS: dict[type[Exception], str] = {
+    ClerkUnauthorized: ". Check CLERK_SECRET_KEY: it is missing, revoked, or the key of another instance "
+                       "(Clerk Dashboard -> API keys); `clerk-sync doctor` checks it.",
+    ClerkNotFound: ". Clerk has no such resource: deleted in Clerk since the last sync (`clerk-sync reconcile` "
+                   "brings the database up to date), or CLERK_SECRET_KEY belongs to another instance.",
+}
+
+
 def main() -> None:
     """Console entry point: turn our errors into one readable line and exit 2."""
     try:
         app()
     except ClerkSyncError as exc:
-        console.print(f"[red]error:[/] {exc}")
+        console.print(f"[red]error:[/] {exc}{_HINTS.get(type(exc), '')}")
         raise SystemExit(2) from None
     except SQLAlchemyError as exc:  # e.g. `migrate` with the database down: one line, not a traceback
         orig = getattr(exc, "orig", None) or exc

@@ -35,8 +35,7 @@ def reconcile_command(settings: Any, *, since: str | None, dry_run: bool, consol
 
     own = store is None
     if store is None:
-        store = Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts(), hooks=hooks,
-                               mapping=mapping)
+        store = Store.from_settings(settings, hooks=hooks, mapping=mapping)
     shown = [0]
 
     def show(change: Change) -> None:

@@ -26,6 +26,12 @@ from .errors import ClerkAPIError
 __all__ = ["bapi_routes"]
 
 JSON = dict[str, Any]
+# The orderings a ``starting_after`` cursor works with: unique and immutable (no prefix means "+").
+_CURSOR_ORDERINGS = frozenset({"created_at", "+created_at", "-created_at"})
+# ``GET /users`` id filters "accept up to 100" values each.
+_MAX_FILTER_VALUES = 100
+# ``GET /sessions?status=``: the spec's enum.
+_SESSION_STATUSES = frozenset({"abandoned", "active", "ended", "expired", "removed", "replaced", "revoked"})
 
 
 def _paging(request: Request) -> tuple[int, int]:
@@ -37,21 +43,35 @@ def _paging(request: Request) -> tuple[int, int]:
 
 def _user_query(request: Request) -> users.UserQuery:
     limit, offset = _paging(request)
+    order_by = request.query_params.get("order_by") or "-created_at"
     starting_after = request.query_params.get("starting_after") or None
     if starting_after and offset:
         raise ClerkAPIError.invalid("starting_after", "starting_after cannot be used with offset")
+    if starting_after and order_by not in _CURSOR_ORDERINGS:
+        raise ClerkAPIError.invalid(
+            "order_by",
+            f"starting_after requires ordering by created_at (order_by omitted, created_at, +created_at "
+            f"or -created_at), not order_by={order_by}",
+        )
     return users.UserQuery(
-        email_addresses=tuple(e.lower() for e in list_param(request, "email_address")),
-        user_ids=list_param(request, "user_id"),
-        external_ids=list_param(request, "external_id"),
-        usernames=list_param(request, "username"),
+        email_addresses=tuple(e.lower() for e in _id_filter(request, "email_address")),
+        user_ids=_id_filter(request, "user_id"),
+        external_ids=_id_filter(request, "external_id"),
+        usernames=_id_filter(request, "username"),
         query=request.query_params.get("query") or None,
         banned=bool_param(request, "banned"),
-        order_by=request.query_params.get("order_by") or "-created_at",
+        order_by=order_by,
         limit=limit,
         offset=offset,
         starting_after=starting_after,
     )
+
+
+def _id_filter(request: Request, name: str) -> tuple[str, ...]:
+    values = list_param(request, name)
+    if len(values) > _MAX_FILTER_VALUES:
+        raise ClerkAPIError.invalid(name, f"{name} accepts up to {_MAX_FILTER_VALUES} values, got {len(values)}")
+    return values
 
 
 # -- users -------------------------------------------------------------------------------
@@ -135,8 +155,9 @@ async def get_org(request: Request) -> Any:
 
 
 async def update_org(request: Request) -> Any:
+    version = request.headers.get("clerk-api-version")
     body = await json_body(request)
-    return orgs.update_org(emulator_of(request).store, request.path_params["org_id"], body)
+    return orgs.update_org(emulator_of(request).store, request.path_params["org_id"], body, version)
 
 
 async def delete_org(request: Request) -> Any:
@@ -207,12 +228,12 @@ async def list_sessions(request: Request) -> Any:
     client_id = request.query_params.get("client_id") or None
     if user_id is None and client_id is None:
         raise ClerkAPIError.invalid("user_id", "Either user_id or client_id must be provided")
+    status = request.query_params.get("status") or None
+    if status is not None and status not in _SESSION_STATUSES:
+        raise ClerkAPIError.invalid("status", f"status must be one of {', '.join(sorted(_SESSION_STATUSES))}")
     limit, offset = _paging(request)
     found = sessions.list_sessions(
-        emulator_of(request).store,
-        user_id=user_id,
-        client_id=client_id,
-        status=request.query_params.get("status") or None,
+        emulator_of(request).store, user_id=user_id, client_id=client_id, status=status
     )
     page = found[offset : offset + limit]
     if bool_param(request, "paginated"):

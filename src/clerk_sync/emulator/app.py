@@ -8,9 +8,10 @@ Usage::
 
 from __future__ import annotations
 
+import socket
 import sys
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import TextIO
 
 import uvicorn
@@ -36,6 +37,12 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return ClerkAPIError(status, "request_invalid", "Request is not valid", str(exc)).to_response()
 
 
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    """A bug still answers in Clerk's error shape, so clients parse it as they would Clerk's 500."""
+    detail = f"The Clerk emulator failed on this request ({type(exc).__name__}: {exc}); its log has the traceback."
+    return ClerkAPIError(500, "internal_clerk_error", "Oops, an unexpected error occurred", detail).to_response()
+
+
 def create_app(config: EmulatorConfig, emulator: Emulator | None = None) -> tuple[Starlette, Emulator]:
     """Build the ASGI app and the :class:`Emulator` behind it.
 
@@ -53,11 +60,24 @@ def create_app(config: EmulatorConfig, emulator: Emulator | None = None) -> tupl
 
     app = Starlette(
         routes=[*bapi_routes(), *admin_routes()],
-        exception_handlers={HTTPException: _http_error},
+        exception_handlers={HTTPException: _http_error, Exception: _unexpected},
         lifespan=lifespan,
     )
     app.state.emulator = emulator
     return app, emulator
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind before anything is printed: a busy port must not first announce URLs and a secret."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does (TIME_WAIT only)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"the Clerk emulator cannot listen on {host}:{port} ({exc.strerror}): "
+                                 "pass another port (--port), or stop what uses it") from None
+    return sock
 
 
 def _public_host(host: str) -> str:
@@ -75,14 +95,19 @@ def serve(
     """Run the emulator with uvicorn until interrupted (blocking).
 
     Prints the URLs and, when it was generated, the webhook signing secret: the receiving
-    service needs it as ``CLERK_WEBHOOK_SIGNING_SECRET``.
+    service needs it as ``CLERK_WEBHOOK_SIGNING_SECRET``.  Raises ``OSError`` (naming the
+    address) before printing anything if ``host:port`` cannot be bound.
     """
     stream = out or sys.stdout
-    app, emulator = create_app(config)
-    url = f"http://{_public_host(host)}:{port}"
-    emulator.frontend_url = config.frontend_url or url
-    print(f"Clerk emulator: Backend API {url}/v1  (secret key {config.secret_key})", file=stream)
-    if config.webhook_secret_was_generated:
-        print(f"Webhook signing secret (generated): {config.effective_webhook_secret}", file=stream)
-    print(f"Webhooks -> {config.webhook_url or '(none; POST /_emulator/webhook to set)'}", file=stream)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, ws="none")
+    with _listen(host, port) as sock:
+        port = int(sock.getsockname()[1])  # the real one when port=0 was asked for
+        app, emulator = create_app(config)
+        url = f"http://{_public_host(host)}:{port}"
+        emulator.frontend_url = config.frontend_url or url
+        print(f"Clerk emulator: Backend API {url}/v1  (secret key {config.secret_key})", file=stream)
+        if config.webhook_secret_was_generated:
+            print(f"Webhook signing secret (generated): {config.effective_webhook_secret}", file=stream)
+        print(f"Webhooks -> {config.webhook_url or '(none; POST /_emulator/webhook to set)'}", file=stream)
+        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, ws="none"))
+        with suppress(KeyboardInterrupt):  # Ctrl-C is how it stops, as with uvicorn.run
+            server.run(sockets=[sock])

@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import math
 import os
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from standardwebhooks.webhooks import EmptyWebhookSecretError, Webhook
+
 __all__ = [
     "DEFAULT_ROLE_PERMISSIONS",
     "SVIX_RETRY_SCHEDULE_S",
     "EmulatorConfig",
     "generate_webhook_secret",
+    "webhook_signer",
 ]
 
 #: Delays before each delivery attempt, as Svix documents them (immediately, 5 s, 5 min,
@@ -50,14 +54,31 @@ def generate_webhook_secret() -> str:
     return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode("ascii")
 
 
-def _env_float(environ: Mapping[str, str], name: str, default: float) -> float:
+def webhook_signer(secret: str) -> Webhook:
+    """standardwebhooks' signer for ``secret``, or a ``ValueError`` saying how to fix the secret.
+
+    Built once at start-up: a secret it cannot use fails there, not at the first delivery.
+    """
+    try:
+        return Webhook(secret)
+    except (EmptyWebhookSecretError, ValueError) as exc:  # binascii.Error is a ValueError
+        raise ValueError(
+            f"the webhook signing secret cannot sign ({exc}): give 'whsec_' followed by base64 key bytes "
+            "(as generate_webhook_secret() makes), or leave it unset to have one generated"
+        ) from None
+
+
+def _env_positive(environ: Mapping[str, str], name: str, default: float) -> float:
     raw = environ.get(name)
     if raw is None or raw == "":
         return default
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError:
-        raise ValueError(f"{name} must be a number, got {raw!r}") from None
+        value = math.nan
+    if not value > 0:  # NaN too
+        raise ValueError(f"{name} must be a number greater than 0, got {raw!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -113,6 +134,12 @@ class EmulatorConfig:
         """True when no secret was configured, so the caller should show the generated one."""
         return self.webhook_secret is None
 
+    def __post_init__(self) -> None:
+        if not self.time_scale > 0:  # NaN too; 0 would divide the retry delays by zero
+            raise ValueError(f"time_scale must be greater than 0 (it divides the Svix retry delays), "
+                             f"got {self.time_scale!r}")
+        webhook_signer(self.effective_webhook_secret)
+
     def replace(self, **changes: Any) -> EmulatorConfig:
         """Return a copy with ``changes`` applied (the generated secret is kept)."""
         return dataclasses.replace(self, **changes)
@@ -130,11 +157,16 @@ class EmulatorConfig:
             values["secret_key"] = env["CLERK_SECRET_KEY"]
         if env.get("CLERK_WEBHOOK_SIGNING_SECRET"):
             values["webhook_secret"] = env["CLERK_WEBHOOK_SIGNING_SECRET"]
+            try:
+                webhook_signer(values["webhook_secret"])
+            except ValueError as exc:  # say where the secret came from
+                raise ValueError(f"CLERK_WEBHOOK_SIGNING_SECRET: {exc}") from None
         if env.get("CLERK_EMULATOR_WEBHOOK_URL"):
             values["webhook_url"] = env["CLERK_EMULATOR_WEBHOOK_URL"]
-        values["time_scale"] = _env_float(env, "CLERK_EMULATOR_TIME_SCALE", 1.0)
+        if "time_scale" not in overrides:
+            values["time_scale"] = _env_positive(env, "CLERK_EMULATOR_TIME_SCALE", 1.0)
         seed = env.get("CLERK_EMULATOR_SEED")
-        if seed:
+        if seed and "seed" not in overrides:
             try:
                 values["seed"] = int(seed)
             except ValueError:

@@ -31,6 +31,7 @@ from typing import Any
 import httpx
 from standardwebhooks.webhooks import Webhook
 
+from .config import webhook_signer
 from .faults import Faults
 
 __all__ = ["Attempt", "Deliverer", "Message", "sign_headers"]
@@ -41,8 +42,11 @@ _USER_AGENT = "Svix-Webhooks/1.0 (clerk-sync emulator)"
 
 def sign_headers(secret: str, msg_id: str, timestamp: int, body: str) -> dict[str, str]:
     """The three ``svix-*`` headers for one attempt, signed with standardwebhooks' HMAC."""
-    moment = datetime.fromtimestamp(timestamp, tz=UTC)
-    signature = Webhook(secret).sign(msg_id, moment, body)
+    return _signed(webhook_signer(secret), msg_id, timestamp, body)
+
+
+def _signed(signer: Webhook, msg_id: str, timestamp: int, body: str) -> dict[str, str]:
+    signature = signer.sign(msg_id, datetime.fromtimestamp(timestamp, tz=UTC), body)
     return {"svix-id": msg_id, "svix-timestamp": str(timestamp), "svix-signature": signature}
 
 
@@ -118,6 +122,7 @@ class Deliverer:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.secret = secret
+        self._signer = webhook_signer(secret)  # here, so a bad secret fails at start-up, not in the worker
         self._url = url
         self._faults = faults
         self._new_id = new_id
@@ -281,11 +286,26 @@ class Deliverer:
                     url = self._url
                 try:
                     if message is not None and url is not None:
-                        self._attempt(client, url, message, due.duplicate)
+                        self._attempt_safely(client, url, message, due.duplicate)
                 finally:
                     with self._cond:
                         self._in_flight -= 1
                         self._cond.notify_all()
+
+    def _attempt_safely(self, client: httpx.Client, url: str, message: Message, duplicate: bool) -> None:
+        """One attempt; a bug in it fails that message (replayable) instead of stopping the worker,
+        which would leave every later message pending forever."""
+        recorded = len(message.attempts)
+        try:
+            self._attempt(client, url, message, duplicate)
+        except Exception as exc:  # any bug: see the docstring
+            with self._cond:
+                if len(message.attempts) == recorded:
+                    number, now = recorded + 1, int(self._clock())
+                    message.attempts.append(Attempt(number, now, "error", duplicate=duplicate, manual=message.manual))
+                message.attempts[-1].error = f"emulator error: {exc!r}"
+                if not duplicate:
+                    message.status, message.next_attempt_at = "failed", None
 
     def _attempt(self, client: httpx.Client, url: str, message: Message, duplicate: bool) -> None:
         with self._cond:
@@ -305,7 +325,7 @@ class Deliverer:
 
     def _send(self, client: httpx.Client, url: str, message: Message, attempt: Attempt) -> bool:
         """POST one attempt; fills ``attempt``; returns True if the receiver aborted retries."""
-        headers = sign_headers(self.secret, message.id, attempt.timestamp, message.body)
+        headers = _signed(self._signer, message.id, attempt.timestamp, message.body)
         headers.update({"content-type": "application/json", "user-agent": _USER_AGENT})
         started = time.monotonic()
         try:

@@ -89,6 +89,13 @@ def _to_response(result: Any) -> Response:
     return result if isinstance(result, Response) else JSONResponse(result)
 
 
+def _format_invalid(error: Exception) -> ClerkAPIError:
+    """Clerk's 422 for a value it cannot use, e.g. ``"abc"`` where a number belongs."""
+    message = f"A request parameter has the wrong type ({type(error).__name__}: {error})"
+    long_message = message + "; check the request body against the Backend API reference."
+    return ClerkAPIError(422, "form_param_format_invalid", message, long_message)
+
+
 def bapi_endpoint(handler: Handler, *, rate_limited: bool = True) -> Endpoint:
     """Wrap ``handler`` in Clerk's auth, rate limit, fault knobs and error shape."""
 
@@ -107,6 +114,8 @@ def bapi_endpoint(handler: Handler, *, rate_limited: bool = True) -> Endpoint:
             return _to_response(await handler(request))
         except ClerkAPIError as error:
             return error.to_response()
+        except (ValueError, TypeError, AttributeError) as error:  # a body value of the wrong type
+            return _format_invalid(error).to_response()
         finally:
             REQUEST_ORIGIN.reset(token)
 
@@ -150,6 +159,8 @@ def int_param(request: Request, name: str, default: int, *, minimum: int = 0, ma
         value = int(raw)
     except ValueError:
         raise ClerkAPIError.invalid(name, f"{name} must be an integer") from None
+    if maximum is None and value < minimum:
+        raise ClerkAPIError.invalid(name, f"{name} must be at least {minimum}")
     if value < minimum or (maximum is not None and value > maximum):
         raise ClerkAPIError.invalid(name, f"{name} must be between {minimum} and {maximum}")
     return value

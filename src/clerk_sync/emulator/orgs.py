@@ -33,6 +33,8 @@ __all__ = [
 
 JSON = dict[str, Any]
 _METADATA_FIELDS = ("public_metadata", "private_metadata")
+# API version from which PATCH /organizations/{id} rejects metadata (use the /metadata endpoints).
+_METADATA_REMOVED_IN = "2026-05-12"
 
 
 def require_org(store: Store, id_or_slug: str) -> OrgRecord:
@@ -70,6 +72,16 @@ def _claim_slug(store: Store, wanted: str | None, name: str, owner: str | None) 
     return slug
 
 
+def _int_arg(body: JSON, name: str) -> int | None:
+    """An integer field of a request body, None when absent (Clerk's 422 otherwise)."""
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ClerkAPIError.invalid(name, f"{name} must be an integer of at least 0", "form_param_format_invalid")
+    return value
+
+
 def create_org(store: Store, body: JSON) -> JSON:
     """``POST /organizations``; ``created_by`` becomes an ``org:admin`` member."""
     name = body.get("name")
@@ -89,7 +101,7 @@ def create_org(store: Store, body: JSON) -> JSON:
             created_by=created_by,
             public_metadata=metadata_arg(body, "public_metadata") or {},
             private_metadata=metadata_arg(body, "private_metadata") or {},
-            max_allowed_memberships=int(body.get("max_allowed_memberships") or 0),
+            max_allowed_memberships=_int_arg(body, "max_allowed_memberships") or 0,
         )
         store.orgs[org.id] = org
         store.slug_index[org.slug] = org.id
@@ -149,10 +161,17 @@ def _touch_org(store: Store, org: OrgRecord) -> JSON:
     return data
 
 
-def update_org(store: Store, id_or_slug: str, body: JSON) -> JSON:
-    """``PATCH /organizations/{id}``: name, slug, limits."""
+def update_org(store: Store, id_or_slug: str, body: JSON, api_version: str | None) -> JSON:
+    """``PATCH /organizations/{id}``: name, slug, limits; metadata replaced wholesale before API 2026-05-12."""
     with store.lock:
         org = require_org(store, id_or_slug)
+        has_metadata = any(name in body for name in _METADATA_FIELDS)
+        if has_metadata and api_version is not None and api_version >= _METADATA_REMOVED_IN:
+            name = next(n for n in _METADATA_FIELDS if n in body)
+            raise ClerkAPIError.invalid(name, f"{name} is not a valid parameter", "form_param_unknown")
+        for name in _METADATA_FIELDS:  # checked before anything changes: a 422 must change nothing
+            metadata_arg(body, name)
+        max_allowed = _int_arg(body, "max_allowed_memberships")
         if body.get("slug") is not None and body["slug"] != org.slug:
             slug = _claim_slug(store, body["slug"], org.name, org.id)
             del store.slug_index[org.slug]
@@ -160,10 +179,11 @@ def update_org(store: Store, id_or_slug: str, body: JSON) -> JSON:
             store.slug_index[slug] = org.id
         if body.get("name") is not None:
             org.name = body["name"]
-        if body.get("max_allowed_memberships") is not None:
-            org.max_allowed_memberships = int(body["max_allowed_memberships"])
+        if max_allowed is not None:
+            org.max_allowed_memberships = max_allowed
         if body.get("admin_delete_enabled") is not None:
             org.admin_delete_enabled = bool(body["admin_delete_enabled"])
+        replace_metadata_fields(org, _METADATA_FIELDS, body)
         return _touch_org(store, org)
 
 

@@ -86,7 +86,7 @@ def require_user(store: Store, user_id: str) -> UserRecord:
 def _check_emails(store: Store, addresses: Iterable[str], owner: str | None = None) -> list[str]:
     cleaned = []
     for raw in addresses:
-        address = raw.strip().lower()
+        address = raw.strip().lower() if isinstance(raw, str) else ""
         if not _EMAIL_RE.match(address):
             raise ClerkAPIError.invalid("email_address", "is invalid", code="form_param_format_invalid")
         if store.email_index.get(address, owner) != owner or address in cleaned:

@@ -61,7 +61,7 @@ def build_processor(settings: Settings, store: Store | None = None) -> WebhookPr
     """Wire the processor from settings; raises ConfigError at start-up, not per request."""
     verifier = WebhookVerifier(settings.webhook_secrets(), tolerance_s=settings.webhook_tolerance_s)
     return WebhookProcessor(
-        store or Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts()),
+        store or Store.from_settings(settings),
         verifier,
         instance_id=settings.instance_id,
         max_body_bytes=settings.max_body_bytes,

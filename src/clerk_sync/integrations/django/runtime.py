@@ -40,8 +40,7 @@ class ClerkSync:
     def __init__(self, settings: Settings, options: DjangoOptions) -> None:
         self.settings = settings
         self.options = options
-        self.store = Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts(),  # lazy connect
-                                    hooks=options.hooks, mapping=options.mapping)
+        self.store = Store.from_settings(settings, hooks=options.hooks, mapping=options.mapping)  # lazy connect
         self._http = httpx.Client()
         self._aclerk_loop: weakref.ref[asyncio.AbstractEventLoop] | None = None  # see _aclerk_usable
 

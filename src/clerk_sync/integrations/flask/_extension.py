@@ -83,8 +83,7 @@ class ClerkSync:
     def _build(self, settings: Settings) -> ClerkSyncState:
         # A missing or malformed webhook secret fails here, at start-up, not on the first delivery.
         processor = build_processor(settings, self.store) if self.webhook_path is not None else None
-        store = processor.store if processor is not None else self.store or Store.from_url(
-            settings.sqlalchemy_url(), timeouts=settings.database_timeouts())
+        store = processor.store if processor is not None else self.store or Store.from_settings(settings)
         closers: list[Callable[[], None]] = [] if self.store is not None else [store.dispose]
         if processor is not None:
             closers.append(processor.flush_summary)  # the deliveries since the last summary line

@@ -54,7 +54,7 @@ class Command(BaseCommand):
         from clerk_sync.store import Store
 
         settings = clerk_settings()
-        store = Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts())
+        store = Store.from_settings(settings)
         try:
             migrations.upgrade(store.engine)
         finally:
@@ -123,5 +123,4 @@ class Command(BaseCommand):
         from clerk_sync.store import Store
 
         settings, options = clerk_settings(), django_options()
-        return Store.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts(),
-                              hooks=options.hooks, mapping=options.mapping)
+        return Store.from_settings(settings, hooks=options.hooks, mapping=options.mapping)
