@@ -153,6 +153,16 @@ def test_an_oversized_body_is_refused_before_it_is_read(db_url: str) -> None:
     clerk_state(app).close()
 
 
+
+def test_the_endpoint_url_with_a_trailing_slash_is_served(db_url: str) -> None:
+    """As the service: ``/webhooks/clerk/`` (entered in Clerk's Dashboard with a slash) was a 404."""
+    app = _flask_app(db_url)
+    with running_wsgi(app) as url, httpx.Client(base_url=url) as client:
+        headers, body = f.signed(f.envelope("user.created", f.user("user_slash", 100)), "msg_slash")
+        served = client.post("/webhooks/clerk/", content=body, headers=headers)
+        assert (served.status_code, served.json()["status"]) == (200, "applied")
+    clerk_state(app).close()
+
 def test_one_extension_serves_two_apps_each_with_its_own_database(tmp_path: Any) -> None:
     from clerk_sync import migrations
     from clerk_sync.store import create_engine

@@ -94,6 +94,29 @@ def test_duplicate_delivery_changes_nothing(service: tuple[httpx.Client, Store])
     assert row_counts(store)["webhook_events"] == 1
 
 
+
+def test_the_endpoint_url_with_a_trailing_slash_is_served_not_redirected(
+        service: tuple[httpx.Client, Store], db_url: str) -> None:
+    """Review finding: ``/webhooks/clerk/`` (the URL entered in Clerk's Dashboard with a slash) got
+    Starlette's 307, which Svix does not follow: every delivery failed until the URL was fixed. Served
+    by ``serve``'s fast path and by :func:`webhook_routes` in an app's own routes alike."""
+    from starlette.applications import Starlette
+
+    from clerk_sync.integrations.starlette import webhook_routes
+
+    client, store = service
+    headers, body = f.signed(f.envelope("user.created", f.user("user_slash", 100)), "msg_slash")
+    served = client.post("/webhooks/clerk/", content=body, headers=headers)
+    assert (served.status_code, served.json()["status"]) == (200, "applied")
+    assert user_row(store, "user_slash") is not None
+    own = Starlette(routes=webhook_routes(build_processor(_settings(db_url))))
+    with running(own) as url, httpx.Client(base_url=url) as mine:
+        headers, body = f.signed(f.envelope("user.created", f.user("user_slash2", 100)), "msg_slash2")
+        again = mine.post("/webhooks/clerk/", content=body, headers=headers)
+        assert (again.status_code, again.json()["status"]) == (200, "applied")
+        headers, body = f.signed(f.envelope("user.created", f.user("user_slash3", 100)), "msg_slash3")
+        assert mine.post("/webhooks/clerk", content=body, headers=headers).json()["status"] == "applied"
+
 def test_delete_is_terminal_and_late_created_does_not_resurrect(service: tuple[httpx.Client, Store]) -> None:
     client, store = service
     post(client, f.envelope("user.deleted", f.deleted("user", "user_z"), 1_700_000_000), "d1")

@@ -178,13 +178,14 @@ class WebhookFastPath:
                  not_ready: Callable[[], str | None] | None = None, committer: GroupCommitter | None = None,
                  threads: int = 4, slow_s: float = 0.5, key_patience_s: float = 0.5) -> None:
         self.app, self.path_name = app, path
+        self._paths = frozenset(_with_and_without_slash(path))
         self.committer = committer
         self._path = _WebhookPath(processor, threads=threads, slow_s=slow_s, key_patience_s=key_patience_s,
                                   not_ready=not_ready, committer=self.committer)
         self._limit = processor.max_body_bytes
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] != self.path_name or scope["method"] != "POST":
+        if scope["type"] != "http" or scope["path"] not in self._paths or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
@@ -268,8 +269,17 @@ def _limiter(holder: list[CapacityLimiter], threads: int) -> CapacityLimiter:
 
 
 def webhook_routes(processor: WebhookProcessor, path: str = "/webhooks/clerk") -> list[BaseRoute]:
-    """The webhook route alone, for apps that mount it themselves."""
-    return [Route(path, webhook_endpoint(processor), methods=["POST"])]
+    """The webhook route alone, for apps that mount it themselves (with and without a trailing slash)."""
+    endpoint = webhook_endpoint(processor)
+    return [Route(one, endpoint, methods=["POST"]) for one in _with_and_without_slash(path)]
+
+
+def _with_and_without_slash(path: str) -> list[str]:
+    """``path`` and its twin with (or without) the trailing slash: an endpoint URL entered in Clerk's
+    Dashboard with a slash would otherwise get Starlette's 307, which Svix does not follow (every
+    delivery failing until the URL is fixed)."""
+    bare = path.rstrip("/") or "/"
+    return [bare] if bare == "/" else [bare, bare + "/"]
 
 
 class StartupMigration:
@@ -350,9 +360,9 @@ def _service_routes(processor: WebhookProcessor, migration: StartupMigration | N
         return Response(await to_thread.run_sync(processor.metrics.render), media_type=CONTENT_TYPE_LATEST)
 
     not_ready = migration.pending if migration is not None else None
+    webhook = webhook_endpoint(processor, not_ready=not_ready, committer=committer)
     return [
-        Route("/webhooks/clerk", webhook_endpoint(processor, not_ready=not_ready, committer=committer),
-              methods=["POST"]),
+        *(Route(path, webhook, methods=["POST"]) for path in _with_and_without_slash("/webhooks/clerk")),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics),

@@ -52,5 +52,6 @@ def webhook_blueprint(path: str = "/webhooks/clerk") -> Blueprint:
     exempt it: ``csrf.exempt(blueprint)``.
     """
     blueprint = Blueprint("clerk_sync", __name__)
-    blueprint.add_url_rule(path, "webhook", receive, methods=["POST"])
+    # strict_slashes off: a Dashboard URL entered with a trailing slash is served too (Svix follows no redirect)
+    blueprint.add_url_rule(path, "webhook", receive, methods=["POST"], strict_slashes=False)
     return blueprint
