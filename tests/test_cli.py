@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -160,16 +161,20 @@ def test_doctor_reports_each_check_and_what_to_do(tmp_path: Path) -> None:
         assert "refused CLERK_SECRET_KEY" in wrong.stdout
 
 
-def test_promote_during_an_outage_is_pending_until_retry_pending(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'pending.db'}"
+def _synced_user(url: str, clerk: EmulatorServer, email: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """A migrated database at ``url`` holding a user of ``clerk``; the user and the CLI's environment."""
     assert run("migrate", env={"DATABASE_URL": url}).returncode == 0
+    user = clerk.create_user(email)
+    store = Store.from_url(url)
+    with store.transaction() as w:
+        w.apply(Upsert(Entity.USER, user_record(user)))
+    store.dispose()
+    return user, {"DATABASE_URL": url, "CLERK_SECRET_KEY": clerk.secret_key, "CLERK_API_URL": clerk.url}
+
+
+def test_promote_during_an_outage_is_pending_until_retry_pending(tmp_path: Path) -> None:
     with EmulatorServer() as clerk:
-        user = clerk.create_user("later@example.com")
-        store = Store.from_url(url)
-        with store.transaction() as w:
-            w.apply(Upsert(Entity.USER, user_record(user)))
-        store.dispose()
-        env = {"DATABASE_URL": url, "CLERK_SECRET_KEY": clerk.secret_key, "CLERK_API_URL": clerk.url}
+        user, env = _synced_user(f"sqlite:///{tmp_path / 'pending.db'}", clerk, "later@example.com")
         clerk.set_faults(outage=True)
         promoted = run("users", "promote", "later@example.com", env=env)
         said = " ".join((promoted.stdout + promoted.stderr).split())
@@ -230,16 +235,9 @@ def test_log_lines_are_logfmt_in_a_file_and_aligned_at_a_terminal(monkeypatch: p
 def test_clerk_refusing_a_command_says_what_to_check(tmp_path: Path) -> None:
     """Review finding: a wrong key or a user deleted in Clerk printed Clerk's message alone (``Unable to
     authenticate the request``, ``Resource not found``), never naming CLERK_SECRET_KEY or reconcile."""
-    url = f"sqlite:///{tmp_path / 'hints.db'}"
-    assert run("migrate", env={"DATABASE_URL": url}).returncode == 0
     with EmulatorServer() as clerk:
-        gone = clerk.create_user("gone@example.com")
-        store = Store.from_url(url)
-        with store.transaction() as w:
-            w.apply(Upsert(Entity.USER, user_record(gone)))
-        store.dispose()
+        gone, env = _synced_user(f"sqlite:///{tmp_path / 'hints.db'}", clerk, "gone@example.com")
         clerk.request("DELETE", f"/v1/users/{gone['id']}")  # deleted in Clerk, the webhook never came
-        env = {"DATABASE_URL": url, "CLERK_SECRET_KEY": clerk.secret_key, "CLERK_API_URL": clerk.url}
         wrong = run("reconcile", "--dry-run", env={**env, "CLERK_SECRET_KEY": "sk_test_wrong"})
         said = " ".join(wrong.stdout.split() + wrong.stderr.split())
         assert wrong.returncode == 2 and "Check CLERK_SECRET_KEY" in said and "clerk-sync doctor" in said, said
