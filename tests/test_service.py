@@ -117,6 +117,17 @@ def test_the_endpoint_url_with_a_trailing_slash_is_served_not_redirected(
         headers, body = f.signed(f.envelope("user.created", f.user("user_slash3", 100)), "msg_slash3")
         assert mine.post("/webhooks/clerk", content=body, headers=headers).json()["status"] == "applied"
 
+
+def test_the_routers_refusals_answer_in_the_services_error_shape(service: tuple[httpx.Client, Store]) -> None:
+    """A GET on the webhook path or an unknown path answered Starlette's plain text, where every other
+    refusal of the service is ``{"error", "message"}`` JSON (review)."""
+    client, _ = service
+    wrong_method = client.get("/webhooks/clerk")
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
+    assert wrong_method.json() == {"error": "method_not_allowed", "message": "GET /webhooks/clerk: Method Not Allowed"}
+    missing = client.post("/webhooks/clerck", content=b"{}")
+    assert (missing.status_code, missing.json()["error"]) == (404, "not_found")
+
 def test_delete_is_terminal_and_late_created_does_not_resurrect(service: tuple[httpx.Client, Store]) -> None:
     client, store = service
     post(client, f.envelope("user.deleted", f.deleted("user", "user_z"), 1_700_000_000), "d1")

@@ -21,6 +21,7 @@ from anyio import CapacityLimiter, to_thread
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
@@ -409,7 +410,17 @@ def create_app(settings: Settings, processor: WebhookProcessor | None = None, *,
     # POST /webhooks/clerk skips the router and Starlette's Request/Response (WebhookFastPath).
     fast = Middleware(WebhookFastPath, processor=processor, committer=committer,
                       not_ready=migration.pending if migration is not None else None)
-    return Starlette(routes=routes, lifespan=lifespan, middleware=[fast])
+    return Starlette(routes=routes, lifespan=lifespan, middleware=[fast],
+                     exception_handlers={HTTPException: _routing_error})
+
+
+async def _routing_error(request: Request, exc: Exception) -> Response:
+    """The router's 404/405 in the service's error shape (``{"error", "message"}``), as every other answer,
+    not Starlette's plain text; a 405 keeps its ``Allow`` header."""
+    status, detail = getattr(exc, "status_code", 500), getattr(exc, "detail", "")  # (registered for HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(status, "http_error")
+    return JSONResponse({"error": code, "message": f"{request.method} {request.url.path}: {detail}"},
+                        status_code=status, headers=getattr(exc, "headers", None))
 
 
 class PruneSchedule:
