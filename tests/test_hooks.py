@@ -995,3 +995,37 @@ def test_a_connection_lost_inside_a_mapped_savepoint_reports_why(db_url: str) ->
     with store.transaction() as writer:  # and the pool hands out a live connection again
         assert writer.conn.exec_driver_sql("SELECT 1").scalar_one() == 1
     store.dispose()
+
+
+def test_a_failure_whose_bookkeeping_fails_mid_batch_keeps_the_batchs_successes_finished(
+        db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review finding: recording a handler's failure raised (a database blip) mid-batch, and the jobs that
+    had succeeded before it were never finished: their handlers ran again once the lease expired."""
+    import clerk_sync.hooks as hooks_module
+    from clerk_sync.errors import StoreError
+
+    clock = Clock()
+    seen: list[str] = []
+
+    def handler(change: Change) -> None:
+        seen.append(change.clerk_id)
+        if change.clerk_id == "user_3":
+            raise RuntimeError("mail server down")
+
+    store = hooked(db_url, Hook("mail", handler), now=clock)
+    deliver(store, *(f.envelope("user.created", f.user(f"user_{n}", B + n)) for n in (1, 2, 3)))
+
+    def blip(*_: Any, **__: Any) -> bool:
+        raise StoreError("connection reset")
+
+    dispatcher = Dispatcher(store, now=clock, heartbeat_s=0)
+    with monkeypatch.context() as patched:
+        patched.setattr(hooks_module, "fail", blip)
+        with pytest.raises(StoreError, match="connection reset"):
+            dispatcher.run_once()
+    assert seen == ["user_1", "user_2", "user_3"]
+    assert [j["entity_key"] for j in jobs(store)] == ["mail|users:user_3"]  # the successes are finished
+    clock.advance(61)  # the failed one's lease runs out: it runs again, alone
+    Dispatcher(store, now=clock, heartbeat_s=0).drain()
+    assert seen == ["user_1", "user_2", "user_3", "user_3"]
+    store.dispose()

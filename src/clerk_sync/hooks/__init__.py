@@ -138,8 +138,9 @@ class Dispatcher:
             jobs = claim(conn, claimed_at, lease=self.lease, limit=limit, max_attempts=self.backoff.max_attempts)
         self._claimed_full = len(jobs) >= limit
         ran = 0
+        done: list[Job] = []
+        finished = False
         try:
-            done: list[Job] = []
             with self._heartbeat() if jobs else nullcontext():
                 for n, job in enumerate(jobs):
                     if self._now() >= claimed_at + self.lease * 0.8:
@@ -155,18 +156,29 @@ class Dispatcher:
                     else:
                         self._drop(job)  # its failure is recorded: no longer ours
                 if done:  # one transaction for the batch's successes (a crash before it re-runs them: at least once)
-                    with self._bookkeeping() as conn:
-                        lost = finish_many(conn, done)
-                    if lost:
-                        log.warning("hook claims lost (lease expired while running; raise lease_s)", jobs=lost)
-                    self._vacuum_now_and_then(len(done))
+                    self._finish(done)
+                    finished = True
         finally:  # also when the bookkeeping failed (a database blip): the heartbeat must not keep them
+            if done and not finished:  # a failure's or a lease's bookkeeping raised mid-batch: the jobs that
+                # succeeded are finished all the same (best effort), or their handlers would run again
+                try:
+                    self._finish(done)
+                except Exception:
+                    log.warning("hook successes not recorded; they will run again", jobs=[j.id for j in done],
+                                exc_info=True)
             with self._held_lock:
                 self._held.clear()
             if ran:  # the pace of this batch, claim to finish, for the size of the next claims
                 per_job = max(0.0, (self._now() - claimed_at).total_seconds()) / ran
                 self._per_job_s = per_job if self._per_job_s is None else (self._per_job_s + per_job) / 2
         return len(jobs)
+
+    def _finish(self, done: list[Job]) -> None:
+        with self._bookkeeping() as conn:
+            lost = finish_many(conn, done)
+        if lost:
+            log.warning("hook claims lost (lease expired while running; raise lease_s)", jobs=lost)
+        self._vacuum_now_and_then(len(done))
 
     def extend_leases(self) -> int:
         """Push the leases of the jobs this dispatcher holds to ``now + lease_s`` (the heartbeat calls it);
