@@ -432,8 +432,27 @@ def test_v2_permissions_tolerate_odd_claim_types() -> None:
     base = {"sub": "u", "sid": "s", "exp": 1, "v": 2}
     auth = auth_from_claims({**base, "o": {"id": "org_1", "per": ["read"], "fpm": [1]}, "fea": {"o": 1}})
     assert (auth.org_id, auth.org_permissions) == ("org_1", ())
-    auth = auth_from_claims({**base, "o": {"id": "org_1", "per": "read,²", "fpm": "²,3"}, "fea": "o:x"})
-    assert auth.org_permissions == ("org:x:read", "org:x:²")
+    # an fpm entry that is not a decimal keeps its place and grants nothing (Clerk's parser: an empty slot)
+    auth = auth_from_claims({**base, "o": {"id": "org_1", "per": "read,²", "fpm": "²,3"}, "fea": "o:x,o:y"})
+    assert auth.org_permissions == ("org:y:read", "org:y:²")
+
+
+@pytest.mark.parametrize(("fea", "fpm", "expected"), [
+    # Review finding: "uo:"/"ou:" features (user and org) are org-scoped too; dropping them handed their
+    # permissions to the next feature (a member got org:teams:manage)
+    ("uo:dashboard,o:teams", "3,2", ("org:dashboard:manage", "org:dashboard:read", "org:teams:read")),
+    ("ou:dashboard, u:profile ,o:teams", "3,2", ("org:dashboard:manage", "org:dashboard:read", "org:teams:read")),
+    # an entry that is not a decimal was skipped, shifting the next one onto this feature
+    ("o:billing,o:teams", "x,2", ("org:teams:read",)),
+    ("o:billing,o:teams", " 1 , 2 ", ("org:billing:manage", "org:teams:read")),
+    # a feature without a scope: Clerk's parser refuses the claim; no permission at all here
+    ("dashboard,o:teams", "3,2", ()),
+])
+def test_v2_permissions_follow_clerks_parser(fea: str, fpm: str, expected: tuple[str, ...]) -> None:
+    base = {"sub": "u", "sid": "s", "exp": 1, "v": 2}
+    auth = auth_from_claims({**base, "o": {"id": "org_1", "rol": "member", "per": "manage, read", "fpm": fpm},
+                             "fea": fea})
+    assert auth.org_permissions == expected
 
 
 def test_auth_from_claims_does_not_alias_the_callers_dict() -> None:

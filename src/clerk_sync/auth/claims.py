@@ -153,15 +153,26 @@ def normalize_claims(claims: dict[str, Any]) -> Auth:
 def _v2_permissions(per: str, fpm: str, features: str) -> tuple[str, ...]:
     """``fpm`` i-th int is a bitmap (LSB first) over ``per`` for the i-th org-scoped feature in ``fea``.
 
+    As Clerk's own parser (``@clerk/shared`` jwtPayloadParser, splitByScope): an org-scoped feature is
+    ``o:``, or ``ou:``/``uo:`` (user and org); every ``fpm`` entry keeps its place, one that is not a
+    decimal grants nothing (skipping it would hand the next feature's permissions to this one), and a
+    ``fea`` element without a scope (which Clerk's parser refuses) grants no permission at all.
     Memoised on the three strings: every member of an org with the same role carries the same ones.
     """
-    names = [p for p in per.split(",") if p]
-    bitmaps = [int(x) for x in fpm.split(",") if x.strip().isdecimal()]
-    org_features = [f[2:] for f in features.split(",") if f.startswith("o:")]
+    elements = [e.strip() for e in features.split(",") if e.strip()]
+    if any(":" not in e for e in elements):
+        return ()
+    org_features = [e.partition(":")[2] for e in elements if e.partition(":")[0] in _ORG_SCOPES]
+    names = [p.strip() for p in per.split(",")] if per else []
+    bitmaps = [int(x) if (x := entry.strip()).isdecimal() and x.isascii() else 0 for entry in fpm.split(",")] \
+        if fpm else []
     out: list[str] = []
     for feature, bitmap in zip(org_features, bitmaps, strict=False):
         out.extend(f"org:{feature}:{p}" for bit, p in enumerate(names) if bitmap >> bit & 1)
     return tuple(out)
+
+
+_ORG_SCOPES = frozenset({"o", "ou", "uo"})  # Clerk's splitByScope: "ou"/"uo" are both user and org
 
 
 def _str(value: object) -> str | None:
