@@ -717,3 +717,23 @@ def test_a_mounted_apps_deny_by_default_holds_inside_an_outer_apps_public_prefix
         assert forged.status_code == 401
         assert client.get("/partner/secret", headers=bearer(token("user_partner"))).json() == {"secret": "partner data"}
     h.store.dispose()
+
+
+def test_an_impersonation_ends_when_its_admin_is_banned_or_deleted(harness: tuple[Harness, httpx.Client]) -> None:
+    """Review finding: the target's session kept working (and writing ``impersonation.request`` rows in the
+    admin's name) after the impersonating admin was banned or deleted; only the target was checked."""
+    h, client = harness
+    h.event("user.created", f.user("user_imp_admin", 1, role="admin"))
+    h.event("user.created", f.user("user_imp_target", 1))
+    tok = token("user_imp_target", act={"sub": "user_imp_admin", "sid": "sess_imp_admin"})
+    assert client.get("/me", headers=bearer(tok)).status_code == 200
+    h.event("user.updated", {**f.user("user_imp_admin", 2, role="admin"), "banned": True})
+    refused = client.get("/me", headers=bearer(tok))
+    assert refused.status_code == 401 and "impersonation has ended" in refused.json()["message"]
+    assert client.get("/me", headers=bearer(token("user_imp_target"))).status_code == 200  # their own session
+    h.event("user.updated", {**f.user("user_imp_admin", 3, role="admin"), "banned": False})
+    assert client.get("/me", headers=bearer(tok)).status_code == 200  # unbanned: the token is valid again
+    h.event("user.deleted", f.deleted("user", "user_imp_admin"))
+    assert client.get("/me", headers=bearer(tok)).status_code == 401
+    dashboard = token("user_imp_target", act={"iss": "https://dashboard.clerk.com", "sub": "user_dashboard_staff"})
+    assert client.get("/me", headers=bearer(dashboard)).status_code == 200  # not an app user: never blocked

@@ -164,6 +164,12 @@ class Authenticator:
                                  authorized_parties=self.verifier.claims.authorized_parties)
 
     def _check_user(self, auth: Auth) -> Auth:
+        # An impersonation ends with its admin: banned, deleted, locked or deprovisioned since the actor
+        # token was minted (a Clerk Dashboard impersonator is no user of the app's: never in the list).
+        actor = auth.actor_id
+        if actor is not None and self.deny_list.blocked_reason(actor) is not None:
+            raise SessionUserBanned(f"the admin impersonating this user ({actor}) is banned, deleted, locked or "
+                                    "deprovisioned: the impersonation has ended")
         reason = self.deny_list.blocked_reason(auth.user_id)
         if reason == "deprovisioned":
             raise UserDeprovisioned(f"user {auth.user_id} was deprovisioned by the organization's identity provider")
