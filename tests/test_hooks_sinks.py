@@ -19,6 +19,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from clerk_sync.changes import Change, Hook
+from clerk_sync.engine import Entity
 from clerk_sync.hooks import Backoff, Dispatcher
 from clerk_sync.hooks.sinks import RedisStreamSink, StandardWebhookSink
 from clerk_sync.store import Store
@@ -130,3 +131,37 @@ def test_redis_stream_sink_appends_each_change(store: Store, redis_client: redis
             f"user.updated:user_1:{B + 2000}", "user")
     finally:
         redis_client.delete(stream)
+
+
+@pytest.mark.parametrize("status", [200, 500])
+def test_a_receiver_dripping_its_answer_does_not_hold_the_sink(status: int) -> None:
+    """Review finding: ``timeout_s`` bounded each read only, and the sink read the whole body, so a
+    receiver that answered and then sent a byte every half second held the hook (and ``serve``'s dispatcher
+    thread) as long as it liked. A success's body is not read at all; an error's is read until
+    ``timeout_s`` at most, for the job's last error. The receiver drips for 8 s; the sink waits 1 s."""
+    import asyncio
+    import threading
+
+    from starlette.responses import StreamingResponse
+
+    finished = threading.Event()
+
+    async def drip() -> Any:
+        for n in range(16):
+            yield f"{n % 10}".encode()
+            await asyncio.sleep(0.5)
+        finished.set()
+
+    async def endpoint(request: Request) -> Response:
+        return StreamingResponse(drip(), status_code=status)
+
+    with running(Starlette(routes=[Route("/slow", endpoint, methods=["POST"])])) as url:
+        sink = StandardWebhookSink(f"{url}/slow", FORWARD_SECRET, timeout_s=1.0)
+        change = Change(Entity.USER, "user_1", "created", B, {"id": "user_1"})
+        if status == 200:
+            sink(change)
+        else:
+            with pytest.raises(RuntimeError, match=r"/slow answered 500: 0\d*$"):
+                sink(change)
+        assert not finished.is_set()  # returned while the receiver was still dripping
+        sink.close()

@@ -39,6 +39,8 @@ class StandardWebhookSink:
     is dead at once (:class:`~clerk_sync.errors.HookGaveUp`).
 
     ``secret`` is a ``whsec_…`` key the receiver verifies with (any Standard Webhooks library).
+    ``timeout_s`` bounds each network wait and the answer as a whole (a receiver that answers and then
+    drips its body byte by byte is cut off there); a ``client`` of your own keeps its own timeouts.
     """
 
     def __init__(self, url: str, secret: str | SecretStr, *, client: httpx.Client | None = None,
@@ -46,6 +48,7 @@ class StandardWebhookSink:
         raw = secret.get_secret_value() if isinstance(secret, SecretStr) else secret
         self._signer = Webhook(raw)
         self.url = url
+        self.timeout_s = timeout_s
         self._client = client or httpx.Client(timeout=timeout_s)
         self._now = now
 
@@ -58,10 +61,12 @@ class StandardWebhookSink:
             "webhook-timestamp": str(int(stamp.timestamp())),
             "webhook-signature": self._signer.sign(change.idempotency_key, stamp, body),
         }
-        response = self._client.post(self.url, content=body.encode(), headers=headers)
-        if response.is_success:
-            return
-        said = f"{self.url} answered {response.status_code}: {response.text[:200]}"
+        deadline = time.monotonic() + self.timeout_s
+        with self._client.stream("POST", self.url, content=body.encode(), headers=headers) as response:
+            if response.is_success:
+                return  # (its body is not needed: not read)
+            start = _read_start(response, deadline)
+        said = f"{self.url} answered {response.status_code}: {start}"
         control = response.headers.get("webhook-delivery", "").strip().lower()
         if response.status_code == 410 or control in ("disable", "abort-message"):
             # Standard Webhooks: 410 Gone means "stop sending"; Svix's receivers may say the same with
@@ -75,6 +80,17 @@ class StandardWebhookSink:
         self._client.close()
 
 
+def _read_start(response: httpx.Response, deadline: float, limit: int = 200) -> str:
+    """The first ``limit`` bytes of an error answer's body, for the job's last error, read until
+    ``deadline`` at most (what came by then)."""
+    got = b""
+    for chunk in response.iter_bytes():
+        got += chunk
+        if len(got) >= limit or time.monotonic() >= deadline:
+            break
+    return got[:limit].decode(response.encoding or "utf-8", errors="replace")
+
+
 class RedisStreamSink:
     """Appends each change to a Redis Stream (``XADD``), trimmed to about ``maxlen`` entries if set.
 
@@ -82,6 +98,8 @@ class RedisStreamSink:
     """
 
     def __init__(self, client: redis.Redis, stream: str = "clerk-sync:changes", *, maxlen: int | None = None) -> None:
+        if maxlen is not None and maxlen < 1:  # 0 would trim the stream to (about) nothing
+            raise ValueError(f"maxlen must be None (no trimming) or at least 1, not {maxlen}")
         self.client = client
         self.stream = stream
         self.maxlen = maxlen
