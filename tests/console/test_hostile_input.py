@@ -105,3 +105,36 @@ def test_a_stored_id_with_a_slash_is_shown_not_linked(stack: ConsoleStack) -> No
             assert odd in response.text and "/users/user_a/b" not in response.text, path
         # a Clerk id is still a link
         assert f'href="/console/users/{stack.user_id}"' in client.get("/audit", headers=HTML).text
+
+
+def test_a_clerk_id_filter_longer_than_a_clerk_id_is_a_clear_400(stack: ConsoleStack) -> None:
+    """Review finding: bulk replay filtered by a 65+ character "Clerk id" wrote it into
+    ``audit_log.target_clerk_id`` (VARCHAR(64)): 503 with Retry-After on PostgreSQL and MariaDB."""
+    svix_id = stack.failed_delivery(stack.user_id, first_name="Gracie")
+    long = "user_" + "x" * 60
+    with operator_client(stack) as client:
+        for response in (client.get("/deliveries", params={"clerk_id": long}),
+                         client.post("/deliveries/replay", data={"clerk_id": long})):
+            case = (response.request.method, response.status_code, response.text[:200])
+            assert response.status_code == 400 and "retry-after" not in response.headers, case
+            assert "at most 64" in response.json()["message"], case
+        assert client.get("/deliveries", params={"clerk_id": long[:64]}).status_code == 200
+    assert status_of(stack, svix_id) == "failed" and stack.audit_rows() == []
+
+
+def test_done_shows_only_the_notices_the_console_writes(stack: ConsoleStack) -> None:
+    """Review finding: ``?done=`` was shown verbatim as a notice, so a link could make the trusted console say
+    "Session expired: sign in again at https://evil.example/console"."""
+    svix_id = stack.failed_delivery(stack.user_id, first_name="Gracie")
+    phishing = "Session expired: sign in again at https://evil.example/console"
+    pages = (f"/users/{stack.user_id}", "/deliveries", f"/deliveries/{delivery_id(stack, svix_id)}")
+    with operator_client(stack) as client:
+        for path in pages:
+            for done in (phishing, "replayed 3 (applied:1) " + phishing):
+                page = client.get(path, params={"done": done}, headers=HTML)
+                assert page.status_code == 200 and "evil.example" not in page.text, path
+                assert 'data-testid="notice"' not in page.text, path
+        known = {f"/users/{stack.user_id}": "role:applied", "/deliveries": "replayed 3 (applied:1,skipped:2)",
+                 f"/deliveries/{delivery_id(stack, svix_id)}": "replayed:applied"}
+        for path, done in known.items():
+            assert f'data-testid="notice">{done}<' in client.get(path, params={"done": done}, headers=HTML).text

@@ -17,7 +17,7 @@ from clerk_sync.auth.admin import AdminActions
 from clerk_sync.auth.audit import AuditEntry, record_audit
 from clerk_sync.config import Settings
 from clerk_sync.errors import ConfigError
-from clerk_sync.integrations.console import create_console
+from clerk_sync.integrations.console import _pages, create_console
 from clerk_sync.store import Store
 from clerk_sync.tables import webhook_events
 from tests.console.conftest import OPERATOR_TOKEN, ConsoleStack, make_stack, operator_client
@@ -130,6 +130,21 @@ def test_a_clerk_session_cookie_signs_an_admin_in(stack: ConsoleStack) -> None:
     assert response.status_code == 200 and stack.admin_id in response.text
     assert "clerk_sync_console=" in response.headers["set-cookie"]
     assert [r["details"]["method"] for r in stack.audit_rows() if r["action"] == "console.login"] == ["clerk_session"]
+
+
+def test_a_refused_first_request_of_a_clerk_session_opens_no_console_session(stack: ConsoleStack) -> None:
+    """Review finding: a Clerk sign-in whose first request was refused (a NUL: 400; a POST without the CSRF
+    token: 403) still got a working console cookie, and no ``console.login`` row recorded it."""
+    token = stack.emulator.mint_session_token(stack.admin_id)
+    refused = [httpx.get(f"{stack.console_url}/deliveries", params={"type": "user.\x00"}, headers=HTML,
+                         cookies={"__session": token}),
+               httpx.post(f"{stack.console_url}/deliveries/replay", headers=HTML, cookies={"__session": token})]
+    assert [r.status_code for r in refused] == [400, 403]
+    assert all("clerk_sync_console=" not in r.headers.get("set-cookie", "") for r in refused)
+    assert stack.audit_rows() == []
+    ok = httpx.get(f"{stack.console_url}/", cookies={"__session": token}, headers=HTML)
+    assert ok.status_code == 200 and "clerk_sync_console=" in ok.headers["set-cookie"]
+    assert [r["action"] for r in stack.audit_rows()] == ["console.login"]
 
 
 def test_a_non_admin_gets_403_without_content(stack: ConsoleStack) -> None:
@@ -261,6 +276,56 @@ def test_audit_log_filters_and_exports_csv(stack: ConsoleStack) -> None:
     with operator_client(stack) as client:
         exported = client.get("/audit.csv", params={"action": "impersonation.refused"})
     assert [r["target_clerk_id"] for r in csv.DictReader(io.StringIO(exported.text))] == ["'" + formula]
+
+
+def test_the_csv_export_keeps_the_newest_rows_and_says_it_was_cut(
+        stack: ConsoleStack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review finding: over MAX_CSV_ROWS the export sorted oldest first and cut, so the newest rows (those an
+    incident needs) were the ones dropped, silently. It keeps the newest, oldest first, and a last row says so."""
+    monkeypatch.setattr(_pages, "MAX_CSV_ROWS", 3)
+    with stack.store.transaction() as writer:
+        for i in range(5):
+            record_audit(writer, AuditEntry("impersonation.refused", stack.admin_id, f"user_t{i}"))
+    with operator_client(stack) as client:
+        cut = list(csv.DictReader(io.StringIO(client.get("/audit.csv", params={"action": "impersonation.refused"})
+                                              .text)))
+        whole = list(csv.DictReader(io.StringIO(client.get("/audit.csv", params={"target": "user_t4"}).text)))
+    assert [r["target_clerk_id"] for r in cut[:-1]] == ["user_t2", "user_t3", "user_t4"]
+    assert cut[-1]["action"] == "export.truncated" and "only the newest 3" in cut[-1]["details"]
+    assert [(r["action"], r["target_clerk_id"]) for r in whole] == [("impersonation.refused", "user_t4")]
+
+
+def test_a_refused_reconcile_start_is_not_audited_as_started(stack: ConsoleStack) -> None:
+    """Review finding: the ``console.reconcile.started`` row was written before the start, so a click while a
+    run was going (409 busy) was audited as a run that never happened."""
+    assert stack.console.drift is not None
+    stack.emulator.set_faults(latency_s=1.0)  # the first run is still reading Clerk at the second click
+    try:
+        with operator_client(stack) as client:
+            assert client.post("/drift/run", data={"mode": "dry_run"}).status_code == 303
+            busy = client.post("/drift/run", data={"mode": "apply"})
+            assert (busy.status_code, busy.json()["error"]) == (409, "reconcile_busy")
+    finally:
+        stack.emulator.set_faults(latency_s=0.0)
+        assert stack.console.drift.wait(30)
+    started = [r for r in stack.audit_rows() if r["action"] == "console.reconcile.started"]
+    assert [r["details"]["dry_run"] for r in started] == [True]
+
+
+def test_masking_keeps_only_clerk_ids_under_id_keys(stack: ConsoleStack) -> None:
+    """Review finding: every ``*_id`` key was shown in clear, so an email in ``external_id``, a SAML
+    ``provider_user_id`` and a ``tax_id`` in public metadata were too. Only a value shaped like a Clerk id is."""
+    personal = ("ada.lovelace@corp.example", "ada@idp.example", "123-45-6789")
+    saml = {"object": "saml_account", "id": "samlacc_2g7np7Hrk0SN6kj5EDMLDaKNL0S", "provider_user_id": personal[1]}
+    svix_id = stack.failed_delivery(stack.user_id, external_id=personal[0], saml_accounts=[saml],
+                                    public_metadata={"tax_id": personal[2]})
+    path = f"/deliveries/{delivery_id(stack, svix_id)}"
+    with operator_client(stack) as client:
+        masked = client.get(path, headers=HTML).text
+        revealed = client.post(path + "/reveal", headers=HTML).text
+    assert not [p for p in personal if p in masked]
+    assert stack.user_id in masked and saml["id"] in masked  # Clerk ids stay readable
+    assert all(p in revealed for p in personal)
 
 
 @pytest.fixture

@@ -179,3 +179,40 @@ def test_signing_out_when_the_audit_row_cannot_be_written_still_signs_this_brows
         monkeypatch.setattr(Console, "audit", refused)
         response = client.post("/logout", data={"csrf": token})
         assert response.status_code == 303 and f'{COOKIE}=""' in response.headers["set-cookie"]
+
+
+@pytest.mark.parametrize("lose_access", ["demoted", "locked"])
+def test_an_admin_who_lost_access_can_still_sign_out_and_end_the_cookies_copies(
+        stack: ConsoleStack, lose_access: str) -> None:
+    """Review finding: identifying a demoted, locked or banned admin refused POST /logout (403) before its
+    handler, so no ``console.logout`` row ended the session's copies: once re-promoted (or unlocked), a stolen
+    copy of the cookie worked again. A validly signed cookie (and its CSRF token) can always sign itself out."""
+    from clerk_sync.auth.admin import AdminActions
+    from tests.console.test_http import HTML, csrf_of, signed_in
+
+    assert stack.console.clerk is not None
+    actions = AdminActions(stack.store, stack.console.clerk)
+
+    def lose(lost: bool) -> None:
+        if lose_access == "demoted":
+            actions.promote(stack.admin_id, "user" if lost else "admin", by=None)
+            stack.wait_synced()
+        else:
+            with stack.store.transaction() as w:
+                w.conn.execute(users.update().where(users.c.clerk_id == stack.admin_id).values(locked=lost))
+
+    with signed_in(stack, stack.admin_id) as client:
+        copy = client.cookies[COOKIE]
+        token = csrf_of(client.get("/", headers=HTML).text)
+        lose(True)
+        assert client.get("/audit", headers=JSON).status_code == 403
+        assert client.post("/logout").status_code == 403  # the CSRF check still holds
+        response = client.post("/logout", data={"csrf": token})
+        assert response.status_code == 303 and f'{COOKIE}=""' in response.headers["set-cookie"]
+    logout = [row for row in stack.audit_rows() if row.action == "console.logout"]
+    assert [(row.actor_clerk_id, row.details["as"]) for row in logout] == [(stack.admin_id, "admin")]
+    lose(False)
+    r = httpx.get(f"{stack.console_url}/audit", headers=JSON, cookies={COOKIE: copy})
+    assert (r.status_code, r.json()["error"]) == (401, "token_missing") and "signed out" in r.json()["message"]
+    with signed_in(stack, stack.admin_id) as client:  # access is back: only the signed-out session is over
+        assert client.get("/audit", headers=JSON).status_code == 200

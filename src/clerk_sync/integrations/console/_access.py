@@ -119,6 +119,18 @@ class ConsoleAccess:
             return self.admin_session(*self._clerk_admin(headers, cookies))  # a new Clerk session
         raise ended or TokenMissing("sign in to the console: an admin's Clerk session or the operator token")
 
+    def signing_out(self, headers: Mapping[str, str], cookies: Mapping[str, str]) -> Identity | None:
+        """The console session a sign-out ends: the cookie's signature and age only, not the role, standing
+        or Clerk session, so an admin demoted, locked or banned can still end it (and its copies). None for
+        Bearer callers, no cookie, or one already signed out (:meth:`identify` answers those)."""
+        if _bearer(headers) is not None:
+            return None
+        session = self._session(cookies.get(COOKIE))
+        if session is None or self._signed_out(*session):
+            return None
+        kind, clerk_id, csrf, _, _ = session
+        return Identity(kind, clerk_id, csrf)
+
     def sign_out_details(self) -> dict[str, float]:
         """What the ``console.logout`` audit row records: console sessions of the identity opened before
         ``ended_through`` (this clock) are over."""

@@ -49,13 +49,15 @@ _HEADERS = {
 }
 
 
-def _guard(console: Console, handler: Handler, *, post: bool = False,
-           read_only_ok: bool = False) -> Callable[[Request], Awaitable[Response]]:
-    """``read_only_ok``: a POST that changes nothing (signing out), served in a read-only console too."""
+def _guard(console: Console, handler: Handler, *, post: bool = False, read_only_ok: bool = False,
+           sign_out: bool = False) -> Callable[[Request], Awaitable[Response]]:
+    """``read_only_ok``: a POST that changes nothing (signing out), served in a read-only console too.
+    ``sign_out``: any validly signed console cookie may end itself (CSRF still checked), even once its
+    admin is demoted, locked or banned; else a copy of it would work again after a re-promotion."""
 
     async def endpoint(request: Request) -> Response:
         try:
-            identity = await to_thread.run_sync(console.access.identify, request.headers, request.cookies)
+            identity = await to_thread.run_sync(_caller, console, request, sign_out)
         except TokenError as exc:
             if request.method == "GET" and "text/html" in request.headers.get("accept", ""):
                 target = request.url_for("login").path + "?next=" + quote(request.url.path)
@@ -63,6 +65,10 @@ def _guard(console: Console, handler: Handler, *, post: bool = False,
             return _signed_out(request, console.clerk_error(request, exc))
         except ClerkSyncError as exc:  # AccessDenied (403), StoreError (503)
             return console.clerk_error(request, exc)
+        # A console session is opened by its audited sign-in: the cookie is set only once the login row is
+        # written, so a first request refused before that (a NUL, no CSRF token) opens none and, as every
+        # refused request, writes nothing.
+        opened: str | None = None
         try:
             form = await read_form(request) if post else {}
             refuse_nul(request, form)
@@ -73,6 +79,7 @@ def _guard(console: Console, handler: Handler, *, post: bool = False,
             if identity.new_cookie:  # first request of a Clerk session: record the sign-in
                 await to_thread.run_sync(lambda: console.audit(identity, "console.login", identity.clerk_id, request,
                                                                method="clerk_session"))
+                opened = identity.new_cookie
             response = await to_thread.run_sync(handler, console, request, identity, form)
         except BadInput as exc:
             response = console.error(request, 400, "bad_request", str(exc))
@@ -80,12 +87,17 @@ def _guard(console: Console, handler: Handler, *, post: bool = False,
             response = console.error(request, 404, "not_found", str(exc))
         except ClerkSyncError as exc:
             response = console.clerk_error(request, exc)
-        if identity.new_cookie:
-            set_session_cookie(request, response, identity.new_cookie)
+        if opened:
+            set_session_cookie(request, response, opened)
         response.headers.update(_HEADERS)
         return response
 
     return endpoint
+
+
+def _caller(console: Console, request: Request, sign_out: bool) -> Identity:
+    identity = console.access.signing_out(request.headers, request.cookies) if sign_out else None
+    return identity or console.access.identify(request.headers, request.cookies)
 
 
 def _signed_out(request: Request, response: Response) -> Response:
@@ -96,15 +108,16 @@ def _signed_out(request: Request, response: Response) -> Response:
 
 
 def _routes(console: Console) -> list[BaseRoute]:
-    def page(path: str, handler: Handler, name: str, *, post: bool = False, read_only_ok: bool = False) -> Route:
-        return Route(path, _guard(console, handler, post=post, read_only_ok=read_only_ok),
+    def page(path: str, handler: Handler, name: str, *, post: bool = False, read_only_ok: bool = False,
+             sign_out: bool = False) -> Route:
+        return Route(path, _guard(console, handler, post=post, read_only_ok=read_only_ok, sign_out=sign_out),
                      methods=["POST"] if post else ["GET"], name=name)
 
     return [
         Route("/login", _login_page(console), methods=["GET"], name="login"),
         Route("/login", _login_submit(console), methods=["POST"], name="login_submit"),
         Route("/login/clerk", _login_clerk(console), methods=["GET"], name="login_clerk"),
-        page("/logout", _pages.logout, "logout", post=True, read_only_ok=True),
+        page("/logout", _pages.logout, "logout", post=True, read_only_ok=True, sign_out=True),
         page("/", _pages.overview, "overview"),
         page("/deliveries", _pages.deliveries, "deliveries"),
         page("/deliveries/replay", _pages.replay_matching, "replay_matching", post=True),

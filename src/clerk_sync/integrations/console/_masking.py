@@ -2,25 +2,29 @@
 
 An allow-list, not a deny-list: Clerk adds event types and fields (OTP codes and message bodies in
 ``email.created``/``sms.created``, IP addresses in ``session.created``), and a field we have never
-heard of must be hidden by default. Kept in clear: identifiers, types, statuses, roles, permissions,
+heard of must be hidden by default. Kept in clear: Clerk identifiers, types, statuses, roles, permissions,
 timestamps and every number or boolean; every other string is masked, and the private and unsafe
-metadata blobs are masked whole.
+metadata blobs are masked whole. An ``id``/``*_id`` key is kept only when its value looks like a Clerk id
+(``user_2x…``, ``csub_item_2x…``): ``external_id``, ``provider_user_id`` or a ``tax_id`` in public metadata
+hold whatever the app or the identity provider put there (an email, a national number).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 __all__ = ["MASK", "PERSONAL_KEYS", "SAFE_KEYS", "mask"]
 
 #: Keys whose whole value is personal (masked even when it is an object).
 PERSONAL_KEYS = frozenset({"private_metadata", "unsafe_metadata"})
-#: Keys whose string values are not personal; ``id`` and ``*_id`` keys are safe as well.
+#: Keys whose string values are not personal; ``id`` and ``*_id`` keys are too when they hold a Clerk id.
 SAFE_KEYS = frozenset({
     "object", "type", "status", "role", "role_name", "permissions", "strategy", "slug", "instance_id",
     "event_type", "abandon_at", "expire_at", "timestamp", "reason", "channel", "delivered_by_clerk",
 })
 MASK = "•••"
+_CLERK_ID = re.compile(r"[a-z]+(?:_[a-z]+)*_[A-Za-z0-9]+")  # a prefix (user, csub_item), "_", base62
 
 
 def mask(value: Any, key: str | None = None) -> Any:
@@ -31,13 +35,15 @@ def mask(value: Any, key: str | None = None) -> Any:
         return {k: mask(v, k) for k, v in value.items()}
     if isinstance(value, list):
         return [mask(v, key) for v in value]
-    if isinstance(value, str) and not _safe(key):
+    if isinstance(value, str) and not _safe(key, value):
         return _hide(value)
     return value  # numbers, booleans, None, and strings under a safe key
 
 
-def _safe(key: str | None) -> bool:
-    return key is None or key in SAFE_KEYS or key == "id" or key.endswith(("_id", "_at"))
+def _safe(key: str | None, value: str) -> bool:
+    if key == "id" or (key is not None and key.endswith("_id") and key not in SAFE_KEYS):
+        return _CLERK_ID.fullmatch(value) is not None
+    return key is None or key in SAFE_KEYS or key.endswith("_at")
 
 
 def _hide(value: Any) -> Any:

@@ -43,6 +43,7 @@ Form = dict[str, str]
 STATUSES = ("received", "applied", "skipped", "ignored", "failed")
 MAX_REPLAY = 1000  # per click: a bigger backlog is `clerk-sync replay`'s job
 MAX_CSV_ROWS = 100_000
+MAX_CLERK_ID = 64  # the width of the Clerk-id columns
 _ROLE = re.compile(r"^[A-Za-z0-9:_-]{1,64}$")
 _ROW_ID = re.compile(r"[0-9]{1,19}")  # ASCII digits: str.isdigit() takes "²", which int() refuses
 
@@ -83,9 +84,26 @@ def _delivery_filter(values: Any) -> q.DeliveryFilter:
     status = values.get("status") or None
     if status is not None and status not in STATUSES:
         raise BadInput(f"status={status!r} is not one of {', '.join(STATUSES)}")
-    return q.DeliveryFilter(status=status, type=values.get("type") or None,
-                            clerk_id=(values.get("clerk_id") or "").strip() or None,
+    clerk_id = (values.get("clerk_id") or "").strip() or None
+    if clerk_id is not None and len(clerk_id) > MAX_CLERK_ID:  # audit_log.target_clerk_id is VARCHAR(64): 503
+        raise BadInput(f"clerk_id is {len(clerk_id)} characters long; a Clerk id (user_…, org_…) has at most "
+                       f"{MAX_CLERK_ID}: check the filter")
+    return q.DeliveryFilter(status=status, type=values.get("type") or None, clerk_id=clerk_id,
                             since=_time(values.get("since"), "since"), until=_time(values.get("until"), "until"))
+
+
+_NOTICES = frozenset({*(f"replayed:{s}" for s in DeliveryStatus), "role:applied", "role:pending"})
+_COUNT = rf"(?:{'|'.join(DeliveryStatus)}):[0-9]{{1,4}}"  # applied:3
+_BULK_NOTICE = re.compile(rf"replayed [0-9]{{1,4}} \((?:none|{_COUNT}(?:,{_COUNT})*)\)")  # replayed 3 (applied:3)
+
+
+def _notice(request: Request) -> str | None:
+    """The notice an action's redirect asks for (``?done=``), only if it is one the console writes: a link can
+    set any ``done``, and its text must not speak inside the console ("session expired: sign in at …")."""
+    done = request.query_params.get("done", "")
+    if done in _NOTICES or _BULK_NOTICE.fullmatch(done):  # fixed words and counts only, never the link's text
+        return done
+    return None
 
 
 def _redirect(request: Request, name: str, query: str = "", **params: Any) -> Response:
@@ -138,7 +156,7 @@ def deliveries(console: Console, request: Request, identity: Identity, form: For
         page = q.list_deliveries(conn, where, _before(request))
         types = q.delivery_types(conn)
     return console.render(request, "deliveries.html", identity, page=page, where=where, types=types,
-                          statuses=STATUSES, done=request.query_params.get("done"))
+                          statuses=STATUSES, done=_notice(request))
 
 
 def _load_delivery(console: Console, request: Request) -> Any:
@@ -157,7 +175,7 @@ def delivery(console: Console, request: Request, identity: Identity, form: Form,
     row = _load_delivery(console, request)
     payload = row["payload"] if revealed else mask(row["payload"])
     return console.render(request, "delivery.html", identity, row=row, payload=payload, revealed=revealed,
-                          subject=_subject(row["payload"]), done=request.query_params.get("done"))
+                          subject=_subject(row["payload"]), done=_notice(request))
 
 
 def _subject(payload: Any) -> str | None:
@@ -224,8 +242,8 @@ def drift_run(console: Console, request: Request, identity: Identity, form: Form
     mode = form.get("mode")
     if mode not in ("dry_run", "apply"):
         raise BadInput("mode must be dry_run or apply")
+    console.drift.start(dry_run=mode == "dry_run", actor=identity.actor, ip=client_ip(request))  # 409 when busy
     console.audit(identity, "console.reconcile.started", None, request, dry_run=mode == "dry_run")
-    console.drift.start(dry_run=mode == "dry_run", actor=identity.actor, ip=client_ip(request))
     return _redirect(request, "drift")
 
 
@@ -254,7 +272,7 @@ def user(console: Console, request: Request, identity: Identity, form: Form) -> 
             "recent": q.list_deliveries(conn, q.DeliveryFilter(clerk_id=clerk_id), None, limit=10).rows,
         }
     return console.render(request, "user.html", identity, row=row, can_promote=console.clerk is not None,
-                          done=request.query_params.get("done"), **context)
+                          done=_notice(request), **context)
 
 
 def set_role(console: Console, request: Request, identity: Identity, form: Form) -> Response:
@@ -307,7 +325,8 @@ def _cell(value: object) -> object:
 
 
 def audit_csv(console: Console, request: Request, identity: Identity, form: Form) -> Response:
-    """The filtered audit log as CSV, oldest first (at most :data:`MAX_CSV_ROWS` rows)."""
+    """The filtered audit log as CSV, oldest first: the newest :data:`MAX_CSV_ROWS` rows (the recent ones are
+    what an incident needs), then, when older rows were left out, a last row that says so."""
     where = _audit_filter(request.query_params)
     out = io.StringIO()
     writer = csv.writer(out)
@@ -316,11 +335,16 @@ def audit_csv(console: Console, request: Request, identity: Identity, form: Form
     writer.writerow(columns)
     a = audit_log.c
     with console.store.connect() as conn:
-        rows = conn.execute(sa.select(audit_log).where(*where.conditions()).order_by(a.id).limit(MAX_CSV_ROWS))
-        for row in rows.mappings():
-            values = [row[c] for c in columns[:-1]]
-            values[1] = q.aware(row["created_at"]).isoformat()  # type: ignore[union-attr]
-            writer.writerow([_cell(v) for v in (*values, _json(row["details"]))])
+        query = sa.select(audit_log).where(*where.conditions()).order_by(a.id.desc()).limit(MAX_CSV_ROWS + 1)
+        rows = list(conn.execute(query).mappings())
+    for row in reversed(rows[:MAX_CSV_ROWS]):
+        values = [row[c] for c in columns[:-1]]
+        values[1] = q.aware(row["created_at"]).isoformat()  # type: ignore[union-attr]
+        writer.writerow([_cell(v) for v in (*values, _json(row["details"]))])
+    if len(rows) > MAX_CSV_ROWS:
+        note = (f"only the newest {MAX_CSV_ROWS} matching rows are exported: narrow the filter (until=) "
+                "to export the older ones")
+        writer.writerow(["", "", "export.truncated", "", "", "", "", _json({"message": note})])
     return Response(out.getvalue(), media_type="text/csv; charset=utf-8",
                     headers={"Content-Disposition": 'attachment; filename="audit_log.csv"'})
 
