@@ -737,3 +737,65 @@ def test_an_impersonation_ends_when_its_admin_is_banned_or_deleted(harness: tupl
     assert client.get("/me", headers=bearer(tok)).status_code == 401
     dashboard = token("user_imp_target", act={"iss": "https://dashboard.clerk.com", "sub": "user_dashboard_staff"})
     assert client.get("/me", headers=bearer(dashboard)).status_code == 200  # not an app user: never blocked
+
+
+@pytest.mark.parametrize("values", [("valid", "garbage"), ("garbage", "valid"), ("valid", "other")],
+                         ids=["valid-first", "valid-last", "two-users"])
+def test_two_values_of_the_session_cookie_are_refused_not_read_two_ways(
+        harness: tuple[Harness, httpx.Client], values: tuple[str, str]) -> None:
+    """Review finding (cookie tossing): ``__session=<valid>; __session=garbage`` was the last value for
+    Starlette and Django but the first for Flask, so one request was 401 on one face and 200 on another."""
+    h, client = harness
+    h.event("user.created", f.user("user_ct", 1))
+    tokens = {"valid": token("user_ct"), "garbage": "garbage", "other": token("user_other")}
+    cookie = "; ".join(f"__session={tokens[v]}" for v in values)
+    with running(build_app(h)) as url, httpx.Client(base_url=url) as dependency_only:
+        for http in (client, dependency_only):  # the middleware, and FastAPI's dependency on its own
+            r = http.get("/me", headers={"Cookie": cookie})
+            assert (r.status_code, r.json()["error"]) == (401, "token_malformed")
+            assert "two different __session cookies" in r.json()["message"]
+        same_twice = f"__session={tokens['valid']}; theme=dark; __session={tokens['valid']}"
+        assert dependency_only.get("/me", headers={"Cookie": same_twice}).json()["user_id"] == "user_ct"
+    assert client.get("/me", headers={"Cookie": cookie, **bearer(tokens["valid"])}).json()["user_id"] == "user_ct"
+
+
+@pytest.mark.parametrize("variable", ["CLERK_ISSUER", "CLERK_FRONTEND_API_URL"])
+def test_a_configured_issuer_with_a_trailing_slash_accepts_the_tokens_own_iss(variable: str) -> None:
+    """Review finding: ``CLERK_ISSUER=https://clerk.example.com/`` refused every valid token (``iss`` has no
+    trailing slash and is compared exactly)."""
+    from clerk_sync.auth.sessions import verifier_from_settings
+    from clerk_sync.errors import ConfigError, TokenIssuerInvalid
+
+    settings = Settings.from_env({variable: f" {ISS}/ ", "CLERK_JWT_KEY": pem(KEY)})
+    assert settings.clerk_issuer == ISS
+    verifier = verifier_from_settings(settings)
+    assert verifier.verify(token("user_iss")).user_id == "user_iss"
+    with pytest.raises(TokenIssuerInvalid):
+        verifier.verify(token("user_iss", iss="https://evil.example.test"))
+    with pytest.raises(ConfigError, match=f"{variable}: must be your Clerk Frontend API URL"):
+        Settings.from_env({variable: "/"})
+
+
+def test_a_banned_or_deleted_user_is_signed_out_whichever_loader_reads_the_row(db_url: str) -> None:
+    """Review finding: with the JIT loader (Flask's and Django's default with a secret key) a banned user's
+    `require_role` answered 403 `user_banned` and a deleted one's 410, where the table loader (and the
+    README) say 401: the status depended on the loader and on the deny list's timing."""
+    from clerk_sync.auth.claims import auth_from_claims
+    from clerk_sync.auth.users import JitUsers
+    from clerk_sync.errors import SessionUserBanned
+    from clerk_sync.integrations.http import status_for
+
+    h = Harness(db_url)
+    h.event("user.created", f.user("user_jb", 1, role="admin"))
+    h.event("user.created", f.user("user_jd", 1, role="admin"))
+    h.event("user.updated", {**f.user("user_jb", 2, role="admin"), "banned": True})
+    h.event("user.deleted", f.deleted("user", "user_jd"))
+    jit = Authenticator(h.auth.verifier, h.store, deny_list=DenyList(h.store, refresh_s=3600),
+                        load_user=JitUsers(h.store).get_auth_user)
+    for user_id in ("user_jb", "user_jd"):
+        auth = auth_from_claims({"sub": user_id, "sid": f"sess_{user_id}", "exp": int(time.time()) + 60})
+        for authenticator in (h.auth, jit):
+            with pytest.raises(SessionUserBanned) as refused:
+                authenticator.require_role(auth, "admin")
+            assert status_for(refused.value) == 401
+    h.store.dispose()

@@ -364,3 +364,21 @@ def test_database_down_public_pages_stay_up_protected_ones_answer_503() -> None:
         r = client.post("/webhooks/clerk", data=body, headers=headers)
         assert (r.status_code, r.get_json()["error"], r.headers["Retry-After"]) == (503, "store_unavailable", "5")
     clerk_state(app).close()
+
+
+@pytest.mark.parametrize("valid_first", [True, False], ids=["valid-first", "valid-last"])
+def test_two_values_of_the_session_cookie_are_refused_as_on_the_other_faces(db_url: str, valid_first: bool) -> None:
+    """Review finding (cookie tossing): werkzeug kept the first of two ``__session`` cookies where Starlette
+    and Django keep the last, so ``__session=<valid>; __session=garbage`` was 200 here and 401 there."""
+    from tests.test_auth import token
+    from tests.test_sessions import AZP, ISS, KEY, pem
+
+    app = build_app({"DATABASE_URL": db_url, "CLERK_WEBHOOK_SIGNING_SECRET": SECRET, "CLERK_JWT_KEY": pem(KEY),
+                     "CLERK_ISSUER": ISS, "CLERK_AUTHORIZED_PARTIES": AZP})
+    valid = token("user_ct")
+    values = [valid, "garbage"] if valid_first else ["garbage", valid]
+    with app.test_client(use_cookies=False) as client:
+        r = client.get("/session", headers={"Cookie": "; ".join(f"__session={v}" for v in values)})
+        assert (r.status_code, r.get_json()["error"]) == (401, "token_malformed")
+        assert client.get("/session", headers={"Cookie": f"__session={valid}"}).get_json() == {"user": "user_ct"}
+    clerk_state(app).close()

@@ -531,3 +531,56 @@ def test_no_keys_yet_and_the_jwks_unreachable_is_a_503_to_retry_not_a_sign_out(c
     assert answer.status == 503
     assert answer.headers == {"Retry-After": "5"}  # no WWW-Authenticate: the client is not signed out
     assert isinstance(caught.value, errors.TokenKeyUnknown)  # public pages still treat it as anonymous
+
+
+def _jwks_answering(answers: list[httpx.Response], calls: list[httpx.Request]) -> httpx.Client:
+    """A JWKS endpoint answering the last of ``answers`` (append to change it), recording each call."""
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        return answers[-1]
+
+    return httpx.Client(transport=httpx.MockTransport(handler))
+
+
+def _jwks_document(**keys: rsa.RSAPrivateKey) -> dict[str, Any]:
+    return {"keys": [{**json.loads(RSAAlgorithm.to_jwk(key.public_key())), "kid": kid, "use": "sig"}
+                     for kid, key in keys.items()]}
+
+
+@pytest.mark.parametrize("answer", [httpx.Response(503, text="down"), httpx.Response(200, json={"keys": []})],
+                         ids=["jwks-503", "jwks-empty"])
+def test_no_keys_loaded_is_a_503_for_every_request_not_a_sign_out_after_the_first(
+        clock: list[float], answer: httpx.Response) -> None:
+    """Review finding: with the JWKS unreachable and no key cached, the first request got 503 but the next
+    ones, inside the refetch floor, got 401 ``token_key_unknown``: front ends read that as signed out."""
+    mono, calls = [0.0], []
+    with _jwks_answering([answer], calls) as client:
+        source = JWKSKeySource("https://clerk.example.test/v1/jwks", client=client, now=lambda: mono[0])
+        verifier = SessionVerifier(source, ClaimsValidator(issuer=ISS), now=lambda: clock[0])
+        for _ in range(3):
+            with pytest.raises(errors.TokenKeysUnavailable, match="no signing keys yet"):
+                verifier.verify(mint())
+            with pytest.raises(errors.TokenKeysUnavailable):  # the async face's first, fetchless try
+                source.get("ins_1", allow_fetch=False)
+            mono[0] += 1
+    assert len(calls) == 1  # still one fetch per floor, not one per request
+
+
+@pytest.mark.anyio
+async def test_no_keys_loaded_is_a_503_on_the_async_path_too_and_keys_end_it(clock: list[float]) -> None:
+    mono, calls, answers = [0.0], [], [httpx.Response(503, text="down")]
+    with _jwks_answering(answers, calls) as client:
+        source = JWKSKeySource("https://clerk.example.test/v1/jwks", client=client, now=lambda: mono[0])
+        verifier = SessionVerifier(source, ClaimsValidator(issuer=ISS), now=lambda: clock[0])
+        for _ in range(3):
+            with pytest.raises(errors.TokenKeysUnavailable):
+                await verifier.averify(mint())
+            mono[0] += 1
+        assert len(calls) == 1
+        answers.append(httpx.Response(200, json=_jwks_document(ins_1=KEY)))  # Clerk is back, past the floor
+        mono[0] += 5
+        assert (await verifier.averify(mint())).user_id == "user_1"
+        with pytest.raises(errors.TokenKeyUnknown) as caught:  # keys loaded: an unknown kid is a 401 again
+            await verifier.averify(mint(key=OTHER_KEY, kid="ins_forged"))
+        assert type(caught.value) is errors.TokenKeyUnknown
+        assert status_for(caught.value) == 401

@@ -159,6 +159,17 @@ class Settings(BaseSettings):
         # `export CLERK_ISSUER=` means "not set", not "the empty issuer".
         return None if isinstance(value, str) and not value.strip() else value
 
+    @field_validator("clerk_issuer")
+    @classmethod
+    def _issuer_without_trailing_slash(cls, value: str | None) -> str | None:
+        # Tokens carry ``iss`` without one, and it is compared exactly (as CLERK_AUTHORIZED_PARTIES strips it).
+        if value is None:
+            return None
+        issuer = value.strip().rstrip("/")
+        if not issuer:
+            raise ValueError("must be your Clerk Frontend API URL, like https://clerk.example.com")
+        return issuer
+
     @field_validator("database_url", mode="before")
     @classmethod
     def _blank_is_default(cls, value: object) -> object:

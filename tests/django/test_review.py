@@ -242,3 +242,15 @@ def test_manage_py_commands_write_the_mapped_table_and_queue_hooks_as_configured
         clerk.create_user("later@example.com")
         call_command("clerk_sync", "reconcile", "--with-hooks", stdout=out)
         assert "later@example.com" in mapped() and jobs()[-1] == "welcome"
+
+
+def test_two_values_of_the_session_cookie_are_refused_as_on_the_other_faces(world: World) -> None:
+    """Review finding (cookie tossing): Django keeps the last of two ``__session`` cookies where werkzeug
+    keeps the first, so ``__session=<valid>; __session=garbage`` was 401 here and 200 under Flask."""
+    clerk, app = world.clerk, world.app
+    ada = clerk.create_user("ada@example.com")
+    valid = clerk.mint_session_token(ada["id"])
+    for values in ([valid, "garbage"], ["garbage", valid]):
+        refused = app.get("/t/async/me", headers={"Cookie": "; ".join(f"__session={v}" for v in values)})
+        assert (refused.status_code, refused.json()["error"]) == (401, "token_malformed"), values
+    assert app.get("/t/async/me", headers={"Cookie": f"__session={valid}"}).json()["user"] == ada["id"]

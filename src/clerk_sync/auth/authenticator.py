@@ -19,7 +19,7 @@ from clerk_sync.auth.audit import AuditEntry, record_audit
 from clerk_sync.auth.claims import Auth
 from clerk_sync.auth.sessions import SessionVerifier, check_request_origin, token_from_request
 from clerk_sync.auth.users import AuthUser, read_user, standing_error
-from clerk_sync.errors import AccessDenied, SessionUserBanned, UserDeprovisioned, UserLocked
+from clerk_sync.errors import AccessDenied, SessionUserBanned, UserBanned, UserDeleted, UserDeprovisioned, UserLocked
 from clerk_sync.store import Store
 from clerk_sync.tables import revoked_sessions, users
 
@@ -184,7 +184,11 @@ class Authenticator:
         """The caller's DB row, read now (so a ban or deprovisioning applies at once, before the deny
         list's next refresh): 403 when it does not exist yet or is deprovisioned/locked, 401 when
         banned/deleted."""
-        user = self._load_user(auth.user_id)
+        try:
+            user = self._load_user(auth.user_id)
+        except (UserBanned, UserDeleted) as exc:  # a JIT loader's own refusal (403/410): a session of a
+            # banned or deleted user is signed out (401) whichever loader read the row, as below
+            raise SessionUserBanned("user is banned or deleted") from exc
         if user is None:
             raise AccessDenied("no user row yet for this session (webhook not arrived; use JIT sync)")
         refusal = standing_error(user)

@@ -6,6 +6,10 @@ right after start-up. A refetch that does *not* find the kid (a forged or random
 ``cooldown_s``: until it ends, no unknown kid fetches again, so a flood of random kids costs at most
 one fetch per cooldown (PyJWT refetches for every unknown kid, which lets an unauthenticated client
 turn each request into an upstream call). Requests whose kid is cached never wait on a fetch.
+
+While no key is loaded at all (the JWKS unreachable since start-up, or empty), every token is refused
+with :class:`~clerk_sync.errors.TokenKeysUnavailable` (503, retry), not only the one whose fetch
+failed: a 401 in between would tell front ends their users are signed out during an outage.
 """
 
 from __future__ import annotations
@@ -90,6 +94,7 @@ class JWKSKeySource:
         self._fetched_at: float | None = None
         self._last_attempt: float | None = None
         self._last_miss: float | None = None  # the last unknown-kid fetch that did not find its kid
+        self._problem = f"the JWKS from {url} is not fetched yet"  # why there are no keys, while none
         self._lock = threading.Lock()
         self.fetches = 0
 
@@ -109,18 +114,26 @@ class JWKSKeySource:
         if not allow_fetch:
             if self._may_fetch_unknown():
                 raise NeedsFetch
-            raise TokenKeyUnknown(f"no key with kid {kid!r} (JWKS refetch on cooldown)")
+            raise self._unknown(f"no key with kid {kid!r} (JWKS refetch on cooldown)")
         # An unknown kid (rotation) waits for a fetch already in flight.
         self._refresh(wait=True, allowed=self._may_fetch_unknown, kid=kid or "")
         key = self._keys.get(kid or "")
         if key is None:
-            raise TokenKeyUnknown(f"no key with kid {kid!r} in {self.url}")
+            raise self._unknown(f"no key with kid {kid!r} in {self.url}")
         return key
 
     def prefetch(self) -> int:
         """Fetch the JWKS now (at start-up, or from ``clerk-sync doctor``); returns how many keys it holds."""
         self._refresh(wait=True, allowed=lambda: True)
         return len(self._keys)
+
+    def _unknown(self, message: str) -> TokenKeyUnknown:
+        """401 for a kid missing from the keys we hold; 503 while we hold none (see the module docstring)."""
+        return TokenKeyUnknown(message) if self._keys else self._unavailable()
+
+    def _unavailable(self) -> TokenKeysUnavailable:
+        return TokenKeysUnavailable(f"no signing keys yet: {self._problem}; retrying, check the network and "
+                                    "CLERK_JWKS_URL / CLERK_SECRET_KEY (`clerk-sync doctor`)")
 
     def _is_stale(self) -> bool:
         return self._fetched_at is None or self._now() - self._fetched_at >= self._ttl
@@ -157,12 +170,13 @@ class JWKSKeySource:
             keys = _parse_jwks(response.json())
         except (httpx.HTTPError, ValueError) as exc:
             if not self._keys:
-                raise TokenKeysUnavailable(
-                    f"no signing keys yet: the JWKS fetch from {self.url} failed ({exc}); retrying, "
-                    "check the network and CLERK_JWKS_URL / CLERK_SECRET_KEY (`clerk-sync doctor`)") from exc
+                self._problem = f"the JWKS fetch from {self.url} failed ({exc})"
+                raise self._unavailable() from exc
             return  # keep serving the keys we have; the floor and cooldown limit retries
         if keys or not self._keys:  # an empty answer is a misconfiguration, not "trust nothing"
             self._keys = keys
+        if not keys:
+            self._problem = f"the JWKS from {self.url} holds no RSA signing key"
         self._fetched_at = self._now()
 
 

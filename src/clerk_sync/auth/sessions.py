@@ -98,10 +98,19 @@ def token_from_request(headers: Mapping[str, str], cookies: Mapping[str, str]) -
     depend on the order of the ``Cookie`` header: one non-empty candidate is used whatever its name;
     among several, the plain ``__session``; several suffixed ones without it are refused
     (:class:`~clerk_sync.errors.TokenMalformed`), as nothing says which app's is ours.
+
+    One name with two different values in the raw ``Cookie`` header (cookie tossing: a sibling subdomain
+    sets a second ``__session``) is refused too, as two Authorization headers are: Starlette and Django
+    keep the last, werkzeug the first, so ``cookies`` would mean another session in each framework.
     """
     token = _bearer(headers)
     if token is not None:
         return token
+    tossed = _repeated_session_cookie(headers.get("cookie"))
+    if tossed is not None:
+        raise TokenMalformed(f"two different {tossed} cookies in one request (one set for a parent domain or "
+                             "another path?): cannot tell which session is meant; clear this site's cookies and "
+                             "sign in again, or send the token as Authorization: Bearer")
     candidates = {name: value for name, value in cookies.items()
                   if value and (name == "__session" or name.startswith("__session_"))}
     if len(candidates) == 1:
@@ -112,6 +121,19 @@ def token_from_request(headers: Mapping[str, str], cookies: Mapping[str, str]) -
         raise TokenMalformed(f"{len(candidates)} suffixed __session_<suffix> cookies and no __session: cannot "
                              "tell which app's session this is; send the token as Authorization: Bearer")
     raise TokenMissing("no session token (Authorization: Bearer or __session cookie)")
+
+
+def _repeated_session_cookie(raw: str | None) -> str | None:
+    """The first ``__session*`` name the ``Cookie`` header carries with two different values, if any."""
+    seen: dict[str, str] = {}
+    for pair in (raw or "").split(";"):
+        name, eq, value = pair.partition("=")
+        name, value = name.strip(), value.strip()
+        if not eq or not (name == "__session" or name.startswith("__session_")):
+            continue
+        if seen.setdefault(name, value) != value:
+            return name
+    return None
 
 
 def is_cors_preflight(method: str | None, access_control_request_method: str | None) -> bool:
