@@ -756,6 +756,8 @@ def test_two_values_of_the_session_cookie_are_refused_not_read_two_ways(
             assert "two different __session cookies" in r.json()["message"]
         same_twice = f"__session={tokens['valid']}; theme=dark; __session={tokens['valid']}"
         assert dependency_only.get("/me", headers={"Cookie": same_twice}).json()["user_id"] == "user_ct"
+        quoted_copy = f'__session="{tokens["valid"]}"; __session={tokens["valid"]}'  # the same value to the frameworks
+        assert dependency_only.get("/me", headers={"Cookie": quoted_copy}).json()["user_id"] == "user_ct"
     assert client.get("/me", headers={"Cookie": cookie, **bearer(tokens["valid"])}).json()["user_id"] == "user_ct"
 
 
@@ -798,4 +800,51 @@ def test_a_banned_or_deleted_user_is_signed_out_whichever_loader_reads_the_row(d
             with pytest.raises(SessionUserBanned) as refused:
                 authenticator.require_role(auth, "admin")
             assert status_for(refused.value) == 401
+    h.store.dispose()
+
+
+def test_the_webhook_path_with_a_trailing_slash_is_served_on_fastapi_behind_deny_by_default(db_url: str) -> None:
+    """Review finding (of the trailing-slash fix): FastAPI's `webhook_router` still answered 307 for
+    ``/webhooks/clerk/``, and deny-by-default refused it (401) with ``/webhooks/clerk`` listed public."""
+    from clerk_sync.integrations.fastapi import webhook_router
+
+    h = Harness(db_url)
+    app = FastAPI()
+    app.include_router(webhook_router(h.processor))
+    ClerkAuth(h.auth).install(app, public_paths={"/", "/webhooks/clerk"})
+    with running(app) as url, httpx.Client(base_url=url) as client:
+        for n, path in enumerate(("/webhooks/clerk", "/webhooks/clerk/")):
+            headers, body = f.signed(f.envelope("user.created", f.user(f"user_slash{n}", 1)), f"msg_slash{n}")
+            served = client.post(path, content=body, headers=headers)
+            assert (served.status_code, served.json()["status"]) == (200, "applied"), path
+        assert client.get("/webhooks/clerk//").status_code == 401  # only the one twin is public
+    h.store.dispose()
+
+
+def test_current_user_with_the_jit_getter_signs_a_banned_or_deleted_user_out(db_url: str) -> None:
+    """Review finding: `current_user` with the README's JIT getter answered 410/403 for a deleted or banned
+    user where `require_role` answered 401."""
+    from clerk_sync.auth.users import JitUsers
+
+    h = Harness(db_url)
+    h.event("user.created", f.user("user_cb", 1))
+    h.event("user.created", f.user("user_cd", 1))
+    jit = JitUsers(h.store)
+    # the deny list loaded before the ban and deletion (its next refresh an hour away): the row decides
+    clerk = ClerkAuth(Authenticator(h.auth.verifier, h.store, deny_list=DenyList(h.store, refresh_s=3600)),
+                      get_user=lambda a: jit.get_auth_user(a.user_id))
+    app = FastAPI()
+    clerk.install(app, public_paths=(), deny_by_default=False)  # the error table only
+
+    @app.get("/me")
+    async def me(user: AuthUser = Depends(clerk.current_user)) -> dict[str, str]:
+        return {"id": user.clerk_id}
+
+    with running(app) as url, httpx.Client(base_url=url) as client:
+        assert client.get("/me", headers=bearer(token("user_cb"))).json() == {"id": "user_cb"}
+        h.event("user.updated", {**f.user("user_cb", 2), "banned": True})
+        h.event("user.deleted", f.deleted("user", "user_cd"))
+        for user_id in ("user_cb", "user_cd"):
+            refused = client.get("/me", headers=bearer(token(user_id)))
+            assert (refused.status_code, refused.json()["error"]) == (401, "session_user_banned"), user_id
     h.store.dispose()

@@ -133,6 +133,7 @@ def test_tombstones_deleted_before_they_are_cleared_is_an_invalid_setting() -> N
     ("CLERK_SYNC_INBOX_REDACT_AFTER_DAYS", "1e400", "a finite number"),
     ("CLERK_SYNC_INBOX_DELETE_AFTER_DAYS", "1e300", "less than or equal to 1000000"),
     ("CLERK_SYNC_DB_STATEMENT_TIMEOUT_S", "9e9", "less than or equal to 2000000"),
+    ("CLERK_SYNC_DB_KEEPALIVE_S", "32768", "less than or equal to 32767"),  # Linux's TCP_KEEPIDLE bound
 ])
 def test_an_endless_or_overflowing_number_is_an_invalid_setting(tmp_path: Path, name: str, value: str,
                                                                 said: str) -> None:

@@ -25,7 +25,7 @@ PUBLIC_API: dict[str, list[str]] = {
     "clerk_sync.auth": ["AuditEntry", "Auth", "AuthUser", "Authenticator", "ClaimsValidator", "DenyList", "JitUsers", "SessionVerifier", "read_user", "record_audit", "verifier_from_settings"],
     "clerk_sync.auth.admin": ["ADMIN_ROLE", "AdminActions", "ClerkAdminAPI", "Impersonation", "RoleChange"],
     "clerk_sync.auth.audit": ["AuditEntry", "record_audit"],
-    "clerk_sync.auth.authenticator": ["Authenticator", "DenyList", "UserLoader"],
+    "clerk_sync.auth.authenticator": ["Authenticator", "DenyList", "UserLoader", "signed_out_if_banned"],
     "clerk_sync.auth.claims": ["Auth", "ClaimsValidator", "auth_from_claims", "normalize_claims"],
     "clerk_sync.auth.jwks": ["JWKSKeySource", "KeySource", "NeedsFetch", "StaticKeySource"],
     "clerk_sync.auth.sessions": ["ALLOWED_ALGORITHMS", "RevocationCheck", "SAFE_METHODS", "SessionVerifier", "check_request_origin", "is_cors_preflight", "is_public_path", "token_from_request", "verifier_from_settings"],

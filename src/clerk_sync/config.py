@@ -74,6 +74,7 @@ class DatabaseTimeouts:
 # Upper bounds a store or the clock can take: PostgreSQL's timeouts end at 2^31 - 1 ms (~24.8 days), a
 # retention age past a million days overflows the dates it is subtracted from (0 disables either).
 _MAX_DB_WAIT_S = 2_000_000.0
+_MAX_KEEPALIVE_S = 32_767.0  # Linux's TCP_KEEPIDLE ends there: past it, every connection fails to open
 _MAX_DAYS = 1_000_000.0
 
 
@@ -137,7 +138,7 @@ class Settings(BaseSettings):
     db_idle_in_transaction_timeout_s: float = Field(
         15.0, ge=0, le=_MAX_DB_WAIT_S, validation_alias="CLERK_SYNC_DB_IDLE_IN_TRANSACTION_TIMEOUT_S"
     )
-    db_keepalive_s: float = Field(10.0, ge=0, le=_MAX_DB_WAIT_S, validation_alias="CLERK_SYNC_DB_KEEPALIVE_S")
+    db_keepalive_s: float = Field(10.0, ge=0, le=_MAX_KEEPALIVE_S, validation_alias="CLERK_SYNC_DB_KEEPALIVE_S")
     db_connect_timeout_s: float = Field(
         5.0, ge=0, le=_MAX_DB_WAIT_S, validation_alias="CLERK_SYNC_DB_CONNECT_TIMEOUT_S")
     # The service app factory (multi-worker `serve`) migrates in the background when set.

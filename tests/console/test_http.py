@@ -315,10 +315,11 @@ def test_a_refused_reconcile_start_is_not_audited_as_started(stack: ConsoleStack
 def test_masking_keeps_only_clerk_ids_under_id_keys(stack: ConsoleStack) -> None:
     """Review finding: every ``*_id`` key was shown in clear, so an email in ``external_id``, a SAML
     ``provider_user_id`` and a ``tax_id`` in public metadata were too. Only a value shaped like a Clerk id is."""
-    personal = ("ada.lovelace@corp.example", "ada@idp.example", "123-45-6789")
+    personal = ("ada.lovelace@corp.example", "ada@idp.example", "123-45-6789", "de_DE123456789", "emp_4471")
     saml = {"object": "saml_account", "id": "samlacc_2g7np7Hrk0SN6kj5EDMLDaKNL0S", "provider_user_id": personal[1]}
     svix_id = stack.failed_delivery(stack.user_id, external_id=personal[0], saml_accounts=[saml],
-                                    public_metadata={"tax_id": personal[2]})
+                                    public_metadata={"tax_id": personal[2], "vat_id": personal[3],
+                                                     "employee_id": personal[4]})  # (id-like, not Clerk's)
     path = f"/deliveries/{delivery_id(stack, svix_id)}"
     with operator_client(stack) as client:
         masked = client.get(path, headers=HTML).text

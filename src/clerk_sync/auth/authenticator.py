@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
@@ -23,7 +24,18 @@ from clerk_sync.errors import AccessDenied, SessionUserBanned, UserBanned, UserD
 from clerk_sync.store import Store
 from clerk_sync.tables import revoked_sessions, users
 
-__all__ = ["Authenticator", "DenyList", "UserLoader"]
+__all__ = ["Authenticator", "DenyList", "UserLoader", "signed_out_if_banned"]
+
+
+@contextmanager
+def signed_out_if_banned() -> Iterator[None]:
+    """A user loader's own refusal of a banned or deleted user (the JIT loader's 403 ``UserBanned``, 410
+    ``UserDeleted``) as the table loader's: the session is signed out (401), whichever loader read the row
+    and whichever face asked."""
+    try:
+        yield
+    except (UserBanned, UserDeleted) as exc:
+        raise SessionUserBanned("user is banned or deleted") from exc
 
 
 def _utcnow() -> datetime:
@@ -184,11 +196,8 @@ class Authenticator:
         """The caller's DB row, read now (so a ban or deprovisioning applies at once, before the deny
         list's next refresh): 403 when it does not exist yet or is deprovisioned/locked, 401 when
         banned/deleted."""
-        try:
+        with signed_out_if_banned():
             user = self._load_user(auth.user_id)
-        except (UserBanned, UserDeleted) as exc:  # a JIT loader's own refusal (403/410): a session of a
-            # banned or deleted user is signed out (401) whichever loader read the row, as below
-            raise SessionUserBanned("user is banned or deleted") from exc
         if user is None:
             raise AccessDenied("no user row yet for this session (webhook not arrived; use JIT sync)")
         refusal = standing_error(user)

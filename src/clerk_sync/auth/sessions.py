@@ -78,8 +78,9 @@ class RevocationCheck(Protocol):
 def is_public_path(path: str, paths: Iterable[str], prefixes: Iterable[str]) -> bool:
     """Whether ``path`` is one of ``paths`` or under one of ``prefixes``, a prefix naming a whole path segment:
     ``/public`` covers ``/public`` and ``/public/x``, not ``/publicity-admin``, nor ``/public/../admin``
-    (dot segments: a proxy or router that resolves them would serve ``/admin``)."""
-    if path in paths:
+    (dot segments: a proxy or router that resolves them would serve ``/admin``). An exact path covers its
+    trailing-slash twin (``/webhooks/clerk/``), which the webhook routes serve too (Svix follows no redirect)."""
+    if path in paths or (len(path) > 1 and path.endswith("/") and path[:-1] in paths):
         return True
     if any(segment in (".", "..") for segment in path.split("/")):
         return False
@@ -129,6 +130,8 @@ def _repeated_session_cookie(raw: str | None) -> str | None:
     for pair in (raw or "").split(";"):
         name, eq, value = pair.partition("=")
         name, value = name.strip(), value.strip()
+        if len(value) > 1 and value[0] == value[-1] == '"':  # a quoted copy is the same value to the frameworks
+            value = value[1:-1]
         if not eq or not (name == "__session" or name.startswith("__session_")):
             continue
         if seen.setdefault(name, value) != value:

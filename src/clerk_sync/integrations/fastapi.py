@@ -25,13 +25,13 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse
 
-from clerk_sync.auth.authenticator import Authenticator
+from clerk_sync.auth.authenticator import Authenticator, signed_out_if_banned
 from clerk_sync.auth.claims import Auth
 from clerk_sync.auth.users import AuthUser, JitUsers
 from clerk_sync.errors import ClerkSyncError
 from clerk_sync.ingest import WebhookProcessor
 from clerk_sync.integrations.asgi import ClerkAuthMiddleware
-from clerk_sync.integrations.starlette import build_processor, error_json, webhook_endpoint
+from clerk_sync.integrations.starlette import build_processor, error_json, webhook_endpoint, with_and_without_slash
 
 __all__ = ["ClerkAuth", "build_processor", "sync_me_router", "webhook_router"]
 
@@ -39,9 +39,12 @@ UserGetter = Callable[[Auth], Any]
 
 
 def webhook_router(processor: WebhookProcessor, path: str = "/webhooks/clerk") -> APIRouter:
-    """A router with ``POST path``; signature-checked, so keep it outside your auth dependencies."""
+    """A router with ``POST path`` (and its trailing-slash twin: Svix follows no redirect); signature-checked,
+    so keep it outside your auth dependencies."""
     router = APIRouter()
-    router.add_api_route(path, webhook_endpoint(processor), methods=["POST"], include_in_schema=False)
+    endpoint = webhook_endpoint(processor)
+    for one in with_and_without_slash(path):
+        router.add_api_route(one, endpoint, methods=["POST"], include_in_schema=False)
     return router
 
 
@@ -113,7 +116,8 @@ class ClerkAuth:
     async def current_user(self, request: Request) -> Any:
         """The caller's DB row (JIT-synced when configured)."""
         auth = await self.current_auth(request)
-        return await run_in_threadpool(self._get_user, auth)
+        with signed_out_if_banned():  # (a JIT getter's 403/410 for a banned/deleted user: 401, as require_role)
+            return await run_in_threadpool(self._get_user, auth)
 
     def require_role(self, *roles: str) -> Callable[[Request], Awaitable[AuthUser]]:
         """Role confirmed against the DB row, so a demotion applies at once."""

@@ -179,7 +179,7 @@ class WebhookFastPath:
                  not_ready: Callable[[], str | None] | None = None, committer: GroupCommitter | None = None,
                  threads: int = 4, slow_s: float = 0.5, key_patience_s: float = 0.5) -> None:
         self.app, self.path_name = app, path
-        self._paths = frozenset(_with_and_without_slash(path))
+        self._paths = frozenset(with_and_without_slash(path))
         self.committer = committer
         self._path = _WebhookPath(processor, threads=threads, slow_s=slow_s, key_patience_s=key_patience_s,
                                   not_ready=not_ready, committer=self.committer)
@@ -272,10 +272,10 @@ def _limiter(holder: list[CapacityLimiter], threads: int) -> CapacityLimiter:
 def webhook_routes(processor: WebhookProcessor, path: str = "/webhooks/clerk") -> list[BaseRoute]:
     """The webhook route alone, for apps that mount it themselves (with and without a trailing slash)."""
     endpoint = webhook_endpoint(processor)
-    return [Route(one, endpoint, methods=["POST"]) for one in _with_and_without_slash(path)]
+    return [Route(one, endpoint, methods=["POST"]) for one in with_and_without_slash(path)]
 
 
-def _with_and_without_slash(path: str) -> list[str]:
+def with_and_without_slash(path: str) -> list[str]:
     """``path`` and its twin with (or without) the trailing slash: an endpoint URL entered in Clerk's
     Dashboard with a slash would otherwise get Starlette's 307, which Svix does not follow (every
     delivery failing until the URL is fixed)."""
@@ -363,7 +363,7 @@ def _service_routes(processor: WebhookProcessor, migration: StartupMigration | N
     not_ready = migration.pending if migration is not None else None
     webhook = webhook_endpoint(processor, not_ready=not_ready, committer=committer)
     return [
-        *(Route(path, webhook, methods=["POST"]) for path in _with_and_without_slash("/webhooks/clerk")),
+        *(Route(path, webhook, methods=["POST"]) for path in with_and_without_slash("/webhooks/clerk")),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics),

@@ -24,7 +24,14 @@ SAFE_KEYS = frozenset({
     "event_type", "abandon_at", "expire_at", "timestamp", "reason", "channel", "delivered_by_clerk",
 })
 MASK = "•••"
-_CLERK_ID = re.compile(r"[a-z]+(?:_[a-z]+)*_[A-Za-z0-9]+")  # a prefix (user, csub_item), "_", base62
+# A Clerk id: one of Clerk's object prefixes (those of its API spec and example payloads), "_", base62.
+# Any other "word_word" under an *_id key ("john_smith", "emp_4471", a tax id "de_DE123456789") is masked
+# like any value: an unknown prefix errs on the side of hiding.
+_CLERK_PREFIXES = ("activity", "apl", "client", "cpa", "cpayee", "cpayer", "cplan", "cprd", "cps", "csub_item",
+                   "csub", "eac", "ema", "idn", "ins", "inv", "mch", "org", "orgdm", "orgdmn", "orginv", "orgmem",
+                   "pa", "perm", "pi", "pm", "role", "samlacc", "samlc", "sess", "sia", "sms", "stmt", "sua",
+                   "user", "wle")
+_CLERK_ID = re.compile(rf"(?:{'|'.join(_CLERK_PREFIXES)})_[A-Za-z0-9]+")
 
 
 def mask(value: Any, key: str | None = None) -> Any:

@@ -19,7 +19,7 @@ from django.core.signals import setting_changed
 from django.dispatch import receiver
 
 from clerk_sync.auth.admin import AdminActions
-from clerk_sync.auth.authenticator import Authenticator, DenyList
+from clerk_sync.auth.authenticator import Authenticator, DenyList, signed_out_if_banned
 from clerk_sync.auth.claims import Auth
 from clerk_sync.auth.sessions import verifier_from_settings
 from clerk_sync.auth.users import AuthUser, JitUsers
@@ -87,7 +87,8 @@ class ClerkSync:
         """Async :meth:`user`: database reads in worker threads; a JIT fetch on the event loop under ASGI
         (``asgi=True``), else the blocking fetch in a worker thread too (see :meth:`_aclerk_usable`)."""
         if self.jit is not None and asgi and self._aclerk_usable():
-            return await self.jit.aget_auth_user(auth.user_id)
+            with signed_out_if_banned():  # 401 for a banned/deleted user, as authenticator.user under WSGI
+                return await self.jit.aget_auth_user(auth.user_id)
         return await sync_to_async(self.authenticator.user, thread_sensitive=False)(auth)
 
     def _aclerk_usable(self) -> bool:
