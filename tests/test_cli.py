@@ -181,6 +181,9 @@ def test_promote_during_an_outage_is_pending_until_retry_pending(tmp_path: Path)
         # not done: exit 3 (review: it exited 0), with why and what pushes it later
         assert promoted.returncode == 3 and "pending:" in said, said
         assert "Clerk was not reached (" in said and "run `clerk-sync users retry-pending`" in said
+        assert "the database keeps the role 'user' until it reaches Clerk" in said
+        from clerk_sync.auth.admin import RoleChange  # a user with no role yet: not "the role None"
+        assert "keeps no role until" in RoleChange(user["id"], "admin", "pending", None, "down").pending_advice("x")
         assert run("users", "retry-pending", env=env).returncode == 3
         clerk.set_faults(outage=False)
         done = run("users", "retry-pending", env=env)

@@ -165,3 +165,22 @@ def test_a_receiver_dripping_its_answer_does_not_hold_the_sink(status: int) -> N
                 sink(change)
         assert not finished.is_set()  # returned while the receiver was still dripping
         sink.close()
+
+
+def test_the_sink_keeps_its_connection_across_deliveries() -> None:
+    """Review finding (of the fix above): returning on a success without reading its body closed the
+    connection, so every delivery opened a new TCP (and TLS) connection. A short body is read to its end."""
+    ports: list[int] = []
+
+    async def endpoint(request: Request) -> Response:
+        client = request.client
+        assert client is not None
+        ports.append(client.port)
+        return Response("ok, thanks", status_code=200)
+
+    with running(Starlette(routes=[Route("/keep", endpoint, methods=["POST"])])) as url:
+        sink = StandardWebhookSink(f"{url}/keep", FORWARD_SECRET)
+        for version in range(5):
+            sink(Change(Entity.USER, "user_1", "created", B + version, {"id": "user_1"}))
+        sink.close()
+    assert len(ports) == 5 and len(set(ports)) == 1, ports

@@ -213,6 +213,50 @@ def test_serve_with_workers_exposes_one_total_across_workers(db_url: str, tmp_pa
     assert list(prom.iterdir()) == []  # removed when serve stops, the parent process's own files too
 
 
+
+@pytest.mark.parametrize("db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
+def test_serve_with_workers_and_the_console_counts_only_the_workers_clerk_budget(db_url: str, tmp_path: Path) -> None:
+    """Review finding (of the check that serve --workers builds the app once, before the workers): building
+    the console in the supervisor started its Clerk client's gauge refresher there, and the supervisor's
+    budget was summed with the workers' as a third worker's. Only the workers count a Clerk budget."""
+    import shutil
+    import time
+
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    port, prom = free_port(), tmp_path / "prom"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLERK_", "PROMETHEUS_"))}
+    env.update({"DATABASE_URL": db_url, "CLERK_WEBHOOK_SIGNING_SECRET": SECRET, "PROMETHEUS_MULTIPROC_DIR": str(prom),
+                "CLERK_SYNC_CONSOLE": "1", "CLERK_SECRET_KEY": "sk_test_abc", "CLERK_API_URL": "http://127.0.0.1:9"})
+    proc = subprocess.Popen([*CLI, "serve", "--port", str(port), "--workers", "2"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/healthz", timeout=30, proc=proc)
+
+        def budget_of(pid: str) -> float:
+            alone = tmp_path / pid  # one process's gauge files, alone
+            shutil.rmtree(alone, ignore_errors=True)
+            alone.mkdir()
+            for f in prom.glob(f"*/gauge_*_{pid}.db"):
+                shutil.copy(f, alone / f.name)
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry, path=str(alone))  # type: ignore[no-untyped-call]
+            return sum(s.value for m in registry.collect() for s in m.samples
+                       if s.name == "clerk_sync_clerk_api_budget_tokens")
+
+        deadline = time.monotonic() + 15  # the refreshers write every second; this bounds a stuck test only
+        while True:  # until both workers have written their budget (the supervisor, had it one, before them)
+            workers = {f.stem.rsplit("_", 1)[1] for f in prom.glob("*/gauge_*.db")} - {str(proc.pid)}
+            if len(workers) == 2 and all(budget_of(pid) > 0 for pid in workers):
+                break
+            assert time.monotonic() < deadline, workers
+            time.sleep(0.2)
+        assert budget_of(str(proc.pid)) == 0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
 _WORKER = """
 import sys
 from clerk_sync.metrics import Metrics

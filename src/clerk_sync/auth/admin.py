@@ -55,9 +55,9 @@ class RoleChange:
 
     def pending_advice(self, retry_command: str) -> str:
         """What a command line says of a pending change: why, and what pushes it (``retry_command``)."""
-        return (f"Clerk was not reached ({self.error}); the change is recorded and the database keeps the role "
-                f"{self.previous_role!r} until it reaches Clerk: run `{retry_command}` (from cron, say) once "
-                "Clerk answers")
+        kept = f"the role {self.previous_role!r}" if self.previous_role is not None else "no role"
+        return (f"Clerk was not reached ({self.error}); the change is recorded and the database keeps {kept} "
+                f"until it reaches Clerk: run `{retry_command}` (from cron, say) once Clerk answers")
 
 
 @dataclass(frozen=True, slots=True)

@@ -105,11 +105,10 @@ def _serve(host: str, port: int, workers: int, json_logs: bool, hooks: str | Non
     if settings.console_enabled:
         console.print(f"operator console on http://{host}:{port}/console")
     if workers > 1:
-        from clerk_sync.integrations.starlette import create_app
+        if settings.console_enabled:  # here, once: raised in each worker, uvicorn's supervisor would restart
+            from clerk_sync.integrations.console import check_console_settings  # them for ever
 
-        # What only building the app finds (the console's sign-in, say) fails here, once: in the workers,
-        # uvicorn's supervisor would restart each crashing worker for ever.
-        create_app(settings, processor, migrate=False)
+            check_console_settings(settings)
         os.environ["CLERK_SYNC_MIGRATE_ON_START"] = "1" if migrate_first else "0"  # for the worker processes
         _serve_workers(host, port, workers)
     else:

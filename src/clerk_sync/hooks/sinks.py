@@ -63,8 +63,9 @@ class StandardWebhookSink:
         }
         deadline = time.monotonic() + self.timeout_s
         with self._client.stream("POST", self.url, content=body.encode(), headers=headers) as response:
-            if response.is_success:
-                return  # (its body is not needed: not read)
+            if response.is_success:  # its body is read (a short one, the usual) only so the connection is kept
+                _read_start(response, deadline, limit=_KEEP_ALIVE_BODY)
+                return
             start = _read_start(response, deadline)
         said = f"{self.url} answered {response.status_code}: {start}"
         control = response.headers.get("webhook-delivery", "").strip().lower()
@@ -80,9 +81,12 @@ class StandardWebhookSink:
         self._client.close()
 
 
+_KEEP_ALIVE_BODY = 64 * 1024  # a success's body read to its end up to this, so its connection is reused
+
+
 def _read_start(response: httpx.Response, deadline: float, limit: int = 200) -> str:
-    """The first ``limit`` bytes of an error answer's body, for the job's last error, read until
-    ``deadline`` at most (what came by then)."""
+    """The first ``limit`` bytes of an answer's body (an error's, for the job's last error), read until
+    ``deadline`` at most (what came by then); a body read to its end leaves the connection reusable."""
     got = b""
     for chunk in response.iter_bytes():
         got += chunk

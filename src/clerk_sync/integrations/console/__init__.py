@@ -15,6 +15,6 @@ Admins sign in with Clerk (role confirmed against the database), operators with
 
 from __future__ import annotations
 
-from clerk_sync.integrations.console._app import create_console
+from clerk_sync.integrations.console._app import check_console_settings, create_console
 
-__all__ = ["create_console"]
+__all__ = ["check_console_settings", "create_console"]

@@ -214,6 +214,16 @@ def _signed_in(request: Request, identity: Identity, next_path: str) -> Response
     return response
 
 
+def check_console_settings(settings: Settings) -> None:
+    """Raise the ConfigError :func:`create_console` would: nobody could sign in (no operator token, no
+    Clerk key to verify admins' sessions). ``serve --workers`` checks it once, before its workers start,
+    without building the console (whose Clerk client would count the supervisor among the workers)."""
+    if not (settings.console_operator_token or settings.clerk_jwt_key or settings.clerk_secret_key
+            or settings.clerk_jwks_url):
+        raise ConfigError("the console has no way to sign in: set CLERK_SYNC_CONSOLE_TOKEN (operator token), or "
+                          "CLERK_SECRET_KEY / CLERK_JWT_KEY so admins can sign in with Clerk")
+
+
 def create_console(store: Store, settings: Settings, *, clerk: ClerkClient | None = None,
                    authenticator: Authenticator | None = None, now: Callable[[], datetime] = utcnow,
                    secret: bytes | None = None, metrics: Metrics | None = None) -> Starlette:
@@ -230,9 +240,8 @@ def create_console(store: Store, settings: Settings, *, clerk: ClerkClient | Non
     if authenticator is None and (settings.clerk_jwt_key or settings.clerk_secret_key or settings.clerk_jwks_url):
         authenticator = Authenticator(verifier_from_settings(settings), store)
     operator = settings.console_operator_token.get_secret_value() if settings.console_operator_token else None
-    if authenticator is None and not operator:
-        raise ConfigError("the console has no way to sign in: set CLERK_SYNC_CONSOLE_TOKEN (operator token), or "
-                          "CLERK_SECRET_KEY / CLERK_JWT_KEY so admins can sign in with Clerk")
+    if authenticator is None:
+        check_console_settings(settings)
     key = secret or signing_key(operator, *(s.get_secret_value() for s in (settings.clerk_secret_key,
                                                                             settings.webhook_secret) if s))
     access = ConsoleAccess(store, operator_token=operator, authenticator=authenticator, secret=key,
