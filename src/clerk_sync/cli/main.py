@@ -171,6 +171,7 @@ def emulate(
     CLERK_EMULATOR_WEBHOOK_URL, CLERK_EMULATOR_TIME_SCALE and CLERK_EMULATOR_SEED; options win over them.
     """
     from clerk_sync.emulator import EmulatorConfig, serve
+    from clerk_sync.emulator.app import CannotListen
 
     if time_scale is not None and not time_scale > 0:  # it divides the retry delays
         raise typer.BadParameter("must be greater than 0", param_hint="'--time-scale'")
@@ -187,7 +188,7 @@ def emulate(
         raise ConfigError(str(exc)) from None
     try:
         serve(config, host, port)
-    except OSError as exc:  # serve binds before printing anything: the port is busy or not ours
+    except CannotListen as exc:  # serve binds before printing anything: the port is busy or not ours
         raise ConfigError(exc.strerror or str(exc)) from None
 
 

@@ -26,7 +26,7 @@ from .config import EmulatorConfig
 from .core import Emulator
 from .errors import ClerkAPIError
 
-__all__ = ["create_app", "serve"]
+__all__ = ["CannotListen", "create_app", "serve"]
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -67,16 +67,26 @@ def create_app(config: EmulatorConfig, emulator: Emulator | None = None) -> tupl
     return app, emulator
 
 
+class CannotListen(OSError):
+    """The emulator's address cannot be bound (busy, or not this host's): raised before anything is printed."""
+
+
 def _listen(host: str, port: int) -> socket.socket:
-    """Bind before anything is printed: a busy port must not first announce URLs and a secret."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    """Bind before anything is printed: a busy port must not first announce URLs and a secret. The address
+    family is the host's own (``localhost`` may be IPv6 only)."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family)
+    except OSError as exc:
+        raise CannotListen(exc.errno, f"the Clerk emulator cannot listen on {host}:{port} ({exc}): pass another "
+                                      "--host") from None
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does (TIME_WAIT only)
     try:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise OSError(exc.errno, f"the Clerk emulator cannot listen on {host}:{port} ({exc.strerror}): "
-                                 "pass another port (--port), or stop what uses it") from None
+        raise CannotListen(exc.errno, f"the Clerk emulator cannot listen on {host}:{port} ({exc.strerror}): "
+                                      "pass another port (--port), or stop what uses it") from None
     return sock
 
 
