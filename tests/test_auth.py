@@ -848,3 +848,31 @@ def test_current_user_with_the_jit_getter_signs_a_banned_or_deleted_user_out(db_
             refused = client.get("/me", headers=bearer(token(user_id)))
             assert (refused.status_code, refused.json()["error"]) == (401, "session_user_banned"), user_id
     h.store.dispose()
+
+
+def test_a_ban_committed_long_after_its_transaction_began_is_seen_by_the_next_full_reload(db_url: str) -> None:
+    """Review finding: refreshes read the users changed since the last one minus a 60 s margin, keyed on the
+    writing transaction's start; a ban whose transaction committed later than that (database timeouts
+    disabled, a long lock wait) was missed until a restart. Every ``full_every_s`` a refresh reads all."""
+    from datetime import UTC, datetime, timedelta
+
+    from clerk_sync.tables import users
+
+    h = Harness(db_url)
+    h.event("user.created", f.user("user_late_ban", 1))
+    clock = [0.0]
+    deny = DenyList(h.store, refresh_s=0, margin_s=60, full_every_s=600, now=lambda: clock[0])
+    deny.refresh()
+    assert deny.blocked_reason("user_late_ban") is None
+    began = datetime.now(UTC) - timedelta(minutes=5)  # the ban's transaction began five minutes ago
+    with h.store.transaction() as w:
+        w.conn.execute(users.update().where(users.c.clerk_id == "user_late_ban").values(banned=True, updated_at=began))
+    clock[0] = 1.0
+    assert deny.blocked_reason("user_late_ban") is None  # the incremental refresh cannot see it
+    clock[0] = 601.0
+    assert deny.blocked_reason("user_late_ban") == "banned"  # the full reload does
+    with h.store.transaction() as w:  # and an unban the same way (a full reload drops what is no longer true)
+        w.conn.execute(users.update().where(users.c.clerk_id == "user_late_ban").values(banned=False, updated_at=began))
+    clock[0] = 1202.0
+    assert deny.blocked_reason("user_late_ban") is None
+    h.store.dispose()

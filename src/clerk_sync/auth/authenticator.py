@@ -50,13 +50,17 @@ class DenyList:
     request) keeps the protected path cheap; replicas see a revocation within ``refresh_s``.
     Refreshes are incremental: rows written since the last refresh *minus a margin*, because on
     PostgreSQL transactions commit out of id/timestamp order (a revocation inserted first can become
-    visible last). Expired revocations are dropped, so the set stays the size of live sessions.
+    visible last). Expired revocations are dropped, so the set stays the size of live sessions. Every
+    ``full_every_s`` a refresh reads everything again: a ban whose transaction committed later than the
+    margin after it began (database timeouts disabled) is then seen too, not missed until a restart.
     """
 
-    def __init__(self, store: Store, *, refresh_s: float = 1.0, margin_s: float = 60.0,
+    def __init__(self, store: Store, *, refresh_s: float = 1.0, margin_s: float = 60.0, full_every_s: float = 600.0,
                  now: Callable[[], float] = time.monotonic, wall: Callable[[], datetime] = _utcnow) -> None:
         self._store = store
         self._refresh_s = refresh_s
+        self._full_every_s = full_every_s
+        self._full_at: float | None = None
         self._margin = timedelta(seconds=margin_s)
         self._now = now
         self._wall = wall
@@ -90,15 +94,20 @@ class DenyList:
         live = sa.or_(r.c.expire_at.is_(None), r.c.expire_at > now_ms)
         revocations = sa.select(r.c.session_id, r.c.expire_at).where(live)
         changed_users = sa.select(u.c.clerk_id, u.c.banned, u.c.deleted_at, u.c.deprovisioned, u.c.locked)
-        if self._since is None:
+        since = self._since
+        full = since is None or self._full_at is None or self._now() - self._full_at >= self._full_every_s
+        if since is None or full:
             changed_users = changed_users.where(sa.or_(u.c.banned.is_(True), u.c.deleted_at.is_not(None),
                                                        u.c.deprovisioned.is_(True), u.c.locked.is_(True)))
         else:
-            revocations = revocations.where(r.c.revoked_at >= self._since - self._margin)
-            changed_users = changed_users.where(u.c.updated_at >= self._since - self._margin)
+            revocations = revocations.where(r.c.revoked_at >= since - self._margin)
+            changed_users = changed_users.where(u.c.updated_at >= since - self._margin)
         with self._store.connect() as conn:
             new_revocations = conn.execute(revocations).all()
             user_rows = conn.execute(changed_users).all()
+        if full:  # the whole truth: what is no longer blocked or revoked goes too
+            self._revoked, self._blocked_users = {}, {}
+            self._full_at = self._now()
         for session_id, expire_at in new_revocations:
             self._revoked[session_id] = expire_at
         for clerk_id, banned, deleted_at, deprovisioned, locked in user_rows:
