@@ -18,13 +18,12 @@ false), :class:`Anonymise` (mapped personal columns cleared) and :class:`HardDel
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import uuid
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -206,11 +205,10 @@ class SchemaMapping:
         """The app's table as the database has it (reflected). On SQLite with its inline ``UNIQUE`` columns
         too (Django writes ``"email" varchar(254) NOT NULL UNIQUE``): SQLAlchemy reflects neither the
         constraint nor its automatic index, and they decide an erased e-mail's value and ON CONFLICT."""
-        with _expression_indexes_skipped():
-            table = sa.Table(name, sa.MetaData(), autoload_with=conn)
+        _skip_expression_index_warning()
+        table = sa.Table(name, sa.MetaData(), autoload_with=conn)
         if conn.dialect.name == "sqlite":
-            with _expression_indexes_skipped():
-                indexes = sa.inspect(conn).get_indexes(name, include_auto_indexes=True)
+            indexes = sa.inspect(conn).get_indexes(name, include_auto_indexes=True)
             for index in indexes:
                 if index.get("unique") and str(index["name"]).startswith("sqlite_autoindex_"):
                     sa.Index(index["name"], *[table.c[c] for c in index["column_names"] if c is not None],
@@ -508,9 +506,8 @@ class _Projection:
         policy, where = self.m.on_delete, self.key == clerk_id
         if isinstance(policy, HardDelete):
             self.conn.execute(sa.delete(self.t).where(where))
-        elif isinstance(policy, SoftDelete):  # the first deletion's time kept (a backfill re-run, a replay)
-            column = self.t.c[policy.column]
-            self.conn.execute(sa.update(self.t).where(where, column.is_(None)).values(**{policy.column: self.now}))
+        elif isinstance(policy, SoftDelete):
+            self._stamp_deletion(where, policy.column)
         elif isinstance(policy, Deactivate):
             self.conn.execute(sa.update(self.t).where(where).values(**{policy.column: False}))
         else:
@@ -518,9 +515,13 @@ class _Projection:
             personal |= dict.fromkeys(kept)  # (the table refuses NULL there: the row's refusal, doctor says so)
             if personal:
                 self.conn.execute(sa.update(self.t).where(where).values(**personal))
-            if policy.column is not None:  # the first deletion's time kept, as SoftDelete's
-                column = self.t.c[policy.column]
-                self.conn.execute(sa.update(self.t).where(where, column.is_(None)).values(**{policy.column: self.now}))
+            if policy.column is not None:
+                self._stamp_deletion(where, policy.column)
+
+    def _stamp_deletion(self, where: sa.ColumnElement[bool], name: str) -> None:
+        """The deletion's time into ``name``; the first one's kept (a backfill re-run, a replay)."""
+        column = self.t.c[name]
+        self.conn.execute(sa.update(self.t).where(where, column.is_(None)).values(**{name: self.now}))
 
 
 CHECK_AT_ONCE = "SET CONSTRAINTS ALL IMMEDIATE"
@@ -843,24 +844,22 @@ def _unique(table: sa.Table, column: sa.Column[Any], *, plain: bool = False) -> 
     return any(len(cols) == 1 and cols[0].name == column.name for cols in indexes + constraints)
 
 
-@contextlib.contextmanager
-def _expression_indexes_skipped() -> Iterator[None]:
+def _skip_expression_index_warning() -> None:
     """SQLAlchemy warns that it does not reflect an app's expression index (``lower(email)``): nothing
     here needs it (an erased e-mail it refuses is retried with a placeholder), so no warning per table.
 
-    A filter for that one message, added (again: the same filter is not repeated) before each reflection
-    and left in place: ``warnings.catch_warnings`` would restore the process's whole filter list on leaving,
-    undoing filters another thread added meanwhile (it is not thread-safe), and reflection runs in the
-    committer's and the dispatcher's threads."""
+    A filter for that one message, added before each reflection (again: the same filter is not repeated;
+    a test's own filter reset may have removed it) and left in place: ``warnings.catch_warnings`` would
+    restore the process's whole filter list on leaving, undoing filters another thread added meanwhile (it
+    is not thread-safe), and reflection runs in the committer's and the dispatcher's threads."""
     warnings.filterwarnings("ignore", "Skipped unsupported reflection of expression-based index", sa.exc.SAWarning)
-    yield
 
 
 def _unique_sets(inspector: Any, name: str) -> set[tuple[str, ...]]:
     """The column sets unique in table ``name`` (indexes, constraints; SQLite's inline ``UNIQUE`` too)."""
     extra = {"include_auto_indexes": True} if inspector.dialect.name == "sqlite" else {}
-    with _expression_indexes_skipped():
-        indexes = inspector.get_indexes(name, **extra)
+    _skip_expression_index_warning()
+    indexes = inspector.get_indexes(name, **extra)
     unique = {tuple(i["column_names"]) for i in indexes if i.get("unique") and None not in i["column_names"]}
     return unique | {tuple(u["column_names"]) for u in inspector.get_unique_constraints(name)}
 

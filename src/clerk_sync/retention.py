@@ -49,7 +49,7 @@ from clerk_sync.errors import UnknownUser
 from clerk_sync.mapping import folded_like, unicode_lower
 from clerk_sync.metrics import Metrics
 from clerk_sync.outbox import delete_jobs, redact_jobs
-from clerk_sync.store import Store, Writer, dialect_family, erased_digest
+from clerk_sync.store import Store, Writer, dialect_family, erased_digest, is_erased
 from clerk_sync.tables import erased, hook_jobs, organization_memberships, organizations, users, webhook_events
 
 __all__ = ["ErasureReport", "PruneReport", "Retention", "RetentionPolicy", "UnknownUser", "redact_payload"]
@@ -280,7 +280,7 @@ class Retention:
             # The row's e-mails, and those its user events carried: once the user was deleted and pruned,
             # the row holds none, and a payload naming only the address (email.created) would stay.
             seen, delivered = _user_events(writer, clerk_id)
-            if not (allow_unknown or row is not None or seen or _digest_recorded(writer, clerk_id)
+            if not (allow_unknown or row is not None or seen or is_erased(writer.conn, Entity.USER, clerk_id)
                     or _mentioned(writer, clerk_id)):
                 raise UnknownUser(f"no user {clerk_id!r} in this database (no row, no stored event): check the "
                                   "id; erase one never synced only with allow_unknown (CLI: --force)")
@@ -370,12 +370,6 @@ def _user_ids_named(data: dict[str, Any]) -> set[Any]:
         if isinstance(inner, dict):
             found.add(inner.get("user_id"))
     return found
-
-
-def _digest_recorded(writer: Writer, clerk_id: str) -> bool:
-    """True when the user's tombstone was hard-deleted (its digest stays in ``clerk_sync_erased``)."""
-    digest = erased_digest(Entity.USER, clerk_id)
-    return writer.conn.execute(sa.select(erased.c.digest).where(erased.c.digest == digest)).first() is not None
 
 
 def _user_events(writer: Writer, clerk_id: str) -> tuple[bool, set[str]]:

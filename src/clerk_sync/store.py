@@ -737,6 +737,12 @@ def erased_digest(entity: Entity, clerk_id: str) -> str:
     return hashlib.sha256(f"{entity.value}:{clerk_id}".encode()).hexdigest()
 
 
+def is_erased(conn: Connection, entity: Entity, clerk_id: str) -> bool:
+    """Whether the entity's tombstone was hard-deleted (its digest is in ``clerk_sync_erased``)."""
+    digest = erased_digest(entity, clerk_id)
+    return conn.execute(sa.select(erased.c.digest).where(erased.c.digest == digest)).first() is not None
+
+
 # Every guarded insert is an INSERT .. SELECT with this filter (PostgreSQL, SQLite and MySQL alike):
 # a hard-deleted entity's digest stops the row from coming back; a live row is updated as before.
 _NOT_ERASED = f"WHERE NOT EXISTS (SELECT 1 FROM {erased.name} WHERE digest = %s)"

@@ -41,8 +41,8 @@ from clerk_sync.errors import (
 )
 from clerk_sync.events import user_record
 from clerk_sync.metrics import Metrics
-from clerk_sync.store import Store, Writer, erased_digest
-from clerk_sync.tables import erased, users
+from clerk_sync.store import Store, Writer, is_erased
+from clerk_sync.tables import users
 
 __all__ = ["AuthUser", "JitUsers", "load_user", "read_user", "standing_error"]
 
@@ -200,8 +200,7 @@ class JitUsers:
         guarded upsert would not store them anyway, so no Clerk request is spent on every such call."""
         with self.store.connect() as conn:
             user = load_user(conn, user_id)
-            if user is None and conn.execute(sa.select(erased.c.digest).where(
-                    erased.c.digest == erased_digest(Entity.USER, user_id))).first() is not None:
+            if user is None and is_erased(conn, Entity.USER, user_id):
                 raise UserDeleted(f"user {user_id} was deleted")
         return user
 
