@@ -105,17 +105,20 @@ class DenyList:
         with self._store.connect() as conn:
             new_revocations = conn.execute(revocations).all()
             user_rows = conn.execute(changed_users).all()
-        if full:  # the whole truth: what is no longer blocked or revoked goes too
-            self._revoked, self._blocked_users = {}, {}
-            self._full_at = self._now()
+        # A full reload is the whole truth (what is no longer blocked or revoked goes too), built aside and
+        # swapped in: other threads keep reading the previous sets meanwhile, never an emptied one.
+        revoked, blocked = ({}, {}) if full else (self._revoked, self._blocked_users)
         for session_id, expire_at in new_revocations:
-            self._revoked[session_id] = expire_at
+            revoked[session_id] = expire_at
         for clerk_id, banned, deleted_at, deprovisioned, locked in user_rows:
             reason = _block_reason(banned, deleted_at, deprovisioned, locked)
             if reason is not None:
-                self._blocked_users[clerk_id] = reason
+                blocked[clerk_id] = reason
             else:
-                self._blocked_users.pop(clerk_id, None)
+                blocked.pop(clerk_id, None)
+        if full:
+            self._revoked, self._blocked_users = revoked, blocked
+            self._full_at = self._now()
         for session_id in [s for s, exp in self._revoked.items() if exp is not None and exp <= now_ms]:
             del self._revoked[session_id]
         self._since = started

@@ -156,8 +156,8 @@ class Dispatcher:
                     else:
                         self._drop(job)  # its failure is recorded: no longer ours
                 if done:  # one transaction for the batch's successes (a crash before it re-runs them: at least once)
+                    finished = True  # (attempted: a failure of it is not retried below, its jobs maybe committed)
                     self._finish(done)
-                    finished = True
         finally:  # also when the bookkeeping failed (a database blip): the heartbeat must not keep them
             if done and not finished:  # a failure's or a lease's bookkeeping raised mid-batch: the jobs that
                 # succeeded are finished all the same (best effort), or their handlers would run again
