@@ -7,20 +7,26 @@ import subprocess
 import sys
 from collections.abc import Iterator
 
+import httpx
 import pytest
+import sqlalchemy as sa
 from opentelemetry import trace
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from clerk_sync import tracing
+from clerk_sync.config import Settings
 from clerk_sync.ingest import WebhookProcessor
+from clerk_sync.integrations.starlette import build_processor, create_app
 from clerk_sync.reconcile import Reconciler
 from clerk_sync.store import Store
+from clerk_sync.tables import webhook_events
 from clerk_sync.testing import EmulatorServer
 from clerk_sync.webhooks import WebhookVerifier
 from tests import factories as f
-from tests.conftest import clerk_client
+from tests._server import running
+from tests.conftest import SECRET, clerk_client
 
 _EXPORTER = InMemorySpanExporter()
 
@@ -90,3 +96,49 @@ def test_without_opentelemetry_tracing_is_a_no_op(tmp_path: object) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
     assert tracing.ENABLED  # and here, with the extra, it is on
+
+
+class _Raising(SpanProcessor):
+    """An app's span processor with a bug (the SDK's multi-processor does not catch what on_end raises)."""
+
+    armed = False
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if _Raising.armed:
+            raise RuntimeError("telemetry backend hiccup")
+
+
+@pytest.fixture
+def raising_spans(provider: TracerProvider) -> Iterator[None]:
+    if not getattr(provider, "_clerk_sync_raising", False):  # (processors cannot be removed: added once)
+        provider.add_span_processor(_Raising())
+        provider._clerk_sync_raising = True  # type: ignore[attr-defined]
+    _Raising.armed = True
+    try:
+        yield
+    finally:
+        _Raising.armed = False
+
+
+@pytest.mark.parametrize("group_commit", ["1", "0"])
+def test_telemetry_that_raises_never_fails_a_committed_delivery(db_url: str, group_commit: str,
+                                                                raising_spans: None) -> None:
+    """The delivery is committed before its span ends: its answer is 200 (a 500 would make Svix resend
+    an applied delivery for days), and a forged one still gets its 401 when the metrics raise."""
+    settings = Settings.from_env({"DATABASE_URL": db_url, "CLERK_WEBHOOK_SIGNING_SECRET": SECRET,
+                                  "CLERK_SYNC_PRUNE_INTERVAL_S": "0", "CLERK_SYNC_GROUP_COMMIT": group_commit})
+    processor = build_processor(settings)
+    app = create_app(settings, processor)
+    headers, body = f.signed(f.envelope("user.created", f.user("user_obs", 1)), "msg_obs")
+    try:
+        with running(app) as url, httpx.Client(base_url=url) as client:
+            answer = client.post("/webhooks/clerk", content=body, headers=headers)
+            processor.metrics.refused = None  # type: ignore[assignment]  (.labels() raises AttributeError)
+            forged = client.post("/webhooks/clerk", content=body, headers={**headers, "svix-signature": "v1,AAAA"})
+        with processor.store.engine.connect() as conn:
+            stored = conn.execute(sa.select(webhook_events.c.status)
+                                  .where(webhook_events.c.svix_id == "msg_obs")).scalar()
+    finally:
+        processor.store.dispose()
+    assert (answer.status_code, answer.json()["status"], stored) == (200, "applied", "applied")
+    assert forged.status_code == 401

@@ -123,7 +123,14 @@ class WebhookProcessor:
 
     def refused(self, exc: ClerkSyncError, claimed: str | None) -> None:
         """Log and count a delivery answered with an error (every framework's webhook endpoint): a refusal
-        (4xx, nothing written) by its code, a database failure (503, Svix retries) as unavailable."""
+        (4xx, nothing written) by its code, a database failure (503, Svix retries) as unavailable.
+        Never raises (the answer stays the refusal's, see :meth:`observe`)."""
+        try:
+            self._refused(exc, claimed)
+        except Exception as failure:
+            _telemetry_failed("refused", failure)
+
+    def _refused(self, exc: ClerkSyncError, claimed: str | None) -> None:
         if isinstance(exc, WebhookError):
             log.info("webhook_refused", svix_id=claimed, code=exc.code, reason=str(exc))
             self.metrics.refused.labels(code=exc.code).inc()
@@ -133,7 +140,15 @@ class WebhookProcessor:
             self.metrics.unavailable.inc()
 
     def observe(self, envelope: Envelope, outcome: Outcome, started: float, started_ns: int) -> None:
-        """Metrics, the per-delivery log line and the trace span of a committed delivery."""
+        """Metrics, the per-delivery log line and the trace span of a committed delivery. Never raises:
+        the delivery is committed, so its answer is a 2xx whatever the app's telemetry does (a span
+        processor or a log processor that raises would otherwise make Svix retry it)."""
+        try:
+            self._observe(envelope, outcome, started, started_ns)
+        except Exception as exc:
+            _telemetry_failed("observe", exc)
+
+    def _observe(self, envelope: Envelope, outcome: Outcome, started: float, started_ns: int) -> None:
         seconds = time.perf_counter() - started
         self.metrics.observe(envelope.type, outcome.status, seconds, event_ms=envelope.timestamp_ms)
         failed = outcome.status == DeliveryStatus.FAILED  # stored for a replay after a fix: always said
@@ -288,6 +303,22 @@ def _person_named(envelope: Envelope) -> str | None:
     payer = data.get("payer")
     person = data.get("user_id") or (payer.get("user_id") if isinstance(payer, dict) else None)
     return person if isinstance(person, str) and person else None
+
+
+_telemetry_said: set[tuple[str, type]] = set()  # (where, exception type) already logged in full
+
+
+def _telemetry_failed(where: str, exc: Exception) -> None:
+    """Say, by the standard library's logging (structlog may be what failed), that the app's telemetry
+    raised: in full the first time for each place and exception type, then at DEBUG (not a line per
+    delivery)."""
+    first = (where, type(exc)) not in _telemetry_said
+    _telemetry_said.add((where, type(exc)))
+    with contextlib.suppress(Exception):
+        logging.getLogger("clerk_sync.webhook").log(
+            logging.WARNING if first else logging.DEBUG,
+            "metrics, log line or trace span of a delivery raised %s (the delivery's answer is unchanged; "
+            "check the app's logging and OpenTelemetry processors)", type(exc).__name__, exc_info=first)
 
 
 def _level_method(level: int) -> str:
