@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -310,6 +311,87 @@ def test_every_workers_breaker_and_budget_reach_the_sums(tmp_path: Path) -> None
     finally:
         stays.kill()
         stays.wait()
+
+
+def test_a_killed_workers_breaker_and_budget_leave_the_sums(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review: a worker killed without its shutdown (uvicorn's supervisor after a missed ping, the OOM
+    killer) never ran Metrics.close(), so its open breaker paged until serve restarted. A scrape now takes
+    the live gauges of workers that no longer exist out of the sums."""
+    import signal
+    import sys
+
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    from clerk_sync import metrics as metrics_module
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROMETHEUS_")}
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path)
+
+    def gauges() -> dict[str, float]:
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=str(tmp_path))  # type: ignore[no-untyped-call]
+        return {s.name: s.value for m in registry.collect() for s in m.samples
+                if s.name in ("clerk_sync_clerk_api_circuit_open", "clerk_sync_clerk_api_budget_tokens")}
+
+    proc = subprocess.Popen([sys.executable, "-c", _WORKER, "open", "30"], env=env, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        deadline = time.monotonic() + 15  # the worker writes every second; this bounds a stuck test only
+        while gauges().get("clerk_sync_clerk_api_circuit_open") != 1.0:
+            assert time.monotonic() < deadline, gauges()
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert gauges()["clerk_sync_clerk_api_circuit_open"] == 1.0  # left behind by the killed worker
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    metrics_module._forget_dead_workers()  # what every multiprocess render() does first
+    assert {k: v for k, v in gauges().items() if v} == {}
+
+
+def test_a_failed_database_read_is_cached_and_a_slow_one_holds_no_other_scrape() -> None:
+    """Review: a failed read was not cached and every scrape read under one lock, so with a database that
+    accepts connections but never answers, concurrent scrapes waited out the connect timeout one after
+    another (past Prometheus' scrape timeout: clerk_sync_database_up went absent instead of 0)."""
+    import threading
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from clerk_sync.metrics import DatabaseSnapshot, Metrics
+    from tests.conftest import FakeClock
+
+    def up(metrics: Metrics) -> float:
+        return next(s.value for m in text_string_to_metric_families(metrics.render().decode()) for s in m.samples
+                    if s.name == "clerk_sync_database_up")
+
+    clock, reads = FakeClock(), []
+    release, reading = threading.Event(), threading.Event()
+
+    def probe() -> DatabaseSnapshot:
+        reads.append(1)
+        if len(reads) == 1:
+            raise OSError("connection refused")
+        if len(reads) == 3:  # the third read hangs until released
+            reading.set()
+            release.wait(10)
+        return DatabaseSnapshot(None, 0, None)
+
+    metrics = Metrics()
+    metrics.watch_database(probe, ttl_s=5, clock=clock)
+    assert (up(metrics), up(metrics), len(reads)) == (0.0, 0.0, 1)  # the failure is cached for ttl_s
+    clock.t += 5
+    assert (up(metrics), len(reads)) == (1.0, 2)
+    clock.t += 5
+    slow = threading.Thread(target=metrics.render)
+    slow.start()
+    try:
+        assert reading.wait(10)
+        assert (up(metrics), len(reads)) == (1.0, 3)  # answered with the last read, not queued behind it
+    finally:
+        release.set()
+        slow.join(10)
 
 
 def test_no_delivery_ever_is_exported_as_zero_so_the_alert_can_fire() -> None:

@@ -240,7 +240,10 @@ def test_database_down_answers_503_and_writes_nothing(tmp_path: Path) -> None:
         r = post(client, f.envelope("user.created", f.user("user_down", 1)), "msg_down")
         assert r.status_code == 503 and r.headers["retry-after"]
         assert r.json()["error"] == "store_unavailable"
-        assert client.get("/readyz").status_code == 503
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["database"] == "down"
+        # review: the public 503 carried the driver's error (host, port, role names)
+        assert "127.0.0.1" not in ready.text and "nowhere" not in ready.text and "postgres" not in ready.text
         assert client.get("/healthz").status_code == 200
     processor.store.dispose()
 

@@ -17,6 +17,7 @@ in code).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -81,24 +82,41 @@ class DatabaseSnapshot:
 
 
 class _DatabaseCollector(Collector):
-    """Series read from the database, cached for ``ttl_s`` so a scrape storm costs one query."""
+    """Series read from the database, cached for ``ttl_s`` so a scrape storm costs one query.
+
+    A failed read is cached too, and only one scrape reads at a time: the others answer with the last
+    result at once. Otherwise a database that accepts connections but does not answer makes concurrent
+    scrapes (two Prometheus servers) wait out the connect timeout one after the other, past the scrape
+    timeout, and ``clerk_sync_database_up`` goes absent instead of 0."""
 
     def __init__(self, probe: Callable[[], DatabaseSnapshot], ttl_s: float, clock: Callable[[], float],
                  on_error: Callable[[], None]) -> None:
         self._probe, self._ttl_s, self._clock, self._on_error = probe, ttl_s, clock, on_error
         self._lock = threading.Lock()
-        self._cached: tuple[float, DatabaseSnapshot] | None = None
+        self._read_at: float | None = None  # when the last read (or failure) happened
+        self._cached: DatabaseSnapshot | None = None  # its result (None: it failed)
 
     def snapshot(self) -> DatabaseSnapshot | None:
-        with self._lock:
+        now = self._clock()
+        if self._read_at is not None and now - self._read_at < self._ttl_s:
+            return self._cached
+        first = self._read_at is None
+        # The first read waits for one in progress (there is nothing to answer with yet); later ones don't.
+        if not self._lock.acquire(blocking=first):
+            return self._cached
+        try:
             now = self._clock()
-            if self._cached is None or now - self._cached[0] >= self._ttl_s:
-                try:
-                    self._cached = (now, self._probe())
-                except Exception:  # the database is down: say so, keep /metrics answering
-                    self._on_error()
-                    return None
-            return self._cached[1]
+            if self._read_at is not None and now - self._read_at < self._ttl_s:
+                return self._cached  # read by the scrape this one waited for
+            try:
+                self._cached = self._probe()
+            except Exception:  # the database is down: say so, keep /metrics answering
+                self._cached = None
+                self._on_error()
+            self._read_at = self._clock()
+            return self._cached
+        finally:
+            self._lock.release()
 
     def collect(self) -> Iterator[Metric]:
         snap = self.snapshot()
@@ -286,8 +304,40 @@ class Metrics:
         if not _multiprocess():
             return generate_latest(self.registry)
         self._write_watched()
+        _forget_dead_workers()
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         if self._database is not None:  # read from the database: the same in every worker
             registry.register(self._database)
         return generate_latest(registry)
+
+
+def _forget_dead_workers() -> None:
+    """Take the live gauges of workers that died without :meth:`Metrics.close` (SIGKILL: uvicorn's
+    supervisor after a missed health ping, the OOM killer) out of the sums: otherwise a dead worker's
+    last breaker state (an open breaker pages) and its budget stay in every scrape until a restart."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory:
+        return
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:  # gauge_livemax_<pid>.db, gauge_livesum_<pid>.db
+        if not name.startswith("gauge_live") or not name.endswith(".db"):
+            continue
+        pid_text = name[:-3].rpartition("_")[2]
+        if not pid_text.isdigit() or _alive(int(pid_text)):
+            continue
+        with contextlib.suppress(OSError):  # another worker removed it first
+            multiprocess.mark_process_dead(int(pid_text), directory)  # type: ignore[no-untyped-call]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, as another user
+        return True
+    return True

@@ -346,7 +346,9 @@ def _service_routes(processor: WebhookProcessor, migration: StartupMigration | N
         try:
             state = await to_thread.run_sync(check)
         except StoreError as exc:
-            state = {"database": "down", "error": str(exc)}
+            # The driver's message (host, port, role names) goes to the log, not to whoever asks /readyz.
+            log.warning("readyz_database_down", error=str(exc))
+            state = {"database": "down", "error": "the database did not answer (the service's log says why)"}
             if migration is not None and not migration.done:
                 state["hint"] = "migrations will run as soon as the database answers"
             return JSONResponse(state, status_code=503)
