@@ -211,6 +211,7 @@ def test_hook_series_move_with_the_outbox_and_the_dispatcher(db_url: str) -> Non
             assert post(client, f.envelope("user.created", f.user(user, 1)), f"msg_{user}").status_code == 200
         queued = scrape(client)
         dispatcher.run_once()  # user_ok runs, user_bounce fails once (retry in 10 s)
+        backing_off = scrape(client)
         moment[0] += timedelta(seconds=11)
         dispatcher.run_once()  # user_bounce fails again: dead
         after = scrape(client)
@@ -219,6 +220,9 @@ def test_hook_series_move_with_the_outbox_and_the_dispatcher(db_url: str) -> Non
     assert not before.has("clerk_sync_hook_oldest_pending_timestamp_seconds")
     assert queued.get("clerk_sync_hook_jobs", status="pending") == 2
     assert abs(queued.get("clerk_sync_hook_oldest_pending_timestamp_seconds") - moment[0].timestamp()) < 60
+    # review: a job waiting on its backoff is not a stopped dispatcher (the series is for that)
+    assert backing_off.get("clerk_sync_hook_jobs", status="pending") == 1
+    assert not backing_off.has("clerk_sync_hook_oldest_pending_timestamp_seconds")
     assert (after.get("clerk_sync_hook_jobs", status="pending"), after.get("clerk_sync_hook_jobs", status="dead")) \
         == (0, 1)
     runs = {o: after.get("clerk_sync_hook_runs_total", hook="welcome", outcome=o) for o in ("ok", "retry", "dead")}

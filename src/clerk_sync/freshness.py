@@ -38,7 +38,10 @@ def read_snapshot(store: Store) -> DatabaseSnapshot:
     last_id = sa.select(sa.func.max(r.c.id)).where(r.c.status == "completed").scalar_subquery()
     j = hook_jobs  # counted on ix_hook_jobs_status_available_at
     jobs = [sa.select(sa.func.count()).select_from(j).where(j.c.status == s).scalar_subquery() for s in _JOB_STATUSES]
-    oldest = sa.select(sa.func.min(j.c.created_at)).where(j.c.status == "pending").scalar_subquery()
+    # due ones only: a job waiting on its retry backoff is a failing handler (hook_runs), not a stopped
+    # dispatcher, which is what this series is for
+    oldest = sa.select(sa.func.min(j.c.created_at)).where(j.c.status == "pending",
+                                                          j.c.available_at <= store.now()).scalar_subquery()
     with store.connect() as conn:
         row = conn.execute(sa.select(*newest, failed, *jobs, oldest)).one()
         run = conn.execute(

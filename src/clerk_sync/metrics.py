@@ -78,7 +78,7 @@ class DatabaseSnapshot:
     reconcile_last_success_at: float | None  # unix seconds
     reconcile_last_drift: dict[str, int] = field(default_factory=dict)  # created/updated/deleted
     hook_jobs: dict[str, int] = field(default_factory=dict)  # the outbox by status: pending, running, dead
-    hook_oldest_pending_at: float | None = None  # unix seconds, when the oldest pending job was queued
+    hook_oldest_pending_at: float | None = None  # unix seconds, when the oldest due pending job was queued
 
 
 class _DatabaseCollector(Collector):
@@ -161,7 +161,8 @@ def _hook_backlog(snap: DatabaseSnapshot) -> Iterator[Metric]:
     yield jobs
     if snap.hook_oldest_pending_at is not None:
         oldest = GaugeMetricFamily("clerk_sync_hook_oldest_pending_timestamp_seconds",
-                                   "When the oldest pending hook job was queued.")
+                                   "When the oldest due hook job (pending, not waiting on a retry "
+                                   "backoff) was queued.")
         oldest.add_metric([], snap.hook_oldest_pending_at)
         yield oldest
 

@@ -1122,6 +1122,10 @@ class Store:
         )
         self.dialect = dialect_family(engine.dialect)  # "postgresql", "sqlite" or "mysql"
 
+    def now(self) -> datetime:
+        """The store's clock (injected in tests): what its writes stamp, and what "due" means for hook jobs."""
+        return self._now()
+
     @classmethod
     def from_url(cls, url: str, *, hooks: Sequence[Hook] = (), mapping: SchemaMapping | None = None,
                  **engine_kwargs: Any) -> Store:
