@@ -135,6 +135,22 @@ def test_calls_send_version_header_and_map_errors(emu: EmulatorServer) -> None:
         bad.count_users()
 
 
+def test_organization_memberships_filter_by_several_users(emu: EmulatorServer) -> None:
+    """Reconcile confirms memberships by their users (``?user_id=a&user_id=b``, up to 100 per call):
+    the emulator applies every value, as Clerk does, not just the first."""
+    ada, bob, eve = (emu.create_user(email=f"{n}@example.com")["id"] for n in ("ada", "bob", "eve"))
+    org = emu.create_organization("Acme", created_by=ada)["id"]
+    for user_id in (bob, eve):
+        emu.add_membership(org, user_id)
+    with client_for(emu) as clerk:
+        page = clerk.list_organization_memberships(org, limit=100, user_ids=[ada, eve, "user_missing"])
+        assert sorted(m["public_user_data"]["user_id"] for m in page.data) == sorted([ada, eve])
+        excluded = clerk.list_organization_memberships(org, user_ids=[f"-{ada}"]).data
+        assert sorted(m["public_user_data"]["user_id"] for m in excluded) == sorted([bob, eve])
+        with pytest.raises(ClerkValidationError, match="up to 100"):
+            clerk.list_organization_memberships(org, user_ids=[f"user_{i}" for i in range(101)])
+
+
 def test_sync_single_flight_makes_one_call(emu: EmulatorServer) -> None:
     user = emu.create_user(email="ada@example.com")
     emu.set_faults(latency_s=0.5)

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from dataclasses import asdict
 from typing import Any
 
 import anyio
+import httpx
 import pytest
 import sqlalchemy as sa
 
 from clerk_sync.auth.users import AuthUser, JitUsers
 from clerk_sync.clerk_api import AsyncClerkClient, CircuitBreaker, ClerkClient, RetryPolicy
-from clerk_sync.clerk_api.ratelimit import RateLimit
+from clerk_sync.clerk_api.ratelimit import LocalBudget, RateLimit
 from clerk_sync.engine import Entity, Tombstone
 from clerk_sync.errors import ClerkAPIError, ClerkUnavailable, RateLimited, UserBanned, UserDeleted
 from clerk_sync.events import UserRecord, record_columns, user_record
@@ -287,3 +289,28 @@ def _reference(data: dict[str, Any]) -> AuthUser:
     record = _mirrored(data)  # events map deprovisioned now
     now = time.time()
     return AuthUser(id=0, plan="free", created_at=now, updated_at=now, deleted_at=None, **record)  # type: ignore[arg-type]
+
+
+def test_jit_returns_the_user_it_asked_for(store: Store) -> None:
+    """Security review: ``GET /users/user_new`` answered with another user's object (a caching proxy, a
+    stand-in ignoring the path) was stored and returned, signing the caller in as that user, role included.
+    Refused now as a bad answer from Clerk (502), nothing stored, in both faces."""
+    admin = factories.user("user_admin", 5, role="admin")
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json=admin)
+
+    refused = re.escape("GET /users/user_new answered user 'user_admin', not the one asked for; refused")
+    budget = LocalBudget(RateLimit(1000, 1.0))
+    with ClerkClient("sk_test_x", transport=httpx.MockTransport(answer), budget=budget) as clerk:
+        with pytest.raises(ClerkAPIError, match=refused) as wrong:
+            JitUsers(store, clerk=clerk).get_auth_user("user_new")
+        assert status_for(wrong.value) == 502
+
+    async def main() -> None:
+        async with AsyncClerkClient("sk_test_x", transport=httpx.MockTransport(answer), budget=budget) as aclerk:
+            with pytest.raises(ClerkAPIError, match=refused):
+                await JitUsers(store, aclerk=aclerk).aget_auth_user("user_new")
+
+    anyio.run(main)
+    assert rows(store) == 0

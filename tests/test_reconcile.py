@@ -287,8 +287,9 @@ class ClerkStandIn:
         self.requests[name] = self.requests.get(name, 0) + 1
         query = request.query_params
         wanted = set(query.getlist("user_id") + query.getlist("organization_id"))
-        if wanted and self.broken.get(name) != "unfiltered":
-            return [i for i in items if i["id"] in wanted], len(items)
+        if wanted and self.broken.get(name) != "unfiltered":  # memberships are filtered by their user
+            key = (lambda i: i["public_user_data"]["user_id"]) if "members" in name else (lambda i: i["id"])
+            return [i for i in items if key(i) in wanted], len(items)
         limit, offset = int(query.get("limit", "10")), int(query.get("offset", "0"))
         if self.requests[name] > 300:
             return [], len(items)
@@ -336,22 +337,53 @@ def test_a_listing_that_does_not_advance_stops_the_run(store: Store, stand_in: t
     assert "user_zzz" in live_rows(store, "users") and _run_status(store) == "failed"
 
 
-def test_a_membership_listing_that_does_not_advance_deletes_nothing(
+def test_a_membership_check_that_ignores_its_user_filter_deletes_nothing(
         store: Store, stand_in: tuple[ClerkStandIn, ClerkClient]) -> None:
-    """The sweep's per-organization listing (confirming a membership is gone) is guarded the same way."""
+    """The sweep confirms a membership is gone by asking its organization for the member (``?user_id=``);
+    an answer about other users (a filter not applied) stops the run, as for users and organizations."""
     clerk, client = stand_in
     clerk.users = [factories.user("user_a", 1)]
     clerk.orgs = [factories.organization("org_a", 1)]
     clerk.members = [factories.membership("orgmem_a", "org_a", "user_a", 1)]
     reconciler(store, client).run()
     assert "orgmem_a" in live_rows(store, "organization_memberships")
-    clerk.members = []  # orgmem_a is a candidate now; the listing that should confirm it is stuck
+    clerk.members = []  # orgmem_a is a candidate now; the check that should confirm it ignores its filter
     clerk.org_members = [factories.membership(f"orgmem_{i:03d}", "org_a", "user_b", 1) for i in range(50)]
-    clerk.broken["org_members"] = "repeat"
-    with pytest.raises(ClerkAPIError, match=re.escape("GET /organizations/org_a/memberships: the listing does not")):
+    clerk.broken["org_members"] = "unfiltered"
+    with pytest.raises(ClerkAPIError, match=re.escape("GET /organizations/org_a/memberships?user_id=...: answered 1 "
+                                                      "object(s) it was not asked for (e.g. user_b)")):
         reconciler(store, client).run()
-    assert clerk.requests["org_members"] == 2
+    assert clerk.requests["org_members"] == 1
     assert "orgmem_a" in live_rows(store, "organization_memberships") and _run_status(store) == "failed"
+
+
+def test_membership_deletion_check_survives_a_shift(
+        store: Store, stand_in: tuple[ClerkStandIn, ClerkClient]) -> None:
+    """Review: a live membership the instance-wide listing did not show was confirmed by paging its
+    organization's memberships by offset; one removal there between two pages hid it again, and it was
+    tombstoned for good. It is asked for by its user now, so no shift can hide it."""
+    clerk, client = stand_in
+    clerk.users = [factories.user("user_a", 1)]
+    clerk.orgs = [factories.organization("org_x", 1)]
+    members = [factories.membership(f"orgmem_{i:03d}", "org_x", f"user_{i:03d}", 1) for i in range(120)]
+    clerk.members = list(members)
+    reconciler(store, client).run()
+    assert len(live_rows(store, "organization_memberships")) == 120
+    clerk.members = [m for m in members if m["id"] not in ("orgmem_050", "orgmem_119")]  # hidden by a shift
+    clerk.org_members = [m for m in members if m["id"] != "orgmem_119"]  # orgmem_119 really is gone
+    real = client.list_organization_memberships
+
+    def org_listing(org_id: str, **kw: Any) -> Any:
+        page = real(org_id, **kw)
+        if clerk.org_members[0]["id"] == "orgmem_000":
+            del clerk.org_members[0]  # orgmem_000 removed in Clerk after the first page was read
+        return page
+
+    client.list_organization_memberships = org_listing  # type: ignore[method-assign]
+    report = reconciler(store, client).run()
+    live = live_rows(store, "organization_memberships")
+    assert "orgmem_050" in live, "a live membership was tombstoned"
+    assert "orgmem_119" not in live and report.counts["organization_memberships"].deleted == 1
 
 
 @pytest.mark.parametrize("listing", ["users", "orgs"])

@@ -171,6 +171,13 @@ class Settings(BaseSettings):
             raise ValueError("must be your Clerk Frontend API URL, like https://clerk.example.com")
         return issuer
 
+    @field_validator("clerk_api_url")
+    @classmethod
+    def _api_url_without_version(cls, value: str) -> str:
+        # The base URL: every consumer (the client, the JWKS fetch, doctor) adds /v1 itself. The Clerk
+        # Python SDK's server_url form (https://api.clerk.com/v1) is accepted too, not turned into /v1/v1.
+        return value.strip().rstrip("/").removesuffix("/v1")
+
     @field_validator("database_url", mode="before")
     @classmethod
     def _blank_is_default(cls, value: object) -> object:

@@ -7,8 +7,9 @@ page is one transaction: the changed rows are upserted under the webhook path's 
 run's cursor moves on — so a killed run resumes at the page it had not committed.
 
 Deletions: rows Clerk did not list are *candidates*; before tombstoning (which is final) each batch is
-confirmed with Clerk (``GET /users?user_id=...``), because an object deleted mid-run shifts later
-offsets and could hide a live object from the listing. ``--since`` lists only users updated since
+confirmed with Clerk by id (``GET /users?user_id=...``, memberships by their users through
+``GET /organizations/{id}/memberships?user_id=...``), because an object deleted mid-run shifts later
+offsets and could hide a live object from a listing. ``--since`` lists only users updated since
 then (``-updated_at``), so it repairs updates but cannot find user deletions; organizations and
 memberships are always listed in full.
 
@@ -451,7 +452,7 @@ class Reconciler:
         table, seen = _TABLES[entity], run.seen
         listed = sa.exists().where(seen.c.run_id == run.id, seen.c.entity == entity.value,
                                    seen.c.clerk_id == table.c.clerk_id)
-        extra = [table.c.organization_clerk_id] if entity is Entity.MEMBERSHIP else []
+        extra = [table.c.organization_clerk_id, table.c.user_clerk_id] if entity is Entity.MEMBERSHIP else []
         if not run.report.dry_run and not self.allow_mass_delete:
             self._refuse_mass_delete(run, entity, listed)
         after = ""
@@ -493,27 +494,29 @@ class Reconciler:
             present = {o["id"] for o in page.data}
             _only_asked("/organizations?organization_id=...", present, ids)
         else:
+            by_org: dict[str, set[str]] = {}
+            for _, org_id, user_id in candidates:
+                by_org.setdefault(org_id, set()).add(user_id)
             present = set()
-            for org_id in sorted({c[1] for c in candidates}):
-                present |= self._membership_ids(org_id)
+            for org_id, user_ids in sorted(by_org.items()):
+                present |= self._membership_ids(org_id, sorted(user_ids))
         return [i for i in ids if i not in present]
 
-    def _membership_ids(self, org_id: str) -> set[str]:
+    def _membership_ids(self, org_id: str, user_ids: list[str]) -> set[str]:
+        """The ids of the organization's memberships of these users, asked for by user: paging its whole
+        listing instead let a removal between two pages hide a live membership, tombstoned for good."""
+        path = f"/organizations/{org_id}/memberships?user_id=..."
         found: set[str] = set()
-        offset = 0
-        advance = _Advance(f"/organizations/{org_id}/memberships", self.page_size, self.max_pages)
-        try:
-            while True:
-                page = self.clerk.list_organization_memberships(org_id, limit=self.page_size, offset=offset)
-                found |= {m["id"] for m in page.data}
-                others = {m["id"] for m in page.data if (m.get("organization") or {}).get("id") != org_id}
-                _only_asked(f"/organizations/{org_id}/memberships", others, ())
-                if len(page.data) < self.page_size:
-                    return found
-                advance.check(offset, page.data, page.total_count)
-                offset += len(page.data)
-        except ClerkNotFound:
-            return set()  # the organization itself is gone
+        for start in range(0, len(user_ids), _VERIFY_BATCH):
+            asked = user_ids[start:start + _VERIFY_BATCH]  # a user has one membership per organization
+            try:
+                page = self.clerk.list_organization_memberships(org_id, limit=_VERIFY_BATCH, user_ids=asked)
+            except ClerkNotFound:
+                return set()  # the organization itself is gone
+            _only_asked(path, {_member_of(m) for m in page.data}, [org_id])
+            _only_asked(path, {_member_user(m) for m in page.data}, asked)
+            found |= {m["id"] for m in page.data}
+        return found
 
     def _tombstone(self, run: _Run, entity: Entity, gone: list[str]) -> None:
         counts = run.report.counts[entity.value]
@@ -538,6 +541,14 @@ def _only_asked(path: str, answered: set[Any], asked: Sequence[str]) -> None:
         raise ClerkAPIError(f"GET {path}: answered {len(extra)} object(s) it was not asked for (e.g. "
                             f"{sorted(map(str, extra))[0]}): its filter is not applied; stopped, nothing is "
                             "deleted on its word (is CLERK_API_URL Clerk's API?)", method="GET", path=path)
+
+
+def _member_of(membership: JSON) -> Any:
+    return (membership.get("organization") or {}).get("id")
+
+
+def _member_user(membership: JSON) -> Any:
+    return (membership.get("public_user_data") or {}).get("user_id")
 
 
 MASS_DELETE_SHARE = 0.25  # of an entity's live rows (see Reconciler)

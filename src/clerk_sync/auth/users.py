@@ -122,6 +122,17 @@ def _failure(exc: Exception) -> str:
     return "unavailable" if isinstance(exc, ClerkUnavailable) else "error"
 
 
+def _asked_for(user_id: str, data: JSON) -> JSON:
+    """Clerk's answer, if it is the user asked for: storing and returning another user's object (a caching
+    proxy, a stand-in ignoring the path) would sign this caller in as that user."""
+    if data.get("id") != user_id:
+        raise ClerkAPIError(
+            f"GET /users/{user_id} answered user {str(data.get('id'))[:64]!r}, not the one asked for; refused, "
+            "nothing stored (is CLERK_API_URL Clerk's API, with no caching proxy in between?)",
+            method="GET", path=f"/users/{user_id}")
+    return data
+
+
 class JitUsers:
     """The signed-in user's row, with a just-in-time fetch from Clerk; one instance per app.
 
@@ -155,7 +166,7 @@ class JitUsers:
         if self.clerk is None:
             raise TypeError("JitUsers needs clerk=ClerkClient(...) for blocking calls")
         try:
-            data = self.clerk.get_user(user_id, deadline_s=self.timeout_s)
+            data = _asked_for(user_id, self.clerk.get_user(user_id, deadline_s=self.timeout_s))
         except ClerkNotFound:
             self._count("not_found")
             raise UserDeleted(f"user {user_id} does not exist in Clerk") from None
@@ -180,7 +191,7 @@ class JitUsers:
         try:
             # The client's deadline already bounds the call; this is the belt to its braces.
             with anyio.fail_after(self.timeout_s + 1.0):
-                data = await self.aclerk.get_user(user_id, deadline_s=self.timeout_s)
+                data = _asked_for(user_id, await self.aclerk.get_user(user_id, deadline_s=self.timeout_s))
         except ClerkNotFound:
             self._count("not_found")
             raise UserDeleted(f"user {user_id} does not exist in Clerk") from None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, TypeVar
 
@@ -25,15 +25,17 @@ from clerk_sync.clerk_api._policy import (
     Acquire,
     ApiRequest,
     CircuitBreaker,
+    Hold,
     Penalize,
     RetryPolicy,
+    Send,
     Sleep,
     Stats,
     Step,
     _Context,
     call_flow,
 )
-from clerk_sync.clerk_api.ratelimit import Budget, LocalBudget, budget_from_settings, default_rate_limit
+from clerk_sync.clerk_api.ratelimit import Block, Budget, LocalBudget, budget_from_settings, default_rate_limit
 from clerk_sync.config import Settings
 from clerk_sync.errors import ConfigError
 from clerk_sync.metrics import Metrics
@@ -54,8 +56,38 @@ def _user_agent() -> str:
         return "clerk-sync"
 
 
+_NO_BLOCK = Block(0.0, 0.0)
+
+
+def _v1_base(api_url: str) -> str:
+    """``CLERK_API_URL`` plus ``/v1``, once: the Clerk Python SDK's ``server_url`` form
+    (``https://api.clerk.com/v1``) is accepted too, rather than every call 404ing on ``/v1/v1/...``."""
+    return api_url.rstrip("/").removesuffix("/v1") + "/v1"
+
+
 def _span_attributes(req: ApiRequest[Any]) -> dict[str, str]:
     return {"http.request.method": req.method, "url.template": req.endpoint}
+
+
+def _late(step: Send) -> httpx.ReadTimeout:
+    return httpx.ReadTimeout(f"the answer was still arriving when the {step.left:.2f}s left of the call's "
+                             "deadline ran out", request=step.request)
+
+
+class _ReadBy(httpx.SyncByteStream):
+    """The answer's body, read only until ``until`` (monotonic); then it is a read timeout."""
+
+    def __init__(self, stream: httpx.SyncByteStream, until: float, step: Send) -> None:
+        self._stream, self._until, self._step = stream, until, step
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self._stream:
+            if time.monotonic() > self._until:
+                raise _late(self._step)
+            yield chunk
+
+    def close(self) -> None:
+        self._stream.close()
 
 
 class _Base:
@@ -88,7 +120,7 @@ class _Base:
             "User-Agent": _user_agent(),
             "Accept": "application/json",
         }
-        self._ctx = _Context(api_url.rstrip("/") + "/v1", headers, timeout, self.retry, self.breaker,
+        self._ctx = _Context(_v1_base(api_url), headers, timeout, self.retry, self.breaker,
                              self.stats, clock, rng, metrics.api_call if metrics is not None else None)
         if metrics is not None:
             # A local budget knows its tokens; asking Redis would cost a round trip per scrape.
@@ -161,16 +193,33 @@ class ClerkClient(_Base):
     def _execute(self, step: Step) -> Any:
         if isinstance(step, Acquire):
             return self.budget.reserve(step.max_wait)
+        if isinstance(step, Hold):  # a Budget of the app's own from before blocked() existed: no block known
+            return self.budget.blocked() if hasattr(self.budget, "blocked") else _NO_BLOCK
         if isinstance(step, Sleep):
             time.sleep(step.seconds)
         elif isinstance(step, Penalize):
             self.budget.penalize(step.seconds)
         else:
-            try:
-                return self._http.send(step.request)
-            except httpx.TransportError as exc:
-                return exc
+            return self._send(step)
         return None
+
+    def _send(self, step: Send) -> httpx.Response | httpx.TransportError:
+        """Send, and read the answer by the deadline: a body trickling in faster than the read timeout
+        would otherwise hold the call long past it. A late answer is closed and reported as a timeout."""
+        until = time.monotonic() + step.left
+        try:
+            response = self._http.send(step.request, stream=True)
+        except httpx.TransportError as exc:
+            return exc
+        try:
+            assert isinstance(response.stream, httpx.SyncByteStream)
+            response.stream = _ReadBy(response.stream, until, step)
+            response.read()
+        except httpx.TransportError as exc:
+            return exc
+        finally:
+            response.close()
+        return response
 
     # -- endpoints (one line each; the requests are built in _endpoints) ----------------------
     def get_user(self, user_id: str, *, deadline_s: float | None = None) -> JSON:
@@ -191,8 +240,9 @@ class ClerkClient(_Base):
         return self.send(ep.list_organizations(limit, offset, order_by, org_ids), deadline_s)
 
     def list_organization_memberships(self, org_id: str, *, limit: int = MAX_PAGE, offset: int = 0,
-                                      order_by: str | None = None, deadline_s: float | None = None) -> Page:
-        return self.send(ep.list_organization_memberships(org_id, limit, offset, order_by), deadline_s)
+                                      order_by: str | None = None, user_ids: Sequence[str] = (),
+                                      deadline_s: float | None = None) -> Page:
+        return self.send(ep.list_organization_memberships(org_id, limit, offset, order_by, user_ids), deadline_s)
 
     def list_all_organization_memberships(self, *, limit: int = MAX_PAGE, offset: int = 0,
                                           order_by: str | None = None, deadline_s: float | None = None) -> Page:
@@ -267,16 +317,25 @@ class AsyncClerkClient(_Base):
     async def _execute(self, step: Step) -> Any:
         if isinstance(step, Acquire):
             return await self.budget.areserve(step.max_wait)
+        if isinstance(step, Hold):
+            return await self.budget.ablocked() if hasattr(self.budget, "ablocked") else _NO_BLOCK
         if isinstance(step, Sleep):
             await anyio.sleep(step.seconds)
         elif isinstance(step, Penalize):
             await self.budget.apenalize(step.seconds)
         else:
-            try:
-                return await self._http.send(step.request)
-            except httpx.TransportError as exc:
-                return exc
+            return await self._send(step)
         return None
+
+    async def _send(self, step: Send) -> httpx.Response | httpx.TransportError:
+        """Send, and read the answer by the deadline (httpx's timeouts bound each read, not the answer)."""
+        try:
+            with anyio.fail_after(step.left):
+                return await self._http.send(step.request)
+        except TimeoutError:
+            return _late(step)
+        except httpx.TransportError as exc:
+            return exc
 
     # -- endpoints -------------------------------------------------------------------------
     async def get_user(self, user_id: str, *, deadline_s: float | None = None) -> JSON:
@@ -298,8 +357,10 @@ class AsyncClerkClient(_Base):
         return await self.send(ep.list_organizations(limit, offset, order_by, org_ids), deadline_s)
 
     async def list_organization_memberships(self, org_id: str, *, limit: int = MAX_PAGE, offset: int = 0,
-                                            order_by: str | None = None, deadline_s: float | None = None) -> Page:
-        return await self.send(ep.list_organization_memberships(org_id, limit, offset, order_by), deadline_s)
+                                            order_by: str | None = None, user_ids: Sequence[str] = (),
+                                            deadline_s: float | None = None) -> Page:
+        req = ep.list_organization_memberships(org_id, limit, offset, order_by, user_ids)
+        return await self.send(req, deadline_s)
 
     async def list_all_organization_memberships(self, *, limit: int = MAX_PAGE, offset: int = 0,
                                                 order_by: str | None = None,

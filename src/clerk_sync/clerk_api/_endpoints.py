@@ -94,8 +94,9 @@ def list_organizations(limit: int, offset: int, order_by: str | None, org_ids: S
     return ApiRequest("GET", "/organizations", _page, tuple(params))
 
 
-def list_organization_memberships(org_id: str, limit: int, offset: int, order_by: str | None) -> ApiRequest[Page]:
-    params = tuple(_paging(limit, offset, order_by))
+def list_organization_memberships(org_id: str, limit: int, offset: int, order_by: str | None,
+                                  user_ids: Sequence[str] = ()) -> ApiRequest[Page]:
+    params = tuple(_paging(limit, offset, order_by) + [("user_id", u) for u in user_ids])
     return ApiRequest("GET", f"/organizations/{_id(org_id)}/memberships", _page, params,
                       route="/organizations/{id}/memberships")
 

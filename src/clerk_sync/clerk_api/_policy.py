@@ -1,9 +1,9 @@
 """The request policy, sans I/O: budget, retries with jitter, ``Retry-After``, circuit breaker.
 
 :func:`call_flow` is a generator that *describes* one API call as steps (:class:`Acquire` a token,
-:class:`Sleep`, :class:`Send`, :class:`Penalize` the budget) and receives each step's outcome; the
-sync and async clients only execute steps. All decisions live here once, so both faces behave the same
-and the policy is testable with a fake clock.
+:class:`Sleep`, :class:`Hold` for a 429's block, :class:`Send`, :class:`Penalize` the budget) and receives
+each step's outcome; the sync and async clients only execute steps. All decisions live here once, so both
+faces behave the same and the policy is testable with a fake clock.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any, Generic, TypeVar
 
 import httpx
 
-from clerk_sync.clerk_api.ratelimit import Reservation
+from clerk_sync.clerk_api.ratelimit import Block, Reservation
 from clerk_sync.errors import (
     ClerkAPIError,
     ClerkNotFound,
@@ -33,6 +33,7 @@ __all__ = [
     "Acquire",
     "ApiRequest",
     "CircuitBreaker",
+    "Hold",
     "Penalize",
     "RetryPolicy",
     "Send",
@@ -178,18 +179,26 @@ class Penalize:
 
 
 @dataclass(frozen=True, slots=True)
+class Hold:
+    """Before sending on a token we waited for: the shell answers with the budget's latest
+    :class:`~clerk_sync.clerk_api.ratelimit.Block` (a 429 may have come in meanwhile)."""
+
+
+@dataclass(frozen=True, slots=True)
 class Sleep:
     seconds: float
 
 
 @dataclass(frozen=True, slots=True)
 class Send:
-    """Send ``request``; the shell answers with the :class:`httpx.Response` or the transport error."""
+    """Send ``request`` and read its answer within ``left`` seconds (httpx's timeouts bound each read, not
+    the whole answer); the shell answers with the :class:`httpx.Response` or the transport error."""
 
     request: httpx.Request
+    left: float
 
 
-Step = Acquire | Penalize | Sleep | Send
+Step = Acquire | Hold | Penalize | Sleep | Send
 Flow = Generator[Step, Any, T]
 
 
@@ -231,8 +240,9 @@ def call_flow(ctx: _Context, req: ApiRequest[T], deadline_s: float | None = None
                 f"{total:g}s deadline to send in", retry_after=reservation.wait, **where)
         if reservation.wait > 0:
             yield Sleep(reservation.wait)
+            yield from _hold(ctx, req, reservation.blocked_until, deadline, floor)
         left = deadline - ctx.clock()
-        outcome = yield Send(_build(ctx, req, left))
+        outcome = yield Send(_build(ctx, req, left), max(left, 0.001))
         status = outcome.status_code if isinstance(outcome, httpx.Response) else None
         ctx.stats.sent(status)
         if ctx.on_response is not None:
@@ -260,9 +270,24 @@ def call_flow(ctx: _Context, req: ApiRequest[T], deadline_s: float | None = None
         attempt += 1
         pause = _pause(ctx, req, outcome, attempt)
         if pause is None or pause + floor > deadline - ctx.clock():
-            raise _unavailable(outcome, req, retry_after=max(pause or 0.0, 1.0))
+            raise _unavailable(outcome, req, ctx.base_url, retry_after=max(pause or 0.0, 1.0))
         ctx.stats.retried()
         yield Sleep(pause)
+
+
+def _hold(ctx: _Context, req: ApiRequest[Any], seen: float, deadline: float, floor: float) -> Flow[None]:
+    """Wait out a 429's ``Retry-After`` that began after our reservation: the penalty only pushed later
+    reservations back, and a token taken before it would otherwise be spent inside the blocked window."""
+    while True:
+        block: Block = yield Hold()
+        if block.until <= seen or block.left <= 0:
+            return
+        if block.left + floor > deadline - ctx.clock():
+            raise RateLimited(f"{req.method} {req.path}: Clerk answered 429 to this client meanwhile, asking it to "
+                              f"wait {block.left:.2f}s more, past the deadline", retry_after=block.left,
+                              status=429, method=req.method, path=req.path)
+        yield Sleep(block.left)
+        seen = block.until
 
 
 _TOO_SHORT_S = 1.0  # under this, a timeout says nothing about Clerk (its answers take ~0.1-0.3 s)
@@ -377,12 +402,20 @@ def _error(response: httpx.Response, req: ApiRequest[Any]) -> ClerkAPIError:
                trace_id=trace, method=req.method, path=req.path)
 
 
-def _unavailable(outcome: Any, req: ApiRequest[Any], retry_after: float) -> ClerkUnavailable:
+_UNREACHABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.UnsupportedProtocol)
+
+
+def _unavailable(outcome: Any, req: ApiRequest[Any], base_url: str, retry_after: float) -> ClerkUnavailable:
     where = {"method": req.method, "path": req.path}
     if isinstance(outcome, httpx.Response):
         message, code, trace = _clerk_error(outcome)
         return ClerkUnavailable(f"{req.method} {req.path}: Clerk answered {outcome.status_code}: {message}",
                                 retry_after=retry_after, status=outcome.status_code, clerk_code=code,
                                 trace_id=trace, **where)
+    if isinstance(outcome, _UNREACHABLE):  # name the setting: it is the likeliest thing to be wrong
+        shown = httpx.URL(base_url).copy_with(username=None, password=None)  # never echo credentials
+        return ClerkUnavailable(f"{req.method} {req.path}: could not connect to {shown} ({type(outcome).__name__}: "
+                                f"{outcome}): check CLERK_API_URL (Clerk's is https://api.clerk.com) and that this "
+                                "host can reach it (DNS, proxy, firewall)", retry_after=retry_after, **where)
     return ClerkUnavailable(f"{req.method} {req.path}: {type(outcome).__name__}: {outcome}",
                             retry_after=retry_after, **where)

@@ -10,6 +10,10 @@ how long to sleep before sending. Callers are therefore served in arrival order,
 trip. A reservation that would wait longer than the caller's ``max_wait`` is refused and changes
 nothing, so a request with a deadline never queues behind a wait it cannot afford.
 
+A 429's ``Retry-After`` blocks the budget until a moment the budget keeps (``blocked_until``). Callers
+that reserved before it still hold their token; before sending they ask again (:meth:`Budget.blocked`)
+and wait out a block that began after their reservation.
+
 Staying under a *fixed window* limit of ``L`` requests per ``W`` seconds (how Clerk and the emulator
 count) needs ``burst + rate * W <= L``: a full bucket plus one window of refill. Requests also reach the
 server a little early or late (scheduling, network), so :class:`RateLimit` budgets the window as
@@ -82,6 +86,15 @@ class Reservation:
 
     granted: bool
     wait: float
+    blocked_until: float = 0.0  # the block in force when reserved (budget's clock): a later one is waited out
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    """A 429 penalty: it ends at ``until`` (the budget's clock, a marker only), ``left`` seconds from now."""
+
+    until: float
+    left: float
 
 
 class Budget(Protocol):
@@ -91,9 +104,13 @@ class Budget(Protocol):
 
     def penalize(self, seconds: float) -> None: ...
 
+    def blocked(self) -> Block: ...
+
     async def areserve(self, max_wait: float) -> Reservation: ...
 
     async def apenalize(self, seconds: float) -> None: ...
+
+    async def ablocked(self) -> Block: ...
 
 
 def _take(tokens: float, rate: float, max_wait: float) -> tuple[float, Reservation]:
@@ -113,6 +130,7 @@ class LocalBudget:
         self._lock = threading.Lock()
         self._tokens = limit.capacity
         self._stamp = clock()
+        self._blocked_until = self._stamp
 
     def _refill(self) -> None:
         now = self._clock()
@@ -130,13 +148,19 @@ class LocalBudget:
         with self._lock:
             self._refill()
             self._tokens, reservation = _take(self._tokens, self.limit.rate, max_wait)
-            return reservation
+            return Reservation(reservation.granted, reservation.wait, self._blocked_until)
 
     def penalize(self, seconds: float) -> None:
         """The server said 429: nobody may send for ``seconds`` (the next token is that far away)."""
         with self._lock:
             self._refill()
             self._tokens = min(self._tokens, 1.0 - seconds * self.limit.rate)
+            self._blocked_until = max(self._blocked_until, self._stamp + seconds)
+
+    def blocked(self) -> Block:
+        """The latest penalty: callers holding an earlier reservation wait out what is ``left`` of it."""
+        with self._lock:
+            return Block(self._blocked_until, max(0.0, self._blocked_until - self._clock()))
 
     async def areserve(self, max_wait: float) -> Reservation:
         return self.reserve(max_wait)
@@ -144,9 +168,13 @@ class LocalBudget:
     async def apenalize(self, seconds: float) -> None:
         self.penalize(seconds)
 
+    async def ablocked(self) -> Block:
+        return self.blocked()
+
 
 # KEYS[1] = bucket hash; ARGV = rate, capacity, max_wait, penalty_s (0 = reserve, > 0 = penalize).
-# Returns {granted, wait} with wait as a string: Redis truncates Lua numbers to integers.
+# Returns {granted, wait, blocked} as strings (Redis truncates Lua numbers to integers); ``blocked`` is
+# the stored string as is, so the value the block check returns later compares equal to it.
 _SCRIPT = """
 local rate = tonumber(ARGV[1])
 local capacity = tonumber(ARGV[2])
@@ -154,9 +182,10 @@ local max_wait = tonumber(ARGV[3])
 local penalty = tonumber(ARGV[4])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local state = redis.call('HMGET', KEYS[1], 'tokens', 'stamp')
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'stamp', 'blocked')
 local tokens = tonumber(state[1])
 local stamp = tonumber(state[2])
+local blocked = state[3] or '0'
 if tokens == nil or stamp == nil then
   tokens = capacity
   stamp = now
@@ -166,6 +195,9 @@ local granted = 0
 local wait = 0
 if penalty > 0 then
   tokens = math.min(tokens, 1 - penalty * rate)
+  if now + penalty > tonumber(blocked) then
+    blocked = tostring(now + penalty)
+  end
 else
   wait = math.max(0, (1 - tokens) / rate)
   if wait <= max_wait then
@@ -173,9 +205,17 @@ else
     granted = 1
   end
 end
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'stamp', tostring(now))
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'stamp', tostring(now), 'blocked', blocked)
 redis.call('PEXPIRE', KEYS[1], math.ceil((capacity - tokens) / rate * 1000) + 60000)
-return {granted, tostring(wait)}
+return {granted, tostring(wait), blocked}
+"""
+
+# KEYS[1] = bucket hash. Returns {blocked, left}: the latest penalty's end and its seconds left, on Redis' clock.
+_BLOCKED_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local blocked = redis.call('HGET', KEYS[1], 'blocked') or '0'
+return {blocked, tostring(math.max(0, tonumber(blocked) - now))}
 """
 
 
@@ -199,6 +239,8 @@ class RedisBudget:
         self._async = redis.asyncio.Redis.from_url(url)
         self._script = self._sync.register_script(_SCRIPT)
         self._ascript = self._async.register_script(_SCRIPT)
+        self._blocked = self._sync.register_script(_BLOCKED_SCRIPT)
+        self._ablocked = self._async.register_script(_BLOCKED_SCRIPT)
         self._error_type = redis.RedisError
 
     def _args(self, max_wait: float, penalty: float) -> list[str]:
@@ -212,6 +254,10 @@ class RedisBudget:
         with self._redis_errors():
             self._script(keys=[self.key], args=self._args(0.0, max(seconds, 1e-6)))
 
+    def blocked(self) -> Block:
+        with self._redis_errors():
+            return _block(self._blocked(keys=[self.key]))
+
     async def areserve(self, max_wait: float) -> Reservation:
         with self._redis_errors():
             return _reservation(await self._ascript(keys=[self.key], args=self._args(max_wait, 0.0)))
@@ -219,6 +265,10 @@ class RedisBudget:
     async def apenalize(self, seconds: float) -> None:
         with self._redis_errors():
             await self._ascript(keys=[self.key], args=self._args(0.0, max(seconds, 1e-6)))
+
+    async def ablocked(self) -> Block:
+        with self._redis_errors():
+            return _block(await self._ablocked(keys=[self.key]))
 
     @contextmanager
     def _redis_errors(self) -> Iterator[None]:
@@ -240,8 +290,13 @@ class RedisBudget:
 
 
 def _reservation(reply: Any) -> Reservation:
-    granted, wait = reply
-    return Reservation(bool(int(granted)), float(wait))
+    granted, wait, blocked = reply
+    return Reservation(bool(int(granted)), float(wait), float(blocked))
+
+
+def _block(reply: Any) -> Block:
+    until, left = reply
+    return Block(float(until), float(left))
 
 
 def budget_from_settings(settings: Settings) -> LocalBudget | RedisBudget:

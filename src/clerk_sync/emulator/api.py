@@ -176,11 +176,10 @@ async def replace_org_metadata(request: Request) -> Any:
 
 async def list_org_memberships(request: Request) -> Any:
     limit, offset = _paging(request)
-    user_ids = list_param(request, "user_id")
     return orgs.list_memberships(
         emulator_of(request).store,
         org=request.path_params["org_id"],
-        user_id=user_ids[0] if user_ids else None,
+        user_ids=_id_filter(request, "user_id"),
         roles=list_param(request, "role"),
         order_by=request.query_params.get("order_by") or "created_at",
         limit=limit,

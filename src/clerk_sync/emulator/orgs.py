@@ -333,6 +333,7 @@ def list_memberships(
     *,
     org: str | None = None,
     user_id: str | None = None,
+    user_ids: tuple[str, ...] = (),
     roles: tuple[str, ...] = (),
     order_by: str = "created_at",
     limit: int = 10,
@@ -346,6 +347,10 @@ def list_memberships(
             found = store.all_memberships()
         if user_id is not None:
             found = [m for m in found if m.user_id == user_id]
+        if user_ids:  # Clerk's ``user_id`` filter: plain/``+`` ids include, ``-`` ids exclude
+            include = {u.lstrip("+") for u in user_ids if not u.startswith("-")}
+            exclude = {u[1:] for u in user_ids if u.startswith("-")}
+            found = [m for m in found if m.user_id not in exclude and (not include or m.user_id in include)]
         if roles:
             found = [m for m in found if m.role in roles]
         if order_by.lstrip("+-") not in {"created_at", ""}:
