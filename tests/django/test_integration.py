@@ -55,8 +55,11 @@ def test_database_url_defaults_to_djangos_database() -> None:
     tls = {"ENGINE": "django.db.backends.mysql", "NAME": "app", "HOST": "db",
            "OPTIONS": {"charset": "utf8mb4", "ssl": {"ca": "/etc/ca.pem"}, "init_command": "SET x=1"}}
     assert database_url_from_django(tls) == "mysql+mysqldb://db/app?charset=utf8mb4&ssl_ca=%2Fetc%2Fca.pem"
-    with override_settings(DATABASES={"default": {"ENGINE": "django.db.backends.oracle", "NAME": "x"}}):
-        assert clerk_settings({}).database_url == DEFAULT_DATABASE_URL
+    with override_settings(DATABASES={"default": {"ENGINE": "django.db.backends.oracle", "NAME": "x"}}), \
+            pytest.raises(ImproperlyConfigured, match=r"ENGINE 'django.db.backends.oracle'.*CLERK_SYNC\['DATABASE_URL'\]"):
+        clerk_settings({})  # never a local SQLite file in place of the app's database (see test_framework_review)
+    with override_settings(DATABASES={}):
+        assert clerk_settings({}).database_url == DEFAULT_DATABASE_URL  # no database at all: clerk-sync's own
 
 
 def test_unknown_and_invalid_keys_are_errors_that_say_what_to_do() -> None:
@@ -335,14 +338,19 @@ def test_session_cookie_works_and_unsafe_cookie_requests_need_csrf(client_world:
     token = clerk.mint_session_token(admin["id"])
     browser = Client(enforce_csrf_checks=True)
     browser.cookies["__session"] = token
+    # the front end's own origin (CLERK_AUTHORIZED_PARTIES), so clerk-sync's Origin check passes: Django's
+    # CSRF check is what refuses below
+    same_site = {"Origin": "http://localhost:3000", "Host": "localhost:3000"}
     assert browser.get("/dashboard").json()["user"] == admin["id"]
-    assert browser.post("/admin/impersonate/user_x").status_code == 403  # cookie only: CSRF applies
-    refused = browser.post("/t/drf/open")  # DRF views are CSRF-exempt: ClerkAuthentication checks it itself
+    assert browser.post("/admin/impersonate/user_x", headers=same_site).status_code == 403  # cookie: CSRF applies
+    refused = browser.post("/t/drf/open", headers=same_site)  # DRF views are CSRF-exempt: ClerkAuthentication checks it
     assert refused.status_code == 403 and "CSRF" in refused.json()["detail"]
     # Other authentication classes than ClerkAuthentication: the permission class reads the cookie, so it
     # checks CSRF itself (it did not: another site's form could act as the admin).
+    unchecked = browser.post("/t/drf/cookie-role-admin", headers=same_site)
+    assert unchecked.status_code == 403 and "CSRF" in unchecked.json()["detail"]
     forged = browser.post("/t/drf/cookie-role-admin", headers={"Origin": "https://evil.example"})
-    assert forged.status_code == 403 and "CSRF" in forged.json()["detail"]
+    assert (forged.status_code, forged.json()["error"]) == (403, "cross_site_request")  # refused before CSRF
     api = Client(enforce_csrf_checks=True)  # a Bearer token is never sent by the browser on its own
     assert api.post("/t/drf/cookie-role-admin", headers=bearer(token)).json() == {"deleted": True}
     assert api.post("/admin/impersonate/user_x", headers=bearer(token)).status_code == 404  # past CSRF: no such user

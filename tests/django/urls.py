@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from django.urls import path
 from examples.django_saas.urls import urlpatterns as example_urls
+from rest_framework.routers import SimpleRouter
 
 from tests.django import views
+
+router = SimpleRouter()
+router.register("t/drf/public-viewset", views.DrfPublicViewSet, basename="t-public-viewset")
+router.register("t/drf/private-viewset", views.DrfPrivateViewSet, basename="t-private-viewset")
 
 urlpatterns = [
     *example_urls,
@@ -27,4 +32,8 @@ urlpatterns = [
     path("t/drf/throttled", views.DrfThrottled.as_view()),
     path("t/drf/staff-only", views.DrfStaffOnly.as_view()),
     path("t/drf/django-authenticated", views.DrfDjangoAuthenticated.as_view()),
+    path("t/csrf-exempt/admin", views.csrf_exempt_admin),
+    path("t/csrf-exempt/async-admin", views.async_csrf_exempt_admin),
+    path("t/public-slash/", views.public_with_slash),
+    *router.urls,
 ]

@@ -7,6 +7,8 @@ from typing import Any
 from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, JsonResponse
 from django.views import View
+from django.views.decorators.csrf import csrf_exempt
+from rest_framework import viewsets
 from rest_framework.permissions import AllowAny, IsAdminUser, IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -19,6 +21,7 @@ from clerk_sync.integrations.django.decorators import (
     require_permission,
     require_role,
 )
+from clerk_sync.integrations.django.middleware import clerk_public
 from clerk_sync.integrations.django.mixins import (
     ClerkLoginRequiredMixin,
     NotImpersonatedMixin,
@@ -26,7 +29,7 @@ from clerk_sync.integrations.django.mixins import (
     OrgRoleRequiredMixin,
     RoleRequiredMixin,
 )
-from clerk_sync.integrations.django.request import aclerk_request
+from clerk_sync.integrations.django.request import aclerk_request, clerk_request
 from clerk_sync.integrations.django.rest_framework import (
     HasOrgRole,
     HasPermission,
@@ -166,3 +169,38 @@ class DrfDjangoAuthenticated(APIView):
 
     def get(self, request: Request) -> Response:
         return Response({"user": request.auth.user_id})
+
+
+@clerk_public
+class DrfPublicViewSet(viewsets.ViewSet):
+    """Open under ``REQUIRE_AUTH``: a ViewSet's view function carries the class as ``cls``, not ``view_class``."""
+
+    permission_classes = (AllowAny,)
+
+    def list(self, request: Request) -> Response:
+        return Response({"public": True})
+
+
+class DrfPrivateViewSet(viewsets.ViewSet):
+    permission_classes = (AllowAny,)  # only the middleware's deny-by-default guards it
+
+    def list(self, request: Request) -> Response:
+        return Response({"public": False})
+
+
+@csrf_exempt  # a JSON endpoint, as many projects write them: clerk-sync's Origin check still applies
+@require_role("admin")
+def csrf_exempt_admin(request: HttpRequest) -> JsonResponse:
+    return JsonResponse({"deleted_by": clerk_request(request).require_auth().user_id})
+
+
+@csrf_exempt
+@require_role("admin")
+async def async_csrf_exempt_admin(request: HttpRequest) -> JsonResponse:
+    return JsonResponse({"deleted_by": (await aclerk_request(request)).require_auth().user_id})
+
+
+@clerk_public
+def public_with_slash(request: HttpRequest) -> JsonResponse:
+    """Reached as ``/t/public-slash`` too, through ``APPEND_SLASH``'s redirect."""
+    return JsonResponse({"public": True})

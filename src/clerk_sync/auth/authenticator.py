@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
@@ -40,6 +41,13 @@ def signed_out_if_banned() -> Iterator[None]:
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+# Set while an async caller checks a token: it refreshed the deny list in a worker thread just before,
+# so the checks that follow (SessionVerifier's is_revoked, the blocked users) serve that snapshot rather
+# than read the database on the event loop (a refresh interval of 0 is always due). Per task: the sync
+# path, in other threads, refreshes as before.
+_snapshot_only: ContextVar[bool] = ContextVar("clerk_sync_deny_list_snapshot_only", default=False)
 
 
 class DenyList:
@@ -125,7 +133,7 @@ class DenyList:
         self._loaded_at = self._now()
 
     def refresh_if_due(self) -> None:
-        if not self.due():
+        if _snapshot_only.get() or not self.due():
             return
         # The first load blocks (nothing to serve yet); later, one thread refreshes and others keep
         # serving the previous snapshot.
@@ -176,11 +184,17 @@ class Authenticator:
 
     async def aauthenticate(self, headers: Mapping[str, str], cookies: Mapping[str, str], *,
                             method: str | None = None, scheme: str | None = None) -> Auth:
+        """Async :meth:`authenticate`: the deny list is refreshed in a worker thread, then only read (no
+        database query on the event loop, even with a refresh interval of 0)."""
         token = token_from_request(headers, cookies)  # first: an anonymous request never touches the DB
         self._check_site(headers, method, scheme)
         if self.deny_list.due():  # its DB read runs in a worker thread, never on the event loop
             await to_thread.run_sync(self.deny_list.refresh_if_due)
-        return self._check_user(await self.verifier.averify(token))
+        snapshot = _snapshot_only.set(True)  # ...nor again below, on the loop (see _snapshot_only)
+        try:
+            return self._check_user(await self.verifier.averify(token))
+        finally:
+            _snapshot_only.reset(snapshot)
 
     def _check_site(self, headers: Mapping[str, str], method: str | None, scheme: str | None) -> None:
         if method is not None:

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import httpx
 from django.conf import settings as django_settings
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
 
+from clerk_sync.auth.sessions import verifier_from_settings
 from clerk_sync.config import Settings
 from clerk_sync.errors import ConfigError
 from clerk_sync.integrations.django.conf import DjangoOptions, clerk_settings, django_options
@@ -20,11 +22,13 @@ __all__ = ["check_settings"]
 
 _MIDDLEWARE = "clerk_sync.integrations.django.middleware.ClerkMiddleware"
 _AUTH_MIDDLEWARE = "django.contrib.auth.middleware.AuthenticationMiddleware"
+_CSRF_MIDDLEWARE = "django.middleware.csrf.CsrfViewMiddleware"
 
 
 def check_settings(app_configs: Any = None, **_: Any) -> list[checks.CheckMessage]:
-    """Settings readable, webhook secret well-formed, a way to verify session tokens, middleware order,
-    and the Django-only keys (paths, dotted paths) as requests will read them."""
+    """Settings readable, webhook secret well-formed, session tokens verifiable (the key parses), middleware
+    order and CSRF protection, and the Django-only keys (types, paths, dotted paths) as requests will read
+    them."""
     try:
         settings = clerk_settings()
         options = django_options()
@@ -33,7 +37,7 @@ def check_settings(app_configs: Any = None, **_: Any) -> list[checks.CheckMessag
                              "USER_FIELDS, HOOKS and MAPPING dotted paths to importable objects).",
                              id="clerk_sync.E001")]
     return [*_webhook_secret(settings), *_session_keys(settings), *_middleware_order(),
-            *_require_auth(options)]
+            *_require_auth(options), *_csrf_middleware()]
 
 
 def _webhook_secret(settings: Settings) -> list[checks.CheckMessage]:
@@ -55,6 +59,16 @@ def _session_keys(settings: Settings) -> list[checks.CheckMessage]:
             hint="Set CLERK_JWT_KEY to the PEM from Clerk Dashboard -> API keys -> JWKS Public Key (no network "
                  "needed), or CLERK_SECRET_KEY to fetch the keys from the Backend API.",
             id="clerk_sync.E003")]
+    try:  # as requests will build it: a malformed CLERK_JWT_KEY fails here, not as a 500 on every view
+        with httpx.Client() as http:  # (never used: building the verifier fetches nothing)
+            verifier_from_settings(settings, http=http)
+    except ConfigError as exc:
+        return [checks.Error(
+            f"clerk-sync cannot verify session tokens: {exc}",
+            hint="Copy CLERK_JWT_KEY again from Clerk Dashboard -> API keys -> JWKS Public Key, the whole PEM from "
+                 "-----BEGIN PUBLIC KEY----- to -----END PUBLIC KEY----- (one line with \\n is fine), or remove "
+                 "it to fetch the keys with CLERK_SECRET_KEY.",
+            id="clerk_sync.E006")]
     return []
 
 
@@ -70,15 +84,33 @@ def _require_auth(options: DjangoOptions) -> list[checks.CheckMessage]:
 
 def _is_clerk_middleware(path: str) -> bool:
     """``ClerkMiddleware`` by its path, or a subclass of it (an app's own, re-exported)."""
-    if path == _MIDDLEWARE:
-        return True
     from clerk_sync.integrations.django.middleware import ClerkMiddleware
 
+    return path == _MIDDLEWARE or _is_subclass(path, ClerkMiddleware)
+
+
+def _is_subclass(path: str, base: type) -> bool:
     try:
         found = import_string(path)
     except Exception:  # Django itself reports a middleware that does not import (ImproperlyConfigured..)
         return False
-    return isinstance(found, type) and issubclass(found, ClerkMiddleware)
+    return isinstance(found, type) and issubclass(found, base)
+
+
+def _csrf_middleware() -> list[checks.CheckMessage]:
+    """Without Django's CSRF middleware another site's form posts with the visitor's Django session cookie
+    unchecked: clerk-sync's Origin check covers its own ``__session`` cookie only."""
+    from django.middleware.csrf import CsrfViewMiddleware
+
+    middleware = list(getattr(django_settings, "MIDDLEWARE", []))
+    if any(m == _CSRF_MIDDLEWARE or _is_subclass(m, CsrfViewMiddleware) for m in middleware):
+        return []
+    return [checks.Warning(
+        f"{_CSRF_MIDDLEWARE} is not in MIDDLEWARE: a form on another site can post with the visitor's cookies; "
+        "only a Clerk __session cookie is still checked (its Origin), a Django login session not at all.",
+        hint=f"Add {_CSRF_MIDDLEWARE!r} to MIDDLEWARE, or, for an API that only takes Authorization: Bearer, "
+             "silence this with SILENCED_SYSTEM_CHECKS = ['clerk_sync.W001'].",
+        id="clerk_sync.W001")]
 
 
 def _middleware_order() -> list[checks.CheckMessage]:

@@ -2,12 +2,14 @@
 
 Keys are the environment variable names ``Settings`` reads (``CLERK_WEBHOOK_SIGNING_SECRET``,
 ``CLERK_JWT_KEY``...); a key left out falls back to the environment, and ``DATABASE_URL`` finally to
-Django's ``default`` database, so clerk-sync's tables live next to the app's. A few keys concern only
-Django (:class:`DjangoOptions`). Unknown keys are an error, so a typo does not silently disable a check.
+Django's ``default`` database, so clerk-sync's tables live next to the app's (an engine it cannot map
+is an error, never a local SQLite file). A few keys concern only Django (:class:`DjangoOptions`), checked
+for their types. Unknown keys are an error, so a typo does not silently disable a check.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -134,19 +136,66 @@ def django_options() -> DjangoOptions:
             values[name] = import_string(values[name])
     if "hooks" in values:
         values["hooks"] = tuple(values["hooks"])
+    for key in _BOOL_KEYS:
+        _require_bool(raw, key)
+    if "DENY_LIST_REFRESH_S" in raw:
+        values["deny_list_refresh_s"] = _seconds(raw, "DENY_LIST_REFRESH_S")
     return DjangoOptions(**values)
 
 
+_BOOL_KEYS = ("REQUIRE_AUTH", "JIT", "AUDIT_IMPERSONATION")
+
+
+def _require_bool(raw: Mapping[str, Any], key: str) -> None:
+    """A real bool: the string ``"false"`` read from the environment is truthy, and would switch a check on
+    (or off) without a word."""
+    if key in raw and not isinstance(raw[key], bool):
+        raise ImproperlyConfigured(
+            f"settings.CLERK_SYNC[{key!r}] must be True or False, not {raw[key]!r}; convert a value read from "
+            f"the environment yourself, e.g. os.environ.get({key!r}) == '1'")
+
+
+def _seconds(raw: Mapping[str, Any], key: str) -> float:
+    """A non-negative, finite number of seconds (a string would fail every request that carries a session)."""
+    value = raw[key]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise ImproperlyConfigured(
+            f"settings.CLERK_SYNC[{key!r}] must be a number of seconds >= 0 (e.g. 1.0), not {value!r}; convert a "
+            f"value read from the environment yourself, e.g. float(os.environ.get({key!r}, '1'))")
+    return float(value)
+
+
+# Django's engines and GeoDjango's (the same databases with spatial types) -> SQLAlchemy's schemes;
+# Django's own MySQL driver too.
+_SCHEMES = {
+    "django.db.backends.sqlite3": "sqlite", "django.contrib.gis.db.backends.spatialite": "sqlite",
+    "django.db.backends.postgresql": "postgresql+psycopg",
+    "django.contrib.gis.db.backends.postgis": "postgresql+psycopg",
+    "django.db.backends.mysql": "mysql+mysqldb", "django.contrib.gis.db.backends.mysql": "mysql+mysqldb",
+}
+# No database at all (``DATABASES = {}``): clerk-sync's own default then, as in the standalone service.
+_NO_DATABASE = ("", "django.db.backends.dummy")
+
+
 def database_url_from_django(db: Mapping[str, Any]) -> str | None:
-    """A SQLAlchemy URL for a Django ``DATABASES`` entry (SQLite, PostgreSQL, MySQL/MariaDB), or None."""
-    engine = db.get("ENGINE", "")
-    if engine == "django.db.backends.sqlite3":
+    """A SQLAlchemy URL for a Django ``DATABASES`` entry (SQLite, PostgreSQL, MySQL/MariaDB, their GeoDjango
+    engines), or None for an in-memory SQLite database or none at all.
+
+    Raises ``ImproperlyConfigured`` for any other engine (Oracle, a wrapper such as django-prometheus):
+    guessing would put clerk-sync's tables in a local SQLite file the app never reads.
+    """
+    engine = str(db.get("ENGINE") or "")
+    if engine in _NO_DATABASE:
+        return None
+    scheme = _SCHEMES.get(engine)
+    if scheme is None:
+        raise ImproperlyConfigured(
+            f"clerk-sync cannot derive its DATABASE_URL from DATABASES['default'] with ENGINE {engine!r} (it knows "
+            f"{sorted(_SCHEMES)}); set CLERK_SYNC['DATABASE_URL'] (or the DATABASE_URL environment variable) to a "
+            "SQLAlchemy URL of the same database, e.g. 'postgresql+psycopg://user:password@host/name'")
+    if scheme == "sqlite":
         name = str(db.get("NAME", ""))
         return None if not name or name.startswith(":memory:") or "mode=memory" in name else f"sqlite:///{name}"
-    scheme = {"django.db.backends.postgresql": "postgresql+psycopg",
-              "django.db.backends.mysql": "mysql+mysqldb"}.get(engine)  # Django's own MySQL driver too
-    if scheme is None:
-        return None
     options = db.get("OPTIONS") or {}
     host = str(db.get("HOST") or "") or None
     query = _mysql_query(options) if scheme.startswith("mysql") else _postgres_query(options)

@@ -4,8 +4,8 @@ Add ``"clerk_sync.integrations.django.middleware.ClerkMiddleware"`` to ``MIDDLEW
 ``AuthenticationMiddleware``. Per request it verifies the session token (Bearer header or
 ``__session`` cookie: signatures are cached, no DB query) and sets ``request.clerk``, a
 :class:`ClerkRequest` whose ``user`` row is read only when asked. With ``REQUIRE_AUTH`` it answers 401
-on every view not declared public (``PUBLIC_PATHS``, ``PUBLIC_PREFIXES``, :func:`clerk_public`), before
-the view middleware (CSRF included) runs.
+on every path not declared public (``PUBLIC_PATHS``, ``PUBLIC_PREFIXES``, :func:`clerk_public`), unknown
+ones too, before the view middleware (CSRF included) runs.
 With :class:`~.backends.ClerkBackend` in ``AUTHENTICATION_BACKENDS``, ``request.user`` (and
 ``await request.auser()``) become the Django user linked to the Clerk id, again only when asked.
 
@@ -73,26 +73,40 @@ class ClerkMiddleware:
         response: Awaitable[HttpResponse] = self.get_response(request)
         return await response
 
-    @staticmethod
-    def _refusal(request: HttpRequest, state: ClerkRequest) -> HttpResponse | None:
+    @classmethod
+    def _refusal(cls, request: HttpRequest, state: ClerkRequest) -> HttpResponse | None:
         """Deny by default, before any other middleware's view hook (CSRF included) gets to answer:
-        401 unless the path is public or resolves to a :func:`clerk_public` view (404s stay 404s)."""
+        401 unless the path is public or resolves to a :func:`clerk_public` view. A path that resolves to
+        nothing is refused too, as on the other faces (a 404 would tell a stranger what does not exist),
+        unless ``APPEND_SLASH`` will redirect it to a public view."""
         options = state.runtime.options
         path = request.path_info
         if not options.require_auth or is_public_path(path, options.public_paths, options.public_prefixes):
             return None
-        try:
-            match = resolve(path, getattr(request, "urlconf", None))
-        except Resolver404:
-            return None
-        if getattr(match.func, "clerk_public", False) or getattr(getattr(match.func, "view_class", None),
-                                                                  "clerk_public", False):
+        if cls._is_public_view(request, path):
             return None
         try:
             state.require_auth()
         except ClerkSyncError as exc:
             return error_json(exc)
         return None  # pragma: no cover - require_auth raises when there is no session
+
+    @staticmethod
+    def _is_public_view(request: HttpRequest, path: str) -> bool:
+        """Whether ``path`` (or, for ``APPEND_SLASH``'s redirect, ``path/``) resolves to a :func:`clerk_public`
+        view: a function, a class-based view (``view_class``) or a DRF ViewSet (``cls``)."""
+        urlconf = getattr(request, "urlconf", None)
+        candidates = [path]
+        if getattr(django_settings, "APPEND_SLASH", False) and not path.endswith("/"):
+            candidates.append(path + "/")
+        for candidate in candidates:
+            try:
+                func = resolve(candidate, urlconf).func
+            except Resolver404:
+                continue
+            return any(getattr(owner, "clerk_public", False)
+                       for owner in (func, getattr(func, "view_class", None), getattr(func, "cls", None)))
+        return False
 
     def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponse | None:
         """A clerk-sync error raised by a view (e.g. an admin action) answers through the one table."""
@@ -101,9 +115,13 @@ class ClerkMiddleware:
     @classmethod
     def _signed_in(cls, request: HttpRequest, state: ClerkRequest) -> None:
         bearer = request.headers.get("Authorization", "")
-        if bearer[:7].lower() == "bearer " and bearer[7:].strip():  # the verified token came from here
-            # A verified Bearer token is never attached by the browser on its own, so a cross-site
-            # form cannot forge it: CSRF checks are for the ambient ``__session`` cookie only.
+        if bearer[:7].lower() == "bearer " and bearer[7:].strip() \
+                and django_settings.SESSION_COOKIE_NAME not in request.COOKIES:
+            # A verified Bearer token is never attached by the browser on its own, so a cross-site form
+            # cannot forge it: CSRF checks are for ambient cookies. But only a request with no Django session
+            # cookie goes unchecked: with one, the header may be anyone's token (the attacker's own) next to
+            # the victim's session, and request.session stays the victim's whoever request.user turns out to
+            # be (ClerkBackend is opt-in, and even with it session-bound state is not the token's).
             request._dont_enforce_csrf_checks = True  # type: ignore[attr-defined]
         cls._link_user(request, state)
 

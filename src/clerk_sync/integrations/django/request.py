@@ -81,7 +81,10 @@ def clerk_request(request: HttpRequest) -> ClerkRequest:
     runtime = get_clerk_sync()
     headers, cookies = _headers_and_cookies(request)
     try:
-        result: Auth | ClerkSyncError = runtime.authenticator.authenticate(headers, cookies)
+        # method and scheme: an unsafe request on the __session cookie must come from an allowed Origin (403
+        # cross_site_request), as on the other faces, csrf_exempt views and projects without CSRF middleware too
+        result: Auth | ClerkSyncError = runtime.authenticator.authenticate(
+            headers, cookies, method=request.method, scheme=request.scheme)
         if _audited(result, runtime):  # as ClerkMiddleware does (a guard without it)
             runtime.authenticator.audit_impersonated_request(result, request.method or "", request.path,
                                                              request.META.get("REMOTE_ADDR"))
@@ -100,7 +103,8 @@ async def aclerk_request(request: HttpRequest) -> ClerkRequest:
     runtime = get_clerk_sync()
     headers, cookies = _headers_and_cookies(request)
     try:
-        result: Auth | ClerkSyncError = await runtime.authenticator.aauthenticate(headers, cookies)
+        result: Auth | ClerkSyncError = await runtime.authenticator.aauthenticate(
+            headers, cookies, method=request.method, scheme=request.scheme)
         if _audited(result, runtime):
             await sync_to_async(runtime.authenticator.audit_impersonated_request)(
                 result, request.method or "", request.path, request.META.get("REMOTE_ADDR"))

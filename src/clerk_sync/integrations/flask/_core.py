@@ -81,6 +81,7 @@ def settings_from_config(config: Mapping[str, Any], environ: Mapping[str, str] |
     Precedence: the ``CLERK_SYNC`` dict (environment names or ``Settings`` field names), then top-level
     config keys named like the environment variables (``CLERK_WEBHOOK_SIGNING_SECRET``, ``DATABASE_URL``,
     ``CLERK_SYNC_MAX_BODY_BYTES`` ...), then the environment (``environ``, default ``os.environ``).
+    ``CLERK_AUTHORIZED_PARTIES`` and the webhook secret take a list as well as a comma-separated string.
     """
     spellings, fields = _spellings(), _spellings(field_names=True)
     section = config.get("CLERK_SYNC") or {}
@@ -94,7 +95,15 @@ def settings_from_config(config: Mapping[str, Any], environ: Mapping[str, str] |
     values = _pick(os.environ if environ is None else environ, spellings)
     values.update(_pick(config, spellings))
     values.update(_pick(section, fields))
+    for name in _LISTS:  # a list of origins or secrets, as Django's CLERK_SYNC takes it: comma-separated
+        if isinstance(values.get(name), list | tuple | set | frozenset):
+            values[name] = ",".join(str(v) for v in values[name])
     return Settings.from_env(values)
+
+
+# The settings read comma-separated (authorized parties; webhook secrets, for rotation), by primary name
+_LISTS = frozenset(primary for primary, names in _spellings(field_names=True).items()
+                   if {"authorized_parties_raw", "webhook_secret"} & set(names))
 
 
 # -- per-app state ---------------------------------------------------------------------------------
@@ -318,7 +327,9 @@ def _guard(check: Callable[[], object]) -> Callable[[Callable[P, R]], Callable[P
         @functools.wraps(view)
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
             check()
-            return view(*args, **kwargs)
+            # An ``async def`` view (flask[async]) is run to its result, as Flask does for an undecorated one
+            # and Flask-Login's guards do: called as is, it would return a coroutine (500).
+            return cast(R, current_app.ensure_sync(view)(*args, **kwargs))
 
         return wrapper
 
