@@ -244,3 +244,25 @@ def test_async_requests_never_read_the_deny_list_on_the_event_loop(client_world:
     readers.clear()
     assert isinstance(clerk_request(RequestFactory().get("/", headers=bearer(token))).error, SessionRevoked)
     assert readers == [threading.get_ident()]  # sync: in the request's own thread, as before
+
+
+def test_the_sync_and_async_clerk_clients_share_one_budget_and_one_breaker() -> None:
+    """Review: `clerk` (WSGI views, admin actions) and `aclerk` (ASGI views' JIT) each built their own
+    budget and breaker, so one process could spend twice the documented limit and Clerk's failures were
+    counted apart. What one client spends, the other can no longer spend."""
+    from clerk_sync.config import Settings
+    from clerk_sync.integrations.django.conf import DjangoOptions
+    from clerk_sync.integrations.django.runtime import ClerkSync
+
+    settings = Settings.from_env({"CLERK_SECRET_KEY": "sk_test_x", "DATABASE_URL": "sqlite:///:memory:",
+                                  "CLERK_API_RATE_LIMIT": "3"})
+    runtime = ClerkSync(settings, DjangoOptions())
+    assert runtime.clerk is not None and runtime.aclerk is not None
+    spent = 0
+    while runtime.clerk.budget.reserve(max_wait=0).granted:
+        spent += 1
+    assert spent >= 1
+    assert not asyncio.run(runtime.aclerk.budget.areserve(max_wait=0)).granted
+    for _ in range(5):
+        runtime.clerk.breaker.failure()
+    assert runtime.aclerk.breaker.is_open

@@ -23,7 +23,8 @@ from clerk_sync.auth.authenticator import Authenticator, DenyList, signed_out_if
 from clerk_sync.auth.claims import Auth
 from clerk_sync.auth.sessions import verifier_from_settings
 from clerk_sync.auth.users import AuthUser, JitUsers
-from clerk_sync.clerk_api import AsyncClerkClient, ClerkClient
+from clerk_sync.clerk_api import AsyncClerkClient, CircuitBreaker, ClerkClient
+from clerk_sync.clerk_api.ratelimit import Budget, budget_from_settings
 from clerk_sync.config import Settings
 from clerk_sync.errors import ConfigError
 from clerk_sync.ingest import WebhookProcessor
@@ -50,12 +51,25 @@ class ClerkSync:
         return build_processor(self.settings, self.store)
 
     @cached_property
+    def _clerk_limits(self) -> tuple[Budget, CircuitBreaker]:
+        """One rate budget and one breaker for the sync and the async client (WSGI and ASGI views, admin
+        actions): two would let one process spend twice the documented limit, and count Clerk's failures
+        apart."""
+        return budget_from_settings(self.settings), CircuitBreaker()
+
+    @cached_property
     def clerk(self) -> ClerkClient | None:
-        return ClerkClient.from_settings(self.settings) if self.settings.clerk_secret_key else None
+        if not self.settings.clerk_secret_key:
+            return None
+        budget, breaker = self._clerk_limits
+        return ClerkClient.from_settings(self.settings, budget=budget, breaker=breaker)
 
     @cached_property
     def aclerk(self) -> AsyncClerkClient | None:
-        return AsyncClerkClient.from_settings(self.settings) if self.settings.clerk_secret_key else None
+        if not self.settings.clerk_secret_key:
+            return None
+        budget, breaker = self._clerk_limits
+        return AsyncClerkClient.from_settings(self.settings, budget=budget, breaker=breaker)
 
     @cached_property
     def jit(self) -> JitUsers | None:
