@@ -215,6 +215,36 @@ def test_serve_with_workers_exposes_one_total_across_workers(db_url: str, tmp_pa
 
 
 
+def test_serve_with_one_worker_and_a_multiproc_dir_counts_only_its_own_run(tmp_path: Path) -> None:
+    """Review: with PROMETHEUS_MULTIPROC_DIR set, one worker used the operator's directory as it was, so
+    the files of every earlier run there were summed with this run's counts (a total that jumped at each
+    restart). It takes a fresh directory inside it, as --workers does, removed when it stops."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLERK_", "PROMETHEUS_"))}
+    prom = tmp_path / "prom"
+    env.update({"DATABASE_URL": _sqlite(tmp_path), "CLERK_WEBHOOK_SIGNING_SECRET": SECRET,
+                "PROMETHEUS_MULTIPROC_DIR": str(prom)})
+    totals = []
+    for refused in (3, 2):  # two runs, one after the other
+        port = free_port()
+        proc = subprocess.Popen([*CLI, "serve", "--port", str(port)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            wait_for_http(f"{base}/healthz", timeout=30, proc=proc)
+            for _ in range(refused):
+                assert httpx.post(f"{base}/webhooks/clerk", content=b"{}").status_code == 400
+            text = httpx.get(f"{base}/metrics").text
+            totals.append(sum(s.value for m in text_string_to_metric_families(text) for s in m.samples
+                              if s.name == "clerk_sync_webhook_refused_total"))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=20)
+    assert totals == [3, 2]
+    assert list(prom.iterdir()) == []
+
+
 @pytest.mark.parametrize("db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
 def test_serve_with_workers_and_the_console_counts_only_the_workers_clerk_budget(db_url: str, tmp_path: Path) -> None:
     """Review finding (of the check that serve --workers builds the app once, before the workers): building

@@ -112,6 +112,46 @@ def is_transient(orig: object) -> bool:
             or _mysql_errno(orig) in _MYSQL_WAITS)
 
 
+# PostgreSQL SQLSTATE classes of the connection's or the server's state, never a row's: connection exception,
+# invalid transaction state, insufficient resources (disk full, out of memory), operator intervention
+# (shutdown, a cancelled statement), system error (I/O).
+_PG_PASSING_CLASSES = ("08", "25", "53", "57", "58")
+# MySQL/MariaDB: disk full, out of memory (three ways), a table full.
+_MYSQL_PASSING = frozenset({1021, 1037, 1038, 1041, 1114})
+# SQLite's messages for the same (sqlite3_errstr's texts).
+_SQLITE_PASSING = ("database or disk is full", "disk I/O error", "database is locked", "out of memory")
+
+
+def passing_cause(exc: BaseException) -> sa.exc.SQLAlchemyError | None:
+    """The failure in ``exc``'s chain that is the database's passing state, not a refusal of the row: the
+    connection is gone, a bounded wait ran out or a deadlock was broken (:func:`is_transient`), the server
+    ran out of something, a table is missing (mid-deploy), or on MySQL the savepoint was rolled back with
+    the whole transaction (1305: a deadlock). None when the database refused the row itself (a constraint,
+    a trigger's ``RAISE EXCEPTION`` or ``SIGNAL``): retrying the same row cannot help, so it is its refusal.
+
+    The whole chain is read: leaving a savepoint may fail on its ROLLBACK, the cause in the context."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, sa.exc.NoSuchTableError):
+            return seen
+        if isinstance(seen, sa.exc.DBAPIError):
+            orig = seen.orig
+            sqlstate = str(getattr(orig, "sqlstate", None) or "")
+            if (seen.connection_invalidated or is_transient(orig) or _missing_table(orig)
+                    or sqlstate.startswith(_PG_PASSING_CLASSES) or _mysql_errno(orig) in _MYSQL_PASSING
+                    or (type(orig).__module__ == "sqlite3" and str(orig).startswith(_SQLITE_PASSING))
+                    or _savepoint_gone(orig)):
+                return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _savepoint_gone(orig: object) -> bool:
+    """MySQL/MariaDB 1305 on a savepoint: the transaction that held it was rolled back (a deadlock)."""
+    args: tuple[Any, ...] = tuple(getattr(orig, "args", ()))
+    return len(args) > 1 and args[0] == 1305 and "SAVEPOINT" in str(args[1]).upper()
+
+
 def is_lock_wait_timeout(orig: object) -> bool:
     """A bounded wait for a lock another connection holds ran out (PostgreSQL 55P03, MySQL 1205)."""
     return getattr(orig, "sqlstate", None) == "55P03" or _mysql_errno(orig) == 1205

@@ -22,6 +22,7 @@ from datetime import datetime
 import sqlalchemy as sa
 import structlog
 
+from clerk_sync._limits import CLERK_ID_CHARS
 from clerk_sync.engine import DeliveryStatus, Entity, Tombstone, Upsert, delivery_reason, plan_delivery, touches
 from clerk_sync.errors import (
     ClerkSyncError,
@@ -173,11 +174,13 @@ class WebhookProcessor:
         (``clerk_sync._limits``), so this only happens when a table differs from ours (an app
         narrowed a column, added a constraint); the stored payload is always storable."""
         error = delivery_reason(str(exc), envelope.notes)
+        person = _user_named(envelope)
         with self.store.transaction() as writer:
             fresh = writer.record_delivery(
                 svix_id, envelope.text, event_type=envelope.type,
                 instance_id=envelope.instance_id, event_timestamp=envelope.timestamp_ms,
                 status=DeliveryStatus.FAILED, error=error,
+                unless_gone=None if person is None else (person, redact_payload(envelope.raw)),
             )
         return Outcome(svix_id, envelope.type, DeliveryStatus.FAILED if fresh else DeliveryStatus.DUPLICATE, error)
 
@@ -240,7 +243,8 @@ class WebhookProcessor:
                 svix_id, envelope.type, combined or DeliveryStatus.DUPLICATE, error))
             self.forget_if_deleted(writer, outcome, envelope)
             return outcome
-        person = _person_named(envelope) if planned.status in _NAMING_KEPT else None
+        person = (_person_named(envelope) if planned.status in _NAMING_KEPT
+                  else _user_named(envelope) if planned.status == DeliveryStatus.FAILED else None)
         fresh = writer.record_delivery(  # naming a user: stored redacted if that user is gone, in this statement
             svix_id, envelope.text, event_type=envelope.type, instance_id=envelope.instance_id,
             event_timestamp=envelope.timestamp_ms, status=planned.status, error=error,
@@ -269,9 +273,10 @@ class WebhookProcessor:
     @staticmethod
     def forget_if_deleted(writer: Writer, outcome: Outcome, envelope: Envelope) -> None:
         """A skipped upsert whose row is a tombstone (a retry arriving after ``users erase``), a membership
-        deleted on arrival because its user or organization is (its ``public_user_data`` names the person),
-        or another event about a deleted or erased user (a session's, ``email.created``, ``sms.created``, a
-        billing event's payer): keep its ids and versions for dedup, not the personal data it carries."""
+        deleted on arrival because its user or organization is (its ``public_user_data`` names the person) or
+        deleted late (skipped: the erasure or the parent's deletion already tombstoned it), or another event
+        about a deleted or erased user (a session's, ``email.created``, ``sms.created``, a billing event's
+        payer): keep its ids and versions for dedup, not the personal data it carries."""
         skipped = outcome.status == DeliveryStatus.SKIPPED
         if outcome.status in _NAMING_KEPT and (person := _person_named(envelope)) is not None:
             writer.forget_payload_if_deleted(outcome.svix_id, Entity.USER, person, redact_payload(envelope.raw))
@@ -286,11 +291,33 @@ class WebhookProcessor:
                        if isinstance(record, MembershipRecord) else [])
             writer.forget_payload_if_deleted(outcome.svix_id, intent.entity, record.clerk_id,
                                              redact_payload(envelope.raw), parents=parents)
+        elif (skipped and isinstance(intent, Tombstone) and intent.entity is Entity.MEMBERSHIP
+              and (named := _membership_parents(envelope.data))):
+            # A late organizationMembership.deleted: the erasure (or the parent's deletion) already tombstoned
+            # the membership, and its public_user_data still names the person. Redacted if a parent is gone.
+            (entity, clerk_id), *parents = named
+            writer.forget_payload_if_deleted(outcome.svix_id, entity, clerk_id, redact_payload(envelope.raw),
+                                             parents=parents)
 
 
-# Outcomes whose stored payload is kept (a failed one stays whole for its replay, a duplicate is not stored).
+# Outcomes whose stored payload is kept, redacted when the user it names is gone: :func:`_person_named`. A failed
+# one is kept for its replay, whole unless the user it is about (:func:`_user_named`) is gone: failed deliveries
+# are never pruned, and a replay of an event about a deleted user would change nothing. A duplicate is not stored.
 _NAMING_KEPT = frozenset({DeliveryStatus.APPLIED, DeliveryStatus.SKIPPED, DeliveryStatus.IGNORED})
 _OWN_ROWS = ("user.", "organization.", "organizationMembership.")  # forget_if_deleted's other cases
+
+
+def _membership_parents(data: Mapping[str, object]) -> list[tuple[Entity, str]]:
+    """The user and organization a membership event names (``public_user_data.user_id``, ``organization.id``),
+    read leniently: a deletion's payload is not checked beyond its own id."""
+    found: list[tuple[Entity, str]] = []
+    for entity, key, field in ((Entity.USER, "public_user_data", "user_id"),
+                               (Entity.ORGANIZATION, "organization", "id")):
+        inner = data.get(key)
+        value = inner.get(field) if isinstance(inner, dict) else None
+        if isinstance(value, str) and value:
+            found.append((entity, value))
+    return found
 
 
 def _person_named(envelope: Envelope) -> str | None:
@@ -303,6 +330,20 @@ def _person_named(envelope: Envelope) -> str | None:
     payer = data.get("payer")
     person = data.get("user_id") or (payer.get("user_id") if isinstance(payer, dict) else None)
     return person if isinstance(person, str) and person else None
+
+
+def _user_named(envelope: Envelope) -> str | None:
+    """The user any delivery is about or names: a user event's ``data.id``, a membership's
+    ``public_user_data.user_id``, else :func:`_person_named`'s. Read leniently (it serves deliveries stored
+    ``failed``, whose shape was refused); an id no column could hold names nobody stored."""
+    data = envelope.data
+    if envelope.type.startswith("user."):
+        person = data.get("id")
+    elif envelope.type.startswith("organizationMembership."):
+        person = dict(_membership_parents(data)).get(Entity.USER)
+    else:
+        person = _person_named(envelope)
+    return person if isinstance(person, str) and 0 < len(person) <= CLERK_ID_CHARS else None
 
 
 _telemetry_said: set[tuple[str, type]] = set()  # (where, exception type) already logged in full

@@ -9,8 +9,9 @@ membership cascades). Columns the mapping does not name are never written.
 Sources (what a column is filled from): any field of the mirrored record (``email`` = the primary
 address, ``first_name``, ``image_url``, ``role`` = ``public_metadata.role``, ``banned``…), ``full_name``,
 or a dotted metadata path (``public_metadata.plan``, ``private_metadata.stripe.customer``). Transforms:
-``lower``, ``strip``, ``str``, ``bool``, ``int``, ``json`` (a JSON text); or ``compute``, a function of
-the record's values, for the rest.
+``lower``, ``strip``, ``str``, ``bool``, ``int``, ``json`` (a JSON text), each total (``int`` and ``bool``
+give None for what is not one: see :data:`TRANSFORMS`); or ``compute``, a function of the record's values,
+for the rest.
 
 Delete policies: :class:`SoftDelete` (a timestamp column), :class:`Deactivate` (a boolean column set
 false), :class:`Anonymise` (mapped personal columns cleared) and :class:`HardDelete`.
@@ -18,14 +19,17 @@ false), :class:`Anonymise` (mapped personal columns cleared) and :class:`HardDel
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
+import re
 import uuid
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -34,7 +38,8 @@ import structlog
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from clerk_sync._db_errors import driver_cursor, is_foreign_key_violation, is_transient, store_error
+from clerk_sync._db_errors import driver_cursor, is_foreign_key_violation, passing_cause, store_error
+from clerk_sync._limits import CLERK_ID_CHARS
 from clerk_sync.changes import Change
 from clerk_sync.engine import Entity
 from clerk_sync.errors import StoreDataError, StoreError, database_message
@@ -62,12 +67,47 @@ _CONTRACT = {Entity.USER: users, Entity.ORGANIZATION: organizations, Entity.MEMB
 _RECORDS: dict[Entity, type[Any]] = {Entity.USER: UserRecord, Entity.ORGANIZATION: OrganizationRecord,
                                      Entity.MEMBERSHIP: MembershipRecord}
 PERSONAL = frozenset({"email", "email_addresses", "first_name", "last_name", "full_name", "username", "image_url"})
+_INT_TEXT = re.compile(r"[+-]?[0-9]{1,19}")  # (ASCII digits: "²" and "٣" are digits to str.isdigit)
+_BIGINT = range(-(2**63), 2**63)
+_TRUE_TEXT = frozenset({"true", "1", "yes", "on"})
+_FALSE_TEXT = frozenset({"false", "0", "no", "off", ""})
+
+
+def _as_int(value: Any) -> int | None:
+    """``transform="int"``: an int (not a bool), or a text of ASCII digits with an optional sign (surrounding
+    whitespace ignored), within BIGINT's range; None for anything else (``"--5"``, ``"²"``, ``"1.5"``, ``2.0``,
+    ``True``, a text of 5,000 digits). Total: a value the user writes (``unsafe_metadata``) never fails the
+    row (a narrower column can still refuse a large number: that row's refusal)."""
+    if isinstance(value, str) and _INT_TEXT.fullmatch(value.strip()):
+        value = int(value.strip())
+    elif not isinstance(value, int) or isinstance(value, bool):
+        return None
+    return value if value in _BIGINT else None
+
+
+def _as_bool(value: Any) -> bool | None:
+    """``transform="bool"``: a bool as it is; a number False when zero, else True; the texts ``"true"``,
+    ``"1"``, ``"yes"``, ``"on"`` True and ``"false"``, ``"0"``, ``"no"``, ``"off"``, ``""`` False (case and
+    surrounding whitespace ignored); None for anything else (another word, a list, an object)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float):
+        return value != 0 if not math.isnan(value) else None
+    if isinstance(value, str):
+        text = value.strip().lower()
+        return True if text in _TRUE_TEXT else False if text in _FALSE_TEXT else None
+    return None
+
+
+# What each transform makes of a value that is not None (None stays None, then the Column's default): "lower"
+# and "strip" change a text, leave anything else as it is; "str" is Python's str(); "json" the value's JSON text
+# (keys sorted); "int" and "bool": see _as_int and _as_bool (never raise: None for what is not one).
 TRANSFORMS: dict[str, Callable[[Any], Any]] = {
     "lower": lambda v: v.lower() if isinstance(v, str) else v,
     "strip": lambda v: v.strip() if isinstance(v, str) else v,
     "str": lambda v: None if v is None else str(v),
-    "bool": bool,
-    "int": lambda v: int(v) if isinstance(v, int | float | str) and str(v).lstrip("-").isdigit() else None,
+    "bool": _as_bool,
+    "int": _as_int,
     "json": lambda v: json.dumps(v, sort_keys=True),
 }
 
@@ -396,10 +436,16 @@ class _Projection:
             self.fixed[mapped.on_delete.column] = True
         elif isinstance(mapped.on_delete, Anonymise) and mapped.on_delete.column is not None:
             self.fixed[mapped.on_delete.column] = None
+        # An existing row's policy column is the app's once written (an admin's own deactivation): an update
+        # fills it only where it holds nothing (is_active NULL: added by migrate); SoftDelete's NULL not at all.
+        self.coalesced: JSON = {n: v for n, v in self.fixed.items() if v is not None}
         names = [*self.columns, *self.fixed]
         binds = {n: sa.bindparam(n, type_=table.c[n].type) for n in names}
         row = binds | {self.key.name: sa.bindparam("_clerk_id")}
-        self.update = sa.update(table).where(self.key == sa.bindparam("_clerk_id")).values(binds)
+        sets: dict[str, Any] = ({n: binds[n] for n in self.columns}
+                                | {n: sa.func.coalesce(table.c[n], binds[n]) for n in self.coalesced})
+        self.update = sa.update(table).where(self.key == sa.bindparam("_clerk_id")).values(
+            sets or {self.key.name: sa.bindparam("_clerk_id")})
         self.insert = sa.insert(table).values(row)
         # A creation usually finds no row: one statement. Any unique conflict skips it, and the UPDATE
         # (then the plain INSERT, which raises on a conflict with another row) takes over.
@@ -407,7 +453,7 @@ class _Projection:
         insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
         self.insert_new = (insert(table).values(row).on_conflict_do_nothing()
                            if _unique(table, self.key) and dialect in ("postgresql", "sqlite") else None)
-        self.cte_sql, self.json_at = _cte_sql(table, self.key, names, mapped, dialect)
+        self.cte_sql, self.json_at = _cte_sql(table, self.key, names, mapped, dialect, self.fixed)
         self.bool_at = [i for i, n in enumerate(names) if isinstance(table.c[n].type, sa.Boolean)]
         self.wave = _wave(table, self.key, names, self) if self.cte_sql is not None else None
         # Creations and updates in one prebuilt statement (no Core construct to key per call), when
@@ -418,9 +464,9 @@ class _Projection:
         if not mapped.links and dialect in ("postgresql", "sqlite") and _unique(table, self.key, plain=True):
             quote = _quote_ident  # the text is SQLAlchemy's: it doubles a "%" itself where the driver needs it
             key = quote(self.key.name)
-            sets = ", ".join(f"{quote(n)} = excluded.{quote(n)}" for n in names) or f"{key} = excluded.{key}"
+            updated = ", ".join(f"{c} = {e}" for c, e in _update_sets(table.name, names, self.fixed, quote))
             head = f"INSERT INTO {quote(table.name)} ({', '.join(quote(n) for n in names)}, {key}) "
-            tail = f"ON CONFLICT ({key}) DO UPDATE SET {sets}"
+            tail = f"ON CONFLICT ({key}) DO UPDATE SET {updated or f'{key} = excluded.{key}'}"
             self.upsert = sa.text(
                 f"{head}VALUES ({', '.join(':' + _bind(i) for i in range(len(names)))}, :_clerk_id) {tail}"
             ).bindparams(*[sa.bindparam(_bind(i), type_=table.c[n].type) for i, n in enumerate(names)])
@@ -449,20 +495,23 @@ class _Projection:
         if change.kind == "deleted":
             self._delete(change.clerk_id)
             return
-        values = {name: col.value(change.values) for name, col in self.columns.items()} | self.fixed
+        values = {name: col.value(change.values) for name, col in self.columns.items()}
+        new = values | self.fixed  # a row inserted or linked: the policy's live value too
         if self.sqlite_upsert is not None and direct_sqlite(conn.dialect):
-            row = [v if f is None else f(v) for f, v in zip(self.sqlite_binds, values.values(), strict=True)]
+            row = [v if f is None else f(v) for f, v in zip(self.sqlite_binds, new.values(), strict=True)]
             sqlite_execute(conn, self.sqlite_upsert, [[*row, change.clerk_id]])
             return
         if self.upsert is not None:
-            bound = {_bind(i): v for i, v in enumerate(values.values())}
+            bound = {_bind(i): v for i, v in enumerate(new.values())}
             conn.execute(self.upsert, bound | {"_clerk_id": change.clerk_id})
             return
-        params = values | {"_clerk_id": change.clerk_id}
+        params = new | {"_clerk_id": change.clerk_id}
         if (change.kind == "created" and self.insert_new is not None and not self.m.links
                 and conn.execute(self.insert_new, params).rowcount):
             return
-        if conn.execute(self.update, params).rowcount == 0 and not self._link(change, values):
+        # (only the UPDATE's own parameters: SQLAlchemy would SET any other column named in them)
+        updated = conn.execute(self.update, values | self.coalesced | {"_clerk_id": change.clerk_id}).rowcount
+        if updated == 0 and not self._link(change, new):
             conn.execute(self.insert, params)
 
     def _link(self, change: Change, values: JSON) -> bool:
@@ -475,22 +524,23 @@ class _Projection:
             if isinstance(column.type, sa.String) and self.conn.dialect.name in ("mysql", "mariadb"):
                 match = sa.and_(match, _exactly(self.conn, column) == _exactly(self.conn, sa.literal(wanted,
                                                                                                       column.type)))
-            if wanted is not None and self._adopt(change, values, match, f"external id {external_id!r}"):
+            if wanted is not None and self._adopt(change, values, match, f"external id ({column.name})"):
                 return True
         if self.m.link_by_email and email:
             column = self.t.c[self.m.link_by_email]
             lower = unicode_lower(self.conn)  # the same lower() on both sides (PostgreSQL's and Python's differ)
             match = _exactly(self.conn, lower(column)) == _exactly(self.conn, lower(sa.literal(email)))
-            return self._adopt(change, values, match, f"e-mail {email!r}")
+            return self._adopt(change, values, match, f"e-mail ({column.name})")
         return False
 
     def _adopt(self, change: Change, values: JSON, match: sa.ColumnElement[bool], what: str) -> bool:
         pk = list(self.t.primary_key.columns)
         matches = self.conn.execute(sa.select(*pk).where(match, self.key.is_(None)).limit(3)).all()
-        if len(matches) > 1:
+        if len(matches) > 1:  # (the value is not quoted: the message lands in last_error and logs, which
+            # outlive an erasure of the person; clerk-sync's users row has it while the user is not erased)
             raise LinkAmbiguous(
-                f"{self.m.table}: {len(matches)}+ rows without a Clerk id have {what}; merge or remove "
-                f"the duplicates (user {change.clerk_id} was not linked)")
+                f"{self.m.table}: {'2' if len(matches) == 2 else '3 or more'} rows without a Clerk id have user "
+                f"{change.clerk_id}'s {what}; merge or remove the duplicates (the user was not linked)")
         if not matches:
             return False
         # Still unlinked when updated: a concurrent delivery of another user with the same external id or
@@ -519,9 +569,13 @@ class _Projection:
                 self._stamp_deletion(where, policy.column)
 
     def _stamp_deletion(self, where: sa.ColumnElement[bool], name: str) -> None:
-        """The deletion's time into ``name``; the first one's kept (a backfill re-run, a replay)."""
-        column = self.t.c[name]
-        self.conn.execute(sa.update(self.t).where(where, column.is_(None)).values(**{name: self.now}))
+        """The deletion's time into ``name``; the first one's kept (a backfill re-run, a replay). A column
+        without a time zone gets UTC's wall time, as on every store (PostgreSQL would convert an aware time
+        to its session's TimeZone)."""
+        column, when = self.t.c[name], self.now
+        if isinstance(column.type, sa.DateTime) and not column.type.timezone and when.tzinfo is not None:
+            when = when.astimezone(UTC).replace(tzinfo=None)
+        self.conn.execute(sa.update(self.t).where(where, column.is_(None)).values(**{name: when}))
 
 
 CHECK_AT_ONCE = "SET CONSTRAINTS ALL IMMEDIATE"
@@ -531,27 +585,19 @@ _BACKFILL_PAGE = 500  # rows of a backfill page (one savepoint, one query)
 def _still_in_transaction(conn: Connection, exc: Exception) -> None:
     """Whether a failed backfill row is the row's refusal, or the whole transaction's end: a deadlock or a
     lock wait ran out (on MySQL a deadlock rolled everything back; retrying the row in it would count rows
-    as written that were not), the connection is gone, or on SQLite an app trigger's ``RAISE(ROLLBACK)``
-    ended the transaction, savepoints and earlier rows too. Those are raised, the backfill to be run again.
+    as written that were not), the connection is gone (or the server's disk or memory, or a table is
+    missing), or on SQLite an app trigger's ``RAISE(ROLLBACK)`` ended the transaction, savepoints and earlier
+    rows too. Those are raised, the backfill to be run again.
 
     The deadlock is rarely ``exc`` itself: InnoDB rolled the savepoint back with the transaction, so leaving
     ``begin_nested()`` fails on its ROLLBACK TO SAVEPOINT (1305, "SAVEPOINT does not exist"), the deadlock
-    that caused it in the exception's context: the whole chain is read."""
-    seen: Exception | BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, sa.exc.DBAPIError) and (seen.connection_invalidated or is_transient(seen.orig)
-                                                     or _savepoint_gone(seen.orig)):
-            raise store_error(seen) from exc
-        seen = seen.__cause__ or seen.__context__
+    that caused it in the exception's context: :func:`~clerk_sync._db_errors.passing_cause` reads the chain."""
+    cause = passing_cause(exc)
+    if cause is not None:
+        raise store_error(cause) from exc
     if conn.dialect.name == "sqlite" and not conn.connection.driver_connection.in_transaction:  # type: ignore[union-attr]
         raise AppTableRolledBack("the app's table rolled back the whole transaction (a trigger's RAISE(ROLLBACK)): "
                                  "nothing was written; make the trigger RAISE(ABORT), which refuses only the row")
-
-
-def _savepoint_gone(orig: object) -> bool:
-    """MySQL/MariaDB 1305 on a savepoint: the transaction that held it was rolled back (a deadlock)."""
-    args: tuple[Any, ...] = tuple(getattr(orig, "args", ()))
-    return len(args) > 1 and args[0] == 1305 and "SAVEPOINT" in str(args[1]).upper()
 
 
 def check_at_once(conn: Connection) -> None:
@@ -688,7 +734,7 @@ _RAW_TYPES = (sa.String, sa.Integer, sa.Boolean, sa.DateTime, sa.Numeric, sa.Flo
 
 
 def _cte_sql(table: sa.Table, key: sa.Column[Any], names: list[str], mapped: MappedTable,
-             dialect: str) -> tuple[str | None, tuple[int, ...]]:
+             dialect: str, fixed: JSON) -> tuple[str | None, tuple[int, ...]]:
     """The mapped upsert as the ``mapped`` CTE of the one-statement delivery (see :meth:`SchemaMapping.cte`),
     and the positions of its JSON values; (None, ()) when the projection's own statements must be used
     instead (not PostgreSQL, linking, no plain unique index on the Clerk-id column, a type psycopg would
@@ -705,26 +751,42 @@ def _cte_sql(table: sa.Table, key: sa.Column[Any], names: list[str], mapped: Map
     if (dialect != "postgresql" or mapped.links or not _unique(table, key, plain=True)
             or not all(isinstance(t, _RAW_TYPES) and not isinstance(t, sa.Enum) for t in types)):
         return None, ()
-    insert, conflict = _mapped_upsert(table, key, names)
+    insert, conflict = _mapped_upsert(table, key, names, fixed)
     sql = f"mapped AS ({insert} SELECT {', '.join(['%s'] * (len(names) + 1))} FROM up {conflict})"  # noqa: S608
     return sql, tuple(i for i, typ in enumerate(types) if isinstance(typ, sa.JSON))
 
 
-def _mapped_upsert(table: sa.Table, key: sa.Column[Any], names: list[str]) -> tuple[str, str]:
+def _mapped_upsert(table: sa.Table, key: sa.Column[Any], names: list[str], fixed: JSON) -> tuple[str, str]:
     """The ``INSERT INTO .. (columns, Clerk id)`` and ``ON CONFLICT ..`` around the rows of a ``mapped`` CTE
-    (psycopg SQL): a row that already holds the values is left alone."""
+    (psycopg SQL): a row that already holds the values is left alone, and its delete-policy column the
+    app's (see :func:`_update_sets`)."""
     def q(name: str) -> str:  # a "%" in a name is psycopg's placeholder sign: doubled in the SQL text
         return _quote_ident(name).replace("%", "%%")
 
     t, k = q(table.name), q(key.name)
-    cols = [q(n) for n in names]
+    sets = _update_sets(table.name, names, fixed, q)
     # json has no equality operator: its values are compared as jsonb
-    cast = ["::jsonb" if isinstance(table.c[n].type, sa.JSON) else "" for n in names]
-    mine = ", ".join(f"{t}.{c}{x}" for c, x in zip(cols, cast, strict=True))
-    theirs = ", ".join(f"excluded.{c}{x}" for c, x in zip(cols, cast, strict=True))
-    update = (f"DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in cols)} "
-              f"WHERE ROW({mine}) IS DISTINCT FROM ROW({theirs})" if cols else "DO NOTHING")
-    return f"INSERT INTO {t} ({', '.join([*cols, k])})", f"ON CONFLICT ({k}) {update}"
+    json_columns = {q(n) for n in names if isinstance(table.c[n].type, sa.JSON)}
+    mine = ", ".join(f"{t}.{c}" + ("::jsonb" if c in json_columns else "") for c, _ in sets)
+    theirs = ", ".join(e + ("::jsonb" if c in json_columns else "") for c, e in sets)
+    update = (f"DO UPDATE SET {', '.join(f'{c} = {e}' for c, e in sets)} "
+              f"WHERE ROW({mine}) IS DISTINCT FROM ROW({theirs})" if sets else "DO NOTHING")
+    return f"INSERT INTO {t} ({', '.join([*(q(n) for n in names), k])})", f"ON CONFLICT ({k}) {update}"
+
+
+def _update_sets(table: str, names: list[str], fixed: JSON, quote: Callable[[str], str]) -> list[tuple[str, str]]:
+    """An upsert's ``SET`` for a row already there, as (column, expression): the mapped columns from
+    ``excluded``; the delete-policy column only where it holds nothing (``COALESCE(is_active, TRUE)``:
+    an app admin's own deactivation stays), SoftDelete's live NULL not at all (the app's own soft delete
+    stays). A new or linked row gets the live value (the INSERT, :meth:`_Projection._adopt`)."""
+    sets = []
+    for name in names:
+        column = quote(name)
+        if name not in fixed:
+            sets.append((column, f"excluded.{column}"))
+        elif fixed[name] is not None:
+            sets.append((column, f"COALESCE({quote(table)}.{column}, excluded.{column})"))
+    return sets
 
 
 @dataclass(frozen=True, slots=True)
@@ -809,7 +871,7 @@ def _wave(table: sa.Table, key: sa.Column[Any], names: list[str], projection: _P
     def row(values: JSON) -> list[Any]:
         return [convert(value) for convert, value in zip(converters, projection.row(values), strict=True)]
 
-    insert, conflict = _mapped_upsert(table, key, names)
+    insert, conflict = _mapped_upsert(table, key, names, projection.fixed)
     # JSON columns come as their text, read as jsonb as psycopg's Jsonb parameter is (into a json column too)
     values = ", ".join([*(f"v.m{i}::jsonb" if isinstance(t, sa.JSON) else f"v.m{i}" for i, t in enumerate(types)),
                         "v.clerk_id"])
@@ -826,7 +888,7 @@ def _as_column_value(column: sa.Column[Any], external_id: str) -> Any:
     except NotImplementedError:
         return external_id
     if python_type is int:
-        return int(external_id) if external_id.lstrip("-").isdigit() else None
+        return _as_int(external_id)  # ("--5" and "²" passed str.isdigit, then int() raised)
     if python_type is uuid.UUID:  # a uuid primary key (PostgreSQL's uuid, SQLAlchemy's Uuid)
         try:
             return uuid.UUID(external_id) if getattr(column.type, "as_uuid", True) else external_id
@@ -838,10 +900,16 @@ def _as_column_value(column: sa.Column[Any], external_id: str) -> Any:
 def _unique(table: sa.Table, column: sa.Column[Any], *, plain: bool = False) -> bool:
     """Whether ``column`` alone is unique in the reflected ``table`` (index or constraint)."""
     # plain: not a partial index (ON CONFLICT (column) cannot infer one without its predicate)
-    indexes = [list(i.columns) for i in table.indexes
-               if i.unique and not (plain and i.dialect_options["postgresql"].get("where") is not None)]
+    indexes = [list(i.columns) for i in table.indexes if i.unique and not (plain and _partial(i) is not None)]
     constraints = [list(c.columns) for c in table.constraints if isinstance(c, sa.UniqueConstraint)]
     return any(len(cols) == 1 and cols[0].name == column.name for cols in indexes + constraints)
+
+
+def _partial(index: sa.Index) -> Any:
+    """A partial index's predicate (``WHERE clerk_user_id IS NOT NULL``, Django's ``condition=``), as
+    PostgreSQL's and SQLite's reflection give it; None for a plain index."""
+    where = index.dialect_options["postgresql"].get("where")
+    return where if where is not None else index.dialect_options["sqlite"].get("where")
 
 
 def _skip_expression_index_warning() -> None:
@@ -889,7 +957,7 @@ def check_schema(conn: Connection, mapping: SchemaMapping) -> list[tuple[str, st
     """Problems of the live schema against the mapping, as (severity, what to fix); empty when fine."""
     inspector = sa.inspect(conn)
     problems: list[tuple[str, str]] = []
-    for mapped in mapping.tables.values():
+    for entity, mapped in mapping.tables.items():
         name = mapped.table
         if not inspector.has_table(name):
             problems.append(("fail", f"table {name!r} does not exist: create it (the mapping writes existing tables)"))
@@ -924,12 +992,9 @@ def check_schema(conn: Connection, mapping: SchemaMapping) -> list[tuple[str, st
         if mapped.clerk_id_column in columns and (mapped.clerk_id_column,) not in unique:
             problems.append(("fail", f"{name}.{mapped.clerk_id_column} has no unique index: run "
                                      "`clerk-sync migrate --mapping ...`"))
-        written = {mapped.clerk_id_column, *mapped.columns, *([policy[0]] if policy else [])}
-        for column, info in columns.items():
-            if (column not in written and not info.get("nullable", True) and info.get("default") is None
-                    and not info.get("autoincrement") and column not in _primary_key(inspector, name)):
-                problems.append(("fail", f"{name}.{column} is NOT NULL without a default and not mapped: inserts "
-                                         "of new Clerk entities will fail; map it or give it a default"))
+        elif mapped.clerk_id_column in columns:
+            problems += _clerk_id_problems(inspector, entity, mapped, columns[mapped.clerk_id_column])
+        problems += _insert_problems(inspector, entity, mapped, columns)
         for column, col in mapped.resolved().items():  # erasure clears them whatever the policy
             if (col.is_personal and column in columns
                     and _cleared(columns[column].get("nullable", True), columns[column]["type"], col,
@@ -938,6 +1003,108 @@ def check_schema(conn: Connection, mapping: SchemaMapping) -> list[tuple[str, st
                                          "it to (a number or date without a default, or UNIQUE): erasure (and "
                                          "Anonymise) leave it; let the column be NULL or make it text"))
     return problems
+
+
+# Clerk's ids today: a prefix and 27 characters; clerk-sync's own columns take CLERK_ID_CHARS.
+_ID_PREFIX = {Entity.USER: "user_", Entity.ORGANIZATION: "org_", Entity.MEMBERSHIP: "orgmem_"}
+
+
+def _clerk_id_problems(inspector: Any, entity: Entity, mapped: MappedTable, info: Any) -> list[tuple[str, str]]:
+    """The Clerk-id column too narrow for Clerk's ids (SQLite does not enforce a length), and a unique index
+    on it that is only partial (each row then takes an UPDATE, then an INSERT, not one upsert)."""
+    name, column = mapped.table, mapped.clerk_id_column
+    problems: list[tuple[str, str]] = []
+    length = getattr(info["type"], "length", None)
+    if inspector.dialect.name != "sqlite" and isinstance(length, int) and length < CLERK_ID_CHARS:
+        widen = (f"ALTER TABLE {name} ALTER COLUMN {column} TYPE varchar({CLERK_ID_CHARS})"
+                 if inspector.dialect.name == "postgresql" else
+                 f"ALTER TABLE {name} MODIFY {column} VARCHAR({CLERK_ID_CHARS}) CHARACTER SET utf8mb4 COLLATE "
+                 "utf8mb4_bin (restate NOT NULL, DEFAULT and COMMENT if it has them)")
+        if length < len(_ID_PREFIX[entity]) + 27:
+            problems.append(("fail", f"{name}.{column} holds {length} characters and Clerk's ids there "
+                                     f"({_ID_PREFIX[entity]}...) have {len(_ID_PREFIX[entity]) + 27}: every row is "
+                                     f"refused; widen it: {widen}"))
+        else:
+            problems.append(("warn", f"{name}.{column} holds {length} characters; Clerk's ids may grow to "
+                                     f"{CLERK_ID_CHARS} (clerk-sync's own columns take that): widen it: {widen}"))
+    extra = {"include_auto_indexes": True} if inspector.dialect.name == "sqlite" else {}
+    indexes = [i for i in inspector.get_indexes(name, **extra) if i.get("unique") and i["column_names"] == [column]]
+    predicates = [(i.get("dialect_options") or {}).get(f"{inspector.dialect.name}_where") for i in indexes]
+    constrained = any(u["column_names"] == [column] for u in inspector.get_unique_constraints(name))
+    if predicates and None not in predicates and not constrained:
+        problems.append(("warn", f"{name}.{column} is unique only through a partial index (WHERE {predicates[0]}): "
+                                 "each delivery's row is written with an UPDATE, then an INSERT, not one upsert "
+                                 "(nor in the delivery's own statement on PostgreSQL); a plain unique index allows "
+                                 f"many NULLs too: CREATE UNIQUE INDEX uq_{name}_{column} ON {name} ({column})"))
+    return problems
+
+
+def _insert_problems(inspector: Any, entity: Entity, mapped: MappedTable,
+                     columns: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """What refuses a new row at runtime: a NOT NULL column nothing fills (not mapped, no database default:
+    a primary key whose default is the app's code, Django's ``UUIDField(default=uuid.uuid4)``), or a mapped
+    one whose source can be empty (a user without a last name) with no Column ``default``."""
+    name, problems = mapped.table, []
+    policy = _policy_column(mapped)
+    written = {mapped.clerk_id_column, *mapped.columns, *([policy[0]] if policy else [])}
+    pk = _primary_key(inspector, name)
+    for column, info in columns.items():
+        if column in written or info.get("nullable", True) or _database_fills(inspector.dialect.name, info, pk):
+            continue
+        if column in pk:
+            problems.append(("fail", f"{name}.{column} is the primary key and the database gives it no value (a "
+                                     "default in the app's code, as Django's UUIDField(default=uuid.uuid4), is not "
+                                     "applied to clerk-sync's inserts): every new row is refused; give it a database "
+                                     f"default: {_pk_default(inspector.dialect.name, name, column, info['type'])}"))
+        else:
+            problems.append(("fail", f"{name}.{column} is NOT NULL without a default and not mapped: inserts "
+                                     "of new Clerk entities will fail; map it or give it a default"))
+    resolved = mapped.resolved()
+    for column, col in resolved.items():
+        if column in columns and not columns[column].get("nullable", True) and _may_be_empty(entity, col):
+            how = f"{col.source!r}" + (f" (transform {col.transform!r})" if col.transform else "")
+            problems.append(("warn", f"{name}.{column} is NOT NULL and its source {how} can be empty: those rows "
+                                     f"are refused (the rest of the delivery applies); give the mapping's Column a "
+                                     f"default, Column({col.source!r}, default=...), or let the column be NULL"))
+    if policy is not None and policy[0] in columns and not columns[policy[0]].get("nullable", True) and isinstance(
+            mapped.on_delete, SoftDelete | Anonymise):
+        problems.append(("fail", f"{name}.{policy[0]} is NOT NULL, and a live row's deletion time is NULL: every "
+                                 "new row is refused; let the column be NULL"))
+    return problems
+
+
+def _database_fills(dialect: str, info: Any, pk: set[str]) -> bool:
+    """Whether the database gives the column a value on an INSERT that leaves it out: a default, an identity
+    or auto-increment, a generated column, or SQLite's rowid (a lone ``INTEGER PRIMARY KEY``)."""
+    rowid = dialect == "sqlite" and pk == {info["name"]} and str(info["type"]).upper() == "INTEGER"
+    return bool(info.get("default") is not None or info.get("autoincrement") is True or info.get("identity")
+                or info.get("computed") or rowid)
+
+
+def _pk_default(dialect: str, table: str, column: str, type_: Any) -> str:
+    """The statement that gives a primary key a database-side value (an identity, or a random uuid)."""
+    if isinstance(type_, sa.Integer):
+        return {"postgresql": f"ALTER TABLE {table} ALTER COLUMN {column} ADD GENERATED BY DEFAULT AS IDENTITY",
+                "sqlite": "declare it INTEGER PRIMARY KEY (a new table: SQLite cannot alter a column)"}.get(
+            dialect, f"ALTER TABLE {table} MODIFY {column} {type_} NOT NULL AUTO_INCREMENT")
+    return {"postgresql": f"ALTER TABLE {table} ALTER COLUMN {column} SET DEFAULT gen_random_uuid()",
+            "sqlite": "DEFAULT (lower(hex(randomblob(16)))) (a new table: SQLite cannot alter a column)"}.get(
+        dialect, f"ALTER TABLE {table} ALTER COLUMN {column} SET DEFAULT (uuid())")
+
+
+def _may_be_empty(entity: Entity, col: Column) -> bool:
+    """Whether a mapped Column's value can be None (then the table refuses it in a NOT NULL column): a
+    metadata path, ``full_name``, a record field that may be None, an ``int``/``bool`` transform; not with a
+    ``default``, nor a ``compute`` (whose values are the app's to know)."""
+    if col.default is not None or col.compute is not None:
+        return False
+    if col.transform in ("int", "bool") or col.source is None or "." in col.source:
+        return True
+    found = _RECORD_FIELDS[entity].get(col.source)
+    return found is None or "None" in str(found.type)
+
+
+_RECORD_FIELDS = {entity: {f.name: f for f in dataclasses.fields(record)} for entity, record in _RECORDS.items()}
 
 
 def _mysql_collation(conn: Connection, table: str, column: str) -> tuple[str, str, bool]:
@@ -985,21 +1152,51 @@ def migrate_schema(conn: Connection, mapping: SchemaMapping) -> list[str]:
     from alembic.migration import MigrationContext
     from alembic.operations import Operations
 
-    ops = Operations(MigrationContext.configure(conn))
-    inspector = sa.inspect(conn)
     done: list[str] = []
-    for mapped in mapping.tables.values():
-        name = mapped.table
-        columns = {c["name"] for c in inspector.get_columns(name)}
-        policy = _policy_column(mapped)
-        wanted: list[tuple[str, sa.types.TypeEngine[Any]]] = [(mapped.clerk_id_column, _CLERK_ID_TYPE)]
-        for column, type_ in [*wanted, *([policy] if policy else [])]:
-            if column not in columns:
-                ops.add_column(name, sa.Column(column, type_, nullable=True))
-                done.append(f"added {name}.{column}")
-        unique = _unique_sets(inspector, name)
-        if (mapped.clerk_id_column,) not in unique:
-            index = f"uq_{name}_{mapped.clerk_id_column}"
-            ops.create_index(index, name, [mapped.clerk_id_column], unique=True)
-            done.append(f"created unique index {index}")
+    with _without_statement_bound(conn):
+        ops = Operations(MigrationContext.configure(conn))
+        inspector = sa.inspect(conn)
+        for mapped in mapping.tables.values():
+            name = mapped.table
+            columns = {c["name"] for c in inspector.get_columns(name)}
+            policy = _policy_column(mapped)
+            wanted: list[tuple[str, sa.types.TypeEngine[Any]]] = [(mapped.clerk_id_column, _CLERK_ID_TYPE)]
+            for column, type_ in [*wanted, *([policy] if policy else [])]:
+                if column not in columns:
+                    ops.add_column(name, sa.Column(column, type_, nullable=True))
+                    done.append(f"added {name}.{column}")
+            unique = _unique_sets(inspector, name)
+            if (mapped.clerk_id_column,) not in unique:
+                index = f"uq_{name}_{mapped.clerk_id_column}"
+                ops.create_index(index, name, [mapped.clerk_id_column], unique=True)
+                done.append(f"created unique index {index}")
     return done
+
+
+@contextmanager
+def _without_statement_bound(conn: Connection) -> Iterator[None]:
+    """The service's statement bound (``DatabaseTimeouts.statement_s``, 15 s) lifted for migrate's DDL, then
+    put back: a unique index built on a populated app table takes as long as it takes (clerk-sync's own
+    migrations lift it too). The lock bound stays: DDL queued behind live traffic would block every query on
+    its table. PostgreSQL: ``SET LOCAL`` (this transaction only); MariaDB: ``max_statement_time``, which
+    bounds DDL too (MySQL's ``max_execution_time`` bounds SELECTs only); SQLite has none."""
+    if conn.dialect.name == "postgresql":
+        before = conn.exec_driver_sql("SELECT current_setting('statement_timeout')").scalar()
+        conn.exec_driver_sql("SET LOCAL statement_timeout = 0")
+        yield  # (a failure aborted the transaction, and its rollback ends SET LOCAL)
+        conn.execute(sa.select(sa.func.set_config("statement_timeout", before, True)))
+        return
+    if not getattr(conn.dialect, "is_mariadb", False):
+        yield
+        return
+    conn.exec_driver_sql("SET @clerk_sync_statement_time = @@SESSION.max_statement_time, "
+                         "SESSION max_statement_time = 0")
+    restore = "SET SESSION max_statement_time = @clerk_sync_statement_time"
+    try:
+        yield
+    except BaseException:
+        if not conn.invalidated:  # best effort: a failing restore must not hide why the DDL failed
+            with suppress(sa.exc.SQLAlchemyError):
+                conn.exec_driver_sql(restore)
+        raise
+    conn.exec_driver_sql(restore)

@@ -31,7 +31,7 @@ import structlog
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from clerk_sync._db_errors import driver_cursor, store_error
+from clerk_sync._db_errors import driver_cursor, passing_cause, store_error
 from clerk_sync._mentions import Mentions
 from clerk_sync.changes import BOOKKEEPING, Change, Hook, change_type
 from clerk_sync.engine import Entity, Tombstone, Upsert
@@ -156,10 +156,11 @@ class Outbox:
             except StoreError:
                 raise  # transient: the unit of work is retried
             except sa.exc.SQLAlchemyError as exc:
-                refused = store_error(exc)
-                if not isinstance(refused, StoreDataError):
-                    raise
-                reason = str(refused)
+                if passing_cause(exc) is not None:
+                    raise  # the connection, a bounded wait, a deadlock, the server: the unit of work is retried
+                # anything else the database said is about this row (an app trigger's RAISE EXCEPTION or
+                # SIGNAL, which no error class marks as the data's): the same row would be refused again
+                reason = str(store_error(exc))
             except Exception as exc:  # SQLAlchemy's processors on SQLite's direct path, a compute that raised
                 # (a KeyError on a metadata key the user removed must not hold back their ban); its message may
                 # quote the value: only its type is kept
@@ -381,8 +382,13 @@ def extend(conn: Connection, jobs: Sequence[Job], until: datetime) -> int:
 
 
 def fail(conn: Connection, job: Job, error: str, retry_at: datetime | None) -> bool:
-    """Record a failed attempt: pending again at ``retry_at``, or dead when it is None."""
-    values: JSON = {"status": "pending" if retry_at else "dead", "last_error": error[:2000],
+    """Record a failed attempt: pending again at ``retry_at``, or dead when it is None. A job whose payload
+    was redacted meanwhile (its user erased while the handler ran) keeps only the exception's name: the
+    handler's message may quote the person, and no later redaction would find it."""
+    j = hook_jobs
+    redacted = j.c.payload["redacted"].as_string().is_not(None)
+    last_error = sa.case((redacted, _redacted_error(error)), else_=sa.literal(error[:2000], j.c.last_error.type))
+    values: JSON = {"status": "pending" if retry_at else "dead", "last_error": last_error,
                     "lease_until": None, "claim_token": None}
     if retry_at is not None:
         values["available_at"] = retry_at

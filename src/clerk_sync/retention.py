@@ -4,8 +4,10 @@
 included) and the client's IP. After ``redact_after`` the payloads of applied, skipped and ignored
 deliveries are reduced to ids, types and versions (:func:`redact_payload`): the ``svix_id`` column
 still catches a retried delivery, and ordering lives in the contract tables' ``clerk_updated_at``, so
-neither needs the rest. After ``delete_after`` those rows are deleted. ``failed`` deliveries are kept
-whole until replayed (or removed by hand): their payload is what a replay needs.
+neither needs the rest; their ``last_error`` becomes ``(redacted)`` (an app's error message may quote the
+person). After ``delete_after`` those rows are deleted. ``failed`` deliveries are kept whole until
+replayed (or removed by hand): their payload is what a replay needs (one about a user deleted or erased
+already is stored redacted: ``ingest``).
 
 **Dead hook jobs.** A job queued that long ago (``created_at``) and left ``dead`` is redacted the same way
 after ``redact_after`` (:func:`~clerk_sync.outbox.redact_jobs`: ids and version kept, the change's values
@@ -22,8 +24,10 @@ consults (``store._NOT_ERASED``). The digests are written and committed before t
 deleted, so at every moment either the tombstone or the digest is there for a racing insert to see.
 
 **Erasure** (:meth:`Retention.erase_user`): tombstones the user now (memberships too), clears the
-row, redacts every stored payload that mentions the user's id or e-mail addresses, and writes an
-audit row, in one transaction.
+row, redacts every stored payload and ``last_error`` that mentions the user's id or e-mail addresses,
+and writes an audit row, in one transaction, with no statement time limit (it searches the whole inbox).
+The deletion goes to the store's mapped tables and hooks, also when the user was deleted before (an
+erasure run again with them: idempotent).
 
 Several replicas may prune at once: each batch is one short transaction over at most ``batch`` rows,
 picked with ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, and every statement is idempotent.
@@ -31,24 +35,28 @@ picked with ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, and every statement is ide
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql, postgresql, sqlite
+from sqlalchemy.engine import Connection
 
+from clerk_sync._db_errors import is_transient
 from clerk_sync._mentions import Mentions
 from clerk_sync.auth.audit import AuditEntry, record_audit
+from clerk_sync.changes import Change
 from clerk_sync.config import Settings
 from clerk_sync.engine import DeliveryStatus, Entity, Tombstone
-from clerk_sync.errors import UnknownUser
+from clerk_sync.errors import StoreError, UnknownUser
 from clerk_sync.mapping import folded_like, unicode_lower
 from clerk_sync.metrics import Metrics
-from clerk_sync.outbox import delete_jobs, redact_jobs
+from clerk_sync.outbox import FIELDS, Outbox, delete_jobs, redact_jobs
 from clerk_sync.store import Store, Writer, dialect_family, erased_digest, is_erased
 from clerk_sync.tables import erased, hook_jobs, organization_memberships, organizations, users, webhook_events
 
@@ -60,6 +68,9 @@ _ENVELOPE_KEEP = ("type", "object", "timestamp", "instance_id")
 _DATA_KEEP = ("id", "object", "deleted", "created_at", "updated_at", "user_id", "organization_id",
               "expire_at", "status")
 _NESTED_ID = ("organization", "public_user_data", "payer")
+# A redacted delivery's ``last_error``: the reasons may quote the person (an app's error message), and with the
+# payload reduced to ids there is nothing left to replay or fix.
+_REDACTED_ERROR = "(redacted)"
 # Personal columns and their cleared values (NOT NULL JSON columns get an empty value).
 _CLEARED: dict[sa.Table, dict[str, Any]] = {
     users: {"email": None, "email_addresses": [], "first_name": None, "last_name": None, "username": None,
@@ -273,7 +284,19 @@ class Retention:
         """
         if not could_be_user_id(clerk_id):
             raise ValueError(f"erase_user needs a Clerk user id (user_...), not {clerk_id!r}")
-        with self.store.transaction() as writer:
+        try:
+            return self._erase_user(clerk_id, actor, reason, allow_unknown=allow_unknown)
+        except StoreError as exc:
+            if not is_transient(getattr(exc.__cause__, "orig", None)):
+                raise
+            raise StoreError(
+                f"{exc}. If it runs out again (a delivery for this user in progress, a stuck replica), raise "
+                "CLERK_SYNC_DB_LOCK_TIMEOUT_S or CLERK_SYNC_DB_IDLE_IN_TRANSACTION_TIMEOUT_S for this command (an "
+                "erasure's statements have no time limit)") from exc
+
+    def _erase_user(self, clerk_id: str, actor: str | None, reason: str | None, *,
+                    allow_unknown: bool) -> ErasureReport:
+        with self.store.transaction() as writer, _statements_unbounded(writer.conn):
             row = writer.conn.execute(
                 sa.select(users.c.email, users.c.email_addresses).where(users.c.clerk_id == clerk_id)
             ).first()
@@ -285,7 +308,9 @@ class Retention:
                 raise UnknownUser(f"no user {clerk_id!r} in this database (no row, no stored event): check the "
                                   "id; erase one never synced only with allow_unknown (CLI: --force)")
             mentions = Mentions({clerk_id, *_emails(row), *delivered})
-            writer.apply(Tombstone(Entity.USER, clerk_id, int(writer.now.timestamp() * 1000)))
+            if not writer.apply(Tombstone(Entity.USER, clerk_id, int(writer.now.timestamp() * 1000))) \
+                    and writer.outbox is not None:
+                _pass_deletion_on(writer, writer.outbox, clerk_id)
             writer.conn.execute(users.update().where(users.c.clerk_id == clerk_id).values(**_CLEARED[users]))
             redacted = _redact_mentions(writer, mentions)
             # Issue 11: the app's mapped table and queued hook jobs hold personal data too.
@@ -297,6 +322,56 @@ class Retention:
                 details["mapped_refused"] = list(refused)
             record_audit(writer, AuditEntry("user.erased", actor, clerk_id, details=details))
         return ErasureReport(clerk_id, row is not None, redacted, refused)
+
+
+def _pass_deletion_on(writer: Writer, outbox: Outbox, clerk_id: str) -> None:
+    """The user was deleted before (Clerk's ``user.deleted``, an erasure run without the mapping or the hooks),
+    so the tombstone changed nothing and told neither: the deletion goes to the app's mapped tables and the
+    hooks now, with the version it had (delete policies are idempotent; a job repeats its idempotency key).
+    The memberships deleted with the user go first, as they do on the deletion itself."""
+    u, m = users, organization_memberships
+    row = writer.conn.execute(sa.select(u.c.clerk_updated_at, u.c.deleted_at).where(u.c.clerk_id == clerk_id)).first()
+    if row is None or row.deleted_at is None:  # hard-deleted (its digest says nothing of when)
+        outbox.record(Change(Entity.USER, clerk_id, "deleted", int(writer.now.timestamp() * 1000), {}))
+        return
+    columns = [m.c[name] for name in FIELDS[Entity.MEMBERSHIP]]
+    for member in writer.conn.execute(sa.select(*columns).where(m.c.user_clerk_id == clerk_id,
+                                                                 m.c.deleted_at == row.deleted_at)).all():
+        values = dict(member._mapping)
+        outbox.record(Change(Entity.MEMBERSHIP, values["clerk_id"], "deleted", row.clerk_updated_at, values))
+    outbox.record(Change(Entity.USER, clerk_id, "deleted", row.clerk_updated_at, {}))
+
+
+@contextlib.contextmanager
+def _statements_unbounded(conn: Connection) -> Iterator[None]:
+    """No statement time limit in this transaction: an erasure searches every stored payload, which on a
+    large inbox takes longer than the bound deliveries keep (``CLERK_SYNC_DB_STATEMENT_TIMEOUT_S``; 700,000
+    deliveries took over 15 s on PostgreSQL). MySQL/MariaDB have only a session variable: set back after."""
+    family = dialect_family(conn.dialect)
+    if family == "postgresql":
+        conn.exec_driver_sql("SET LOCAL statement_timeout = 0")  # (ends with the transaction)
+    if family != "mysql":
+        yield
+        return
+    name = "max_statement_time" if getattr(conn.dialect, "is_mariadb", False) else "max_execution_time"
+    saved = conn.exec_driver_sql(f"SELECT @@SESSION.{name}").scalar()
+    conn.exec_driver_sql(f"SET SESSION {name} = 0")
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(sa.exc.SQLAlchemyError):
+            _set_back(conn, name, saved)
+        raise
+    _set_back(conn, name, saved)
+
+
+def _set_back(conn: Connection, name: str, value: Any) -> None:
+    """Restore a session variable; a connection where that failed never goes back to the pool unbounded."""
+    try:
+        conn.execute(sa.text(f"SET SESSION {name} = :value"), {"value": value})
+    except sa.exc.SQLAlchemyError:
+        conn.invalidate()
+        raise
 
 
 def _mark_erased(writer: Writer, entity: Entity, clerk_ids: list[str]) -> None:
@@ -396,14 +471,27 @@ def _user_events(writer: Writer, clerk_id: str) -> tuple[bool, set[str]]:
 
 def _redact_mentions(writer: Writer, mentions: Mentions) -> int:
     """Redact every stored payload (any status) that names the person: rows found by a text search, kept
-    when their parsed payload names one of the needles as a whole (:class:`~clerk_sync._mentions.Mentions`)."""
+    when their parsed payload names one of the needles as a whole (:class:`~clerk_sync._mentions.Mentions`).
+    A ``last_error`` that names them is redacted too, also where the payload already was (an app's error
+    message, a link refusal of an older release quoted the address); returns the payloads redacted."""
     e = webhook_events
     text, lower = sa.cast(e.c.payload, sa.Text), unicode_lower(writer.conn)
-    query = sa.select(e.c.id, e.c.payload).where(
-        e.c.redacted_at.is_(None), sa.or_(*(folded_like(lower, text, n) for n in mentions.patterns())))
-    rows = [(row.id, row.payload) for row in writer.conn.execute(query) if mentions.in_document(_as_dict(row.payload))]
-    _store_redacted(writer, rows)
-    return len(rows)
+    patterns = mentions.patterns()
+    query = sa.select(e.c.id, e.c.payload, e.c.redacted_at, e.c.last_error).where(sa.or_(
+        sa.and_(e.c.redacted_at.is_(None), sa.or_(*(folded_like(lower, text, n) for n in patterns))),
+        sa.and_(e.c.last_error.is_not(None), e.c.last_error != _REDACTED_ERROR,
+                sa.or_(*(folded_like(lower, e.c.last_error, n) for n in patterns)))))
+    payloads: list[tuple[int, Any]] = []
+    errors: list[int] = []
+    for row in writer.conn.execute(query):
+        if row.redacted_at is None and mentions.in_document(_as_dict(row.payload)):
+            payloads.append((row.id, row.payload))
+        elif mentions.in_text(row.last_error):
+            errors.append(row.id)
+    _store_redacted(writer, payloads)
+    if errors:
+        writer.conn.execute(e.update().where(e.c.id.in_(errors)).values(last_error=_REDACTED_ERROR))
+    return len(payloads)
 
 
 def _store_redacted(writer: Writer, rows: list[tuple[int, Any]]) -> None:
@@ -411,7 +499,8 @@ def _store_redacted(writer: Writer, rows: list[tuple[int, Any]]) -> None:
         return
     e = webhook_events
     stmt = e.update().where(e.c.id == sa.bindparam("row_id")).values(
-        payload=sa.bindparam("new_payload", type_=e.c.payload.type), redacted_at=writer.now)
+        payload=sa.bindparam("new_payload", type_=e.c.payload.type), redacted_at=writer.now,
+        last_error=sa.case((e.c.last_error.is_not(None), _REDACTED_ERROR)))
     writer.conn.execute(stmt, [{"row_id": i, "new_payload": redact_payload(_as_dict(p))} for i, p in rows])
 
 

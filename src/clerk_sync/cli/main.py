@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -77,7 +78,9 @@ def serve(
     )] = True,
 ) -> None:
     """Run the webhook sync service: POST /webhooks/clerk, /healthz, /readyz, /metrics."""
-    if workers > 1:
+    # One worker with PROMETHEUS_MULTIPROC_DIR set (prometheus_client is then in multiprocess mode) takes a
+    # fresh directory inside it too: the files of earlier runs there would add their counts to this one's.
+    if workers > 1 or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         with _shared_metrics():
             _serve(host, port, workers, json_logs, hooks, mapping, migrate_first, dispatch)
         return
@@ -273,6 +276,9 @@ def users_erase(
     actor: Annotated[str | None, typer.Option(help="Clerk id of the admin acting (audit log).")] = None,
     mapping: Annotated[str | None, typer.Option(help=MAPPING_HELP + " Its row's personal columns are cleared "
                                                      "too (the app's mapped tables are not known otherwise).")] = None,
+    hooks: Annotated[str | None, typer.Option(help=HOOKS_HELP + " The hooks that want user.deleted get a job (run "
+                                                 "by `serve` or `clerk-sync worker`), as for Clerk's own deletion, "
+                                                 "which arrives after the erasure and changes nothing.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Erase an id this database has never seen (no row, no "
                                                         "stored event): a tombstone is written so its events never "
                                                         "land. Without it such an id (a typo?) is refused.")] = False,
@@ -281,12 +287,13 @@ def users_erase(
 
     The row stays as a tombstone with personal columns cleared, so no late event brings it back.
     Delete the user in Clerk too, or the next reconcile cannot restore them either (the tombstone
-    is final) but Clerk still holds their data. With mapped tables, pass the mapping as ``serve`` does.
+    is final) but Clerk still holds their data. Pass the mapping and the hooks as ``serve`` does: the
+    deletion reaches them only from here. Run again with them, it passes the deletion on (idempotent).
     """
     from clerk_sync.retention import Retention, UnknownUser
 
     settings = _settings()
-    store = Store.from_settings(settings, mapping=load_mapping(mapping))
+    store = Store.from_settings(settings, hooks=load_hooks(hooks) if hooks else (), mapping=load_mapping(mapping))
     try:
         _check_user_id(store, clerk_id)
         report = Retention(store).erase_user(clerk_id, actor=actor, reason=reason, allow_unknown=force)
@@ -303,9 +310,13 @@ def users_erase(
         console.print(f"[red]error:[/] {refused}: clear it in the app's table (see `clerk-sync doctor --mapping`)")
     if report.mapped_refused:  # clerk-sync's rows are erased, the request is not done: a script must see it
         raise SystemExit(1)
-    if mapping is None:
-        typer.echo("the app's mapped tables were not touched: with a mapping, run this again with "
-                   "--mapping module:attribute (it is idempotent)")
+    untold = [(what, option) for what, option, given in (
+        ("the app's mapped tables were not touched", "--mapping module:attribute", mapping),
+        ("no hook job was queued", "--hooks module:attribute", hooks)) if given is None]
+    if untold:  # Clerk's user.deleted, arriving after the erasure, finds the tombstone and tells them nothing
+        typer.echo(f"{' and '.join(what for what, _ in untold)}: if `serve` runs with "
+                   f"{' or '.join(option for _, option in untold)}, run this again with the same (it is "
+                   "idempotent: the deletion is passed on then)")
 
 
 def _check_user_id(store: Store, clerk_id: str) -> None:
@@ -390,10 +401,21 @@ def _shared_metrics() -> Iterator[None]:
         os.makedirs(parent, exist_ok=True)
     metrics_dir = tempfile.mkdtemp(prefix="clerk-sync-metrics-", dir=parent)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    # uvicorn re-raises SIGTERM once its graceful shutdown is done; with the default action the process
+    # would die there, before this block's cleanup. As SystemExit, the directory is removed on the way out.
+    sigterm_default = signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    if sigterm_default:
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         yield
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
+        if sigterm_default:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 @app.command()
