@@ -126,3 +126,30 @@ def test_promote_without_a_secret_key_says_what_to_set(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert "Error: promote needs CLERK_SECRET_KEY" in result.output
     clerk_state(app).close()
+
+
+def test_reconcile_stops_before_a_mass_delete_unless_allowed(tmp_path: Path) -> None:
+    """Review: the runbook's way past the mass-delete stop (`--allow-mass-delete`) existed only in
+    `clerk-sync reconcile`; `flask clerk-sync reconcile` could not pass it."""
+    from clerk_sync.engine import Entity, Upsert
+    from clerk_sync.events import user_record
+    from clerk_sync.reconcile import MASS_DELETE_FLOOR
+
+    url = f"sqlite:///{tmp_path / 'mass.db'}"
+    with EmulatorServer(rate_limit_requests=1000) as clerk:  # lists none of the rows below
+        app = flask_app(DATABASE_URL=url, CLERK_SECRET_KEY=clerk.secret_key, CLERK_API_URL=clerk.url)
+        cli = app.test_cli_runner()
+        assert cli.invoke(args=["clerk-sync", "migrate"]).exit_code == 0
+        store = clerk_state(app).store
+        with store.transaction() as w:
+            for i in range(MASS_DELETE_FLOOR + 1):
+                w.apply(Upsert(Entity.USER, user_record(f.user(f"user_gone_{i:03d}", 1))))
+        stopped = cli.invoke(args=["clerk-sync", "reconcile"])
+        assert stopped.exit_code != 0 and "--allow-mass-delete" in stopped.output, stopped.output
+        with store.connect() as conn:
+            assert conn.execute(sa.select(sa.func.count()).where(users.c.deleted_at.is_(None))).scalar() == 101
+        allowed = cli.invoke(args=["clerk-sync", "reconcile", "--allow-mass-delete"])
+        assert allowed.exit_code == 0, allowed.output
+        with store.connect() as conn:
+            assert conn.execute(sa.select(sa.func.count()).where(users.c.deleted_at.is_(None))).scalar() == 0
+    clerk_state(app).close()

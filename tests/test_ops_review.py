@@ -129,6 +129,15 @@ def test_tombstones_deleted_before_they_are_cleared_is_an_invalid_setting() -> N
 
 
 
+def test_a_blank_tombstone_delete_age_means_unset_as_for_the_other_optional_settings() -> None:
+    """Review: `CLERK_SYNC_TOMBSTONE_DELETE_AFTER_DAYS=` (exported empty) was "not a valid number", where
+    every other optional setting reads blank as unset."""
+    from clerk_sync.config import Settings
+
+    assert Settings.from_env({"CLERK_SYNC_TOMBSTONE_DELETE_AFTER_DAYS": " "}).tombstone_delete_after_days is None
+    assert Settings.from_env({"CLERK_SYNC_TOMBSTONE_DELETE_AFTER_DAYS": "30"}).tombstone_delete_after_days == 30
+
+
 @pytest.mark.parametrize(("name", "value", "said"), [
     ("CLERK_SYNC_DB_LOCK_TIMEOUT_S", "inf", "a finite number"),
     ("CLERK_SYNC_INBOX_REDACT_AFTER_DAYS", "1e400", "a finite number"),

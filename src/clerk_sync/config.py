@@ -154,7 +154,7 @@ class Settings(BaseSettings):
 
     @field_validator("instance_id", "redis_url", "webhook_secret", "clerk_secret_key", "clerk_api_rate_limit",
                      "clerk_jwt_key", "clerk_jwks_url", "clerk_issuer", "authorized_parties_raw",
-                     "console_operator_token", mode="before")
+                     "console_operator_token", "tombstone_delete_after_days", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         # `export CLERK_ISSUER=` means "not set", not "the empty issuer".

@@ -204,6 +204,25 @@ def test_manage_py_replay_promote_and_reconcile(client_world: World) -> None:
     assert read_user(store, late["id"]) is not None
 
 
+def test_manage_py_reconcile_stops_before_a_mass_delete_unless_allowed(client_world: World) -> None:
+    """Review: `--allow-mass-delete`, the runbook's way past the stop, was `clerk-sync reconcile`'s only."""
+    from clerk_sync.engine import Entity, Upsert
+    from clerk_sync.events import user_record
+    from clerk_sync.reconcile import MASS_DELETE_FLOOR
+
+    store = client_world.store
+    with store.transaction() as w:  # rows the emulator (Clerk) does not list
+        for i in range(MASS_DELETE_FLOOR + 1):
+            w.apply(Upsert(Entity.USER, user_record(f.user(f"user_gone_{i:03d}", 1))))
+    with pytest.raises(Exception, match="--allow-mass-delete"):
+        call_command("clerk_sync", "reconcile", stdout=StringIO())
+    kept = read_user(store, "user_gone_000")
+    assert kept is not None and kept.deleted_at is None
+    call_command("clerk_sync", "reconcile", "--allow-mass-delete", stdout=StringIO())
+    gone = read_user(store, "user_gone_000")
+    assert gone is not None and gone.deleted_at is not None
+
+
 # -- admin pages, the user backend --------------------------------------------------------------------
 
 

@@ -450,7 +450,8 @@ class PruneSchedule:
             return None
         finally:
             self.passes += 1
-        log.info("pruned", redacted=report.redacted, deleted=report.deleted, cleared=report.cleared)
+        log.info("pruned", redacted=report.redacted, deleted=report.deleted, cleared=report.cleared,
+                 erased=report.erased)
         return report
 
     async def _loop(self) -> None:

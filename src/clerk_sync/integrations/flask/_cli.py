@@ -68,8 +68,10 @@ def replay(status: str, since: str | None, with_hooks: bool) -> None:
 @click.option("--since", default=None, help="Only users updated at/after this ISO time.")
 @click.option("--dry-run", is_flag=True, help="Write nothing; print the diff.")
 @click.option("--with-hooks", is_flag=True, help="Fire the store's hooks for the repairs; by default none fire.")
+@click.option("--allow-mass-delete", is_flag=True,
+              help="Delete even when Clerk no longer lists over a quarter of the rows.")
 @_readable
-def reconcile(since: str | None, dry_run: bool, with_hooks: bool) -> None:
+def reconcile(since: str | None, dry_run: bool, with_hooks: bool, allow_mass_delete: bool) -> None:
     """Re-read Clerk (users, organizations, memberships) and repair drift; resumes after a kill.
 
     The repairs go through the extension's store (``ClerkSync(app, store=...)``: its mapped tables, and its
@@ -78,7 +80,8 @@ def reconcile(since: str | None, dry_run: bool, with_hooks: bool) -> None:
 
     state = clerk_state()
     reconcile_command(state.settings, since=since, dry_run=dry_run, console=Console(stderr=True),
-                      hooks=state.store.hooks if with_hooks else (), store=state.store)
+                      hooks=state.store.hooks if with_hooks else (), store=state.store,
+                      allow_mass_delete=allow_mass_delete)
 
 
 @clerk_sync_cli.command()

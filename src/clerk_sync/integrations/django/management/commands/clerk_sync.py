@@ -33,6 +33,8 @@ class Command(BaseCommand):
         reconcile.add_argument("--dry-run", action="store_true", help="Write nothing; print the diff.")
         reconcile.add_argument("--with-hooks", action="store_true",
                                help='Fire CLERK_SYNC["HOOKS"] for the repairs; by default none fire.')
+        reconcile.add_argument("--allow-mass-delete", action="store_true",
+                               help="Delete even when Clerk no longer lists over a quarter of the rows.")
         replay = sub.add_parser("replay", help="Re-apply stored deliveries (after fixing what made them fail).")
         replay.add_argument("--status", default="failed", help="Replay deliveries with this status.")
         replay.add_argument("--since", help="Received at/after (ISO 8601, naive = UTC).")
@@ -61,14 +63,16 @@ class Command(BaseCommand):
             store.dispose()
         self.stdout.write(f"clerk-sync migrations current ({migrations.head_revision()})")
 
-    def _reconcile(self, *, since: str | None, dry_run: bool, with_hooks: bool, **_: Any) -> None:
+    def _reconcile(self, *, since: str | None, dry_run: bool, with_hooks: bool, allow_mass_delete: bool = False,
+                   **_: Any) -> None:
         from rich.console import Console
 
         from clerk_sync.cli.reconcile import reconcile_command
 
         options = django_options()
         report = reconcile_command(clerk_settings(), since=since, dry_run=dry_run, console=Console(stderr=True),
-                                   hooks=options.hooks if with_hooks else (), mapping=options.mapping)
+                                   hooks=options.hooks if with_hooks else (), mapping=options.mapping,
+                                   allow_mass_delete=allow_mass_delete)
         self.stdout.write(f"reconcile {'dry run' if dry_run else 'run'} done: "
                           + ", ".join(f"{k} {v.created}+/{v.updated}~/{v.deleted}-" for k, v in report.counts.items()))
 
