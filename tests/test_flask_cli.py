@@ -153,3 +153,25 @@ def test_reconcile_stops_before_a_mass_delete_unless_allowed(tmp_path: Path) -> 
         with store.connect() as conn:
             assert conn.execute(sa.select(sa.func.count()).where(users.c.deleted_at.is_(None))).scalar() == 0
     clerk_state(app).close()
+
+
+def test_prune_applies_retention_to_the_apps_store(db_url: str) -> None:
+    """Review: nothing pruned in a Flask app (only `serve` runs retention), and `clerk-sync prune` reads
+    no Flask config: `flask clerk-sync prune` runs it on the extension's store, from cron."""
+    from datetime import UTC, datetime, timedelta
+
+    app = flask_app(DATABASE_URL=db_url)
+    store = clerk_state(app).store
+    with store.transaction() as w:
+        for n in (1, 2):
+            w.record_delivery(f"msg_old{n}", f.envelope("user.created", f.user(f"user_old{n}", 5)),
+                              event_type="user.created", instance_id=None, event_timestamp=1, status="applied")
+        w.conn.execute(webhook_events.update().values(received_at=datetime.now(UTC) - timedelta(days=400)))
+    cli = app.test_cli_runner()
+    dry = cli.invoke(args=["clerk-sync", "prune", "--dry-run"])
+    assert dry.exit_code == 0 and "would delete 2 delivery row(s)" in dry.output, dry.output
+    done = cli.invoke(args=["clerk-sync", "prune"])
+    assert done.exit_code == 0 and "deleted 2 delivery row(s)" in done.output, done.output
+    with store.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(webhook_events)).scalar() == 0
+    clerk_state(app).close()

@@ -248,6 +248,34 @@ def test_an_apps_own_deactivation_survives_the_users_next_profile_edit(db_url: s
     engine.dispose()
 
 
+@pytest.mark.parametrize("policy", [Deactivate("is_active"), SoftDelete("deleted_at")], ids=lambda p: type(p).__name__)
+def test_linking_keeps_the_apps_own_deactivation_of_the_legacy_row(db_url: str, policy: Any) -> None:
+    """Review of the fix above: linking still wrote the live value, so a legacy account the app had
+    deactivated (or soft-deleted) was re-enabled by anyone signing up in Clerk with its e-mail. The row's
+    policy column stays as the app left it; a NULL ``is_active`` gets the live value, as on update."""
+    t = sa.Table("acc_l", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
+                 sa.Column("email", sa.String(320)), sa.Column("is_active", sa.Boolean),
+                 sa.Column("deleted_at", sa.DateTime(timezone=True)))
+    mapping = SchemaMapping(users=MappedTable("acc_l", "clerk_user_id", {"email": "email"}, on_delete=policy,
+                                              link_by_email="email"))
+    store, engine = _with_app_table(db_url, t, mapping)
+    suspended = datetime(2026, 1, 1, 12, tzinfo=UTC)
+    with engine.begin() as conn:  # the app's own: one suspended account, one whose column predates the policy
+        conn.execute(t.insert(), [{"email": "banned@example.com", "is_active": False, "deleted_at": suspended},
+                                  {"email": "old@example.com", "is_active": None, "deleted_at": None}])
+    assert deliver(store, *[f.envelope("user.created", f.user(uid, B, email=mail))
+                            for uid, mail in (("user_b", "banned@example.com"), ("user_o", "old@example.com"))]) \
+        == ["applied"] * 2
+    t = sa.Table("acc_l", sa.MetaData(), autoload_with=engine)
+    with engine.connect() as conn:
+        rows = {r[0]: (r[1], _naive_utc(r[2])) for r in conn.execute(
+            sa.select(t.c.clerk_user_id, t.c.is_active, t.c.deleted_at))}
+    live = True if isinstance(policy, Deactivate) else None
+    assert rows == {"user_b": (False, _naive_utc(suspended)), "user_o": (live, None)}
+    store.dispose()
+    engine.dispose()
+
+
 def test_the_doctor_warns_of_a_not_null_column_whose_source_can_be_empty(db_url: str) -> None:
     """Review round 2: the doctor said OK for Django's ``auth_user`` mapped with ``last_name`` and no default,
     and every user without a last name was refused at runtime. It warns now (a user with one is written), and

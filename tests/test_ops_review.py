@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -234,7 +235,7 @@ def test_serve_with_one_worker_and_a_multiproc_dir_counts_only_its_own_run(tmp_p
     prom = tmp_path / "prom"
     env.update({"DATABASE_URL": _sqlite(tmp_path), "CLERK_WEBHOOK_SIGNING_SECRET": SECRET,
                 "PROMETHEUS_MULTIPROC_DIR": str(prom)})
-    totals = []
+    totals, codes = [], []
     for refused in (3, 2):  # two runs, one after the other
         port = free_port()
         proc = subprocess.Popen([*CLI, "serve", "--port", str(port)], env=env,
@@ -249,9 +250,10 @@ def test_serve_with_one_worker_and_a_multiproc_dir_counts_only_its_own_run(tmp_p
                               if s.name == "clerk_sync_webhook_refused_total"))
         finally:
             proc.terminate()
-            proc.wait(timeout=20)
+            codes.append(proc.wait(timeout=20))
     assert totals == [3, 2]
     assert list(prom.iterdir()) == []
+    assert codes == [-signal.SIGTERM] * 2  # still ends by the signal (a clean stop to a supervisor), not 143
 
 
 @pytest.mark.parametrize("db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)

@@ -511,7 +511,7 @@ class _Projection:
             return
         # (only the UPDATE's own parameters: SQLAlchemy would SET any other column named in them)
         updated = conn.execute(self.update, values | self.coalesced | {"_clerk_id": change.clerk_id}).rowcount
-        if updated == 0 and not self._link(change, new):
+        if updated == 0 and not self._link(change, values):
             conn.execute(self.insert, params)
 
     def _link(self, change: Change, values: JSON) -> bool:
@@ -546,7 +546,11 @@ class _Projection:
         # Still unlinked when updated: a concurrent delivery of another user with the same external id or
         # e-mail may have adopted it since the SELECT (it waited on the row's lock); that user keeps it.
         where = sa.and_(*[c == v for c, v in zip(pk, matches[0], strict=True)], self.key.is_(None))
-        adopted = self.conn.execute(sa.update(self.t).where(where).values(**values, **{self.key.name: change.clerk_id}))
+        # The app's own row: its policy column stays as the app left it (a legacy account it deactivated is
+        # not re-enabled by a sign-up with the same e-mail); only a NULL gets the live value, as on update.
+        kept = {n: sa.func.coalesce(self.t.c[n], v) for n, v in self.coalesced.items()}
+        adopted = self.conn.execute(sa.update(self.t).where(where).values(**values, **kept,
+                                                                          **{self.key.name: change.clerk_id}))
         if adopted.rowcount != 1:
             raise StoreError(f"{self.m.table}: the row with {what} was linked to another user meanwhile; "
                              f"retried (user {change.clerk_id})")
@@ -778,7 +782,8 @@ def _update_sets(table: str, names: list[str], fixed: JSON, quote: Callable[[str
     """An upsert's ``SET`` for a row already there, as (column, expression): the mapped columns from
     ``excluded``; the delete-policy column only where it holds nothing (``COALESCE(is_active, TRUE)``:
     an app admin's own deactivation stays), SoftDelete's live NULL not at all (the app's own soft delete
-    stays). A new or linked row gets the live value (the INSERT, :meth:`_Projection._adopt`)."""
+    stays). A new row gets the live value (the INSERT); a linked one is the app's own row, and its column is
+    filled as on update (:meth:`_Projection._adopt`)."""
     sets = []
     for name in names:
         column = quote(name)

@@ -137,6 +137,14 @@ class PruneReport:
     dry_run: bool
     erased: int = 0  # tombstone rows hard-deleted (``delete_tombstones_after``)
 
+    def summary(self) -> str:
+        """The one line every face's ``prune`` command prints."""
+        would = self.dry_run
+        return (f"{'would redact' if would else 'redacted'} {self.redacted} payload(s), "
+                f"{'would delete' if would else 'deleted'} {self.deleted} delivery row(s), "
+                f"{'would clear' if would else 'cleared'} {self.cleared} tombstone(s), "
+                f"{'would erase' if would else 'erased'} {self.erased} tombstone row(s)")
+
 
 @dataclass(frozen=True, slots=True)
 class ErasureReport:

@@ -157,6 +157,25 @@ def test_a_cross_site_post_on_the_session_cookie_is_refused_on_csrf_exempt_views
             assert api.json() == {"deleted_by": admin["id"]}, path  # a Bearer token is no ambient credential
 
 
+@pytest.mark.parametrize("transport", ["test-client", "asgi"])
+def test_a_same_site_cookie_post_behind_a_proxy_is_this_sites_own(db_url: str, transport: str) -> None:
+    """Review of the fix above: this site's own origin was built from the raw Host header, not from
+    ``request.get_host()``, so behind a proxy (``USE_X_FORWARDED_HOST``) every same-site cookie POST was
+    refused 403, where Django's own CSRF check accepts it."""
+    with world_for(db_url, transport, CLERK_AUTHORIZED_PARTIES="") as world, override_settings(
+            USE_X_FORWARDED_HOST=True, SECURE_PROXY_SSL_HEADER=("HTTP_X_FORWARDED_PROTO", "https"),
+            ALLOWED_HOSTS=["app.example.com", "web", "127.0.0.1", "localhost", "testserver"]):
+        admin = world.clerk.create_user("root@example.com", public_metadata={"role": "admin"})
+        world.clerk.wait_for_deliveries()
+        proxied = {"Cookie": f"__session={world.clerk.mint_session_token(admin['id'])}", "Host": "web:8000",
+                   "X-Forwarded-Host": "app.example.com", "X-Forwarded-Proto": "https"}
+        for path in ("/t/csrf-exempt/admin", "/t/csrf-exempt/async-admin"):
+            own = world.app.post(path, headers={**proxied, "Origin": "https://app.example.com"})
+            assert own.json() == {"deleted_by": admin["id"]}, path
+            inner = world.app.post(path, headers={**proxied, "Origin": "https://web:8000"})
+            assert (inner.status_code, inner.json()["error"]) == (403, "cross_site_request"), path
+
+
 class ProjectCsrf(CsrfViewMiddleware):
     """A project's own CSRF middleware: it protects as Django's does."""
 
@@ -266,3 +285,22 @@ def test_the_sync_and_async_clerk_clients_share_one_budget_and_one_breaker() -> 
     for _ in range(5):
         runtime.clerk.breaker.failure()
     assert runtime.aclerk.breaker.is_open
+
+
+def test_close_releases_the_shared_redis_budget() -> None:
+    """Review of the shared budget: passed in, no client owned it, so `close()` left its Redis sockets
+    open (test resets, settings overrides)."""
+    from clerk_sync.config import Settings
+    from clerk_sync.integrations.django.conf import DjangoOptions
+    from clerk_sync.integrations.django.runtime import ClerkSync
+
+    settings = Settings.from_env({"CLERK_SECRET_KEY": "sk_test_x", "DATABASE_URL": "sqlite:///:memory:",
+                                  "REDIS_URL": "redis://127.0.0.1:6379/15"})
+    runtime = ClerkSync(settings, DjangoOptions())
+    assert runtime.clerk is not None
+    budget: Any = runtime.clerk.budget
+    budget.reserve(max_wait=60)  # opens a pooled connection
+    pool = budget._sync.connection_pool
+    assert any(c._sock is not None for c in pool._available_connections)
+    runtime.close()
+    assert all(c._sock is None for c in pool._available_connections), "a Redis socket outlived close()"

@@ -223,6 +223,26 @@ def test_manage_py_reconcile_stops_before_a_mass_delete_unless_allowed(client_wo
     assert gone is not None and gone.deleted_at is not None
 
 
+def test_manage_py_prune_applies_retention(client_world: World) -> None:
+    """Review: nothing pruned in a Django project (only `serve` runs retention), and `clerk-sync prune`
+    reads no Django settings: `manage.py clerk_sync prune` runs it, from cron."""
+    from datetime import UTC, datetime, timedelta
+
+    from clerk_sync.tables import webhook_events
+
+    store = client_world.store
+    with store.transaction() as w:
+        w.record_delivery("msg_old", f.envelope("user.created", f.user("user_old", 5)), event_type="user.created",
+                          instance_id=None, event_timestamp=1, status="applied")
+        w.conn.execute(webhook_events.update().values(received_at=datetime.now(UTC) - timedelta(days=400)))
+    out = StringIO()
+    call_command("clerk_sync", "prune", "--dry-run", stdout=out)
+    call_command("clerk_sync", "prune", stdout=out)
+    assert "would delete 1 delivery row(s)" in out.getvalue() and "deleted 1 delivery row(s)" in out.getvalue()
+    with store.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(webhook_events)).scalar() == 0
+
+
 # -- admin pages, the user backend --------------------------------------------------------------------
 
 

@@ -263,10 +263,7 @@ def prune(
         report = Retention(store, RetentionPolicy.from_settings(settings)).prune(dry_run=dry_run)
     finally:
         store.dispose()
-    verb = "would redact" if dry_run else "redacted"
-    typer.echo(f"{verb} {report.redacted} payload(s), {'would delete' if dry_run else 'deleted'} {report.deleted} "
-               f"delivery row(s), {'would clear' if dry_run else 'cleared'} {report.cleared} tombstone(s), "
-               f"{'would erase' if dry_run else 'erased'} {report.erased} tombstone row(s)")
+    typer.echo(report.summary())
 
 
 @users_app.command("erase")
@@ -402,20 +399,30 @@ def _shared_metrics() -> Iterator[None]:
     metrics_dir = tempfile.mkdtemp(prefix="clerk-sync-metrics-", dir=parent)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     # uvicorn re-raises SIGTERM once its graceful shutdown is done; with the default action the process
-    # would die there, before this block's cleanup. As SystemExit, the directory is removed on the way out.
+    # would die there, before this block's cleanup. As _Terminated the directory is removed on the way
+    # out, and then the process ends by SIGTERM all the same (what a supervisor expects of a clean stop).
     sigterm_default = signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     if sigterm_default:
-        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         yield
+    except _Terminated:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise SystemExit(128 + signal.SIGTERM) from None  # (not reached: the signal ends the process)
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
         if sigterm_default:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def _exit_on_sigterm(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)
+class _Terminated(BaseException):
+    """SIGTERM arrived (see _shared_metrics); a BaseException, so no ``except Exception`` swallows it."""
+
+
+def _raise_terminated(_signum: int, _frame: object) -> None:
+    raise _Terminated
 
 
 @app.command()

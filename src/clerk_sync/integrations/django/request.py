@@ -6,9 +6,11 @@ stand alone); :func:`aclerk_request` is the async twin. The user's row is read o
 
 from __future__ import annotations
 
+import contextlib
 from typing import TypeGuard
 
 from asgiref.sync import sync_to_async
+from django.core.exceptions import DisallowedHost
 from django.core.handlers.asgi import ASGIRequest
 from django.http import HttpRequest
 
@@ -56,7 +58,12 @@ class ClerkRequest:
 
 
 def _headers_and_cookies(request: HttpRequest) -> tuple[dict[str, str], dict[str, str]]:
-    return {k.lower(): v for k, v in request.headers.items()}, dict(request.COOKIES)
+    headers = {k.lower(): v for k, v in request.headers.items()}
+    # This site's own origin as Django sees it (USE_X_FORWARDED_HOST behind a proxy), as its CSRF check does;
+    # a host this site does not serve keeps the raw Host, which no allowed Origin matches.
+    with contextlib.suppress(DisallowedHost):
+        headers["host"] = request.get_host()
+    return headers, dict(request.COOKIES)
 
 
 def _answer(runtime: ClerkSync, result: Auth | ClerkSyncError, request: HttpRequest) -> ClerkRequest:

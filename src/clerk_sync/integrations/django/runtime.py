@@ -44,6 +44,11 @@ class ClerkSync:
         self.store = Store.from_settings(settings, hooks=options.hooks, mapping=options.mapping)  # lazy connect
         self._http = httpx.Client()
         self._aclerk_loop: weakref.ref[asyncio.AbstractEventLoop] | None = None  # see _aclerk_usable
+        # One rate budget and one breaker for the sync and the async client (WSGI and ASGI views, admin
+        # actions): two would let one process spend twice the documented limit, and count Clerk's failures
+        # apart. Built here, not lazily: a first use from two threads at once must not build two.
+        self._budget: Budget | None = budget_from_settings(settings) if settings.clerk_secret_key else None
+        self._breaker = CircuitBreaker()
 
     @cached_property
     def processor(self) -> WebhookProcessor:
@@ -51,25 +56,16 @@ class ClerkSync:
         return build_processor(self.settings, self.store)
 
     @cached_property
-    def _clerk_limits(self) -> tuple[Budget, CircuitBreaker]:
-        """One rate budget and one breaker for the sync and the async client (WSGI and ASGI views, admin
-        actions): two would let one process spend twice the documented limit, and count Clerk's failures
-        apart."""
-        return budget_from_settings(self.settings), CircuitBreaker()
-
-    @cached_property
     def clerk(self) -> ClerkClient | None:
-        if not self.settings.clerk_secret_key:
+        if self._budget is None:
             return None
-        budget, breaker = self._clerk_limits
-        return ClerkClient.from_settings(self.settings, budget=budget, breaker=breaker)
+        return ClerkClient.from_settings(self.settings, budget=self._budget, breaker=self._breaker)
 
     @cached_property
     def aclerk(self) -> AsyncClerkClient | None:
-        if not self.settings.clerk_secret_key:
+        if self._budget is None:
             return None
-        budget, breaker = self._clerk_limits
-        return AsyncClerkClient.from_settings(self.settings, budget=budget, breaker=breaker)
+        return AsyncClerkClient.from_settings(self.settings, budget=self._budget, breaker=self._breaker)
 
     @cached_property
     def jit(self) -> JitUsers | None:
@@ -121,6 +117,9 @@ class ClerkSync:
         built: dict[str, Any] = self.__dict__
         if "clerk" in built and self.clerk is not None:
             self.clerk.close()
+        close_budget = getattr(self._budget, "close", None)  # shared, so no client owns it (Redis: sockets)
+        if close_budget is not None:
+            close_budget()
         self.store.dispose()
 
 

@@ -65,6 +65,18 @@ def replay(status: str, since: str | None, with_hooks: bool) -> None:
 
 
 @clerk_sync_cli.command()
+@click.option("--dry-run", is_flag=True, help="Count what is due; change nothing.")
+@_readable
+def prune(dry_run: bool) -> None:
+    """Apply retention (redact old payloads, delete older rows, clear tombstones): run it from cron, hourly."""
+    from clerk_sync.retention import Retention, RetentionPolicy
+
+    state = clerk_state()
+    report = Retention(state.store, RetentionPolicy.from_settings(state.settings)).prune(dry_run=dry_run)
+    click.echo(report.summary())
+
+
+@clerk_sync_cli.command()
 @click.option("--since", default=None, help="Only users updated at/after this ISO time.")
 @click.option("--dry-run", is_flag=True, help="Write nothing; print the diff.")
 @click.option("--with-hooks", is_flag=True, help="Fire the store's hooks for the repairs; by default none fire.")

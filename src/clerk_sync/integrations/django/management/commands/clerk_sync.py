@@ -40,6 +40,9 @@ class Command(BaseCommand):
         replay.add_argument("--since", help="Received at/after (ISO 8601, naive = UTC).")
         replay.add_argument("--with-hooks", action="store_true",
                             help='Fire CLERK_SYNC["HOOKS"] for what the replay applies; by default none fire.')
+        prune = sub.add_parser("prune", help="Apply retention (redact old payloads, delete older rows, clear "
+                                             "tombstones): run it from cron, hourly.")
+        prune.add_argument("--dry-run", action="store_true", help="Count what is due; change nothing.")
         promote = sub.add_parser("promote", help="Set a user's role in Clerk and the DB; audited.")
         promote.add_argument("email", help="Primary email of the user.")
         promote.add_argument("--role", default="admin", help="Role to set in public_metadata.role.")
@@ -87,6 +90,16 @@ class Command(BaseCommand):
             store.dispose()
         by_status = {str(status): n for status, n in report.by_status.items()}
         self.stdout.write(f"replayed {report.total} deliveries: {by_status or 'none'}")
+
+    def _prune(self, *, dry_run: bool, **_: Any) -> None:
+        from clerk_sync.retention import Retention, RetentionPolicy
+
+        store = self._store()
+        try:
+            report = Retention(store, RetentionPolicy.from_settings(clerk_settings())).prune(dry_run=dry_run)
+        finally:
+            store.dispose()
+        self.stdout.write(report.summary())
 
     def _promote(self, *, email: str, role: str, **_: Any) -> None:
         from clerk_sync.auth.admin import AdminActions, find_user_by_email
