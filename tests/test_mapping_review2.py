@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from clerk_sync.events import parse_envelope
 from clerk_sync.ingest import WebhookProcessor
 from clerk_sync.integrations._committer import ALONE, GroupCommitter
-from clerk_sync.mapping import Deactivate, MappedTable, SchemaMapping, SoftDelete
+from clerk_sync.mapping import Column, Deactivate, MappedTable, SchemaMapping, SoftDelete
 from clerk_sync.webhooks import WebhookVerifier
 from tests import factories as f
 from tests.test_hooks import B, deliver
@@ -272,6 +272,25 @@ def test_linking_keeps_the_apps_own_deactivation_of_the_legacy_row(db_url: str, 
             sa.select(t.c.clerk_user_id, t.c.is_active, t.c.deleted_at))}
     live = True if isinstance(policy, Deactivate) else None
     assert rows == {"user_b": (False, _naive_utc(suspended)), "user_o": (live, None)}
+    store.dispose()
+    engine.dispose()
+
+
+def test_a_policy_column_that_is_also_mapped_still_links(db_url: str) -> None:
+    """Review of the fix above: with the Deactivate column also a mapped Column, the link's UPDATE named it
+    twice (TypeError) and the legacy row was never linked."""
+    t = sa.Table("acc_m", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
+                 sa.Column("email", sa.String(320)), sa.Column("is_active", sa.Boolean))
+    mapping = SchemaMapping(users=MappedTable("acc_m", "clerk_user_id", {
+        "email": "email", "is_active": Column(compute=lambda values: True)}, on_delete=Deactivate("is_active"),
+        link_by_email="email"))
+    store, engine = _with_app_table(db_url, t, mapping)
+    with engine.begin() as conn:
+        conn.execute(t.insert(), [{"email": "a@example.com", "is_active": False}])
+    assert deliver(store, f.envelope("user.created", f.user("user_a", B, email="a@example.com"))) == ["applied"]
+    t = sa.Table("acc_m", sa.MetaData(), autoload_with=engine)
+    with engine.connect() as conn:
+        assert [tuple(r) for r in conn.execute(sa.select(t.c.clerk_user_id, t.c.is_active))] == [("user_a", False)]
     store.dispose()
     engine.dispose()
 

@@ -549,8 +549,8 @@ class _Projection:
         # The app's own row: its policy column stays as the app left it (a legacy account it deactivated is
         # not re-enabled by a sign-up with the same e-mail); only a NULL gets the live value, as on update.
         kept = {n: sa.func.coalesce(self.t.c[n], v) for n, v in self.coalesced.items()}
-        adopted = self.conn.execute(sa.update(self.t).where(where).values(**values, **kept,
-                                                                          **{self.key.name: change.clerk_id}))
+        adopted = self.conn.execute(sa.update(self.t).where(where).values(
+            {**values, **kept, self.key.name: change.clerk_id}))  # (one key each: a policy column may be mapped)
         if adopted.rowcount != 1:
             raise StoreError(f"{self.m.table}: the row with {what} was linked to another user meanwhile; "
                              f"retried (user {change.clerk_id})")

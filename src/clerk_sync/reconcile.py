@@ -480,8 +480,9 @@ class Reconciler:
             raise ConfigError(
                 f"reconcile would delete {missing} of {total} {entity.value} ({missing / total:.0%}) that Clerk did "
                 "not list: is CLERK_SECRET_KEY the key of the Clerk instance this database mirrors? Nothing was "
-                "deleted (the repairs so far are kept). `clerk-sync reconcile --dry-run` lists them; "
-                "`--allow-mass-delete` deletes them if they really are gone")
+                "deleted (the repairs so far are kept). `reconcile --dry-run` lists them (`clerk-sync`, "
+                "`manage.py clerk_sync` or `flask clerk-sync`); `--allow-mass-delete` deletes them if they really "
+                "are gone")
 
     def _confirm_gone(self, entity: Entity, candidates: Sequence[tuple[Any, ...]]) -> list[str]:
         """The candidate ids Clerk confirms are gone (tombstones are final: never guess)."""

@@ -304,3 +304,20 @@ def test_close_releases_the_shared_redis_budget() -> None:
     assert any(c._sock is not None for c in pool._available_connections)
     runtime.close()
     assert all(c._sock is None for c in pool._available_connections), "a Redis socket outlived close()"
+
+
+def test_a_bad_redis_url_fails_only_what_calls_clerk() -> None:
+    """Review of the shared budget: built at start-up, a malformed REDIS_URL (or a missing redis package)
+    failed the runtime itself, so the webhook view and pages without JIT answered 500 too. It is built on
+    first use now, by what calls Clerk."""
+    from clerk_sync.config import Settings
+    from clerk_sync.integrations.django.conf import DjangoOptions
+    from clerk_sync.integrations.django.runtime import ClerkSync
+
+    settings = Settings.from_env({"CLERK_SECRET_KEY": "sk_test_x", "DATABASE_URL": "sqlite:///:memory:",
+                                  "CLERK_WEBHOOK_SIGNING_SECRET": SECRET, "REDIS_URL": "localhost:6379"})
+    runtime = ClerkSync(settings, DjangoOptions(jit=False))
+    assert runtime.processor is not None and runtime.jit is None  # the webhook path and pages without JIT
+    with pytest.raises(ValueError, match="scheme"):
+        _ = runtime.clerk  # what calls Clerk says what is wrong
+    runtime.close()

@@ -407,6 +407,7 @@ def _shared_metrics() -> Iterator[None]:
     try:
         yield
     except _Terminated:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the cleanup short
         shutil.rmtree(metrics_dir, ignore_errors=True)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)

@@ -46,8 +46,10 @@ class ClerkSync:
         self._aclerk_loop: weakref.ref[asyncio.AbstractEventLoop] | None = None  # see _aclerk_usable
         # One rate budget and one breaker for the sync and the async client (WSGI and ASGI views, admin
         # actions): two would let one process spend twice the documented limit, and count Clerk's failures
-        # apart. Built here, not lazily: a first use from two threads at once must not build two.
-        self._budget: Budget | None = budget_from_settings(settings) if settings.clerk_secret_key else None
+        # apart. Built on first use (a bad REDIS_URL must not fail the webhook view or pages without JIT),
+        # under a lock: two threads' first uses must not build two.
+        self._budget: Budget | None = None
+        self._budget_lock = threading.Lock()
         self._breaker = CircuitBreaker()
 
     @cached_property
@@ -57,15 +59,25 @@ class ClerkSync:
 
     @cached_property
     def clerk(self) -> ClerkClient | None:
-        if self._budget is None:
+        budget = self._shared_budget()
+        if budget is None:
             return None
-        return ClerkClient.from_settings(self.settings, budget=self._budget, breaker=self._breaker)
+        return ClerkClient.from_settings(self.settings, budget=budget, breaker=self._breaker)
 
     @cached_property
     def aclerk(self) -> AsyncClerkClient | None:
-        if self._budget is None:
+        budget = self._shared_budget()
+        if budget is None:
             return None
-        return AsyncClerkClient.from_settings(self.settings, budget=self._budget, breaker=self._breaker)
+        return AsyncClerkClient.from_settings(self.settings, budget=budget, breaker=self._breaker)
+
+    def _shared_budget(self) -> Budget | None:
+        if not self.settings.clerk_secret_key:
+            return None
+        with self._budget_lock:
+            if self._budget is None:
+                self._budget = budget_from_settings(self.settings)
+            return self._budget
 
     @cached_property
     def jit(self) -> JitUsers | None:

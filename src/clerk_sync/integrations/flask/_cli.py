@@ -1,4 +1,4 @@
-"""``flask clerk-sync migrate|replay|reconcile|promote|retry-pending``: the ``clerk-sync`` commands, with
+"""``flask clerk-sync migrate|replay|reconcile|promote|retry-pending|prune``: the ``clerk-sync`` commands, with
 the app's settings.
 
 They do what ``cli/main.py`` does, but read the settings :class:`ClerkSync` built from ``app.config``

@@ -1,4 +1,4 @@
-"""``manage.py clerk_sync migrate|reconcile|replay|promote|retry-pending``: the ``clerk-sync`` commands, with the
+"""``manage.py clerk_sync migrate|reconcile|replay|promote|retry-pending|prune``: the ``clerk-sync`` commands, with the
 settings read from ``settings.CLERK_SYNC`` (and its fallbacks) instead of the environment alone.
 
 ``CLERK_SYNC["MAPPING"]`` and ``["HOOKS"]`` apply as they do to the webhook view: replay, reconcile and
@@ -23,7 +23,7 @@ __all__ = ["Command"]
 
 
 class Command(BaseCommand):
-    help = "clerk-sync: migrate its tables, reconcile with Clerk, replay deliveries, promote a user."
+    help = "clerk-sync: migrate its tables, reconcile with Clerk, replay deliveries, promote a user, prune."
 
     def add_arguments(self, parser: CommandParser) -> None:
         sub = parser.add_subparsers(dest="action", required=True)
