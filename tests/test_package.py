@@ -63,7 +63,7 @@ PUBLIC_API: dict[str, list[str]] = {
     "clerk_sync.integrations.django.request": ["ClerkRequest", "aclerk_request", "clerk_request"],
     "clerk_sync.integrations.django.mixins": ["ClerkLoginRequiredMixin", "NotImpersonatedMixin", "OrgPermissionRequiredMixin", "OrgRoleRequiredMixin", "RoleRequiredMixin"],
     "clerk_sync.integrations.django.models": ["AuditLogEntry", "ClerkMembership", "ClerkOrganization", "ClerkUser", "WebhookDelivery"],
-    "clerk_sync.integrations.django.rest_framework": ["ClerkAPIException", "ClerkAuthentication", "ClerkPrincipal", "HasOrgRole", "HasPermission", "HasRole", "IsClerkAuthenticated", "clerk_auth"],
+    "clerk_sync.integrations.django.rest_framework": ["ClerkAPIException", "ClerkAuthentication", "ClerkPrincipal", "HasOrgRole", "HasPermission", "HasRole", "IsClerkAuthenticated", "NotImpersonated", "clerk_auth"],
     "clerk_sync.integrations.django.runtime": ["ClerkSync", "get_clerk_sync", "reset_clerk_sync"],
     "clerk_sync.integrations.django.urls": ["app_name", "urlpatterns"],
     "clerk_sync.integrations.django.views": ["error_json", "read_limited_body", "webhook"],

@@ -321,3 +321,16 @@ def test_a_bad_redis_url_fails_only_what_calls_clerk() -> None:
     with pytest.raises(ValueError, match="scheme"):
         _ = runtime.clerk  # what calls Clerk says what is wrong
     runtime.close()
+
+
+def test_drf_not_impersonated_refuses_an_admin_acting_as_the_user(db_url: str) -> None:
+    """Parity (review): Django views had `not_impersonated` and its mixin, DRF had no permission class."""
+    with world_for(db_url, "test-client") as world:
+        admin = world.clerk.create_user("boss@example.com", public_metadata={"role": "admin"})
+        carol = world.clerk.create_user("carol@example.com")
+        world.clerk.wait_for_deliveries()
+        own = world.app.get("/t/drf/billing", headers=bearer(world.clerk.mint_session_token(carol["id"])))
+        assert own.json() == {"billing": carol["id"]}
+        acting = world.app.get("/t/drf/billing",
+                               headers=bearer(world.clerk.mint_session_token(carol["id"], actor=admin["id"])))
+        assert acting.status_code == 403, acting.content

@@ -27,6 +27,7 @@ urlpatterns = [
     path("t/drf/admin", views.DrfAdmin.as_view()),
     path("t/drf/org-admin", views.DrfOrgAdmin.as_view()),
     path("t/drf/invoices", views.DrfInvoices.as_view()),
+    path("t/drf/billing", views.DrfBilling.as_view()),
     path("t/drf/open", views.DrfOpen.as_view()),
     path("t/drf/cookie-role-admin", views.DrfCookieRoleAdmin.as_view()),
     path("t/drf/throttled", views.DrfThrottled.as_view()),

@@ -35,6 +35,7 @@ from clerk_sync.integrations.django.rest_framework import (
     HasPermission,
     HasRole,
     IsClerkAuthenticated,
+    NotImpersonated,
     clerk_auth,
 )
 
@@ -111,6 +112,13 @@ class DrfOrgAdmin(APIView):
 
     def get(self, request: Request) -> Response:
         return Response({"org": clerk_auth(request).org_id})
+
+
+class DrfBilling(APIView):
+    permission_classes = (NotImpersonated,)
+
+    def get(self, request: Request) -> Response:
+        return Response({"billing": clerk_auth(request).user_id})
 
 
 class DrfInvoices(APIView):

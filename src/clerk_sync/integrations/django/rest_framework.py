@@ -47,6 +47,7 @@ __all__ = [
     "HasPermission",
     "HasRole",
     "IsClerkAuthenticated",
+    "NotImpersonated",
     "clerk_auth",
 ]
 
@@ -241,3 +242,12 @@ class HasPermission(_ClerkCheck):
     def check(self, state: ClerkRequest) -> None:
         assert state.auth is not None
         Authenticator.require_permission(state.auth, self.permission)
+
+
+class NotImpersonated(_ClerkCheck):
+    """Refuse (403) a session where an admin acts as the user: views an impersonator must not use
+    (billing, password, deleting the account), as ``not_impersonated`` does for Django views."""
+
+    def check(self, state: ClerkRequest) -> None:
+        assert state.auth is not None
+        Authenticator.forbid_impersonation(state.auth)
