@@ -386,6 +386,37 @@ def test_membership_deletion_check_survives_a_shift(
     assert "orgmem_119" not in live and report.counts["organization_memberships"].deleted == 1
 
 
+def test_a_long_membership_check_keeps_the_run_alive(store: Store, stand_in: tuple[ClerkStandIn, ClerkClient]) -> None:
+    """Review: a batch's membership checks call Clerk once per organization, and the heartbeat was written
+    only at the batch's checkpoint, so a check that outlasted ``stale_after_s`` (a development instance's
+    rate limit) let another invocation take the run over while this one still worked. Each call here
+    takes 30 s of the injected clock, the limit is 60 s: the run's heartbeat is never older than that."""
+    clerk, client = stand_in
+    clock = [datetime(2026, 6, 1, tzinfo=UTC)]
+    timed = Store(store.engine, now=lambda: clock[0])
+    members = [factories.membership(f"orgmem_{i}", f"org_{i}", f"user_{i}", 1) for i in range(5)]
+    clerk.users = [factories.user(f"user_{i}", 1) for i in range(5)]
+    clerk.orgs = [factories.organization(f"org_{i}", 1) for i in range(5)]
+    clerk.members = list(members)
+    reconciler(timed, client, now=lambda: clock[0]).run()
+    clerk.members, clerk.org_members = [], list(members)  # not in the listing, live when asked: 5 calls
+    ages: list[float] = []
+    real = client.list_organization_memberships
+
+    def slow_listing(org_id: str, **kw: Any) -> Any:
+        with store.connect() as conn:
+            beat = conn.execute(sa.select(reconcile_runs.c.heartbeat_at)
+                                .order_by(reconcile_runs.c.id.desc()).limit(1)).scalar_one()
+        ages.append((clock[0] - (beat if beat.tzinfo else beat.replace(tzinfo=UTC))).total_seconds())
+        clock[0] += timedelta(seconds=30)
+        return real(org_id, **kw)
+
+    client.list_organization_memberships = slow_listing  # type: ignore[method-assign]
+    report = reconciler(timed, client, now=lambda: clock[0], stale_after_s=60).run()
+    assert report.counts["organization_memberships"].deleted == 0 and len(ages) == 5
+    assert max(ages) < 60, ages
+
+
 @pytest.mark.parametrize("listing", ["users", "orgs"])
 def test_a_deletion_check_that_ignores_its_id_filter_deletes_nothing(
         store: Store, stand_in: tuple[ClerkStandIn, ClerkClient], listing: str) -> None:

@@ -143,6 +143,7 @@ class _Run:
     started: float = field(default_factory=time.monotonic)
     stats_start: int = 0
     limited_start: int = 0
+    beat_at: datetime | None = None  # the last heartbeat written between checkpoints (_keep_alive)
 
     @property
     def id(self) -> int:
@@ -464,7 +465,7 @@ class Reconciler:
                 candidates = [tuple(row) for row in conn.execute(query)]
             if not candidates:
                 return
-            gone = self._confirm_gone(entity, candidates)
+            gone = self._confirm_gone(run, entity, candidates)
             self._tombstone(run, entity, gone)
             self.progress.advance(f"{entity.value} deletions", len(candidates))
             after = candidates[-1][0]
@@ -484,7 +485,7 @@ class Reconciler:
                 "`manage.py clerk_sync` or `flask clerk-sync`); `--allow-mass-delete` deletes them if they really "
                 "are gone")
 
-    def _confirm_gone(self, entity: Entity, candidates: Sequence[tuple[Any, ...]]) -> list[str]:
+    def _confirm_gone(self, run: _Run, entity: Entity, candidates: Sequence[tuple[Any, ...]]) -> list[str]:
         """The candidate ids Clerk confirms are gone (tombstones are final: never guess)."""
         ids = [c[0] for c in candidates]
         if entity is Entity.USER:
@@ -500,8 +501,24 @@ class Reconciler:
                 by_org.setdefault(org_id, set()).add(user_id)
             present = set()
             for org_id, user_ids in sorted(by_org.items()):
+                self._keep_alive(run)  # a call per organization: a batch can outlast stale_after_s
                 present |= self._membership_ids(org_id, sorted(user_ids))
         return [i for i in ids if i not in present]
+
+    def _keep_alive(self, run: _Run) -> None:
+        """The run's heartbeat, written between two Clerk calls of one long step (a batch's membership checks
+        call Clerk once per organization: minutes at a development instance's rate limit) at most every
+        quarter of ``stale_after_s``: the checkpoints alone left it stale, and another invocation took the
+        run over while this one still worked."""
+        if run.report.dry_run:
+            return
+        now = self._now()
+        if run.beat_at is not None and (now - run.beat_at).total_seconds() < self.stale_after_s / 4:
+            return
+        with self.store.transaction() as writer:
+            writer.conn.execute(reconcile_runs.update().where(reconcile_runs.c.id == run.id)
+                                .values(heartbeat_at=writer.now))
+        run.beat_at = now
 
     def _membership_ids(self, org_id: str, user_ids: list[str]) -> set[str]:
         """The ids of the organization's memberships of these users, asked for by user: paging its whole
