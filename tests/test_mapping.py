@@ -1172,7 +1172,11 @@ def test_a_row_adopted_by_a_concurrent_delivery_is_not_taken_over() -> None:
             thread = threading.Thread(target=write_b)
             thread.start()
             with admin.connect() as conn:  # until user_b's write waits on the row user_a's transaction holds
-                while not conn.execute(sa.text("SELECT count(*) FROM pg_locks WHERE NOT granted")).scalar_one():
+                # (user_b's own wait, not any other session's: a server-wide count of waiting locks let a
+                # stranger's wait end this loop before user_b had read the row, and user_a committed too early)
+                while not conn.execute(sa.text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                        "AND query ILIKE '%race_accounts%'")).scalar_one():
                     conn.rollback()
         thread.join()
         assert isinstance(second[0], StoreError) and "linked to another user meanwhile" in str(second[0])
