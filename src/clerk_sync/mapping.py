@@ -1158,7 +1158,7 @@ def migrate_schema(conn: Connection, mapping: SchemaMapping) -> list[str]:
     from alembic.operations import Operations
 
     done: list[str] = []
-    with _without_statement_bound(conn):
+    with without_statement_bound(conn):
         ops = Operations(MigrationContext.configure(conn))
         inspector = sa.inspect(conn)
         for mapped in mapping.tables.values():
@@ -1179,29 +1179,36 @@ def migrate_schema(conn: Connection, mapping: SchemaMapping) -> list[str]:
 
 
 @contextmanager
-def _without_statement_bound(conn: Connection) -> Iterator[None]:
-    """The service's statement bound (``DatabaseTimeouts.statement_s``, 15 s) lifted for migrate's DDL, then
-    put back: a unique index built on a populated app table takes as long as it takes (clerk-sync's own
-    migrations lift it too). The lock bound stays: DDL queued behind live traffic would block every query on
-    its table. PostgreSQL: ``SET LOCAL`` (this transaction only); MariaDB: ``max_statement_time``, which
-    bounds DDL too (MySQL's ``max_execution_time`` bounds SELECTs only); SQLite has none."""
+def without_statement_bound(conn: Connection) -> Iterator[None]:
+    """The service's statement bound (``DatabaseTimeouts.statement_s``, 15 s) lifted for work that takes as
+    long as it takes (migrate's unique index on a populated app table, an erasure's search of every stored
+    payload), then put back. The lock bound stays: DDL queued behind live traffic would block every query on
+    its table. PostgreSQL: ``SET LOCAL`` (this transaction only); MySQL/MariaDB: a session variable
+    (``max_statement_time``, ``max_execution_time``), set back after, and a connection where that failed is
+    never handed out again unbounded; SQLite has none."""
     if conn.dialect.name == "postgresql":
         before = conn.exec_driver_sql("SELECT current_setting('statement_timeout')").scalar()
         conn.exec_driver_sql("SET LOCAL statement_timeout = 0")
         yield  # (a failure aborted the transaction, and its rollback ends SET LOCAL)
         conn.execute(sa.select(sa.func.set_config("statement_timeout", before, True)))
         return
-    if not getattr(conn.dialect, "is_mariadb", False):
+    if conn.dialect.name not in ("mysql", "mariadb"):
         yield
         return
-    conn.exec_driver_sql("SET @clerk_sync_statement_time = @@SESSION.max_statement_time, "
-                         "SESSION max_statement_time = 0")
-    restore = "SET SESSION max_statement_time = @clerk_sync_statement_time"
+    name = "max_statement_time" if getattr(conn.dialect, "is_mariadb", False) else "max_execution_time"
+    conn.exec_driver_sql(f"SET @clerk_sync_statement_time = @@SESSION.{name}, SESSION {name} = 0")
+    restore = f"SET SESSION {name} = @clerk_sync_statement_time"
     try:
         yield
     except BaseException:
-        if not conn.invalidated:  # best effort: a failing restore must not hide why the DDL failed
+        if not conn.invalidated:  # best effort: a failing restore must not hide why the work failed
             with suppress(sa.exc.SQLAlchemyError):
                 conn.exec_driver_sql(restore)
+        raise
+    try:
+        conn.exec_driver_sql(restore)
+    except sa.exc.SQLAlchemyError:
+        conn.invalidate()
+        raise
         raise
     conn.exec_driver_sql(restore)

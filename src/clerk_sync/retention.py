@@ -35,17 +35,15 @@ picked with ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, and every statement is ide
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql, postgresql, sqlite
-from sqlalchemy.engine import Connection
 
 from clerk_sync._db_errors import is_transient
 from clerk_sync._mentions import Mentions
@@ -54,7 +52,7 @@ from clerk_sync.changes import Change
 from clerk_sync.config import Settings
 from clerk_sync.engine import DeliveryStatus, Entity, Tombstone
 from clerk_sync.errors import StoreError, UnknownUser
-from clerk_sync.mapping import folded_like, unicode_lower
+from clerk_sync.mapping import folded_like, unicode_lower, without_statement_bound
 from clerk_sync.metrics import Metrics
 from clerk_sync.outbox import FIELDS, Outbox, delete_jobs, redact_jobs
 from clerk_sync.store import Store, Writer, dialect_family, erased_digest, is_erased
@@ -304,7 +302,7 @@ class Retention:
 
     def _erase_user(self, clerk_id: str, actor: str | None, reason: str | None, *,
                     allow_unknown: bool) -> ErasureReport:
-        with self.store.transaction() as writer, _statements_unbounded(writer.conn):
+        with self.store.transaction() as writer, without_statement_bound(writer.conn):
             row = writer.conn.execute(
                 sa.select(users.c.email, users.c.email_addresses).where(users.c.clerk_id == clerk_id)
             ).first()
@@ -348,38 +346,6 @@ def _pass_deletion_on(writer: Writer, outbox: Outbox, clerk_id: str) -> None:
         values = dict(member._mapping)
         outbox.record(Change(Entity.MEMBERSHIP, values["clerk_id"], "deleted", row.clerk_updated_at, values))
     outbox.record(Change(Entity.USER, clerk_id, "deleted", row.clerk_updated_at, {}))
-
-
-@contextlib.contextmanager
-def _statements_unbounded(conn: Connection) -> Iterator[None]:
-    """No statement time limit in this transaction: an erasure searches every stored payload, which on a
-    large inbox takes longer than the bound deliveries keep (``CLERK_SYNC_DB_STATEMENT_TIMEOUT_S``; 700,000
-    deliveries took over 15 s on PostgreSQL). MySQL/MariaDB have only a session variable: set back after."""
-    family = dialect_family(conn.dialect)
-    if family == "postgresql":
-        conn.exec_driver_sql("SET LOCAL statement_timeout = 0")  # (ends with the transaction)
-    if family != "mysql":
-        yield
-        return
-    name = "max_statement_time" if getattr(conn.dialect, "is_mariadb", False) else "max_execution_time"
-    saved = conn.exec_driver_sql(f"SELECT @@SESSION.{name}").scalar()
-    conn.exec_driver_sql(f"SET SESSION {name} = 0")
-    try:
-        yield
-    except BaseException:
-        with contextlib.suppress(sa.exc.SQLAlchemyError):
-            _set_back(conn, name, saved)
-        raise
-    _set_back(conn, name, saved)
-
-
-def _set_back(conn: Connection, name: str, value: Any) -> None:
-    """Restore a session variable; a connection where that failed never goes back to the pool unbounded."""
-    try:
-        conn.execute(sa.text(f"SET SESSION {name} = :value"), {"value": value})
-    except sa.exc.SQLAlchemyError:
-        conn.invalidate()
-        raise
 
 
 def _mark_erased(writer: Writer, entity: Entity, clerk_ids: list[str]) -> None:
