@@ -176,6 +176,27 @@ def test_a_same_site_cookie_post_behind_a_proxy_is_this_sites_own(db_url: str, t
             assert (inner.status_code, inner.json()["error"]) == (403, "cross_site_request"), path
 
 
+@pytest.mark.parametrize("transport", ["test-client", "asgi"])
+def test_csrf_trusted_origins_are_trusted_for_the_session_cookie_too(db_url: str, transport: str) -> None:
+    """Left open by the last review, closed: a front end listed in Django's ``CSRF_TRUSTED_ORIGINS`` (an
+    origin, or ``https://*.domain`` for its subdomains) got 403 on its cookie POSTs where Django's own CSRF
+    check accepts it; its neighbours stay refused."""
+    with world_for(db_url, transport) as world, override_settings(
+            CSRF_TRUSTED_ORIGINS=["https://admin.example.org", "https://*.example.com"]):
+        admin = world.clerk.create_user("root@example.com", public_metadata={"role": "admin"})
+        world.clerk.wait_for_deliveries()
+        cookie = {"Cookie": f"__session={world.clerk.mint_session_token(admin['id'])}"}
+        for path in ("/t/csrf-exempt/admin", "/t/csrf-exempt/async-admin"):
+            for origin in ("https://admin.example.org", "https://app.example.com", "https://example.com",
+                           "https://ADMIN.example.org:443", "http://localhost:3000"):
+                trusted = world.app.post(path, headers={**cookie, "Origin": origin})
+                assert trusted.json() == {"deleted_by": admin["id"]}, (path, origin)
+            for origin in ("http://admin.example.org", "https://evil.example.org", "https://badexample.com",
+                           "http://app.example.com", "https://app.example.com.evil.net"):
+                refused = world.app.post(path, headers={**cookie, "Origin": origin})
+                assert (refused.status_code, refused.json()["error"]) == (403, "cross_site_request"), (path, origin)
+
+
 class ProjectCsrf(CsrfViewMiddleware):
     """A project's own CSRF middleware: it protects as Django's does."""
 

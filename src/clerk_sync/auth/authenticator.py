@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime, timedelta
@@ -170,24 +170,26 @@ class Authenticator:
 
     # -- who -------------------------------------------------------------------------------------
     def authenticate(self, headers: Mapping[str, str], cookies: Mapping[str, str], *, method: str | None = None,
-                     scheme: str | None = None) -> Auth:
+                     scheme: str | None = None, trusted_origins: Sequence[str] = ()) -> Auth:
         """Verify the request's session token (401 errors) and refuse blocked users: banned/deleted as
         signed out (401), deprovisioned/locked with 403 (signing in again cannot help).
 
         With the request's ``method`` (and ``scheme``, for its own origin), an unsafe request carrying the
         ``__session`` cookie must come from an allowed origin (:func:`~clerk_sync.auth.sessions.check_request_origin`,
-        403 :class:`~clerk_sync.errors.CrossSiteRequest`): integrations pass them for HTTP requests.
+        403 :class:`~clerk_sync.errors.CrossSiteRequest`): integrations pass them for HTTP requests, and
+        Django its ``CSRF_TRUSTED_ORIGINS`` as ``trusted_origins``.
         """
         token = token_from_request(headers, cookies)
-        self._check_site(headers, method, scheme)
+        self._check_site(headers, method, scheme, trusted_origins)
         return self._check_user(self.verifier.verify(token))
 
     async def aauthenticate(self, headers: Mapping[str, str], cookies: Mapping[str, str], *,
-                            method: str | None = None, scheme: str | None = None) -> Auth:
+                            method: str | None = None, scheme: str | None = None,
+                            trusted_origins: Sequence[str] = ()) -> Auth:
         """Async :meth:`authenticate`: the deny list is refreshed in a worker thread, then only read (no
         database query on the event loop, even with a refresh interval of 0)."""
         token = token_from_request(headers, cookies)  # first: an anonymous request never touches the DB
-        self._check_site(headers, method, scheme)
+        self._check_site(headers, method, scheme, trusted_origins)
         if self.deny_list.due():  # its DB read runs in a worker thread, never on the event loop
             await to_thread.run_sync(self.deny_list.refresh_if_due)
         snapshot = _snapshot_only.set(True)  # ...nor again below, on the loop (see _snapshot_only)
@@ -196,10 +198,12 @@ class Authenticator:
         finally:
             _snapshot_only.reset(snapshot)
 
-    def _check_site(self, headers: Mapping[str, str], method: str | None, scheme: str | None) -> None:
+    def _check_site(self, headers: Mapping[str, str], method: str | None, scheme: str | None,
+                    trusted_origins: Sequence[str]) -> None:
         if method is not None:
             check_request_origin(method, headers, scheme=scheme,
-                                 authorized_parties=self.verifier.claims.authorized_parties)
+                                 authorized_parties=self.verifier.claims.authorized_parties,
+                                 trusted_origins=trusted_origins)
 
     def _check_user(self, auth: Auth) -> Auth:
         # An impersonation ends with its admin: banned, deleted, locked or deprovisioned since the actor

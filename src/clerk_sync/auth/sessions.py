@@ -21,7 +21,7 @@ import json
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -148,7 +148,8 @@ def is_cors_preflight(method: str | None, access_control_request_method: str | N
 
 
 def check_request_origin(method: str, headers: Mapping[str, str], *, scheme: str | None,
-                         authorized_parties: frozenset[str] | None) -> None:
+                         authorized_parties: frozenset[str] | None,
+                         trusted_origins: Sequence[str] = ()) -> None:
     """Refuse cross-site request forgery: an unsafe request (not GET/HEAD/OPTIONS/TRACE) authenticated
     by the session cookie must say it comes from an allowed origin, else :class:`CrossSiteRequest`.
 
@@ -159,6 +160,10 @@ def check_request_origin(method: str, headers: Mapping[str, str], *, scheme: str
     else equal the request's own origin: ``scheme`` plus the ``Host`` header (``scheme=None``: unknown,
     nothing matches). A request with neither header is refused: browsers send ``Origin`` on cross-site
     POSTs, so its absence cannot be taken for "same site". ``headers`` has lower-case names.
+
+    ``trusted_origins`` are allowed as well, written as Django's ``CSRF_TRUSTED_ORIGINS`` are (an origin,
+    or ``https://*.example.com`` for its subdomains): the Django face passes that setting, so one list
+    serves both its own CSRF check and this one.
     """
     if method.upper() in SAFE_METHODS or _bearer(headers) is not None:
         return
@@ -180,10 +185,29 @@ def check_request_origin(method: str, headers: Mapping[str, str], *, scheme: str
         allowed = {own} if own is not None else set()
         expected = (f"this site's own origin {own!r} (behind a proxy, forward the Host and X-Forwarded-Proto "
                     "headers, or list your front end's origin in CLERK_AUTHORIZED_PARTIES)")
-    if origin is None or origin not in allowed:
+    if origin is None or (origin not in allowed and not _trusted(origin, trusted_origins)):
         raise CrossSiteRequest(f"cross-site request refused: a {method} authenticated by the __session cookie "
                                f"from {header} {(origin or sent)[:100]!r}, which is not {expected}; a front end on "
                                "another origin sends the token as Authorization: Bearer")
+
+
+def _trusted(origin: str, trusted_origins: Sequence[str]) -> bool:
+    """Whether ``origin`` is one of ``trusted_origins`` (Django's ``CSRF_TRUSTED_ORIGINS`` form: a
+    ``scheme://*.domain`` entry matches that domain and its subdomains, as Django's ``is_same_domain`` does)."""
+    for entry in trusted_origins:
+        scheme, sep, rest = entry.strip().partition("://*.")
+        if not sep:
+            if _origin(entry) == origin:
+                return True
+            continue
+        suffix = _origin(f"{scheme}://{rest}")
+        if suffix is None:
+            continue
+        want_scheme, _, want_host = suffix.partition("://")
+        got_scheme, _, got_host = origin.partition("://")
+        if got_scheme == want_scheme and (got_host == want_host or got_host.endswith("." + want_host)):
+            return True
+    return False
 
 
 def _bearer(headers: Mapping[str, str]) -> str | None:

@@ -10,6 +10,7 @@ import contextlib
 from typing import TypeGuard
 
 from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.core.exceptions import DisallowedHost
 from django.core.handlers.asgi import ASGIRequest
 from django.http import HttpRequest
@@ -66,6 +67,12 @@ def _headers_and_cookies(request: HttpRequest) -> tuple[dict[str, str], dict[str
     return headers, dict(request.COOKIES)
 
 
+def _trusted_origins() -> list[str]:
+    """Django's ``CSRF_TRUSTED_ORIGINS``: the origins its own CSRF check trusts are trusted for the
+    ``__session`` cookie too (one list for both, as a Django project expects)."""
+    return list(getattr(settings, "CSRF_TRUSTED_ORIGINS", ()) or ())
+
+
 def _answer(runtime: ClerkSync, result: Auth | ClerkSyncError, request: HttpRequest) -> ClerkRequest:
     asgi = isinstance(request, ASGIRequest)
     if isinstance(result, TokenMissing):
@@ -91,7 +98,7 @@ def clerk_request(request: HttpRequest) -> ClerkRequest:
         # method and scheme: an unsafe request on the __session cookie must come from an allowed Origin (403
         # cross_site_request), as on the other faces, csrf_exempt views and projects without CSRF middleware too
         result: Auth | ClerkSyncError = runtime.authenticator.authenticate(
-            headers, cookies, method=request.method, scheme=request.scheme)
+            headers, cookies, method=request.method, scheme=request.scheme, trusted_origins=_trusted_origins())
         if _audited(result, runtime):  # as ClerkMiddleware does (a guard without it)
             runtime.authenticator.audit_impersonated_request(result, request.method or "", request.path,
                                                              request.META.get("REMOTE_ADDR"))
@@ -111,7 +118,7 @@ async def aclerk_request(request: HttpRequest) -> ClerkRequest:
     headers, cookies = _headers_and_cookies(request)
     try:
         result: Auth | ClerkSyncError = await runtime.authenticator.aauthenticate(
-            headers, cookies, method=request.method, scheme=request.scheme)
+            headers, cookies, method=request.method, scheme=request.scheme, trusted_origins=_trusted_origins())
         if _audited(result, runtime):
             await sync_to_async(runtime.authenticator.audit_impersonated_request)(
                 result, request.method or "", request.path, request.META.get("REMOTE_ADDR"))
