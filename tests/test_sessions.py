@@ -584,3 +584,47 @@ async def test_no_keys_loaded_is_a_503_on_the_async_path_too_and_keys_end_it(clo
             await verifier.averify(mint(key=OTHER_KEY, kid="ins_forged"))
         assert type(caught.value) is errors.TokenKeyUnknown
         assert status_for(caught.value) == 401
+
+
+@pytest.mark.anyio
+async def test_a_cached_token_ends_with_the_key_that_signed_it(
+    jwks_server: tuple[_JWKSServer, str], clock: list[float]
+) -> None:
+    """Review finding: a token verified once stayed in the cache, and kept working, after Clerk withdrew its
+    key from the JWKS (a rotation after a leak), until its own ``exp``: only new tokens met the withdrawal."""
+    server, url = jwks_server
+    mono = [0.0]
+    with httpx.Client() as client:
+        source = JWKSKeySource(f"{url}/v1/jwks", client=client, ttl_s=300, cooldown_s=30, now=lambda: mono[0])
+        verifier = SessionVerifier(source, ClaimsValidator(), now=lambda: clock[0])
+        sync_token, async_token = mint(claims(sid="sess_sync")), mint(claims(sid="sess_async"))
+        assert verifier.verify(sync_token).session_id == "sess_sync"
+        assert (await verifier.averify(async_token)).session_id == "sess_async"
+        server.keys = {"ins_2": OTHER_KEY}  # Clerk withdraws ins_1
+        mono[0] += 100
+        assert verifier.verify(sync_token).session_id == "sess_sync"  # the key set is still fresh: served
+        mono[0] += 300
+        with pytest.raises(errors.TokenKeyUnknown, match="no longer"):
+            await verifier.averify(async_token)
+        with pytest.raises(errors.TokenKeyUnknown):
+            verifier.verify(sync_token)
+        assert sync_token not in verifier._cache and async_token not in verifier._cache
+
+
+@pytest.mark.parametrize("header", [{"cat": ["cl_B7d4PD111AAA"]}, {"cat": {}}, {"cat": 7}])
+def test_an_unverified_header_of_the_wrong_type_is_a_malformed_token(verifier: SessionVerifier,
+                                                                      header: dict[str, Any]) -> None:
+    """Review finding: ``cat`` was looked up in a set before the signature was checked, so a list or an object
+    there raised TypeError: a 500 on every page for anyone holding such a cookie, where a bad token is a 401."""
+    forged = ".".join([_b64(json.dumps({"alg": "RS256", "kid": "ins_1", **header}).encode()), _b64(b"{}"), "AAAA"])
+    with pytest.raises(errors.TokenMalformed, match="category"):
+        verifier.verify(forged)
+
+
+@pytest.mark.parametrize("azp", [["https://app.example.test"], {"a": 1}, 7])
+def test_a_signed_azp_that_is_not_a_string_is_malformed(azp: Any) -> None:
+    """The same for ``azp``: it is looked up in the authorized parties, so a non-string raised TypeError."""
+    verifier = SessionVerifier(StaticKeySource(pem(KEY)), ClaimsValidator(authorized_parties=frozenset({AZP})),
+                               now=lambda: float(NOW))
+    with pytest.raises(errors.TokenMalformed, match="azp"):
+        verifier.verify(mint(claims(azp=azp)))

@@ -37,6 +37,7 @@ from clerk_sync.errors import (
     CrossSiteRequest,
     SessionRevoked,
     TokenAlgorithmNotAllowed,
+    TokenError,
     TokenMalformed,
     TokenMissing,
     TokenSignatureInvalid,
@@ -249,17 +250,27 @@ class SessionVerifier:
         self.claims = claims
         self.revocations = revocations
         self._now = now
-        self._cache: OrderedDict[str, Auth] = OrderedDict()
+        self._cache: OrderedDict[str, tuple[Auth, str | None]] = OrderedDict()  # token -> its Auth and kid
         self._cache_size = cache_size
         self._cache_lock = threading.Lock()  # verify() runs on the loop and in worker threads
         self._headers: dict[bytes, str | None] = {}  # header segment -> kid, for signed headers
 
     def verify(self, token: str, *, allow_fetch: bool = True) -> Auth:
         """Return the :class:`Auth` of a valid token; raise a :class:`TokenError` leaf otherwise."""
-        auth = self._cache.get(token)
-        if auth is None:
-            auth = self._verify_signature_and_static_claims(token, allow_fetch)
-            self._remember(token, auth)
+        hit = self._cache.get(token)
+        if hit is None:
+            auth, kid = self._verify_signature_and_static_claims(token, allow_fetch)
+            self._remember(token, auth, kid)
+        else:
+            auth, kid = hit
+            # The key that signed it must still be held: a key Clerk withdrew (rotated after a leak) ends
+            # the tokens it signed, cached ones too (a dict lookup while the key set is fresh).
+            try:
+                self.keys.get(kid, allow_fetch=allow_fetch)
+            except TokenError:
+                with self._cache_lock:
+                    self._cache.pop(token, None)
+                raise
         self._check_dynamic(auth)
         return auth
 
@@ -270,7 +281,7 @@ class SessionVerifier:
         except NeedsFetch:
             return await to_thread.run_sync(self.verify, token)
 
-    def _verify_signature_and_static_claims(self, token: str, allow_fetch: bool) -> Auth:
+    def _verify_signature_and_static_claims(self, token: str, allow_fetch: bool) -> tuple[Auth, str | None]:
         # Not ``jwt.get_unverified_header`` + ``jwt.decode``: each parses the whole token again, and PyJWT
         # 2.14+ checks every segment's alphabet with a per-character Python generator, together ~3x the
         # RSA verify for a Clerk-sized token. One strict parse here; the crypto is still PyJWT's.
@@ -295,7 +306,7 @@ class SessionVerifier:
             self._remember_header(head, kid)
         claims = _json_object(payload, "payload")
         self.claims.validate_static(claims)
-        return normalize_claims(claims)
+        return normalize_claims(claims), kid
 
     def _remember_header(self, head: bytes, kid: str | None) -> None:
         if len(self._headers) >= _HEADER_MEMO_SIZE:
@@ -307,9 +318,9 @@ class SessionVerifier:
         if self.revocations is not None and self.revocations.is_revoked(auth.session_id):
             raise SessionRevoked("session was revoked")
 
-    def _remember(self, token: str, auth: Auth) -> None:
+    def _remember(self, token: str, auth: Auth, kid: str | None) -> None:
         with self._cache_lock:
-            self._cache[token] = auth
+            self._cache[token] = (auth, kid)
             if len(self._cache) > self._cache_size:
                 self._evict()
 
@@ -318,7 +329,7 @@ class SessionVerifier:
         (each entry is popped once). Clerk tokens share one lifetime, so insertion order is expiry order."""
         now, cache = self._now(), self._cache
         while cache:
-            token, auth = next(iter(cache.items()))
+            token, (auth, _) = next(iter(cache.items()))
             if auth.expires_at > now and len(cache) <= self._cache_size:
                 break
             del cache[token]
@@ -360,7 +371,9 @@ def _header_kid(segment: bytes) -> str | None:
     if "crit" in header or "b64" in header:  # Clerk session tokens use no JWS extension (RFC 7515 4.1.11, RFC 7797)
         raise TokenMalformed("unsupported JWS extension header (crit/b64)")
     category = header.get("cat")
-    if category is not None and category not in _SESSION_CATEGORIES:  # as Clerk's own SDKs refuse them
+    # a string first: an unverified list or object here would raise TypeError (a 500 on every page for a
+    # cookie another subdomain planted) where a malformed token is a 401
+    if category is not None and (not isinstance(category, str) or category not in _SESSION_CATEGORIES):
         raise TokenMalformed(f"token category {category!r} is not a session token's (a JWT-template or machine "
                              "token sent as a session token)")
     kid = header.get("kid")
