@@ -126,8 +126,8 @@ class ActorTokensUnavailable:
     def update_user_metadata(self, user_id: str, *, public_metadata: dict[str, Any] | None = None) -> dict[str, Any]:
         return self.client.update_user_metadata(user_id, public_metadata=public_metadata)
 
-    def create_actor_token(self, user_id: str, actor: dict[str, Any], *,
-                           expires_in_seconds: int | None = None) -> dict[str, Any]:
+    def create_actor_token(self, user_id: str, actor: dict[str, Any], *, expires_in_seconds: int | None = None,
+                           session_max_duration_in_seconds: int | None = None) -> dict[str, Any]:
         raise ClerkValidationError("actor tokens are not available on this plan", status=402, path="/actor_tokens")
 
     def create_sign_in_token(self, user_id: str, *, expires_in_seconds: int | None = None) -> dict[str, Any]:

@@ -15,7 +15,7 @@ Branch by what the caller does next::
     │   ├── TokenMissing, TokenMalformed, TokenAlgorithmNotAllowed, TokenKeyUnknown,
     │   ├── TokenSignatureInvalid, TokenExpired, TokenNotYetValid, TokenIssuedInFuture,
     │   ├── TokenIssuerInvalid, TokenAuthorizedPartyInvalid, TokenClaimMissing,
-    │   └── SessionRevoked, SessionPending, SessionUserBanned
+    │   └── SessionRevoked, SessionPending, SessionUserBanned (ImpersonationEnded)
     ├── AccessDenied                    access_denied        signed in but not allowed -> 403
     │   ├── CrossSiteRequest            cross_site_request   cookie-authenticated unsafe request from another origin
     │   ├── UserBanned                  user_banned
@@ -53,6 +53,7 @@ __all__ = [
     "CrossSiteRequest",
     "EventShapeError",
     "HookGaveUp",
+    "ImpersonationEnded",
     "PayloadError",
     "PayloadTooLarge",
     "RateLimited",
@@ -257,6 +258,13 @@ class SessionUserBanned(TokenError):
     """The token is valid but its user is banned or deleted in our mirror: treated as signed out."""
 
     code = "session_user_banned"
+
+
+class ImpersonationEnded(SessionUserBanned):
+    """The session is an impersonation whose admin is no longer one (demoted, banned, deleted, locked or
+    deprovisioned since the actor token was minted): it is over, so the session is signed out."""
+
+    code = "impersonation_ended"
 
 
 class AccessDenied(ClerkSyncError):

@@ -26,6 +26,9 @@ __all__ = ["ADMIN_ROLE", "AdminActions", "ClerkAdminAPI", "Impersonation", "Role
 
 ADMIN_ROLE = "admin"
 MAX_IMPERSONATION_S = 300
+# How long the impersonated session itself may last (Clerk's own default, asked for explicitly): the
+# token above only bounds how long the link can be redeemed.
+IMPERSONATION_SESSION_S = 1800
 _RETRYABLE = (_ClerkUnavailable, RateLimited)
 
 
@@ -36,8 +39,8 @@ class ClerkAdminAPI(Protocol):
         self, user_id: str, *, public_metadata: dict[str, Any] | None = None
     ) -> dict[str, Any]: ...
 
-    def create_actor_token(self, user_id: str, actor: dict[str, Any], *,
-                           expires_in_seconds: int | None = None) -> dict[str, Any]: ...
+    def create_actor_token(self, user_id: str, actor: dict[str, Any], *, expires_in_seconds: int | None = None,
+                           session_max_duration_in_seconds: int | None = None) -> dict[str, Any]: ...
 
     def create_sign_in_token(self, user_id: str, *, expires_in_seconds: int | None = None) -> dict[str, Any]: ...
 
@@ -110,6 +113,15 @@ class AdminActions:
             newest.setdefault(row["user_clerk_id"], row)
         counts = {"applied": 0, "pending": 0, "failed": 0}
         for row in reversed(list(newest.values())):
+            refusal = self._requester_refusal(row["requested_by"])
+            if refusal is not None:  # an admin's request is theirs while they are one: not after a demotion
+                with self.store.transaction() as w:
+                    self._close_pending(w, row["user_clerk_id"], error=refusal)
+                    record_audit(w, AuditEntry("role.change_refused", row["requested_by"], row["user_clerk_id"],
+                                               details={"to": row["role"], "reason": refusal,
+                                                        "pending_id": row["id"]}))
+                counts["failed"] += 1
+                continue
             try:
                 patch = {"role": row["role"]}
                 clerk_user = self.clerk.update_user_metadata(row["user_clerk_id"], public_metadata=patch)
@@ -131,6 +143,17 @@ class AdminActions:
             self._store_clerk_user(clerk_user, entry)
             counts["applied"] += 1
         return counts
+
+    def _requester_refusal(self, requested_by: str | None) -> str | None:
+        """Why a queued change may no longer be pushed: its admin was demoted, banned or deleted since
+        asking (None = the CLI operator, or still an admin)."""
+        if requested_by is None:
+            return None
+        user = read_user(self.store, requested_by)
+        if user is None or user.role != ADMIN_ROLE or standing_error(user) is not None:
+            return (f"{requested_by}, who asked for it, is no longer an admin in good standing: not pushed "
+                    "(ask again as an admin, or from the CLI)")
+        return None
 
     def _store_clerk_user(self, clerk_user: dict[str, Any], entry: AuditEntry) -> None:
         """Store Clerk's answer, audit it, and close the user's pending changes: they are older
@@ -156,8 +179,11 @@ class AdminActions:
 
     # -- impersonation ---------------------------------------------------------------------------
     def start_impersonation(self, admin: str, target: str, *, ip: str | None = None,
-                            expires_in_s: int = MAX_IMPERSONATION_S) -> Impersonation:
-        """Ask Clerk for an actor token (≤ 5 min). Non-admins are refused, and refusals are audited.
+                            expires_in_s: int = MAX_IMPERSONATION_S,
+                            session_max_s: int = IMPERSONATION_SESSION_S) -> Impersonation:
+        """Ask Clerk for an actor token (redeemable ≤ 5 min, its session lasting ``session_max_s``). Non-admins
+        are refused, and refusals are audited. The session ends sooner if the admin stops being one
+        (:class:`~clerk_sync.auth.authenticator.Authenticator` checks the actor on every request).
 
         With ``sign_in_token_fallback`` (off by default), a refused actor token falls back to a sign-in
         token. Its session is an ordinary session of the target: no ``act`` claim, so the impersonation
@@ -168,7 +194,8 @@ class AdminActions:
             raise AccessDenied("an admin cannot impersonate themself")
         ttl = max(1, min(expires_in_s, MAX_IMPERSONATION_S))
         try:
-            grant = self.clerk.create_actor_token(target, {"sub": admin}, expires_in_seconds=ttl)
+            grant = self.clerk.create_actor_token(target, {"sub": admin}, expires_in_seconds=ttl,
+                                                  session_max_duration_in_seconds=session_max_s)
             method = "actor_token"
         except (ClerkValidationError, ClerkNotFound) as exc:
             user_missing = isinstance(exc, ClerkNotFound) and bool(exc.path) and "/users" in str(exc.path)
@@ -182,6 +209,8 @@ class AdminActions:
         result = Impersonation(target, admin, method, str(grant.get("token", "")), grant.get("url"), ttl)
         with self.store.transaction() as w:
             details = {"method": method, "expires_in_s": ttl, "grant_id": grant.get("id")}
+            if method == "actor_token":
+                details["session_max_s"] = session_max_s
             record_audit(w, AuditEntry("impersonation.granted", admin, target, details=details, ip=ip))
         return result
 

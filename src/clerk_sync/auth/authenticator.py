@@ -17,11 +17,20 @@ from datetime import UTC, datetime, timedelta
 import sqlalchemy as sa
 from anyio import to_thread
 
+from clerk_sync.auth.admin import ADMIN_ROLE
 from clerk_sync.auth.audit import AuditEntry, record_audit
 from clerk_sync.auth.claims import Auth
 from clerk_sync.auth.sessions import SessionVerifier, check_request_origin, token_from_request
 from clerk_sync.auth.users import AuthUser, read_user, standing_error
-from clerk_sync.errors import AccessDenied, SessionUserBanned, UserBanned, UserDeleted, UserDeprovisioned, UserLocked
+from clerk_sync.errors import (
+    AccessDenied,
+    ImpersonationEnded,
+    SessionUserBanned,
+    UserBanned,
+    UserDeleted,
+    UserDeprovisioned,
+    UserLocked,
+)
 from clerk_sync.store import Store
 from clerk_sync.tables import revoked_sessions, users
 
@@ -35,6 +44,8 @@ def signed_out_if_banned() -> Iterator[None]:
     and whichever face asked."""
     try:
         yield
+    except (UserLocked, UserDeprovisioned):
+        raise  # 403 from every loader: signing in again cannot help (they subclass UserBanned)
     except (UserBanned, UserDeleted) as exc:
         raise SessionUserBanned("user is banned or deleted") from exc
 
@@ -160,9 +171,13 @@ class Authenticator:
     """Turns a request's headers/cookies into an :class:`Auth`, and answers role questions from the DB."""
 
     def __init__(self, verifier: SessionVerifier, store: Store, *, deny_list: DenyList | None = None,
-                 load_user: UserLoader | None = None) -> None:
+                 load_user: UserLoader | None = None,
+                 impersonator_roles: frozenset[str] | None = frozenset({ADMIN_ROLE})) -> None:
         self.verifier = verifier
         self.store = store
+        # The roles an impersonating user of this app must still hold (None: any role, standing only):
+        # AdminActions.start_impersonation grants actor tokens to admins, so an admin demoted since ends it.
+        self.impersonator_roles = impersonator_roles
         self.deny_list = deny_list or DenyList(store)
         if verifier.revocations is None:
             verifier.revocations = self.deny_list
@@ -181,7 +196,10 @@ class Authenticator:
         """
         token = token_from_request(headers, cookies)
         self._check_site(headers, method, scheme, trusted_origins)
-        return self._check_user(self.verifier.verify(token))
+        auth = self._check_user(self.verifier.verify(token))
+        if auth.actor_id is not None:
+            self._check_actor(auth)
+        return auth
 
     async def aauthenticate(self, headers: Mapping[str, str], cookies: Mapping[str, str], *,
                             method: str | None = None, scheme: str | None = None,
@@ -194,9 +212,12 @@ class Authenticator:
             await to_thread.run_sync(self.deny_list.refresh_if_due)
         snapshot = _snapshot_only.set(True)  # ...nor again below, on the loop (see _snapshot_only)
         try:
-            return self._check_user(await self.verifier.averify(token))
+            auth = self._check_user(await self.verifier.averify(token))
         finally:
             _snapshot_only.reset(snapshot)
+        if auth.actor_id is not None:  # its DB read in a worker thread too
+            await to_thread.run_sync(self._check_actor, auth)
+        return auth
 
     def _check_site(self, headers: Mapping[str, str], method: str | None, scheme: str | None,
                     trusted_origins: Sequence[str]) -> None:
@@ -210,8 +231,8 @@ class Authenticator:
         # token was minted (a Clerk Dashboard impersonator is no user of the app's: never in the list).
         actor = auth.actor_id
         if actor is not None and self.deny_list.blocked_reason(actor) is not None:
-            raise SessionUserBanned(f"the admin impersonating this user ({actor}) is banned, deleted, locked or "
-                                    "deprovisioned: the impersonation has ended")
+            raise ImpersonationEnded(f"the admin impersonating this user ({actor}) is banned, deleted, locked or "
+                                     "deprovisioned: the impersonation has ended")
         reason = self.deny_list.blocked_reason(auth.user_id)
         if reason == "deprovisioned":
             raise UserDeprovisioned(f"user {auth.user_id} was deprovisioned by the organization's identity provider")
@@ -220,6 +241,20 @@ class Authenticator:
         if reason is not None:
             raise SessionUserBanned("user is banned or deleted")
         return auth
+
+    def _check_actor(self, auth: Auth) -> None:
+        """An impersonation lasts while its admin is one: read now, not from the deny list's snapshot (one
+        indexed query, on impersonated requests only, which write an audit row each anyway). An actor with
+        no row here is no user of the app's (an impersonation from the Clerk Dashboard): not ours to judge."""
+        actor = read_user(self.store, auth.actor_id or "")
+        if actor is None:
+            return
+        if standing_error(actor) is not None:
+            raise ImpersonationEnded(f"the admin impersonating this user ({actor.clerk_id}) is banned, deleted, "
+                                     "locked or deprovisioned: the impersonation has ended")
+        if self.impersonator_roles is not None and actor.role not in self.impersonator_roles:
+            raise ImpersonationEnded(f"the admin impersonating this user ({actor.clerk_id}) no longer has the role "
+                                     f"{sorted(self.impersonator_roles)}: the impersonation has ended")
 
     # -- may they --------------------------------------------------------------------------------
     def user(self, auth: Auth) -> AuthUser:

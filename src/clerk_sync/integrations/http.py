@@ -6,7 +6,11 @@ The body is always ``{"error": <stable code>, "message": <what happened and what
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass, field
+
+import structlog
 
 from clerk_sync.errors import (
     AccessDenied,
@@ -23,6 +27,7 @@ from clerk_sync.errors import (
     PayloadTooLarge,
     RateLimited,
     ReconcileBusy,
+    StoreDataError,
     StoreError,
     TokenError,
     TokenKeysUnavailable,
@@ -65,6 +70,20 @@ STATUS_BY_ERROR: dict[type[ClerkSyncError], int] = {
 
 _STORE_RETRY_AFTER_S = 5
 
+# What any caller may read of an outage. The cause (a driver's message names the database's host, port and
+# role; a JWKS failure its URL) is the operator's: it goes to the log, never to whoever sent the request.
+_PUBLIC_MESSAGES: dict[type[ClerkSyncError], str] = {  # the first class that matches (subclasses first)
+    StoreDataError: "the database refused a value of this request (the cause is in the service's log)",
+    StoreError: "the database is unavailable: retry later (the cause is in the service's log)",
+    TokenKeysUnavailable: "the keys that verify session tokens are unavailable: retry later (the cause is in "
+                          "the service's log)",
+}
+_LOG_EVERY_S = 10.0  # an outage answers every request: one log line per error class this often, with a count
+
+log = structlog.get_logger("clerk_sync.http")
+_logged: dict[type[ClerkSyncError], tuple[float, int]] = {}  # class -> (last logged at, answers since)
+_logged_lock = threading.Lock()
+
 
 @dataclass(frozen=True, slots=True)
 class ErrorResponse:
@@ -93,4 +112,23 @@ def error_response(exc: ClerkSyncError) -> ErrorResponse:
         headers["Retry-After"] = str(max(1, int(retry_after)))
     elif isinstance(exc, StoreError):
         headers["Retry-After"] = str(_STORE_RETRY_AFTER_S)
-    return ErrorResponse(status_for(exc), {"error": exc.code, "message": str(exc)}, headers)
+    return ErrorResponse(status_for(exc), {"error": exc.code, "message": _public_message(exc)}, headers)
+
+
+def _public_message(exc: ClerkSyncError) -> str:
+    for cls, message in _PUBLIC_MESSAGES.items():
+        if isinstance(exc, cls):
+            _log_cause(cls, exc)
+            return message
+    return str(exc)
+
+
+def _log_cause(cls: type[ClerkSyncError], exc: ClerkSyncError) -> None:
+    now = time.monotonic()
+    with _logged_lock:
+        at, since = _logged.get(cls, (float("-inf"), 0))
+        if now - at < _LOG_EVERY_S:
+            _logged[cls] = (at, since + 1)
+            return
+        _logged[cls] = (now, 0)
+    log.warning("answered_unavailable", error=exc.code, cause=str(exc), also_answered_since_last_line=since)
