@@ -136,6 +136,18 @@ class AppTableRolledBack(StoreDataError):
     code = "app_table_rolled_back"
 
 
+class RefusedAtCommit(StoreError):
+    """SQLite: a foreign key of the app's tables declared ``DEFERRABLE INITIALLY DEFERRED`` (Django declares
+    every one so) refused the transaction at its COMMIT, naming no statement: nothing of it holds. SQLite
+    cannot check such a key at once (PostgreSQL does, :data:`CHECK_AT_ONCE`), so a batch goes one delivery
+    at a time, and a delivery refused alone is written again as a refusal at the statement would have left
+    it (:meth:`SchemaMapping.refused_at_commit`). ``changes``: what the transaction sent to the app's tables."""
+
+    def __init__(self, message: str, changes: Sequence[Change]) -> None:
+        super().__init__(message)
+        self.changes = tuple(changes)
+
+
 @dataclass(frozen=True, slots=True)
 class Column:
     """Where one column's value comes from: ``source`` (+ ``transform``, ``default`` for None), or ``compute``.
@@ -299,6 +311,28 @@ class SchemaMapping:
             if conn.execute(sa.select(sa.literal(1)).where(app.c[mapped.clerk_id_column] == clerk_id)).first() is None:
                 return True
         return False
+
+    def refused_at_commit(self, conn: Connection, changes: Sequence[Change]) -> str:
+        """Why a delivery is written again without the app's tables when a deferred foreign key refused its
+        ``changes`` at COMMIT (:class:`RefusedAtCommit`), as :meth:`project` would have said it at the
+        statement: a deletion another app table still refers to is the row's refusal; a created or updated
+        row waits for its parents (:class:`ParentNotThere`, raised) unless :meth:`parents_arrived`."""
+        mapped = [change for change in changes if change.entity in self.tables]
+        for change in mapped:
+            if change.kind != "deleted":
+                refused = self._refused_at_commit(change)
+                if not self.parents_arrived(conn, change):
+                    raise ParentNotThere(f"{refused}; a row it refers to is not there yet: retried", refused)
+                return f"{refused}; the rows it refers to have arrived: the app's table refused theirs"
+        if not mapped:
+            return "a DEFERRABLE INITIALLY DEFERRED foreign key of the app's tables refused the COMMIT"
+        # the entity's own deletion comes after its memberships' (Writer._apply_with_hooks)
+        others = f" (or one of the {len(mapped) - 1} other changes it made)" if len(mapped) > 1 else ""
+        return f"{self._refused_at_commit(mapped[-1])}{others}; fix the table or the mapping"
+
+    def _refused_at_commit(self, change: Change) -> str:
+        return (f"{self.tables[change.entity].table} refused {change.type} for {change.clerk_id}: FOREIGN KEY "
+                "constraint failed at COMMIT, a DEFERRABLE INITIALLY DEFERRED key")
 
     def pipelines(self, conn: Connection, entity: Entity) -> bool:
         """Whether this entity's created/updated changes can be written by :meth:`cte` (psycopg

@@ -136,6 +136,8 @@ class Outbox:
         does a refusal that rolled back the whole transaction (:class:`AppTableRolledBack`: the caller
         writes the unit of work again with ``unmapped``)."""
         assert self.mapping is not None
+        if change.entity not in self.mapping.tables:
+            return  # not mapped: nothing of the app's to write or to refuse (memberships under a users-only mapping)
         if self.unmapped is not None:
             reason = self.unmapped
         else:
@@ -384,16 +386,29 @@ def extend(conn: Connection, jobs: Sequence[Job], until: datetime) -> int:
 def fail(conn: Connection, job: Job, error: str, retry_at: datetime | None) -> bool:
     """Record a failed attempt: pending again at ``retry_at``, or dead when it is None. A job whose payload
     was redacted meanwhile (its user erased while the handler ran) keeps only the exception's name: the
-    handler's message may quote the person, and no later redaction would find it."""
+    handler's message may quote the person, and no later redaction would find it. ``error`` is stored
+    as every database takes it (:func:`_storable`)."""
     j = hook_jobs
+    error = _storable(error)
     redacted = j.c.payload["redacted"].as_string().is_not(None)
-    last_error = sa.case((redacted, _redacted_error(error)), else_=sa.literal(error[:2000], j.c.last_error.type))
+    last_error = sa.case((redacted, _redacted_error(error)), else_=sa.literal(error, j.c.last_error.type))
     values: JSON = {"status": "pending" if retry_at else "dead", "last_error": last_error,
                     "lease_until": None, "claim_token": None}
     if retry_at is not None:
         values["available_at"] = retry_at
     stmt = sa.update(hook_jobs).where(hook_jobs.c.id == job.id, hook_jobs.c.claim_token == job.token)
     return conn.execute(stmt.values(**values)).rowcount == 1
+
+
+_MAX_ERROR = 2000  # characters of a last error kept
+
+
+def _storable(text: str) -> str:
+    """``text`` as every database stores it: a NUL (PostgreSQL refuses it in text; a receiver's binary
+    answer has them) as ``\\0``, a lone surrogate (no encoding takes it) as ``\\ud800``; at most
+    :data:`_MAX_ERROR` characters. A refusal here would abandon the dispatcher's batch."""
+    text = text[:_MAX_ERROR].replace("\x00", "\\0")
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")[:_MAX_ERROR]
 
 
 def release(conn: Connection, jobs: Sequence[Job]) -> None:
@@ -419,19 +434,39 @@ def retry_jobs(conn: Connection, now: datetime, ids: Sequence[int] | None = None
     same entity may be running; back under its old (lower) id it would be that entity's first unfinished
     job again and be claimed beside it (two handlers of one entity at once). At the tail it waits behind
     whatever of its entity is unfinished, as a new change does. Rows are locked first, so two retries at
-    once queue each job once."""
+    once queue each job once. They are read and queued in id order, :data:`_RETRY_PAGE` at a time (a few
+    pages in memory, not every dead payload); ``clerk-sync hooks retry`` also commits each page."""
     j = hook_jobs
-    kept = [j.c.hook, j.c.type, j.c.entity_key, j.c.idempotency_key, j.c.payload, j.c.last_error, j.c.created_at]
-    query = sa.select(j.c.id, *kept).where(j.c.status == "dead").order_by(j.c.id).with_for_update()
-    chunks = [None] if ids is None else [list(ids[i:i + 500]) for i in range(0, len(ids), 500)]
-    rows = [row for chunk in chunks
-            for row in conn.execute(query if chunk is None else query.where(j.c.id.in_(chunk))).all()]
-    rows.sort(key=lambda row: row.id)
-    for start in range(0, len(rows), 500):
-        part = rows[start:start + 500]
-        conn.execute(sa.delete(j).where(j.c.id.in_([row.id for row in part])))
-        conn.execute(sa.insert(j), [{**{c.name: getattr(row, c.name) for c in kept}, "status": "pending",
-                                     "attempts": 0, "available_at": now} for row in part])
+    query = sa.select(j.c.id, *_KEPT_ON_RETRY).where(j.c.status == "dead").order_by(j.c.id).with_for_update()
+    count = 0
+    if ids is not None:  # sorted: the pages, one after the other, keep the order of the ids
+        wanted = sorted(set(ids))
+        for start in range(0, len(wanted), _RETRY_PAGE):
+            chunk = wanted[start:start + _RETRY_PAGE]
+            count += _requeue(conn, now, conn.execute(query.where(j.c.id.in_(chunk))).all())
+        return count
+    after = 0
+    while rows := conn.execute(query.where(j.c.id > after).limit(_RETRY_PAGE)).all():
+        count += _requeue(conn, now, rows)
+        after = rows[-1].id
+    return count
+
+
+_RETRY_PAGE = 500  # dead jobs read (with their payloads) and queued again at a time
+
+
+_KEPT_ON_RETRY = tuple(hook_jobs.c[name] for name in (
+    "hook", "type", "entity_key", "idempotency_key", "payload", "last_error", "created_at"))
+
+
+def _requeue(conn: Connection, now: datetime, rows: Sequence[Any]) -> int:
+    """``rows`` (dead jobs, id-ordered) as new pending jobs at the tail, in their order; the dead rows go."""
+    if not rows:
+        return 0
+    j = hook_jobs
+    conn.execute(sa.delete(j).where(j.c.id.in_([row.id for row in rows])))
+    conn.execute(sa.insert(j), [{**{c.name: getattr(row, c.name) for c in _KEPT_ON_RETRY}, "status": "pending",
+                                 "attempts": 0, "available_at": now} for row in rows])
     return len(rows)
 
 

@@ -27,7 +27,7 @@ from sqlalchemy import event as sa_event
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
-from clerk_sync._db_errors import store_error
+from clerk_sync._db_errors import is_foreign_key_violation, store_error
 from clerk_sync._limits import fit_reason
 from clerk_sync.changes import Change, Hook, change_type, describe
 from clerk_sync.config import DatabaseTimeouts, Settings
@@ -37,6 +37,7 @@ from clerk_sync.mapping import CHECK_AT_ONCE as CHECK_AT_ONCE_SQL
 from clerk_sync.mapping import (
     AppTableRolledBack,
     MappedWave,
+    RefusedAtCommit,
     SchemaMapping,
     direct_sqlite,
     json_column_type,
@@ -199,6 +200,12 @@ class Writer:
         # Memberships this unit of work deleted because their user or organization is deleted (a late event
         # after the parent's deletion or erasure): their deliveries keep no personal data either.
         self.deleted_with_parent: set[str] = set()
+        self._carried: list[Change] = []  # projected without a change to record (see _record_upserted)
+
+    @property
+    def mapped_changes(self) -> list[Change]:
+        """What this unit of work sent to the app's mapped tables (a COMMIT they refuse names none of it)."""
+        return [*self.outbox.changes, *self._carried] if self.outbox is not None else []
 
     @property
     def refused(self) -> list[str]:
@@ -562,6 +569,7 @@ class Writer:
             outbox.record(change)
         elif outbox.mapping is not None:
             carried = Change(intent.entity, intent.clerk_id, "updated", intent.version, _change_values(intent.record))
+            self._carried.append(carried)
             outbox.project(carried)
 
     def _upsert(self, intent: Upsert) -> bool:
@@ -1143,25 +1151,45 @@ class Store:
     def transaction(self, *, unmapped: str | None = None) -> Iterator[Writer]:
         """One unit of work: commit on success, roll back on any error; DB errors become StoreError.
         ``unmapped``: why the app's mapped tables are left out of it (see :meth:`run`)."""
+        written: Writer | None = None  # the unit of work, once it is only to be committed
         try:
             with self._writers, self.engine.begin() as conn:
-                yield Writer(conn, self._now(), hooks=self.hooks, mapping=self.mapping, unmapped=unmapped)
+                writer = Writer(conn, self._now(), hooks=self.hooks, mapping=self.mapping, unmapped=unmapped)
+                yield writer
+                written = writer
         except sa.exc.SQLAlchemyError as exc:
+            if written is not None and unmapped is None and self._deferred_refusal(exc):
+                raise RefusedAtCommit(
+                    "the app's tables refused the transaction at COMMIT (FOREIGN KEY constraint failed: a "
+                    "DEFERRABLE INITIALLY DEFERRED key, as Django declares them on SQLite); nothing was applied",
+                    written.mapped_changes) from exc
             raise store_error(exc) from exc
+
+    def _deferred_refusal(self, exc: sa.exc.SQLAlchemyError) -> bool:
+        """SQLite with a mapping: a COMMIT a foreign key refused. Ours are checked at each statement, so it is
+        one of the app's tables' deferred keys (SQLite cannot check those at once, as PostgreSQL does)."""
+        return (self.mapping is not None and self.dialect == "sqlite"
+                and is_foreign_key_violation(getattr(exc, "orig", None)))
 
     def run(self, work: Callable[[Writer], _T]) -> _T:
         """``work`` in one transaction, constraints checked at each statement (:meth:`Writer.check_at_once`);
-        when an app's mapped table rolled that transaction back whole (:class:`~clerk_sync.mapping.AppTableRolledBack`),
+        when an app's mapped table rolled that transaction back whole (:class:`~clerk_sync.mapping.AppTableRolledBack`,
+        or on SQLite a deferred foreign key that refused its COMMIT, :class:`~clerk_sync.mapping.RefusedAtCommit`),
         once more with the app's tables left out, so the contract rows, the inbox and the hook jobs still commit."""
         try:
             with self.transaction() as writer:
                 writer.check_at_once()
                 return work(writer)
         except AppTableRolledBack as exc:
-            log.warning("app_table_rolled_back", reason=str(exc))
-            with self.transaction(unmapped=str(exc)) as writer:
-                writer.check_at_once()
-                return work(writer)
+            unmapped = str(exc)
+        except RefusedAtCommit as exc:  # (only with a mapping) a deferred foreign key, SQLite
+            assert self.mapping is not None
+            with self.connect() as conn:  # raises ParentNotThere while the parents may still arrive (retried)
+                unmapped = self.mapping.refused_at_commit(conn, exc.changes)
+        log.warning("app_table_rolled_back", reason=unmapped)
+        with self.transaction(unmapped=unmapped) as writer:
+            writer.check_at_once()
+            return work(writer)
 
     @contextmanager
     def connect(self) -> Iterator[Connection]:

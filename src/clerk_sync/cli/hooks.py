@@ -142,15 +142,44 @@ def retry_command(
     """
     wanted = _ids(ids, all_, "retry")
     store = _store()
-    with store.transaction() as writer:
-        refused = _not_dead(writer.conn, wanted)
-        stale = _out_of_order(writer.conn, wanted)
-        count = retry_jobs(writer.conn, datetime.now(UTC), wanted)
+    with store.connect() as conn:
+        refused = _not_dead(conn, wanted)
+    count, stale = _retry_dead(store, wanted, datetime.now(UTC), page=_RETRY_PAGE)
     store.dispose()
     for line in stale:
         typer.echo(line, err=True)
     typer.echo(f"{count} dead job(s) queued again")
     _refuse(refused)
+
+
+_RETRY_PAGE = 500  # dead jobs queued again per transaction
+
+
+def _retry_dead(store: Store, ids: list[int] | None, now: datetime, *,
+                page: int = _RETRY_PAGE) -> tuple[int, list[str]]:
+    """Queue the dead jobs ``ids`` (None: all) again, ``page`` at a time in id order, one transaction each:
+    a backlog of dead jobs is neither read into memory nor locked at once. Returns how many were queued,
+    and the out-of-order warnings (each page's are read before it is queued, as a single retry's were).
+    Pages go in id order, so each entity's jobs are queued again in their order."""
+    count, stale, after = 0, list[str](), 0
+    wanted = None if ids is None else sorted(set(ids))
+    while True:
+        with store.transaction() as writer:
+            chunk = _next_page(writer.conn, wanted, after, page)
+            if not chunk:
+                return count, stale
+            stale += _out_of_order(writer.conn, chunk)
+            count += retry_jobs(writer.conn, now, chunk)
+        after = chunk[-1]
+
+
+def _next_page(conn: Connection, wanted: list[int] | None, after: int, page: int) -> list[int]:
+    """The next ``page`` ids after ``after``: of ``wanted`` (sorted), or of the dead jobs."""
+    if wanted is not None:
+        return [i for i in wanted if i > after][:page]
+    j = hook_jobs
+    query = sa.select(j.c.id).where(j.c.status == "dead", j.c.id > after).order_by(j.c.id).limit(page)
+    return list(conn.execute(query).scalars())
 
 
 @hooks_app.command("purge")
@@ -212,7 +241,7 @@ def _queued_versions(conn: Connection, keys: set[str]) -> dict[str, int]:
     j, newest = hook_jobs, dict[str, int]()
     for chunk in _chunks(sorted(keys)):
         query = sa.select(j.c.entity_key, j.c.payload).where(j.c.entity_key.in_(chunk), j.c.status != "dead")
-        for key, payload in conn.execute(query).tuples():
+        for key, payload in conn.execute(query):
             newest[key] = max(newest.get(key, 0), int(payload["version"]))
     return newest
 
@@ -223,7 +252,7 @@ def _applied_versions(conn: Connection, changes: list[Change]) -> dict[tuple[Ent
     for entity, table in _ENTITY_TABLES.items():
         for chunk in _chunks(sorted({change.clerk_id for change in changes if change.entity is entity})):
             query = sa.select(table.c.clerk_id, table.c.clerk_updated_at).where(table.c.clerk_id.in_(chunk))
-            versions.update({(entity, clerk_id): version for clerk_id, version in conn.execute(query).tuples()})
+            versions.update({(entity, clerk_id): version for clerk_id, version in conn.execute(query)})
     return versions
 
 

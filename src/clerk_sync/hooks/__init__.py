@@ -22,7 +22,7 @@ import structlog
 from sqlalchemy.engine import Connection
 
 from clerk_sync.changes import Change, Handler, Hook
-from clerk_sync.errors import HookGaveUp, StoreError
+from clerk_sync.errors import HookGaveUp, StoreDataError, StoreError
 from clerk_sync.metrics import Metrics
 from clerk_sync.outbox import Job, claim, extend, fail, finish_many, release
 from clerk_sync.store import Store
@@ -37,6 +37,7 @@ def _utcnow() -> datetime:
 
 
 _MAX_DELAY_S = 365 * 86400.0  # a retry further away than this is a dead job, not a delay
+_CRASH_PAUSE_MAX_S = 60.0  # the longest pause of run_forever after turns that crashed in a row
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +138,7 @@ class Dispatcher:
         with self._bookkeeping() as conn:
             jobs = claim(conn, claimed_at, lease=self.lease, limit=limit, max_attempts=self.backoff.max_attempts)
         self._claimed_full = len(jobs) >= limit
-        ran = 0
+        ran = started = 0  # jobs[started:] have not started: given back if the batch is abandoned
         done: list[Job] = []
         finished = False
         try:
@@ -146,11 +147,12 @@ class Dispatcher:
                     if self._now() >= claimed_at + self.lease * 0.8:
                         with self.store.transaction() as writer:
                             release(writer.conn, jobs[n:])
+                        started = len(jobs)
                         log.warning("hook batch outlived 80 % of its lease; rest given back", released=len(jobs) - n)
                         break
                     if not self._hold(job, claimed_at + self.lease):
                         continue  # its claim was lost before it started: not run here
-                    ran += 1
+                    started, ran = n + 1, ran + 1
                     if self._run(job):
                         done.append(job)
                     else:
@@ -158,6 +160,9 @@ class Dispatcher:
                 if done:  # one transaction for the batch's successes (a crash before it re-runs them: at least once)
                     finished = True  # (attempted: a failure of it is not retried below, its jobs maybe committed)
                     self._finish(done)
+        except BaseException:  # a failure's bookkeeping raised, or a stop: the jobs not started are given back
+            self._give_back(jobs[started:])  # now, not left claimed for a lease and charged an attempt
+            raise
         finally:  # also when the bookkeeping failed (a database blip): the heartbeat must not keep them
             if done and not finished:  # a failure's or a lease's bookkeeping raised mid-batch: the jobs that
                 # succeeded are finished all the same (best effort), or their handlers would run again
@@ -172,6 +177,18 @@ class Dispatcher:
                 per_job = max(0.0, (self._now() - claimed_at).total_seconds()) / ran
                 self._per_job_s = per_job if self._per_job_s is None else (self._per_job_s + per_job) / 2
         return len(jobs)
+
+    def _give_back(self, jobs: list[Job]) -> None:
+        if not jobs:
+            return
+        try:
+            with self._bookkeeping() as conn:
+                release(conn, jobs)
+        except Exception:
+            log.warning("hook batch abandoned; its jobs not started run after their lease", jobs=[j.id for j in jobs],
+                        exc_info=True)
+        else:
+            log.warning("hook batch abandoned; the jobs it had not started are given back", released=len(jobs))
 
     def _finish(self, done: list[Job]) -> None:
         with self._bookkeeping() as conn:
@@ -285,7 +302,9 @@ class Dispatcher:
                 raise LookupError(f"no hook named {job.hook!r} in this process (renamed or removed?): "
                                   "restore it and run `clerk-sync hooks retry`, or `clerk-sync hooks purge`")
             handler(job.change)
-        except Exception as exc:
+        except BaseException as exc:  # CancelledError, SystemExit, gevent's Timeout too: this job's failure
+            if self._stopping(exc):
+                raise
             outcome = self._failed(job, exc, final=handler is None or isinstance(exc, HookGaveUp))
             self._ran(job, outcome, started)
             return False
@@ -296,22 +315,37 @@ class Dispatcher:
         if self.metrics is not None:
             self.metrics.hook_ran(job.hook, outcome, time.perf_counter() - started)
 
-    def _failed(self, job: Job, exc: Exception, *, final: bool) -> str:
+    def _stopping(self, exc: BaseException) -> bool:
+        """Whether ``exc`` stops the dispatcher rather than failing a job or a turn: Ctrl-C, or an exit
+        while :meth:`stop` was asked (a signal handler that stops, then exits)."""
+        return isinstance(exc, KeyboardInterrupt) or (isinstance(exc, SystemExit) and self._stop.is_set())
+
+    def _failed(self, job: Job, exc: BaseException, *, final: bool) -> str:
         """Record the failure: pending again after the backoff (``retry``), or ``dead``; ``lost`` when the
         claim was lost meanwhile (the lease ran out and another dispatcher has the job: its outcome is not
-        this run's to record)."""
-        error = f"{type(exc).__name__}: {exc}"
+        this run's to record).
+
+        The message goes to the job's ``last_error`` only (erasure redacts it there; it may quote the
+        person, or the receiver's answer): the log names the exception's type, and an HTTP status."""
         dead = final or job.attempts >= self.backoff.max_attempts
         retry_at = None if dead else self._now() + self.backoff.delay(job.attempts)
-        with self.store.transaction() as writer:
-            recorded = fail(writer.conn, job, error, retry_at)
+        try:
+            recorded = self._record(job, _error_text(exc), retry_at)
+        except (StoreDataError, ValueError):  # refused even cleaned (UnicodeError is a ValueError): the name alone
+            recorded = self._record(job, type(exc).__name__, retry_at)
+        said = {"hook": job.hook, "type": job.change.type, "job": job.id, "attempt": job.attempts,
+                "exception": type(exc).__name__}
+        if (status := _http_status(exc)) is not None:
+            said["status"] = status
         if not recorded:
-            log.warning("hook failed after its claim was lost (another dispatcher has the job)", hook=job.hook,
-                        type=job.change.type, job=job.id, attempt=job.attempts, error=error)
+            log.warning("hook failed after its claim was lost (another dispatcher has the job)", **said)
             return "lost"
-        log.warning("hook failed", hook=job.hook, type=job.change.type, job=job.id, attempt=job.attempts,
-                    error=error, dead=dead, retry_at=retry_at.isoformat() if retry_at else None)
+        log.warning("hook failed", **said, dead=dead, retry_at=retry_at.isoformat() if retry_at else None)
         return "dead" if dead else "retry"
+
+    def _record(self, job: Job, error: str, retry_at: datetime | None) -> bool:
+        with self.store.transaction() as writer:
+            return fail(writer.conn, job, error, retry_at)
 
     # -- as a background thread (``serve``) --------------------------------------------------------
     def start(self) -> None:
@@ -330,15 +364,46 @@ class Dispatcher:
             self._thread = None
 
     def run_forever(self) -> None:
-        """The worker loop: full batches back to back, otherwise a ``poll_s`` pause; DB outages are retried."""
+        """The worker loop: full batches back to back, otherwise a ``poll_s`` pause; DB outages are retried.
+        A turn that crashes is logged and followed by a pause that doubles, from ``poll_s`` (at least 0.1 s)
+        up to a minute, with each crash in a row; only Ctrl-C, or an exit while :meth:`stop` was asked, ends
+        the loop otherwise."""
+        crashes = 0
         while not self._stop.is_set():
+            pause = self.poll_s
             try:
                 claimed = self.run_once()
+                crashes = 0
             except StoreError as exc:
                 log.warning("hook dispatch: database unavailable", error=str(exc))
                 claimed = 0
-            except Exception:  # a bug must not stop hooks for good while serve keeps answering 200
-                log.exception("hook dispatch crashed; retrying after a pause")
+            except BaseException as exc:  # a bug must not stop hooks for good while serve keeps answering 200
+                if self._stopping(exc):
+                    raise
+                crashes += 1
+                pause = min(_CRASH_PAUSE_MAX_S, max(self.poll_s, 0.1) * 2.0 ** min(crashes - 1, 16))
+                log.exception("hook dispatch crashed; retrying after a pause", pause_s=pause)
                 claimed = 0
             if not (claimed and self._claimed_full):  # the queue had no more due: pause
-                self._stop.wait(self.poll_s)
+                self._stop.wait(pause)
+
+
+def _error_text(exc: BaseException) -> str:
+    """``Type: message`` for the job's last error (the type alone without a message); a ``__str__`` that
+    raises must not lose the failure (the batch after it would be abandoned)."""
+    try:
+        message = str(exc)
+    except Exception:
+        message = "<exception str() failed>"  # as the traceback module says it
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+def _http_status(exc: BaseException) -> int | None:
+    """The HTTP status a failure carries, on itself or its cause: httpx's ``HTTPStatusError`` and requests'
+    ``HTTPError`` hold the response (``raise_for_status()``), and :class:`~clerk_sync.hooks.sinks.StandardWebhookSink`
+    raises from one."""
+    try:
+        found = [getattr(getattr(seen, "response", None), "status_code", None) for seen in (exc, exc.__cause__)]
+    except Exception:  # a property of the handler's own exception that raises: no status, the failure recorded
+        return None
+    return next((status for status in found if isinstance(status, int)), None)

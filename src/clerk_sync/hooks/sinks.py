@@ -41,6 +41,10 @@ class StandardWebhookSink:
     ``secret`` is a ``whsec_…`` key the receiver verifies with (any Standard Webhooks library).
     ``timeout_s`` bounds each network wait and the answer as a whole (a receiver that answers and then
     drips its body byte by byte is cut off there); a ``client`` of your own keeps its own timeouts.
+
+    A refusal's message names the URL without its ``user:password@``, query or fragment (where tokens
+    go) and quotes the start of the answer: it is the job's last error, which erasure redacts. It is
+    raised from an :class:`httpx.HTTPStatusError`, whose status the dispatcher's log line shows.
     """
 
     def __init__(self, url: str, secret: str | SecretStr, *, client: httpx.Client | None = None,
@@ -67,18 +71,27 @@ class StandardWebhookSink:
                 _read_start(response, deadline, limit=_KEEP_ALIVE_BODY)
                 return
             start = _read_start(response, deadline)
-        said = f"{self.url} answered {response.status_code}: {start}"
+        answered = f"{_without_secrets(self.url)} answered {response.status_code}"
+        refused = httpx.HTTPStatusError(answered, request=response.request, response=response)
+        said = f"{answered}: {start}"
         control = response.headers.get("webhook-delivery", "").strip().lower()
         if response.status_code == 410 or control in ("disable", "abort-message"):
             # Standard Webhooks: 410 Gone means "stop sending"; Svix's receivers may say the same with
             # ``webhook-delivery: disable`` (the endpoint) or ``abort-message`` (this change). Retrying for
             # hours would only repeat it: dead now, ``clerk-sync hooks retry`` once the receiver is back.
             raise HookGaveUp(f"{said} (the receiver asked not to be sent this again: the job is dead, not "
-                             "retried; fix the receiver, then `clerk-sync hooks retry`)")
-        raise RuntimeError(said)
+                             "retried; fix the receiver, then `clerk-sync hooks retry`)") from refused
+        raise RuntimeError(said) from refused
 
     def close(self) -> None:
         self._client.close()
+
+
+def _without_secrets(url: str) -> str:
+    """``scheme://host[:port]/path`` of ``url``: no ``user:password@``, query (``?token=``) or fragment."""
+    parsed = httpx.URL(url)
+    path = parsed.raw_path.split(b"?", 1)[0].decode("ascii")
+    return f"{parsed.scheme}://{parsed.netloc.decode('ascii')}{path}"
 
 
 _KEEP_ALIVE_BODY = 64 * 1024  # a success's body read to its end up to this, so its connection is reused

@@ -9,12 +9,14 @@ crash before the COMMIT loses only unanswered deliveries.
 A delivery the batch cannot take does not fail its batch-mates. When one statement fails, the
 transaction is rolled back, that delivery leaves the batch (:data:`ALONE`: the endpoint runs it in
 its own transaction, as before group commit, where a refused value is stored ``failed`` and a lock
-held elsewhere waits out ``lock_timeout``), and the rest is written again. On PostgreSQL the batch
-waits for a lock at most ``lock_wait_s`` (``SET LOCAL lock_timeout``), so a user held by a stuck
-replica costs its batch-mates that long, once. Only a failure of the connection or of the COMMIT
-fails the whole batch: every delivery in it answers 503 and nothing was acknowledged (on PostgreSQL
-a pipelined batch whose COMMIT is refused is first written again one statement at a time, and
-answers 503 when that COMMIT is refused too).
+held elsewhere waits out ``lock_timeout``), with it, when it waited out a lock, every other delivery
+of the batch about the same entity, and the rest is written again. The batch waits for a lock at most
+``lock_wait_s`` on PostgreSQL (``SET LOCAL lock_timeout``) and two seconds on MySQL/MariaDB, so an
+entity held by a stuck replica costs its batch-mates that long, once. Only a failure of the
+connection or of the COMMIT fails the whole batch: every delivery in it answers 503 and nothing was
+acknowledged (on PostgreSQL a pipelined batch whose COMMIT is refused is first written again one
+statement at a time, and answers 503 when that COMMIT is refused too; on SQLite a COMMIT refused by
+a deferred foreign key of the app's mapped tables names no delivery: each goes alone).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import asyncio
 import contextlib
 import queue
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, cast
 
@@ -31,10 +33,11 @@ import sqlalchemy as sa
 import structlog
 
 from clerk_sync._db_errors import is_lock_wait_timeout
-from clerk_sync.engine import DeliveryStatus, plan_delivery
+from clerk_sync.engine import DeliveryStatus, Entity, plan_delivery, touches
 from clerk_sync.errors import StoreError, database_message
 from clerk_sync.events import Envelope
 from clerk_sync.ingest import Outcome, WebhookProcessor
+from clerk_sync.mapping import RefusedAtCommit
 from clerk_sync.store import Writer
 
 __all__ = ["ALONE", "GroupCommitter"]
@@ -47,7 +50,7 @@ class _Alone:
         return "ALONE"
 
 
-_MYSQL_BATCH_LOCK_WAIT_S = 2  # a MySQL/MariaDB batch's wait for its lock rows (see _lock_batch)
+_MYSQL_BATCH_LOCK_WAIT_S = 2  # a MySQL/MariaDB batch's wait for a lock (see _mysql_batch_bound)
 ALONE: Final = _Alone()  # "apply this delivery in its own transaction" (see the module docstring)
 Result = Outcome | StoreError | _Alone
 
@@ -184,11 +187,16 @@ class GroupCommitter:
                     self.retried += 1
                     continue
                 index = pending.pop(failed.index)
-                results[index] = ALONE
                 cause = failed.cause.orig if isinstance(failed.cause, sa.exc.DBAPIError) else failed.cause
-                log.info("group_commit_isolated", svix_id=batch[index][0], reason=type(cause).__name__)
+                # Held elsewhere: the batch's other deliveries of that entity would each wait the bound too
+                held = _same_entity(batch, index, pending) if is_lock_wait_timeout(cause) else []
+                for i in [index, *held]:
+                    results[i] = ALONE
+                pending = [i for i in pending if i not in held]
+                log.info("group_commit_isolated", svix_id=batch[index][0], reason=type(cause).__name__,
+                         same_entity=len(held))
                 continue
-            except _EachAlone as cause:
+            except (_EachAlone, RefusedAtCommit) as cause:  # (SQLite: a deferred key names no delivery)
                 for index in pending:
                     results[index] = ALONE
                 log.info("group_commit_each_alone", deliveries=len(pending), reason=str(cause))
@@ -212,42 +220,17 @@ class GroupCommitter:
             if self._pg:
                 writer.conn.exec_driver_sql(f"SET LOCAL lock_timeout = {self._lock_wait_ms}")
                 writer.check_at_once()
-            elif processor.store.dialect == "mysql":
-                self._lock_batch(writer, jobs)
-            outcomes: list[Outcome] = []
-            for position, (svix_id, envelope) in enumerate(jobs):
-                try:
-                    outcomes.append(processor.apply_in(writer, svix_id, envelope))
-                except Exception as exc:  # any failure of one delivery: it goes alone, its batch-mates commit
-                    if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
-                        raise  # the connection is gone: fail the batch (StoreError)
-                    raise _Isolate(position, exc) from exc
-            return outcomes
-
-    @staticmethod
-    def _lock_batch(writer: Writer, jobs: list[tuple[str, Envelope]]) -> None:
-        """MySQL/MariaDB: the lock rows of every entity of the batch in one sorted pass (no deadlock between
-        batches). One held by another transaction (another replica's delivery) must not fail its batch-mates:
-        past the wait, every delivery goes alone, and only the held one waits (and 503s) again."""
-        # The pass waits at most two seconds rather than the configured lock wait (5 s by default), as
-        # PostgreSQL's batch waits lock_wait_s: an entity a stuck replica holds costs its batch-mates that
-        # long, once; alone, only the held delivery waits the full bound. InnoDB counts whole seconds, and
-        # one would split batches that merely queue behind a slow one (test_group_commit_deadlock).
-        conn = writer.conn
-        restore = "SET SESSION innodb_lock_wait_timeout = @clerk_sync_lock_wait"
-        conn.exec_driver_sql("SET @clerk_sync_lock_wait = @@SESSION.innodb_lock_wait_timeout, "
-                             f"SESSION innodb_lock_wait_timeout = {_MYSQL_BATCH_LOCK_WAIT_S}")
-        try:
-            writer.lock_entities([plan_delivery(envelope).intent for _, envelope in jobs])
-        except BaseException as exc:
-            if not conn.invalidated:  # best effort: a failing restore must not hide why the pass failed
-                with contextlib.suppress(sa.exc.SQLAlchemyError):
-                    conn.exec_driver_sql(restore)
-            if (isinstance(exc, sa.exc.DBAPIError) and not exc.connection_invalidated
-                    and is_lock_wait_timeout(exc.orig)):
-                raise _EachAlone(database_message(exc.orig or exc)) from exc
-            raise
-        conn.exec_driver_sql(restore)
+            mysql = processor.store.dialect == "mysql"
+            with _mysql_batch_bound(writer, jobs) if mysql else contextlib.nullcontext():
+                outcomes: list[Outcome] = []
+                for position, (svix_id, envelope) in enumerate(jobs):
+                    try:
+                        outcomes.append(processor.apply_in(writer, svix_id, envelope))
+                    except Exception as exc:  # any failure of one delivery: it goes alone, its batch-mates commit
+                        if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+                            raise  # the connection is gone: fail the batch (StoreError)
+                        raise _Isolate(position, exc) from exc
+                return outcomes
 
     def _pipelined(self, writer: Writer, jobs: list[tuple[str, Envelope]]) -> list[Outcome]:
         """The batch in two round trips: BEGIN, the lock bound and every upsert in one psycopg pipeline
@@ -319,6 +302,50 @@ class GroupCommitter:
             raise
         except Exception as exc:  # not the database's: find the delivery one statement at a time
             raise _Isolate(-1, exc) from exc
+
+
+@contextlib.contextmanager
+def _mysql_batch_bound(writer: Writer, jobs: list[tuple[str, Envelope]]) -> Iterator[None]:
+    """MySQL/MariaDB: the batch waits for a lock at most two seconds, in its lock pass and in its writes, as
+    PostgreSQL's batch waits lock_wait_s (alone, only the held delivery waits the configured bound, 5 s by
+    default, and 503s). The pass takes the lock rows of every entity of the batch in one sorted pass (no
+    deadlock between batches); one held by another transaction sends every delivery alone. A row held
+    without its lock row (a lone user's upsert takes none) times out its delivery's write instead, and
+    :meth:`GroupCommitter.write` sets that entity's deliveries aside. The bound is restored before the
+    COMMIT, which waits for no row lock."""
+    # InnoDB counts whole seconds, and one would split batches that merely queue behind a slow one
+    # (test_group_commit_deadlock).
+    conn = writer.conn
+    conn.exec_driver_sql("SET @clerk_sync_lock_wait = @@SESSION.innodb_lock_wait_timeout, "
+                         f"SESSION innodb_lock_wait_timeout = {_MYSQL_BATCH_LOCK_WAIT_S}")
+    try:
+        try:
+            writer.lock_entities([plan_delivery(envelope).intent for _, envelope in jobs])
+        except sa.exc.DBAPIError as exc:
+            if not exc.connection_invalidated and is_lock_wait_timeout(exc.orig):
+                raise _EachAlone(database_message(exc.orig or exc)) from exc
+            raise
+        yield
+    except BaseException:
+        if not conn.invalidated:  # best effort: a failing restore must not hide why the batch failed
+            with contextlib.suppress(sa.exc.SQLAlchemyError):
+                conn.exec_driver_sql(_RESTORE_LOCK_WAIT)
+        raise
+    conn.exec_driver_sql(_RESTORE_LOCK_WAIT)
+
+
+_RESTORE_LOCK_WAIT = "SET SESSION innodb_lock_wait_timeout = @clerk_sync_lock_wait"
+
+
+def _same_entity(batch: Sequence[tuple[str, Envelope]], index: int, pending: list[int]) -> list[int]:
+    """The deliveries of ``pending`` that touch a row delivery ``index`` touches (its user, organization or
+    membership, see :func:`~clerk_sync.engine.touches`)."""
+    def rows(envelope: Envelope) -> frozenset[tuple[Entity, str]]:
+        intent = plan_delivery(envelope).intent
+        return frozenset() if intent is None else touches(intent)
+
+    held = rows(batch[index][1])
+    return [i for i in pending if held & rows(batch[i][1])]
 
 
 def _begin_sql(raw: Any) -> str:
