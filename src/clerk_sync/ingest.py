@@ -453,23 +453,50 @@ def replay_delivery(store: Store, svix_id: str, *,
                     audit: Callable[[Writer, DeliveryStatus], None] | None = None) -> DeliveryStatus:
     """Re-apply one stored delivery in its own unit of work (:meth:`Store.run`: written again without the
     app's tables if one of them rolled it back), ``audit``'s row in the same transaction. Still refused by
-    the database: kept ``failed`` with the reason (and audited so). ``replay``, the console and the Django
-    admin replay through here."""
+    the database: kept ``failed`` with the reason (and audited so). ``replay`` and the Django admin replay
+    through here, the console through :func:`replay_if_failed`."""
+    return DeliveryStatus(_replay(store, svix_id, audit, only_failed=False)[1])
 
-    def work(writer: Writer) -> DeliveryStatus:
+
+def replay_if_failed(store: Store, svix_id: str, *,
+                     audit: Callable[[Writer, DeliveryStatus], None] | None = None) -> tuple[bool, str]:
+    """:func:`replay_delivery` only if the delivery is still ``failed`` when its transaction reads it (the row
+    locked; SQLite has one writer): a double click or a second operator leaves an applied delivery as it is
+    (replaying it would relabel it ``skipped``), nothing written. Returns (replayed, status)."""
+    return _replay(store, svix_id, audit, only_failed=True)
+
+
+def _replay(store: Store, svix_id: str, audit: Callable[[Writer, DeliveryStatus], None] | None, *,
+            only_failed: bool) -> tuple[bool, str]:
+    def still_failed(writer: Writer) -> str | None:
+        """None when the delivery may be replayed, else its status."""
+        if not only_failed:
+            return None
+        e = webhook_events.c
+        status = str(writer.conn.execute(sa.select(e.status).where(e.svix_id == svix_id).with_for_update())
+                     .scalar_one())
+        return None if status == DeliveryStatus.FAILED else status
+
+    def work(writer: Writer) -> tuple[bool, str]:
+        current = still_failed(writer)
+        if current is not None:
+            return False, current
         status = replay_one(writer, svix_id)
         if audit is not None:
             audit(writer, status)
-        return status
+        return True, status
 
     try:
         return store.run(work)
     except StoreDataError as exc:
         with store.transaction() as writer:
+            current = still_failed(writer)
+            if current is not None:
+                return False, current
             writer.finish_delivery(svix_id, DeliveryStatus.FAILED, str(exc), count_attempt=True)
             if audit is not None:
                 audit(writer, DeliveryStatus.FAILED)
-        return DeliveryStatus.FAILED
+        return True, DeliveryStatus.FAILED
 
 
 _REDACTED_NOT_REPLAYED = ("not replayed: its payload was redacted (retention or erasure) to ids and versions, "

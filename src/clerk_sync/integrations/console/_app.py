@@ -14,10 +14,13 @@ from urllib.parse import quote
 
 from anyio import to_thread
 from starlette.applications import Starlette
+from starlette.datastructures import MutableHeaders
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from clerk_sync.auth.authenticator import Authenticator
 from clerk_sync.auth.sessions import verifier_from_settings
@@ -46,7 +49,28 @@ _HEADERS = {
     "Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'; form-action 'self'",
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "same-origin",
+    "X-Content-Type-Options": "nosniff",
 }
+
+
+class _SecurityHeaders:
+    """:data:`_HEADERS` on every answer of the console: its pages, and the refusals that come before them
+    (an expired sign-in form, a signed-out caller, an unknown path), which no handler finishes."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message).update(_HEADERS)
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
 
 
 def _guard(console: Console, handler: Handler, *, post: bool = False, read_only_ok: bool = False,
@@ -60,7 +84,7 @@ def _guard(console: Console, handler: Handler, *, post: bool = False, read_only_
             identity = await to_thread.run_sync(_caller, console, request, sign_out)
         except TokenError as exc:
             if request.method == "GET" and "text/html" in request.headers.get("accept", ""):
-                target = request.url_for("login").path + "?next=" + quote(request.url.path)
+                target = console.path_for(request, "login") + "?next=" + quote(request.url.path)
                 return _signed_out(request, RedirectResponse(target, status_code=303))
             return _signed_out(request, console.clerk_error(request, exc))
         except ClerkSyncError as exc:  # AccessDenied (403), StoreError (503)
@@ -89,7 +113,6 @@ def _guard(console: Console, handler: Handler, *, post: bool = False, read_only_
             response = console.clerk_error(request, exc)
         if opened:
             set_session_cookie(request, response, opened)
-        response.headers.update(_HEADERS)
         return response
 
     return endpoint
@@ -154,7 +177,6 @@ def _login_form(console: Console, request: Request, *, status: int = 200, messag
                               next=request.query_params.get("next", ""))
     response.set_cookie(LOGIN_COOKIE, token, path=request.scope.get("root_path") or "/", httponly=True,
                         samesite="strict", secure=request.url.scheme == "https", max_age=3600)
-    response.headers.update(_HEADERS)
     return response
 
 
@@ -172,7 +194,7 @@ def _login_submit(console: Console) -> Callable[[Request], Awaitable[Response]]:
         except TokenError as exc:
             return _login_form(console, request, status=401, message=str(exc))
         await to_thread.run_sync(lambda: console.audit(identity, "console.login", None, request, method="operator"))
-        return _signed_in(request, identity, form.get("next", ""))
+        return _signed_in(console, request, identity, form.get("next", ""))
 
     return endpoint
 
@@ -194,15 +216,14 @@ def _login_clerk(console: Console) -> Callable[[Request], Awaitable[Response]]:
             response = console.clerk_error(request, exc)
             if isinstance(exc, TokenError):
                 _signed_out(request, response)
-            response.headers.update(_HEADERS)
             return response
-        return _signed_in(request, identity, "")
+        return _signed_in(console, request, identity, "")
 
     return endpoint
 
 
-def _signed_in(request: Request, identity: Identity, next_path: str) -> Response:
-    home = request.url_for("overview").path
+def _signed_in(console: Console, request: Request, identity: Identity, next_path: str) -> Response:
+    home = console.path_for(request, "overview")
     root = request.scope.get("root_path") or ""
     # Only paths inside the console: never an open redirect to another site.
     inside = next_path.startswith(root + "/") and not next_path.startswith("//") and "\\" not in next_path
@@ -210,7 +231,6 @@ def _signed_in(request: Request, identity: Identity, next_path: str) -> Response
     response = RedirectResponse(target, status_code=303)
     if identity.new_cookie:
         set_session_cookie(request, response, identity.new_cookie)
-    response.headers.update(_HEADERS)
     return response
 
 
@@ -251,7 +271,8 @@ def create_console(store: Store, settings: Settings, *, clerk: ClerkClient | Non
               "max_reconcile_age_s": settings.freshness_max_reconcile_age_s}
     console = Console(store, access, clerk=clerk, read_only=settings.console_read_only, now=now,
                       freshness_limits=limits)
-    app = Starlette(routes=_routes(console))
+    app = Starlette(routes=_routes(console), middleware=[Middleware(_SecurityHeaders)])
+    console.router = app.router
     app.state.console = console
     return app
 

@@ -11,6 +11,7 @@ from typing import Any
 from jinja2 import Environment, PackageLoader, select_autoescape
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Router
 from starlette.templating import Jinja2Templates
 
 from clerk_sync.auth.audit import AuditEntry, record_audit
@@ -50,11 +51,18 @@ class Console:
         env.filters.update(ago=self.ago, when=_when, pretty=_pretty)
         env.tests["clerk_id"] = _is_clerk_id
         self.templates = Jinja2Templates(env=env)
+        # The console's own routes (create_console fills them in): its URLs are resolved here, never through
+        # ``request.url_for``, which asks the outermost app, whose own ``login`` or ``static`` would win.
+        self.router = Router()
+
+    def path_for(self, request: Request, name: str, /, **params: Any) -> str:
+        """The path of one of the console's routes, under the path it is mounted at."""
+        return (request.scope.get("root_path") or "") + str(self.router.url_path_for(name, **params))
 
     def render(self, request: Request, name: str, identity: Identity | None, *, status: int = 200,
                **context: Any) -> Response:
         context.update(identity=identity, csrf=identity.csrf if identity and identity.csrf else "",
-                       read_only=self.read_only, path_for=lambda n, **p: request.url_for(n, **p).path)
+                       read_only=self.read_only, path_for=lambda n, **p: self.path_for(request, n, **p))
         return self.templates.TemplateResponse(request, name, context, status_code=status)
 
     def ago(self, value: datetime | None) -> str:
@@ -93,7 +101,7 @@ class Console:
 
 def _is_clerk_id(value: object) -> bool:
     """Only what looks like a Clerk id is linked (``{% if x is clerk_id %}``): a stored id is any text a
-    payload or an audit row held, and one with a ``/`` (or empty) is no path parameter (url_for asserts)."""
+    payload or an audit row held, and one with a ``/`` (or empty) is no path parameter (url_path_for asserts)."""
     return isinstance(value, str) and _CLERK_ID.fullmatch(value) is not None
 
 

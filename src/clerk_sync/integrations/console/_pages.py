@@ -13,6 +13,7 @@ import json
 import re
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlencode
 
 import sqlalchemy as sa
 import structlog
@@ -25,7 +26,7 @@ from clerk_sync.auth.audit import record_audit
 from clerk_sync.engine import DeliveryStatus
 from clerk_sync.errors import ConfigError, StoreError
 from clerk_sync.freshness import FreshnessCheck, check_freshness, read_snapshot
-from clerk_sync.ingest import replay_delivery
+from clerk_sync.ingest import replay_if_failed
 from clerk_sync.integrations.console import _queries as q
 from clerk_sync.integrations.console._access import SIGN_OUT, Identity
 from clerk_sync.integrations.console._console import Console
@@ -94,20 +95,23 @@ def _delivery_filter(values: Any) -> q.DeliveryFilter:
 
 _NOTICES = frozenset({*(f"replayed:{s}" for s in DeliveryStatus), "role:applied", "role:pending"})
 _COUNT = rf"(?:{'|'.join(DeliveryStatus)}):[0-9]{{1,4}}"  # applied:3
-_BULK_NOTICE = re.compile(rf"replayed [0-9]{{1,4}} \((?:none|{_COUNT}(?:,{_COUNT})*)\)")  # replayed 3 (applied:3)
+_BULK_NOTICE = re.compile(rf"replayed [0-9]{{1,4}} \((?:none|{_COUNT}(?:,{_COUNT})*)\)"  # replayed 3 (applied:3)
+                          r"(?:; not replayed [0-9]{1,4} \(no longer failed\))?")
+_NOT_REPLAYED = re.compile(rf"not replayed: delivery [0-9]{{1,19}} is (?:{'|'.join(STATUSES)})")
 
 
 def _notice(request: Request) -> str | None:
     """The notice an action's redirect asks for (``?done=``), only if it is one the console writes: a link can
     set any ``done``, and its text must not speak inside the console ("session expired: sign in at …")."""
     done = request.query_params.get("done", "")
-    if done in _NOTICES or _BULK_NOTICE.fullmatch(done):  # fixed words and counts only, never the link's text
+    # fixed words, counts and statuses only, never the link's text
+    if done in _NOTICES or _BULK_NOTICE.fullmatch(done) or _NOT_REPLAYED.fullmatch(done):
         return done
     return None
 
 
-def _redirect(request: Request, name: str, query: str = "", **params: Any) -> Response:
-    url = request.url_for(name, **params).path
+def _redirect(console: Console, request: Request, name: str, query: str = "", **params: Any) -> Response:
+    url = console.path_for(request, name, **params)
     return RedirectResponse(url + (f"?{query}" if query else ""), status_code=303)
 
 
@@ -194,19 +198,22 @@ def reveal(console: Console, request: Request, identity: Identity, form: Form) -
 
 def replay(console: Console, request: Request, identity: Identity, form: Form) -> Response:
     row = _load_delivery(console, request)
-    status = _replay_audited(console, request, identity, row["svix_id"], _subject(row["payload"]))
-    return _redirect(request, "delivery", f"done=replayed:{status}", delivery_id=row["id"])
+    replayed, status = _replay_if_failed(console, request, identity, row["svix_id"], _subject(row["payload"]))
+    done = f"replayed:{status}" if replayed else f"not replayed: delivery {row['id']} is {status}"
+    return _redirect(console, request, "delivery", urlencode({"done": done}, safe=":"), delivery_id=row["id"])
 
 
-def _replay_audited(console: Console, request: Request, identity: Identity, svix_id: str,
-                    subject: str | None) -> str:
-    """Re-apply one delivery; its audit row commits with the outcome."""
+def _replay_if_failed(console: Console, request: Request, identity: Identity, svix_id: str,
+                      subject: str | None) -> tuple[bool, str]:
+    """Re-apply one delivery if it is still ``failed`` (:func:`~clerk_sync.ingest.replay_if_failed`), its
+    audit row in that transaction; returns (replayed, status). A double click or a second admin writes
+    nothing, as ``clerk-sync replay`` replays only failed ones."""
 
     def audit(w: Writer, status: DeliveryStatus) -> None:
         record_audit(w, console.audit_entry(identity, "console.delivery_replayed", subject, request,
                                             svix_id=svix_id, result=status))
 
-    return replay_delivery(console.store, svix_id, audit=audit)
+    return replay_if_failed(console.store, svix_id, audit=audit)
 
 
 def replay_matching(console: Console, request: Request, identity: Identity, form: Form) -> Response:
@@ -214,20 +221,26 @@ def replay_matching(console: Console, request: Request, identity: Identity, form
 
     Each replay commits with its own audit row, as a single replay does, so a database error midway
     leaves every delivery replayed so far audited (a summary row written in a ``finally`` would not: the
-    error that stopped the loop, the database gone, would often refuse it too). The summary row, once
-    all are done, records the filter and the counts.
+    error that stopped the loop, the database gone, would often refuse it too). A delivery no longer
+    ``failed`` when its turn comes (another click replayed it) is left alone. The summary row, once all
+    are done, records the filter and the counts.
     """
     where = _delivery_filter({**form, "status": "failed"})
     with console.store.connect() as conn:
         found = q.delivery_ids(conn, where, MAX_REPLAY)
     counts: dict[str, int] = {}
+    left = 0
     for svix_id, subject in found:
-        status = _replay_audited(console, request, identity, svix_id, subject)
-        counts[status] = counts.get(status, 0) + 1
+        replayed, status = _replay_if_failed(console, request, identity, svix_id, subject)
+        if replayed:
+            counts[status] = counts.get(status, 0) + 1
+        else:
+            left += 1
     console.audit(identity, "console.deliveries_replayed", where.clerk_id, request,
-                  filter=where.query(), total=len(found), by_status=counts)
+                  filter=where.query(), total=len(found), by_status=counts, not_replayed=left)
     summary = ",".join(f"{k}:{v}" for k, v in sorted(counts.items())) or "none"
-    return _redirect(request, "deliveries", where.urlencode(done=f"replayed {len(found)} ({summary})"))
+    done = f"replayed {len(found) - left} ({summary})" + (f"; not replayed {left} (no longer failed)" if left else "")
+    return _redirect(console, request, "deliveries", where.urlencode(done=done))
 
 
 # -- drift -----------------------------------------------------------------------------------------
@@ -244,7 +257,7 @@ def drift_run(console: Console, request: Request, identity: Identity, form: Form
         raise BadInput("mode must be dry_run or apply")
     console.drift.start(dry_run=mode == "dry_run", actor=identity.actor, ip=client_ip(request))  # 409 when busy
     console.audit(identity, "console.reconcile.started", None, request, dry_run=mode == "dry_run")
-    return _redirect(request, "drift")
+    return _redirect(console, request, "drift")
 
 
 def drift_status(console: Console, request: Request, identity: Identity, form: Form) -> Response:
@@ -288,7 +301,7 @@ def set_role(console: Console, request: Request, identity: Identity, form: Form)
             raise NotFound(f"no user {clerk_id} in the database")
     change = AdminActions(console.store, console.clerk).promote(
         clerk_id, role, by=identity.actor, ip=client_ip(request))
-    return _redirect(request, "user", f"done=role:{change.status}", clerk_id=clerk_id)
+    return _redirect(console, request, "user", f"done=role:{change.status}", clerk_id=clerk_id)
 
 
 def organization(console: Console, request: Request, identity: Identity, form: Form) -> Response:
@@ -360,7 +373,7 @@ def logout(console: Console, request: Request, identity: Identity, form: Form) -
         except StoreError as exc:  # this browser is signed out all the same; copies last until they expire
             structlog.get_logger("clerk_sync.console").warning("console_sign_out_unrecorded", error=str(exc),
                                                                who=identity.label)
-    response = _redirect(request, "login")
+    response = _redirect(console, request, "login")
     set_session_cookie(request, response, None)
     return response
 
