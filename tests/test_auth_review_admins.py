@@ -18,6 +18,7 @@ from clerk_sync.auth.claims import Auth
 from clerk_sync.auth.users import AuthUser, read_user
 from clerk_sync.clerk_api import CircuitBreaker, ClerkClient, RetryPolicy
 from clerk_sync.errors import (
+    ClerkUnauthorized,
     ImpersonationEnded,
     StoreDataError,
     StoreError,
@@ -139,6 +140,23 @@ def test_a_queued_promotion_is_not_pushed_after_its_admin_lost_the_role(emu: Emu
     assert actions.promote(target, "admin", by=None).status == "pending"
     emu.set_faults(outage=False)
     assert actions.retry_pending() == {"applied": 1, "pending": 0, "failed": 0}
+
+
+def test_a_rejected_key_leaves_every_queued_change_queued(emu: EmulatorServer, store: Store,
+                                                          actions: AdminActions) -> None:
+    """Review finding (CLI): a 401 for a wrong or rotated CLERK_SECRET_KEY was taken for Clerk refusing the
+    change for good: the queued promotion was closed ``failed``, and the right key later had nothing to push."""
+    target = synced_user(emu, store, "frank@example.com")
+    emu.set_faults(outage=True)
+    assert actions.promote(target, "admin", by=None).status == "pending"
+    emu.set_faults(outage=False)
+    wrong = ClerkClient("sk_test_rotated_away", api_url=emu.url, retry=RetryPolicy(attempts=1, deadline_s=2),
+                        breaker=CircuitBreaker(threshold=100))
+    with wrong, pytest.raises(ClerkUnauthorized):
+        AdminActions(store, wrong).retry_pending()
+    assert actions.retry_pending() == {"applied": 1, "pending": 0, "failed": 0}
+    db = read_user(store, target)
+    assert db is not None and db.role == "admin"
 
 
 @pytest.mark.parametrize("refusal", [UserLocked("locked"), UserDeprovisioned("deprovisioned")])

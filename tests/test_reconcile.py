@@ -461,7 +461,27 @@ def test_a_run_that_would_delete_most_rows_stops_before_deleting_any(
     clerk.users = []  # another instance's key: nothing of ours listed
     with pytest.raises(ConfigError, match=r"would delete 101 of 101 users \(100%\).*--allow-mass-delete"):
         reconciler(store, client).run()
-    assert len(live_rows(store, "users")) == 101 and _run_status(store) == "failed"
+    assert len(live_rows(store, "users")) == 101 and _run_status(store) == "abandoned"  # not resumed
     assert reconciler(store, client).run(dry_run=True).counts["users"].deleted == 101  # listed, not refused
     assert reconciler(store, client, allow_mass_delete=True).run().counts["users"].deleted == 101
     assert live_rows(store, "users") == {}
+
+
+def test_a_refused_run_is_not_resumed_once_the_key_is_fixed(
+        store: Store, stand_in: tuple[ClerkStandIn, ClerkClient]) -> None:
+    """Review finding (CLI): the refused run was stored ``failed`` in its sweep and resumed, with the listing
+    the wrong key had given: after the operator fixed CLERK_SECRET_KEY, as the RUNBOOK says, every run was
+    refused again, and only ``--allow-mass-delete`` went on. The next run lists Clerk afresh."""
+    from clerk_sync.errors import ConfigError
+
+    clerk, client = stand_in
+    ours = [factories.user(f"user_kept_{i:03d}", 1) for i in range(150)]
+    clerk.users = ours
+    reconciler(store, client).run()
+    clerk.users = []  # the key of another instance
+    with pytest.raises(ConfigError, match="would delete 150 of 150 users"):
+        reconciler(store, client).run()
+    clerk.users = ours  # the key fixed
+    report = reconciler(store, client).run()
+    assert (report.resumed, report.counts["users"].deleted) == (False, 0)
+    assert len(live_rows(store, "users")) == 150 and _run_status(store) == "completed"

@@ -67,6 +67,10 @@ _BUILD: dict[Entity, Callable[[JSON], Record]] = {
 _RESUMABLE = ("running", "interrupted", "failed")
 
 
+class _MassDeleteRefused(ConfigError):
+    """The sweep's guard (see :class:`Reconciler`): a ConfigError to callers; its run is not resumed."""
+
+
 @dataclass
 class Counts:
     """What a run did to one table."""
@@ -290,9 +294,16 @@ class Reconciler:
         if run.report.dry_run:
             return
         status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        # A refused sweep is not resumed: its listings may come from the wrong instance's key, and resuming
+        # would read them again after the key is fixed. The next run lists Clerk afresh.
+        abandoned = isinstance(exc, _MassDeleteRefused)
         try:
             with self.store.transaction() as writer:
-                self._checkpoint(writer, run, status=status, error=f"{type(exc).__name__}: {exc}"[:2000])
+                self._checkpoint(writer, run, status="abandoned" if abandoned else status,
+                                 error=f"{type(exc).__name__}: {exc}"[:2000],
+                                 **({"finished_at": writer.now} if abandoned else {}))
+                if abandoned:
+                    writer.conn.execute(reconcile_seen.delete().where(reconcile_seen.c.run_id == run.id))
         except Exception:  # noqa: S110 - the original error matters more; the run stays resumable
             pass
 
@@ -478,7 +489,7 @@ class Reconciler:
             total = conn.execute(live).scalar_one()
             missing = conn.execute(live.where(~listed)).scalar_one()
         if missing >= MASS_DELETE_FLOOR and missing > MASS_DELETE_SHARE * total:
-            raise ConfigError(
+            raise _MassDeleteRefused(
                 f"reconcile would delete {missing} of {total} {entity.value} ({missing / total:.0%}) that Clerk did "
                 "not list: is CLERK_SECRET_KEY the key of the Clerk instance this database mirrors? Nothing was "
                 "deleted (the repairs so far are kept). `reconcile --dry-run` lists them (`clerk-sync`, "

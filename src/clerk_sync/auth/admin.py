@@ -16,7 +16,14 @@ import sqlalchemy as sa
 from clerk_sync.auth.audit import AuditEntry, record_audit
 from clerk_sync.auth.users import AuthUser, read_user, standing_error
 from clerk_sync.engine import Entity, Upsert
-from clerk_sync.errors import AccessDenied, ClerkAPIError, ClerkNotFound, ClerkValidationError, RateLimited
+from clerk_sync.errors import (
+    AccessDenied,
+    ClerkAPIError,
+    ClerkNotFound,
+    ClerkUnauthorized,
+    ClerkValidationError,
+    RateLimited,
+)
 from clerk_sync.errors import ClerkUnavailable as _ClerkUnavailable
 from clerk_sync.events import user_record
 from clerk_sync.store import Store, Writer
@@ -104,6 +111,8 @@ class AdminActions:
 
         Returns counts by outcome: applied, pending (Clerk still unreachable), failed (Clerk refused
         it for good, e.g. the user was deleted: recorded and audited, so it does not block the queue).
+        Clerk refusing the key itself (:class:`~clerk_sync.errors.ClerkUnauthorized`) stops the run and
+        raises, every change left queued: it says nothing of the changes.
         """
         p = pending_role_changes
         with self.store.connect() as conn:
@@ -131,6 +140,8 @@ class AdminActions:
                                    .values(attempts=p.c.attempts + 1, last_error=str(exc)))
                 counts["pending"] += 1
                 continue
+            except ClerkUnauthorized:
+                raise  # a wrong or rotated CLERK_SECRET_KEY refuses every change alike: close none of them
             except ClerkAPIError as exc:
                 with self.store.transaction() as w:
                     self._close_pending(w, row["user_clerk_id"], error=str(exc))
