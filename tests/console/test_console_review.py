@@ -284,3 +284,21 @@ def test_every_answer_carries_the_security_headers(hooked_store: Store) -> None:
     for name, response in answers.items():
         assert {k: response.headers.get(k) for k in expected} == expected, name
         assert "frame-ancestors 'none'" in response.headers.get("content-security-policy", ""), name
+
+
+def test_an_unhandled_error_answers_with_the_security_headers_too(hooked_store: Store,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review of the fix above: Starlette's ServerErrorMiddleware sits outside every ``middleware=`` entry, so
+    a handler's unexpected error answered its 500 without the headers."""
+    from clerk_sync.integrations.console import _pages
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug in a page")
+
+    monkeypatch.setattr(_pages, "overview", broken)
+    with served(_mounted(hooked_store)) as client:
+        answer = client.get("/console/", headers=BEARER)
+    assert answer.status_code == 500
+    assert answer.headers.get("x-content-type-options") == "nosniff"
+    assert answer.headers.get("cache-control") == "no-store"
+    assert "frame-ancestors 'none'" in answer.headers.get("content-security-policy", "")

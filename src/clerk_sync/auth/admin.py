@@ -23,6 +23,7 @@ from clerk_sync.errors import (
     ClerkUnauthorized,
     ClerkValidationError,
     RateLimited,
+    UserLocked,
 )
 from clerk_sync.errors import ClerkUnavailable as _ClerkUnavailable
 from clerk_sync.events import user_record
@@ -121,8 +122,12 @@ class AdminActions:
         for row in rows:
             newest.setdefault(row["user_clerk_id"], row)
         counts = {"applied": 0, "pending": 0, "failed": 0}
+        # Who may still ask is judged once, before any change is pushed: pushed in turn, an admin demoted by
+        # an earlier change in the queue would lose their own (a compromised admin's "demote A" queued before
+        # A's "demote them" must not win the race).
+        refusals = {row["id"]: self._requester_refusal(row["requested_by"]) for row in newest.values()}
         for row in reversed(list(newest.values())):
-            refusal = self._requester_refusal(row["requested_by"])
+            refusal = refusals[row["id"]]
             if refusal is not None:  # an admin's request is theirs while they are one: not after a demotion
                 with self.store.transaction() as w:
                     self._close_pending(w, row["user_clerk_id"], error=refusal)
@@ -161,7 +166,9 @@ class AdminActions:
         if requested_by is None:
             return None
         user = read_user(self.store, requested_by)
-        if user is None or user.role != ADMIN_ROLE or standing_error(user) is not None:
+        refusal = None if user is None else standing_error(user)
+        # (locked: a temporary lockout after failed sign-ins, not a judgement on the admin)
+        if user is None or user.role != ADMIN_ROLE or (refusal is not None and not isinstance(refusal, UserLocked)):
             return (f"{requested_by}, who asked for it, is no longer an admin in good standing: not pushed "
                     "(ask again as an admin, or from the CLI)")
         return None

@@ -227,12 +227,7 @@ class Authenticator:
                                  trusted_origins=trusted_origins)
 
     def _check_user(self, auth: Auth) -> Auth:
-        # An impersonation ends with its admin: banned, deleted, locked or deprovisioned since the actor
-        # token was minted (a Clerk Dashboard impersonator is no user of the app's: never in the list).
-        actor = auth.actor_id
-        if actor is not None and self.deny_list.blocked_reason(actor) is not None:
-            raise ImpersonationEnded(f"the admin impersonating this user ({actor}) is banned, deleted, locked or "
-                                     "deprovisioned: the impersonation has ended")
+        # (the impersonating admin, if any: _check_actor, read fresh after this)
         reason = self.deny_list.blocked_reason(auth.user_id)
         if reason == "deprovisioned":
             raise UserDeprovisioned(f"user {auth.user_id} was deprovisioned by the organization's identity provider")

@@ -81,9 +81,11 @@ class ClaimsValidator:
         for name in _REQUIRED:
             if not claims.get(name):
                 raise TokenClaimMissing(f"claim {name!r} is missing")
-        for name in ("sub", "jti", "azp"):  # as PyJWT's decode checked them (azp: a set lookup below)
+        for name in ("sub", "jti"):  # as PyJWT's decode checked them
             if name in claims and not isinstance(claims[name], str):
                 raise TokenMalformed(f"claim {name!r} is not a string")
+        if claims.get("azp") is not None and not isinstance(claims["azp"], str):  # a set lookup below
+            raise TokenMalformed("claim 'azp' is not a string")
         if self.issuer is not None and claims.get("iss") != self.issuer:
             raise TokenIssuerInvalid(f"iss {claims.get('iss')!r} is not {self.issuer!r}")
         azp = claims.get("azp")

@@ -124,6 +124,9 @@ def _public_message(exc: ClerkSyncError) -> str:
 
 
 def _log_cause(cls: type[ClerkSyncError], exc: ClerkSyncError) -> None:
+    if cls is StoreDataError:  # about one request's data, not an outage: each one is its own story
+        log.warning("answered_unavailable", error=exc.code, cause=str(exc), also_answered_since_last_line=0)
+        return
     now = time.monotonic()
     with _logged_lock:
         at, since = _logged.get(cls, (float("-inf"), 0))

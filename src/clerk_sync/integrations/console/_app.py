@@ -15,7 +15,6 @@ from urllib.parse import quote
 from anyio import to_thread
 from starlette.applications import Starlette
 from starlette.datastructures import MutableHeaders
-from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
@@ -71,6 +70,14 @@ class _SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+
+class _ConsoleApp(Starlette):
+    """The console's Starlette, :class:`_SecurityHeaders` outermost: Starlette's ServerErrorMiddleware sits
+    outside every ``middleware=`` entry, so its 500 would otherwise go out without them."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return _SecurityHeaders(super().build_middleware_stack())
 
 
 def _guard(console: Console, handler: Handler, *, post: bool = False, read_only_ok: bool = False,
@@ -271,7 +278,7 @@ def create_console(store: Store, settings: Settings, *, clerk: ClerkClient | Non
               "max_reconcile_age_s": settings.freshness_max_reconcile_age_s}
     console = Console(store, access, clerk=clerk, read_only=settings.console_read_only, now=now,
                       freshness_limits=limits)
-    app = Starlette(routes=_routes(console), middleware=[Middleware(_SecurityHeaders)])
+    app = _ConsoleApp(routes=_routes(console))
     console.router = app.router
     app.state.console = console
     return app
