@@ -96,3 +96,30 @@ def test_a_list_of_authorized_parties_is_enforced_on_requests(db_url: str) -> No
         assert client.get("/me", headers=bearer(token("user_1"))).get_json() == {"user": "user_1"}
         refused = client.get("/me", headers=bearer(token("user_1", azp="https://evil.example")))
         assert (refused.status_code, refused.get_json()["error"]) == (401, "token_invalid_authorized_parties")
+
+
+def test_impersonator_roles_is_a_flask_setting(db_url: str) -> None:
+    """Review of the impersonation fix: the roles an impersonating user must still hold are a setting (a list
+    or comma-separated, as the authorized parties), so support staff who impersonate keep working."""
+    def app_with(**extra: Any) -> Flask:
+        app = Flask(__name__)
+        app.config["CLERK_SYNC"] = _config(db_url, **extra)
+        ClerkSync(app, revocation_refresh_s=0)
+
+        @app.get("/me")
+        @clerk_login_required
+        def me() -> dict[str, str]:
+            return {"user": current_clerk.user_id, "actor": current_clerk.actor_id or ""}
+
+        return app
+
+    default, listed = app_with(), app_with(CLERK_IMPERSONATOR_ROLES=["admin", "support"])
+    for n, (user_id, role) in enumerate((("user_support", "support"), ("user_cust", "member"))):
+        env = f.envelope("user.created", f.user(user_id, 10, role=role))
+        assert clerk_state(default).processor.process(*f.signed(env, f"msg_imp{n}")).status == "applied"  # type: ignore[union-attr]
+    acting = bearer(token("user_cust", act={"sub": "user_support"}))
+    with default.test_client() as client:
+        refused = client.get("/me", headers=acting)
+        assert (refused.status_code, refused.get_json()["error"]) == (401, "impersonation_ended")
+    with listed.test_client() as client:
+        assert client.get("/me", headers=acting).get_json() == {"user": "user_cust", "actor": "user_support"}

@@ -492,7 +492,7 @@ def test_the_services_console_counts_its_clerk_calls_in_the_services_metrics(
     metrics, so in ``serve`` the breaker and budget series never moved and their alerts could not fire."""
     settings = Settings.from_env({
         "DATABASE_URL": f"sqlite:///{tmp_path}/c.db", "CLERK_WEBHOOK_SIGNING_SECRET": SECRET,
-        "CLERK_SYNC_PRUNE_INTERVAL_S": "0", "CLERK_SYNC_CONSOLE": "1", "CLERK_SYNC_CONSOLE_TOKEN": "op-token",
+        "CLERK_SYNC_PRUNE_INTERVAL_S": "0", "CLERK_SYNC_CONSOLE": "1", "CLERK_SYNC_CONSOLE_TOKEN": "op-token-0123456789",
         "CLERK_SECRET_KEY": "sk_test_console", "CLERK_API_URL": emulator.url})
     processor = build_processor(settings)
     migrations.upgrade(processor.store.engine)
@@ -501,7 +501,7 @@ def test_the_services_console_counts_its_clerk_calls_in_the_services_metrics(
         tokens = scrape(client).get("clerk_sync_clerk_api_budget_tokens")
         assert tokens > 0  # the console client's local budget, read at scrape time (0: nobody watched)
         response = client.post("/console/drift/run", data={"mode": "dry_run"},
-                               headers={"Authorization": "Bearer op-token"})
+                               headers={"Authorization": "Bearer op-token-0123456789"})
         assert response.status_code < 400, response.text[:300]
         deadline = time.monotonic() + 30  # (the drift job may still run; this only bounds a stuck test)
         while not (calls := sum(v for (name, _), v in scrape(client).samples.items()

@@ -76,13 +76,16 @@ class DatabaseTimeouts:
 _MAX_DB_WAIT_S = 2_000_000.0
 _MAX_KEEPALIVE_S = 32_767.0  # Linux's TCP_KEEPIDLE ends there: past it, every connection fails to open
 _MAX_DAYS = 1_000_000.0
+_MIN_CONSOLE_TOKEN_CHARS = 16
 
 
 class Settings(BaseSettings):
     """Everything clerk-sync reads from the environment; build with :meth:`from_env`."""
 
     # No inf or nan (`inf`, `1e400`): an endless timeout or retention is 0 where 0 disables, or a large number
-    model_config = SettingsConfigDict(frozen=True, extra="ignore", populate_by_name=True, allow_inf_nan=False)
+    # hide_input_in_errors: a ValidationError of Settings(...) would quote a refused secret otherwise.
+    model_config = SettingsConfigDict(frozen=True, extra="ignore", populate_by_name=True, allow_inf_nan=False,
+                                      hide_input_in_errors=True)
 
     database_url: str = Field(DEFAULT_DATABASE_URL, validation_alias="DATABASE_URL")
     webhook_secret: SecretStr | None = Field(
@@ -105,6 +108,9 @@ class Settings(BaseSettings):
     clerk_jwks_url: str | None = Field(None, validation_alias="CLERK_JWKS_URL")
     clerk_issuer: str | None = Field(None, validation_alias=AliasChoices("CLERK_ISSUER", "CLERK_FRONTEND_API_URL"))
     authorized_parties_raw: str | None = Field(None, validation_alias="CLERK_AUTHORIZED_PARTIES")
+    # Roles an impersonating user of the app must still hold (comma-separated; unset: admin; "*": any role,
+    # standing only), for apps whose support staff impersonate with actor tokens of their own.
+    impersonator_roles_raw: str | None = Field(None, validation_alias="CLERK_IMPERSONATOR_ROLES")
     session_leeway_s: float = Field(5.0, ge=0, validation_alias="CLERK_SYNC_SESSION_LEEWAY_S")
     # Operations: one log line per delivery at this level (a failed one: WARNING at least), a summary line
     # at most once per delivery_summary_s (0: none); retention of the inbox and of tombstones.
@@ -154,11 +160,20 @@ class Settings(BaseSettings):
 
     @field_validator("instance_id", "redis_url", "webhook_secret", "clerk_secret_key", "clerk_api_rate_limit",
                      "clerk_jwt_key", "clerk_jwks_url", "clerk_issuer", "authorized_parties_raw",
-                     "console_operator_token", "tombstone_delete_after_days", mode="before")
+                     "impersonator_roles_raw", "console_operator_token", "tombstone_delete_after_days", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         # `export CLERK_ISSUER=` means "not set", not "the empty issuer".
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("console_operator_token")
+    @classmethod
+    def _long_enough_token(cls, value: SecretStr | None) -> SecretStr | None:
+        # It opens the console (promotions, erasure): a short one is guessed; the message never shows it.
+        if value is not None and len(value.get_secret_value().strip()) < _MIN_CONSOLE_TOKEN_CHARS:
+            raise ValueError(f"must be at least {_MIN_CONSOLE_TOKEN_CHARS} characters (it signs an operator in "
+                             "to the console); make one with `openssl rand -base64 24`")
+        return value
 
     @field_validator("clerk_issuer")
     @classmethod
@@ -232,6 +247,15 @@ class Settings(BaseSettings):
             return None
         return frozenset(p.strip().rstrip("/") for p in self.authorized_parties_raw.split(",") if p.strip())
 
+    def impersonator_roles(self) -> frozenset[str] | None:
+        """``CLERK_IMPERSONATOR_ROLES`` for :class:`~clerk_sync.auth.authenticator.Authenticator` (None: any)."""
+        raw = self.impersonator_roles_raw
+        if raw is None:
+            return frozenset({"admin"})  # auth.admin.ADMIN_ROLE: who AdminActions lets impersonate
+        if raw.strip() == "*":
+            return None
+        return frozenset(r.strip() for r in raw.split(",") if r.strip())
+
     def sqlalchemy_url(self) -> str:
         """``DATABASE_URL`` with the driver we ship (psycopg 3) filled in for bare postgres URLs."""
         url = self.database_url
@@ -256,8 +280,19 @@ def _check_driver(url: str) -> None:
 
     try:
         parsed = make_url(url)
+    except ValueError:  # SQLAlchemy's int(port): a traceback otherwise
+        port = _port_text(url)
+        raise ConfigError(f"DATABASE_URL's port {port!r} is not a number: write host:port with a numeric port "
+                          "(db:5432), or leave ':port' out for the default" if port else
+                          "DATABASE_URL cannot be parsed: check its host:port part") from None
+    except SQLAlchemyError:  # malformed: create_engine says so, as before
+        return
+    if parsed.host and "@" in parsed.host:  # the password's '@' ended it early: the rest became the host
+        raise ConfigError("DATABASE_URL's host contains '@': a password (or user name) with '@' in it must be "
+                          "URL-encoded, '@' as %40 (and ':' as %3A, '/' as %2F, '%' as %25)")
+    try:
         dialect = parsed.get_dialect()
-    except SQLAlchemyError:  # malformed or unknown: create_engine says so, as before
+    except SQLAlchemyError:  # unknown: create_engine says so, as before
         return
     try:
         dialect.import_dbapi()
@@ -272,6 +307,12 @@ def _check_driver(url: str) -> None:
         raise ConfigError(f"DATABASE_URL names the driver {parsed.drivername!r}, but its module "
                           f"{exc.name!r} is not installed:{instead} pip install the driver "
                           "into this environment") from None
+
+
+def _port_text(url: str) -> str:
+    """What follows the host's ':' (never the credentials: they end at the netloc's last '@')."""
+    netloc = url.partition("://")[2].split("/", 1)[0].split("?", 1)[0]
+    return netloc.rpartition("@")[2].rpartition("]")[2].partition(":")[2]
 
 
 def _aliases(alias: object) -> list[str]:

@@ -97,7 +97,7 @@ def test_a_console_session_lasts_what_clerk_sync_console_session_s_says(tmp_path
     now[0] += 2
     with pytest.raises(TokenMissing):
         access.identify({}, {COOKIE: cookie})
-    settings = Settings(_env_file=None, CLERK_SYNC_CONSOLE_TOKEN="op-token",  # type: ignore[call-arg]
+    settings = Settings(_env_file=None, CLERK_SYNC_CONSOLE_TOKEN="op-token-0123456789",  # type: ignore[call-arg]
                         CLERK_SYNC_CONSOLE_SESSION_S="900")
     app = create_console(Store.from_url(f"sqlite:///{tmp_path}/c.db"), settings)
     assert app.state.console.access.max_age_s == 900

@@ -355,3 +355,20 @@ def test_drf_not_impersonated_refuses_an_admin_acting_as_the_user(db_url: str) -
         acting = world.app.get("/t/drf/billing",
                                headers=bearer(world.clerk.mint_session_token(carol["id"], actor=admin["id"])))
         assert acting.status_code == 403, acting.content
+
+
+@pytest.mark.parametrize(("roles", "served"), [(None, False), (["admin", "support"], True), ("*", True)])
+def test_impersonator_roles_is_a_django_setting(db_url: str, roles: Any, served: bool) -> None:
+    """Review of the impersonation fix: only a hand-built Authenticator could name the roles an impersonating
+    user must hold, so a Django app whose support staff impersonate had no way to keep them working."""
+    extra = {} if roles is None else {"CLERK_IMPERSONATOR_ROLES": roles}
+    with world_for(db_url, "test-client", **extra) as world:
+        support = world.clerk.create_user("help@example.com", public_metadata={"role": "support"})
+        customer = world.clerk.create_user("cust@example.com")
+        world.clerk.wait_for_deliveries()
+        token = world.clerk.mint_session_token(customer["id"], actor=support["id"])
+        answer = world.app.get("/t/cbv/me", headers=bearer(token))
+        if served:
+            assert answer.status_code == 200, answer.content
+        else:
+            assert (answer.status_code, answer.json()["error"]) == (401, "impersonation_ended")

@@ -7,8 +7,10 @@ as real signed webhooks), then we wait until the database equals the emulator's 
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import socket
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -39,6 +41,40 @@ _FIRST = ["Ada", "Grace", "Alan", "Edsger", "Barbara", "Donald", "Margaret", "Ke
 _LAST = ["Lovelace", "Hopper", "Turing", "Dijkstra", "Liskov", "Knuth", "Hamilton", "Thompson", "Allen",
          "McCarthy", "Perlman", "Berners-Lee", "Lamarr", "Torvalds", "Wilson", "van Rossum"]
 _ORGS = ["Acme", "Globex", "Initech", "Umbrella", "Hooli"]
+
+
+# SQLite's application_id (header offset 68) of the databases this demo creates ("ClSd"): a file without
+# it is someone's data, which `--db` must not delete. Set once, at creation; reading it opens nothing.
+_DEMO_APPLICATION_ID = 0x436C5364
+
+
+def _is_demo_database(path: Path) -> bool:
+    with path.open("rb") as file:
+        header = file.read(72)
+    if not header.startswith(b"SQLite format 3\x00"):
+        return False
+    # The demo's default file from before the mark (releases up to 0.2) is the demo's too: the README's
+    # main command keeps working in a checkout that ran it before.
+    mark = int.from_bytes(header[68:72], "big")
+    return mark == _DEMO_APPLICATION_ID or (mark == 0 and path.name == "clerk_sync_dev.db")
+
+
+def _fresh_database(path: Path, *, force: bool) -> None:
+    """Delete an earlier demo's database (and its -wal/-shm) and create an empty one marked as the demo's.
+    Any other existing file is refused unless ``force``: ``--db clerk_sync.db`` would wipe the service's."""
+    if path.exists() and not force and not _is_demo_database(path):
+        raise ConfigError(f"--db {path} exists and is not a database `clerk-sync dev` created: it would be "
+                          "deleted and recreated. Pass another --db (the default is clerk_sync_dev.db), or "
+                          "--force to delete it")
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    try:
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            conn.execute(f"PRAGMA application_id = {_DEMO_APPLICATION_ID}")
+            conn.commit()
+    except sqlite3.Error as exc:
+        raise ConfigError(f"cannot create the demo database {path} ({exc}): pass a --db in a writable "
+                          "directory that exists") from None
 
 
 def _bound(port: int) -> socket.socket:
@@ -90,18 +126,19 @@ def _serve(app: Any, sock: socket.socket) -> Iterator[str]:
 class DevStack:
     """Emulator + sync service, started together and stopped together."""
 
-    def __init__(self, db_path: Path, *, port: int = 0, fresh: bool = True, faults: bool = True) -> None:
+    def __init__(self, db_path: Path, *, port: int = 0, fresh: bool = True, faults: bool = True,
+                 force: bool = False) -> None:
+        """``fresh``: recreate ``db_path``, which must be an earlier demo's database unless ``force``."""
         self._socket = _bound(port)  # first: a port in use leaves the last demo's database as it was
         try:
-            self._set_up(db_path, fresh=fresh, faults=faults)
+            self._set_up(db_path, fresh=fresh, faults=faults, force=force)
         except BaseException:
             self._socket.close()
             raise
 
-    def _set_up(self, db_path: Path, *, fresh: bool, faults: bool) -> None:
+    def _set_up(self, db_path: Path, *, fresh: bool, faults: bool, force: bool) -> None:
         if fresh:
-            for suffix in ("", "-wal", "-shm"):
-                Path(f"{db_path}{suffix}").unlink(missing_ok=True)
+            _fresh_database(db_path, force=force)
         self.port = int(self._socket.getsockname()[1])
         self.emulator = EmulatorServer(webhook_url=f"http://127.0.0.1:{self.port}/webhooks/clerk",
                                        time_scale=100.0, seed=7,
@@ -229,10 +266,10 @@ def _ok(response: httpx.Response) -> Any:
 
 
 def run_dev(db_path: Path, *, port: int = 0, users_n: int = 12, orgs_n: int = 3, console: Console,
-            keep_running: bool = True) -> DevReport:
+            keep_running: bool = True, force: bool = False) -> DevReport:
     """Start everything, seed, wait for convergence, print the report; then serve until Ctrl-C."""
     started = time.monotonic()
-    stack = DevStack(db_path, port=port)
+    stack = DevStack(db_path, port=port, force=force)
     with stack.running():
         console.print(f"Clerk emulator  {stack.emulator.url}/v1   (secret key {stack.emulator.secret_key})")
         console.print(f"sync service    {stack.service_url}/webhooks/clerk   (SQLite {db_path})")

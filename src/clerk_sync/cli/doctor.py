@@ -11,7 +11,7 @@ import sqlalchemy as sa
 
 from clerk_sync import migrations
 from clerk_sync.config import Settings
-from clerk_sync.errors import ClerkSyncError
+from clerk_sync.errors import ClerkSyncError, ConfigError, database_message
 from clerk_sync.mapping import SchemaMapping, check_schema
 from clerk_sync.store import Store
 
@@ -31,18 +31,28 @@ def run_checks(settings: Settings, *, http: httpx.Client | None = None,
                mapping: SchemaMapping | None = None) -> list[Check]:
     """Run every check; one failing check never hides the others."""
     client = http or httpx.Client(timeout=5)
+    database = _guard("database", lambda: _database(settings))
+    reachable = not database.detail.startswith(_UNREACHABLE)  # else what reads it says so, not "migrate"
     try:
-        checks = [_guard(name, fn) for name, fn in (
-            ("webhook secret", lambda: _webhook_secret(settings)),
-            ("database", lambda: _database(settings)),
-            ("hook jobs", lambda: _hook_jobs(settings)),
+        checks = [_guard("webhook secret", lambda: _webhook_secret(settings)), database,
+                  _guard("hook jobs", lambda: _hook_jobs(settings)) if reachable else _not_checked("hook jobs")]
+        checks += [_guard(name, fn) for name, fn in (
             ("Clerk Backend API", lambda: _clerk_api(settings, client)),
             ("session keys", lambda: _session_keys(settings, client)),
         )]
     finally:
         if http is None:
             client.close()
-    return checks + (_mapping_checks(settings, mapping) if mapping is not None else [])
+    if mapping is None:
+        return checks
+    return checks + (_mapping_checks(settings, mapping) if reachable else [_not_checked("mapping")])
+
+
+_UNREACHABLE = "cannot reach the database"
+
+
+def _not_checked(name: str) -> Check:
+    return Check(name, "warn", "not checked: the database cannot be reached (see the database line)")
 
 
 def _hook_jobs(settings: Settings) -> tuple[str, str]:
@@ -60,8 +70,8 @@ def _hook_jobs(settings: Settings) -> tuple[str, str]:
         store.dispose()
     queued = counts.get("pending", 0) + counts.get("running", 0)
     if counts.get("dead"):
-        return "warn", (f"{counts['dead']} dead, {queued} queued: `clerk-sync hooks list`, then "
-                        "`clerk-sync hooks retry` or `purge`")
+        return "warn", (f"{counts['dead']} dead, {queued} queued: `clerk-sync hooks list`, fix the cause, then "
+                        "`clerk-sync hooks retry ID...` (or `--all`), or `clerk-sync hooks purge ID...`")
     return "ok", f"none dead, {queued} queued"
 
 
@@ -112,18 +122,38 @@ def _webhook_secret(settings: Settings) -> tuple[str, str]:
 
 
 def _database(settings: Settings) -> tuple[str, str]:
-    store = Store.from_settings(settings)
+    try:
+        store = Store.from_settings(settings)
+    except ConfigError as exc:  # a malformed DATABASE_URL, a driver not installed: says what to do itself
+        return "fail", f"{_UNREACHABLE}: {exc}"
     try:
         store.ping()
         current = migrations.current_revision(store.engine)
     except Exception as exc:
-        return "fail", f"cannot reach the database ({type(exc).__name__}); check DATABASE_URL"
+        return "fail", f"{_UNREACHABLE}: {_cause(exc, settings)}; check DATABASE_URL"
     finally:
         store.dispose()
     head = migrations.head_revision()
     if current != head:
         return "fail", f"schema at {current or 'nothing'}, code expects {head}: run `clerk-sync migrate`"
     return "ok", f"reachable, migrations current ({head})"
+
+
+def _cause(exc: Exception, settings: Settings) -> str:
+    """The driver's first line (a wrong role, a missing database or directory), as ``main()`` shows it for
+    the other commands; the password, should the driver quote it, is masked."""
+    from sqlalchemy.engine import make_url
+
+    orig = getattr(exc, "orig", None) or exc
+    line = exc if isinstance(exc, ClerkSyncError) else f"{type(orig).__name__}: {database_message(orig)}"
+    text = str(line).removeprefix("database error: ")
+    password = make_url(settings.sqlalchemy_url()).password
+    if password:
+        text = text.replace(str(password), "***")
+    sqlite = settings.sqlite_path()
+    if sqlite is not None and not sqlite.parent.is_dir():
+        text += f" (the directory {sqlite.parent} does not exist)"
+    return text
 
 
 def _clerk_api(settings: Settings, client: httpx.Client) -> tuple[str, str]:

@@ -40,10 +40,33 @@ def _load(option: str, spec: str) -> Any:
     if not module_name or not attr:
         raise ConfigError(f"{option} {spec!r}: expected module:attribute, e.g. myapp.clerk:VALUE")
     try:
-        value: Any = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"{option} {spec!r}: {exc} (is the module on PYTHONPATH?)") from None
-    return value() if callable(value) and not isinstance(value, SchemaMapping) else value
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and f"{module_name}.".startswith(f"{exc.name}."):  # itself or a parent package
+            raise ConfigError(f"{option} {spec!r}: no module named {exc.name!r} (is it on PYTHONPATH? run from "
+                              "the project's directory, or set PYTHONPATH)") from None
+        raise _failed(option, spec, "importing it", exc, _IMPORT_ADVICE) from None
+    except Exception as exc:  # its own code failed (a SyntaxError, a KeyError on os.environ, a dependency)
+        raise _failed(option, spec, "importing it", exc, _IMPORT_ADVICE) from None
+    try:
+        value: Any = getattr(module, attr)
+    except AttributeError:
+        raise ConfigError(f"{option} {spec!r}: module {module_name!r} has no attribute {attr!r}") from None
+    if not callable(value) or isinstance(value, SchemaMapping):
+        return value
+    try:
+        return value()
+    except Exception as exc:
+        raise _failed(option, spec, f"calling {attr}()", exc, "fix the function, or what it needs") from None
+
+
+_IMPORT_ADVICE = "fix the module, or what it needs at import: an environment variable, an installed package"
+
+
+def _failed(option: str, spec: str, doing: str, exc: Exception, advice: str) -> ConfigError:
+    """The exception's type and first line (what the module's author needs), without its traceback."""
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return ConfigError(f"{option} {spec!r}: {doing} raised {type(exc).__name__}: {first} ({advice})")
 
 
 def load_hooks(spec: str) -> list[Hook]:
@@ -86,12 +109,10 @@ def worker(
     from clerk_sync.hooks import Dispatcher
 
     store = Store.from_settings(Settings.from_env(), hooks=load_hooks(hooks))
-    dispatcher = Dispatcher(store, batch=batch, lease_s=lease, poll_s=poll, vacuum_every=vacuum_every)
     if once:
-        count = dispatcher.drain()
-        store.dispose()
-        Console(stderr=True).print(f"ran {count} hook jobs")
+        _run_once(store, batch=batch, lease_s=lease, poll_s=poll, vacuum_every=vacuum_every)
         return
+    dispatcher = Dispatcher(store, batch=batch, lease_s=lease, poll_s=poll, vacuum_every=vacuum_every)
     signal.signal(signal.SIGTERM, lambda *_: dispatcher.stop(timeout_s=0))
     Console(stderr=True).print(f"clerk-sync worker: hooks {[h.name for h in store.hooks]}")
     try:
@@ -100,6 +121,30 @@ def worker(
         pass
     finally:
         store.dispose()
+
+
+def _run_once(store: Store, **options: Any) -> None:
+    """``worker --once``: run the due jobs and say how each ended; exit 1 when one died (a cron run must
+    not look fine while jobs wait for a person in ``hooks list``)."""
+    from clerk_sync.hooks import Dispatcher
+    from clerk_sync.metrics import Metrics
+
+    metrics = Metrics()  # this run's own registry: the outcomes of these jobs only
+    try:
+        count = Dispatcher(store, metrics=metrics, **options).drain()
+    finally:
+        store.dispose()
+    ended = {outcome: 0 for outcome in ("ok", "retry", "dead", "lost")}
+    for metric in metrics.hook_runs.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_total"):
+                ended[sample.labels["outcome"]] = ended.get(sample.labels["outcome"], 0) + int(sample.value)
+    Console(stderr=True).print(f"ran {count} hook jobs: {ended['ok']} ok, {ended['retry']} failed (queued again "
+                               f"after a backoff), {ended['dead']} dead, {ended['lost']} lost their lease")
+    if ended["dead"]:
+        Console(stderr=True).print(f"[red]{ended['dead']} job(s) died[/]: `clerk-sync hooks list` shows why; fix "
+                                   "the cause, then `clerk-sync hooks retry ID...` (or `--all`)")
+        raise typer.Exit(1)
 
 
 def _store() -> Store:
@@ -119,15 +164,23 @@ def list_command(
     status: Annotated[Literal["dead", "pending", "running"], typer.Option(help="dead, pending or running.")] = "dead",
     limit: Annotated[int, typer.Option(min=1, help="At most this many.")] = 50,
 ) -> None:
-    """List queued hook jobs (dead ones by default), tab-separated: id, hook, type, Clerk id, attempts, error."""
+    """List queued hook jobs (dead ones by default), tab-separated: id, hook, type, Clerk id, attempts, error.
+
+    Backslash, tab, newline and carriage return within a field are written \\\\, \\t, \\n and \\r.
+    """
     store = _store()
     with store.connect() as conn:
         jobs = list_jobs(conn, status=status, limit=limit)
     store.dispose()
-    for job in jobs:
-        typer.echo(f"{job.id}\t{job.hook}\t{job.change.type}\t{job.change.clerk_id}\tattempts={job.attempts}"
-                   f"\t{job.last_error or ''}")
+    for job in jobs:  # one line per job, fields never holding a tab or newline (`cut -f1` gives the ids)
+        fields = (job.hook, job.change.type, job.change.clerk_id, f"attempts={job.attempts}", job.last_error or "")
+        typer.echo("\t".join([str(job.id), *map(_one_field, fields)]))
     Console(stderr=True).print(f"{len(jobs)} {status} job(s)")
+
+
+def _one_field(text: str) -> str:
+    """Backslash, newline, carriage return and tab as backslash escapes (\\\\, \\n, \\r, \\t)."""
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
 
 
 @hooks_app.command("retry")

@@ -5,9 +5,10 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -19,6 +20,9 @@ from clerk_sync.cli.hooks import HOOKS_HELP, MAPPING_HELP, hooks_app, load_hooks
 from clerk_sync.config import Settings
 from clerk_sync.errors import ClerkNotFound, ClerkSyncError, ClerkUnauthorized, ConfigError
 from clerk_sync.store import Store
+
+if TYPE_CHECKING:
+    from clerk_sync.ingest import WebhookProcessor
 
 __all__ = ["app", "main"]
 
@@ -89,8 +93,6 @@ def serve(
 
 def _serve(host: str, port: int, workers: int, json_logs: bool, hooks: str | None, mapping: str | None,
            migrate_first: bool, dispatch: bool) -> None:
-    import uvicorn
-
     from clerk_sync.integrations.starlette import build_processor
 
     settings = _settings()
@@ -104,30 +106,68 @@ def _serve(host: str, port: int, workers: int, json_logs: bool, hooks: str | Non
     processor = build_processor(settings, store)  # fails here, once, on a missing/malformed secret
     # The database may be down: the service starts anyway and answers 503 until it is back (and
     # migrated), instead of exiting and leaving Svix's retries nowhere to land.
-    console.print(f"clerk-sync serving on http://{host}:{port}/webhooks/clerk ({_safe(settings)})")
-    if settings.console_enabled:
-        console.print(f"operator console on http://{host}:{port}/console")
     if workers > 1:
         if settings.console_enabled:  # here, once: raised in each worker, uvicorn's supervisor would restart
             from clerk_sync.integrations.console import check_console_settings  # them for ever
 
             check_console_settings(settings)
         os.environ["CLERK_SYNC_MIGRATE_ON_START"] = "1" if migrate_first else "0"  # for the worker processes
-        _serve_workers(host, port, workers)
+        with _listen(host, port) as sock:
+            _announce(settings, host, sock)
+            _serve_workers(host, port, workers, sock)
     else:
-        from clerk_sync.hooks import Dispatcher
-        from clerk_sync.integrations.starlette import create_app
+        _serve_one(settings, processor, host, port, migrate_first=migrate_first, dispatch=dispatch)
 
-        app = create_app(settings, processor, migrate=migrate_first)
-        dispatcher = (Dispatcher(processor.store, metrics=processor.metrics)  # retries while the DB is down
-                      if processor.store.hooks and dispatch else None)
+
+def _serve_one(settings: Settings, processor: WebhookProcessor, host: str, port: int, *, migrate_first: bool,
+               dispatch: bool) -> None:
+    import uvicorn
+
+    from clerk_sync.hooks import Dispatcher
+    from clerk_sync.integrations.starlette import create_app
+
+    app = create_app(settings, processor, migrate=migrate_first)  # (checks the console's settings)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
+    dispatcher = (Dispatcher(processor.store, metrics=processor.metrics)  # retries while the DB is down
+                  if processor.store.hooks and dispatch else None)
+    with _listen(host, port) as sock:
+        _announce(settings, host, sock)
         if dispatcher is not None:
             dispatcher.start()
         try:
-            uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)  # our own lines (ingest.py)
+            server.run(sockets=[sock])  # our own access lines (ingest.py)
         finally:
             if dispatcher is not None:
                 dispatcher.stop()
+    if not server.started:  # the app's start-up failed (uvicorn logged why): as uvicorn.run exits
+        raise SystemExit(3)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind before announcing anything, so "serving on" is true (and names the port 0 picked). IPPROTO_TCP:
+    asyncio sets TCP_NODELAY only on such sockets, else each keep-alive response waits ~40 ms for a delayed
+    ACK (Kludex/uvicorn#3149; measured in BENCHMARKS.md)."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port} ({exc}): pass another --host") from None
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does (TIME_WAIT only)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror}): pass another --port, or stop what "
+                          "uses it") from None
+    sock.set_inheritable(True)  # serve --workers: the worker processes accept on it
+    return sock
+
+
+def _announce(settings: Settings, host: str, sock: socket.socket) -> None:
+    where = f"http://{host}:{sock.getsockname()[1]}"
+    console.print(f"clerk-sync serving on {where}/webhooks/clerk ({_safe(settings)})")
+    if settings.console_enabled:
+        console.print(f"operator console on {where}/console")
 
 
 @app.command()
@@ -170,11 +210,12 @@ def emulate(
 ) -> None:
     """Run a local Clerk (Backend API subset, JWKS, session tokens, Svix-signed webhooks).
 
-    Reads CLERK_SECRET_KEY and CLERK_WEBHOOK_SIGNING_SECRET (generated and printed when unset), and
-    CLERK_EMULATOR_WEBHOOK_URL, CLERK_EMULATOR_TIME_SCALE and CLERK_EMULATOR_SEED; options win over them.
+    Reads CLERK_SECRET_KEY (a test key, printed masked; unset: sk_test_emulator) and
+    CLERK_WEBHOOK_SIGNING_SECRET (generated and printed when unset), and CLERK_EMULATOR_WEBHOOK_URL,
+    CLERK_EMULATOR_TIME_SCALE and CLERK_EMULATOR_SEED; options win over them.
     """
     from clerk_sync.emulator import EmulatorConfig, serve
-    from clerk_sync.emulator.app import CannotListen
+    from clerk_sync.emulator.app import CannotListen, check_secret_key
 
     if time_scale is not None and not time_scale > 0:  # it divides the retry delays
         raise typer.BadParameter("must be greater than 0", param_hint="'--time-scale'")
@@ -187,6 +228,7 @@ def emulate(
         overrides["seed"] = seed
     try:  # the emulator imports nothing of clerk-sync, so its config errors are ValueErrors
         config = EmulatorConfig.from_env(None, **overrides)
+        check_secret_key(config)  # a live key: refused before anything is bound or printed
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     try:
@@ -197,18 +239,22 @@ def emulate(
 
 @app.command()
 def dev(
-    db: Annotated[Path, typer.Option(help="SQLite file for the demo (recreated).")] = Path("clerk_sync_dev.db"),
+    db: Annotated[Path, typer.Option(help="SQLite file for the demo (recreated; an existing file must be an "
+                                          "earlier demo's).")] = Path("clerk_sync_dev.db"),
     port: Annotated[int, typer.Option(help="Sync service port (0 = any free port).")] = 0,
     users: Annotated[int, typer.Option(min=2, help="Demo users to create (the demo renames one, deletes "
                                                    "another).")] = 12,
     orgs: Annotated[int, typer.Option(min=0, help="Demo organizations to create.")] = 3,
     once: Annotated[bool, typer.Option("--once", help="Exit after the report instead of serving.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Delete --db even if it is not an earlier demo's "
+                                                        "database.")] = False,
 ) -> None:
     """Zero-config demo: local Clerk + sync service on SQLite, demo data, convergence report."""
     from clerk_sync.cli.dev import run_dev
 
     configure_logging("WARNING")
-    report = run_dev(db, port=port, users_n=users, orgs_n=orgs, console=Console(), keep_running=not once)
+    report = run_dev(db, port=port, users_n=users, orgs_n=orgs, console=Console(), keep_running=not once,
+                     force=force)
     if not report.converged:
         raise SystemExit(1)
 
@@ -227,6 +273,9 @@ def users_promote(
     from clerk_sync.auth.admin import AdminActions, find_user_by_email
     from clerk_sync.clerk_api import ClerkClient
 
+    if not role.strip():  # an empty role written to Clerk and the DB takes the user's role away, silently
+        raise typer.BadParameter("is blank: pass the role to set, e.g. --role admin (--role user to demote)",
+                                 param_hint="'--role'")
     settings = _settings()
     store = Store.from_settings(settings)
     clerk_id = find_user_by_email(store, email)
@@ -279,6 +328,9 @@ def users_erase(
     force: Annotated[bool, typer.Option("--force", help="Erase an id this database has never seen (no row, no "
                                                         "stored event): a tombstone is written so its events never "
                                                         "land. Without it such an id (a typo?) is refused.")] = False,
+    any_id: Annotated[bool, typer.Option("--any-id", help="Accept an id that does not start with user_ (Clerk's "
+                                                          "user ids all do; an org_... id is refused without it).")
+                      ] = False,
 ) -> None:
     """Erase a user's personal data from every table and stored payload now (data-subject request).
 
@@ -292,7 +344,7 @@ def users_erase(
     settings = _settings()
     store = Store.from_settings(settings, hooks=load_hooks(hooks) if hooks else (), mapping=load_mapping(mapping))
     try:
-        _check_user_id(store, clerk_id)
+        _check_user_id(store, clerk_id, any_id=any_id)
         report = Retention(store).erase_user(clerk_id, actor=actor, reason=reason, allow_unknown=force)
     except UnknownUser:
         console.print(f"[red]error:[/] no user {clerk_id!r} in this database (no row, no stored event); nothing "
@@ -316,13 +368,18 @@ def users_erase(
                    "idempotent: the deletion is passed on then)")
 
 
-def _check_user_id(store: Store, clerk_id: str) -> None:
-    """Refuse what cannot be a Clerk user id (an e-mail, blanks): erasing it would tombstone nobody."""
+def _check_user_id(store: Store, clerk_id: str, *, any_id: bool) -> None:
+    """Refuse what cannot be a Clerk user id (an e-mail, blanks, another object's id unless ``any_id``):
+    erasing it would tombstone nobody."""
     from clerk_sync.auth.admin import find_user_by_email
     from clerk_sync.retention import could_be_user_id
 
-    if could_be_user_id(clerk_id):
+    if could_be_user_id(clerk_id) and (any_id or clerk_id.startswith("user_")):
         return
+    if could_be_user_id(clerk_id):
+        raise typer.BadParameter(f"{clerk_id!r} is not a Clerk user id (they start with user_; this may be an "
+                                 "organization's or another object's): pass the user's id, or --any-id if your "
+                                 "users table holds ids of another form", param_hint="CLERK_ID")
     hint = "find it in the Clerk Dashboard (Users) or the users table's clerk_id"
     if "@" in clerk_id:
         found = find_user_by_email(store, clerk_id.strip())
@@ -341,12 +398,20 @@ def reconcile(
     allow_mass_delete: Annotated[bool, typer.Option(
         "--allow-mass-delete", help="Delete even when Clerk no longer lists over a quarter of the rows.")] = False,
 ) -> None:
-    """Re-read Clerk (users, organizations, memberships) and repair drift; resumes after a kill."""
+    """Re-read Clerk (users, organizations, memberships) and repair drift; resumes after a kill.
+
+    Exit 1 when some of Clerk's objects could not be read (the summary's ``failed`` column).
+    """
     from clerk_sync.cli.reconcile import reconcile_command
 
     hooks = load_hooks(with_hooks) if with_hooks else ()
-    reconcile_command(_settings(), since=since, dry_run=dry_run, console=console, hooks=hooks,
-                      mapping=load_mapping(mapping), allow_mass_delete=allow_mass_delete)
+    report = reconcile_command(_settings(), since=since, dry_run=dry_run, console=console, hooks=hooks,
+                               mapping=load_mapping(mapping), allow_mass_delete=allow_mass_delete)
+    if failed := report.total("failed"):  # their rows were not repaired: a scheduled run must not look fine
+        console.print(f"[red]{failed} Clerk object(s) could not be read[/] (the failed column says of which "
+                      "table): Clerk listed them in a shape this version refuses (an id or updated_at missing or "
+                      "malformed), so their rows were left as they were. Upgrade clerk-sync, or report it")
+        raise SystemExit(1)
 
 
 @users_app.command("retry-pending")
@@ -365,22 +430,13 @@ def users_retry_pending() -> None:
         raise SystemExit(3)  # still waiting on Clerk: let the scheduler notice
 
 
-def _serve_workers(host: str, port: int, workers: int) -> None:
-    """uvicorn's multi-worker mode, with TCP_NODELAY restored on accepted connections.
-
-    ``Config.bind_socket()`` creates the listener with ``proto=0``, so asyncio never sets
-    TCP_NODELAY and each keep-alive response waits ~40 ms for a delayed ACK (Kludex/uvicorn#3149).
-    Re-wrapping the descriptor with ``IPPROTO_TCP`` fixes it; measured in BENCHMARKS.md.
-    """
-    import socket
-
+def _serve_workers(host: str, port: int, workers: int, sock: socket.socket) -> None:
+    """uvicorn's multi-worker mode on ``sock`` (bound by :func:`_listen`, with IPPROTO_TCP)."""
     import uvicorn
     from uvicorn.supervisors import Multiprocess
 
     config = uvicorn.Config("clerk_sync.integrations.starlette:app_from_env", factory=True, host=host,
                             port=port, workers=workers, log_level="warning", access_log=False)
-    bound = config.bind_socket()
-    sock = socket.socket(bound.family, bound.type, socket.IPPROTO_TCP, fileno=bound.detach())
     Multiprocess(config, sockets=[sock]).run()
 
 

@@ -26,7 +26,9 @@ from .config import EmulatorConfig
 from .core import Emulator
 from .errors import ClerkAPIError
 
-__all__ = ["CannotListen", "create_app", "serve"]
+__all__ = ["CannotListen", "check_secret_key", "create_app", "serve"]
+
+_WELL_KNOWN_KEY = EmulatorConfig.secret_key  # sk_test_emulator: printed, it is no secret
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -90,6 +92,19 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def check_secret_key(config: EmulatorConfig) -> None:
+    """Refuse a live key (``ValueError``): the emulator is never production, and it prints the key it serves."""
+    if config.secret_key.startswith("sk_live_"):
+        raise ValueError("CLERK_SECRET_KEY is a live (production) key: the emulator is never production and "
+                         "must not be handed one. Unset CLERK_SECRET_KEY in its environment (it then uses "
+                         f"{_WELL_KNOWN_KEY}), or set a test key of your own")
+
+
+def _shown_key(key: str) -> str:
+    """The well-known default in full; any other key (adopted from CLERK_SECRET_KEY) masked, as it may be real."""
+    return key if key == _WELL_KNOWN_KEY else f"{key[:8]}… from CLERK_SECRET_KEY"
+
+
 def _public_host(host: str) -> str:
     return "localhost" if host in {"0.0.0.0", "::", ""} else host  # noqa: S104 (a comparison)
 
@@ -105,16 +120,18 @@ def serve(
     """Run the emulator with uvicorn until interrupted (blocking).
 
     Prints the URLs and, when it was generated, the webhook signing secret: the receiving
-    service needs it as ``CLERK_WEBHOOK_SIGNING_SECRET``.  Raises ``OSError`` (naming the
-    address) before printing anything if ``host:port`` cannot be bound.
+    service needs it as ``CLERK_WEBHOOK_SIGNING_SECRET``; a secret key of the caller's is masked.
+    Raises ``ValueError`` for a live key (:func:`check_secret_key`), and ``OSError`` (naming the
+    address) if ``host:port`` cannot be bound, both before printing anything.
     """
+    check_secret_key(config)
     stream = out or sys.stdout
     with _listen(host, port) as sock:
         port = int(sock.getsockname()[1])  # the real one when port=0 was asked for
         app, emulator = create_app(config)
         url = f"http://{_public_host(host)}:{port}"
         emulator.frontend_url = config.frontend_url or url
-        print(f"Clerk emulator: Backend API {url}/v1  (secret key {config.secret_key})", file=stream)
+        print(f"Clerk emulator: Backend API {url}/v1  (secret key {_shown_key(config.secret_key)})", file=stream)
         if config.webhook_secret_was_generated:
             print(f"Webhook signing secret (generated): {config.effective_webhook_secret}", file=stream)
         print(f"Webhooks -> {config.webhook_url or '(none; POST /_emulator/webhook to set)'}", file=stream)

@@ -115,7 +115,7 @@ def _env_value(key: str, value: Any) -> str:
 
 
 # comma-separated where read, under any of their names
-_LISTS = {name for field in ("authorized_parties_raw", "webhook_secret")
+_LISTS = {name for field in ("authorized_parties_raw", "webhook_secret", "impersonator_roles_raw")
           for name in _aliases(Settings.model_fields[field].validation_alias)}
 
 

@@ -93,7 +93,8 @@ class ClerkSync:
         deny_list = DenyList(self.store, refresh_s=self.options.deny_list_refresh_s)
         jit = self.jit
         return Authenticator(verifier, self.store, deny_list=deny_list,
-                             load_user=jit.get_auth_user if jit is not None else None)
+                             load_user=jit.get_auth_user if jit is not None else None,
+                             impersonator_roles=self.settings.impersonator_roles())
 
     @cached_property
     def admin_actions(self) -> AdminActions:

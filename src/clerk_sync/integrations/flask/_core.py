@@ -103,7 +103,7 @@ def settings_from_config(config: Mapping[str, Any], environ: Mapping[str, str] |
 
 # The settings read comma-separated (authorized parties; webhook secrets, for rotation), by primary name
 _LISTS = frozenset(primary for primary, names in _spellings(field_names=True).items()
-                   if {"authorized_parties_raw", "webhook_secret"} & set(names))
+                   if {"authorized_parties_raw", "webhook_secret", "impersonator_roles_raw"} & set(names))
 
 
 # -- per-app state ---------------------------------------------------------------------------------

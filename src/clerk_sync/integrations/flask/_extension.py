@@ -99,6 +99,7 @@ class ClerkSync:
                 verifier_from_settings(settings, http=http), store,
                 deny_list=DenyList(store, refresh_s=self.revocation_refresh_s),
                 load_user=users.get_auth_user if users is not None else None,
+                impersonator_roles=settings.impersonator_roles(),
             )
         return ClerkSyncState(
             settings, store, processor, authenticator, users, AdminActions(store, clerk) if clerk else None,
