@@ -201,7 +201,7 @@ def test_cli_lists_retries_and_purges_dead_jobs(db_url: str) -> None:
 
 def test_worker_names_a_bad_hooks_spec(tmp_path: Path) -> None:
     env = {"DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}"}
-    for spec, message in (("nocolon", "expected module:attribute"), ("tests.nope:HOOKS", "No module named"),
+    for spec, message in (("nocolon", "expected module:attribute"), ("tests.nope:HOOKS", "no module named"),
                           ("tests._hook_worker:meta", "non-empty list of clerk_sync.changes.Hook")):
         result = run("worker", "--hooks", spec, "--once", env={**env, "PYTHONPATH": PATHS}, cwd=ROOT)
         assert result.returncode == 2
@@ -265,12 +265,19 @@ def test_serve_no_dispatch_queues_jobs_for_a_worker_beside_it(tmp_path: Path, mo
     answers: list[int] = []
     monkeypatch.setattr(Dispatcher, "start", lambda self: started.append(True))
 
-    def run_app(asgi_app: Any, **_: Any) -> None:  # instead of serving forever: one delivery, then return
-        with running(asgi_app, lifespan="on") as base:
+    served = uvicorn.Server.run
+
+    def run_app(server: uvicorn.Server, sockets: Any = None) -> None:
+        if sockets is None:  # the test's own server below
+            return served(server)
+        # serve's (it passes the socket it bound): instead of serving forever, one delivery, then return
+        with running(server.config.app, lifespan="on") as base:
             headers, body = f.signed(f.envelope("user.created", f.user("user_1", B + 1000)), "msg_nd_1")
             answers.append(httpx.post(f"{base}/webhooks/clerk", content=body, headers=headers).status_code)
+        server.started = True
+        return None
 
-    monkeypatch.setattr(uvicorn, "run", run_app)
+    monkeypatch.setattr(uvicorn.Server, "run", run_app)
     # not the process-wide logging set-up (its cached loggers would outlive this test's captured stderr)
     monkeypatch.setattr(sys.modules["clerk_sync.cli.main"], "configure_logging", lambda *args, **kwargs: None)
     monkeypatch.setenv("DATABASE_URL", url)
