@@ -118,6 +118,11 @@ def test_sync_me_right_after_sign_up_creates_the_row_before_the_webhook(world: W
     assert world.app.post("/sync/me").status_code == 401
     synced = world.app.post("/sync/me", headers=tok)
     assert synced.json() == {"user_id": user["id"], "email": "fresh@example.com", "role": "user"}
-    world.clerk.request("DELETE", f"/v1/users/{user['id']}")
-    gone = world.app.post("/sync/me", headers=tok)
+    world.clerk.request("PATCH", f"/v1/users/{user['id']}", json={"public_metadata": {"role": "admin"}})
+    again = world.app.post("/sync/me", headers=tok)  # asked again at once: the stored row, no Clerk call
+    assert again.json() == synced.json()  # (JitUsers.refresh_interval_s: one fetch per user per 10 s)
+    other = world.clerk.create_user("other@example.com")
+    other_tok = bearer(world.clerk.mint_session_token(other["id"]))
+    world.clerk.request("DELETE", f"/v1/users/{other['id']}")
+    gone = world.app.post("/sync/me", headers=other_tok)
     assert gone.status_code == 410  # deleted in Clerk: UserDeleted

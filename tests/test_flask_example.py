@@ -137,8 +137,13 @@ def test_sync_me_right_after_sign_up_creates_the_row_before_the_webhook(world: W
     tok = world.clerk.mint_session_token(user["id"])
     assert world.app.post("/sync/me").status == 401
     assert world.app.post("/sync/me", tok).json == {"user_id": user["id"], "email": "fresh@example.com", "role": "user"}
-    world.clerk.request("DELETE", f"/v1/users/{user['id']}")
-    assert world.app.post("/sync/me", tok).status == 410  # deleted in Clerk: UserDeleted
+    world.clerk.request("PATCH", f"/v1/users/{user['id']}", json={"public_metadata": {"role": "admin"}})
+    # asked again at once: the stored row, no Clerk call (JitUsers.refresh_interval_s: one fetch a user per 10 s)
+    assert world.app.post("/sync/me", tok).json["role"] == "user"
+    other = world.clerk.create_user("other@example.com")
+    other_tok = world.clerk.mint_session_token(other["id"])
+    world.clerk.request("DELETE", f"/v1/users/{other['id']}")
+    assert world.app.post("/sync/me", other_tok).status == 410  # deleted in Clerk: UserDeleted
 
 
 def test_one_command_runs_the_example_against_the_emulator(tmp_path: Path) -> None:

@@ -314,3 +314,82 @@ def test_jit_returns_the_user_it_asked_for(store: Store) -> None:
 
     anyio.run(main)
     assert rows(store) == 0
+
+
+def test_one_user_refreshing_in_a_loop_costs_one_clerk_call_an_interval(store: Store, emu: EmulatorServer) -> None:
+    """Review finding: ``POST /sync/me`` is any signed-in user's to call, and every call was a Clerk request
+    from the budget every user and ``reconcile`` share. Now one fetch per user per ``refresh_interval_s``;
+    within it the stored row (what webhooks keep fresh), and other users are not held back."""
+    clock = FakeClock()
+    ada, bob = emu.create_user(email="ada@example.com"), emu.create_user(email="bob@example.com")
+    with clerk_client(emu) as clerk:
+        jit = JitUsers(store, clerk=clerk, timeout_s=2.0, refresh_interval_s=10.0, clock=clock)
+        first = jit.refresh_user(ada["id"])
+        emu.request("PATCH", f"/v1/users/{ada['id']}", json={"first_name": "Ada"})
+        for _ in range(20):
+            assert jit.refresh_user(ada["id"]) == first  # the stored row, no Clerk call
+        assert clerk.stats.requests == 1
+        assert jit.refresh_user(bob["id"]).email == "bob@example.com"  # another user: fetched at once
+        assert clerk.stats.requests == 2
+        clock.t += 10.0
+        assert jit.refresh_user(ada["id"]).first_name == "Ada"  # the interval over: fetched again
+        assert clerk.stats.requests == 3
+        with pytest.raises(UserDeleted):
+            jit.refresh_user("user_never_existed")
+        with pytest.raises(UserDeleted):  # Clerk said 404 a moment ago: 410 again, without asking
+            jit.refresh_user("user_never_existed")
+        assert clerk.stats.requests == 4
+        unthrottled = JitUsers(store, clerk=clerk, timeout_s=2.0, refresh_interval_s=0, clock=clock)
+        unthrottled.refresh_user(ada["id"])
+        unthrottled.refresh_user(ada["id"])
+        assert clerk.stats.requests == 6
+
+
+@pytest.mark.anyio
+async def test_async_refresh_is_throttled_per_user_too(store: Store, emu: EmulatorServer) -> None:
+    clock = FakeClock()
+    data = emu.create_user(email="ada@example.com")
+    async with AsyncClerkClient(emu.secret_key, api_url=emu.url, retry=RETRY) as aclerk:
+        jit = JitUsers(store, aclerk=aclerk, timeout_s=2.0, clock=clock)
+        first = await jit.arefresh_user(data["id"])
+        emu.request("PATCH", f"/v1/users/{data['id']}", json={"first_name": "Ada"})
+        assert await jit.arefresh_user(data["id"]) == first and aclerk.stats.requests == 1
+        clock.t += jit.refresh_interval_s
+        assert (await jit.arefresh_user(data["id"])).first_name == "Ada" and aclerk.stats.requests == 2
+
+
+def test_a_failed_fetch_does_not_start_the_interval(store: Store, emu: EmulatorServer) -> None:
+    """Only a fetch that ended counts: an outage's 503 must not leave the user unsynced for the interval,
+    and the users remembered are bounded (the oldest forgotten first)."""
+    clock = FakeClock()
+    data = emu.create_user(email="ada@example.com")
+    with clerk_client(emu) as clerk:
+        jit = JitUsers(store, clerk=clerk, timeout_s=2.0, clock=clock)
+        emu.set_faults(outage=True)
+        with pytest.raises(ClerkAPIError):
+            jit.refresh_user(data["id"])
+        emu.set_faults(outage=False)
+        assert jit.refresh_user(data["id"]).email == "ada@example.com"
+        jit.max_tracked_users = 2
+        for n in range(3):
+            with pytest.raises(UserDeleted):
+                jit.refresh_user(f"user_gone_{n}")
+        assert list(jit._fetched_at) == ["user_gone_1", "user_gone_2"]
+    with pytest.raises(ValueError, match="refresh_interval_s"):
+        JitUsers(store, clerk=None, refresh_interval_s=-1)
+
+
+def test_the_interval_is_a_setting_the_faces_pass_on(tmp_path: Any) -> None:
+    from flask import Flask
+
+    from clerk_sync.config import Settings
+    from clerk_sync.integrations.flask import ClerkSync
+
+    settings = Settings(DATABASE_URL=f"sqlite:///{tmp_path}/t.db", CLERK_SECRET_KEY="sk_test_x",
+                        CLERK_SYNC_JIT_REFRESH_INTERVAL_S="2.5")
+    assert settings.jit_refresh_interval_s == 2.5
+    with pytest.raises(ValueError, match="CLERK_SYNC_JIT_REFRESH_INTERVAL_S"):
+        Settings(CLERK_SYNC_JIT_REFRESH_INTERVAL_S="-1")
+    app = Flask(__name__)
+    users = ClerkSync(app, settings=settings, webhook_path=None).state(app).users
+    assert users is not None and users.refresh_interval_s == 2.5

@@ -32,7 +32,7 @@ def create_app(settings: Settings) -> FastAPI:
     store = processor.store
     http = httpx.Client()
     clerk_api = ClerkClient.from_settings(settings)
-    jit = JitUsers(store, clerk=clerk_api)
+    jit = JitUsers(store, clerk=clerk_api, refresh_interval_s=settings.jit_refresh_interval_s)
     authenticator = Authenticator(verifier_from_settings(settings, http=http), store,
                                   load_user=jit.get_auth_user)
     clerk = ClerkAuth(authenticator, get_user=lambda auth: jit.get_auth_user(auth.user_id))

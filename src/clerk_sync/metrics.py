@@ -186,7 +186,8 @@ class Metrics:
         self.unavailable = Counter("clerk_sync_webhook_unavailable",
                                    "Deliveries answered 503 (database unavailable); Svix retries them.", registry=r)
         self.db_errors = Counter("clerk_sync_db_errors", "Database errors by operation.", ["operation"], registry=r)
-        self.jit = Counter("clerk_sync_jit_fetches", "Just-in-time user fetches from Clerk by outcome.",
+        self.jit = Counter("clerk_sync_jit_fetches", "Just-in-time user fetches from Clerk by outcome "
+                           "('throttled': none made, that user was fetched within the refresh interval).",
                            ["outcome"], registry=r)
         self.api_requests = Counter("clerk_sync_clerk_api_requests",
                                     "Clerk Backend API requests by endpoint template and HTTP status ('error': none).",

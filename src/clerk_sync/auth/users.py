@@ -19,6 +19,10 @@ leaves :class:`~clerk_sync.errors.UserLocked` and :class:`~clerk_sync.errors.Use
 
 from __future__ import annotations
 
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
@@ -138,20 +142,62 @@ class JitUsers:
 
     Pass ``clerk`` for the blocking methods, ``aclerk`` for the async ones (or both).
     ``timeout_s`` bounds the Clerk part of a call, waiting for the budget and retries included.
+
+    ``refresh_interval_s`` is the least time between two Clerk fetches for one user (0: none). The Clerk
+    budget is shared by every user and by ``reconcile``, and ``POST /sync/me`` is any signed-in user's to
+    call: one user calling it in a loop would otherwise spend everyone's budget. Within the interval a
+    refresh answers the stored row (kept fresh by webhooks meanwhile), or 410 again when Clerk had no such
+    user. Counted per process (``clock`` is injectable for tests).
     """
+
+    #: Users remembered for the interval (oldest forgotten first): bounds the memory a flood of ids can take.
+    max_tracked_users = 10_000
 
     def __init__(self, store: Store, *, clerk: ClerkClient | None = None,
                  aclerk: AsyncClerkClient | None = None, timeout_s: float = 5.0,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, refresh_interval_s: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if refresh_interval_s < 0:
+            raise ValueError(f"refresh_interval_s must be 0 or more seconds, not {refresh_interval_s}")
         self.store = store
         self.clerk = clerk
         self.aclerk = aclerk
         self.timeout_s = timeout_s
         self.metrics = metrics  # counts fetches by outcome: clerk_sync_jit_fetches_total{outcome}
+        self.refresh_interval_s = refresh_interval_s
+        self._clock = clock
+        self._fetched_at: OrderedDict[str, tuple[float, bool]] = OrderedDict()  # user -> (when, found)
+        self._fetched_lock = threading.Lock()
 
     def _count(self, outcome: str) -> None:
         if self.metrics is not None:
             self.metrics.jit.labels(outcome=outcome).inc()
+
+    def _recent(self, user_id: str) -> AuthUser | None:
+        """The stored row when this user's last fetch ended within the interval (None: fetch now).
+        Only finished fetches count: concurrent first requests still share one Clerk call (single-flight)."""
+        if self.refresh_interval_s <= 0:
+            return None
+        with self._fetched_lock:
+            last = self._fetched_at.get(user_id)
+        if last is None or self._clock() - last[0] >= self.refresh_interval_s:
+            return None
+        if not last[1]:
+            self._count("throttled")
+            raise UserDeleted(f"user {user_id} does not exist in Clerk")
+        user = self._read(user_id)
+        if user is not None:
+            self._count("throttled")
+        return user
+
+    def _fetched(self, user_id: str, *, found: bool) -> None:
+        if self.refresh_interval_s <= 0:
+            return
+        with self._fetched_lock:
+            self._fetched_at[user_id] = (self._clock(), found)
+            self._fetched_at.move_to_end(user_id)
+            while len(self._fetched_at) > self.max_tracked_users:
+                self._fetched_at.popitem(last=False)
 
     # -- blocking ---------------------------------------------------------------------------
     def get_auth_user(self, user_id: str) -> AuthUser:
@@ -162,18 +208,24 @@ class JitUsers:
         return _usable(user)
 
     def refresh_user(self, user_id: str, *, check: bool = True) -> AuthUser:
-        """Fetch the user from Clerk now and upsert it (after sign-up: ``POST /sync/me``)."""
+        """Fetch the user from Clerk now and upsert it (after sign-up: ``POST /sync/me``); at most once per
+        ``refresh_interval_s`` a user (within it: the stored row)."""
         if self.clerk is None:
             raise TypeError("JitUsers needs clerk=ClerkClient(...) for blocking calls")
+        recent = self._recent(user_id)
+        if recent is not None:
+            return _usable(recent) if check else recent
         try:
             data = _asked_for(user_id, self.clerk.get_user(user_id, deadline_s=self.timeout_s))
         except ClerkNotFound:
             self._count("not_found")
+            self._fetched(user_id, found=False)
             raise UserDeleted(f"user {user_id} does not exist in Clerk") from None
         except ClerkAPIError as exc:
             self._count(_failure(exc))
             raise
         user = self._store(data)
+        self._fetched(user_id, found=True)
         return _usable(user) if check else user
 
     # -- async ------------------------------------------------------------------------------
@@ -188,12 +240,16 @@ class JitUsers:
         """Async :meth:`refresh_user`."""
         if self.aclerk is None:
             raise TypeError("JitUsers needs aclerk=AsyncClerkClient(...) for async calls")
+        recent = await anyio.to_thread.run_sync(self._recent, user_id)
+        if recent is not None:
+            return _usable(recent) if check else recent
         try:
             # The client's deadline already bounds the call; this is the belt to its braces.
             with anyio.fail_after(self.timeout_s + 1.0):
                 data = _asked_for(user_id, await self.aclerk.get_user(user_id, deadline_s=self.timeout_s))
         except ClerkNotFound:
             self._count("not_found")
+            self._fetched(user_id, found=False)
             raise UserDeleted(f"user {user_id} does not exist in Clerk") from None
         except ClerkAPIError as exc:
             self._count(_failure(exc))
@@ -202,6 +258,7 @@ class JitUsers:
             self._count("unavailable")
             raise ClerkUnavailable(f"Clerk did not answer within {self.timeout_s}s", retry_after=1.0) from None
         user = await anyio.to_thread.run_sync(self._store, data)
+        self._fetched(user_id, found=True)
         return _usable(user) if check else user
 
     # -- database ---------------------------------------------------------------------------

@@ -84,7 +84,8 @@ class ClerkSync:
         """JIT sync when enabled and a secret key is set; else rows come from webhooks only."""
         if not self.options.jit or self.clerk is None:
             return None
-        return JitUsers(self.store, clerk=self.clerk, aclerk=self.aclerk)
+        return JitUsers(self.store, clerk=self.clerk, aclerk=self.aclerk,
+                        refresh_interval_s=self.settings.jit_refresh_interval_s)
 
     @cached_property
     def authenticator(self) -> Authenticator:

@@ -90,7 +90,8 @@ class ClerkSync:
         clerk = ClerkClient.from_settings(settings) if settings.clerk_secret_key is not None else None
         if clerk is not None:
             closers.append(clerk.close)
-        users = JitUsers(store, clerk=clerk) if clerk is not None and self.jit else None
+        users = (JitUsers(store, clerk=clerk, refresh_interval_s=settings.jit_refresh_interval_s)
+                 if clerk is not None and self.jit else None)
         authenticator = None
         if settings.clerk_jwt_key is not None or settings.clerk_secret_key is not None or settings.clerk_jwks_url:
             http = httpx.Client()
