@@ -1029,3 +1029,36 @@ def test_a_failure_whose_bookkeeping_fails_mid_batch_keeps_the_batchs_successes_
     Dispatcher(store, now=clock, heartbeat_s=0).drain()
     assert seen == ["user_1", "user_2", "user_3", "user_3"]
     store.dispose()
+
+
+def test_a_handler_running_past_slow_handler_s_is_logged_once_by_the_heartbeat(db_url: str) -> None:
+    """Review finding: a handler that hangs keeps its job's lease (the heartbeat) and its dispatcher,
+    and nothing said so. The heartbeat now logs it once, with the hook and the job, after ``slow_handler_s``
+    of the dispatcher's clock; a quick handler is never logged."""
+    clock = Clock()
+    released = threading.Event()
+    said: list[dict[str, Any]] = []  # the log lines, shared with the heartbeat's thread
+
+    def hangs(change: Change) -> None:
+        if change.clerk_id != "user_slow":
+            return
+        clock.advance(301)  # five minutes and a second, on the dispatcher's clock
+        deadline = time.monotonic() + 30
+        while not any(e["event"].startswith("hook handler still running") for e in said):
+            assert time.monotonic() < deadline, "the heartbeat never logged the slow handler"
+            released.wait(0.02)  # the heartbeat (a real thread, every 0.05 s) speaks meanwhile
+
+    store = hooked(db_url, Hook("hangs", hangs), now=clock)
+    deliver(store, f.envelope("user.created", f.user("user_quick", B + 1000)),
+            f.envelope("user.created", f.user("user_slow", B + 1000)))
+    dispatcher = Dispatcher(store, lease_s=60, heartbeat_s=0.05, now=clock)
+    with structlog.testing.capture_logs() as captured:
+        said = captured
+        assert dispatcher.run_once() == 2
+    slow = [e for e in said if e["event"].startswith("hook handler still running")]
+    assert len(slow) == 1 and slow[0]["hook"] == "hangs" and slow[0]["running_s"] >= 300, said
+    assert slow[0]["type"] == "user.created" and dispatcher.warn_if_slow() is False  # nothing runs now
+    assert jobs(store) == []  # both finished: the line is a warning, not a failure
+    with pytest.raises(ValueError, match="slow_handler_s"):
+        Dispatcher(store, slow_handler_s=-1)
+    store.dispose()

@@ -19,16 +19,19 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from clerk_sync import migrations
 from clerk_sync.auth.users import JitUsers
+from clerk_sync.changes import Hook
 from clerk_sync.clerk_api import CircuitBreaker, ClerkClient, RetryPolicy
 from clerk_sync.clerk_api.ratelimit import LocalBudget, RateLimit
 from clerk_sync.config import Settings
+from clerk_sync.engine import Entity, Upsert
 from clerk_sync.errors import ClerkUnavailable, ConfigError, RateLimited, UserDeleted
+from clerk_sync.events import user_record
 from clerk_sync.freshness import check_freshness, database_probe
 from clerk_sync.ingest import WebhookProcessor
 from clerk_sync.integrations.starlette import build_processor, create_app
 from clerk_sync.metrics import DatabaseSnapshot, Metrics, event_type_label
 from clerk_sync.reconcile import Reconciler
-from clerk_sync.store import create_engine
+from clerk_sync.store import Store, create_engine
 from clerk_sync.testing import EmulatorServer
 from tests import factories as f
 from tests._server import running
@@ -277,6 +280,9 @@ def _alert_rules() -> list[dict[str, Any]]:
 def test_alert_rules_name_only_live_series(emu: EmulatorServer, service: tuple[httpx.Client, WebhookProcessor]) -> None:
     client, processor = service
     assert post(client, f.envelope("user.created", f.user("user_alert", 1)), "msg_alert").status_code == 200
+    hooked = Store(processor.store.engine, hooks=[Hook("alert", lambda change: None)])  # a due job: its series
+    with hooked.transaction() as writer:
+        writer.apply(Upsert(Entity.USER, user_record(f.user("user_hooked", 1))))
     with clerk_client(emu, metrics=processor.metrics) as clerk:
         Reconciler(processor.store, clerk, metrics=processor.metrics).run()
     live = scrape(client)
@@ -292,6 +298,7 @@ def test_alert_rules_name_only_live_series(emu: EmulatorServer, service: tuple[h
         assert names <= exposed, (rule["alert"], names - exposed)
         assert f"## {rule['alert']}" in runbook, f"RUNBOOK.md has no section for {rule['alert']}"
     needed = {"ClerkSyncNoDeliveriesWhileDrift", "ClerkSyncFailedBacklogGrowing", "ClerkSyncApplyLagHigh",
+              "ClerkSyncHooksBehind",
               "ClerkSyncClerkRateLimited", "ClerkSyncClerkCircuitOpen"}
     assert needed <= {r["alert"] for r in rules}
 

@@ -80,11 +80,15 @@ class Dispatcher:
     takes at most 10): fast handlers get large claims, whose statements and transactions cost less per
     job (in process, 100 → 500 jobs a claim: ~25 % less CPU a job), slow ones small claims, which are
     not given back half-run and leave the rest of the queue to other dispatchers.
+
+    A handler still running after ``slow_handler_s`` (default 5 minutes; 0: never) is logged once, by the
+    heartbeat: its dispatcher runs nothing else meanwhile, and a handler that hangs keeps its job's lease
+    until its process ends (a thread cannot be stopped from outside), so this line is how to find it.
     """
 
     def __init__(self, store: Store, *, backoff: Backoff | None = None, lease_s: float = 60.0, batch: int = 500,
                  poll_s: float = 1.0, now: Callable[[], datetime] = _utcnow, metrics: Metrics | None = None,
-                 heartbeat_s: float | None = None, vacuum_every: int = 1000) -> None:
+                 heartbeat_s: float | None = None, vacuum_every: int = 1000, slow_handler_s: float = 300.0) -> None:
         if not store.hooks:
             raise ValueError("the store has no hooks: pass them as Store(engine, hooks=[Hook(...)])")
         if batch < 1:
@@ -117,6 +121,11 @@ class Dispatcher:
         self._since_vacuum = 0
         self._per_job_s: float | None = None  # how long a job of this dispatcher takes, lately (claim_limit)
         self._claimed_full = False  # the last claim took all it asked for: more may be due (run_forever)
+        if not slow_handler_s >= 0:
+            raise ValueError(f"slow_handler_s must be 0 (never warn) or more seconds, not {slow_handler_s}")
+        self.slow_handler_s = slow_handler_s
+        self._running: tuple[Job, datetime] | None = None  # the job whose handler runs now, since when
+        self._warned: int | None = None  # the job the slow-handler line was logged for
 
     @property
     def claim_limit(self) -> int:
@@ -274,6 +283,7 @@ class Dispatcher:
                     self.extend_leases()
                 except Exception:  # the database is away: the next beat tries again
                     log.warning("hook lease heartbeat failed", exc_info=True)
+                self.warn_if_slow()
 
         thread = threading.Thread(target=beat, name="clerk-sync-hooks-heartbeat", daemon=True)
         thread.start()
@@ -282,6 +292,22 @@ class Dispatcher:
         finally:
             stop.set()
             thread.join()
+
+    def warn_if_slow(self) -> bool:
+        """Log, once a job, a handler running for more than ``slow_handler_s`` (the heartbeat calls it);
+        True when it logged."""
+        running = self._running
+        if running is None or self.slow_handler_s <= 0 or self._warned == running[0].id:
+            return False
+        job, since = running
+        seconds = (self._now() - since).total_seconds()
+        if seconds < self.slow_handler_s:
+            return False
+        self._warned = job.id
+        log.warning("hook handler still running; this dispatcher runs nothing else meanwhile, and later jobs of "
+                    "its entity wait (give the handler's network calls a timeout)", hook=job.hook, job=job.id,
+                    type=job.change.type, running_s=round(seconds, 1))
+        return True
 
     def drain(self, max_batches: int = 1000) -> int:
         """Run batches until none is due (jobs waiting on a backoff stay queued); returns jobs claimed."""
@@ -301,7 +327,11 @@ class Dispatcher:
             if handler is None:
                 raise LookupError(f"no hook named {job.hook!r} in this process (renamed or removed?): "
                                   "restore it and run `clerk-sync hooks retry`, or `clerk-sync hooks purge`")
-            handler(job.change)
+            self._running = (job, self._now())
+            try:
+                handler(job.change)
+            finally:
+                self._running = None
         except BaseException as exc:  # CancelledError, SystemExit, gevent's Timeout too: this job's failure
             if self._stopping(exc):
                 raise
