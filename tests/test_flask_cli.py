@@ -53,7 +53,7 @@ def test_replay_failed_deliveries(db_url: str) -> None:
         w.finish_delivery("msg_fl", "failed", "bad updated_at")
     cli = app.test_cli_runner()
     result = cli.invoke(args=["clerk-sync", "replay"])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output  # still failed: a scheduled replay must not look fine
     assert "replayed 1 deliveries: {'failed': 1}" in result.output
     with store.transaction() as w:
         w.conn.execute(webhook_events.update().values(payload=f.envelope("user.created", f.user("user_fl", 5))))

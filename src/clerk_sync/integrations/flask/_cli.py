@@ -12,10 +12,13 @@ from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
 import click
+import sqlalchemy as sa
 from flask.cli import AppGroup
 from rich.console import Console
 
 from clerk_sync import migrations
+from clerk_sync._db_errors import store_error
+from clerk_sync.engine import DeliveryStatus
 from clerk_sync.errors import ClerkSyncError, ConfigError
 from clerk_sync.integrations.flask._core import clerk_state
 
@@ -23,10 +26,12 @@ __all__ = ["clerk_sync_cli"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
+_STORED = sorted(s.value for s in DeliveryStatus if s is not DeliveryStatus.DUPLICATE)  # (never stored)
 
 
 def _readable(command: Callable[P, R]) -> Callable[P, R]:
-    """Our errors become one line (``Error: ...``, exit 1) instead of a traceback."""
+    """Our errors, and the database's (``migrate`` with the database down), become one line (``Error: ...``,
+    exit 1) instead of a traceback."""
 
     @functools.wraps(command)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -34,6 +39,9 @@ def _readable(command: Callable[P, R]) -> Callable[P, R]:
             return command(*args, **kwargs)
         except ClerkSyncError as exc:
             raise click.ClickException(str(exc)) from None
+        except sa.exc.SQLAlchemyError as exc:  # named without its SQL or values, as the store's errors are
+            raise click.ClickException(f"{store_error(exc)}; check DATABASE_URL in app.config or the environment"
+                                       ) from None
 
     return wrapper
 
@@ -50,18 +58,22 @@ def migrate() -> None:
 
 
 @clerk_sync_cli.command()
-@click.option("--status", default="failed", show_default=True, help="Replay deliveries with this status.")
+@click.option("--status", default="failed", show_default=True, type=click.Choice(_STORED),  # a typo: exit 2
+              help="Replay deliveries with this status.")
 @click.option("--since", default=None, help="Received at/after (ISO 8601, naive = UTC).")
 @click.option("--with-hooks", is_flag=True, help="Fire the store's hooks for what the replay applies; "
                                                  "by default none fire.")
 @_readable
 def replay(status: str, since: str | None, with_hooks: bool) -> None:
-    """Re-apply stored deliveries (after fixing what made them fail)."""
+    """Re-apply stored deliveries (after fixing what made them fail); exit 1 while some stay failed."""
     from clerk_sync.cli._args import parse_since
     from clerk_sync.ingest import replay_deliveries
 
     report = replay_deliveries(clerk_state().store, status=status, since=parse_since(since), with_hooks=with_hooks)
     click.echo(f"replayed {report.total} deliveries: {report.by_status or 'none'}")
+    if still := report.by_status.get(DeliveryStatus.FAILED.value):  # a scheduled replay must not look fine
+        raise click.ClickException(f"{still} still failed: read webhook_events.last_error, fix the cause, then "
+                                   "replay again")
 
 
 @clerk_sync_cli.command()
@@ -84,16 +96,22 @@ def prune(dry_run: bool) -> None:
               help="Delete even when Clerk no longer lists over a quarter of the rows.")
 @_readable
 def reconcile(since: str | None, dry_run: bool, with_hooks: bool, allow_mass_delete: bool) -> None:
-    """Re-read Clerk (users, organizations, memberships) and repair drift; resumes after a kill.
+    """Re-read Clerk (users, organizations, memberships) and repair drift; resumes after a kill. Exit 1 when
+    some of Clerk's objects could not be read (the summary's ``failed`` column).
 
     The repairs go through the extension's store (``ClerkSync(app, store=...)``: its mapped tables, and its
     hooks with ``--with-hooks``)."""
     from clerk_sync.cli.reconcile import reconcile_command
 
     state = clerk_state()
-    reconcile_command(state.settings, since=since, dry_run=dry_run, console=Console(stderr=True),
-                      hooks=state.store.hooks if with_hooks else (), store=state.store,
-                      allow_mass_delete=allow_mass_delete)
+    report = reconcile_command(state.settings, since=since, dry_run=dry_run, console=Console(stderr=True),
+                               hooks=state.store.hooks if with_hooks else (), store=state.store,
+                               allow_mass_delete=allow_mass_delete)
+    if failed := report.total("failed"):  # their rows were not repaired: a scheduled run must not look fine
+        raise click.ClickException(
+            f"{failed} Clerk object(s) could not be read (the summary's failed column says of which table): Clerk "
+            "listed them in a shape this version refuses (an id or updated_at missing or malformed), so their rows "
+            "were left as they were. Upgrade clerk-sync, or report it")
 
 
 @clerk_sync_cli.command()

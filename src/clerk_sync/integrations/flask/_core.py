@@ -283,8 +283,11 @@ current_user = cast(SignedInUser, LocalProxy(_current_user))
 
 def user_context() -> dict[str, Any]:
     """Context processor: ``current_user`` in templates, as Flask-Login does (which keeps its own when the
-    app also uses Flask-Login). Lazy: the row is read only when a template uses it."""
-    return {} if hasattr(current_app, "login_manager") else {"current_user": current_user}
+    app also uses Flask-Login). Lazy: the row is read only when a template uses it. None without session
+    keys (a webhook-only app): it would shadow the app's own ``current_user`` with a 500 on every page."""
+    if hasattr(current_app, "login_manager") or clerk_state().authenticator is None:
+        return {}
+    return {"current_user": current_user}
 
 
 def optional_clerk() -> Auth | None:

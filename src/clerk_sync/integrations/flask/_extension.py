@@ -70,11 +70,16 @@ class ClerkSync:
             raise RuntimeError("ClerkSync is already set up on this app")
         state = self._build(self.settings or settings_from_config(app.config))
         app.extensions[EXTENSION_KEY] = state
-        if self.webhook_path is not None:
-            app.register_blueprint(webhook_blueprint(self.webhook_path))
-        app.register_error_handler(ClerkSyncError, error_json)
-        app.before_request(deny_by_default)
-        app.context_processor(user_context)  # {% if current_user.is_authenticated %}, as with Flask-Login
+        try:
+            if self.webhook_path is not None:
+                app.register_blueprint(webhook_blueprint(self.webhook_path))
+            app.register_error_handler(ClerkSyncError, error_json)
+            app.before_request(deny_by_default)
+            app.context_processor(user_context)  # {% if current_user.is_authenticated %}, as with Flask-Login
+        except Exception:  # a blueprint named clerk_sync already, an app already serving: no half-set-up app
+            del app.extensions[EXTENSION_KEY]  # (its guards without deny_by_default), nor pools left open
+            state.close()
+            raise
         app.cli.add_command(clerk_sync_cli)
 
     def state(self, app: Flask | None = None) -> ClerkSyncState:

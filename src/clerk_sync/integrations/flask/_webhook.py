@@ -15,7 +15,12 @@ _CHUNK = 64 * 1024
 
 
 def read_limited_body(limit: int) -> bytes:
-    """The request body, refused (413) before it is read in full when it is larger than ``limit``."""
+    """The request body, refused (413) before it is read in full when it is larger than ``limit``.
+
+    An empty stream falls back to ``request.get_data()``: an app's ``before_request`` that read the body
+    first (a logging hook, ``request.get_json()``) leaves the stream consumed but the body cached, and every
+    delivery was refused as unsigned (401) until Svix gave up. (The processor checks that copy's size.)
+    """
     declared = request.content_length
     if declared is not None and declared > limit:
         raise PayloadTooLarge(f"body is {declared} bytes, the limit is {limit}")
@@ -26,7 +31,7 @@ def read_limited_body(limit: int) -> bytes:
         if size > limit:
             raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
-    return b"".join(chunks)
+    return b"".join(chunks) if chunks else request.get_data()
 
 
 def receive() -> Response:
@@ -49,7 +54,7 @@ def webhook_blueprint(path: str = "/webhooks/clerk") -> Blueprint:
     """A blueprint named ``clerk_sync`` with ``POST path`` (endpoint ``clerk_sync.webhook``).
 
     :class:`~clerk_sync.integrations.flask.ClerkSync` registers it; with CSRF protection (Flask-WTF),
-    exempt it: ``csrf.exempt(blueprint)``.
+    exempt it, or every delivery is refused (400): ``csrf.exempt(app.blueprints["clerk_sync"])``.
     """
     blueprint = Blueprint("clerk_sync", __name__)
     # strict_slashes off: a Dashboard URL entered with a trailing slash is served too (Svix follows no redirect)
