@@ -151,3 +151,37 @@ def test_a_webhook_only_app_keeps_its_own_current_user_in_templates(tmp_path: Pa
     answer = app.test_client().get("/")
     assert (answer.status_code, answer.get_data(as_text=True)) == (200, "hello the app&#39;s own user")
     clerk_state(app).close()
+
+
+def test_sync_me_path_adds_the_route_the_fastapi_face_has(tmp_path: Path) -> None:
+    """Finding: Flask had no ``POST /sync/me`` (FastAPI's ``sync_me_router``); every app wrote it by hand,
+    the example with an ``assert`` (a 500 without ``CLERK_SECRET_KEY``). ``sync_me_path`` adds it: login
+    required, the row stored before the webhook, and a ``config_error`` naming the setting without a key."""
+    url = f"sqlite:///{tmp_path / 'me.db'}"
+    with EmulatorServer(rate_limit_requests=1000) as clerk:
+        app = Flask(__name__)
+        ClerkSync(app, sync_me_path="/sync/me", settings=Settings.from_env({
+            "CLERK_WEBHOOK_SIGNING_SECRET": SECRET, "DATABASE_URL": url, "CLERK_SECRET_KEY": clerk.secret_key,
+            "CLERK_API_URL": clerk.url}))
+        assert app.test_cli_runner().invoke(args=["clerk-sync", "migrate"]).exit_code == 0
+        ada = clerk.create_user("ada@example.com")
+        token = clerk.mint_session_token(ada["id"])
+        client = app.test_client()
+        assert client.post("/sync/me").status_code == 401
+        synced = client.post("/sync/me", headers={"Authorization": f"Bearer {token}"})
+        assert synced.status_code == 200, synced.json
+        assert (synced.json["user_id"], synced.json["email"]) == (ada["id"], "ada@example.com")
+        with clerk_state(app).store.connect() as conn:
+            assert conn.execute(sa.select(users.c.email).where(users.c.clerk_id == ada["id"])).scalar() == \
+                "ada@example.com"
+        clerk_state(app).close()
+    from tests.test_auth import token
+    from tests.test_sessions import ISS, KEY, pem
+
+    keyless = Flask(__name__)  # sessions verified with CLERK_JWT_KEY, no CLERK_SECRET_KEY: nothing to ask Clerk with
+    ClerkSync(keyless, sync_me_path="/sync/me", settings=Settings.from_env({
+        "CLERK_WEBHOOK_SIGNING_SECRET": SECRET, "DATABASE_URL": url, "CLERK_JWT_KEY": pem(KEY), "CLERK_ISSUER": ISS}))
+    answer = keyless.test_client().post("/sync/me", headers={"Authorization": f"Bearer {token('user_keyless')}"})
+    assert answer.status_code == 500 and answer.json["error"] == "config_error", answer.json
+    assert "set CLERK_SECRET_KEY" in answer.json["message"]
+    clerk_state(keyless).close()

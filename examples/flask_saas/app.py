@@ -30,7 +30,8 @@ from clerk_sync.tables import audit_log, organization_memberships, organizations
 def create_app(settings: Settings | None = None) -> Flask:
     """The app; settings default to ``app.config`` / the environment (``flask --app ... clerk-sync migrate``)."""
     app = Flask(__name__)
-    ClerkSync(app, settings=settings, deny_by_default=True)  # + POST /webhooks/clerk, public
+    # + POST /webhooks/clerk (public), and POST /sync/me for the front end right after sign-up
+    ClerkSync(app, settings=settings, deny_by_default=True, sync_me_path="/sync/me")
     state = clerk_state(app)
     store = state.store
 
@@ -49,14 +50,6 @@ def create_app(settings: Settings | None = None) -> Flask:
     def dashboard() -> dict[str, Any]:
         return {"user": current_user.clerk_id, "email": current_user.email, "role": current_user.role,
                 "plan": current_user.plan, "impersonated_by": current_clerk.actor_id}
-
-    @app.post("/sync/me")
-    @clerk_login_required
-    def sync_me() -> dict[str, Any]:
-        # Right after sign-up: the row exists before the user.created webhook arrives.
-        assert state.users is not None  # CLERK_SECRET_KEY is set
-        user = state.users.refresh_user(current_clerk.user_id)
-        return {"user_id": user.clerk_id, "email": user.email, "role": user.role}
 
     @app.get("/org")
     @require_org_role("org:admin", "org:member")

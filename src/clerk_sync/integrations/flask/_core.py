@@ -52,6 +52,7 @@ __all__ = [
 
 EXTENSION_KEY = "clerk_sync"
 WEBHOOK_ENDPOINT = "clerk_sync.webhook"
+SYNC_ME_ENDPOINT = "clerk_sync_me"  # ClerkSync(sync_me_path=...): a login-required route, never public
 _PUBLIC_ATTR = "clerk_sync_public"
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -190,6 +191,18 @@ def _current_auth() -> Auth:
             authenticator.audit_impersonated_request(auth, request.method, request.path, request.remote_addr)
         _cached()["auth"] = auth
     return auth
+
+
+def sync_me() -> Response:
+    """``POST /sync/me`` (``ClerkSync(app, sync_me_path=...)``): Flow A, the front end calls it right after
+    sign-up so the row exists before ``user.created`` arrives (one budgeted Clerk call a user per
+    ``CLERK_SYNC_JIT_REFRESH_INTERVAL_S``, the webhook's guarded upsert)."""
+    users = clerk_state().users
+    if users is None:
+        raise ConfigError(f"{request.path} fetches the signed-in user from Clerk: set CLERK_SECRET_KEY (and keep "
+                          "ClerkSync(jit=True)), or drop sync_me_path")
+    user = users.refresh_user(current_clerk.user_id)
+    return jsonify({"user_id": user.clerk_id, "email": user.email, "role": user.role})
 
 
 class SignedInUser(AuthUser):

@@ -17,12 +17,14 @@ from clerk_sync.errors import ClerkSyncError
 from clerk_sync.integrations.flask._cli import clerk_sync_cli
 from clerk_sync.integrations.flask._core import (
     EXTENSION_KEY,
+    SYNC_ME_ENDPOINT,
     WEBHOOK_ENDPOINT,
     ClerkSyncState,
     clerk_state,
     deny_by_default,
     error_json,
     settings_from_config,
+    sync_me,
     user_context,
 )
 from clerk_sync.integrations.flask._webhook import webhook_blueprint
@@ -46,13 +48,15 @@ class ClerkSync:
     ``revocation_refresh_s`` is how stale the deny list (revoked sessions, banned users) may be.
     ``store``: a :class:`~clerk_sync.store.Store` you built with ``hooks=``/``mapping=`` — pass it so
     webhooks, JIT syncs and admin actions all queue your hooks and write your tables (you close it).
+    ``sync_me_path`` (e.g. ``"/sync/me"``) adds that ``POST`` route for signed-in users: the front end
+    calls it right after sign-up, so the row exists before the webhook (needs ``CLERK_SECRET_KEY``).
     """
 
     def __init__(self, app: Flask | None = None, *, settings: Settings | None = None,
                  webhook_path: str | None = "/webhooks/clerk", deny_by_default: bool = False,
                  public_endpoints: Iterable[str] = (), jit: bool = True,
                  audit_impersonation: bool = True, revocation_refresh_s: float = 1.0,
-                 store: Store | None = None) -> None:
+                 store: Store | None = None, sync_me_path: str | None = None) -> None:
         self.settings = settings
         self.store = store
         self.webhook_path = webhook_path
@@ -61,6 +65,7 @@ class ClerkSync:
         self.jit = jit
         self.audit_impersonation = audit_impersonation
         self.revocation_refresh_s = revocation_refresh_s
+        self.sync_me_path = sync_me_path
         if app is not None:
             self.init_app(app)
 
@@ -76,6 +81,9 @@ class ClerkSync:
             app.register_error_handler(ClerkSyncError, error_json)
             app.before_request(deny_by_default)
             app.context_processor(user_context)  # {% if current_user.is_authenticated %}, as with Flask-Login
+            if self.sync_me_path is not None:  # (without CLERK_SECRET_KEY it answers config_error: the app
+                # still starts, for `flask clerk-sync migrate` with the database settings alone)
+                app.add_url_rule(self.sync_me_path, endpoint=SYNC_ME_ENDPOINT, view_func=sync_me, methods=["POST"])
         except Exception:  # a blueprint named clerk_sync already, an app already serving: no half-set-up app
             del app.extensions[EXTENSION_KEY]  # (its guards without deny_by_default), nor pools left open
             state.close()
