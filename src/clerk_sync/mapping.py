@@ -1244,5 +1244,3 @@ def without_statement_bound(conn: Connection) -> Iterator[None]:
     except sa.exc.SQLAlchemyError:
         conn.invalidate()
         raise
-        raise
-    conn.exec_driver_sql(restore)

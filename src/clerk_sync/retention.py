@@ -21,10 +21,12 @@ good. With ``delete_tombstones_after`` the rows of users, organizations and memb
 long ago are hard-deleted, and what stops a late or replayed ``user.created`` from bringing one back
 is then a row of ``clerk_sync_erased``: the SHA-256 of "entity:clerk_id", which every guarded insert
 consults (``store._NOT_ERASED``). The digests are written and committed before the rows are
-deleted, so at every moment either the tombstone or the digest is there for a racing insert to see.
+deleted, so at every moment either the tombstone or the digest is there for a racing insert to see. A row
+an app's table still refers to by a foreign key stays (cleared; logged, with what to change).
 
-**Erasure** (:meth:`Retention.erase_user`): tombstones the user now (memberships too), clears the
-row, redacts every stored payload and ``last_error`` that mentions the user's id or e-mail addresses,
+**Erasure** (:meth:`Retention.erase_user`): tombstones the user now (memberships too), which waits for a
+delivery in flight for them, then clears the row and redacts every stored payload and ``last_error`` that
+mentions the user's id or e-mail addresses (read after that wait: an address just written is searched too),
 and writes an audit row, in one transaction, with no statement time limit (it searches the whole inbox).
 The deletion goes to the store's mapped tables and hooks, also when the user was deleted before (an
 erasure run again with them: idempotent).
@@ -43,9 +45,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+import structlog
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 
-from clerk_sync._db_errors import is_transient
+from clerk_sync._db_errors import is_foreign_key_violation, is_transient
 from clerk_sync._mentions import Mentions
 from clerk_sync.auth.audit import AuditEntry, record_audit
 from clerk_sync.changes import Change
@@ -59,6 +62,8 @@ from clerk_sync.store import Store, Writer, dialect_family, erased_digest, is_er
 from clerk_sync.tables import erased, hook_jobs, organization_memberships, organizations, users, webhook_events
 
 __all__ = ["ErasureReport", "PruneReport", "Retention", "RetentionPolicy", "UnknownUser", "redact_payload"]
+
+log = structlog.get_logger("clerk_sync.retention")
 
 _DONE = (DeliveryStatus.APPLIED, DeliveryStatus.SKIPPED, DeliveryStatus.IGNORED)
 # What a redacted payload keeps: enough to tell what the delivery was, nothing about the person.
@@ -78,6 +83,10 @@ _CLEARED: dict[sa.Table, dict[str, Any]] = {
 }
 
 
+# What a tombstone kept by an app's foreign key needs (logged once a pass, with the database's reason).
+_KEPT_FIX = ("an app's table refers to these tombstones by a foreign key: they stay, cleared, and their digests are "
+             "written (nothing comes back); declare that key ON DELETE CASCADE or SET NULL to have them deleted, "
+             "or unset CLERK_SYNC_TOMBSTONE_DELETE_AFTER_DAYS")
 # The contract tables whose tombstones ``delete_tombstones_after`` hard-deletes.
 _ERASABLE: dict[Entity, sa.Table] = {Entity.USER: users, Entity.ORGANIZATION: organizations,
                                      Entity.MEMBERSHIP: organization_memberships}
@@ -242,22 +251,51 @@ class Retention:
         return len(ids)
 
     def _erase_tombstones(self, entity: Entity, cutoff: datetime) -> int:
-        """Hard-delete the tombstones of ``entity`` older than ``cutoff``, a batch at a time: first
-        the digests (committed), then the rows, so a racing insert always meets one or the other."""
+        """Hard-delete the tombstones of ``entity`` older than ``cutoff``, a batch at a time in id order: first
+        the digests (committed), then the rows, so a racing insert always meets one or the other. Returns the
+        rows this replica deleted; those an app's table refers to stay (:meth:`_delete_tombstones`)."""
         table, total = _ERASABLE[entity], 0
+        kept: list[str] = []  # why each row an app's table refers to stays
+        due = sa.select(table.c.id, table.c.clerk_id).where(table.c.deleted_at.is_not(None),
+                                                            table.c.deleted_at < cutoff).order_by(table.c.id)
+        after: int | None = None  # past the rows kept: the pass moves on
         while True:
             with self.store.transaction() as writer:
-                rows = writer.conn.execute(self._pick(sa.select(table.c.id, table.c.clerk_id).where(
-                    table.c.deleted_at.is_not(None), table.c.deleted_at < cutoff))).all()
+                rows = writer.conn.execute(self._pick(due if after is None else due.where(table.c.id > after))).all()
                 if rows:
                     _mark_erased(writer, entity, [row.clerk_id for row in rows])
             if rows:
-                with self.store.transaction() as writer:
-                    writer.conn.execute(table.delete().where(table.c.id.in_([row.id for row in rows]),
-                                                             table.c.deleted_at.is_not(None)))
-            total += len(rows)
+                total += self._delete_tombstones(table, [row.id for row in rows], kept)
+                after = rows[-1].id
             if len(rows) < self.policy.batch:
+                if kept:
+                    log.warning("tombstones_kept", table=table.name, rows=len(kept), reason=kept[0], fix=_KEPT_FIX)
                 return total
+
+    def _delete_tombstones(self, table: sa.Table, ids: list[int], kept: list[str]) -> int:
+        """Delete these tombstone rows; when a foreign key of an app's table refuses the batch, one at a time,
+        each in a transaction of its own (a deferred key refuses only at COMMIT): a row still referred to stays
+        (cleared, its digest written), its reason appended to ``kept``, and the others go."""
+        try:
+            return self._delete_rows(table, ids)
+        except StoreError as exc:
+            if not _referred_to(exc):
+                raise
+        deleted = 0
+        for one in ids:
+            try:
+                deleted += self._delete_rows(table, [one])
+            except StoreError as exc:
+                if not _referred_to(exc):
+                    raise
+                kept.append(str(exc))
+        return deleted
+
+    def _delete_rows(self, table: sa.Table, ids: list[int]) -> int:
+        """How many it deleted: another replica may have picked the same rows once their digests committed."""
+        with self.store.transaction() as writer:
+            stmt = table.delete().where(table.c.id.in_(ids), table.c.deleted_at.is_not(None))
+            return int(writer.conn.execute(stmt).rowcount)
 
     def _count(self, redact_cut: datetime, delete_cut: datetime, clear_cut: datetime,
                erase_cut: datetime | None) -> PruneReport:
@@ -303,20 +341,21 @@ class Retention:
     def _erase_user(self, clerk_id: str, actor: str | None, reason: str | None, *,
                     allow_unknown: bool) -> ErasureReport:
         with self.store.transaction() as writer, without_statement_bound(writer.conn):
-            row = writer.conn.execute(
-                sa.select(users.c.email, users.c.email_addresses).where(users.c.clerk_id == clerk_id)
-            ).first()
-            # The row's e-mails, and those its user events carried: once the user was deleted and pruned,
-            # the row holds none, and a payload naming only the address (email.created) would stay.
-            seen, delivered = _user_events(writer, clerk_id)
-            if not (allow_unknown or row is not None or seen or is_erased(writer.conn, Entity.USER, clerk_id)
-                    or _mentioned(writer, clerk_id)):
+            existed = writer.conn.execute(sa.select(users.c.id).where(users.c.clerk_id == clerk_id)).first() is not None
+            if not (allow_unknown or existed or is_erased(writer.conn, Entity.USER, clerk_id)
+                    or _user_events(writer, clerk_id)[0] or _mentioned(writer, clerk_id)):
                 raise UnknownUser(f"no user {clerk_id!r} in this database (no row, no stored event): check the "
                                   "id; erase one never synced only with allow_unknown (CLI: --force)")
-            mentions = Mentions({clerk_id, *_emails(row), *delivered})
             if not writer.apply(Tombstone(Entity.USER, clerk_id, int(writer.now.timestamp() * 1000))) \
                     and writer.outbox is not None:
                 _pass_deletion_on(writer, writer.outbox, clerk_id)
+            # Read once the tombstone holds the user's lock: a delivery in flight (a new address) has committed.
+            # The row's e-mails, and those its user events carried: once the user was deleted and pruned,
+            # the row holds none, and a payload naming only the address (email.created) would stay.
+            row = writer.conn.execute(
+                sa.select(users.c.email, users.c.email_addresses).where(users.c.clerk_id == clerk_id)
+            ).first()
+            mentions = Mentions({clerk_id, *_emails(row), *_user_events(writer, clerk_id)[1]})
             writer.conn.execute(users.update().where(users.c.clerk_id == clerk_id).values(**_CLEARED[users]))
             redacted = _redact_mentions(writer, mentions)
             # Issue 11: the app's mapped table and queued hook jobs hold personal data too.
@@ -327,7 +366,7 @@ class Retention:
             if refused:  # the erasure holds; what is left for the app to clear is on record
                 details["mapped_refused"] = list(refused)
             record_audit(writer, AuditEntry("user.erased", actor, clerk_id, details=details))
-        return ErasureReport(clerk_id, row is not None, redacted, refused)
+        return ErasureReport(clerk_id, existed, redacted, refused)
 
 
 def _pass_deletion_on(writer: Writer, outbox: Outbox, clerk_id: str) -> None:
@@ -358,6 +397,14 @@ def _mark_erased(writer: Writer, entity: Entity, clerk_ids: list[str]) -> None:
     else:
         insert = postgresql.insert if family == "postgresql" else sqlite.insert
         writer.conn.execute(insert(erased).on_conflict_do_nothing(index_elements=["digest"]), values)
+
+
+def _referred_to(exc: StoreError) -> bool:
+    """A foreign key of an app's table refused the deletion: PostgreSQL 23503, SQLite's message, MySQL 1451
+    (a parent row; 1452, a child row, is what :func:`is_foreign_key_violation` reads there)."""
+    orig = getattr(exc.__cause__, "orig", None)
+    args: tuple[Any, ...] = tuple(getattr(orig, "args", ()))
+    return is_foreign_key_violation(orig) or args[:1] == (1451,)
 
 
 def _redactable_jobs(cutoff: datetime) -> list[sa.ColumnElement[bool]]:
