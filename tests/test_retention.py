@@ -555,6 +555,8 @@ def test_erasure_redacts_the_last_error_of_hook_jobs_too(db_url: str) -> None:
         ("user.deleted", "pending", None, {}),  # the erasure's own change, its values (the row before) redacted
     ]
     assert leaks(store) == {}
+    again = Retention(store).erase_user("user_1", reason="DSR, asked again")
+    assert again.payloads_redacted == 1, again  # the deletion it queued again, not the jobs redacted already
     store.dispose()
 
 

@@ -499,6 +499,8 @@ def redact_jobs(conn: Connection, mentions: Mentions | None = None, *, ids: Sequ
         if mentions is not None and ids is None and not (
                 mentions.in_document(payload) or mentions.in_text(row.last_error)):
             continue  # another person's (``joann@`` for ``ann@``)
+        if payload.get("redacted") and row.last_error in (None, _redacted_error(row.last_error or "")):
+            continue  # redacted already (an erasure run again): not counted, nor audited, twice
         kept = {k: payload[k] for k in ("entity", "clerk_id", "kind", "version") if k in payload}
         redacted: JSON = {"payload": kept | {"values": {}, "previous": {}, "redacted": True}}
         if row.last_error is not None:
