@@ -128,6 +128,33 @@ def test_prune_redacts_then_deletes_keeps_failed_and_ordering(store: Store, veri
     assert leaks(store, skip=("webhook_events",)) == {}
 
 
+def test_a_failed_delivery_about_a_user_deleted_since_is_redacted_with_the_tombstone(
+        store: Store, verifier: WebhookVerifier) -> None:
+    """Review finding: a delivery stored ``failed`` (kept whole for its replay) stayed whole for good when its
+    user was deleted afterwards, though no replay of it can apply any more. It is redacted when the tombstone's
+    columns are cleared (``clear_tombstones_after``), and stays ``failed``; another user's failure stays whole."""
+    processor = WebhookProcessor(store, verifier)
+    assert deliver(processor, f.envelope("user.created", _user("user_g", 100)), "msg_c") == "applied"
+    for user_id, svix_id in (("user_g", "msg_bad"), ("user_live", "msg_live")):
+        bad = f.envelope("user.updated", {**_user(user_id, 200), "updated_at": "yesterday"})
+        assert deliver(processor, bad, svix_id) == "failed"
+    assert deliver(processor, f.envelope("user.deleted", f.deleted("user", "user_g")), "msg_d") == "applied"
+    policy = RetentionPolicy(clear_tombstones_after=timedelta(days=7))
+
+    def stored() -> dict[str, tuple[str, bool]]:
+        with store.connect() as conn:
+            return {r.svix_id: (r.status, EMAIL in json.dumps(r.payload)) for r in conn.execute(sa.select(webhook_events))}
+
+    assert Retention(store, policy).prune().redacted == 0  # the tombstone is not a week old yet
+    assert stored()["msg_bad"] == ("failed", True)
+    assert Retention(store, policy, now=_later(8)).prune(dry_run=True).redacted == 1
+    assert stored()["msg_bad"] == ("failed", True)  # (a dry run writes nothing)
+    assert Retention(store, policy, now=_later(8)).prune().redacted == 1
+    assert stored() | {"msg_c": None, "msg_d": None} == {
+        "msg_bad": ("failed", False), "msg_live": ("failed", True), "msg_c": None, "msg_d": None}
+    assert Retention(store, policy, now=_later(8)).prune().redacted == 0  # once
+
+
 def test_erase_user_removes_personal_data_everywhere(store: Store, verifier: WebhookVerifier) -> None:
     processor = WebhookProcessor(store, verifier)
     assert deliver(processor, f.envelope("user.created", _user("user_e", 100)), "msg_1") == "applied"

@@ -7,7 +7,7 @@ and a membership whose user or organization is deleted is deleted too.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -39,9 +39,12 @@ __all__ = [
     "Upsert",
     "decide",
     "delivery_reason",
+    "membership_parents",
+    "person_named",
     "plan",
     "plan_delivery",
     "touches",
+    "user_named",
 ]
 
 Record = UserRecord | OrganizationRecord | MembershipRecord
@@ -248,3 +251,46 @@ def delivery_reason(error: str | None, notes: tuple[str, ...]) -> str | None:
     cleaned = "cleaned: " + "; ".join(notes)
     text = f"{error}; {cleaned}" if error else cleaned
     return fit_reason(text)
+
+
+# -- whom a delivery names (the inbox redacts a payload once that user is gone: ingest, retention) ------
+_OWN_ROWS = ("user.", "organization.", "organizationMembership.")  # the row events: their own ids
+
+
+def membership_parents(data: Mapping[str, object]) -> list[tuple[Entity, str]]:
+    """The user and organization a membership event names (``public_user_data.user_id``, ``organization.id``),
+    read leniently: a deletion's payload is not checked beyond its own id."""
+    found: list[tuple[Entity, str]] = []
+    for entity, key, field in ((Entity.USER, "public_user_data", "user_id"),
+                               (Entity.ORGANIZATION, "organization", "id")):
+        inner = data.get(key)
+        value = inner.get(field) if isinstance(inner, dict) else None
+        if isinstance(value, str) and value:
+            found.append((entity, value))
+    return found
+
+
+def person_named(envelope: Envelope) -> str | None:
+    """The user an event that is not about a user, organization or membership row names: ``data.user_id``
+    (sessions, ``email.created``, ``sms.created``, an accepted invitation) or ``data.payer.user_id``
+    (billing). None for the row events and for events that name nobody."""
+    if envelope.type.startswith(_OWN_ROWS):
+        return None
+    data = envelope.data
+    payer = data.get("payer")
+    person = data.get("user_id") or (payer.get("user_id") if isinstance(payer, dict) else None)
+    return person if isinstance(person, str) and person else None
+
+
+def user_named(envelope: Envelope) -> str | None:
+    """The user any delivery is about or names: a user event's ``data.id``, a membership's
+    ``public_user_data.user_id``, else :func:`person_named`'s. Read leniently (it serves deliveries stored
+    ``failed``, whose shape was refused); an id no column could hold names nobody stored."""
+    data = envelope.data
+    if envelope.type.startswith("user."):
+        person = data.get("id")
+    elif envelope.type.startswith("organizationMembership."):
+        person = dict(membership_parents(data)).get(Entity.USER)
+    else:
+        person = person_named(envelope)
+    return person if isinstance(person, str) and 0 < len(person) <= CLERK_ID_CHARS else None

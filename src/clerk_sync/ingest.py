@@ -22,8 +22,18 @@ from datetime import datetime
 import sqlalchemy as sa
 import structlog
 
-from clerk_sync._limits import CLERK_ID_CHARS
-from clerk_sync.engine import DeliveryStatus, Entity, Tombstone, Upsert, delivery_reason, plan_delivery, touches
+from clerk_sync.engine import (
+    DeliveryStatus,
+    Entity,
+    Tombstone,
+    Upsert,
+    delivery_reason,
+    membership_parents,
+    person_named,
+    plan_delivery,
+    touches,
+    user_named,
+)
 from clerk_sync.errors import (
     ClerkSyncError,
     PayloadError,
@@ -174,7 +184,7 @@ class WebhookProcessor:
         (``clerk_sync._limits``), so this only happens when a table differs from ours (an app
         narrowed a column, added a constraint); the stored payload is always storable."""
         error = delivery_reason(str(exc), envelope.notes)
-        person = _user_named(envelope)
+        person = user_named(envelope)
         with self.store.transaction() as writer:
             fresh = writer.record_delivery(
                 svix_id, envelope.text, event_type=envelope.type,
@@ -243,8 +253,8 @@ class WebhookProcessor:
                 svix_id, envelope.type, combined or DeliveryStatus.DUPLICATE, error))
             self.forget_if_deleted(writer, outcome, envelope)
             return outcome
-        person = (_person_named(envelope) if planned.status in _NAMING_KEPT
-                  else _user_named(envelope) if planned.status == DeliveryStatus.FAILED else None)
+        person = (person_named(envelope) if planned.status in _NAMING_KEPT
+                  else user_named(envelope) if planned.status == DeliveryStatus.FAILED else None)
         fresh = writer.record_delivery(  # naming a user: stored redacted if that user is gone, in this statement
             svix_id, envelope.text, event_type=envelope.type, instance_id=envelope.instance_id,
             event_timestamp=envelope.timestamp_ms, status=planned.status, error=error,
@@ -278,7 +288,7 @@ class WebhookProcessor:
         about a deleted or erased user (a session's, ``email.created``, ``sms.created``, a billing event's
         payer): keep its ids and versions for dedup, not the personal data it carries."""
         skipped = outcome.status == DeliveryStatus.SKIPPED
-        if outcome.status in _NAMING_KEPT and (person := _person_named(envelope)) is not None:
+        if outcome.status in _NAMING_KEPT and (person := person_named(envelope)) is not None:
             writer.forget_payload_if_deleted(outcome.svix_id, Entity.USER, person, redact_payload(envelope.raw))
             return
         if not skipped and not writer.deleted_with_parent:
@@ -292,7 +302,7 @@ class WebhookProcessor:
             writer.forget_payload_if_deleted(outcome.svix_id, intent.entity, record.clerk_id,
                                              redact_payload(envelope.raw), parents=parents)
         elif (skipped and isinstance(intent, Tombstone) and intent.entity is Entity.MEMBERSHIP
-              and (named := _membership_parents(envelope.data))):
+              and (named := membership_parents(envelope.data))):
             # A late organizationMembership.deleted: the erasure (or the parent's deletion) already tombstoned
             # the membership, and its public_user_data still names the person. Redacted if a parent is gone.
             (entity, clerk_id), *parents = named
@@ -300,52 +310,10 @@ class WebhookProcessor:
                                              parents=parents)
 
 
-# Outcomes whose stored payload is kept, redacted when the user it names is gone: :func:`_person_named`. A failed
-# one is kept for its replay, whole unless the user it is about (:func:`_user_named`) is gone: failed deliveries
-# are never pruned, and a replay of an event about a deleted user would change nothing. A duplicate is not stored.
+# Outcomes whose stored payload is kept, redacted when the user it names is gone (``person_named``). A failed one
+# is kept for its replay, whole unless the user it is about (``user_named``) is gone: a replay of an event about a
+# deleted user would change nothing (retention redacts those stored before the deletion). A duplicate is not stored.
 _NAMING_KEPT = frozenset({DeliveryStatus.APPLIED, DeliveryStatus.SKIPPED, DeliveryStatus.IGNORED})
-_OWN_ROWS = ("user.", "organization.", "organizationMembership.")  # forget_if_deleted's other cases
-
-
-def _membership_parents(data: Mapping[str, object]) -> list[tuple[Entity, str]]:
-    """The user and organization a membership event names (``public_user_data.user_id``, ``organization.id``),
-    read leniently: a deletion's payload is not checked beyond its own id."""
-    found: list[tuple[Entity, str]] = []
-    for entity, key, field in ((Entity.USER, "public_user_data", "user_id"),
-                               (Entity.ORGANIZATION, "organization", "id")):
-        inner = data.get(key)
-        value = inner.get(field) if isinstance(inner, dict) else None
-        if isinstance(value, str) and value:
-            found.append((entity, value))
-    return found
-
-
-def _person_named(envelope: Envelope) -> str | None:
-    """The user an event that is not about a user, organization or membership row names: ``data.user_id``
-    (sessions, ``email.created``, ``sms.created``, an accepted invitation) or ``data.payer.user_id``
-    (billing). None for the row events and for events that name nobody."""
-    if envelope.type.startswith(_OWN_ROWS):
-        return None
-    data = envelope.data
-    payer = data.get("payer")
-    person = data.get("user_id") or (payer.get("user_id") if isinstance(payer, dict) else None)
-    return person if isinstance(person, str) and person else None
-
-
-def _user_named(envelope: Envelope) -> str | None:
-    """The user any delivery is about or names: a user event's ``data.id``, a membership's
-    ``public_user_data.user_id``, else :func:`_person_named`'s. Read leniently (it serves deliveries stored
-    ``failed``, whose shape was refused); an id no column could hold names nobody stored."""
-    data = envelope.data
-    if envelope.type.startswith("user."):
-        person = data.get("id")
-    elif envelope.type.startswith("organizationMembership."):
-        person = dict(_membership_parents(data)).get(Entity.USER)
-    else:
-        person = _person_named(envelope)
-    return person if isinstance(person, str) and 0 < len(person) <= CLERK_ID_CHARS else None
-
-
 _telemetry_said: set[tuple[str, type]] = set()  # (where, exception type) already logged in full
 
 

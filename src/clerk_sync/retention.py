@@ -53,8 +53,9 @@ from clerk_sync._mentions import Mentions
 from clerk_sync.auth.audit import AuditEntry, record_audit
 from clerk_sync.changes import Change
 from clerk_sync.config import Settings
-from clerk_sync.engine import DeliveryStatus, Entity, Tombstone
+from clerk_sync.engine import DeliveryStatus, Entity, Tombstone, user_named
 from clerk_sync.errors import StoreError, UnknownUser
+from clerk_sync.events import Envelope
 from clerk_sync.mapping import folded_like, unicode_lower, without_statement_bound
 from clerk_sync.metrics import Metrics
 from clerk_sync.outbox import FIELDS, Outbox, delete_jobs, redact_jobs
@@ -185,7 +186,8 @@ class Retention:
             return self._count(redact_cut, delete_cut, clear_cut, erase_cut)
         report = PruneReport(
             redacted=self._drain(lambda w: self._redact_batch(w, redact_cut))
-            + self._drain(lambda w: self._redact_jobs_batch(w, redact_cut)),
+            + self._drain(lambda w: self._redact_jobs_batch(w, redact_cut))
+            + self._redact_failed_of_gone(clear_cut),
             deleted=self._drain(lambda w: self._delete_batch(w, delete_cut))
             + self._drain(lambda w: self._delete_jobs_batch(w, delete_cut)),
             cleared=sum(self._drain(functools.partial(self._clear_batch, table=t, cutoff=clear_cut))
@@ -225,6 +227,24 @@ class Retention:
         rows = writer.conn.execute(self._pick(sa.select(e.c.id, e.c.payload).where(*self._redactable(cutoff)))).all()
         _store_redacted(writer, [(row.id, row.payload) for row in rows])
         return len(rows)
+
+    def _redact_failed_of_gone(self, cutoff: datetime, *, dry_run: bool = False) -> int:
+        """Failed deliveries are kept, whole, until replayed; one about a user deleted before ``cutoff`` (the
+        tombstones' clearing time) or hard-deleted since can never be applied, so its payload is redacted as
+        the tombstone's columns are cleared (it stays ``failed``, its ``last_error`` too). Who a payload is
+        about is inside its JSON: the failed backlog is read a batch at a time, in id order."""
+        e, total, after = webhook_events, 0, 0
+        due = sa.select(e.c.id, e.c.payload).where(e.c.status == DeliveryStatus.FAILED, e.c.redacted_at.is_(None))
+        while True:
+            with self.store.transaction() as writer:
+                rows = writer.conn.execute(self._pick(due.where(e.c.id > after).order_by(e.c.id))).all()
+                gone = [(row.id, row.payload) for row in rows if _about_gone_user(writer.conn, row.payload, cutoff)]
+                if not dry_run:
+                    _store_redacted(writer, gone)
+            total += len(gone)
+            if len(rows) < self.policy.batch:
+                return total
+            after = rows[-1].id
 
     def _delete_batch(self, writer: Writer, cutoff: datetime) -> int:
         e = webhook_events
@@ -302,10 +322,11 @@ class Retention:
         def count(table: sa.Table, *where: sa.ColumnElement[bool]) -> int:
             return int(conn.execute(sa.select(sa.func.count()).select_from(table).where(*where)).scalar_one())
 
+        failed_of_gone = self._redact_failed_of_gone(clear_cut, dry_run=True)
         with self.store.connect() as conn:
             return PruneReport(
                 redacted=count(webhook_events, *self._redactable(redact_cut))
-                + count(hook_jobs, *_redactable_jobs(redact_cut)),
+                + count(hook_jobs, *_redactable_jobs(redact_cut)) + failed_of_gone,
                 deleted=count(webhook_events, *self._deletable(delete_cut))
                 + count(hook_jobs, *_deletable_jobs(delete_cut)),
                 cleared=sum(count(t, t.c.deleted_at.is_not(None), t.c.deleted_at < clear_cut, _not_cleared(t))
@@ -523,6 +544,21 @@ def _store_redacted(writer: Writer, rows: list[tuple[int, Any]]) -> None:
         payload=sa.bindparam("new_payload", type_=e.c.payload.type), redacted_at=writer.now,
         last_error=sa.case((e.c.last_error.is_not(None), _REDACTED_ERROR)))
     writer.conn.execute(stmt, [{"row_id": i, "new_payload": redact_payload(_as_dict(p))} for i, p in rows])
+
+
+def _about_gone_user(conn: sa.Connection, payload: Any, cutoff: datetime) -> bool:
+    """Whether a stored delivery is about a user deleted before ``cutoff``, or hard-deleted (its digest)."""
+    raw = _as_dict(payload)
+    data = raw.get("data")
+    if not isinstance(data, dict) or not isinstance(raw.get("type"), str):
+        return False
+    person = user_named(Envelope(type=raw["type"], data=data, timestamp_ms=0, instance_id=None, raw=dict(raw)))
+    if person is None:
+        return False
+    deleted_at = conn.execute(sa.select(users.c.deleted_at).where(users.c.clerk_id == person)).scalar()
+    if deleted_at is not None:
+        return bool((deleted_at if deleted_at.tzinfo else deleted_at.replace(tzinfo=UTC)) < cutoff)
+    return is_erased(conn, Entity.USER, person)
 
 
 def _as_dict(payload: Any) -> Mapping[str, Any]:
