@@ -172,7 +172,8 @@ def test_manage_py_replay_promote_and_reconcile(client_world: World) -> None:
     bad = f.envelope("user.created", {"id": "user_bad", "object": "user"})  # no updated_at: stored failed
     assert processor.process(*f.signed(bad, "msg_bad", secret=clerk.webhook_secret)).status == "failed"
     out = StringIO()
-    call_command("clerk_sync", "replay", stdout=out)
+    with pytest.raises(CommandError, match="1 still failed"):  # exit 1, as `clerk-sync replay`
+        call_command("clerk_sync", "replay", stdout=out)
     assert "replayed 1 deliveries: {'failed': 1}" in out.getvalue()
 
     ada = clerk.create_user("ada@example.com")

@@ -179,6 +179,24 @@ class DrfDjangoAuthenticated(APIView):
         return Response({"user": request.auth.user_id})
 
 
+class DrfAdminOrOrgAdmin(APIView):
+    """DRF's own composition of permission classes: either role opens it."""
+
+    permission_classes = (HasRole.of("admin") | HasOrgRole.of("org:admin"),)
+
+    def get(self, request: Request) -> Response:
+        return Response({"user": clerk_auth(request).user_id})
+
+
+class DrfNotAdmin(APIView):
+    """DRF's ``~``: everyone signed in but the app's admins."""
+
+    permission_classes = (~HasRole.of("admin"),)
+
+    def get(self, request: Request) -> Response:
+        return Response({"user": clerk_auth(request).user_id})
+
+
 @clerk_public
 class DrfPublicViewSet(viewsets.ViewSet):
     """Open under ``REQUIRE_AUTH``: a ViewSet's view function carries the class as ``cls``, not ``view_class``."""

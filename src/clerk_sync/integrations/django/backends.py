@@ -76,12 +76,17 @@ def sync_django_user(row: AuthUser) -> Any:
                   fix="rename the local user (the next request creates the Clerk-linked one), or, if it is the "
                       "same person, link it explicitly: user.set_unusable_password(); user.save()")
         return None
+    _copy_fields(user, fields)
+    return user
+
+
+def _copy_fields(user: Any, fields: dict[str, Any]) -> None:
+    """Set and save the fields that differ (no write when none does)."""
     changed = [name for name, value in fields.items() if getattr(user, name) != value]
     if changed:
         for name in changed:
             setattr(user, name, fields[name])
         user.save(update_fields=changed)
-    return user
 
 
 def _is_linked(user: Any) -> bool:
@@ -161,7 +166,9 @@ class ClerkBackend(BaseBackend):
 
     def get_user(self, user_id: Any) -> Any:
         """The user of a Django login session (``login()``), refused once its Clerk user is banned, deleted
-        or deprovisioned (one indexed read of the ``users`` row; a database error refuses this request)."""
+        or deprovisioned (one indexed read of the ``users`` row; a database error refuses this request), and
+        else kept in step with the row as a Clerk session's is: a demoted admin loses Django admin access on
+        the next request, not on their next Clerk-session request."""
         model = get_user_model()
         try:
             user = model._default_manager.get(pk=user_id)
@@ -182,7 +189,8 @@ class ClerkBackend(BaseBackend):
             if row.banned or row.is_deleted or row.deprovisioned:
                 deactivate_django_user(clerk_id, row)
                 return None
-        return user
+            _copy_fields(user, get_clerk_sync().options.user_fields(row))
+        return user if self.user_can_authenticate(user) else None
 
     @staticmethod
     def user_can_authenticate(user: Any) -> bool:

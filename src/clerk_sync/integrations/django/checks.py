@@ -26,9 +26,9 @@ _CSRF_MIDDLEWARE = "django.middleware.csrf.CsrfViewMiddleware"
 
 
 def check_settings(app_configs: Any = None, **_: Any) -> list[checks.CheckMessage]:
-    """Settings readable, webhook secret well-formed, session tokens verifiable (the key parses), middleware
-    order and CSRF protection, and the Django-only keys (types, paths, dotted paths) as requests will read
-    them."""
+    """Settings readable, database driver installed, webhook secret well-formed, session tokens verifiable (the
+    key parses), middleware order and CSRF protection, and the Django-only keys (types, paths, dotted paths)
+    as requests will read them."""
     try:
         settings = clerk_settings()
         options = django_options()
@@ -36,8 +36,24 @@ def check_settings(app_configs: Any = None, **_: Any) -> list[checks.CheckMessag
         return [checks.Error(str(exc), hint="Fix settings.CLERK_SYNC (keys are the environment variable names; "
                              "USER_FIELDS, HOOKS and MAPPING dotted paths to importable objects).",
                              id="clerk_sync.E001")]
-    return [*_webhook_secret(settings), *_session_keys(settings), *_middleware_order(),
+    return [*_database(settings), *_webhook_secret(settings), *_session_keys(settings), *_middleware_order(),
             *_require_auth(options), *_csrf_middleware()]
+
+
+def _database(settings: Settings) -> list[checks.CheckMessage]:
+    """The database URL's driver loads (as the first request builds the store): a missing one would fail every
+    request with a 500, public pages included, and ``check`` said nothing."""
+    try:
+        settings.sqlalchemy_url()
+    except ConfigError as exc:
+        return [checks.Error(
+            f"clerk-sync cannot open its database: {exc}",
+            hint="Install the driver (pip install 'clerk-sync[postgres]' for psycopg 3, 'clerk-sync[mysql]' for "
+                 "mysqlclient), or set CLERK_SYNC['DATABASE_URL'] to a SQLAlchemy URL naming the driver this project "
+                 "has, e.g. 'postgresql+psycopg2://user:password@host/name' (by default it is derived from "
+                 "DATABASES['default'] with psycopg 3).",
+            id="clerk_sync.E007")]
+    return []
 
 
 def _webhook_secret(settings: Settings) -> list[checks.CheckMessage]:
@@ -115,8 +131,8 @@ def _csrf_middleware() -> list[checks.CheckMessage]:
 
 def _middleware_order() -> list[checks.CheckMessage]:
     middleware = list(getattr(django_settings, "MIDDLEWARE", []))
-    if _MIDDLEWARE in middleware and _AUTH_MIDDLEWARE in middleware \
-            and middleware.index(_MIDDLEWARE) < middleware.index(_AUTH_MIDDLEWARE):
+    clerk = [i for i, m in enumerate(middleware) if _is_clerk_middleware(m)]  # an app's subclass too
+    if clerk and _AUTH_MIDDLEWARE in middleware and clerk[0] < middleware.index(_AUTH_MIDDLEWARE):
         return [checks.Error(
             "ClerkMiddleware runs before AuthenticationMiddleware, which would overwrite request.user.",
             hint=f"Move {_MIDDLEWARE!r} after {_AUTH_MIDDLEWARE!r} in MIDDLEWARE.", id="clerk_sync.E004")]

@@ -6,6 +6,8 @@
     class Invoices(APIView):
         permission_classes = [IsClerkAuthenticated, HasPermission.of("org:invoices:read")]
 
+They compose with DRF's ``|``, ``&`` and ``~``: ``HasRole.of("admin") | HasOrgRole.of("org:admin")``.
+
 ``request.auth`` is the verified :class:`~clerk_sync.auth.claims.Auth`; ``request.user`` is the Django
 user when :class:`~.backends.ClerkBackend` is installed, else a :class:`ClerkPrincipal`. With the backend
 installed, a session whose Django user it refuses (inactive, or a local account it never takes over)
@@ -34,7 +36,7 @@ from django.http import HttpResponse
 
 from clerk_sync.auth.authenticator import Authenticator
 from clerk_sync.auth.claims import Auth
-from clerk_sync.errors import ClerkSyncError
+from clerk_sync.errors import AccessDenied, ClerkSyncError, UserBanned, UserDeleted
 from clerk_sync.integrations.django.decorators import check_role
 from clerk_sync.integrations.django.request import ClerkRequest, clerk_request
 from clerk_sync.integrations.http import error_response
@@ -192,9 +194,21 @@ class IsClerkAuthenticated(BasePermission):
 
 class _ClerkCheck(BasePermission):
     def has_permission(self, request: Request, view: Any) -> bool:
+        """The check's own "no" (403) is False, so that DRF's ``|``, ``&`` and ``~`` compose it (``HasRole.of(
+        "admin") | HasOrgRole.of("org:admin")``: raised, it refused before the other side was asked), with
+        the error table's body as DRF's message. Everything else is raised: no session (401), a banned or
+        deleted row, the database or Clerk down (503) are no answer to compose."""
         state = _require(request)
         try:
             self.check(state)
+        except AccessDenied as exc:
+            if isinstance(exc, UserBanned | UserDeleted) or (request.authenticators
+                                                              and not request.successful_authenticator):
+                # (DRF answers a False with 401 when no authentication class took the request: the session
+                # here is verified all the same, by the middleware or a guard)
+                raise ClerkAPIException(exc) from exc
+            self.message, self.code = error_response(exc).body, exc.code
+            return False
         except ClerkSyncError as exc:
             raise ClerkAPIException(exc) from exc
         return True

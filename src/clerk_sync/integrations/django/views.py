@@ -8,6 +8,7 @@ reading, before they are held in full.
 from __future__ import annotations
 
 import structlog
+from django.contrib.auth.decorators import login_not_required
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
@@ -42,6 +43,7 @@ def read_limited_body(request: HttpRequest, limit: int) -> bytes:
 
 
 @csrf_exempt  # authenticated by its Svix signature, not by a browser session
+@login_not_required  # nor by a Django login: LoginRequiredMiddleware would redirect it, and Svix follows none
 @require_POST
 def webhook(request: HttpRequest) -> HttpResponse:
     """``POST``: verify, store and apply one Clerk delivery (``{"status": ..., "svix_id": ...}``)."""

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import sqlalchemy as sa
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from clerk_sync import migrations
+from clerk_sync._db_errors import store_error
+from clerk_sync.engine import DeliveryStatus
 from clerk_sync.errors import ClerkSyncError
 from clerk_sync.integrations.django.conf import clerk_settings, django_options
 
@@ -21,6 +24,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Command"]
 
+_STORED = sorted(s.value for s in DeliveryStatus if s is not DeliveryStatus.DUPLICATE)  # (never stored)
+
 
 class Command(BaseCommand):
     help = "clerk-sync: migrate its tables, reconcile with Clerk, replay deliveries, promote a user, prune."
@@ -28,15 +33,18 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         sub = parser.add_subparsers(dest="action", required=True)
         sub.add_parser("migrate", help="Apply clerk-sync's migrations to DATABASE_URL.")
-        reconcile = sub.add_parser("reconcile", help="Re-read Clerk and repair drift (resumes after a kill).")
+        reconcile = sub.add_parser("reconcile", help="Re-read Clerk and repair drift (resumes after a kill); exit 1 "
+                                                     "when some of Clerk's objects could not be read.")
         reconcile.add_argument("--since", help="Only users updated at/after this ISO time.")
         reconcile.add_argument("--dry-run", action="store_true", help="Write nothing; print the diff.")
         reconcile.add_argument("--with-hooks", action="store_true",
                                help='Fire CLERK_SYNC["HOOKS"] for the repairs; by default none fire.')
         reconcile.add_argument("--allow-mass-delete", action="store_true",
                                help="Delete even when Clerk no longer lists over a quarter of the rows.")
-        replay = sub.add_parser("replay", help="Re-apply stored deliveries (after fixing what made them fail).")
-        replay.add_argument("--status", default="failed", help="Replay deliveries with this status.")
+        replay = sub.add_parser("replay", help="Re-apply stored deliveries (after fixing what made them fail); exit 1 "
+                                               "while some stay failed.")
+        replay.add_argument("--status", default="failed", choices=_STORED,  # a typo replayed nothing, exit 0
+                            help="Replay deliveries with this status.")
         replay.add_argument("--since", help="Received at/after (ISO 8601, naive = UTC).")
         replay.add_argument("--with-hooks", action="store_true",
                             help='Fire CLERK_SYNC["HOOKS"] for what the replay applies; by default none fire.')
@@ -54,6 +62,9 @@ class Command(BaseCommand):
             getattr(self, f"_{action.replace('-', '_')}")(**options)
         except ClerkSyncError as exc:
             raise CommandError(str(exc)) from exc
+        except sa.exc.SQLAlchemyError as exc:  # (migrate with the database down): one line, no SQL nor values
+            raise CommandError(f"{store_error(exc)}; check CLERK_SYNC['DATABASE_URL'], else DATABASES['default'], "
+                               "and that the database is up") from exc
 
     def _migrate(self, **_: Any) -> None:
         from clerk_sync.store import Store
@@ -78,6 +89,11 @@ class Command(BaseCommand):
                                    allow_mass_delete=allow_mass_delete)
         self.stdout.write(f"reconcile {'dry run' if dry_run else 'run'} done: "
                           + ", ".join(f"{k} {v.created}+/{v.updated}~/{v.deleted}-" for k, v in report.counts.items()))
+        if failed := report.total("failed"):  # their rows were not repaired: a scheduled run must not look fine
+            raise CommandError(f"{failed} Clerk object(s) could not be read (the summary's failed column says of "
+                               "which table): Clerk listed them in a shape this version refuses (an id or "
+                               "updated_at missing or malformed), so their rows were left as they were. Upgrade "
+                               "clerk-sync, or report it")
 
     def _replay(self, *, status: str, since: str | None, with_hooks: bool, **_: Any) -> None:
         from clerk_sync.cli._args import parse_since
@@ -90,6 +106,9 @@ class Command(BaseCommand):
             store.dispose()
         by_status = {str(status): n for status, n in report.by_status.items()}
         self.stdout.write(f"replayed {report.total} deliveries: {by_status or 'none'}")
+        if still := by_status.get(DeliveryStatus.FAILED.value):  # a scheduled replay must not look fine
+            raise CommandError(f"{still} still failed: read webhook_events.last_error (or the admin's webhook "
+                               "deliveries), fix the cause, then replay again")
 
     def _prune(self, *, dry_run: bool, **_: Any) -> None:
         from clerk_sync.retention import Retention, RetentionPolicy
