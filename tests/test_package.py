@@ -66,7 +66,7 @@ PUBLIC_API: dict[str, list[str]] = {
     "clerk_sync.integrations.django.rest_framework": ["ClerkAPIException", "ClerkAuthentication", "ClerkPrincipal", "HasOrgRole", "HasPermission", "HasRole", "IsClerkAuthenticated", "NotImpersonated", "clerk_auth"],
     "clerk_sync.integrations.django.runtime": ["ClerkSync", "get_clerk_sync", "reset_clerk_sync"],
     "clerk_sync.integrations.django.urls": ["app_name", "urlpatterns"],
-    "clerk_sync.integrations.django.views": ["error_json", "read_limited_body", "webhook"],
+    "clerk_sync.integrations.django.views": ["error_json", "read_limited_body", "sync_me", "webhook"],
     "clerk_sync.integrations.fastapi": ["ClerkAuth", "build_processor", "sync_me_router", "webhook_router"],
     "clerk_sync.integrations.flask": ["AnonymousUser", "ClerkSync", "ClerkSyncState", "SignedInUser", "clerk_login_required", "clerk_state", "clerk_sync_cli", "current_clerk", "current_user", "error_json", "not_impersonated", "optional_clerk", "public", "require_org_role", "require_permission", "require_role", "settings_from_config", "webhook_blueprint"],
     "clerk_sync.integrations.http": ["ErrorResponse", "STATUS_BY_ERROR", "error_response", "status_for"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 from django.contrib import admin
 from django.urls import include, path
 
+from clerk_sync.integrations.django.views import sync_me
 from examples.django_saas import views
 
 urlpatterns = [
@@ -12,7 +13,7 @@ urlpatterns = [
     path("", views.home),
     path("healthz", views.healthz),
     path("dashboard", views.dashboard),
-    path("sync/me", views.sync_me),
+    path("sync/me", sync_me),  # right after sign-up: the row before the webhook
     path("org", views.org_page),
     path("admin/users", views.AdminUsers.as_view()),
     path("admin/users/<str:clerk_id>/role", views.set_role),

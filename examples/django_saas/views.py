@@ -45,18 +45,6 @@ def dashboard(request: HttpRequest) -> JsonResponse:
                          "django_user": request.user.get_username() if request.user.is_authenticated else None})
 
 
-@require_POST
-@clerk_login_required
-def sync_me(request: HttpRequest) -> JsonResponse:
-    """Right after sign-up: store the user's row before the ``user.created`` webhook arrives."""
-    clerk = clerk_request(request)
-    assert clerk.auth is not None
-    jit = get_clerk_sync().jit
-    assert jit is not None, "JIT needs CLERK_SECRET_KEY"
-    user = jit.refresh_user(clerk.auth.user_id)
-    return JsonResponse({"user_id": user.clerk_id, "email": user.email, "role": user.role})
-
-
 @require_org_role("org:admin", "org:member")
 def org_page(request: HttpRequest) -> JsonResponse:
     auth = clerk_request(request).auth

@@ -177,3 +177,27 @@ def test_drf_permission_classes_compose_with_or_and_not(client_world: World) -> 
     clerk.request("DELETE", f"/v1/users/{member['id']}")
     clerk.wait_for_deliveries()
     assert status("/t/drf/not-admin", as_member) == 401  # deleted: signed out, not let through by ~
+
+
+def test_the_sync_me_view_is_the_one_fastapi_and_flask_have(db_url: str) -> None:
+    """Finding: Django had no ``POST /sync/me`` (FastAPI's ``sync_me_router``): every project wrote it, the
+    example with an ``assert`` (a 500 without ``CLERK_SECRET_KEY``). ``views.sync_me``, routed by the project:
+    the session first (401), POST only, and a ``config_error`` naming the setting without a secret key.
+    (The example routes it: tests/django/test_e2e.py's sync-me test drives it against the emulator.)"""
+    from django.test import RequestFactory
+
+    from clerk_sync.integrations.django.runtime import reset_clerk_sync
+    from clerk_sync.integrations.django.views import sync_me
+    from tests.test_auth import token
+
+    with django_database(db_url), override_settings(CLERK_SYNC=BASE):
+        reset_clerk_sync()
+        try:
+            factory = RequestFactory()
+            assert sync_me(factory.post("/sync/me")).status_code == 401
+            assert sync_me(factory.get("/sync/me", headers=bearer(token("user_me")))).status_code == 405
+            answer = sync_me(factory.post("/sync/me", headers=bearer(token("user_me"))))
+            assert answer.status_code == 500, answer.content
+            assert b"config_error" in answer.content and b"CLERK_SECRET_KEY" in answer.content
+        finally:
+            reset_clerk_sync()

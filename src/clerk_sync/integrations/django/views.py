@@ -14,10 +14,11 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
 from clerk_sync.errors import ClerkSyncError, ConfigError, PayloadTooLarge, StoreError, WebhookError
+from clerk_sync.integrations.django.request import clerk_request
 from clerk_sync.integrations.django.runtime import get_clerk_sync
 from clerk_sync.integrations.http import error_response
 
-__all__ = ["error_json", "read_limited_body", "webhook"]
+__all__ = ["error_json", "read_limited_body", "sync_me", "webhook"]
 
 log = structlog.get_logger("clerk_sync.http")
 
@@ -64,3 +65,24 @@ def webhook(request: HttpRequest) -> HttpResponse:
 
 
 webhook.clerk_public = True  # type: ignore[attr-defined]  # signed deliveries carry no session
+
+
+# A JSON endpoint for the front end: Django's CSRF token is not what it sends, and clerk-sync's own Origin check
+# (in clerk_request) refuses a cross-site POST riding on the __session cookie, as on every face.
+@csrf_exempt
+@require_POST
+def sync_me(request: HttpRequest) -> HttpResponse:
+    """``POST``: Flow A, the front end calls it right after sign-up so the user's row exists before the
+    ``user.created`` webhook (one Clerk fetch a user per ``CLERK_SYNC_JIT_REFRESH_INTERVAL_S``, the webhook's
+    guarded upsert): ``{"user_id", "email", "role"}``. Route it yourself, signed-in users only by its own
+    check: ``path("sync/me", sync_me)`` (FastAPI's ``sync_me_router``, Flask's ``sync_me_path``)."""
+    try:
+        auth = clerk_request(request).require_auth()
+        jit = get_clerk_sync().jit
+        if jit is None:
+            raise ConfigError(f"{request.path} fetches the signed-in user from Clerk: set "
+                              "CLERK_SYNC['CLERK_SECRET_KEY'] (and keep JIT on)")
+        user = jit.refresh_user(auth.user_id)
+    except ClerkSyncError as exc:
+        return error_json(exc)
+    return JsonResponse({"user_id": user.clerk_id, "email": user.email, "role": user.role})
