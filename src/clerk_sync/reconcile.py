@@ -9,9 +9,9 @@ run's cursor moves on — so a killed run resumes at the page it had not committ
 Deletions: rows Clerk did not list are *candidates*; before tombstoning (which is final) each batch is
 confirmed with Clerk by id (``GET /users?user_id=...``, memberships by their users through
 ``GET /organizations/{id}/memberships?user_id=...``), because an object deleted mid-run shifts later
-offsets and could hide a live object from a listing. ``--since`` lists only users updated since
-then (``-updated_at``), so it repairs updates but cannot find user deletions; organizations and
-memberships are always listed in full.
+offsets and could hide a live object from a listing (one hidden so is repaired from that answer instead).
+``--since`` lists only users updated since then (``-updated_at``), so it repairs updates but cannot find
+user deletions; organizations and memberships are always listed in full.
 
 ``dry_run`` writes nothing (ids are staged in a TEMPORARY table) and reports each change instead.
 
@@ -65,6 +65,7 @@ _BUILD: dict[Entity, Callable[[JSON], Record]] = {
     Entity.USER: user_record, Entity.ORGANIZATION: organization_record, Entity.MEMBERSHIP: membership_record,
 }
 _RESUMABLE = ("running", "interrupted", "failed")
+_CLAIM_LOCK = "reconcile_runs:claim"  # Writer.lock: one invocation at a time reads and claims the runs
 
 
 class _MassDeleteRefused(ConfigError):
@@ -148,6 +149,7 @@ class _Run:
     stats_start: int = 0
     limited_start: int = 0
     beat_at: datetime | None = None  # the last heartbeat written between checkpoints (_keep_alive)
+    heartbeat: datetime | None = None  # the store's time of our last heartbeat: the run is still ours (_beat)
 
     @property
     def id(self) -> int:
@@ -232,8 +234,11 @@ class Reconciler:
         return run
 
     def _claim(self, writer: Writer, since: datetime | None) -> _Run:
-        """Resume the latest unfinished run with the same ``since``, or start a new one."""
+        """Resume the latest unfinished run with the same ``since``, or start a new one.
+
+        Under a lock: two invocations started together both read "no live run" and both ran (review)."""
         now = writer.now
+        writer.lock([_CLAIM_LOCK])
         row = writer.conn.execute(
             sa.select(reconcile_runs).where(reconcile_runs.c.status.in_(_RESUMABLE))
             .order_by(reconcile_runs.c.id.desc()).limit(1)
@@ -252,7 +257,7 @@ class Reconciler:
                                     .values(status="running", heartbeat_at=now, error=None))
                 report = ReconcileReport(row["id"], False, since, True, _load_counts(row["details"]))
                 return _Run(report, row["phase"], row["cursor"], reconcile_seen,
-                            base_requests=row["requests"], base_duration=row["duration_s"])
+                            base_requests=row["requests"], base_duration=row["duration_s"], heartbeat=now)
             writer.conn.execute(reconcile_runs.update().where(reconcile_runs.c.id == row["id"])
                                 .values(status="abandoned", finished_at=now))
             writer.conn.execute(reconcile_seen.delete().where(reconcile_seen.c.run_id == row["id"]))
@@ -260,7 +265,7 @@ class Reconciler:
             reconcile_runs.insert().values(status="running", since=since, phase=_PHASES[0], cursor=0,
                                            details={}, started_at=now, heartbeat_at=now))
         run_id = int(cast("sa.Row[Any]", inserted.inserted_primary_key)[0])
-        return _Run(ReconcileReport(run_id, False, since, False), _PHASES[0], 0, reconcile_seen)
+        return _Run(ReconcileReport(run_id, False, since, False), _PHASES[0], 0, reconcile_seen, heartbeat=now)
 
     def _checkpoint(self, writer: Writer, run: _Run, **values: Any) -> None:
         """Persist the cursor and counts in the caller's transaction (nothing for dry runs)."""
@@ -268,12 +273,23 @@ class Reconciler:
         if run.report.dry_run:
             return
         report = run.report
-        writer.conn.execute(reconcile_runs.update().where(reconcile_runs.c.id == run.id).values(
-            phase=run.phase, cursor=run.cursor, heartbeat_at=writer.now, requests=report.requests,
-            duration_s=report.duration_s, details=_dump_counts(report),
-            **{name: report.total(name) for name in ("created", "updated", "deleted", "unchanged")},
-            **values,
-        ))
+        self._beat(writer, run, phase=run.phase, cursor=run.cursor, requests=report.requests,
+                   duration_s=report.duration_s, details=_dump_counts(report),
+                   **{name: report.total(name) for name in ("created", "updated", "deleted", "unchanged")},
+                   **values)
+
+    def _beat(self, writer: Writer, run: _Run, **values: Any) -> None:
+        """Write the heartbeat (and ``values``) if the run is still ours: a run silent for ``stale_after_s``
+        is taken over by the next invocation, whose heartbeat is later than any of ours. The one that
+        stalled then stops here, rather than writing into the run the other one now works on (review)."""
+        owned = reconcile_runs.c.heartbeat_at <= run.heartbeat
+        result = writer.conn.execute(reconcile_runs.update().where(reconcile_runs.c.id == run.id, owned)
+                                     .values(heartbeat_at=writer.now, **values))
+        if result.rowcount != 1:
+            raise ReconcileBusy(f"reconcile run {run.id} was taken over by another invocation: this one wrote no "
+                                f"progress for {self.stale_after_s:g}s (stale_after_s) and stops; the other goes "
+                                "on from the last checkpoint")
+        run.heartbeat = writer.now
 
     def _tally(self, run: _Run) -> None:
         report = run.report
@@ -476,7 +492,9 @@ class Reconciler:
                 candidates = [tuple(row) for row in conn.execute(query)]
             if not candidates:
                 return
-            gone = self._confirm_gone(run, entity, candidates)
+            gone, live = self._confirm_gone(run, entity, candidates)
+            if live:  # live but not listed: a deletion mid-run shifted the offsets past them (review)
+                self._apply_items(run, entity, live, run.cursor)
             self._tombstone(run, entity, gone)
             self.progress.advance(f"{entity.value} deletions", len(candidates))
             after = candidates[-1][0]
@@ -496,25 +514,27 @@ class Reconciler:
                 "`manage.py clerk_sync` or `flask clerk-sync`); `--allow-mass-delete` deletes them if they really "
                 "are gone")
 
-    def _confirm_gone(self, run: _Run, entity: Entity, candidates: Sequence[tuple[Any, ...]]) -> list[str]:
-        """The candidate ids Clerk confirms are gone (tombstones are final: never guess)."""
+    def _confirm_gone(self, run: _Run, entity: Entity,
+                      candidates: Sequence[tuple[Any, ...]]) -> tuple[list[str], list[JSON]]:
+        """The candidate ids Clerk confirms are gone (tombstones are final: never guess), and Clerk's
+        objects for the candidates it still has (their drift is repaired from them)."""
         ids = [c[0] for c in candidates]
         if entity is Entity.USER:
-            present = {u["id"] for u in self.clerk.list_users(limit=_VERIFY_BATCH, order_by=None, user_ids=ids)}
-            _only_asked("/users?user_id=...", present, ids)
+            found = self.clerk.list_users(limit=_VERIFY_BATCH, order_by=None, user_ids=ids)
+            _only_asked("/users?user_id=...", {u["id"] for u in found}, ids)
         elif entity is Entity.ORGANIZATION:
-            page = self.clerk.list_organizations(limit=_VERIFY_BATCH, order_by=None, org_ids=ids)
-            present = {o["id"] for o in page.data}
-            _only_asked("/organizations?organization_id=...", present, ids)
+            found = self.clerk.list_organizations(limit=_VERIFY_BATCH, order_by=None, org_ids=ids).data
+            _only_asked("/organizations?organization_id=...", {o["id"] for o in found}, ids)
         else:
             by_org: dict[str, set[str]] = {}
             for _, org_id, user_id in candidates:
                 by_org.setdefault(org_id, set()).add(user_id)
-            present = set()
+            found = []
             for org_id, user_ids in sorted(by_org.items()):
                 self._keep_alive(run)  # a call per organization: a batch can outlast stale_after_s
-                present |= self._membership_ids(org_id, sorted(user_ids))
-        return [i for i in ids if i not in present]
+                found += self._memberships(org_id, sorted(user_ids))
+        present, asked = {o["id"] for o in found}, set(ids)
+        return [i for i in ids if i not in present], [o for o in found if o["id"] in asked]
 
     def _keep_alive(self, run: _Run) -> None:
         """The run's heartbeat, written between two Clerk calls of one long step (a batch's membership checks
@@ -527,24 +547,23 @@ class Reconciler:
         if run.beat_at is not None and (now - run.beat_at).total_seconds() < self.stale_after_s / 4:
             return
         with self.store.transaction() as writer:
-            writer.conn.execute(reconcile_runs.update().where(reconcile_runs.c.id == run.id)
-                                .values(heartbeat_at=writer.now))
+            self._beat(writer, run)
         run.beat_at = now
 
-    def _membership_ids(self, org_id: str, user_ids: list[str]) -> set[str]:
-        """The ids of the organization's memberships of these users, asked for by user: paging its whole
-        listing instead let a removal between two pages hide a live membership, tombstoned for good."""
+    def _memberships(self, org_id: str, user_ids: list[str]) -> list[JSON]:
+        """The organization's memberships of these users, asked for by user: paging its whole listing
+        instead let a removal between two pages hide a live membership, tombstoned for good."""
         path = f"/organizations/{org_id}/memberships?user_id=..."
-        found: set[str] = set()
+        found: list[JSON] = []
         for start in range(0, len(user_ids), _VERIFY_BATCH):
             asked = user_ids[start:start + _VERIFY_BATCH]  # a user has one membership per organization
             try:
                 page = self.clerk.list_organization_memberships(org_id, limit=_VERIFY_BATCH, user_ids=asked)
             except ClerkNotFound:
-                return set()  # the organization itself is gone
+                return []  # the organization itself is gone
             _only_asked(path, {_member_of(m) for m in page.data}, [org_id])
             _only_asked(path, {_member_user(m) for m in page.data}, asked)
-            found |= {m["id"] for m in page.data}
+            found += page.data
         return found
 
     def _tombstone(self, run: _Run, entity: Entity, gone: list[str]) -> None:

@@ -57,6 +57,10 @@ def _user_agent() -> str:
 
 
 _NO_BLOCK = Block(0.0, 0.0)
+# An attempt that got no usable answer: the transport failed, or the body is not what its Content-Encoding
+# says (httpx's DecodingError is no TransportError; it escaped the ClerkAPIError tree, review).
+_FAILED = (httpx.TransportError, httpx.DecodingError)
+_Failed = httpx.TransportError | httpx.DecodingError
 
 
 def _v1_base(api_url: str) -> str:
@@ -203,19 +207,19 @@ class ClerkClient(_Base):
             return self._send(step)
         return None
 
-    def _send(self, step: Send) -> httpx.Response | httpx.TransportError:
+    def _send(self, step: Send) -> httpx.Response | _Failed:
         """Send, and read the answer by the deadline: a body trickling in faster than the read timeout
         would otherwise hold the call long past it. A late answer is closed and reported as a timeout."""
         until = time.monotonic() + step.left
         try:
             response = self._http.send(step.request, stream=True)
-        except httpx.TransportError as exc:
+        except _FAILED as exc:
             return exc
         try:
             assert isinstance(response.stream, httpx.SyncByteStream)
             response.stream = _ReadBy(response.stream, until, step)
             response.read()
-        except httpx.TransportError as exc:
+        except _FAILED as exc:
             return exc
         finally:
             response.close()
@@ -327,14 +331,14 @@ class AsyncClerkClient(_Base):
             return await self._send(step)
         return None
 
-    async def _send(self, step: Send) -> httpx.Response | httpx.TransportError:
+    async def _send(self, step: Send) -> httpx.Response | _Failed:
         """Send, and read the answer by the deadline (httpx's timeouts bound each read, not the answer)."""
         try:
             with anyio.fail_after(step.left):
                 return await self._http.send(step.request)
         except TimeoutError:
             return _late(step)
-        except httpx.TransportError as exc:
+        except _FAILED as exc:
             return exc
 
     # -- endpoints -------------------------------------------------------------------------

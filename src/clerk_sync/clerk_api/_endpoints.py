@@ -108,7 +108,8 @@ def list_all_organization_memberships(limit: int, offset: int, order_by: str | N
 def update_user_metadata(user_id: str, public: JSON | None, private: JSON | None,
                          unsafe: JSON | None) -> ApiRequest[JSON]:
     body = _compact({"public_metadata": public, "private_metadata": private, "unsafe_metadata": unsafe})
-    return ApiRequest("PATCH", f"/users/{_id(user_id)}/metadata", _object, json=body, route="/users/{id}/metadata")
+    return ApiRequest("PATCH", f"/users/{_id(user_id)}/metadata", _object, json=body, per_object_limit=True,
+                      route="/users/{id}/metadata")
 
 
 def create_actor_token(user_id: str, actor: JSON, expires_in_seconds: int | None,

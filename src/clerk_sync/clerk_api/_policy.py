@@ -53,6 +53,8 @@ class ApiRequest(Generic[T]):
 
     ``idempotent=False`` (creating tokens) is retried only when the request surely never reached Clerk
     (connect errors, 429). ``coalesce=True`` lets concurrent identical calls share one request.
+    ``per_object_limit=True``: Clerk also limits the endpoint per user, organization or membership (10
+    requests / 10 s), so its 429 holds this call only, not the instance's shared budget.
     """
 
     method: str
@@ -62,6 +64,7 @@ class ApiRequest(Generic[T]):
     json: Any = None
     idempotent: bool = True
     coalesce: bool = False
+    per_object_limit: bool = False
     route: str = ""  # the path template for metrics and spans (``/users/{id}``); default: ``path``
 
     @property
@@ -249,15 +252,19 @@ def call_flow(ctx: _Context, req: ApiRequest[T], deadline_s: float | None = None
             ctx.on_response(req.endpoint, status)
         if isinstance(outcome, httpx.Response) and 200 <= outcome.status_code < 300:
             ctx.breaker.success()
-            return req.parse(_json(outcome, req))
+            return _parsed(outcome, req)
         if status == 429:
             limited += 1
             retry_after = _retry_after(outcome, default=1.0)
-            yield Penalize(retry_after)
+            if not req.per_object_limit:  # the instance's limit: every caller of the (shared) budget waits
+                yield Penalize(retry_after)
             if limited > ctx.retry.rate_limited_attempts or retry_after + floor > deadline - ctx.clock():
-                raise RateLimited("Clerk answered 429 Too Many Requests", retry_after=retry_after,
+                raise RateLimited(f"{req.method} {req.path}: Clerk answered 429 Too Many Requests"
+                                  + (_PER_OBJECT if req.per_object_limit else ""), retry_after=retry_after,
                                   status=429, **where)
             ctx.stats.retried()
+            if req.per_object_limit:  # one user's (organization's) limit: this call waits, nobody else
+                yield Sleep(retry_after)
             continue
         if status is not None and not _retryable(status):
             ctx.breaker.success()  # Clerk is up; the request was refused
@@ -319,6 +326,19 @@ def _pause(ctx: _Context, req: ApiRequest[Any], outcome: Any, attempt: int) -> f
     if isinstance(outcome, httpx.Response):
         pause = max(pause, _retry_after(outcome, default=0.0))
     return pause
+
+
+_PER_OBJECT = " (Clerk's limit of 10 per 10 s per user, organization or membership: other calls go on)"
+
+
+def _parsed(response: httpx.Response, req: ApiRequest[T]) -> T:
+    """The 2xx answer, parsed; an answer of the wrong shape names the call it answered."""
+    body = _json(response, req)
+    try:
+        return req.parse(body)
+    except ClerkAPIError as exc:  # the parsers know the shape, not the call
+        raise ClerkAPIError(f"{req.method} {req.path}: answered {response.status_code}, but {exc}",
+                            status=response.status_code, method=req.method, path=req.path) from None
 
 
 def _json(response: httpx.Response, req: ApiRequest[Any]) -> Any:
