@@ -181,7 +181,31 @@ def test_sync_me_path_adds_the_route_the_fastapi_face_has(tmp_path: Path) -> Non
     keyless = Flask(__name__)  # sessions verified with CLERK_JWT_KEY, no CLERK_SECRET_KEY: nothing to ask Clerk with
     ClerkSync(keyless, sync_me_path="/sync/me", settings=Settings.from_env({
         "CLERK_WEBHOOK_SIGNING_SECRET": SECRET, "DATABASE_URL": url, "CLERK_JWT_KEY": pem(KEY), "CLERK_ISSUER": ISS}))
+    assert keyless.test_client().post("/sync/me").status_code == 401  # the session first, set-up or not
     answer = keyless.test_client().post("/sync/me", headers={"Authorization": f"Bearer {token('user_keyless')}"})
     assert answer.status_code == 500 and answer.json["error"] == "config_error", answer.json
     assert "set CLERK_SECRET_KEY" in answer.json["message"]
     clerk_state(keyless).close()
+
+
+def test_a_set_up_flask_refuses_half_way_registers_nothing(tmp_path: Path) -> None:
+    """Review finding: a ``sync_me_path`` Flask refuses (no leading slash), or an endpoint of ours the app
+    already has, failed after the blueprint, the error handler and ``deny_by_default`` were registered:
+    the retry was refused ("clerk_sync is already registered") and every request of the app was a 500."""
+    settings = Settings.from_env({"DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}", "CLERK_WEBHOOK_SIGNING_SECRET": SECRET})
+    app = Flask(__name__)
+
+    @app.get("/")
+    def home() -> str:
+        return "home"
+
+    with pytest.raises(ValueError, match="must start with '/'"):
+        ClerkSync(app, settings=settings, sync_me_path="sync/me")
+    app.add_url_rule("/me", endpoint="clerk_sync_me", view_func=home)
+    with pytest.raises(ValueError, match="already has an endpoint named 'clerk_sync_me'"):
+        ClerkSync(app, settings=settings, sync_me_path="/sync/me")
+    assert "clerk_sync" not in app.blueprints and not app.before_request_funcs  # untouched: no half set-up
+    ClerkSync(app, settings=settings)  # corrected: set up
+    assert "clerk_sync" in app.blueprints
+    clerk_state(app).close()
+

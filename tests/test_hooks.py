@@ -1062,3 +1062,27 @@ def test_a_handler_running_past_slow_handler_s_is_logged_once_by_the_heartbeat(d
     with pytest.raises(ValueError, match="slow_handler_s"):
         Dispatcher(store, slow_handler_s=-1)
     store.dispose()
+
+
+def test_a_retry_of_a_job_that_hangs_again_is_said_again(db_url: str) -> None:
+    """Review finding: the line was said once a job id, so the retry of a job that had hung, hanging again,
+    went unsaid; it is once a run now."""
+    clock = Clock()
+    said: list[bool] = []
+    dispatcher: Dispatcher | None = None
+
+    def hangs_then_fails(change: Change) -> None:
+        assert dispatcher is not None
+        clock.advance(301)
+        said.append(dispatcher.warn_if_slow())
+        said.append(dispatcher.warn_if_slow())  # (once a run)
+        raise TimeoutError("the CRM never answered")
+
+    store = hooked(db_url, Hook("hangs", hangs_then_fails), now=clock)
+    deliver(store, f.envelope("user.created", f.user("user_slow", B + 1000)))
+    dispatcher = Dispatcher(store, heartbeat_s=0, backoff=Backoff(max_attempts=3, base_s=1), now=clock)
+    assert dispatcher.run_once() == 1
+    clock.advance(2)
+    assert dispatcher.run_once() == 1  # the retry, the same job
+    assert said == [True, False, True, False]
+    store.dispose()

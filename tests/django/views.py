@@ -194,6 +194,8 @@ class DrfNotAdmin(APIView):
     permission_classes = (~HasRole.of("admin"),)
 
     def get(self, request: Request) -> Response:
+        if request.query_params.get("object"):  # a detail view's check (retrieve, update, destroy) as well
+            self.check_object_permissions(request, {"id": request.query_params["object"]})
         return Response({"user": clerk_auth(request).user_id})
 
 

@@ -125,7 +125,7 @@ class Dispatcher:
             raise ValueError(f"slow_handler_s must be 0 (never warn) or more seconds, not {slow_handler_s}")
         self.slow_handler_s = slow_handler_s
         self._running: tuple[Job, datetime] | None = None  # the job whose handler runs now, since when
-        self._warned: int | None = None  # the job the slow-handler line was logged for
+        self._warned: tuple[Job, datetime] | None = None  # the run (of _running) the slow-handler line was said of
 
     @property
     def claim_limit(self) -> int:
@@ -297,13 +297,13 @@ class Dispatcher:
         """Log, once a job, a handler running for more than ``slow_handler_s`` (the heartbeat calls it);
         True when it logged."""
         running = self._running
-        if running is None or self.slow_handler_s <= 0 or self._warned == running[0].id:
+        if running is None or self.slow_handler_s <= 0 or self._warned is running:  # (a retry is a new run)
             return False
         job, since = running
         seconds = (self._now() - since).total_seconds()
         if seconds < self.slow_handler_s:
             return False
-        self._warned = job.id
+        self._warned = running
         log.warning("hook handler still running; this dispatcher runs nothing else meanwhile, and later jobs of "
                     "its entity wait (give the handler's network calls a timeout)", hook=job.hook, job=job.id,
                     type=job.change.type, running_s=round(seconds, 1))

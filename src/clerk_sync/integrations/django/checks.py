@@ -48,10 +48,10 @@ def _database(settings: Settings) -> list[checks.CheckMessage]:
     except ConfigError as exc:
         return [checks.Error(
             f"clerk-sync cannot open its database: {exc}",
-            hint="Install the driver (pip install 'clerk-sync[postgres]' for psycopg 3, 'clerk-sync[mysql]' for "
-                 "mysqlclient), or set CLERK_SYNC['DATABASE_URL'] to a SQLAlchemy URL naming the driver this project "
-                 "has, e.g. 'postgresql+psycopg2://user:password@host/name' (by default it is derived from "
-                 "DATABASES['default'] with psycopg 3).",
+            hint="Install the driver clerk-sync uses: pip install 'clerk-sync[postgres]' (psycopg 3, which it needs on "
+                 "PostgreSQL: it reads psycopg 3's error codes to tell a retry from a refusal; Django runs on it too) "
+                 "or 'clerk-sync[mysql]' (mysqlclient); or set CLERK_SYNC['DATABASE_URL'] to a SQLAlchemy URL "
+                 "naming one of them (by default it is derived from DATABASES['default'] with psycopg 3).",
             id="clerk_sync.E007")]
     return []
 

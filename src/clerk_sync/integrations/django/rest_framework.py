@@ -213,6 +213,11 @@ class _ClerkCheck(BasePermission):
             raise ClerkAPIException(exc) from exc
         return True
 
+    def has_object_permission(self, request: Request, view: Any, obj: Any) -> bool:
+        """The same answer for an object (retrieve, update, destroy): BasePermission's default, True, made
+        ``~HasRole.of(...)`` refuse everyone on a detail view."""
+        return self.has_permission(request, view)
+
     def check(self, state: ClerkRequest) -> None:
         raise NotImplementedError
 

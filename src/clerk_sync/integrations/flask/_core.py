@@ -197,11 +197,12 @@ def sync_me() -> Response:
     """``POST /sync/me`` (``ClerkSync(app, sync_me_path=...)``): Flow A, the front end calls it right after
     sign-up so the row exists before ``user.created`` arrives (one budgeted Clerk call a user per
     ``CLERK_SYNC_JIT_REFRESH_INTERVAL_S``, the webhook's guarded upsert)."""
+    user_id = current_clerk.user_id  # the session first: 401 to a stranger, whatever the set-up
     users = clerk_state().users
     if users is None:
         raise ConfigError(f"{request.path} fetches the signed-in user from Clerk: set CLERK_SECRET_KEY (and keep "
                           "ClerkSync(jit=True)), or drop sync_me_path")
-    user = users.refresh_user(current_clerk.user_id)
+    user = users.refresh_user(user_id)
     return jsonify({"user_id": user.clerk_id, "email": user.email, "role": user.role})
 
 

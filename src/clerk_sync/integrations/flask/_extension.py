@@ -65,6 +65,8 @@ class ClerkSync:
         self.jit = jit
         self.audit_impersonation = audit_impersonation
         self.revocation_refresh_s = revocation_refresh_s
+        if sync_me_path is not None and not sync_me_path.startswith("/"):
+            raise ValueError(f"sync_me_path must start with '/', like a Flask route: {sync_me_path!r}")
         self.sync_me_path = sync_me_path
         if app is not None:
             self.init_app(app)
@@ -73,17 +75,26 @@ class ClerkSync:
         """Build the app's state from its config (errors name the missing setting), register the rest."""
         if EXTENSION_KEY in app.extensions:
             raise RuntimeError("ClerkSync is already set up on this app")
+        # What would refuse a registration half-way, refused before any (Flask cannot take one back): the
+        # app's own blueprint or endpoint of our names
+        if self.webhook_path is not None and "clerk_sync" in app.blueprints:
+            raise ValueError("the app already has a blueprint named 'clerk_sync': rename it, or pass "
+                             "ClerkSync(webhook_path=None) and register webhook_blueprint() yourself")
+        if self.sync_me_path is not None and SYNC_ME_ENDPOINT in app.view_functions:
+            raise ValueError(f"the app already has an endpoint named {SYNC_ME_ENDPOINT!r}: drop sync_me_path, or "
+                             "rename yours")
         state = self._build(self.settings or settings_from_config(app.config))
         app.extensions[EXTENSION_KEY] = state
         try:
+            if self.sync_me_path is not None:  # first: a path Flask refuses leaves nothing registered behind
+                # (without CLERK_SECRET_KEY it answers config_error: the app still starts, for
+                # `flask clerk-sync migrate` with the database settings alone)
+                app.add_url_rule(self.sync_me_path, endpoint=SYNC_ME_ENDPOINT, view_func=sync_me, methods=["POST"])
             if self.webhook_path is not None:
                 app.register_blueprint(webhook_blueprint(self.webhook_path))
             app.register_error_handler(ClerkSyncError, error_json)
             app.before_request(deny_by_default)
             app.context_processor(user_context)  # {% if current_user.is_authenticated %}, as with Flask-Login
-            if self.sync_me_path is not None:  # (without CLERK_SECRET_KEY it answers config_error: the app
-                # still starts, for `flask clerk-sync migrate` with the database settings alone)
-                app.add_url_rule(self.sync_me_path, endpoint=SYNC_ME_ENDPOINT, view_func=sync_me, methods=["POST"])
         except Exception:  # a blueprint named clerk_sync already, an app already serving: no half-set-up app
             del app.extensions[EXTENSION_KEY]  # (its guards without deny_by_default), nor pools left open
             state.close()
