@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from clerk_sync.engine import DeliveryStatus
 from clerk_sync.errors import ConfigError
 
-__all__ = ["parse_since"]
+__all__ = ["STORED_STATUSES", "parse_since"]
+
+#: What ``replay --status`` takes on every face: the statuses a delivery is stored with (a typo replayed nothing
+#: and exited 0, as if nothing were failed).
+STORED_STATUSES = sorted(s.value for s in DeliveryStatus if s is not DeliveryStatus.DUPLICATE)
 
 
 def parse_since(value: str | None) -> datetime | None:

@@ -179,13 +179,13 @@ def replay(
     mapping: Annotated[str | None, typer.Option(help=MAPPING_HELP)] = None,
 ) -> None:
     """Re-apply stored deliveries (after fixing what made them fail); exit 1 while some stay failed."""
-    from clerk_sync.cli._args import parse_since
+    from clerk_sync.cli._args import STORED_STATUSES, parse_since
     from clerk_sync.engine import DeliveryStatus
     from clerk_sync.ingest import replay_deliveries
 
-    stored = sorted(s.value for s in DeliveryStatus if s is not DeliveryStatus.DUPLICATE)  # (never stored)
-    if status not in stored:  # a typo replayed nothing and said so as if there were nothing to replay
-        raise typer.BadParameter(f"{status!r} is no stored status; one of {', '.join(stored)}", param_hint="--status")
+    if status not in STORED_STATUSES:
+        raise typer.BadParameter(f"{status!r} is no stored status; one of {', '.join(STORED_STATUSES)}",
+                                 param_hint="--status")
     settings = _settings()
     store = Store.from_settings(settings, hooks=load_hooks(with_hooks) if with_hooks else (),
                                 mapping=load_mapping(mapping))
@@ -402,15 +402,13 @@ def reconcile(
 
     Exit 1 when some of Clerk's objects could not be read (the summary's ``failed`` column).
     """
-    from clerk_sync.cli.reconcile import reconcile_command
+    from clerk_sync.cli.reconcile import reconcile_command, unread_objects
 
     hooks = load_hooks(with_hooks) if with_hooks else ()
     report = reconcile_command(_settings(), since=since, dry_run=dry_run, console=console, hooks=hooks,
                                mapping=load_mapping(mapping), allow_mass_delete=allow_mass_delete)
-    if failed := report.total("failed"):  # their rows were not repaired: a scheduled run must not look fine
-        console.print(f"[red]{failed} Clerk object(s) could not be read[/] (the failed column says of which "
-                      "table): Clerk listed them in a shape this version refuses (an id or updated_at missing or "
-                      "malformed), so their rows were left as they were. Upgrade clerk-sync, or report it")
+    if (unread := unread_objects(report)) is not None:
+        console.print(f"[red]error:[/] {unread}", markup=True, highlight=False)
         raise SystemExit(1)
 
 

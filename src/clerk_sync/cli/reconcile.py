@@ -15,10 +15,21 @@ from clerk_sync.mapping import SchemaMapping
 from clerk_sync.reconcile import Change, Reconciler, ReconcileReport
 from clerk_sync.store import Store
 
-__all__ = ["reconcile_command"]
+__all__ = ["reconcile_command"]  # (unread_objects: for the faces' commands, not the API)
 
 _DIFF_LINES = 200
 _MARKS = {"create": "[green]+[/]", "update": "[yellow]~[/]", "delete": "[red]-[/]"}
+
+
+def unread_objects(report: ReconcileReport) -> str | None:
+    """Why a run must exit 1 on every face (their rows were not repaired: a scheduled run must not look
+    fine), or None."""
+    failed = report.total("failed")
+    if not failed:
+        return None
+    return (f"{failed} Clerk object(s) could not be read (the summary's failed column says of which table): Clerk "
+            "listed them in a shape this version refuses (an id or updated_at missing or malformed), so their rows "
+            "were left as they were. Upgrade clerk-sync, or report it")
 
 
 def reconcile_command(settings: Any, *, since: str | None, dry_run: bool, console: Any,

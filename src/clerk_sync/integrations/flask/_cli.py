@@ -18,6 +18,7 @@ from rich.console import Console
 
 from clerk_sync import migrations
 from clerk_sync._db_errors import store_error
+from clerk_sync.cli._args import STORED_STATUSES
 from clerk_sync.engine import DeliveryStatus
 from clerk_sync.errors import ClerkSyncError, ConfigError
 from clerk_sync.integrations.flask._core import clerk_state
@@ -26,7 +27,6 @@ __all__ = ["clerk_sync_cli"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
-_STORED = sorted(s.value for s in DeliveryStatus if s is not DeliveryStatus.DUPLICATE)  # (never stored)
 
 
 def _readable(command: Callable[P, R]) -> Callable[P, R]:
@@ -58,7 +58,7 @@ def migrate() -> None:
 
 
 @clerk_sync_cli.command()
-@click.option("--status", default="failed", show_default=True, type=click.Choice(_STORED),  # a typo: exit 2
+@click.option("--status", default="failed", show_default=True, type=click.Choice(STORED_STATUSES),  # a typo: exit 2
               help="Replay deliveries with this status.")
 @click.option("--since", default=None, help="Received at/after (ISO 8601, naive = UTC).")
 @click.option("--with-hooks", is_flag=True, help="Fire the store's hooks for what the replay applies; "
@@ -101,17 +101,14 @@ def reconcile(since: str | None, dry_run: bool, with_hooks: bool, allow_mass_del
 
     The repairs go through the extension's store (``ClerkSync(app, store=...)``: its mapped tables, and its
     hooks with ``--with-hooks``)."""
-    from clerk_sync.cli.reconcile import reconcile_command
+    from clerk_sync.cli.reconcile import reconcile_command, unread_objects
 
     state = clerk_state()
     report = reconcile_command(state.settings, since=since, dry_run=dry_run, console=Console(stderr=True),
                                hooks=state.store.hooks if with_hooks else (), store=state.store,
                                allow_mass_delete=allow_mass_delete)
-    if failed := report.total("failed"):  # their rows were not repaired: a scheduled run must not look fine
-        raise click.ClickException(
-            f"{failed} Clerk object(s) could not be read (the summary's failed column says of which table): Clerk "
-            "listed them in a shape this version refuses (an id or updated_at missing or malformed), so their rows "
-            "were left as they were. Upgrade clerk-sync, or report it")
+    if (unread := unread_objects(report)) is not None:
+        raise click.ClickException(unread)
 
 
 @clerk_sync_cli.command()

@@ -15,6 +15,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from clerk_sync import migrations
 from clerk_sync._db_errors import store_error
+from clerk_sync.cli._args import STORED_STATUSES
 from clerk_sync.engine import DeliveryStatus
 from clerk_sync.errors import ClerkSyncError
 from clerk_sync.integrations.django.conf import clerk_settings, django_options
@@ -23,8 +24,6 @@ if TYPE_CHECKING:
     from clerk_sync.store import Store
 
 __all__ = ["Command"]
-
-_STORED = sorted(s.value for s in DeliveryStatus if s is not DeliveryStatus.DUPLICATE)  # (never stored)
 
 
 class Command(BaseCommand):
@@ -43,7 +42,7 @@ class Command(BaseCommand):
                                help="Delete even when Clerk no longer lists over a quarter of the rows.")
         replay = sub.add_parser("replay", help="Re-apply stored deliveries (after fixing what made them fail); exit 1 "
                                                "while some stay failed.")
-        replay.add_argument("--status", default="failed", choices=_STORED,  # a typo replayed nothing, exit 0
+        replay.add_argument("--status", default="failed", choices=STORED_STATUSES,  # a typo replayed nothing, exit 0
                             help="Replay deliveries with this status.")
         replay.add_argument("--since", help="Received at/after (ISO 8601, naive = UTC).")
         replay.add_argument("--with-hooks", action="store_true",
@@ -81,7 +80,7 @@ class Command(BaseCommand):
                    **_: Any) -> None:
         from rich.console import Console
 
-        from clerk_sync.cli.reconcile import reconcile_command
+        from clerk_sync.cli.reconcile import reconcile_command, unread_objects
 
         options = django_options()
         report = reconcile_command(clerk_settings(), since=since, dry_run=dry_run, console=Console(stderr=True),
@@ -89,11 +88,8 @@ class Command(BaseCommand):
                                    allow_mass_delete=allow_mass_delete)
         self.stdout.write(f"reconcile {'dry run' if dry_run else 'run'} done: "
                           + ", ".join(f"{k} {v.created}+/{v.updated}~/{v.deleted}-" for k, v in report.counts.items()))
-        if failed := report.total("failed"):  # their rows were not repaired: a scheduled run must not look fine
-            raise CommandError(f"{failed} Clerk object(s) could not be read (the summary's failed column says of "
-                               "which table): Clerk listed them in a shape this version refuses (an id or "
-                               "updated_at missing or malformed), so their rows were left as they were. Upgrade "
-                               "clerk-sync, or report it")
+        if (unread := unread_objects(report)) is not None:
+            raise CommandError(unread)
 
     def _replay(self, *, status: str, since: str | None, with_hooks: bool, **_: Any) -> None:
         from clerk_sync.cli._args import parse_since
