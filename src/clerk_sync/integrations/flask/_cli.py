@@ -50,11 +50,31 @@ clerk_sync_cli = AppGroup("clerk-sync", help="clerk-sync commands, configured fr
 
 
 @clerk_sync_cli.command()
+@click.option("--backfill", is_flag=True, help="Also write the rows clerk-sync already holds into the mapped "
+                                               "tables (idempotent); needs a store with a mapping.")
 @_readable
-def migrate() -> None:
-    """Apply database migrations."""
-    migrations.upgrade(clerk_state().store.engine)
+def migrate(backfill: bool) -> None:
+    """Apply database migrations; with a mapping, also add what its tables need (Clerk-id and delete columns).
+
+    The mapping is the one of the store passed as ClerkSync(app, store=...), which the webhook route writes
+    through: this does what `clerk-sync migrate --mapping` (and --backfill) does, with the same migrate_schema."""
+    from clerk_sync.mapping import migrate_schema
+
+    store = clerk_state().store
+    schema = store.mapping
+    if backfill and schema is None:  # refused before anything is changed
+        raise ConfigError("--backfill needs a mapping: pass ClerkSync(app, store=Store.from_settings(settings, "
+                          "mapping=...))")
+    migrations.upgrade(store.engine)
     click.echo(f"migrations current ({migrations.head_revision()})")
+    if schema is None:
+        return
+    with store.engine.begin() as conn:
+        for line in migrate_schema(conn, schema) or ["mapped tables already have what the mapping needs"]:
+            click.echo(f"mapping: {line}")
+    if backfill:
+        with store.transaction() as writer:
+            click.echo(f"mapping: backfilled {schema.backfill(writer.conn, writer.now) or 'nothing'}")
 
 
 @clerk_sync_cli.command()

@@ -13,9 +13,12 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, NoReturn, ParamSpec, TypeVar, cast
+from urllib.parse import unquote, urlsplit
 
 from flask import Flask, Response, current_app, jsonify, request
+from werkzeug.exceptions import HTTPException
 from werkzeug.local import LocalProxy
+from werkzeug.routing import RequestRedirect
 
 from clerk_sync.auth.admin import AdminActions
 from clerk_sync.auth.authenticator import Authenticator
@@ -323,7 +326,17 @@ def public(view: Callable[P, R]) -> Callable[P, R]:
 
 
 def deny_by_default() -> None:
-    """``before_request``: refuse non-public endpoints without a valid session (when the app asks for it)."""
+    """``before_request``: refuse non-public endpoints without a valid session (when the app asks for it).
+
+    It runs before Flask acts on the routing's answer, so a URL Werkzeug redirects (``/docs`` for a rule
+    declared ``/docs/``, merged slashes, a rule's ``redirect_to``, an alias's canonical URL) has no endpoint
+    here: it is judged by where the redirect leads (:func:`_redirect_endpoint`). To a public endpoint,
+    Flask's own redirect (308) answers, as it would without the extension: it names a URL anyone may open.
+    To a protected endpoint (or one that cannot be resolved on this app), a signed-out caller gets the 401
+    the page itself would give, not the 308. A redirect reveals only that a route exists, but that is what
+    deny-by-default keeps from strangers: an unknown path answers 401, not 404, so answering ``/admin`` with
+    a redirect to ``/admin/`` would tell them apart. A signed-in caller gets Flask's redirect.
+    """
     state = clerk_state()
     if not state.deny_by_default:
         return
@@ -333,10 +346,70 @@ def deny_by_default() -> None:
         return  # Flask answers it itself, no view runs (Flask-CORS adds its headers): a browser's preflight
         # carries no session by design. A view that takes OPTIONS itself stays protected.
     endpoint = request.endpoint
-    view = current_app.view_functions.get(endpoint) if endpoint else None
-    if endpoint in state.public_endpoints or getattr(view, _PUBLIC_ATTR, False):
+    if isinstance(request.routing_exception, RequestRedirect):  # (endpoint is None: no rule was matched)
+        endpoint = _redirect_endpoint(request.routing_exception)
+    if _is_public(state, endpoint):
         return
     _current_auth()  # unknown paths too: refuse before revealing what exists
+
+
+def _is_public(state: ClerkSyncState, endpoint: str | None) -> bool:
+    """Listed in ``public_endpoints`` (the app's ``static`` and the webhook always are), a view decorated
+    with :func:`public`, or a blueprint's static files (:func:`_is_blueprint_static`)."""
+    if endpoint is None:
+        return False
+    if endpoint in state.public_endpoints:
+        return True
+    view = current_app.view_functions.get(endpoint)
+    return bool(getattr(view, _PUBLIC_ATTR, False)) or _is_blueprint_static(endpoint, view)
+
+
+def _is_blueprint_static(endpoint: str, view: object) -> bool:
+    """``<blueprint>.static``, the static files of a ``Blueprint(..., static_folder=...)``: public as the
+    app's ``static`` is. Not known by name in advance (blueprints register after ``init_app``, under the
+    name they are registered with, dotted when nested), so it is recognised here: the endpoint of a
+    registered blueprint whose view is that blueprint's ``send_static_file``, as Flask registers it. A view
+    of the app's own named ``static`` in a blueprint without a static folder is not static files: it stays
+    protected."""
+    name, dot, last = endpoint.rpartition(".")
+    if not dot or last != "static":
+        return False
+    blueprint = current_app.blueprints.get(name)
+    return blueprint is not None and view == getattr(blueprint, "send_static_file", None)
+
+
+_MAX_REDIRECTS = 5  # a chain longer than this (a loop of redirect_to rules) is not followed: protected
+
+
+def _redirect_endpoint(redirect: RequestRedirect) -> str | None:
+    """The endpoint this app's routing redirect leads to, or None: elsewhere (another host or scheme, a path
+    outside the app's root), to nothing (404, 405), or through too many redirects.
+
+    Werkzeug builds the redirect's URL from the request's own URL adapter (scheme, host, script root, then
+    the quoted path); the same adapter matches its path as the redirected request would be matched."""
+    adapter = current_app.create_url_adapter(request)
+    if adapter is None:  # pragma: no cover - there is one for every request
+        return None
+    origin = (adapter.url_scheme or "http", adapter.get_host(None))
+    root = adapter.script_name.strip("/")
+    for _ in range(_MAX_REDIRECTS):
+        target = urlsplit(redirect.new_url)
+        if (target.scheme, target.netloc) != origin:
+            return None
+        path = unquote(target.path).lstrip("/")
+        if root:
+            if path != root and not path.startswith(f"{root}/"):
+                return None
+            path = path[len(root):]
+        try:
+            endpoint, _values = adapter.match(f"/{path.lstrip('/')}", method=request.method)
+        except RequestRedirect as again:
+            redirect = again
+            continue
+        except HTTPException:
+            return None
+        return endpoint if isinstance(endpoint, str) else None
+    return None
 
 
 def _guard(check: Callable[[], object]) -> Callable[[Callable[P, R]], Callable[P, R]]:

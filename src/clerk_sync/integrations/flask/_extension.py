@@ -43,11 +43,14 @@ class ClerkSync:
         clerk = ClerkSync(app, deny_by_default=True, public_endpoints={"home"})
 
     ``deny_by_default`` refuses (401) every endpoint without a valid session unless it is listed in
-    ``public_endpoints`` or decorated with :func:`public` (the webhook route and ``static`` always are).
+    ``public_endpoints`` or decorated with :func:`public` (the webhook route, ``static`` and the static files
+    of blueprints with a ``static_folder`` always are). A URL Flask redirects (``/docs`` for ``/docs/``) is
+    judged by where it leads: Flask's 308 to a public page, the page's own 401 to the signed-out otherwise.
     ``jit`` syncs a signed-in user whose webhook has not arrived (needs ``CLERK_SECRET_KEY``).
     ``revocation_refresh_s`` is how stale the deny list (revoked sessions, banned users) may be.
     ``store``: a :class:`~clerk_sync.store.Store` you built with ``hooks=``/``mapping=`` — pass it so
-    webhooks, JIT syncs and admin actions all queue your hooks and write your tables (you close it).
+    webhooks, JIT syncs and admin actions all queue your hooks and write your tables (you close it);
+    ``flask clerk-sync migrate [--backfill]`` then adds what the mapping needs to your tables.
     ``sync_me_path`` (e.g. ``"/sync/me"``) adds that ``POST`` route for signed-in users: the front end
     calls it right after sign-up, so the row exists before the webhook (needs ``CLERK_SECRET_KEY``).
     """
@@ -61,7 +64,9 @@ class ClerkSync:
         self.store = store
         self.webhook_path = webhook_path
         self.deny_by_default = deny_by_default
-        self.public_endpoints = frozenset(public_endpoints) | {"static"}  # the app's static files
+        # The app's static files; blueprints' (``<name>.static``) are recognised per request, as they may
+        # register after this (see ``_core._is_blueprint_static``)
+        self.public_endpoints = frozenset(public_endpoints) | {"static"}
         self.jit = jit
         self.audit_impersonation = audit_impersonation
         self.revocation_refresh_s = revocation_refresh_s
