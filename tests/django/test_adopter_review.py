@@ -20,7 +20,7 @@ from clerk_sync.integrations.django.middleware import ClerkMiddleware
 from clerk_sync.integrations.django.runtime import get_clerk_sync
 from tests import factories as f
 from tests.django.conftest import World, bearer, django_database, emulator_settings
-from tests.django.test_framework_review import BASE
+from tests.django.test_framework_review import BASE, CHECKED
 
 BACKEND = "clerk_sync.integrations.django.backends.ClerkBackend"
 
@@ -118,14 +118,14 @@ def test_a_database_driver_that_is_not_installed_is_a_check_error(monkeypatch: p
     """Finding: ``manage.py check`` passed, then every request (public pages too) answered 500 when the first
     one built the store: a ``DATABASE_URL`` naming a driver not installed, or one derived from a PostgreSQL
     ``DATABASES`` entry (psycopg 3) in a project that has only psycopg2."""
-    with override_settings(CLERK_SYNC={**BASE, "DATABASE_URL": "postgresql+pg8000://me@db.example.com/app"}):
+    with override_settings(CLERK_SYNC={**CHECKED, "DATABASE_URL": "postgresql+pg8000://me@db.example.com/app"}):
         found = check_settings()
         assert [m.id for m in found] == ["clerk_sync.E007"]
         assert "'pg8000' is not installed" in found[0].msg and "clerk-sync[postgres]" in str(found[0].hint)
         assert "psycopg2" not in str(found[0].hint)  # its errors carry no sqlstate: never suggested (review)
     monkeypatch.setitem(sys.modules, "psycopg", None)  # a project without psycopg 3
     postgres = {"ENGINE": "django.db.backends.postgresql", "NAME": "app", "HOST": "db.example.com"}
-    with override_settings(CLERK_SYNC=BASE, DATABASES={"default": postgres}):
+    with override_settings(CLERK_SYNC=CHECKED, DATABASES={"default": postgres}):
         found = check_settings()
         assert [m.id for m in found] == ["clerk_sync.E007"] and "'psycopg' is not installed" in found[0].msg
 
@@ -141,10 +141,10 @@ def test_a_subclass_of_clerk_middleware_before_authentication_middleware_is_a_ch
 
     own = "tests.django.test_adopter_review.ProjectClerkMiddleware"
     order = [own, *(m for m in settings.MIDDLEWARE if "ClerkMiddleware" not in m)]
-    with override_settings(MIDDLEWARE=order, CLERK_SYNC=BASE):
+    with override_settings(MIDDLEWARE=order, CLERK_SYNC=CHECKED):
         assert [m.id for m in check_settings()] == ["clerk_sync.E004"]
     order = [*(m for m in settings.MIDDLEWARE if "ClerkMiddleware" not in m), own]
-    with override_settings(MIDDLEWARE=order, CLERK_SYNC=BASE):
+    with override_settings(MIDDLEWARE=order, CLERK_SYNC=CHECKED):
         assert check_settings() == []
 
 

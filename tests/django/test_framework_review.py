@@ -29,6 +29,8 @@ from tests.django.conftest import World, bearer, django_database, world_for
 from tests.test_sessions import KEY, pem
 
 BASE = {"CLERK_WEBHOOK_SIGNING_SECRET": SECRET, "CLERK_JWT_KEY": pem(KEY)}
+#: BASE as a deployment checks clean with: without authorized parties `manage.py check` warns (W002).
+CHECKED = {**BASE, "CLERK_AUTHORIZED_PARTIES": "https://app.example.com"}
 
 # -- the database clerk-sync writes ----------------------------------------------------------------------
 
@@ -44,13 +46,13 @@ def test_geodjango_engines_map_to_their_database_and_an_unknown_engine_is_a_chec
     assert database_url_from_django({"ENGINE": "django.contrib.gis.db.backends.spatialite", "NAME": "/srv/geo.db"}) == \
         "sqlite:////srv/geo.db"
     wrapped = {"ENGINE": "django_prometheus.db.backends.postgresql", **db}
-    with override_settings(DATABASES={"default": wrapped}, CLERK_SYNC=BASE):
+    with override_settings(DATABASES={"default": wrapped}, CLERK_SYNC=CHECKED):
         with pytest.raises(ImproperlyConfigured, match=r"django_prometheus.*CLERK_SYNC\['DATABASE_URL'\]"):
             clerk_settings({})
         found = check_settings()
         assert [m.id for m in found] == ["clerk_sync.E001"] and "CLERK_SYNC['DATABASE_URL']" in found[0].msg
     url = "postgresql+psycopg://me@db/app"
-    with override_settings(DATABASES={"default": wrapped}, CLERK_SYNC={**BASE, "DATABASE_URL": url}):
+    with override_settings(DATABASES={"default": wrapped}, CLERK_SYNC={**CHECKED, "DATABASE_URL": url}):
         assert (clerk_settings({}).database_url, check_settings()) == (url, [])
 
 
@@ -66,7 +68,7 @@ def test_geodjango_engines_map_to_their_database_and_an_unknown_engine_is_a_chec
 def test_django_only_options_of_the_wrong_type_are_check_errors(key: str, value: Any) -> None:
     """Review finding: ``DENY_LIST_REFRESH_S: "5"`` (read from the environment) passed ``manage.py check``,
     then every request carrying a session answered 500; ``"false"`` switched ``REQUIRE_AUTH``/``JIT`` on."""
-    with override_settings(CLERK_SYNC={**BASE, key: value}):
+    with override_settings(CLERK_SYNC={**CHECKED, key: value}):
         found = check_settings()
         assert [m.id for m in found] == ["clerk_sync.E001"] and repr(key) in found[0].msg
         with pytest.raises(ImproperlyConfigured, match=key):
@@ -74,7 +76,7 @@ def test_django_only_options_of_the_wrong_type_are_check_errors(key: str, value:
 
 
 def test_django_only_options_of_the_right_type_are_taken() -> None:
-    with override_settings(CLERK_SYNC={**BASE, "DENY_LIST_REFRESH_S": 0, "REQUIRE_AUTH": False, "JIT": False,
+    with override_settings(CLERK_SYNC={**CHECKED, "DENY_LIST_REFRESH_S": 0, "REQUIRE_AUTH": False, "JIT": False,
                                        "AUDIT_IMPERSONATION": True}):
         options = django_options()
         assert check_settings() == []
@@ -205,12 +207,12 @@ def test_a_project_without_csrf_middleware_gets_a_check_warning() -> None:
     from django.conf import settings
 
     without = [m for m in settings.MIDDLEWARE if m != "django.middleware.csrf.CsrfViewMiddleware"]
-    with override_settings(MIDDLEWARE=without, CLERK_SYNC=BASE):
+    with override_settings(MIDDLEWARE=without, CLERK_SYNC=CHECKED):
         found = check_settings()
         assert [(m.id, m.is_serious()) for m in found] == [("clerk_sync.W001", False)]
         assert "CsrfViewMiddleware" in found[0].msg and "SILENCED_SYSTEM_CHECKS" in str(found[0].hint)
     own = [*without, "tests.django.test_framework_review.ProjectCsrf"]
-    with override_settings(MIDDLEWARE=own, CLERK_SYNC=BASE):
+    with override_settings(MIDDLEWARE=own, CLERK_SYNC=CHECKED):
         assert check_settings() == []
 
 
@@ -235,13 +237,14 @@ def test_manage_py_check_reports_a_malformed_jwt_key() -> None:
     """Review finding: the check looked at presence only: a truncated PEM passed ``manage.py check``, then
     every protected view answered 500. Flask fails at start-up for the same key."""
     for key in ("-----BEGIN PUBLIC KEY-----\nnot a key", pem(KEY).replace("\n", "")[:-40]):
-        with override_settings(CLERK_SYNC={**BASE, "CLERK_JWT_KEY": key}):
+        with override_settings(CLERK_SYNC={**CHECKED, "CLERK_JWT_KEY": key}):
             found = check_settings()
             assert [m.id for m in found] == ["clerk_sync.E006"]
             assert "CLERK_JWT_KEY is not a PEM public key" in found[0].msg and "JWKS Public Key" in str(found[0].hint)
             with pytest.raises(SystemCheckError, match=r"clerk_sync\.E006"):
                 call_command("check", stdout=StringIO(), stderr=StringIO())
-    with override_settings(CLERK_SYNC={"CLERK_WEBHOOK_SIGNING_SECRET": SECRET, "CLERK_SECRET_KEY": "sk_test_x"}):
+    with override_settings(CLERK_SYNC={"CLERK_WEBHOOK_SIGNING_SECRET": SECRET, "CLERK_SECRET_KEY": "sk_test_x",
+                                   "CLERK_AUTHORIZED_PARTIES": CHECKED["CLERK_AUTHORIZED_PARTIES"]}):
         assert check_settings() == []  # JWKS from the Backend API: built without fetching anything
 
 

@@ -78,6 +78,10 @@ def only_email(row: Any) -> dict[str, Any]:
 
 # -- system checks -------------------------------------------------------------------------------------
 
+#: A webhook secret, a session key and the front end's origin: nothing for `manage.py check` to report.
+CHECKED = {"CLERK_WEBHOOK_SIGNING_SECRET": SECRET, "CLERK_JWT_KEY": pem(KEY),
+           "CLERK_AUTHORIZED_PARTIES": "https://app.example.com"}
+
 
 def test_missing_secret_and_keys_are_check_errors_with_the_fix() -> None:
     with override_settings(CLERK_SYNC={}):
@@ -87,9 +91,9 @@ def test_missing_secret_and_keys_are_check_errors_with_the_fix() -> None:
         assert "CLERK_JWT_KEY" in str(found["clerk_sync.E003"].hint)
         with pytest.raises(SystemCheckError, match=r"clerk_sync\.E002"):
             call_command("check", stdout=StringIO(), stderr=StringIO())
-    with override_settings(CLERK_SYNC={"CLERK_WEBHOOK_SIGNING_SECRET": "whsec_!!", "CLERK_JWT_KEY": pem(KEY)}):
+    with override_settings(CLERK_SYNC={**CHECKED, "CLERK_WEBHOOK_SIGNING_SECRET": "whsec_!!"}):
         assert [m.id for m in check_settings()] == ["clerk_sync.E002"]  # malformed: not base64
-    with override_settings(CLERK_SYNC={"CLERK_WEBHOOK_SIGNING_SECRET": SECRET, "CLERK_JWT_KEY": pem(KEY)}):
+    with override_settings(CLERK_SYNC=CHECKED):
         assert check_settings() == []
         call_command("check", stdout=StringIO())
 
@@ -99,7 +103,7 @@ def test_middleware_before_authentication_middleware_is_a_check_error() -> None:
 
     order = [m for m in settings.MIDDLEWARE if "ClerkMiddleware" not in m]
     order.insert(0, "clerk_sync.integrations.django.middleware.ClerkMiddleware")
-    with override_settings(MIDDLEWARE=order, CLERK_SYNC={"CLERK_WEBHOOK_SIGNING_SECRET": SECRET, "CLERK_JWT_KEY": pem(KEY)}):
+    with override_settings(MIDDLEWARE=order, CLERK_SYNC=CHECKED):
         assert [m.id for m in check_settings()] == ["clerk_sync.E004"]
 
 
@@ -109,7 +113,7 @@ def test_settings_a_careful_user_could_get_wrong_are_check_errors_not_an_open_si
     failed every request instead of ``check``; a list of authorized parties became ``"['https://a'"``."""
     from django.conf import settings
 
-    base = {"CLERK_WEBHOOK_SIGNING_SECRET": SECRET, "CLERK_JWT_KEY": pem(KEY)}
+    base = CHECKED
     for key in ("PUBLIC_PREFIXES", "PUBLIC_PATHS"):
         with override_settings(CLERK_SYNC={**base, "REQUIRE_AUTH": True, key: "/static/"}):
             found = check_settings()
@@ -260,13 +264,15 @@ def test_admin_pages_are_read_only_and_replay_a_delivery(client_world: World) ->
     assert app.get("/django-admin/clerk_sync/clerkuser/add/", headers=as_admin).status_code == 403
     assert app.get("/django-admin/clerk_sync/clerkuser/", headers=as_bob).status_code == 302  # not staff: to login
 
+    clerk.wait_for_deliveries()  # (the tokens' session.created too: every delivery is selected below)
     with get_clerk_sync().store.transaction() as w:
         w.conn.execute(webhook_events.update().values(status="failed"))
     with get_clerk_sync().store.connect() as conn:
         ids = list(conn.execute(sa.select(webhook_events.c.id)).scalars())
     replay = app.post("/django-admin/clerk_sync/webhookdelivery/", {"action": "replay", "_selected_action": ids},
                       headers=as_admin, follow=True)
-    assert replay.status_code == 200 and b"Replayed:" in replay.content
+    assert replay.status_code == 200 and f"Replayed {len(ids)} deliveries".encode() in replay.content
+    assert b"Not replayed" not in replay.content  # every one selected was failed
     with get_clerk_sync().store.connect() as conn:
         assert "failed" not in set(conn.execute(sa.select(webhook_events.c.status)).scalars())
         replays = conn.execute(sa.select(audit_log.c.actor_clerk_id, audit_log.c.details)

@@ -170,7 +170,8 @@ def test_require_auth_with_a_subclass_of_clerk_middleware_is_no_check_error() ->
 
     order = [m if "ClerkMiddleware" not in m else "tests.django.test_review.MyClerkMiddleware"
              for m in settings.MIDDLEWARE]
-    base = {"CLERK_WEBHOOK_SIGNING_SECRET": SECRET, "CLERK_JWT_KEY": pem(KEY), "REQUIRE_AUTH": True}
+    base = {"CLERK_WEBHOOK_SIGNING_SECRET": SECRET, "CLERK_JWT_KEY": pem(KEY), "REQUIRE_AUTH": True,
+            "CLERK_AUTHORIZED_PARTIES": "https://app.example.com"}
     with override_settings(MIDDLEWARE=order, CLERK_SYNC=base):
         assert check_settings() == []
     with override_settings(CLERK_SYNC={**base, "CLERK_WEBHOOK_SECRET": [SECRET, SECRET]}):

@@ -1,11 +1,14 @@
-"""Read-only admin pages for the mirrored tables, and a "replay" action for deliveries.
+"""Read-only admin pages for the mirrored tables, and a "replay" action for failed deliveries.
 
 Nothing can be added, changed or deleted here: the rows are Clerk's, written by webhooks and
-``reconcile``. Replaying re-applies a stored delivery through the same code as ``clerk-sync replay``.
+``reconcile``. Replaying re-applies a stored ``failed`` delivery through the same code as the console and
+``clerk-sync replay``; the others selected are left as they are.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from django.contrib import admin, messages
@@ -14,7 +17,7 @@ from django.http import HttpRequest
 
 from clerk_sync.auth.audit import AuditEntry, record_audit
 from clerk_sync.engine import DeliveryStatus
-from clerk_sync.ingest import replay_delivery
+from clerk_sync.ingest import replay_delivery, replay_if_failed
 from clerk_sync.integrations.django.models import (
     AuditLogEntry,
     ClerkMembership,
@@ -73,27 +76,53 @@ class WebhookDeliveryAdmin(ReadOnlyAdmin):
         """Replaying writes to the mirrored tables: superusers only."""
         return bool(getattr(request.user, "is_superuser", False))
 
-    @admin.action(description="Replay the selected deliveries", permissions=["replay"])
+    @admin.action(description="Replay the selected failed deliveries", permissions=["replay"])
     def replay(self, request: HttpRequest, queryset: QuerySet[WebhookDelivery]) -> None:
-        actor = request.user.get_username() or None
-        counts: dict[str, int] = {}
-        for svix_id in queryset.order_by("id").values_list("svix_id", flat=True):
-            status = replay_audited(svix_id, actor, request.META.get("REMOTE_ADDR"))
-            counts[status] = counts.get(status, 0) + 1
-        summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "nothing"
-        self.message_user(request, f"Replayed: {summary}.",
-                          messages.WARNING if "failed" in counts else messages.SUCCESS)
+        """Re-apply the selected deliveries that are ``failed``, as the console and ``manage.py clerk_sync replay``
+        do; the others are left as they are (an applied one replayed would only be relabelled ``skipped``), and
+        the messages say how many of each and why."""
+        actor, ip = request.user.get_username() or None, request.META.get("REMOTE_ADDR")
+        replayed, left = Counter[str](), Counter[str]()
+        for svix_id, status in queryset.order_by("id").values_list("svix_id", "status"):
+            done, status = (_replay_failed_audited(svix_id, actor, ip) if status == DeliveryStatus.FAILED
+                            else (False, status))
+            (replayed if done else left)[status] += 1
+        if replayed:
+            self.message_user(request, f"Replayed {_deliveries(replayed)}: {_by_status(replayed)}.",
+                              messages.WARNING if replayed[DeliveryStatus.FAILED] else messages.SUCCESS)
+        if left:
+            self.message_user(request, f"Not replayed: {_deliveries(left)} not failed ({_by_status(left)}). Only "
+                              "failed deliveries are replayed, as in the console and `manage.py clerk_sync replay`: "
+                              "the others were already applied, skipped or ignored.", messages.WARNING)
+
+
+def _deliveries(counts: Counter[str]) -> str:
+    return f"{counts.total()} {'delivery' if counts.total() == 1 else 'deliveries'}"
+
+
+def _by_status(counts: Counter[str]) -> str:
+    return ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
 
 
 def replay_audited(svix_id: str, actor: str | None, ip: str | None) -> str:
-    """Re-apply one delivery (as ``clerk-sync replay`` does); its audit row commits with the outcome."""
-    store = get_clerk_sync().store
+    """Re-apply one delivery whatever its status (as ``clerk-sync replay --status STATUS`` does); its audit row
+    commits with the outcome. The admin action replays failed ones only (:func:`_replay_failed_audited`)."""
+    return str(replay_delivery(get_clerk_sync().store, svix_id, audit=_audit(svix_id, actor, ip)))
 
+
+def _replay_failed_audited(svix_id: str, actor: str | None, ip: str | None) -> tuple[bool, str]:
+    """Re-apply one delivery if it is still ``failed`` when its transaction reads it (the row locked: a second
+    admin or the console replaying it at the same moment writes nothing), audited as :func:`replay_audited`.
+    Returns (replayed, status): the status after the replay, or the one that kept it from being replayed."""
+    return replay_if_failed(get_clerk_sync().store, svix_id, audit=_audit(svix_id, actor, ip))
+
+
+def _audit(svix_id: str, actor: str | None, ip: str | None) -> Callable[[Writer, DeliveryStatus], None]:
     def audit(w: Writer, status: DeliveryStatus) -> None:
         record_audit(w, AuditEntry("django_admin.delivery_replayed", actor,
                                    details={"svix_id": svix_id, "result": str(status)}, ip=ip))
 
-    return str(replay_delivery(store, svix_id, audit=audit))
+    return audit
 
 
 @admin.register(AuditLogEntry)

@@ -27,8 +27,8 @@ _CSRF_MIDDLEWARE = "django.middleware.csrf.CsrfViewMiddleware"
 
 def check_settings(app_configs: Any = None, **_: Any) -> list[checks.CheckMessage]:
     """Settings readable, database driver installed, webhook secret well-formed, session tokens verifiable (the
-    key parses), middleware order and CSRF protection, and the Django-only keys (types, paths, dotted paths)
-    as requests will read them."""
+    key parses) and their ``azp`` checked, middleware order and CSRF protection, and the Django-only keys (types,
+    paths, dotted paths) as requests will read them."""
     try:
         settings = clerk_settings()
         options = django_options()
@@ -36,8 +36,8 @@ def check_settings(app_configs: Any = None, **_: Any) -> list[checks.CheckMessag
         return [checks.Error(str(exc), hint="Fix settings.CLERK_SYNC (keys are the environment variable names; "
                              "USER_FIELDS, HOOKS and MAPPING dotted paths to importable objects).",
                              id="clerk_sync.E001")]
-    return [*_database(settings), *_webhook_secret(settings), *_session_keys(settings), *_middleware_order(),
-            *_require_auth(options), *_csrf_middleware()]
+    return [*_database(settings), *_webhook_secret(settings), *_session_keys(settings),
+            *_authorized_parties(settings), *_middleware_order(), *_require_auth(options), *_csrf_middleware()]
 
 
 def _database(settings: Settings) -> list[checks.CheckMessage]:
@@ -68,8 +68,14 @@ def _webhook_secret(settings: Settings) -> list[checks.CheckMessage]:
     return []
 
 
+def _verifies_sessions(settings: Settings) -> bool:
+    """A key to verify session tokens with: ``CLERK_JWT_KEY``, ``CLERK_JWKS_URL``, or the JWKS fetched with
+    ``CLERK_SECRET_KEY``. None of them: the app verifies no session (E003; webhooks only, E003 silenced)."""
+    return any(key is not None for key in (settings.clerk_jwt_key, settings.clerk_jwks_url, settings.clerk_secret_key))
+
+
 def _session_keys(settings: Settings) -> list[checks.CheckMessage]:
-    if settings.clerk_jwt_key is None and settings.clerk_jwks_url is None and settings.clerk_secret_key is None:
+    if not _verifies_sessions(settings):
         return [checks.Error(
             "clerk-sync cannot verify session tokens: no CLERK_JWT_KEY, CLERK_JWKS_URL or CLERK_SECRET_KEY.",
             hint="Set CLERK_JWT_KEY to the PEM from Clerk Dashboard -> API keys -> JWKS Public Key (no network "
@@ -86,6 +92,26 @@ def _session_keys(settings: Settings) -> list[checks.CheckMessage]:
                  "it to fetch the keys with CLERK_SECRET_KEY.",
             id="clerk_sync.E006")]
     return []
+
+
+def _authorized_parties(settings: Settings) -> list[checks.CheckMessage]:
+    """Without ``CLERK_AUTHORIZED_PARTIES`` a token's ``azp`` is not checked (``ClaimsValidator``): a session
+    token the Clerk instance minted for any origin signs in here. A warning, as ``clerk-sync doctor`` says it:
+    signature, issuer and expiry are still checked, and Clerk makes the list optional. An app that verifies no
+    session (no key: E003) has nothing to check it on."""
+    if not _verifies_sessions(settings) or settings.authorized_parties() is not None:
+        return []
+    return [checks.Warning(
+        "CLERK_AUTHORIZED_PARTIES is not set: the azp claim of session tokens is not checked, so a token your "
+        "Clerk instance minted for any origin is accepted here (one for another app or satellite domain of the "
+        "same instance, or for a page on one of your subdomains: Clerk's subdomain cookie leaking).",
+        hint="Set CLERK_SYNC['CLERK_AUTHORIZED_PARTIES'] to every origin your signed-in pages are served from, as "
+             "the browser sends them in Origin (scheme://host[:port], no path), e.g. ['https://app.example.com'] "
+             "(and 'http://localhost:3000' in development), or export CLERK_AUTHORIZED_PARTIES comma-separated. "
+             "Tokens minted for any other origin are then refused (401 token_invalid_authorized_parties), and a "
+             "POST carrying the __session cookie must come from one of them (or CSRF_TRUSTED_ORIGINS): list this "
+             "site's own origin too if its pages post forms.",
+        id="clerk_sync.W002")]
 
 
 def _require_auth(options: DjangoOptions) -> list[checks.CheckMessage]:

@@ -1,8 +1,9 @@
 """The clerk-sync parts of a Django process, built once from ``settings.CLERK_SYNC`` and shared.
 
-:func:`get_clerk_sync` returns them; each part is built on first use, so a missing webhook secret
-fails the webhook view (and ``manage.py check``) but not pages that only verify sessions. Changing
-``CLERK_SYNC`` (``override_settings`` in tests) drops them, and the next use rebuilds them.
+:func:`get_clerk_sync` returns them; each part is built on first use (once: concurrent first uses wait for
+it), so a missing webhook secret fails the webhook view (and ``manage.py check``) but not pages that only
+verify sessions. Changing ``CLERK_SYNC`` (``override_settings`` in tests) drops them, and the next use
+rebuilds them.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import weakref
-from functools import cached_property
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Generic, Self, TypeVar, overload
 
 import httpx
 from asgiref.sync import sync_to_async
@@ -34,6 +35,44 @@ from clerk_sync.store import Store
 
 __all__ = ["ClerkSync", "get_clerk_sync", "reset_clerk_sync"]
 
+_T = TypeVar("_T")
+
+
+class _built_once(Generic[_T]):  # lower case: a decorator, as functools.cached_property
+    """``functools.cached_property`` that builds under a lock: the first use builds, concurrent first uses wait
+    for it and share the result. cached_property itself stopped locking in Python 3.12, so two threads' first
+    requests each built a Clerk client (one never closed, each with its own connections) or an authenticator.
+
+    One lock per part and instance (``ClerkSync._build_locks``): a part built from another (the authenticator
+    from ``jit``, from ``clerk``) takes that one's lock inside its own, always in that order, and the webhook
+    view's ``processor`` never waits on a Clerk client. A build that raises keeps nothing: the next use tries
+    again. Once built, the value sits in the instance's ``__dict__`` and is read without any lock."""
+
+    _name: str
+
+    def __init__(self, build: Callable[[Any], _T]) -> None:
+        self._build = build
+        self.__doc__ = build.__doc__
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name = name
+
+    @overload
+    def __get__(self, instance: None, owner: type | None = None) -> Self: ...
+    @overload
+    def __get__(self, instance: object, owner: type | None = None) -> _T: ...
+
+    def __get__(self, instance: object | None, owner: type | None = None) -> _T | Self:
+        if instance is None:
+            return self
+        built: dict[str, Any] = instance.__dict__
+        # dict.setdefault is atomic: two threads get the same lock (a Lock made and dropped at most)
+        with built["_build_locks"].setdefault(self._name, threading.Lock()):
+            if self._name not in built:
+                built[self._name] = self._build(instance)
+            value: _T = built[self._name]
+        return value
+
 
 class ClerkSync:
     """Settings, store, webhook processor, authenticator, JIT users and admin actions of one process."""
@@ -51,20 +90,21 @@ class ClerkSync:
         self._budget: Budget | None = None
         self._budget_lock = threading.Lock()
         self._breaker = CircuitBreaker()
+        self._build_locks: dict[str, threading.Lock] = {}  # one per part (see _built_once)
 
-    @cached_property
+    @_built_once
     def processor(self) -> WebhookProcessor:
         """Raises ConfigError (naming the variable) when the webhook secret is missing or malformed."""
         return build_processor(self.settings, self.store)
 
-    @cached_property
+    @_built_once
     def clerk(self) -> ClerkClient | None:
         budget = self._shared_budget()
         if budget is None:
             return None
         return ClerkClient.from_settings(self.settings, budget=budget, breaker=self._breaker)
 
-    @cached_property
+    @_built_once
     def aclerk(self) -> AsyncClerkClient | None:
         budget = self._shared_budget()
         if budget is None:
@@ -79,7 +119,7 @@ class ClerkSync:
                 self._budget = budget_from_settings(self.settings)
             return self._budget
 
-    @cached_property
+    @_built_once
     def jit(self) -> JitUsers | None:
         """JIT sync when enabled and a secret key is set; else rows come from webhooks only."""
         if not self.options.jit or self.clerk is None:
@@ -87,7 +127,7 @@ class ClerkSync:
         return JitUsers(self.store, clerk=self.clerk, aclerk=self.aclerk,
                         refresh_interval_s=self.settings.jit_refresh_interval_s)
 
-    @cached_property
+    @_built_once
     def authenticator(self) -> Authenticator:
         """Raises ConfigError when neither CLERK_JWT_KEY nor CLERK_SECRET_KEY is set."""
         verifier = verifier_from_settings(self.settings, http=self._http)
@@ -97,7 +137,7 @@ class ClerkSync:
                              load_user=jit.get_auth_user if jit is not None else None,
                              impersonator_roles=self.settings.impersonator_roles())
 
-    @cached_property
+    @_built_once
     def admin_actions(self) -> AdminActions:
         if self.clerk is None:
             raise ConfigError("admin actions call Clerk: set CLERK_SECRET_KEY in settings.CLERK_SYNC")

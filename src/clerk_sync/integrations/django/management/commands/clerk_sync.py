@@ -1,8 +1,9 @@
 """``manage.py clerk_sync migrate|reconcile|replay|promote|retry-pending|prune``: the ``clerk-sync`` commands, with the
 settings read from ``settings.CLERK_SYNC`` (and its fallbacks) instead of the environment alone.
 
-``CLERK_SYNC["MAPPING"]`` and ``["HOOKS"]`` apply as they do to the webhook view: replay, reconcile and
-promote write the mapped tables, and promote queues the hooks. Replay and reconcile fire the hooks only
+``CLERK_SYNC["MAPPING"]`` and ``["HOOKS"]`` apply as they do to the webhook view: migrate adds what the mapped
+tables need (``--backfill``: and writes the rows clerk-sync holds into them), replay, reconcile and promote write
+the mapped tables, and promote queues the hooks. Replay and reconcile fire the hooks only
 with ``--with-hooks`` (as ``clerk-sync replay/reconcile --with-hooks``): re-processing must not send the
 welcome mail twice."""
 
@@ -31,7 +32,11 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         sub = parser.add_subparsers(dest="action", required=True)
-        sub.add_parser("migrate", help="Apply clerk-sync's migrations to DATABASE_URL.")
+        migrate = sub.add_parser("migrate", help="Apply clerk-sync's migrations to DATABASE_URL; with "
+                                                 'CLERK_SYNC["MAPPING"], add its Clerk-id and delete columns.')
+        migrate.add_argument("--backfill", action="store_true",
+                             help="Also write the rows clerk-sync already holds into the mapped tables "
+                                  "(idempotent).")
         reconcile = sub.add_parser("reconcile", help="Re-read Clerk and repair drift (resumes after a kill); exit 1 "
                                                      "when some of Clerk's objects could not be read.")
         reconcile.add_argument("--since", help="Only users updated at/after this ISO time.")
@@ -65,16 +70,29 @@ class Command(BaseCommand):
             raise CommandError(f"{store_error(exc)}; check CLERK_SYNC['DATABASE_URL'], else DATABASES['default'], "
                                "and that the database is up") from exc
 
-    def _migrate(self, **_: Any) -> None:
+    def _migrate(self, *, backfill: bool = False, **_: Any) -> None:
+        """``clerk-sync migrate --mapping`` with ``CLERK_SYNC["MAPPING"]`` (the webhook view's): the same
+        ``migrate_schema`` adds what the mapped tables need, ``--backfill`` the same ``SchemaMapping.backfill``."""
+        from clerk_sync.mapping import migrate_schema
         from clerk_sync.store import Store
 
-        settings = clerk_settings()
+        settings, mapping = clerk_settings(), django_options().mapping
+        if backfill and mapping is None:  # refused before anything is changed
+            raise CommandError('--backfill needs CLERK_SYNC["MAPPING"]: the dotted path of your SchemaMapping')
         store = Store.from_settings(settings)
         try:
             migrations.upgrade(store.engine)
+            self.stdout.write(f"clerk-sync migrations current ({migrations.head_revision()})")
+            if mapping is None:
+                return
+            with store.engine.begin() as conn:
+                for line in migrate_schema(conn, mapping) or ["mapped tables already have what the mapping needs"]:
+                    self.stdout.write(f"mapping: {line}")
+            if backfill:
+                with store.transaction() as writer:
+                    self.stdout.write(f"mapping: backfilled {mapping.backfill(writer.conn, writer.now) or 'nothing'}")
         finally:
             store.dispose()
-        self.stdout.write(f"clerk-sync migrations current ({migrations.head_revision()})")
 
     def _reconcile(self, *, since: str | None, dry_run: bool, with_hooks: bool, allow_mass_delete: bool = False,
                    **_: Any) -> None:
