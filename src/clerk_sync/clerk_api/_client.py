@@ -19,6 +19,7 @@ import anyio
 import httpx
 
 from clerk_sync.clerk_api import _endpoints as ep
+from clerk_sync.clerk_api._deadline import attempt_until, install
 from clerk_sync.clerk_api._endpoints import JSON, MAX_PAGE, Page
 from clerk_sync.clerk_api._flights import AsyncFlights, SyncFlights
 from clerk_sync.clerk_api._policy import (
@@ -76,6 +77,11 @@ def _span_attributes(req: ApiRequest[Any]) -> dict[str, str]:
 def _late(step: Send) -> httpx.ReadTimeout:
     return httpx.ReadTimeout(f"the answer was still arriving when the {step.left:.2f}s left of the call's "
                              "deadline ran out", request=step.request)
+
+
+def _late_or(exc: _Failed, until: float, step: Send) -> _Failed:
+    """A timeout that the deadline cut (not the configured timeout) reads as the async face's does."""
+    return _late(step) if isinstance(exc, httpx.TimeoutException) and time.monotonic() >= until else exc
 
 
 class _ReadBy(httpx.SyncByteStream):
@@ -150,13 +156,18 @@ class _Base:
 
 
 class ClerkClient(_Base):
-    """Blocking face; thread-safe. Pass ``http`` (an :class:`httpx.Client` you own) or a ``transport``."""
+    """Blocking face; thread-safe. Pass ``http`` (an :class:`httpx.Client` you own) or a ``transport``.
+
+    An attempt ends by the call's deadline, as the async face's cancel scope ends it: the sockets of
+    ``http``'s own transports (httpx's ``HTTPTransport``, proxies too) wait no longer than what is left
+    (:mod:`clerk_sync.clerk_api._deadline`); any other transport's answer is still read by the deadline."""
 
     def __init__(self, secret_key: str, *, http: httpx.Client | None = None,
                  transport: httpx.BaseTransport | None = None, **options: Any) -> None:
         super().__init__(secret_key, **options)
         self._owns_http = http is None
         self._http = http or httpx.Client(transport=transport, timeout=DEFAULT_TIMEOUT)
+        install(self._http)
         self._flights = SyncFlights()
 
     @classmethod
@@ -165,11 +176,14 @@ class ClerkClient(_Base):
         return cls(http=http, **cls._settings_kwargs(settings, budget), **options)
 
     def close(self) -> None:
-        if self._owns_http:
-            self._http.close()
-        close_budget = getattr(self.budget, "close", None)
-        if self._owns_budget and close_budget is not None:
-            close_budget()
+        """Close what this client opened (its HTTP client, the budget ``from_settings`` made); twice is safe."""
+        try:
+            if self._owns_http:
+                self._http.close()
+        finally:
+            close_budget = getattr(self.budget, "close", None)
+            if self._owns_budget and close_budget is not None:
+                close_budget()
 
     def __enter__(self) -> ClerkClient:
         return self
@@ -180,7 +194,9 @@ class ClerkClient(_Base):
     def send(self, req: ApiRequest[T], deadline_s: float | None = None) -> T:
         """Run one request through budget, retries and breaker (coalesced if ``req.coalesce``)."""
         if req.coalesce:
-            return self._flights.do(req.key, lambda: self._run(req, deadline_s), self._timeout(deadline_s))
+            total = self._timeout(deadline_s)
+            return self._flights.do(req.key, lambda left: self._run(req, left), total,
+                                    min_left=self.retry.floor(total))
         return self._run(req, deadline_s)
 
     def _run(self, req: ApiRequest[T], deadline_s: float | None) -> T:
@@ -208,21 +224,23 @@ class ClerkClient(_Base):
         return None
 
     def _send(self, step: Send) -> httpx.Response | _Failed:
-        """Send, and read the answer by the deadline: a body trickling in faster than the read timeout
-        would otherwise hold the call long past it. A late answer is closed and reported as a timeout."""
+        """Send, and have the answer by the deadline: each phase's own timeout (connect, write, read) would
+        otherwise let the attempt run past it, and so would headers or a body trickling in faster than the
+        read timeout. A late answer is closed and reported as a timeout, as the async face reports it."""
         until = time.monotonic() + step.left
-        try:
-            response = self._http.send(step.request, stream=True)
-        except _FAILED as exc:
-            return exc
-        try:
-            assert isinstance(response.stream, httpx.SyncByteStream)
-            response.stream = _ReadBy(response.stream, until, step)
-            response.read()
-        except _FAILED as exc:
-            return exc
-        finally:
-            response.close()
+        with attempt_until(until):
+            try:
+                response = self._http.send(step.request, stream=True)
+            except _FAILED as exc:
+                return _late_or(exc, until, step)
+            try:
+                assert isinstance(response.stream, httpx.SyncByteStream)
+                response.stream = _ReadBy(response.stream, until, step)
+                response.read()
+            except _FAILED as exc:
+                return _late_or(exc, until, step)
+            finally:
+                response.close()
         return response
 
     # -- endpoints (one line each; the requests are built in _endpoints) ----------------------
@@ -289,11 +307,19 @@ class AsyncClerkClient(_Base):
         return cls(http=http, **cls._settings_kwargs(settings, budget), **options)
 
     async def aclose(self) -> None:
-        if self._owns_http:
-            await self._http.aclose()
-        close_budget = getattr(self.budget, "aclose", None)
-        if self._owns_budget and close_budget is not None:
-            await close_budget()
+        """Close what this client opened (its HTTP client, the budget ``from_settings`` made); twice is safe.
+
+        Shielded: ``async with`` exits through here when its task is cancelled (a timeout, a task group
+        shutting down), and a cancelled close left the Redis budget's connections open ("unclosed
+        Connection", review)."""
+        with anyio.CancelScope(shield=True):
+            try:
+                if self._owns_http:
+                    await self._http.aclose()
+            finally:
+                close_budget = getattr(self.budget, "aclose", None)
+                if self._owns_budget and close_budget is not None:
+                    await close_budget()
 
     async def __aenter__(self) -> AsyncClerkClient:
         return self
@@ -304,7 +330,9 @@ class AsyncClerkClient(_Base):
     async def send(self, req: ApiRequest[T], deadline_s: float | None = None) -> T:
         """Run one request through budget, retries and breaker (coalesced if ``req.coalesce``)."""
         if req.coalesce:
-            return await self._flights.do(req.key, lambda: self._run(req, deadline_s), self._timeout(deadline_s))
+            total = self._timeout(deadline_s)
+            return await self._flights.do(req.key, lambda left: self._run(req, left), total,
+                                          min_left=self.retry.floor(total))
         return await self._run(req, deadline_s)
 
     async def _run(self, req: ApiRequest[T], deadline_s: float | None) -> T:

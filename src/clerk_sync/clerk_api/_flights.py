@@ -1,20 +1,27 @@
 """Single-flight: concurrent identical calls share one request (threads, or tasks of one event loop).
 
 The first caller (the leader) makes the call; the others wait for its result, bounded by their own
-timeout. Followers get a deep copy of the result, so nobody sees another caller's mutations. If the
-async leader is cancelled, a waiting follower takes over instead of inheriting the cancellation.
+timeout. Followers get a deep copy of the result, so nobody sees another caller's mutations.
+
+A leader's answer is shared, and so is an error that says what Clerk answered (404, 401, 422...). A
+transient one (:class:`~clerk_sync.errors.ClerkUnavailable`, :class:`~clerk_sync.errors.RateLimited`) is
+the leader's: it was bounded by the leader's deadline and retries, and a follower may have time left for
+its own. Followers with at least ``min_left`` seconds of their own timeout left try again, as a new flight:
+one of them leads it, with what is left of its timeout, and the others follow that one. A leader that
+never finished (an async leader cancelled, a thread interrupted) is taken over the same way.
 """
 
 from __future__ import annotations
 
 import copy
 import threading
+import time
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, TypeVar
 
 import anyio
 
-from clerk_sync.errors import ClerkUnavailable
+from clerk_sync.errors import ClerkUnavailable, RateLimited
 
 __all__ = ["AsyncFlights", "SyncFlights"]
 
@@ -32,6 +39,15 @@ class _Call:
             raise copy.copy(self.error) from self.error
         return copy.deepcopy(self.value)
 
+    def fly_again(self, left: float, min_left: float, timeout: float) -> bool:
+        """Whether a follower with ``left`` seconds should start a flight of its own instead of sharing this
+        call's outcome."""
+        if self.abandoned:
+            if left <= 0:
+                raise _timed_out(timeout)
+            return True
+        return isinstance(self.error, ClerkUnavailable | RateLimited) and left > 0 and left >= min_left
+
 
 def _timed_out(timeout: float) -> ClerkUnavailable:
     return ClerkUnavailable(f"waited {timeout:.1f}s for a shared Clerk request", retry_after=1.0)
@@ -44,25 +60,37 @@ class SyncFlights:
         self._lock = threading.Lock()
         self._calls: dict[Hashable, tuple[_Call, threading.Event]] = {}
 
-    def do(self, key: Hashable, fn: Callable[[], T], timeout: float) -> T:
-        with self._lock:
-            entry = self._calls.get(key)
-            if entry is None:
-                entry = self._calls[key] = (_Call(), threading.Event())
-                leader = True
-            else:
-                leader = False
-        call, done = entry
-        if not leader:
-            if not done.wait(timeout):
+    def do(self, key: Hashable, fn: Callable[[float], T], timeout: float, *, min_left: float = 0.0) -> T:
+        """``fn(seconds)`` once for concurrent callers of ``key``; each caller waits ``timeout`` at most."""
+        deadline = time.monotonic() + timeout
+        left = timeout
+        while True:
+            with self._lock:
+                entry = self._calls.get(key)
+                if entry is None:
+                    entry = self._calls[key] = (_Call(), threading.Event())
+                    leader = True
+                else:
+                    leader = False
+            call, done = entry
+            if leader:
+                return self._lead(key, call, done, fn, left)
+            if not done.wait(max(0.0, deadline - time.monotonic())):
                 raise _timed_out(timeout)
-            result: T = call.outcome()
-            return result
+            left = deadline - time.monotonic()
+            if not call.fly_again(left, min_left, timeout):
+                result: T = call.outcome()
+                return result
+
+    def _lead(self, key: Hashable, call: _Call, done: threading.Event, fn: Callable[[float], T], left: float) -> T:
         try:
-            call.value = fn()
+            call.value = fn(left)
             return call.value  # type: ignore[no-any-return]
-        except BaseException as exc:
+        except Exception as exc:
             call.error = exc
+            raise
+        except BaseException:  # KeyboardInterrupt, SystemExit: this thread's, not the followers'
+            call.abandoned = True
             raise
         finally:
             with self._lock:
@@ -76,25 +104,33 @@ class AsyncFlights:
     def __init__(self) -> None:
         self._calls: dict[Hashable, tuple[_Call, anyio.Event]] = {}
 
-    async def do(self, key: Hashable, fn: Callable[[], Awaitable[T]], timeout: float) -> T:
+    async def do(self, key: Hashable, fn: Callable[[float], Awaitable[T]], timeout: float, *,
+                 min_left: float = 0.0) -> T:
+        """``await fn(seconds)`` once for concurrent callers of ``key``; each waits ``timeout`` at most."""
+        deadline = anyio.current_time() + timeout
+        left = timeout
         while (entry := self._calls.get(key)) is not None:
             call, done = entry
-            with anyio.move_on_after(timeout) as scope:
+            with anyio.move_on_after(deadline - anyio.current_time()) as scope:
                 await done.wait()
             if scope.cancelled_caught:
                 raise _timed_out(timeout)
-            if not call.abandoned:
+            left = deadline - anyio.current_time()
+            if not call.fly_again(left, min_left, timeout):
                 result: T = call.outcome()
                 return result
+        return await self._lead(key, fn, left)
+
+    async def _lead(self, key: Hashable, fn: Callable[[float], Awaitable[T]], left: float) -> T:
         call, done = self._calls[key] = (_Call(), anyio.Event())
         try:
-            call.value = await fn()
+            call.value = await fn(left)
             return call.value  # type: ignore[no-any-return]
-        except anyio.get_cancelled_exc_class():
-            call.abandoned = True
-            raise
-        except BaseException as exc:
+        except Exception as exc:
             call.error = exc
+            raise
+        except BaseException:  # cancelled (or KeyboardInterrupt): a waiting follower takes over
+            call.abandoned = True
             raise
         finally:
             del self._calls[key]

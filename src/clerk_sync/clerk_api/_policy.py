@@ -95,6 +95,11 @@ class RetryPolicy:
     def backoff(self, attempt: int, rng: Callable[[], float]) -> float:
         return rng() * min(self.backoff_max_s, self.backoff_s * 2.0**attempt)
 
+    def floor(self, deadline_s: float) -> float:
+        """The least time an attempt is sent with (a short deadline still waits half of itself for a token,
+        rather than being refused whenever the budget is busy)."""
+        return min(self.min_attempt_s, deadline_s / 2)
+
 
 class CircuitBreaker:
     """Fail fast while Clerk is down: ``threshold`` consecutive failures open the circuit for ``reset_s``.
@@ -227,8 +232,7 @@ def call_flow(ctx: _Context, req: ApiRequest[T], deadline_s: float | None = None
     """Drive one call to a parsed result or a :class:`~clerk_sync.errors.ClerkAPIError`."""
     total = deadline_s if deadline_s is not None else ctx.retry.deadline_s
     deadline = ctx.clock() + total
-    floor = min(ctx.retry.min_attempt_s, total / 2)  # the least time an attempt is sent with (a short deadline
-    # still waits half of itself for a token, rather than being refused whenever the budget is busy)
+    floor = ctx.retry.floor(total)
     attempt = limited = 0
     where = {"method": req.method, "path": req.path}
     while True:

@@ -30,6 +30,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+import anyio
+
 from clerk_sync.errors import ClerkUnavailable
 
 if TYPE_CHECKING:
@@ -283,10 +285,15 @@ class RedisBudget:
         self._sync.delete(self.key)
 
     def close(self) -> None:
+        """Close the blocking face's connections (an async user closes with :meth:`aclose`); twice is safe."""
         self._sync.close()
 
     async def aclose(self) -> None:
-        await self._async.aclose()
+        """Close both faces' connections; twice is safe. Shielded: a close cancelled half-way (the task's
+        timeout, a task group shutting down) would leave them open, warned about as "unclosed Connection"."""
+        with anyio.CancelScope(shield=True):
+            await self._async.aclose()
+        self._sync.close()
 
 
 def _reservation(reply: Any) -> Reservation:
