@@ -165,6 +165,8 @@ def _block_reason(banned: bool, deleted_at: datetime | None, deprovisioned: bool
 
 
 UserLoader = Callable[[str], AuthUser | None]
+# What a refusal calls a request whose method the caller did not give (no safe method: it is checked).
+_UNKNOWN_METHOD = "request of unknown method (authenticate() got no method=, so it is taken as unsafe)"
 
 
 class Authenticator:
@@ -189,10 +191,21 @@ class Authenticator:
         """Verify the request's session token (401 errors) and refuse blocked users: banned/deleted as
         signed out (401), deprovisioned/locked with 403 (signing in again cannot help).
 
-        With the request's ``method`` (and ``scheme``, for its own origin), an unsafe request carrying the
-        ``__session`` cookie must come from an allowed origin (:func:`~clerk_sync.auth.sessions.check_request_origin`,
-        403 :class:`~clerk_sync.errors.CrossSiteRequest`): integrations pass them for HTTP requests, and
-        Django its ``CSRF_TRUSTED_ORIGINS`` as ``trusted_origins``.
+        A session read from the ``__session`` cookie must come from an allowed origin (403
+        :class:`~clerk_sync.errors.CrossSiteRequest`; see :func:`~clerk_sync.auth.sessions.check_request_origin`):
+        browsers attach the cookie to requests other sites make. Pass the request's ``method`` (and ``scheme``,
+        for its own origin; Django passes its ``CSRF_TRUSTED_ORIGINS`` as ``trusted_origins``), as every
+        integration does: an unsafe request (POST, PUT, PATCH, DELETE...) must then carry an allowed ``Origin``,
+        else ``Referer``, and a safe one is not checked.
+
+        Without ``method`` the request is taken as unsafe, never as safe: an ``Origin`` it carries must be
+        allowed, so a caller who forgot the method does not serve forged POSTs (every browser sends ``Origin``
+        on every cross-origin request but a GET/HEAD navigation, ``null`` when it hides it). A request with no
+        ``Origin`` passes, as it must for a link followed or a page typed in, which carry none; only the
+        method tells a POST without ``Origin`` (an old browser) from those, so pass it for the full rule.
+        This is not a :class:`~clerk_sync.errors.ConfigError` for a missing method: callers outside an HTTP
+        request (a websocket handshake, the console's sign-in) have none to give, and a Bearer token (no
+        ambient credential) needs no check at all.
         """
         token = token_from_request(headers, cookies)
         self._check_site(headers, method, scheme, trusted_origins)
@@ -221,10 +234,13 @@ class Authenticator:
 
     def _check_site(self, headers: Mapping[str, str], method: str | None, scheme: str | None,
                     trusted_origins: Sequence[str]) -> None:
-        if method is not None:
-            check_request_origin(method, headers, scheme=scheme,
-                                 authorized_parties=self.verifier.claims.authorized_parties,
-                                 trusted_origins=trusted_origins)
+        """The cross-site request check (see :meth:`authenticate`; Bearer requests pass it)."""
+        if method is None:  # unknown: unsafe, as far as the headers can tell (see authenticate)
+            if headers.get("origin") is None:
+                return
+            method = _UNKNOWN_METHOD
+        check_request_origin(method, headers, scheme=scheme, authorized_parties=self.verifier.claims.authorized_parties,
+                             trusted_origins=trusted_origins)
 
     def _check_user(self, auth: Auth) -> Auth:
         # (the impersonating admin, if any: _check_actor, read fresh after this)

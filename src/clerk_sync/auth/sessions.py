@@ -59,6 +59,7 @@ ALLOWED_ALGORITHMS = ("RS256",)
 #: Methods that must not change state (RFC 9110 9.2.1): no cross-site request check for them.
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+_HTTP_SCHEMES = {"ws": "http", "wss": "https"}  # a websocket's origin is its page's: http(s)
 _RS256 = RSAAlgorithm(RSAAlgorithm.SHA256)
 _B64URL_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 # Canonical base64url: the unused low bits of the last character are zero (4 bits when len % 4 == 2,
@@ -144,7 +145,8 @@ def is_cors_preflight(method: str | None, access_control_request_method: str | N
     """A browser's CORS preflight (``OPTIONS`` with an ``Access-Control-Request-Method`` header): it never
     carries the session (no cookie, no Authorization), and a browser needs a 2xx answer before it sends the
     real request. Any client can send those headers, though: deny-by-default lets such a request through
-    only where no view code answers it (Flask's automatic OPTIONS)."""
+    only where no view code answers it (Flask's automatic OPTIONS), or, in ASGI's
+    :class:`~clerk_sync.integrations.asgi.ClerkAuthMiddleware`, only a CORS answer back out of the app."""
     return method == "OPTIONS" and bool(access_control_request_method)
 
 
@@ -158,9 +160,10 @@ def check_request_origin(method: str, headers: Mapping[str, str], *, scheme: str
     which origin it was minted for, not which page sent this request; ``Authorization: Bearer`` is no
     ambient credential, so those requests pass. The request's ``Origin`` (or, without one, the origin of
     its ``Referer``) must be in ``authorized_parties`` (``CLERK_AUTHORIZED_PARTIES``) when that is set,
-    else equal the request's own origin: ``scheme`` plus the ``Host`` header (``scheme=None``: unknown,
-    nothing matches). A request with neither header is refused: browsers send ``Origin`` on cross-site
-    POSTs, so its absence cannot be taken for "same site". ``headers`` has lower-case names.
+    else equal the request's own origin: ``scheme`` (a websocket's ``ws``/``wss`` read as ``http``/``https``)
+    plus the ``Host`` header (``scheme=None``: unknown, nothing matches). A request with neither header is
+    refused: browsers send ``Origin`` on cross-site POSTs, so its absence cannot be taken for "same site".
+    ``headers`` has lower-case names.
 
     ``trusted_origins`` are allowed as well, written as Django's ``CSRF_TRUSTED_ORIGINS`` are (an origin,
     or ``https://*.example.com`` for its subdomains): the Django face passes that setting, so one list
@@ -182,6 +185,7 @@ def check_request_origin(method: str, headers: Mapping[str, str], *, scheme: str
         allowed = {o for o in map(_origin, authorized_parties) if o is not None}
         expected = "in CLERK_AUTHORIZED_PARTIES (list your front end's origin there)"
     else:
+        scheme = _HTTP_SCHEMES.get(scheme, scheme) if scheme else None  # a handshake's ws/wss: same origin
         own = _origin(f"{scheme}://{headers.get('host', '')}") if scheme else None
         allowed = {own} if own is not None else set()
         expected = (f"this site's own origin {own!r} (behind a proxy, forward the Host and X-Forwarded-Proto "

@@ -12,11 +12,11 @@ from starlette.authentication import AuthCredentials, AuthenticationBackend, Aut
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import HTTPConnection, cookie_parser
 from starlette.responses import PlainTextResponse, Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from clerk_sync.auth.authenticator import Authenticator
 from clerk_sync.auth.claims import Auth
-from clerk_sync.auth.sessions import check_request_origin, is_public_path
+from clerk_sync.auth.sessions import check_request_origin, is_cors_preflight, is_public_path
 from clerk_sync.errors import (
     AccessDenied,
     ClerkSyncError,
@@ -104,6 +104,13 @@ class ClerkAuthMiddleware:
     this site's own), or it is refused as cross-site request forgery (403 ``cross_site_request``; on a
     public path, served as anonymous). Bearer requests carry no ambient credential and are not checked.
 
+    A browser's CORS preflight (``OPTIONS`` with ``Origin`` and ``Access-Control-Request-Method``, and no
+    session: a browser never sends one on a preflight) goes on to the app unauthenticated (``clerk_auth``
+    None), so a ``CORSMiddleware`` inside this one answers it. Any client can send those headers, so on a
+    protected path only a CORS answer (one with ``Access-Control-Allow-*`` headers) goes back to the caller:
+    anything else (a view that takes OPTIONS itself, the router's 404 or 405) is replaced by the 401 every
+    request without a session gets. The real request that follows is checked as any other.
+
     Sets ``scope["clerk_auth"]`` to the :class:`Auth` (or None on a public path without a session).
     A refused websocket gets the same JSON answer as HTTP where the server supports the ASGI
     ``websocket.http.response`` extension (uvicorn does), else a close before accept: code 1008
@@ -134,6 +141,12 @@ class ClerkAuthMiddleware:
             name = key.decode("latin-1").lower()
             repeated = repeated or (name == "authorization" and name in headers)
             headers.setdefault(name, value.decode("latin-1"))  # the first, as Starlette's request.headers
+        if scope["type"] == "http" and _is_browser_preflight(scope["method"], headers):
+            scope["clerk_auth"] = None  # anonymous: nothing to authenticate (dependencies verify on their own)
+            if not (self.is_public(_route_path(scope)) or self.is_public(path)):
+                send = _cors_answer_only(scope, receive, send)
+            await self.app(scope, receive, send)
+            return
         try:
             if repeated:  # two credentials: the app's dependencies and this check could each read another one
                 raise TokenMalformed("more than one Authorization header: send one")
@@ -176,6 +189,36 @@ def _check_websocket_origin(headers: Mapping[str, str], cookies: Mapping[str, st
                          authorized_parties=authenticator.verifier.claims.authorized_parties)
 
 
+def _is_browser_preflight(method: str, headers: Mapping[str, str]) -> bool:
+    """A CORS preflight as browsers send it: ``OPTIONS`` with ``Origin`` and ``Access-Control-Request-Method``
+    and no credential (Fetch sends a preflight without cookies or Authorization; MDN: "the preflight request
+    does not include credentials"). One that carries a session is no browser's: it is authenticated as any
+    request."""
+    if not (is_cors_preflight(method, headers.get("access-control-request-method")) and "origin" in headers):
+        return False
+    return "authorization" not in headers and not any(_is_session_cookie(name) for name in _cookies(headers))
+
+
+def _cors_answer_only(scope: Scope, receive: Receive, send: Send) -> Send:
+    """``send`` for a preflight on a protected path: a CORS answer (``Access-Control-Allow-*`` headers: a CORS
+    middleware's, its refusals included) goes out as it is; any other answer (a view's body, a 404 or 405
+    telling which paths exist) is replaced by the 401 of a request without a session, the rest of it dropped."""
+    passed: bool | None = None  # decided by the answer's first message
+
+    async def guarded(message: Message) -> None:
+        nonlocal passed
+        if passed is None and message["type"] == "http.response.start":
+            passed = any(key.lower().startswith(b"access-control-allow-") for key, _ in message.get("headers", ()))
+            if not passed:
+                missing = TokenMissing("no session token (Authorization: Bearer or __session cookie)")
+                await error_json(missing)(scope, receive, send)
+                return
+        if passed:
+            await send(message)
+
+    return guarded
+
+
 def _route_path(scope: Scope) -> str:
     """The path as the app's routes match it: without the ``root_path`` a proxy prefix (``--root-path``) or a
     mount puts in front (public paths are declared as the routes are)."""
@@ -194,7 +237,7 @@ async def _refuse(exc: ClerkSyncError, scope: Scope, receive: Receive, send: Sen
     await send({"type": "websocket.close", "code": code, "reason": exc.code})
 
 
-def _cookies(headers: dict[str, str]) -> dict[str, str]:
+def _cookies(headers: Mapping[str, str]) -> dict[str, str]:
     # Starlette's parser, as request.cookies uses: SimpleCookie drops every cookie after one it cannot parse.
     raw = headers.get("cookie")
     return cookie_parser(raw) if raw else {}

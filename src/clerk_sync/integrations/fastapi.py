@@ -85,6 +85,10 @@ class ClerkAuth:
         ``public_paths`` is required so the choice is made on purpose: list your public pages and the
         webhook path (its signature is its authentication). ``deny_by_default=False`` leaves protection
         to the dependencies alone, route by route.
+
+        CORS: a ``CORSMiddleware`` added after ``install()`` sits outside the middleware (its headers then
+        reach refusals too, so a front end can read a 401); one added before sits inside and still gets the
+        browser's preflights, which carry no session (see :class:`ClerkAuthMiddleware`).
         """
 
         async def handle(_: Request, exc: Exception) -> JSONResponse:

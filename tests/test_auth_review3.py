@@ -1,0 +1,230 @@
+"""Review 3 of the auth edges.
+
+1. A browser's CORS preflight (``OPTIONS`` with ``Origin`` and ``Access-Control-Request-Method``) never
+   carries the session (Fetch; MDN: "the preflight request does not include credentials"), yet
+   ``ClerkAuthMiddleware`` answered it 401 on every protected path: with Starlette's ``CORSMiddleware``
+   inside it (FastAPI: added before ``install()``) the browser never sent the real request. A real preflight
+   now reaches the app untouched and unauthenticated; the real request after it is authenticated and
+   origin-checked as before; a plain ``OPTIONS`` is no preflight and is refused as before.
+2. ``Authenticator.authenticate(headers, cookies)`` without ``method`` skipped the Origin check: a caller
+   who forgot it served cookie-authenticated cross-site POSTs. Without a method, a session read from the
+   ``__session`` cookie must now come with an allowed ``Origin`` whenever the request carries one.
+
+Real servers on loopback, real tokens, Starlette's own ``CORSMiddleware``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI, Request
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request as StarletteRequest
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from clerk_sync.auth.authenticator import Authenticator, DenyList
+from clerk_sync.auth.claims import ClaimsValidator
+from clerk_sync.auth.jwks import StaticKeySource
+from clerk_sync.auth.sessions import SessionVerifier
+from clerk_sync.errors import CrossSiteRequest
+from clerk_sync.integrations.asgi import ClerkAuthMiddleware
+from clerk_sync.integrations.fastapi import ClerkAuth
+from tests import factories as f
+from tests._server import running
+from tests.test_auth import Harness, bearer, token
+from tests.test_sessions import AZP, ISS, KEY, pem
+
+EVIL = "https://evil.example.test"
+PARTNER = "https://partner.example.test"  # CORS lets its pages read answers; it is no CLERK_AUTHORIZED_PARTIES entry
+pytestmark = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # no database question here
+
+CORS: dict[str, Any] = {"allow_origins": [AZP, PARTNER], "allow_methods": ["*"], "allow_headers": ["authorization", "content-type"],
+        "allow_credentials": True}
+PREFLIGHT = {"Origin": AZP, "Access-Control-Request-Method": "POST",
+             "Access-Control-Request-Headers": "authorization, content-type"}
+
+
+@pytest.fixture
+def harness(db_url: str) -> Iterator[Harness]:
+    h = Harness(db_url)
+    h.event("user.created", f.user("user_p", 1))
+    yield h
+    h.store.dispose()
+
+
+# --- 1. CORS preflights through ClerkAuthMiddleware -----------------------------------------------------------
+def _starlette_routes(served: list[str]) -> list[Route]:
+    async def export(request: StarletteRequest) -> JSONResponse:
+        auth = request.scope["clerk_auth"]
+        served.append(f"{request.method} {auth.user_id if auth else None}")
+        return JSONResponse({"secret": "every customer", "user": auth.user_id if auth else None})
+
+    async def hello(request: StarletteRequest) -> JSONResponse:
+        served.append(f"{request.method} hello")
+        return JSONResponse({"page": "public"})
+
+    return [Route("/export", export, methods=["GET", "POST", "OPTIONS"]), Route("/hello", hello)]
+
+
+def starlette_cors_inside(h: Harness, served: list[str]) -> Any:
+    inner = Starlette(routes=_starlette_routes(served), middleware=[Middleware(CORSMiddleware, **CORS)])
+    return ClerkAuthMiddleware(inner, h.auth, public_paths={"/hello"})
+
+
+def starlette_cors_outside(h: Harness, served: list[str]) -> Any:
+    inner = ClerkAuthMiddleware(Starlette(routes=_starlette_routes(served)), h.auth, public_paths={"/hello"})
+    return CORSMiddleware(inner, **CORS)
+
+
+def _fastapi(h: Harness, served: list[str], *, cors_inside: bool) -> FastAPI:
+    clerk = ClerkAuth(h.auth)
+    app = FastAPI()
+    if cors_inside:  # added before install(): inside the deny-by-default middleware
+        app.add_middleware(CORSMiddleware, **CORS)
+    clerk.install(app, public_paths={"/hello"})
+    if not cors_inside:
+        app.add_middleware(CORSMiddleware, **CORS)
+
+    @app.api_route("/export", methods=["GET", "POST"])
+    async def export(request: Request) -> dict[str, Any]:
+        auth = await clerk.current_auth(request)
+        served.append(f"{request.method} {auth.user_id}")
+        return {"secret": "every customer", "user": auth.user_id}
+
+    return app
+
+
+def fastapi_cors_inside(h: Harness, served: list[str]) -> Any:
+    return _fastapi(h, served, cors_inside=True)
+
+
+def fastapi_cors_outside(h: Harness, served: list[str]) -> Any:
+    return _fastapi(h, served, cors_inside=False)
+
+
+BUILDS = [starlette_cors_inside, starlette_cors_outside, fastapi_cors_inside, fastapi_cors_outside]
+
+
+@pytest.mark.parametrize("build", BUILDS, ids=lambda b: b.__name__)
+def test_a_browser_preflight_is_answered_by_the_cors_middleware_in_either_order(
+        harness: Harness, build: Callable[[Harness, list[str]], Any]) -> None:
+    """Regression: with the CORS middleware inside ours, the preflight was refused 401 (``token_missing``),
+    so the browser never sent the real request."""
+    served: list[str] = []
+    with running(build(harness, served)) as url, httpx.Client(base_url=url) as client:
+        answer = client.options("/export", headers=PREFLIGHT)
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["access-control-allow-origin"] == AZP
+        assert answer.headers["access-control-allow-credentials"] == "true"
+        assert "authorization" in answer.headers["access-control-allow-headers"].lower()
+        # an origin the CORS policy refuses gets the CORS middleware's own refusal, not ours
+        refused = client.options("/export", headers={**PREFLIGHT, "Origin": EVIL})
+        assert (refused.status_code, refused.text) == (400, "Disallowed CORS origin")
+        assert served == []  # no view ran for any of them
+        # The real request after the preflight is authenticated and origin-checked as before.
+        anonymous = client.post("/export", headers={"Origin": AZP})
+        assert (anonymous.status_code, anonymous.json()["error"]) == (401, "token_missing")
+        assert client.post("/export", headers={**bearer(token("user_p")), "Origin": AZP}).json()["user"] == "user_p"
+        cookie = {"Cookie": f"__session={token('user_p')}"}
+        assert client.post("/export", headers={**cookie, "Origin": AZP}).json()["user"] == "user_p"
+        for origin in (PARTNER, EVIL):  # CORS may let a page read answers: it is no licence to ride the cookie
+            forged = client.post("/export", headers={**cookie, "Origin": origin})
+            assert (forged.status_code, forged.json()["error"]) == (403, "cross_site_request"), origin
+    assert served == ["POST user_p", "POST user_p"]
+
+
+@pytest.mark.parametrize("build", [starlette_cors_inside, fastapi_cors_inside], ids=lambda b: b.__name__)
+def test_what_is_not_a_browser_preflight_keeps_todays_answer(
+        harness: Harness, build: Callable[[Harness, list[str]], Any]) -> None:
+    """A plain OPTIONS (no ``Access-Control-Request-Method``), one without ``Origin`` (no browser sends a
+    preflight without it), or one carrying a credential (a browser's preflight never does) is an ordinary
+    request: authenticated, refused without a valid session."""
+    served: list[str] = []
+    with running(build(harness, served)) as url, httpx.Client(base_url=url) as client:
+        for headers in ({"Origin": AZP}, {}, {"Access-Control-Request-Method": "POST"},
+                        {**PREFLIGHT, "Authorization": "Bearer garbage"},
+                        {**PREFLIGHT, "Cookie": "__session=garbage"}):
+            answer = client.options("/export", headers=headers)
+            assert answer.status_code == 401, headers
+            assert answer.json()["error"] in ("token_missing", "token_malformed"), headers
+        # with a valid session it is authenticated as any other request (the CORS middleware answers it)
+        assert client.options("/export", headers={**PREFLIGHT, **bearer(token("user_p"))}).status_code == 200
+        # public paths are as public as before, preflight or not
+        assert client.options("/hello", headers=PREFLIGHT).status_code == 200
+    assert served == []
+
+
+def test_a_faked_preflight_with_no_cors_layer_inside_reveals_nothing(harness: Harness) -> None:
+    """Any client can send a preflight's headers. Without a CORS layer inside to answer it, the request goes
+    on to the router; whatever answers it there without CORS headers (a view taking OPTIONS itself, the
+    router's 404/405) is not sent: the caller gets the 401 it got before, which reveals neither a view's
+    body nor which paths exist."""
+    served: list[str] = []
+    app = ClerkAuthMiddleware(Starlette(routes=_starlette_routes(served)), harness.auth, public_paths={"/hello"})
+    with running(app) as url, httpx.Client(base_url=url) as client:
+        for path in ("/export", "/nowhere", "/export/"):  # (the last: the router's redirect to /export)
+            answer = client.options(path, headers=PREFLIGHT)
+            assert (answer.status_code, answer.json()["error"]) == (401, "token_missing"), path
+            assert "every customer" not in answer.text
+            assert answer.headers["www-authenticate"] == "Bearer"
+        get_only = client.options("/hello/x", headers=PREFLIGHT)  # (a 404 from the router)
+        assert get_only.status_code == 401
+        assert client.options("/hello", headers=PREFLIGHT).status_code == 405  # public: the router's own answer
+    # The view that takes OPTIONS itself ran, as it would on a public path (OPTIONS is a safe method; a FastAPI
+    # dependency would still have verified a session): its answer went to no one.
+    assert served == ["OPTIONS None"]
+
+
+# --- 2. authenticate() without method ------------------------------------------------------------------------
+def _cookie_session(user_id: str = "user_p") -> dict[str, str]:
+    return {"__session": token(user_id)}
+
+
+@pytest.mark.anyio
+async def test_authenticate_without_a_method_checks_a_cookie_sessions_origin(harness: Harness) -> None:
+    """Regression: ``authenticate(headers, cookies)`` served a cookie session whatever ``Origin`` sent it."""
+    auth = harness.auth
+    for check in (auth.authenticate, auth.aauthenticate):
+        async def call(headers: dict[str, str], cookies: dict[str, str], check: Any = check) -> Any:
+            result = check(headers, cookies)
+            return (await result) if inspect.isawaitable(result) else result
+
+        for origin in (EVIL, PARTNER, "null"):
+            with pytest.raises(CrossSiteRequest, match="method="):
+                await call({"origin": origin}, _cookie_session())
+        # allowed: an authorized party's origin; no Origin at all (a link followed, a page typed in: browsers
+        # send Origin on every cross-origin request but GET/HEAD navigations); Bearer (no ambient credential)
+        assert (await call({"origin": AZP}, _cookie_session())).user_id == "user_p"
+        assert (await call({}, _cookie_session())).user_id == "user_p"
+        assert (await call({"referer": f"{EVIL}/page"}, _cookie_session())).user_id == "user_p"
+        assert (await call({"origin": EVIL, "authorization": f"Bearer {token('user_p')}"}, {})).user_id == "user_p"
+
+
+def test_with_a_method_the_rule_is_as_before(harness: Harness) -> None:
+    auth = harness.auth
+    assert auth.authenticate({"origin": EVIL}, _cookie_session(), method="GET").user_id == "user_p"
+    with pytest.raises(CrossSiteRequest, match="neither Origin nor Referer"):
+        auth.authenticate({}, _cookie_session(), method="POST")
+    with pytest.raises(CrossSiteRequest):
+        auth.authenticate({"referer": f"{EVIL}/page"}, _cookie_session(), method="DELETE")
+    assert auth.authenticate({"origin": AZP}, _cookie_session(), method="POST").user_id == "user_p"
+
+
+def test_without_authorized_parties_the_sites_own_origin_is_the_one_allowed(harness: Harness) -> None:
+    verifier = SessionVerifier(StaticKeySource(pem(KEY)), ClaimsValidator(issuer=ISS))
+    auth = Authenticator(verifier, harness.store, deny_list=DenyList(harness.store, refresh_s=0))
+    own = {"host": "app.example.test", "origin": "https://app.example.test"}
+    for scheme in ("https", "wss"):  # a websocket handshake's scheme names the same origin
+        assert auth.authenticate(own, _cookie_session(), scheme=scheme).user_id == "user_p"
+    with pytest.raises(CrossSiteRequest):
+        auth.authenticate({**own, "origin": "https://evil.example.test"}, _cookie_session(), scheme="https")
+    with pytest.raises(CrossSiteRequest):  # no scheme: this site's origin is unknown, nothing matches
+        auth.authenticate(own, _cookie_session())
+    assert auth.authenticate({"host": "app.example.test"}, _cookie_session()).user_id == "user_p"
