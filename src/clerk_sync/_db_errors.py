@@ -13,7 +13,7 @@ from sqlalchemy.engine import Connection
 
 from clerk_sync.errors import StoreDataError, StoreError, database_message
 
-__all__ = ["driver_cursor", "is_foreign_key_violation", "store_error"]
+__all__ = ["driver_cursor", "is_foreign_key_violation", "is_row_referenced", "store_error"]
 
 @contextmanager
 def driver_cursor(conn: Connection, what: str) -> Iterator[Any]:
@@ -158,11 +158,25 @@ def is_lock_wait_timeout(orig: object) -> bool:
 
 
 def is_foreign_key_violation(orig: object) -> bool:
-    """A row refers to one its table's foreign key does not find (yet): PostgreSQL 23503, MySQL 1452,
-    SQLite's "FOREIGN KEY constraint failed"."""
+    """A row refers to one its table's foreign key does not find (yet): PostgreSQL 23503, MySQL/MariaDB 1452
+    (1216 where the server leaves the key out), SQLite's "FOREIGN KEY constraint failed". PostgreSQL and SQLite
+    say the same for a row still referred to (:func:`is_row_referenced`): there the statement tells them apart."""
     if getattr(orig, "sqlstate", None) == "23503":
         return True
-    args = getattr(orig, "args", ())
-    if args and args[0] == 1452:
+    if _mysql_errno(orig) in (1452, 1216):
         return True
+    return _sqlite_foreign_key(orig)
+
+
+def is_row_referenced(orig: object) -> bool:
+    """A row another table's foreign key still refers to could not be deleted (or its key changed):
+    PostgreSQL 23503, MySQL/MariaDB 1451 (1217 where the server leaves the key out), SQLite's "FOREIGN KEY
+    constraint failed". Not a missing parent (MySQL's 1452, :func:`is_foreign_key_violation`): waiting never
+    heals this one, the referring row has to go first."""
+    if getattr(orig, "sqlstate", None) == "23503":
+        return True
+    return _mysql_errno(orig) in (1451, 1217) or _sqlite_foreign_key(orig)
+
+
+def _sqlite_foreign_key(orig: object) -> bool:
     return type(orig).__module__ == "sqlite3" and str(orig).startswith("FOREIGN KEY constraint failed")

@@ -20,9 +20,10 @@ its personal columns are cleared; by default the row itself (ids, version, ``del
 good. With ``delete_tombstones_after`` the rows of users, organizations and memberships deleted that
 long ago are hard-deleted, and what stops a late or replayed ``user.created`` from bringing one back
 is then a row of ``clerk_sync_erased``: the SHA-256 of "entity:clerk_id", which every guarded insert
-consults (``store._NOT_ERASED``). The digests are written and committed before the rows are
-deleted, so at every moment either the tombstone or the digest is there for a racing insert to see. A row
-an app's table still refers to by a foreign key stays (cleared; logged, with what to change).
+consults (``store._NOT_ERASED``). A pass writes the digests; a row goes only on a pass that finds its digest
+committed at least ``digest_settle`` before (15 min: a later pass), so no insert can still be reading from
+before it (:meth:`Retention._erase_tombstones` says why). A row an app's table still refers to by a foreign
+key stays (cleared; logged, with what to change).
 
 **Erasure** (:meth:`Retention.erase_user`): tombstones the user now (memberships too), which waits for a
 delivery in flight for them, then clears the row and redacts every stored payload and ``last_error`` that
@@ -37,6 +38,7 @@ picked with ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, and every statement is ide
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from collections.abc import Callable, Mapping
@@ -48,7 +50,7 @@ import sqlalchemy as sa
 import structlog
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 
-from clerk_sync._db_errors import is_foreign_key_violation, is_transient
+from clerk_sync._db_errors import is_row_referenced, is_transient
 from clerk_sync._mentions import Mentions
 from clerk_sync.auth.audit import AuditEntry, record_audit
 from clerk_sync.changes import Change
@@ -91,6 +93,9 @@ _KEPT_FIX = ("an app's table refers to these tombstones by a foreign key: they s
 # The contract tables whose tombstones ``delete_tombstones_after`` hard-deletes.
 _ERASABLE: dict[Entity, sa.Table] = {Entity.USER: users, Entity.ORGANIZATION: organizations,
                                      Entity.MEMBERSHIP: organization_memberships}
+# How long a digest is committed, at least, before its row is hard-deleted: far longer than a writer's read can
+# live (a statement, or two and the pause between them: seconds under DatabaseTimeouts' bounds).
+_DIGEST_SETTLE = timedelta(minutes=15)
 
 
 def redact_payload(payload: Mapping[str, Any]) -> dict[str, Any]:
@@ -117,6 +122,7 @@ class RetentionPolicy:
     clear_tombstones_after: timedelta = timedelta(0)
     batch: int = 500
     delete_tombstones_after: timedelta | None = None  # None: tombstones stay (cleared) for good
+    digest_settle: timedelta = _DIGEST_SETTLE  # a digest committed this long before its row goes
 
     def __post_init__(self) -> None:
         if self.delete_after < self.redact_after:
@@ -125,13 +131,19 @@ class RetentionPolicy:
             raise ValueError("batch must be at least 1")
         if self.delete_tombstones_after is not None and self.delete_tombstones_after < self.clear_tombstones_after:
             raise ValueError("delete_tombstones_after must not be shorter than clear_tombstones_after")
+        if self.digest_settle <= timedelta(0):
+            raise ValueError("digest_settle must be positive: a row goes once no insert can read from before its "
+                             "digest")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RetentionPolicy:
         hard = settings.tombstone_delete_after_days
+        # What a writer's read can outlive, bounded: two statements and the pause between them, four times over
+        # (0, unbounded, leaves the default standing).
+        span = 2 * settings.db_statement_timeout_s + settings.db_idle_in_transaction_timeout_s
         return cls(timedelta(days=settings.inbox_redact_after_days), timedelta(days=settings.inbox_delete_after_days),
                    timedelta(days=settings.tombstone_clear_after_days), settings.prune_batch,
-                   None if hard is None else timedelta(days=hard))
+                   None if hard is None else timedelta(days=hard), max(_DIGEST_SETTLE, timedelta(seconds=4 * span)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,14 +156,16 @@ class PruneReport:
     cleared: int
     dry_run: bool
     erased: int = 0  # tombstone rows hard-deleted (``delete_tombstones_after``)
+    settling: int = 0  # due ones whose digests are younger than ``digest_settle``: a later pass deletes them
 
     def summary(self) -> str:
         """The one line every face's ``prune`` command prints."""
         would = self.dry_run
+        later = f" ({self.settling} more on a later pass, once their digests settle)" if self.settling else ""
         return (f"{'would redact' if would else 'redacted'} {self.redacted} payload(s), "
                 f"{'would delete' if would else 'deleted'} {self.deleted} delivery row(s), "
                 f"{'would clear' if would else 'cleared'} {self.cleared} tombstone(s), "
-                f"{'would erase' if would else 'erased'} {self.erased} tombstone row(s)")
+                f"{'would erase' if would else 'erased'} {self.erased} tombstone row(s){later}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,8 +207,10 @@ class Retention:
             cleared=sum(self._drain(functools.partial(self._clear_batch, table=t, cutoff=clear_cut))
                         for t in _CLEARED),
             dry_run=False,
-            erased=0 if erase_cut is None else sum(self._erase_tombstones(e, erase_cut) for e in _ERASABLE),
         )
+        if erase_cut is not None:  # (after the clearing: a row a foreign key keeps stays cleared)
+            erased = [self._erase_tombstones(e, erase_cut, now - p.digest_settle) for e in _ERASABLE]
+            report = dataclasses.replace(report, erased=sum(n for n, _ in erased), settling=sum(n for _, n in erased))
         if self.metrics is not None:
             for action in ("redacted", "deleted", "cleared", "erased"):
                 self.metrics.pruned.labels(action=action).inc(getattr(report, action))
@@ -270,61 +286,90 @@ class Retention:
             writer.conn.execute(table.update().where(table.c.id.in_(ids)).values(**_CLEARED[table]))
         return len(ids)
 
-    def _erase_tombstones(self, entity: Entity, cutoff: datetime) -> int:
-        """Hard-delete the tombstones of ``entity`` older than ``cutoff``, a batch at a time in id order: first
-        the digests (committed), then the rows, so a racing insert always meets one or the other. Returns the
-        rows this replica deleted; those an app's table refers to stay (:meth:`_delete_tombstones`)."""
-        table, total = _ERASABLE[entity], 0
+    def _erase_tombstones(self, entity: Entity, cutoff: datetime, settled: datetime) -> tuple[int, int]:
+        """Hard-delete the tombstones of ``entity`` older than ``cutoff``, a batch at a time in id order, in two
+        phases: a pass writes a row's digest (committed), and the row goes only on a pass that finds the digest
+        written before ``settled`` (``digest_settle`` ago: a later pass). Returns the rows this replica deleted and
+        those left to a later pass; rows an app's table refers to stay (:meth:`_delete_tombstones`).
+
+        Why a row waits for its digest to settle: a guarded insert (``store._NOT_ERASED``: ``INSERT .. SELECT ..
+        WHERE NOT EXISTS`` the digest, then ``ON CONFLICT``) reads the digests on its snapshot, but meets the row
+        it conflicts with as it is at that moment. Under READ COMMITTED (PostgreSQL's default; MariaDB's as the
+        store sets it, where that read is a consistent read, no lock) the snapshot is the statement's: one taken
+        before the digest committed, that reached the tombstone once its DELETE had committed (or had waited on
+        its row lock, then went on), found neither, and inserted the user again, live. A row deleted once its
+        digest is older than any writer's read can be leaves no such writer: it waits for nobody. A table lock
+        around the DELETE would close the window on PostgreSQL too (``SHARE ROW EXCLUSIVE`` on ``users``), but it
+        waits for every writer in flight and holds every new delivery behind it; InnoDB has no such lock inside
+        a transaction (``LOCK TABLES`` commits, and blocks readers too). (Under REPEATABLE READ, InnoDB reads the
+        digests of an ``INSERT .. SELECT`` with shared locks: no stale read there, the digest insert waits.)
+        SQLite has one writer, so no window: the same phases run there, one behaviour everywhere.
+
+        ``erased_at`` is the writing replica's clock (replicas' clocks agree to well within ``digest_settle``).
+        A row a foreign key kept has its digest dated back to the row's deletion, which no pass writes (its
+        digests come later than ``cutoff``): those are tried once a batch, not one at a time on every pass."""
+        table, deleted, settling, held = _ERASABLE[entity], 0, 0, 0
         kept: list[str] = []  # why each row an app's table refers to stays
-        due = sa.select(table.c.id, table.c.clerk_id).where(table.c.deleted_at.is_not(None),
-                                                            table.c.deleted_at < cutoff).order_by(table.c.id)
-        after: int | None = None  # past the rows kept: the pass moves on
-        held = 0  # rows kept by an earlier pass (their digest written then), still referred to
+        due = sa.select(table.c.id, table.c.clerk_id, table.c.deleted_at).where(
+            table.c.deleted_at.is_not(None), table.c.deleted_at < cutoff).order_by(table.c.id)
+        after: int | None = None  # past the rows kept or settling: the pass moves on
         while True:
             with self.store.transaction() as writer:
                 rows = writer.conn.execute(self._pick(due if after is None else due.where(table.c.id > after))).all()
-                digested = _digested(writer, entity, [row.clerk_id for row in rows]) if rows else set()
-                if rows:
-                    _mark_erased(writer, entity, [row.clerk_id for row in rows if row.clerk_id not in digested])
+                written = _digests(writer, entity, [row.clerk_id for row in rows])
+                fresh = [row.clerk_id for row in rows if row.clerk_id not in written]
+                _mark_erased(writer, entity, fresh)
+                written |= dict.fromkeys(fresh, writer.now)
+            ripe = [row for row in rows if _utc(written[row.clerk_id]) < settled]
+            settling += len(rows) - len(ripe)
+            new = set(fresh)
+            earlier = {row.id for row in ripe if row.clerk_id not in new  # its digest dated back: kept before
+                       and _utc(written[row.clerk_id]) <= _utc(row.deleted_at)}
+            first = [row for row in ripe if row.id not in earlier]
+            deleted += self._delete_tombstones(entity, first, kept) if first else 0
+            # Rows an earlier pass kept: one try for the batch, never one transaction a row on every pass
+            # (an app whose orders refer to most deleted users would have its log and database busy with
+            # them each hour).
+            if earlier:
+                try:
+                    deleted += self._delete_rows(table, sorted(earlier))
+                except StoreError as exc:
+                    if not _referred_to(exc):
+                        raise
+                    held += len(earlier)
             if rows:
-                fresh = [row.id for row in rows if row.clerk_id not in digested]
-                total += self._delete_tombstones(table, fresh, kept) if fresh else 0
-                # Rows an earlier pass kept: one try for the batch, never one transaction a row on every pass
-                # (an app whose orders refer to most deleted users would have its log and database busy with
-                # them each hour); another replica's just digested rows go the same way.
-                earlier = [row.id for row in rows if row.clerk_id in digested]
-                if earlier:
-                    try:
-                        total += self._delete_rows(table, earlier)
-                    except StoreError as exc:
-                        if not _referred_to(exc):
-                            raise
-                        held += len(earlier)
                 after = rows[-1].id
             if len(rows) < self.policy.batch:
                 if kept:
                     log.warning("tombstones_kept", table=table.name, rows=len(kept), reason=kept[0], fix=_KEPT_FIX)
                 if held:
                     log.info("tombstones_still_kept", table=table.name, rows=held, fix=_KEPT_FIX)
-                return total
+                return deleted, settling
 
-    def _delete_tombstones(self, table: sa.Table, ids: list[int], kept: list[str]) -> int:
+    def _delete_tombstones(self, entity: Entity, rows: list[Any], kept: list[str]) -> int:
         """Delete these tombstone rows; when a foreign key of an app's table refuses the batch, one at a time,
         each in a transaction of its own (a deferred key refuses only at COMMIT): a row still referred to stays
-        (cleared, its digest written), its reason appended to ``kept``, and the others go."""
+        (cleared, its digest dated back to its deletion: kept), its reason appended to ``kept``, and the others go."""
+        table = _ERASABLE[entity]
         try:
-            return self._delete_rows(table, ids)
+            return self._delete_rows(table, [row.id for row in rows])
         except StoreError as exc:
             if not _referred_to(exc):
                 raise
-        deleted = 0
-        for one in ids:
+        deleted, refused = 0, []
+        for row in rows:
             try:
-                deleted += self._delete_rows(table, [one])
+                deleted += self._delete_rows(table, [row.id])
             except StoreError as exc:
                 if not _referred_to(exc):
                     raise
                 kept.append(str(exc))
+                refused.append(row)
+        if refused:
+            with self.store.transaction() as writer:
+                writer.conn.execute(erased.update().where(erased.c.digest == sa.bindparam("d")).values(
+                    erased_at=sa.bindparam("at")), [{"d": erased_digest(entity, row.clerk_id), "at": row.deleted_at}
+                                                    for row in refused])
         return deleted
 
     def _delete_rows(self, table: sa.Table, ids: list[int]) -> int:
@@ -424,11 +469,13 @@ def _pass_deletion_on(writer: Writer, outbox: Outbox, clerk_id: str) -> None:
     outbox.record(Change(Entity.USER, clerk_id, "deleted", row.clerk_updated_at, {}))
 
 
-def _digested(writer: Writer, entity: Entity, clerk_ids: list[str]) -> set[str]:
-    """Which of ``clerk_ids`` have their digest recorded already."""
+def _digests(writer: Writer, entity: Entity, clerk_ids: list[str]) -> dict[str, datetime]:
+    """The digests of ``clerk_ids`` recorded already, and when (a kept row's: its deletion): by Clerk id."""
+    if not clerk_ids:
+        return {}
     digests = {erased_digest(entity, i): i for i in clerk_ids}
-    found = writer.conn.execute(sa.select(erased.c.digest).where(erased.c.digest.in_(list(digests)))).scalars()
-    return {digests[d] for d in found}
+    found = sa.select(erased.c.digest, erased.c.erased_at).where(erased.c.digest.in_(list(digests)))
+    return {digests[digest]: at for digest, at in writer.conn.execute(found)}
 
 
 def _mark_erased(writer: Writer, entity: Entity, clerk_ids: list[str]) -> None:
@@ -446,11 +493,8 @@ def _mark_erased(writer: Writer, entity: Entity, clerk_ids: list[str]) -> None:
 
 
 def _referred_to(exc: StoreError) -> bool:
-    """A foreign key of an app's table refused the deletion: PostgreSQL 23503, SQLite's message, MySQL 1451
-    (a parent row; 1452, a child row, is what :func:`is_foreign_key_violation` reads there)."""
-    orig = getattr(exc.__cause__, "orig", None)
-    args: tuple[Any, ...] = tuple(getattr(orig, "args", ()))
-    return is_foreign_key_violation(orig) or args[:1] == (1451,)
+    """A foreign key of an app's table refused the deletion (:func:`~clerk_sync._db_errors.is_row_referenced`)."""
+    return is_row_referenced(getattr(exc.__cause__, "orig", None))
 
 
 def _redactable_jobs(cutoff: datetime) -> list[sa.ColumnElement[bool]]:
@@ -582,8 +626,13 @@ def _about_gone_user(conn: sa.Connection, payload: Any, cutoff: datetime) -> boo
         return False
     deleted_at = conn.execute(sa.select(users.c.deleted_at).where(users.c.clerk_id == person)).scalar()
     if deleted_at is not None:
-        return bool((deleted_at if deleted_at.tzinfo else deleted_at.replace(tzinfo=UTC)) < cutoff)
+        return _utc(deleted_at) < cutoff
     return is_erased(conn, Entity.USER, person)
+
+
+def _utc(stamp: datetime) -> datetime:
+    """A stored time as an aware UTC one (SQLite and MySQL/MariaDB hand them back naive, in UTC)."""
+    return stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)
 
 
 def _as_dict(payload: Any) -> Mapping[str, Any]:
