@@ -34,7 +34,7 @@ PUBLIC_API: dict[str, list[str]] = {
     "clerk_sync.clerk_api": ["API_VERSION", "ApiRequest", "AsyncClerkClient", "CircuitBreaker", "ClerkClient", "DEFAULT_API_URL", "DEFAULT_TIMEOUT", "JSON", "MAX_PAGE", "Page", "RetryPolicy", "Stats"],
     "clerk_sync.clerk_api.ratelimit": ["Budget", "LocalBudget", "RateLimit", "RedisBudget", "Reservation", "budget_from_settings", "default_rate_limit"],
     "clerk_sync.cli": ["app", "main"],
-    "clerk_sync.cli.hooks": ["HOOKS_HELP", "MAPPING_HELP", "hooks_app", "load_hooks", "load_mapping", "worker"],
+    "clerk_sync.cli.hooks": ["HOOKS_HELP", "MAPPING_HELP", "hooks_app", "load_hooks", "load_mapping", "migrate_mapping", "worker"],
     "clerk_sync.cli.dev": ["DevReport", "DevStack", "run_dev", "seed_demo"],
     "clerk_sync.cli.doctor": ["Check", "run_checks", "run_freshness"],
     "clerk_sync.cli.main": ["app", "main"],

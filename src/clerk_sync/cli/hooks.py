@@ -28,11 +28,27 @@ from clerk_sync.outbox import delete_jobs, list_jobs, retry_jobs
 from clerk_sync.store import Store
 from clerk_sync.tables import hook_jobs, organization_memberships, organizations, users
 
-__all__ = ["HOOKS_HELP", "MAPPING_HELP", "hooks_app", "load_hooks", "load_mapping", "worker"]
+__all__ = ["HOOKS_HELP", "MAPPING_HELP", "hooks_app", "load_hooks", "load_mapping", "migrate_mapping", "worker"]
 
 HOOKS_HELP = "Your hooks, as module:attribute (a list of Hook, or a function returning one)."
 MAPPING_HELP = "Your tables' mapping, as module:attribute (a SchemaMapping, or a function returning one)."
 hooks_app = typer.Typer(help="Inspect and repair the after-commit hook queue (dead jobs).", no_args_is_help=True)
+
+
+def migrate_mapping(store: Store, schema: SchemaMapping, *, backfill: bool = False) -> list[str]:
+    """``migrate``'s part past clerk-sync's own tables, one for every face's command (``clerk-sync migrate
+    --mapping``, ``flask clerk-sync migrate``, ``manage.py clerk_sync migrate``): what the mapped tables need
+    (:func:`~clerk_sync.mapping.migrate_schema`), then with ``backfill`` the rows clerk-sync holds written into
+    them. Returns the lines to print."""
+    from clerk_sync.mapping import migrate_schema
+
+    with store.engine.begin() as conn:
+        done = migrate_schema(conn, schema) or ["mapped tables already have what the mapping needs"]
+    lines = [f"mapping: {line}" for line in done]
+    if backfill:
+        with store.transaction() as writer:
+            lines.append(f"mapping: backfilled {schema.backfill(writer.conn, writer.now) or 'nothing'}")
+    return lines
 
 
 def _load(option: str, spec: str) -> Any:

@@ -16,7 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from clerk_sync import migrations
 from clerk_sync._logging import configure_logging
-from clerk_sync.cli.hooks import HOOKS_HELP, MAPPING_HELP, hooks_app, load_hooks, load_mapping, worker
+from clerk_sync.cli.hooks import HOOKS_HELP, MAPPING_HELP, hooks_app, load_hooks, load_mapping, migrate_mapping, worker
 from clerk_sync.config import Settings
 from clerk_sync.errors import ClerkNotFound, ClerkSyncError, ClerkUnauthorized, ConfigError
 from clerk_sync.store import Store
@@ -43,20 +43,14 @@ def migrate(
                                                                 "into the mapped tables (idempotent).")] = False,
 ) -> None:
     """Apply database migrations (DATABASE_URL)."""
-    from clerk_sync.mapping import migrate_schema
-
     settings = _settings()
     schema = load_mapping(mapping)
     store = Store.from_settings(settings)
     migrations.upgrade(store.engine)
     console.print(f"[green]migrations current[/] ({migrations.head_revision()}) on {_safe(settings)}")
     if schema is not None:
-        with store.engine.begin() as conn:
-            for line in migrate_schema(conn, schema) or ["mapped tables already have what the mapping needs"]:
-                console.print(f"mapping: {line}")
-        if backfill:
-            with store.transaction() as writer:
-                console.print(f"mapping: backfilled {schema.backfill(writer.conn, writer.now) or 'nothing'}")
+        for line in migrate_mapping(store, schema, backfill=backfill):
+            console.print(line)
     elif backfill:
         raise ConfigError("--backfill needs --mapping module:attribute")
     store.dispose()

@@ -58,7 +58,7 @@ def migrate(backfill: bool) -> None:
 
     The mapping is the one of the store passed as ClerkSync(app, store=...), which the webhook route writes
     through: this does what `clerk-sync migrate --mapping` (and --backfill) does, with the same migrate_schema."""
-    from clerk_sync.mapping import migrate_schema
+    from clerk_sync.cli.hooks import migrate_mapping
 
     store = clerk_state().store
     schema = store.mapping
@@ -69,12 +69,8 @@ def migrate(backfill: bool) -> None:
     click.echo(f"migrations current ({migrations.head_revision()})")
     if schema is None:
         return
-    with store.engine.begin() as conn:
-        for line in migrate_schema(conn, schema) or ["mapped tables already have what the mapping needs"]:
-            click.echo(f"mapping: {line}")
-    if backfill:
-        with store.transaction() as writer:
-            click.echo(f"mapping: backfilled {schema.backfill(writer.conn, writer.now) or 'nothing'}")
+    for line in migrate_mapping(store, schema, backfill=backfill):
+        click.echo(line)
 
 
 @clerk_sync_cli.command()

@@ -73,7 +73,7 @@ class Command(BaseCommand):
     def _migrate(self, *, backfill: bool = False, **_: Any) -> None:
         """``clerk-sync migrate --mapping`` with ``CLERK_SYNC["MAPPING"]`` (the webhook view's): the same
         ``migrate_schema`` adds what the mapped tables need, ``--backfill`` the same ``SchemaMapping.backfill``."""
-        from clerk_sync.mapping import migrate_schema
+        from clerk_sync.cli.hooks import migrate_mapping
         from clerk_sync.store import Store
 
         settings, mapping = clerk_settings(), django_options().mapping
@@ -85,12 +85,8 @@ class Command(BaseCommand):
             self.stdout.write(f"clerk-sync migrations current ({migrations.head_revision()})")
             if mapping is None:
                 return
-            with store.engine.begin() as conn:
-                for line in migrate_schema(conn, mapping) or ["mapped tables already have what the mapping needs"]:
-                    self.stdout.write(f"mapping: {line}")
-            if backfill:
-                with store.transaction() as writer:
-                    self.stdout.write(f"mapping: backfilled {mapping.backfill(writer.conn, writer.now) or 'nothing'}")
+            for line in migrate_mapping(store, mapping, backfill=backfill):
+                self.stdout.write(line)
         finally:
             store.dispose()
 
