@@ -421,8 +421,8 @@ def replay_delivery(store: Store, svix_id: str, *,
                     audit: Callable[[Writer, DeliveryStatus], None] | None = None) -> DeliveryStatus:
     """Re-apply one stored delivery in its own unit of work (:meth:`Store.run`: written again without the
     app's tables if one of them rolled it back), ``audit``'s row in the same transaction. Still refused by
-    the database: kept ``failed`` with the reason (and audited so). ``replay`` and the Django admin replay
-    through here, the console through :func:`replay_if_failed`."""
+    the database: kept ``failed`` with the reason (and audited so). ``replay`` replays through here, the
+    console and the Django admin through :func:`replay_if_failed`."""
     return DeliveryStatus(_replay(store, svix_id, audit, only_failed=False)[1])
 
 

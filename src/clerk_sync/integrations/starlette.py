@@ -451,7 +451,7 @@ class PruneSchedule:
         finally:
             self.passes += 1
         log.info("pruned", redacted=report.redacted, deleted=report.deleted, cleared=report.cleared,
-                 erased=report.erased)
+                 erased=report.erased, settling=report.settling)
         return report
 
     async def _loop(self) -> None:
