@@ -1,5 +1,5 @@
 """Third review of the Flask face: ``deny_by_default`` against Werkzeug's routing redirects and blueprints'
-static files, and ``flask clerk-sync migrate`` for an app that maps Clerk users into its own tables."""
+static files (when listed), and ``flask clerk-sync migrate`` for an app that maps Clerk users into its own tables."""
 
 from __future__ import annotations
 
@@ -181,16 +181,17 @@ def test_a_redirect_over_http_names_the_servers_host_and_port(apps: tuple[Flask,
 # -- blueprints' static files -------------------------------------------------------------------------------
 
 
-def test_blueprint_static_files_are_public_as_the_apps_are(sqlite_url: str, tmp_path: Path) -> None:
-    """Finding: with ``deny_by_default`` the app's ``static`` endpoint was public but a blueprint's
-    (``Blueprint(..., static_folder=...)``, endpoint ``<name>.static``) answered 401: its CSS and scripts
-    failed on the pages it serves to the signed-out. Registered under another name, or nested, too."""
+def test_blueprint_static_files_are_public_when_listed_and_protected_otherwise(sqlite_url: str,
+                                                                               tmp_path: Path) -> None:
+    """A blueprint's static files (``<name>.static``) are served to the signed-out when listed in
+    ``public_endpoints`` (registered under another name, or nested, by that name); an unlisted one stays
+    protected (review: opening every blueprint's folder by default exposed an app's private assets)."""
     for folder in ("app_static", "shop_static"):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "site.css").write_text(f"/* {folder} */")
     app = Flask(__name__, static_folder=str(tmp_path / "app_static"), static_url_path="/static")
     app.config["CLERK_SYNC"] = _config(sqlite_url)
-    ClerkSync(app, deny_by_default=True)  # before the blueprints: they are recognised when requested
+    ClerkSync(app, deny_by_default=True, public_endpoints={"shop.static", "parent.shop.static"})
     shop = Blueprint("shop", __name__, static_folder=str(tmp_path / "shop_static"), static_url_path="/assets")
 
     @shop.get("/orders")
@@ -200,23 +201,25 @@ def test_blueprint_static_files_are_public_as_the_apps_are(sqlite_url: str, tmp_
     parent = Blueprint("parent", __name__, url_prefix="/parent")
     parent.register_blueprint(shop, url_prefix="/shop")
     app.register_blueprint(shop, url_prefix="/shop")
-    app.register_blueprint(shop, url_prefix="/store", name="store")
+    app.register_blueprint(shop, url_prefix="/store", name="store")  # not listed
     app.register_blueprint(parent)
     assert {"shop.static", "store.static", "parent.shop.static"} <= set(app.view_functions)
     with app.test_client() as client:
         assert client.get("/static/site.css").get_data(as_text=True) == "/* app_static */"
-        for prefix in ("/shop", "/store", "/parent/shop"):
+        for prefix in ("/shop", "/parent/shop"):
             served = client.get(f"{prefix}/assets/site.css")
             assert (served.status_code, served.get_data(as_text=True)) == (200, "/* shop_static */"), prefix
             assert client.get(f"{prefix}/assets/missing.css").status_code == 404  # as the app's static says
             assert client.get(f"{prefix}/orders").status_code == 401
+        assert client.get("/store/assets/site.css").status_code == 401
+        assert client.get("/store/assets/site.css", headers=bearer(token("user_rep"))).status_code == 200
         assert client.get("/static/missing.css").status_code == 404
     clerk_state(app).close()
 
 
 def test_a_blueprint_view_named_static_is_not_static_files(sqlite_url: str) -> None:
-    """Recognised by what Flask registers (the blueprint's ``send_static_file``), not by the name alone: a
-    view of the app's own called ``static`` in a blueprint without a static folder stays protected."""
+    """A view of the app's own called ``static`` in a blueprint (``reports.static``) is protected as any
+    other: only the app's own ``static`` endpoint is public by name."""
     app = Flask(__name__)
     app.config["CLERK_SYNC"] = _config(sqlite_url)
     ClerkSync(app, deny_by_default=True)

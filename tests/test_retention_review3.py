@@ -347,3 +347,22 @@ def test_the_digest_settle_is_positive_and_covers_the_database_bounds() -> None:
         == timedelta(minutes=15)
     assert settle(CLERK_SYNC_DB_STATEMENT_TIMEOUT_S="600", CLERK_SYNC_DB_IDLE_IN_TRANSACTION_TIMEOUT_S="60") \
         == timedelta(seconds=4 * (2 * 600 + 60))
+
+
+@pytest.mark.parametrize("batch", [500, 1])
+def test_a_dry_run_counts_the_tombstone_rows_a_pass_would_erase_and_those_left_settling(
+        db_url: str, verifier: WebhookVerifier, batch: int) -> None:
+    """Review finding: the dry run counted every due tombstone as "would erase", though a pass deletes only rows
+    whose digests settled (the first pass writes them: all settling), and never filled ``settling``. It now says
+    what the pass right after it does, on the first pass and on one after the settle time."""
+    _deleted_days_ago(db_url, verifier, "user_a", "user_b")
+    store = Store.from_url(db_url)
+    policy = RetentionPolicy(delete_tombstones_after=timedelta(days=1), batch=batch)
+    for clock, expected in ((_clock(timedelta(0)), (0, 2)), (_settled(), (2, 0))):
+        dry = Retention(store, policy, now=clock).prune(dry_run=True)
+        assert (dry.erased, dry.settling) == expected
+        assert "(2 more on a later pass" in dry.summary() if expected == (0, 2) else "later pass" not in dry.summary()
+        real = Retention(store, policy, now=clock).prune()
+        assert (real.erased, real.settling) == (dry.erased, dry.settling)
+    assert [_row(store, u) for u in ("user_a", "user_b")] == ["gone", "gone"]
+    store.dispose()

@@ -197,7 +197,7 @@ class Retention:
         redact_cut, delete_cut, clear_cut = now - p.redact_after, now - p.delete_after, now - p.clear_tombstones_after
         erase_cut = None if p.delete_tombstones_after is None else now - p.delete_tombstones_after
         if dry_run:
-            return self._count(redact_cut, delete_cut, clear_cut, erase_cut)
+            return self._count(redact_cut, delete_cut, clear_cut, erase_cut, now - p.digest_settle)
         report = PruneReport(
             redacted=self._drain(lambda w: self._redact_batch(w, redact_cut))
             + self._drain(lambda w: self._redact_jobs_batch(w, redact_cut))
@@ -316,7 +316,7 @@ class Retention:
         while True:
             with self.store.transaction() as writer:
                 rows = writer.conn.execute(self._pick(due if after is None else due.where(table.c.id > after))).all()
-                written = _digests(writer, entity, [row.clerk_id for row in rows])
+                written = _digests(writer.conn, entity, [row.clerk_id for row in rows])
                 fresh = [row.clerk_id for row in rows if row.clerk_id not in written]
                 _mark_erased(writer, entity, fresh)
                 written |= dict.fromkeys(fresh, writer.now)
@@ -379,12 +379,14 @@ class Retention:
             return int(writer.conn.execute(stmt).rowcount)
 
     def _count(self, redact_cut: datetime, delete_cut: datetime, clear_cut: datetime,
-               erase_cut: datetime | None) -> PruneReport:
+               erase_cut: datetime | None, settled: datetime) -> PruneReport:
         def count(table: sa.Table, *where: sa.ColumnElement[bool]) -> int:
             return int(conn.execute(sa.select(sa.func.count()).select_from(table).where(*where)).scalar_one())
 
         failed_of_gone = self._redact_failed_of_gone(clear_cut, dry_run=True)
         with self.store.connect() as conn:
+            erasing = [self._count_tombstones(conn, e, erase_cut, settled) for e in _ERASABLE] \
+                if erase_cut is not None else []
             return PruneReport(
                 redacted=count(webhook_events, *self._redactable(redact_cut))
                 + count(hook_jobs, *_redactable_jobs(redact_cut)) + failed_of_gone,
@@ -393,9 +395,27 @@ class Retention:
                 cleared=sum(count(t, t.c.deleted_at.is_not(None), t.c.deleted_at < clear_cut, _not_cleared(t))
                             for t in _CLEARED),
                 dry_run=True,
-                erased=0 if erase_cut is None else sum(
-                    count(t, t.c.deleted_at.is_not(None), t.c.deleted_at < erase_cut) for t in _ERASABLE.values()),
+                erased=sum(n for n, _ in erasing),
+                settling=sum(n for _, n in erasing),
             )
+
+    def _count_tombstones(self, conn: sa.Connection, entity: Entity, cutoff: datetime,
+                          settled: datetime) -> tuple[int, int]:
+        """What :meth:`_erase_tombstones` would do now: due rows whose digests were written before ``settled``
+        would go, the others (a younger digest, or none yet: the pass would write it now, on the store's clock)
+        would be settling. Rows an app's foreign key keeps are counted as going: only a DELETE would tell them."""
+        table, ripe, settling, stamp = _ERASABLE[entity], 0, 0, self.store.now()
+        due = sa.select(table.c.id, table.c.clerk_id).where(
+            table.c.deleted_at.is_not(None), table.c.deleted_at < cutoff).order_by(table.c.id).limit(self.policy.batch)
+        after: int | None = None
+        while True:
+            rows = conn.execute(due if after is None else due.where(table.c.id > after)).all()
+            written = _digests(conn, entity, [row.clerk_id for row in rows])
+            n = sum(1 for row in rows if _utc(written.get(row.clerk_id, stamp)) < settled)
+            ripe, settling = ripe + n, settling + len(rows) - n
+            if len(rows) < self.policy.batch:
+                return ripe, settling
+            after = rows[-1].id
 
     # -- erasure --------------------------------------------------------------------------------
     def erase_user(self, clerk_id: str, *, actor: str | None = None, reason: str | None = None,
@@ -469,13 +489,13 @@ def _pass_deletion_on(writer: Writer, outbox: Outbox, clerk_id: str) -> None:
     outbox.record(Change(Entity.USER, clerk_id, "deleted", row.clerk_updated_at, {}))
 
 
-def _digests(writer: Writer, entity: Entity, clerk_ids: list[str]) -> dict[str, datetime]:
+def _digests(conn: sa.Connection, entity: Entity, clerk_ids: list[str]) -> dict[str, datetime]:
     """The digests of ``clerk_ids`` recorded already, and when (a kept row's: its deletion): by Clerk id."""
     if not clerk_ids:
         return {}
     digests = {erased_digest(entity, i): i for i in clerk_ids}
     found = sa.select(erased.c.digest, erased.c.erased_at).where(erased.c.digest.in_(list(digests)))
-    return {digests[digest]: at for digest, at in writer.conn.execute(found)}
+    return {digests[digest]: at for digest, at in conn.execute(found)}
 
 
 def _mark_erased(writer: Writer, entity: Entity, clerk_ids: list[str]) -> None:

@@ -4,6 +4,7 @@ for an app that maps Clerk users into its own tables."""
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 import types
@@ -17,7 +18,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 from django.core.management import call_command
-from django.core.management.base import CommandError
+from django.core.management.base import CommandError, SystemCheckError
 from django.test import override_settings
 from django.utils.html import escape
 
@@ -97,6 +98,59 @@ def test_an_app_that_verifies_no_session_is_not_warned_about_authorized_parties(
             out, err = StringIO(), StringIO()
             call_command("check", stdout=out, stderr=err)
             assert "clerk_sync" not in out.getvalue() + err.getvalue()
+
+
+#: The test project (the example's settings) authenticates with all three; a webhook-only project with none.
+_CLERK_MIDDLEWARE = "clerk_sync.integrations.django.middleware.ClerkMiddleware"
+_NO_CLERK_AUTH = {
+    "MIDDLEWARE": ["django.middleware.security.SecurityMiddleware",
+                   "django.contrib.sessions.middleware.SessionMiddleware",
+                   "django.middleware.csrf.CsrfViewMiddleware",
+                   "django.contrib.auth.middleware.AuthenticationMiddleware",
+                   "django.contrib.messages.middleware.MessageMiddleware"],
+    "AUTHENTICATION_BACKENDS": ["django.contrib.auth.backends.ModelBackend"],
+    "REST_FRAMEWORK": {"DEFAULT_AUTHENTICATION_CLASSES": ["rest_framework.authentication.SessionAuthentication"]},
+}
+_WEBHOOK_ONLY = {"CLERK_WEBHOOK_SIGNING_SECRET": SECRET, "CLERK_SECRET_KEY": "sk_test_x"}
+
+
+def test_a_webhook_only_project_with_a_secret_key_is_not_warned_about_authorized_parties() -> None:
+    """Review finding: ``CLERK_SECRET_KEY`` (set for webhooks' or reconcile's Backend API calls) counted as
+    verifying sessions, so a project that authenticates no request with clerk-sync got W002 on upgrade and
+    ``manage.py check --fail-level WARNING`` failed its CI. Without the middleware, backend or DRF class: none."""
+    with override_settings(CLERK_SYNC=_WEBHOOK_ONLY, **_NO_CLERK_AUTH):
+        assert check_settings() == []
+        out, err = StringIO(), StringIO()
+        call_command("check", "--fail-level", "WARNING", stdout=out, stderr=err)
+        assert "clerk_sync" not in out.getvalue() + err.getvalue()
+
+
+@pytest.mark.parametrize("auth", [
+    {"MIDDLEWARE": [*_NO_CLERK_AUTH["MIDDLEWARE"], _CLERK_MIDDLEWARE]},
+    {"AUTHENTICATION_BACKENDS": ["clerk_sync.integrations.django.backends.ClerkBackend",
+                                 "django.contrib.auth.backends.ModelBackend"]},
+    {"REST_FRAMEWORK": {"DEFAULT_AUTHENTICATION_CLASSES": [
+        "clerk_sync.integrations.django.rest_framework.ClerkAuthentication"]}},
+], ids=["middleware", "backend", "drf"])
+def test_a_project_authenticating_with_clerk_sync_and_a_secret_key_gets_the_warning(auth: dict[str, Any]) -> None:
+    with override_settings(CLERK_SYNC=_WEBHOOK_ONLY, **{**_NO_CLERK_AUTH, **auth}):
+        assert [m.id for m in check_settings()] == ["clerk_sync.W002"]
+        with pytest.raises(SystemCheckError, match=r"clerk_sync\.W002"):
+            call_command("check", "--fail-level", "WARNING", stdout=StringIO(), stderr=StringIO())
+    with override_settings(CLERK_SYNC={**_WEBHOOK_ONLY, "CLERK_AUTHORIZED_PARTIES": [AZP]},
+                           **{**_NO_CLERK_AUTH, **auth}):
+        assert check_settings() == []
+
+
+def test_a_subclass_of_the_middleware_counts_as_authenticating(monkeypatch: pytest.MonkeyPatch) -> None:
+    from clerk_sync.integrations.django.middleware import ClerkMiddleware
+
+    module = types.ModuleType("clerk_sync_test_app_middleware")
+    module.AppMiddleware = type("AppMiddleware", (ClerkMiddleware,), {})  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    middleware = [*_NO_CLERK_AUTH["MIDDLEWARE"], f"{module.__name__}.AppMiddleware"]
+    with override_settings(CLERK_SYNC=_WEBHOOK_ONLY, **{**_NO_CLERK_AUTH, "MIDDLEWARE": middleware}):
+        assert [m.id for m in check_settings()] == ["clerk_sync.W002"]
 
 
 # -- the admin's replay action ----------------------------------------------------------------------------

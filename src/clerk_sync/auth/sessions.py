@@ -145,8 +145,8 @@ def is_cors_preflight(method: str | None, access_control_request_method: str | N
     """A browser's CORS preflight (``OPTIONS`` with an ``Access-Control-Request-Method`` header): it never
     carries the session (no cookie, no Authorization), and a browser needs a 2xx answer before it sends the
     real request. Any client can send those headers, though: deny-by-default lets such a request through
-    only where no view code answers it (Flask's automatic OPTIONS), or, in ASGI's
-    :class:`~clerk_sync.integrations.asgi.ClerkAuthMiddleware`, only a CORS answer back out of the app."""
+    only where no view code answers it (Flask's automatic OPTIONS); ASGI's
+    :class:`~clerk_sync.integrations.asgi.ClerkAuthMiddleware` refuses it, saying where the CORS layer goes."""
     return method == "OPTIONS" and bool(access_control_request_method)
 
 
@@ -189,7 +189,9 @@ def check_request_origin(method: str, headers: Mapping[str, str], *, scheme: str
         own = _origin(f"{scheme}://{headers.get('host', '')}") if scheme else None
         allowed = {own} if own is not None else set()
         expected = (f"this site's own origin {own!r} (behind a proxy, forward the Host and X-Forwarded-Proto "
-                    "headers, or list your front end's origin in CLERK_AUTHORIZED_PARTIES)")
+                    "headers, or list your front end's origin in CLERK_AUTHORIZED_PARTIES)" if own is not None else
+                    "this site's own origin, unknown here (the caller passed no scheme=: pass the request's, or "
+                    "list your front end's origin in CLERK_AUTHORIZED_PARTIES)")
     if origin is None or (origin not in allowed and not _trusted(origin, trusted_origins)):
         raise CrossSiteRequest(f"cross-site request refused: a {method} authenticated by the __session cookie "
                                f"from {header} {(origin or sent)[:100]!r}, which is not {expected}; a front end on "

@@ -12,7 +12,7 @@ from starlette.authentication import AuthCredentials, AuthenticationBackend, Aut
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import HTTPConnection, cookie_parser
 from starlette.responses import PlainTextResponse, Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from clerk_sync.auth.authenticator import Authenticator
 from clerk_sync.auth.claims import Auth
@@ -104,12 +104,11 @@ class ClerkAuthMiddleware:
     this site's own), or it is refused as cross-site request forgery (403 ``cross_site_request``; on a
     public path, served as anonymous). Bearer requests carry no ambient credential and are not checked.
 
-    A browser's CORS preflight (``OPTIONS`` with ``Origin`` and ``Access-Control-Request-Method``, and no
-    session: a browser never sends one on a preflight) goes on to the app unauthenticated (``clerk_auth``
-    None), so a ``CORSMiddleware`` inside this one answers it. Any client can send those headers, so on a
-    protected path only a CORS answer (one with ``Access-Control-Allow-*`` headers) goes back to the caller:
-    anything else (a view that takes OPTIONS itself, the router's 404 or 405) is replaced by the 401 every
-    request without a session gets. The real request that follows is checked as any other.
+    A browser's CORS preflight carries no session (Fetch never sends one), so the CORS layer must answer it
+    before this middleware: ``CORSMiddleware`` outside this one (FastAPI: added after ``install()``). Inside,
+    on a protected path, it is refused as any request without a session, with a message saying where the
+    CORS layer goes: any client can send a preflight's headers, and letting one through would run the app's
+    routes (a view taking OPTIONS, a mounted app that ignores the method) for a caller with no session.
 
     Sets ``scope["clerk_auth"]`` to the :class:`Auth` (or None on a public path without a session).
     A refused websocket gets the same JSON answer as HTTP where the server supports the ASGI
@@ -141,11 +140,9 @@ class ClerkAuthMiddleware:
             name = key.decode("latin-1").lower()
             repeated = repeated or (name == "authorization" and name in headers)
             headers.setdefault(name, value.decode("latin-1"))  # the first, as Starlette's request.headers
-        if scope["type"] == "http" and _is_browser_preflight(scope["method"], headers):
-            scope["clerk_auth"] = None  # anonymous: nothing to authenticate (dependencies verify on their own)
-            if not (self.is_public(_route_path(scope)) or self.is_public(path)):
-                send = _cors_answer_only(scope, receive, send)
-            await self.app(scope, receive, send)
+        if (scope["type"] == "http" and _is_browser_preflight(scope["method"], headers)
+                and not (self.is_public(_route_path(scope)) or self.is_public(path))):
+            await error_json(TokenMissing(_PREFLIGHT_REFUSED))(scope, receive, send)
             return
         try:
             if repeated:  # two credentials: the app's dependencies and this check could each read another one
@@ -199,24 +196,9 @@ def _is_browser_preflight(method: str, headers: Mapping[str, str]) -> bool:
     return "authorization" not in headers and not any(_is_session_cookie(name) for name in _cookies(headers))
 
 
-def _cors_answer_only(scope: Scope, receive: Receive, send: Send) -> Send:
-    """``send`` for a preflight on a protected path: a CORS answer (``Access-Control-Allow-*`` headers: a CORS
-    middleware's, its refusals included) goes out as it is; any other answer (a view's body, a 404 or 405
-    telling which paths exist) is replaced by the 401 of a request without a session, the rest of it dropped."""
-    passed: bool | None = None  # decided by the answer's first message
-
-    async def guarded(message: Message) -> None:
-        nonlocal passed
-        if passed is None and message["type"] == "http.response.start":
-            passed = any(key.lower().startswith(b"access-control-allow-") for key, _ in message.get("headers", ()))
-            if not passed:
-                missing = TokenMissing("no session token (Authorization: Bearer or __session cookie)")
-                await error_json(missing)(scope, receive, send)
-                return
-        if passed:
-            await send(message)
-
-    return guarded
+_PREFLIGHT_REFUSED = ("a CORS preflight reached ClerkAuthMiddleware: browsers send no session on a preflight, so "
+                      "the CORS layer must answer it first: add CORSMiddleware outside this middleware (FastAPI: "
+                      "app.add_middleware(CORSMiddleware, ...) after ClerkAuth.install(app))")
 
 
 def _route_path(scope: Scope) -> str:

@@ -87,8 +87,9 @@ class ClerkAuth:
         to the dependencies alone, route by route.
 
         CORS: a ``CORSMiddleware`` added after ``install()`` sits outside the middleware (its headers then
-        reach refusals too, so a front end can read a 401); one added before sits inside and still gets the
-        browser's preflights, which carry no session (see :class:`ClerkAuthMiddleware`).
+        reach refusals too, so a front end can read a 401). One added before sits inside, where the browser's
+        preflights, which carry no session, are refused 401 on protected paths with a message saying to add
+        it after (see :class:`ClerkAuthMiddleware`).
         """
 
         async def handle(_: Request, exc: Exception) -> JSONResponse:

@@ -94,8 +94,11 @@ class ConsoleAccess:
         self._login = _Serializer(secret, salt="clerk-sync-console-login", clock=clock)
 
     # -- per request -----------------------------------------------------------------------------
-    def identify(self, headers: Mapping[str, str], cookies: Mapping[str, str]) -> Identity:
-        """The caller, or TokenError (401: sign in) / AccessDenied (403: signed in, not an admin)."""
+    def identify(self, headers: Mapping[str, str], cookies: Mapping[str, str], *, method: str | None = None,
+                 scheme: str | None = None) -> Identity:
+        """The caller, or TokenError (401: sign in) / AccessDenied (403: signed in, not an admin). The
+        request's ``method`` and ``scheme`` judge a Clerk cookie's Origin as every face does (a same-origin
+        POST of an admin whose console session ended signs in again, a cross-site one is refused)."""
         bearer = _bearer(headers)
         if bearer is not None:
             if self.operator_token and hmac.compare_digest(bearer.encode(), self.operator_token.encode()):
@@ -116,7 +119,7 @@ class ConsoleAccess:
                 self.confirm_admin(str(clerk_id))
                 return Identity(kind, clerk_id, csrf)
         if self.authenticator is not None and any(n.startswith("__session") for n in cookies):
-            return self.admin_session(*self._clerk_admin(headers, cookies))  # a new Clerk session
+            return self.admin_session(*self._clerk_admin(headers, cookies, method=method, scheme=scheme))
         raise ended or TokenMissing("sign in to the console: an admin's Clerk session or the operator token")
 
     def signing_out(self, headers: Mapping[str, str], cookies: Mapping[str, str]) -> Identity | None:
@@ -173,12 +176,13 @@ class ConsoleAccess:
                                   "ended (signed out): sign in again")
         return None
 
-    def _clerk_admin(self, headers: Mapping[str, str], cookies: Mapping[str, str]) -> tuple[str, str]:
+    def _clerk_admin(self, headers: Mapping[str, str], cookies: Mapping[str, str], *, method: str | None = None,
+                     scheme: str | None = None) -> tuple[str, str]:
         """The admin's Clerk id and session id."""
         if self.authenticator is None:
             raise TokenMissing("Clerk sign-in is not configured for the console (set CLERK_SECRET_KEY or "
                                "CLERK_JWT_KEY), and the token is not the operator token")
-        auth = self.authenticator.authenticate(headers, cookies)
+        auth = self.authenticator.authenticate(headers, cookies, method=method, scheme=scheme)
         if auth.is_impersonated:
             raise AccessDenied("the console is not available while impersonating")
         return self.authenticator.require_role(auth, ADMIN_ROLE).clerk_id, auth.session_id

@@ -127,7 +127,8 @@ def _guard(console: Console, handler: Handler, *, post: bool = False, read_only_
 
 def _caller(console: Console, request: Request, sign_out: bool) -> Identity:
     identity = console.access.signing_out(request.headers, request.cookies) if sign_out else None
-    return identity or console.access.identify(request.headers, request.cookies)
+    return identity or console.access.identify(request.headers, request.cookies, method=request.method,
+                                               scheme=request.url.scheme)
 
 
 def _signed_out(request: Request, response: Response) -> Response:

@@ -21,6 +21,8 @@ from clerk_sync.integrations.django.conf import DjangoOptions, clerk_settings, d
 __all__ = ["check_settings"]
 
 _MIDDLEWARE = "clerk_sync.integrations.django.middleware.ClerkMiddleware"
+_BACKEND = "clerk_sync.integrations.django.backends.ClerkBackend"
+_DRF_AUTHENTICATION = "clerk_sync.integrations.django.rest_framework.ClerkAuthentication"
 _AUTH_MIDDLEWARE = "django.contrib.auth.middleware.AuthenticationMiddleware"
 _CSRF_MIDDLEWARE = "django.middleware.csrf.CsrfViewMiddleware"
 
@@ -98,8 +100,10 @@ def _authorized_parties(settings: Settings) -> list[checks.CheckMessage]:
     """Without ``CLERK_AUTHORIZED_PARTIES`` a token's ``azp`` is not checked (``ClaimsValidator``): a session
     token the Clerk instance minted for any origin signs in here. A warning, as ``clerk-sync doctor`` says it:
     signature, issuer and expiry are still checked, and Clerk makes the list optional. An app that verifies no
-    session (no key: E003) has nothing to check it on."""
-    if not _verifies_sessions(settings) or settings.authorized_parties() is not None:
+    session (no key: E003) has nothing to check it on, nor has one whose key serves webhooks or reconcile only
+    (``CLERK_SECRET_KEY`` without clerk-sync's middleware, backend or DRF class authenticating requests)."""
+    if (not _verifies_sessions(settings) or settings.authorized_parties() is not None
+            or not _authenticates_sessions()):
         return []
     return [checks.Warning(
         "CLERK_AUTHORIZED_PARTIES is not set: the azp claim of session tokens is not checked, so a token your "
@@ -129,6 +133,32 @@ def _is_clerk_middleware(path: str) -> bool:
     from clerk_sync.integrations.django.middleware import ClerkMiddleware
 
     return path == _MIDDLEWARE or _is_subclass(path, ClerkMiddleware)
+
+
+def _authenticates_sessions() -> bool:
+    """clerk-sync authenticates requests here: ``ClerkMiddleware`` in ``MIDDLEWARE``, ``ClerkBackend`` in
+    ``AUTHENTICATION_BACKENDS`` or ``ClerkAuthentication`` in DRF's ``DEFAULT_AUTHENTICATION_CLASSES`` (by path,
+    or an app's subclass)."""
+    if any(_is_clerk_middleware(m) for m in getattr(django_settings, "MIDDLEWARE", None) or []):
+        return True
+    if any(_names(b, _BACKEND) for b in getattr(django_settings, "AUTHENTICATION_BACKENDS", None) or []):
+        return True
+    drf = getattr(django_settings, "REST_FRAMEWORK", None)
+    classes = drf.get("DEFAULT_AUTHENTICATION_CLASSES", None) if isinstance(drf, dict) else None
+    return any(_names(c, _DRF_AUTHENTICATION) for c in classes or [])
+
+
+def _names(entry: object, path: str) -> bool:
+    """``entry`` (a dotted path, or the class itself) is the class at ``path`` or a subclass of it."""
+    if entry == path:
+        return True
+    try:  # the DRF class needs djangorestframework: without it nothing names it
+        base = import_string(path)
+    except Exception:
+        return False
+    if isinstance(entry, type):
+        return issubclass(entry, base)
+    return isinstance(entry, str) and _is_subclass(entry, base)
 
 
 def _is_subclass(path: str, base: type) -> bool:

@@ -354,28 +354,15 @@ def deny_by_default() -> None:
 
 
 def _is_public(state: ClerkSyncState, endpoint: str | None) -> bool:
-    """Listed in ``public_endpoints`` (the app's ``static`` and the webhook always are), a view decorated
-    with :func:`public`, or a blueprint's static files (:func:`_is_blueprint_static`)."""
+    """Listed in ``public_endpoints`` (the app's ``static`` and the webhook always are), or a view decorated
+    with :func:`public`. A blueprint's static files (``<name>.static``) are public only when listed: an app
+    may keep private assets in a blueprint's folder, and a release must not open them by itself."""
     if endpoint is None:
         return False
     if endpoint in state.public_endpoints:
         return True
     view = current_app.view_functions.get(endpoint)
-    return bool(getattr(view, _PUBLIC_ATTR, False)) or _is_blueprint_static(endpoint, view)
-
-
-def _is_blueprint_static(endpoint: str, view: object) -> bool:
-    """``<blueprint>.static``, the static files of a ``Blueprint(..., static_folder=...)``: public as the
-    app's ``static`` is. Not known by name in advance (blueprints register after ``init_app``, under the
-    name they are registered with, dotted when nested), so it is recognised here: the endpoint of a
-    registered blueprint whose view is that blueprint's ``send_static_file``, as Flask registers it. A view
-    of the app's own named ``static`` in a blueprint without a static folder is not static files: it stays
-    protected."""
-    name, dot, last = endpoint.rpartition(".")
-    if not dot or last != "static":
-        return False
-    blueprint = current_app.blueprints.get(name)
-    return blueprint is not None and view == getattr(blueprint, "send_static_file", None)
+    return bool(getattr(view, _PUBLIC_ATTR, False))
 
 
 _MAX_REDIRECTS = 5  # a chain longer than this (a loop of redirect_to rules) is not followed: protected

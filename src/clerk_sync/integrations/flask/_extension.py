@@ -43,9 +43,10 @@ class ClerkSync:
         clerk = ClerkSync(app, deny_by_default=True, public_endpoints={"home"})
 
     ``deny_by_default`` refuses (401) every endpoint without a valid session unless it is listed in
-    ``public_endpoints`` or decorated with :func:`public` (the webhook route, ``static`` and the static files
-    of blueprints with a ``static_folder`` always are). A URL Flask redirects (``/docs`` for ``/docs/``) is
-    judged by where it leads: Flask's 308 to a public page, the page's own 401 to the signed-out otherwise.
+    ``public_endpoints`` or decorated with :func:`public` (the webhook route and the app's ``static`` always
+    are; a blueprint's static files when listed: ``public_endpoints={"shop.static"}``). A URL Flask
+    redirects (``/docs`` for ``/docs/``) is judged by where it leads: Flask's 308 to a public page, the
+    page's own 401 to the signed-out otherwise.
     ``jit`` syncs a signed-in user whose webhook has not arrived (needs ``CLERK_SECRET_KEY``).
     ``revocation_refresh_s`` is how stale the deny list (revoked sessions, banned users) may be.
     ``store``: a :class:`~clerk_sync.store.Store` you built with ``hooks=``/``mapping=`` — pass it so
@@ -64,8 +65,7 @@ class ClerkSync:
         self.store = store
         self.webhook_path = webhook_path
         self.deny_by_default = deny_by_default
-        # The app's static files; blueprints' (``<name>.static``) are recognised per request, as they may
-        # register after this (see ``_core._is_blueprint_static``)
+        # The app's static files; a blueprint's (``<name>.static``) only when listed (they may be private)
         self.public_endpoints = frozenset(public_endpoints) | {"static"}
         self.jit = jit
         self.audit_impersonation = audit_impersonation
