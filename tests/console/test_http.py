@@ -132,6 +132,19 @@ def test_a_clerk_session_cookie_signs_an_admin_in(stack: ConsoleStack) -> None:
     assert [r["details"]["method"] for r in stack.audit_rows() if r["action"] == "console.login"] == ["clerk_session"]
 
 
+def test_a_clerk_session_cookie_with_the_consoles_own_origin_signs_in_and_a_foreign_one_is_refused(
+        stack: ConsoleStack) -> None:
+    """Review finding: the console asked ``authenticate()`` without the request's method and scheme, so a
+    Clerk cookie sent with the console's own ``Origin`` was refused as cross-site (its own origin unknown)."""
+    token = stack.emulator.mint_session_token(stack.admin_id)
+    origin = str(httpx.URL(stack.console_url).copy_with(path="/", query=None)).rstrip("/")
+    own = httpx.get(f"{stack.console_url}/", cookies={"__session": token}, headers={**HTML, "Origin": origin})
+    assert own.status_code == 200 and "clerk_sync_console=" in own.headers["set-cookie"]
+    foreign = httpx.post(f"{stack.console_url}/deliveries/replay", cookies={"__session": token},
+                         headers={**HTML, "Origin": "https://evil.example.test"})
+    assert foreign.status_code == 403 and "clerk_sync_console=" not in foreign.headers.get("set-cookie", "")
+
+
 def test_a_refused_first_request_of_a_clerk_session_opens_no_console_session(stack: ConsoleStack) -> None:
     """Review finding: a Clerk sign-in whose first request was refused (a NUL: 400; a POST without the CSRF
     token: 403) still got a working console cookie, and no ``console.login`` row recorded it."""

@@ -142,6 +142,17 @@ def test_a_project_authenticating_with_clerk_sync_and_a_secret_key_gets_the_warn
         assert check_settings() == []
 
 
+@pytest.mark.parametrize("key", [{"CLERK_JWT_KEY": pem(KEY)},
+                                 {"CLERK_JWKS_URL": "https://clerk.example.com/.well-known/jwks.json"}],
+                         ids=["jwt_key", "jwks_url"])
+def test_a_session_only_key_is_warned_about_without_the_middleware_backend_or_drf_class(key: dict[str, str]) -> None:
+    """The view decorators (``clerk_login_required``, ``require_role``) verify sessions with no middleware,
+    and settings cannot show them; ``CLERK_JWT_KEY``/``CLERK_JWKS_URL`` serve sessions only, so with either
+    the warning stands whatever authenticates."""
+    with override_settings(CLERK_SYNC={"CLERK_WEBHOOK_SIGNING_SECRET": SECRET, **key}, **_NO_CLERK_AUTH):
+        assert [m.id for m in check_settings()] == ["clerk_sync.W002"]
+
+
 def test_a_subclass_of_the_middleware_counts_as_authenticating(monkeypatch: pytest.MonkeyPatch) -> None:
     from clerk_sync.integrations.django.middleware import ClerkMiddleware
 

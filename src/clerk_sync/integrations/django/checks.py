@@ -101,9 +101,12 @@ def _authorized_parties(settings: Settings) -> list[checks.CheckMessage]:
     token the Clerk instance minted for any origin signs in here. A warning, as ``clerk-sync doctor`` says it:
     signature, issuer and expiry are still checked, and Clerk makes the list optional. An app that verifies no
     session (no key: E003) has nothing to check it on, nor has one whose key serves webhooks or reconcile only
-    (``CLERK_SECRET_KEY`` without clerk-sync's middleware, backend or DRF class authenticating requests)."""
-    if (not _verifies_sessions(settings) or settings.authorized_parties() is not None
-            or not _authenticates_sessions()):
+    (``CLERK_SECRET_KEY`` alone, without clerk-sync's middleware, backend or DRF class). ``CLERK_JWT_KEY`` and
+    ``CLERK_JWKS_URL`` serve sessions only: with either, it warns whatever authenticates (the view decorators
+    verify sessions too, and settings cannot show them)."""
+    if not _verifies_sessions(settings) or settings.authorized_parties() is not None:
+        return []
+    if settings.clerk_jwt_key is None and settings.clerk_jwks_url is None and not _authenticates_sessions():
         return []
     return [checks.Warning(
         "CLERK_AUTHORIZED_PARTIES is not set: the azp claim of session tokens is not checked, so a token your "
