@@ -1,0 +1,178 @@
+"""``clerk-sync serve``'s process side: uvicorn's multi-worker supervisor made to exit like one worker does
+(3 with one line when the service cannot start, 1 when workers keep dying), and a start-up failure told as
+one line instead of uvicorn's traceback. Apart from ``main`` because it reaches into uvicorn's supervisor
+(``Multiprocess.keep_subprocess_alive``), which no public API lets us change."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from rich.console import Console
+
+from clerk_sync.errors import ClerkSyncError
+
+__all__ = ["STARTUP_FAILURE", "could_not_start", "serve_workers", "tell_startup_failure"]
+
+console = Console(stderr=True)
+
+STARTUP_FAILURE = 3  # uvicorn's exit code for an app that could not start (uvicorn.config.STARTUP_FAILURE)
+_REPORT_ENV = "CLERK_SYNC_STARTUP_REPORT"  # serve --workers: the file a worker writes why it could not start to
+_DEATHS, _DEATHS_WINDOW_S = 3, 60.0  # a worker (slot) that died this often this recently is not started again
+
+
+def serve_workers(host: str, port: int, workers: int, sock: socket.socket) -> None:
+    """uvicorn's multi-worker mode on ``sock`` (bound by ``main._listen``, with IPPROTO_TCP). Exits like
+    ``--workers 1`` when the service cannot run: 3 with one line when a worker could not start (uvicorn's
+    own supervisor stopped, then returned as from a clean stop: exit 0, review), 1 when workers keep dying
+    (restarted for ever before). A worker that dies now and then is replaced, as uvicorn does."""
+    import tempfile
+
+    import uvicorn
+
+    with tempfile.TemporaryDirectory(prefix="clerk-sync-serve-") as reports:
+        report = os.environ[_REPORT_ENV] = os.path.join(reports, "startup-failure")  # the workers inherit it
+        config = uvicorn.Config("clerk_sync.cli._serve:_worker_app", factory=True, host=host,
+                                port=port, workers=workers, log_level="warning", access_log=False)
+        supervisor = _supervisor(config, sock)
+        try:
+            supervisor.run()
+        finally:
+            os.environ.pop(_REPORT_ENV, None)
+        if supervisor.failure is not None:
+            code, line = supervisor.failure
+            if code == STARTUP_FAILURE:
+                line = could_not_start(_first_report(report), workers=True)
+            console.print(f"[red]error:[/] {line}")
+            raise SystemExit(code)
+
+
+def _supervisor(config: Any, sock: socket.socket) -> Any:
+    """uvicorn's ``Multiprocess``, with what it does when a worker ends (``keep_subprocess_alive``) replaced."""
+    import time
+
+    from uvicorn.supervisors import Multiprocess
+    from uvicorn.supervisors.multiprocess import Process
+
+    class Supervisor(Multiprocess):
+        def __init__(self) -> None:
+            super().__init__(config, sockets=[sock])
+            self.failure: tuple[int, str] | None = None  # (exit code, the line saying why) once it gave up
+            self._deaths: dict[int, list[float]] = {}  # per worker slot: when its processes died
+
+        def keep_subprocess_alive(self) -> None:
+            if self.should_exit.is_set():
+                return
+            healthcheck = getattr(self.config, "timeout_worker_healthcheck", 5)
+            for idx, process in enumerate(self.processes):
+                if process.is_alive(timeout=healthcheck):
+                    continue
+                process.kill()  # hung: not answering the health check
+                process.join()
+                self.failure = self._given_up(idx, process.exitcode)
+                if self.failure is not None:
+                    self.should_exit.set()
+                    return
+                replacement = Process(self.config, self.sockets)
+                replacement.start()
+                self.processes[idx] = replacement
+
+        def _given_up(self, idx: int, exitcode: int | None) -> tuple[int, str] | None:
+            ended = _ended(exitcode)
+            if exitcode == STARTUP_FAILURE:
+                return STARTUP_FAILURE, ended
+            deaths = self._deaths.setdefault(idx, [])
+            now = time.monotonic()
+            deaths[:] = [t for t in deaths if now - t < _DEATHS_WINDOW_S] + [now]
+            if len(deaths) < _DEATHS:
+                console.print(f"serve: a worker process {ended}; starting another")
+                return None
+            return 1, (f"a worker process died {len(deaths)} times within {_DEATHS_WINDOW_S:g} s (the last time it "
+                       f"{ended}), so serve stopped rather than restart it for ever: the log above says why (a "
+                       "kill by the kernel's out-of-memory killer leaves no line there: check the memory limit), "
+                       "or run with --workers 1 to see it in one process")
+
+    return Supervisor()
+
+
+def _ended(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"was killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"was killed by signal {-exitcode}"
+    return f"exited with code {exitcode}"
+
+
+def _worker_app() -> Any:
+    """``serve --workers``' app factory, run in each worker: ``app_from_env``, and a start-up that fails
+    writes why to the supervisor's report file and ends the worker as uvicorn's failed start (exit 3),
+    which the supervisor does not restart (an exception here was a crash, restarted for ever)."""
+    from clerk_sync.integrations.starlette import app_from_env
+
+    path = os.environ.get(_REPORT_ENV)
+
+    def report(line: str) -> None:
+        if path:
+            with open(path, "a", encoding="utf-8") as out:
+                out.write(line + "\n")
+
+    try:
+        app = app_from_env()
+    except Exception as exc:
+        if not isinstance(exc, ClerkSyncError):
+            import traceback
+
+            traceback.print_exc()
+        report(_one_line(exc))
+        raise SystemExit(STARTUP_FAILURE) from None
+    tell_startup_failure(app, report)
+    return app
+
+
+def tell_startup_failure(app: Any, tell: Callable[[str], None]) -> None:
+    """Wrap ``app``'s lifespan: an exception before it started serving is told to ``tell`` as one line
+    (uvicorn logs it as a traceback, and a traceback is not what to do)."""
+    inner = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app_: Any) -> Any:
+        started = False
+        try:
+            async with inner(app_) as state:
+                started = True
+                yield state
+        except BaseException as exc:
+            if not started:
+                tell(_one_line(exc))
+            raise
+
+    app.router.lifespan_context = lifespan
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception as one line: the first of a task group's (``ExceptionGroup``), ours by its message."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    text = " ".join(str(exc).split())
+    return text if isinstance(exc, ClerkSyncError) and text else f"{type(exc).__name__}: {text}"
+
+
+def _first_report(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as reports:
+            return reports.readline().strip() or None
+    except OSError:
+        return None
+
+
+def could_not_start(why: str | None, *, workers: bool = False) -> str:
+    who = "a worker process of the service" if workers else "the service"
+    if why is None:
+        return (f"{who} could not start (the log above says why); `clerk-sync doctor` checks the settings, "
+                "the database and its migrations")
+    return f"{who} could not start: {why}"
