@@ -10,6 +10,10 @@ how long to sleep before sending. Callers are therefore served in arrival order,
 trip. A reservation that would wait longer than the caller's ``max_wait`` is refused and changes
 nothing, so a request with a deadline never queues behind a wait it cannot afford.
 
+Every Redis round trip is bounded (2 s to connect, 1 s per reply by default): a Redis that
+accepts connections but never answers fails the reservation like a Redis that is down, instead of hanging
+every call to Clerk with it.
+
 A 429's ``Retry-After`` blocks the budget until a moment the budget keeps (``blocked_until``). Callers
 that reserved before it still hold their token; before sending they ask again (:meth:`Budget.blocked`)
 and wait out a block that began after their reservation.
@@ -29,6 +33,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import anyio
 
@@ -221,29 +226,50 @@ return {blocked, tostring(math.max(0, tonumber(blocked) - now))}
 """
 
 
+# A reservation is one tiny script on a server that answers in microseconds: a Redis that takes seconds is
+# as good as down, and every Clerk call waits for it. Connect gets more: one lost SYN costs a second.
+_REDIS_CONNECT_TIMEOUT_S = 2.0
+_REDIS_TIMEOUT_S = 1.0
+
+
 class RedisBudget:
     """The same bucket in Redis, shared by every process using the same Clerk secret key.
 
     Needs the ``redis`` extra. The key is derived from a hash of the secret key, never the key itself.
+    Connecting waits at most ``connect_timeout_s`` and each answer ``timeout_s`` (the URL's own
+    ``?socket_connect_timeout=`` / ``?socket_timeout=`` win), without retries; a Redis that is down or
+    does not answer in time raises :class:`~clerk_sync.errors.ClerkUnavailable` and the call is not sent.
     """
 
-    def __init__(self, url: str, limit: RateLimit, secret_key: str, *, prefix: str = "clerk_sync:budget") -> None:
+    def __init__(self, url: str, limit: RateLimit, secret_key: str, *, prefix: str = "clerk_sync:budget",
+                 connect_timeout_s: float = _REDIS_CONNECT_TIMEOUT_S, timeout_s: float = _REDIS_TIMEOUT_S) -> None:
         try:
             import redis
             import redis.asyncio
+            from redis.asyncio.retry import Retry as AsyncRetry
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
         except ImportError as exc:  # pragma: no cover - depends on the environment
             raise ImportError(
                 "REDIS_URL is set but the 'redis' package is missing: pip install 'clerk-sync[redis]'"
             ) from exc
+        if not (connect_timeout_s > 0 and timeout_s > 0):  # also refuses nan
+            raise ValueError("RedisBudget needs connect_timeout_s > 0 and timeout_s > 0: without them a Redis "
+                             "that never answers hangs every Clerk call")
         self.limit = limit
         self.key = f"{prefix}:{hashlib.sha256(secret_key.encode()).hexdigest()[:16]}"
-        self._sync = redis.Redis.from_url(url)
-        self._async = redis.asyncio.Redis.from_url(url)
+        self.url = _redacted(url)
+        # No retries (redis-py 6 and 7 retry three times with backoff by default): a script that timed out
+        # may have run, and a retry would take a second token; the caller's ClerkUnavailable is retryable.
+        timeouts: dict[str, Any] = {"socket_connect_timeout": connect_timeout_s, "socket_timeout": timeout_s}
+        self._sync = redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **timeouts)
+        self._async = redis.asyncio.Redis.from_url(url, retry=AsyncRetry(NoBackoff(), 0), **timeouts)
         self._script = self._sync.register_script(_SCRIPT)
         self._ascript = self._async.register_script(_SCRIPT)
         self._blocked = self._sync.register_script(_BLOCKED_SCRIPT)
         self._ablocked = self._async.register_script(_BLOCKED_SCRIPT)
         self._error_type = redis.RedisError
+        self._timeout_type = redis.TimeoutError
 
     def _args(self, max_wait: float, penalty: float) -> list[str]:
         return [repr(self.limit.rate), repr(self.limit.capacity), repr(max_wait), repr(penalty)]
@@ -278,7 +304,16 @@ class RedisBudget:
         try:
             yield
         except self._error_type as exc:
-            raise ClerkUnavailable(f"the shared Clerk budget (Redis) is unreachable: {exc}", retry_after=1.0) from exc
+            raise ClerkUnavailable(self._unavailable(exc), retry_after=1.0) from exc
+
+    def _unavailable(self, exc: Exception) -> str:
+        kwargs = self._sync.connection_pool.connection_kwargs
+        what = (f"did not answer in time (connect timeout {kwargs.get('socket_connect_timeout')}s, reply "
+                f"timeout {kwargs.get('socket_timeout')}s)" if isinstance(exc, self._timeout_type)
+                else "is unreachable")
+        return (f"the shared Clerk request budget in Redis at {self.url} {what} ({exc}), so the call was not "
+                "sent to Clerk: check that Redis is running and answering there (redis-cli ping) and that "
+                "REDIS_URL points at it; retry later")
 
     def reset(self) -> None:
         """Forget the bucket (tests and benchmarks start from a full bucket)."""
@@ -294,6 +329,19 @@ class RedisBudget:
         with anyio.CancelScope(shield=True):
             await self._async.aclose()
         self._sync.close()
+
+
+def _redacted(url: str) -> str:
+    """``url`` for messages: a password in the user part or the query (``?password=``) reads ``***``."""
+    parts = urlsplit(url)
+    if parts.password is not None:
+        user, _, host = parts.netloc.rpartition("@")
+        url = url.replace(parts.netloc, f"{user.partition(':')[0]}:***@{host}", 1)
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    if any(key == "password" for key, _ in pairs):
+        query = urlencode([(k, "***" if k == "password" else v) for k, v in pairs], safe="*")
+        url = f"{url.partition('?')[0]}?{query}"
+    return url
 
 
 def _reservation(reply: Any) -> Reservation:

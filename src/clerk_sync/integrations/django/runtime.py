@@ -9,9 +9,11 @@ rebuilds them.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, Generic, Self, TypeVar, overload
 
 import httpx
@@ -166,15 +168,88 @@ class ClerkSync:
             return self._aclerk_loop() is loop
 
     def close(self) -> None:
-        """Release connections and HTTP clients (the next :func:`get_clerk_sync` builds anew)."""
+        """Release connections and HTTP clients (the next :func:`get_clerk_sync` builds anew); the Clerk
+        clients only if they were built."""
         self._http.close()
         built: dict[str, Any] = self.__dict__
-        if "clerk" in built and self.clerk is not None:
-            self.clerk.close()
-        close_budget = getattr(self._budget, "close", None)  # shared, so no client owns it (Redis: sockets)
-        if close_budget is not None:
-            close_budget()
-        self.store.dispose()
+        try:
+            if built.get("clerk") is not None:
+                built["clerk"].close()
+            if built.get("aclerk") is not None:
+                self._close_async(built["aclerk"])
+        finally:
+            close_budget = getattr(self._budget, "close", None)  # shared, so no client owns it (Redis: sockets)
+            if close_budget is not None:
+                close_budget()
+            self.store.dispose()
+
+    def _close_async(self, aclerk: AsyncClerkClient) -> None:
+        """Close the async client and the shared budget's async face (Redis) on the loop their connections
+        belong to (see :meth:`_aclerk_usable`). From that loop's own thread the close is scheduled on it (a
+        sync caller there cannot wait for it); from another thread it is awaited for up to ``_ACLOSE_WAIT_S``;
+        a loop that is not running runs it. Never used (or its loop gone), it closes on a new loop. A loop
+        that has ended (``asyncio.run`` returned) can no longer close anything: its sockets are left to the
+        garbage collector, as before."""
+        loop = self._aclerk_loop() if self._aclerk_loop is not None else None
+        if loop is not None and loop.is_closed():
+            return
+        here = _running_loop()
+        if loop is not None and loop is here:
+            task = loop.create_task(self._aclose(aclerk))
+            _closing.add(task)  # the loop keeps only a weak reference to a task
+            task.add_done_callback(_closing.discard)
+        elif loop is not None and loop.is_running():
+            future = asyncio.run_coroutine_threadsafe(self._aclose(aclerk), loop)
+            with contextlib.suppress(concurrent.futures.TimeoutError):  # a busy loop: the close goes on there
+                future.result(_ACLOSE_WAIT_S)
+        else:
+            _run_on(loop, self._aclose(aclerk), elsewhere=here is not None)
+
+    async def _aclose(self, aclerk: AsyncClerkClient) -> None:
+        try:
+            await aclerk.aclose()  # its HTTP client; the budget is shared, not its own
+        finally:
+            aclose_budget = getattr(self._budget, "aclose", None)
+            if aclose_budget is not None:
+                await aclose_budget()
+
+
+_ACLOSE_WAIT_S = 5.0
+_closing: set[asyncio.Task[None]] = set()  # closes scheduled on a running loop, until they finish
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def _run_on(loop: asyncio.AbstractEventLoop | None, coro: Coroutine[Any, Any, None], *, elsewhere: bool) -> None:
+    """Run ``coro`` to its end on ``loop`` (a new loop if ``None``); in a thread of its own if this thread
+    is already running a loop (``elsewhere``), as a loop cannot be run from inside another."""
+    def run() -> None:
+        if loop is None:
+            asyncio.run(coro)
+        else:
+            loop.run_until_complete(coro)
+
+    if not elsewhere:
+        run()
+        return
+    failed: list[BaseException] = []
+
+    def run_catching() -> None:
+        try:
+            run()
+        except BaseException as exc:  # re-raised in the caller's thread below
+            failed.append(exc)
+
+    worker = threading.Thread(target=run_catching, name="clerk-sync-aclose")
+    worker.start()
+    worker.join()
+    if failed:
+        raise failed[0]
 
 
 # One per process, as Django's own settings and connections are; built lazily and replaceable (tests,
