@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import re
+import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -57,6 +58,7 @@ __all__ = [
     "MappedTable",
     "SchemaMapping",
     "SoftDelete",
+    "build_unique_indexes_concurrently",
     "check_schema",
     "migrate_schema",
 ]
@@ -963,11 +965,13 @@ def _skip_expression_index_warning() -> None:
 
 
 def _unique_sets(inspector: Any, name: str) -> set[tuple[str, ...]]:
-    """The column sets unique in table ``name`` (indexes, constraints; SQLite's inline ``UNIQUE`` too)."""
+    """The column sets unique in table ``name`` (indexes, constraints; SQLite's inline ``UNIQUE`` too), not
+    through a PostgreSQL INVALID index (a CONCURRENTLY build that failed: it enforces nothing reliably)."""
     extra = {"include_auto_indexes": True} if inspector.dialect.name == "sqlite" else {}
     _skip_expression_index_warning()
     indexes = inspector.get_indexes(name, **extra)
-    unique = {tuple(i["column_names"]) for i in indexes if i.get("unique") and None not in i["column_names"]}
+    unique = {tuple(i["column_names"]) for i in indexes if i.get("unique") and None not in i["column_names"]
+              and not (i.get("dialect_options") or {}).get("postgresql_invalid")}  # a failed CONCURRENTLY build's
     return unique | {tuple(u["column_names"]) for u in inspector.get_unique_constraints(name)}
 
 
@@ -1185,9 +1189,15 @@ _CLERK_ID_TYPE = sa.String(64).with_variant(mysql.VARCHAR(64, charset="utf8mb4",
                                             "mysql", "mariadb")
 
 
-def migrate_schema(conn: Connection, mapping: SchemaMapping) -> list[str]:
+def migrate_schema(conn: Connection, mapping: SchemaMapping, *, unique_indexes: bool = True) -> list[str]:
     """Add what the mapping needs (the Clerk-id column with a unique index, the delete-policy column),
-    through Alembic operations; returns what it did. Idempotent; never drops or alters a column."""
+    through Alembic operations; returns what it did. Idempotent; never drops or alters a column.
+
+    The unique index is built in ``conn``'s transaction: on PostgreSQL that holds a SHARE lock on the app's
+    table, blocking its writes, for the whole build; ``unique_indexes=False`` leaves the indexes out, for
+    :func:`clerk_sync.cli.hooks.migrate_mapping`, which builds them CONCURRENTLY there (every face's
+    ``migrate`` goes through it). MariaDB's InnoDB builds a unique index online (writes go on meanwhile),
+    and SQLite has one writer anyway: both build it here."""
     from alembic.migration import MigrationContext
     from alembic.operations import Operations
 
@@ -1204,12 +1214,113 @@ def migrate_schema(conn: Connection, mapping: SchemaMapping) -> list[str]:
                 if column not in columns:
                     ops.add_column(name, sa.Column(column, type_, nullable=True))
                     done.append(f"added {name}.{column}")
-            unique = _unique_sets(inspector, name)
-            if (mapped.clerk_id_column,) not in unique:
-                index = f"uq_{name}_{mapped.clerk_id_column}"
+            if unique_indexes and (mapped.clerk_id_column,) not in _unique_sets(inspector, name):
+                index = _index_name(mapped)
+                if index in _invalid_indexes(inspector, name):  # a CONCURRENTLY build that failed: not an index
+                    ops.drop_index(index, name)
+                    done.append(f"dropped invalid index {index} (a build that failed or was interrupted)")
                 ops.create_index(index, name, [mapped.clerk_id_column], unique=True)
                 done.append(f"created unique index {index}")
     return done
+
+
+def _index_name(mapped: MappedTable) -> str:
+    return f"uq_{mapped.table}_{mapped.clerk_id_column}"
+
+
+def _invalid_indexes(inspector: Any, name: str) -> set[str]:
+    """PostgreSQL: table ``name``'s INVALID indexes (``pg_index.indisvalid`` false): what a CREATE INDEX
+    CONCURRENTLY that failed or was interrupted leaves, ignored by queries and ON CONFLICT."""
+    if inspector.dialect.name != "postgresql":
+        return set()
+    return {str(i["name"]) for i in inspector.get_indexes(name)
+            if (i.get("dialect_options") or {}).get("postgresql_invalid")}
+
+
+# Any fixed 64-bit number ("clerkmap"): replicas migrating together build the mapped tables' indexes in turn.
+_INDEX_LOCK = 0x636C65726B6D6170
+
+
+def build_unique_indexes_concurrently(engine: sa.Engine, mapping: SchemaMapping) -> list[str]:
+    """PostgreSQL: the mapped tables' missing unique indexes on their Clerk-id column, built with ``CREATE
+    UNIQUE INDEX CONCURRENTLY``, so the app's table takes writes all along (a plain build's SHARE lock
+    blocks every INSERT, UPDATE and DELETE until it ends). It cannot run in a transaction: on a connection
+    of its own in autocommit, discarded after, whose statement bound is lifted (the build takes as long as
+    it takes) and lock bound kept (the build waits for the transactions open on the table, at its start
+    and its end). An INVALID index of an earlier build is dropped and built again; a build that fails drops
+    what it left and raises (:class:`StoreDataError` for duplicate Clerk ids, else :class:`StoreError`)."""
+    done: list[str] = []
+    with engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT")
+        conn.detach()  # its session settings end with it: never back in the pool
+        conn.exec_driver_sql("SET statement_timeout = 0")
+        lock = sa.select(sa.func.pg_try_advisory_lock(_INDEX_LOCK))
+        if not conn.execute(lock).scalar_one():
+            log.info("mapping.index_build_waits", reason="another migrate is building the mapped tables' indexes")
+            while not conn.execute(lock).scalar_one():  # polled: a session waiting in pg_advisory_lock holds a
+                time.sleep(0.5)  # snapshot, which the other one's CONCURRENTLY build would wait for (a deadlock)
+        for mapped in mapping.tables.values():
+            done += _build_unique_index(conn, mapped)
+    return done
+
+
+def _build_unique_index(conn: Connection, mapped: MappedTable) -> list[str]:
+    inspector = sa.inspect(conn)
+    name, column, index = mapped.table, mapped.clerk_id_column, _index_name(mapped)
+    if (column,) in _unique_sets(inspector, name):
+        return []
+    done: list[str] = []
+    if index in _invalid_indexes(inspector, name):
+        if not _drop_concurrently(conn, index):
+            raise StoreError(f"{name}.{column}: dropping the INVALID index {index} (a build that failed or was "
+                             "interrupted) failed: see the log; run migrate again when the transactions open on "
+                             f"the table have ended, or drop it yourself: DROP INDEX CONCURRENTLY {index}")
+        done.append(f"dropped invalid index {index} (a build that failed or was interrupted)")
+    quote = conn.dialect.identifier_preparer.quote
+    try:
+        conn.exec_driver_sql(f"CREATE UNIQUE INDEX CONCURRENTLY {quote(index)} ON {quote(name)} ({quote(column)})")
+    except sa.exc.DBAPIError as exc:
+        state = getattr(exc.orig, "sqlstate", None)
+        dropped = state == "42P07" or _drop_concurrently(conn, index)  # 42P07: the name was not ours to drop
+        raise _build_failed(conn, mapped, state, exc, dropped) from None
+    return [*done, f"created unique index {index}"]
+
+
+def _drop_concurrently(conn: Connection, index: str) -> bool:
+    """Drop what a failed build left; False when that failed too (a lost connection, the lock bound)."""
+    try:
+        conn.exec_driver_sql(f"DROP INDEX CONCURRENTLY IF EXISTS {conn.dialect.identifier_preparer.quote(index)}")
+    except sa.exc.DBAPIError as exc:
+        log.warning("mapping.invalid_index_kept", index=index, error=database_message(exc.orig or exc))
+        return False
+    return True
+
+
+def _build_failed(conn: Connection, mapped: MappedTable, state: str | None, exc: sa.exc.DBAPIError,
+                  dropped: bool) -> StoreError:
+    """What failed, why and what to do, for a CONCURRENTLY build of the Clerk-id column's unique index."""
+    name, column, index = mapped.table, mapped.clerk_id_column, _index_name(mapped)
+    failed = f"{name}.{column}: building its unique index {index} (CONCURRENTLY) failed"
+    left = ("" if state == "42P07" else "the INVALID index it left was dropped; " if dropped else
+            "the INVALID index it left is still there (the next migrate drops it and builds again); ")
+    if state == "23505":
+        t = sa.table(name, sa.column(column))
+        shared = sa.select(t.c[column]).where(t.c[column].is_not(None)).group_by(t.c[column]).having(
+            sa.func.count() > 1).subquery()
+        n = conn.execute(sa.select(sa.func.count()).select_from(shared)).scalar_one()
+        find = (f"SELECT {column}, count(*) FROM {name} WHERE {column} IS NOT NULL "  # noqa: S608 (a message)
+                f"GROUP BY {column} HAVING count(*) > 1")
+        return StoreDataError(f"{failed}: {n} Clerk id(s) are held by several rows; {left}find them with {find}, "
+                              "keep one row per Clerk id (merge the rows, or set the column NULL in the others), "
+                              "then run migrate again")
+    if state == "55P03":
+        return StoreError(f"{failed}: it waited longer than lock_timeout for transactions open on the database (a "
+                          f"CONCURRENTLY build waits for those older than it, at its start and its end); {left}run "
+                          "migrate again when they have ended, or raise CLERK_SYNC_DB_LOCK_TIMEOUT_S for it")
+    if state == "42P07":
+        return StoreError(f"{failed}: something else is named {index} already (not a unique index on {column} "
+                          "alone): rename or drop it, then run migrate again")
+    return StoreError(f"{failed}: {store_error(exc)}; {left}fix that, then run migrate again")
 
 
 @contextmanager

@@ -39,12 +39,20 @@ def migrate_mapping(store: Store, schema: SchemaMapping, *, backfill: bool = Fal
     """``migrate``'s part past clerk-sync's own tables, one for every face's command (``clerk-sync migrate
     --mapping``, ``flask clerk-sync migrate``, ``manage.py clerk_sync migrate``): what the mapped tables need
     (:func:`~clerk_sync.mapping.migrate_schema`), then with ``backfill`` the rows clerk-sync holds written into
-    them. Returns the lines to print."""
-    from clerk_sync.mapping import migrate_schema
+    them. Returns the lines to print.
 
+    On PostgreSQL the Clerk-id column's unique index is built CONCURRENTLY, after the columns are committed:
+    the app's table takes writes all along. A build that fails (duplicate Clerk ids, the lock bound) drops
+    the INVALID index it left and raises; one left by an interrupted run is dropped and built again. MariaDB
+    (InnoDB builds it online) and SQLite build it in the columns' transaction."""
+    from clerk_sync.mapping import build_unique_indexes_concurrently, migrate_schema
+
+    concurrently = store.engine.dialect.name == "postgresql"
     with store.engine.begin() as conn:
-        done = migrate_schema(conn, schema) or ["mapped tables already have what the mapping needs"]
-    lines = [f"mapping: {line}" for line in done]
+        done = migrate_schema(conn, schema, unique_indexes=not concurrently)
+    if concurrently:
+        done += build_unique_indexes_concurrently(store.engine, schema)
+    lines = [f"mapping: {line}" for line in done or ["mapped tables already have what the mapping needs"]]
     if backfill:
         with store.transaction() as writer:
             lines.append(f"mapping: backfilled {schema.backfill(writer.conn, writer.now) or 'nothing'}")
