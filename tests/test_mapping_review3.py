@@ -232,3 +232,59 @@ def test_the_lock_bound_holds_and_the_next_run_cleans_up(app: App) -> None:
     finally:
         holder.close()
         store.dispose()
+
+
+def test_an_apps_own_index_under_the_name_is_never_dropped(app: App) -> None:
+    """Review finding: a failed build dropped whatever carried the index's name (the app's own index on the
+    table, or one of another schema on the search path). A name taken by something that is not an INVALID
+    index of this table is refused before building, and nothing is dropped."""
+    with app.engine.begin() as conn:
+        conn.exec_driver_sql(f"CREATE INDEX {app.index} ON {app.table} (email)")  # the app's, not unique
+    store = app.store(lock_s=0.5)
+    try:
+        with pytest.raises(StoreError, match=f"something else is named {app.index} already"):
+            migrate_mapping(store, app.mapping)
+        assert app.indexes() == [(app.index, True)]
+    finally:
+        store.dispose()
+
+
+def test_a_long_table_names_invalid_index_is_found_and_rebuilt(app: App) -> None:
+    """Review finding: PostgreSQL cuts names to 63 bytes; the lookup compared the full name, so an INVALID
+    index of a long-named table was "something else" and migrate stayed stuck for good."""
+    long = App.__new__(App)
+    long.url, long.engine = app.url, app.engine
+    long.table = f"{app.table}_organization_memberships_of_the_application"
+    long.index = f"uq_{long.table}_clerk_user_id"[:63]
+    long.mapping = SchemaMapping(users=MappedTable(long.table, "clerk_user_id", {"email": "email"}))
+    long.t = sa.table(long.table, sa.column("id"), sa.column("email"), sa.column("clerk_user_id"))
+    with app.engine.begin() as conn:
+        conn.exec_driver_sql(f"CREATE TABLE {long.table} (id serial PRIMARY KEY, email text, "
+                             "clerk_user_id varchar(64), deleted_at timestamptz)")
+    long.leave_an_invalid_index()
+    store = long.store()
+    try:
+        lines = migrate_mapping(store, long.mapping)
+        assert lines[-1] == f"mapping: created unique index {long.index}", lines
+        assert long.indexes() == [(long.index, True)]
+    finally:
+        store.dispose()
+
+
+def test_waiting_for_another_replicas_build_is_bounded_and_names_it(app: App) -> None:
+    """Review finding: a replica polled for the other's turn for ever (a stuck migrate, a pooled session
+    keeping the lock). It waits ``wait_s``, then says which session holds the turn."""
+    from clerk_sync.mapping import _INDEX_LOCK, build_unique_indexes_concurrently
+
+    holder = app.engine.connect()
+    pid = holder.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
+    holder.execute(sa.select(sa.func.pg_advisory_lock(_INDEX_LOCK)))
+    store = app.store()
+    try:
+        with pytest.raises(StoreError, match=f"another session building the mapped tables' indexes \\(pid {pid}\\)"):
+            build_unique_indexes_concurrently(store.engine, app.mapping, wait_s=0.5)
+        assert app.indexes() == []
+    finally:
+        holder.execute(sa.select(sa.func.pg_advisory_unlock(_INDEX_LOCK)))
+        holder.close()
+        store.dispose()

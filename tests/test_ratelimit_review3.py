@@ -137,7 +137,7 @@ def _never_sent(request: httpx.Request) -> httpx.Response:
 def _assert_budget_unavailable(exc: BaseException | None, port: int) -> None:
     assert isinstance(exc, ClerkUnavailable), repr(exc)
     message = str(exc)
-    assert f"Redis at redis://:***@127.0.0.1:{port}/15" in message and "s3cret" not in message
+    assert f"Redis at redis://***@127.0.0.1:{port}/15" in message and "s3cret" not in message
     assert "did not answer in time" in message and "check that Redis is running" in message
     assert exc.retry_after == 1.0
 
@@ -234,11 +234,13 @@ def _closed_port() -> int:
 
 
 @pytest.mark.parametrize(("url", "shown"), [
-    ("redis://:s3cret@127.0.0.1:{port}/15", "redis://:***@127.0.0.1:{port}/15"),
-    ("redis://user:s3cret%40x@127.0.0.1:{port}/15", "redis://user:***@127.0.0.1:{port}/15"),
+    ("redis://:s3cret@127.0.0.1:{port}/15", "redis://***@127.0.0.1:{port}/15"),
+    ("redis://user:s3cret%40x@127.0.0.1:{port}/15", "redis://***@127.0.0.1:{port}/15"),
+    ("redis://s3cret@127.0.0.1:{port}/15", "redis://***@127.0.0.1:{port}/15"),  # a provider's token as the user
     ("unix:///nonexistent/redis.sock?db=1&password=s3cret", "unix:///nonexistent/redis.sock?db=1&password=***"),
-    ("redis://user@127.0.0.1:{port}/15?socket_timeout=3", "redis://user@127.0.0.1:{port}/15?socket_timeout=3"),
-], ids=["password", "user-and-password", "query-password", "no-password"])
+    ("rediss://127.0.0.1:{port}/15?ssl_password=s3cret", "rediss://127.0.0.1:{port}/15?ssl_password=***"),
+    ("redis://127.0.0.1:{port}/15?socket_timeout=3", "redis://127.0.0.1:{port}/15?socket_timeout=3"),
+], ids=["password", "user-and-password", "token-as-user", "query-password", "ssl-password", "no-password"])
 def test_a_redis_that_is_down_says_so_without_the_password(url: str, shown: str) -> None:
     port = _closed_port()
     budget = _budget(url.format(port=port))

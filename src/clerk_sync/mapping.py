@@ -1241,14 +1241,19 @@ def _invalid_indexes(inspector: Any, name: str) -> set[str]:
 _INDEX_LOCK = 0x636C65726B6D6170
 
 
-def build_unique_indexes_concurrently(engine: sa.Engine, mapping: SchemaMapping) -> list[str]:
+def build_unique_indexes_concurrently(engine: sa.Engine, mapping: SchemaMapping, *,
+                                      wait_s: float = 600.0) -> list[str]:
     """PostgreSQL: the mapped tables' missing unique indexes on their Clerk-id column, built with ``CREATE
     UNIQUE INDEX CONCURRENTLY``, so the app's table takes writes all along (a plain build's SHARE lock
     blocks every INSERT, UPDATE and DELETE until it ends). It cannot run in a transaction: on a connection
     of its own in autocommit, discarded after, whose statement bound is lifted (the build takes as long as
     it takes) and lock bound kept (the build waits for the transactions open on the table, at its start
     and its end). An INVALID index of an earlier build is dropped and built again; a build that fails drops
-    what it left and raises (:class:`StoreDataError` for duplicate Clerk ids, else :class:`StoreError`)."""
+    what it left and raises (:class:`StoreDataError` for duplicate Clerk ids, else :class:`StoreError`).
+
+    Call it with no transaction of yours open on the mapped tables (the build would wait for it: for ever on
+    an engine without a lock bound). Replicas migrating together build in turn; one waits at most ``wait_s``
+    for the other, then raises naming the session that holds the turn."""
     done: list[str] = []
     with engine.connect() as conn:
         conn.execution_options(isolation_level="AUTOCOMMIT")
@@ -1256,22 +1261,60 @@ def build_unique_indexes_concurrently(engine: sa.Engine, mapping: SchemaMapping)
         conn.exec_driver_sql("SET statement_timeout = 0")
         lock = sa.select(sa.func.pg_try_advisory_lock(_INDEX_LOCK))
         if not conn.execute(lock).scalar_one():
-            log.info("mapping.index_build_waits", reason="another migrate is building the mapped tables' indexes")
+            log.warning("mapping.index_build_waits", reason="another migrate is building the mapped tables' indexes",
+                        wait_s=wait_s)
+            until = time.monotonic() + wait_s
             while not conn.execute(lock).scalar_one():  # polled: a session waiting in pg_advisory_lock holds a
-                time.sleep(0.5)  # snapshot, which the other one's CONCURRENTLY build would wait for (a deadlock)
+                if time.monotonic() >= until:  # snapshot, which the other one's CONCURRENTLY build would wait for
+                    raise StoreError(f"migrate waited {wait_s:g} s for another session building the mapped tables' "
+                                     f"indexes (pid {_index_lock_holder(conn)}): let it finish, or end that session "
+                                     "(SELECT pg_terminate_backend(pid)) if it is stuck, then run migrate again")
+                time.sleep(0.5)
         for mapped in mapping.tables.values():
             done += _build_unique_index(conn, mapped)
     return done
 
 
+def _index_lock_holder(conn: Connection) -> str:
+    """The pid holding :data:`_INDEX_LOCK` (an advisory lock's key is split into classid and objid)."""
+    holder = conn.execute(sa.text("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1 "
+                                  "AND classid = :hi AND objid = :lo"),
+                          {"hi": _INDEX_LOCK >> 32, "lo": _INDEX_LOCK & 0xFFFFFFFF}).scalar()
+    return "unknown" if holder is None else str(holder)
+
+
+def _named_on_table(conn: Connection, table: str, index: str) -> tuple[bool, bool | None]:
+    """Whether a relation named ``index`` exists in ``table``'s schema, and, if it is an index on ``table``,
+    whether it is valid (None: something else holds the name). PostgreSQL cuts names to 63 bytes: so does
+    this lookup."""
+    row = conn.execute(sa.text(
+        "SELECT c.oid, i.indisvalid, i.indrelid = to_regclass(:t) AS ours FROM pg_class c "
+        "LEFT JOIN pg_index i ON i.indexrelid = c.oid "
+        "WHERE c.relname = :n AND c.relnamespace = (SELECT relnamespace FROM pg_class WHERE oid = to_regclass(:t))"),
+        {"t": conn.dialect.identifier_preparer.quote(table), "n": _pg_name(index)}).first()
+    if row is None:
+        return False, None
+    return True, (bool(row.indisvalid) if row.ours else None)
+
+
+def _pg_name(index: str) -> str:
+    """``index`` as PostgreSQL stores it: cut to 63 bytes (NAMEDATALEN - 1), on a character boundary."""
+    return index.encode()[:63].decode(errors="ignore")
+
+
 def _build_unique_index(conn: Connection, mapped: MappedTable) -> list[str]:
     inspector = sa.inspect(conn)
-    name, column, index = mapped.table, mapped.clerk_id_column, _index_name(mapped)
+    name, column, index = mapped.table, mapped.clerk_id_column, _pg_name(_index_name(mapped))
     if (column,) in _unique_sets(inspector, name):
         return []
     done: list[str] = []
-    if index in _invalid_indexes(inspector, name):
-        if not _drop_concurrently(conn, index):
+    taken, valid = _named_on_table(conn, name, index)
+    if taken and valid is not False:  # another object's name (or a valid index not unique on the column alone)
+        raise StoreError(f"{name}.{column}: building its unique index {index} (CONCURRENTLY) failed: something else "
+                         f"is named {index} already (not a unique index on {column} alone): rename or drop it, then "
+                         "run migrate again")
+    if taken:  # an INVALID index on this table: a build that failed or was interrupted
+        if not _drop_concurrently(conn, name, index):
             raise StoreError(f"{name}.{column}: dropping the INVALID index {index} (a build that failed or was "
                              "interrupted) failed: see the log; run migrate again when the transactions open on "
                              f"the table have ended, or drop it yourself: DROP INDEX CONCURRENTLY {index}")
@@ -1280,16 +1323,24 @@ def _build_unique_index(conn: Connection, mapped: MappedTable) -> list[str]:
     try:
         conn.exec_driver_sql(f"CREATE UNIQUE INDEX CONCURRENTLY {quote(index)} ON {quote(name)} ({quote(column)})")
     except sa.exc.DBAPIError as exc:
-        state = getattr(exc.orig, "sqlstate", None)
-        dropped = state == "42P07" or _drop_concurrently(conn, index)  # 42P07: the name was not ours to drop
-        raise _build_failed(conn, mapped, state, exc, dropped) from None
+        state = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+        # Only an INVALID index on this table under our name is what the failed build left: never another's.
+        left = ("" if _named_on_table(conn, name, index) != (True, False) else
+                "the INVALID index it left was dropped; " if _drop_concurrently(conn, name, index) else
+                "the INVALID index it left is still there (the next migrate drops it and builds again); ")
+        raise _build_failed(conn, mapped, state, exc, left) from None
     return [*done, f"created unique index {index}"]
 
 
-def _drop_concurrently(conn: Connection, index: str) -> bool:
-    """Drop what a failed build left; False when that failed too (a lost connection, the lock bound)."""
+def _drop_concurrently(conn: Connection, table: str, index: str) -> bool:
+    """Drop what a failed build left (in ``table``'s schema); False when that failed too (a lost connection,
+    the lock bound)."""
+    schema = conn.execute(sa.text("SELECT relnamespace::regnamespace::text FROM pg_class WHERE oid = to_regclass(:t)"),
+                          {"t": conn.dialect.identifier_preparer.quote(table)}).scalar()
+    quote = conn.dialect.identifier_preparer.quote
+    where = f"{schema}.{quote(index)}" if schema else quote(index)  # (regnamespace::text comes quoted)
     try:
-        conn.exec_driver_sql(f"DROP INDEX CONCURRENTLY IF EXISTS {conn.dialect.identifier_preparer.quote(index)}")
+        conn.exec_driver_sql(f"DROP INDEX CONCURRENTLY IF EXISTS {where}")
     except sa.exc.DBAPIError as exc:
         log.warning("mapping.invalid_index_kept", index=index, error=database_message(exc.orig or exc))
         return False
@@ -1297,19 +1348,18 @@ def _drop_concurrently(conn: Connection, index: str) -> bool:
 
 
 def _build_failed(conn: Connection, mapped: MappedTable, state: str | None, exc: sa.exc.DBAPIError,
-                  dropped: bool) -> StoreError:
+                  left: str) -> StoreError:
     """What failed, why and what to do, for a CONCURRENTLY build of the Clerk-id column's unique index."""
-    name, column, index = mapped.table, mapped.clerk_id_column, _index_name(mapped)
+    name, column, index = mapped.table, mapped.clerk_id_column, _pg_name(_index_name(mapped))
     failed = f"{name}.{column}: building its unique index {index} (CONCURRENTLY) failed"
-    left = ("" if state == "42P07" else "the INVALID index it left was dropped; " if dropped else
-            "the INVALID index it left is still there (the next migrate drops it and builds again); ")
     if state == "23505":
         t = sa.table(name, sa.column(column))
         shared = sa.select(t.c[column]).where(t.c[column].is_not(None)).group_by(t.c[column]).having(
             sa.func.count() > 1).subquery()
         n = conn.execute(sa.select(sa.func.count()).select_from(shared)).scalar_one()
-        find = (f"SELECT {column}, count(*) FROM {name} WHERE {column} IS NOT NULL "  # noqa: S608 (a message)
-                f"GROUP BY {column} HAVING count(*) > 1")
+        q = conn.dialect.identifier_preparer.quote
+        find = (f"SELECT {q(column)}, count(*) FROM {q(name)} WHERE {q(column)} IS NOT NULL "  # noqa: S608 (a message)
+                f"GROUP BY {q(column)} HAVING count(*) > 1")
         return StoreDataError(f"{failed}: {n} Clerk id(s) are held by several rows; {left}find them with {find}, "
                               "keep one row per Clerk id (merge the rows, or set the column NULL in the others), "
                               "then run migrate again")

@@ -332,14 +332,15 @@ class RedisBudget:
 
 
 def _redacted(url: str) -> str:
-    """``url`` for messages: a password in the user part or the query (``?password=``) reads ``***``."""
+    """``url`` for messages: the user part (``user:password@``, or a token alone as ``TOKEN@``) reads ``***``, as
+    does every query parameter naming a password (``?password=``, ``?ssl_password=``)."""
     parts = urlsplit(url)
-    if parts.password is not None:
-        user, _, host = parts.netloc.rpartition("@")
-        url = url.replace(parts.netloc, f"{user.partition(':')[0]}:***@{host}", 1)
+    if "@" in parts.netloc:
+        host = parts.netloc.rpartition("@")[2]
+        url = url.replace(parts.netloc, f"***@{host}", 1)
     pairs = parse_qsl(parts.query, keep_blank_values=True)
-    if any(key == "password" for key, _ in pairs):
-        query = urlencode([(k, "***" if k == "password" else v) for k, v in pairs], safe="*")
+    if any("password" in key.lower() for key, _ in pairs):
+        query = urlencode([(k, "***" if "password" in k.lower() else v) for k, v in pairs], safe="*")
         url = f"{url.partition('?')[0]}?{query}"
     return url
 

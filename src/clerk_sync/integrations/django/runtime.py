@@ -271,8 +271,9 @@ def get_clerk_sync() -> ClerkSync:
 def reset_clerk_sync() -> None:
     """Drop the current parts (closing them); called when ``CLERK_SYNC`` or ``DATABASES`` change."""
     with _lock:
-        if _current:
-            _current.pop().close()
+        gone = _current.pop() if _current else None
+    if gone is not None:  # closed outside the lock: its async close may need the server's loop, which takes it
+        gone.close()
 
 
 @receiver(setting_changed)
