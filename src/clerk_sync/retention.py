@@ -310,8 +310,7 @@ class Retention:
         digests come later than ``cutoff``): those are tried once a batch, not one at a time on every pass."""
         table, deleted, settling, held = _ERASABLE[entity], 0, 0, 0
         kept: list[str] = []  # why each row an app's table refers to stays
-        due = sa.select(table.c.id, table.c.clerk_id, table.c.deleted_at).where(
-            table.c.deleted_at.is_not(None), table.c.deleted_at < cutoff).order_by(table.c.id)
+        due = _due_tombstones(table, cutoff)
         after: int | None = None  # past the rows kept or settling: the pass moves on
         while True:
             with self.store.transaction() as writer:
@@ -320,7 +319,7 @@ class Retention:
                 fresh = [row.clerk_id for row in rows if row.clerk_id not in written]
                 _mark_erased(writer, entity, fresh)
                 written |= dict.fromkeys(fresh, writer.now)
-            ripe = [row for row in rows if _utc(written[row.clerk_id]) < settled]
+            ripe = [row for row in rows if _settled(written[row.clerk_id], settled)]
             settling += len(rows) - len(ripe)
             new = set(fresh)
             earlier = {row.id for row in ripe if row.clerk_id not in new  # its digest dated back: kept before
@@ -405,13 +404,12 @@ class Retention:
         would go, the others (a younger digest, or none yet: the pass would write it now, on the store's clock)
         would be settling. Rows an app's foreign key keeps are counted as going: only a DELETE would tell them."""
         table, ripe, settling, stamp = _ERASABLE[entity], 0, 0, self.store.now()
-        due = sa.select(table.c.id, table.c.clerk_id).where(
-            table.c.deleted_at.is_not(None), table.c.deleted_at < cutoff).order_by(table.c.id).limit(self.policy.batch)
+        due = _due_tombstones(table, cutoff).limit(self.policy.batch)
         after: int | None = None
         while True:
             rows = conn.execute(due if after is None else due.where(table.c.id > after)).all()
             written = _digests(conn, entity, [row.clerk_id for row in rows])
-            n = sum(1 for row in rows if _utc(written.get(row.clerk_id, stamp)) < settled)
+            n = sum(1 for row in rows if _settled(written.get(row.clerk_id, stamp), settled))
             ripe, settling = ripe + n, settling + len(rows) - n
             if len(rows) < self.policy.batch:
                 return ripe, settling
@@ -648,6 +646,17 @@ def _about_gone_user(conn: sa.Connection, payload: Any, cutoff: datetime) -> boo
     if deleted_at is not None:
         return _utc(deleted_at) < cutoff
     return is_erased(conn, Entity.USER, person)
+
+
+def _due_tombstones(table: sa.Table, cutoff: datetime) -> sa.Select[Any]:
+    """The tombstones of ``table`` deleted before ``cutoff``, in id order: what a pass (or its dry run) erases."""
+    return sa.select(table.c.id, table.c.clerk_id, table.c.deleted_at).where(
+        table.c.deleted_at.is_not(None), table.c.deleted_at < cutoff).order_by(table.c.id)
+
+
+def _settled(digest_written: datetime, settled: datetime) -> bool:
+    """A digest written before ``settled`` (``digest_settle`` ago): no insert can still read from before it."""
+    return _utc(digest_written) < settled
 
 
 def _utc(stamp: datetime) -> datetime:
