@@ -25,8 +25,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from clerk_sync._http_deadline import install
 from clerk_sync.clerk_api import AsyncClerkClient, ClerkClient, RetryPolicy
-from clerk_sync.clerk_api._deadline import install
 from clerk_sync.clerk_api.ratelimit import LocalBudget, RateLimit
 from clerk_sync.config import Settings
 from clerk_sync.errors import ClerkNotFound, ClerkUnavailable
@@ -163,10 +163,16 @@ def test_the_deadline_backend_is_in_every_transport_of_the_client() -> None:
 # -- 2. single-flight followers and a leader's transient failure --------------------------------
 
 
+# The leader's deadline, and the first answer's delay below: the window in which the 20 followers must join
+# the leader's flight (a follower started after the second flight ended makes a third request; 0.4 s was
+# too short for 20 thread starts on a loaded 2-core box).
+LEADER_S = 1.5
+
+
 class FlakyClerk:
     """``GET /v1/users/{id}``: the first request answers ``first`` after ``delay`` s, later ones 200."""
 
-    def __init__(self, first: int, delay: float = 0.4) -> None:
+    def __init__(self, first: int, delay: float = 1.3) -> None:
         self.first, self.delay = first, delay
         self.requests = 0
         self.arrived = threading.Event()
@@ -195,7 +201,7 @@ def _sync_flight(clerk: ClerkClient, server: FlakyClerk, followers: int) -> tupl
             into.append(got)
 
     led: list[Any] = []
-    leader = threading.Thread(target=call, args=(0.6, led))
+    leader = threading.Thread(target=call, args=(LEADER_S, led))
     leader.start()
     assert server.arrived.wait(5)
     threads = [threading.Thread(target=call, args=(5.0, outcomes)) for _ in range(followers)]
@@ -217,7 +223,7 @@ async def _async_flight(aclerk: AsyncClerkClient, server: FlakyClerk, followers:
             into.append(exc)
 
     async with anyio.create_task_group() as tasks:
-        tasks.start_soon(call, 0.6, led)
+        tasks.start_soon(call, LEADER_S, led)
         await anyio.to_thread.run_sync(server.arrived.wait, 5)
         for _ in range(followers):
             tasks.start_soon(call, 5.0, outcomes)
@@ -227,7 +233,7 @@ async def _async_flight(aclerk: AsyncClerkClient, server: FlakyClerk, followers:
 def _flight(face: str, server: FlakyClerk, followers: int) -> tuple[Any, list[Any]]:
     with running(server.app) as url:
         retry = RetryPolicy(attempts=3, backoff_s=0.02, backoff_max_s=0.05)  # min_attempt_s 0.5: the leader's
-        # 503 after 0.4 s of its 0.6 s deadline leaves it no time to retry (0.3 s at least per attempt)
+        # 503 after 1.3 s of its 1.5 s deadline leaves it no time to retry (0.3 s at least per attempt)
         options: dict[str, Any] = {"api_url": url, "budget": LocalBudget(RateLimit(1000, 1.0)), "retry": retry}
         if face == "sync":
             with ClerkClient("sk_test_x", **options) as clerk:
@@ -242,7 +248,7 @@ def _flight(face: str, server: FlakyClerk, followers: int) -> tuple[Any, list[An
 
 @pytest.mark.parametrize("face", ["sync", "async"])
 def test_followers_of_a_leader_that_failed_transiently_fly_again(face: str) -> None:
-    """Review: the leader (0.6 s deadline) got a 503 with no time left to retry, and every follower that
+    """Review: the leader (a 0.6 s deadline) got a 503 with no time left to retry, and every follower that
     joined its flight (5 s each) got that same 503. Now one follower leads a new flight and the others
     share it: one more request, and every follower has the user."""
     server = FlakyClerk(503)

@@ -60,7 +60,7 @@ PUBLIC_API: dict[str, list[str]] = {
     "clerk_sync.integrations.django.management.commands": [],
     "clerk_sync.integrations.django.management.commands.clerk_sync": ["Command"],
     "clerk_sync.integrations.django.middleware": ["ClerkMiddleware", "clerk_public"],
-    "clerk_sync.integrations.django.request": ["ClerkRequest", "aclerk_request", "clerk_request"],
+    "clerk_sync.integrations.django.request": ["ClerkRequest", "ClerkUserUnavailable", "aclerk_request", "clerk_request"],
     "clerk_sync.integrations.django.mixins": ["ClerkLoginRequiredMixin", "NotImpersonatedMixin", "OrgPermissionRequiredMixin", "OrgRoleRequiredMixin", "RoleRequiredMixin"],
     "clerk_sync.integrations.django.models": ["AuditLogEntry", "ClerkMembership", "ClerkOrganization", "ClerkUser", "WebhookDelivery"],
     "clerk_sync.integrations.django.rest_framework": ["ClerkAPIException", "ClerkAuthentication", "ClerkPrincipal", "HasOrgRole", "HasPermission", "HasRole", "IsClerkAuthenticated", "NotImpersonated", "clerk_auth"],

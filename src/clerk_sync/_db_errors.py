@@ -13,7 +13,7 @@ from sqlalchemy.engine import Connection
 
 from clerk_sync.errors import StoreDataError, StoreError, database_message
 
-__all__ = ["driver_cursor", "is_foreign_key_violation", "is_row_referenced", "store_error"]
+__all__ = ["driver_cursor", "foreign_key_of", "is_foreign_key_violation", "is_row_referenced", "store_error"]
 
 @contextmanager
 def driver_cursor(conn: Connection, what: str) -> Iterator[Any]:
@@ -160,7 +160,8 @@ def is_lock_wait_timeout(orig: object) -> bool:
 def is_foreign_key_violation(orig: object) -> bool:
     """A row refers to one its table's foreign key does not find (yet): PostgreSQL 23503, MySQL/MariaDB 1452
     (1216 where the server leaves the key out), SQLite's "FOREIGN KEY constraint failed". PostgreSQL and SQLite
-    say the same for a row still referred to (:func:`is_row_referenced`): there the statement tells them apart."""
+    say the same for a row still referred to (:func:`is_row_referenced`): there the statement tells them apart,
+    or on PostgreSQL the key's own table (:func:`foreign_key_of`)."""
     if getattr(orig, "sqlstate", None) == "23503":
         return True
     if _mysql_errno(orig) in (1452, 1216):
@@ -176,6 +177,17 @@ def is_row_referenced(orig: object) -> bool:
     if getattr(orig, "sqlstate", None) == "23503":
         return True
     return _mysql_errno(orig) in (1451, 1217) or _sqlite_foreign_key(orig)
+
+
+def foreign_key_of(orig: object) -> tuple[str | None, str | None, str | None]:
+    """PostgreSQL: the (schema, table, constraint) of the foreign key that refused a row, from the error's
+    diagnostics (psycopg's ``diag``), in no message's language. The table is the key's own, the referring
+    one, in both cases of 23503 (``errtableconstraint(fk_rel, ..)`` in PostgreSQL's ri_ReportViolation): the
+    written row's table when a row it refers to is missing, another table when the write changed a value
+    that table still refers to. (None, None, None) elsewhere, or when the server did not say."""
+    diag = getattr(orig, "diag", None)
+    return (getattr(diag, "schema_name", None), getattr(diag, "table_name", None),
+            getattr(diag, "constraint_name", None))
 
 
 def _sqlite_foreign_key(orig: object) -> bool:

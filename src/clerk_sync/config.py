@@ -7,13 +7,15 @@ import binascii
 import importlib.util
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from clerk_sync._urls import masked_url
 from clerk_sync.errors import ConfigError
 
 __all__ = ["DEFAULT_DATABASE_URL", "DatabaseTimeouts", "Settings", "parse_webhook_secrets"]
@@ -32,24 +34,80 @@ def parse_webhook_secrets(raw: str) -> tuple[SecretStr, ...]:
 
     The prefix is optional as in the Svix and Standard Webhooks libraries (``Webhook(secret)`` strips it
     when present), so a secret that verifies there also verifies here. Unlike them we refuse characters
-    outside base64 instead of silently dropping them (that would verify against a different key).
+    outside base64 instead of silently dropping them (that would verify against a different key): see
+    :func:`_webhook_key`, the one check for every secret (this list, ``WebhookVerifier``,
+    ``StandardWebhookSink``).
     """
     secrets = tuple(s for s in re.split(r"[\s,]+", raw.strip()) if s)
     if not secrets:
         raise ConfigError(f"CLERK_WEBHOOK_SIGNING_SECRET is empty. {_SECRET_HELP}")
     for i, secret in enumerate(secrets, 1):
-        body = secret.removeprefix("whsec_")
-        if not body:
-            raise ConfigError(f"Webhook secret #{i} is only the 'whsec_' prefix. {_SECRET_HELP}")
-        try:
-            key = base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
-        except (binascii.Error, ValueError):
-            raise ConfigError(
-                f"Webhook secret #{i} is not valid base64 (with or without its 'whsec_' prefix). {_SECRET_HELP}"
-            ) from None
-        if not key:
-            raise ConfigError(f"Webhook secret #{i} decodes to an empty key. {_SECRET_HELP}")
+        _webhook_key(secret, name=f"Webhook secret #{i}", fix=_SECRET_HELP)
     return tuple(SecretStr(s) for s in secrets)
+
+
+def _webhook_key(secret: str, *, name: str, fix: str) -> bytes:
+    """The HMAC key of a Standard Webhooks / Svix secret (``whsec_`` + base64, the prefix optional), decoded
+    strictly; a :class:`ConfigError` naming ``name`` (never quoting the secret) and ending with ``fix`` else.
+
+    ``standardwebhooks.Webhook(secret)`` decodes leniently: it drops every character outside the standard
+    base64 alphabet (``-``, ``_``, ``$``, spaces), so a URL-safe base64 secret signs and verifies with a
+    different, shorter key than the one the other side holds, and nothing says so. Padding may be left off
+    (as those libraries allow), and white space around it is not the secret's (a file's line break); anything
+    else outside ``A-Z a-z 0-9 + /`` and trailing ``=`` is refused.
+    Callers hand the returned bytes to ``Webhook``, so the key used is the one checked here.
+    """
+    body = secret.strip().removeprefix("whsec_")  # a secret read from a file keeps its line break: not the key's
+    if not body:
+        said = "is empty" if not secret else "is only the 'whsec_' prefix"
+        raise ConfigError(f"{name} {said}. {fix}")
+    try:
+        key = base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        if any(c.isspace() for c in body):
+            hint = ("; it contains whitespace: pass one secret per item (a list of them while rotating), "
+                    "without spaces or line breaks")
+        elif "-" in body or "_" in body:
+            hint = ("; it has '-' or '_', so it looks URL-safe base64: Standard Webhooks secrets are standard "
+                    "base64, so convert its key, 'whsec_' + base64.b64encode(base64.urlsafe_b64decode(rest + "
+                    "'==')).decode() where rest is what follows 'whsec_'")
+        else:
+            hint = ""
+        raise ConfigError(
+            f"{name} is not valid base64 (with or without its 'whsec_' prefix){hint}. The Standard Webhooks "
+            f"and Svix libraries would drop the characters outside the base64 alphabet and use a different "
+            f"key than the other side's. {fix}"
+        ) from None
+    if not key:
+        raise ConfigError(f"{name} decodes to an empty key. {fix}")
+    return key
+
+
+# CLERK_SYNC_WEBHOOK_TOLERANCE_S: how far a delivery's svix-timestamp may be from this host's clock (Svix's
+# libraries: 300 s both ways). Under 1 s every genuine delivery would be refused as "too old" (it is signed,
+# sent and received in different seconds). The cap keeps a captured delivery from being replayed once the
+# inbox has forgotten its svix-id: a replay within the tolerance is refused as a duplicate only while its
+# inbox row is kept, and retention deletes a row CLERK_SYNC_INBOX_DELETE_AFTER_DAYS after it was received,
+# at least _MIN_INBOX_DELETE_AFTER_DAYS. A fixed cap of one day is far more than any clock skew (Svix signs
+# each retry afresh, so retries need no more) and stays below that shortest retention whatever the inbox's
+# setting, so the two settings need no cross-check.
+_MIN_TOLERANCE_S = 1
+_MAX_TOLERANCE_S = 86_400
+_MIN_INBOX_DELETE_AFTER_DAYS = 3  # longer than Svix's retry window (about 27 h); a test pins the cap below it
+
+
+def _tolerance_problem(tolerance_s: float) -> str | None:
+    """Why ``tolerance_s`` cannot be the webhook timestamp tolerance (what to do included), or None."""
+    if tolerance_s < _MIN_TOLERANCE_S:
+        return (f"a webhook timestamp tolerance of {tolerance_s} s is below {_MIN_TOLERANCE_S} s: every genuine "
+                "delivery would be refused as too old (it is signed and received in different seconds). Use "
+                f"Svix's 300 s (unset CLERK_SYNC_WEBHOOK_TOLERANCE_S), or at least {_MIN_TOLERANCE_S} s")
+    if tolerance_s > _MAX_TOLERANCE_S:
+        return (f"a webhook timestamp tolerance of {tolerance_s} s is above {_MAX_TOLERANCE_S} s (one day): a "
+                "captured delivery could be replayed after the inbox has deleted its svix-id and be applied "
+                "again. Use Svix's 300 s (unset CLERK_SYNC_WEBHOOK_TOLERANCE_S); fix the host's clock (NTP) "
+                "rather than widen the window")
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +151,8 @@ class Settings(BaseSettings):
     )
     instance_id: str | None = Field(None, validation_alias="CLERK_INSTANCE_ID")
     max_body_bytes: int = Field(1024 * 1024, gt=0, validation_alias="CLERK_SYNC_MAX_BODY_BYTES")
-    webhook_tolerance_s: int = Field(300, ge=0, validation_alias="CLERK_SYNC_WEBHOOK_TOLERANCE_S")
+    # Bounded (at least 1 s, at most a day): see _tolerance_problem.
+    webhook_tolerance_s: int = Field(300, validation_alias="CLERK_SYNC_WEBHOOK_TOLERANCE_S")
     clerk_secret_key: SecretStr | None = Field(None, validation_alias="CLERK_SECRET_KEY")
     clerk_api_url: str = Field("https://api.clerk.com", validation_alias="CLERK_API_URL")
     redis_url: str | None = Field(None, validation_alias="REDIS_URL")
@@ -124,7 +183,7 @@ class Settings(BaseSettings):
         30.0, ge=0, le=_MAX_DAYS, validation_alias="CLERK_SYNC_INBOX_REDACT_AFTER_DAYS")
     # Longer than Svix's retry window (about 27 h), so a retried delivery is still seen as a duplicate.
     inbox_delete_after_days: float = Field(
-        90.0, ge=3, le=_MAX_DAYS, validation_alias="CLERK_SYNC_INBOX_DELETE_AFTER_DAYS")
+        90.0, ge=_MIN_INBOX_DELETE_AFTER_DAYS, le=_MAX_DAYS, validation_alias="CLERK_SYNC_INBOX_DELETE_AFTER_DAYS")
     tombstone_clear_after_days: float = Field(
         0.0, ge=0, le=_MAX_DAYS, validation_alias="CLERK_SYNC_TOMBSTONE_CLEAR_AFTER_DAYS")
     # None: tombstones stay (cleared) for good; N: their rows are deleted N days after the deletion.
@@ -200,6 +259,14 @@ class Settings(BaseSettings):
     def _blank_is_default(cls, value: object) -> object:
         return DEFAULT_DATABASE_URL if isinstance(value, str) and not value.strip() else value
 
+    @field_validator("webhook_tolerance_s")
+    @classmethod
+    def _tolerance_in_bounds(cls, value: int) -> int:
+        problem = _tolerance_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
     @field_validator("delivery_log_level", "log_level")
     @classmethod
     def _known_level(cls, value: str) -> str:
@@ -216,6 +283,12 @@ class Settings(BaseSettings):
             raise ValueError("CLERK_SYNC_TOMBSTONE_DELETE_AFTER_DAYS must be >= CLERK_SYNC_TOMBSTONE_CLEAR_AFTER_DAYS "
                              "(a row is cleared before it is deleted)")
         return self
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        """``repr(settings)`` (a log line, a traceback's locals) shows the URLs with their credentials masked;
+        the secrets are ``SecretStr`` already."""
+        for name, value in super().__repr_args__():
+            yield name, masked_url(value) if name in ("database_url", "redis_url") and value else value
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 import sqlalchemy as sa
 
+from clerk_sync._time import aware
 from clerk_sync.engine import DeliveryStatus
 from clerk_sync.metrics import DatabaseSnapshot
 from clerk_sync.store import Store
@@ -24,9 +25,7 @@ _JOB_STATUSES = ("pending", "running", "dead")
 
 
 def _stamp(value: datetime | None) -> float | None:
-    if value is None:
-        return None
-    return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
+    return None if value is None else aware(value).timestamp()
 
 
 def read_snapshot(store: Store) -> DatabaseSnapshot:

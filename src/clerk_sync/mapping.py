@@ -39,7 +39,13 @@ import structlog
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from clerk_sync._db_errors import driver_cursor, is_foreign_key_violation, passing_cause, store_error
+from clerk_sync._db_errors import (
+    driver_cursor,
+    foreign_key_of,
+    is_foreign_key_violation,
+    passing_cause,
+    store_error,
+)
 from clerk_sync._limits import CLERK_ID_CHARS
 from clerk_sync.changes import Change
 from clerk_sync.engine import Entity
@@ -258,9 +264,15 @@ class SchemaMapping:
     def table(self, conn: Connection, name: str) -> sa.Table:
         """The app's table as the database has it (reflected). On SQLite with its inline ``UNIQUE`` columns
         too (Django writes ``"email" varchar(254) NOT NULL UNIQUE``): SQLAlchemy reflects neither the
-        constraint nor its automatic index, and they decide an erased e-mail's value and ON CONFLICT."""
+        constraint nor its automatic index, and they decide an erased e-mail's value and ON CONFLICT. On
+        PostgreSQL its INVALID indexes are marked (``info["invalid"]``, see :func:`_unique`) and its schema
+        kept (``info["schema"]``, see :meth:`_Projection.still_referred_to`)."""
         _skip_expression_index_warning()
         table = sa.Table(name, sa.MetaData(), autoload_with=conn)
+        if conn.dialect.name == "postgresql":
+            table.info["schema"], invalid, table.info["partitions"] = _pg_table_state(conn, name)
+            for reflected in table.indexes:
+                reflected.info["invalid"] = reflected.name in invalid
         if conn.dialect.name == "sqlite":
             indexes = sa.inspect(conn).get_indexes(name, include_auto_indexes=True)
             for index in indexes:
@@ -274,21 +286,26 @@ class SchemaMapping:
         mapped = self.tables.get(change.entity)
         if mapped is None:
             return
+        projection = self._projection(conn, change.entity, mapped)
         try:
-            self._projection(conn, change.entity, mapped).apply(conn, now, change)
+            projection.apply(conn, now, change)
         except sa.exc.IntegrityError as exc:
             first_line = database_message(exc.orig or exc)  # never the values (MySQL quotes them)
-            if is_foreign_key_violation(exc.orig) and change.kind != "deleted":  # a parent the app's table
-                # does not hold yet (a membership before its user): an ordering that heals, so retried as a
-                # whole, as Svix does, while the parent has not arrived (Outbox.project asks parents_arrived,
-                # once this savepoint is rolled back). A deletion refused because another app table still
-                # refers to the row (orders -> users under HardDelete) never heals by waiting: the row's refusal.
-                refused = f"{mapped.table} refused {change.type} for {change.clerk_id}: {first_line}"
-                raise ParentNotThere(f"{refused}; a row it refers to is not there yet: retried", refused) from None
+            refused = f"{mapped.table} refused {change.type} for {change.clerk_id}: {first_line}"
+            if is_foreign_key_violation(exc.orig) and change.kind != "deleted":
+                referrer = projection.still_referred_to(conn, exc.orig, change)
+                if referrer is None:  # a parent the app's table does not hold yet (a membership before its
+                    # user): an ordering that heals, so retried as a whole, as Svix does, while the parent has
+                    # not arrived (Outbox.project asks parents_arrived, once this savepoint is rolled back)
+                    raise ParentNotThere(f"{refused}; a row it refers to is not there yet: retried", refused) from None
+                # The change replaces a value another app table still refers to (an e-mail orders point at):
+                # no event heals that, as a deletion refused for the same reason (orders -> users under
+                # HardDelete, MySQL's 1451) never does: the row's refusal.
+                raise StoreDataError(f"{refused}; {referrer} still refers to the value it replaces: fix the "
+                                     "table or the mapping") from None
             # The app's own constraint (a UNIQUE e-mail still held by a soft-deleted row, a NOT NULL
             # column the mapping does not fill): retrying cannot help.
-            raise StoreDataError(f"{mapped.table} refused {change.type} for {change.clerk_id}: {first_line}; "
-                                 "fix the table or the mapping") from None
+            raise StoreDataError(f"{refused}; fix the table or the mapping") from None
 
     def parents_arrived(self, conn: Connection, change: Change) -> bool:
         """Whether an app table's foreign key refusal of a membership's row (:class:`ParentNotThere`) never
@@ -592,6 +609,60 @@ class _Projection:
                              f"retried (user {change.clerk_id})")
         return True
 
+    def still_referred_to(self, conn: Connection, orig: Any, change: Change) -> str | None:
+        """Which foreign key refused a created/updated row that is not its parent missing: another row
+        still refers to a value of this row the change replaces (an e-mail or a key column the app's
+        ``orders`` point at), which no event heals. None when a row it refers to may not be there yet
+        (retried), or the store cannot tell (as before: retried).
+
+        PostgreSQL says 23503 both ways, and its message's wording (``insert or update on`` against ``update
+        or delete on``) is translated with lc_messages: read instead the table the error's diagnostics name,
+        which is always the key's own, the referring one (:func:`~clerk_sync._db_errors.foreign_key_of`),
+        so a key of another table means this row is the one referred to; no catalog lookup (pg_constraint)
+        could run here anyway, the transaction is aborted until the savepoint is rolled back. A key of this
+        table referring to itself reports the same either way: it is the referred side only when the write
+        sets none of the key's own columns. SQLite names nothing ("FOREIGN KEY constraint failed") but its
+        transaction goes on: the parents are looked up, and the tables referring to this one's written
+        columns. MySQL/MariaDB tell them apart by number (1451, never read as a missing parent)."""
+        written = {*self.columns, *self.fixed, self.key.name}
+        if conn.dialect.name == "postgresql":
+            schema, table, constraint = foreign_key_of(orig)
+            here = schema in (None, self.t.info.get("schema"))  # (the mapped table's schema, or unsaid)
+            partition = any(table == name and schema in (None, ns) for ns, name in self.t.info.get("partitions", ()))
+            if table is None or (((table == self.t.name and here) or partition)
+                                 and not self._refers_to_itself(constraint, written)):
+                return None
+            return f"{'' if here else f'{schema}.'}{table} (foreign key {constraint})"
+        if conn.dialect.name != "sqlite" or self._parent_missing(conn, change):
+            return None
+        return _sqlite_referrers(conn, self.t.name, [c for c in written if c in self.t.c]) or None
+
+    def _refers_to_itself(self, constraint: str | None, written: set[str]) -> bool:
+        """Whether this table's foreign key ``constraint`` refers to this table, and the write sets none of
+        its own columns (so the row refused is one it still refers to, not one referring to a missing row)."""
+        key = next((k for k in self.t.foreign_key_constraints if k.name == constraint), None)
+        return key is not None and key.referred_table is self.t and not set(key.column_keys) & written
+
+    def _parent_missing(self, conn: Connection, change: Change) -> bool:
+        """SQLite: whether a row the change's values refer to through this table's own foreign keys is not
+        there (or cannot be told: a key whose columns the mapping sets only in part)."""
+        new = {name: col.value(change.values) for name, col in self.columns.items()} | self.fixed
+        new[self.key.name] = change.clerk_id
+        for key in self.t.foreign_key_constraints:
+            columns = key.column_keys
+            if not set(columns) & new.keys():
+                continue  # not written: an UPDATE does not check it (an INSERT's NULL or default: the app's)
+            if not set(columns) <= new.keys():
+                return True
+            if any(new[c] is None for c in columns):
+                continue  # a NULL in the key: nothing to refer to
+            referred = [element.column for element in key.elements]
+            found = sa.select(sa.literal(1)).where(*[r == sa.literal(new[c], r.type)
+                                                     for c, r in zip(columns, referred, strict=True)]).limit(1)
+            if conn.execute(found).first() is None:
+                return True
+        return False
+
     def _delete(self, clerk_id: str) -> None:
         policy, where = self.m.on_delete, self.key == clerk_id
         if isinstance(policy, HardDelete):
@@ -662,7 +733,8 @@ def cleared_values(table: sa.Table, columns: Mapping[str, Column], clerk_id: str
         if not col.is_personal:
             continue
         column = table.c[name]
-        value = _cleared(column.nullable, column.type, col, unique=_unique(table, column), clerk_id=clerk_id)
+        value = _cleared(column.nullable, column.type, col, unique=_unique(table, column, invalid=True),
+                         clerk_id=clerk_id)
         if value is _NO_VALUE:
             kept.append(name)
         else:
@@ -938,10 +1010,15 @@ def _as_column_value(column: sa.Column[Any], external_id: str) -> Any:
     return external_id if python_type is str else None
 
 
-def _unique(table: sa.Table, column: sa.Column[Any], *, plain: bool = False) -> bool:
-    """Whether ``column`` alone is unique in the reflected ``table`` (index or constraint)."""
-    # plain: not a partial index (ON CONFLICT (column) cannot infer one without its predicate)
-    indexes = [list(i.columns) for i in table.indexes if i.unique and not (plain and _partial(i) is not None)]
+def _unique(table: sa.Table, column: sa.Column[Any], *, plain: bool = False, invalid: bool = False) -> bool:
+    """Whether ``column`` alone is unique in the reflected ``table`` (index or constraint). ``plain``: not
+    through a partial index (ON CONFLICT (column) cannot infer one without its predicate). Never through a
+    PostgreSQL INVALID index (a CONCURRENTLY build that failed, marked by :meth:`SchemaMapping.table`): ON
+    CONFLICT (column) cannot use it ("no unique or exclusion constraint matching"), and one not ready yet
+    enforces nothing (ON CONFLICT DO NOTHING inserts the duplicate), unless ``invalid``: erasure's cleared
+    value, which such an index, if ready, may still refuse as a duplicate."""
+    indexes = [list(i.columns) for i in table.indexes if i.unique and not (plain and _partial(i) is not None)
+               and (invalid or not i.info.get("invalid"))]
     constraints = [list(c.columns) for c in table.constraints if isinstance(c, sa.UniqueConstraint)]
     return any(len(cols) == 1 and cols[0].name == column.name for cols in indexes + constraints)
 
@@ -970,9 +1047,44 @@ def _unique_sets(inspector: Any, name: str) -> set[tuple[str, ...]]:
     extra = {"include_auto_indexes": True} if inspector.dialect.name == "sqlite" else {}
     _skip_expression_index_warning()
     indexes = inspector.get_indexes(name, **extra)
+    invalid = _invalid_indexes(inspector, name)
     unique = {tuple(i["column_names"]) for i in indexes if i.get("unique") and None not in i["column_names"]
-              and not (i.get("dialect_options") or {}).get("postgresql_invalid")}  # a failed CONCURRENTLY build's
+              and i["name"] not in invalid}
     return unique | {tuple(u["column_names"]) for u in inspector.get_unique_constraints(name)}
+
+
+def _sqlite_referrers(conn: Connection, table: str, columns: Sequence[str]) -> str:
+    """SQLite: the tables whose foreign keys refer to ``columns`` of ``table`` (to its primary key where a key
+    names no column), as ``orders (email), ..``; "" for none."""
+    info = conn.exec_driver_sql(f"PRAGMA table_info({_quote_ident(table)})").mappings().all()
+    pk = [c["name"] for c in sorted(info, key=lambda c: c["pk"]) if c["pk"]]
+    rows = conn.execute(sa.text(
+        'SELECT m.name AS referrer, p."from" AS column, p."to" AS referred, p.seq AS seq FROM sqlite_master m '
+        "JOIN pragma_foreign_key_list(m.name) p WHERE m.type = 'table' AND lower(p.\"table\") = lower(:t)"),
+        {"t": table}).mappings().all()
+    found = sorted({f"{r['referrer']} ({r['column']})" for r in rows
+                    if (r["referred"] or (pk[r["seq"]] if r["seq"] < len(pk) else None)) in columns})
+    return ", ".join(found)
+
+
+def _pg_table_state(conn: Connection, name: str) -> tuple[str | None, set[str], frozenset[tuple[str, str]]]:
+    """PostgreSQL: the schema table ``name`` is found in (on the search path, as reflection finds it), its
+    INVALID indexes (``pg_index.indisvalid`` false), and its partitions as (schema, name): a foreign key error
+    of a partitioned table names the leaf partition the row went to. Read from the catalog, not from
+    reflection: SQLAlchemy reports an INVALID index as a valid one before 2.1 (2.1 adds
+    ``postgresql_invalid``), and 2.0 is supported."""
+    row = conn.execute(sa.text(
+        "SELECT (SELECT nspname FROM pg_namespace WHERE oid = c.relnamespace) AS schema, "
+        "ARRAY(SELECT x.relname FROM pg_index i JOIN pg_class x ON x.oid = i.indexrelid "
+        "      WHERE i.indrelid = c.oid AND NOT i.indisvalid) AS invalid, "
+        "ARRAY(SELECT n.nspname || '.' || p.relname FROM pg_partition_tree(c.oid) t "
+        "      JOIN pg_class p ON p.oid = t.relid JOIN pg_namespace n ON n.oid = p.relnamespace "
+        "      WHERE t.relid <> c.oid) AS partitions "
+        "FROM pg_class c WHERE c.oid = to_regclass(:t)"), {"t": conn.dialect.identifier_preparer.quote(name)}).first()
+    if row is None:
+        return None, set(), frozenset()
+    partitions = frozenset(tuple(qualified.split(".", 1)) for qualified in row.partitions)
+    return str(row.schema), set(row.invalid), partitions
 
 
 def _lookup(values: JSON, source: str) -> Any:
@@ -1037,6 +1149,8 @@ def check_schema(conn: Connection, mapping: SchemaMapping) -> list[tuple[str, st
                                      "`clerk-sync migrate --mapping ...`"))
         elif mapped.clerk_id_column in columns:
             problems += _clerk_id_problems(inspector, entity, mapped, columns[mapped.clerk_id_column])
+        if mapped.clerk_id_column in columns:
+            problems += _invalid_index_problems(inspector, mapped, (mapped.clerk_id_column,) in unique)
         problems += _insert_problems(inspector, entity, mapped, columns)
         for column, col in mapped.resolved().items():  # erasure clears them whatever the policy
             if (col.is_personal and column in columns
@@ -1080,6 +1194,26 @@ def _clerk_id_problems(inspector: Any, entity: Entity, mapped: MappedTable, info
                                  "(nor in the delivery's own statement on PostgreSQL); a plain unique index allows "
                                  f"many NULLs too: CREATE UNIQUE INDEX uq_{name}_{column} ON {name} ({column})"))
     return problems
+
+
+def _invalid_index_problems(inspector: Any, mapped: MappedTable, served: bool) -> list[tuple[str, str]]:
+    """PostgreSQL: a unique index on the Clerk-id column alone that is INVALID (``pg_index.indisvalid`` false:
+    a CREATE INDEX CONCURRENTLY that failed or was interrupted). The write path does not count it (see
+    :func:`_unique`): a fail when no valid one ``served``, else a warning (it still costs every write)."""
+    name, column = mapped.table, mapped.clerk_id_column
+    invalid = _invalid_indexes(inspector, name)
+    if not invalid:
+        return []
+    quote = inspector.dialect.identifier_preparer.quote
+    found = sorted(str(i["name"]) for i in inspector.get_indexes(name)
+                   if i["name"] in invalid and i.get("unique") and i["column_names"] == [column])
+    then = ("another, valid, serves the writes; this one still costs each of them: drop it" if served else
+            "each delivery's row is written with an UPDATE, then an INSERT: drop it")
+    fix = "" if served else " and re-run `clerk-sync migrate --mapping ...`"
+    return [("warn" if served else "fail",
+             f"{name}.{column}: its unique index {index} is INVALID (a CREATE UNIQUE INDEX CONCURRENTLY that failed "
+             f"or was interrupted): it enforces nothing reliably and ON CONFLICT cannot use it; {then} (DROP INDEX "
+             f"CONCURRENTLY {quote(index)}){fix}") for index in found]
 
 
 def _insert_problems(inspector: Any, entity: Entity, mapped: MappedTable,
@@ -1233,8 +1367,7 @@ def _invalid_indexes(inspector: Any, name: str) -> set[str]:
     CONCURRENTLY that failed or was interrupted leaves, ignored by queries and ON CONFLICT."""
     if inspector.dialect.name != "postgresql":
         return set()
-    return {str(i["name"]) for i in inspector.get_indexes(name)
-            if (i.get("dialect_options") or {}).get("postgresql_invalid")}
+    return _pg_table_state(inspector.bind, name)[1]  # (every caller's inspector is sa.inspect(conn)'s)
 
 
 # Any fixed 64-bit number ("clerkmap"): replicas migrating together build the mapped tables' indexes in turn.

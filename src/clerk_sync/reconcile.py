@@ -28,12 +28,13 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Protocol, cast
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 
+from clerk_sync._time import as_utc, aware, utcnow
 from clerk_sync.clerk_api import JSON, ClerkClient
 from clerk_sync.engine import Action, Entity, Record, RowState, Tombstone, Upsert, decide
 from clerk_sync.errors import ClerkAPIError, ClerkNotFound, ConfigError, EventShapeError, ReconcileBusy
@@ -127,15 +128,6 @@ class _NoProgress:
         pass
 
 
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def _aware(value: datetime | None) -> datetime | None:
-    # SQLite hands timestamps back naive; everything we store is UTC.
-    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
-
-
 @dataclass
 class _Run:
     report: ReconcileReport
@@ -180,7 +172,7 @@ class Reconciler:
         stale_after_s: float = 60.0,
         progress: Progress | None = None,
         on_change: Callable[[Change], None] | None = None,
-        now: Callable[[], datetime] = _utcnow,
+        now: Callable[[], datetime] = utcnow,
         with_hooks: bool = False,
         metrics: Metrics | None = None,
         max_pages: int = MAX_PAGES,
@@ -200,7 +192,7 @@ class Reconciler:
 
     def run(self, *, since: datetime | None = None, dry_run: bool = False) -> ReconcileReport:
         """One reconcile pass, resuming an unfinished run with the same ``since`` if there is one."""
-        since = _aware(since)
+        since = as_utc(since) if since is not None else None  # SQLite keeps a time's clock reading, not its offset
         with self._begin(since, dry_run) as run:
             try:
                 self._phases(run)
@@ -244,7 +236,7 @@ class Reconciler:
             .order_by(reconcile_runs.c.id.desc()).limit(1)
         ).mappings().first()
         if row is not None:
-            heartbeat = _aware(row["heartbeat_at"])
+            heartbeat = aware(row["heartbeat_at"])
             assert heartbeat is not None
             age = (now - heartbeat).total_seconds()
             if row["status"] == "running" and age < self.stale_after_s:
@@ -252,7 +244,7 @@ class Reconciler:
                     f"reconcile run {row['id']} is running (last progress {age:.0f}s ago); if it was killed, "
                     f"run again in {max(1, round(self.stale_after_s - age))}s: a run silent for "
                     f"{self.stale_after_s:g}s is taken over and resumed where it stopped")
-            if _aware(row["since"]) == since:
+            if aware(row["since"]) == since:
                 writer.conn.execute(reconcile_runs.update().where(reconcile_runs.c.id == row["id"])
                                     .values(status="running", heartbeat_at=now, error=None))
                 report = ReconcileReport(row["id"], False, since, True, _load_counts(row["details"]))

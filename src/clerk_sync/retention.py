@@ -43,7 +43,7 @@ import functools
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -52,6 +52,7 @@ from sqlalchemy.dialects import mysql, postgresql, sqlite
 
 from clerk_sync._db_errors import is_row_referenced, is_transient
 from clerk_sync._mentions import Mentions
+from clerk_sync._time import aware, utcnow
 from clerk_sync.auth.audit import AuditEntry, record_audit
 from clerk_sync.changes import Change
 from clerk_sync.config import Settings
@@ -187,7 +188,7 @@ class Retention:
         self.store = store
         self.policy = policy or RetentionPolicy()
         self.metrics = metrics
-        self._now = now or (lambda: datetime.now(UTC))
+        self._now = now or utcnow
 
     # -- prune ----------------------------------------------------------------------------------
     def prune(self, *, dry_run: bool = False) -> PruneReport:
@@ -323,7 +324,7 @@ class Retention:
             settling += len(rows) - len(ripe)
             new = set(fresh)
             earlier = {row.id for row in ripe if row.clerk_id not in new  # its digest dated back: kept before
-                       and _utc(written[row.clerk_id]) <= _utc(row.deleted_at)}
+                       and aware(written[row.clerk_id]) <= aware(row.deleted_at)}
             first = [row for row in ripe if row.id not in earlier]
             deleted += self._delete_tombstones(entity, first, kept) if first else 0
             # Rows an earlier pass kept: one try for the batch, never one transaction a row on every pass
@@ -642,9 +643,9 @@ def _about_gone_user(conn: sa.Connection, payload: Any, cutoff: datetime) -> boo
     person = user_named(Envelope(type=raw["type"], data=data, timestamp_ms=0, instance_id=None, raw=dict(raw)))
     if person is None:
         return False
-    deleted_at = conn.execute(sa.select(users.c.deleted_at).where(users.c.clerk_id == person)).scalar()
+    deleted_at: datetime | None = conn.execute(sa.select(users.c.deleted_at).where(users.c.clerk_id == person)).scalar()
     if deleted_at is not None:
-        return _utc(deleted_at) < cutoff
+        return aware(deleted_at) < cutoff
     return is_erased(conn, Entity.USER, person)
 
 
@@ -656,12 +657,7 @@ def _due_tombstones(table: sa.Table, cutoff: datetime) -> sa.Select[Any]:
 
 def _settled(digest_written: datetime, settled: datetime) -> bool:
     """A digest written before ``settled`` (``digest_settle`` ago): no insert can still read from before it."""
-    return _utc(digest_written) < settled
-
-
-def _utc(stamp: datetime) -> datetime:
-    """A stored time as an aware UTC one (SQLite and MySQL/MariaDB hand them back naive, in UTC)."""
-    return stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)
+    return aware(digest_written) < settled
 
 
 def _as_dict(payload: Any) -> Mapping[str, Any]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import math
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -18,9 +19,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from pydantic import SecretStr
-from standardwebhooks.webhooks import EmptyWebhookSecretError, Webhook
+from standardwebhooks.webhooks import Webhook
 
 from clerk_sync._limits import SVIX_ID_CHARS
+from clerk_sync.config import _SECRET_HELP, _tolerance_problem, _webhook_key
 from clerk_sync.errors import ConfigError, WebhookHeadersMissing, WebhookVerificationError
 
 __all__ = ["DEFAULT_TOLERANCE_S", "SignedHeaders", "WebhookVerifier", "sign"]
@@ -56,7 +58,12 @@ class SignedHeaders:
 class WebhookVerifier:
     """Verifies a delivery against one or more secrets (rotation) within a timestamp tolerance.
 
-    ``secrets``: one secret, or several while rotating (any of them verifies)."""
+    ``secrets``: one secret, or several while rotating (any of them verifies), each ``whsec_`` + standard
+    base64 (the prefix optional); one with other characters (URL-safe ``-``/``_``, spaces) is a
+    :class:`~clerk_sync.errors.ConfigError`, not a different key used in silence.
+    ``tolerance_s``: how far ``svix-timestamp`` may be from ``now()`` either way, compared as Svix does (with
+    ``floor(now)``: a delivery exactly ``tolerance_s`` old passes, one a second older does not); 1 s to one
+    day (see ``config._tolerance_problem``)."""
 
     def __init__(
         self,
@@ -70,10 +77,12 @@ class WebhookVerifier:
         raw = [s.get_secret_value() if isinstance(s, SecretStr) else s for s in secrets]
         if not raw:
             raise ConfigError("no webhook secret configured (CLERK_WEBHOOK_SIGNING_SECRET)")
-        try:
-            self._hooks = [Webhook(s) for s in raw]
-        except (EmptyWebhookSecretError, binascii.Error, ValueError) as exc:
-            raise ConfigError(f"a webhook secret is malformed: {exc}") from None
+        names = [f"Webhook secret #{i}" if len(raw) > 1 else "The webhook secret" for i in range(1, len(raw) + 1)]
+        # Webhook(str) would decode leniently (dropping what is not base64): it gets the strictly checked key.
+        self._hooks = [Webhook(_webhook_key(s, name=n, fix=_SECRET_HELP)) for s, n in zip(raw, names, strict=True)]
+        problem = _tolerance_problem(tolerance_s)
+        if problem is not None:
+            raise ConfigError(f"WebhookVerifier(tolerance_s={tolerance_s}): {problem}")
         self._tolerance = tolerance_s
         self._now = now
 
@@ -98,11 +107,15 @@ class WebhookVerifier:
         if not _TIMESTAMP.fullmatch(value):
             raise WebhookVerificationError(f"svix-timestamp {value[:32]!r} is not an integer of seconds")
         seconds = int(value)
-        drift = seconds - self._now()
+        # Whole seconds, as Svix compares (floor of now): with the float now, a delivery exactly tolerance_s
+        # old was refused up to a second early, and with a tolerance of 0 every one was.
+        drift = seconds - math.floor(self._now())
         if abs(drift) > self._tolerance:
             which = "old" if drift < 0 else "new"
             raise WebhookVerificationError(
-                f"message timestamp too {which}: outside the {self._tolerance} s tolerance (check this host's clock)"
+                # no drift in seconds: the message is the same for one delivery whenever it is refused
+                f"message timestamp too {which}: outside the {self._tolerance} s tolerance: check this host's "
+                "clock (NTP), or the tolerance setting (CLERK_SYNC_WEBHOOK_TOLERANCE_S) if it was lowered"
             )
         return datetime.fromtimestamp(seconds, tz=UTC)
 
@@ -127,5 +140,6 @@ def _offered_signatures(header: str) -> list[bytes]:
 def sign(secret: str, msg_id: str, timestamp: int, body: bytes | str) -> dict[str, str]:
     """Headers for a delivery signed like Svix does (for tests, benchmarks and tools)."""
     text = body if isinstance(body, str) else body.decode("utf-8")
-    signature = Webhook(secret).sign(msg_id, datetime.fromtimestamp(timestamp, tz=UTC), text)
+    key = _webhook_key(secret, name="sign()'s secret", fix=_SECRET_HELP)  # the key a WebhookVerifier would use
+    signature = Webhook(key).sign(msg_id, datetime.fromtimestamp(timestamp, tz=UTC), text)
     return {"svix-id": msg_id, "svix-timestamp": str(timestamp), "svix-signature": signature}

@@ -342,7 +342,9 @@ def test_a_bad_redis_url_fails_only_what_calls_clerk() -> None:
                                   "CLERK_WEBHOOK_SIGNING_SECRET": SECRET, "REDIS_URL": "localhost:6379"})
     runtime = ClerkSync(settings, DjangoOptions(jit=False))
     assert runtime.processor is not None and runtime.jit is None  # the webhook path and pages without JIT
-    with pytest.raises(ValueError, match="scheme"):
+    from clerk_sync.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="scheme"):
         _ = runtime.clerk  # what calls Clerk says what is wrong
     runtime.close()
 

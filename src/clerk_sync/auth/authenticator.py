@@ -12,11 +12,12 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 from anyio import to_thread
 
+from clerk_sync._time import utcnow
 from clerk_sync.auth.admin import ADMIN_ROLE
 from clerk_sync.auth.audit import AuditEntry, record_audit
 from clerk_sync.auth.claims import Auth
@@ -50,10 +51,6 @@ def signed_out_if_banned() -> Iterator[None]:
         raise SessionUserBanned("user is banned or deleted") from exc
 
 
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
 # Set while an async caller checks a token: it refreshed the deny list in a worker thread just before,
 # so the checks that follow (SessionVerifier's is_revoked, the blocked users) serve that snapshot rather
 # than read the database on the event loop (a refresh interval of 0 is always due). Per task: the sync
@@ -75,7 +72,7 @@ class DenyList:
     """
 
     def __init__(self, store: Store, *, refresh_s: float = 1.0, margin_s: float = 60.0, full_every_s: float = 600.0,
-                 now: Callable[[], float] = time.monotonic, wall: Callable[[], datetime] = _utcnow) -> None:
+                 now: Callable[[], float] = time.monotonic, wall: Callable[[], datetime] = utcnow) -> None:
         self._store = store
         self._refresh_s = refresh_s
         self._full_every_s = full_every_s

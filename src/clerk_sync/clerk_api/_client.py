@@ -18,8 +18,8 @@ from typing import Any, TypeVar
 import anyio
 import httpx
 
+from clerk_sync._http_deadline import attempt_until, install
 from clerk_sync.clerk_api import _endpoints as ep
-from clerk_sync.clerk_api._deadline import attempt_until, install
 from clerk_sync.clerk_api._endpoints import JSON, MAX_PAGE, Page
 from clerk_sync.clerk_api._flights import AsyncFlights, SyncFlights
 from clerk_sync.clerk_api._policy import (
@@ -160,7 +160,7 @@ class ClerkClient(_Base):
 
     An attempt ends by the call's deadline, as the async face's cancel scope ends it: the sockets of
     ``http``'s own transports (httpx's ``HTTPTransport``, proxies too) wait no longer than what is left
-    (:mod:`clerk_sync.clerk_api._deadline`); any other transport's answer is still read by the deadline."""
+    (:mod:`clerk_sync._http_deadline`); any other transport's answer is still read by the deadline."""
 
     def __init__(self, secret_key: str, *, http: httpx.Client | None = None,
                  transport: httpx.BaseTransport | None = None, **options: Any) -> None:

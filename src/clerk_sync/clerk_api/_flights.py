@@ -33,6 +33,9 @@ class _Call:
         self.value: Any = None
         self.error: BaseException | None = None
         self.abandoned = False
+        # Threads only: the flight this call's followers fly again in. A follower that wakes late (twenty
+        # threads waking for one GIL) still joins it, even when it has ended, instead of a third request.
+        self.successor: tuple[_Call, threading.Event] | None = None
 
     def outcome(self) -> Any:
         if self.error is not None:
@@ -64,14 +67,21 @@ class SyncFlights:
         """``fn(seconds)`` once for concurrent callers of ``key``; each caller waits ``timeout`` at most."""
         deadline = time.monotonic() + timeout
         left = timeout
+        failed: _Call | None = None  # the flight this caller followed and flies again after
         while True:
             with self._lock:
-                entry = self._calls.get(key)
+                entry = failed.successor if failed is not None else None
+                leader = False
                 if entry is None:
-                    entry = self._calls[key] = (_Call(), threading.Event())
-                    leader = True
-                else:
-                    leader = False
+                    entry = self._calls.get(key)
+                    if entry is None:
+                        entry = self._calls[key] = (_Call(), threading.Event())
+                        leader = True
+                    if failed is not None:
+                        failed.successor = entry
+            # Only the forward link stays: this frame (kept by a leader's stored traceback) holding the flight
+            # before would keep every earlier failed flight alive in a chain.
+            failed = None
             call, done = entry
             if leader:
                 return self._lead(key, call, done, fn, left)
@@ -81,6 +91,7 @@ class SyncFlights:
             if not call.fly_again(left, min_left, timeout):
                 result: T = call.outcome()
                 return result
+            failed = call
 
     def _lead(self, key: Hashable, call: _Call, done: threading.Event, fn: Callable[[float], T], left: float) -> T:
         try:

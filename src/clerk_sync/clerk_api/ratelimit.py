@@ -27,17 +27,19 @@ server a little early or late (scheduling, network), so :class:`RateLimit` budge
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import urlsplit
 
 import anyio
 
-from clerk_sync.errors import ClerkUnavailable
+from clerk_sync._urls import masked_url
+from clerk_sync.errors import ClerkUnavailable, ConfigError
 
 if TYPE_CHECKING:
     from clerk_sync.config import Settings
@@ -238,7 +240,9 @@ class RedisBudget:
     Needs the ``redis`` extra. The key is derived from a hash of the secret key, never the key itself.
     Connecting waits at most ``connect_timeout_s`` and each answer ``timeout_s`` (the URL's own
     ``?socket_connect_timeout=`` / ``?socket_timeout=`` win), without retries; a Redis that is down or
-    does not answer in time raises :class:`~clerk_sync.errors.ClerkUnavailable` and the call is not sent.
+    does not answer in time raises :class:`~clerk_sync.errors.ClerkUnavailable` and the call is not sent. A URL
+    redis-py cannot read (a password with an unencoded ``/``, ``?`` or ``#``) raises
+    :class:`~clerk_sync.errors.ConfigError`, which shows it masked and never quotes the password.
     """
 
     def __init__(self, url: str, limit: RateLimit, secret_key: str, *, prefix: str = "clerk_sync:budget",
@@ -258,12 +262,24 @@ class RedisBudget:
                              "that never answers hangs every Clerk call")
         self.limit = limit
         self.key = f"{prefix}:{hashlib.sha256(secret_key.encode()).hexdigest()[:16]}"
-        self.url = _redacted(url)
+        self.url = masked_url(url)
         # No retries (redis-py 6 and 7 retry three times with backoff by default): a script that timed out
         # may have run, and a retry would take a second token; the caller's ClerkUnavailable is retryable.
         timeouts: dict[str, Any] = {"socket_connect_timeout": connect_timeout_s, "socket_timeout": timeout_s}
-        self._sync = redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **timeouts)
-        self._async = redis.asyncio.Redis.from_url(url, retry=AsyncRetry(NoBackoff(), 0), **timeouts)
+        # redis-py's own parse errors may quote the password ("Port could not be cast to integer value as
+        # 'pa'"): raised outside the except clause, so neither __cause__ nor __context__ carries them.
+        problem: str | None = None
+        try:
+            if _credentials_cut_short(url):
+                problem = "its password seems to hold an unencoded '/', '?' or '#'"
+            else:
+                self._sync = redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **timeouts)
+                self._async = redis.asyncio.Redis.from_url(url, retry=AsyncRetry(NoBackoff(), 0), **timeouts)
+        except ValueError as exc:  # urllib's and redis-py's parse errors alike
+            problem = str(exc) if _SAFE_PARSE_ERROR.fullmatch(str(exc)) else "it cannot be parsed"
+        if problem is not None:
+            message = f"REDIS_URL {self.url} is not a Redis URL redis-py can read ({problem}): {_URL_HELP}"
+            raise ConfigError(message) from None
         self._script = self._sync.register_script(_SCRIPT)
         self._ascript = self._async.register_script(_SCRIPT)
         self._blocked = self._sync.register_script(_BLOCKED_SCRIPT)
@@ -331,18 +347,22 @@ class RedisBudget:
         self._sync.close()
 
 
-def _redacted(url: str) -> str:
-    """``url`` for messages: the user part (``user:password@``, or a token alone as ``TOKEN@``) reads ``***``, as
-    does every query parameter naming a password (``?password=``, ``?ssl_password=``)."""
+_URL_HELP = ("the scheme is redis://, rediss:// or unix://, and a password (or user name) holding '/', '?', '#', "
+             "'@' or '%' must be percent-encoded, e.g. urllib.parse.quote(password, safe='')")
+# redis-py parse errors whose text is fixed (a parameter's name at most), never a piece of the URL's user part.
+_SAFE_PARSE_ERROR = re.compile(r"Invalid value for '\w+' in connection URL\.|Port out of range 0-65535|"
+                               r"\"max_connections\" must be a positive integer|Redis URL must specify .*")
+
+
+def _credentials_cut_short(url: str) -> bool:
+    """An ``@`` where a Redis URL never has one (a redis:// db path, a query parameter's name, the fragment): an
+    unencoded ``/``, ``?`` or ``#`` in the password ended the host early, and redis-py would read the password's
+    start as host and port without a word (``redis://:1234/x@host`` connects to localhost:1234)."""
     parts = urlsplit(url)
-    if "@" in parts.netloc:
-        host = parts.netloc.rpartition("@")[2]
-        url = url.replace(parts.netloc, f"***@{host}", 1)
-    pairs = parse_qsl(parts.query, keep_blank_values=True)
-    if any("password" in key.lower() for key, _ in pairs):
-        query = urlencode([(k, "***" if "password" in k.lower() else v) for k, v in pairs], safe="*")
-        url = f"{url.partition('?')[0]}?{query}"
-    return url
+    # A unix:// path is the socket's and may hold an '@'; with a user part before it cut short, it is suspect.
+    socket_path = parts.scheme == "unix" and not (parts.netloc and "@" not in parts.netloc)
+    names = (piece.partition("=")[0] for piece in parts.query.split("&"))
+    return ("@" in parts.path and not socket_path) or "@" in parts.fragment or any("@" in name for name in names)
 
 
 def _reservation(reply: Any) -> Reservation:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 
+from clerk_sync._time import as_utc
 from clerk_sync.engine import DeliveryStatus
 from clerk_sync.errors import ConfigError
 
@@ -15,11 +16,14 @@ STORED_STATUSES = sorted(s.value for s in DeliveryStatus if s is not DeliverySta
 
 
 def parse_since(value: str | None) -> datetime | None:
-    """``--since`` as ISO 8601 (``2026-01-31``, ``2026-01-31T12:00:00Z``, offsets); naive means UTC."""
+    """``--since`` as ISO 8601 (``2026-01-31``, ``2026-01-31T12:00:00Z``, offsets); naive means UTC. Returned
+    in UTC: SQLite stores a time as its clock reading and drops the offset, so ``12:00+02:00`` compared
+    there as 12:00 UTC, two hours off."""
     if value is None:
         return None
     try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+        return as_utc(datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00")))
     except ValueError:
         raise ConfigError(f"--since {value!r} is not an ISO 8601 date or time") from None
-    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+    except OverflowError:  # in UTC before year 1 or after 9999 (0001-01-01T00:30+01:00)
+        raise ConfigError(f"--since {value!r} is out of range in UTC") from None

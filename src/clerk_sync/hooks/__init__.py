@@ -15,12 +15,13 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 import structlog
 from sqlalchemy.engine import Connection
 
+from clerk_sync._time import utcnow
 from clerk_sync.changes import Change, Handler, Hook
 from clerk_sync.errors import HookGaveUp, StoreDataError, StoreError
 from clerk_sync.metrics import Metrics
@@ -30,10 +31,6 @@ from clerk_sync.store import Store
 __all__ = ["Backoff", "Change", "Dispatcher", "Hook", "HookGaveUp"]
 
 log = structlog.get_logger("clerk_sync.hooks")
-
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 _MAX_DELAY_S = 365 * 86400.0  # a retry further away than this is a dead job, not a delay
@@ -87,7 +84,7 @@ class Dispatcher:
     """
 
     def __init__(self, store: Store, *, backoff: Backoff | None = None, lease_s: float = 60.0, batch: int = 500,
-                 poll_s: float = 1.0, now: Callable[[], datetime] = _utcnow, metrics: Metrics | None = None,
+                 poll_s: float = 1.0, now: Callable[[], datetime] = utcnow, metrics: Metrics | None = None,
                  heartbeat_s: float | None = None, vacuum_every: int = 1000, slow_handler_s: float = 300.0) -> None:
         if not store.hooks:
             raise ValueError("the store has no hooks: pass them as Store(engine, hooks=[Hook(...)])")

@@ -17,7 +17,9 @@ import httpx
 from pydantic import SecretStr
 from standardwebhooks.webhooks import Webhook
 
+from clerk_sync._http_deadline import attempt_until, install
 from clerk_sync.changes import Change
+from clerk_sync.config import _webhook_key
 from clerk_sync.errors import HookGaveUp
 
 if TYPE_CHECKING:
@@ -38,9 +40,15 @@ class StandardWebhookSink:
     ``webhook-delivery: disable`` / ``abort-message`` header (Svix's delivery control), after which the job
     is dead at once (:class:`~clerk_sync.errors.HookGaveUp`).
 
-    ``secret`` is a ``whsec_…`` key the receiver verifies with (any Standard Webhooks library).
-    ``timeout_s`` bounds each network wait and the answer as a whole (a receiver that answers and then
-    drips its body byte by byte is cut off there); a ``client`` of your own keeps its own timeouts.
+    ``secret`` is a ``whsec_…`` key the receiver verifies with (any Standard Webhooks library): ``whsec_`` +
+    standard base64; one with other characters (URL-safe ``-``/``_``, spaces) is a
+    :class:`~clerk_sync.errors.ConfigError` here, where the library would sign with a different key.
+    ``timeout_s`` bounds each network wait and the attempt as a whole, from connecting to the answer's
+    status and headers: every socket wait is cut to what is left of it (``clerk_sync._http_deadline``), so
+    a receiver that drips its header block byte by byte, or sends ``100 Continue`` forever, is cut off there
+    and the attempt fails with a :class:`TimeoutError` naming ``timeout_s`` (the dispatcher retries it). A
+    success's body is read for at most what is left (to keep the connection), an error's start for the
+    job's last error. A ``client`` of your own keeps its own per-wait timeouts, within ``timeout_s``.
 
     A refusal's message names the URL without its ``user:password@``, query or fragment (where tokens
     go) and quotes the start of the answer: it is the job's last error, which erasure redacts. It is
@@ -50,10 +58,12 @@ class StandardWebhookSink:
     def __init__(self, url: str, secret: str | SecretStr, *, client: httpx.Client | None = None,
                  timeout_s: float = 10.0, now: Callable[[], float] = time.time) -> None:
         raw = secret.get_secret_value() if isinstance(secret, SecretStr) else secret
-        self._signer = Webhook(raw)
+        # Webhook(str) would decode leniently (dropping what is not base64): it gets the strictly checked key.
+        self._signer = Webhook(_webhook_key(raw, name="StandardWebhookSink's secret", fix=_KEY_HELP))
         self.url = url
         self.timeout_s = timeout_s
         self._client = client or httpx.Client(timeout=timeout_s)
+        install(self._client)  # its sockets wait no longer than what is left of an attempt's timeout_s
         self._now = now
 
     def __call__(self, change: Change) -> None:
@@ -66,11 +76,18 @@ class StandardWebhookSink:
             "webhook-signature": self._signer.sign(change.idempotency_key, stamp, body),
         }
         deadline = time.monotonic() + self.timeout_s
-        with self._client.stream("POST", self.url, content=body.encode(), headers=headers) as response:
-            if response.is_success:  # its body is read (a short one, the usual) only so the connection is kept
-                _read_start(response, deadline, limit=_KEEP_ALIVE_BODY)
-                return
-            start = _read_start(response, deadline)
+        try:
+            with (attempt_until(deadline),
+                  self._client.stream("POST", self.url, content=body.encode(), headers=headers) as response):
+                if response.is_success:  # its body is read (a short one, the usual) only so the connection is kept
+                    _read_start(response, deadline, limit=_KEEP_ALIVE_BODY)
+                    return
+                start = _read_start(response, deadline)
+        except httpx.TimeoutException as exc:
+            # httpx's message says which wait ("timed out", or the attempt's deadline cut it): the job's last
+            # error says whose answer and which bound, and the dispatcher retries the job.
+            raise TimeoutError(f"{_without_secrets(self.url)} gave no answer within timeout_s={self.timeout_s:g}s "
+                               f"({type(exc).__name__}: {str(exc) or 'timed out'})") from exc
         answered = f"{_without_secrets(self.url)} answered {response.status_code}"
         refused = httpx.HTTPStatusError(answered, request=response.request, response=response)
         said = f"{answered}: {start}"
@@ -95,16 +112,23 @@ def _without_secrets(url: str) -> str:
 
 
 _KEEP_ALIVE_BODY = 64 * 1024  # a success's body read to its end up to this, so its connection is reused
+_KEY_HELP = ("Pass the receiver's Standard Webhooks secret: 'whsec_' + the standard base64 of its key (e.g. "
+             "'whsec_' + base64.b64encode(secrets.token_bytes(32)).decode()), the same string the receiver "
+             "verifies with.")
 
 
 def _read_start(response: httpx.Response, deadline: float, limit: int = 200) -> str:
     """The first ``limit`` bytes of an answer's body (an error's, for the job's last error), read until
-    ``deadline`` at most (what came by then); a body read to its end leaves the connection reusable."""
+    ``deadline`` at most (what came by then: the socket's wait is cut there too, a timeout that ends the read,
+    not the answer); a body read to its end leaves the connection reusable."""
     got = b""
-    for chunk in response.iter_bytes():
-        got += chunk
-        if len(got) >= limit or time.monotonic() >= deadline:
-            break
+    try:
+        for chunk in response.iter_bytes():
+            got += chunk
+            if len(got) >= limit or time.monotonic() >= deadline:
+                break
+    except httpx.TimeoutException:  # the status is in: a slow body does not undo a success, nor hide an error
+        pass
     return got[:limit].decode(response.encoding or "utf-8", errors="replace")
 
 

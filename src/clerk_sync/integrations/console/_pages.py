@@ -11,7 +11,7 @@ import csv
 import io
 import json
 import re
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlencode
 
@@ -21,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
 from clerk_sync import migrations
+from clerk_sync._time import as_utc
 from clerk_sync.auth.admin import AdminActions
 from clerk_sync.auth.audit import record_audit
 from clerk_sync.engine import DeliveryStatus
@@ -59,7 +60,7 @@ def _time(value: str | None, name: str) -> datetime | None:
     except ValueError:
         raise BadInput(f"{name}={value!r} is not an ISO 8601 time (e.g. 2026-11-30T20:00)") from None
     try:
-        return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+        return as_utc(parsed)
     except OverflowError:
         raise BadInput(f"{name}={value!r} is outside the years 1-9999 once converted to UTC") from None
 
@@ -352,7 +353,7 @@ def audit_csv(console: Console, request: Request, identity: Identity, form: Form
         rows = list(conn.execute(query).mappings())
     for row in reversed(rows[:MAX_CSV_ROWS]):
         values = [row[c] for c in columns[:-1]]
-        values[1] = q.aware(row["created_at"]).isoformat()  # type: ignore[union-attr]
+        values[1] = q.aware(row["created_at"]).isoformat()
         writer.writerow([_cell(v) for v in (*values, _json(row["details"]))])
     if len(rows) > MAX_CSV_ROWS:
         note = (f"only the newest {MAX_CSV_ROWS} matching rows are exported: narrow the filter (until=) "

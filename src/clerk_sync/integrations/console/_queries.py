@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, ClassVar
 from urllib.parse import urlencode
 
@@ -20,6 +20,7 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
 from clerk_sync._limits import BIGINT_MAX
+from clerk_sync._time import aware  # a name of this module too: _console and _pages read it here
 from clerk_sync.tables import (
     audit_log,
     organization_memberships,
@@ -108,11 +109,6 @@ def _mysql_path(element: _PayloadText, compiler: SQLCompiler, **kw: Any) -> str:
 def _pg_path(element: _PayloadText, compiler: SQLCompiler, **kw: Any) -> str:
     *parents, leaf = element.path
     return "(payload" + "".join(f" -> '{p}'" for p in parents) + f" ->> '{leaf}')"
-
-
-def aware(value: datetime | None) -> datetime | None:
-    """SQLite hands timestamps back naive; everything stored is UTC."""
-    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,7 +232,7 @@ def overview(conn: Connection, now: datetime, *, window: timedelta = timedelta(m
     rows = conn.execute(sa.select(e.event_timestamp, e.applied_at)
                         .where(e.applied_at.is_not(None), e.event_timestamp.is_not(None))
                         .order_by(e.id.desc()).limit(lag_sample)).all()
-    lags = sorted(max(0.0, aware(applied).timestamp() * 1000 - ts) for ts, applied in rows)  # type: ignore[union-attr]
+    lags = sorted(max(0.0, aware(applied).timestamp() * 1000 - ts) for ts, applied in rows)
     if lags:
         result.lag_sample = len(lags)
         result.lag_ms_median = statistics.median(lags)

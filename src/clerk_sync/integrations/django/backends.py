@@ -21,6 +21,16 @@ request then creates the Clerk-linked one), or, when it is the same person, link
 giving up its local password: ``user.set_unusable_password(); user.save()``. An existing user
 without a usable password is adopted as linked, so do not let another sign-in path (e.g. social
 login) create users whose username can equal a Clerk id.
+
+An outage is not a sign-out. When the request carries a Clerk session but its user cannot be told because
+clerk-sync's database or Clerk is down (the session's deny-list check or the ``users`` row read fails, or the
+just-in-time fetch from Clerk does), ``request.user`` (and ``await request.auser()``) raise
+:class:`~.request.ClerkUserUnavailable` instead of becoming ``AnonymousUser``, which would send a signed-in
+user to the sign-in page (``login_required``) and from there back, or render pages as signed out. Nobody is
+authenticated meanwhile; :class:`~.middleware.ClerkMiddleware` answers the request 503 with ``Retry-After``,
+and the outage is logged once per request (``django_user_unavailable``). Views that never read
+``request.user`` keep working. A missing, invalid or revoked session, and a banned, deleted or not yet
+synced user, keep their answers (``AnonymousUser``).
 """
 
 from __future__ import annotations
@@ -45,6 +55,7 @@ from clerk_sync.errors import (
     UserDeleted,
     UserLocked,
 )
+from clerk_sync.integrations.django.request import ClerkUserUnavailable, is_outage
 from clerk_sync.integrations.django.runtime import get_clerk_sync
 
 if TYPE_CHECKING:
@@ -129,11 +140,25 @@ def django_user(request: HttpRequest, state: ClerkRequest) -> Any:
     """The Django user of a Clerk session, from the configured :class:`ClerkBackend` (its path recorded as
     ``authenticate()`` records it), or ``AnonymousUser`` when the session has no usable row (not synced
     yet, banned, deleted). Not through ``authenticate()``: it sends ``user_login_failed`` for every such
-    request, which lockout tools (django-axes) count as failed logins, and locks the client's IP out."""
+    request, which lockout tools (django-axes) count as failed logins, and locks the client's IP out.
+
+    Raises :class:`~.request.ClerkUserUnavailable` while clerk-sync's database or Clerk is down (see the
+    module's docstring): logged here once, and raised again without a second attempt on every later use in
+    the same request (``request.user`` is re-evaluated after a failure, ``request.auser()`` on each call)."""
+    if state.user_unavailable is not None:
+        raise state.user_unavailable
     for path in settings.AUTHENTICATION_BACKENDS:
         backend = load_backend(path)
         if isinstance(backend, ClerkBackend):
-            user = backend.authenticate(request, clerk_request=state)
+            try:
+                user = backend.authenticate(request, clerk_request=state)
+            except ClerkUserUnavailable as exc:
+                state.user_unavailable = exc
+                log.warning("django_user_unavailable", path=request.path, error=exc.error.code,
+                            clerk_id=state.auth.user_id if state.auth is not None else None, cause=str(exc.error),
+                            answer="503 with Retry-After (ClerkMiddleware), not AnonymousUser: an outage is no "
+                                   "sign-out")
+                raise
             if user is None:
                 return AnonymousUser()
             user.backend = path
@@ -146,16 +171,26 @@ class ClerkBackend(BaseBackend):
 
     ``None`` (not authenticated) when the session has no usable ``users`` row, when its Django user is
     inactive, or when the Clerk id names a local user with a usable password (never taken over: see
-    the module's docstring for how to resolve it).
+    the module's docstring for how to resolve it). Raises :class:`~.request.ClerkUserUnavailable` when
+    clerk-sync's database or Clerk is down, whether checking the session (``clerk_request.error``) or
+    reading its row failed: nobody is authenticated then, and nobody is told they are signed out either.
     """
 
     def authenticate(self, request: HttpRequest | None, clerk_request: ClerkRequest | None = None,
                      **_: Any) -> Any:
-        if clerk_request is None or clerk_request.auth is None:
+        if clerk_request is None:
+            return None
+        if clerk_request.auth is None:  # no session, or one refused; or one that could not be checked
+            if is_outage(clerk_request.error):
+                assert clerk_request.error is not None
+                raise ClerkUserUnavailable(clerk_request.error) from clerk_request.error
             return None
         try:
             row = clerk_request.user
-        except ClerkSyncError as exc:  # no row (webhook late, JIT off), banned or deleted: not signed in
+        except ClerkSyncError as exc:
+            if is_outage(exc):  # the row (or Clerk, for JIT sync) unreachable: not a sign-out
+                raise ClerkUserUnavailable(exc) from exc
+            # no row (webhook late, JIT off), banned or deleted: not signed in
             if _refused_for_good(exc):
                 clerk_id = clerk_request.auth.user_id
                 with contextlib.suppress(StoreError):  # (unread: the next request does it)

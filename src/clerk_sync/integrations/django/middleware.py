@@ -11,6 +11,22 @@ With :class:`~.backends.ClerkBackend` in ``AUTHENTICATION_BACKENDS``, ``request.
 
 The middleware is sync and async capable: under WSGI nothing here touches an event loop; under
 ASGI the ``a*`` variants run and database reads go to worker threads.
+
+An outage answers 503, never a sign-in redirect. With the backend, ``request.user`` of a request carrying a
+Clerk session raises :class:`~.request.ClerkUserUnavailable` while clerk-sync's database or Clerk is down
+(see :mod:`.backends`), and this middleware answers it: 503 with ``Retry-After`` and a short body saying what
+is unavailable, JSON (``{"error", "message"}``, as the guards answer) unless the client asks for HTML and not
+JSON (a browser's page load), then plain text. Raised in a view, in the rendering of a ``TemplateResponse``
+(``{{ user }}``, ``{% if user.is_authenticated %}``) or by Django's async ``login_required``, it reaches
+:meth:`ClerkMiddleware.process_exception`. Raised where Django does not call ``process_exception`` (another
+middleware's ``process_view``, as ``LoginRequiredMiddleware``'s; its ``process_template_response`` or
+``__call__`` when listed after this one; an error page that renders ``user``), Django turns it into a 500
+(logging its traceback) before this middleware sees the response, and the 500 is answered as the same 503.
+``LoginRequiredMiddleware`` reads ``request.user`` before it looks at the view, so with it a request carrying a
+session answers 503 during an outage on ``login_not_required`` views too. Not covered: a middleware listed
+*before* this one that reads ``request.user`` once the response is made (its 500 is made outside this
+middleware: list it after), and a streaming response whose content reads it (sent after every middleware
+returned).
 """
 
 from __future__ import annotations
@@ -20,13 +36,19 @@ from typing import Any, TypeVar
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
 from django.conf import settings as django_settings
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.urls import Resolver404, resolve
 from django.utils.functional import SimpleLazyObject
 
 from clerk_sync.auth.sessions import is_public_path
-from clerk_sync.errors import ClerkSyncError
-from clerk_sync.integrations.django.request import ClerkRequest, aclerk_request, clerk_request
+from clerk_sync.errors import ClerkSyncError, StoreError
+from clerk_sync.integrations.django.request import (
+    ClerkRequest,
+    ClerkUserUnavailable,
+    aclerk_request,
+    clerk_request,
+    is_outage,
+)
 from clerk_sync.integrations.django.views import error_json
 
 __all__ = ["ClerkMiddleware", "clerk_public"]
@@ -62,7 +84,9 @@ class ClerkMiddleware:
             self._signed_in(request, state)
         elif (refusal := self._refusal(request, state)) is not None:
             return refusal
-        return self.get_response(request)
+        elif is_outage(state.error):  # a session that could not be checked: request.user must not be anonymous
+            self._link_user(request, state)
+        return self._outage_answered(request, state, self.get_response(request))
 
     async def __acall__(self, request: HttpRequest) -> HttpResponse:
         state = await aclerk_request(request)
@@ -70,8 +94,18 @@ class ClerkMiddleware:
             self._signed_in(request, state)
         elif (refusal := self._refusal(request, state)) is not None:
             return refusal
+        elif is_outage(state.error):
+            self._link_user(request, state)
         response: Awaitable[HttpResponse] = self.get_response(request)
-        return await response
+        return self._outage_answered(request, state, await response)
+
+    @staticmethod
+    def _outage_answered(request: HttpRequest, state: ClerkRequest, response: HttpResponse) -> HttpResponse:
+        """The 503 in place of the 500 Django made of a :class:`ClerkUserUnavailable` raised where it calls no
+        ``process_exception`` (another middleware's ``process_view``: ``LoginRequiredMiddleware``)."""
+        if state.user_unavailable is not None and response.status_code == 500:
+            return _user_unavailable_response(request, state.user_unavailable)
+        return response
 
     @classmethod
     def _refusal(cls, request: HttpRequest, state: ClerkRequest) -> HttpResponse | None:
@@ -109,7 +143,10 @@ class ClerkMiddleware:
         return False
 
     def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponse | None:
-        """A clerk-sync error raised by a view (e.g. an admin action) answers through the one table."""
+        """A clerk-sync error raised by a view (e.g. an admin action) answers through the one table;
+        ``request.user`` unavailable (an outage, :class:`ClerkUserUnavailable`) answers 503."""
+        if isinstance(exception, ClerkUserUnavailable):
+            return _user_unavailable_response(request, exception)
         return error_json(exception) if isinstance(exception, ClerkSyncError) else None
 
     @classmethod
@@ -128,7 +165,8 @@ class ClerkMiddleware:
     @staticmethod
     def _link_user(request: HttpRequest, state: ClerkRequest) -> None:
         """``request.user`` from the Clerk session, resolved on first use (a Clerk session wins over a
-        Django login session)."""
+        Django login session; one that could not be checked for an outage raises on use, see
+        :mod:`.backends`)."""
         if _BACKEND not in getattr(django_settings, "AUTHENTICATION_BACKENDS", ()):
             return
         from clerk_sync.integrations.django.backends import django_user
@@ -139,3 +177,34 @@ class ClerkMiddleware:
             return await sync_to_async(django_user)(request, state)
 
         request.auser = auser
+
+
+#: Retry-After for a database outage, as the error table answers a StoreError (Clerk's errors carry their own).
+_STORE_RETRY_AFTER_S = 5
+
+
+def _user_unavailable_response(request: HttpRequest, exc: ClerkUserUnavailable) -> HttpResponse:
+    """503 with ``Retry-After`` for a request whose Clerk user cannot be told during an outage: JSON with the
+    error's code (``store_unavailable``, ``clerk_unavailable``..., as the guards answer), or plain text for a
+    client that asks for HTML and not JSON. Says what is down, never why (the cause is logged, once, by
+    :func:`~.backends.django_user`)."""
+    error = exc.error
+    retry_after = getattr(error, "retry_after", None)
+    wait = max(1, int(retry_after)) if isinstance(retry_after, int | float) else _STORE_RETRY_AFTER_S
+    down = "the auth database" if isinstance(error, StoreError) else "Clerk"
+    message = f"{down} is unavailable, so who is signed in cannot be told: retry in {wait} s"
+    if _wants_json(request):
+        response: HttpResponse = JsonResponse({"error": error.code, "message": message}, status=503)
+    else:
+        response = HttpResponse(f"Service unavailable: {message}.\n", status=503,
+                                content_type="text/plain; charset=utf-8")
+    response["Retry-After"] = str(wait)
+    response["Cache-Control"] = "no-store"
+    return response
+
+
+def _wants_json(request: HttpRequest) -> bool:
+    """JSON unless ``Accept`` names ``text/html`` and not ``application/json`` (a browser loading a page; an API
+    client, ``fetch`` and ``curl`` send ``*/*``, JSON or nothing)."""
+    accepted = {part.split(";", 1)[0].strip().lower() for part in request.headers.get("Accept", "").split(",")}
+    return "text/html" not in accepted or "application/json" in accepted

@@ -2,11 +2,17 @@
 
 :func:`clerk_request` returns it, verifying the session itself when no middleware did (so guards
 stand alone); :func:`aclerk_request` is the async twin. The user's row is read only when asked.
+
+:class:`ClerkUserUnavailable` is what ``request.user`` raises (with :class:`~.backends.ClerkBackend`) when
+the request carries a Clerk session whose user cannot be told because clerk-sync's database or Clerk is
+down (:func:`is_outage`); :class:`~.middleware.ClerkMiddleware` answers it 503.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+from collections.abc import Mapping
 from typing import TypeGuard
 
 from asgiref.sync import sync_to_async
@@ -16,11 +22,60 @@ from django.core.handlers.asgi import ASGIRequest
 from django.http import HttpRequest
 
 from clerk_sync.auth.claims import Auth
+from clerk_sync.auth.jwks import NeedsFetch
+from clerk_sync.auth.sessions import token_from_request
 from clerk_sync.auth.users import AuthUser
-from clerk_sync.errors import AccessDenied, ClerkSyncError, ConfigError, StoreError, TokenError, TokenMissing
+from clerk_sync.errors import (
+    AccessDenied,
+    ClerkSyncError,
+    ClerkUnavailable,
+    ConfigError,
+    RateLimited,
+    StoreDataError,
+    StoreError,
+    TokenError,
+    TokenKeysUnavailable,
+    TokenMissing,
+)
 from clerk_sync.integrations.django.runtime import ClerkSync, get_clerk_sync
 
-__all__ = ["ClerkRequest", "aclerk_request", "clerk_request"]
+__all__ = ["ClerkRequest", "ClerkUserUnavailable", "aclerk_request", "clerk_request"]
+
+#: Errors that say nothing about the session but that the database or Clerk is down right now (all 503 in
+#: the error table): the session's user cannot be told, which is not the same as signed out.
+_OUTAGES: tuple[type[ClerkSyncError], ...] = (StoreError, ClerkUnavailable, RateLimited, TokenKeysUnavailable)
+
+
+def is_outage(error: BaseException | None) -> bool:
+    """Whether ``error`` is an outage (clerk-sync's database, or Clerk: JIT sync, the JWKS, the rate budget)
+    rather than an answer about the session or its user (missing, invalid, revoked, banned, not synced). Not a
+    :class:`~clerk_sync.errors.StoreDataError`: the database refused a value for good (a just-in-time user row
+    the app's table refuses), which no retry heals, so no "retry in 5 s" either."""
+    return isinstance(error, _OUTAGES) and not isinstance(error, StoreDataError)
+
+
+class ClerkUserUnavailable(Exception):
+    """Raised by ``request.user`` / ``await request.auser()`` (:class:`~.backends.ClerkBackend`) for a request
+    that carries a Clerk session while clerk-sync's database or Clerk is down (``error``, see :func:`is_outage`).
+
+    Not ``AnonymousUser``: that would send a signed-in user to the sign-in page (``login_required``), which,
+    seeing a live Clerk session, sends them back: a redirect loop, or a page rendered as signed out.
+    :class:`~.middleware.ClerkMiddleware` turns it into a 503 with ``Retry-After``. Deliberately not a
+    :class:`~clerk_sync.errors.ClerkSyncError` (code that catches those to answer its own way must not take
+    it for a refusal), nor a ``TypeError``/``AttributeError``/``KeyError``/``ValueError``, which Django's
+    templates would swallow as a missing variable and render the page as signed out."""
+
+    def __init__(self, error: ClerkSyncError) -> None:
+        super().__init__(f"who is signed in cannot be told while {_what_is_down(error)} is unavailable "
+                         f"({error.code}): answered 503")
+        self.error = error
+
+    def __reduce__(self) -> tuple[type[ClerkUserUnavailable], tuple[ClerkSyncError]]:  # copy, pickle
+        return type(self), (self.error,)
+
+
+def _what_is_down(error: ClerkSyncError) -> str:
+    return "the auth database" if isinstance(error, StoreError) else "Clerk"
 
 
 class ClerkRequest:
@@ -33,6 +88,9 @@ class ClerkRequest:
         self.error = error
         self.asgi = asgi  # served by Django's ASGI handler: one event loop for the process (runtime.auser)
         self._user: AuthUser | None = None
+        # Set by backends.django_user when resolving request.user hit an outage: later uses raise it again
+        # (no second database or Clerk attempt, no second log line) and ClerkMiddleware answers it.
+        self.user_unavailable: ClerkUserUnavailable | None = None
 
     @property
     def is_authenticated(self) -> bool:
@@ -124,6 +182,26 @@ async def aclerk_request(request: HttpRequest) -> ClerkRequest:
                 result, request.method or "", request.path, request.META.get("REMOTE_ADDR"))
     except (TokenError, AccessDenied, StoreError, ConfigError) as exc:  # fails protected views only
         result = exc
+    if isinstance(result, StoreError):
+        result = _unless_invalid(runtime, result, headers, cookies)  # (no I/O: as averify, on the loop)
     state = _answer(runtime, result, request)
     request.clerk = state  # type: ignore[attr-defined]
     return state
+
+
+def _unless_invalid(runtime: ClerkSync, error: StoreError, headers: Mapping[str, str],
+                    cookies: Mapping[str, str]) -> ClerkSyncError:
+    """The async check refreshes the deny list before it verifies the token, so while the database is down a
+    token that is not even valid (malformed, badly signed, expired) fails with the outage, where the sync check
+    answers the token's own error (it verifies first). That error here too, from the signature and claims alone
+    (no database; keys already held), so an invalid token is told apart from a session that cannot be checked
+    (:func:`is_outage`), on either handler. A token it cannot tell about keeps the outage."""
+    try:
+        verifier = copy.copy(runtime.authenticator.verifier)  # (shares the key source and the caches)
+        verifier.revocations = None
+        verifier.verify(token_from_request(headers, cookies), allow_fetch=False)
+    except TokenError as invalid:
+        return invalid
+    except NeedsFetch:  # a key it does not hold yet: cannot tell, the outage stands
+        return error
+    return error

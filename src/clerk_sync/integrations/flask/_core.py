@@ -4,12 +4,21 @@ Everything built for an app lives in ``app.extensions["clerk_sync"]`` (a :class:
 :class:`~clerk_sync.integrations.flask.ClerkSync` can serve several apps. Flask is synchronous: the
 blocking ``Authenticator.authenticate`` and ``JitUsers.get_auth_user`` run in the request thread, and no
 event loop is ever created.
+
+What ``deny_by_default`` leaves open to a caller without a session: endpoints listed in
+``public_endpoints`` or marked :func:`public`, the webhook, the static files Flask serves from the app's
+``static_folder`` (not a view of the app's own named ``static``, nor a blueprint's unless listed), and a
+browser's preflight that Flask answers itself. A URL the routing redirects: Werkzeug's own redirect (a
+missing slash, merged slashes) or a ``redirect_to`` string when it leads to one of those; a ``redirect_to``
+rule whose own endpoint is public wherever it leads; a ``redirect_to`` callable only then. Everything else,
+unknown paths included, answers 401 (see :func:`_redirect_is_public`).
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, NoReturn, ParamSpec, TypeVar, cast
@@ -18,7 +27,8 @@ from urllib.parse import unquote, urlsplit
 from flask import Flask, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.local import LocalProxy
-from werkzeug.routing import RequestRedirect
+from werkzeug.routing import MapAdapter, RequestRedirect, RoutingException, Rule
+from werkzeug.routing.exceptions import NoMatch
 
 from clerk_sync.auth.admin import AdminActions
 from clerk_sync.auth.authenticator import Authenticator
@@ -328,14 +338,8 @@ def public(view: Callable[P, R]) -> Callable[P, R]:
 def deny_by_default() -> None:
     """``before_request``: refuse non-public endpoints without a valid session (when the app asks for it).
 
-    It runs before Flask acts on the routing's answer, so a URL Werkzeug redirects (``/docs`` for a rule
-    declared ``/docs/``, merged slashes, a rule's ``redirect_to``, an alias's canonical URL) has no endpoint
-    here: it is judged by where the redirect leads (:func:`_redirect_endpoint`). To a public endpoint,
-    Flask's own redirect (308) answers, as it would without the extension: it names a URL anyone may open.
-    To a protected endpoint (or one that cannot be resolved on this app), a signed-out caller gets the 401
-    the page itself would give, not the 308. A redirect reveals only that a route exists, but that is what
-    deny-by-default keeps from strangers: an unknown path answers 401, not 404, so answering ``/admin`` with
-    a redirect to ``/admin/`` would tell them apart. A signed-in caller gets Flask's redirect.
+    A URL the routing answers with a redirect has no endpoint here: this runs before Flask acts on it, and
+    it is judged by :func:`_redirect_is_public`. A signed-in caller gets Flask's redirect.
     """
     state = clerk_state()
     if not state.deny_by_default:
@@ -345,58 +349,120 @@ def deny_by_default() -> None:
             and rule is not None and getattr(rule, "provide_automatic_options", False)):
         return  # Flask answers it itself, no view runs (Flask-CORS adds its headers): a browser's preflight
         # carries no session by design. A view that takes OPTIONS itself stays protected.
-    endpoint = request.endpoint
     if isinstance(request.routing_exception, RequestRedirect):  # (endpoint is None: no rule was matched)
-        endpoint = _redirect_endpoint(request.routing_exception)
-    if _is_public(state, endpoint):
+        if _redirect_is_public(state):
+            return
+    elif _is_public(state, request.endpoint):
         return
     _current_auth()  # unknown paths too: refuse before revealing what exists
 
 
 def _is_public(state: ClerkSyncState, endpoint: str | None) -> bool:
-    """Listed in ``public_endpoints`` (the app's ``static`` and the webhook always are), or a view decorated
-    with :func:`public`. A blueprint's static files (``<name>.static``) are public only when listed: an app
-    may keep private assets in a blueprint's folder, and a release must not open them by itself."""
+    """Listed in ``public_endpoints`` (the webhook always is), a view decorated with :func:`public`, or the
+    static files Flask itself serves from the app's ``static_folder`` (:func:`_is_flask_static`).
+
+    A blueprint's static files (``<name>.static``) are public only when listed: an app may keep private
+    assets in a blueprint's folder, and a release must not open them by itself. So is a view of the app's
+    own registered as ``static`` (an app built with ``static_folder=None`` may use the name).
+    """
     if endpoint is None:
         return False
     if endpoint in state.public_endpoints:
         return True
-    view = current_app.view_functions.get(endpoint)
-    return bool(getattr(view, _PUBLIC_ATTR, False))
+    app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
+    view = app.view_functions.get(endpoint)
+    return bool(getattr(view, _PUBLIC_ATTR, False)) or (endpoint == "static" and _is_flask_static(app, view))
+
+
+def _is_flask_static(app: Flask, view: object) -> bool:
+    """Whether ``view`` is the one Flask registers as ``static`` for an app with a ``static_folder``:
+    ``lambda **kw: self_ref().send_static_file(**kw)``, made in ``Flask.__init__`` around a weak reference to
+    this app (Flask 2.0 to 3.1). A view that Flask did not make fails closed, protected: list ``"static"``
+    in ``public_endpoints`` to open it."""
+    code = getattr(view, "__code__", None)
+    # Every ``__init__`` of the app's classes: ``flask.Flask`` may be a subclass by the time this module is
+    # imported (OpenTelemetry's Flask instrumentation replaces it), and the view is made by Flask's own.
+    inits = [getattr(vars(cls).get("__init__"), "__code__", None) for cls in type(app).__mro__]
+    if not app.has_static_folder or not any(code is const for init in inits if init is not None
+                                            for const in init.co_consts):
+        return False
+    cells = [cell.cell_contents for cell in getattr(view, "__closure__", None) or ()]
+    return any(isinstance(ref, weakref.ref) and ref() is app for ref in cells)
 
 
 _MAX_REDIRECTS = 5  # a chain longer than this (a loop of redirect_to rules) is not followed: protected
 
 
-def _redirect_endpoint(redirect: RequestRedirect) -> str | None:
-    """The endpoint this app's routing redirect leads to, or None: elsewhere (another host or scheme, a path
-    outside the app's root), to nothing (404, 405), or through too many redirects.
+def _redirect_is_public(state: ClerkSyncState) -> bool:
+    """Whether this request's routing redirect may be answered to a caller without a session.
 
-    Werkzeug builds the redirect's URL from the request's own URL adapter (scheme, host, script root, then
-    the quoted path); the same adapter matches its path as the redirected request would be matched."""
+    - Werkzeug's own redirects (``/docs`` for a rule declared ``/docs/``, merged slashes, a rule's
+      defaults, an alias) name another URL of the same page, and a rule's ``redirect_to`` *string* is filled
+      in from the request's URL alone: they are judged by where they lead. To a public endpoint of this app,
+      within :data:`_MAX_REDIRECTS` redirects, Flask's redirect answers (308), as without the extension. To
+      a protected endpoint, another site or a path nothing here serves, the signed-out get the 401 the page
+      would give: a redirect reveals that a route exists, which is what deny-by-default keeps from strangers
+      (an unknown path answers 401, not 404; answering ``/admin`` with ``/admin/`` would tell them apart).
+    - A ``redirect_to`` rule whose own endpoint is public (listed in ``public_endpoints``, or the endpoint of
+      a view marked :func:`public`) answers its redirect wherever it leads: another site, a path nothing
+      serves, a protected page (which still asks for a session itself). The app published it.
+    - Otherwise a ``redirect_to`` *callable* is judged as a view: 401 wherever it leads. It is the app's code
+      computing a URL from the request (a slug or an email looked up from an id), which it may put in the
+      ``Location`` of a redirect to a public page. Werkzeug runs it while routing, before any
+      ``before_request``: it must not act on the caller's behalf. Judging never runs it again.
+    """
     adapter = current_app.create_url_adapter(request)
-    if adapter is None:  # pragma: no cover - there is one for every request
+    # Every request has an adapter. A Werkzeug without the matcher (2.2 to 3.1 have it) could not name the
+    # rule a redirect came from: every redirect then asks the signed-out for a session.
+    if adapter is None or not hasattr(adapter.map, "_matcher"):  # pragma: no cover
+        return False
+    return _leads_to_public(state, adapter, adapter.path_info, _MAX_REDIRECTS)
+
+
+def _leads_to_public(state: ClerkSyncState, adapter: MapAdapter, path: str, hops: int) -> bool:
+    """Whether what ``path`` answers here may go to the signed-out: see :func:`_redirect_is_public`."""
+    rule = _rule_for(adapter, path)
+    if rule is not None:
+        if _is_public(state, rule.endpoint):
+            return True  # its page, or its redirect wherever it leads
+        if not isinstance(rule.redirect_to, str):
+            return False  # a protected page, or a redirect the app's code computes
+    try:
+        adapter.match(path, method=request.method)  # runs no app code: a string redirect_to at most
+    except RequestRedirect as redirect:
+        target = _path_here(adapter, redirect.new_url)
+        return hops > 0 and target is not None and _leads_to_public(state, adapter, target, hops - 1)
+    except HTTPException:
+        return False  # 404, 405: nothing the signed-out may learn of
+    return False  # pragma: no cover - a path that matches had its rule above
+
+
+def _rule_for(adapter: MapAdapter, path: str) -> Rule | None:
+    """The rule Werkzeug matches ``path`` to, before it acts on the rule's ``redirect_to``; None when
+    Werkzeug redirects the path itself (a missing slash, merged slashes, an alias) or nothing matches.
+    Werkzeug names that rule nowhere public: this is its matcher, called as ``MapAdapter.match`` calls it."""
+    domain = adapter.server_name if adapter.map.host_matching or adapter.subdomain is None else adapter.subdomain
+    try:
+        rule, _values = adapter.map._matcher.match(domain, f"/{path.lstrip('/')}" if path else "",
+                                                   request.method, adapter.websocket)
+    except (RoutingException, NoMatch):
         return None
-    origin = (adapter.url_scheme or "http", adapter.get_host(None))
-    root = adapter.script_name.strip("/")
-    for _ in range(_MAX_REDIRECTS):
-        target = urlsplit(redirect.new_url)
-        if (target.scheme, target.netloc) != origin:
+    return rule
+
+
+def _path_here(adapter: MapAdapter, url: str) -> str | None:
+    """The path ``url`` names on this app, to match with its adapter; None for another host or scheme, or a
+    path outside the app's root. (Werkzeug builds a redirect's URL from the request's adapter: scheme, host,
+    script root, then the quoted path.)"""
+    target = urlsplit(url)
+    if (target.scheme, target.netloc) != (adapter.url_scheme or "http", adapter.get_host(None)):
+        return None
+    path, root = unquote(target.path).lstrip("/"), adapter.script_name.strip("/")
+    if root:
+        if path != root and not path.startswith(f"{root}/"):
             return None
-        path = unquote(target.path).lstrip("/")
-        if root:
-            if path != root and not path.startswith(f"{root}/"):
-                return None
-            path = path[len(root):]
-        try:
-            endpoint, _values = adapter.match(f"/{path.lstrip('/')}", method=request.method)
-        except RequestRedirect as again:
-            redirect = again
-            continue
-        except HTTPException:
-            return None
-        return endpoint if isinstance(endpoint, str) else None
-    return None
+        path = path[len(root):]
+    return f"/{path.lstrip('/')}"
 
 
 def _guard(check: Callable[[], object]) -> Callable[[Callable[P, R]], Callable[P, R]]:

@@ -43,10 +43,13 @@ class ClerkSync:
         clerk = ClerkSync(app, deny_by_default=True, public_endpoints={"home"})
 
     ``deny_by_default`` refuses (401) every endpoint without a valid session unless it is listed in
-    ``public_endpoints`` or decorated with :func:`public` (the webhook route and the app's ``static`` always
-    are; a blueprint's static files when listed: ``public_endpoints={"shop.static"}``). A URL Flask
-    redirects (``/docs`` for ``/docs/``) is judged by where it leads: Flask's 308 to a public page, the
-    page's own 401 to the signed-out otherwise.
+    ``public_endpoints`` or decorated with :func:`public` (the webhook route and the static files Flask
+    serves from the app's ``static_folder`` always are; a blueprint's static files when listed:
+    ``public_endpoints={"shop.static"}``). A URL Flask redirects (``/docs`` for ``/docs/``, a
+    ``redirect_to`` string) is judged by where it leads: Flask's 308 to a public page, the page's own 401 to
+    the signed-out otherwise. A ``redirect_to`` rule whose endpoint is public answers wherever it leads
+    (``public_endpoints={"old_blog"}`` for ``add_url_rule("/blog", "old_blog", redirect_to="https://...")``);
+    a ``redirect_to`` callable is judged as a view, by its endpoint alone.
     ``jit`` syncs a signed-in user whose webhook has not arrived (needs ``CLERK_SECRET_KEY``).
     ``revocation_refresh_s`` is how stale the deny list (revoked sessions, banned users) may be.
     ``store``: a :class:`~clerk_sync.store.Store` you built with ``hooks=``/``mapping=`` — pass it so
@@ -65,8 +68,9 @@ class ClerkSync:
         self.store = store
         self.webhook_path = webhook_path
         self.deny_by_default = deny_by_default
-        # The app's static files; a blueprint's (``<name>.static``) only when listed (they may be private)
-        self.public_endpoints = frozenset(public_endpoints) | {"static"}
+        # Flask's static files are public by their view (``_core._is_flask_static``), not by the name
+        # ``static``: an app without a static folder may name its own view so. A blueprint's only when listed.
+        self.public_endpoints = frozenset(public_endpoints)
         self.jit = jit
         self.audit_impersonation = audit_impersonation
         self.revocation_refresh_s = revocation_refresh_s

@@ -1,11 +1,17 @@
-"""The blocking client's attempt deadline: every socket wait of an attempt is cut to what is left of it.
+"""An attempt deadline for blocking httpx clients: every socket wait of an attempt is cut to what is left of it.
 
 httpx's timeouts bound each connect, write and read on its own, so an attempt whose phases each kept within
-their timeout could outlast the call's deadline: a connect, then headers or a body trickling in one read at a
-time (review: ``deadline_s=0.3`` took 1.5 s). The async client bounds the whole attempt with a cancel scope;
-a blocking socket has no such thing, so the blocking client sets the attempt's end (:func:`attempt_until`)
-and :class:`DeadlineBackend`, installed in the client's HTTP transports (:func:`install`), cuts every
-connect, TLS handshake, read and write to what is left of it and times out once nothing is.
+their timeout could outlast its deadline: a connect, then headers or a body trickling in one read at a time
+(review: the Clerk client's ``deadline_s=0.3`` took 1.5 s; a forwarding sink's ``timeout_s=1.0`` took 8 s
+against a receiver dripping its header block, or sending ``100 Continue`` forever). An async client bounds the
+whole attempt with a cancel scope; a blocking socket has no such thing, so the caller sets the attempt's end
+(:func:`attempt_until`) and :class:`DeadlineBackend`, installed in the client's HTTP transports
+(:func:`install`), cuts every connect, TLS handshake, read and write to what is left of it and times out once
+nothing is.
+
+One place for both users: the Clerk API's blocking client (``clerk_api/_client.py``) and the Standard
+Webhooks forwarding sink (``hooks/sinks.py``). It sits at the bottom layer (it imports nothing of
+clerk_sync) so the sink need not import the Clerk client to use it.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import httpx
 __all__ = ["DeadlineBackend", "attempt_until", "install"]
 
 _until: ContextVar[float | None] = ContextVar("clerk_sync_attempt_until", default=None)
-_NOTHING_LEFT = "the call's deadline ran out"
+_NOTHING_LEFT = "the attempt's deadline ran out"
 
 
 @contextmanager
@@ -38,7 +44,7 @@ def attempt_until(until: float) -> Iterator[None]:
 
 def _cut(timeout: float | None, error: type[httpcore.TimeoutException]) -> float | None:
     until = _until.get()
-    if until is None:  # not one of our attempts (a client the app shares with us)
+    if until is None:  # not one of our attempts (a client the app shares with us, used by the app)
         return timeout
     left = until - time.monotonic()
     if left <= 0:

@@ -1,0 +1,31 @@
+"""A connection URL as it may be shown (messages, logs, ``repr(settings)``): its credentials masked.
+
+Written by hand: SQLAlchemy's ``render_as_string(hide_password=True)`` masks only what its own parser finds
+(not a password holding an unencoded ``/``, ``?`` or ``#``, not ``?ssl_password=``), and Redis URLs are not
+SQLAlchemy's to parse."""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["masked_url"]
+
+# The value of a query parameter naming a password (?password=, &ssl_password=), to the next '&'.
+_PASSWORD_PARAM = re.compile(r"[?&][^=&?#]*password[^=&?#]*=([^&]*)", re.IGNORECASE)
+
+
+def masked_url(url: str) -> str:
+    """``url`` with the user part read as ``***``, as is every query parameter naming a password. The user part
+    is all up to the URL's last ``@``, so a password holding an unencoded ``/``, ``?``, ``#`` or ``@`` (which
+    ends urllib's netloc early) is masked whole too."""
+    start = url.find("://") + 3 if "://" in url else 0
+    at = url.rfind("@")
+    spans = [(start, at)] if at >= start else []
+    spans += [match.span(1) for match in _PASSWORD_PARAM.finditer(url)]
+    shown: list[str] = []
+    end = 0  # url[end:] is still to be shown
+    for first, last in sorted(spans):  # overlapping spans (an '@' inside a password value) read as one ***
+        if first > end or not shown:
+            shown += [url[end:first], "***"]
+        end = max(end, last)
+    return "".join(shown) + url[end:]
