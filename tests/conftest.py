@@ -122,6 +122,17 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 
 @pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    """A migrated SQLite database, for tests whose subject does not depend on the store (Flask's routing);
+    ``db_url`` runs every store."""
+    url = f"sqlite:///{tmp_path / 'routes.db'}"
+    store = Store.from_url(url)
+    migrations.upgrade(store.engine)
+    store.dispose()
+    return url
+
+
+@pytest.fixture
 def store(db_url: str) -> Iterator[Store]:
     s = Store.from_url(db_url)
     yield s

@@ -74,14 +74,6 @@ def add_routes(app: Flask) -> None:
     app.add_url_rule("/away", endpoint="away", redirect_to="https://elsewhere.example/")
 
 
-@pytest.fixture
-def sqlite_url(tmp_path: Path) -> str:
-    """A migrated SQLite database: routing does not depend on the database (``db_url`` runs every backend)."""
-    url = f"sqlite:///{tmp_path / 'routes.db'}"
-    store = Store.from_url(url)
-    migrations.upgrade(store.engine)
-    store.dispose()
-    return url
 
 
 @pytest.fixture

@@ -16,9 +16,7 @@ from flask import Flask
 from werkzeug.routing import MapAdapter
 from werkzeug.test import TestResponse
 
-from clerk_sync import migrations
 from clerk_sync.integrations.flask import ClerkSync, clerk_state, public
-from clerk_sync.store import Store
 from tests._flask import running_wsgi
 from tests.conftest import SECRET
 from tests.test_auth import bearer, token
@@ -32,14 +30,6 @@ def _config(db_url: str) -> dict[str, Any]:
             "CLERK_ISSUER": ISS}
 
 
-@pytest.fixture
-def sqlite_url(tmp_path: Path) -> str:
-    """A migrated SQLite database: routing does not depend on the database."""
-    url = f"sqlite:///{tmp_path / 'routes.db'}"
-    store = Store.from_url(url)
-    migrations.upgrade(store.engine)
-    store.dispose()
-    return url
 
 
 def guarded_app(sqlite_url: str, public_endpoints: set[str] | frozenset[str] = frozenset(), **flask: Any) -> Flask:

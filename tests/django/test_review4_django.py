@@ -393,15 +393,10 @@ def _username(world: World, tok: dict[str, str]) -> str:
 @pytest.fixture
 def server_loop() -> Iterator[asyncio.AbstractEventLoop]:
     """An event loop running in a thread of its own, as an ASGI server's."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
+    from tests.django.test_runtime_review3 import _server_loop
+
+    with _server_loop() as loop:
         yield loop
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(30)
-        loop.close()
 
 
 def test_reset_closes_the_async_client_without_holding_the_runtime_lock(

@@ -50,6 +50,7 @@ from clerk_sync.integrations.django.request import (
     is_outage,
 )
 from clerk_sync.integrations.django.views import error_json
+from clerk_sync.integrations.http import _STORE_RETRY_AFTER_S  # the error table's, for a database outage
 
 __all__ = ["ClerkMiddleware", "clerk_public"]
 
@@ -177,10 +178,6 @@ class ClerkMiddleware:
             return await sync_to_async(django_user)(request, state)
 
         request.auser = auser
-
-
-#: Retry-After for a database outage, as the error table answers a StoreError (Clerk's errors carry their own).
-_STORE_RETRY_AFTER_S = 5
 
 
 def _user_unavailable_response(request: HttpRequest, exc: ClerkUserUnavailable) -> HttpResponse:
