@@ -51,12 +51,14 @@ def _everything_said(exc: BaseException) -> str:
     ("redis://:4521/Zk9@{addr}/15", ["4521", "Zk9"], "redis://***@{addr}/15"),
     ("redis://:4521?Zk9@{addr}/15", ["4521", "Zk9"], "redis://***@{addr}/15"),
     ("redis://:4521#Zk9@{addr}/15", ["4521", "Zk9"], "redis://***@{addr}/15"),
+    # the '@' in a query value, after a host-less port: still the password cut short
+    ("redis://:4521?ab=Zk9@{addr}/15", ["4521", "Zk9"], "redis://***@{addr}/15"),
     ("unix://:Xq7v/Zk9@/tmp/redis.sock?db=15", ["Xq7v", "Zk9"], "unix://***@/tmp/redis.sock?db=15"),
     # urllib's own errors: a fullwidth '#' (NFKC makes it '#'; its message quotes the netloc) and a lone '['
     ("redis://:Xq7v\uff03Zk9@{addr}/15", ["Xq7v", "Zk9"], "redis://***@{addr}/15"),
     ("redis://:Xq7v[Zk9@{addr}/15", ["Xq7v", "Zk9"], "redis://***@{addr}/15"),
 ], ids=["slash-hash-question", "slash", "hash", "question", "user-and-password", "rediss", "at-and-slash",
-        "digits-slash", "digits-question", "digits-hash", "unix", "fullwidth-hash", "bracket"])
+        "digits-slash", "digits-question", "digits-hash", "digits-query-value", "unix", "fullwidth-hash", "bracket"])
 def test_a_password_with_an_unencoded_delimiter_is_refused_without_showing_it(
         url: str, pieces: list[str], shown: str) -> None:
     with pytest.raises(ConfigError) as info:

@@ -362,7 +362,12 @@ def _credentials_cut_short(url: str) -> bool:
     # A unix:// path is the socket's and may hold an '@'; with a user part before it cut short, it is suspect.
     socket_path = parts.scheme == "unix" and not (parts.netloc and "@" not in parts.netloc)
     names = (piece.partition("=")[0] for piece in parts.query.split("&"))
-    return ("@" in parts.path and not socket_path) or "@" in parts.fragment or any("@" in name for name in names)
+    # No host but a port, and an '@' further on (a query value: ``redis://:12?ab=c@host``): the password's digits
+    # were read as the port. A query value may hold an '@' (``?client_name=ops@example.com``), a host-less port
+    # never does on purpose.
+    hostless_port = "@" not in parts.netloc and parts.netloc.startswith(":") and "@" in parts.query
+    return (("@" in parts.path and not socket_path) or "@" in parts.fragment or hostless_port
+            or any("@" in name for name in names))
 
 
 def _reservation(reply: Any) -> Reservation:
