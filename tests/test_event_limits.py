@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from clerk_sync._limits import show
 from clerk_sync.engine import Entity, RevokeSession, Tombstone, Upsert, plan
 from clerk_sync.errors import EventShapeError, PayloadError
 from clerk_sync.events import membership_record, organization_record, parse_envelope, user_record
@@ -59,11 +60,28 @@ def test_an_unusable_role_means_the_least_privilege(role: object) -> None:
 
 
 @pytest.mark.parametrize("flag", ["banned", "locked", "deprovisioned"])
-@pytest.mark.parametrize("value", ["yes", 1, {}, [True]], ids=["string", "number", "object", "list"])
-def test_a_security_flag_that_is_not_a_boolean_fails_the_event(flag: str, value: object) -> None:
-    data = {**f.user("user_1", 5), flag: value}
-    with pytest.raises(EventShapeError, match=f"'{flag}' must be true or false"):
-        user_record(data)
+@pytest.mark.parametrize("value", ["yes", "false", 0, 1, {}, [True]],
+                         ids=["string", "false-string", "zero", "number", "object", "list"])
+def test_a_security_flag_that_is_not_a_boolean_fails_closed_and_holds_back_nothing(flag: str, value: object) -> None:
+    """Review (fuzz): ``locked: "false"`` failed the whole event, holding back the ban and the role change
+    it carried. The flag is True now (refused until Clerk sends a boolean), noted; the rest applies."""
+    notes: list[str] = []
+    data = {**f.user("user_1", 5, role="user", banned=True), flag: value}
+    record = user_record(data, notes)
+    assert getattr(record, flag) is True and record.banned is True and record.role == "user"
+    assert notes == [f"data.{flag} is not true or false ({show(value)}): true applied (refused until Clerk sends "
+                     "a boolean)"]
+
+
+@pytest.mark.parametrize("flag", ["banned", "locked"])
+def test_a_null_ban_or_lock_fails_closed_and_an_absent_one_is_false(flag: str) -> None:
+    """Clerk's User never has ``banned``/``locked`` null (required booleans), so null is malformed: True, noted
+    (False lifted a ban without a word). Absent is False: older payloads carry neither key."""
+    notes: list[str] = []
+    assert getattr(user_record({**f.user("user_1", 5), flag: None}, notes), flag) is True
+    assert notes and notes[0].startswith(f"data.{flag} is not true or false (None)")
+    legacy = {k: v for k, v in f.user("user_1", 5).items() if k != flag}
+    assert getattr(user_record(legacy), flag) is False
 
 
 def test_deprovisioned_is_mirrored_and_defaults_to_false() -> None:

@@ -140,6 +140,8 @@ def outcome(side: Side, svix_id: str, table: sa.Table, clerk_id: str | None) -> 
             key = table.c.session_id if table is revoked_sessions else table.c.clerk_id
             row = conn.execute(sa.select(table).where(key == clerk_id)).mappings().first()
     skip = {"id", "created_at", "updated_at", "received_at", "applied_at", "revoked_at"}
+    if inbox is not None and "the time received used instead" in (inbox["last_error"] or ""):
+        skip |= {"event_timestamp", "clerk_updated_at"}  # each store's own time of receipt
     return {
         "inbox": None if inbox is None else {k: norm(v) for k, v in inbox.items() if k not in skip},
         "row": None if row is None else {k: (v is not None if k == "deleted_at" else norm(v)) for k, v in row.items() if k not in skip},
@@ -280,6 +282,75 @@ def test_scim_deprovisioned_and_locked_are_mirrored(sides: list[Side]) -> None:
         assert (user_row(side, uid)["deprovisioned"], user_row(side, uid)["locked"]) == (False, False)
         assert send(side, f.body_of(f.envelope("user.updated", removed)), fresh("msg")).json()["status"] == "applied"
         assert (user_row(side, uid)["deprovisioned"], user_row(side, uid)["locked"]) == (True, True)
+
+
+def test_a_malformed_lock_flag_holds_back_neither_the_ban_nor_the_demotion(sides: list[Side]) -> None:
+    """Review (fuzz) finding 1: ``banned: true`` next to ``locked: "false"`` was stored failed, so the ban and
+    the demotion it carried never applied. The malformed flag fails closed (true, noted); the rest applies."""
+    uid = seed_admin(sides)
+    body = f.body_of(f.envelope("user.updated", {**f.user(uid, 200, role="user", banned=True), "locked": "false"}))
+    svix_id = fresh("msg")
+    for side in sides:
+        assert send(side, body, svix_id).json()["status"] == "applied"
+        row = user_row(side, uid)
+        assert (row["role"], row["banned"], row["locked"]) == ("user", True, True)
+        assert "data.locked is not true or false ('false'): true applied" in inbox_row(side, svix_id)["last_error"]
+
+
+def test_a_null_ban_does_not_lift_a_ban(sides: list[Side]) -> None:
+    """Review (fuzz) finding 2: ``banned: null`` after a ban was applied as false without a word."""
+    uid = fresh("user")
+    for side in sides:
+        send(side, f.body_of(f.envelope("user.created", f.user(uid, 100, banned=True))), fresh("msg"))
+        svix_id = fresh("msg")
+        event = f.envelope("user.updated", {**f.user(uid, 200, first_name="Bea"), "banned": None})
+        assert send(side, f.body_of(event), svix_id).json()["status"] == "applied"
+        row = user_row(side, uid)
+        assert (row["banned"], row["first_name"]) == (True, "Bea")
+        assert "data.banned is not true or false (None)" in inbox_row(side, svix_id)["last_error"]
+
+
+@pytest.mark.parametrize(("field", "raw"), [
+    ("timestamp", None), ("timestamp", '"1796337428"'), ("timestamp", "true"), ("timestamp", "-1"),
+    ("object", "null"), ("object", '"Event"'),
+], ids=["no-timestamp", "timestamp-string", "timestamp-bool", "timestamp-negative", "object-null", "object-other"])
+def test_a_deletion_or_revocation_with_a_bad_envelope_field_is_applied_not_lost(
+        sides: list[Side], field: str, raw: str | None) -> None:
+    """Review (fuzz) finding 3: a signed ``user.deleted`` or ``session.revoked`` whose envelope ``timestamp``
+    or ``object`` was malformed got 400 and no inbox row: Svix gave up and the deletion never applied. It is
+    applied now (a missing timestamp: the time received is the tombstone's version), the envelope noted."""
+    for side in sides:
+        uid, sid = fresh("user"), fresh("sess")
+        send(side, f.body_of(f.envelope("user.created", f.user(uid, 100))), fresh("msg"))
+        for event, table, key in ((f.envelope("user.deleted", f.deleted("user", uid)), users, uid),
+                                  (f.envelope("session.revoked", session(sid, uid, f.user(uid, 5))), revoked_sessions, sid)):
+            if raw is None:
+                del event[field]
+                body = f.body_of(event)
+            else:
+                body = with_raw(event, (field,), raw)
+            svix_id = fresh("msg")
+            answer = send(side, body, svix_id)
+            assert (answer.status_code, answer.json()["status"]) == (200, "applied"), answer.text
+            assert inbox_row(side, svix_id)["last_error"].startswith(f"cleaned: envelope: '{field}'" if field == "object"
+                                                                     else "cleaned: envelope: event timestamp")
+            with side.store.connect() as conn:
+                column = table.c.session_id if table is revoked_sessions else table.c.clerk_id
+                row = conn.execute(sa.select(table).where(column == key)).mappings().one()
+            assert table is revoked_sessions or row["deleted_at"] is not None
+
+
+@pytest.mark.parametrize("raw", ["12345", '["ins_test"]', '""', '"' + "i" * 65 + '"'],
+                         ids=["number", "list", "empty", "too-long"])
+def test_an_instance_id_that_is_not_ours_is_refused_whatever_its_type(sides: list[Side], raw: str) -> None:
+    """Review (fuzz) finding 5: with ``CLERK_INSTANCE_ID`` set, a non-string ``instance_id`` was let through
+    (applied, stored as NULL): only strings were compared. Anything but the instance's own id (or none) is 403."""
+    body = with_raw(f.envelope("user.created", f.user(fresh("user"), 1)), ("instance_id",), raw)
+    for side in sides:
+        before = counts(side)
+        answer = send(side, body, fresh("msg"))
+        assert (answer.status_code, answer.json()["error"]) == (403, "wrong_instance"), answer.text
+        assert counts(side) == before
 
 
 def test_a_type_or_instance_no_column_can_hold_is_refused_and_writes_nothing(sides: list[Side]) -> None:

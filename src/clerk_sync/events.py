@@ -13,6 +13,7 @@ are still applied.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -39,6 +40,7 @@ __all__ = [
     "MembershipRecord",
     "OrganizationRecord",
     "UserRecord",
+    "instance_mismatch",
     "membership_record",
     "normalize_timestamp_ms",
     "organization_record",
@@ -86,8 +88,15 @@ class Envelope:
     notes: tuple[str, ...] = ()
 
 
-def parse_envelope(body: bytes | str) -> Envelope:
-    """Parse a verified body; anything that is not a Clerk event envelope is a :class:`PayloadError`."""
+def parse_envelope(body: bytes | str, *, received_ms: Callable[[], int] | None = None) -> Envelope:
+    """Parse a verified body; one that is not a Clerk event (not JSON, no ``type`` or ``data``) is a
+    :class:`PayloadError`.
+
+    With ``received_ms`` (a live delivery: the signature said it is Clerk's; the clock, in ms, read only when
+    needed), the envelope's other fields never refuse the event, since a refusal would lose it (a 4xx, nothing
+    stored) and with it a deletion or a revocation: a ``timestamp`` that is not one becomes the time
+    received, an unusable ``instance_id`` none (``CLERK_INSTANCE_ID`` is checked on the raw value:
+    :func:`instance_mismatch`), an ``object`` other than ``"event"`` is let through; each is noted."""
     try:
         parsed = parse_json(body.decode() if isinstance(body, bytes) else body)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -102,20 +111,43 @@ def parse_envelope(body: bytes | str) -> Envelope:
         raise PayloadError(f"event 'type' is {len(etype)} characters, Clerk's have at most {EVENT_TYPE_CHARS}")
     if not isinstance(data, dict):
         raise PayloadError("event has no 'data' object")
+    problems: list[str] = []
     if raw.get("object", "event") != "event":
-        raise PayloadError(f"'object' is {show(raw.get('object'))}, expected 'event'")
+        problems.append(f"'object' is {show(raw.get('object'))}, expected 'event'")
     instance_id = raw.get("instance_id")
     if isinstance(instance_id, str) and len(instance_id) > INSTANCE_ID_CHARS:
-        raise PayloadError(f"'instance_id' is {len(instance_id)} characters, Clerk's have at most {INSTANCE_ID_CHARS}")
+        problems.append(f"'instance_id' is {len(instance_id)} characters, Clerk's have at most {INSTANCE_ID_CHARS}")
+        instance_id = None
+    elif instance_id is not None and not isinstance(instance_id, str):
+        problems.append(f"'instance_id' is not a string ({show(instance_id)})")
+        instance_id = None
+    try:
+        timestamp_ms = normalize_timestamp_ms(raw.get("timestamp"))
+    except PayloadError as exc:
+        if received_ms is None:
+            raise
+        problems.append(f"{exc}: the time received used instead")
+        timestamp_ms = received_ms()
+    if problems and received_ms is None:
+        raise PayloadError(problems[0])
+    notes = (*parsed.notes, f"envelope: {'; '.join(problems)}") if problems else parsed.notes
     return Envelope(
         type=etype,
         data=data,
-        timestamp_ms=normalize_timestamp_ms(raw.get("timestamp")),
-        instance_id=instance_id if isinstance(instance_id, str) else None,
+        timestamp_ms=timestamp_ms,
+        instance_id=instance_id,
         raw=raw,
         text=parsed.text,
-        notes=parsed.notes,
+        notes=notes,
     )
+
+
+def instance_mismatch(raw: JSON, expected: str) -> object | None:
+    """The envelope's ``instance_id`` when it names an instance other than ``expected``; None when it is
+    ``expected`` or absent (older Dashboard payloads carry none). A value that is no instance id (a number, a
+    list, a string too long) is not ``expected`` either."""
+    value = raw.get("instance_id")
+    return None if value is None or value == expected else value
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,9 +223,9 @@ def user_record(data: JSON, notes: Notes = None) -> UserRecord:
         private_metadata=_obj(data, "private_metadata", notes),
         unsafe_metadata=_obj(data, "unsafe_metadata", notes),
         role=_role(public, "data.public_metadata.role", "user", notes),
-        banned=_flag(data, "banned"),
-        locked=_flag(data, "locked"),
-        deprovisioned=_flag(data, "deprovisioned"),
+        banned=_flag(data, "banned", notes),
+        locked=_flag(data, "locked", notes),
+        deprovisioned=_flag(data, "deprovisioned", notes, null=False),
         last_sign_in_at=_opt_int(data, "last_sign_in_at"),
         external_id=_fit(data, "external_id", NAME_CHARS, notes),
     )
@@ -255,12 +287,22 @@ def _opt_int(data: JSON, key: str) -> int | None:
     return fit_ms(data.get(key))
 
 
-def _flag(data: JSON, key: str) -> bool:
-    # Security-relevant: a value that is neither a boolean nor absent is a malformed event, not False.
-    value = data.get(key)
-    if value is None or isinstance(value, bool):
-        return bool(value)
-    raise EventShapeError(f"'{key}' must be true or false, got {show(value)}")
+def _flag(data: JSON, key: str, notes: Notes, *, null: bool = True) -> bool:
+    """A refusal flag (``banned``, ``locked``, ``deprovisioned``): absent means False (older payloads carry
+    none of them). Any other value that is not a boolean, ``null`` too where Clerk never sends one (``null``),
+    fails closed: True, noted. Failing the event instead would hold back the role and the other flags it
+    carries (a ban next to a malformed ``locked``); False would let a malformed event lift a ban."""
+    if key not in data:
+        return False
+    value = data[key]
+    if isinstance(value, bool):
+        return value
+    if value is None and not null:
+        return False
+    if notes is not None:
+        notes.append(f"data.{key} is not true or false ({show(value)}): true applied (refused until Clerk "
+                     "sends a boolean)")
+    return True
 
 
 def _role(data: JSON, where: str, default: str, notes: Notes) -> str:

@@ -22,6 +22,7 @@ from datetime import datetime
 import sqlalchemy as sa
 import structlog
 
+from clerk_sync._limits import show
 from clerk_sync.engine import (
     DeliveryStatus,
     Entity,
@@ -43,7 +44,7 @@ from clerk_sync.errors import (
     WebhookError,
     WrongInstance,
 )
-from clerk_sync.events import Envelope, MembershipRecord, parse_envelope
+from clerk_sync.events import Envelope, MembershipRecord, instance_mismatch, parse_envelope
 from clerk_sync.metrics import Metrics
 from clerk_sync.retention import redact_payload
 from clerk_sync.store import OneStatement, Store, Writer
@@ -113,12 +114,13 @@ class WebhookProcessor:
         if len(body) > self.max_body_bytes:
             raise PayloadTooLarge(f"body is {len(body)} bytes, the limit is {self.max_body_bytes}")
         svix_id = self.verifier.verify(headers, body)
-        envelope = parse_envelope(body)
-        if self.instance_id and envelope.instance_id and envelope.instance_id != self.instance_id:
-            raise WrongInstance(
-                f"event from instance {envelope.instance_id!r}, expected {self.instance_id!r} (CLERK_INSTANCE_ID)"
-            )
+        envelope = parse_envelope(body, received_ms=self._received_ms)
+        if self.instance_id and (other := instance_mismatch(envelope.raw, self.instance_id)) is not None:
+            raise WrongInstance(f"event from instance {show(other)}, expected {self.instance_id!r} (CLERK_INSTANCE_ID)")
         return svix_id, envelope
+
+    def _received_ms(self) -> int:
+        return int(self.store.now().timestamp() * 1000)
 
     def apply_alone(self, svix_id: str, envelope: Envelope) -> Outcome:
         """Apply a verified delivery in its own transaction (a value the database refuses: stored failed)."""

@@ -28,7 +28,10 @@ key stays (cleared; logged, with what to change).
 **Erasure** (:meth:`Retention.erase_user`): tombstones the user now (memberships too), which waits for a
 delivery in flight for them, then clears the row and redacts every stored payload and ``last_error`` that
 mentions the user's id or e-mail addresses (read after that wait: an address just written is searched too),
-and writes an audit row, in one transaction, with no statement time limit (it searches the whole inbox).
+clears the ``ip`` of the audit rows the user made (or made impersonating someone) and redacts the ``details``
+of those that name them (:func:`_redacted_details`: the Clerk ids stay, pseudonymous, for accountability;
+migration 0013's triggers allow that redaction and still refuse any other change), and writes an audit row,
+in one transaction, with no statement time limit (it searches the whole inbox and audit log).
 The deletion goes to the store's mapped tables and hooks, also when the user was deleted before (an
 erasure run again with them: idempotent).
 
@@ -63,7 +66,15 @@ from clerk_sync.mapping import folded_like, unicode_lower, without_statement_bou
 from clerk_sync.metrics import Metrics
 from clerk_sync.outbox import FIELDS, Outbox, delete_jobs, redact_jobs
 from clerk_sync.store import Store, Writer, dialect_family, erased_digest, is_erased
-from clerk_sync.tables import erased, hook_jobs, organization_memberships, organizations, users, webhook_events
+from clerk_sync.tables import (
+    audit_log,
+    erased,
+    hook_jobs,
+    organization_memberships,
+    organizations,
+    users,
+    webhook_events,
+)
 
 __all__ = ["ErasureReport", "PruneReport", "Retention", "RetentionPolicy", "UnknownUser", "redact_payload"]
 
@@ -172,12 +183,14 @@ class PruneReport:
 @dataclass(frozen=True, slots=True)
 class ErasureReport:
     """What ``erase_user`` changed: the user row (tombstoned/cleared) and the payloads it redacted;
-    ``mapped_refused``: what the app's mapped table would not clear (also in the audit row)."""
+    ``mapped_refused``: what the app's mapped table would not clear (also in the audit row);
+    ``audit_rows_redacted``: audit rows whose ``ip`` it cleared or whose ``details`` it redacted."""
 
     clerk_id: str
     row_existed: bool
     payloads_redacted: int
     mapped_refused: tuple[str, ...] = ()
+    audit_rows_redacted: int = 0
 
 
 class Retention:
@@ -463,11 +476,14 @@ class Retention:
             redacted += redact_jobs(writer.conn, mentions)
             refused = (tuple(self.store.mapping.erase(writer.conn, Entity.USER, clerk_id))
                        if self.store.mapping is not None else ())
+            audited = _redact_audit(writer, clerk_id, mentions)  # (before its own row: the reason stays as given)
             details: dict[str, Any] = {"payloads_redacted": redacted, "reason": reason}
             if refused:  # the erasure holds; what is left for the app to clear is on record
                 details["mapped_refused"] = list(refused)
+            if audited:
+                details["audit_rows_redacted"] = audited
             record_audit(writer, AuditEntry("user.erased", actor, clerk_id, details=details))
-        return ErasureReport(clerk_id, existed, redacted, refused)
+        return ErasureReport(clerk_id, existed, redacted, refused, audited)
 
 
 def _pass_deletion_on(writer: Writer, outbox: Outbox, clerk_id: str) -> None:
@@ -605,12 +621,11 @@ def _redact_mentions(writer: Writer, mentions: Mentions) -> int:
     A ``last_error`` that names them is redacted too, also where the payload already was (an app's error
     message, a link refusal of an older release quoted the address); returns the payloads redacted."""
     e = webhook_events
-    text, lower = sa.cast(e.c.payload, sa.Text), unicode_lower(writer.conn)
-    patterns = mentions.patterns()
+    lower = unicode_lower(writer.conn)
     query = sa.select(e.c.id, e.c.payload, e.c.redacted_at, e.c.last_error).where(sa.or_(
-        sa.and_(e.c.redacted_at.is_(None), sa.or_(*(folded_like(lower, text, n) for n in patterns))),
+        sa.and_(e.c.redacted_at.is_(None), _may_name(lower, sa.cast(e.c.payload, sa.Text), mentions)),
         sa.and_(e.c.last_error.is_not(None), e.c.last_error != _REDACTED_ERROR,
-                sa.or_(*(folded_like(lower, e.c.last_error, n) for n in patterns)))))
+                _may_name(lower, e.c.last_error, mentions))))
     payloads: list[tuple[int, Any]] = []
     errors: list[int] = []
     for row in writer.conn.execute(query):
@@ -622,6 +637,45 @@ def _redact_mentions(writer: Writer, mentions: Mentions) -> int:
     if errors:
         writer.conn.execute(e.update().where(e.c.id.in_(errors)).values(last_error=_REDACTED_ERROR))
     return len(payloads)
+
+
+def _may_name(lower: Any, text: Any, mentions: Mentions) -> sa.ColumnElement[bool]:
+    """The text search that finds every row whose ``text`` may name the person (:meth:`Mentions.patterns`)."""
+    return sa.or_(*(folded_like(lower, text, n) for n in mentions.patterns()))
+
+
+def _redact_audit(writer: Writer, clerk_id: str, mentions: Mentions) -> int:
+    """Clear the ``ip`` of the audit rows the user made, or made impersonating someone, and redact the
+    ``details`` that name them (a reason or an error message quoting their address); returns the rows changed.
+    The Clerk id columns stay: pseudonymous, they keep who did what on record."""
+    a = audit_log
+    theirs = sa.or_(a.c.actor_clerk_id == clerk_id, a.c.impersonator_clerk_id == clerk_id)
+    query = sa.select(a.c.id, a.c.ip, a.c.actor_clerk_id, a.c.impersonator_clerk_id, a.c.details).where(sa.or_(
+        sa.and_(a.c.ip.is_not(None), theirs),
+        _may_name(unicode_lower(writer.conn), sa.cast(a.c.details, sa.Text), mentions)))
+    ips: list[int] = []
+    details: list[dict[str, Any]] = []
+    for row in writer.conn.execute(query):
+        if row.ip is not None and clerk_id in (row.actor_clerk_id, row.impersonator_clerk_id):
+            ips.append(row.id)
+        if mentions.in_document(_as_dict(row.details)):
+            details.append({"row_id": row.id, "new_details": _redacted_details(_as_dict(row.details), mentions)})
+    if ips:
+        writer.conn.execute(a.update().where(a.c.id.in_(ips)).values(ip=None))
+    if details:
+        writer.conn.execute(a.update().where(a.c.id == sa.bindparam("row_id")).values(
+            details=sa.bindparam("new_details", type_=a.c.details.type)), details)
+    return len(set(ips) | {d["row_id"] for d in details})
+
+
+def _redacted_details(details: Mapping[str, Any], mentions: Mentions) -> dict[str, Any]:
+    """An audit row's ``details`` without what names the person: the keys whose name and value do not, marked
+    ``redacted``. The one form migration 0013's triggers let an UPDATE write: keys of the old object with
+    their values unchanged, and the marker. A key that is not printable ASCII, or holds ``"`` or ``\\``, goes too:
+    MySQL's JSON path names each key kept, as written (none of clerk-sync's own keys is such)."""
+    kept = {k: v for k, v in details.items() if k != "redacted" and k.isascii() and k.isprintable()
+            and '"' not in k and "\\" not in k and not mentions.in_text(k) and not mentions.in_document(v)}
+    return {**kept, "redacted": True}
 
 
 def _store_redacted(writer: Writer, rows: list[tuple[int, Any]]) -> None:

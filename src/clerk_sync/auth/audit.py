@@ -1,7 +1,8 @@
 """The audit log: one append-only row per privileged action (promotion, impersonation, reveals...).
 
 Rows are written inside the caller's transaction, so the action and its record commit together;
-database triggers (migration 0004) refuse updates and deletes of ``audit_log``.
+database triggers (migrations 0004, 0013) refuse deletes of ``audit_log``, and every update but an
+erasure's redaction (``ip`` cleared, ``details`` reduced: ``retention._redact_audit``).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class AuditEntry:
 
 
 def record_audit(writer: Writer, entry: AuditEntry) -> None:
-    """Append to ``audit_log`` inside the caller's transaction (rows are never updated or deleted)."""
+    """Append to ``audit_log`` inside the caller's transaction (rows are never deleted; only an erasure redacts)."""
     if not entry.action:
         raise ValueError("audit entries need an action")
     writer.conn.execute(
