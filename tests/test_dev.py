@@ -68,3 +68,15 @@ def test_a_port_in_use_is_named_and_the_last_demo_is_kept(tmp_path: Path) -> Non
         with pytest.raises(ConfigError, match=f"127.0.0.1:{port}.*--port"):
             DevStack(db, port=port)
     assert db.read_bytes() == b"the last demo"  # fresh=True, but nothing was started: nothing removed
+
+
+def test_the_demo_seeding_waits_out_the_emulators_rate_limit() -> None:
+    """Review: ``clerk-sync dev --users 95`` crashed with "emulator answered 429" (the emulator allows 100
+    requests per 10 s, as Clerk). The demo's client resends after ``Retry-After`` instead."""
+    from clerk_sync.cli.dev import demo_client
+    from clerk_sync.testing import EmulatorServer
+
+    with EmulatorServer(rate_limit_requests=5, rate_limit_window_s=0.5) as emulator, demo_client(emulator) as clerk:
+        seed_demo(clerk, 12, 2)  # 12 users, 2 orgs, their memberships, a rename and a deletion: ~20 requests
+        assert clerk.get("/users/count").json()["total_count"] == 11
+        assert sum(1 for _ in range(8) if clerk.get("/users/count").status_code == 200) == 8
