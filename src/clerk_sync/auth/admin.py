@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 import sqlalchemy as sa
 
+from clerk_sync._limits import show
 from clerk_sync.auth.audit import AuditEntry, record_audit
 from clerk_sync.auth.users import AuthUser, read_user, standing_error
 from clerk_sync.engine import Entity, Upsert
@@ -52,6 +53,8 @@ class ClerkAdminAPI(Protocol):
 
     def create_sign_in_token(self, user_id: str, *, expires_in_seconds: int | None = None) -> dict[str, Any]: ...
 
+    def get_user(self, user_id: str) -> dict[str, Any]: ...
+
 
 @dataclass(frozen=True, slots=True)
 class RoleChange:
@@ -86,10 +89,14 @@ class Impersonation:
 class AdminActions:
     """Promotion and impersonation with their audit trail."""
 
-    def __init__(self, store: Store, clerk: ClerkAdminAPI, *, sign_in_token_fallback: bool = False) -> None:
+    def __init__(self, store: Store, clerk: ClerkAdminAPI, *, sign_in_token_fallback: bool = False,
+                 impersonator_roles: frozenset[str] | None = frozenset({ADMIN_ROLE})) -> None:
         self.store = store
         self.clerk = clerk
         self.sign_in_token_fallback = sign_in_token_fallback
+        # Roles that may impersonate (``CLERK_IMPERSONATOR_ROLES``, as the Authenticator's): nobody holding
+        # one may be impersonated, nor an admin, or an admin could act with a peer's powers under their name.
+        self.impersonator_roles = impersonator_roles
 
     # -- roles -----------------------------------------------------------------------------------
     def promote(self, target: str, role: str, *, by: str | None, ip: str | None = None) -> RoleChange:
@@ -210,6 +217,7 @@ class AdminActions:
         self._require_admin(admin, action="impersonation", target=target, ip=ip)
         if admin == target:
             raise AccessDenied("an admin cannot impersonate themself")
+        self._require_unprivileged_target(admin, target, ip)
         ttl = max(1, min(expires_in_s, MAX_IMPERSONATION_S))
         try:
             grant = self.clerk.create_actor_token(target, {"sub": admin}, expires_in_seconds=ttl,
@@ -231,6 +239,30 @@ class AdminActions:
                 details["session_max_s"] = session_max_s
             record_audit(w, AuditEntry("impersonation.granted", admin, target, details=details, ip=ip))
         return result
+
+    def _require_unprivileged_target(self, admin: str, target: str, ip: str | None) -> None:
+        """Refuse (audited) a target who is an admin or holds a role that may impersonate. A target with no row
+        here yet is judged by its role in Clerk: a JIT sync would hand the session that role."""
+        user = read_user(self.store, target)
+        role: object
+        if user is not None:
+            role = user.role
+        else:
+            try:
+                metadata = self.clerk.get_user(target).get("public_metadata")
+            except ClerkAPIError as exc:
+                with self.store.transaction() as w:
+                    record_audit(w, AuditEntry("impersonation.failed", admin, target, details={"error": str(exc)},
+                                               ip=ip))
+                raise
+            role = metadata.get("role") if isinstance(metadata, dict) else None
+        if role not in {ADMIN_ROLE} | set(self.impersonator_roles or ()):
+            return
+        reason = f"the target holds the role {show(role)}, which may administer or impersonate"
+        with self.store.transaction() as w:
+            record_audit(w, AuditEntry("impersonation.refused", admin, target, details={"reason": reason}, ip=ip))
+        raise AccessDenied(f"cannot impersonate {target}: {reason} (acting as them would use their powers under "
+                           "their name); demote the user first if you must act as them, or ask them directly")
 
     def _require_admin(self, clerk_id: str, *, action: str, target: str, ip: str | None) -> AuthUser:
         user = read_user(self.store, clerk_id)

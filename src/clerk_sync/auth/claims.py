@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from clerk_sync._limits import show
 from clerk_sync.errors import (
     SessionPending,
     TokenAuthorizedPartyInvalid,
@@ -81,16 +82,18 @@ class ClaimsValidator:
         for name in _REQUIRED:
             if not claims.get(name):
                 raise TokenClaimMissing(f"claim {name!r} is missing")
-        for name in ("sub", "jti"):  # as PyJWT's decode checked them
+        # sub/jti as PyJWT's decode checked them; sid too: a number or list would be str()-ed into a session id
+        # no deny list holds, so the revocation check could never match it
+        for name in ("sub", "sid", "jti"):
             if name in claims and not isinstance(claims[name], str):
                 raise TokenMalformed(f"claim {name!r} is not a string")
         if claims.get("azp") is not None and not isinstance(claims["azp"], str):  # a set lookup below
             raise TokenMalformed("claim 'azp' is not a string")
         if self.issuer is not None and claims.get("iss") != self.issuer:
-            raise TokenIssuerInvalid(f"iss {claims.get('iss')!r} is not {self.issuer!r}")
+            raise TokenIssuerInvalid(f"iss {show(claims.get('iss'))} is not {self.issuer!r}")
         azp = claims.get("azp")
         if self.authorized_parties is not None and azp not in self.authorized_parties:
-            raise TokenAuthorizedPartyInvalid(f"azp {azp!r} is not an authorized party (CLERK_AUTHORIZED_PARTIES)")
+            raise TokenAuthorizedPartyInvalid(f"azp {show(azp)} is not an authorized party (CLERK_AUTHORIZED_PARTIES)")
         for name in ("exp", "nbf", "iat"):  # finite: NaN passes every comparison (nbf) or fails int() (exp)
             value = claims.get(name)
             if name in claims and (not isinstance(value, int | float) or isinstance(value, bool)

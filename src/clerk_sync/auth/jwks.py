@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from jwt import PyJWK
 from jwt.exceptions import PyJWKError
 
+from clerk_sync._limits import show
 from clerk_sync.errors import ConfigError, TokenKeysUnavailable, TokenKeyUnknown
 
 __all__ = ["JWKSKeySource", "KeySource", "NeedsFetch", "StaticKeySource"]
@@ -109,17 +110,17 @@ class JWKSKeySource:
                 self._refresh(wait=False, allowed=self._may_refresh)
                 key = self._keys.get(kid or "")
                 if key is None:
-                    raise TokenKeyUnknown(f"key {kid!r} is no longer in {self.url}")
+                    raise TokenKeyUnknown(f"key {show(kid)} is no longer in {self.url}")
             return key
         if not allow_fetch:
             if self._may_fetch_unknown():
                 raise NeedsFetch
-            raise self._unknown(f"no key with kid {kid!r} (JWKS refetch on cooldown)")
+            raise self._unknown(f"no key with kid {show(kid)} (JWKS refetch on cooldown)")
         # An unknown kid (rotation) waits for a fetch already in flight.
         self._refresh(wait=True, allowed=self._may_fetch_unknown, kid=kid or "")
         key = self._keys.get(kid or "")
         if key is None:
-            raise self._unknown(f"no key with kid {kid!r} in {self.url}")
+            raise self._unknown(f"no key with kid {show(kid)} in {self.url}")
         return key
 
     def prefetch(self) -> int:

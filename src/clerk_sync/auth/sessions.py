@@ -29,6 +29,7 @@ import httpx
 from anyio import to_thread
 from jwt.algorithms import RSAAlgorithm
 
+from clerk_sync._limits import show
 from clerk_sync.auth.claims import Auth, ClaimsValidator, normalize_claims
 from clerk_sync.auth.jwks import JWKSKeySource, KeySource, NeedsFetch, StaticKeySource
 from clerk_sync.config import Settings
@@ -77,12 +78,20 @@ class RevocationCheck(Protocol):
     def is_revoked(self, session_id: str) -> bool: ...
 
 
-def is_public_path(path: str, paths: Iterable[str], prefixes: Iterable[str]) -> bool:
+def is_public_path(path: str, paths: Iterable[str], prefixes: Iterable[str], *,
+                   slash_twins: Iterable[str] | None = None) -> bool:
     """Whether ``path`` is one of ``paths`` or under one of ``prefixes``, a prefix naming a whole path segment:
     ``/public`` covers ``/public`` and ``/public/x``, not ``/publicity-admin``, nor ``/public/../admin``
-    (dot segments: a proxy or router that resolves them would serve ``/admin``). An exact path covers its
-    trailing-slash twin (``/webhooks/clerk/``), which the webhook routes serve too (Svix follows no redirect)."""
-    if path in paths or (len(path) > 1 and path.endswith("/") and path[:-1] in paths):
+    (dot segments: a proxy or router that resolves them would serve ``/admin``).
+
+    ``slash_twins``: the exact paths whose trailing-slash twin is public too, because the face serves the
+    twin with the same view (the webhook routes: Svix follows no redirect). Any other twin may be a separate
+    protected route (``/health`` public, ``/health/`` not), so pass ``()`` when no path has one. None (the
+    default, kept for callers that do not know their webhook path yet) opens every exact path's twin."""
+    if path in paths:
+        return True
+    twin = path[:-1] if len(path) > 1 and path.endswith("/") else None
+    if twin is not None and twin in paths and (slash_twins is None or twin in slash_twins):
         return True
     if any(segment in (".", "..") for segment in path.split("/")):
         return False
@@ -373,14 +382,14 @@ def _header_kid(segment: bytes) -> str | None:
     header = _json_object(_b64url_decode(segment, "header"), "header")
     alg = header.get("alg")
     if alg not in ALLOWED_ALGORITHMS:
-        raise TokenAlgorithmNotAllowed(f"alg {alg!r} is not allowed (RS256 only)")
+        raise TokenAlgorithmNotAllowed(f"alg {show(alg)} is not allowed (RS256 only)")
     if "crit" in header or "b64" in header:  # Clerk session tokens use no JWS extension (RFC 7515 4.1.11, RFC 7797)
         raise TokenMalformed("unsupported JWS extension header (crit/b64)")
     category = header.get("cat")
     # a string first: an unverified list or object here would raise TypeError (a 500 on every page for a
     # cookie another subdomain planted) where a malformed token is a 401
     if category is not None and (not isinstance(category, str) or category not in _SESSION_CATEGORIES):
-        raise TokenMalformed(f"token category {category!r} is not a session token's (a JWT-template or machine "
+        raise TokenMalformed(f"token category {show(category)} is not a session token's (a JWT-template or machine "
                              "token sent as a session token)")
     kid = header.get("kid")
     if "kid" in header and not isinstance(kid, str):
