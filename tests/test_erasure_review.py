@@ -96,7 +96,7 @@ def test_a_failed_delivery_about_a_deleted_or_erased_user_is_stored_redacted(
 
     def broken(user_id: str) -> dict[str, Any]:
         bad = f.user(user_id, 300, email=MAIL, first_name=NAME)
-        bad["banned"] = "yes"  # not a boolean: failed
+        bad["updated_at"] = "later"  # not milliseconds: failed
         return f.envelope("user.updated", bad)
 
     broken_membership = _membership("orgmem_f", "org_f", "user_f", 300)

@@ -31,7 +31,8 @@ from hypothesis import strategies as st
 
 from clerk_sync import migrations
 from clerk_sync.config import Settings
-from clerk_sync.ingest import replay_deliveries
+from clerk_sync.engine import DeliveryStatus
+from clerk_sync.ingest import replay_deliveries, replay_one
 from clerk_sync.integrations.starlette import build_processor, create_app
 from clerk_sync.store import Store, create_engine
 from clerk_sync.tables import metadata, organization_memberships, organizations, revoked_sessions, users, webhook_events
@@ -338,6 +339,11 @@ def test_a_deletion_or_revocation_with_a_bad_envelope_field_is_applied_not_lost(
                 column = table.c.session_id if table is revoked_sessions else table.c.clerk_id
                 row = conn.execute(sa.select(table).where(column == key)).mappings().one()
             assert table is revoked_sessions or row["deleted_at"] is not None
+            # Review: a replay parsed the stored body strictly again, and failed what the live delivery applied.
+            with side.store.transaction() as writer:
+                assert replay_one(writer, svix_id) != DeliveryStatus.FAILED
+            with side.store.connect() as conn:
+                assert conn.execute(sa.select(table).where(column == key)).mappings().one() == row
 
 
 @pytest.mark.parametrize("raw", ["12345", '["ins_test"]', '""', '"' + "i" * 65 + '"'],

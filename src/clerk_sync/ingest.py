@@ -23,6 +23,7 @@ import sqlalchemy as sa
 import structlog
 
 from clerk_sync._limits import show
+from clerk_sync._time import as_utc
 from clerk_sync.engine import (
     DeliveryStatus,
     Entity,
@@ -476,15 +477,18 @@ _REDACTED_NOT_REPLAYED = ("not replayed: its payload was redacted (retention or 
 def replay_one(writer: Writer, svix_id: str) -> DeliveryStatus:
     """Re-apply one stored delivery inside the caller's transaction (so an audit row can share it);
     returns its new status. :func:`replay_deliveries` runs it once per delivery."""
-    payload = writer.conn.execute(
-        sa.select(webhook_events.c.payload).where(webhook_events.c.svix_id == svix_id)
-    ).scalar_one()
+    payload, event_ms, received_at = writer.conn.execute(
+        sa.select(webhook_events.c.payload, webhook_events.c.event_timestamp, webhook_events.c.received_at)
+        .where(webhook_events.c.svix_id == svix_id)
+    ).one()
     if isinstance(payload, dict) and payload.get("redacted") is True:  # ids and versions only (retention,
         # erasure): applied, it would blank the row's fields with a version that may be newer
         writer.finish_delivery(svix_id, DeliveryStatus.SKIPPED, _REDACTED_NOT_REPLAYED, count_attempt=True)
         return DeliveryStatus.SKIPPED
     try:
-        envelope = parse_envelope(json.dumps(payload))
+        # As when it arrived: an envelope field that did not refuse it live does not now; a timestamp it lacked
+        # is the one stored then (the time received), so a tombstone gets the same version again.
+        envelope = parse_envelope(json.dumps(payload), received_ms=lambda: _stored_ms(event_ms, received_at))
     except PayloadError as exc:
         writer.finish_delivery(svix_id, DeliveryStatus.FAILED, str(exc), count_attempt=True)
         return DeliveryStatus.FAILED
@@ -495,6 +499,12 @@ def replay_one(writer: Writer, svix_id: str) -> DeliveryStatus:
     WebhookProcessor.forget_if_deleted(writer, Outcome(svix_id, envelope.type, status, error), envelope)
     writer.finish_delivery(svix_id, status, writer.refusals_noted(refused, error), count_attempt=True)
     return status
+
+
+def _stored_ms(event_ms: int | None, received_at: datetime | None) -> int:
+    if event_ms is not None:
+        return int(event_ms)
+    return int(as_utc(received_at).timestamp() * 1000) if received_at is not None else 0
 
 
 def apply_envelope(writer: Writer, envelope: Envelope) -> tuple[DeliveryStatus, str | None]:

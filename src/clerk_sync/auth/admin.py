@@ -256,6 +256,7 @@ class AdminActions:
                                                ip=ip))
                 raise
             role = metadata.get("role") if isinstance(metadata, dict) else None
+            role = role if isinstance(role, str) else None  # as a JIT sync reads it: no role, the least privilege
         if role not in {ADMIN_ROLE} | set(self.impersonator_roles or ()):
             return
         reason = f"the target holds the role {show(role)}, which may administer or impersonate"

@@ -8,6 +8,7 @@ as real signed webhooks), then we wait until the database equals the emulator's 
 from __future__ import annotations
 
 import contextlib
+import math
 import secrets
 import socket
 import sqlite3
@@ -270,7 +271,7 @@ class _PatientTransport(httpx.HTTPTransport):
                 wait = float(response.headers.get("Retry-After", "1"))
             except ValueError:
                 wait = 1.0
-            time.sleep(min(max(wait, 0.05), 10.0))
+            time.sleep(min(max(wait, 0.05), 10.0) if math.isfinite(wait) else 1.0)
         return super().handle_request(request)
 
 

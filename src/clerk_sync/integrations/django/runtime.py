@@ -143,7 +143,7 @@ class ClerkSync:
     def admin_actions(self) -> AdminActions:
         if self.clerk is None:
             raise ConfigError("admin actions call Clerk: set CLERK_SECRET_KEY in settings.CLERK_SYNC")
-        return AdminActions(self.store, self.clerk)
+        return AdminActions(self.store, self.clerk, impersonator_roles=self.settings.impersonator_roles())
 
     def user(self, auth: Auth) -> AuthUser:
         """The caller's row: JIT-synced when enabled, else the table (403 until the webhook lands)."""

@@ -135,8 +135,9 @@ class ClerkSync:
                 load_user=users.get_auth_user if users is not None else None,
                 impersonator_roles=settings.impersonator_roles(),
             )
+        admin = AdminActions(store, clerk, impersonator_roles=settings.impersonator_roles()) if clerk else None
         return ClerkSyncState(
-            settings, store, processor, authenticator, users, AdminActions(store, clerk) if clerk else None,
+            settings, store, processor, authenticator, users, admin,
             deny_by_default=self.deny_by_default, audit_impersonation=self.audit_impersonation,
             public_endpoints=self.public_endpoints | ({WEBHOOK_ENDPOINT} if processor else set()), closers=closers,
         )
