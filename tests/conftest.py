@@ -19,6 +19,7 @@ import pytest
 import sqlalchemy as sa
 
 from clerk_sync import migrations
+from clerk_sync.auth.admin import AdminActions
 from clerk_sync.clerk_api import CircuitBreaker, ClerkClient, RetryPolicy
 from clerk_sync.clerk_api.ratelimit import LocalBudget, RateLimit
 from clerk_sync.store import Store, create_engine
@@ -207,3 +208,12 @@ def clerk_client(emu: EmulatorServer, *, limit: RateLimit | None = None, **optio
 def clerk(emu: EmulatorServer) -> Iterator[ClerkClient]:
     with clerk_client(emu, breaker=CircuitBreaker(threshold=2, reset_s=0.3)) as client:
         yield client
+
+
+@pytest.fixture
+def actions(emu: EmulatorServer, store: Store) -> Iterator[AdminActions]:
+    """Promotion and impersonation against the emulator: one attempt per call, a breaker that never opens."""
+    client = ClerkClient(emu.secret_key, api_url=emu.url, retry=RetryPolicy(attempts=1, deadline_s=2),
+                         breaker=CircuitBreaker(threshold=100))
+    yield AdminActions(store, client)
+    client.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -14,21 +13,13 @@ from clerk_sync.auth.claims import ClaimsValidator
 from clerk_sync.auth.jwks import JWKSKeySource
 from clerk_sync.auth.sessions import SessionVerifier
 from clerk_sync.auth.users import read_user
-from clerk_sync.clerk_api import CircuitBreaker, ClerkClient, RetryPolicy
+from clerk_sync.clerk_api import ClerkClient
 from clerk_sync.engine import Entity, Upsert
 from clerk_sync.errors import AccessDenied, ClerkValidationError, StoreError
 from clerk_sync.events import user_record
 from clerk_sync.store import Store
 from clerk_sync.tables import audit_log, pending_role_changes
 from clerk_sync.testing import EmulatorServer
-
-
-@pytest.fixture
-def actions(emu: EmulatorServer, store: Store) -> Iterator[AdminActions]:
-    client = ClerkClient(emu.secret_key, api_url=emu.url, retry=RetryPolicy(attempts=1, deadline_s=2),
-                         breaker=CircuitBreaker(threshold=100))
-    yield AdminActions(store, client)
-    client.close()
 
 
 def synced_user(emu: EmulatorServer, store: Store, email: str, role: str = "user") -> str:

@@ -18,7 +18,6 @@ from clerk_sync.auth.claims import ClaimsValidator
 from clerk_sync.auth.jwks import JWKSKeySource, StaticKeySource
 from clerk_sync.auth.sessions import SessionVerifier, is_public_path
 from clerk_sync.auth.users import read_user
-from clerk_sync.clerk_api import CircuitBreaker, ClerkClient, RetryPolicy
 from clerk_sync.errors import AccessDenied, ClerkNotFound
 from clerk_sync.integrations.fastapi import ClerkAuth
 from clerk_sync.store import Store
@@ -29,14 +28,6 @@ from tests.test_auth import Harness
 from tests.test_sessions import ISS, KEY, NOW, claims, mint, pem
 
 # -- 1. impersonating someone who may administer or impersonate --------------------------------------
-
-
-@pytest.fixture
-def actions(emu: EmulatorServer, store: Store) -> Iterator[AdminActions]:
-    client = ClerkClient(emu.secret_key, api_url=emu.url, retry=RetryPolicy(attempts=1, deadline_s=2),
-                         breaker=CircuitBreaker(threshold=100))
-    yield AdminActions(store, client)
-    client.close()
 
 
 def test_an_admin_cannot_impersonate_a_peer_admin_or_an_impersonator_and_the_refusal_is_audited(

@@ -37,14 +37,6 @@ from tests.test_auth import Harness, bearer, build_app, token
 
 
 @pytest.fixture
-def actions(emu: EmulatorServer, store: Store) -> Iterator[AdminActions]:
-    client = ClerkClient(emu.secret_key, api_url=emu.url, retry=RetryPolicy(attempts=1, deadline_s=2),
-                         breaker=CircuitBreaker(threshold=100))
-    yield AdminActions(store, client)
-    client.close()
-
-
-@pytest.fixture
 def harness(db_url: str) -> Iterator[tuple[Harness, httpx.Client]]:
     h = Harness(db_url)
     app = ClerkAuthMiddleware(build_app(h), h.auth, public_paths={"/"})

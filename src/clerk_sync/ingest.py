@@ -501,10 +501,9 @@ def replay_one(writer: Writer, svix_id: str) -> DeliveryStatus:
     return status
 
 
-def _stored_ms(event_ms: int | None, received_at: datetime | None) -> int:
-    if event_ms is not None:
-        return int(event_ms)
-    return int(as_utc(received_at).timestamp() * 1000) if received_at is not None else 0
+def _stored_ms(event_ms: int | None, received_at: datetime) -> int:
+    """The timestamp a delivery was applied with live; its receipt for a row stored without one."""
+    return int(event_ms) if event_ms is not None else int(as_utc(received_at).timestamp() * 1000)
 
 
 def apply_envelope(writer: Writer, envelope: Envelope) -> tuple[DeliveryStatus, str | None]:
