@@ -38,5 +38,6 @@ urlpatterns = [
     path("t/csrf-exempt/admin", views.csrf_exempt_admin),
     path("t/csrf-exempt/async-admin", views.async_csrf_exempt_admin),
     path("t/public-slash/", views.public_with_slash),
+    path("t/twin/", views.twin_private),
     *router.urls,
 ]

@@ -232,3 +232,8 @@ async def async_csrf_exempt_admin(request: HttpRequest) -> JsonResponse:
 def public_with_slash(request: HttpRequest) -> JsonResponse:
     """Reached as ``/t/public-slash`` too, through ``APPEND_SLASH``'s redirect."""
     return JsonResponse({"public": True})
+
+
+def twin_private(request: HttpRequest) -> JsonResponse:
+    """Protected by deny-by-default alone, at ``/t/twin/``, while ``/t/twin`` is listed public."""
+    return JsonResponse({"secret": True})

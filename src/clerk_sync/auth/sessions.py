@@ -79,19 +79,18 @@ class RevocationCheck(Protocol):
 
 
 def is_public_path(path: str, paths: Iterable[str], prefixes: Iterable[str], *,
-                   slash_twins: Iterable[str] | None = None) -> bool:
+                   slash_twins: Iterable[str] = ()) -> bool:
     """Whether ``path`` is one of ``paths`` or under one of ``prefixes``, a prefix naming a whole path segment:
     ``/public`` covers ``/public`` and ``/public/x``, not ``/publicity-admin``, nor ``/public/../admin``
     (dot segments: a proxy or router that resolves them would serve ``/admin``).
 
     ``slash_twins``: the exact paths whose trailing-slash twin is public too, because the face serves the
     twin with the same view (the webhook routes: Svix follows no redirect). Any other twin may be a separate
-    protected route (``/health`` public, ``/health/`` not), so pass ``()`` when no path has one. None (the
-    default, kept for callers that do not know their webhook path yet) opens every exact path's twin."""
+    protected route (``/health`` public, ``/health/`` not): by default no twin is public."""
     if path in paths:
         return True
     twin = path[:-1] if len(path) > 1 and path.endswith("/") else None
-    if twin is not None and twin in paths and (slash_twins is None or twin in slash_twins):
+    if twin is not None and twin in paths and twin in slash_twins:
         return True
     if any(segment in (".", "..") for segment in path.split("/")):
         return False

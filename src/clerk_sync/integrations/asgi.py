@@ -28,7 +28,12 @@ from clerk_sync.errors import (
 )
 from clerk_sync.integrations.starlette import error_json
 
-__all__ = ["ClerkAuthBackend", "ClerkAuthMiddleware", "ClerkUser"]
+__all__ = ["WEBHOOK_SLASH_TWINS", "ClerkAuthBackend", "ClerkAuthMiddleware", "ClerkUser"]
+
+# The public paths whose trailing-slash twin is public too: the webhook route, which ``webhook_routes`` and
+# ``webhook_router`` serve with and without the slash (Svix follows no redirect). Another public path's twin
+# may be a separate protected route (``/health`` public, ``/health/`` not), so it stays protected.
+WEBHOOK_SLASH_TWINS: tuple[str, ...] = ("/webhooks/clerk",)
 
 
 class ClerkUser(BaseUser):
@@ -110,6 +115,9 @@ class ClerkAuthMiddleware:
     CORS layer goes: any client can send a preflight's headers, and letting one through would run the app's
     routes (a view taking OPTIONS, a mounted app that ignores the method) for a caller with no session.
 
+    A public path's trailing-slash twin is public only when listed in ``slash_twins`` (default: the webhook
+    route, served with and without the slash): name yours when the webhook is mounted elsewhere.
+
     Sets ``scope["clerk_auth"]`` to the :class:`Auth` (or None on a public path without a session).
     A refused websocket gets the same JSON answer as HTTP where the server supports the ASGI
     ``websocket.http.response`` extension (uvicorn does), else a close before accept: code 1008
@@ -117,15 +125,17 @@ class ClerkAuthMiddleware:
     """
 
     def __init__(self, app: ASGIApp, authenticator: Authenticator, *, public_paths: Iterable[str] = (),
-                 public_prefixes: Iterable[str] = (), audit_impersonation: bool = True) -> None:
+                 public_prefixes: Iterable[str] = (), audit_impersonation: bool = True,
+                 slash_twins: Iterable[str] = WEBHOOK_SLASH_TWINS) -> None:
         self.app = app
         self.audit_impersonation = audit_impersonation
         self.authenticator = authenticator
         self.public_paths = frozenset(public_paths)
         self.public_prefixes = tuple(public_prefixes)
+        self.slash_twins = frozenset(slash_twins)
 
     def is_public(self, path: str) -> bool:
-        return is_public_path(path, self.public_paths, self.public_prefixes)
+        return is_public_path(path, self.public_paths, self.public_prefixes, slash_twins=self.slash_twins)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket") or scope.get("clerk_auth") is not None:

@@ -30,7 +30,7 @@ from clerk_sync.auth.claims import Auth
 from clerk_sync.auth.users import AuthUser, JitUsers
 from clerk_sync.errors import ClerkSyncError
 from clerk_sync.ingest import WebhookProcessor
-from clerk_sync.integrations.asgi import ClerkAuthMiddleware
+from clerk_sync.integrations.asgi import WEBHOOK_SLASH_TWINS, ClerkAuthMiddleware
 from clerk_sync.integrations.starlette import build_processor, error_json, webhook_endpoint, with_and_without_slash
 
 __all__ = ["ClerkAuth", "build_processor", "sync_me_router", "webhook_router"]
@@ -77,14 +77,16 @@ class ClerkAuth:
         self._get_user: UserGetter = get_user or authenticator.user
 
     def install(self, app: FastAPI, *, public_paths: Iterable[str], public_prefixes: Iterable[str] = (),
-                deny_by_default: bool = True) -> None:
+                deny_by_default: bool = True, slash_twins: Iterable[str] = WEBHOOK_SLASH_TWINS) -> None:
         """Protect ``app`` itself: the deny-by-default :class:`ClerkAuthMiddleware` (every path not
         declared public needs a session, routes without a dependency included), and clerk-sync errors
         answered through the one table in :mod:`.http`.
 
         ``public_paths`` is required so the choice is made on purpose: list your public pages and the
         webhook path (its signature is its authentication). ``deny_by_default=False`` leaves protection
-        to the dependencies alone, route by route.
+        to the dependencies alone, route by route. ``slash_twins``: the public paths whose trailing-slash
+        twin is public too (default the webhook route, which :func:`webhook_router` serves both ways; name
+        yours when you mount it elsewhere); any other twin stays protected.
 
         CORS: a ``CORSMiddleware`` added after ``install()`` sits outside the middleware (its headers then
         reach refusals too, so a front end can read a 401). One added before sits inside, where the browser's
@@ -100,7 +102,7 @@ class ClerkAuth:
         if deny_by_default:
             app.add_middleware(ClerkAuthMiddleware, authenticator=self.authenticator,
                                public_paths=public_paths, public_prefixes=public_prefixes,
-                               audit_impersonation=self.audit_impersonation)
+                               audit_impersonation=self.audit_impersonation, slash_twins=slash_twins)
 
     async def current_auth(self, request: Request) -> Auth:
         """The verified session (401 when missing/invalid/revoked): the one :class:`ClerkAuthMiddleware`

@@ -116,7 +116,10 @@ class ClerkMiddleware:
         unless ``APPEND_SLASH`` will redirect it to a public view."""
         options = state.runtime.options
         path = request.path_info
-        if not options.require_auth or is_public_path(path, options.public_paths, options.public_prefixes):
+        # No trailing-slash twin is public by path (``/health/`` may be a protected view): the webhook's twin
+        # is public as a clerk_public view, below.
+        if not options.require_auth or is_public_path(path, options.public_paths, options.public_prefixes,
+                                                      slash_twins=()):
             return None
         if cls._is_public_view(request, path):
             return None
