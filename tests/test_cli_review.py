@@ -219,7 +219,7 @@ def modules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     ("rv_env:HOOKS", "'rv_env:HOOKS': importing it raised KeyError: 'RV_SMTP_URL_UNSET'"),
     ("rv_syntax:HOOKS", "'rv_syntax:HOOKS': importing it raised SyntaxError:"),
     ("rv_dep:HOOKS", "raised ModuleNotFoundError: No module named 'rv_dependency_not_installed' (fix the module"),
-    ("rv_missing.sub:HOOKS", "no module named 'rv_missing' (is it on PYTHONPATH?"),
+    ("rv_missing.sub:HOOKS", "no module named 'rv_missing' in the current directory ("),
     ("rv_call:MAPPING", "'rv_call:MAPPING': calling MAPPING() raised RuntimeError: db not configured ("),
 ], ids=["key-error", "syntax-error", "missing-dependency", "missing-module", "raising-function"])
 def test_a_hooks_or_mapping_module_that_fails_is_named_with_its_error(modules: Path, spec: str,

@@ -354,3 +354,18 @@ def test_time_scale_must_be_positive(scale: float) -> None:
     with pytest.raises(ValueError, match="CLERK_EMULATOR_TIME_SCALE must be a number greater than 0"):
         EmulatorConfig.from_env({"CLERK_EMULATOR_TIME_SCALE": str(scale)})
     assert EmulatorConfig.from_env({"CLERK_EMULATOR_TIME_SCALE": "0"}, time_scale=2.0).time_scale == 2.0
+
+
+def test_a_rate_limit_below_one_request_is_refused_with_its_reason(clerk: EmulatorServer) -> None:
+    """Review finding: ``emulate --rate-limit 0`` started, then answered every Backend API call 429."""
+    from clerk_sync.emulator import EmulatorConfig
+
+    for bad in (0, -5):
+        with pytest.raises(ValueError, match=r"rate_limit_requests must be at least 1 .*got"):
+            EmulatorConfig(rate_limit_requests=bad)
+    with pytest.raises(ValueError, match="rate_limit_window_s must be greater than 0"):
+        EmulatorConfig(rate_limit_window_s=0)
+    with pytest.raises(httpx.HTTPStatusError) as info:
+        clerk.set_faults(rate_limit_requests=0)
+    assert info.value.response.status_code == 422
+    assert clerk.request("GET", "/v1/users", params={"limit": 1}) is not None  # still serving

@@ -9,7 +9,9 @@ are not dead jobs and exit with 1, and ``retry`` names the jobs whose entity has
 from __future__ import annotations
 
 import importlib
+import os
 import signal
+import sys
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
@@ -64,11 +66,12 @@ def _load(option: str, spec: str) -> Any:
     if not module_name or not attr:
         raise ConfigError(f"{option} {spec!r}: expected module:attribute, e.g. myapp.clerk:VALUE")
     try:
-        module = importlib.import_module(module_name)
+        module = _import(module_name)
     except ModuleNotFoundError as exc:
         if exc.name is not None and f"{module_name}.".startswith(f"{exc.name}."):  # itself or a parent package
-            raise ConfigError(f"{option} {spec!r}: no module named {exc.name!r} (is it on PYTHONPATH? run from "
-                              "the project's directory, or set PYTHONPATH)") from None
+            raise ConfigError(f"{option} {spec!r}: no module named {exc.name!r} in the current directory "
+                              f"({os.getcwd()}) or on PYTHONPATH (run from the project's directory, or set "
+                              "PYTHONPATH)") from None
         raise _failed(option, spec, "importing it", exc, _IMPORT_ADVICE) from None
     except Exception as exc:  # its own code failed (a SyntaxError, a KeyError on os.environ, a dependency)
         raise _failed(option, spec, "importing it", exc, _IMPORT_ADVICE) from None
@@ -82,6 +85,27 @@ def _load(option: str, spec: str) -> Any:
         return value()
     except Exception as exc:
         raise _failed(option, spec, f"calling {attr}()", exc, "fix the function, or what it needs") from None
+
+
+def _import(module_name: str) -> Any:
+    """Import ``module_name``; one not found is looked for in the current directory too, as ``python -m``,
+    uvicorn and gunicorn do (an installed console script has only its own directory on ``sys.path``, so
+    ``clerk-sync serve --hooks myapp.hooks:HOOKS`` run from the project failed without ``PYTHONPATH=.``).
+    The directory goes last, so a module of the project never shadows an installed one."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        cwd = os.getcwd()
+        if exc.name is None or not f"{module_name}.".startswith(f"{exc.name}.") or cwd in sys.path:
+            raise
+        sys.path.append(cwd)
+        importlib.invalidate_caches()
+        try:
+            return importlib.import_module(module_name)
+        except ModuleNotFoundError as again:
+            if again.name == exc.name:  # not there either: leave sys.path as it was
+                sys.path.remove(cwd)
+            raise
 
 
 _IMPORT_ADVICE = "fix the module, or what it needs at import: an environment variable, an installed package"

@@ -207,7 +207,8 @@ def emulate(
     seed: Annotated[int | None, typer.Option(help="Make fault injection deterministic.")] = None,
     time_scale: Annotated[float | None, typer.Option(help="Divide Svix retry delays by this (> 0; default "
                                                           "CLERK_EMULATOR_TIME_SCALE, else 1).")] = None,
-    rate_limit: Annotated[int, typer.Option(help="Backend API requests allowed per 10 s per key.")] = 100,
+    rate_limit: Annotated[int, typer.Option(help="Backend API requests allowed per 10 s per key (at least 1).",
+                                            min=1)] = 100,
 ) -> None:
     """Run a local Clerk (Backend API subset, JWKS, session tokens, Svix-signed webhooks).
 

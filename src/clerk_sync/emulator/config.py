@@ -135,6 +135,12 @@ class EmulatorConfig:
         return self.webhook_secret is None
 
     def __post_init__(self) -> None:
+        if not self.rate_limit_requests >= 1:  # 0 refused every request with a 429, never saying why
+            raise ValueError(f"rate_limit_requests must be at least 1 (Backend API requests allowed per "
+                             f"{self.rate_limit_window_s:g} s; Clerk's development instances allow 100), "
+                             f"got {self.rate_limit_requests!r}")
+        if not self.rate_limit_window_s > 0:
+            raise ValueError(f"rate_limit_window_s must be greater than 0, got {self.rate_limit_window_s!r}")
         if not self.time_scale > 0:  # NaN too; 0 would divide the retry delays by zero
             raise ValueError(f"time_scale must be greater than 0 (it divides the Svix retry delays), "
                              f"got {self.time_scale!r}")

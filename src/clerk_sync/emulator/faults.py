@@ -106,6 +106,8 @@ def _coerce(name: str, value: Any) -> Any:
         raise ValueError(f"{name} must be between 0 and 1")
     if number < 0 or (name == "time_scale" and number == 0):
         raise ValueError(f"{name} must be positive")
+    if name == "rate_limit_requests" and number < 1:  # 0 would refuse every request with a 429
+        raise ValueError("rate_limit_requests must be at least 1")
     return int(number) if name == "rate_limit_requests" else number
 
 
