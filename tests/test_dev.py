@@ -80,3 +80,50 @@ def test_the_demo_seeding_waits_out_the_emulators_rate_limit() -> None:
         seed_demo(clerk, 12, 2)  # 12 users, 2 orgs, their memberships, a rename and a deletion: ~20 requests
         assert clerk.get("/users/count").json()["total_count"] == 11
         assert sum(1 for _ in range(8) if clerk.get("/users/count").status_code == 200) == 8
+
+
+def test_a_second_demo_on_the_same_database_is_refused_and_the_running_one_keeps_its_rows(tmp_path: Path) -> None:
+    """Review finding: a second ``clerk-sync dev`` (another port) deleted the running demo's database."""
+    import pytest
+
+    from clerk_sync.errors import ConfigError
+
+    db = tmp_path / "dev.db"
+    first = DevStack(db)
+    with first.running(), first.clerk() as clerk:
+        seed_demo(clerk, 3, 1)
+        assert first.wait_converged(timeout_s=30)
+        rows = first.db_rows()
+        with pytest.raises(ConfigError, match=r"another `clerk-sync dev` is running on .*dev\.db: stop it"):
+            DevStack(db)
+        assert first.db_rows() == rows and rows["users"] > 0  # still the running demo's database
+    second = DevStack(db)  # the first one ended: its lock with it
+    with second.running():
+        assert second.db_rows()["users"] == 0  # fresh
+
+
+def test_the_demo_lock_dies_with_a_killed_demo(tmp_path: Path) -> None:
+    """The lock is the OS's (flock): a demo killed with -9 leaves no stale lock behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    db = tmp_path / "dev.db"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from clerk_sync.cli.dev import "
+         "_only_demo_on; lock = _only_demo_on(Path(sys.argv[1])); print('held', flush=True); time.sleep(600)", str(db)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        import pytest
+
+        from clerk_sync.errors import ConfigError
+
+        with pytest.raises(ConfigError, match="another `clerk-sync dev`"):
+            DevStack(db)
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait(10)
+    with DevStack(db).running() as stack:
+        assert stack.db_rows()["users"] == 0

@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import sqlalchemy as sa
 import uvicorn
+from filelock import FileLock, Timeout
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
@@ -58,6 +59,21 @@ def _is_demo_database(path: Path) -> bool:
     # main command keeps working in a checkout that ran it before.
     mark = int.from_bytes(header[68:72], "big")
     return mark == _DEMO_APPLICATION_ID or (mark == 0 and path.name == "clerk_sync_dev.db")
+
+
+def _only_demo_on(path: Path) -> FileLock:
+    """Hold ``<db>.lock`` while the demo runs (the OS drops it when the process dies, kill -9 included): a
+    second ``clerk-sync dev`` on the same ``--db`` deleted the running demo's database under it."""
+    lock = FileLock(f"{path}.lock", timeout=0, thread_local=False)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise ConfigError(f"another `clerk-sync dev` is running on {path}: stop it (Ctrl-C), or pass another "
+                          "--db") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot create the demo database {path} ({exc}): pass a --db in a writable "
+                          "directory that exists") from None
+    return lock
 
 
 def _fresh_database(path: Path, *, force: bool) -> None:
@@ -132,7 +148,12 @@ class DevStack:
         """``fresh``: recreate ``db_path``, which must be an earlier demo's database unless ``force``."""
         self._socket = _bound(port)  # first: a port in use leaves the last demo's database as it was
         try:
-            self._set_up(db_path, fresh=fresh, faults=faults, force=force)
+            self._lock = _only_demo_on(db_path)  # then: a demo running on it keeps its database
+            try:
+                self._set_up(db_path, fresh=fresh, faults=faults, force=force)
+            except BaseException:
+                self._lock.release()
+                raise
         except BaseException:
             self._socket.close()
             raise
@@ -168,6 +189,7 @@ class DevStack:
                     yield self
                 finally:
                     self.store.dispose()
+                    self._lock.release()
 
     def console_link(self, *, expires_in_s: int = 3600) -> str | None:
         """A sign-in link to the console for the demo admin: a session token minted by the emulator
