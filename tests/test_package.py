@@ -23,7 +23,7 @@ MODULES = sorted(
 PUBLIC_API: dict[str, list[str]] = {
     "clerk_sync": ["__version__"],
     "clerk_sync.auth": ["AuditEntry", "Auth", "AuthUser", "Authenticator", "ClaimsValidator", "DenyList", "JitUsers", "SessionVerifier", "read_user", "record_audit", "verifier_from_settings"],
-    "clerk_sync.auth.admin": ["ADMIN_ROLE", "AdminActions", "ClerkAdminAPI", "Impersonation", "RoleChange"],
+    "clerk_sync.auth.admin": ["ADMIN_ROLE", "AdminActions", "ClerkAdminAPI", "Impersonation", "RoleChange", "check_role"],
     "clerk_sync.auth.audit": ["AuditEntry", "record_audit"],
     "clerk_sync.auth.authenticator": ["Authenticator", "DenyList", "UserLoader", "signed_out_if_banned"],
     "clerk_sync.auth.claims": ["Auth", "ClaimsValidator", "auth_from_claims", "normalize_claims"],
@@ -41,7 +41,7 @@ PUBLIC_API: dict[str, list[str]] = {
     "clerk_sync.cli.reconcile": ["reconcile_command"],
     "clerk_sync.config": ["DEFAULT_DATABASE_URL", "DatabaseTimeouts", "Settings", "parse_webhook_secrets"],
     "clerk_sync.engine": ["Action", "DeliveryPlan", "DeliveryStatus", "Entity", "HANDLED_EVENT_TYPES", "Ignore", "Intent", "Record", "RevokeSession", "RowState", "Tombstone", "Upsert", "decide", "delivery_reason", "membership_parents", "person_named", "plan", "plan_delivery", "touches", "user_named"],
-    "clerk_sync.errors": ["AccessDenied", "ClerkAPIError", "ClerkNotFound", "ClerkSyncDeprecationWarning", "ClerkSyncError", "ClerkUnauthorized", "ClerkUnavailable", "ClerkValidationError", "ConfigError", "CrossSiteRequest", "EventShapeError", "HookGaveUp", "ImpersonationEnded", "PayloadError", "PayloadTooLarge", "RateLimited", "ReconcileBusy", "SessionPending", "SessionRevoked", "SessionUserBanned", "StoreDataError", "StoreError", "TokenAlgorithmNotAllowed", "TokenAuthorizedPartyInvalid", "TokenClaimMissing", "TokenError", "TokenExpired", "TokenIssuedInFuture", "TokenIssuerInvalid", "TokenKeyUnknown", "TokenKeysUnavailable", "TokenMalformed", "TokenMissing", "TokenNotYetValid", "TokenSignatureInvalid", "UnknownUser", "UserBanned", "UserDeleted", "UserDeprovisioned", "UserLocked", "WebhookError", "WebhookHeadersMissing", "WebhookVerificationError", "WrongInstance"],
+    "clerk_sync.errors": ["AccessDenied", "ClerkAPIError", "ClerkNotFound", "ClerkSyncDeprecationWarning", "ClerkSyncError", "ClerkUnauthorized", "ClerkUnavailable", "ClerkValidationError", "ConfigError", "CrossSiteRequest", "EventShapeError", "HookGaveUp", "ImpersonationEnded", "InvalidRole", "PayloadError", "PayloadTooLarge", "RateLimited", "ReconcileBusy", "SessionPending", "SessionRevoked", "SessionUserBanned", "StoreDataError", "StoreError", "TokenAlgorithmNotAllowed", "TokenAuthorizedPartyInvalid", "TokenClaimMissing", "TokenError", "TokenExpired", "TokenIssuedInFuture", "TokenIssuerInvalid", "TokenKeyUnknown", "TokenKeysUnavailable", "TokenMalformed", "TokenMissing", "TokenNotYetValid", "TokenSignatureInvalid", "UnknownUser", "UserBanned", "UserDeleted", "UserDeprovisioned", "UserLocked", "WebhookError", "WebhookHeadersMissing", "WebhookVerificationError", "WrongInstance"],
     "clerk_sync.events": ["Envelope", "MembershipRecord", "OrganizationRecord", "UserRecord", "instance_mismatch", "membership_record", "normalize_timestamp_ms", "organization_record", "parse_envelope", "record_columns", "user_record"],
     "clerk_sync.hooks": ["Backoff", "Change", "Dispatcher", "Hook", "HookGaveUp"],
     "clerk_sync.hooks.sinks": ["RedisStreamSink", "StandardWebhookSink", "change_message"],

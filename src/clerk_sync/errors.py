@@ -54,6 +54,7 @@ __all__ = [
     "EventShapeError",
     "HookGaveUp",
     "ImpersonationEnded",
+    "InvalidRole",
     "PayloadError",
     "PayloadTooLarge",
     "RateLimited",
@@ -382,6 +383,14 @@ class ReconcileBusy(ClerkSyncError):
     """Another ``clerk-sync reconcile`` is running (its heartbeat is recent); try again later."""
 
     code = "reconcile_busy"
+
+
+class InvalidRole(ClerkSyncError, ValueError):
+    """A role to set (``AdminActions.promote``) that Clerk would store but this database could not hold as
+    given: blank, longer than the column, with surrounding whitespace or control characters. Nothing was
+    changed; pass the role as the app checks it (e.g. ``admin``)."""
+
+    code = "invalid_role"
 
 
 class UnknownUser(ClerkSyncError, LookupError):

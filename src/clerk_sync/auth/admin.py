@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import sqlalchemy as sa
 
-from clerk_sync._limits import show
+from clerk_sync._limits import ROLE_CHARS, show
 from clerk_sync.auth.audit import AuditEntry, record_audit
 from clerk_sync.auth.users import AuthUser, read_user, standing_error
 from clerk_sync.engine import Entity, Upsert
@@ -23,6 +23,7 @@ from clerk_sync.errors import (
     ClerkNotFound,
     ClerkUnauthorized,
     ClerkValidationError,
+    InvalidRole,
     RateLimited,
     UserLocked,
 )
@@ -31,7 +32,7 @@ from clerk_sync.events import user_record
 from clerk_sync.store import Store, Writer
 from clerk_sync.tables import pending_role_changes, users
 
-__all__ = ["ADMIN_ROLE", "AdminActions", "ClerkAdminAPI", "Impersonation", "RoleChange"]
+__all__ = ["ADMIN_ROLE", "AdminActions", "ClerkAdminAPI", "Impersonation", "RoleChange", "check_role"]
 
 ADMIN_ROLE = "admin"
 MAX_IMPERSONATION_S = 300
@@ -86,6 +87,20 @@ class Impersonation:
     expires_in_s: int
 
 
+def check_role(role: object) -> None:
+    """Raise :class:`InvalidRole` unless ``role`` is a string the users table holds as given (1 to
+    ``ROLE_CHARS`` characters, no whitespace around it, no control character)."""
+    if not isinstance(role, str):
+        raise InvalidRole(f"a role is a string, not {type(role).__name__}")
+    if not role.strip():
+        raise InvalidRole("the role is blank: pass the role to set, e.g. 'admin' ('user' to demote)")
+    if len(role) > ROLE_CHARS:
+        raise InvalidRole(f"the role is {len(role)} characters, more than the {ROLE_CHARS} the users table holds")
+    if role != role.strip() or any(not ch.isprintable() for ch in role):
+        raise InvalidRole(f"the role {show(role)} has whitespace around it or a control character: pass it "
+                          "as the app checks it")
+
+
 class AdminActions:
     """Promotion and impersonation with their audit trail."""
 
@@ -100,7 +115,10 @@ class AdminActions:
 
     # -- roles -----------------------------------------------------------------------------------
     def promote(self, target: str, role: str, *, by: str | None, ip: str | None = None) -> RoleChange:
-        """Set ``public_metadata.role`` in Clerk and the DB; ``by`` must be an admin (None = CLI operator)."""
+        """Set ``public_metadata.role`` in Clerk and the DB; ``by`` must be an admin (None = CLI operator).
+        A role this database could not hold as given is refused first (:class:`InvalidRole`): Clerk would
+        store it, and the webhook would then apply the least-privileged role in its place."""
+        check_role(role)
         if by is not None:
             self._require_admin(by, action="role.change", target=target, ip=ip)
         before = read_user(self.store, target)

@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 from anyio import to_thread
 
+from clerk_sync._limits import show
 from clerk_sync._time import utcnow
 from clerk_sync.auth.admin import ADMIN_ROLE
 from clerk_sync.auth.audit import AuditEntry, record_audit
@@ -263,6 +264,12 @@ class Authenticator:
         if self.impersonator_roles is not None and actor.role not in self.impersonator_roles:
             raise ImpersonationEnded(f"the admin impersonating this user ({actor.clerk_id}) no longer has the role "
                                      f"{sorted(self.impersonator_roles)}: the impersonation has ended")
+        # Nor past the target becoming an admin or an impersonator (promoted, or a late webhook): the admin
+        # would act with those powers under the target's name, what AdminActions refuses at the grant.
+        target = read_user(self.store, auth.user_id)
+        if target is not None and target.role in {ADMIN_ROLE} | set(self.impersonator_roles or ()):
+            raise ImpersonationEnded(f"the impersonated user ({target.clerk_id}) holds the role {show(target.role)}, "
+                                     "which may administer or impersonate: the impersonation has ended")
 
     # -- may they --------------------------------------------------------------------------------
     def user(self, auth: Auth) -> AuthUser:

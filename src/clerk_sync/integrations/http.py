@@ -23,6 +23,7 @@ from clerk_sync.errors import (
     ConfigError,
     CrossSiteRequest,
     EventShapeError,
+    InvalidRole,
     PayloadError,
     PayloadTooLarge,
     RateLimited,
@@ -66,6 +67,7 @@ STATUS_BY_ERROR: dict[type[ClerkSyncError], int] = {
     ClerkUnavailable: 503,
     ReconcileBusy: 409,
     UnknownUser: 404,
+    InvalidRole: 422,
 }
 
 _STORE_RETRY_AFTER_S = 5

@@ -1,0 +1,71 @@
+"""Security review 6: an impersonation ends when its target becomes an admin or an impersonator; a role to set
+is checked before Clerk stores it."""
+
+from __future__ import annotations
+
+import pytest
+
+from clerk_sync.auth.admin import AdminActions
+from clerk_sync.auth.authenticator import Authenticator
+from clerk_sync.auth.claims import ClaimsValidator
+from clerk_sync.auth.jwks import StaticKeySource
+from clerk_sync.auth.sessions import SessionVerifier
+from clerk_sync.auth.users import read_user
+from clerk_sync.errors import ImpersonationEnded, InvalidRole
+from clerk_sync.integrations.http import status_for
+from clerk_sync.store import Store
+from clerk_sync.testing import EmulatorServer
+from tests.test_admin import audit_rows, synced_user
+from tests.test_sessions import ISS, KEY, NOW, claims, mint, pem
+
+
+def _authenticator(store: Store, **options: object) -> Authenticator:
+    verifier = SessionVerifier(StaticKeySource(pem(KEY)), ClaimsValidator(issuer=ISS, authorized_parties=None),
+                               now=lambda: float(NOW))
+    return Authenticator(verifier, store, **options)  # type: ignore[arg-type]
+
+
+def _impersonated(authenticator: Authenticator, target: str, actor: str) -> object:
+    token = mint(claims(sub=target, act={"sub": actor}))
+    return authenticator.authenticate({"authorization": f"Bearer {token}"}, {}, method="GET")
+
+
+def test_an_impersonation_ends_when_its_target_becomes_an_admin_or_an_impersonator(
+        emu: EmulatorServer, store: Store, actions: AdminActions) -> None:
+    """Review finding: the target was judged at the grant only; promoted afterwards (or its admin role arriving
+    by a late webhook), the impersonating admin kept acting with admin powers under the target's name."""
+    admin = synced_user(emu, store, "a@example.com", role="admin")
+    peer = synced_user(emu, store, "p@example.com", role="admin")
+    target = synced_user(emu, store, "t@example.com")
+    assert actions.start_impersonation(admin, target).target == target
+    authenticator = _authenticator(store, impersonator_roles=frozenset({"admin", "support"}))
+    assert _impersonated(authenticator, target, admin) is not None  # a plain user: the impersonation goes on
+    for role in ("support", "admin"):
+        assert actions.promote(target, role, by=peer).status == "applied"
+        with pytest.raises(ImpersonationEnded, match=f"holds the role '{role}'") as ended:
+            _impersonated(authenticator, target, admin)
+        assert status_for(ended.value) == 401
+    assert actions.promote(target, "user", by=peer).status == "applied"
+    assert _impersonated(authenticator, target, admin) is not None
+    dashboard = _impersonated(authenticator, peer, "user_clerk_dashboard_staff")  # no row here: not ours to judge
+    assert dashboard is not None
+
+
+@pytest.mark.parametrize(("role", "why"), [
+    ("", "blank"), ("   ", "blank"), ("a" * 65, "65 characters"), (" admin", "whitespace around it"),
+    ("admin\n", "whitespace around it"), ("ad\x00min", "control character"), (7, "a string, not int"),
+])
+def test_promote_refuses_a_role_the_users_table_cannot_hold_before_clerk_stores_it(
+        emu: EmulatorServer, store: Store, actions: AdminActions, role: object, why: str) -> None:
+    """Review finding: any string went to Clerk; one longer than the column failed the database write after
+    Clerk had stored it, and the webhook then applied the least-privileged role in its place."""
+    admin = synced_user(emu, store, "a@example.com", role="admin")
+    target = synced_user(emu, store, "t@example.com")
+    before = audit_rows(store)
+    with pytest.raises(InvalidRole, match=why) as refused:
+        actions.promote(target, role, by=admin)  # type: ignore[arg-type]
+    assert status_for(refused.value) == 422
+    assert emu.request("GET", f"/v1/users/{target}")["public_metadata"] == {"role": "user"}  # Clerk untouched
+    assert read_user(store, target).role == "user"  # type: ignore[union-attr]
+    assert audit_rows(store) == before
+    assert actions.promote(target, "a" * 64, by=admin).status == "applied"  # the column's length is fine
