@@ -108,6 +108,8 @@ REFUSED = [
     ("UPDATE audit_log SET details = :d", {"d": '{"redacted": true, "to": "admin", "to": "owner"}'}),  # twice
     ("UPDATE audit_log SET details = :d", {"d": '[{"redacted": true}]'}),
     ("UPDATE audit_log SET details = :d", {"d": '{"redacted": true, "redacted": "forged"}'}),
+    # a key twice, once JSON-escaped ("\u0074o" is "to"): readers take the last (review, migration 0014)
+    ("UPDATE audit_log SET details = :d", {"d": '{"redacted": true, "to": "admin", "\\u0074o": "owner"}'}),
 ]
 # ... and the redactions it lets through, in this order (each on the row as the one before left it).
 ALLOWED = [
@@ -165,3 +167,29 @@ def test_downgrading_to_0012_restores_the_append_only_triggers_and_upgrading_bri
     with pytest.raises(StoreError, match="append-only"), store.transaction() as w:
         w.conn.execute(sa.text("DELETE FROM audit_log"))
     assert _rows(store)["role.change_failed"]["ip"] is None
+
+
+def _overwrite(dialect: str) -> list[str]:
+    """Inserts that would put another row in place of row 1 (review: SQLite's INSERT OR REPLACE deleted it
+    without firing the DELETE trigger; migration 0014)."""
+    values = "(1, 'nothing.happened', 'user_someone_else', '{}', '6.6.6.6', '2020-01-01 00:00:00')"
+    columns = "audit_log (id, action, actor_clerk_id, details, ip, created_at)"
+    if dialect == "sqlite":
+        return [f"INSERT OR REPLACE INTO {columns} VALUES {values}", f"REPLACE INTO {columns} VALUES {values}",
+                f"INSERT INTO {columns} VALUES {values} ON CONFLICT (id) DO UPDATE SET action = excluded.action"]
+    if dialect == "postgresql":
+        return [f"INSERT INTO {columns} VALUES {values.replace(chr(39) + '{}' + chr(39), chr(39) + '{}' + chr(39) + '::jsonb')} "
+                "ON CONFLICT (id) DO UPDATE SET action = excluded.action, ip = excluded.ip"]
+    return [f"REPLACE INTO {columns} VALUES {values}",
+            f"INSERT INTO {columns} VALUES {values} ON DUPLICATE KEY UPDATE action = VALUES(action)"]
+
+
+def test_no_insert_replaces_an_audit_row(store: Store) -> None:
+    _one_row(store)
+    before = _rows(store)
+    with store.connect() as conn:
+        [row_id] = conn.execute(sa.select(audit_log.c.id)).scalars()
+    for sql in _overwrite(store.engine.dialect.name):
+        with pytest.raises(StoreError, match="append-only"), store.transaction() as w:
+            w.conn.exec_driver_sql(sql.replace("(1, ", f"({row_id}, "))
+        assert _rows(store) == before, sql
