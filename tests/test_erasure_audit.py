@@ -169,19 +169,18 @@ def test_downgrading_to_0012_restores_the_append_only_triggers_and_upgrading_bri
     assert _rows(store)["role.change_failed"]["ip"] is None
 
 
-def _overwrite(dialect: str) -> list[str]:
-    """Inserts that would put another row in place of row 1 (review: SQLite's INSERT OR REPLACE deleted it
-    without firing the DELETE trigger; migration 0014)."""
-    values = "(1, 'nothing.happened', 'user_someone_else', '{}', '6.6.6.6', '2020-01-01 00:00:00')"
-    columns = "audit_log (id, action, actor_clerk_id, details, ip, created_at)"
-    if dialect == "sqlite":
-        return [f"INSERT OR REPLACE INTO {columns} VALUES {values}", f"REPLACE INTO {columns} VALUES {values}",
-                f"INSERT INTO {columns} VALUES {values} ON CONFLICT (id) DO UPDATE SET action = excluded.action"]
-    if dialect == "postgresql":
-        return [f"INSERT INTO {columns} VALUES {values.replace(chr(39) + '{}' + chr(39), chr(39) + '{}' + chr(39) + '::jsonb')} "
-                "ON CONFLICT (id) DO UPDATE SET action = excluded.action, ip = excluded.ip"]
-    return [f"REPLACE INTO {columns} VALUES {values}",
-            f"INSERT INTO {columns} VALUES {values} ON DUPLICATE KEY UPDATE action = VALUES(action)"]
+_COLUMNS_VALUES = ("audit_log (id, action, actor_clerk_id, details, ip, created_at) "
+                   "VALUES (:id, 'nothing.happened', 'user_someone_else', '{}', '6.6.6.6', '2020-01-01 00:00:00')")
+# Inserts that would put another row in place of row :id (review: SQLite's INSERT OR REPLACE deleted it without
+# firing the DELETE trigger; migration 0014).
+OVERWRITES = {
+    "sqlite": ["INSERT OR REPLACE INTO " + _COLUMNS_VALUES, "REPLACE INTO " + _COLUMNS_VALUES,
+               "INSERT INTO " + _COLUMNS_VALUES + " ON CONFLICT (id) DO UPDATE SET action = excluded.action"],
+    "postgresql": ["INSERT INTO " + _COLUMNS_VALUES.replace("'{}'", "'{}'::jsonb")
+                   + " ON CONFLICT (id) DO UPDATE SET action = excluded.action, ip = excluded.ip"],
+    "mysql": ["REPLACE INTO " + _COLUMNS_VALUES,
+              "INSERT INTO " + _COLUMNS_VALUES + " ON DUPLICATE KEY UPDATE action = VALUES(action)"],
+}
 
 
 def test_no_insert_replaces_an_audit_row(store: Store) -> None:
@@ -189,7 +188,7 @@ def test_no_insert_replaces_an_audit_row(store: Store) -> None:
     before = _rows(store)
     with store.connect() as conn:
         [row_id] = conn.execute(sa.select(audit_log.c.id)).scalars()
-    for sql in _overwrite(store.engine.dialect.name):
+    for sql in OVERWRITES[store.engine.dialect.name]:
         with pytest.raises(StoreError, match="append-only"), store.transaction() as w:
-            w.conn.exec_driver_sql(sql.replace("(1, ", f"({row_id}, "))
+            w.conn.execute(sa.text(sql), {"id": row_id})
         assert _rows(store) == before, sql

@@ -28,7 +28,8 @@ down_revision = "0013"
 branch_labels = None
 depends_on = None
 
-_REFUSED = "SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'audit_log is append-only: an update may only redact ip and details'"
+_REFUSED = ("SIGNAL SQLSTATE '45000' "
+            "SET MESSAGE_TEXT = 'audit_log is append-only: an update may only redact ip and details'")
 
 _SQLITE_NO_REPLACE = """
 CREATE TRIGGER audit_log_no_replace BEFORE INSERT ON audit_log
@@ -37,7 +38,7 @@ BEGIN SELECT RAISE(ABORT, 'audit_log is append-only: a row cannot be replaced');
 """
 
 # 0013's trigger, and in its loop over the keys: no other key, unquoted, equals this one.
-_MYSQL_UPDATE = f"""
+_MYSQL_UPDATE = """
 CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log FOR EACH ROW
 BEGIN
   DECLARE i INT DEFAULT 0;
@@ -51,7 +52,7 @@ BEGIN
           AND BINARY NEW.impersonator_clerk_id <=> BINARY OLD.impersonator_clerk_id
           AND NEW.created_at <=> OLD.created_at
           AND (NEW.ip IS NULL OR BINARY NEW.ip <=> BINARY OLD.ip), FALSE) THEN
-    {_REFUSED};
+    REFUSED;
   END IF;
   IF NOT (BINARY NEW.details <=> BINARY OLD.details) THEN
     IF NOT COALESCE(JSON_VALID(NEW.details) AND JSON_TYPE(NEW.details) = 'OBJECT'
@@ -59,32 +60,32 @@ BEGIN
             AND JSON_TYPE(JSON_EXTRACT(NEW.details, '$.redacted')) = 'BOOLEAN'
             AND CAST(JSON_EXTRACT(NEW.details, '$.redacted') AS CHAR) = 'true'
             AND JSON_LENGTH(NEW.details) = JSON_LENGTH(JSON_KEYS(NEW.details)), FALSE) THEN
-      {_REFUSED};
+      REFUSED;
     END IF;
     SET n = JSON_LENGTH(JSON_KEYS(NEW.details));
     WHILE i < n DO
       SET k = JSON_UNQUOTE(JSON_EXTRACT(JSON_KEYS(NEW.details), CONCAT('$[', i, ']')));
       IF COALESCE(LOCATE('"', k) > 0 OR LOCATE('\\\\', k) > 0, TRUE) THEN
-        {_REFUSED};
+        REFUSED;
       END IF;
       SET j = i + 1;
       WHILE j < n DO
         IF COALESCE(BINARY k = BINARY JSON_UNQUOTE(JSON_EXTRACT(JSON_KEYS(NEW.details), CONCAT('$[', j, ']'))),
                     TRUE) THEN
-          {_REFUSED};
+          REFUSED;
         END IF;
         SET j = j + 1;
       END WHILE;
       SET p = CONCAT('$."', k, '"');
       IF BINARY k <> BINARY 'redacted' AND NOT (
           CAST(JSON_EXTRACT(NEW.details, p) AS BINARY) <=> CAST(JSON_EXTRACT(OLD.details, p) AS BINARY)) THEN
-        {_REFUSED};
+        REFUSED;
       END IF;
       SET i = i + 1;
     END WHILE;
   END IF;
 END
-"""
+""".replace("REFUSED", _REFUSED)
 
 
 def upgrade() -> None:
@@ -108,8 +109,10 @@ def downgrade() -> None:
 
 def _revision_0013() -> Any:
     """0013's module (its file name is no Python identifier): its trigger is what a downgrade restores."""
-    spec = importlib.util.spec_from_file_location("_clerk_sync_0013", Path(__file__).with_name("0013_audit_redaction.py"))
-    assert spec is not None and spec.loader is not None
+    path = Path(__file__).with_name("0013_audit_redaction.py")
+    spec = importlib.util.spec_from_file_location("_clerk_sync_0013", path)
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
