@@ -53,7 +53,7 @@ import sqlalchemy as sa
 import structlog
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 
-from clerk_sync._db_errors import is_row_referenced, is_transient
+from clerk_sync._db_errors import is_row_referenced, is_transient, store_error
 from clerk_sync._mentions import Mentions
 from clerk_sync._time import aware, utcnow
 from clerk_sync.auth.audit import AuditEntry, record_audit
@@ -191,6 +191,12 @@ class ErasureReport:
     payloads_redacted: int
     mapped_refused: tuple[str, ...] = ()
     audit_rows_redacted: int = 0
+
+
+# An erasure waits this long for the inbox writes in flight to end (see Retention._settle), then searches the
+# rows received since it began, less a margin for the clocks of the replicas that stamped them.
+_SETTLE_WAIT_S = 10
+_SETTLE_MARGIN = timedelta(hours=1)
 
 
 class Retention:
@@ -442,8 +448,9 @@ class Retention:
         """
         if not could_be_user_id(clerk_id):
             raise ValueError(f"erase_user needs a Clerk user id (user_...), not {clerk_id!r}")
+        began = self.store.now()
         try:
-            return self._erase_user(clerk_id, actor, reason, allow_unknown=allow_unknown)
+            report, mentions = self._erase_user(clerk_id, actor, reason, allow_unknown=allow_unknown)
         except StoreError as exc:
             if not is_transient(getattr(exc.__cause__, "orig", None)):
                 raise
@@ -451,9 +458,47 @@ class Retention:
                 f"{exc}. If it runs out again (a delivery for this user in progress, a stuck replica), raise "
                 "CLERK_SYNC_DB_LOCK_TIMEOUT_S or CLERK_SYNC_DB_IDLE_IN_TRANSACTION_TIMEOUT_S for this command (an "
                 "erasure's statements have no time limit)") from exc
+        try:
+            late = self._settle(mentions, began - _SETTLE_MARGIN)
+        except StoreError as exc:
+            raise StoreError(
+                f"user {clerk_id} is erased, but a delivery in progress held the inbox past {_SETTLE_WAIT_S} s, so "
+                f"what it stores was not checked ({exc}): run the erasure again in a minute") from exc
+        return dataclasses.replace(report, payloads_redacted=report.payloads_redacted + late)
+
+    def _settle(self, mentions: Mentions, since: datetime) -> int:
+        """Redact what deliveries in flight during the erasure stored whole; returns the payloads redacted.
+
+        A delivery that names the user without writing the user's row (``session.*``, ``email.created``) takes
+        no lock the erasure's tombstone waits on: one whose inbox row went in (the user not gone yet, so whole)
+        before the tombstone committed could commit after the erasure's search. So wait until every write in
+        flight on the inbox has ended (PostgreSQL: a SHARE lock on ``webhook_events``, taken and released at
+        once; MySQL/MariaDB: ``LOCK TABLES .. READ``, whose metadata lock waits for every open transaction that
+        wrote it), then search the rows received since the erasure began again: any delivery after that sees
+        the tombstone and stores its payload redacted. (SQLite: one writer, no delivery in flight.)"""
+        family = dialect_family(self.store.engine.dialect)
+        if family == "sqlite":
+            return 0
+        try:
+            if family == "postgresql":
+                with self.store.engine.begin() as conn:
+                    conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{_SETTLE_WAIT_S}s'")
+                    conn.exec_driver_sql("LOCK TABLE webhook_events IN SHARE MODE")
+            else:
+                with self.store.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                    conn.exec_driver_sql(f"SET SESSION lock_wait_timeout = {_SETTLE_WAIT_S}")
+                    try:
+                        conn.exec_driver_sql("LOCK TABLES webhook_events READ")
+                        conn.exec_driver_sql("UNLOCK TABLES")
+                    finally:
+                        conn.exec_driver_sql("SET SESSION lock_wait_timeout = DEFAULT")
+        except sa.exc.SQLAlchemyError as exc:
+            raise store_error(exc) from exc
+        with self.store.transaction() as writer, without_statement_bound(writer.conn):
+            return _redact_mentions(writer, mentions, since=since) + redact_jobs(writer.conn, mentions)
 
     def _erase_user(self, clerk_id: str, actor: str | None, reason: str | None, *,
-                    allow_unknown: bool) -> ErasureReport:
+                    allow_unknown: bool) -> tuple[ErasureReport, Mentions]:
         with self.store.transaction() as writer, without_statement_bound(writer.conn):
             existed = writer.conn.execute(sa.select(users.c.id).where(users.c.clerk_id == clerk_id)).first() is not None
             if not (allow_unknown or existed or is_erased(writer.conn, Entity.USER, clerk_id)
@@ -483,7 +528,7 @@ class Retention:
             if audited:
                 details["audit_rows_redacted"] = audited
             record_audit(writer, AuditEntry("user.erased", actor, clerk_id, details=details))
-        return ErasureReport(clerk_id, existed, redacted, refused, audited)
+        return ErasureReport(clerk_id, existed, redacted, refused, audited), mentions
 
 
 def _pass_deletion_on(writer: Writer, outbox: Outbox, clerk_id: str) -> None:
@@ -615,17 +660,20 @@ def _user_events(writer: Writer, clerk_id: str) -> tuple[bool, set[str]]:
     return seen, found
 
 
-def _redact_mentions(writer: Writer, mentions: Mentions) -> int:
+def _redact_mentions(writer: Writer, mentions: Mentions, *, since: datetime | None = None) -> int:
     """Redact every stored payload (any status) that names the person: rows found by a text search, kept
     when their parsed payload names one of the needles as a whole (:class:`~clerk_sync._mentions.Mentions`).
     A ``last_error`` that names them is redacted too, also where the payload already was (an app's error
-    message, a link refusal of an older release quoted the address); returns the payloads redacted."""
+    message, a link refusal of an older release quoted the address); returns the payloads redacted.
+    ``since``: only the rows received from then on."""
     e = webhook_events
     lower = unicode_lower(writer.conn)
     query = sa.select(e.c.id, e.c.payload, e.c.redacted_at, e.c.last_error).where(sa.or_(
         sa.and_(e.c.redacted_at.is_(None), _may_name(lower, sa.cast(e.c.payload, sa.Text), mentions)),
         sa.and_(e.c.last_error.is_not(None), e.c.last_error != _REDACTED_ERROR,
                 _may_name(lower, e.c.last_error, mentions))))
+    if since is not None:
+        query = query.where(e.c.received_at >= since)
     payloads: list[tuple[int, Any]] = []
     errors: list[int] = []
     for row in writer.conn.execute(query):
