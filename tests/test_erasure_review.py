@@ -300,3 +300,47 @@ def test_an_erasure_run_again_with_the_mapping_and_hooks_passes_the_deletion_on(
     assert [j["type"] for j in hook_jobs_of(app)][2:] == ["organizationMembership.deleted", "user.deleted"]
     app.dispose()
     engine.dispose()
+
+
+def test_apply_many_in_stores_a_late_event_of_an_erased_user_redacted(store: Store, verifier: WebhookVerifier) -> None:
+    """Review finding: the batch form of apply_in (public) kept a pipelined late event whole on PostgreSQL,
+    where the group committer redacts it (``forget_if_deleted``)."""
+    mail = "zenobia.secret@example.com"
+    processor = WebhookProcessor(store, verifier)
+    assert deliver(processor, f.envelope("user.created", f.user("user_z", 100, email=mail)), "u1") == "applied"
+    Retention(store).erase_user("user_z", reason="DSR")
+    late = parse_envelope(f.body_of(f.envelope("user.updated", f.user("user_z", 200, email=mail))))
+    fresh = parse_envelope(f.body_of(f.envelope("user.created", f.user("user_y", 100, email="y@example.com"))))
+    with store.transaction() as writer:
+        outcomes = processor.apply_many_in(writer, [("late", late), ("fresh", fresh)])
+    assert [o.status for o in outcomes] == ["skipped", "applied"]
+    with store.connect() as conn:
+        stored = dict(conn.execute(sa.select(webhook_events.c.svix_id, webhook_events.c.payload)).all())
+    text = {k: v if isinstance(v, str) else json.dumps(v) for k, v in stored.items()}
+    assert mail not in text["late"] and "y@example.com" in text["fresh"]
+
+
+def test_clearing_a_deleted_users_tombstone_redacts_the_audit_details_quoting_their_address(
+        store: Store, verifier: WebhookVerifier) -> None:
+    """Review finding: once retention had cleared the tombstone (and redacted the user's events), a later
+    erasure no longer knew the address, and an audit row quoting it stayed. The clearing redacts it."""
+    from clerk_sync.auth.audit import AuditEntry, record_audit
+    from clerk_sync.tables import audit_log
+
+    mail = "zenobia.secret@example.com"
+    processor = WebhookProcessor(store, verifier)
+    assert deliver(processor, f.envelope("user.created", f.user("user_z", 100, email=mail)), "u1") == "applied"
+    with store.transaction() as w:
+        record_audit(w, AuditEntry("support.ticket", "user_admin", "user_z", details={"note": f"from {mail}",
+                                                                                     "ticket": 7}))
+        record_audit(w, AuditEntry("support.ticket", "user_admin", "user_q", details={"note": "from q@example.com"}))
+    assert deliver(processor, f.envelope("user.deleted", f.deleted("user", "user_z")), "u2") == "applied"
+    Retention(store, now=_later(31)).prune()  # the default policy: tombstone cleared, the user's events redacted
+    with store.connect() as conn:
+        details = [d if isinstance(d, dict) else json.loads(d)
+                   for d in conn.execute(sa.select(audit_log.c.details).order_by(audit_log.c.id)).scalars()]
+    assert details == [{"ticket": 7, "redacted": True}, {"note": "from q@example.com"}]
+    Retention(store).erase_user("user_z", reason="DSR")  # a request later finds nothing more to do there
+    with store.connect() as conn:
+        texts = [d if isinstance(d, str) else json.dumps(d) for d in conn.execute(sa.select(audit_log.c.details)).scalars()]
+    assert not any(mail in t for t in texts), texts

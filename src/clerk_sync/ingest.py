@@ -200,8 +200,12 @@ class WebhookProcessor:
     def apply_many_in(self, writer: Writer, deliveries: Sequence[tuple[str, Envelope]]) -> list[Outcome]:
         """:meth:`apply_in` for many deliveries in the caller's transaction; on PostgreSQL the upserts
         go to the database in one pipeline. A database error does not say which delivery caused it
-        (run them one by one with :meth:`apply_in` to find out)."""
+        (run them one by one with :meth:`apply_in` to find out). As :meth:`apply_in`, a late event about a
+        deleted or erased user is stored redacted (:meth:`forget_if_deleted`, for the pipelined ones too)."""
         done = self.pipelined_in(writer, deliveries)
+        for i, outcome in enumerate(done):
+            if outcome is not None:
+                self.forget_if_deleted(writer, outcome, deliveries[i][1])
         return [outcome or self.apply_in(writer, *deliveries[i]) for i, outcome in enumerate(done)]
 
     def pipelined_in(self, writer: Writer, deliveries: Sequence[tuple[str, Envelope]]) -> list[Outcome | None]:

@@ -302,6 +302,13 @@ class Retention:
         query = sa.select(table.c.id).where(table.c.deleted_at.is_not(None), table.c.deleted_at < cutoff,
                                             _not_cleared(table))
         ids = list(writer.conn.execute(self._pick(query)).scalars())
+        if ids and table is users:
+            # Their addresses are forgotten now: an audit row quoting one (an app's note, an error message) is
+            # redacted now too, as an erasure would; a later erasure request no longer knows what to look for.
+            found = writer.conn.execute(sa.select(users.c.email, users.c.email_addresses).where(users.c.id.in_(ids)))
+            addresses = Mentions({address for row in found for address in _emails(row)})
+            if addresses:
+                _redact_audit_details(writer, addresses)
         if ids:
             writer.conn.execute(table.update().where(table.c.id.in_(ids)).values(**_CLEARED[table]))
         return len(ids)
@@ -710,10 +717,26 @@ def _redact_audit(writer: Writer, clerk_id: str, mentions: Mentions) -> int:
             details.append({"row_id": row.id, "new_details": _redacted_details(_as_dict(row.details), mentions)})
     if ips:
         writer.conn.execute(a.update().where(a.c.id.in_(ips)).values(ip=None))
+    _store_audit_details(writer, details)
+    return len(set(ips) | {d["row_id"] for d in details})
+
+
+def _redact_audit_details(writer: Writer, mentions: Mentions) -> int:
+    """Redact the ``details`` of the audit rows that name ``mentions``; returns the rows changed."""
+    a = audit_log
+    query = sa.select(a.c.id, a.c.details).where(_may_name(unicode_lower(writer.conn), sa.cast(a.c.details, sa.Text),
+                                                           mentions))
+    details = [{"row_id": row.id, "new_details": _redacted_details(_as_dict(row.details), mentions)}
+               for row in writer.conn.execute(query) if mentions.in_document(_as_dict(row.details))]
+    _store_audit_details(writer, details)
+    return len(details)
+
+
+def _store_audit_details(writer: Writer, details: list[dict[str, Any]]) -> None:
     if details:
+        a = audit_log
         writer.conn.execute(a.update().where(a.c.id == sa.bindparam("row_id")).values(
             details=sa.bindparam("new_details", type_=a.c.details.type)), details)
-    return len(set(ips) | {d["row_id"] for d in details})
 
 
 def _redacted_details(details: Mapping[str, Any], mentions: Mentions) -> dict[str, Any]:
