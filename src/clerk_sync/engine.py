@@ -40,6 +40,7 @@ __all__ = [
     "decide",
     "delivery_reason",
     "membership_parents",
+    "membership_to_repair",
     "person_named",
     "plan",
     "plan_delivery",
@@ -217,16 +218,34 @@ class DeliveryPlan:
         return self.status if changed else DeliveryStatus.SKIPPED
 
 
-def plan_delivery(envelope: Envelope) -> DeliveryPlan:
+def plan_delivery(envelope: Envelope, *, stored_parents: tuple[str, str] | None = None) -> DeliveryPlan:
     """The status rule, in one place (live deliveries and ``replay`` both use it): a shape error is
-    ``failed``, an unmirrored type ``ignored``, anything else ``applied`` unless the guard skips it."""
+    ``failed``, an unmirrored type ``ignored``, anything else ``applied`` unless the guard skips it.
+    ``stored_parents``: see :func:`membership_to_repair`."""
     try:
-        intent = plan(envelope)
+        if stored_parents is not None and membership_to_repair(envelope) is not None:
+            notes: list[str] = []
+            record = membership_record(envelope.data, notes, stored=stored_parents)
+            intent: Intent = Upsert(Entity.MEMBERSHIP, record, tuple(notes))
+        else:
+            intent = plan(envelope)
     except EventShapeError as exc:
         return DeliveryPlan(DeliveryStatus.FAILED, None, delivery_reason(str(exc), envelope.notes))
     if isinstance(intent, Ignore):
         return DeliveryPlan(DeliveryStatus.IGNORED, None, delivery_reason(None, envelope.notes))
     return DeliveryPlan(DeliveryStatus.APPLIED, intent, delivery_reason(None, envelope.notes + intent.notes))
+
+
+def membership_to_repair(envelope: Envelope) -> str | None:
+    """The id of the membership a created/updated event is about, when that id is well-formed: if its
+    organization or user id is not, the row stored here supplies them (``plan_delivery(stored_parents=...)``),
+    so a role change is not held back by a malformed field beside it. None for any other event."""
+    if envelope.type not in ("organizationMembership.created", "organizationMembership.updated"):
+        return None
+    try:
+        return fit_clerk_id(envelope.data.get("id"), "organization membership object 'id'")
+    except EventShapeError:
+        return None
 
 
 def touches(intent: Intent) -> frozenset[tuple[Entity, str]]:

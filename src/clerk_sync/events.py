@@ -251,14 +251,18 @@ def organization_record(data: JSON, notes: Notes = None) -> OrganizationRecord:
     )
 
 
-def membership_record(data: JSON, notes: Notes = None) -> MembershipRecord:
-    """Build a membership row; the org and user may not be in our tables yet, and that is fine."""
+def membership_record(data: JSON, notes: Notes = None, *, stored: tuple[str, str] | None = None) -> MembershipRecord:
+    """Build a membership row; the org and user may not be in our tables yet, and that is fine.
+
+    ``stored``: the organization and user ids of the membership's row here (which never change in Clerk).
+    Given, a malformed one in the payload is replaced by the stored one (noted) instead of failing the event:
+    its role change must not be held back by it."""
     org = data.get("organization")
     user = data.get("public_user_data")
-    org_id = fit_clerk_id(org.get("id") if isinstance(org, dict) else None, "membership organization.id")
-    user_id = fit_clerk_id(
-        user.get("user_id") if isinstance(user, dict) else None, "membership public_user_data.user_id"
-    )
+    org_id = _parent_id(org.get("id") if isinstance(org, dict) else None, "membership organization.id",
+                        None if stored is None else stored[0], notes)
+    user_id = _parent_id(user.get("user_id") if isinstance(user, dict) else None,
+                         "membership public_user_data.user_id", None if stored is None else stored[1], notes)
     role = _role(data, "data.role", "org:member", notes)
     return MembershipRecord(
         clerk_id=_id(data, "organization membership"),
@@ -269,6 +273,17 @@ def membership_record(data: JSON, notes: Notes = None) -> MembershipRecord:
         role=_LEGACY_ORG_ROLES.get(role, role),
         permissions=[p for p in _list(data, "permissions", notes) if isinstance(p, str)],
     )
+
+
+def _parent_id(value: object, what: str, stored: str | None, notes: Notes) -> str:
+    try:
+        return fit_clerk_id(value, what)
+    except EventShapeError as exc:
+        if stored is None:
+            raise
+        if notes is not None:
+            notes.append(f"{exc}: the stored {stored!r} kept")
+        return stored
 
 
 def _id(data: JSON, what: str) -> str:

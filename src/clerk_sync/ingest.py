@@ -25,12 +25,14 @@ import structlog
 from clerk_sync._limits import show
 from clerk_sync._time import as_utc
 from clerk_sync.engine import (
+    DeliveryPlan,
     DeliveryStatus,
     Entity,
     Tombstone,
     Upsert,
     delivery_reason,
     membership_parents,
+    membership_to_repair,
     person_named,
     plan_delivery,
     touches,
@@ -248,7 +250,7 @@ class WebhookProcessor:
 
         Plan first (pure), so the inbox row is written once with its expected outcome; only a
         stale upsert (skipped) needs a second statement."""
-        planned = plan_delivery(envelope)
+        planned = _plan(writer, envelope)
         error = planned.reason
         refused = len(writer.refused)
         if planned.intent is not None and writer.one_statement(planned.intent):
@@ -512,5 +514,17 @@ def _stored_ms(event_ms: int | None, received_at: datetime) -> int:
 
 def apply_envelope(writer: Writer, envelope: Envelope) -> tuple[DeliveryStatus, str | None]:
     """Apply a parsed event inside the caller's transaction; returns (status, error or notes)."""
-    planned = plan_delivery(envelope)
+    planned = _plan(writer, envelope)
     return planned.status_after(writer.apply(planned.intent) if planned.intent else True), planned.reason
+
+
+def _plan(writer: Writer, envelope: Envelope) -> DeliveryPlan:
+    """:func:`plan_delivery`; a membership event failed by a malformed organization or user id is planned
+    again with the ids its row holds here (:func:`~clerk_sync.engine.membership_to_repair`), so the role
+    change it carries applies."""
+    planned = plan_delivery(envelope)
+    if planned.status == DeliveryStatus.FAILED and (membership := membership_to_repair(envelope)) is not None:
+        stored = writer.membership_parents(membership)
+        if stored is not None:
+            return plan_delivery(envelope, stored_parents=stored)
+    return planned

@@ -238,6 +238,13 @@ class Writer:
                 self.outbox.checked_at_once = True  # (Outbox.project sends it otherwise)
 
     # -- inbox ---------------------------------------------------------------------------------
+    def membership_parents(self, clerk_id: str) -> tuple[str, str] | None:
+        """The organization and user ids of membership ``clerk_id`` as stored, or None (no row)."""
+        m = organization_memberships
+        row = self.conn.execute(sa.select(m.c.organization_clerk_id, m.c.user_clerk_id)
+                                .where(m.c.clerk_id == clerk_id)).first()
+        return None if row is None else (row[0], row[1])
+
     def record_delivery(self, svix_id: str, payload: dict[str, Any] | str, *, event_type: str,
                         instance_id: str | None, event_timestamp: int | None, status: str = "received",
                         error: str | None = None, unless_gone: tuple[str, dict[str, Any]] | None = None) -> bool:
