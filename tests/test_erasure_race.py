@@ -11,6 +11,7 @@ import time
 import pytest
 import sqlalchemy as sa
 
+from clerk_sync.errors import StoreError
 from clerk_sync.events import parse_envelope
 from clerk_sync.ingest import WebhookProcessor
 from clerk_sync.retention import ErasureReport, Retention
@@ -102,3 +103,29 @@ def test_an_erasure_the_inbox_is_held_from_says_what_to_do(db_url: str, verifier
     finally:
         store.dispose()
         other.dispose()
+
+
+@pytest.mark.parametrize("db_url", [pytest.param("mariadb", marks=pytest.mark.mariadb)], indirect=True)
+def test_without_the_lock_tables_privilege_the_erasure_says_what_to_grant(db_url: str,
+                                                                        verifier: WebhookVerifier) -> None:
+    import uuid
+
+    url = sa.engine.make_url(db_url)
+    user = f"cs_nolock_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(db_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"CREATE USER '{user}'@'%%' IDENTIFIED BY 'pw'")
+        conn.exec_driver_sql(f"GRANT SELECT, INSERT, UPDATE, DELETE ON `{url.database}`.* TO '{user}'@'%%'")
+    limited = Store.from_url(url.set(username=user, password="pw").render_as_string(hide_password=False))
+    try:
+        processor = WebhookProcessor(limited, verifier)
+        assert deliver(processor, f.envelope("user.created", f.user("user_p", 100, email=MAIL)), "u1") == "applied"
+        with pytest.raises(StoreError, match=r"user_p is erased, but the wait for deliveries in progress failed.*"
+                                            r"LOCK TABLES privilege"):
+            Retention(limited).erase_user("user_p")
+        assert _erased(limited, "user_p")
+    finally:
+        limited.dispose()
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"DROP USER '{user}'@'%%'")
+        admin.dispose()

@@ -53,7 +53,7 @@ import sqlalchemy as sa
 import structlog
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 
-from clerk_sync._db_errors import is_row_referenced, is_transient, store_error
+from clerk_sync._db_errors import is_lock_wait_timeout, is_row_referenced, is_transient, store_error
 from clerk_sync._mentions import Mentions
 from clerk_sync._time import aware, utcnow
 from clerk_sync.auth.audit import AuditEntry, record_audit
@@ -468,9 +468,14 @@ class Retention:
         try:
             late = self._settle(mentions, began - _SETTLE_MARGIN)
         except StoreError as exc:
+            if is_lock_wait_timeout(getattr(exc.__cause__, "orig", None)):
+                raise StoreError(
+                    f"user {clerk_id} is erased, but a delivery in progress held the inbox past {_SETTLE_WAIT_S} s, "
+                    f"so what it stores was not checked ({exc}): run the erasure again in a minute") from exc
             raise StoreError(
-                f"user {clerk_id} is erased, but a delivery in progress held the inbox past {_SETTLE_WAIT_S} s, so "
-                f"what it stores was not checked ({exc}): run the erasure again in a minute") from exc
+                f"user {clerk_id} is erased, but the wait for deliveries in progress failed ({exc}), so what they "
+                "store was not checked: run the erasure again (on MySQL/MariaDB the database user needs the LOCK "
+                "TABLES privilege for this wait)") from exc
         return dataclasses.replace(report, payloads_redacted=report.payloads_redacted + late)
 
     def _settle(self, mentions: Mentions, since: datetime) -> int:
