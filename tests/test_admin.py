@@ -13,9 +13,9 @@ from clerk_sync.auth.claims import ClaimsValidator
 from clerk_sync.auth.jwks import JWKSKeySource
 from clerk_sync.auth.sessions import SessionVerifier
 from clerk_sync.auth.users import read_user
-from clerk_sync.clerk_api import ClerkClient
+from clerk_sync.clerk_api import ClerkClient, RetryPolicy
 from clerk_sync.engine import Entity, Upsert
-from clerk_sync.errors import AccessDenied, ClerkValidationError, StoreError
+from clerk_sync.errors import AccessDenied, ClerkPaymentRequired, StoreError
 from clerk_sync.events import user_record
 from clerk_sync.store import Store
 from clerk_sync.tables import audit_log, pending_role_changes
@@ -108,37 +108,24 @@ def test_audit_log_is_append_only(emu: EmulatorServer, store: Store, actions: Ad
     assert [r["action"] for r in audit_rows(store)] == ["role.change.refused"]
 
 
-class ActorTokensUnavailable:
-    """The real client over HTTP, except that actor tokens are refused as on plans without them."""
-
-    def __init__(self, client: ClerkClient) -> None:
-        self.client = client
-
-    def update_user_metadata(self, user_id: str, *, public_metadata: dict[str, Any] | None = None) -> dict[str, Any]:
-        return self.client.update_user_metadata(user_id, public_metadata=public_metadata)
-
-    def create_actor_token(self, user_id: str, actor: dict[str, Any], *, expires_in_seconds: int | None = None,
-                           session_max_duration_in_seconds: int | None = None) -> dict[str, Any]:
-        raise ClerkValidationError("actor tokens are not available on this plan", status=402, path="/actor_tokens")
-
-    def create_sign_in_token(self, user_id: str, *, expires_in_seconds: int | None = None) -> dict[str, Any]:
-        return self.client.create_sign_in_token(user_id, expires_in_seconds=expires_in_seconds)
-
-
-def test_impersonation_falls_back_to_a_sign_in_token(emu: EmulatorServer, store: Store, actions: AdminActions) -> None:
-    admin = synced_user(emu, store, "ops@example.com", role="admin")
-    target = synced_user(emu, store, "gina@example.com")
-    strict = AdminActions(store, ActorTokensUnavailable(actions.clerk))  # type: ignore[arg-type]
-    with pytest.raises(ClerkValidationError):
-        strict.start_impersonation(admin, target)  # no silent, unmarked session by default
-    fallback = AdminActions(store, ActorTokensUnavailable(actions.clerk), sign_in_token_fallback=True)  # type: ignore[arg-type]
-    grant = fallback.start_impersonation(admin, target, expires_in_s=3600)
-    assert grant.method == "sign_in_token"
-    assert grant.expires_in_s == 300  # capped at five minutes
-    assert grant.token
-    failed, granted = audit_rows(store)
-    assert failed["action"] == "impersonation.failed"
-    assert granted["details"]["method"] == "sign_in_token"
+def test_impersonation_falls_back_to_a_sign_in_token(store: Store) -> None:
+    """A plan without actor tokens left: Clerk answers ``POST /actor_tokens`` 402 (the emulator's
+    ``actor_tokens_per_month``), which the real client raises as :class:`ClerkPaymentRequired` (review: a
+    test double raised a 422 the client never does, and the 402 skipped the fallback and the audit)."""
+    with EmulatorServer(actor_tokens_per_month=0, rate_limit_requests=1000) as plan, \
+            ClerkClient(plan.secret_key, api_url=plan.url, retry=RetryPolicy(attempts=1, deadline_s=2)) as client:
+        admin = synced_user(plan, store, "ops@example.com", role="admin")
+        target = synced_user(plan, store, "gina@example.com")
+        with pytest.raises(ClerkPaymentRequired, match="allows 0 impersonations a month"):
+            AdminActions(store, client).start_impersonation(admin, target)  # no silent, unmarked session by default
+        fallback = AdminActions(store, client, sign_in_token_fallback=True)
+        grant = fallback.start_impersonation(admin, target, expires_in_s=3600)
+        assert grant.method == "sign_in_token"
+        assert grant.expires_in_s == 300  # capped at five minutes
+        assert grant.token
+        failed, granted = audit_rows(store)
+        assert failed["action"] == "impersonation.failed" and "impersonations a month" in failed["details"]["error"]
+        assert granted["details"]["method"] == "sign_in_token"
 
 
 def test_a_stale_pending_change_never_overrides_a_newer_one(emu: EmulatorServer, store: Store, actions: AdminActions) -> None:

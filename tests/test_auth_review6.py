@@ -69,3 +69,39 @@ def test_promote_refuses_a_role_the_users_table_cannot_hold_before_clerk_stores_
     assert read_user(store, target).role == "user"  # type: ignore[union-attr]
     assert audit_rows(store) == before
     assert actions.promote(target, "a" * 64, by=admin).status == "applied"  # the column's length is fine
+
+
+def test_a_key_rotated_in_under_the_same_kid_verifies_after_one_refetch(emu: EmulatorServer) -> None:
+    """Review finding (FACTS 5.3: Clerk's kid is the instance id; 5.4: Clerk's SDK refetches once on a signature
+    failure): a new key under the cached kid was refused until the 300 s TTL ran out. The emulator rotated
+    with a new kid only; ``keys/rotate?keep_kid=true`` rotates as Clerk does."""
+    import httpx
+    import jwt as pyjwt
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from clerk_sync.auth.jwks import JWKSKeySource
+    from clerk_sync.errors import TokenSignatureInvalid
+
+    clock = [1000.0]
+    user = emu.create_user("rot@example.com")
+    with httpx.Client() as client:
+        keys = JWKSKeySource(f"{emu.url}/v1/jwks", client=client, headers={"Authorization": f"Bearer {emu.secret_key}"},
+                             now=lambda: clock[0])
+        verifier = SessionVerifier(keys, ClaimsValidator(issuer=emu.url, authorized_parties=None))
+        assert verifier.verify(emu.mint_session_token(user["id"])).user_id == user["id"]
+        kid = emu.request("POST", "/_emulator/keys/rotate", params={"keep_kid": "true"})["kid"]
+        assert kid == emu.config.instance_id
+        fresh = emu.mint_session_token(user["id"])
+        assert pyjwt.get_unverified_header(fresh)["kid"] == kid
+        clock[0] += 6  # past the refetch floor, within the TTL
+        assert verifier.verify(fresh).user_id == user["id"]
+        assert keys.fetches == 2
+        # A forged signature under the kid: one refetch finds the same key, then the cooldown holds
+        forger = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        forged = pyjwt.encode(pyjwt.decode(fresh, options={"verify_signature": False}), forger, algorithm="RS256",
+                              headers={"kid": kid})
+        clock[0] += 6
+        for _ in range(3):
+            with pytest.raises(TokenSignatureInvalid):
+                verifier.verify(forged)
+        assert keys.fetches == 3

@@ -44,6 +44,7 @@ __all__ = [
     "AccessDenied",
     "ClerkAPIError",
     "ClerkNotFound",
+    "ClerkPaymentRequired",
     "ClerkSyncDeprecationWarning",
     "ClerkSyncError",
     "ClerkUnauthorized",
@@ -350,6 +351,13 @@ class ClerkValidationError(ClerkAPIError):
     """400/422 from Clerk: the request was invalid (a bad parameter, a taken identifier...)."""
 
     code = "clerk_validation_error"
+
+
+class ClerkPaymentRequired(ClerkAPIError):
+    """402 from Clerk: the instance's plan does not include this, or its monthly allowance is spent (actor
+    tokens: 5 impersonations a month on free plans). Upgrade the plan, or wait for the next month."""
+
+    code = "clerk_payment_required"
 
 
 class RateLimited(ClerkAPIError):

@@ -21,6 +21,7 @@ from clerk_sync.errors import (
     AccessDenied,
     ClerkAPIError,
     ClerkNotFound,
+    ClerkPaymentRequired,
     ClerkUnauthorized,
     ClerkValidationError,
     InvalidRole,
@@ -241,9 +242,10 @@ class AdminActions:
             grant = self.clerk.create_actor_token(target, {"sub": admin}, expires_in_seconds=ttl,
                                                   session_max_duration_in_seconds=session_max_s)
             method = "actor_token"
-        except (ClerkValidationError, ClerkNotFound) as exc:
-            user_missing = isinstance(exc, ClerkNotFound) and bool(exc.path) and "/users" in str(exc.path)
-            if not self.sign_in_token_fallback or user_missing:
+        except (ClerkValidationError, ClerkNotFound, ClerkPaymentRequired) as exc:
+            # 402: the plan has no actor tokens left (5 a month on free plans); 404: no such user, for which a
+            # sign-in token fails too
+            if not self.sign_in_token_fallback or isinstance(exc, ClerkNotFound):
                 entry = AuditEntry("impersonation.failed", admin, target, details={"error": str(exc)}, ip=ip)
                 with self.store.transaction() as w:
                     record_audit(w, entry)

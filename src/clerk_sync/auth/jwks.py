@@ -123,6 +123,30 @@ class JWKSKeySource:
             raise self._unknown(f"no key with kid {show(kid)} in {self.url}")
         return key
 
+    def renewed(self, kid: str | None, key: RSAPublicKey, *, allow_fetch: bool = True) -> RSAPublicKey | None:
+        """The key now published for ``kid`` when it is no longer ``key``, whose signature did not verify; else
+        None. Clerk's ``kid`` is the instance id, so a rotated key comes under the kid already cached: the JWKS
+        is refetched once, on the same floor and cooldown as an unknown kid (a forged signature that finds the
+        same key starts the cooldown: a flood of them costs one fetch per cooldown)."""
+        current = self._keys.get(kid or "")
+        if current is not None and not _same(current, key):
+            return current  # another request refetched meanwhile
+        if not self._may_fetch_unknown():
+            return None
+        if not allow_fetch:
+            raise NeedsFetch
+        with self._lock:
+            current = self._keys.get(kid or "")
+            if current is None or _same(current, key):
+                if not self._may_fetch_unknown():
+                    return None
+                self._fetch()
+                current = self._keys.get(kid or "")
+        if current is None or _same(current, key):
+            self._last_miss = self._now()
+            return None
+        return current
+
     def prefetch(self) -> int:
         """Fetch the JWKS now (at start-up, or from ``clerk-sync doctor``); returns how many keys it holds."""
         self._refresh(wait=True, allowed=lambda: True)
@@ -179,6 +203,10 @@ class JWKSKeySource:
         if not keys:
             self._problem = f"the JWKS from {self.url} holds no RSA signing key"
         self._fetched_at = self._now()
+
+
+def _same(a: RSAPublicKey, b: RSAPublicKey) -> bool:
+    return a is b or a.public_numbers() == b.public_numbers()
 
 
 def _parse_jwks(document: Any) -> dict[str, RSAPublicKey]:

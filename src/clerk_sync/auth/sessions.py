@@ -314,8 +314,13 @@ class SessionVerifier:
         signature = _b64url_decode(crypto, "signature")
         payload = _b64url_decode(body, "payload")
         key = self.keys.get(kid, allow_fetch=allow_fetch)
-        if not _RS256.verify(raw[: len(head) + 1 + len(body)], key, signature):
-            raise TokenSignatureInvalid("signature does not verify")
+        signed = raw[: len(head) + 1 + len(body)]
+        if not _RS256.verify(signed, key, signature):
+            # A key rotated in under the same kid (Clerk's kid is the instance id): the JWKS once more
+            renewed = self.keys.renewed(kid, key, allow_fetch=allow_fetch) \
+                if isinstance(self.keys, JWKSKeySource) else None
+            if renewed is None or not _RS256.verify(signed, renewed, signature):
+                raise TokenSignatureInvalid("signature does not verify")
         if not known:  # only signed headers, so forged ones cannot churn the memo
             self._remember_header(head, kid)
         claims = _json_object(payload, "payload")

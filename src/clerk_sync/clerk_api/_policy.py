@@ -23,6 +23,7 @@ from clerk_sync.clerk_api.ratelimit import Block, Reservation
 from clerk_sync.errors import (
     ClerkAPIError,
     ClerkNotFound,
+    ClerkPaymentRequired,
     ClerkUnauthorized,
     ClerkUnavailable,
     ClerkValidationError,
@@ -409,7 +410,7 @@ def _clerk_error(response: httpx.Response) -> tuple[str, str | None, str | None]
 
 
 _BY_STATUS: dict[int, type[ClerkAPIError]] = {
-    400: ClerkValidationError, 401: ClerkUnauthorized, 403: ClerkUnauthorized,
+    400: ClerkValidationError, 401: ClerkUnauthorized, 402: ClerkPaymentRequired, 403: ClerkUnauthorized,
     404: ClerkNotFound, 422: ClerkValidationError,
 }
 

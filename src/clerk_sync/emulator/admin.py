@@ -10,7 +10,8 @@ or impersonation link, signing out, the Dashboard's replay button) and expose th
 ``POST /_emulator/webhook``               ``{"url": "http://..."}`` (``null`` stops deliveries)
 ``GET  /_emulator/deliveries``            delivery log (``?include_payload=true`` adds bodies)
 ``POST /_emulator/deliveries/replay``     ``{"message_ids": [...]}`` and/or ``{"status": "failed"}``
-``POST /_emulator/keys/rotate``           new signing key; the old one stays in the JWKS (grace)
+``POST /_emulator/keys/rotate``           new signing key; the old one stays in the JWKS (grace);
+                                          ``?keep_kid=true``: under the same kid, replacing it
 ``POST /_emulator/reset``                 forget all data and messages, restore configured knobs
 ``POST /_emulator/seed``                  ``{"users": 10, "organizations": 3}`` demo data
 ``POST /_emulator/bulk_users``            ``{"count": 100000}`` users without webhooks
@@ -93,7 +94,7 @@ async def replay(request: Request) -> Any:
 
 async def rotate_keys(request: Request) -> Any:
     emulator = emulator_of(request)
-    kid = emulator.keys.rotate()
+    kid = emulator.keys.rotate(keep_kid=request.query_params.get("keep_kid") in ("1", "true"))
     return {"kid": kid, "jwks": emulator.keys.jwks()}
 
 

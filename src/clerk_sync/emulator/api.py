@@ -275,7 +275,13 @@ async def create_session_token(request: Request) -> Any:
 
 
 async def create_actor_token(request: Request) -> Any:
-    token = sessions.create_actor_token(emulator_of(request).store, await json_body(request))
+    emulator = emulator_of(request)
+    limit = emulator.config.actor_tokens_per_month
+    if limit is not None and sessions.actor_tokens_in_last_month(emulator.store) >= limit:
+        # Clerk answers 402 here (spec: POST /actor_tokens -> 400, 402, 422): free plans allow 5 a month
+        raise ClerkAPIError(402, "payment_required", "Actor tokens are limited on your plan",
+                            f"Your plan allows {limit} impersonations a month; upgrade it to impersonate more users.")
+    token = sessions.create_actor_token(emulator.store, await json_body(request))
     return sessions.render_actor_token(token, base_url(request))
 
 

@@ -97,6 +97,9 @@ class EmulatorConfig:
     # Backend API rate limit, per secret key (Clerk development instances: 100 / 10 s).
     rate_limit_requests: int = 100
     rate_limit_window_s: float = 10.0
+    # Actor tokens (impersonation) a month before POST /actor_tokens answers 402, as on plans that limit
+    # them (Clerk's free plans: 5); None: no limit.
+    actor_tokens_per_month: int | None = None
     # Divides the Svix retry delays, so tests can run the whole schedule in milliseconds.
     time_scale: float = 1.0
     retry_schedule_s: tuple[float, ...] = SVIX_RETRY_SCHEDULE_S

@@ -198,6 +198,13 @@ def create_actor_token(store: Store, body: JSON) -> ActorTokenRecord:
         return token
 
 
+def actor_tokens_in_last_month(store: Store) -> int:
+    """Actor tokens created in the last 30 days (what a plan's monthly impersonation limit counts)."""
+    since = store.now_ms() - 30 * 24 * 3600 * 1000
+    with store.lock:
+        return sum(1 for token in store.actor_tokens.values() if token.created_at >= since)
+
+
 def _pending_token(table: dict[str, Any], token_id: str, now: int) -> Any:
     token = table.get(token_id)
     if token is None:

@@ -66,11 +66,16 @@ class KeyRing:
         with self._lock:
             return self._keys[-1].kid
 
-    def rotate(self) -> str:
-        """Make a fresh key current; the previous one stays published for the grace period."""
+    def rotate(self, *, keep_kid: bool = False) -> str:
+        """Make a fresh key current; the previous one stays published for the grace period. ``keep_kid``: the
+        new key takes the current kid (Clerk's kid is the instance id) and replaces the key published under it
+        at once (one key per kid: tokens the old one signed stop verifying)."""
         new_key = self._new_key()
         with self._lock:
             now = self._clock()
+            if keep_kid:
+                new_key.kid = self._keys[-1].kid
+                self._keys = [k for k in self._keys if k.kid != new_key.kid]
             for key in self._keys:
                 key.retired_at = key.retired_at or now
             self._keys.append(new_key)
