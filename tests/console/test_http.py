@@ -91,6 +91,21 @@ def test_operator_signs_in_with_the_login_form(stack: ConsoleStack) -> None:
     assert [(r["actor_clerk_id"], r["details"]["as"]) for r in logins] == [(None, "operator"), (None, "operator")]
 
 
+def test_next_after_sign_in_never_leaves_the_console_through_dot_segments(stack: ConsoleStack) -> None:
+    """Review finding: ``next=/console/../webhooks/clerk`` passed the prefix check; the browser resolved it to
+    ``/webhooks/clerk`` (and ``/console/..//evil.example`` to the path ``//evil.example``)."""
+    with browser_like(stack) as client:
+        for escape in ("/console/../webhooks/clerk", "/console/..//evil.example", "/console/%2e%2e/metrics",
+                       "/console/./../x", "/console/users/%2E%2E/%2e%2E/healthz", "/console/a\nb"):
+            token = csrf_of(client.get("/login").text)
+            response = client.post("/login", data={"csrf": token, "token": OPERATOR_TOKEN, "next": escape})
+            assert (response.status_code, response.headers["location"]) == (303, "/console/"), escape
+        for inside in ("/console/users?q=ada.l", "/console/deliveries?type=user.created#top"):
+            token = csrf_of(client.get("/login").text)
+            response = client.post("/login", data={"csrf": token, "token": OPERATOR_TOKEN, "next": inside})
+            assert response.headers["location"] == inside
+
+
 def test_the_login_form_needs_its_csrf_token(stack: ConsoleStack) -> None:
     response = httpx.post(f"{stack.console_url}/login", data={"token": OPERATOR_TOKEN}, headers=HTML)
     assert response.status_code == 403 and "clerk_sync_console" not in response.headers.get("set-cookie", "")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from anyio import to_thread
 from starlette.applications import Starlette
@@ -233,13 +233,20 @@ def _login_clerk(console: Console) -> Callable[[Request], Awaitable[Response]]:
 def _signed_in(console: Console, request: Request, identity: Identity, next_path: str) -> Response:
     home = console.path_for(request, "overview")
     root = request.scope.get("root_path") or ""
-    # Only paths inside the console: never an open redirect to another site.
-    inside = next_path.startswith(root + "/") and not next_path.startswith("//") and "\\" not in next_path
-    target = next_path if inside else home
+    target = next_path if _inside_console(next_path, root) else home
     response = RedirectResponse(target, status_code=303)
     if identity.new_cookie:
         set_session_cookie(request, response, identity.new_cookie)
     return response
+
+
+def _inside_console(next_path: str, root: str) -> bool:
+    """Whether redirecting to ``next_path`` stays inside the console: never an open redirect to another site,
+    nor a way out of the console through dot segments (``/console/../x``, ``%2e%2e`` too), which the browser
+    resolves before it requests the page."""
+    path = next_path.split("?", 1)[0].split("#", 1)[0]
+    return (next_path.startswith(root + "/") and not next_path.startswith("//") and "\\" not in next_path
+            and next_path.isprintable() and not any(s in (".", "..") for s in unquote(path).split("/")))
 
 
 def check_console_settings(settings: Settings) -> None:
