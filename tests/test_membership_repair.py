@@ -4,6 +4,7 @@ beside it). With no row to take the ids from, it still fails: a membership needs
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -83,3 +84,22 @@ def test_the_group_committer_repairs_it_too(store: Store, verifier: WebhookVerif
     outcomes = GroupCommitter(processor).write(batch)
     assert [o.status for o in outcomes] == ["applied", "applied"]  # type: ignore[union-attr]
     assert _member(store, "orgmem_3")["role"] == "org:member"
+
+
+def test_a_repaired_late_event_of_an_erased_user_is_stored_redacted(store: Store, verifier: WebhookVerifier) -> None:
+    """Review finding: repaired from the stored tombstone, the late event was skipped, and the redaction planned
+    it again without the repair, so the person's address and names stayed in the inbox."""
+    from clerk_sync.retention import Retention
+
+    processor = WebhookProcessor(store, verifier)
+    created = f.membership("orgmem_4", "org_1", "user_4", 100, role="org:admin")
+    assert deliver(processor, f.envelope("organizationMembership.created", created), "m1") == "applied"
+    Retention(store).erase_user("user_4", allow_unknown=True)
+    late = f.membership("orgmem_4", "org_1", "user_4", 200, role="org:member")
+    late["organization"]["id"] = 12345
+    assert deliver(processor, f.envelope("organizationMembership.updated", late), "m2") == "skipped"
+    e = webhook_events
+    with store.connect() as conn:
+        payload = conn.execute(sa.select(e.c.payload).where(e.c.svix_id == "m2")).scalar()
+    text = payload if isinstance(payload, str) else json.dumps(payload)
+    assert "user_4@example.com" not in text and "Lovelace" not in text, text

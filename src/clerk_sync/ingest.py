@@ -302,7 +302,7 @@ class WebhookProcessor:
             return
         if not skipped and not writer.deleted_with_parent:
             return  # (the common case: no statement, no re-planning)
-        intent = plan_delivery(envelope).intent
+        intent = _plan(writer, envelope).intent  # (a repaired membership too)
         if isinstance(intent, Upsert) and (skipped or (
                 intent.entity is Entity.MEMBERSHIP and intent.clerk_id in writer.deleted_with_parent)):
             record = intent.record  # a membership refused because its user or organization was erased: theirs

@@ -44,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -493,9 +494,20 @@ class Retention:
             return 0
         try:
             if family == "postgresql":
-                with self.store.engine.begin() as conn:
-                    conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{_SETTLE_WAIT_S}s'")
-                    conn.exec_driver_sql("LOCK TABLE webhook_events IN SHARE MODE")
+                # A queued SHARE request holds every new inbox write behind it: asked for 50 ms at a time
+                # (between tries, deliveries go on), until the bound.
+                deadline = time.monotonic() + _SETTLE_WAIT_S
+                while True:
+                    try:
+                        with self.store.engine.begin() as conn:
+                            conn.exec_driver_sql("SET LOCAL statement_timeout = 0")
+                            conn.exec_driver_sql("SET LOCAL lock_timeout = '50ms'")
+                            conn.exec_driver_sql("LOCK TABLE webhook_events IN SHARE MODE")
+                        break
+                    except sa.exc.DBAPIError as exc:
+                        if not is_lock_wait_timeout(exc.orig) or time.monotonic() >= deadline:
+                            raise
+                        time.sleep(0.05)
             else:
                 with self.store.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
                     conn.exec_driver_sql(f"SET SESSION lock_wait_timeout = {_SETTLE_WAIT_S}")

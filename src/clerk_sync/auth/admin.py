@@ -119,9 +119,9 @@ class AdminActions:
         """Set ``public_metadata.role`` in Clerk and the DB; ``by`` must be an admin (None = CLI operator).
         A role this database could not hold as given is refused first (:class:`InvalidRole`): Clerk would
         store it, and the webhook would then apply the least-privileged role in its place."""
-        check_role(role)
-        if by is not None:
+        if by is not None:  # first: a non-admin's attempt is refused and audited whatever the role
             self._require_admin(by, action="role.change", target=target, ip=ip)
+        check_role(role)
         before = read_user(self.store, target)
         previous = before.role if before else None
         try:
