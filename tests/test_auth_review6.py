@@ -105,3 +105,35 @@ def test_a_key_rotated_in_under_the_same_kid_verifies_after_one_refetch(emu: Emu
             with pytest.raises(TokenSignatureInvalid):
                 verifier.verify(forged)
         assert keys.fetches == 3
+
+
+def test_a_cached_token_signed_by_a_key_since_replaced_under_its_kid_is_refused(emu: EmulatorServer) -> None:
+    """Left alone last session: the verifier's cache remembered the kid only, so a token signed by a key Clerk
+    had since withdrawn under the same kid (a rotation after a leak) stayed valid until its exp. The cache entry
+    now keeps the key that verified it; a key merely fetched again keeps its object (no verify again)."""
+    import httpx
+
+    from clerk_sync.auth.jwks import JWKSKeySource
+    from clerk_sync.errors import TokenSignatureInvalid
+
+    clock = [1000.0]
+    user = emu.create_user("leak@example.com")
+    with httpx.Client() as client:
+        keys = JWKSKeySource(f"{emu.url}/v1/jwks", client=client, headers={"Authorization": f"Bearer {emu.secret_key}"},
+                             now=lambda: clock[0])
+        verifier = SessionVerifier(keys, ClaimsValidator(issuer=emu.url, authorized_parties=None))
+        leaked = emu.mint_session_token(user["id"])
+        assert verifier.verify(leaked).user_id == user["id"]  # cached
+        held = keys.get(emu.config.instance_id)
+        clock[0] += 301  # past the TTL: the same JWKS fetched again keeps the key object
+        assert verifier.verify(leaked).user_id == user["id"]
+        assert keys.fetches == 2 and keys.get(emu.config.instance_id) is held
+        emu.request("POST", "/_emulator/keys/rotate", params={"keep_kid": "true"})
+        clock[0] += 301  # the TTL refresh brings the new key under the same kid
+        fresh = emu.mint_session_token(user["id"])
+        assert verifier.verify(fresh).user_id == user["id"]
+        assert keys.get(emu.config.instance_id) is not held
+        with pytest.raises(TokenSignatureInvalid):
+            verifier.verify(leaked)
+        with pytest.raises(TokenSignatureInvalid):  # and it did not come back into the cache
+            verifier.verify(leaked)

@@ -473,10 +473,11 @@ class Retention:
                 raise StoreError(
                     f"user {clerk_id} is erased, but a delivery in progress held the inbox past {_SETTLE_WAIT_S} s, "
                     f"so what it stores was not checked ({exc}): run the erasure again in a minute") from exc
+            grant = (" (the database user needs the LOCK TABLES privilege for this wait)"
+                     if dialect_family(self.store.engine.dialect) == "mysql" else "")
             raise StoreError(
                 f"user {clerk_id} is erased, but the wait for deliveries in progress failed ({exc}), so what they "
-                "store was not checked: run the erasure again (on MySQL/MariaDB the database user needs the LOCK "
-                "TABLES privilege for this wait)") from exc
+                f"store was not checked: run the erasure again{grant}") from exc
         return dataclasses.replace(report, payloads_redacted=report.payloads_redacted + late)
 
     def _settle(self, mentions: Mentions, since: datetime) -> int:

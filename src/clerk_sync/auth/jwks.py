@@ -129,7 +129,7 @@ class JWKSKeySource:
         is refetched once, on the same floor and cooldown as an unknown kid (a forged signature that finds the
         same key starts the cooldown: a flood of them costs one fetch per cooldown)."""
         current = self._keys.get(kid or "")
-        if current is not None and not _same(current, key):
+        if current is not None and not same_key(current, key):
             return current  # another request refetched meanwhile
         if not self._may_fetch_unknown():
             return None
@@ -137,12 +137,12 @@ class JWKSKeySource:
             raise NeedsFetch
         with self._lock:
             current = self._keys.get(kid or "")
-            if current is None or _same(current, key):
+            if current is None or same_key(current, key):
                 if not self._may_fetch_unknown():
                     return None
                 self._fetch()
                 current = self._keys.get(kid or "")
-        if current is None or _same(current, key):
+        if current is None or same_key(current, key):
             self._last_miss = self._now()
             return None
         return current
@@ -199,13 +199,18 @@ class JWKSKeySource:
                 raise self._unavailable() from exc
             return  # keep serving the keys we have; the floor and cooldown limit retries
         if keys or not self._keys:  # an empty answer is a misconfiguration, not "trust nothing"
-            self._keys = keys
+            # A key published again is kept as the object held: verifiers' caches compare keys by identity
+            # (a token cached under a key since replaced under its kid is verified again).
+            held = self._keys
+            self._keys = {kid: held[kid] if kid in held and same_key(held[kid], key) else key
+                          for kid, key in keys.items()}
         if not keys:
             self._problem = f"the JWKS from {self.url} holds no RSA signing key"
         self._fetched_at = self._now()
 
 
-def _same(a: RSAPublicKey, b: RSAPublicKey) -> bool:
+def same_key(a: RSAPublicKey, b: RSAPublicKey) -> bool:
+    """One RSA public key, whichever objects hold it."""
     return a is b or a.public_numbers() == b.public_numbers()
 
 

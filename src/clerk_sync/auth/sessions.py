@@ -27,11 +27,12 @@ from urllib.parse import urlsplit
 
 import httpx
 from anyio import to_thread
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from jwt.algorithms import RSAAlgorithm
 
 from clerk_sync._limits import show
 from clerk_sync.auth.claims import Auth, ClaimsValidator, normalize_claims
-from clerk_sync.auth.jwks import JWKSKeySource, KeySource, NeedsFetch, StaticKeySource
+from clerk_sync.auth.jwks import JWKSKeySource, KeySource, NeedsFetch, StaticKeySource, same_key
 from clerk_sync.config import Settings
 from clerk_sync.errors import (
     ConfigError,
@@ -264,7 +265,8 @@ class SessionVerifier:
         self.claims = claims
         self.revocations = revocations
         self._now = now
-        self._cache: OrderedDict[str, tuple[Auth, str | None]] = OrderedDict()  # token -> its Auth and kid
+        # token -> its Auth, kid and the key that verified it
+        self._cache: OrderedDict[str, tuple[Auth, str | None, RSAPublicKey]] = OrderedDict()
         self._cache_size = cache_size
         self._cache_lock = threading.Lock()  # verify() runs on the loop and in worker threads
         self._headers: dict[bytes, str | None] = {}  # header segment -> kid, for signed headers
@@ -272,19 +274,26 @@ class SessionVerifier:
     def verify(self, token: str, *, allow_fetch: bool = True) -> Auth:
         """Return the :class:`Auth` of a valid token; raise a :class:`TokenError` leaf otherwise."""
         hit = self._cache.get(token)
-        if hit is None:
-            auth, kid = self._verify_signature_and_static_claims(token, allow_fetch)
-            self._remember(token, auth, kid)
-        else:
-            auth, kid = hit
+        if hit is not None:
+            auth, kid, signer = hit
             # The key that signed it must still be held: a key Clerk withdrew (rotated after a leak) ends
-            # the tokens it signed, cached ones too (a dict lookup while the key set is fresh).
+            # the tokens it signed, cached ones too (a dict lookup while the key set is fresh). Under the
+            # same kid (Clerk's kid is the instance id) the key held now may be another one: then the token
+            # is verified again, against it.
             try:
-                self.keys.get(kid, allow_fetch=allow_fetch)
+                held = self.keys.get(kid, allow_fetch=allow_fetch)
             except TokenError:
-                with self._cache_lock:
-                    self._cache.pop(token, None)
+                self._forget(token)
                 raise
+            if held is not signer:
+                if same_key(held, signer):  # the same key, fetched again
+                    self._remember(token, auth, kid, held)
+                else:
+                    self._forget(token)
+                    hit = None
+        if hit is None:
+            auth, kid, signer = self._verify_signature_and_static_claims(token, allow_fetch)
+            self._remember(token, auth, kid, signer)
         self._check_dynamic(auth)
         return auth
 
@@ -295,7 +304,8 @@ class SessionVerifier:
         except NeedsFetch:
             return await to_thread.run_sync(self.verify, token)
 
-    def _verify_signature_and_static_claims(self, token: str, allow_fetch: bool) -> tuple[Auth, str | None]:
+    def _verify_signature_and_static_claims(self, token: str, allow_fetch: bool
+                                            ) -> tuple[Auth, str | None, RSAPublicKey]:
         # Not ``jwt.get_unverified_header`` + ``jwt.decode``: each parses the whole token again, and PyJWT
         # 2.14+ checks every segment's alphabet with a per-character Python generator, together ~3x the
         # RSA verify for a Clerk-sized token. One strict parse here; the crypto is still PyJWT's.
@@ -321,11 +331,12 @@ class SessionVerifier:
                 if isinstance(self.keys, JWKSKeySource) else None
             if renewed is None or not _RS256.verify(signed, renewed, signature):
                 raise TokenSignatureInvalid("signature does not verify")
+            key = renewed
         if not known:  # only signed headers, so forged ones cannot churn the memo
             self._remember_header(head, kid)
         claims = _json_object(payload, "payload")
         self.claims.validate_static(claims)
-        return normalize_claims(claims), kid
+        return normalize_claims(claims), kid, key
 
     def _remember_header(self, head: bytes, kid: str | None) -> None:
         if len(self._headers) >= _HEADER_MEMO_SIZE:
@@ -337,9 +348,13 @@ class SessionVerifier:
         if self.revocations is not None and self.revocations.is_revoked(auth.session_id):
             raise SessionRevoked("session was revoked")
 
-    def _remember(self, token: str, auth: Auth, kid: str | None) -> None:
+    def _forget(self, token: str) -> None:
         with self._cache_lock:
-            self._cache[token] = (auth, kid)
+            self._cache.pop(token, None)
+
+    def _remember(self, token: str, auth: Auth, kid: str | None, key: RSAPublicKey) -> None:
+        with self._cache_lock:
+            self._cache[token] = (auth, kid, key)
             if len(self._cache) > self._cache_size:
                 self._evict()
 
@@ -348,7 +363,7 @@ class SessionVerifier:
         (each entry is popped once). Clerk tokens share one lifetime, so insertion order is expiry order."""
         now, cache = self._now(), self._cache
         while cache:
-            token, (auth, _) = next(iter(cache.items()))
+            token, (auth, _, _) = next(iter(cache.items()))
             if auth.expires_at > now and len(cache) <= self._cache_size:
                 break
             del cache[token]
