@@ -13,6 +13,7 @@ import pytest
 import sqlalchemy as sa
 
 from clerk_sync import migrations
+from clerk_sync._db_errors import is_lock_wait_timeout
 from clerk_sync.config import DatabaseTimeouts
 from clerk_sync.errors import StoreDataError, StoreError
 from clerk_sync.ingest import WebhookProcessor
@@ -319,3 +320,24 @@ def test_the_mapped_clerk_id_column_tells_ids_that_differ_only_in_case_apart(mar
     assert [tuple(r) for r in rows] == [("user_2aBc", "upper@example.com", 1), ("user_2abc", "lower@example.com", 0)]
     store.dispose()
     engine.dispose()
+
+
+def test_a_table_held_elsewhere_ends_in_the_lock_bound_not_the_statement_bound(maria_url: str) -> None:
+    """Left alone last session: a metadata-lock wait (a table under LOCK TABLES, an ALTER queued behind a long
+    transaction) was bounded by max_statement_time only, not by the lock bound as on PostgreSQL."""
+    holder = sa.create_engine(maria_url)
+    waiter = Store(create_engine(maria_url, timeouts=DatabaseTimeouts(lock_s=1, statement_s=20)))
+    try:
+        with holder.connect() as conn:
+            conn.exec_driver_sql("LOCK TABLES users WRITE")
+            try:
+                with pytest.raises(StoreError, match="lock_wait_timeout") as waited, waiter.transaction() as w:
+                    w.conn.execute(sa.select(sa.func.count()).select_from(users)).scalar()
+                assert is_lock_wait_timeout(getattr(waited.value.__cause__, "orig", None))
+            finally:
+                conn.exec_driver_sql("UNLOCK TABLES")
+        with waiter.engine.connect() as conn:  # and the pooled connection keeps the bound
+            assert conn.exec_driver_sql("SELECT @@SESSION.lock_wait_timeout").scalar() == 1
+    finally:
+        holder.dispose()
+        waiter.dispose()

@@ -45,7 +45,8 @@ _TIMEOUTS = {  # SQLSTATEs of the bounds set in _postgres_bounds
 
 
 _MYSQL_WAITS = {  # MySQL/MariaDB error numbers of the same bounds (see _mysql_engine)
-    1205: "waited longer than innodb_lock_wait_timeout for a lock held by another connection",
+    1205: "waited longer than innodb_lock_wait_timeout (a row) or lock_wait_timeout (a table's metadata) for a "
+          "lock held by another connection",
     1213: "a deadlock with another transaction (the server rolled this one back)",
     1969: "a statement ran longer than max_statement_time",
     3024: "a statement ran longer than max_execution_time",

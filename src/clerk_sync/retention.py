@@ -511,12 +511,13 @@ class Retention:
                         time.sleep(0.05)
             else:
                 with self.store.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-                    conn.exec_driver_sql(f"SET SESSION lock_wait_timeout = {_SETTLE_WAIT_S}")
+                    conn.exec_driver_sql("SET @clerk_sync_mdl_wait = @@SESSION.lock_wait_timeout, "
+                                         f"SESSION lock_wait_timeout = {_SETTLE_WAIT_S}")
                     try:
                         conn.exec_driver_sql("LOCK TABLES webhook_events READ")
                         conn.exec_driver_sql("UNLOCK TABLES")
-                    finally:
-                        conn.exec_driver_sql("SET SESSION lock_wait_timeout = DEFAULT")
+                    finally:  # the pool's connection keeps the engine's bound, not the server's default
+                        conn.exec_driver_sql("SET SESSION lock_wait_timeout = @clerk_sync_mdl_wait")
         except sa.exc.SQLAlchemyError as exc:
             raise store_error(exc) from exc
         with self.store.transaction() as writer, without_statement_bound(writer.conn):

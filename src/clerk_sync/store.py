@@ -110,8 +110,10 @@ def _mysql_engine(url: str, t: DatabaseTimeouts, kwargs: dict[str, Any]) -> Engi
     kwargs.setdefault("isolation_level", "READ COMMITTED")
     session = ["sql_mode = 'STRICT_ALL_TABLES,ERROR_FOR_DIVISION_BY_ZERO,NO_ENGINE_SUBSTITUTION'",
                "time_zone = '+00:00'"]
-    if t.lock_s > 0:  # row locks (and our lock rows): whole seconds, at least 1
-        session.append(f"innodb_lock_wait_timeout = {max(1, round(t.lock_s))}")
+    if t.lock_s > 0:  # row locks (and our lock rows), and metadata locks (a table held by LOCK TABLES or an
+        # ALTER queued behind a long transaction; bounded by max_statement_time alone otherwise): whole seconds
+        wait = max(1, round(t.lock_s))
+        session += [f"innodb_lock_wait_timeout = {wait}", f"lock_wait_timeout = {wait}"]
     connect: dict[str, Any] = {"init_command": "SET SESSION " + ", ".join(session)}
     if t.connect_s > 0:
         connect["connect_timeout"] = max(1, int(t.connect_s))
