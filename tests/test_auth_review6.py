@@ -3,15 +3,19 @@ is checked before Clerk stores it."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
 import pytest
 
 from clerk_sync.auth.admin import AdminActions
 from clerk_sync.auth.authenticator import Authenticator
 from clerk_sync.auth.claims import ClaimsValidator
-from clerk_sync.auth.jwks import StaticKeySource
+from clerk_sync.auth.jwks import JWKSKeySource, StaticKeySource
 from clerk_sync.auth.sessions import SessionVerifier
 from clerk_sync.auth.users import read_user
-from clerk_sync.errors import ImpersonationEnded, InvalidRole
+from clerk_sync.errors import ImpersonationEnded, InvalidRole, TokenSignatureInvalid
 from clerk_sync.integrations.http import status_for
 from clerk_sync.store import Store
 from clerk_sync.testing import EmulatorServer
@@ -71,23 +75,25 @@ def test_promote_refuses_a_role_the_users_table_cannot_hold_before_clerk_stores_
     assert actions.promote(target, "a" * 64, by=admin).status == "applied"  # the column's length is fine
 
 
+@contextmanager
+def _jwks_verifier(emu: EmulatorServer, clock: list[float]) -> Iterator[tuple[JWKSKeySource, SessionVerifier]]:
+    """The emulator's JWKS behind a key source on the injected ``clock``, and a verifier over it."""
+    with httpx.Client() as client:
+        keys = JWKSKeySource(f"{emu.url}/v1/jwks", client=client, headers={"Authorization": f"Bearer {emu.secret_key}"},
+                             now=lambda: clock[0])
+        yield keys, SessionVerifier(keys, ClaimsValidator(issuer=emu.url, authorized_parties=None))
+
+
 def test_a_key_rotated_in_under_the_same_kid_verifies_after_one_refetch(emu: EmulatorServer) -> None:
     """Review finding (FACTS 5.3: Clerk's kid is the instance id; 5.4: Clerk's SDK refetches once on a signature
     failure): a new key under the cached kid was refused until the 300 s TTL ran out. The emulator rotated
     with a new kid only; ``keys/rotate?keep_kid=true`` rotates as Clerk does."""
-    import httpx
     import jwt as pyjwt
     from cryptography.hazmat.primitives.asymmetric import rsa
 
-    from clerk_sync.auth.jwks import JWKSKeySource
-    from clerk_sync.errors import TokenSignatureInvalid
-
     clock = [1000.0]
     user = emu.create_user("rot@example.com")
-    with httpx.Client() as client:
-        keys = JWKSKeySource(f"{emu.url}/v1/jwks", client=client, headers={"Authorization": f"Bearer {emu.secret_key}"},
-                             now=lambda: clock[0])
-        verifier = SessionVerifier(keys, ClaimsValidator(issuer=emu.url, authorized_parties=None))
+    with _jwks_verifier(emu, clock) as (keys, verifier):
         assert verifier.verify(emu.mint_session_token(user["id"])).user_id == user["id"]
         kid = emu.request("POST", "/_emulator/keys/rotate", params={"keep_kid": "true"})["kid"]
         assert kid == emu.config.instance_id
@@ -111,17 +117,9 @@ def test_a_cached_token_signed_by_a_key_since_replaced_under_its_kid_is_refused(
     """Left alone last session: the verifier's cache remembered the kid only, so a token signed by a key Clerk
     had since withdrawn under the same kid (a rotation after a leak) stayed valid until its exp. The cache entry
     now keeps the key that verified it; a key merely fetched again keeps its object (no verify again)."""
-    import httpx
-
-    from clerk_sync.auth.jwks import JWKSKeySource
-    from clerk_sync.errors import TokenSignatureInvalid
-
     clock = [1000.0]
     user = emu.create_user("leak@example.com")
-    with httpx.Client() as client:
-        keys = JWKSKeySource(f"{emu.url}/v1/jwks", client=client, headers={"Authorization": f"Bearer {emu.secret_key}"},
-                             now=lambda: clock[0])
-        verifier = SessionVerifier(keys, ClaimsValidator(issuer=emu.url, authorized_parties=None))
+    with _jwks_verifier(emu, clock) as (keys, verifier):
         leaked = emu.mint_session_token(user["id"])
         assert verifier.verify(leaked).user_id == user["id"]  # cached
         held = keys.get(emu.config.instance_id)
