@@ -117,8 +117,9 @@ def is_transient(orig: object) -> bool:
 # invalid transaction state, insufficient resources (disk full, out of memory), operator intervention
 # (shutdown, a cancelled statement), system error (I/O).
 _PG_PASSING_CLASSES = ("08", "25", "53", "57", "58")
-# MySQL/MariaDB: disk full, out of memory (three ways), a table full.
-_MYSQL_PASSING = frozenset({1021, 1037, 1038, 1041, 1114})
+# MySQL/MariaDB: disk full, out of memory (three ways), a table full; a statement or session killed from
+# outside (KILL QUERY by an operator or a proxy's query killer: 1317, MySQL's 3169) or by a server shutting down.
+_MYSQL_PASSING = frozenset({1021, 1037, 1038, 1041, 1114, 1053, 1317, 3169})
 # SQLite's messages for the same (sqlite3_errstr's texts).
 _SQLITE_PASSING = ("database or disk is full", "disk I/O error", "database is locked", "out of memory")
 

@@ -408,18 +408,21 @@ class UnknownUser(ClerkSyncError, LookupError):
     code = "unknown_user"
 
 
-# MySQL/MariaDB put the refused value in the first line of some errors; PostgreSQL keeps it in DETAIL.
-_MYSQL_VALUE = (
-    (re.compile(r"Duplicate entry '.*' for key", re.DOTALL), "Duplicate entry '…' for key"),
-    (re.compile(r"value: '.*' for column", re.DOTALL), "value: '…' for column"),
-)
+# Where a database error's first line quotes the refused value. MySQL/MariaDB: "Duplicate entry '..' for key",
+# "Incorrect .. value: '..' for column", "Truncated incorrect .. value: '..'" (mysqlclient shows the message as a
+# tuple's repr, so the quotes around the value may be ' or ", escaped or not: the value is cut up to the last
+# "for key"/"for column", or to the end). PostgreSQL: a data exception (SQLSTATE class 22: `invalid input syntax
+# for type integer: ".."`, `value ".." is out of range`) quotes the value, every other class only names.
+_MYSQL_VALUE = re.compile(r"(Duplicate entry |value: )(.*)(?P<after> for (?:key|column) )|(value: ).*$", re.DOTALL)
+_QUOTED = re.compile(r'".*"', re.DOTALL)
 
 
 def database_message(orig: BaseException) -> str:
     """The first line of a database error, without the values it may quote (e-mails, metadata):
-    it goes into answers, logs and ``last_error``. (A helper of the store and the mapping, not an
+    it goes into answers, logs, spans and ``last_error``. (A helper of the store and the mapping, not an
     error: not in ``__all__``, which lists the tree.)"""
     line = (str(orig).strip().splitlines() or [""])[0]
-    for pattern, replacement in _MYSQL_VALUE:
-        line = pattern.sub(replacement, line)
+    if str(getattr(orig, "sqlstate", None) or "").startswith("22"):
+        line = _QUOTED.sub('"…"', line)
+    line = _MYSQL_VALUE.sub(lambda m: f"{m[1]}'…'{m['after']}" if m[1] else f"{m[4]}'…'", line)
     return line[:200]

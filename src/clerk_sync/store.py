@@ -12,7 +12,9 @@ import functools
 import hashlib
 import itertools
 import json
+import os
 import re
+import socket
 import threading
 import zlib
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -32,6 +34,7 @@ from clerk_sync._limits import fit_reason
 from clerk_sync.changes import Change, Hook, change_type, describe
 from clerk_sync.config import DatabaseTimeouts, Settings
 from clerk_sync.engine import DeliveryStatus, Entity, Record, RevokeSession, Tombstone, Upsert
+from clerk_sync.errors import ConfigError
 from clerk_sync.events import MembershipRecord, OrganizationRecord, UserRecord, record_columns
 from clerk_sync.mapping import CHECK_AT_ONCE as CHECK_AT_ONCE_SQL
 from clerk_sync.mapping import (
@@ -105,8 +108,13 @@ def _mysql_engine(url: str, t: DatabaseTimeouts, kwargs: dict[str, Any]) -> Engi
     locks between concurrent upserts), strict mode (a value that does not fit is an error, never
     truncated), utf8mb4 on the wire, UTC session time, and the same bounds on waits."""
     parsed = sa.engine.make_url(url)
-    if "charset" not in parsed.query:
-        parsed = parsed.update_query_dict({"charset": "utf8mb4"})
+    charset = parsed.query.get("charset", "utf8mb4")
+    if not isinstance(charset, str) or charset.lower() != "utf8mb4":
+        raise ConfigError(
+            f"the database URL asks for charset={charset}: clerk-sync's tables are utf8mb4, and a connection in "
+            "another character set refuses 4-byte characters (an emoji in a name or in metadata), so such a "
+            "delivery could never be stored; remove ?charset= from the URL or set charset=utf8mb4")
+    parsed = parsed.update_query_dict({"charset": "utf8mb4"})
     kwargs.setdefault("isolation_level", "READ COMMITTED")
     session = ["sql_mode = 'STRICT_ALL_TABLES,ERROR_FOR_DIVISION_BY_ZERO,NO_ENGINE_SUBSTITUTION'",
                "time_zone = '+00:00'"]
@@ -136,7 +144,26 @@ def _mysql_engine(url: str, t: DatabaseTimeouts, kwargs: dict[str, Any]) -> Engi
         if mariadb and t.idle_in_transaction_s > 0:
             cur.execute(f"SET SESSION idle_transaction_timeout = {max(1, round(t.idle_in_transaction_s))}")
         cur.close()
+        if t.keepalive_s > 0:
+            _keepalive(dbapi_conn, t.keepalive_s)
     return engine
+
+
+def _keepalive(dbapi_conn: Any, idle_s: float) -> None:
+    """TCP keepalives on a MySQL/MariaDB connection's socket, as libpq's on PostgreSQL (``_postgres_bounds``):
+    neither driver offers them, and without them a statement sent to a host that vanished (a failover to
+    another address, a partition) waits in ``recv`` for the kernel's 2 hours, its writer thread with it. By
+    hand: the socket is reached through a duplicate of its descriptor (the options are the socket's)."""
+    fileno = getattr(dbapi_conn, "fileno", None) or getattr(getattr(dbapi_conn, "_sock", None), "fileno", None)
+    if fileno is None:  # pragma: no cover - a driver with no way to its socket
+        return
+    with socket.socket(fileno=os.dup(fileno())) as sock:
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return  # a Unix socket: the server is on this host
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, min(32_767, int(idle_s))))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 2)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
 
 
 def _postgres_bounds(url: str, t: DatabaseTimeouts) -> dict[str, Any]:

@@ -22,10 +22,12 @@ with engine.begin() as connection:
         # MySQL's DDL commits as it goes, so the lock is the session's, released once migrated. Waiting for
         # a replica migrating first, or a long index build, must not hit the service's statement bound.
         version = str(connection.exec_driver_sql("SELECT VERSION()").scalar()).lower()
-        connection.exec_driver_sql("SET SESSION max_statement_time = 0" if "mariadb" in version
-                                   else "SET SESSION max_execution_time = 0")
+        bound = "max_statement_time" if "mariadb" in version else "max_execution_time"
+        # Set back after: this connection returns to the service's pool.
+        connection.exec_driver_sql(f"SET @clerk_sync_bound = @@SESSION.{bound}, SESSION {bound} = 0")
         got = connection.exec_driver_sql("SELECT GET_LOCK('clerk_sync_migrations', 600)").scalar()
         if got != 1:
+            connection.exec_driver_sql(f"SET SESSION {bound} = @clerk_sync_bound")
             raise RuntimeError("another process held the migration lock for 10 minutes (GET_LOCK "
                                "'clerk_sync_migrations'): check for a stuck `clerk-sync migrate`, then retry")
     context.configure(connection=connection, target_metadata=metadata, render_as_batch=True)
@@ -34,3 +36,4 @@ with engine.begin() as connection:
     finally:
         if connection.dialect.name in ("mysql", "mariadb"):
             connection.exec_driver_sql("SELECT RELEASE_LOCK('clerk_sync_migrations')")
+            connection.exec_driver_sql(f"SET SESSION {bound} = @clerk_sync_bound")
