@@ -11,6 +11,7 @@ stale events, writes that change no field and tombstones for rows never seen pro
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -77,16 +78,27 @@ class Hook:
     ``on`` holds change types (``"user.created"``), entity wildcards (``"user.*"``) or ``"*"``;
     ``fields`` narrows *updates* to those that changed one of these fields (``{"role"}``). The name
     is stored with each queued job, so keep it stable: renaming a hook strands its queued jobs.
+
+    ``timeout_s`` (seconds; None: no limit) bounds how long the dispatcher waits for one run of the
+    handler, which then runs in a daemon thread of its own. A run past it cannot be stopped (a thread
+    cannot be killed): the dispatcher goes on with its other jobs while the job stays claimed, its lease
+    kept by the heartbeat for as long as the run lasts (never run twice at once), and the run's outcome
+    is recorded when it ends. Give the handler's own network calls a timeout all the same: at most
+    ``Dispatcher(max_overdue=)`` runs may be overdue at once.
     """
 
     name: str
     handler: Handler
     on: Collection[str] = ("*",)
     fields: Collection[str] = ()
+    timeout_s: float | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
         if not self.name or len(self.name) > 64:
             raise ValueError(f"hook name must be 1-64 characters, got {self.name!r}")
+        if self.timeout_s is not None and not (self.timeout_s > 0 and math.isfinite(self.timeout_s)):  # NaN too
+            raise ValueError(f"hook {self.name!r}: timeout_s must be None (no limit) or a finite number of "
+                             f"seconds more than 0, not {self.timeout_s!r}")
         if isinstance(self.on, str) or isinstance(self.fields, str):
             raise TypeError(f"hook {self.name!r}: 'on' and 'fields' take a list, e.g. on=['user.created']")
         known = {f"{p}.{k}" for p in _PREFIX.values() for k in ("created", "updated", "deleted")}

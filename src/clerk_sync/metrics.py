@@ -215,6 +215,9 @@ class Metrics:
                                  ["hook", "outcome"], registry=r)
         self.hook_seconds = Histogram("clerk_sync_hook_seconds", "Time one hook handler run took, by hook.",
                                       ["hook"], buckets=_HOOK_BUCKETS, registry=r)
+        self.hook_overdue = Counter("clerk_sync_hook_overdue",
+                                    "Hook handler runs that outlived their hook's timeout_s (the run's outcome "
+                                    "is counted in clerk_sync_hook_runs when it ends).", ["hook"], registry=r)
         self._database: _DatabaseCollector | None = None
         # Labelled children of the per-delivery and per-job series, by label values: ``labels()`` costs a
         # lock and a dict lookup by joined strings on every call (~2 µs, twice per delivery or job).
@@ -243,6 +246,10 @@ class Metrics:
                                                                 self.hook_seconds.labels(hook=hook))
         children[0].inc()
         children[1].observe(seconds)
+
+    def hook_went_overdue(self, hook: str) -> None:
+        """A handler run outlived its hook's ``timeout_s``: its dispatcher went on without it."""
+        self.hook_overdue.labels(hook=hook).inc()
 
     # -- Clerk API (the hook the client calls; see clerk_api) ----------------------------------
     def api_call(self, endpoint: str, status: int | None) -> None:

@@ -10,12 +10,14 @@ means the handler runs again after the lease, with the same ``change.idempotency
 
 from __future__ import annotations
 
+import contextvars
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
 import structlog
@@ -79,13 +81,22 @@ class Dispatcher:
     not given back half-run and leave the rest of the queue to other dispatchers.
 
     A handler still running after ``slow_handler_s`` (default 5 minutes; 0: never) is logged once, by the
-    heartbeat: its dispatcher runs nothing else meanwhile, and a handler that hangs keeps its job's lease
-    until its process ends (a thread cannot be stopped from outside), so this line is how to find it.
+    heartbeat: a handler that hangs keeps its job's lease until its process ends (a thread cannot be
+    stopped from outside), so this line is how to find it. Without a ``timeout_s`` on its :class:`Hook`,
+    the handler runs in the dispatcher's thread, which runs nothing else meanwhile. With one, the handler
+    runs in a thread of its own and the dispatcher waits at most ``timeout_s`` for it; past that the run
+    is *overdue*: the dispatcher goes on with other jobs, the job stays claimed (the heartbeat keeps its
+    lease, across batches and polls, for as long as the run lasts: it never runs twice at once), later
+    jobs of its entity wait, and the run's outcome is recorded at the first turn after it ended. At most
+    ``max_overdue`` runs are overdue at once: at that bound the dispatcher claims nothing new until one
+    ends. :meth:`stop` does not wait for them; when the process ends, their leases expire and another
+    dispatcher runs those jobs again (at least once).
     """
 
     def __init__(self, store: Store, *, backoff: Backoff | None = None, lease_s: float = 60.0, batch: int = 500,
                  poll_s: float = 1.0, now: Callable[[], datetime] = utcnow, metrics: Metrics | None = None,
-                 heartbeat_s: float | None = None, vacuum_every: int = 1000, slow_handler_s: float = 300.0) -> None:
+                 heartbeat_s: float | None = None, vacuum_every: int = 1000, slow_handler_s: float = 300.0,
+                 max_overdue: int = 4) -> None:
         if not store.hooks:
             raise ValueError("the store has no hooks: pass them as Store(engine, hooks=[Hook(...)])")
         if batch < 1:
@@ -123,6 +134,18 @@ class Dispatcher:
         self.slow_handler_s = slow_handler_s
         self._running: tuple[Job, datetime] | None = None  # the job whose handler runs now, since when
         self._warned: tuple[Job, datetime] | None = None  # the run (of _running) the slow-handler line was said of
+        if not max_overdue >= 1:
+            raise ValueError(f"max_overdue must be at least 1 (handler runs past their hook's timeout_s this "
+                             f"dispatcher may leave running), not {max_overdue}")
+        self.max_overdue = max_overdue
+        self._timeouts: dict[str, float | None] = {h.name: h.timeout_s for h in store.hooks}
+        # Runs past their hook's timeout_s, by job id: their jobs stay claimed (the heartbeat extends them, as
+        # _held's) until the run ends and a turn records its outcome (_reap). Changed by the dispatcher's
+        # thread only, under _held_lock.
+        self._overdue: dict[int, _Run] = {}
+        self._bound_said = False  # the max_overdue line was said since the bound was last reached
+        self._in_batch = False  # a batch runs (the heartbeat beats while one does, or a run is overdue)
+        self._beater: tuple[threading.Thread, threading.Event] | None = None  # the heartbeat thread, its stop
 
     @property
     def claim_limit(self) -> int:
@@ -139,6 +162,10 @@ class Dispatcher:
         Jobs not started before 80 % of the lease has passed are given back rather than run late,
         when another dispatcher could already be taking them over.
         """
+        self._reap()
+        if self._at_bound():
+            self._claimed_full = False
+            return 0
         claimed_at = self._now()
         limit = self.claim_limit
         with self._bookkeeping() as conn:
@@ -150,19 +177,24 @@ class Dispatcher:
         try:
             with self._heartbeat() if jobs else nullcontext():
                 for n, job in enumerate(jobs):
-                    if self._now() >= claimed_at + self.lease * 0.8:
+                    late = self._now() >= claimed_at + self.lease * 0.8
+                    if late or self._at_bound(released=len(jobs) - n):  # (a run of this batch went overdue)
                         with self.store.transaction() as writer:
                             release(writer.conn, jobs[n:])
                         started = len(jobs)
-                        log.warning("hook batch outlived 80 % of its lease; rest given back", released=len(jobs) - n)
+                        if late:
+                            log.warning("hook batch outlived 80 % of its lease; rest given back",
+                                        released=len(jobs) - n)
                         break
                     if not self._hold(job, claimed_at + self.lease):
                         continue  # its claim was lost before it started: not run here
                     started, ran = n + 1, ran + 1
-                    if self._run(job):
+                    ok = self._run(job)
+                    if ok:
                         done.append(job)
-                    else:
+                    elif ok is False:
                         self._drop(job)  # its failure is recorded: no longer ours
+                    # (None: overdue; the job moved from _held to _overdue)
                 if done:  # one transaction for the batch's successes (a crash before it re-runs them: at least once)
                     finished = True  # (attempted: a failure of it is not retried below, its jobs maybe committed)
                     self._finish(done)
@@ -207,7 +239,7 @@ class Dispatcher:
         """Push the leases of the jobs this dispatcher holds to ``now + lease_s`` (the heartbeat calls it);
         returns how many were extended (fewer than held: a claim was lost, its lease had already expired)."""
         with self._held_lock:
-            held = list(self._held.values())
+            held = [*self._held.values(), *(run.job for run in self._overdue.values())]
         if not held:
             return 0
         with self.store.transaction() as writer:
@@ -268,27 +300,98 @@ class Dispatcher:
 
     @contextmanager
     def _heartbeat(self) -> Iterator[None]:
-        """While the block runs, :meth:`extend_leases` every ``heartbeat_s`` in a thread of its own."""
+        """While the block (a batch) runs, and after it for as long as an overdue run lasts, :meth:`extend_leases`
+        every ``heartbeat_s`` in a thread of its own (one a dispatcher)."""
         if self.heartbeat_s <= 0:
             yield
             return
-        stop = threading.Event()
-
-        def beat() -> None:
-            while not stop.wait(self.heartbeat_s):
-                try:
-                    self.extend_leases()
-                except Exception:  # the database is away: the next beat tries again
-                    log.warning("hook lease heartbeat failed", exc_info=True)
-                self.warn_if_slow()
-
-        thread = threading.Thread(target=beat, name="clerk-sync-hooks-heartbeat", daemon=True)
-        thread.start()
+        with self._held_lock:
+            self._in_batch = True
+            if self._beater is None:
+                stop = threading.Event()
+                thread = threading.Thread(target=self._beat, args=(stop,), name="clerk-sync-hooks-heartbeat",
+                                          daemon=True)
+                self._beater = (thread, stop)
+                thread.start()
         try:
             yield
         finally:
-            stop.set()
-            thread.join()
+            with self._held_lock:
+                self._in_batch = False
+                beater, keep = self._beater, self._overdue_running()
+                if not keep:
+                    self._beater = None
+            if beater is not None and not keep:  # nothing left to keep: it ends with the batch
+                beater[1].set()
+                beater[0].join()
+
+    def _beat(self, stop: threading.Event) -> None:
+        """The heartbeat thread: it ends when stopped, or at a beat after the batch when no overdue run lasts
+        (one that ended is recorded at the dispatcher's next turn, well within the lease this beat gave it)."""
+        while not stop.wait(self.heartbeat_s):
+            try:
+                self.extend_leases()
+            except Exception:  # the database is away: the next beat tries again
+                log.warning("hook lease heartbeat failed", exc_info=True)
+            self.warn_if_slow()
+            with self._held_lock:
+                if not self._in_batch and not self._overdue_running():
+                    if self._beater is not None and self._beater[1] is stop:
+                        self._beater = None
+                    return
+
+    def _overdue_running(self) -> bool:
+        """Whether an overdue run still runs (under ``_held_lock``)."""
+        return any(not run.ended for run in self._overdue.values())
+
+    def _went_overdue(self, run: _Run, timeout_s: float) -> None:
+        """``run`` outlived its hook's ``timeout_s``: its job stays claimed (the heartbeat keeps its lease) while
+        the dispatcher goes on; :meth:`_reap` records its outcome once it ends."""
+        job = run.job
+        with self._held_lock:
+            self._held.pop(job.id, None)
+            self._overdue[job.id] = run
+        log.warning("hook handler past its timeout_s; its job stays claimed until the run ends, and this "
+                    "dispatcher goes on with other jobs (give the handler's network calls a timeout)",
+                    hook=job.hook, job=job.id, type=job.change.type, timeout_s=timeout_s,
+                    overdue=len(self._overdue))
+        if self.metrics is not None:
+            self.metrics.hook_went_overdue(job.hook)
+
+    def _reap(self) -> None:
+        """Record the outcome of each overdue run that ended, as :meth:`_run` would have; a run leaves the
+        overdue set once recorded (a database error leaves it to the next turn)."""
+        with self._held_lock:
+            ended = [run for run in self._overdue.values() if run.ended]
+        succeeded = [run for run in ended if run.error is None]
+        if succeeded:
+            self._finish([run.job for run in succeeded])
+            for run in succeeded:
+                self._ran(run.job, "ok", run.seconds)
+            self._forget(succeeded)
+        for run in ended:
+            if run.error is not None:
+                final = isinstance(run.error, HookGaveUp)
+                self._ran(run.job, self._failed(run.job, run.error, final=final), run.seconds)
+                self._forget([run])
+
+    def _forget(self, runs: list[_Run]) -> None:
+        with self._held_lock:
+            for run in runs:
+                del self._overdue[run.job.id]
+
+    def _at_bound(self, **said: Any) -> bool:
+        """Whether ``max_overdue`` runs are overdue: the dispatcher then claims, and starts, nothing new until
+        one ends. Said once each time the bound is reached."""
+        if len(self._overdue) < self.max_overdue:
+            self._bound_said = False
+            return False
+        if not self._bound_said:
+            self._bound_said = True
+            log.warning("hook runs overdue at max_overdue: this dispatcher claims nothing new until one ends "
+                        "(give the handlers' network calls a timeout, or raise the hook's timeout_s)",
+                        max_overdue=self.max_overdue, jobs=sorted(self._overdue), **said)
+        return True
 
     def warn_if_slow(self) -> bool:
         """Log, once a job, a handler running for more than ``slow_handler_s`` (the heartbeat calls it);
@@ -316,9 +419,11 @@ class Dispatcher:
                 break
         return total
 
-    def _run(self, job: Job) -> bool:
-        """Call the job's handler; True when it succeeded (the failure is recorded otherwise)."""
+    def _run(self, job: Job) -> bool | None:
+        """Call the job's handler; True when it succeeded, False when it failed (recorded), None when it
+        outlived its hook's ``timeout_s`` (overdue: :meth:`_went_overdue`)."""
         handler = self._handlers.get(job.hook)
+        timeout_s = self._timeouts.get(job.hook)
         started = time.perf_counter()
         try:
             if handler is None:
@@ -326,21 +431,29 @@ class Dispatcher:
                                   "restore it and run `clerk-sync hooks retry`, or `clerk-sync hooks purge`")
             self._running = (job, self._now())
             try:
-                handler(job.change)
+                if timeout_s is None:
+                    handler(job.change)
+                else:
+                    run = _Run(job, handler)
+                    if not run.wait(timeout_s):
+                        self._went_overdue(run, timeout_s)
+                        return None
+                    if run.error is not None:
+                        raise run.error
             finally:
                 self._running = None
         except BaseException as exc:  # CancelledError, SystemExit, gevent's Timeout too: this job's failure
             if self._stopping(exc):
                 raise
             outcome = self._failed(job, exc, final=handler is None or isinstance(exc, HookGaveUp))
-            self._ran(job, outcome, started)
+            self._ran(job, outcome, time.perf_counter() - started)
             return False
-        self._ran(job, "ok", started)
+        self._ran(job, "ok", time.perf_counter() - started)
         return True
 
-    def _ran(self, job: Job, outcome: str, started: float) -> None:
+    def _ran(self, job: Job, outcome: str, seconds: float) -> None:
         if self.metrics is not None:
-            self.metrics.hook_ran(job.hook, outcome, time.perf_counter() - started)
+            self.metrics.hook_ran(job.hook, outcome, seconds)
 
     def _stopping(self, exc: BaseException) -> bool:
         """Whether ``exc`` stops the dispatcher rather than failing a job or a turn: Ctrl-C, or an exit
@@ -384,7 +497,8 @@ class Dispatcher:
         self._thread.start()
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        """Ask the loop to stop after the current batch, and wait for it."""
+        """Ask the loop to stop after the current batch, and wait for it (at most ``timeout_s``; overdue runs
+        are not waited for: their jobs run again elsewhere once this process ended and their leases expired)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
@@ -413,6 +527,40 @@ class Dispatcher:
                 claimed = 0
             if not (claimed and self._claimed_full):  # the queue had no more due: pause
                 self._stop.wait(pause)
+
+
+class _Run:
+    """One run of a handler whose hook has a ``timeout_s``, in a daemon thread of its own (with the context
+    variables of the dispatcher's thread, as an inline run has them). A thread cannot be stopped from
+    outside: a run that outlives the timeout is left to end by itself."""
+
+    def __init__(self, job: Job, handler: Handler) -> None:
+        self.job = job
+        self.error: BaseException | None = None  # what the handler raised
+        self.seconds = 0.0  # how long the handler ran, once it ended
+        self._ended = threading.Event()
+        context = contextvars.copy_context()
+        thread = threading.Thread(target=context.run, args=(self._call, handler), daemon=True,
+                                  name=f"clerk-sync-hook-{job.hook}-{job.id}")
+        thread.start()
+
+    def _call(self, handler: Handler) -> None:
+        started = time.perf_counter()
+        try:
+            handler(self.job.change)
+        except BaseException as exc:  # the job's failure, recorded by the dispatcher's thread
+            self.error = exc
+        finally:
+            self.seconds = time.perf_counter() - started
+            self._ended.set()
+
+    def wait(self, timeout_s: float) -> bool:
+        """Wait for the run to end, at most ``timeout_s``; whether it ended."""
+        return self._ended.wait(min(timeout_s, threading.TIMEOUT_MAX))  # (a larger one overflows the lock's)
+
+    @property
+    def ended(self) -> bool:
+        return self._ended.is_set()
 
 
 def _error_text(exc: BaseException) -> str:
