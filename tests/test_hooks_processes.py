@@ -20,6 +20,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
+from clerk_sync import migrations
 from clerk_sync.changes import Change, Hook
 from clerk_sync.hooks import Backoff, Dispatcher
 from clerk_sync.store import Store
@@ -395,3 +396,36 @@ def test_retry_warns_of_a_job_older_than_what_its_entity_has_since(db_url: str) 
     Dispatcher(store).drain()
     assert [(c.clerk_id, c.version) for c in handler.seen][-2:] == [("user_1", B + 1000), ("user_2", B + 1000)]
     store.dispose()
+
+
+def test_worker_serves_its_hook_series_on_metrics_port(tmp_path: Path) -> None:
+    """Review finding: ``clerk-sync worker`` (the dispatcher of ``serve --no-dispatch``, needed with ``--workers``)
+    counted its runs nowhere, so the RUNBOOK's ``hook_runs_total`` queries found no series in that layout."""
+    db = f"sqlite:///{tmp_path / 'w.db'}"
+    engine = sa.create_engine(db)
+    _hook_worker.meta.create_all(engine)
+    store = Store.from_url(db, hooks=[Hook("effects", lambda change: None)])  # queues the worker's hook's jobs
+    migrations.upgrade(store.engine)
+    deliver(store, f.envelope("user.created", f.user("user_1", B + 1000)))
+    store.dispose()
+    port = free_port()
+    env = {**os.environ, "DATABASE_URL": db, "PYTHONPATH": PATHS, "CLERK_SYNC_LOG_LEVEL": "WARNING"}
+    proc = subprocess.Popen([sys.executable, "-c", "from clerk_sync.cli import main; main()", "worker", "--hooks",
+                             "tests._hook_worker:hooks", "--poll", "0.05", "--metrics-port", str(port)],
+                            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/metrics", proc=proc)
+        deadline, text = time.monotonic() + 30, ""  # wait for the outcome, not a time
+        while 'clerk_sync_hook_runs_total{hook="effects",outcome="ok"} 1.0' not in text:
+            assert time.monotonic() < deadline, text
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+            time.sleep(0.05)
+        assert "clerk_sync_hook_seconds_count" in text
+        taken = subprocess.run([sys.executable, "-c", "from clerk_sync.cli import main; main()", "worker", "--hooks",
+                                "tests._hook_worker:hooks", "--metrics-port", str(port)],
+                               env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert taken.returncode == 2 and "choose a free port" in " ".join(taken.stderr.split()), taken.stderr
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        engine.dispose()

@@ -15,11 +15,13 @@ import sqlalchemy as sa
 
 from clerk_sync import migrations
 from clerk_sync._db_errors import passing_cause
+from clerk_sync.clerk_api import ClerkClient
 from clerk_sync.config import DatabaseTimeouts
 from clerk_sync.errors import ConfigError
 from clerk_sync.mapping import Column, MappedTable, SchemaMapping, migrate_schema
 from clerk_sync.store import Store, create_engine
 from clerk_sync.tables import webhook_events
+from clerk_sync.testing import EmulatorServer
 from tests import factories as f
 from tests.conftest import MYSQL_URL, mysql_database
 from tests.test_hooks import deliver
@@ -142,3 +144,23 @@ def test_a_statement_killed_from_outside_is_the_databases_passing_state() -> Non
         finally:
             engine.dispose()
             admin.dispose()
+
+
+def test_the_console_drift_run_counts_in_the_reconcile_series(store: Store, clerk: ClerkClient,
+                                                               emu: EmulatorServer) -> None:
+    """Review finding: no shipped entry point gave its Reconciler the metrics, so ``clerk_sync_reconcile_runs_total``
+    and ``_drift_total`` (listed in the README) never moved; the console's drift run in ``serve`` now counts."""
+    from datetime import UTC, datetime
+
+    from clerk_sync.integrations.console._drift import DriftJob
+    from clerk_sync.metrics import Metrics
+
+    emu.create_user("drift@example.com")  # in Clerk, not here: one to create
+    metrics = Metrics()
+    job = DriftJob(store, clerk, now=lambda: datetime.now(UTC), metrics=metrics)
+    job.start(dry_run=True, actor=None, ip=None)
+    assert job.wait(60)
+    assert job.snapshot()["status"] == "done", job.snapshot()
+    assert metrics.registry.get_sample_value("clerk_sync_reconcile_runs_total", {"result": "dry_run"}) == 1
+    assert metrics.registry.get_sample_value("clerk_sync_reconcile_drift_total",
+                                             {"entity": "users", "action": "created"}) == 1

@@ -152,15 +152,30 @@ def worker(
         callback=_positive, help="Seconds a claim lasts (a heartbeat extends it every third of it).")] = 60.0,
     vacuum_every: Annotated[int, typer.Option(
         min=0, help="PostgreSQL: VACUUM the outbox after so many finished jobs (0: leave it to autovacuum).")] = 1000,
+    metrics_port: Annotated[int | None, typer.Option(
+        min=1, max=65535, help="Serve this worker's hook series (clerk_sync_hook_runs_total, _seconds, "
+        "_overdue_total) at http://HOST:PORT/metrics.")] = None,
+    metrics_host: Annotated[str, typer.Option(help="The address --metrics-port listens on.")] = "127.0.0.1",
 ) -> None:
     """Run after-commit hooks from the outbox (DATABASE_URL); run several for more throughput."""
     from clerk_sync.hooks import Dispatcher
+    from clerk_sync.metrics import Metrics
 
     store = Store.from_settings(Settings.from_env(), hooks=load_hooks(hooks))
     if once:
         _run_once(store, batch=batch, lease_s=lease, poll_s=poll, vacuum_every=vacuum_every)
         return
-    dispatcher = Dispatcher(store, batch=batch, lease_s=lease, poll_s=poll, vacuum_every=vacuum_every)
+    metrics = Metrics()
+    if metrics_port is not None:  # prometheus_client's own server, in a daemon thread
+        from prometheus_client import start_http_server
+
+        try:
+            start_http_server(metrics_port, metrics_host, registry=metrics.registry)
+        except OSError as exc:
+            raise ConfigError(f"--metrics-port {metrics_port} on {metrics_host}: {exc.strerror or exc}; choose a "
+                              "free port (each worker on a host needs its own)") from exc
+    dispatcher = Dispatcher(store, batch=batch, lease_s=lease, poll_s=poll, vacuum_every=vacuum_every,
+                            metrics=metrics)
     signal.signal(signal.SIGTERM, lambda *_: dispatcher.stop(timeout_s=0))
     Console(stderr=True).print(f"clerk-sync worker: hooks {[h.name for h in store.hooks]}")
     try:

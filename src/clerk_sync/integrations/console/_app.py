@@ -267,8 +267,9 @@ def create_console(store: Store, settings: Settings, *, clerk: ClerkClient | Non
     ``clerk`` (default: from ``CLERK_SECRET_KEY``) powers drift and promotion; ``authenticator``
     (default: from the session-key settings) lets Clerk-signed-in admins in. Without either an
     authenticator or ``CLERK_SYNC_CONSOLE_TOKEN`` nobody could sign in: that is a ConfigError.
-    ``metrics``: where the Clerk client's calls, 429s, breaker and budget are counted (``serve`` passes its
-    own, so the ``clerk_sync_clerk_api_*`` series and their alerts move).
+    ``metrics``: where the Clerk client's calls, 429s, breaker and budget, and the drift page's reconcile
+    runs are counted (``serve`` passes its own, so the ``clerk_sync_clerk_api_*`` and
+    ``clerk_sync_reconcile_*`` series and their alerts move).
     """
     if clerk is None and settings.clerk_secret_key is not None:
         clerk = ClerkClient.from_settings(settings, metrics=metrics)
@@ -285,7 +286,7 @@ def create_console(store: Store, settings: Settings, *, clerk: ClerkClient | Non
               "max_failed": settings.freshness_max_failed,
               "max_reconcile_age_s": settings.freshness_max_reconcile_age_s}
     console = Console(store, access, clerk=clerk, read_only=settings.console_read_only, now=now,
-                      freshness_limits=limits)
+                      freshness_limits=limits, metrics=metrics)
     app = _ConsoleApp(routes=_routes(console))
     console.router = app.router
     app.state.console = console

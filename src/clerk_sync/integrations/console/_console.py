@@ -22,6 +22,7 @@ from clerk_sync.integrations.console._drift import DriftJob
 from clerk_sync.integrations.console._queries import aware
 from clerk_sync.integrations.console._web import client_ip
 from clerk_sync.integrations.http import error_response
+from clerk_sync.metrics import Metrics
 from clerk_sync.store import Store
 
 __all__ = ["Console", "utcnow"]
@@ -37,7 +38,8 @@ class Console:
     """What the handlers share: the store, access rules, templates, the Clerk client and the drift job."""
 
     def __init__(self, store: Store, access: ConsoleAccess, *, clerk: ClerkClient | None, read_only: bool,
-                 now: Callable[[], datetime], freshness_limits: dict[str, float] | None = None) -> None:
+                 now: Callable[[], datetime], freshness_limits: dict[str, float] | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.store = store
         self.access = access
         self.clerk = clerk
@@ -45,7 +47,7 @@ class Console:
         self.now = now
         # The thresholds of the alert rules and `doctor --freshness` (CLERK_SYNC_FRESHNESS_*).
         self.freshness_limits = freshness_limits or {}
-        self.drift = DriftJob(store, clerk, now=now) if clerk is not None else None
+        self.drift = DriftJob(store, clerk, now=now, metrics=metrics) if clerk is not None else None
         env = Environment(loader=PackageLoader("clerk_sync.integrations.console", "templates"),
                           autoescape=select_autoescape(default=True), trim_blocks=True, lstrip_blocks=True)
         env.filters.update(ago=self.ago, when=_when, pretty=_pretty)

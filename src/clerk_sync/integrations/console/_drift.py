@@ -17,6 +17,7 @@ from typing import Any
 from clerk_sync.auth.audit import AuditEntry, record_audit
 from clerk_sync.clerk_api import ClerkClient
 from clerk_sync.errors import ReconcileBusy
+from clerk_sync.metrics import Metrics
 from clerk_sync.reconcile import Change, Reconciler, ReconcileReport
 from clerk_sync.store import Store
 
@@ -29,10 +30,12 @@ _KINDS = {"create": "missing", "update": "stale", "delete": "to_delete"}
 class DriftJob:
     """The state of the latest console reconcile; :meth:`snapshot` is what the page polls."""
 
-    def __init__(self, store: Store, clerk: ClerkClient, *, now: Callable[[], datetime]) -> None:
+    def __init__(self, store: Store, clerk: ClerkClient, *, now: Callable[[], datetime],
+                 metrics: Metrics | None = None) -> None:
         self.store = store
         self.clerk = clerk
         self._now = now
+        self.metrics = metrics  # the console's runs count in clerk_sync_reconcile_* as the CLI's do
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._state: dict[str, Any] = {"status": "idle"}
@@ -65,7 +68,8 @@ class DriftJob:
 
     # -- the worker thread -------------------------------------------------------------------------
     def _run(self, dry_run: bool, actor: str | None, ip: str | None) -> None:
-        reconciler = Reconciler(self.store, self.clerk, progress=_Progress(self), on_change=self._change)
+        reconciler = Reconciler(self.store, self.clerk, progress=_Progress(self), on_change=self._change,
+                                metrics=self.metrics)
         try:
             report = reconciler.run(dry_run=dry_run)
         except Exception as exc:
