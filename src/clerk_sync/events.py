@@ -174,6 +174,9 @@ class UserRecord:
     # The app's own id for this user (Clerk's ``external_id``): carried for the mapping and hooks (linking
     # existing rows), not mirrored (``users`` has no column for it, see record_columns).
     external_id: str | None = field(default=None, metadata={"column": False})
+    # Whether Clerk verified the primary address (its ``verification.status``): carried, so that linking an
+    # existing row by e-mail trusts only an address its user proved to own.
+    email_verified: bool = field(default=False, metadata={"column": False})
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,7 +210,9 @@ def user_record(data: JSON, notes: Notes = None) -> UserRecord:
     """Build a user row from a Clerk User object; ``notes`` (if given) receives what was dropped."""
     emails = [e for e in _list(data, "email_addresses", notes) if isinstance(e, dict)]
     primary_id = data.get("primary_email_address_id")
-    primary = next((e.get("email_address") for e in emails if e.get("id") == primary_id), None)
+    primary_object = next((e for e in emails if e.get("id") == primary_id), None)
+    primary = primary_object.get("email_address") if primary_object is not None else None
+    verification = primary_object.get("verification") if primary_object is not None else None
     public = _obj(data, "public_metadata", notes)
     return UserRecord(
         clerk_id=_id(data, "user"),
@@ -228,6 +233,7 @@ def user_record(data: JSON, notes: Notes = None) -> UserRecord:
         deprovisioned=_flag(data, "deprovisioned", notes, null=False),
         last_sign_in_at=_opt_int(data, "last_sign_in_at"),
         external_id=_fit(data, "external_id", NAME_CHARS, notes),
+        email_verified=isinstance(verification, dict) and verification.get("status") == "verified",
     )
 
 

@@ -227,7 +227,9 @@ class MappedTable:
     ``external_id``) and ``link_by_email`` its e-mail column: a Clerk user seen for the first time is
     linked to the one existing row with that id (tried first), else that e-mail, and no Clerk id yet
     (opt-in; users only), compared exactly (the e-mail after ``lower()``), whatever a MariaDB column's
-    collation. Several matching rows fail the delivery (:class:`LinkAmbiguous`).
+    collation. Several matching rows fail the delivery (:class:`LinkAmbiguous`). By e-mail only when Clerk
+    verified the user's primary address (otherwise whoever signed up with someone's address would get
+    their row): an unverified one gets a row of its own, or links once verified if no row was written.
     """
 
     table: str
@@ -247,6 +249,14 @@ class MappedTable:
 
     def resolved(self) -> dict[str, Column]:
         return {name: c if isinstance(c, Column) else Column(c) for name, c in self.columns.items()}
+
+    def clearable(self) -> dict[str, Column]:
+        """The columns erasure and :class:`Anonymise` clear the personal ones of: the mapped columns, and the
+        e-mail column rows are linked by, which holds the person's address even when no mapping writes it."""
+        columns = self.resolved()
+        if self.link_by_email and self.link_by_email not in columns:
+            columns[self.link_by_email] = Column("email")
+        return columns
 
 
 class SchemaMapping:
@@ -447,10 +457,10 @@ class SchemaMapping:
         erasure back). Under a savepoint: what the app's table still refuses (a CHECK, a trigger, a NOT NULL
         column with no cleared value) is logged and returned, and the erasure of clerk-sync's rows holds."""
         mapped = self.tables.get(entity)
-        if mapped is None or not any(col.is_personal for col in mapped.resolved().values()):
+        if mapped is None or not any(col.is_personal for col in mapped.clearable().values()):
             return []
         table = self.table(conn, mapped.table)
-        personal, kept = cleared_values(table, mapped.resolved(), clerk_id)
+        personal, kept = cleared_values(table, mapped.clearable(), clerk_id)
         check_at_once(conn)
         refused = [f"{mapped.table}.{c} is NOT NULL (or UNIQUE) with nothing to clear it to: not cleared"
                    for c in kept]
@@ -459,7 +469,7 @@ class SchemaMapping:
             tries = [value]
             column = table.c[name]
             if isinstance(value, str) and isinstance(column.type, sa.String):  # unique in a way not reflected
-                own = erased_placeholder(clerk_id, mapped.resolved()[name].source == "email", column.type.length)
+                own = erased_placeholder(clerk_id, mapped.clearable()[name].source == "email", column.type.length)
                 tries += [own] if own != value else []  # (an expression index: lower(email))
             for attempt in tries:
                 try:
@@ -579,7 +589,9 @@ class _Projection:
                                                                                                       column.type)))
             if wanted is not None and self._adopt(change, values, match, f"external id ({column.name})"):
                 return True
-        if self.m.link_by_email and email:
+        # Only an address Clerk verified: an unverified primary (verification at sign-up off, an OAuth provider
+        # that does not verify, one added through the API unverified) would hand its claimant another's row.
+        if self.m.link_by_email and email and change.values.get("email_verified") is True:
             column = self.t.c[self.m.link_by_email]
             lower = unicode_lower(self.conn)  # the same lower() on both sides (PostgreSQL's and Python's differ)
             match = _exactly(self.conn, lower(column)) == _exactly(self.conn, lower(sa.literal(email)))
@@ -672,7 +684,7 @@ class _Projection:
         elif isinstance(policy, Deactivate):
             self.conn.execute(sa.update(self.t).where(where).values(**{policy.column: False}))
         else:
-            personal, kept = cleared_values(self.t, self.columns, clerk_id)
+            personal, kept = cleared_values(self.t, self.m.clearable(), clerk_id)
             personal |= dict.fromkeys(kept)  # (the table refuses NULL there: the row's refusal, doctor says so)
             if personal:
                 self.conn.execute(sa.update(self.t).where(where).values(**personal))

@@ -1,0 +1,95 @@
+"""Mapping review 7: linking an existing row by e-mail trusts only an address Clerk verified; an erasure or an
+``Anonymise`` deletion clears the linking e-mail column even when the mapping does not write it."""
+
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+
+from clerk_sync.events import user_record
+from clerk_sync.mapping import Anonymise, MappedTable, SchemaMapping
+from clerk_sync.retention import Retention
+from tests import factories as f
+from tests.test_hooks import B, deliver
+from tests.test_mapping import _with_app_table
+
+
+def _accounts(name: str) -> sa.Table:
+    return sa.Table(name, sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
+                    sa.Column("email", sa.String(320)), sa.Column("name", sa.String(200)),
+                    sa.Column("is_admin", sa.Boolean, nullable=False, server_default=sa.false()),
+                    sa.Column("anonymised_at", sa.DateTime(timezone=True)))
+
+
+def _unverified(user: dict[str, object]) -> dict[str, object]:
+    for address in user["email_addresses"]:  # type: ignore[attr-defined]
+        address["verification"] = {"status": "unverified", "strategy": "email_code"}
+    return user
+
+
+@pytest.mark.parametrize(("verification", "verified"), [
+    ({"status": "verified", "strategy": "from_oauth_google"}, True), ({"status": "unverified"}, False),
+    ({"status": "transferable"}, False), ({"status": "expired"}, False), (None, False), ("verified", False),
+])
+def test_a_user_record_carries_whether_clerk_verified_its_primary_address(verification: object,
+                                                                         verified: bool) -> None:
+    data = f.user("user_v", B)
+    data["email_addresses"][1]["verification"] = verification  # the primary
+    assert user_record(data).email_verified is verified
+    data["primary_email_address_id"] = "idn_other_user_v"  # an unverified secondary as the primary
+    assert user_record(data).email_verified is False
+
+
+def test_an_unverified_primary_address_never_takes_over_an_existing_row(db_url: str) -> None:
+    """Review finding: the primary address was trusted whatever its verification, so whoever signed up with an
+    existing customer's address (verification at sign-up off, an OAuth provider that does not verify) was
+    handed that row: its admin flag, its orders."""
+    table = _accounts("acc_unv")
+    mapping = SchemaMapping(users=MappedTable("acc_unv", "clerk_user_id", {"name": "full_name"},
+                                              link_by_email="email"))
+    store, engine = _with_app_table(db_url, table, mapping)
+    try:
+        with engine.begin() as conn:
+            conn.execute(table.insert().values(email="victim@example.com", name="Victim", is_admin=True))
+        attacker = _unverified(f.user("user_attacker", B + 1000, email="victim@example.com", first_name="Mallory"))
+        assert deliver(store, f.envelope("user.created", attacker)) == ["applied"]
+        with engine.connect() as conn:
+            rows = conn.execute(sa.select(table.c.id, table.c.name, table.c.is_admin, sa.column("clerk_user_id"))
+                                .order_by(table.c.id)).all()
+        assert rows[0][1:] == ("Victim", True, None)  # the customer's row is untouched
+        assert [r[1:] for r in rows[1:]] == [("Mallory Lovelace", False, "user_attacker")]  # a row of its own
+        # The customer, whose address Clerk verified, is still linked to the row
+        owner = f.user("user_owner", B + 1000, email="Victim@Example.com", first_name="Vic")
+        assert deliver(store, f.envelope("user.created", owner)) == ["applied"]
+        with engine.connect() as conn:
+            linked = conn.execute(sa.select(table.c.is_admin, sa.column("clerk_user_id"))
+                                  .where(table.c.id == rows[0][0])).one()
+        assert linked == (True, "user_owner")
+    finally:
+        store.dispose()
+        engine.dispose()
+
+
+@pytest.mark.parametrize("how", ["erase", "anonymise"])
+def test_the_linking_email_column_is_cleared_with_the_person(db_url: str, how: str) -> None:
+    """Review finding: an erasure and an ``Anonymise`` deletion cleared the mapped columns only; a table linked
+    by ``link_by_email="email"`` whose mapping does not write ``email`` kept the address (the audit said done)."""
+    table = _accounts(f"acc_{how}")
+    mapping = SchemaMapping(users=MappedTable(f"acc_{how}", "clerk_user_id", {"name": "full_name"},
+                                              link_by_email="email", on_delete=Anonymise("anonymised_at")))
+    store, engine = _with_app_table(db_url, table, mapping)
+    try:
+        with engine.begin() as conn:
+            conn.execute(table.insert().values(email="ada@example.com", name="Ada L"))
+        assert deliver(store, f.envelope("user.created", f.user("user_a1", B + 1000, email="ada@example.com"))) \
+            == ["applied"]
+        if how == "erase":
+            Retention(store).erase_user("user_a1", reason="data-subject request")
+        else:
+            assert deliver(store, f.envelope("user.deleted", f.deleted("user", "user_a1"))) == ["applied"]
+        with engine.connect() as conn:
+            row = conn.execute(sa.select(table.c.email, table.c.name, sa.column("clerk_user_id"))).one()
+        assert row.email is None and row.name is None, row
+    finally:
+        store.dispose()
+        engine.dispose()
