@@ -9,9 +9,10 @@ membership cascades). Columns the mapping does not name are never written.
 Sources (what a column is filled from): any field of the mirrored record (``email`` = the primary
 address, ``first_name``, ``image_url``, ``role`` = ``public_metadata.role``, ``banned``…), ``full_name``,
 or a dotted metadata path (``public_metadata.plan``, ``private_metadata.stripe.customer``). Transforms:
-``lower``, ``strip``, ``str``, ``bool``, ``int``, ``json`` (a JSON text), each total (``int`` and ``bool``
-give None for what is not one: see :data:`TRANSFORMS`); or ``compute``, a function of the record's values,
-for the rest.
+``lower``, ``strip``, ``str``, ``bool``, ``int``, ``json`` (a JSON text), ``timestamp`` (epoch milliseconds,
+as ``last_sign_in_at`` and ``clerk_created_at``, to an aware UTC datetime), each total (``int``, ``bool`` and
+``timestamp`` give None for what is not one: see :data:`TRANSFORMS`); or ``compute``, a function of the
+record's values, for the rest.
 
 Delete policies: :class:`SoftDelete` (a timestamp column), :class:`Deactivate` (a boolean column set
 false), :class:`Anonymise` (mapped personal columns cleared) and :class:`HardDelete`.
@@ -30,7 +31,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -107,9 +108,27 @@ def _as_bool(value: Any) -> bool | None:
     return None
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _as_timestamp(value: Any) -> datetime | None:
+    """``transform="timestamp"``: epoch milliseconds (an int, not a bool: Clerk's ``last_sign_in_at``,
+    ``created_at``) as an aware UTC datetime, exact to the millisecond; None for anything else or out of
+    datetime's range (years 1 to 9999). For a column with a time zone (PostgreSQL's ``timestamptz``): one
+    without it takes the value in the session's TimeZone there (SQLite and MySQL/MariaDB, whose sessions
+    clerk-sync sets to UTC, store it as UTC)."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        return None
+    try:
+        return _EPOCH + timedelta(milliseconds=value)
+    except OverflowError:
+        return None
+
+
 # What each transform makes of a value that is not None (None stays None, then the Column's default): "lower"
 # and "strip" change a text, leave anything else as it is; "str" is Python's str(); "json" the value's JSON text
-# (keys sorted); "int" and "bool": see _as_int and _as_bool (never raise: None for what is not one).
+# (keys sorted); "int", "bool", "timestamp": see _as_int, _as_bool, _as_timestamp (never raise: None for what
+# is not one).
 TRANSFORMS: dict[str, Callable[[Any], Any]] = {
     "lower": lambda v: v.lower() if isinstance(v, str) else v,
     "strip": lambda v: v.strip() if isinstance(v, str) else v,
@@ -117,6 +136,7 @@ TRANSFORMS: dict[str, Callable[[Any], Any]] = {
     "bool": _as_bool,
     "int": _as_int,
     "json": lambda v: json.dumps(v, sort_keys=True),
+    "timestamp": _as_timestamp,
 }
 
 
@@ -275,12 +295,14 @@ class SchemaMapping:
         """The app's table as the database has it (reflected). On SQLite with its inline ``UNIQUE`` columns
         too (Django writes ``"email" varchar(254) NOT NULL UNIQUE``): SQLAlchemy reflects neither the
         constraint nor its automatic index, and they decide an erased e-mail's value and ON CONFLICT. On
-        PostgreSQL its INVALID indexes are marked (``info["invalid"]``, see :func:`_unique`) and its schema
-        kept (``info["schema"]``, see :meth:`_Projection.still_referred_to`)."""
+        PostgreSQL its INVALID indexes are marked (``info["invalid"]``, see :func:`_unique`), the names of its
+        DEFERRABLE unique and exclusion constraints kept (``info["deferrable"]``, see :func:`_unique`: reflection
+        does not tell them) and its schema kept (``info["schema"]``, see :meth:`_Projection.still_referred_to`)."""
         _skip_expression_index_warning()
         table = sa.Table(name, sa.MetaData(), autoload_with=conn)
         if conn.dialect.name == "postgresql":
-            table.info["schema"], invalid, table.info["partitions"] = _pg_table_state(conn, name)
+            table.info["schema"], invalid, table.info["deferrable"], table.info["partitions"] = _pg_table_state(
+                conn, name)
             for reflected in table.indexes:
                 reflected.info["invalid"] = reflected.name in invalid
         if conn.dialect.name == "sqlite":
@@ -1028,7 +1050,20 @@ def _unique(table: sa.Table, column: sa.Column[Any], *, plain: bool = False, inv
     PostgreSQL INVALID index (a CONCURRENTLY build that failed, marked by :meth:`SchemaMapping.table`): ON
     CONFLICT (column) cannot use it ("no unique or exclusion constraint matching"), and one not ready yet
     enforces nothing (ON CONFLICT DO NOTHING inserts the duplicate), unless ``invalid``: erasure's cleared
-    value, which such an index, if ready, may still refuse as a duplicate."""
+    value, which such an index, if ready, may still refuse as a duplicate.
+
+    PostgreSQL: ON CONFLICT refuses a DEFERRABLE constraint as its arbiter ("ON CONFLICT does not support
+    deferrable unique constraints"), even under SET CONSTRAINTS ALL IMMEDIATE, and ON CONFLICT (column)
+    infers every unique index on the column, so one such constraint on ``column`` alone makes it not unique
+    here, a plain unique index beside it or not; nor, unless ``plain``, one anywhere on the table: ON CONFLICT
+    DO NOTHING without a target takes every unique index as its arbiter. Unless ``invalid``: such a
+    constraint refuses a duplicate (at the statement, the writes being :func:`check_at_once`)."""
+    deferrable: set[str] = table.info.get("deferrable") or set()
+    on_column = [list(c.columns) for c in [*table.constraints, *table.indexes]
+                 if isinstance(c, sa.UniqueConstraint | sa.Index) and c.name in deferrable]
+    if deferrable and not invalid and (not plain or any(len(cols) == 1 and cols[0].name == column.name
+                                                        for cols in on_column)):
+        return False
     indexes = [list(i.columns) for i in table.indexes if i.unique and not (plain and _partial(i) is not None)
                and (invalid or not i.info.get("invalid"))]
     constraints = [list(c.columns) for c in table.constraints if isinstance(c, sa.UniqueConstraint)]
@@ -1055,7 +1090,10 @@ def _skip_expression_index_warning() -> None:
 
 def _unique_sets(inspector: Any, name: str) -> set[tuple[str, ...]]:
     """The column sets unique in table ``name`` (indexes, constraints; SQLite's inline ``UNIQUE`` too), not
-    through a PostgreSQL INVALID index (a CONCURRENTLY build that failed: it enforces nothing reliably)."""
+    through a PostgreSQL INVALID index (a CONCURRENTLY build that failed: it enforces nothing reliably).
+    A PostgreSQL DEFERRABLE constraint counts: it refuses duplicates (the writes check it at once), so migrate
+    adds no index beside it, which would not serve ON CONFLICT either (see :func:`_unique`,
+    :func:`_deferrable_problems`)."""
     extra = {"include_auto_indexes": True} if inspector.dialect.name == "sqlite" else {}
     _skip_expression_index_warning()
     indexes = inspector.get_indexes(name, **extra)
@@ -1079,24 +1117,27 @@ def _sqlite_referrers(conn: Connection, table: str, columns: Sequence[str]) -> s
     return ", ".join(found)
 
 
-def _pg_table_state(conn: Connection, name: str) -> tuple[str | None, set[str], frozenset[tuple[str, str]]]:
+def _pg_table_state(conn: Connection, name: str) -> tuple[str | None, set[str], set[str], frozenset[tuple[str, str]]]:
     """PostgreSQL: the schema table ``name`` is found in (on the search path, as reflection finds it), its
-    INVALID indexes (``pg_index.indisvalid`` false), and its partitions as (schema, name): a foreign key error
-    of a partitioned table names the leaf partition the row went to. Read from the catalog, not from
-    reflection: SQLAlchemy reports an INVALID index as a valid one before 2.1 (2.1 adds
-    ``postgresql_invalid``), and 2.0 is supported."""
+    INVALID indexes (``pg_index.indisvalid`` false), its DEFERRABLE unique and exclusion constraints (their
+    indexes' names, the constraints': ``pg_index.indimmediate`` false), and its partitions as (schema, name):
+    a foreign key error of a partitioned table names the leaf partition the row went to. Read from the
+    catalog, not from reflection: SQLAlchemy reports an INVALID index as a valid one before 2.1 (2.1 adds
+    ``postgresql_invalid``), and 2.0 is supported; neither tells a deferrable unique constraint."""
     row = conn.execute(sa.text(
         "SELECT (SELECT nspname FROM pg_namespace WHERE oid = c.relnamespace) AS schema, "
         "ARRAY(SELECT x.relname FROM pg_index i JOIN pg_class x ON x.oid = i.indexrelid "
         "      WHERE i.indrelid = c.oid AND NOT i.indisvalid) AS invalid, "
+        "ARRAY(SELECT x.relname FROM pg_index i JOIN pg_class x ON x.oid = i.indexrelid "
+        "      WHERE i.indrelid = c.oid AND NOT i.indimmediate) AS deferrable, "
         "ARRAY(SELECT n.nspname || '.' || p.relname FROM pg_partition_tree(c.oid) t "
         "      JOIN pg_class p ON p.oid = t.relid JOIN pg_namespace n ON n.oid = p.relnamespace "
         "      WHERE t.relid <> c.oid) AS partitions "
         "FROM pg_class c WHERE c.oid = to_regclass(:t)"), {"t": conn.dialect.identifier_preparer.quote(name)}).first()
     if row is None:
-        return None, set(), frozenset()
+        return None, set(), set(), frozenset()
     partitions = frozenset(tuple(qualified.split(".", 1)) for qualified in row.partitions)
-    return str(row.schema), set(row.invalid), partitions
+    return str(row.schema), set(row.invalid), set(row.deferrable), partitions
 
 
 def _lookup(values: JSON, source: str) -> Any:
@@ -1163,7 +1204,9 @@ def check_schema(conn: Connection, mapping: SchemaMapping) -> list[tuple[str, st
             problems += _clerk_id_problems(inspector, entity, mapped, columns[mapped.clerk_id_column])
         if mapped.clerk_id_column in columns:
             problems += _invalid_index_problems(inspector, mapped, (mapped.clerk_id_column,) in unique)
+            problems += _deferrable_problems(inspector, mapped)
         problems += _insert_problems(inspector, entity, mapped, columns)
+        problems += _type_problems(entity, mapped, columns)
         for column, col in mapped.resolved().items():  # erasure clears them whatever the policy
             if (col.is_personal and column in columns
                     and _cleared(columns[column].get("nullable", True), columns[column]["type"], col,
@@ -1228,6 +1271,23 @@ def _invalid_index_problems(inspector: Any, mapped: MappedTable, served: bool) -
              f"CONCURRENTLY {quote(index)}){fix}") for index in found]
 
 
+def _deferrable_problems(inspector: Any, mapped: MappedTable) -> list[tuple[str, str]]:
+    """PostgreSQL: a DEFERRABLE unique constraint on the Clerk-id column alone (Django's
+    ``UniqueConstraint(deferrable=...)``). ON CONFLICT cannot use it as its arbiter, nor a plain unique index
+    beside it (ON CONFLICT (column) infers both): the writes do without (see :func:`_unique`)."""
+    name, column = mapped.table, mapped.clerk_id_column
+    deferrable = _deferrable_constraints(inspector, name)
+    found = sorted(str(u["name"]) for u in inspector.get_unique_constraints(name)
+                   if u["name"] in deferrable and u["column_names"] == [column])
+    quote = inspector.dialect.identifier_preparer.quote
+    return [("warn", f"{name}.{column} is unique through the DEFERRABLE constraint {c}: PostgreSQL's ON CONFLICT "
+                     "cannot use a deferrable constraint as its arbiter (nor a plain unique index on the column "
+                     "beside it: ON CONFLICT infers both), so each delivery's row is written with an UPDATE, then "
+                     "an INSERT, not one upsert (nor in the delivery's own statement); for one upsert make it NOT "
+                     f"DEFERRABLE: ALTER TABLE {quote(name)} DROP CONSTRAINT {quote(c)}, ADD CONSTRAINT {quote(c)} "
+                     f"UNIQUE ({quote(column)}) (Django: a UniqueConstraint without deferrable=)") for c in found]
+
+
 def _insert_problems(inspector: Any, entity: Entity, mapped: MappedTable,
                      columns: Mapping[str, Any]) -> list[tuple[str, str]]:
     """What refuses a new row at runtime: a NOT NULL column nothing fills (not mapped, no database default:
@@ -1283,17 +1343,64 @@ def _pk_default(dialect: str, table: str, column: str, type_: Any) -> str:
 
 def _may_be_empty(entity: Entity, col: Column) -> bool:
     """Whether a mapped Column's value can be None (then the table refuses it in a NOT NULL column): a
-    metadata path, ``full_name``, a record field that may be None, an ``int``/``bool`` transform; not with a
-    ``default``, nor a ``compute`` (whose values are the app's to know)."""
+    metadata path, ``full_name``, a record field that may be None, an ``int``/``bool``/``timestamp``
+    transform; not with a ``default``, nor a ``compute`` (whose values are the app's to know)."""
     if col.default is not None or col.compute is not None:
         return False
-    if col.transform in ("int", "bool") or col.source is None or "." in col.source:
+    if col.transform in ("int", "bool", "timestamp") or col.source is None or "." in col.source:
         return True
     found = _RECORD_FIELDS[entity].get(col.source)
     return found is None or "None" in str(found.type)
 
 
 _RECORD_FIELDS = {entity: {f.name: f for f in dataclasses.fields(record)} for entity, record in _RECORDS.items()}
+
+# The column types a source's values cannot go into (every row refused, or on MySQL/MariaDB a wrong value
+# stored: an epoch-milliseconds int in a DATETIME is '0170-00-00 00:00:00'), by the kind of value it gives.
+_TEXT_ONLY = (sa.Integer, sa.Numeric, sa.Boolean, sa.Date, sa.DateTime, sa.Time)
+_NOT_FOR: dict[str, tuple[type[Any], ...]] = {"int": (sa.Date, sa.DateTime, sa.Time),
+                                              "bool": (sa.Date, sa.DateTime, sa.Time),
+                                              "str": _TEXT_ONLY,
+                                              "datetime": (sa.Integer, sa.Numeric, sa.Boolean, sa.Time)}
+_TRANSFORMED = {"str": "str", "json": "str", "int": "int", "bool": "bool", "timestamp": "datetime"}
+
+
+def _source_kind(entity: Entity, col: Column) -> str | None:
+    """What a mapped Column gives (``int``, ``str``, ``bool``, ``datetime``), when known: a record field's
+    type, ``full_name``, a transform's result; None for a metadata path (any JSON value) or a ``compute``."""
+    if col.compute is not None or col.source is None:
+        return None
+    if col.transform in _TRANSFORMED:
+        return _TRANSFORMED[col.transform]
+    if col.source == "full_name":
+        return "str"
+    found = _RECORD_FIELDS[entity].get(col.source)
+    kind = str(found.type).replace(" | None", "") if found is not None else None
+    return kind if kind in ("int", "str", "bool") else None
+
+
+def _type_problems(entity: Entity, mapped: MappedTable, columns: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """A mapped column whose type cannot take what its source gives: an epoch-milliseconds field
+    (``last_sign_in_at``, ``clerk_created_at``) in a date-time column, a text in a number, boolean or date
+    column. Sources of unknown type (metadata paths, ``compute``) are not checked."""
+    problems: list[tuple[str, str]] = []
+    for column, col in mapped.resolved().items():
+        kind = _source_kind(entity, col)
+        if kind is None or column not in columns or not isinstance(columns[column]["type"], _NOT_FOR[kind]):
+            continue
+        how = f"{col.source!r}" + (f" (transform {col.transform!r})" if col.transform else "")
+        what = "an int, epoch milliseconds" if kind == "int" and col.transform is None else f"a {kind}"
+        if kind == "int" and col.transform is None:
+            fix = (f"map it to a BIGINT column, or convert it: Column({col.source!r}, transform='timestamp') (an "
+                   "aware UTC date-time: on PostgreSQL for a timestamptz column) or a compute")
+        elif kind == "str":
+            fix = "map it to a text column, or convert it with a transform ('int', 'bool') or a compute"
+        else:
+            fix = "map it to a column of that kind, or convert it with a compute"
+        problems.append(("fail", f"{mapped.table}.{column} is {columns[column]['type']} and its source {how} gives "
+                                 f"{what}: the column cannot take it (every row is refused; MySQL/MariaDB may "
+                                 f"store a wrong value instead); {fix}"))
+    return problems
 
 
 def _mysql_collation(conn: Connection, table: str, column: str) -> tuple[str, str, bool]:
@@ -1372,6 +1479,14 @@ def migrate_schema(conn: Connection, mapping: SchemaMapping, *, unique_indexes: 
 
 def _index_name(mapped: MappedTable) -> str:
     return f"uq_{mapped.table}_{mapped.clerk_id_column}"
+
+
+def _deferrable_constraints(inspector: Any, name: str) -> set[str]:
+    """PostgreSQL: table ``name``'s DEFERRABLE unique and exclusion constraints (``pg_index.indimmediate``
+    false), which ON CONFLICT refuses as arbiters; reflection does not tell them."""
+    if inspector.dialect.name != "postgresql":
+        return set()
+    return _pg_table_state(inspector.bind, name)[2]
 
 
 def _invalid_indexes(inspector: Any, name: str) -> set[str]:
