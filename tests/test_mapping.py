@@ -409,8 +409,7 @@ def test_backfill_projects_what_clerk_sync_already_holds(app_db: str) -> None:
     with store.transaction() as writer:  # the app had linked user_2 by hand before it was deleted
         writer.conn.execute(sa.text("INSERT INTO accounts (clerk_user_id, email) VALUES ('user_2', 'b@x')"))
     for _ in range(2):  # idempotent
-        with store.transaction() as writer:
-            assert mapping.backfill(writer.conn, writer.now) == {"users": 2}
+        assert mapping.backfill(store) == {"users": 2}
     with store.connect() as conn:
         rows = app_rows(conn, "user_")
     store.dispose()

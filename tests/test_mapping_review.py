@@ -244,8 +244,8 @@ def test_backfill_writes_what_it_can_and_keeps_the_first_deletion_time(db_url: s
         conn.execute(names.insert().values(clerk_user_id="user_b3", first="Bo"))
     first = datetime(2030, 1, 1, tzinfo=UTC)
     for n in range(2):
-        with store.transaction() as writer:
-            assert mapping.backfill(writer.conn, first + timedelta(days=n)) == {"users": 2, "refused": 1}
+        at = first + timedelta(days=n)
+        assert mapping.backfill(Store(store.engine, now=lambda at=at: at)) == {"users": 2, "refused": 1}
     with engine.connect() as conn:
         rows = {r[0]: (r[1], r[2]) for r in conn.execute(sa.select(names.c.clerk_user_id, names.c.first,
                                                                    names.c.deleted_at))}
@@ -423,8 +423,8 @@ def test_a_backfill_a_sqlite_trigger_rolls_back_says_so_and_counts_nothing_writt
         conn.exec_driver_sql("CREATE TRIGGER no_bad BEFORE INSERT ON tr_accounts WHEN NEW.first = 'Bad' "
                              "BEGIN SELECT RAISE(ROLLBACK, 'no Bad'); END")
     mapping = SchemaMapping(users=MappedTable("tr_accounts", "clerk_user_id", {"first": "first_name"}))
-    with engine.connect() as conn, pytest.raises(AppTableRolledBack, match="RAISE"), conn.begin():
-        mapping.backfill(conn, datetime.now(UTC))
+    with pytest.raises(AppTableRolledBack, match="RAISE"):
+        mapping.backfill(Store(engine))
     with engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT count(*) FROM tr_accounts").scalar_one() == 0
     engine.dispose()
@@ -489,8 +489,8 @@ def test_a_backfill_that_meets_a_deadlock_fails_whole_not_as_a_refused_row(
             raise sa.exc.OperationalError("UPDATE dl_accounts ..", {}, Deadlock(1213, "Deadlock found"))
 
     monkeypatch.setattr(SchemaMapping, "project", project)
-    with engine.connect() as conn, conn.begin(), pytest.raises(StoreError, match="deadlock") as failed:
-        mapping.backfill(conn, datetime.now(UTC))
+    with pytest.raises(StoreError, match="deadlock") as failed:
+        mapping.backfill(Store(engine))
     assert not isinstance(failed.value, StoreDataError)
 
     def savepoint_gone(self: SchemaMapping, conn: Any, now: Any, change: Any) -> None:
@@ -504,7 +504,7 @@ def test_a_backfill_that_meets_a_deadlock_fails_whole_not_as_a_refused_row(
                                               Deadlock(1305, "SAVEPOINT sa_savepoint_1 does not exist")) from None
 
     monkeypatch.setattr(SchemaMapping, "project", savepoint_gone)
-    with engine.connect() as conn, conn.begin(), pytest.raises(StoreError) as failed:
-        mapping.backfill(conn, datetime.now(UTC))
+    with pytest.raises(StoreError) as failed:
+        mapping.backfill(Store(engine))
     assert not isinstance(failed.value, StoreDataError)
     engine.dispose()

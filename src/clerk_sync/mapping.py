@@ -29,11 +29,11 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 import structlog
@@ -174,6 +174,21 @@ class RefusedAtCommit(StoreError):
     def __init__(self, message: str, changes: Sequence[Change]) -> None:
         super().__init__(message)
         self.changes = tuple(changes)
+
+
+class _BackfillWriter(Protocol):
+    """What :meth:`SchemaMapping.backfill` uses of a :class:`~clerk_sync.store.Writer` (whose module imports this)."""
+
+    conn: Connection
+    now: datetime
+
+    def lock_records(self, entity: Entity, clerk_ids: Sequence[str]) -> None: ...
+
+
+class _BackfillStore(Protocol):
+    """A :class:`~clerk_sync.store.Store`, as :meth:`SchemaMapping.backfill` uses it."""
+
+    def transaction(self) -> AbstractContextManager[_BackfillWriter]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -425,53 +440,75 @@ class SchemaMapping:
             self._projections[key] = _Projection(self.table(conn, mapped.table), mapped, conn.dialect.name)
         return self._projections[key]
 
-    def backfill(self, conn: Connection, now: datetime) -> dict[str, int]:
+    def backfill(self, store: _BackfillStore) -> dict[str, int]:
         """Project every row the contract tables already hold (a mapping added to a running install);
         idempotent. Live rows are written (or linked by e-mail), deleted ones get the delete policy if present.
         One the app's table refuses (an ambiguous link, a constraint, a compute that raised) is logged and
         counted as ``refused``, the others are written. Linking by external id cannot happen here: clerk-sync's
         tables do not keep the external id (new deliveries carry it).
 
-        Pages of :data:`_BACKFILL_PAGE` rows (memory stays flat), each under one savepoint; only a page that
-        fails is written again row by row, a savepoint each (on PostgreSQL thousands of subtransactions in
-        one transaction overflow its cache and slow every session). On SQLite a trigger's ``RAISE(ROLLBACK)``
-        ends the whole transaction: :class:`AppTableRolledBack`, nothing written (not rows counted as
-        written that were rolled back)."""
+        Pages of :data:`_BACKFILL_PAGE` rows (memory stays flat), each a transaction of ``store``'s that takes
+        its rows' locks and reads them again under those locks before projecting them: a delivery, deletion or
+        erasure that committed since the page was read is what gets projected, not the page's stale copy. Each
+        page is under one savepoint; only a page that fails is written again row by row, a savepoint each (on
+        PostgreSQL thousands of subtransactions in one transaction overflow its cache and slow every session).
+        On SQLite a trigger's ``RAISE(ROLLBACK)`` ends the page's whole transaction: :class:`AppTableRolledBack`,
+        nothing of that page written (not rows counted as written that were rolled back)."""
         counts: dict[str, int] = {}
-        check_at_once(conn)
         for entity in self.tables:
-            table, names = _CONTRACT[entity], record_columns(_RECORDS[entity])
-            query = sa.select(table.c.id, table.c.deleted_at, *[table.c[n] for n in names]).order_by(table.c.id)
             after: int | None = None
             while True:
-                page = conn.execute((query if after is None else query.where(table.c.id > after))
-                                    .limit(_BACKFILL_PAGE)).mappings().all()
-                if not page:
+                with store.transaction() as writer:
+                    after = self._backfill_page(writer, entity, after, counts)
+                if after is None:
                     break
-                after = page[-1]["id"]
-                changes = [Change(entity, row["clerk_id"], "created" if row["deleted_at"] is None else "deleted",
-                                  row["clerk_updated_at"], {n: row[n] for n in names}) for row in page]
-                try:
-                    with conn.begin_nested():
-                        for change in changes:
-                            self.project(conn, now, change)
-                    counts[entity.value] = counts.get(entity.value, 0) + len(changes)
-                    continue
-                except Exception as exc:
-                    _still_in_transaction(conn, exc)
-                for change in changes:  # the page again, one row at a time: which were refused
-                    try:
-                        with conn.begin_nested():
-                            self.project(conn, now, change)
-                    except Exception as exc:  # any refusal is the row's (a compute's message may quote values)
-                        _still_in_transaction(conn, exc)
-                        reason = str(exc) if isinstance(exc, StoreError) else type(exc).__name__
-                        log.warning("backfill_row_refused", table=self.tables[entity].table,
-                                    clerk_id=change.clerk_id, reason=reason)
-                        counts["refused"] = counts.get("refused", 0) + 1
-                        continue
-                    counts[entity.value] = counts.get(entity.value, 0) + 1
         return counts
+
+    def _backfill_page(self, writer: _BackfillWriter, entity: Entity, after: int | None,
+                       counts: dict[str, int]) -> int | None:
+        """Project the page of ``entity``'s rows after id ``after``; returns its last id (None: no rows left)."""
+        conn = writer.conn
+        check_at_once(conn)
+        table, names = _CONTRACT[entity], record_columns(_RECORDS[entity])
+        query = sa.select(table.c.id, table.c.clerk_id).order_by(table.c.id).limit(_BACKFILL_PAGE)
+        page = conn.execute(query if after is None else query.where(table.c.id > after)).all()
+        if not page:
+            return None
+        # The locks a delivery and an erasure take, then the rows again: FOR UPDATE too, as a delivery piped
+        # on PostgreSQL without hooks, or a parent's deletion cascading to memberships, locks only the rows.
+        writer.lock_records(entity, [row.clerk_id for row in page])
+        rows = conn.execute(sa.select(table.c.deleted_at, *[table.c[n] for n in names])
+                            .where(table.c.id.in_([row.id for row in page])).order_by(table.c.id)
+                            .with_for_update()).mappings().all()
+        changes = [Change(entity, row["clerk_id"], "created" if row["deleted_at"] is None else "deleted",
+                          row["clerk_updated_at"], {n: row[n] for n in names}) for row in rows]
+        self._project_page(conn, writer.now, entity, changes, counts)
+        last: int = page[-1].id
+        return last
+
+    def _project_page(self, conn: Connection, now: datetime, entity: Entity, changes: Sequence[Change],
+                      counts: dict[str, int]) -> None:
+        """The page under one savepoint; if that fails, row by row: which were refused."""
+        try:
+            with conn.begin_nested():
+                for change in changes:
+                    self.project(conn, now, change)
+            counts[entity.value] = counts.get(entity.value, 0) + len(changes)
+            return
+        except Exception as exc:
+            _still_in_transaction(conn, exc)
+        for change in changes:
+            try:
+                with conn.begin_nested():
+                    self.project(conn, now, change)
+            except Exception as exc:  # any refusal is the row's (a compute's message may quote values)
+                _still_in_transaction(conn, exc)
+                reason = str(exc) if isinstance(exc, StoreError) else type(exc).__name__
+                log.warning("backfill_row_refused", table=self.tables[entity].table,
+                            clerk_id=change.clerk_id, reason=reason)
+                counts["refused"] = counts.get("refused", 0) + 1
+                continue
+            counts[entity.value] = counts.get(entity.value, 0) + 1
 
     def erase(self, conn: Connection, entity: Entity, clerk_id: str) -> list[str]:
         """Erasure: clear the mapped personal columns of this entity's row, whatever the delete policy (as

@@ -544,6 +544,10 @@ class Writer:
             ids = sorted({_lock_id(k) for k in keys})
             self.conn.execute(_MYSQL_LOCK_SQL, [{"key": k} for k in ids])
 
+    def lock_records(self, entity: Entity, clerk_ids: Sequence[str]) -> None:
+        """The locks a delivery of these records of ``entity`` takes for them (a backfill page's)."""
+        self.lock([f"{_LOCK_PREFIX[entity]}:{clerk_id}" for clerk_id in clerk_ids])
+
     def lock_entities(self, intents: Sequence[object]) -> None:
         """Lock every user/organization/membership a batch will write, in one sorted pass, before
         writing any (MySQL/MariaDB group commit): batches touching the same entities in different

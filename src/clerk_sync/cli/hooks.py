@@ -41,7 +41,7 @@ def migrate_mapping(store: Store, schema: SchemaMapping, *, backfill: bool = Fal
     """``migrate``'s part past clerk-sync's own tables, one for every face's command (``clerk-sync migrate
     --mapping``, ``flask clerk-sync migrate``, ``manage.py clerk_sync migrate``): what the mapped tables need
     (:func:`~clerk_sync.mapping.migrate_schema`), then with ``backfill`` the rows clerk-sync holds written into
-    them. Returns the lines to print.
+    them, a page per transaction (:meth:`~clerk_sync.mapping.SchemaMapping.backfill`). Returns the lines to print.
 
     On PostgreSQL the Clerk-id column's unique index is built CONCURRENTLY, after the columns are committed:
     the app's table takes writes all along. A build that fails (duplicate Clerk ids, the lock bound) drops
@@ -56,8 +56,7 @@ def migrate_mapping(store: Store, schema: SchemaMapping, *, backfill: bool = Fal
         done += build_unique_indexes_concurrently(store.engine, schema)
     lines = [f"mapping: {line}" for line in done or ["mapped tables already have what the mapping needs"]]
     if backfill:
-        with store.transaction() as writer:
-            lines.append(f"mapping: backfilled {schema.backfill(writer.conn, writer.now) or 'nothing'}")
+        lines.append(f"mapping: backfilled {schema.backfill(store) or 'nothing'}")
     return lines
 
 
