@@ -161,9 +161,12 @@ def _keepalive(dbapi_conn: Any, idle_s: float) -> None:
         if sock.family not in (socket.AF_INET, socket.AF_INET6):
             return  # a Unix socket: the server is on this host
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, min(32_767, int(idle_s))))
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 2)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+        # (macOS names the idle time TCP_KEEPALIVE; an option this platform lacks is left at its default)
+        idle = getattr(socket, "TCP_KEEPIDLE", getattr(socket, "TCP_KEEPALIVE", None))
+        for option, value in ((idle, max(1, min(32_767, int(idle_s)))),
+                              (getattr(socket, "TCP_KEEPINTVL", None), 2), (getattr(socket, "TCP_KEEPCNT", None), 3)):
+            if option is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
 def _postgres_bounds(url: str, t: DatabaseTimeouts) -> dict[str, Any]:
