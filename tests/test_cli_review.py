@@ -307,3 +307,36 @@ def test_the_emulators_serve_refuses_a_live_key_before_printing_anything() -> No
         with pytest.raises(ValueError, match="live"):
             serve(EmulatorConfig(secret_key="sk_live_x"), "127.0.0.1", taken.getsockname()[1], out=out)
     assert out.getvalue() == ""
+
+
+def test_worker_once_records_a_run_past_its_timeout_before_it_exits(tmp_path: Path) -> None:
+    """Review finding: with ``Hook(timeout_s=)`` a run past it is overdue, and ``worker --once`` exited
+    without waiting: the run's outcome was never recorded, its job stayed claimed until the lease and then ran
+    again. Now the run is waited for (up to a lease) and counted."""
+    (tmp_path / "slow_hooks.py").write_text(textwrap.dedent('''
+        import time
+        from clerk_sync.changes import Hook
+
+        def _slow(change):
+            time.sleep(0.3)  # always past the hook's timeout_s
+
+        HOOKS = [Hook("slow", _slow, on=["user.created"], timeout_s=0.01)]
+    '''))
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    path = os.pathsep.join([str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = {"DATABASE_URL": url, "PYTHONPATH": path, "CLERK_WEBHOOK_SIGNING_SECRET": SECRET}
+    assert run("migrate", env=env).returncode == 0
+    sys.path.insert(0, str(tmp_path))
+    try:
+        store = Store.from_url(url, hooks=load_hooks("slow_hooks:HOOKS"))
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("slow_hooks", None)
+    with store.transaction() as writer:
+        writer.apply(Upsert(Entity.USER, user_record(f.user("user_slow", 5))))
+    result = run("worker", "--once", "--hooks", "slow_hooks:HOOKS", env=env)
+    assert result.returncode == 0, said(result)
+    assert "ran 1 hook jobs: 1 ok" in said(result)
+    with store.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM hook_jobs")).scalar_one() == 0  # finished, not claimed
+    store.dispose()

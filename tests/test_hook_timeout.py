@@ -262,3 +262,26 @@ def test_a_dispatcher_refuses_max_overdue_below_one(max_overdue: int) -> None:
     assert Dispatcher(store, max_overdue=1).max_overdue == 1
     store.dispose()
 
+
+
+# -- settle: a run left overdue at the end of `worker --once` ------------------------------------------------
+
+def test_settle_waits_for_an_overdue_run_and_records_it(db_url: str, crm: Hanging) -> None:
+    """Review finding: ``worker --once`` exited with a run overdue: the outcome was never recorded, the job
+    stayed claimed until its lease and then ran again. ``settle`` waits for the run (the heartbeat keeping its
+    lease), records it, and says how many it gave up on."""
+    clock = Clock()
+    store = hooked(db_url, Hook("crm", crm, on=["organization.created"], timeout_s=0.05), now=clock)
+    deliver(store, org_created("org_hang"))
+    metrics = Metrics()
+    dispatcher = Dispatcher(store, lease_s=60, heartbeat_s=0, now=clock, metrics=metrics)
+    assert dispatcher.drain() == 1
+    assert job_of(store, "org_hang")["status"] == "running"  # overdue: claimed, not recorded
+    assert dispatcher.settle(0.05) == 1  # still hanging: given up on, still claimed, nothing recorded
+    assert job_of(store, "org_hang")["status"] == "running"
+    assert metrics.hook_runs.labels(hook="crm", outcome="ok")._value.get() == 0
+    threading.Timer(0.05, crm.release.set).start()  # the handler returns while settle waits for it
+    assert dispatcher.settle(60) == 0
+    assert jobs(store) == [] and crm.started == ["org_hang:created"]
+    assert metrics.hook_runs.labels(hook="crm", outcome="ok")._value.get() == 1
+    store.dispose()

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import pytest
 import sqlalchemy as sa
+from structlog.testing import capture_logs
 
 from clerk_sync.events import user_record
 from clerk_sync.mapping import Anonymise, MappedTable, SchemaMapping
 from clerk_sync.retention import Retention
+from clerk_sync.store import Store
 from tests import factories as f
 from tests.test_hooks import B, deliver
 from tests.test_mapping import _with_app_table
@@ -90,6 +92,48 @@ def test_the_linking_email_column_is_cleared_with_the_person(db_url: str, how: s
         with engine.connect() as conn:
             row = conn.execute(sa.select(table.c.email, table.c.name, sa.column("clerk_user_id"))).one()
         assert row.email is None and row.name is None, row
+    finally:
+        store.dispose()
+        engine.dispose()
+
+
+def test_a_backfill_neither_links_nor_duplicates_a_row_whose_email_it_cannot_trust(db_url: str) -> None:
+    """Review finding: clerk-sync's tables do not keep whether Clerk verified an address, so once linking
+    required a verified one, ``--backfill`` linked no row by e-mail and wrote an empty second row beside each
+    customer's, which no later event would link. Such a user is refused by the backfill (counted, with the
+    reason); the user's next event, verified, links the customer's row."""
+    table = _accounts("acc_backfill")
+    plain = Store.from_url(db_url)  # a running install, before the app adopted the mapping
+    deliver(plain, f.envelope("user.created", f.user("user_known", B + 1000, email="Known@Example.com")),
+            f.envelope("user.created", f.user("user_new", B + 1000, email="new@example.com")))
+    plain.dispose()
+    mapping = SchemaMapping(users=MappedTable("acc_backfill", "clerk_user_id", {"name": "full_name"},
+                                              link_by_email="email"))
+    store, engine = _with_app_table(db_url, table, mapping)
+    try:
+        with engine.begin() as conn:
+            conn.execute(table.insert().values(email="known@example.com", name="Legacy", is_admin=True))
+        with capture_logs() as logs:
+            counts = mapping.backfill(store)
+        assert counts == {"users": 1, "refused": 1}
+        refusals = [e for e in logs if e["event"] == "backfill_row_refused"]
+        assert [e["clerk_id"] for e in refusals] == ["user_known"]
+        assert "next event links it" in refusals[0]["reason"] and "@" not in refusals[0]["reason"]
+
+        def rows() -> list[tuple[object, ...]]:
+            with engine.connect() as conn:
+                return [tuple(r) for r in conn.execute(
+                    sa.select(table.c.email, table.c.name, table.c.is_admin, sa.column("clerk_user_id"))
+                    .order_by(table.c.id))]
+
+        assert rows() == [("known@example.com", "Legacy", True, None), (None, "Ada Lovelace", False, "user_new")]
+        assert mapping.backfill(store) == {"users": 1, "refused": 1}  # idempotent: still no second row
+        assert len(rows()) == 2
+        # The user's next event carries Clerk's verification: the customer's row is linked, not duplicated
+        assert deliver(store, f.envelope("user.updated", f.user("user_known", B + 2000, email="Known@Example.com",
+                                                                first_name="Kim"))) == ["applied"]
+        assert rows() == [("known@example.com", "Kim Lovelace", True, "user_known"),
+                          (None, "Ada Lovelace", False, "user_new")]
     finally:
         store.dispose()
         engine.dispose()

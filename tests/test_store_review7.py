@@ -37,10 +37,18 @@ def test_a_url_charset_that_cannot_hold_an_emoji_is_refused_at_start(charset: st
         create_engine(f"mysql+mysqldb://root@127.0.0.1:3306/test?charset={charset}")
 
 
+@pytest.mark.parametrize("query", ["charset=utf8&charset=utf8mb4", "charset=utf8mb4&charset=latin1"])
+def test_a_repeated_charset_that_cannot_hold_an_emoji_is_refused_too(query: str) -> None:
+    with pytest.raises(ConfigError, match=rf"charset={query.split('&charset=')[0].split('=')[1]}&charset="):
+        create_engine(f"mysql+mysqldb://root@127.0.0.1:3306/test?{query}")
+
+
 @pytest.mark.mariadb
-def test_an_emoji_is_stored_when_the_url_names_utf8mb4() -> None:
+@pytest.mark.parametrize("query", ["charset=UTF8MB4", "charset=utf8mb4&charset=utf8mb4"])
+def test_an_emoji_is_stored_when_the_url_names_utf8mb4(query: str) -> None:
+    """Review 8: the URL's charset repeated (a list to SQLAlchemy) was refused even when every one is utf8mb4."""
     with mysql_database() as url:
-        engine = create_engine(f"{url}?charset=UTF8MB4")
+        engine = create_engine(f"{url}?{query}")
         migrations.upgrade(engine)
         store = Store(engine)
         try:
@@ -70,10 +78,12 @@ def test_a_mariadb_connection_keeps_tcp_keepalives_as_postgresql_does() -> None:
             engine.dispose()
 
 
-def test_a_value_a_mapped_column_refuses_is_not_quoted_into_the_record(db_url: str) -> None:
+@pytest.mark.parametrize("value", [SECRET_VALUE, f"{SECRET_VALUE}\nand a second line"], ids=["one-line", "two-lines"])
+def test_a_value_a_mapped_column_refuses_is_not_quoted_into_the_record(db_url: str, value: str) -> None:
     """Review finding: PostgreSQL's data errors quote the value on their first line (``invalid input syntax for
     type integer: "alice@.."``): a user-typed metadata value reached ``last_error``, the log line and the span,
-    where an erasure cannot reach it."""
+    where an erasure cannot reach it. Review 8: a value on two lines has its closing quote past the first line
+    (which alone is kept), and was kept whole."""
     table = sa.Table("ages", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
                      sa.Column("clerk_user_id", sa.String(64), unique=True), sa.Column("age", sa.Integer))
     mapping = SchemaMapping(users=MappedTable("ages", "clerk_user_id", {"age": Column("unsafe_metadata.age")}))
@@ -85,7 +95,7 @@ def test_a_value_a_mapped_column_refuses_is_not_quoted_into_the_record(db_url: s
     store = Store.from_url(db_url, mapping=mapping)
     try:
         user = f.user("user_p", 1000)
-        user["unsafe_metadata"] = {"age": SECRET_VALUE}
+        user["unsafe_metadata"] = {"age": value}
         deliver(store, f.envelope("user.created", user))
         with store.connect() as conn:
             errors = conn.execute(sa.select(webhook_events.c.last_error)).scalars().all()

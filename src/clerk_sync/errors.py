@@ -414,7 +414,7 @@ class UnknownUser(ClerkSyncError, LookupError):
 # "for key"/"for column", or to the end). PostgreSQL: a data exception (SQLSTATE class 22: `invalid input syntax
 # for type integer: ".."`, `value ".." is out of range`) quotes the value, every other class only names.
 _MYSQL_VALUE = re.compile(r"(Duplicate entry |value: )(.*)(?P<after> for (?:key|column) )|(value: ).*$", re.DOTALL)
-_QUOTED = re.compile(r'".*"', re.DOTALL)
+_QUOTED = re.compile(r'"(?:.*"|.*)', re.DOTALL)  # (to the line's end when the value's closing quote is past it)
 
 
 def database_message(orig: BaseException) -> str:

@@ -62,6 +62,7 @@ __all__ = [
     "DeletePolicy",
     "HardDelete",
     "LinkAmbiguous",
+    "LinkUnverified",
     "MappedTable",
     "SchemaMapping",
     "SoftDelete",
@@ -145,6 +146,14 @@ class LinkAmbiguous(StoreDataError):
     ``failed`` (replayable) until the app resolves the duplicates; nothing is guessed."""
 
     code = "link_ambiguous"
+
+
+class LinkUnverified(StoreDataError):
+    """A backfilled user has the e-mail of an unlinked row of the app's, and clerk-sync's tables do not
+    say whether Clerk verified it: not written by the backfill (neither linked nor a second row); the
+    user's next event, which says, links it."""
+
+    code = "link_unverified"
 
 
 class ParentNotThere(StoreError):
@@ -650,16 +659,32 @@ class _Projection:
                 return True
         # Only an address Clerk verified: an unverified primary (verification at sign-up off, an OAuth provider
         # that does not verify, one added through the API unverified) would hand its claimant another's row.
-        if self.m.link_by_email and email and change.values.get("email_verified") is True:
+        verified = change.values.get("email_verified")  # None: not known (a backfill, see below)
+        if self.m.link_by_email and email and verified is not False:
             column = self.t.c[self.m.link_by_email]
             lower = unicode_lower(self.conn)  # the same lower() on both sides (PostgreSQL's and Python's differ)
             match = _exactly(self.conn, lower(column)) == _exactly(self.conn, lower(sa.literal(email)))
+            if verified is None:
+                # A backfill projects clerk-sync's users rows, which do not keep whether Clerk verified the
+                # address: linking could hand the row to a claimant, and a new row beside the customer's would
+                # be linked by nothing later. Refused (counted by the backfill); the user's next event links it.
+                if self._unlinked(match):
+                    raise LinkUnverified(
+                        f"{self.m.table}: a row without a Clerk id has user {change.clerk_id}'s e-mail "
+                        f"({column.name}), and whether Clerk verified it is known only from the user's events: not "
+                        f"written; the user's next event links it (or set {self.key.name} on that row yourself)")
+                return False
             return self._adopt(change, values, match, f"e-mail ({column.name})")
         return False
 
+    def _unlinked(self, match: sa.ColumnElement[bool]) -> list[Any]:
+        """Up to 3 rows (their primary keys) that ``match`` and have no Clerk id."""
+        pk = list(self.t.primary_key.columns)
+        return list(self.conn.execute(sa.select(*pk).where(match, self.key.is_(None)).limit(3)).all())
+
     def _adopt(self, change: Change, values: JSON, match: sa.ColumnElement[bool], what: str) -> bool:
         pk = list(self.t.primary_key.columns)
-        matches = self.conn.execute(sa.select(*pk).where(match, self.key.is_(None)).limit(3)).all()
+        matches = self._unlinked(match)
         if len(matches) > 1:  # (the value is not quoted: the message lands in last_error and logs, which
             # outlive an erasure of the person; clerk-sync's users row has it while the user is not erased)
             raise LinkAmbiguous(

@@ -109,11 +109,12 @@ def _mysql_engine(url: str, t: DatabaseTimeouts, kwargs: dict[str, Any]) -> Engi
     truncated), utf8mb4 on the wire, UTC session time, and the same bounds on waits."""
     parsed = sa.engine.make_url(url)
     charset = parsed.query.get("charset", "utf8mb4")
-    if not isinstance(charset, str) or charset.lower() != "utf8mb4":
+    asked = (charset,) if isinstance(charset, str) else tuple(charset)  # (a tuple when the URL repeats it)
+    if any(c.lower() != "utf8mb4" for c in asked):
         raise ConfigError(
-            f"the database URL asks for charset={charset}: clerk-sync's tables are utf8mb4, and a connection in "
-            "another character set refuses 4-byte characters (an emoji in a name or in metadata), so such a "
-            "delivery could never be stored; remove ?charset= from the URL or set charset=utf8mb4")
+            f"the database URL asks for charset={'&charset='.join(asked)}: clerk-sync's tables are utf8mb4, and a "
+            "connection in another character set refuses 4-byte characters (an emoji in a name or in metadata), "
+            "so such a delivery could never be stored; remove ?charset= from the URL or set charset=utf8mb4")
     parsed = parsed.update_query_dict({"charset": "utf8mb4"})
     kwargs.setdefault("isolation_level", "READ COMMITTED")
     session = ["sql_mode = 'STRICT_ALL_TABLES,ERROR_FOR_DIVISION_BY_ZERO,NO_ENGINE_SUBSTITUTION'",
@@ -540,11 +541,14 @@ class Writer:
         Needed for the membership cascade: "membership deleted if its user is deleted" reads one
         row and writes another, which row locks alone cannot order. SQLite has one writer already.
         """
-        if self._pg:
-            for key in sorted(set(keys)):
-                self.conn.execute(_LOCK_SQL, {"key": _lock_id(key)})
-        elif self._my and keys:
-            ids = sorted({_lock_id(k) for k in keys})
+        # In the order of their lock ids, as every writer takes them (the piped batches' ``_LOCKS_SQL``): two
+        # writers sorting the same keys differently would deadlock (a backfill page against a batch).
+        ids = sorted({_lock_id(k) for k in keys})
+        if self._pg and len(ids) == 1:
+            self.conn.execute(_LOCK_SQL, {"key": ids[0]})
+        elif self._pg and ids:  # (one statement: a backfill page's 500 locks are not 500 round trips)
+            self.conn.execute(_LOCK_MANY_SQL, {"keys": ids})
+        elif self._my and ids:
             self.conn.execute(_MYSQL_LOCK_SQL, [{"key": k} for k in ids])
 
     def lock_records(self, entity: Entity, clerk_ids: Sequence[str]) -> None:
@@ -755,6 +759,8 @@ def _lock_id(key: str) -> int:
 # construct per delivery (that was over a third of the service's CPU, see BENCHMARKS.md).
 _APPLIED = frozenset({DeliveryStatus.APPLIED, DeliveryStatus.SKIPPED})
 _LOCK_SQL = sa.text("SELECT pg_advisory_xact_lock(:key)").bindparams(sa.bindparam("key", type_=sa.BigInteger))
+_LOCK_MANY_SQL = sa.text("SELECT pg_advisory_xact_lock(k) FROM unnest(:keys) AS k").bindparams(  # in order
+    sa.bindparam("keys", type_=postgresql.ARRAY(sa.BigInteger)))
 _MYSQL_LOCK_SQL = sa.text(
     f"INSERT INTO {sync_locks.name} (lock_key) VALUES (:key) ON DUPLICATE KEY UPDATE lock_key = lock_key"
 ).bindparams(sa.bindparam("key", type_=sa.BigInteger))

@@ -193,7 +193,10 @@ def _run_once(store: Store, **options: Any) -> None:
 
     metrics = Metrics()  # this run's own registry: the outcomes of these jobs only
     try:
-        count = Dispatcher(store, metrics=metrics, **options).drain()
+        dispatcher = Dispatcher(store, metrics=metrics, **options)
+        count = dispatcher.drain()
+        # A run past its hook's timeout_s (overdue) is waited for, up to a lease, and its outcome recorded
+        overdue = dispatcher.settle(options["lease_s"])
     finally:
         store.dispose()
     ended = {outcome: 0 for outcome in ("ok", "retry", "dead", "lost")}
@@ -203,9 +206,16 @@ def _run_once(store: Store, **options: Any) -> None:
                 ended[sample.labels["outcome"]] = ended.get(sample.labels["outcome"], 0) + int(sample.value)
     Console(stderr=True).print(f"ran {count} hook jobs: {ended['ok']} ok, {ended['retry']} failed (queued again "
                                f"after a backoff), {ended['dead']} dead, {ended['lost']} lost their lease")
+    if overdue:
+        waited = f"{options['lease_s']:g} s"
+        Console(stderr=True).print(
+            f"[red]{overdue} handler run(s) past their hook's timeout_s still running after {waited}[/] (a "
+            "lease): left unrecorded, their jobs run again once the lease ends; give the handlers' network calls "
+            "a timeout")
     if ended["dead"]:
         Console(stderr=True).print(f"[red]{ended['dead']} job(s) died[/]: `clerk-sync hooks list` shows why; fix "
                                    "the cause, then `clerk-sync hooks retry ID...` (or `--all`)")
+    if overdue or ended["dead"]:
         raise typer.Exit(1)
 
 

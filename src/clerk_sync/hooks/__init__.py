@@ -375,6 +375,19 @@ class Dispatcher:
                 self._ran(run.job, self._failed(run.job, run.error, final=final), run.seconds)
                 self._forget([run])
 
+    def settle(self, wait_s: float) -> int:
+        """Wait up to ``wait_s`` for the overdue runs to end (the heartbeat keeps their jobs' leases meanwhile)
+        and record those that ended; returns how many still run. ``worker --once`` calls it before exiting:
+        a run it left overdue would otherwise end unrecorded, its job claimed until the lease, then run again."""
+        deadline = time.monotonic() + wait_s
+        with self._held_lock:
+            runs = list(self._overdue.values())
+        for run in runs:
+            run.wait(max(0.0, deadline - time.monotonic()))
+        self._reap()
+        with self._held_lock:
+            return len(self._overdue)
+
     def _forget(self, runs: list[_Run]) -> None:
         with self._held_lock:
             for run in runs:

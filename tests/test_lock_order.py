@@ -1,0 +1,92 @@
+"""Every writer takes its per-entity locks in one order (their lock ids), on PostgreSQL: a backfill page
+(``Writer.lock_records``) sorted them by key while piped delivery batches sort by id, so the two could each
+hold a lock the other waited for (review of 2026-12-04b). A real PostgreSQL, two real sessions."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+
+from clerk_sync.engine import Entity
+from clerk_sync.store import Store, _lock_id
+from tests.conftest import PG_URL
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture
+def pg_store(db_url: str) -> Iterator[Store]:
+    store = Store.from_url(db_url)
+    yield store
+    store.dispose()
+
+
+def _inverted_pair() -> tuple[str, str]:
+    """Two user keys whose order as strings is the reverse of their lock ids' order."""
+    for a, b in itertools.pairwise(f"user:user_{i}" for i in itertools.count()):
+        if (a < b) != (_lock_id(a) < _lock_id(b)):
+            return a, b
+    raise AssertionError("unreachable")
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)  # (MariaDB's lock rows were in id order already)
+@pytest.mark.parametrize("how", ["records", "keys"])
+def test_a_writer_never_holds_a_later_lock_while_it_waits_for_an_earlier_one(pg_store: Store, how: str) -> None:
+    a, b = _inverted_pair()
+    first, second = sorted((a, b), key=_lock_id)  # the order a piped batch takes them in
+    errors: list[BaseException] = []
+    admin = sa.create_engine(PG_URL)
+    other = admin.connect()
+    try:
+        other.begin()
+        other.execute(sa.text("SET LOCAL lock_timeout = '10s'"))
+        other.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _lock_id(first)})  # a batch, half-way
+
+        def write() -> None:
+            try:
+                with pg_store.transaction() as writer:
+                    if how == "records":  # a backfill page of these two users
+                        writer.lock_records(*_as_records(a, b))
+                    else:
+                        writer.lock([a, b])
+            except BaseException as exc:  # (reported below)
+                errors.append(exc)
+
+        thread = threading.Thread(target=write)
+        thread.start()
+        _until_waiting(admin, _lock_id(first))
+        # The batch now takes its next lock: a writer that had taken ``second`` first holds it (a deadlock,
+        # which PostgreSQL breaks by failing one of the two; here the lock_timeout would end it).
+        other.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _lock_id(second)})
+        other.commit()
+        thread.join(30)
+        assert not thread.is_alive() and errors == []
+    finally:
+        other.close()
+        admin.dispose()
+
+
+def _as_records(a: str, b: str) -> tuple[Entity, list[str]]:
+    return Entity.USER, [key.removeprefix("user:") for key in (a, b)]
+
+
+def _until_waiting(engine: sa.Engine, lock: int) -> None:
+    """Until a session waits for the advisory lock ``lock`` (polled; the writer's thread gets there at once)."""
+    objid, classid = lock & 0xFFFFFFFF, (lock >> 32) & 0xFFFFFFFF
+    deadline = time.monotonic() + 30
+    with engine.connect() as conn:
+        while time.monotonic() < deadline:
+            waiting = conn.execute(sa.text(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+                "AND classid::bigint = :classid AND objid::bigint = :objid"), {"classid": classid, "objid": objid}
+            ).scalar_one()
+            conn.rollback()
+            if waiting:
+                return
+            time.sleep(0.01)
+    raise AssertionError("the writer never waited for the first lock")
