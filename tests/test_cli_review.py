@@ -312,7 +312,8 @@ def test_the_emulators_serve_refuses_a_live_key_before_printing_anything() -> No
 def test_worker_once_records_a_run_past_its_timeout_before_it_exits(tmp_path: Path) -> None:
     """Review finding: with ``Hook(timeout_s=)`` a run past it is overdue, and ``worker --once`` exited
     without waiting: the run's outcome was never recorded, its job stayed claimed until the lease and then ran
-    again. Now the run is waited for (up to a lease) and counted."""
+    again; and the later job of its entity it held back was left queued. Now the run is waited for (up to a
+    lease) and counted, and what it held back runs."""
     (tmp_path / "slow_hooks.py").write_text(textwrap.dedent('''
         import time
         from clerk_sync.changes import Hook
@@ -320,7 +321,7 @@ def test_worker_once_records_a_run_past_its_timeout_before_it_exits(tmp_path: Pa
         def _slow(change):
             time.sleep(0.3)  # always past the hook's timeout_s
 
-        HOOKS = [Hook("slow", _slow, on=["user.created"], timeout_s=0.01)]
+        HOOKS = [Hook("slow", _slow, on=["user.created", "user.updated"], timeout_s=0.01)]
     '''))
     url = f"sqlite:///{tmp_path / 'jobs.db'}"
     path = os.pathsep.join([str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])])
@@ -334,9 +335,11 @@ def test_worker_once_records_a_run_past_its_timeout_before_it_exits(tmp_path: Pa
         sys.modules.pop("slow_hooks", None)
     with store.transaction() as writer:
         writer.apply(Upsert(Entity.USER, user_record(f.user("user_slow", 5))))
+    with store.transaction() as writer:  # a later job of the same user: it waits for the first one's outcome
+        writer.apply(Upsert(Entity.USER, user_record(f.user("user_slow", 6, first_name="Later"))))
     result = run("worker", "--once", "--hooks", "slow_hooks:HOOKS", env=env)
     assert result.returncode == 0, said(result)
-    assert "ran 1 hook jobs: 1 ok" in said(result)
+    assert "ran 2 hook jobs: 2 ok" in said(result)
     with store.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM hook_jobs")).scalar_one() == 0  # finished, not claimed
     store.dispose()

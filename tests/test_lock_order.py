@@ -8,12 +8,18 @@ import itertools
 import threading
 import time
 from collections.abc import Iterator
+from typing import NoReturn
 
 import pytest
 import sqlalchemy as sa
 
-from clerk_sync.engine import Entity
+from clerk_sync.engine import DeliveryStatus, Entity
+from clerk_sync.events import parse_envelope
+from clerk_sync.ingest import WebhookProcessor
+from clerk_sync.integrations._committer import GroupCommitter, _Isolate
 from clerk_sync.store import Store, _lock_id
+from clerk_sync.webhooks import WebhookVerifier
+from tests import factories as f
 from tests.conftest import PG_URL
 
 pytestmark = pytest.mark.postgres
@@ -90,3 +96,50 @@ def _until_waiting(engine: sa.Engine, lock: int) -> None:
                 return
             time.sleep(0.01)
     raise AssertionError("the writer never waited for the first lock")
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+@pytest.mark.parametrize("pipelined", [True, False], ids=["pipelined", "one-by-one"])
+def test_a_batch_takes_its_deliveries_locks_in_one_order(pg_store: Store, pipelined: bool,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review finding: a group-commit batch took each delivery's locks as it applied it (deletions after the
+    pipeline; every delivery when the batch goes one statement at a time, as under a linking mapping), so a
+    batch deleting A then B held A's lock while it waited for B's, which a writer taking them in order (a
+    backfill page, another batch) holds before it asks for A's: a deadlock."""
+    a, b = _inverted_pair()
+    late, early = sorted((a, b), key=_lock_id, reverse=True)  # the batch's first deletion has the later lock
+    first, second = early, late
+    processor = WebhookProcessor(pg_store, WebhookVerifier([f.SECRET]))
+    committer = GroupCommitter(processor)
+    if not pipelined:
+        monkeypatch.setattr(type(committer), "_pipelined", _no_pipeline)
+    for key in (late, early):  # the users exist
+        committer.write([(f"msg_c_{key}", parse_envelope(f.body_of(f.envelope(
+            "user.created", f.user(key.removeprefix("user:"), 10)))))])
+    batch = [(f"msg_d_{key}", parse_envelope(f.body_of(f.envelope("user.deleted", f.deleted(
+        "user", key.removeprefix("user:")))))) for key in (late, early)]
+    results: list[object] = []
+    retried = committer.retried
+    admin = sa.create_engine(PG_URL)
+    other = admin.connect()
+    try:
+        other.begin()
+        other.execute(sa.text("SET LOCAL lock_timeout = '10s'"))
+        other.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _lock_id(first)})
+        thread = threading.Thread(target=lambda: results.extend(committer.write(batch)))
+        thread.start()
+        _until_waiting(admin, _lock_id(first))
+        other.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _lock_id(second)})
+        other.commit()
+        thread.join(30)
+        assert not thread.is_alive()
+        assert [getattr(r, "status", r) for r in results] == [DeliveryStatus.APPLIED] * 2
+        # In one attempt (a deadlock PostgreSQL breaks by failing the batch is retried, and applies too)
+        assert committer.retried - retried == (0 if pipelined else 1)
+    finally:
+        other.close()
+        admin.dispose()
+
+
+def _no_pipeline(self: GroupCommitter, writer: object, jobs: object) -> NoReturn:
+    raise _Isolate(-1, RuntimeError("the test's batch goes one statement at a time"))

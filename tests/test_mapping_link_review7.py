@@ -137,3 +137,42 @@ def test_a_backfill_neither_links_nor_duplicates_a_row_whose_email_it_cannot_tru
     finally:
         store.dispose()
         engine.dispose()
+
+
+def test_a_backfill_writes_no_row_beside_one_the_external_id_would_link(db_url: str) -> None:
+    """Review 8: with ``link_by_external_id`` the backfill (whose rows carry no external id) inserted a new row
+    for every user, beside the legacy row Clerk's external id names; later events found the new row by Clerk id
+    and never linked the legacy one. A user not written yet is refused; its next event links the legacy row."""
+    table = sa.Table("acc_ext", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
+                     sa.Column("name", sa.String(200)))
+    plain = Store.from_url(db_url)
+    user = f.user("user_ext", B + 1000)
+    user["external_id"] = "41"
+    deliver(plain, f.envelope("user.created", user))
+    plain.dispose()
+    mapping = SchemaMapping(users=MappedTable("acc_ext", "clerk_user_id", {"name": "full_name"},
+                                              link_by_external_id="id"))
+    store, engine = _with_app_table(db_url, table, mapping)
+    try:
+        with engine.begin() as conn:
+            conn.execute(table.insert().values(id=41, name="Legacy"))
+        with capture_logs() as logs:
+            assert mapping.backfill(store) == {"refused": 1}
+        (refusal,) = [e for e in logs if e["event"] == "backfill_row_refused"]
+        assert "external id" in refusal["reason"] and "next event links it" in refusal["reason"]
+
+        def rows() -> list[tuple[object, ...]]:
+            with engine.connect() as conn:
+                return [tuple(r) for r in conn.execute(
+                    sa.select(table.c.id, table.c.name, sa.column("clerk_user_id")).order_by(table.c.id))]
+
+        assert rows() == [(41, "Legacy", None)]
+        user = f.user("user_ext", B + 2000, first_name="Lin")
+        user["external_id"] = "41"
+        assert deliver(store, f.envelope("user.updated", user)) == ["applied"]
+        assert rows() == [(41, "Lin Lovelace", "user_ext")]
+        assert mapping.backfill(store) == {"users": 1}  # linked now: written again as it is, idempotent
+        assert rows() == [(41, "Lin Lovelace", "user_ext")]
+    finally:
+        store.dispose()
+        engine.dispose()

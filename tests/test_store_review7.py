@@ -78,7 +78,8 @@ def test_a_mariadb_connection_keeps_tcp_keepalives_as_postgresql_does() -> None:
             engine.dispose()
 
 
-@pytest.mark.parametrize("value", [SECRET_VALUE, f"{SECRET_VALUE}\nand a second line"], ids=["one-line", "two-lines"])
+@pytest.mark.parametrize("value", [SECRET_VALUE, f"{SECRET_VALUE}\nand a second line", f'x"{SECRET_VALUE}\nmore"'],
+                         ids=["one-line", "two-lines", "a-quote-then-lines"])
 def test_a_value_a_mapped_column_refuses_is_not_quoted_into_the_record(db_url: str, value: str) -> None:
     """Review finding: PostgreSQL's data errors quote the value on their first line (``invalid input syntax for
     type integer: "alice@.."``): a user-typed metadata value reached ``last_error``, the log line and the span,

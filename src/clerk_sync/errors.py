@@ -414,7 +414,9 @@ class UnknownUser(ClerkSyncError, LookupError):
 # "for key"/"for column", or to the end). PostgreSQL: a data exception (SQLSTATE class 22: `invalid input syntax
 # for type integer: ".."`, `value ".." is out of range`) quotes the value, every other class only names.
 _MYSQL_VALUE = re.compile(r"(Duplicate entry |value: )(.*)(?P<after> for (?:key|column) )|(value: ).*$", re.DOTALL)
-_QUOTED = re.compile(r'"(?:.*"|.*)', re.DOTALL)  # (to the line's end when the value's closing quote is past it)
+# From the first quote to the end of the line (a value's own quotes, or its closing quote on a later line, are
+# not a boundary), but for the tail PostgreSQL writes after a value: `value ".." is out of range for type x`.
+_QUOTED = re.compile(r'"(?:.*"(?P<tail> is out of range for type [\w ]+)$|.*)')
 
 
 def database_message(orig: BaseException) -> str:
@@ -423,6 +425,6 @@ def database_message(orig: BaseException) -> str:
     error: not in ``__all__``, which lists the tree.)"""
     line = (str(orig).strip().splitlines() or [""])[0]
     if str(getattr(orig, "sqlstate", None) or "").startswith("22"):
-        line = _QUOTED.sub('"…"', line)
+        line = _QUOTED.sub(lambda m: f'"…"{m["tail"] or ""}', line)
     line = _MYSQL_VALUE.sub(lambda m: f"{m[1]}'…'{m['after']}" if m[1] else f"{m[4]}'…'", line)
     return line[:200]

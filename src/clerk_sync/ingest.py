@@ -234,13 +234,17 @@ class WebhookProcessor:
                 parent_deleted = parent_deleted or (
                     isinstance(intent, Tombstone) and intent.entity is not Entity.MEMBERSHIP)
         outcomes: list[Outcome | None] = [None] * len(deliveries)
-        if fast:
+        # The locks of what apply_in writes after the pipeline are taken in its pass (one order for all)
+        piped = set(fast)
+        then = [plan.intent for i, plan in enumerate(plans) if i not in piped
+                and isinstance(plan.intent, Upsert | Tombstone)]
+        if fast or then:
             items: list[OneStatement] = []
             for i in fast:
                 svix_id, envelope = deliveries[i]
                 items.append((svix_id, envelope.text, envelope.type, envelope.instance_id, envelope.timestamp_ms,
                               plans[i].reason, plans[i].intent))  # type: ignore[arg-type]
-            for i, status in zip(fast, writer.record_and_upsert_many(items), strict=True):
+            for i, status in zip(fast, writer.record_and_upsert_many(items, then=then), strict=True):
                 svix_id, envelope = deliveries[i]
                 outcomes[i] = Outcome(svix_id, envelope.type, status or DeliveryStatus.DUPLICATE, plans[i].reason)
         return outcomes

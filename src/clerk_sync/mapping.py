@@ -149,9 +149,10 @@ class LinkAmbiguous(StoreDataError):
 
 
 class LinkUnverified(StoreDataError):
-    """A backfilled user has the e-mail of an unlinked row of the app's, and clerk-sync's tables do not
-    say whether Clerk verified it: not written by the backfill (neither linked nor a second row); the
-    user's next event, which says, links it."""
+    """The backfill cannot tell whether a user links to an existing row: it has the e-mail of an unlinked
+    row and clerk-sync's tables do not say whether Clerk verified it, or the mapping links by external id,
+    which they do not keep. Not written (neither linked nor a second row); the user's next event, which
+    says, links it."""
 
     code = "link_unverified"
 
@@ -451,10 +452,11 @@ class SchemaMapping:
 
     def backfill(self, store: _BackfillStore) -> dict[str, int]:
         """Project every row the contract tables already hold (a mapping added to a running install);
-        idempotent. Live rows are written (or linked by e-mail), deleted ones get the delete policy if present.
-        One the app's table refuses (an ambiguous link, a constraint, a compute that raised) is logged and
-        counted as ``refused``, the others are written. Linking by external id cannot happen here: clerk-sync's
-        tables do not keep the external id (new deliveries carry it).
+        idempotent. Live rows are written, deleted ones get the delete policy if present. One the app's table
+        refuses (a constraint, a compute that raised) is logged and counted as ``refused``, the others are
+        written. No row is linked here: clerk-sync's tables keep neither whether Clerk verified an e-mail nor
+        the external id, so a user that may link (its e-mail on an unlinked row; any user not written yet
+        when the mapping links by external id) is refused (:class:`LinkUnverified`), and its next event links it.
 
         Pages of :data:`_BACKFILL_PAGE` rows (memory stays flat), each a transaction of ``store``'s that takes
         its rows' locks and reads them again under those locks before projecting them: a delivery, deletion or
@@ -648,6 +650,13 @@ class _Projection:
     def _link(self, change: Change, values: JSON) -> bool:
         """Adopt the one existing row without a Clerk id whose external id, else e-mail, is this user's."""
         external_id, email = change.values.get("external_id"), change.values.get("email")
+        if self.m.link_by_external_id and "external_id" not in change.values:
+            # A backfill: clerk-sync's users rows do not keep the external id, so the row it would link cannot
+            # be found, and a new one beside it would be found by Clerk id ever after, never linked
+            raise LinkUnverified(
+                f"{self.m.table}: user {change.clerk_id}'s external id, which links it, is known only from its "
+                "events (clerk-sync's tables do not keep it): not written; the user's next event links it or "
+                f"writes its row (or set {self.key.name} on its row yourself)")
         if self.m.link_by_external_id and external_id:
             column = self.t.c[self.m.link_by_external_id]
             wanted = _as_column_value(column, external_id)
@@ -689,7 +698,8 @@ class _Projection:
             # outlive an erasure of the person; clerk-sync's users row has it while the user is not erased)
             raise LinkAmbiguous(
                 f"{self.m.table}: {'2' if len(matches) == 2 else '3 or more'} rows without a Clerk id have user "
-                f"{change.clerk_id}'s {what}; merge or remove the duplicates (the user was not linked)")
+                f"{change.clerk_id}'s {what}; merge or remove the duplicates, then set {self.key.name} on the row "
+                "to keep (or the user's next event links it): the user was not linked")
         if not matches:
             return False
         # Still unlinked when updated: a concurrent delivery of another user with the same external id or

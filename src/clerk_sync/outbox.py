@@ -173,7 +173,8 @@ class Outbox:
         table = self.mapping.tables[change.entity].table
         self.refused.append(
             f"the app's table refused the change ({reason}); it is applied to clerk-sync's tables (role, ban "
-            "and deletion hold): fix it, then `clerk-sync migrate --mapping ... --backfill` writes the row")
+            "and deletion hold): fix it, then `clerk-sync migrate --mapping ... --backfill` writes the row (one "
+            "to link: set its Clerk-id column yourself, or the user's next event links it)")
         log.warning("mapped_row_refused", table=table, event_type=change.type, clerk_id=change.clerk_id,
                     reason=reason)
 

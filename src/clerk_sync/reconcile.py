@@ -678,8 +678,10 @@ def _upsert_many(writer: Writer, entity: Entity, records: list[Record]) -> None:
     """A page through the webhook path's guarded upsert; memberships one by one through
     :meth:`Writer.apply`, for its locks and its deleted-parent cascade."""
     if entity is Entity.MEMBERSHIP or writer.outbox is not None:  # hooks need each row's before-state
-        for record in records:
-            writer.apply(Upsert(entity, record))
+        intents = [Upsert(entity, record) for record in records]
+        writer.lock_batch(intents)  # (their locks in one sorted pass: apply by apply, out of the one order)
+        for intent in intents:
+            writer.apply(intent)
     else:
         writer.upsert_many(entity, records)
 

@@ -337,8 +337,8 @@ class Writer:
         return self.record_and_upsert_many([(svix_id, payload, event_type, instance_id, event_timestamp, error,
                                               intent)], pipeline=False)[0]
 
-    def record_and_upsert_many(self, items: Sequence[OneStatement], *,
-                               pipeline: bool = True) -> list[DeliveryStatus | None]:
+    def record_and_upsert_many(self, items: Sequence[OneStatement], *, pipeline: bool = True,
+                               then: Sequence[Upsert | Tombstone] = ()) -> list[DeliveryStatus | None]:
         """:meth:`record_and_upsert` for many deliveries, sent in one psycopg pipeline (one round trip
         for all of them). A failure does not say which delivery caused it: the caller retries them one
         by one to find out.
@@ -364,6 +364,9 @@ class Writer:
         ``Outbox.changes``.
         Alone (``pipeline=False``) the statement returns the row before, and the mapping and the jobs go
         through :meth:`Outbox.record`, whose errors say which table refused what.
+
+        ``then``: what the caller applies after these in the same transaction (deletions): their locks are
+        taken in the same pass, so that no lock is taken out of the one order every writer keeps.
         """
         from psycopg.types.json import Jsonb  # the postgres extra; only reached on a psycopg connection
 
@@ -385,7 +388,8 @@ class Writer:
         keys = sorted({_lock_id(k) for *_, intent in items if intent.entity is Entity.MEMBERSHIP
                        for k in _lock_keys(intent)}
                       | {_lock_id(f"{_LOCK_PREFIX[item[-1].entity]}:{item[-1].clerk_id}")
-                         for item, h in zip(items, hooked, strict=True) if h})
+                         for item, h in zip(items, hooked, strict=True) if h}
+                      | {_lock_id(k) for intent in then for k in self.locks_of(intent)})
         if keys:
             statements.append((_LOCKS_SQL, [keys]))
         # Users and organizations go in waves (_wave_sql): one statement per entity type and wave, a
@@ -551,6 +555,18 @@ class Writer:
         elif self._my and ids:
             self.conn.execute(_MYSQL_LOCK_SQL, [{"key": k} for k in ids])
 
+    def locks_of(self, intent: Upsert | Tombstone) -> list[str]:
+        """The lock keys :meth:`apply` takes for ``intent``."""
+        if self.outbox is not None and self.outbox.wants(intent):
+            return [*_lock_keys(intent), f"{_LOCK_PREFIX[intent.entity]}:{intent.clerk_id}"]
+        return _lock_keys(intent)
+
+    def lock_batch(self, intents: Sequence[object]) -> None:
+        """Take, in one sorted pass, every lock that applying ``intents`` one by one takes (PostgreSQL group
+        commit, reconcile's pages): each apply sorts only its own, so a transaction taking them apply by
+        apply could hold a lock another writer (a backfill page, a batch) needs while waiting for one it has."""
+        self.lock([k for intent in intents if isinstance(intent, Upsert | Tombstone) for k in self.locks_of(intent)])
+
     def lock_records(self, entity: Entity, clerk_ids: Sequence[str]) -> None:
         """The locks a delivery of these records of ``entity`` takes for them (a backfill page's)."""
         self.lock([f"{_LOCK_PREFIX[entity]}:{clerk_id}" for clerk_id in clerk_ids])
@@ -582,7 +598,7 @@ class Writer:
 
     # -- hooks: the same writes, plus the row before and one outbox row per applied change --------
     def _apply_with_hooks(self, intent: Upsert | Tombstone, outbox: Outbox) -> bool:
-        # The entity's own lock too, so the row read as "before" is the one the write replaces.
+        # The entity's own lock too, so the row read as "before" is the one the write replaces (locks_of).
         self.lock([*_lock_keys(intent), f"{_LOCK_PREFIX[intent.entity]}:{intent.clerk_id}"])
         before = outbox.before(intent.entity, intent.clerk_id)
         if isinstance(intent, Upsert):

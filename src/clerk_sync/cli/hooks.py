@@ -12,6 +12,7 @@ import importlib
 import os
 import signal
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
@@ -194,9 +195,15 @@ def _run_once(store: Store, **options: Any) -> None:
     metrics = Metrics()  # this run's own registry: the outcomes of these jobs only
     try:
         dispatcher = Dispatcher(store, metrics=metrics, **options)
+        # A run past its hook's timeout_s (overdue) is waited for, up to a lease in all, and its outcome
+        # recorded; then what it held back is run (its entity's later jobs, the claims max_overdue stopped)
+        deadline = time.monotonic() + options["lease_s"]
         count = dispatcher.drain()
-        # A run past its hook's timeout_s (overdue) is waited for, up to a lease, and its outcome recorded
-        overdue = dispatcher.settle(options["lease_s"])
+        while not (overdue := dispatcher.settle(max(0.0, deadline - time.monotonic()))):
+            ran = dispatcher.drain()
+            if not ran:
+                break
+            count += ran
     finally:
         store.dispose()
     ended = {outcome: 0 for outcome in ("ok", "retry", "dead", "lost")}

@@ -220,6 +220,7 @@ class GroupCommitter:
             if self._pg:
                 writer.conn.exec_driver_sql(f"SET LOCAL lock_timeout = {self._lock_wait_ms}")
                 writer.check_at_once()
+                _pg_batch_locks(writer, jobs)
             mysql = processor.store.dialect == "mysql"
             with _mysql_batch_bound(writer, jobs) if mysql else contextlib.nullcontext():
                 outcomes: list[Outcome] = []
@@ -302,6 +303,19 @@ class GroupCommitter:
             raise
         except Exception as exc:  # not the database's: find the delivery one statement at a time
             raise _Isolate(-1, exc) from exc
+
+
+def _pg_batch_locks(writer: Writer, jobs: list[tuple[str, Envelope]]) -> None:
+    """PostgreSQL, the batch one delivery at a time: every lock its deliveries take, first, in one sorted pass
+    (:meth:`Writer.lock_batch`); each apply sorts only its own, so taking them delivery by delivery could
+    hold one that another writer needs while waiting for one it has (a deadlock). One held elsewhere past
+    the batch's lock bound sends every delivery alone, as on MySQL/MariaDB."""
+    try:
+        writer.lock_batch([plan_delivery(envelope).intent for _, envelope in jobs])
+    except sa.exc.DBAPIError as exc:
+        if not exc.connection_invalidated and is_lock_wait_timeout(exc.orig):
+            raise _EachAlone(database_message(exc.orig or exc)) from exc
+        raise
 
 
 @contextlib.contextmanager
