@@ -463,9 +463,35 @@ def test_doctor_freshness_fails_on_drift_without_deliveries_and_on_a_stale_recon
     stale = {c.name: c for c in check_freshness(DatabaseSnapshot(now - 10, 0, now - 7200, clean), now=now, **limits)}
     assert stale["last reconcile"].status == "fail" and "clerk-sync reconcile" in stale["last reconcile"].detail
     recent = {c.name: c for c in check_freshness(DatabaseSnapshot(now - 10, 0, now - 60, drift), now=now, **limits)}
-    assert [c.status for c in recent.values()] == ["ok", "ok", "warn"]  # drift while deliveries arrive
+    assert [c.status for c in recent.values()] == ["ok", "ok", "warn", "ok"]  # drift while deliveries arrive
 
 
 def test_doctor_freshness_on_a_new_install_warns_and_exits_0(tmp_path: Path) -> None:
     result = run("doctor", "--freshness", env={"DATABASE_URL": _sqlite(tmp_path)})
     assert result.returncode == 0 and "no delivery stored yet" in result.stdout, result.stdout + result.stderr
+
+
+_FORKING = """
+import os, sys, threading
+from clerk_sync.metrics import Metrics
+metrics = Metrics()
+metrics.watch_clerk_client(breaker_open=lambda: True)
+pid = os.fork()  # as gunicorn --preload forks its workers after building the app
+if pid == 0:
+    alive = [t.name for t in threading.enumerate() if t.name == "clerk-sync-metrics" and t.is_alive()]
+    os._exit(0 if alive else 3)
+_, status = os.waitpid(pid, 0)
+print(os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_a_forked_worker_writes_its_breaker_and_budget_too(tmp_path: Path) -> None:
+    """Ops review: the thread writing the breaker and budget gauges started with the Clerk client; a worker
+    forked after that (gunicorn ``--preload``) had no such thread, and its gauges stayed as the parent last
+    wrote them (an open breaker of that worker read 0, a closed one a stale 1)."""
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROMETHEUS_")}
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path)
+    out = subprocess.run([sys.executable, "-c", _FORKING], env=env, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "0", out

@@ -191,8 +191,11 @@ class Settings(BaseSettings):
         None, ge=0, le=_MAX_DAYS, validation_alias="CLERK_SYNC_TOMBSTONE_DELETE_AFTER_DAYS")
     prune_interval_s: float = Field(3600.0, ge=0, validation_alias="CLERK_SYNC_PRUNE_INTERVAL_S")
     prune_batch: int = Field(500, gt=0, validation_alias="CLERK_SYNC_PRUNE_BATCH")
-    freshness_max_delivery_age_s: float = Field(
-        3600.0, gt=0, validation_alias="CLERK_SYNC_FRESHNESS_MAX_DELIVERY_AGE_S")
+    # None: a quiet install is not stale (deliveries are judged by reconcile's drift); N: for an app whose
+    # users change all day, no delivery for N seconds fails `doctor --freshness`.
+    freshness_max_delivery_age_s: float | None = Field(
+        None, gt=0, validation_alias="CLERK_SYNC_FRESHNESS_MAX_DELIVERY_AGE_S")
+    freshness_max_hook_wait_s: float = Field(900.0, gt=0, validation_alias="CLERK_SYNC_FRESHNESS_MAX_HOOK_WAIT_S")
     freshness_max_failed: int = Field(0, ge=0, validation_alias="CLERK_SYNC_FRESHNESS_MAX_FAILED")
     freshness_max_reconcile_age_s: float = Field(
         2 * 86400.0, gt=0, validation_alias="CLERK_SYNC_FRESHNESS_MAX_RECONCILE_AGE_S")

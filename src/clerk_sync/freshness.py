@@ -71,17 +71,24 @@ class FreshnessCheck:
     detail: str
 
 
-def check_freshness(snap: DatabaseSnapshot, *, now: float, max_delivery_age_s: float,
-                    max_failed: int, max_reconcile_age_s: float) -> list[FreshnessCheck]:
-    """The alert rules' questions, answered from one snapshot (pure: ``now`` is unix seconds)."""
+def check_freshness(snap: DatabaseSnapshot, *, now: float, max_delivery_age_s: float | None,
+                    max_failed: int, max_reconcile_age_s: float,
+                    max_hook_wait_s: float = 900.0) -> list[FreshnessCheck]:
+    """The alert rules' questions, answered from one snapshot (pure: ``now`` is unix seconds).
+
+    A quiet install is not a stale one: deliveries fail the check when the last reconcile repaired rows
+    and finished more than :data:`MISSED_AFTER_S` after the newest delivery (ClerkSyncNoDeliveriesWhileDrift),
+    or, only with ``max_delivery_age_s`` (an app whose users change all day), when the newest is older."""
     return [_deliveries(snap, now, max_delivery_age_s), _backlog(snap, max_failed),
-            _reconcile(snap, now, max_reconcile_age_s)]
+            _reconcile(snap, now, max_reconcile_age_s), _hooks(snap, now, max_hook_wait_s)]
 
 
+MISSED_AFTER_S = 1800.0  # as ClerkSyncNoDeliveriesWhileDrift: reconcile repaired rows this long after the newest
+_SKEW_S = 60.0  # a newest delivery stamped further in the future than this: the clocks disagree
 _ENDPOINT = "check the endpoint in the Clerk Dashboard (Webhooks -> your endpoint -> message attempts; disabled?)"
 
 
-def _deliveries(snap: DatabaseSnapshot, now: float, max_age: float) -> FreshnessCheck:
+def _deliveries(snap: DatabaseSnapshot, now: float, max_age: float | None) -> FreshnessCheck:
     name = "newest delivery"
     drift = sum(snap.reconcile_last_drift.values())
     if snap.newest_delivery_at is None:
@@ -90,9 +97,34 @@ def _deliveries(snap: DatabaseSnapshot, now: float, max_age: float) -> Freshness
                                   f"row(s): {_ENDPOINT}")
         return FreshnessCheck(name, "warn", "no delivery stored yet: is the Clerk webhook endpoint configured?")
     age = now - snap.newest_delivery_at
-    if age > max_age:
+    ran = snap.reconcile_last_success_at
+    gap = None if ran is None else ran - snap.newest_delivery_at
+    if drift and gap is not None and gap > MISSED_AFTER_S:
+        return FreshnessCheck(name, "fail", f"{age:.0f}s ago, and the last reconcile, {gap:.0f}s after it, "
+                              f"repaired {drift} row(s): deliveries are missed; {_ENDPOINT}")
+    if age < -_SKEW_S:  # stamped by the serving host's clock, read against this one's
+        return FreshnessCheck(name, "warn", f"stamped {-age:.0f}s in the future: this host's clock and the serving "
+                              "host's disagree (is NTP running on both?), so its age cannot be told")
+    if max_age is not None and age > max_age:
         return FreshnessCheck(name, "fail", f"{age:.0f}s ago (limit {max_age:.0f}s): {_ENDPOINT}")
-    return FreshnessCheck(name, "ok", f"{age:.0f}s ago")
+    return FreshnessCheck(name, "ok", f"{max(age, 0.0):.0f}s ago")
+
+
+def _hooks(snap: DatabaseSnapshot, now: float, max_wait: float) -> FreshnessCheck:
+    """ClerkSyncHooksBehind and ClerkSyncHookJobsDead: a dispatcher that stopped, a handler that gave up."""
+    name = "hook jobs"
+    jobs = snap.hook_jobs
+    dead, pending, running = (jobs.get(s, 0) for s in ("dead", "pending", "running"))
+    counts = f"{pending} pending, {running} running, {dead} dead"
+    if dead:
+        return FreshnessCheck(name, "fail", f"{counts}: an applied change did not reach its handler; `clerk-sync "
+                              "hooks list` shows why, fix the cause, then `clerk-sync hooks retry ID...`")
+    if snap.hook_oldest_pending_at is not None and now - snap.hook_oldest_pending_at > max_wait:
+        waited = now - snap.hook_oldest_pending_at
+        return FreshnessCheck(name, "fail", f"{counts}; the oldest due job has waited {waited:.0f}s (limit "
+                              f"{max_wait:.0f}s): is a dispatcher running (`serve` without --no-dispatch, or "
+                              "`clerk-sync worker`)? A handler that hangs holds its entity's later jobs too")
+    return FreshnessCheck(name, "ok", counts)
 
 
 def _backlog(snap: DatabaseSnapshot, max_failed: int) -> FreshnessCheck:

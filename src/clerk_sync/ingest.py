@@ -135,7 +135,11 @@ class WebhookProcessor:
             raise  # a transient failure: 503, Svix retries
         except Exception as exc:  # app code on the apply path (a mapping's compute hook) refused this event
             log.exception("apply_crashed", svix_id=svix_id, event_type=envelope.type)
-            return self._store_refused(svix_id, envelope, StoreDataError(f"apply raised {type(exc).__name__}: {exc}"))
+            # Its type only: app code's message may quote the person's data (a KeyError names the missing
+            # key), and last_error, the delivery's log line and its span outlive an erasure; the traceback
+            # is in the apply_crashed line above
+            return self._store_refused(svix_id, envelope, StoreDataError(
+                f"apply raised {type(exc).__name__} (its traceback: the apply_crashed log line)"))
 
     def refused(self, exc: ClerkSyncError, claimed: str | None) -> None:
         """Log and count a delivery answered with an error (every framework's webhook endpoint): a refusal

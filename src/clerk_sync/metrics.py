@@ -21,6 +21,7 @@ import contextlib
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,12 @@ from clerk_sync.engine import HANDLED_EVENT_TYPES, DeliveryStatus
 
 log = structlog.get_logger("clerk_sync.metrics")
 _REFRESH_S = 1.0  # multiprocess mode: how often a worker writes its watched gauges (breaker, budget)
+
+
+def _restart_in_child(ref: weakref.ReferenceType[Metrics]) -> None:
+    metrics = ref()
+    if metrics is not None:
+        metrics._forked()
 
 
 def _multiprocess() -> bool:
@@ -269,8 +276,21 @@ class Metrics:
         if _multiprocess() and self._refresher is None:
             # Multiprocess mode reads every worker's file, not functions: each worker writes its own values
             # every second (a scrape reaches one worker; at scrape time only that one's would be current).
-            self._refresher = threading.Thread(target=self._refresh, name="clerk-sync-metrics", daemon=True)
-            self._refresher.start()
+            self._start_refresher()
+            # A fork (gunicorn --preload builds the app, and this client, before forking its workers) keeps no
+            # thread: each child starts its own, or its gauges would stay as the parent last wrote them.
+            ref = weakref.ref(self)
+            os.register_at_fork(after_in_child=lambda: _restart_in_child(ref))
+
+    def _start_refresher(self) -> None:
+        self._refresher = threading.Thread(target=self._refresh, name="clerk-sync-metrics", daemon=True)
+        self._refresher.start()
+
+    def _forked(self) -> None:
+        """In a forked child: a refresher of its own (not one the parent's close() had stopped)."""
+        if self._refresher is not None and not self._closed.is_set():
+            self._closed = threading.Event()  # (the parent's may hold the dead thread's waiter)
+            self._start_refresher()
 
     def _refresh(self) -> None:
         while not self._closed.wait(_REFRESH_S):

@@ -102,7 +102,8 @@ def run_freshness(settings: Settings, *, now: Callable[[], float] = time.time) -
         store.dispose()
     found = check_freshness(snap, now=now(), max_delivery_age_s=settings.freshness_max_delivery_age_s,
                             max_failed=settings.freshness_max_failed,
-                            max_reconcile_age_s=settings.freshness_max_reconcile_age_s)
+                            max_reconcile_age_s=settings.freshness_max_reconcile_age_s,
+                            max_hook_wait_s=settings.freshness_max_hook_wait_s)
     return [Check(c.name, c.status, c.detail) for c in found]
 
 

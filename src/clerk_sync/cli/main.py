@@ -479,7 +479,7 @@ def doctor(
 ) -> None:
     """Check the configuration end to end: settings, database, migrations, Clerk API, session keys.
 
-    ``--freshness`` asks what the alert rules ask (newest delivery, failed backlog, last reconcile);
+    ``--freshness`` asks what the alert rules ask (newest delivery, failed backlog, last reconcile, hook jobs);
     exit code 1 when one fails.
     """
     from clerk_sync.cli.doctor import run_checks, run_freshness

@@ -284,7 +284,8 @@ def create_console(store: Store, settings: Settings, *, clerk: ClerkClient | Non
                            max_age_s=settings.console_session_s)
     limits = {"max_delivery_age_s": settings.freshness_max_delivery_age_s,
               "max_failed": settings.freshness_max_failed,
-              "max_reconcile_age_s": settings.freshness_max_reconcile_age_s}
+              "max_reconcile_age_s": settings.freshness_max_reconcile_age_s,
+              "max_hook_wait_s": settings.freshness_max_hook_wait_s}
     console = Console(store, access, clerk=clerk, read_only=settings.console_read_only, now=now,
                       freshness_limits=limits, metrics=metrics)
     app = _ConsoleApp(routes=_routes(console))

@@ -38,7 +38,7 @@ class Console:
     """What the handlers share: the store, access rules, templates, the Clerk client and the drift job."""
 
     def __init__(self, store: Store, access: ConsoleAccess, *, clerk: ClerkClient | None, read_only: bool,
-                 now: Callable[[], datetime], freshness_limits: dict[str, float] | None = None,
+                 now: Callable[[], datetime], freshness_limits: dict[str, Any] | None = None,
                  metrics: Metrics | None = None) -> None:
         self.store = store
         self.access = access

@@ -129,9 +129,7 @@ def _freshness(console: Console) -> list[FreshnessCheck]:
     limits = console.freshness_limits
     if not limits:
         return []
-    return check_freshness(read_snapshot(console.store), now=console.now().timestamp(),
-                           max_delivery_age_s=limits["max_delivery_age_s"], max_failed=int(limits["max_failed"]),
-                           max_reconcile_age_s=limits["max_reconcile_age_s"])
+    return check_freshness(read_snapshot(console.store), now=console.now().timestamp(), **limits)
 
 
 def _database(console: Console) -> dict[str, Any]:
