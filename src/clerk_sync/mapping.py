@@ -500,26 +500,36 @@ class SchemaMapping:
     def _project_page(self, conn: Connection, now: datetime, entity: Entity, changes: Sequence[Change],
                       counts: dict[str, int]) -> None:
         """The page under one savepoint; if that fails, row by row: which were refused."""
+        unlinked: list[tuple[Change, LinkUnverified]] = []
         try:
             with conn.begin_nested():
                 for change in changes:
-                    self.project(conn, now, change)
-            counts[entity.value] = counts.get(entity.value, 0) + len(changes)
-            return
+                    try:
+                        self.project(conn, now, change)
+                    except LinkUnverified as exc:  # raised before the row wrote anything (_link): the page goes
+                        unlinked.append((change, exc))  # on (a migration's pages are full of them)
         except Exception as exc:
             _still_in_transaction(conn, exc)
+        else:
+            for change, refusal in unlinked:
+                self._backfill_refused(entity, change, str(refusal), counts)
+            if len(changes) > len(unlinked):
+                counts[entity.value] = counts.get(entity.value, 0) + len(changes) - len(unlinked)
+            return
         for change in changes:
             try:
                 with conn.begin_nested():
                     self.project(conn, now, change)
             except Exception as exc:  # any refusal is the row's (a compute's message may quote values)
                 _still_in_transaction(conn, exc)
-                reason = str(exc) if isinstance(exc, StoreError) else type(exc).__name__
-                log.warning("backfill_row_refused", table=self.tables[entity].table,
-                            clerk_id=change.clerk_id, reason=reason)
-                counts["refused"] = counts.get("refused", 0) + 1
+                self._backfill_refused(entity, change, str(exc) if isinstance(exc, StoreError) else type(exc).__name__,
+                                       counts)
                 continue
             counts[entity.value] = counts.get(entity.value, 0) + 1
+
+    def _backfill_refused(self, entity: Entity, change: Change, reason: str, counts: dict[str, int]) -> None:
+        log.warning("backfill_row_refused", table=self.tables[entity].table, clerk_id=change.clerk_id, reason=reason)
+        counts["refused"] = counts.get("refused", 0) + 1
 
     def erase(self, conn: Connection, entity: Entity, clerk_id: str) -> list[str]:
         """Erasure: clear the mapped personal columns of this entity's row, whatever the delete policy (as
