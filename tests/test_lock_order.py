@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from clerk_sync.engine import DeliveryStatus, Entity
 from clerk_sync.events import parse_envelope
 from clerk_sync.ingest import WebhookProcessor
-from clerk_sync.integrations._committer import GroupCommitter, _Isolate
+from clerk_sync.integrations._committer import ALONE, GroupCommitter, _Isolate
 from clerk_sync.store import Store, _lock_id
 from clerk_sync.webhooks import WebhookVerifier
 from tests import factories as f
@@ -110,7 +110,7 @@ def test_a_batch_takes_its_deliveries_locks_in_one_order(pg_store: Store, pipeli
     late, early = sorted((a, b), key=_lock_id, reverse=True)  # the batch's first deletion has the later lock
     first, second = early, late
     processor = WebhookProcessor(pg_store, WebhookVerifier([f.SECRET]))
-    committer = GroupCommitter(processor)
+    committer = GroupCommitter(processor, lock_wait_s=10)  # (the other session's turn is not raced)
     if not pipelined:
         monkeypatch.setattr(type(committer), "_pipelined", _no_pipeline)
     for key in (late, early):  # the users exist
@@ -143,3 +143,30 @@ def test_a_batch_takes_its_deliveries_locks_in_one_order(pg_store: Store, pipeli
 
 def _no_pipeline(self: GroupCommitter, writer: object, jobs: object) -> NoReturn:
     raise _Isolate(-1, RuntimeError("the test's batch goes one statement at a time"))
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+@pytest.mark.parametrize("pipelined", [True, False], ids=["pipelined", "one-by-one"])
+def test_a_lock_held_elsewhere_sends_only_its_entitys_deliveries_alone(pg_store: Store, pipelined: bool,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review of the fix above: the batch's one pass of locks, timing out on one user held elsewhere (a backfill
+    page), sent every delivery alone; the held one is found without waiting, and only its entity's go alone."""
+    processor = WebhookProcessor(pg_store, WebhookVerifier([f.SECRET]))
+    committer = GroupCommitter(processor, lock_wait_s=0.2)  # (the lock stays held: nothing races it)
+    if not pipelined:
+        monkeypatch.setattr(type(committer), "_pipelined", _no_pipeline)
+    names = ["user_held", "user_free1", "user_free2"]
+    committer.write([(f"msg_c_{n}", parse_envelope(f.body_of(f.envelope("user.created", f.user(n, 10)))))
+                     for n in names])
+    batch = [(f"msg_d_{n}", parse_envelope(f.body_of(f.envelope("user.deleted", f.deleted("user", n)))))
+             for n in names]
+    admin = sa.create_engine(PG_URL)
+    try:
+        with admin.connect() as other:
+            other.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _lock_id("user:user_held")})
+            results = committer.write(batch)
+            other.rollback()
+    finally:
+        admin.dispose()
+    assert results[0] is ALONE
+    assert [getattr(r, "status", r) for r in results[1:]] == [DeliveryStatus.APPLIED] * 2

@@ -3,14 +3,20 @@
 
 from __future__ import annotations
 
+import ast
+
 import pytest
 import sqlalchemy as sa
 from structlog.testing import capture_logs
 
+from clerk_sync.cli.hooks import migrate_mapping
+from clerk_sync.config import Settings
+from clerk_sync.engine import Entity, Upsert
 from clerk_sync.events import user_record
 from clerk_sync.mapping import Anonymise, MappedTable, SchemaMapping
 from clerk_sync.retention import Retention
 from clerk_sync.store import Store
+from clerk_sync.testing import EmulatorServer
 from tests import factories as f
 from tests.test_hooks import B, deliver
 from tests.test_mapping import _with_app_table
@@ -176,3 +182,51 @@ def test_a_backfill_writes_no_row_beside_one_the_external_id_would_link(db_url: 
     finally:
         store.dispose()
         engine.dispose()
+
+
+def test_a_backfill_with_clerks_key_links_the_rows_it_can_vouch_for(db_url: str, emu: EmulatorServer) -> None:
+    """Review 8: without what links a user (kept by no clerk-sync table), the backfill linked nothing, and a
+    legacy user who never changes their profile stayed unlinked. With Clerk's secret key it reads, for the
+    users it has not written, their external id and their e-mail's verification from Clerk's API: rows are
+    linked by external id and by a verified e-mail; a user whose e-mail changed in Clerk since its row was
+    synced is refused (the next event says); one with no legacy row is written."""
+    ada = emu.create_user(email="ada@example.com", first_name="Ada")
+    bob = emu.create_user(email="bob@example.com", first_name="Bob", external_id="7")
+    cid = emu.create_user(email="cid@example.com", first_name="Cid")
+    dan = emu.create_user(email="dan@example.com", first_name="Dan")
+    plain = Store.from_url(db_url)
+    stale_cid = {**cid, "email_addresses": [{**cid["email_addresses"][0], "email_address": "old.cid@example.com"}]}
+    with plain.transaction() as writer:
+        for data in (ada, bob, stale_cid, dan):
+            writer.apply(Upsert(Entity.USER, user_record(data)))
+    plain.dispose()
+    table = _accounts("acc_lookup")
+    mapping = SchemaMapping(users=MappedTable("acc_lookup", "clerk_user_id", {"name": "full_name"},
+                                              link_by_email="email", link_by_external_id="id"))
+    store, engine = _with_app_table(db_url, table, mapping)
+    try:
+        with engine.begin() as conn:
+            conn.execute(table.insert(), [{"id": 1, "email": "ADA@example.com", "name": "legacy ada"},
+                                          {"id": 3, "email": "old.cid@example.com", "name": "legacy cid"},
+                                          {"id": 7, "email": "robert@example.com", "name": "legacy bob"}])
+        settings = Settings.from_env({"DATABASE_URL": db_url, "CLERK_SECRET_KEY": emu.secret_key,
+                                      "CLERK_API_URL": emu.url})
+        lines = migrate_mapping(store, mapping, backfill=True, settings=settings)
+        assert _backfilled(lines[-1]) == {"users": 3, "refused": 1}, lines
+        with engine.connect() as conn:
+            rows = {r.id: (r.name, r.clerk_user_id) for r in conn.execute(
+                sa.select(table.c.id, table.c.name, sa.column("clerk_user_id")))}
+        assert rows.pop(1) == ("Ada", ada["id"])  # by its verified e-mail
+        assert rows.pop(7) == ("Bob", bob["id"])  # by its external id
+        assert rows.pop(3) == ("legacy cid", None)  # the e-mail synced is not the one Clerk verified now
+        assert list(rows.values()) == [("Dan", dan["id"])]  # no legacy row: its own
+        without = migrate_mapping(store, mapping, backfill=True, settings=Settings.from_env({"DATABASE_URL": db_url}))
+        assert "no CLERK_SECRET_KEY" in without[-2] and _backfilled(without[-1]) == {"users": 3, "refused": 1}
+    finally:
+        store.dispose()
+        engine.dispose()
+
+
+def _backfilled(line: str) -> object:
+    assert line.startswith("mapping: backfilled ")
+    return ast.literal_eval(line.removeprefix("mapping: backfilled "))

@@ -118,7 +118,8 @@ def _hooks(snap: DatabaseSnapshot, now: float, max_wait: float) -> FreshnessChec
     counts = f"{pending} pending, {running} running, {dead} dead"
     if dead:
         return FreshnessCheck(name, "fail", f"{counts}: an applied change did not reach its handler; `clerk-sync "
-                              "hooks list` shows why, fix the cause, then `clerk-sync hooks retry ID...`")
+                              "hooks list` shows why, fix the cause, then `clerk-sync hooks retry ID...` (or "
+                              "`hooks purge ID...`)")
     if snap.hook_oldest_pending_at is not None and now - snap.hook_oldest_pending_at > max_wait:
         waited = now - snap.hook_oldest_pending_at
         return FreshnessCheck(name, "fail", f"{counts}; the oldest due job has waited {waited:.0f}s (limit "

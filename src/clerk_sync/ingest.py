@@ -242,7 +242,7 @@ class WebhookProcessor:
         piped = set(fast)
         then = [plan.intent for i, plan in enumerate(plans) if i not in piped
                 and isinstance(plan.intent, Upsert | Tombstone)]
-        if fast or then:
+        if fast or (then and writer.pipelines):  # (no pipeline: each apply_in takes its own, as the batch's)
             items: list[OneStatement] = []
             for i in fast:
                 svix_id, envelope = deliveries[i]

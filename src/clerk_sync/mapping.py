@@ -62,6 +62,7 @@ __all__ = [
     "DeletePolicy",
     "HardDelete",
     "LinkAmbiguous",
+    "LinkLookup",
     "LinkUnverified",
     "MappedTable",
     "SchemaMapping",
@@ -450,13 +451,18 @@ class SchemaMapping:
             self._projections[key] = _Projection(self.table(conn, mapped.table), mapped, conn.dialect.name)
         return self._projections[key]
 
-    def backfill(self, store: _BackfillStore) -> dict[str, int]:
+    def backfill(self, store: _BackfillStore, *, lookup: LinkLookup | None = None) -> dict[str, int]:
         """Project every row the contract tables already hold (a mapping added to a running install);
         idempotent. Live rows are written, deleted ones get the delete policy if present. One the app's table
         refuses (a constraint, a compute that raised) is logged and counted as ``refused``, the others are
-        written. No row is linked here: clerk-sync's tables keep neither whether Clerk verified an e-mail nor
-        the external id, so a user that may link (its e-mail on an unlinked row; any user not written yet
-        when the mapping links by external id) is refused (:class:`LinkUnverified`), and its next event links it.
+        written.
+
+        Linking needs what clerk-sync's tables do not keep: whether Clerk verified the e-mail, and the
+        external id. ``lookup`` (the CLI's reads them from Clerk's API, rate limited) gives them for the
+        users a page has not written yet, before the page's transaction (no lock waits on Clerk); the
+        verification counts only for the e-mail the row has. Without it, or for a user it does not know, a
+        user that may link (its e-mail on an unlinked row; any user not written yet when the mapping links by
+        external id) is refused (:class:`LinkUnverified`), and its next event links it.
 
         Pages of :data:`_BACKFILL_PAGE` rows (memory stays flat), each a transaction of ``store``'s that takes
         its rows' locks and reads them again under those locks before projecting them: a delivery, deletion or
@@ -468,21 +474,42 @@ class SchemaMapping:
         counts: dict[str, int] = {}
         for entity in self.tables:
             after: int | None = None
+            links = lookup is not None and entity is Entity.USER and self.tables[entity].links
             while True:
+                facts: Mapping[str, Mapping[str, Any]] = {}
+                if links:
+                    assert lookup is not None
+                    with store.transaction() as writer:  # (a short read: Clerk is asked outside the page's)
+                        unwritten = self._unwritten(writer.conn, after)
+                    facts = lookup(unwritten) if unwritten else {}
                 with store.transaction() as writer:
-                    after = self._backfill_page(writer, entity, after, counts)
+                    after = self._backfill_page(writer, entity, after, counts, facts)
                 if after is None:
                     break
         return counts
 
+    def _page_ids(self, conn: Connection, entity: Entity, after: int | None) -> list[Any]:
+        table = _CONTRACT[entity]
+        query = sa.select(table.c.id, table.c.clerk_id).order_by(table.c.id).limit(_BACKFILL_PAGE)
+        return list(conn.execute(query if after is None else query.where(table.c.id > after)).all())
+
+    def _unwritten(self, conn: Connection, after: int | None) -> list[str]:
+        """The live users of the page after ``after`` without a row in the app's table (those that may link)."""
+        page = [row.clerk_id for row in self._page_ids(conn, Entity.USER, after)]
+        if not page:
+            return []
+        projection = self._projection(conn, Entity.USER, self.tables[Entity.USER])
+        written = set(conn.execute(sa.select(projection.key).where(projection.key.in_(page))).scalars())
+        return [clerk_id for clerk_id in page if clerk_id not in written]
+
     def _backfill_page(self, writer: _BackfillWriter, entity: Entity, after: int | None,
-                       counts: dict[str, int]) -> int | None:
-        """Project the page of ``entity``'s rows after id ``after``; returns its last id (None: no rows left)."""
+                       counts: dict[str, int], facts: Mapping[str, Mapping[str, Any]]) -> int | None:
+        """Project the page of ``entity``'s rows after id ``after``; returns its last id (None: no rows left).
+        ``facts``: what links a user, by id (:data:`LinkLookup`)."""
         conn = writer.conn
         check_at_once(conn)
         table, names = _CONTRACT[entity], record_columns(_RECORDS[entity])
-        query = sa.select(table.c.id, table.c.clerk_id).order_by(table.c.id).limit(_BACKFILL_PAGE)
-        page = conn.execute(query if after is None else query.where(table.c.id > after)).all()
+        page = self._page_ids(conn, entity, after)
         if not page:
             return None
         # The locks a delivery and an erasure take, then the rows again: FOR UPDATE too, as a delivery piped
@@ -492,7 +519,8 @@ class SchemaMapping:
                             .where(table.c.id.in_([row.id for row in page])).order_by(table.c.id)
                             .with_for_update()).mappings().all()
         changes = [Change(entity, row["clerk_id"], "created" if row["deleted_at"] is None else "deleted",
-                          row["clerk_updated_at"], {n: row[n] for n in names}) for row in rows]
+                          row["clerk_updated_at"], {n: row[n] for n in names} | _link_facts(row, facts))
+                   for row in rows]
         self._project_page(conn, writer.now, entity, changes, counts)
         last: int = page[-1].id
         return last
@@ -807,6 +835,23 @@ class _Projection:
 
 CHECK_AT_ONCE = "SET CONSTRAINTS ALL IMMEDIATE"
 _BACKFILL_PAGE = 500  # rows of a backfill page (one savepoint, one query)
+
+LinkLookup = Callable[[Sequence[str]], Mapping[str, Mapping[str, Any]]]
+"""What links users, by Clerk user id: ``email``, ``email_verified`` and ``external_id`` as Clerk has them now
+(a user it does not know is left out). :meth:`SchemaMapping.backfill` asks it for a page's unwritten users."""
+
+
+def _link_facts(row: Any, facts: Mapping[str, Mapping[str, Any]]) -> JSON:
+    """The carried values a backfilled user links by: its external id, and whether Clerk verified the
+    e-mail the row has (not for one changed since). Nothing known of the user: nothing (LinkUnverified)."""
+    known = facts.get(row["clerk_id"])
+    if known is None:
+        return {}
+    carried: JSON = {"external_id": known.get("external_id")}
+    email, theirs = row.get("email"), known.get("email")
+    if isinstance(email, str) and isinstance(theirs, str) and email.casefold() == theirs.casefold():
+        carried["email_verified"] = known.get("email_verified") is True
+    return carried  # (another e-mail since: its verification not known, the user's next event says it)
 
 
 def _still_in_transaction(conn: Connection, exc: Exception) -> None:

@@ -562,6 +562,8 @@ class Reconciler:
         counts = run.report.counts[entity.value]
         version = int(self._now().timestamp() * 1000)  # the injected clock, as for heartbeats
         with self._unit(run) as (_, writer):
+            if writer is not None:  # their locks in one sorted pass (apply by apply: out of the one order)
+                writer.lock_batch([Tombstone(entity, clerk_id, version) for clerk_id in gone])
             for clerk_id in gone:
                 if writer is None:
                     self.on_change(Change(entity, "delete", clerk_id))

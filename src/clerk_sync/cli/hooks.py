@@ -23,10 +23,12 @@ from rich.console import Console
 from sqlalchemy.engine import Connection
 
 from clerk_sync.changes import Change, Hook
+from clerk_sync.clerk_api import ClerkClient
 from clerk_sync.config import Settings
 from clerk_sync.engine import Entity
 from clerk_sync.errors import ConfigError
-from clerk_sync.mapping import SchemaMapping
+from clerk_sync.events import user_record
+from clerk_sync.mapping import LinkLookup, SchemaMapping
 from clerk_sync.outbox import delete_jobs, list_jobs, retry_jobs
 from clerk_sync.store import Store
 from clerk_sync.tables import hook_jobs, organization_memberships, organizations, users
@@ -38,11 +40,15 @@ MAPPING_HELP = "Your tables' mapping, as module:attribute (a SchemaMapping, or a
 hooks_app = typer.Typer(help="Inspect and repair the after-commit hook queue (dead jobs).", no_args_is_help=True)
 
 
-def migrate_mapping(store: Store, schema: SchemaMapping, *, backfill: bool = False) -> list[str]:
+def migrate_mapping(store: Store, schema: SchemaMapping, *, backfill: bool = False,
+                    settings: Settings | None = None) -> list[str]:
     """``migrate``'s part past clerk-sync's own tables, one for every face's command (``clerk-sync migrate
     --mapping``, ``flask clerk-sync migrate``, ``manage.py clerk_sync migrate``): what the mapped tables need
     (:func:`~clerk_sync.mapping.migrate_schema`), then with ``backfill`` the rows clerk-sync holds written into
     them, a page per transaction (:meth:`~clerk_sync.mapping.SchemaMapping.backfill`). Returns the lines to print.
+    A mapping that links existing rows asks Clerk (``settings``' secret key, rate limited) what links each user
+    not written yet (:func:`clerk_link_lookup`); without a key such users are refused, and linked by their
+    next event.
 
     On PostgreSQL the Clerk-id column's unique index is built CONCURRENTLY, after the columns are committed:
     the app's table takes writes all along. A build that fails (duplicate Clerk ids, the lock bound) drops
@@ -57,8 +63,32 @@ def migrate_mapping(store: Store, schema: SchemaMapping, *, backfill: bool = Fal
         done += build_unique_indexes_concurrently(store.engine, schema)
     lines = [f"mapping: {line}" for line in done or ["mapped tables already have what the mapping needs"]]
     if backfill:
-        lines.append(f"mapping: backfilled {schema.backfill(store) or 'nothing'}")
+        links = Entity.USER in schema.tables and schema.tables[Entity.USER].links
+        key = settings.clerk_secret_key if settings is not None else None
+        if links and key is None:
+            lines.append("mapping: no CLERK_SECRET_KEY: users an existing row may be theirs are not written (counted "
+                         "refused) and are linked by their next event; set it to link them now")
+        clerk = ClerkClient.from_settings(settings) if links and settings is not None and key is not None else None
+        try:
+            counts = schema.backfill(store, lookup=None if clerk is None else clerk_link_lookup(clerk))
+        finally:
+            if clerk is not None:
+                clerk.close()
+        lines.append(f"mapping: backfilled {counts or 'nothing'}")
     return lines
+
+
+def clerk_link_lookup(clerk: ClerkClient) -> LinkLookup:
+    """What links users (e-mail, its verification, external id), read from Clerk's user list 100 ids a call."""
+    def lookup(ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        found: dict[str, dict[str, Any]] = {}
+        for chunk in _chunks(ids, 100):
+            for data in clerk.list_users(limit=len(chunk), order_by=None, user_ids=chunk):
+                record = user_record(data)
+                found[record.clerk_id] = {"email": record.email, "email_verified": record.email_verified,
+                                          "external_id": record.external_id}
+        return found
+    return lookup
 
 
 def _load(option: str, spec: str) -> Any:
@@ -198,12 +228,11 @@ def _run_once(store: Store, **options: Any) -> None:
         # A run past its hook's timeout_s (overdue) is waited for, up to a lease in all, and its outcome
         # recorded; then what it held back is run (its entity's later jobs, the claims max_overdue stopped)
         deadline = time.monotonic() + options["lease_s"]
-        count = dispatcher.drain()
-        while not (overdue := dispatcher.settle(max(0.0, deadline - time.monotonic()))):
-            ran = dispatcher.drain()
-            if not ran:
-                break
-            count += ran
+        count, overdue = dispatcher.drain(), 0
+        while dispatcher.overdue and not overdue and time.monotonic() < deadline:
+            overdue = dispatcher.settle(max(0.0, deadline - time.monotonic()))
+            if not overdue:
+                count += dispatcher.drain()
     finally:
         store.dispose()
     ended = {outcome: 0 for outcome in ("ok", "retry", "dead", "lost")}

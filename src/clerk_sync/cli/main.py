@@ -50,7 +50,7 @@ def migrate(
     migrations.upgrade(store.engine)
     console.print(f"[green]migrations current[/] ({migrations.head_revision()}) on {_safe(settings)}")
     if schema is not None:
-        for line in migrate_mapping(store, schema, backfill=backfill):
+        for line in migrate_mapping(store, schema, backfill=backfill, settings=settings):
             console.print(line)
     elif backfill:
         raise ConfigError("--backfill needs --mapping module:attribute")

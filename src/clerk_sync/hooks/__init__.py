@@ -375,6 +375,12 @@ class Dispatcher:
                 self._ran(run.job, self._failed(run.job, run.error, final=final), run.seconds)
                 self._forget([run])
 
+    @property
+    def overdue(self) -> int:
+        """How many runs are overdue (past their hook's ``timeout_s``, their jobs still claimed)."""
+        with self._held_lock:
+            return len(self._overdue)
+
     def settle(self, wait_s: float) -> int:
         """Wait up to ``wait_s`` for the overdue runs to end (the heartbeat keeps their jobs' leases meanwhile)
         and record those that ended; returns how many still run. ``worker --once`` calls it before exiting:

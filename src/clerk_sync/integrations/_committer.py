@@ -33,12 +33,12 @@ import sqlalchemy as sa
 import structlog
 
 from clerk_sync._db_errors import is_lock_wait_timeout
-from clerk_sync.engine import DeliveryStatus, Entity, plan_delivery, touches
+from clerk_sync.engine import DeliveryStatus, Entity, Tombstone, Upsert, plan_delivery, touches
 from clerk_sync.errors import StoreError, database_message
 from clerk_sync.events import Envelope
-from clerk_sync.ingest import Outcome, WebhookProcessor
+from clerk_sync.ingest import Outcome, WebhookProcessor, _plan
 from clerk_sync.mapping import RefusedAtCommit
-from clerk_sync.store import Writer
+from clerk_sync.store import Writer, _lock_id
 
 __all__ = ["ALONE", "GroupCommitter"]
 
@@ -308,14 +308,28 @@ class GroupCommitter:
 def _pg_batch_locks(writer: Writer, jobs: list[tuple[str, Envelope]]) -> None:
     """PostgreSQL, the batch one delivery at a time: every lock its deliveries take, first, in one sorted pass
     (:meth:`Writer.lock_batch`); each apply sorts only its own, so taking them delivery by delivery could
-    hold one that another writer needs while waiting for one it has (a deadlock). One held elsewhere past
-    the batch's lock bound sends every delivery alone, as on MySQL/MariaDB."""
+    hold one that another writer needs while waiting for one it has (a deadlock). The intents are planned as
+    ``apply_in`` plans them (a membership event repaired with its stored parents takes their locks).
+
+    One held elsewhere past the batch's lock bound: the pass is rolled back to its savepoint, the first key
+    held is found without waiting (``pg_try_advisory_xact_lock``, in the same order), and the first delivery
+    that takes it is isolated (:class:`_Isolate`): it and its entity's deliveries go alone, the rest retry."""
+    intents = [_plan(writer, envelope).intent for _, envelope in jobs]
+    keys = [[k for k in writer.locks_of(i)] if isinstance(i, Upsert | Tombstone) else [] for i in intents]
+    conn = writer.conn
     try:
-        writer.lock_batch([plan_delivery(envelope).intent for _, envelope in jobs])
+        with conn.begin_nested():
+            writer.lock_batch(intents)
     except sa.exc.DBAPIError as exc:
-        if not exc.connection_invalidated and is_lock_wait_timeout(exc.orig):
-            raise _EachAlone(database_message(exc.orig or exc)) from exc
-        raise
+        if exc.connection_invalidated or not is_lock_wait_timeout(exc.orig):
+            raise
+        for key in sorted({k for ks in keys for k in ks}, key=_lock_id):
+            if not conn.execute(_TRY_LOCK, {"key": _lock_id(key)}).scalar_one():
+                raise _Isolate(next(n for n, ks in enumerate(keys) if key in ks), exc) from exc
+        raise  # (released meanwhile: the batch is failed and retried alone, as any other error of its)
+
+
+_TRY_LOCK = sa.text("SELECT pg_try_advisory_xact_lock(:key)").bindparams(sa.bindparam("key", type_=sa.BigInteger))
 
 
 @contextlib.contextmanager

@@ -69,7 +69,7 @@ def migrate(backfill: bool) -> None:
     click.echo(f"migrations current ({migrations.head_revision()})")
     if schema is None:
         return
-    for line in migrate_mapping(store, schema, backfill=backfill):
+    for line in migrate_mapping(store, schema, backfill=backfill, settings=clerk_state().settings):
         click.echo(line)
 
 

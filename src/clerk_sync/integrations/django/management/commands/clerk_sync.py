@@ -85,7 +85,7 @@ class Command(BaseCommand):
             self.stdout.write(f"clerk-sync migrations current ({migrations.head_revision()})")
             if mapping is None:
                 return
-            for line in migrate_mapping(store, mapping, backfill=backfill):
+            for line in migrate_mapping(store, mapping, backfill=backfill, settings=settings):
                 self.stdout.write(line)
         finally:
             store.dispose()
