@@ -149,6 +149,21 @@ def test_reconcile_exits_1_when_clerk_objects_could_not_be_read(tmp_path: Path) 
     assert "1 Clerk object(s) could not be read" in said(result)
 
 
+def _hooked_project(tmp_path: Path, module: str) -> tuple[str, dict[str, str], Store]:
+    """A migrated SQLite database beside ``module``.py (its ``HOOKS``): its URL, the CLI's environment (the
+    module importable), and a store queueing jobs for those hooks."""
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    path = os.pathsep.join([str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = {"DATABASE_URL": url, "PYTHONPATH": path, "CLERK_WEBHOOK_SIGNING_SECRET": SECRET}
+    assert run("migrate", env=env).returncode == 0
+    sys.path.insert(0, str(tmp_path))
+    try:
+        return url, env, Store.from_url(url, hooks=load_hooks(f"{module}:HOOKS"))
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop(module, None)
+
+
 @pytest.fixture
 def dead_jobs(tmp_path: Path) -> tuple[str, dict[str, str]]:
     """A migrated database whose three jobs' hook gives up with an error holding a newline and a tab."""
@@ -161,16 +176,7 @@ def dead_jobs(tmp_path: Path) -> tuple[str, dict[str, str]]:
 
         HOOKS = [Hook("gone", _gone, on=["user.created"])]
     '''))
-    url = f"sqlite:///{tmp_path / 'jobs.db'}"
-    path = os.pathsep.join([str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])])
-    env = {"DATABASE_URL": url, "PYTHONPATH": path, "CLERK_WEBHOOK_SIGNING_SECRET": SECRET}
-    assert run("migrate", env=env).returncode == 0
-    sys.path.insert(0, str(tmp_path))
-    try:
-        store = Store.from_url(url, hooks=load_hooks("gone_hooks:HOOKS"))
-    finally:
-        sys.path.remove(str(tmp_path))
-        sys.modules.pop("gone_hooks", None)
+    url, env, store = _hooked_project(tmp_path, "gone_hooks")
     for i in range(3):
         with store.transaction() as writer:
             writer.apply(Upsert(Entity.USER, user_record(f.user(f"user_{i}", 5))))
@@ -323,16 +329,7 @@ def test_worker_once_records_a_run_past_its_timeout_before_it_exits(tmp_path: Pa
 
         HOOKS = [Hook("slow", _slow, on=["user.created", "user.updated"], timeout_s=0.01)]
     '''))
-    url = f"sqlite:///{tmp_path / 'jobs.db'}"
-    path = os.pathsep.join([str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])])
-    env = {"DATABASE_URL": url, "PYTHONPATH": path, "CLERK_WEBHOOK_SIGNING_SECRET": SECRET}
-    assert run("migrate", env=env).returncode == 0
-    sys.path.insert(0, str(tmp_path))
-    try:
-        store = Store.from_url(url, hooks=load_hooks("slow_hooks:HOOKS"))
-    finally:
-        sys.path.remove(str(tmp_path))
-        sys.modules.pop("slow_hooks", None)
+    _, env, store = _hooked_project(tmp_path, "slow_hooks")
     with store.transaction() as writer:
         writer.apply(Upsert(Entity.USER, user_record(f.user("user_slow", 5))))
     with store.transaction() as writer:  # a later job of the same user: it waits for the first one's outcome
