@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ast
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -191,13 +192,17 @@ def test_a_backfill_with_clerks_key_links_the_rows_it_can_vouch_for(db_url: str,
     linked by external id and by a verified e-mail; a user whose e-mail changed in Clerk since its row was
     synced is refused (the next event says); one with no legacy row is written."""
     ada = emu.create_user(email="ada@example.com", first_name="Ada")
-    bob = emu.create_user(email="bob@example.com", first_name="Bob", external_id="7")
+    bob = emu.create_user(email="bob@example.com", first_name="Bob", external_id="107")
     cid = emu.create_user(email="cid@example.com", first_name="Cid")
     dan = emu.create_user(email="dan@example.com", first_name="Dan")
+    eve = emu.create_user(email="eve@example.com", first_name="Eve")
     plain = Store.from_url(db_url)
-    stale_cid = {**cid, "email_addresses": [{**cid["email_addresses"][0], "email_address": "old.cid@example.com"}]}
+
+    def synced_as(user: dict[str, Any], email: str) -> dict[str, Any]:  # the address changed in Clerk since
+        return {**user, "email_addresses": [{**user["email_addresses"][0], "email_address": email}]}
+
     with plain.transaction() as writer:
-        for data in (ada, bob, stale_cid, dan):
+        for data in (ada, bob, synced_as(cid, "old.cid@example.com"), dan, synced_as(eve, "old.eve@example.com")):
             writer.apply(Upsert(Entity.USER, user_record(data)))
     plain.dispose()
     table = _accounts("acc_lookup")
@@ -206,22 +211,25 @@ def test_a_backfill_with_clerks_key_links_the_rows_it_can_vouch_for(db_url: str,
     store, engine = _with_app_table(db_url, table, mapping)
     try:
         with engine.begin() as conn:
-            conn.execute(table.insert(), [{"id": 1, "email": "ADA@example.com", "name": "legacy ada"},
-                                          {"id": 3, "email": "old.cid@example.com", "name": "legacy cid"},
-                                          {"id": 7, "email": "robert@example.com", "name": "legacy bob"}])
+            # (ids past those the table's own sequence gives the rows the backfill writes, on PostgreSQL)
+            conn.execute(table.insert(), [{"id": 101, "email": "ADA@example.com", "name": "legacy ada"},
+                                          {"id": 103, "email": "old.cid@example.com", "name": "legacy cid"},
+                                          {"id": 107, "email": "robert@example.com", "name": "legacy bob"},
+                                          {"id": 105, "email": "eve@example.com", "name": "legacy eve"}])
         settings = Settings.from_env({"DATABASE_URL": db_url, "CLERK_SECRET_KEY": emu.secret_key,
                                       "CLERK_API_URL": emu.url})
         lines = migrate_mapping(store, mapping, backfill=True, settings=settings)
-        assert _backfilled(lines[-1]) == {"users": 3, "refused": 1}, lines
+        assert _backfilled(lines[-1]) == {"users": 3, "refused": 2}, lines
         with engine.connect() as conn:
             rows = {r.id: (r.name, r.clerk_user_id) for r in conn.execute(
                 sa.select(table.c.id, table.c.name, sa.column("clerk_user_id")))}
-        assert rows.pop(1) == ("Ada", ada["id"])  # by its verified e-mail
-        assert rows.pop(7) == ("Bob", bob["id"])  # by its external id
-        assert rows.pop(3) == ("legacy cid", None)  # the e-mail synced is not the one Clerk verified now
+        assert rows.pop(101) == ("Ada", ada["id"])  # by its verified e-mail
+        assert rows.pop(107) == ("Bob", bob["id"])  # by its external id
+        assert rows.pop(103) == ("legacy cid", None)  # the e-mail synced is not the one Clerk verified now
+        assert rows.pop(105) == ("legacy eve", None)  # nor by Clerk's new one: no second row, the event links it
         assert list(rows.values()) == [("Dan", dan["id"])]  # no legacy row: its own
         without = migrate_mapping(store, mapping, backfill=True, settings=Settings.from_env({"DATABASE_URL": db_url}))
-        assert "no CLERK_SECRET_KEY" in without[-2] and _backfilled(without[-1]) == {"users": 3, "refused": 1}
+        assert "no CLERK_SECRET_KEY" in without[-2] and _backfilled(without[-1]) == {"users": 3, "refused": 2}
     finally:
         store.dispose()
         engine.dispose()

@@ -490,12 +490,12 @@ class SchemaMapping:
 
     def _page_ids(self, conn: Connection, entity: Entity, after: int | None) -> list[Any]:
         table = _CONTRACT[entity]
-        query = sa.select(table.c.id, table.c.clerk_id).order_by(table.c.id).limit(_BACKFILL_PAGE)
+        query = sa.select(table.c.id, table.c.clerk_id, table.c.deleted_at).order_by(table.c.id).limit(_BACKFILL_PAGE)
         return list(conn.execute(query if after is None else query.where(table.c.id > after)).all())
 
     def _unwritten(self, conn: Connection, after: int | None) -> list[str]:
         """The live users of the page after ``after`` without a row in the app's table (those that may link)."""
-        page = [row.clerk_id for row in self._page_ids(conn, Entity.USER, after)]
+        page = [row.clerk_id for row in self._page_ids(conn, Entity.USER, after) if row.deleted_at is None]
         if not page:
             return []
         projection = self._projection(conn, Entity.USER, self.tables[Entity.USER])
@@ -706,6 +706,13 @@ class _Projection:
                 return True
         # Only an address Clerk verified: an unverified primary (verification at sign-up off, an OAuth provider
         # that does not verify, one added through the API unverified) would hand its claimant another's row.
+        if self.m.link_by_email and "email_verified" in change.values and change.values["email_verified"] is None:
+            # A backfill whose lookup found another address in Clerk than the one synced here: linking by
+            # either could write a row beside the customer's that nothing links later; the event that
+            # changed the address links it.
+            raise LinkUnverified(
+                f"{self.m.table}: user {change.clerk_id}'s e-mail in Clerk is not the one synced here: not "
+                f"written; the event that changed it links the row (or set {self.key.name} on it yourself)")
         verified = change.values.get("email_verified")  # None: not known (a backfill, see below)
         if self.m.link_by_email and email and verified is not False:
             column = self.t.c[self.m.link_by_email]
@@ -848,10 +855,11 @@ def _link_facts(row: Any, facts: Mapping[str, Mapping[str, Any]]) -> JSON:
     if known is None:
         return {}
     carried: JSON = {"external_id": known.get("external_id")}
-    email, theirs = row.get("email"), known.get("email")
-    if isinstance(email, str) and isinstance(theirs, str) and email.casefold() == theirs.casefold():
-        carried["email_verified"] = known.get("email_verified") is True
-    return carried  # (another e-mail since: its verification not known, the user's next event says it)
+    # Exactly (both are Clerk's; casefold would take "straße" for "strasse"); None == None: no address to link
+    # by. Another address in Clerk now: None, which _link refuses (the event that changed it links the row).
+    same = row.get("email") == known.get("email")
+    carried["email_verified"] = known.get("email_verified") is True if same else None
+    return carried
 
 
 def _still_in_transaction(conn: Connection, exc: Exception) -> None:

@@ -233,6 +233,7 @@ def _run_once(store: Store, **options: Any) -> None:
             overdue = dispatcher.settle(max(0.0, deadline - time.monotonic()))
             if not overdue:
                 count += dispatcher.drain()
+        overdue = dispatcher.settle(0.0)  # (the lease's time spent: what ended is recorded, the rest said)
     finally:
         store.dispose()
     ended = {outcome: 0 for outcome in ("ok", "retry", "dead", "lost")}

@@ -326,7 +326,8 @@ def _pg_batch_locks(writer: Writer, jobs: list[tuple[str, Envelope]]) -> None:
         for key in sorted({k for ks in keys for k in ks}, key=_lock_id):
             if not conn.execute(_TRY_LOCK, {"key": _lock_id(key)}).scalar_one():
                 raise _Isolate(next(n for n, ks in enumerate(keys) if key in ks), exc) from exc
-        raise  # (released meanwhile: the batch is failed and retried alone, as any other error of its)
+        # Released meanwhile (a short batch committed): each delivery alone, as on MySQL/MariaDB
+        raise _EachAlone(database_message(exc.orig or exc)) from exc
 
 
 _TRY_LOCK = sa.text("SELECT pg_try_advisory_xact_lock(:key)").bindparams(sa.bindparam("key", type_=sa.BigInteger))
