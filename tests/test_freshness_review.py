@@ -111,3 +111,12 @@ def test_a_crash_on_the_apply_path_keeps_only_its_type(db_url: str, verifier: We
     store.dispose()
     assert outcome.status == "failed" and outcome.error == error
     assert "KeyError" in error and "ann@" not in error, error
+
+
+def test_a_blank_delivery_age_limit_is_unset() -> None:
+    """Final review: unset is how the age check is turned off, and ``VAR=`` (a template's empty value) was a
+    settings error for every command."""
+    from clerk_sync.config import Settings
+
+    assert Settings.from_env({"CLERK_SYNC_FRESHNESS_MAX_DELIVERY_AGE_S": " "}).freshness_max_delivery_age_s is None
+    assert Settings.from_env({"CLERK_SYNC_FRESHNESS_MAX_DELIVERY_AGE_S": "600"}).freshness_max_delivery_age_s == 600

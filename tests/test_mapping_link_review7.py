@@ -10,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 from structlog.testing import capture_logs
 
-from clerk_sync.cli.hooks import migrate_mapping
+from clerk_sync.cli.hooks import clerk_link_lookup, migrate_mapping
 from clerk_sync.config import Settings
 from clerk_sync.engine import Entity, Upsert
 from clerk_sync.events import user_record
@@ -19,6 +19,7 @@ from clerk_sync.retention import Retention
 from clerk_sync.store import Store
 from clerk_sync.testing import EmulatorServer
 from tests import factories as f
+from tests.conftest import clerk_client
 from tests.test_hooks import B, deliver
 from tests.test_mapping import _with_app_table
 
@@ -238,3 +239,15 @@ def test_a_backfill_with_clerks_key_links_the_rows_it_can_vouch_for(db_url: str,
 def _backfilled(line: str) -> object:
     assert line.startswith("mapping: backfilled ")
     return ast.literal_eval(line.removeprefix("mapping: backfilled "))
+
+
+def test_the_backfills_lookup_leaves_out_a_user_it_cannot_read(emu: EmulatorServer) -> None:
+    """Final review: one malformed user in Clerk's answer stopped ``migrate --backfill`` at the same page on
+    every run; it is left out (the backfill refuses that user, as reconcile skips it) and the others are read."""
+    good = emu.create_user(email="good@example.com")
+    bad = emu.create_user(email="bad@example.com")
+    emu.emulator.store.users[bad["id"]].updated_at = None  # type: ignore[assignment]
+    with clerk_client(emu) as clerk, capture_logs() as logs:
+        found = clerk_link_lookup(clerk)([good["id"], bad["id"]])
+    assert set(found) == {good["id"]} and found[good["id"]]["email"] == "good@example.com"
+    assert [e["clerk_id"] for e in logs if e["event"] == "backfill_lookup_unreadable"] == [bad["id"]]

@@ -224,7 +224,8 @@ class Settings(BaseSettings):
 
     @field_validator("instance_id", "redis_url", "webhook_secret", "clerk_secret_key", "clerk_api_rate_limit",
                      "clerk_jwt_key", "clerk_jwks_url", "clerk_issuer", "authorized_parties_raw",
-                     "impersonator_roles_raw", "console_operator_token", "tombstone_delete_after_days", mode="before")
+                     "impersonator_roles_raw", "console_operator_token", "tombstone_delete_after_days",
+                     "freshness_max_delivery_age_s", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         # `export CLERK_ISSUER=` means "not set", not "the empty issuer".

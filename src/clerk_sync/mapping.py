@@ -152,8 +152,8 @@ class LinkAmbiguous(StoreDataError):
 class LinkUnverified(StoreDataError):
     """The backfill cannot tell whether a user links to an existing row: it has the e-mail of an unlinked
     row and clerk-sync's tables do not say whether Clerk verified it, or the mapping links by external id,
-    which they do not keep. Not written (neither linked nor a second row); the user's next event, which
-    says, links it."""
+    which they do not keep (and no lookup from Clerk said), or Clerk has another address for the user than
+    the one synced. Not written (neither linked nor a second row); the user's next event, which says, links it."""
 
     code = "link_unverified"
 
@@ -462,7 +462,8 @@ class SchemaMapping:
         users a page has not written yet, before the page's transaction (no lock waits on Clerk); the
         verification counts only for the e-mail the row has. Without it, or for a user it does not know, a
         user that may link (its e-mail on an unlinked row; any user not written yet when the mapping links by
-        external id) is refused (:class:`LinkUnverified`), and its next event links it.
+        external id; with the lookup, one whose address in Clerk is not the synced one) is refused
+        (:class:`LinkUnverified`), and its next event links it.
 
         Pages of :data:`_BACKFILL_PAGE` rows (memory stays flat), each a transaction of ``store``'s that takes
         its rows' locks and reads them again under those locks before projecting them: a delivery, deletion or

@@ -382,7 +382,7 @@ class Dispatcher:
             return len(self._overdue)
 
     def settle(self, wait_s: float) -> int:
-        """Wait up to ``wait_s`` for the overdue runs to end (the heartbeat keeps their jobs' leases meanwhile)
+        """Wait up to ``wait_s`` for the overdue runs to end (the heartbeat, when on, keeps their leases meanwhile)
         and record those that ended; returns how many still run. ``worker --once`` calls it before exiting:
         a run it left overdue would otherwise end unrecorded, its job claimed until the lease, then run again."""
         deadline = time.monotonic() + wait_s

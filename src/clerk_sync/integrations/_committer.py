@@ -314,15 +314,18 @@ def _pg_batch_locks(writer: Writer, jobs: list[tuple[str, Envelope]]) -> None:
     One held elsewhere past the batch's lock bound: the pass is rolled back to its savepoint, the first key
     held is found without waiting (``pg_try_advisory_xact_lock``, in the same order), and the first delivery
     that takes it is isolated (:class:`_Isolate`): it and its entity's deliveries go alone, the rest retry."""
-    intents = [_plan(writer, envelope).intent for _, envelope in jobs]
-    keys = [[k for k in writer.locks_of(i)] if isinstance(i, Upsert | Tombstone) else [] for i in intents]
     conn = writer.conn
+    keys: list[list[str]] = []
     try:
+        intents = [_plan(writer, envelope).intent for _, envelope in jobs]
+        keys = [writer.locks_of(i) if isinstance(i, Upsert | Tombstone) else [] for i in intents]
         with conn.begin_nested():
             writer.lock_batch(intents)
     except sa.exc.DBAPIError as exc:
-        if exc.connection_invalidated or not is_lock_wait_timeout(exc.orig):
-            raise
+        if exc.connection_invalidated:
+            raise  # the connection is gone: fail the batch (StoreError)
+        if not is_lock_wait_timeout(exc.orig):  # (a deadlock, a statement bound): each delivery alone, as
+            raise _EachAlone(database_message(exc.orig or exc)) from exc  # one failing it would have gone
         for key in sorted({k for ks in keys for k in ks}, key=_lock_id):
             if not conn.execute(_TRY_LOCK, {"key": _lock_id(key)}).scalar_one():
                 raise _Isolate(next(n for n, ks in enumerate(keys) if key in ks), exc) from exc
