@@ -585,7 +585,7 @@ class Writer:
             return self._revoke_session(intent)
         if self.outbox is not None and self.outbox.wants(intent):
             return self._apply_with_hooks(intent, self.outbox)
-        self.lock(_lock_keys(intent))
+        self.lock(_lock_keys(intent))  # (locks_of, the outbox not wanting it)
         if isinstance(intent, Upsert):
             changed = self._upsert(intent)
             if intent.entity is Entity.MEMBERSHIP:
@@ -598,8 +598,8 @@ class Writer:
 
     # -- hooks: the same writes, plus the row before and one outbox row per applied change --------
     def _apply_with_hooks(self, intent: Upsert | Tombstone, outbox: Outbox) -> bool:
-        # The entity's own lock too, so the row read as "before" is the one the write replaces (locks_of).
-        self.lock([*_lock_keys(intent), f"{_LOCK_PREFIX[intent.entity]}:{intent.clerk_id}"])
+        # The entity's own lock too (locks_of), so the row read as "before" is the one the write replaces.
+        self.lock(self.locks_of(intent))
         before = outbox.before(intent.entity, intent.clerk_id)
         if isinstance(intent, Upsert):
             upserted = self._upsert(intent)

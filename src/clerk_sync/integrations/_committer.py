@@ -320,7 +320,7 @@ def _pg_batch_locks(writer: Writer, jobs: list[tuple[str, Envelope]]) -> None:
         intents = [_plan(writer, envelope).intent for _, envelope in jobs]
         keys = [writer.locks_of(i) if isinstance(i, Upsert | Tombstone) else [] for i in intents]
         with conn.begin_nested():
-            writer.lock_batch(intents)
+            writer.lock([k for ks in keys for k in ks])  # (Writer.lock_batch, with the keys kept for below)
     except sa.exc.DBAPIError as exc:
         if exc.connection_invalidated:
             raise  # the connection is gone: fail the batch (StoreError)
