@@ -495,3 +495,48 @@ def test_a_forked_worker_writes_its_breaker_and_budget_too(tmp_path: Path) -> No
     env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path)
     out = subprocess.run([sys.executable, "-c", _FORKING], env=env, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "0", out
+
+
+_FORK_MID_WRITE = """
+import os, threading
+from clerk_sync.metrics import Metrics
+metrics = Metrics()
+inside, proceed, forking, writing = threading.Event(), threading.Event(), threading.Event(), [False]
+gauge = metrics.breaker_open
+first_set = gauge.set
+def held_set(value):  # the refresher, stopped in the middle of its write until the fork has begun
+    writing[0] = True
+    inside.set()
+    proceed.wait()
+    first_set(value)
+    writing[0] = False
+metrics.watch_clerk_client(breaker_open=lambda: True)
+gauge.set = held_set
+inside.wait()
+os.register_at_fork(before=forking.set)  # registered last: runs before clerk-sync's own hook
+result = []
+def fork():
+    pid = os.fork()
+    if pid == 0:
+        os._exit(3 if writing[0] else 0)  # the child's copy of a write in progress: its lock would be held
+    result.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+thread = threading.Thread(target=fork)
+thread.start()
+forking.wait()
+proceed.set()
+thread.join()
+print(result[0])
+"""
+
+
+def test_a_fork_waits_for_the_refreshers_write(tmp_path: Path) -> None:
+    """Review: a fork (gunicorn ``--preload``) at the instant the refresher thread was inside
+    prometheus_client's multiprocess lock gave the child that lock held: its first metric hung the worker.
+    The fork now waits for the write to end; the child never sees one half done."""
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROMETHEUS_")}
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path)
+    out = subprocess.run([sys.executable, "-c", _FORK_MID_WRITE], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.stdout.strip() == "0", out

@@ -36,6 +36,10 @@ from clerk_sync.engine import HANDLED_EVENT_TYPES, DeliveryStatus
 
 log = structlog.get_logger("clerk_sync.metrics")
 _REFRESH_S = 1.0  # multiprocess mode: how often a worker writes its watched gauges (breaker, budget)
+# The refresher writes under this lock, and a fork waits for it: a child forked while the thread was inside
+# prometheus_client's multiprocess lock would inherit it held, and hang on its first metric.
+_WRITING = threading.Lock()
+os.register_at_fork(before=_WRITING.acquire, after_in_parent=_WRITING.release, after_in_child=_WRITING.release)
 
 
 def _restart_in_child(ref: weakref.ReferenceType[Metrics]) -> None:
@@ -299,7 +303,9 @@ class Metrics:
     def _write_watched(self) -> None:
         for gauge, fn in self._read_at_scrape:
             try:
-                gauge.set(fn())
+                value = fn()  # read outside the lock: a fork never waits on the breaker's or budget's own locks
+                with _WRITING:
+                    gauge.set(value)
             except Exception:  # a metric must never take a worker down
                 log.debug("metrics_refresh_failed", exc_info=True)
 
