@@ -443,6 +443,21 @@ class Retention:
                 return ripe, settling
             after = rows[-1].id
 
+    def cleared_users(self, clerk_ids: list[str]) -> set[str]:
+        """Which of ``clerk_ids`` clerk-sync keeps no personal data of any more: erased, or deleted with the
+        tombstone cleared (``clear_tombstones_after``) or hard-deleted. A face that copied a user's data
+        elsewhere (Django's ``auth_user``) clears its copy of these (``manage.py clerk_sync prune``)."""
+        if not clerk_ids:
+            return set()
+        u = users
+        with self.store.connect() as conn:
+            cleared = u.c.deleted_at.is_not(None) & sa.not_(_not_cleared(u))
+            rows: dict[str, bool] = dict(conn.execute(sa.select(u.c.clerk_id, cleared)
+                                                      .where(u.c.clerk_id.in_(clerk_ids))).all())
+            gone = [i for i in clerk_ids if i not in rows]
+            erased_ids = set(_digests(conn, Entity.USER, gone))
+        return {i for i, cleared in rows.items() if cleared} | erased_ids
+
     # -- erasure --------------------------------------------------------------------------------
     def erase_user(self, clerk_id: str, *, actor: str | None = None, reason: str | None = None,
                    allow_unknown: bool = False) -> ErasureReport:

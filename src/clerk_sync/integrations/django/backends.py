@@ -36,14 +36,16 @@ synced user, keep their answers (``AnonymousUser``).
 from __future__ import annotations
 
 import contextlib
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import structlog
 from django.conf import settings
 from django.contrib.auth import get_user_model, load_backend
 from django.contrib.auth.backends import BaseBackend
-from django.contrib.auth.hashers import make_password
+from django.contrib.auth.hashers import UNUSABLE_PASSWORD_PREFIX, make_password
 from django.contrib.auth.models import AnonymousUser
+from django.db.models import Q
 from django.http import HttpRequest
 
 from clerk_sync.auth.users import AuthUser, read_user
@@ -61,7 +63,8 @@ from clerk_sync.integrations.django.runtime import get_clerk_sync
 if TYPE_CHECKING:
     from clerk_sync.integrations.django.request import ClerkRequest
 
-__all__ = ["ClerkBackend", "deactivate_django_user", "django_user", "sync_django_user"]
+__all__ = ["ClerkBackend", "deactivate_django_user", "django_user", "forget_cleared_django_users", "forget_django_user",
+           "sync_django_user"]
 
 log = structlog.get_logger("clerk_sync.django")
 
@@ -129,6 +132,60 @@ def deactivate_django_user(clerk_id: str, row: AuthUser | None = None) -> None:
             setattr(user, name, flags[name])
         user.save(update_fields=changed)
         log.warning("django_user_deactivated", clerk_id=clerk_id, django_user_pk=user.pk)
+
+
+def forget_django_user(clerk_id: str) -> bool:
+    """Clear what the backend copied onto the linked Django user of an erased (or cleared, deleted) Clerk user:
+    the fields ``USER_FIELDS`` gives for a deleted row with no personal data (by default e-mail and names
+    blank), inactive, not staff. clerk-sync's own erasure never sees ``auth_user``: this is its Django half
+    (``manage.py clerk_sync erase``, and ``prune`` for tombstones it clears). A local account (usable password)
+    is never touched. Returns whether the user changed."""
+    model = get_user_model()
+    user = model._default_manager.filter(**{str(model.USERNAME_FIELD): clerk_id}).first()
+    return user is not None and _is_linked(user) and _forget(user, clerk_id)
+
+
+def forget_cleared_django_users(batch: int = 500) -> int:
+    """:func:`forget_django_user` for every linked Django user whose Clerk user clerk-sync no longer keeps data of
+    (:meth:`~clerk_sync.retention.Retention.cleared_users`), read ``batch`` users at a time; returns how many
+    changed. ``manage.py clerk_sync prune`` runs it after the retention pass."""
+    from clerk_sync.retention import Retention
+
+    model = get_user_model()
+    linked = model._default_manager.filter(Q(password="") | Q(password__isnull=True)
+                                           | Q(password__startswith=UNUSABLE_PASSWORD_PREFIX)).order_by("pk")
+    retention = Retention(get_clerk_sync().store)
+    changed, after = 0, None
+    while True:
+        page = list((linked if after is None else linked.filter(pk__gt=after))[:batch])
+        if not page:
+            return changed
+        after = page[-1].pk
+        cleared = retention.cleared_users([str(user.get_username()) for user in page])
+        changed += sum(_forget(user, str(user.get_username())) for user in page if user.get_username() in cleared)
+        if len(page) < batch:
+            return changed
+
+
+def _forget(user: Any, clerk_id: str) -> bool:
+    fields = {**get_clerk_sync().options.user_fields(_cleared_row(clerk_id)),
+              **{flag: False for flag in _FLAGS if hasattr(user, flag)}}
+    changed = [name for name, value in fields.items() if getattr(user, name) != value]
+    if changed:
+        for name in changed:
+            setattr(user, name, fields[name])
+        user.save(update_fields=changed)
+        log.info("django_user_forgotten", clerk_id=clerk_id, django_user_pk=user.pk, fields=changed)
+    return bool(changed)
+
+
+def _cleared_row(clerk_id: str) -> AuthUser:
+    """A deleted ``users`` row holding nothing personal, as erasure leaves it (or as if it did: hard-deleted)."""
+    gone = datetime.fromtimestamp(0, UTC)
+    return AuthUser(id=0, clerk_id=clerk_id, email=None, email_addresses=[], first_name=None, last_name=None,
+                    username=None, image_url=None, public_metadata={}, private_metadata={}, unsafe_metadata={},
+                    role="", plan="", banned=False, locked=False, deprovisioned=False, last_sign_in_at=None,
+                    clerk_created_at=None, clerk_updated_at=0, created_at=gone, updated_at=gone, deleted_at=gone)
 
 
 def _refused_for_good(exc: ClerkSyncError) -> bool:

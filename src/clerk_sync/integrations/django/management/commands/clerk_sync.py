@@ -1,5 +1,8 @@
-"""``manage.py clerk_sync migrate|reconcile|replay|promote|retry-pending|prune``: the ``clerk-sync`` commands, with the
-settings read from ``settings.CLERK_SYNC`` (and its fallbacks) instead of the environment alone.
+"""``manage.py clerk_sync migrate|reconcile|replay|promote|retry-pending|prune|erase``: the ``clerk-sync`` commands,
+with the settings read from ``settings.CLERK_SYNC`` (and its fallbacks) instead of the environment alone.
+
+``erase`` and ``prune`` also clear what :class:`~clerk_sync.integrations.django.backends.ClerkBackend` copied
+onto the Django user (``auth_user``'s e-mail and names), which ``clerk-sync users erase``/``prune`` cannot see.
 
 ``CLERK_SYNC["MAPPING"]`` and ``["HOOKS"]`` apply as they do to the webhook view: migrate adds what the mapped
 tables need (``--backfill``: and writes the rows clerk-sync holds into them), replay, reconcile and promote write
@@ -28,7 +31,7 @@ __all__ = ["Command"]
 
 
 class Command(BaseCommand):
-    help = "clerk-sync: migrate its tables, reconcile with Clerk, replay deliveries, promote a user, prune."
+    help = "clerk-sync: migrate its tables, reconcile with Clerk, replay deliveries, promote, prune, erase a user."
 
     def add_arguments(self, parser: CommandParser) -> None:
         sub = parser.add_subparsers(dest="action", required=True)
@@ -55,6 +58,14 @@ class Command(BaseCommand):
         prune = sub.add_parser("prune", help="Apply retention (redact old payloads, delete older rows, clear "
                                              "tombstones): run it from cron, hourly.")
         prune.add_argument("--dry-run", action="store_true", help="Count what is due; change nothing.")
+        erase = sub.add_parser("erase", help="Erase a user's personal data from every table and stored payload now, "
+                                             "the Django user's copy included (data-subject request); audited.")
+        erase.add_argument("clerk_id", help="Clerk user id (user_...), not an e-mail address.")
+        erase.add_argument("--reason", help="Recorded in the audit log, e.g. a ticket id (name no one in it).")
+        erase.add_argument("--actor", help="Clerk id of the admin acting (audit log).")
+        erase.add_argument("--force", action="store_true",
+                           help="Erase an id this database has never seen (a tombstone is written so its events "
+                                "never land); without it such an id (a typo?) is refused.")
         promote = sub.add_parser("promote", help="Set a user's role in Clerk and the DB; audited.")
         promote.add_argument("email", help="Primary email of the user.")
         promote.add_argument("--role", default="admin", help="Role to set in public_metadata.role.")
@@ -121,6 +132,7 @@ class Command(BaseCommand):
                                "deliveries), fix the cause, then replay again")
 
     def _prune(self, *, dry_run: bool, **_: Any) -> None:
+        from clerk_sync.integrations.django.backends import forget_cleared_django_users
         from clerk_sync.retention import Retention, RetentionPolicy
 
         store = self._store()
@@ -129,6 +141,30 @@ class Command(BaseCommand):
         finally:
             store.dispose()
         self.stdout.write(report.summary())
+        if not dry_run:  # the tombstones cleared now, and before: their Django users' copies go too
+            self.stdout.write(f"Django users cleared: {forget_cleared_django_users()}")
+
+    def _erase(self, *, clerk_id: str, reason: str | None, actor: str | None, force: bool, **_: Any) -> None:
+        """``clerk-sync users erase`` with ``CLERK_SYNC["MAPPING"]``/``["HOOKS"]``, then the Django user's copy."""
+        from clerk_sync.integrations.django.backends import forget_django_user
+        from clerk_sync.retention import Retention, UnknownUser, could_be_user_id
+
+        if not could_be_user_id(clerk_id):
+            raise CommandError(f"erase needs a Clerk user id (user_...), not {clerk_id!r}")
+        store = self._store()
+        try:
+            report = Retention(store).erase_user(clerk_id, actor=actor, reason=reason, allow_unknown=force)
+        except UnknownUser as exc:
+            raise CommandError(f"{exc}; nothing was changed (pass --force to tombstone a user never synced)") from exc
+        finally:
+            store.dispose()
+        found = "erased" if report.row_existed else "no row for it; tombstone written"
+        forgotten = forget_django_user(clerk_id)
+        self.stdout.write(f"{clerk_id}: {found}, {report.payloads_redacted} stored payload(s) redacted; audited as "
+                          f"user.erased; Django user: {'cleared' if forgotten else 'nothing to clear'}")
+        if report.mapped_refused:  # clerk-sync's rows are erased, the request is not done: a script must see it
+            refused = "; ".join(f"{each}: clear it in the app's table" for each in report.mapped_refused)
+            raise CommandError(refused)
 
     def _promote(self, *, email: str, role: str, **_: Any) -> None:
         from clerk_sync.auth.admin import AdminActions, find_user_by_email

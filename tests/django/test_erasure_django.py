@@ -1,0 +1,79 @@
+"""Privacy review: ``ClerkBackend`` copies a user's e-mail and names onto the Django user (``auth_user``), which
+clerk-sync's erasure and retention never saw: the copy outlived ``clerk-sync users erase`` and every prune.
+``manage.py clerk_sync erase`` and ``prune`` clear it."""
+
+from __future__ import annotations
+
+from io import StringIO
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.core.management import call_command
+from django.core.management.base import CommandError
+
+from tests.django.conftest import World, bearer
+
+
+def _signed_in(world: World, email: str, **names: str) -> str:
+    """A Clerk user whose Django user the backend created (one request of their session)."""
+    clerk = world.clerk
+    user = clerk.create_user(email, **names)
+    clerk.wait_for_deliveries()
+    assert world.app.get("/t/django-login-required", headers=bearer(clerk.mint_session_token(user["id"]))).json()[
+        "email"] == email
+    return str(user["id"])
+
+
+def _copy(clerk_id: str) -> tuple[str, str, str, bool]:
+    user = get_user_model().objects.get(username=clerk_id)
+    return user.email, user.first_name, user.last_name, user.is_active
+
+
+def test_manage_py_erase_clears_the_django_users_copy_and_leaves_others(client_world: World) -> None:
+    ann = _signed_in(client_world, "ann@example.com", first_name="Ann", last_name="Lovelace")
+    bob = _signed_in(client_world, "bob@example.com", first_name="Bob")
+    assert _copy(ann) == ("ann@example.com", "Ann", "Lovelace", True)
+    out = StringIO()
+    call_command("clerk_sync", "erase", ann, "--reason", "ticket 7", stdout=out)
+    assert "Django user: cleared" in out.getvalue() and "audited as user.erased" in out.getvalue()
+    assert _copy(ann) == ("", "", "", False)
+    assert _copy(bob) == ("bob@example.com", "Bob", "", True)
+    call_command("clerk_sync", "erase", ann, stdout=out)  # again: idempotent, nothing left to clear
+    assert "Django user: nothing to clear" in out.getvalue()
+
+
+def test_manage_py_erase_never_touches_a_local_account(client_world: World) -> None:
+    """A Django user with a usable password under a Clerk id is someone's local login (never linked)."""
+    ann = _signed_in(client_world, "ann@example.com", first_name="Ann")
+    get_user_model().objects.create_user(username="user_local_1", email="local@example.com", password="pw-12345678",
+                                         first_name="Lo")
+    call_command("clerk_sync", "erase", "user_local_1", "--force", stdout=StringIO())
+    assert _copy("user_local_1") == ("local@example.com", "Lo", "", True)
+    assert _copy(ann)[0] == "ann@example.com"
+
+
+def test_manage_py_erase_refuses_an_unknown_id_and_an_email(client_world: World) -> None:
+    with pytest.raises(CommandError, match="--force"):
+        call_command("clerk_sync", "erase", "user_nobody", stdout=StringIO())
+    with pytest.raises(CommandError, match="not 'ann@example.com'"):
+        call_command("clerk_sync", "erase", "ann@example.com", stdout=StringIO())
+
+
+def test_manage_py_prune_clears_the_django_users_of_cleared_tombstones(client_world: World) -> None:
+    """A user deleted in Clerk: the tombstone's personal columns are cleared by prune (after
+    CLERK_SYNC_TOMBSTONE_CLEAR_AFTER_DAYS, 0 by default), and so is the Django user's copy; a live user's stays."""
+    clerk = client_world.clerk
+    ann = _signed_in(client_world, "ann@example.com", first_name="Ann", last_name="Lovelace")
+    bob = _signed_in(client_world, "bob@example.com", first_name="Bob")
+    clerk.request("DELETE", f"/v1/users/{ann}")
+    clerk.wait_for_deliveries()
+    assert _copy(ann)[:3] == ("ann@example.com", "Ann", "Lovelace")  # the tombstone holds them until prune
+    out = StringIO()
+    call_command("clerk_sync", "prune", "--dry-run", stdout=out)
+    assert _copy(ann)[0] == "ann@example.com" and "Django users cleared" not in out.getvalue()
+    call_command("clerk_sync", "prune", stdout=out)
+    assert "Django users cleared: 1" in out.getvalue()
+    assert _copy(ann) == ("", "", "", False)
+    assert _copy(bob) == ("bob@example.com", "Bob", "", True)
+    call_command("clerk_sync", "prune", stdout=out)
+    assert "Django users cleared: 0" in out.getvalue()
