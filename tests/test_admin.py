@@ -154,3 +154,22 @@ def test_a_permanently_refused_pending_change_does_not_block_the_queue(
     assert actions.retry_pending() == {"applied": 1, "pending": 0, "failed": 1}
     assert emu.request("GET", f"/v1/users/{kept}")["public_metadata"]["role"] == "admin"
     assert "role.change_failed" in [r["action"] for r in audit_rows(store)]
+
+
+def test_an_erased_users_queued_role_change_is_never_pushed(emu: EmulatorServer, store: Store,
+                                                             actions: AdminActions) -> None:
+    """Privacy review: a role change queued while Clerk was down stayed open through the user's erasure, and
+    `retry-pending` then set it in Clerk and audited it (`role.changed`) for a user erased here."""
+    from clerk_sync.retention import Retention
+
+    target = synced_user(emu, store, "erin@example.com")
+    emu.set_faults(outage=True)
+    assert actions.promote(target, "admin", by=None).status == "pending"
+    emu.set_faults(outage=False)
+    Retention(store).erase_user(target)
+    assert actions.retry_pending() == {"applied": 0, "pending": 0, "failed": 0}
+    assert emu.request("GET", f"/v1/users/{target}")["public_metadata"].get("role") == "user"
+    with store.connect() as conn:
+        pending = conn.execute(sa.select(pending_role_changes)).mappings().one()
+    assert pending["done_at"] is not None and pending["last_error"] == "the user was erased: not pushed"
+    assert [r["action"] for r in audit_rows(store)] == ["role.change_pending", "user.erased"]

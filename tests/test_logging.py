@@ -51,3 +51,34 @@ def test_a_key_with_blanks_is_refused_every_time_like_structlog(key: str) -> Non
                 _theirs()(None, "info", {key: 1})
         else:
             assert ours(None, "info", {key: 1}) == _theirs()(None, "info", {key: 1})
+
+
+def test_a_traceback_at_a_terminal_shows_no_local_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Privacy review: at a terminal, structlog's default traceback (rich) printed every frame's locals, which
+    on the apply path are the event's values: an `apply_crashed` line quoted the person's e-mail."""
+    import io
+    import sys
+
+    from clerk_sync._logging import configure_logging
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    configure_logging("INFO")
+    try:
+        def apply(email: str) -> None:
+            raise KeyError("primary_email_address_id")
+
+        try:
+            person = "@".join(["ann.secret", "example.com"])  # (not in the source lines the traceback quotes)
+            apply(person)
+        except KeyError:
+            structlog.get_logger("t").exception("apply_crashed")
+    finally:
+        structlog.reset_defaults()
+    out = terminal.getvalue()
+    assert "apply_crashed" in out and "KeyError" in out and "Traceback" in out
+    assert "ann.secret@example.com" not in out

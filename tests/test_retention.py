@@ -99,16 +99,17 @@ def test_prune_redacts_then_deletes_keeps_failed_and_ordering(store: Store, veri
     assert user_row(store, "user_p")["first_name"] == FIRST  # a tombstone keeps its columns for 7 days
     before = dump(store)
     dry = Retention(store, policy, now=_later(31)).prune(dry_run=True)
-    assert (dry.redacted, dry.deleted, dry.cleared) == (2, 0, 1)
+    assert (dry.redacted, dry.deleted, dry.cleared) == (3, 0, 1)  # (the failed one: its request's IP and agent)
     assert dump(store) == before
 
     report = Retention(store, policy, now=_later(31)).prune()
-    assert (report.redacted, report.deleted, report.cleared) == (2, 0, 1)
+    assert (report.redacted, report.deleted, report.cleared) == (3, 0, 1)
     assert leaks(store, skip=("webhook_events",)) == {}
     with store.connect() as conn:
         kept = {r.svix_id: json.dumps(r.payload) for r in conn.execute(sa.select(webhook_events))}
     assert [p for p in PERSONAL if p in kept["msg_c"] + kept["msg_d"]] == []
-    assert EMAIL in kept["msg_f"]  # failed: kept whole until replayed
+    assert EMAIL in kept["msg_f"]  # failed: kept whole until replayed,
+    assert "event_attributes" not in kept["msg_f"]  # but for the IP and user agent of the request behind it
     row = user_row(store, "user_p")
     assert row["deleted_at"] is not None and row["email"] is None and row["private_metadata"] == {}
 
@@ -153,6 +154,43 @@ def test_a_failed_delivery_about_a_user_deleted_since_is_redacted_with_the_tombs
     assert stored() | {"msg_c": None, "msg_d": None} == {
         "msg_bad": ("failed", False), "msg_live": ("failed", True), "msg_c": None, "msg_d": None}
     assert Retention(store, policy, now=_later(8)).prune().redacted == 0  # once
+
+
+def test_a_failed_deliverys_request_ip_and_agent_go_after_redact_after_and_it_still_replays(
+        store: Store, verifier: WebhookVerifier) -> None:
+    """Privacy review: Clerk stamps the acting person's IP and user agent into ``event_attributes``. An event
+    that does not name them (an organization renamed by them) is found by no erasure, and a ``failed`` one was
+    kept whole for good. After ``redact_after`` those attributes are dropped (nothing replays them); the rest
+    stays for the replay, which still applies it; a younger failure keeps them."""
+    from clerk_sync.ingest import replay_deliveries
+
+    processor = WebhookProcessor(store, verifier)
+    org = f.organization("org_r", 100)
+    bad = f.envelope("organization.updated", {**org, "updated_at": "yesterday"})
+    bad["event_attributes"] = {"http_request": {"client_ip": "203.0.113.9", "user_agent": "AnnBrowser/1"}}
+    assert deliver(processor, bad, "msg_old") == "failed"
+    policy = RetentionPolicy(redact_after=timedelta(days=30), delete_after=timedelta(days=90))
+    with store.transaction() as w:
+        w.conn.execute(webhook_events.update().values(received_at=datetime.now(UTC) - timedelta(days=31)))
+    young = f.envelope("organization.updated", {**f.organization("org_y", 100), "updated_at": "yesterday"})
+    assert deliver(processor, young, "msg_young") == "failed"
+
+    def stored() -> dict[str, str]:
+        with store.connect() as conn:
+            return {r.svix_id: json.dumps(r.payload) for r in conn.execute(sa.select(webhook_events))}
+
+    assert Retention(store, policy).prune(dry_run=True).redacted == 1
+    assert "203.0.113.9" in stored()["msg_old"]
+    assert Retention(store, policy).prune().redacted == 1
+    after = stored()
+    assert "203.0.113.9" not in after["msg_old"] and "AnnBrowser" not in after["msg_old"]
+    assert '"org_r"' in after["msg_old"] and "event_attributes" in after["msg_young"]
+    assert Retention(store, policy).prune().redacted == 0  # once
+    with store.transaction() as w:  # the cause fixed (here: the payload's bad field), the replay applies it
+        doc = json.loads(after["msg_old"])
+        doc["data"]["updated_at"] = 100
+        w.conn.execute(webhook_events.update().where(webhook_events.c.svix_id == "msg_old").values(payload=doc))
+    assert replay_deliveries(store).by_status.get("applied") == 1
 
 
 def test_erase_user_removes_personal_data_everywhere(store: Store, verifier: WebhookVerifier) -> None:

@@ -23,7 +23,9 @@ def configure_logging(level: str = "INFO", *, json: bool = False) -> None:
     if json:
         renderer = structlog.processors.JSONRenderer()
     elif sys.stderr.isatty():
-        renderer = structlog.dev.ConsoleRenderer(colors=False)
+        # A plain traceback: structlog's default (rich, when installed) prints each frame's local variables,
+        # which on the apply path hold the event's values (the person's e-mail, metadata).
+        renderer = structlog.dev.ConsoleRenderer(colors=False, exception_formatter=structlog.dev.plain_traceback)
     else:
         renderer = Logfmt(("timestamp", "level", "event"))
     structlog.configure(

@@ -7,7 +7,8 @@ still catches a retried delivery, and ordering lives in the contract tables' ``c
 neither needs the rest; their ``last_error`` becomes ``(redacted)`` (an app's error message may quote the
 person). After ``delete_after`` those rows are deleted. ``failed`` deliveries are kept whole until
 replayed (or removed by hand): their payload is what a replay needs (one about a user deleted or erased
-already is stored redacted: ``ingest``).
+already is stored redacted: ``ingest``), except ``event_attributes`` (the requester's IP address and user
+agent, which no replay reads), dropped after ``redact_after``.
 
 **Dead hook jobs.** A job queued that long ago (``created_at``) and left ``dead`` is redacted the same way
 after ``redact_after`` (:func:`~clerk_sync.outbox.redact_jobs`: ids and version kept, the change's values
@@ -73,6 +74,7 @@ from clerk_sync.tables import (
     hook_jobs,
     organization_memberships,
     organizations,
+    pending_role_changes,
     users,
     webhook_events,
 )
@@ -90,6 +92,8 @@ _NESTED_ID = ("organization", "public_user_data", "payer")
 # A redacted delivery's ``last_error``: the reasons may quote the person (an app's error message), and with the
 # payload reduced to ids there is nothing left to replay or fix.
 _REDACTED_ERROR = "(redacted)"
+# What an erasure leaves in the user's queued role changes (closed: never pushed).
+_ERASED_PENDING = "the user was erased: not pushed"
 # Personal columns and their cleared values (NOT NULL JSON columns get an empty value).
 _CLEARED: dict[sa.Table, dict[str, Any]] = {
     users: {"email": None, "email_addresses": [], "first_name": None, "last_name": None, "username": None,
@@ -222,7 +226,7 @@ class Retention:
         report = PruneReport(
             redacted=self._drain(lambda w: self._redact_batch(w, redact_cut))
             + self._drain(lambda w: self._redact_jobs_batch(w, redact_cut))
-            + self._redact_failed_of_gone(clear_cut),
+            + self._redact_failed_of_gone(clear_cut) + self._strip_failed_requests(redact_cut),
             deleted=self._drain(lambda w: self._delete_batch(w, delete_cut))
             + self._drain(lambda w: self._delete_jobs_batch(w, delete_cut)),
             cleared=sum(self._drain(functools.partial(self._clear_batch, table=t, cutoff=clear_cut))
@@ -279,6 +283,30 @@ class Retention:
                 if not dry_run:
                     _store_redacted(writer, gone)
             total += len(gone)
+            if len(rows) < self.policy.batch:
+                return total
+            after = rows[-1].id
+
+    def _strip_failed_requests(self, cutoff: datetime, *, dry_run: bool = False) -> int:
+        """A failed delivery is kept whole for its replay, but its ``event_attributes`` (the IP address and user
+        agent of the request behind the event: the acting person's, who the event may not name, so no erasure
+        finds them) are nothing a replay reads: dropped once the delivery is as old as ``redact_after``, as the
+        applied ones' whole payloads are redacted then. Returns the payloads changed."""
+        e, total, after = webhook_events, 0, 0
+        due = sa.select(e.c.id, e.c.payload).where(
+            e.c.status == DeliveryStatus.FAILED, e.c.redacted_at.is_(None), e.c.received_at < cutoff,
+            sa.cast(e.c.payload, sa.Text).contains('"event_attributes"'))
+        stmt = e.update().where(e.c.id == sa.bindparam("row_id")).values(
+            payload=sa.bindparam("new_payload", type_=e.c.payload.type))
+        while True:
+            with self.store.transaction() as writer:
+                rows = writer.conn.execute(self._pick(due.where(e.c.id > after).order_by(e.c.id))).all()
+                documents = [(row.id, dict(_as_dict(row.payload))) for row in rows]
+                stripped = [{"row_id": i, "new_payload": {k: v for k, v in doc.items() if k != "event_attributes"}}
+                            for i, doc in documents if "event_attributes" in doc]
+                if stripped and not dry_run:
+                    writer.conn.execute(stmt, stripped)
+            total += len(stripped)
             if len(rows) < self.policy.batch:
                 return total
             after = rows[-1].id
@@ -410,7 +438,8 @@ class Retention:
         def count(table: sa.Table, *where: sa.ColumnElement[bool]) -> int:
             return int(conn.execute(sa.select(sa.func.count()).select_from(table).where(*where)).scalar_one())
 
-        failed_of_gone = self._redact_failed_of_gone(clear_cut, dry_run=True)
+        failed_of_gone = self._redact_failed_of_gone(clear_cut, dry_run=True) \
+            + self._strip_failed_requests(redact_cut, dry_run=True)
         with self.store.connect() as conn:
             erasing = [self._count_tombstones(conn, e, erase_cut, settled) for e in _ERASABLE] \
                 if erase_cut is not None else []
@@ -557,6 +586,11 @@ class Retention:
             ).first()
             mentions = Mentions({clerk_id, *_emails(row), *_user_events(writer, clerk_id)[1]})
             writer.conn.execute(users.update().where(users.c.clerk_id == clerk_id).values(**_CLEARED[users]))
+            # A role change queued for them while Clerk was down is closed, not pushed later (`retry-pending`
+            # would otherwise set it in Clerk, and audit it, for a user erased here).
+            p = pending_role_changes
+            writer.conn.execute(p.update().where(p.c.user_clerk_id == clerk_id, p.c.done_at.is_(None))
+                                .values(done_at=writer.now, last_error=_ERASED_PENDING))
             redacted = _redact_mentions(writer, mentions)
             # Issue 11: the app's mapped table and queued hook jobs hold personal data too.
             redacted += redact_jobs(writer.conn, mentions)

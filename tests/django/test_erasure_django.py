@@ -55,7 +55,7 @@ def test_manage_py_erase_never_touches_a_local_account(client_world: World) -> N
 def test_manage_py_erase_refuses_an_unknown_id_and_an_email(client_world: World) -> None:
     with pytest.raises(CommandError, match="--force"):
         call_command("clerk_sync", "erase", "user_nobody", stdout=StringIO())
-    with pytest.raises(CommandError, match="not 'ann@example.com'"):
+    with pytest.raises(CommandError, match=r"not 'ann@example\.com'"):
         call_command("clerk_sync", "erase", "ann@example.com", stdout=StringIO())
 
 
