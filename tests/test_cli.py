@@ -65,7 +65,8 @@ def test_migrate_then_replay_failed_deliveries(db_url: str) -> None:
     with store.transaction() as w:  # a schema behind the release: the error says what to run
         w.conn.execute(sa.text("DROP TABLE hook_jobs"))
     behind = run("hooks", "list", env={"DATABASE_URL": db_url})
-    assert behind.returncode == 2 and "run `clerk-sync migrate`" in " ".join(behind.stderr.split()), behind.stderr
+    assert behind.returncode == 2 and "`clerk-sync migrate` with the same DATABASE_URL" in " ".join(
+        behind.stderr.split()), behind.stderr
     assert typo.returncode == 2 and "faild" in typo.stderr and "skipped" in typo.stderr
     store.dispose()
 

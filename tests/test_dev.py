@@ -38,18 +38,28 @@ def test_demo_converges_to_the_emulators_state(tmp_path: Path) -> None:
 
 def test_dev_command_reports_convergence(tmp_path: Path) -> None:
     """Its "Try:" commands are one line each whatever the terminal's width, their URLs quoted (review: at
-    80 columns the curl's URL landed on the next line, and zsh refused the unquoted ``?``)."""
+    80 columns the curl's URL landed on the next line, and zsh refused the unquoted ``?``). With ``--once``
+    (the services stopped right after) only the database's command is offered, and no console link
+    (walkthrough review: it printed both for services it had just shut down)."""
+    from clerk_sync.cli.dev import _print_report
+
     console = Console(record=True, width=60)
     report = run_dev(tmp_path / "demo.db", users_n=5, orgs_n=2, console=console, keep_running=False)
     assert report.converged
     assert report.db_rows == report.clerk_counts
     text = console.export_text()
-    assert "converged" in text
+    assert "converged" in text and "/console/login" not in text and "curl" not in text
+    assert "run without --once" in text and "sqlite3 " in text
+    running = Console(record=True, width=60)
+    with DevStack(tmp_path / "other.db").running() as stack:  # the report as a running `dev` prints it
+        _print_report(running, report, stack, running=True)
+    text = running.export_text()
     tries = [line.strip() for line in text.split("Try:")[1].splitlines() if line.strip()]
     assert tries[0] == f"curl -s '{report.service_url}/metrics' | grep clerk_sync_webhook_events"
     assert tries[1].startswith("curl -s -H 'Authorization: Bearer ") and tries[1].endswith(
         f" '{report.emulator_url}/v1/users?limit=3'")
     assert tries[2].startswith("sqlite3 ") and tries[2].endswith("'select clerk_id, email, role from users'")
+    assert "/console/login" in text
 
 
 def test_a_port_in_use_is_named_and_the_last_demo_is_kept(tmp_path: Path) -> None:

@@ -540,3 +540,22 @@ def test_a_fork_waits_for_the_refreshers_write(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", _FORK_MID_WRITE], env=env, capture_output=True, text=True,
                          timeout=60)
     assert out.stdout.strip() == "0", out
+
+
+def test_psycopg_not_installed_names_the_extra_that_installs_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Walkthrough review: without psycopg (it is the `postgres` extra) the message said "use
+    postgresql+psycopg:// (psycopg 3, installed with clerk-sync)": the very URL that failed, and not installed."""
+    from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
+
+    from clerk_sync.config import Settings
+    from clerk_sync.errors import ConfigError
+
+    def missing(cls: object) -> None:
+        raise ImportError("No module named 'psycopg'", name="psycopg")
+
+    monkeypatch.setattr(PGDialect_psycopg, "import_dbapi", classmethod(missing))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env({"DATABASE_URL": "postgresql://app@127.0.0.1/app"}).sqlalchemy_url()
+    assert "pip install 'clerk-sync[postgres]'" in str(refused.value)
+    assert "installed with clerk-sync" not in str(refused.value)

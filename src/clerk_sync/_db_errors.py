@@ -79,7 +79,9 @@ def store_error(exc: sa.exc.SQLAlchemyError) -> StoreError:
     if bound is not None:  # a bounded wait ran out: someone else holds what we need, try again later
         return StoreError(f"database timeout: {bound} ({first_line}); nothing was applied, retry later")
     if _missing_table(orig):  # the schema is behind (a new install, or a release with a new migration)
-        return StoreError(message + "; the schema is not current: run `clerk-sync migrate`")
+        return StoreError(message + "; the schema is not current: run clerk-sync's migrations on this database "
+                          "(`clerk-sync migrate` with the same DATABASE_URL; in Django `manage.py clerk_sync "
+                          "migrate`, in Flask `flask clerk-sync migrate`)")
     if isinstance(exc, sa.exc.DataError):  # a value refused for good: retrying cannot help
         return StoreDataError(message)
     if (isinstance(exc, sa.exc.ProgrammingError) and _client_side(orig)) \

@@ -381,11 +381,14 @@ def _check_driver(url: str) -> None:
             raise ConfigError(f"DATABASE_URL's driver {parsed.drivername!r} cannot be loaded: {exc} (a missing "
                               "system library such as libpq or libmariadb, or a PSYCOPG_IMPL this install "
                               "lacks)") from None
-        instead = " use postgresql+psycopg:// (psycopg 3, installed with clerk-sync), or" \
-            if parsed.get_backend_name() == "postgresql" else ""
+        backend = parsed.get_backend_name()
+        extra = "pymysql" if top == "pymysql" else {"postgresql": "postgres", "mysql": "mysql",
+                                                    "mariadb": "mysql"}.get(backend)
+        fix = f"pip install 'clerk-sync[{extra}]'" if extra else "pip install the driver"
+        if backend == "postgresql" and top != "psycopg":  # (psycopg2, pg8000: not what clerk-sync installs)
+            fix = "use postgresql+psycopg:// (psycopg 3: pip install 'clerk-sync[postgres]'), or pip install the driver"
         raise ConfigError(f"DATABASE_URL names the driver {parsed.drivername!r}, but its module "
-                          f"{exc.name!r} is not installed:{instead} pip install the driver "
-                          "into this environment") from None
+                          f"{exc.name!r} is not installed: {fix} into this environment") from None
 
 
 def _port_text(url: str) -> str:

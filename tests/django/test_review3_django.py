@@ -133,13 +133,15 @@ def test_a_webhook_only_project_with_a_secret_key_is_not_warned_about_authorized
         "clerk_sync.integrations.django.rest_framework.ClerkAuthentication"]}},
 ], ids=["middleware", "backend", "drf"])
 def test_a_project_authenticating_with_clerk_sync_and_a_secret_key_gets_the_warning(auth: dict[str, Any]) -> None:
+    # (the backend alone, without the middleware, is warned of too: W003)
+    alone = ["clerk_sync.W003"] if "AUTHENTICATION_BACKENDS" in auth else []
     with override_settings(CLERK_SYNC=_WEBHOOK_ONLY, **{**_NO_CLERK_AUTH, **auth}):
-        assert [m.id for m in check_settings()] == ["clerk_sync.W002"]
+        assert [m.id for m in check_settings()] == ["clerk_sync.W002", *alone]
         with pytest.raises(SystemCheckError, match=r"clerk_sync\.W002"):
             call_command("check", "--fail-level", "WARNING", stdout=StringIO(), stderr=StringIO())
     with override_settings(CLERK_SYNC={**_WEBHOOK_ONLY, "CLERK_AUTHORIZED_PARTIES": [AZP]},
                            **{**_NO_CLERK_AUTH, **auth}):
-        assert check_settings() == []
+        assert [m.id for m in check_settings()] == alone
 
 
 @pytest.mark.parametrize("key", [{"CLERK_JWT_KEY": pem(KEY)},
@@ -437,3 +439,22 @@ def test_manage_py_migrate_without_a_mapping_is_unchanged_and_backfill_needs_one
     assert "clerk-sync migrations current" in out and "mapping" not in out
     assert migrations.is_current(engine)
     engine.dispose()
+
+
+def test_the_backend_without_the_middleware_is_a_check_warning() -> None:
+    """Walkthrough review: with ClerkBackend listed but ClerkMiddleware left out, `check` said nothing while a
+    valid Clerk token got `login_required`'s redirect and an admin no staff rights."""
+    from django.conf import settings as django_settings
+
+    base = {**KEYS, "CLERK_AUTHORIZED_PARTIES": ["https://app.example.com"]}
+    without = [m for m in django_settings.MIDDLEWARE if "clerk_sync" not in m]
+    backends = ["clerk_sync.integrations.django.backends.ClerkBackend", "django.contrib.auth.backends.ModelBackend"]
+    with override_settings(CLERK_SYNC=base, AUTHENTICATION_BACKENDS=backends):
+        assert check_settings() == []
+        with override_settings(MIDDLEWARE=without):
+            found = check_settings()
+            assert [(m.id, m.is_serious()) for m in found] == [("clerk_sync.W003", False)]
+            assert "ClerkMiddleware" in str(found[0].hint)
+    with override_settings(CLERK_SYNC=base, MIDDLEWARE=without,
+                           AUTHENTICATION_BACKENDS=["django.contrib.auth.backends.ModelBackend"]):
+        assert check_settings() == []  # (no backend: nothing to warn of)

@@ -327,7 +327,7 @@ def run_dev(db_path: Path, *, port: int = 0, users_n: int = 12, orgs_n: int = 3,
         report = DevReport(stack.db_rows(), stack.clerk_counts(), stack.events_by_status(),
                            time.monotonic() - started, converged, stack.service_url, stack.emulator.url,
                            console_url=stack.console_link())
-        _print_report(console, report, stack)
+        _print_report(console, report, stack, running=keep_running)
         if keep_running:
             console.print("Running; press Ctrl-C to stop.")
             try:
@@ -338,7 +338,9 @@ def run_dev(db_path: Path, *, port: int = 0, users_n: int = 12, orgs_n: int = 3,
     return report
 
 
-def _print_report(console: Console, report: DevReport, stack: DevStack) -> None:
+def _print_report(console: Console, report: DevReport, stack: DevStack, *, running: bool = True) -> None:
+    """The convergence table and verdict; with ``running`` (not ``--once``) the console link and commands to try
+    against the services, which ``--once`` stops right after this (only the database file stays)."""
     table = Table(title="clerk-sync dev: Clerk (emulator) vs your database")
     table.add_column("table")
     table.add_column("in Clerk", justify="right")
@@ -350,12 +352,13 @@ def _print_report(console: Console, report: DevReport, stack: DevStack) -> None:
                   f"duplicate re-deliveries acknowledged without a write: {stack.duplicates_acknowledged()}")
     verdict = "[green]converged[/]" if report.converged else "[red]NOT converged[/]"
     console.print(f"{verdict} in {report.seconds:.1f} s")
-    if report.console_url:
+    if report.console_url and running:
         console.print(f"[bold]console[/]  {report.console_url}", soft_wrap=True)  # one line: keep it clickable
         console.print("         (signed in as the demo admin; the link holds a session token valid for 1 hour)")
-    console.print("Try:")  # one line each, not wrapped at the terminal's width, URLs quoted: copy-pasteable
-    key = stack.emulator.secret_key
-    for command in (f"curl -s '{report.service_url}/metrics' | grep clerk_sync_webhook_events",
-                    f"curl -s -H 'Authorization: Bearer {key}' '{report.emulator_url}/v1/users?limit=3'",
-                    f"sqlite3 {stack.settings.sqlite_path()} 'select clerk_id, email, role from users'"):  # noqa: S608
+    console.print("Try:" if running else "Try (the services have stopped: run without --once to keep them up):")
+    key = stack.emulator.secret_key  # one line each, not wrapped at the terminal's width, URLs quoted: copy-pasteable
+    served = (f"curl -s '{report.service_url}/metrics' | grep clerk_sync_webhook_events",
+              f"curl -s -H 'Authorization: Bearer {key}' '{report.emulator_url}/v1/users?limit=3'")
+    stored = f"sqlite3 {stack.settings.sqlite_path()} 'select clerk_id, email, role from users'"  # noqa: S608
+    for command in (*(served if running else ()), stored):
         console.print(f"  {command}", soft_wrap=True, markup=False, highlight=False)

@@ -39,7 +39,8 @@ def check_settings(app_configs: Any = None, **_: Any) -> list[checks.CheckMessag
                              "USER_FIELDS, HOOKS and MAPPING dotted paths to importable objects).",
                              id="clerk_sync.E001")]
     return [*_database(settings), *_webhook_secret(settings), *_session_keys(settings),
-            *_authorized_parties(settings), *_middleware_order(), *_require_auth(options), *_csrf_middleware()]
+            *_authorized_parties(settings), *_middleware_order(), *_require_auth(options),
+            *_backend_without_middleware(), *_csrf_middleware()]
 
 
 def _database(settings: Settings) -> list[checks.CheckMessage]:
@@ -128,6 +129,20 @@ def _require_auth(options: DjangoOptions) -> list[checks.CheckMessage]:
             "CLERK_SYNC['REQUIRE_AUTH'] is on, but ClerkMiddleware is not in MIDDLEWARE: nothing refuses "
             "anonymous requests.",
             hint=f"Add {_MIDDLEWARE!r} to MIDDLEWARE, after {_AUTH_MIDDLEWARE!r}.", id="clerk_sync.E005")]
+    return []
+
+
+def _backend_without_middleware() -> list[checks.CheckMessage]:
+    """``ClerkBackend`` signs a Clerk session in from the state ``ClerkMiddleware`` attaches: without the
+    middleware, Django's ``request.user`` never is a Clerk session's user (``login_required`` sends a signed-in
+    user to the login page, an admin sees no staff rights), and nothing said so."""
+    backends = getattr(django_settings, "AUTHENTICATION_BACKENDS", None) or []
+    if any(_names(b, _BACKEND) for b in backends) \
+            and not any(_is_clerk_middleware(m) for m in getattr(django_settings, "MIDDLEWARE", None) or []):
+        return [checks.Warning(
+            "ClerkBackend is in AUTHENTICATION_BACKENDS, but ClerkMiddleware is not in MIDDLEWARE: request.user "
+            "is never a Clerk session's user in Django views (only DRF's ClerkAuthentication signs one in).",
+            hint=f"Add {_MIDDLEWARE!r} to MIDDLEWARE, after {_AUTH_MIDDLEWARE!r}.", id="clerk_sync.W003")]
     return []
 
 

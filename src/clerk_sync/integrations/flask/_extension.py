@@ -96,8 +96,8 @@ class ClerkSync:
         app.extensions[EXTENSION_KEY] = state
         try:
             if self.sync_me_path is not None:  # first: a path Flask refuses leaves nothing registered behind
-                # (without CLERK_SECRET_KEY it answers config_error: the app still starts, for
-                # `flask clerk-sync migrate` with the database settings alone)
+                # (without CLERK_SECRET_KEY it answers config_error: the app still starts without the Clerk
+                # API key, e.g. for `flask clerk-sync migrate`; the webhook secret it needs, see _build)
                 app.add_url_rule(self.sync_me_path, endpoint=SYNC_ME_ENDPOINT, view_func=sync_me, methods=["POST"])
             if self.webhook_path is not None:
                 app.register_blueprint(webhook_blueprint(self.webhook_path))
