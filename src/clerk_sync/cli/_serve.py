@@ -22,10 +22,11 @@ console = Console(stderr=True)
 
 STARTUP_FAILURE = 3  # uvicorn's exit code for an app that could not start (uvicorn.config.STARTUP_FAILURE)
 _REPORT_ENV = "CLERK_SYNC_STARTUP_REPORT"  # serve --workers: the file a worker writes why it could not start to
+_JSON_LOGS_ENV = "CLERK_SYNC_SERVE_JSON_LOGS"  # serve --workers --json-logs, for the workers' own log set-up
 _DEATHS, _DEATHS_WINDOW_S = 3, 60.0  # a worker (slot) that died this often this recently is not started again
 
 
-def serve_workers(host: str, port: int, workers: int, sock: socket.socket) -> None:
+def serve_workers(host: str, port: int, workers: int, sock: socket.socket, *, json_logs: bool = False) -> None:
     """uvicorn's multi-worker mode on ``sock`` (bound by ``main._listen``, with IPPROTO_TCP). Exits like
     ``--workers 1`` when the service cannot run: 3 with one line when a worker could not start (uvicorn's
     own supervisor stopped, then returned as from a clean stop: exit 0, review), 1 when workers keep dying
@@ -36,6 +37,7 @@ def serve_workers(host: str, port: int, workers: int, sock: socket.socket) -> No
 
     with tempfile.TemporaryDirectory(prefix="clerk-sync-serve-") as reports:
         report = os.environ[_REPORT_ENV] = os.path.join(reports, "startup-failure")  # the workers inherit it
+        os.environ[_JSON_LOGS_ENV] = "1" if json_logs else ""
         config = uvicorn.Config("clerk_sync.cli._serve:_worker_app", factory=True, host=host,
                                 port=port, workers=workers, log_level="warning", access_log=False)
         supervisor = _supervisor(config, sock)
@@ -43,6 +45,7 @@ def serve_workers(host: str, port: int, workers: int, sock: socket.socket) -> No
             supervisor.run()
         finally:
             os.environ.pop(_REPORT_ENV, None)
+            os.environ.pop(_JSON_LOGS_ENV, None)
         if supervisor.failure is not None:
             code, line = supervisor.failure
             if code == STARTUP_FAILURE:
@@ -112,6 +115,8 @@ def _worker_app() -> Any:
     """``serve --workers``' app factory, run in each worker: ``app_from_env``, and a start-up that fails
     writes why to the supervisor's report file and ends the worker as uvicorn's failed start (exit 3),
     which the supervisor does not restart (an exception here was a crash, restarted for ever)."""
+    from clerk_sync._logging import configure_logging
+    from clerk_sync.config import Settings
     from clerk_sync.integrations.starlette import app_from_env
 
     path = os.environ.get(_REPORT_ENV)
@@ -122,6 +127,9 @@ def _worker_app() -> Any:
                 out.write(line + "\n")
 
     try:
+        # A spawned worker starts with structlog's defaults: the level and format `serve` was given, as
+        # `--workers 1` has them (a DEBUG line per delivery on stdout, plain text under --json-logs, before)
+        configure_logging(Settings.from_env().log_level, json=bool(os.environ.get(_JSON_LOGS_ENV)))
         app = app_from_env()
     except Exception as exc:
         if not isinstance(exc, ClerkSyncError):

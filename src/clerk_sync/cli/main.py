@@ -109,7 +109,7 @@ def _serve(host: str, port: int, workers: int, json_logs: bool, hooks: str | Non
         os.environ["CLERK_SYNC_MIGRATE_ON_START"] = "1" if migrate_first else "0"  # for the worker processes
         with _listen(host, port) as sock:
             _announce(settings, host, sock)
-            serve_workers(host, port, workers, sock)
+            serve_workers(host, port, workers, sock, json_logs=json_logs)
     else:
         _serve_one(settings, processor, host, port, migrate_first=migrate_first, dispatch=dispatch)
 
