@@ -218,7 +218,7 @@ def test_the_urlsafe_hint_converts_to_the_key_meant() -> None:
     """The conversion the message gives signs with the key the URL-safe secret stood for."""
     rest = URLSAFE.removeprefix("whsec_").rstrip("=")
     converted = "whsec_" + base64.b64encode(base64.urlsafe_b64decode(rest + "==")).decode()
-    assert StandardWebhookSink("http://receiver.test/hook", converted)._signer._whsecret == KEY
+    assert StandardWebhookSink("http://receiver.test/hook", converted)._signers[0]._whsecret == KEY
 
 
 @pytest.mark.parametrize("secret", [SECRET, SECRET.removeprefix("whsec_"), SECRET.rstrip("=")],
