@@ -142,8 +142,8 @@ def test_a_receivers_binary_500_is_recorded_without_secrets_and_logged_without_i
     assert job["last_error"] == ("RuntimeError: https://hooks.example.com:8443/in/clerk answered 500: "
                                  "\\0\ufffdrefused user_1@example.com")
     (line,) = [entry for entry in logs if entry["event"] == "hook failed"]
-    assert {k: line[k] for k in ("hook", "job", "exception", "status")} == {
-        "hook": "forward", "job": job["id"], "exception": "RuntimeError", "status": 500}
+    assert {k: line[k] for k in ("hook", "job", "error_type", "status")} == {
+        "hook": "forward", "job": job["id"], "error_type": "RuntimeError", "status": 500}
     said = repr(logs)
     assert "hunter2" not in said and "s3cret" not in said and "example.com" not in said
     store.dispose()
@@ -173,7 +173,7 @@ def test_a_handlers_failure_is_logged_without_its_message(db_url: str) -> None:
     with structlog.testing.capture_logs() as logs:
         Dispatcher(store, now=clock, heartbeat_s=0).run_once()
     (line,) = [entry for entry in logs if entry["event"] == "hook failed"]
-    assert line["exception"] == "ValueError" and "ada@example.com" not in repr(logs)
+    assert line["error_type"] == "ValueError" and "ada@example.com" not in repr(logs)
     assert jobs(store)[0]["last_error"] == "ValueError: CRM refused ada@example.com"  # (erasure redacts it there)
     store.dispose()
 
@@ -244,11 +244,16 @@ def test_a_turn_that_crashed_is_logged_and_the_loop_goes_on(db_url: str, monkeyp
 
 
 def test_keyboard_interrupt_and_an_exit_on_stop_still_stop_the_dispatcher(db_url: str) -> None:
+    """Ctrl-C in the main thread (here raised by the handler: the same to the dispatcher), or an exit once
+    ``stop`` was asked, stops it; the job whose run was cut short is given back with the jobs not started,
+    its attempt counted (review 12: it was left ``running`` until its lease ended)."""
     clock = Clock()
     holder: list[Dispatcher] = []
+    interrupted: list[str] = []
 
     def handler(change: Change) -> None:
-        if change.clerk_id == "user_1":
+        if not interrupted:
+            interrupted.append(change.clerk_id)
             raise KeyboardInterrupt
         holder[-1].stop(timeout_s=0)  # a SIGTERM handler: stop, then exit
         raise SystemExit(0)
@@ -258,10 +263,12 @@ def test_keyboard_interrupt_and_an_exit_on_stop_still_stop_the_dispatcher(db_url
     holder.append(Dispatcher(store, now=clock, heartbeat_s=0, batch=1))
     with pytest.raises(KeyboardInterrupt):
         holder[0].run_once()
+    assert [(j["status"], j["attempts"]) for j in jobs(store)] == [("pending", 1), ("pending", 0), ("pending", 0)]
     holder.append(Dispatcher(store, now=clock, heartbeat_s=0))
     with pytest.raises(SystemExit):
         holder[-1].run_once()
-    assert [j["status"] for j in jobs(store)] == ["running", "running", "pending"]  # user_3: given back
+    # user_1: its run exited, given back with its second attempt counted; user_2 and user_3: not started
+    assert [(j["status"], j["attempts"]) for j in jobs(store)] == [("pending", 2), ("pending", 0), ("pending", 0)]
     store.dispose()
 
 

@@ -11,6 +11,7 @@ means the handler runs again after the lease, with the same ``change.idempotency
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -69,8 +70,11 @@ class Dispatcher:
     half the lease), the leases of the jobs it holds (the one running and those done but not yet
     finished), so a slow handler is not claimed twice. A job started late in its batch, with less of its
     claim's lease left than the next beat may be away, has its lease extended before its handler runs;
-    jobs of the batch not started by 80 % of the lease are given back instead. ``now``
-    is the clock for due times and leases; ``poll_s`` the pause of :meth:`start`'s thread when the
+    jobs of the batch not started by 80 % of the lease are given back instead. ``now`` is the clock for
+    due times and leases: the wall clock, as the store's (stored in the database, compared across
+    dispatchers), so a step back (NTP correcting a clock that ran ahead) delays retries and the jobs queued
+    before it by the step, and with them the later jobs of their entities, which wait in order; a killed
+    worker's leases last longer by as much. ``poll_s`` is the pause of :meth:`start`'s thread when the
     queue is empty; ``vacuum_every`` how many finished jobs between two ``VACUUM``s of the outbox on
     PostgreSQL (0: leave it to autovacuum).
 
@@ -172,8 +176,9 @@ class Dispatcher:
             jobs = claim(conn, claimed_at, lease=self.lease, limit=limit, max_attempts=self.backoff.max_attempts)
         self._claimed_full = len(jobs) >= limit
         ran = started = 0  # jobs[started:] have not started: given back if the batch is abandoned
-        done: list[Job] = []
+        done: list[tuple[Job, float]] = []  # the jobs that succeeded, and how long their handlers took
         finished = False
+        interrupted: Job | None = None  # stopped mid-run: given back too (see _interruptible)
         try:
             with self._heartbeat() if jobs else nullcontext():
                 for n, job in enumerate(jobs):
@@ -189,9 +194,15 @@ class Dispatcher:
                     if not self._hold(job, claimed_at + self.lease):
                         continue  # its claim was lost before it started: not run here
                     started, ran = n + 1, ran + 1
-                    ok = self._run(job)
+                    began = time.perf_counter()
+                    try:
+                        ok = self._run(job)
+                    except BaseException as exc:
+                        if self._stopping(exc) and self._interruptible(job):
+                            interrupted = job
+                        raise
                     if ok:
-                        done.append(job)
+                        done.append((job, time.perf_counter() - began))
                     elif ok is False:
                         self._drop(job)  # its failure is recorded: no longer ours
                     # (None: overdue; the job moved from _held to _overdue)
@@ -199,7 +210,7 @@ class Dispatcher:
                     finished = True  # (attempted: a failure of it is not retried below, its jobs maybe committed)
                     self._finish(done)
         except BaseException:  # a failure's bookkeeping raised, or a stop: the jobs not started are given back
-            self._give_back(jobs[started:])  # now, not left claimed for a lease and charged an attempt
+            self._give_back(jobs[started:], interrupted)  # now, not left claimed for a lease and charged an attempt
             raise
         finally:  # also when the bookkeeping failed (a database blip): the heartbeat must not keep them
             if done and not finished:  # a failure's or a lease's bookkeeping raised mid-batch: the jobs that
@@ -207,7 +218,7 @@ class Dispatcher:
                 try:
                     self._finish(done)
                 except Exception:
-                    log.warning("hook successes not recorded; they will run again", jobs=[j.id for j in done],
+                    log.warning("hook successes not recorded; they will run again", jobs=[j.id for j, _ in done],
                                 exc_info=True)
             with self._held_lock:
                 self._held.clear()
@@ -216,7 +227,11 @@ class Dispatcher:
                 self._per_job_s = per_job if self._per_job_s is None else (self._per_job_s + per_job) / 2
         return len(jobs)
 
-    def _give_back(self, jobs: list[Job]) -> None:
+    def _give_back(self, jobs: list[Job], interrupted: Job | None = None) -> None:
+        """Release the jobs not started (their claim's attempt not counted) and the one a stop interrupted
+        (its attempt counted: its handler ran, partly)."""
+        if interrupted is not None:  # release() takes the claim's attempt back: one more keeps it counted
+            jobs = [dataclasses.replace(interrupted, attempts=interrupted.attempts + 1), *jobs]
         if not jobs:
             return
         try:
@@ -225,14 +240,29 @@ class Dispatcher:
         except Exception:
             log.warning("hook batch abandoned; its jobs not started run after their lease", jobs=[j.id for j in jobs],
                         exc_info=True)
-        else:
-            log.warning("hook batch abandoned; the jobs it had not started are given back", released=len(jobs))
+        else:  # (interrupted: the job whose run the stop cut short, given back with them)
+            said = {"interrupted": interrupted.id} if interrupted is not None else {}
+            log.warning("hook batch abandoned; the jobs it had not started are given back", released=len(jobs),
+                        **said)
 
-    def _finish(self, done: list[Job]) -> None:
+    def _interruptible(self, job: Job) -> bool:
+        """Whether a stop that came out of ``job``'s run may give the job back (due at once) rather than leave
+        it claimed until its lease ends: not while its handler may still run (a ``timeout_s`` run's thread,
+        kept in the overdue set), nor on its last attempt, where the lease's end marks it dead (a handler that
+        raises ``KeyboardInterrupt`` itself, in the main thread, looks like Ctrl-C: it must not loop forever)."""
+        with self._held_lock:
+            running = job.id in self._overdue
+        return not running and job.attempts < self.backoff.max_attempts
+
+    def _finish(self, done: list[tuple[Job, float]]) -> None:
+        """Delete the jobs that succeeded, then count each run: ``ok``, or ``lost`` when its claim was lost
+        meanwhile (another dispatcher has the job and runs it again)."""
         with self._bookkeeping() as conn:
-            lost = finish_many(conn, done)
+            lost = finish_many(conn, [job for job, _ in done])
         if lost:
             log.warning("hook claims lost (lease expired while running; raise lease_s)", jobs=lost)
+        for job, seconds in done:
+            self._ran(job, "lost" if job.id in lost else "ok", seconds)
         self._vacuum_now_and_then(len(done))
 
     def extend_leases(self) -> int:
@@ -348,15 +378,19 @@ class Dispatcher:
         """``run`` outlived its hook's ``timeout_s``: its job stays claimed (the heartbeat keeps its lease) while
         the dispatcher goes on; :meth:`_reap` records its outcome once it ends."""
         job = run.job
-        with self._held_lock:
-            self._held.pop(job.id, None)
-            self._overdue[job.id] = run
+        self._keep_running(run)
         log.warning("hook handler past its timeout_s; its job stays claimed until the run ends, and this "
                     "dispatcher goes on with other jobs (give the handler's network calls a timeout)",
                     hook=job.hook, job=job.id, type=job.change.type, timeout_s=timeout_s,
                     overdue=len(self._overdue))
         if self.metrics is not None:
             self.metrics.hook_went_overdue(job.hook)
+
+    def _keep_running(self, run: _Run) -> None:
+        """Hold ``run``'s job in the overdue set while the run lasts (the heartbeat keeps its lease)."""
+        with self._held_lock:
+            self._held.pop(run.job.id, None)
+            self._overdue[run.job.id] = run
 
     def _reap(self) -> None:
         """Record the outcome of each overdue run that ended, as :meth:`_run` would have; a run leaves the
@@ -365,9 +399,7 @@ class Dispatcher:
             ended = [run for run in self._overdue.values() if run.ended]
         succeeded = [run for run in ended if run.error is None]
         if succeeded:
-            self._finish([run.job for run in succeeded])
-            for run in succeeded:
-                self._ran(run.job, "ok", run.seconds)
+            self._finish([(run.job, run.seconds) for run in succeeded])
             self._forget(succeeded)
         for run in ended:
             if run.error is not None:
@@ -439,11 +471,12 @@ class Dispatcher:
         return total
 
     def _run(self, job: Job) -> bool | None:
-        """Call the job's handler; True when it succeeded, False when it failed (recorded), None when it
-        outlived its hook's ``timeout_s`` (overdue: :meth:`_went_overdue`)."""
+        """Call the job's handler; True when it succeeded (counted once finished), False when it failed
+        (recorded), None when it outlived its hook's ``timeout_s`` (overdue: :meth:`_went_overdue`)."""
         handler = self._handlers.get(job.hook)
         timeout_s = self._timeouts.get(job.hook)
         started = time.perf_counter()
+        run: _Run | None = None
         try:
             if handler is None:
                 raise LookupError(f"no hook named {job.hook!r} in this process (renamed or removed?): "
@@ -457,18 +490,22 @@ class Dispatcher:
                     if not run.wait(timeout_s):
                         self._went_overdue(run, timeout_s)
                         return None
-                    if run.error is not None:
-                        raise run.error
             finally:
                 self._running = None
         except BaseException as exc:  # CancelledError, SystemExit, gevent's Timeout too: this job's failure
             if self._stopping(exc):
+                if run is not None and not run.ended:  # Ctrl-C while waiting: the handler's thread runs on,
+                    self._keep_running(run)  # so its job stays claimed, its lease kept, until the run ends
                 raise
-            outcome = self._failed(job, exc, final=handler is None or isinstance(exc, HookGaveUp))
-            self._ran(job, outcome, time.perf_counter() - started)
-            return False
-        self._ran(job, "ok", time.perf_counter() - started)
+            return self._failure(job, exc, time.perf_counter() - started, final=handler is None)
+        if run is not None and run.error is not None:  # raised in the run's own thread: never a stop
+            return self._failure(job, run.error, run.seconds)
         return True
+
+    def _failure(self, job: Job, exc: BaseException, seconds: float, *, final: bool = False) -> bool:
+        """Record and count a failed run that took ``seconds`` (measured before the recording's writes)."""
+        self._ran(job, self._failed(job, exc, final=final or isinstance(exc, HookGaveUp)), seconds)
+        return False
 
     def _ran(self, job: Job, outcome: str, seconds: float) -> None:
         if self.metrics is not None:
@@ -476,8 +513,12 @@ class Dispatcher:
 
     def _stopping(self, exc: BaseException) -> bool:
         """Whether ``exc`` stops the dispatcher rather than failing a job or a turn: Ctrl-C, or an exit
-        while :meth:`stop` was asked (a signal handler that stops, then exits)."""
-        return isinstance(exc, KeyboardInterrupt) or (isinstance(exc, SystemExit) and self._stop.is_set())
+        while :meth:`stop` was asked (a signal handler that stops, then exits). Python raises Ctrl-C's
+        ``KeyboardInterrupt`` in the main thread only: one in another thread (``serve``'s dispatcher thread)
+        was raised by a handler, and is that job's failure (a handler's own ``timeout_s`` thread's is too)."""
+        if isinstance(exc, KeyboardInterrupt):
+            return threading.current_thread() is threading.main_thread()
+        return isinstance(exc, SystemExit) and self._stop.is_set()
 
     def _failed(self, job: Job, exc: BaseException, *, final: bool) -> str:
         """Record the failure: pending again after the backoff (``retry``), or ``dead``; ``lost`` when the
@@ -493,7 +534,7 @@ class Dispatcher:
         except (StoreDataError, ValueError):  # refused even cleaned (UnicodeError is a ValueError): the name alone
             recorded = self._record(job, type(exc).__name__, retry_at)
         said = {"hook": job.hook, "type": job.change.type, "job": job.id, "attempt": job.attempts,
-                "exception": type(exc).__name__}
+                "error_type": type(exc).__name__}  # not "exception": structlog renders that key as a traceback
         if (status := _http_status(exc)) is not None:
             said["status"] = status
         if not recorded:
@@ -526,8 +567,9 @@ class Dispatcher:
     def run_forever(self) -> None:
         """The worker loop: full batches back to back, otherwise a ``poll_s`` pause; DB outages are retried.
         A turn that crashes is logged and followed by a pause that doubles, from ``poll_s`` (at least 0.1 s)
-        up to a minute, with each crash in a row; only Ctrl-C, or an exit while :meth:`stop` was asked, ends
-        the loop otherwise."""
+        up to a minute, with each crash in a row; only Ctrl-C (a ``KeyboardInterrupt`` in the main thread: one
+        a handler raises elsewhere is its job's failure), or an exit while :meth:`stop` was asked, ends the
+        loop otherwise; the job it cut short is given back with those not started."""
         crashes = 0
         while not self._stop.is_set():
             pause = self.poll_s
