@@ -212,14 +212,32 @@ def test_an_overdue_success_whose_claim_was_lost_counts_as_lost(sqlite_url: str)
     store.dispose()
 
 
-SLOW_WRITE_S = 0.5
+SLOW_WRITE_S = 100.0  # how long the failure's write takes, on the dispatcher's own (faked) clock
+
+
+class _SteppedTime:
+    """The ``time`` module as the dispatcher sees it, with a ``perf_counter`` a test can move forward (no sleep)."""
+
+    def __init__(self) -> None:
+        self.ahead = 0.0
+
+    def perf_counter(self) -> float:
+        return time.perf_counter() + self.ahead
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
 
 
 @pytest.mark.parametrize("timeout_s", [None, 30.0], ids=["inline", "own-thread"])
-def test_a_failures_duration_is_its_handlers_not_the_recordings(sqlite_url: str, timeout_s: float | None) -> None:
+def test_a_failures_duration_is_its_handlers_not_the_recordings(sqlite_url: str, timeout_s: float | None,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """Review finding: a failure's seconds were taken after its recording (a database write), so a slow
-    database showed as slow handlers. The handler fails at once; the write of its failure takes half a second."""
-    clock = Clock()
+    database showed as slow handlers. The handler fails at once; the write of its failure takes 100 s of the
+    dispatcher's clock (moved forward by the write itself, not slept)."""
+    import clerk_sync.hooks as hooks_module
+
+    clock, stepped = Clock(), _SteppedTime()
+    monkeypatch.setattr(hooks_module, "time", stepped)
 
     def fail_now(change: Change) -> None:
         raise RuntimeError("refused")
@@ -229,7 +247,7 @@ def test_a_failures_duration_is_its_handlers_not_the_recordings(sqlite_url: str,
 
     def slow_failure_write(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         if statement.lstrip().upper().startswith("UPDATE HOOK_JOBS") and "last_error" in statement:
-            time.sleep(SLOW_WRITE_S)  # the database, slow to record the failure
+            stepped.ahead += SLOW_WRITE_S  # the database, slow to record the failure
 
     sa.event.listen(store.engine, "before_cursor_execute", slow_failure_write)
     metrics = Metrics()
