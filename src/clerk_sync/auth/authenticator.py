@@ -15,6 +15,7 @@ from contextvars import ContextVar
 from datetime import datetime, timedelta
 
 import sqlalchemy as sa
+import structlog
 from anyio import to_thread
 
 from clerk_sync._limits import show
@@ -36,7 +37,9 @@ from clerk_sync.errors import (
 from clerk_sync.store import Store
 from clerk_sync.tables import revoked_sessions, users
 
-__all__ = ["Authenticator", "DenyList", "UserLoader", "signed_out_if_banned"]
+__all__ = ["Authenticator", "DenyList", "UserLoader", "signed_out_if_banned", "warn_if_any_origin"]
+
+log = structlog.get_logger("clerk_sync.auth")
 
 
 @contextmanager
@@ -165,6 +168,21 @@ def _block_reason(banned: bool, deleted_at: datetime | None, deprovisioned: bool
 UserLoader = Callable[[str], AuthUser | None]
 # What a refusal calls a request whose method the caller did not give (no safe method: it is checked).
 _UNKNOWN_METHOD = "request of unknown method (authenticate() got no method=, so it is taken as unsafe)"
+
+
+def warn_if_any_origin(authenticator: Authenticator) -> bool:
+    """Say once, at start-up (the faces' ``install``/``init_app``), that tokens' ``azp`` goes unchecked while
+    ``CLERK_AUTHORIZED_PARTIES`` is unset, as Django's check W002 and ``clerk-sync doctor`` say it: a token
+    the Clerk instance minted for any origin is accepted. A warning, not a refusal (Clerk makes it optional);
+    returns whether it warned."""
+    if authenticator.verifier.claims.authorized_parties is not None:
+        return False
+    log.warning("clerk_authorized_parties_unset",
+                problem="the azp claim of session tokens is not checked: a token your Clerk instance minted for "
+                        "any origin (another app or satellite domain of the instance) is accepted here",
+                fix="set CLERK_AUTHORIZED_PARTIES to your front end's origins, comma-separated "
+                    "(e.g. https://app.example.com,http://localhost:3000)")
+    return True
 
 
 class Authenticator:

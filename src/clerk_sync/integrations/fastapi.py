@@ -25,7 +25,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse
 
-from clerk_sync.auth.authenticator import Authenticator, signed_out_if_banned
+from clerk_sync.auth.authenticator import Authenticator, signed_out_if_banned, warn_if_any_origin
 from clerk_sync.auth.claims import Auth
 from clerk_sync.auth.users import AuthUser, JitUsers
 from clerk_sync.errors import ClerkSyncError
@@ -99,6 +99,7 @@ class ClerkAuth:
             return error_json(exc)
 
         app.add_exception_handler(ClerkSyncError, handle)
+        warn_if_any_origin(self.authenticator)
         if deny_by_default:
             app.add_middleware(ClerkAuthMiddleware, authenticator=self.authenticator,
                                public_paths=public_paths, public_prefixes=public_prefixes,

@@ -8,7 +8,7 @@ import httpx
 from flask import Flask
 
 from clerk_sync.auth.admin import AdminActions
-from clerk_sync.auth.authenticator import Authenticator, DenyList
+from clerk_sync.auth.authenticator import Authenticator, DenyList, warn_if_any_origin
 from clerk_sync.auth.sessions import verifier_from_settings
 from clerk_sync.auth.users import JitUsers
 from clerk_sync.clerk_api import ClerkClient
@@ -135,6 +135,7 @@ class ClerkSync:
                 load_user=users.get_auth_user if users is not None else None,
                 impersonator_roles=settings.impersonator_roles(),
             )
+            warn_if_any_origin(authenticator)
         admin = AdminActions(store, clerk, impersonator_roles=settings.impersonator_roles()) if clerk else None
         return ClerkSyncState(
             settings, store, processor, authenticator, users, admin,
