@@ -559,3 +559,22 @@ def test_psycopg_not_installed_names_the_extra_that_installs_it(monkeypatch: pyt
         Settings.from_env({"DATABASE_URL": "postgresql://app@127.0.0.1/app"}).sqlalchemy_url()
     assert "pip install 'clerk-sync[postgres]'" in str(refused.value)
     assert "installed with clerk-sync" not in str(refused.value)
+
+
+def test_users_erase_warns_of_other_records_holding_the_address(tmp_path: Path) -> None:
+    """Privacy review: an organization's metadata kept the erased person's address, and the command said
+    nothing. It says where (ids and columns), why it is left and what to do; the erasure itself succeeded."""
+    from clerk_sync.events import organization_record
+
+    url = _sqlite(tmp_path)
+    store = Store.from_url(url)
+    with store.transaction() as w:
+        w.apply(Upsert(Entity.USER, user_record(f.user("user_ann", 5, email="ann@example.com"))))
+        org = f.organization("org_b", 5) | {"private_metadata": {"billing": "ann@example.com"}}
+        w.apply(Upsert(Entity.ORGANIZATION, organization_record(org)))
+    store.dispose()
+    erased = run("users", "erase", "user_ann", env={"DATABASE_URL": url})
+    said = " ".join((erased.stdout + erased.stderr).split())
+    assert erased.returncode == 0 and "user_ann: erased" in said, said
+    assert "organizations org_b: private_metadata" in said and "edit them there" in said
+    assert "ann@example.com" not in said

@@ -229,6 +229,33 @@ def test_erase_user_removes_personal_data_everywhere(store: Store, verifier: Web
     assert user_row(store, "user_e")["email"] is None
 
 
+def test_erasure_lists_other_records_still_holding_the_persons_address(store: Store, verifier: WebhookVerifier) -> None:
+    """Privacy review: the payloads naming the person were redacted, but the rows they wrote kept the address
+    (an organization's billing contact, a colleague's metadata), and nothing said so. Those are someone else's
+    data, mirrored from Clerk: the erasure lists them (ids and columns, never the values) in its report and
+    audit row, and leaves them; a bare mention of the Clerk id (a pseudonymous reference) is not listed."""
+    processor = WebhookProcessor(store, verifier)
+    assert deliver(processor, f.envelope("user.created", _user("user_e", 100)), "msg_1") == "applied"
+    org = f.organization("org_b", 100) | {"private_metadata": {"billing_contact": EMAIL.upper()}}
+    assert deliver(processor, f.envelope("organization.created", org), "msg_2") == "applied"
+    colleague = f.user("user_bob", 100, email="bob@example.com") | {"public_metadata": {"manager": EMAIL}}
+    assert deliver(processor, f.envelope("user.created", colleague), "msg_3") == "applied"
+    ids_only = f.user("user_cy", 100, email="cy@example.com") | {"public_metadata": {"buddy": "user_e",
+                                                                                      "other": "jo" + EMAIL}}
+    assert deliver(processor, f.envelope("user.created", ids_only), "msg_4") == "applied"
+
+    report = Retention(store).erase_user("user_e", reason="DSR-7")
+    assert report.mentioned_elsewhere == ("users user_bob: public_metadata", "organizations org_b: private_metadata")
+    advice = report.elsewhere_advice()
+    assert advice is not None and "org_b" in advice and "edit them there" in advice and EMAIL not in advice
+    with store.connect() as conn:
+        audit = conn.execute(sa.select(audit_log.c.details).where(audit_log.c.action == "user.erased")).scalar_one()
+        held = conn.execute(sa.select(users.c.public_metadata).where(users.c.clerk_id == "user_bob")).scalar_one()
+    assert audit["mentioned_elsewhere"] == list(report.mentioned_elsewhere)
+    assert held == {"manager": EMAIL}  # listed, not changed
+    assert Retention(store).erase_user("user_cy").mentioned_elsewhere == ()  # nobody else holds cy's address
+
+
 def test_erasing_an_unknown_user_leaves_a_tombstone(store: Store, verifier: WebhookVerifier) -> None:
     report = Retention(store).erase_user("user_never_seen", allow_unknown=True)
     assert not report.row_existed and report.payloads_redacted == 0

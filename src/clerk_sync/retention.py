@@ -189,13 +189,26 @@ class PruneReport:
 class ErasureReport:
     """What ``erase_user`` changed: the user row (tombstoned/cleared) and the payloads it redacted;
     ``mapped_refused``: what the app's mapped table would not clear (also in the audit row);
-    ``audit_rows_redacted``: audit rows whose ``ip`` it cleared or whose ``details`` it redacted."""
+    ``audit_rows_redacted``: audit rows whose ``ip`` it cleared or whose ``details`` it redacted;
+    ``mentioned_elsewhere``: other users' and organizations' rows whose metadata, name or slug still holds
+    the person's e-mail address or phone number (``"organizations org_1: private_metadata"``), which the
+    erasure does not change: they are someone else's data, mirrored from Clerk (edit them there)."""
 
     clerk_id: str
     row_existed: bool
     payloads_redacted: int
     mapped_refused: tuple[str, ...] = ()
     audit_rows_redacted: int = 0
+    mentioned_elsewhere: tuple[str, ...] = ()
+
+    def elsewhere_advice(self) -> str | None:
+        """The line every face's erase command prints when other records still hold the person's address."""
+        if not self.mentioned_elsewhere:
+            return None
+        more = " (and maybe more)" if len(self.mentioned_elsewhere) >= _ELSEWHERE_MAX else ""
+        return (f"other records still hold this person's e-mail address or phone number{more}: "
+                f"{'; '.join(self.mentioned_elsewhere)}. They are mirrored from Clerk: edit them there (Dashboard "
+                "or API), and the next event or reconcile mirrors the change here")
 
 
 # An erasure waits this long for the inbox writes in flight to end (see Retention._settle), then searches the
@@ -597,13 +610,16 @@ class Retention:
             refused = (tuple(self.store.mapping.erase(writer.conn, Entity.USER, clerk_id))
                        if self.store.mapping is not None else ())
             audited = _redact_audit(writer, clerk_id, mentions)  # (before its own row: the reason stays as given)
+            elsewhere = _mentioned_elsewhere(writer, clerk_id, mentions)
             details: dict[str, Any] = {"payloads_redacted": redacted, "reason": reason}
             if refused:  # the erasure holds; what is left for the app to clear is on record
                 details["mapped_refused"] = list(refused)
+            if elsewhere:  # where (ids and columns, never the values) the address is still held
+                details["mentioned_elsewhere"] = list(elsewhere)
             if audited:
                 details["audit_rows_redacted"] = audited
             record_audit(writer, AuditEntry("user.erased", actor, clerk_id, details=details))
-        return ErasureReport(clerk_id, existed, redacted, refused, audited), mentions
+        return ErasureReport(clerk_id, existed, redacted, refused, audited, elsewhere), mentions
 
 
 def _pass_deletion_on(writer: Writer, outbox: Outbox, clerk_id: str) -> None:
@@ -760,6 +776,49 @@ def _redact_mentions(writer: Writer, mentions: Mentions, *, since: datetime | No
     if errors:
         writer.conn.execute(e.update().where(e.c.id.in_(errors)).values(last_error=_REDACTED_ERROR))
     return len(payloads)
+
+
+# Where another record may quote a person (a billing contact in an organization's metadata, a manager's address
+# in a user's), and how many such places an erasure lists at most.
+_ELSEWHERE: dict[sa.Table, tuple[str, ...]] = {
+    users: ("public_metadata", "private_metadata", "unsafe_metadata"),
+    organizations: ("name", "slug", "public_metadata", "private_metadata"),
+}
+_ELSEWHERE_MAX = 100
+
+
+def _mentioned_elsewhere(writer: Writer, clerk_id: str, mentions: Mentions) -> tuple[str, ...]:
+    """The other users' and organizations' columns that still hold the person's e-mail address or phone number
+    (their Clerk id is left out: another record naming it is a pseudonymous reference, as a membership is).
+    Found by the same text search and exact test as the payloads; listed, not changed (see ErasureReport)."""
+    contact = Mentions(n for n in mentions.needles if n != clerk_id)
+    if not contact:
+        return ()
+    lower = unicode_lower(writer.conn)
+    found: list[str] = []
+    for table, names in _ELSEWHERE.items():
+        columns = [table.c[name] for name in names]
+        query = sa.select(table.c.clerk_id, *columns).where(
+            sa.or_(*(_may_name(lower, sa.cast(column, sa.Text), contact) for column in columns)))
+        if table is users:
+            query = query.where(users.c.clerk_id != clerk_id)
+        for row in writer.conn.execute(query.order_by(table.c.id)):
+            held = [name for name in names if contact.in_document(_json_value(row._mapping[name]))]
+            if held:
+                found.append(f"{table.name} {row.clerk_id}: {', '.join(held)}")
+            if len(found) >= _ELSEWHERE_MAX:
+                return tuple(found)
+    return tuple(found)
+
+
+def _json_value(value: Any) -> Any:
+    """A JSON column's value parsed (SQLite may hand back text), a text column's as it is."""
+    if isinstance(value, str) and value[:1] in "{[":
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _may_name(lower: Any, text: Any, mentions: Mentions) -> sa.ColumnElement[bool]:

@@ -357,6 +357,8 @@ def users_erase(
         store.dispose()
     found = "erased" if report.row_existed else "no row for it; tombstone written"
     typer.echo(f"{clerk_id}: {found}, {report.payloads_redacted} stored payload(s) redacted; audited as user.erased")
+    if (advice := report.elsewhere_advice()) is not None:
+        console.print(f"[yellow]warning:[/] {advice}", markup=True, highlight=False)
     for refused in report.mapped_refused:
         console.print(f"[red]error:[/] {refused}: clear it in the app's table (see `clerk-sync doctor --mapping`)")
     if report.mapped_refused:  # clerk-sync's rows are erased, the request is not done: a script must see it

@@ -162,6 +162,8 @@ class Command(BaseCommand):
         forgotten = forget_django_user(clerk_id)
         self.stdout.write(f"{clerk_id}: {found}, {report.payloads_redacted} stored payload(s) redacted; audited as "
                           f"user.erased; Django user: {'cleared' if forgotten else 'nothing to clear'}")
+        if (advice := report.elsewhere_advice()) is not None:
+            self.stderr.write(f"warning: {advice}")
         if report.mapped_refused:  # clerk-sync's rows are erased, the request is not done: a script must see it
             refused = "; ".join(f"{each}: clear it in the app's table" for each in report.mapped_refused)
             raise CommandError(refused)
