@@ -256,6 +256,34 @@ def test_erasure_lists_other_records_still_holding_the_persons_address(store: St
     assert Retention(store).erase_user("user_cy").mentioned_elsewhere == ()  # nobody else holds cy's address
 
 
+def test_clearing_a_deleted_admins_tombstone_clears_the_ips_of_what_they_did(store: Store,
+                                                                          verifier: WebhookVerifier) -> None:
+    """Privacy review: an erasure cleared the IP addresses of the audit rows a user made, but a deletion did
+    not when the tombstone's columns were cleared (``clear_tombstones_after``): a deleted admin's IPs stayed
+    for good. They go with the clearing; the ids stay (who did what), another admin's IPs too."""
+    from clerk_sync.auth.audit import AuditEntry, record_audit
+
+    processor = WebhookProcessor(store, verifier)
+    for clerk_id, svix_id in (("user_adm", "msg_a"), ("user_keep", "msg_k")):
+        assert deliver(processor, f.envelope("user.created", f.user(clerk_id, 100)), svix_id) == "applied"
+    with store.transaction() as w:
+        record_audit(w, AuditEntry("role.changed", "user_adm", "user_keep", ip="203.0.113.7"))
+        record_audit(w, AuditEntry("impersonation.request", "user_keep", None, impersonator="user_adm",
+                                   ip="203.0.113.8"))
+        record_audit(w, AuditEntry("role.changed", "user_keep", "user_adm", ip="198.51.100.1"))
+    assert deliver(processor, f.envelope("user.deleted", f.deleted("user", "user_adm")), "msg_d") == "applied"
+    policy = RetentionPolicy(clear_tombstones_after=timedelta(days=7))
+
+    def ips() -> list[tuple[str | None, str | None]]:
+        with store.connect() as conn:
+            return [(r.actor_clerk_id, r.ip) for r in conn.execute(sa.select(audit_log).order_by(audit_log.c.id))]
+
+    assert Retention(store, policy).prune().cleared == 0
+    assert [ip for _, ip in ips()] == ["203.0.113.7", "203.0.113.8", "198.51.100.1"]  # not a week yet
+    assert Retention(store, policy, now=_later(8)).prune().cleared == 1
+    assert ips() == [("user_adm", None), ("user_keep", None), ("user_keep", "198.51.100.1")]
+
+
 def test_erasing_an_unknown_user_leaves_a_tombstone(store: Store, verifier: WebhookVerifier) -> None:
     report = Retention(store).erase_user("user_never_seen", allow_unknown=True)
     assert not report.row_existed and report.payloads_redacted == 0

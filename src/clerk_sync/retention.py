@@ -17,11 +17,12 @@ left whole: their handlers have yet to see the change.
 
 **Tombstones.** ``user.deleted`` keeps the row with ``deleted_at`` set: that row is what makes a late
 ``user.created`` a no-op (``engine.decide``: a tombstone is terminal). After ``clear_tombstones_after``
-its personal columns are cleared; by default the row itself (ids, version, ``deleted_at``) stays for
+its personal columns are cleared (and the IP addresses of the audit rows the user made); by default the row itself (ids, version, ``deleted_at``) stays for
 good. With ``delete_tombstones_after`` the rows of users, organizations and memberships deleted that
 long ago are hard-deleted, and what stops a late or replayed ``user.created`` from bringing one back
 is then a row of ``clerk_sync_erased``: the SHA-256 of "entity:clerk_id", which every guarded insert
-consults (``store._NOT_ERASED``). A pass writes the digests; a row goes only on a pass that finds its digest
+consults (``store._NOT_ERASED``). It is not salted (every replica must compute it alike): whoever holds
+a candidate Clerk id can tell it was erased here, which says nothing more about the person. A pass writes the digests; a row goes only on a pass that finds its digest
 committed at least ``digest_settle`` before (15 min: a later pass), so no insert can still be reading from
 before it (:meth:`Retention._erase_tombstones` says why). A row an app's table still refers to by a foreign
 key stays (cleared; logged, with what to change).
@@ -347,10 +348,16 @@ class Retention:
         if ids and table is users:
             # Their addresses are forgotten now: an audit row quoting one (an app's note, an error message) is
             # redacted now too, as an erasure would; a later erasure request no longer knows what to look for.
-            found = writer.conn.execute(sa.select(users.c.email, users.c.email_addresses).where(users.c.id.in_(ids)))
+            found = writer.conn.execute(sa.select(users.c.clerk_id, users.c.email, users.c.email_addresses)
+                                        .where(users.c.id.in_(ids))).all()
             addresses = Mentions({address for row in found for address in _emails(row)})
             if addresses:
                 _redact_audit_details(writer, addresses)
+            # And the IP addresses of what they did (an admin's console sign-ins, promotions, impersonations),
+            # as an erasure clears them: the Clerk ids stay, pseudonymous, for accountability.
+            a, gone = audit_log, [row.clerk_id for row in found]
+            writer.conn.execute(a.update().where(a.c.ip.is_not(None), sa.or_(
+                a.c.actor_clerk_id.in_(gone), a.c.impersonator_clerk_id.in_(gone))).values(ip=None))
         if ids:
             writer.conn.execute(table.update().where(table.c.id.in_(ids)).values(**_CLEARED[table]))
         return len(ids)
