@@ -173,3 +173,22 @@ def test_an_erased_users_queued_role_change_is_never_pushed(emu: EmulatorServer,
         pending = conn.execute(sa.select(pending_role_changes)).mappings().one()
     assert pending["done_at"] is not None and pending["last_error"] == "the user was erased: not pushed"
     assert [r["action"] for r in audit_rows(store)] == ["role.change_pending", "user.erased"]
+
+
+def test_a_role_change_queued_for_a_user_deleted_since_is_closed_not_pushed(emu: EmulatorServer, store: Store,
+                                                                            actions: AdminActions) -> None:
+    """Review of the erasure fix: only the changes open when the erasure ran were closed; one queued for a user
+    deleted (or erased) afterwards, or deleted by Clerk's own event, was still pushed by `retry-pending`."""
+    from clerk_sync.engine import Tombstone
+
+    target = synced_user(emu, store, "gil@example.com")
+    emu.set_faults(outage=True)
+    assert actions.promote(target, "admin", by=None).status == "pending"
+    emu.set_faults(outage=False)
+    with store.transaction() as w:  # Clerk's user.deleted, applied here (Clerk still answers for the user)
+        w.apply(Tombstone(Entity.USER, target, 10**13))
+    assert actions.retry_pending() == {"applied": 0, "pending": 0, "failed": 1}
+    assert emu.request("GET", f"/v1/users/{target}")["public_metadata"].get("role") == "user"
+    assert [r["action"] for r in audit_rows(store)] == ["role.change_pending", "role.change_refused"]
+    assert "deleted or erased" in audit_rows(store)[-1]["details"]["reason"]
+    assert actions.retry_pending() == {"applied": 0, "pending": 0, "failed": 0}  # closed: once

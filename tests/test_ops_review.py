@@ -578,3 +578,29 @@ def test_users_erase_warns_of_other_records_holding_the_address(tmp_path: Path) 
     assert erased.returncode == 0 and "user_ann: erased" in said, said
     assert "organizations org_b: private_metadata" in said and "edit them there" in said
     assert "ann@example.com" not in said
+
+
+@pytest.mark.parametrize(("url", "module", "expected"), [
+    ("mysql+mysqldb://root@127.0.0.1/test", "MySQLdb", "pip install 'clerk-sync[mysql]'"),
+    ("mysql+pymysql://root@127.0.0.1/test", "pymysql", "pip install 'clerk-sync[pymysql]'"),
+    ("mysql+mysqlconnector://root@127.0.0.1/test", "mysql", "pip install the driver"),
+])
+def test_a_missing_mysql_driver_names_the_extra_that_installs_that_driver(
+        monkeypatch: pytest.MonkeyPatch, url: str, module: str, expected: str) -> None:
+    """Review: the extra was chosen by the backend, so mysql+mysqlconnector:// was told to install
+    'clerk-sync[mysql]' (mysqlclient), which leaves the same error."""
+    import sqlalchemy as sa_
+
+    from clerk_sync.config import Settings
+    from clerk_sync.errors import ConfigError
+
+    dialect = sa_.engine.make_url(url).get_dialect()
+
+    def missing(cls: object) -> None:
+        raise ImportError(f"No module named {module!r}", name=module)
+
+    monkeypatch.setattr(dialect, "import_dbapi", classmethod(missing))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env({"DATABASE_URL": url}).sqlalchemy_url()
+    assert expected in str(refused.value)

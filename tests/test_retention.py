@@ -256,32 +256,49 @@ def test_erasure_lists_other_records_still_holding_the_persons_address(store: St
     assert Retention(store).erase_user("user_cy").mentioned_elsewhere == ()  # nobody else holds cy's address
 
 
-def test_clearing_a_deleted_admins_tombstone_clears_the_ips_of_what_they_did(store: Store,
-                                                                          verifier: WebhookVerifier) -> None:
-    """Privacy review: an erasure cleared the IP addresses of the audit rows a user made, but a deletion did
-    not when the tombstone's columns were cleared (``clear_tombstones_after``): a deleted admin's IPs stayed
-    for good. They go with the clearing; the ids stay (who did what), another admin's IPs too."""
+def test_audit_ips_are_cleared_after_their_own_age_when_asked_and_kept_otherwise(store: Store) -> None:
+    """Privacy review: the audit log's IP addresses had no retention (only an erasure cleared its user's).
+    ``audit_ip_clear_after`` (CLERK_SYNC_AUDIT_IP_CLEAR_AFTER_DAYS) clears them on rows that old; unset, they
+    stay: a deleted admin's IPs are evidence an incident review may need (a review of a first version, which
+    cleared them with the tombstone, at the next hourly prune by default)."""
     from clerk_sync.auth.audit import AuditEntry, record_audit
 
-    processor = WebhookProcessor(store, verifier)
-    for clerk_id, svix_id in (("user_adm", "msg_a"), ("user_keep", "msg_k")):
-        assert deliver(processor, f.envelope("user.created", f.user(clerk_id, 100)), svix_id) == "applied"
     with store.transaction() as w:
         record_audit(w, AuditEntry("role.changed", "user_adm", "user_keep", ip="203.0.113.7"))
         record_audit(w, AuditEntry("impersonation.request", "user_keep", None, impersonator="user_adm",
                                    ip="203.0.113.8"))
-        record_audit(w, AuditEntry("role.changed", "user_keep", "user_adm", ip="198.51.100.1"))
-    assert deliver(processor, f.envelope("user.deleted", f.deleted("user", "user_adm")), "msg_d") == "applied"
-    policy = RetentionPolicy(clear_tombstones_after=timedelta(days=7))
+    policy = RetentionPolicy(audit_ip_clear_after=timedelta(days=90), batch=1)
 
-    def ips() -> list[tuple[str | None, str | None]]:
+    def ips() -> list[str | None]:
         with store.connect() as conn:
-            return [(r.actor_clerk_id, r.ip) for r in conn.execute(sa.select(audit_log).order_by(audit_log.c.id))]
+            return list(conn.execute(sa.select(audit_log.c.ip).order_by(audit_log.c.id)).scalars())
 
-    assert Retention(store, policy).prune().cleared == 0
-    assert [ip for _, ip in ips()] == ["203.0.113.7", "203.0.113.8", "198.51.100.1"]  # not a week yet
-    assert Retention(store, policy, now=_later(8)).prune().cleared == 1
-    assert ips() == [("user_adm", None), ("user_keep", None), ("user_keep", "198.51.100.1")]
+    assert Retention(store, RetentionPolicy(), now=_later(400)).prune().audit_ips == 0  # unset: kept
+    assert Retention(store, policy, now=_later(30)).prune().audit_ips == 0  # not that old yet
+    assert ips() == ["203.0.113.7", "203.0.113.8"]
+    dry = Retention(store, policy, now=_later(91)).prune(dry_run=True)
+    assert dry.audit_ips == 2 and "would clear 2 audit IP(s)" in dry.summary()
+    assert ips() == ["203.0.113.7", "203.0.113.8"]
+    report = Retention(store, policy, now=_later(91)).prune()
+    assert report.audit_ips == 2 and "cleared 2 audit IP(s)" in report.summary()
+    assert ips() == [None, None]
+    with store.connect() as conn:
+        kept = conn.execute(sa.select(audit_log.c.actor_clerk_id, audit_log.c.action).order_by(audit_log.c.id)).all()
+    assert kept == [("user_adm", "role.changed"), ("user_keep", "impersonation.request")]  # the rest stays
+
+
+def test_a_dry_run_counts_a_failed_delivery_of_a_gone_user_once(store: Store, verifier: WebhookVerifier) -> None:
+    """Review: a failed delivery about a deleted user that also carried ``event_attributes`` was counted by the
+    dry run twice (redacted whole, and stripped of its request's IP), by the real pass once."""
+    processor = WebhookProcessor(store, verifier)
+    assert deliver(processor, f.envelope("user.created", _user("user_g", 100)), "msg_c") == "applied"
+    bad = f.envelope("user.updated", {**_user("user_g", 200), "updated_at": "yesterday"})
+    assert deliver(processor, bad, "msg_bad") == "failed"
+    assert deliver(processor, f.envelope("user.deleted", f.deleted("user", "user_g")), "msg_d") == "applied"
+    policy = RetentionPolicy(redact_after=timedelta(days=30), delete_after=timedelta(days=90))
+    dry = Retention(store, policy, now=_later(31)).prune(dry_run=True)
+    real = Retention(store, policy, now=_later(31)).prune()
+    assert (dry.redacted, dry.cleared) == (real.redacted, real.cleared) == (3, 1), (dry, real)
 
 
 def test_erasing_an_unknown_user_leaves_a_tombstone(store: Store, verifier: WebhookVerifier) -> None:

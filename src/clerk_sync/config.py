@@ -189,6 +189,10 @@ class Settings(BaseSettings):
     # None: tombstones stay (cleared) for good; N: their rows are deleted N days after the deletion.
     tombstone_delete_after_days: float | None = Field(
         None, ge=0, le=_MAX_DAYS, validation_alias="CLERK_SYNC_TOMBSTONE_DELETE_AFTER_DAYS")
+    # None: the audit log's IP addresses stay (an erasure clears those of the rows its user made); N: prune
+    # clears every row's IP N days after it was written (the ids, action and details stay).
+    audit_ip_clear_after_days: float | None = Field(
+        None, ge=0, le=_MAX_DAYS, validation_alias="CLERK_SYNC_AUDIT_IP_CLEAR_AFTER_DAYS")
     prune_interval_s: float = Field(3600.0, ge=0, validation_alias="CLERK_SYNC_PRUNE_INTERVAL_S")
     prune_batch: int = Field(500, gt=0, validation_alias="CLERK_SYNC_PRUNE_BATCH")
     # None: a quiet install is not stale (deliveries are judged by reconcile's drift); N: for an app whose
@@ -225,7 +229,7 @@ class Settings(BaseSettings):
     @field_validator("instance_id", "redis_url", "webhook_secret", "clerk_secret_key", "clerk_api_rate_limit",
                      "clerk_jwt_key", "clerk_jwks_url", "clerk_issuer", "authorized_parties_raw",
                      "impersonator_roles_raw", "console_operator_token", "tombstone_delete_after_days",
-                     "freshness_max_delivery_age_s", mode="before")
+                     "freshness_max_delivery_age_s", "audit_ip_clear_after_days", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         # `export CLERK_ISSUER=` means "not set", not "the empty issuer".
@@ -382,8 +386,7 @@ def _check_driver(url: str) -> None:
                               "system library such as libpq or libmariadb, or a PSYCOPG_IMPL this install "
                               "lacks)") from None
         backend = parsed.get_backend_name()
-        extra = "pymysql" if top == "pymysql" else {"postgresql": "postgres", "mysql": "mysql",
-                                                    "mariadb": "mysql"}.get(backend)
+        extra = {"psycopg": "postgres", "MySQLdb": "mysql", "pymysql": "pymysql"}.get(top)  # (what each extra installs)
         fix = f"pip install 'clerk-sync[{extra}]'" if extra else "pip install the driver"
         if backend == "postgresql" and top != "psycopg":  # (psycopg2, pg8000: not what clerk-sync installs)
             fix = "use postgresql+psycopg:// (psycopg 3: pip install 'clerk-sync[postgres]'), or pip install the driver"

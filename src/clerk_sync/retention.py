@@ -17,15 +17,20 @@ left whole: their handlers have yet to see the change.
 
 **Tombstones.** ``user.deleted`` keeps the row with ``deleted_at`` set: that row is what makes a late
 ``user.created`` a no-op (``engine.decide``: a tombstone is terminal). After ``clear_tombstones_after``
-its personal columns are cleared (and the IP addresses of the audit rows the user made); by default the row itself (ids, version, ``deleted_at``) stays for
+its personal columns are cleared; by default the row itself (ids, version, ``deleted_at``) stays for
 good. With ``delete_tombstones_after`` the rows of users, organizations and memberships deleted that
 long ago are hard-deleted, and what stops a late or replayed ``user.created`` from bringing one back
 is then a row of ``clerk_sync_erased``: the SHA-256 of "entity:clerk_id", which every guarded insert
 consults (``store._NOT_ERASED``). It is not salted (every replica must compute it alike): whoever holds
-a candidate Clerk id can tell it was erased here, which says nothing more about the person. A pass writes the digests; a row goes only on a pass that finds its digest
-committed at least ``digest_settle`` before (15 min: a later pass), so no insert can still be reading from
-before it (:meth:`Retention._erase_tombstones` says why). A row an app's table still refers to by a foreign
-key stays (cleared; logged, with what to change).
+a candidate Clerk id can tell it was erased here, which says nothing more about the person. A pass writes
+the digests; a row goes only on a pass that finds its digest committed at least ``digest_settle`` before
+(15 min: a later pass), so no insert can still be reading from before it
+(:meth:`Retention._erase_tombstones` says why). A row an app's table still refers to by a foreign key stays
+(cleared; logged, with what to change).
+
+**Audit IPs.** The audit log is kept for good (migration 0013's triggers refuse deletes). Its ``ip`` column
+is personal data of whoever acted: with ``audit_ip_clear_after`` (unset by default: a deleted admin's IPs
+are evidence an incident review may need) prune clears it on the rows written that long ago.
 
 **Erasure** (:meth:`Retention.erase_user`): tombstones the user now (memberships too), which waits for a
 delivery in flight for them, then clears the row and redacts every stored payload and ``last_error`` that
@@ -140,6 +145,7 @@ class RetentionPolicy:
     clear_tombstones_after: timedelta = timedelta(0)
     batch: int = 500
     delete_tombstones_after: timedelta | None = None  # None: tombstones stay (cleared) for good
+    audit_ip_clear_after: timedelta | None = None  # None: the audit log's IPs stay (an erasure clears its user's)
     digest_settle: timedelta = _DIGEST_SETTLE  # a digest committed this long before its row goes
 
     def __post_init__(self) -> None:
@@ -155,13 +161,15 @@ class RetentionPolicy:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RetentionPolicy:
-        hard = settings.tombstone_delete_after_days
+        hard, ips = settings.tombstone_delete_after_days, settings.audit_ip_clear_after_days
         # What a writer's read can outlive, bounded: two statements and the pause between them, four times over
         # (0, unbounded, leaves the default standing).
         span = 2 * settings.db_statement_timeout_s + settings.db_idle_in_transaction_timeout_s
         return cls(timedelta(days=settings.inbox_redact_after_days), timedelta(days=settings.inbox_delete_after_days),
                    timedelta(days=settings.tombstone_clear_after_days), settings.prune_batch,
-                   None if hard is None else timedelta(days=hard), max(_DIGEST_SETTLE, timedelta(seconds=4 * span)))
+                   None if hard is None else timedelta(days=hard),
+                   digest_settle=max(_DIGEST_SETTLE, timedelta(seconds=4 * span)),
+                   audit_ip_clear_after=None if ips is None else timedelta(days=ips))
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +182,7 @@ class PruneReport:
     cleared: int
     dry_run: bool
     erased: int = 0  # tombstone rows hard-deleted (``delete_tombstones_after``)
+    audit_ips: int = 0  # audit rows whose ``ip`` was cleared (``audit_ip_clear_after``)
     settling: int = 0  # due ones whose digests are younger than ``digest_settle``: a later pass deletes them
 
     def summary(self) -> str:
@@ -183,7 +192,8 @@ class PruneReport:
         return (f"{'would redact' if would else 'redacted'} {self.redacted} payload(s), "
                 f"{'would delete' if would else 'deleted'} {self.deleted} delivery row(s), "
                 f"{'would clear' if would else 'cleared'} {self.cleared} tombstone(s), "
-                f"{'would erase' if would else 'erased'} {self.erased} tombstone row(s){later}")
+                f"{'would erase' if would else 'erased'} {self.erased} tombstone row(s){later}"
+                + (f", {'would clear' if would else 'cleared'} {self.audit_ips} audit IP(s)" if self.audit_ips else ""))
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,7 +246,8 @@ class Retention:
         redact_cut, delete_cut, clear_cut = now - p.redact_after, now - p.delete_after, now - p.clear_tombstones_after
         erase_cut = None if p.delete_tombstones_after is None else now - p.delete_tombstones_after
         if dry_run:
-            return self._count(redact_cut, delete_cut, clear_cut, erase_cut, now - p.digest_settle)
+            ips_cut = None if p.audit_ip_clear_after is None else now - p.audit_ip_clear_after
+            return self._count(redact_cut, delete_cut, clear_cut, erase_cut, now - p.digest_settle, ips_cut)
         report = PruneReport(
             redacted=self._drain(lambda w: self._redact_batch(w, redact_cut))
             + self._drain(lambda w: self._redact_jobs_batch(w, redact_cut))
@@ -250,6 +261,9 @@ class Retention:
         if erase_cut is not None:  # (after the clearing: a row a foreign key keeps stays cleared)
             erased = [self._erase_tombstones(e, erase_cut, now - p.digest_settle) for e in _ERASABLE]
             report = dataclasses.replace(report, erased=sum(n for n, _ in erased), settling=sum(n for _, n in erased))
+        if p.audit_ip_clear_after is not None:
+            cut = now - p.audit_ip_clear_after
+            report = dataclasses.replace(report, audit_ips=self._drain(lambda w: self._clear_ips_batch(w, cut)))
         if self.metrics is not None:
             for action in ("redacted", "deleted", "cleared", "erased"):
                 self.metrics.pruned.labels(action=action).inc(getattr(report, action))
@@ -301,11 +315,14 @@ class Retention:
                 return total
             after = rows[-1].id
 
-    def _strip_failed_requests(self, cutoff: datetime, *, dry_run: bool = False) -> int:
+    def _strip_failed_requests(self, cutoff: datetime, *, dry_run: bool = False,
+                               gone_cut: datetime | None = None) -> int:
         """A failed delivery is kept whole for its replay, but its ``event_attributes`` (the IP address and user
         agent of the request behind the event: the acting person's, who the event may not name, so no erasure
         finds them) are nothing a replay reads: dropped once the delivery is as old as ``redact_after``, as the
-        applied ones' whole payloads are redacted then. Returns the payloads changed."""
+        applied ones' whole payloads are redacted then. Returns the payloads changed. A dry run (``gone_cut``:
+        the tombstones' clearing time) leaves out those :meth:`_redact_failed_of_gone` counts, which the real
+        pass redacts whole first."""
         e, total, after = webhook_events, 0, 0
         due = sa.select(e.c.id, e.c.payload).where(
             e.c.status == DeliveryStatus.FAILED, e.c.redacted_at.is_(None), e.c.received_at < cutoff,
@@ -317,13 +334,21 @@ class Retention:
                 rows = writer.conn.execute(self._pick(due.where(e.c.id > after).order_by(e.c.id))).all()
                 documents = [(row.id, dict(_as_dict(row.payload))) for row in rows]
                 stripped = [{"row_id": i, "new_payload": {k: v for k, v in doc.items() if k != "event_attributes"}}
-                            for i, doc in documents if "event_attributes" in doc]
+                            for i, doc in documents if "event_attributes" in doc
+                            and (gone_cut is None or not _about_gone_user(writer.conn, doc, gone_cut))]
                 if stripped and not dry_run:
                     writer.conn.execute(stmt, stripped)
             total += len(stripped)
             if len(rows) < self.policy.batch:
                 return total
             after = rows[-1].id
+
+    def _clear_ips_batch(self, writer: Writer, cutoff: datetime) -> int:
+        a = audit_log
+        ids = list(writer.conn.execute(self._pick(sa.select(a.c.id).where(*_audit_ips_due(cutoff)))).scalars())
+        if ids:  # (0013's triggers allow this one change of an audit row: ip to NULL)
+            writer.conn.execute(a.update().where(a.c.id.in_(ids)).values(ip=None))
+        return len(ids)
 
     def _delete_batch(self, writer: Writer, cutoff: datetime) -> int:
         e = webhook_events
@@ -348,16 +373,10 @@ class Retention:
         if ids and table is users:
             # Their addresses are forgotten now: an audit row quoting one (an app's note, an error message) is
             # redacted now too, as an erasure would; a later erasure request no longer knows what to look for.
-            found = writer.conn.execute(sa.select(users.c.clerk_id, users.c.email, users.c.email_addresses)
-                                        .where(users.c.id.in_(ids))).all()
+            found = writer.conn.execute(sa.select(users.c.email, users.c.email_addresses).where(users.c.id.in_(ids)))
             addresses = Mentions({address for row in found for address in _emails(row)})
             if addresses:
                 _redact_audit_details(writer, addresses)
-            # And the IP addresses of what they did (an admin's console sign-ins, promotions, impersonations),
-            # as an erasure clears them: the Clerk ids stay, pseudonymous, for accountability.
-            a, gone = audit_log, [row.clerk_id for row in found]
-            writer.conn.execute(a.update().where(a.c.ip.is_not(None), sa.or_(
-                a.c.actor_clerk_id.in_(gone), a.c.impersonator_clerk_id.in_(gone))).values(ip=None))
         if ids:
             writer.conn.execute(table.update().where(table.c.id.in_(ids)).values(**_CLEARED[table]))
         return len(ids)
@@ -454,12 +473,12 @@ class Retention:
             return int(writer.conn.execute(stmt).rowcount)
 
     def _count(self, redact_cut: datetime, delete_cut: datetime, clear_cut: datetime,
-               erase_cut: datetime | None, settled: datetime) -> PruneReport:
+               erase_cut: datetime | None, settled: datetime, ips_cut: datetime | None) -> PruneReport:
         def count(table: sa.Table, *where: sa.ColumnElement[bool]) -> int:
             return int(conn.execute(sa.select(sa.func.count()).select_from(table).where(*where)).scalar_one())
 
         failed_of_gone = self._redact_failed_of_gone(clear_cut, dry_run=True) \
-            + self._strip_failed_requests(redact_cut, dry_run=True)
+            + self._strip_failed_requests(redact_cut, dry_run=True, gone_cut=clear_cut)
         with self.store.connect() as conn:
             erasing = [self._count_tombstones(conn, e, erase_cut, settled) for e in _ERASABLE] \
                 if erase_cut is not None else []
@@ -473,6 +492,7 @@ class Retention:
                 dry_run=True,
                 erased=sum(n for n, _ in erasing),
                 settling=sum(n for _, n in erasing),
+                audit_ips=count(audit_log, *_audit_ips_due(ips_cut)) if ips_cut is not None else 0,
             )
 
     def _count_tombstones(self, conn: sa.Connection, entity: Entity, cutoff: datetime,
@@ -679,6 +699,10 @@ def _redactable_jobs(cutoff: datetime) -> list[sa.ColumnElement[bool]]:
     """Dead hook jobs queued before ``cutoff`` and not redacted yet (their payload has no ``redacted``)."""
     j = hook_jobs
     return [j.c.status == "dead", j.c.created_at < cutoff, j.c.payload["redacted"].as_string().is_(None)]
+
+
+def _audit_ips_due(cutoff: datetime) -> list[sa.ColumnElement[bool]]:
+    return [audit_log.c.ip.is_not(None), audit_log.c.created_at < cutoff]
 
 
 def _deletable_jobs(cutoff: datetime) -> list[sa.ColumnElement[bool]]:

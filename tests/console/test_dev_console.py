@@ -26,8 +26,15 @@ def test_the_dev_link_signs_the_demo_admin_in(tmp_path: Path) -> None:
 
 
 def test_dev_command_prints_the_console_link(tmp_path: Path) -> None:
+    """While `dev` keeps running; with `--once` (stopped right after the report) the link would lead nowhere."""
+    from clerk_sync.cli.dev import _print_report
+
     console = Console(record=True, width=100)
     report = run_dev(tmp_path / "demo.db", users_n=3, orgs_n=1, console=console, keep_running=False)
     assert report.converged and report.console_url is not None
-    lines = console.export_text().splitlines()
+    assert report.console_url not in console.export_text()
+    running = Console(record=True, width=100)
+    with DevStack(tmp_path / "running.db").running() as stack:
+        _print_report(running, report, stack, running=True)
+    lines = running.export_text().splitlines()
     assert any(line.startswith("console ") and report.console_url in line for line in lines)

@@ -5,6 +5,7 @@ clerk-sync's erasure and retention never saw: the copy outlived ``clerk-sync use
 from __future__ import annotations
 
 from io import StringIO
+from typing import Any
 
 import pytest
 from django.contrib.auth import get_user_model
@@ -77,3 +78,37 @@ def test_manage_py_prune_clears_the_django_users_of_cleared_tombstones(client_wo
     assert _copy(bob) == ("bob@example.com", "Bob", "", True)
     call_command("clerk_sync", "prune", stdout=out)
     assert "Django users cleared: 0" in out.getvalue()
+
+
+def raising_user_fields(row: Any) -> dict[str, Any]:
+    """A USER_FIELDS that fails for one user (a lookup of a value only some rows have)."""
+    if row.clerk_id.endswith("_x"):
+        raise KeyError(row.role)
+    from clerk_sync.integrations.django.conf import default_user_fields
+
+    return default_user_fields(row)
+
+
+def test_one_django_user_that_cannot_be_cleared_does_not_stop_the_others(client_world: World) -> None:
+    """Review: the first user a prune could not clear (a USER_FIELDS raising) stopped the pass there, every
+    hour; the others are cleared, the failure is named and the command exits non-zero."""
+    from django.test import override_settings
+
+    from clerk_sync.integrations.django.runtime import get_clerk_sync
+    from clerk_sync.retention import Retention
+    from tests.django.conftest import emulator_settings
+
+    clerk = client_world.clerk
+    first = get_user_model().objects.create_user(username="user_x", email="x@example.com", first_name="X")
+    first.set_unusable_password()  # linked (the backend's own), and read first (the lower pk)
+    first.save()
+    ann = _signed_in(client_world, "ann@example.com", first_name="Ann")
+    Retention(get_clerk_sync().store).erase_user("user_x", allow_unknown=True)
+    clerk.request("DELETE", f"/v1/users/{ann}")
+    clerk.wait_for_deliveries()
+    with override_settings(CLERK_SYNC={**emulator_settings(clerk),
+                                       "USER_FIELDS": "tests.django.test_erasure_django.raising_user_fields"}), \
+            pytest.raises(CommandError, match="could not be cleared"):
+        call_command("clerk_sync", "prune", stdout=StringIO())
+    assert _copy(ann) == ("", "", "", False)
+    assert _copy("user_x")[0] == "x@example.com"

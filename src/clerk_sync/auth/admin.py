@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 from clerk_sync._limits import ROLE_CHARS, show
 from clerk_sync.auth.audit import AuditEntry, record_audit
-from clerk_sync.auth.users import AuthUser, read_user, standing_error
+from clerk_sync.auth.users import AuthUser, load_user, read_user, standing_error
 from clerk_sync.engine import Entity, Upsert
 from clerk_sync.errors import (
     AccessDenied,
@@ -30,7 +30,7 @@ from clerk_sync.errors import (
 )
 from clerk_sync.errors import ClerkUnavailable as _ClerkUnavailable
 from clerk_sync.events import user_record
-from clerk_sync.store import Store, Writer
+from clerk_sync.store import Store, Writer, is_erased
 from clerk_sync.tables import pending_role_changes, users
 
 __all__ = ["ADMIN_ROLE", "AdminActions", "ClerkAdminAPI", "Impersonation", "RoleChange", "check_role"]
@@ -162,6 +162,16 @@ class AdminActions:
                                                         "pending_id": row["id"]}))
                 counts["failed"] += 1
                 continue
+            gone = self._target_gone(row["id"], row["user_clerk_id"])
+            if gone is not None:  # closed meanwhile (an erasure), or its user deleted or erased since it was queued
+                if gone:
+                    with self.store.transaction() as w:
+                        self._close_pending(w, row["user_clerk_id"], error=gone)
+                        record_audit(w, AuditEntry("role.change_refused", row["requested_by"], row["user_clerk_id"],
+                                                   details={"to": row["role"], "reason": gone,
+                                                            "pending_id": row["id"]}))
+                    counts["failed"] += 1
+                continue
             try:
                 patch = {"role": row["role"]}
                 clerk_user = self.clerk.update_user_metadata(row["user_clerk_id"], public_metadata=patch)
@@ -185,6 +195,19 @@ class AdminActions:
             self._store_clerk_user(clerk_user, entry)
             counts["applied"] += 1
         return counts
+
+    def _target_gone(self, pending_id: int, target: str) -> str | None:
+        """Read just before the push: ``""`` when the change was closed meanwhile (an erasure closes its user's),
+        a reason when its user has been deleted or erased since it was queued (Clerk may still hold an erased
+        user: the push would set the role there and audit it), else None."""
+        p = pending_role_changes
+        with self.store.connect() as conn:
+            if conn.execute(sa.select(p.c.done_at).where(p.c.id == pending_id)).scalar_one_or_none() is not None:
+                return ""
+            user = load_user(conn, target)
+            if (user is not None and user.is_deleted) or (user is None and is_erased(conn, Entity.USER, target)):
+                return "the user was deleted or erased since it was queued: not pushed"
+        return None
 
     def _requester_refusal(self, requested_by: str | None) -> str | None:
         """Why a queued change may no longer be pushed: its admin was demoted, banned or deleted since

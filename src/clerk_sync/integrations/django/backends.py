@@ -145,10 +145,12 @@ def forget_django_user(clerk_id: str) -> bool:
     return user is not None and _is_linked(user) and _forget(user, clerk_id)
 
 
-def forget_cleared_django_users(batch: int = 500) -> int:
+def forget_cleared_django_users(batch: int = 500) -> tuple[int, list[Any]]:
     """:func:`forget_django_user` for every linked Django user whose Clerk user clerk-sync no longer keeps data of
     (:meth:`~clerk_sync.retention.Retention.cleared_users`), read ``batch`` users at a time; returns how many
-    changed. ``manage.py clerk_sync prune`` runs it after the retention pass."""
+    changed, and the primary keys of those it could not change (logged ``django_user_forget_failed``: a
+    ``USER_FIELDS`` that raised, a unique field the blank collides on), which do not stop the others.
+    ``manage.py clerk_sync prune`` runs it after the retention pass."""
     from clerk_sync.retention import Retention
 
     model = get_user_model()
@@ -156,15 +158,25 @@ def forget_cleared_django_users(batch: int = 500) -> int:
                                            | Q(password__startswith=UNUSABLE_PASSWORD_PREFIX)).order_by("pk")
     retention = Retention(get_clerk_sync().store)
     changed, after = 0, None
+    failed: list[Any] = []
     while True:
         page = list((linked if after is None else linked.filter(pk__gt=after))[:batch])
         if not page:
-            return changed
+            return changed, failed
         after = page[-1].pk
         cleared = retention.cleared_users([str(user.get_username()) for user in page])
-        changed += sum(_forget(user, str(user.get_username())) for user in page if user.get_username() in cleared)
+        for user in page:
+            if user.get_username() not in cleared:
+                continue
+            try:
+                changed += _forget(user, str(user.get_username()))
+            except Exception as exc:  # one user must not stop every later prune at the same place
+                failed.append(user.pk)
+                log.error("django_user_forget_failed", django_user_pk=user.pk, error=type(exc).__name__,
+                          fix="check CLERK_SYNC['USER_FIELDS'] with a deleted row holding no personal data, and "
+                              "the Django user model's unique fields")
         if len(page) < batch:
-            return changed
+            return changed, failed
 
 
 def _forget(user: Any, clerk_id: str) -> bool:
@@ -184,7 +196,7 @@ def _cleared_row(clerk_id: str) -> AuthUser:
     gone = datetime.fromtimestamp(0, UTC)
     return AuthUser(id=0, clerk_id=clerk_id, email=None, email_addresses=[], first_name=None, last_name=None,
                     username=None, image_url=None, public_metadata={}, private_metadata={}, unsafe_metadata={},
-                    role="", plan="", banned=False, locked=False, deprovisioned=False, last_sign_in_at=None,
+                    role="user", plan="free", banned=False, locked=False, deprovisioned=False, last_sign_in_at=None,
                     clerk_created_at=None, clerk_updated_at=0, created_at=gone, updated_at=gone, deleted_at=gone)
 
 

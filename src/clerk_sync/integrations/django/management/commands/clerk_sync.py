@@ -142,7 +142,11 @@ class Command(BaseCommand):
             store.dispose()
         self.stdout.write(report.summary())
         if not dry_run:  # the tombstones cleared now, and before: their Django users' copies go too
-            self.stdout.write(f"Django users cleared: {forget_cleared_django_users()}")
+            changed, failed = forget_cleared_django_users()
+            self.stdout.write(f"Django users cleared: {changed}")
+            if failed:
+                raise CommandError(f"{len(failed)} Django user(s) could not be cleared (pk {failed[:20]}): see the "
+                                   "django_user_forget_failed log lines")
 
     def _erase(self, *, clerk_id: str, reason: str | None, actor: str | None, force: bool, **_: Any) -> None:
         """``clerk-sync users erase`` with ``CLERK_SYNC["MAPPING"]``/``["HOOKS"]``, then the Django user's copy."""
