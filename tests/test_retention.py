@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+import structlog
 
 from clerk_sync.changes import Change, Hook
 from clerk_sync.engine import Entity
@@ -279,8 +280,15 @@ def test_audit_ips_are_cleared_after_their_own_age_when_asked_and_kept_otherwise
     dry = Retention(store, policy, now=_later(91)).prune(dry_run=True)
     assert dry.audit_ips == 2 and "would clear 2 audit IP(s)" in dry.summary()
     assert ips() == ["203.0.113.7", "203.0.113.8"]
-    report = Retention(store, policy, now=_later(91)).prune()
-    assert report.audit_ips == 2 and "cleared 2 audit IP(s)" in report.summary()
+    from clerk_sync.integrations.starlette import PruneSchedule
+    from clerk_sync.metrics import Metrics
+
+    metrics = Metrics()
+    with structlog.testing.capture_logs() as logs:  # as `serve` prunes: its log line and the metric say it too
+        report = PruneSchedule(Retention(store, policy, metrics=metrics, now=_later(91)), 3600).run_once()
+    assert report is not None and report.audit_ips == 2 and "cleared 2 audit IP(s)" in report.summary()
+    assert [e["audit_ips"] for e in logs if e["event"] == "pruned"] == [2]
+    assert metrics.pruned.labels(action="audit_ips")._value.get() == 2
     assert ips() == [None, None]
     with store.connect() as conn:
         kept = conn.execute(sa.select(audit_log.c.actor_clerk_id, audit_log.c.action).order_by(audit_log.c.id)).all()

@@ -219,7 +219,8 @@ class Metrics:
                                       registry=r)
         self.reconcile_drift = Counter("clerk_sync_reconcile_drift", "Drift reconcile found, by table and action.",
                                        ["entity", "action"], registry=r)
-        self.pruned = Counter("clerk_sync_pruned_rows", "Rows retention redacted, deleted, cleared or erased.",
+        self.pruned = Counter("clerk_sync_pruned_rows", "Rows retention redacted, deleted, cleared or erased "
+                              "(audit_ips: audit rows whose IP it cleared).",
                               ["action"], registry=r)
         self.hook_runs = Counter("clerk_sync_hook_runs",
                                  "Hook handler runs by hook and outcome (ok, retry, dead, lost).",

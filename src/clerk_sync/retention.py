@@ -263,9 +263,9 @@ class Retention:
             report = dataclasses.replace(report, erased=sum(n for n, _ in erased), settling=sum(n for _, n in erased))
         if p.audit_ip_clear_after is not None:
             cut = now - p.audit_ip_clear_after
-            report = dataclasses.replace(report, audit_ips=self._drain(lambda w: self._clear_ips_batch(w, cut)))
+            report = dataclasses.replace(report, audit_ips=self._clear_ips(cut))
         if self.metrics is not None:
-            for action in ("redacted", "deleted", "cleared", "erased"):
+            for action in ("redacted", "deleted", "cleared", "erased", "audit_ips"):
                 self.metrics.pruned.labels(action=action).inc(getattr(report, action))
         return report
 
@@ -343,12 +343,20 @@ class Retention:
                 return total
             after = rows[-1].id
 
-    def _clear_ips_batch(self, writer: Writer, cutoff: datetime) -> int:
-        a = audit_log
-        ids = list(writer.conn.execute(self._pick(sa.select(a.c.id).where(*_audit_ips_due(cutoff)))).scalars())
-        if ids:  # (0013's triggers allow this one change of an audit row: ip to NULL)
-            writer.conn.execute(a.update().where(a.c.id.in_(ids)).values(ip=None))
-        return len(ids)
+    def _clear_ips(self, cutoff: datetime) -> int:
+        """Clear the ``ip`` of the audit rows written before ``cutoff``, a batch at a time in id order (a
+        cursor: the log is kept for good, and each batch must not walk the rows cleared before it)."""
+        a, total, after = audit_log, 0, 0
+        while True:
+            with self.store.transaction() as writer:
+                due = sa.select(a.c.id).where(a.c.id > after, *_audit_ips_due(cutoff)).order_by(a.c.id)
+                ids = list(writer.conn.execute(self._pick(due)).scalars())
+                if ids:  # (0013's triggers allow this one change of an audit row: ip to NULL)
+                    writer.conn.execute(a.update().where(a.c.id.in_(ids)).values(ip=None))
+            total += len(ids)
+            if len(ids) < self.policy.batch:
+                return total
+            after = ids[-1]
 
     def _delete_batch(self, writer: Writer, cutoff: datetime) -> int:
         e = webhook_events

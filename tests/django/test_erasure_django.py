@@ -112,3 +112,38 @@ def test_one_django_user_that_cannot_be_cleared_does_not_stop_the_others(client_
         call_command("clerk_sync", "prune", stdout=StringIO())
     assert _copy(ann) == ("", "", "", False)
     assert _copy("user_x")[0] == "x@example.com"
+
+
+def colliding_user_fields(row: Any) -> dict[str, Any]:
+    """A USER_FIELDS whose blank for one user collides with a unique column (another user's username)."""
+    from clerk_sync.integrations.django.conf import default_user_fields
+
+    return {**default_user_fields(row), **({"username": "taken"} if row.clerk_id == "user_x" else {})}
+
+
+def test_a_refused_save_inside_a_callers_transaction_does_not_doom_the_users_after_it(client_world: World) -> None:
+    """Review: without a savepoint per user, the first refused save inside an outer transaction (a task's
+    ``atomic``, ``ATOMIC_REQUESTS``) aborted it on PostgreSQL: every later user failed, the earlier ones
+    rolled back."""
+    from django.db import transaction
+    from django.test import override_settings
+
+    from clerk_sync.integrations.django.backends import forget_cleared_django_users
+    from clerk_sync.integrations.django.runtime import get_clerk_sync
+    from clerk_sync.retention import Retention
+    from tests.django.conftest import emulator_settings
+
+    clerk = client_world.clerk
+    get_user_model().objects.create_user(username="taken", password="pw-12345678")
+    first = get_user_model().objects.create_user(username="user_x", email="x@example.com")
+    first.set_unusable_password()
+    first.save()
+    ann = _signed_in(client_world, "ann@example.com", first_name="Ann")
+    Retention(get_clerk_sync().store).erase_user("user_x", allow_unknown=True)
+    Retention(get_clerk_sync().store).erase_user(ann)
+    with override_settings(CLERK_SYNC={**emulator_settings(clerk),
+                                       "USER_FIELDS": "tests.django.test_erasure_django.colliding_user_fields"}), \
+            transaction.atomic():
+        changed, failed = forget_cleared_django_users()
+    assert (changed, failed) == (1, [first.pk])
+    assert _copy(ann) == ("", "", "", False) and _copy("user_x")[0] == "x@example.com"

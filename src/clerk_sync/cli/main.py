@@ -303,8 +303,9 @@ def prune(
     """Apply retention: redact old inbox payloads, delete older rows, clear tombstones (serve also runs it).
 
     Ages come from CLERK_SYNC_INBOX_REDACT_AFTER_DAYS, CLERK_SYNC_INBOX_DELETE_AFTER_DAYS,
-    CLERK_SYNC_TOMBSTONE_CLEAR_AFTER_DAYS and (opt-in, hard deletion) CLERK_SYNC_TOMBSTONE_DELETE_AFTER_DAYS;
-    failed deliveries are kept until replayed.
+    CLERK_SYNC_TOMBSTONE_CLEAR_AFTER_DAYS, (opt-in, hard deletion) CLERK_SYNC_TOMBSTONE_DELETE_AFTER_DAYS and
+    (opt-in) CLERK_SYNC_AUDIT_IP_CLEAR_AFTER_DAYS; failed deliveries are kept until replayed (their request's
+    IP and user agent dropped after the redaction age).
     """
     from clerk_sync.retention import Retention, RetentionPolicy
 

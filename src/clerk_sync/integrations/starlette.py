@@ -451,7 +451,7 @@ class PruneSchedule:
         finally:
             self.passes += 1
         log.info("pruned", redacted=report.redacted, deleted=report.deleted, cleared=report.cleared,
-                 erased=report.erased, settling=report.settling)
+                 erased=report.erased, settling=report.settling, audit_ips=report.audit_ips)
         return report
 
     async def _loop(self) -> None:

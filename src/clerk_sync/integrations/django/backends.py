@@ -45,6 +45,7 @@ from django.contrib.auth import get_user_model, load_backend
 from django.contrib.auth.backends import BaseBackend
 from django.contrib.auth.hashers import UNUSABLE_PASSWORD_PREFIX, make_password
 from django.contrib.auth.models import AnonymousUser
+from django.db import transaction
 from django.db.models import Q
 from django.http import HttpRequest
 
@@ -169,7 +170,8 @@ def forget_cleared_django_users(batch: int = 500) -> tuple[int, list[Any]]:
             if user.get_username() not in cleared:
                 continue
             try:
-                changed += _forget(user, str(user.get_username()))
+                with transaction.atomic(using=user._state.db):  # (a refused save inside a caller's transaction
+                    changed += _forget(user, str(user.get_username()))  # must not doom the users after it)
             except Exception as exc:  # one user must not stop every later prune at the same place
                 failed.append(user.pk)
                 log.error("django_user_forget_failed", django_user_pk=user.pk, error=type(exc).__name__,
