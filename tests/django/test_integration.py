@@ -121,10 +121,14 @@ def test_settings_a_careful_user_could_get_wrong_are_check_errors_not_an_open_si
             with pytest.raises(ImproperlyConfigured, match=key):
                 django_options()
     without = [m for m in settings.MIDDLEWARE if "ClerkMiddleware" not in m]
-    with override_settings(MIDDLEWARE=without, CLERK_SYNC={**base, "REQUIRE_AUTH": True}):
+    model_only = ["django.contrib.auth.backends.ModelBackend"]  # (ClerkBackend without the middleware: W003)
+    with override_settings(MIDDLEWARE=without, AUTHENTICATION_BACKENDS=model_only,
+                           CLERK_SYNC={**base, "REQUIRE_AUTH": True}):
         assert [m.id for m in check_settings()] == ["clerk_sync.E005"]
-    with override_settings(MIDDLEWARE=without, CLERK_SYNC=base):
+    with override_settings(MIDDLEWARE=without, AUTHENTICATION_BACKENDS=model_only, CLERK_SYNC=base):
         assert check_settings() == []  # guards alone (no REQUIRE_AUTH) need no middleware
+    with override_settings(MIDDLEWARE=without, CLERK_SYNC=base):
+        assert [m.id for m in check_settings()] == ["clerk_sync.W003"]  # the example's ClerkBackend, unserved
     with override_settings(CLERK_SYNC={**base, "USER_FIELDS": "tests.django.nowhere.fields"}):
         assert [m.id for m in check_settings()] == ["clerk_sync.E001"]
     parties = ["https://app.example.com", "https://admin.example.com/"]
