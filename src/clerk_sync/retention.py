@@ -52,7 +52,7 @@ import dataclasses
 import functools
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -302,18 +302,16 @@ class Retention:
         tombstones' clearing time) or hard-deleted since can never be applied, so its payload is redacted as
         the tombstone's columns are cleared (it stays ``failed``, its ``last_error`` too). Who a payload is
         about is inside its JSON: the failed backlog is read a batch at a time, in id order."""
-        e, total, after = webhook_events, 0, 0
+        e = webhook_events
         due = sa.select(e.c.id, e.c.payload).where(e.c.status == DeliveryStatus.FAILED, e.c.redacted_at.is_(None))
-        while True:
-            with self.store.transaction() as writer:
-                rows = writer.conn.execute(self._pick(due.where(e.c.id > after).order_by(e.c.id))).all()
-                gone = [(row.id, row.payload) for row in rows if _about_gone_user(writer.conn, row.payload, cutoff)]
-                if not dry_run:
-                    _store_redacted(writer, gone)
-            total += len(gone)
-            if len(rows) < self.policy.batch:
-                return total
-            after = rows[-1].id
+
+        def redact(writer: Writer, rows: Sequence[Any]) -> int:
+            gone = [(row.id, row.payload) for row in rows if _about_gone_user(writer.conn, row.payload, cutoff)]
+            if not dry_run:
+                _store_redacted(writer, gone)
+            return len(gone)
+
+        return self._walk(due, e.c.id, redact)
 
     def _strip_failed_requests(self, cutoff: datetime, *, dry_run: bool = False,
                                gone_cut: datetime | None = None) -> int:
@@ -323,40 +321,49 @@ class Retention:
         applied ones' whole payloads are redacted then. Returns the payloads changed. A dry run (``gone_cut``:
         the tombstones' clearing time) leaves out those :meth:`_redact_failed_of_gone` counts, which the real
         pass redacts whole first."""
-        e, total, after = webhook_events, 0, 0
+        e = webhook_events
         due = sa.select(e.c.id, e.c.payload).where(
             e.c.status == DeliveryStatus.FAILED, e.c.redacted_at.is_(None), e.c.received_at < cutoff,
             sa.cast(e.c.payload, sa.Text).contains('"event_attributes"'))
         stmt = e.update().where(e.c.id == sa.bindparam("row_id")).values(
             payload=sa.bindparam("new_payload", type_=e.c.payload.type))
-        while True:
-            with self.store.transaction() as writer:
-                rows = writer.conn.execute(self._pick(due.where(e.c.id > after).order_by(e.c.id))).all()
-                documents = [(row.id, dict(_as_dict(row.payload))) for row in rows]
-                stripped = [{"row_id": i, "new_payload": {k: v for k, v in doc.items() if k != "event_attributes"}}
-                            for i, doc in documents if "event_attributes" in doc
-                            and (gone_cut is None or not _about_gone_user(writer.conn, doc, gone_cut))]
-                if stripped and not dry_run:
-                    writer.conn.execute(stmt, stripped)
-            total += len(stripped)
-            if len(rows) < self.policy.batch:
-                return total
-            after = rows[-1].id
+
+        def strip(writer: Writer, rows: Sequence[Any]) -> int:
+            documents = [(row.id, dict(_as_dict(row.payload))) for row in rows]
+            stripped = [{"row_id": i, "new_payload": {k: v for k, v in doc.items() if k != "event_attributes"}}
+                        for i, doc in documents if "event_attributes" in doc
+                        and (gone_cut is None or not _about_gone_user(writer.conn, doc, gone_cut))]
+            if stripped and not dry_run:
+                writer.conn.execute(stmt, stripped)
+            return len(stripped)
+
+        return self._walk(due, e.c.id, strip)
 
     def _clear_ips(self, cutoff: datetime) -> int:
         """Clear the ``ip`` of the audit rows written before ``cutoff``, a batch at a time in id order (a
         cursor: the log is kept for good, and each batch must not walk the rows cleared before it)."""
-        a, total, after = audit_log, 0, 0
+        a = audit_log
+
+        def clear(writer: Writer, rows: Sequence[Any]) -> int:
+            if rows:  # (0013's triggers allow this one change of an audit row: ip to NULL)
+                writer.conn.execute(a.update().where(a.c.id.in_([row.id for row in rows])).values(ip=None))
+            return len(rows)
+
+        return self._walk(sa.select(a.c.id).where(*_audit_ips_due(cutoff)), a.c.id, clear)
+
+    def _walk(self, query: sa.Select[Any], id_column: sa.ColumnElement[Any],
+              handle: Callable[[Writer, Sequence[Any]], int]) -> int:
+        """Run ``handle`` over ``query``'s rows (their first column the id) a batch at a time, in id order, each
+        batch in its own short transaction; a cursor, so no batch walks the rows the earlier ones passed over.
+        Returns the sum of what ``handle`` returned."""
+        total, after = 0, 0
         while True:
             with self.store.transaction() as writer:
-                due = sa.select(a.c.id).where(a.c.id > after, *_audit_ips_due(cutoff)).order_by(a.c.id)
-                ids = list(writer.conn.execute(self._pick(due)).scalars())
-                if ids:  # (0013's triggers allow this one change of an audit row: ip to NULL)
-                    writer.conn.execute(a.update().where(a.c.id.in_(ids)).values(ip=None))
-            total += len(ids)
-            if len(ids) < self.policy.batch:
+                rows = writer.conn.execute(self._pick(query.where(id_column > after).order_by(id_column))).all()
+                total += handle(writer, rows)
+            if len(rows) < self.policy.batch:
                 return total
-            after = ids[-1]
+            after = rows[-1].id
 
     def _delete_batch(self, writer: Writer, cutoff: datetime) -> int:
         e = webhook_events

@@ -155,21 +155,13 @@ class AdminActions:
         for row in reversed(list(newest.values())):
             refusal = refusals[row["id"]]
             if refusal is not None:  # an admin's request is theirs while they are one: not after a demotion
-                with self.store.transaction() as w:
-                    self._close_pending(w, row["user_clerk_id"], error=refusal)
-                    record_audit(w, AuditEntry("role.change_refused", row["requested_by"], row["user_clerk_id"],
-                                               details={"to": row["role"], "reason": refusal,
-                                                        "pending_id": row["id"]}))
+                self._refuse_pending(row, refusal)
                 counts["failed"] += 1
                 continue
             gone = self._target_gone(row["id"], row["user_clerk_id"])
             if gone is not None:  # closed meanwhile (an erasure), or its user deleted or erased since it was queued
                 if gone:
-                    with self.store.transaction() as w:
-                        self._close_pending(w, row["user_clerk_id"], error=gone)
-                        record_audit(w, AuditEntry("role.change_refused", row["requested_by"], row["user_clerk_id"],
-                                                   details={"to": row["role"], "reason": gone,
-                                                            "pending_id": row["id"]}))
+                    self._refuse_pending(row, gone)
                     counts["failed"] += 1
                 continue
             try:
@@ -195,6 +187,13 @@ class AdminActions:
             self._store_clerk_user(clerk_user, entry)
             counts["applied"] += 1
         return counts
+
+    def _refuse_pending(self, row: Any, reason: str) -> None:
+        """Close the user's pending changes unpushed and audit why (``role.change_refused``)."""
+        with self.store.transaction() as w:
+            self._close_pending(w, row["user_clerk_id"], error=reason)
+            record_audit(w, AuditEntry("role.change_refused", row["requested_by"], row["user_clerk_id"],
+                                       details={"to": row["role"], "reason": reason, "pending_id": row["id"]}))
 
     def _target_gone(self, pending_id: int, target: str) -> str | None:
         """Read just before the push: ``""`` when the change was closed meanwhile (an erasure closes its user's),

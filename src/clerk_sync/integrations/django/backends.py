@@ -95,13 +95,14 @@ def sync_django_user(row: AuthUser) -> Any:
     return user
 
 
-def _copy_fields(user: Any, fields: dict[str, Any]) -> None:
-    """Set and save the fields that differ (no write when none does)."""
+def _copy_fields(user: Any, fields: dict[str, Any]) -> list[str]:
+    """Set and save the fields that differ (no write when none does); returns their names."""
     changed = [name for name, value in fields.items() if getattr(user, name) != value]
     if changed:
         for name in changed:
             setattr(user, name, fields[name])
         user.save(update_fields=changed)
+    return changed
 
 
 def _is_linked(user: Any) -> bool:
@@ -126,12 +127,7 @@ def deactivate_django_user(clerk_id: str, row: AuthUser | None = None) -> None:
     names: tuple[str, ...] = _FLAGS
     if row is not None and not row.is_deleted:
         names = tuple(n for n in _FLAGS if n in get_clerk_sync().options.user_fields(row))
-    flags = dict.fromkeys(names, False)
-    changed = [name for name, value in flags.items() if hasattr(user, name) and getattr(user, name) != value]
-    if changed:
-        for name in changed:
-            setattr(user, name, flags[name])
-        user.save(update_fields=changed)
+    if _copy_fields(user, {name: False for name in names if hasattr(user, name)}):
         log.warning("django_user_deactivated", clerk_id=clerk_id, django_user_pk=user.pk)
 
 
@@ -182,13 +178,9 @@ def forget_cleared_django_users(batch: int = 500) -> tuple[int, list[Any]]:
 
 
 def _forget(user: Any, clerk_id: str) -> bool:
-    fields = {**get_clerk_sync().options.user_fields(_cleared_row(clerk_id)),
-              **{flag: False for flag in _FLAGS if hasattr(user, flag)}}
-    changed = [name for name, value in fields.items() if getattr(user, name) != value]
+    changed = _copy_fields(user, {**get_clerk_sync().options.user_fields(_cleared_row(clerk_id)),
+                                  **{flag: False for flag in _FLAGS if hasattr(user, flag)}})
     if changed:
-        for name in changed:
-            setattr(user, name, fields[name])
-        user.save(update_fields=changed)
         log.info("django_user_forgotten", clerk_id=clerk_id, django_user_pk=user.pk, fields=changed)
     return bool(changed)
 
