@@ -353,7 +353,7 @@ class Retention:
 
     def _walk(self, query: sa.Select[Any], id_column: sa.ColumnElement[Any],
               handle: Callable[[Writer, Sequence[Any]], int]) -> int:
-        """Run ``handle`` over ``query``'s rows (their first column the id) a batch at a time, in id order, each
+        """Run ``handle`` over ``query``'s rows (each with an ``id``) a batch at a time, in id order, each
         batch in its own short transaction; a cursor, so no batch walks the rows the earlier ones passed over.
         Returns the sum of what ``handle`` returned."""
         total, after = 0, 0
