@@ -84,6 +84,10 @@ def store_error(exc: sa.exc.SQLAlchemyError) -> StoreError:
                           "migrate`, in Flask `flask clerk-sync migrate`)")
     if isinstance(exc, sa.exc.DataError):  # a value refused for good: retrying cannot help
         return StoreDataError(message)
+    if str(getattr(orig, "sqlstate", None) or "").startswith("54"):
+        # PostgreSQL's program limits (an index row over 2,704 bytes, a value nested too deep): this row is
+        # over a limit on every retry, so stored failed rather than 503 (an app's index on a mapped column)
+        return StoreDataError(message + _CHECK_MAPPING)
     if (isinstance(exc, sa.exc.ProgrammingError) and _client_side(orig)) \
             or _mysql_errno(orig) in _MYSQL_VALUE_REFUSED:
         # Refused by the driver before it sent anything ("cannot adapt type 'dict'"), or a MySQL column's
