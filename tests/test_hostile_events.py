@@ -346,6 +346,45 @@ def test_a_deletion_or_revocation_with_a_bad_envelope_field_is_applied_not_lost(
                 assert conn.execute(sa.select(table).where(column == key)).mappings().one() == row
 
 
+def random_text(n: int) -> str:
+    """Text PostgreSQL cannot compress below its 2,704-byte btree entry (a repeated character it can)."""
+    return "".join(f"{uuid.uuid4().hex}" for _ in range(n // 32 + 1))[:n]
+
+
+def test_a_long_random_id_is_stored_failed_not_503_for_ever_on_every_store(sides: list[Side]) -> None:
+    """Review (hostile events) 1: PostgreSQL indexed the payload's ids uncut, and a btree entry holds 2,704
+    bytes: a signed delivery whose ``data.id`` was 6,000 random characters (or an object) could not be
+    stored at all (ProgramLimitExceeded, 503 to every retry). The indexes are cut to 191 characters now."""
+    for data_id in ("user_" + random_text(6_000), {"k": random_text(5_000)}):
+        svix_id = fresh("msg")
+        event = f.envelope("user.updated", {**f.user(fresh("user"), 5), "id": data_id})
+        responses = send_all(sides, f.body_of(event), svix_id)
+        assert [(r.status_code, r.json()["status"]) for r in responses] == [(200, "failed")] * len(sides), \
+            [r.text for r in responses]
+        for side in sides:
+            assert inbox_row(side, svix_id)["status"] == "failed"
+
+
+def test_a_demotion_whose_organization_id_is_long_and_random_applies_on_every_store(sides: list[Side]) -> None:
+    """Review (hostile events) 1: the membership's row here supplies a malformed organization id, so the role
+    change applies; on PostgreSQL the uncut index on ``data.organization.id`` refused the whole delivery."""
+    uid, org, mem = fresh("user"), fresh("org"), fresh("orgmem")
+    for side in sides:
+        created = f.envelope("organizationMembership.created", f.membership(mem, org, uid, 100, role="org:admin"))
+        assert send(side, f.body_of(created), fresh("msg")).json()["status"] == "applied"
+    demotion = f.membership(mem, org, uid, 200, role="org:member")
+    demotion["organization"] = {**demotion["organization"], "id": "org_" + random_text(4_000)}
+    svix_id = fresh("msg")
+    responses = send_all(sides, f.body_of(f.envelope("organizationMembership.updated", demotion)), svix_id)
+    assert [(r.status_code, r.json()["status"]) for r in responses] == [(200, "applied")] * len(sides), \
+        [r.text for r in responses]
+    for side in sides:
+        with side.store.connect() as conn:
+            row = conn.execute(sa.select(organization_memberships).where(
+                organization_memberships.c.clerk_id == mem)).mappings().one()
+        assert (row["role"], row["organization_clerk_id"]) == ("org:member", org)
+
+
 @pytest.mark.parametrize("raw", ["12345", '["ins_test"]', '""', '"' + "i" * 65 + '"'],
                          ids=["number", "list", "empty", "too-long"])
 def test_an_instance_id_that_is_not_ours_is_refused_whatever_its_type(sides: list[Side], raw: str) -> None:

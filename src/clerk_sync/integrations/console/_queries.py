@@ -2,7 +2,8 @@
 so page 1 and page 2,000 cost the same; no list counts its rows.
 
 Filters on Clerk ids inside a delivery's payload use the expression indexes of migration
-``0008_console``: the expressions below compile to exactly the indexed text on each dialect.
+``0008_console``: the expressions below compile to exactly the indexed text on each dialect (on PostgreSQL
+and MySQL/MariaDB the id cut to 191 characters, as indexed there).
 """
 
 from __future__ import annotations
@@ -107,8 +108,9 @@ def _mysql_path(element: _PayloadText, compiler: SQLCompiler, **kw: Any) -> str:
 
 @compiles(_PayloadText, "postgresql")
 def _pg_path(element: _PayloadText, compiler: SQLCompiler, **kw: Any) -> str:
+    # cut to 191 characters, as indexed (a btree entry holds 2,704 bytes: migrations 0008_console, 0015)
     *parents, leaf = element.path
-    return "(payload" + "".join(f" -> '{p}'" for p in parents) + f" ->> '{leaf}')"
+    return "left((payload" + "".join(f" -> '{p}'" for p in parents) + f" ->> '{leaf}'), 191)"
 
 
 @dataclass(frozen=True, slots=True)

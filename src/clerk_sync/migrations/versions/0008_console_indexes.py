@@ -17,16 +17,28 @@ down_revision = "0007"
 branch_labels = None
 depends_on = None
 
+# PostgreSQL indexes the payload's ids cut to 191 characters (as 0012 does on MariaDB): a btree entry holds at
+# most 2,704 bytes, and a signed delivery whose id is a long object or string must still be stored (failed),
+# never refused by its own index (503 for ever). Installs that built the uncut indexes get them cut by 0015.
+PG_ID_CHARS = 191
+
+
+def pg_payload_id(path: str) -> str:
+    """``left((payload -> 'a' ->> 'b'), 191)``: the indexed expression (the console's queries compile to it)."""
+    *parents, leaf = path.split(".")
+    return f"left((payload{''.join(f' -> {p!r}' for p in parents)} ->> {leaf!r}), {PG_ID_CHARS})"
+
+
 # name -> (table, SQLite expression, PostgreSQL expression, partial: only rows where it is not NULL)
 _EXPRESSIONS = {
     "ix_webhook_events_data_id": (
-        "webhook_events", "json_extract(payload, '$.data.id')", "(payload -> 'data' ->> 'id')", False),
+        "webhook_events", "json_extract(payload, '$.data.id')", pg_payload_id("data.id"), False),
     "ix_webhook_events_data_user_id": (
         "webhook_events", "json_extract(payload, '$.data.public_user_data.user_id')",
-        "(payload -> 'data' -> 'public_user_data' ->> 'user_id')", True),
+        pg_payload_id("data.public_user_data.user_id"), True),
     "ix_webhook_events_data_org_id": (
         "webhook_events", "json_extract(payload, '$.data.organization.id')",
-        "(payload -> 'data' -> 'organization' ->> 'id')", True),
+        pg_payload_id("data.organization.id"), True),
     "ix_users_first_name_lower": ("users", "lower(first_name)", "lower(first_name)", False),
     "ix_users_last_name_lower": ("users", "lower(last_name)", "lower(last_name)", False),
     "ix_organizations_name_lower": ("organizations", "lower(name)", "lower(name)", False),
