@@ -42,7 +42,7 @@ def upgrade() -> None:
     bind = op.get_bind()
     if bind.dialect.name != "postgresql":
         return  # SQLite has no entry size limit; MariaDB's virtual columns are cut since 0012
-    built = dict(bind.execute(sa.text(
+    built: dict[str, str] = dict(bind.execute(sa.text(
         "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = current_schema() AND tablename = "
         "'webhook_events'")).all())
     for name, (path, partial) in _INDEXES.items():
