@@ -19,7 +19,7 @@ from clerk_sync.engine import (
     touches,
 )
 from clerk_sync.errors import EventShapeError, PayloadError
-from clerk_sync.events import normalize_timestamp_ms, parse_envelope, user_record
+from clerk_sync.events import UserRecord, normalize_timestamp_ms, parse_envelope, user_record
 from tests import factories as f
 
 UP = Upsert(Entity.USER, user_record(f.user("user_1", 200)))
@@ -116,8 +116,44 @@ def test_shape_errors_are_reported_not_guessed() -> None:
         plan(parse_envelope(f.body_of(f.envelope("organizationMembership.created", bad))))
     no_updated = f.user("u", 1)
     del no_updated["updated_at"]
-    with pytest.raises(EventShapeError, match="updated_at"):
-        plan(parse_envelope(f.body_of(f.envelope("user.updated", no_updated))))
+    with pytest.raises(EventShapeError, match="updated_at"):  # a Backend API object: nothing vouches for a version
+        user_record(no_updated)
+
+
+@pytest.mark.parametrize("updated_at", [None, "200", -5, 2**63, 1_700_000_000_001_000, "absent"],
+                         ids=["null", "text", "negative", "overflow", "microseconds", "absent"])
+def test_a_webhook_events_unusable_or_far_future_version_is_its_timestamp(updated_at: object) -> None:
+    """Review (hostile events) 2: a ``user.updated`` whose ``updated_at`` was in microseconds was applied with
+    that version, and every later ban or demotion of the user was skipped as stale, for good; a missing or
+    malformed one failed the event, its ban with it. The event's timestamp is the version now, noted."""
+    data = f.user("u", 1, role="user", banned=True)
+    if updated_at == "absent":
+        del data["updated_at"]
+    else:
+        data["updated_at"] = updated_at
+    intent = plan(parse_envelope(f.body_of(f.envelope("user.updated", data, timestamp=1_700_000_000_000))))
+    assert isinstance(intent, Upsert) and isinstance(intent.record, UserRecord)
+    assert (intent.record.clerk_updated_at, intent.record.banned) == (1_700_000_000_000, True)
+    assert intent.notes[-1].startswith("'updated_at' ") and intent.notes[-1].endswith(
+        ": the event's timestamp is the version")
+
+
+def test_a_version_up_to_a_day_ahead_of_its_event_is_kept() -> None:
+    day = 86_400_000
+    for kind, data in (("user.updated", f.user("u", 1_700_000_000_000 + day)),
+                       ("organization.updated", f.organization("o", 1_700_000_000_000 + day)),
+                       ("organizationMembership.updated", f.membership("m", "o", "u", 1_700_000_000_000 + day))):
+        intent = plan(parse_envelope(f.body_of(f.envelope(kind, data, timestamp=1_700_000_000_000))))
+        assert isinstance(intent, Upsert) and intent.version == 1_700_000_000_000 + day and not intent.notes
+        data["updated_at"] += 1
+        intent = plan(parse_envelope(f.body_of(f.envelope(kind, data, timestamp=1_700_000_000_000))))
+        assert isinstance(intent, Upsert) and intent.version == 1_700_000_000_000, kind
+
+
+def test_a_tombstone_ignores_an_updated_at_far_ahead_of_its_event() -> None:
+    gone = {**f.deleted("user", "u"), "updated_at": 1_700_000_000_001_000}
+    intent = plan(parse_envelope(f.body_of(f.envelope("user.deleted", gone, timestamp=1_700_000_000_000))))
+    assert isinstance(intent, Tombstone) and intent.version == 1_700_000_000_000
 
 
 def test_the_status_rule_is_one_pure_function() -> None:
@@ -130,6 +166,8 @@ def test_the_status_rule_is_one_pure_function() -> None:
         return p.status, p.status_after(False)
 
     assert planned("email.created", {"id": "x"}) == (DeliveryStatus.IGNORED, DeliveryStatus.SKIPPED)
-    assert planned("user.created", {"id": "user_1"})[0] == DeliveryStatus.FAILED  # no updated_at: unusable
+    assert planned("user.created", {"id": 1})[0] == DeliveryStatus.FAILED  # no id: unusable
+    # no updated_at: the event's timestamp is the version (noted)
+    assert planned("user.created", {"id": "user_1"})[0] == DeliveryStatus.APPLIED
     assert planned("user.deleted", {"id": "user_1", "deleted": True}) == (DeliveryStatus.APPLIED, DeliveryStatus.SKIPPED)
     assert DeliveryStatus.DUPLICATE == "duplicate"  # what the inbox stores and the service answers

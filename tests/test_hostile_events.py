@@ -385,6 +385,37 @@ def test_a_demotion_whose_organization_id_is_long_and_random_applies_on_every_st
         assert (row["role"], row["organization_clerk_id"]) == ("org:member", org)
 
 
+def test_a_version_in_microseconds_does_not_hold_back_the_next_ban_on_any_store(sides: list[Side]) -> None:
+    """Review (hostile events) 2: a ``user.updated`` whose ``updated_at`` was in microseconds became the row's
+    version, and Clerk's next change (a ban and a demotion) was skipped as stale, for good, on every store."""
+    uid = seed_admin(sides)
+    micro = f.envelope("user.updated", f.user(uid, 1_700_000_000_001_000, role="admin"), timestamp=1_700_000_000_000)
+    ban = f.envelope("user.updated", f.user(uid, 1_700_000_100_000, role="user", banned=True),
+                     timestamp=1_700_000_100_000)
+    for side in sides:
+        assert send(side, f.body_of(micro), fresh("msg")).json()["status"] == "applied"
+        assert send(side, f.body_of(ban), fresh("msg")).json()["status"] == "applied"
+        row = user_row(side, uid)
+        assert (row["role"], row["banned"], row["clerk_updated_at"]) == ("user", True, 1_700_000_100_000)
+
+
+def test_an_id_padded_with_a_space_names_no_deleted_user_on_any_store(sides: list[Side]) -> None:
+    """Review (hostile events) 4: MariaDB's collation compares ``"user_x "`` equal to ``"user_x"``, so a failed
+    ``user.updated`` with a padded id was taken for a late event about the deleted user and stored redacted
+    (not replayable) there, whole on SQLite and PostgreSQL. A padded id names nobody, on every store."""
+    uid = fresh("user")
+    for side in sides:
+        send(side, f.body_of(f.envelope("user.created", f.user(uid, 100))), fresh("msg"))
+        send(side, f.body_of(f.envelope("user.deleted", f.deleted("user", uid))), fresh("msg"))
+    svix_id = fresh("msg")
+    responses = send_all(sides, f.body_of(f.envelope("user.updated", f.user(uid + " ", 200))), svix_id)
+    assert [(r.status_code, r.json()["status"]) for r in responses] == [(200, "failed")] * len(sides)
+    for side in sides:
+        row = inbox_row(side, svix_id)
+        assert row["redacted_at"] is None, side.name
+        assert row["payload"]["data"]["first_name"] == "Ada", side.name
+
+
 @pytest.mark.parametrize("raw", ["12345", '["ins_test"]', '""', '"' + "i" * 65 + '"'],
                          ids=["number", "list", "empty", "too-long"])
 def test_an_instance_id_that_is_not_ours_is_refused_whatever_its_type(sides: list[Side], raw: str) -> None:

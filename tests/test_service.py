@@ -287,10 +287,12 @@ def test_missing_secret_fails_at_start_up_naming_the_variable(tmp_path: Path) ->
         (lambda u: u.update(first_name="x" * 300), "applied", "data.first_name dropped: 300 characters"),
         # JSONB refuses \\u0000: replaced by U+FFFD on both stores, applied at once
         (lambda u: u.update(unsafe_metadata={"note": "nul\u0000byte"}), "applied", "NUL replaced"),
-        # a version that does not fit BIGINT: the event cannot be ordered, kept as failed
-        (lambda u: u.update(updated_at=10**20), "failed", "'updated_at' must be a number of milliseconds"),
+        # a version that does not fit BIGINT: the event's timestamp orders it instead (it used to be failed)
+        (lambda u: u.update(updated_at=10**20), "applied", "is not a number of milliseconds: the event's timestamp"),
+        # an id no column can hold: the event cannot be stored against a row, kept as failed
+        (lambda u: u.update(id="user_" + "x" * 80), "failed", "Clerk ids have at most 64"),
     ],
-    ids=["too-long", "nul-escape", "bigint-overflow"],
+    ids=["too-long", "nul-escape", "bigint-overflow", "id-too-long"],
 )
 def test_values_no_column_can_hold_are_decided_before_the_database(
     service: tuple[httpx.Client, Store], mutate: Any, status: str, reason: str

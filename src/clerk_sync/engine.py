@@ -10,11 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol, TypeGuard
 
 from clerk_sync._limits import CLERK_ID_CHARS, fit_clerk_id, fit_ms, fit_reason, fit_text, show
 from clerk_sync.errors import EventShapeError
 from clerk_sync.events import (
+    VERSION_AHEAD_MS,
     Envelope,
     MembershipRecord,
     OrganizationRecord,
@@ -125,10 +126,14 @@ class RowState:
     deleted: bool
 
 
-def _upsert(entity: Entity, build: Callable[[dict[str, Any], list[str]], Record]) -> Callable[[Envelope], Intent]:
+class _Builder(Protocol):
+    def __call__(self, data: dict[str, Any], notes: list[str], *, event_ms: int | None) -> Record: ...
+
+
+def _upsert(entity: Entity, build: _Builder) -> Callable[[Envelope], Intent]:
     def plan_upsert(env: Envelope) -> Intent:
         notes: list[str] = []
-        record = build(env.data, notes)
+        record = build(env.data, notes, event_ms=env.timestamp_ms)
         return Upsert(entity, record, tuple(notes))
 
     return plan_upsert
@@ -137,8 +142,10 @@ def _upsert(entity: Entity, build: Callable[[dict[str, Any], list[str]], Record]
 def _tombstone(entity: Entity) -> Callable[[Envelope], Intent]:
     def plan_delete(env: Envelope) -> Intent:
         clerk_id = fit_clerk_id(env.data.get("id"), f"{env.type} data.id")
-        # Deleted objects carry no updated_at: the envelope timestamp is the version.
-        version = max(env.timestamp_ms, fit_ms(env.data.get("updated_at")) or 0)
+        # Deleted objects carry no updated_at: the envelope timestamp is the version (an updated_at a day
+        # ahead of it is not Clerk's: see events.VERSION_AHEAD_MS).
+        updated = fit_ms(env.data.get("updated_at")) or 0
+        version = max(env.timestamp_ms, updated if updated <= env.timestamp_ms + VERSION_AHEAD_MS else 0)
         return Tombstone(entity, clerk_id, version)
 
     return plan_delete
@@ -225,7 +232,7 @@ def plan_delivery(envelope: Envelope, *, stored_parents: tuple[str, str] | None 
     try:
         if stored_parents is not None and membership_to_repair(envelope) is not None:
             notes: list[str] = []
-            record = membership_record(envelope.data, notes, stored=stored_parents)
+            record = membership_record(envelope.data, notes, stored=stored_parents, event_ms=envelope.timestamp_ms)
             intent: Intent = Upsert(Entity.MEMBERSHIP, record, tuple(notes))
         else:
             intent = plan(envelope)
@@ -298,7 +305,7 @@ def person_named(envelope: Envelope) -> str | None:
     data = envelope.data
     payer = data.get("payer")
     person = data.get("user_id") or (payer.get("user_id") if isinstance(payer, dict) else None)
-    return person if isinstance(person, str) and person else None
+    return person if _may_be_clerk_id(person) else None
 
 
 def user_named(envelope: Envelope) -> str | None:
@@ -312,4 +319,10 @@ def user_named(envelope: Envelope) -> str | None:
         person = dict(membership_parents(data)).get(Entity.USER)
     else:
         person = person_named(envelope)
-    return person if isinstance(person, str) and 0 < len(person) <= CLERK_ID_CHARS else None
+    return person if _may_be_clerk_id(person) and len(person) <= CLERK_ID_CHARS else None
+
+
+def _may_be_clerk_id(value: object) -> TypeGuard[str]:
+    """A non-empty string without surrounding whitespace: MariaDB's PAD SPACE collations compare
+    ``"user_1 "`` equal to ``"user_1"``, so a padded id would find (and redact as) another user's row."""
+    return isinstance(value, str) and bool(value) and value == value.strip()

@@ -206,8 +206,9 @@ class MembershipRecord:
     permissions: list[str]
 
 
-def user_record(data: JSON, notes: Notes = None) -> UserRecord:
-    """Build a user row from a Clerk User object; ``notes`` (if given) receives what was dropped."""
+def user_record(data: JSON, notes: Notes = None, *, event_ms: int | None = None) -> UserRecord:
+    """Build a user row from a Clerk User object; ``notes`` (if given) receives what was dropped.
+    ``event_ms``: the envelope's timestamp of a webhook event (see :func:`_version`)."""
     emails = [e for e in _list(data, "email_addresses", notes) if isinstance(e, dict)]
     primary_id = data.get("primary_email_address_id")
     primary_object = next((e for e in emails if e.get("id") == primary_id), None)
@@ -216,7 +217,7 @@ def user_record(data: JSON, notes: Notes = None) -> UserRecord:
     public = _obj(data, "public_metadata", notes)
     return UserRecord(
         clerk_id=_id(data, "user"),
-        clerk_updated_at=_ms(data, "updated_at"),
+        clerk_updated_at=_version(data, notes, event_ms),
         clerk_created_at=_opt_int(data, "created_at"),
         email=fit_text(primary, "primary email address", EMAIL_CHARS, notes),
         email_addresses=[a for e in emails if isinstance(a := e.get("email_address"), str) and a],
@@ -243,11 +244,11 @@ def record_columns(record_type: type[Any]) -> list[str]:
     return [f.name for f in fields(record_type) if f.metadata.get("column", True)]
 
 
-def organization_record(data: JSON, notes: Notes = None) -> OrganizationRecord:
-    """Build an organization row from a Clerk Organization object."""
+def organization_record(data: JSON, notes: Notes = None, *, event_ms: int | None = None) -> OrganizationRecord:
+    """Build an organization row from a Clerk Organization object (``event_ms``: as :func:`user_record`)."""
     return OrganizationRecord(
         clerk_id=_id(data, "organization"),
-        clerk_updated_at=_ms(data, "updated_at"),
+        clerk_updated_at=_version(data, notes, event_ms),
         clerk_created_at=_opt_int(data, "created_at"),
         name=_fit(data, "name", NAME_CHARS, notes),
         slug=_fit(data, "slug", NAME_CHARS, notes),
@@ -257,8 +258,10 @@ def organization_record(data: JSON, notes: Notes = None) -> OrganizationRecord:
     )
 
 
-def membership_record(data: JSON, notes: Notes = None, *, stored: tuple[str, str] | None = None) -> MembershipRecord:
+def membership_record(data: JSON, notes: Notes = None, *, stored: tuple[str, str] | None = None,
+                      event_ms: int | None = None) -> MembershipRecord:
     """Build a membership row; the org and user may not be in our tables yet, and that is fine.
+    ``event_ms``: as :func:`user_record`.
 
     ``stored``: the organization and user ids of the membership's row here (which never change in Clerk).
     Given, a malformed one in the payload is replaced by the stored one (noted) instead of failing the event:
@@ -272,7 +275,7 @@ def membership_record(data: JSON, notes: Notes = None, *, stored: tuple[str, str
     role = _role(data, "data.role", "org:member", notes)
     return MembershipRecord(
         clerk_id=_id(data, "organization membership"),
-        clerk_updated_at=_ms(data, "updated_at"),
+        clerk_updated_at=_version(data, notes, event_ms),
         clerk_created_at=_opt_int(data, "created_at"),
         organization_clerk_id=org_id,
         user_clerk_id=user_id,
@@ -296,11 +299,30 @@ def _id(data: JSON, what: str) -> str:
     return fit_clerk_id(data.get("id"), f"{what} object 'id'")
 
 
-def _ms(data: JSON, key: str) -> int:
-    value = _opt_int(data, key)
-    if value is None:
-        raise EventShapeError(f"'{key}' must be a number of milliseconds, got {show(data.get(key))}")
-    return value
+# How far a row's ``updated_at`` may run ahead of its event's own timestamp. Clerk stamps the event after the
+# change, so a version a day ahead is a wrong unit (microseconds) or a wrong clock, not Clerk's: kept, it
+# would make every later change of that row look stale (its ban, its demotion) until someone edited the table.
+VERSION_AHEAD_MS = 86_400_000
+
+
+def _version(data: JSON, notes: Notes, event_ms: int | None) -> int:
+    """A row's version: its ``updated_at`` in ms. Without ``event_ms`` (a Backend API object) one that is
+    missing or not a millisecond timestamp is an :class:`EventShapeError`. With it (a webhook event, whose
+    timestamp the signature vouches for), such an ``updated_at``, or one more than a day after ``event_ms``,
+    is replaced by ``event_ms`` (noted), as a deletion's tombstone takes it: failing the event would hold
+    back the role and ban it carries, and keeping a far-future version would hold back every later one."""
+    value = _opt_int(data, "updated_at")
+    if event_ms is None:
+        if value is None:
+            raise EventShapeError(f"'updated_at' must be a number of milliseconds, got {show(data.get('updated_at'))}")
+        return value
+    if value is not None and value <= event_ms + VERSION_AHEAD_MS:
+        return value
+    if notes is not None:
+        why = ("is more than a day after the event's timestamp" if value is not None
+               else "is not a number of milliseconds")
+        notes.append(f"'updated_at' {show(data.get('updated_at'))} {why}: the event's timestamp is the version")
+    return event_ms
 
 
 def _opt_int(data: JSON, key: str) -> int | None:
