@@ -33,14 +33,16 @@ _EXPORTER = InMemorySpanExporter()
 
 @pytest.fixture(scope="module")
 def provider() -> TracerProvider:
-    """The process-wide provider (OpenTelemetry allows setting it once), recording in memory."""
+    """The process-wide provider (OpenTelemetry allows setting it once, maybe by another module's tests),
+    recording in memory."""
     current = trace.get_tracer_provider()
-    if isinstance(current, TracerProvider):
-        return current
-    created = TracerProvider()
-    created.add_span_processor(SimpleSpanProcessor(_EXPORTER))
-    trace.set_tracer_provider(created)
-    return created
+    if not isinstance(current, TracerProvider):
+        current = TracerProvider()
+        trace.set_tracer_provider(current)
+    if not getattr(current, "_clerk_sync_in_memory", False):  # (processors cannot be removed: added once)
+        current.add_span_processor(SimpleSpanProcessor(_EXPORTER))
+        current._clerk_sync_in_memory = True  # type: ignore[attr-defined]
+    return current
 
 
 @pytest.fixture
@@ -77,7 +79,8 @@ def test_spans_for_clerk_calls_and_reconcile_pages(store: Store, emu: EmulatorSe
     with clerk_client(emu) as clerk:
         clerk.get_user(user_id)
         Reconciler(store, clerk).run()
-    (call,) = named(spans, "clerk_api GET /users/{id}")
+    (call,) = named(spans, "GET /users/{id}")  # OpenTelemetry's HTTP client span: "{method} {url.template}"
+    assert call.kind is trace.SpanKind.CLIENT
     assert (call.attributes or {})["url.template"] == "/users/{id}"
     pages = named(spans, "reconcile.page")
     assert {(p.attributes or {})["clerk_sync.entity"] for p in pages} >= {"users"}

@@ -12,7 +12,13 @@ __all__ = ["Logfmt", "configure_logging"]
 
 
 def configure_logging(level: str = "INFO", *, json: bool = False) -> None:
-    """Key-value (or JSON) lines on stderr; ``svix_id`` is bound per delivery via contextvars.
+    """Key-value (or JSON) lines on stderr, each with what is bound in ``structlog.contextvars``.
+
+    ``svix_id`` is bound there per delivery only by the Flask and Django webhook views (for the request,
+    so the app's own lines during it carry it too). ``serve`` and the Starlette/FastAPI endpoint bind
+    nothing: there the delivery's own lines (``webhook``, ``webhook_refused``, ``webhook_store_error``,
+    ``apply_crashed``, ``group_commit_isolated``) carry ``svix_id`` as a field of their own, other lines
+    (a hook's, the app's) do not.
 
     Key-value lines are aligned for a person at a terminal, and logfmt (``timestamp=.. level=info
     event=webhook svix_id=..``) anywhere else: a file, journald, a container's log collector. The

@@ -207,11 +207,12 @@ class Metrics:
                                         "Clerk Backend API answers 429 Too Many Requests.", ["endpoint"], registry=r)
         # Across workers (multiprocess mode): open in any live worker; the local budgets add up.
         self.breaker_open = Gauge("clerk_sync_clerk_api_circuit_open",
-                                  "1 while the Clerk API circuit breaker is open.", registry=r,
+                                  "1 while the Clerk API circuit breaker refuses calls (0 again once its reset "
+                                  "time has passed: the next call goes through as a probe).", registry=r,
                                   multiprocess_mode="livemax")
-        self.budget_tokens = Gauge("clerk_sync_clerk_api_budget_tokens",
-                                   "Requests the local Clerk API budget allows right now.", registry=r,
-                                   multiprocess_mode="livesum")
+        # Made when a client with a local budget is watched (watch_clerk_client): until then, and with a shared
+        # (Redis) budget, the series has no sample rather than a 0 that reads as an exhausted budget.
+        self.budget_tokens: Gauge | None = None
         self._read_at_scrape: list[tuple[Gauge, Callable[[], float]]] = []
         self._refresher: threading.Thread | None = None
         self._closed = threading.Event()
@@ -271,10 +272,15 @@ class Metrics:
 
     def watch_clerk_client(self, *, breaker_open: Callable[[], bool],
                            budget_tokens: Callable[[], float] | None = None) -> None:
-        """Read the breaker (and budget, when local) at scrape time; the last client watched wins."""
+        """Read the breaker (``breaker_open``: whether it refuses calls now) and the budget, when local, at
+        scrape time; the last client watched wins. Without a local budget the budget series has no sample
+        (outside multiprocess mode, whose files cannot drop one, a later client without one removes it)."""
         read: list[tuple[Gauge, Callable[[], float]]] = [(self.breaker_open, lambda: 1.0 if breaker_open() else 0.0)]
         if budget_tokens is not None:
-            read.append((self.budget_tokens, budget_tokens))
+            read.append((self._budget_gauge(), budget_tokens))
+        elif self.budget_tokens is not None and not _multiprocess():
+            self.registry.unregister(self.budget_tokens)
+            self.budget_tokens = None
         for gauge, fn in read:
             gauge.set_function(fn)
         self._read_at_scrape = read
@@ -286,6 +292,14 @@ class Metrics:
             # thread: each child starts its own, or its gauges would stay as the parent last wrote them.
             ref = weakref.ref(self)
             os.register_at_fork(after_in_child=lambda: _restart_in_child(ref))
+
+    def _budget_gauge(self) -> Gauge:
+        if self.budget_tokens is None:
+            self.budget_tokens = Gauge("clerk_sync_clerk_api_budget_tokens",
+                                       "Requests the local Clerk API budget allows right now.", registry=None,
+                                       multiprocess_mode="livesum")
+            self.registry.register(self.budget_tokens)
+        return self.budget_tokens
 
     def _start_refresher(self) -> None:
         self._refresher = threading.Thread(target=self._refresh, name="clerk-sync-metrics", daemon=True)

@@ -27,16 +27,19 @@ _TRACER: Any = _trace.get_tracer(_NAME) if _trace is not None else None
 Attributes = Mapping[str, str | int | float | bool]
 
 
-def span(name: str, attributes: Attributes | None = None) -> AbstractContextManager[Any]:
-    """A span around a block (Clerk API calls, reconcile pages); a no-op without OpenTelemetry."""
+def span(name: str, attributes: Attributes | None = None, *, client: bool = False) -> AbstractContextManager[Any]:
+    """A span around a block (Clerk API calls, reconcile pages), yielding it (``None`` without OpenTelemetry,
+    when this is a no-op). ``client``: kind CLIENT, a call to another service (OpenTelemetry's HTTP client
+    conventions); else INTERNAL. An exception leaving the block is recorded on it and sets its status ERROR."""
     if _trace is None:
         return nullcontext()
-    return _span(name, attributes)
+    return _span(name, attributes, client)
 
 
 @contextmanager
-def _span(name: str, attributes: Attributes | None) -> Iterator[Any]:
-    with _TRACER.start_as_current_span(name, attributes=dict(attributes or {})) as current:
+def _span(name: str, attributes: Attributes | None, client: bool) -> Iterator[Any]:
+    kind = _trace.SpanKind.CLIENT if client else _trace.SpanKind.INTERNAL
+    with _TRACER.start_as_current_span(name, kind=kind, attributes=dict(attributes or {})) as current:
         yield current
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, TypeVar
 
@@ -70,8 +71,52 @@ def _v1_base(api_url: str) -> str:
     return api_url.rstrip("/").removesuffix("/v1") + "/v1"
 
 
-def _span_attributes(req: ApiRequest[Any]) -> dict[str, str]:
-    return {"http.request.method": req.method, "url.template": req.endpoint}
+def _server(base_url: str) -> dict[str, str | int]:
+    """``server.address`` and ``server.port`` of the calls' spans (the port httpx leaves out: the scheme's)."""
+    url = httpx.URL(base_url)
+    return {"server.address": url.host, "server.port": url.port or (443 if url.scheme == "https" else 80)}
+
+
+class _Traced:
+    """A call's span, named and attributed as OpenTelemetry's HTTP client conventions say: kind CLIENT, named
+    ``{method} {url.template}`` (``GET /users/{id}``), and once the call ends the last answer's
+    ``http.response.status_code``, ``http.request.resend_count`` when it was sent more than once, and on a
+    failed call ``error.type``: the status code it failed on, else the class of the transport error of its
+    last attempt, else that of the error that refused it unsent (the circuit breaker, our budget). One span
+    covers the call, its retries included."""
+
+    __slots__ = ("_last", "_sends", "_span")
+
+    def __init__(self, current: Any) -> None:
+        self._span = current if current is not None and current.is_recording() else None
+        self._sends = 0
+        self._last: httpx.Response | BaseException | None = None
+
+    @staticmethod
+    def start(req: ApiRequest[Any], server: dict[str, str | int]) -> AbstractContextManager[Any]:
+        attributes = {"http.request.method": req.method, "url.template": req.endpoint, **server}
+        return span(f"{req.method} {req.endpoint}", attributes, client=True)
+
+    def sent(self, outcome: httpx.Response | BaseException) -> None:
+        self._sends += 1
+        self._last = outcome
+
+    def end(self, error: BaseException | None) -> None:
+        if self._span is None:  # no OpenTelemetry, or a span nobody records
+            return
+        last = self._last
+        if isinstance(last, httpx.Response):
+            self._span.set_attribute("http.response.status_code", last.status_code)
+        if self._sends > 1:
+            self._span.set_attribute("http.request.resend_count", self._sends - 1)
+        if error is None:
+            return
+        if isinstance(last, httpx.Response) and last.status_code >= 400:
+            kind = str(last.status_code)
+        else:
+            cause = last if isinstance(last, BaseException) else error
+            kind = f"{type(cause).__module__}.{type(cause).__qualname__}"
+        self._span.set_attribute("error.type", kind)
 
 
 def _late(step: Send) -> httpx.ReadTimeout:
@@ -132,10 +177,11 @@ class _Base:
         }
         self._ctx = _Context(_v1_base(api_url), headers, timeout, self.retry, self.breaker,
                              self.stats, clock, rng, metrics.api_call if metrics is not None else None)
+        self._server = _server(self._ctx.base_url)
         if metrics is not None:
             # A local budget knows its tokens; asking Redis would cost a round trip per scrape.
             local = hasattr(self.budget, "available")
-            metrics.watch_clerk_client(breaker_open=lambda: self.breaker.is_open,
+            metrics.watch_clerk_client(breaker_open=lambda: self.breaker.refusing(),
                                        budget_tokens=(lambda: float(self.budget.available())) if local else None)  # type: ignore[attr-defined]
 
     @staticmethod
@@ -202,13 +248,23 @@ class ClerkClient(_Base):
     def _run(self, req: ApiRequest[T], deadline_s: float | None) -> T:
         flow = call_flow(self._ctx, req, deadline_s)
         reply: Any = None
-        with span(f"clerk_api {req.method} {req.endpoint}", _span_attributes(req)):
-            while True:
-                try:
-                    step = flow.send(reply)
-                except StopIteration as stop:
-                    return stop.value  # type: ignore[no-any-return]
-                reply = self._execute(step)
+        error: BaseException | None = None
+        with _Traced.start(req, self._server) as current:
+            traced = _Traced(current)
+            try:
+                while True:
+                    try:
+                        step = flow.send(reply)
+                    except StopIteration as stop:
+                        return stop.value  # type: ignore[no-any-return]
+                    reply = self._execute(step)
+                    if isinstance(step, Send):
+                        traced.sent(reply)
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                traced.end(error)
 
     def _execute(self, step: Step) -> Any:
         if isinstance(step, Acquire):
@@ -338,13 +394,23 @@ class AsyncClerkClient(_Base):
     async def _run(self, req: ApiRequest[T], deadline_s: float | None) -> T:
         flow = call_flow(self._ctx, req, deadline_s)
         reply: Any = None
-        with span(f"clerk_api {req.method} {req.endpoint}", _span_attributes(req)):
-            while True:
-                try:
-                    step = flow.send(reply)
-                except StopIteration as stop:
-                    return stop.value  # type: ignore[no-any-return]
-                reply = await self._execute(step)
+        error: BaseException | None = None
+        with _Traced.start(req, self._server) as current:
+            traced = _Traced(current)
+            try:
+                while True:
+                    try:
+                        step = flow.send(reply)
+                    except StopIteration as stop:
+                        return stop.value  # type: ignore[no-any-return]
+                    reply = await self._execute(step)
+                    if isinstance(step, Send):
+                        traced.sent(reply)
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                traced.end(error)
 
     async def _execute(self, step: Step) -> Any:
         if isinstance(step, Acquire):

@@ -120,8 +120,23 @@ class CircuitBreaker:
 
     @property
     def is_open(self) -> bool:
+        """The circuit tripped and no call has succeeded since: half-open included (``reset_s`` has passed
+        and the next call goes through as a probe). :meth:`refusing` says whether calls are refused now."""
         with self._lock:
             return self._opened_at is not None
+
+    def refusing(self) -> bool:
+        """``True`` while :meth:`check` would refuse a call, by the breaker's own clock: within ``reset_s``
+        of the circuit opening, or of a probe still in flight. Unlike :meth:`check` it takes no probe slot.
+        ``clerk_sync_clerk_api_circuit_open`` reads this: once ``reset_s`` has passed with no call, the next
+        call is let through, and the circuit is no longer reported open (it opens again if that call fails)."""
+        with self._lock:
+            if self._opened_at is None:
+                return False
+            now = self._clock()
+            if now < self._opened_at + self.reset_s:
+                return True
+            return self._probe_at is not None and now - self._probe_at < self.reset_s
 
     def check(self) -> float | None:
         """``None`` when a request may go out, else seconds until the circuit lets a probe through."""

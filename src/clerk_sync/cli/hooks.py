@@ -8,6 +8,7 @@ are not dead jobs and exit with 1, and ``retry`` names the jobs whose entity has
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import signal
@@ -15,7 +16,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import sqlalchemy as sa
 import structlog
@@ -33,6 +34,9 @@ from clerk_sync.mapping import LinkLookup, SchemaMapping
 from clerk_sync.outbox import delete_jobs, list_jobs, retry_jobs
 from clerk_sync.store import Store
 from clerk_sync.tables import hook_jobs, organization_memberships, organizations, users
+
+if TYPE_CHECKING:
+    from clerk_sync.metrics import Metrics
 
 __all__ = ["HOOKS_HELP", "MAPPING_HELP", "hooks_app", "load_hooks", "load_mapping", "migrate_mapping", "worker"]
 
@@ -196,14 +200,37 @@ def worker(
     metrics_host: Annotated[str, typer.Option(help="The address --metrics-port listens on.")] = "127.0.0.1",
 ) -> None:
     """Run after-commit hooks from the outbox (DATABASE_URL); run several for more throughput."""
-    from clerk_sync.hooks import Dispatcher
     from clerk_sync.metrics import Metrics
 
     store = Store.from_settings(Settings.from_env(), hooks=load_hooks(hooks))
-    if once:
-        _run_once(store, batch=batch, lease_s=lease, poll_s=poll, vacuum_every=vacuum_every)
+    with _own_metrics_dir():
+        if once:
+            _run_once(store, batch=batch, lease_s=lease, poll_s=poll, vacuum_every=vacuum_every)
+            return
+        _run_forever(store, Metrics(), batch=batch, lease_s=lease, poll_s=poll, vacuum_every=vacuum_every,
+                     metrics_port=metrics_port, metrics_host=metrics_host)
+
+
+@contextlib.contextmanager
+def _own_metrics_dir() -> Iterator[None]:
+    """With PROMETHEUS_MULTIPROC_DIR set (prometheus_client keeps every value in a file there), the worker
+    takes what ``serve`` takes: a fresh directory inside it, made if missing (it crashed on a missing one), and
+    removed when it stops (its files were left in the operator's directory, added to every later run's)."""
+    from clerk_sync.metrics import _multiprocess
+
+    if not _multiprocess():
+        yield
         return
-    metrics = Metrics()
+    from clerk_sync.cli.main import _shared_metrics  # (main imports this module: not at its top)
+
+    with _shared_metrics():
+        yield
+
+
+def _run_forever(store: Store, metrics: Metrics, *, metrics_port: int | None, metrics_host: str,
+                 **options: Any) -> None:
+    from clerk_sync.hooks import Dispatcher
+
     if metrics_port is not None:  # prometheus_client's own server, in a daemon thread
         from prometheus_client import start_http_server
 
@@ -212,8 +239,7 @@ def worker(
         except OSError as exc:
             raise ConfigError(f"--metrics-port {metrics_port} on {metrics_host}: {exc.strerror or exc}; choose a "
                               "free port (each worker on a host needs its own)") from exc
-    dispatcher = Dispatcher(store, batch=batch, lease_s=lease, poll_s=poll, vacuum_every=vacuum_every,
-                            metrics=metrics)
+    dispatcher = Dispatcher(store, metrics=metrics, **options)
     signal.signal(signal.SIGTERM, lambda *_: dispatcher.stop(timeout_s=0))
     Console(stderr=True).print(f"clerk-sync worker: hooks {[h.name for h in store.hooks]}")
     try:

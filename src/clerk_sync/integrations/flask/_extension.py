@@ -51,6 +51,8 @@ class ClerkSync:
     (``public_endpoints={"old_blog"}`` for ``add_url_rule("/blog", "old_blog", redirect_to="https://...")``);
     a ``redirect_to`` callable is judged as a view, by its endpoint alone.
     ``jit`` syncs a signed-in user whose webhook has not arrived (needs ``CLERK_SECRET_KEY``).
+    Its Clerk API calls (429s, the circuit breaker, the budget) and JIT fetches are counted in the webhook
+    processor's metrics, with the deliveries: ``clerk_state(app).processor.metrics.render()`` answers a ``/metrics``.
     ``revocation_refresh_s`` is how stale the deny list (revoked sessions, banned users) may be.
     ``store``: a :class:`~clerk_sync.store.Store` you built with ``hooks=``/``mapping=`` — pass it so
     webhooks, JIT syncs and admin actions all queue your hooks and write your tables (you close it);
@@ -120,10 +122,14 @@ class ClerkSync:
         closers: list[Callable[[], None]] = [] if self.store is not None else [store.dispose]
         if processor is not None:
             closers.append(processor.flush_summary)  # the deliveries since the last summary line
-        clerk = ClerkClient.from_settings(settings) if settings.clerk_secret_key is not None else None
+        # The processor's metrics (what an app's /metrics renders): Clerk API calls, 429s, the circuit breaker,
+        # the budget and JIT fetches are counted there too. Without a webhook route there is no processor.
+        metrics = processor.metrics if processor is not None else None
+        clerk = (ClerkClient.from_settings(settings, metrics=metrics) if settings.clerk_secret_key is not None
+                 else None)
         if clerk is not None:
             closers.append(clerk.close)
-        users = (JitUsers(store, clerk=clerk, refresh_interval_s=settings.jit_refresh_interval_s)
+        users = (JitUsers(store, clerk=clerk, metrics=metrics, refresh_interval_s=settings.jit_refresh_interval_s)
                  if clerk is not None and self.jit else None)
         authenticator = None
         if settings.clerk_jwt_key is not None or settings.clerk_secret_key is not None or settings.clerk_jwks_url:
