@@ -1,18 +1,18 @@
-"""Run an ASGI app with uvicorn on a free loopback port in a background thread (real HTTP)."""
+"""Run an ASGI app on a free loopback port in a background thread (real HTTP), and pick free ports."""
 
 from __future__ import annotations
 
 import random
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import httpx
-import uvicorn
+
+from clerk_sync.testing import serve_app
 
 
 def free_port() -> int:
@@ -63,19 +63,9 @@ def wait_for_http(url: str, *, timeout: float = 30.0, proc: subprocess.Popen[Any
 
 
 @contextmanager
-def running(app: Any, port: int | None = None, *, lifespan: str = "off") -> Iterator[str]:
-    """Yield the base URL while the app is served; stop it afterwards (``lifespan="on"``: run start-up tasks)."""
-    port = port or free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan=lifespan))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline:
-            raise RuntimeError("server did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
+def running(app: Any, port: int | None = None, *, lifespan: Literal["auto", "on", "off"] = "off") -> Iterator[str]:
+    """Yield the base URL while the ASGI app is served; stop it afterwards (``lifespan="on"``: run start-up tasks).
+
+    The public :func:`clerk_sync.testing.serve_app`, with lifespan off by default (most test apps have none)."""
+    with serve_app(app, port=port or 0, interface="asgi", lifespan=lifespan) as url:
+        yield url

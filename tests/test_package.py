@@ -83,7 +83,7 @@ PUBLIC_API: dict[str, list[str]] = {
     "clerk_sync.reconcile": ["Change", "Counts", "Progress", "ReconcileReport", "Reconciler"],
     "clerk_sync.store": ["READ_ONLY_OPTION", "Store", "Writer", "create_engine", "dialect_family", "erased_digest"],
     "clerk_sync.tables": ["audit_log", "erased", "hook_jobs", "metadata", "organization_memberships", "organizations", "pending_role_changes", "reconcile_runs", "reconcile_seen", "revoked_sessions", "seen_columns", "sync_locks", "users", "webhook_events"],
-    "clerk_sync.testing": ["EmulatorServer"],
+    "clerk_sync.testing": ["EmulatorRequestError", "EmulatorServer", "serve_app"],
     "clerk_sync.webhooks": ["DEFAULT_TOLERANCE_S", "SignedHeaders", "WebhookVerifier", "sign"],
 }
 # fmt: on

@@ -10,33 +10,93 @@ Usage::
         clerk.wait_for_deliveries()
 
 The helpers go over HTTP (the same path our code uses); ``.emulator`` gives in-process
-access to the knobs (``clerk.emulator.faults.update({...})``) and state.
+access to the knobs (``clerk.emulator.faults.update({...})``) and state. The helpers' own requests are
+not counted against the emulator's Backend API rate limit: that budget is the app's under test.
+A refused helper request raises :class:`EmulatorRequestError`, with Clerk's reason.
+
+:func:`serve_app` serves the app under test on a loopback port, so the emulator can deliver webhooks to it::
+
+    with EmulatorServer() as clerk, serve_app(app) as app_url:
+        clerk.set_webhook_url(f"{app_url}/webhooks/clerk")
 """
 
 from __future__ import annotations
 
+import inspect
 import socket
+import socketserver
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 import httpx
 import uvicorn
 
 from .emulator import Emulator, EmulatorConfig, create_app
+from .emulator.endpoints import HELPER_HEADER
+from .errors import ClerkAPIError
 
-__all__ = ["EmulatorServer"]
+__all__ = ["EmulatorRequestError", "EmulatorServer", "serve_app"]
 
 JSON = dict[str, Any]
 
 
-def _bind_loopback() -> socket.socket:
+def _bind_loopback(port: int = 0) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind(("127.0.0.1", port))
     return sock
+
+
+class EmulatorRequestError(ClerkAPIError, httpx.HTTPStatusError):
+    """The emulator refused a helper's request; the message says why, as Clerk's error body did.
+
+    A :class:`clerk_sync.errors.ClerkAPIError` (``status``, ``clerk_code``, ``trace_id``, ``method``, ``path``)
+    with Clerk's ``errors[0]`` ``long_message`` and ``meta.param_name`` (``param_name``, or ``None``), and an
+    :class:`httpx.HTTPStatusError` (``.response``), which the helpers raised before.
+    """
+
+    def __init__(self, response: httpx.Response) -> None:
+        request = response.request
+        first = _first_error(response)
+        meta = first.get("meta")
+        param = meta.get("param_name") if isinstance(meta, dict) else None
+        code = first.get("code")
+        long_message = first.get("long_message") or first.get("message") or response.text[:200] or None
+        message = f"{request.method} {request.url.path} answered {response.status_code}"
+        message += f" {code}" if code else ""
+        message += f": {long_message}" if long_message else ""
+        if param:
+            message += f" (param_name: {param})"
+        httpx.HTTPStatusError.__init__(self, message, request=request, response=response)
+        body = _json_or_none(response)
+        trace = body.get("clerk_trace_id") if isinstance(body, dict) else None
+        self.status = response.status_code
+        self.clerk_code = str(code) if code is not None else None
+        self.trace_id = str(trace) if trace is not None else None
+        self.method = request.method
+        self.path = request.url.path
+        self.long_message = str(long_message) if long_message is not None else None
+        self.param_name = str(param) if param is not None else None
+
+
+def _json_or_none(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return None
+
+
+def _first_error(response: httpx.Response) -> dict[str, Any]:
+    """``errors[0]`` of a ``ClerkErrors`` body (``{}`` for any other body)."""
+    body = _json_or_none(response)
+    errors = body.get("errors") if isinstance(body, dict) else None
+    first = errors[0] if isinstance(errors, list) and errors else None
+    return first if isinstance(first, dict) else {}
 
 
 class EmulatorServer:
@@ -68,7 +128,8 @@ class EmulatorServer:
         self._thread: threading.Thread | None = None
         self._client = httpx.Client(
             base_url=self.url,
-            headers={"Authorization": f"Bearer {self.config.secret_key}"},
+            # the helper header: these requests set up a test, they do not spend the app's rate-limit budget
+            headers={"Authorization": f"Bearer {self.config.secret_key}", HELPER_HEADER: "1"},
             timeout=30.0,
         )
 
@@ -124,9 +185,11 @@ class EmulatorServer:
     # -- HTTP helpers ------------------------------------------------------------------
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
-        """Call the emulator with the secret key; raise on non-2xx; return the JSON body."""
+        """Call the emulator with the secret key (not rate limited: see the module's docstring) and return the
+        JSON body; a non-2xx answer raises :class:`EmulatorRequestError` with Clerk's reason."""
         response = self._client.request(method, path, **kwargs)
-        response.raise_for_status()
+        if not response.is_success:
+            raise EmulatorRequestError(response)
         return response.json()
 
     def create_user(
@@ -234,7 +297,9 @@ class EmulatorServer:
         return result
 
     def set_webhook_url(self, url: str | None) -> None:
-        """Point webhook deliveries at ``url`` (``None`` stops them)."""
+        """Point webhook deliveries at ``url``, e.g. the app's :func:`serve_app` URL + its webhook path. It is
+        configuration: :meth:`reset` keeps it. ``None`` pauses deliveries ("the webhook is late") until the next
+        URL or reset; the messages meanwhile are logged ``no_endpoint``."""
         self.request("POST", "/_emulator/webhook", json={"url": url})
 
     def set_faults(self, **knobs: Any) -> JSON:
@@ -249,12 +314,106 @@ class EmulatorServer:
         return result
 
     def wait_for_deliveries(self, timeout: float = 10.0) -> None:
-        """Block until the delivery queue is drained (``TimeoutError`` if it is not)."""
+        """Block until the delivery queue is drained.
+
+        ``TimeoutError`` if it is not, naming each pending message's URL, last attempt and next one (a
+        receiver that fails is retried on Svix's schedule divided by ``time_scale``). ``RuntimeError`` if
+        messages since the last wait were not sent because no webhook URL is set: call :meth:`set_webhook_url`.
+        """
         self.emulator.wait_for_deliveries(timeout)
 
     def reset(self) -> None:
+        """Forget all data and messages, restore the configured knobs; keep the webhook URL (see
+        :meth:`set_webhook_url`)."""
         self.request("POST", "/_emulator/reset")
 
 
 def _compact(body: JSON) -> JSON:
     return {k: v for k, v in body.items() if v is not None}
+
+
+# -- serving the app under test --------------------------------------------------------------
+
+
+def _is_asgi(app: Callable[..., Any]) -> bool:
+    """``async def __call__(scope, receive, send)`` (FastAPI, Starlette, Django's ASGIHandler) or an async
+    function; a plain callable is taken for WSGI (Flask, Django's WSGIHandler)."""
+    method = getattr(app, "__call__", None)  # noqa: B004 (its own kind is asked, not whether app is callable)
+    return inspect.iscoroutinefunction(app) or inspect.iscoroutinefunction(method)
+
+
+class _ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a request still running (a long poll) does not hold up the test's exit
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """No access log line on stderr per request."""
+
+
+@contextmanager
+def serve_app(
+    app: Callable[..., Any],
+    *,
+    port: int = 0,
+    interface: Literal["auto", "asgi", "wsgi"] = "auto",
+    lifespan: Literal["auto", "on", "off"] = "auto",
+) -> Iterator[str]:
+    """Serve the app under test on ``127.0.0.1`` in a background thread; yield its base URL
+    (``http://127.0.0.1:<port>``, no trailing slash) and stop it when the block ends.
+
+    For the emulator to deliver webhooks to the app: ``clerk.set_webhook_url(f"{url}/webhooks/clerk")``.
+    ``port=0`` takes a free one. ``interface="auto"`` serves an ASGI app (an ``async`` ``__call__``: FastAPI,
+    Starlette, Django's ``get_asgi_application()``) with uvicorn and any other callable as WSGI (Flask,
+    Django's ``get_wsgi_application()``) with the standard library's threaded ``wsgiref`` server; pass
+    ``"asgi"`` or ``"wsgi"`` when the guess is wrong. ``lifespan`` is uvicorn's (ASGI only): ``"on"`` makes a
+    failing start-up task an error here, ``"auto"`` runs it if the app supports it.
+    """
+    kind = interface if interface != "auto" else ("asgi" if _is_asgi(app) else "wsgi")
+    if kind == "asgi":
+        with _serving_asgi(app, port, lifespan) as url:
+            yield url
+    else:
+        with _serving_wsgi(app, port) as url:
+            yield url
+
+
+@contextmanager
+def _serving_asgi(app: Callable[..., Any], port: int, lifespan: Literal["auto", "on", "off"]) -> Iterator[str]:
+    sock = _bind_loopback(port)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan=lifespan))
+
+    def run() -> None:
+        with suppress(SystemExit):  # uvicorn's answer to a failed start-up (logged): reported below instead
+            server.run(sockets=[sock])
+
+    thread = threading.Thread(target=run, name="clerk-sync-app", daemon=True)
+    try:
+        thread.start()
+        deadline = time.monotonic() + 10
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the app did not start on {url} (its start-up failed? uvicorn's log says why)")
+            time.sleep(0.01)
+        yield url
+    finally:
+        server.should_exit = True
+        if thread.is_alive():
+            thread.join(10)
+        sock.close()
+
+
+@contextmanager
+def _serving_wsgi(app: Callable[..., Any], port: int) -> Iterator[str]:
+    server = _ThreadingWSGIServer(("127.0.0.1", port), _QuietHandler)  # bound and listening on return
+    server.set_app(app)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="clerk-sync-app",
+                              daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)

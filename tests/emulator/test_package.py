@@ -34,7 +34,7 @@ def test_package_exports() -> None:
         "SVIX_RETRY_SCHEDULE_S", "ClerkAPIError", "Emulator", "EmulatorConfig", "FaultSettings",
         "create_app", "generate_webhook_secret", "serve", "sign_headers",
     }  # fmt: skip
-    assert testing.__all__ == ["EmulatorServer"]
+    assert testing.__all__ == ["EmulatorRequestError", "EmulatorServer", "serve_app"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -7,12 +7,13 @@ or impersonation link, signing out, the Dashboard's replay button) and expose th
 ``GET  /_emulator/state``                 record counts, knobs, webhook URL, signing kid
 ``GET  /_emulator/faults``                current fault knobs
 ``POST /_emulator/faults``                change knobs: ``{"latency_s": .2, "outage": true, ...}``
-``POST /_emulator/webhook``               ``{"url": "http://..."}`` (``null`` stops deliveries)
+``POST /_emulator/webhook``               ``{"url": "http://..."}`` (``null`` pauses deliveries until reset)
 ``GET  /_emulator/deliveries``            delivery log (``?include_payload=true`` adds bodies)
 ``POST /_emulator/deliveries/replay``     ``{"message_ids": [...]}`` and/or ``{"status": "failed"}``
 ``POST /_emulator/keys/rotate``           new signing key; the old one stays in the JWKS (grace);
                                           ``?keep_kid=true``: under the same kid, replacing it
-``POST /_emulator/reset``                 forget all data and messages, restore configured knobs
+``POST /_emulator/reset``                 forget all data and messages, restore configured knobs (the
+                                          webhook URL stays the last one set; a pause ends)
 ``POST /_emulator/seed``                  ``{"users": 10, "organizations": 3}`` demo data
 ``POST /_emulator/bulk_users``            ``{"count": 100000}`` users without webhooks
 ``PUT  /_emulator/session_token_template``  claims template for session tokens (or ``null``)

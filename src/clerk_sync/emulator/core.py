@@ -77,14 +77,19 @@ class Emulator:
     # -- lifecycle -----------------------------------------------------------------------
 
     def reset(self) -> None:
-        """Drop all records, messages and rate-limit windows; restore the configured knobs."""
+        """Drop all records, messages and rate-limit windows; restore the configured knobs.
+
+        The webhook URL is configuration, not state: it stays the last one set (``set_webhook_url`` at run
+        time, typically once the app under test has a port), else the configured one. A pause
+        (``set_webhook_url(None)``, a test's "the webhook is late") ends: deliveries resume to that URL.
+        """
         with self.store.lock:
             self.store.reset()
             self.delivery.clear()
             self._msg_rng = random.Random(self.config.seed)
         self.faults.reset(FaultSettings.from_config(self.config))
         self.rate_limiter.reset()
-        self.delivery.set_url(self.config.webhook_url)
+        self.delivery.resume()
         self.session_token_template = self.config.session_token_template
 
     def close(self) -> None:
@@ -92,10 +97,16 @@ class Emulator:
         self.delivery.close()
 
     def set_webhook_url(self, url: str | None) -> None:
+        """Deliver webhooks to ``url`` from now on (kept by :meth:`reset`); ``None`` pauses deliveries until
+        the next URL or reset (messages meanwhile are logged ``no_endpoint``, replayable)."""
         self.delivery.set_url(url)
 
     def wait_for_deliveries(self, timeout: float = 10.0) -> None:
-        """Block until every queued, held and in-flight delivery attempt has finished."""
+        """Block until every queued, held and in-flight delivery attempt has finished.
+
+        ``TimeoutError`` names each message still pending (URL, last attempt, next one); ``RuntimeError``
+        if messages since the last wait went nowhere because no webhook URL was ever set.
+        """
         self.delivery.wait_idle(timeout)
 
     # -- data shortcuts ------------------------------------------------------------------

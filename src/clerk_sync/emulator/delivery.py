@@ -80,6 +80,8 @@ class Message:
     drop_first: bool = False
     duplicated: bool = False
     manual: bool = False
+    # no_endpoint while deliveries were paused (``set_url(None)`` after an endpoint was set): on purpose
+    paused: bool = False
     rng: random.Random = field(default_factory=random.Random, repr=False)
 
     def summary(self, include_payload: bool = False) -> JSON:
@@ -124,6 +126,8 @@ class Deliverer:
         self.secret = secret
         self._signer = webhook_signer(secret)  # here, so a bad secret fails at start-up, not in the worker
         self._url = url
+        self._endpoint = url  # the last URL deliveries went to: a pause (set_url(None)) keeps it
+        self._waited = 0  # messages (in creation order) a wait_idle has already checked for no_endpoint
         self._faults = faults
         self._new_id = new_id
         self._schedule = schedule
@@ -146,10 +150,24 @@ class Deliverer:
         with self._cond:
             return self._url
 
+    @property
+    def endpoint(self) -> str | None:
+        """The URL last set (the configured one, or a later :meth:`set_url`); a pause does not forget it."""
+        with self._cond:
+            return self._endpoint
+
     def set_url(self, url: str | None) -> None:
-        """Point deliveries at a new endpoint (messages already queued follow it)."""
+        """Point deliveries at a new endpoint (messages already queued follow it); ``None`` pauses them
+        (messages are logged ``no_endpoint``) until the next ``set_url`` or :meth:`resume`."""
         with self._cond:
             self._url = url
+            if url is not None:
+                self._endpoint = url
+
+    def resume(self) -> None:
+        """Undo a pause: deliveries go to :attr:`endpoint` again (``POST /_emulator/reset``)."""
+        with self._cond:
+            self._url = self._endpoint
 
     def enqueue(self, event_type: str, envelope: JSON) -> Message:
         """Record a message and schedule its first attempt; never blocks on the network."""
@@ -159,6 +177,7 @@ class Deliverer:
             self._messages[message.id] = message
             if self._url is None:
                 message.status = "no_endpoint"
+                message.paused = self._endpoint is not None
                 return message
             message.duplicate = self._faults.roll("duplicate_rate", message.rng)
             message.drop_first = self._faults.roll("drop_then_redeliver_rate", message.rng)
@@ -227,15 +246,62 @@ class Deliverer:
             return not self._queue and self._held is None and self._in_flight == 0
 
     def wait_idle(self, timeout: float) -> None:
-        """Block until nothing is queued, held or in flight; ``TimeoutError`` otherwise."""
+        """Block until nothing is queued, held or in flight.
+
+        ``TimeoutError`` otherwise, naming each message still pending: its URL, last attempt and next one.
+        ``RuntimeError`` if a message created since the previous wait was never sent because no webhook URL
+        was ever set (a pause with ``set_url(None)`` is on purpose, and not an error).
+        """
         deadline = time.monotonic() + timeout
         with self._cond:
             while self._queue or self._held is not None or self._in_flight:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    pending = [d.message_id for d in self._queue]
-                    raise TimeoutError(f"webhook deliveries still pending: {pending}")
+                    raise TimeoutError(self._pending_report(timeout))
                 self._cond.wait(min(remaining, 0.05))
+            fresh = list(self._messages.values())[self._waited:]
+            self._waited = len(self._messages)
+            unrouted = [m for m in fresh if m.status == "no_endpoint" and not m.paused]
+            if unrouted:
+                raise RuntimeError(_unrouted_report(unrouted))
+
+    def _pending_report(self, timeout: float) -> str:
+        """Why the wait timed out, one line per message (holding the condition)."""
+        now = self._clock()
+        duplicates = {d.message_id for d in self._queue if d.duplicate}
+        lines = []
+        for message in self._messages.values():
+            if message.status in {"pending", "held"}:
+                lines.append(self._pending_line(message, now))
+            elif message.id in duplicates:
+                lines.append(f"{message.id} ({message.event_type}) -> {self._url}: the duplicate send "
+                             "(duplicate_rate fault) is queued")
+        if len(lines) > 20:
+            lines[20:] = [f"... and {len(lines) - 20} more (GET /_emulator/deliveries lists them all)"]
+        scale = self._faults.settings.time_scale
+        schedule = ", ".join(f"{s:g}" for s in self._schedule)
+        return (f"webhook deliveries still pending after {timeout:g} s:\n  " + "\n  ".join(lines)
+                + f"\nFailed attempts are retried after Svix's delays ({schedule} s) divided by time_scale="
+                f"{scale:g}: for tests, EmulatorServer(time_scale=1000) (or set_faults(time_scale=1000)) makes "
+                "them milliseconds; or make the URL answer 2xx (is the app served there?)")
+
+    def _pending_line(self, message: Message, now: float) -> str:
+        head = f"{message.id} ({message.event_type}) -> {self._url or '(no webhook URL: paused)'}: "
+        if message.attempts:
+            last = message.attempts[-1]
+            answer = f" HTTP {last.status_code}" if last.status_code is not None else ""
+            error = f" {last.error}" if last.error else ""
+            head += f"attempt {last.number} {last.outcome}{answer}{error}"
+        else:
+            head += "no attempt yet"
+        if message.status == "held":
+            return head + "; held back by the reorder fault until the next message (or reorder_hold_s)"
+        if message.next_attempt_at is None:
+            return head
+        when = datetime.fromtimestamp(message.next_attempt_at, tz=UTC).isoformat(timespec="seconds")
+        left = message.next_attempt_at - now
+        due = f"in {left:.1f} s" if left > 0 else "due now (or in flight)"
+        return head + f"; next attempt {due}, at {when} (next_attempt_at={message.next_attempt_at:.3f})"
 
     def clear(self) -> None:
         """Forget every message (``POST /_emulator/reset``)."""
@@ -243,6 +309,7 @@ class Deliverer:
             self._messages.clear()
             self._queue.clear()
             self._held = None
+            self._waited = 0
             self._cond.notify_all()
 
     # -- worker side -------------------------------------------------------------------
@@ -359,3 +426,12 @@ class Deliverer:
         delay = self._schedule[message.failures] / self._faults.settings.time_scale
         message.status = "pending"
         self._schedule_at(message, self._clock() + delay)
+
+
+def _unrouted_report(messages: list[Message]) -> str:
+    shown = ", ".join(f"{m.id} ({m.event_type})" for m in messages[:5])
+    more = f" and {len(messages) - 5} more" if len(messages) > 5 else ""
+    return (f"{len(messages)} webhook message(s) were not delivered: no webhook URL is set ({shown}{more}). "
+            "Call set_webhook_url(\"http://127.0.0.1:<port>/webhooks/clerk\") (or pass EmulatorServer("
+            "webhook_url=...)) before the events happen; to send these now, replay them: "
+            "POST /_emulator/deliveries/replay {\"status\": \"no_endpoint\"}")
