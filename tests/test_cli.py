@@ -46,10 +46,10 @@ def test_bad_setting_is_named(tmp_path: Path) -> None:
 def test_migrate_then_replay_failed_deliveries(db_url: str) -> None:
     assert run("migrate", env={"DATABASE_URL": db_url}).returncode == 0
     store = Store.from_url(db_url)
-    broken = f.envelope("user.created", {**f.user("user_cli", 5), "updated_at": "yesterday"})
+    broken = f.envelope("user.created", {**f.user("user_cli", 5), "id": "user_" + "x" * 80})
     with store.transaction() as w:
         w.record_delivery("msg_cli", broken, event_type="user.created", instance_id=None, event_timestamp=1)
-        w.finish_delivery("msg_cli", "failed", "bad updated_at")
+        w.finish_delivery("msg_cli", "failed", "id too long")
     result = run("replay", env={"DATABASE_URL": db_url})  # still broken: exit 1, not 0 (review)
     assert result.returncode == 1, result.stderr
     assert "replayed 1" in result.stdout + result.stderr and "1 still failed" in result.stderr

@@ -138,8 +138,8 @@ def test_a_webhook_events_unusable_or_far_future_version_is_its_timestamp(update
         ": the event's timestamp is the version")
 
 
-def test_a_version_up_to_a_day_ahead_of_its_event_is_kept() -> None:
-    day = 86_400_000
+def test_a_version_up_to_a_year_ahead_of_its_event_is_kept() -> None:
+    day = 366 * 86_400_000
     for kind, data in (("user.updated", f.user("u", 1_700_000_000_000 + day)),
                        ("organization.updated", f.organization("o", 1_700_000_000_000 + day)),
                        ("organizationMembership.updated", f.membership("m", "o", "u", 1_700_000_000_000 + day))):

@@ -95,12 +95,12 @@ def test_a_failed_delivery_about_a_deleted_or_erased_user_is_stored_redacted(
     assert deliver(processor, f.envelope("user.deleted", f.deleted("user", "user_d")), "del_d") == "applied"
 
     def broken(user_id: str) -> dict[str, Any]:
-        bad = f.user(user_id, 300, email=MAIL, first_name=NAME)
-        bad["updated_at"] = "later"  # not milliseconds: failed
-        return f.envelope("user.updated", bad)
+        bad = _membership(f"orgmem_{user_id}", "org_f", user_id, 300)
+        bad["organization"] = None  # no organization id, and no row here to take it from: failed
+        return f.envelope("organizationMembership.updated", bad)
 
     broken_membership = _membership("orgmem_f", "org_f", "user_f", 300)
-    broken_membership["updated_at"] = "soon"  # not milliseconds: failed
+    broken_membership["organization"] = {"id": 42}  # not an id: failed
     for svix_id, event in (("f_erased", broken("user_f")), ("f_deleted", broken("user_d")),
                            ("f_member", f.envelope("organizationMembership.updated", broken_membership)),
                            ("f_live", broken("user_live"))):

@@ -47,10 +47,10 @@ def test_the_flask_command_migrates_the_database_the_app_is_configured_with(tmp_
 def test_replay_failed_deliveries(db_url: str) -> None:
     app = flask_app(DATABASE_URL=db_url)
     store = clerk_state(app).store
-    broken = f.envelope("user.created", {**f.user("user_fl", 5), "updated_at": "yesterday"})
+    broken = f.envelope("user.created", {**f.user("user_fl", 5), "id": "user_" + "x" * 80})
     with store.transaction() as w:
         w.record_delivery("msg_fl", broken, event_type="user.created", instance_id=None, event_timestamp=1)
-        w.finish_delivery("msg_fl", "failed", "bad updated_at")
+        w.finish_delivery("msg_fl", "failed", "id too long")
     cli = app.test_cli_runner()
     result = cli.invoke(args=["clerk-sync", "replay"])
     assert result.exit_code == 1, result.output  # still failed: a scheduled replay must not look fine

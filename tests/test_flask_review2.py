@@ -55,10 +55,10 @@ def test_replay_exits_1_while_deliveries_stay_failed_and_refuses_an_unknown_stat
     ``--status`` replayed nothing and exited 0 (as if nothing were failed); the other CLIs exit 1 and 2."""
     app = flask_app(DATABASE_URL=db_url)
     store = clerk_state(app).store
-    broken = f.envelope("user.created", {**f.user("user_rp", 5), "updated_at": "yesterday"})
+    broken = f.envelope("user.created", {**f.user("user_rp", 5), "id": "user_" + "x" * 80})
     with store.transaction() as w:
         w.record_delivery("msg_rp", broken, event_type="user.created", instance_id=None, event_timestamp=1)
-        w.finish_delivery("msg_rp", "failed", "bad updated_at")
+        w.finish_delivery("msg_rp", "failed", "id too long")
     cli = app.test_cli_runner()
     typo = cli.invoke(args=["clerk-sync", "replay", "--status", "faild"])
     assert typo.exit_code == 2 and "'faild' is not one of" in typo.output, typo.output

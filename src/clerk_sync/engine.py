@@ -142,7 +142,7 @@ def _upsert(entity: Entity, build: _Builder) -> Callable[[Envelope], Intent]:
 def _tombstone(entity: Entity) -> Callable[[Envelope], Intent]:
     def plan_delete(env: Envelope) -> Intent:
         clerk_id = fit_clerk_id(env.data.get("id"), f"{env.type} data.id")
-        # Deleted objects carry no updated_at: the envelope timestamp is the version (an updated_at a day
+        # Deleted objects carry no updated_at: the envelope timestamp is the version (an updated_at a year
         # ahead of it is not Clerk's: see events.VERSION_AHEAD_MS).
         updated = fit_ms(env.data.get("updated_at")) or 0
         version = max(env.timestamp_ms, updated if updated <= env.timestamp_ms + VERSION_AHEAD_MS else 0)

@@ -300,15 +300,16 @@ def _id(data: JSON, what: str) -> str:
 
 
 # How far a row's ``updated_at`` may run ahead of its event's own timestamp. Clerk stamps the event after the
-# change, so a version a day ahead is a wrong unit (microseconds) or a wrong clock, not Clerk's: kept, it
-# would make every later change of that row look stale (its ban, its demotion) until someone edited the table.
-VERSION_AHEAD_MS = 86_400_000
+# change, so a version far ahead is a wrong unit (microseconds: millennia ahead) or a wrong clock, not Clerk's:
+# kept, it would make every later change of that row look stale (its ban, its demotion) until someone edited
+# the table. A year, not a minute: test suites (ours, and apps') build events with round future versions.
+VERSION_AHEAD_MS = 366 * 86_400_000
 
 
 def _version(data: JSON, notes: Notes, event_ms: int | None) -> int:
     """A row's version: its ``updated_at`` in ms. Without ``event_ms`` (a Backend API object) one that is
     missing or not a millisecond timestamp is an :class:`EventShapeError`. With it (a webhook event, whose
-    timestamp the signature vouches for), such an ``updated_at``, or one more than a day after ``event_ms``,
+    timestamp the signature vouches for), such an ``updated_at``, or one more than a year after ``event_ms``,
     is replaced by ``event_ms`` (noted), as a deletion's tombstone takes it: failing the event would hold
     back the role and ban it carries, and keeping a far-future version would hold back every later one."""
     value = _opt_int(data, "updated_at")
@@ -319,7 +320,7 @@ def _version(data: JSON, notes: Notes, event_ms: int | None) -> int:
     if value is not None and value <= event_ms + VERSION_AHEAD_MS:
         return value
     if notes is not None:
-        why = ("is more than a day after the event's timestamp" if value is not None
+        why = ("is more than a year after the event's timestamp" if value is not None
                else "is not a number of milliseconds")
         notes.append(f"'updated_at' {show(data.get('updated_at'))} {why}: the event's timestamp is the version")
     return event_ms
