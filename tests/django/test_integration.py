@@ -48,7 +48,9 @@ def test_database_url_defaults_to_djangos_database() -> None:
     pg = {"ENGINE": "django.db.backends.postgresql", "NAME": "app", "USER": "me", "PASSWORD": "p@ss", "HOST": "db",
           "PORT": 5433, "OPTIONS": {"options": "-csearch_path=s1"}}
     assert database_url_from_django(pg) == "postgresql+psycopg://me:p%40ss@db:5433/app?options=-csearch_path%3Ds1"
-    assert database_url_from_django({"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}) is None
+    for memory in (":memory:", "file:memorydb_default?mode=memory&cache=shared"):  # never ./clerk_sync.db instead
+        with pytest.raises(ImproperlyConfigured, match=r"in-memory SQLite.*\['TEST'\].*CLERK_SYNC\['DATABASE_URL'\]"):
+            database_url_from_django({"ENGINE": "django.db.backends.sqlite3", "NAME": memory})
     with override_settings(DATABASES={"default": {"ENGINE": "django.db.backends.mysql", "NAME": "app", "USER": "me",
                                                   "HOST": "db", "PORT": 3307}}):
         assert clerk_settings({}).database_url == "mysql+mysqldb://me@db:3307/app"

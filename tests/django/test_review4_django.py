@@ -463,5 +463,8 @@ def test_a_user_row_refused_for_good_is_no_outage() -> None:
         def user(self, auth: Any) -> Any:
             raise refused
 
+        def naming_database(self, error: Any) -> Any:  # (ClerkSync's: a missing table names the database)
+            return error
+
     state = ClerkRequest(Runtime(), SimpleNamespace(user_id="user_1"))  # type: ignore[arg-type]
     assert ClerkBackend().authenticate(None, clerk_request=state) is None

@@ -2,15 +2,21 @@
 
 Keys are the environment variable names ``Settings`` reads (``CLERK_WEBHOOK_SIGNING_SECRET``,
 ``CLERK_JWT_KEY``...); a key left out falls back to the environment, and ``DATABASE_URL`` finally to
-Django's ``default`` database, so clerk-sync's tables live next to the app's (an engine it cannot map
-is an error, never a local SQLite file). A few keys concern only Django (:class:`DjangoOptions`), checked
-for their types. Unknown keys are an error, so a typo does not silently disable a check.
+Django's ``default`` database, so clerk-sync's tables live next to the app's (an engine it cannot map, or
+an in-memory SQLite database it cannot share, is an error, never a local SQLite file). A few keys concern
+only Django (:class:`DjangoOptions`), checked for their types. Unknown keys are an error, so a typo does not
+silently disable a check.
+
+Under Django's test environment (``setup_test_environment()``: Django's test runner, pytest-django) clerk-sync
+follows the database Django's ``default`` connection uses, the test database, even when ``DATABASE_URL`` is
+in the environment (a dj-database-url setup): only ``CLERK_SYNC['DATABASE_URL']`` moves it elsewhere.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +24,7 @@ from typing import Any
 import sqlalchemy as sa
 from django.conf import settings as django_settings
 from django.core.exceptions import ImproperlyConfigured
+from django.db import connections
 from django.utils.module_loading import import_string
 
 from clerk_sync.auth.users import AuthUser
@@ -81,7 +88,9 @@ def _setting_names() -> dict[str, set[str]]:
 
 
 def clerk_settings(environ: Mapping[str, str] | None = None) -> Settings:
-    """``Settings`` from ``CLERK_SYNC``, then the environment, then Django's default database."""
+    """``Settings`` from ``CLERK_SYNC``, then the environment, then Django's default database (under Django's
+    test environment: ``CLERK_SYNC``, then the test database Django's ``default`` connection uses, see the
+    module's docstring)."""
     raw = _raw()
     names = _setting_names()
     known = set().union(*names.values())
@@ -94,12 +103,36 @@ def clerk_settings(environ: Mapping[str, str] | None = None) -> Settings:
         if aliases & set(raw):  # CLERK_SYNC wins over every alias of the same setting in the environment
             for name in aliases:
                 env.pop(name, None)
+    default = _django_default_database()
+    if _in_test_environment() and str(default.get("ENGINE") or "") not in _NO_DATABASE:
+        # Django's test database, not the one the environment names: Django itself reads DATABASES (from
+        # that very variable, with dj-database-url) and tests then run on test_<name>; clerk-sync writing to
+        # the real database meanwhile would spoil it and the tests would not see the rows.
+        for name in names["database_url"]:
+            env.pop(name, None)
     env.update({k: _env_value(k, v) for k, v in raw.items() if k in known and v is not None})
     if "DATABASE_URL" not in env:
-        derived = database_url_from_django(django_settings.DATABASES.get("default", {}))
+        derived = database_url_from_django(default)
         if derived is not None:
             env["DATABASE_URL"] = derived
     return Settings.from_env(env)
+
+
+def _in_test_environment() -> bool:
+    """Whether Django's test environment is set up (``django.test.utils.setup_test_environment()``, which
+    Django's test runner and pytest-django call before they create the test databases)."""
+    utils = sys.modules.get("django.test.utils")  # (never imported: no test environment)
+    return utils is not None and hasattr(getattr(utils, "_TestState", None), "saved_data")
+
+
+def _django_default_database() -> Mapping[str, Any]:
+    """``DATABASES['default']``; under the test environment the settings of Django's ``default`` connection,
+    which the test runner points at the test database (``test_<name>``, or a worker's clone of it with
+    ``--parallel``, which only the connection is told about)."""
+    if _in_test_environment() and "default" in connections:
+        return connections["default"].settings_dict
+    default: Mapping[str, Any] = django_settings.DATABASES.get("default", {})
+    return default
 
 
 def _env_value(key: str, value: Any) -> str:
@@ -175,14 +208,22 @@ _SCHEMES = {
 }
 # No database at all (``DATABASES = {}``): clerk-sync's own default then, as in the standalone service.
 _NO_DATABASE = ("", "django.db.backends.dummy")
+_IN_MEMORY = (
+    "clerk-sync cannot share Django's in-memory SQLite database (DATABASES['default'] NAME {name!r}): its own "
+    "connections would each see another, empty database. Django's test runner makes one of every SQLite database "
+    "unless it has a test file name: set DATABASES['default']['TEST'] = {{'NAME': BASE_DIR / 'test_db.sqlite3'}} "
+    "(see clerk_sync.integrations.django.testing), or CLERK_SYNC['DATABASE_URL'] to the database clerk-sync "
+    "should use, e.g. 'sqlite:///clerk_sync_test.db'")
 
 
 def database_url_from_django(db: Mapping[str, Any]) -> str | None:
     """A SQLAlchemy URL for a Django ``DATABASES`` entry (SQLite, PostgreSQL, MySQL/MariaDB, their GeoDjango
-    engines), or None for an in-memory SQLite database or none at all.
+    engines), or None for no database at all (clerk-sync's own default then).
 
-    Raises ``ImproperlyConfigured`` for any other engine (Oracle, a wrapper such as django-prometheus):
-    guessing would put clerk-sync's tables in a local SQLite file the app never reads.
+    Raises ``ImproperlyConfigured`` for any other engine (Oracle, a wrapper such as django-prometheus), and for
+    an in-memory SQLite database (``:memory:``, or the one Django's test runner makes of a SQLite database
+    whose ``TEST['NAME']`` is not set): another connection cannot share it, so guessing would put
+    clerk-sync's tables in a local SQLite file the app never reads.
     """
     engine = str(db.get("ENGINE") or "")
     if engine in _NO_DATABASE:
@@ -194,8 +235,10 @@ def database_url_from_django(db: Mapping[str, Any]) -> str | None:
             f"{sorted(_SCHEMES)}); set CLERK_SYNC['DATABASE_URL'] (or the DATABASE_URL environment variable) to a "
             "SQLAlchemy URL of the same database, e.g. 'postgresql+psycopg://user:password@host/name'")
     if scheme == "sqlite":
-        name = str(db.get("NAME", ""))
-        return None if not name or name.startswith(":memory:") or "mode=memory" in name else f"sqlite:///{name}"
+        name = str(db.get("NAME") or "")
+        if not name or name.startswith(":memory:") or "mode=memory" in name:
+            raise ImproperlyConfigured(_IN_MEMORY.format(name=name))
+        return f"sqlite:///{name}"
     options = db.get("OPTIONS") or {}
     host = str(db.get("HOST") or "") or None
     query = _mysql_query(options) if scheme.startswith("mysql") else _postgres_query(options)

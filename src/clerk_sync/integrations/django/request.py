@@ -106,13 +106,23 @@ class ClerkRequest:
     def user(self) -> AuthUser:
         """The caller's ``users`` row (one indexed query, once per request; JIT-synced when enabled)."""
         if self._user is None:
-            self._user = self.runtime.user(self.require_auth())
+            auth = self.require_auth()
+            try:
+                self._user = self.runtime.user(auth)
+            except StoreError as exc:
+                self.runtime.naming_database(exc)  # (the same error, its message naming the database)
+                raise
         return self._user
 
     async def auser(self) -> AuthUser:
         """Async :attr:`user`: the query runs in a worker thread, a JIT fetch on the event loop."""
         if self._user is None:
-            self._user = await self.runtime.auser(self.require_auth(), asgi=self.asgi)
+            auth = self.require_auth()
+            try:
+                self._user = await self.runtime.auser(auth, asgi=self.asgi)
+            except StoreError as exc:
+                self.runtime.naming_database(exc)
+                raise
         return self._user
 
 
@@ -161,7 +171,7 @@ def clerk_request(request: HttpRequest) -> ClerkRequest:
             runtime.authenticator.audit_impersonated_request(result, request.method or "", request.path,
                                                              request.META.get("REMOTE_ADDR"))
     except (TokenError, AccessDenied, StoreError, ConfigError) as exc:  # fails protected views only
-        result = exc
+        result = runtime.naming_database(exc)
     state = _answer(runtime, result, request)
     request.clerk = state  # type: ignore[attr-defined]
     return state
@@ -181,7 +191,7 @@ async def aclerk_request(request: HttpRequest) -> ClerkRequest:
             await sync_to_async(runtime.authenticator.audit_impersonated_request)(
                 result, request.method or "", request.path, request.META.get("REMOTE_ADDR"))
     except (TokenError, AccessDenied, StoreError, ConfigError) as exc:  # fails protected views only
-        result = exc
+        result = runtime.naming_database(exc)
     if isinstance(result, StoreError):
         result = _unless_invalid(runtime, result, headers, cookies)  # (no I/O: as averify, on the loop)
     state = _answer(runtime, result, request)

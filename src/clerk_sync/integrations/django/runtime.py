@@ -21,6 +21,7 @@ from asgiref.sync import sync_to_async
 from django.core.signals import setting_changed
 from django.dispatch import receiver
 
+from clerk_sync._urls import masked_url
 from clerk_sync.auth.admin import AdminActions
 from clerk_sync.auth.authenticator import Authenticator, DenyList, signed_out_if_banned
 from clerk_sync.auth.claims import Auth
@@ -29,15 +30,18 @@ from clerk_sync.auth.users import AuthUser, JitUsers
 from clerk_sync.clerk_api import AsyncClerkClient, CircuitBreaker, ClerkClient
 from clerk_sync.clerk_api.ratelimit import Budget, budget_from_settings
 from clerk_sync.config import Settings
-from clerk_sync.errors import ConfigError
+from clerk_sync.errors import ConfigError, StoreError
 from clerk_sync.ingest import WebhookProcessor
 from clerk_sync.integrations.django.conf import DjangoOptions, clerk_settings, django_options
 from clerk_sync.integrations.starlette import build_processor
+from clerk_sync.metrics import Metrics
 from clerk_sync.store import Store
 
 __all__ = ["ClerkSync", "get_clerk_sync", "reset_clerk_sync"]
 
 _T = TypeVar("_T")
+_E = TypeVar("_E", bound=BaseException)
+_SCHEMA_BEHIND = "the schema is not current"  # (clerk_sync._db_errors.store_error's words for a missing table)
 
 
 class _built_once(Generic[_T]):  # lower case: a decorator, as functools.cached_property
@@ -77,7 +81,9 @@ class _built_once(Generic[_T]):  # lower case: a decorator, as functools.cached_
 
 
 class ClerkSync:
-    """Settings, store, webhook processor, authenticator, JIT users and admin actions of one process."""
+    """Settings, store, webhook processor, authenticator, JIT users and admin actions of one process, and the
+    one :class:`~clerk_sync.metrics.Metrics` they all count in (``processor.metrics``, as in the README's
+    "Metrics in your own app": deliveries, Clerk API calls and 429s, the circuit breaker, JIT fetches)."""
 
     def __init__(self, settings: Settings, options: DjangoOptions) -> None:
         self.settings = settings
@@ -95,23 +101,32 @@ class ClerkSync:
         self._build_locks: dict[str, threading.Lock] = {}  # one per part (see _built_once)
 
     @_built_once
+    def metrics(self) -> Metrics:
+        """The process's metrics, also ``processor.metrics``; made on first use by either, so the Clerk clients
+        and JIT users count in it even when the processor cannot be built (no webhook secret)."""
+        return Metrics()
+
+    @_built_once
     def processor(self) -> WebhookProcessor:
         """Raises ConfigError (naming the variable) when the webhook secret is missing or malformed."""
-        return build_processor(self.settings, self.store)
+        processor = build_processor(self.settings, self.store)
+        processor.metrics = self.metrics  # one registry for the process: the Clerk clients' and JIT's series too
+        return processor
 
     @_built_once
     def clerk(self) -> ClerkClient | None:
         budget = self._shared_budget()
         if budget is None:
             return None
-        return ClerkClient.from_settings(self.settings, budget=budget, breaker=self._breaker)
+        return ClerkClient.from_settings(self.settings, budget=budget, breaker=self._breaker, metrics=self.metrics)
 
     @_built_once
     def aclerk(self) -> AsyncClerkClient | None:
         budget = self._shared_budget()
         if budget is None:
             return None
-        return AsyncClerkClient.from_settings(self.settings, budget=budget, breaker=self._breaker)
+        return AsyncClerkClient.from_settings(self.settings, budget=budget, breaker=self._breaker,
+                                              metrics=self.metrics)
 
     def _shared_budget(self) -> Budget | None:
         if not self.settings.clerk_secret_key:
@@ -126,7 +141,7 @@ class ClerkSync:
         """JIT sync when enabled and a secret key is set; else rows come from webhooks only."""
         if not self.options.jit or self.clerk is None:
             return None
-        return JitUsers(self.store, clerk=self.clerk, aclerk=self.aclerk,
+        return JitUsers(self.store, clerk=self.clerk, aclerk=self.aclerk, metrics=self.metrics,
                         refresh_interval_s=self.settings.jit_refresh_interval_s)
 
     @_built_once
@@ -144,6 +159,10 @@ class ClerkSync:
         if self.clerk is None:
             raise ConfigError("admin actions call Clerk: set CLERK_SECRET_KEY in settings.CLERK_SYNC")
         return AdminActions(self.store, self.clerk, impersonator_roles=self.settings.impersonator_roles())
+
+    def naming_database(self, error: _E) -> _E:
+        """:func:`naming_database` with this process's database."""
+        return naming_database(error, self.settings.database_url)
 
     def user(self, auth: Auth) -> AuthUser:
         """The caller's row: JIT-synced when enabled, else the table (403 until the webhook lands)."""
@@ -214,6 +233,17 @@ class ClerkSync:
                 await aclose_budget()
 
 
+def naming_database(error: _E, database_url: str) -> _E:
+    """``error`` itself, its message naming ``database_url`` (password masked) when it says the schema is not
+    current: "run clerk-sync's migrations on this database" must say which one (under Django's test runner the
+    test database, not the one ``settings.py`` names). Any other error is left as it is."""
+    if isinstance(error, StoreError) and len(error.args) == 1 and isinstance(error.args[0], str) \
+            and _SCHEMA_BEHIND in error.args[0] and _NAMED not in error.args[0]:
+        error.args = (f"{error.args[0]}; {_NAMED} {masked_url(database_url)}",)
+    return error
+
+
+_NAMED = "clerk-sync's database is"
 _ACLOSE_WAIT_S = 5.0
 _closing: set[asyncio.Task[None]] = set()  # closes scheduled on a running loop, until they finish
 

@@ -50,8 +50,9 @@ def webhook(request: HttpRequest) -> HttpResponse:
     """``POST``: verify, store and apply one Clerk delivery (``{"status": ..., "svix_id": ...}``)."""
     claimed = request.headers.get("svix-id") or request.headers.get("webhook-id")
     with structlog.contextvars.bound_contextvars(svix_id=claimed):
+        runtime = get_clerk_sync()
         try:
-            processor = get_clerk_sync().processor
+            processor = runtime.processor
         except ConfigError as exc:
             log.error("webhook_misconfigured", reason=str(exc))
             return error_json(exc)
@@ -59,7 +60,8 @@ def webhook(request: HttpRequest) -> HttpResponse:
             body = read_limited_body(request, processor.max_body_bytes)
             outcome = processor.process(dict(request.headers), body)
         except (WebhookError, StoreError) as exc:
-            processor.refused(exc, claimed)  # logged and counted as the other frameworks' endpoints do
+            # logged and counted as the other frameworks' endpoints do; a missing table names the database
+            processor.refused(runtime.naming_database(exc), claimed)
             return error_json(exc)
     return JsonResponse({"status": outcome.status, "svix_id": outcome.svix_id})
 

@@ -19,10 +19,12 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from clerk_sync import migrations
 from clerk_sync._db_errors import store_error
+from clerk_sync._urls import masked_url
 from clerk_sync.cli._args import STORED_STATUSES
 from clerk_sync.engine import DeliveryStatus
-from clerk_sync.errors import ClerkSyncError
+from clerk_sync.errors import ClerkSyncError, StoreError
 from clerk_sync.integrations.django.conf import clerk_settings, django_options
+from clerk_sync.integrations.django.runtime import naming_database
 
 if TYPE_CHECKING:
     from clerk_sync.store import Store
@@ -75,11 +77,13 @@ class Command(BaseCommand):
     def handle(self, *args: Any, action: str, **options: Any) -> None:
         try:
             getattr(self, f"_{action.replace('-', '_')}")(**options)
+        except StoreError as exc:  # a missing table: which database to migrate
+            raise CommandError(str(naming_database(exc, clerk_settings().database_url))) from exc
         except ClerkSyncError as exc:
             raise CommandError(str(exc)) from exc
         except sa.exc.SQLAlchemyError as exc:  # (migrate with the database down): one line, no SQL nor values
             raise CommandError(f"{store_error(exc)}; check CLERK_SYNC['DATABASE_URL'], else DATABASES['default'], "
-                               "and that the database is up") from exc
+                               f"and that the database is up ({masked_url(clerk_settings().database_url)})") from exc
 
     def _migrate(self, *, backfill: bool = False, **_: Any) -> None:
         """``clerk-sync migrate --mapping`` with ``CLERK_SYNC["MAPPING"]`` (the webhook view's): the same
