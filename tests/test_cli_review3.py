@@ -36,8 +36,8 @@ def _clean_env(env: dict[str, str]) -> dict[str, str]:
 def _migrated_by_a_newer_release(path: Path) -> str:
     """A database at a migration this clerk-sync does not know: every worker's start-up fails on it."""
     with sqlite3.connect(path) as db:
-        db.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) PRIMARY KEY)")
-        db.execute("INSERT INTO alembic_version VALUES ('ffffffffffff')")
+        db.execute("CREATE TABLE clerk_sync_alembic_version (version_num VARCHAR(32) PRIMARY KEY)")
+        db.execute("INSERT INTO clerk_sync_alembic_version VALUES ('ffffffffffff')")
     return f"sqlite:///{path}"
 
 

@@ -32,7 +32,8 @@ def _compared(obj: Any, name: str | None, type_: str, reflected: bool, compare_t
 def test_migrated_schema_matches_the_tables(db_url: str) -> None:
     engine = create_engine(db_url)
     with engine.connect() as conn:
-        context = MigrationContext.configure(conn, opts={"include_object": _compared})
+        context = MigrationContext.configure(conn, opts={"include_object": _compared,
+                                                         "version_table": migrations.VERSION_TABLE})
         diff = compare_metadata(context, metadata)
     assert diff == []
     assert migrations.is_current(engine)
@@ -57,7 +58,7 @@ def test_expression_indexes_exist(db_url: str) -> None:
 def test_downgrade_to_base_and_up_again(db_url: str) -> None:
     engine = create_engine(db_url)
     migrations.downgrade(engine, "base")
-    names = set(sa.inspect(engine).get_table_names()) - {"alembic_version"}
+    names = set(sa.inspect(engine).get_table_names()) - {migrations.VERSION_TABLE}
     assert not names & {"users", "organizations", "webhook_events"}
     assert not migrations.is_current(engine)
     migrations.upgrade(engine)
@@ -90,7 +91,7 @@ def test_a_database_a_newer_release_migrated_is_one_line_saying_what_to_do(tmp_p
     assert run("migrate", env={"DATABASE_URL": url}).returncode == 0
     engine = sa.create_engine(url)
     with engine.begin() as conn:
-        conn.execute(sa.text("UPDATE alembic_version SET version_num = '0099_from_the_future'"))
+        conn.execute(sa.text("UPDATE clerk_sync_alembic_version SET version_num = '0099_from_the_future'"))
     engine.dispose()
     result = run("migrate", env={"DATABASE_URL": url})
     out = " ".join((result.stdout + result.stderr).split())

@@ -78,10 +78,12 @@ def store_error(exc: sa.exc.SQLAlchemyError) -> StoreError:
     bound = _TIMEOUTS.get(getattr(orig, "sqlstate", None) or "") or _MYSQL_WAITS.get(_mysql_errno(orig))
     if bound is not None:  # a bounded wait ran out: someone else holds what we need, try again later
         return StoreError(f"database timeout: {bound} ({first_line}); nothing was applied, retry later")
-    if _missing_table(orig):  # the schema is behind (a new install, or a release with a new migration)
+    if _missing_table(orig) or _missing_column(orig):  # the schema is behind (a new install, a new migration)
+        mapped = ("; for a column of one of the app's mapped tables, the app's own migrations or `clerk-sync "
+                  "migrate --mapping`") if _missing_column(orig) else ""
         return StoreError(message + "; the schema is not current: run clerk-sync's migrations on this database "
                           "(`clerk-sync migrate` with the same DATABASE_URL; in Django `manage.py clerk_sync "
-                          "migrate`, in Flask `flask clerk-sync migrate`)")
+                          f"migrate`, in Flask `flask clerk-sync migrate`){mapped}")
     if isinstance(exc, sa.exc.DataError):  # a value refused for good: retrying cannot help
         return StoreDataError(message)
     if str(getattr(orig, "sqlstate", None) or "").startswith("54"):
@@ -100,6 +102,18 @@ def _missing_table(orig: object) -> bool:
     """PostgreSQL 42P01, MySQL 1146, SQLite's "no such table"."""
     return (getattr(orig, "sqlstate", None) == "42P01" or _mysql_errno(orig) == 1146
             or (type(orig).__module__ == "sqlite3" and str(orig).startswith("no such table")))
+
+
+def _missing_column(orig: object) -> bool:
+    """A column the statement names is not there, the schema behind as with a missing table: PostgreSQL 42703
+    (undefined column), MySQL/MariaDB 1054 (unknown column), SQLite's "no such column" (a read) and "table ..
+    has no column named .." (an insert). Only for the message: :func:`passing_cause` keeps it the row's (an
+    app's mapped table without the column refuses every row the same way; the unit of work is not retried)."""
+    if getattr(orig, "sqlstate", None) == "42703" or _mysql_errno(orig) == 1054:
+        return True
+    message = str(orig)
+    return type(orig).__module__ == "sqlite3" and (message.startswith("no such column")
+                                                  or " has no column named " in message)
 
 
 def _client_side(orig: object) -> bool:

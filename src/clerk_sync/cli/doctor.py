@@ -129,13 +129,17 @@ def _database(settings: Settings) -> tuple[str, str]:
         return "fail", f"{_UNREACHABLE}: {exc}"
     try:
         store.ping()
-        current = migrations.current_revision(store.engine)
+        state, current = migrations.schema_state(store.engine)
     except Exception as exc:
         return "fail", f"{_UNREACHABLE}: {_cause(exc, settings)}; check DATABASE_URL"
     finally:
         store.dispose()
     head = migrations.head_revision()
-    if current != head:
+    if state == "newer":  # a rolling deploy under way, or rolled back: this release runs on it, `migrate` cannot
+        return "warn", (f"schema at {current}, newer than this release (its newest is {head}): a newer clerk-sync "
+                        "migrated it. Finish rolling that release out (or run it here); this one keeps serving, "
+                        "and `clerk-sync migrate` of this release cannot go back")
+    if state == "behind":
         return "fail", f"schema at {current or 'nothing'}, code expects {head}: run `clerk-sync migrate`"
     return "ok", f"reachable, migrations current ({head})"
 

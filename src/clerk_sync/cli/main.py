@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from alembic.util.exc import CommandError
 from rich.console import Console
+from rich.markup import escape
 from sqlalchemy.exc import SQLAlchemyError
 
 from clerk_sync import migrations
@@ -519,7 +521,17 @@ def main() -> None:
         console.print(f"[red]error:[/] {exc}{_HINTS.get(type(exc), '')}")
         raise SystemExit(2) from None
     except SQLAlchemyError as exc:  # e.g. `migrate` with the database down: one line, not a traceback
-        orig = getattr(exc, "orig", None) or exc
-        first = (str(orig).strip().splitlines() or [""])[0]
-        console.print(f"[red]error:[/] database error ({type(orig).__name__}): {first}. Check DATABASE_URL.")
+        # (A failed migration step is migrations.MigrationError, above: it names the migration.) Through
+        # store_error: a lock wait that ran out says so, where "check DATABASE_URL" would mislead.
+        from clerk_sync._db_errors import store_error
+
+        cause = str(store_error(exc))
+        said = cause.startswith("database timeout") or "the schema is not current" in cause  # what to do, too
+        advice = "" if said else ". Check DATABASE_URL."
+        console.print(f"[red]error:[/] {escape(cause)}{advice}")
+        raise SystemExit(2) from None
+    except CommandError as exc:  # Alembic's own refusal, should one come past migrations.upgrade: one line
+        first = (str(exc).strip().splitlines() or [""])[0]
+        console.print(f"[red]error:[/] could not migrate: {escape(first)}; `clerk-sync doctor` shows the schema's "
+                      "state")
         raise SystemExit(2) from None

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import anyio
 import structlog
+from alembic.util.exc import CommandError
 from anyio import CapacityLimiter, to_thread
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -308,9 +309,15 @@ class StartupMigration:
         self.attempts += 1
         try:
             await to_thread.run_sync(migrations.upgrade, self.engine)
-        except SQLAlchemyError as exc:
-            orig = getattr(exc, "orig", None) or exc
-            self.error = f"{type(orig).__name__}: {(str(orig).strip().splitlines() or [''])[0][:200]}"
+        except (SQLAlchemyError, StoreError, CommandError) as exc:
+            # The database down, a failed step (MigrationError: which one, why), or Alembic's refusal: one
+            # line in the log, and tried again (a lock wait that ran out passes). A database a newer release
+            # migrated is a ConfigError: the start fails, saying so.
+            if isinstance(exc, SQLAlchemyError):
+                orig = getattr(exc, "orig", None) or exc
+                self.error = f"{type(orig).__name__}: {(str(orig).strip().splitlines() or [''])[0][:200]}"
+            else:
+                self.error = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:500]}"
             return False
         self.done, self.error = True, None
         log.info("migrations_current", attempts=self.attempts)
@@ -338,10 +345,14 @@ def _service_routes(processor: WebhookProcessor, migration: StartupMigration | N
         def check() -> dict[str, Any]:
             store.ping()
             try:
-                current = migrations.is_current(store.engine)
+                at, _ = migrations.schema_state(store.engine)
             except SQLAlchemyError as exc:  # went down between the two queries
                 raise StoreError(f"database error: {type(exc).__name__}") from exc
-            return {"database": "ok", "migrations_current": current}
+            # Newer: a newer release migrated it (a rolling deploy): this one runs on that schema, so ready.
+            state: dict[str, Any] = {"database": "ok", "migrations_current": at != "behind"}
+            if at == "newer":
+                state["migrations"] = "newer than this release"
+            return state
 
         try:
             state = await to_thread.run_sync(check)

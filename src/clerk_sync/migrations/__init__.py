@@ -1,23 +1,58 @@
-"""Alembic migrations for the contract tables, plus the helpers the CLI and ``/readyz`` use."""
+"""Alembic migrations for the contract tables, plus the helpers the CLI and ``/readyz`` use.
+
+clerk-sync keeps its revision in a version table of its own, :data:`VERSION_TABLE`, not Alembic's default
+``alembic_version``: the app on the same ``DATABASE_URL`` (the README recommends it) may run Alembic or
+Flask-Migrate itself, and both would read and write one table, each finding the other's revision unknown.
+Databases migrated by a release before this one are adopted from ``alembic_version`` once (:func:`adopt`).
+"""
 
 from __future__ import annotations
 
 import functools
+import threading
 from pathlib import Path
+from typing import Any, Literal
 
+import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
-from clerk_sync.errors import ConfigError
+from clerk_sync.errors import ConfigError, StoreError
 from clerk_sync.store import READ_ONLY_OPTION
 
+# (The public API pinned in tests/test_package.py; VERSION_TABLE, MigrationError (a StoreError) and
+# schema_state are for clerk-sync's own commands and /readyz.)
 __all__ = ["current_revision", "head_revision", "is_current", "upgrade"]
 
 _HERE = Path(__file__).parent
+
+#: clerk-sync's own Alembic version table (the app's Alembic keeps ``alembic_version``).
+VERSION_TABLE = "clerk_sync_alembic_version"
+#: Where releases before :data:`VERSION_TABLE` kept clerk-sync's revision (Alembic's default).
+LEGACY_VERSION_TABLE = "alembic_version"
+# Tables clerk-sync's first migration creates: a revision of ours in ``alembic_version`` is adopted only
+# beside them (an app's own Alembic may use ids such as '0005' too).
+_FIRST_TABLES = ("users", "organizations", "organization_memberships", "webhook_events")
+_PROGRESS = "clerk_sync_progress"  # Config.attributes key: what env.py reports of the run (see upgrade)
+
+# Alembic's ``context`` (env.py's) is one per process: two threads migrating at once break each other
+# (KeyError: 'config'); processes and replicas serialize on the database's lock (env.py).
+_RUN_LOCK = threading.Lock()
+
+SchemaState = Literal["current", "behind", "newer"]
+
+
+class MigrationError(StoreError):
+    """A migration step (or Alembic) failed: the message names the migration, the database's cause and what
+    to do. A :class:`StoreError`: ``serve`` retries it in the background (a lock wait that ran out passes)."""
+
+    def __init__(self, message: str, revision: str | None = None) -> None:
+        super().__init__(message)
+        self.revision = revision
 
 
 def _config(engine: Engine | None = None) -> Config:
@@ -30,40 +65,184 @@ def _config(engine: Engine | None = None) -> Config:
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Apply migrations up to ``revision`` (idempotent). A database at a revision this release does not
-    know (a newer clerk-sync migrated it: a rolled-back deploy) is a :class:`ConfigError` that says so."""
+    know (a newer clerk-sync migrated it: a rolled-back deploy) is a :class:`ConfigError` that says so.
+
+    A failed step is a :class:`MigrationError` naming it (``migration 0007 failed: <cause>; <what to do>``),
+    as is any other refusal of Alembic's; a database that cannot be reached (before any step ran) stays the
+    driver's ``SQLAlchemyError``, which every command already reports with "check DATABASE_URL"."""
+    cfg = _config(engine)
     try:
-        command.upgrade(_config(engine), revision)
-    except CommandError:
-        at = current_revision(engine)
-        if at is None or _knows(at):
+        with _RUN_LOCK:
+            command.upgrade(cfg, revision)
+    except CommandError as exc:
+        at = _newer_revision(engine)
+        if at is not None:
+            raise ConfigError(
+                f"the database is at migration {at!r}, which this clerk-sync does not know (its newest is "
+                f"{head_revision()!r}): a newer clerk-sync migrated it. Run that release (or newer), or restore the "
+                "database to a migration this one knows; `serve --no-migrate` starts without migrating") from None
+        raise MigrationError(f"could not migrate: {_first_line(exc)}; `clerk-sync doctor` shows the schema's "
+                             "state, run `clerk-sync migrate` again once it is fixed") from exc
+    except sa.exc.SQLAlchemyError as exc:
+        progress: dict[str, Any] = cfg.attributes.get(_PROGRESS, {})
+        if "start" not in progress:  # no step ran: the database did not answer, or its lock did not come
             raise
-        raise ConfigError(
-            f"the database is at migration {at!r}, which this clerk-sync does not know (its newest is "
-            f"{head_revision()!r}): a newer clerk-sync migrated it. Run that release (or newer), or restore the "
-            "database to a migration this one knows; `serve --no-migrate` starts without migrating") from None
+        failed = _next_step(progress["start"], progress["applied"])
+        raise MigrationError(_step_failure(failed, exc, engine.dialect.name), failed) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:300]
+
+
+def _next_step(start: str | None, applied: list[str]) -> str | None:
+    """The step after the last one applied in this run (the history is linear)."""
+    before = applied[-1] if applied else start
+    for script in _script().walk_revisions():
+        if script.down_revision == before:
+            return script.revision
+    return None
+
+
+def _step_failure(revision: str | None, exc: sa.exc.SQLAlchemyError, dialect: str) -> str:
+    from clerk_sync._db_errors import store_error
+
+    # store_error names the cause without SQL or values, and a lock wait that ran out in plain words; its
+    # advice for the service ("run the migrations", "retry later") is not this command's.
+    cause = str(store_error(exc))
+    for advice in ("; nothing was applied, retry later", "; the schema is not current"):
+        cause = cause.split(advice, 1)[0]
+    what = f"migration {revision}" if revision else "a migration"
+    if dialect in ("mysql", "mariadb"):
+        kept = ("the migrations before it stay applied (MySQL cannot roll DDL back), and part of it may have: "
+                "`clerk-sync migrate` continues from there")
+    else:
+        kept = "nothing was applied (the upgrade is one transaction)"
+    if cause.startswith("database timeout"):
+        todo = "another connection held a lock it needs (traffic on a large table?): run `clerk-sync migrate` again"
+    else:
+        todo = "fix the cause, then run `clerk-sync migrate` again"
+    return f"{what} failed: {cause}; {kept}; {todo}"
 
 
 def _knows(revision: str) -> bool:
     try:
-        return ScriptDirectory.from_config(_config()).get_revision(revision) is not None
+        return _script().get_revision(revision) is not None
     except CommandError:  # (alembic's "Can't locate revision")
         return False
 
 
 def downgrade(engine: Engine, revision: str) -> None:
-    command.downgrade(_config(engine), revision)
+    with _RUN_LOCK:
+        command.downgrade(_config(engine), revision)
+
+
+@functools.cache
+def _script() -> ScriptDirectory:
+    return ScriptDirectory.from_config(_config())
 
 
 @functools.cache
 def head_revision() -> str | None:
-    return ScriptDirectory.from_config(_config()).get_current_head()
+    return _script().get_current_head()
+
+
+def _heads(conn: Connection) -> tuple[str, ...]:
+    heads = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE}).get_current_heads()
+    if heads:
+        return heads
+    legacy = legacy_revision(conn)
+    return (legacy,) if legacy is not None else ()
+
+
+def _read(engine: Engine) -> tuple[str, ...]:
+    # A reader's connection: on SQLite it must not take the write lock (``/readyz`` runs this).
+    with engine.connect().execution_options(**{READ_ONLY_OPTION: True}) as conn:
+        return _heads(conn)
 
 
 def current_revision(engine: Engine) -> str | None:
-    # A reader's connection: on SQLite it must not take the write lock (``/readyz`` runs this).
-    with engine.connect().execution_options(**{READ_ONLY_OPTION: True}) as conn:
-        return MigrationContext.configure(conn).get_current_revision()
+    """The revision in :data:`VERSION_TABLE`; before the first migration of this release, the revision of
+    clerk-sync's in ``alembic_version`` that :func:`adopt` will move (the schema is at it meanwhile)."""
+    heads = _read(engine)
+    if len(heads) > 1:
+        raise CommandError(f"clerk-sync's version table {VERSION_TABLE} holds several revisions: {', '.join(heads)}")
+    return heads[0] if heads else None
+
+
+def schema_state(engine: Engine) -> tuple[SchemaState, str | None]:
+    """``("current", head)`` at this release's head; ``("newer", revision)`` at a revision this release does not
+    know: a newer clerk-sync migrated the database (a rolling deploy under way, or rolled back), whose schema
+    this release still runs on; ``("behind", revision or None)`` otherwise: `clerk-sync migrate` is due."""
+    heads = _read(engine)
+    if len(heads) != 1:  # none (a new database), or several: not a state any release of ours leaves
+        return "behind", ", ".join(heads) or None
+    at = heads[0]
+    if at == head_revision():
+        return "current", at
+    return ("behind" if _knows(at) else "newer"), at
 
 
 def is_current(engine: Engine) -> bool:
-    return current_revision(engine) == head_revision()
+    """The schema has what this release needs: at its head, or newer (a newer release migrated it, as during
+    a rolling deploy). False when a migration of this release has yet to run."""
+    return schema_state(engine)[0] != "behind"
+
+
+def _newer_revision(engine: Engine) -> str | None:
+    """A revision in the version table this release does not know, or None (also when it cannot be read)."""
+    try:
+        heads = _read(engine)
+    except (sa.exc.SQLAlchemyError, CommandError):
+        return None
+    return next((h for h in heads if not _knows(h)), None)
+
+
+def legacy_revision(conn: Connection) -> str | None:
+    """clerk-sync's revision in ``alembic_version``, as releases before :data:`VERSION_TABLE` kept it: the table
+    holds exactly one row, a revision of clerk-sync's, and clerk-sync's first tables exist. Anything else there
+    is the app's own Alembic (its ids may look like ours, such as '0005'): None."""
+    inspector = sa.inspect(conn)
+    if not inspector.has_table(LEGACY_VERSION_TABLE):
+        return None
+    legacy = sa.table(LEGACY_VERSION_TABLE, sa.column("version_num", sa.String(32)))
+    rows = list(conn.execute(sa.select(legacy.c.version_num)).scalars())
+    if len(rows) != 1 or not _knows(rows[0]):
+        return None
+    if not all(inspector.has_table(name) for name in _FIRST_TABLES):
+        return None
+    if "svix_id" not in {c["name"] for c in inspector.get_columns("webhook_events")}:
+        return None
+    return str(rows[0])
+
+
+def adopt(conn: Connection) -> str | None:
+    """Move clerk-sync's revision from ``alembic_version`` into :data:`VERSION_TABLE`, once: when ours holds no
+    revision and ``alembic_version`` holds exactly one of clerk-sync's beside its tables
+    (:func:`legacy_revision`). Returns the revision adopted, or None.
+
+    env.py runs this under the migration lock, in the migration's transaction: concurrent starts adopt once.
+    What is safe to do to ``alembic_version``, which the app's Alembic may share:
+
+    - a table holding anything but that one row (another revision, several rows) is the app's and left
+      untouched: we adopt nothing and migrate from base into our own table;
+    - otherwise our row is deleted, and the table dropped, which is then empty. An empty ``alembic_version``
+      and none are the same to Alembic (its first upgrade creates it), so no app sees a difference; the only
+      rows ever removed are the one we just moved. An ``alembic_version`` that was already empty is not
+      touched either (it is not adoptable).
+
+    On MySQL/MariaDB the ``CREATE TABLE`` commits on its own; the insert and the delete commit together (the
+    ``DROP TABLE``'s implicit commit, or the migration's). Stopped in between, our table is there but empty,
+    ``alembic_version`` intact: the next run adopts again."""
+    ours = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
+    if ours.get_current_heads():
+        return None
+    revision = legacy_revision(conn)
+    if revision is None:
+        return None
+    ours.stamp(_script(), revision)  # creates the table (MigrationContext._ensure_version_table) with the row
+    legacy = sa.table(LEGACY_VERSION_TABLE, sa.column("version_num", sa.String(32)))
+    conn.execute(legacy.delete().where(legacy.c.version_num == revision))
+    if conn.execute(sa.select(sa.func.count()).select_from(legacy)).scalar() == 0:
+        conn.execute(sa.text(f"DROP TABLE {conn.dialect.identifier_preparer.quote(LEGACY_VERSION_TABLE)}"))
+    return revision

@@ -135,11 +135,14 @@ def _freshness(console: Console) -> list[FreshnessCheck]:
 def _database(console: Console) -> dict[str, Any]:
     try:
         console.store.ping()
-        current = migrations.is_current(console.store.engine)
+        state, _ = migrations.schema_state(console.store.engine)
     except (StoreError, sa.exc.SQLAlchemyError) as exc:
         return {"ok": False, "detail": str(exc)}
-    detail = "migrations current" if current else "migrations behind: run `clerk-sync migrate`"
-    return {"ok": current, "detail": detail}
+    if state == "newer":  # a newer release migrated it (a rolling deploy): this one runs on it
+        return {"ok": True, "detail": "schema newer than this release: finish rolling out the newer clerk-sync"}
+    if state == "behind":
+        return {"ok": False, "detail": "migrations behind: run `clerk-sync migrate`"}
+    return {"ok": True, "detail": "migrations current"}
 
 
 def _clerk_state(console: Console) -> dict[str, Any] | None:
