@@ -170,3 +170,22 @@ def test_a_delivery_timeout_names_each_messages_url_last_error_and_next_attempt(
     assert f"{msg_id} (user.created) -> {dead}: attempt 1 error ConnectError(" in line
     assert "next attempt in 5.0 s, at 2023-11-14T22:13:25+00:00 (next_attempt_at=1700000005.000)" in line
     assert "divided by time_scale=1" in message and "EmulatorServer(time_scale=1000)" in message
+
+
+def test_a_retry_that_comes_due_during_a_pause_is_logged_no_endpoint_not_left_pending() -> None:
+    """Review of the helpers' fixes: a message whose retry came due while deliveries were paused was skipped
+    and never rescheduled, so it stayed ``pending`` and every later wait ran into its timeout."""
+    now = [1_700_000_000.0]
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{closed.getsockname()[1]}/webhooks/clerk"
+        with EmulatorServer(seed=1, webhook_url=dead, clock=lambda: now[0]) as clerk:
+            clerk.create_user("paused-retry@example.com")
+            deadline = time.monotonic() + 10
+            while not clerk.deliveries()[0]["attempts"]:  # the first attempt's outcome, not a time threshold
+                assert time.monotonic() < deadline, "the first delivery attempt was never made"
+                time.sleep(0.01)
+            clerk.set_webhook_url(None)
+            now[0] += 60  # the retry (5 s after the failure) is due, in the pause
+            clerk.wait_for_deliveries(timeout=10)
+            assert [entry["status"] for entry in clerk.deliveries()] == ["no_endpoint"]

@@ -354,10 +354,20 @@ class Deliverer:
                 try:
                     if message is not None and url is not None:
                         self._attempt_safely(client, url, message, due.duplicate)
+                    elif message is not None and not due.duplicate:
+                        self._paused_at_its_turn(message)
                 finally:
                     with self._cond:
                         self._in_flight -= 1
                         self._cond.notify_all()
+
+    def _paused_at_its_turn(self, message: Message) -> None:
+        """A retry that came due while deliveries are paused is logged ``no_endpoint`` (as a message created
+        during the pause): left ``pending`` with no attempt scheduled, it was never sent and every
+        ``wait_for_deliveries`` ran into its timeout."""
+        with self._cond:
+            if message.status == "pending":
+                message.status, message.paused, message.next_attempt_at = "no_endpoint", True, None
 
     def _attempt_safely(self, client: httpx.Client, url: str, message: Message, duplicate: bool) -> None:
         """One attempt; a bug in it fails that message (replayable) instead of stopping the worker,
