@@ -1,7 +1,8 @@
 """``clerk-sync serve``'s process side: uvicorn's multi-worker supervisor made to exit like one worker does
 (3 with one line when the service cannot start, 1 when workers keep dying), and a start-up failure told as
-one line instead of uvicorn's traceback. Apart from ``main`` because it reaches into uvicorn's supervisor
-(``Multiprocess.keep_subprocess_alive``), which no public API lets us change."""
+one line instead of uvicorn's traceback, and the fresh multiprocess metrics directory ``serve`` and ``worker``
+count in. Apart from ``main`` because it reaches into uvicorn's supervisor (``Multiprocess.keep_subprocess_alive``),
+which no public API lets us change."""
 
 from __future__ import annotations
 
@@ -9,14 +10,14 @@ import contextlib
 import os
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from rich.console import Console
 
 from clerk_sync.errors import ClerkSyncError
 
-__all__ = ["STARTUP_FAILURE", "could_not_start", "serve_workers", "tell_startup_failure"]
+__all__ = ["STARTUP_FAILURE", "could_not_start", "serve_workers", "shared_metrics", "tell_startup_failure"]
 
 console = Console(stderr=True)
 
@@ -184,3 +185,45 @@ def could_not_start(why: str | None, *, workers: bool = False) -> str:
         return (f"{who} could not start (the log above says why); `clerk-sync doctor` checks the settings, "
                 "the database and its migrations")
     return f"{who} could not start: {why}"
+
+
+@contextlib.contextmanager
+def shared_metrics() -> Iterator[None]:
+    """``serve --workers``: each worker counts in its own process; with one PROMETHEUS_MULTIPROC_DIR
+    /metrics sums them (clerk_sync.metrics). Fresh each run (inside the operator's directory, if set, made
+    if missing): files left by an earlier run would add its counts to this one's. Set before anything
+    imports prometheus_client, which reads it once (the parent's own files land here too), removed after."""
+    import shutil
+    import tempfile
+
+    parent = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+    if parent is not None:
+        os.makedirs(parent, exist_ok=True)
+    metrics_dir = tempfile.mkdtemp(prefix="clerk-sync-metrics-", dir=parent)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    # uvicorn re-raises SIGTERM once its graceful shutdown is done; with the default action the process
+    # would die there, before this block's cleanup. As _Terminated the directory is removed on the way
+    # out, and then the process ends by SIGTERM all the same (what a supervisor expects of a clean stop).
+    sigterm_default = signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    if sigterm_default:
+        signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    except _Terminated:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the cleanup short
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise SystemExit(128 + signal.SIGTERM) from None  # (not reached: the signal ends the process)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        if sigterm_default:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+class _Terminated(BaseException):
+    """SIGTERM arrived (see shared_metrics); a BaseException, so no ``except Exception`` swallows it."""
+
+
+def _raise_terminated(_signum: int, _frame: object) -> None:
+    raise _Terminated

@@ -221,9 +221,9 @@ def _own_metrics_dir() -> Iterator[None]:
     if not _multiprocess():
         yield
         return
-    from clerk_sync.cli.main import _shared_metrics  # (main imports this module: not at its top)
+    from clerk_sync.cli._serve import shared_metrics
 
-    with _shared_metrics():
+    with shared_metrics():
         yield
 
 

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -18,7 +15,13 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from clerk_sync import migrations
 from clerk_sync._logging import configure_logging
-from clerk_sync.cli._serve import STARTUP_FAILURE, could_not_start, serve_workers, tell_startup_failure
+from clerk_sync.cli._serve import (
+    STARTUP_FAILURE,
+    could_not_start,
+    serve_workers,
+    shared_metrics,
+    tell_startup_failure,
+)
 from clerk_sync.cli.hooks import HOOKS_HELP, MAPPING_HELP, hooks_app, load_hooks, load_mapping, migrate_mapping, worker
 from clerk_sync.config import Settings
 from clerk_sync.errors import ClerkNotFound, ClerkSyncError, ClerkUnauthorized, ConfigError
@@ -82,7 +85,7 @@ def serve(
     # One worker with PROMETHEUS_MULTIPROC_DIR set (prometheus_client is then in multiprocess mode) takes a
     # fresh directory inside it too: the files of earlier runs there would add their counts to this one's.
     if workers > 1 or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        with _shared_metrics():
+        with shared_metrics():
             _serve(host, port, workers, json_logs, hooks, mapping, migrate_first, dispatch)
         return
     _serve(host, port, workers, json_logs, hooks, mapping, migrate_first, dispatch)
@@ -433,48 +436,6 @@ def users_retry_pending() -> None:
     console.print(f"pending role changes: {counts}")
     if counts["pending"]:
         raise SystemExit(3)  # still waiting on Clerk: let the scheduler notice
-
-
-@contextlib.contextmanager
-def _shared_metrics() -> Iterator[None]:
-    """``serve --workers``: each worker counts in its own process; with one PROMETHEUS_MULTIPROC_DIR
-    /metrics sums them (clerk_sync.metrics). Fresh each run (inside the operator's directory, if set, made
-    if missing): files left by an earlier run would add its counts to this one's. Set before anything
-    imports prometheus_client, which reads it once (the parent's own files land here too), removed after."""
-    import shutil
-    import tempfile
-
-    parent = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
-    if parent is not None:
-        os.makedirs(parent, exist_ok=True)
-    metrics_dir = tempfile.mkdtemp(prefix="clerk-sync-metrics-", dir=parent)
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-    # uvicorn re-raises SIGTERM once its graceful shutdown is done; with the default action the process
-    # would die there, before this block's cleanup. As _Terminated the directory is removed on the way
-    # out, and then the process ends by SIGTERM all the same (what a supervisor expects of a clean stop).
-    sigterm_default = signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-    if sigterm_default:
-        signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        yield
-    except _Terminated:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the cleanup short
-        shutil.rmtree(metrics_dir, ignore_errors=True)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)
-        raise SystemExit(128 + signal.SIGTERM) from None  # (not reached: the signal ends the process)
-    finally:
-        shutil.rmtree(metrics_dir, ignore_errors=True)
-        if sigterm_default:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-class _Terminated(BaseException):
-    """SIGTERM arrived (see _shared_metrics); a BaseException, so no ``except Exception`` swallows it."""
-
-
-def _raise_terminated(_signum: int, _frame: object) -> None:
-    raise _Terminated
 
 
 @app.command()

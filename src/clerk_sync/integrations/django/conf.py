@@ -3,7 +3,8 @@
 Keys are the environment variable names ``Settings`` reads (``CLERK_WEBHOOK_SIGNING_SECRET``,
 ``CLERK_JWT_KEY``...); a key left out falls back to the environment, and ``DATABASE_URL`` finally to
 Django's ``default`` database, so clerk-sync's tables live next to the app's (an engine it cannot map, or
-an in-memory SQLite database it cannot share, is an error, never a local SQLite file). A few keys concern
+an in-memory SQLite database it cannot share, is an error, never a local SQLite file; under tests, a
+temporary file of its own). A few keys concern
 only Django (:class:`DjangoOptions`), checked for their types. Unknown keys are an error, so a typo does not
 silently disable a check.
 
@@ -14,9 +15,13 @@ in the environment (a dj-database-url setup): only ``CLERK_SYNC['DATABASE_URL']`
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
+import shutil
 import sys
+import tempfile
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -216,14 +221,42 @@ _IN_MEMORY = (
     "should use, e.g. 'sqlite:///clerk_sync_test.db'")
 
 
+_temporary: list[str] = []  # this process's temporary test database, once made
+_temporary_lock = threading.Lock()
+
+
+def _temporary_test_database() -> str:
+    """Under Django's test environment, for an in-memory SQLite test database (Django's default for every
+    SQLite database without ``TEST['NAME']``): a SQLite file of clerk-sync's own in a temporary directory,
+    migrated at once and removed when the process exits. Refusing would stop every such project's test run
+    (the system check runs first), a local ``./clerk_sync.db`` would keep rows between runs; Django's ORM does
+    not see these rows (documented: name a test file to share one)."""
+    with _temporary_lock:
+        if not _temporary:
+            from clerk_sync import migrations
+            from clerk_sync.store import create_engine
+
+            folder = tempfile.mkdtemp(prefix="clerk-sync-test-")
+            atexit.register(shutil.rmtree, folder, True)
+            url = f"sqlite:///{os.path.join(folder, 'clerk_sync.db')}"
+            engine = create_engine(url)
+            try:
+                migrations.upgrade(engine)
+            finally:
+                engine.dispose()
+            _temporary.append(url)
+        return _temporary[0]
+
+
 def database_url_from_django(db: Mapping[str, Any]) -> str | None:
     """A SQLAlchemy URL for a Django ``DATABASES`` entry (SQLite, PostgreSQL, MySQL/MariaDB, their GeoDjango
     engines), or None for no database at all (clerk-sync's own default then).
 
     Raises ``ImproperlyConfigured`` for any other engine (Oracle, a wrapper such as django-prometheus), and for
-    an in-memory SQLite database (``:memory:``, or the one Django's test runner makes of a SQLite database
-    whose ``TEST['NAME']`` is not set): another connection cannot share it, so guessing would put
-    clerk-sync's tables in a local SQLite file the app never reads.
+    an in-memory SQLite database (``:memory:``) outside Django's test environment: another connection cannot
+    share it, so guessing would put clerk-sync's tables in a local SQLite file the app never reads. Under the
+    test environment (Django's test database of a SQLite database without ``TEST['NAME']``): a temporary
+    file of clerk-sync's own (:func:`_temporary_test_database`).
     """
     engine = str(db.get("ENGINE") or "")
     if engine in _NO_DATABASE:
@@ -237,6 +270,8 @@ def database_url_from_django(db: Mapping[str, Any]) -> str | None:
     if scheme == "sqlite":
         name = str(db.get("NAME") or "")
         if not name or name.startswith(":memory:") or "mode=memory" in name:
+            if _in_test_environment():  # (a project's default SQLite settings under `manage.py test`)
+                return _temporary_test_database()
             raise ImproperlyConfigured(_IN_MEMORY.format(name=name))
         return f"sqlite:///{name}"
     options = db.get("OPTIONS") or {}
