@@ -67,6 +67,7 @@ PUBLIC_API: dict[str, list[str]] = {
     "clerk_sync.integrations.django.models": ["AuditLogEntry", "ClerkMembership", "ClerkOrganization", "ClerkUser", "WebhookDelivery"],
     "clerk_sync.integrations.django.rest_framework": ["ClerkAPIException", "ClerkAuthentication", "ClerkPrincipal", "HasOrgRole", "HasPermission", "HasRole", "IsClerkAuthenticated", "NotImpersonated", "clerk_auth"],
     "clerk_sync.integrations.django.runtime": ["ClerkSync", "get_clerk_sync", "reset_clerk_sync"],
+    "clerk_sync.integrations.django.testing": ["ClerkSyncDiscoverRunner", "ClerkSyncTestRunnerMixin", "migrate_test_database"],
     "clerk_sync.integrations.django.urls": ["app_name", "urlpatterns"],
     "clerk_sync.integrations.django.views": ["error_json", "read_limited_body", "sync_me", "webhook"],
     "clerk_sync.integrations.fastapi": ["ClerkAuth", "build_processor", "sync_me_router", "webhook_router"],

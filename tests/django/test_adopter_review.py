@@ -49,7 +49,7 @@ def test_manage_py_replay_fails_while_deliveries_stay_failed_and_refuses_an_unkn
     """Finding: ``clerk-sync replay`` exits 1 while some deliveries stay failed and refuses a ``--status`` no
     delivery can have; ``manage.py clerk_sync replay`` exited 0 for both (a typo replayed nothing, silently)."""
     processor = get_clerk_sync().processor
-    bad = f.envelope("user.created", {"id": "user_bad", "object": "user"})  # no updated_at: stored failed
+    bad = f.envelope("user.created", {"id": "user_bad" + "x" * 70, "object": "user"})  # no row can have that id: failed
     assert processor.process(*f.signed(bad, "msg_bad", secret=client_world.clerk.webhook_secret)).status == "failed"
     out = StringIO()
     with pytest.raises(CommandError, match="1 still failed") as still:

@@ -179,7 +179,7 @@ def test_manage_py_replay_promote_and_reconcile(client_world: World) -> None:
     clerk = client_world.clerk
     store = client_world.store
     processor = get_clerk_sync().processor
-    bad = f.envelope("user.created", {"id": "user_bad", "object": "user"})  # no updated_at: stored failed
+    bad = f.envelope("user.created", {"id": "user_bad" + "x" * 70, "object": "user"})  # no row can have that id: failed
     assert processor.process(*f.signed(bad, "msg_bad", secret=clerk.webhook_secret)).status == "failed"
     out = StringIO()
     with pytest.raises(CommandError, match="1 still failed"):  # exit 1, as `clerk-sync replay`

@@ -243,7 +243,7 @@ def test_a_delivery_replayed_meanwhile_is_not_replayed_again(client_world: World
     row, read locked in the replay's transaction, is no longer failed, so nothing is written."""
     from clerk_sync.integrations.django.admin import _replay_failed_audited
 
-    bad = f.envelope("user.created", {"id": "user_bad", "object": "user"})  # no updated_at: stored failed
+    bad = f.envelope("user.created", {"id": "user_bad" + "x" * 70, "object": "user"})  # no row can have that id: failed
     processor = get_clerk_sync().processor
     assert processor.process(*f.signed(bad, "msg_bad", secret=client_world.clerk.webhook_secret)).status == "failed"
     assert _replay_failed_audited("msg_bad", "user_admin", "127.0.0.1") == (True, "failed")  # still failed: replayed
