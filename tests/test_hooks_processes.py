@@ -269,8 +269,8 @@ def test_serve_no_dispatch_queues_jobs_for_a_worker_beside_it(tmp_path: Path, mo
     served = uvicorn.Server.run
 
     def run_app(server: uvicorn.Server, sockets: Any = None) -> None:
-        if sockets is None:  # the test's own server below
-            return served(server)
+        if threading.current_thread() is not threading.main_thread():  # the test's own server below (serve_app's)
+            return served(server, sockets=sockets)
         # serve's (it passes the socket it bound): instead of serving forever, one delivery, then return
         with running(server.config.app, lifespan="on") as base:
             headers, body = f.signed(f.envelope("user.created", f.user("user_1", B + 1000)), "msg_nd_1")

@@ -25,6 +25,7 @@ from alembic.config import Config
 from clerk_sync import migrations
 from clerk_sync._db_errors import store_error
 from clerk_sync.config import DatabaseTimeouts, Settings
+from clerk_sync.errors import ConfigError
 from clerk_sync.store import create_engine
 from tests.conftest import _PG_PROBLEM, PG_URL, SECRET, mysql_database, pg_schema_url, require_server
 
@@ -185,6 +186,29 @@ def test_an_existing_install_moves_into_its_own_version_table_without_running_mi
         assert _rows(engine, OURS) == [HEAD]
         assert LEGACY not in _tables(engine)  # it held clerk-sync's row alone: gone with it
         assert _tables(engine) >= CLERK_TABLES and migrations.is_current(engine)
+    finally:
+        engine.dispose()
+
+
+def test_tables_without_a_revision_to_go_by_are_refused_saying_what_to_record(empty_url: str) -> None:
+    """Review of the session: an ``alembic_version`` of several rows (the app's Alembic ran clerk-sync's scripts
+    as a branch) is not adopted, and the upgrade started from 0001 and failed on a table that exists, at every
+    start. It is refused now, naming the rows and the one to record; nothing is written."""
+    engine = create_engine(empty_url)
+    try:
+        _as_a_release_before_the_fix(engine, "0014")
+        with engine.begin() as conn:
+            conn.execute(sa.table(LEGACY, sa.column("version_num")).insert().values(version_num="app_head"))
+        with pytest.raises(ConfigError, match=r"alembic_version holds \['0014', 'app_head'\].*INSERT INTO "
+                                              r"clerk_sync_alembic_version"):
+            migrations.upgrade(engine)
+        assert sorted(_rows(engine, LEGACY)) == ["0014", "app_head"] and OURS not in _tables(engine)
+        with engine.begin() as conn:  # what the message says to do
+            conn.execute(sa.text(f"CREATE TABLE {OURS} (version_num VARCHAR(32) PRIMARY KEY)"))
+            conn.execute(sa.text("INSERT INTO clerk_sync_alembic_version VALUES ('0014')"))
+            conn.execute(sa.text("DELETE FROM alembic_version WHERE version_num = '0014'"))
+        migrations.upgrade(engine)
+        assert _rows(engine, OURS) == [HEAD] and _rows(engine, LEGACY) == ["app_head"]
     finally:
         engine.dispose()
 

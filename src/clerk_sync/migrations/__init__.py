@@ -216,6 +216,27 @@ def legacy_revision(conn: Connection) -> str | None:
     return str(rows[0])
 
 
+def _refuse_unversioned_tables(conn: Connection) -> None:
+    """clerk-sync's inbox exists but no revision says how far it was migrated (none of ours, none to adopt: an
+    ``alembic_version`` of several rows, as when an app's Alembic ran clerk-sync's scripts as a branch). Left
+    to run, the upgrade would start from 0001 and fail on a table that exists, at every start; the fix is one
+    row, which only the operator can tell."""
+    inspector = sa.inspect(conn)
+    if not inspector.has_table("webhook_events") or \
+            "svix_id" not in {c["name"] for c in inspector.get_columns("webhook_events")}:
+        return  # a new database, or an app's tables of the same names: migrate from the start
+    found = ""
+    if inspector.has_table(LEGACY_VERSION_TABLE):
+        legacy = sa.table(LEGACY_VERSION_TABLE, sa.column("version_num", sa.String(32)))
+        rows = sorted(str(r) for r in conn.execute(sa.select(legacy.c.version_num)).scalars())
+        found = f" ({LEGACY_VERSION_TABLE} holds {rows}, which is not one revision of clerk-sync's alone)"
+    raise ConfigError(  # (the SQL below is advice printed for the operator, never run)
+        f"clerk-sync's tables exist but no migration revision of clerk-sync's says how far they were migrated"  # noqa: S608
+        f"{found}. Record the revision they are at: INSERT INTO {VERSION_TABLE} (version_num) VALUES ('<rev>') "
+        f"(clerk-sync's revisions are 0001 to {head_revision()}; if {LEGACY_VERSION_TABLE} holds one of them for "
+        f"clerk-sync, move that one and delete it there), then run `clerk-sync migrate` again")
+
+
 def adopt(conn: Connection) -> str | None:
     """Move clerk-sync's revision from ``alembic_version`` into :data:`VERSION_TABLE`, once: when ours holds no
     revision and ``alembic_version`` holds exactly one of clerk-sync's beside its tables
@@ -239,6 +260,7 @@ def adopt(conn: Connection) -> str | None:
         return None
     revision = legacy_revision(conn)
     if revision is None:
+        _refuse_unversioned_tables(conn)
         return None
     ours.stamp(_script(), revision)  # creates the table (MigrationContext._ensure_version_table) with the row
     legacy = sa.table(LEGACY_VERSION_TABLE, sa.column("version_num", sa.String(32)))
