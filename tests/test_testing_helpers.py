@@ -8,10 +8,8 @@ rate-limit budget; a delivery timeout named message ids only.
 from __future__ import annotations
 
 import socket
-import threading
 import time
 from collections.abc import Iterator
-from http.server import ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -19,21 +17,13 @@ import pytest
 
 from clerk_sync.errors import ClerkAPIError, ClerkSyncError
 from clerk_sync.testing import EmulatorServer
-from tests.emulator.support import Receiver, handler_for
+from tests.emulator.support import Receiver, served_receiver
 
 
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
-    recv = Receiver()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler_for(recv))
-    server.daemon_threads = True
-    recv.url = f"http://127.0.0.1:{server.server_address[1]}/webhooks/clerk"
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield recv
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
+    with served_receiver() as recv:
+        yield recv
 
 
 # -- 1. reset() keeps the webhook URL; wait_for_deliveries() says when there is none ----------------------------

@@ -2,29 +2,19 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
-from http.server import ThreadingHTTPServer
 
 import pytest
 
 from clerk_sync.testing import EmulatorServer
 
-from .support import BAPI_SPEC, WEBHOOK_SPEC, Receiver, SpecValidator, handler_for
+from .support import BAPI_SPEC, WEBHOOK_SPEC, Receiver, SpecValidator, served_receiver
 
 
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
-    recv = Receiver()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler_for(recv))
-    server.daemon_threads = True
-    recv.url = f"http://127.0.0.1:{server.server_address[1]}/webhooks/clerk"
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield recv
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
+    with served_receiver() as recv:
+        yield recv
 
 
 @pytest.fixture

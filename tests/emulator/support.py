@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache
-from http.server import BaseHTTPRequestHandler
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,23 @@ def handler_for(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
             pass
 
     return Handler
+
+
+@contextmanager
+def served_receiver() -> Iterator[Receiver]:
+    """A :class:`Receiver` listening on a free loopback port (its ``url``) for a ``with`` block."""
+    recv = Receiver()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler_for(recv))
+    server.daemon_threads = True
+    recv.url = f"http://127.0.0.1:{server.server_address[1]}/webhooks/clerk"
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield recv
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
 
 
 def _convert(node: Any) -> Any:

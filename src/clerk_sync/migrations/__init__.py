@@ -209,11 +209,15 @@ def legacy_revision(conn: Connection) -> str | None:
     rows = list(conn.execute(sa.select(legacy.c.version_num)).scalars())
     if len(rows) != 1 or not _knows(rows[0]):
         return None
-    if not all(inspector.has_table(name) for name in _FIRST_TABLES):
-        return None
-    if "svix_id" not in {c["name"] for c in inspector.get_columns("webhook_events")}:
+    if not all(inspector.has_table(name) for name in _FIRST_TABLES) or not _has_our_inbox(inspector):
         return None
     return str(rows[0])
+
+
+def _has_our_inbox(inspector: Any) -> bool:
+    """clerk-sync's ``webhook_events`` (its ``svix_id``), not an app's table of a common name."""
+    return bool(inspector.has_table("webhook_events")) and \
+        "svix_id" in {c["name"] for c in inspector.get_columns("webhook_events")}
 
 
 def _refuse_unversioned_tables(conn: Connection) -> None:
@@ -222,8 +226,7 @@ def _refuse_unversioned_tables(conn: Connection) -> None:
     to run, the upgrade would start from 0001 and fail on a table that exists, at every start; the fix is one
     row, which only the operator can tell."""
     inspector = sa.inspect(conn)
-    if not inspector.has_table("webhook_events") or \
-            "svix_id" not in {c["name"] for c in inspector.get_columns("webhook_events")}:
+    if not _has_our_inbox(inspector):
         return  # a new database, or an app's tables of the same names: migrate from the start
     found = ""
     if inspector.has_table(LEGACY_VERSION_TABLE):
