@@ -78,7 +78,12 @@ def _id_filter(request: Request, name: str) -> tuple[str, ...]:
 
 
 async def list_users(request: Request) -> Any:
-    return users.list_users(emulator_of(request).store, _user_query(request))
+    emulator, query = emulator_of(request), _user_query(request)
+    deepest = emulator.config.max_user_offset
+    if deepest is not None and query.offset > deepest:
+        raise ClerkAPIError(504, "request_timeout", "Request timed out",
+                            f"Listing users at offset {query.offset} timed out: page with starting_after instead.")
+    return users.list_users(emulator.store, query)
 
 
 async def count_users(request: Request) -> Any:

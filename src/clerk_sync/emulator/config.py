@@ -100,6 +100,10 @@ class EmulatorConfig:
     # Actor tokens (impersonation) a month before POST /actor_tokens answers 402, as on plans that limit
     # them (Clerk's free plans: 5); None: no limit.
     actor_tokens_per_month: int | None = None
+    # The deepest ``GET /users`` offset answered; a deeper one times out (504), as Clerk's spec warns a large
+    # offset "gets progressively slower and eventually times out" (cursor paging, ``starting_after``, does not).
+    # None: any offset is answered.
+    max_user_offset: int | None = None
     # Divides the Svix retry delays, so tests can run the whole schedule in milliseconds.
     time_scale: float = 1.0
     retry_schedule_s: tuple[float, ...] = SVIX_RETRY_SCHEDULE_S
