@@ -259,7 +259,7 @@ def test_tombstones_are_versioned_by_the_injected_clock(store: Store, clerk: Cle
 
 class ClerkStandIn:
     """Clerk's list endpoints on loopback, served from lists a test changes; ``broken`` names listings that
-    ignore ``offset`` (``"repeat"``: the first page forever, as a proxy did), list fresh ids forever
+    ignore ``offset`` and ``starting_after`` (``"repeat"``: the first page forever, as a proxy did), list fresh ids forever
     (``"endless"``), or ignore the id filters (``"unfiltered"``). Past 300 requests a listing answers an empty page: a run that does not stop by
     itself ends, and its test fails instead of hanging."""
 
@@ -294,6 +294,12 @@ class ClerkStandIn:
         if self.requests[name] > 300:
             return [], len(items)
         mode = self.broken.get(name)
+        after = query.get("starting_after")  # users' cursor: what follows that id ("repeat" ignores it too)
+        if after is not None and mode == "endless":
+            offset = int(after.rsplit("_", 1)[1]) + 1
+        elif after is not None:
+            ids = [i["id"] for i in items]
+            offset = ids.index(after) + 1 if after in ids else len(ids)
         if mode == "endless":
             fresh = factories.user if name == "users" else factories.organization
             return [fresh(f"{name}_{offset + i:06d}", 1) for i in range(limit)], len(items)

@@ -1,10 +1,14 @@
 """Drift repair: re-read Clerk (users, organizations, memberships) and make our tables match.
 
-Each listing is paged (500 per request, ``+created_at`` so new objects append and offsets stay put)
-within the shared rate budget, a few pages in flight so the budget, not latency, sets the pace. Every
-page is one transaction: the changed rows are upserted under the webhook path's guard (newer
+Each listing is paged (500 per request, ``+created_at`` so new objects append) within the shared rate
+budget. Users are paged by cursor (``starting_after``: the last id of the page before), as Clerk
+recommends, since a deep ``offset`` "gets progressively slower and eventually times out" there: the
+next page is requested while this one is written. Organizations and memberships have no cursor in
+Clerk's API and are paged by offset, a few pages in flight so the budget, not latency, sets the pace.
+Every page is one transaction: the changed rows are upserted under the webhook path's guard (newer
 ``updated_at`` wins, tombstones are final), the listed ids are staged in ``reconcile_seen``, and the
-run's cursor moves on — so a killed run resumes at the page it had not committed.
+run's cursor (the offset, and for users the last id) moves on — so a killed run resumes at the page it
+had not committed.
 
 Deletions: rows Clerk did not list are *candidates*; before tombstoning (which is final) each batch is
 confirmed with Clerk by id (``GET /users?user_id=...``, memberships by their users through
@@ -142,6 +146,7 @@ class _Run:
     limited_start: int = 0
     beat_at: datetime | None = None  # the last heartbeat written between checkpoints (_keep_alive)
     heartbeat: datetime | None = None  # the store's time of our last heartbeat: the run is still ours (_beat)
+    after: str | None = None  # the users listing's cursor: the last id of its last committed page
 
     @property
     def id(self) -> int:
@@ -248,7 +253,7 @@ class Reconciler:
                 writer.conn.execute(reconcile_runs.update().where(reconcile_runs.c.id == row["id"])
                                     .values(status="running", heartbeat_at=now, error=None))
                 report = ReconcileReport(row["id"], False, since, True, _load_counts(row["details"]))
-                return _Run(report, row["phase"], row["cursor"], reconcile_seen,
+                return _Run(report, row["phase"], row["cursor"], reconcile_seen, after=_load_after(row["details"]),
                             base_requests=row["requests"], base_duration=row["duration_s"], heartbeat=now)
             writer.conn.execute(reconcile_runs.update().where(reconcile_runs.c.id == row["id"])
                                 .values(status="abandoned", finished_at=now))
@@ -266,7 +271,7 @@ class Reconciler:
             return
         report = run.report
         self._beat(writer, run, phase=run.phase, cursor=run.cursor, requests=report.requests,
-                   duration_s=report.duration_s, details=_dump_counts(report),
+                   duration_s=report.duration_s, details=_dump_counts(report, run.after),
                    **{name: report.total(name) for name in ("created", "updated", "deleted", "unchanged")},
                    **values)
 
@@ -290,7 +295,7 @@ class Reconciler:
         report.duration_s = run.base_duration + time.monotonic() - run.started
 
     def _finish(self, run: _Run) -> None:
-        run.phase, run.cursor = "done", 0
+        run.phase, run.cursor, run.after = "done", 0, None
         if run.report.dry_run:
             self._tally(run)
             return
@@ -343,7 +348,7 @@ class Reconciler:
     def _phases(self, run: _Run) -> None:
         for phase in _PHASES[_PHASES.index(run.phase):]:
             if phase != run.phase:
-                run.phase, run.cursor = phase, 0
+                run.phase, run.cursor, run.after = phase, 0, None
             if phase == "sweep":
                 self._sweep_all(run)
             elif phase != "done":
@@ -356,9 +361,14 @@ class Reconciler:
         total = self.clerk.count_users() if entity is Entity.USER and not by_update else None
         self.progress.start(entity.value, total, run.cursor)
         advance = _Advance(f"/{entity.value}", self.page_size, self.max_pages)
-        for offset, items in self._pages(fetch, run.cursor, total, advance, sequential=by_update):
+        if entity is Entity.USER and not by_update:
+            pages = self._user_pages(run.after, run.cursor, advance)
+        else:
+            pages = ((offset, items, None) for offset, items in
+                     self._pages(fetch, run.cursor, total, advance, sequential=by_update))
+        for offset, items, after in pages:
             fresh = [d for d in items if not by_update or _updated_at(d) >= since_ms]  # type: ignore[operator]
-            self._apply_page(run, entity, fresh, offset + len(items))
+            self._apply_page(run, entity, fresh, offset + len(items), after)
             self.progress.advance(entity.value, len(items))
             if len(fresh) < len(items):
                 break  # ordered by -updated_at: the rest is older than --since
@@ -378,6 +388,33 @@ class Reconciler:
             page = self.clerk.list_all_organization_memberships(limit=size, offset=offset, order_by="+created_at")
             return page.data, page.total_count
         return members
+
+    def _user_pages(self, after: str | None, position: int,
+                    advance: _Advance) -> Iterator[tuple[int, list[JSON], str | None]]:
+        """Users by cursor, from ``after`` (None: the first): (position, page, its last id), the next page
+        requested while the caller writes this one; ends at a short page."""
+        size = self.page_size
+
+        def fetch(anchor: str | None) -> list[JSON]:
+            return self.clerk.list_users(limit=size, order_by="+created_at", starting_after=anchor)
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reconcile") as pool:
+            future = pool.submit(fetch, after)
+            try:
+                while True:
+                    items = future.result()
+                    anchor = _last_id(items) or after
+                    if len(items) < size:
+                        yield position, items, anchor
+                        return
+                    advance.check(position, items, None)
+                    if anchor is None:
+                        advance.stop("a full page with no user id to page on from")
+                    future = pool.submit(fetch, anchor)
+                    yield position, items, anchor
+                    position, after = position + len(items), anchor
+            finally:
+                future.cancel()
 
     def _pages(self, fetch: Callable[[int], tuple[list[JSON], int | None]], start: int, total: int | None,
                advance: _Advance, *, sequential: bool) -> Iterator[tuple[int, list[JSON]]]:
@@ -412,12 +449,14 @@ class Reconciler:
                 for _, future in pending:
                     future.cancel()
 
-    def _apply_page(self, run: _Run, entity: Entity, items: list[JSON], next_cursor: int) -> None:
+    def _apply_page(self, run: _Run, entity: Entity, items: list[JSON], next_cursor: int,
+                    after: str | None = None) -> None:
         with span("reconcile.page", {"clerk_sync.entity": entity.value, "clerk_sync.items": len(items),
                                      "clerk_sync.cursor": next_cursor}):
-            self._apply_items(run, entity, items, next_cursor)
+            self._apply_items(run, entity, items, next_cursor, after)
 
-    def _apply_items(self, run: _Run, entity: Entity, items: list[JSON], next_cursor: int) -> None:
+    def _apply_items(self, run: _Run, entity: Entity, items: list[JSON], next_cursor: int,
+                     after: str | None = None) -> None:
         records, failed = _records(entity, items)
         counts = run.report.counts[entity.value]
         counts.failed += failed
@@ -439,7 +478,7 @@ class Reconciler:
                 self._report_changes(conn, entity, changed, current)
             else:
                 _upsert_many(writer, entity, changed)
-                run.cursor = next_cursor
+                run.cursor, run.after = next_cursor, after
                 self._checkpoint(writer, run)
 
     def _report_changes(self, conn: sa.Connection, entity: Entity, changed: list[Record],
@@ -486,7 +525,7 @@ class Reconciler:
                 return
             gone, live = self._confirm_gone(run, entity, candidates)
             if live:  # live but not listed: a deletion mid-run shifted the offsets past them (review)
-                self._apply_items(run, entity, live, run.cursor)
+                self._apply_items(run, entity, live, run.cursor, run.after)
             self._tombstone(run, entity, gone)
             self.progress.advance(f"{entity.value} deletions", len(candidates))
             after = candidates[-1][0]
@@ -615,14 +654,14 @@ class _Advance:
         self.pages += 1
         ids = {d.get("id") if isinstance(d, dict) else None for d in items}
         if not ids.difference(*self.recent):
-            self._stop(f"the page at offset {offset} brings no id the pages before it did not")
+            self.stop(f"the page at offset {offset} brings no id the pages before it did not")
         if total is not None and offset >= total + self.size:
-            self._stop(f"offset {offset} is a page past the total_count of {total} it reports")
+            self.stop(f"offset {offset} is a page past the total_count of {total} it reports")
         if self.pages >= self.max_pages:
-            self._stop(f"{self.pages} full pages, the most one listing may take (Reconciler(max_pages=))")
+            self.stop(f"{self.pages} full pages, the most one listing may take (Reconciler(max_pages=))")
         self.recent.append(ids)
 
-    def _stop(self, why: str) -> None:
+    def stop(self, why: str) -> None:
         raise ClerkAPIError(f"GET {self.path}: the listing does not advance: {why}; stopped, nothing is "
                             f"deleted on its word (is CLERK_API_URL Clerk's API?)", method="GET", path=self.path)
 
@@ -688,9 +727,23 @@ def _upsert_many(writer: Writer, entity: Entity, records: list[Record]) -> None:
         writer.upsert_many(entity, records)
 
 
-def _dump_counts(report: ReconcileReport) -> dict[str, Any]:
+def _dump_counts(report: ReconcileReport, after: str | None = None) -> dict[str, Any]:
     return {"counts": {k: asdict(v) for k, v in report.counts.items()}, "swept": report.swept,
-            "rate_limited": report.rate_limited}
+            "rate_limited": report.rate_limited, **({"after": after} if after is not None else {})}
+
+
+def _load_after(details: Any) -> str | None:
+    after = details.get("after") if isinstance(details, dict) else None
+    return after if isinstance(after, str) else None
+
+
+def _last_id(items: list[JSON]) -> str | None:
+    """The last user id of a page (the cursor for the next one); a malformed item is passed over."""
+    for data in reversed(items):
+        item_id = data.get("id") if isinstance(data, dict) else None
+        if isinstance(item_id, str) and item_id:
+            return item_id
+    return None
 
 
 def _load_counts(details: Any) -> dict[str, Counts]:

@@ -304,8 +304,11 @@ class ClerkClient(_Base):
         return self.send(ep.get_user(user_id), deadline_s)
 
     def list_users(self, *, limit: int = MAX_PAGE, offset: int = 0, order_by: str | None = "-created_at",
-                   user_ids: Sequence[str] = (), deadline_s: float | None = None) -> list[JSON]:
-        return self.send(ep.list_users(limit, offset, order_by, user_ids), deadline_s)
+                   user_ids: Sequence[str] = (), starting_after: str | None = None,
+                   deadline_s: float | None = None) -> list[JSON]:
+        """A page of users; ``starting_after`` (the last id of the previous page, ``created_at`` orderings
+        only) pages by cursor, which Clerk recommends past a few pages: a deep ``offset`` times out."""
+        return self.send(ep.list_users(limit, offset, order_by, user_ids, starting_after), deadline_s)
 
     def count_users(self, *, deadline_s: float | None = None) -> int:
         return self.send(ep.count_users(), deadline_s)
@@ -440,8 +443,10 @@ class AsyncClerkClient(_Base):
         return await self.send(ep.get_user(user_id), deadline_s)
 
     async def list_users(self, *, limit: int = MAX_PAGE, offset: int = 0, order_by: str | None = "-created_at",
-                         user_ids: Sequence[str] = (), deadline_s: float | None = None) -> list[JSON]:
-        return await self.send(ep.list_users(limit, offset, order_by, user_ids), deadline_s)
+                         user_ids: Sequence[str] = (), starting_after: str | None = None,
+                         deadline_s: float | None = None) -> list[JSON]:
+        """A page of users (see :meth:`ClerkClient.list_users`)."""
+        return await self.send(ep.list_users(limit, offset, order_by, user_ids, starting_after), deadline_s)
 
     async def count_users(self, *, deadline_s: float | None = None) -> int:
         return await self.send(ep.count_users(), deadline_s)

@@ -75,8 +75,13 @@ def get_user(user_id: str) -> ApiRequest[JSON]:
     return ApiRequest("GET", f"/users/{_id(user_id)}", _object, coalesce=True, route="/users/{id}")
 
 
-def list_users(limit: int, offset: int, order_by: str | None, user_ids: Sequence[str]) -> ApiRequest[list[JSON]]:
+def list_users(limit: int, offset: int, order_by: str | None, user_ids: Sequence[str],
+               starting_after: str | None = None) -> ApiRequest[list[JSON]]:
     params = _paging(limit, offset, order_by) + [("user_id", u) for u in user_ids]
+    if starting_after is not None:  # a cursor: Clerk refuses it beside a non-zero offset (422)
+        if offset:
+            raise ValueError("starting_after cannot be combined with a non-zero offset")
+        params = [p for p in params if p[0] != "offset"] + [("starting_after", starting_after)]
     return ApiRequest("GET", "/users", _array, tuple(params))
 
 
