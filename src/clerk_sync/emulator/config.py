@@ -97,6 +97,11 @@ class EmulatorConfig:
     # Backend API rate limit, per secret key (Clerk development instances: 100 / 10 s).
     rate_limit_requests: int = 100
     rate_limit_window_s: float = 10.0
+    # Clerk's per-object limits (FACTS §4.4): PATCH /users/{id}, PATCH|PUT /users/{id}/metadata 10 requests / 10 s per
+    # user; the same per organization for its update/metadata, per membership for its update/metadata; each route
+    # its own window, on the emulator's clock. None: no per-object limit.
+    object_rate_limit_requests: int | None = 10
+    object_rate_limit_window_s: float = 10.0
     # Actor tokens (impersonation) a month before POST /actor_tokens answers 402, as on plans that limit
     # them (Clerk's free plans: 5); None: no limit.
     actor_tokens_per_month: int | None = None
@@ -108,6 +113,10 @@ class EmulatorConfig:
     time_scale: float = 1.0
     retry_schedule_s: tuple[float, ...] = SVIX_RETRY_SCHEDULE_S
     delivery_timeout_s: float = 15.0
+    # Webhook deliveries in flight at once. Svix delivers a regular endpoint's messages independently and
+    # concurrently, in no guaranteed order (FACTS §2.3); 1 (the default) sends them one at a time, in order.
+    # Test a receiver with more than 1 (e.g. 4) to meet the interleavings Clerk's webhooks produce.
+    delivery_concurrency: int = 1
     # Backend API fault knobs (also settable at run time).
     latency_s: float = 0.0
     error_rate: float = 0.0
@@ -148,6 +157,16 @@ class EmulatorConfig:
                              f"got {self.rate_limit_requests!r}")
         if not self.rate_limit_window_s > 0:
             raise ValueError(f"rate_limit_window_s must be greater than 0, got {self.rate_limit_window_s!r}")
+        if self.object_rate_limit_requests is not None and not self.object_rate_limit_requests >= 1:
+            raise ValueError(f"object_rate_limit_requests must be at least 1, or None for no per-object limit, "
+                             f"got {self.object_rate_limit_requests!r}")
+        if not self.object_rate_limit_window_s > 0:
+            raise ValueError(f"object_rate_limit_window_s must be greater than 0, got "
+                             f"{self.object_rate_limit_window_s!r}")
+        if isinstance(self.delivery_concurrency, bool) or not (
+                isinstance(self.delivery_concurrency, int) and self.delivery_concurrency >= 1):
+            raise ValueError(f"delivery_concurrency must be an integer of at least 1 (webhook deliveries in flight "
+                             f"at once), got {self.delivery_concurrency!r}")
         if not self.time_scale > 0:  # NaN too; 0 would divide the retry delays by zero
             raise ValueError(f"time_scale must be greater than 0 (it divides the Svix retry delays), "
                              f"got {self.time_scale!r}")

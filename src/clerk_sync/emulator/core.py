@@ -40,6 +40,8 @@ class Emulator:
         self.session_token_template: Mapping[str, Any] | None = config.session_token_template
         self.faults = Faults(FaultSettings.from_config(config), config.seed)
         self.rate_limiter = RateLimiter()
+        # Clerk's per-user/organization/membership limits (``endpoints.PER_OBJECT_LIMITED``), on this clock
+        self.object_rate_limiter = RateLimiter(clock)
         self.keys = KeyRing(config.instance_id, grace_s=config.key_grace_s, clock=clock)
         self._msg_rng = random.Random(config.seed)
         self.delivery = Deliverer(
@@ -49,6 +51,7 @@ class Emulator:
             new_id=self._new_message_id,
             schedule=config.retry_schedule_s,
             timeout_s=config.delivery_timeout_s,
+            concurrency=config.delivery_concurrency,
             reorder_hold_s=config.reorder_hold_s,
             clock=clock,
         )
@@ -89,6 +92,7 @@ class Emulator:
             self._msg_rng = random.Random(self.config.seed)
         self.faults.reset(FaultSettings.from_config(self.config))
         self.rate_limiter.reset()
+        self.object_rate_limiter.reset()
         self.delivery.resume()
         self.session_token_template = self.config.session_token_template
 

@@ -1,7 +1,9 @@
 """Svix-style webhook delivery: signing, a background worker, retries, faults and a log.
 
-Every event becomes a *message* with a ``msg_`` id.  A single worker thread sends due
-attempts, so the API never waits for the receiver.  A failed attempt (non-2xx, timeout,
+Every event becomes a *message* with a ``msg_`` id.  Worker threads send due attempts, so the
+API never waits for the receiver: one by default (messages go one at a time, in order), or
+``concurrency`` of them, as Svix delivers a regular endpoint's messages independently and
+concurrently (never one message twice at once).  A failed attempt (non-2xx, timeout,
 connection error, injected failure) is retried on the Svix schedule divided by
 ``time_scale``, with the same ``svix-id`` and a new ``svix-timestamp`` and signature.
 
@@ -122,8 +124,12 @@ class Deliverer:
         timeout_s: float = 15.0,
         reorder_hold_s: float = 0.5,
         clock: Callable[[], float] = time.time,
+        concurrency: int = 1,
     ) -> None:
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {concurrency!r}")
         self.secret = secret
+        self._concurrency = concurrency
         self._signer = webhook_signer(secret)  # here, so a bad secret fails at start-up, not in the worker
         self._url = url
         self._endpoint = url  # the last URL deliveries went to: a pause (set_url(None)) keeps it
@@ -140,7 +146,8 @@ class Deliverer:
         self._seq = 0
         self._held: tuple[str, float] | None = None
         self._in_flight = 0
-        self._thread: threading.Thread | None = None
+        self._busy: set[str] = set()  # ids of the messages an attempt is in flight for
+        self._threads: list[threading.Thread] = []
         self._closing = False
 
     # -- producer side -----------------------------------------------------------------
@@ -315,31 +322,50 @@ class Deliverer:
     # -- worker side -------------------------------------------------------------------
 
     def _ensure_worker(self) -> None:
-        if self._thread is None and not self._closing:
-            self._thread = threading.Thread(target=self._run, name="clerk-emulator-webhooks", daemon=True)
-            self._thread.start()
+        """Start the workers (holding the condition), all ``concurrency`` of them at the first message."""
+        while len(self._threads) < self._concurrency and not self._closing:
+            name = "clerk-emulator-webhooks" + (f"-{len(self._threads)}" if self._threads else "")
+            thread = threading.Thread(target=self._run, name=name, daemon=True)
+            self._threads.append(thread)
+            thread.start()
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stop the worker (pending messages stay in the log)."""
+        """Stop the workers (pending messages stay in the log)."""
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-            thread = self._thread
-        if thread is not None:
-            thread.join(timeout)
+            threads = list(self._threads)
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            thread.join(max(deadline - time.monotonic(), 0))
 
     def _next_due(self) -> _Due | None:
-        """Wait for the next due attempt (holding the condition); None when closing."""
+        """Wait for the next due attempt of a message no other worker is sending (holding the condition);
+        None when closing."""
         while not self._closing:
             now = self._clock()
             if self._held is not None and self._held[1] <= now:
                 self._release_held()
-            if self._queue and self._queue[0].at <= now:
+            skipped: list[_Due] = []
+            found = None
+            while self._queue and self._queue[0].at <= now:
+                due = heapq.heappop(self._queue)
+                if due.message_id in self._busy:
+                    skipped.append(due)  # its message is in flight: it waits for that attempt to finish
+                    continue
+                found = due
+                break
+            for due in skipped:
+                heapq.heappush(self._queue, due)
+            if found is not None:
                 self._in_flight += 1
-                return heapq.heappop(self._queue)
-            waits = [d.at - now for d in self._queue[:1]]
+                self._busy.add(found.message_id)
+                return found
+            # the first attempt not yet due (due ones left are busy: their worker's notify wakes this one)
+            later = [d.at - now for d in self._queue if d.at > now]
+            waits = [min(later)] if later else []
             waits += [self._held[1] - now] if self._held else []
-            self._cond.wait(min([*waits, 1.0]))
+            self._cond.wait(max(min([*waits, 1.0]), 0.001))
         return None
 
     def _run(self) -> None:
@@ -359,6 +385,7 @@ class Deliverer:
                 finally:
                     with self._cond:
                         self._in_flight -= 1
+                        self._busy.discard(due.message_id)
                         self._cond.notify_all()
 
     def _paused_at_its_turn(self, message: Message) -> None:

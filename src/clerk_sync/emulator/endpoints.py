@@ -6,7 +6,15 @@ faults, and translation of :class:`ClerkAPIError` into Clerk's error body.
 
 A request carrying :data:`HELPER_HEADER` (sent by ``clerk_sync.testing.EmulatorServer``'s helpers, never by
 Clerk's SDKs) is a test setting the stage, not the app under test: it is not counted against, nor refused
-by, the rate limit, so a test's seeding never spends the budget the app's own calls are measured against.
+by, the rate limits, so a test's seeding never spends the budget the app's own calls are measured against.
+
+Query parameters: :data:`ROUTE_PARAMS` lists, per list route, the parameters the spec documents. Those the
+emulator cannot honour (it has no phone numbers, web3 wallets or external accounts, ...) answer a 422 naming
+them, rather than being ignored and answering every record; the others reach ``users``/``orgs`` through
+:data:`~clerk_sync.emulator.users.REQUEST_PARAMS`. Parameters the spec does not know are ignored, as Clerk does.
+
+Per-object limits: Clerk limits some updates per user, organization or membership (10 requests / 10 s, FACTS
+§4.4) on top of the instance's limit; :data:`PER_OBJECT_LIMITED` lists the routes the emulator serves.
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from starlette.requests import Request
@@ -22,9 +30,12 @@ from starlette.responses import JSONResponse, Response
 
 from .core import REQUEST_ORIGIN, Emulator
 from .errors import ClerkAPIError
+from .users import REQUEST_PARAMS
 
 __all__ = [
     "HELPER_HEADER",
+    "PER_OBJECT_LIMITED",
+    "ROUTE_PARAMS",
     "Handler",
     "admin_endpoint",
     "bapi_endpoint",
@@ -40,6 +51,56 @@ __all__ = [
 HELPER_HEADER = "X-Clerk-Emulator-Helper"
 Handler = Callable[[Request], Awaitable[Any]]
 Endpoint = Callable[[Request], Awaitable[Response]]
+
+_NO_PHONES = "the emulator's users have no phone numbers"
+_NO_WALLETS = "the emulator's users have no web3 wallets"
+_NO_ACCOUNTS = "the emulator's users have no external (OAuth) accounts"
+_USER_FILTERS = {
+    "email_address": "", "phone_number": _NO_PHONES, "external_id": "", "username": "",
+    "web3_wallet": _NO_WALLETS, "user_id": "", "organization_id": "", "query": "", "email_address_query": "",
+    "phone_number_query": _NO_PHONES, "username_query": "", "name_query": "", "banned": "",
+    "last_active_at_before": "", "last_active_at_after": "", "last_active_at_since": "",
+    "created_at_before": "", "created_at_after": "", "last_sign_in_at_before": "", "last_sign_in_at_after": "",
+    "provider": _NO_ACCOUNTS, "provider_user_id": _NO_ACCOUNTS,
+}
+_PAGING = {"limit": "", "offset": ""}
+_CREATED_AMBIGUOUS = ("the spec does not say whether it compares the user's or the membership's creation time "
+                      "(its text says users'), so the emulator cannot answer as Clerk does")
+#: ``"METHOD /v1/route"`` -> every query parameter the spec (2026-05-12) documents for it, each with why the
+#: emulator cannot honour it ("" when it does). Routes not listed take no filters the emulator ignores.
+ROUTE_PARAMS: Mapping[str, Mapping[str, str]] = {
+    "GET /v1/users": {**_USER_FILTERS, **_PAGING, "starting_after": "", "order_by": ""},
+    "GET /v1/users/count": _USER_FILTERS,
+    "GET /v1/organizations": {
+        "include_members_count": "", "query": "", "user_id": "", "organization_id": "", "order_by": "", **_PAGING,
+        "include_missing_member_with_elevated_permissions":
+            "the emulator has no members with elevated permissions outside their organization",
+    },
+    "GET /v1/organizations/{org_id}/memberships": {
+        "order_by": "", "user_id": "", "email_address": "", "phone_number": _NO_PHONES, "username": "",
+        "web3_wallet": _NO_WALLETS, "role": "", "query": "", "email_address_query": "",
+        "phone_number_query": _NO_PHONES, "username_query": "", "name_query": "", "last_active_at_before": "",
+        "last_active_at_after": "", "created_at_before": _CREATED_AMBIGUOUS, "created_at_after": _CREATED_AMBIGUOUS,
+        **_PAGING,
+    },
+    "GET /v1/organization_memberships": {"order_by": "", **_PAGING},
+    "GET /v1/users/{user_id}/organization_memberships": _PAGING,
+    "GET /v1/sessions": {"client_id": "", "user_id": "", "status": "", "paginated": "", **_PAGING},
+}
+# Boolean flags the emulator honours when false (the default) only.
+_FLAGS = frozenset({"include_missing_member_with_elevated_permissions"})
+#: ``"METHOD /v1/route"`` -> the object Clerk limits it per (FACTS §4.4: "10 req / 10 s per user; same per org for
+#: org update/metadata; same per membership for membership update/metadata"), each route its own window.
+PER_OBJECT_LIMITED: Mapping[str, str] = {
+    "PATCH /v1/users/{user_id}": "user",
+    "PATCH /v1/users/{user_id}/metadata": "user",
+    "PUT /v1/users/{user_id}/metadata": "user",
+    "PATCH /v1/organizations/{org_id}": "organization",
+    "PATCH /v1/organizations/{org_id}/metadata": "organization",
+    "PUT /v1/organizations/{org_id}/metadata": "organization",
+    "PATCH /v1/organizations/{org_id}/memberships/{user_id}": "membership",
+    "PATCH /v1/organizations/{org_id}/memberships/{user_id}/metadata": "membership",
+}
 
 
 def emulator_of(request: Request) -> Emulator:
@@ -80,6 +141,60 @@ def _check_rate_limit(request: Request, emulator: Emulator) -> None:
         )
 
 
+def _route_key(request: Request) -> str:
+    """``"METHOD /v1/route/{param}"``: the route template the request matched."""
+    route = request.scope.get("route")
+    return f"{request.method} {getattr(route, 'path', request.url.path)}"
+
+
+def _check_object_rate_limit(request: Request, emulator: Emulator, route: str) -> None:
+    kind = PER_OBJECT_LIMITED.get(route)
+    limit = emulator.config.object_rate_limit_requests
+    if kind is None or limit is None or HELPER_HEADER in request.headers:
+        return
+    params = request.path_params
+    org = emulator.store.slug_index.get(params.get("org_id", ""), params.get("org_id", ""))  # a slug is the org
+    target = {"user": params.get("user_id", ""), "organization": org}.get(kind, f"{org}/{params.get('user_id')}")
+    window = emulator.config.object_rate_limit_window_s
+    retry_after = emulator.object_rate_limiter.check(f"{route} {target}", limit, window)
+    if retry_after is not None:
+        raise ClerkAPIError(
+            429,
+            "too_many_requests",
+            "Too many requests",
+            f"Too many requests, retry later (Clerk emulator: {limit} requests per {window:g} s per {kind} on "
+            f"{route}, as Clerk limits it; set with EmulatorServer(object_rate_limit_requests=..., "
+            "object_rate_limit_window_s=...), None for no limit)",
+            headers={"Retry-After": str(retry_after)},
+        )
+
+
+def request_params(request: Request, route: str) -> dict[str, tuple[str, ...]]:
+    """The documented query parameters of ``route`` in ``request`` (``name[]`` as ``name``), non-empty values
+    only; a 422 for one the emulator cannot honour."""
+    documented = ROUTE_PARAMS.get(route)
+    if documented is None:
+        return {}
+    found: dict[str, tuple[str, ...]] = {}
+    for raw_name, value in request.query_params.multi_items():
+        name = raw_name.removesuffix("[]")
+        if name in documented and value != "":
+            found[name] = (*found.get(name, ()), value)
+    for name, values in found.items():
+        reason = documented[name]
+        if not reason or (name in _FLAGS and all(v.lower() in {"false", "0"} for v in values)):
+            continue
+        raise ClerkAPIError(
+            422,
+            "emulator_not_implemented",
+            f"The Clerk emulator does not implement the {name} filter",
+            f"The Clerk emulator does not implement the {name} filter of {route}: {reason}. Clerk would apply it; "
+            "the emulator refuses it rather than answer as if it were not there.",
+            meta={"param_name": name},
+        )
+    return found
+
+
 def _check_faults(emulator: Emulator) -> None:
     if emulator.faults.settings.outage:
         raise ClerkAPIError(
@@ -118,17 +233,22 @@ def bapi_endpoint(handler: Handler, *, rate_limited: bool = True) -> Endpoint:
             await asyncio.sleep(latency)
         client = request.client.host if request.client else ""
         token = REQUEST_ORIGIN.set((client, request.headers.get("user-agent", "")))
+        params_token = REQUEST_PARAMS.set({})
         try:
             _check_auth(request, emulator)
+            route = _route_key(request)
             if rate_limited:
                 _check_rate_limit(request, emulator)
+                _check_object_rate_limit(request, emulator, route)
             _check_faults(emulator)
+            REQUEST_PARAMS.set(request_params(request, route))
             return _to_response(await handler(request))
         except ClerkAPIError as error:
             return error.to_response()
         except (ValueError, TypeError, AttributeError) as error:  # a body value of the wrong type
             return _format_invalid(error).to_response()
         finally:
+            REQUEST_PARAMS.reset(params_token)
             REQUEST_ORIGIN.reset(token)
 
     return endpoint

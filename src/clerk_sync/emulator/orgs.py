@@ -7,11 +7,13 @@ Membership events carry the full membership with its nested organization and
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from .errors import ClerkAPIError
-from .records import MembershipRecord, OrgRecord, deleted_object, render_membership, render_org
+from .records import MembershipRecord, OrgRecord, UserRecord, deleted_object, render_membership, render_org
 from .state import Store, merge_metadata_fields, metadata_arg, replace_metadata_fields
+from .users import REQUEST_PARAMS, full_name, in_range, ms_param, split_ids, text_matches, text_param
 
 __all__ = [
     "create_membership",
@@ -130,13 +132,16 @@ def list_orgs(
     """``GET /organizations``: ``{data, total_count}``, newest first by default."""
     with store.lock:
         orgs = list(store.orgs.values())
-        if query:
+        if query:  # the spec: "exact match for organization ID and partial match for name and slug"
             needle = query.lower()
-            orgs = [o for o in orgs if needle in o.name.lower() or needle in o.slug or needle in o.id]
-        if user_ids:
-            orgs = [o for o in orgs if any(u in store.memberships[o.id] for u in user_ids)]
+            orgs = [o for o in orgs if needle in o.name.lower() or needle in o.slug.lower() or query == o.id]
+        if user_ids:  # plain/``+`` ids: orgs with any of them as member; ``-`` ids: orgs with none of them
+            include, exclude = split_ids(user_ids)
+            orgs = [o for o in orgs if not any(u in store.memberships[o.id] for u in exclude)
+                    and (not include or any(u in store.memberships[o.id] for u in include))]
         if org_ids:
-            orgs = [o for o in orgs if o.id in org_ids]
+            include, exclude = split_ids(org_ids)
+            orgs = [o for o in orgs if o.id not in exclude and (not include or o.id in include)]
         field_name = order_by.lstrip("+-")
         if field_name not in {"created_at", "name", "members_count"}:
             raise ClerkAPIError.invalid("order_by", f"order_by {field_name!r} is not supported")
@@ -353,9 +358,57 @@ def list_memberships(
             found = [m for m in found if m.user_id not in exclude and (not include or m.user_id in include)]
         if roles:
             found = [m for m in found if m.role in roles]
-        if order_by.lstrip("+-") not in {"created_at", ""}:
-            raise ClerkAPIError.invalid("order_by", f"order_by {order_by!r} is not supported")
-        if order_by.startswith("-"):
-            found.reverse()
+        params = REQUEST_PARAMS.get()
+        if params:
+            found = [m for m in found if _member_matches(store.users.get(m.user_id), params)]
+        found = _sorted_memberships(store, found, order_by)
         page = found[offset : offset + limit]
         return {"data": [membership_json(store, m) for m in page], "total_count": len(found)}
+
+
+# ``order_by`` of the membership lists (the spec's; ``phone_number``: the emulator's users have none).
+_MEMBERSHIP_ORDERINGS = frozenset({"created_at", "email_address", "first_name", "last_name", "username",
+                                   "phone_number"})
+
+
+def _sorted_memberships(store: Store, found: list[MembershipRecord], order_by: str) -> list[MembershipRecord]:
+    """Creation order, or by a field of the member (members without it last, in creation order)."""
+    field_name = order_by.lstrip("+-") or "created_at"
+    if field_name not in _MEMBERSHIP_ORDERINGS:
+        raise ClerkAPIError.invalid("order_by", f"order_by {order_by!r} is not supported")
+    descending = order_by.startswith("-")
+    if field_name == "created_at":
+        return found[::-1] if descending else found
+
+    def key(m: MembershipRecord) -> str | None:
+        user = store.users.get(m.user_id)
+        if user is None or field_name == "phone_number":
+            return None
+        value: str | None = user.primary_email() if field_name == "email_address" else getattr(user, field_name)
+        return value
+
+    present = sorted((m for m in found if key(m) is not None), key=lambda m: key(m) or "", reverse=descending)
+    return present + [m for m in found if key(m) is None]
+
+
+def _member_matches(user: UserRecord | None, params: Mapping[str, tuple[str, ...]]) -> bool:
+    """The user filters of ``GET /organizations/{id}/memberships`` the emulator has the data for."""
+    if user is None:
+        return False
+    emails = [e.email_address for e in user.emails]
+    wanted_emails = {e.lower() for e in params.get("email_address", ())}
+    if wanted_emails and not wanted_emails.intersection(emails):
+        return False
+    usernames = params.get("username", ())
+    if usernames and user.username not in usernames:
+        return False
+    name = full_name(user.first_name, user.last_name)
+    query = text_param(params, "query")
+    if query and not text_matches(query, user.id, user.username, user.first_name, user.last_name, name, *emails):
+        return False
+    if not (text_matches(text_param(params, "email_address_query"), *emails)
+            and text_matches(text_param(params, "username_query"), user.username)
+            and text_matches(text_param(params, "name_query"), user.first_name, user.last_name, name)):
+        return False
+    return in_range(user.last_active_at, ms_param(params, "last_active_at_after"),
+                    ms_param(params, "last_active_at_before"))

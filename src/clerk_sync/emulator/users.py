@@ -7,8 +7,10 @@ store lock, so events leave in the order the changes happened.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass, replace
+from types import MappingProxyType
 from typing import Any
 
 from . import sessions
@@ -17,6 +19,7 @@ from .records import EmailRecord, UserRecord, deleted_object, render_user
 from .state import Store, merge_metadata_fields, metadata_arg, replace_metadata_fields
 
 __all__ = [
+    "REQUEST_PARAMS",
     "UserQuery",
     "bulk_create_users",
     "count_users",
@@ -32,6 +35,13 @@ __all__ = [
 ]
 
 JSON = dict[str, Any]
+#: The query parameters the spec documents for the route being served (set by ``endpoints.bapi_endpoint``,
+#: each name with its non-empty values): the filters ``api`` does not parse itself are read from here.
+REQUEST_PARAMS: ContextVar[Mapping[str, tuple[str, ...]]] = ContextVar(
+    "clerk_emulator_params", default=MappingProxyType({})
+)
+# Filters that "accept up to 100" values each.
+_MAX_FILTER_VALUES = 100
 _EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 _METADATA_FIELDS = ("public_metadata", "private_metadata", "unsafe_metadata")
 # API version from which PATCH /users/{id} rejects metadata (use the /metadata endpoints).
@@ -63,6 +73,19 @@ class UserQuery:
     limit: int = 10
     offset: int = 0
     starting_after: str | None = None
+    # Read from :data:`REQUEST_PARAMS` by :func:`with_request_filters`.
+    organization_ids: tuple[str, ...] = ()
+    email_address_query: str | None = None
+    username_query: str | None = None
+    name_query: str | None = None
+    # Millisecond ranges, exclusive as Clerk's (``*_since`` inclusive); a user without the timestamp never matches.
+    created_after: int | None = None
+    created_before: int | None = None
+    last_active_after: int | None = None
+    last_active_before: int | None = None
+    last_active_since: int | None = None
+    last_sign_in_after: int | None = None
+    last_sign_in_before: int | None = None
 
     def has_filters(self) -> bool:
         return bool(
@@ -72,7 +95,88 @@ class UserQuery:
             or self.usernames
             or self.query
             or self.banned is not None
+            or self.organization_ids
+            or self.email_address_query
+            or self.username_query
+            or self.name_query
+            or any(v is not None for v in self._ranges())
         )
+
+    def _ranges(self) -> tuple[int | None, ...]:
+        return (self.created_after, self.created_before, self.last_active_after, self.last_active_before,
+                self.last_active_since, self.last_sign_in_after, self.last_sign_in_before)
+
+
+def ms_param(params: Mapping[str, tuple[str, ...]], name: str) -> int | None:
+    """A millisecond timestamp query parameter (its first value), or a Clerk 422."""
+    values = params.get(name)
+    if not values:
+        return None
+    try:
+        return int(values[0])
+    except ValueError:
+        raise ClerkAPIError.invalid(name, f"{name} must be an integer (milliseconds since the epoch)") from None
+
+
+def text_param(params: Mapping[str, tuple[str, ...]], name: str) -> str | None:
+    values = params.get(name)
+    return values[0] if values else None
+
+
+def with_request_filters(q: UserQuery) -> UserQuery:
+    """``q`` with the filters of the request being served that ``api`` does not parse (``organization_id``,
+    the ``*_query`` ones, the timestamp ranges); ``q`` itself outside a request."""
+    params = REQUEST_PARAMS.get()
+    if not params:
+        return q
+    org_ids = params.get("organization_id", ())
+    if len(org_ids) > _MAX_FILTER_VALUES:
+        raise ClerkAPIError.invalid("organization_id", f"organization_id accepts up to {_MAX_FILTER_VALUES} "
+                                                       f"values, got {len(org_ids)}")
+    return replace(
+        q,
+        organization_ids=org_ids,
+        email_address_query=text_param(params, "email_address_query"),
+        username_query=text_param(params, "username_query"),
+        name_query=text_param(params, "name_query"),
+        created_after=ms_param(params, "created_at_after"),
+        created_before=ms_param(params, "created_at_before"),
+        last_active_after=ms_param(params, "last_active_at_after"),
+        last_active_before=ms_param(params, "last_active_at_before"),
+        last_active_since=ms_param(params, "last_active_at_since"),
+        last_sign_in_after=ms_param(params, "last_sign_in_at_after"),
+        last_sign_in_before=ms_param(params, "last_sign_in_at_before"),
+    )
+
+
+def split_ids(wanted: Iterable[str]) -> tuple[set[str], set[str]]:
+    """Clerk's ``+``/``-`` id filters: (ids to include, ids to exclude); plain ids include."""
+    wanted = tuple(wanted)
+    include = {w.removeprefix("+") for w in wanted if not w.startswith("-")}
+    exclude = {w[1:] for w in wanted if w.startswith("-")}
+    return include, exclude
+
+
+def in_range(value: int | None, after: int | None, before: int | None, since: int | None = None) -> bool:
+    """Clerk's exclusive ``*_after``/``*_before`` (and inclusive ``*_since``); no timestamp matches no range."""
+    if after is None and before is None and since is None:
+        return True
+    if value is None:
+        return False
+    return ((after is None or value > after) and (before is None or value < before)
+            and (since is None or value >= since))
+
+
+def text_matches(needle: str | None, *values: str | None) -> bool:
+    """Case-insensitive partial match of ``needle`` in any of ``values`` (True without a needle)."""
+    if not needle:
+        return True
+    lowered = needle.lower()
+    return any(lowered in value.lower() for value in values if value)
+
+
+def full_name(first: str | None, last: str | None) -> str:
+    return " ".join(part for part in (first, last) if part)
 
 
 def require_user(store: Store, user_id: str) -> UserRecord:
@@ -163,10 +267,30 @@ def get_user(store: Store, user_id: str) -> JSON:
         return render_user(require_user(store, user_id))
 
 
+def _matcher(store: Store, q: UserQuery) -> Callable[[UserRecord], bool]:
+    """The filters of ``q`` as one predicate (organization memberships looked up once, not per user)."""
+    in_orgs: set[str] | None = None
+    out_orgs: set[str] = set()
+    if q.organization_ids:
+        include, exclude = split_ids(q.organization_ids)
+        if include:
+            in_orgs = {u for o in include for u in store.memberships.get(o, {})}
+        out_orgs = {u for o in exclude for u in store.memberships.get(o, {})}
+
+    def matches(user: UserRecord) -> bool:
+        if in_orgs is not None and user.id not in in_orgs:
+            return False
+        if user.id in out_orgs:
+            return False
+        return _matches(user, q)
+
+    return matches
+
+
 def _matches(user: UserRecord, q: UserQuery) -> bool:
     if q.email_addresses and not any(e.email_address in q.email_addresses for e in user.emails):
         return False
-    if q.external_ids and user.external_id not in q.external_ids:
+    if q.external_ids and not _id_filter(user.external_id, q.external_ids):
         return False
     if q.usernames and user.username not in q.usernames:
         return False
@@ -174,29 +298,41 @@ def _matches(user: UserRecord, q: UserQuery) -> bool:
         return False
     if q.user_ids and not _id_filter(user.id, q.user_ids):
         return False
-    return not q.query or _text_match(user, q.query.lower())
+    if not (in_range(user.created_at, q.created_after, q.created_before)
+            and in_range(user.last_active_at, q.last_active_after, q.last_active_before, q.last_active_since)
+            and in_range(user.last_sign_in_at, q.last_sign_in_after, q.last_sign_in_before)):
+        return False
+    if not text_matches(q.email_address_query, *(e.email_address for e in user.emails)):
+        return False
+    if not text_matches(q.username_query, user.username):
+        return False
+    if not text_matches(q.name_query, user.first_name, user.last_name, full_name(user.first_name, user.last_name)):
+        return False
+    return not q.query or _text_match(user, q.query)
 
 
-def _id_filter(user_id: str, wanted: tuple[str, ...]) -> bool:
-    """Clerk's ``user_id`` filter: plain/``+`` ids include, ``-`` ids exclude."""
-    include = {w.lstrip("+") for w in wanted if not w.startswith("-")}
-    exclude = {w[1:] for w in wanted if w.startswith("-")}
-    return user_id not in exclude and (not include or user_id in include)
+def _id_filter(value: str | None, wanted: tuple[str, ...]) -> bool:
+    """Clerk's ``user_id``/``external_id`` filters: plain/``+`` ids include, ``-`` ids exclude."""
+    include, exclude = split_ids(wanted)
+    return value not in exclude and (not include or value in include)
 
 
 def _text_match(user: UserRecord, needle: str) -> bool:
-    haystack = [user.id, user.username, user.first_name, user.last_name, user.external_id]
-    haystack += [e.email_address for e in user.emails]
-    return any(needle in value.lower() for value in haystack if value)
+    """``query``: the spec searches "email addresses, phone numbers, usernames, web3 wallets, user IDs, first and
+    last names" (not ``external_id``); the emulator's users have no phone numbers or web3 wallets."""
+    haystack = [user.id, user.username, user.first_name, user.last_name,
+                full_name(user.first_name, user.last_name)]
+    return text_matches(needle, *haystack, *(e.email_address for e in user.emails))
 
 
 def _ordered(store: Store, q: UserQuery) -> list[UserRecord]:
     field_name = q.order_by.lstrip("+-") or "created_at"
     descending = q.order_by.startswith("-")
+    matches = _matcher(store, q)
     if field_name == "created_at":
         ids = reversed(store.user_order) if descending else iter(store.user_order)
-        return [store.users[i] for i in ids if _matches(store.users[i], q)]
-    users = [u for u in store.users.values() if _matches(u, q)]
+        return [store.users[i] for i in ids if matches(store.users[i])]
+    users = [u for u in store.users.values() if matches(u)]
     key = _sort_key(field_name)
     present = [u for u in users if key(u) is not None]
     missing = [u for u in users if key(u) is None]
@@ -209,6 +345,8 @@ def _sort_key(field_name: str) -> Callable[[UserRecord], Any]:
         return lambda u: u.primary_email()
     if field_name in {"updated_at", "first_name", "last_name", "username", "last_sign_in_at", "last_active_at"}:
         return lambda u: getattr(u, field_name)
+    if field_name in {"phone_number", "web3wallet"}:  # the emulator's users have none: all last, in creation order
+        return lambda u: None
     raise ClerkAPIError.invalid("order_by", f"order_by {field_name!r} is not supported")
 
 
@@ -225,6 +363,7 @@ def _page_fast(store: Store, q: UserQuery) -> list[UserRecord]:
 
 def list_users(store: Store, q: UserQuery) -> list[JSON]:
     """``GET /users``: a bare array of users, newest first by default."""
+    q = with_request_filters(q)
     with store.lock:
         fast = q.order_by.lstrip("+-") == "created_at" and not q.has_filters()
         if fast and q.starting_after is None:
@@ -239,10 +378,12 @@ def list_users(store: Store, q: UserQuery) -> list[JSON]:
 
 def count_users(store: Store, q: UserQuery) -> int:
     """``GET /users/count``: how many users match the filters (paging ignored)."""
+    q = with_request_filters(q)
     with store.lock:
         if not q.has_filters():
             return len(store.users)
-        return sum(1 for u in store.users.values() if _matches(u, q))
+        matches = _matcher(store, q)
+        return sum(1 for u in store.users.values() if matches(u))
 
 
 def _touch(store: Store, user: UserRecord) -> JSON:
