@@ -298,7 +298,7 @@ def test_alert_rules_name_only_live_series(emu: EmulatorServer, service: tuple[h
         assert names <= exposed, (rule["alert"], names - exposed)
         assert f"## {rule['alert']}" in runbook, f"RUNBOOK.md has no section for {rule['alert']}"
         # Per install (the `job` label): one Prometheus scraping prod and staging must not let one hide the
-        # other (promtool's test of that: tests/test_telemetry_review.py)
+        # other (promtool's test of that: tests/test_telemetry_alerts_metrics_and_spans.py)
         expr = " ".join(rule["expr"].split())
         assert not re.search(r"\b(sum|max|min|avg|count|absent)\s*\(", expr), (rule["alert"], "ungrouped", expr)
         assert "on()" not in expr, (rule["alert"], expr)
