@@ -59,7 +59,7 @@ def test_database_url_defaults_to_djangos_database() -> None:
     assert database_url_from_django(tls) == "mysql+mysqldb://db/app?charset=utf8mb4&ssl_ca=%2Fetc%2Fca.pem"
     with override_settings(DATABASES={"default": {"ENGINE": "django.db.backends.oracle", "NAME": "x"}}), \
             pytest.raises(ImproperlyConfigured, match=r"ENGINE 'django.db.backends.oracle'.*CLERK_SYNC\['DATABASE_URL'\]"):
-        clerk_settings({})  # never a local SQLite file in place of the app's database (see test_framework_review)
+        clerk_settings({})  # never a local SQLite file in place of the app's database (see test_checks_csrf_and_shared_clients)
     with override_settings(DATABASES={}):
         assert clerk_settings({}).database_url == DEFAULT_DATABASE_URL  # no database at all: clerk-sync's own
 

@@ -1,6 +1,6 @@
 """Django: a path listed in ``PUBLIC_PATHS`` does not open its trailing-slash twin, a separate view that
 deny-by-default protects (auth review 5; the webhook's twin stays public as a ``clerk_public`` view, see
-test_framework_review.test_the_webhook_url_with_a_trailing_slash_is_served_and_public)."""
+test_checks_csrf_and_shared_clients.test_the_webhook_url_with_a_trailing_slash_is_served_and_public)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Fourth review of the Django face.
+"""The Django face during an outage.
 
 1. An outage is no sign-out. With ``ClerkBackend`` and ``ClerkMiddleware``, a request carrying a valid Clerk
    session while clerk-sync's database (or Clerk, during just-in-time sync) is down got ``AnonymousUser`` as
@@ -393,7 +393,7 @@ def _username(world: World, tok: dict[str, str]) -> str:
 @pytest.fixture
 def server_loop() -> Iterator[asyncio.AbstractEventLoop]:
     """An event loop running in a thread of its own, as an ASGI server's."""
-    from tests.django.test_runtime_review3 import _server_loop
+    from tests.django.test_runtime_close_async_client import _server_loop
 
     with _server_loop() as loop:
         yield loop
@@ -401,7 +401,7 @@ def server_loop() -> Iterator[asyncio.AbstractEventLoop]:
 
 def test_reset_closes_the_async_client_without_holding_the_runtime_lock(
         server_loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Finding (fixed, untested until now): ``reset_clerk_sync`` closed the runtime while holding ``_lock``. The
+    """Fixed (untested until now): ``reset_clerk_sync`` closed the runtime while holding ``_lock``. The
     async Clerk client is closed on the server's loop, and the loop may need ``_lock`` first (an ASGI request's
     ``runtime.auser`` claims the client for its loop under it): the loop then stalled on the lock for
     ``_ACLOSE_WAIT_S`` while reset waited for it, and reset returned with the client not closed.
@@ -444,7 +444,7 @@ def test_reset_closes_the_async_client_without_holding_the_runtime_lock(
 
 
 def test_a_user_row_refused_for_good_is_no_outage() -> None:
-    """Review of this round: ``StoreDataError`` (the database refused a value for good, e.g. the app's mapped
+    """Fixed: ``StoreDataError`` (the database refused a value for good, e.g. the app's mapped
     table refuses a just-in-time user row) is a ``StoreError`` too, and was answered "unavailable, retry in
     5 s" on every request for ever. No retry heals it: the session has no usable user (as for a user not
     synced), and the outage answer is kept for what passes."""

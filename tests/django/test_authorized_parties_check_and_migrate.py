@@ -1,4 +1,4 @@
-"""Third review of the Django face: a check for unset ``CLERK_AUTHORIZED_PARTIES``, the admin's replay of failed
+"""The Django face: a check for unset ``CLERK_AUTHORIZED_PARTIES``, the admin's replay of failed
 deliveries only, the runtime's parts built once under concurrent first use, and ``manage.py clerk_sync migrate``
 for an app that maps Clerk users into its own tables."""
 
@@ -50,7 +50,7 @@ KEYS = {"CLERK_WEBHOOK_SIGNING_SECRET": SECRET, "CLERK_JWT_KEY": pem(KEY), "CLER
                          ids=["left-out", "blank", "empty-list"])
 def test_unset_authorized_parties_is_a_check_warning_since_a_token_for_any_origin_signs_in(
         unset: dict[str, Any]) -> None:
-    """Finding: nothing said that without ``CLERK_AUTHORIZED_PARTIES`` the ``azp`` claim is not checked: a
+    """Fixed: nothing said that without ``CLERK_AUTHORIZED_PARTIES`` the ``azp`` claim is not checked: a
     session token the Clerk instance minted for another origin is accepted. A warning (W002), as ``clerk-sync
     doctor`` says it, whose hint names the setting and what goes in it."""
     with override_settings(CLERK_SYNC={**KEYS, **unset}):
@@ -115,7 +115,7 @@ _WEBHOOK_ONLY = {"CLERK_WEBHOOK_SIGNING_SECRET": SECRET, "CLERK_SECRET_KEY": "sk
 
 
 def test_a_webhook_only_project_with_a_secret_key_is_not_warned_about_authorized_parties() -> None:
-    """Review finding: ``CLERK_SECRET_KEY`` (set for webhooks' or reconcile's Backend API calls) counted as
+    """Fixed: ``CLERK_SECRET_KEY`` (set for webhooks' or reconcile's Backend API calls) counted as
     verifying sessions, so a project that authenticates no request with clerk-sync got W002 on upgrade and
     ``manage.py check --fail-level WARNING`` failed its CI. Without the middleware, backend or DRF class: none."""
     with override_settings(CLERK_SYNC=_WEBHOOK_ONLY, **_NO_CLERK_AUTH):
@@ -198,7 +198,7 @@ def _audited(world: World) -> list[str]:
 
 
 def test_the_admin_replays_failed_deliveries_only_and_says_what_it_left_and_why(client_world: World) -> None:
-    """Finding: the admin's replay re-ran every selected delivery, ``applied`` ones included (relabelled
+    """Fixed: the admin's replay re-ran every selected delivery, ``applied`` ones included (relabelled
     ``skipped``, an attempt counted, an audit row each), where the console and ``manage.py clerk_sync replay``
     replay ``failed`` ones only. Now it does too, and the messages count the replayed and the left ones."""
     clerk = client_world.clerk
@@ -295,7 +295,7 @@ def clerk_sync(tmp_path: Path) -> Iterator[ClerkSync]:
 
 
 def test_concurrent_first_uses_build_each_part_once(counted_builds: Counter[str], clerk_sync: ClerkSync) -> None:
-    """Finding: the parts were ``functools.cached_property``, which no longer locks on Python 3.12+: the first
+    """Fixed: the parts were ``functools.cached_property``, which no longer locks on Python 3.12+: the first
     requests of a threaded server each built a Clerk client (one left unclosed), a JIT user loader, an
     authenticator. Threads released together by a barrier, several per part (the authenticator's build needing
     ``jit``, which needs ``clerk`` and ``aclerk``), build each part once and all get that one."""
@@ -372,7 +372,7 @@ def _migrate(url: str, *args: str, mapped: bool = True) -> str:
     """``manage.py clerk_sync migrate`` on ``url``, with CLERK_SYNC["MAPPING"] set to the mapping above or not."""
     settings = {"CLERK_WEBHOOK_SIGNING_SECRET": SECRET, "DATABASE_URL": url}
     if mapped:
-        settings["MAPPING"] = "tests.django.test_review3_django.MAPPING"
+        settings["MAPPING"] = "tests.django.test_authorized_parties_check_and_migrate.MAPPING"
     out = StringIO()
     with override_settings(CLERK_SYNC=settings):
         call_command("clerk_sync", "migrate", *args, stdout=out)
@@ -380,7 +380,7 @@ def _migrate(url: str, *args: str, mapped: bool = True) -> str:
 
 
 def test_manage_py_migrate_adds_what_the_mapping_needs_as_the_cli_does(db_url: str, tmp_path: Path) -> None:
-    """Finding: ``manage.py clerk_sync migrate`` left the mapped table without its Clerk-id column (every delivery
+    """Fixed: ``manage.py clerk_sync migrate`` left the mapped table without its Clerk-id column (every delivery
     then failed on it), where ``clerk-sync migrate --mapping`` adds it. It migrates ``CLERK_SYNC["MAPPING"]``
     (the webhook view's) through the same ``migrate_schema``."""
     by_cli = f"sqlite:///{tmp_path / 'cli.db'}"
@@ -442,7 +442,7 @@ def test_manage_py_migrate_without_a_mapping_is_unchanged_and_backfill_needs_one
 
 
 def test_the_backend_without_the_middleware_is_a_check_warning() -> None:
-    """Walkthrough review: with ClerkBackend listed but ClerkMiddleware left out, `check` said nothing while a
+    """Fixed: with ClerkBackend listed but ClerkMiddleware left out, `check` said nothing while a
     valid Clerk token got `login_required`'s redirect and an admin no staff rights."""
     from django.conf import settings as django_settings
 

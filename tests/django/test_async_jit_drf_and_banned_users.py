@@ -1,4 +1,4 @@
-"""Review findings on the Django face: async JIT under WSGI, DRF's user protocol and public views,
+"""The Django face: async JIT under WSGI, DRF's user protocol and public views,
 the management commands' store, banned users' Django accounts."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from tests.django.conftest import World, bearer, emulator_settings, world_for
 
 
 def test_async_views_sync_users_just_in_time_request_after_request(world: World) -> None:
-    """Review finding: one async Clerk client served every request, but under WSGI each async view runs
+    """Fixed: one async Clerk client served every request, but under WSGI each async view runs
     on a new event loop, so the second JIT fetch failed with "Event loop is closed" (500). Under ASGI
     the fetch still runs on the server's one loop."""
     clerk, app = world.clerk, world.app
@@ -35,7 +35,7 @@ def test_async_views_sync_users_just_in_time_request_after_request(world: World)
 
 
 def test_drf_throttles_and_admin_checks_work_for_a_clerk_principal(client_world: World) -> None:
-    """Review finding: without ``ClerkBackend``, ``request.user`` is a ``ClerkPrincipal``, which had no
+    """Fixed: without ``ClerkBackend``, ``request.user`` is a ``ClerkPrincipal``, which had no
     ``pk`` or ``is_staff``: DRF's ``UserRateThrottle`` and ``IsAdminUser`` answered 500."""
     from django.core.cache import cache
 
@@ -64,7 +64,7 @@ def _expired(world: World, user_id: str) -> str:
 
 
 def test_drf_public_views_serve_an_expired_cookie_as_anonymous(db_url: str) -> None:
-    """Review finding: a DRF view open to all (``AllowAny``) answered 401 ``token_expired`` to a visitor
+    """Fixed: a DRF view open to all (``AllowAny``) answered 401 ``token_expired`` to a visitor
     with an expired ``__session`` cookie, where Django, FastAPI and Flask serve them signed out. Protected
     views still answer 401 with the cookie's error; an expired Bearer token is still refused."""
     with world_for(db_url, "test-client", REQUIRE_AUTH=False) as world:  # DRF decides, not the middleware
@@ -94,7 +94,7 @@ def _django_flags(clerk_id: str) -> tuple[bool, bool, bool]:
 
 
 def test_a_banned_or_deleted_clerk_user_loses_its_django_account_and_login_session(client_world: World) -> None:
-    """Review finding: the backend refused a banned or deleted row before copying its flags, so the Django
+    """Fixed: the backend refused a banned or deleted row before copying its flags, so the Django
     user stayed active (and staff), and a Django login session (``login()``) outlived the ban."""
     from django.contrib.auth import get_user_model
 
@@ -128,7 +128,7 @@ def only_email(row: object) -> dict[str, object]:
 
 
 def test_a_login_session_ends_with_its_purged_row_and_an_unban_lets_the_user_back(client_world: World) -> None:
-    """Review of the fix above: ``get_user`` let a login session through once the user's row was purged
+    """A gap in the fix above: ``get_user`` let a login session through once the user's row was purged
     (hard-deleted tombstone); and with a USER_FIELDS that does not copy ``is_active``, the deactivation of a
     ban was never undone (locked out for good after the unban)."""
     from django.contrib.auth import get_user_model
@@ -138,7 +138,7 @@ def test_a_login_session_ends_with_its_purged_row_and_an_unban_lets_the_user_bac
     cy = clerk.create_user("cy@example.com")
     di = clerk.create_user("di@example.com")
     clerk.wait_for_deliveries()
-    fields = {**emulator_settings(clerk), "USER_FIELDS": "tests.django.test_review.only_email"}
+    fields = {**emulator_settings(clerk), "USER_FIELDS": "tests.django.test_async_jit_drf_and_banned_users.only_email"}
     with override_settings(CLERK_SYNC=fields):
         for who in (cy, di):
             assert app.get("/t/django-login-required",
@@ -161,14 +161,14 @@ def test_a_login_session_ends_with_its_purged_row_and_an_unban_lets_the_user_bac
 
 
 def test_require_auth_with_a_subclass_of_clerk_middleware_is_no_check_error() -> None:
-    """Review of E005: an app's own subclass of ClerkMiddleware was taken for no middleware at all."""
+    """Fixed (E005): an app's own subclass of ClerkMiddleware was taken for no middleware at all."""
     from django.conf import settings
 
     from clerk_sync.integrations.django.checks import check_settings
     from tests.conftest import SECRET
     from tests.test_sessions import KEY, pem
 
-    order = [m if "ClerkMiddleware" not in m else "tests.django.test_review.MyClerkMiddleware"
+    order = [m if "ClerkMiddleware" not in m else "tests.django.test_async_jit_drf_and_banned_users.MyClerkMiddleware"
              for m in settings.MIDDLEWARE]
     base = {"CLERK_WEBHOOK_SIGNING_SECRET": SECRET, "CLERK_JWT_KEY": pem(KEY), "REQUIRE_AUTH": True,
             "CLERK_AUTHORIZED_PARTIES": "https://app.example.com"}
@@ -192,14 +192,14 @@ HOOKS = [Hook("welcome", lambda change: None, on=["user.created"]),
 
 
 def test_manage_py_commands_write_the_mapped_table_and_queue_hooks_as_configured(db_url: str) -> None:
-    """Review finding: ``manage.py clerk_sync replay|reconcile|promote`` built a store without
+    """Fixed: ``manage.py clerk_sync replay|reconcile|promote`` built a store without
     ``CLERK_SYNC["MAPPING"]``/``["HOOKS"]``: a replay never wrote the app's table, a promotion queued
     no hook. Replay and reconcile fire hooks only with ``--with-hooks``, as the CLI does."""
     from clerk_sync.mapping import migrate_schema
 
     accounts = sa.Table("accounts", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
                         sa.Column("email", sa.String(320)))
-    paths = {"MAPPING": "tests.django.test_review.ACCOUNTS", "HOOKS": "tests.django.test_review.HOOKS"}
+    paths = {"MAPPING": "tests.django.test_async_jit_drf_and_banned_users.ACCOUNTS", "HOOKS": "tests.django.test_async_jit_drf_and_banned_users.HOOKS"}
     with world_for(db_url, "test-client", **paths) as world:
         clerk, store = world.clerk, world.store
         with store.engine.begin() as conn:
@@ -246,7 +246,7 @@ def test_manage_py_commands_write_the_mapped_table_and_queue_hooks_as_configured
 
 
 def test_two_values_of_the_session_cookie_are_refused_as_on_the_other_faces(world: World) -> None:
-    """Review finding (cookie tossing): Django keeps the last of two ``__session`` cookies where werkzeug
+    """Fixed (cookie tossing): Django keeps the last of two ``__session`` cookies where werkzeug
     keeps the first, so ``__session=<valid>; __session=garbage`` was 401 here and 200 under Flask."""
     clerk, app = world.clerk, world.app
     ada = clerk.create_user("ada@example.com")

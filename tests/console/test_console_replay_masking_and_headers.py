@@ -1,4 +1,4 @@
-"""Review findings of the console (2026-12-04): links through the host's router, replay of deliveries that
+"""The console, each once broken: links through the host's router, replay of deliveries that
 are not ``failed``, masking of metadata keys, numbers and dates, security headers on early answers."""
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def _urls(html: str) -> list[str]:
 @pytest.mark.parametrize("make_host", [_starlette_host, _fastapi_host], ids=["starlette", "fastapi"])
 def test_links_forms_redirects_and_scripts_stay_inside_a_mounted_console(
         hooked_store: Store, tmp_path: Path, make_host: Callable[[Starlette, Path], Starlette]) -> None:
-    """Review finding: ``request.url_for`` resolves through the outermost router, so in a host app with its
+    """Fixed: ``request.url_for`` resolves through the outermost router, so in a host app with its
     own ``login``/``users``/``static``... routes the console's links, forms, redirects and its CSS and script
     pointed at the host's: a stranger was sent to the host's /login, Sign out posted to the host's /logout."""
     (tmp_path / "console.css").write_text("/* the host's */")
@@ -154,7 +154,7 @@ def test_links_forms_redirects_and_scripts_stay_inside_a_mounted_console(
 
 # -- 2. Replay only what is still failed ---------------------------------------------------------------------
 def test_a_second_replay_of_a_replayed_delivery_writes_nothing(hooked_store: Store) -> None:
-    """Review finding: replaying a delivery that had just applied relabelled it ``skipped``, counted another
+    """Fixed: replaying a delivery that had just applied relabelled it ``skipped``, counted another
     attempt and wrote another audit row. Only a ``failed`` delivery is replayed; any other is left alone."""
     row_id = _record(hooked_store, "msg_twice", "user_twice", status="failed")
     with served(_mounted(hooked_store), headers=BEARER) as client:
@@ -170,7 +170,7 @@ def test_a_second_replay_of_a_replayed_delivery_writes_nothing(hooked_store: Sto
 
 
 def test_an_applied_delivery_is_not_replayed_and_shows_no_replay_button(hooked_store: Store) -> None:
-    """Review finding: an old applied ``user.created`` replayed from the console was relabelled ``skipped``."""
+    """Fixed: an old applied ``user.created`` replayed from the console was relabelled ``skipped``."""
     applied = _record(hooked_store, "msg_old", "user_old", status="applied")
     failed = _record(hooked_store, "msg_new", "user_new", status="failed")
     before = _row(hooked_store, "msg_old")
@@ -184,7 +184,7 @@ def test_an_applied_delivery_is_not_replayed_and_shows_no_replay_button(hooked_s
 
 def test_a_double_clicked_bulk_replay_replays_each_delivery_once(
         hooked_store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Review finding: two bulk replays that read the same list of failed deliveries (a double click) both
+    """Fixed: two bulk replays that read the same list of failed deliveries (a double click) both
     replayed every one. Each is replayed only while still ``failed``; the other click replays none."""
     ids = [f"msg_bulk_{i}" for i in range(3)]
     for i, svix_id in enumerate(ids):
@@ -213,7 +213,7 @@ def test_a_double_clicked_bulk_replay_replays_each_delivery_once(
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is missing (test_browser.py says how to get it)")
 def test_a_form_is_posted_once_however_often_it_is_clicked(hooked_store: Store) -> None:
-    """Review finding: a double click posted a replay twice. console.js disables a form once it is sent."""
+    """Fixed: a double click posted a replay twice. console.js disables a form once it is sent."""
     from playwright.sync_api import expect, sync_playwright
 
     row_id = _record(hooked_store, "msg_click", "user_click", status="failed")
@@ -243,7 +243,7 @@ def test_a_form_is_posted_once_however_often_it_is_clicked(hooked_store: Store) 
 
 # -- 3. Masking: metadata keys, numbers, dates --------------------------------------------------------------
 def test_masking_hides_metadata_keys_numbers_and_dates() -> None:
-    """Review finding: masking kept every dictionary key, every number and any string under a ``*_at`` key,
+    """Fixed: masking kept every dictionary key, every number and any string under a ``*_at`` key,
     so an e-mail used as a metadata key, a phone number stored as a number and a birth date were shown."""
     payload = {"type": "user.updated", "timestamp": 1_700_000_000_000, "data": {
         "id": "user_1", "object": "user", "updated_at": 1_700_000_000_000, "last_sign_in_at": None,
@@ -266,7 +266,7 @@ def test_masking_hides_metadata_keys_numbers_and_dates() -> None:
 # -- 4. Security headers on every answer ---------------------------------------------------------------------
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_every_answer_carries_the_security_headers(hooked_store: Store) -> None:
-    """Review finding: the sign-in form's 403, the guard's 401 and other early answers had none of the
+    """Fixed: the sign-in form's 403, the guard's 401 and other early answers had none of the
     guarded pages' headers, and no answer said ``X-Content-Type-Options: nosniff``."""
     expected = {"x-content-type-options": "nosniff", "cache-control": "no-store", "x-frame-options": "DENY"}
     with served(_mounted(hooked_store)) as client:
@@ -288,7 +288,7 @@ def test_every_answer_carries_the_security_headers(hooked_store: Store) -> None:
 
 def test_an_unhandled_error_answers_with_the_security_headers_too(hooked_store: Store,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """Review of the fix above: Starlette's ServerErrorMiddleware sits outside every ``middleware=`` entry, so
+    """A gap in the fix above: Starlette's ServerErrorMiddleware sits outside every ``middleware=`` entry, so
     a handler's unexpected error answered its 500 without the headers."""
     from clerk_sync.integrations.console import _pages
 

@@ -1,4 +1,4 @@
-"""Review 3 of the Django runtime's close: the async Clerk client (``aclerk``), when it was built, is closed
+"""The Django runtime's close: the async Clerk client (``aclerk``), when it was built, is closed
 too, with the shared Redis budget's async face, on the event loop its connections belong to; one never
 built is not built to be closed. A real emulator on loopback, the local Redis, real loops and threads."""
 
@@ -100,7 +100,7 @@ def test_close_closes_an_async_client_built_but_never_used(parts: Parts) -> None
 
 
 def test_close_from_another_thread_closes_it_on_the_servers_loop(parts: Parts) -> None:
-    """Finding: ``close()`` (``reset_clerk_sync``, a settings change) closed the blocking client only: the async
+    """Fixed: ``close()`` (``reset_clerk_sync``, a settings change) closed the blocking client only: the async
     client's HTTP connections and the budget's async Redis connections stayed open on the server's loop."""
     with _no_unclosed_warnings(), _server_loop() as loop:
         asyncio.run_coroutine_threadsafe(parts.fetch_on_this_loop(), loop).result(30)

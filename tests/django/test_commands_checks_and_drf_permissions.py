@@ -1,4 +1,4 @@
-"""Review findings from a demanding adopter's use of the Django face: the management command's exit codes,
+"""The Django face as a demanding adopter uses it: the management command's exit codes,
 the webhook under Django's ``LoginRequiredMiddleware``, a demotion under a Django login session, system checks
 that missed a database driver or a subclassed middleware, and DRF's composed permission classes."""
 
@@ -20,7 +20,7 @@ from clerk_sync.integrations.django.middleware import ClerkMiddleware
 from clerk_sync.integrations.django.runtime import get_clerk_sync
 from tests import factories as f
 from tests.django.conftest import World, bearer, django_database, emulator_settings
-from tests.django.test_framework_review import BASE, CHECKED
+from tests.django.test_checks_csrf_and_shared_clients import BASE, CHECKED
 
 BACKEND = "clerk_sync.integrations.django.backends.ClerkBackend"
 
@@ -28,7 +28,7 @@ BACKEND = "clerk_sync.integrations.django.backends.ClerkBackend"
 
 
 def test_manage_py_reconcile_fails_when_clerk_objects_could_not_be_read(client_world: World) -> None:
-    """Finding: ``clerk-sync reconcile`` exits 1 when Clerk listed objects it could not read (their rows left
+    """Fixed: ``clerk-sync reconcile`` exits 1 when Clerk listed objects it could not read (their rows left
     unrepaired); ``manage.py clerk_sync reconcile`` exited 0, so a scheduled run looked fine."""
     clerk, store = client_world.clerk, client_world.store
     clerk.set_webhook_url(None)  # rows come from the reconcile only
@@ -46,7 +46,7 @@ def test_manage_py_reconcile_fails_when_clerk_objects_could_not_be_read(client_w
 
 def test_manage_py_replay_fails_while_deliveries_stay_failed_and_refuses_an_unknown_status(
         client_world: World) -> None:
-    """Finding: ``clerk-sync replay`` exits 1 while some deliveries stay failed and refuses a ``--status`` no
+    """Fixed: ``clerk-sync replay`` exits 1 while some deliveries stay failed and refuses a ``--status`` no
     delivery can have; ``manage.py clerk_sync replay`` exited 0 for both (a typo replayed nothing, silently)."""
     processor = get_clerk_sync().processor
     bad = f.envelope("user.created", {"id": "user_bad" + "x" * 70, "object": "user"})  # no row can have that id: failed
@@ -61,7 +61,7 @@ def test_manage_py_replay_fails_while_deliveries_stay_failed_and_refuses_an_unkn
 
 
 def test_manage_py_migrate_with_the_database_down_is_one_line_without_its_password() -> None:
-    """Finding: a database error outside the store (``migrate``, the database down) escaped ``manage.py
+    """Fixed: a database error outside the store (``migrate``, the database down) escaped ``manage.py
     clerk_sync`` as SQLAlchemy's traceback, where clerk-sync's own errors are one ``CommandError`` line."""
     down = "postgresql+psycopg://clerk:Pw-s3cret-9@127.0.0.1:1/app"  # nothing listens on port 1
     with override_settings(CLERK_SYNC={"DATABASE_URL": down}), \
@@ -74,7 +74,7 @@ def test_manage_py_migrate_with_the_database_down_is_one_line_without_its_passwo
 
 
 def test_the_webhook_is_served_under_djangos_login_required_middleware(db_url: str) -> None:
-    """Finding: with Django's ``LoginRequiredMiddleware`` (5.1+, its own deny-by-default) every delivery was
+    """Fixed: with Django's ``LoginRequiredMiddleware`` (5.1+, its own deny-by-default) every delivery was
     redirected to the login page (302): Svix follows no redirect, so no webhook was ever applied."""
     from django.conf import settings
 
@@ -91,7 +91,7 @@ def test_the_webhook_is_served_under_djangos_login_required_middleware(db_url: s
 
 
 def test_a_demoted_admin_loses_django_admin_access_in_a_django_login_session(client_world: World) -> None:
-    """Finding: ``ClerkBackend.get_user`` refused a banned user's login session (``login()``) but copied no
+    """Fixed: ``ClerkBackend.get_user`` refused a banned user's login session (``login()``) but copied no
     field, so a demoted admin kept ``is_staff``/``is_superuser`` (Django admin access) for as long as the
     login session lasted without a Clerk-session request."""
     clerk, app = client_world.clerk, client_world.app
@@ -115,14 +115,14 @@ def test_a_demoted_admin_loses_django_admin_access_in_a_django_login_session(cli
 
 @pytest.mark.filterwarnings("ignore:Overriding setting DATABASES:UserWarning")
 def test_a_database_driver_that_is_not_installed_is_a_check_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Finding: ``manage.py check`` passed, then every request (public pages too) answered 500 when the first
+    """Fixed: ``manage.py check`` passed, then every request (public pages too) answered 500 when the first
     one built the store: a ``DATABASE_URL`` naming a driver not installed, or one derived from a PostgreSQL
     ``DATABASES`` entry (psycopg 3) in a project that has only psycopg2."""
     with override_settings(CLERK_SYNC={**CHECKED, "DATABASE_URL": "postgresql+pg8000://me@db.example.com/app"}):
         found = check_settings()
         assert [m.id for m in found] == ["clerk_sync.E007"]
         assert "'pg8000' is not installed" in found[0].msg and "clerk-sync[postgres]" in str(found[0].hint)
-        assert "psycopg2" not in str(found[0].hint)  # its errors carry no sqlstate: never suggested (review)
+        assert "psycopg2" not in str(found[0].hint)  # its errors carry no sqlstate: never suggested
     monkeypatch.setitem(sys.modules, "psycopg", None)  # a project without psycopg 3
     postgres = {"ENGINE": "django.db.backends.postgresql", "NAME": "app", "HOST": "db.example.com"}
     with override_settings(CLERK_SYNC=CHECKED, DATABASES={"default": postgres}):
@@ -135,11 +135,11 @@ class ProjectClerkMiddleware(ClerkMiddleware):
 
 
 def test_a_subclass_of_clerk_middleware_before_authentication_middleware_is_a_check_error() -> None:
-    """Finding: E004 looked for the exact path only: an app's subclass placed before ``AuthenticationMiddleware``
+    """Fixed: E004 looked for the exact path only: an app's subclass placed before ``AuthenticationMiddleware``
     (which then overwrites ``request.user``) passed ``check``, as E005 once missed it."""
     from django.conf import settings
 
-    own = "tests.django.test_adopter_review.ProjectClerkMiddleware"
+    own = "tests.django.test_commands_checks_and_drf_permissions.ProjectClerkMiddleware"
     order = [own, *(m for m in settings.MIDDLEWARE if "ClerkMiddleware" not in m)]
     with override_settings(MIDDLEWARE=order, CLERK_SYNC=CHECKED):
         assert [m.id for m in check_settings()] == ["clerk_sync.E004"]
@@ -152,7 +152,7 @@ def test_a_subclass_of_clerk_middleware_before_authentication_middleware_is_a_ch
 
 
 def test_drf_permission_classes_compose_with_or_and_not(client_world: World) -> None:
-    """Finding: the Clerk permission classes raised their 403 instead of answering False, so DRF's ``|`` never
+    """Fixed: the Clerk permission classes raised their 403 instead of answering False, so DRF's ``|`` never
     asked the other side (``HasRole.of("admin") | HasOrgRole.of("org:admin")`` refused an org admin) and ``~``
     refused everyone. No session, or a refusal for good, is still raised (401), composed or not."""
     clerk, app = client_world.clerk, client_world.app
@@ -171,7 +171,7 @@ def test_drf_permission_classes_compose_with_or_and_not(client_world: World) -> 
 
     assert [status("/t/drf/admin-or-org-admin", h) for h in (as_root, as_owner, as_member)] == [200, 200, 403]
     assert [status("/t/drf/not-admin", h) for h in (as_root, as_owner, as_member)] == [403, 200, 200]
-    # a detail view checks the object too: ~ of BasePermission's default (True) refused everyone there (review)
+    # a detail view checks the object too: ~ of BasePermission's default (True) refused everyone there
     assert [status("/t/drf/not-admin?object=1", h) for h in (as_root, as_owner, as_member)] == [403, 200, 200]
     refused = app.get("/t/drf/admin", headers=as_member)  # alone: the error table's body, as before
     assert (refused.status_code, refused.json()["error"]) == (403, "access_denied")
@@ -183,7 +183,7 @@ def test_drf_permission_classes_compose_with_or_and_not(client_world: World) -> 
 
 
 def test_the_sync_me_view_is_the_one_fastapi_and_flask_have(db_url: str) -> None:
-    """Finding: Django had no ``POST /sync/me`` (FastAPI's ``sync_me_router``): every project wrote it, the
+    """Fixed: Django had no ``POST /sync/me`` (FastAPI's ``sync_me_router``): every project wrote it, the
     example with an ``assert`` (a 500 without ``CLERK_SECRET_KEY``). ``views.sync_me``, routed by the project:
     the session first (401), POST only, and a ``config_error`` naming the setting without a secret key.
     (The example routes it: tests/django/test_e2e.py's sync-me test drives it against the emulator.)"""

@@ -1,4 +1,4 @@
-"""Review findings on the Django face against the other frameworks': the database it derives, the types of
+"""The Django face on par with the other frameworks: the database it derives, the types of
 its own options, public ViewSets, CSRF and Origin checks, the webhook URL's slash twin, the JWT key in
 ``manage.py check``, the deny list under async views, and unknown paths under ``REQUIRE_AUTH``."""
 
@@ -37,7 +37,7 @@ CHECKED = {**BASE, "CLERK_AUTHORIZED_PARTIES": "https://app.example.com"}
 
 @pytest.mark.filterwarnings("ignore:Overriding setting DATABASES:UserWarning")
 def test_geodjango_engines_map_to_their_database_and_an_unknown_engine_is_a_check_error() -> None:
-    """Review finding: a GeoDjango (PostGIS, SpatiaLite, GIS MySQL) or wrapped engine (django-prometheus) got
+    """Fixed: a GeoDjango (PostGIS, SpatiaLite, GIS MySQL) or wrapped engine (django-prometheus) got
     ``DATABASE_URL=sqlite:///clerk_sync.db``: webhooks wrote a local file per host, the app never saw a user."""
     db = {"NAME": "app", "USER": "me", "HOST": "db"}
     assert database_url_from_django({"ENGINE": "django.contrib.gis.db.backends.postgis", **db}) == \
@@ -66,7 +66,7 @@ def test_geodjango_engines_map_to_their_database_and_an_unknown_engine_is_a_chec
 ], ids=["refresh-string", "refresh-negative", "refresh-nan", "refresh-inf", "refresh-bool", "require-auth-string",
         "jit-string", "audit-int"])
 def test_django_only_options_of_the_wrong_type_are_check_errors(key: str, value: Any) -> None:
-    """Review finding: ``DENY_LIST_REFRESH_S: "5"`` (read from the environment) passed ``manage.py check``,
+    """Fixed: ``DENY_LIST_REFRESH_S: "5"`` (read from the environment) passed ``manage.py check``,
     then every request carrying a session answered 500; ``"false"`` switched ``REQUIRE_AUTH``/``JIT`` on."""
     with override_settings(CLERK_SYNC={**CHECKED, key: value}):
         found = check_settings()
@@ -89,7 +89,7 @@ def test_django_only_options_of_the_right_type_are_taken() -> None:
 
 
 def test_clerk_public_opens_a_drf_viewset_routed_by_a_router(db_url: str) -> None:
-    """Review finding: ``ViewSet.as_view`` sets ``cls``, not ``view_class``: a ``@clerk_public`` ViewSet was
+    """Fixed: ``ViewSet.as_view`` sets ``cls``, not ``view_class``: a ``@clerk_public`` ViewSet was
     refused (401) under ``REQUIRE_AUTH``."""
     with django_database(db_url), override_settings(CLERK_SYNC={**BASE, "REQUIRE_AUTH": True}):
         anonymous = Client()
@@ -99,7 +99,7 @@ def test_clerk_public_opens_a_drf_viewset_routed_by_a_router(db_url: str) -> Non
 
 
 def test_unknown_paths_are_refused_under_require_auth_as_on_the_other_faces(client_world: World) -> None:
-    """Review finding: a path that resolved to nothing went through to Django's 404 under ``REQUIRE_AUTH``,
+    """Fixed: a path that resolved to nothing went through to Django's 404 under ``REQUIRE_AUTH``,
     where ASGI and Flask answer 401 (what does not exist is not told to a stranger)."""
     clerk, app = client_world.clerk, client_world.app
     user = clerk.create_user("ada@example.com")
@@ -116,7 +116,7 @@ def test_unknown_paths_are_refused_under_require_auth_as_on_the_other_faces(clie
 
 
 def test_a_bearer_header_does_not_switch_off_csrf_for_a_django_login_session(db_url: str) -> None:
-    """Review finding: any valid Clerk Bearer token (the attacker's own) set ``_dont_enforce_csrf_checks``,
+    """Fixed: any valid Clerk Bearer token (the attacker's own) set ``_dont_enforce_csrf_checks``,
     so a POST riding on the victim's ``sessionid`` cookie passed Django's CSRF check: here the Django admin
     created a superuser. A Bearer request without a Django session cookie still needs no CSRF token."""
     with world_for(db_url, "test-client", REQUIRE_AUTH=False) as world, \
@@ -141,7 +141,7 @@ def test_a_bearer_header_does_not_switch_off_csrf_for_a_django_login_session(db_
 
 @pytest.mark.parametrize("transport", ["test-client", "asgi"])
 def test_a_cross_site_post_on_the_session_cookie_is_refused_on_csrf_exempt_views(db_url: str, transport: str) -> None:
-    """Review finding: Django never passed the request's method and scheme, so the Origin check of FastAPI,
+    """Fixed: Django never passed the request's method and scheme, so the Origin check of FastAPI,
     Starlette and Flask (403 ``cross_site_request``) never ran: a ``csrf_exempt`` view (or a project
     without CSRF middleware) ran an admin action for another site's form. Sync and async paths both."""
     with world_for(db_url, transport) as world:
@@ -161,7 +161,7 @@ def test_a_cross_site_post_on_the_session_cookie_is_refused_on_csrf_exempt_views
 
 @pytest.mark.parametrize("transport", ["test-client", "asgi"])
 def test_a_same_site_cookie_post_behind_a_proxy_is_this_sites_own(db_url: str, transport: str) -> None:
-    """Review of the fix above: this site's own origin was built from the raw Host header, not from
+    """A gap in the fix above: this site's own origin was built from the raw Host header, not from
     ``request.get_host()``, so behind a proxy (``USE_X_FORWARDED_HOST``) every same-site cookie POST was
     refused 403, where Django's own CSRF check accepts it."""
     with world_for(db_url, transport, CLERK_AUTHORIZED_PARTIES="") as world, override_settings(
@@ -180,7 +180,7 @@ def test_a_same_site_cookie_post_behind_a_proxy_is_this_sites_own(db_url: str, t
 
 @pytest.mark.parametrize("transport", ["test-client", "asgi"])
 def test_csrf_trusted_origins_are_trusted_for_the_session_cookie_too(db_url: str, transport: str) -> None:
-    """Left open by the last review, closed: a front end listed in Django's ``CSRF_TRUSTED_ORIGINS`` (an
+    """A gap in the fixes above, closed: a front end listed in Django's ``CSRF_TRUSTED_ORIGINS`` (an
     origin, or ``https://*.domain`` for its subdomains) got 403 on its cookie POSTs where Django's own CSRF
     check accepts it; its neighbours stay refused."""
     with world_for(db_url, transport) as world, override_settings(
@@ -211,7 +211,7 @@ def test_a_project_without_csrf_middleware_gets_a_check_warning() -> None:
         found = check_settings()
         assert [(m.id, m.is_serious()) for m in found] == [("clerk_sync.W001", False)]
         assert "CsrfViewMiddleware" in found[0].msg and "SILENCED_SYSTEM_CHECKS" in str(found[0].hint)
-    own = [*without, "tests.django.test_framework_review.ProjectCsrf"]
+    own = [*without, "tests.django.test_checks_csrf_and_shared_clients.ProjectCsrf"]
     with override_settings(MIDDLEWARE=own, CLERK_SYNC=CHECKED):
         assert check_settings() == []
 
@@ -220,7 +220,7 @@ def test_a_project_without_csrf_middleware_gets_a_check_warning() -> None:
 
 
 def test_the_webhook_url_with_a_trailing_slash_is_served_and_public(db_url: str) -> None:
-    """Review finding: ``/webhooks/clerk/`` (entered with a slash in Clerk's Dashboard) was a 404 where the
+    """Fixed: ``/webhooks/clerk/`` (entered with a slash in Clerk's Dashboard) was a 404 where the
     other faces serve it; Svix follows no redirect. It must stay open under ``REQUIRE_AUTH`` too."""
     with django_database(db_url), override_settings(CLERK_SYNC={**BASE, "REQUIRE_AUTH": True}):
         for n, path in enumerate(("/webhooks/clerk/", "/webhooks/clerk")):
@@ -234,7 +234,7 @@ def test_the_webhook_url_with_a_trailing_slash_is_served_and_public(db_url: str)
 
 
 def test_manage_py_check_reports_a_malformed_jwt_key() -> None:
-    """Review finding: the check looked at presence only: a truncated PEM passed ``manage.py check``, then
+    """Fixed: the check looked at presence only: a truncated PEM passed ``manage.py check``, then
     every protected view answered 500. Flask fails at start-up for the same key."""
     for key in ("-----BEGIN PUBLIC KEY-----\nnot a key", pem(KEY).replace("\n", "")[:-40]):
         with override_settings(CLERK_SYNC={**CHECKED, "CLERK_JWT_KEY": key}):
@@ -253,7 +253,7 @@ def test_manage_py_check_reports_a_malformed_jwt_key() -> None:
 
 def test_async_requests_never_read_the_deny_list_on_the_event_loop(client_world: World,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    """Review finding: with ``DENY_LIST_REFRESH_S: 0`` the async path refreshed in a worker thread, then
+    """Fixed: with ``DENY_LIST_REFRESH_S: 0`` the async path refreshed in a worker thread, then
     read the database again on the event loop (the revocation and blocked-user checks). It still sees a
     revocation on the next request; the sync path keeps refreshing in its own thread."""
     clerk = client_world.clerk
@@ -290,7 +290,7 @@ def test_async_requests_never_read_the_deny_list_on_the_event_loop(client_world:
 
 
 def test_the_sync_and_async_clerk_clients_share_one_budget_and_one_breaker() -> None:
-    """Review: `clerk` (WSGI views, admin actions) and `aclerk` (ASGI views' JIT) each built their own
+    """Fixed: `clerk` (WSGI views, admin actions) and `aclerk` (ASGI views' JIT) each built their own
     budget and breaker, so one process could spend twice the documented limit and Clerk's failures were
     counted apart. What one client spends, the other can no longer spend."""
     from clerk_sync.config import Settings
@@ -312,7 +312,7 @@ def test_the_sync_and_async_clerk_clients_share_one_budget_and_one_breaker() -> 
 
 
 def test_close_releases_the_shared_redis_budget() -> None:
-    """Review of the shared budget: passed in, no client owned it, so `close()` left its Redis sockets
+    """A gap in the shared budget: passed in, no client owned it, so `close()` left its Redis sockets
     open (test resets, settings overrides)."""
     from clerk_sync.config import Settings
     from clerk_sync.integrations.django.conf import DjangoOptions
@@ -331,7 +331,7 @@ def test_close_releases_the_shared_redis_budget() -> None:
 
 
 def test_a_bad_redis_url_fails_only_what_calls_clerk() -> None:
-    """Review of the shared budget: built at start-up, a malformed REDIS_URL (or a missing redis package)
+    """A gap in the shared budget: built at start-up, a malformed REDIS_URL (or a missing redis package)
     failed the runtime itself, so the webhook view and pages without JIT answered 500 too. It is built on
     first use now, by what calls Clerk."""
     from clerk_sync.config import Settings
@@ -350,7 +350,7 @@ def test_a_bad_redis_url_fails_only_what_calls_clerk() -> None:
 
 
 def test_drf_not_impersonated_refuses_an_admin_acting_as_the_user(db_url: str) -> None:
-    """Parity (review): Django views had `not_impersonated` and its mixin, DRF had no permission class."""
+    """Parity: Django views had `not_impersonated` and its mixin, DRF had no permission class."""
     with world_for(db_url, "test-client") as world:
         admin = world.clerk.create_user("boss@example.com", public_metadata={"role": "admin"})
         carol = world.clerk.create_user("carol@example.com")
@@ -364,7 +364,7 @@ def test_drf_not_impersonated_refuses_an_admin_acting_as_the_user(db_url: str) -
 
 @pytest.mark.parametrize(("roles", "served"), [(None, False), (["admin", "support"], True), ("*", True)])
 def test_impersonator_roles_is_a_django_setting(db_url: str, roles: Any, served: bool) -> None:
-    """Review of the impersonation fix: only a hand-built Authenticator could name the roles an impersonating
+    """A gap in the impersonation fix: only a hand-built Authenticator could name the roles an impersonating
     user must hold, so a Django app whose support staff impersonate had no way to keep them working."""
     extra = {} if roles is None else {"CLERK_IMPERSONATOR_ROLES": roles}
     with world_for(db_url, "test-client", **extra) as world:
