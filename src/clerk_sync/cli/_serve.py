@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from clerk_sync.errors import ClerkSyncError
 
@@ -51,7 +52,7 @@ def serve_workers(host: str, port: int, workers: int, sock: socket.socket, *, js
             code, line = supervisor.failure
             if code == STARTUP_FAILURE:
                 line = could_not_start(_first_report(report), workers=True)
-            console.print(f"[red]error:[/] {line}")
+            console.print(f"[red]error:[/] {escape(line)}")
             raise SystemExit(code)
 
 

@@ -145,7 +145,7 @@ def _serve_one(settings: Settings, processor: WebhookProcessor, host: str, port:
             if dispatcher is not None:
                 dispatcher.stop()
     if not server.started:  # the app's start-up failed (uvicorn logged the traceback): as uvicorn.run exits
-        console.print(f"[red]error:[/] {could_not_start(why[0] if why else None)}")
+        console.print(f"[red]error:[/] {escape(could_not_start(why[0] if why else None))}")
         raise SystemExit(STARTUP_FAILURE)
 
 
@@ -287,7 +287,8 @@ def users_promote(
     store = Store.from_settings(settings)
     clerk_id = find_user_by_email(store, email)
     if clerk_id is None:
-        console.print(f"[red]error:[/] no synced user with email {email!r} (run `clerk-sync reconcile` first?)")
+        console.print(f"[red]error:[/] no synced user with email {escape(repr(email))} "
+                      "(run `clerk-sync reconcile` first?)")
         raise SystemExit(1)
     with ClerkClient.from_settings(settings) as client:
         actions = AdminActions(store, client)
@@ -295,7 +296,8 @@ def users_promote(
             console.print(f"pending changes: {actions.retry_pending()}")
         change = actions.promote(clerk_id, role, by=None)
     colour = "green" if change.status == "applied" else "yellow"
-    console.print(f"[{colour}]{change.status}[/]: {email} ({clerk_id}) {change.previous_role} -> {role}")
+    console.print(f"[{colour}]{change.status}[/]: {escape(email)} ({escape(clerk_id)}) "
+                  f"{escape(str(change.previous_role))} -> {escape(role)}")
     if change.status == "pending":  # not done: a script must see it (as retry-pending's exit code 3)
         console.print(change.pending_advice("clerk-sync users retry-pending"))
         raise SystemExit(3)
@@ -355,18 +357,19 @@ def users_erase(
         _check_user_id(store, clerk_id, any_id=any_id)
         report = Retention(store).erase_user(clerk_id, actor=actor, reason=reason, allow_unknown=force)
     except UnknownUser:
-        console.print(f"[red]error:[/] no user {clerk_id!r} in this database (no row, no stored event); nothing "
-                      "was changed. Check the id (Clerk Dashboard -> Users, or the users table's clerk_id), or "
-                      "pass --force to tombstone a user never synced.")
+        console.print(f"[red]error:[/] no user {escape(repr(clerk_id))} in this database (no row, no stored "
+                      "event); nothing was changed. Check the id (Clerk Dashboard -> Users, or the users table's "
+                      "clerk_id), or pass --force to tombstone a user never synced.")
         raise SystemExit(1) from None
     finally:
         store.dispose()
     found = "erased" if report.row_existed else "no row for it; tombstone written"
     typer.echo(f"{clerk_id}: {found}, {report.payloads_redacted} stored payload(s) redacted; audited as user.erased")
     if (advice := report.elsewhere_advice()) is not None:
-        console.print(f"[yellow]warning:[/] {advice}", markup=True, highlight=False)
+        console.print(f"[yellow]warning:[/] {escape(advice)}", highlight=False)
     for refused in report.mapped_refused:
-        console.print(f"[red]error:[/] {refused}: clear it in the app's table (see `clerk-sync doctor --mapping`)")
+        console.print(f"[red]error:[/] {escape(str(refused))}: clear it in the app's table "
+                      "(see `clerk-sync doctor --mapping`)")
     if report.mapped_refused:  # clerk-sync's rows are erased, the request is not done: a script must see it
         raise SystemExit(1)
     untold = [(what, option) for what, option, given in (
@@ -418,7 +421,7 @@ def reconcile(
     report = reconcile_command(_settings(), since=since, dry_run=dry_run, console=console, hooks=hooks,
                                mapping=load_mapping(mapping), allow_mass_delete=allow_mass_delete)
     if (unread := unread_objects(report)) is not None:
-        console.print(f"[red]error:[/] {unread}", markup=True, highlight=False)
+        console.print(f"[red]error:[/] {escape(unread)}", highlight=False)
         raise SystemExit(1)
 
 
@@ -454,7 +457,7 @@ def doctor(
     out = Console(soft_wrap=True)  # the report is the command's output: stdout, one line per check
     for check in results:
         mark = {"ok": "[green]ok  [/]", "warn": "[yellow]warn[/]", "fail": "[red]FAIL[/]"}[check.status]
-        out.print(f"{mark}  {check.name}: {check.detail}")
+        out.print(f"{mark}  {escape(check.name)}: {escape(check.detail)}")
     if any(c.status == "fail" for c in results):
         raise SystemExit(1)
 
@@ -479,7 +482,7 @@ def main() -> None:
     try:
         app()
     except ClerkSyncError as exc:
-        console.print(f"[red]error:[/] {exc}{_HINTS.get(type(exc), '')}")
+        console.print(f"[red]error:[/] {escape(str(exc))}{_HINTS.get(type(exc), '')}")  # "clerk-sync[postgres]" is text
         raise SystemExit(2) from None
     except SQLAlchemyError as exc:  # e.g. `migrate` with the database down: one line, not a traceback
         # (A failed migration step is migrations.MigrationError, above: it names the migration.) Through
