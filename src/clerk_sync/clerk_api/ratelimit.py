@@ -253,9 +253,10 @@ class RedisBudget:
             from redis.asyncio.retry import Retry as AsyncRetry
             from redis.backoff import NoBackoff
             from redis.retry import Retry
-        except ImportError as exc:  # pragma: no cover - depends on the environment
-            raise ImportError(
-                "REDIS_URL is set but the 'redis' package is missing: pip install 'clerk-sync[redis]'"
+        except ImportError as exc:  # a setting this environment cannot honour: one line from the CLI, not a traceback
+            raise ConfigError(
+                "REDIS_URL is set but the 'redis' package is missing: pip install 'clerk-sync[redis]' into this "
+                "environment, or unset REDIS_URL to keep the rate budget in this process"
             ) from exc
         if not (connect_timeout_s > 0 and timeout_s > 0):  # also refuses nan
             raise ValueError("RedisBudget needs connect_timeout_s > 0 and timeout_s > 0: without them a Redis "
