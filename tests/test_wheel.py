@@ -132,7 +132,7 @@ _JUNK_SUFFIXES = (".db", ".sqlite", ".sqlite3", ".db-wal", ".db-shm", ".db-journ
 def test_the_sdist_holds_the_sources_and_tests_and_nothing_local(installed: Installed) -> None:
     with tarfile.open(installed.sdist) as tf:
         members = {m.name.split("/", 1)[1] for m in tf.getmembers() if m.isfile() and "/" in m.name}
-    needed = _files(SRC, REPO) | _files(REPO / "tests", REPO) | {"pyproject.toml", "README.md"}
+    needed = _files(SRC, REPO) | _files(REPO / "tests", REPO) | {"pyproject.toml", "README.md", "LICENSE"}
     assert sorted(needed - members) == [], "needed to rebuild and test, but not in the sdist"
     junk = sorted(m for m in members
                   if _JUNK_DIRS.intersection(m.split("/")) or m.endswith(_JUNK_SUFFIXES)
