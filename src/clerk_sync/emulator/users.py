@@ -366,7 +366,14 @@ def list_users(store: Store, q: UserQuery) -> list[JSON]:
     q = with_request_filters(q)
     with store.lock:
         fast = q.order_by.lstrip("+-") == "created_at" and not q.has_filters()
-        if fast and q.starting_after is None:
+        if fast and q.starting_after is not None:  # a cursor: the anchor's position is an offset (no filtering)
+            try:
+                at = store.user_order.index(q.starting_after)
+            except ValueError:
+                return []
+            offset = len(store.user_order) - at if q.order_by.startswith("-") else at + 1
+            q = replace(q, offset=offset, starting_after=None)
+        if fast:
             return [render_user(u) for u in _page_fast(store, q)]
         users = _ordered(store, q)
         start = q.offset
