@@ -126,9 +126,10 @@ def render(results: list[dict[str, Any]], limit: int, window: float, store: str)
         "",
         "Reading it: the budget spends a fixed window of L requests / W s as a token bucket with a burst of "
         "L/50 and a sustained rate of (L − burst)/(W + 0.1 s), so even requests arriving 100 ms off schedule "
-        "never exceed a window (0 × 429); for Clerk's 10 s windows that is ~97 % of the nominal rate. Four pages are requested ahead while a page is written (one "
-        "transaction per page: guarded upsert of the changed rows, the seen ids, the cursor), so the budget, "
-        "not the database, sets the pace. Memory stays flat because pages stream through and seen ids are "
+        "never exceed a window (0 × 429); for Clerk's 10 s windows that is ~97 % of the nominal rate. Users are paged by cursor (`starting_after`, "
+        "as Clerk recommends: a deep offset times out there), the next page requested while a page is written "
+        "(one transaction per page: guarded upsert of the changed rows, the seen ids, the cursor), so the "
+        "budget, not the database, sets the pace. Memory stays flat because pages stream through and seen ids are "
         "staged in `reconcile_seen`, not held in memory. The process wall time adds interpreter start-up and "
         "imports (~1 s) to the run.",
         END,
