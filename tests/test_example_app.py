@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -85,6 +90,22 @@ def test_org_page_lists_members_from_our_tables(world: World) -> None:
     assert world.app.get("/org", headers=bearer(world.clerk.mint_session_token(member["id"]))).status_code == 403
 
 
+def test_a_member_removed_from_the_org_is_refused_with_a_token_from_before(world: World) -> None:
+    owner = world.clerk.create_user("owner@example.com")
+    leaver = world.clerk.create_user("leaver@example.com")
+    org = world.clerk.create_organization("Acme", created_by=owner["id"])
+    world.clerk.add_membership(org["id"], leaver["id"])
+    world.clerk.wait_for_deliveries()
+    token = bearer(world.clerk.mint_session_token(leaver["id"], org_id=org["id"]))  # org claims for 60 s
+    assert world.app.get("/org", headers=token).json()["your_role"] == "org:member"
+    world.clerk.request("DELETE", f"/v1/organizations/{org['id']}/memberships/{leaver['id']}")
+    world.clerk.wait_for_deliveries()  # organizationMembership.deleted applied
+    refused = world.app.get("/org", headers=token)
+    assert (refused.status_code, refused.json()["error"]) == (403, "access_denied")
+    owner_page = world.app.get("/org", headers=bearer(world.clerk.mint_session_token(owner["id"], org_id=org["id"])))
+    assert owner_page.json()["members"] == [{"email": "owner@example.com", "role": "org:admin"}]
+
+
 def test_impersonation_is_granted_marked_guarded_and_audited(world: World) -> None:
     admin = world.clerk.create_user("boss@example.com", public_metadata={"role": "admin"})
     carol = world.clerk.create_user("carol@example.com")
@@ -126,3 +147,32 @@ def test_sync_me_right_after_sign_up_creates_the_row_before_the_webhook(world: W
     world.clerk.request("DELETE", f"/v1/users/{other['id']}")
     gone = world.app.post("/sync/me", headers=other_tok)
     assert gone.status_code == 410  # deleted in Clerk: UserDeleted
+
+
+def test_one_command_runs_the_example_seeded_before_it_prints_tokens(tmp_path: Path) -> None:
+    """``python -m examples.saas``: the app listens before the seed, the seed is applied before the tokens
+    are printed (the member's /org lists both members at once), and no database is left in the cwd."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLERK_") and k not in ("DATABASE_URL", "EXAMPLE_DB")}
+    env.update(PYTHONPATH=str(Path(__file__).resolve().parents[1]), PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "examples.saas", str(port)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        if proc.stdout is None:
+            raise AssertionError("no stdout pipe")
+        lines: list[str] = []
+        while not any(line.startswith("try:") for line in lines):
+            line = proc.stdout.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+        tokens = {m[1]: m[2] for m in re.finditer(r"^(admin|member) token +\(60 s\): (\S+)$", "".join(lines), re.M)}
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            org = http.get("/org", headers=bearer(tokens["member"]))
+            page = http.get("/dashboard", headers=bearer(tokens["admin"]))
+        assert org.status_code == 200, org.text
+        assert [m["email"] for m in org.json()["members"]] == ["admin@example.com", "member@example.com"]
+        assert (page.status_code, page.json()["role"]) == (200, "admin")
+        assert list(tmp_path.iterdir()) == []  # a fresh database elsewhere each run, nothing stale in the cwd
+    finally:
+        proc.terminate()
+        proc.wait(10)

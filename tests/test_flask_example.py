@@ -7,6 +7,7 @@ requested either through ``app.test_client()`` or over HTTP to the same server.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -95,6 +96,29 @@ def test_org_page_lists_members_from_our_tables(world: World) -> None:
     assert world.app.get("/org", world.clerk.mint_session_token(member["id"])).status == 403
 
 
+def test_a_member_removed_from_the_org_is_refused_with_a_token_from_before(world: World) -> None:
+    owner = world.clerk.create_user("owner@example.com")
+    leaver = world.clerk.create_user("leaver@example.com")
+    org = world.clerk.create_organization("Acme", created_by=owner["id"])
+    world.clerk.add_membership(org["id"], leaver["id"])
+    world.clerk.wait_for_deliveries()
+    token = world.clerk.mint_session_token(leaver["id"], org_id=org["id"])  # org claims for 60 s
+    assert world.app.get("/org", token).json["your_role"] == "org:member"
+    world.clerk.request("DELETE", f"/v1/organizations/{org['id']}/memberships/{leaver['id']}")
+    world.clerk.wait_for_deliveries()  # organizationMembership.deleted applied
+    refused = world.app.get("/org", token)
+    assert (refused.status, refused.json["error"]) == (403, "access_denied")
+    owner_page = world.app.get("/org", world.clerk.mint_session_token(owner["id"], org_id=org["id"]))
+    assert owner_page.json["members"] == [{"email": "owner@example.com", "role": "org:admin"}]
+
+
+def test_a_role_change_without_a_role_is_a_bad_request(world: World) -> None:
+    admin = world.clerk.create_user("root@example.com", public_metadata={"role": "admin"})
+    world.clerk.wait_for_deliveries()
+    answer = world.app.post(f"/admin/users/{admin['id']}/role", world.clerk.mint_session_token(admin["id"]))
+    assert (answer.status, answer.json["error"]) == (400, "bad_request")
+
+
 def test_impersonation_is_granted_marked_guarded_and_audited(world: World) -> None:
     admin = world.clerk.create_user("boss@example.com", public_metadata={"role": "admin"})
     carol = world.clerk.create_user("carol@example.com")
@@ -147,20 +171,32 @@ def test_sync_me_right_after_sign_up_creates_the_row_before_the_webhook(world: W
 
 
 def test_one_command_runs_the_example_against_the_emulator(tmp_path: Path) -> None:
+    """Serving before the seed, the seed applied before the tokens are printed (the member's /org lists
+    both members at once), and no database left in the working directory."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CLERK_") and k != "DATABASE_URL"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLERK_") and k not in ("DATABASE_URL", "EXAMPLE_DB")}
     env.update(PYTHONPATH=str(Path(__file__).resolve().parents[1]), PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "examples.flask_saas", str(port)], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
-        assert proc.stdout is not None
-        lines = [proc.stdout.readline() for _ in range(3)]
-        assert lines[0].startswith(f"example app (Flask): http://127.0.0.1:{port}"), lines
-        admin_token = lines[1].rsplit(" ", 1)[1].strip()
+        if proc.stdout is None:
+            raise AssertionError("no stdout pipe")
+        lines: list[str] = []
+        while not any(line.startswith("try:") for line in lines):
+            line = proc.stdout.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+        out = "".join(lines)
+        assert f"example app (Flask): http://127.0.0.1:{port}" in out, out
+        tokens = {m[1]: m[2] for m in re.finditer(r"^(admin|member) token +\(60 s\): (\S+)$", out, re.M)}
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
             assert http.get("/").status_code == 200
-            page = http.get("/dashboard", headers={"Authorization": f"Bearer {admin_token}"})
+            page = http.get("/dashboard", headers={"Authorization": f"Bearer {tokens['admin']}"})
             assert (page.status_code, page.json()["email"], page.json()["role"]) == (200, "admin@example.com", "admin")
+            org = http.get("/org", headers={"Authorization": f"Bearer {tokens['member']}"})
+            assert org.status_code == 200, org.text
+            assert [m["email"] for m in org.json()["members"]] == ["admin@example.com", "member@example.com"]
+        assert list(tmp_path.iterdir()) == []  # a fresh database elsewhere each run, nothing stale in the cwd
     finally:
         proc.terminate()
         proc.wait(10)

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import socket
 import sys
+import tempfile
 import threading
 import time
 from typing import Any
@@ -84,6 +86,9 @@ def main(argv: list[str]) -> None:
     with EmulatorServer(webhook_url=f"http://127.0.0.1:{port}/webhooks/clerk") as clerk:
         os.environ.update(environment(clerk))
         os.environ.setdefault("DJANGO_SETTINGS_MODULE", "examples.django_saas.settings")
+        os.environ.setdefault("DJANGO_SECRET_KEY", secrets.token_urlsafe(50))  # this demo run's, never a constant
+        # A fresh database each run (rows of an earlier run would show up otherwise); EXAMPLE_DB to keep one.
+        os.environ.setdefault("EXAMPLE_DB", os.path.join(tempfile.mkdtemp(prefix="django_saas_"), "example.db"))
         django.setup()
         call_command("migrate", verbosity=0)  # Django's own tables (auth, admin, sessions)
         call_command("clerk_sync", "migrate")  # clerk-sync's tables, in the same database

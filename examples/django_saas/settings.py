@@ -1,11 +1,20 @@
 """Django settings of the example: clerk-sync's keys come from the environment (``__main__`` sets
-them from the emulator), its tables live in Django's own database."""
+them from the emulator), its tables live in Django's own database.
+
+``DJANGO_SECRET_KEY`` is required: Django signs sessions, password resets and CSRF tokens with it, so a
+default written here would be public (``python -m examples.django_saas`` sets a random one per run)."""
 
 from __future__ import annotations
 
 import os
 
-SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "example-only-not-a-secret")
+from django.core.exceptions import ImproperlyConfigured
+
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "")
+if not SECRET_KEY:
+    raise ImproperlyConfigured(
+        "DJANGO_SECRET_KEY is not set: export a long random value, e.g. "
+        "DJANGO_SECRET_KEY=$(python -c 'import secrets; print(secrets.token_urlsafe(50))')")
 DEBUG = False
 ALLOWED_HOSTS = ["127.0.0.1", "localhost", "testserver"]
 USE_TZ = True
@@ -29,6 +38,7 @@ MIDDLEWARE = [
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",  # X-Frame-Options: DENY (the admin's pages too)
     "clerk_sync.integrations.django.middleware.ClerkMiddleware",
 ]
 AUTHENTICATION_BACKENDS = [

@@ -12,7 +12,11 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from clerk_sync.auth.claims import Auth
+from clerk_sync.auth.users import AuthUser
+from clerk_sync.errors import AccessDenied
 from clerk_sync.integrations.django.decorators import (
+    clerk_guard,
     clerk_login_required,
     not_impersonated,
     require_org_role,
@@ -35,25 +39,39 @@ def healthz(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"status": "ok"})
 
 
+ORG_ROLES = ("org:admin", "org:member")
+
+
+def live_org_member(auth: Auth, user: AuthUser | None) -> None:
+    """A guard check: the session's active organization membership is live in our tables.
+
+    The token's org claims last until it expires (60 s): a member whose removal was already applied
+    (``organizationMembership.deleted``) would keep them. The row is the authority: no row, a deleted
+    one or a role not in ``ORG_ROLES`` is refused (403)."""
+    live = ClerkMembership.objects.filter(organization_clerk_id=auth.org_id, user_clerk_id=auth.user_id,
+                                          deleted_at=None, role__in=ORG_ROLES).exists()
+    if not live:
+        raise AccessDenied(f"no live membership of organization {auth.org_id} with a role in {sorted(ORG_ROLES)}")
+
+
 @clerk_login_required
 def dashboard(request: HttpRequest) -> JsonResponse:
     clerk = clerk_request(request)
     user = clerk.user  # the users row, fetched from Clerk just in time if the webhook is late
-    assert clerk.auth is not None
     return JsonResponse({"user": user.clerk_id, "email": user.email, "role": user.role, "plan": user.plan,
-                         "impersonated_by": clerk.auth.actor_id,
+                         "impersonated_by": clerk.require_auth().actor_id,
                          "django_user": request.user.get_username() if request.user.is_authenticated else None})
 
 
-@require_org_role("org:admin", "org:member")
+@require_org_role(*ORG_ROLES)  # the token's claim, then
+@clerk_guard(live_org_member)  # the same membership confirmed against the DB
 def org_page(request: HttpRequest) -> JsonResponse:
-    auth = clerk_request(request).auth
-    assert auth is not None
+    auth = clerk_request(request).require_auth()
     org = ClerkOrganization.objects.filter(clerk_id=auth.org_id).values("name", "slug").first()
     memberships = dict(ClerkMembership.objects.filter(organization_clerk_id=auth.org_id, deleted_at=None)
                        .values_list("user_clerk_id", "role"))
     members = ClerkUser.objects.filter(clerk_id__in=memberships, deleted_at=None).order_by("email")
-    return JsonResponse({"org": org, "your_role": auth.org_role,
+    return JsonResponse({"org": org, "your_role": memberships.get(auth.user_id),
                          "members": [{"email": m.email, "role": memberships[m.clerk_id]} for m in members]})
 
 
@@ -69,8 +87,11 @@ class AdminUsers(RoleRequiredMixin, View):
 @require_role("admin")
 @not_impersonated
 def set_role(request: HttpRequest, clerk_id: str) -> JsonResponse:
+    role = request.GET.get("role")
+    if not role:
+        return JsonResponse({"error": "bad_request", "message": "the query parameter 'role' is required"}, status=400)
     admin = clerk_request(request).user
-    change = get_clerk_sync().admin_actions.promote(clerk_id, request.GET["role"], by=admin.clerk_id,
+    change = get_clerk_sync().admin_actions.promote(clerk_id, role, by=admin.clerk_id,
                                                     ip=request.META.get("REMOTE_ADDR"))
     return JsonResponse({"user": clerk_id, "role": change.role, "status": change.status,
                          "previous": change.previous_role})
@@ -80,8 +101,7 @@ def set_role(request: HttpRequest, clerk_id: str) -> JsonResponse:
 @not_impersonated
 def impersonate(request: HttpRequest, clerk_id: str) -> JsonResponse:
     # AdminActions checks the admin role itself, so that a refusal is audited too.
-    auth = clerk_request(request).auth
-    assert auth is not None
+    auth = clerk_request(request).require_auth()
     grant = get_clerk_sync().admin_actions.start_impersonation(auth.user_id, clerk_id,
                                                                ip=request.META.get("REMOTE_ADDR"))
     return JsonResponse({"method": grant.method, "token": grant.token, "url": grant.url,
@@ -96,8 +116,7 @@ def audit(request: HttpRequest) -> JsonResponse:
 
 @not_impersonated
 def billing(request: HttpRequest) -> JsonResponse:
-    auth = clerk_request(request).auth
-    assert auth is not None
+    auth = clerk_request(request).require_auth()
     return JsonResponse({"billing": "sensitive", "user": auth.user_id})
 
 

@@ -12,7 +12,10 @@ from typing import Any
 import sqlalchemy as sa
 from flask import Flask, request
 
+from clerk_sync.auth.admin import AdminActions
+from clerk_sync.auth.claims import Auth
 from clerk_sync.config import Settings
+from clerk_sync.errors import AccessDenied, ConfigError
 from clerk_sync.integrations.flask import (
     ClerkSync,
     clerk_login_required,
@@ -26,6 +29,23 @@ from clerk_sync.integrations.flask import (
 )
 from clerk_sync.tables import audit_log, organization_memberships, organizations, users
 
+ORG_ROLES = ("org:admin", "org:member")
+
+
+def live_org_role(conn: sa.Connection, auth: Auth, roles: tuple[str, ...] = ORG_ROLES) -> str:
+    """The caller's role in the session's active organization, read from ``organization_memberships``.
+
+    The token's org claims last until it expires (60 s): a member whose removal was already applied
+    (``organizationMembership.deleted``) would keep them. The live row is the authority: no row, a
+    deleted one or a role not in ``roles`` is refused (403)."""
+    m = organization_memberships
+    role = conn.execute(sa.select(m.c.role).where(
+        m.c.organization_clerk_id == auth.org_id, m.c.user_clerk_id == auth.user_id, m.c.deleted_at.is_(None),
+    )).scalar()
+    if role not in roles:
+        raise AccessDenied(f"no live membership of organization {auth.org_id} with a role in {sorted(roles)}")
+    return str(role)
+
 
 def create_app(settings: Settings | None = None) -> Flask:
     """The app; settings default to ``app.config`` / the environment (``flask --app ... clerk-sync migrate``)."""
@@ -34,6 +54,11 @@ def create_app(settings: Settings | None = None) -> Flask:
     ClerkSync(app, settings=settings, deny_by_default=True, sync_me_path="/sync/me")
     state = clerk_state(app)
     store = state.store
+
+    def admin_actions() -> AdminActions:
+        if state.admin is None:  # no CLERK_SECRET_KEY: nothing can reach Clerk's API
+            raise ConfigError("admin actions need CLERK_SECRET_KEY (the Clerk Backend API key)")
+        return state.admin
 
     @app.get("/")
     @public
@@ -52,9 +77,10 @@ def create_app(settings: Settings | None = None) -> Flask:
                 "plan": current_user.plan, "impersonated_by": current_clerk.actor_id}
 
     @app.get("/org")
-    @require_org_role("org:admin", "org:member")
+    @require_org_role(*ORG_ROLES)
     def org_page() -> dict[str, Any]:
         with store.connect() as conn:
+            your_role = live_org_role(conn, current_clerk)  # the token's claim, confirmed against the DB
             org = conn.execute(sa.select(organizations.c.name, organizations.c.slug)
                                .where(organizations.c.clerk_id == current_clerk.org_id)).mappings().first()
             members = conn.execute(
@@ -64,8 +90,7 @@ def create_app(settings: Settings | None = None) -> Flask:
                        organization_memberships.c.deleted_at.is_(None), users.c.deleted_at.is_(None))
                 .order_by(users.c.email)
             ).mappings().all()
-        return {"org": dict(org) if org else None, "your_role": current_clerk.org_role,
-                "members": [dict(m) for m in members]}
+        return {"org": dict(org) if org else None, "your_role": your_role, "members": [dict(m) for m in members]}
 
     @app.get("/admin/users")
     @require_role("admin")
@@ -78,18 +103,18 @@ def create_app(settings: Settings | None = None) -> Flask:
     @app.post("/admin/users/<clerk_id>/role")
     @require_role("admin")
     @not_impersonated
-    def set_role(clerk_id: str) -> dict[str, Any]:
-        assert state.admin is not None
-        role = request.args["role"]
-        change = state.admin.promote(clerk_id, role, by=current_user.clerk_id, ip=request.remote_addr)
-        return {"user": clerk_id, "role": role, "status": change.status, "previous": change.previous_role}
+    def set_role(clerk_id: str) -> Any:
+        role = request.args.get("role")
+        if not role:
+            return {"error": "bad_request", "message": "the query parameter 'role' is required"}, 400
+        change = admin_actions().promote(clerk_id, role, by=current_user.clerk_id, ip=request.remote_addr)
+        return {"user": clerk_id, "role": change.role, "status": change.status, "previous": change.previous_role}
 
     @app.post("/admin/impersonate/<clerk_id>")
     @not_impersonated
     def impersonate(clerk_id: str) -> dict[str, Any]:
         # AdminActions checks the admin role itself so that a refusal is audited too.
-        assert state.admin is not None
-        grant = state.admin.start_impersonation(current_clerk.user_id, clerk_id, ip=request.remote_addr)
+        grant = admin_actions().start_impersonation(current_clerk.user_id, clerk_id, ip=request.remote_addr)
         return {"method": grant.method, "token": grant.token, "url": grant.url, "expires_in_s": grant.expires_in_s}
 
     @app.get("/admin/audit")

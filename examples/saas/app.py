@@ -20,10 +20,27 @@ from clerk_sync.auth.sessions import verifier_from_settings
 from clerk_sync.auth.users import AuthUser, JitUsers
 from clerk_sync.clerk_api import ClerkClient
 from clerk_sync.config import Settings
+from clerk_sync.errors import AccessDenied
 from clerk_sync.integrations.fastapi import ClerkAuth, build_processor, sync_me_router, webhook_router
 from clerk_sync.tables import audit_log, organization_memberships, organizations, users
 
 PUBLIC = {"/", "/webhooks/clerk", "/healthz"}
+ORG_ROLES = ("org:admin", "org:member")
+
+
+def live_org_role(conn: sa.Connection, auth: Auth, roles: tuple[str, ...] = ORG_ROLES) -> str:
+    """The caller's role in the session's active organization, read from ``organization_memberships``.
+
+    The token's org claims last until it expires (60 s): a member whose removal was already applied
+    (``organizationMembership.deleted``) would keep them. The live row is the authority: no row, a
+    deleted one or a role not in ``roles`` is refused (403)."""
+    m = organization_memberships
+    role = conn.execute(sa.select(m.c.role).where(
+        m.c.organization_clerk_id == auth.org_id, m.c.user_clerk_id == auth.user_id, m.c.deleted_at.is_(None),
+    )).scalar()
+    if role not in roles:
+        raise AccessDenied(f"no live membership of organization {auth.org_id} with a role in {sorted(roles)}")
+    return str(role)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -61,8 +78,9 @@ def create_app(settings: Settings) -> FastAPI:
                 "impersonated_by": auth.actor_id}
 
     @app.get("/org")
-    def org_page(auth: Auth = Depends(clerk.require_org_role("org:admin", "org:member"))) -> dict[str, Any]:
+    def org_page(auth: Auth = Depends(clerk.require_org_role(*ORG_ROLES))) -> dict[str, Any]:
         with store.connect() as conn:
+            your_role = live_org_role(conn, auth)  # the token's claim, confirmed against the DB
             org = conn.execute(sa.select(organizations.c.name, organizations.c.slug)
                                .where(organizations.c.clerk_id == auth.org_id)).mappings().first()
             members = conn.execute(
@@ -72,7 +90,7 @@ def create_app(settings: Settings) -> FastAPI:
                        organization_memberships.c.deleted_at.is_(None), users.c.deleted_at.is_(None))
                 .order_by(users.c.email)
             ).mappings().all()
-        return {"org": dict(org) if org else None, "your_role": auth.org_role, "members": [dict(m) for m in members]}
+        return {"org": dict(org) if org else None, "your_role": your_role, "members": [dict(m) for m in members]}
 
     @app.get("/admin/users")
     def admin_users(admin: AuthUser = Depends(require_admin)) -> dict[str, Any]:
@@ -85,7 +103,7 @@ def create_app(settings: Settings) -> FastAPI:
     def set_role(clerk_id: str, role: str, request: Request, admin: AuthUser = Depends(require_admin),
                  auth: Auth = Depends(clerk.not_impersonated)) -> dict[str, Any]:
         change = admin_actions.promote(clerk_id, role, by=admin.clerk_id, ip=_ip(request))
-        return {"user": clerk_id, "role": role, "status": change.status, "previous": change.previous_role}
+        return {"user": clerk_id, "role": change.role, "status": change.status, "previous": change.previous_role}
 
     @app.post("/admin/impersonate/{clerk_id}")
     def impersonate(clerk_id: str, request: Request, auth: Auth = Depends(clerk.not_impersonated)) -> dict[str, Any]:

@@ -3,7 +3,8 @@ sign-up, and every change is forwarded to a second service (``billing.py``), sig
 
 Nothing here runs in the webhook request: the row is written with the delivery, the hook jobs are
 queued in the same transaction, and the dispatcher runs them after the commit (retried, at least
-once). The mail hook keys on ``change.idempotency_key``, so a retry never sends twice.
+once). The mail hook keys on ``change.idempotency_key``, so a retry never sends twice. Everything
+here is portable SQL: the same code runs on SQLite, PostgreSQL and MariaDB/MySQL.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import sqlite
 from starlette.applications import Starlette
 
 from clerk_sync import migrations
@@ -56,15 +56,33 @@ class Example:
 
 
 def welcome_mail(engine: sa.Engine) -> Any:
+    """The ``welcome-mail`` handler. A job runs at least once: a retry, or a run whose success was not
+    recorded (a crash in between), runs it again with the same change, so the mail is keyed by
+    ``change.idempotency_key`` and a second run finds the key and sends nothing.
+
+    Note: a pre-Clerk row adopted through ``link_by_email`` reaches hooks as ``user.created`` too (the
+    Clerk user is new to the table), so it is welcomed like a sign-up. To skip those, look the row up
+    here and return early for an account that predates the Clerk user, e.g. a ``created_at`` column
+    older than ``change.values["clerk_created_at"]``, or a flag your import set on legacy rows.
+    """
+
     def send(change: Change) -> None:
         email = change.values.get("email")
         if not email:
             return
-        with engine.begin() as conn:  # idempotent: a retried job finds its key and sends nothing
-            conn.execute(sqlite.insert(welcome_mails).values(
-                idempotency_key=change.idempotency_key, to=email,
-                body=f"Welcome, {change.values.get('first_name') or email}!",
-            ).on_conflict_do_nothing())
+        mail = {"idempotency_key": change.idempotency_key, "to": email,
+                "body": f"Welcome, {change.values.get('first_name') or email}!"}
+        try:
+            # A plain INSERT, portable to every store (no dialect's ON CONFLICT / INSERT IGNORE).
+            with engine.begin() as conn:
+                conn.execute(welcome_mails.insert().values(**mail))
+        except sa.exc.IntegrityError:
+            # Already sent (by an earlier run of this job) if the key is there; anything else is an error.
+            with engine.connect() as conn:
+                sent = conn.execute(sa.select(sa.literal(1)).where(
+                    welcome_mails.c.idempotency_key == change.idempotency_key)).first()
+            if sent is None:
+                raise
 
     return send
 

@@ -1,8 +1,14 @@
 """The second service, in any language in real life: it receives the app's changes signed with
-Standard Webhooks (``webhook-id`` / ``-timestamp`` / ``-signature``) and keeps a customer list."""
+Standard Webhooks (``webhook-id`` / ``-timestamp`` / ``-signature``) and keeps a customer list.
+
+Delivery is at least once: a message answered with an error (or not answered) is sent again with the
+same ``webhook-id``. So a message is recorded as seen only once it has been handled: one whose handling
+failed (500) is handled again on the retry, not answered 204 as a duplicate and lost. With a database,
+write the seen id in the same transaction as the change it applies."""
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from typing import Any
 
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
@@ -12,8 +18,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 
-def create_billing(secret: str) -> Starlette:
-    customers: dict[str, dict[str, Any]] = {}
+def create_billing(secret: str, customers: MutableMapping[str, dict[str, Any]] | None = None) -> Starlette:
+    """The service; ``customers`` is its store (a dict unless given: a test passes one that fails)."""
+    if customers is None:
+        customers = {}
     seen: set[str] = set()
     verifier = Webhook(secret)
 
@@ -23,14 +31,15 @@ def create_billing(secret: str) -> Starlette:
             message = verifier.verify(body, dict(request.headers))
         except WebhookVerificationError:
             return Response(status_code=400)
-        if message["idempotency_key"] in seen:  # at-least-once delivery: deduplicate
+        key = message["idempotency_key"]
+        if key in seen:  # at-least-once delivery: a message already handled is a duplicate
             return Response(status_code=204)
-        seen.add(message["idempotency_key"])
         data = message["data"]
         if data["kind"] == "deleted":
             customers.pop(data["clerk_id"], None)
-        else:
+        else:  # an exception here answers 500: the sink retries, and the message is not yet seen
             customers[data["clerk_id"]] = {"email": data["values"]["email"], "role": data["values"]["role"]}
+        seen.add(key)  # only now: handled (no await in between, so no other request interleaves)
         return Response(status_code=204)
 
     async def list_customers(_: Request) -> Response:

@@ -6,6 +6,10 @@ Each test then points Django's ``default`` database at its own (``django_databas
 
 from __future__ import annotations
 
+import os
+import secrets
+from unittest import mock
+
 import django
 from django.conf import settings
 
@@ -13,7 +17,10 @@ from django.conf import settings
 def configure_django() -> None:
     if settings.configured:
         return
-    from examples.django_saas import settings as example
+    # The example requires DJANGO_SECRET_KEY (no public default): a random one unless the environment has one.
+    key = os.environ.get("DJANGO_SECRET_KEY") or secrets.token_urlsafe(50)
+    with mock.patch.dict(os.environ, {"DJANGO_SECRET_KEY": key}):
+        from examples.django_saas import settings as example
 
     values = {name: getattr(example, name) for name in dir(example) if name.isupper()}
     values.update(

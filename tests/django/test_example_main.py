@@ -22,6 +22,7 @@ def test_the_example_runs_with_one_command(tmp_path: Path, mode: list[str]) -> N
     port = free_port()
     env = {**os.environ, "EXAMPLE_DB": str(tmp_path / "example.db"), "PYTHONUNBUFFERED": "1"}
     env.pop("DJANGO_SETTINGS_MODULE", None)
+    env.pop("DJANGO_SECRET_KEY", None)  # the demo run makes a random one
     errors = (tmp_path / "stderr.txt").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "examples.django_saas", str(port), *mode], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=errors, text=True)  # logs apart: tokens stay whole
@@ -45,6 +46,8 @@ def test_the_example_runs_with_one_command(tmp_path: Path, mode: list[str]) -> N
             assert [m["email"] for m in org["members"]] == ["admin@example.com", "member@example.com"]
             assert app.get("/admin/users", headers=as_member).status_code == 403
             assert app.get("/admin/users", headers=as_admin).status_code == 200
+            login = app.get("/django-admin/login/")
+            assert (login.status_code, login.headers.get("X-Frame-Options")) == (200, "DENY")
     finally:
         proc.terminate()
         proc.wait(10)
