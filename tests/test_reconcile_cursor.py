@@ -93,3 +93,62 @@ def test_the_cursor_request_carries_no_offset() -> None:
     assert params == {"limit": "500", "order_by": "+created_at", "starting_after": "user_2x"}
     with pytest.raises(ValueError, match="non-zero offset"):
         ep.list_users(500, 500, "+created_at", (), "user_2x")
+
+
+def _run_row(store: Store) -> Any:
+    with store.connect() as conn:
+        return conn.execute(sa.select(reconcile_runs).order_by(reconcile_runs.c.id.desc())).mappings().first()
+
+
+def test_a_resume_whose_anchor_was_deleted_lists_the_users_after_it(
+        store: Store, clerk: ClerkClient, shallow: EmulatorServer) -> None:
+    """The stored cursor names a user deleted in Clerk before the resume: Clerk answers an empty page after
+    it, which would end the listing with 220 users unread, and the run would report itself completed."""
+    real, calls = clerk.list_users, []
+
+    def failing_once(**kwargs: Any) -> Any:  # the fifth page request: four pages (200 users) committed
+        calls.append(kwargs)
+        if len(calls) == 5:
+            raise ClerkUnavailable("simulated outage", retry_after=1.0)
+        return real(**kwargs)
+
+    clerk.list_users = failing_once  # type: ignore[method-assign]
+    with pytest.raises(ClerkUnavailable):
+        Reconciler(store, clerk, page_size=50).run()
+    assert _run_row(store)["cursor"] == 200
+    anchor = _run_row(store)["details"]["after"]
+    shallow.request("DELETE", f"/v1/users/{anchor}")
+    report = Reconciler(store, clerk, page_size=50).run()
+    assert report.resumed and report.counts["users"].created == 420  # the 200 before, the 220 after the anchor
+    # (the anchor was listed before its deletion, by this run: its user.deleted webhook tombstones it)
+    assert _live_users(store) == 420 and _run_row(store)["status"] == "completed"
+
+
+@pytest.mark.parametrize("answer", ["empty page", "refused"])
+def test_an_anchor_deleted_during_the_run_loses_no_user(store: Store, clerk: ClerkClient, shallow: EmulatorServer,
+                                                        answer: str) -> None:
+    """A user deleted between its page and the next (routine: people delete their accounts) is the next
+    request's cursor. Clerk may answer an empty page or refuse the cursor; either way the users after it
+    are listed, and an in-sync mirror is not mistaken for a mass deletion."""
+    Reconciler(store, clerk, page_size=50).run()  # the mirror is in sync: 420 live users
+    real, deleted = clerk.list_users, []
+
+    def deleting(**kwargs: Any) -> Any:
+        after = kwargs.get("starting_after")
+        if after and not deleted and _page_count(after, shallow) == 3:
+            shallow.request("DELETE", f"/v1/users/{after}")
+            deleted.append(after)
+        if answer == "refused" and after in deleted:
+            raise ClerkAPIError("starting_after names no user", status=422, method="GET", path="/users")
+        return real(**kwargs)
+
+    clerk.list_users = deleting  # type: ignore[method-assign]
+    report = Reconciler(store, clerk, page_size=50).run()
+    assert deleted and report.counts["users"].unchanged == 420  # every user listed (the anchor, before it went)
+    assert _run_row(store)["status"] == "completed"
+
+
+def _page_count(user_id: str, emu: EmulatorServer) -> int:
+    """Which page (of 50) lists ``user_id`` last: the cursor before the fourth page is the third's last."""
+    ids = [u["id"] for u in emu.request("GET", "/v1/users", params={"limit": 500, "order_by": "+created_at"})]
+    return (ids.index(user_id) + 1) // 50 if user_id in ids else -1

@@ -33,7 +33,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import Any, Protocol, cast
+from typing import Any, NoReturn, Protocol, cast
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql, postgresql, sqlite
@@ -132,6 +132,11 @@ class _NoProgress:
         pass
 
 
+Anchor = tuple[str, int | None]  # a users cursor: the last listed user's id and creation time (ms)
+# What Clerk may answer a cursor naming a deleted user, rather than an empty page
+_CURSOR_REFUSALS = frozenset({400, 404, 422})
+
+
 @dataclass
 class _Run:
     report: ReconcileReport
@@ -146,7 +151,7 @@ class _Run:
     limited_start: int = 0
     beat_at: datetime | None = None  # the last heartbeat written between checkpoints (_keep_alive)
     heartbeat: datetime | None = None  # the store's time of our last heartbeat: the run is still ours (_beat)
-    after: str | None = None  # the users listing's cursor: the last id of its last committed page
+    after: Anchor | None = None  # the users listing's cursor: the last user of its last committed page
 
     @property
     def id(self) -> int:
@@ -361,8 +366,8 @@ class Reconciler:
         total = self.clerk.count_users() if entity is Entity.USER and not by_update else None
         self.progress.start(entity.value, total, run.cursor)
         advance = _Advance(f"/{entity.value}", self.page_size, self.max_pages)
-        if entity is Entity.USER and not by_update:
-            pages = self._user_pages(run.after, run.cursor, advance)
+        if entity is Entity.USER and not by_update:  # (a run saved before cursors has none: from the first page)
+            pages = self._user_pages(run.after, run.cursor if run.after is not None else 0, advance)
         else:
             pages = ((offset, items, None) for offset, items in
                      self._pages(fetch, run.cursor, total, advance, sequential=by_update))
@@ -389,32 +394,65 @@ class Reconciler:
             return page.data, page.total_count
         return members
 
-    def _user_pages(self, after: str | None, position: int,
-                    advance: _Advance) -> Iterator[tuple[int, list[JSON], str | None]]:
-        """Users by cursor, from ``after`` (None: the first): (position, page, its last id), the next page
-        requested while the caller writes this one; ends at a short page."""
-        size = self.page_size
+    def _user_pages(self, anchor: Anchor | None, position: int,
+                    advance: _Advance) -> Iterator[tuple[int, list[JSON], Anchor | None]]:
+        """Users by cursor, after ``anchor`` (None: from the first): (position, page, its last user), the
+        next page requested while the caller writes this one; ends at a short page.
 
-        def fetch(anchor: str | None) -> list[JSON]:
-            return self.clerk.list_users(limit=size, order_by="+created_at", starting_after=anchor)
+        A cursor names a user, who may be deleted in Clerk between two pages (or before a resume): Clerk
+        then answers an empty page or refuses the cursor, which would end the listing early and leave every
+        later user unread. So a short or refused page after an anchor is believed only once Clerk confirms
+        the anchor is still listed; if it is gone, the listing goes on after the last user of the page
+        before that Clerk still lists (a few users listed twice: harmless), else from the anchor's creation
+        time, else from the first page."""
+        size = self.page_size
+        since: int | None = None  # created_at_after (ms), once no user near a deleted anchor was left
+        before: list[Anchor] = []  # the users of the page that ended at ``anchor``, in order
+
+        def fetch(after: str | None) -> list[JSON]:
+            return self.clerk.list_users(limit=size, order_by="+created_at", starting_after=after,
+                                         created_at_after=since)
 
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reconcile") as pool:
-            future = pool.submit(fetch, after)
+            future = pool.submit(fetch, anchor[0] if anchor else None)
             try:
                 while True:
-                    items = future.result()
-                    anchor = _last_id(items) or after
+                    refused: ClerkAPIError | None = None
+                    try:
+                        items = future.result()
+                    except ClerkAPIError as exc:
+                        if anchor is None or exc.status not in _CURSOR_REFUSALS:
+                            raise
+                        items, refused = [], exc
+                    if anchor is not None and len(items) < size:
+                        alive = self._listed([anchor[0], *(a[0] for a in before[-(_VERIFY_BATCH - 1):])])
+                        if anchor[0] not in alive:  # deleted since its page: go on from a user still listed
+                            lost, anchor = anchor, next((a for a in reversed(before) if a[0] in alive), None)
+                            if anchor is None:
+                                since = _lost_at(before or [lost])
+                            before = []
+                            future = pool.submit(fetch, anchor[0] if anchor else None)
+                            continue
+                    if refused is not None:
+                        raise refused
+                    page = _users_of(items)
+                    last = page[-1] if page else anchor
                     if len(items) < size:
-                        yield position, items, anchor
+                        yield position, items, last
                         return
                     advance.check(position, items, None)
-                    if anchor is None:
+                    if last is None:
                         advance.stop("a full page with no user id to page on from")
-                    future = pool.submit(fetch, anchor)
-                    yield position, items, anchor
-                    position, after = position + len(items), anchor
+                    future = pool.submit(fetch, last[0])
+                    yield position, items, last
+                    position, anchor, before = position + len(items), last, page
             finally:
                 future.cancel()
+
+    def _listed(self, user_ids: list[str]) -> set[str]:
+        """Which of ``user_ids`` (at most 100) Clerk still lists."""
+        found = self.clerk.list_users(limit=len(user_ids), order_by=None, user_ids=user_ids)
+        return {str(u.get("id")) for u in found if isinstance(u, dict)}
 
     def _pages(self, fetch: Callable[[int], tuple[list[JSON], int | None]], start: int, total: int | None,
                advance: _Advance, *, sequential: bool) -> Iterator[tuple[int, list[JSON]]]:
@@ -450,13 +488,13 @@ class Reconciler:
                     future.cancel()
 
     def _apply_page(self, run: _Run, entity: Entity, items: list[JSON], next_cursor: int,
-                    after: str | None = None) -> None:
+                    after: Anchor | None = None) -> None:
         with span("reconcile.page", {"clerk_sync.entity": entity.value, "clerk_sync.items": len(items),
                                      "clerk_sync.cursor": next_cursor}):
             self._apply_items(run, entity, items, next_cursor, after)
 
     def _apply_items(self, run: _Run, entity: Entity, items: list[JSON], next_cursor: int,
-                     after: str | None = None) -> None:
+                     after: Anchor | None = None) -> None:
         records, failed = _records(entity, items)
         counts = run.report.counts[entity.value]
         counts.failed += failed
@@ -661,7 +699,7 @@ class _Advance:
             self.stop(f"{self.pages} full pages, the most one listing may take (Reconciler(max_pages=))")
         self.recent.append(ids)
 
-    def stop(self, why: str) -> None:
+    def stop(self, why: str) -> NoReturn:
         raise ClerkAPIError(f"GET {self.path}: the listing does not advance: {why}; stopped, nothing is "
                             f"deleted on its word (is CLERK_API_URL Clerk's API?)", method="GET", path=self.path)
 
@@ -727,23 +765,35 @@ def _upsert_many(writer: Writer, entity: Entity, records: list[Record]) -> None:
         writer.upsert_many(entity, records)
 
 
-def _dump_counts(report: ReconcileReport, after: str | None = None) -> dict[str, Any]:
+def _dump_counts(report: ReconcileReport, after: Anchor | None = None) -> dict[str, Any]:
+    cursor = {"after": after[0], "after_created_at": after[1]} if after is not None else {}
     return {"counts": {k: asdict(v) for k, v in report.counts.items()}, "swept": report.swept,
-            "rate_limited": report.rate_limited, **({"after": after} if after is not None else {})}
+            "rate_limited": report.rate_limited, **cursor}
 
 
-def _load_after(details: Any) -> str | None:
-    after = details.get("after") if isinstance(details, dict) else None
-    return after if isinstance(after, str) else None
+def _load_after(details: Any) -> Anchor | None:
+    details = details if isinstance(details, dict) else {}
+    after, created = details.get("after"), details.get("after_created_at")
+    if not isinstance(after, str):
+        return None
+    return after, created if isinstance(created, int) and not isinstance(created, bool) else None
 
 
-def _last_id(items: list[JSON]) -> str | None:
-    """The last user id of a page (the cursor for the next one); a malformed item is passed over."""
-    for data in reversed(items):
+def _users_of(items: list[JSON]) -> list[Anchor]:
+    """A page's users as cursors (id, creation time), in order; a malformed item is passed over."""
+    users: list[Anchor] = []
+    for data in items:
         item_id = data.get("id") if isinstance(data, dict) else None
         if isinstance(item_id, str) and item_id:
-            return item_id
-    return None
+            created = data.get("created_at")
+            users.append((item_id, created if isinstance(created, int) and not isinstance(created, bool) else None))
+    return users
+
+
+def _lost_at(before: list[Anchor]) -> int | None:
+    """Where to list from when no user of the last page is left: just before the earliest one's creation."""
+    times = [created for _, created in before if created is not None]
+    return min(times) - 1 if times else None
 
 
 def _load_counts(details: Any) -> dict[str, Counts]:

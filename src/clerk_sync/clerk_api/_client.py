@@ -305,10 +305,12 @@ class ClerkClient(_Base):
 
     def list_users(self, *, limit: int = MAX_PAGE, offset: int = 0, order_by: str | None = "-created_at",
                    user_ids: Sequence[str] = (), starting_after: str | None = None,
-                   deadline_s: float | None = None) -> list[JSON]:
+                   created_at_after: int | None = None, deadline_s: float | None = None) -> list[JSON]:
         """A page of users; ``starting_after`` (the last id of the previous page, ``created_at`` orderings
-        only) pages by cursor, which Clerk recommends past a few pages: a deep ``offset`` times out."""
-        return self.send(ep.list_users(limit, offset, order_by, user_ids, starting_after), deadline_s)
+        only) pages by cursor, which Clerk recommends past a few pages: a deep ``offset`` times out.
+        ``created_at_after``: only users created after it (ms since the epoch)."""
+        req = ep.list_users(limit, offset, order_by, user_ids, starting_after, created_at_after)
+        return self.send(req, deadline_s)
 
     def count_users(self, *, deadline_s: float | None = None) -> int:
         return self.send(ep.count_users(), deadline_s)
@@ -444,9 +446,10 @@ class AsyncClerkClient(_Base):
 
     async def list_users(self, *, limit: int = MAX_PAGE, offset: int = 0, order_by: str | None = "-created_at",
                          user_ids: Sequence[str] = (), starting_after: str | None = None,
-                         deadline_s: float | None = None) -> list[JSON]:
+                         created_at_after: int | None = None, deadline_s: float | None = None) -> list[JSON]:
         """A page of users (see :meth:`ClerkClient.list_users`)."""
-        return await self.send(ep.list_users(limit, offset, order_by, user_ids, starting_after), deadline_s)
+        req = ep.list_users(limit, offset, order_by, user_ids, starting_after, created_at_after)
+        return await self.send(req, deadline_s)
 
     async def count_users(self, *, deadline_s: float | None = None) -> int:
         return await self.send(ep.count_users(), deadline_s)

@@ -76,8 +76,10 @@ def get_user(user_id: str) -> ApiRequest[JSON]:
 
 
 def list_users(limit: int, offset: int, order_by: str | None, user_ids: Sequence[str],
-               starting_after: str | None = None) -> ApiRequest[list[JSON]]:
+               starting_after: str | None = None, created_at_after: int | None = None) -> ApiRequest[list[JSON]]:
     params = _paging(limit, offset, order_by) + [("user_id", u) for u in user_ids]
+    if created_at_after is not None:  # ms since the epoch, exclusive
+        params.append(("created_at_after", str(created_at_after)))
     if starting_after is not None:  # a cursor: Clerk refuses it beside a non-zero offset (422)
         if offset:
             raise ValueError("starting_after cannot be combined with a non-zero offset")
