@@ -24,6 +24,10 @@ or impersonation link, signing out, the Dashboard's replay button) and expose th
                                           session + token
 ``POST /_emulator/sessions/{id}/end``     user signs out: ``session.ended``
 ``POST /_emulator/sessions/{id}/remove``  session removed: ``session.removed``
+``POST /_emulator/users/{id}/deprovision``  SCIM: the IdP removed the user (``{"deprovisioned": false}``
+                                          restores): ``user.updated`` with ``deprovisioned``; no sign-in
+``POST /_emulator/lockout``               ``{"duration_s": 600}`` (``null``: locks never expire): how long
+                                          ``POST /v1/users/{id}/lock`` locks (default one hour; reset restores)
 ``GET  /.well-known/jwks.json``           Frontend-API JWKS (public, no key needed)
 ========================================  ===========================================================
 """
@@ -36,7 +40,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from . import sessions
+from . import sessions, users
 from .core import Emulator
 from .endpoints import admin_endpoint, base_url, bool_param, emulator_of, json_body
 from .errors import ClerkAPIError
@@ -149,6 +153,28 @@ async def sign_in(request: Request) -> Any:
     return _with_token(request, sessions.create_session(store, user_id, organization_id=org_id, pending=pending))
 
 
+async def deprovision(request: Request) -> Any:
+    """What SCIM Directory Sync does when the IdP removes a user: ``user.updated`` with ``deprovisioned: true``
+    (not ``user.deleted``); the user may no longer sign in."""
+    raw = await request.body()
+    body = await json_body(request) if raw.strip() else {}
+    value = body.get("deprovisioned", True)
+    if not isinstance(value, bool):
+        raise ClerkAPIError.invalid("deprovisioned", "deprovisioned must be a boolean")
+    return users.set_flag(emulator_of(request).store, request.path_params["user_id"], "deprovisioned", value)
+
+
+async def set_lockout(request: Request) -> Any:
+    body = await json_body(request)
+    duration = body.get("duration_s")
+    if duration is not None and (isinstance(duration, bool) or not isinstance(duration, int | float)
+                                 or not duration > 0):
+        raise ClerkAPIError.invalid("duration_s", "duration_s must be a positive number of seconds or null")
+    store = emulator_of(request).store
+    store.lockout_duration_s = None if duration is None else float(duration)
+    return {"duration_s": store.lockout_duration_s}
+
+
 def _end_as(status: str) -> Any:
     async def handler(request: Request) -> Any:
         store = emulator_of(request).store
@@ -185,4 +211,6 @@ def admin_routes() -> list[Route]:
         _route("/sessions", sign_in, "POST"),
         _route("/sessions/{session_id}/end", _end_as("ended"), "POST"),
         _route("/sessions/{session_id}/remove", _end_as("removed"), "POST"),
+        _route("/users/{user_id}/deprovision", deprovision, "POST"),
+        _route("/lockout", set_lockout, "POST"),
     ]

@@ -120,6 +120,20 @@ async def replace_user_metadata(request: Request) -> Any:
     return users.replace_metadata(emulator_of(request).store, request.path_params["user_id"], body)
 
 
+async def lock_user(request: Request) -> Any:
+    """``POST /users/{id}/lock``: locked for the instance's lockout duration (the spec's request has no body;
+    the duration is an instance setting, ``Store.lockout_duration_s``), from the emulator's clock. The lock
+    then ends by itself: rendered unlocked once the end passes, with no event and no updated_at bump."""
+    store = emulator_of(request).store
+    user_id = request.path_params["user_id"]
+    with store.lock:
+        user = users.require_user(store, user_id)
+        duration = store.lockout_duration_s
+        user.lock_clock = store.clock
+        user.lock_ends_at = None if duration is None else int(store.clock() * 1000) + round(duration * 1000)
+        return users.set_flag(store, user_id, "locked", True)
+
+
 def _flag(flag: str, value: bool) -> Any:
     async def handler(request: Request) -> Any:
         return users.set_flag(emulator_of(request).store, request.path_params["user_id"], flag, value)
@@ -328,7 +342,7 @@ def bapi_routes() -> list[Route]:
         _route("/users/{user_id}/metadata", replace_user_metadata, "PUT"),
         _route("/users/{user_id}/ban", _flag("banned", True), "POST"),
         _route("/users/{user_id}/unban", _flag("banned", False), "POST"),
-        _route("/users/{user_id}/lock", _flag("locked", True), "POST"),
+        _route("/users/{user_id}/lock", lock_user, "POST"),
         _route("/users/{user_id}/unlock", _flag("locked", False), "POST"),
         _route("/users/{user_id}/organization_memberships", user_memberships, "GET"),
         _route("/organizations", list_orgs, "GET"),

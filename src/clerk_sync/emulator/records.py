@@ -11,6 +11,8 @@ may share one empty dict and rendered output never aliases stored state.
 from __future__ import annotations
 
 import copy
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +25,7 @@ __all__ = [
     "SignInTokenRecord",
     "UserRecord",
     "deleted_object",
+    "lockout_remaining_s",
     "render_email",
     "render_membership",
     "render_org",
@@ -70,6 +73,13 @@ class UserRecord:
     create_organization_enabled: bool = True
     create_organizations_limit: int | None = None
     bypass_client_trust: bool = False
+    deprovisioned: bool = False  # SCIM: removed by the IdP ("restricted from signing in")
+    # A lock's end (ms, on ``lock_clock``): set by ``POST /users/{id}/lock`` from the instance's lockout duration.
+    # None with ``locked``: a lock that never expires (the spec's null ``lockout_expires_in_seconds``), as a
+    # user created locked or locked by hand in a test. Passing the end changes nothing stored: ``locked`` and
+    # ``lockout_expires_in_seconds`` are rendered from the clock (no updated_at bump, no event), as Clerk's.
+    lock_ends_at: int | None = None
+    lock_clock: Callable[[], float] | None = field(default=None, repr=False, compare=False)
 
     def primary_email(self) -> str | None:
         """The address whose id is ``primary_email_address_id`` (not necessarily the first)."""
@@ -165,8 +175,22 @@ def render_email(email: EmailRecord) -> JSON:
     }
 
 
+def lockout_remaining_s(user: UserRecord) -> tuple[bool, int | None]:
+    """``(locked, lockout_expires_in_seconds)`` now: a lock whose end has passed is over (False, None); a live
+    one says the whole seconds left (rounded up: 1 while any of its last second remains); None: never ends."""
+    if not user.locked:
+        return False, None
+    if user.lock_ends_at is None or user.lock_clock is None:
+        return True, None
+    left_ms = user.lock_ends_at - user.lock_clock() * 1000
+    if left_ms <= 0:
+        return False, None
+    return True, math.ceil(left_ms / 1000)
+
+
 def render_user(user: UserRecord) -> JSON:
     """The full ``User`` object (every required key of the spec, nothing outside it)."""
+    locked, lockout_s = lockout_remaining_s(user)
     return {
         "id": user.id,
         "object": "user",
@@ -200,9 +224,9 @@ def render_user(user: UserRecord) -> JSON:
         "enterprise_accounts": [],
         "last_sign_in_at": user.last_sign_in_at,
         "banned": user.banned,
-        "locked": user.locked,
-        "lockout_expires_in_seconds": 1800 if user.locked else None,
-        "verification_attempts_remaining": None if user.locked else 100,
+        "locked": locked,
+        "lockout_expires_in_seconds": lockout_s,
+        "verification_attempts_remaining": None if locked else 100,
         "updated_at": user.updated_at,
         "created_at": user.created_at,
         "delete_self_enabled": user.delete_self_enabled,
@@ -211,6 +235,7 @@ def render_user(user: UserRecord) -> JSON:
         "last_active_at": user.last_active_at,
         "legal_accepted_at": user.legal_accepted_at,
         "bypass_client_trust": user.bypass_client_trust,
+        "deprovisioned": user.deprovisioned,
     }
 
 

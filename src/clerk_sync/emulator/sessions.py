@@ -14,6 +14,8 @@ from .records import (
     ActorTokenRecord,
     SessionRecord,
     SignInTokenRecord,
+    UserRecord,
+    lockout_remaining_s,
     render_session,
     render_user,
 )
@@ -36,6 +38,7 @@ __all__ = [
     "revoke_all_for_user",
     "revoke_sign_in_token",
     "session_event_data",
+    "sign_in_refusal",
 ]
 
 JSON = dict[str, Any]
@@ -64,6 +67,32 @@ def session_event_data(store: Store, session: SessionRecord) -> JSON:
     return data
 
 
+def sign_in_refusal(user: UserRecord) -> ClerkAPIError | None:
+    """Why ``user`` may not sign in now: banned ("not allowed to sign in again"), deprovisioned ("restricted
+    from signing in") or locked until the lock expires (spec, ``LockUser``). The spec names no status or code
+    for these on ``POST /sessions`` (its 400/422 are about the request): 403 with a Clerk-shaped error, the
+    code naming the reason (``user_banned``, ``user_deprovisioned``, ``user_locked`` with the seconds left)."""
+    if user.banned:
+        return ClerkAPIError(403, "user_banned", "This account is banned",
+                             f"User {user.id} is banned and is not allowed to sign in.")
+    if user.deprovisioned:
+        return ClerkAPIError(403, "user_deprovisioned", "This account has been deprovisioned",
+                             f"User {user.id} was deprovisioned by their identity provider and may not sign in.")
+    locked, seconds = lockout_remaining_s(user)
+    if locked:
+        when = "until an admin unlocks it" if seconds is None else f"for {seconds} more seconds"
+        return ClerkAPIError(403, "user_locked", "This account is locked",
+                             f"User {user.id} is locked {when}.", meta={"lockout_expires_in_seconds": seconds})
+    return None
+
+
+def _may_sign_in(store: Store, user_id: str) -> None:
+    user = store.users.get(user_id)
+    refusal = None if user is None else sign_in_refusal(user)
+    if refusal is not None:
+        raise refusal
+
+
 def create_session(
     store: Store,
     user_id: str,
@@ -78,6 +107,9 @@ def create_session(
         user = store.users.get(user_id)
         if user is None:
             raise ClerkAPIError.not_found()
+        refusal = sign_in_refusal(user)
+        if refusal is not None:
+            raise refusal
         if organization_id is not None and user_id not in store.memberships.get(organization_id, {}):
             raise ClerkAPIError.invalid("active_organization_id", "user is not a member")
         now = store.now_ms()
@@ -232,6 +264,7 @@ def accept_actor_token(store: Store, token_id: str) -> JSON:
     """Emulator-only: use the ticket, starting an impersonated session that carries ``act``."""
     with store.lock:
         token: ActorTokenRecord = _pending_token(store.actor_tokens, token_id, store.now_ms())
+        _may_sign_in(store, token.user_id)  # before the ticket is used up
         token.status = "accepted"
         token.updated_at = store.bump_ms(token.updated_at)
         return create_session(
@@ -291,6 +324,7 @@ def accept_sign_in_token(store: Store, token_id: str) -> JSON:
     """Emulator-only: use the ticket, creating a session (with ``org_id`` active if given)."""
     with store.lock:
         token: SignInTokenRecord = _pending_token(store.sign_in_tokens, token_id, store.now_ms())
+        _may_sign_in(store, token.user_id)  # before the ticket is used up
         token.status = "accepted"
         token.updated_at = store.bump_ms(token.updated_at)
         return create_session(store, token.user_id, organization_id=token.org_id)

@@ -27,6 +27,7 @@ from .records import (
 )
 
 __all__ = [
+    "DEFAULT_LOCKOUT_S",
     "EventSink",
     "Store",
     "deep_merge",
@@ -39,6 +40,8 @@ JSON = dict[str, Any]
 #: Receives ``(event_type, data)`` for every change, in the order the changes happened.
 EventSink = Callable[[str, JSON], None]
 
+# Clerk's default lockout duration (an instance setting; the spec's POST /users/{id}/lock takes no body).
+DEFAULT_LOCKOUT_S = 3600.0
 _ALPHABET = string.ascii_letters + string.digits
 
 
@@ -101,6 +104,9 @@ class Store:
         role_permissions: Mapping[str, tuple[str, ...]] | None = None,
     ) -> None:
         self.lock = threading.RLock()
+        # How long ``POST /users/{id}/lock`` locks a user (the instance's "restrictions" setting; Clerk's default
+        # lockout is one hour). None: locks never expire (``lockout_expires_in_seconds`` null). Tests change it.
+        self.lockout_duration_s: float | None = DEFAULT_LOCKOUT_S
         self.role_permissions: Mapping[str, tuple[str, ...]] = role_permissions or {}
         self.clock = clock
         self.sink = sink
@@ -128,6 +134,7 @@ class Store:
         """Forget every record and restart the id sequence from the seed."""
         with self.lock:
             self.rng = random.Random(self._seed)
+            self.lockout_duration_s = DEFAULT_LOCKOUT_S
             for table in (
                 self.users,
                 self.email_index,
