@@ -14,7 +14,7 @@ are still applied.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from clerk_sync._limits import (
@@ -171,6 +171,14 @@ class UserRecord:
     locked: bool
     last_sign_in_at: int | None
     deprovisioned: bool = False  # SCIM: a user removed by the IdP arrives as user.updated, not user.deleted
+    # When a lockout ends by itself (ms): the record's time base (the event's timestamp, or when the object was
+    # fetched) + Clerk's ``lockout_expires_in_seconds``. None: not locked, or a lock that never expires (null
+    # seconds), or a lock whose end the writer settles (``lockout_pending_s``). See :func:`lock_in_force`.
+    locked_until: int | None = None
+    # ``lockout_expires_in_seconds`` of a lock built with no time base (``user_record`` given neither
+    # ``event_ms`` nor ``fetched_ms``): the store's writer sets ``locked_until`` from its own clock, at the write
+    # (:func:`settle_lockout`). Not a column.
+    lockout_pending_s: float | None = field(default=None, metadata={"column": False})
     # The app's own id for this user (Clerk's ``external_id``): carried for the mapping and hooks (linking
     # existing rows), not mirrored (``users`` has no column for it, see record_columns).
     external_id: str | None = field(default=None, metadata={"column": False})
@@ -206,15 +214,20 @@ class MembershipRecord:
     permissions: list[str]
 
 
-def user_record(data: JSON, notes: Notes = None, *, event_ms: int | None = None) -> UserRecord:
+def user_record(data: JSON, notes: Notes = None, *, event_ms: int | None = None,
+                fetched_ms: int | None = None) -> UserRecord:
     """Build a user row from a Clerk User object; ``notes`` (if given) receives what was dropped.
-    ``event_ms``: the envelope's timestamp of a webhook event (see :func:`_version`)."""
+    ``event_ms``: the envelope's timestamp of a webhook event (see :func:`_version`). ``fetched_ms``: when a
+    Backend API object was fetched (the caller's injected clock). Either is the time base of a lockout's end:
+    ``locked_until`` = base + ``lockout_expires_in_seconds`` (Clerk's remaining seconds when it wrote the
+    object); with neither, the writer that stores the record settles it from its own clock."""
     emails = [e for e in _list(data, "email_addresses", notes) if isinstance(e, dict)]
     primary_id = data.get("primary_email_address_id")
     primary_object = next((e for e in emails if e.get("id") == primary_id), None)
     primary = primary_object.get("email_address") if primary_object is not None else None
     verification = primary_object.get("verification") if primary_object is not None else None
     public = _obj(data, "public_metadata", notes)
+    locked = _flag(data, "locked", notes)
     return UserRecord(
         clerk_id=_id(data, "user"),
         clerk_updated_at=_version(data, notes, event_ms),
@@ -230,12 +243,50 @@ def user_record(data: JSON, notes: Notes = None, *, event_ms: int | None = None)
         unsafe_metadata=_obj(data, "unsafe_metadata", notes),
         role=_role(public, "data.public_metadata.role", "user", notes),
         banned=_flag(data, "banned", notes),
-        locked=_flag(data, "locked", notes),
+        locked=locked,
         deprovisioned=_flag(data, "deprovisioned", notes, null=False),
         last_sign_in_at=_opt_int(data, "last_sign_in_at"),
+        **_lockout(data, locked, event_ms if event_ms is not None else fetched_ms, notes),
         external_id=_fit(data, "external_id", NAME_CHARS, notes),
         email_verified=isinstance(verification, dict) and verification.get("status") == "verified",
     )
+
+
+def _lockout(data: JSON, locked: bool, base_ms: int | None, notes: Notes) -> dict[str, Any]:
+    """``locked_until`` (or, with no time base, ``lockout_pending_s``) of a user object. Not locked: neither.
+    Locked with ``lockout_expires_in_seconds`` null or absent: neither (Clerk: the lockout never expires; an
+    unlock event lifts it). A value that is not a number of seconds fails closed, as a null one, noted."""
+    if not locked:
+        return {}
+    seconds = data.get("lockout_expires_in_seconds")
+    if seconds is None:
+        return {}
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not isfinite(seconds) or seconds < 0:
+        if notes is not None:
+            notes.append(f"data.lockout_expires_in_seconds is not a number of seconds ({show(seconds)}): the lock "
+                         "is kept until Clerk unlocks the user")
+        return {}
+    if base_ms is None:
+        return {"lockout_pending_s": seconds}
+    return {"locked_until": lock_end(base_ms, seconds)}
+
+
+def lock_end(base_ms: int, seconds: float) -> int | None:
+    """When a lockout of ``seconds`` remaining at ``base_ms`` ends (ms); None (never) past a BIGINT column."""
+    end = base_ms + round(seconds * 1000) if seconds <= _MAX_MS / 1000 else _MAX_MS + 1
+    return end if end <= _MAX_MS else None
+
+
+def lock_in_force(locked: bool, locked_until: int | None, now_ms: int) -> bool:
+    """Whether a lock refuses its user at ``now_ms``: while ``locked`` and (no end, or ``now_ms`` before it)."""
+    return locked and (locked_until is None or now_ms < locked_until)
+
+
+def settle_lockout(record: UserRecord, now_ms: int) -> UserRecord:
+    """A record built with no time base, its lockout's end set from ``now_ms`` (the writer's clock)."""
+    if record.lockout_pending_s is None:
+        return record
+    return replace(record, locked_until=lock_end(now_ms, record.lockout_pending_s), lockout_pending_s=None)
 
 
 def record_columns(record_type: type[Any]) -> list[str]:

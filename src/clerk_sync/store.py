@@ -19,7 +19,7 @@ import threading
 import zlib
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import fields
+from dataclasses import fields, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -35,7 +35,7 @@ from clerk_sync.changes import Change, Hook, change_type, describe
 from clerk_sync.config import DatabaseTimeouts, Settings
 from clerk_sync.engine import DeliveryStatus, Entity, Record, RevokeSession, Tombstone, Upsert
 from clerk_sync.errors import ConfigError
-from clerk_sync.events import MembershipRecord, OrganizationRecord, UserRecord, record_columns
+from clerk_sync.events import MembershipRecord, OrganizationRecord, UserRecord, record_columns, settle_lockout
 from clerk_sync.mapping import CHECK_AT_ONCE as CHECK_AT_ONCE_SQL
 from clerk_sync.mapping import (
     AppTableRolledBack,
@@ -373,6 +373,8 @@ class Writer:
         raw: Any = self.conn.connection.driver_connection
         outbox = self.outbox
         now = self.now
+        # (webhook records always carry their event's time base; this is for a caller's own records)
+        items = [(s, p, t, i, ts, e, self._settled(intent)) for s, p, t, i, ts, e, intent in items]
         statements: list[tuple[str, list[Any]]] = []
         shape: list[int] = []  # statements per item: 1 (user/organization), 3 (membership); 0: 1, hooked alone
         # Piped, the mapping's upsert and the hook jobs are parts of the delivery's statement
@@ -583,6 +585,7 @@ class Writer:
         """Execute an intent under the ordering guard; True when a row changed."""
         if isinstance(intent, RevokeSession):
             return self._revoke_session(intent)
+        intent = self._settled(intent) if isinstance(intent, Upsert) else intent
         if self.outbox is not None and self.outbox.wants(intent):
             return self._apply_with_hooks(intent, self.outbox)
         self.lock(_lock_keys(intent))  # (locks_of, the outbox not wanting it)
@@ -595,6 +598,17 @@ class Writer:
         if intent.entity in (Entity.USER, Entity.ORGANIZATION):
             self._cascade_memberships(intent.entity, intent.clerk_id)
         return changed
+
+    def _settled_record(self, record: Record) -> Record:
+        """A user record built with no time base (a Backend API object whose caller passed no ``fetched_ms``:
+        reconcile's pages) gets its lockout's end from this transaction's clock (see :func:`settle_lockout`)."""
+        if isinstance(record, UserRecord) and record.lockout_pending_s is not None:
+            return settle_lockout(record, int(self.now.timestamp() * 1000))
+        return record
+
+    def _settled(self, intent: Upsert) -> Upsert:
+        record = self._settled_record(intent.record)
+        return intent if record is intent.record else replace(intent, record=record)
 
     # -- hooks: the same writes, plus the row before and one outbox row per applied change --------
     def _apply_with_hooks(self, intent: Upsert | Tombstone, outbox: Outbox) -> bool:
@@ -653,6 +667,7 @@ class Writer:
         No locks or cascades: memberships, whose parents may be deleted, go through :meth:`apply`.
         """
         if records:
+            records = [self._settled_record(r) for r in records]
             stamp = {"now": self.now}
             self.conn.execute(_upsert_sql(entity, self._dialect, returning=False),
                               [_params(entity, r) | stamp | _erased_params(entity, r)

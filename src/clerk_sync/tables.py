@@ -118,6 +118,8 @@ users = sa.Table(
     sa.Column("locked", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("deprovisioned", sa.Boolean, nullable=False, server_default=sa.false()),  # SCIM (0006)
     sa.Column("last_sign_in_at", sa.BigInteger, nullable=True),
+    # When a Clerk lockout ends by itself (ms; NULL: not locked, or locked until Clerk unlocks) (0016)
+    sa.Column("locked_until", sa.BigInteger, nullable=True),
     *_clerk_columns(),
     sa.Index("ix_users_updated_at", "updated_at"),  # incremental deny-list refresh
 )

@@ -8,12 +8,15 @@ Clerk is unreachable the change is recorded in ``pending_role_changes`` (and aud
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Protocol
 
 import sqlalchemy as sa
 
 from clerk_sync._limits import ROLE_CHARS, show
+from clerk_sync._time import utcnow
 from clerk_sync.auth.audit import AuditEntry, record_audit
 from clerk_sync.auth.users import AuthUser, load_user, read_user, standing_error
 from clerk_sync.engine import Entity, Upsert
@@ -106,8 +109,12 @@ class AdminActions:
     """Promotion and impersonation with their audit trail."""
 
     def __init__(self, store: Store, clerk: ClerkAdminAPI, *, sign_in_token_fallback: bool = False,
-                 impersonator_roles: frozenset[str] | None = frozenset({ADMIN_ROLE})) -> None:
+                 impersonator_roles: frozenset[str] | None = frozenset({ADMIN_ROLE}),
+                 wall: Callable[[], datetime] = utcnow) -> None:
         self.store = store
+        # UTC clock: a fetched user's lockout end (Clerk's answer time + its remaining seconds), and whether an
+        # admin's lock still holds (Clerk's lockout expires by itself)
+        self._wall = wall
         self.clerk = clerk
         self.sign_in_token_fallback = sign_in_token_fallback
         # Roles that may impersonate (``CLERK_IMPERSONATOR_ROLES``, as the Authenticator's): nobody holding
@@ -214,18 +221,22 @@ class AdminActions:
         if requested_by is None:
             return None
         user = read_user(self.store, requested_by)
-        refusal = None if user is None else standing_error(user)
+        refusal = None if user is None else standing_error(user, self._now_ms())
         # (locked: a temporary lockout after failed sign-ins, not a judgement on the admin)
         if user is None or user.role != ADMIN_ROLE or (refusal is not None and not isinstance(refusal, UserLocked)):
             return (f"{requested_by}, who asked for it, is no longer an admin in good standing: not pushed "
                     "(ask again as an admin, or from the CLI)")
         return None
 
+    def _now_ms(self) -> int:
+        return int(self._wall().timestamp() * 1000)
+
     def _store_clerk_user(self, clerk_user: dict[str, Any], entry: AuditEntry) -> None:
         """Store Clerk's answer, audit it, and close the user's pending changes: they are older
         than what Clerk now holds, so pushing them later would undo this change."""
+        record = user_record(clerk_user, fetched_ms=self._now_ms())  # just answered: a lockout's time base
         with self.store.transaction() as w:
-            w.apply(Upsert(Entity.USER, user_record(clerk_user)))
+            w.apply(Upsert(Entity.USER, record))
             record_audit(w, entry)
             self._close_pending(w, str(clerk_user["id"]), error=None)
 
@@ -309,7 +320,7 @@ class AdminActions:
 
     def _require_admin(self, clerk_id: str, *, action: str, target: str, ip: str | None) -> AuthUser:
         user = read_user(self.store, clerk_id)
-        if user is None or user.role != ADMIN_ROLE or standing_error(user) is not None:
+        if user is None or user.role != ADMIN_ROLE or standing_error(user, self._now_ms()) is not None:
             with self.store.transaction() as w:
                 record_audit(w, AuditEntry(f"{action}.refused", clerk_id, target,
                                            details={"reason": "not an admin"}, ip=ip))

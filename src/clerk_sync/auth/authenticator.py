@@ -86,6 +86,9 @@ class DenyList:
         self._wall = wall
         self._revoked: dict[str, int | None] = {}  # session id -> session expire_at (ms)
         self._blocked_users: dict[str, str] = {}  # user id -> why: banned, deleted, deprovisioned, locked
+        # user id -> when the lock of a user blocked as "locked" ends (ms). Clerk sends nothing when a lockout
+        # expires (no event, no updated_at), so no refresh would see it: the end is compared at lookup.
+        self._lock_ends: dict[str, int] = {}
         self._since: datetime | None = None
         self._loaded_at: float | None = None
         self._lock = threading.Lock()
@@ -98,9 +101,19 @@ class DenyList:
         return self.blocked_reason(user_id) is not None
 
     def blocked_reason(self, user_id: str) -> str | None:
-        """``banned``, ``deleted``, ``deprovisioned`` or ``locked`` for a blocked user, else None."""
+        """``banned``, ``deleted``, ``deprovisioned`` or ``locked`` for a blocked user, else None. A lock
+        counts until its end (``users.locked_until``), compared with this list's ``wall`` clock now."""
         self.refresh_if_due()
-        return self._blocked_users.get(user_id)
+        reason = self._blocked_users.get(user_id)
+        if reason == "locked":
+            ends = self._lock_ends.get(user_id)
+            if ends is not None and self.now_ms() >= ends:
+                return None
+        return reason
+
+    def now_ms(self) -> int:
+        """This list's wall clock (``wall``), in epoch milliseconds: what a lockout's end is compared with."""
+        return int(self._wall().timestamp() * 1000)
 
     def due(self) -> bool:
         """True when the next check would query the DB (async callers refresh off the event loop)."""
@@ -113,12 +126,14 @@ class DenyList:
         r, u = revoked_sessions, users
         live = sa.or_(r.c.expire_at.is_(None), r.c.expire_at > now_ms)
         revocations = sa.select(r.c.session_id, r.c.expire_at).where(live)
-        changed_users = sa.select(u.c.clerk_id, u.c.banned, u.c.deleted_at, u.c.deprovisioned, u.c.locked)
+        changed_users = sa.select(u.c.clerk_id, u.c.banned, u.c.deleted_at, u.c.deprovisioned, u.c.locked,
+                                  u.c.locked_until)
         since = self._since
         full = since is None or self._full_at is None or self._now() - self._full_at >= self._full_every_s
         if since is None or full:
+            lock_lasts = sa.and_(u.c.locked.is_(True), sa.or_(u.c.locked_until.is_(None), u.c.locked_until > now_ms))
             changed_users = changed_users.where(sa.or_(u.c.banned.is_(True), u.c.deleted_at.is_not(None),
-                                                       u.c.deprovisioned.is_(True), u.c.locked.is_(True)))
+                                                       u.c.deprovisioned.is_(True), lock_lasts))
         else:
             revocations = revocations.where(r.c.revoked_at >= since - self._margin)
             changed_users = changed_users.where(u.c.updated_at >= since - self._margin)
@@ -127,17 +142,22 @@ class DenyList:
             user_rows = conn.execute(changed_users).all()
         # A full reload is the whole truth (what is no longer blocked or revoked goes too), built aside and
         # swapped in: other threads keep reading the previous sets meanwhile, never an emptied one.
-        revoked, blocked = ({}, {}) if full else (self._revoked, self._blocked_users)
+        revoked, blocked, lock_ends = ({}, {}, {}) if full else (self._revoked, self._blocked_users, self._lock_ends)
         for session_id, expire_at in new_revocations:
             revoked[session_id] = expire_at
-        for clerk_id, banned, deleted_at, deprovisioned, locked in user_rows:
+        for clerk_id, banned, deleted_at, deprovisioned, locked, locked_until in user_rows:
             reason = _block_reason(banned, deleted_at, deprovisioned, locked)
+            # (the end first: a reader between the two sees a "locked" with its end, or the old entry)
+            if reason == "locked" and locked_until is not None:
+                lock_ends[clerk_id] = locked_until
             if reason is not None:
                 blocked[clerk_id] = reason
             else:
                 blocked.pop(clerk_id, None)
+            if reason != "locked" or locked_until is None:
+                lock_ends.pop(clerk_id, None)
         if full:
-            self._revoked, self._blocked_users = revoked, blocked
+            self._revoked, self._blocked_users, self._lock_ends = revoked, blocked, lock_ends
             self._full_at = self._now()
         for session_id in [s for s, exp in self._revoked.items() if exp is not None and exp <= now_ms]:
             del self._revoked[session_id]
@@ -276,7 +296,7 @@ class Authenticator:
         actor = read_user(self.store, auth.actor_id or "")
         if actor is None:
             return
-        if standing_error(actor) is not None:
+        if standing_error(actor, self.deny_list.now_ms()) is not None:
             raise ImpersonationEnded(f"the admin impersonating this user ({actor.clerk_id}) is banned, deleted, "
                                      "locked or deprovisioned: the impersonation has ended")
         if self.impersonator_roles is not None and actor.role not in self.impersonator_roles:
@@ -292,13 +312,13 @@ class Authenticator:
     # -- may they --------------------------------------------------------------------------------
     def user(self, auth: Auth) -> AuthUser:
         """The caller's DB row, read now (so a ban or deprovisioning applies at once, before the deny
-        list's next refresh): 403 when it does not exist yet or is deprovisioned/locked, 401 when
-        banned/deleted."""
+        list's next refresh): 403 when it does not exist yet or is deprovisioned/locked (until the lock's end,
+        by the deny list's clock), 401 when banned/deleted."""
         with signed_out_if_banned():
             user = self._load_user(auth.user_id)
         if user is None:
             raise AccessDenied("no user row yet for this session (webhook not arrived; use JIT sync)")
-        refusal = standing_error(user)
+        refusal = standing_error(user, self.deny_list.now_ms())
         if user.banned or user.deleted_at is not None:
             raise SessionUserBanned("user is banned or deleted")
         if refusal is not None:

@@ -30,6 +30,7 @@ from typing import Any
 import anyio
 import sqlalchemy as sa
 
+from clerk_sync._time import utcnow
 from clerk_sync.clerk_api import AsyncClerkClient, ClerkClient
 from clerk_sync.engine import Entity, Upsert
 from clerk_sync.errors import (
@@ -43,7 +44,7 @@ from clerk_sync.errors import (
     UserDeprovisioned,
     UserLocked,
 )
-from clerk_sync.events import user_record
+from clerk_sync.events import lock_in_force, user_record
 from clerk_sync.metrics import Metrics
 from clerk_sync.store import Store, Writer, is_erased
 from clerk_sync.tables import users
@@ -79,10 +80,18 @@ class AuthUser:
     created_at: datetime
     updated_at: datetime
     deleted_at: datetime | None
+    # When Clerk's lockout ends by itself (ms; None: not locked, or until Clerk unlocks): see :meth:`is_locked`.
+    locked_until: int | None = None
 
     @property
     def is_deleted(self) -> bool:
         return self.deleted_at is not None
+
+    def is_locked(self, now_ms: int) -> bool:
+        """Whether Clerk's lockout refuses this user at ``now_ms`` (epoch ms): while ``locked`` and its end
+        (``locked_until``) is unknown (a lock that never expires) or still ahead. Clerk sends no event when a
+        lock expires, so the end is compared with the caller's clock, not waited for."""
+        return lock_in_force(self.locked, self.locked_until, now_ms)
 
 
 _COLUMNS = [users.c[f.name] for f in fields(AuthUser)]
@@ -100,21 +109,26 @@ def read_user(store: Store, clerk_id: str) -> AuthUser | None:
         return load_user(conn, clerk_id)
 
 
-def standing_error(user: AuthUser) -> UserBanned | UserDeleted | None:
-    """Why this user may not be served (deleted, banned, deprovisioned, locked), or None."""
+def standing_error(user: AuthUser, now_ms: int | None = None) -> UserBanned | UserDeleted | None:
+    """Why this user may not be served (deleted, banned, deprovisioned, locked), or None. A lock counts while
+    it lasts at ``now_ms`` (epoch ms; None: the UTC clock now): Clerk's lockout expires by itself."""
     if user.deleted_at is not None:
         return UserDeleted(f"user {user.clerk_id} was deleted")
     if user.banned:
         return UserBanned(f"user {user.clerk_id} is banned")
     if user.deprovisioned:
         return UserDeprovisioned(f"user {user.clerk_id} was deprovisioned by the organization's identity provider")
-    if user.locked:
+    if user.locked and user.is_locked(_now_ms() if now_ms is None else now_ms):
         return UserLocked(f"user {user.clerk_id} is locked in Clerk (too many failed sign-ins)")
     return None
 
 
-def _usable(user: AuthUser) -> AuthUser:
-    refusal = standing_error(user)
+def _now_ms(wall: Callable[[], datetime] = utcnow) -> int:
+    return int(wall().timestamp() * 1000)
+
+
+def _usable(user: AuthUser, now_ms: int | None = None) -> AuthUser:
+    refusal = standing_error(user, now_ms)
     if refusal is not None:
         raise refusal
     return user
@@ -148,6 +162,9 @@ class JitUsers:
     call: one user calling it in a loop would otherwise spend everyone's budget. Within the interval a
     refresh answers the stored row (kept fresh by webhooks meanwhile), or 410 again when Clerk had no such
     user. Counted per process (``clock`` is injectable for tests).
+
+    ``wall`` (UTC, injectable) stamps a fetched user's lockout end (fetch time + Clerk's remaining seconds) and
+    decides whether a stored lock still holds.
     """
 
     #: Users remembered for the interval (oldest forgotten first): bounds the memory a flood of ids can take.
@@ -156,7 +173,7 @@ class JitUsers:
     def __init__(self, store: Store, *, clerk: ClerkClient | None = None,
                  aclerk: AsyncClerkClient | None = None, timeout_s: float = 5.0,
                  metrics: Metrics | None = None, refresh_interval_s: float = 10.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], datetime] = utcnow) -> None:
         if refresh_interval_s < 0:
             raise ValueError(f"refresh_interval_s must be 0 or more seconds, not {refresh_interval_s}")
         self.store = store
@@ -166,8 +183,12 @@ class JitUsers:
         self.metrics = metrics  # counts fetches by outcome: clerk_sync_jit_fetches_total{outcome}
         self.refresh_interval_s = refresh_interval_s
         self._clock = clock
+        self._wall = wall
         self._fetched_at: OrderedDict[str, tuple[float, bool]] = OrderedDict()  # user -> (when, found)
         self._fetched_lock = threading.Lock()
+
+    def _usable(self, user: AuthUser) -> AuthUser:
+        return _usable(user, _now_ms(self._wall))
 
     def _count(self, outcome: str) -> None:
         if self.metrics is not None:
@@ -205,7 +226,7 @@ class JitUsers:
         user = self._read(user_id)
         if user is None:
             user = self.refresh_user(user_id, check=False)
-        return _usable(user)
+        return self._usable(user)
 
     def refresh_user(self, user_id: str, *, check: bool = True) -> AuthUser:
         """Fetch the user from Clerk now and upsert it (after sign-up: ``POST /sync/me``); at most once per
@@ -214,7 +235,7 @@ class JitUsers:
             raise TypeError("JitUsers needs clerk=ClerkClient(...) for blocking calls")
         recent = self._recent(user_id)
         if recent is not None:
-            return _usable(recent) if check else recent
+            return self._usable(recent) if check else recent
         try:
             data = _asked_for(user_id, self.clerk.get_user(user_id, deadline_s=self.timeout_s))
         except ClerkNotFound:
@@ -224,9 +245,9 @@ class JitUsers:
         except ClerkAPIError as exc:
             self._count(_failure(exc))
             raise
-        user = self._store(data)
+        user = self._store(data, _now_ms(self._wall))  # fetched now: the base of a lockout's end
         self._fetched(user_id, found=True)
-        return _usable(user) if check else user
+        return self._usable(user) if check else user
 
     # -- async ------------------------------------------------------------------------------
     async def aget_auth_user(self, user_id: str) -> AuthUser:
@@ -234,7 +255,7 @@ class JitUsers:
         user = await anyio.to_thread.run_sync(self._read, user_id)
         if user is None:
             user = await self.arefresh_user(user_id, check=False)
-        return _usable(user)
+        return self._usable(user)
 
     async def arefresh_user(self, user_id: str, *, check: bool = True) -> AuthUser:
         """Async :meth:`refresh_user`."""
@@ -242,7 +263,7 @@ class JitUsers:
             raise TypeError("JitUsers needs aclerk=AsyncClerkClient(...) for async calls")
         recent = await anyio.to_thread.run_sync(self._recent, user_id)
         if recent is not None:
-            return _usable(recent) if check else recent
+            return self._usable(recent) if check else recent
         try:
             # The client's deadline already bounds the call; this is the belt to its braces.
             with anyio.fail_after(self.timeout_s + 1.0):
@@ -257,9 +278,9 @@ class JitUsers:
         except TimeoutError:
             self._count("unavailable")
             raise ClerkUnavailable(f"Clerk did not answer within {self.timeout_s}s", retry_after=1.0) from None
-        user = await anyio.to_thread.run_sync(self._store, data)
+        user = await anyio.to_thread.run_sync(self._store, data, _now_ms(self._wall))
         self._fetched(user_id, found=True)
-        return _usable(user) if check else user
+        return self._usable(user) if check else user
 
     # -- database ---------------------------------------------------------------------------
     def _read(self, user_id: str) -> AuthUser | None:
@@ -272,9 +293,10 @@ class JitUsers:
                 raise UserDeleted(f"user {user_id} was deleted")
         return user
 
-    def _store(self, data: JSON) -> AuthUser:
-        """Upsert through the webhook path's guard, then read back what won (maybe a newer webhook)."""
-        record = user_record(data)
+    def _store(self, data: JSON, fetched_ms: int) -> AuthUser:
+        """Upsert through the webhook path's guard, then read back what won (maybe a newer webhook).
+        ``fetched_ms``: when Clerk answered (the base of a lockout's end)."""
+        record = user_record(data, fetched_ms=fetched_ms)
 
         def write(writer: Writer) -> AuthUser | None:
             writer.apply(Upsert(Entity.USER, record))

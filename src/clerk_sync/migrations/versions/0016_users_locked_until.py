@@ -1,0 +1,32 @@
+"""users.locked_until: when a Clerk lockout ends by itself.
+
+Clerk's lockout (too many failed sign-ins, or ``POST /users/{id}/lock``) expires on its own after the
+instance's lockout duration: the User object says ``lockout_expires_in_seconds`` (``null`` for a locked user:
+it never expires). Nothing documents a webhook or an ``updated_at`` bump at the expiry, so the mirror keeps
+the end as a millisecond timestamp (as ``last_sign_in_at``) and every check compares it with its own clock:
+a user is refused as locked only while ``locked`` and (``locked_until`` is NULL or now < ``locked_until``).
+Rows written before this revision keep NULL: locked until Clerk sends an unlock (as before).
+
+Revision ID: 0016
+Revises: 0015
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0016"
+down_revision = "0015"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.add_column("users", sa.Column("locked_until", sa.BigInteger, nullable=True))
+
+
+def downgrade() -> None:
+    # A plain DROP COLUMN on every store (SQLite has it since 3.35): batch mode would rebuild ``users`` on SQLite
+    # and lose the console's expression indexes (0008), which it cannot reflect.
+    op.drop_column("users", "locked_until")
