@@ -57,7 +57,7 @@ PUBLIC_API: dict[str, list[str]] = {
                                                 "forget_cleared_django_users", "forget_django_user", "sync_django_user"],
     "clerk_sync.integrations.django.checks": ["check_settings"],
     "clerk_sync.integrations.django.conf": ["DjangoOptions", "UserFields", "clerk_settings", "database_url_from_django", "default_user_fields", "django_options"],
-    "clerk_sync.integrations.django.decorators": ["Check", "check_role", "clerk_guard", "clerk_login_required", "not_impersonated", "require_org_role", "require_permission", "require_role"],
+    "clerk_sync.integrations.django.decorators": ["Check", "check_role", "clerk_guard", "clerk_login_required", "confirm_org_role", "not_impersonated", "require_org_role", "require_permission", "require_role"],
     "clerk_sync.integrations.django.management": [],
     "clerk_sync.integrations.django.management.commands": [],
     "clerk_sync.integrations.django.management.commands.clerk_sync": ["Command"],

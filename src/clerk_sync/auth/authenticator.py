@@ -35,7 +35,7 @@ from clerk_sync.errors import (
     UserLocked,
 )
 from clerk_sync.store import Store
-from clerk_sync.tables import revoked_sessions, users
+from clerk_sync.tables import organization_memberships, revoked_sessions, users
 
 __all__ = ["Authenticator", "DenyList", "UserLoader", "signed_out_if_banned", "warn_if_any_origin"]
 
@@ -334,12 +334,57 @@ class Authenticator:
 
     @staticmethod
     def require_org_role(auth: Auth, *roles: str) -> Auth:
+        """The session token's active organization role is one of ``roles`` (``"org:admin"``...): the token
+        only, valid until it expires. Kept for direct callers; the guards use :meth:`confirm_org_role`, which
+        also refuses a member removed or demoted since the token was issued."""
         if auth.org_id is None or auth.org_role not in roles:
             raise AccessDenied(f"active organization role must be one of {sorted(roles)}")
         return auth
 
+    def confirm_org_role(self, auth: Auth, *roles: str) -> Auth:
+        """:meth:`require_org_role`, confirmed against ``organization_memberships`` (as :meth:`require_role`
+        confirms app roles): the token's claims last until it expires, so a member removed from the
+        organization or demoted would keep them. Blocking (one indexed query, only when the token passes):
+        async callers run it in a worker thread.
+
+        The token first (403 without a query). Then the caller's row for the session's organization: a live
+        row whose role is not in ``roles`` is refused (403; the database wins, so a promotion waits for its
+        webhook too), and so is a membership deleted here (403, no longer a member; an organization deleted
+        tombstones its memberships). No row at all: the token stands, since ``organizationMembership.created``
+        may not have arrived yet and a new member is not refused for those seconds."""
+        self.require_org_role(auth, *roles)
+        org_id = auth.org_id or ""
+        row = self._membership(org_id, auth.user_id)
+        if row is None:
+            return auth
+        role, deleted_at = row
+        if deleted_at is not None:
+            raise AccessDenied(f"no longer a member of organization {org_id} (the membership was deleted since "
+                               "the session token was issued)")
+        role = role if role.startswith("org:") else f"org:{role}"  # as the tokens' roles are normalised
+        if role not in roles:
+            raise AccessDenied(f"organization role {show(role)} in the database, changed since the session token "
+                               f"was issued ({show(auth.org_role)}), is not one of {sorted(roles)}")
+        return auth
+
+    def _membership(self, org_id: str, user_id: str) -> tuple[str, datetime | None] | None:
+        """The (role, deleted_at) of the caller's membership of ``org_id``, None without one: one query on the
+        user's index. A member re-added after a removal has a new membership beside the old tombstone: the
+        live one is taken, the latest if there are several."""
+        m = organization_memberships
+        with self.store.connect() as conn:
+            row = conn.execute(
+                sa.select(m.c.role, m.c.deleted_at)
+                .where(m.c.user_clerk_id == user_id, m.c.organization_clerk_id == org_id)
+                .order_by(sa.case((m.c.deleted_at.is_(None), 0), else_=1), m.c.clerk_updated_at.desc())
+                .limit(1)
+            ).first()
+        return None if row is None else (row[0], row[1])
+
     @staticmethod
     def require_permission(auth: Auth, permission: str) -> Auth:
+        """``permission`` in the token's active organization. From the token only, valid until it expires:
+        the database keeps no permissions to confirm it against (a role's are Clerk's to define)."""
         if permission not in auth.org_permissions:
             raise AccessDenied(f"missing permission {permission!r} in the active organization")
         return auth

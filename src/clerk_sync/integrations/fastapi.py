@@ -137,12 +137,19 @@ class ClerkAuth:
         return dependency
 
     def require_org_role(self, *roles: str) -> Callable[[Request], Awaitable[Auth]]:
+        """The active organization role (``"org:admin"`` ...) from the token, confirmed against the
+        membership row (:meth:`~clerk_sync.auth.authenticator.Authenticator.confirm_org_role`): a member
+        removed or demoted is refused at once (403). The row is read in the thread pool."""
+
         async def dependency(request: Request) -> Auth:
-            return self.authenticator.require_org_role(await self.current_auth(request), *roles)
+            auth = Authenticator.require_org_role(await self.current_auth(request), *roles)  # a "no" reads nothing
+            return await run_in_threadpool(self.authenticator.confirm_org_role, auth, *roles)
 
         return dependency
 
     def require_permission(self, permission: str) -> Callable[[Request], Awaitable[Auth]]:
+        """``permission`` in the active organization, from the token (the database keeps no permissions)."""
+
         async def dependency(request: Request) -> Auth:
             return self.authenticator.require_permission(await self.current_auth(request), permission)
 

@@ -5,6 +5,9 @@
     @require_role("admin")          # role confirmed against the users row: demotion is immediate
     def admin_page(request): ...
 
+    @require_org_role("org:admin")  # the token's org role, confirmed against the membership row
+    def org_settings(request): ...
+
     @not_impersonated               # billing, password, deleting the account
     async def billing(request): ...
 
@@ -19,12 +22,12 @@ import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from asgiref.sync import iscoroutinefunction
+from asgiref.sync import iscoroutinefunction, sync_to_async
 
 from clerk_sync.auth.authenticator import Authenticator
 from clerk_sync.auth.claims import Auth
 from clerk_sync.auth.users import AuthUser
-from clerk_sync.errors import AccessDenied, ClerkSyncError
+from clerk_sync.errors import AccessDenied, ClerkSyncError, StoreError
 from clerk_sync.integrations.django.request import ClerkRequest, aclerk_request, clerk_request
 from clerk_sync.integrations.django.views import error_json
 
@@ -33,6 +36,7 @@ __all__ = [
     "check_role",
     "clerk_guard",
     "clerk_login_required",
+    "confirm_org_role",
     "not_impersonated",
     "require_org_role",
     "require_permission",
@@ -103,17 +107,52 @@ def require_role(*roles: str) -> Callable[[V], V]:
     return clerk_guard(check, needs_user=True)
 
 
+def confirm_org_role(state: ClerkRequest, roles: tuple[str, ...]) -> Auth:
+    """The session's organization role (token first), confirmed against the membership row: see
+    :meth:`~clerk_sync.auth.authenticator.Authenticator.confirm_org_role`. Blocking (one indexed query when
+    the token passes): async callers run it in a worker thread."""
+    auth = Authenticator.require_org_role(state.require_auth(), *roles)  # a "no" from the token reads nothing
+    try:
+        return state.runtime.authenticator.confirm_org_role(auth, *roles)
+    except StoreError as exc:
+        state.runtime.naming_database(exc)  # (the same error, its message naming the database)
+        raise
+
+
 def require_org_role(*roles: str) -> Callable[[V], V]:
-    """The session's active organization role is one of ``roles`` (e.g. ``"org:admin"``)."""
+    """The session's active organization role is one of ``roles`` (e.g. ``"org:admin"``), confirmed against
+    the ``organization_memberships`` row on each request: a member removed or demoted is refused at once."""
 
-    def check(auth: Auth, user: AuthUser | None) -> None:
-        Authenticator.require_org_role(auth, *roles)
+    def decorate(view: V) -> V:
+        if iscoroutinefunction(view):
 
-    return clerk_guard(check)
+            @functools.wraps(view)
+            async def async_view(request: Any, *args: Any, **kwargs: Any) -> Any:
+                state = await aclerk_request(request)
+                try:
+                    await sync_to_async(confirm_org_role, thread_sensitive=False)(state, roles)
+                except ClerkSyncError as exc:
+                    return error_json(exc)
+                return await view(request, *args, **kwargs)
+
+            return async_view  # type: ignore[return-value]
+
+        @functools.wraps(view)
+        def sync_view(request: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                confirm_org_role(clerk_request(request), roles)
+            except ClerkSyncError as exc:
+                return error_json(exc)
+            return view(request, *args, **kwargs)
+
+        return sync_view  # type: ignore[return-value]
+
+    return decorate
 
 
 def require_permission(permission: str) -> Callable[[V], V]:
-    """The active organization grants ``permission`` (e.g. ``"org:invoices:read"``)."""
+    """The active organization grants ``permission`` (e.g. ``"org:invoices:read"``), from the token (the
+    database keeps no permissions)."""
 
     def check(auth: Auth, user: AuthUser | None) -> None:
         Authenticator.require_permission(auth, permission)

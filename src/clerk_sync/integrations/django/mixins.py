@@ -60,7 +60,8 @@ class RoleRequiredMixin(_GuardMixin):
 
 
 class OrgRoleRequiredMixin(_GuardMixin):
-    """The active organization role in :attr:`required_org_roles`."""
+    """The active organization role in :attr:`required_org_roles`, confirmed against the membership row
+    (see :func:`~.decorators.require_org_role`)."""
 
     required_org_roles: ClassVar[tuple[str, ...]] = ()
 
@@ -71,7 +72,7 @@ class OrgRoleRequiredMixin(_GuardMixin):
 
 
 class OrgPermissionRequiredMixin(_GuardMixin):
-    """The active organization grants :attr:`required_permission`."""
+    """The active organization grants :attr:`required_permission` (from the token)."""
 
     required_permission: ClassVar[str] = ""
 

@@ -37,7 +37,7 @@ from django.http import HttpResponse
 from clerk_sync.auth.authenticator import Authenticator
 from clerk_sync.auth.claims import Auth
 from clerk_sync.errors import AccessDenied, ClerkSyncError, UserBanned, UserDeleted
-from clerk_sync.integrations.django.decorators import check_role
+from clerk_sync.integrations.django.decorators import check_role, confirm_org_role
 from clerk_sync.integrations.django.request import ClerkRequest, clerk_request
 from clerk_sync.integrations.http import error_response
 
@@ -236,7 +236,8 @@ class HasRole(_ClerkCheck):
 
 
 class HasOrgRole(_ClerkCheck):
-    """The active organization role in :attr:`roles`; ``HasOrgRole.of("org:admin")``."""
+    """The active organization role in :attr:`roles`, confirmed against the membership row (a member
+    removed or demoted is refused at once); ``HasOrgRole.of("org:admin")``."""
 
     roles: ClassVar[tuple[str, ...]] = ()
 
@@ -245,12 +246,12 @@ class HasOrgRole(_ClerkCheck):
         return type(f"HasOrgRole_{'_'.join(roles)}", (cls,), {"roles": roles})
 
     def check(self, state: ClerkRequest) -> None:
-        assert state.auth is not None
-        Authenticator.require_org_role(state.auth, *self.roles)
+        confirm_org_role(state, self.roles)
 
 
 class HasPermission(_ClerkCheck):
-    """The active organization grants :attr:`permission`; ``HasPermission.of("org:invoices:read")``."""
+    """The active organization grants :attr:`permission` (from the token: the database keeps no
+    permissions); ``HasPermission.of("org:invoices:read")``."""
 
     permission: ClassVar[str] = ""
 

@@ -494,12 +494,14 @@ def require_role(*roles: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
 
 
 def require_org_role(*roles: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
-    """An active organization with one of ``roles`` (``org:admin`` ...), from the token (403)."""
-    return _guard(lambda: Authenticator.require_org_role(_current_auth(), *roles))
+    """An active organization with one of ``roles`` (``org:admin`` ...) in the token, confirmed against the
+    membership row, so a removal or demotion applies on the next request (403; see
+    :meth:`~clerk_sync.auth.authenticator.Authenticator.confirm_org_role`)."""
+    return _guard(lambda: _authenticator(clerk_state()).confirm_org_role(_current_auth(), *roles))
 
 
 def require_permission(permission: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
-    """``permission`` in the active organization (403)."""
+    """``permission`` in the active organization, from the token (403; the database keeps no permissions)."""
     return _guard(lambda: Authenticator.require_permission(_current_auth(), permission))
 
 
