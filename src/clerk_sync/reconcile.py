@@ -401,8 +401,8 @@ class Reconciler:
 
         A cursor names a user, who may be deleted in Clerk between two pages (or before a resume): Clerk
         then answers an empty page or refuses the cursor, which would end the listing early and leave every
-        later user unread. So a short or refused page after an anchor is believed only once Clerk confirms
-        the anchor is still listed; if it is gone, the listing goes on after the last user of the page
+        later user unread. So an empty or refused page after an anchor is believed only once Clerk confirms
+        the anchor is still listed (one request, at the end of a listing that ends on a full page); if it is gone, the listing goes on after the last user of the page
         before that Clerk still lists (a few users listed twice: harmless), else from the anchor's creation
         time, else from the first page."""
         size = self.page_size
@@ -424,7 +424,7 @@ class Reconciler:
                         if anchor is None or exc.status not in _CURSOR_REFUSALS:
                             raise
                         items, refused = [], exc
-                    if anchor is not None and len(items) < size:
+                    if anchor is not None and not items:  # (a page with users after the anchor found it)
                         alive = self._listed([anchor[0], *(a[0] for a in before[-(_VERIFY_BATCH - 1):])])
                         if anchor[0] not in alive:  # deleted since its page: go on from a user still listed
                             lost, anchor = anchor, next((a for a in reversed(before) if a[0] in alive), None)
