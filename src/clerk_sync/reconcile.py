@@ -402,9 +402,9 @@ class Reconciler:
         A cursor names a user, who may be deleted in Clerk between two pages (or before a resume): Clerk
         then answers an empty page or refuses the cursor, which would end the listing early and leave every
         later user unread. So an empty or refused page after an anchor is believed only once Clerk confirms
-        the anchor is still listed (one request, at the end of a listing that ends on a full page); if it is gone, the listing goes on after the last user of the page
-        before that Clerk still lists (a few users listed twice: harmless), else from the anchor's creation
-        time, else from the first page."""
+        the anchor is still listed (one request, at the end of a listing that ends on a full page); if it
+        is gone, the listing goes on after the last user of the page before that Clerk still lists (a few
+        users listed twice: harmless), else from the anchor's creation time, else from the first page."""
         size = self.page_size
         since: int | None = None  # created_at_after (ms), once no user near a deleted anchor was left
         before: list[Anchor] = []  # the users of the page that ended at ``anchor``, in order
@@ -705,7 +705,8 @@ class _Advance:
 
 
 def _records(entity: Entity, items: list[JSON]) -> tuple[list[Record], int]:
-    """Build records, one per id (the newest if a shifted page listed one twice); count malformed ones."""
+    """Build records, one per id (the newest if a shifted page listed one twice); count malformed ones.
+    (A user's lock end is stamped by the writer's clock, when the page is written: see events.user_record.)"""
     build = _BUILD[entity]
     by_id: dict[str, Record] = {}
     failed = 0
