@@ -277,8 +277,14 @@ def lock_end(base_ms: int, seconds: float) -> int | None:
     return end if end <= _MAX_MS else None
 
 
-def lock_in_force(locked: bool, locked_until: int | None, now_ms: int) -> bool:
-    """Whether a lock refuses its user at ``now_ms``: while ``locked`` and (no end, or ``now_ms`` before it)."""
+def lock_in_force(locked: bool, locked_until: int | None, now_ms: int, version_ms: int | None = None) -> bool:
+    """Whether a lock refuses its user at ``now_ms``: while ``locked`` and (no end, or ``now_ms`` before it).
+
+    ``version_ms`` (the row's ``clerk_updated_at``): an end before the version it is stored with belongs to an
+    earlier lock (a release without ``locked_until``, during a rolling upgrade, re-locked the row and left the
+    old end); such an end is not believed: locked until Clerk says otherwise (fail closed)."""
+    if version_ms is not None and locked_until is not None and locked_until < version_ms:
+        locked_until = None
     return locked and (locked_until is None or now_ms < locked_until)
 
 

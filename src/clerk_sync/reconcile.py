@@ -42,7 +42,7 @@ from clerk_sync._time import as_utc, aware, utcnow
 from clerk_sync.clerk_api import JSON, ClerkClient
 from clerk_sync.engine import Action, Entity, Record, RowState, Tombstone, Upsert, decide
 from clerk_sync.errors import ClerkAPIError, ClerkNotFound, ConfigError, EventShapeError, ReconcileBusy
-from clerk_sync.events import membership_record, organization_record, user_record
+from clerk_sync.events import UserRecord, membership_record, organization_record, user_record
 from clerk_sync.metrics import Metrics
 from clerk_sync.store import Store, Writer, dialect_family, erased_digest
 from clerk_sync.tables import (
@@ -430,6 +430,7 @@ class Reconciler:
                             lost, anchor = anchor, next((a for a in reversed(before) if a[0] in alive), None)
                             if anchor is None:
                                 since = _lost_at(before or [lost])
+                                advance.recent.clear()  # (users sharing a creation time are listed again)
                             before = []
                             future = pool.submit(fetch, anchor[0] if anchor else None)
                             continue
@@ -500,6 +501,7 @@ class Reconciler:
         counts.failed += failed
         with self._unit(run) as (conn, writer):
             current = _current(conn, entity, [r.clerk_id for r in records])
+            ended = _ended_lockouts(conn, records) if entity is Entity.USER else []
             changed: list[Record] = []
             for record in records:
                 action = decide(current.get(record.clerk_id), Upsert(entity, record))
@@ -508,13 +510,17 @@ class Reconciler:
                 elif action is Action.UPDATE:
                     counts.updated += 1
                 else:
-                    counts.unchanged += 1
+                    counts.updated += record.clerk_id in ended
+                    counts.unchanged += record.clerk_id not in ended
                     continue
                 changed.append(record)
             _stage(conn, run.seen, run.id, entity, [r.clerk_id for r in records])
             if writer is None:
                 self._report_changes(conn, entity, changed, current)
+                for clerk_id in ended:
+                    self.on_change(Change(entity, "update", clerk_id, ("locked", "locked_until")))
             else:
+                _end_lockouts(writer, ended, records)
                 _upsert_many(writer, entity, changed)
                 run.cursor, run.after = next_cursor, after
                 self._checkpoint(writer, run)
@@ -702,6 +708,27 @@ class _Advance:
     def stop(self, why: str) -> NoReturn:
         raise ClerkAPIError(f"GET {self.path}: the listing does not advance: {why}; stopped, nothing is "
                             f"deleted on its word (is CLERK_API_URL Clerk's API?)", method="GET", path=self.path)
+
+
+def _ended_lockouts(conn: sa.Connection, records: list[Record]) -> list[str]:
+    """Users stored locked whom Clerk lists unlocked at the same version: a lockout that ended by itself (Clerk
+    bumps no ``updated_at`` then, so the guarded upsert skips them). Rows written before ``locked_until``
+    existed, or by a release without it, are repaired so."""
+    unlocked = {r.clerk_id: r.clerk_updated_at for r in records if isinstance(r, UserRecord) and not r.locked}
+    if not unlocked:
+        return []
+    query = sa.select(users.c.clerk_id, users.c.clerk_updated_at).where(
+        users.c.clerk_id.in_(list(unlocked)), users.c.locked.is_(True), users.c.deleted_at.is_(None))
+    return [clerk_id for clerk_id, version in conn.execute(query) if unlocked[clerk_id] == version]
+
+
+def _end_lockouts(writer: Writer, ended: list[str], records: list[Record]) -> None:
+    """Unlock the rows of :func:`_ended_lockouts`, at that version only (a newer event wins)."""
+    versions = {r.clerk_id: r.clerk_updated_at for r in records}
+    for clerk_id in ended:
+        writer.conn.execute(users.update().where(users.c.clerk_id == clerk_id, users.c.locked.is_(True),
+                                                 users.c.clerk_updated_at == versions[clerk_id])
+                            .values(locked=False, locked_until=None, updated_at=writer.now))
 
 
 def _records(entity: Entity, items: list[JSON]) -> tuple[list[Record], int]:

@@ -127,11 +127,12 @@ class DenyList:
         live = sa.or_(r.c.expire_at.is_(None), r.c.expire_at > now_ms)
         revocations = sa.select(r.c.session_id, r.c.expire_at).where(live)
         changed_users = sa.select(u.c.clerk_id, u.c.banned, u.c.deleted_at, u.c.deprovisioned, u.c.locked,
-                                  u.c.locked_until)
+                                  u.c.locked_until, u.c.clerk_updated_at)
         since = self._since
         full = since is None or self._full_at is None or self._now() - self._full_at >= self._full_every_s
         if since is None or full:
-            lock_lasts = sa.and_(u.c.locked.is_(True), sa.or_(u.c.locked_until.is_(None), u.c.locked_until > now_ms))
+            lock_lasts = sa.and_(u.c.locked.is_(True), sa.or_(u.c.locked_until.is_(None), u.c.locked_until > now_ms,
+                                                              u.c.locked_until < u.c.clerk_updated_at))  # (stale end)
             changed_users = changed_users.where(sa.or_(u.c.banned.is_(True), u.c.deleted_at.is_not(None),
                                                        u.c.deprovisioned.is_(True), lock_lasts))
         else:
@@ -145,8 +146,10 @@ class DenyList:
         revoked, blocked, lock_ends = ({}, {}, {}) if full else (self._revoked, self._blocked_users, self._lock_ends)
         for session_id, expire_at in new_revocations:
             revoked[session_id] = expire_at
-        for clerk_id, banned, deleted_at, deprovisioned, locked, locked_until in user_rows:
+        for clerk_id, banned, deleted_at, deprovisioned, locked, locked_until, version in user_rows:
             reason = _block_reason(banned, deleted_at, deprovisioned, locked)
+            if locked_until is not None and locked_until < version:  # an earlier lock's end: not believed
+                locked_until = None
             # (the end first: a reader between the two sees a "locked" with its end, or the old entry)
             if reason == "locked" and locked_until is not None:
                 lock_ends[clerk_id] = locked_until

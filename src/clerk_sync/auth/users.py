@@ -91,7 +91,7 @@ class AuthUser:
         """Whether Clerk's lockout refuses this user at ``now_ms`` (epoch ms): while ``locked`` and its end
         (``locked_until``) is unknown (a lock that never expires) or still ahead. Clerk sends no event when a
         lock expires, so the end is compared with the caller's clock, not waited for."""
-        return lock_in_force(self.locked, self.locked_until, now_ms)
+        return lock_in_force(self.locked, self.locked_until, now_ms, self.clerk_updated_at)
 
 
 _COLUMNS = [users.c[f.name] for f in fields(AuthUser)]
