@@ -228,7 +228,7 @@ def user_record(data: JSON, notes: Notes = None, *, event_ms: int | None = None,
     verification = primary_object.get("verification") if primary_object is not None else None
     public = _obj(data, "public_metadata", notes)
     locked = _flag(data, "locked", notes)
-    return UserRecord(
+    return _end_not_before_version(UserRecord(
         clerk_id=_id(data, "user"),
         clerk_updated_at=_version(data, notes, event_ms),
         clerk_created_at=_opt_int(data, "created_at"),
@@ -249,7 +249,16 @@ def user_record(data: JSON, notes: Notes = None, *, event_ms: int | None = None,
         **_lockout(data, locked, event_ms if event_ms is not None else fetched_ms, notes),
         external_id=_fit(data, "external_id", NAME_CHARS, notes),
         email_verified=isinstance(verification, dict) and verification.get("status") == "verified",
-    )
+    ))
+
+
+def _end_not_before_version(record: UserRecord) -> UserRecord:
+    """A lock's end no earlier than its record's version: the end is counted on this host's clock (or the
+    envelope's), the version on Clerk's, and an end before the version reads as an earlier lock's (see
+    :func:`lock_in_force`), which would keep the user locked until the next event."""
+    if record.locked_until is not None and record.locked_until < record.clerk_updated_at:
+        return replace(record, locked_until=record.clerk_updated_at)
+    return record
 
 
 def _lockout(data: JSON, locked: bool, base_ms: int | None, notes: Notes) -> dict[str, Any]:
@@ -292,7 +301,8 @@ def settle_lockout(record: UserRecord, now_ms: int) -> UserRecord:
     """A record built with no time base, its lockout's end set from ``now_ms`` (the writer's clock)."""
     if record.lockout_pending_s is None:
         return record
-    return replace(record, locked_until=lock_end(now_ms, record.lockout_pending_s), lockout_pending_s=None)
+    return _end_not_before_version(replace(record, locked_until=lock_end(now_ms, record.lockout_pending_s),
+                                           lockout_pending_s=None))
 
 
 def record_columns(record_type: type[Any]) -> list[str]:

@@ -501,7 +501,8 @@ class Reconciler:
         counts.failed += failed
         with self._unit(run) as (conn, writer):
             current = _current(conn, entity, [r.clerk_id for r in records])
-            ended = _ended_lockouts(conn, records) if entity is Entity.USER else []
+            now_ms = int((writer.now if writer is not None else self._now()).timestamp() * 1000)
+            ended = _ended_lockouts(conn, records, now_ms) if entity is Entity.USER else []
             changed: list[Record] = []
             for record in records:
                 action = decide(current.get(record.clerk_id), Upsert(entity, record))
@@ -510,17 +511,20 @@ class Reconciler:
                 elif action is Action.UPDATE:
                     counts.updated += 1
                 else:
-                    counts.updated += record.clerk_id in ended
-                    counts.unchanged += record.clerk_id not in ended
+                    counts.unchanged += record.clerk_id not in ended  # (an ended lockout: counted below)
                     continue
                 changed.append(record)
             _stage(conn, run.seen, run.id, entity, [r.clerk_id for r in records])
             if writer is None:
                 self._report_changes(conn, entity, changed, current)
+                counts.updated += len(ended)
                 for clerk_id in ended:
                     self.on_change(Change(entity, "update", clerk_id, ("locked", "locked_until")))
             else:
-                _end_lockouts(writer, ended, records)
+                by_id = {r.clerk_id: r for r in records if isinstance(r, UserRecord)}
+                done = sum(writer.end_lockout(by_id[clerk_id]) for clerk_id in ended)
+                counts.updated += done
+                counts.unchanged += len(ended) - done  # (a webhook won the race)
                 _upsert_many(writer, entity, changed)
                 run.cursor, run.after = next_cursor, after
                 self._checkpoint(writer, run)
@@ -710,25 +714,20 @@ class _Advance:
                             f"deleted on its word (is CLERK_API_URL Clerk's API?)", method="GET", path=self.path)
 
 
-def _ended_lockouts(conn: sa.Connection, records: list[Record]) -> list[str]:
-    """Users stored locked whom Clerk lists unlocked at the same version: a lockout that ended by itself (Clerk
-    bumps no ``updated_at`` then, so the guarded upsert skips them). Rows written before ``locked_until``
-    existed, or by a release without it, are repaired so."""
+def _ended_lockouts(conn: sa.Connection, records: list[Record], now_ms: int) -> list[str]:
+    """Users stored locked whom Clerk lists unlocked at the same version, whose stored end is unknown, not its
+    own (older than the version) or past: a lockout that ended by itself (Clerk bumps no ``updated_at`` then,
+    so the guarded upsert skips them). Rows written before ``locked_until`` existed, or by a release without
+    it, are repaired so (:meth:`~clerk_sync.store.Writer.end_lockout`); a believed end still ahead is left to
+    end by itself."""
     unlocked = {r.clerk_id: r.clerk_updated_at for r in records if isinstance(r, UserRecord) and not r.locked}
     if not unlocked:
         return []
-    query = sa.select(users.c.clerk_id, users.c.clerk_updated_at).where(
-        users.c.clerk_id.in_(list(unlocked)), users.c.locked.is_(True), users.c.deleted_at.is_(None))
+    u = users
+    ended = sa.or_(u.c.locked_until.is_(None), u.c.locked_until < u.c.clerk_updated_at, u.c.locked_until <= now_ms)
+    query = sa.select(u.c.clerk_id, u.c.clerk_updated_at).where(
+        u.c.clerk_id.in_(list(unlocked)), u.c.locked.is_(True), u.c.deleted_at.is_(None), ended)
     return [clerk_id for clerk_id, version in conn.execute(query) if unlocked[clerk_id] == version]
-
-
-def _end_lockouts(writer: Writer, ended: list[str], records: list[Record]) -> None:
-    """Unlock the rows of :func:`_ended_lockouts`, at that version only (a newer event wins)."""
-    versions = {r.clerk_id: r.clerk_updated_at for r in records}
-    for clerk_id in ended:
-        writer.conn.execute(users.update().where(users.c.clerk_id == clerk_id, users.c.locked.is_(True),
-                                                 users.c.clerk_updated_at == versions[clerk_id])
-                            .values(locked=False, locked_until=None, updated_at=writer.now))
 
 
 def _records(entity: Entity, items: list[JSON]) -> tuple[list[Record], int]:

@@ -599,6 +599,26 @@ class Writer:
             self._cascade_memberships(intent.entity, intent.clerk_id)
         return changed
 
+    def end_lockout(self, record: UserRecord) -> bool:
+        """Unlock a user Clerk lists unlocked at the stored version, when the stored lock's end is unknown, not
+        its own or past (a lockout's end bumps no ``updated_at``, so the guarded upsert skips it: reconcile's
+        repair). Through the outbox, so the app's mapped table and the hooks see the change. True if it did."""
+        intent = Upsert(Entity.USER, record)
+        outbox = self.outbox if self.outbox is not None and self.outbox.wants(intent) else None
+        self.lock(self.locks_of(intent))
+        before = outbox.before(Entity.USER, record.clerk_id) if outbox is not None else None
+        u = users
+        now_ms = int(self.now.timestamp() * 1000)
+        ended = sa.or_(u.c.locked_until.is_(None), u.c.locked_until < u.c.clerk_updated_at, u.c.locked_until <= now_ms)
+        done = self.conn.execute(u.update().where(
+            u.c.clerk_id == record.clerk_id, u.c.locked.is_(True), u.c.deleted_at.is_(None),
+            u.c.clerk_updated_at == record.clerk_updated_at, ended,
+        ).values(locked=False, locked_until=None, updated_at=self.now)).rowcount == 1
+        if done and outbox is not None and before is not None:
+            after = {**before, "locked": False, "locked_until": None}
+            outbox.record(describe(Entity.USER, record.clerk_id, record.clerk_updated_at, before, after))
+        return done
+
     def _settled_record(self, record: Record) -> Record:
         """A user record built with no time base (a Backend API object whose caller passed no ``fetched_ms``:
         reconcile's pages) gets its lockout's end from this transaction's clock (see :func:`settle_lockout`)."""

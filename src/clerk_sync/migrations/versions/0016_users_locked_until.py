@@ -31,10 +31,13 @@ def upgrade() -> None:
 def downgrade() -> None:
     # A lock that has ended still says ``locked`` (Clerk sends nothing at the end): without its end, the code
     # before this revision would refuse that user for good. Unlock those first.
-    users = sa.table("users", sa.column("locked", sa.Boolean), sa.column("locked_until", sa.BigInteger))
+    # (Only an end this row's lock owns: one older than the row's version is an earlier lock's, kept locked.)
+    users = sa.table("users", sa.column("locked", sa.Boolean), sa.column("locked_until", sa.BigInteger),
+                     sa.column("clerk_updated_at", sa.BigInteger))
     now_ms = int(time.time() * 1000)
     op.execute(users.update().where(users.c.locked.is_(True), users.c.locked_until.is_not(None),
-                                    users.c.locked_until <= now_ms).values(locked=False))
+                                    users.c.locked_until <= now_ms, users.c.locked_until >= users.c.clerk_updated_at)
+               .values(locked=False))
     # A plain DROP COLUMN on every store (SQLite has it since 3.35): batch mode would rebuild ``users`` on SQLite
     # and lose the console's expression indexes (0008), which it cannot reflect.
     op.drop_column("users", "locked_until")
