@@ -292,9 +292,16 @@ def lock_in_force(locked: bool, locked_until: int | None, now_ms: int, version_m
     ``version_ms`` (the row's ``clerk_updated_at``): an end before the version it is stored with belongs to an
     earlier lock (a release without ``locked_until``, during a rolling upgrade, re-locked the row and left the
     old end); such an end is not believed: locked until Clerk says otherwise (fail closed)."""
-    if version_ms is not None and locked_until is not None and locked_until < version_ms:
-        locked_until = None
+    locked_until = believed_end(locked_until, version_ms)
     return locked and (locked_until is None or now_ms < locked_until)
+
+
+def believed_end(locked_until: int | None, version_ms: int | None) -> int | None:
+    """``locked_until``, unless it is older than the version it is stored with (an earlier lock's: see
+    :func:`lock_in_force`): then None, no known end."""
+    if version_ms is not None and locked_until is not None and locked_until < version_ms:
+        return None
+    return locked_until
 
 
 def settle_lockout(record: UserRecord, now_ms: int) -> UserRecord:

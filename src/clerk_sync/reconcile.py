@@ -362,15 +362,15 @@ class Reconciler:
     def _listing(self, run: _Run, entity: Entity) -> None:
         since_ms = int(run.report.since.timestamp() * 1000) if run.report.since else None
         by_update = entity is Entity.USER and since_ms is not None
-        fetch = self._fetcher(entity, by_update)
-        total = self.clerk.count_users() if entity is Entity.USER and not by_update else None
+        by_cursor = entity is Entity.USER and not by_update
+        total = self.clerk.count_users() if by_cursor else None
         self.progress.start(entity.value, total, run.cursor)
         advance = _Advance(f"/{entity.value}", self.page_size, self.max_pages)
-        if entity is Entity.USER and not by_update:  # (a run saved before cursors has none: from the first page)
+        if by_cursor:  # (a run saved before cursors has none: from the first page)
             pages = self._user_pages(run.after, run.cursor if run.after is not None else 0, advance)
         else:
             pages = ((offset, items, None) for offset, items in
-                     self._pages(fetch, run.cursor, total, advance, sequential=by_update))
+                     self._pages(self._fetcher(entity), run.cursor, None, advance, sequential=by_update))
         for offset, items, after in pages:
             fresh = [d for d in items if not by_update or _updated_at(d) >= since_ms]  # type: ignore[operator]
             self._apply_page(run, entity, fresh, offset + len(items), after)
@@ -378,11 +378,12 @@ class Reconciler:
             if len(fresh) < len(items):
                 break  # ordered by -updated_at: the rest is older than --since
 
-    def _fetcher(self, entity: Entity, by_update: bool) -> Callable[[int], tuple[list[JSON], int | None]]:
+    def _fetcher(self, entity: Entity) -> Callable[[int], tuple[list[JSON], int | None]]:
+        """Offset pages: organizations, memberships, and users by ``-updated_at`` (``--since``; no cursor
+        there: Clerk takes ``starting_after`` with the ``created_at`` orderings only)."""
         size = self.page_size
         if entity is Entity.USER:
-            order = "-updated_at" if by_update else "+created_at"
-            return lambda offset: (self.clerk.list_users(limit=size, offset=offset, order_by=order), None)
+            return lambda offset: (self.clerk.list_users(limit=size, offset=offset, order_by="-updated_at"), None)
         if entity is Entity.ORGANIZATION:
             def orgs(offset: int) -> tuple[list[JSON], int | None]:
                 page = self.clerk.list_organizations(limit=size, offset=offset, order_by="+created_at")
@@ -723,10 +724,8 @@ def _ended_lockouts(conn: sa.Connection, records: list[Record], now_ms: int) -> 
     unlocked = {r.clerk_id: r.clerk_updated_at for r in records if isinstance(r, UserRecord) and not r.locked}
     if not unlocked:
         return []
-    u = users
-    ended = sa.or_(u.c.locked_until.is_(None), u.c.locked_until < u.c.clerk_updated_at, u.c.locked_until <= now_ms)
-    query = sa.select(u.c.clerk_id, u.c.clerk_updated_at).where(
-        u.c.clerk_id.in_(list(unlocked)), u.c.locked.is_(True), u.c.deleted_at.is_(None), ended)
+    query = sa.select(users.c.clerk_id, users.c.clerk_updated_at).where(
+        users.c.clerk_id.in_(list(unlocked)), Writer.ended_lockouts(now_ms))
     return [clerk_id for clerk_id, version in conn.execute(query) if unlocked[clerk_id] == version]
 
 

@@ -599,6 +599,14 @@ class Writer:
             self._cascade_memberships(intent.entity, intent.clerk_id)
         return changed
 
+    @staticmethod
+    def ended_lockouts(now_ms: int) -> sa.ColumnElement[bool]:
+        """Rows of live users stored locked whose lock's end is unknown, an earlier lock's (older than the
+        row's version) or past at ``now_ms``: what :meth:`end_lockout` may unlock."""
+        u = users
+        return sa.and_(u.c.locked.is_(True), u.c.deleted_at.is_(None), sa.or_(
+            u.c.locked_until.is_(None), u.c.locked_until < u.c.clerk_updated_at, u.c.locked_until <= now_ms))
+
     def end_lockout(self, record: UserRecord) -> bool:
         """Unlock a user Clerk lists unlocked at the stored version, when the stored lock's end is unknown, not
         its own or past (a lockout's end bumps no ``updated_at``, so the guarded upsert skips it: reconcile's
@@ -608,11 +616,9 @@ class Writer:
         self.lock(self.locks_of(intent))
         before = outbox.before(Entity.USER, record.clerk_id) if outbox is not None else None
         u = users
-        now_ms = int(self.now.timestamp() * 1000)
-        ended = sa.or_(u.c.locked_until.is_(None), u.c.locked_until < u.c.clerk_updated_at, u.c.locked_until <= now_ms)
         done = self.conn.execute(u.update().where(
-            u.c.clerk_id == record.clerk_id, u.c.locked.is_(True), u.c.deleted_at.is_(None),
-            u.c.clerk_updated_at == record.clerk_updated_at, ended,
+            u.c.clerk_id == record.clerk_id, u.c.clerk_updated_at == record.clerk_updated_at,
+            self.ended_lockouts(int(self.now.timestamp() * 1000)),
         ).values(locked=False, locked_until=None, updated_at=self.now)).rowcount == 1
         if done and outbox is not None and before is not None:
             after = {**before, "locked": False, "locked_until": None}

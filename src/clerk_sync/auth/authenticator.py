@@ -34,6 +34,7 @@ from clerk_sync.errors import (
     UserDeprovisioned,
     UserLocked,
 )
+from clerk_sync.events import believed_end
 from clerk_sync.store import Store
 from clerk_sync.tables import organization_memberships, revoked_sessions, users
 
@@ -148,8 +149,7 @@ class DenyList:
             revoked[session_id] = expire_at
         for clerk_id, banned, deleted_at, deprovisioned, locked, locked_until, version in user_rows:
             reason = _block_reason(banned, deleted_at, deprovisioned, locked)
-            if locked_until is not None and locked_until < version:  # an earlier lock's end: not believed
-                locked_until = None
+            locked_until = believed_end(locked_until, version)  # (an earlier lock's end is none)
             # (the end first: a reader between the two sees a "locked" with its end, or the old entry)
             if reason == "locked" and locked_until is not None:
                 lock_ends[clerk_id] = locked_until
