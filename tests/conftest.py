@@ -17,6 +17,10 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from clerk_sync import migrations
 from clerk_sync.auth.admin import AdminActions
@@ -217,3 +221,29 @@ def actions(emu: EmulatorServer, store: Store) -> Iterator[AdminActions]:
                          breaker=CircuitBreaker(threshold=100))
     yield AdminActions(store, client)
     client.close()
+
+
+# -- tracing: the spans the code ends, in memory (tests/test_tracing.py, the telemetry tests) --------------
+
+SPANS_EXPORTER = InMemorySpanExporter()
+
+
+@pytest.fixture(scope="module")
+def provider() -> TracerProvider:
+    """The process-wide provider (OpenTelemetry allows setting it once), recording into :data:`SPANS_EXPORTER`
+    too (added once: a span processor cannot be removed)."""
+    current = trace.get_tracer_provider()
+    if not isinstance(current, TracerProvider):
+        current = TracerProvider()
+        trace.set_tracer_provider(current)
+    if not getattr(current, "_clerk_sync_in_memory", False):
+        current.add_span_processor(SimpleSpanProcessor(SPANS_EXPORTER))
+        current._clerk_sync_in_memory = True  # type: ignore[attr-defined]
+    return current
+
+
+@pytest.fixture
+def spans(provider: TracerProvider) -> Iterator[InMemorySpanExporter]:
+    SPANS_EXPORTER.clear()
+    yield SPANS_EXPORTER
+    SPANS_EXPORTER.clear()

@@ -25,8 +25,7 @@ import uvicorn
 import yaml
 from flask import Flask
 from opentelemetry import trace
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -313,30 +312,6 @@ def test_worker_writes_its_files_in_a_fresh_directory_and_removes_it_when_stoppe
 
 
 # -- 5. Clerk API spans: OpenTelemetry HTTP client spans ----------------------------------------------------
-
-_EXPORTER = InMemorySpanExporter()
-
-
-@pytest.fixture(scope="module")
-def provider() -> TracerProvider:
-    """The process's one tracer provider (OpenTelemetry allows setting it once: tests/test_tracing.py's, or
-    one made here), recording into this module's exporter too."""
-    current = trace.get_tracer_provider()
-    if not isinstance(current, TracerProvider):
-        current = TracerProvider()
-        trace.set_tracer_provider(current)
-    if not getattr(current, "_telemetry_review", False):  # (processors cannot be removed: added once)
-        current.add_span_processor(SimpleSpanProcessor(_EXPORTER))
-        current._telemetry_review = True  # type: ignore[attr-defined]
-    return current
-
-
-@pytest.fixture
-def spans(provider: TracerProvider) -> Iterator[InMemorySpanExporter]:
-    _EXPORTER.clear()
-    yield _EXPORTER
-    _EXPORTER.clear()
-
 
 def _clerk_api(handler: Callable[[httpx.Request], httpx.Response], **options: Any) -> ClerkClient:
     options.setdefault("retry", RetryPolicy(attempts=2, backoff_s=0.0, deadline_s=5.0))

@@ -12,7 +12,6 @@ import pytest
 import sqlalchemy as sa
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from clerk_sync import tracing
@@ -27,29 +26,6 @@ from clerk_sync.webhooks import WebhookVerifier
 from tests import factories as f
 from tests._server import running
 from tests.conftest import SECRET, clerk_client
-
-_EXPORTER = InMemorySpanExporter()
-
-
-@pytest.fixture(scope="module")
-def provider() -> TracerProvider:
-    """The process-wide provider (OpenTelemetry allows setting it once, maybe by another module's tests),
-    recording in memory."""
-    current = trace.get_tracer_provider()
-    if not isinstance(current, TracerProvider):
-        current = TracerProvider()
-        trace.set_tracer_provider(current)
-    if not getattr(current, "_clerk_sync_in_memory", False):  # (processors cannot be removed: added once)
-        current.add_span_processor(SimpleSpanProcessor(_EXPORTER))
-        current._clerk_sync_in_memory = True  # type: ignore[attr-defined]
-    return current
-
-
-@pytest.fixture
-def spans(provider: TracerProvider) -> Iterator[InMemorySpanExporter]:
-    _EXPORTER.clear()
-    yield _EXPORTER
-    _EXPORTER.clear()
 
 
 def named(exporter: InMemorySpanExporter, name: str) -> list[ReadableSpan]:
