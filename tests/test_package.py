@@ -45,7 +45,7 @@ PUBLIC_API: dict[str, list[str]] = {
     "clerk_sync.errors": ["AccessDenied", "ClerkAPIError", "ClerkNotFound", "ClerkPaymentRequired", "ClerkSyncDeprecationWarning", "ClerkSyncError", "ClerkUnauthorized", "ClerkUnavailable", "ClerkValidationError", "ConfigError", "CrossSiteRequest", "EventShapeError", "HookGaveUp", "ImpersonationEnded", "InvalidRole", "PayloadError", "PayloadTooLarge", "RateLimited", "ReconcileBusy", "SessionPending", "SessionRevoked", "SessionUserBanned", "StoreDataError", "StoreError", "TokenAlgorithmNotAllowed", "TokenAuthorizedPartyInvalid", "TokenClaimMissing", "TokenError", "TokenExpired", "TokenIssuedInFuture", "TokenIssuerInvalid", "TokenKeyUnknown", "TokenKeysUnavailable", "TokenMalformed", "TokenMissing", "TokenNotYetValid", "TokenSignatureInvalid", "UnknownUser", "UserBanned", "UserDeleted", "UserDeprovisioned", "UserLocked", "WebhookError", "WebhookHeadersMissing", "WebhookVerificationError", "WrongInstance"],
     "clerk_sync.events": ["Envelope", "MembershipRecord", "OrganizationRecord", "UserRecord", "instance_mismatch", "membership_record", "normalize_timestamp_ms", "organization_record", "parse_envelope", "record_columns", "user_record"],
     "clerk_sync.hooks": ["Backoff", "Change", "Dispatcher", "Hook", "HookGaveUp"],
-    "clerk_sync.hooks.sinks": ["RedisStreamSink", "StandardWebhookSink", "change_message"],
+    "clerk_sync.hooks.sinks": ["RabbitMQSink", "RedisStreamSink", "StandardWebhookSink", "change_message"],
     "clerk_sync.ingest": ["Outcome", "ReplayReport", "WebhookProcessor", "apply_envelope", "replay_deliveries", "replay_one"],
     "clerk_sync.integrations": [],
     "clerk_sync.integrations.console": ["check_console_settings", "create_console"],

@@ -1,17 +1,22 @@
 """Built-in hook handlers that forward each applied change to an app that is not in Python.
 
-Both run after the commit, from the outbox: when a change arrives, the database already holds it.
+They run after the commit, from the outbox: when a change arrives, the database already holds it.
 Delivery is at least once (a retry after a timeout may repeat one), so receivers deduplicate on the
-idempotency key (the ``webhook-id`` header, or the stream entry's ``idempotency_key`` field).
+idempotency key (the ``webhook-id`` header, the stream entry's ``idempotency_key`` field, or the AMQP
+message's ``message_id``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 from pydantic import SecretStr
@@ -23,9 +28,10 @@ from clerk_sync.config import _webhook_key
 from clerk_sync.errors import ConfigError, HookGaveUp
 
 if TYPE_CHECKING:
+    import pika
     import redis
 
-__all__ = ["RedisStreamSink", "StandardWebhookSink", "change_message"]
+__all__ = ["RabbitMQSink", "RedisStreamSink", "StandardWebhookSink", "change_message"]
 
 
 def change_message(change: Change) -> dict[str, Any]:
@@ -182,3 +188,134 @@ class RedisStreamSink:
             "change": json.dumps(change_message(change), separators=(",", ":")),
         }
         self.client.xadd(self.stream, fields, maxlen=self.maxlen, approximate=self.maxlen is not None)
+
+
+class RabbitMQSink:
+    """Publishes each change to a RabbitMQ exchange (AMQP 0-9-1, through pika: the ``rabbitmq`` extra), as a
+    persistent JSON message (:func:`change_message`) with publisher confirms: a job is done only once the
+    broker has confirmed the message, and routed it to at least one queue.
+
+    The routing key is the change type (``user.created``, ``organizationMembership.deleted``; or
+    ``routing_key(change)``), so consumers bind their queue to the topic exchange with a pattern
+    (``user.*``, ``#``). Message properties: ``message_id`` is the idempotency key (deduplicate on it: a job
+    retried after a lost confirm publishes again), ``type`` the change type, ``content_type``
+    ``application/json``, ``app_id`` ``clerk-sync``, ``timestamp`` the publish time (seconds).
+
+    ``declare`` (default) declares the exchange, durable and of type ``topic``, on each new connection;
+    with ``declare=False`` it must exist (an exchange an operator owns). A message no queue is bound for is
+    returned by the broker (``mandatory``) and the job fails, so a change is never dropped for want of a
+    consumer: bind a queue and the dispatcher's retry delivers it.
+
+    One connection and channel are kept between jobs, and the one the broker closed while idle (its
+    heartbeat timeout, a restart) is opened again before the next publish. A failure (broker down,
+    refused, unroutable, not confirmed) is raised for the dispatcher to retry, its message naming the
+    broker without the password. ``timeout_s`` bounds connecting (``socket_timeout``, ``stack_timeout``)
+    and a broker that blocks publishers (``blocked_connection_timeout``: a memory or disk alarm), unless the
+    URL's query sets them; a broker that stops answering mid-publish is noticed by the AMQP heartbeat
+    (the broker's proposal, 60 s by default; ``?heartbeat=`` in the URL), so give the hook a
+    ``timeout_s`` too if the dispatcher's other jobs must not wait that long. Safe to call from several
+    threads (one publish at a time).
+    """
+
+    def __init__(self, url: str = "amqp://guest:guest@127.0.0.1:5672/%2F", exchange: str = "clerk-sync", *,
+                 routing_key: Callable[[Change], str] | None = None, declare: bool = True,
+                 timeout_s: float = 10.0, now: Callable[[], float] = time.time) -> None:
+        try:
+            import pika  # (the rabbitmq extra: imported here, so the module loads without it)
+        except ImportError as exc:
+            raise ConfigError("RabbitMQSink needs pika: pip install 'clerk-sync[rabbitmq]'") from exc
+        if not (timeout_s > 0 and math.isfinite(timeout_s)):  # NaN too
+            raise ValueError(f"timeout_s must be a finite number of seconds more than 0, not {timeout_s!r}")
+        self._pika = pika
+        try:
+            if urlsplit(url).scheme not in ("amqp", "amqps"):
+                raise ValueError("the scheme must be amqp or amqps")
+            params = pika.URLParameters(url)
+        except Exception as exc:  # pika raises ValueError, TypeError.. naming the bad part, never the password
+            raise ConfigError(f"RabbitMQSink: not an AMQP URL ({type(exc).__name__}: {exc}); expected e.g. "
+                              "'amqp://user:password@host:5672/%2F'") from None
+        given = parse_qs(urlsplit(url).query)
+        for name in ("socket_timeout", "stack_timeout", "blocked_connection_timeout"):
+            if name not in given:
+                setattr(params, name, timeout_s)
+        if "client_properties" not in given:  # how the connection is named in the broker's own UI and logs
+            params.client_properties = {"connection_name": f"clerk-sync {exchange}"}
+        self._params = params
+        self.where = f"amqp://{params.host}:{params.port}/{params.virtual_host.lstrip('/') or '%2F'}"
+        self.exchange = exchange
+        self.timeout_s = timeout_s
+        self._routing_key = routing_key or _change_type
+        self._declare = declare
+        self._now = now
+        self._lock = threading.Lock()
+        self._connection: pika.BlockingConnection | None = None
+        self._channel: Any = None  # pika's BlockingChannel, confirms on
+
+    def __call__(self, change: Change) -> None:
+        pika = self._pika
+        errors = pika.exceptions
+        key = self._routing_key(change)
+        body = json.dumps(change_message(change), separators=(",", ":")).encode()
+        properties = pika.BasicProperties(
+            content_type="application/json", delivery_mode=pika.DeliveryMode.Persistent, app_id="clerk-sync",
+            message_id=change.idempotency_key, type=change.type, timestamp=int(self._now()))
+        what = f"{change.type} {change.idempotency_key!r} (exchange {self.exchange!r}, routing key {key!r})"
+        with self._lock:
+            try:
+                self._open().basic_publish(self.exchange, key, body, properties, mandatory=True)
+            except errors.UnroutableError:
+                raise RuntimeError(
+                    f"{self.where} routed no queue for {what}: bind a queue to the exchange (e.g. with the "
+                    "pattern '#'); the change is kept and retried, not dropped") from None
+            except errors.NackError:
+                raise RuntimeError(f"{self.where} did not confirm {what} (nack: the broker could not take it); "
+                                   "retried") from None
+            except errors.ChannelClosedByBroker as exc:
+                self._channel = None  # the connection stays; a new channel next time
+                raise RuntimeError(f"{self.where} refused {what}: {exc.reply_code} {exc.reply_text}"
+                                   f"{_AMQP_HINT.get(exc.reply_code, '')}") from None
+            except (errors.AMQPError, OSError) as exc:  # down, cut, refused login, blocked past timeout_s
+                self._drop()
+                raise ConnectionError(f"RabbitMQ at {self.where} could not take {what}: {type(exc).__name__}: "
+                                      f"{exc or 'connection lost'}; retried") from None
+
+    def _open(self) -> Any:
+        """The channel to publish on: the kept one, or a new connection's when the broker closed it."""
+        errors = self._pika.exceptions
+        if self._connection is not None:
+            try:  # what the broker sent while idle: heartbeats, or its close (a restart, a missed heartbeat)
+                self._connection.process_data_events(0)
+            except (errors.AMQPError, OSError):
+                self._drop()
+        if self._connection is None or not self._connection.is_open:
+            self._drop()
+            self._connection = self._pika.BlockingConnection(self._params)
+        if self._channel is None or not self._channel.is_open:
+            channel = self._connection.channel()
+            channel.confirm_delivery()
+            if self._declare:
+                channel.exchange_declare(self.exchange, exchange_type="topic", durable=True)
+            self._channel = channel
+        return self._channel
+
+    def _drop(self) -> None:
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is not None and connection.is_open:
+            with contextlib.suppress(Exception):  # closing what is already broken: nothing more to do
+                connection.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+
+def _change_type(change: Change) -> str:
+    return change.type
+
+
+_AMQP_HINT = {
+    404: ": the exchange does not exist (declare=False: create it, or let the sink declare it)",
+    403: ": the user may not write to this exchange (its permissions on the vhost)",
+    406: ": the exchange exists with another type or durability than a durable topic exchange (pass "
+         "declare=False to use it as it is)",
+}
