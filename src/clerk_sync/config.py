@@ -170,7 +170,8 @@ class Settings(BaseSettings):
     # Roles an impersonating user of the app must still hold (comma-separated; unset: admin; "*": any role,
     # standing only), for apps whose support staff impersonate with actor tokens of their own.
     impersonator_roles_raw: str | None = Field(None, validation_alias="CLERK_IMPERSONATOR_ROLES")
-    session_leeway_s: float = Field(5.0, ge=0, validation_alias="CLERK_SYNC_SESSION_LEEWAY_S")
+    # Clock skew allowed on exp/nbf/iat; at most 300 s, so a typo (86400) cannot accept expired tokens for a day.
+    session_leeway_s: float = Field(5.0, ge=0, le=300, validation_alias="CLERK_SYNC_SESSION_LEEWAY_S")
     # JitUsers.refresh_interval_s: the least time between two Clerk fetches of one user (POST /sync/me)
     jit_refresh_interval_s: float = Field(10.0, ge=0, validation_alias="CLERK_SYNC_JIT_REFRESH_INTERVAL_S")
     # Operations: one log line per delivery at this level (a failed one: WARNING at least), a summary line

@@ -43,7 +43,20 @@ MAX_IMPERSONATION_S = 300
 # How long the impersonated session itself may last (Clerk's own default, asked for explicitly): the
 # token above only bounds how long the link can be redeemed.
 IMPERSONATION_SESSION_S = 1800
+# The longest impersonated session start_impersonation asks for (session_max_s): Clerk's API spec says only
+# "integer" (POST /actor_tokens session_max_duration_in_seconds, default 1800) and sets no maximum, so an app
+# endpoint forwarding the value could mint an impersonation of any length. One hour: twice Clerk's default.
+MAX_IMPERSONATION_SESSION_S = 3600
 _RETRYABLE = (_ClerkUnavailable, RateLimited)
+
+
+def _check_session_max_s(session_max_s: object) -> None:
+    """Refuse an impersonated session's length that is not 1 to MAX_IMPERSONATION_SESSION_S whole seconds."""
+    if (not isinstance(session_max_s, int) or isinstance(session_max_s, bool)
+            or not 1 <= session_max_s <= MAX_IMPERSONATION_SESSION_S):
+        raise ValueError(f"session_max_s (how long the impersonated session may last) must be a whole number of "
+                         f"seconds from 1 to {MAX_IMPERSONATION_SESSION_S} (MAX_IMPERSONATION_SESSION_S), not "
+                         f"{show(session_max_s)}")
 
 
 class ClerkAdminAPI(Protocol):
@@ -265,7 +278,11 @@ class AdminActions:
         With ``sign_in_token_fallback`` (off by default), a refused actor token falls back to a sign-in
         token. Its session is an ordinary session of the target: no ``act`` claim, so the impersonation
         guards and per-request audit cannot see it. Only the grant itself is audited.
+
+        ``session_max_s`` is a whole number of seconds from 1 to :data:`MAX_IMPERSONATION_SESSION_S` (an hour);
+        another value raises ``ValueError`` naming the bound before anything is read or asked of Clerk.
         """
+        _check_session_max_s(session_max_s)
         self._require_admin(admin, action="impersonation", target=target, ip=ip)
         if admin == target:
             raise AccessDenied("an admin cannot impersonate themself")

@@ -117,7 +117,13 @@ class ClaimsValidator:
 
 
 def auth_from_claims(claims: Mapping[str, Any]) -> Auth:
-    """Normalise v1 (``org_id``/``org_role``...) and v2 (``o`` + ``fea``/``fpm``) claims."""
+    """Normalise v1 (``org_id``/``org_role``...) and v2 (``o`` + ``fea``/``fpm``) claims.
+
+    A v2 token (``v`` >= 2) has its active organization in ``o`` only, as Clerk's own parsers read it
+    (``@clerk/shared`` jwtPayloadParser, the Python SDK): a v2 token without ``o`` has no active organization,
+    whatever top-level ``org_id``/``org_role``/``org_permissions`` it carries. Those names are v1's default
+    claims but not v2's, so in a v2 token they can only be custom session claims, perhaps built from data the
+    user writes (``unsafe_metadata``): never an organization role or permissions."""
     return normalize_claims(dict(claims))
 
 
@@ -125,14 +131,19 @@ def normalize_claims(claims: dict[str, Any]) -> Auth:
     """:func:`auth_from_claims` for a dict the caller hands over (a freshly parsed payload: no copy)."""
     v = claims.get("v", 1)
     version = int(v) if isinstance(v, int) else 1
-    org = claims.get("o") if version >= 2 else None
-    if isinstance(org, dict):
-        role = org.get("rol")
-        org_id, org_slug = _str(org.get("id")), _str(org.get("slg"))
-        org_role = f"org:{role}" if isinstance(role, str) and not role.startswith("org:") else _str(role)
-        permissions = _v2_permissions(
-            str(org.get("per") or ""), str(org.get("fpm") or ""), str(claims.get("fea") or "")
-        )
+    if version >= 2:  # ``o`` only (see auth_from_claims): no fallback to v1's top-level claims
+        org = claims.get("o")
+        org_id: str | None = None
+        org_slug: str | None = None
+        org_role: str | None = None
+        permissions: tuple[str, ...] = ()
+        if isinstance(org, dict):
+            role = org.get("rol")
+            org_id, org_slug = _str(org.get("id")), _str(org.get("slg"))
+            org_role = f"org:{role}" if isinstance(role, str) and not role.startswith("org:") else _str(role)
+            permissions = _v2_permissions(
+                str(org.get("per") or ""), str(org.get("fpm") or ""), str(claims.get("fea") or "")
+            )
     else:
         org_id, org_slug = _str(claims.get("org_id")), _str(claims.get("org_slug"))
         org_role = _str(claims.get("org_role"))

@@ -59,6 +59,17 @@ class ClerkAuthBackend(AuthenticationBackend):
     """For ``starlette.middleware.authentication.AuthenticationMiddleware``: scopes ``authenticated``,
     ``org:<role>`` and each org permission.
 
+    The ``org:<role>`` scope (``@requires("org:admin")``) is granted only once the role is confirmed against
+    ``organization_memberships``, as every other face's org-role guard does
+    (:meth:`~clerk_sync.auth.authenticator.Authenticator.confirm_org_role`): a member removed from the
+    organization, or demoted, since the token was issued gets no such scope (a ``requires`` on it answers 403)
+    while the session stays authenticated; a membership whose webhook has not arrived yet is judged on the
+    token alone. The backend cannot tell which scopes a route will ask for, so this costs one indexed read, in
+    a worker thread, on every request whose token carries an active organization role (none for the others);
+    a database outage then refuses the request (503), as an org-role guard would. The permission scopes come
+    from the token only, valid until it expires (as ``require_permission`` on every face): the database keeps
+    no permissions to confirm them against.
+
     A refused session is Starlette's ``AuthenticationError``, which the middleware answers with its own
     ``on_error`` (400, plain text, by default); pass ``on_error=ClerkAuthBackend.on_error`` for the
     answers of the one error table (401 with ``WWW-Authenticate``, 403, 503 with ``Retry-After``; JSON).
@@ -96,8 +107,24 @@ class ClerkAuthBackend(AuthenticationBackend):
             return None
         except (TokenError, AccessDenied, StoreError) as exc:  # AccessDenied: deprovisioned, locked or a
             raise AuthenticationError(exc.code) from exc  # cross-site POST; StoreError: deny list unreadable
-        scopes = ["authenticated", *([auth.org_role] if auth.org_role else []), *auth.org_permissions]
+        scopes = ["authenticated", *await self._confirmed_org_role(auth),
+                  *auth.org_permissions]  # (permissions: the token's only, see the class docstring)
         return AuthCredentials(scopes), ClerkUser(auth)
+
+    async def _confirmed_org_role(self, auth: Auth) -> list[str]:
+        """``[org_role]`` when the token's active organization role stands against ``organization_memberships``
+        (one indexed read in a worker thread; none without a role), else ``[]``. A database error is an
+        ``AuthenticationError`` (503 with ``on_error``): an outage is not taken for a demotion."""
+        role = auth.org_role
+        if role is None:
+            return []
+        try:
+            await run_in_threadpool(self.authenticator.confirm_org_role, auth, role)
+        except AccessDenied:
+            return []
+        except StoreError as exc:
+            raise AuthenticationError(exc.code) from exc
+        return [role]
 
 
 class ClerkAuthMiddleware:

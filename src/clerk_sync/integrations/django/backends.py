@@ -49,9 +49,11 @@ from django.db import transaction
 from django.db.models import Q
 from django.http import HttpRequest
 
+from clerk_sync._time import utcnow
 from clerk_sync.auth.users import AuthUser, read_user
 from clerk_sync.errors import (
     ClerkSyncError,
+    ConfigError,
     SessionUserBanned,
     StoreError,
     UserBanned,
@@ -229,6 +231,17 @@ def django_user(request: HttpRequest, state: ClerkRequest) -> Any:
     return AnonymousUser()
 
 
+def _lock_clock_ms() -> int:
+    """Now (epoch ms) as the Clerk-session paths compare a lock's end with: the deny list's wall clock
+    (:meth:`~clerk_sync.auth.authenticator.DenyList.now_ms`), so a lock ends for a login session when it ends for
+    a Clerk session. Without session verification configured (no authenticator to build), the UTC clock."""
+    try:
+        authenticator = get_clerk_sync().authenticator
+    except ConfigError:
+        return int(utcnow().timestamp() * 1000)
+    return authenticator.deny_list.now_ms()
+
+
 class ClerkBackend(BaseBackend):
     """Authenticates a verified Clerk session (``authenticate(request, clerk_request=...)``).
 
@@ -266,7 +279,13 @@ class ClerkBackend(BaseBackend):
         """The user of a Django login session (``login()``), refused once its Clerk user is banned, deleted
         or deprovisioned (one indexed read of the ``users`` row; a database error refuses this request), and
         else kept in step with the row as a Clerk session's is: a demoted admin loses Django admin access on
-        the next request, not on their next Clerk-session request."""
+        the next request, not on their next Clerk-session request.
+
+        Refused too while the Clerk user is locked (too many failed sign-ins), as every Clerk-session path
+        refuses them (403 ``user_locked``): until the lock's end (``users.locked_until``) by the deny list's
+        clock, the one those paths compare it with, or until the unlock for a lock without an end. A lock ends
+        by itself, with no event, so the Django user is left as it is (not deactivated): the login session
+        works again once the lock is over."""
         model = get_user_model()
         try:
             user = model._default_manager.get(pk=user_id)
@@ -286,6 +305,10 @@ class ClerkBackend(BaseBackend):
                 return None
             if row.banned or row.is_deleted or row.deprovisioned:
                 deactivate_django_user(clerk_id, row)
+                return None
+            if row.locked and row.is_locked(_lock_clock_ms()):
+                log.info("django_session_user_locked", clerk_id=clerk_id, django_user_pk=user.pk,
+                         locked_until=row.locked_until)
                 return None
             _copy_fields(user, get_clerk_sync().options.user_fields(row))
         return user if self.user_can_authenticate(user) else None

@@ -43,7 +43,11 @@ UserFields = Callable[[AuthUser], dict[str, Any]]
 
 def default_user_fields(row: AuthUser) -> dict[str, Any]:
     """What :class:`~.backends.ClerkBackend` copies onto the Django user: names and email, active unless
-    banned or deleted, and Django admin access (staff + superuser) for the ``admin`` app role only."""
+    banned or deleted, and Django admin access (staff + superuser) for the ``admin`` app role only.
+
+    A lock (too many failed sign-ins) is not copied into ``is_active``: it ends by itself at a time (no event
+    says so), which a copied flag could not follow (``users.locked`` stays true after the end). The backend
+    refuses a locked user instead, a Clerk session and a Django login session alike, while the lock lasts."""
     admin = row.role == "admin"
     return {"email": row.email or "", "first_name": row.first_name or "", "last_name": row.last_name or "",
             "is_active": not (row.banned or row.is_deleted), "is_staff": admin, "is_superuser": admin}
