@@ -22,7 +22,7 @@ import structlog.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from clerk_sync.changes import Change, Hook, describe
+from clerk_sync.changes import BOOKKEEPING, Change, Hook, describe
 from clerk_sync.engine import Entity, Upsert
 from clerk_sync.errors import HookGaveUp
 from clerk_sync.events import UserRecord, user_record
@@ -419,9 +419,9 @@ _CARRIED = frozenset(f.name for f in dataclasses.fields(UserRecord) if not f.met
 
 
 def without_version(values: dict[str, Any]) -> dict[str, Any]:
-    """A no-op update (newer version, same values) moves only clerk_updated_at, and fires nothing; a
-    change also carries fields the contract table does not mirror."""
-    return {k: v for k, v in values.items() if k != "clerk_updated_at" and k not in _CARRIED}
+    """A no-op update (newer version, same values) moves only the bookkeeping (clerk_updated_at, lock_version),
+    and fires nothing; a change also carries fields the contract table does not mirror."""
+    return {k: v for k, v in values.items() if k not in BOOKKEEPING and k not in _CARRIED}
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

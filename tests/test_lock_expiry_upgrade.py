@@ -25,23 +25,30 @@ def test_an_end_older_than_its_row_belongs_to_an_earlier_lock() -> None:
     """A release without ``locked_until`` re-locked the row (version T0+2h) and left the last lock's end (T0+1h):
     that end is not believed, the user stays locked until Clerk says otherwise."""
     hour = 3_600_000
-    assert lock_in_force(True, T0_MS + hour, now_ms=T0_MS + 3 * hour, version_ms=T0_MS + 2 * hour)
-    assert not lock_in_force(True, T0_MS + hour, now_ms=T0_MS + 3 * hour, version_ms=T0_MS)  # its own lock: over
+    assert lock_in_force(True, T0_MS + hour, now_ms=T0_MS + 3 * hour, version_ms=T0_MS + 2 * hour,
+                         lock_version=T0_MS + 2 * hour)
+    assert not lock_in_force(True, T0_MS + hour, now_ms=T0_MS + 3 * hour, version_ms=T0_MS,
+                             lock_version=T0_MS)  # its own lock: over
 
 
-def _lock_row(store: Store, clerk_id: str, *, locked_until: int | None, version: int) -> None:
+def _lock_row(store: Store, clerk_id: str, *, locked_until: int | None, version: int,
+              lock_version: int | str | None = "version") -> None:
+    """A locked row as a release wrote it: this one (``lock_version`` the row's version, the default), or one
+    without ``lock_version`` (None, or the version of the earlier write it left behind)."""
     now = datetime.fromtimestamp(T0, UTC)
     with store.transaction() as writer:
         writer.conn.execute(users.insert().values(
             clerk_id=clerk_id, email=f"{clerk_id}@example.com", email_addresses=[], public_metadata={},
             private_metadata={}, unsafe_metadata={}, locked=True, locked_until=locked_until,
+            lock_version=version if lock_version == "version" else lock_version,
             clerk_created_at=T0_MS, clerk_updated_at=version, created_at=now, updated_at=now))
 
 
 def test_the_deny_list_and_the_row_checks_do_not_believe_an_earlier_locks_end(db_url: str) -> None:
     clock = Clock(T0 + 3 * 3600)
     store = Store(create_engine(db_url), now=clock.utc)
-    _lock_row(store, "user_relocked", locked_until=T0_MS + 3_600_000, version=T0_MS + 7_200_000)
+    _lock_row(store, "user_relocked", locked_until=T0_MS + 3_600_000, version=T0_MS + 7_200_000,
+              lock_version=T0_MS)  # (re-locked by a release before 0017: T0's write left behind)
     _lock_row(store, "user_over", locked_until=T0_MS + 3_600_000, version=T0_MS)
     deny = DenyList(store, refresh_s=3600, wall=clock.utc)
     assert (deny.blocked_reason("user_relocked"), deny.blocked_reason("user_over")) == ("locked", None)

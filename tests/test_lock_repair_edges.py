@@ -58,7 +58,8 @@ def test_a_downgrade_keeps_a_relocked_row_with_an_earlier_locks_end_locked(db_ur
     rule says that lock is live (not believed end); the downgrade unlocks it anyway."""
     store = Store(create_engine(db_url))
     now_ms = int(datetime.now(UTC).timestamp() * 1000)
-    _lock_row(store, "user_relocked", locked_until=now_ms - 7_200_000, version=now_ms - 60_000)
+    _lock_row(store, "user_relocked", locked_until=now_ms - 7_200_000, version=now_ms - 60_000,
+              lock_version=now_ms - 7_300_000)  # (the earlier lock's write)
     deny = DenyList(store, refresh_s=3600)
     assert deny.blocked_reason("user_relocked") == "locked"  # new code: live
     migrations.downgrade(store.engine, "0015")
@@ -92,5 +93,6 @@ def test_an_end_counted_on_a_clock_behind_clerks_is_not_an_earlier_locks(db_url:
             "lockout_expires_in_seconds": 20, "email_addresses": [], "public_metadata": {}, "private_metadata": {},
             "unsafe_metadata": {}}
     rec = user_record(data, fetched_ms=U - 30_000)  # local clock 30 s behind Clerk
-    assert not lock_in_force(True, rec.locked_until, now_ms=U + 3_600_000, version_ms=rec.clerk_updated_at), \
+    assert not lock_in_force(True, rec.locked_until, now_ms=U + 3_600_000, version_ms=rec.clerk_updated_at,
+                             lock_version=rec.lock_version), \
         "an hour after the lock ended (by any clock) the user is still refused"

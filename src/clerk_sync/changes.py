@@ -24,7 +24,7 @@ __all__ = ["Change", "Handler", "Hook", "describe"]
 JSON = dict[str, Any]
 _PREFIX = {Entity.USER: "user", Entity.ORGANIZATION: "organization", Entity.MEMBERSHIP: "organizationMembership"}
 # Always different on an applied update, so never "a change" on their own.
-BOOKKEEPING = frozenset({"clerk_updated_at"})
+BOOKKEEPING = frozenset({"clerk_updated_at", "lock_version"})
 
 
 @dataclass(frozen=True, slots=True)

@@ -58,6 +58,14 @@ _MS_THRESHOLD = 100_000_000_000
 _LEGACY_ORG_ROLES = {"admin": "org:admin", "basic_member": "org:member"}
 
 
+def same_org_role(role: str) -> str:
+    """One spelling of an organization role, to compare roles written differently: webhooks store Clerk's
+    legacy names mapped (``basic_member`` → ``org:member``, ``admin`` → ``org:admin``), v2 session tokens only
+    prefix ``org:`` (``org:basic_member``), v1 tokens and routes may name either."""
+    bare = role.removeprefix("org:")
+    return _LEGACY_ORG_ROLES.get(bare, f"org:{bare}")
+
+
 def normalize_timestamp_ms(value: object) -> int:
     """Clerk's envelope ``timestamp`` is ms in the docs and seconds in the spec examples."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not isfinite(value):
@@ -185,6 +193,13 @@ class UserRecord:
     # Whether Clerk verified the primary address (its ``verification.status``): carried, so that linking an
     # existing row by e-mail trusts only an address its user proved to own.
     email_verified: bool = field(default=False, metadata={"column": False})
+    # The version this release wrote the row at: always ``clerk_updated_at`` (set, never passed). A release
+    # without it (before 0017) leaves the column behind when it writes the row, so a ``locked_until`` whose
+    # ``lock_version`` differs from the row's version is not this lock's end (see :func:`believed_end`).
+    lock_version: int | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lock_version", self.clerk_updated_at)
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,20 +301,26 @@ def lock_end(base_ms: int, seconds: float) -> int | None:
     return end if end <= _MAX_MS else None
 
 
-def lock_in_force(locked: bool, locked_until: int | None, now_ms: int, version_ms: int | None = None) -> bool:
+def lock_in_force(locked: bool, locked_until: int | None, now_ms: int, version_ms: int | None = None,
+                  lock_version: int | None = None) -> bool:
     """Whether a lock refuses its user at ``now_ms``: while ``locked`` and (no end, or ``now_ms`` before it).
 
-    ``version_ms`` (the row's ``clerk_updated_at``): an end before the version it is stored with belongs to an
-    earlier lock (a release without ``locked_until``, during a rolling upgrade, re-locked the row and left the
-    old end); such an end is not believed: locked until Clerk says otherwise (fail closed)."""
-    locked_until = believed_end(locked_until, version_ms)
+    ``version_ms`` and ``lock_version`` (the row's ``clerk_updated_at`` and ``lock_version``): an end is this
+    lock's only when the row was last written by a release that keeps it (see :func:`believed_end`); otherwise
+    it is not believed: locked until Clerk says otherwise (fail closed)."""
+    locked_until = believed_end(locked_until, version_ms, lock_version)
     return locked and (locked_until is None or now_ms < locked_until)
 
 
-def believed_end(locked_until: int | None, version_ms: int | None) -> int | None:
-    """``locked_until``, unless it is older than the version it is stored with (an earlier lock's: see
-    :func:`lock_in_force`): then None, no known end."""
-    if version_ms is not None and locked_until is not None and locked_until < version_ms:
+def believed_end(locked_until: int | None, version_ms: int | None, lock_version: int | None = None) -> int | None:
+    """``locked_until`` when it is the end of the lock stored with it, else None (no known end).
+
+    With ``version_ms`` (the row's version), the end is believed only when ``lock_version`` equals it: a release
+    without ``locked_until`` or ``lock_version`` (during a rolling upgrade) that re-locked the row left an
+    earlier lock's end behind, which may be past, or ahead of the new version and still not this lock's (a
+    lock that never expires would end then). An end older than the version is never this lock's either."""
+    if version_ms is not None and locked_until is not None and (lock_version != version_ms
+                                                                 or locked_until < version_ms):
         return None
     return locked_until
 

@@ -39,6 +39,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 
 from clerk_sync._time import as_utc, aware, utcnow
+from clerk_sync.changes import BOOKKEEPING
 from clerk_sync.clerk_api import JSON, ClerkClient
 from clerk_sync.engine import Action, Entity, Record, RowState, Tombstone, Upsert, decide
 from clerk_sync.errors import ClerkAPIError, ClerkNotFound, ConfigError, EventShapeError, ReconcileBusy
@@ -523,6 +524,10 @@ class Reconciler:
                     self.on_change(Change(entity, "update", clerk_id, ("locked", "locked_until")))
             else:
                 by_id = {r.clerk_id: r for r in records if isinstance(r, UserRecord)}
+                # Every lock the page's writes take, in one sorted pass before any (the ended lockouts' and the
+                # changed rows' together: taken one write after another, out of the one order every writer
+                # keeps, they would deadlock against a webhook batch holding some of them).
+                writer.lock_batch([Upsert(entity, record) for record in (*(by_id[c] for c in ended), *changed)])
                 done = sum(writer.end_lockout(by_id[clerk_id]) for clerk_id in ended)
                 counts.updated += done
                 counts.unchanged += len(ended) - done  # (a webhook won the race)
@@ -544,7 +549,7 @@ class Reconciler:
                 self.on_change(Change(entity, "create", record.clerk_id))
                 continue
             diff = tuple(k for k, v in asdict(record).items()
-                         if k != "clerk_updated_at" and k in row and row[k] != v)  # external_id: no column
+                         if k not in BOOKKEEPING and k in row and row[k] != v)  # external_id: no column
             self.on_change(Change(entity, "update", record.clerk_id, diff))
 
     # -- deletions --------------------------------------------------------------------------

@@ -601,11 +601,12 @@ class Writer:
 
     @staticmethod
     def ended_lockouts(now_ms: int) -> sa.ColumnElement[bool]:
-        """Rows of live users stored locked whose lock's end is unknown, an earlier lock's (older than the
-        row's version) or past at ``now_ms``: what :meth:`end_lockout` may unlock."""
+        """Rows of live users stored locked whose lock's end is unknown, not believed (an earlier lock's: see
+        :func:`~clerk_sync.events.believed_end`) or past at ``now_ms``: what :meth:`end_lockout` may unlock."""
         u = users
         return sa.and_(u.c.locked.is_(True), u.c.deleted_at.is_(None), sa.or_(
-            u.c.locked_until.is_(None), u.c.locked_until < u.c.clerk_updated_at, u.c.locked_until <= now_ms))
+            u.c.locked_until.is_(None), u.c.lock_version.is_(None), u.c.lock_version != u.c.clerk_updated_at,
+            u.c.locked_until < u.c.clerk_updated_at, u.c.locked_until <= now_ms))
 
     def end_lockout(self, record: UserRecord) -> bool:
         """Unlock a user Clerk lists unlocked at the stored version, when the stored lock's end is unknown, not

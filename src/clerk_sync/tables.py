@@ -120,6 +120,9 @@ users = sa.Table(
     sa.Column("last_sign_in_at", sa.BigInteger, nullable=True),
     # When a Clerk lockout ends by itself (ms; NULL: not locked, or locked until Clerk unlocks) (0016)
     sa.Column("locked_until", sa.BigInteger, nullable=True),
+    # The clerk_updated_at this release last wrote the row at: locked_until is believed only when it is the
+    # row's version (a release before 0017 leaves it behind) (0017)
+    sa.Column("lock_version", sa.BigInteger, nullable=True),
     *_clerk_columns(),
     sa.Index("ix_users_updated_at", "updated_at"),  # incremental deny-list refresh
 )

@@ -34,7 +34,7 @@ from clerk_sync.errors import (
     UserDeprovisioned,
     UserLocked,
 )
-from clerk_sync.events import believed_end
+from clerk_sync.events import believed_end, same_org_role
 from clerk_sync.store import Store
 from clerk_sync.tables import organization_memberships, revoked_sessions, users
 
@@ -128,12 +128,13 @@ class DenyList:
         live = sa.or_(r.c.expire_at.is_(None), r.c.expire_at > now_ms)
         revocations = sa.select(r.c.session_id, r.c.expire_at).where(live)
         changed_users = sa.select(u.c.clerk_id, u.c.banned, u.c.deleted_at, u.c.deprovisioned, u.c.locked,
-                                  u.c.locked_until, u.c.clerk_updated_at)
+                                  u.c.locked_until, u.c.clerk_updated_at, u.c.lock_version)
         since = self._since
         full = since is None or self._full_at is None or self._now() - self._full_at >= self._full_every_s
         if since is None or full:
-            lock_lasts = sa.and_(u.c.locked.is_(True), sa.or_(u.c.locked_until.is_(None), u.c.locked_until > now_ms,
-                                                              u.c.locked_until < u.c.clerk_updated_at))  # (stale end)
+            lock_lasts = sa.and_(u.c.locked.is_(True), sa.or_(  # (no end, a future one, or one not believed)
+                u.c.locked_until.is_(None), u.c.locked_until > now_ms, u.c.locked_until < u.c.clerk_updated_at,
+                u.c.lock_version.is_(None), u.c.lock_version != u.c.clerk_updated_at))
             changed_users = changed_users.where(sa.or_(u.c.banned.is_(True), u.c.deleted_at.is_not(None),
                                                        u.c.deprovisioned.is_(True), lock_lasts))
         else:
@@ -147,9 +148,9 @@ class DenyList:
         revoked, blocked, lock_ends = ({}, {}, {}) if full else (self._revoked, self._blocked_users, self._lock_ends)
         for session_id, expire_at in new_revocations:
             revoked[session_id] = expire_at
-        for clerk_id, banned, deleted_at, deprovisioned, locked, locked_until, version in user_rows:
+        for clerk_id, banned, deleted_at, deprovisioned, locked, locked_until, version, lock_version in user_rows:
             reason = _block_reason(banned, deleted_at, deprovisioned, locked)
-            locked_until = believed_end(locked_until, version)  # (an earlier lock's end is none)
+            locked_until = believed_end(locked_until, version, lock_version)  # (an earlier lock's end is none)
             # (the end first: a reader between the two sees a "locked" with its end, or the old entry)
             if reason == "locked" and locked_until is not None:
                 lock_ends[clerk_id] = locked_until
@@ -340,7 +341,7 @@ class Authenticator:
         """The session token's active organization role is one of ``roles`` (``"org:admin"``...): the token
         only, valid until it expires. Kept for direct callers; the guards use :meth:`confirm_org_role`, which
         also refuses a member removed or demoted since the token was issued."""
-        if auth.org_id is None or auth.org_role not in roles:
+        if auth.org_id is None or auth.org_role is None or not _org_role_in(auth.org_role, roles):
             raise AccessDenied(f"active organization role must be one of {sorted(roles)}")
         return auth
 
@@ -364,8 +365,7 @@ class Authenticator:
         if deleted_at is not None:
             raise AccessDenied(f"no longer a member of organization {org_id} (the membership was deleted since "
                                "the session token was issued)")
-        role = role if role.startswith("org:") else f"org:{role}"  # as the tokens' roles are normalised
-        if role not in roles:
+        if not _org_role_in(role, roles):
             raise AccessDenied(f"organization role {show(role)} in the database, changed since the session token "
                                f"was issued ({show(auth.org_role)}), is not one of {sorted(roles)}")
         return auth
@@ -407,3 +407,9 @@ class Authenticator:
 
     def _user_from_table(self, clerk_id: str) -> AuthUser | None:
         return read_user(self.store, clerk_id)
+
+
+def _org_role_in(role: str, roles: tuple[str, ...]) -> bool:
+    """``role`` is one of ``roles``, whichever spelling each uses (``admin``, ``org:admin``; Clerk's legacy
+    ``basic_member`` is ``org:member``: see :func:`~clerk_sync.events.same_org_role`)."""
+    return same_org_role(role) in {same_org_role(r) for r in roles}

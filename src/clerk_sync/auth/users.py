@@ -82,6 +82,8 @@ class AuthUser:
     deleted_at: datetime | None
     # When Clerk's lockout ends by itself (ms; None: not locked, or until Clerk unlocks): see :meth:`is_locked`.
     locked_until: int | None = None
+    # The version the row's ``locked_until`` was written at (see clerk_sync.events.believed_end).
+    lock_version: int | None = None
 
     @property
     def is_deleted(self) -> bool:
@@ -91,7 +93,7 @@ class AuthUser:
         """Whether Clerk's lockout refuses this user at ``now_ms`` (epoch ms): while ``locked`` and its end
         (``locked_until``) is unknown (a lock that never expires) or still ahead. Clerk sends no event when a
         lock expires, so the end is compared with the caller's clock, not waited for."""
-        return lock_in_force(self.locked, self.locked_until, now_ms, self.clerk_updated_at)
+        return lock_in_force(self.locked, self.locked_until, now_ms, self.clerk_updated_at, self.lock_version)
 
 
 _COLUMNS = [users.c[f.name] for f in fields(AuthUser)]
