@@ -42,6 +42,7 @@ import re
 
 __all__ = [
     "AccessDenied",
+    "AmbiguousUser",
     "ClerkAPIError",
     "ClerkNotFound",
     "ClerkPaymentRequired",
@@ -399,6 +400,14 @@ class InvalidRole(ClerkSyncError, ValueError):
     changed; pass the role as the app checks it (e.g. ``admin``)."""
 
     code = "invalid_role"
+
+
+class AmbiguousUser(ClerkSyncError, LookupError):
+    """An e-mail address given to name one user (``users promote EMAIL``) is the primary address of several live
+    users here: an address moved from one user to another and the first one's update has not arrived yet (or
+    rows came from another Clerk instance). Nothing was changed; name the user by its Clerk id instead."""
+
+    code = "ambiguous_user"
 
 
 class UnknownUser(ClerkSyncError, LookupError):

@@ -22,6 +22,7 @@ from clerk_sync.auth.users import AuthUser, load_user, read_user, standing_error
 from clerk_sync.engine import Entity, Upsert
 from clerk_sync.errors import (
     AccessDenied,
+    AmbiguousUser,
     ClerkAPIError,
     ClerkNotFound,
     ClerkPaymentRequired,
@@ -346,9 +347,20 @@ class AdminActions:
 
 
 def find_user_by_email(store: Store, email: str) -> str | None:
-    """The Clerk id of the live user with this primary email (for the CLI)."""
+    """The Clerk id of the live user with this primary e-mail (for the CLI), None if there is none; a Clerk
+    user id (``user_...``) names its live user directly. Several live users can share an address for a while
+    (it moved to another user, whose update came first): :class:`AmbiguousUser` lists them instead of picking
+    one, since promoting the wrong person is worse than asking."""
+    u = users
+    named = (u.c.clerk_id == email.strip() if email.startswith("user_") and "@" not in email
+             else sa.func.lower(u.c.email) == email.strip().lower())
     with store.connect() as conn:
-        return conn.execute(sa.select(users.c.clerk_id).where(sa.func.lower(users.c.email) == email.lower(),
-                                                              users.c.deleted_at.is_(None))).scalar()
+        found = list(conn.execute(sa.select(u.c.clerk_id).where(named, u.c.deleted_at.is_(None))
+                                  .order_by(u.c.clerk_id).limit(10)).scalars())
+    if len(found) > 1:
+        raise AmbiguousUser(f"{len(found)} live users have the primary e-mail {email!r} ({', '.join(found)}): an "
+                            "address that moved to another user whose update came first, or rows from another "
+                            "Clerk instance; nothing was changed: pass the Clerk id of the one you mean instead")
+    return found[0] if found else None
 
 

@@ -14,6 +14,7 @@ import structlog
 
 from clerk_sync.errors import (
     AccessDenied,
+    AmbiguousUser,
     ClerkAPIError,
     ClerkNotFound,
     ClerkSyncError,
@@ -67,6 +68,7 @@ STATUS_BY_ERROR: dict[type[ClerkSyncError], int] = {
     ClerkUnavailable: 503,
     ReconcileBusy: 409,
     UnknownUser: 404,
+    AmbiguousUser: 409,
     InvalidRole: 422,
 }
 
