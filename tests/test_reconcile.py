@@ -215,7 +215,7 @@ def test_killed_cli_run_resumes(db_url: str, store: Store, emu: EmulatorServer) 
     with ClerkClient(emu.secret_key, api_url=emu.url, retry=RETRY, budget=LocalBudget(RateLimit(200, 1.0))) as clerk:
         report = Reconciler(store, clerk, stale_after_s=0).run()
         assert report.resumed and report.counts["users"].created == 3000
-        full_run = 1 + 3000 // 500 + 1 + 2  # count, pages, the empty page, orgs, memberships
+        full_run = 1 + 1 + 3000 // 500 + 1 + 2  # the instance, count, pages, the empty page, orgs, memberships
         assert clerk.stats.requests < full_run
     assert len(live_rows(store, "users")) == 3000
     assert_mirrors_clerk_users_count(store, 3000)

@@ -36,13 +36,21 @@ from datetime import datetime
 from typing import Any, NoReturn, Protocol, cast
 
 import sqlalchemy as sa
+import structlog
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 
 from clerk_sync._time import as_utc, aware, utcnow
 from clerk_sync.changes import BOOKKEEPING
 from clerk_sync.clerk_api import JSON, ClerkClient
 from clerk_sync.engine import Action, Entity, Record, RowState, Tombstone, Upsert, decide
-from clerk_sync.errors import ClerkAPIError, ClerkNotFound, ConfigError, EventShapeError, ReconcileBusy
+from clerk_sync.errors import (
+    ClerkAPIError,
+    ClerkNotFound,
+    ClerkUnavailable,
+    ConfigError,
+    EventShapeError,
+    ReconcileBusy,
+)
 from clerk_sync.events import UserRecord, membership_record, organization_record, user_record
 from clerk_sync.metrics import Metrics
 from clerk_sync.store import Store, Writer, dialect_family, erased_digest
@@ -55,10 +63,13 @@ from clerk_sync.tables import (
     reconcile_seen,
     seen_columns,
     users,
+    webhook_events,
 )
 from clerk_sync.tracing import span
 
 __all__ = ["Change", "Counts", "Progress", "ReconcileReport", "Reconciler"]
+
+log = structlog.get_logger("clerk_sync.reconcile")
 
 PAGE = 500
 MAX_PAGES = 20_000  # per listing: 10 million objects at 500 a page
@@ -153,6 +164,7 @@ class _Run:
     beat_at: datetime | None = None  # the last heartbeat written between checkpoints (_keep_alive)
     heartbeat: datetime | None = None  # the store's time of our last heartbeat: the run is still ours (_beat)
     after: Anchor | None = None  # the users listing's cursor: the last user of its last committed page
+    instance_id: str | None = None  # the Clerk instance the key belongs to (recorded in the run's details)
 
     @property
     def id(self) -> int:
@@ -188,6 +200,7 @@ class Reconciler:
         metrics: Metrics | None = None,
         max_pages: int = MAX_PAGES,
         allow_mass_delete: bool = False,
+        instance_id: str | None = None,
     ) -> None:
         self.store = store if with_hooks else store.without_hooks()  # repairs fire hooks only if asked
         self.clerk = clerk
@@ -200,11 +213,14 @@ class Reconciler:
         self.metrics = metrics  # clerk_sync_reconcile_runs_total{result}, clerk_sync_reconcile_drift_total
         self.max_pages = max_pages
         self.allow_mass_delete = allow_mass_delete
+        self.instance_id = instance_id  # the instance this database mirrors (CLERK_INSTANCE_ID), if set
 
     def run(self, *, since: datetime | None = None, dry_run: bool = False) -> ReconcileReport:
         """One reconcile pass, resuming an unfinished run with the same ``since`` if there is one."""
         since = as_utc(since) if since is not None else None  # SQLite keeps a time's clock reading, not its offset
+        instance = self._check_instance()
         with self._begin(since, dry_run) as run:
+            run.instance_id = instance
             try:
                 self._phases(run)
             except BaseException as exc:
@@ -214,6 +230,47 @@ class Reconciler:
             self._finish(run)
             self._observe("dry_run" if dry_run else "completed", run.report)
             return run.report
+
+    def _check_instance(self) -> str | None:
+        """The Clerk instance the key belongs to, checked against the one this database mirrors before anything
+        is written: ``instance_id`` (CLERK_INSTANCE_ID), else the newest stored delivery's ``instance_id``, else
+        the one an earlier run recorded. A key of another instance (a development key against the production
+        database) would otherwise import that instance's users, page by page, until the mass-delete guard stopped
+        the run at its end, the imported rows kept. None when Clerk does not say (the endpoint refused: the check
+        is skipped, the mass-delete guard still stands)."""
+        try:
+            found = self.clerk.get_instance().get("id")
+        except ClerkUnavailable:
+            raise
+        except ClerkAPIError as exc:  # an older API version, a key without the permission: not a verdict
+            log.info("reconcile_instance_unchecked", status=exc.status, error=str(exc))
+            return None
+        if not isinstance(found, str) or not found:
+            return None
+        expected, source = self.instance_id, "CLERK_INSTANCE_ID"
+        if expected is None:
+            expected, source = self._mirrored_instance()
+        if expected is not None and expected != found:
+            raise ConfigError(
+                f"CLERK_SECRET_KEY is a key of the Clerk instance {found}, but this database mirrors {expected} "
+                f"({source}): nothing was written. Use the secret key of {expected} (Clerk Dashboard -> API keys); if "
+                f"this database is to mirror {found} from now on, set CLERK_INSTANCE_ID={found} (its webhooks too).")
+        return found
+
+    def _mirrored_instance(self) -> tuple[str | None, str]:
+        """The instance this database's own records name: its newest delivery's, else an earlier run's."""
+        e = webhook_events
+        with self.store.connect() as conn:
+            newest = conn.execute(sa.select(e.c.instance_id).where(e.c.instance_id.is_not(None))
+                                  .order_by(e.c.received_at.desc()).limit(1)).scalar()
+            if newest:
+                return str(newest), "the instance_id of its newest webhook delivery"
+            for details in conn.execute(sa.select(reconcile_runs.c.details).order_by(reconcile_runs.c.id.desc())
+                                        .limit(20)).scalars():
+                recorded = details.get("instance_id") if isinstance(details, dict) else None
+                if isinstance(recorded, str) and recorded:
+                    return recorded, "the instance an earlier reconcile run listed"
+        return None, ""
 
     def _observe(self, result: str, report: ReconcileReport) -> None:
         if self.metrics is not None:
@@ -277,7 +334,7 @@ class Reconciler:
             return
         report = run.report
         self._beat(writer, run, phase=run.phase, cursor=run.cursor, requests=report.requests,
-                   duration_s=report.duration_s, details=_dump_counts(report, run.after),
+                   duration_s=report.duration_s, details=_dump_counts(report, run.after, run.instance_id),
                    **{name: report.total(name) for name in ("created", "updated", "deleted", "unchanged")},
                    **values)
 
@@ -796,10 +853,12 @@ def _upsert_many(writer: Writer, entity: Entity, records: list[Record]) -> None:
         writer.upsert_many(entity, records)
 
 
-def _dump_counts(report: ReconcileReport, after: Anchor | None = None) -> dict[str, Any]:
+def _dump_counts(report: ReconcileReport, after: Anchor | None = None,
+                 instance_id: str | None = None) -> dict[str, Any]:
     cursor = {"after": after[0], "after_created_at": after[1]} if after is not None else {}
+    instance = {"instance_id": instance_id} if instance_id else {}
     return {"counts": {k: asdict(v) for k, v in report.counts.items()}, "swept": report.swept,
-            "rate_limited": report.rate_limited, **cursor}
+            "rate_limited": report.rate_limited, **cursor, **instance}
 
 
 def _load_after(details: Any) -> Anchor | None:

@@ -315,6 +315,10 @@ class ClerkClient(_Base):
     def count_users(self, *, deadline_s: float | None = None) -> int:
         return self.send(ep.count_users(), deadline_s)
 
+    def get_instance(self, *, deadline_s: float | None = None) -> JSON:
+        """The Clerk instance the secret key belongs to (``{"object": "instance", "id": "ins_..", ..}``)."""
+        return self.send(ep.get_instance(), deadline_s)
+
     def get_organization(self, org_id: str, *, deadline_s: float | None = None) -> JSON:
         return self.send(ep.get_organization(org_id), deadline_s)
 

@@ -87,6 +87,10 @@ def list_users(limit: int, offset: int, order_by: str | None, user_ids: Sequence
     return ApiRequest("GET", "/users", _array, tuple(params))
 
 
+def get_instance() -> ApiRequest[JSON]:
+    return ApiRequest("GET", "/instance", _object)
+
+
 def count_users() -> ApiRequest[int]:
     return ApiRequest("GET", "/users/count", _count)
 

@@ -324,6 +324,12 @@ async def jwks(request: Request) -> Any:
     return emulator_of(request).keys.jwks()
 
 
+async def get_instance(request: Request) -> Any:
+    """``GET /instance``: the instance the secret key belongs to (the spec's Instance object)."""
+    return {"object": "instance", "id": emulator_of(request).config.instance_id, "environment_type": "development",
+            "allowed_origins": None, "workspace_id": None}
+
+
 def _route(path: str, handler: Any, *methods: str, rate_limited: bool = True) -> Route:
     return Route("/v1" + path, bapi_endpoint(handler, rate_limited=rate_limited), methods=list(methods))
 
@@ -332,6 +338,7 @@ def bapi_routes() -> list[Route]:
     """All ``/v1`` routes (``/users/count`` before ``/users/{user_id}``)."""
     return [
         _route("/jwks", jwks, "GET", rate_limited=False),
+        _route("/instance", get_instance, "GET"),
         _route("/users", list_users, "GET"),
         _route("/users", create_user, "POST"),
         _route("/users/count", count_users, "GET"),

@@ -1,0 +1,83 @@
+"""A reconcile run with a key of another Clerk instance writes nothing. Found by an adopter walkthrough (the
+development key against the production database, the case the RUNBOOK warns about): the run imported the
+other instance's users, organizations and memberships page by page (an admin among them, e-mails colliding
+with real users') until the mass-delete guard stopped it at the end, the imported rows kept. Now the run asks
+Clerk which instance the key belongs to (``GET /instance``) and compares it, before writing, with
+``CLERK_INSTANCE_ID``, else the newest stored delivery's ``instance_id``, else an earlier run's. On SQLite,
+PostgreSQL and MariaDB."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import sqlalchemy as sa
+
+from clerk_sync.errors import ConfigError
+from clerk_sync.ingest import WebhookProcessor
+from clerk_sync.reconcile import Reconciler
+from clerk_sync.store import Store
+from clerk_sync.tables import organization_memberships, organizations, reconcile_runs, users
+from clerk_sync.testing import EmulatorServer
+from clerk_sync.webhooks import WebhookVerifier
+from tests import factories as f
+from tests.conftest import clerk_client
+
+OURS, THEIRS = "ins_ours000000000000000000000", "ins_theirs0000000000000000000"
+
+
+def _counts(store: Store) -> tuple[int, int, int]:
+    with store.connect() as conn:
+        return tuple(conn.execute(sa.select(sa.func.count()).select_from(t)).scalar_one()  # type: ignore[return-value]
+                     for t in (users, organizations, organization_memberships))
+
+
+@contextmanager
+def _other_instance() -> Iterator[EmulatorServer]:
+    with EmulatorServer(instance_id=THEIRS) as emu:
+        ada = emu.create_user(email="ada@example.com")
+        emu.create_organization("Theirs", created_by=ada["id"])
+        emu.create_user(email="bob@example.com")
+        yield emu
+
+
+def test_a_key_of_another_instance_than_the_deliveries_writes_nothing(store: Store) -> None:
+    event = f.envelope("user.created", f.user("user_ours", 1_800_000_000_000)) | {"instance_id": OURS}
+    headers, body = f.signed(event, "msg_ours")
+    assert WebhookProcessor(store, WebhookVerifier([f.SECRET])).process(headers, body).status == "applied"
+    with _other_instance() as theirs, clerk_client(theirs) as clerk:
+        for dry_run in (True, False):
+            with pytest.raises(ConfigError, match=f"instance {THEIRS}.*mirrors {OURS}.*nothing was written"):
+                Reconciler(store, clerk, page_size=50).run(dry_run=dry_run)
+    assert _counts(store) == (1, 0, 0)  # only our own user
+
+
+def test_the_setting_names_the_instance_and_lets_a_database_move_to_another(store: Store) -> None:
+    with _other_instance() as theirs, clerk_client(theirs) as clerk:
+        with pytest.raises(ConfigError, match="CLERK_INSTANCE_ID"):
+            Reconciler(store, clerk, page_size=50, instance_id=OURS).run()
+        assert _counts(store) == (0, 0, 0)
+        report = Reconciler(store, clerk, page_size=50, instance_id=THEIRS).run()  # the operator says so
+        assert report.counts["users"].created == 2
+
+
+def test_an_earlier_run_names_the_instance_of_a_database_fed_by_reconcile_alone(store: Store) -> None:
+    with EmulatorServer(instance_id=OURS) as ours, clerk_client(ours) as clerk:
+        ours.create_user(email="ours@example.com")
+        Reconciler(store, clerk, page_size=50).run()
+    with store.connect() as conn:
+        assert conn.execute(sa.select(reconcile_runs.c.details)).scalar_one()["instance_id"] == OURS
+    with _other_instance() as theirs, clerk_client(theirs) as clerk, pytest.raises(ConfigError, match="earlier"):
+        Reconciler(store, clerk, page_size=50).run()
+    assert _counts(store) == (1, 0, 0)
+
+
+def test_the_same_instance_reconciles_as_before(store: Store) -> None:
+    with EmulatorServer(instance_id=OURS) as ours, clerk_client(ours) as clerk:
+        ours.create_user(email="ours@example.com")
+        event = f.envelope("user.created", f.user("user_x", 1_800_000_000_000)) | {"instance_id": OURS}
+        headers, body = f.signed(event, "msg_x")
+        WebhookProcessor(store, WebhookVerifier([f.SECRET])).process(headers, body)
+        report = Reconciler(store, clerk, page_size=50).run()
+    assert report.counts["users"].created == 1
