@@ -458,6 +458,9 @@ class AsyncClerkClient(_Base):
     async def count_users(self, *, deadline_s: float | None = None) -> int:
         return await self.send(ep.count_users(), deadline_s)
 
+    async def get_instance(self, *, deadline_s: float | None = None) -> JSON:
+        return await self.send(ep.get_instance(), deadline_s)
+
     async def get_organization(self, org_id: str, *, deadline_s: float | None = None) -> JSON:
         return await self.send(ep.get_organization(org_id), deadline_s)
 
