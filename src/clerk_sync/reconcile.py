@@ -165,6 +165,9 @@ class _Run:
     heartbeat: datetime | None = None  # the store's time of our last heartbeat: the run is still ours (_beat)
     after: Anchor | None = None  # the users listing's cursor: the last user of its last committed page
     instance_id: str | None = None  # the Clerk instance the key belongs to (recorded in the run's details)
+    # A dry run's deletions by entity: the memberships of a user or organization it would delete go with them
+    # (the cascade), so its membership sweep leaves them out, as the real run finds them deleted already.
+    dry_deleted: dict[Entity, set[str]] = field(default_factory=dict)
 
     @property
     def id(self) -> int:
@@ -634,12 +637,18 @@ class Reconciler:
                 candidates = [tuple(row) for row in conn.execute(query)]
             if not candidates:
                 return
+            after = candidates[-1][0]
+            if entity is Entity.MEMBERSHIP and run.dry_deleted:
+                orgs, people = (run.dry_deleted.get(Entity.ORGANIZATION, set()),
+                                run.dry_deleted.get(Entity.USER, set()))
+                candidates = [c for c in candidates if c[1] not in orgs and c[2] not in people]
+                if not candidates:
+                    continue
             gone, live = self._confirm_gone(run, entity, candidates)
             if live:  # live but not listed: a deletion mid-run shifted the offsets past them (review)
                 self._apply_items(run, entity, live, run.cursor, run.after)
             self._tombstone(run, entity, gone)
             self.progress.advance(f"{entity.value} deletions", len(candidates))
-            after = candidates[-1][0]
 
     def _refuse_mass_delete(self, run: _Run, entity: Entity, listed: sa.Exists) -> None:
         """Stop before the sweep when Clerk did not list a large share of the live rows (see the class)."""
@@ -718,6 +727,7 @@ class Reconciler:
                 if writer is None:
                     self.on_change(Change(entity, "delete", clerk_id))
                     counts.deleted += 1
+                    run.dry_deleted.setdefault(entity, set()).add(clerk_id)
                 elif writer.apply(Tombstone(entity, clerk_id, version)):
                     counts.deleted += 1
             if writer is not None:
