@@ -42,19 +42,22 @@ def test_reset_keeps_the_webhook_url_set_at_run_time(receiver: Receiver) -> None
         assert clerk.request("GET", "/_emulator/state")["webhook_url"] == receiver.url
 
 
-def test_a_pause_is_no_error_and_ends_with_the_reset(receiver: Receiver) -> None:
-    """``set_webhook_url(None)`` is a test's "the webhook is late": on purpose, so waiting is fine; the next
-    test (after the reset) gets its deliveries again."""
+def test_a_pause_holds_the_messages_the_wait_says_so_and_the_reset_drops_them(receiver: Receiver) -> None:
+    """``set_webhook_url(None)`` is a test's "the webhook is late": the messages are held (they used to be
+    logged ``no_endpoint`` and lost, the wait silent); waiting for them raises, saying what to do; the next
+    test (after the reset) does not get them, and gets its own deliveries again."""
     with EmulatorServer(seed=1, time_scale=1000.0, webhook_url=receiver.url) as clerk:
         clerk.set_webhook_url(None)
         clerk.create_user("late@example.com")
-        clerk.wait_for_deliveries()
-        assert [entry["status"] for entry in clerk.deliveries()] == ["no_endpoint"]
+        with pytest.raises(RuntimeError, match=r"1 webhook message\(s\) are held.*set_webhook_url\(.*reset\(\)"):
+            clerk.wait_for_deliveries()
+        assert [entry["status"] for entry in clerk.deliveries()] == ["pending"]
         clerk.reset()
         clerk.create_user("next-test@example.com")
         clerk.wait_for_deliveries()
         assert [entry["status"] for entry in clerk.deliveries()] == ["succeeded"]
         assert len(receiver.received) == 1
+        assert receiver.received[0].json()["data"]["email_addresses"][0]["email_address"] == "next-test@example.com"
 
 
 def test_waiting_for_messages_that_had_no_webhook_url_says_so() -> None:
@@ -162,9 +165,10 @@ def test_a_delivery_timeout_names_each_messages_url_last_error_and_next_attempt(
     assert "divided by time_scale=1" in message and "EmulatorServer(time_scale=1000)" in message
 
 
-def test_a_retry_that_comes_due_during_a_pause_is_logged_no_endpoint_not_left_pending() -> None:
+def test_a_retry_that_comes_due_during_a_pause_is_held_not_left_pending(receiver: Receiver) -> None:
     """Review of the helpers' fixes: a message whose retry came due while deliveries were paused was skipped
-    and never rescheduled, so it stayed ``pending`` and every later wait ran into its timeout."""
+    and never rescheduled, so it stayed ``pending`` and every later wait ran into its timeout (then it was
+    logged ``no_endpoint`` and lost). It is held with the pause: the wait raises at once, the next URL gets it."""
     now = [1_700_000_000.0]
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
@@ -177,5 +181,11 @@ def test_a_retry_that_comes_due_during_a_pause_is_logged_no_endpoint_not_left_pe
                 time.sleep(0.01)
             clerk.set_webhook_url(None)
             now[0] += 60  # the retry (5 s after the failure) is due, in the pause
+            started = time.monotonic()
+            with pytest.raises(RuntimeError, match="are held"):
+                clerk.wait_for_deliveries(timeout=10)
+            assert time.monotonic() - started < 5  # at once, not the timeout
+            clerk.set_webhook_url(receiver.url)
             clerk.wait_for_deliveries(timeout=10)
-            assert [entry["status"] for entry in clerk.deliveries()] == ["no_endpoint"]
+            assert [entry["status"] for entry in clerk.deliveries()] == ["succeeded"]
+            assert receiver.ids() == [clerk.deliveries()[0]["id"]]

@@ -298,8 +298,9 @@ class EmulatorServer:
 
     def set_webhook_url(self, url: str | None) -> None:
         """Point webhook deliveries at ``url``, e.g. the app's :func:`serve_app` URL + its webhook path. It is
-        configuration: :meth:`reset` keeps it. ``None`` pauses deliveries ("the webhook is late") until the next
-        URL or reset; the messages meanwhile are logged ``no_endpoint``."""
+        configuration: :meth:`reset` keeps it. ``None`` pauses deliveries ("the webhook is late"): the messages
+        meanwhile are held, unsent, until the next URL, which gets them in order (same ``svix-id``, signed at
+        send time), or until :meth:`reset`, which drops them."""
         self.request("POST", "/_emulator/webhook", json={"url": url})
 
     def set_faults(self, **knobs: Any) -> JSON:
@@ -318,7 +319,9 @@ class EmulatorServer:
 
         ``TimeoutError`` if it is not, naming each pending message's URL, last attempt and next one (a
         receiver that fails is retried on Svix's schedule divided by ``time_scale``). ``RuntimeError`` if
-        messages since the last wait were not sent because no webhook URL is set: call :meth:`set_webhook_url`.
+        messages since the last wait were not sent because no webhook URL is set: call :meth:`set_webhook_url`;
+        and while deliveries are paused (``set_webhook_url(None)``) with messages held: set the URL again to
+        send them, or :meth:`reset` to drop them.
         """
         self.emulator.wait_for_deliveries(timeout)
 

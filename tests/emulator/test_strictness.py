@@ -292,15 +292,22 @@ def test_concurrent_delivery_keeps_retries_and_never_sends_one_message_twice_at_
         log = emu.deliveries()
         emu.set_webhook_url(None)  # a pause still holds with several workers
         emu.create_user(email_address=["paused@example.com"])
-        emu.wait_for_deliveries(5)
+        with pytest.raises(RuntimeError, match="are held"):
+            emu.wait_for_deliveries(5)
         paused = emu.deliveries()[-1]
+        sent_in_the_pause = len(receiver.received)
+        emu.set_webhook_url(receiver.url)  # then it goes, with the same faults and retries
+        emu.wait_for_deliveries(20)
+        late = emu.deliveries()[-1]
     assert len(log) == 8
     for message in log:
         assert message["status"] == "succeeded"
         assert [a["outcome"] for a in message["attempts"]] == ["failed", "succeeded", "succeeded"]
         assert [a["duplicate"] for a in message["attempts"]] == [False, False, True]
-    assert sorted(seen.values()) == [3] * 8
-    assert paused["status"] == "no_endpoint"
+    assert sorted(seen.values()) == [3] * 9
+    assert paused["status"] == "pending" and paused["attempts"] == [] and sent_in_the_pause == 24
+    assert late["id"] == paused["id"] and late["status"] == "succeeded"
+    assert [a["outcome"] for a in late["attempts"]] == ["failed", "succeeded", "succeeded"]
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True])

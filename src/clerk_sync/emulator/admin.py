@@ -4,16 +4,18 @@ These stand in for things Clerk does outside the Backend API (a user following a
 or impersonation link, signing out, the Dashboard's replay button) and expose the knobs.
 
 ========================================  ===========================================================
-``GET  /_emulator/state``                 record counts, knobs, webhook URL, signing kid
+``GET  /_emulator/state``                 record counts, knobs, webhook URL (paused?), signing kid
 ``GET  /_emulator/faults``                current fault knobs
 ``POST /_emulator/faults``                change knobs: ``{"latency_s": .2, "outage": true, ...}``
-``POST /_emulator/webhook``               ``{"url": "http://..."}`` (``null`` pauses deliveries until reset)
+``POST /_emulator/webhook``               ``{"url": "http://..."}`` (``null`` pauses deliveries: held, sent
+                                          in order at the next URL; reset drops them)
 ``GET  /_emulator/deliveries``            delivery log (``?include_payload=true`` adds bodies)
 ``POST /_emulator/deliveries/replay``     ``{"message_ids": [...]}`` and/or ``{"status": "failed"}``
 ``POST /_emulator/keys/rotate``           new signing key; the old one stays in the JWKS (grace);
                                           ``?keep_kid=true``: under the same kid, replacing it
 ``POST /_emulator/reset``                 forget all data and messages, restore configured knobs (the
-                                          webhook URL stays the last one set; a pause ends)
+                                          webhook URL stays the last one set; a pause ends,
+                                          its held messages dropped)
 ``POST /_emulator/seed``                  ``{"users": 10, "organizations": 3}`` demo data
 ``POST /_emulator/bulk_users``            ``{"count": 100000}`` users without webhooks
 ``PUT  /_emulator/session_token_template``  claims template for session tokens (or ``null``)
@@ -58,6 +60,7 @@ def _state(emulator: Emulator) -> dict[str, Any]:
         "records": emulator.store.summary(),
         "faults": emulator.faults.settings.as_dict(),
         "webhook_url": emulator.delivery.url,
+        "webhook_paused": emulator.delivery.paused,  # set_webhook_url(None): messages held until the next URL
         "deliveries": statuses,
         "deliveries_idle": emulator.delivery.is_idle(),
         "signing_kid": emulator.keys.current_kid,

@@ -84,16 +84,16 @@ class Emulator:
 
         The webhook URL is configuration, not state: it stays the last one set (``set_webhook_url`` at run
         time, typically once the app under test has a port), else the configured one. A pause
-        (``set_webhook_url(None)``, a test's "the webhook is late") ends: deliveries resume to that URL.
+        (``set_webhook_url(None)``, a test's "the webhook is late") ends: the messages it held are dropped with
+        the rest, and deliveries resume to that URL.
         """
         with self.store.lock:
             self.store.reset()
-            self.delivery.clear()
+            self.delivery.clear()  # drops the messages a pause held, and ends the pause
             self._msg_rng = random.Random(self.config.seed)
         self.faults.reset(FaultSettings.from_config(self.config))
         self.rate_limiter.reset()
         self.object_rate_limiter.reset()
-        self.delivery.resume()
         self.session_token_template = self.config.session_token_template
 
     def close(self) -> None:
@@ -101,15 +101,17 @@ class Emulator:
         self.delivery.close()
 
     def set_webhook_url(self, url: str | None) -> None:
-        """Deliver webhooks to ``url`` from now on (kept by :meth:`reset`); ``None`` pauses deliveries until
-        the next URL or reset (messages meanwhile are logged ``no_endpoint``, replayable)."""
+        """Deliver webhooks to ``url`` from now on (kept by :meth:`reset`). ``None`` pauses deliveries ("the
+        webhook is late"): messages meanwhile (and retries that come due) are held, unsent, until the next
+        URL, which gets them in order with their ``svix-id``, or until :meth:`reset`, which drops them."""
         self.delivery.set_url(url)
 
     def wait_for_deliveries(self, timeout: float = 10.0) -> None:
         """Block until every queued, held and in-flight delivery attempt has finished.
 
         ``TimeoutError`` names each message still pending (URL, last attempt, next one); ``RuntimeError``
-        if messages since the last wait went nowhere because no webhook URL was ever set.
+        while deliveries are paused and messages are held (set a URL to send them, or reset), or if messages
+        since the last wait went nowhere because no webhook URL was ever set.
         """
         self.delivery.wait_idle(timeout)
 

@@ -7,6 +7,12 @@ concurrently (never one message twice at once).  A failed attempt (non-2xx, time
 connection error, injected failure) is retried on the Svix schedule divided by
 ``time_scale``, with the same ``svix-id`` and a new ``svix-timestamp`` and signature.
 
+``set_url(None)`` pauses deliveries ("the webhook is late"): messages are queued as usual (faults rolled,
+retries kept) but no attempt is made; the next ``set_url(url)`` sends them, in order, as it would have;
+:meth:`Deliverer.clear` (``reset()``) drops them.  While paused, :meth:`Deliverer.wait_idle` raises
+instead of waiting for messages that cannot go anywhere.  Without a URL ever set (no pause), a message
+is logged ``no_endpoint`` and not sent (replayable).
+
 Injected faults, decided per message from the seeded generator when it is queued:
 
 * ``duplicate``: after the first successful attempt the message is sent once more.
@@ -74,7 +80,7 @@ class Message:
     event_type: str
     body: str
     created_at: float
-    status: str = "pending"  # pending | held | succeeded | failed | no_endpoint
+    status: str = "pending"  # pending (also while paused) | held | succeeded | failed | no_endpoint
     attempts: list[Attempt] = field(default_factory=list)
     next_attempt_at: float | None = None
     failures: int = 0
@@ -82,8 +88,6 @@ class Message:
     drop_first: bool = False
     duplicated: bool = False
     manual: bool = False
-    # no_endpoint while deliveries were paused (``set_url(None)`` after an endpoint was set): on purpose
-    paused: bool = False
     rng: random.Random = field(default_factory=random.Random, repr=False)
 
     def summary(self, include_payload: bool = False) -> JSON:
@@ -133,6 +137,7 @@ class Deliverer:
         self._signer = webhook_signer(secret)  # here, so a bad secret fails at start-up, not in the worker
         self._url = url
         self._endpoint = url  # the last URL deliveries went to: a pause (set_url(None)) keeps it
+        self._paused = False  # set_url(None): messages queue up, unsent, until the next set_url(url) or clear()
         self._waited = 0  # messages (in creation order) a wait_idle has already checked for no_endpoint
         self._faults = faults
         self._new_id = new_id
@@ -163,18 +168,33 @@ class Deliverer:
         with self._cond:
             return self._endpoint
 
+    @property
+    def paused(self) -> bool:
+        """``set_url(None)`` is in force: messages are held, unsent, until the next URL."""
+        with self._cond:
+            return self._paused
+
     def set_url(self, url: str | None) -> None:
-        """Point deliveries at a new endpoint (messages already queued follow it); ``None`` pauses them
-        (messages are logged ``no_endpoint``) until the next ``set_url`` or :meth:`resume`."""
+        """Point deliveries at a new endpoint (messages already queued follow it). ``None`` pauses them ("the
+        webhook is late"): new messages and due retries are held, unsent, until the next ``set_url(url)``,
+        which sends them in order, or until :meth:`clear` drops them."""
         with self._cond:
             self._url = url
+            self._paused = url is None
             if url is not None:
                 self._endpoint = url
+            self._cond.notify_all()  # wake the workers: held messages go now
 
     def resume(self) -> None:
-        """Undo a pause: deliveries go to :attr:`endpoint` again (``POST /_emulator/reset``)."""
+        """Undo a pause: deliveries go to :attr:`endpoint` again (``POST /_emulator/reset``, after :meth:`clear`
+        dropped the held messages)."""
         with self._cond:
-            self._url = self._endpoint
+            self._resume()
+
+    def _resume(self) -> None:
+        self._url = self._endpoint
+        self._paused = False
+        self._cond.notify_all()
 
     def enqueue(self, event_type: str, envelope: JSON) -> Message:
         """Record a message and schedule its first attempt; never blocks on the network."""
@@ -182,10 +202,10 @@ class Deliverer:
         with self._cond:
             message = Message(self._new_id(), event_type, body, self._clock(), rng=self._faults.spawn())
             self._messages[message.id] = message
-            if self._url is None:
+            if self._url is None and not self._paused:  # no URL was ever set: it goes nowhere (replayable)
                 message.status = "no_endpoint"
-                message.paused = self._endpoint is not None
                 return message
+            # paused or not, the same faults and the same place in the queue: a pause only delays the sends
             message.duplicate = self._faults.roll("duplicate_rate", message.rng)
             message.drop_first = self._faults.roll("drop_then_redeliver_rate", message.rng)
             reorder = self._faults.roll("reorder_rate", message.rng)
@@ -256,21 +276,30 @@ class Deliverer:
         """Block until nothing is queued, held or in flight.
 
         ``TimeoutError`` otherwise, naming each message still pending: its URL, last attempt and next one.
-        ``RuntimeError`` if a message created since the previous wait was never sent because no webhook URL
-        was ever set (a pause with ``set_url(None)`` is on purpose, and not an error).
+        ``RuntimeError`` while deliveries are paused (``set_url(None)``) and messages wait for a URL (they
+        would never arrive: the wait says to set one, or reset), or if a message created since the previous
+        wait was never sent because no webhook URL was ever set.
         """
         deadline = time.monotonic() + timeout
         with self._cond:
             while self._queue or self._held is not None or self._in_flight:
+                if self._url is None and not self._in_flight:  # paused: nothing in flight, the rest waits for a URL
+                    raise RuntimeError(_paused_report(self._waiting()))
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError(self._pending_report(timeout))
                 self._cond.wait(min(remaining, 0.05))
             fresh = list(self._messages.values())[self._waited:]
             self._waited = len(self._messages)
-            unrouted = [m for m in fresh if m.status == "no_endpoint" and not m.paused]
+            unrouted = [m for m in fresh if m.status == "no_endpoint"]
             if unrouted:
                 raise RuntimeError(_unrouted_report(unrouted))
+
+    def _waiting(self) -> list[Message]:
+        """The messages with an attempt (or the duplicate send) queued or held back, in creation order
+        (holding the condition)."""
+        ids = {d.message_id for d in self._queue} | ({self._held[0]} if self._held else set())
+        return [m for m in self._messages.values() if m.id in ids]
 
     def _pending_report(self, timeout: float) -> str:
         """Why the wait timed out, one line per message (holding the condition)."""
@@ -311,13 +340,14 @@ class Deliverer:
         return head + f"; next attempt {due}, at {when} (next_attempt_at={message.next_attempt_at:.3f})"
 
     def clear(self) -> None:
-        """Forget every message (``POST /_emulator/reset``)."""
+        """Forget every message, those held by a pause included, and end the pause: deliveries go to
+        :attr:`endpoint` again (``POST /_emulator/reset``)."""
         with self._cond:
             self._messages.clear()
             self._queue.clear()
             self._held = None
             self._waited = 0
-            self._cond.notify_all()
+            self._resume()
 
     # -- worker side -------------------------------------------------------------------
 
@@ -348,7 +378,7 @@ class Deliverer:
                 self._release_held()
             skipped: list[_Due] = []
             found = None
-            while self._queue and self._queue[0].at <= now:
+            while self._url is not None and self._queue and self._queue[0].at <= now:  # paused: nothing goes
                 due = heapq.heappop(self._queue)
                 if due.message_id in self._busy:
                     skipped.append(due)  # its message is in flight: it waits for that attempt to finish
@@ -361,8 +391,9 @@ class Deliverer:
                 self._in_flight += 1
                 self._busy.add(found.message_id)
                 return found
-            # the first attempt not yet due (due ones left are busy: their worker's notify wakes this one)
-            later = [d.at - now for d in self._queue if d.at > now]
+            # the first attempt not yet due (due ones left are busy: their worker's notify wakes this one; while
+            # paused, set_url's notify does)
+            later = [d.at - now for d in self._queue if d.at > now] if self._url is not None else []
             waits = [min(later)] if later else []
             waits += [self._held[1] - now] if self._held else []
             self._cond.wait(max(min([*waits, 1.0]), 0.001))
@@ -376,25 +407,15 @@ class Deliverer:
                     if due is None:
                         return
                     message = self._messages.get(due.message_id)
-                    url = self._url
+                    url = self._url  # never None here: a paused worker takes nothing from the queue
                 try:
                     if message is not None and url is not None:
                         self._attempt_safely(client, url, message, due.duplicate)
-                    elif message is not None and not due.duplicate:
-                        self._paused_at_its_turn(message)
                 finally:
                     with self._cond:
                         self._in_flight -= 1
                         self._busy.discard(due.message_id)
                         self._cond.notify_all()
-
-    def _paused_at_its_turn(self, message: Message) -> None:
-        """A retry that came due while deliveries are paused is logged ``no_endpoint`` (as a message created
-        during the pause): left ``pending`` with no attempt scheduled, it was never sent and every
-        ``wait_for_deliveries`` ran into its timeout."""
-        with self._cond:
-            if message.status == "pending":
-                message.status, message.paused, message.next_attempt_at = "no_endpoint", True, None
 
     def _attempt_safely(self, client: httpx.Client, url: str, message: Message, duplicate: bool) -> None:
         """One attempt; a bug in it fails that message (replayable) instead of stopping the worker,
@@ -463,6 +484,16 @@ class Deliverer:
         delay = self._schedule[message.failures] / self._faults.settings.time_scale
         message.status = "pending"
         self._schedule_at(message, self._clock() + delay)
+
+
+def _paused_report(messages: list[Message]) -> str:
+    shown = ", ".join(f"{m.id} ({m.event_type})" for m in messages[:5])
+    more = f" and {len(messages) - 5} more" if len(messages) > 5 else ""
+    return (f"{len(messages)} webhook message(s) are held, not sent: deliveries are paused (set_webhook_url(None), "
+            f"or POST /_emulator/webhook {{\"url\": null}}), so they cannot arrive while you wait ({shown}{more}). "
+            "To have them arrive (\"the webhook is late\"), set the URL again: set_webhook_url(\"http://127.0.0.1:"
+            "<port>/webhooks/clerk\") sends them, in order, then call wait_for_deliveries(); reset() drops them. "
+            "To check what the app does before they arrive, do it without waiting.")
 
 
 def _unrouted_report(messages: list[Message]) -> str:
