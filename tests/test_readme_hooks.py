@@ -1,4 +1,6 @@
-"""The README's "Your own tables, your side effects" snippet runs as printed, then does what it says."""
+"""The README's "Your own tables, your side effects" snippet runs as printed, then does what it says, on
+SQLite, PostgreSQL and MariaDB (an adopter walkthrough found its first table's id unnumbered on the latter two:
+every account row refused, silently)."""
 
 from __future__ import annotations
 
@@ -22,12 +24,12 @@ with engine.connect() as conn:
 """
 
 
-def test_the_hooks_snippet_runs_as_printed(tmp_path: Path) -> None:
+def test_the_hooks_snippet_runs_as_printed(tmp_path: Path, db_url: str) -> None:
     readme = (ROOT / "README.md").read_text()
     block = re.search(r"<!-- readme-hooks:begin -->\n```python\n(.*?)```\n<!-- readme-hooks:end -->", readme, re.S)
     assert block is not None
     result = subprocess.run([sys.executable, "-c", block.group(1) + _THEN], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=60, check=False, env={"PYTHONPATH": str(ROOT), "PATH": "", "DATABASE_URL": f"sqlite:///{tmp_path / 'app.db'}"})
+                            text=True, timeout=60, check=False, env={"PYTHONPATH": str(ROOT), "PATH": "", "DATABASE_URL": db_url})
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stdout.splitlines() if not line.startswith("20")]  # log lines
     assert lines == [
