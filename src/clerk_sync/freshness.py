@@ -2,19 +2,23 @@
 
 Each read is a handful of index lookups: the newest delivery per outcome and the failed count use
 ``ix_webhook_events_status_received_at``; the last reconcile run uses ``reconcile_runs.status``.
+``doctor --freshness`` also reads the deliveries of the last day whose row the app's mapped table refused
+(:func:`read_refusals`, a range of ``ix_webhook_events_received_at``: not at scrape time, where
+``clerk_sync_mapped_rows_refused_total`` counts them).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 import sqlalchemy as sa
 
 from clerk_sync._time import aware
 from clerk_sync.engine import DeliveryStatus
 from clerk_sync.metrics import DatabaseSnapshot
+from clerk_sync.outbox import REFUSAL_NOTE
 from clerk_sync.store import Store
 from clerk_sync.tables import hook_jobs, reconcile_runs, webhook_events
 
@@ -62,6 +66,40 @@ def database_probe(store: Store) -> Callable[[], DatabaseSnapshot]:
     return lambda: read_snapshot(store)
 
 
+#: ``doctor --freshness`` fails on a row the app's mapped table refused this recently (an hourly cron sees each;
+#: ClerkSyncMappedRowsRefused fires for 15 min), and warns on one within :data:`REFUSALS_WINDOW_S`. By the
+#: delivery's receipt: a ``replay`` of an older delivery that refuses its row again is counted in /metrics only.
+REFUSALS_FAIL_S = 3600.0
+REFUSALS_WINDOW_S = 86400.0
+_NOTE_CHARS = 300  # of the newest refusal's last_error, in the check's line
+
+
+@dataclass(frozen=True, slots=True)
+class MappedRefusals:
+    """The deliveries received since ``since`` (unix seconds) that applied while the app's mapped table
+    refused their row (:meth:`~clerk_sync.outbox.Outbox.project`: their ``last_error`` says so)."""
+
+    since: float
+    count: int
+    newest_at: float | None = None  # unix seconds, when the newest of them was received
+    newest_svix_id: str | None = None
+    newest_error: str | None = None  # its last_error (the database's first line: never the values)
+
+
+def read_refusals(store: Store, *, since: float) -> MappedRefusals:
+    """Two read-only statements over the deliveries received since ``since`` (``ix_webhook_events_received_at``)."""
+    e = webhook_events
+    start = datetime.fromtimestamp(since, tz=UTC)
+    refused = sa.and_(e.c.received_at >= start, e.c.last_error.like(f"%{REFUSAL_NOTE}%"))
+    with store.connect() as conn:
+        count = conn.execute(sa.select(sa.func.count()).select_from(e).where(refused)).scalar_one()
+        newest = conn.execute(sa.select(e.c.received_at, e.c.svix_id, e.c.last_error).where(refused)
+                              .order_by(e.c.received_at.desc(), e.c.id.desc()).limit(1)).first()
+    if newest is None:
+        return MappedRefusals(since, int(count))
+    return MappedRefusals(since, int(count), _stamp(newest.received_at), newest.svix_id, newest.last_error)
+
+
 @dataclass(frozen=True, slots=True)
 class FreshnessCheck:
     """One line of ``doctor --freshness``: ``status`` is ok, warn or fail (fail: exit 1)."""
@@ -73,14 +111,17 @@ class FreshnessCheck:
 
 def check_freshness(snap: DatabaseSnapshot, *, now: float, max_delivery_age_s: float | None,
                     max_failed: int, max_reconcile_age_s: float,
-                    max_hook_wait_s: float = 900.0) -> list[FreshnessCheck]:
+                    max_hook_wait_s: float = 900.0, refusals: MappedRefusals | None = None) -> list[FreshnessCheck]:
     """The alert rules' questions, answered from one snapshot (pure: ``now`` is unix seconds).
 
     A quiet install is not a stale one: deliveries fail the check when the last reconcile repaired rows
     and finished more than :data:`MISSED_AFTER_S` after the newest delivery (ClerkSyncNoDeliveriesWhileDrift),
-    or, only with ``max_delivery_age_s`` (an app whose users change all day), when the newest is older."""
-    return [_deliveries(snap, now, max_delivery_age_s), _backlog(snap, max_failed),
-            _reconcile(snap, now, max_reconcile_age_s), _hooks(snap, now, max_hook_wait_s)]
+    or, only with ``max_delivery_age_s`` (an app whose users change all day), when the newest is older.
+    With ``refusals`` (:func:`read_refusals`), a fifth line: rows the app's mapped tables refused
+    (ClerkSyncMappedRowsRefused)."""
+    checks = [_deliveries(snap, now, max_delivery_age_s), _backlog(snap, max_failed),
+              _reconcile(snap, now, max_reconcile_age_s), _hooks(snap, now, max_hook_wait_s)]
+    return checks if refusals is None else [*checks, _refusals(refusals, now)]
 
 
 MISSED_AFTER_S = 1800.0  # as ClerkSyncNoDeliveriesWhileDrift: reconcile repaired rows this long after the newest
@@ -126,6 +167,38 @@ def _hooks(snap: DatabaseSnapshot, now: float, max_wait: float) -> FreshnessChec
                               f"{max_wait:.0f}s): is a dispatcher running (`serve` without --no-dispatch, or "
                               "`clerk-sync worker`)? A handler that hangs holds its entity's later jobs too")
     return FreshnessCheck(name, "ok", counts)
+
+
+def _refusals(found: MappedRefusals, now: float) -> FreshnessCheck:
+    """ClerkSyncMappedRowsRefused: a change applied to clerk-sync's tables (answered 200 ``applied``) whose row
+    the app's mapped table refused (a NOT NULL column the mapping does not fill, the app's own constraint,
+    an ambiguous link): the app's table lacks the row, or holds an old one, until it is fixed and backfilled."""
+    name = "mapped rows"
+    window = f"{(now - found.since) / 3600:.0f}h"
+    if not found.count or found.newest_at is None:
+        return FreshnessCheck(name, "ok", f"none refused by the app's mapped tables in the last {window}")
+    age = max(now - found.newest_at, 0.0)
+    shown = _refusal(found.newest_error or "")
+    counted = f"{found.count} delivery" if found.count == 1 else f"{found.count} deliveries"
+    detail = (f"{counted} in the last {window} applied to clerk-sync's tables while the app's mapped table "
+              f"refused the row; the newest {age:.0f}s ago ({found.newest_svix_id}: {shown}). "
+              "`clerk-sync doctor --mapping mod:MAPPING` says what in the table does not fit the mapping and how to "
+              "fix it; fix the table or the mapping, then `clerk-sync migrate --mapping "
+              "mod:MAPPING --backfill` writes the missing rows")
+    if age < REFUSALS_FAIL_S:
+        return FreshnessCheck(name, "fail", detail)
+    return FreshnessCheck(name, "warn", f"{detail} (a warning, not a failure, once the newest is "
+                          f"{REFUSALS_FAIL_S:.0f}s old; fixed and backfilled already? it clears after a day)")
+
+
+def _refusal(error: str) -> str:
+    """What the app's table said, out of a delivery's ``last_error`` (the note's own advice left out), cut short."""
+    start = error.find(f"{REFUSAL_NOTE} (")
+    if start >= 0:
+        said = error[start + len(REFUSAL_NOTE) + 2:]
+        end = said.find("); it is applied to clerk-sync's tables")
+        error = said if end < 0 else said[:end]
+    return error if len(error) <= _NOTE_CHARS else error[:_NOTE_CHARS - 3] + "..."
 
 
 def _backlog(snap: DatabaseSnapshot, max_failed: int) -> FreshnessCheck:

@@ -12,7 +12,13 @@ failed backlog, last reconcile) come from a ``probe`` callable the caller inject
 
 Label sets are bounded: ``type`` is a known Clerk event type or ``"other"``, ``endpoint`` a path
 template (``/users/{id}``), ``status`` an outcome or an HTTP status code, ``hook`` a hook's name (set
-in code).
+in code), ``table`` an app table the mapping names, ``reason`` one of :data:`MAPPED_REFUSAL_REASONS`.
+
+One series is the process's rather than an instance's: :data:`MAPPED_ROWS_REFUSED`, the rows the app's
+mapped tables refused. They are refused deep in the write path (:meth:`clerk_sync.outbox.Outbox.project`, under
+whichever store wrote: a delivery, reconcile, an admin action), which knows no service instance, so every
+:class:`Metrics` registers the one counter (its ``/metrics`` shows this process's count; in multiprocess
+mode the count is in the worker's file and summed like any other).
 """
 
 from __future__ import annotations
@@ -73,6 +79,35 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 # Event time -> applied: seconds for a live delivery, hours for a Svix retry after an outage.
 _HOOK_BUCKETS = (0.001, 0.005, 0.025, 0.1, 0.25, 1.0, 2.5, 10.0, 30.0, 60.0)  # a local write .. a slow API
 _LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 21600.0, 86400.0)
+
+
+#: Why an app's mapped table refused a row (the ``reason`` label; the delivery's ``last_error`` has the words):
+#: ``constraint`` its own constraint (a NOT NULL column the mapping does not fill, a UNIQUE value another row
+#: holds, a key still referring to the value), ``link`` an ambiguous or unverifiable link to an existing row,
+#: ``parent`` the rows it refers to arrived but the table refused theirs, ``database`` another error the
+#: database raised for the row (an app trigger's, a value its column refuses), ``value`` a value the column's
+#: type cannot take or the mapping's compute raised, ``rolled_back`` the table rolled the whole transaction
+#: back (or, on SQLite, refused it at COMMIT): the unit of work was written again without the app's tables.
+MAPPED_REFUSAL_REASONS = ("constraint", "link", "parent", "database", "value", "rolled_back")
+
+#: The rows the app's mapped tables refused (the change itself applied to clerk-sync's tables), by table,
+#: entity (``users``, ``organizations``, ``organization_memberships``) and reason. The process's: see the
+#: module's docstring. Counted when the transaction that recorded the refusal commits, so a unit of work
+#: rolled back and written again (a batch split, a retry) counts once.
+MAPPED_ROWS_REFUSED = Counter("clerk_sync_mapped_rows_refused",
+                              "Rows the app's mapped tables refused, by table, entity and reason: the change "
+                              "applied to clerk-sync's tables only (the delivery's last_error says why).",
+                              ["table", "entity", "reason"], registry=None)
+
+
+def mapped_rows_refused(table: str, entity: str, reason: str, n: int = 1) -> None:
+    """Count ``n`` rows ``table`` refused (``reason``: one of :data:`MAPPED_REFUSAL_REASONS`). Never raises:
+    it is called as the refusing transaction commits."""
+    try:
+        MAPPED_ROWS_REFUSED.labels(table=table, entity=entity,
+                                   reason=reason if reason in MAPPED_REFUSAL_REASONS else "database").inc(n)
+    except Exception:  # a metric must never fail a write
+        log.debug("metrics_refusal_count_failed", exc_info=True)
 
 
 def event_type_label(event_type: str) -> str:
@@ -231,6 +266,8 @@ class Metrics:
         self.hook_overdue = Counter("clerk_sync_hook_overdue",
                                     "Hook handler runs that outlived their hook's timeout_s (the run's outcome "
                                     "is counted in clerk_sync_hook_runs when it ends).", ["hook"], registry=r)
+        r.register(MAPPED_ROWS_REFUSED)  # (the process's: see the module's docstring)
+        self.mapped_refused = MAPPED_ROWS_REFUSED
         self._database: _DatabaseCollector | None = None
         # Labelled children of the per-delivery and per-job series, by label values: ``labels()`` costs a
         # lock and a dict lookup by joined strings on every call (~2 µs, twice per delivery or job).

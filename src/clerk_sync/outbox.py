@@ -39,6 +39,8 @@ from clerk_sync.errors import StoreDataError, StoreError
 from clerk_sync.events import MembershipRecord, OrganizationRecord, UserRecord, record_columns
 from clerk_sync.mapping import (
     AppTableRolledBack,
+    LinkAmbiguous,
+    LinkUnverified,
     ParentNotThere,
     SchemaMapping,
     check_at_once,
@@ -49,12 +51,16 @@ from clerk_sync.mapping import (
     sqlite_time,
     unicode_lower,
 )
+from clerk_sync.metrics import mapped_rows_refused
 from clerk_sync.tables import hook_jobs, organization_memberships, organizations, users
 
 __all__ = ["Job", "Outbox", "claim", "delete_jobs", "extend", "fail", "finish", "finish_many", "list_jobs",
            "redact_jobs", "release", "retry_jobs"]
 
 log = structlog.get_logger("clerk_sync.mapping")
+#: How a refusal of the app's mapped table starts in the delivery's ``last_error`` (:meth:`Outbox.project`;
+#: ``doctor --freshness`` looks for it, :func:`clerk_sync.freshness.read_refusals`).
+REFUSAL_NOTE = "the app's table refused the change"
 
 JSON = dict[str, Any]
 HookSpec = tuple[str, tuple[str, ...], tuple[str, ...]]  # a hook's name, the kinds and fields it wants
@@ -87,6 +93,7 @@ class Outbox:
         self.unmapped = unmapped
         self.changes: list[Change] = []
         self.refused: list[str] = []
+        self._uncounted: dict[tuple[str, str, str], int] = {}  # refusals counted when this transaction commits
         self.checked_at_once = False  # whether this transaction checks the app's deferred constraints at once
         self._hooked = {e for e in Entity if any(hook.covers(e) for hook in hooks)}
         self._upsert_hooks: dict[Entity, tuple[HookSpec, ...]] = {}
@@ -139,7 +146,7 @@ class Outbox:
         if change.entity not in self.mapping.tables:
             return  # not mapped: nothing of the app's to write or to refuse (memberships under a users-only mapping)
         if self.unmapped is not None:
-            reason = self.unmapped
+            reason, kind = self.unmapped, "rolled_back"
         else:
             if not self.checked_at_once:  # every mapped transaction (reconcile, admin writes), not only Store.run's
                 check_at_once(self.conn)
@@ -150,10 +157,11 @@ class Outbox:
             except AppTableRolledBack:
                 raise
             except StoreDataError as exc:
-                reason = str(exc)
+                reason, kind = str(exc), "link" if isinstance(exc, LinkAmbiguous | LinkUnverified) else "constraint"
             except ParentNotThere as exc:  # (asked once the savepoint is rolled back: PostgreSQL reads nothing before)
                 if not self.mapping.parents_arrived(self.conn, change):
                     raise  # a parent row not there yet: the unit of work is retried
+                kind = "parent"
                 reason = f"{exc.refused}; the rows it refers to have arrived: the app's table refused theirs"
             except StoreError:
                 raise  # transient: the unit of work is retried
@@ -162,21 +170,36 @@ class Outbox:
                     raise  # the connection, a bounded wait, a deadlock, the server: the unit of work is retried
                 # anything else the database said is about this row (an app trigger's RAISE EXCEPTION or
                 # SIGNAL, which no error class marks as the data's): the same row would be refused again
-                reason = str(store_error(exc))
+                reason, kind = str(store_error(exc)), "database"
             except Exception as exc:  # SQLAlchemy's processors on SQLite's direct path, a compute that raised
                 # (a KeyError on a metadata key the user removed must not hold back their ban); its message may
                 # quote the value: only its type is kept
-                reason = (f"{type(exc).__name__}: a value the column's type cannot take, or the mapping's "
-                          "compute raised it")
+                reason, kind = (f"{type(exc).__name__}: a value the column's type cannot take, or the mapping's "
+                                "compute raised it"), "value"
             else:
                 return
         table = self.mapping.tables[change.entity].table
         self.refused.append(
-            f"the app's table refused the change ({reason}); it is applied to clerk-sync's tables (role, ban "
+            f"{REFUSAL_NOTE} ({reason}); it is applied to clerk-sync's tables (role, ban "
             "and deletion hold): fix it, then `clerk-sync migrate --mapping ... --backfill` writes the row (one "
             "to link: set its Clerk-id column yourself, or the user's next event links it)")
         log.warning("mapped_row_refused", table=table, event_type=change.type, clerk_id=change.clerk_id,
                     reason=reason)
+        self._count_refusal(table, change.entity.value, kind)
+
+    def _count_refusal(self, table: str, entity: str, kind: str) -> None:
+        """``clerk_sync_mapped_rows_refused_total``, once this transaction commits: a unit of work rolled back
+        (a batch written again one by one, a retry after a transient failure, one an app table rolled back
+        whole) counts its refusals only as written the time it commits."""
+        if not self._uncounted:
+            sa.event.listen(self.conn, "commit", self._count_refusals)  # (this transaction's connection only)
+        key = (table, entity, kind)
+        self._uncounted[key] = self._uncounted.get(key, 0) + 1
+
+    def _count_refusals(self, conn: Connection) -> None:
+        for (table, entity, kind), n in self._uncounted.items():
+            mapped_rows_refused(table, entity, kind, n)
+        self._uncounted.clear()
 
     def pipelines(self, entity: Entity) -> bool:
         """Whether the one-statement path (with :func:`jobs_cte_sql` for the jobs) can take this entity's

@@ -91,19 +91,21 @@ def _mapping_checks(settings: Settings, mapping: SchemaMapping) -> list[Check]:
 
 def run_freshness(settings: Settings, *, now: Callable[[], float] = time.time) -> list[Check]:
     """``doctor --freshness``: the alert rules' questions, answered from the database."""
-    from clerk_sync.freshness import check_freshness, read_snapshot
+    from clerk_sync.freshness import REFUSALS_WINDOW_S, check_freshness, read_refusals, read_snapshot
 
     store = Store.from_settings(settings)
+    at = now()
     try:
         snap = read_snapshot(store)
+        refusals = read_refusals(store, since=at - REFUSALS_WINDOW_S)  # ClerkSyncMappedRowsRefused
     except ClerkSyncError as exc:
         return [Check("database", "fail", f"{exc}; check DATABASE_URL and run `clerk-sync migrate`")]
     finally:
         store.dispose()
-    found = check_freshness(snap, now=now(), max_delivery_age_s=settings.freshness_max_delivery_age_s,
+    found = check_freshness(snap, now=at, max_delivery_age_s=settings.freshness_max_delivery_age_s,
                             max_failed=settings.freshness_max_failed,
                             max_reconcile_age_s=settings.freshness_max_reconcile_age_s,
-                            max_hook_wait_s=settings.freshness_max_hook_wait_s)
+                            max_hook_wait_s=settings.freshness_max_hook_wait_s, refusals=refusals)
     return [Check(c.name, c.status, c.detail) for c in found]
 
 
