@@ -6,10 +6,13 @@ import json
 import time
 from typing import Any
 
+from clerk_sync.emulator.config import EmulatorConfig
 from clerk_sync.webhooks import sign
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
-INSTANCE = "ins_test"
+# The emulator's instance: the deliveries these envelopes stand for and the emulator the tests reconcile
+# against are one Clerk instance (reconcile refuses a key of another instance than its deliveries').
+INSTANCE = EmulatorConfig().instance_id
 
 
 def envelope(event_type: str, data: dict[str, Any], timestamp: int | None = None) -> dict[str, Any]:
