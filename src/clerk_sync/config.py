@@ -135,6 +135,8 @@ _MAX_DB_WAIT_S = 2_000_000.0
 _MAX_KEEPALIVE_S = 32_767.0  # Linux's TCP_KEEPIDLE ends there: past it, every connection fails to open
 _MAX_DAYS = 1_000_000.0
 _MIN_CONSOLE_TOKEN_CHARS = 16
+_MIN_CONSOLE_SECRET_CHARS = 32
+_CONSOLE_SECRET_HELP = 'make one with `python -c "import secrets; print(secrets.token_urlsafe(32))"`'  # noqa: S105
 
 
 class Settings(BaseSettings):
@@ -223,14 +225,18 @@ class Settings(BaseSettings):
     console_enabled: bool = Field(False, validation_alias="CLERK_SYNC_CONSOLE")
     console_operator_token: SecretStr | None = Field(None, validation_alias="CLERK_SYNC_CONSOLE_TOKEN")
     console_read_only: bool = Field(False, validation_alias="CLERK_SYNC_CONSOLE_READ_ONLY")
+    # The console's own secret for signing its session cookies, held by nobody else (not Clerk, not Svix);
+    # required when neither CLERK_SYNC_CONSOLE_TOKEN nor CLERK_SECRET_KEY is set (see console._access).
+    console_secret: SecretStr | None = Field(None, validation_alias="CLERK_SYNC_CONSOLE_SECRET")
     # How long a console sign-in lasts at most (an admin's also ends with its Clerk session's revocation,
     # but Clerk sends nothing when a session merely expires: keep this near your session lifetime).
     console_session_s: int = Field(8 * 3600, ge=60, le=7 * 86400, validation_alias="CLERK_SYNC_CONSOLE_SESSION_S")
 
     @field_validator("instance_id", "redis_url", "webhook_secret", "clerk_secret_key", "clerk_api_rate_limit",
                      "clerk_jwt_key", "clerk_jwks_url", "clerk_issuer", "authorized_parties_raw",
-                     "impersonator_roles_raw", "console_operator_token", "tombstone_delete_after_days",
-                     "freshness_max_delivery_age_s", "audit_ip_clear_after_days", mode="before")
+                     "impersonator_roles_raw", "console_operator_token", "console_secret",
+                     "tombstone_delete_after_days", "freshness_max_delivery_age_s", "audit_ip_clear_after_days",
+                     mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         # `export CLERK_ISSUER=` means "not set", not "the empty issuer".
@@ -243,6 +249,15 @@ class Settings(BaseSettings):
         if value is not None and len(value.get_secret_value().strip()) < _MIN_CONSOLE_TOKEN_CHARS:
             raise ValueError(f"must be at least {_MIN_CONSOLE_TOKEN_CHARS} characters (it signs an operator in "
                              "to the console); make one with `openssl rand -base64 24`")
+        return value
+
+    @field_validator("console_secret")
+    @classmethod
+    def _long_enough_console_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        # It signs every console session (an admin's too): a short one is guessed; the message never shows it.
+        if value is not None and len(value.get_secret_value().strip()) < _MIN_CONSOLE_SECRET_CHARS:
+            raise ValueError(f"must be at least {_MIN_CONSOLE_SECRET_CHARS} characters (it signs the console's "
+                             f"session cookies); {_CONSOLE_SECRET_HELP}")
         return value
 
     @field_validator("clerk_issuer")

@@ -15,7 +15,9 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
+from clerk_sync.auth.audit import AuditEntry, record_audit
 from clerk_sync.config import Settings
+from clerk_sync.integrations.console._access import SIGN_IN, ConsoleAccess
 from clerk_sync.integrations.console._console import Console
 from clerk_sync.integrations.starlette import build_processor, create_app
 from clerk_sync.store import Store
@@ -116,3 +118,14 @@ def operator_client(stack: ConsoleStack) -> httpx.Client:
     """An API caller with the operator token as Bearer (no cookie, so no CSRF token needed)."""
     return httpx.Client(base_url=stack.console_url, headers={"Authorization": f"Bearer {OPERATOR_TOKEN}"},
                         timeout=30)
+
+
+def admin_signed_in(access: ConsoleAccess, clerk_id: str, session_id: str) -> str:
+    """An admin's console cookie as a sign-in opens one: minted, and its ``console.login`` row (which names
+    the Clerk session) written first, as the app does; a cookie without that row is refused."""
+    identity = access.admin_session(clerk_id, session_id)
+    with access.store.transaction() as w:
+        record_audit(w, AuditEntry(SIGN_IN, clerk_id, clerk_id, details={"via": "console", "as": "admin",
+                                                                         "sid": session_id}))
+    assert identity.new_cookie is not None
+    return identity.new_cookie

@@ -13,7 +13,7 @@ from clerk_sync.errors import SessionRevoked
 from clerk_sync.integrations.console._access import COOKIE, ConsoleAccess
 from clerk_sync.store import Store
 from clerk_sync.tables import revoked_sessions, users
-from tests.console.conftest import ConsoleStack
+from tests.console.conftest import ConsoleStack, admin_signed_in
 
 JSON = {"Accept": "application/json"}
 
@@ -57,7 +57,7 @@ def test_a_revocation_the_deny_list_has_forgotten_still_ends_the_console_session
         store: Store, access: ConsoleAccess) -> None:
     """The deny list drops a revocation once the Clerk session would have expired (tokens are dead by
     then); a console session can last longer, so the table decides."""
-    cookie = access.admin_session("user_adm", "sess_adm").new_cookie
+    cookie = admin_signed_in(access, "user_adm", "sess_adm")
     assert access.identify({}, {COOKIE: cookie}).kind == "admin"
     past = int(datetime.now(UTC).timestamp() * 1000) - 1000
     with store.transaction() as w:
@@ -143,7 +143,7 @@ def test_a_sign_out_ends_only_that_identitys_earlier_sessions(tmp_path: object) 
         w.conn.execute(users.insert().values(
             clerk_id="user_adm", email_addresses=[], public_metadata={"role": "admin"}, private_metadata={},
             unsafe_metadata={}, role="admin", clerk_updated_at=1, created_at=w.now, updated_at=w.now))
-    admin = access.admin_session("user_adm", "sess_adm").new_cookie
+    admin = admin_signed_in(access, "user_adm", "sess_adm")
     assert first and second and admin
     now[0] += 0.5
     with store.transaction() as w:

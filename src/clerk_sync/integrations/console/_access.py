@@ -20,6 +20,11 @@ Signing out deletes the cookie and writes a ``console.logout`` audit row, which 
 session of that identity opened before it (the cookie is signed, not stored: without the row, a copy of
 it would stay valid until ``max_age_s``); the operator token is one identity, so an operator's sign-out
 ends every operator session.
+
+The cookie's signature is only as secret as its key (:func:`signing_key`): the key is derived from
+secrets no third party holds, never from the webhook signing secret. An admin's console session must
+also belong to a sign-in the console recorded: its ``console.login`` audit row names the Clerk session
+(``sid``), so a cookie signed for a session nobody signed in with is refused.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -38,18 +44,25 @@ from itsdangerous import BadSignature, TimestampSigner, URLSafeTimedSerializer
 from clerk_sync.auth.admin import ADMIN_ROLE
 from clerk_sync.auth.authenticator import Authenticator
 from clerk_sync.auth.users import read_user, standing_error
-from clerk_sync.errors import AccessDenied, SessionRevoked, TokenError, TokenMissing
+from clerk_sync.config import _CONSOLE_SECRET_HELP
+from clerk_sync.errors import AccessDenied, ConfigError, SessionRevoked, TokenError, TokenMissing
 from clerk_sync.store import Store
 from clerk_sync.tables import audit_log, revoked_sessions
 
-__all__ = ["ADMIN", "COOKIE", "LOGIN_COOKIE", "OPERATOR", "SIGN_OUT", "ConsoleAccess", "Identity", "check_csrf",
-           "signing_key"]
+__all__ = ["ADMIN", "COOKIE", "LOGIN_COOKIE", "NO_KEY", "OPERATOR", "SIGN_IN", "SIGN_OUT", "ConsoleAccess", "Identity",
+           "check_csrf", "signing_key"]
 
 COOKIE = "clerk_sync_console"
 LOGIN_COOKIE = "clerk_sync_console_login"
 OPERATOR = "operator"
 ADMIN = "admin"
 SIGN_OUT = "console.logout"  # the audit action that ends an identity's earlier console sessions
+SIGN_IN = "console.login"  # the audit action that opens one (an admin's names its Clerk session: ``sid``)
+_CLOCK_SLACK_S = 300  # a sign-in row stamped this much before its cookie's time still counts
+NO_KEY = ("the console has no secret of its own to sign its session cookies: set CLERK_SYNC_CONSOLE_SECRET (at "
+          f"least 32 characters; {_CONSOLE_SECRET_HELP}), the same on every worker and host. It is needed when "
+          "neither CLERK_SYNC_CONSOLE_TOKEN nor CLERK_SECRET_KEY is set; the webhook signing secret is never used "
+          "for it, as Clerk and Svix hold it too")
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +73,7 @@ class Identity:
     clerk_id: str | None
     csrf: str | None
     new_cookie: str | None = None  # a console session minted by this request (set it on the response)
+    session_id: str | None = None  # an admin's Clerk session (``sid``), which the sign-in's audit row records
 
     @property
     def actor(self) -> str | None:
@@ -71,13 +85,27 @@ class Identity:
         return self.clerk_id or "operator (token)"
 
 
-def signing_key(*material: str | None) -> bytes:
-    """A cookie-signing key derived from the service's secrets, so every worker agrees on it;
-    random (sessions end at restart) when there is none."""
-    known = [m for m in material if m]
+def signing_key(*, console_secret: str | None = None, operator_token: str | None = None,
+                clerk_secret_key: str | None = None) -> bytes:
+    """The console's cookie-signing key, derived from the secrets that are set (so every worker and host
+    agrees on it, and rotating any of them ends every console session); a ConfigError when none is.
+
+    Only secrets no third party could use to sign in are inputs. ``CLERK_SYNC_CONSOLE_SECRET`` and the
+    operator token are the console's alone. ``CLERK_SECRET_KEY`` is Clerk's too, but whoever holds it already
+    commands Clerk's Backend API (a sign-in token for any admin, then a real console sign-in), so a key
+    derived from it gives them nothing more, and set-ups that relied on it keep working. The webhook signing
+    secret is never an input: Svix and the Clerk Dashboard hold it, and it is deployed wherever webhooks are
+    received; a key derived from it alone let anyone holding it sign a console session for any admin
+    (security review of 2026-12-05). Each input is named and length-prefixed, so two set-ups never meet on
+    one key by moving a value from one setting to another.
+    """
+    material = (("CLERK_SYNC_CONSOLE_SECRET", console_secret), ("CLERK_SYNC_CONSOLE_TOKEN", operator_token),
+                ("CLERK_SECRET_KEY", clerk_secret_key))
+    known = [(name, value.encode()) for name, value in material if value]
     if not known:
-        return secrets.token_bytes(32)
-    return hashlib.sha256(b"clerk-sync console\x00" + "\x00".join(known).encode()).digest()
+        raise ConfigError(NO_KEY)
+    message = b"".join(b"%s\x00%d\x00%s" % (name.encode(), len(value), value) for name, value in known)
+    return hmac.new(b"clerk-sync console cookie key v2", message, hashlib.sha256).digest()
 
 
 class ConsoleAccess:
@@ -114,10 +142,10 @@ class ConsoleAccess:
                 if not self.operator_token:
                     raise TokenMissing("operator sign-in is disabled (CLERK_SYNC_CONSOLE_TOKEN is not set)")
                 return Identity(kind, clerk_id, csrf)
-            ended = self._ended(session_id)
+            ended = self._ended(session_id) or self._unrecorded(clerk_id, session_id)
             if ended is None:
                 self.confirm_admin(str(clerk_id))
-                return Identity(kind, clerk_id, csrf)
+                return Identity(kind, clerk_id, csrf, session_id=session_id)
         if self.authenticator is not None and any(n.startswith("__session") for n in cookies):
             return self.admin_session(*self._clerk_admin(headers, cookies, method=method, scheme=scheme))
         raise ended or TokenMissing("sign in to the console: an admin's Clerk session or the operator token")
@@ -131,8 +159,10 @@ class ConsoleAccess:
         session = self._session(cookies.get(COOKIE))
         if session is None or self._signed_out(*session):
             return None
-        kind, clerk_id, csrf, _, _ = session
-        return Identity(kind, clerk_id, csrf)
+        kind, clerk_id, csrf, session_id, _ = session
+        if kind == ADMIN and self._unrecorded(clerk_id, session_id) is not None:
+            return None  # no sign-in of this admin opened it: it may not end theirs
+        return Identity(kind, clerk_id, csrf, session_id=session_id)
 
     def sign_out_details(self) -> dict[str, float]:
         """What the ``console.logout`` audit row records: console sessions of the identity opened before
@@ -176,6 +206,23 @@ class ConsoleAccess:
                                   "ended (signed out): sign in again")
         return None
 
+    def _unrecorded(self, clerk_id: str | None, session_id: str | None) -> TokenError | None:
+        """Why an admin's console session is none the console opened: no ``console.login`` audit row of this
+        admin, written within ``max_age_s``, names its Clerk session. Every sign-in writes that row before its
+        cookie is set, so a genuine cookie always has one; a cookie signed without a sign-in (a leaked key) does
+        not, nor one opened before sign-ins recorded their ``sid`` (sign in again). One indexed query on the
+        admin's recent sign-ins, on the store's clock (the one the rows are stamped with)."""
+        if not clerk_id or not session_id:
+            return SessionRevoked("this console session names no Clerk session: sign in again")
+        since = self.store.now() - timedelta(seconds=self.max_age_s + _CLOCK_SLACK_S)
+        query = sa.select(audit_log.c.details).where(
+            audit_log.c.action == SIGN_IN, audit_log.c.actor_clerk_id == clerk_id, audit_log.c.created_at >= since)
+        with self.store.connect() as conn:
+            signed_in = conn.execute(query).scalars().all()
+        if any(isinstance(details, dict) and details.get("sid") == session_id for details in signed_in):
+            return None
+        return TokenMissing("no console sign-in on record opened this console session: sign in again")
+
     def _clerk_admin(self, headers: Mapping[str, str], cookies: Mapping[str, str], *, method: str | None = None,
                      scheme: str | None = None) -> tuple[str, str]:
         """The admin's Clerk id and session id."""
@@ -209,10 +256,12 @@ class ConsoleAccess:
         return self._mint(ADMIN, clerk_id, session_id)
 
     def _mint(self, kind: str, clerk_id: str | None, session_id: str | None) -> Identity:
+        """A console session; the caller records its sign-in (``console.login``, with ``sid=session_id`` for
+        an admin: :meth:`_unrecorded`) before it sets the cookie."""
         csrf = secrets.token_urlsafe(24)
         cookie = self._sessions.dumps({"k": kind, "sub": clerk_id, "sid": session_id, "csrf": csrf,
                                        "iat": self.clock()})
-        return Identity(kind, clerk_id, csrf, new_cookie=cookie)
+        return Identity(kind, clerk_id, csrf, new_cookie=cookie, session_id=session_id)
 
     def _session(self, cookie: str | None) -> tuple[str, str | None, str, str | None, float] | None:
         """kind, Clerk id, CSRF token, Clerk session id, when it was opened (this clock; -inf for

@@ -24,12 +24,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from clerk_sync.auth.authenticator import Authenticator
 from clerk_sync.auth.sessions import verifier_from_settings
 from clerk_sync.clerk_api import ClerkClient
-from clerk_sync.config import Settings
+from clerk_sync.config import _CONSOLE_SECRET_HELP, Settings
 from clerk_sync.errors import AccessDenied, ClerkSyncError, ConfigError, TokenError
 from clerk_sync.integrations.console import _pages
 from clerk_sync.integrations.console._access import (
     COOKIE,
     LOGIN_COOKIE,
+    NO_KEY,
+    SIGN_IN,
     ConsoleAccess,
     Identity,
     check_csrf,
@@ -108,8 +110,8 @@ def _guard(console: Console, handler: Handler, *, post: bool = False, read_only_
             if post and console.read_only and not read_only_ok:
                 raise AccessDenied("the console is read-only (CLERK_SYNC_CONSOLE_READ_ONLY is set)")
             if identity.new_cookie:  # first request of a Clerk session: record the sign-in
-                await to_thread.run_sync(lambda: console.audit(identity, "console.login", identity.clerk_id, request,
-                                                               method="clerk_session"))
+                await to_thread.run_sync(lambda: console.audit(identity, SIGN_IN, identity.clerk_id, request,
+                                                               method="clerk_session", sid=identity.session_id))
                 opened = identity.new_cookie
             response = await to_thread.run_sync(handler, console, request, identity, form)
         except BadInput as exc:
@@ -201,7 +203,7 @@ def _login_submit(console: Console) -> Callable[[Request], Awaitable[Response]]:
             identity = console.access.operator_session(form.get("token", ""))
         except TokenError as exc:
             return _login_form(console, request, status=401, message=str(exc))
-        await to_thread.run_sync(lambda: console.audit(identity, "console.login", None, request, method="operator"))
+        await to_thread.run_sync(lambda: console.audit(identity, SIGN_IN, None, request, method="operator"))
         return _signed_in(console, request, identity, form.get("next", ""))
 
     return endpoint
@@ -218,8 +220,9 @@ def _login_clerk(console: Console) -> Callable[[Request], Awaitable[Response]]:
             else:
                 identity = await to_thread.run_sync(console.access.clerk_session, token)
             if identity.new_cookie:
-                await to_thread.run_sync(lambda: console.audit(identity, "console.login", identity.clerk_id, request,
-                                                               method="clerk_link" if token else "clerk_session"))
+                await to_thread.run_sync(lambda: console.audit(identity, SIGN_IN, identity.clerk_id, request,
+                                                               method="clerk_link" if token else "clerk_session",
+                                                               sid=identity.session_id))
         except ClerkSyncError as exc:
             response = console.clerk_error(request, exc)
             if isinstance(exc, TokenError):
@@ -251,12 +254,29 @@ def _inside_console(next_path: str, root: str) -> bool:
 
 def check_console_settings(settings: Settings) -> None:
     """Raise the ConfigError :func:`create_console` would: nobody could sign in (no operator token, no
-    Clerk key to verify admins' sessions). ``serve --workers`` checks it once, before its workers start,
+    Clerk key to verify admins' sessions), or the console has no secret of its own to sign its cookies
+    with (:func:`_check_cookie_key`). ``serve --workers`` checks it once, before its workers start,
     without building the console (whose Clerk client would count the supervisor among the workers)."""
     if not (settings.console_operator_token or settings.clerk_jwt_key or settings.clerk_secret_key
             or settings.clerk_jwks_url):
         raise ConfigError("the console has no way to sign in: set CLERK_SYNC_CONSOLE_TOKEN (operator token), or "
                           "CLERK_SECRET_KEY / CLERK_JWT_KEY so admins can sign in with Clerk")
+    _check_cookie_key(settings)
+
+
+def _check_cookie_key(settings: Settings) -> None:
+    """The cookie key needs a secret nobody outside holds (see :func:`signing_key`). Admins signing in with
+    ``CLERK_JWT_KEY`` / ``CLERK_JWKS_URL`` alone leave only the webhook signing secret, which Clerk and Svix
+    hold: rather than fall back on it (anyone with it could sign a console session for any admin) or on a
+    random key (every worker its own, every restart a sign-out), start-up stops and says what to set."""
+    if not (settings.console_secret or settings.console_operator_token or settings.clerk_secret_key):
+        raise ConfigError(NO_KEY)
+    if settings.console_secret is not None and settings.webhook_secret is not None:
+        own = settings.console_secret.get_secret_value().strip()
+        shared = {s.strip() for s in settings.webhook_secret.get_secret_value().replace(",", " ").split()}
+        if own in shared or own.removeprefix("whsec_") in {s.removeprefix("whsec_") for s in shared}:
+            raise ConfigError("CLERK_SYNC_CONSOLE_SECRET is the webhook signing secret, which Clerk and Svix hold "
+                              f"too: give the console a secret of its own ({_CONSOLE_SECRET_HELP})")
 
 
 def create_console(store: Store, settings: Settings, *, clerk: ClerkClient | None = None,
@@ -266,7 +286,9 @@ def create_console(store: Store, settings: Settings, *, clerk: ClerkClient | Non
 
     ``clerk`` (default: from ``CLERK_SECRET_KEY``) powers drift and promotion; ``authenticator``
     (default: from the session-key settings) lets Clerk-signed-in admins in. Without either an
-    authenticator or ``CLERK_SYNC_CONSOLE_TOKEN`` nobody could sign in: that is a ConfigError.
+    authenticator or ``CLERK_SYNC_CONSOLE_TOKEN`` nobody could sign in: that is a ConfigError. So is a console
+    whose session cookies would have no key of its own: set ``CLERK_SYNC_CONSOLE_SECRET`` when neither
+    ``CLERK_SYNC_CONSOLE_TOKEN`` nor ``CLERK_SECRET_KEY`` is (``secret`` gives the key directly).
     ``metrics``: where the Clerk client's calls, 429s, breaker and budget, and the drift page's reconcile
     runs are counted (``serve`` passes its own, so the ``clerk_sync_clerk_api_*`` and
     ``clerk_sync_reconcile_*`` series and their alerts move).
@@ -278,8 +300,12 @@ def create_console(store: Store, settings: Settings, *, clerk: ClerkClient | Non
     operator = settings.console_operator_token.get_secret_value() if settings.console_operator_token else None
     if authenticator is None:
         check_console_settings(settings)
-    key = secret or signing_key(operator, *(s.get_secret_value() for s in (settings.clerk_secret_key,
-                                                                            settings.webhook_secret) if s))
+    elif secret is None:
+        _check_cookie_key(settings)
+    key = secret or signing_key(
+        console_secret=settings.console_secret.get_secret_value() if settings.console_secret else None,
+        operator_token=operator,
+        clerk_secret_key=settings.clerk_secret_key.get_secret_value() if settings.clerk_secret_key else None)
     access = ConsoleAccess(store, operator_token=operator, authenticator=authenticator, secret=key,
                            max_age_s=settings.console_session_s)
     limits = {"max_delivery_age_s": settings.freshness_max_delivery_age_s,

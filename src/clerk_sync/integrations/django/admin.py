@@ -3,10 +3,17 @@
 Nothing can be added, changed or deleted here: the rows are Clerk's, written by webhooks and
 ``reconcile``. Replaying re-applies a stored ``failed`` delivery through the same code as the console and
 ``clerk-sync replay``; the others selected are left as they are.
+
+Personal data is masked as in the console (its allow-list, :func:`~clerk_sync.integrations.console._masking.mask`):
+a delivery's payload, and the metadata of users and organizations, the private and unsafe blobs whole. The
+console reveals them to an admin and audits each reveal; this admin has no such audit, so it never shows
+them unmasked, and refuses filters on those fields (``?payload__icontains=…``), which would tell their
+contents one guess at a time.
 """
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -14,10 +21,13 @@ from typing import Any
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
+from django.utils.html import format_html
+from django.utils.safestring import SafeString
 
 from clerk_sync.auth.audit import AuditEntry, record_audit
 from clerk_sync.engine import DeliveryStatus
 from clerk_sync.ingest import replay_delivery, replay_if_failed
+from clerk_sync.integrations.console._masking import mask
 from clerk_sync.integrations.django.models import (
     AuditLogEntry,
     ClerkMembership,
@@ -33,7 +43,21 @@ __all__ = ["AuditLogAdmin", "ClerkUserAdmin", "MembershipAdmin", "OrganizationAd
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
-    """Viewable by staff with the view permission (or superusers); never writable."""
+    """Viewable by staff with the view permission (or superusers); never writable.
+
+    ``masked``: fields shown only masked, as ``<field>_masked`` (a :func:`_masked_json` display on the subclass), and
+    never filtered on."""
+
+    masked: tuple[str, ...] = ()
+
+    def get_exclude(self, request: HttpRequest, obj: Any = None) -> Any:
+        return (*(super().get_exclude(request, obj) or ()), *self.masked)
+
+    def lookup_allowed(self, lookup: str, value: str, request: HttpRequest) -> bool:
+        # Django allows any lookup on a local field from the query string; on a masked one it is an oracle.
+        if lookup.split("__", 1)[0] in self.masked:
+            return False
+        return bool(super().lookup_allowed(lookup, value, request))
 
     def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
@@ -45,17 +69,39 @@ class ReadOnlyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         return False
 
 
+def _masked_json(field: str, *, key: str | None = None) -> Callable[[Any, Any], SafeString]:
+    """A read-only display of ``field`` masked as the console masks it (``key``: the key it sits under in a
+    payload, which picks the rule: whole for private and unsafe metadata, all but ``role`` for public)."""
+
+    @admin.display(description=f"{field.replace('_', ' ')} (masked; the console reveals it, audited)")
+    def show(self: Any, obj: Any) -> SafeString:
+        shown = mask(getattr(obj, field), key)
+        return format_html("<pre>{}</pre>", json.dumps(shown, indent=2, sort_keys=True, ensure_ascii=False,
+                                                       default=str))
+
+    return show
+
+
 @admin.register(ClerkUser)
 class ClerkUserAdmin(ReadOnlyAdmin):
     list_display = ("clerk_id", "email", "first_name", "last_name", "role", "plan", "banned", "deleted_at")
     list_filter = ("role", "plan", "banned")
     search_fields = ("clerk_id", "email", "first_name", "last_name")
+    masked = ("public_metadata", "private_metadata", "unsafe_metadata")
+    readonly_fields = ("public_metadata_masked", "private_metadata_masked", "unsafe_metadata_masked")
+    public_metadata_masked = _masked_json("public_metadata", key="public_metadata")
+    private_metadata_masked = _masked_json("private_metadata", key="private_metadata")
+    unsafe_metadata_masked = _masked_json("unsafe_metadata", key="unsafe_metadata")
 
 
 @admin.register(ClerkOrganization)
 class OrganizationAdmin(ReadOnlyAdmin):
     list_display = ("clerk_id", "name", "slug", "plan", "deleted_at")
     search_fields = ("clerk_id", "name", "slug")
+    masked = ("public_metadata", "private_metadata")
+    readonly_fields = ("public_metadata_masked", "private_metadata_masked")
+    public_metadata_masked = _masked_json("public_metadata", key="public_metadata")
+    private_metadata_masked = _masked_json("private_metadata", key="private_metadata")
 
 
 @admin.register(ClerkMembership)
@@ -71,6 +117,9 @@ class WebhookDeliveryAdmin(ReadOnlyAdmin):
     list_filter = ("status", "type")
     search_fields = ("svix_id",)
     actions = ("replay",)
+    masked = ("payload",)
+    readonly_fields = ("payload_masked",)
+    payload_masked = _masked_json("payload")
 
     def has_replay_permission(self, request: HttpRequest) -> bool:
         """Replaying writes to the mirrored tables: superusers only."""
