@@ -59,7 +59,7 @@ def reconcile_command(settings: Any, *, since: str | None, dry_run: bool, consol
     try:
         with ClerkClient.from_settings(settings) as clerk, RichProgress(*columns, console=console) as bar:
             reconciler = Reconciler(store, clerk, progress=_RichProgress(bar), on_change=show, with_hooks=bool(hooks),
-                                    allow_mass_delete=allow_mass_delete)
+                                    allow_mass_delete=allow_mass_delete, instance_id=settings.instance_id)
             report = reconciler.run(since=parse_since(since), dry_run=dry_run)
     finally:
         if own:

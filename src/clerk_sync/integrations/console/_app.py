@@ -313,7 +313,7 @@ def create_console(store: Store, settings: Settings, *, clerk: ClerkClient | Non
               "max_reconcile_age_s": settings.freshness_max_reconcile_age_s,
               "max_hook_wait_s": settings.freshness_max_hook_wait_s}
     console = Console(store, access, clerk=clerk, read_only=settings.console_read_only, now=now,
-                      freshness_limits=limits, metrics=metrics)
+                      freshness_limits=limits, metrics=metrics, instance_id=settings.instance_id)
     app = _ConsoleApp(routes=_routes(console))
     console.router = app.router
     app.state.console = console

@@ -39,7 +39,7 @@ class Console:
 
     def __init__(self, store: Store, access: ConsoleAccess, *, clerk: ClerkClient | None, read_only: bool,
                  now: Callable[[], datetime], freshness_limits: dict[str, Any] | None = None,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, instance_id: str | None = None) -> None:
         self.store = store
         self.access = access
         self.clerk = clerk
@@ -47,7 +47,8 @@ class Console:
         self.now = now
         # The thresholds of the alert rules and `doctor --freshness` (CLERK_SYNC_FRESHNESS_*).
         self.freshness_limits = freshness_limits or {}
-        self.drift = DriftJob(store, clerk, now=now, metrics=metrics) if clerk is not None else None
+        self.drift = (DriftJob(store, clerk, now=now, metrics=metrics, instance_id=instance_id)
+                      if clerk is not None else None)
         env = Environment(loader=PackageLoader("clerk_sync.integrations.console", "templates"),
                           autoescape=select_autoescape(default=True), trim_blocks=True, lstrip_blocks=True)
         env.filters.update(ago=self.ago, when=_when, pretty=_pretty)

@@ -31,9 +31,10 @@ class DriftJob:
     """The state of the latest console reconcile; :meth:`snapshot` is what the page polls."""
 
     def __init__(self, store: Store, clerk: ClerkClient, *, now: Callable[[], datetime],
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, instance_id: str | None = None) -> None:
         self.store = store
         self.clerk = clerk
+        self.instance_id = instance_id  # CLERK_INSTANCE_ID: the instance the key must belong to (Reconciler)
         self._now = now
         self.metrics = metrics  # the console's runs count in clerk_sync_reconcile_* as the CLI's do
         self._lock = threading.Lock()
@@ -69,7 +70,7 @@ class DriftJob:
     # -- the worker thread -------------------------------------------------------------------------
     def _run(self, dry_run: bool, actor: str | None, ip: str | None) -> None:
         reconciler = Reconciler(self.store, self.clerk, progress=_Progress(self), on_change=self._change,
-                                metrics=self.metrics)
+                                metrics=self.metrics, instance_id=self.instance_id)
         try:
             report = reconciler.run(dry_run=dry_run)
         except Exception as exc:
