@@ -409,3 +409,20 @@ def test_overview_shows_the_freshness_checks_of_the_alert_rules(stack: ConsoleSt
         alarmed = client.get("/", headers=HTML).text
     row = re.search(r"<tr><td><span class=\"bad\">fail</span></td><td>([^<]+)</td>", alarmed)
     assert row is not None and "failed" in row.group(1)  # CLERK_SYNC_FRESHNESS_MAX_FAILED is 0 by default
+
+
+def test_overview_shows_rows_the_apps_mapped_table_refused(stack: ConsoleStack) -> None:
+    """As `doctor --freshness` (ClerkSyncMappedRowsRefused): a delivery applied to clerk-sync's tables whose row
+    the app's mapped table refused fails the overview's "mapped rows" line."""
+    from clerk_sync.outbox import REFUSAL_NOTE
+
+    with operator_client(stack) as client:
+        calm = client.get("/", headers=HTML).text
+        assert "mapped rows" in calm
+        with stack.store.transaction() as w:
+            w.record_delivery("msg_refused_row", {"object": "event", "type": "user.created", "data": {}}, event_type=
+                              "user.created", instance_id=None, event_timestamp=None, status="applied",
+                              error=f"{REFUSAL_NOTE} (accounts): NOT NULL constraint failed: accounts.tenant_id")
+        alarmed = client.get("/", headers=HTML).text
+    row = re.search(r"<tr><td><span class=\"bad\">fail</span></td><td>mapped rows</td><td>([^<]+)</td>", alarmed)
+    assert row is not None and "msg_refused_row" in row.group(1)

@@ -26,7 +26,7 @@ from clerk_sync.auth.admin import AdminActions
 from clerk_sync.auth.audit import record_audit
 from clerk_sync.engine import DeliveryStatus
 from clerk_sync.errors import ConfigError, StoreError
-from clerk_sync.freshness import FreshnessCheck, check_freshness, read_snapshot
+from clerk_sync.freshness import REFUSALS_WINDOW_S, FreshnessCheck, check_freshness, read_refusals, read_snapshot
 from clerk_sync.ingest import replay_if_failed
 from clerk_sync.integrations.console import _queries as q
 from clerk_sync.integrations.console._access import SIGN_OUT, Identity
@@ -129,7 +129,9 @@ def _freshness(console: Console) -> list[FreshnessCheck]:
     limits = console.freshness_limits
     if not limits:
         return []
-    return check_freshness(read_snapshot(console.store), now=console.now().timestamp(), **limits)
+    now = console.now().timestamp()
+    refusals = read_refusals(console.store, since=now - REFUSALS_WINDOW_S)  # ClerkSyncMappedRowsRefused
+    return check_freshness(read_snapshot(console.store), now=now, refusals=refusals, **limits)
 
 
 def _database(console: Console) -> dict[str, Any]:
