@@ -55,14 +55,15 @@ def test_a_worker_that_cannot_start_ends_serve_with_3_and_one_line(tmp_path: Pat
     assert time.monotonic() - started < 60  # stopped, not restarted for ever
 
 
-def test_what_the_parent_finds_is_one_line_and_exit_2_with_workers(tmp_path: Path) -> None:
-    """A busy port and a bad setting: found before any worker starts, as with --workers 1."""
+def test_what_the_parent_finds_is_one_line_and_its_exit_code_with_workers(tmp_path: Path) -> None:
+    """A busy port (3: the service could not start) and a bad setting (2): found before any worker starts, as
+    with --workers 1."""
     env = _env(f"sqlite:///{tmp_path / 'w.db'}")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         busy = run("serve", "--workers", "2", "--port", str(taken.getsockname()[1]), env=env)
-    assert busy.returncode == 2 and "cannot listen on 127.0.0.1" in said(busy), said(busy)
+    assert busy.returncode == 3 and "cannot listen on 127.0.0.1" in said(busy), said(busy)
     assert "pass another --port, or stop what uses it" in said(busy)
     bad = run("serve", "--workers", "2", "--port", str(free_port()), env={**env, "CLERK_SYNC_MAX_BODY_BYTES": "lots"})
     assert bad.returncode == 2 and "CLERK_SYNC_MAX_BODY_BYTES" in said(bad), said(bad)

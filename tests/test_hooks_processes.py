@@ -424,7 +424,7 @@ def test_worker_serves_its_hook_series_on_metrics_port(tmp_path: Path) -> None:
         taken = subprocess.run([sys.executable, "-c", "from clerk_sync.cli import main; main()", "worker", "--hooks",
                                 "tests._hook_worker:hooks", "--metrics-port", str(port)],
                                env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
-        assert taken.returncode == 2 and "choose a free port" in " ".join(taken.stderr.split()), taken.stderr
+        assert taken.returncode == 3 and "choose a free port" in " ".join(taken.stderr.split()), taken.stderr
     finally:
         proc.terminate()
         proc.wait(timeout=20)

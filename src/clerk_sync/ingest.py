@@ -16,7 +16,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 import sqlalchemy as sa
@@ -72,10 +72,16 @@ class Outcome:
 
 @dataclass(frozen=True, slots=True)
 class ReplayReport:
-    """Counts of a ``replay`` run by resulting status."""
+    """Counts of a ``replay`` run by resulting status (the status each delivery is stored with after it).
+
+    ``left``: of those, the deliveries that were not ``failed`` and whose replay changed nothing (stale: the rows
+    hold their version or a newer one; or their payload was redacted), by the status they kept. A replay never
+    relabels them (an applied delivery replayed is stale, and recording ``skipped`` would rewrite the history the
+    console's filters, the metrics and incident reviews read)."""
 
     total: int
     by_status: dict[str, int]
+    left: dict[str, int] = field(default_factory=dict)
 
 
 class WebhookProcessor:
@@ -92,6 +98,7 @@ class WebhookProcessor:
         log_level: str = "DEBUG",
         summary_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
+        refused_warning_s: float = 60.0,
     ) -> None:
         self.store = store
         self.verifier = verifier
@@ -103,6 +110,9 @@ class WebhookProcessor:
         # line says at INFO what went through.
         self.log_level = logging.getLevelNamesMapping()[log_level.upper()]
         self._summary = _Summary(summary_s, clock) if summary_s > 0 else None
+        # Refusals that may be an outage (a rotated secret refuses every delivery) at WARNING, rate limited:
+        # a log at WARNING said nothing of them (their per-delivery line is INFO), a forged flood not a line each
+        self._refusals = _RefusalWarnings(refused_warning_s, clock)
 
     def process(self, headers: Mapping[str, str], body: bytes) -> Outcome:
         """Verify, parse and apply one delivery in one transaction."""
@@ -154,6 +164,8 @@ class WebhookProcessor:
         if isinstance(exc, WebhookError):
             log.info("webhook_refused", svix_id=claimed, code=exc.code, reason=str(exc))
             self.metrics.refused.labels(code=exc.code).inc()
+            if exc.code in _REFUSAL_ADVICE:
+                self._refusals.count(exc.code, str(exc))
         elif isinstance(exc, StoreError):
             log.warning("webhook_store_error", svix_id=claimed, reason=str(exc))
             self.metrics.db_errors.labels(operation="webhook").inc()
@@ -182,10 +194,11 @@ class WebhookProcessor:
         delivery_span(started_ns, outcome.svix_id, envelope.type, outcome.status, outcome.error)
 
     def flush_summary(self) -> None:
-        """Log the summary line of the deliveries counted since the last one (``serve`` calls it when it
-        stops, so the last seconds before a shutdown are said too)."""
+        """Log the summary line of the deliveries counted since the last one, and the refusals not said yet
+        (``serve`` calls it when it stops, so the last seconds before a shutdown are said too)."""
         if self._summary is not None:
             self._summary.flush()
+        self._refusals.flush()
 
     def _store_refused(self, svix_id: str, envelope: Envelope, exc: StoreDataError) -> Outcome:
         """The DB refused a value for good: keep the delivery as ``failed`` (replayable after a fix)
@@ -401,7 +414,63 @@ class _Summary:
         contextvars.copy_context().run(say)  # the unbinding stays in the copy
 
 
-_SUMMARIES: weakref.WeakSet[_Summary] = weakref.WeakSet()
+# The refusals said at WARNING (rate limited), with what to check: those a sender may be failing on for every
+# delivery. Not webhook_headers_missing: a request without Svix's headers is no delivery (a scanner, a probe).
+_REFUSAL_ADVICE = {
+    "webhook_signature_invalid": "no CLERK_WEBHOOK_SIGNING_SECRET matches: a secret rotated in the Clerk Dashboard "
+                                 "(set the new one; during a rotation list both), this host's clock off (NTP), or "
+                                 "requests not from Clerk; when every delivery is refused it is an outage",
+    "wrong_instance": "signed by another Clerk instance than CLERK_INSTANCE_ID: check the endpoint and the setting",
+    "payload_too_large": "bodies over CLERK_SYNC_MAX_BODY_BYTES are refused (Svix retries, then gives up): raise it",
+    "payload_invalid": "signed bodies that are not a Clerk event envelope",
+}
+
+
+class _RefusalWarnings:
+    """Refusals at WARNING (``event=webhooks_refused``, per code: how many, the last reason, what to check),
+    rate limited per code: the first at once, then at most one line per ``every_s`` counting those since the
+    last line (said by the refusal that finds the last line ``every_s`` old, or by :meth:`flush`; no timer
+    thread). ``every_s`` 0: a line per refusal."""
+
+    def __init__(self, every_s: float, clock: Callable[[], float]) -> None:
+        self.every_s, self._clock = every_s, clock
+        self._lock = threading.Lock()
+        self._counts: dict[str, tuple[int, str]] = {}  # code -> (refused since its last line, the last reason)
+        self._last: dict[str, float] = {}  # code -> when its last line was logged
+        _SUMMARIES.add(self)  # the count not said yet is said at interpreter exit too
+
+    def count(self, code: str, reason: str) -> None:
+        with self._lock:
+            now = self._clock()
+            self._counts[code] = (self._counts.get(code, (0, ""))[0] + 1, reason)
+            last = self._last.get(code)
+            if last is not None and now - last < self.every_s:
+                return
+            (refused, reason), self._last[code] = self._counts.pop(code), now
+        self._say(code, refused, reason, now, last)
+
+    def flush(self) -> None:
+        """Say the refusals counted since each code's last line, if any."""
+        with self._lock:
+            now = self._clock()
+            counts, self._counts = self._counts, {}
+            lasts = {code: self._last.get(code) for code in counts}
+            self._last.update(dict.fromkeys(counts, now))
+        for code, (refused, reason) in sorted(counts.items()):
+            self._say(code, refused, reason, now, lasts[code])
+
+    @staticmethod
+    def _say(code: str, refused: int, reason: str, now: float, last: float | None) -> None:
+        def say() -> None:
+            structlog.contextvars.unbind_contextvars("svix_id")  # about many deliveries (see _Summary._say)
+            log.warning("webhooks_refused", code=code, refused=refused,
+                        seconds=round(now - last, 1) if last is not None else 0.0, last_reason=reason,
+                        check=_REFUSAL_ADVICE[code])
+
+        contextvars.copy_context().run(say)
+
+
+_SUMMARIES: weakref.WeakSet[_Summary | _RefusalWarnings] = weakref.WeakSet()
 
 
 @atexit.register
@@ -419,7 +488,8 @@ def replay_deliveries(
     """Re-apply stored deliveries (e.g. ``failed`` ones after a fix), one transaction each.
 
     Payloads were verified when received, so no secret is needed. The store's hooks fire only
-    ``with_hooks``: re-processing must not send the welcome mail twice.
+    ``with_hooks``: re-processing must not send the welcome mail twice. A delivery that was not ``failed``
+    keeps its status when the replay changes nothing (:func:`replay_one`), counted in ``left``.
     """
     store = store if with_hooks else store.without_hooks()
     query = sa.select(webhook_events.c.svix_id).where(webhook_events.c.status == status)
@@ -428,10 +498,13 @@ def replay_deliveries(
     with store.connect() as conn:
         ids = list(conn.execute(query.order_by(webhook_events.c.id)).scalars())
     counts: dict[str, int] = {}
+    left: dict[str, int] = {}
     for svix_id in ids:
-        result = replay_delivery(store, svix_id)
-        counts[str(result)] = counts.get(str(result), 0) + 1  # plain strings: reports print and compare as text
-    return ReplayReport(len(ids), counts)
+        _, result, written = _replay(store, svix_id, None, only_failed=False)
+        counts[result] = counts.get(result, 0) + 1  # plain strings: reports print and compare as text
+        if not written:
+            left[result] = left.get(result, 0) + 1
+    return ReplayReport(len(ids), counts, left)
 
 
 def replay_delivery(store: Store, svix_id: str, *,
@@ -439,20 +512,23 @@ def replay_delivery(store: Store, svix_id: str, *,
     """Re-apply one stored delivery in its own unit of work (:meth:`Store.run`: written again without the
     app's tables if one of them rolled it back), ``audit``'s row in the same transaction. Still refused by
     the database: kept ``failed`` with the reason (and audited so). ``replay`` replays through here, the
-    console and the Django admin through :func:`replay_if_failed`."""
+    console and the Django admin through :func:`replay_if_failed`. Returns the status it is stored with
+    after (one that was not failed keeps its own when the replay changed nothing: :func:`replay_one`)."""
     return DeliveryStatus(_replay(store, svix_id, audit, only_failed=False)[1])
 
 
 def replay_if_failed(store: Store, svix_id: str, *,
                      audit: Callable[[Writer, DeliveryStatus], None] | None = None) -> tuple[bool, str]:
     """:func:`replay_delivery` only if the delivery is still ``failed`` when its transaction reads it (the row
-    locked; SQLite has one writer): a double click or a second operator leaves an applied delivery as it is
-    (replaying it would relabel it ``skipped``), nothing written. Returns (replayed, status)."""
-    return _replay(store, svix_id, audit, only_failed=True)
+    locked; SQLite has one writer): a double click or a second operator leaves an applied delivery as it is,
+    nothing written. Returns (replayed, status)."""
+    replayed, status, _ = _replay(store, svix_id, audit, only_failed=True)
+    return replayed, status
 
 
 def _replay(store: Store, svix_id: str, audit: Callable[[Writer, DeliveryStatus], None] | None, *,
-            only_failed: bool) -> tuple[bool, str]:
+            only_failed: bool) -> tuple[bool, str, bool]:
+    """(replayed, the status stored after, whether the replay wrote the delivery's outcome)."""
     def still_failed(writer: Writer) -> str | None:
         """None when the delivery may be replayed, else its status."""
         if not only_failed:
@@ -462,14 +538,14 @@ def _replay(store: Store, svix_id: str, audit: Callable[[Writer, DeliveryStatus]
                      .scalar_one())
         return None if status == DeliveryStatus.FAILED else status
 
-    def work(writer: Writer) -> tuple[bool, str]:
+    def work(writer: Writer) -> tuple[bool, str, bool]:
         current = still_failed(writer)
         if current is not None:
-            return False, current
-        status = replay_one(writer, svix_id)
+            return False, current, False
+        status, written = _replay_in(writer, svix_id)
         if audit is not None:
             audit(writer, status)
-        return True, status
+        return True, str(status), written
 
     try:
         return store.run(work)
@@ -477,11 +553,11 @@ def _replay(store: Store, svix_id: str, audit: Callable[[Writer, DeliveryStatus]
         with store.transaction() as writer:
             current = still_failed(writer)
             if current is not None:
-                return False, current
+                return False, current, False
             writer.finish_delivery(svix_id, DeliveryStatus.FAILED, str(exc), count_attempt=True)
             if audit is not None:
                 audit(writer, DeliveryStatus.FAILED)
-        return True, DeliveryStatus.FAILED
+        return True, DeliveryStatus.FAILED.value, True
 
 
 _REDACTED_NOT_REPLAYED = ("not replayed: its payload was redacted (retention or erasure) to ids and versions, "
@@ -490,29 +566,48 @@ _REDACTED_NOT_REPLAYED = ("not replayed: its payload was redacted (retention or 
 
 def replay_one(writer: Writer, svix_id: str) -> DeliveryStatus:
     """Re-apply one stored delivery inside the caller's transaction (so an audit row can share it);
-    returns its new status. :func:`replay_deliveries` runs it once per delivery."""
-    payload, event_ms, received_at = writer.conn.execute(
-        sa.select(webhook_events.c.payload, webhook_events.c.event_timestamp, webhook_events.c.received_at)
-        .where(webhook_events.c.svix_id == svix_id)
+    returns the status it is stored with after. :func:`replay_deliveries` runs it once per delivery.
+
+    A delivery that was not ``failed`` keeps its status, error and attempts when the replay changes nothing
+    (skipped: the rows hold its version or a newer one; ignored; its payload redacted): an applied delivery
+    replayed is always stale, and recording that as ``skipped`` would relabel the history (the console's
+    filters, the outcome metrics, an incident review). One that applies again, or fails, is recorded so."""
+    return _replay_in(writer, svix_id)[0]
+
+
+# A replay with one of these outcomes changed no row: a delivery that was not failed is left as it was
+_CHANGED_NOTHING = frozenset({DeliveryStatus.SKIPPED, DeliveryStatus.IGNORED})
+
+
+def _replay_in(writer: Writer, svix_id: str) -> tuple[DeliveryStatus, bool]:
+    """:func:`replay_one`, and whether the delivery's outcome was written (False: left as it was)."""
+    e = webhook_events.c
+    payload, event_ms, received_at, stored = writer.conn.execute(
+        sa.select(e.payload, e.event_timestamp, e.received_at, e.status).where(e.svix_id == svix_id)
     ).one()
+    was_failed = stored == DeliveryStatus.FAILED
     if isinstance(payload, dict) and payload.get("redacted") is True:  # ids and versions only (retention,
         # erasure): applied, it would blank the row's fields with a version that may be newer
+        if not was_failed:  # nothing to apply, and it was applied, skipped or ignored on arrival: as it was
+            return DeliveryStatus(stored), False
         writer.finish_delivery(svix_id, DeliveryStatus.SKIPPED, _REDACTED_NOT_REPLAYED, count_attempt=True)
-        return DeliveryStatus.SKIPPED
+        return DeliveryStatus.SKIPPED, True
     try:
         # As when it arrived: an envelope field that did not refuse it live does not now; a timestamp it lacked
         # is the one stored then (the time received), so a tombstone gets the same version again.
         envelope = parse_envelope(json.dumps(payload), received_ms=lambda: _stored_ms(event_ms, received_at))
     except PayloadError as exc:
         writer.finish_delivery(svix_id, DeliveryStatus.FAILED, str(exc), count_attempt=True)
-        return DeliveryStatus.FAILED
+        return DeliveryStatus.FAILED, True
     refused = len(writer.refused)
     status, error = apply_envelope(writer, envelope)
     # as a live delivery: about a deleted entity (a skipped update, a membership deleted on arrival), it
     # keeps no personal data
     WebhookProcessor.forget_if_deleted(writer, Outcome(svix_id, envelope.type, status, error), envelope)
+    if not was_failed and status in _CHANGED_NOTHING and len(writer.refused) == refused:
+        return DeliveryStatus(stored), False
     writer.finish_delivery(svix_id, status, writer.refusals_noted(refused, error), count_attempt=True)
-    return status
+    return status, True
 
 
 def _stored_ms(event_ms: int | None, received_at: datetime) -> int:

@@ -6,9 +6,16 @@ from datetime import datetime
 
 from clerk_sync._time import as_utc
 from clerk_sync.engine import DeliveryStatus
-from clerk_sync.errors import ConfigError
+from clerk_sync.errors import ClerkSyncError, ConfigError
 
-__all__ = ["STORED_STATUSES", "parse_since"]
+__all__ = ["STORED_STATUSES", "PortInUse", "parse_since"]
+
+
+class PortInUse(ClerkSyncError):
+    """A port a command listens on is taken (another process, an earlier run still stopping): the CLI exits 3,
+    as for a database that cannot be reached (``main.exit_code``), not 2: no setting is malformed."""
+
+    code = "port_in_use"
 
 #: What ``replay --status`` takes on every face: the statuses a delivery is stored with (a typo replayed nothing
 #: and exited 0, as if nothing were failed).

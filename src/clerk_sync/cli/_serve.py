@@ -1,5 +1,6 @@
 """``clerk-sync serve``'s process side: uvicorn's multi-worker supervisor made to exit like one worker does
-(3 with one line when the service cannot start, 1 when workers keep dying), and a start-up failure told as
+(3 with one line when the service cannot start, as ``main`` exits 3 for a port in use: ``main.EXIT_UNAVAILABLE``;
+1 when workers keep dying), and a start-up failure told as
 one line instead of uvicorn's traceback, and the fresh multiprocess metrics directory ``serve`` and ``worker``
 count in. Apart from ``main`` because it reaches into uvicorn's supervisor (``Multiprocess.keep_subprocess_alive``),
 which no public API lets us change."""

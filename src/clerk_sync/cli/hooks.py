@@ -9,6 +9,7 @@ are not dead jobs and exit with 1, and ``retry`` names the jobs whose entity has
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib
 import os
 import signal
@@ -237,8 +238,11 @@ def _run_forever(store: Store, metrics: Metrics, *, metrics_port: int | None, me
         try:
             start_http_server(metrics_port, metrics_host, registry=metrics.registry)
         except OSError as exc:
-            raise ConfigError(f"--metrics-port {metrics_port} on {metrics_host}: {exc.strerror or exc}; choose a "
-                              "free port (each worker on a host needs its own)") from exc
+            from clerk_sync.cli._args import PortInUse
+
+            error = PortInUse if exc.errno == errno.EADDRINUSE else ConfigError  # in use: exit 3, as serve's port
+            raise error(f"--metrics-port {metrics_port} on {metrics_host}: {exc.strerror or exc}; choose a "
+                        "free port (each worker on a host needs its own)") from exc
     dispatcher = Dispatcher(store, metrics=metrics, **options)
     signal.signal(signal.SIGTERM, lambda *_: dispatcher.stop(timeout_s=0))
     Console(stderr=True).print(f"clerk-sync worker: hooks {[h.name for h in store.hooks]}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 from pathlib import Path
@@ -14,7 +15,9 @@ from rich.markup import escape
 from sqlalchemy.exc import SQLAlchemyError
 
 from clerk_sync import migrations
+from clerk_sync._db_errors import is_transient
 from clerk_sync._logging import configure_logging
+from clerk_sync.cli._args import PortInUse
 from clerk_sync.cli._serve import (
     STARTUP_FAILURE,
     could_not_start,
@@ -24,13 +27,37 @@ from clerk_sync.cli._serve import (
 )
 from clerk_sync.cli.hooks import HOOKS_HELP, MAPPING_HELP, hooks_app, load_hooks, load_mapping, migrate_mapping, worker
 from clerk_sync.config import Settings
-from clerk_sync.errors import ClerkNotFound, ClerkSyncError, ClerkUnauthorized, ConfigError
+from clerk_sync.errors import (
+    ClerkNotFound,
+    ClerkSyncError,
+    ClerkUnauthorized,
+    ClerkUnavailable,
+    ConfigError,
+    RateLimited,
+    ReconcileBusy,
+    StoreDataError,
+    StoreError,
+)
 from clerk_sync.store import Store
 
 if TYPE_CHECKING:
     from clerk_sync.ingest import WebhookProcessor
 
-__all__ = ["app", "main"]
+__all__ = ["EXIT_SETTINGS", "EXIT_UNAVAILABLE", "EXIT_UNDONE", "app", "exit_code", "main"]
+
+#: The exit codes of every ``clerk-sync`` command (0: done). A command that ran and left something undone
+#: (``replay`` with deliveries still failed, ``reconcile`` with objects it could not read, ``doctor`` with a
+#: failed check, ``hooks retry`` naming ids that are no dead jobs).
+EXIT_UNDONE = 1
+#: A setting, an argument or the database's schema to fix (click's usage errors exit 2 too): running the same
+#: command again as it is cannot help.
+EXIT_SETTINGS = 2
+#: Something the command needs is unavailable now: the database cannot be reached or a bounded wait on it ran
+#: out, Clerk is down or its rate budget spent (``users promote`` recording a pending change), another
+#: ``reconcile`` is running, the port to listen on is in use, the service could not start (``serve``: uvicorn's
+#: code for a failed start-up, _serve.STARTUP_FAILURE). Retry later.
+EXIT_UNAVAILABLE = 3
+assert EXIT_UNAVAILABLE == STARTUP_FAILURE
 
 app = typer.Typer(help="Keep your SQL database in sync with Clerk.", no_args_is_help=True)
 app.add_typer(hooks_app, name="hooks")
@@ -163,8 +190,10 @@ def _listen(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror}): pass another --port, or stop what "
-                          "uses it") from None
+        # In use: exit 3 (the service could not start, as _serve's failed start-up), else a setting to fix (2)
+        error = PortInUse if exc.errno == errno.EADDRINUSE else ConfigError
+        raise error(f"cannot listen on {host}:{port} ({exc.strerror}): pass another --port, or stop what "
+                    "uses it") from None
     sock.set_inheritable(True)  # serve --workers: the worker processes accept on it
     return sock
 
@@ -178,7 +207,8 @@ def _announce(settings: Settings, host: str, sock: socket.socket) -> None:
 
 @app.command()
 def replay(
-    status: Annotated[str, typer.Option(help="Replay deliveries with this status.")] = "failed",
+    status: Annotated[str, typer.Option(help="Replay deliveries with this status (one that is not failed keeps "
+                                             "it when the replay changes nothing).")] = "failed",
     since: Annotated[str | None, typer.Option(help="Received at/after (ISO 8601, naive = UTC).")] = None,
     with_hooks: Annotated[str | None, typer.Option(help="Fire these hooks for what the replay applies "
                                                         "(module:attribute); by default none fire.")] = None,
@@ -198,10 +228,19 @@ def replay(
     report = replay_deliveries(store, status=status, since=parse_since(since), with_hooks=bool(with_hooks))
     store.dispose()
     console.print(f"replayed {report.total} deliveries: {report.by_status or 'none'}")
+    if report.left:  # not failed, and the replay changed nothing: kept as they were, not relabelled skipped
+        kept = ", ".join(f"{n} already {kept}" for kept, n in sorted(report.left.items()))
+        console.print(f"{kept}: left as they were (the rows hold these versions or newer, so a replay changes "
+                      "nothing; their status is their history)", highlight=False)
+        if status in (DeliveryStatus.APPLIED, DeliveryStatus.SKIPPED):
+            console.print("to write the rows clerk-sync holds into your mapped tables, run `clerk-sync migrate "
+                          "--mapping module:attribute --backfill` (idempotent); replay is for failed deliveries",
+                          highlight=False)
     if still := report.by_status.get(DeliveryStatus.FAILED.value):  # a scheduled replay must not look fine
-        console.print(f"[red]{still} still failed[/]: read webhook_events.last_error (or the console), fix the "
+        failed = "still failed" if status == DeliveryStatus.FAILED else "failed"
+        console.print(f"[red]{still} {failed}[/]: read webhook_events.last_error (or the console), fix the "
                       "cause, then replay again")
-        raise SystemExit(1)
+        raise SystemExit(EXIT_UNDONE)
 
 
 @app.command()
@@ -241,7 +280,7 @@ def emulate(
     try:
         serve(config, host, port)
     except CannotListen as exc:  # serve binds before printing anything: the port is busy or not ours
-        raise ConfigError(exc.strerror or str(exc)) from None
+        raise (PortInUse if exc.errno == errno.EADDRINUSE else ConfigError)(exc.strerror or str(exc)) from None
 
 
 @app.command()
@@ -263,7 +302,7 @@ def dev(
     report = run_dev(db, port=port, users_n=users, orgs_n=orgs, console=Console(), keep_running=not once,
                      force=force)
     if not report.converged:
-        raise SystemExit(1)
+        raise SystemExit(EXIT_UNDONE)
 
 
 users_app = typer.Typer(help="Manage mirrored users (admin actions are audited).", no_args_is_help=True)
@@ -289,7 +328,7 @@ def users_promote(
     if clerk_id is None:
         console.print(f"[red]error:[/] no synced user with email {escape(repr(email))} "
                       "(run `clerk-sync reconcile` first?)")
-        raise SystemExit(1)
+        raise SystemExit(EXIT_UNDONE)
     with ClerkClient.from_settings(settings) as client:
         actions = AdminActions(store, client)
         if retry_pending:
@@ -300,7 +339,7 @@ def users_promote(
                   f"{escape(str(change.previous_role))} -> {escape(role)}")
     if change.status == "pending":  # not done: a script must see it (as retry-pending's exit code 3)
         console.print(change.pending_advice("clerk-sync users retry-pending"))
-        raise SystemExit(3)
+        raise SystemExit(EXIT_UNAVAILABLE)
 
 
 @app.command()
@@ -360,7 +399,7 @@ def users_erase(
         console.print(f"[red]error:[/] no user {escape(repr(clerk_id))} in this database (no row, no stored "
                       "event); nothing was changed. Check the id (Clerk Dashboard -> Users, or the users table's "
                       "clerk_id), or pass --force to tombstone a user never synced.")
-        raise SystemExit(1) from None
+        raise SystemExit(EXIT_UNDONE) from None
     finally:
         store.dispose()
     found = "erased" if report.row_existed else "no row for it; tombstone written"
@@ -371,7 +410,7 @@ def users_erase(
         console.print(f"[red]error:[/] {escape(str(refused))}: clear it in the app's table "
                       "(see `clerk-sync doctor --mapping`)")
     if report.mapped_refused:  # clerk-sync's rows are erased, the request is not done: a script must see it
-        raise SystemExit(1)
+        raise SystemExit(EXIT_UNDONE)
     untold = [(what, option) for what, option, given in (
         ("the app's mapped tables were not touched", "--mapping module:attribute", mapping),
         ("no hook job was queued", "--hooks module:attribute", hooks)) if given is None]
@@ -422,7 +461,7 @@ def reconcile(
                                mapping=load_mapping(mapping), allow_mass_delete=allow_mass_delete)
     if (unread := unread_objects(report)) is not None:
         console.print(f"[red]error:[/] {escape(unread)}", highlight=False)
-        raise SystemExit(1)
+        raise SystemExit(EXIT_UNDONE)
 
 
 @users_app.command("retry-pending")
@@ -438,7 +477,7 @@ def users_retry_pending() -> None:
     store.dispose()
     console.print(f"pending role changes: {counts}")
     if counts["pending"]:
-        raise SystemExit(3)  # still waiting on Clerk: let the scheduler notice
+        raise SystemExit(EXIT_UNAVAILABLE)  # still waiting on Clerk: let the scheduler notice
 
 
 @app.command()
@@ -459,7 +498,7 @@ def doctor(
         mark = {"ok": "[green]ok  [/]", "warn": "[yellow]warn[/]", "fail": "[red]FAIL[/]"}[check.status]
         out.print(f"{mark}  {escape(check.name)}: {escape(check.detail)}")
     if any(c.status == "fail" for c in results):
-        raise SystemExit(1)
+        raise SystemExit(EXIT_UNDONE)
 
 
 def _safe(settings: Settings) -> str:
@@ -478,24 +517,102 @@ _HINTS: dict[type[Exception], str] = {
 
 
 def main() -> None:
-    """Console entry point: turn our errors into one readable line and exit 2."""
+    """Console entry point: turn our errors into one readable line and the exit code :func:`exit_code` gives."""
     try:
         app()
-    except ClerkSyncError as exc:
-        console.print(f"[red]error:[/] {escape(str(exc))}{_HINTS.get(type(exc), '')}")  # "clerk-sync[postgres]" is text
-        raise SystemExit(2) from None
-    except SQLAlchemyError as exc:  # e.g. `migrate` with the database down: one line, not a traceback
-        # (A failed migration step is migrations.MigrationError, above: it names the migration.) Through
-        # store_error: a lock wait that ran out says so, where "check DATABASE_URL" would mislead.
+    except (ClerkSyncError, SQLAlchemyError, CommandError) as exc:
+        code = exit_code(exc)
+        console.print(f"[red]error:[/] {escape(_error_line(exc, code))}")  # "clerk-sync[postgres]" is text
+        raise SystemExit(code) from None
+
+
+def exit_code(exc: BaseException) -> int:
+    """The exit code of a command that raised ``exc``: :data:`EXIT_UNAVAILABLE` (3) when what it needs may answer
+    later (the database down or a lock wait run out, Clerk down or rate limited, another reconcile running, the
+    port in use), else :data:`EXIT_SETTINGS` (2: a setting, the schema, a refusal to fix first). One table for
+    every command, so a scheduler can tell "retry later" from "fix the configuration"."""
+    if isinstance(exc, ConfigError):  # (whatever it was raised while handling)
+        return EXIT_SETTINGS
+    if isinstance(exc, PortInUse | ClerkUnavailable | RateLimited | ReconcileBusy):
+        return EXIT_UNAVAILABLE
+    database = _database_cause(exc)
+    if database is not None:
+        return EXIT_UNAVAILABLE if _database_unavailable(database) else EXIT_SETTINGS
+    if isinstance(exc, StoreError) and not isinstance(exc, StoreDataError | migrations.MigrationError):
+        return EXIT_UNAVAILABLE  # one of ours without the driver's cause (a lock another process held): transient
+    return EXIT_SETTINGS
+
+
+def _database_cause(exc: BaseException) -> SQLAlchemyError | None:
+    """The database's exception in ``exc``'s chain (a StoreError names it in words; its cause is the driver's)."""
+    seen: BaseException | None = exc
+    for _ in range(16):  # (a chain is short; a cycle is not followed for ever)
+        if seen is None:
+            return None
+        if isinstance(seen, SQLAlchemyError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+# Server errors of a database that is there but refuses this login or has no such database: settings to fix.
+# PostgreSQL says them at connection time without a SQLSTATE (psycopg), so by its message's words.
+_PG_LOGIN_REFUSED = ("authentication failed", "does not exist", "pg_hba.conf", "password", "permission denied",
+                     "SSL", "certificate")
+# MySQL/MariaDB client errors of a server that cannot be reached or went away (can't connect, unknown host, gone
+# away, lost the connection, too many connections, shutting down) and the server's passing states (killed,
+# out of resources); the bounded waits are is_transient's.
+_MYSQL_UNAVAILABLE = frozenset({2002, 2003, 2005, 2006, 2013, 2055, 1040, 1053, 1317, 3169, 4031,
+                                1021, 1037, 1038, 1041, 1114})
+_SQLITE_UNAVAILABLE = ("unable to open database file", "database is locked", "disk I/O error",
+                       "database or disk is full", "out of memory")
+_PG_UNAVAILABLE_CLASSES = ("08", "40", "53", "57", "58")  # connection, rollback (serialization, deadlock),
+# insufficient resources, operator intervention (shutdown, cancelled), system error
+
+
+def _database_unavailable(exc: SQLAlchemyError) -> bool:
+    """The database cannot be reached or did not answer in time, as opposed to refusing what was asked (a
+    login, a missing table: the schema behind, a privilege, a value): retrying later may succeed."""
+    import sqlalchemy as sa
+
+    if isinstance(exc, sa.exc.TimeoutError | sa.exc.DisconnectionError):  # the pool's wait; a dropped connection
+        return True
+    if not isinstance(exc, sa.exc.DBAPIError):
+        return False
+    orig = exc.orig
+    if exc.connection_invalidated or is_transient(orig):
+        return True
+    module = type(orig).__module__
+    if module.startswith("psycopg"):
+        state = str(getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None) or "")
+        if not state:  # at connection time: no server reached, or a FATAL refusal of the login
+            return isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError) and not any(
+                words in str(orig) for words in _PG_LOGIN_REFUSED)
+        return state.startswith(_PG_UNAVAILABLE_CLASSES)
+    if module == "sqlite3":
+        return str(orig).startswith(_SQLITE_UNAVAILABLE)
+    args = getattr(orig, "args", ())
+    errno_ = args[0] if args and isinstance(args[0], int) else None
+    if errno_ is not None:  # MySQL/MariaDB drivers
+        return errno_ in _MYSQL_UNAVAILABLE
+    return isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError)  # another driver: by its class
+
+
+def _error_line(exc: Exception, code: int) -> str:
+    """The one line saying what failed and what to do."""
+    if isinstance(exc, CommandError):  # Alembic's own refusal, should one come past migrations.upgrade
+        first = (str(exc).strip().splitlines() or [""])[0]
+        return f"could not migrate: {first}; `clerk-sync doctor` shows the schema's state"
+    if isinstance(exc, SQLAlchemyError):  # e.g. `migrate` with the database down: one line, not a traceback
+        # (A failed migration step is migrations.MigrationError, a ClerkSyncError: it names the migration.)
+        # Through store_error: a lock wait that ran out says so, where "check DATABASE_URL" would mislead.
         from clerk_sync._db_errors import store_error
 
-        cause = str(store_error(exc))
-        said = cause.startswith("database timeout") or "the schema is not current" in cause  # what to do, too
-        advice = "" if said else ". Check DATABASE_URL."
-        console.print(f"[red]error:[/] {escape(cause)}{advice}")
-        raise SystemExit(2) from None
-    except CommandError as exc:  # Alembic's own refusal, should one come past migrations.upgrade: one line
-        first = (str(exc).strip().splitlines() or [""])[0]
-        console.print(f"[red]error:[/] could not migrate: {escape(first)}; `clerk-sync doctor` shows the schema's "
-                      "state")
-        raise SystemExit(2) from None
+        text = str(store_error(exc))
+    else:
+        text = str(exc) + _HINTS.get(type(exc), "")
+    said = any(words in text for words in ("retry later", "the schema is not current", "DATABASE_URL", "again"))
+    if _database_cause(exc) is not None and not said:  # what to do, too
+        text += (". Check DATABASE_URL, and that the database is up: retry once it answers"
+                 if code == EXIT_UNAVAILABLE else ". Check DATABASE_URL")
+    return text
