@@ -210,6 +210,7 @@ def test_a_broker_down_is_a_retried_failure_naming_the_broker_not_the_password(d
         store.dispose()
     assert (job["status"], job["attempts"]) == ("pending", 1)
     assert f"amqp://127.0.0.1:{port}/billing" in job["last_error"] and "retried" in job["last_error"]
+    assert "Connection refused" in job["last_error"]  # why, not an empty reason
     assert "hunter2" not in job["last_error"]
 
 

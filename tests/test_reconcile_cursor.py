@@ -63,6 +63,7 @@ def test_users_past_the_deepest_offset_are_listed(store: Store, clerk: ClerkClie
 def test_a_failed_run_resumes_after_the_last_committed_user(store: Store, clerk: ClerkClient) -> None:
     """The resumed run goes on from the stored id: re-listing from the start, or by offset, would not do."""
     calls: list[dict[str, Any]] = []
+    pages: list[list[Any]] = []
     failed: list[bool] = []
     real = clerk.list_users
 
@@ -71,7 +72,8 @@ def test_a_failed_run_resumes_after_the_last_committed_user(store: Store, clerk:
         if len(calls) == 5 and not failed:
             failed.append(True)
             raise ClerkUnavailable("simulated outage", retry_after=1.0)
-        return real(**kwargs)
+        pages.append(real(**kwargs))
+        return pages[-1]
 
     clerk.list_users = flaky  # type: ignore[method-assign]
     with pytest.raises(ClerkUnavailable):
@@ -80,11 +82,12 @@ def test_a_failed_run_resumes_after_the_last_committed_user(store: Store, clerk:
         run = conn.execute(sa.select(reconcile_runs)).mappings().one()
         stored = conn.execute(sa.select(users.c.clerk_id).order_by(users.c.id)).scalars().all()
     assert (run["status"], run["cursor"], run["created"]) == ("failed", 200, 200)
-    assert run["details"]["after"] == stored[-1]  # the last user of the last committed page
+    last = pages[3][-1]["id"]  # the last user of the last committed page (the fourth)
+    assert run["details"]["after"] == last and last in stored
     calls.clear()
     report = Reconciler(store, clerk, page_size=50).run()
     assert report.resumed and report.counts["users"].created == 420
-    assert calls[0]["starting_after"] == stored[-1] and all(c.get("offset", 0) == 0 for c in calls)
+    assert calls[0]["starting_after"] == last and all(c.get("offset", 0) == 0 for c in calls)
     assert _live_users(store) == 420
 
 

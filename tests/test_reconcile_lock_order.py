@@ -60,3 +60,39 @@ def test_a_page_with_ended_lockouts_and_changed_users_locks_once_in_order(db_url
     assert {f"user:{clerk_id}" for clerk_id in made} <= first  # all in the first pass
     for keys in page:
         assert keys <= first, f"a lock taken after the page's first pass, out of the sorted order: {keys - first}"
+
+
+def test_a_page_without_mapping_or_hooks_locks_its_rows_first_and_in_order(db_url: str,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review: with no mapping or hook a user upsert takes no lock, so a page wrote its rows in listing order
+    (newest first) while a PostgreSQL webhook wave writes them in clerk_id order, and a MariaDB batch holds their
+    entity locks: a page and a batch touching two of the same users could deadlock. The page now takes the
+    entity locks of all its rows in one sorted pass (PostgreSQL, MariaDB) and, on PostgreSQL, the rows
+    themselves in clerk_id order, before its first write."""
+    clock = Clock()
+    store = Store(create_engine(db_url), now=clock.utc)
+    statements: list[str] = []
+    calls: list[set[str]] = []
+    lock = Writer.lock
+
+    def recording(self: Writer, keys: Any) -> None:
+        calls.append(set(keys))
+        lock(self, keys)
+
+    with EmulatorServer(clock=clock) as emu, _client(emu) as clerk:
+        made = [emu.create_user(email=f"u{i}@example.com")["id"] for i in range(5)]
+        monkeypatch.setattr(Writer, "lock", recording)
+        sa.event.listen(store.engine, "before_cursor_execute",
+                        lambda conn, cursor, statement, *rest: statements.append(statement))
+        Reconciler(store, clerk, page_size=50, now=clock.utc).run()
+    dialect = store.engine.dialect.name
+    store.dispose()
+    users_keys = {f"user:{clerk_id}" for clerk_id in made}
+    if dialect == "sqlite":  # one writer at a time: no locks to order
+        return
+    assert any(users_keys <= keys for keys in calls), "the page's users were not locked in one pass"
+    first_write = next(i for i, s in enumerate(statements) if s.lstrip().upper().startswith(("INSERT INTO USERS",
+                                                                                            "UPDATE USERS")))
+    if dialect == "postgresql":
+        locked = [i for i, s in enumerate(statements) if "FOR UPDATE" in s.upper() and "users" in s]
+        assert locked and locked[0] < first_write

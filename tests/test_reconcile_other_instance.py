@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import pytest
 import sqlalchemy as sa
 
-from clerk_sync.errors import ConfigError
+from clerk_sync.errors import ClerkAPIError, ConfigError
 from clerk_sync.ingest import WebhookProcessor
 from clerk_sync.reconcile import Reconciler
 from clerk_sync.store import Store
@@ -81,3 +81,24 @@ def test_the_same_instance_reconciles_as_before(store: Store) -> None:
         WebhookProcessor(store, WebhookVerifier([f.SECRET])).process(headers, body)
         report = Reconciler(store, clerk, page_size=50).run()
     assert report.counts["users"].created == 1
+
+
+@pytest.mark.parametrize(("status", "goes_on"), [(404, True), (403, True), (401, False), (429, False)])
+def test_when_clerk_does_not_say_the_run_goes_on_and_when_it_refuses_the_run_stops(
+        store: Store, emu: EmulatorServer, status: int, goes_on: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An API without ``GET /instance`` (404) or a key without the permission (403) is not a verdict on the
+    instance: the run goes on (the mass-delete guard still stands). A refused key (401) or a rate limit that
+    outlasted the retries (429) would fail the first page anyway: the run stops there, writing nothing."""
+    emu.create_user(email="ours@example.com")
+    with clerk_client(emu) as clerk:
+        def refused(**_: object) -> None:
+            raise ClerkAPIError(f"GET /instance answered {status}", status=status, method="GET", path="/instance")
+
+        monkeypatch.setattr(clerk, "get_instance", refused)
+        reconciler = Reconciler(store, clerk, page_size=50, instance_id=OURS)
+        if goes_on:
+            assert reconciler.run().counts["users"].created == 1
+        else:
+            with pytest.raises(ClerkAPIError):
+                reconciler.run()
+            assert _counts(store) == (0, 0, 0)

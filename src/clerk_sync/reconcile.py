@@ -46,7 +46,6 @@ from clerk_sync.engine import Action, Entity, Record, RowState, Tombstone, Upser
 from clerk_sync.errors import (
     ClerkAPIError,
     ClerkNotFound,
-    ClerkUnavailable,
     ConfigError,
     EventShapeError,
     ReconcileBusy,
@@ -243,10 +242,11 @@ class Reconciler:
         is skipped, the mass-delete guard still stands)."""
         try:
             found = self.clerk.get_instance().get("id")
-        except ClerkUnavailable:
-            raise
-        except ClerkAPIError as exc:  # an older API version, a key without the permission: not a verdict
-            log.info("reconcile_instance_unchecked", status=exc.status, error=str(exc))
+        except ClerkAPIError as exc:
+            if exc.status not in (403, 404):  # (down, rate limited past the retries, a key refused: the run
+                raise  # would fail on its first page anyway; said now)
+            # an API without the endpoint, a key without the permission: not a verdict on the instance
+            log.warning("reconcile_instance_unchecked", status=exc.status, error=str(exc))
             return None
         if not isinstance(found, str) or not found:
             return None
@@ -264,8 +264,10 @@ class Reconciler:
         """The instance this database's own records name: its newest delivery's, else an earlier run's."""
         e = webhook_events
         with self.store.connect() as conn:
-            newest = conn.execute(sa.select(e.c.instance_id).where(e.c.instance_id.is_not(None))
-                                  .order_by(e.c.received_at.desc()).limit(1)).scalar()
+            # among the newest deliveries only (an install whose deliveries carry none would scan them all)
+            recent = sa.select(e.c.instance_id).order_by(e.c.received_at.desc()).limit(1000).subquery()
+            newest = conn.execute(sa.select(recent.c.instance_id).where(recent.c.instance_id.is_not(None))
+                                  .limit(1)).scalar()
             if newest:
                 return str(newest), "the instance_id of its newest webhook delivery"
             for details in conn.execute(sa.select(reconcile_runs.c.details).order_by(reconcile_runs.c.id.desc())
@@ -587,8 +589,9 @@ class Reconciler:
                 # Every lock the page's writes take, in one sorted pass before any (the ended lockouts' and the
                 # changed rows' together: taken one write after another, out of the one order every writer
                 # keeps, they would deadlock against a webhook batch holding some of them).
-                writer.lock_batch([Upsert(entity, record) for record in (*(by_id[c] for c in ended), *changed)])
-                done = sum(writer.end_lockout(by_id[clerk_id]) for clerk_id in ended)
+                changed.sort(key=lambda record: record.clerk_id)  # (rows written in the order their locks were taken)
+                writer.lock_page(entity, [*(by_id[c] for c in ended), *changed])
+                done = sum(writer.end_lockout(by_id[clerk_id]) for clerk_id in sorted(ended))
                 counts.updated += done
                 counts.unchanged += len(ended) - done  # (a webhook won the race)
                 _upsert_many(writer, entity, changed)

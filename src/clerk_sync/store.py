@@ -569,6 +569,21 @@ class Writer:
         apply could hold a lock another writer (a backfill page, a batch) needs while waiting for one it has."""
         self.lock([k for intent in intents if isinstance(intent, Upsert | Tombstone) for k in self.locks_of(intent)])
 
+    def lock_page(self, entity: Entity, records: Sequence[Record]) -> None:
+        """Everything a reconcile page's writes of ``records`` wait for, taken before the first and in the one
+        order every writer keeps: the locks their applies take and, on PostgreSQL and MySQL/MariaDB, the entity
+        locks a webhook batch takes for them (one sorted pass); then, on PostgreSQL, the rows themselves in
+        ``clerk_id`` order, as the webhook waves write them (they take no entity lock for rows no hook or mapping
+        reads). Taken write by write instead, in listing order, a page deadlocked with a batch holding some."""
+        keys = [k for record in records for k in self.locks_of(Upsert(entity, record))]
+        if self._pg or self._my:
+            keys += [f"{_LOCK_PREFIX[entity]}:{record.clerk_id}" for record in records]
+        self.lock(keys)
+        if self._pg and records:
+            table, ids = _TABLES[entity], sorted({record.clerk_id for record in records})
+            self.conn.execute(sa.select(table.c.clerk_id).where(table.c.clerk_id.in_(ids))
+                              .order_by(table.c.clerk_id).with_for_update())
+
     def lock_records(self, entity: Entity, clerk_ids: Sequence[str]) -> None:
         """The locks a delivery of these records of ``entity`` takes for them (a backfill page's)."""
         self.lock([f"{_LOCK_PREFIX[entity]}:{clerk_id}" for clerk_id in clerk_ids])

@@ -276,8 +276,9 @@ class RabbitMQSink:
                                    f"{_AMQP_HINT.get(exc.reply_code, '')}") from None
             except (errors.AMQPError, OSError) as exc:  # down, cut, refused login, blocked past timeout_s
                 self._drop()
+                said = str(exc) or repr(exc.args[0] if exc.args else "connection lost")  # (pika's str is often empty)
                 raise ConnectionError(f"RabbitMQ at {self.where} could not take {what}: {type(exc).__name__}: "
-                                      f"{exc or 'connection lost'}; retried") from None
+                                      f"{said}; retried") from None
 
     def _open(self) -> Any:
         """The channel to publish on: the kept one, or a new connection's when the broker closed it."""
