@@ -571,12 +571,13 @@ class Writer:
 
     def lock_page(self, entity: Entity, records: Sequence[Record]) -> None:
         """Everything a reconcile page's writes of ``records`` wait for, taken before the first and in the one
-        order every writer keeps: the locks their applies take and, on PostgreSQL and MySQL/MariaDB, the entity
-        locks a webhook batch takes for them (one sorted pass); then, on PostgreSQL, the rows themselves in
-        ``clerk_id`` order, as the webhook waves write them (they take no entity lock for rows no hook or mapping
-        reads). Taken write by write instead, in listing order, a page deadlocked with a batch holding some."""
+        order every writer keeps: the locks their applies take and, on MySQL/MariaDB, the entity locks a webhook
+        batch takes for them (``lock_entities``), in one sorted pass; then, on PostgreSQL, the rows themselves in
+        ``clerk_id`` order, as the webhook waves write them (they take no advisory lock for rows no hook or
+        mapping reads: nor does the page, whose 500 rows would hold 500 of the server's shared lock slots).
+        Taken write by write instead, in listing order, a page deadlocked with a batch holding some."""
         keys = [k for record in records for k in self.locks_of(Upsert(entity, record))]
-        if self._pg or self._my:
+        if self._my:
             keys += [f"{_LOCK_PREFIX[entity]}:{record.clerk_id}" for record in records]
         self.lock(keys)
         if self._pg and records:
