@@ -55,7 +55,8 @@ from clerk_sync.tables import webhook_events
 from clerk_sync.tracing import delivery_span
 from clerk_sync.webhooks import WebhookVerifier
 
-__all__ = ["Outcome", "ReplayReport", "WebhookProcessor", "apply_envelope", "replay_deliveries", "replay_one"]
+__all__ = ["Outcome", "ReplayReport", "WebhookProcessor", "apply_envelope", "dismiss_failed", "replay_deliveries",
+           "replay_one"]
 
 log = structlog.get_logger("clerk_sync.webhook")
 
@@ -480,6 +481,35 @@ def _flush_summaries() -> None:
     for summary in list(_SUMMARIES):
         with contextlib.suppress(Exception):  # at exit the log's stream may already be closed: nothing to tell
             summary.flush()
+
+
+def dismiss_failed(store: Store, svix_ids: Sequence[str], *, reason: str, by: str | None = None) -> list[str]:
+    """Set aside ``failed`` deliveries that no fix can make apply (a payload Clerk will never send otherwise: an id
+    too long for any column, a membership whose user never existed): they are stored ``ignored``, ``last_error``
+    saying who dismissed them, why, and the error they had, and each is audited (``delivery.dismissed``).
+    ``doctor --freshness``, the failed-deliveries alert and ``replay`` stop counting them, and retention treats
+    them as the other ignored ones. Only ``failed`` deliveries change (a delivery that applied since, or an id
+    that is no delivery, is left alone); returns the ids that did, in the order given. ``by``: the Clerk id of
+    the admin who dismissed them (None from the command line)."""
+    from clerk_sync.auth.audit import AuditEntry, record_audit  # (a sibling service: only this path needs it)
+
+    if not reason.strip():
+        raise ValueError("say why these deliveries are dismissed (reason=...): it is kept with them and audited")
+    e = webhook_events
+    done: list[str] = []
+    with store.transaction() as writer:
+        for svix_id in dict.fromkeys(svix_ids):
+            before = writer.conn.execute(sa.select(e.c.last_error, e.c.type).where(
+                e.c.svix_id == svix_id, e.c.status == DeliveryStatus.FAILED.value)).first()
+            if before is None:
+                continue
+            said = f"dismissed by {by or 'an operator'}: {reason.strip()} (it had failed: {before.last_error or '-'})"
+            writer.conn.execute(e.update().where(e.c.svix_id == svix_id, e.c.status == DeliveryStatus.FAILED.value)
+                                .values(status=DeliveryStatus.IGNORED.value, last_error=said))
+            record_audit(writer, AuditEntry("delivery.dismissed", by, svix_id,
+                                            details={"reason": reason.strip(), "type": before.type}))
+            done.append(svix_id)
+    return done
 
 
 def replay_deliveries(

@@ -239,7 +239,29 @@ def replay(
     if still := report.by_status.get(DeliveryStatus.FAILED.value):  # a scheduled replay must not look fine
         failed = "still failed" if status == DeliveryStatus.FAILED else "failed"
         console.print(f"[red]{still} {failed}[/]: read webhook_events.last_error (or the console), fix the "
-                      "cause, then replay again")
+                      "cause, then replay again (one no fix can make apply: `clerk-sync dismiss SVIX_ID --reason ..`)")
+        raise SystemExit(EXIT_UNDONE)
+
+
+@app.command()
+def dismiss(
+    svix_ids: Annotated[list[str], typer.Argument(help="The failed deliveries' svix ids (msg_...).")],
+    reason: Annotated[str, typer.Option(help="Why they can never apply: kept with them and audited.")],
+) -> None:
+    """Set aside failed deliveries that no fix can make apply (stored ignored, audited); exit 1 if some were
+    not failed deliveries."""
+    from clerk_sync.ingest import dismiss_failed
+
+    if not reason.strip():
+        raise typer.BadParameter("is blank: say why these deliveries can never apply", param_hint="--reason")
+    store = Store.from_settings(_settings())
+    try:
+        done = dismiss_failed(store, svix_ids, reason=reason)
+    finally:
+        store.dispose()
+    console.print(f"dismissed {len(done)}: {escape(', '.join(done)) or 'none'}", highlight=False)
+    if missed := [s for s in dict.fromkeys(svix_ids) if s not in done]:
+        console.print(f"[yellow]not failed deliveries, left alone[/]: {escape(', '.join(missed))}")
         raise SystemExit(EXIT_UNDONE)
 
 
