@@ -242,3 +242,47 @@ def test_the_runbook_says_where_to_look() -> None:
                    SERIES, "AUTO_INCREMENT", "IDENTITY"):
         assert needed in section, needed
     assert "ClerkSyncMappedRowsRefused" in ALERTS.read_text()
+
+
+def test_a_refusal_in_a_transaction_whose_commit_is_refused_is_not_counted(tmp_path: Path) -> None:
+    """Review: the count listened to SQLAlchemy's ``commit`` event, which comes before the COMMIT. On SQLite a
+    DEFERRABLE INITIALLY DEFERRED key (Django's default) refuses a unit of work only at its COMMIT: its mapped
+    refusals were counted though nothing was written. They count once the COMMIT succeeded."""
+    from clerk_sync import migrations
+    from clerk_sync.events import parse_envelope
+    from clerk_sync.ingest import apply_envelope
+    from clerk_sync.mapping import HardDelete
+    from clerk_sync.metrics import MAPPED_ROWS_REFUSED
+    from clerk_sync.store import Store
+
+    url = f"sqlite:///{tmp_path / 'app.db'}"
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE profiles (clerk_user_id varchar(64) UNIQUE, "
+                             "email text CHECK (email NOT LIKE 'bad%'), deleted_at timestamp)")
+        conn.exec_driver_sql("CREATE TABLE posts (id integer PRIMARY KEY, author varchar(64) "
+                             "REFERENCES profiles (clerk_user_id) DEFERRABLE INITIALLY DEFERRED)")
+    engine.dispose()
+    store = Store.from_url(url, mapping=SchemaMapping(users=MappedTable(
+        "profiles", "clerk_user_id", {"email": "email"}, on_delete=HardDelete())))
+    migrations.upgrade(store.engine)
+    store.run(lambda w: apply_envelope(w, parse_envelope(f.body_of(
+        f.envelope("user.created", f.user("user_1", 1_800_000_001_000, email="a@example.com"))))))
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO posts (author) VALUES ('user_1')")  # the app's row points at user_1
+
+    def total() -> float:
+        return sum(s.value for m in MAPPED_ROWS_REFUSED.collect() for s in m.samples
+                   if s.name.endswith("_total") and s.labels.get("table") == "profiles")
+
+    before = total()
+
+    def work(writer: Any) -> None:  # a refusal at its statement (the CHECK), then a delete refused at COMMIT
+        for event in (f.envelope("user.created", f.user("user_2", 1_800_000_002_000, email="bad@example.com")),
+                      f.envelope("user.deleted", {"id": "user_1", "deleted": True, "object": "user"})):
+            apply_envelope(writer, parse_envelope(f.body_of(event)))
+
+    with pytest.raises(Exception):  # noqa: B017,PT011  (the unit of work is refused: the delivery is retried)
+        store.run(work)
+    store.dispose()
+    assert total() == before

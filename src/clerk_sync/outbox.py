@@ -188,15 +188,16 @@ class Outbox:
         self._count_refusal(table, change.entity.value, kind)
 
     def _count_refusal(self, table: str, entity: str, kind: str) -> None:
-        """``clerk_sync_mapped_rows_refused_total``, once this transaction commits: a unit of work rolled back
-        (a batch written again one by one, a retry after a transient failure, one an app table rolled back
-        whole) counts its refusals only as written the time it commits."""
-        if not self._uncounted:
-            sa.event.listen(self.conn, "commit", self._count_refusals)  # (this transaction's connection only)
+        """``clerk_sync_mapped_rows_refused_total``, once this transaction has committed (:meth:`committed`): a
+        unit of work rolled back (a batch written again one by one, a retry after a transient failure, one an
+        app table rolled back whole, a COMMIT the database refused) counts its refusals only the time it
+        commits."""
         key = (table, entity, kind)
         self._uncounted[key] = self._uncounted.get(key, 0) + 1
 
-    def _count_refusals(self, conn: Connection) -> None:
+    def committed(self) -> None:
+        """The unit of work committed (``Store.transaction`` calls it after the COMMIT succeeded; SQLAlchemy's
+        ``commit`` event comes before it, so a COMMIT refused there, a SQLite deferred key, counted too)."""
         for (table, entity, kind), n in self._uncounted.items():
             mapped_rows_refused(table, entity, kind, n)
         self._uncounted.clear()

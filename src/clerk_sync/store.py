@@ -573,8 +573,9 @@ class Writer:
         """Everything a reconcile page's writes of ``records`` wait for, taken before the first and in the one
         order every writer keeps: the locks their applies take and, on MySQL/MariaDB, the entity locks a webhook
         batch takes for them (``lock_entities``), in one sorted pass; then, on PostgreSQL, the rows themselves in
-        ``clerk_id`` order, as the webhook waves write them (they take no advisory lock for rows no hook or
-        mapping reads: nor does the page, whose 500 rows would hold 500 of the server's shared lock slots).
+        ``clerk_id`` order, as the webhook waves write them (for rows no hook or mapping reads the waves take no
+        advisory lock, and nor does the page: its 500 rows would hold 500 of the server's shared lock slots;
+        for those a hook or mapping reads, both take them, in ``locks_of``).
         Taken write by write instead, in listing order, a page deadlocked with a batch holding some."""
         keys = [k for record in records for k in self.locks_of(Upsert(entity, record))]
         if self._my:
@@ -1287,6 +1288,8 @@ class Store:
                     "DEFERRABLE INITIALLY DEFERRED key, as Django declares them on SQLite); nothing was applied",
                     written.mapped_changes) from exc
             raise store_error(exc) from exc
+        if written is not None and written.outbox is not None:
+            written.outbox.committed()  # (after the COMMIT: what it counts is written)
 
     def _deferred_refusal(self, exc: sa.exc.SQLAlchemyError) -> bool:
         """SQLite with a mapping: a COMMIT a foreign key refused. Ours are checked at each statement, so it is

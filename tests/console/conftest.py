@@ -126,6 +126,7 @@ def admin_signed_in(access: ConsoleAccess, clerk_id: str, session_id: str) -> st
     identity = access.admin_session(clerk_id, session_id)
     with access.store.transaction() as w:
         record_audit(w, AuditEntry(SIGN_IN, clerk_id, clerk_id, details={"via": "console", "as": "admin",
-                                                                         "sid": session_id}))
+                                                                         "sid": session_id,
+                                                                         "session": identity.session_digest}))
     assert identity.new_cookie is not None
     return identity.new_cookie

@@ -178,6 +178,13 @@ def test_a_cookie_for_a_clerk_session_nobody_signed_in_with_is_refused(
     assert [(a, actor, d.get("sid")) for a, actor, d in rows] == [("console.login", admin, "sess_real")]
     alone = client.get("/console/users?q=", headers={**JSON, **cookies(console=cookie)})
     assert alone.status_code == 200  # the recorded console session, without the Clerk token
+    # Review: the key and a sid the audit page shows, of the same admin, even with a later issue time (past a
+    # sign-out): refused, since the cookie lacks the secret the sign-in's row keeps only a digest of.
+    replayed = URLSafeTimedSerializer(key, salt="clerk-sync-console-session", signer=TimestampSigner).dumps(
+        {"k": "admin", "sub": admin, "sid": "sess_real", "csrf": "attacker-csrf", "iat": time.time() + 3600})
+    forged_recorded = client.get("/console/users?q=", headers={**JSON, **cookies(console=replayed)})
+    assert forged_recorded.status_code == 401, forged_recorded.text
+    assert "sess_real" not in str([d.get("session") for _, _, d in rows])  # the row keeps a digest, not a secret
     # The key and a real sid, but another admin's name on it: that admin never signed in with it.
     promote(store, "user_victim")
     other = client.get("/console/users?q=", headers={**JSON, **cookies(console=forge(key, "user_victim", "sess_real"))})

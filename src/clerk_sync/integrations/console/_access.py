@@ -74,6 +74,9 @@ class Identity:
     csrf: str | None
     new_cookie: str | None = None  # a console session minted by this request (set it on the response)
     session_id: str | None = None  # an admin's Clerk session (``sid``), which the sign-in's audit row records
+    # The digest of the secret only a minted cookie carries (``n``), which the sign-in's audit row records as
+    # ``session`` (:meth:`ConsoleAccess._unrecorded`); set on a new admin session only.
+    session_digest: str | None = None
 
     @property
     def actor(self) -> str | None:
@@ -137,12 +140,12 @@ class ConsoleAccess:
         if session is not None and self._signed_out(*session):
             session, ended = None, TokenMissing("this console session was signed out: sign in again")
         if session is not None:
-            kind, clerk_id, csrf, session_id, _ = session
+            kind, clerk_id, csrf, session_id, _, nonce = session
             if kind == OPERATOR:
                 if not self.operator_token:
                     raise TokenMissing("operator sign-in is disabled (CLERK_SYNC_CONSOLE_TOKEN is not set)")
                 return Identity(kind, clerk_id, csrf)
-            ended = self._ended(session_id) or self._unrecorded(clerk_id, session_id)
+            ended = self._ended(session_id) or self._unrecorded(clerk_id, session_id, nonce)
             if ended is None:
                 self.confirm_admin(str(clerk_id))
                 return Identity(kind, clerk_id, csrf, session_id=session_id)
@@ -159,8 +162,8 @@ class ConsoleAccess:
         session = self._session(cookies.get(COOKIE))
         if session is None or self._signed_out(*session):
             return None
-        kind, clerk_id, csrf, session_id, _ = session
-        if kind == ADMIN and self._unrecorded(clerk_id, session_id) is not None:
+        kind, clerk_id, csrf, session_id, _, nonce = session
+        if kind == ADMIN and self._unrecorded(clerk_id, session_id, nonce) is not None:
             return None  # no sign-in of this admin opened it: it may not end theirs
         return Identity(kind, clerk_id, csrf, session_id=session_id)
 
@@ -169,7 +172,8 @@ class ConsoleAccess:
         ``ended_through`` (this clock) are over."""
         return {"ended_through": self.clock()}
 
-    def _signed_out(self, kind: str, clerk_id: str | None, _csrf: str, _sid: str | None, issued: float) -> bool:
+    def _signed_out(self, kind: str, clerk_id: str | None, _csrf: str, _sid: str | None, issued: float,
+                    _nonce: str | None = None) -> bool:
         """Whether the identity signed out of the console after this session was opened (its latest
         ``console.logout`` row; an operator's have no actor, as every operator action)."""
         actor = audit_log.c.actor_clerk_id
@@ -206,20 +210,24 @@ class ConsoleAccess:
                                   "ended (signed out): sign in again")
         return None
 
-    def _unrecorded(self, clerk_id: str | None, session_id: str | None) -> TokenError | None:
+    def _unrecorded(self, clerk_id: str | None, session_id: str | None, nonce: str | None) -> TokenError | None:
         """Why an admin's console session is none the console opened: no ``console.login`` audit row of this
-        admin, written within ``max_age_s``, names its Clerk session. Every sign-in writes that row before its
-        cookie is set, so a genuine cookie always has one; a cookie signed without a sign-in (a leaked key) does
-        not, nor one opened before sign-ins recorded their ``sid`` (sign in again). One indexed query on the
-        admin's recent sign-ins, on the store's clock (the one the rows are stamped with)."""
-        if not clerk_id or not session_id:
+        admin, written within ``max_age_s``, names its Clerk session and the digest of the cookie's own secret
+        (``n``, drawn when it was minted). Every sign-in writes that row before its cookie is set, so a genuine
+        cookie always has one; a cookie signed without a sign-in (a leaked key) does not: the session ids are
+        not secret (the audit page shows them), the secret is only in the cookie and its digest cannot be
+        turned back into it (review). One opened before sign-ins recorded them signs in again. One indexed
+        query on the admin's recent sign-ins, on the store's clock (the one the rows are stamped with)."""
+        if not clerk_id or not session_id or not nonce:
             return SessionRevoked("this console session names no Clerk session: sign in again")
         since = self.store.now() - timedelta(seconds=self.max_age_s + _CLOCK_SLACK_S)
         query = sa.select(audit_log.c.details).where(
             audit_log.c.action == SIGN_IN, audit_log.c.actor_clerk_id == clerk_id, audit_log.c.created_at >= since)
         with self.store.connect() as conn:
             signed_in = conn.execute(query).scalars().all()
-        if any(isinstance(details, dict) and details.get("sid") == session_id for details in signed_in):
+        digest = _digest(nonce)
+        if any(isinstance(details, dict) and details.get("sid") == session_id
+               and hmac.compare_digest(str(details.get("session", "")), digest) for details in signed_in):
             return None
         return TokenMissing("no console sign-in on record opened this console session: sign in again")
 
@@ -258,14 +266,15 @@ class ConsoleAccess:
     def _mint(self, kind: str, clerk_id: str | None, session_id: str | None) -> Identity:
         """A console session; the caller records its sign-in (``console.login``, with ``sid=session_id`` for
         an admin: :meth:`_unrecorded`) before it sets the cookie."""
-        csrf = secrets.token_urlsafe(24)
-        cookie = self._sessions.dumps({"k": kind, "sub": clerk_id, "sid": session_id, "csrf": csrf,
+        csrf, nonce = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+        cookie = self._sessions.dumps({"k": kind, "sub": clerk_id, "sid": session_id, "csrf": csrf, "n": nonce,
                                        "iat": self.clock()})
-        return Identity(kind, clerk_id, csrf, new_cookie=cookie, session_id=session_id)
+        return Identity(kind, clerk_id, csrf, new_cookie=cookie, session_id=session_id,
+                        session_digest=_digest(nonce) if kind == ADMIN else None)
 
-    def _session(self, cookie: str | None) -> tuple[str, str | None, str, str | None, float] | None:
+    def _session(self, cookie: str | None) -> tuple[str, str | None, str, str | None, float, str | None] | None:
         """kind, Clerk id, CSRF token, Clerk session id, when it was opened (this clock; -inf for
-        sessions minted before it was recorded: any sign-out of the identity ends them)."""
+        sessions minted before it was recorded: any sign-out of the identity ends them), its secret (``n``)."""
         if not cookie:
             return None
         try:
@@ -274,9 +283,10 @@ class ConsoleAccess:
             return None
         if not isinstance(data, dict) or data.get("k") not in (OPERATOR, ADMIN) or not data.get("csrf"):
             return None
-        sid, iat = data.get("sid"), data.get("iat")
+        sid, iat, nonce = data.get("sid"), data.get("iat"), data.get("n")
         issued = float(iat) if isinstance(iat, int | float) and not isinstance(iat, bool) else float("-inf")
-        return str(data["k"]), data.get("sub"), str(data["csrf"]), sid if isinstance(sid, str) else None, issued
+        return (str(data["k"]), data.get("sub"), str(data["csrf"]), sid if isinstance(sid, str) else None, issued,
+                nonce if isinstance(nonce, str) else None)
 
     # -- the login form's own CSRF token (double submit: cookie + hidden field) --------------------
     def login_token(self) -> str:
@@ -308,6 +318,12 @@ def check_csrf(identity: Identity, submitted: str | None) -> bool:
     if identity.csrf is None:
         return True
     return submitted is not None and hmac.compare_digest(submitted.encode(), identity.csrf.encode())
+
+
+def _digest(nonce: str) -> str:
+    """What a sign-in's audit row keeps of its cookie's secret (shown on the audit page: a digest, never the
+    secret, which alone lets a cookie pass :meth:`ConsoleAccess._unrecorded`)."""
+    return hashlib.sha256(b"clerk-sync console session\x00" + nonce.encode()).hexdigest()
 
 
 def _bearer(headers: Mapping[str, str]) -> str | None:

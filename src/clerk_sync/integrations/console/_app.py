@@ -111,7 +111,8 @@ def _guard(console: Console, handler: Handler, *, post: bool = False, read_only_
                 raise AccessDenied("the console is read-only (CLERK_SYNC_CONSOLE_READ_ONLY is set)")
             if identity.new_cookie:  # first request of a Clerk session: record the sign-in
                 await to_thread.run_sync(lambda: console.audit(identity, SIGN_IN, identity.clerk_id, request,
-                                                               method="clerk_session", sid=identity.session_id))
+                                                               method="clerk_session", sid=identity.session_id,
+                                                               session=identity.session_digest))
                 opened = identity.new_cookie
             response = await to_thread.run_sync(handler, console, request, identity, form)
         except BadInput as exc:
@@ -222,7 +223,8 @@ def _login_clerk(console: Console) -> Callable[[Request], Awaitable[Response]]:
             if identity.new_cookie:
                 await to_thread.run_sync(lambda: console.audit(identity, SIGN_IN, identity.clerk_id, request,
                                                                method="clerk_link" if token else "clerk_session",
-                                                               sid=identity.session_id))
+                                                               sid=identity.session_id,
+                                                               session=identity.session_digest))
         except ClerkSyncError as exc:
             response = console.clerk_error(request, exc)
             if isinstance(exc, TokenError):
