@@ -40,6 +40,8 @@ def run_checks(settings: Settings, *, http: httpx.Client | None = None,
             ("Clerk Backend API", lambda: _clerk_api(settings, client)),
             ("session keys", lambda: _session_keys(settings, client)),
         )]
+        if settings.console_enabled:  # what `serve` would refuse to start with
+            checks.append(_guard("console", lambda: _console(settings)))
     finally:
         if http is None:
             client.close()
@@ -117,6 +119,14 @@ def _guard(name: str, fn: Callable[[], tuple[str, str]]) -> Check:
     except ValueError as exc:  # e.g. an answer that is not the JSON expected: one failed line, not a traceback
         status, detail = "fail", f"unexpected answer ({type(exc).__name__}: {exc})"
     return Check(name, status, detail)
+
+
+def _console(settings: Settings) -> tuple[str, str]:
+    """CLERK_SYNC_CONSOLE is set: a way to sign in, and a cookie key of its own (``check_console_settings``)."""
+    from clerk_sync.integrations.console import check_console_settings
+
+    check_console_settings(settings)
+    return "ok", "a way to sign in and a cookie key of its own"
 
 
 def _webhook_secret(settings: Settings) -> tuple[str, str]:
