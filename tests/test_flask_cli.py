@@ -61,6 +61,8 @@ def test_replay_failed_deliveries(db_url: str) -> None:
     assert "replayed 1 deliveries: {'applied': 1}" in result.output
     with store.connect() as conn:
         assert conn.execute(sa.select(users.c.clerk_id)).scalar_one() == "user_fl"
+    again = cli.invoke(args=["clerk-sync", "replay", "--status", "applied"])  # stale now: kept, and said so
+    assert "1 already applied: left as they were" in again.output, again.output
     bad = cli.invoke(args=["clerk-sync", "replay", "--since", "last tuesday"])
     assert bad.exit_code == 1 and "Error: --since 'last tuesday' is not an ISO 8601" in bad.output
     clerk_state(app).close()

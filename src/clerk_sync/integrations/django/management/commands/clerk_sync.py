@@ -131,6 +131,9 @@ class Command(BaseCommand):
             store.dispose()
         by_status = {str(status): n for status, n in report.by_status.items()}
         self.stdout.write(f"replayed {report.total} deliveries: {by_status or 'none'}")
+        if report.left:  # not failed, and the replay changed nothing: kept as they were (their status is history)
+            self.stdout.write(", ".join(f"{n} already {kept}" for kept, n in sorted(report.left.items()))
+                              + ": left as they were")
         if still := by_status.get(DeliveryStatus.FAILED.value):  # a scheduled replay must not look fine
             raise CommandError(f"{still} still failed: read webhook_events.last_error (or the admin's webhook "
                                "deliveries), fix the cause, then replay again")
