@@ -856,12 +856,11 @@ def _stage(conn: sa.Connection, seen: sa.Table, run_id: int, entity: Entity, ids
 
 def _upsert_many(writer: Writer, entity: Entity, records: list[Record]) -> None:
     """A page through the webhook path's guarded upsert; memberships one by one through
-    :meth:`Writer.apply`, for its locks and its deleted-parent cascade."""
+    :meth:`Writer.apply`, for its deleted-parent cascade. The caller took the page's locks first
+    (:meth:`Writer.lock_page`: in one sorted pass, where apply by apply would take them out of the one order)."""
     if entity is Entity.MEMBERSHIP or writer.outbox is not None:  # hooks need each row's before-state
-        intents = [Upsert(entity, record) for record in records]
-        writer.lock_batch(intents)  # (their locks in one sorted pass: apply by apply, out of the one order)
-        for intent in intents:
-            writer.apply(intent)
+        for record in records:
+            writer.apply(Upsert(entity, record))
     else:
         writer.upsert_many(entity, records)
 
