@@ -84,6 +84,11 @@ class ReplayReport:
     by_status: dict[str, int]
     left: dict[str, int] = field(default_factory=dict)
 
+    @property
+    def left_said(self) -> str:
+        """``left`` as the commands say it: ``2 already applied, 1 already skipped``."""
+        return ", ".join(f"{n} already {kept}" for kept, n in sorted(self.left.items()))
+
 
 class WebhookProcessor:
     """Verifies and applies Clerk deliveries; one instance per service, shared across requests."""

@@ -229,9 +229,8 @@ def replay(
     store.dispose()
     console.print(f"replayed {report.total} deliveries: {report.by_status or 'none'}")
     if report.left:  # not failed, and the replay changed nothing: kept as they were, not relabelled skipped
-        kept = ", ".join(f"{n} already {kept}" for kept, n in sorted(report.left.items()))
-        console.print(f"{kept}: left as they were (the rows hold these versions or newer, so a replay changes "
-                      "nothing; their status is their history)", highlight=False)
+        console.print(f"{report.left_said}: left as they were (the rows hold these versions or newer, so a replay "
+                      "changes nothing; their status is their history)", highlight=False)
         if status in (DeliveryStatus.APPLIED, DeliveryStatus.SKIPPED):
             console.print("to write the rows clerk-sync holds into your mapped tables, run `clerk-sync migrate "
                           "--mapping module:attribute --backfill` (idempotent); replay is for failed deliveries",

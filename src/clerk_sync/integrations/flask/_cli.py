@@ -88,7 +88,7 @@ def replay(status: str, since: str | None, with_hooks: bool) -> None:
     report = replay_deliveries(clerk_state().store, status=status, since=parse_since(since), with_hooks=with_hooks)
     click.echo(f"replayed {report.total} deliveries: {report.by_status or 'none'}")
     if report.left:  # not failed, and the replay changed nothing: kept as they were (their status is history)
-        click.echo(", ".join(f"{n} already {kept}" for kept, n in sorted(report.left.items())) + ": left as they were")
+        click.echo(f"{report.left_said}: left as they were")
     if still := report.by_status.get(DeliveryStatus.FAILED.value):  # a scheduled replay must not look fine
         raise click.ClickException(f"{still} still failed: read webhook_events.last_error, fix the cause, then "
                                    "replay again")

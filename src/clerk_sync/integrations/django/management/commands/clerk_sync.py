@@ -132,8 +132,7 @@ class Command(BaseCommand):
         by_status = {str(status): n for status, n in report.by_status.items()}
         self.stdout.write(f"replayed {report.total} deliveries: {by_status or 'none'}")
         if report.left:  # not failed, and the replay changed nothing: kept as they were (their status is history)
-            self.stdout.write(", ".join(f"{n} already {kept}" for kept, n in sorted(report.left.items()))
-                              + ": left as they were")
+            self.stdout.write(f"{report.left_said}: left as they were")
         if still := by_status.get(DeliveryStatus.FAILED.value):  # a scheduled replay must not look fine
             raise CommandError(f"{still} still failed: read webhook_events.last_error (or the admin's webhook "
                                "deliveries), fix the cause, then replay again")
