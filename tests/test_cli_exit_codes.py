@@ -49,7 +49,6 @@ COMMANDS = [
 ]
 DOWN = {
     "closed-port": "postgresql+psycopg://postgres@127.0.0.1:1/nowhere",
-    "no-sqlite-directory": "sqlite:////nonexistent-clerk-sync-dir/x.db",
 }
 MARIADB_DOWN = "mysql+mysqldb://root@127.0.0.1:1/nowhere"
 
@@ -85,6 +84,29 @@ def test_a_mariadb_that_cannot_be_reached_exits_3(command: tuple[str, ...]) -> N
 def test_a_settings_error_exits_2(command: tuple[str, ...], tmp_path: Path) -> None:
     result = run(*command, env={"DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}", "CLERK_SYNC_MAX_BODY_BYTES": "lots"})
     assert result.returncode == EXIT_SETTINGS and "CLERK_SYNC_MAX_BODY_BYTES" in said(result), said(result)
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_a_sqlite_file_in_a_directory_that_does_not_exist_exits_2(command: tuple[str, ...]) -> None:
+    """A typo in the path, not a database that is down: sqlite3 says only "unable to open database file", which
+    read as "retry later" (exit 3) until 2026-12-05."""
+    result = run(*command, env={"DATABASE_URL": "sqlite:////nonexistent-clerk-sync-dir/x.db"})
+    assert result.returncode == EXIT_SETTINGS, said(result)
+    assert "its directory /nonexistent-clerk-sync-dir does not exist" in said(result), said(result)
+    assert "mkdir -p /nonexistent-clerk-sync-dir" in said(result) and "Traceback" not in said(result)
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:", "sqlite:///file:uri-clerk-sync-test.db?uri=true",
+                                 "sqlite:///relative-clerk-sync-test.db"])
+def test_in_memory_and_existing_directories_are_not_refused(url: str, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from clerk_sync.store import create_engine
+
+    monkeypatch.chdir(tmp_path)  # (the relative file lands here)
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("select 1")).scalar() == 1
+    engine.dispose()
 
 
 @pytest.mark.postgres
@@ -153,7 +175,8 @@ def test_the_table(tmp_path: Path) -> None:
 
     down = _driver_error(DOWN["closed-port"])
     missing_table = _driver_error(f"sqlite:///{tmp_path / 'empty.db'}")
-    for exc, code in [(down, 3), (missing_table, 2), (_driver_error(DOWN["no-sqlite-directory"]), 3),
+    for exc, code in [(down, 3), (missing_table, 2), (_driver_error("sqlite:////nonexistent-clerk-sync-dir/x.db"), 3),  # (the driver's
+                      # own "unable to open": create_engine refuses a missing directory before it, as a setting)
                       (_driver_error(MARIADB_DOWN), 3),
                       (ClerkUnavailable("down"), 3), (RateLimited("spent"), 3), (ReconcileBusy("running"), 3),
                       (ClerkUnauthorized("key"), 2), (ClerkNotFound("gone"), 2), (ConfigError("x"), 2),

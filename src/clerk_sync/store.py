@@ -88,6 +88,7 @@ def create_engine(url: str, *, timeouts: DatabaseTimeouts | None = None, **kwarg
     :class:`~clerk_sync.config.DatabaseTimeouts`; MySQL/MariaDB: utf8mb4, strict mode, UTC, READ COMMITTED)."""
     kwargs.setdefault("hide_parameters", True)  # bound values (emails, metadata) stay out of errors
     if url.startswith("sqlite"):
+        _check_sqlite_directory(url)
         engine = sa.create_engine(url, connect_args={"timeout": 30}, **kwargs)
         _tune_sqlite(engine)
         return engine
@@ -101,6 +102,20 @@ def create_engine(url: str, *, timeouts: DatabaseTimeouts | None = None, **kwarg
     if url.startswith(("mysql", "mariadb")):
         return _mysql_engine(url, timeouts or DatabaseTimeouts(), kwargs)
     return sa.create_engine(url, **kwargs)
+
+
+def _check_sqlite_directory(url: str) -> None:
+    """A SQLite file whose directory does not exist is a setting to fix (the driver says only "unable to open
+    database file", which reads as the database being down: retry)."""
+    parsed = sa.engine.make_url(url)
+    path = parsed.database
+    if not path or path == ":memory:" or path.startswith("file:") or "uri" in parsed.query:
+        return  # in memory, or a URI filename the driver resolves itself
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise ConfigError(
+            f"DATABASE_URL names the SQLite file {path!r}, but its directory {directory} does not exist: create "
+            f"it (mkdir -p {directory}) or fix DATABASE_URL (sqlite:///relative.db, sqlite:////absolute/path.db)")
 
 
 def _mysql_engine(url: str, t: DatabaseTimeouts, kwargs: dict[str, Any]) -> Engine:
