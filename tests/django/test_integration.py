@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from io import StringIO
@@ -31,6 +32,18 @@ from tests.django.conftest import World, bearer, emulator_settings, world_for
 from tests.test_sessions import KEY, pem
 
 # -- settings ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def app_database(tmp_path: Any) -> Iterator[None]:
+    """An app's file database as ``DATABASES['default']`` (tests/django/settings.py has ``:memory:``, which
+    clerk-sync refuses outside Django's test environment: a check error of its own). These tests passed in the
+    full run only because an earlier test had left Django's ``default`` connection on a file."""
+    database = {"ENGINE": "django.db.backends.sqlite3", "NAME": str(tmp_path / "app.db")}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Overriding setting DATABASES", UserWarning)
+        with override_settings(DATABASES={"default": database}):
+            yield
 
 
 def test_clerk_sync_keys_win_over_the_environment_and_fall_back_to_it() -> None:
@@ -64,6 +77,7 @@ def test_database_url_defaults_to_djangos_database() -> None:
         assert clerk_settings({}).database_url == DEFAULT_DATABASE_URL  # no database at all: clerk-sync's own
 
 
+@pytest.mark.usefixtures("app_database")
 def test_unknown_and_invalid_keys_are_errors_that_say_what_to_do() -> None:
     with override_settings(CLERK_SYNC={"CLERK_WEBHOOK_SIGNING_SECRT": "x"}), pytest.raises(ImproperlyConfigured, match="unknown keys"):
         clerk_settings({})
@@ -85,6 +99,7 @@ CHECKED = {"CLERK_WEBHOOK_SIGNING_SECRET": SECRET, "CLERK_JWT_KEY": pem(KEY),
            "CLERK_AUTHORIZED_PARTIES": "https://app.example.com"}
 
 
+@pytest.mark.usefixtures("app_database")
 def test_missing_secret_and_keys_are_check_errors_with_the_fix() -> None:
     with override_settings(CLERK_SYNC={}):
         found = {m.id: m for m in check_settings() if m.is_serious()}
@@ -100,6 +115,7 @@ def test_missing_secret_and_keys_are_check_errors_with_the_fix() -> None:
         call_command("check", stdout=StringIO())
 
 
+@pytest.mark.usefixtures("app_database")
 def test_middleware_before_authentication_middleware_is_a_check_error() -> None:
     from django.conf import settings
 
@@ -109,6 +125,7 @@ def test_middleware_before_authentication_middleware_is_a_check_error() -> None:
         assert [m.id for m in check_settings()] == ["clerk_sync.E004"]
 
 
+@pytest.mark.usefixtures("app_database")
 def test_settings_a_careful_user_could_get_wrong_are_check_errors_not_an_open_site() -> None:
     """Review findings: ``PUBLIC_PREFIXES: "/static/"`` became the prefixes ``/``, ``s``.. (every path
     public); ``REQUIRE_AUTH`` without ``ClerkMiddleware`` refused nothing; a bad ``USER_FIELDS`` path

@@ -123,3 +123,15 @@ def test_missing_secret_answers_500_naming_the_variable(db_url: str) -> None:
     with django_database(db_url), override_settings(CLERK_SYNC={"CLERK_JWT_KEY": ""}):
         status, body = post_django(Client(), *f.signed(f.envelope("user.created", f.user("user_x", 1)), "msg_x"))
     assert status == 500 and "CLERK_WEBHOOK_SIGNING_SECRET" in body["message"]
+
+
+def test_the_django_view_says_why_a_delivery_failed(django_view: tuple[Client, Store]) -> None:
+    """As the service does (tests/test_failed_answer_says_why.py): a delivery stored ``failed`` is answered 200
+    with its reason and what to do, for the attempt log Svix keeps."""
+    client, _ = django_view
+    headers, body = f.signed(f.envelope("user.updated", f.user("user_" + "x" * 10_000, 5)), "msg_failed_django")
+    answer = client.post("/webhooks/clerk", data=body, content_type="application/json", headers=headers)
+    said = answer.json()
+    assert answer.status_code == 200 and said["status"] == "failed", said
+    assert said["reason"] == "user object 'id' is 10005 characters; Clerk ids have at most 64"
+    assert "clerk-sync replay" in said["message"]

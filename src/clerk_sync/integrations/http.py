@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from clerk_sync.engine import DeliveryStatus
 from clerk_sync.errors import (
     AccessDenied,
     AmbiguousUser,
@@ -41,7 +42,7 @@ from clerk_sync.errors import (
     WrongInstance,
 )
 
-__all__ = ["STATUS_BY_ERROR", "ErrorResponse", "error_response", "status_for"]
+__all__ = ["STATUS_BY_ERROR", "ErrorResponse", "delivery_answer", "error_response", "status_for"]
 
 #: Looked up along the exception's MRO, so the most specific class wins.
 STATUS_BY_ERROR: dict[type[ClerkSyncError], int] = {
@@ -117,6 +118,17 @@ def error_response(exc: ClerkSyncError) -> ErrorResponse:
     elif isinstance(exc, StoreError):
         headers["Retry-After"] = str(_STORE_RETRY_AFTER_S)
     return ErrorResponse(status_for(exc), {"error": exc.code, "message": _public_message(exc)}, headers)
+
+
+def delivery_answer(svix_id: str, status: str, error: str | None = None) -> dict[str, str]:
+    """The 200 body of a delivery that was received: ``{"status", "svix_id"}``, and for one stored ``failed``
+    its reason and what to do, so the attempt log Svix keeps (the Clerk Dashboard shows it) says why. Reasons
+    name fields and limits, never values (they are the inbox's ``last_error``)."""
+    if status != DeliveryStatus.FAILED or not error:
+        return {"status": status, "svix_id": svix_id}
+    return {"status": status, "svix_id": svix_id, "reason": error,
+            "message": "stored failed with its reason: fix what it names, then `clerk-sync replay` (or "
+                       "`clerk-sync dismiss` if no fix can make it apply); Svix will not send it again"}
 
 
 def _public_message(exc: ClerkSyncError) -> str:

@@ -30,13 +30,14 @@ from starlette.routing import BaseRoute, Mount, Route
 
 from clerk_sync import migrations
 from clerk_sync.config import Settings
+from clerk_sync.engine import DeliveryStatus
 from clerk_sync.errors import ClerkSyncError, PayloadTooLarge, StoreError, WebhookError
 from clerk_sync.events import Envelope
 from clerk_sync.freshness import database_probe
 from clerk_sync.ingest import Outcome, WebhookProcessor
 from clerk_sync.integrations._committer import ALONE, GroupCommitter
 from clerk_sync.integrations._gate import KeyGate, envelope_keys
-from clerk_sync.integrations.http import ErrorResponse, error_response
+from clerk_sync.integrations.http import ErrorResponse, delivery_answer, error_response
 from clerk_sync.metrics import CONTENT_TYPE_LATEST
 from clerk_sync.retention import PruneReport, Retention, RetentionPolicy
 from clerk_sync.store import Store
@@ -163,7 +164,7 @@ def webhook_endpoint(processor: WebhookProcessor, *, threads: int = 4, slow_s: f
             return JSONResponse(answer.body, status_code=answer.status, headers=answer.headers)
         except ClientDisconnect:
             return Response(status_code=400)
-        return JSONResponse({"status": outcome.status, "svix_id": outcome.svix_id})
+        return JSONResponse(delivery_answer(outcome.svix_id, outcome.status, outcome.error))
 
     return endpoint
 
@@ -201,6 +202,9 @@ class WebhookFastPath:
             return
         except ClientDisconnect:
             await _send_json(send, 400, {"error": "client_disconnected", "message": "the body was not received"})
+            return
+        if outcome.status == DeliveryStatus.FAILED:  # (rare: with its reason)
+            await _send_json(send, 200, delivery_answer(outcome.svix_id, outcome.status, outcome.error))
             return
         # The 2xx every delivery gets, as _send_json would write it, without a JSON encoder per request.
         data = b'{"status":"%s","svix_id":%s}' % (outcome.status.encode(), _dumps(outcome.svix_id).encode())

@@ -16,7 +16,7 @@ from django.views.decorators.http import require_POST
 from clerk_sync.errors import ClerkSyncError, ConfigError, PayloadTooLarge, StoreError, WebhookError
 from clerk_sync.integrations.django.request import clerk_request
 from clerk_sync.integrations.django.runtime import get_clerk_sync
-from clerk_sync.integrations.http import error_response
+from clerk_sync.integrations.http import delivery_answer, error_response
 
 __all__ = ["error_json", "read_limited_body", "sync_me", "webhook"]
 
@@ -63,7 +63,7 @@ def webhook(request: HttpRequest) -> HttpResponse:
             # logged and counted as the other frameworks' endpoints do; a missing table names the database
             processor.refused(runtime.naming_database(exc), claimed)
             return error_json(exc)
-    return JsonResponse({"status": outcome.status, "svix_id": outcome.svix_id})
+    return JsonResponse(delivery_answer(outcome.svix_id, outcome.status, outcome.error))
 
 
 webhook.clerk_public = True  # type: ignore[attr-defined]  # signed deliveries carry no session

@@ -7,6 +7,7 @@ from flask import Blueprint, Response, jsonify, request
 
 from clerk_sync.errors import PayloadTooLarge, StoreError, WebhookError
 from clerk_sync.integrations.flask._core import clerk_state, error_json
+from clerk_sync.integrations.http import delivery_answer
 
 __all__ = ["read_limited_body", "webhook_blueprint"]
 
@@ -47,7 +48,7 @@ def receive() -> Response:
         except (WebhookError, StoreError) as exc:
             processor.refused(exc, claimed)  # logged and counted as the other frameworks' endpoints do
             return error_json(exc)
-    return jsonify({"status": outcome.status, "svix_id": outcome.svix_id})
+    return jsonify(delivery_answer(outcome.svix_id, outcome.status, outcome.error))
 
 
 def webhook_blueprint(path: str = "/webhooks/clerk") -> Blueprint:
