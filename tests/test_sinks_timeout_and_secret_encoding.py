@@ -231,3 +231,23 @@ def test_a_valid_secret_signs_what_the_standard_webhooks_library_verifies(secret
     message = Webhook(SECRET).verify(request.content, dict(request.headers))
     assert message["idempotency_key"] == CHANGE.idempotency_key
     sink.close()
+
+
+def test_a_receiver_that_cannot_be_reached_is_a_retried_failure_naming_it(store: Store) -> None:
+    """Walkthrough finding (2026-12-05): a refused connection left only ``ConnectError: [Errno 111] Connection
+    refused`` as the job's last error, where a 500 or a timeout names the receiver. Its URL is said without the
+    credentials or query a URL may carry."""
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        port = closed.getsockname()[1]
+    url = f"http://user:pw@127.0.0.1:{port}/changes?token=t0ken"
+    sink = StandardWebhookSink(url, SECRET, timeout_s=TIMEOUT_S)
+    hooked = Store(store.engine, hooks=[Hook("forward", sink, on=["user.*"])])
+    deliver(hooked, f.envelope("user.created", f.user("user_1", B + 1000)))
+    assert Dispatcher(hooked, backoff=Backoff(base_s=60)).run_once() == 1
+    sink.close()
+    with store.connect() as conn:
+        (job,) = conn.execute(sa.select(hook_jobs.c.status, hook_jobs.c.attempts, hook_jobs.c.last_error)).all()
+    assert (job.status, job.attempts) == ("pending", 1)
+    assert job.last_error.startswith(f"ConnectionError: http://127.0.0.1:{port}/changes could not be reached "
+                                     "(ConnectError: "), job.last_error
+    assert "pw" not in job.last_error and "t0ken" not in job.last_error

@@ -108,6 +108,9 @@ class StandardWebhookSink:
             # error says whose answer and which bound, and the dispatcher retries the job.
             raise TimeoutError(f"{_without_secrets(self.url)} gave no answer within timeout_s={self.timeout_s:g}s "
                                f"({type(exc).__name__}: {str(exc) or 'timed out'})") from exc
+        except httpx.TransportError as exc:  # refused, reset, unresolvable: whose, in the job's last error too
+            raise ConnectionError(f"{_without_secrets(self.url)} could not be reached ({type(exc).__name__}: "
+                                  f"{str(exc) or 'no detail'}); the job is retried") from exc
         answered = f"{_without_secrets(self.url)} answered {response.status_code}"
         refused = httpx.HTTPStatusError(answered, request=response.request, response=response)
         said = f"{answered}: {start}"
