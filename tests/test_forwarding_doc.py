@@ -46,7 +46,7 @@ def receiver() -> Iterator[tuple[str, list[tuple[dict[str, str], bytes]]]]:
     got: list[tuple[dict[str, str], bytes]] = []
 
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+        def do_POST(self) -> None:
             got.append(({k.lower(): v for k, v in self.headers.items()},
                         self.rfile.read(int(self.headers["content-length"]))))
             self.send_response(204)
@@ -113,5 +113,5 @@ def test_the_body_has_the_shape_the_doc_shows(forwarded: dict[str, list[dict[str
     assert updated["data"]["previous"] == {"first_name": "Ada"} and created["data"]["previous"] == {}
     assert deleted["data"]["values"]["first_name"] == "Ann"  # a deletion carries the last values
     assert isinstance(created["data"]["values"]["clerk_created_at"], int)  # milliseconds, as documented
-    (membership_created, membership_deleted) = forwarded["organization_memberships"]
+    (_, membership_deleted) = forwarded["organization_memberships"]
     assert membership_deleted["type"] == "organizationMembership.deleted"  # cascaded from the user's deletion
