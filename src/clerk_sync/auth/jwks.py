@@ -5,7 +5,9 @@ Rotation versus flooding: a token with an unknown ``kid`` refetches the JWKS onc
 right after start-up. A refetch that does *not* find the kid (a forged or random kid) starts the
 ``cooldown_s``: until it ends, no unknown kid fetches again, so a flood of random kids costs at most
 one fetch per cooldown (PyJWT refetches for every unknown kid, which lets an unauthenticated client
-turn each request into an upstream call). Requests whose kid is cached never wait on a fetch.
+turn each request into an upstream call). Requests whose kid is cached never wait on a fetch; one whose
+kid is not held waits for a fetch already in flight (the first one after start-up above all), on either
+path: the async one waits in a worker thread.
 
 While no key is loaded at all (the JWKS unreachable since start-up, or empty), every token is refused
 with :class:`~clerk_sync.errors.TokenKeysUnavailable` (503, retry), not only the one whose fetch
@@ -32,7 +34,8 @@ __all__ = ["JWKSKeySource", "KeySource", "NeedsFetch", "StaticKeySource"]
 
 
 class NeedsFetch(Exception):
-    """The kid is unknown and a fetch is allowed: the async caller should retry off the event loop."""
+    """The kid is unknown and a fetch is allowed, or one is in flight: the async caller should retry off the
+    event loop (where it fetches, or waits for the fetch in flight)."""
 
 
 class KeySource(Protocol):
@@ -113,8 +116,14 @@ class JWKSKeySource:
                     raise TokenKeyUnknown(f"key {show(kid)} is no longer in {self.url}")
             return key
         if not allow_fetch:
-            if self._may_fetch_unknown():
+            # A fetch in flight (the first one after start-up, above all: no key held yet) is waited for
+            # off the event loop, as the sync path waits for it on the lock: refusing meanwhile answered the
+            # first requests of an async worker 503 (no keys yet) or 401 (a kid just rotated in).
+            if self._may_fetch_unknown() or self._lock.locked():
                 raise NeedsFetch
+            key = self._keys.get(kid or "")  # a fetch that ended since the first look (keys set, lock released)
+            if key is not None:
+                return key
             raise self._unknown(f"no key with kid {show(kid)} (JWKS refetch on cooldown)")
         # An unknown kid (rotation) waits for a fetch already in flight.
         self._refresh(wait=True, allowed=self._may_fetch_unknown, kid=kid or "")
@@ -131,11 +140,12 @@ class JWKSKeySource:
         current = self._keys.get(kid or "")
         if current is not None and not same_key(current, key):
             return current  # another request refetched meanwhile
-        if not self._may_fetch_unknown():
-            return None
+        if not self._may_fetch_unknown() and not self._lock.locked():
+            current = self._keys.get(kid or "")  # (a fetch that ended since the first look)
+            return current if current is not None and not same_key(current, key) else None
         if not allow_fetch:
-            raise NeedsFetch
-        with self._lock:
+            raise NeedsFetch  # a fetch allowed, or one in flight to wait for: off the event loop
+        with self._lock:  # (waits for a fetch in flight, then looks again)
             current = self._keys.get(kid or "")
             if current is None or same_key(current, key):
                 if not self._may_fetch_unknown():
