@@ -219,8 +219,10 @@ def test_a_backfill_with_clerks_key_links_the_rows_it_can_vouch_for(db_url: str,
                                           {"id": 105, "email": "eve@example.com", "name": "legacy eve"}])
         settings = Settings.from_env({"DATABASE_URL": db_url, "CLERK_SECRET_KEY": emu.secret_key,
                                       "CLERK_API_URL": emu.url})
-        lines = migrate_mapping(store, mapping, backfill=True, settings=settings)
-        assert _backfilled(lines[-1]) == {"users": 3, "refused": 2}, lines
+        migrated = migrate_mapping(store, mapping, backfill=True, settings=settings)
+        lines = migrated.lines
+        assert _backfilled(lines[-2]) == {"users": 3, "refused": 2}, lines
+        assert migrated.refused == 2 and lines[-1].startswith("mapping: 2 row(s) refused, not written"), lines
         with engine.connect() as conn:
             rows = {r.id: (r.name, r.clerk_user_id) for r in conn.execute(
                 sa.select(table.c.id, table.c.name, sa.column("clerk_user_id")))}
@@ -230,7 +232,7 @@ def test_a_backfill_with_clerks_key_links_the_rows_it_can_vouch_for(db_url: str,
         assert rows.pop(105) == ("legacy eve", None)  # nor by Clerk's new one: no second row, the event links it
         assert list(rows.values()) == [("Dan", dan["id"])]  # no legacy row: its own
         without = migrate_mapping(store, mapping, backfill=True, settings=Settings.from_env({"DATABASE_URL": db_url}))
-        assert "no CLERK_SECRET_KEY" in without[-2] and _backfilled(without[-1]) == {"users": 3, "refused": 2}
+        assert "no CLERK_SECRET_KEY" in without.lines[-3] and _backfilled(without.lines[-2]) == {"users": 3, "refused": 2}
     finally:
         store.dispose()
         engine.dispose()

@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -39,7 +40,8 @@ from clerk_sync.tables import hook_jobs, organization_memberships, organizations
 if TYPE_CHECKING:
     from clerk_sync.metrics import Metrics
 
-__all__ = ["HOOKS_HELP", "MAPPING_HELP", "hooks_app", "load_hooks", "load_mapping", "migrate_mapping", "worker"]
+__all__ = ["HOOKS_HELP", "MAPPING_HELP", "MappingMigrated", "hooks_app", "load_hooks", "load_mapping",
+           "migrate_mapping", "worker"]
 
 log = structlog.get_logger("clerk_sync.cli")
 HOOKS_HELP = "Your hooks, as module:attribute (a list of Hook, or a function returning one)."
@@ -47,12 +49,25 @@ MAPPING_HELP = "Your tables' mapping, as module:attribute (a SchemaMapping, or a
 hooks_app = typer.Typer(help="Inspect and repair the after-commit hook queue (dead jobs).", no_args_is_help=True)
 
 
+@dataclass(frozen=True, slots=True)
+class MappingMigrated:
+    """What :func:`migrate_mapping` did: the lines to print (iterating gives them), and how many rows the
+    backfill could not write (``refused``: the commands exit 1, work left undone, as ``replay`` does)."""
+
+    lines: list[str]
+    refused: int = 0
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.lines)
+
+
 def migrate_mapping(store: Store, schema: SchemaMapping, *, backfill: bool = False,
-                    settings: Settings | None = None) -> list[str]:
+                    settings: Settings | None = None) -> MappingMigrated:
     """``migrate``'s part past clerk-sync's own tables, one for every face's command (``clerk-sync migrate
     --mapping``, ``flask clerk-sync migrate``, ``manage.py clerk_sync migrate``): what the mapped tables need
     (:func:`~clerk_sync.mapping.migrate_schema`), then with ``backfill`` the rows clerk-sync holds written into
     them, a page per transaction (:meth:`~clerk_sync.mapping.SchemaMapping.backfill`). Returns the lines to print.
+    ``refused`` counts the rows the backfill could not write (each logged as ``backfill_row_refused``).
     A mapping that links existing rows asks Clerk (``settings``' secret key, rate limited) what links each user
     not written yet (:func:`clerk_link_lookup`); without a key such users are refused, and linked by their
     next event.
@@ -69,6 +84,7 @@ def migrate_mapping(store: Store, schema: SchemaMapping, *, backfill: bool = Fal
     if concurrently:
         done += build_unique_indexes_concurrently(store.engine, schema)
     lines = [f"mapping: {line}" for line in done or ["mapped tables already have what the mapping needs"]]
+    refused = 0
     if backfill:
         links = Entity.USER in schema.tables and schema.tables[Entity.USER].links
         key = settings.clerk_secret_key if settings is not None else None
@@ -82,7 +98,12 @@ def migrate_mapping(store: Store, schema: SchemaMapping, *, backfill: bool = Fal
             if clerk is not None:
                 clerk.close()
         lines.append(f"mapping: backfilled {counts or 'nothing'}")
-    return lines
+        refused = counts.get("refused", 0)
+        if refused:
+            lines.append(f"mapping: {refused} row(s) refused, not written (the warnings above, backfill_row_refused, "
+                         "say why: an ambiguous link, the table's own constraint, a compute that raised); fix what "
+                         "they name, then run the backfill again (it is idempotent)")
+    return MappingMigrated(lines, refused)
 
 
 def clerk_link_lookup(clerk: ClerkClient) -> LinkLookup:

@@ -81,12 +81,17 @@ def migrate(
     store = Store.from_settings(settings)
     migrations.upgrade(store.engine)
     console.print(f"[green]migrations current[/] ({migrations.head_revision()}) on {_safe(settings)}")
+    refused = 0
     if schema is not None:
-        for line in migrate_mapping(store, schema, backfill=backfill, settings=settings):
+        migrated = migrate_mapping(store, schema, backfill=backfill, settings=settings)
+        for line in migrated:
             console.print(line)
+        refused = migrated.refused
     elif backfill:
         raise ConfigError("--backfill needs --mapping module:attribute")
     store.dispose()
+    if refused:  # a deploy step or cron sees that the repair did not finish
+        raise SystemExit(EXIT_UNDONE)
 
 
 @app.command()
