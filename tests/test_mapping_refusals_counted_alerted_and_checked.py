@@ -286,3 +286,54 @@ def test_a_refusal_in_a_transaction_whose_commit_is_refused_is_not_counted(tmp_p
         store.run(work)
     store.dispose()
     assert total() == before
+
+
+_FIXED_MAPPING = """
+from clerk_sync.mapping import Column, MappedTable, SchemaMapping
+MAPPING = SchemaMapping(users=MappedTable("mr_fixed", "clerk_user_id",
+                                          {"email": "email", "plan": Column(compute=lambda v: "free")}))
+"""
+
+
+def test_a_backfill_that_writes_every_row_clears_the_refusals_before_it(db_url: str, tmp_path: Path) -> None:
+    """Walkthrough finding (2026-12-05): ``doctor --freshness`` kept failing "mapped rows" for an hour after the
+    table was fixed and backfilled (and warned for a day), so the cron alert went on after the repair. A
+    backfill that refused no row records when it started (audited ``mapping.backfilled``): refusals received
+    before it are repaired. One received after it fails the check again; a backfill that still refuses rows
+    clears nothing."""
+    table, mapping = _accounts("mr_fixed")
+    store, engine = _with_app_table(db_url, table, mapping)
+    processor = build_processor(_settings(db_url), store)
+    env = {"DATABASE_URL": db_url, "PYTHONPATH": str(tmp_path)}
+    (tmp_path / "broken_map.py").write_text(
+        "from clerk_sync.mapping import MappedTable, SchemaMapping\n"
+        "MAPPING = SchemaMapping(users=MappedTable('mr_fixed', 'clerk_user_id', {'email': 'email'}))\n")
+    (tmp_path / "fixed_map.py").write_text(_FIXED_MAPPING)
+
+    def mapped_line() -> str:
+        found = run("doctor", "--freshness", env=env)
+        (line,) = [x for x in found.stdout.splitlines() if "mapped rows:" in x]
+        return line
+
+    try:
+        outcome = processor.process(*f.signed(f.envelope("user.created", f.user("user_fx1", 1000)), "msg_fx1"))
+        assert outcome.status == "applied"
+        assert mapped_line().startswith("FAIL"), "the refusal fails the check"
+        still = run("migrate", "--mapping", "broken_map:MAPPING", "--backfill", env=env)  # not fixed yet
+        assert still.returncode == 1, still.stdout + still.stderr
+        assert mapped_line().startswith("FAIL"), "a backfill that refused rows repaired nothing"
+
+        fixed = run("migrate", "--mapping", "fixed_map:MAPPING", "--backfill", env=env)
+        assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+        with engine.connect() as conn:
+            assert conn.execute(sa.select(table.c.plan).where(table.c.clerk_user_id == "user_fx1")).scalar() == "free"
+        line = mapped_line()
+        assert line.startswith("ok") and "since the backfill of" in line, line
+
+        outcome = processor.process(*f.signed(f.envelope("user.created", f.user("user_fx2", 1000)), "msg_fx2"))
+        assert outcome.status == "applied"  # (the service still runs the broken mapping: refused again)
+        line = mapped_line()
+        assert line.startswith("FAIL") and "1 delivery since the backfill of" in line and "msg_fx2" in line, line
+    finally:
+        store.dispose()
+        engine.dispose()

@@ -20,7 +20,7 @@ from clerk_sync.engine import DeliveryStatus
 from clerk_sync.metrics import DatabaseSnapshot
 from clerk_sync.outbox import REFUSAL_NOTE
 from clerk_sync.store import Store
-from clerk_sync.tables import hook_jobs, reconcile_runs, webhook_events
+from clerk_sync.tables import audit_log, hook_jobs, reconcile_runs, webhook_events
 
 __all__ = ["FreshnessCheck", "check_freshness", "database_probe", "read_snapshot"]
 
@@ -70,6 +70,9 @@ def database_probe(store: Store) -> Callable[[], DatabaseSnapshot]:
 #: ClerkSyncMappedRowsRefused fires for 15 min), and warns on one within :data:`REFUSALS_WINDOW_S`. By the
 #: delivery's receipt: a ``replay`` of an older delivery that refuses its row again is counted in /metrics only.
 REFUSALS_FAIL_S = 3600.0
+#: The audit action of a ``migrate --backfill`` that wrote every row: refusals received before it started
+#: are repaired, and no longer counted (``details["started_at"]``, unix seconds).
+BACKFILLED = "mapping.backfilled"
 REFUSALS_WINDOW_S = 86400.0
 _NOTE_CHARS = 300  # of the newest refusal's last_error, in the check's line
 
@@ -84,11 +87,20 @@ class MappedRefusals:
     newest_at: float | None = None  # unix seconds, when the newest of them was received
     newest_svix_id: str | None = None
     newest_error: str | None = None  # its last_error (the database's first line: never the values)
+    backfilled_at: float | None = None  # a clean backfill started then, within the window: counted from there
 
 
 def read_refusals(store: Store, *, since: float) -> MappedRefusals:
-    """Two read-only statements over the deliveries received since ``since`` (``ix_webhook_events_received_at``)."""
+    """Read-only statements over the deliveries received since ``since`` (``ix_webhook_events_received_at``), or
+    since the newest clean backfill started (:data:`BACKFILLED`), whichever is later: the backfill wrote the
+    rows refused before it."""
     e = webhook_events
+    backfilled = _clean_backfill_started(store)
+    if backfilled is not None and backfilled > since:
+        since_backfill: float | None = backfilled
+        since = backfilled
+    else:
+        since_backfill = None
     start = datetime.fromtimestamp(since, tz=UTC)
     refused = sa.and_(e.c.received_at >= start, e.c.last_error.like(f"%{REFUSAL_NOTE}%"))
     with store.connect() as conn:
@@ -96,8 +108,18 @@ def read_refusals(store: Store, *, since: float) -> MappedRefusals:
         newest = conn.execute(sa.select(e.c.received_at, e.c.svix_id, e.c.last_error).where(refused)
                               .order_by(e.c.received_at.desc(), e.c.id.desc()).limit(1)).first()
     if newest is None:
-        return MappedRefusals(since, int(count))
-    return MappedRefusals(since, int(count), _stamp(newest.received_at), newest.svix_id, newest.last_error)
+        return MappedRefusals(since, int(count), backfilled_at=since_backfill)
+    return MappedRefusals(since, int(count), _stamp(newest.received_at), newest.svix_id, newest.last_error,
+                          since_backfill)
+
+
+def _clean_backfill_started(store: Store) -> float | None:
+    """When the newest ``migrate --backfill`` that refused no row started (unix seconds), if any."""
+    with store.connect() as conn:
+        details = conn.execute(sa.select(audit_log.c.details).where(audit_log.c.action == BACKFILLED)
+                               .order_by(audit_log.c.id.desc()).limit(1)).scalar()
+    started = details.get("started_at") if isinstance(details, dict) else None
+    return float(started) if isinstance(started, int | float) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,13 +196,15 @@ def _refusals(found: MappedRefusals, now: float) -> FreshnessCheck:
     the app's mapped table refused (a NOT NULL column the mapping does not fill, the app's own constraint,
     an ambiguous link): the app's table lacks the row, or holds an old one, until it is fixed and backfilled."""
     name = "mapped rows"
-    window = f"{(now - found.since) / 3600:.0f}h"
+    window = (f"in the last {(now - found.since) / 3600:.0f}h" if found.backfilled_at is None else
+              f"since the backfill of {datetime.fromtimestamp(found.backfilled_at, UTC):%Y-%m-%d %H:%M:%S} UTC, "
+              "which wrote every row refused before it,")
     if not found.count or found.newest_at is None:
-        return FreshnessCheck(name, "ok", f"none refused by the app's mapped tables in the last {window}")
+        return FreshnessCheck(name, "ok", f"none refused by the app's mapped tables {window.rstrip(',')}")
     age = max(now - found.newest_at, 0.0)
     shown = _refusal(found.newest_error or "")
     counted = f"{found.count} delivery" if found.count == 1 else f"{found.count} deliveries"
-    detail = (f"{counted} in the last {window} applied to clerk-sync's tables while the app's mapped table "
+    detail = (f"{counted} {window} applied to clerk-sync's tables while the app's mapped table "
               f"refused the row; the newest {age:.0f}s ago ({found.newest_svix_id}: {shown}). "
               "`clerk-sync doctor --mapping mod:MAPPING` says what in the table does not fit the mapping and how to "
               "fix it; fix the table or the mapping, then `clerk-sync migrate --mapping "
@@ -188,7 +212,7 @@ def _refusals(found: MappedRefusals, now: float) -> FreshnessCheck:
     if age < REFUSALS_FAIL_S:
         return FreshnessCheck(name, "fail", detail)
     return FreshnessCheck(name, "warn", f"{detail} (a warning, not a failure, once the newest is "
-                          f"{REFUSALS_FAIL_S:.0f}s old; fixed and backfilled already? it clears after a day)")
+                          f"{REFUSALS_FAIL_S:.0f}s old; it clears after a day, or once a backfill writes every row)")
 
 
 def _refusal(error: str) -> str:

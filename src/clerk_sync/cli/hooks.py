@@ -26,12 +26,14 @@ import typer
 from rich.console import Console
 from sqlalchemy.engine import Connection
 
+from clerk_sync.auth.audit import AuditEntry, record_audit
 from clerk_sync.changes import Change, Hook
 from clerk_sync.clerk_api import ClerkClient
 from clerk_sync.config import Settings
 from clerk_sync.engine import Entity
 from clerk_sync.errors import ConfigError, EventShapeError
 from clerk_sync.events import user_record
+from clerk_sync.freshness import BACKFILLED
 from clerk_sync.mapping import LinkLookup, SchemaMapping
 from clerk_sync.outbox import delete_jobs, list_jobs, retry_jobs
 from clerk_sync.store import Store
@@ -92,6 +94,7 @@ def migrate_mapping(store: Store, schema: SchemaMapping, *, backfill: bool = Fal
             lines.append("mapping: no CLERK_SECRET_KEY: users an existing row may be theirs are not written (counted "
                          "refused) and are linked by their next event; set it to link them now")
         clerk = ClerkClient.from_settings(settings) if links and settings is not None and key is not None else None
+        started = time.time()
         try:
             counts = schema.backfill(store, lookup=None if clerk is None else clerk_link_lookup(clerk))
         finally:
@@ -99,7 +102,11 @@ def migrate_mapping(store: Store, schema: SchemaMapping, *, backfill: bool = Fal
                 clerk.close()
         lines.append(f"mapping: backfilled {counts or 'nothing'}")
         refused = counts.get("refused", 0)
-        if refused:
+        if not refused:  # every row written: the refusals received before it started are repaired (freshness)
+            with store.transaction() as writer:
+                record_audit(writer, AuditEntry(BACKFILLED, None, details={"started_at": started,
+                                                                           "counts": dict(counts)}))
+        else:
             lines.append(f"mapping: {refused} row(s) refused, not written (the warnings above, backfill_row_refused, "
                          "say why: an ambiguous link, the table's own constraint, a compute that raised); fix what "
                          "they name, then run the backfill again (it is idempotent)")
