@@ -50,9 +50,9 @@ from clerk_sync._db_errors import (
 from clerk_sync._limits import CLERK_ID_CHARS
 from clerk_sync.changes import Change
 from clerk_sync.engine import Entity
-from clerk_sync.errors import StoreDataError, StoreError, database_message
+from clerk_sync.errors import ConfigError, StoreDataError, StoreError, database_message
 from clerk_sync.events import MembershipRecord, OrganizationRecord, UserRecord, record_columns
-from clerk_sync.tables import Timestamp, organization_memberships, organizations, users
+from clerk_sync.tables import Timestamp, metadata, organization_memberships, organizations, users
 
 __all__ = [
     "TRANSFORMS",
@@ -276,6 +276,11 @@ class MappedTable:
     collation. Several matching rows fail the delivery (:class:`LinkAmbiguous`). By e-mail only when Clerk
     verified the user's primary address (otherwise whoever signed up with someone's address would get
     their row): an unverified one gets a row of its own, or links once verified if no row was written.
+
+    ``table`` may name its schema, ``"public.users"`` (PostgreSQL), or its database on the same server,
+    ``"app.users"`` (MySQL/MariaDB): how the app keeps a table named as one of clerk-sync's own (``users``,
+    ``organizations``, ``organization_memberships``) with clerk-sync's tables in a schema or database of
+    their own. Unqualified, it is the connection's (the first schema of its search_path, its database).
     """
 
     table: str
@@ -284,6 +289,17 @@ class MappedTable:
     on_delete: DeletePolicy = field(default_factory=SoftDelete)
     link_by_email: str | None = None
     link_by_external_id: str | None = None
+
+    def __post_init__(self) -> None:
+        parts = self.table.split(".")
+        if len(parts) > 2 or not all(parts):
+            raise ValueError(f"table {self.table!r}: name a table, or a schema (database) and a table: "
+                             "'users' or 'public.users'")
+
+    @property
+    def schema(self) -> str | None:
+        """The schema (PostgreSQL) or database (MySQL/MariaDB) ``table`` names; None: the connection's."""
+        return _split(self.table)[0]
 
     @property
     def links(self) -> bool:
@@ -317,22 +333,30 @@ class SchemaMapping:
                 raise ValueError(f"{mapped.table}: link_by_email/link_by_external_id apply to users only")
         self._projections: dict[tuple[int, Entity], _Projection] = {}
 
+    def check_dialect(self, dialect: str) -> None:
+        """A :class:`~clerk_sync.errors.ConfigError` for a table the store cannot map (a schema-qualified name on
+        SQLite), raised when the store is made: not each delivery refused for it."""
+        for mapped in self.tables.values():
+            _located(dialect, mapped.table)
+
     def table(self, conn: Connection, name: str) -> sa.Table:
         """The app's table as the database has it (reflected). On SQLite with its inline ``UNIQUE`` columns
         too (Django writes ``"email" varchar(254) NOT NULL UNIQUE``): SQLAlchemy reflects neither the
         constraint nor its automatic index, and they decide an erased e-mail's value and ON CONFLICT. On
         PostgreSQL its INVALID indexes are marked (``info["invalid"]``, see :func:`_unique`), the names of its
         DEFERRABLE unique and exclusion constraints kept (``info["deferrable"]``, see :func:`_unique`: reflection
-        does not tell them) and its schema kept (``info["schema"]``, see :meth:`_Projection.still_referred_to`)."""
+        does not tell them) and its schema kept (``info["schema"]``, see :meth:`_Projection.still_referred_to`).
+        ``name`` may be schema-qualified (:class:`MappedTable`); every statement built on the table then is."""
         _skip_expression_index_warning()
-        table = sa.Table(name, sa.MetaData(), autoload_with=conn)
+        schema, bare = _not_clerk_syncs(conn, name)
+        table = sa.Table(bare, sa.MetaData(), schema=schema, autoload_with=conn)
         if conn.dialect.name == "postgresql":
             table.info["schema"], invalid, table.info["deferrable"], table.info["partitions"] = _pg_table_state(
                 conn, name)
             for reflected in table.indexes:
                 reflected.info["invalid"] = reflected.name in invalid
         if conn.dialect.name == "sqlite":
-            indexes = sa.inspect(conn).get_indexes(name, include_auto_indexes=True)
+            indexes = sa.inspect(conn).get_indexes(bare, include_auto_indexes=True)
             for index in indexes:
                 if index.get("unique") and str(index["name"]).startswith("sqlite_autoindex_"):
                     sa.Index(index["name"], *[table.c[c] for c in index["column_names"] if c is not None],
@@ -637,7 +661,7 @@ class _Projection:
             quote = _quote_ident  # the text is SQLAlchemy's: it doubles a "%" itself where the driver needs it
             key = quote(self.key.name)
             updated = ", ".join(f"{c} = {e}" for c, e in _update_sets(table.name, names, self.fixed, quote))
-            head = f"INSERT INTO {quote(table.name)} ({', '.join(quote(n) for n in names)}, {key}) "
+            head = f"INSERT INTO {_table_sql(table, quote)} ({', '.join(quote(n) for n in names)}, {key}) "
             tail = f"ON CONFLICT ({key}) DO UPDATE SET {updated or f'{key} = excluded.{key}'}"
             self.upsert = sa.text(
                 f"{head}VALUES ({', '.join(':' + _bind(i) for i in range(len(names)))}, :_clerk_id) {tail}"
@@ -983,6 +1007,56 @@ def _quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def _split(name: str) -> tuple[str | None, str]:
+    """A mapped table's name as (schema or None, table): ``"public.users"``, ``"users"``."""
+    schema, dot, table = name.partition(".")
+    return (schema, table) if dot else (None, name)
+
+
+def _at(name: str) -> tuple[str, str | None]:
+    """A mapped table's name as an inspector takes it: ``inspector.get_columns(*_at(name))``."""
+    schema, table = _split(name)
+    return table, schema
+
+
+def _located(dialect: str, name: str) -> tuple[str | None, str]:
+    """:func:`_split`, refusing a qualified name on SQLite, whose attached databases clerk-sync does not use."""
+    schema, table = _split(name)
+    if schema is not None and dialect == "sqlite":
+        raise ConfigError(f"mapping: table {name!r} names a schema, and SQLite has none clerk-sync can use: name "
+                          f"the table alone ({table!r}); if one of clerk-sync's own tables (users, organizations, "
+                          "organization_memberships, ...) has its name, rename yours (ALTER TABLE users RENAME TO "
+                          "app_users) and map that name")
+    return schema, table
+
+
+def _not_clerk_syncs(conn: Connection, name: str) -> tuple[str | None, str]:
+    """:func:`_located`, refusing one of clerk-sync's own tables: an unqualified ``users`` is clerk-sync's
+    table (its tables are the connection's), as is ``clerk_sync.users`` when that is the connection's schema.
+    Mapped, migrate would add the app's columns to it and every delivery write the app's row there."""
+    schema, table = _located(conn.dialect.name, name)
+    if table in metadata.tables and schema in (None, conn.dialect.default_schema_name):
+        ways = {"sqlite": "rename your table and map that name",
+                "postgresql": f"name yours with its schema ('public.{table}'), clerk-sync's tables being in a "
+                              "schema of their own"}
+        way = ways.get(conn.dialect.name, f"name yours with its database ('app.{table}'), clerk-sync's tables being "
+                                          "in a database of their own")
+        raise ConfigError(f"mapping: table {name!r} is clerk-sync's own {table} table on this connection, not "
+                          f"your app's: {way}")
+    return schema, table
+
+
+def _qualified(conn: Connection, name: str) -> str:
+    """A mapped table's name quoted for SQL text on ``conn``'s database, with its schema if it names one."""
+    quote = conn.dialect.identifier_preparer.quote
+    return ".".join(quote(part) for part in name.split(".", 1))
+
+
+def _table_sql(table: sa.Table, quote: Callable[[str], str]) -> str:
+    """A reflected table's name for SQL text, with its schema if it has one (``"public"."users"``)."""
+    return f"{quote(table.schema)}.{quote(table.name)}" if table.schema else quote(table.name)
+
+
 def direct_sqlite(dialect: sa.Dialect) -> bool:
     """Whether :func:`sqlite_execute` with the default SQLite dialect's conversions (:func:`processors`)
     writes what SQLAlchemy would: SQLite, and no ``json_serializer``/``json_deserializer`` given to the
@@ -1045,7 +1119,7 @@ def _mapped_upsert(table: sa.Table, key: sa.Column[Any], names: list[str], fixed
     def q(name: str) -> str:  # a "%" in a name is psycopg's placeholder sign: doubled in the SQL text
         return _quote_ident(name).replace("%", "%%")
 
-    t, k = q(table.name), q(key.name)
+    t, k = q(table.name), q(key.name)  # (the target is referred to by its bare name, schema-qualified or not)
     sets = _update_sets(table.name, names, fixed, q)
     # json has no equality operator: its values are compared as jsonb
     json_columns = {q(n) for n in names if isinstance(table.c[n].type, sa.JSON)}
@@ -1053,7 +1127,8 @@ def _mapped_upsert(table: sa.Table, key: sa.Column[Any], names: list[str], fixed
     theirs = ", ".join(e + ("::jsonb" if c in json_columns else "") for c, e in sets)
     update = (f"DO UPDATE SET {', '.join(f'{c} = {e}' for c, e in sets)} "
               f"WHERE ROW({mine}) IS DISTINCT FROM ROW({theirs})" if sets else "DO NOTHING")
-    return f"INSERT INTO {t} ({', '.join([*(q(n) for n in names), k])})", f"ON CONFLICT ({k}) {update}"
+    return (f"INSERT INTO {_table_sql(table, q)} ({', '.join([*(q(n) for n in names), k])})",
+            f"ON CONFLICT ({k}) {update}")
 
 
 def _update_sets(table: str, names: list[str], fixed: JSON, quote: Callable[[str], str]) -> list[tuple[str, str]]:
@@ -1232,11 +1307,11 @@ def _unique_sets(inspector: Any, name: str) -> set[tuple[str, ...]]:
     :func:`_deferrable_problems`)."""
     extra = {"include_auto_indexes": True} if inspector.dialect.name == "sqlite" else {}
     _skip_expression_index_warning()
-    indexes = inspector.get_indexes(name, **extra)
+    indexes = inspector.get_indexes(*_at(name), **extra)
     invalid = _invalid_indexes(inspector, name)
     unique = {tuple(i["column_names"]) for i in indexes if i.get("unique") and None not in i["column_names"]
               and i["name"] not in invalid}
-    return unique | {tuple(u["column_names"]) for u in inspector.get_unique_constraints(name)}
+    return unique | {tuple(u["column_names"]) for u in inspector.get_unique_constraints(*_at(name))}
 
 
 def _sqlite_referrers(conn: Connection, table: str, columns: Sequence[str]) -> str:
@@ -1254,7 +1329,7 @@ def _sqlite_referrers(conn: Connection, table: str, columns: Sequence[str]) -> s
 
 
 def _pg_table_state(conn: Connection, name: str) -> tuple[str | None, set[str], set[str], frozenset[tuple[str, str]]]:
-    """PostgreSQL: the schema table ``name`` is found in (on the search path, as reflection finds it), its
+    """PostgreSQL: the schema table ``name`` is found in (its own, or on the search path, as reflection finds it), its
     INVALID indexes (``pg_index.indisvalid`` false), its DEFERRABLE unique and exclusion constraints (their
     indexes' names, the constraints': ``pg_index.indimmediate`` false), and its partitions as (schema, name):
     a foreign key error of a partitioned table names the leaf partition the row went to. Read from the
@@ -1269,7 +1344,7 @@ def _pg_table_state(conn: Connection, name: str) -> tuple[str | None, set[str], 
         "ARRAY(SELECT n.nspname || '.' || p.relname FROM pg_partition_tree(c.oid) t "
         "      JOIN pg_class p ON p.oid = t.relid JOIN pg_namespace n ON n.oid = p.relnamespace "
         "      WHERE t.relid <> c.oid) AS partitions "
-        "FROM pg_class c WHERE c.oid = to_regclass(:t)"), {"t": conn.dialect.identifier_preparer.quote(name)}).first()
+        "FROM pg_class c WHERE c.oid = to_regclass(:t)"), {"t": _qualified(conn, name)}).first()
     if row is None:
         return None, set(), set(), frozenset()
     partitions = frozenset(tuple(qualified.split(".", 1)) for qualified in row.partitions)
@@ -1303,10 +1378,17 @@ def check_schema(conn: Connection, mapping: SchemaMapping) -> list[tuple[str, st
     problems: list[tuple[str, str]] = []
     for entity, mapped in mapping.tables.items():
         name = mapped.table
-        if not inspector.has_table(name):
-            problems.append(("fail", f"table {name!r} does not exist: create it (the mapping writes existing tables)"))
+        try:
+            _not_clerk_syncs(conn, name)
+        except ConfigError as exc:
+            problems.append(("fail", str(exc)))
             continue
-        columns = {c["name"]: c for c in inspector.get_columns(name)}
+        if not inspector.has_table(*_at(name)):
+            where = (f" (schema or database {mapped.schema!r} as this connection sees it)" if mapped.schema else "")
+            problems.append(("fail", f"table {name!r} does not exist{where}: create it (the mapping writes existing "
+                                     "tables)"))
+            continue
+        columns = {c["name"]: c for c in inspector.get_columns(*_at(name))}
         needed = [mapped.clerk_id_column, *mapped.columns, *mapped.link_columns]
         policy = _policy_column(mapped)
         for column in [*needed, *([policy[0]] if policy else [])]:
@@ -1376,14 +1458,15 @@ def _clerk_id_problems(inspector: Any, entity: Entity, mapped: MappedTable, info
             problems.append(("warn", f"{name}.{column} holds {length} characters; Clerk's ids may grow to "
                                      f"{CLERK_ID_CHARS} (clerk-sync's own columns take that): widen it: {widen}"))
     extra = {"include_auto_indexes": True} if inspector.dialect.name == "sqlite" else {}
-    indexes = [i for i in inspector.get_indexes(name, **extra) if i.get("unique") and i["column_names"] == [column]]
+    indexes = [i for i in inspector.get_indexes(*_at(name), **extra)
+               if i.get("unique") and i["column_names"] == [column]]
     predicates = [(i.get("dialect_options") or {}).get(f"{inspector.dialect.name}_where") for i in indexes]
-    constrained = any(u["column_names"] == [column] for u in inspector.get_unique_constraints(name))
+    constrained = any(u["column_names"] == [column] for u in inspector.get_unique_constraints(*_at(name)))
     if predicates and None not in predicates and not constrained:
         problems.append(("warn", f"{name}.{column} is unique only through a partial index (WHERE {predicates[0]}): "
                                  "each delivery's row is written with an UPDATE, then an INSERT, not one upsert "
                                  "(nor in the delivery's own statement on PostgreSQL); a plain unique index allows "
-                                 f"many NULLs too: CREATE UNIQUE INDEX uq_{name}_{column} ON {name} ({column})"))
+                                 f"many NULLs too: CREATE UNIQUE INDEX {_index_name(mapped)} ON {name} ({column})"))
     return problems
 
 
@@ -1396,7 +1479,7 @@ def _invalid_index_problems(inspector: Any, mapped: MappedTable, served: bool) -
     if not invalid:
         return []
     quote = inspector.dialect.identifier_preparer.quote
-    found = sorted(str(i["name"]) for i in inspector.get_indexes(name)
+    found = sorted(str(i["name"]) for i in inspector.get_indexes(*_at(name))
                    if i["name"] in invalid and i.get("unique") and i["column_names"] == [column])
     then = ("another, valid, serves the writes; this one still costs each of them: drop it" if served else
             "each delivery's row is written with an UPDATE, then an INSERT: drop it")
@@ -1413,14 +1496,14 @@ def _deferrable_problems(inspector: Any, mapped: MappedTable) -> list[tuple[str,
     beside it (ON CONFLICT (column) infers both): the writes do without (see :func:`_unique`)."""
     name, column = mapped.table, mapped.clerk_id_column
     deferrable = _deferrable_constraints(inspector, name)
-    found = sorted(str(u["name"]) for u in inspector.get_unique_constraints(name)
+    found = sorted(str(u["name"]) for u in inspector.get_unique_constraints(*_at(name))
                    if u["name"] in deferrable and u["column_names"] == [column])
-    quote = inspector.dialect.identifier_preparer.quote
+    quote, table = inspector.dialect.identifier_preparer.quote, _qualified(inspector.bind, name)
     return [("warn", f"{name}.{column} is unique through the DEFERRABLE constraint {c}: PostgreSQL's ON CONFLICT "
                      "cannot use a deferrable constraint as its arbiter (nor a plain unique index on the column "
                      "beside it: ON CONFLICT infers both), so each delivery's row is written with an UPDATE, then "
                      "an INSERT, not one upsert (nor in the delivery's own statement); for one upsert make it NOT "
-                     f"DEFERRABLE: ALTER TABLE {quote(name)} DROP CONSTRAINT {quote(c)}, ADD CONSTRAINT {quote(c)} "
+                     f"DEFERRABLE: ALTER TABLE {table} DROP CONSTRAINT {quote(c)}, ADD CONSTRAINT {quote(c)} "
                      f"UNIQUE ({quote(column)}) (Django: a UniqueConstraint without deferrable=)") for c in found]
 
 
@@ -1544,9 +1627,10 @@ def _mysql_collation(conn: Connection, table: str, column: str) -> tuple[str, st
     no collation a column inherits from its table."""
     if conn.dialect.name not in ("mysql", "mariadb"):
         return "", "", True
+    schema, bare = _split(table)
     found = conn.execute(sa.text("SELECT collation_name, column_type, is_nullable FROM information_schema.columns "
-                                 "WHERE table_schema = DATABASE() AND table_name = :t AND column_name = :c"),
-                         {"t": table, "c": column}).first()
+                                 "WHERE table_schema = COALESCE(:s, DATABASE()) AND table_name = :t "
+                                 "AND column_name = :c"), {"s": schema, "t": bare, "c": column}).first()
     if found is None:
         return "", "", True
     return str(found[0] or ""), str(found[1]), found[2] == "YES"
@@ -1555,7 +1639,7 @@ def _mysql_collation(conn: Connection, table: str, column: str) -> tuple[str, st
 def _shared_link_values(conn: Connection, mapped: MappedTable, column: str) -> list[str]:
     """The link column's values held by several rows without a Clerk id: users with them will not be
     linked (their deliveries fail as :class:`LinkAmbiguous`). Counted, not shown (they are personal)."""
-    t = sa.table(mapped.table, sa.column(column), sa.column(mapped.clerk_id_column))
+    t = sa.table(_split(mapped.table)[1], sa.column(column), sa.column(mapped.clerk_id_column), schema=mapped.schema)
     # grouped as linking compares: the same lower(), then exactly (not by a MariaDB _ci collation)
     value = _exactly(conn, unicode_lower(conn)(t.c[column]) if column == mapped.link_by_email else t.c[column])
     shared = (sa.select(value).where(t.c[mapped.clerk_id_column].is_(None), t.c[column].is_not(None))
@@ -1569,7 +1653,7 @@ def _shared_link_values(conn: Connection, mapped: MappedTable, column: str) -> l
 
 
 def _primary_key(inspector: Any, table: str) -> set[str]:
-    return set(inspector.get_pk_constraint(table).get("constrained_columns") or [])
+    return set(inspector.get_pk_constraint(*_at(table)).get("constrained_columns") or [])
 
 
 # The Clerk-id column migrate adds: on MySQL/MariaDB with a binary collation, not the table's default (often
@@ -1596,25 +1680,27 @@ def migrate_schema(conn: Connection, mapping: SchemaMapping, *, unique_indexes: 
         inspector = sa.inspect(conn)
         for mapped in mapping.tables.values():
             name = mapped.table
-            columns = {c["name"] for c in inspector.get_columns(name)}
+            schema, bare = _not_clerk_syncs(conn, name)
+            columns = {c["name"] for c in inspector.get_columns(bare, schema)}
             policy = _policy_column(mapped)
             wanted: list[tuple[str, sa.types.TypeEngine[Any]]] = [(mapped.clerk_id_column, _CLERK_ID_TYPE)]
             for column, type_ in [*wanted, *([policy] if policy else [])]:
                 if column not in columns:
-                    ops.add_column(name, sa.Column(column, type_, nullable=True))
+                    ops.add_column(bare, sa.Column(column, type_, nullable=True), schema=schema)
                     done.append(f"added {name}.{column}")
             if unique_indexes and (mapped.clerk_id_column,) not in _unique_sets(inspector, name):
                 index = _index_name(mapped)
                 if index in _invalid_indexes(inspector, name):  # a CONCURRENTLY build that failed: not an index
-                    ops.drop_index(index, name)
+                    ops.drop_index(index, bare, schema=schema)
                     done.append(f"dropped invalid index {index} (a build that failed or was interrupted)")
-                ops.create_index(index, name, [mapped.clerk_id_column], unique=True)
+                ops.create_index(index, bare, [mapped.clerk_id_column], unique=True, schema=schema)
                 done.append(f"created unique index {index}")
     return done
 
 
 def _index_name(mapped: MappedTable) -> str:
-    return f"uq_{mapped.table}_{mapped.clerk_id_column}"
+    """The Clerk-id column's unique index (in the table's own schema: named without it)."""
+    return f"uq_{_split(mapped.table)[1]}_{mapped.clerk_id_column}"
 
 
 def _deferrable_constraints(inspector: Any, name: str) -> set[str]:
@@ -1687,7 +1773,7 @@ def _named_on_table(conn: Connection, table: str, index: str) -> tuple[bool, boo
         "SELECT c.oid, i.indisvalid, i.indrelid = to_regclass(:t) AS ours FROM pg_class c "
         "LEFT JOIN pg_index i ON i.indexrelid = c.oid "
         "WHERE c.relname = :n AND c.relnamespace = (SELECT relnamespace FROM pg_class WHERE oid = to_regclass(:t))"),
-        {"t": conn.dialect.identifier_preparer.quote(table), "n": _pg_name(index)}).first()
+        {"t": _qualified(conn, table), "n": _pg_name(index)}).first()
     if row is None:
         return False, None
     return True, (bool(row.indisvalid) if row.ours else None)
@@ -1717,7 +1803,8 @@ def _build_unique_index(conn: Connection, mapped: MappedTable) -> list[str]:
         done.append(f"dropped invalid index {index} (a build that failed or was interrupted)")
     quote = conn.dialect.identifier_preparer.quote
     try:
-        conn.exec_driver_sql(f"CREATE UNIQUE INDEX CONCURRENTLY {quote(index)} ON {quote(name)} ({quote(column)})")
+        conn.exec_driver_sql(f"CREATE UNIQUE INDEX CONCURRENTLY {quote(index)} ON {_qualified(conn, name)} "
+                             f"({quote(column)})")
     except sa.exc.DBAPIError as exc:
         state = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
         # Only an INVALID index on this table under our name is what the failed build left: never another's.
@@ -1732,7 +1819,7 @@ def _drop_concurrently(conn: Connection, table: str, index: str) -> bool:
     """Drop what a failed build left (in ``table``'s schema); False when that failed too (a lost connection,
     the lock bound)."""
     schema = conn.execute(sa.text("SELECT relnamespace::regnamespace::text FROM pg_class WHERE oid = to_regclass(:t)"),
-                          {"t": conn.dialect.identifier_preparer.quote(table)}).scalar()
+                          {"t": _qualified(conn, table)}).scalar()
     quote = conn.dialect.identifier_preparer.quote
     where = f"{schema}.{quote(index)}" if schema else quote(index)  # (regnamespace::text comes quoted)
     try:
@@ -1749,12 +1836,12 @@ def _build_failed(conn: Connection, mapped: MappedTable, state: str | None, exc:
     name, column, index = mapped.table, mapped.clerk_id_column, _pg_name(_index_name(mapped))
     failed = f"{name}.{column}: building its unique index {index} (CONCURRENTLY) failed"
     if state == "23505":
-        t = sa.table(name, sa.column(column))
+        t = sa.table(_split(name)[1], sa.column(column), schema=mapped.schema)
         shared = sa.select(t.c[column]).where(t.c[column].is_not(None)).group_by(t.c[column]).having(
             sa.func.count() > 1).subquery()
         n = conn.execute(sa.select(sa.func.count()).select_from(shared)).scalar_one()
         q = conn.dialect.identifier_preparer.quote
-        find = (f"SELECT {q(column)}, count(*) FROM {q(name)} WHERE {q(column)} IS NOT NULL "  # noqa: S608 (a message)
+        find = (f"SELECT {q(column)}, count(*) FROM {_qualified(conn, name)} WHERE {q(column)} IS NOT NULL "  # noqa: S608 (a message)
                 f"GROUP BY {q(column)} HAVING count(*) > 1")
         return StoreDataError(f"{failed}: {n} Clerk id(s) are held by several rows; {left}find them with {find}, "
                               "keep one row per Clerk id (merge the rows, or set the column NULL in the others), "

@@ -1262,6 +1262,8 @@ class Store:
         self._now = now
         self.hooks = _checked_hooks(hooks)  # every unit of work queues their jobs (clerk_sync.outbox)
         self.mapping = mapping  # and writes the app's own tables (clerk_sync.mapping)
+        if mapping is not None:
+            mapping.check_dialect(engine.dialect.name)  # (a schema-qualified table on SQLite: said now)
         # SQLite has one writer; queueing our own threads on a lock is fair and immediate, where
         # SQLite's busy handler sleeps and polls (a 0.4-0.6 s p99 tail at 16 senders).
         self._writers: AbstractContextManager[Any] = (

@@ -9,6 +9,7 @@ Databases migrated by a release before this one are adopted from ``alembic_versi
 from __future__ import annotations
 
 import functools
+import re
 import threading
 from pathlib import Path
 from typing import Any, Literal
@@ -122,7 +123,75 @@ def _step_failure(revision: str | None, exc: sa.exc.SQLAlchemyError, dialect: st
         todo = "another connection held a lock it needs (traffic on a large table?): run `clerk-sync migrate` again"
     else:
         todo = "fix the cause, then run `clerk-sync migrate` again"
+    taken = _taken_name(exc)
+    if taken is not None:
+        todo = f"{_names_taken([taken], dialect)}; {todo}"
     return f"{what} failed: {cause}; {kept}; {todo}"
+
+
+# "relation "users" already exists" (PostgreSQL, 42P07), "Table 'users' already exists" (MySQL/MariaDB, 1050),
+# "table users already exists" (SQLite): the name, when the message is in English.
+_ALREADY_EXISTS = re.compile(r"""(?:relation|table)\s+["'`]?([^"'`\s]+)["'`]?\s+already exists""", re.IGNORECASE)
+
+
+def _taken_name(exc: sa.exc.SQLAlchemyError) -> str | None:
+    """The table a migration step could not create because the database has one of that name already
+    (PostgreSQL's 42P07, MySQL/MariaDB's 1050, SQLite's "already exists"); "" when the message (translated)
+    does not say which; None for any other failure."""
+    orig = getattr(exc, "orig", None)
+    if orig is None:
+        return None
+    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    args = getattr(orig, "args", ())
+    errno = args[0] if args and isinstance(args[0], int) else None
+    found = _ALREADY_EXISTS.search(str(orig))
+    if state == "42P07" or errno == 1050 or (found and type(orig).__module__.startswith("sqlite3")):
+        return found.group(1) if found else ""
+    return None
+
+
+def _own_table_names() -> list[str]:
+    """The names of clerk-sync's own tables, its first ones first (the version table is not in the list)."""
+    from clerk_sync.tables import metadata
+
+    return [*_FIRST_TABLES, *sorted(name for name in metadata.tables if name not in _FIRST_TABLES)]
+
+
+def _names_taken(names: list[str], dialect: str) -> str:
+    """Which of clerk-sync's table names the app's tables hold, and the ways out: clerk-sync's tables in a
+    schema (PostgreSQL) or database (MySQL/MariaDB) of their own, the app's table mapped by its qualified
+    name; on SQLite, the app's table renamed."""
+    first = names[0] if names and names[0] else "users"
+    own = ", ".join(n for n in _own_table_names() if not n.startswith("clerk_sync_")) + " and clerk_sync_*"
+    if any(names):  # (PostgreSQL's 42P07 is an index's name too: its indexes share the tables' namespace)
+        kind = "table" if set(names) <= set(_own_table_names()) else "table or index"
+        head = (f"the database already has a {kind} {', '.join(names)} that clerk-sync did not create: "
+                f"clerk-sync's own tables need the names {own}")
+    else:
+        head = f"the database already has a table of a name clerk-sync's own tables need ({own})"
+    if dialect == "postgresql":
+        way = ("put clerk-sync's tables in a schema of their own (CREATE SCHEMA clerk_sync; then add "
+               "?options=-csearch_path%3Dclerk_sync to clerk-sync's database URL) and, if the mapping writes your "
+               f"table, name it with its schema (MappedTable(\"public.{first}\", ...)); or rename your table")
+    elif dialect in ("mysql", "mariadb"):
+        way = ("give clerk-sync a database of its own on the same server (CREATE DATABASE clerk_sync; point "
+               "clerk-sync's database URL at it) and, if the mapping writes your table, name it with its database "
+               f"(MappedTable(\"app.{first}\", ...), app being your database); or rename your table")
+    else:
+        way = (f"SQLite has no schemas to keep them apart: rename your table (ALTER TABLE {first} RENAME TO "
+               f"app_{first}) and change your app and the mapping to that name")
+    return f"{head}; {way}"
+
+
+def _refuse_taken_names(conn: Connection) -> None:
+    """Before a first migration: the app's tables holding clerk-sync's table names, all of them at once and
+    before anything is created (on MySQL/MariaDB a failed step's tables stay: DDL commits). Under the
+    migration lock (:func:`adopt`): a replica migrating first is not taken for the app."""
+    existing = set(sa.inspect(conn).get_table_names())
+    taken = [name for name in _own_table_names() if name in existing]
+    if taken:
+        raise ConfigError(f"could not migrate (nothing was created): {_names_taken(taken, conn.dialect.name)}; "
+                          "then run `clerk-sync migrate` again")
 
 
 def _knows(revision: str) -> bool:
@@ -243,7 +312,8 @@ def _refuse_unversioned_tables(conn: Connection) -> None:
 def adopt(conn: Connection) -> str | None:
     """Move clerk-sync's revision from ``alembic_version`` into :data:`VERSION_TABLE`, once: when ours holds no
     revision and ``alembic_version`` holds exactly one of clerk-sync's beside its tables
-    (:func:`legacy_revision`). Returns the revision adopted, or None.
+    (:func:`legacy_revision`). Returns the revision adopted, or None. A database with no revision of
+    clerk-sync's at all is checked for the app's tables holding its names first (:func:`_refuse_taken_names`).
 
     env.py runs this under the migration lock, in the migration's transaction: concurrent starts adopt once.
     What is safe to do to ``alembic_version``, which the app's Alembic may share:
@@ -264,6 +334,7 @@ def adopt(conn: Connection) -> str | None:
     revision = legacy_revision(conn)
     if revision is None:
         _refuse_unversioned_tables(conn)
+        _refuse_taken_names(conn)  # (a database without clerk-sync's inbox: its first migration is next)
         return None
     ours.stamp(_script(), revision)  # creates the table (MigrationContext._ensure_version_table) with the row
     legacy = sa.table(LEGACY_VERSION_TABLE, sa.column("version_num", sa.String(32)))
