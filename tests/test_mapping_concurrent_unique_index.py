@@ -93,7 +93,7 @@ def _in_thread(store: Store, mapping: SchemaMapping) -> tuple[threading.Thread, 
 
     def run() -> None:
         try:
-            out["lines"] = migrate_mapping(store, mapping)
+            out["lines"] = migrate_mapping(store, mapping).lines
         except Exception as exc:
             out["error"] = exc
 
@@ -165,7 +165,7 @@ def test_duplicate_clerk_ids_fail_clearly_and_leave_no_invalid_index(app: App) -
                 ) in app.doctor()
         with app.engine.begin() as conn:
             conn.execute(app.t.update().where(app.t.c.id == 2).values(clerk_user_id=None))
-        assert migrate_mapping(store, app.mapping) == [f"mapping: created unique index {app.index}"]
+        assert migrate_mapping(store, app.mapping).lines == [f"mapping: created unique index {app.index}"]
         assert app.indexes() == [(app.index, True)]
     finally:
         store.dispose()
@@ -183,7 +183,7 @@ def test_an_invalid_index_from_before_is_rebuilt_not_taken_as_present(app: App, 
     store = app.store()
     try:
         if path == "migrate_mapping":
-            assert migrate_mapping(store, app.mapping) == [f"mapping: {line}" for line in expected]
+            assert migrate_mapping(store, app.mapping).lines == [f"mapping: {line}" for line in expected]
         else:  # the in-transaction path (an app's own Alembic migration calls it)
             with store.engine.begin() as conn:
                 assert migrate_schema(conn, app.mapping) == expected
@@ -200,9 +200,9 @@ def test_a_second_migrate_does_nothing_and_the_pool_keeps_its_bounds(app: App) -
         conn.exec_driver_sql(f"ALTER TABLE {app.table} DROP COLUMN clerk_user_id")
     store = app.store()
     try:
-        assert migrate_mapping(store, app.mapping) == [f"mapping: added {app.table}.clerk_user_id",
+        assert migrate_mapping(store, app.mapping).lines == [f"mapping: added {app.table}.clerk_user_id",
                                                        f"mapping: created unique index {app.index}"]
-        assert migrate_mapping(store, app.mapping) == ["mapping: mapped tables already have what the mapping needs"]
+        assert migrate_mapping(store, app.mapping).lines == ["mapping: mapped tables already have what the mapping needs"]
         assert app.indexes() == [(app.index, True)]
         for _ in range(3):  # whichever pooled connection comes out
             with store.engine.connect() as conn:
@@ -225,7 +225,7 @@ def test_the_lock_bound_holds_and_the_next_run_cleans_up(app: App) -> None:
         assert "waited longer than lock_timeout" in message and "CLERK_SYNC_DB_LOCK_TIMEOUT_S" in message
         assert "the INVALID index it left is still there (the next migrate drops it and builds again)" in message
         holder.rollback()
-        assert migrate_mapping(store, app.mapping) == [
+        assert migrate_mapping(store, app.mapping).lines == [
             f"mapping: dropped invalid index {app.index} (a build that failed or was interrupted)",
             f"mapping: created unique index {app.index}"]
         assert app.indexes() == [(app.index, True)]
@@ -264,7 +264,7 @@ def test_a_long_table_names_invalid_index_is_found_and_rebuilt(app: App) -> None
     long.leave_an_invalid_index()
     store = long.store()
     try:
-        lines = migrate_mapping(store, long.mapping)
+        lines = migrate_mapping(store, long.mapping).lines
         assert lines[-1] == f"mapping: created unique index {long.index}", lines
         assert long.indexes() == [(long.index, True)]
     finally:

@@ -213,7 +213,7 @@ def test_an_invalid_clerk_id_index_is_not_taken_for_a_unique_one(app: App) -> No
         with app.engine.begin() as conn:
             conn.exec_driver_sql(f"DROP INDEX {app.table}_other")
 
-        assert migrate_mapping(store, app.mapping) == [  # what the doctor's fix does
+        assert migrate_mapping(store, app.mapping).lines == [  # what the doctor's fix does
             f"mapping: dropped invalid index {app.index} (a build that failed or was interrupted)",
             f"mapping: created unique index {app.index}"]
         assert app.doctor() == []
