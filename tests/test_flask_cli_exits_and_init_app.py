@@ -72,15 +72,16 @@ def test_replay_exits_1_while_deliveries_stay_failed_and_refuses_an_unknown_stat
     clerk_state(app).close()
 
 
-def test_a_database_error_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+def test_a_database_error_is_one_line_not_a_traceback() -> None:
     """Fixed: `flask clerk-sync migrate` with an unreachable database ended in a SQLAlchemy traceback
-    (its SQL included); it says what failed and what to check, as our own errors do (exit 1)."""
-    app = flask_app(DATABASE_URL=f"sqlite:///{tmp_path / 'no-such-dir' / 'x.db'}")
+    (its SQL included); it says what failed and what to check, as our own errors do, with `clerk-sync`'s
+    exit code for it (3: retry later)."""
+    app = flask_app(DATABASE_URL="mysql+mysqldb://root@127.0.0.1:1/x")  # nothing listens on port 1
     result = app.test_cli_runner().invoke(args=["clerk-sync", "migrate"])
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 3, result.output
     assert isinstance(result.exception, SystemExit)  # click's own exit, no exception escaped
-    assert "Error: database error: OperationalError: unable to open database file" in result.output
-    assert "check DATABASE_URL" in result.output
+    assert "Error: database error: OperationalError" in result.output
+    assert "Check DATABASE_URL, and that the database is up: retry once it answers" in result.output
     clerk_state(app).close()
 
 

@@ -327,7 +327,7 @@ def test_flask_migrate_without_a_mapping_is_unchanged_and_backfill_needs_one(tmp
     ClerkSync(app, settings=Settings.from_env({"DATABASE_URL": url, "CLERK_WEBHOOK_SIGNING_SECRET": SECRET}))
     cli = app.test_cli_runner()
     refused = cli.invoke(args=["clerk-sync", "migrate", "--backfill"])
-    assert refused.exit_code == 1 and "Error: --backfill needs a mapping" in refused.output, refused.output
+    assert refused.exit_code == 2 and "Error: --backfill needs a mapping" in refused.output, refused.output
     assert not migrations.is_current(clerk_state(app).store.engine)  # refused before anything changed
     done = cli.invoke(args=["clerk-sync", "migrate"])
     assert done.exit_code == 0 and "mapping" not in done.output, done.output

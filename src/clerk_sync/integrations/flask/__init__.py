@@ -11,7 +11,8 @@ Usage::
         return {"admin": current_user.email, "session": current_clerk.session_id}
 
 Errors answer as JSON through the one table in :mod:`clerk_sync.integrations.http`;
-``flask clerk-sync migrate|replay|reconcile|promote`` runs the commands with the app's settings.
+``flask clerk-sync migrate|replay|reconcile|promote|retry-pending|prune`` runs the commands with the app's
+settings, with ``clerk-sync``'s exit codes (1 work left undone, 2 a setting to fix, 3 retry later).
 """
 
 from __future__ import annotations

@@ -13,11 +13,11 @@ from typing import ParamSpec, TypeVar
 
 import click
 import sqlalchemy as sa
+from alembic.util.exc import CommandError
 from flask.cli import AppGroup
 from rich.console import Console
 
 from clerk_sync import migrations
-from clerk_sync._db_errors import store_error
 from clerk_sync.cli._args import STORED_STATUSES
 from clerk_sync.engine import DeliveryStatus
 from clerk_sync.errors import ClerkSyncError, ConfigError
@@ -29,19 +29,29 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
+class _Failed(click.ClickException):
+    """``Error: <line>`` on stderr and the exit code of ``clerk-sync``'s one table (click's default is 1)."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.exit_code = code  # type: ignore[misc]  # (click reads it from the instance)
+
+
 def _readable(command: Callable[P, R]) -> Callable[P, R]:
-    """Our errors, and the database's (``migrate`` with the database down), become one line (``Error: ...``,
-    exit 1) instead of a traceback."""
+    """Our errors, and the database's (``migrate`` with the database down), become one line (``Error: ...``)
+    instead of a traceback, with what to do and ``clerk-sync``'s exit code (:func:`clerk_sync.cli.main.exit_code`):
+    2 for a setting, an argument or the schema to fix, 3 when the database or Clerk is unavailable (retry later).
+    A command that ran and left work undone exits 1 (its own ``ClickException``)."""
 
     @functools.wraps(command)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return command(*args, **kwargs)
-        except ClerkSyncError as exc:
-            raise click.ClickException(str(exc)) from None
-        except sa.exc.SQLAlchemyError as exc:  # named without its SQL or values, as the store's errors are
-            raise click.ClickException(f"{store_error(exc)}; check DATABASE_URL in app.config or the environment"
-                                       ) from None
+        except (ClerkSyncError, sa.exc.SQLAlchemyError, CommandError) as exc:
+            from clerk_sync.cli.main import _error_line, exit_code  # (the CLI's one table, not a copy)
+
+            code = exit_code(exc)
+            raise _Failed(_error_line(exc, code), code) from None
 
     return wrapper
 
@@ -69,7 +79,16 @@ def migrate(backfill: bool) -> None:
     click.echo(f"migrations current ({migrations.head_revision()})")
     if schema is None:
         return
-    for line in migrate_mapping(store, schema, backfill=backfill, settings=clerk_state().settings):
+    missing: str | None = None
+    try:
+        lines = migrate_mapping(store, schema, backfill=backfill, settings=clerk_state().settings)
+    except sa.exc.NoSuchTableError as exc:  # not the database's URL to check: the app's table to create
+        missing = str(exc)
+    if missing is not None:  # (raised outside the handler: no database error in its chain, no "check DATABASE_URL")
+        raise ConfigError(f"the mapped table {missing!r} does not exist: create it with your app's own migrations "
+                          "first (clerk-sync writes your existing tables, adding only its Clerk-id and delete "
+                          "columns), then run `flask clerk-sync migrate` again")
+    for line in lines:
         click.echo(line)
 
 

@@ -19,12 +19,15 @@ from __future__ import annotations
 import functools
 import os
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Any, NoReturn, ParamSpec, TypeVar, cast
 from urllib.parse import unquote, urlsplit
 
+import click
 from flask import Flask, Response, current_app, jsonify, request
+from flask.cli import ScriptInfo
 from werkzeug.exceptions import HTTPException
 from werkzeug.local import LocalProxy
 from werkzeug.routing import MapAdapter, RequestRedirect, RoutingException, Rule
@@ -49,6 +52,7 @@ __all__ = [
     "SignedInUser",
     "clerk_login_required",
     "clerk_state",
+    "cli_config_errors",
     "current_clerk",
     "current_user",
     "deny_by_default",
@@ -72,6 +76,31 @@ R = TypeVar("R")
 
 
 # -- settings --------------------------------------------------------------------------------------
+class _ConfigErrorForCli(ConfigError, click.ClickException):
+    """A settings error raised while the ``flask`` command loads the app: click shows it as ``Error: ...``
+    and exits 2 (``clerk-sync``'s code for a setting to fix), as Flask shows an app it cannot find, where any
+    other exception ends every ``flask`` command (``routes``, ``shell``, ``clerk-sync migrate``) in the
+    traceback of the app's loading. Still a :class:`ConfigError` to an ``except`` in the app's factory."""
+
+    def __init__(self, message: str) -> None:
+        from clerk_sync.cli.main import EXIT_SETTINGS  # (the CLI's one table; imported only when it fails)
+
+        click.ClickException.__init__(self, message)
+        self.exit_code = EXIT_SETTINGS  # type: ignore[misc]  # (click reads it from the instance)
+
+
+@contextmanager
+def cli_config_errors() -> Iterator[None]:
+    """A :class:`ConfigError` raised inside, under the ``flask`` command line, re-raised as one line for it."""
+    try:
+        yield
+    except ConfigError as exc:
+        ctx = click.get_current_context(silent=True)
+        if isinstance(exc, click.ClickException) or ctx is None or ctx.find_object(ScriptInfo) is None:
+            raise
+        raise _ConfigErrorForCli(str(exc)) from exc
+
+
 def _spellings(*, field_names: bool = False) -> dict[str, tuple[str, ...]]:
     """Each setting's primary environment name -> its environment names in Settings' order of preference
     (then its field name, with ``field_names``)."""
@@ -96,7 +125,14 @@ def settings_from_config(config: Mapping[str, Any], environ: Mapping[str, str] |
     config keys named like the environment variables (``CLERK_WEBHOOK_SIGNING_SECRET``, ``DATABASE_URL``,
     ``CLERK_SYNC_MAX_BODY_BYTES`` ...), then the environment (``environ``, default ``os.environ``).
     ``CLERK_AUTHORIZED_PARTIES`` and the webhook secret take a list as well as a comma-separated string.
+    A malformed setting raises :class:`~clerk_sync.errors.ConfigError` (under the ``flask`` command line, one
+    that click shows as one line, exit 2: see :func:`cli_config_errors`).
     """
+    with cli_config_errors():
+        return _settings_from_config(config, environ)
+
+
+def _settings_from_config(config: Mapping[str, Any], environ: Mapping[str, str] | None) -> Settings:
     spellings, fields = _spellings(), _spellings(field_names=True)
     section = config.get("CLERK_SYNC") or {}
     if not isinstance(section, Mapping):
@@ -125,7 +161,7 @@ _LISTS = frozenset(primary for primary, names in _spellings(field_names=True).it
 class ClerkSyncState:
     """What :class:`~clerk_sync.integrations.flask.ClerkSync` built for one app: find it with :func:`clerk_state`.
 
-    ``processor`` is None without a webhook route, ``authenticator`` without session keys
+    ``processor`` is None without a webhook route or its secret, ``authenticator`` without session keys
     (``CLERK_JWT_KEY`` or ``CLERK_SECRET_KEY``), ``users`` (JIT sync) and ``admin`` without
     ``CLERK_SECRET_KEY``.
     """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 
 import httpx
@@ -13,7 +14,7 @@ from clerk_sync.auth.sessions import verifier_from_settings
 from clerk_sync.auth.users import JitUsers
 from clerk_sync.clerk_api import ClerkClient
 from clerk_sync.config import Settings
-from clerk_sync.errors import ClerkSyncError
+from clerk_sync.errors import ClerkSyncError, ConfigError
 from clerk_sync.integrations.flask._cli import clerk_sync_cli
 from clerk_sync.integrations.flask._core import (
     EXTENSION_KEY,
@@ -21,6 +22,7 @@ from clerk_sync.integrations.flask._core import (
     WEBHOOK_ENDPOINT,
     ClerkSyncState,
     clerk_state,
+    cli_config_errors,
     deny_by_default,
     error_json,
     settings_from_config,
@@ -56,7 +58,10 @@ class ClerkSync:
     ``revocation_refresh_s`` is how stale the deny list (revoked sessions, banned users) may be.
     ``store``: a :class:`~clerk_sync.store.Store` you built with ``hooks=``/``mapping=`` — pass it so
     webhooks, JIT syncs and admin actions all queue your hooks and write your tables (you close it);
-    ``flask clerk-sync migrate [--backfill]`` then adds what the mapping needs to your tables.
+    ``flask clerk-sync migrate [--backfill]`` then adds what the mapping needs to your tables. With an app
+    factory, pass each app's to ``init_app(app, store=...)``. No hook runs in the app itself: run
+    ``clerk-sync worker --hooks yourapp:HOOKS`` (it reads the environment) beside it.
+    ``webhook_path=None``: no webhook route, or your own registration of :func:`webhook_blueprint` after this.
     ``sync_me_path`` (e.g. ``"/sync/me"``) adds that ``POST`` route for signed-in users: the front end
     calls it right after sign-up, so the row exists before the webhook (needs ``CLERK_SECRET_KEY``).
     """
@@ -82,19 +87,33 @@ class ClerkSync:
         if app is not None:
             self.init_app(app)
 
-    def init_app(self, app: Flask) -> None:
-        """Build the app's state from its config (errors name the missing setting), register the rest."""
+    def init_app(self, app: Flask, *, store: Store | None = None) -> None:
+        """Build the app's state from its config (errors name the missing setting), register the rest.
+
+        ``store``: this app's own :class:`~clerk_sync.store.Store` (instead of the constructor's), for an app
+        factory with a module-level ``clerk = ClerkSync()``: ``clerk.init_app(app, store=Store.from_settings(
+        settings_from_config(app.config), hooks=..., mapping=...))`` (you close it).
+
+        Under the ``flask`` command line, a settings error is one line (``Error: ...``, exit 2) instead of
+        the traceback of the app's loading: a :class:`~clerk_sync.errors.ConfigError` that is also a
+        ``click.ClickException`` (elsewhere, a server's start-up, it is raised as it is).
+        """
+        with cli_config_errors():
+            self._init_app(app, self.store if store is None else store)
+
+    def _init_app(self, app: Flask, store: Store | None) -> None:
         if EXTENSION_KEY in app.extensions:
             raise RuntimeError("ClerkSync is already set up on this app")
         # What would refuse a registration half-way, refused before any (Flask cannot take one back): the
         # app's own blueprint or endpoint of our names
         if self.webhook_path is not None and "clerk_sync" in app.blueprints:
             raise ValueError("the app already has a blueprint named 'clerk_sync': rename it, or pass "
-                             "ClerkSync(webhook_path=None) and register webhook_blueprint() yourself")
+                             "ClerkSync(webhook_path=None), then register the webhook under another name: "
+                             "app.register_blueprint(webhook_blueprint(name='clerk_webhook'))")
         if self.sync_me_path is not None and SYNC_ME_ENDPOINT in app.view_functions:
             raise ValueError(f"the app already has an endpoint named {SYNC_ME_ENDPOINT!r}: drop sync_me_path, or "
                              "rename yours")
-        state = self._build(self.settings or settings_from_config(app.config))
+        state = self._build(self.settings or settings_from_config(app.config), store)
         app.extensions[EXTENSION_KEY] = state
         try:
             if self.sync_me_path is not None:  # first: a path Flask refuses leaves nothing registered behind
@@ -115,15 +134,21 @@ class ClerkSync:
     def state(self, app: Flask | None = None) -> ClerkSyncState:
         return clerk_state(app)
 
-    def _build(self, settings: Settings) -> ClerkSyncState:
+    def _build(self, settings: Settings, given: Store | None) -> ClerkSyncState:
         # A missing or malformed webhook secret fails here, at start-up, not on the first delivery.
-        processor = build_processor(settings, self.store) if self.webhook_path is not None else None
-        store = processor.store if processor is not None else self.store or Store.from_settings(settings)
-        closers: list[Callable[[], None]] = [] if self.store is not None else [store.dispose]
+        processor = build_processor(settings, given) if self.webhook_path is not None else None
+        if processor is None and settings.webhook_secret is not None:
+            # For a webhook_blueprint() registered by hand (it needs one, and the Clerk API metrics below are
+            # the processor's); an app without one starts with a secret it does not use, malformed or not.
+            with contextlib.suppress(ConfigError):
+                processor = build_processor(settings, given)
+        store = processor.store if processor is not None else given or Store.from_settings(settings)
+        closers: list[Callable[[], None]] = [] if given is not None else [store.dispose]
         if processor is not None:
             closers.append(processor.flush_summary)  # the deliveries since the last summary line
         # The processor's metrics (what an app's /metrics renders): Clerk API calls, 429s, the circuit breaker,
-        # the budget and JIT fetches are counted there too. Without a webhook route there is no processor.
+        # the budget and JIT fetches are counted there too. Without a webhook route (nor its secret) there is no
+        # processor.
         metrics = processor.metrics if processor is not None else None
         clerk = (ClerkClient.from_settings(settings, metrics=metrics) if settings.clerk_secret_key is not None
                  else None)
@@ -146,5 +171,6 @@ class ClerkSync:
         return ClerkSyncState(
             settings, store, processor, authenticator, users, admin,
             deny_by_default=self.deny_by_default, audit_impersonation=self.audit_impersonation,
-            public_endpoints=self.public_endpoints | ({WEBHOOK_ENDPOINT} if processor else set()), closers=closers,
+            public_endpoints=self.public_endpoints | ({WEBHOOK_ENDPOINT} if self.webhook_path is not None else set()),
+            closers=closers,
         )
