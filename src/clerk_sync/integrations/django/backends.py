@@ -67,7 +67,7 @@ if TYPE_CHECKING:
     from clerk_sync.integrations.django.request import ClerkRequest
 
 __all__ = ["ClerkBackend", "deactivate_django_user", "django_user", "forget_cleared_django_users", "forget_django_user",
-           "sync_django_user"]
+           "refresh_django_user", "refresh_django_users", "sync_django_user"]
 
 log = structlog.get_logger("clerk_sync.django")
 
@@ -126,11 +126,95 @@ def deactivate_django_user(clerk_id: str, row: AuthUser | None = None) -> None:
     user = model._default_manager.filter(**{str(model.USERNAME_FIELD): clerk_id}).first()
     if user is None or not _is_linked(user):
         return
+    _deactivate(user, row)
+
+
+def _deactivate(user: Any, row: AuthUser | None) -> bool:
+    """:func:`deactivate_django_user` of a linked ``user`` read already; whether it changed."""
     names: tuple[str, ...] = _FLAGS
     if row is not None and not row.is_deleted:
         names = tuple(n for n in _FLAGS if n in get_clerk_sync().options.user_fields(row))
     if _copy_fields(user, {name: False for name in names if hasattr(user, name)}):
-        log.warning("django_user_deactivated", clerk_id=clerk_id, django_user_pk=user.pk)
+        log.warning("django_user_deactivated", clerk_id=str(user.get_username()), django_user_pk=user.pk)
+        return True
+    return False
+
+
+def refresh_django_user(clerk_id: str) -> bool:
+    """Bring the linked Django user of ``clerk_id`` in step with its ``users`` row now, as its next request would:
+    deactivated (not staff, not superuser) once the Clerk user is banned, deleted or deprovisioned, else the
+    fields ``USER_FIELDS`` copies (a demoted admin loses ``is_staff``/``is_superuser``). The webhook view calls it
+    after a committed apply of a ``user.*`` delivery, so ``auth_user`` (the Django admin's user list, a
+    ``User.objects.filter(is_superuser=True)``) stops showing a deleted or banned admin as a live superuser. No
+    Django user is created, a local account (usable password) is never touched, a lock changes nothing (it ends
+    by itself, with no event: the backend refuses the user while it lasts). Returns whether the user changed."""
+    model = get_user_model()
+    user = model._default_manager.filter(**{str(model.USERNAME_FIELD): clerk_id}).first()
+    if user is None or not _is_linked(user):
+        return False
+    row = read_user(get_clerk_sync().store, clerk_id)
+    return row is not None and _in_step(user, row)
+
+
+def _in_step(user: Any, row: AuthUser) -> bool:
+    """Set the linked ``user``'s fields from ``row`` (see :func:`refresh_django_user`); whether any changed."""
+    if row.banned or row.is_deleted or row.deprovisioned:
+        changed = _deactivate(user, row)
+    else:
+        changed = bool(_copy_fields(user, get_clerk_sync().options.user_fields(row)))
+    return changed
+
+
+def refresh_django_users(batch: int = 500) -> tuple[int, list[Any]]:
+    """:func:`refresh_django_user` for every linked Django user still active, staff or superuser whose ``users``
+    row is banned, deleted or deprovisioned, or whose copied fields no longer match the row (a demotion): what
+    the webhook view does at once, for deliveries another process applied (``clerk-sync serve``, ``replay``,
+    ``reconcile``). ``batch`` users and one query of their rows at a time; returns how many changed and the
+    primary keys of those that could not be changed (logged ``django_user_refresh_failed``). ``manage.py
+    clerk_sync prune`` runs it."""
+    import dataclasses
+
+    import sqlalchemy as sa
+
+    from clerk_sync.tables import users as users_table
+
+    model = get_user_model()
+    names = {f.name for f in model._meta.get_fields()}
+    flagged = Q()
+    for flag in _FLAGS:
+        if flag in names:
+            flagged |= Q(**{flag: True})
+    linked = model._default_manager.filter(Q(password="") | Q(password__isnull=True)
+                                           | Q(password__startswith=UNUSABLE_PASSWORD_PREFIX))
+    if flagged:
+        linked = linked.filter(flagged)
+    linked = linked.order_by("pk")
+    store = get_clerk_sync().store
+    changed, after = 0, None
+    failed: list[Any] = []
+    while True:
+        page = list((linked if after is None else linked.filter(pk__gt=after))[:batch])
+        if not page:
+            return changed, failed
+        after = page[-1].pk
+        ids = [str(user.get_username()) for user in page]
+        columns = [users_table.c[f.name] for f in dataclasses.fields(AuthUser)]
+        with store.connect() as conn:
+            rows = {r["clerk_id"]: AuthUser(**r) for r in conn.execute(
+                sa.select(*columns).where(users_table.c.clerk_id.in_(ids))).mappings()}
+        for user in page:
+            row = rows.get(str(user.get_username()))
+            if row is None:  # never synced here, or a purged tombstone (forget_cleared_django_users' part)
+                continue
+            try:
+                with transaction.atomic(using=user._state.db):
+                    changed += _in_step(user, row)
+            except Exception as exc:  # one user must not stop the others
+                failed.append(user.pk)
+                log.error("django_user_refresh_failed", django_user_pk=user.pk, error=type(exc).__name__,
+                          fix="check CLERK_SYNC['USER_FIELDS'] and the Django user model's unique fields")
+        if len(page) < batch:
+            return changed, failed
 
 
 def forget_django_user(clerk_id: str) -> bool:
@@ -251,6 +335,11 @@ class ClerkBackend(BaseBackend):
     clerk-sync's database or Clerk is down, whether checking the session (``clerk_request.error``) or
     reading its row failed: nobody is authenticated then, and nobody is told they are signed out either.
     """
+
+    def __init__(self) -> None:
+        from clerk_sync.integrations.django.checks import require_app_installed
+
+        require_app_installed("ClerkBackend")
 
     def authenticate(self, request: HttpRequest | None, clerk_request: ClerkRequest | None = None,
                      **_: Any) -> Any:

@@ -1,6 +1,9 @@
 """``manage.py check`` errors for a configuration that cannot work, each with its fix.
 
-Registered by the app (``INSTALLED_APPS``); they read ``CLERK_SYNC`` the way requests will.
+Registered by the app (``INSTALLED_APPS``); they read ``CLERK_SYNC`` the way requests will. Without the app
+installed there are no checks to run: :class:`~.middleware.ClerkMiddleware` and :class:`~.backends.ClerkBackend`
+then refuse to start (``ImproperlyConfigured``, see :func:`require_app_installed`), as Django's own middleware
+refuse a setup they cannot work in.
 """
 
 from __future__ import annotations
@@ -8,17 +11,28 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+from django.apps import apps
 from django.conf import settings as django_settings
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
 
+from clerk_sync._urls import masked_url
 from clerk_sync.auth.sessions import verifier_from_settings
 from clerk_sync.config import Settings
 from clerk_sync.errors import ConfigError
-from clerk_sync.integrations.django.conf import DjangoOptions, clerk_settings, django_options
+from clerk_sync.integrations.django.conf import (
+    DjangoOptions,
+    _in_test_environment,
+    clerk_settings,
+    database_url_from_django,
+    django_options,
+)
 
-__all__ = ["check_settings"]
+__all__ = ["APP", "check_settings", "require_app_installed"]
+
+#: The app's entry in ``INSTALLED_APPS``.
+APP = "clerk_sync.integrations.django"
 
 _MIDDLEWARE = "clerk_sync.integrations.django.middleware.ClerkMiddleware"
 _BACKEND = "clerk_sync.integrations.django.backends.ClerkBackend"
@@ -38,7 +52,9 @@ def check_settings(app_configs: Any = None, **_: Any) -> list[checks.CheckMessag
         return [checks.Error(str(exc), hint="Fix settings.CLERK_SYNC (keys are the environment variable names; "
                              "USER_FIELDS, HOOKS and MAPPING dotted paths to importable objects).",
                              id="clerk_sync.E001")]
-    return [*_database(settings), *_webhook_secret(settings), *_session_keys(settings),
+    database = _database(settings)  # (a database it cannot open first: which one the models read comes after)
+    return [*database, *([] if database else _models_database(settings)), *_webhook_secret(settings),
+            *_session_keys(settings),
             *_authorized_parties(settings), *_middleware_order(), *_require_auth(options),
             *_backend_without_middleware(), *_csrf_middleware()]
 
@@ -57,6 +73,75 @@ def _database(settings: Settings) -> list[checks.CheckMessage]:
                  "naming one of them (by default it is derived from DATABASES['default'] with psycopg 3).",
             id="clerk_sync.E007")]
     return []
+
+
+def require_app_installed(what: str) -> None:
+    """Refuse to run ``what`` (ClerkMiddleware, ClerkBackend) without the app in ``INSTALLED_APPS``: its system
+    checks (settings that cannot work, middleware order...) are registered by the app, so without it ``manage.py
+    check`` said nothing at all, and ``manage.py clerk_sync`` and the admin pages were missing too."""
+    if not apps.is_installed(APP):
+        raise ImproperlyConfigured(
+            f"{what} needs {APP!r} in INSTALLED_APPS: add it there. The app brings clerk-sync's system checks "
+            "(without it `manage.py check` cannot tell a setting that cannot work), `manage.py clerk_sync` "
+            "(migrate, replay, prune...) and the admin pages.")
+
+
+def _models_database(settings: Settings) -> list[checks.CheckMessage]:
+    """clerk-sync writes the database of its ``DATABASE_URL``; the unmanaged models (the admin pages,
+    ``ClerkUser.objects``) read the Django database the routers give them (``default`` without one). A
+    ``CLERK_SYNC['DATABASE_URL']`` (or a ``DATABASE_URL`` in the environment, outside tests) naming another
+    database had the admin show stale rows, or fail with "no such table", and ``check`` said nothing. A warning:
+    two URLs may name one database (a host alias, a pooler), which only the project can tell."""
+    from django.db import connections, router
+
+    from clerk_sync.integrations.django.models import ClerkUser
+
+    alias = router.db_for_read(ClerkUser) or "default"
+    if alias not in django_settings.DATABASES or alias not in connections.settings:
+        return []  # (Django reports a router naming no database)
+    # (as clerk_settings reads DATABASES: the connection's under the test environment, which points it at the
+    # test database, else the setting)
+    entry = connections[alias].settings_dict if _in_test_environment() else django_settings.DATABASES[alias]
+    try:
+        read = database_url_from_django(entry)
+    except ImproperlyConfigured:
+        return []  # an engine clerk-sync cannot map (hence DATABASE_URL set): nothing to compare with
+    if read is None or _same_database(read, settings.database_url):
+        return []
+    return [checks.Warning(
+        f"clerk-sync writes to {masked_url(settings.database_url)} (its DATABASE_URL), but its Django models (the "
+        f"admin pages, ClerkUser.objects...) read DATABASES[{alias!r}], {masked_url(read)}: they show another "
+        "database's rows (stale, or none: 'no such table').",
+        hint="Let clerk-sync use Django's database: remove CLERK_SYNC['DATABASE_URL'] (and DATABASE_URL from the "
+             "environment, which it falls back to). Or keep clerk-sync's database and give it a DATABASES entry, "
+             "then route the app label 'clerk_sync' there with a DATABASE_ROUTERS router whose db_for_read returns "
+             "that alias for it. If both URLs name the same database (a host alias, a pooler), silence this with "
+             "SILENCED_SYSTEM_CHECKS = ['clerk_sync.W004'].",
+        id="clerk_sync.W004")]
+
+
+def _same_database(a: str, b: str) -> bool:
+    """Whether two SQLAlchemy URLs name one database (dialect, host, port, database; SQLite by its real path;
+    PostgreSQL's ``options``, which may set the search path): the driver and the login may differ."""
+    import os
+
+    import sqlalchemy as sa
+
+    def key(url: str) -> tuple[object, ...]:
+        u = sa.engine.make_url(url)
+        backend = {"postgres": "postgresql", "mariadb": "mysql"}.get(u.get_backend_name(), u.get_backend_name())
+        if backend == "sqlite":
+            name = u.database or ""
+            return backend, name if not name or name.startswith(":") or "mode=memory" in name \
+                else os.path.realpath(name)
+        port = u.port or {"postgresql": 5432, "mysql": 3306}.get(backend)
+        options = u.query.get("options") if backend == "postgresql" else None
+        return backend, (u.host or "localhost").lower(), port, u.database, options
+
+    try:
+        return key(a) == key(b)
+    except Exception:  # (a URL SQLAlchemy cannot parse: reported by the checks that build the engine)
+        return True
 
 
 def _webhook_secret(settings: Settings) -> list[checks.CheckMessage]:
@@ -204,10 +289,24 @@ def _csrf_middleware() -> list[checks.CheckMessage]:
 
 
 def _middleware_order() -> list[checks.CheckMessage]:
+    """``ClerkMiddleware`` after ``AuthenticationMiddleware`` (or an app's subclass of either). With
+    ``ClerkBackend``, ``ClerkMiddleware`` sets ``request.user`` for a Clerk session only: without
+    ``AuthenticationMiddleware`` a signed-out visitor's request had no ``request.user`` at all, and every view
+    reading it answered 500 (AttributeError), while signed-in requests worked."""
+    from django.contrib.auth.middleware import AuthenticationMiddleware
+
     middleware = list(getattr(django_settings, "MIDDLEWARE", []))
     clerk = [i for i, m in enumerate(middleware) if _is_clerk_middleware(m)]  # an app's subclass too
-    if clerk and _AUTH_MIDDLEWARE in middleware and clerk[0] < middleware.index(_AUTH_MIDDLEWARE):
+    auth = [i for i, m in enumerate(middleware) if m == _AUTH_MIDDLEWARE or _is_subclass(m, AuthenticationMiddleware)]
+    if clerk and auth and clerk[0] < auth[0]:
         return [checks.Error(
             "ClerkMiddleware runs before AuthenticationMiddleware, which would overwrite request.user.",
             hint=f"Move {_MIDDLEWARE!r} after {_AUTH_MIDDLEWARE!r} in MIDDLEWARE.", id="clerk_sync.E004")]
+    backends = getattr(django_settings, "AUTHENTICATION_BACKENDS", None) or []
+    if clerk and not auth and any(_names(b, _BACKEND) for b in backends):
+        return [checks.Error(
+            "ClerkMiddleware is in MIDDLEWARE (with ClerkBackend) but AuthenticationMiddleware is not: a request "
+            "without a Clerk session gets no request.user, and every view reading it answers 500.",
+            hint=f"Add {_AUTH_MIDDLEWARE!r} to MIDDLEWARE before {_MIDDLEWARE!r} (after "
+                 "'django.contrib.sessions.middleware.SessionMiddleware').", id="clerk_sync.E004")]
     return []

@@ -1,9 +1,15 @@
 """Read-only Django models over clerk-sync's tables, for the admin pages and ORM joins.
 
 They are unmanaged (``managed = False``): the tables belong to clerk-sync's own migrations
-(``manage.py clerk_sync migrate``), in the database clerk-sync writes (``DATABASE_URL``, by default
-Django's ``default`` database). Write through clerk-sync, never through these models: rows are
-guarded by Clerk's ``updated_at`` ordering, which the ORM would bypass.
+(``manage.py clerk_sync migrate``), in the database clerk-sync writes. Write through clerk-sync, never
+through these models: rows are guarded by Clerk's ``updated_at`` ordering, which the ORM would bypass.
+
+Which database: clerk-sync writes the one its ``DATABASE_URL`` names, by default derived from Django's
+``DATABASES['default']``. These models are Django's and read what Django's routers give them, ``default``
+without a router: they do *not* follow ``CLERK_SYNC['DATABASE_URL']`` (nor a ``DATABASE_URL`` in the
+environment, which clerk-sync falls back to outside tests). Keep clerk-sync on Django's ``default`` database, or
+give its database a ``DATABASES`` entry and route the app label ``clerk_sync`` there (``DATABASE_ROUTERS``,
+``db_for_read``); the system check ``clerk_sync.W004`` says when the two differ.
 """
 
 from __future__ import annotations

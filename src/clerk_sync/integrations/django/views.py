@@ -7,12 +7,17 @@ reading, before they are held in full.
 
 from __future__ import annotations
 
+import json
+
 import structlog
+from django.conf import settings
 from django.contrib.auth.decorators import login_not_required
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.utils.module_loading import import_string
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
+from clerk_sync.engine import DeliveryStatus
 from clerk_sync.errors import ClerkSyncError, ConfigError, PayloadTooLarge, StoreError, WebhookError
 from clerk_sync.integrations.django.request import clerk_request
 from clerk_sync.integrations.django.runtime import get_clerk_sync
@@ -63,7 +68,39 @@ def webhook(request: HttpRequest) -> HttpResponse:
             # logged and counted as the other frameworks' endpoints do; a missing table names the database
             processor.refused(runtime.naming_database(exc), claimed)
             return error_json(exc)
+        if outcome.status == DeliveryStatus.APPLIED and outcome.event_type.startswith("user."):
+            _refresh_django_user(body)
     return JsonResponse(delivery_answer(outcome.svix_id, outcome.status, outcome.error))
+
+
+def _refresh_django_user(body: bytes) -> None:
+    """After a committed apply of a ``user.*`` delivery: the linked Django user in step with the row now
+    (:func:`~.backends.refresh_django_user`: a deleted or banned admin is no live superuser in ``auth_user`` until
+    their next request). Only with ``ClerkBackend`` configured (it made those users). The delivery is stored and
+    applied whatever happens here: a failure is logged, and the next request or ``prune`` brings the user in step."""
+    if not any(_is_clerk_backend(path) for path in settings.AUTHENTICATION_BACKENDS):
+        return
+    from clerk_sync.integrations.django.backends import refresh_django_user
+
+    clerk_id = None
+    try:
+        data = json.loads(body).get("data")
+        clerk_id = data.get("id") if isinstance(data, dict) else None
+        if isinstance(clerk_id, str) and clerk_id:
+            refresh_django_user(clerk_id)
+    except Exception as exc:  # (the delivery is applied: its answer stays 200)
+        log.error("django_user_refresh_failed", clerk_id=clerk_id, error=type(exc).__name__, cause=str(exc)[:200],
+                  fix="its next request, or manage.py clerk_sync prune, brings the Django user in step")
+
+
+def _is_clerk_backend(path: str) -> bool:
+    from clerk_sync.integrations.django.backends import ClerkBackend
+
+    try:
+        backend = import_string(path)
+    except ImportError:
+        return False
+    return isinstance(backend, type) and issubclass(backend, ClerkBackend)
 
 
 webhook.clerk_public = True  # type: ignore[attr-defined]  # signed deliveries carry no session

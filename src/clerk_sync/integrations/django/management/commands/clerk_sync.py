@@ -8,19 +8,27 @@ onto the Django user (``auth_user``'s e-mail and names), which ``clerk-sync user
 tables need (``--backfill``: and writes the rows clerk-sync holds into them), replay, reconcile and promote write
 the mapped tables, and promote queues the hooks. Replay and reconcile fire the hooks only
 with ``--with-hooks`` (as ``clerk-sync replay/reconcile --with-hooks``): re-processing must not send the
-welcome mail twice."""
+welcome mail twice.
+
+Django's common options (``--settings``, ``-v``, ``--traceback``...) go before or after the action. Exit codes
+follow ``clerk-sync``'s (:func:`clerk_sync.cli.main.exit_code`): 1 when work was left undone (deliveries still
+failed, objects not read), 2 for a setting or an argument to fix, 3 when the database or Clerk is unavailable
+(retry later)."""
 
 from __future__ import annotations
 
+import argparse
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
+from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from clerk_sync import migrations
 from clerk_sync._db_errors import store_error
 from clerk_sync._urls import masked_url
 from clerk_sync.cli._args import STORED_STATUSES
+from clerk_sync.cli.main import EXIT_SETTINGS, EXIT_UNAVAILABLE, EXIT_UNDONE, exit_code
 from clerk_sync.engine import DeliveryStatus
 from clerk_sync.errors import ClerkSyncError, StoreError
 from clerk_sync.integrations.django.conf import clerk_settings, django_options
@@ -30,6 +38,25 @@ if TYPE_CHECKING:
     from clerk_sync.store import Store
 
 __all__ = ["Command"]
+
+
+def _common_options(parser: argparse.ArgumentParser) -> None:
+    """Django's own options (``BaseCommand.create_parser``'s), accepted after the action too:
+    ``manage.py clerk_sync migrate --settings=config.settings.prod``, as every other command takes them. Given
+    there, they default to nothing (``SUPPRESS``), so one given before the action is not overwritten."""
+    suppress = argparse.SUPPRESS
+    parser.add_argument("-v", "--verbosity", type=int, choices=[0, 1, 2, 3], default=suppress,
+                        help="Verbosity level; 0=minimal output, 1=normal output, 2=verbose output, 3=very verbose "
+                             "output")
+    parser.add_argument("--settings", default=suppress,
+                        help="The Python path to a settings module, e.g. \"myproject.settings.main\".")
+    parser.add_argument("--pythonpath", default=suppress,
+                        help='A directory to add to the Python path, e.g. "/home/djangoprojects/myproject".')
+    for flag, about in (("--traceback", "Raise on CommandError exceptions."),
+                        ("--no-color", "Don't colorize the command output."),
+                        ("--force-color", "Force colorization of the command output."),
+                        ("--skip-checks", "Skip system checks.")):
+        parser.add_argument(flag, action="store_true", default=suppress, help=about)
 
 
 class Command(BaseCommand):
@@ -73,17 +100,25 @@ class Command(BaseCommand):
         promote.add_argument("--role", default="admin", help="Role to set in public_metadata.role.")
         sub.add_parser("retry-pending", help="Push role changes recorded while Clerk was unreachable (from cron); "
                                              "exit 3 while some still wait.")
+        for action in sub.choices.values():
+            _common_options(action)
 
     def handle(self, *args: Any, action: str, **options: Any) -> None:
+        """Exit codes as ``clerk-sync``'s (:func:`~clerk_sync.cli.main.exit_code`, the one table): 3 for the
+        database or Clerk unavailable, 2 for a setting (or the schema) to fix, 1 for work left undone."""
         try:
             getattr(self, f"_{action.replace('-', '_')}")(**options)
+        except ImproperlyConfigured as exc:  # (CLERK_SYNC read: a setting to fix)
+            raise CommandError(str(exc), returncode=EXIT_SETTINGS) from exc
         except StoreError as exc:  # a missing table: which database to migrate
-            raise CommandError(str(naming_database(exc, clerk_settings().database_url))) from exc
+            raise CommandError(str(naming_database(exc, clerk_settings().database_url)),
+                               returncode=exit_code(exc)) from exc
         except ClerkSyncError as exc:
-            raise CommandError(str(exc)) from exc
+            raise CommandError(str(exc), returncode=exit_code(exc)) from exc
         except sa.exc.SQLAlchemyError as exc:  # (migrate with the database down): one line, no SQL nor values
             raise CommandError(f"{store_error(exc)}; check CLERK_SYNC['DATABASE_URL'], else DATABASES['default'], "
-                               f"and that the database is up ({masked_url(clerk_settings().database_url)})") from exc
+                               f"and that the database is up ({masked_url(clerk_settings().database_url)})",
+                               returncode=exit_code(exc)) from exc
 
     def _migrate(self, *, backfill: bool = False, **_: Any) -> None:
         """``clerk-sync migrate --mapping`` with ``CLERK_SYNC["MAPPING"]`` (the webhook view's): the same
@@ -93,7 +128,8 @@ class Command(BaseCommand):
 
         settings, mapping = clerk_settings(), django_options().mapping
         if backfill and mapping is None:  # refused before anything is changed
-            raise CommandError('--backfill needs CLERK_SYNC["MAPPING"]: the dotted path of your SchemaMapping')
+            raise CommandError('--backfill needs CLERK_SYNC["MAPPING"]: the dotted path of your SchemaMapping',
+                               returncode=EXIT_SETTINGS)
         store = Store.from_settings(settings)
         try:
             migrations.upgrade(store.engine)
@@ -118,7 +154,7 @@ class Command(BaseCommand):
         self.stdout.write(f"reconcile {'dry run' if dry_run else 'run'} done: "
                           + ", ".join(f"{k} {v.created}+/{v.updated}~/{v.deleted}-" for k, v in report.counts.items()))
         if (unread := unread_objects(report)) is not None:
-            raise CommandError(unread)
+            raise CommandError(unread, returncode=EXIT_UNDONE)
 
     def _replay(self, *, status: str, since: str | None, with_hooks: bool, **_: Any) -> None:
         from clerk_sync.cli._args import parse_since
@@ -135,10 +171,10 @@ class Command(BaseCommand):
             self.stdout.write(f"{report.left_said}: left as they were")
         if still := by_status.get(DeliveryStatus.FAILED.value):  # a scheduled replay must not look fine
             raise CommandError(f"{still} still failed: read webhook_events.last_error (or the admin's webhook "
-                               "deliveries), fix the cause, then replay again")
+                               "deliveries), fix the cause, then replay again", returncode=EXIT_UNDONE)
 
     def _prune(self, *, dry_run: bool, **_: Any) -> None:
-        from clerk_sync.integrations.django.backends import forget_cleared_django_users
+        from clerk_sync.integrations.django.backends import forget_cleared_django_users, refresh_django_users
         from clerk_sync.retention import Retention, RetentionPolicy
 
         store = self._store()
@@ -150,9 +186,17 @@ class Command(BaseCommand):
         if not dry_run:  # the tombstones cleared now, and before: their Django users' copies go too
             changed, failed = forget_cleared_django_users()
             self.stdout.write(f"Django users cleared: {changed}")
+            # ...and the Django users of users banned, deleted or demoted by deliveries another process applied
+            # (`clerk-sync serve`, replay, reconcile): no longer active, staff or superuser in auth_user
+            refreshed, unrefreshed = refresh_django_users()
+            self.stdout.write(f"Django users brought in step: {refreshed}")
             if failed:
                 raise CommandError(f"{len(failed)} Django user(s) could not be cleared (pk {failed[:20]}): see the "
-                                   "django_user_forget_failed log lines")
+                                   "django_user_forget_failed log lines", returncode=EXIT_UNDONE)
+            if unrefreshed:
+                raise CommandError(f"{len(unrefreshed)} Django user(s) could not be brought in step (pk "
+                                   f"{unrefreshed[:20]}): see the django_user_refresh_failed log lines",
+                                   returncode=EXIT_UNDONE)
 
     def _erase(self, *, clerk_id: str, reason: str | None, actor: str | None, force: bool, **_: Any) -> None:
         """``clerk-sync users erase`` with ``CLERK_SYNC["MAPPING"]``/``["HOOKS"]``, then the Django user's copy."""
@@ -160,12 +204,14 @@ class Command(BaseCommand):
         from clerk_sync.retention import Retention, UnknownUser, could_be_user_id
 
         if not could_be_user_id(clerk_id):
-            raise CommandError(f"erase needs a Clerk user id (user_...), not {clerk_id!r}")
+            raise CommandError(f"erase needs a Clerk user id (user_...), not {clerk_id!r}", returncode=EXIT_SETTINGS)
         store = self._store()
         try:
             report = Retention(store).erase_user(clerk_id, actor=actor, reason=reason, allow_unknown=force)
-        except UnknownUser as exc:
-            raise CommandError(f"{exc}; nothing was changed (pass --force to tombstone a user never synced)") from exc
+        except UnknownUser as exc:  # (as `clerk-sync users erase` says it, and exits)
+            raise CommandError(f"no user {clerk_id!r} in this database (no row, no stored event); nothing was "
+                               "changed. Check the id (Clerk Dashboard -> Users, or the users table's clerk_id), or "
+                               "pass --force to tombstone a user never synced.", returncode=EXIT_UNDONE) from exc
         finally:
             store.dispose()
         found = "erased" if report.row_existed else "no row for it; tombstone written"
@@ -176,7 +222,7 @@ class Command(BaseCommand):
             self.stderr.write(f"warning: {advice}")
         if report.mapped_refused:  # clerk-sync's rows are erased, the request is not done: a script must see it
             refused = "; ".join(f"{each}: clear it in the app's table" for each in report.mapped_refused)
-            raise CommandError(refused)
+            raise CommandError(refused, returncode=EXIT_UNDONE)
 
     def _promote(self, *, email: str, role: str, **_: Any) -> None:
         from clerk_sync.auth.admin import AdminActions, find_user_by_email
@@ -187,14 +233,16 @@ class Command(BaseCommand):
         try:
             clerk_id = find_user_by_email(store, email)
             if clerk_id is None:
-                raise CommandError(f"no synced user with email {email!r} (run `manage.py clerk_sync reconcile` first?)")
+                raise CommandError(f"no synced user with email {email!r} (run `manage.py clerk_sync reconcile` first?)",
+                                   returncode=EXIT_UNDONE)
             with ClerkClient.from_settings(settings) as client:
                 change = AdminActions(store, client).promote(clerk_id, role, by=None)
         finally:
             store.dispose()
         self.stdout.write(f"{change.status}: {email} ({clerk_id}) {change.previous_role} -> {role}")
         if change.status == "pending":  # not done: a script must see it
-            raise CommandError(change.pending_advice("manage.py clerk_sync retry-pending"), returncode=3)
+            raise CommandError(change.pending_advice("manage.py clerk_sync retry-pending"),
+                               returncode=EXIT_UNAVAILABLE)
 
     def _retry_pending(self, **_: Any) -> None:
         from clerk_sync.auth.admin import AdminActions
@@ -209,7 +257,7 @@ class Command(BaseCommand):
         self.stdout.write(f"pending role changes: {counts}")
         if counts["pending"]:  # still waiting on Clerk: let the scheduler notice
             raise CommandError(f"{counts['pending']} role change(s) still wait for Clerk; run this again later",
-                               returncode=3)
+                               returncode=EXIT_UNAVAILABLE)
 
     @staticmethod
     def _store() -> Store:
