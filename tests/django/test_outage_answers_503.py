@@ -129,16 +129,20 @@ def outage_world(db_url: str, transport: str, **settings: Any) -> Iterator[World
         yield world
 
 
-def _unreachable(db_url: str, tmp_path: Path) -> str:
-    """A URL of the same database kind that cannot be reached: nothing listens on its port (a SQLite file in a
-    directory that does not exist cannot be opened)."""
+def _unreachable(db_url: str, tmp_path: Path) -> sa.Engine:
+    """An engine of the same database kind that cannot reach it: nothing listens on its port (a SQLite file whose
+    directory was removed after the engine was made cannot be opened; create_engine refuses a missing one)."""
     url = sa.engine.make_url(db_url)
     if url.get_backend_name() == "sqlite":
-        return f"sqlite:///{tmp_path / f'gone-{uuid.uuid4().hex[:8]}' / 'clerk_sync.db'}"
+        gone = tmp_path / f"gone-{uuid.uuid4().hex[:8]}"
+        gone.mkdir()
+        engine = create_engine(f"sqlite:///{gone / 'clerk_sync.db'}")
+        gone.rmdir()
+        return engine
     url = url.set(host="127.0.0.1", port=free_port())
     if url.get_backend_name() == "postgresql":
         url = url.update_query_dict({"connect_timeout": "2"})
-    return url.render_as_string(hide_password=False)
+    return create_engine(url.render_as_string(hide_password=False))
 
 
 @contextmanager
@@ -147,7 +151,7 @@ def clerk_sync_db_down(db_url: str, tmp_path: Path) -> Iterator[None]:
     Django's own database still up; back up afterwards."""
     store = get_clerk_sync().store
     up = store.engine
-    store.engine = create_engine(_unreachable(db_url, tmp_path))
+    store.engine = _unreachable(db_url, tmp_path)
     try:
         with pytest.raises(StoreError):  # really down
             store.ping()
