@@ -20,11 +20,56 @@ from tests._server import free_port
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def flask_section() -> dict[str, str]:
-    """The ``python`` and ``bash`` blocks of the README's "In a Flask app" section."""
+def flask_blocks() -> list[tuple[str, str]]:
+    """The ``python`` and ``bash`` blocks of the README's "In a Flask app" section, in order."""
     text = README.read_text()
     section = text.split("## In a Flask app\n", 1)[1].split("\n## ", 1)[0]
-    return dict(re.findall(r"```(python|bash)\n(.*?)```", section, flags=re.S))
+    return re.findall(r"```(python|bash)\n(.*?)```", section, flags=re.S)
+
+
+def flask_section() -> dict[str, str]:
+    """The app (the first ``python`` block) and the shell line (the first ``bash`` block)."""
+    found: dict[str, str] = {}
+    for kind, block in flask_blocks():
+        found.setdefault(kind, block)
+    return found
+
+
+def test_the_flask_section_has_the_blocks_these_tests_run() -> None:
+    kinds = [kind for kind, _ in flask_blocks()]
+    assert kinds == ["python", "bash", "python"], kinds  # the app, its commands, an app factory with a store
+
+
+def test_the_app_factory_block_runs_as_printed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its store (hooks, mapping) is the one the app's webhook writes through."""
+    from clerk_sync import migrations
+    from clerk_sync.changes import Hook
+    from clerk_sync.store import create_engine
+    from tests import factories as f
+    from tests.conftest import SECRET
+
+    factory = flask_blocks()[2][1]
+    monkeypatch.chdir(tmp_path)  # the snippet's DATABASE_URL is relative
+    for name in [n for n in os.environ if n.startswith("CLERK_") or n == "DATABASE_URL"]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("CLERK_WEBHOOK_SIGNING_SECRET", SECRET)
+    engine = create_engine("sqlite:///app.db")
+    migrations.upgrade(engine)
+    engine.dispose()
+    namespace: dict[str, object] = {"__name__": "__main__"}  # (as `python app.py` runs it)
+    exec(compile(factory, "README factory block", "exec"), namespace)  # noqa: S102 (the README's own text)
+    heard: list[str] = []
+    app = namespace["create_app"](hooks=[Hook("heard", lambda change: heard.append(change.type))])  # type: ignore[operator]
+    store = clerk_state(app).store
+    try:
+        headers, body = f.signed(f.envelope("user.created", f.user("user_factory", 1000)), "msg_factory")
+        answer = app.test_client().post("/webhooks/clerk", data=body, headers=headers)
+        assert answer.status_code == 200 and answer.get_json()["status"] == "applied", answer.get_data(as_text=True)
+        from clerk_sync.hooks import Dispatcher
+
+        assert Dispatcher(store).run_once() == 1 and heard == ["user.created"]  # the factory's hooks were queued
+    finally:
+        store.dispose()
 
 
 def test_the_flask_section_runs_as_printed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
