@@ -337,7 +337,7 @@ class ClerkBackend(BaseBackend):
     """
 
     def __init__(self) -> None:
-        from clerk_sync.integrations.django.checks import require_app_installed
+        from clerk_sync.integrations.django.conf import require_app_installed
 
         require_app_installed("ClerkBackend")
 

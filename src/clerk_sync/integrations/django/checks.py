@@ -2,7 +2,7 @@
 
 Registered by the app (``INSTALLED_APPS``); they read ``CLERK_SYNC`` the way requests will. Without the app
 installed there are no checks to run: :class:`~.middleware.ClerkMiddleware` and :class:`~.backends.ClerkBackend`
-then refuse to start (``ImproperlyConfigured``, see :func:`require_app_installed`), as Django's own middleware
+then refuse to start (``ImproperlyConfigured``, see :func:`~.conf.require_app_installed`), as Django's own middleware
 refuse a setup they cannot work in.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
-from django.apps import apps
 from django.conf import settings as django_settings
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
@@ -29,10 +28,8 @@ from clerk_sync.integrations.django.conf import (
     django_options,
 )
 
-__all__ = ["APP", "check_settings", "require_app_installed"]
+__all__ = ["check_settings"]
 
-#: The app's entry in ``INSTALLED_APPS``.
-APP = "clerk_sync.integrations.django"
 
 _MIDDLEWARE = "clerk_sync.integrations.django.middleware.ClerkMiddleware"
 _BACKEND = "clerk_sync.integrations.django.backends.ClerkBackend"
@@ -73,17 +70,6 @@ def _database(settings: Settings) -> list[checks.CheckMessage]:
                  "naming one of them (by default it is derived from DATABASES['default'] with psycopg 3).",
             id="clerk_sync.E007")]
     return []
-
-
-def require_app_installed(what: str) -> None:
-    """Refuse to run ``what`` (ClerkMiddleware, ClerkBackend) without the app in ``INSTALLED_APPS``: its system
-    checks (settings that cannot work, middleware order...) are registered by the app, so without it ``manage.py
-    check`` said nothing at all, and ``manage.py clerk_sync`` and the admin pages were missing too."""
-    if not apps.is_installed(APP):
-        raise ImproperlyConfigured(
-            f"{what} needs {APP!r} in INSTALLED_APPS: add it there. The app brings clerk-sync's system checks "
-            "(without it `manage.py check` cannot tell a setting that cannot work), `manage.py clerk_sync` "
-            "(migrate, replay, prune...) and the admin pages.")
 
 
 def _models_database(settings: Settings) -> list[checks.CheckMessage]:

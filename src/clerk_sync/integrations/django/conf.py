@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
+from django.apps import apps
 from django.conf import settings as django_settings
 from django.core.exceptions import ImproperlyConfigured
 from django.db import connections
@@ -35,10 +36,25 @@ from django.utils.module_loading import import_string
 from clerk_sync.auth.users import AuthUser
 from clerk_sync.config import Settings, _aliases
 
-__all__ = ["DjangoOptions", "UserFields", "clerk_settings", "database_url_from_django", "default_user_fields",
-           "django_options"]
+__all__ = ["APP", "DjangoOptions", "UserFields", "clerk_settings", "database_url_from_django", "default_user_fields",
+           "django_options", "require_app_installed"]
+
+#: The app's entry in ``INSTALLED_APPS``.
+APP = "clerk_sync.integrations.django"
 
 UserFields = Callable[[AuthUser], dict[str, Any]]
+
+
+def require_app_installed(what: str) -> None:
+    """Refuse to run ``what`` (ClerkMiddleware, ClerkBackend) without the app in ``INSTALLED_APPS``: its system
+    checks (settings that cannot work, middleware order...) are registered by the app, so without it ``manage.py
+    check`` said nothing at all, and ``manage.py clerk_sync`` and the admin pages were missing too. (Here, not in
+    checks.py: checks imports the middleware, which calls this.)"""
+    if not apps.is_installed(APP):
+        raise ImproperlyConfigured(
+            f"{what} needs {APP!r} in INSTALLED_APPS: add it there. The app brings clerk-sync's system checks "
+            "(without it `manage.py check` cannot tell a setting that cannot work), `manage.py clerk_sync` "
+            "(migrate, replay, prune...) and the admin pages.")
 
 
 def default_user_fields(row: AuthUser) -> dict[str, Any]:

@@ -72,7 +72,7 @@ class ClerkMiddleware:
     async_capable = True
 
     def __init__(self, get_response: Callable[[HttpRequest], Any]) -> None:
-        from clerk_sync.integrations.django.checks import require_app_installed
+        from clerk_sync.integrations.django.conf import require_app_installed
 
         require_app_installed("ClerkMiddleware")  # (at start-up: Django builds the middleware chain then)
         self.get_response = get_response
