@@ -208,13 +208,21 @@ class Column:
 
     ``personal`` says whether erasure and :class:`Anonymise` clear the column: by default the columns
     from e-mail, names, username and image (:data:`PERSONAL`); say ``personal=True`` for a metadata path
-    or a ``compute`` that holds the person's data (a phone number, initials), ``False`` to keep one."""
+    or a ``compute`` that holds the person's data (a phone number, initials), ``False`` to keep one.
+
+    ``insert_only``: written only into a row clerk-sync inserts (a new Clerk entity's), never into a row
+    already there: not when a legacy row is linked (by e-mail or external id), nor on an update, a
+    backfill or a replay. For a NOT NULL column the app needs filled that holds the app's own data in its
+    existing rows: ``"password": Column(compute=lambda v: "!", insert_only=True)`` gives a new user an unusable
+    password and keeps a linked legacy user's password hash (a plain mapped column is the mapping's: every
+    link and update rewrites it). Erasure and :class:`Anonymise` clear it as any other when ``personal``."""
 
     source: str | None = None
     transform: str | None = None
     default: Any = None
     compute: Callable[[JSON], Any] | None = None
     personal: bool | None = None
+    insert_only: bool = False
 
     def __post_init__(self) -> None:
         if (self.source is None) == (self.compute is None):
@@ -635,10 +643,12 @@ class _Projection:
         # An existing row's policy column is the app's once written (an admin's own deactivation): an update
         # fills it only where it holds nothing (is_active NULL: added by migrate); SoftDelete's NULL not at all.
         self.coalesced: JSON = {n: v for n, v in self.fixed.items() if v is not None}
+        # Columns written only into a row inserted here: never SET on a row already there (linked, updated)
+        self.insert_only = frozenset(n for n, c in self.columns.items() if c.insert_only)
         names = [*self.columns, *self.fixed]
         binds = {n: sa.bindparam(n, type_=table.c[n].type) for n in names}
         row = binds | {self.key.name: sa.bindparam("_clerk_id")}
-        sets: dict[str, Any] = ({n: binds[n] for n in self.columns}
+        sets: dict[str, Any] = ({n: binds[n] for n in self.columns if n not in self.insert_only}
                                 | {n: sa.func.coalesce(table.c[n], binds[n]) for n in self.coalesced})
         self.update = sa.update(table).where(self.key == sa.bindparam("_clerk_id")).values(
             sets or {self.key.name: sa.bindparam("_clerk_id")})
@@ -649,7 +659,7 @@ class _Projection:
         insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
         self.insert_new = (insert(table).values(row).on_conflict_do_nothing()
                            if _unique(table, self.key) and dialect in ("postgresql", "sqlite") else None)
-        self.cte_sql, self.json_at = _cte_sql(table, self.key, names, mapped, dialect, self.fixed)
+        self.cte_sql, self.json_at = _cte_sql(table, self.key, names, mapped, dialect, self.fixed, self.insert_only)
         self.bool_at = [i for i, n in enumerate(names) if isinstance(table.c[n].type, sa.Boolean)]
         self.wave = _wave(table, self.key, names, self) if self.cte_sql is not None else None
         # Creations and updates in one prebuilt statement (no Core construct to key per call), when
@@ -660,7 +670,8 @@ class _Projection:
         if not mapped.links and dialect in ("postgresql", "sqlite") and _unique(table, self.key, plain=True):
             quote = _quote_ident  # the text is SQLAlchemy's: it doubles a "%" itself where the driver needs it
             key = quote(self.key.name)
-            updated = ", ".join(f"{c} = {e}" for c, e in _update_sets(table.name, names, self.fixed, quote))
+            updated = ", ".join(f"{c} = {e}" for c, e in _update_sets(table.name, names, self.fixed, quote,
+                                                                                  self.insert_only))
             head = f"INSERT INTO {_table_sql(table, quote)} ({', '.join(quote(n) for n in names)}, {key}) "
             tail = f"ON CONFLICT ({key}) DO UPDATE SET {updated or f'{key} = excluded.{key}'}"
             self.upsert = sa.text(
@@ -692,7 +703,7 @@ class _Projection:
             self._delete(change.clerk_id)
             return
         values = {name: col.value(change.values) for name, col in self.columns.items()}
-        new = values | self.fixed  # a row inserted or linked: the policy's live value too
+        new = values | self.fixed  # a row inserted: the policy's live value too
         if self.sqlite_upsert is not None and direct_sqlite(conn.dialect):
             row = [v if f is None else f(v) for f, v in zip(self.sqlite_binds, new.values(), strict=True)]
             sqlite_execute(conn, self.sqlite_upsert, [[*row, change.clerk_id]])
@@ -705,9 +716,11 @@ class _Projection:
         if (change.kind == "created" and self.insert_new is not None and not self.m.links
                 and conn.execute(self.insert_new, params).rowcount):
             return
-        # (only the UPDATE's own parameters: SQLAlchemy would SET any other column named in them)
-        updated = conn.execute(self.update, values | self.coalesced | {"_clerk_id": change.clerk_id}).rowcount
-        if updated == 0 and not self._link(change, values):
+        # (only the UPDATE's own parameters: SQLAlchemy would SET any other column named in them; an
+        # insert-only column's value goes into an INSERT alone, never into a row updated or linked)
+        kept = {n: v for n, v in values.items() if n not in self.insert_only}
+        updated = conn.execute(self.update, kept | self.coalesced | {"_clerk_id": change.clerk_id}).rowcount
+        if updated == 0 and not self._link(change, kept):
             conn.execute(self.insert, params)
 
     def _link(self, change: Change, values: JSON) -> bool:
@@ -1090,7 +1103,8 @@ _RAW_TYPES = (sa.String, sa.Integer, sa.Boolean, sa.DateTime, sa.Numeric, sa.Flo
 
 
 def _cte_sql(table: sa.Table, key: sa.Column[Any], names: list[str], mapped: MappedTable,
-             dialect: str, fixed: JSON) -> tuple[str | None, tuple[int, ...]]:
+             dialect: str, fixed: JSON,
+             insert_only: frozenset[str] = frozenset()) -> tuple[str | None, tuple[int, ...]]:
     """The mapped upsert as the ``mapped`` CTE of the one-statement delivery (see :meth:`SchemaMapping.cte`),
     and the positions of its JSON values; (None, ()) when the projection's own statements must be used
     instead (not PostgreSQL, linking, no plain unique index on the Clerk-id column, a type psycopg would
@@ -1107,12 +1121,13 @@ def _cte_sql(table: sa.Table, key: sa.Column[Any], names: list[str], mapped: Map
     if (dialect != "postgresql" or mapped.links or not _unique(table, key, plain=True)
             or not all(isinstance(t, _RAW_TYPES) and not isinstance(t, sa.Enum) for t in types)):
         return None, ()
-    insert, conflict = _mapped_upsert(table, key, names, fixed)
+    insert, conflict = _mapped_upsert(table, key, names, fixed, insert_only)
     sql = f"mapped AS ({insert} SELECT {', '.join(['%s'] * (len(names) + 1))} FROM up {conflict})"  # noqa: S608
     return sql, tuple(i for i, typ in enumerate(types) if isinstance(typ, sa.JSON))
 
 
-def _mapped_upsert(table: sa.Table, key: sa.Column[Any], names: list[str], fixed: JSON) -> tuple[str, str]:
+def _mapped_upsert(table: sa.Table, key: sa.Column[Any], names: list[str], fixed: JSON,
+                   insert_only: frozenset[str] = frozenset()) -> tuple[str, str]:
     """The ``INSERT INTO .. (columns, Clerk id)`` and ``ON CONFLICT ..`` around the rows of a ``mapped`` CTE
     (psycopg SQL): a row that already holds the values is left alone, and its delete-policy column the
     app's (see :func:`_update_sets`)."""
@@ -1120,7 +1135,7 @@ def _mapped_upsert(table: sa.Table, key: sa.Column[Any], names: list[str], fixed
         return _quote_ident(name).replace("%", "%%")
 
     t, k = q(table.name), q(key.name)  # (the target is referred to by its bare name, schema-qualified or not)
-    sets = _update_sets(table.name, names, fixed, q)
+    sets = _update_sets(table.name, names, fixed, q, insert_only)
     # json has no equality operator: its values are compared as jsonb
     json_columns = {q(n) for n in names if isinstance(table.c[n].type, sa.JSON)}
     mine = ", ".join(f"{t}.{c}" + ("::jsonb" if c in json_columns else "") for c, _ in sets)
@@ -1131,15 +1146,19 @@ def _mapped_upsert(table: sa.Table, key: sa.Column[Any], names: list[str], fixed
             f"ON CONFLICT ({k}) {update}")
 
 
-def _update_sets(table: str, names: list[str], fixed: JSON, quote: Callable[[str], str]) -> list[tuple[str, str]]:
+def _update_sets(table: str, names: list[str], fixed: JSON, quote: Callable[[str], str],
+                 insert_only: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
     """An upsert's ``SET`` for a row already there, as (column, expression): the mapped columns from
-    ``excluded``; the delete-policy column only where it holds nothing (``COALESCE(is_active, TRUE)``:
+    ``excluded``, not the ``insert_only`` ones (the row's own value stays: :attr:`Column.insert_only`); the
+    delete-policy column only where it holds nothing (``COALESCE(is_active, TRUE)``:
     an app admin's own deactivation stays), SoftDelete's live NULL not at all (the app's own soft delete
     stays). A new row gets the live value (the INSERT); a linked one is the app's own row, and its column is
     filled as on update (:meth:`_Projection._adopt`)."""
     sets = []
     for name in names:
         column = quote(name)
+        if name in insert_only:
+            continue
         if name not in fixed:
             sets.append((column, f"excluded.{column}"))
         elif fixed[name] is not None:
@@ -1229,7 +1248,7 @@ def _wave(table: sa.Table, key: sa.Column[Any], names: list[str], projection: _P
     def row(values: JSON) -> list[Any]:
         return [convert(value) for convert, value in zip(converters, projection.row(values), strict=True)]
 
-    insert, conflict = _mapped_upsert(table, key, names, projection.fixed)
+    insert, conflict = _mapped_upsert(table, key, names, projection.fixed, projection.insert_only)
     # JSON columns come as their text, read as jsonb as psycopg's Jsonb parameter is (into a json column too)
     values = ", ".join([*(f"v.m{i}::jsonb" if isinstance(t, sa.JSON) else f"v.m{i}" for i, t in enumerate(types)),
                         "v.clerk_id"])
@@ -1526,7 +1545,11 @@ def _insert_problems(inspector: Any, entity: Entity, mapped: MappedTable,
                                      f"default: {_pk_default(inspector.dialect.name, name, column, info['type'])}"))
         else:
             problems.append(("fail", f"{name}.{column} is NOT NULL without a default and not mapped: inserts "
-                                     "of new Clerk entities will fail; map it or give it a default"))
+                                     "of new Clerk entities will fail; give it a database default "
+                                     f"({_set_default(inspector.dialect.name, name, column)}), or fill it in new "
+                                     f"rows only: {column!r}: Column(compute=lambda values: ..., insert_only=True) "
+                                     "(a plain mapped column is rewritten on every link and update: a linked "
+                                     "row's own value, a password hash, would be lost)"))
     resolved = mapped.resolved()
     for column, col in resolved.items():
         if column in columns and not columns[column].get("nullable", True) and _may_be_empty(entity, col):
@@ -1539,6 +1562,13 @@ def _insert_problems(inspector: Any, entity: Entity, mapped: MappedTable,
         problems.append(("fail", f"{name}.{policy[0]} is NOT NULL, and a live row's deletion time is NULL: every "
                                  "new row is refused; let the column be NULL"))
     return problems
+
+
+def _set_default(dialect: str, table: str, column: str) -> str:
+    """The statement that gives a column a database default (the value left for the app to choose)."""
+    if dialect == "sqlite":
+        return "SQLite cannot add one to a column: a new table with DEFAULT ..."
+    return f"ALTER TABLE {table} ALTER COLUMN {column} SET DEFAULT ..."
 
 
 def _database_fills(dialect: str, info: Any, pk: set[str]) -> bool:
