@@ -60,3 +60,36 @@ def test_a_backfill_that_refused_rows_exits_1_naming_them(tmp_path: Path) -> Non
     (tmp_path / "appmap.py").write_text(_APP_MODULE.replace('"user_refused"', '"nobody"'))  # the fix
     again = run("migrate", "--mapping", "appmap:MAPPING", "--backfill", env=env)
     assert again.returncode == 0, again.stderr
+
+
+def test_flask_clerk_sync_migrate_backfill_exits_1_too(tmp_path: Path) -> None:
+    """The same through ``flask clerk-sync migrate --backfill`` (its store's mapping)."""
+    from flask import Flask
+
+    from clerk_sync.integrations.flask import ClerkSync, clerk_state
+    from tests.conftest import SECRET
+
+    url = f"sqlite:///{tmp_path / 'flask.db'}"
+    engine = create_engine(url)
+    migrations.upgrade(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE accounts (id INTEGER PRIMARY KEY AUTOINCREMENT, email VARCHAR(320), "
+                             "nick VARCHAR(8))"))
+    engine.dispose()
+    namespace: dict[str, object] = {}
+    exec(_APP_MODULE, namespace)  # noqa: S102 (this module's own text)
+    store = Store.from_url(url, mapping=namespace["MAPPING"])  # type: ignore[arg-type]
+    with store.transaction() as writer:
+        for clerk_id in ("user_fine", "user_refused"):
+            writer.apply(Upsert(Entity.USER, user_record(f.user(clerk_id, 1_800_000_000_000))))
+    app = Flask(__name__)
+    app.config["CLERK_SYNC"] = {"DATABASE_URL": url, "CLERK_WEBHOOK_SIGNING_SECRET": SECRET}
+    ClerkSync(app, store=store)
+    try:
+        result = app.test_cli_runner().invoke(args=["clerk-sync", "migrate", "--backfill"])
+        assert result.exit_code == 1, result.output
+        assert "1 row(s) refused, not written" in result.output and "1 row(s) refused by the mapped tables" in \
+            result.output, result.output
+    finally:
+        clerk_state(app).close()
+        store.dispose()

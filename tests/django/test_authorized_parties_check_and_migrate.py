@@ -30,7 +30,7 @@ from clerk_sync.integrations.django import runtime
 from clerk_sync.integrations.django.checks import check_settings
 from clerk_sync.integrations.django.conf import DjangoOptions, clerk_settings
 from clerk_sync.integrations.django.runtime import ClerkSync, get_clerk_sync
-from clerk_sync.mapping import MappedTable, SchemaMapping, SoftDelete
+from clerk_sync.mapping import Column, MappedTable, SchemaMapping, SoftDelete
 from clerk_sync.store import Store
 from clerk_sync.tables import audit_log, users, webhook_events
 from clerk_sync.webhooks import WebhookVerifier
@@ -346,7 +346,7 @@ def test_a_part_whose_build_failed_is_built_again_on_next_use(tmp_path: Path) ->
 #: Loaded by dotted path from CLERK_SYNC["MAPPING"] below.
 MAPPING = SchemaMapping(users=MappedTable("accounts", "clerk_user_id", {"email": "email"}, SoftDelete("deleted_at")))
 _APP_MODULE = """
-from clerk_sync.mapping import MappedTable, SchemaMapping, SoftDelete
+from clerk_sync.mapping import Column, MappedTable, SchemaMapping, SoftDelete
 MAPPING = SchemaMapping(users=MappedTable("accounts", "clerk_user_id", {"email": "email"}, SoftDelete("deleted_at")))
 """
 
@@ -458,3 +458,45 @@ def test_the_backend_without_the_middleware_is_a_check_warning() -> None:
     with override_settings(CLERK_SYNC=base, MIDDLEWARE=without,
                            AUTHENTICATION_BACKENDS=["django.contrib.auth.backends.ModelBackend"]):
         assert check_settings() == []  # (no backend: nothing to warn of)
+
+
+def _nick(values: dict[str, Any]) -> str:
+    if values["clerk_id"] == "user_refused":
+        raise ValueError("no nick for this one")
+    return "nick"
+
+
+#: A mapping whose compute refuses one user (the backfill counts it refused).
+REFUSING = SchemaMapping(users=MappedTable("accounts", "clerk_user_id", {"email": "email", "nick": Column(compute=_nick)},
+                                           SoftDelete("deleted_at")))
+
+
+def test_manage_py_migrate_backfill_exits_1_when_rows_were_refused(tmp_path: Path) -> None:
+    """As ``clerk-sync migrate --mapping .. --backfill`` does (tests/test_backfill_refused_exit.py): a deploy step
+    sees that the backfill left rows unwritten."""
+    from clerk_sync import migrations
+    from clerk_sync.engine import Entity, Upsert
+    from clerk_sync.events import user_record
+    from clerk_sync.store import create_engine
+
+    url = f"sqlite:///{tmp_path / 'refusing.db'}"
+    engine = create_engine(url)
+    migrations.upgrade(engine)
+    engine.dispose()
+    store = Store.from_url(url)
+    with store.transaction() as writer:
+        for clerk_id in ("user_fine", "user_refused"):
+            writer.apply(Upsert(Entity.USER, user_record(f.user(clerk_id, 1_800_000_000_000))))
+    store.dispose()
+    engine = sa.create_engine(url)
+    sa.Table("accounts", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
+             sa.Column("email", sa.String(320)), sa.Column("nick", sa.String(8))).create(engine)
+    engine.dispose()
+    settings = {"CLERK_WEBHOOK_SIGNING_SECRET": SECRET, "DATABASE_URL": url,
+                "MAPPING": "tests.django.test_authorized_parties_check_and_migrate.REFUSING"}
+    out = StringIO()
+    with override_settings(CLERK_SYNC=settings), pytest.raises(CommandError) as refused:
+        call_command("clerk_sync", "migrate", "--backfill", stdout=out)
+    assert refused.value.returncode == 1, refused.value
+    assert "1 row(s) refused by the mapped tables" in str(refused.value)
+    assert "1 row(s) refused, not written" in out.getvalue(), out.getvalue()

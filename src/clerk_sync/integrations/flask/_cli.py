@@ -90,6 +90,8 @@ def migrate(backfill: bool) -> None:
                           "columns), then run `flask clerk-sync migrate` again")
     for line in lines:
         click.echo(line)
+    if lines.refused:  # exit 1: the backfill left rows unwritten (the last line says what to do)
+        raise click.ClickException(f"{lines.refused} row(s) refused by the mapped tables")
 
 
 @clerk_sync_cli.command()

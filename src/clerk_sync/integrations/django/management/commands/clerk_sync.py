@@ -136,10 +136,13 @@ class Command(BaseCommand):
             self.stdout.write(f"clerk-sync migrations current ({migrations.head_revision()})")
             if mapping is None:
                 return
-            for line in migrate_mapping(store, mapping, backfill=backfill, settings=settings):
+            migrated = migrate_mapping(store, mapping, backfill=backfill, settings=settings)
+            for line in migrated:
                 self.stdout.write(line)
         finally:
             store.dispose()
+        if migrated.refused:  # the backfill left rows unwritten (its last line says what to do): exit 1
+            raise CommandError(f"{migrated.refused} row(s) refused by the mapped tables", returncode=EXIT_UNDONE)
 
     def _reconcile(self, *, since: str | None, dry_run: bool, with_hooks: bool, allow_mass_delete: bool = False,
                    **_: Any) -> None:
