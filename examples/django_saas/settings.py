@@ -65,5 +65,5 @@ REST_FRAMEWORK = {
 CLERK_SYNC = {
     "REQUIRE_AUTH": True,
     "PUBLIC_PATHS": ["/", "/healthz"],
-    "PUBLIC_PREFIXES": ["/django-admin/login/", "/static/"],
+    "PUBLIC_PREFIXES": ["/django-admin/", "/static/"],  # the admin guards its own pages (local superusers too)
 }

@@ -48,6 +48,10 @@ def test_the_example_runs_with_one_command(tmp_path: Path, mode: list[str]) -> N
             assert app.get("/admin/users", headers=as_admin).status_code == 200
             login = app.get("/django-admin/login/")
             assert (login.status_code, login.headers.get("X-Frame-Options")) == (200, "DENY")
+            anonymous = app.get("/django-admin/", follow_redirects=False)  # the admin's own guard: its login page
+            assert anonymous.status_code == 302 and "/django-admin/login/" in anonymous.headers["location"]
+            assert app.get("/django-admin/", headers=as_member, follow_redirects=False).status_code == 302
+            assert app.get("/django-admin/", headers=as_admin, follow_redirects=False).status_code == 200  # staff
     finally:
         proc.terminate()
         proc.wait(10)
