@@ -143,8 +143,12 @@ TRANSFORMS: dict[str, Callable[[Any], Any]] = {
 
 
 class LinkAmbiguous(StoreDataError):
-    """Several existing rows match a new Clerk user's external id or e-mail: the delivery is kept as
-    ``failed`` (replayable) until the app resolves the duplicates; nothing is guessed."""
+    """Several existing rows match a new Clerk user's external id or e-mail: nothing is guessed. The app's row
+    is refused, not the delivery: it is stored ``applied`` (clerk-sync's tables hold the user) with the refusal
+    in its ``last_error``, counted among the mapped rows refused (``doctor --freshness``, the metrics), so
+    ``clerk-sync replay`` does not take it up again. Resolve the duplicates (merge the rows, or set the
+    Clerk-id column on the one to keep), then ``clerk-sync migrate --mapping ... --backfill`` links or writes the
+    row; the user's next event does too."""
 
     code = "link_ambiguous"
 
@@ -281,9 +285,10 @@ class MappedTable:
     ``external_id``) and ``link_by_email`` its e-mail column: a Clerk user seen for the first time is
     linked to the one existing row with that id (tried first), else that e-mail, and no Clerk id yet
     (opt-in; users only), compared exactly (the e-mail after ``lower()``), whatever a MariaDB column's
-    collation. Several matching rows fail the delivery (:class:`LinkAmbiguous`). By e-mail only when Clerk
-    verified the user's primary address (otherwise whoever signed up with someone's address would get
-    their row): an unverified one gets a row of its own, or links once verified if no row was written.
+    collation. Several matching rows: the row is refused, the delivery applied (:class:`LinkAmbiguous`). By
+    e-mail only when Clerk verified the user's primary address (otherwise whoever signed up with someone's
+    address would get their row): an unverified one gets a row of its own, or links once verified if no row
+    was written.
 
     ``table`` may name its schema, ``"public.users"`` (PostgreSQL), or its database on the same server,
     ``"app.users"`` (MySQL/MariaDB): how the app keeps a table named as one of clerk-sync's own (``users``,
@@ -782,7 +787,8 @@ class _Projection:
             raise LinkAmbiguous(
                 f"{self.m.table}: {'2' if len(matches) == 2 else '3 or more'} rows without a Clerk id have user "
                 f"{change.clerk_id}'s {what}; merge or remove the duplicates, then set {self.key.name} on the row "
-                "to keep (or the user's next event links it): the user was not linked")
+                "to keep or run `clerk-sync migrate --mapping ... --backfill` (the user's next event links it too): "
+                "the user was not linked")
         if not matches:
             return False
         # Still unlinked when updated: a concurrent delivery of another user with the same external id or
@@ -1415,9 +1421,9 @@ def check_schema(conn: Connection, mapping: SchemaMapping) -> list[tuple[str, st
                 fix = "run `clerk-sync migrate --mapping ...`" if column in (mapped.clerk_id_column, *(
                     [policy[0]] if policy else [])) else "add it or remove it from the mapping"
                 problems.append(("fail", f"{name}.{column} is missing: {fix}"))
-        if mapped.clerk_id_column in columns:
-            problems += [("warn", p) for c in mapped.link_columns if c in columns
-                         for p in _shared_link_values(conn, mapped, c)]
+        # (before migrate, without the Clerk-id column, every row is unlinked: the preflight run says it too)
+        problems += [("warn", p) for c in mapped.link_columns if c in columns
+                     for p in _shared_link_values(conn, mapped, c, linked=mapped.clerk_id_column in columns)]
         collation, column_type, nullable = (_mysql_collation(conn, name, mapped.clerk_id_column)
                                             if mapped.clerk_id_column in columns else ("", "", True))
         if collation.endswith("_ci"):  # MySQL/MariaDB: a case-insensitive collation (often the table's default)
@@ -1428,11 +1434,17 @@ def check_schema(conn: Connection, mapping: SchemaMapping) -> list[tuple[str, st
                                      "the whole column: add its DEFAULT and COMMENT, if any, from SHOW CREATE TABLE)"))
         for column in mapped.link_columns:
             collation = _mysql_collation(conn, name, column)[0] if column in columns else ""
-            if collation.endswith("_ci"):
-                problems.append(("warn", f"{name}.{column} compares without regard to case or accents ({collation}), "
-                                         "so the app's own lookups take elodie@ and élodie@ for one person; clerk-sync "
-                                         "links by the exact value (this column's index does not serve it): consider "
-                                         "COLLATE utf8mb4_bin"))
+            if not collation.endswith("_ci"):
+                continue
+            if column == mapped.link_by_email:
+                same = ("so the app's own lookups take elodie@ and élodie@ for one person; clerk-sync links by the "
+                        "exact address (after lower()), which this column's index does not serve")
+            else:
+                same = ("so the app's own lookups take the ids ABC and abc (or ids differing in accents or trailing "
+                        "spaces) for one; clerk-sync links by the exact external id, which this column's index does "
+                        "not serve")
+            problems.append(("warn", f"{name}.{column} compares without regard to case or accents ({collation}), "
+                                     f"{same}: consider COLLATE utf8mb4_bin"))
         unique = _unique_sets(inspector, name)
         if mapped.clerk_id_column in columns and (mapped.clerk_id_column,) not in unique:
             problems.append(("fail", f"{name}.{mapped.clerk_id_column} has no unique index: run "
@@ -1666,20 +1678,28 @@ def _mysql_collation(conn: Connection, table: str, column: str) -> tuple[str, st
     return str(found[0] or ""), str(found[1]), found[2] == "YES"
 
 
-def _shared_link_values(conn: Connection, mapped: MappedTable, column: str) -> list[str]:
+def _shared_link_values(conn: Connection, mapped: MappedTable, column: str, *, linked: bool = True) -> list[str]:
     """The link column's values held by several rows without a Clerk id: users with them will not be
-    linked (their deliveries fail as :class:`LinkAmbiguous`). Counted, not shown (they are personal)."""
-    t = sa.table(_split(mapped.table)[1], sa.column(column), sa.column(mapped.clerk_id_column), schema=mapped.schema)
+    linked (their rows refused as :class:`LinkAmbiguous`). Counted, not shown (they are personal).
+    ``linked``: whether the table has its Clerk-id column yet (before migrate it has not: every row counts)."""
+    t = sa.table(_split(mapped.table)[1], sa.column(column), *([sa.column(mapped.clerk_id_column)] if linked else []),
+                 schema=mapped.schema)
     # grouped as linking compares: the same lower(), then exactly (not by a MariaDB _ci collation)
     value = _exactly(conn, unicode_lower(conn)(t.c[column]) if column == mapped.link_by_email else t.c[column])
-    shared = (sa.select(value).where(t.c[mapped.clerk_id_column].is_(None), t.c[column].is_not(None))
+    unlinked = [t.c[mapped.clerk_id_column].is_(None)] if linked else []
+    shared = (sa.select(value).where(*unlinked, t.c[column].is_not(None))
               .group_by(value).having(sa.func.count() > 1).subquery())
     n = conn.execute(sa.select(sa.func.count()).select_from(shared)).scalar_one()
     if not n:
         return []
     kind = "e-mail" if column == mapped.link_by_email else "external id"
-    return [f"{mapped.table}.{column}: {n} {kind} value(s) are shared by several rows without a Clerk id; the "
-            "users with them will not be linked (their deliveries fail, replayable) until you merge the rows"]
+    rows = ("several rows without a Clerk id" if linked else
+            f"several rows (before `clerk-sync migrate --mapping ...` adds {mapped.clerk_id_column}, every row is "
+            "unlinked)")
+    return [f"{mapped.table}.{column}: {n} {kind} value(s) are shared by {rows}; the "
+            "users with them will not be linked: their rows are refused (the deliveries apply to clerk-sync's tables, "
+            "so replay does not take them up again); merge the rows, then run `clerk-sync migrate --mapping ... "
+            "--backfill`"]
 
 
 def _primary_key(inspector: Any, table: str) -> set[str]:
