@@ -1456,6 +1456,8 @@ def check_schema(conn: Connection, mapping: SchemaMapping) -> list[tuple[str, st
             problems += _deferrable_problems(inspector, mapped)
         problems += _insert_problems(inspector, entity, mapped, columns)
         problems += _type_problems(entity, mapped, columns)
+        problems += _refused_deletion_problems(inspector, mapping, entity, mapped)
+        problems += _kept_address_problems(inspector, entity, mapped, columns)
         for column, col in mapped.resolved().items():  # erasure clears them whatever the policy
             if (col.is_personal and column in columns
                     and _cleared(columns[column].get("nullable", True), columns[column]["type"], col,
@@ -1581,6 +1583,76 @@ def _set_default(dialect: str, table: str, column: str) -> str:
     if dialect == "sqlite":
         return "SQLite cannot add one to a column: a new table with DEFAULT ..."
     return f"ALTER TABLE {table} ALTER COLUMN {column} SET DEFAULT ..."
+
+
+_REFUSING = frozenset({"RESTRICT", "NO ACTION"})
+
+
+def _refused_deletion_problems(inspector: Any, mapping: SchemaMapping, entity: Entity,
+                               mapped: MappedTable) -> list[tuple[str, str]]:
+    """:class:`HardDelete` of a table another table's foreign key refers to with ON DELETE RESTRICT or NO
+    ACTION (the default): the deletion of every entity a row there refers to is refused (the row's refusal,
+    ``mapped_row_refused``), and the app's row stays live, while the entity is deleted in Clerk and clerk-sync's
+    tables. Every table of the mapped table's schema and the connection's is read (SQLite enforces keys:
+    clerk-sync's connections turn ``foreign_keys`` on). A mapped memberships table hard-deleted too is no
+    such referrer: a user's or organization's memberships are deleted before it."""
+    if not isinstance(mapped.on_delete, HardDelete):
+        return []
+    default = inspector.default_schema_name
+    schema, bare = _split(mapped.table)
+    target = schema or default
+    members = mapping.tables.get(Entity.MEMBERSHIP)
+    cascaded = (members is not None and entity is not Entity.MEMBERSHIP and isinstance(members.on_delete, HardDelete))
+    problems: list[tuple[str, str]] = []
+    for scanned in dict.fromkeys([None if target == default else target, None]):
+        for (_, referrer), keys in sorted(inspector.get_multi_foreign_keys(schema=scanned).items(),
+                                          key=lambda item: item[0][1]):
+            where = referrer if scanned is None else f"{scanned}.{referrer}"
+            if cascaded and members is not None and _split(members.table) in ((scanned, referrer), (target, referrer)):
+                continue
+            for key in keys:
+                referred = key.get("referred_schema") or default
+                ondelete = str((key.get("options") or {}).get("ondelete") or "NO ACTION").upper()
+                if key.get("referred_table") != bare or referred != target or ondelete not in _REFUSING:
+                    continue
+                what = ", ".join(key.get("constrained_columns") or [])
+                one = entity.value[:-1].replace("_", " ")
+                problems.append(("warn", f"{mapped.table} is hard-deleted (HardDelete) and {where} ({what}) refers "
+                                         f"to it (foreign key {key.get('name') or 'unnamed'}, ON DELETE {ondelete}): "
+                                         f"the deletion of every {one} a {where} row refers to is refused, and its "
+                                         "row stays live in the app (its Clerk id set, nothing marking it deleted) "
+                                         "while Clerk and clerk-sync's tables have it deleted; make the key ON "
+                                         "DELETE CASCADE or SET NULL, or map the deletion with SoftDelete or "
+                                         "Deactivate"))
+    return problems
+
+
+def _kept_address_problems(inspector: Any, entity: Entity, mapped: MappedTable,
+                           columns: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """:class:`SoftDelete` or :class:`Deactivate` with a UNIQUE e-mail column (mapped from ``email``, or linked
+    by): a deleted user's row keeps its address, so a user who signs up again with it is refused for good."""
+    if entity is not Entity.USER or not isinstance(mapped.on_delete, SoftDelete | Deactivate):
+        return []
+    emails = [c for c, col in mapped.resolved().items() if col.source == "email"]
+    emails += [mapped.link_by_email] if mapped.link_by_email and mapped.link_by_email not in emails else []
+    dialect = inspector.dialect.name
+    extra = {"include_auto_indexes": True} if dialect == "sqlite" else {}
+    _skip_expression_index_warning()
+    invalid = _invalid_indexes(inspector, mapped.table)
+    unique = {tuple(i["column_names"]) for i in inspector.get_indexes(*_at(mapped.table), **extra)
+              if i.get("unique") and i["name"] not in invalid
+              and (i.get("dialect_options") or {}).get(f"{dialect}_where") is None}  # a partial one: the way out
+    unique |= {tuple(u["column_names"]) for u in inspector.get_unique_constraints(*_at(mapped.table))}
+    policy = mapped.on_delete
+    live = (f"{policy.column} IS NULL" if isinstance(policy, SoftDelete) else f"{policy.column}")
+    kind = "SoftDelete" if isinstance(policy, SoftDelete) else "Deactivate"
+    partial = (f"a partial unique index in place of this one (CREATE UNIQUE INDEX ... ON {mapped.table} ({{c}}) WHERE "
+               f"{live}), " if dialect in ("postgresql", "sqlite") else "")
+    return [("warn", f"{mapped.table}.{c} is UNIQUE and a deleted user's row keeps its address ({kind}): a user who "
+                     "signs up again with it (or another given it) is refused for good; use Anonymise (the deletion "
+                     f"clears the address), {partial.format(c=c)}or free the address when the app sees the deletion "
+                     "(a hook that rewrites it)")
+            for c in emails if c in columns and (c,) in unique]
 
 
 def _database_fills(dialect: str, info: Any, pk: set[str]) -> bool:
