@@ -1457,6 +1457,7 @@ def check_schema(conn: Connection, mapping: SchemaMapping) -> list[tuple[str, st
         problems += _insert_problems(inspector, entity, mapped, columns)
         problems += _type_problems(entity, mapped, columns)
         problems += _refused_deletion_problems(inspector, mapping, entity, mapped)
+        problems += _inactive_rows_problems(conn, mapped, columns)
         problems += _kept_address_problems(inspector, entity, mapped, columns)
         for column, col in mapped.resolved().items():  # erasure clears them whatever the policy
             if (col.is_personal and column in columns
@@ -1627,6 +1628,26 @@ def _refused_deletion_problems(inspector: Any, mapping: SchemaMapping, entity: E
     return problems
 
 
+def _inactive_rows_problems(conn: Connection, mapped: MappedTable, columns: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """:class:`Deactivate`'s flag NULL in rows already there (added without a default by an earlier ``migrate
+    --mapping``; it adds it with ``DEFAULT TRUE`` now): an app filtering ``WHERE is_active`` hides them, and
+    clerk-sync sets TRUE only in the rows it inserts, links or updates (``COALESCE(is_active, TRUE)``)."""
+    policy = mapped.on_delete
+    if not isinstance(policy, Deactivate) or policy.column not in columns:
+        return []
+    t = sa.table(_split(mapped.table)[1], sa.column(policy.column), schema=mapped.schema)
+    n = conn.execute(sa.select(sa.func.count()).select_from(t).where(t.c[policy.column].is_(None))).scalar_one()
+    if not n:
+        return []
+    table, column = _qualified(conn, mapped.table), conn.dialect.identifier_preparer.quote(policy.column)
+    default = ("" if conn.dialect.name == "sqlite" else
+               f"; and give it a default: ALTER TABLE {table} ALTER COLUMN {column} SET DEFAULT TRUE")
+    fix = f"UPDATE {table} SET {column} = TRUE WHERE {column} IS NULL{default}"  # noqa: S608 (a message)
+    return [("warn", f"{mapped.table}.{policy.column} is NULL in {n} row(s) (added without a default by an earlier "
+                     f"`migrate --mapping`): an app filtering WHERE {policy.column} hides them, though nothing "
+                     f"deactivated them; {fix}")]
+
+
 def _kept_address_problems(inspector: Any, entity: Entity, mapped: MappedTable,
                            columns: Mapping[str, Any]) -> list[tuple[str, str]]:
     """:class:`SoftDelete` or :class:`Deactivate` with a UNIQUE e-mail column (mapped from ``email``, or linked
@@ -1785,8 +1806,9 @@ _CLERK_ID_TYPE = sa.String(64).with_variant(mysql.VARCHAR(64, charset="utf8mb4",
 
 
 def migrate_schema(conn: Connection, mapping: SchemaMapping, *, unique_indexes: bool = True) -> list[str]:
-    """Add what the mapping needs (the Clerk-id column with a unique index, the delete-policy column),
-    through Alembic operations; returns what it did. Idempotent; never drops or alters a column.
+    """Add what the mapping needs (the Clerk-id column with a unique index, the delete-policy column: a
+    :class:`Deactivate` flag with ``DEFAULT TRUE``, so the rows already there stay active), through Alembic
+    operations; returns what it did. Idempotent; never drops or alters a column.
 
     The unique index is built in ``conn``'s transaction: on PostgreSQL that holds a SHARE lock on the app's
     table, blocking its writes, for the whole build; ``unique_indexes=False`` leaves the indexes out, for
@@ -1808,7 +1830,11 @@ def migrate_schema(conn: Connection, mapping: SchemaMapping, *, unique_indexes: 
             wanted: list[tuple[str, sa.types.TypeEngine[Any]]] = [(mapped.clerk_id_column, _CLERK_ID_TYPE)]
             for column, type_ in [*wanted, *([policy] if policy else [])]:
                 if column not in columns:
-                    ops.add_column(bare, sa.Column(column, type_, nullable=True), schema=schema)
+                    # Deactivate's flag: TRUE in the rows already there, active as they were (NULL would hide
+                    # every legacy row from an app that filters WHERE is_active)
+                    active = isinstance(mapped.on_delete, Deactivate) and policy is not None and column == policy[0]
+                    ops.add_column(bare, sa.Column(column, type_, nullable=True,
+                                                   server_default=sa.true() if active else None), schema=schema)
                     done.append(f"added {name}.{column}")
             if unique_indexes and (mapped.clerk_id_column,) not in _unique_sets(inspector, name):
                 index = _index_name(mapped)
