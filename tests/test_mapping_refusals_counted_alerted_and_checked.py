@@ -26,9 +26,11 @@ from clerk_sync.config import Settings
 from clerk_sync.engine import Entity, Upsert
 from clerk_sync.events import user_record
 from clerk_sync.freshness import check_freshness
+from clerk_sync.ingest import replay_deliveries
 from clerk_sync.integrations.starlette import build_processor, create_app
 from clerk_sync.mapping import MappedTable, SchemaMapping
 from clerk_sync.metrics import DatabaseSnapshot, Metrics
+from clerk_sync.tables import users, webhook_events
 from tests import factories as f
 from tests._server import running
 from tests.conftest import SECRET
@@ -330,10 +332,22 @@ def test_a_backfill_that_writes_every_row_clears_the_refusals_before_it(db_url: 
         line = mapped_line()
         assert line.startswith("ok") and "since the backfill of" in line, line
 
+        # Review: a delivery received before the backfill, replayed after it, whose row is refused again (the
+        # service still runs the broken mapping) is a refusal after the backfill, by its replay's time.
+        with store.transaction() as writer:  # (stored failed before the backfill, its row never written)
+            writer.conn.execute(webhook_events.update().where(webhook_events.c.svix_id == "msg_fx1")
+                                .values(status="failed", last_error="failed before the fix"))
+            writer.conn.execute(users.delete().where(users.c.clerk_id == "user_fx1"))
+            writer.conn.execute(table.delete())
+        assert mapped_line().startswith("ok")
+        replay_deliveries(store)
+        line = mapped_line()
+        assert line.startswith("FAIL") and "msg_fx1" in line, line
+
         outcome = processor.process(*f.signed(f.envelope("user.created", f.user("user_fx2", 1000)), "msg_fx2"))
         assert outcome.status == "applied"  # (the service still runs the broken mapping: refused again)
         line = mapped_line()
-        assert line.startswith("FAIL") and "1 delivery since the backfill of" in line and "msg_fx2" in line, line
+        assert line.startswith("FAIL") and "2 deliveries since the backfill of" in line and "msg_fx2" in line, line
     finally:
         store.dispose()
         engine.dispose()

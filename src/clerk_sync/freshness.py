@@ -91,26 +91,26 @@ class MappedRefusals:
 
 
 def read_refusals(store: Store, *, since: float) -> MappedRefusals:
-    """Read-only statements over the deliveries received since ``since`` (``ix_webhook_events_received_at``), or
-    since the newest clean backfill started (:data:`BACKFILLED`), whichever is later: the backfill wrote the
-    rows refused before it."""
+    """Read-only statements over the deliveries received since ``since`` (``ix_webhook_events_received_at``);
+    after a clean backfill (:data:`BACKFILLED`) within it, only those refused since it started (received, or
+    replayed: ``applied_at``): the backfill wrote the rows refused before it."""
     e = webhook_events
     backfilled = _clean_backfill_started(store)
-    if backfilled is not None and backfilled > since:
-        since_backfill: float | None = backfilled
-        since = backfilled
-    else:
-        since_backfill = None
+    since_backfill = backfilled if backfilled is not None and backfilled > since else None
     start = datetime.fromtimestamp(since, tz=UTC)
     refused = sa.and_(e.c.received_at >= start, e.c.last_error.like(f"%{REFUSAL_NOTE}%"))
+    if since_backfill is not None:  # refused after it started: received since, or replayed since (applied_at)
+        refused = sa.and_(refused, sa.func.coalesce(e.c.applied_at, e.c.received_at)
+                          >= datetime.fromtimestamp(since_backfill, tz=UTC))
     with store.connect() as conn:
         count = conn.execute(sa.select(sa.func.count()).select_from(e).where(refused)).scalar_one()
-        newest = conn.execute(sa.select(e.c.received_at, e.c.svix_id, e.c.last_error).where(refused)
-                              .order_by(e.c.received_at.desc(), e.c.id.desc()).limit(1)).first()
+        # (after a backfill, when it was refused: a replay's refusal is as new as its replay)
+        at = e.c.received_at if since_backfill is None else sa.func.coalesce(e.c.applied_at, e.c.received_at)
+        newest = conn.execute(sa.select(at.label("at"), e.c.svix_id, e.c.last_error).where(refused)
+                              .order_by(at.desc(), e.c.id.desc()).limit(1)).first()
     if newest is None:
         return MappedRefusals(since, int(count), backfilled_at=since_backfill)
-    return MappedRefusals(since, int(count), _stamp(newest.received_at), newest.svix_id, newest.last_error,
-                          since_backfill)
+    return MappedRefusals(since, int(count), _stamp(newest.at), newest.svix_id, newest.last_error, since_backfill)
 
 
 def _clean_backfill_started(store: Store) -> float | None:
