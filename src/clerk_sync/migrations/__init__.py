@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import re
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -126,12 +127,17 @@ def _step_failure(revision: str | None, exc: sa.exc.SQLAlchemyError, dialect: st
     taken = _taken_name(exc)
     if taken is not None:
         todo = f"{_names_taken([taken], dialect)}; {todo}"
+        if dialect in ("mysql", "mariadb") and taken in _own_table_names():
+            todo = (f"if an earlier `clerk-sync migrate` was interrupted in this step, {taken} is clerk-sync's own "
+                    f"(MySQL and MariaDB commit each CREATE TABLE at once) and empty: DROP TABLE {taken}, then run "
+                    f"`clerk-sync migrate` again. Otherwise {todo}")
     return f"{what} failed: {cause}; {kept}; {todo}"
 
 
 # "relation "users" already exists" (PostgreSQL, 42P07), "Table 'users' already exists" (MySQL/MariaDB, 1050),
 # "table users already exists" (SQLite): the name, when the message is in English.
-_ALREADY_EXISTS = re.compile(r"""(?:relation|table)\s+["'`]?([^"'`\s]+)["'`]?\s+already exists""", re.IGNORECASE)
+_ALREADY_EXISTS = re.compile(r"""(?:relation|table|index)\s+["'`]?([^"'`\s]+)["'`]?\s+already exists""",
+                             re.IGNORECASE)
 
 
 def _taken_name(exc: sa.exc.SQLAlchemyError) -> str | None:
@@ -161,7 +167,8 @@ def _names_taken(names: list[str], dialect: str) -> str:
     """Which of clerk-sync's table names the app's tables hold, and the ways out: clerk-sync's tables in a
     schema (PostgreSQL) or database (MySQL/MariaDB) of their own, the app's table mapped by its qualified
     name; on SQLite, the app's table renamed."""
-    first = names[0] if names and names[0] else "users"
+    # (the mapping's example names a table an app maps: users, organizations or organization_memberships)
+    first = next((n for n in names if n in _FIRST_TABLES[:3]), "users")
     own = ", ".join(n for n in _own_table_names() if not n.startswith("clerk_sync_")) + " and clerk_sync_*"
     if any(names):  # (PostgreSQL's 42P07 is an index's name too: its indexes share the tables' namespace)
         kind = "table" if set(names) <= set(_own_table_names()) else "table or index"
@@ -169,6 +176,10 @@ def _names_taken(names: list[str], dialect: str) -> str:
                 f"clerk-sync's own tables need the names {own}")
     else:
         head = f"the database already has a table of a name clerk-sync's own tables need ({own})"
+    indexes = [n for n in names if n and n not in _own_table_names()]
+    again = "; on SQLite drop it and create it again under the new name" if dialect == "sqlite" else ""
+    renamed = (f" (an index keeps its name when its table is renamed: rename {', '.join(indexes)} too, e.g. to "
+               f"app_{indexes[0]}{again})" if indexes else "")
     if dialect == "postgresql":
         way = ("put clerk-sync's tables in a schema of their own (CREATE SCHEMA clerk_sync; then add "
                "?options=-csearch_path%3Dclerk_sync to clerk-sync's database URL) and, if the mapping writes your "
@@ -180,18 +191,61 @@ def _names_taken(names: list[str], dialect: str) -> str:
     else:
         way = (f"SQLite has no schemas to keep them apart: rename your table (ALTER TABLE {first} RENAME TO "
                f"app_{first}) and change your app and the mapping to that name")
-    return f"{head}; {way}"
+    return f"{head}; {way}{renamed}"
 
 
 def _refuse_taken_names(conn: Connection) -> None:
     """Before a first migration: the app's tables holding clerk-sync's table names, all of them at once and
     before anything is created (on MySQL/MariaDB a failed step's tables stay: DDL commits). Under the
     migration lock (:func:`adopt`): a replica migrating first is not taken for the app."""
-    existing = set(sa.inspect(conn).get_table_names())
+    inspector = sa.inspect(conn)
+    schema = conn.dialect.default_schema_name  # PostgreSQL: where CREATE TABLE writes, not all of search_path
+    existing = set(inspector.get_table_names(schema=schema))
     taken = [name for name in _own_table_names() if name in existing]
+    left = ([name for name in taken if _shaped_like_ours(conn, inspector, name, schema)]
+            if conn.dialect.name in ("mysql", "mariadb") else [])
+    taken = [name for name in taken if name not in left] + _taken_index_names(conn, exclude_tables=left)
     if taken:
         raise ConfigError(f"could not migrate (nothing was created): {_names_taken(taken, conn.dialect.name)}; "
                           "then run `clerk-sync migrate` again")
+    if left:  # MySQL/MariaDB commit each CREATE TABLE: a first migrate stopped part-way leaves its tables
+        drops = "; ".join(f"DROP TABLE {name}" for name in reversed(left))
+        raise ConfigError(
+            f"could not migrate: the database has clerk-sync's own tables {', '.join(left)} but no migration is "
+            "recorded: an earlier `clerk-sync migrate` was interrupted during its first migration (MySQL and "
+            "MariaDB commit each CREATE TABLE at once, so what it made stayed). If they are empty (nothing could "
+            f"have written them yet), drop them ({drops}), then run `clerk-sync migrate` again")
+
+
+def _shaped_like_ours(conn: Connection, inspector: Any, name: str, schema: str | None) -> bool:
+    """Whether table ``name`` is one an interrupted first migration made: empty (nothing writes before the
+    first migration ends), with columns of clerk-sync's table of that name only (its first migration's are a
+    part of today's), not an app's ``users`` (columns of its own, rows)."""
+    from clerk_sync.tables import metadata
+
+    ours = {c.name for c in metadata.tables[name].columns}
+    if not {c["name"] for c in inspector.get_columns(name, schema=schema)} <= ours:
+        return False
+    return conn.execute(sa.select(sa.literal(1)).select_from(sa.table(name)).limit(1)).first() is None
+
+
+def _taken_index_names(conn: Connection, *, exclude_tables: Sequence[str]) -> list[str]:
+    """Indexes (PostgreSQL: and constraints, which share a schema's namespace with tables) of the app's holding
+    names clerk-sync's first migration gives its own (``ix_users_email``: SQLAlchemy's default name for an
+    app's indexed ``users.email`` too, kept when the table is renamed). MySQL/MariaDB name indexes per table."""
+    from clerk_sync.tables import metadata
+
+    ours: set[str] = {str(i.name) for t in metadata.tables.values() for i in t.indexes if i.name}
+    if conn.dialect.name == "postgresql":
+        ours |= {str(c.name) for t in metadata.tables.values() for c in t.constraints if c.name}
+        rows = conn.execute(sa.text("SELECT c.relname, t.relname FROM pg_class c JOIN pg_index i ON i.indexrelid = "
+                                    "c.oid JOIN pg_class t ON t.oid = i.indrelid WHERE c.relnamespace = "
+                                    "current_schema()::regnamespace")).all()
+    elif conn.dialect.name == "sqlite":
+        rows = conn.execute(sa.text("SELECT name, tbl_name FROM sqlite_master WHERE type = 'index'")).all()
+    else:
+        return []
+    return sorted(index for index, table in rows if index in ours and table not in exclude_tables)
 
 
 def _knows(revision: str) -> bool:
