@@ -20,7 +20,7 @@ from sqlalchemy import event
 from clerk_sync import migrations
 from clerk_sync.errors import ConfigError
 from clerk_sync.store import create_engine
-from tests.conftest import _MYSQL_PROBLEM, _PG_PROBLEM, MYSQL_URL, PG_URL, mysql_database_url, require_server
+from tests.conftest import _PG_PROBLEM, PG_URL, mysql_database, require_server
 from tests.test_cli import run
 
 
@@ -72,59 +72,45 @@ def test_the_apps_schema_on_the_search_path_is_no_clash(pg_schemas: tuple[str, s
 
 @pytest.mark.mariadb
 def test_a_first_migration_interrupted_on_mariadb_is_said_so_and_retried_after_the_drop() -> None:
-    require_server("MariaDB", MYSQL_URL, _MYSQL_PROBLEM, "CLERK_SYNC_REQUIRE_MARIADB")
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(MYSQL_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
-    engine = create_engine(mysql_database_url(name))
-    try:
-        def crash(conn: object, cursor: object, statement: str, *_: object) -> None:
-            if "CREATE TABLE organization_memberships" in statement:
-                raise ConnectionError("the connection went away mid-migration")
+    with mysql_database() as url:
+        engine = create_engine(url)
+        try:
+            def crash(conn: object, cursor: object, statement: str, *_: object) -> None:
+                if "CREATE TABLE organization_memberships" in statement:
+                    raise ConnectionError("the connection went away mid-migration")
 
-        event.listen(engine, "before_cursor_execute", crash)
-        with pytest.raises(Exception, match="went away"):
+            event.listen(engine, "before_cursor_execute", crash)
+            with pytest.raises(Exception, match="went away"):
+                migrations.upgrade(engine)
+            event.remove(engine, "before_cursor_execute", crash)
+            assert {"users", "organizations"} <= set(sa.inspect(engine).get_table_names())  # (DDL committed)
+            with pytest.raises(ConfigError) as refused:
+                migrations.upgrade(engine)
+            said = str(refused.value)
+            assert "clerk-sync's own tables users, organizations but no migration is recorded" in said, said
+            assert "did not create" not in said and "DROP TABLE organizations; DROP TABLE users" in said, said
+            with engine.begin() as conn:
+                conn.exec_driver_sql("DROP TABLE organizations")
+                conn.exec_driver_sql("DROP TABLE users")
             migrations.upgrade(engine)
-        event.remove(engine, "before_cursor_execute", crash)
-        assert {"users", "organizations"} <= set(sa.inspect(engine).get_table_names())  # (DDL committed)
-        with pytest.raises(ConfigError) as refused:
-            migrations.upgrade(engine)
-        said = str(refused.value)
-        assert "clerk-sync's own tables users, organizations but no migration is recorded" in said, said
-        assert "did not create" not in said and "DROP TABLE organizations; DROP TABLE users" in said, said
-        with engine.begin() as conn:
-            conn.exec_driver_sql("DROP TABLE organizations")
-            conn.exec_driver_sql("DROP TABLE users")
-        migrations.upgrade(engine)
-        assert migrations.is_current(engine)
-    finally:
-        engine.dispose()
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS `{name}`")
-        admin.dispose()
+            assert migrations.is_current(engine)
+        finally:
+            engine.dispose()
 
 
 @pytest.mark.mariadb
 def test_an_apps_users_with_rows_is_still_a_clash_on_mariadb() -> None:
     """An app's table whose columns are a part of clerk-sync's (``id``, ``email``) and that has rows is the app's."""
-    require_server("MariaDB", MYSQL_URL, _MYSQL_PROBLEM, "CLERK_SYNC_REQUIRE_MARIADB")
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(MYSQL_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
-    engine = create_engine(mysql_database_url(name))
-    try:
-        _app_users(engine)
-        with engine.begin() as conn:
-            conn.exec_driver_sql("INSERT INTO users (email) VALUES ('ada@example.com')")
-        with pytest.raises(ConfigError, match="a table users that clerk-sync did not create"):
-            migrations.upgrade(engine)
-    finally:
-        engine.dispose()
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS `{name}`")
-        admin.dispose()
+    with mysql_database() as url:
+        engine = create_engine(url)
+        try:
+            _app_users(engine)
+            with engine.begin() as conn:
+                conn.exec_driver_sql("INSERT INTO users (email) VALUES ('ada@example.com')")
+            with pytest.raises(ConfigError, match="a table users that clerk-sync did not create"):
+                migrations.upgrade(engine)
+        finally:
+            engine.dispose()
 
 
 def test_a_renamed_tables_index_that_keeps_clerk_syncs_name_is_named_with_what_to_do(tmp_path: Path) -> None:
