@@ -87,7 +87,7 @@ def test_a_first_migration_interrupted_on_mariadb_is_said_so_and_retried_after_t
             with pytest.raises(ConfigError) as refused:
                 migrations.upgrade(engine)
             said = str(refused.value)
-            assert "clerk-sync's own tables users, organizations but no migration is recorded" in said, said
+            assert "clerk-sync's own tables users, organizations, empty, but no migration is recorded" in said, said
             assert "did not create" not in said and "DROP TABLE organizations; DROP TABLE users" in said, said
             with engine.begin() as conn:
                 conn.exec_driver_sql("DROP TABLE organizations")
@@ -130,3 +130,51 @@ def test_a_renamed_tables_index_that_keeps_clerk_syncs_name_is_named_with_what_t
     engine.dispose()
     again = run("migrate", env={"DATABASE_URL": url})
     assert again.returncode == 0, _said(again)
+
+
+@pytest.mark.mariadb
+@pytest.mark.parametrize(("table", "ddl"), [
+    ("users", "CREATE TABLE users (id INT AUTO_INCREMENT PRIMARY KEY, email VARCHAR(320) NOT NULL UNIQUE, "
+              "first_name VARCHAR(100), created_at DATETIME, updated_at DATETIME)"),
+    ("organizations", "CREATE TABLE organizations (id INT AUTO_INCREMENT PRIMARY KEY, name VARCHAR(100), "
+                      "slug VARCHAR(100) UNIQUE, created_at DATETIME)"),
+])
+def test_an_apps_empty_table_of_clerk_syncs_column_names_is_never_to_be_dropped(table: str, ddl: str) -> None:
+    """Second review: an app's new, empty ``users`` whose columns all have names clerk-sync's has too was taken for
+    an interrupted migration's, and the operator told to DROP it. Without clerk-sync's unique key (``clerk_id``)
+    it is the app's: the clash."""
+    with mysql_database() as url:
+        engine = create_engine(url)
+        try:
+            with engine.begin() as conn:
+                conn.exec_driver_sql(ddl)
+            with pytest.raises(ConfigError) as refused:
+                migrations.upgrade(engine)
+            said = str(refused.value)
+            assert f"DROP TABLE {table}" not in said and "that clerk-sync did not create" in said, said
+        finally:
+            engine.dispose()
+
+
+@pytest.mark.mariadb
+def test_a_first_migration_interrupted_after_the_inbox_is_said_so_not_record_a_revision() -> None:
+    """Second review: stopped after ``webhook_events`` (the inbox), the retry said "record the revision they are
+    at", which would leave the rest of the first migration missing."""
+    with mysql_database() as url:
+        engine = create_engine(url)
+        try:
+            def crash(conn: object, cursor: object, statement: str, *_: object) -> None:
+                if "CREATE TABLE audit_log" in statement:
+                    raise ConnectionError("the connection went away mid-migration")
+
+            event.listen(engine, "before_cursor_execute", crash)
+            with pytest.raises(Exception, match="went away"):
+                migrations.upgrade(engine)
+            event.remove(engine, "before_cursor_execute", crash)
+            with pytest.raises(ConfigError) as refused:
+                migrations.upgrade(engine)
+            said = str(refused.value)
+            assert "was interrupted during its first migration" in said and "DROP TABLE webhook_events" in said, said
+            assert "Record the revision" not in said
+        finally:
+            engine.dispose()

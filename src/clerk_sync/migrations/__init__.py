@@ -202,29 +202,55 @@ def _refuse_taken_names(conn: Connection) -> None:
     schema = conn.dialect.default_schema_name  # PostgreSQL: where CREATE TABLE writes, not all of search_path
     existing = set(inspector.get_table_names(schema=schema))
     taken = [name for name in _own_table_names() if name in existing]
-    left = ([name for name in taken if _shaped_like_ours(conn, inspector, name, schema)]
-            if conn.dialect.name in ("mysql", "mariadb") else [])
+    left = _left_by_an_interrupted_first_run(conn, inspector, taken, schema)
     taken = [name for name in taken if name not in left] + _taken_index_names(conn, exclude_tables=left)
     if taken:
         raise ConfigError(f"could not migrate (nothing was created): {_names_taken(taken, conn.dialect.name)}; "
                           "then run `clerk-sync migrate` again")
-    if left:  # MySQL/MariaDB commit each CREATE TABLE: a first migrate stopped part-way leaves its tables
-        drops = "; ".join(f"DROP TABLE {name}" for name in reversed(left))
-        raise ConfigError(
-            f"could not migrate: the database has clerk-sync's own tables {', '.join(left)} but no migration is "
-            "recorded: an earlier `clerk-sync migrate` was interrupted during its first migration (MySQL and "
-            "MariaDB commit each CREATE TABLE at once, so what it made stayed). If they are empty (nothing could "
-            f"have written them yet), drop them ({drops}), then run `clerk-sync migrate` again")
+    _refuse_interrupted_first_run(conn, inspector)
+
+
+def _refuse_interrupted_first_run(conn: Connection, inspector: Any) -> None:
+    """MySQL/MariaDB commit each CREATE TABLE: a first `clerk-sync migrate` stopped part-way leaves the tables
+    it made, with no revision recorded. Said as such, with the DROPs (not blamed on the app, nor answered
+    with "record the revision": the first migration is not complete)."""
+    schema = conn.dialect.default_schema_name
+    existing = set(inspector.get_table_names(schema=schema))
+    ours = [name for name in _own_table_names() if name in existing]
+    left = _left_by_an_interrupted_first_run(conn, inspector, ours, schema)
+    if not left or len(left) < len(ours):  # (any table of those names not shaped like ours: the app's)
+        return
+    drops = "; ".join(f"DROP TABLE {name}" for name in reversed(left))
+    raise ConfigError(
+        f"could not migrate: the database has clerk-sync's own tables {', '.join(left)}, empty, but no migration "
+        "is recorded: an earlier `clerk-sync migrate` was interrupted during its first migration (MySQL and "
+        f"MariaDB commit each CREATE TABLE at once, so what it made stayed). Drop them ({drops}), then run "
+        "`clerk-sync migrate` again")
+
+
+def _left_by_an_interrupted_first_run(conn: Connection, inspector: Any, names: Sequence[str],
+                                      schema: str | None) -> list[str]:
+    """Of ``names`` (clerk-sync's table names present), those shaped like clerk-sync's own, on MySQL/MariaDB."""
+    if conn.dialect.name not in ("mysql", "mariadb"):
+        return []  # (transactional DDL: a failed first migration leaves nothing)
+    left = [name for name in names if _shaped_like_ours(conn, inspector, name, schema)]
+    # The first migration creates _FIRST_TABLES first, each with its unique key (clerk_id, svix_id): without one
+    # of those among them, an empty table of few columns (an app's audit_log) is not taken for a leftover.
+    return left if any(name in _FIRST_TABLES for name in left) else []
 
 
 def _shaped_like_ours(conn: Connection, inspector: Any, name: str, schema: str | None) -> bool:
     """Whether table ``name`` is one an interrupted first migration made: empty (nothing writes before the
     first migration ends), with columns of clerk-sync's table of that name only (its first migration's are a
-    part of today's), not an app's ``users`` (columns of its own, rows)."""
+    part of today's), its unique keys' among them (``clerk_id``, ``svix_id``: an app's empty ``users(id, email,
+    first_name)`` has no such column), not an app's table (columns of its own, or rows)."""
     from clerk_sync.tables import metadata
 
-    ours = {c.name for c in metadata.tables[name].columns}
-    if not {c["name"] for c in inspector.get_columns(name, schema=schema)} <= ours:
+    table = metadata.tables[name]
+    ours = {c.name for c in table.columns}
+    keys = {c.name for u in table.constraints if isinstance(u, sa.UniqueConstraint) for c in u.columns}
+    present = {c["name"] for c in inspector.get_columns(name, schema=schema)}
+    if not keys <= present <= ours:
         return False
     return conn.execute(sa.select(sa.literal(1)).select_from(sa.table(name)).limit(1)).first() is None
 
@@ -351,6 +377,7 @@ def _refuse_unversioned_tables(conn: Connection) -> None:
     inspector = sa.inspect(conn)
     if not _has_our_inbox(inspector):
         return  # a new database, or an app's tables of the same names: migrate from the start
+    _refuse_interrupted_first_run(conn, inspector)
     found = ""
     if inspector.has_table(LEGACY_VERSION_TABLE):
         legacy = sa.table(LEGACY_VERSION_TABLE, sa.column("version_num", sa.String(32)))
