@@ -126,3 +126,25 @@ def test_doctor_warns_of_the_restricting_foreign_key_and_kept_address_of_a_schem
         kept = _warnings(engine, _mapping(SoftDelete("deleted_at"), f"{schema}.walk_owners"))
         assert len(kept) == 1 and f"{schema}.walk_owners.email is UNIQUE" in kept[0], kept
         engine.dispose()
+
+
+@pytest.mark.parametrize(("action", "warned"), [("CASCADE", False), ("SET NULL", False), ("RESTRICT", True)])
+def test_a_key_written_on_its_column_is_read_with_its_action(db_url: str, action: str, warned: bool) -> None:
+    """Review: SQLAlchemy's SQLite reflection gives no ON DELETE for a key written on its column (``owner_id
+    INTEGER REFERENCES owners(id) ON DELETE CASCADE``, as hand-written SQL and many ORMs write it): doctor read
+    NO ACTION and advised making CASCADE what CASCADE was."""
+    engine = sa.create_engine(db_url)
+    tag = uuid.uuid4().hex[:8]
+    owners, notes = f"rv_owners_{tag}", f"rv_notes_{tag}"
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"CREATE TABLE {owners} (id INTEGER PRIMARY KEY, email VARCHAR(320), "
+                             "clerk_user_id VARCHAR(64) UNIQUE)")
+        conn.exec_driver_sql(f"CREATE TABLE {notes} (id INTEGER PRIMARY KEY, "
+                             f"owner_id INTEGER REFERENCES {owners}(id) ON DELETE {action})")
+    mapping = SchemaMapping(users=MappedTable(owners, "clerk_user_id", {"email": "email"}, on_delete=HardDelete()))
+    try:
+        with engine.connect() as conn:
+            found = [p for _, p in check_schema(conn, mapping) if "hard-deleted" in p]
+        assert bool(found) is warned, found
+    finally:
+        engine.dispose()

@@ -1613,7 +1613,8 @@ def _refused_deletion_problems(inspector: Any, mapping: SchemaMapping, entity: E
                 continue
             for key in keys:
                 referred = key.get("referred_schema") or default
-                ondelete = str((key.get("options") or {}).get("ondelete") or "NO ACTION").upper()
+                ondelete = str((key.get("options") or {}).get("ondelete") or
+                               _sqlite_on_delete(inspector, referrer, key) or "NO ACTION").upper()
                 if key.get("referred_table") != bare or referred != target or ondelete not in _REFUSING:
                     continue
                 what = ", ".join(key.get("constrained_columns") or [])
@@ -1626,6 +1627,18 @@ def _refused_deletion_problems(inspector: Any, mapping: SchemaMapping, entity: E
                                          "DELETE CASCADE or SET NULL, or map the deletion with SoftDelete or "
                                          "Deactivate"))
     return problems
+
+
+def _sqlite_on_delete(inspector: Any, referrer: str, key: Mapping[str, Any]) -> str | None:
+    """SQLite's own word for a key's ON DELETE action: SQLAlchemy's reflection leaves it out of a key written on
+    its column (``owner_id INTEGER REFERENCES users(id) ON DELETE CASCADE``), which read as NO ACTION."""
+    if inspector.dialect.name != "sqlite":
+        return None
+    rows = inspector.bind.exec_driver_sql(f"PRAGMA foreign_key_list({_quote_ident(referrer)})").mappings().all()
+    columns = list(key.get("constrained_columns") or [])
+    actions = {str(r["on_delete"]) for r in rows
+               if r["table"] == key.get("referred_table") and r["from"] in columns}
+    return actions.pop() if len(actions) == 1 else None
 
 
 def _inactive_rows_problems(conn: Connection, mapped: MappedTable, columns: Mapping[str, Any]) -> list[tuple[str, str]]:
