@@ -273,3 +273,102 @@ def test_deliveries_applied_by_the_standalone_service_are_followed_by_prune(clie
     assert _flags(zed) == (False, False, False) and _flags(bob) == (False, False, False)
     assert _flags(dee) == (True, False, False)
     assert "Django users brought in step: 2" in out.getvalue()  # (zed: cleared as a tombstone, the line before)
+
+
+def _row_locked_elsewhere(user_pk: Any) -> bool:
+    """Whether another connection holds a lock that keeps a write to the Django user ``user_pk`` waiting: its row
+    (PostgreSQL, MariaDB: ``FOR UPDATE NOWAIT`` is refused), or SQLite's one write lock (``BEGIN IMMEDIATE`` with
+    no busy timeout is refused). Asked without waiting."""
+    import sqlite3
+
+    from django.db import DatabaseError, connections, transaction
+
+    connection = connections["default"]
+    if connection.vendor == "sqlite":
+        probe = sqlite3.connect(connection.settings_dict["NAME"], timeout=0, isolation_level=None)
+        try:
+            probe.execute("BEGIN IMMEDIATE")
+            probe.execute("ROLLBACK")
+            return False
+        except sqlite3.OperationalError:
+            return True
+        finally:
+            probe.close()
+    try:
+        with transaction.atomic():
+            list(get_user_model().objects.select_for_update(nowait=True).filter(pk=user_pk))
+        return False
+    except DatabaseError:
+        return True
+
+
+def test_two_refreshes_of_one_user_do_not_interleave(client_world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review of f14fc5b (finding 3): delivery A (an admin's unban) read the Django user and the ``users`` row; B (a
+    demotion) was applied and refreshed meanwhile; A then saved what it had computed from the old row, leaving the
+    demoted user staff and superuser in auth_user. The refresh now locks the Django user (SQLite: the write lock)
+    before it reads the row: B runs inside A's window only as far as the database lets it, and ends after A.
+    A is paused by the test between its read of the row and its save (an event, no sleep)."""
+    import threading
+
+    from django.db import connections
+
+    from clerk_sync.auth.users import read_user
+    from clerk_sync.integrations.django import backends
+
+    wait = 30.0  # a bound for the test's own waits, never a threshold of the code under test
+    clerk = client_world.clerk
+    bob = _admin_signed_in(client_world, "bob@example.com")
+    clerk.request("POST", f"/v1/users/{bob}/ban")
+    clerk.wait_for_deliveries()
+    assert _flags(bob) == (False, False, False)
+    clerk.set_webhook_url("http://127.0.0.1:9/nowhere")  # later deliveries are held: the test drives the refreshes
+    clerk.request("POST", f"/v1/users/{bob}/unban")
+    call_command("clerk_sync", "reconcile", stdout=StringIO())  # A's apply: the row unbanned, still admin
+    row = read_user(client_world.store, bob)
+    assert row is not None and row.role == "admin" and not row.banned
+
+    read_a, go_on = threading.Event(), threading.Event()
+    real = backends.read_user
+
+    def paused(store: Any, clerk_id: str) -> Any:  # A's refresh: read the row, then wait before saving
+        found = real(store, clerk_id)
+        if threading.current_thread().name == "A":
+            read_a.set()
+            assert go_on.wait(wait), "the test never let A go on"
+        return found
+
+    monkeypatch.setattr(backends, "read_user", paused)
+    failures: list[BaseException] = []
+
+    def thread(name: str, work: Any) -> threading.Thread:
+        def run() -> None:
+            try:
+                work()
+            except BaseException as exc:  # (reported by the test, not lost in the thread)
+                failures.append(exc)
+            finally:
+                connections.close_all()
+
+        return threading.Thread(target=run, name=name)
+
+    def b() -> None:  # B: the demotion applied, then its refresh
+        call_command("clerk_sync", "reconcile", stdout=StringIO())
+        backends.refresh_django_user(bob)
+
+    a_thread = thread("A", lambda: backends.refresh_django_user(bob))
+    a_thread.start()
+    assert read_a.wait(wait)
+    clerk.request("PATCH", f"/v1/users/{bob}/metadata", json={"public_metadata": {"role": "user"}})
+    locked = _row_locked_elsewhere(get_user_model().objects.get(username=bob).pk)
+    b_thread = thread("B", b)
+    b_thread.start()
+    if not locked:  # nothing holds B back: it applies and refreshes wholly inside A's window
+        b_thread.join(wait)
+        assert not b_thread.is_alive()
+    go_on.set()
+    a_thread.join(wait)
+    b_thread.join(wait)
+    assert not failures
+    row = read_user(client_world.store, bob)
+    assert row is not None and row.role == "user"
+    assert _flags(bob) == (True, False, False), "a demoted user is staff and superuser in auth_user again"

@@ -6,8 +6,14 @@ right after start-up. A refetch that does *not* find the kid (a forged or random
 ``cooldown_s``: until it ends, no unknown kid fetches again, so a flood of random kids costs at most
 one fetch per cooldown (PyJWT refetches for every unknown kid, which lets an unauthenticated client
 turn each request into an upstream call). Requests whose kid is cached never wait on a fetch; one whose
-kid is not held waits for a fetch already in flight (the first one after start-up above all), on either
-path: the async one waits in a worker thread.
+kid is not held waits for a fetch already in flight that can find it: while no key is held at all (the
+first fetch after start-up above all), or a refetch for an unknown kid (a key rotated in). The async path
+waits in a worker thread of its own small limiter (:mod:`~clerk_sync.auth.sessions`), never in the
+default one the app's threaded work shares; during a TTL refresh, an unknown kid is answered at once from
+the keys held. A caller that waited for a fetch takes that fetch's outcome (its keys, or none: 503 at
+once) and does not fetch again, and the floor counts from a fetch's *end*: with the JWKS unreachable,
+requests arriving during a fetch all answer when it fails, and the endpoint is hit once per floor, not
+once per request in a queue each waiting a timeout longer.
 
 While no key is loaded at all (the JWKS unreachable since start-up, or empty), every token is refused
 with :class:`~clerk_sync.errors.TokenKeysUnavailable` (503, retry), not only the one whose fetch
@@ -34,8 +40,14 @@ __all__ = ["JWKSKeySource", "KeySource", "NeedsFetch", "StaticKeySource"]
 
 
 class NeedsFetch(Exception):
-    """The kid is unknown and a fetch is allowed, or one is in flight: the async caller should retry off the
-    event loop (where it fetches, or waits for the fetch in flight)."""
+    """The kid is unknown and a fetch is allowed, or one that can find it is in flight; or the keys are past
+    their TTL: the async caller should retry off the event loop (where it fetches, or waits for the fetch in
+    flight). ``waits``: the retry may wait on the key source's lock (an unknown kid, a rotated key), so the
+    caller runs it on a small limiter of its own; not so a TTL refresh (the lock is only tried)."""
+
+    def __init__(self, *, waits: bool = True) -> None:
+        super().__init__()
+        self.waits = waits
 
 
 class KeySource(Protocol):
@@ -100,6 +112,8 @@ class JWKSKeySource:
         self._last_miss: float | None = None  # the last unknown-kid fetch that did not find its kid
         self._problem = f"the JWKS from {url} is not fetched yet"  # why there are no keys, while none
         self._lock = threading.Lock()
+        self._ended = 0  # fetches ended (under the lock): a caller that waited on the lock sees whether one ran
+        self._for_unknown = False  # the fetch in flight is an unknown kid's (or a rotated key's) refetch
         self.fetches = 0
 
     def get(self, kid: str | None, *, allow_fetch: bool = True) -> RSAPublicKey:
@@ -109,17 +123,18 @@ class JWKSKeySource:
                 # Past the TTL: refresh so a key Clerk has withdrawn stops being trusted. Async callers
                 # do it off the event loop (NeedsFetch); concurrent callers keep using the cached key.
                 if not allow_fetch:
-                    raise NeedsFetch
+                    raise NeedsFetch(waits=False)
                 self._refresh(wait=False, allowed=self._may_refresh)
                 key = self._keys.get(kid or "")
                 if key is None:
                     raise TokenKeyUnknown(f"key {show(kid)} is no longer in {self.url}")
             return key
         if not allow_fetch:
-            # A fetch in flight (the first one after start-up, above all: no key held yet) is waited for
-            # off the event loop, as the sync path waits for it on the lock: refusing meanwhile answered the
-            # first requests of an async worker 503 (no keys yet) or 401 (a kid just rotated in).
-            if self._may_fetch_unknown() or self._lock.locked():
+            # A fetch in flight that can find the kid (the first one after start-up, above all: no key held
+            # yet) is waited for off the event loop, as the sync path waits for it on the lock: refusing
+            # meanwhile answered the first requests of an async worker 503 (no keys yet) or 401 (a kid just
+            # rotated in). During a TTL refresh an unknown kid is answered from the keys held, at once.
+            if self._off_the_loop():
                 raise NeedsFetch
             key = self._keys.get(kid or "")  # a fetch that ended since the first look (keys set, lock released)
             if key is not None:
@@ -140,17 +155,18 @@ class JWKSKeySource:
         current = self._keys.get(kid or "")
         if current is not None and not same_key(current, key):
             return current  # another request refetched meanwhile
-        if not self._may_fetch_unknown() and not self._lock.locked():
+        if not self._off_the_loop():
             current = self._keys.get(kid or "")  # (a fetch that ended since the first look)
             return current if current is not None and not same_key(current, key) else None
         if not allow_fetch:
             raise NeedsFetch  # a fetch allowed, or one in flight to wait for: off the event loop
+        ended = self._ended
         with self._lock:  # (waits for a fetch in flight, then looks again)
             current = self._keys.get(kid or "")
             if current is None or same_key(current, key):
-                if not self._may_fetch_unknown():
-                    return None
-                self._fetch()
+                if self._ended != ended or not self._may_fetch_unknown():
+                    return None  # a fetch ran while we waited: its outcome stands, no second one
+                self._fetch(for_unknown=True)
                 current = self._keys.get(kid or "")
         if current is None or same_key(current, key):
             self._last_miss = self._now()
@@ -159,7 +175,7 @@ class JWKSKeySource:
 
     def prefetch(self) -> int:
         """Fetch the JWKS now (at start-up, or from ``clerk-sync doctor``); returns how many keys it holds."""
-        self._refresh(wait=True, allowed=lambda: True)
+        self._refresh(wait=True, allowed=lambda: True, reuse=False)
         return len(self._keys)
 
     def _unknown(self, message: str) -> TokenKeyUnknown:
@@ -181,24 +197,49 @@ class JWKSKeySource:
         return self._since(self._last_attempt) >= self._cooldown
 
     def _may_fetch_unknown(self) -> bool:
-        """An unknown kid: past the short floor, and no unknown kid missed within the cooldown."""
+        """An unknown kid: past the short floor (from the last fetch's end), and no unknown kid missed within
+        the cooldown."""
         return self._since(self._last_attempt) >= self._floor and self._since(self._last_miss) >= self._cooldown
 
-    def _refresh(self, *, wait: bool, allowed: Callable[[], bool], kid: str | None = None) -> None:
+    def _off_the_loop(self) -> bool:
+        """Whether an async caller with a kid not held (or a key whose signature failed) goes off the event loop:
+        to wait for the fetch in flight when it may bring that kid (no key held at all, or an unknown kid's
+        refetch; not a TTL refresh, during which the keys held answer), else to fetch when one is allowed."""
+        if self._lock.locked():
+            return not self._keys or self._for_unknown
+        return self._may_fetch_unknown()
+
+    def _refresh(self, *, wait: bool, allowed: Callable[[], bool], kid: str | None = None,
+                 reuse: bool = True) -> None:
+        ended = self._ended  # (before the lock: a fetch in flight now ends before we hold it)
         if not self._lock.acquire(blocking=wait):
             return  # another thread is fetching; serve what we have
         try:
-            if (kid is not None and kid in self._keys) or not allowed():
-                return  # fetched meanwhile by the thread we waited for, or not allowed yet
-            self._fetch()
+            if (kid is not None and kid in self._keys) or (reuse and self._ended != ended) or not allowed():
+                # fetched meanwhile by the thread we waited for (its keys, or none: its outcome stands, not
+                # a fetch more per waiter), or not allowed yet
+                return
+            self._fetch(for_unknown=kid is not None)
             if kid is not None and kid not in self._keys:
                 self._last_miss = self._now()
         finally:
             self._lock.release()
 
-    def _fetch(self) -> None:
+    def _fetch(self, *, for_unknown: bool = False) -> None:
+        """One fetch, under the lock. ``_last_attempt`` is set at its start (the fetch in flight is inside the
+        floor) and again at its end: the floor counts from there, so a fetch that took as long as the floor
+        (a timeout) is not followed at once by another."""
         self._last_attempt = self._now()
         self.fetches += 1
+        self._for_unknown = for_unknown
+        try:
+            self._fetch_keys()
+        finally:
+            self._for_unknown = False
+            self._last_attempt = self._now()
+            self._ended += 1
+
+    def _fetch_keys(self) -> None:
         try:
             response = self._client.get(self.url, headers=self._headers, timeout=self._timeout)
             response.raise_for_status()

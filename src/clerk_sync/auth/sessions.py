@@ -26,7 +26,8 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import httpx
-from anyio import to_thread
+from anyio import CapacityLimiter, to_thread
+from anyio.lowlevel import RunVar
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from jwt.algorithms import RSAAlgorithm
 
@@ -298,11 +299,15 @@ class SessionVerifier:
         return auth
 
     async def averify(self, token: str) -> Auth:
-        """Async face: verifies on the loop; only a needed JWKS fetch runs in a worker thread."""
+        """Async face: verifies on the loop; only a needed JWKS fetch runs in a worker thread. One that may wait on
+        the key source's lock (an unknown kid: its refetch, or a fetch in flight) takes a thread of a small limiter
+        of its own (:data:`KEY_WAIT_THREADS` per event loop), never anyio's default one, which the app's threaded
+        work shares (sync endpoints, role reads, webhooks): a flood of tokens with random kids queues on the loop,
+        holding no thread, while a fetch is in flight."""
         try:
             return self.verify(token, allow_fetch=False)
-        except NeedsFetch:
-            return await to_thread.run_sync(self.verify, token)
+        except NeedsFetch as need:
+            return await to_thread.run_sync(self.verify, token, limiter=key_wait_limiter() if need.waits else None)
 
     def _verify_signature_and_static_claims(self, token: str, allow_fetch: bool
                                             ) -> tuple[Auth, str | None, RSAPublicKey]:
@@ -414,6 +419,22 @@ def _header_kid(segment: bytes) -> str | None:
     if "kid" in header and not isinstance(kid, str):
         raise TokenMalformed("kid must be a string")
     return kid
+
+
+KEY_WAIT_THREADS = 4
+"""Threads (per event loop) in which async verifications wait for a JWKS fetch, or run one for an unknown kid."""
+
+_key_wait_limiter: RunVar[CapacityLimiter] = RunVar("clerk_sync_key_wait_limiter")
+
+
+def key_wait_limiter() -> CapacityLimiter:
+    """The current event loop's limiter for :meth:`SessionVerifier.averify`'s JWKS waits (see there)."""
+    try:
+        return _key_wait_limiter.get()
+    except LookupError:
+        limiter = CapacityLimiter(KEY_WAIT_THREADS)
+        _key_wait_limiter.set(limiter)
+        return limiter
 
 
 def _b64url_decode(segment: bytes, name: str) -> bytes:

@@ -45,7 +45,7 @@ from django.contrib.auth import get_user_model, load_backend
 from django.contrib.auth.backends import BaseBackend
 from django.contrib.auth.hashers import UNUSABLE_PASSWORD_PREFIX, make_password
 from django.contrib.auth.models import AnonymousUser
-from django.db import transaction
+from django.db import connections, router, transaction
 from django.db.models import Q
 from django.http import HttpRequest
 
@@ -147,13 +147,39 @@ def refresh_django_user(clerk_id: str) -> bool:
     after a committed apply of a ``user.*`` delivery, so ``auth_user`` (the Django admin's user list, a
     ``User.objects.filter(is_superuser=True)``) stops showing a deleted or banned admin as a live superuser. No
     Django user is created, a local account (usable password) is never touched, a lock changes nothing (it ends
-    by itself, with no event: the backend refuses the user while it lasts). Returns whether the user changed."""
+    by itself, with no event: the backend refuses the user while it lasts). Returns whether the user changed.
+
+    Two deliveries for one user (an unban, then a demotion) refresh one after the other: the Django user's row is
+    locked (``select_for_update``; on SQLite the database's write lock) *before* the ``users`` row is read, so the
+    refresh that locks last reads the newest row, and one that read a row since changed cannot save it over the
+    later refresh (a demoted user left staff and superuser). In its own ``atomic`` block: a failed save under
+    ``ATOMIC_REQUESTS`` rolls back only its savepoint."""
     model = get_user_model()
-    user = model._default_manager.filter(**{str(model.USERNAME_FIELD): clerk_id}).first()
-    if user is None or not _is_linked(user):
-        return False
-    row = read_user(get_clerk_sync().store, clerk_id)
-    return row is not None and _in_step(user, row)
+    using = router.db_for_write(model)
+    with transaction.atomic(using=using):
+        _write_lock(using, model)
+        user = model._default_manager.using(using).select_for_update().filter(
+            **{str(model.USERNAME_FIELD): clerk_id}).first()
+        if user is None or not _is_linked(user):
+            return False
+        row = read_user(get_clerk_sync().store, clerk_id)
+        return row is not None and _in_step(user, row)
+
+
+def _write_lock(using: str, model: Any) -> None:
+    """SQLite: take the database's write lock now, as the transaction's first statement (``select_for_update`` is
+    a no-op there). A deferred transaction that read first could not write once another writer committed (its
+    snapshot stale: "database is locked" at once); this one waits its turn (the busy timeout) as a row lock
+    would. Elsewhere nothing: ``select_for_update`` locks the row."""
+    connection = connections[using]
+    if connection.vendor != "sqlite":
+        return
+    quote = connection.ops.quote_name
+    column = quote(model._meta.pk.column)
+    # Matches no row, yet a write statement: it takes the lock. Only the model's own names, quoted.
+    statement = f"UPDATE {quote(model._meta.db_table)} SET {column} = {column} WHERE 0 = 1"  # noqa: S608
+    with connection.cursor() as cursor:
+        cursor.execute(statement)
 
 
 def _in_step(user: Any, row: AuthUser) -> bool:
