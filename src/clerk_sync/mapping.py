@@ -828,9 +828,14 @@ class _Projection:
                                  and not self._refers_to_itself(constraint, written)):
                 return None
             return f"{'' if here else f'{schema}.'}{table} (foreign key {constraint})"
-        if conn.dialect.name != "sqlite" or self._parent_missing(conn, change):
+        if conn.dialect.name != "sqlite":
             return None
-        return _sqlite_referrers(conn, self.t.name, [c for c in written if c in self.t.c]) or None
+        # An update writes no insert-only column (its transaction goes on: SQLite can be asked which it was).
+        skipped = (self.insert_only if self.insert_only and conn.execute(
+            sa.select(sa.literal(1)).where(self.key == change.clerk_id).limit(1)).first() is not None else frozenset())
+        if self._parent_missing(conn, change, skipped):
+            return None
+        return _sqlite_referrers(conn, self.t.name, [c for c in written if c in self.t.c and c not in skipped]) or None
 
     def _refers_to_itself(self, constraint: str | None, written: set[str]) -> bool:
         """Whether this table's foreign key ``constraint`` refers to this table, and the write sets none of
@@ -838,10 +843,12 @@ class _Projection:
         key = next((k for k in self.t.foreign_key_constraints if k.name == constraint), None)
         return key is not None and key.referred_table is self.t and not set(key.column_keys) & written
 
-    def _parent_missing(self, conn: Connection, change: Change) -> bool:
+    def _parent_missing(self, conn: Connection, change: Change, skipped: frozenset[str] = frozenset()) -> bool:
         """SQLite: whether a row the change's values refer to through this table's own foreign keys is not
-        there (or cannot be told: a key whose columns the mapping sets only in part)."""
-        new = {name: col.value(change.values) for name, col in self.columns.items()} | self.fixed
+        there (or cannot be told: a key whose columns the mapping sets only in part). ``skipped``: the columns
+        the write did not set (an update's insert-only ones)."""
+        new = {name: col.value(change.values) for name, col in self.columns.items() if name not in skipped}
+        new |= self.fixed
         new[self.key.name] = change.clerk_id
         for key in self.t.foreign_key_constraints:
             columns = key.column_keys
