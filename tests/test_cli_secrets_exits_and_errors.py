@@ -118,7 +118,8 @@ def test_doctor_says_why_the_database_failed_and_asks_for_no_migration(tmp_path:
     result = run("doctor", env={"DATABASE_URL": url, "CLERK_WEBHOOK_SIGNING_SECRET": SECRET})
     lines = {line.split(":", 1)[0].split(None, 1)[1]: line for line in result.stdout.splitlines()}
     assert result.returncode == 1
-    assert "unable to open database file" in lines["database"] and "no-such-dir does not exist" in lines["database"]
+    # (create_engine names the missing directory itself since 2026-12-05, before sqlite3's "unable to open")
+    assert "no-such-dir does not exist" in lines["database"] and "mkdir -p" in lines["database"], lines["database"]
     assert "migrate" not in lines["hook jobs"] and "cannot be reached" in lines["hook jobs"]
 
 
