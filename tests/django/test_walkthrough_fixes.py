@@ -372,3 +372,33 @@ def test_two_refreshes_of_one_user_do_not_interleave(client_world: World, monkey
     row = read_user(client_world.store, bob)
     assert row is not None and row.role == "user"
     assert _flags(bob) == (True, False, False), "a demoted user is staff and superuser in auth_user again"
+
+
+def test_a_user_never_signed_in_here_takes_no_lock(client_world: World) -> None:
+    """Review: every applied ``user.*`` delivery took SQLite's write lock in the webhook view's refresh, even for a
+    Clerk user with no Django user; inside an outer transaction (a TestCase's, ATOMIC_REQUESTS) it was held to its
+    end, and clerk-sync's next write to the same file waited its busy timeout."""
+    import sqlite3
+
+    from django.db import connections, transaction
+
+    from clerk_sync.integrations.django import backends
+
+    if connections["default"].vendor != "sqlite":
+        pytest.skip("SQLite's database-wide write lock")
+
+    def locked() -> bool:
+        probe = sqlite3.connect(connections["default"].settings_dict["NAME"], timeout=0, isolation_level=None)
+        try:
+            probe.execute("BEGIN IMMEDIATE")
+            probe.execute("ROLLBACK")
+            return False
+        except sqlite3.OperationalError:
+            return True
+        finally:
+            probe.close()
+
+    with transaction.atomic():  # a TestCase's transaction
+        assert backends.refresh_django_user("user_never_signed_in_here") is False
+        held = locked()
+    assert not held

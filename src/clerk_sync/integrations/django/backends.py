@@ -153,13 +153,16 @@ def refresh_django_user(clerk_id: str) -> bool:
     locked (``select_for_update``; on SQLite the database's write lock) *before* the ``users`` row is read, so the
     refresh that locks last reads the newest row, and one that read a row since changed cannot save it over the
     later refresh (a demoted user left staff and superuser). In its own ``atomic`` block: a failed save under
-    ``ATOMIC_REQUESTS`` rolls back only its savepoint."""
+    ``ATOMIC_REQUESTS`` rolls back only its savepoint. A Clerk user with no linked Django user (never signed in
+    through ``ClerkBackend``) takes no lock at all."""
     model = get_user_model()
     using = router.db_for_write(model)
+    users = model._default_manager.using(using).filter(**{str(model.USERNAME_FIELD): clerk_id})
+    if not any(_is_linked(user) for user in users[:1]):  # (no lock for a user never signed in here, or local)
+        return False
     with transaction.atomic(using=using):
         _write_lock(using, model)
-        user = model._default_manager.using(using).select_for_update().filter(
-            **{str(model.USERNAME_FIELD): clerk_id}).first()
+        user = users.select_for_update().first()
         if user is None or not _is_linked(user):
             return False
         row = read_user(get_clerk_sync().store, clerk_id)
