@@ -250,6 +250,43 @@ def test_a_signature_waiting_for_the_refetch_in_flight_takes_its_outcome(jwks: t
     assert server.fetches == 2  # the prefetch and the one refetch
 
 
+def test_sync_a_key_rotated_in_during_a_ttl_refresh_waits_for_it_and_verifies(jwks: tuple[GatedJWKS, str]) -> None:
+    """Later review: the sync path's ``renewed()`` answered 401 at once while a TTL refresh was in flight, where
+    it waited for it before (and ``get()`` still waits for an unknown kid): a token signed by the key Clerk just
+    rotated in under its kid, which that refresh brings, was refused."""
+    server, url = jwks
+    clock = [0.0]
+    with httpx.Client() as client:
+        source, lock = _source(url, client, clock)
+        verifier = SessionVerifier(source, ClaimsValidator(issuer=ISS), now=lambda: float(NOW))
+        server.gate.set()
+        assert source.prefetch() == 1
+        server.hold()
+        clock[0] = 400.0  # past the TTL
+        server.keys = {"ins_1": OTHER}  # Clerk rotated the key under its kid
+        answers: dict[str, str] = {}
+
+        def request(name: str, key: Any) -> None:
+            try:
+                verifier.verify(mint(claims(sid=f"sess_{name}"), key=key, kid="ins_1"))
+                answers[name] = "verified"
+            except Exception as exc:
+                answers[name] = type(exc).__name__
+
+        ttl = threading.Thread(target=request, args=("old", KEY))  # starts the TTL refresh, served the old key
+        ttl.start()
+        assert server.arrived.wait(_WAIT)
+        calls = lock.calls
+        rotated = threading.Thread(target=request, args=("new", OTHER))
+        rotated.start()
+        assert lock.wait_for_calls(calls + 1), "the rotated key's request never reached the lock"
+        server.gate.set()
+        for t in (ttl, rotated):
+            t.join(_WAIT)
+    assert answers == {"old": "TokenSignatureInvalid", "new": "verified"}, answers  # (the refresh it made: rotated)
+    assert server.fetches == 2  # the prefetch and the TTL refresh: no second fetch
+
+
 # --- finding 2: a flood of kids not held holds few threads, none of the default limiter ----------------------
 
 @pytest.mark.anyio

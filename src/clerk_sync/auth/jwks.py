@@ -155,11 +155,13 @@ class JWKSKeySource:
         current = self._keys.get(kid or "")
         if current is not None and not same_key(current, key):
             return current  # another request refetched meanwhile
-        if not self._off_the_loop():
-            current = self._keys.get(kid or "")  # (a fetch that ended since the first look)
-            return current if current is not None and not same_key(current, key) else None
         if not allow_fetch:
+            if not self._off_the_loop():
+                current = self._keys.get(kid or "")  # (a fetch that ended since the first look)
+                return current if current is not None and not same_key(current, key) else None
             raise NeedsFetch  # a fetch allowed, or one in flight to wait for: off the event loop
+        # The sync path waits on the lock for any fetch in flight (a TTL refresh may bring the rotated key), as
+        # get() does for an unknown kid; the counter keeps it from fetching a second time.
         ended = self._ended
         with self._lock:  # (waits for a fetch in flight, then looks again)
             current = self._keys.get(kid or "")
