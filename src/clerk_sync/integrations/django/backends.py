@@ -36,6 +36,7 @@ synced user, keep their answers (``AnonymousUser``).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -213,21 +214,13 @@ def refresh_django_users(batch: int = 500) -> tuple[int, list[Any]]:
     for flag in _FLAGS:
         if flag in names:
             flagged |= Q(**{flag: True})
-    linked = model._default_manager.filter(Q(password="") | Q(password__isnull=True)
-                                           | Q(password__startswith=UNUSABLE_PASSWORD_PREFIX))
-    if flagged:
-        linked = linked.filter(flagged)
-    linked = linked.order_by("pk")
+    linked = _linked_users(model)
     store = get_clerk_sync().store
-    changed, after = 0, None
+    columns = [users_table.c[f.name] for f in dataclasses.fields(AuthUser)]
+    changed = 0
     failed: list[Any] = []
-    while True:
-        page = list((linked if after is None else linked.filter(pk__gt=after))[:batch])
-        if not page:
-            return changed, failed
-        after = page[-1].pk
+    for page in _pages(linked.filter(flagged) if flagged else linked, batch):
         ids = [str(user.get_username()) for user in page]
-        columns = [users_table.c[f.name] for f in dataclasses.fields(AuthUser)]
         with store.connect() as conn:
             rows = {r["clerk_id"]: AuthUser(**r) for r in conn.execute(
                 sa.select(*columns).where(users_table.c.clerk_id.in_(ids))).mappings()}
@@ -242,8 +235,25 @@ def refresh_django_users(batch: int = 500) -> tuple[int, list[Any]]:
                 failed.append(user.pk)
                 log.error("django_user_refresh_failed", django_user_pk=user.pk, error=type(exc).__name__,
                           fix="check CLERK_SYNC['USER_FIELDS'] and the Django user model's unique fields")
+    return changed, failed
+
+
+def _linked_users(model: Any) -> Any:
+    """The Django users the backend owns (no usable password: :func:`_is_linked`), as a queryset."""
+    return model._default_manager.filter(Q(password="") | Q(password__isnull=True)
+                                         | Q(password__startswith=UNUSABLE_PASSWORD_PREFIX))
+
+
+def _pages(users: Any, batch: int) -> Iterator[list[Any]]:
+    """``users`` by primary key, ``batch`` at a time (keyset paging: saves on one page do not shift the next)."""
+    users, after = users.order_by("pk"), None
+    while True:
+        page = list((users if after is None else users.filter(pk__gt=after))[:batch])
+        if page:
+            yield page
         if len(page) < batch:
-            return changed, failed
+            return
+        after = page[-1].pk
 
 
 def forget_django_user(clerk_id: str) -> bool:
@@ -265,17 +275,10 @@ def forget_cleared_django_users(batch: int = 500) -> tuple[int, list[Any]]:
     ``manage.py clerk_sync prune`` runs it after the retention pass."""
     from clerk_sync.retention import Retention
 
-    model = get_user_model()
-    linked = model._default_manager.filter(Q(password="") | Q(password__isnull=True)
-                                           | Q(password__startswith=UNUSABLE_PASSWORD_PREFIX)).order_by("pk")
     retention = Retention(get_clerk_sync().store)
-    changed, after = 0, None
+    changed = 0
     failed: list[Any] = []
-    while True:
-        page = list((linked if after is None else linked.filter(pk__gt=after))[:batch])
-        if not page:
-            return changed, failed
-        after = page[-1].pk
+    for page in _pages(_linked_users(get_user_model()), batch):
         cleared = retention.cleared_users([str(user.get_username()) for user in page])
         for user in page:
             if user.get_username() not in cleared:
@@ -288,8 +291,7 @@ def forget_cleared_django_users(batch: int = 500) -> tuple[int, list[Any]]:
                 log.error("django_user_forget_failed", django_user_pk=user.pk, error=type(exc).__name__,
                           fix="check CLERK_SYNC['USER_FIELDS'] with a deleted row holding no personal data, and "
                               "the Django user model's unique fields")
-        if len(page) < batch:
-            return changed, failed
+    return changed, failed
 
 
 def _forget(user: Any, clerk_id: str) -> bool:
