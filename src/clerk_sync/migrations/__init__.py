@@ -198,26 +198,27 @@ def _refuse_taken_names(conn: Connection) -> None:
     """Before a first migration: the app's tables holding clerk-sync's table names, all of them at once and
     before anything is created (on MySQL/MariaDB a failed step's tables stay: DDL commits). Under the
     migration lock (:func:`adopt`): a replica migrating first is not taken for the app."""
-    inspector = sa.inspect(conn)
-    schema = conn.dialect.default_schema_name  # PostgreSQL: where CREATE TABLE writes, not all of search_path
-    existing = set(inspector.get_table_names(schema=schema))
-    taken = [name for name in _own_table_names() if name in existing]
-    left = _left_by_an_interrupted_first_run(conn, inspector, taken, schema)
-    taken = [name for name in taken if name not in left] + _taken_index_names(conn, exclude_tables=left)
+    ours, left = _own_names_present(conn, sa.inspect(conn))
+    taken = [name for name in ours if name not in left] + _taken_index_names(conn, exclude_tables=left)
     if taken:
         raise ConfigError(f"could not migrate (nothing was created): {_names_taken(taken, conn.dialect.name)}; "
                           "then run `clerk-sync migrate` again")
-    _refuse_interrupted_first_run(conn, inspector)
+    _refuse_interrupted_first_run(ours, left)
 
 
-def _refuse_interrupted_first_run(conn: Connection, inspector: Any) -> None:
-    """MySQL/MariaDB commit each CREATE TABLE: a first `clerk-sync migrate` stopped part-way leaves the tables
-    it made, with no revision recorded. Said as such, with the DROPs (not blamed on the app, nor answered
-    with "record the revision": the first migration is not complete)."""
+def _own_names_present(conn: Connection, inspector: Any) -> tuple[list[str], list[str]]:
+    """clerk-sync's table names the connection's schema holds (PostgreSQL: where CREATE TABLE writes, not all
+    of the search_path), and those of them an interrupted first migration left (MySQL/MariaDB)."""
     schema = conn.dialect.default_schema_name
     existing = set(inspector.get_table_names(schema=schema))
     ours = [name for name in _own_table_names() if name in existing]
-    left = _left_by_an_interrupted_first_run(conn, inspector, ours, schema)
+    return ours, _left_by_an_interrupted_first_run(conn, inspector, ours, schema)
+
+
+def _refuse_interrupted_first_run(ours: Sequence[str], left: Sequence[str]) -> None:
+    """MySQL/MariaDB commit each CREATE TABLE: a first `clerk-sync migrate` stopped part-way leaves the tables
+    it made (``left``), with no revision recorded. Said as such, with the DROPs (not blamed on the app, nor
+    answered with "record the revision": the first migration is not complete)."""
     if not left or len(left) < len(ours):  # (any table of those names not shaped like ours: the app's)
         return
     drops = "; ".join(f"DROP TABLE {name}" for name in reversed(left))
@@ -377,7 +378,7 @@ def _refuse_unversioned_tables(conn: Connection) -> None:
     inspector = sa.inspect(conn)
     if not _has_our_inbox(inspector):
         return  # a new database, or an app's tables of the same names: migrate from the start
-    _refuse_interrupted_first_run(conn, inspector)
+    _refuse_interrupted_first_run(*_own_names_present(conn, inspector))
     found = ""
     if inspector.has_table(LEGACY_VERSION_TABLE):
         legacy = sa.table(LEGACY_VERSION_TABLE, sa.column("version_num", sa.String(32)))
