@@ -1842,6 +1842,10 @@ def migrate_schema(conn: Connection, mapping: SchemaMapping, *, unique_indexes: 
     with without_statement_bound(conn):
         ops = Operations(MigrationContext.configure(conn))
         inspector = sa.inspect(conn)
+        for mapped in mapping.tables.values():  # every table checked before any is changed
+            schema, bare = _not_clerk_syncs(conn, mapped.table)
+            if not inspector.has_table(bare, schema):
+                raise ConfigError(_missing_table_message(mapped))
         for mapped in mapping.tables.values():
             name = mapped.table
             schema, bare = _not_clerk_syncs(conn, name)
@@ -1864,6 +1868,16 @@ def migrate_schema(conn: Connection, mapping: SchemaMapping, *, unique_indexes: 
                 ops.create_index(index, bare, [mapped.clerk_id_column], unique=True, schema=schema)
                 done.append(f"created unique index {index}")
     return done
+
+
+def _missing_table_message(mapped: MappedTable) -> str:
+    """A mapped table that is not there: the app's own migrations create it, not clerk-sync's (not a
+    database outage to wait out)."""
+    where = f" (schema or database {mapped.schema!r} as this connection sees it)" if mapped.schema else ""
+    return (f"the mapped table {mapped.table!r} does not exist{where}: create it with your app's own migrations "
+            "first (clerk-sync writes your existing tables, adding only its Clerk-id and delete columns), then run "
+            "migrate again (if your app's migrations did create it, clerk-sync's database URL reaches another "
+            "database than your app's)")
 
 
 def _index_name(mapped: MappedTable) -> str:

@@ -79,15 +79,7 @@ def migrate(backfill: bool) -> None:
     click.echo(f"migrations current ({migrations.head_revision()})")
     if schema is None:
         return
-    missing: str | None = None
-    try:
-        migrated = migrate_mapping(store, schema, backfill=backfill, settings=clerk_state().settings)
-    except sa.exc.NoSuchTableError as exc:  # not the database's URL to check: the app's table to create
-        missing = str(exc)
-    if missing is not None:  # (raised outside the handler: no database error in its chain, no "check DATABASE_URL")
-        raise ConfigError(f"the mapped table {missing!r} does not exist: create it with your app's own migrations "
-                          "first (clerk-sync writes your existing tables, adding only its Clerk-id and delete "
-                          "columns), then run `flask clerk-sync migrate` again")
+    migrated = migrate_mapping(store, schema, backfill=backfill, settings=clerk_state().settings)
     for line in migrated:
         click.echo(line)
     if migrated.refused:  # exit 1: the backfill left rows unwritten (the last line says what to do)
