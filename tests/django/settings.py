@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import secrets
+import tempfile
+from pathlib import Path
 from unittest import mock
 
 import django
@@ -25,7 +27,10 @@ def configure_django() -> None:
     values = {name: getattr(example, name) for name in dir(example) if name.isupper()}
     values.update(
         ROOT_URLCONF="tests.django.urls",
-        DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}},
+        # A file, not ":memory:" (which clerk-sync refuses outside Django's test runner, a check error of its own):
+        # a test that reads the settings without a database of its own must not depend on one an earlier test left
+        DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3",
+                               "NAME": str(Path(tempfile.mkdtemp(prefix="clerk_sync_django_")) / "default.db")}},
         CLERK_SYNC={},
     )
     settings.configure(**values)
