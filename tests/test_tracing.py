@@ -44,6 +44,7 @@ def test_a_span_per_delivery_with_its_outcome(store: Store, verifier: WebhookVer
     assert [(a["clerk_sync.svix_id"], a["clerk_sync.outcome"]) for a in found] == [
         ("msg_t1", "applied"), ("msg_t1", "duplicate"), ("msg_t2", "failed")]
     assert all(a["clerk_sync.event_type"] == "user.created" for a in found)
+    assert {type(a["clerk_sync.outcome"]) for a in found} == {str}  # plain strings, as exporters expect
     failed = named(spans, "clerk_sync.delivery")[-1]
     assert failed.status.status_code is trace.StatusCode.ERROR
     assert failed.end_time is not None and failed.start_time is not None and failed.end_time >= failed.start_time

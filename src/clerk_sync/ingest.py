@@ -490,7 +490,7 @@ def _flush_summaries() -> None:
 
 def dismiss_failed(store: Store, svix_ids: Sequence[str], *, reason: str, by: str | None = None) -> list[str]:
     """Set aside ``failed`` deliveries that no fix can make apply (a payload Clerk will never send otherwise: an id
-    too long for any column, a membership whose user never existed): they are stored ``ignored``, ``last_error``
+    too long for any column, a membership event whose organization id is not an id at all): they are stored ``ignored``, ``last_error``
     saying who dismissed them, why, and the error they had, and each is audited (``delivery.dismissed``).
     ``doctor --freshness``, the failed-deliveries alert and ``replay`` stop counting them, and retention treats
     them as the other ignored ones. Only ``failed`` deliveries change (a delivery that applied since, or an id
