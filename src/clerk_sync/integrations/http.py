@@ -6,8 +6,10 @@ The body is always ``{"error": <stable code>, "message": <what happened and what
 
 from __future__ import annotations
 
+import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import structlog
@@ -83,10 +85,14 @@ _PUBLIC_MESSAGES: dict[type[ClerkSyncError], str] = {  # the first class that ma
     TokenKeysUnavailable: "the keys that verify session tokens are unavailable: retry later (the cause is in "
                           "the service's log)",
 }
-_LOG_EVERY_S = 10.0  # an outage answers every request: one log line per error class this often, with a count
+_LOG_EVERY_S = 10.0  # an outage answers every request: one log line per cause this often, with a count
+_CAUSES_HELD = 64  # causes remembered for throttling; past it, the one logged longest ago is forgotten
+_VOLATILE = re.compile(r"0x[0-9a-f]+|\d+", re.IGNORECASE)  # addresses, durations, counters: not a new cause
 
 log = structlog.get_logger("clerk_sync.http")
-_logged: dict[type[ClerkSyncError], tuple[float, int]] = {}  # class -> (last logged at, answers since)
+_now: Callable[[], float] = time.monotonic  # (tests replace it)
+_Cause = tuple[type[ClerkSyncError], str]  # the error class and its message, numbers left out
+_logged: dict[_Cause, tuple[float, int]] = {}  # cause -> (last logged at, answers since)
 _logged_lock = threading.Lock()
 
 
@@ -140,14 +146,21 @@ def _public_message(exc: ClerkSyncError) -> str:
 
 
 def _log_cause(cls: type[ClerkSyncError], exc: ClerkSyncError) -> None:
+    """Log the cause the public message points to: an outage's once per cause every ``_LOG_EVERY_S`` (with the
+    count answered meanwhile), so a cause that changes (the operator fixed one thing, the next one shows) is
+    logged at once, not after the window of the one before."""
     if cls is StoreDataError:  # about one request's data, not an outage: each one is its own story
         log.warning("answered_unavailable", error=exc.code, cause=str(exc), also_answered_since_last_line=0)
         return
-    now = time.monotonic()
+    cause = (cls, _VOLATILE.sub("#", " ".join(str(exc).split())))
+    now = _now()
     with _logged_lock:
-        at, since = _logged.get(cls, (float("-inf"), 0))
+        at, since = _logged.get(cause, (float("-inf"), 0))
         if now - at < _LOG_EVERY_S:
-            _logged[cls] = (at, since + 1)
+            _logged[cause] = (at, since + 1)
             return
-        _logged[cls] = (now, 0)
+        _logged.pop(cause, None)
+        if len(_logged) >= _CAUSES_HELD:
+            del _logged[min(_logged, key=lambda held: _logged[held][0])]
+        _logged[cause] = (now, 0)
     log.warning("answered_unavailable", error=exc.code, cause=str(exc), also_answered_since_last_line=since)
