@@ -54,6 +54,7 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Emu
 def test_the_readme_has_the_blocks_this_test_expects() -> None:
     assert len(BLOCKS) >= 2
     assert any("clerk.install(app" in b for b in BLOCKS)
+    assert any("sync_me_router(clerk, jit)" in b for b in BLOCKS)
 
 
 @pytest.mark.parametrize("block", BLOCKS, ids=_first_line)
@@ -91,3 +92,7 @@ def _the_app_behaves_as_described(app: Any, clerk: EmulatorServer, port: int) ->
         assert client.get("/admin", headers=other).status_code == 403
         pending = {"Authorization": f"Bearer {clerk.mint_session_token(admin['id'], pending=True)}"}
         assert client.get("/admin", headers=pending).json()["error"] == "session_pending"
+        if any(getattr(route, "path", None) == "/sync/me" for route in app.routes):
+            assert client.post("/sync/me").status_code == 401
+            synced = client.post("/sync/me", headers=other).json()
+            assert (synced["user_id"], synced["email"]) == (plain["id"], "bob@example.com")
