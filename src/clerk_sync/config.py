@@ -375,7 +375,7 @@ class Settings(BaseSettings):
 def _check_driver(url: str) -> None:
     """A driver that is not installed fails here as a ConfigError, not as a traceback from create_engine."""
     from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import SQLAlchemyError
+    from sqlalchemy.exc import NoSuchModuleError, SQLAlchemyError
 
     try:
         parsed = make_url(url)
@@ -391,7 +391,9 @@ def _check_driver(url: str) -> None:
                           "URL-encoded, '@' as %40 (and ':' as %3A, '/' as %2F, '%' as %25)")
     try:
         dialect = parsed.get_dialect()
-    except SQLAlchemyError:  # unknown: create_engine says so, as before
+    except NoSuchModuleError:  # a scheme SQLAlchemy has no dialect or driver for: its "Can't load plugin" else
+        raise ConfigError(_unknown_scheme(parsed.drivername, parsed.get_backend_name())) from None
+    except SQLAlchemyError:  # (other refusals: create_engine says so, as before)
         return
     try:
         dialect.import_dbapi()
@@ -408,6 +410,30 @@ def _check_driver(url: str) -> None:
             fix = "use postgresql+psycopg:// (psycopg 3: pip install 'clerk-sync[postgres]'), or pip install the driver"
         raise ConfigError(f"DATABASE_URL names the driver {parsed.drivername!r}, but its module "
                           f"{exc.name!r} is not installed: {fix} into this environment") from None
+
+
+# The URL schemes clerk-sync runs on (README, Install), and the extra that installs each driver.
+_SUPPORTED_SCHEMES = ("sqlite:///path.db, postgresql:// (= postgresql+psycopg://, pip install 'clerk-sync[postgres]'), "
+                      "mysql:// or mariadb:// (= mysql+mysqldb://, 'clerk-sync[mysql]') and mysql+pymysql:// "
+                      "('clerk-sync[pymysql]')")
+
+
+def _unknown_scheme(scheme: str, backend: str) -> str:
+    """Why DATABASE_URL's ``scheme`` (``dialect[+driver]``, never the credentials) cannot be used, and the ones
+    that can."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
+    what = f"DATABASE_URL's scheme {scheme!r} names no database SQLAlchemy knows"
+    if "+" in scheme:
+        try:
+            make_url(f"{backend}://").get_dialect()
+        except SQLAlchemyError:
+            pass
+        else:  # the database is known, the driver after '+' is not
+            what = (f"DATABASE_URL's scheme {scheme!r} names the driver {scheme.partition('+')[2]!r}, which "
+                    f"SQLAlchemy's {backend} dialect does not have")
+    return f"{what}. clerk-sync runs on {_SUPPORTED_SCHEMES}: begin DATABASE_URL with one of these"
 
 
 def _port_text(url: str) -> str:
