@@ -227,11 +227,17 @@ def worker(
         min=1, max=65535, help="Serve this worker's hook series (clerk_sync_hook_runs_total, _seconds, "
         "_overdue_total) at http://HOST:PORT/metrics.")] = None,
     metrics_host: Annotated[str, typer.Option(help="The address --metrics-port listens on.")] = "127.0.0.1",
+    json_logs: Annotated[bool, typer.Option("--json-logs", help="Log JSON lines.")] = False,
 ) -> None:
     """Run after-commit hooks from the outbox (DATABASE_URL); run several for more throughput."""
+    from clerk_sync._logging import configure_logging
     from clerk_sync.metrics import Metrics
 
-    store = Store.from_settings(Settings.from_env(), hooks=load_hooks(hooks))
+    settings = Settings.from_env()
+    # serve's set-up: CLERK_SYNC_LOG_LEVEL, logfmt (JSON with --json-logs) on stderr; without it the worker
+    # logged with structlog's defaults, every level, on stdout (a warning a second while the database was down)
+    configure_logging(settings.log_level, json=json_logs)
+    store = Store.from_settings(settings, hooks=load_hooks(hooks))
     with _own_metrics_dir():
         if once:
             _run_once(store, batch=batch, lease_s=lease, poll_s=poll, vacuum_every=vacuum_every)
