@@ -17,7 +17,10 @@ offsets and could hide a live object from a listing (one hidden so is repaired f
 ``--since`` lists only users updated since then (``-updated_at``), so it repairs updates but cannot find
 user deletions; organizations and memberships are always listed in full.
 
-``dry_run`` writes nothing (ids are staged in a TEMPORARY table) and reports each change instead.
+``dry_run`` writes nothing (ids are staged in a TEMPORARY table). Every run reports each change it makes
+(a dry run: would make) to ``on_change`` once its page is committed, and logs it (``reconcile_change``: the
+entity, id and changed field names, never a field's value: they are personal data), at INFO for a real
+run and DEBUG for a dry run, which changes nothing.
 
 A listing that does not advance (a page of ids already seen, offsets past its ``total_count``, more
 than ``max_pages`` pages) fails the run with a :class:`~clerk_sync.errors.ClerkAPIError`: paging on
@@ -119,16 +122,21 @@ class ReconcileReport:
     resumed: bool
     counts: dict[str, Counts] = field(default_factory=lambda: {e.value: Counts() for e in _LISTINGS})
     swept: list[str] = field(default_factory=list)
-    requests: int = 0
+    requests: int = 0  # (these three count the earlier processes of a resumed run too)
     rate_limited: int = 0
     duration_s: float = 0.0
+    requests_before: int = 0  # of ``requests`` and ``duration_s``: the interrupted processes' share
+    duration_before_s: float = 0.0
 
     def total(self, name: str) -> int:
         return sum(int(getattr(c, name)) for c in self.counts.values())
 
 
 class Progress(Protocol):
-    """Where a run reports progress (the CLI draws a Rich bar)."""
+    """Where a run reports progress (the CLI draws a Rich bar).
+
+    ``start`` is called again for a phase whose listing outgrew the total it started with (users created
+    during the run): the new total, and the count so far; an implementation updates that phase's bar."""
 
     def start(self, phase: str, total: int | None, completed: int) -> None: ...
 
@@ -157,6 +165,7 @@ class _Run:
     conn: sa.Connection | None = None  # dry runs: the one connection holding the TEMPORARY table
     base_requests: int = 0
     base_duration: float = 0.0
+    base_rate_limited: int = 0
     started: float = field(default_factory=time.monotonic)
     stats_start: int = 0
     limited_start: int = 0
@@ -320,9 +329,11 @@ class Reconciler:
             if aware(row["since"]) == since:
                 writer.conn.execute(reconcile_runs.update().where(reconcile_runs.c.id == row["id"])
                                     .values(status="running", heartbeat_at=now, error=None))
-                report = ReconcileReport(row["id"], False, since, True, _load_counts(row["details"]))
+                report = ReconcileReport(row["id"], False, since, True, _load_counts(row["details"]),
+                                         requests_before=row["requests"], duration_before_s=row["duration_s"])
                 return _Run(report, row["phase"], row["cursor"], reconcile_seen, after=_load_after(row["details"]),
-                            base_requests=row["requests"], base_duration=row["duration_s"], heartbeat=now)
+                            base_requests=row["requests"], base_duration=row["duration_s"], heartbeat=now,
+                            base_rate_limited=_load_rate_limited(row["details"]))
             writer.conn.execute(reconcile_runs.update().where(reconcile_runs.c.id == row["id"])
                                 .values(status="abandoned", finished_at=now))
             writer.conn.execute(reconcile_seen.delete().where(reconcile_seen.c.run_id == row["id"]))
@@ -359,7 +370,7 @@ class Reconciler:
     def _tally(self, run: _Run) -> None:
         report = run.report
         report.requests = run.base_requests + self.clerk.stats.requests - run.stats_start
-        report.rate_limited = self.clerk.stats.rate_limited - run.limited_start
+        report.rate_limited = run.base_rate_limited + self.clerk.stats.rate_limited - run.limited_start
         report.duration_s = run.base_duration + time.monotonic() - run.started
 
     def _finish(self, run: _Run) -> None:
@@ -896,6 +907,11 @@ def _lost_at(before: list[Anchor]) -> int | None:
     """Where to list from when no user of the last page is left: just before the earliest one's creation."""
     times = [created for _, created in before if created is not None]
     return min(times) - 1 if times else None
+
+
+def _load_rate_limited(details: Any) -> int:
+    found = details.get("rate_limited") if isinstance(details, dict) else None
+    return found if isinstance(found, int) and not isinstance(found, bool) else 0
 
 
 def _load_counts(details: Any) -> dict[str, Counts]:

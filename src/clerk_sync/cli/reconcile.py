@@ -95,6 +95,16 @@ def _summary_table(report: ReconcileReport) -> Any:
         deleted = str(counts.deleted) if entity in report.swept else "not checked"
         table.add_row(entity, str(counts.created), str(counts.updated), deleted, str(counts.unchanged),
                       str(counts.failed))
-    table.caption = (f"{report.requests} Clerk requests ({report.rate_limited} answered 429), "
-                     f"{report.duration_s:.1f}s")
+    table.caption = _caption(report)
     return table
+
+
+def _caption(report: ReconcileReport) -> str:
+    """The run's Clerk requests and time; a resumed run's say they count its interrupted processes too (they
+    are the run's, as stored in ``reconcile_runs``), and what this process took."""
+    said = f"{report.requests} Clerk requests ({report.rate_limited} answered 429), {report.duration_s:.1f}s"
+    if not report.resumed:
+        return said
+    return (f"{said} in all, counting the interrupted run's {report.requests_before} requests and "
+            f"{report.duration_before_s:.1f}s; this process: {report.requests - report.requests_before} requests, "
+            f"{report.duration_s - report.duration_before_s:.1f}s")
