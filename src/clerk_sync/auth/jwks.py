@@ -101,6 +101,10 @@ class JWKSKeySource:
         self.url = url
         self._client = client
         self._headers = headers or {}
+        # Which setting names the URL: the Backend API's /v1/jwks is fetched with the secret key (from
+        # CLERK_API_URL), a CLERK_JWKS_URL is public and fetched without one.
+        self._keyed = any(name.lower() == "authorization" for name in self._headers)
+        self._url_setting = "CLERK_API_URL" if self._keyed else "CLERK_JWKS_URL"
         self._ttl = ttl_s
         self._cooldown = cooldown_s
         self._floor = min_refetch_s
@@ -185,8 +189,8 @@ class JWKSKeySource:
         return TokenKeyUnknown(message) if self._keys else self._unavailable()
 
     def _unavailable(self) -> TokenKeysUnavailable:
-        return TokenKeysUnavailable(f"no signing keys yet: {self._problem}; retrying, check the network and "
-                                    "CLERK_JWKS_URL / CLERK_SECRET_KEY (`clerk-sync doctor`)")
+        # (read in the log of a 503 and on `clerk-sync doctor`'s line: each problem says what to check)
+        return TokenKeysUnavailable(f"no signing keys yet: {self._problem}")
 
     def _is_stale(self) -> bool:
         return self._fetched_at is None or self._now() - self._fetched_at >= self._ttl
@@ -244,13 +248,16 @@ class JWKSKeySource:
     def _fetch_keys(self) -> None:
         try:
             response = self._client.get(self.url, headers=self._headers, timeout=self._timeout)
-            response.raise_for_status()
+        except httpx.HTTPError as exc:
+            return self._failed(self._unreachable(exc), exc)
+        refusal = self._refusal(response)
+        if refusal is not None:
+            return self._failed(refusal, None)
+        try:
             keys = _parse_jwks(response.json())
-        except (httpx.HTTPError, ValueError) as exc:
-            if not self._keys:
-                self._problem = f"the JWKS fetch from {self.url} failed ({exc})"
-                raise self._unavailable() from exc
-            return  # keep serving the keys we have; the floor and cooldown limit retries
+        except ValueError as exc:
+            return self._failed(f"{self.url} answered 200 but not with JSON: {self._url_setting} should name the "
+                                "instance's JWKS", exc)
         if keys or not self._keys:  # an empty answer is a misconfiguration, not "trust nothing"
             # A key published again is kept as the object held: verifiers' caches compare keys by identity
             # (a token cached under a key since replaced under its kid is verified again).
@@ -258,8 +265,45 @@ class JWKSKeySource:
             self._keys = {kid: held[kid] if kid in held and same_key(held[kid], key) else key
                           for kid, key in keys.items()}
         if not keys:
-            self._problem = f"the JWKS from {self.url} holds no RSA signing key"
+            self._problem = f"the JWKS from {self.url} holds no RSA signing key: {self._url_setting} should name " \
+                            "the instance's JWKS"
         self._fetched_at = self._now()
+
+    def _failed(self, problem: str, cause: Exception | None) -> None:
+        """A fetch that brought no keys: while none are held, every token is answered 503 saying why (raised
+        here); else the keys held keep serving (the floor and cooldown limit the retries)."""
+        if not self._keys:
+            self._problem = problem
+            raise self._unavailable() from cause
+
+    def _refusal(self, response: httpx.Response) -> str | None:
+        """What a JWKS answer other than 200 says, in Clerk's terms (not httpx's text, whose link explains the
+        status code in general); None for a 200."""
+        status = response.status_code
+        if status == 200:
+            return None
+        if status in (401, 403) and self._keyed:
+            return (f"Clerk refused CLERK_SECRET_KEY ({status}) at {self.url}: it is not this instance's secret key "
+                    "(Clerk Dashboard -> API keys)")
+        if status in (401, 403):
+            return (f"{self.url} refused the request ({status}): CLERK_JWKS_URL should be the instance's public "
+                    "JWKS (Clerk Dashboard -> API keys -> JWKS URL), or leave it unset to fetch with CLERK_SECRET_KEY")
+        if status == 404:
+            should = ("CLERK_API_URL should be the Backend API's base URL (default https://api.clerk.com)"
+                      if self._keyed else "CLERK_JWKS_URL is wrong (Clerk Dashboard -> API keys -> JWKS URL)")
+            return f"{self.url} answered 404 (no JWKS there): {should}"
+        if 300 <= status < 400:
+            to = f" (to {response.headers['location']})" if "location" in response.headers else ""
+            return f"{self.url} answered {status}{to}: redirects are not followed, {self._url_setting} should " \
+                   "name the JWKS itself"
+        return f"{self.url} answered {status}" + (": Clerk is unavailable, retry later" if status >= 500 else "")
+
+    def _unreachable(self, exc: httpx.HTTPError) -> str:
+        if isinstance(exc, httpx.TimeoutException):
+            return f"the JWKS fetch from {self.url} got no answer within {self._timeout:g} s: check " \
+                   f"{self._url_setting} and the network"
+        return f"the JWKS fetch could not connect to {self.url} ({str(exc) or type(exc).__name__}): check " \
+               f"{self._url_setting} and the network"
 
 
 def same_key(a: RSAPublicKey, b: RSAPublicKey) -> bool:
