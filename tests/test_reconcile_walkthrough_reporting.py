@@ -76,3 +76,59 @@ def test_a_run_that_was_not_resumed_says_its_figures_as_before(db_url: str, emu:
     assert result.returncode == 0, result.stderr
     assert re.search(r"\d+ Clerk requests \(0 answered 429\), [\d.]+s$", flat(result.stdout)), result.stdout
     assert "interrupted" not in result.stdout
+
+
+class _Bars:
+    """A progress that keeps each phase's bar as a terminal would (``start`` again: the same bar) and checks no
+    bar ever shows more done than its total; on the first users page it creates users in Clerk (sign-ups
+    during the run, after the total was counted)."""
+
+    def __init__(self, emu: EmulatorServer, signups: int) -> None:
+        self.emu, self.signups = emu, signups
+        self.bars: dict[str, list[int | None]] = {}
+
+    def start(self, phase: str, total: int | None, completed: int) -> None:
+        self.bars[phase] = [total, completed]
+        self._check(phase)
+
+    def advance(self, phase: str, n: int) -> None:
+        bar = self.bars[phase]
+        bar[1] = (bar[1] or 0) + n
+        self._check(phase)
+        if phase == "users" and self.signups:
+            for i in range(self.signups):
+                self.emu.create_user(email=f"late{i}@example.com")
+            self.signups = 0
+
+    def _check(self, phase: str) -> None:
+        total, done = self.bars[phase]
+        assert total is None or (done or 0) <= total, f"{phase}: {done}/{total}"
+
+
+def test_users_created_during_a_run_grow_the_bar_s_total(store: Store, emu: EmulatorServer) -> None:
+    emu.emulator.bulk_create_users(120)
+    bars = _Bars(emu, signups=5)
+    with clerk_client(emu) as clerk:
+        report = Reconciler(store, clerk, page_size=50, prefetch=1, progress=bars).run()
+    assert report.counts["users"].created == 125
+    assert bars.bars["users"] == [125, 125]
+
+
+def test_the_terminal_bar_takes_the_grown_total() -> None:
+    from io import StringIO
+
+    from rich.console import Console
+    from rich.progress import MofNCompleteColumn
+    from rich.progress import Progress as RichProgress
+
+    from clerk_sync.cli.reconcile import _RichProgress
+
+    out = StringIO()
+    with RichProgress(MofNCompleteColumn(), console=Console(file=out, width=80)) as bar:
+        progress = _RichProgress(bar)
+        progress.start("users", 2949, 0)
+        progress.advance("users", 2949)
+        progress.start("users", 2951, 2949)
+        progress.advance("users", 2)
+        assert [(t.completed, t.total) for t in bar.tasks] == [(2951, 2951)]
+    assert "2951/2951" in out.getvalue()

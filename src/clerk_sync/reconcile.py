@@ -445,9 +445,14 @@ class Reconciler:
         else:
             pages = ((offset, items, None) for offset, items in
                      self._pages(self._fetcher(entity), run.cursor, None, advance, sequential=by_update))
+        done = run.cursor
         for offset, items, after in pages:
             fresh = [d for d in items if not by_update or _updated_at(d) >= since_ms]  # type: ignore[operator]
             self._apply_page(run, entity, fresh, offset + len(items), after)
+            done += len(items)
+            if total is not None and done > total:  # users created since the count (or listed twice after a
+                total = done  # deleted cursor): the bar's total grows with them, never "2951/2949"
+                self.progress.start(entity.value, total, done - len(items))
             self.progress.advance(entity.value, len(items))
             if len(fresh) < len(items):
                 break  # ordered by -updated_at: the rest is older than --since

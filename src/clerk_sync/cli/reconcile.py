@@ -76,7 +76,10 @@ class _RichProgress:
         self._tasks: dict[str, Any] = {}
 
     def start(self, phase: str, total: int | None, completed: int) -> None:
-        self._tasks[phase] = self._bar.add_task(phase, total=total, completed=completed)
+        if phase in self._tasks:  # the listing outgrew its total (see Progress): the same bar, a new total
+            self._bar.update(self._tasks[phase], total=total, completed=completed)
+        else:
+            self._tasks[phase] = self._bar.add_task(phase, total=total, completed=completed)
 
     def advance(self, phase: str, n: int) -> None:
         self._bar.advance(self._tasks[phase], n)
