@@ -16,7 +16,7 @@ so a route stays protected even where no middleware runs.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import Any, Generic, cast, overload
 
 try:
     from fastapi import APIRouter, FastAPI, Request
@@ -24,6 +24,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise ImportError("clerk_sync.integrations.fastapi needs FastAPI: pip install 'clerk-sync[fastapi]'") from exc
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse
+from typing_extensions import TypeVar  # (a TypeVar default: a bare ``ClerkAuth`` is ``ClerkAuth[AuthUser]``)
 
 from clerk_sync.auth.authenticator import Authenticator, signed_out_if_banned, warn_if_any_origin
 from clerk_sync.auth.claims import Auth
@@ -35,7 +36,8 @@ from clerk_sync.integrations.starlette import build_processor, error_json, webho
 
 __all__ = ["ClerkAuth", "build_processor", "sync_me_router", "webhook_router"]
 
-UserGetter = Callable[[Auth], Any]
+UserT = TypeVar("UserT", default=AuthUser)  # what ``current_user`` returns: ``get_user``'s row
+UserGetter = Callable[[Auth], UserT]
 
 
 def webhook_router(processor: WebhookProcessor, path: str = "/webhooks/clerk") -> APIRouter:
@@ -48,7 +50,7 @@ def webhook_router(processor: WebhookProcessor, path: str = "/webhooks/clerk") -
     return router
 
 
-def sync_me_router(clerk: ClerkAuth, users: JitUsers, path: str = "/sync/me") -> APIRouter:
+def sync_me_router(clerk: ClerkAuth[Any], users: JitUsers, path: str = "/sync/me") -> APIRouter:
     """Flow A: the front end calls ``POST path`` right after sign-up, so the user's row exists before
     the ``user.created`` webhook arrives (one budgeted Clerk call, the same guarded upsert)."""
     router = APIRouter()
@@ -62,19 +64,31 @@ def sync_me_router(clerk: ClerkAuth, users: JitUsers, path: str = "/sync/me") ->
     return router
 
 
-class ClerkAuth:
+class ClerkAuth(Generic[UserT]):
     """FastAPI dependencies: ``current_auth``, ``current_user``, ``require_role``, ``require_org_role``,
     ``require_permission``, ``not_impersonated``.
+
+    ``current_user`` is typed as what ``get_user`` returns: an :class:`AuthUser` by default (a
+    ``ClerkAuth[AuthUser]``), the app's own row type for a getter of its own.
 
     A request made while impersonating gets an ``impersonation.request`` audit row (no row, no access:
     503); ``audit_impersonation=False`` turns that off, as Flask's and Django's option of that name do."""
 
-    def __init__(self, authenticator: Authenticator, *, get_user: UserGetter | None = None,
+    @overload
+    def __init__(self: ClerkAuth[AuthUser], authenticator: Authenticator, *, get_user: None = None,
+                 audit_impersonation: bool = True) -> None: ...
+
+    @overload
+    def __init__(self, authenticator: Authenticator, *, get_user: UserGetter[UserT],
+                 audit_impersonation: bool = True) -> None: ...
+
+    def __init__(self, authenticator: Authenticator, *, get_user: UserGetter[UserT] | None = None,
                  audit_impersonation: bool = True) -> None:
         self.authenticator = authenticator
         self.audit_impersonation = audit_impersonation
-        # get_user(auth) -> user row; default: the users table. The JIT sync can be plugged in here.
-        self._get_user: UserGetter = get_user or authenticator.user
+        # get_user(auth) -> user row; default: the users table (UserT is then AuthUser, as the overload says).
+        # The JIT sync can be plugged in here.
+        self._get_user: UserGetter[UserT] = get_user or cast("UserGetter[UserT]", authenticator.user)
 
     def install(self, app: FastAPI, *, public_paths: Iterable[str], public_prefixes: Iterable[str] = (),
                 deny_by_default: bool = True, slash_twins: Iterable[str] = WEBHOOK_SLASH_TWINS) -> None:
@@ -121,7 +135,7 @@ class ClerkAuth:
         request.scope["clerk_auth"] = auth
         return auth
 
-    async def current_user(self, request: Request) -> Any:
+    async def current_user(self, request: Request) -> UserT:
         """The caller's DB row (JIT-synced when configured)."""
         auth = await self.current_auth(request)
         with signed_out_if_banned():  # (a JIT getter's 403/410 for a banned/deleted user: 401, as require_role)
