@@ -92,7 +92,11 @@ def _mapping_checks(settings: Settings, mapping: SchemaMapping) -> list[Check]:
 
 
 def run_freshness(settings: Settings, *, now: Callable[[], float] = time.time) -> list[Check]:
-    """``doctor --freshness``: the alert rules' questions, answered from the database."""
+    """``doctor --freshness``: the alert rules' questions, answered from the database.
+
+    A database it cannot read raises the store's error, which the CLI reports as every cron command does:
+    down or not answering, exit 3 and retry once it answers; refusing the login or not migrated, exit 2 and
+    what to fix (``clerk-sync migrate`` only for the latter: it cannot help a refused connection)."""
     from clerk_sync.freshness import REFUSALS_WINDOW_S, check_freshness, read_refusals, read_snapshot
 
     store = Store.from_settings(settings)
@@ -100,8 +104,6 @@ def run_freshness(settings: Settings, *, now: Callable[[], float] = time.time) -
     try:
         snap = read_snapshot(store)
         refusals = read_refusals(store, since=at - REFUSALS_WINDOW_S)  # ClerkSyncMappedRowsRefused
-    except ClerkSyncError as exc:
-        return [Check("database", "fail", f"{exc}; check DATABASE_URL and run `clerk-sync migrate`")]
     finally:
         store.dispose()
     found = check_freshness(snap, now=at, max_delivery_age_s=settings.freshness_max_delivery_age_s,
