@@ -9,7 +9,7 @@ Clerk's SDKs) is a test setting the stage, not the app under test: it is not cou
 by, the rate limits, so a test's seeding never spends the budget the app's own calls are measured against.
 
 Query parameters: :data:`ROUTE_PARAMS` lists, per list route, the parameters the spec documents. Those the
-emulator cannot honour (it has no phone numbers, web3 wallets or external accounts, ...) answer a 422 naming
+emulator cannot honour (it has no web3 wallets or external accounts, ...) answer a 422 naming
 them, rather than being ignored and answering every record; the others reach ``users``/``orgs`` through
 :data:`~clerk_sync.emulator.users.REQUEST_PARAMS`. Parameters the spec does not know are ignored, as Clerk does.
 
@@ -52,13 +52,12 @@ HELPER_HEADER = "X-Clerk-Emulator-Helper"
 Handler = Callable[[Request], Awaitable[Any]]
 Endpoint = Callable[[Request], Awaitable[Response]]
 
-_NO_PHONES = "the emulator's users have no phone numbers"
 _NO_WALLETS = "the emulator's users have no web3 wallets"
 _NO_ACCOUNTS = "the emulator's users have no external (OAuth) accounts"
 _USER_FILTERS = {
-    "email_address": "", "phone_number": _NO_PHONES, "external_id": "", "username": "",
+    "email_address": "", "phone_number": "", "external_id": "", "username": "",
     "web3_wallet": _NO_WALLETS, "user_id": "", "organization_id": "", "query": "", "email_address_query": "",
-    "phone_number_query": _NO_PHONES, "username_query": "", "name_query": "", "banned": "",
+    "phone_number_query": "", "username_query": "", "name_query": "", "banned": "",
     "last_active_at_before": "", "last_active_at_after": "", "last_active_at_since": "",
     "created_at_before": "", "created_at_after": "", "last_sign_in_at_before": "", "last_sign_in_at_after": "",
     "provider": _NO_ACCOUNTS, "provider_user_id": _NO_ACCOUNTS,
@@ -77,9 +76,9 @@ ROUTE_PARAMS: Mapping[str, Mapping[str, str]] = {
             "the emulator has no members with elevated permissions outside their organization",
     },
     "GET /v1/organizations/{org_id}/memberships": {
-        "order_by": "", "user_id": "", "email_address": "", "phone_number": _NO_PHONES, "username": "",
+        "order_by": "", "user_id": "", "email_address": "", "phone_number": "", "username": "",
         "web3_wallet": _NO_WALLETS, "role": "", "query": "", "email_address_query": "",
-        "phone_number_query": _NO_PHONES, "username_query": "", "name_query": "", "last_active_at_before": "",
+        "phone_number_query": "", "username_query": "", "name_query": "", "last_active_at_before": "",
         "last_active_at_after": "", "created_at_before": _CREATED_AMBIGUOUS, "created_at_after": _CREATED_AMBIGUOUS,
         **_PAGING,
     },

@@ -69,12 +69,19 @@ class ClerkAPIError(Exception):
         )
 
     @classmethod
-    def identifier_exists(cls, param: str) -> ClerkAPIError:
+    def identifier_exists(cls, param: str, what: str = "email address") -> ClerkAPIError:
+        message = f"That {what} is taken. Please try another."
+        return cls(422, "form_identifier_exists", message, message, meta={"param_name": param})
+
+    @classmethod
+    def not_implemented(cls, param: str, what: str, reason: str) -> ClerkAPIError:
+        """A 422 for something Clerk would honour and the emulator cannot: refused, not silently dropped."""
         return cls(
             422,
-            "form_identifier_exists",
-            "That email address is taken. Please try another.",
-            "That email address is taken. Please try another.",
+            "emulator_not_implemented",
+            f"The Clerk emulator does not implement {what}",
+            f"The Clerk emulator does not implement {what}: {reason}. Clerk would apply it; the emulator refuses "
+            "it rather than answer as if it were not there.",
             meta={"param_name": param},
         )
 

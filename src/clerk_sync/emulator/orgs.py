@@ -366,7 +366,7 @@ def list_memberships(
         return {"data": [membership_json(store, m) for m in page], "total_count": len(found)}
 
 
-# ``order_by`` of the membership lists (the spec's; ``phone_number``: the emulator's users have none).
+# ``order_by`` of the membership lists (the spec's).
 _MEMBERSHIP_ORDERINGS = frozenset({"created_at", "email_address", "first_name", "last_name", "username",
                                    "phone_number"})
 
@@ -382,8 +382,10 @@ def _sorted_memberships(store: Store, found: list[MembershipRecord], order_by: s
 
     def key(m: MembershipRecord) -> str | None:
         user = store.users.get(m.user_id)
-        if user is None or field_name == "phone_number":
+        if user is None:
             return None
+        if field_name == "phone_number":
+            return user.primary_phone()
         value: str | None = user.primary_email() if field_name == "email_address" else getattr(user, field_name)
         return value
 
@@ -399,14 +401,20 @@ def _member_matches(user: UserRecord | None, params: Mapping[str, tuple[str, ...
     wanted_emails = {e.lower() for e in params.get("email_address", ())}
     if wanted_emails and not wanted_emails.intersection(emails):
         return False
+    phones = [p.phone_number for p in user.phones]
+    wanted_phones = set(params.get("phone_number", ()))
+    if wanted_phones and not wanted_phones.intersection(phones):
+        return False
     usernames = params.get("username", ())
     if usernames and user.username not in usernames:
         return False
     name = full_name(user.first_name, user.last_name)
     query = text_param(params, "query")
-    if query and not text_matches(query, user.id, user.username, user.first_name, user.last_name, name, *emails):
+    if query and not text_matches(query, user.id, user.username, user.first_name, user.last_name, name, *emails,
+                                  *phones):
         return False
     if not (text_matches(text_param(params, "email_address_query"), *emails)
+            and text_matches(text_param(params, "phone_number_query"), *phones)
             and text_matches(text_param(params, "username_query"), user.username)
             and text_matches(text_param(params, "name_query"), user.first_name, user.last_name, name)):
         return False

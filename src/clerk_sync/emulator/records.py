@@ -21,6 +21,7 @@ __all__ = [
     "EmailRecord",
     "MembershipRecord",
     "OrgRecord",
+    "PhoneRecord",
     "SessionRecord",
     "SignInTokenRecord",
     "UserRecord",
@@ -29,6 +30,7 @@ __all__ = [
     "render_email",
     "render_membership",
     "render_org",
+    "render_phone",
     "render_session",
     "render_user",
     "role_name",
@@ -49,12 +51,22 @@ class EmailRecord:
 
 
 @dataclass(slots=True)
+class PhoneRecord:
+    id: str
+    phone_number: str  # E.164, as given
+    created_at: int
+    updated_at: int
+
+
+@dataclass(slots=True)
 class UserRecord:
     id: str
     created_at: int
     updated_at: int
     emails: list[EmailRecord] = field(default_factory=list)
     primary_email_address_id: str | None = None
+    phones: list[PhoneRecord] = field(default_factory=list)
+    primary_phone_number_id: str | None = None
     external_id: str | None = None
     username: str | None = None
     first_name: str | None = None
@@ -86,6 +98,13 @@ class UserRecord:
         for email in self.emails:
             if email.id == self.primary_email_address_id:
                 return email.email_address
+        return None
+
+    def primary_phone(self) -> str | None:
+        """The number whose id is ``primary_phone_number_id``."""
+        for phone in self.phones:
+            if phone.id == self.primary_phone_number_id:
+                return phone.phone_number
         return None
 
 
@@ -154,6 +173,12 @@ class SignInTokenRecord:
     org_id: str | None = None
 
 
+def _admin_verification() -> JSON:
+    """How an identifier created through the BAPI is verified (``verification_admin``)."""
+    return {"object": "verification_admin", "status": "verified", "strategy": "admin", "attempts": None,
+            "expire_at": None}
+
+
 def render_email(email: EmailRecord) -> JSON:
     """An ``EmailAddress`` verified by an admin, as addresses created via the BAPI are."""
     return {
@@ -161,17 +186,28 @@ def render_email(email: EmailRecord) -> JSON:
         "object": "email_address",
         "email_address": email.email_address,
         "reserved": False,
-        "verification": {
-            "object": "verification_admin",
-            "status": "verified",
-            "strategy": "admin",
-            "attempts": None,
-            "expire_at": None,
-        },
+        "verification": _admin_verification(),
         "linked_to": [],
         "matches_sso_connection": False,
         "created_at": email.created_at,
         "updated_at": email.updated_at,
+    }
+
+
+def render_phone(phone: PhoneRecord) -> JSON:
+    """A ``PhoneNumber`` verified by an admin, as numbers created via the BAPI are (not for second factor)."""
+    return {
+        "id": phone.id,
+        "object": "phone_number",
+        "phone_number": phone.phone_number,
+        "reserved_for_second_factor": False,
+        "default_second_factor": False,
+        "reserved": False,
+        "verification": _admin_verification(),
+        "linked_to": [],
+        "backup_codes": None,
+        "created_at": phone.created_at,
+        "updated_at": phone.updated_at,
     }
 
 
@@ -196,7 +232,7 @@ def render_user(user: UserRecord) -> JSON:
         "object": "user",
         "external_id": user.external_id,
         "primary_email_address_id": user.primary_email_address_id,
-        "primary_phone_number_id": None,
+        "primary_phone_number_id": user.primary_phone_number_id,
         "primary_web3_wallet_id": None,
         "username": user.username,
         "first_name": user.first_name,
@@ -209,7 +245,7 @@ def render_user(user: UserRecord) -> JSON:
         "private_metadata": copy.deepcopy(user.private_metadata),
         "unsafe_metadata": copy.deepcopy(user.unsafe_metadata),
         "email_addresses": [render_email(e) for e in user.emails],
-        "phone_numbers": [],
+        "phone_numbers": [render_phone(p) for p in user.phones],
         "web3_wallets": [],
         "passkeys": [],
         "password_enabled": user.password_enabled,
@@ -275,7 +311,7 @@ def _public_user_data(user: UserRecord | None, user_id: str) -> JSON:
         "profile_image_url": _GRAVATAR,
         "image_url": _DEFAULT_IMAGE,
         "has_image": False,
-        "identifier": (user.primary_email() or user.username) if user else None,
+        "identifier": (user.primary_email() or user.primary_phone() or user.username) if user else None,
         "username": user.username if user else None,
         "banned": user.banned if user else False,
     }

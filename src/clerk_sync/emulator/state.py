@@ -115,6 +115,7 @@ class Store:
         self.users: dict[str, UserRecord] = {}
         self.user_order: list[str] = []
         self.email_index: dict[str, str] = {}
+        self.phone_index: dict[str, str] = {}
         self.orgs: dict[str, OrgRecord] = {}
         self.slug_index: dict[str, str] = {}
         # organization id -> user id -> membership, in creation order.
@@ -138,6 +139,7 @@ class Store:
             for table in (
                 self.users,
                 self.email_index,
+                self.phone_index,
                 self.orgs,
                 self.slug_index,
                 self.memberships,

@@ -195,6 +195,8 @@ def template_context(user: JSON, org: JSON | None, role: str | None, actor: JSON
     names = [user.get("first_name"), user.get("last_name")]
     user_ctx = {k: v for k, v in user.items() if k != "private_metadata"}
     user_ctx["primary_email_address"] = emails.get(user.get("primary_email_address_id") or "")
+    phones = {p["id"]: p["phone_number"] for p in user.get("phone_numbers", [])}
+    user_ctx["primary_phone_number"] = phones.get(user.get("primary_phone_number_id") or "")
     user_ctx["full_name"] = " ".join(n for n in names if n) or None
     org_ctx = None
     if org is not None:

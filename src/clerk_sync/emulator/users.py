@@ -6,7 +6,7 @@ store lock, so events leave in the order the changes happened.
 
 from __future__ import annotations
 
-import re
+import bisect
 from collections.abc import Callable, Iterable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
@@ -15,8 +15,21 @@ from typing import Any
 
 from . import sessions
 from .errors import ClerkAPIError
-from .records import EmailRecord, UserRecord, deleted_object, render_user
+from .records import EmailRecord, PhoneRecord, UserRecord, deleted_object, render_user
 from .state import Store, merge_metadata_fields, metadata_arg, replace_metadata_fields
+from .user_body import (
+    METADATA_FIELDS,
+    SIMPLE_FIELDS,
+    check_create_fields,
+    check_emails,
+    check_external_id,
+    check_password,
+    check_phones,
+    check_statuses,
+    check_username,
+    rfc3339_ms,
+    string_list,
+)
 
 __all__ = [
     "REQUEST_PARAMS",
@@ -42,21 +55,8 @@ REQUEST_PARAMS: ContextVar[Mapping[str, tuple[str, ...]]] = ContextVar(
 )
 # Filters that "accept up to 100" values each.
 _MAX_FILTER_VALUES = 100
-_EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
-_METADATA_FIELDS = ("public_metadata", "private_metadata", "unsafe_metadata")
 # API version from which PATCH /users/{id} rejects metadata (use the /metadata endpoints).
 _METADATA_REMOVED_IN = "2026-05-12"
-_SIMPLE_FIELDS = (
-    "external_id",
-    "first_name",
-    "last_name",
-    "username",
-    "locale",
-    "delete_self_enabled",
-    "create_organization_enabled",
-    "create_organizations_limit",
-    "bypass_client_trust",
-)
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,8 @@ class UserQuery:
     starting_after: str | None = None
     # Read from :data:`REQUEST_PARAMS` by :func:`with_request_filters`.
     organization_ids: tuple[str, ...] = ()
+    phone_numbers: tuple[str, ...] = ()
+    phone_number_query: str | None = None
     email_address_query: str | None = None
     username_query: str | None = None
     name_query: str | None = None
@@ -96,6 +98,8 @@ class UserQuery:
             or self.query
             or self.banned is not None
             or self.organization_ids
+            or self.phone_numbers
+            or self.phone_number_query
             or self.email_address_query
             or self.username_query
             or self.name_query
@@ -129,13 +133,15 @@ def with_request_filters(q: UserQuery) -> UserQuery:
     params = REQUEST_PARAMS.get()
     if not params:
         return q
-    org_ids = params.get("organization_id", ())
-    if len(org_ids) > _MAX_FILTER_VALUES:
-        raise ClerkAPIError.invalid("organization_id", f"organization_id accepts up to {_MAX_FILTER_VALUES} "
-                                                       f"values, got {len(org_ids)}")
+    for name in ("organization_id", "phone_number"):
+        if len(params.get(name, ())) > _MAX_FILTER_VALUES:
+            raise ClerkAPIError.invalid(name, f"{name} accepts up to {_MAX_FILTER_VALUES} values, "
+                                              f"got {len(params[name])}")
     return replace(
         q,
-        organization_ids=org_ids,
+        organization_ids=params.get("organization_id", ()),
+        phone_numbers=params.get("phone_number", ()),
+        phone_number_query=text_param(params, "phone_number_query"),
         email_address_query=text_param(params, "email_address_query"),
         username_query=text_param(params, "username_query"),
         name_query=text_param(params, "name_query"),
@@ -187,58 +193,53 @@ def require_user(store: Store, user_id: str) -> UserRecord:
     return user
 
 
-def _check_emails(store: Store, addresses: Iterable[str], owner: str | None = None) -> list[str]:
-    cleaned = []
-    for raw in addresses:
-        address = raw.strip().lower() if isinstance(raw, str) else ""
-        if not _EMAIL_RE.match(address):
-            raise ClerkAPIError.invalid("email_address", "is invalid", code="form_param_format_invalid")
-        if store.email_index.get(address, owner) != owner or address in cleaned:
-            raise ClerkAPIError.identifier_exists("email_address")
-        cleaned.append(address)
-    return cleaned
-
-
-def _check_username(store: Store, username: Any, owner: str | None = None) -> None:
-    if username is None:
-        return
-    if not isinstance(username, str) or not username:
-        raise ClerkAPIError.invalid("username", "is invalid", code="form_param_format_invalid")
-    for user in store.users.values():
-        if user.username == username and user.id != owner:
-            raise ClerkAPIError(
-                422,
-                "form_identifier_exists",
-                "That username is taken. Please try another.",
-                meta={"param_name": "username"},
-            )
-
-
-def _new_user(store: Store, user_id: str, addresses: list[str], now: int) -> UserRecord:
+def _new_user(store: Store, user_id: str, addresses: list[str], now: int, numbers: Iterable[str] = ()) -> UserRecord:
     emails = [EmailRecord(store.new_id("idn"), address, now, now) for address in addresses]
-    user = UserRecord(id=user_id, created_at=now, updated_at=now, emails=emails)
+    phones = [PhoneRecord(store.new_id("idn"), number, now, now) for number in numbers]
+    user = UserRecord(id=user_id, created_at=now, updated_at=now, emails=emails, phones=phones)
     user.primary_email_address_id = emails[0].id if emails else None
+    user.primary_phone_number_id = phones[0].id if phones else None
     return user
 
 
 def _insert(store: Store, user: UserRecord) -> None:
+    """Add ``user``, keeping ``user_order`` in ``created_at`` order (a ``created_at`` given at creation may be
+    earlier than existing users')."""
     store.users[user.id] = user
-    store.user_order.append(user.id)
+    order = store.user_order
+    if order and store.users[order[-1]].created_at > user.created_at:
+        bisect.insort_right(order, user.id, key=lambda i: store.users[i].created_at)
+    else:
+        order.append(user.id)
     for email in user.emails:
         store.email_index[email.email_address] = user.id
+    for phone in user.phones:
+        store.phone_index[phone.phone_number] = user.id
 
 
 def create_user(store: Store, body: JSON) -> JSON:
-    """``POST /users``: create a user with admin-verified email addresses; emits ``user.created``."""
+    """``POST /users``: create a user with admin-verified email addresses and phone numbers (the first of each
+    primary); emits ``user.created``. Every field of the spec's body is honoured or refused with a 422."""
     with store.lock:
-        addresses = _check_emails(store, body.get("email_address") or [])
-        _check_username(store, body.get("username"))
+        check_create_fields(body)
+        addresses = check_emails(store, string_list(body, "email_address"))
+        numbers = check_phones(store, string_list(body, "phone_number"))
+        check_statuses(body, "email_address", len(addresses))
+        check_statuses(body, "phone_number", len(numbers))
+        check_username(store, body.get("username"))
+        check_external_id(store, body.get("external_id"))
+        check_password(body)
+        created_at = rfc3339_ms(body, "created_at")
+        legal_accepted_at = rfc3339_ms(body, "legal_accepted_at")
         now = store.now_ms()
-        user = _new_user(store, store.new_id("user"), addresses, now)
-        for name in _SIMPLE_FIELDS:
+        user = _new_user(store, store.new_id("user"), addresses, now, numbers)
+        if created_at is not None:
+            user.created_at = created_at
+        user.legal_accepted_at = legal_accepted_at
+        for name in SIMPLE_FIELDS:
             if body.get(name) is not None:
                 setattr(user, name, body[name])
-        for name in _METADATA_FIELDS:
+        for name in METADATA_FIELDS:
             setattr(user, name, metadata_arg(body, name) or {})
         user.password_enabled = bool(body.get("password") or body.get("password_digest"))
         user.banned = bool(body.get("banned"))
@@ -290,6 +291,8 @@ def _matcher(store: Store, q: UserQuery) -> Callable[[UserRecord], bool]:
 def _matches(user: UserRecord, q: UserQuery) -> bool:
     if q.email_addresses and not any(e.email_address in q.email_addresses for e in user.emails):
         return False
+    if q.phone_numbers and not any(p.phone_number in q.phone_numbers for p in user.phones):
+        return False
     if q.external_ids and not _id_filter(user.external_id, q.external_ids):
         return False
     if q.usernames and user.username not in q.usernames:
@@ -303,6 +306,8 @@ def _matches(user: UserRecord, q: UserQuery) -> bool:
             and in_range(user.last_sign_in_at, q.last_sign_in_after, q.last_sign_in_before)):
         return False
     if not text_matches(q.email_address_query, *(e.email_address for e in user.emails)):
+        return False
+    if not text_matches(q.phone_number_query, *(p.phone_number for p in user.phones)):
         return False
     if not text_matches(q.username_query, user.username):
         return False
@@ -319,10 +324,11 @@ def _id_filter(value: str | None, wanted: tuple[str, ...]) -> bool:
 
 def _text_match(user: UserRecord, needle: str) -> bool:
     """``query``: the spec searches "email addresses, phone numbers, usernames, web3 wallets, user IDs, first and
-    last names" (not ``external_id``); the emulator's users have no phone numbers or web3 wallets."""
+    last names" (not ``external_id``); the emulator's users have no web3 wallets."""
     haystack = [user.id, user.username, user.first_name, user.last_name,
                 full_name(user.first_name, user.last_name)]
-    return text_matches(needle, *haystack, *(e.email_address for e in user.emails))
+    return text_matches(needle, *haystack, *(e.email_address for e in user.emails),
+                        *(p.phone_number for p in user.phones))
 
 
 def _ordered(store: Store, q: UserQuery) -> list[UserRecord]:
@@ -343,9 +349,11 @@ def _ordered(store: Store, q: UserQuery) -> list[UserRecord]:
 def _sort_key(field_name: str) -> Callable[[UserRecord], Any]:
     if field_name == "email_address":
         return lambda u: u.primary_email()
+    if field_name == "phone_number":
+        return lambda u: u.primary_phone()
     if field_name in {"updated_at", "first_name", "last_name", "username", "last_sign_in_at", "last_active_at"}:
         return lambda u: getattr(u, field_name)
-    if field_name in {"phone_number", "web3wallet"}:  # the emulator's users have none: all last, in creation order
+    if field_name == "web3wallet":  # the emulator's users have none: all last, in creation order
         return lambda u: None
     raise ClerkAPIError.invalid("order_by", f"order_by {field_name!r} is not supported")
 
@@ -404,20 +412,27 @@ def update_user(store: Store, user_id: str, body: JSON, api_version: str | None)
     """``PATCH /users/{id}``; metadata is replaced wholesale here before API 2026-05-12."""
     with store.lock:
         user = require_user(store, user_id)
-        has_metadata = any(name in body for name in _METADATA_FIELDS)
+        has_metadata = any(name in body for name in METADATA_FIELDS)
         if has_metadata and api_version is not None and api_version >= _METADATA_REMOVED_IN:
-            name = next(n for n in _METADATA_FIELDS if n in body)
+            name = next(n for n in METADATA_FIELDS if n in body)
             raise ClerkAPIError.invalid(name, f"{name} is not a valid parameter", "form_param_unknown")
-        _check_username(store, body.get("username"), owner=user.id)
+        check_username(store, body.get("username"), owner=user.id)
+        check_external_id(store, body.get("external_id"), owner=user.id)
+        check_password(body)
         primary = body.get("primary_email_address_id")
         if primary is not None and primary not in {e.id for e in user.emails}:
             raise ClerkAPIError.invalid("primary_email_address_id", "is invalid")
-        for name in _SIMPLE_FIELDS:
+        primary_phone = body.get("primary_phone_number_id")
+        if primary_phone is not None and primary_phone not in {p.id for p in user.phones}:
+            raise ClerkAPIError.invalid("primary_phone_number_id", "is invalid")
+        for name in SIMPLE_FIELDS:
             if name in body:
                 setattr(user, name, body[name])
-        replace_metadata_fields(user, _METADATA_FIELDS, body)
+        replace_metadata_fields(user, METADATA_FIELDS, body)
         if primary is not None:
             user.primary_email_address_id = primary
+        if primary_phone is not None:
+            user.primary_phone_number_id = primary_phone
         if body.get("password"):
             user.password_enabled = True
         data = _touch(store, user)
@@ -462,7 +477,7 @@ def merge_metadata(store: Store, user_id: str, body: JSON) -> JSON:
     """``PATCH /users/{id}/metadata``: deep merge; a ``null`` value removes the key."""
     with store.lock:
         user = require_user(store, user_id)
-        merge_metadata_fields(user, _METADATA_FIELDS, body)
+        merge_metadata_fields(user, METADATA_FIELDS, body)
         return _touch(store, user)
 
 
@@ -470,7 +485,7 @@ def replace_metadata(store: Store, user_id: str, body: JSON) -> JSON:
     """``PUT /users/{id}/metadata``: each supplied field replaced wholesale."""
     with store.lock:
         user = require_user(store, user_id)
-        replace_metadata_fields(user, _METADATA_FIELDS, body)
+        replace_metadata_fields(user, METADATA_FIELDS, body)
         return _touch(store, user)
 
 
@@ -497,6 +512,8 @@ def delete_user(store: Store, user_id: str) -> JSON:
         store.user_order.remove(user_id)
         for email in user.emails:
             store.email_index.pop(email.email_address, None)
+        for phone in user.phones:
+            store.phone_index.pop(phone.phone_number, None)
         for members in store.memberships.values():
             members.pop(user_id, None)
         sessions.remove_all_for_user(store, user_id)
