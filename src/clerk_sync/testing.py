@@ -9,7 +9,12 @@ Usage::
         token = clerk.mint_session_token(user["id"])
         clerk.wait_for_deliveries()
 
-The helpers go over HTTP (the same path our code uses); ``.emulator`` gives in-process
+The helpers go over HTTP, through the emulator's Backend API routes (the same path our code uses, so each change
+sends the webhooks Clerk would): users, organizations and memberships, sessions and their tokens, and the changes
+a test of revocation, banning or demotion needs (:meth:`EmulatorServer.revoke_session`,
+:meth:`~EmulatorServer.ban_user`, :meth:`~EmulatorServer.update_user_metadata`,
+:meth:`~EmulatorServer.update_membership`); :meth:`~EmulatorServer.session_id_of` reads a minted token's
+session. ``.emulator`` gives in-process
 access to the knobs (``clerk.emulator.faults.update({...})``) and state. The helpers' own requests are
 not counted against the emulator's Backend API rate limit: that budget is the app's under test.
 A refused helper request raises :class:`EmulatorRequestError`, with Clerk's reason.
@@ -22,7 +27,10 @@ A refused helper request raises :class:`EmulatorRequestError`, with Clerk's reas
 
 from __future__ import annotations
 
+import base64
+import binascii
 import inspect
+import json
 import socket
 import socketserver
 import threading
@@ -292,6 +300,62 @@ class EmulatorServer:
         body = _compact({"expires_in_seconds": expires_in_seconds})
         return str(self.request("POST", path, json=body)["jwt"])
 
+    @staticmethod
+    def session_id_of(token: str) -> str:
+        """The session id (``sid`` claim) of a session token minted here, e.g. to :meth:`revoke_session` it. The
+        token is read, not verified. ``ValueError`` for a string that is not a JWT, or a token without ``sid`` (a
+        JWT-template token carries only its template's claims)."""
+        try:
+            payload = token.split(".")[1]
+            claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        except (IndexError, ValueError, binascii.Error):
+            raise ValueError(f"not a JWT (header.payload.signature): {token[:20]!r}...") from None
+        sid = claims.get("sid") if isinstance(claims, dict) else None
+        if not isinstance(sid, str):
+            raise ValueError("the token has no sid claim (a JWT-template token carries only its template's claims):"
+                             " mint a session token, or keep the id from create_session()['id']")
+        return sid
+
+    def revoke_session(self, session_id: str) -> JSON:
+        """``POST /v1/sessions/{id}/revoke``: the session becomes ``revoked`` (its tokens with it, for a verifier
+        that checks sessions); emits ``session.revoked``. Returns the Session."""
+        result: JSON = self.request("POST", f"/v1/sessions/{session_id}/revoke")
+        return result
+
+    def ban_user(self, user_id: str) -> JSON:
+        """``POST /v1/users/{id}/ban``: ``banned`` true, every active session of the user revoked, as Clerk does;
+        emits ``user.updated`` and a ``session.revoked`` per session. Returns the User."""
+        result: JSON = self.request("POST", f"/v1/users/{user_id}/ban")
+        return result
+
+    def unban_user(self, user_id: str) -> JSON:
+        """``POST /v1/users/{id}/unban`` (revoked sessions stay revoked); emits ``user.updated``."""
+        result: JSON = self.request("POST", f"/v1/users/{user_id}/unban")
+        return result
+
+    def update_user_metadata(
+        self,
+        user_id: str,
+        *,
+        public_metadata: JSON | None = None,
+        private_metadata: JSON | None = None,
+        unsafe_metadata: JSON | None = None,
+    ) -> JSON:
+        """``PATCH /v1/users/{id}/metadata``: each given metadata deep-merged into the user's, a key set to
+        ``None`` removed (e.g. ``public_metadata={"role": None}``); emits ``user.updated``. Returns the User."""
+        body = _compact({"public_metadata": public_metadata, "private_metadata": private_metadata,
+                         "unsafe_metadata": unsafe_metadata})
+        result: JSON = self.request("PATCH", f"/v1/users/{user_id}/metadata", json=body)
+        return result
+
+    def update_membership(self, organization_id: str, user_id: str, role: str) -> JSON:
+        """``PATCH /v1/organizations/{id}/memberships/{user_id}``: the member's role (e.g. ``"org:member"`` to
+        demote an admin); emits ``organizationMembership.updated``. Tokens minted before keep the old role
+        until they expire, as Clerk's do. Returns the membership."""
+        result: JSON = self.request("PATCH", f"/v1/organizations/{organization_id}/memberships/{user_id}",
+                                    json={"role": role})
+        return result
+
     def jwks(self) -> JSON:
         result: JSON = self.request("GET", "/v1/jwks")
         return result
@@ -304,7 +368,8 @@ class EmulatorServer:
         self.request("POST", "/_emulator/webhook", json={"url": url})
 
     def set_faults(self, **knobs: Any) -> JSON:
-        """``POST /_emulator/faults``, e.g. ``set_faults(outage=True)``."""
+        """``POST /_emulator/faults``, e.g. ``set_faults(outage=True)`` or ``set_faults(delivery_concurrency=4)``;
+        :meth:`reset` restores the configured values."""
         result: JSON = self.request("POST", "/_emulator/faults", json=knobs)
         return result
 

@@ -115,7 +115,8 @@ class EmulatorConfig:
     delivery_timeout_s: float = 15.0
     # Webhook deliveries in flight at once. Svix delivers a regular endpoint's messages independently and
     # concurrently, in no guaranteed order (FACTS §2.3); 1 (the default) sends them one at a time, in order.
-    # Test a receiver with more than 1 (e.g. 4) to meet the interleavings Clerk's webhooks produce.
+    # Test a receiver with more than 1 (e.g. 4) to meet the interleavings Clerk's webhooks produce. Also settable
+    # at run time (``set_faults(delivery_concurrency=4)``, ``POST /_emulator/faults``); ``reset()`` restores it.
     delivery_concurrency: int = 1
     # Backend API fault knobs (also settable at run time).
     latency_s: float = 0.0

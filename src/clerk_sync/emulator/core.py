@@ -51,7 +51,6 @@ class Emulator:
             new_id=self._new_message_id,
             schedule=config.retry_schedule_s,
             timeout_s=config.delivery_timeout_s,
-            concurrency=config.delivery_concurrency,
             reorder_hold_s=config.reorder_hold_s,
             clock=clock,
         )

@@ -2,9 +2,9 @@
 
 Every event becomes a *message* with a ``msg_`` id.  Worker threads send due attempts, so the
 API never waits for the receiver: one by default (messages go one at a time, in order), or
-``concurrency`` of them, as Svix delivers a regular endpoint's messages independently and
-concurrently (never one message twice at once).  A failed attempt (non-2xx, timeout,
-connection error, injected failure) is retried on the Svix schedule divided by
+the ``delivery_concurrency`` fault knob's number of them (changeable at run time), as Svix delivers a regular
+endpoint's messages independently and concurrently (never one message twice at once).  A failed attempt
+(non-2xx, timeout, connection error, injected failure) is retried on the Svix schedule divided by
 ``time_scale``, with the same ``svix-id`` and a new ``svix-timestamp`` and signature.
 
 ``set_url(None)`` pauses deliveries ("the webhook is late"): messages are queued as usual (faults rolled,
@@ -128,12 +128,8 @@ class Deliverer:
         timeout_s: float = 15.0,
         reorder_hold_s: float = 0.5,
         clock: Callable[[], float] = time.time,
-        concurrency: int = 1,
     ) -> None:
-        if concurrency < 1:
-            raise ValueError(f"concurrency must be at least 1, got {concurrency!r}")
         self.secret = secret
-        self._concurrency = concurrency
         self._signer = webhook_signer(secret)  # here, so a bad secret fails at start-up, not in the worker
         self._url = url
         self._endpoint = url  # the last URL deliveries went to: a pause (set_url(None)) keeps it
@@ -154,6 +150,15 @@ class Deliverer:
         self._busy: set[str] = set()  # ids of the messages an attempt is in flight for
         self._threads: list[threading.Thread] = []
         self._closing = False
+        faults.on_change(self._concurrency_changed)
+
+    def _concurrency_changed(self) -> None:
+        """The knobs changed: more workers if ``delivery_concurrency`` grew and messages wait (fewer take
+        effect as attempts finish: no worker starts one past the limit)."""
+        with self._cond:
+            if self._threads or self._queue:
+                self._ensure_worker()
+            self._cond.notify_all()
 
     # -- producer side -----------------------------------------------------------------
 
@@ -352,8 +357,8 @@ class Deliverer:
     # -- worker side -------------------------------------------------------------------
 
     def _ensure_worker(self) -> None:
-        """Start the workers (holding the condition), all ``concurrency`` of them at the first message."""
-        while len(self._threads) < self._concurrency and not self._closing:
+        """Start the workers (holding the condition), all ``delivery_concurrency`` of them at the first message."""
+        while len(self._threads) < self._faults.delivery_concurrency() and not self._closing:
             name = "clerk-emulator-webhooks" + (f"-{len(self._threads)}" if self._threads else "")
             thread = threading.Thread(target=self._run, name=name, daemon=True)
             self._threads.append(thread)
@@ -378,7 +383,8 @@ class Deliverer:
                 self._release_held()
             skipped: list[_Due] = []
             found = None
-            while self._url is not None and self._queue and self._queue[0].at <= now:  # paused: nothing goes
+            free = self._in_flight < self._faults.delivery_concurrency()  # lowered at run time: wait for a slot
+            while free and self._url is not None and self._queue and self._queue[0].at <= now:  # paused: none goes
                 due = heapq.heappop(self._queue)
                 if due.message_id in self._busy:
                     skipped.append(due)  # its message is in flight: it waits for that attempt to finish

@@ -34,6 +34,8 @@ class FaultSettings:
     rate_limit_requests: int = 100
     rate_limit_window_s: float = 10.0
     time_scale: float = 1.0
+    # Webhook deliveries in flight at once (``EmulatorConfig.delivery_concurrency``).
+    delivery_concurrency: int = 1
 
     @classmethod
     def from_config(cls, config: EmulatorConfig) -> FaultSettings:
@@ -51,6 +53,16 @@ class Faults:
         self._settings = settings
         self._seed = seed
         self._rng, self._spawner = self._streams(seed)
+        self._listeners: list[Callable[[], None]] = []
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` (no lock held) after every :meth:`update` and :meth:`reset`: the webhook deliverer
+        starts or idles workers when ``delivery_concurrency`` changes."""
+        self._listeners.append(listener)
+
+    def _changed(self) -> None:
+        for listener in list(self._listeners):
+            listener()
 
     @staticmethod
     def _streams(seed: int | None) -> tuple[random.Random, random.Random]:
@@ -74,12 +86,20 @@ class Faults:
                 if name not in known:
                     raise ValueError(f"unknown fault setting {name!r}")
                 setattr(self._settings, name, _coerce(name, value))
-            return FaultSettings(**self._settings.as_dict())
+            updated = FaultSettings(**self._settings.as_dict())
+        self._changed()
+        return updated
 
     def reset(self, settings: FaultSettings) -> None:
         with self._lock:
             self._settings = settings
             self._rng, self._spawner = self._streams(self._seed)
+        self._changed()
+
+    def delivery_concurrency(self) -> int:
+        """The live ``delivery_concurrency`` (without copying every knob, as :attr:`settings` does)."""
+        with self._lock:
+            return self._settings.delivery_concurrency
 
     def spawn(self) -> random.Random:
         """A generator of its own for one webhook message, derived from the seed in order."""
@@ -100,6 +120,11 @@ def _coerce(name: str, value: Any) -> Any:
     if name == "outage":
         if not isinstance(value, bool):
             raise ValueError("outage must be true or false")
+        return value
+    if name == "delivery_concurrency":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"delivery_concurrency must be an integer of at least 1 (webhook deliveries in flight "
+                             f"at once), got {value!r}")
         return value
     number = float(value)
     if name.endswith("_rate") and not 0.0 <= number <= 1.0:
