@@ -113,6 +113,26 @@ def read_refusals(store: Store, *, since: float) -> MappedRefusals:
     return MappedRefusals(since, int(count), _stamp(newest.at), newest.svix_id, newest.last_error, since_backfill)
 
 
+def read_initial_load(store: Store) -> int | None:
+    """The id of the last completed reconcile run when it is the initial load (None otherwise): no run
+    completed before it, and no delivery was stored before the load began, so nothing it wrote could have
+    been delivered (day one: the users Clerk held before sync started). A handful of indexed reads.
+
+    A run interrupted and resumed with the same ``since`` is one row, completed once, so it is still the
+    first; one abandoned (resumed with another ``since``, or a refused sweep) never completed, and the load
+    began with it: its ``started_at`` counts. With a delivery stored before the load began (the endpoint was
+    live: a row it wrote may be a delivery missed), the run's repairs read as any run's."""
+    r, e = reconcile_runs, webhook_events
+    with store.connect() as conn:
+        first, last = conn.execute(sa.select(sa.func.min(r.c.id), sa.func.max(r.c.id))
+                                   .where(r.c.status == "completed")).one()
+        if last is None or first != last:
+            return None
+        began = sa.select(sa.func.min(r.c.started_at)).where(r.c.id <= last).scalar_subquery()
+        earlier = conn.execute(sa.select(e.c.id).where(e.c.received_at < began).limit(1)).first()
+    return int(last) if earlier is None else None
+
+
 def _clean_backfill_started(store: Store) -> float | None:
     """When the newest ``migrate --backfill`` that refused no row started (unix seconds), if any."""
     with store.connect() as conn:
@@ -133,16 +153,19 @@ class FreshnessCheck:
 
 def check_freshness(snap: DatabaseSnapshot, *, now: float, max_delivery_age_s: float | None,
                     max_failed: int, max_reconcile_age_s: float,
-                    max_hook_wait_s: float = 900.0, refusals: MappedRefusals | None = None) -> list[FreshnessCheck]:
+                    max_hook_wait_s: float = 900.0, refusals: MappedRefusals | None = None,
+                    initial_load: int | None = None) -> list[FreshnessCheck]:
     """The alert rules' questions, answered from one snapshot (pure: ``now`` is unix seconds).
 
     A quiet install is not a stale one: deliveries fail the check when the last reconcile repaired rows
     and finished more than :data:`MISSED_AFTER_S` after the newest delivery (ClerkSyncNoDeliveriesWhileDrift),
     or, only with ``max_delivery_age_s`` (an app whose users change all day), when the newest is older.
     With ``refusals`` (:func:`read_refusals`), a fifth line: rows the app's mapped tables refused
-    (ClerkSyncMappedRowsRefused)."""
-    checks = [_deliveries(snap, now, max_delivery_age_s), _backlog(snap, max_failed),
-              _reconcile(snap, now, max_reconcile_age_s), _hooks(snap, now, max_hook_wait_s)]
+    (ClerkSyncMappedRowsRefused). ``initial_load`` (:func:`read_initial_load`) is the last run's id when it
+    is the first completed one: its rows are the initial load, neither drift nor a sign of missed deliveries."""
+    drift = 0 if initial_load is not None else sum(snap.reconcile_last_drift.values())
+    checks = [_deliveries(snap, now, max_delivery_age_s, drift), _backlog(snap, max_failed),
+              _reconcile(snap, now, max_reconcile_age_s, initial_load), _hooks(snap, now, max_hook_wait_s)]
     return checks if refusals is None else [*checks, _refusals(refusals, now)]
 
 
@@ -151,9 +174,8 @@ _SKEW_S = 60.0  # a newest delivery stamped further in the future than this: the
 _ENDPOINT = "check the endpoint in the Clerk Dashboard (Webhooks -> your endpoint -> message attempts; disabled?)"
 
 
-def _deliveries(snap: DatabaseSnapshot, now: float, max_age: float | None) -> FreshnessCheck:
+def _deliveries(snap: DatabaseSnapshot, now: float, max_age: float | None, drift: int) -> FreshnessCheck:
     name = "newest delivery"
-    drift = sum(snap.reconcile_last_drift.values())
     if snap.newest_delivery_at is None:
         if drift:  # what ClerkSyncNoDeliveriesWhileDrift pages for: reconcile repairs, nothing arrives
             return FreshnessCheck(name, "fail", f"no delivery stored yet, while the last reconcile repaired {drift} "
@@ -233,16 +255,18 @@ def _backlog(snap: DatabaseSnapshot, max_failed: int) -> FreshnessCheck:
     return FreshnessCheck(name, "ok", f"{snap.failed_backlog} failed")
 
 
-def _reconcile(snap: DatabaseSnapshot, now: float, max_age: float) -> FreshnessCheck:
+def _reconcile(snap: DatabaseSnapshot, now: float, max_age: float, initial_load: int | None) -> FreshnessCheck:
     name = "last reconcile"
     if snap.reconcile_last_success_at is None:
         return FreshnessCheck(name, "warn", "no completed `clerk-sync reconcile` run yet: schedule one (cron)")
     age = now - snap.reconcile_last_success_at
     drift = sum(snap.reconcile_last_drift.values())
-    detail = f"completed {age:.0f}s ago, repaired {drift} row(s) {snap.reconcile_last_drift}"
+    did = (f"initial load: {drift} row(s) written by reconcile run {initial_load}, the first to complete"
+           if initial_load is not None else f"repaired {drift} row(s)")
+    detail = f"completed {age:.0f}s ago, {did} {snap.reconcile_last_drift}"
     if age > max_age:  # ClerkSyncReconcileStale: the safety net has stopped
         return FreshnessCheck(name, "fail", f"{detail}; older than {max_age:.0f}s: is the schedule running? "
                               "Run `clerk-sync reconcile` and check the cron job's log")
-    if drift:
+    if drift and initial_load is None:
         return FreshnessCheck(name, "warn", f"{detail}: deliveries were missed; check the endpoint's attempts")
     return FreshnessCheck(name, "ok", detail)

@@ -97,19 +97,27 @@ def run_freshness(settings: Settings, *, now: Callable[[], float] = time.time) -
     A database it cannot read raises the store's error, which the CLI reports as every cron command does:
     down or not answering, exit 3 and retry once it answers; refusing the login or not migrated, exit 2 and
     what to fix (``clerk-sync migrate`` only for the latter: it cannot help a refused connection)."""
-    from clerk_sync.freshness import REFUSALS_WINDOW_S, check_freshness, read_refusals, read_snapshot
+    from clerk_sync.freshness import (
+        REFUSALS_WINDOW_S,
+        check_freshness,
+        read_initial_load,
+        read_refusals,
+        read_snapshot,
+    )
 
     store = Store.from_settings(settings)
     at = now()
     try:
         snap = read_snapshot(store)
         refusals = read_refusals(store, since=at - REFUSALS_WINDOW_S)  # ClerkSyncMappedRowsRefused
+        initial_load = read_initial_load(store)
     finally:
         store.dispose()
     found = check_freshness(snap, now=at, max_delivery_age_s=settings.freshness_max_delivery_age_s,
                             max_failed=settings.freshness_max_failed,
                             max_reconcile_age_s=settings.freshness_max_reconcile_age_s,
-                            max_hook_wait_s=settings.freshness_max_hook_wait_s, refusals=refusals)
+                            max_hook_wait_s=settings.freshness_max_hook_wait_s, refusals=refusals,
+                            initial_load=initial_load)
     return [Check(c.name, c.status, c.detail) for c in found]
 
 
