@@ -122,3 +122,29 @@ def test_a_first_run_after_deliveries_were_stored_repairs_as_any_run(
     reconcile()
     status, detail = _freshness(db_url)["last reconcile"]
     assert status == "warn" and "repaired 3 row(s)" in detail and "deliveries were missed" in detail, detail
+
+
+def test_the_console_overview_reads_the_first_run_as_the_initial_load(
+        db_url: str, store: Store, emu: EmulatorServer, reconcile: Callable[..., Any]) -> None:
+    """The console's overview asks the same questions as ``doctor --freshness``: after the first import it
+    said "deliveries were missed" too."""
+    import httpx
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from clerk_sync.integrations.console import create_console
+    from tests._server import running
+    from tests.conftest import SECRET
+
+    token = "operator-token-for-the-initial-load-test-0123456789"
+    console = create_console(store, Settings.from_env({
+        "DATABASE_URL": db_url, "CLERK_WEBHOOK_SIGNING_SECRET": SECRET, "CLERK_SYNC_CONSOLE": "1",
+        "CLERK_SYNC_CONSOLE_TOKEN": token}))
+    emu.emulator.bulk_create_users(12)
+    first = reconcile()
+    with running(Starlette(routes=[Mount("/console", app=console)])) as url, httpx.Client(
+            base_url=f"{url}/console", headers={"Authorization": f"Bearer {token}", "accept": "text/html"},
+            timeout=30) as client:
+        page = client.get("/").text
+    assert f"initial load: 12 row(s) written by reconcile run {first.run_id}" in page
+    assert "deliveries were missed" not in page

@@ -26,7 +26,14 @@ from clerk_sync.auth.admin import AdminActions
 from clerk_sync.auth.audit import record_audit
 from clerk_sync.engine import DeliveryStatus
 from clerk_sync.errors import ConfigError, StoreError
-from clerk_sync.freshness import REFUSALS_WINDOW_S, FreshnessCheck, check_freshness, read_refusals, read_snapshot
+from clerk_sync.freshness import (
+    REFUSALS_WINDOW_S,
+    FreshnessCheck,
+    check_freshness,
+    read_initial_load,
+    read_refusals,
+    read_snapshot,
+)
 from clerk_sync.ingest import replay_if_failed
 from clerk_sync.integrations.console import _queries as q
 from clerk_sync.integrations.console._access import SIGN_OUT, Identity
@@ -131,7 +138,8 @@ def _freshness(console: Console) -> list[FreshnessCheck]:
         return []
     now = console.now().timestamp()
     refusals = read_refusals(console.store, since=now - REFUSALS_WINDOW_S)  # ClerkSyncMappedRowsRefused
-    return check_freshness(read_snapshot(console.store), now=now, refusals=refusals, **limits)
+    return check_freshness(read_snapshot(console.store), now=now, refusals=refusals,
+                           initial_load=read_initial_load(console.store), **limits)  # day one: not drift
 
 
 def _database(console: Console) -> dict[str, Any]:
