@@ -490,12 +490,12 @@ def _flush_summaries() -> None:
 
 def dismiss_failed(store: Store, svix_ids: Sequence[str], *, reason: str, by: str | None = None) -> list[str]:
     """Set aside ``failed`` deliveries that no fix can make apply (a payload Clerk will never send otherwise: an id
-    too long for any column, a membership event whose organization id is not an id at all): they are stored ``ignored``, ``last_error``
-    saying who dismissed them, why, and the error they had, and each is audited (``delivery.dismissed``).
-    ``doctor --freshness``, the failed-deliveries alert and ``replay`` stop counting them, and retention treats
-    them as the other ignored ones. Only ``failed`` deliveries change (a delivery that applied since, or an id
-    that is no delivery, is left alone); returns the ids that did, in the order given. ``by``: the Clerk id of
-    the admin who dismissed them (None from the command line)."""
+    too long for any column, a membership event whose organization id is not an id at all): they are stored
+    ``ignored``, ``last_error`` saying who dismissed them, why, and the error they had, and each is audited
+    (``delivery.dismissed``). ``doctor --freshness``, the failed-deliveries alert and ``replay`` stop counting
+    them, and retention treats them as the other ignored ones. Only ``failed`` deliveries change (a delivery that
+    applied since, or an id that is no delivery, is left alone); returns the ids that did, in the order given.
+    ``by``: the Clerk id of the admin who dismissed them (None from the command line)."""
     from clerk_sync.auth.audit import AuditEntry, record_audit  # (a sibling service: only this path needs it)
 
     if not reason.strip():

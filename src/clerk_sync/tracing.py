@@ -50,8 +50,9 @@ def delivery_span(started_ns: int, svix_id: str, event_type: str, outcome: str, 
     """
     if _trace is None:
         return
+    # the outcome as a plain str: exporters see its value, not the enum
     attributes: dict[str, str] = {"clerk_sync.svix_id": svix_id, "clerk_sync.event_type": event_type,
-                                  "clerk_sync.outcome": str(outcome)}  # a plain str: exporters see the value, not the enum
+                                  "clerk_sync.outcome": str(outcome)}
     if error:
         attributes["clerk_sync.error"] = error
     current = _TRACER.start_span("clerk_sync.delivery", attributes=attributes, start_time=started_ns)

@@ -16,7 +16,7 @@ from clerk_sync.clerk_api._client import (
     ClerkClient,
 )
 from clerk_sync.clerk_api._endpoints import JSON, MAX_PAGE, Page
-from clerk_sync.clerk_api._policy import ApiRequest, CircuitBreaker, RetryPolicy, Stats
+from clerk_sync.clerk_api._policy import ApiRequest, CircuitBreaker, RetryPolicy, Stats, unreachable_advice
 
 __all__ = [
     "API_VERSION",
@@ -31,4 +31,5 @@ __all__ = [
     "Page",
     "RetryPolicy",
     "Stats",
+    "unreachable_advice",
 ]

@@ -42,6 +42,7 @@ __all__ = [
     "Stats",
     "Step",
     "call_flow",
+    "unreachable_advice",
 ]
 
 T = TypeVar("T")
@@ -445,6 +446,14 @@ def _error(response: httpx.Response, req: ApiRequest[Any]) -> ClerkAPIError:
 _UNREACHABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.UnsupportedProtocol)
 
 
+def unreachable_advice(exc: BaseException, base_url: str) -> str:
+    """Why the Backend API at ``base_url`` could not be reached, naming the setting (the likeliest thing to be
+    wrong) and what else to check: one wording for every caller (reconcile, doctor)."""
+    shown = httpx.URL(base_url).copy_with(username=None, password=None)  # never echo credentials
+    return (f"could not connect to {shown} ({type(exc).__name__}: {exc}): check CLERK_API_URL (Clerk's is "
+            "https://api.clerk.com) and that this host can reach it (DNS, proxy, firewall)")
+
+
 def _unavailable(outcome: Any, req: ApiRequest[Any], base_url: str, retry_after: float) -> ClerkUnavailable:
     where = {"method": req.method, "path": req.path}
     if isinstance(outcome, httpx.Response):
@@ -452,10 +461,8 @@ def _unavailable(outcome: Any, req: ApiRequest[Any], base_url: str, retry_after:
         return ClerkUnavailable(f"{req.method} {req.path}: Clerk answered {outcome.status_code}: {message}",
                                 retry_after=retry_after, status=outcome.status_code, clerk_code=code,
                                 trace_id=trace, **where)
-    if isinstance(outcome, _UNREACHABLE):  # name the setting: it is the likeliest thing to be wrong
-        shown = httpx.URL(base_url).copy_with(username=None, password=None)  # never echo credentials
-        return ClerkUnavailable(f"{req.method} {req.path}: could not connect to {shown} ({type(outcome).__name__}: "
-                                f"{outcome}): check CLERK_API_URL (Clerk's is https://api.clerk.com) and that this "
-                                "host can reach it (DNS, proxy, firewall)", retry_after=retry_after, **where)
+    if isinstance(outcome, _UNREACHABLE):
+        return ClerkUnavailable(f"{req.method} {req.path}: {unreachable_advice(outcome, base_url)}",
+                                retry_after=retry_after, **where)
     return ClerkUnavailable(f"{req.method} {req.path}: {type(outcome).__name__}: {outcome}",
                             retry_after=retry_after, **where)

@@ -186,14 +186,14 @@ def _cause(exc: Exception, settings: Settings) -> str:
 def _clerk_api(settings: Settings, client: httpx.Client) -> tuple[str, str]:
     if settings.clerk_secret_key is None:
         return "warn", "CLERK_SECRET_KEY not set: JIT sync, reconcile and admin actions are unavailable"
-    from clerk_sync.clerk_api._policy import ApiRequest, _unavailable
+    from clerk_sync.clerk_api import unreachable_advice
 
     base = settings.clerk_api_url.rstrip("/") + "/v1"
     url = base + "/users/count"
     try:
         response = client.get(url, headers={"Authorization": f"Bearer {settings.clerk_secret_key.get_secret_value()}"})
     except httpx.TransportError as exc:  # reconcile's words: the URL it could not reach, and what to check
-        return "fail", str(_unavailable(exc, ApiRequest("GET", "/users/count", parse=dict), base, retry_after=0.0))
+        return "fail", f"GET /users/count: {unreachable_advice(exc, base)}"
     if response.status_code in (401, 403):
         return "fail", f"{url} refused CLERK_SECRET_KEY ({response.status_code}): use this instance's secret key"
     expected = "CLERK_API_URL should be the Backend API's base URL (default https://api.clerk.com)"
