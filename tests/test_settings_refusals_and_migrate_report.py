@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from clerk_sync.config import Settings
 from clerk_sync.errors import ConfigError
 from clerk_sync.store import Store
+from tests.conftest import SECRET
 from tests.test_cli import run
 
 
@@ -31,3 +34,70 @@ def test_migrate_with_an_unknown_driver_exits_2_without_a_traceback_or_the_passw
     assert result.returncode == 2, out
     assert "'mysql+foo'" in out and "mysql+pymysql://" in out
     assert "Can't load plugin" not in out and "Traceback" not in out and "s3cret" not in out
+
+
+@pytest.mark.parametrize(("entries", "said"), [
+    ("localhost:3000", "the entry 'localhost:3000' has no scheme"),
+    ("https://app.example.com, app.example.com", "the entry 'app.example.com' has no scheme"),
+    ("https://app.example.com/dashboard", "write 'https://app.example.com'"),
+    ("https://App.Example.com:443", "write 'https://app.example.com'"),
+    ("https://*.example.com", "has a '*'"),
+], ids=["no-scheme", "one-of-two", "path", "case-and-default-port", "wildcard"])
+def test_an_authorized_party_that_can_never_equal_azp_is_refused(entries: str, said: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"CLERK_AUTHORIZED_PARTIES": entries})
+    assert "CLERK_AUTHORIZED_PARTIES" in str(caught.value) and said in str(caught.value)
+    assert "scheme://host[:port]" in str(caught.value)
+
+
+@pytest.mark.parametrize("entries", [
+    "http://localhost:3000", "https://app.example.com/", " https://a.example.com , http://127.0.0.1:5173 ",
+    "http://[::1]:3000", "chrome-extension://abcdefghijklmnop",
+], ids=["localhost", "trailing-slash", "two-spaced", "ipv6", "extension"])
+def test_origins_are_accepted(entries: str) -> None:
+    parties = Settings.from_env({"CLERK_AUTHORIZED_PARTIES": entries}).authorized_parties()
+    assert parties and all("://" in p and not p.endswith("/") for p in parties)
+
+
+def test_an_authorized_party_with_credentials_is_refused_without_showing_them() -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"CLERK_AUTHORIZED_PARTIES": "https://me:s3cret@app.example.com"})
+    assert "write 'https://app.example.com'" in str(caught.value) and "s3cret" not in str(caught.value)
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("CLERK_API_URL", "127.0.0.1:4711"), ("CLERK_API_URL", "api.clerk.com"), ("CLERK_ISSUER", "clerk.example.com"),
+    ("CLERK_JWKS_URL", "clerk.example.com/.well-known/jwks.json"),
+])
+def test_a_clerk_url_without_http_scheme_is_refused_naming_it(name: str, value: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({name: value})
+    assert f"{name}: {value!r} is not an http:// or https:// URL" in str(caught.value)
+    assert f"'https://{value}'" in str(caught.value)
+
+
+@pytest.mark.parametrize(("key", "said"), [
+    ("pk_test_Y2xlcmsuZXhhbXBsZS5jb20k", "this is the publishable key"),
+    ("pk_live_Y2xlcmsuZXhhbXBsZS5jb20k", "this is the publishable key"),
+    ("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "this is a webhook signing secret"),
+], ids=["pk_test", "pk_live", "whsec"])
+def test_another_clerk_key_in_clerk_secret_key_is_refused(key: str, said: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"CLERK_SECRET_KEY": key})
+    message = str(caught.value)
+    assert "CLERK_SECRET_KEY" in message and said in message and "'sk_test_' or 'sk_live_'" in message
+    assert "API keys" in message and key not in message
+
+
+@pytest.mark.parametrize("key", ["sk_test_x", "sk_live_REALSECRET123", "sk_test_emulator", "x" * 20])
+def test_secret_keys_stay_accepted(key: str) -> None:
+    settings = Settings.from_env({"CLERK_SECRET_KEY": key})
+    assert settings.clerk_secret_key is not None and settings.clerk_secret_key.get_secret_value() == key
+
+
+def test_a_command_refuses_an_origin_without_scheme(tmp_path: Path) -> None:
+    result = run("migrate", env={"DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}",
+                                 "CLERK_WEBHOOK_SIGNING_SECRET": SECRET, "CLERK_AUTHORIZED_PARTIES": "localhost:3000"})
+    out = " ".join((result.stdout + result.stderr).split())
+    assert result.returncode == 2, out
+    assert "CLERK_AUTHORIZED_PARTIES" in out and "write 'http://localhost:3000'" in out

@@ -11,6 +11,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -108,6 +109,56 @@ def _tolerance_problem(tolerance_s: float) -> str | None:
                 "again. Use Svix's 300 s (unset CLERK_SYNC_WEBHOOK_TOLERANCE_S); fix the host's clock (NTP) "
                 "rather than widen the window")
     return None
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_ORIGIN_FORM = ("a token's azp is the origin it was minted for, scheme://host[:port] as the browser sends it in "
+                "Origin (no path; no port when it is the scheme's default), so this entry never matches one")
+
+
+def _party_problem(entry: str) -> str | None:
+    """Why ``entry`` of CLERK_AUTHORIZED_PARTIES can never equal a token's ``azp`` (compared exactly, after a
+    trailing '/' is dropped), with what to write instead; None when it can. Schemes other than http(s) pass
+    (a browser extension's ``chrome-extension://<id>`` is an origin too)."""
+    shown = masked_url(entry)  # (credentials have no place in an origin; never echoed if one has them)
+    if "://" not in entry:
+        scheme = "http" if entry.startswith(("localhost", "127.", "[::1]")) else "https"
+        return f"the entry {shown!r} has no scheme: {_ORIGIN_FORM}; write '{scheme}://{shown}'"
+    if "*" in entry:
+        return (f"the entry {shown!r} has a '*': azp is compared exactly, no pattern matches it; list each origin "
+                "(scheme://host[:port]) separately")
+    try:
+        parts = urlsplit(entry)
+        port = parts.port
+    except ValueError:
+        return f"the entry {shown!r} has a port that is not a number: {_ORIGIN_FORM}"
+    scheme = parts.scheme.lower()
+    origin = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
+    if scheme in _DEFAULT_PORTS:
+        if not parts.hostname:
+            return f"the entry {shown!r} has no host: {_ORIGIN_FORM}"
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        origin = f"{scheme}://{host}" + ("" if port in (None, _DEFAULT_PORTS[scheme]) else f":{port}")
+    if not parts.netloc:
+        return f"the entry {shown!r} has no host: {_ORIGIN_FORM}"
+    if origin != entry:
+        return f"the entry {shown!r} is not an origin: {_ORIGIN_FORM}; write {origin!r}"
+    return None
+
+
+def _http_url_problem(value: str, why: str) -> str | None:
+    """Why ``value`` is not an http(s) URL with a host (``why``: what then fails, and an example), or None."""
+    try:
+        parts = urlsplit(value)
+        ok = parts.scheme.lower() in _DEFAULT_PORTS and bool(parts.hostname)
+    except ValueError:
+        ok = False
+    if ok:
+        return None
+    shown = masked_url(value)
+    bare = re.fullmatch(r"[\w.-]+(:\d+)?(/\S*)?", value) is not None  # host[:port][/path]: the scheme left out
+    fix = f" (write 'https://{shown}', or 'http://{shown}' for a local emulator)" if bare else ""
+    return f"{shown!r} is not an http:// or https:// URL with a host{fix}: {why}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,6 +320,10 @@ class Settings(BaseSettings):
         issuer = value.strip().rstrip("/")
         if not issuer:
             raise ValueError("must be your Clerk Frontend API URL, like https://clerk.example.com")
+        problem = _http_url_problem(issuer, "it is compared with the tokens' iss, your Clerk Frontend API URL like "
+                                            "https://clerk.example.com, so no session token would pass")
+        if problem is not None:
+            raise ValueError(problem)
         return issuer
 
     @field_validator("clerk_api_url")
@@ -276,7 +331,46 @@ class Settings(BaseSettings):
     def _api_url_without_version(cls, value: str) -> str:
         # The base URL: every consumer (the client, the JWKS fetch, doctor) adds /v1 itself. The Clerk
         # Python SDK's server_url form (https://api.clerk.com/v1) is accepted too, not turned into /v1/v1.
-        return value.strip().rstrip("/").removesuffix("/v1")
+        url = value.strip().rstrip("/").removesuffix("/v1")
+        problem = _http_url_problem(url, "every request to Clerk's Backend API would fail; unset, it is "
+                                         "https://api.clerk.com")
+        if problem is not None:
+            raise ValueError(problem)
+        return url
+
+    @field_validator("clerk_jwks_url")
+    @classmethod
+    def _jwks_http_url(cls, value: str | None) -> str | None:
+        why = ("no key could be fetched, so no session token would verify; like https://clerk.example.com/"
+               ".well-known/jwks.json (or unset it: CLERK_SECRET_KEY fetches them)")
+        problem = None if value is None else _http_url_problem(value.strip(), why)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("authorized_parties_raw")
+    @classmethod
+    def _origins(cls, value: str | None) -> str | None:
+        # Compared exactly with the tokens' azp: an entry that can never equal one refuses every session.
+        for entry in (value or "").split(","):
+            problem = _party_problem(entry.strip().rstrip("/")) if entry.strip() else None
+            if problem is not None:
+                raise ValueError(problem)
+        return value
+
+    @field_validator("clerk_secret_key")
+    @classmethod
+    def _a_secret_key(cls, value: SecretStr | None) -> SecretStr | None:
+        # Only the prefixes of Clerk's other keys are refused: the emulator (and tests) take any secret key.
+        key = "" if value is None else value.get_secret_value().strip()
+        where = ("CLERK_SECRET_KEY takes the secret key: Clerk Dashboard -> API keys -> Secret keys, it starts "
+                 "with 'sk_test_' or 'sk_live_'")
+        if key.startswith("pk_"):
+            raise ValueError(f"this is the publishable key ('pk_...', the front end's); {where}")
+        if key.startswith("whsec_"):
+            raise ValueError(f"this is a webhook signing secret ('whsec_...', for CLERK_WEBHOOK_SIGNING_SECRET); "
+                             f"{where}")
+        return value
 
     @field_validator("database_url", mode="before")
     @classmethod
