@@ -11,8 +11,10 @@ import sys
 
 import pytest
 import sqlalchemy as sa
+import structlog
 
-from clerk_sync.reconcile import Reconciler
+from clerk_sync.engine import Entity
+from clerk_sync.reconcile import Change, Reconciler
 from clerk_sync.store import Store
 from clerk_sync.tables import reconcile_runs
 from clerk_sync.testing import EmulatorServer
@@ -132,3 +134,75 @@ def test_the_terminal_bar_takes_the_grown_total() -> None:
         progress.advance("users", 2)
         assert [(t.completed, t.total) for t in bar.tasks] == [(2951, 2951)]
     assert "2951/2951" in out.getvalue()
+
+
+def _drift(emu: EmulatorServer, ada: str, bob: str) -> None:
+    """A rename and a deletion that webhooks would have carried, had they not been missed."""
+    emu.request("PATCH", f"/v1/users/{ada}", json={"first_name": "Grace", "last_name": "Hopper"})
+    emu.request("DELETE", f"/v1/users/{bob}")
+
+
+def test_a_real_run_reports_the_rows_it_changed_and_logs_no_personal_value(store: Store,
+                                                                            emu: EmulatorServer) -> None:
+    ada = emu.create_user(email="ada@example.com", first_name="Ada")["id"]
+    bob = emu.create_user(email="bob@example.com", first_name="Bob")["id"]
+    acme = emu.create_organization("Acme", created_by=ada)["id"]
+    first: list[Change] = []
+    with clerk_client(emu) as clerk:
+        Reconciler(store, clerk, on_change=first.append).run()
+        assert {(c.action, c.clerk_id) for c in first if c.entity is Entity.USER} == {("create", ada), ("create", bob)}
+        assert Change(Entity.ORGANIZATION, "create", acme) in first
+        _drift(emu, ada, bob)
+        carol = emu.create_user(email="carol@example.com", first_name="Carol")["id"]
+        dry: list[Change] = []
+        with structlog.testing.capture_logs() as dry_lines:
+            Reconciler(store, clerk, on_change=dry.append).run(dry_run=True)
+        changes: list[Change] = []
+        with structlog.testing.capture_logs() as lines:
+            report = Reconciler(store, clerk, on_change=changes.append).run()
+    expected = [Change(Entity.USER, "update", ada, ("first_name", "last_name")),
+                Change(Entity.USER, "create", carol), Change(Entity.USER, "delete", bob)]
+    assert sorted(changes, key=repr) == sorted(expected, key=repr)  # (bob's membership: none, so no cascade)
+    assert sorted(dry, key=repr) == sorted(changes, key=repr)  # what the dry run said the real run would do
+    logged = [e for e in lines if e["event"] == "reconcile_change"]
+    assert [(e["log_level"], e["entity"], e["action"], e["clerk_id"], e.get("fields")) for e in logged] == [
+        ("info", c.entity.value, c.action, c.clerk_id, ",".join(c.fields) or None) for c in changes]
+    assert all(e["run_id"] == report.run_id and e["dry_run"] is False for e in logged)
+    dry_logged = [e for e in dry_lines if e["event"] == "reconcile_change"]
+    assert len(dry_logged) == len(dry) and {e["log_level"] for e in dry_logged} == {"debug"}
+    said = repr(lines + dry_lines)
+    for value in ("Grace", "Hopper", "Carol", "carol@example.com", "bob@example.com", "Bob"):
+        assert value not in said
+
+
+def test_the_cli_prints_a_real_run_s_changes_and_few_of_a_first_import_s(db_url: str, emu: EmulatorServer) -> None:
+    emu.emulator.bulk_create_users(58)
+    ada = emu.create_user(email="ada@example.com", first_name="Ada")["id"]
+    bob = emu.create_user(email="bob@example.com", first_name="Bob")["id"]
+    first = run_cli("reconcile", emu=emu, db_url=db_url)
+    assert first.returncode == 0, first.stderr
+    created = [line for line in first.stdout.splitlines() if line.startswith("+ users user_")]
+    assert len(created) == 20  # a first import: a few of its creations, then their count
+    assert "... and 40 more created (each is in the log: reconcile_change)" in flat(first.stdout)
+    assert first.stderr.count("event=reconcile_change") == 60  # every one logged (stderr), none on stdout
+    assert "reconcile_change" not in first.stdout.replace("log: reconcile_change", "")
+
+    _drift(emu, ada, bob)
+    emu.emulator.bulk_create_users(25)
+    second = run_cli("reconcile", emu=emu, db_url=db_url)
+    assert second.returncode == 0, second.stderr
+    lines = second.stdout.splitlines()
+    assert f"~ users {ada} (first_name, last_name)" in lines  # as a dry run prints it
+    assert f"- users {bob}" in lines  # (after the 20 creations listed before it: each kind has its own lines)
+    assert len([line for line in lines if line.startswith("+ users ")]) == 20
+    assert "... and 5 more created (each" in flat(second.stdout)
+    assert re.search(rf"level=info event=reconcile_change run_id=2 dry_run=false entity=users action=update "
+                     rf"clerk_id={ada} fields=first_name,last_name", second.stderr), second.stderr
+    for value in ("Grace", "Hopper", "bob@example.com"):
+        assert value not in second.stdout + second.stderr
+
+    emu.request("PATCH", f"/v1/users/{ada}", json={"first_name": "Ada"})
+    dry = run_cli("reconcile", "--dry-run", emu=emu, db_url=db_url)
+    assert dry.returncode == 0, dry.stderr
+    assert f"~ users {ada} (first_name)" in dry.stdout.splitlines()
+    assert "reconcile_change" not in dry.stderr  # (DEBUG: a dry run changes nothing)

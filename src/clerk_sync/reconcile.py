@@ -584,6 +584,7 @@ class Reconciler:
             now_ms = int((writer.now if writer is not None else self._now()).timestamp() * 1000)
             ended = _ended_lockouts(conn, records, now_ms) if entity is Entity.USER else []
             changed: list[Record] = []
+            changes: list[Change] = []  # reported once the page is committed
             for record in records:
                 action = decide(current.get(record.clerk_id), Upsert(entity, record))
                 if action is Action.INSERT:
@@ -596,10 +597,9 @@ class Reconciler:
                 changed.append(record)
             _stage(conn, run.seen, run.id, entity, [r.clerk_id for r in records])
             if writer is None:
-                self._report_changes(conn, entity, changed, current)
+                changes += _diff(conn, entity, changed, current)
                 counts.updated += len(ended)
-                for clerk_id in ended:
-                    self.on_change(Change(entity, "update", clerk_id, ("locked", "locked_until")))
+                changes += [_unlocked(clerk_id) for clerk_id in ended]
             else:
                 by_id = {r.clerk_id: r for r in records if isinstance(r, UserRecord)}
                 # Every lock the page's writes take, in one sorted pass before any (the ended lockouts' and the
@@ -607,29 +607,27 @@ class Reconciler:
                 # keeps, they would deadlock against a webhook batch holding some of them).
                 changed.sort(key=lambda record: record.clerk_id)  # (rows written in the order their locks were taken)
                 writer.lock_page(entity, [*(by_id[c] for c in ended), *changed])
-                done = sum(writer.end_lockout(by_id[clerk_id]) for clerk_id in sorted(ended))
-                counts.updated += done
-                counts.unchanged += len(ended) - done  # (a webhook won the race)
+                changes += _diff(conn, entity, changed, current)  # (the rows as they are before the writes)
+                unlocked = [clerk_id for clerk_id in sorted(ended) if writer.end_lockout(by_id[clerk_id])]
+                counts.updated += len(unlocked)
+                counts.unchanged += len(ended) - len(unlocked)  # (a webhook won the race)
+                changes += [_unlocked(clerk_id) for clerk_id in unlocked]
                 _upsert_many(writer, entity, changed)
                 run.cursor, run.after = next_cursor, after
                 self._checkpoint(writer, run)
+        self._report(run, changes)
 
-    def _report_changes(self, conn: sa.Connection, entity: Entity, changed: list[Record],
-                        current: dict[str, RowState]) -> None:
-        updated = [r for r in changed if r.clerk_id in current]
-        table = _TABLES[entity]
-        rows = {}
-        if updated:
-            query = sa.select(table).where(table.c.clerk_id.in_([r.clerk_id for r in updated]))
-            rows = {row["clerk_id"]: row for row in conn.execute(query).mappings()}
-        for record in changed:
-            row = rows.get(record.clerk_id)
-            if row is None:
-                self.on_change(Change(entity, "create", record.clerk_id))
-                continue
-            diff = tuple(k for k, v in asdict(record).items()
-                         if k not in BOOKKEEPING and k in row and row[k] != v)  # external_id: no column
-            self.on_change(Change(entity, "update", record.clerk_id, diff))
+    def _report(self, run: _Run, changes: list[Change]) -> None:
+        """Each change of a committed page (a dry run's: of a page read) to ``on_change``, and to the log: the
+        entity, id and field names only, never a value (a name, an e-mail address: personal data). A real run's
+        at INFO, the record of which rows it repaired (``reconcile_runs`` keeps counts); a dry run's at DEBUG,
+        as it changed nothing (its caller shows the diff)."""
+        emit = log.debug if run.report.dry_run else log.info
+        for change in changes:
+            emit("reconcile_change", run_id=run.report.run_id, dry_run=run.report.dry_run,
+                 entity=change.entity.value, action=change.action, clerk_id=change.clerk_id,
+                 **({"fields": ",".join(change.fields)} if change.fields else {}))
+            self.on_change(change)
 
     # -- deletions --------------------------------------------------------------------------
     def _sweep_all(self, run: _Run) -> None:
@@ -739,18 +737,46 @@ class Reconciler:
     def _tombstone(self, run: _Run, entity: Entity, gone: list[str]) -> None:
         counts = run.report.counts[entity.value]
         version = int(self._now().timestamp() * 1000)  # the injected clock, as for heartbeats
+        deleted: list[Change] = []
         with self._unit(run) as (_, writer):
             if writer is not None:  # their locks in one sorted pass (apply by apply: out of the one order)
                 writer.lock_batch([Tombstone(entity, clerk_id, version) for clerk_id in gone])
             for clerk_id in gone:
                 if writer is None:
-                    self.on_change(Change(entity, "delete", clerk_id))
-                    counts.deleted += 1
                     run.dry_deleted.setdefault(entity, set()).add(clerk_id)
-                elif writer.apply(Tombstone(entity, clerk_id, version)):
-                    counts.deleted += 1
+                elif not writer.apply(Tombstone(entity, clerk_id, version)):
+                    continue
+                deleted.append(Change(entity, "delete", clerk_id))
+            counts.deleted += len(deleted)
             if writer is not None:
                 self._checkpoint(writer, run)
+        self._report(run, deleted)
+
+
+def _diff(conn: sa.Connection, entity: Entity, changed: list[Record], current: dict[str, RowState]) -> list[Change]:
+    """The changes ``changed`` make to the stored rows: a create, or an update with the names of the fields
+    that differ (names only: the values are personal data)."""
+    updated = [r.clerk_id for r in changed if r.clerk_id in current]
+    table = _TABLES[entity]
+    rows = {}
+    if updated:
+        rows = {row["clerk_id"]: row for row in conn.execute(sa.select(table).where(table.c.clerk_id.in_(updated)))
+                .mappings()}
+    changes = []
+    for record in changed:
+        row = rows.get(record.clerk_id)
+        if row is None:
+            changes.append(Change(entity, "create", record.clerk_id))
+            continue
+        diff = tuple(k for k, v in asdict(record).items()
+                     if k not in BOOKKEEPING and k in row and row[k] != v)  # external_id: no column
+        changes.append(Change(entity, "update", record.clerk_id, diff))
+    return changes
+
+
+def _unlocked(clerk_id: str) -> Change:
+    """A lockout that ended by itself, repaired (see :func:`_ended_lockouts`)."""
+    return Change(Entity.USER, "update", clerk_id, ("locked", "locked_until"))
 
 
 def _only_asked(path: str, answered: set[Any], asked: Sequence[str]) -> None:

@@ -1,13 +1,19 @@
-"""``clerk-sync reconcile`` on the terminal: a Rich progress bar, the diff of a dry run, the summary.
+"""``clerk-sync reconcile`` on the terminal: a Rich progress bar, the rows changed (a dry run: the rows it would
+change), the summary.
 
 The reconciling itself lives in :mod:`clerk_sync.reconcile`; this module only presents it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
+import structlog
+
+from clerk_sync._logging import configure_logging
 from clerk_sync.changes import Hook
 from clerk_sync.clerk_api import ClerkClient
 from clerk_sync.cli._args import parse_since
@@ -17,7 +23,11 @@ from clerk_sync.store import Store
 
 __all__ = ["reconcile_command"]  # (unread_objects: for the faces' commands, not the API)
 
-_DIFF_LINES = 200
+# Lines printed per kind of change. A first import creates every row (thousands of "+ users user_..." lines
+# that say nothing the summary's count does not, and would bury the rest), so creations get a few lines;
+# updates and deletions are the drift an operator came to review, so they get more, each kind its own budget
+# (a flood of one never hides another). The rest is counted ("... and N more"), and a real run logs every change.
+_SHOWN = {"create": 20, "update": 200, "delete": 200}
 _MARKS = {"create": "[green]+[/]", "update": "[yellow]~[/]", "delete": "[red]-[/]"}
 
 
@@ -35,9 +45,11 @@ def unread_objects(report: ReconcileReport) -> str | None:
 def reconcile_command(settings: Any, *, since: str | None, dry_run: bool, console: Any,
                       hooks: Sequence[Hook] = (), mapping: SchemaMapping | None = None,
                       allow_mass_delete: bool = False, store: Store | None = None) -> ReconcileReport:
-    """``clerk-sync reconcile``: a Rich progress bar on ``console`` (stderr), the diff (dry run) and the
-    summary on stdout. ``hooks`` fire for the repairs (``--with-hooks``). ``store``: an app's own (Flask's
-    ``ClerkSync(app, store=...)``, its mapping and hooks; left open), else one from ``settings``."""
+    """``clerk-sync reconcile``: a Rich progress bar on ``console`` (stderr); the rows changed (a dry run: would
+    change; see :data:`_SHOWN`) and the summary on stdout, once the bar is gone (printed during it, in a
+    terminal, they went to the bar's stderr). ``hooks`` fire for the repairs (``--with-hooks``). ``store``: an
+    app's own (Flask's ``ClerkSync(app, store=...)``, its mapping and hooks; left open), else one from
+    ``settings``."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
     from rich.progress import Progress as RichProgress
@@ -47,27 +59,75 @@ def reconcile_command(settings: Any, *, since: str | None, dry_run: bool, consol
     own = store is None
     if store is None:
         store = Store.from_settings(settings, hooks=hooks, mapping=mapping)
-    shown = [0]
-
-    def show(change: Change) -> None:
-        shown[0] += 1
-        if shown[0] <= _DIFF_LINES:
-            extra = f" ({', '.join(change.fields)})" if change.fields else ""
-            out.print(f"{_MARKS[change.action]} {change.entity.value} {change.clerk_id}{extra}")
-
+    diff = _Diff()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     try:
-        with ClerkClient.from_settings(settings) as clerk, RichProgress(*columns, console=console) as bar:
-            reconciler = Reconciler(store, clerk, progress=_RichProgress(bar), on_change=show, with_hooks=bool(hooks),
-                                    allow_mass_delete=allow_mass_delete, instance_id=settings.instance_id)
+        with (_logging(settings), ClerkClient.from_settings(settings) as clerk,
+              RichProgress(*columns, console=console) as bar):
+            reconciler = Reconciler(store, clerk, progress=_RichProgress(bar), on_change=diff.add,
+                                    with_hooks=bool(hooks), allow_mass_delete=allow_mass_delete,
+                                    instance_id=settings.instance_id)
             report = reconciler.run(since=parse_since(since), dry_run=dry_run)
     finally:
         if own:
             store.dispose()
-    if shown[0] > _DIFF_LINES:
-        out.print(f"... and {shown[0] - _DIFF_LINES} more changes")
+        diff.print(out, logged=not dry_run)  # a failed run's repairs too: they are committed
     out.print(_summary_table(report))
     return report
+
+
+class _Diff:
+    """The changes to print: the first ones of each kind (:data:`_SHOWN`), the others counted."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.seen = dict.fromkeys(_SHOWN, 0)
+
+    def add(self, change: Change) -> None:
+        self.seen[change.action] += 1
+        if self.seen[change.action] <= _SHOWN[change.action]:
+            extra = f" ({', '.join(change.fields)})" if change.fields else ""  # field names, never values
+            self.lines.append(f"{_MARKS[change.action]} {change.entity.value} {change.clerk_id}{extra}")
+
+    def print(self, out: Any, *, logged: bool) -> None:
+        for line in self.lines:
+            out.print(line, highlight=False)
+        more = [f"{n - _SHOWN[action]} more {_PAST[action]}" for action, n in self.seen.items() if n > _SHOWN[action]]
+        if more:
+            where = " (each is in the log: reconcile_change)" if logged else ""
+            out.print(f"... and {', '.join(more)}{where}", highlight=False)
+
+
+_PAST = {"create": "created", "update": "updated", "delete": "deleted"}
+
+
+class _Stderr:
+    """``sys.stderr`` as it is when written to: inside the progress bar, in a terminal, Rich's stand-in, which
+    prints the line above the bar (the stream itself, taken when logging is set up, tore the bar apart)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+@contextmanager
+def _logging(settings: Any) -> Iterator[None]:
+    """Log lines (a real run's ``reconcile_change``, one per change) on stderr at ``CLERK_SYNC_LOG_LEVEL``, for
+    the command, unless the process set up structlog itself (a Flask or Django app: its format, its place).
+    structlog's defaults print every level on stdout, among the diff and the summary."""
+    if structlog.is_configured():
+        yield
+        return
+    configure_logging(settings.log_level)
+    # uncached: a logger bound now would keep this set-up after the command (a test run, an app's shell)
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=_Stderr()),  # type: ignore[arg-type]
+                        cache_logger_on_first_use=False)
+    try:
+        yield
+    finally:
+        structlog.reset_defaults()
 
 
 class _RichProgress:
