@@ -101,3 +101,20 @@ def test_a_command_refuses_an_origin_without_scheme(tmp_path: Path) -> None:
     out = " ".join((result.stdout + result.stderr).split())
     assert result.returncode == 2, out
     assert "CLERK_AUTHORIZED_PARTIES" in out and "write 'http://localhost:3000'" in out
+
+
+def test_prune_with_inbox_deletion_under_the_floor_says_why_the_floor_is_there(tmp_path: Path) -> None:
+    result = run("prune", env={"DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}",
+                               "CLERK_SYNC_INBOX_DELETE_AFTER_DAYS": "1"})
+    out = " ".join((result.stdout + result.stderr).split())
+    assert result.returncode == 2, out
+    assert "CLERK_SYNC_INBOX_DELETE_AFTER_DAYS: must be at least 3 days, not 1" in out
+    assert "Svix retries a failed delivery for about 27 hours" in out and "applied again" in out
+    assert "Input should be" not in out
+
+
+def test_inbox_deletion_before_redaction_names_both_values() -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"CLERK_SYNC_INBOX_DELETE_AFTER_DAYS": "5"})
+    assert "CLERK_SYNC_INBOX_DELETE_AFTER_DAYS (5) must be >= CLERK_SYNC_INBOX_REDACT_AFTER_DAYS (30, its default)" \
+        in str(caught.value)

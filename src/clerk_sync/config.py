@@ -236,8 +236,7 @@ class Settings(BaseSettings):
     inbox_redact_after_days: float = Field(
         30.0, ge=0, le=_MAX_DAYS, validation_alias="CLERK_SYNC_INBOX_REDACT_AFTER_DAYS")
     # Longer than Svix's retry window (about 27 h), so a retried delivery is still seen as a duplicate.
-    inbox_delete_after_days: float = Field(
-        90.0, ge=_MIN_INBOX_DELETE_AFTER_DAYS, le=_MAX_DAYS, validation_alias="CLERK_SYNC_INBOX_DELETE_AFTER_DAYS")
+    inbox_delete_after_days: float = Field(90.0, le=_MAX_DAYS, validation_alias="CLERK_SYNC_INBOX_DELETE_AFTER_DAYS")
     tombstone_clear_after_days: float = Field(
         0.0, ge=0, le=_MAX_DAYS, validation_alias="CLERK_SYNC_TOMBSTONE_CLEAR_AFTER_DAYS")
     # None: tombstones stay (cleared) for good; N: their rows are deleted N days after the deletion.
@@ -392,10 +391,26 @@ class Settings(BaseSettings):
             raise ValueError(f"must be one of {', '.join(_LEVELS)}")
         return value.upper()
 
+    @field_validator("inbox_delete_after_days")
+    @classmethod
+    def _outlives_svix_retries(cls, value: float) -> float:
+        if value < _MIN_INBOX_DELETE_AFTER_DAYS:
+            raise ValueError(
+                f"must be at least {_MIN_INBOX_DELETE_AFTER_DAYS} days, not {value:g}: Svix retries a failed "
+                "delivery for about 27 hours (up to twice that when the endpoint asks for later with Retry-After), "
+                "and a retry is known for a duplicate only while its inbox row is kept, so an inbox row deleted "
+                f"sooner lets a late retry be applied again. Set it to {_MIN_INBOX_DELETE_AFTER_DAYS} or more "
+                "(unset: 90)")
+        return value
+
     @model_validator(mode="after")
     def _delete_after_redact(self) -> Settings:
         if self.inbox_delete_after_days < self.inbox_redact_after_days:
-            raise ValueError("CLERK_SYNC_INBOX_DELETE_AFTER_DAYS must be >= CLERK_SYNC_INBOX_REDACT_AFTER_DAYS")
+            default = "" if "inbox_redact_after_days" in self.model_fields_set else ", its default"
+            raise ValueError(
+                f"CLERK_SYNC_INBOX_DELETE_AFTER_DAYS ({self.inbox_delete_after_days:g}) must be >= "
+                f"CLERK_SYNC_INBOX_REDACT_AFTER_DAYS ({self.inbox_redact_after_days:g}{default}): a row's payload "
+                "is redacted before the row is deleted. Raise the first, or lower the second with it")
         hard = self.tombstone_delete_after_days
         if hard is not None and hard < self.tombstone_clear_after_days:  # else prune and serve crash later
             raise ValueError("CLERK_SYNC_TOMBSTONE_DELETE_AFTER_DAYS must be >= CLERK_SYNC_TOMBSTONE_CLEAR_AFTER_DAYS "
