@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from clerk_sync import migrations
 from clerk_sync.config import Settings
 from clerk_sync.errors import ConfigError
 from clerk_sync.store import Store
@@ -118,3 +119,25 @@ def test_inbox_deletion_before_redaction_names_both_values() -> None:
         Settings.from_env({"CLERK_SYNC_INBOX_DELETE_AFTER_DAYS": "5"})
     assert "CLERK_SYNC_INBOX_DELETE_AFTER_DAYS (5) must be >= CLERK_SYNC_INBOX_REDACT_AFTER_DAYS (30, its default)" \
         in str(caught.value)
+
+
+def test_migrate_says_what_it_applied_and_when_nothing_was_due(db_url: str) -> None:
+    store = Store.from_url(db_url)
+    migrations.downgrade(store.engine, "base")  # (the fixture's database was migrated: made new again)
+    store.dispose()
+    head = migrations.head_revision()
+    steps = len(list(migrations._script().walk_revisions()))
+
+    def migrate() -> str:
+        result = run("migrate", env={"DATABASE_URL": db_url})
+        out = " ".join((result.stdout + result.stderr).split())
+        assert result.returncode == 0, out
+        return out
+
+    assert f"migrated a new database to {head} ({steps} steps) on " in migrate()
+    assert f"already current ({head}) on " in migrate()
+    store = Store.from_url(db_url)
+    migrations.downgrade(store.engine, "-1")
+    previous = migrations.current_revision(store.engine)
+    store.dispose()
+    assert f"migrated {previous} -> {head} (1 step) on " in migrate()

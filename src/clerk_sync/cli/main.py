@@ -79,8 +79,8 @@ def migrate(
     settings = _settings()
     schema = load_mapping(mapping)
     store = Store.from_settings(settings)
-    migrations.upgrade(store.engine)
-    console.print(f"[green]migrations current[/] ({migrations.head_revision()}) on {_safe(settings)}")
+    upgraded = migrations.upgrade(store.engine)
+    console.print(f"[green]{upgraded.summary()}[/] on {_safe(settings)}")
     refused = 0
     if schema is not None:
         migrated = migrate_mapping(store, schema, backfill=backfill, settings=settings)

@@ -13,7 +13,7 @@ import re
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import sqlalchemy as sa
 from alembic import command
@@ -26,8 +26,8 @@ from sqlalchemy.engine import Connection, Engine
 from clerk_sync.errors import ConfigError, StoreError
 from clerk_sync.store import READ_ONLY_OPTION
 
-# (The public API pinned in tests/test_package.py; VERSION_TABLE, MigrationError (a StoreError) and
-# schema_state are for clerk-sync's own commands and /readyz.)
+# (The public API pinned in tests/test_package.py; VERSION_TABLE, MigrationError (a StoreError), schema_state
+# and Upgraded (what upgrade returns) are for clerk-sync's own commands and /readyz.)
 __all__ = ["current_revision", "head_revision", "is_current", "upgrade"]
 
 _HERE = Path(__file__).parent
@@ -57,6 +57,23 @@ class MigrationError(StoreError):
         self.revision = revision
 
 
+class Upgraded(NamedTuple):
+    """What :func:`upgrade` did: the revision the database was at (None: no clerk-sync tables yet) and the
+    steps it applied, in order (none: it was current already, or a replica migrated it meanwhile)."""
+
+    start: str | None
+    steps: tuple[str, ...]
+
+    def summary(self) -> str:
+        """One line for a command's output: ``migrated 0015 -> 0017 (2 steps)``, ``already current (0017)``."""
+        if not self.steps:
+            return f"already current ({self.start})" if self.start else "nothing to apply"
+        count = f"{len(self.steps)} step{'s' if len(self.steps) > 1 else ''}"
+        if self.start is None:
+            return f"migrated a new database to {self.steps[-1]} ({count})"
+        return f"migrated {self.start} -> {self.steps[-1]} ({count})"
+
+
 def _config(engine: Engine | None = None) -> Config:
     cfg = Config()
     cfg.set_main_option("script_location", str(_HERE))
@@ -65,9 +82,10 @@ def _config(engine: Engine | None = None) -> Config:
     return cfg
 
 
-def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Apply migrations up to ``revision`` (idempotent). A database at a revision this release does not
-    know (a newer clerk-sync migrated it: a rolled-back deploy) is a :class:`ConfigError` that says so.
+def upgrade(engine: Engine, revision: str = "head") -> Upgraded:
+    """Apply migrations up to ``revision`` (idempotent) and say which were applied, from which revision (read
+    under the migration lock). A database at a revision this release does not know (a newer clerk-sync
+    migrated it: a rolled-back deploy) is a :class:`ConfigError` that says so.
 
     A failed step is a :class:`MigrationError` naming it (``migration 0007 failed: <cause>; <what to do>``),
     as is any other refusal of Alembic's; a database that cannot be reached (before any step ran) stays the
@@ -91,6 +109,8 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
             raise
         failed = _next_step(progress["start"], progress["applied"])
         raise MigrationError(_step_failure(failed, exc, engine.dialect.name), failed) from exc
+    progress = cfg.attributes.get(_PROGRESS, {})
+    return Upgraded(progress.get("start"), tuple(progress.get("applied", ())))
 
 
 def _first_line(exc: BaseException) -> str:
