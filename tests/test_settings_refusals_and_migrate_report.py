@@ -19,7 +19,12 @@ from tests.test_cli import run
     ("foo://u:s3cret@bar/db", "scheme 'foo' names no database"),
     ("mysql+foo://u:s3cret@h/db", "names the driver 'foo', which SQLAlchemy's mysql dialect does not have"),
     ("sqlite+nope:///x.db", "names the driver 'nope', which SQLAlchemy's sqlite dialect does not have"),
-], ids=["unknown-dialect", "unknown-mysql-driver", "unknown-sqlite-driver"])
+    ("mssql+pyodbc://u:s3cret@h/db", "names mssql, which clerk-sync does not run on"),
+    ("oracle://u:s3cret@h/db", "names oracle, which clerk-sync does not run on"),
+    ("postgresql+asyncpg://u:s3cret@h/db", "'postgresql+asyncpg' is asyncio-only"),
+    ("sqlite+aiosqlite:///x.db", "'sqlite+aiosqlite' is asyncio-only"),
+], ids=["unknown-dialect", "unknown-mysql-driver", "unknown-sqlite-driver", "mssql", "oracle", "asyncpg",
+        "aiosqlite"])
 def test_an_unknown_database_scheme_is_a_config_error_naming_the_supported_ones(url: str, said: str) -> None:
     with pytest.raises(ConfigError) as caught:
         Store.from_settings(Settings.from_env({"DATABASE_URL": url}))

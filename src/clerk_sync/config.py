@@ -504,6 +504,14 @@ def _check_driver(url: str) -> None:
         raise ConfigError(_unknown_scheme(parsed.drivername, parsed.get_backend_name())) from None
     except SQLAlchemyError:  # (other refusals: create_engine says so, as before)
         return
+    backend = parsed.get_backend_name()
+    if backend not in ("sqlite", "postgresql", "mysql", "mariadb"):  # SQLAlchemy has it; clerk-sync's SQL does not
+        raise ConfigError(f"DATABASE_URL's scheme {parsed.drivername!r} names {backend}, which clerk-sync does not "
+                          f"run on. clerk-sync runs on {_SUPPORTED_SCHEMES}: begin DATABASE_URL with one of these")
+    if getattr(dialect, "is_async", False):  # every path here is blocking (the async faces use threads)
+        raise ConfigError(f"DATABASE_URL's driver {parsed.drivername!r} is asyncio-only, and clerk-sync's database "
+                          f"calls are blocking. clerk-sync runs on {_SUPPORTED_SCHEMES}: begin DATABASE_URL with one "
+                          "of these (postgresql+asyncpg:// -> postgresql+psycopg://)")
     try:
         dialect.import_dbapi()
     except ImportError as exc:
