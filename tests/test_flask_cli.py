@@ -38,7 +38,7 @@ def test_the_flask_command_migrates_the_database_the_app_is_configured_with(tmp_
     assert {"migrate", "reconcile", "replay", "promote"} <= set(listing.stdout.split())
     result = subprocess.run([*command, "migrate"], capture_output=True, text=True, env=env, cwd=ROOT, check=False)
     assert result.returncode == 0, result.stderr
-    assert "migrations current" in result.stdout
+    assert "migrated a new database to" in result.stdout or "already current" in result.stdout, result.stdout
     store = Store.from_url(url)
     assert migrations.is_current(store.engine)
     store.dispose()

@@ -277,7 +277,7 @@ def test_flask_migrate_adds_what_the_stores_mapping_needs_as_the_cli_does(tmp_pa
     app, store = _mapped_app(by_flask)
     result = app.test_cli_runner().invoke(args=["clerk-sync", "migrate"])
     assert result.exit_code == 0, result.output
-    assert "migrations current" in result.output
+    assert "migrated a new database to" in result.output or "already current" in result.output, result.output
     assert "mapping: added accounts.clerk_user_id" in result.output
     assert "mapping: added accounts.deleted_at" in result.output
     assert "mapping: created unique index uq_accounts_clerk_user_id" in result.output

@@ -391,7 +391,7 @@ def test_manage_py_migrate_adds_what_the_mapping_needs_as_the_cli_does(db_url: s
     assert cli.returncode == 0, cli.stderr
 
     out = _migrate(db_url)
-    assert "clerk-sync migrations current" in out
+    assert "clerk-sync migrated a new database to" in out or "clerk-sync already current" in out, out
     for line in ("added accounts.clerk_user_id", "added accounts.deleted_at",
                  "created unique index uq_accounts_clerk_user_id"):
         assert f"mapping: {line}" in out, out
@@ -436,7 +436,7 @@ def test_manage_py_migrate_without_a_mapping_is_unchanged_and_backfill_needs_one
         _migrate(url, "--backfill", mapped=False)
     assert not migrations.is_current(engine)  # refused before anything changed
     out = _migrate(url, mapped=False)
-    assert "clerk-sync migrations current" in out and "mapping" not in out
+    assert "clerk-sync migrated a new database to" in out and "mapping" not in out, out
     assert migrations.is_current(engine)
     engine.dispose()
 

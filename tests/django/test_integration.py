@@ -188,7 +188,7 @@ def test_manage_py_migrate_creates_clerk_syncs_tables_in_djangos_database(tmp_pa
                            CLERK_SYNC={}):
         out = StringIO()
         call_command("clerk_sync", "migrate", stdout=out)
-    assert "migrations current" in out.getvalue()
+    assert "clerk-sync migrated a new database to" in out.getvalue()
     assert {"users", "webhook_events", "audit_log"} <= set(sa.inspect(sa.create_engine(f"sqlite:///{path}")).get_table_names())
 
 

@@ -174,7 +174,7 @@ def test_a_real_manage_py_run_takes_settings_after_the_action_and_exits_as_the_c
     done = _manage(tmp_path, env, "migrate", "--settings=walk_settings", f"--pythonpath={tmp_path}", "-v", "2",
                    "--traceback", "--skip-checks")
     assert done.returncode == 0, done.stderr
-    assert "clerk-sync migrations current" in done.stdout
+    assert "clerk-sync migrated a new database to" in done.stdout, done.stdout
     env = _project(tmp_path, {**CHECKED, "DATABASE_URL": "postgresql+psycopg://clerk:pw@127.0.0.1:1/app"})
     down = _manage(tmp_path, env, "replay", "--settings=walk_settings", f"--pythonpath={tmp_path}", "--skip-checks")
     assert down.returncode == 3, down.stderr

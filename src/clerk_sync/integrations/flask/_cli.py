@@ -75,8 +75,7 @@ def migrate(backfill: bool) -> None:
     if backfill and schema is None:  # refused before anything is changed
         raise ConfigError("--backfill needs a mapping: pass ClerkSync(app, store=Store.from_settings(settings, "
                           "mapping=...))")
-    migrations.upgrade(store.engine)
-    click.echo(f"migrations current ({migrations.head_revision()})")
+    click.echo(migrations.upgrade(store.engine).summary())  # what it applied, as `clerk-sync migrate` says
     if schema is None:
         return
     migrated = migrate_mapping(store, schema, backfill=backfill, settings=clerk_state().settings)

@@ -132,8 +132,7 @@ class Command(BaseCommand):
                                returncode=EXIT_SETTINGS)
         store = Store.from_settings(settings)
         try:
-            migrations.upgrade(store.engine)
-            self.stdout.write(f"clerk-sync migrations current ({migrations.head_revision()})")
+            self.stdout.write(f"clerk-sync {migrations.upgrade(store.engine).summary()}")  # as `clerk-sync migrate`
             if mapping is None:
                 return
             migrated = migrate_mapping(store, mapping, backfill=backfill, settings=settings)
