@@ -112,37 +112,68 @@ def _tolerance_problem(tolerance_s: float) -> str | None:
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+_CLERK_API_URL = "https://api.clerk.com"
 _ORIGIN_FORM = ("a token's azp is the origin it was minted for, scheme://host[:port] as the browser sends it in "
                 "Origin (no path; no port when it is the scheme's default), so this entry never matches one")
 
 
 def _party_problem(entry: str) -> str | None:
-    """Why ``entry`` of CLERK_AUTHORIZED_PARTIES can never equal a token's ``azp`` (compared exactly, after a
-    trailing '/' is dropped), with what to write instead; None when it can. Schemes other than http(s) pass
-    (a browser extension's ``chrome-extension://<id>`` is an origin too)."""
+    """Why ``entry`` of CLERK_AUTHORIZED_PARTIES can never equal a token's ``azp`` (compared after a trailing '/'
+    is dropped and :func:`_origin` has normalised both), with what to write instead; None when it can. Schemes
+    other than http(s) pass (a browser extension's ``chrome-extension://<id>`` is an origin too)."""
+    secret = _secret_problem(entry)
+    if secret is not None:
+        return f"an entry {secret}"
     shown = masked_url(entry)  # (credentials have no place in an origin; never echoed if one has them)
     if "://" not in entry:
         scheme = "http" if entry.startswith(("localhost", "127.", "[::1]")) else "https"
-        return f"the entry {shown!r} has no scheme: {_ORIGIN_FORM}; write '{scheme}://{shown}'"
+        fix = f"; write '{scheme}://{shown}'" if _host_like(entry) else ""
+        return f"the entry {shown!r} has no scheme: {_ORIGIN_FORM}{fix}"
     if "*" in entry:
         return (f"the entry {shown!r} has a '*': azp is compared exactly, no pattern matches it; list each origin "
                 "(scheme://host[:port]) separately")
     try:
         parts = urlsplit(entry)
-        port = parts.port
+        parts.port  # noqa: B018 - parsed for its ValueError
     except ValueError:
         return f"the entry {shown!r} has a port that is not a number: {_ORIGIN_FORM}"
-    scheme = parts.scheme.lower()
-    origin = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
-    if scheme in _DEFAULT_PORTS:
-        if not parts.hostname:
-            return f"the entry {shown!r} has no host: {_ORIGIN_FORM}"
-        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-        origin = f"{scheme}://{host}" + ("" if port in (None, _DEFAULT_PORTS[scheme]) else f":{port}")
-    if not parts.netloc:
+    if not parts.netloc or (parts.scheme.lower() in _DEFAULT_PORTS and not parts.hostname):
         return f"the entry {shown!r} has no host: {_ORIGIN_FORM}"
-    if origin != entry:
-        return f"the entry {shown!r} is not an origin: {_ORIGIN_FORM}; write {origin!r}"
+    if parts.path or parts.query or parts.fragment or "@" in parts.netloc:
+        return f"the entry {shown!r} is not an origin: {_ORIGIN_FORM}; write {_origin(entry)!r}"
+    return None
+
+
+def _origin(entry: str) -> str:
+    """An http(s) origin as a browser writes it (and so as ``azp`` carries it): scheme and host in lower case,
+    the scheme's default port left out, no path or credentials. Other schemes are kept as written."""
+    parts = urlsplit(entry)
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS or not parts.hostname:
+        return entry
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{scheme}://{host}" + ("" if parts.port in (None, _DEFAULT_PORTS[scheme]) else f":{parts.port}")
+
+
+def _host_like(value: str) -> bool:
+    """``value`` reads as host[:port][/path] with the scheme left out (a dotted name, localhost or an IP), so
+    suggesting ``https://`` + it helps; anything else (a stray word, ``null``) gets no suggestion."""
+    host = re.split(r"[:/]", value, maxsplit=1)[0]
+    return re.fullmatch(r"[\w-]+(\.[\w-]+)+|localhost|\[[0-9a-fA-F:]+\]", host) is not None
+
+
+# Prefixes of Clerk's keys and Svix's signing secrets: a value with one, found in a URL or origin setting, is
+# a secret in the wrong variable, and is never echoed (settings errors reach logs and CI output).
+_SECRET_PREFIXES = {"sk_": "CLERK_SECRET_KEY", "pk_": "your front end (the publishable key)",
+                    "whsec_": "CLERK_WEBHOOK_SIGNING_SECRET"}
+
+
+def _secret_problem(value: str) -> str | None:
+    """Why ``value`` looks like a key or secret rather than a URL (without showing it), or None."""
+    for prefix, home in _SECRET_PREFIXES.items():
+        if value.strip().startswith(prefix):
+            return (f"looks like a Clerk key or signing secret ({prefix}...; not shown), not a URL: it belongs in "
+                    f"{home}")
     return None
 
 
@@ -155,8 +186,11 @@ def _http_url_problem(value: str, why: str) -> str | None:
         ok = False
     if ok:
         return None
+    secret = _secret_problem(value)
+    if secret is not None:
+        return f"the value {secret}"
     shown = masked_url(value)
-    bare = re.fullmatch(r"[\w.-]+(:\d+)?(/\S*)?", value) is not None  # host[:port][/path]: the scheme left out
+    bare = _host_like(value) and re.fullmatch(r"[\w.\[\]:-]+(/\S*)?", value) is not None  # the scheme left out
     fix = f" (write 'https://{shown}', or 'http://{shown}' for a local emulator)" if bare else ""
     return f"{shown!r} is not an http:// or https:// URL with a host{fix}: {why}"
 
@@ -207,7 +241,7 @@ class Settings(BaseSettings):
     # Bounded (at least 1 s, at most a day): see _tolerance_problem.
     webhook_tolerance_s: int = Field(300, validation_alias="CLERK_SYNC_WEBHOOK_TOLERANCE_S")
     clerk_secret_key: SecretStr | None = Field(None, validation_alias="CLERK_SECRET_KEY")
-    clerk_api_url: str = Field("https://api.clerk.com", validation_alias="CLERK_API_URL")
+    clerk_api_url: str = Field(_CLERK_API_URL, validation_alias="CLERK_API_URL")
     redis_url: str | None = Field(None, validation_alias="REDIS_URL")
     # Clerk's per-instance Backend API budget; unset: 1000 / 10 s for sk_live_ keys, else 100 / 10 s.
     clerk_api_rate_limit: int | None = Field(None, gt=0, validation_alias="CLERK_API_RATE_LIMIT")
@@ -324,6 +358,12 @@ class Settings(BaseSettings):
         if problem is not None:
             raise ValueError(problem)
         return issuer
+
+    @field_validator("clerk_api_url", mode="before")
+    @classmethod
+    def _blank_api_url_is_clerks(cls, value: object) -> object:
+        # `CLERK_API_URL=` (or app.config's "") means unset, as for the other URLs: Clerk's own
+        return _CLERK_API_URL if isinstance(value, str) and not value.strip() else value
 
     @field_validator("clerk_api_url")
     @classmethod
@@ -453,7 +493,8 @@ class Settings(BaseSettings):
         """``CLERK_AUTHORIZED_PARTIES`` (comma-separated origins), or None when unset (azp not checked)."""
         if not self.authorized_parties_raw:
             return None
-        return frozenset(p.strip().rstrip("/") for p in self.authorized_parties_raw.split(",") if p.strip())
+        # as browsers write origins (a token's azp is one): "https://App.example.com:443" is https://app.example.com
+        return frozenset(_origin(p.strip().rstrip("/")) for p in self.authorized_parties_raw.split(",") if p.strip())
 
     def impersonator_roles(self) -> frozenset[str] | None:
         """``CLERK_IMPERSONATOR_ROLES`` for :class:`~clerk_sync.auth.authenticator.Authenticator` (None: any)."""
