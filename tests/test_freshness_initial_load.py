@@ -148,3 +148,24 @@ def test_the_console_overview_reads_the_first_run_as_the_initial_load(
         page = client.get("/").text
     assert f"initial load: 12 row(s) written by reconcile run {first.run_id}" in page
     assert "deliveries were missed" not in page
+
+
+def test_a_first_run_that_updates_or_deletes_rows_repairs_them(
+        db_url: str, store: Store, emu: EmulatorServer, reconcile: Callable[..., Any]) -> None:
+    """Review: the inbox is pruned (3 days at least), so on an install whose reconcile never completed and whose
+    endpoint broke longer ago, the first run finds rows written by deliveries, now stale or gone in Clerk. Those
+    are repairs, missed deliveries, even in the first run: only the rows it creates are the initial load."""
+    from clerk_sync.engine import Entity, Upsert
+    from clerk_sync.events import user_record
+    from tests import factories as f
+
+    kept = emu.create_user(email="kept@example.com")
+    with store.transaction() as writer:  # what deliveries wrote long ago (their inbox rows pruned since)
+        writer.apply(Upsert(Entity.USER, user_record(f.user(kept["id"], 1, email="old@example.com"))))
+        writer.apply(Upsert(Entity.USER, user_record(f.user("user_gone_from_clerk", 1, email="gone@example.com"))))
+    emu.emulator.bulk_create_users(3)
+    first = reconcile()
+    assert (first.counts["users"].created, first.counts["users"].updated, first.counts["users"].deleted) == (3, 1, 1)
+    status, detail = _freshness(db_url)["last reconcile"]
+    assert status == "warn" and "deliveries were missed" in detail, detail
+    assert "initial load: 3 row(s) written" in detail and "repaired 2 row(s) that were there before it" in detail

@@ -162,11 +162,19 @@ def check_freshness(snap: DatabaseSnapshot, *, now: float, max_delivery_age_s: f
     or, only with ``max_delivery_age_s`` (an app whose users change all day), when the newest is older.
     With ``refusals`` (:func:`read_refusals`), a fifth line: rows the app's mapped tables refused
     (ClerkSyncMappedRowsRefused). ``initial_load`` (:func:`read_initial_load`) is the last run's id when it
-    is the first completed one: its rows are the initial load, neither drift nor a sign of missed deliveries."""
-    drift = 0 if initial_load is not None else sum(snap.reconcile_last_drift.values())
+    is the first completed one: the rows it created are the initial load, neither drift nor a sign of missed
+    deliveries (rows it updated or deleted were there before it, written by deliveries: those are repairs)."""
+    drift = _repaired(snap, initial_load)
     checks = [_deliveries(snap, now, max_delivery_age_s, drift), _backlog(snap, max_failed),
               _reconcile(snap, now, max_reconcile_age_s, initial_load), _hooks(snap, now, max_hook_wait_s)]
     return checks if refusals is None else [*checks, _refusals(refusals, now)]
+
+
+def _repaired(snap: DatabaseSnapshot, initial_load: int | None) -> int:
+    """The last run's repairs: every row it changed, but for the initial load only those it updated or deleted
+    (a load into an empty table only creates; a row it updated or deleted was written by a delivery)."""
+    drift = snap.reconcile_last_drift
+    return sum(count for change, count in drift.items() if initial_load is None or change != "created")
 
 
 MISSED_AFTER_S = 1800.0  # as ClerkSyncNoDeliveriesWhileDrift: reconcile repaired rows this long after the newest
@@ -260,13 +268,16 @@ def _reconcile(snap: DatabaseSnapshot, now: float, max_age: float, initial_load:
     if snap.reconcile_last_success_at is None:
         return FreshnessCheck(name, "warn", "no completed `clerk-sync reconcile` run yet: schedule one (cron)")
     age = now - snap.reconcile_last_success_at
-    drift = sum(snap.reconcile_last_drift.values())
-    did = (f"initial load: {drift} row(s) written by reconcile run {initial_load}, the first to complete"
-           if initial_load is not None else f"repaired {drift} row(s)")
+    drift = _repaired(snap, initial_load)
+    did = f"repaired {drift} row(s)"
+    if initial_load is not None:
+        loaded = snap.reconcile_last_drift.get("created", 0)
+        did = (f"initial load: {loaded} row(s) written by reconcile run {initial_load}, the first to complete"
+               + (f"; {did} that were there before it" if drift else ""))
     detail = f"completed {age:.0f}s ago, {did} {snap.reconcile_last_drift}"
     if age > max_age:  # ClerkSyncReconcileStale: the safety net has stopped
         return FreshnessCheck(name, "fail", f"{detail}; older than {max_age:.0f}s: is the schedule running? "
                               "Run `clerk-sync reconcile` and check the cron job's log")
-    if drift and initial_load is None:
+    if drift:
         return FreshnessCheck(name, "warn", f"{detail}: deliveries were missed; check the endpoint's attempts")
     return FreshnessCheck(name, "ok", detail)
