@@ -33,3 +33,35 @@ def test_doctor_does_not_echo_credentials_in_clerk_api_url(tmp_path: Path) -> No
     line = _clerk_api_line(tmp_path, f"http://someone:hunter2@127.0.0.1:{port}")
     assert f"could not connect to http://127.0.0.1:{port}/v1" in line, line
     assert "hunter2" not in line and "someone" not in line, line
+
+
+def test_doctor_does_not_say_could_not_connect_when_it_connected(tmp_path: Path) -> None:
+    """Review: a server that accepts the connection and closes it unanswered was reported "could not connect"
+    (every TransportError took the connect advice)."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    stop = threading.Event()
+
+    def hang_up() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            conn.recv(65536)
+            conn.close()  # connected, read the request, answered nothing
+
+    thread = threading.Thread(target=hang_up, daemon=True)
+    thread.start()
+    try:
+        line = _clerk_api_line(tmp_path, f"http://127.0.0.1:{port}")
+    finally:
+        stop.set()
+        thread.join()
+        listener.close()
+    assert "could not connect" not in line, line
+    assert f"http://127.0.0.1:{port}/v1/users/count: connected, but no answer (RemoteProtocolError" in line, line

@@ -192,8 +192,11 @@ def _clerk_api(settings: Settings, client: httpx.Client) -> tuple[str, str]:
     url = base + "/users/count"
     try:
         response = client.get(url, headers={"Authorization": f"Bearer {settings.clerk_secret_key.get_secret_value()}"})
-    except httpx.TransportError as exc:  # reconcile's words: the URL it could not reach, and what to check
+    except (httpx.ConnectError, httpx.ConnectTimeout, httpx.UnsupportedProtocol) as exc:  # reconcile's words
         return "fail", f"GET /users/count: {unreachable_advice(exc, base)}"
+    except httpx.TransportError as exc:  # connected, then no answer (a read timeout, a dropped connection)
+        return "fail", (f"{url}: connected, but no answer ({type(exc).__name__}: {exc}): CLERK_API_URL may name a "
+                        "server that is not Clerk's Backend API, or a proxy between them stalls; retry, then check it")
     if response.status_code in (401, 403):
         return "fail", f"{url} refused CLERK_SECRET_KEY ({response.status_code}): use this instance's secret key"
     expected = "CLERK_API_URL should be the Backend API's base URL (default https://api.clerk.com)"
