@@ -206,3 +206,13 @@ def test_the_cli_prints_a_real_run_s_changes_and_few_of_a_first_import_s(db_url:
     assert dry.returncode == 0, dry.stderr
     assert f"~ users {ada} (first_name)" in dry.stdout.splitlines()
     assert "reconcile_change" not in dry.stderr  # (DEBUG: a dry run changes nothing)
+
+
+def test_the_summary_points_to_the_log_only_when_it_holds_the_lines(db_url: str, emu: EmulatorServer) -> None:
+    """Review: "(each is in the log: reconcile_change)" was printed at CLERK_SYNC_LOG_LEVEL=WARNING too, where
+    the INFO lines it points to are dropped."""
+    emu.emulator.bulk_create_users(25)
+    quiet = run_cli("reconcile", emu=emu, db_url=db_url, CLERK_SYNC_LOG_LEVEL="WARNING")
+    assert quiet.returncode == 0, quiet.stderr
+    assert "... and 5 more created" in flat(quiet.stdout) and "each is in the log" not in quiet.stdout
+    assert "reconcile_change" not in quiet.stderr

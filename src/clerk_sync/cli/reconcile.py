@@ -71,7 +71,8 @@ def reconcile_command(settings: Any, *, since: str | None, dry_run: bool, consol
     finally:
         if own:
             store.dispose()
-        diff.print(out, logged=not dry_run)  # a failed run's repairs too: they are committed
+        # a failed run's repairs too: they are committed; "each is in the log" only where INFO lines are written
+        diff.print(out, logged=not dry_run and (structlog.is_configured() or _info_logged(settings)))
     out.print(_summary_table(report))
     return report
 
@@ -110,6 +111,12 @@ class _Stderr:
 
     def flush(self) -> None:
         sys.stderr.flush()
+
+
+def _info_logged(settings: Any) -> bool:
+    """Whether the command's own log set-up (:func:`_logging`) writes INFO lines (``reconcile_change``). An
+    app's own structlog set-up is its to filter: the command cannot tell, and assumes it does."""
+    return str(getattr(settings, "log_level", "INFO")).upper() in ("DEBUG", "INFO")
 
 
 @contextmanager
