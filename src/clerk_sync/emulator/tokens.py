@@ -196,7 +196,7 @@ def template_context(user: JSON, org: JSON | None, role: str | None, actor: JSON
     user_ctx = {k: v for k, v in user.items() if k != "private_metadata"}
     user_ctx["primary_email_address"] = emails.get(user.get("primary_email_address_id") or "")
     phones = {p["id"]: p["phone_number"] for p in user.get("phone_numbers", [])}
-    user_ctx["primary_phone_number"] = phones.get(user.get("primary_phone_number_id") or "")
+    user_ctx["primary_phone_address"] = phones.get(user.get("primary_phone_number_id") or "")  # Clerk's name
     user_ctx["full_name"] = " ".join(n for n in names if n) or None
     org_ctx = None
     if org is not None:

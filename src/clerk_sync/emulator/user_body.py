@@ -39,11 +39,14 @@ _EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 _E164_RE = re.compile(r"\+[1-9][0-9]{6,14}")  # fullmatch: no trailing newline either
 _E164_MESSAGE = "phone_number must be a valid phone number according to E.164 international standard."
 _MIN_PASSWORD_LENGTH = 8  # the spec: "Must be at least 8 characters long"
-# The spec's ``PasswordHasher`` (its description lists the algorithms Clerk supports).
+# The spec's ``PasswordHasher`` (its description lists the algorithms Clerk supports) and those Clerk's migration
+# guides name besides (awscognito for Cognito, the peppered and salted ones): an unknown name is a typo Clerk
+# refuses too. Clerk adds hashers over time: add a name here when its docs do.
 _PASSWORD_HASHERS = frozenset({
-    "argon2i", "argon2id", "bcrypt", "bcrypt_sha256_django", "ldap_ssha", "md5", "md5_phpass", "pbkdf2_sha1",
-    "pbkdf2_sha256", "pbkdf2_sha256_django", "pbkdf2_sha512", "pbkdf2_sha512_hex", "phpass", "scrypt_firebase",
-    "scrypt_werkzeug", "sha256", "sha512_symfony",
+    "argon2i", "argon2id", "awscognito", "bcrypt", "bcrypt_peppered", "bcrypt_sha256_django",
+    "hmac_sha256_utf16_b64", "ldap_ssha", "md5", "md5_phpass", "md5_salted", "pbkdf2_sha1", "pbkdf2_sha256",
+    "pbkdf2_sha256_django", "pbkdf2_sha512", "pbkdf2_sha512_hex", "phpass", "scrypt_firebase", "scrypt_werkzeug",
+    "sha256", "sha256_salted", "sha512_symfony",
 })
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 METADATA_FIELDS = ("public_metadata", "private_metadata", "unsafe_metadata")
