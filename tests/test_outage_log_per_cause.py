@@ -60,3 +60,12 @@ def test_the_causes_held_are_bounded(clock: Clock) -> None:
     hosts = [f"db-{chr(97 + i % 26)}{chr(97 + i // 26)}" for i in range(300)]
     logged = _causes_logged(*(StoreError(f"database error: could not translate host name {h}") for h in hosts))
     assert len(logged) == 300 and len(error_table._logged) == error_table._CAUSES_HELD
+
+
+def test_an_http_status_the_message_quotes_is_part_of_the_cause(clock: Clock) -> None:
+    """Review: every number was masked, so the JWKS fetch's "answered 429" then "answered 400" (a different
+    outage) were one cause, the second only counted."""
+    busy = TokenKeysUnavailable("no signing keys yet: https://api.clerk.com/v1/jwks answered 429")
+    bad = TokenKeysUnavailable("no signing keys yet: https://api.clerk.com/v1/jwks answered 400")
+    refused = TokenKeysUnavailable("no signing keys yet: Clerk refused CLERK_SECRET_KEY (403)")
+    assert _causes_logged(busy, bad, refused, busy) == [(str(busy), 0), (str(bad), 0), (str(refused), 0)]
