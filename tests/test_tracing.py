@@ -61,6 +61,13 @@ def test_spans_for_clerk_calls_and_reconcile_pages(store: Store, emu: EmulatorSe
     assert (call.attributes or {})["url.template"] == "/users/{id}"
     pages = named(spans, "reconcile.page")
     assert {(p.attributes or {})["clerk_sync.entity"] for p in pages} >= {"users"}
+    # one trace per run (review: each page and API call was a trace of its own): the pages, and the Clerk calls
+    # made by the prefetching threads too, are in the run's trace
+    (run,) = named(spans, "reconcile.run")
+    assert run.context is not None and (run.attributes or {})["clerk_sync.dry_run"] is False
+    listed = [s for s in spans.get_finished_spans() if s.name.startswith("GET /users") and s is not call]
+    assert listed and pages
+    assert {s.context.trace_id for s in [*pages, *listed] if s.context is not None} == {run.context.trace_id}
 
 
 def test_without_opentelemetry_tracing_is_a_no_op(tmp_path: object) -> None:

@@ -29,6 +29,7 @@ would never end, and a sweep after it would delete on the word of a broken listi
 
 from __future__ import annotations
 
+import contextvars
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -36,7 +37,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import Any, NoReturn, Protocol, cast
+from typing import Any, NoReturn, Protocol, TypeVar, cast
 
 import sqlalchemy as sa
 import structlog
@@ -182,6 +183,15 @@ class _Run:
         return self.report.run_id or 0
 
 
+_T = TypeVar("_T")
+
+
+def _in_context(pool: ThreadPoolExecutor, fn: Callable[..., _T], *args: Any) -> Future[_T]:
+    """``pool.submit(fn, *args)`` in a copy of this thread's context: the prefetching thread's Clerk calls are
+    children of the run's span, as the calls made here are (OpenTelemetry's context is a contextvar)."""
+    return pool.submit(contextvars.copy_context().run, fn, *args)
+
+
 class Reconciler:
     """Pages through Clerk and repairs our tables; see the module docstring for the guarantees.
 
@@ -229,6 +239,11 @@ class Reconciler:
     def run(self, *, since: datetime | None = None, dry_run: bool = False) -> ReconcileReport:
         """One reconcile pass, resuming an unfinished run with the same ``since`` if there is one."""
         since = as_utc(since) if since is not None else None  # SQLite keeps a time's clock reading, not its offset
+        # one trace per run: its pages and Clerk calls (the prefetching threads' too) are its children
+        with span("reconcile.run", {"clerk_sync.dry_run": dry_run}):
+            return self._run(since, dry_run)
+
+    def _run(self, since: datetime | None, dry_run: bool) -> ReconcileReport:
         instance = self._check_instance()
         with self._begin(since, dry_run) as run:
             run.instance_id = instance
@@ -494,7 +509,7 @@ class Reconciler:
                                          created_at_after=since)
 
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reconcile") as pool:
-            future = pool.submit(fetch, anchor[0] if anchor else None)
+            future = _in_context(pool, fetch, anchor[0] if anchor else None)
             try:
                 while True:
                     refused: ClerkAPIError | None = None
@@ -512,7 +527,7 @@ class Reconciler:
                                 since = _lost_at(before or [lost])
                                 advance.recent.clear()  # (users sharing a creation time are listed again)
                             before = []
-                            future = pool.submit(fetch, anchor[0] if anchor else None)
+                            future = _in_context(pool, fetch, anchor[0] if anchor else None)
                             continue
                     if refused is not None:
                         raise refused
@@ -524,7 +539,7 @@ class Reconciler:
                     advance.check(position, items, None)
                     if last is None:
                         advance.stop("a full page with no user id to page on from")
-                    future = pool.submit(fetch, last[0])
+                    future = _in_context(pool, fetch, last[0])
                     yield position, items, last
                     position, anchor, before = position + len(items), last, page
             finally:
@@ -552,7 +567,7 @@ class Reconciler:
                 while True:
                     window = 1 if sequential or horizon is None else self.prefetch
                     while len(pending) < window and (not pending if horizon is None else next_offset < horizon):
-                        pending.append((next_offset, pool.submit(fetch, next_offset)))
+                        pending.append((next_offset, _in_context(pool, fetch, next_offset)))
                         next_offset += size
                     if not pending:
                         return
