@@ -120,3 +120,17 @@ def test_other_failures_say_what_happened(answer: httpx.Response | httpx.HTTPErr
             source.prefetch()
     assert said in str(caught.value), str(caught.value)
     _says_it_plainly(str(caught.value))
+
+
+def test_a_key_with_a_newline_is_never_quoted_by_the_jwks_message(clerk: EmulatorServer) -> None:
+    """Review: httpx refuses a header with a newline, and its error quotes the header: the secret key, in full,
+    in the 503's log line and doctor's. (Settings strips the key; a key passed in code is not.)"""
+    from clerk_sync.auth.jwks import JWKSKeySource
+
+    key = "sk_live_TOPSECRET123\n"
+    with httpx.Client() as client:  # the real transport: connected, h11 refuses the header before sending it
+        source = JWKSKeySource(f"{clerk.url}/v1/jwks", client=client, headers={"Authorization": f"Bearer {key}"})
+        with pytest.raises(TokenKeysUnavailable) as caught:
+            source.prefetch()
+    said = str(caught.value)
+    assert "TOPSECRET" not in said and "could not send its request" in said and "CLERK_SECRET_KEY" in said, said

@@ -181,3 +181,46 @@ def test_migrate_says_what_it_applied_and_when_nothing_was_due(db_url: str) -> N
     previous = migrations.current_revision(store.engine)
     store.dispose()
     assert f"migrated {previous} -> {head} (1 step) on " in migrate()
+
+
+def test_a_secret_key_read_with_a_trailing_newline_is_stripped() -> None:
+    """Review: a key from `kubectl create secret --from-file` or `echo` ends in a newline: kept, every call to
+    Clerk failed with httpx's refusal, which quotes the header (the key) into logs and doctor's output."""
+    settings = Settings.from_env({"CLERK_SECRET_KEY": "sk_live_TOPSECRET123\n"})
+    assert settings.clerk_secret_key is not None
+    assert settings.clerk_secret_key.get_secret_value() == "sk_live_TOPSECRET123"
+
+
+def test_a_secret_key_with_a_space_inside_is_refused_without_showing_it() -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"CLERK_SECRET_KEY": "sk_live_TOP SECRET123"})
+    assert "CLERK_SECRET_KEY" in str(caught.value) and "space or a control character" in str(caught.value)
+    assert "TOP" not in str(caught.value).replace("TOP SECRET", "") and "SECRET123" not in str(caught.value)
+
+
+@pytest.mark.parametrize(("entry", "fix"), [
+    ("chrome-extension://me:s3cret@abcdefgh/popup.html", "write 'chrome-extension://abcdefgh'"),
+    ("capacitor://localhost/app", "write 'capacitor://localhost'"),
+])
+def test_a_non_http_origin_with_a_path_suggests_the_origin_without_credentials(entry: str, fix: str) -> None:
+    """Review: for other schemes the suggestion was the refused value itself, credentials included."""
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"CLERK_AUTHORIZED_PARTIES": entry})
+    assert fix in str(caught.value) and "s3cret" not in str(caught.value), str(caught.value)
+
+
+def test_origins_are_written_as_browsers_send_them_idn_and_ipv6() -> None:
+    settings = Settings.from_env({"CLERK_AUTHORIZED_PARTIES": "https://Bücher.example,http://[0:0:0:0:0:0:0:1]:3000"})
+    assert settings.authorized_parties() == {"https://xn--bcher-kva.example", "http://[::1]:3000"}
+
+
+def test_an_ipv6_origin_without_scheme_gets_the_suggestion() -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"CLERK_AUTHORIZED_PARTIES": "[::1]:3000"})
+    assert "write 'http://[::1]:3000'" in str(caught.value)
+
+
+def test_a_hostname_that_starts_like_a_key_is_not_called_one() -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"CLERK_API_URL": "sk_internal.example.com"})
+    assert "looks like a Clerk key" not in str(caught.value) and "'https://sk_internal.example.com'" in str(caught.value)

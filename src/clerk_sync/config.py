@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import importlib.util
+import ipaddress
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -150,22 +151,37 @@ def _origin(entry: str) -> str:
     parts = urlsplit(entry)
     scheme = parts.scheme.lower()
     if scheme not in _DEFAULT_PORTS or not parts.hostname:
-        return entry
-    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    return f"{scheme}://{host}" + ("" if parts.port in (None, _DEFAULT_PORTS[scheme]) else f":{parts.port}")
+        return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"  # (no credentials, no path)
+    return f"{scheme}://{_browser_host(parts.hostname)}" + (
+        "" if parts.port in (None, _DEFAULT_PORTS[scheme]) else f":{parts.port}")
+
+
+def _browser_host(host: str) -> str:
+    """``host`` as an Origin header writes it: an IP address in its short form (IPv6 bracketed), a name in
+    ASCII (an internationalised one in punycode)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        try:
+            return host.encode("idna").decode("ascii")
+        except UnicodeError:  # not a name IDNA can encode: compared as written (it then never matches)
+            return host
+    return f"[{address.compressed}]" if address.version == 6 else address.compressed
 
 
 def _host_like(value: str) -> bool:
     """``value`` reads as host[:port][/path] with the scheme left out (a dotted name, localhost or an IP), so
     suggesting ``https://`` + it helps; anything else (a stray word, ``null``) gets no suggestion."""
-    host = re.split(r"[:/]", value, maxsplit=1)[0]
-    return re.fullmatch(r"[\w-]+(\.[\w-]+)+|localhost|\[[0-9a-fA-F:]+\]", host) is not None
+    bracketed = re.match(r"\[[0-9a-fA-F:.]+\]", value)  # an IPv6 address: its colons are not a port's
+    host = bracketed.group(0) if bracketed else re.split(r"[:/]", value, maxsplit=1)[0]
+    return re.fullmatch(r"[\w-]+(\.[\w-]+)+|localhost|\[[0-9a-fA-F:.]+\]", host) is not None
 
 
 # Prefixes of Clerk's keys and Svix's signing secrets: a value with one, found in a URL or origin setting, is
 # a secret in the wrong variable, and is never echoed (settings errors reach logs and CI output).
-_SECRET_PREFIXES = {"sk_": "CLERK_SECRET_KEY", "pk_": "your front end (the publishable key)",
-                    "whsec_": "CLERK_WEBHOOK_SIGNING_SECRET"}
+_SECRET_PREFIXES = {"sk_test_": "CLERK_SECRET_KEY", "sk_live_": "CLERK_SECRET_KEY",
+                    "pk_test_": "your front end (the publishable key)",
+                    "pk_live_": "your front end (the publishable key)", "whsec_": "CLERK_WEBHOOK_SIGNING_SECRET"}
 
 
 def _secret_problem(value: str) -> str | None:
@@ -409,7 +425,11 @@ class Settings(BaseSettings):
         if key.startswith("whsec_"):
             raise ValueError(f"this is a webhook signing secret ('whsec_...', for CLERK_WEBHOOK_SIGNING_SECRET); "
                              f"{where}")
-        return value
+        if any(c.isspace() or not c.isprintable() for c in key):  # a header cannot carry it (nor is it a key)
+            raise ValueError(f"has a space or a control character inside it (not shown): copy it again; {where}")
+        # the stripped key: a trailing newline (kubectl create secret --from-file, echo) would make every request
+        # to Clerk fail, and httpx's refusal quotes the header, the key in full
+        return None if value is None else SecretStr(key)
 
     @field_validator("database_url", mode="before")
     @classmethod

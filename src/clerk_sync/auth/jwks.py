@@ -299,6 +299,9 @@ class JWKSKeySource:
         return f"{self.url} answered {status}" + (": Clerk is unavailable, retry later" if status >= 500 else "")
 
     def _unreachable(self, exc: httpx.HTTPError) -> str:
+        if isinstance(exc, httpx.LocalProtocolError):  # never sent; its text quotes the refused header (the key)
+            return f"the JWKS fetch could not send its request to {self.url}: a header value holds a character " \
+                   "HTTP cannot carry, most likely CLERK_SECRET_KEY (a newline or space inside it): set it again"
         if isinstance(exc, httpx.TimeoutException):
             return f"the JWKS fetch from {self.url} got no answer within {self._timeout:g} s: check " \
                    f"{self._url_setting} and the network"

@@ -443,13 +443,18 @@ def _error(response: httpx.Response, req: ApiRequest[Any]) -> ClerkAPIError:
                trace_id=trace, method=req.method, path=req.path)
 
 
-_UNREACHABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.UnsupportedProtocol)
+# (LocalProtocolError: the request could not be written, never sent; its text quotes the header it refused)
+_UNREACHABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.UnsupportedProtocol, httpx.LocalProtocolError)
 
 
 def unreachable_advice(exc: BaseException, base_url: str) -> str:
     """Why the Backend API at ``base_url`` could not be reached, naming the setting (the likeliest thing to be
     wrong) and what else to check: one wording for every caller (reconcile, doctor)."""
     shown = httpx.URL(base_url).copy_with(username=None, password=None)  # never echo credentials
+    if isinstance(exc, httpx.LocalProtocolError):  # its text quotes the refused header: the key, in full
+        return (f"could not send a request to {shown}: a header value holds a character HTTP cannot carry, most "
+                "likely CLERK_SECRET_KEY (a newline or space inside it, from the file or command that set it): "
+                "set it again")
     return (f"could not connect to {shown} ({type(exc).__name__}: {exc}): check CLERK_API_URL (Clerk's is "
             "https://api.clerk.com) and that this host can reach it (DNS, proxy, firewall)")
 

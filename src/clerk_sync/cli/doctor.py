@@ -192,8 +192,12 @@ def _clerk_api(settings: Settings, client: httpx.Client) -> tuple[str, str]:
     url = base + "/users/count"
     try:
         response = client.get(url, headers={"Authorization": f"Bearer {settings.clerk_secret_key.get_secret_value()}"})
-    except (httpx.ConnectError, httpx.ConnectTimeout, httpx.UnsupportedProtocol) as exc:  # reconcile's words
+    except (httpx.ConnectError, httpx.ConnectTimeout, httpx.UnsupportedProtocol,
+            httpx.LocalProtocolError) as exc:  # reconcile's words (never the refused header: the key)
         return "fail", f"GET /users/count: {unreachable_advice(exc, base)}"
+    except httpx.ProxyError as exc:
+        return "fail", (f"{url}: the proxy refused the connection ({exc}): check HTTPS_PROXY / HTTP_PROXY and "
+                        "NO_PROXY in this process's environment")
     except httpx.TransportError as exc:  # connected, then no answer (a read timeout, a dropped connection)
         return "fail", (f"{url}: connected, but no answer ({type(exc).__name__}: {exc}): CLERK_API_URL may name a "
                         "server that is not Clerk's Backend API, or a proxy between them stalls; retry, then check it")

@@ -89,7 +89,7 @@ _LOG_EVERY_S = 10.0  # an outage answers every request: one log line per cause t
 _CAUSES_HELD = 64  # causes remembered for throttling; past it, the one logged longest ago is forgotten
 # Addresses, durations, counters: not a new cause. An HTTP status the message quotes ("answered 429", "(401)")
 # is one: Clerk answering 400 after 429 is another outage.
-_VOLATILE = re.compile(r"0x[0-9a-f]+|(?<!answered )(?<!\()\b\d+\b", re.IGNORECASE)
+_VOLATILE = re.compile(r"0x[0-9a-f]+|(?<!answered )(?<!\()(?<!\d)\d+", re.IGNORECASE)
 
 log = structlog.get_logger("clerk_sync.http")
 _now: Callable[[], float] = time.monotonic  # (tests replace it)
