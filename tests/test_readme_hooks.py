@@ -35,6 +35,6 @@ def test_the_hooks_snippet_runs_as_printed(tmp_path: Path, db_url: str) -> None:
     assert lines == [
         "['added accounts.clerk_user_id', 'added accounts.deleted_at', "
         "'created unique index uq_accounts_clerk_user_id']",
-        "welcome user_1@example.com user.created:user_1:1800000000000",
+        "welcome user_1@example.com user_1",
         "{'clerk_user_id': 'user_1', 'email': 'user_1@example.com', 'role': 'admin', 'plan': 'free'}",
     ]
