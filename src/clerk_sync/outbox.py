@@ -8,6 +8,9 @@ same inside the delivery's statement (:func:`jobs_cte_sql`). The claim side (:fu
 
 - a job is claimable when it is ``pending`` and due, or ``running`` with an expired lease (its worker
   died), and no earlier job with the same ``entity_key`` (hook + entity) is unfinished: order per entity;
+- a dispatcher claims only the jobs of the hooks it has (``claim(hooks=)``): during a rolling deploy a
+  worker with an older hooks list leaves a new hook's jobs to the workers that have it (it marked them
+  dead, "no hook named ..."); the order per entity is unchanged, since an ``entity_key`` is one hook's;
 - on PostgreSQL the claim is ``SELECT .. FOR UPDATE SKIP LOCKED`` then a lease with a fresh token, so
   replicas never run a job concurrently (within the lease); on SQLite the writer lock serialises claims;
 - a finished job is deleted; one that failed ``max_attempts`` times stays as ``dead`` for the CLI, until
@@ -252,9 +255,13 @@ class Job:
 _LEASE_EXPIRED = "attempts (worker killed, or handler slower than the lease)"  # "lease expired after N " + this
 
 
-def claim(conn: Connection, now: datetime, *, lease: timedelta, limit: int, max_attempts: int) -> list[Job]:
+def claim(conn: Connection, now: datetime, *, lease: timedelta, limit: int, max_attempts: int,
+          hooks: Sequence[str] | None = None) -> list[Job]:
     """Lease up to ``limit`` claimable jobs (at most one per entity_key), oldest first; all jobs of one
-    claim share its token. Run inside the caller's transaction.
+    claim share its token. Run inside the caller's transaction. ``hooks``: only the jobs of these hooks
+    (the dispatcher's own; None: every hook's). A job's ``entity_key`` starts with its hook's name, so the
+    jobs a dispatcher leaves out never hold back those it takes, nor the reverse: each entity's jobs of a
+    hook still run one at a time, in order, by whichever dispatcher has that hook.
 
     A job whose lease expired after ``max_attempts`` claims is marked dead instead (its worker keeps
     dying, or the handler outlives the lease).
@@ -270,18 +277,20 @@ def claim(conn: Connection, now: datetime, *, lease: timedelta, limit: int, max_
     page row for its entity's first job, so the same bound holds.
     """
     if conn.dialect.name in ("mysql", "mariadb"):  # no UPDATE .. RETURNING, nor a subquery on the updated table
-        return _claim_one_by_one(conn, now, lease=lease, limit=limit, max_attempts=max_attempts)
+        return _claim_one_by_one(conn, now, lease=lease, limit=limit, max_attempts=max_attempts, hooks=hooks)
     pg = conn.dialect.name == "postgresql"
     direct = _direct(conn)
     if direct is not None:
-        return _claim_direct(conn, direct, now, lease=lease, limit=limit, max_attempts=max_attempts)
+        return _claim_direct(conn, direct, now, lease=lease, limit=limit, max_attempts=max_attempts, hooks=hooks)
     conn.execute(_dead_sql(pg), {"now": now, "max_attempts": max_attempts, "error": _LEASE_EXPIRED})
-    due = {"now": now, "max_attempts": max_attempts}
+    due: dict[str, Any] = {"now": now, "max_attempts": max_attempts}
+    if hooks is not None:
+        due["hooks"] = list(hooks)
     token = str(uuid.uuid4())
     take = due | {"lease_until": now + lease, "token": token}
 
     def page(after: int, size: int) -> list[tuple[int, str, bool]]:
-        rows = conn.execute(_due_sql(), due | {"after": after, "page": size}).all()
+        rows = conn.execute(_due_sql(pg, hooks is not None), due | {"after": after, "page": size}).all()
         keys = sorted({row.entity_key for row in rows})
         first = {key: job_id for key, job_id in conn.execute(_first_sql(pg), {"keys": keys})} if keys else {}
         return [(row.id, row.entity_key, first.get(row.entity_key) == row.id) for row in rows]
@@ -324,7 +333,7 @@ def _claim_pages(page: Callable[[int, int], Sequence[tuple[int, str, Any]]],
 
 
 def _claim_direct(conn: Connection, sql: _DirectSQL, now: datetime, *, lease: timedelta, limit: int,
-                  max_attempts: int) -> list[Job]:
+                  max_attempts: int, hooks: Sequence[str] | None) -> list[Job]:
     """:func:`claim` through the driver itself (psycopg, sqlite3), two statements a page instead of three:
     each page of due jobs comes with whether each is its entity's first unfinished job (the keys are not
     sent back), and the rows are the driver's tuples, not SQLAlchemy's. The dispatcher in ``serve`` shares
@@ -335,13 +344,16 @@ def _claim_direct(conn: Connection, sql: _DirectSQL, now: datetime, *, lease: ti
     with driver_cursor(conn, "claim hook jobs") as cur:
         cur.execute(sql.dead, params)
         params |= {"lease_until": sql.time(now + lease), "token": token}
+        page = sql.page
+        if hooks is not None:
+            page, params["hooks"] = sql.page_of_hooks, sql.hooks(hooks)
         return _claim_pages(
-            lambda after, size: cur.execute(sql.page, params | {"after": after, "page": size}).fetchall(),
+            lambda after, size: cur.execute(page, params | {"after": after, "page": size}).fetchall(),
             lambda chosen: cur.execute(sql.take, params | {"ids": sql.ids(chosen)}).fetchall(), limit, token)
 
 
 def _claim_one_by_one(conn: Connection, now: datetime, *, lease: timedelta, limit: int,
-                      max_attempts: int) -> list[Job]:
+                      max_attempts: int, hooks: Sequence[str] | None) -> list[Job]:
     """:func:`claim` as a select then one update per job (MySQL/MariaDB)."""
     j, earlier = hook_jobs, hook_jobs.alias("earlier")
     due = sa.or_(sa.and_(j.c.status == "pending", j.c.available_at <= now),
@@ -349,6 +361,8 @@ def _claim_one_by_one(conn: Connection, now: datetime, *, lease: timedelta, limi
     blocked = sa.exists().where(earlier.c.entity_key == j.c.entity_key, earlier.c.id < j.c.id,
                                 earlier.c.status.in_(("pending", "running")))
     query = sa.select(j.c.id, j.c.hook, j.c.payload, j.c.attempts, j.c.status).where(due, ~blocked)
+    if hooks is not None:
+        query = query.where(j.c.hook.in_(list(hooks)))
     query = query.order_by(j.c.id).limit(limit).with_for_update(skip_locked=True)  # MariaDB: no FOR UPDATE OF
     jobs: list[Job] = []
     for row in conn.execute(query).all():
@@ -495,11 +509,16 @@ def _requeue(conn: Connection, now: datetime, rows: Sequence[Any]) -> int:
     return len(rows)
 
 
-def delete_jobs(conn: Connection, ids: Sequence[int] | None = None) -> int:
-    """Purge dead jobs (all, or these ids); pending and running jobs are never purged."""
-    stmt = sa.delete(hook_jobs).where(hook_jobs.c.status == "dead")
+def delete_jobs(conn: Connection, ids: Sequence[int] | None = None, *, hook: str | None = None) -> int:
+    """Purge dead jobs (all, or these ids); pending and running jobs are never purged. With ``hook``: every
+    job of that hook that is not running, pending ones too (a hook removed or renamed: no dispatcher has it,
+    so none claims its jobs, which would wait for ever)."""
+    j = hook_jobs
+    if hook is not None:
+        return conn.execute(sa.delete(j).where(j.c.hook == hook, j.c.status.in_(("dead", "pending")))).rowcount
+    stmt = sa.delete(j).where(j.c.status == "dead")
     if ids is not None:
-        stmt = stmt.where(hook_jobs.c.id.in_(ids))
+        stmt = stmt.where(j.c.id.in_(ids))
     return conn.execute(stmt).rowcount
 
 
@@ -612,14 +631,17 @@ class _DirectSQL:
 
     dead: str
     page: str
+    page_of_hooks: str  # the page, of the jobs of the hooks in :hooks only
     take: str
     finish: str
     ids: Callable[[list[int]], str]
+    hooks: Callable[[Sequence[str]], Any]
     time: Callable[[datetime], Any]
 
 
-def _direct_sql(*, postgres: bool, placeholder: Callable[[str], str], in_ids: str,
-                ids: Callable[[list[int]], str], time: Callable[[datetime], Any]) -> _DirectSQL:
+def _direct_sql(*, postgres: bool, placeholder: Callable[[str], str], in_ids: str, in_hooks: str,
+                ids: Callable[[list[int]], str], hooks: Callable[[Sequence[str]], Any],
+                time: Callable[[datetime], Any]) -> _DirectSQL:
     def bind(sql: str) -> str:
         return re.sub(r"(?<!:):(\w+)", lambda m: placeholder(m.group(1)), sql)  # not a ::cast
 
@@ -627,32 +649,38 @@ def _direct_sql(*, postgres: bool, placeholder: Callable[[str], str], in_ids: st
     # (entity_key, id) per row, whatever the statistics say. (A join with the page's entities grouped
     # was planned, from the statistics of an emptied queue, as a nested loop that grouped them again for
     # every row: ~1 s for a page of 4,096 over a backlog blocked behind its first jobs; review.)
-    page = ("WITH page AS (SELECT j.id, j.entity_key FROM hook_jobs j "  # noqa: S608
-            f"WHERE {_DUE} AND j.id > :after ORDER BY j.id LIMIT :page) "
-            "SELECT p.id, p.entity_key, p.id = (SELECT f.id FROM hook_jobs f WHERE f.entity_key = p.entity_key "
-            "AND f.status <> 'dead' ORDER BY f.id LIMIT 1) FROM page p ORDER BY p.id")
+    def page(of_hooks: str) -> str:
+        sql = ("WITH page AS (SELECT j.id, j.entity_key FROM hook_jobs j "  # noqa: S608
+               f"WHERE {_DUE}{of_hooks} AND j.id > :after ORDER BY j.id LIMIT :page) "
+               "SELECT p.id, p.entity_key, p.id = (SELECT f.id FROM hook_jobs f WHERE f.entity_key = p.entity_key "
+               "AND f.status <> 'dead' ORDER BY f.id LIMIT 1) FROM page p ORDER BY p.id")
+        # PostgreSQL: the page first, then one probe for each of its rows (not for every due row)
+        return bind(sql.replace("WITH page AS (", "WITH page AS MATERIALIZED (") if postgres else sql)
+
     lock = " FOR UPDATE OF j SKIP LOCKED" if postgres else ""  # SQLite: the writer lock serialises claims
     return _DirectSQL(
         dead=bind("UPDATE hook_jobs SET status = 'dead', lease_until = NULL, claim_token = NULL, "  # noqa: S608
                   "last_error = 'lease expired after ' || attempts || ' ' || :error WHERE id IN (SELECT j.id "
                   "FROM hook_jobs j WHERE j.status = 'running' AND j.lease_until < :now "
                   f"AND j.attempts >= :max_attempts{' FOR UPDATE SKIP LOCKED' if lock else ''})"),
-        # PostgreSQL: the page first, then one probe for each of its rows (not for every due row)
-        page=bind(page.replace("WITH page AS (", "WITH page AS MATERIALIZED (") if lock else page),
+        page=page(""), page_of_hooks=page(f" AND j.hook {in_hooks}"),
         take=bind("UPDATE hook_jobs SET status = 'running', lease_until = :lease_until, "  # noqa: S608
                   "claim_token = :token, attempts = attempts + 1 WHERE id IN (SELECT j.id FROM hook_jobs j "
                   f"WHERE j.id {in_ids} AND {_STILL_DUE}{lock}) RETURNING id, hook, payload, attempts"),
         finish=bind(f"DELETE FROM hook_jobs WHERE claim_token = :token AND id {in_ids} RETURNING id"),  # noqa: S608
-        ids=ids, time=time)
+        ids=ids, hooks=hooks, time=time)
 
 
 _DIRECT: dict[str, _DirectSQL] = {
     "psycopg": _direct_sql(postgres=True, placeholder=lambda name: f"%({name})s", in_ids="= ANY(:ids::bigint[])",
-                           ids=lambda ids: "{" + ",".join(map(str, ids)) + "}", time=lambda t: t),
+                           in_hooks="= ANY(:hooks::text[])", ids=lambda ids: "{" + ",".join(map(str, ids)) + "}",
+                           hooks=list, time=lambda t: t),
     # sqlite3 takes :name itself; SQLAlchemy's own timestamp text, so comparisons match what it wrote
     "sqlite": _direct_sql(postgres=False, placeholder=lambda name: f":{name}",
                           in_ids="IN (SELECT value FROM json_each(:ids))",
-                          ids=lambda ids: "[" + ",".join(map(str, ids)) + "]", time=sqlite_time),
+                          in_hooks="IN (SELECT value FROM json_each(:hooks))",
+                          ids=lambda ids: "[" + ",".join(map(str, ids)) + "]",
+                          hooks=lambda names: json.dumps(list(names)), time=sqlite_time),
 }
 
 
@@ -676,11 +704,18 @@ def _dead_sql(postgres: bool) -> sa.TextClause:
 
 
 @functools.cache
-def _due_sql() -> sa.TextClause:
-    """A page of due jobs after id ``:after``, oldest first: their ids and entities."""
-    return sa.text(
-        f"SELECT j.id, j.entity_key FROM hook_jobs j WHERE {_DUE} AND j.id > :after ORDER BY j.id LIMIT :page"  # noqa: S608
+def _due_sql(postgres: bool, of_hooks: bool) -> sa.TextClause:
+    """A page of due jobs after id ``:after``, oldest first: their ids and entities (``of_hooks``: of the
+    hooks in ``:hooks`` only)."""
+    hooks = (" AND j.hook = ANY(:hooks)" if postgres else " AND j.hook IN :hooks") if of_hooks else ""
+    stmt = sa.text(
+        f"SELECT j.id, j.entity_key FROM hook_jobs j WHERE {_DUE}{hooks} AND j.id > :after "  # noqa: S608
+        "ORDER BY j.id LIMIT :page"
     ).bindparams(sa.bindparam("now", type_=hook_jobs.c.created_at.type))
+    if not of_hooks:
+        return stmt
+    return stmt.bindparams(sa.bindparam("hooks", type_=postgresql.ARRAY(sa.String)) if postgres
+                           else sa.bindparam("hooks", expanding=True))
 
 
 @functools.cache

@@ -26,6 +26,7 @@ import typer
 from rich.console import Console
 from sqlalchemy.engine import Connection
 
+from clerk_sync._time import aware
 from clerk_sync.auth.audit import AuditEntry, record_audit
 from clerk_sync.changes import Change, Hook
 from clerk_sync.clerk_api import ClerkClient
@@ -335,7 +336,8 @@ def _store() -> Store:
 
 def _ids(ids: list[int] | None, all_: bool, verb: str) -> list[int] | None:
     if not ids and not all_:
-        raise ConfigError(f"name the dead jobs to {verb} (ids from `clerk-sync hooks list`), or pass --all")
+        also = " (or --hook NAME: a removed hook's jobs)" if verb == "purge" else ""
+        raise ConfigError(f"name the dead jobs to {verb} (ids from `clerk-sync hooks list`), or pass --all{also}")
     if ids and all_:  # which one was meant? --all used to win silently
         raise ConfigError(f"pass job ids or --all, not both: `hooks {verb} --all` {verb}s every dead job")
     return None if all_ else ids
@@ -353,11 +355,29 @@ def list_command(
     store = _store()
     with store.connect() as conn:
         jobs = list_jobs(conn, status=status, limit=limit)
+        waiting = _due_by_hook(conn, store.now()) if status == "pending" else []
     store.dispose()
     for job in jobs:  # one line per job, fields never holding a tab or newline (`cut -f1` gives the ids)
         fields = (job.hook, job.change.type, job.change.clerk_id, f"attempts={job.attempts}", job.last_error or "")
         typer.echo("\t".join([str(job.id), *map(_one_field, fields)]))
     Console(stderr=True).print(f"{len(jobs)} {status} job(s)")
+    if waiting:
+        due = ", ".join(f"{hook!r} {count} (the oldest waiting {waited:.0f}s)" for hook, count, waited in waiting)
+        Console(stderr=True, highlight=False).print(
+            f"due now, by hook: {due}. A dispatcher claims only the jobs of the hooks it has: a hook whose jobs "
+            "wait on is in no running worker's --hooks (nor serve's)? deploy it there, or, if it was removed or "
+            "renamed, `clerk-sync hooks purge --hook NAME` (its changes will not be handled)", soft_wrap=True)
+
+
+def _due_by_hook(conn: Connection, now: datetime) -> list[tuple[str, int, float]]:
+    """The due pending jobs by hook: how many, and how long the oldest has waited (as ``doctor --freshness``
+    counts it, since it was queued), the longest wait first."""
+    j = hook_jobs
+    query = (sa.select(j.c.hook, sa.func.count(), sa.func.min(j.c.created_at))
+             .where(j.c.status == "pending", j.c.available_at <= now).group_by(j.c.hook))
+    rows = [(hook, int(count), max(0.0, (now - aware(oldest)).total_seconds()))
+            for hook, count, oldest in conn.execute(query)]
+    return sorted(rows, key=lambda row: -row[2])
 
 
 def _one_field(text: str) -> str:
@@ -421,8 +441,17 @@ def _next_page(conn: Connection, wanted: list[int] | None, after: int, page: int
 def purge_command(
     ids: Annotated[list[int] | None, typer.Argument(help="Job ids.")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Every dead job.")] = False,
+    hook: Annotated[str | None, typer.Option(
+        help="Every job of this hook that is not running, pending ones too: a hook removed or renamed, whose "
+             "jobs no dispatcher claims.")] = None,
 ) -> None:
-    """Delete dead jobs (their changes will not be handled)."""
+    """Delete dead jobs (their changes will not be handled); with --hook, a removed hook's waiting jobs too."""
+    if hook is not None:
+        if ids or all_:
+            raise ConfigError("pass --hook alone: it purges that hook's dead and pending jobs; job ids or --all "
+                              "purge dead jobs of any hook")
+        _purge_hook(hook)
+        return
     wanted = _ids(ids, all_, "purge")
     store = _store()
     with store.transaction() as writer:
@@ -431,6 +460,21 @@ def purge_command(
     store.dispose()
     typer.echo(f"{count} dead job(s) purged")
     _refuse(refused)
+
+
+def _purge_hook(hook: str) -> None:
+    """``hooks purge --hook NAME``: the hook's dead and pending jobs; one running is named (a dispatcher has the
+    hook, so it was not removed everywhere) and left, exit 1."""
+    store = _store()
+    with store.transaction() as writer:
+        count = delete_jobs(writer.conn, hook=hook)
+        running = writer.conn.execute(sa.select(sa.func.count()).select_from(hook_jobs).where(
+            hook_jobs.c.hook == hook, hook_jobs.c.status == "running")).scalar_one()
+    store.dispose()
+    typer.echo(f"{count} job(s) of hook {hook!r} purged")
+    if running:
+        _refuse([f"{running} job(s) of hook {hook!r} running, left as they are: a dispatcher still has this hook "
+                 "(a worker or serve not redeployed yet?)"])
 
 
 def _not_dead(conn: Connection, ids: list[int] | None) -> list[str]:

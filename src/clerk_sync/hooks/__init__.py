@@ -123,6 +123,9 @@ class Dispatcher:
         self._now = now
         self.metrics = metrics  # runs by hook and outcome, and their durations (clerk_sync_hook_*)
         self._handlers: dict[str, Handler] = {h.name: h.handler for h in store.hooks}
+        # Claimed: only these hooks' jobs. A job of a hook this process lacks (a worker deployed with an older
+        # list, a hook renamed) waits, pending, for a dispatcher that has it; none claims it to mark it dead.
+        self._hook_names = tuple(self._handlers)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.heartbeat_s = beat
@@ -175,7 +178,8 @@ class Dispatcher:
         claimed_at = self._now()
         limit = self.claim_limit
         with self._bookkeeping() as conn:
-            jobs = claim(conn, claimed_at, lease=self.lease, limit=limit, max_attempts=self.backoff.max_attempts)
+            jobs = claim(conn, claimed_at, lease=self.lease, limit=limit, max_attempts=self.backoff.max_attempts,
+                         hooks=self._hook_names)
         self._claimed_full = len(jobs) >= limit
         ran = started = 0  # jobs[started:] have not started: given back if the batch is abandoned
         done: list[tuple[Job, float]] = []  # the jobs that succeeded, and how long their handlers took
