@@ -38,6 +38,7 @@ log = structlog.get_logger("clerk_sync.hooks")
 
 _MAX_DELAY_S = 365 * 86400.0  # a retry further away than this is a dead job, not a delay
 _CRASH_PAUSE_MAX_S = 60.0  # the longest pause of run_forever after turns that crashed in a row
+_DOWN_PAUSE_MAX_S = 30.0  # the longest pause of run_forever between polls of a database that is unavailable
 
 
 @dataclass(frozen=True, slots=True)
@@ -571,19 +572,28 @@ class Dispatcher:
             self._thread = None
 
     def run_forever(self) -> None:
-        """The worker loop: full batches back to back, otherwise a ``poll_s`` pause; DB outages are retried.
-        A turn that crashes is logged and followed by a pause that doubles, from ``poll_s`` (at least 0.1 s)
-        up to a minute, with each crash in a row; only Ctrl-C (a ``KeyboardInterrupt`` in the main thread: one
-        a handler raises elsewhere is its job's failure), or an exit while :meth:`stop` was asked, ends the
-        loop otherwise; the job it cut short is given back with those not started."""
-        crashes = 0
+        """The worker loop: full batches back to back, otherwise a ``poll_s`` pause. While the database is
+        unavailable, each failed turn is logged (with what to check) and followed by a pause that doubles, from
+        ``poll_s`` (at least 0.1 s) up to 30 s (or ``poll_s``), back to ``poll_s`` once a turn succeeds (it polled at
+        ``poll_s``: with ``--poll 0`` a hot loop of thousands of lines a second). A turn that crashes is
+        logged and followed by a pause that doubles, from ``poll_s`` (at least 0.1 s) up to a minute, with
+        each crash in a row; only Ctrl-C (a ``KeyboardInterrupt`` in the main thread: one a handler raises
+        elsewhere is its job's failure), or an exit while :meth:`stop` was asked, ends the loop otherwise; the
+        job it cut short is given back with those not started."""
+        crashes = down = 0
         while not self._stop.is_set():
             pause = self.poll_s
             try:
                 claimed = self.run_once()
                 crashes = 0
+                if down:
+                    log.info("hook dispatch: database available again", failed_turns=down)
+                    down = 0
             except StoreError as exc:
-                log.warning("hook dispatch: database unavailable", error=str(exc))
+                down += 1
+                pause = min(max(_DOWN_PAUSE_MAX_S, self.poll_s), max(self.poll_s, 0.1) * 2.0 ** min(down - 1, 16))
+                log.warning("hook dispatch: database unavailable", error=_with_advice(str(exc)), attempt=down,
+                            retry_in_s=round(pause, 3))
                 claimed = 0
             except BaseException as exc:  # a bug must not stop hooks for good while serve keeps answering 200
                 if self._stopping(exc):
@@ -628,6 +638,14 @@ class _Run:
     @property
     def ended(self) -> bool:
         return self._ended.is_set()
+
+
+def _with_advice(error: str) -> str:
+    """A database error with what to check, unless it says already (a lock wait that ran out: "retry later";
+    a schema behind: "run clerk-sync's migrations", where "check DATABASE_URL" would mislead)."""
+    if any(said in error for said in ("retry later", "the schema is not current", "DATABASE_URL")):
+        return error
+    return f"{error}; check DATABASE_URL, and that the database is up (retrying with backoff)"
 
 
 def _error_text(exc: BaseException) -> str:
