@@ -11,11 +11,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import importlib
+import inspect
 import os
 import signal
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -131,7 +132,9 @@ def clerk_link_lookup(clerk: ClerkClient) -> LinkLookup:
     return lookup
 
 
-def _load(option: str, spec: str) -> Any:
+def _load(option: str, spec: str, fits: Callable[[Any], bool], wanted: str) -> tuple[Any, bool]:
+    """The value ``spec`` names (a function's result), and whether it was called. ``fits`` tells the values the
+    option takes (suggested when the attribute is not there), ``wanted`` says them."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ConfigError(f"{option} {spec!r}: expected module:attribute, e.g. myapp.clerk:VALUE")
@@ -148,13 +151,39 @@ def _load(option: str, spec: str) -> Any:
     try:
         value: Any = getattr(module, attr)
     except AttributeError:
-        raise ConfigError(f"{option} {spec!r}: module {module_name!r} has no attribute {attr!r}") from None
+        found = sorted(name for name, held in vars(module).items() if not name.startswith("_") and fits(held))
+        hint = (f"; it has {', '.join(f'{module_name}:{name}' for name in found)}" if found else
+                f"; {option} takes {wanted}")
+        raise ConfigError(f"{option} {spec!r}: module {module_name!r} has no attribute {attr!r}{hint}") from None
     if not callable(value) or isinstance(value, SchemaMapping):
-        return value
+        return value, False
+    if needed := _required_parameters(value):
+        advice = _handler_advice(option, module_name, attr) if not inspect.isclass(value) else ""
+        raise ConfigError(f"{option} {spec!r}: {attr} needs arguments ({', '.join(needed)}), and {option} calls "
+                          f"a function with none: it takes {wanted}{advice}")
     try:
-        return value()
+        return value(), True
     except Exception as exc:
         raise _failed(option, spec, f"calling {attr}()", exc, "fix the function, or what it needs") from None
+
+
+def _required_parameters(function: Callable[..., Any], *, all_: bool = False) -> list[str]:
+    """The parameters ``function`` cannot be called without (``all_``: every parameter it takes; none known: a
+    builtin without a signature)."""
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in parameters if all_ or (p.default is p.empty and p.kind not in (p.VAR_POSITIONAL,
+                                                                                          p.VAR_KEYWORD))]
+
+
+def _handler_advice(option: str, module_name: str, attr: str) -> str:
+    """For ``--hooks`` naming a handler (a function of a change) rather than the hooks list."""
+    if option != "--hooks":
+        return ""
+    return (f"; that looks like a handler: wrap it in a Hook, in a list (HOOKS = [Hook(\"{attr}\", {attr}, "
+            f"on=[\"user.created\"])]), and point --hooks at the list ({module_name}:HOOKS)")
 
 
 def _import(module_name: str) -> Any:
@@ -187,19 +216,45 @@ def _failed(option: str, spec: str, doing: str, exc: Exception, advice: str) -> 
     return ConfigError(f"{option} {spec!r}: {doing} raised {type(exc).__name__}: {first} ({advice})")
 
 
+def _hooks_list(value: Any) -> bool:
+    return (isinstance(value, Sequence) and not isinstance(value, str) and bool(value)
+            and all(isinstance(h, Hook) for h in value))
+
+
+_HOOKS_WANTED = "a list of clerk_sync.changes.Hook, or a function returning one"
+
+
 def load_hooks(spec: str) -> list[Hook]:
     """Import ``module:attribute`` and return its hooks; every mistake is a :class:`ConfigError`."""
-    value = _load("--hooks", spec)
-    if not isinstance(value, Sequence) or not value or not all(isinstance(h, Hook) for h in value):
-        raise ConfigError(f"--hooks {spec!r} must be a non-empty list of clerk_sync.changes.Hook")
+    value, called = _load("--hooks", spec, _hooks_list, _HOOKS_WANTED)
+    if not _hooks_list(value):
+        module_name, _, attr = spec.partition(":")
+        if isinstance(value, Hook):
+            why = f": {attr} is one Hook; put it in a list ([{attr}])"
+        elif called:  # a handler whose change parameter has a default, or a factory that forgot its return
+            function = getattr(importlib.import_module(module_name), attr)
+            handler = not inspect.isclass(function) and _required_parameters(function, all_=True)
+            advice = _handler_advice("--hooks", module_name, attr) if handler else "; make it return the list"
+            why = f": calling {attr}() returned {_shown(value)}{advice}"
+        else:
+            why = f", not {_shown(value)}"
+        raise ConfigError(f"--hooks {spec!r} must be a non-empty list of clerk_sync.changes.Hook (or a function "
+                          f"returning one){why}")
     return list(value)
+
+
+def _shown(value: Any) -> str:
+    """What a loaded value is, briefly: ``None``, ``[]``, or its type."""
+    return repr(value) if value is None or (isinstance(value, Sequence | dict) and not value) else \
+        f"a {type(value).__name__}"
 
 
 def load_mapping(spec: str | None) -> SchemaMapping | None:
     """Import ``module:attribute`` and return its :class:`SchemaMapping` (None when ``spec`` is None)."""
     if spec is None:
         return None
-    value = _load("--mapping", spec)
+    value, _ = _load("--mapping", spec, lambda held: isinstance(held, SchemaMapping),
+                     "a clerk_sync.mapping.SchemaMapping, or a function returning one")
     if not isinstance(value, SchemaMapping):
         raise ConfigError(f"--mapping {spec!r} must be a clerk_sync.mapping.SchemaMapping")
     return value

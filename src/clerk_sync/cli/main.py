@@ -210,6 +210,19 @@ def _announce(settings: Settings, host: str, sock: socket.socket) -> None:
         console.print(f"operator console on {where}/console")
 
 
+def _replay_advice(mapping: str | None, with_hooks: str | None) -> str:
+    """What to run instead of replaying deliveries that applied: the backfill for a mapped table (said as an
+    "if" without --mapping: a replay for hooks alone has no mapped table to fill)."""
+    backfill = "`clerk-sync migrate --mapping module:attribute --backfill` (idempotent)"
+    if mapping is not None:
+        return f"to write the rows clerk-sync holds into your mapped tables, run {backfill}; replay is for failed " \
+               "deliveries"
+    if with_hooks is not None:
+        return ("a replay that changes nothing fires no hooks (they fire for what it applies); replay is for failed "
+                f"deliveries (to fill an app table through a mapping, {backfill})")
+    return f"replay is for failed deliveries; if you meant to fill your mapped tables (a mapping), run {backfill}"
+
+
 @app.command()
 def replay(
     status: Annotated[str, typer.Option(help="Replay deliveries with this status (one that is not failed keeps "
@@ -232,14 +245,13 @@ def replay(
                                 mapping=load_mapping(mapping))
     report = replay_deliveries(store, status=status, since=parse_since(since), with_hooks=bool(with_hooks))
     store.dispose()
-    console.print(f"replayed {report.total} deliveries: {report.by_status or 'none'}")
+    by_status = ", ".join(f"{n} {said}" for said, n in sorted(report.by_status.items()))
+    console.print(f"replayed {report.total} deliveries" + (f": {by_status}" if by_status else ""), highlight=False)
     if report.left:  # not failed, and the replay changed nothing: kept as they were, not relabelled skipped
         console.print(f"{report.left_said}: left as they were (the rows hold these versions or newer, so a replay "
                       "changes nothing; their status is their history)", highlight=False)
         if status in (DeliveryStatus.APPLIED, DeliveryStatus.SKIPPED):
-            console.print("to write the rows clerk-sync holds into your mapped tables, run `clerk-sync migrate "
-                          "--mapping module:attribute --backfill` (idempotent); replay is for failed deliveries",
-                          highlight=False)
+            console.print(_replay_advice(mapping, with_hooks), highlight=False)
     if still := report.by_status.get(DeliveryStatus.FAILED.value):  # a scheduled replay must not look fine
         failed = "still failed" if status == DeliveryStatus.FAILED else "failed"
         console.print(f"[red]{still} {failed}[/]: read webhook_events.last_error (or the console), fix the "
