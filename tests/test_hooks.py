@@ -279,14 +279,23 @@ def test_order_per_entity_and_other_entities_go_on(db_url: str) -> None:
     store.dispose()
 
 
-def test_a_dead_job_unblocks_the_entity_and_an_unknown_hook_is_dead_at_once(db_url: str) -> None:
+def test_a_dispatcher_leaves_the_jobs_of_a_hook_it_lacks_pending(db_url: str) -> None:
+    """Hooks walkthrough: a worker without hook "gone" (an older release, mid-deploy) marked its jobs dead on
+    the first attempt; it now claims only its own hooks' jobs (tests/test_hooks_claim_own_hooks.py has more)."""
     store = hooked(db_url, Hook("gone", Recorder()), Hook("kept", Recorder()))
     deliver(store, f.envelope("user.created", f.user("user_1", 1000)))
     dispatcher = Dispatcher(Store(store.engine, hooks=[Hook("kept", Recorder())]))
-    assert dispatcher.drain() == 2
+    assert dispatcher.drain() == 1
     (job,) = jobs(store)
-    assert (job["hook"], job["status"], job["attempts"]) == ("gone", "dead", 1)
-    assert "no hook named 'gone'" in job["last_error"]
+    assert (job["hook"], job["status"], job["attempts"], job["last_error"]) == ("gone", "pending", 0, None)
+    # what says so: doctor --freshness (and the console) name the hook of the job that waits, and the way out
+    from clerk_sync.freshness import check_freshness, read_snapshot
+
+    later = time.time() + 3600
+    (hooks_line,) = [c for c in check_freshness(read_snapshot(store), now=later, max_delivery_age_s=None, max_failed=0,
+                                                max_reconcile_age_s=1e9, max_hook_wait_s=900) if c.name == "hook jobs"]
+    assert hooks_line.status == "fail" and "the oldest due job (hook 'gone') has waited" in hooks_line.detail
+    assert "hooks purge --hook NAME" in hooks_line.detail
     store.dispose()
 
 

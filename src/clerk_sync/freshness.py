@@ -50,6 +50,10 @@ def read_snapshot(store: Store) -> DatabaseSnapshot:
         run = conn.execute(
             sa.select(r.c.finished_at, r.c.created, r.c.updated, r.c.deleted).where(r.c.id == last_id)
         ).first()
+        # its hook, only while one is due: a job no running dispatcher has the hook of waits for ever
+        hook = None if row[7] is None else conn.execute(
+            sa.select(j.c.hook).where(j.c.status == "pending", j.c.available_at <= store.now())
+            .order_by(j.c.created_at, j.c.id).limit(1)).scalar()
     stamps = [s for s in (_stamp(v) for v in row[:3]) if s is not None]
     return DatabaseSnapshot(
         newest_delivery_at=max(stamps) if stamps else None,
@@ -58,6 +62,7 @@ def read_snapshot(store: Store) -> DatabaseSnapshot:
         reconcile_last_drift={"created": run.created, "updated": run.updated, "deleted": run.deleted} if run else {},
         hook_jobs={s: int(n) for s, n in zip(_JOB_STATUSES, row[4:7], strict=True)},
         hook_oldest_pending_at=_stamp(row[7]),
+        hook_oldest_pending_hook=hook,
     )
 
 
@@ -215,9 +220,13 @@ def _hooks(snap: DatabaseSnapshot, now: float, max_wait: float) -> FreshnessChec
                               "`hooks purge ID...`)")
     if snap.hook_oldest_pending_at is not None and now - snap.hook_oldest_pending_at > max_wait:
         waited = now - snap.hook_oldest_pending_at
-        return FreshnessCheck(name, "fail", f"{counts}; the oldest due job has waited {waited:.0f}s (limit "
-                              f"{max_wait:.0f}s): is a dispatcher running (`serve` without --no-dispatch, or "
-                              "`clerk-sync worker`)? A handler that hangs holds its entity's later jobs too")
+        of = f" (hook {snap.hook_oldest_pending_hook!r})" if snap.hook_oldest_pending_hook else ""
+        return FreshnessCheck(name, "fail", f"{counts}; the oldest due job{of} has waited {waited:.0f}s (limit "
+                              f"{max_wait:.0f}s): is a dispatcher running with this hook (`serve` without "
+                              "--no-dispatch, or `clerk-sync worker` whose --hooks list it)? A dispatcher claims only "
+                              "its own hooks' jobs: deploy the hook, or for one removed or renamed `clerk-sync hooks "
+                              "purge --hook NAME`; `hooks list --status pending` shows the due jobs by hook. A "
+                              "handler that hangs holds its entity's later jobs too")
     return FreshnessCheck(name, "ok", counts)
 
 

@@ -125,6 +125,7 @@ class DatabaseSnapshot:
     reconcile_last_drift: dict[str, int] = field(default_factory=dict)  # created/updated/deleted
     hook_jobs: dict[str, int] = field(default_factory=dict)  # the outbox by status: pending, running, dead
     hook_oldest_pending_at: float | None = None  # unix seconds, when the oldest due pending job was queued
+    hook_oldest_pending_hook: str | None = None  # that job's hook (a dispatcher claims only its own hooks' jobs)
 
 
 class _DatabaseCollector(Collector):
