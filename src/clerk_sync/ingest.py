@@ -84,6 +84,11 @@ class ReplayReport:
     by_status: dict[str, int]
     left: dict[str, int] = field(default_factory=dict)
 
+    def summary(self) -> str:
+        """The commands' first line: ``replayed 3 deliveries: 2 applied, 1 failed`` (every face's)."""
+        by_status = ", ".join(f"{n} {said!s}" for said, n in sorted(self.by_status.items()))
+        return f"replayed {self.total} deliveries" + (f": {by_status}" if by_status else "")
+
     @property
     def left_said(self) -> str:
         """``left`` as the commands say it: ``2 already applied, 1 already skipped``."""

@@ -245,8 +245,7 @@ def replay(
                                 mapping=load_mapping(mapping))
     report = replay_deliveries(store, status=status, since=parse_since(since), with_hooks=bool(with_hooks))
     store.dispose()
-    by_status = ", ".join(f"{n} {said}" for said, n in sorted(report.by_status.items()))
-    console.print(f"replayed {report.total} deliveries" + (f": {by_status}" if by_status else ""), highlight=False)
+    console.print(report.summary(), highlight=False)
     if report.left:  # not failed, and the replay changed nothing: kept as they were, not relabelled skipped
         console.print(f"{report.left_said}: left as they were (the rows hold these versions or newer, so a replay "
                       "changes nothing; their status is their history)", highlight=False)

@@ -98,7 +98,7 @@ def replay(status: str, since: str | None, with_hooks: bool) -> None:
     from clerk_sync.ingest import replay_deliveries
 
     report = replay_deliveries(clerk_state().store, status=status, since=parse_since(since), with_hooks=with_hooks)
-    click.echo(f"replayed {report.total} deliveries: {report.by_status or 'none'}")
+    click.echo(report.summary())
     if report.left:  # not failed, and the replay changed nothing: kept as they were (their status is history)
         click.echo(f"{report.left_said}: left as they were")
     if still := report.by_status.get(DeliveryStatus.FAILED.value):  # a scheduled replay must not look fine

@@ -168,7 +168,7 @@ class Command(BaseCommand):
         finally:
             store.dispose()
         by_status = {str(status): n for status, n in report.by_status.items()}
-        self.stdout.write(f"replayed {report.total} deliveries: {by_status or 'none'}")
+        self.stdout.write(report.summary())
         if report.left:  # not failed, and the replay changed nothing: kept as they were (their status is history)
             self.stdout.write(f"{report.left_said}: left as they were")
         if still := by_status.get(DeliveryStatus.FAILED.value):  # a scheduled replay must not look fine
