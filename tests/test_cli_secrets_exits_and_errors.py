@@ -296,10 +296,10 @@ def test_a_short_console_token_is_refused_with_how_to_make_one() -> None:
 
 def test_the_runbooks_hook_commands_name_ids_or_all() -> None:
     """Fixed: the runbook said `clerk-sync hooks retry` / `purge` bare; both refuse to run without ids
-    or --all."""
+    or --all (or, for purge, --hook NAME)."""
     text = " ".join((ROOT / "docs" / "RUNBOOK.md").read_text().split())
     commands = re.findall(r"`(clerk-sync hooks (?:retry|purge)[^`]*)`", text)
-    assert commands and all("ID" in c or "--all" in c for c in commands), commands
+    assert commands and all("ID" in c or "--all" in c or "--hook NAME" in c for c in commands), commands
     assert not re.search(r"`clerk-sync hooks (?:retry|purge)`|or `purge`", text)
 
 
