@@ -136,3 +136,22 @@ def test_hooks_list_names_the_hook_whose_jobs_wait_and_purge_hook_removes_them(d
     assert [(j["hook"], j["status"]) for j in jobs(store)] == [("gone", "running")]
     assert run("hooks", "purge", "--hook", "gone", "--all", env=env).returncode == 2
     store.dispose()
+
+
+def test_purge_hook_removes_a_job_left_running_by_a_dispatcher_that_died(db_url: str) -> None:
+    """Review: the last worker with the hook killed mid-run (the deploy that removes it) left its job running
+    with an ended lease; no dispatcher has the hook to take it over, and ``purge --hook`` said "a dispatcher
+    still has this hook" and kept it for good."""
+    from tests.test_cli import run
+
+    store = hooked(db_url, Hook("gone", Recorder()))
+    deliver(store, f.envelope("user.created", f.user("user_k", B)))
+    with store.transaction() as writer:  # claimed, then its dispatcher died: the lease ended an hour ago
+        (taken,) = claim(writer.conn, datetime.now(UTC), lease=timedelta(seconds=60), limit=1, max_attempts=5,
+                         hooks=["gone"])
+        writer.conn.execute(sa.update(hook_jobs).where(hook_jobs.c.id == taken.id)
+                            .values(lease_until=datetime.now(UTC) - timedelta(hours=1)))
+    purged = run("hooks", "purge", "--hook", "gone", env={"DATABASE_URL": db_url})
+    assert purged.returncode == 0 and "1 job(s) of hook 'gone' purged" in purged.stdout, purged
+    assert jobs(store) == []
+    store.dispose()

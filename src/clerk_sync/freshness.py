@@ -34,7 +34,7 @@ def _stamp(value: datetime | None) -> float | None:
 
 def read_snapshot(store: Store) -> DatabaseSnapshot:
     """Two read-only round trips: newest delivery, failed backlog, hook jobs by status; the last completed
-    reconcile run."""
+    reconcile run (a third while a hook job is due: the oldest one's hook)."""
     e, r = webhook_events, reconcile_runs
     newest = [sa.select(sa.func.max(e.c.received_at)).where(e.c.status == s).scalar_subquery() for s in _DONE]
     failed = sa.select(sa.func.count()).select_from(e).where(e.c.status == DeliveryStatus.FAILED).scalar_subquery()
@@ -43,8 +43,9 @@ def read_snapshot(store: Store) -> DatabaseSnapshot:
     jobs = [sa.select(sa.func.count()).select_from(j).where(j.c.status == s).scalar_subquery() for s in _JOB_STATUSES]
     # due ones only: a job waiting on its retry backoff is a failing handler (hook_runs), not a stopped
     # dispatcher, which is what this series is for
+    now = store.now()  # (one reading: the oldest due job and its hook are read against the same moment)
     oldest = sa.select(sa.func.min(j.c.created_at)).where(j.c.status == "pending",
-                                                          j.c.available_at <= store.now()).scalar_subquery()
+                                                          j.c.available_at <= now).scalar_subquery()
     with store.connect() as conn:
         row = conn.execute(sa.select(*newest, failed, *jobs, oldest)).one()
         run = conn.execute(
@@ -52,7 +53,7 @@ def read_snapshot(store: Store) -> DatabaseSnapshot:
         ).first()
         # its hook, only while one is due: a job no running dispatcher has the hook of waits for ever
         hook = None if row[7] is None else conn.execute(
-            sa.select(j.c.hook).where(j.c.status == "pending", j.c.available_at <= store.now())
+            sa.select(j.c.hook).where(j.c.status == "pending", j.c.available_at <= now)
             .order_by(j.c.created_at, j.c.id).limit(1)).scalar()
     stamps = [s for s in (_stamp(v) for v in row[:3]) if s is not None]
     return DatabaseSnapshot(

@@ -509,13 +509,17 @@ def _requeue(conn: Connection, now: datetime, rows: Sequence[Any]) -> int:
     return len(rows)
 
 
-def delete_jobs(conn: Connection, ids: Sequence[int] | None = None, *, hook: str | None = None) -> int:
+def delete_jobs(conn: Connection, ids: Sequence[int] | None = None, *, hook: str | None = None,
+                now: datetime | None = None) -> int:
     """Purge dead jobs (all, or these ids); pending and running jobs are never purged. With ``hook``: every
     job of that hook that is not running, pending ones too (a hook removed or renamed: no dispatcher has it,
-    so none claims its jobs, which would wait for ever)."""
+    so none claims its jobs, which would wait for ever), and those left running by a dispatcher that died
+    (their lease ended before ``now``: no dispatcher with the hook is left to take them over)."""
     j = hook_jobs
     if hook is not None:
-        return conn.execute(sa.delete(j).where(j.c.hook == hook, j.c.status.in_(("dead", "pending")))).rowcount
+        left = sa.or_(j.c.status.in_(("dead", "pending")),
+                      sa.and_(j.c.status == "running", j.c.lease_until < now) if now is not None else sa.false())
+        return conn.execute(sa.delete(j).where(j.c.hook == hook, left)).rowcount
     stmt = sa.delete(j).where(j.c.status == "dead")
     if ids is not None:
         stmt = stmt.where(j.c.id.in_(ids))

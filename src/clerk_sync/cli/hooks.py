@@ -521,8 +521,9 @@ def _purge_hook(hook: str) -> None:
     """``hooks purge --hook NAME``: the hook's dead and pending jobs; one running is named (a dispatcher has the
     hook, so it was not removed everywhere) and left, exit 1."""
     store = _store()
+    now = store.now()
     with store.transaction() as writer:
-        count = delete_jobs(writer.conn, hook=hook)
+        count = delete_jobs(writer.conn, hook=hook, now=now)  # with those whose dispatcher died mid-run
         running = writer.conn.execute(sa.select(sa.func.count()).select_from(hook_jobs).where(
             hook_jobs.c.hook == hook, hook_jobs.c.status == "running")).scalar_one()
     store.dispose()
