@@ -134,3 +134,17 @@ def test_a_key_with_a_newline_is_never_quoted_by_the_jwks_message(clerk: Emulato
             source.prefetch()
     said = str(caught.value)
     assert "TOPSECRET" not in said and "could not send its request" in said and "CLERK_SECRET_KEY" in said, said
+
+
+def test_a_key_httpx_cannot_encode_is_a_503_not_a_500(clerk: EmulatorServer) -> None:
+    """Final review: a non-ASCII key (passed in code; Settings refuses it) made the fetch raise UnicodeEncodeError
+    out of the verifier, a 500 with a traceback, where it used to be the 503 with its cause."""
+    from clerk_sync.auth.jwks import JWKSKeySource
+
+    with httpx.Client() as client:
+        source = JWKSKeySource(f"{clerk.url}/v1/jwks", client=client,
+                               headers={"Authorization": "Bearer sk_live_TOPSECRET123\u2026"})
+        with pytest.raises(TokenKeysUnavailable) as caught:
+            source.prefetch()
+    assert "TOPSECRET" not in str(caught.value) and "non-ASCII" in str(caught.value)
+    assert caught.value.__cause__ is None and caught.value.__context__ is None  # (its repr quotes the header)

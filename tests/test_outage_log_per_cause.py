@@ -77,3 +77,10 @@ def test_numbers_stuck_to_units_or_ids_do_not_make_a_new_cause(clock: Clock) -> 
     errors = [StoreError(f"database timeout: waited {n / 100:.2f}s on user_{n}x for the lock (12ms budget)")
               for n in range(250, 260)]
     assert _causes_logged(*errors) == [(str(errors[0]), 0)]
+
+
+def test_a_figure_in_parentheses_is_not_a_status(clock: Clock) -> None:
+    """Review: every number right after "(" was kept, so "(12345 ms)" made each answer a cause of its own."""
+    errors = [StoreError(f"database timeout: canceling statement ({ms} ms); nothing was applied, retry later")
+              for ms in (12345, 12346, 15000)]
+    assert _causes_logged(*errors) == [(str(errors[0]), 0)]

@@ -194,7 +194,7 @@ def test_a_secret_key_read_with_a_trailing_newline_is_stripped() -> None:
 def test_a_secret_key_with_a_space_inside_is_refused_without_showing_it() -> None:
     with pytest.raises(ConfigError) as caught:
         Settings.from_env({"CLERK_SECRET_KEY": "sk_live_TOP SECRET123"})
-    assert "CLERK_SECRET_KEY" in str(caught.value) and "space or a control character" in str(caught.value)
+    assert "CLERK_SECRET_KEY" in str(caught.value) and "a space, a control character" in str(caught.value)
     assert "TOP" not in str(caught.value).replace("TOP SECRET", "") and "SECRET123" not in str(caught.value)
 
 
@@ -224,3 +224,11 @@ def test_a_hostname_that_starts_like_a_key_is_not_called_one() -> None:
     with pytest.raises(ConfigError) as caught:
         Settings.from_env({"CLERK_API_URL": "sk_internal.example.com"})
     assert "looks like a Clerk key" not in str(caught.value) and "'https://sk_internal.example.com'" in str(caught.value)
+
+
+def test_a_secret_key_with_a_non_ascii_character_is_refused_without_showing_it() -> None:
+    """Final review: a typographic character pasted from a document passed the check and made httpx raise
+    UnicodeEncodeError building the header: every session request answered 500 with a traceback."""
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"CLERK_SECRET_KEY": "sk_live_TOPSECRET123\u2026"})
+    assert "non-ASCII" in str(caught.value) and "TOPSECRET" not in str(caught.value)

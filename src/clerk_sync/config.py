@@ -425,8 +425,9 @@ class Settings(BaseSettings):
         if key.startswith("whsec_"):
             raise ValueError(f"this is a webhook signing secret ('whsec_...', for CLERK_WEBHOOK_SIGNING_SECRET); "
                              f"{where}")
-        if any(c.isspace() or not c.isprintable() for c in key):  # a header cannot carry it (nor is it a key)
-            raise ValueError(f"has a space or a control character inside it (not shown): copy it again; {where}")
+        if not key.isascii() or any(c.isspace() or not c.isprintable() for c in key):  # no header carries it
+            raise ValueError(f"has a space, a control character or a non-ASCII character (a typographic quote or "
+                             f"ellipsis pasted from a document) inside it (not shown): copy it again; {where}")
         # the stripped key: a trailing newline (kubectl create secret --from-file, echo) would make every request
         # to Clerk fail, and httpx's refusal quotes the header, the key in full
         return None if value is None else SecretStr(key)

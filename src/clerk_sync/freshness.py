@@ -22,7 +22,7 @@ from clerk_sync.outbox import REFUSAL_NOTE
 from clerk_sync.store import Store
 from clerk_sync.tables import audit_log, hook_jobs, reconcile_runs, webhook_events
 
-__all__ = ["FreshnessCheck", "check_freshness", "database_probe", "read_snapshot"]
+__all__ = ["FreshnessCheck", "check_freshness", "database_probe", "read_initial_load", "read_snapshot"]
 
 _DONE = (DeliveryStatus.APPLIED, DeliveryStatus.SKIPPED, DeliveryStatus.IGNORED)
 _JOB_STATUSES = ("pending", "running", "dead")

@@ -246,10 +246,17 @@ class JWKSKeySource:
             self._ended += 1
 
     def _fetch_keys(self) -> None:
+        unsendable = False
         try:
             response = self._client.get(self.url, headers=self._headers, timeout=self._timeout)
-        except httpx.HTTPError as exc:
+        except (httpx.LocalProtocolError, UnicodeEncodeError):  # never sent; the error's text quotes the header
+            unsendable = True
+        except (httpx.HTTPError, ValueError) as exc:  # (ValueError: a URL or header httpx refuses to build)
             return self._failed(self._unreachable(exc), exc)
+        if unsendable:  # raised here, outside the handler: no context, so no trace of the key in a traceback
+            return self._failed(f"the JWKS fetch could not send its request to {self.url}: a header value holds a "
+                                "character HTTP cannot carry, most likely CLERK_SECRET_KEY (a newline, a space or a "
+                                "non-ASCII character inside it): set it again", None)
         refusal = self._refusal(response)
         if refusal is not None:
             return self._failed(refusal, None)
@@ -298,10 +305,7 @@ class JWKSKeySource:
                    "name the JWKS itself"
         return f"{self.url} answered {status}" + (": Clerk is unavailable, retry later" if status >= 500 else "")
 
-    def _unreachable(self, exc: httpx.HTTPError) -> str:
-        if isinstance(exc, httpx.LocalProtocolError):  # never sent; its text quotes the refused header (the key)
-            return f"the JWKS fetch could not send its request to {self.url}: a header value holds a character " \
-                   "HTTP cannot carry, most likely CLERK_SECRET_KEY (a newline or space inside it): set it again"
+    def _unreachable(self, exc: Exception) -> str:
         if isinstance(exc, httpx.TimeoutException):
             return f"the JWKS fetch from {self.url} got no answer within {self._timeout:g} s: check " \
                    f"{self._url_setting} and the network"

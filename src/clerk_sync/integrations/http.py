@@ -89,7 +89,15 @@ _LOG_EVERY_S = 10.0  # an outage answers every request: one log line per cause t
 _CAUSES_HELD = 64  # causes remembered for throttling; past it, the one logged longest ago is forgotten
 # Addresses, durations, counters: not a new cause. An HTTP status the message quotes ("answered 429", "(401)")
 # is one: Clerk answering 400 after 429 is another outage.
-_VOLATILE = re.compile(r"0x[0-9a-f]+|(?<!answered )(?<!\()(?<!\d)\d+", re.IGNORECASE)
+_VOLATILE = re.compile(r"0x[0-9a-f]+|(?<!\d)\d+", re.IGNORECASE)
+_STATUS = re.compile(r"answered ([1-5]\d\d)(?![\d.])|\(([1-5]\d\d)\)")
+
+
+def _cause_key(message: str) -> str:
+    """``message`` with its volatile numbers masked and the HTTP statuses it quotes kept."""
+    kept = {m.start(1) if m.group(1) else m.start(2) for m in _STATUS.finditer(message)}
+    return _VOLATILE.sub(lambda m: m.group(0) if m.start() in kept and len(m.group(0)) == 3 else "#", message)
+
 
 log = structlog.get_logger("clerk_sync.http")
 _now: Callable[[], float] = time.monotonic  # (tests replace it)
@@ -154,7 +162,7 @@ def _log_cause(cls: type[ClerkSyncError], exc: ClerkSyncError) -> None:
     if cls is StoreDataError:  # about one request's data, not an outage: each one is its own story
         log.warning("answered_unavailable", error=exc.code, cause=str(exc), also_answered_since_last_line=0)
         return
-    cause = (cls, _VOLATILE.sub("#", " ".join(str(exc).split())))
+    cause = (cls, _cause_key(" ".join(str(exc).split())))
     now = _now()
     with _logged_lock:
         at, since = _logged.get(cause, (float("-inf"), 0))

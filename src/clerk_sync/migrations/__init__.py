@@ -28,7 +28,7 @@ from clerk_sync.store import READ_ONLY_OPTION
 
 # (The public API pinned in tests/test_package.py; VERSION_TABLE, MigrationError (a StoreError), schema_state
 # and Upgraded (what upgrade returns) are for clerk-sync's own commands and /readyz.)
-__all__ = ["current_revision", "head_revision", "is_current", "upgrade"]
+__all__ = ["Upgraded", "current_revision", "head_revision", "is_current", "upgrade"]
 
 _HERE = Path(__file__).parent
 
