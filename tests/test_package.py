@@ -32,7 +32,7 @@ PUBLIC_API: dict[str, list[str]] = {
     "clerk_sync.auth.sessions": ["ALLOWED_ALGORITHMS", "RevocationCheck", "SAFE_METHODS", "SessionVerifier", "check_request_origin", "is_cors_preflight", "is_public_path", "token_from_request", "verifier_from_settings"],
     "clerk_sync.auth.users": ["AuthUser", "JitUsers", "load_user", "read_user", "standing_error"],
     "clerk_sync.changes": ["Change", "Handler", "Hook", "describe"],
-    "clerk_sync.clerk_api": ["API_VERSION", "ApiRequest", "AsyncClerkClient", "CircuitBreaker", "ClerkClient", "DEFAULT_API_URL", "DEFAULT_TIMEOUT", "JSON", "MAX_PAGE", "Page", "RetryPolicy", "Stats", "unreachable_advice"],
+    "clerk_sync.clerk_api": ["API_VERSION", "ApiRequest", "AsyncClerkClient", "CircuitBreaker", "ClerkClient", "DEFAULT_API_URL", "DEFAULT_TIMEOUT", "JSON", "MAX_PAGE", "Page", "RetryPolicy", "Stats", "UNREACHABLE", "unreachable_advice"],
     "clerk_sync.clerk_api.ratelimit": ["Budget", "LocalBudget", "RateLimit", "RedisBudget", "Reservation", "budget_from_settings", "default_rate_limit"],
     "clerk_sync.cli": ["app", "main"],
     "clerk_sync.cli.hooks": ["HOOKS_HELP", "MAPPING_HELP", "MappingMigrated", "hooks_app", "load_hooks", "load_mapping", "migrate_mapping", "worker"],

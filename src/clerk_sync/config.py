@@ -193,22 +193,23 @@ def _secret_problem(value: str) -> str | None:
     return None
 
 
-def _http_url_problem(value: str, why: str) -> str | None:
-    """Why ``value`` is not an http(s) URL with a host (``why``: what then fails, and an example), or None."""
+def _require_http_url(value: str, why: str) -> str:
+    """``value`` when it is an http(s) URL with a host; else a ValueError saying so (``why``: what then fails,
+    and an example), never echoing a secret pasted into it."""
     try:
         parts = urlsplit(value)
         ok = parts.scheme.lower() in _DEFAULT_PORTS and bool(parts.hostname)
     except ValueError:
         ok = False
     if ok:
-        return None
+        return value
     secret = _secret_problem(value)
     if secret is not None:
-        return f"the value {secret}"
+        raise ValueError(f"the value {secret}")
     shown = masked_url(value)
     bare = _host_like(value) and re.fullmatch(r"[\w.\[\]:-]+(/\S*)?", value) is not None  # the scheme left out
     fix = f" (write 'https://{shown}', or 'http://{shown}' for a local emulator)" if bare else ""
-    return f"{shown!r} is not an http:// or https:// URL with a host{fix}: {why}"
+    raise ValueError(f"{shown!r} is not an http:// or https:// URL with a host{fix}: {why}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,11 +370,8 @@ class Settings(BaseSettings):
         issuer = value.strip().rstrip("/")
         if not issuer:
             raise ValueError("must be your Clerk Frontend API URL, like https://clerk.example.com")
-        problem = _http_url_problem(issuer, "it is compared with the tokens' iss, your Clerk Frontend API URL like "
-                                            "https://clerk.example.com, so no session token would pass")
-        if problem is not None:
-            raise ValueError(problem)
-        return issuer
+        return _require_http_url(issuer, "it is compared with the tokens' iss, your Clerk Frontend API URL like "
+                                          "https://clerk.example.com, so no session token would pass")
 
     @field_validator("clerk_api_url", mode="before")
     @classmethod
@@ -386,21 +384,16 @@ class Settings(BaseSettings):
     def _api_url_without_version(cls, value: str) -> str:
         # The base URL: every consumer (the client, the JWKS fetch, doctor) adds /v1 itself. The Clerk
         # Python SDK's server_url form (https://api.clerk.com/v1) is accepted too, not turned into /v1/v1.
-        url = value.strip().rstrip("/").removesuffix("/v1")
-        problem = _http_url_problem(url, "every request to Clerk's Backend API would fail; unset, it is "
-                                         "https://api.clerk.com")
-        if problem is not None:
-            raise ValueError(problem)
-        return url
+        return _require_http_url(value.strip().rstrip("/").removesuffix("/v1"),
+                                 "every request to Clerk's Backend API would fail; unset, it is https://api.clerk.com")
 
     @field_validator("clerk_jwks_url")
     @classmethod
     def _jwks_http_url(cls, value: str | None) -> str | None:
-        why = ("no key could be fetched, so no session token would verify; like https://clerk.example.com/"
-               ".well-known/jwks.json (or unset it: CLERK_SECRET_KEY fetches them)")
-        problem = None if value is None else _http_url_problem(value.strip(), why)
-        if problem is not None:
-            raise ValueError(problem)
+        if value is not None:
+            _require_http_url(value.strip(), "no key could be fetched, so no session token would verify; like "
+                              "https://clerk.example.com/.well-known/jwks.json (or unset it: CLERK_SECRET_KEY fetches "
+                              "them)")
         return value
 
     @field_validator("authorized_parties_raw")

@@ -34,7 +34,7 @@ def _stamp(value: datetime | None) -> float | None:
 
 def read_snapshot(store: Store) -> DatabaseSnapshot:
     """Two read-only round trips: newest delivery, failed backlog, hook jobs by status; the last completed
-    reconcile run (a third while a hook job is due: the oldest one's hook)."""
+    reconcile run."""
     e, r = webhook_events, reconcile_runs
     newest = [sa.select(sa.func.max(e.c.received_at)).where(e.c.status == s).scalar_subquery() for s in _DONE]
     failed = sa.select(sa.func.count()).select_from(e).where(e.c.status == DeliveryStatus.FAILED).scalar_subquery()
@@ -44,17 +44,15 @@ def read_snapshot(store: Store) -> DatabaseSnapshot:
     # due ones only: a job waiting on its retry backoff is a failing handler (hook_runs), not a stopped
     # dispatcher, which is what this series is for
     now = store.now()  # (one reading: the oldest due job and its hook are read against the same moment)
-    oldest = sa.select(sa.func.min(j.c.created_at)).where(j.c.status == "pending",
-                                                          j.c.available_at <= now).scalar_subquery()
+    due_pending = sa.and_(j.c.status == "pending", j.c.available_at <= now)
+    oldest = sa.select(sa.func.min(j.c.created_at)).where(due_pending).scalar_subquery()
+    # its hook: a job no running dispatcher has the hook of waits for ever
+    oldest_hook = sa.select(j.c.hook).where(due_pending).order_by(j.c.created_at, j.c.id).limit(1).scalar_subquery()
     with store.connect() as conn:
-        row = conn.execute(sa.select(*newest, failed, *jobs, oldest)).one()
+        row = conn.execute(sa.select(*newest, failed, *jobs, oldest, oldest_hook)).one()
         run = conn.execute(
             sa.select(r.c.finished_at, r.c.created, r.c.updated, r.c.deleted).where(r.c.id == last_id)
         ).first()
-        # its hook, only while one is due: a job no running dispatcher has the hook of waits for ever
-        hook = None if row[7] is None else conn.execute(
-            sa.select(j.c.hook).where(j.c.status == "pending", j.c.available_at <= now)
-            .order_by(j.c.created_at, j.c.id).limit(1)).scalar()
     stamps = [s for s in (_stamp(v) for v in row[:3]) if s is not None]
     return DatabaseSnapshot(
         newest_delivery_at=max(stamps) if stamps else None,
@@ -63,7 +61,7 @@ def read_snapshot(store: Store) -> DatabaseSnapshot:
         reconcile_last_drift={"created": run.created, "updated": run.updated, "deleted": run.deleted} if run else {},
         hook_jobs={s: int(n) for s, n in zip(_JOB_STATUSES, row[4:7], strict=True)},
         hook_oldest_pending_at=_stamp(row[7]),
-        hook_oldest_pending_hook=hook,
+        hook_oldest_pending_hook=row[8],
     )
 
 
@@ -172,7 +170,7 @@ def check_freshness(snap: DatabaseSnapshot, *, now: float, max_delivery_age_s: f
     deliveries (rows it updated or deleted were there before it, written by deliveries: those are repairs)."""
     drift = _repaired(snap, initial_load)
     checks = [_deliveries(snap, now, max_delivery_age_s, drift), _backlog(snap, max_failed),
-              _reconcile(snap, now, max_reconcile_age_s, initial_load), _hooks(snap, now, max_hook_wait_s)]
+              _reconcile(snap, now, max_reconcile_age_s, initial_load, drift), _hooks(snap, now, max_hook_wait_s)]
     return checks if refusals is None else [*checks, _refusals(refusals, now)]
 
 
@@ -273,12 +271,12 @@ def _backlog(snap: DatabaseSnapshot, max_failed: int) -> FreshnessCheck:
     return FreshnessCheck(name, "ok", f"{snap.failed_backlog} failed")
 
 
-def _reconcile(snap: DatabaseSnapshot, now: float, max_age: float, initial_load: int | None) -> FreshnessCheck:
+def _reconcile(snap: DatabaseSnapshot, now: float, max_age: float, initial_load: int | None,
+               drift: int) -> FreshnessCheck:
     name = "last reconcile"
     if snap.reconcile_last_success_at is None:
         return FreshnessCheck(name, "warn", "no completed `clerk-sync reconcile` run yet: schedule one (cron)")
     age = now - snap.reconcile_last_success_at
-    drift = _repaired(snap, initial_load)
     did = f"repaired {drift} row(s)"
     if initial_load is not None:
         loaded = snap.reconcile_last_drift.get("created", 0)

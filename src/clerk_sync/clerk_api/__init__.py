@@ -16,7 +16,7 @@ from clerk_sync.clerk_api._client import (
     ClerkClient,
 )
 from clerk_sync.clerk_api._endpoints import JSON, MAX_PAGE, Page
-from clerk_sync.clerk_api._policy import ApiRequest, CircuitBreaker, RetryPolicy, Stats, unreachable_advice
+from clerk_sync.clerk_api._policy import UNREACHABLE, ApiRequest, CircuitBreaker, RetryPolicy, Stats, unreachable_advice
 
 __all__ = [
     "API_VERSION",
@@ -24,6 +24,7 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "JSON",
     "MAX_PAGE",
+    "UNREACHABLE",
     "ApiRequest",
     "AsyncClerkClient",
     "CircuitBreaker",

@@ -31,6 +31,7 @@ from clerk_sync.errors import (
 )
 
 __all__ = [
+    "UNREACHABLE",
     "Acquire",
     "ApiRequest",
     "CircuitBreaker",
@@ -443,8 +444,9 @@ def _error(response: httpx.Response, req: ApiRequest[Any]) -> ClerkAPIError:
                trace_id=trace, method=req.method, path=req.path)
 
 
-# (LocalProtocolError: the request could not be written, never sent; its text quotes the header it refused)
-_UNREACHABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.UnsupportedProtocol, httpx.LocalProtocolError)
+# The failures :func:`unreachable_advice` words (LocalProtocolError: the request could not be written, never
+# sent; its text quotes the header it refused).
+UNREACHABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.UnsupportedProtocol, httpx.LocalProtocolError)
 
 
 def unreachable_advice(exc: BaseException, base_url: str) -> str:
@@ -466,7 +468,7 @@ def _unavailable(outcome: Any, req: ApiRequest[Any], base_url: str, retry_after:
         return ClerkUnavailable(f"{req.method} {req.path}: Clerk answered {outcome.status_code}: {message}",
                                 retry_after=retry_after, status=outcome.status_code, clerk_code=code,
                                 trace_id=trace, **where)
-    if isinstance(outcome, _UNREACHABLE):
+    if isinstance(outcome, UNREACHABLE):
         return ClerkUnavailable(f"{req.method} {req.path}: {unreachable_advice(outcome, base_url)}",
                                 retry_after=retry_after, **where)
     return ClerkUnavailable(f"{req.method} {req.path}: {type(outcome).__name__}: {outcome}",

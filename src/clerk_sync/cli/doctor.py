@@ -186,14 +186,13 @@ def _cause(exc: Exception, settings: Settings) -> str:
 def _clerk_api(settings: Settings, client: httpx.Client) -> tuple[str, str]:
     if settings.clerk_secret_key is None:
         return "warn", "CLERK_SECRET_KEY not set: JIT sync, reconcile and admin actions are unavailable"
-    from clerk_sync.clerk_api import unreachable_advice
+    from clerk_sync.clerk_api import UNREACHABLE, unreachable_advice
 
     base = settings.clerk_api_url.rstrip("/") + "/v1"
     url = base + "/users/count"
     try:
         response = client.get(url, headers={"Authorization": f"Bearer {settings.clerk_secret_key.get_secret_value()}"})
-    except (httpx.ConnectError, httpx.ConnectTimeout, httpx.UnsupportedProtocol,
-            httpx.LocalProtocolError) as exc:  # reconcile's words (never the refused header: the key)
+    except UNREACHABLE as exc:  # reconcile's words (never the refused header: the key)
         return "fail", f"GET /users/count: {unreachable_advice(exc, base)}"
     except httpx.ProxyError as exc:
         return "fail", (f"{url}: the proxy refused the connection ({exc}): check HTTPS_PROXY / HTTP_PROXY and "

@@ -29,6 +29,7 @@ __all__ = ["reconcile_command"]  # (unread_objects: for the faces' commands, not
 # (a flood of one never hides another). The rest is counted ("... and N more"), and a real run logs every change.
 _SHOWN = {"create": 20, "update": 200, "delete": 200}
 _MARKS = {"create": "[green]+[/]", "update": "[yellow]~[/]", "delete": "[red]-[/]"}
+_PAST = {"create": "created", "update": "updated", "delete": "deleted"}
 
 
 def unread_objects(report: ReconcileReport) -> str | None:
@@ -97,9 +98,6 @@ class _Diff:
         if more:
             where = " (each is in the log: reconcile_change)" if logged else ""
             out.print(f"... and {', '.join(more)}{where}", highlight=False)
-
-
-_PAST = {"create": "created", "update": "updated", "delete": "deleted"}
 
 
 class _Stderr:

@@ -187,9 +187,4 @@ def check_username(store: Store, username: Any, owner: str | None = None) -> Non
         raise ClerkAPIError.invalid("username", "is invalid", code="form_param_format_invalid")
     for user in store.users.values():
         if user.username == username and user.id != owner:
-            raise ClerkAPIError(
-                422,
-                "form_identifier_exists",
-                "That username is taken. Please try another.",
-                meta={"param_name": "username"},
-            )
+            raise ClerkAPIError.identifier_exists("username", "username")

@@ -480,14 +480,11 @@ class Dispatcher:
     def _run(self, job: Job) -> bool | None:
         """Call the job's handler; True when it succeeded (counted once finished), False when it failed
         (recorded), None when it outlived its hook's ``timeout_s`` (overdue: :meth:`_went_overdue`)."""
-        handler = self._handlers.get(job.hook)
+        handler = self._handlers[job.hook]  # (claimed: one of this dispatcher's hooks, never another's)
         timeout_s = self._timeouts.get(job.hook)
         started = time.perf_counter()
         run: _Run | None = None
         try:
-            if handler is None:
-                raise LookupError(f"no hook named {job.hook!r} in this process (renamed or removed?): "
-                                  "restore it and run `clerk-sync hooks retry`, or `clerk-sync hooks purge`")
             self._running = (job, self._now())
             try:
                 if timeout_s is None:
@@ -504,14 +501,14 @@ class Dispatcher:
                 if run is not None and not run.ended:  # Ctrl-C while waiting: the handler's thread runs on,
                     self._keep_running(run)  # so its job stays claimed, its lease kept, until the run ends
                 raise
-            return self._failure(job, exc, time.perf_counter() - started, final=handler is None)
+            return self._failure(job, exc, time.perf_counter() - started)
         if run is not None and run.error is not None:  # raised in the run's own thread: never a stop
             return self._failure(job, run.error, run.seconds)
         return True
 
-    def _failure(self, job: Job, exc: BaseException, seconds: float, *, final: bool = False) -> bool:
+    def _failure(self, job: Job, exc: BaseException, seconds: float) -> bool:
         """Record and count a failed run that took ``seconds`` (measured before the recording's writes)."""
-        self._ran(job, self._failed(job, exc, final=final or isinstance(exc, HookGaveUp)), seconds)
+        self._ran(job, self._failed(job, exc, final=isinstance(exc, HookGaveUp)), seconds)
         return False
 
     def _ran(self, job: Job, outcome: str, seconds: float) -> None:
@@ -571,6 +568,10 @@ class Dispatcher:
             self._thread.join(timeout_s)
             self._thread = None
 
+    def _pause(self, in_a_row: int, cap: float) -> float:
+        """The pause after ``in_a_row`` failed turns: from ``poll_s`` (at least 0.1 s), doubling, at most ``cap``."""
+        return min(cap, max(self.poll_s, 0.1) * 2.0 ** min(in_a_row - 1, 16))
+
     def run_forever(self) -> None:
         """The worker loop: full batches back to back, otherwise a ``poll_s`` pause. While the database is
         unavailable, each failed turn is logged (with what to check) and followed by a pause that doubles, from
@@ -591,7 +592,7 @@ class Dispatcher:
                     down = 0
             except StoreError as exc:
                 down += 1
-                pause = min(max(_DOWN_PAUSE_MAX_S, self.poll_s), max(self.poll_s, 0.1) * 2.0 ** min(down - 1, 16))
+                pause = self._pause(down, max(_DOWN_PAUSE_MAX_S, self.poll_s))
                 log.warning("hook dispatch: database unavailable", error=_with_advice(str(exc)), attempt=down,
                             retry_in_s=round(pause, 3))
                 claimed = 0
@@ -599,7 +600,7 @@ class Dispatcher:
                 if self._stopping(exc):
                     raise
                 crashes += 1
-                pause = min(_CRASH_PAUSE_MAX_S, max(self.poll_s, 0.1) * 2.0 ** min(crashes - 1, 16))
+                pause = self._pause(crashes, _CRASH_PAUSE_MAX_S)
                 log.exception("hook dispatch crashed; retrying after a pause", pause_s=pause)
                 claimed = 0
             if not (claimed and self._claimed_full):  # the queue had no more due: pause
