@@ -52,3 +52,20 @@ def test_the_v1_form_also_reaches_the_jwks_for_session_tokens(emu: EmulatorServe
     assert settings.clerk_api_url == emu.url
     verifier = verifier_from_settings(settings)
     assert verifier.verify(emu.mint_session_token(user["id"])).user_id == user["id"]
+
+
+def test_a_key_passed_in_code_is_stripped_or_refused_as_settings_does(emu: EmulatorServer) -> None:
+    """Left from the last session: Settings stripped and refused keys no header can carry, but a key passed to
+    ``ClerkClient`` in code with a non-ASCII character raised UnicodeEncodeError from every call, and one read
+    from a file kept its newline (httpx's refusal quoted the header: the key)."""
+    from clerk_sync.clerk_api import AsyncClerkClient
+    from clerk_sync.errors import ConfigError
+
+    user = emu.create_user(email="ada@example.com")
+    with ClerkClient(emu.secret_key + "\n", api_url=emu.url, retry=ONE_TRY) as clerk:
+        assert clerk.get_user(user["id"])["id"] == user["id"]
+    for face in (ClerkClient, AsyncClerkClient):
+        for key in ("sk_live_TOPSECRET123\u2026", "sk_live_TOP SECRET123", "sk_live_TOPSECRET\x00123"):
+            with pytest.raises(ConfigError) as refused:
+                face(key, api_url=emu.url)
+            assert "non-ASCII" in str(refused.value) and "TOPSECRET" not in str(refused.value)

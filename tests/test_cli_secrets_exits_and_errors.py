@@ -294,6 +294,13 @@ def test_a_short_console_token_is_refused_with_how_to_make_one() -> None:
     assert Settings.from_env({"CLERK_SYNC_CONSOLE_TOKEN": "x" * 16}).console_operator_token is not None
 
 
+def test_a_console_token_read_with_a_trailing_newline_is_the_token_an_operator_types() -> None:
+    """Fixed: a token from a file (`kubectl create secret --from-file`, `echo`) kept its newline, and the
+    operator typing the token was refused as if it were wrong."""
+    token = Settings.from_env({"CLERK_SYNC_CONSOLE_TOKEN": " s3cret-operator-token-0123\n"}).console_operator_token
+    assert token is not None and token.get_secret_value() == "s3cret-operator-token-0123"
+
+
 def test_the_runbooks_hook_commands_name_ids_or_all() -> None:
     """Fixed: the runbook said `clerk-sync hooks retry` / `purge` bare; both refuse to run without ids
     or --all (or, for purge, --hook NAME)."""

@@ -350,7 +350,8 @@ class Settings(BaseSettings):
         if value is not None and len(value.get_secret_value().strip()) < _MIN_CONSOLE_TOKEN_CHARS:
             raise ValueError(f"must be at least {_MIN_CONSOLE_TOKEN_CHARS} characters (it signs an operator in "
                              "to the console); make one with `openssl rand -base64 24`")
-        return value
+        # stripped: one read from a file (a Kubernetes secret, `echo`) ends in a newline that no operator types
+        return None if value is None else SecretStr(value.get_secret_value().strip())
 
     @field_validator("console_secret")
     @classmethod

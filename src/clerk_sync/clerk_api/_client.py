@@ -162,8 +162,14 @@ class _Base:
         owns_budget: bool = False,
         metrics: Metrics | None = None,
     ) -> None:
+        secret_key = secret_key.strip()  # a key read from a file ends in a newline no header may carry
         if not secret_key:
             raise ConfigError("CLERK_SECRET_KEY is not set (Clerk Dashboard -> API keys -> Secret keys)")
+        if not secret_key.isascii() or any(c.isspace() or not c.isprintable() for c in secret_key):
+            # as Settings refuses it: httpx would raise UnicodeEncodeError (or quote the header) on every call
+            raise ConfigError("the Clerk secret key has a space, a control character or a non-ASCII character "
+                              "(a typographic quote or ellipsis pasted from a document) inside it (not shown): "
+                              "copy it again from Clerk Dashboard -> API keys -> Secret keys")
         self.budget: Budget = budget or LocalBudget(default_rate_limit(secret_key))
         self._owns_budget = owns_budget  # from_settings may create a Redis budget: close it with us
         self.breaker = breaker or CircuitBreaker(clock=clock)
