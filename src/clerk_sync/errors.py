@@ -23,6 +23,7 @@ Branch by what the caller does next::
     │   │   └── UserDeprovisioned       user_deprovisioned   removed by the company's identity provider (SCIM)
     │   └── UserDeleted                 user_deleted         the user was deleted in Clerk -> 410
     ├── StoreError                      store_unavailable    transient DB failure: 5xx, Svix retries
+    │   └── ParentNotThere              parent_not_there     a row an app table refers to has not arrived: 503, retried
     ├── ClerkAPIError                   clerk_api_error      Clerk's Backend API refused or failed
     │   ├── ClerkNotFound               clerk_not_found      404: the object does not exist (any more)
     │   ├── ClerkUnauthorized           clerk_unauthorized   401/403: CLERK_SECRET_KEY is wrong
@@ -57,6 +58,7 @@ __all__ = [
     "HookGaveUp",
     "ImpersonationEnded",
     "InvalidRole",
+    "ParentNotThere",
     "PayloadError",
     "PayloadTooLarge",
     "RateLimited",
@@ -153,6 +155,20 @@ class StoreError(ClerkSyncError):
     """The database failed transiently (down, deadlock, lock timeout); the delivery must be retried."""
 
     code = "store_unavailable"
+
+
+class ParentNotThere(StoreError):
+    """An app's mapped table refused a row for a foreign key to a row it does not hold yet (a membership that
+    arrived before its organization or user): not an outage but an ordering that heals. Nothing was written;
+    the delivery is answered 503 and Svix retries it, and it applies once the parent has arrived. ``refused``
+    says which table refused which change. (Raised only while the parent may still arrive: see
+    :meth:`clerk_sync.mapping.SchemaMapping.parents_arrived`.)"""
+
+    code = "parent_not_there"
+
+    def __init__(self, message: str, refused: str = "") -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 class StoreDataError(StoreError):

@@ -40,6 +40,7 @@ from clerk_sync.engine import (
 )
 from clerk_sync.errors import (
     ClerkSyncError,
+    ParentNotThere,
     PayloadError,
     PayloadTooLarge,
     StoreDataError,
@@ -164,7 +165,8 @@ class WebhookProcessor:
 
     def refused(self, exc: ClerkSyncError, claimed: str | None) -> None:
         """Log and count a delivery answered with an error (every framework's webhook endpoint): a refusal
-        (4xx, nothing written) by its code, a database failure (503, Svix retries) as unavailable.
+        (4xx, nothing written) by its code, a database failure (503, Svix retries) as unavailable, a row of the
+        app's tables waiting for its parent (503, Svix retries: :class:`~clerk_sync.errors.ParentNotThere`) apart.
         Never raises (the answer stays the refusal's, see :meth:`observe`)."""
         try:
             self._refused(exc, claimed)
@@ -177,6 +179,9 @@ class WebhookProcessor:
             self.metrics.refused.labels(code=exc.code).inc()
             if exc.code in _REFUSAL_ADVICE:
                 self._refusals.count(exc.code, str(exc))
+        elif isinstance(exc, ParentNotThere):  # an ordering Svix's retry heals, not a database failure
+            log.info("webhook_parent_not_there", svix_id=claimed, reason=str(exc))
+            self.metrics.parent_not_there.inc()
         elif isinstance(exc, StoreError):
             log.warning("webhook_store_error", svix_id=claimed, reason=str(exc))
             self.metrics.db_errors.labels(operation="webhook").inc()

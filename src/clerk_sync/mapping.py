@@ -50,7 +50,7 @@ from clerk_sync._db_errors import (
 from clerk_sync._limits import CLERK_ID_CHARS
 from clerk_sync.changes import Change
 from clerk_sync.engine import Entity
-from clerk_sync.errors import ConfigError, StoreDataError, StoreError, database_message
+from clerk_sync.errors import ConfigError, ParentNotThere, StoreDataError, StoreError, database_message
 from clerk_sync.events import MembershipRecord, OrganizationRecord, UserRecord, record_columns
 from clerk_sync.tables import Timestamp, metadata, organization_memberships, organizations, users
 
@@ -160,15 +160,6 @@ class LinkUnverified(StoreDataError):
     the one synced. Not written (neither linked nor a second row); the user's next event, which says, links it."""
 
     code = "link_unverified"
-
-
-class ParentNotThere(StoreError):
-    """The app's table refused a mapped row for a foreign key: a parent row not there yet (retried), unless
-    :meth:`SchemaMapping.parents_arrived` says it never will be (then the row's refusal, ``refused``)."""
-
-    def __init__(self, message: str, refused: str) -> None:
-        super().__init__(message)
-        self.refused = refused
 
 
 class AppTableRolledBack(StoreDataError):

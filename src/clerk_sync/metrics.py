@@ -232,6 +232,10 @@ class Metrics:
                                ["code"], registry=r)
         self.unavailable = Counter("clerk_sync_webhook_unavailable",
                                    "Deliveries answered 503 (database unavailable); Svix retries them.", registry=r)
+        self.parent_not_there = Counter(
+            "clerk_sync_webhook_parent_not_there", "Deliveries answered 503 because a row they refer to in the "
+            "app's mapped tables (a membership's organization or user) has not arrived yet; Svix retries them, "
+            "not a database failure.", registry=r)
         self.db_errors = Counter("clerk_sync_db_errors", "Database errors by operation.", ["operation"], registry=r)
         self.jit = Counter("clerk_sync_jit_fetches", "Just-in-time user fetches from Clerk by outcome "
                            "('throttled': none made, that user was fetched within the refresh interval).",

@@ -38,13 +38,12 @@ from clerk_sync._db_errors import driver_cursor, passing_cause, store_error
 from clerk_sync._mentions import Mentions
 from clerk_sync.changes import BOOKKEEPING, Change, Hook, change_type
 from clerk_sync.engine import Entity, Tombstone, Upsert
-from clerk_sync.errors import StoreDataError, StoreError
+from clerk_sync.errors import ParentNotThere, StoreDataError, StoreError
 from clerk_sync.events import MembershipRecord, OrganizationRecord, UserRecord, record_columns
 from clerk_sync.mapping import (
     AppTableRolledBack,
     LinkAmbiguous,
     LinkUnverified,
-    ParentNotThere,
     SchemaMapping,
     check_at_once,
     direct_sqlite,

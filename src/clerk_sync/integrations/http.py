@@ -28,6 +28,7 @@ from clerk_sync.errors import (
     CrossSiteRequest,
     EventShapeError,
     InvalidRole,
+    ParentNotThere,
     PayloadError,
     PayloadTooLarge,
     RateLimited,
@@ -63,6 +64,7 @@ STATUS_BY_ERROR: dict[type[ClerkSyncError], int] = {
     CrossSiteRequest: 403,
     UserDeleted: 410,
     StoreError: 503,
+    ParentNotThere: 503,  # not an outage, but retried the same way (nothing was written)
     ClerkAPIError: 502,
     ClerkNotFound: 404,
     ClerkUnauthorized: 500,
@@ -81,6 +83,9 @@ _STORE_RETRY_AFTER_S = 5
 # role; a JWKS failure its URL) is the operator's: it goes to the log, never to whoever sent the request.
 _PUBLIC_MESSAGES: dict[type[ClerkSyncError], str] = {  # the first class that matches (subclasses first)
     StoreDataError: "the database refused a value of this request (the cause is in the service's log)",
+    ParentNotThere: "a row this change refers to in the app's tables (the organization or user of a membership) "
+                    "has not arrived yet: nothing was written; Clerk retries the delivery, which applies once "
+                    "it has (the table and the change are in the service's log)",
     StoreError: "the database is unavailable: retry later (the cause is in the service's log)",
     TokenKeysUnavailable: "the keys that verify session tokens are unavailable: retry later (the cause is in "
                           "the service's log)",
@@ -162,6 +167,9 @@ def _log_cause(cls: type[ClerkSyncError], exc: ClerkSyncError) -> None:
     if cls is StoreDataError:  # about one request's data, not an outage: each one is its own story
         log.warning("answered_unavailable", error=exc.code, cause=str(exc), also_answered_since_last_line=0)
         return
+    # A parent not arrived yet is an ordering Svix's retry heals (info), not an outage (warning)
+    say, event = ((log.info, "answered_parent_not_there") if cls is ParentNotThere
+                  else (log.warning, "answered_unavailable"))
     cause = (cls, _cause_key(" ".join(str(exc).split())))
     now = _now()
     with _logged_lock:
@@ -173,4 +181,4 @@ def _log_cause(cls: type[ClerkSyncError], exc: ClerkSyncError) -> None:
         if len(_logged) >= _CAUSES_HELD:
             del _logged[min(_logged, key=lambda held: _logged[held][0])]
         _logged[cause] = (now, 0)
-    log.warning("answered_unavailable", error=exc.code, cause=str(exc), also_answered_since_last_line=since)
+    say(event, error=exc.code, cause=str(exc), also_answered_since_last_line=since)
