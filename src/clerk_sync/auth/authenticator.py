@@ -385,9 +385,25 @@ class Authenticator:
         return None if row is None else (row[0], row[1])
 
     @staticmethod
+    def guardable_permission(permission: str) -> str:
+        """``permission``, refused (``ValueError``) when no session token can carry it: Clerk's tokens carry an
+        organization's custom permissions only (``org:invoices:read``), never its system ones (``org:sys_*``),
+        so a guard on one would refuse every request. Every face's ``require_permission`` asks it when the
+        guard is made."""
+        if permission.startswith("org:sys_"):
+            raise ValueError(
+                f"permission {permission!r} is a Clerk system permission, which session tokens never carry (they "
+                "carry custom permissions only): a guard on it would refuse everyone. Guard on the organization "
+                "role instead: require_org_role('org:admin') (DRF: HasOrgRole.of(...), Django views: "
+                "OrgRoleRequiredMixin), or a custom permission you create in the Clerk Dashboard")
+        return permission
+
+    @staticmethod
     def require_permission(auth: Auth, permission: str) -> Auth:
         """``permission`` in the token's active organization. From the token only, valid until it expires:
-        the database keeps no permissions to confirm it against (a role's are Clerk's to define)."""
+        the database keeps no permissions to confirm it against (a role's are Clerk's to define). A system
+        permission (``org:sys_*``) is refused (``ValueError``, see :meth:`guardable_permission`)."""
+        Authenticator.guardable_permission(permission)
         if permission not in auth.org_permissions:
             raise AccessDenied(f"missing permission {permission!r} in the active organization")
         return auth

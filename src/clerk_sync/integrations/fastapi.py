@@ -162,7 +162,9 @@ class ClerkAuth(Generic[UserT]):
         return dependency
 
     def require_permission(self, permission: str) -> Callable[[Request], Awaitable[Auth]]:
-        """``permission`` in the active organization, from the token (the database keeps no permissions)."""
+        """``permission`` in the active organization, from the token (the database keeps no permissions). A
+        system permission (``org:sys_*``), which tokens never carry, is refused here (``ValueError``)."""
+        Authenticator.guardable_permission(permission)
 
         async def dependency(request: Request) -> Auth:
             return self.authenticator.require_permission(await self.current_auth(request), permission)

@@ -152,7 +152,9 @@ def require_org_role(*roles: str) -> Callable[[V], V]:
 
 def require_permission(permission: str) -> Callable[[V], V]:
     """The active organization grants ``permission`` (e.g. ``"org:invoices:read"``), from the token (the
-    database keeps no permissions)."""
+    database keeps no permissions). A system permission (``org:sys_*``), which tokens never carry, is refused
+    here (``ValueError``)."""
+    Authenticator.guardable_permission(permission)
 
     def check(auth: Auth, user: AuthUser | None) -> None:
         Authenticator.require_permission(auth, permission)

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 from django.http import HttpRequest, HttpResponseBase
 
+from clerk_sync.auth.authenticator import Authenticator
 from clerk_sync.integrations.django import decorators
 
 __all__ = [
@@ -75,6 +76,11 @@ class OrgPermissionRequiredMixin(_GuardMixin):
     """The active organization grants :attr:`required_permission` (from the token)."""
 
     required_permission: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:  # a system permission is refused when the view is defined
+        super().__init_subclass__(**kwargs)
+        if cls.required_permission:
+            Authenticator.guardable_permission(cls.required_permission)
 
     def _guard(self) -> Any:
         if not self.required_permission:

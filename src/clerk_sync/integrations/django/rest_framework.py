@@ -255,6 +255,11 @@ class HasPermission(_ClerkCheck):
 
     permission: ClassVar[str] = ""
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:  # HasPermission.of("org:sys_...") is refused at once
+        super().__init_subclass__(**kwargs)
+        if cls.permission:
+            Authenticator.guardable_permission(cls.permission)
+
     @classmethod
     def of(cls, permission: str) -> type[HasPermission]:
         return type(f"HasPermission_{permission}", (cls,), {"permission": permission})

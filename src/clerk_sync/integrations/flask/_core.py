@@ -537,7 +537,9 @@ def require_org_role(*roles: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
 
 
 def require_permission(permission: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
-    """``permission`` in the active organization, from the token (403; the database keeps no permissions)."""
+    """``permission`` in the active organization, from the token (403; the database keeps no permissions). A
+    system permission (``org:sys_*``), which tokens never carry, is refused here (``ValueError``)."""
+    Authenticator.guardable_permission(permission)
     return _guard(lambda: Authenticator.require_permission(_current_auth(), permission))
 
 
