@@ -27,6 +27,7 @@ from clerk_sync.testing import EmulatorServer
 from tests._server import free_port, running
 
 ROOT = Path(__file__).resolve().parent.parent
+B_VERSION = 1_800_000_000_000
 
 
 def _settings(db_url: str, secret: str = "whsec_" + "ZXhhbXBsZS1ob29rcy10ZXN0LXNlY3JldC0zMi1ieXRlcyE=") -> Settings:
@@ -138,3 +139,21 @@ def test_the_example_runs_as_documented() -> None:
     assert result.returncode == 0, result.stderr
     assert "welcome mails: [{'idempotency_key': 'user.created:" in result.stdout
     assert "billing customers: {'user_" in result.stdout
+
+
+def test_billing_ignores_an_older_change_arriving_after_the_deletion() -> None:
+    """Node.js forwarding walkthrough (finding 11): a dead ``user.created`` retried with ``clerk-sync hooks retry``
+    reaches the receiver after the user's ``user.deleted`` (clerk-sync warns: out of order). Billing deduplicated on
+    the key only and put the deleted customer back; it keeps the last version (a deletion's too) per Clerk id and
+    ignores an older change, answering 2xx (handled: nothing to do)."""
+    values = {"email": "gone@example.com", "role": "user"}
+    created = Change(Entity.USER, "user_3", "created", B_VERSION, values)
+    updated = Change(Entity.USER, "user_3", "updated", B_VERSION + 10, values | {"role": "admin"}, {"role": "user"})
+    deleted = Change(Entity.USER, "user_3", "deleted", B_VERSION + 20, values | {"role": "admin"})
+    newer = Change(Entity.USER, "user_4", "updated", B_VERSION + 30, {"email": "kept@example.com", "role": "admin"})
+    older = Change(Entity.USER, "user_4", "created", B_VERSION, {"email": "kept@example.com", "role": "user"})
+    with running(create_billing(BILLING_SECRET)) as billing:
+        answers = [_deliver(billing, change) for change in (updated, deleted, created, newer, older)]
+        customers = httpx.get(f"{billing}/customers").json()
+    assert answers == [204] * 5
+    assert customers == {"user_4": {"email": "kept@example.com", "role": "admin"}}  # not user_3 back, not user_4 older

@@ -4,7 +4,13 @@ Standard Webhooks (``webhook-id`` / ``-timestamp`` / ``-signature``) and keeps a
 Delivery is at least once: a message answered with an error (or not answered) is sent again with the
 same ``webhook-id``. So a message is recorded as seen only once it has been handled: one whose handling
 failed (500) is handled again on the retry, not answered 204 as a duplicate and lost. With a database,
-write the seen id in the same transaction as the change it applies."""
+write the seen id in the same transaction as the change it applies.
+
+Order is kept per object only, and not after a failure: a change that went dead (410, or every retry failed)
+no longer holds its object back, so ``clerk-sync hooks retry`` delivers it after newer ones, say a
+``user.created`` after the ``user.deleted``. So the service keeps, per Clerk id, the last version it applied
+(a deletion's included: a tombstone) and ignores a change with an older one. With a database, a column
+beside the row (kept on the deleted row, or in a table of tombstones) written in the same transaction."""
 
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ def create_billing(secret: str, customers: MutableMapping[str, dict[str, Any]] |
     if customers is None:
         customers = {}
     seen: set[str] = set()
+    applied: dict[str, tuple[int, bool]] = {}  # Clerk id -> (the version last applied, whether it deleted)
     verifier = Webhook(secret)
 
     async def receive(request: Request) -> Response:
@@ -35,10 +42,18 @@ def create_billing(secret: str, customers: MutableMapping[str, dict[str, Any]] |
         if key in seen:  # at-least-once delivery: a message already handled is a duplicate
             return Response(status_code=204)
         data = message["data"]
-        if data["kind"] == "deleted":
-            customers.pop(data["clerk_id"], None)
+        clerk_id, version, deleted = data["clerk_id"], data["version"], data["kind"] == "deleted"
+        last = applied.get(clerk_id)
+        if last is not None and (version < last[0] or (version == last[0] and last[1])):
+            # Older than what we hold (a retried change arriving late): handled, nothing to do. A deletion
+            # wins a tie; a change of the same version as an applied one is that state again.
+            seen.add(key)
+            return Response(status_code=204)
+        if deleted:
+            customers.pop(clerk_id, None)
         else:  # an exception here answers 500: the sink retries, and the message is not yet seen
-            customers[data["clerk_id"]] = {"email": data["values"]["email"], "role": data["values"]["role"]}
+            customers[clerk_id] = {"email": data["values"]["email"], "role": data["values"]["role"]}
+        applied[clerk_id] = (version, deleted)
         seen.add(key)  # only now: handled (no await in between, so no other request interleaves)
         return Response(status_code=204)
 
