@@ -203,7 +203,7 @@ def test_hooks_list_keeps_one_line_per_job(dead_jobs: tuple[str, dict[str, str]]
     listed = run("hooks", "list", env=env)
     rows = [line.split("\t") for line in listed.stdout.splitlines()]
     assert [row[0] for row in rows] == ["1", "2", "3"], listed.stdout
-    assert all(len(row) == 6 for row in rows)
+    assert all(len(row) == 8 for row in rows)  # (the idempotency key and a pending job's next attempt after the error)
     assert rows[0][5] == "HookGaveUp: endpoint gone\\nsecond line\\twith tab"
 
 

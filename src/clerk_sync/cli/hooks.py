@@ -403,17 +403,23 @@ def list_command(
     status: Annotated[Literal["dead", "pending", "running"], typer.Option(help="dead, pending or running.")] = "dead",
     limit: Annotated[int, typer.Option(min=1, help="At most this many.")] = 50,
 ) -> None:
-    """List queued hook jobs (dead ones by default), tab-separated: id, hook, type, Clerk id, attempts, error.
+    """List queued hook jobs (dead ones by default), tab-separated: id, hook, type, Clerk id, attempts, error,
+    idempotency key (what a receiver got as ``webhook-id``, ``message_id`` or the stream's ``idempotency_key``),
+    and for a pending job ``next=`` when its next attempt is due (UTC; empty for the others).
 
     Backslash, tab, newline and carriage return within a field are written \\\\, \\t, \\n and \\r.
     """
     store = _store()
     with store.connect() as conn:
         jobs = list_jobs(conn, status=status, limit=limit)
+        due_at = _next_attempts(conn, [job.id for job in jobs]) if status == "pending" else {}
         waiting = _due_by_hook(conn, store.now()) if status == "pending" else []
     store.dispose()
     for job in jobs:  # one line per job, fields never holding a tab or newline (`cut -f1` gives the ids)
-        fields = (job.hook, job.change.type, job.change.clerk_id, f"attempts={job.attempts}", job.last_error or "")
+        # (new columns go at the end: scripts cut the first six by position)
+        at = due_at.get(job.id)
+        fields = (job.hook, job.change.type, job.change.clerk_id, f"attempts={job.attempts}", job.last_error or "",
+                  job.change.idempotency_key, f"next={at:%Y-%m-%dT%H:%M:%SZ}" if at is not None else "")
         typer.echo("\t".join([str(job.id), *map(_one_field, fields)]))
     Console(stderr=True).print(f"{len(jobs)} {status} job(s)")
     if waiting:
@@ -422,6 +428,15 @@ def list_command(
             f"due now, by hook: {due}. A dispatcher claims only the jobs of the hooks it has: a hook whose jobs "
             "wait on is in no running worker's --hooks (nor serve's)? deploy it there, or, if it was removed or "
             "renamed, `clerk-sync hooks purge --hook NAME` (its changes will not be handled)", soft_wrap=True)
+
+
+def _next_attempts(conn: Connection, ids: list[int]) -> dict[int, datetime]:
+    """When each of these jobs is next due (its ``available_at``, in UTC)."""
+    found: dict[int, datetime] = {}
+    for start in range(0, len(ids), 500):  # (a --limit in the thousands: bounded IN lists)
+        query = sa.select(hook_jobs.c.id, hook_jobs.c.available_at).where(hook_jobs.c.id.in_(ids[start:start + 500]))
+        found.update((job_id, aware(at).astimezone(UTC)) for job_id, at in conn.execute(query))
+    return found
 
 
 def _due_by_hook(conn: Connection, now: datetime) -> list[tuple[str, int, float]]:
