@@ -11,15 +11,22 @@ import contextlib
 import os
 import signal
 import socket
+import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
 
 from clerk_sync.errors import ClerkSyncError
 
-__all__ = ["STARTUP_FAILURE", "could_not_start", "serve_workers", "shared_metrics", "tell_startup_failure"]
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+
+    from clerk_sync.hooks import Dispatcher
+
+__all__ = ["STARTUP_FAILURE", "DispatchWhenMigrated", "could_not_start", "serve_workers", "shared_metrics",
+           "tell_startup_failure"]
 
 console = Console(stderr=True)
 
@@ -163,6 +170,69 @@ def tell_startup_failure(app: Any, tell: Callable[[str], None]) -> None:
             raise
 
     app.router.lifespan_context = lifespan
+
+
+class DispatchWhenMigrated:
+    """``serve --hooks``'s dispatcher thread, started once the app's start-up has run and, with ``--migrate``,
+    once the schema is current: on a fresh database it would otherwise poll ``hook_jobs`` before serve's own
+    migration created it, and log "hook dispatch: database unavailable ... run clerk-sync's migrations" while
+    serve was doing just that. While the migration is retried (the database down), the migration's own
+    ``migration_retry`` lines say why and the dispatcher waits without a word; once it runs, a database that
+    goes down is its to report. Without ``--migrate`` it starts with the app (the schema is the deploy's to
+    migrate: a warning saying so is then the right one)."""
+
+    def __init__(self, dispatcher: Dispatcher, engine: Engine, *, migrate: bool, poll_s: float = 0.25) -> None:
+        self.dispatcher = dispatcher
+        self.engine = engine
+        self.migrate = migrate
+        self.poll_s = poll_s
+        self._stop = threading.Event()
+        self._waiter: threading.Thread | None = None
+
+    def attach(self, app: Any) -> None:
+        """Wrap ``app``'s lifespan: the dispatcher starts (or starts waiting) once the app has started."""
+        inner = app.router.lifespan_context
+
+        @contextlib.asynccontextmanager
+        async def lifespan(app_: Any) -> Any:
+            async with inner(app_) as state:
+                from anyio import to_thread
+
+                # The usual case decided here (the start-up's first migration attempt ran): no thread to wait.
+                if not self.migrate or await to_thread.run_sync(self._migrated):
+                    self.dispatcher.start()
+                else:
+                    self._waiter = threading.Thread(target=self._wait, name="clerk-sync-hooks-wait", daemon=True)
+                    self._waiter.start()
+                yield state
+
+        app.router.lifespan_context = lifespan
+
+    def _migrated(self) -> bool:
+        from alembic.util.exc import CommandError
+        from sqlalchemy.exc import SQLAlchemyError
+
+        from clerk_sync import migrations
+        from clerk_sync.errors import StoreError
+
+        try:
+            return migrations.is_current(self.engine)
+        except (SQLAlchemyError, StoreError, CommandError):  # down, or mid-migration: the migration reports it
+            return False
+
+    def _wait(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            if self._migrated():
+                if not self._stop.is_set():
+                    self.dispatcher.start()
+                return
+
+    def stop(self) -> None:
+        """Stop waiting, and the dispatcher if it started (after its current batch)."""
+        self._stop.set()
+        if self._waiter is not None:
+            self._waiter.join()
+        self.dispatcher.stop()
 
 
 def _one_line(exc: BaseException) -> str:

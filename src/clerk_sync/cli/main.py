@@ -20,6 +20,7 @@ from clerk_sync._logging import configure_logging
 from clerk_sync.cli._args import PortInUse
 from clerk_sync.cli._serve import (
     STARTUP_FAILURE,
+    DispatchWhenMigrated,
     could_not_start,
     serve_workers,
     shared_metrics,
@@ -162,12 +163,13 @@ def _serve_one(settings: Settings, processor: WebhookProcessor, host: str, port:
     why: list[str] = []
     tell_startup_failure(app, why.append)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
-    dispatcher = (Dispatcher(processor.store, metrics=processor.metrics)  # retries while the DB is down
-                  if processor.store.hooks and dispatch else None)
+    dispatcher = None
+    if processor.store.hooks and dispatch:  # started with the app, once serve's own migration is done
+        dispatcher = DispatchWhenMigrated(Dispatcher(processor.store, metrics=processor.metrics),
+                                          processor.store.engine, migrate=migrate_first)
+        dispatcher.attach(app)
     with _listen(host, port) as sock:
         _announce(settings, host, sock)
-        if dispatcher is not None:
-            dispatcher.start()
         try:
             server.run(sockets=[sock])  # our own access lines (ingest.py)
         except SystemExit:  # uvicorn's own exit when the app's start-up failed: ours below says why
