@@ -147,3 +147,14 @@ def test_a_refused_save_inside_a_callers_transaction_does_not_doom_the_users_aft
         changed, failed = forget_cleared_django_users()
     assert (changed, failed) == (1, [first.pk])
     assert _copy(ann) == ("", "", "", False) and _copy("user_x")[0] == "x@example.com"
+
+
+def test_manage_py_erase_of_a_hard_deleted_tombstone_says_nothing_was_written(client_world: World) -> None:
+    """DPO walkthrough, finding 4: it said "no row for it; tombstone written" while the digest kept any row out."""
+    from tests.test_erase_message_after_hard_delete import hard_delete_tombstone
+
+    hard_delete_tombstone(client_world.store, "user_gone")
+    out = StringIO()
+    call_command("clerk_sync", "erase", "user_gone", stdout=out)
+    assert "tombstone written" not in out.getvalue(), out.getvalue()
+    assert "user_gone: already erased" in out.getvalue() and "no row written" in out.getvalue(), out.getvalue()

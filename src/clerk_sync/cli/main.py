@@ -43,8 +43,9 @@ from clerk_sync.store import Store
 
 if TYPE_CHECKING:
     from clerk_sync.ingest import WebhookProcessor
+    from clerk_sync.retention import ErasureReport
 
-__all__ = ["EXIT_SETTINGS", "EXIT_UNAVAILABLE", "EXIT_UNDONE", "app", "exit_code", "main"]
+__all__ = ["EXIT_SETTINGS", "EXIT_UNAVAILABLE", "EXIT_UNDONE", "app", "erase_outcome", "exit_code", "main"]
 
 #: The exit codes of every ``clerk-sync`` command (0: done). A command that ran and left something undone
 #: (``replay`` with deliveries still failed, ``reconcile`` with objects it could not read, ``doctor`` with a
@@ -434,6 +435,7 @@ def users_erase(
     try:
         _check_user_id(store, clerk_id, any_id=any_id)
         report = Retention(store).erase_user(clerk_id, actor=actor, reason=reason, allow_unknown=force)
+        found = erase_outcome(store, report)
     except UnknownUser:
         console.print(f"[red]error:[/] no user {escape(repr(clerk_id))} in this database (no row, no stored "
                       "event); nothing was changed. Check the id (Clerk Dashboard -> Users, or the users table's "
@@ -441,7 +443,6 @@ def users_erase(
         raise SystemExit(EXIT_UNDONE) from None
     finally:
         store.dispose()
-    found = "erased" if report.row_existed else "no row for it; tombstone written"
     typer.echo(f"{clerk_id}: {found}, {report.payloads_redacted} stored payload(s) redacted; audited as user.erased")
     if (advice := report.elsewhere_advice()) is not None:
         console.print(f"[yellow]warning:[/] {escape(advice)}", highlight=False)
@@ -457,6 +458,25 @@ def users_erase(
         typer.echo(f"{' and '.join(what for what, _ in untold)}: if `serve` runs with "
                    f"{' or '.join(option for _, option in untold)}, run this again with the same (it is "
                    "idempotent: the deletion is passed on then)")
+
+
+def erase_outcome(store: Store, report: ErasureReport) -> str:
+    """What an erasure did to the user's row, as every face's erase command says it: ``erased`` (its row
+    became a cleared tombstone), ``no row for it; tombstone written`` (an id known only from stored events or
+    memberships, or ``--force``), or, for an id whose tombstone ``prune`` already hard-deleted
+    (``CLERK_SYNC_TOMBSTONE_DELETE_AFTER_DAYS``), that nothing was written: its digest keeps any row out."""
+    import sqlalchemy as sa
+
+    from clerk_sync.tables import users
+
+    if report.row_existed:
+        return "erased"
+    with store.connect() as conn:
+        written = conn.execute(sa.select(users.c.id).where(users.c.clerk_id == report.clerk_id)).first()
+    if written is not None:
+        return "no row for it; tombstone written"
+    return ("already erased (its row was deleted by prune; only the SHA-256 digest of its id is kept, which keeps "
+            "any row out): no row written")
 
 
 def _check_user_id(store: Store, clerk_id: str, *, any_id: bool) -> None:

@@ -28,7 +28,7 @@ from clerk_sync import migrations
 from clerk_sync._db_errors import store_error
 from clerk_sync._urls import masked_url
 from clerk_sync.cli._args import STORED_STATUSES
-from clerk_sync.cli.main import EXIT_SETTINGS, EXIT_UNAVAILABLE, EXIT_UNDONE, exit_code
+from clerk_sync.cli.main import EXIT_SETTINGS, EXIT_UNAVAILABLE, EXIT_UNDONE, erase_outcome, exit_code
 from clerk_sync.engine import DeliveryStatus
 from clerk_sync.errors import ClerkSyncError, StoreError
 from clerk_sync.integrations.django.conf import clerk_settings, django_options
@@ -210,13 +210,13 @@ class Command(BaseCommand):
         store = self._store()
         try:
             report = Retention(store).erase_user(clerk_id, actor=actor, reason=reason, allow_unknown=force)
+            found = erase_outcome(store, report)
         except UnknownUser as exc:  # (as `clerk-sync users erase` says it, and exits)
             raise CommandError(f"no user {clerk_id!r} in this database (no row, no stored event); nothing was "
                                "changed. Check the id (Clerk Dashboard -> Users, or the users table's clerk_id), or "
                                "pass --force to tombstone a user never synced.", returncode=EXIT_UNDONE) from exc
         finally:
             store.dispose()
-        found = "erased" if report.row_existed else "no row for it; tombstone written"
         forgotten = forget_django_user(clerk_id)
         self.stdout.write(f"{clerk_id}: {found}, {report.payloads_redacted} stored payload(s) redacted; audited as "
                           f"user.erased; Django user: {'cleared' if forgotten else 'nothing to clear'}")
