@@ -10,6 +10,7 @@ import httpx
 import sqlalchemy as sa
 
 from clerk_sync import migrations
+from clerk_sync._db_errors import store_error
 from clerk_sync.config import Settings
 from clerk_sync.errors import ClerkSyncError, ConfigError, database_message
 from clerk_sync.mapping import SchemaMapping, check_schema
@@ -96,7 +97,10 @@ def run_freshness(settings: Settings, *, now: Callable[[], float] = time.time) -
 
     A database it cannot read raises the store's error, which the CLI reports as every cron command does:
     down or not answering, exit 3 and retry once it answers; refusing the login or not migrated, exit 2 and
-    what to fix (``clerk-sync migrate`` only for the latter: it cannot help a refused connection)."""
+    what to fix (``clerk-sync migrate`` only for the latter: it cannot help a refused connection). The schema's
+    revision is asked first, as ``doctor`` asks it: one behind raises :class:`ConfigError` (exit 2, run
+    ``clerk-sync migrate``) even where every table it reads is there (a dump of an older revision restored:
+    every delivery answers 503 while the freshness series look fresh); one newer is a warning line."""
     from clerk_sync.freshness import (
         REFUSALS_WINDOW_S,
         check_freshness,
@@ -108,6 +112,7 @@ def run_freshness(settings: Settings, *, now: Callable[[], float] = time.time) -
     store = Store.from_settings(settings)
     at = now()
     try:
+        schema = _read_schema(store)
         snap = read_snapshot(store)
         refusals = read_refusals(store, since=at - REFUSALS_WINDOW_S)  # ClerkSyncMappedRowsRefused
         initial_load = read_initial_load(store)
@@ -118,7 +123,20 @@ def run_freshness(settings: Settings, *, now: Callable[[], float] = time.time) -
                             max_reconcile_age_s=settings.freshness_max_reconcile_age_s,
                             max_hook_wait_s=settings.freshness_max_hook_wait_s, refusals=refusals,
                             initial_load=initial_load)
-    return [Check(c.name, c.status, c.detail) for c in found]
+    return schema + [Check(c.name, c.status, c.detail) for c in found]
+
+
+def _read_schema(store: Store) -> list[Check]:
+    """``doctor --freshness``'s first question, as ``doctor``'s database line asks it (:func:`_schema`): a schema
+    behind raises (exit 2: what the alert rules read may look fresh while every delivery answers 503); one
+    newer than this release is a warning line; a current one adds no line."""
+    try:
+        status, detail = _schema(store)
+    except sa.exc.SQLAlchemyError as exc:  # as the reads after it: down (exit 3) or refused (exit 2)
+        raise store_error(exc) from exc
+    if status == "fail":
+        raise ConfigError(detail)  # (exit 2, as the CLI's table says for a schema to migrate)
+    return [Check("database", status, detail)] if status == "warn" else []
 
 
 def _guard(name: str, fn: Callable[[], tuple[str, str]]) -> Check:
@@ -151,11 +169,17 @@ def _database(settings: Settings) -> tuple[str, str]:
         return "fail", f"{_UNREACHABLE}: {exc}"
     try:
         store.ping()
-        state, current = migrations.schema_state(store.engine)
+        return _schema(store)
     except Exception as exc:
         return "fail", f"{_UNREACHABLE}: {_cause(exc, settings)}; check DATABASE_URL"
     finally:
         store.dispose()
+
+
+def _schema(store: Store) -> tuple[str, str]:
+    """The database's migrations against this release's (``doctor``'s database line, ``doctor --freshness``'s
+    first question): fail when behind (`clerk-sync migrate`), warn when newer. A read that fails raises."""
+    state, current = migrations.schema_state(store.engine)
     head = migrations.head_revision()
     if state == "newer":  # a rolling deploy under way, or rolled back: this release runs on it, `migrate` cannot
         return "warn", (f"schema at {current}, newer than this release (its newest is {head}): a newer clerk-sync "
