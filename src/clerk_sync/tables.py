@@ -252,7 +252,9 @@ reconcile_seen = sa.Table("reconcile_seen", metadata, *seen_columns())
 
 
 # -- The hooks outbox (``clerk_sync.outbox``): one row per (applied change, hook that wants it),
-# written in the apply's transaction; dispatchers claim, run and delete them (dead ones stay).
+# written in the apply's transaction; dispatchers claim, run and delete them (dead ones stay). PostgreSQL also
+# has a partial index on (hook, id) of unfinished jobs, declared in migration 0018 only (as 0008's expression
+# indexes): a dispatcher's claim of its own hooks' jobs does not walk another hook's backlog.
 hook_jobs = sa.Table(
     "hook_jobs",
     metadata,
