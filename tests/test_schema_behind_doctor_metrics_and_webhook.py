@@ -14,8 +14,11 @@ import sqlalchemy as sa
 from clerk_sync import migrations
 from clerk_sync.cli.doctor import run_checks, run_freshness
 from clerk_sync.config import Settings
-from clerk_sync.store import create_engine
+from clerk_sync.freshness import database_probe, read_snapshot
+from clerk_sync.metrics import Metrics
+from clerk_sync.store import Store, create_engine
 from tests.test_cli import run
+from tests.test_operations import Scrape
 
 OLDER = "0015"  # a dump of this revision restored (code at a later head: never hard-coded here)
 
@@ -68,3 +71,71 @@ def test_freshness_on_a_current_schema_adds_no_line(db_url: str) -> None:
     checks = run_freshness(Settings.from_env({"DATABASE_URL": db_url}))
     assert "database" not in {c.name for c in checks}
     assert run("doctor", "--freshness", env={"DATABASE_URL": db_url}).returncode == 0
+
+
+# -- clerk_sync_schema_current: /readyz's migrations_current on /metrics, in the read's first round trip --------
+
+def _statements(store: Store) -> list[str]:
+    seen: list[str] = []
+    sa.event.listen(store.engine, "before_cursor_execute", lambda *a: seen.append(a[2]))
+    return seen
+
+
+def test_schema_current_is_read_with_the_other_values_in_the_same_round_trips(db_url: str) -> None:
+    store = Store.from_url(db_url)
+    try:
+        seen = _statements(store)
+        assert read_snapshot(store).schema_current is True
+        selects = [sql for sql in seen if sql.lstrip().upper().startswith("SELECT")]
+        assert len(selects) == 2, seen  # as before the series: no query per scrape more
+        assert migrations.VERSION_TABLE in selects[0], selects[0]
+        assert Scrape(_render(store)).get("clerk_sync_schema_current") == 1
+    finally:
+        store.dispose()
+
+
+def test_schema_behind_reads_0_while_the_database_is_up(behind_url: str) -> None:
+    """Fixed: clerk_sync_database_up 1 and nothing else said so (only the 503s, after 10 minutes)."""
+    store = Store.from_url(behind_url)
+    try:
+        assert read_snapshot(store).schema_current is False
+        scrape = Scrape(_render(store))
+        assert scrape.get("clerk_sync_database_up") == 1 and scrape.get("clerk_sync_schema_current") == 0
+    finally:
+        store.dispose()
+
+
+def test_schema_newer_than_this_release_reads_1(db_url: str) -> None:
+    """As /readyz: a newer release migrated it (a rolling deploy), this one runs on it."""
+    _set_revision(db_url, "9999")
+    store = Store.from_url(db_url)
+    try:
+        assert read_snapshot(store).schema_current is True
+    finally:
+        store.dispose()
+
+
+def test_without_clerk_syncs_version_table_the_values_are_read_and_the_schema_is_behind(db_url: str) -> None:
+    """A database an older release migrated keeps the revision in ``alembic_version`` (moved at the next
+    migrate): the combined read fails on the missing table, the values are read without it (database_up
+    stays 1), and the schema's state as /readyz reads it (a legacy revision behind this release's head)."""
+    engine = sa.create_engine(db_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"DROP TABLE {migrations.VERSION_TABLE}"))
+        conn.execute(sa.text("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)"))
+        conn.execute(sa.text("INSERT INTO alembic_version VALUES (:r)"), {"r": OLDER})
+    engine.dispose()
+    store = Store.from_url(db_url)
+    try:
+        snap = read_snapshot(store)
+        assert snap.schema_current is False and snap.failed_backlog == 0
+        scrape = Scrape(_render(store))
+        assert scrape.get("clerk_sync_database_up") == 1 and scrape.get("clerk_sync_schema_current") == 0
+    finally:
+        store.dispose()
+
+
+def _render(store: Store) -> str:
+    metrics = Metrics()
+    metrics.watch_database(database_probe(store))
+    return metrics.render().decode()

@@ -131,6 +131,20 @@ def _two_installs() -> list[dict[str, Any]]:
                  "exp_alerts": [_fires("ClerkSyncClerkCircuitOpen", "staging")]},
             ],
         },
+        {  # staging's database was restored from a dump of an older revision: up, but its schema behind
+            "interval": "1m",
+            "input_series": [
+                *(_series("clerk_sync_schema_current", "prod", "1x30", i) for i in (1, 2)),
+                _series("clerk_sync_database_up", "staging", "1x30"),
+                _series("clerk_sync_schema_current", "staging", "0x30"),
+            ],
+            "alert_rule_test": [
+                {"eval_time": "4m", "alertname": "ClerkSyncSchemaNotCurrent", "exp_alerts": []},
+                {"eval_time": "10m", "alertname": "ClerkSyncSchemaNotCurrent",
+                 "exp_alerts": [_fires("ClerkSyncSchemaNotCurrent", "staging")]},
+                {"eval_time": "10m", "alertname": "ClerkSyncDatabaseDown", "exp_alerts": []},
+            ],
+        },
         {  # staging never ran reconcile; prod's runs must not keep that quiet (absent() saw prod's series)
             "interval": "1m",
             "input_series": never_ran,

@@ -12,9 +12,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import sqlalchemy as sa
 
+from clerk_sync import migrations
+from clerk_sync._db_errors import store_error
 from clerk_sync._time import aware
 from clerk_sync.engine import DeliveryStatus
 from clerk_sync.metrics import DatabaseSnapshot
@@ -33,8 +36,10 @@ def _stamp(value: datetime | None) -> float | None:
 
 
 def read_snapshot(store: Store) -> DatabaseSnapshot:
-    """Two read-only round trips: newest delivery, failed backlog, hook jobs by status; the last completed
-    reconcile run."""
+    """Two read-only round trips: newest delivery, failed backlog, hook jobs by status, the schema's revision
+    (:data:`~clerk_sync.migrations.VERSION_TABLE`, for ``clerk_sync_schema_current``); the last completed
+    reconcile run. Without a version table of clerk-sync's (a database an older release migrated, or none),
+    the first is read again without it and the schema's state the way ``/readyz`` reads it."""
     e, r = webhook_events, reconcile_runs
     newest = [sa.select(sa.func.max(e.c.received_at)).where(e.c.status == s).scalar_subquery() for s in _DONE]
     failed = sa.select(sa.func.count()).select_from(e).where(e.c.status == DeliveryStatus.FAILED).scalar_subquery()
@@ -48,8 +53,18 @@ def read_snapshot(store: Store) -> DatabaseSnapshot:
     oldest = sa.select(sa.func.min(j.c.created_at)).where(due_pending).scalar_subquery()
     # its hook: a job no running dispatcher has the hook of waits for ever
     oldest_hook = sa.select(j.c.hook).where(due_pending).order_by(j.c.created_at, j.c.id).limit(1).scalar_subquery()
+    values = (*newest, failed, *jobs, oldest, oldest_hook)
+    v = _VERSIONS  # one row at any revision a release of ours leaves: a primary-key lookup, no round trip more
+    revision = sa.select(sa.func.max(v.c.version_num)).scalar_subquery()
+    revisions = sa.select(sa.func.count()).select_from(v).scalar_subquery()
     with store.connect() as conn:
-        row = conn.execute(sa.select(*newest, failed, *jobs, oldest, oldest_hook)).one()
+        try:
+            row: tuple[Any, ...] = tuple(conn.execute(sa.select(*values, revision, revisions)).one())
+        except sa.exc.SQLAlchemyError as exc:
+            if _SCHEMA_BEHIND not in str(store_error(exc)):  # down, a timeout: as without the version
+                raise
+            conn.rollback()  # (PostgreSQL: the failed statement ended the transaction)
+            row = (*conn.execute(sa.select(*values)).one(), None, 0)
         run = conn.execute(
             sa.select(r.c.finished_at, r.c.created, r.c.updated, r.c.deleted).where(r.c.id == last_id)
         ).first()
@@ -62,7 +77,25 @@ def read_snapshot(store: Store) -> DatabaseSnapshot:
         hook_jobs={s: int(n) for s, n in zip(_JOB_STATUSES, row[4:7], strict=True)},
         hook_oldest_pending_at=_stamp(row[7]),
         hook_oldest_pending_hook=row[8],
+        schema_current=_schema_current(store, row[9], int(row[10])),
     )
+
+
+_VERSIONS = sa.table(migrations.VERSION_TABLE, sa.column("version_num", sa.String(32)))
+_SCHEMA_BEHIND = "the schema is not current"  # (store_error's words for a missing table or column)
+
+
+def _schema_current(store: Store, revision: str | None, revisions: int) -> bool | None:
+    """``/readyz``'s ``migrations_current`` (at this release's head, or newer): from the revision read with the
+    other values; otherwise (no version table, none or several revisions in it) from
+    :func:`~clerk_sync.migrations.schema_state`, which also knows a revision an older release kept in
+    ``alembic_version``. None when that read fails (the series is left out: not a guess)."""
+    if revisions == 1 and revision is not None:
+        return migrations.state_of((revision,))[0] != "behind"
+    try:
+        return migrations.is_current(store.engine)
+    except Exception:  # (the values were read: the database answers; one more failure is not an outage)
+        return None
 
 
 def database_probe(store: Store) -> Callable[[], DatabaseSnapshot]:

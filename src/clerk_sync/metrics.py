@@ -126,6 +126,9 @@ class DatabaseSnapshot:
     hook_jobs: dict[str, int] = field(default_factory=dict)  # the outbox by status: pending, running, dead
     hook_oldest_pending_at: float | None = None  # unix seconds, when the oldest due pending job was queued
     hook_oldest_pending_hook: str | None = None  # that job's hook (a dispatcher claims only its own hooks' jobs)
+    # the schema has what this release needs (at its migrations' head, or newer): /readyz's migrations_current;
+    # None: not read (the series is left out)
+    schema_current: bool | None = None
 
 
 class _DatabaseCollector(Collector):
@@ -172,6 +175,12 @@ class _DatabaseCollector(Collector):
         yield up
         if snap is None:
             return
+        if snap.schema_current is not None:
+            schema = GaugeMetricFamily("clerk_sync_schema_current",
+                                       "1 when the database's schema has what this release needs (its migrations' "
+                                       "head, or newer); 0 while `clerk-sync migrate` is due (deliveries answer 503).")
+            schema.add_metric([], 1.0 if snap.schema_current else 0.0)
+            yield schema
         backlog = GaugeMetricFamily("clerk_sync_failed_deliveries", "Deliveries stored as failed (replay them).")
         backlog.add_metric([], float(snap.failed_backlog))
         yield backlog

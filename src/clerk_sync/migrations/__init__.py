@@ -344,7 +344,12 @@ def schema_state(engine: Engine) -> tuple[SchemaState, str | None]:
     """``("current", head)`` at this release's head; ``("newer", revision)`` at a revision this release does not
     know: a newer clerk-sync migrated the database (a rolling deploy under way, or rolled back), whose schema
     this release still runs on; ``("behind", revision or None)`` otherwise: `clerk-sync migrate` is due."""
-    heads = _read(engine)
+    return state_of(_read(engine))
+
+
+def state_of(heads: Sequence[str]) -> tuple[SchemaState, str | None]:
+    """:func:`schema_state` of the revisions read from :data:`VERSION_TABLE` (for a reader that reads them with
+    other values in one round trip: the scrape-time freshness read)."""
     if len(heads) != 1:  # none (a new database), or several: not a state any release of ours leaves
         return "behind", ", ".join(heads) or None
     at = heads[0]
