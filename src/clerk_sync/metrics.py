@@ -12,7 +12,8 @@ failed backlog, last reconcile) come from a ``probe`` callable the caller inject
 
 Label sets are bounded: ``type`` is a known Clerk event type or ``"other"``, ``endpoint`` a path
 template (``/users/{id}``), ``status`` an outcome or an HTTP status code, ``hook`` a hook's name (set
-in code), ``table`` an app table the mapping names, ``reason`` one of :data:`MAPPED_REFUSAL_REASONS`.
+in code), ``table`` an app table the mapping names, ``reason`` one of :data:`MAPPED_REFUSAL_REASONS` (the
+console's sign-in failures: ``wrong_token`` or ``throttled``, ``via`` ``form`` or ``bearer``).
 
 One series is the process's rather than an instance's: :data:`MAPPED_ROWS_REFUSED`, the rows the app's
 mapped tables refused. They are refused deep in the write path (:meth:`clerk_sync.outbox.Outbox.project`, under
@@ -280,6 +281,11 @@ class Metrics:
         self.hook_overdue = Counter("clerk_sync_hook_overdue",
                                     "Hook handler runs that outlived their hook's timeout_s (the run's outcome "
                                     "is counted in clerk_sync_hook_runs when it ends).", ["hook"], registry=r)
+        self.console_sign_in_failures = Counter(
+            "clerk_sync_console_sign_in_failures", "Operator console sign-ins refused, by how they came (form, "
+            "bearer) and reason (wrong_token: a wrong operator token or a forged session token; throttled: "
+            "answered 429 without checking, too many wrong ones from that address).", ["via", "reason"],
+            registry=r)
         r.register(MAPPED_ROWS_REFUSED)  # (the process's: see the module's docstring)
         self.mapped_refused = MAPPED_ROWS_REFUSED
         self._database: _DatabaseCollector | None = None

@@ -152,3 +152,14 @@ def test_a_non_admin_gets_403_and_no_page_content(stack: ConsoleStack, page: Pag
     page.goto(stack.console_url + "/deliveries")  # no console session was created
     expect(page).to_have_url(re.compile(r"/console/login\?next="))
     assert not [r for r in stack.audit_rows() if r["action"] == "console.login"]
+
+
+def test_a_right_to_left_override_in_a_name_is_shown_not_obeyed(stack: ConsoleStack, page: Page) -> None:
+    """Pentest finding: ``adm\\u202enimgpj.exe`` showed as ``admexe.jpgmin``. The page shows the control."""
+    stack.emulator.create_user("rlo@example.com", first_name="adm\u202enimgpj.exe", last_name="Spoof")
+    stack.wait_synced()
+    page.goto(stack.sign_in_link(stack.admin_id))
+    page.goto(stack.console_url + "/users?q=rlo")
+    cell = page.get_by_test_id("users").locator("tr", has_text="rlo@example.com").locator("td").nth(1)
+    expect(cell).to_have_text("adm\u27e8U+202E\u27e9nimgpj.exe Spoof")
+    expect(cell.locator("bdi")).to_have_count(2)

@@ -50,7 +50,7 @@ from clerk_sync.store import Store
 from clerk_sync.tables import audit_log, revoked_sessions
 
 __all__ = ["ADMIN", "COOKIE", "LOGIN_COOKIE", "NO_KEY", "OPERATOR", "SIGN_IN", "SIGN_OUT", "ConsoleAccess", "Identity",
-           "check_csrf", "signing_key"]
+           "bearer_token", "check_csrf", "signing_key"]
 
 COOKIE = "clerk_sync_console"
 LOGIN_COOKIE = "clerk_sync_console_login"
@@ -130,7 +130,7 @@ class ConsoleAccess:
         """The caller, or TokenError (401: sign in) / AccessDenied (403: signed in, not an admin). The
         request's ``method`` and ``scheme`` judge a Clerk cookie's Origin as every face does (a same-origin
         POST of an admin whose console session ended signs in again, a cross-site one is refused)."""
-        bearer = _bearer(headers)
+        bearer = bearer_token(headers)
         if bearer is not None:
             if self.operator_token and hmac.compare_digest(bearer.encode(), self.operator_token.encode()):
                 return Identity(OPERATOR, None, None)
@@ -157,7 +157,7 @@ class ConsoleAccess:
         """The console session a sign-out ends: the cookie's signature and age only, not the role, standing
         or Clerk session, so an admin demoted, locked or banned can still end it (and its copies). None for
         Bearer callers, no cookie, or one already signed out (:meth:`identify` answers those)."""
-        if _bearer(headers) is not None:
+        if bearer_token(headers) is not None:
             return None
         session = self._session(cookies.get(COOKIE))
         if session is None or self._signed_out(*session):
@@ -326,7 +326,8 @@ def _digest(nonce: str) -> str:
     return hashlib.sha256(b"clerk-sync console session\x00" + nonce.encode()).hexdigest()
 
 
-def _bearer(headers: Mapping[str, str]) -> str | None:
+def bearer_token(headers: Mapping[str, str]) -> str | None:
+    """The ``Authorization: Bearer`` value, or None."""
     value = headers.get("authorization", "")
     if value[:7].lower() == "bearer " and value[7:].strip():
         return value[7:].strip()

@@ -25,7 +25,18 @@ from clerk_sync.auth.authenticator import Authenticator
 from clerk_sync.auth.sessions import verifier_from_settings
 from clerk_sync.clerk_api import ClerkClient
 from clerk_sync.config import _CONSOLE_SECRET_HELP, Settings
-from clerk_sync.errors import AccessDenied, ClerkSyncError, ConfigError, TokenError
+from clerk_sync.errors import (
+    AccessDenied,
+    ClerkSyncError,
+    ConfigError,
+    TokenAlgorithmNotAllowed,
+    TokenError,
+    TokenKeysUnavailable,
+    TokenKeyUnknown,
+    TokenMalformed,
+    TokenMissing,
+    TokenSignatureInvalid,
+)
 from clerk_sync.integrations.console import _pages
 from clerk_sync.integrations.console._access import (
     COOKIE,
@@ -34,11 +45,20 @@ from clerk_sync.integrations.console._access import (
     SIGN_IN,
     ConsoleAccess,
     Identity,
+    bearer_token,
     check_csrf,
     signing_key,
 )
 from clerk_sync.integrations.console._console import Console, utcnow
-from clerk_sync.integrations.console._web import BadInput, NotFound, read_form, refuse_nul, set_session_cookie
+from clerk_sync.integrations.console._throttle import SignInThrottle
+from clerk_sync.integrations.console._web import (
+    BadInput,
+    NotFound,
+    client_ip,
+    read_form,
+    refuse_nul,
+    set_session_cookie,
+)
 from clerk_sync.metrics import Metrics
 from clerk_sync.store import Store
 
@@ -89,15 +109,22 @@ def _guard(console: Console, handler: Handler, *, post: bool = False, read_only_
     admin is demoted, locked or banned; else a copy of it would work again after a re-promotion."""
 
     async def endpoint(request: Request) -> Response:
+        bearer = bearer_token(request.headers) is not None
+        if bearer and (wait := console.sign_in_throttled(request, "bearer")) is not None:
+            return _throttled(console, request, wait)
         try:
             identity = await to_thread.run_sync(_caller, console, request, sign_out)
         except TokenError as exc:
+            if bearer and _guessed(exc):
+                console.sign_in_refused(request, "bearer", exc.code)
             if request.method == "GET" and "text/html" in request.headers.get("accept", ""):
                 target = console.path_for(request, "login") + "?next=" + quote(request.url.path)
                 return _signed_out(request, RedirectResponse(target, status_code=303))
             return _signed_out(request, console.clerk_error(request, exc))
         except ClerkSyncError as exc:  # AccessDenied (403), StoreError (503)
             return console.clerk_error(request, exc)
+        if bearer:
+            console.sign_ins.succeeded(client_ip(request))
         # A console session is opened by its audited sign-in: the cookie is set only once the login row is
         # written, so a first request refused before that (a NUL, no CSRF token) opens none and, as every
         # refused request, writes nothing.
@@ -126,6 +153,24 @@ def _guard(console: Console, handler: Handler, *, post: bool = False, read_only_
         return response
 
     return endpoint
+
+
+def _guessed(exc: TokenError) -> bool:
+    """Whether a refused ``Bearer`` was a guess (counted against its address): neither the operator token nor a
+    session token signed by a key Clerk holds (malformed, forged, an unknown key). A genuine token refused for
+    its age, its session (revoked, ended) or its user (banned) is no guess, nor is a key set that could not be
+    fetched: an admin's front end sending an expired token must not lock its address out."""
+    if isinstance(exc, TokenKeysUnavailable):
+        return False
+    return isinstance(exc, TokenMissing | TokenMalformed | TokenSignatureInvalid | TokenAlgorithmNotAllowed
+                      | TokenKeyUnknown)
+
+
+def _throttled(console: Console, request: Request, wait: int) -> Response:
+    """429: too many failed sign-ins from this address lately; the token it sent was not compared."""
+    return console.error(request, 429, "sign_in_throttled",
+                         f"too many failed sign-ins from this address: try again in {wait} s",
+                         headers={"Retry-After": str(wait)})
 
 
 def _caller(console: Console, request: Request, sign_out: bool) -> Identity:
@@ -200,10 +245,17 @@ def _login_submit(console: Console) -> Callable[[Request], Awaitable[Response]]:
         if not console.access.check_login_token(request.cookies.get(LOGIN_COOKIE), form.get("csrf")):
             return console.error(request, 403, "access_denied",
                                  "the sign-in form expired or its CSRF token is missing: reload the page")
+        if (wait := console.sign_in_throttled(request, "form")) is not None:  # the token is not compared
+            response = _login_form(console, request, status=429,
+                                   message=f"too many failed sign-ins from this address: try again in {wait} s")
+            response.headers["Retry-After"] = str(wait)
+            return response
         try:
             identity = console.access.operator_session(form.get("token", ""))
         except TokenError as exc:
+            console.sign_in_refused(request, "form", exc.code)
             return _login_form(console, request, status=401, message=str(exc))
+        console.sign_ins.succeeded(client_ip(request))
         await to_thread.run_sync(lambda: console.audit(identity, SIGN_IN, None, request, method="operator"))
         return _signed_in(console, request, identity, form.get("next", ""))
 
@@ -283,7 +335,8 @@ def _check_cookie_key(settings: Settings) -> None:
 
 def create_console(store: Store, settings: Settings, *, clerk: ClerkClient | None = None,
                    authenticator: Authenticator | None = None, now: Callable[[], datetime] = utcnow,
-                   secret: bytes | None = None, metrics: Metrics | None = None) -> Starlette:
+                   secret: bytes | None = None, metrics: Metrics | None = None,
+                   sign_ins: SignInThrottle | None = None) -> Starlette:
     """The console as a Starlette app: ``Mount("/console", app=create_console(store, settings))``.
 
     ``clerk`` (default: from ``CLERK_SECRET_KEY``) powers drift and promotion; ``authenticator``
@@ -293,7 +346,9 @@ def create_console(store: Store, settings: Settings, *, clerk: ClerkClient | Non
     ``CLERK_SYNC_CONSOLE_TOKEN`` nor ``CLERK_SECRET_KEY`` is (``secret`` gives the key directly).
     ``metrics``: where the Clerk client's calls, 429s, breaker and budget, and the drift page's reconcile
     runs are counted (``serve`` passes its own, so the ``clerk_sync_clerk_api_*`` and
-    ``clerk_sync_reconcile_*`` series and their alerts move).
+    ``clerk_sync_reconcile_*`` series and their alerts move, and failed sign-ins are counted in
+    ``clerk_sync_console_sign_in_failures_total``). ``sign_ins``: how many failed sign-ins a client address
+    may make, and in how long, before it is answered 429 (default: 10 in 10 minutes).
     """
     if clerk is None and settings.clerk_secret_key is not None:
         clerk = ClerkClient.from_settings(settings, metrics=metrics)
@@ -315,7 +370,8 @@ def create_console(store: Store, settings: Settings, *, clerk: ClerkClient | Non
               "max_reconcile_age_s": settings.freshness_max_reconcile_age_s,
               "max_hook_wait_s": settings.freshness_max_hook_wait_s}
     console = Console(store, access, clerk=clerk, read_only=settings.console_read_only, now=now,
-                      freshness_limits=limits, metrics=metrics, instance_id=settings.instance_id)
+                      freshness_limits=limits, metrics=metrics, instance_id=settings.instance_id,
+                      sign_ins=sign_ins)
     app = _ConsoleApp(routes=_routes(console))
     console.router = app.router
     app.state.console = console

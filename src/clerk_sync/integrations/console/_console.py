@@ -8,7 +8,9 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import structlog
 from jinja2 import Environment, PackageLoader, select_autoescape
+from markupsafe import Markup
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Router
@@ -20,6 +22,7 @@ from clerk_sync.errors import ClerkSyncError
 from clerk_sync.integrations.console._access import ConsoleAccess, Identity
 from clerk_sync.integrations.console._drift import DriftJob
 from clerk_sync.integrations.console._queries import aware
+from clerk_sync.integrations.console._throttle import SignInThrottle
 from clerk_sync.integrations.console._web import client_ip
 from clerk_sync.integrations.http import error_response
 from clerk_sync.metrics import Metrics
@@ -28,6 +31,11 @@ from clerk_sync.store import Store
 __all__ = ["Console", "utcnow"]
 
 _CLERK_ID = re.compile(r"[A-Za-z0-9_]+")  # user_2x…, org_2x…, orgmem_2x…
+# Bidirectional controls: embeddings and overrides (U+202A-U+202E), isolates (U+2066-U+2069), and the marks
+# (U+200E, U+200F, U+061C). In a name they reorder what follows (``adm\u202enimgpj.exe`` shows as
+# ``admexe.jpgmin``): the console shows each as a visible ``⟨U+202E⟩`` instead (:func:`_show_bidi`).
+_BIDI = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+log = structlog.get_logger("clerk_sync.console")
 
 
 def utcnow() -> datetime:
@@ -39,9 +47,12 @@ class Console:
 
     def __init__(self, store: Store, access: ConsoleAccess, *, clerk: ClerkClient | None, read_only: bool,
                  now: Callable[[], datetime], freshness_limits: dict[str, Any] | None = None,
-                 metrics: Metrics | None = None, instance_id: str | None = None) -> None:
+                 metrics: Metrics | None = None, instance_id: str | None = None,
+                 sign_ins: SignInThrottle | None = None) -> None:
         self.store = store
         self.access = access
+        self.metrics = metrics
+        self.sign_ins = sign_ins or SignInThrottle()  # failed sign-ins per client address (429 past its limit)
         self.clerk = clerk
         self.read_only = read_only
         self.now = now
@@ -50,7 +61,8 @@ class Console:
         self.drift = (DriftJob(store, clerk, now=now, metrics=metrics, instance_id=instance_id)
                       if clerk is not None else None)
         env = Environment(loader=PackageLoader("clerk_sync.integrations.console", "templates"),
-                          autoescape=select_autoescape(default=True), trim_blocks=True, lstrip_blocks=True)
+                          autoescape=select_autoescape(default=True), trim_blocks=True, lstrip_blocks=True,
+                          finalize=_show_bidi)
         env.filters.update(ago=self.ago, when=_when, pretty=_pretty)
         env.tests["clerk_id"] = _is_clerk_id
         self.templates = Jinja2Templates(env=env)
@@ -88,6 +100,34 @@ class Console:
         details = {"via": "console", "as": identity.kind, **details}
         return AuditEntry(action, identity.actor, target, details=details, ip=client_ip(request))
 
+    # -- failed sign-ins -----------------------------------------------------------------------------
+    # Logged and counted, not audited: the audit log records what an identity did, and a refused sign-in has
+    # none (an operator row has no actor, so it would read as the operator's own action); a row per guess would
+    # also let anyone on the network write to the database as fast as they can send (the throttle bounds the
+    # log lines, not the requests answered 429).
+    def sign_in_refused(self, request: Request, via: str, code: str) -> None:
+        """A wrong operator token (or a forged session token as ``Bearer``): a WARNING line with the client's
+        address (never the token), counted, and remembered by :attr:`sign_ins` against that address."""
+        address = client_ip(request)
+        failures = self.sign_ins.failed(address)
+        throttled = failures >= self.sign_ins.limit
+        log.warning("console_sign_in_refused", client=address, via=via, code=code, failures=failures,
+                    window_s=self.sign_ins.window_s,
+                    **({"throttled_for_s": self.sign_ins.retry_after(address)} if throttled else {}))
+        self._count_sign_in_failure(via, "wrong_token")
+
+    def sign_in_throttled(self, request: Request, via: str) -> int | None:
+        """Seconds the client must wait before its next sign-in (counted; no log line, so a guesser cannot flood
+        the log), or None when it may try now."""
+        wait = self.sign_ins.retry_after(client_ip(request))
+        if wait is not None:
+            self._count_sign_in_failure(via, "throttled")
+        return wait
+
+    def _count_sign_in_failure(self, via: str, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.console_sign_in_failures.labels(via=via, reason=reason).inc()
+
     def error(self, request: Request, status: int, code: str, message: str,
               headers: dict[str, str] | None = None) -> Response:
         """JSON (the shared error body) for API callers, else an HTML page with the same status."""
@@ -106,6 +146,15 @@ def _is_clerk_id(value: object) -> bool:
     """Only what looks like a Clerk id is linked (``{% if x is clerk_id %}``): a stored id is any text a
     payload or an audit row held, and one with a ``/`` (or empty) is no path parameter (url_path_for asserts)."""
     return isinstance(value, str) and _CLERK_ID.fullmatch(value) is not None
+
+
+def _show_bidi(value: Any) -> Any:
+    """Every value a template prints (``finalize``): bidirectional controls shown as ``⟨U+202E⟩``, so a name
+    cannot reorder itself or the text around it. The markers hold no HTML, so Markup stays Markup."""
+    if isinstance(value, str) and _BIDI.search(value):
+        shown = _BIDI.sub(lambda m: f"⟨U+{ord(m.group()):04X}⟩", value)
+        return Markup(shown) if isinstance(value, Markup) else shown  # noqa: S704 - was Markup, markers add no HTML
+    return value
 
 
 def _when(value: datetime | int | None) -> str:

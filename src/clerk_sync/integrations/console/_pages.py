@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import re
+import unicodedata
 from datetime import datetime
 from typing import Any
 from urllib.parse import urlencode
@@ -341,11 +342,28 @@ def audit(console: Console, request: Request, identity: Identity, form: Form) ->
     return console.render(request, "audit.html", identity, page=page, where=where)
 
 
+_FORMULA = frozenset("=+-@\u2212")  # (U+2212 MINUS SIGN: NFKC keeps it, a spreadsheet may read it as minus)
+
+
 def _cell(value: object) -> object:
     """A CSV cell a spreadsheet shows as text: a user can put any text into an audited Clerk id (a refused
-    impersonation of ``=HYPERLINK(...)``), which would run as a formula when an admin opens the export."""
-    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+    impersonation of ``=HYPERLINK(...)``), which would run as a formula when an admin opens the export.
+
+    Prefixed with ``'`` when it starts with a tab, carriage return or line feed, or when its first character
+    that is not blank, a control or a format character (a zero-width space, a byte-order mark, a bidi
+    control), taken in its NFKC form (full-width U+FF1D is ``=``, small U+FE62 is ``+``), is one that starts a
+    formula: ``= + - @`` (pentest of the console: ``\uff1dHYPERLINK(...)``, ``\n=1+1``, ``\u200b=1+1`` went
+    out as they were)."""
+    if not isinstance(value, str) or not value:
+        return value
+    if value[0] in "\t\r\n":
         return "'" + value
+    for char in value:
+        if char.isspace() or unicodedata.category(char) in ("Cc", "Cf", "Zs", "Zl", "Zp"):
+            continue
+        if unicodedata.normalize("NFKC", char)[:1] in _FORMULA:
+            return "'" + value
+        break
     return value
 
 
