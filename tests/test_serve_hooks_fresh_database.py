@@ -137,3 +137,45 @@ def test_a_dispatcher_still_waiting_when_serve_stops_is_never_started(tmp_path: 
     gate.stop()
     engine.dispose()
     assert dispatcher.said == ["stop"]
+
+
+def test_the_start_up_does_not_wait_for_a_database_that_does_not_answer(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review: the gate asked whether the schema was current inside the app's start-up, so a database that did
+    not answer held the start-up (and the port's opening) for another connect timeout after the migration's
+    own first attempt. It asks from its waiting thread."""
+    import threading
+
+    answer = threading.Event()
+
+    def is_current(engine: object) -> bool:
+        answer.wait(30)  # a connect that hangs until the test lets it answer
+        return True
+
+    monkeypatch.setattr(migrations, "is_current", is_current)
+    dispatcher = _Dispatcher()
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'slow.db'}")
+    gate = DispatchWhenMigrated(dispatcher, engine, migrate=True, poll_s=0.02)  # type: ignore[arg-type]
+    app = Starlette()
+    gate.attach(app)
+    started = threading.Event()
+
+    def serve() -> None:
+        with running(app, lifespan="on"):
+            started.set()
+            answer.wait(30)
+            deadline = time.monotonic() + 10
+            while not dispatcher.said and time.monotonic() < deadline:
+                time.sleep(0.02)
+
+    server = threading.Thread(target=serve)
+    server.start()
+    try:
+        assert started.wait(10), "the app's start-up waited for the database"
+        assert dispatcher.said == []  # not started before the schema is known to be current
+    finally:
+        answer.set()
+        server.join(30)
+    gate.stop()
+    engine.dispose()
+    assert dispatcher.said == ["start", "stop"]

@@ -162,7 +162,7 @@ class _Base:
         owns_budget: bool = False,
         metrics: Metrics | None = None,
     ) -> None:
-        secret_key = secret_key.strip()  # a key read from a file ends in a newline no header may carry
+        secret_key = (secret_key or "").strip()  # a key read from a file ends in a newline no header may carry
         if not secret_key:
             raise ConfigError("CLERK_SECRET_KEY is not set (Clerk Dashboard -> API keys -> Secret keys)")
         if not secret_key.isascii() or any(c.isspace() or not c.isprintable() for c in secret_key):

@@ -196,12 +196,10 @@ class DispatchWhenMigrated:
         @contextlib.asynccontextmanager
         async def lifespan(app_: Any) -> Any:
             async with inner(app_) as state:
-                from anyio import to_thread
-
-                # The usual case decided here (the start-up's first migration attempt ran): no thread to wait.
-                if not self.migrate or await to_thread.run_sync(self._migrated):
+                if not self.migrate:
                     self.dispatcher.start()
-                else:
+                else:  # asked from a thread, not here: a database that cannot be reached would hold the
+                    # start-up (and the port's opening) for another connect timeout (review)
                     self._waiter = threading.Thread(target=self._wait, name="clerk-sync-hooks-wait", daemon=True)
                     self._waiter.start()
                 yield state
@@ -221,11 +219,12 @@ class DispatchWhenMigrated:
             return False
 
     def _wait(self) -> None:
-        while not self._stop.wait(self.poll_s):
+        while not self._stop.is_set():
             if self._migrated():
                 if not self._stop.is_set():
                     self.dispatcher.start()
                 return
+            self._stop.wait(self.poll_s)
 
     def stop(self) -> None:
         """Stop waiting, and the dispatcher if it started (after its current batch)."""
