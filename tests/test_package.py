@@ -49,7 +49,7 @@ PUBLIC_API: dict[str, list[str]] = {
     "clerk_sync.hooks.sinks": ["RabbitMQSink", "RedisStreamSink", "StandardWebhookSink", "change_message"],
     "clerk_sync.ingest": ["Outcome", "ReplayReport", "WebhookProcessor", "apply_envelope", "dismiss_failed", "replay_deliveries", "replay_one"],
     "clerk_sync.integrations": [],
-    "clerk_sync.integrations.console": ["check_console_settings", "create_console"],
+    "clerk_sync.integrations.console": ["SignInThrottle", "check_console_settings", "create_console"],
     "clerk_sync.integrations.asgi": ["ClerkAuthBackend", "ClerkAuthMiddleware", "ClerkUser", "WEBHOOK_SLASH_TWINS"],
     "clerk_sync.integrations.django": [],
     "clerk_sync.integrations.django.admin": ["AuditLogAdmin", "ClerkUserAdmin", "MembershipAdmin", "OrganizationAdmin", "ReadOnlyAdmin", "WebhookDeliveryAdmin", "replay_audited"],

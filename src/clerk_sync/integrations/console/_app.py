@@ -49,12 +49,11 @@ from clerk_sync.integrations.console._access import (
     check_csrf,
     signing_key,
 )
-from clerk_sync.integrations.console._console import Console, utcnow
+from clerk_sync.integrations.console._console import Console, SignInThrottled, utcnow
 from clerk_sync.integrations.console._throttle import SignInThrottle
 from clerk_sync.integrations.console._web import (
     BadInput,
     NotFound,
-    client_ip,
     read_form,
     refuse_nul,
     set_session_cookie,
@@ -109,22 +108,21 @@ def _guard(console: Console, handler: Handler, *, post: bool = False, read_only_
     admin is demoted, locked or banned; else a copy of it would work again after a re-promotion."""
 
     async def endpoint(request: Request) -> Response:
-        bearer = bearer_token(request.headers) is not None
-        if bearer and (wait := console.sign_in_throttled(request, "bearer")) is not None:
-            return _throttled(console, request, wait)
         try:
-            identity = await to_thread.run_sync(_caller, console, request, sign_out)
+            if bearer_token(request.headers) is not None:  # the operator token, or a guess at it: throttled
+                identity = await console.sign_in(request, "bearer", lambda: _caller(console, request, sign_out),
+                                                 guessed=_guessed)
+            else:
+                identity = await to_thread.run_sync(_caller, console, request, sign_out)
+        except SignInThrottled as exc:
+            return _throttled(console, request, exc)
         except TokenError as exc:
-            if bearer and _guessed(exc):
-                console.sign_in_refused(request, "bearer", exc.code)
             if request.method == "GET" and "text/html" in request.headers.get("accept", ""):
                 target = console.path_for(request, "login") + "?next=" + quote(request.url.path)
                 return _signed_out(request, RedirectResponse(target, status_code=303))
             return _signed_out(request, console.clerk_error(request, exc))
         except ClerkSyncError as exc:  # AccessDenied (403), StoreError (503)
             return console.clerk_error(request, exc)
-        if bearer:
-            console.sign_ins.succeeded(client_ip(request))
         # A console session is opened by its audited sign-in: the cookie is set only once the login row is
         # written, so a first request refused before that (a NUL, no CSRF token) opens none and, as every
         # refused request, writes nothing.
@@ -166,11 +164,14 @@ def _guessed(exc: TokenError) -> bool:
                       | TokenKeyUnknown)
 
 
-def _throttled(console: Console, request: Request, wait: int) -> Response:
+def _always(_exc: TokenError) -> bool:
+    """The login form's refusals are all guesses: a wrong operator token (or none is set)."""
+    return True
+
+
+def _throttled(console: Console, request: Request, exc: SignInThrottled) -> Response:
     """429: too many failed sign-ins from this address lately; the token it sent was not compared."""
-    return console.error(request, 429, "sign_in_throttled",
-                         f"too many failed sign-ins from this address: try again in {wait} s",
-                         headers={"Retry-After": str(wait)})
+    return console.error(request, 429, "sign_in_throttled", str(exc), headers={"Retry-After": str(exc.wait)})
 
 
 def _caller(console: Console, request: Request, sign_out: bool) -> Identity:
@@ -245,17 +246,16 @@ def _login_submit(console: Console) -> Callable[[Request], Awaitable[Response]]:
         if not console.access.check_login_token(request.cookies.get(LOGIN_COOKIE), form.get("csrf")):
             return console.error(request, 403, "access_denied",
                                  "the sign-in form expired or its CSRF token is missing: reload the page")
-        if (wait := console.sign_in_throttled(request, "form")) is not None:  # the token is not compared
-            response = _login_form(console, request, status=429,
-                                   message=f"too many failed sign-ins from this address: try again in {wait} s")
-            response.headers["Retry-After"] = str(wait)
-            return response
+        token = form.get("token", "")
         try:
-            identity = console.access.operator_session(form.get("token", ""))
+            identity = await console.sign_in(request, "form", lambda: console.access.operator_session(token),
+                                             guessed=_always)
+        except SignInThrottled as exc:  # the token was not compared
+            response = _login_form(console, request, status=429, message=str(exc))
+            response.headers["Retry-After"] = str(exc.wait)
+            return response
         except TokenError as exc:
-            console.sign_in_refused(request, "form", exc.code)
             return _login_form(console, request, status=401, message=str(exc))
-        console.sign_ins.succeeded(client_ip(request))
         await to_thread.run_sync(lambda: console.audit(identity, SIGN_IN, None, request, method="operator"))
         return _signed_in(console, request, identity, form.get("next", ""))
 
@@ -263,20 +263,29 @@ def _login_submit(console: Console) -> Callable[[Request], Awaitable[Response]]:
 
 
 def _login_clerk(console: Console) -> Callable[[Request], Awaitable[Response]]:
-    """A sign-in link carrying a Clerk session token (``clerk-sync dev`` prints one for its demo admin)."""
+    """A sign-in link carrying a Clerk session token (``clerk-sync dev`` prints one for its demo admin), or a
+    caller already signed in with Clerk (its ``__session`` cookie) or holding a ``Bearer``. A link's token and a
+    ``Bearer`` (the operator token, or a guess at it) are throttled as every sign-in (:meth:`Console.sign_in`)."""
 
     async def endpoint(request: Request) -> Response:
         token = request.query_params.get("token", "")
         try:
-            if not token:
-                identity = await to_thread.run_sync(console.access.identify, request.headers, request.cookies)
+            if token:
+                identity = await console.sign_in(request, "link", lambda: console.access.clerk_session(token),
+                                                  guessed=_guessed)
+            elif bearer_token(request.headers) is not None:
+                identity = await console.sign_in(
+                    request, "bearer", lambda: console.access.identify(request.headers, request.cookies),
+                    guessed=_guessed)
             else:
-                identity = await to_thread.run_sync(console.access.clerk_session, token)
+                identity = await to_thread.run_sync(console.access.identify, request.headers, request.cookies)
             if identity.new_cookie:
                 await to_thread.run_sync(lambda: console.audit(identity, SIGN_IN, identity.clerk_id, request,
                                                                method="clerk_link" if token else "clerk_session",
                                                                sid=identity.session_id,
                                                                session=identity.session_digest))
+        except SignInThrottled as exc:
+            return _throttled(console, request, exc)
         except ClerkSyncError as exc:
             response = console.clerk_error(request, exc)
             if isinstance(exc, TokenError):

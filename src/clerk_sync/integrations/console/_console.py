@@ -9,8 +9,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 import structlog
+from anyio import to_thread
 from jinja2 import Environment, PackageLoader, select_autoescape
-from markupsafe import Markup
+from markupsafe import Markup, escape
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Router
@@ -18,17 +19,17 @@ from starlette.templating import Jinja2Templates
 
 from clerk_sync.auth.audit import AuditEntry, record_audit
 from clerk_sync.clerk_api import ClerkClient
-from clerk_sync.errors import ClerkSyncError
+from clerk_sync.errors import ClerkSyncError, TokenError
 from clerk_sync.integrations.console._access import ConsoleAccess, Identity
 from clerk_sync.integrations.console._drift import DriftJob
 from clerk_sync.integrations.console._queries import aware
-from clerk_sync.integrations.console._throttle import SignInThrottle
+from clerk_sync.integrations.console._throttle import Attempt, SignInThrottle
 from clerk_sync.integrations.console._web import client_ip
 from clerk_sync.integrations.http import error_response
 from clerk_sync.metrics import Metrics
 from clerk_sync.store import Store
 
-__all__ = ["Console", "utcnow"]
+__all__ = ["Console", "SignInThrottled", "utcnow"]
 
 _CLERK_ID = re.compile(r"[A-Za-z0-9_]+")  # user_2x…, org_2x…, orgmem_2x…
 # Bidirectional controls: embeddings and overrides (U+202A-U+202E), isolates (U+2066-U+2069), and the marks
@@ -42,6 +43,15 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+class SignInThrottled(Exception):
+    """Too many failed sign-ins from the client's address lately: answer 429 with ``Retry-After: wait``; the
+    token it sent was not compared."""
+
+    def __init__(self, wait: int) -> None:
+        super().__init__(f"too many failed sign-ins from this address: try again in {wait} s")
+        self.wait = wait
+
+
 class Console:
     """What the handlers share: the store, access rules, templates, the Clerk client and the drift job."""
 
@@ -52,7 +62,9 @@ class Console:
         self.store = store
         self.access = access
         self.metrics = metrics
-        self.sign_ins = sign_ins or SignInThrottle()  # failed sign-ins per client address (429 past its limit)
+        # Failed sign-ins per client address (429 past its limit). ``is not None``: a throttle has a __len__, so
+        # an empty one (as every new one) is falsy, and ``sign_ins or ...`` ignored the one passed in.
+        self.sign_ins = sign_ins if sign_ins is not None else SignInThrottle()
         self.clerk = clerk
         self.read_only = read_only
         self.now = now
@@ -63,7 +75,7 @@ class Console:
         env = Environment(loader=PackageLoader("clerk_sync.integrations.console", "templates"),
                           autoescape=select_autoescape(default=True), trim_blocks=True, lstrip_blocks=True,
                           finalize=_show_bidi)
-        env.filters.update(ago=self.ago, when=_when, pretty=_pretty)
+        env.filters.update(ago=self.ago, when=_when, pretty=_pretty, submitted=_submitted)
         env.tests["clerk_id"] = _is_clerk_id
         self.templates = Jinja2Templates(env=env)
         # The console's own routes (create_console fills them in): its URLs are resolved here, never through
@@ -105,24 +117,41 @@ class Console:
     # none (an operator row has no actor, so it would read as the operator's own action); a row per guess would
     # also let anyone on the network write to the database as fast as they can send (the throttle bounds the
     # log lines, not the requests answered 429).
-    def sign_in_refused(self, request: Request, via: str, code: str) -> None:
-        """A wrong operator token (or a forged session token as ``Bearer``): a WARNING line with the client's
-        address (never the token), counted, and remembered by :attr:`sign_ins` against that address."""
+    async def sign_in(self, request: Request, via: str, compare: Callable[[], Identity], *,
+                      guessed: Callable[[TokenError], bool]) -> Identity:
+        """Every operator-token comparison, and every other credential a guesser could send (a session token as
+        ``Bearer`` or in a sign-in link), goes through here: :class:`SignInThrottled` (counted; no log line, so
+        a guesser cannot flood the log) before ``compare`` runs when the client's address has failed too often
+        lately, else ``compare`` (in a worker thread: it may read the database) with a slot reserved for it
+        first (:meth:`SignInThrottle.begin`: concurrent attempts count, so a burst is not compared in full). A
+        TokenError that is ``guessed`` is logged, counted and remembered against the address
+        (:meth:`_refused`), a success forgets its failures, anything else just frees the slot."""
+        attempt = self.sign_ins.begin(client_ip(request))
+        if attempt.wait is not None:
+            self._count_sign_in_failure(via, "throttled")
+            raise SignInThrottled(attempt.wait)
+        try:
+            identity = await to_thread.run_sync(compare)
+        except TokenError as exc:
+            if guessed(exc):
+                self._refused(request, attempt, via, exc.code)
+            raise
+        else:
+            attempt.succeeded()
+            return identity
+        finally:
+            attempt.release()  # anything else (no guess, an error, cancelled); a no-op once failed or succeeded
+
+    def _refused(self, request: Request, attempt: Attempt, via: str, code: str) -> None:
+        """A wrong operator token (or a forged session token): a WARNING line with the client's address (never
+        the token), counted, and remembered by :attr:`sign_ins` against that address."""
         address = client_ip(request)
-        failures = self.sign_ins.failed(address)
+        failures = attempt.failed()
         throttled = failures >= self.sign_ins.limit
         log.warning("console_sign_in_refused", client=address, via=via, code=code, failures=failures,
                     window_s=self.sign_ins.window_s,
                     **({"throttled_for_s": self.sign_ins.retry_after(address)} if throttled else {}))
         self._count_sign_in_failure(via, "wrong_token")
-
-    def sign_in_throttled(self, request: Request, via: str) -> int | None:
-        """Seconds the client must wait before its next sign-in (counted; no log line, so a guesser cannot flood
-        the log), or None when it may try now."""
-        wait = self.sign_ins.retry_after(client_ip(request))
-        if wait is not None:
-            self._count_sign_in_failure(via, "throttled")
-        return wait
 
     def _count_sign_in_failure(self, via: str, reason: str) -> None:
         if self.metrics is not None:
@@ -148,9 +177,26 @@ def _is_clerk_id(value: object) -> bool:
     return isinstance(value, str) and _CLERK_ID.fullmatch(value) is not None
 
 
+class _Submitted(Markup):
+    """A value a form sends back (:func:`_submitted`): escaped, and left as it is by :func:`_show_bidi`."""
+
+    __slots__ = ()
+
+
+def _submitted(value: Any) -> Markup:
+    """``value="{{ x|submitted }}"``: a form field's value, which the browser sends back as it is written, so it
+    keeps its bidirectional controls (autoescaped all the same). With ``⟨U+202E⟩`` markers in it instead, a
+    filter holding one came back as other text, and "Replay all failed matching this filter" replayed what
+    matched that text (review), not the filter shown. Only for values that are submitted, never for text shown."""
+    return _Submitted(escape("" if value is None else value))
+
+
 def _show_bidi(value: Any) -> Any:
     """Every value a template prints (``finalize``): bidirectional controls shown as ``⟨U+202E⟩``, so a name
-    cannot reorder itself or the text around it. The markers hold no HTML, so Markup stays Markup."""
+    cannot reorder itself or the text around it. The markers hold no HTML, so Markup stays Markup. A form
+    field's value (``|submitted``) is left as it is: it is sent back, not read."""
+    if isinstance(value, _Submitted):
+        return value
     if isinstance(value, str) and _BIDI.search(value):
         shown = _BIDI.sub(lambda m: f"⟨U+{ord(m.group()):04X}⟩", value)
         return Markup(shown) if isinstance(value, Markup) else shown  # noqa: S704 - was Markup, markers add no HTML
