@@ -283,9 +283,9 @@ class Metrics:
                                     "is counted in clerk_sync_hook_runs when it ends).", ["hook"], registry=r)
         self.console_sign_in_failures = Counter(
             "clerk_sync_console_sign_in_failures", "Operator console sign-ins refused, by how they came (form, "
-            "bearer) and reason (wrong_token: a wrong operator token or a forged session token; throttled: "
-            "answered 429 without checking, too many wrong ones from that address).", ["via", "reason"],
-            registry=r)
+            "bearer, link: a sign-in link's token) and reason (wrong_token: a wrong operator token or a forged "
+            "session token; throttled: answered 429 without checking, too many wrong ones from that address).",
+            ["via", "reason"], registry=r)
         r.register(MAPPED_ROWS_REFUSED)  # (the process's: see the module's docstring)
         self.mapped_refused = MAPPED_ROWS_REFUSED
         self._database: _DatabaseCollector | None = None

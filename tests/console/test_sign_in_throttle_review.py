@@ -235,3 +235,23 @@ def test_the_login_forms_next_and_the_search_boxes_keep_their_value(stack: Conso
         inputs = _forms(audit)["/console/audit"]
         assert ("actor", f"user_{RLO}x") in inputs and ("action", f"console.{RLO}") in inputs
         assert RLO not in _shown(users) and RLO not in _shown(audit)
+
+
+def test_the_type_filters_options_send_back_the_stored_type(stack: ConsoleStack) -> None:
+    """Review of the fix: an option's text was also the value it submitted, so a stored event type holding a
+    bidirectional control was sent back with the marker in it: a filter matching nothing."""
+    import html as html_
+
+    event_type = f"user.{RLO}updated"
+    payload = f.envelope("user.updated", f.user("user_typed", 10), timestamp=10)
+    with stack.store.transaction() as w:
+        w.record_delivery("msg_bidi_type", payload, event_type=event_type, instance_id=payload["instance_id"],
+                          event_timestamp=10, status="failed", error="database error: OperationalError: locked")
+    with operator_client(stack) as client:
+        page = client.get("/deliveries", headers=HTML).text
+        select = re.search(r'<select name="type">(.*?)</select>', page, re.S)
+        assert select is not None, page[:500]
+        values = [html_.unescape(v) for v in re.findall(r'<option value="([^"]*)"', select.group(1))]
+        assert event_type in values, values
+        listed = client.get("/deliveries", params={"type": event_type}, headers=HTML).text
+        assert "user_typed" in listed and "No deliveries" not in listed
