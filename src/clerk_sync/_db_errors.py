@@ -4,6 +4,7 @@ refused). One place, for the store's transactions and the outbox's guarded proje
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -13,7 +14,8 @@ from sqlalchemy.engine import Connection
 
 from clerk_sync.errors import StoreDataError, StoreError, database_message
 
-__all__ = ["driver_cursor", "foreign_key_of", "is_foreign_key_violation", "is_row_referenced", "store_error"]
+__all__ = ["driver_cursor", "foreign_key_of", "is_foreign_key_violation", "is_row_referenced", "sqlite_file_advice",
+           "store_error"]
 
 @contextmanager
 def driver_cursor(conn: Connection, what: str) -> Iterator[Any]:
@@ -75,6 +77,9 @@ def store_error(exc: sa.exc.SQLAlchemyError) -> StoreError:
         return StoreDataError(f"a value could not be bound to the statement ({type(orig).__name__})" + _CHECK_MAPPING)
     first_line = database_message(orig)
     message = f"database error: {type(orig).__name__}: {first_line}"
+    advice = sqlite_file_advice(orig)
+    if advice is not None:  # the file itself (corrupt, read-only, its disk full): what to do, not DATABASE_URL
+        return StoreError(f"{message}; {advice}")
     bound = _TIMEOUTS.get(getattr(orig, "sqlstate", None) or "") or _MYSQL_WAITS.get(_mysql_errno(orig))
     if bound is not None:  # a bounded wait ran out: someone else holds what we need, try again later
         return StoreError(f"database timeout: {bound} ({first_line}); nothing was applied, retry later")
@@ -96,6 +101,58 @@ def store_error(exc: sa.exc.SQLAlchemyError) -> StoreError:
         # refusal: the same values would be refused on every retry, so stored failed rather than 503.
         return StoreDataError(message + _CHECK_MAPPING)
     return StoreError(message)
+
+
+# SQLite's errors about the file rather than a statement (sqlite3_errstr's texts, which sqlite3 raises as the
+# message): said with what to do, on the webhook path's log line, the CLI's and doctor's. Each names "the SQLite
+# file", which the CLI reads as advice given (no "Check DATABASE_URL" after it).
+_SQLITE_RESTORE = ("stop every process using it (serve, worker, the app, cron jobs), keep the damaged file with "
+                   "its -wal and -shm aside, and restore the last good backup (made with `sqlite3 DB \".backup "
+                   "FILE\"` or `VACUUM INTO`, never `cp` of a live file) with no -wal or -shm left beside it; then "
+                   "`clerk-sync migrate` and `clerk-sync reconcile`. Without a backup, `sqlite3 DB .recover` into a "
+                   "new file may save most rows (see the RUNBOOK: restoring a SQLite database)")
+_SQLITE_FILE = {
+    # SQLITE_CORRUPT: retrying cannot help (exit 2); some statements may still work, so the reads of /readyz and
+    # doctor's database line can look fine: `doctor` runs `PRAGMA quick_check`
+    "database disk image is malformed": "the SQLite file is corrupt (`sqlite3 DB \"PRAGMA integrity_check\"` "
+                                        "shows where): " + _SQLITE_RESTORE,
+    # SQLITE_NOTADB: DATABASE_URL names some other file, or the header is damaged
+    "file is not a database": "the SQLite file DATABASE_URL names is not a SQLite database, or its header is "
+                              "corrupt: check the path; if it is the right file, " + _SQLITE_RESTORE,
+    # SQLITE_READONLY: permissions, a read-only mount, an immutable file (exit 2: a setting to fix)
+    "attempt to write a readonly database": "the SQLite file cannot be written by this process: make the file, "
+                                            "its -wal and -shm files and their directory writable by the user the "
+                                            "service runs as{uid}, on a file system mounted read-write (SQLite "
+                                            "creates and writes the -wal and -shm files beside the database)",
+    # SQLITE_FULL (exit 3, 503: Svix retries once there is room)
+    "database or disk is full": "the disk holding the SQLite file (or its temporary directory, for a big sort) is "
+                                "full: nothing was applied; free space there and retry later (the -wal file beside "
+                                "the database grows with the writes between checkpoints; `doctor` shows its size)",
+    # SQLITE_CANTOPEN with the directory there (a missing one is refused first, as a setting): -shm cannot be made
+    # (the hook dispatcher's and the CLI's "check DATABASE_URL, and that the database is up" kept: a path gone)
+    "unable to open database file": "SQLite could not open the file or create its -wal and -shm files beside it: "
+                                    "check DATABASE_URL, and that the database is up: the file and its directory "
+                                    "exist, are readable and writable by the user the service runs as{uid} and are "
+                                    "not on a read-only mount; retry later if it is a passing shortage (too many "
+                                    "open files)",
+    # SQLITE_IOERR
+    "disk I/O error": "the file system under the SQLite file failed a read or a write: check the disk and the "
+                      "kernel log (dmesg), that it is not full or remounted read-only, and that the file, its -wal "
+                      "or -shm was not removed or replaced while in use; retry later",
+}
+
+
+def sqlite_file_advice(orig: object) -> str | None:
+    """What to do about a SQLite error of the file itself (corrupt, not a database, read-only, disk full, cannot
+    open, I/O), or None for any other error (another database's, a statement's)."""
+    if type(orig).__module__ != "sqlite3":
+        return None
+    text = str(orig)
+    for prefix, advice in _SQLITE_FILE.items():
+        if text.startswith(prefix):
+            uid = f" (uid {os.geteuid()})" if hasattr(os, "geteuid") else ""
+            return advice.format(uid=uid)
+    return None
 
 
 def _missing_table(orig: object) -> bool:
@@ -141,7 +198,10 @@ _PG_PASSING_CLASSES = ("08", "25", "53", "57", "58")
 # outside (KILL QUERY by an operator or a proxy's query killer: 1317, MySQL's 3169) or by a server shutting down.
 _MYSQL_PASSING = frozenset({1021, 1037, 1038, 1041, 1114, 1053, 1317, 3169})
 # SQLite's messages for the same (sqlite3_errstr's texts).
-_SQLITE_PASSING = ("database or disk is full", "disk I/O error", "database is locked", "out of memory")
+# A corrupt or read-only file is the database's state too: never a row's refusal (the delivery 503, not failed).
+_SQLITE_CORRUPT = ("database disk image is malformed", "file is not a database")
+_SQLITE_PASSING = ("database or disk is full", "disk I/O error", "database is locked", "out of memory",
+                   "attempt to write a readonly database", *_SQLITE_CORRUPT)
 
 
 def passing_cause(exc: BaseException) -> sa.exc.SQLAlchemyError | None:

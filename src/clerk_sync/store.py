@@ -204,6 +204,13 @@ def _postgres_bounds(url: str, t: DatabaseTimeouts) -> dict[str, Any]:
     return args
 
 
+#: SQLite's ``journal_size_limit``: the -wal file is truncated to this after a checkpoint resets it. Without it
+#: the -wal keeps its high-water mark for as long as any process holds the file open (1.3 GB after one big write
+#: in the SQLite walkthrough, while serve, the worker and the app ran on): 64 MiB is many minutes of deliveries
+#: between checkpoints, and a big prune or reconcile still grows it as far as it needs, only not for ever.
+WAL_SIZE_LIMIT = 64 * 1024 * 1024
+
+
 def _tune_sqlite(engine: Engine) -> None:
     # pysqlite's own transaction handling defers BEGIN until the first write and cannot do
     # BEGIN IMMEDIATE; we take over so a writer holds the lock from the start (no upgrade deadlocks).
@@ -216,6 +223,7 @@ def _tune_sqlite(engine: Engine) -> None:
             "synchronous=NORMAL",
             "busy_timeout=30000",
             "foreign_keys=ON",
+            f"journal_size_limit={WAL_SIZE_LIMIT}",  # (per connection: every one that may checkpoint sets it)
         ):
             cur.execute(f"PRAGMA {pragma}")
         cur.close()

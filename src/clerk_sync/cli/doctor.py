@@ -5,12 +5,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import httpx
 import sqlalchemy as sa
 
 from clerk_sync import migrations
-from clerk_sync._db_errors import store_error
+from clerk_sync._db_errors import sqlite_file_advice, store_error
 from clerk_sync.config import Settings
 from clerk_sync.errors import ClerkSyncError, ConfigError, database_message
 from clerk_sync.mapping import SchemaMapping, check_schema
@@ -35,8 +37,10 @@ def run_checks(settings: Settings, *, http: httpx.Client | None = None,
     database = _guard("database", lambda: _database(settings))
     reachable = not database.detail.startswith(_UNREACHABLE)  # else what reads it says so, not "migrate"
     try:
-        checks = [_guard("webhook secret", lambda: _webhook_secret(settings)), database,
-                  _guard("hook jobs", lambda: _hook_jobs(settings)) if reachable else _not_checked("hook jobs")]
+        checks = [_guard("webhook secret", lambda: _webhook_secret(settings)), database]
+        if settings.database_url.startswith("sqlite") and reachable:  # what a read of one row cannot see:
+            checks.append(_guard("sqlite file", lambda: _sqlite_file(settings)))  # corrupt pages, read-only
+        checks.append(_guard("hook jobs", lambda: _hook_jobs(settings)) if reachable else _not_checked("hook jobs"))
         checks += [_guard(name, fn) for name, fn in (
             ("Clerk Backend API", lambda: _clerk_api(settings, client)),
             ("session keys", lambda: _session_keys(settings, client)),
@@ -171,9 +175,95 @@ def _database(settings: Settings) -> tuple[str, str]:
         store.ping()
         return _schema(store)
     except Exception as exc:
-        return "fail", f"{_UNREACHABLE}: {_cause(exc, settings)}; check DATABASE_URL"
+        text = _cause(exc, settings)  # (a StoreError's words carry sqlite_file_advice's already)
+        advice = sqlite_file_advice(getattr(exc, "orig", None) or exc)  # corrupt, not a database, cannot open
+        if advice is None and not any(said in text for said in ("the SQLite file", "DATABASE_URL")):
+            advice = "check DATABASE_URL"
+        return "fail", f"{_UNREACHABLE}: {text}" + (f"; {advice}" if advice else "")
     finally:
         store.dispose()
+
+
+#: How long ``doctor`` lets ``PRAGMA quick_check`` read (a few seconds per GB; it holds a read snapshot only, so
+#: writers go on, but a checkpoint cannot pass it): past this it says how to run it by hand.
+QUICK_CHECK_S = 10.0
+#: Free space on the SQLite file's disk below which ``doctor`` warns: the -wal file grows with the writes between
+#: checkpoints (store.WAL_SIZE_LIMIT, a big reconcile or prune more), and SQLite refuses every write when it cannot.
+LOW_DISK_BYTES = 256 * 1024 * 1024
+
+
+def _sqlite_file(settings: Settings) -> tuple[str, str]:
+    """SQLite: ``PRAGMA quick_check`` (bounded by :data:`QUICK_CHECK_S`), a write rolled back (a read-only file,
+    directory or mount refuses it while every read answers), the free space on its disk, the -wal file's size
+    and the share of free pages (what ``VACUUM`` would give back)."""
+    import shutil
+    import sqlite3
+
+    store = Store.from_settings(settings)
+    raw: Any = store.engine.raw_connection()  # (the engine's pragmas set; no BEGIN of SQLAlchemy's)
+    fails: list[str] = []
+    notes: list[str] = []
+    file = ""
+    try:
+        file = str(raw.execute("PRAGMA database_list").fetchone()[2] or "")  # ("" in memory; a URI's own path)
+        deadline = time.monotonic() + QUICK_CHECK_S
+        raw.set_progress_handler(lambda: int(time.monotonic() > deadline), 10_000)
+        try:
+            found = [str(row[0]) for row in raw.execute("PRAGMA quick_check(5)").fetchall()]
+            if found != ["ok"]:
+                fails.append(f"quick_check found: {'; '.join(found)[:300]}; "
+                             + (sqlite_file_advice(sqlite3.DatabaseError("database disk image is malformed")) or ""))
+            else:
+                notes.append("quick_check ok")
+        except sqlite3.OperationalError as exc:
+            if str(exc) != "interrupted":
+                raise
+            notes.append(f"quick_check not finished in {QUICK_CHECK_S:.0f} s: run `sqlite3 {file} \"PRAGMA "
+                         "quick_check\"` in a quiet hour")
+        finally:
+            raw.set_progress_handler(None, 0)
+        raw.execute("PRAGMA busy_timeout=1000")  # (this connection only: it is disposed of below)
+        try:
+            raw.execute("BEGIN IMMEDIATE")
+            try:  # a write, rolled back: BEGIN IMMEDIATE alone passes on a read-only file
+                raw.execute(f"UPDATE {migrations.VERSION_TABLE} SET version_num = version_num")  # noqa: S608
+                notes.append("writable")
+            finally:
+                raw.execute("ROLLBACK")
+        except sqlite3.OperationalError as exc:
+            if not str(exc).startswith("database is locked"):
+                raise
+            notes.append("write not probed (another process was writing)")
+        pages, free, size = (int(raw.execute(f"PRAGMA {name}").fetchone()[0])
+                             for name in ("page_count", "freelist_count", "page_size"))
+    except sqlite3.DatabaseError as exc:  # (quick_check itself raises on a page it cannot read)
+        fails.append(f"{type(exc).__name__}: {exc}; {sqlite_file_advice(exc) or 'check the file'}")
+        pages = free = size = 0
+    finally:
+        raw.close()
+        store.dispose()
+    if fails:
+        return "fail", "; ".join(fails)
+    if not file:
+        return "ok", "; ".join(notes)
+    path = Path(file)
+    wal = path.with_name(path.name + "-wal")
+    wal_bytes = wal.stat().st_size if wal.exists() else 0
+    disk = shutil.disk_usage(path.parent).free
+    notes.append(f"{_mib(pages * size)} ({free * 100 // max(pages, 1)}% free pages), -wal {_mib(wal_bytes)}, "
+                 f"{_mib(disk)} free on {path.parent}")
+    if disk < LOW_DISK_BYTES:
+        return "warn", ("; ".join(notes) + f": low on disk space, SQLite refuses every write when its -wal file "
+                        f"cannot grow: free space on {path.parent}")
+    if pages * size > 64 * 1024 * 1024 and free * 2 > pages:
+        return "warn", ("; ".join(notes) + f": over half the file is free pages (after a big prune): "
+                        f"`sqlite3 {path} VACUUM` in a quiet hour gives them back (it holds the write lock while "
+                        "it runs, and needs free disk space of the file's size)")
+    return "ok", "; ".join(notes)
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1024 * 1024):.1f} MiB"
 
 
 def _schema(store: Store) -> tuple[str, str]:

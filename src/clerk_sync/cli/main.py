@@ -51,8 +51,8 @@ __all__ = ["EXIT_SETTINGS", "EXIT_UNAVAILABLE", "EXIT_UNDONE", "app", "erase_out
 #: (``replay`` with deliveries still failed, ``reconcile`` with objects it could not read, ``doctor`` with a
 #: failed check, ``hooks retry`` naming ids that are no dead jobs).
 EXIT_UNDONE = 1
-#: A setting, an argument or the database's schema to fix (click's usage errors exit 2 too): running the same
-#: command again as it is cannot help.
+#: A setting, an argument or the database's schema to fix (click's usage errors exit 2 too), or a SQLite file
+#: that is corrupt (restore it) or read-only (make it writable): running the same command again as it is cannot help.
 EXIT_SETTINGS = 2
 #: Something the command needs is unavailable now: the database cannot be reached or a bounded wait on it ran
 #: out, Clerk is down or its rate budget spent (``users promote`` recording a pending change), another
@@ -670,7 +670,8 @@ def _error_line(exc: Exception, code: int) -> str:
         text = str(store_error(exc))
     else:
         text = str(exc) + _HINTS.get(type(exc), "")
-    said = any(words in text for words in ("retry later", "the schema is not current", "DATABASE_URL", "again"))
+    said = any(words in text for words in ("retry later", "the schema is not current", "DATABASE_URL", "again",
+                                           "the SQLite file"))  # (_db_errors.sqlite_file_advice's)
     if _database_cause(exc) is not None and not said:  # what to do, too
         text += (". Check DATABASE_URL, and that the database is up: retry once it answers"
                  if code == EXIT_UNAVAILABLE else ". Check DATABASE_URL")
