@@ -27,7 +27,7 @@ from clerk_sync.tables import webhook_events
 from clerk_sync.webhooks import WebhookVerifier
 from tests import factories as f
 from tests.test_cli import run
-from tests.test_hooks import Clock, hooked
+from tests.test_hooks import Clock, Recorder, hooked
 from tests.test_hooks import deliver as hook_deliver
 from tests.test_hooks import jobs as hook_jobs_of
 from tests.test_retention import _later, deliver
@@ -344,3 +344,24 @@ def test_clearing_a_deleted_users_tombstone_redacts_the_audit_details_quoting_th
     with store.connect() as conn:
         texts = [d if isinstance(d, str) else json.dumps(d) for d in conn.execute(sa.select(audit_log.c.details)).scalars()]
     assert not any(mail in t for t in texts), texts
+
+
+def test_an_erasure_after_the_deletion_reaches_receivers_that_deduplicate_or_keep_the_last_version(
+        db_url: str) -> None:
+    """Review of the forwarding docs: a user deleted in Clerk (its ``user.deleted`` sent to the hooks with the
+    row's last values), then erased: the erasure's ``user.deleted`` repeated the deletion's version and
+    idempotency key, so a receiver deduplicating on the key (``webhook-id``), or ignoring what is not newer
+    than a deletion, dropped it and kept the person's values. It is versioned when erased: a key of its own."""
+    recorder = Recorder()
+    app = hooked(db_url, Hook("forward", recorder))
+    hook_deliver(app, f.envelope("user.created", f.user("user_e", 100, email=MAIL, first_name=NAME)),
+                 f.envelope("user.deleted", f.deleted("user", "user_e"), 200))
+    deletion = [j for j in hook_jobs_of(app) if j["type"] == "user.deleted"]
+    assert len(deletion) == 1 and deletion[0]["payload"]["values"].get("email") == MAIL  # the last values
+    Retention(app).erase_user("user_e", reason="art. 17")
+    erasure = [j for j in hook_jobs_of(app) if j["type"] == "user.deleted"][1:]
+    assert len(erasure) == 1, hook_jobs_of(app)
+    assert erasure[0]["payload"]["values"] == {}
+    assert erasure[0]["idempotency_key"] != deletion[0]["idempotency_key"]
+    assert erasure[0]["payload"]["version"] > deletion[0]["payload"]["version"]
+    app.dispose()

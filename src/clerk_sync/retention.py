@@ -667,8 +667,12 @@ class Retention:
 def _pass_deletion_on(writer: Writer, outbox: Outbox, clerk_id: str) -> None:
     """The user was deleted before (Clerk's ``user.deleted``, an erasure run without the mapping or the hooks),
     so the tombstone changed nothing and told neither: the deletion goes to the app's mapped tables and the
-    hooks now, with the version it had (delete policies are idempotent; a job repeats its idempotency key).
-    The memberships deleted with the user go first, as they do on the deletion itself."""
+    hooks now. The memberships deleted with the user go first, as they do on the deletion itself, with the
+    version they had (ids only: a job repeats its idempotency key). The user's own change is the erasure's:
+    versioned when it is erased, so its key is its own. With the deletion's version and key it repeated the
+    ``user.deleted`` that hooks and forwarding receivers had already had (with the row's last values): one that
+    deduplicates on the key, or ignores what is not newer than a deletion, dropped it and kept the values
+    (review of the forwarding docs)."""
     u, m = users, organization_memberships
     row = writer.conn.execute(sa.select(u.c.clerk_updated_at, u.c.deleted_at).where(u.c.clerk_id == clerk_id)).first()
     if row is None or row.deleted_at is None:  # hard-deleted (its digest says nothing of when)
@@ -679,7 +683,8 @@ def _pass_deletion_on(writer: Writer, outbox: Outbox, clerk_id: str) -> None:
                                                                  m.c.deleted_at == row.deleted_at)).all():
         values = dict(member._mapping)
         outbox.record(Change(Entity.MEMBERSHIP, values["clerk_id"], "deleted", row.clerk_updated_at, values))
-    outbox.record(Change(Entity.USER, clerk_id, "deleted", row.clerk_updated_at, {}))
+    erased_at = max(int(writer.now.timestamp() * 1000), row.clerk_updated_at + 1)
+    outbox.record(Change(Entity.USER, clerk_id, "deleted", erased_at, {}))
 
 
 def _digests(conn: sa.Connection, entity: Entity, clerk_ids: list[str]) -> dict[str, datetime]:
