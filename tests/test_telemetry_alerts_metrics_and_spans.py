@@ -145,6 +145,19 @@ def _two_installs() -> list[dict[str, Any]]:
                 {"eval_time": "10m", "alertname": "ClerkSyncDatabaseDown", "exp_alerts": []},
             ],
         },
+        {  # staging's endpoint does not subscribe organization events: its memberships wait for ever; prod
+            # saw one membership before its organization, applied at the retry 5 s later
+            "interval": "1m",
+            "input_series": [
+                _series("clerk_sync_webhook_parent_not_there_total", "prod", "0 1 1x120"),
+                _series("clerk_sync_webhook_parent_not_there_total", "staging", "0+2x120"),
+            ],
+            "alert_rule_test": [
+                {"eval_time": "50m", "alertname": "ClerkSyncParentsNotArriving", "exp_alerts": []},
+                {"eval_time": "90m", "alertname": "ClerkSyncParentsNotArriving",
+                 "exp_alerts": [_fires("ClerkSyncParentsNotArriving", "staging")]},
+            ],
+        },
         {  # staging never ran reconcile; prod's runs must not keep that quiet (absent() saw prod's series)
             "interval": "1m",
             "input_series": never_ran,
