@@ -87,7 +87,14 @@ def full_url(tmp_path: Path) -> Iterator[str]:
         pytest.skip("mounts a tmpfs: root only")
     mount = tmp_path / "full"
     mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], check=True)
+    try:  # (root in a container lacks CAP_SYS_ADMIN: "permission denied")
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+                                 capture_output=True, text=True, check=False)
+    except OSError as exc:  # no mount(8)
+        pytest.skip(f"cannot mount a tmpfs: {exc}")
+    if mounted.returncode != 0:
+        error = (mounted.stderr or mounted.stdout or "?").strip().splitlines()[0]
+        pytest.skip(f"cannot mount a tmpfs (needs CAP_SYS_ADMIN): {error}")
     try:
         url = _migrated(mount / "full.db")
         with contextlib.closing(sqlite3.connect(mount / "full.db")) as holder:
@@ -205,6 +212,50 @@ def test_doctor_on_a_healthy_file(sqlite_url: str) -> None:
     line = _checks(sqlite_url)["sqlite file"]
     assert line.status == "ok" and "quick_check ok" in line.detail and "writable" in line.detail, line
     assert "free on" in line.detail and "-wal" in line.detail, line
+
+
+def test_doctor_probes_the_write_on_a_file_not_migrated_yet(tmp_path: Path) -> None:
+    """Review 2, finding 3: the probe updated clerk-sync's version table, missing there: 'sqlite file | fail |
+    no such table ...; check the file' beside the database line's 'run clerk-sync migrate'."""
+    path = tmp_path / "fresh.db"
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("PRAGMA user_version = 7")  # (the host app's own: the probe writes it back unchanged)
+        conn.execute("CREATE TABLE app_things (id INTEGER PRIMARY KEY)")
+        conn.commit()
+    checks = _checks(f"sqlite:///{path}")
+    assert checks["database"].status == "fail" and "clerk-sync migrate" in checks["database"].detail, checks
+    line = checks["sqlite file"]
+    assert line.status == "ok" and "writable" in line.detail and "quick_check ok" in line.detail, line
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 7
+        assert [r[0] for r in conn.execute("SELECT name FROM sqlite_master")] == ["app_things"]
+    empty = _checks(f"sqlite:///{tmp_path / 'new.db'}")["sqlite file"]  # (a file SQLite creates on connect)
+    assert empty.status == "ok" and "writable" in empty.detail, empty
+
+
+@pytest.mark.parametrize(("version", "threshold", "runs"), [
+    ((3, 40, 1), 0, False),  # cannot be interrupted, the file over the size: skipped, saying the command
+    ((3, 40, 1), None, True),  # cannot be interrupted, a small file: runs
+    ((3, 43, 0), 0, True),  # interrupted at QUICK_CHECK_S whatever the size: runs
+])
+def test_doctor_runs_quick_check_only_when_it_can_be_bounded(
+        sqlite_url: str, monkeypatch: pytest.MonkeyPatch, version: tuple[int, int, int], threshold: int | None,
+        runs: bool) -> None:
+    """Review 2, finding 2: before SQLite 3.43 the progress handler is not called during quick_check's B-tree
+    walk, so the 10 s bound did not hold: on a multi-GB file doctor read for minutes."""
+    from clerk_sync.cli import doctor
+
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", version)
+    if threshold is not None:
+        monkeypatch.setattr(doctor, "QUICK_CHECK_UNBOUNDED_BYTES", threshold)
+    line = _checks(sqlite_url)["sqlite file"]
+    assert line.status == "ok" and "writable" in line.detail, line
+    if runs:
+        assert "quick_check ok" in line.detail and "skipped" not in line.detail, line
+    else:
+        file = sqlite_url.removeprefix("sqlite:///")
+        assert "quick_check ok" not in line.detail and "quick_check skipped" in line.detail, line
+        assert f"`sqlite3 {file} 'PRAGMA quick_check'`" in line.detail, line
 
 
 # --- disk full -----------------------------------------------------------------------------------------------

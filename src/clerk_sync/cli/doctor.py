@@ -187,15 +187,24 @@ def _database(settings: Settings) -> tuple[str, str]:
 #: How long ``doctor`` lets ``PRAGMA quick_check`` read (a few seconds per GB; it holds a read snapshot only, so
 #: writers go on, but a checkpoint cannot pass it): past this it says how to run it by hand.
 QUICK_CHECK_S = 10.0
+#: The SQLite release whose ``quick_check`` calls the progress handler during its B-tree walk: before it, that walk
+#: is one bytecode step, which :data:`QUICK_CHECK_S` cannot interrupt (it only stops the index checks after it).
+QUICK_CHECK_INTERRUPTIBLE = (3, 43, 0)
+#: On an older SQLite, ``doctor`` runs ``quick_check`` only on a file up to this size (measured: 548 MiB in 0.5 s
+#: from the page cache; 256 MiB read cold at 50 MB/s, a slow disk, stays well under :data:`QUICK_CHECK_S`); on a
+#: bigger one it says how to run it by hand rather than read the whole file for minutes.
+QUICK_CHECK_UNBOUNDED_BYTES = 256 * 1024 * 1024
 #: Free space on the SQLite file's disk below which ``doctor`` warns: the -wal file grows with the writes between
 #: checkpoints (store.WAL_SIZE_LIMIT, a big reconcile or prune more), and SQLite refuses every write when it cannot.
 LOW_DISK_BYTES = 256 * 1024 * 1024
 
 
 def _sqlite_file(settings: Settings) -> tuple[str, str]:
-    """SQLite: ``PRAGMA quick_check`` (bounded by :data:`QUICK_CHECK_S`), a write rolled back (a read-only file,
-    directory or mount refuses it while every read answers), the free space on its disk, the -wal file's size
-    and the share of free pages (what ``VACUUM`` would give back)."""
+    """SQLite: ``PRAGMA quick_check`` (bounded by :data:`QUICK_CHECK_S`; skipped, saying the command to run by
+    hand, when it cannot be bounded: a file over :data:`QUICK_CHECK_UNBOUNDED_BYTES` on a SQLite older than
+    :data:`QUICK_CHECK_INTERRUPTIBLE`), a write rolled back (a read-only file, directory or mount refuses it while
+    every read answers; it needs no table, so a file not migrated yet passes), the free space on its disk, the
+    -wal file's size and the share of free pages (what ``VACUUM`` would give back)."""
     import shutil
     import sqlite3
 
@@ -206,27 +215,36 @@ def _sqlite_file(settings: Settings) -> tuple[str, str]:
     file = ""
     try:
         file = str(raw.execute("PRAGMA database_list").fetchone()[2] or "")  # ("" in memory; a URI's own path)
-        deadline = time.monotonic() + QUICK_CHECK_S
-        raw.set_progress_handler(lambda: int(time.monotonic() > deadline), 10_000)
-        try:
-            found = [str(row[0]) for row in raw.execute("PRAGMA quick_check(5)").fetchall()]
-            if found != ["ok"]:
-                fails.append(f"quick_check found: {'; '.join(found)[:300]}; "
-                             + (sqlite_file_advice(sqlite3.DatabaseError("database disk image is malformed")) or ""))
-            else:
-                notes.append("quick_check ok")
-        except sqlite3.OperationalError as exc:
-            if str(exc) != "interrupted":
-                raise
-            notes.append(f"quick_check not finished in {QUICK_CHECK_S:.0f} s: run `sqlite3 {file} \"PRAGMA "
-                         "quick_check\"` in a quiet hour")
-        finally:
-            raw.set_progress_handler(None, 0)
+        by_hand = f"`sqlite3 {file} 'PRAGMA quick_check'` in a quiet hour"
+        pages, free, size = (int(raw.execute(f"PRAGMA {name}").fetchone()[0])
+                             for name in ("page_count", "freelist_count", "page_size"))
+        if sqlite3.sqlite_version_info < QUICK_CHECK_INTERRUPTIBLE and pages * size > QUICK_CHECK_UNBOUNDED_BYTES:
+            notes.append(f"quick_check skipped ({_mib(pages * size)}: SQLite {sqlite3.sqlite_version} cannot stop "
+                         f"it in {QUICK_CHECK_S:.0f} s, {'.'.join(map(str, QUICK_CHECK_INTERRUPTIBLE[:2]))} can): "
+                         f"run {by_hand}")
+        else:
+            deadline = time.monotonic() + QUICK_CHECK_S
+            raw.set_progress_handler(lambda: int(time.monotonic() > deadline), 10_000)
+            try:
+                found = [str(row[0]) for row in raw.execute("PRAGMA quick_check(5)").fetchall()]
+                if found != ["ok"]:
+                    fails.append(f"quick_check found: {'; '.join(found)[:300]}; " + (sqlite_file_advice(
+                        sqlite3.DatabaseError("database disk image is malformed")) or ""))
+                else:
+                    notes.append("quick_check ok")
+            except sqlite3.OperationalError as exc:
+                if str(exc) != "interrupted":
+                    raise
+                notes.append(f"quick_check not finished in {QUICK_CHECK_S:.0f} s: run {by_hand}")
+            finally:
+                raw.set_progress_handler(None, 0)
         raw.execute("PRAGMA busy_timeout=1000")  # (this connection only: it is disposed of below)
         try:
             raw.execute("BEGIN IMMEDIATE")
-            try:  # a write, rolled back: BEGIN IMMEDIATE alone passes on a read-only file
-                raw.execute(f"UPDATE {migrations.VERSION_TABLE} SET version_num = version_num")  # noqa: S608
+            try:  # a write, rolled back: BEGIN IMMEDIATE alone passes on a read-only file. The header's own
+                # user_version set to its value writes page 1 and needs no table (a file not migrated yet passes)
+                version = int(raw.execute("PRAGMA user_version").fetchone()[0])
+                raw.execute(f"PRAGMA user_version = {version}")
                 notes.append("writable")
             finally:
                 raw.execute("ROLLBACK")
@@ -234,8 +252,6 @@ def _sqlite_file(settings: Settings) -> tuple[str, str]:
             if not str(exc).startswith("database is locked"):
                 raise
             notes.append("write not probed (another process was writing)")
-        pages, free, size = (int(raw.execute(f"PRAGMA {name}").fetchone()[0])
-                             for name in ("page_count", "freelist_count", "page_size"))
     except sqlite3.DatabaseError as exc:  # (quick_check itself raises on a page it cannot read)
         fails.append(f"{type(exc).__name__}: {exc}; {sqlite_file_advice(exc) or 'check the file'}")
         pages = free = size = 0
