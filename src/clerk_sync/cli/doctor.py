@@ -273,8 +273,9 @@ def _sqlite_file(settings: Settings) -> tuple[str, str]:
                         f"cannot grow: free space on {path.parent}")
     if pages * size > 64 * 1024 * 1024 and free * 2 > pages:
         return "warn", ("; ".join(notes) + f": over half the file is free pages (after a big prune): "
-                        f"`sqlite3 {path} VACUUM` in a quiet hour gives them back (it holds the write lock while "
-                        "it runs, and needs free disk space of the file's size)")
+                        f"`sqlite3 {path} \".timeout 30000\" VACUUM` in a quiet hour gives them back (it holds "
+                        "the write lock while it runs, and needs up to twice the file's size in free disk space; "
+                        "without the timeout it fails at once while a write is in progress)")
     return "ok", "; ".join(notes)
 
 
