@@ -132,8 +132,8 @@ class ConsoleAccess:
         POST of an admin whose console session ended signs in again, a cross-site one is refused)."""
         bearer = bearer_token(headers)
         if bearer is not None:
-            if self.operator_token and hmac.compare_digest(bearer.encode(), self.operator_token.encode()):
-                return Identity(OPERATOR, None, None)
+            if self.is_operator_token(bearer):
+                return self.operator()
             return Identity(ADMIN, self._clerk_admin(headers, {})[0], None)
         session = self._session(cookies.get(COOKIE))
         ended: TokenError | None = None
@@ -152,6 +152,17 @@ class ConsoleAccess:
         if self.authenticator is not None and any(n.startswith("__session") for n in cookies):
             return self.admin_session(*self._clerk_admin(headers, cookies, method=method, scheme=scheme))
         raise ended or TokenMissing("sign in to the console: an admin's Clerk session or the operator token")
+
+    def is_operator_token(self, presented: str) -> bool:
+        """Whether ``presented`` is the operator token (constant time, no I/O: run on the event loop by
+        :meth:`Console.sign_in`, between the throttle's check and its record)."""
+        return bool(self.operator_token) and hmac.compare_digest(presented.encode(),
+                                                                 str(self.operator_token).encode())
+
+    @staticmethod
+    def operator() -> Identity:
+        """The operator, as a ``Bearer`` holding the operator token is (no console session)."""
+        return Identity(OPERATOR, None, None)
 
     def signing_out(self, headers: Mapping[str, str], cookies: Mapping[str, str]) -> Identity | None:
         """The console session a sign-out ends: the cookie's signature and age only, not the role, standing
@@ -247,7 +258,7 @@ class ConsoleAccess:
         """Sign in with the operator token (TokenError when it is wrong or operator sign-in is off)."""
         if not self.operator_token:
             raise TokenMissing("operator sign-in is disabled (CLERK_SYNC_CONSOLE_TOKEN is not set)")
-        if not hmac.compare_digest(token.encode(), self.operator_token.encode()):
+        if not self.is_operator_token(token):
             raise TokenError("that is not the operator token (CLERK_SYNC_CONSOLE_TOKEN)")
         return self._mint(OPERATOR, None, None)
 

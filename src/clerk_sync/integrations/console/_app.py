@@ -109,9 +109,10 @@ def _guard(console: Console, handler: Handler, *, post: bool = False, read_only_
 
     async def endpoint(request: Request) -> Response:
         try:
-            if bearer_token(request.headers) is not None:  # the operator token, or a guess at it: throttled
-                identity = await console.sign_in(request, "bearer", lambda: _caller(console, request, sign_out),
-                                                 guessed=_guessed)
+            bearer = bearer_token(request.headers)
+            if bearer is not None:  # the operator token, a session token, or a guess at either: throttled
+                identity = await console.sign_in(request, "bearer", bearer, lambda: _caller(console, request, sign_out),
+                                                 operator=console.access.operator, sessions=True, guessed=_guessed)
             else:
                 identity = await to_thread.run_sync(_caller, console, request, sign_out)
         except SignInThrottled as exc:
@@ -248,8 +249,9 @@ def _login_submit(console: Console) -> Callable[[Request], Awaitable[Response]]:
                                  "the sign-in form expired or its CSRF token is missing: reload the page")
         token = form.get("token", "")
         try:
-            identity = await console.sign_in(request, "form", lambda: console.access.operator_session(token),
-                                             guessed=_always)
+            identity = await console.sign_in(request, "form", token, lambda: console.access.operator_session(token),
+                                             operator=lambda: console.access.operator_session(token),
+                                             sessions=False, guessed=_always)
         except SignInThrottled as exc:  # the token was not compared
             response = _login_form(console, request, status=429, message=str(exc))
             response.headers["Retry-After"] = str(exc.wait)
@@ -270,13 +272,14 @@ def _login_clerk(console: Console) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
         token = request.query_params.get("token", "")
         try:
-            if token:
-                identity = await console.sign_in(request, "link", lambda: console.access.clerk_session(token),
-                                                  guessed=_guessed)
-            elif bearer_token(request.headers) is not None:
+            bearer = bearer_token(request.headers)
+            if token:  # a session token only: the operator token here is a guess as any other
+                identity = await console.sign_in(request, "link", token, lambda: console.access.clerk_session(token),
+                                                  operator=None, sessions=True, guessed=_guessed)
+            elif bearer is not None:
                 identity = await console.sign_in(
-                    request, "bearer", lambda: console.access.identify(request.headers, request.cookies),
-                    guessed=_guessed)
+                    request, "bearer", bearer, lambda: console.access.identify(request.headers, request.cookies),
+                    operator=console.access.operator, sessions=True, guessed=_guessed)
             else:
                 identity = await to_thread.run_sync(console.access.identify, request.headers, request.cookies)
             if identity.new_cookie:

@@ -23,7 +23,7 @@ from clerk_sync.errors import ClerkSyncError, TokenError
 from clerk_sync.integrations.console._access import ConsoleAccess, Identity
 from clerk_sync.integrations.console._drift import DriftJob
 from clerk_sync.integrations.console._queries import aware
-from clerk_sync.integrations.console._throttle import Attempt, SignInThrottle
+from clerk_sync.integrations.console._throttle import SignInThrottle
 from clerk_sync.integrations.console._web import client_ip
 from clerk_sync.integrations.http import error_response
 from clerk_sync.metrics import Metrics
@@ -36,6 +36,9 @@ _CLERK_ID = re.compile(r"[A-Za-z0-9_]+")  # user_2x…, org_2x…, orgmem_2x…
 # (U+200E, U+200F, U+061C). In a name they reorder what follows (``adm\u202enimgpj.exe`` shows as
 # ``admexe.jpgmin``): the console shows each as a visible ``⟨U+202E⟩`` instead (:func:`_show_bidi`).
 _BIDI = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+# What a Clerk session token looks like (a JWS in compact form): only such a credential is verified before its
+# failure is remembered (:meth:`Console.sign_in`); anything else is a guess at the operator token at once.
+_SESSION_TOKEN = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 log = structlog.get_logger("clerk_sync.console")
 
 
@@ -117,36 +120,49 @@ class Console:
     # none (an operator row has no actor, so it would read as the operator's own action); a row per guess would
     # also let anyone on the network write to the database as fast as they can send (the throttle bounds the
     # log lines, not the requests answered 429).
-    async def sign_in(self, request: Request, via: str, compare: Callable[[], Identity], *,
+    async def sign_in(self, request: Request, via: str, presented: str, compare: Callable[[], Identity], *,
+                      operator: Callable[[], Identity] | None, sessions: bool,
                       guessed: Callable[[TokenError], bool]) -> Identity:
         """Every operator-token comparison, and every other credential a guesser could send (a session token as
-        ``Bearer`` or in a sign-in link), goes through here: :class:`SignInThrottled` (counted; no log line, so
-        a guesser cannot flood the log) before ``compare`` runs when the client's address has failed too often
-        lately, else ``compare`` (in a worker thread: it may read the database) with a slot reserved for it
-        first (:meth:`SignInThrottle.begin`: concurrent attempts count, so a burst is not compared in full). A
-        TokenError that is ``guessed`` is logged, counted and remembered against the address
-        (:meth:`_refused`), a success forgets its failures, anything else just frees the slot."""
-        attempt = self.sign_ins.begin(client_ip(request))
-        if attempt.wait is not None:
-            self._count_sign_in_failure(via, "throttled")
-            raise SignInThrottled(attempt.wait)
-        try:
-            identity = await to_thread.run_sync(compare)
-        except TokenError as exc:
-            if guessed(exc):
-                self._refused(request, attempt, via, exc.code)
-            raise
-        else:
-            attempt.succeeded()
-            return identity
-        finally:
-            attempt.release()  # anything else (no guess, an error, cancelled); a no-op once failed or succeeded
+        ``Bearer`` or in a sign-in link), goes through here, ``presented`` being that credential:
 
-    def _refused(self, request: Request, attempt: Attempt, via: str, code: str) -> None:
-        """A wrong operator token (or a forged session token): a WARNING line with the client's address (never
-        the token), counted, and remembered by :attr:`sign_ins` against that address."""
+        - :class:`SignInThrottled` (counted; no log line, so a guesser cannot flood the log), nothing compared,
+          when the client's address has failed ``limit`` times lately;
+        - else, when ``operator`` is given and ``presented`` is the operator token (compared here, on the event
+          loop: constant time, no I/O), ``operator()`` (no I/O either) is the identity: never held back by
+          requests still being answered, and forgetting no failures;
+        - else, when ``presented`` is no session token (``sessions`` false: the form; or not shaped as a JWT),
+          it is a guess: remembered against the address at once, with no ``await`` since the check, so a burst
+          of concurrent guesses passes the check ``limit`` times at most; ``compare`` (in a worker thread) then
+          only says why it is refused;
+        - else a session token: ``compare`` verifies it (in a worker thread: it may read the database or fetch
+          Clerk's keys); a TokenError that is ``guessed`` (forged, unknown key: it cannot succeed, so nothing is
+          reserved for it) is remembered then. A genuine token refused for its age or user is no guess.
+
+        Each guess is logged and counted (:meth:`_refused`)."""
         address = client_ip(request)
-        failures = attempt.failed()
+        wait = self.sign_ins.retry_after(address)
+        if wait is not None:
+            self._count_sign_in_failure(via, "throttled")
+            raise SignInThrottled(wait)
+        if operator is not None and self.access.is_operator_token(presented):
+            return operator()
+        failures = None
+        if not (sessions and _SESSION_TOKEN.fullmatch(presented)):
+            failures = self.sign_ins.failed(address)  # a guess: recorded before anything is awaited
+        try:
+            return await to_thread.run_sync(compare)
+        except TokenError as exc:
+            if failures is not None:
+                self._refused(address, via, exc.code, failures)
+            elif guessed(exc):
+                self._refused(address, via, exc.code, self.sign_ins.failed(address))
+            raise
+
+    def _refused(self, address: str | None, via: str, code: str, failures: int) -> None:
+        """A wrong operator token (or a forged session token), remembered by :attr:`sign_ins` against the
+        client's address (``failures``: its count now): a WARNING line with the address (never the token), and
+        counted."""
         throttled = failures >= self.sign_ins.limit
         log.warning("console_sign_in_refused", client=address, via=via, code=code, failures=failures,
                     window_s=self.sign_ins.window_s,
