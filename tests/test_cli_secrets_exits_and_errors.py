@@ -348,3 +348,15 @@ def test_worker_once_records_a_run_past_its_timeout_before_it_exits(tmp_path: Pa
     with store.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM hook_jobs")).scalar_one() == 0  # finished, not claimed
     store.dispose()
+
+
+def test_a_console_token_shaped_like_a_session_token_is_refused() -> None:
+    """Review: the console verifies a Bearer shaped like a JWT (``a.b.c``) as a Clerk session token in a thread
+    and counts it as a failed sign-in only afterwards, so with an operator token of that shape a burst of such
+    guesses was compared in full (299 wrong and the right one at once: all compared, the right one let in)."""
+    with pytest.raises(ConfigError) as raised:
+        Settings.from_env({"CLERK_SYNC_CONSOLE_TOKEN": "correct.horse.battery-staple"})
+    said = str(raised.value)
+    assert "CLERK_SYNC_CONSOLE_TOKEN" in said and "session token" in said and "battery" not in said
+    for fine in ("correct.horse-battery.staple!", "one.dotted-passphrase-token", "x" * 24):
+        assert Settings.from_env({"CLERK_SYNC_CONSOLE_TOKEN": fine}).console_operator_token is not None

@@ -350,6 +350,13 @@ class Settings(BaseSettings):
         if value is not None and len(value.get_secret_value().strip()) < _MIN_CONSOLE_TOKEN_CHARS:
             raise ValueError(f"must be at least {_MIN_CONSOLE_TOKEN_CHARS} characters (it signs an operator in "
                              "to the console); make one with `openssl rand -base64 24`")
+        if value is not None and re.fullmatch(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+",
+                                              value.get_secret_value().strip()):
+            # The console reads a Bearer shaped like this as a Clerk session token, verified off the event loop and
+            # counted as a failed sign-in only after: a burst of such guesses at a token of this shape would all be
+            # compared before the throttle counted one (review). No other token is refused for its shape.
+            raise ValueError("must not look like a session token (three dot-separated parts: the console reads such "
+                             "a Bearer as a Clerk session token); make one with `openssl rand -base64 24`")
         # stripped: one read from a file (a Kubernetes secret, `echo`) ends in a newline that no operator types
         return None if value is None else SecretStr(value.get_secret_value().strip())
 
