@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -215,7 +216,7 @@ def _sqlite_file(settings: Settings) -> tuple[str, str]:
     file = ""
     try:
         file = str(raw.execute("PRAGMA database_list").fetchone()[2] or "")  # ("" in memory; a URI's own path)
-        by_hand = f"`sqlite3 {file} 'PRAGMA quick_check'` in a quiet hour"
+        by_hand = f"`sqlite3 {shlex.quote(file)} 'PRAGMA quick_check'` in a quiet hour"  # pasted into a shell
         pages, free, size = (int(raw.execute(f"PRAGMA {name}").fetchone()[0])
                              for name in ("page_count", "freelist_count", "page_size"))
         if sqlite3.sqlite_version_info < QUICK_CHECK_INTERRUPTIBLE and pages * size > QUICK_CHECK_UNBOUNDED_BYTES:
@@ -273,9 +274,9 @@ def _sqlite_file(settings: Settings) -> tuple[str, str]:
                         f"cannot grow: free space on {path.parent}")
     if pages * size > 64 * 1024 * 1024 and free * 2 > pages:
         return "warn", ("; ".join(notes) + f": over half the file is free pages (after a big prune): "
-                        f"`sqlite3 {path} \".timeout 30000\" VACUUM` in a quiet hour gives them back (it holds "
-                        "the write lock while it runs, and needs up to twice the file's size in free disk space; "
-                        "without the timeout it fails at once while a write is in progress)")
+                        f"`sqlite3 {shlex.quote(str(path))} \".timeout 30000\" VACUUM` in a quiet hour gives them "
+                        "back (it holds the write lock while it runs, and needs up to twice the file's size in "
+                        "free disk space; without the timeout it fails at once while a write is in progress)")
     return "ok", "; ".join(notes)
 
 
