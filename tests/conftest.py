@@ -91,6 +91,22 @@ def pg_schema_url(schema: str) -> str:
     return f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
 
 
+@contextmanager
+def pg_schema(prefix: str = "t_") -> Iterator[str]:
+    """A private, empty PostgreSQL schema for one test (dropped after it): its URL."""
+    require_server("PostgreSQL", PG_URL, _PG_PROBLEM, "CLERK_SYNC_REQUIRE_POSTGRES")
+    schema = f"{prefix}{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        yield pg_schema_url(schema)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres),
                         pytest.param("mariadb", marks=pytest.mark.mariadb)])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
@@ -109,21 +125,11 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         engine.dispose()
         yield url
         return
-    require_server("PostgreSQL", PG_URL, _PG_PROBLEM, "CLERK_SYNC_REQUIRE_POSTGRES")
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    url = pg_schema_url(schema)
-    engine = create_engine(url)
-    migrations.upgrade(engine)
-    engine.dispose()
-    try:
+    with pg_schema() as url:
+        engine = create_engine(url)
+        migrations.upgrade(engine)
+        engine.dispose()
         yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from clerk_sync.cli._serve import DispatchWhenMigrated
 from tests import _hook_worker
 from tests import factories as f
 from tests._server import free_port, running, wait_for_http
-from tests.conftest import _PG_PROBLEM, PG_URL, pg_schema_url, require_server
+from tests.conftest import pg_schema
 from tests.test_hooks import B
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,21 +41,11 @@ def fresh_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         engine.dispose()
         yield url
         return
-    require_server("PostgreSQL", PG_URL, _PG_PROBLEM, "CLERK_SYNC_REQUIRE_POSTGRES")
-    schema = f"t_fresh_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    url = pg_schema_url(schema)
-    engine = sa.create_engine(url)
-    _hook_worker.meta.create_all(engine)
-    engine.dispose()
-    try:
+    with pg_schema("t_fresh_") as url:
+        engine = sa.create_engine(url)
+        _hook_worker.meta.create_all(engine)
+        engine.dispose()
         yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
 
 
 def test_serve_hooks_on_a_fresh_database_migrates_without_telling_to_migrate_and_runs_the_hooks(
