@@ -136,8 +136,9 @@ class Console:
           of concurrent guesses passes the check ``limit`` times at most; ``compare`` (in a worker thread) then
           only says why it is refused;
         - else a session token: ``compare`` verifies it (in a worker thread: it may read the database or fetch
-          Clerk's keys); a TokenError that is ``guessed`` (forged, unknown key: it cannot succeed, so nothing is
-          reserved for it) is remembered then. A genuine token refused for its age or user is no guess.
+          Clerk's keys); a TokenError that is ``guessed`` (forged, unknown key) is remembered then (it cannot
+          succeed: the operator token, which could, is never shaped so, as Settings refuses one). A genuine
+          token refused for its age or user is no guess.
 
         Each guess is logged and counted (:meth:`_refused`)."""
         address = client_ip(request)
