@@ -75,8 +75,10 @@ def org_role_scenario(clerk: EmulatorServer, get: Get, admin_paths: list[str], a
     for path in admin_paths:
         _denied(get(path, admin_tok), "org:member")
         _denied(get(path, admin_tok), "changed since the session token")
-    for path in any_paths:  # the DB's role is a member's: the routes open to members stay open
-        assert get(path, admin_tok).status_code == 200, path
+    for path in any_paths:  # the DB's role is a member's: the routes open to members stay open, and the view
+        answer = get(path, admin_tok)  # is handed the database's role, not the token's (answered as "role")
+        assert answer.status_code == 200, path
+        assert answer.json()["role"] == "org:member", (path, answer.json())
 
     clerk.request("DELETE", membership)  # removed from the organization; the token still names it
     clerk.wait_for_deliveries()
@@ -107,7 +109,7 @@ def fastapi_app(settings: Settings) -> tuple[FastAPI, Store]:
 
     @app.get("/org/any")
     def org_any(auth: Auth = Depends(clerk.require_org_role(*ANY_ROLE))) -> dict[str, Any]:
-        return {"org": auth.org_id}
+        return {"org": auth.org_id, "role": auth.org_role}
 
     return app, processor.store
 
@@ -138,7 +140,7 @@ def flask_app(config: dict[str, Any]) -> Flask:
     @app.get("/org/any")
     @require_org_role(*ANY_ROLE)
     def org_any() -> dict[str, Any]:
-        return {"org": current_clerk.org_id}
+        return {"org": current_clerk.org_id, "role": current_clerk.org_role}
 
     return app
 
@@ -197,8 +199,11 @@ def test_confirm_org_role_reads_one_row_and_the_database_wins(harness: Harness) 
     with pytest.raises(AccessDenied, match=r"'org:member'.*changed since the session token"):
         h.auth.confirm_org_role(admin, "org:admin")
     assert Authenticator.require_org_role(admin, "org:admin") is admin  # the static check: the token only, as before
-    # A promotion waits for its webhook, as require_role's does: the row says member, the token admin.
-    assert h.auth.confirm_org_role(admin, "org:admin", "org:member") is admin
+    # A promotion waits for its webhook, as require_role's does: the row says member, the token admin. The
+    # guard admitting both hands back the database's role, the rest of the session as the token has it.
+    confirmed = h.auth.confirm_org_role(admin, "org:admin", "org:member")
+    assert confirmed.org_role == "org:member" and admin.org_role == "org:admin"
+    assert (confirmed.user_id, confirmed.org_id, confirmed.session_id) == (admin.user_id, admin.org_id, admin.session_id)
 
     h.event("organizationMembership.deleted", f.deleted("organization_membership", "orgmem_1"))
     with pytest.raises(AccessDenied, match="no longer a member"):

@@ -19,6 +19,7 @@ from rest_framework.views import APIView
 
 from clerk_sync.integrations.django.decorators import require_org_role
 from clerk_sync.integrations.django.mixins import OrgRoleRequiredMixin
+from clerk_sync.integrations.django.request import aclerk_request, clerk_request
 from clerk_sync.integrations.django.rest_framework import HasOrgRole, IsClerkAuthenticated, clerk_auth
 from tests.django.conftest import World, bearer, world_for
 from tests.django.urls import urlpatterns as base_urls
@@ -32,7 +33,7 @@ def org_admin(request: HttpRequest) -> JsonResponse:
 
 @require_org_role(*ANY_ROLE)
 def org_any(request: HttpRequest) -> JsonResponse:
-    return JsonResponse({"org_member": True})
+    return JsonResponse({"org_member": True, "role": clerk_request(request).require_auth().org_role})
 
 
 @require_org_role(*ADMIN_ONLY)
@@ -42,21 +43,21 @@ async def async_org_admin(request: HttpRequest) -> JsonResponse:
 
 @require_org_role(*ANY_ROLE)
 async def async_org_any(request: HttpRequest) -> JsonResponse:
-    return JsonResponse({"org_member": True})
+    return JsonResponse({"org_member": True, "role": (await aclerk_request(request)).require_auth().org_role})
 
 
 class CbvOrgAny(OrgRoleRequiredMixin, View):
     required_org_roles = ANY_ROLE
 
     def get(self, request: HttpRequest) -> JsonResponse:
-        return JsonResponse({"org_member": True})
+        return JsonResponse({"org_member": True, "role": clerk_request(request).require_auth().org_role})
 
 
 class DrfOrgAny(APIView):
     permission_classes = (IsClerkAuthenticated, HasOrgRole.of(*ANY_ROLE))
 
     def get(self, request: Request) -> Response:
-        return Response({"org": clerk_auth(request).org_id})
+        return Response({"org": clerk_auth(request).org_id, "role": clerk_auth(request).org_role})
 
 
 urlpatterns = [

@@ -7,6 +7,7 @@ The integrations (``integrations/starlette.py``, ``integrations/fastapi.py``) ar
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -355,7 +356,8 @@ class Authenticator:
         row whose role is not in ``roles`` is refused (403; the database wins, so a promotion waits for its
         webhook too), and so is a membership deleted here (403, no longer a member; an organization deleted
         tombstones its memberships). No row at all: the token stands, since ``organizationMembership.created``
-        may not have arrived yet and a new member is not refused for those seconds."""
+        may not have arrived yet and a new member is not refused for those seconds. Returns ``auth`` with the
+        database's role where it differs from the token's."""
         self.require_org_role(auth, *roles)
         org_id = auth.org_id or ""
         row = self._membership(org_id, auth.user_id)
@@ -368,7 +370,11 @@ class Authenticator:
         if not _org_role_in(role, roles):
             raise AccessDenied(f"organization role {show(role)} in the database, changed since the session token "
                                f"was issued ({show(auth.org_role)}), is not one of {sorted(roles)}")
-        return auth
+        # The confirmed role, not the token's: a guard admitting several roles would otherwise hand the view
+        # a role the member no longer has (the token's permissions stay the token's: Clerk sends no others)
+        if auth.org_role is not None and same_org_role(role) == same_org_role(auth.org_role):
+            return auth  # the same role, whichever spelling the token uses
+        return dataclasses.replace(auth, org_role=role)
 
     def _membership(self, org_id: str, user_id: str) -> tuple[str, datetime | None] | None:
         """The (role, deleted_at) of the caller's membership of ``org_id``, None without one: one query on the

@@ -113,7 +113,8 @@ def confirm_org_role(state: ClerkRequest, roles: tuple[str, ...]) -> Auth:
     the token passes): async callers run it in a worker thread."""
     auth = Authenticator.require_org_role(state.require_auth(), *roles)  # a "no" from the token reads nothing
     try:
-        return state.runtime.authenticator.confirm_org_role(auth, *roles)
+        state.auth = state.runtime.authenticator.confirm_org_role(auth, *roles)  # the view sees the database's role
+        return state.auth
     except StoreError as exc:
         state.runtime.naming_database(exc)  # (the same error, its message naming the database)
         raise

@@ -533,7 +533,10 @@ def require_org_role(*roles: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """An active organization with one of ``roles`` (``org:admin`` ...) in the token, confirmed against the
     membership row, so a removal or demotion applies on the next request (403; see
     :meth:`~clerk_sync.auth.authenticator.Authenticator.confirm_org_role`)."""
-    return _guard(lambda: _authenticator(clerk_state()).confirm_org_role(_current_auth(), *roles))
+    def check() -> None:  # the view's current_auth carries the database's role from here on
+        _cached()["auth"] = _authenticator(clerk_state()).confirm_org_role(_current_auth(), *roles)
+
+    return _guard(check)
 
 
 def require_permission(permission: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
