@@ -19,7 +19,7 @@ from clerk_sync.config import Settings
 from clerk_sync.errors import ConfigError
 from clerk_sync.integrations.console import _pages, create_console
 from clerk_sync.store import Store
-from clerk_sync.tables import webhook_events
+from clerk_sync.tables import users, webhook_events
 from tests.console.conftest import OPERATOR_TOKEN, ConsoleStack, make_stack, operator_client
 
 HTML = {"Accept": "text/html"}
@@ -62,6 +62,35 @@ def test_operator_bearer_sees_every_page(stack: ConsoleStack) -> None:
             assert response.status_code == 200, (path, response.text[:500])
             assert "<nav>" in response.text
             assert response.headers["cache-control"] == "no-store"
+
+
+def test_a_locked_or_deprovisioned_user_is_not_shown_as_active(stack: ConsoleStack) -> None:
+    """The user's state as the auth faces judge it: a Clerk lockout (with its end, or none) and a Directory Sync
+    deprovisioning are refused with 403 there, so the console must not call those users active."""
+    def state() -> tuple[str, str]:
+        with operator_client(stack) as client:
+            page = client.get(f"/users/{stack.user_id}", headers=HTML).text
+            listing = client.get(f"/users?q={stack.user_id}", headers=HTML).text
+        found = re.search(r"<th>state</th><td>(.*?)</td></tr>", page, re.S)
+        assert found, page[:500]
+        return re.sub(r"<[^>]+>", "", found.group(1)), listing
+
+    assert state()[0] == "active"
+    with stack.store.engine.begin() as conn:  # 2030-01-01 00:00:00 UTC, in Clerk's milliseconds
+        conn.execute(sa.update(users).where(users.c.clerk_id == stack.user_id)
+                     .values(locked=True, locked_until=1_893_456_000_000))
+    shown, listing = state()
+    assert shown.startswith("locked until 2030-01-01 00:00:00 UTC"), shown
+    assert '<span class="bad">locked</span>' in listing
+    with stack.store.engine.begin() as conn:
+        conn.execute(sa.update(users).where(users.c.clerk_id == stack.user_id).values(locked_until=None))
+    assert state()[0] == "locked until Clerk unlocks"
+    with stack.store.engine.begin() as conn:
+        conn.execute(sa.update(users).where(users.c.clerk_id == stack.user_id).values(locked=False,
+                                                                                     deprovisioned=True))
+    shown, listing = state()
+    assert shown.startswith("deprovisioned"), shown
+    assert '<span class="bad">deprovisioned</span>' in listing
 
 
 def test_strangers_are_sent_to_sign_in_and_api_callers_get_401(stack: ConsoleStack) -> None:

@@ -72,6 +72,23 @@ def test_clerk_id_filter_and_name_search_find_the_rows_on_every_store(store: Sto
         assert [r["clerk_id"] for r in search_organizations(conn, "analytical")] == ["org_a"]
 
 
+def test_an_address_is_found_as_typed_and_lower_cased_on_every_store(store: Store) -> None:
+    """Clerk keeps an e-mail address as it was entered: one stored with capitals is found when typed as it is
+    (the search lower-cased the query only, and so never matched it), and a lower-case one however typed."""
+    processor = WebhookProcessor(store, WebhookVerifier([f.SECRET]))
+    for n, (clerk_id, email) in enumerate([("user_t", "Twin@Case.example"), ("user_l", "lower@case.example")]):
+        event = f.envelope("user.created", f.user(clerk_id, 10, email=email))
+        assert processor.process(*f.signed(event, f"msg_case_{n}")).status == "applied"
+    with store.connect() as conn:
+        def found(q: str) -> list[str]:
+            return [r["clerk_id"] for r in search_users(conn, q, None).rows]
+
+        assert found("Twin@Case.example") == ["user_t"]
+        assert found("Twin@") == ["user_t"]
+        assert found("lower@case.example") == found("LOWER@Case") == ["user_l"]
+        assert found("nobody@case.example") == []
+
+
 def test_mask_hides_personal_fields_at_any_depth() -> None:
     payload = {"type": "user.updated", "data": {
         "id": "user_1", "first_name": "Ada", "last_name": None, "image_url": "https://img/1",

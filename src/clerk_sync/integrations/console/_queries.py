@@ -254,7 +254,7 @@ def search_users(conn: Connection, q: str, before: int | None, limit: int = PAGE
     """Users by Clerk id (``user_...``), email or name prefix (case-insensitive); newest first."""
     u = users.c
     query = sa.select(u.id, u.clerk_id, u.email, u.first_name, u.last_name, u.role, u.banned, u.deleted_at,
-                      u.updated_at)
+                      u.locked, u.deprovisioned, u.updated_at)
     q = q.strip()
     if q:
         query = query.where(u.id.in_(_user_matches(q)))
@@ -266,8 +266,9 @@ def _user_matches(q: str) -> sa.CompoundSelect[Any] | sa.Select[Any]:
     low = q.lower()
     if q.startswith("user_"):
         return sa.select(u.id).where(_prefix(u.clerk_id, q))
-    if "@" in q:
-        return sa.select(u.id).where(_prefix(u.email, low))
+    if "@" in q:  # as typed, or lower-cased (Clerk keeps an address as it was entered): both on ix_users_email
+        exact = sa.select(u.id).where(_prefix(u.email, q))
+        return exact if q == low else sa.union(exact, sa.select(u.id).where(_prefix(u.email, low)))
     first, _, last = low.partition(" ")
     if last:
         return sa.select(u.id).where(_prefix(_Lower(u.first_name), first),
