@@ -184,7 +184,7 @@ def test_an_existing_install_moves_into_its_own_version_table_without_running_mi
         ran = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Running upgrade")]
         assert ran and ran[0].startswith(f"Running upgrade {at} -> "), ran  # from where it was, once
         assert _rows(engine, OURS) == [HEAD]
-        assert LEGACY not in _tables(engine)  # it held clerk-sync's row alone: gone with it
+        assert _rows(engine, LEGACY) == [at]  # kept for the old release's replicas (see below)
         assert _tables(engine) >= CLERK_TABLES and migrations.is_current(engine)
     finally:
         engine.dispose()
@@ -244,7 +244,97 @@ def test_concurrent_starts_adopt_once_and_serialize(empty_url: str) -> None:
         _as_a_release_before_the_fix(engine, "0013")
         ran = _migrate_at_once(empty_url, 3)
         assert ran[0].startswith("Running upgrade 0013 -> 0014")
-        assert _rows(engine, OURS) == [HEAD] and LEGACY not in _tables(engine)
+        assert _rows(engine, OURS) == [HEAD] and _rows(engine, LEGACY) == ["0013"]
+    finally:
+        engine.dispose()
+
+
+def _old_release_start_up_migration(tmp_path: Path, engine: sa.Engine, head: str) -> None:
+    """What a replica of clerk-sync 0.2.0 or earlier runs at start (its env.py, as at 7fac1f2): Alembic's
+    upgrade to its head with the revision in Alembic's default ``alembic_version``; our scripts, which are its
+    (0001 to its head did not change)."""
+    where = tmp_path / "old_release_migrations"
+    where.mkdir()
+    (where / "versions").symlink_to(Path(migrations.__file__).parent / "versions")
+    (where / "env.py").write_text(textwrap.dedent("""
+        from alembic import context
+        from clerk_sync.tables import metadata
+
+        with context.config.attributes["engine"].begin() as connection:
+            context.configure(connection=connection, target_metadata=metadata, render_as_batch=True)
+            context.run_migrations()
+    """))
+    cfg = Config()
+    cfg.set_main_option("script_location", str(where))
+    cfg.attributes["engine"] = engine
+    command.upgrade(cfg, head)
+
+
+def _old_release_revision(engine: sa.Engine) -> str | None:
+    """What a replica of clerk-sync 0.2.0 or earlier reads for /readyz (ready only at its head exactly)."""
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def test_the_old_releases_replicas_keep_their_revision_through_the_upgrade(
+        empty_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Fixed (rolling-upgrade walkthrough): the first `migrate` of this release moved the revision out of
+    ``alembic_version`` and dropped it: every replica of the release being upgraded from (0.2.0 and earlier) read
+    no revision the moment it committed (/readyz 503 on all of them at once: no backend until the new replicas
+    were up), and one restarted meanwhile ran 0001 again at start (``relation "users" already exists``, exit 2).
+    The row stays where they read it; this release reads its own table only, and a second `migrate` is a no-op."""
+    engine = create_engine(empty_url)
+    try:
+        _as_a_release_before_the_fix(engine, "0005")
+        assert _old_release_revision(engine) == "0005"
+        done = migrations.upgrade(engine)
+        assert done.start == "0005" and done.steps and done.steps[-1] == HEAD
+        assert _rows(engine, OURS) == [HEAD] and _rows(engine, LEGACY) == ["0005"]
+        assert _old_release_revision(engine) == "0005"  # the old replicas stay ready
+        with caplog.at_level(logging.INFO, logger="alembic.runtime.migration"):
+            _old_release_start_up_migration(tmp_path, engine, "0005")  # one restarted: nothing to run
+            again = migrations.upgrade(engine)  # this release's: adopts nothing, runs nothing
+        assert not [r for r in caplog.records if r.getMessage().startswith("Running upgrade")]
+        assert again == migrations.Upgraded(HEAD, ())
+        assert _rows(engine, OURS) == [HEAD] and _rows(engine, LEGACY) == ["0005"]
+        assert migrations.current_revision(engine) == HEAD and migrations.schema_state(engine) == ("current", HEAD)
+    finally:
+        engine.dispose()
+
+
+def test_doctor_says_how_to_remove_the_old_releases_row_and_stops_once_it_is_gone(empty_url: str) -> None:
+    from clerk_sync.cli.doctor import _database
+
+    engine = create_engine(empty_url)
+    settings = Settings.from_env({"DATABASE_URL": empty_url, "CLERK_WEBHOOK_SIGNING_SECRET": SECRET})
+    try:
+        _as_a_release_before_the_fix(engine, "0005")
+        migrations.upgrade(engine)
+        status, detail = _database(settings)
+        assert status == "warn", detail
+        assert detail.startswith(f"reachable, migrations current ({HEAD}); alembic_version still holds '0005'")
+        delete = "DELETE FROM alembic_version WHERE version_num = '0005'"
+        assert delete in detail and "DROP TABLE alembic_version" in detail and "no replica" in detail
+        with engine.begin() as conn:  # what it says, once no old replica runs
+            conn.exec_driver_sql(delete)
+            conn.exec_driver_sql("DROP TABLE alembic_version")
+        assert _database(settings) == ("ok", f"reachable, migrations current ({HEAD})")
+        assert migrations.upgrade(engine) == migrations.Upgraded(HEAD, ())
+    finally:
+        engine.dispose()
+
+
+def test_doctor_does_not_warn_about_an_apps_own_alembic_version(empty_url: str, tmp_path: Path) -> None:
+    engine = create_engine(empty_url)
+    settings = Settings.from_env({"DATABASE_URL": empty_url, "CLERK_WEBHOOK_SIGNING_SECRET": SECRET})
+    try:
+        migrations.upgrade(engine)
+        command.upgrade(_app_alembic(tmp_path, empty_url, "a1b2c3d4e5f6"), "head")
+        from clerk_sync.cli.doctor import _database
+
+        assert _database(settings) == ("ok", f"reachable, migrations current ({HEAD})")
     finally:
         engine.dispose()
 

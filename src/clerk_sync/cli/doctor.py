@@ -17,7 +17,7 @@ from clerk_sync._db_errors import sqlite_file_advice, store_error
 from clerk_sync.config import Settings
 from clerk_sync.errors import ClerkSyncError, ConfigError, database_message
 from clerk_sync.mapping import SchemaMapping, check_schema
-from clerk_sync.store import Store
+from clerk_sync.store import READ_ONLY_OPTION, Store
 
 __all__ = ["Check", "run_checks", "run_freshness"]
 
@@ -286,7 +286,9 @@ def _mib(n: int) -> str:
 
 def _schema(store: Store) -> tuple[str, str]:
     """The database's migrations against this release's (``doctor``'s database line, ``doctor --freshness``'s
-    first question): fail when behind (`clerk-sync migrate`), warn when newer. A read that fails raises."""
+    first question): fail when behind (`clerk-sync migrate`), warn when newer, and when current with the
+    revision of a release before clerk-sync's own version table still in ``alembic_version`` (left for that
+    release's replicas during the upgrade: how to remove it). A read that fails raises."""
     state, current = migrations.schema_state(store.engine)
     head = migrations.head_revision()
     if state == "newer":  # a rolling deploy under way, or rolled back: this release runs on it, `migrate` cannot
@@ -295,6 +297,10 @@ def _schema(store: Store) -> tuple[str, str]:
                         "and `clerk-sync migrate` of this release cannot go back")
     if state == "behind":
         return "fail", f"schema at {current or 'nothing'}, code expects {head}: run `clerk-sync migrate`"
+    with store.engine.connect().execution_options(**{READ_ONLY_OPTION: True}) as conn:
+        leftover = migrations.legacy_leftover(conn)  # (kept by `migrate` for the old release's replicas)
+    if leftover is not None:
+        return "warn", f"reachable, migrations current ({head}); {migrations.legacy_leftover_advice(leftover)}"
     return "ok", f"reachable, migrations current ({head})"
 
 

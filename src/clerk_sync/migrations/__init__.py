@@ -3,7 +3,8 @@
 clerk-sync keeps its revision in a version table of its own, :data:`VERSION_TABLE`, not Alembic's default
 ``alembic_version``: the app on the same ``DATABASE_URL`` (the README recommends it) may run Alembic or
 Flask-Migrate itself, and both would read and write one table, each finding the other's revision unknown.
-Databases migrated by a release before this one are adopted from ``alembic_version`` once (:func:`adopt`).
+Databases migrated by a release before this one are adopted from ``alembic_version`` once (:func:`adopt`), which
+keeps its row for the old release's replicas (a rolling upgrade) until the operator removes it.
 """
 
 from __future__ import annotations
@@ -417,24 +418,23 @@ def _refuse_unversioned_tables(conn: Connection) -> None:
 
 
 def adopt(conn: Connection) -> str | None:
-    """Move clerk-sync's revision from ``alembic_version`` into :data:`VERSION_TABLE`, once: when ours holds no
+    """Copy clerk-sync's revision from ``alembic_version`` into :data:`VERSION_TABLE`, once: when ours holds no
     revision and ``alembic_version`` holds exactly one of clerk-sync's beside its tables
     (:func:`legacy_revision`). Returns the revision adopted, or None. A database with no revision of
     clerk-sync's at all is checked for the app's tables holding its names first (:func:`_refuse_taken_names`).
 
-    env.py runs this under the migration lock, in the migration's transaction: concurrent starts adopt once.
-    What is safe to do to ``alembic_version``, which the app's Alembic may share:
+    env.py runs this under the migration lock, in the migration's transaction: concurrent starts adopt once
+    (the next finds :data:`VERSION_TABLE` holding a revision). ``alembic_version`` is left as it was, row and
+    all: the replicas of the release being upgraded from (0.2.0 and earlier) read their revision there. Their
+    ``/readyz`` wants it at their head and their start-up migration would start from 0001 without it (``relation "users"
+    already exists``), so removing it would take every old replica out of service the moment the upgrade
+    commits, and stop any of them (re)starting. Their schema is a part of the new one (0006 onwards only add
+    nullable or defaulted columns, tables and indexes), so they keep serving meanwhile. ``clerk-sync doctor``
+    warns while the row is there and says how to remove it once no replica of those releases runs
+    (:func:`legacy_leftover`); this release never reads it again once :data:`VERSION_TABLE` holds a revision.
 
-    - a table holding anything but that one row (another revision, several rows) is the app's and left
-      untouched: we adopt nothing and migrate from base into our own table;
-    - otherwise our row is deleted, and the table dropped, which is then empty. An empty ``alembic_version``
-      and none are the same to Alembic (its first upgrade creates it), so no app sees a difference; the only
-      rows ever removed are the one we just moved. An ``alembic_version`` that was already empty is not
-      touched either (it is not adoptable).
-
-    On MySQL/MariaDB the ``CREATE TABLE`` commits on its own; the insert and the delete commit together (the
-    ``DROP TABLE``'s implicit commit, or the migration's). Stopped in between, our table is there but empty,
-    ``alembic_version`` intact: the next run adopts again."""
+    On MySQL/MariaDB the ``CREATE TABLE`` commits on its own, the row with it or with the migration. Stopped in
+    between, our table is there but empty, ``alembic_version`` intact: the next run adopts again."""
     ours = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
     if ours.get_current_heads():
         return None
@@ -444,8 +444,27 @@ def adopt(conn: Connection) -> str | None:
         _refuse_taken_names(conn)  # (a database without clerk-sync's inbox: its first migration is next)
         return None
     ours.stamp(_script(), revision)  # creates the table (MigrationContext._ensure_version_table) with the row
-    legacy = sa.table(LEGACY_VERSION_TABLE, sa.column("version_num", sa.String(32)))
-    conn.execute(legacy.delete().where(legacy.c.version_num == revision))
-    if conn.execute(sa.select(sa.func.count()).select_from(legacy)).scalar() == 0:
-        conn.execute(sa.text(f"DROP TABLE {conn.dialect.identifier_preparer.quote(LEGACY_VERSION_TABLE)}"))
     return revision
+
+
+def legacy_leftover(conn: Connection) -> str | None:
+    """The revision a release before :data:`VERSION_TABLE` (0.2.0 and earlier) kept in ``alembic_version``, still
+    there once :data:`VERSION_TABLE` holds one: :func:`adopt` leaves it for that release's replicas during a rolling
+    upgrade. None when there is none (or our table holds no revision yet: it is adopted at the next migrate).
+    Read by :func:`legacy_revision`'s rules, so an app's own Alembic at a revision named like one of ours
+    ('0005') beside clerk-sync's tables is taken for it too: the advice that goes with it says so."""
+    if not MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE}).get_current_heads():
+        return None
+    return legacy_revision(conn)
+
+
+def legacy_leftover_advice(revision: str) -> str:
+    """What to do about :func:`legacy_leftover`'s row (``doctor``'s warning, the RUNBOOK's Upgrading section)."""
+    table = LEGACY_VERSION_TABLE
+    # (the SQL below is advice printed for the operator, never run)
+    return (f"{table} still holds {revision!r}, where clerk-sync 0.2.0 and earlier read their revision: "  # noqa: S608
+            "`clerk-sync migrate` left it so that their replicas stay ready and can restart during a rolling "
+            "upgrade. Once no replica of such a release runs (and you will not roll back to one), remove it: "
+            f"DELETE FROM {table} WHERE version_num = '{revision}'; and, if that leaves it empty, DROP TABLE "
+            f"{table} (unless your app's own Alembic is at revision {revision!r} in that table: then the row is "
+            "the app's, keep it)")
