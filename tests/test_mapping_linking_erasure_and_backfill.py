@@ -102,21 +102,24 @@ def test_erasure_clears_not_null_personal_columns_to_empty_not_null(db_url: str)
 
 
 def test_a_membership_whose_apps_parent_row_was_refused_for_good_is_applied_not_retried_forever(db_url: str) -> None:
-    """The app's users table refused the user's row for good (a CHECK): its memberships table's foreign key
+    """The app's users table refused the user's row for good (a CHECK on an admin's value): its memberships
+    table's foreign key
     then refused the membership, taken for "a parent not there yet", 503 forever, the role never written.
     With the contract parents there, it is the membership row's refusal and the role applies."""
     meta = sa.MetaData()
     people = sa.Table("fkc_people", meta, sa.Column("id", sa.Integer, primary_key=True),
-                      sa.Column("clerk_user_id", sa.String(64), unique=True), sa.Column("first", sa.String(64)),
-                      sa.CheckConstraint("first <> 'Bad'", name="ck_fkc_people_first"))
+                      sa.Column("clerk_user_id", sa.String(64), unique=True), sa.Column("tier", sa.String(64)),
+                      sa.CheckConstraint("tier <> 'Bad'", name="ck_fkc_people_tier"))
     seats = sa.Table("fkc_seats", meta, sa.Column("id", sa.Integer, primary_key=True),
                      sa.Column("clerk_id", sa.String(64), unique=True),
                      sa.Column("member", sa.String(64), sa.ForeignKey("fkc_people.clerk_user_id")))
-    mapping = SchemaMapping(users=MappedTable("fkc_people", "clerk_user_id", {"first": "first_name"}),
+    mapping = SchemaMapping(users=MappedTable("fkc_people", "clerk_user_id", {"tier": "public_metadata.tier"}),
                             memberships=MappedTable("fkc_seats", "clerk_id", {"member": "user_clerk_id"}))
     store, engine = _with_app_table(db_url, meta, mapping)
     membership = f.membership("orgmem_c", "org_c", "user_c", B + 1000, role="org:admin")
-    assert deliver(store, f.envelope("user.created", f.user("user_c", B + 1000, first_name="Bad")),
+    user = f.user("user_c", B + 1000)
+    user["public_metadata"] = {"tier": "Bad"}  # (an admin's value: no column of the user's to leave out)
+    assert deliver(store, f.envelope("user.created", user),
                    f.envelope("organization.created", f.organization("org_c", B + 1000)),
                    f.envelope("organizationMembership.created", membership)) == ["applied"] * 3
     assert _scalar(store, "SELECT role FROM organization_memberships WHERE clerk_id = 'orgmem_c'") == "org:admin"
@@ -226,8 +229,9 @@ def test_link_by_external_id_matches_a_uuid_id_column(db_url: str) -> None:
 
 
 def test_backfill_writes_what_it_can_and_keeps_the_first_deletion_time(db_url: str) -> None:
-    """One row the app's table refused rolled the whole backfill back; each row is its own now (counted as
-    refused). A soft-deleted row's deleted_at was rewritten by every run; it keeps the first now."""
+    """One row the app's table refused rolled the whole backfill back; each row is its own now (a value of the
+    user's the table refuses: written without the user's columns, counted as kept back). A soft-deleted row's
+    deleted_at was rewritten by every run; it keeps the first now."""
     names = sa.Table("bf_names", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
                      sa.Column("clerk_user_id", sa.String(64), unique=True), sa.Column("first", sa.String(64)),
                      sa.Column("deleted_at", sa.DateTime(timezone=True)),
@@ -245,11 +249,12 @@ def test_backfill_writes_what_it_can_and_keeps_the_first_deletion_time(db_url: s
     first = datetime(2030, 1, 1, tzinfo=UTC)
     for n in range(2):
         at = first + timedelta(days=n)
-        assert mapping.backfill(Store(store.engine, now=lambda at=at: at)) == {"users": 2, "refused": 1}
+        assert mapping.backfill(Store(store.engine, now=lambda at=at: at)) == {"users": 3, "kept_back": 1}
     with engine.connect() as conn:
         rows = {r[0]: (r[1], r[2]) for r in conn.execute(sa.select(names.c.clerk_user_id, names.c.first,
                                                                    names.c.deleted_at))}
-    assert set(rows) == {"user_b2", "user_b3"} and rows["user_b2"] == ("Ada", None)
+    assert set(rows) == {"user_b1", "user_b2", "user_b3"} and rows["user_b2"] == ("Ada", None)
+    assert rows["user_b1"] == (None, None)  # the name the CHECK refused left out
     assert rows["user_b3"][1] is not None and rows["user_b3"][1].replace(tzinfo=UTC).day == 1
     store.dispose()
     engine.dispose()
@@ -280,7 +285,8 @@ def test_a_boolean_written_as_text_is_refused_batched_and_alone_alike(db_url: st
     assert all("the app's table refused" in (o.error or "") for o in outcomes), outcomes
     assert _scalar(store, "SELECT count(*) FROM users WHERE banned") == 3
     with engine.connect() as conn:
-        assert conn.execute(sa.select(sa.func.count()).select_from(flags)).scalar_one() == 0
+        # written again without the user's own column (the flag): NULL there, the same batched and alone
+        assert conn.execute(sa.select(flags.c.flag)).all() == [(None,)] * 3
     store.dispose()
     engine.dispose()
 

@@ -78,6 +78,16 @@ _CONTRACT = {Entity.USER: users, Entity.ORGANIZATION: organizations, Entity.MEMB
 _RECORDS: dict[Entity, type[Any]] = {Entity.USER: UserRecord, Entity.ORGANIZATION: OrganizationRecord,
                                      Entity.MEMBERSHIP: MembershipRecord}
 PERSONAL = frozenset({"email", "email_addresses", "first_name", "last_name", "full_name", "username", "image_url"})
+# What the user (an organization's admins, for an organization) can write in Clerk themselves, from its
+# components or Frontend API: any text of their choosing (an e-mail too, any address they can verify), so any
+# length. A row the app's table refuses is written again without the columns filled from these (and without a
+# ``compute``, which may read them), so the admin's columns (role, ban, a plan) still land: see
+# :meth:`SchemaMapping.user_writable`. ``unsafe_metadata`` and every path under it are the user's too.
+USER_WRITABLE: dict[Entity, frozenset[str]] = {
+    Entity.USER: PERSONAL | {"unsafe_metadata"},
+    Entity.ORGANIZATION: frozenset({"name", "slug", "image_url"}),
+    Entity.MEMBERSHIP: frozenset(),
+}
 _INT_TEXT = re.compile(r"[+-]?[0-9]{1,19}")  # (ASCII digits: "²" and "٣" are digits to str.isdigit)
 _BIGINT = range(-(2**63), 2**63)
 _TRUE_TEXT = frozenset({"true", "1", "yes", "on"})
@@ -162,6 +172,17 @@ class LinkUnverified(StoreDataError):
     code = "link_unverified"
 
 
+class ValueTooLong(StoreDataError):
+    """A mapped text longer than its column's declared length (``column``: which), refused before the
+    database is asked, so that every store refuses it alike and the refusal names the column."""
+
+    code = "value_too_long"
+
+    def __init__(self, message: str, column: str) -> None:
+        super().__init__(message)
+        self.column = column
+
+
 class AppTableRolledBack(StoreDataError):
     """Writing the app's mapped row rolled back the whole transaction, not just the row (on SQLite, a trigger's
     ``RAISE(ROLLBACK)``): nothing of the unit of work holds, so it is written again without the app's tables
@@ -238,6 +259,13 @@ class Column:
     @property
     def is_personal(self) -> bool:
         return self.source in PERSONAL if self.personal is None else self.personal
+
+    def user_writable(self, entity: Entity) -> bool:
+        """Whether the user can choose this column's value in Clerk (:data:`USER_WRITABLE`); a ``compute``
+        counts as such (it may read those fields, and it may raise)."""
+        if self.source is None:
+            return True
+        return self.source in USER_WRITABLE[entity] or self.source.partition(".")[0] in USER_WRITABLE[entity]
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,14 +395,25 @@ class SchemaMapping:
                              unique=True)
         return table
 
-    def project(self, conn: Connection, now: datetime, change: Change) -> None:
-        """Write ``change`` into the mapped table, inside the caller's transaction."""
+    def user_writable(self, entity: Entity) -> list[str]:
+        """The mapped columns of ``entity``'s table whose value the user chooses in Clerk (see
+        :meth:`Column.user_writable`): what :meth:`project` leaves out (``leave_out``) when the app's table
+        refused the whole row, so that the columns the user cannot write (role, ban, a plan) still land."""
+        mapped = self.tables.get(entity)
+        if mapped is None:
+            return []
+        return [name for name, col in mapped.resolved().items() if col.user_writable(entity)]
+
+    def project(self, conn: Connection, now: datetime, change: Change, *,
+                leave_out: Sequence[str] = ()) -> None:
+        """Write ``change`` into the mapped table, inside the caller's transaction. ``leave_out``: mapped
+        columns not to write (an existing row keeps their values; a new one gets the table's default)."""
         mapped = self.tables.get(change.entity)
         if mapped is None:
             return
         projection = self._projection(conn, change.entity, mapped)
         try:
-            projection.apply(conn, now, change)
+            projection.apply(conn, now, change, frozenset(leave_out))
         except sa.exc.IntegrityError as exc:
             first_line = database_message(exc.orig or exc)  # never the values (MySQL quotes them)
             refused = f"{mapped.table} refused {change.type} for {change.clerk_id}: {first_line}"
@@ -568,21 +607,36 @@ class SchemaMapping:
         except Exception as exc:
             _still_in_transaction(conn, exc)
         else:
-            for change, refusal in unlinked:
-                self._backfill_refused(entity, change, str(refusal), counts)
+            for change, unverified in unlinked:
+                self._backfill_refused(entity, change, str(unverified), counts)
             if len(changes) > len(unlinked):
                 counts[entity.value] = counts.get(entity.value, 0) + len(changes) - len(unlinked)
             return
         for change in changes:
-            try:
-                with conn.begin_nested():
-                    self.project(conn, now, change)
-            except Exception as exc:  # any refusal is the row's (a compute's message may quote values)
-                _still_in_transaction(conn, exc)
-                self._backfill_refused(entity, change, str(exc) if isinstance(exc, StoreError) else type(exc).__name__,
-                                       counts)
+            refusal = self._backfill_row(conn, now, change)
+            if refusal is not None and not isinstance(refusal, LinkUnverified | LinkAmbiguous) \
+                    and change.kind != "deleted" and (leave_out := self.user_writable(entity)) \
+                    and self._backfill_row(conn, now, change, leave_out) is None:
+                # written without the user's own columns (see Outbox.project): the admin's land
+                log.warning("backfill_row_kept_back", table=self.tables[entity].table, clerk_id=change.clerk_id,
+                            reason=_reason(refusal), kept_back=leave_out)
+                counts["kept_back"] = counts.get("kept_back", 0) + 1
+                refusal = None
+            if refusal is not None:
+                self._backfill_refused(entity, change, _reason(refusal), counts)
                 continue
             counts[entity.value] = counts.get(entity.value, 0) + 1
+
+    def _backfill_row(self, conn: Connection, now: datetime, change: Change,
+                      leave_out: Sequence[str] = ()) -> Exception | None:
+        """One backfilled row under a savepoint: None when written, else why the app's table refused it."""
+        try:
+            with conn.begin_nested():
+                self.project(conn, now, change, leave_out=leave_out)
+        except Exception as exc:  # any refusal is the row's
+            _still_in_transaction(conn, exc)
+            return exc
+        return None
 
     def _backfill_refused(self, entity: Entity, change: Change, reason: str, counts: dict[str, int]) -> None:
         log.warning("backfill_row_refused", table=self.tables[entity].table, clerk_id=change.clerk_id, reason=reason)
@@ -641,6 +695,10 @@ class _Projection:
         self.coalesced: JSON = {n: v for n, v in self.fixed.items() if v is not None}
         # Columns written only into a row inserted here: never SET on a row already there (linked, updated)
         self.insert_only = frozenset(n for n, c in self.columns.items() if c.insert_only)
+        # A string column's declared length, checked on every store (see fits)
+        self.bounded = {n: length for n in self.columns
+                        if isinstance(type_ := table.c[n].type, sa.String) and not isinstance(type_, sa.Enum)
+                        and (length := type_.length)}
         names = [*self.columns, *self.fixed]
         binds = {n: sa.bindparam(n, type_=table.c[n].type) for n in names}
         row = binds | {self.key.name: sa.bindparam("_clerk_id")}
@@ -677,9 +735,22 @@ class _Projection:
                 self.sqlite_upsert = f"{head}VALUES ({', '.join(['?'] * (len(names) + 1))}) {tail}"
                 self.sqlite_binds = processors([table.c[n].type for n in names], sqlite.dialect())
 
+    def values(self, record: JSON, leave_out: frozenset[str] = frozenset()) -> JSON:
+        """The mapped columns' values of a created/updated ``record`` (but those in ``leave_out``)."""
+        return {name: col.value(record) for name, col in self.columns.items() if name not in leave_out}
+
+    def fits(self, values: JSON) -> None:
+        """A text longer than its column's declared length (``VARCHAR(32)``) refused as the row's, naming the
+        column, on every store: PostgreSQL and MariaDB refuse it without naming it, SQLite would store it."""
+        for name, length in self.bounded.items():
+            value = values.get(name)
+            if isinstance(value, str) and len(value) > length:
+                raise ValueTooLong(f"{self.m.table}.{name} takes at most {length} characters: the value for it "
+                                   f"has {len(value)}", name)
+
     def row(self, values: JSON) -> list[Any]:
         """The mapped columns' values of a created/updated record's ``values`` (then the policy's fixed ones)."""
-        return [*(col.value(values) for col in self.columns.values()), *self.fixed.values()]
+        return [*self.values(values).values(), *self.fixed.values()]
 
     def cte(self, clerk_id: str, values: JSON) -> tuple[str, list[Any]]:
         """:meth:`SchemaMapping.cte` (only built for PostgreSQL, psycopg: see :func:`_cte_sql`)."""
@@ -693,12 +764,16 @@ class _Projection:
                 raise TypeError(f"str for a boolean column of {self.m.table}")
         return self.cte_sql, [*(Jsonb(v) if i in self.json_at else v for i, v in enumerate(row)), clerk_id]
 
-    def apply(self, conn: Connection, now: datetime, change: Change) -> None:
+    def apply(self, conn: Connection, now: datetime, change: Change, leave_out: frozenset[str] = frozenset()) -> None:
         self.conn, self.now = conn, now
         if change.kind == "deleted":
             self._delete(change.clerk_id)
             return
-        values = {name: col.value(change.values) for name, col in self.columns.items()}
+        values = self.values(change.values, leave_out)
+        self.fits(values)
+        if leave_out:
+            self._apply_without(change, values)
+            return
         new = values | self.fixed  # a row inserted: the policy's live value too
         if self.sqlite_upsert is not None and direct_sqlite(conn.dialect):
             row = [v if f is None else f(v) for f, v in zip(self.sqlite_binds, new.values(), strict=True)]
@@ -718,6 +793,18 @@ class _Projection:
         updated = conn.execute(self.update, kept | self.coalesced | {"_clerk_id": change.clerk_id}).rowcount
         if updated == 0 and not self._link(change, kept):
             conn.execute(self.insert, params)
+
+    def _apply_without(self, change: Change, values: JSON) -> None:
+        """:meth:`apply` writing only ``values`` (some mapped columns left out): statements built for the call
+        (a rare path, the retry of a refused row). An existing row keeps the left-out columns; a new one
+        gets the table's defaults there (a NOT NULL column without one refuses it)."""
+        kept = {n: v for n, v in values.items() if n not in self.insert_only}
+        sets: dict[str, Any] = kept | {n: sa.func.coalesce(self.t.c[n], v) for n, v in self.coalesced.items()}
+        where = self.key == change.clerk_id
+        updated = self.conn.execute(sa.update(self.t).where(where).values(
+            sets or {self.key.name: change.clerk_id})).rowcount
+        if updated == 0 and not self._link(change, kept):
+            self.conn.execute(sa.insert(self.t).values({**values, **self.fixed, self.key.name: change.clerk_id}))
 
     def _link(self, change: Change, values: JSON) -> bool:
         """Adopt the one existing row without a Clerk id whose external id, else e-mail, is this user's."""
@@ -902,6 +989,11 @@ def _link_facts(row: Any, facts: Mapping[str, Mapping[str, Any]]) -> JSON:
     same = row.get("email") == known.get("email")
     carried["email_verified"] = known.get("email_verified") is True if same else None
     return carried
+
+
+def _reason(exc: Exception) -> str:
+    """A refusal as logged: a StoreError's message, else only its type (a compute's message may quote values)."""
+    return str(exc) if isinstance(exc, StoreError) else type(exc).__name__
 
 
 def _still_in_transaction(conn: Connection, exc: Exception) -> None:

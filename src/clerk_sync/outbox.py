@@ -45,6 +45,7 @@ from clerk_sync.mapping import (
     LinkAmbiguous,
     LinkUnverified,
     SchemaMapping,
+    ValueTooLong,
     check_at_once,
     direct_sqlite,
     folded_like,
@@ -66,6 +67,8 @@ REFUSAL_NOTE = "the app's table refused the change"
 
 JSON = dict[str, Any]
 HookSpec = tuple[str, tuple[str, ...], tuple[str, ...]]  # a hook's name, the kinds and fields it wants
+# The refusals written again without the user's own columns (Outbox.project): a value, not a link or a parent
+_KEPT_BACK_KINDS = frozenset({"constraint", "database", "value"})
 _TABLES: dict[Entity, sa.Table] = {
     Entity.USER: users,
     Entity.ORGANIZATION: organizations,
@@ -140,54 +143,82 @@ class Outbox:
         """The change into the app's mapped table, under a savepoint: what the app's table refuses for good
         (its own constraint, a value its column type cannot take, an ambiguous link) is its row's alone.
         The contract rows, the inbox and the hook jobs still commit, so a role, a ban or a deletion is
-        never held back by an app column the user can fill (``unsafe_metadata``); the refusal is logged and
-        kept in ``refused`` (the delivery's ``last_error``). A transient failure still fails the whole, as
-        does a refusal that rolled back the whole transaction (:class:`AppTableRolledBack`: the caller
-        writes the unit of work again with ``unmapped``)."""
+        never held back by the app's table; the refusal is logged and kept in ``refused`` (the delivery's
+        ``last_error``). A transient failure still fails the whole, as does a refusal that rolled back the
+        whole transaction (:class:`AppTableRolledBack`: the caller writes the unit of work again with
+        ``unmapped``).
+
+        A created or updated row refused for a value (too long for its column, a constraint, a type) is
+        written again, in a fresh savepoint, without the columns the user chooses in Clerk
+        (:meth:`SchemaMapping.user_writable`: names, username, image, e-mail, ``unsafe_metadata``, computed
+        ones): a value the user wrote never holds back the role, ban or plan columns of their row. Those
+        columns keep their earlier values (a new row: the table's defaults), and ``refused`` says which were
+        kept back and why. Refused again (the admin's own value, a NOT NULL column left empty): the whole row
+        is refused, as before."""
         assert self.mapping is not None
         if change.entity not in self.mapping.tables:
             return  # not mapped: nothing of the app's to write or to refuse (memberships under a users-only mapping)
+        kept_back: list[str] = []
         if self.unmapped is not None:
             reason, kind = self.unmapped, "rolled_back"
         else:
             if not self.checked_at_once:  # every mapped transaction (reconcile, admin writes), not only Store.run's
                 check_at_once(self.conn)
                 self.checked_at_once = True
-            try:
-                with _savepoint(self.conn):
-                    self.mapping.project(self.conn, self.now, change)
-            except AppTableRolledBack:
-                raise
-            except StoreDataError as exc:
-                reason, kind = str(exc), "link" if isinstance(exc, LinkAmbiguous | LinkUnverified) else "constraint"
-            except ParentNotThere as exc:  # (asked once the savepoint is rolled back: PostgreSQL reads nothing before)
-                if not self.mapping.parents_arrived(self.conn, change):
-                    raise  # a parent row not there yet: the unit of work is retried
-                kind = "parent"
-                reason = f"{exc.refused}; the rows it refers to have arrived: the app's table refused theirs"
-            except StoreError:
-                raise  # transient: the unit of work is retried
-            except sa.exc.SQLAlchemyError as exc:
-                if passing_cause(exc) is not None:
-                    raise  # the connection, a bounded wait, a deadlock, the server: the unit of work is retried
-                # anything else the database said is about this row (an app trigger's RAISE EXCEPTION or
-                # SIGNAL, which no error class marks as the data's): the same row would be refused again
-                reason, kind = str(store_error(exc)), "database"
-            except Exception as exc:  # SQLAlchemy's processors on SQLite's direct path, a compute that raised
-                # (a KeyError on a metadata key the user removed must not hold back their ban); its message may
-                # quote the value: only its type is kept
-                reason, kind = (f"{type(exc).__name__}: a value the column's type cannot take, or the mapping's "
-                                "compute raised it"), "value"
-            else:
+            refusal = self._attempt(change)
+            if refusal is None:
                 return
+            reason, kind = refusal
+            if kind in _KEPT_BACK_KINDS and change.kind != "deleted":
+                leave_out = self.mapping.user_writable(change.entity)
+                if leave_out and self._attempt(change, leave_out) is None:
+                    kept_back = leave_out
         table = self.mapping.tables[change.entity].table
-        self.refused.append(
-            f"{REFUSAL_NOTE} ({reason}); it is applied to clerk-sync's tables (role, ban "
-            "and deletion hold): fix it, then `clerk-sync migrate --mapping ... --backfill` writes the row (one "
-            "to link: set its Clerk-id column yourself, or the user's next event links it)")
+        if kept_back:
+            advice = (f"it is applied to clerk-sync's tables, and written to {table} without the columns the user "
+                      f"can set in Clerk ({', '.join(kept_back)}), which keep their earlier values (role, ban and "
+                      "the other columns hold): the user's next change, or a wider column then `clerk-sync migrate "
+                      "--mapping ... --backfill`, writes them")
+        else:
+            advice = ("it is applied to clerk-sync's tables (role, ban and deletion hold): fix it, then `clerk-sync "
+                      "migrate --mapping ... --backfill` writes the row (one to link: set its Clerk-id column "
+                      "yourself, or the user's next event links it)")
+        self.refused.append(f"{REFUSAL_NOTE} ({reason}); {advice}")
         log.warning("mapped_row_refused", table=table, event_type=change.type, clerk_id=change.clerk_id,
-                    reason=reason)
+                    reason=reason, kept_back=kept_back or None)
         self._count_refusal(table, change.entity.value, kind)
+
+    def _attempt(self, change: Change, leave_out: Sequence[str] = ()) -> tuple[str, str] | None:
+        """Project ``change`` (without the columns ``leave_out``) under a savepoint: None when written, else
+        (why the app's table refused it, the kind of refusal). What is not the row's is raised."""
+        assert self.mapping is not None
+        try:
+            with _savepoint(self.conn):
+                self.mapping.project(self.conn, self.now, change, leave_out=leave_out)
+        except AppTableRolledBack:
+            raise
+        except StoreDataError as exc:
+            kind = ("link" if isinstance(exc, LinkAmbiguous | LinkUnverified)
+                    else "value" if isinstance(exc, ValueTooLong) else "constraint")
+            return str(exc), kind
+        except ParentNotThere as exc:  # (asked once the savepoint is rolled back: PostgreSQL reads nothing before)
+            if not self.mapping.parents_arrived(self.conn, change):
+                raise  # a parent row not there yet: the unit of work is retried
+            return f"{exc.refused}; the rows it refers to have arrived: the app's table refused theirs", "parent"
+        except StoreError:
+            raise  # transient: the unit of work is retried
+        except sa.exc.SQLAlchemyError as exc:
+            if passing_cause(exc) is not None:
+                raise  # the connection, a bounded wait, a deadlock, the server: the unit of work is retried
+            # anything else the database said is about this row (an app trigger's RAISE EXCEPTION or
+            # SIGNAL, which no error class marks as the data's): the same row would be refused again
+            return str(store_error(exc)), "database"
+        except Exception as exc:  # SQLAlchemy's processors on SQLite's direct path, a compute that raised
+            # (a KeyError on a metadata key the user removed must not hold back their ban); its message may
+            # quote the value: only its type is kept
+            return (f"{type(exc).__name__}: a value the column's type cannot take, or the mapping's compute "
+                    "raised it"), "value"
+        return None
 
     def _count_refusal(self, table: str, entity: str, kind: str) -> None:
         """``clerk_sync_mapped_rows_refused_total``, once this transaction has committed (:meth:`committed`): a
