@@ -12,11 +12,13 @@ from __future__ import annotations
 import functools
 import re
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import sqlalchemy as sa
+import structlog
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
@@ -40,6 +42,7 @@ LEGACY_VERSION_TABLE = "alembic_version"
 # Tables clerk-sync's first migration creates: a revision of ours in ``alembic_version`` is adopted only
 # beside them (an app's own Alembic may use ids such as '0005' too).
 _FIRST_TABLES = ("users", "organizations", "organization_memberships", "webhook_events")
+_log = structlog.get_logger("clerk_sync.migrations")
 _PROGRESS = "clerk_sync_progress"  # Config.attributes key: what env.py reports of the run (see upgrade)
 
 # Alembic's ``context`` (env.py's) is one per process: two threads migrating at once break each other
@@ -83,6 +86,13 @@ def _config(engine: Engine | None = None) -> Config:
     return cfg
 
 
+#: PostgreSQL: the waits before `upgrade` runs the whole upgrade again after it lost a deadlock to live traffic
+#: (a delivery writes ``webhook_events`` then ``users``; the upgrade locks ``users`` in 0006, then needs
+#: ``webhook_events``). The upgrade is one transaction, so nothing was applied; after the last, the error says so.
+DEADLOCK_BACKOFF_S = (0.5, 1.0, 2.0)
+_sleep = time.sleep  # (a test waits for its own traffic to finish instead)
+
+
 def upgrade(engine: Engine, revision: str = "head") -> Upgraded:
     """Apply migrations up to ``revision`` (idempotent) and say which were applied, from which revision (read
     under the migration lock). A database at a revision this release does not know (a newer clerk-sync
@@ -90,28 +100,46 @@ def upgrade(engine: Engine, revision: str = "head") -> Upgraded:
 
     A failed step is a :class:`MigrationError` naming it (``migration 0007 failed: <cause>; <what to do>``),
     as is any other refusal of Alembic's; a database that cannot be reached (before any step ran) stays the
-    driver's ``SQLAlchemyError``, which every command already reports with "check DATABASE_URL"."""
-    cfg = _config(engine)
-    try:
-        with _RUN_LOCK:
-            command.upgrade(cfg, revision)
-    except CommandError as exc:
-        at = _newer_revision(engine)
-        if at is not None:
-            raise ConfigError(
-                f"the database is at migration {at!r}, which this clerk-sync does not know (its newest is "
-                f"{head_revision()!r}): a newer clerk-sync migrated it. Run that release (or newer), or restore the "
-                "database to a migration this one knows; `serve --no-migrate` starts without migrating") from None
-        raise MigrationError(f"could not migrate: {_first_line(exc)}; `clerk-sync doctor` shows the schema's "
-                             "state, run `clerk-sync migrate` again once it is fixed") from exc
-    except sa.exc.SQLAlchemyError as exc:
-        progress: dict[str, Any] = cfg.attributes.get(_PROGRESS, {})
-        if "start" not in progress:  # no step ran: the database did not answer, or its lock did not come
-            raise
-        failed = _next_step(progress["start"], progress["applied"])
-        raise MigrationError(_step_failure(failed, exc, engine.dialect.name), failed) from exc
-    progress = cfg.attributes.get(_PROGRESS, {})
-    return Upgraded(progress.get("start"), tuple(progress.get("applied", ())))
+    driver's ``SQLAlchemyError``, which every command already reports with "check DATABASE_URL". On PostgreSQL
+    an upgrade that lost a deadlock to live traffic is run again, whole, after each of :data:`DEADLOCK_BACKOFF_S`
+    (nothing of it was applied)."""
+    for attempt, wait in enumerate((*DEADLOCK_BACKOFF_S, None), start=1):
+        cfg = _config(engine)
+        try:
+            with _RUN_LOCK:
+                command.upgrade(cfg, revision)
+        except CommandError as exc:
+            at = _newer_revision(engine)
+            if at is not None:
+                raise ConfigError(
+                    f"the database is at migration {at!r}, which this clerk-sync does not know (its newest is "
+                    f"{head_revision()!r}): a newer clerk-sync migrated it. Run that release (or newer), or restore "
+                    "the database to a migration this one knows; `serve --no-migrate` starts without migrating"
+                ) from None
+            raise MigrationError(f"could not migrate: {_first_line(exc)}; `clerk-sync doctor` shows the schema's "
+                                 "state, run `clerk-sync migrate` again once it is fixed") from exc
+        except sa.exc.SQLAlchemyError as exc:
+            progress: dict[str, Any] = cfg.attributes.get(_PROGRESS, {})
+            if "start" not in progress:  # no step ran: the database did not answer, or its lock did not come
+                raise
+            failed = _next_step(progress["start"], progress["applied"])
+            if _is_deadlock(exc) and engine.dialect.name == "postgresql" and wait is not None:
+                _log.warning("migration_deadlock", migration=failed, attempt=attempt, retry_in_s=wait,
+                             detail="lost a deadlock with live traffic; nothing was applied, the upgrade runs again")
+                _sleep(wait)
+                continue
+            raise MigrationError(_step_failure(failed, exc, engine.dialect.name, attempts=attempt), failed) from exc
+        progress = cfg.attributes.get(_PROGRESS, {})
+        return Upgraded(progress.get("start"), tuple(progress.get("applied", ())))
+    raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
+
+
+def _is_deadlock(exc: sa.exc.SQLAlchemyError) -> bool:
+    """PostgreSQL's 40P01, MySQL/MariaDB's 1213: the server broke a deadlock by rolling this transaction back."""
+    orig = getattr(exc, "orig", None)
+    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    args: tuple[Any, ...] = tuple(getattr(orig, "args", ()))
+    return state == "40P01" or (len(args) > 0 and args[0] == 1213)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -127,7 +155,7 @@ def _next_step(start: str | None, applied: list[str]) -> str | None:
     return None
 
 
-def _step_failure(revision: str | None, exc: sa.exc.SQLAlchemyError, dialect: str) -> str:
+def _step_failure(revision: str | None, exc: sa.exc.SQLAlchemyError, dialect: str, attempts: int = 1) -> str:
     from clerk_sync._db_errors import store_error
 
     # store_error names the cause without SQL or values, and a lock wait that ran out in plain words; its
@@ -141,7 +169,11 @@ def _step_failure(revision: str | None, exc: sa.exc.SQLAlchemyError, dialect: st
                 "`clerk-sync migrate` continues from there")
     else:
         kept = "nothing was applied (the upgrade is one transaction)"
-    if cause.startswith("database timeout"):
+    if _is_deadlock(exc):
+        tried = f" ({attempts} attempts)" if attempts > 1 else ""
+        todo = (f"it deadlocked with live traffic{tried} (deliveries lock the inbox and users in the opposite "
+                "order), not a fault of the schema: run `clerk-sync migrate` again")
+    elif cause.startswith("database timeout"):
         todo = "another connection held a lock it needs (traffic on a large table?): run `clerk-sync migrate` again"
     else:
         todo = "fix the cause, then run `clerk-sync migrate` again"
