@@ -17,9 +17,13 @@ from clerk_sync.auth.admin import AdminActions
 from clerk_sync.auth.audit import AuditEntry, record_audit
 from clerk_sync.config import Settings
 from clerk_sync.errors import ConfigError
+from clerk_sync.ingest import WebhookProcessor
 from clerk_sync.integrations.console import _pages, create_console
+from clerk_sync.integrations.console._queries import MEMBERS_SHOWN
 from clerk_sync.store import Store
 from clerk_sync.tables import users, webhook_events
+from clerk_sync.webhooks import WebhookVerifier
+from tests import factories as f
 from tests.console.conftest import OPERATOR_TOKEN, ConsoleStack, make_stack, operator_client
 
 HTML = {"Accept": "text/html"}
@@ -91,6 +95,21 @@ def test_a_locked_or_deprovisioned_user_is_not_shown_as_active(stack: ConsoleSta
     shown, listing = state()
     assert shown.startswith("deprovisioned"), shown
     assert '<span class="bad">deprovisioned</span>' in listing
+
+
+def test_a_large_organization_s_page_says_how_many_members_it_leaves_out(stack: ConsoleStack) -> None:
+    processor = WebhookProcessor(stack.store, WebhookVerifier([f.SECRET]))
+    events = [f.envelope("organization.created", f.organization("org_large", 10, name="Large"))]
+    events += [f.envelope("organizationMembership.created", f.membership(
+        f"orgmem_l{n:03}", "org_large", f"user_l{n:03}", 10, role="org:admin" if n == 250 else "org:member"))
+        for n in range(MEMBERS_SHOWN + 60)]
+    for n, event in enumerate(events):
+        assert processor.process(*f.signed(event, f"msg_large_{n}")).status == "applied"
+    with operator_client(stack) as client:
+        page = client.get("/organizations/org_large", headers=HTML).text
+    assert f"Members ({MEMBERS_SHOWN + 60})" in page
+    assert f"The first {MEMBERS_SHOWN} of {MEMBERS_SHOWN + 60}, admins first" in page
+    assert page.count("<td>org:") == MEMBERS_SHOWN and "user_l250" in page  # the one admin, joined late, shown
 
 
 def test_strangers_are_sent_to_sign_in_and_api_callers_get_401(stack: ConsoleStack) -> None:

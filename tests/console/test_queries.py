@@ -11,6 +11,7 @@ from clerk_sync.integrations.console._queries import (
     DeliveryFilter,
     _user_matches,
     list_deliveries,
+    memberships,
     search_organizations,
     search_users,
     touching,
@@ -87,6 +88,25 @@ def test_an_address_is_found_as_typed_and_lower_cased_on_every_store(store: Stor
         assert found("Twin@") == ["user_t"]
         assert found("lower@case.example") == found("LOWER@Case") == ["user_l"]
         assert found("nobody@case.example") == []
+
+
+def test_memberships_come_admins_first_with_their_count_on_every_store(store: Store) -> None:
+    """A large organization's page shows its first rows and says how many there are in all; its admins, the
+    rows an operator looks for, come first whatever order they joined in."""
+    processor = WebhookProcessor(store, WebhookVerifier([f.SECRET]))
+    events = [f.envelope("organization.created", f.organization("org_big", 10, name="Big"))]
+    for n in range(5):
+        role = "org:admin" if n == 3 else "org:member"
+        events.append(f.envelope("organizationMembership.created",
+                                 f.membership(f"orgmem_{n}", "org_big", f"user_{n}", 10, role=role)))
+    for n, event in enumerate(events):
+        assert processor.process(*f.signed(event, f"msg_mem_{n}")).status == "applied"
+    with store.connect() as conn:
+        cut = memberships(conn, organization="org_big", limit=2)
+        assert (cut.total, [r["clerk_id"] for r in cut.rows]) == (5, ["orgmem_3", "orgmem_0"])
+        whole = memberships(conn, organization="org_big")
+        assert (whole.total, len(whole.rows)) == (5, 5)
+        assert memberships(conn, user="user_3").total == 1
 
 
 def test_mask_hides_personal_fields_at_any_depth() -> None:

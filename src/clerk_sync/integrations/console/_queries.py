@@ -33,7 +33,8 @@ from clerk_sync.tables import (
 )
 
 __all__ = [
-    "MAX_ID", "PAGE_SIZE", "AuditFilter", "DeliveryFilter", "Overview", "Page", "aware", "delivery_ids",
+    "MAX_ID", "MEMBERS_SHOWN", "PAGE_SIZE", "AuditFilter", "DeliveryFilter", "Memberships", "Overview", "Page",
+    "aware", "delivery_ids",
     "delivery_types", "get_delivery", "get_organization", "get_user", "list_audit", "list_deliveries", "memberships",
     "overview", "pending_changes", "search_organizations", "search_users", "touching",
 ]
@@ -297,20 +298,37 @@ def get_organization(conn: Connection, clerk_id: str) -> RowMapping | None:
     return conn.execute(sa.select(organizations).where(organizations.c.clerk_id == clerk_id)).mappings().first()
 
 
+MEMBERS_SHOWN = 200
+
+
+@dataclass(frozen=True, slots=True)
+class Memberships:
+    """The first :data:`MEMBERS_SHOWN` live memberships (admins first) and how many there are in all: a large
+    organization's page says how many it leaves out rather than stopping silently."""
+
+    rows: list[RowMapping]
+    total: int
+
+
 def memberships(conn: Connection, *, user: str | None = None, organization: str | None = None,
-                limit: int = 200) -> list[RowMapping]:
-    """Live memberships of a user or of an organization, with the other side's name."""
+                limit: int = MEMBERS_SHOWN) -> Memberships:
+    """Live memberships of a user or of an organization, with the other side's name; admins first."""
     m, o, u = organization_memberships.c, organizations.c, users.c
+    where: list[sa.ColumnElement[bool]] = [m.deleted_at.is_(None)]
+    if user is not None:
+        where.append(m.user_clerk_id == user)
+    if organization is not None:
+        where.append(m.organization_clerk_id == organization)
     query = (sa.select(m.clerk_id, m.role, m.organization_clerk_id, m.user_clerk_id, o.name.label("org_name"),
                        u.email.label("user_email"))
              .outerjoin_from(organization_memberships, organizations, o.clerk_id == m.organization_clerk_id)
              .outerjoin(users, u.clerk_id == m.user_clerk_id)
-             .where(m.deleted_at.is_(None)))
-    if user is not None:
-        query = query.where(m.user_clerk_id == user)
-    if organization is not None:
-        query = query.where(m.organization_clerk_id == organization)
-    return list(conn.execute(query.order_by(m.id).limit(limit)).mappings())
+             .where(*where))
+    admins_first = sa.case((m.role.in_(("org:admin", "admin")), 0), else_=1)
+    rows = list(conn.execute(query.order_by(admins_first, m.id).limit(limit)).mappings())
+    total = len(rows) if len(rows) < limit else conn.execute(
+        sa.select(sa.func.count()).select_from(organization_memberships).where(*where)).scalar_one()
+    return Memberships(rows, total)
 
 
 def pending_changes(conn: Connection, user: str) -> list[RowMapping]:
