@@ -88,6 +88,9 @@ USER_WRITABLE: dict[Entity, frozenset[str]] = {
     Entity.ORGANIZATION: frozenset({"name", "slug", "image_url"}),
     Entity.MEMBERSHIP: frozenset(),
 }
+# Column types that take one scalar: a metadata path's list or object is not a value of theirs (see
+# _Projection.values). Others (JSON, ARRAY, a type reflection does not know) get the value as it is.
+_SCALAR_TYPES = (sa.String, sa.Integer, sa.Numeric, sa.Boolean, sa.DateTime, sa.Date, sa.Time, sa.Interval)
 _INT_TEXT = re.compile(r"[+-]?[0-9]{1,19}")  # (ASCII digits: "²" and "٣" are digits to str.isdigit)
 _BIGINT = range(-(2**63), 2**63)
 _TRUE_TEXT = frozenset({"true", "1", "yes", "on"})
@@ -695,7 +698,10 @@ class _Projection:
         self.coalesced: JSON = {n: v for n, v in self.fixed.items() if v is not None}
         # Columns written only into a row inserted here: never SET on a row already there (linked, updated)
         self.insert_only = frozenset(n for n, c in self.columns.items() if c.insert_only)
-        # A string column's declared length, checked on every store (see fits)
+        # A source's value into a column of one scalar (text, number, flag, time): a list or object there is
+        # not one (see values); a string column's declared length, checked on every store (see fits)
+        self.scalar = frozenset(n for n, c in self.columns.items()
+                                if c.compute is None and isinstance(table.c[n].type, _SCALAR_TYPES))
         self.bounded = {n: length for n in self.columns
                         if isinstance(type_ := table.c[n].type, sa.String) and not isinstance(type_, sa.Enum)
                         and (length := type_.length)}
@@ -736,8 +742,20 @@ class _Projection:
                 self.sqlite_binds = processors([table.c[n].type for n in names], sqlite.dialect())
 
     def values(self, record: JSON, leave_out: frozenset[str] = frozenset()) -> JSON:
-        """The mapped columns' values of a created/updated ``record`` (but those in ``leave_out``)."""
-        return {name: col.value(record) for name, col in self.columns.items() if name not in leave_out}
+        """The mapped columns' values of a created/updated ``record`` (but those in ``leave_out``). A metadata
+        path's list or object for a column of one scalar (``public_metadata.role`` ``["admin"]`` into a text
+        column) is no value of it: the Column's default instead, logged (PostgreSQL's driver would have stored
+        the array literal ``{admin}``, SQLite's refused the row); ``transform="json"`` writes it as JSON text."""
+        values = {name: col.value(record) for name, col in self.columns.items() if name not in leave_out}
+        for name in self.scalar:
+            value = values.get(name)
+            if isinstance(value, list | dict):
+                col = self.columns[name]
+                values[name] = col.default if not isinstance(col.default, list | dict) else None
+                log.warning("mapped_value_not_scalar", table=self.m.table, column=name, source=col.source,
+                            clerk_id=record.get("clerk_id"), kind=type(value).__name__,
+                            advice="its default written; map it with transform='json' to keep it as JSON text")
+        return values
 
     def fits(self, values: JSON) -> None:
         """A text longer than its column's declared length (``VARCHAR(32)``) refused as the row's, naming the
