@@ -154,7 +154,8 @@ def test_a_membership_whose_apps_user_row_was_refused_for_good_applies_alone(tmp
     """One at a time: the app's table refused the user's row for good (a CHECK), so the deferred key refuses
     the membership's row on every retry. With clerk-sync's parents there it is the row's refusal, the role
     applied (the parents-arrived rule PostgreSQL and an immediate key follow), not 503 forever."""
-    store = _members_store(tmp_path, constraint, users_check=", CHECK (first <> 'Bad')")
+    # (a CHECK on the Clerk id: a refused name alone would be left out, and the user's row written without it)
+    store = _members_store(tmp_path, constraint, users_check=", CHECK (clerk_id <> 'user_c')")
     processor = WebhookProcessor(store, WebhookVerifier([f.SECRET]))
     for n, event in enumerate([f.envelope("user.created", f.user("user_c", B + 1000, first_name="Bad")),
                                f.envelope("organization.created", f.organization("org_c", B + 1000)),
