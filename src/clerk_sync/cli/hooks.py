@@ -103,8 +103,13 @@ def migrate_mapping(store: Store, schema: SchemaMapping, *, backfill: bool = Fal
             if clerk is not None:
                 clerk.close()
         lines.append(f"mapping: backfilled {counts or 'nothing'}")
-        refused = counts.get("refused", 0)
-        if not refused:  # every row written: the refusals received before it started are repaired (freshness)
+        refused, kept_back = counts.get("refused", 0), counts.get("kept_back", 0)
+        if kept_back:  # written, but the user's own values for some columns are not: not yet repaired (freshness)
+            lines.append(f"mapping: {kept_back} row(s) written without the columns the user sets in Clerk, which the "
+                         "app's table refused (the warnings above name the table and columns): widen or relax "
+                         "those columns, then run the backfill again")
+        if not refused and not kept_back:  # every row written whole: the refusals received before it started are
+            # repaired (freshness)
             with store.transaction() as writer:
                 record_audit(writer, AuditEntry(BACKFILLED, None, details={"started_at": started,
                                                                            "counts": dict(counts)}))
