@@ -53,7 +53,8 @@ def test_a_user_record_carries_whether_clerk_verified_its_primary_address(verifi
 def test_an_unverified_primary_address_never_takes_over_an_existing_row(db_url: str) -> None:
     """Fixed: the primary address was trusted whatever its verification, so whoever signed up with an
     existing customer's address (verification at sign-up off, an OAuth provider that does not verify) was
-    handed that row: its admin flag, its orders."""
+    handed that row: its admin flag, its orders. (Nor is it given a row beside it, which the verification would
+    never link: refused until Clerk verifies the address, which the claimant cannot do.)"""
     table = _accounts("acc_unv")
     mapping = SchemaMapping(users=MappedTable("acc_unv", "clerk_user_id", {"name": "full_name"},
                                               link_by_email="email"))
@@ -67,7 +68,10 @@ def test_an_unverified_primary_address_never_takes_over_an_existing_row(db_url: 
             rows = conn.execute(sa.select(table.c.id, table.c.name, table.c.is_admin, sa.column("clerk_user_id"))
                                 .order_by(table.c.id)).all()
         assert rows[0][1:] == ("Victim", True, None)  # the customer's row is untouched
-        assert [r[1:] for r in rows[1:]] == [("Mallory Lovelace", False, "user_attacker")]  # a row of its own
+        assert rows[1:] == []  # and no row beside it
+        with engine.connect() as conn:
+            error = conn.execute(sa.text("SELECT last_error FROM webhook_events")).scalar_one()
+        assert "which Clerk has not verified: not written" in error
         # The customer, whose address Clerk verified, is still linked to the row
         owner = f.user("user_owner", B + 1000, email="Victim@Example.com", first_name="Vic")
         assert deliver(store, f.envelope("user.created", owner)) == ["applied"]

@@ -167,10 +167,12 @@ class LinkAmbiguous(StoreDataError):
 
 
 class LinkUnverified(StoreDataError):
-    """The backfill cannot tell whether a user links to an existing row: it has the e-mail of an unlinked
-    row and clerk-sync's tables do not say whether Clerk verified it, or the mapping links by external id,
-    which they do not keep (and no lookup from Clerk said), or Clerk has another address for the user than
-    the one synced. Not written (neither linked nor a second row); the user's next event, which says, links it."""
+    """A user may link to an existing row, and nothing says yet that it is theirs: its primary e-mail, which
+    Clerk has not verified, is an unlinked row's; or, in a backfill, clerk-sync's tables do not say whether
+    Clerk verified it, or the mapping links by external id, which they do not keep (and no lookup from Clerk
+    said), or Clerk has another address for the user than the one synced. Not written (neither linked nor a
+    second row beside the one it may link, which nothing would link later); the user's next event that says
+    (the address verified, an external id set) links it. Counted among the mapped rows refused."""
 
     code = "link_unverified"
 
@@ -309,8 +311,9 @@ class MappedTable:
     (opt-in; users only), compared exactly (the e-mail after ``lower()``), whatever a MariaDB column's
     collation. Several matching rows: the row is refused, the delivery applied (:class:`LinkAmbiguous`). By
     e-mail only when Clerk verified the user's primary address (otherwise whoever signed up with someone's
-    address would get their row): an unverified one gets a row of its own, or links once verified if no row
-    was written.
+    address would get their row): an unverified one that is an unlinked row's is refused
+    (:class:`LinkUnverified`), neither linked nor given a row beside it, and the event that verifies it links
+    the row; one no row has gets a row of its own.
 
     ``table`` may name its schema, ``"public.users"`` (PostgreSQL), or its database on the same server,
     ``"app.users"`` (MySQL/MariaDB): how the app keeps a table named as one of clerk-sync's own (``users``,
@@ -853,10 +856,21 @@ class _Projection:
                 f"{self.m.table}: user {change.clerk_id}'s e-mail in Clerk is not the one synced here: not "
                 f"written; the event that changed it links the row (or set {self.key.name} on it yourself)")
         verified = change.values.get("email_verified")  # None: not known (a backfill, see below)
-        if self.m.link_by_email and email and verified is not False:
+        if self.m.link_by_email and email:
             column = self.t.c[self.m.link_by_email]
             lower = unicode_lower(self.conn)  # the same lower() on both sides (PostgreSQL's and Python's differ)
             match = _exactly(self.conn, lower(column)) == _exactly(self.conn, lower(sa.literal(email)))
+            if verified is False:
+                # Neither linked (whoever claims the address would get the row) nor a second row beside it: the
+                # event that verifies the address finds no row by Clerk id, and links this one then.
+                if self._unlinked(match):
+                    raise LinkUnverified(
+                        f"{self.m.table}: a row without a Clerk id has user {change.clerk_id}'s e-mail "
+                        f"({column.name}), which Clerk has not verified: not written (linking would hand that row "
+                        "to whoever claims the address; a second row beside it would never be linked); the event "
+                        "that verifies the address links it. If the row is theirs and the address will not be "
+                        f"verified, set {self.key.name} on it yourself")
+                return False
             if verified is None:
                 # A backfill projects clerk-sync's users rows, which do not keep whether Clerk verified the
                 # address: linking could hand the row to a claimant, and a new row beside the customer's would
