@@ -124,3 +124,21 @@ def test_a_backfill_writes_the_admins_columns_of_a_row_the_users_value_refuses(d
     finally:
         store.dispose()
         engine.dispose()
+
+
+def test_the_doctor_warns_of_a_users_text_mapped_into_a_bounded_column(db_url: str) -> None:
+    """``doctor --mapping`` says before the first refusal that an ``unsafe_metadata`` path (any length, the
+    user's) goes into a VARCHAR(32), and that a longer value is kept back; a TEXT column is fine."""
+    from clerk_sync.mapping import check_schema
+
+    table = _accounts("acc_kb_doc")
+    mapping = _mapping("acc_kb_doc")
+    store, engine = _with_app_table(db_url, table, mapping)
+    try:
+        with engine.connect() as conn:
+            problems = check_schema(conn, mapping)
+        assert [(s, p.split(" holds")[0]) for s, p in problems] == [("warn", "acc_kb_doc.theme")], problems
+        assert "32 characters" in problems[0][1] and "unsafe_metadata.theme" in problems[0][1]
+    finally:
+        store.dispose()
+        engine.dispose()

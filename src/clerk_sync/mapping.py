@@ -1578,6 +1578,7 @@ def check_schema(conn: Connection, mapping: SchemaMapping) -> list[tuple[str, st
             problems += _deferrable_problems(inspector, mapped)
         problems += _insert_problems(inspector, entity, mapped, columns)
         problems += _type_problems(entity, mapped, columns)
+        problems += _unbounded_problems(mapped, columns)
         problems += _refused_deletion_problems(inspector, mapping, entity, mapped)
         problems += _inactive_rows_problems(conn, mapped, columns)
         problems += _kept_address_problems(inspector, entity, mapped, columns)
@@ -1889,6 +1890,23 @@ def _type_problems(entity: Entity, mapped: MappedTable, columns: Mapping[str, An
         problems.append(("fail", f"{mapped.table}.{column} is {columns[column]['type']} and its source {how} gives "
                                  f"{what}: the column cannot take it (every row is refused; MySQL/MariaDB may "
                                  f"store a wrong value instead); {fix}"))
+    return problems
+
+
+def _unbounded_problems(mapped: MappedTable, columns: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """A text of any length the user writes (an ``unsafe_metadata`` path) mapped into a column of bounded
+    length: a longer value is kept back (the row written without the user's columns, :meth:`Outbox.project`)."""
+    problems: list[tuple[str, str]] = []
+    for column, col in mapped.resolved().items():
+        type_ = columns[column]["type"] if column in columns else None
+        if (col.source is None or col.source.partition(".")[0] != "unsafe_metadata"
+                or col.transform not in (None, "lower", "strip", "str", "json")
+                or not isinstance(type_, sa.String) or isinstance(type_, sa.Enum) or not type_.length):
+            continue
+        problems.append(("warn", f"{mapped.table}.{column} holds {type_.length} characters and its source "
+                                 f"{col.source!r} is the user's to write in Clerk, at any length: a longer value "
+                                 "refuses it, and the row is written without the user's own columns (names, e-mail, "
+                                 "unsafe_metadata, computes) until they change it; a TEXT column takes any"))
     return problems
 
 
