@@ -438,6 +438,22 @@ class SchemaMapping:
             # column the mapping does not fill): retrying cannot help.
             raise StoreDataError(f"{refused}; fix the table or the mapping") from None
 
+    def project_deletions(self, conn: Connection, now: datetime, entity: Entity, clerk_ids: Sequence[str]) -> None:
+        """The delete policy of ``entity``'s mapped table for all of ``clerk_ids`` at once (a parent's deletion
+        cascading to its memberships): one statement per policy step for the set, not one per row. Refused as
+        :meth:`project` refuses one row (:class:`~clerk_sync.errors.StoreDataError` for the app's constraint);
+        the caller (:meth:`Outbox.record_many`) then writes them one by one, so a refusal stays its row's."""
+        mapped = self.tables.get(entity)
+        if mapped is None or not clerk_ids:
+            return
+        projection = self._projection(conn, entity, mapped)
+        try:
+            projection.delete_many(conn, now, clerk_ids)
+        except sa.exc.IntegrityError as exc:
+            first_line = database_message(exc.orig or exc)
+            raise StoreDataError(f"{mapped.table} refused the deletion of {len(clerk_ids)} rows at once: "
+                                 f"{first_line}; written again one by one") from None
+
     def parents_arrived(self, conn: Connection, change: Change) -> bool:
         """Whether an app table's foreign key refusal of a membership's row (:class:`ParentNotThere`) never
         heals by waiting: its user and organization are live in clerk-sync's tables, and the app's mapped row
@@ -975,21 +991,46 @@ class _Projection:
                 return True
         return False
 
+    def delete_many(self, conn: Connection, now: datetime, clerk_ids: Sequence[str]) -> None:
+        """:meth:`_delete` of every row of ``clerk_ids``: one statement per policy step for the set (an
+        :class:`Anonymise` with a UNIQUE column, whose cleared value is each row's own, one per distinct value)."""
+        self.conn, self.now = conn, now
+        policy, where = self.m.on_delete, self.key.in_(clerk_ids)
+        if not isinstance(policy, Anonymise):
+            self._delete_where(where)
+            return
+        groups: dict[str, tuple[JSON, list[str]]] = {}  # by the cleared values (repr: a default may be a list)
+        for clerk_id in clerk_ids:
+            personal, kept = cleared_values(self.t, self.m.clearable(), clerk_id)
+            personal |= dict.fromkeys(kept)  # (the table refuses NULL there: the row's refusal, doctor says so)
+            groups.setdefault(repr(personal), (personal, []))[1].append(clerk_id)
+        for personal, ids in groups.values():
+            if personal:
+                self.conn.execute(sa.update(self.t).where(self.key.in_(ids)).values(**personal))
+        if policy.column is not None:
+            self._stamp_deletion(where, policy.column)
+
     def _delete(self, clerk_id: str) -> None:
         policy, where = self.m.on_delete, self.key == clerk_id
+        if not isinstance(policy, Anonymise):
+            self._delete_where(where)
+            return
+        personal, kept = cleared_values(self.t, self.m.clearable(), clerk_id)
+        personal |= dict.fromkeys(kept)  # (the table refuses NULL there: the row's refusal, doctor says so)
+        if personal:
+            self.conn.execute(sa.update(self.t).where(where).values(**personal))
+        if policy.column is not None:
+            self._stamp_deletion(where, policy.column)
+
+    def _delete_where(self, where: sa.ColumnElement[bool]) -> None:
+        """The rows ``where`` selects, deleted by a policy other than :class:`Anonymise`."""
+        policy = self.m.on_delete
         if isinstance(policy, HardDelete):
             self.conn.execute(sa.delete(self.t).where(where))
         elif isinstance(policy, SoftDelete):
             self._stamp_deletion(where, policy.column)
         elif isinstance(policy, Deactivate):
             self.conn.execute(sa.update(self.t).where(where).values(**{policy.column: False}))
-        else:
-            personal, kept = cleared_values(self.t, self.m.clearable(), clerk_id)
-            personal |= dict.fromkeys(kept)  # (the table refuses NULL there: the row's refusal, doctor says so)
-            if personal:
-                self.conn.execute(sa.update(self.t).where(where).values(**personal))
-            if policy.column is not None:
-                self._stamp_deletion(where, policy.column)
 
     def _stamp_deletion(self, where: sa.ColumnElement[bool], name: str) -> None:
         """The deletion's time into ``name``; the first one's kept (a backfill re-run, a replay). A column
