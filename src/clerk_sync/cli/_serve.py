@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from clerk_sync.hooks import Dispatcher
 
 __all__ = ["STARTUP_FAILURE", "DispatchWhenMigrated", "could_not_start", "serve_workers", "shared_metrics",
-           "tell_startup_failure"]
+           "sigterm_unwinds", "tell_startup_failure"]
 
 console = Console(stderr=True)
 
@@ -36,7 +36,8 @@ _JSON_LOGS_ENV = "CLERK_SYNC_SERVE_JSON_LOGS"  # serve --workers --json-logs, fo
 _DEATHS, _DEATHS_WINDOW_S = 3, 60.0  # a worker (slot) that died this often this recently is not started again
 
 
-def serve_workers(host: str, port: int, workers: int, sock: socket.socket, *, json_logs: bool = False) -> None:
+def serve_workers(host: str, port: int, workers: int, sock: socket.socket, *, json_logs: bool = False,
+                  graceful_timeout_s: int | None = None) -> None:
     """uvicorn's multi-worker mode on ``sock`` (bound by ``main._listen``, with IPPROTO_TCP). Exits like
     ``--workers 1`` when the service cannot run: 3 with one line when a worker could not start (uvicorn's
     own supervisor stopped, then returned as from a clean stop: exit 0, review), 1 when workers keep dying
@@ -49,7 +50,8 @@ def serve_workers(host: str, port: int, workers: int, sock: socket.socket, *, js
         report = os.environ[_REPORT_ENV] = os.path.join(reports, "startup-failure")  # the workers inherit it
         os.environ[_JSON_LOGS_ENV] = "1" if json_logs else ""
         config = uvicorn.Config("clerk_sync.cli._serve:_worker_app", factory=True, host=host,
-                                port=port, workers=workers, log_level="warning", access_log=False)
+                                port=port, workers=workers, log_level="warning", access_log=False,
+                                timeout_graceful_shutdown=graceful_timeout_s)
         supervisor = _supervisor(config, sock)
         try:
             supervisor.run()
@@ -188,6 +190,7 @@ class DispatchWhenMigrated:
         self.poll_s = poll_s
         self._stop = threading.Event()
         self._waiter: threading.Thread | None = None
+        self._deadline: float | None = None  # time.monotonic() by which a stop asked (SIGTERM) is waited for
 
     def attach(self, app: Any) -> None:
         """Wrap ``app``'s lifespan: the dispatcher starts (or starts waiting) once the app has started."""
@@ -202,9 +205,25 @@ class DispatchWhenMigrated:
                     # start-up (and the port's opening) for another connect timeout (review)
                     self._waiter = threading.Thread(target=self._wait, name="clerk-sync-hooks-wait", daemon=True)
                     self._waiter.start()
-                yield state
+                try:
+                    yield state
+                finally:  # the app's shutdown (in-flight requests answered): the dispatcher stops before the
+                    # store's committer closes, and before uvicorn re-raises a SIGTERM that ends the process
+                    from anyio import to_thread
+
+                    await to_thread.run_sync(self.stop)
 
         app.router.lifespan_context = lifespan
+
+    def ask_stop(self, wait_s: float) -> None:
+        """Ask the dispatcher to stop (from a signal handler: nothing waits here), the running job let finish
+        and the batch's jobs not started given back; :meth:`stop` then waits at most ``wait_s`` from now."""
+        import time
+
+        if self._deadline is None:
+            self._deadline = time.monotonic() + wait_s
+        self._stop.set()
+        self.dispatcher.stop(timeout_s=0)
 
     def _migrated(self) -> bool:
         from alembic.util.exc import CommandError
@@ -226,12 +245,18 @@ class DispatchWhenMigrated:
                 return
             self._stop.wait(self.poll_s)
 
-    def stop(self) -> None:
-        """Stop waiting, and the dispatcher if it started (after its current batch)."""
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop waiting, and the dispatcher if it started: its running job finishes, the batch's jobs not
+        started are given back. Waits at most ``timeout_s``, or what is left of :meth:`ask_stop`'s wait."""
+        import time
+
         self._stop.set()
+        if self._deadline is not None:
+            timeout_s = max(0.0, self._deadline - time.monotonic())
         if self._waiter is not None:
-            self._waiter.join()
-        self.dispatcher.stop()
+            self._waiter.join(timeout_s)
+        self.dispatcher.stop(timeout_s=timeout_s if self._deadline is None else
+                             max(0.0, self._deadline - time.monotonic()))
 
 
 def _one_line(exc: BaseException) -> str:
@@ -290,6 +315,27 @@ def shared_metrics() -> Iterator[None]:
         shutil.rmtree(metrics_dir, ignore_errors=True)
         if sigterm_default:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """uvicorn re-raises a SIGTERM once its graceful shutdown is done; with the default action the process
+    died there, before its caller's ``finally`` blocks (``serve --hooks``: the dispatcher's stop, so its
+    handler was cut off and its claimed jobs held for their lease), unless PROMETHEUS_MULTIPROC_DIR had made
+    :func:`shared_metrics` set its own handler. Here too the signal unwinds as :class:`_Terminated`, and the
+    process then ends by SIGTERM all the same. A handler set already (``shared_metrics``') is left alone."""
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    except _Terminated:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise SystemExit(128 + signal.SIGTERM) from None  # (not reached: the signal ends the process)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class _Terminated(BaseException):

@@ -24,6 +24,7 @@ from clerk_sync.cli._serve import (
     could_not_start,
     serve_workers,
     shared_metrics,
+    sigterm_unwinds,
     tell_startup_failure,
 )
 from clerk_sync.cli.hooks import HOOKS_HELP, MAPPING_HELP, hooks_app, load_hooks, load_mapping, migrate_mapping, worker
@@ -114,19 +115,25 @@ def serve(
         help="Run the --hooks' jobs in a thread of this process; --no-dispatch only queues them, for "
              "`clerk-sync worker` processes beside it (the webhook process then keeps its CPU for ingest).",
     )] = True,
+    graceful_timeout: Annotated[int, typer.Option(
+        "--graceful-timeout", envvar="CLERK_SYNC_GRACEFUL_TIMEOUT_S", min=0,
+        help="Seconds a stop (SIGTERM, Ctrl-C) waits for requests in flight and the --hooks' running handler; "
+             "then they are cut off (Svix retries the deliveries, the jobs run again), and 5 s later the "
+             "process exits whatever still runs. Below Kubernetes' terminationGracePeriodSeconds (30) - 5.",
+    )] = 25,
 ) -> None:
     """Run the webhook sync service: POST /webhooks/clerk, /healthz, /readyz, /metrics."""
     # One worker with PROMETHEUS_MULTIPROC_DIR set (prometheus_client is then in multiprocess mode) takes a
     # fresh directory inside it too: the files of earlier runs there would add their counts to this one's.
     if workers > 1 or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         with shared_metrics():
-            _serve(host, port, workers, json_logs, hooks, mapping, migrate_first, dispatch)
+            _serve(host, port, workers, json_logs, hooks, mapping, migrate_first, dispatch, graceful_timeout)
         return
-    _serve(host, port, workers, json_logs, hooks, mapping, migrate_first, dispatch)
+    _serve(host, port, workers, json_logs, hooks, mapping, migrate_first, dispatch, graceful_timeout)
 
 
 def _serve(host: str, port: int, workers: int, json_logs: bool, hooks: str | None, mapping: str | None,
-           migrate_first: bool, dispatch: bool) -> None:
+           migrate_first: bool, dispatch: bool, graceful_timeout_s: int) -> None:
     from clerk_sync.integrations.starlette import build_processor
 
     settings = _settings()
@@ -148,13 +155,39 @@ def _serve(host: str, port: int, workers: int, json_logs: bool, hooks: str | Non
         os.environ["CLERK_SYNC_MIGRATE_ON_START"] = "1" if migrate_first else "0"  # for the worker processes
         with _listen(host, port) as sock:
             _announce(settings, host, sock)
-            serve_workers(host, port, workers, sock, json_logs=json_logs)
+            serve_workers(host, port, workers, sock, json_logs=json_logs, graceful_timeout_s=graceful_timeout_s)
     else:
-        _serve_one(settings, processor, host, port, migrate_first=migrate_first, dispatch=dispatch)
+        _serve_one(settings, processor, host, port, migrate_first=migrate_first, dispatch=dispatch,
+                   graceful_timeout_s=graceful_timeout_s)
+
+
+#: How long past --graceful-timeout a stopping ``serve`` may take (the app's shutdown: the committer's queue
+#: written, the dispatcher's stop) before it exits whatever still runs (a thread blocked on a silent database).
+_EXIT_MARGIN_S = 5.0
+
+
+def _exit_after(seconds: float, code: int) -> None:
+    """A daemon timer that ends the process with ``code`` if it still runs ``seconds`` from now: a thread
+    that does not end (a request's worker thread blocked on a database peer gone silent; anyio's are not
+    daemon threads) would otherwise hold the process after its shutdown, until a SIGKILL."""
+    import threading
+
+    def fire() -> None:
+        console.print(f"[red]error:[/] the shutdown outlived {seconds:g} s (a request, hook or database call "
+                      "that does not end: the log above may say which); exiting now. In-flight deliveries are "
+                      "retried by Svix, claimed hook jobs run again after their lease")
+        os._exit(code)
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()
 
 
 def _serve_one(settings: Settings, processor: WebhookProcessor, host: str, port: int, *, migrate_first: bool,
-               dispatch: bool) -> None:
+               dispatch: bool, graceful_timeout_s: int = 25) -> None:
+    import signal
+    from types import FrameType
+
     import uvicorn
 
     from clerk_sync.hooks import Dispatcher
@@ -163,13 +196,24 @@ def _serve_one(settings: Settings, processor: WebhookProcessor, host: str, port:
     app = create_app(settings, processor, migrate=migrate_first)  # (checks the console's settings)
     why: list[str] = []
     tell_startup_failure(app, why.append)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
     dispatcher = None
     if processor.store.hooks and dispatch:  # started with the app, once serve's own migration is done
         dispatcher = DispatchWhenMigrated(Dispatcher(processor.store, metrics=processor.metrics),
                                           processor.store.engine, migrate=migrate_first)
         dispatcher.attach(app)
-    with _listen(host, port) as sock:
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            first = not self.should_exit
+            super().handle_exit(sig, frame)
+            if first:  # the dispatcher stops now, beside the requests' drain, within the same bound
+                if dispatcher is not None:
+                    dispatcher.ask_stop(graceful_timeout_s)
+                _exit_after(graceful_timeout_s + _EXIT_MARGIN_S, 128 + sig)
+
+    server = Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                                   timeout_graceful_shutdown=graceful_timeout_s))
+    with _listen(host, port) as sock, sigterm_unwinds():
         _announce(settings, host, sock)
         try:
             server.run(sockets=[sock])  # our own access lines (ingest.py)
@@ -177,7 +221,8 @@ def _serve_one(settings: Settings, processor: WebhookProcessor, host: str, port:
             if server.started:
                 raise
         finally:
-            if dispatcher is not None:
+            if dispatcher is not None:  # (stopped by the app's shutdown already, unless it never started)
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut this short
                 dispatcher.stop()
     if not server.started:  # the app's start-up failed (uvicorn logged the traceback): as uvicorn.run exits
         console.print(f"[red]error:[/] {escape(could_not_start(why[0] if why else None))}")
@@ -561,9 +606,11 @@ def doctor(
 
 
 def _safe(settings: Settings) -> str:
-    from sqlalchemy.engine import make_url
+    """The database URL as the CLI prints it: its credentials masked, a ``?password=`` too (SQLAlchemy's own
+    masking shows that one; a pod's log then held it)."""
+    from clerk_sync._urls import masked_url
 
-    return make_url(settings.sqlalchemy_url()).render_as_string(hide_password=True)
+    return masked_url(settings.sqlalchemy_url())
 
 
 # What to check when Clerk refuses a command's request (its message says what failed, this what to do)

@@ -189,12 +189,18 @@ class Dispatcher:
         try:
             with self._heartbeat() if jobs else nullcontext():
                 for n, job in enumerate(jobs):
-                    late = self._now() >= claimed_at + self.lease * 0.8
-                    if late or self._at_bound(released=len(jobs) - n):  # (a run of this batch went overdue)
+                    # stop() asked (SIGTERM): the rest goes back now, due at once for another dispatcher, rather
+                    # than run here past the stop's wait (a Kubernetes grace period) or held for the lease
+                    stopping = self._stop.is_set()
+                    late = not stopping and self._now() >= claimed_at + self.lease * 0.8
+                    if stopping or late or self._at_bound(released=len(jobs) - n):  # (a run went overdue)
                         with self.store.transaction() as writer:
                             release(writer.conn, jobs[n:])
                         started = len(jobs)
-                        if late:
+                        if stopping:
+                            log.info("hook dispatch stopping; the batch's jobs not started are given back",
+                                     released=len(jobs) - n)
+                        elif late:
                             log.warning("hook batch outlived 80 % of its lease; rest given back",
                                         released=len(jobs) - n)
                         break
@@ -561,12 +567,15 @@ class Dispatcher:
         self._thread.start()
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        """Ask the loop to stop after the current batch, and wait for it (at most ``timeout_s``; overdue runs
-        are not waited for: their jobs run again elsewhere once this process ended and their leases expired)."""
+        """Ask the loop to stop after the running job (the batch's jobs not started are given back, due at once
+        for another dispatcher), and wait for it (at most ``timeout_s``; 0: only ask, as a signal handler does,
+        and a later call waits; overdue runs are not waited for: their jobs run again elsewhere once this
+        process ended and their leases expired)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
-            self._thread = None
+            if not self._thread.is_alive():
+                self._thread = None
 
     def _pause(self, in_a_row: int, cap: float) -> float:
         """The pause after ``in_a_row`` failed turns: from ``poll_s`` (at least 0.1 s), doubling, at most ``cap``."""

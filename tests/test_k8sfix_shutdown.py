@@ -1,0 +1,173 @@
+"""``serve``/``worker`` stopping as Kubernetes stops them (SIGTERM, then SIGKILL after the grace period): the
+hook dispatcher lets its running handler finish and gives the batch's jobs not started back, ``serve --hooks``
+does that under SIGTERM whether or not PROMETHEUS_MULTIPROC_DIR is set, and the CLI never prints a password
+passed as ``?password=`` in DATABASE_URL. Real processes and signals, real SQLite/PostgreSQL."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+import structlog.testing
+
+from clerk_sync.changes import Change, Hook
+from clerk_sync.hooks import Dispatcher
+from clerk_sync.outbox import hook_jobs
+from clerk_sync.store import Store
+from tests import factories as f
+from tests._server import wait_for_http
+from tests.conftest import SECRET
+from tests.test_hooks import B, Clock, deliver, hooked, jobs
+
+
+def _user(clerk_id: str) -> dict[str, Any]:
+    return f.envelope("user.created", f.user(clerk_id, B + 1000))
+
+
+def _port() -> int:
+    """A free port in this suite's range for these tests (18800-18899)."""
+    for port in range(18800, 18900):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 18800-18899")
+
+
+def test_a_stop_mid_batch_lets_the_running_job_finish_and_gives_the_rest_back(sqlite_url: str) -> None:
+    """Fixed: a stop (``worker``'s SIGTERM handler: ``stop(timeout_s=0)``) ran the whole claimed batch, up to
+    10 jobs of up to 80 % of the lease (48 s), past Kubernetes' 30 s grace period; the SIGKILL then left them
+    claimed for their lease. Now the running job finishes and the jobs not started are given back, due at once
+    (their claim's attempt not counted), with a line saying so."""
+    clock = Clock()
+    calls: list[str] = []
+    holder: list[Dispatcher] = []
+
+    def handler(change: Change) -> None:
+        calls.append(change.clerk_id)
+        holder[0].stop(timeout_s=0)  # SIGTERM arrives while the first job's handler runs
+
+    store = hooked(sqlite_url, Hook("mail", handler), now=clock)
+    deliver(store, _user("user_1"), _user("user_2"), _user("user_3"))
+    holder.append(Dispatcher(store, now=clock, heartbeat_s=0))
+    with structlog.testing.capture_logs() as logs:
+        assert holder[0].run_once() == 3
+    assert calls == ["user_1"]
+    left = jobs(store)
+    assert [(j["entity_key"].rsplit(":", 1)[1], j["status"], j["attempts"], j["claim_token"], j["lease_until"])
+            for j in left] == [("user_2", "pending", 0, None, None), ("user_3", "pending", 0, None, None)]
+    assert any(e["event"].startswith("hook dispatch stopping") and e["released"] == 2 for e in logs), logs
+    # another dispatcher takes them at once (no lease to wait for)
+    assert Dispatcher(hooked(sqlite_url, Hook("mail", calls.append), now=clock), now=clock, heartbeat_s=0).run_once() == 2
+    store.dispose()
+
+
+HOOKS_MODULE = '''
+import os, time
+from pathlib import Path
+from clerk_sync.changes import Hook
+
+DIR = Path(os.environ["K8SFIX_DIR"])
+
+def slow(change):
+    with open(DIR / "runs.txt", "a") as out:
+        out.write(f"start {change.clerk_id}\\n")
+    deadline = time.monotonic() + 60
+    while not (DIR / "go").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    with open(DIR / "runs.txt", "a") as out:
+        out.write(f"end {change.clerk_id}\\n")
+
+HOOKS = [Hook("slow", slow, on=["user.created"])]
+'''
+
+
+def _post(base: str, event: dict[str, Any]) -> int:
+    headers, body = f.signed(event, f"msg_{event['data']['id']}")
+    return httpx.post(f"{base}/webhooks/clerk", content=body, headers=headers, timeout=10).status_code
+
+
+@pytest.mark.parametrize("multiproc", [False, True], ids=["plain", "PROMETHEUS_MULTIPROC_DIR"])
+def test_serve_hooks_under_sigterm_finishes_the_running_handler_and_gives_the_batch_back(
+        tmp_path: Path, multiproc: bool) -> None:
+    """Fixed: under SIGTERM (Kubernetes' stop) uvicorn re-raised the signal at the end of its shutdown and the
+    process died there, before serve's ``dispatcher.stop()``: the running handler was cut off mid-run and the
+    batch's jobs stayed ``running`` for their 60 s lease. With PROMETHEUS_MULTIPROC_DIR set it instead ran the
+    whole batch (outcome set by an unrelated variable). Now, either way: the running handler finishes, the jobs
+    not started are given back (pending, unclaimed), and the process still ends by SIGTERM."""
+    (tmp_path / "k8sfix_hooks.py").write_text(HOOKS_MODULE)
+    db = f"sqlite:///{tmp_path / 'serve.db'}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLERK_", "PROMETHEUS_"))}
+    env.update({"DATABASE_URL": db, "CLERK_WEBHOOK_SIGNING_SECRET": SECRET, "K8SFIX_DIR": str(tmp_path),
+                "PYTHONPATH": os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])})
+    if multiproc:
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path / "prom")
+    port = _port()
+    base = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-c", "from clerk_sync.cli import main; main()", "serve", "--port",
+                             str(port), "--hooks", "k8sfix_hooks:HOOKS"], env=env, cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "serve.err", "wb"))  # noqa: SIM115
+    runs = tmp_path / "runs.txt"
+    try:
+        wait_for_http(f"{base}/readyz", timeout=30, proc=proc)
+        for n in (1, 2, 3):
+            assert _post(base, _user(f"user_{n}")) == 200
+        deadline = time.monotonic() + 30
+        while not (runs.exists() and "start" in runs.read_text()):
+            assert time.monotonic() < deadline, "no hook started"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):  # the running handler holds the stop (it waits
+            proc.wait(timeout=2)  # for "go", up to --graceful-timeout's 25 s)
+        assert proc.poll() is None, "serve ended while its hook's handler was running"
+        (tmp_path / "go").touch()
+        code = proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    said = (tmp_path / "serve.err").read_text()
+    assert code == -signal.SIGTERM, said
+    assert runs.read_text().split("\n")[:2] == ["start user_1", "end user_1"], said
+    store = Store.from_url(db)
+    with store.connect() as conn:
+        left = conn.execute(sa.select(hook_jobs.c.status, hook_jobs.c.claim_token, hook_jobs.c.attempts)
+                            .order_by(hook_jobs.c.id)).all()
+    store.dispose()
+    assert [tuple(r) for r in left] == [("pending", None, 0), ("pending", None, 0)], said
+
+
+@pytest.mark.parametrize("db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
+def test_migrate_and_serve_mask_a_password_given_as_a_query_parameter(db_url: str, tmp_path: Path) -> None:
+    """Fixed: the CLI masked the URL with SQLAlchemy's ``hide_password``, which leaves ``?password=`` as it is:
+    ``migrate``'s summary and serve's start line printed it in clear (a pod's log kept it)."""
+    url = db_url + ("&" if "?" in db_url else "?") + "password=hunter2query&sslpassword=hunter3ssl"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLERK_", "PROMETHEUS_"))}
+    env.update({"DATABASE_URL": url, "CLERK_WEBHOOK_SIGNING_SECRET": SECRET})
+    cli = [sys.executable, "-c", "from clerk_sync.cli import main; main()"]
+    migrated = subprocess.run([*cli, "migrate"], env=env, capture_output=True, text=True, timeout=60)
+    assert migrated.returncode == 0, migrated.stderr
+    port = _port()
+    proc = subprocess.Popen([*cli, "serve", "--port", str(port), "--no-migrate"], env=env, text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/healthz", timeout=30, proc=proc)
+    finally:
+        proc.terminate()
+        _, served = proc.communicate(timeout=30)
+    for said in (migrated.stdout + migrated.stderr, served):
+        assert "already current" in said or "serving on" in said, said
+        assert "hunter2query" not in said and "hunter3ssl" not in said, said
+        assert "password=***" in said.replace("\n", "") and "sslpassword=***" in said.replace("\n", ""), said
