@@ -171,3 +171,108 @@ def test_migrate_and_serve_mask_a_password_given_as_a_query_parameter(db_url: st
         assert "already current" in said or "serving on" in said, said
         assert "hunter2query" not in said and "hunter3ssl" not in said, said
         assert "password=***" in said.replace("\n", "") and "sslpassword=***" in said.replace("\n", ""), said
+
+
+class _SilentableProxy:
+    """A TCP proxy to PostgreSQL that can go silent: while ``silent`` is set it stops relaying (sockets stay
+    open, the kernel still ACKs), as a hung PgBouncer or a cloud SQL proxy does to a connection mid-statement."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        import threading
+
+        self.target = target
+        self.silent = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", _port()))
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            self.sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        while True:
+            try:
+                data = src.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            while self.silent.is_set():  # held: never relayed, never answered
+                time.sleep(0.05)
+            try:
+                dst.sendall(data)
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.listener.close()
+        for s in self.sockets:
+            s.close()
+
+
+@pytest.mark.parametrize("db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
+def test_serve_exits_within_its_graceful_timeout_when_a_database_peer_went_silent(db_url: str, tmp_path: Path) -> None:
+    """Fixed: serve gave uvicorn no ``timeout_graceful_shutdown``: a delivery whose database connection's peer went
+    silent (no server-side timeout can fire: the server never sees the statement) kept its request, and so the
+    SIGTERM'd process, alive for ever (9.5 minutes until a SIGKILL, in the walkthrough). Now the requests get
+    --graceful-timeout (CLERK_SYNC_GRACEFUL_TIMEOUT_S) seconds, and the process exits at most 5 s after that
+    whatever thread still waits, saying why."""
+    from urllib.parse import urlsplit
+
+    where = urlsplit(db_url.replace("postgresql+psycopg", "postgresql"))
+    proxy = _SilentableProxy((where.hostname or "127.0.0.1", where.port or 5432))
+    url = db_url.replace(f"{where.hostname}:{where.port or 5432}", f"127.0.0.1:{proxy.port}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLERK_", "PROMETHEUS_"))}
+    env.update({"DATABASE_URL": url, "CLERK_WEBHOOK_SIGNING_SECRET": SECRET, "CLERK_SYNC_GRACEFUL_TIMEOUT_S": "1"})
+    port = _port()
+    base = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-c", "from clerk_sync.cli import main; main()", "serve", "--port",
+                             str(port), "--no-migrate"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=open(tmp_path / "serve.err", "wb"))  # noqa: SIM115
+    import threading
+
+    stuck: list[BaseException | int] = []
+
+    def post_stuck() -> None:
+        try:
+            stuck.append(_post(base, _user("user_2")))
+        except BaseException as exc:  # the connection closed under it: expected
+            stuck.append(exc)
+
+    try:
+        wait_for_http(f"{base}/readyz", timeout=30, proc=proc)
+        assert _post(base, _user("user_1")) == 200  # a pooled connection through the proxy
+        proxy.silent.set()
+        poster = threading.Thread(target=post_stuck, daemon=True)
+        poster.start()
+        poster.join(1.0)
+        assert not stuck, "the delivery did not wait on the silent connection"
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pytest.fail("serve did not exit 30 s after SIGTERM (a request on a silent database connection held it)")
+        took = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proxy.close()
+    said = (tmp_path / "serve.err").read_text()
+    assert code in (-signal.SIGTERM, 128 + signal.SIGTERM), said
+    assert took < 1 + 5 + 3, (took, said)  # --graceful-timeout 1, + the 5 s margin (+ a process' exit)
+    if code == 128 + signal.SIGTERM:  # the exit timer's: one line (not wrapped) saying why
+        assert "error: the shutdown outlived 6 s (a request, hook or database call that does not end" in said, said
+    assert "clerk-sync serving on http://127.0.0.1:" in said.splitlines()[0] and "(postgresql" in said.splitlines()[0]

@@ -175,7 +175,7 @@ def _exit_after(seconds: float, code: int) -> None:
     def fire() -> None:
         console.print(f"[red]error:[/] the shutdown outlived {seconds:g} s (a request, hook or database call "
                       "that does not end: the log above may say which); exiting now. In-flight deliveries are "
-                      "retried by Svix, claimed hook jobs run again after their lease")
+                      "retried by Svix, claimed hook jobs run again after their lease", soft_wrap=True)
         os._exit(code)
 
     timer = threading.Timer(seconds, fire)
@@ -253,7 +253,8 @@ def _listen(host: str, port: int) -> socket.socket:
 
 def _announce(settings: Settings, host: str, sock: socket.socket) -> None:
     where = f"http://{host}:{sock.getsockname()[1]}"
-    console.print(f"clerk-sync serving on {where}/webhooks/clerk ({_safe(settings)})")
+    # one line, as a log pipeline reads it (rich wrapped it at 80 columns when stderr is no terminal)
+    console.print(f"clerk-sync serving on {where}/webhooks/clerk ({_safe(settings)})", soft_wrap=True)
     if settings.console_enabled:
         console.print(f"operator console on {where}/console")
 
