@@ -37,7 +37,7 @@ def test_a_backfill_that_refused_rows_exits_1_naming_them(tmp_path: Path) -> Non
     migrations.upgrade(engine)
     with engine.begin() as conn:
         conn.execute(sa.text("CREATE TABLE accounts (id INTEGER PRIMARY KEY AUTOINCREMENT, email VARCHAR(320), "
-                             "nick VARCHAR(8))"))
+                             "nick VARCHAR(8) NOT NULL)"))
     engine.dispose()
     store = Store.from_url(url)
     with store.transaction() as writer:
@@ -74,7 +74,7 @@ def test_flask_clerk_sync_migrate_backfill_exits_1_too(tmp_path: Path) -> None:
     migrations.upgrade(engine)
     with engine.begin() as conn:
         conn.execute(sa.text("CREATE TABLE accounts (id INTEGER PRIMARY KEY AUTOINCREMENT, email VARCHAR(320), "
-                             "nick VARCHAR(8))"))
+                             "nick VARCHAR(8) NOT NULL)"))
     engine.dispose()
     namespace: dict[str, object] = {}
     exec(_APP_MODULE, namespace)  # noqa: S102 (this module's own text)

@@ -56,7 +56,8 @@ hooks_app = typer.Typer(help="Inspect and repair the after-commit hook queue (de
 @dataclass(frozen=True, slots=True)
 class MappingMigrated:
     """What :func:`migrate_mapping` did: the lines to print (iterating gives them), and how many rows the
-    backfill could not write (``refused``: the commands exit 1, work left undone, as ``replay`` does)."""
+    backfill could not write whole (``refused``: refused, or written without the columns the user sets in Clerk
+    that the app's table refused; the commands exit 1, work left undone, as ``replay`` does)."""
 
     lines: list[str]
     refused: int = 0
@@ -113,10 +114,11 @@ def migrate_mapping(store: Store, schema: SchemaMapping, *, backfill: bool = Fal
             with store.transaction() as writer:
                 record_audit(writer, AuditEntry(BACKFILLED, None, details={"started_at": started,
                                                                            "counts": dict(counts)}))
-        else:
+        if refused:
             lines.append(f"mapping: {refused} row(s) refused, not written (the warnings above, backfill_row_refused, "
                          "say why: an ambiguous link, the table's own constraint, a compute that raised); fix what "
                          "they name, then run the backfill again (it is idempotent)")
+        refused += kept_back
     return MappingMigrated(lines, refused)
 
 
