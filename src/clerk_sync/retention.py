@@ -679,10 +679,11 @@ def _pass_deletion_on(writer: Writer, outbox: Outbox, clerk_id: str) -> None:
         outbox.record(Change(Entity.USER, clerk_id, "deleted", int(writer.now.timestamp() * 1000), {}))
         return
     columns = [m.c[name] for name in FIELDS[Entity.MEMBERSHIP]]
-    for member in writer.conn.execute(sa.select(*columns).where(m.c.user_clerk_id == clerk_id,
-                                                                 m.c.deleted_at == row.deleted_at)).all():
-        values = dict(member._mapping)
-        outbox.record(Change(Entity.MEMBERSHIP, values["clerk_id"], "deleted", row.clerk_updated_at, values))
+    members = writer.conn.execute(sa.select(*columns).where(m.c.user_clerk_id == clerk_id,
+                                                             m.c.deleted_at == row.deleted_at)).all()
+    # set-wise, as the deletion's own cascade (a user in thousands of organizations: a few statements)
+    outbox.record_many([Change(Entity.MEMBERSHIP, values["clerk_id"], "deleted", row.clerk_updated_at, values)
+                        for values in (dict(member._mapping) for member in members)])
     erased_at = max(int(writer.now.timestamp() * 1000), row.clerk_updated_at + 1)
     outbox.record(Change(Entity.USER, clerk_id, "deleted", erased_at, {}))
 
