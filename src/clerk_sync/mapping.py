@@ -401,14 +401,20 @@ class SchemaMapping:
                              unique=True)
         return table
 
-    def user_writable(self, entity: Entity) -> list[str]:
+    def user_writable(self, entity: Entity) -> list[list[str]]:
         """The mapped columns of ``entity``'s table whose value the user chooses in Clerk (see
-        :meth:`Column.user_writable`): what :meth:`project` leaves out (``leave_out``) when the app's table
-        refused the whole row, so that the columns the user cannot write (role, ban, a plan) still land."""
+        :meth:`Column.user_writable`), as the steps in which :meth:`project` leaves them out (``leave_out``)
+        when the app's table refused the whole row, so that the columns the user cannot write (role, ban, a
+        plan) still land: first the sourced ones alone, so that a computed column (an ``is_admin`` from the
+        role) is still written; then the computes too (one that raised, or that the table refuses). Empty
+        steps are left out."""
         mapped = self.tables.get(entity)
         if mapped is None:
             return []
-        return [name for name, col in mapped.resolved().items() if col.user_writable(entity)]
+        columns = mapped.resolved()
+        sourced = [name for name, col in columns.items() if col.compute is None and col.user_writable(entity)]
+        every = [name for name, col in columns.items() if col.user_writable(entity)]
+        return [step for step in ([sourced] if sourced else []) + ([every] if every != sourced else [])]
 
     def project(self, conn: Connection, now: datetime, change: Change, *,
                 leave_out: Sequence[str] = ()) -> None:
@@ -637,13 +643,15 @@ class SchemaMapping:
         for change in changes:
             refusal = self._backfill_row(conn, now, change)
             if refusal is not None and not isinstance(refusal, LinkUnverified | LinkAmbiguous) \
-                    and change.kind != "deleted" and (leave_out := self.user_writable(entity)) \
-                    and self._backfill_row(conn, now, change, leave_out) is None:
-                # written without the user's own columns (see Outbox.project): the admin's land
-                log.warning("backfill_row_kept_back", table=self.tables[entity].table, clerk_id=change.clerk_id,
-                            reason=_reason(refusal), kept_back=leave_out)
-                counts["kept_back"] = counts.get("kept_back", 0) + 1
-                refusal = None
+                    and change.kind != "deleted":
+                for leave_out in self.user_writable(entity):
+                    if self._backfill_row(conn, now, change, leave_out) is None:
+                        # written without the user's own columns (see Outbox.project): the admin's land
+                        log.warning("backfill_row_kept_back", table=self.tables[entity].table,
+                                    clerk_id=change.clerk_id, reason=_reason(refusal), kept_back=leave_out)
+                        counts["kept_back"] = counts.get("kept_back", 0) + 1
+                        refusal = None
+                        break
             if refusal is not None:
                 self._backfill_refused(entity, change, _reason(refusal), counts)
                 continue

@@ -224,9 +224,10 @@ class Outbox:
                 return
             reason, kind = refusal
             if kind in _KEPT_BACK_KINDS and change.kind != "deleted":
-                leave_out = self.mapping.user_writable(change.entity)
-                if leave_out and self._attempt(change, leave_out) is None:
-                    kept_back = leave_out
+                for leave_out in self.mapping.user_writable(change.entity):  # the sourced ones, then computes too
+                    if self._attempt(change, leave_out) is None:
+                        kept_back = leave_out
+                        break
         table = self.mapping.tables[change.entity].table
         if kept_back:
             advice = (f"it is applied to clerk-sync's tables, and written to {table} without the columns the user "
