@@ -111,6 +111,11 @@ def fastapi_app(settings: Settings) -> tuple[FastAPI, Store]:
     def org_any(auth: Auth = Depends(clerk.require_org_role(*ANY_ROLE))) -> dict[str, Any]:
         return {"org": auth.org_id, "role": auth.org_role}
 
+    # the guard in the route's dependencies, the view reading current_auth: the same confirmed role
+    @app.get("/org/any-current", dependencies=[Depends(clerk.require_org_role(*ANY_ROLE))])
+    async def org_any_current(auth: Auth = Depends(clerk.current_auth)) -> dict[str, Any]:
+        return {"org": auth.org_id, "role": auth.org_role}
+
     return app, processor.store
 
 
@@ -121,7 +126,7 @@ def test_fastapi_org_role_is_confirmed_against_the_membership_row(db_url: str) -
         try:
             with running(app, port=port) as url, httpx.Client(base_url=url, timeout=30) as http:
                 org_role_scenario(clerk, lambda path, tok: http.get(path, headers=bearer(tok)),
-                                  ["/org/admin"], ["/org/any"])
+                                  ["/org/admin"], ["/org/any", "/org/any-current"])
         finally:
             store.dispose()
 

@@ -157,7 +157,9 @@ class ClerkAuth(Generic[UserT]):
 
         async def dependency(request: Request) -> Auth:
             auth = Authenticator.require_org_role(await self.current_auth(request), *roles)  # a "no" reads nothing
-            return await run_in_threadpool(self.authenticator.confirm_org_role, auth, *roles)
+            confirmed = await run_in_threadpool(self.authenticator.confirm_org_role, auth, *roles)
+            request.scope["clerk_auth"] = confirmed  # the rest of the request (current_auth) sees the database's role
+            return confirmed
 
         return dependency
 
