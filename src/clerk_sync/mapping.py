@@ -729,6 +729,11 @@ class _Projection:
         # not one (see values); a string column's declared length, checked on every store (see fits)
         self.scalar = frozenset(n for n, c in self.columns.items()
                                 if c.compute is None and isinstance(table.c[n].type, _SCALAR_TYPES))
+        # (an unbounded text takes a list or object as its JSON text, as transform="json" writes it: MariaDB's
+        # JSON columns reflect as LONGTEXT, and the object was written as NULL there while SQLite and
+        # PostgreSQL's json columns stored it: review)
+        self.unbounded_text = frozenset(n for n in self.scalar if isinstance(type_ := table.c[n].type, sa.String)
+                                        and not isinstance(type_, sa.Enum) and not type_.length)
         self.bounded = {n: length for n in self.columns
                         if isinstance(type_ := table.c[n].type, sa.String) and not isinstance(type_, sa.Enum)
                         and (length := type_.length)}
@@ -772,12 +777,16 @@ class _Projection:
         """The mapped columns' values of a created/updated ``record`` (but those in ``leave_out``). A metadata
         path's list or object for a column of one scalar (``public_metadata.role`` ``["admin"]`` into a text
         column) is no value of it: the Column's default instead, logged (PostgreSQL's driver would have stored
-        the array literal ``{admin}``, SQLite's refused the row); ``transform="json"`` writes it as JSON text."""
+        the array literal ``{admin}``, SQLite's refused the row); ``transform="json"`` writes it as JSON text, as
+        does a column of unbounded text (``TEXT``; MariaDB's ``JSON``, which reflection sees as ``LONGTEXT``)."""
         values = {name: col.value(record) for name, col in self.columns.items() if name not in leave_out}
         for name in self.scalar:
             value = values.get(name)
             if isinstance(value, list | dict):
                 col = self.columns[name]
+                if name in self.unbounded_text:  # TEXT, and MariaDB's JSON (a LONGTEXT to reflection): as JSON
+                    values[name] = TRANSFORMS["json"](value)
+                    continue
                 values[name] = col.default if not isinstance(col.default, list | dict) else None
                 log.warning("mapped_value_not_scalar", table=self.m.table, column=name, source=col.source,
                             clerk_id=record.get("clerk_id"), kind=type(value).__name__,
