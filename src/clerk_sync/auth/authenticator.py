@@ -70,9 +70,12 @@ class DenyList:
 
     Serves :class:`~clerk_sync.auth.sessions.RevocationCheck`. A periodic refresh (not a query per
     request) keeps the protected path cheap; replicas see a revocation within ``refresh_s``.
-    Refreshes are incremental: rows written since the last refresh *minus a margin*, because on
-    PostgreSQL transactions commit out of id/timestamp order (a revocation inserted first can become
-    visible last). Expired revocations are dropped, so the set stays the size of live sessions. Every
+    Refreshes are incremental: rows stamped no earlier than the latest stamp already read *minus a
+    margin*, because on PostgreSQL transactions commit out of id/timestamp order (a revocation inserted
+    first can become visible last). That watermark comes from the rows (``revoked_sessions.revoked_at``,
+    ``users.updated_at``: the webhook receiver's clock), never from this process's clock, so a receiver
+    whose clock is behind this host's (by more than the margin) does not hide its revocations. Expired
+    revocations are dropped, so the set stays the size of live sessions. Every
     ``full_every_s`` a refresh reads everything again: a ban whose transaction committed later than the
     margin after it began (database timeouts disabled) is then seen too, not missed until a restart.
     """
@@ -91,7 +94,8 @@ class DenyList:
         # user id -> when the lock of a user blocked as "locked" ends (ms). Clerk sends nothing when a lockout
         # expires (no event, no updated_at), so no refresh would see it: the end is compared at lookup.
         self._lock_ends: dict[str, int] = {}
-        self._since: datetime | None = None
+        # The latest revoked_at / users.updated_at read (the writers' clocks; None: none yet, an empty table).
+        self._marks: tuple[datetime | None, datetime | None] = (None, None)
         self._loaded_at: float | None = None
         self._lock = threading.Lock()
 
@@ -123,33 +127,45 @@ class DenyList:
 
     def refresh(self) -> None:
         """Read revocations and user bans/deletions changed since the last refresh (all, the first time)."""
-        started = self._wall()
-        now_ms = int(started.timestamp() * 1000)
+        now_ms = self.now_ms()
         r, u = revoked_sessions, users
         live = sa.or_(r.c.expire_at.is_(None), r.c.expire_at > now_ms)
-        revocations = sa.select(r.c.session_id, r.c.expire_at).where(live)
+        revocations = sa.select(r.c.session_id, r.c.expire_at, r.c.revoked_at).where(live)
         changed_users = sa.select(u.c.clerk_id, u.c.banned, u.c.deleted_at, u.c.deprovisioned, u.c.locked,
-                                  u.c.locked_until, u.c.clerk_updated_at, u.c.lock_version)
-        since = self._since
-        full = since is None or self._full_at is None or self._now() - self._full_at >= self._full_every_s
-        if since is None or full:
+                                  u.c.locked_until, u.c.clerk_updated_at, u.c.lock_version, u.c.updated_at)
+        full = self._full_at is None or self._now() - self._full_at >= self._full_every_s
+        revoked_mark, user_mark = self._marks
+        if full:
             lock_lasts = sa.and_(u.c.locked.is_(True), sa.or_(  # (no end, a future one, or one not believed)
                 u.c.locked_until.is_(None), u.c.locked_until > now_ms, u.c.locked_until < u.c.clerk_updated_at,
                 u.c.lock_version.is_(None), u.c.lock_version != u.c.clerk_updated_at))
             changed_users = changed_users.where(sa.or_(u.c.banned.is_(True), u.c.deleted_at.is_not(None),
                                                        u.c.deprovisioned.is_(True), lock_lasts))
+            # The watermarks of a full reload: the latest stamps in the tables (read first: a row committed
+            # after is stamped no earlier than them minus the margin, as for an incremental refresh).
+            latest = sa.select(sa.select(sa.func.max(r.c.revoked_at)).scalar_subquery(),
+                               sa.select(sa.func.max(u.c.updated_at)).scalar_subquery())
         else:
-            revocations = revocations.where(r.c.revoked_at >= since - self._margin)
-            changed_users = changed_users.where(u.c.updated_at >= since - self._margin)
+            # Rows stamped since the latest stamp read, minus the margin, by the writers' clocks (the
+            # receiver's): this host's clock is no measure of theirs. No stamp yet (an empty table): all.
+            if revoked_mark is not None:
+                revocations = revocations.where(r.c.revoked_at >= revoked_mark - self._margin)
+            if user_mark is not None:
+                changed_users = changed_users.where(u.c.updated_at >= user_mark - self._margin)
         with self._store.connect() as conn:
+            if full:
+                revoked_mark, user_mark = conn.execute(latest).one()
             new_revocations = conn.execute(revocations).all()
             user_rows = conn.execute(changed_users).all()
         # A full reload is the whole truth (what is no longer blocked or revoked goes too), built aside and
         # swapped in: other threads keep reading the previous sets meanwhile, never an emptied one.
         revoked, blocked, lock_ends = ({}, {}, {}) if full else (self._revoked, self._blocked_users, self._lock_ends)
-        for session_id, expire_at in new_revocations:
+        for session_id, expire_at, revoked_at in new_revocations:
             revoked[session_id] = expire_at
-        for clerk_id, banned, deleted_at, deprovisioned, locked, locked_until, version, lock_version in user_rows:
+            revoked_mark = _later(revoked_mark, revoked_at)
+        for (clerk_id, banned, deleted_at, deprovisioned, locked, locked_until, version, lock_version,
+             updated_at) in user_rows:
+            user_mark = _later(user_mark, updated_at)
             reason = _block_reason(banned, deleted_at, deprovisioned, locked)
             locked_until = believed_end(locked_until, version, lock_version)  # (an earlier lock's end is none)
             # (the end first: a reader between the two sees a "locked" with its end, or the old entry)
@@ -166,7 +182,7 @@ class DenyList:
             self._full_at = self._now()
         for session_id in [s for s, exp in self._revoked.items() if exp is not None and exp <= now_ms]:
             del self._revoked[session_id]
-        self._since = started
+        self._marks = (revoked_mark, user_mark)
         self._loaded_at = self._now()
 
     def refresh_if_due(self) -> None:
@@ -180,6 +196,10 @@ class DenyList:
                     self.refresh()
             finally:
                 self._lock.release()
+
+
+def _later(mark: datetime | None, stamp: datetime | None) -> datetime | None:
+    return stamp if mark is None or (stamp is not None and stamp > mark) else mark
 
 
 def _block_reason(banned: bool, deleted_at: datetime | None, deprovisioned: bool, locked: bool) -> str | None:
