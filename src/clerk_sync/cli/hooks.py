@@ -286,6 +286,9 @@ def worker(
         callback=_positive, help="Seconds a claim lasts (a heartbeat extends it every third of it).")] = 60.0,
     vacuum_every: Annotated[int, typer.Option(
         min=0, help="PostgreSQL: VACUUM the outbox after so many finished jobs (0: leave it to autovacuum).")] = 1000,
+    max_overdue: Annotated[int, typer.Option(
+        min=1, help="The most runs of one hook past its timeout_s left running (their jobs stay claimed): a "
+        "hook at it has no new job claimed until one of its runs ends; the other hooks' jobs go on.")] = 4,
     metrics_port: Annotated[int | None, typer.Option(
         min=1, max=65535, help="Serve this worker's hook series (clerk_sync_hook_runs_total, _seconds, "
         "_overdue_total) at http://HOST:PORT/metrics.")] = None,
@@ -303,10 +306,11 @@ def worker(
     store = Store.from_settings(settings, hooks=load_hooks(hooks))
     with _own_metrics_dir():
         if once:
-            _run_once(store, batch=batch, lease_s=lease, poll_s=poll, vacuum_every=vacuum_every)
+            _run_once(store, batch=batch, lease_s=lease, poll_s=poll, vacuum_every=vacuum_every,
+                      max_overdue=max_overdue)
             return
         _run_forever(store, Metrics(), batch=batch, lease_s=lease, poll_s=poll, vacuum_every=vacuum_every,
-                     metrics_port=metrics_port, metrics_host=metrics_host)
+                     max_overdue=max_overdue, metrics_port=metrics_port, metrics_host=metrics_host)
 
 
 @contextlib.contextmanager

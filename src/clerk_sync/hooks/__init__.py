@@ -14,7 +14,7 @@ import contextvars
 import dataclasses
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -95,9 +95,11 @@ class Dispatcher:
     is *overdue*: the dispatcher goes on with other jobs, the job stays claimed (the heartbeat keeps its
     lease, across batches and polls, for as long as the run lasts: it never runs twice at once), later
     jobs of its entity wait, and the run's outcome is recorded at the first turn after it ended. At most
-    ``max_overdue`` runs are overdue at once: at that bound the dispatcher claims nothing new until one
-    ends. :meth:`stop` does not wait for them; when the process ends, their leases expire and another
-    dispatcher runs those jobs again (at least once).
+    ``max_overdue`` runs *of one hook* are overdue at once: a hook at that bound has no job claimed (nor
+    started: one already claimed is given back) by this dispatcher until one of its runs ends, while the
+    other hooks' jobs go on (a hook whose external API hangs stops itself, not every hook). :meth:`stop`
+    does not wait for them; when the process ends, their leases expire and another dispatcher runs those
+    jobs again (at least once).
     """
 
     def __init__(self, store: Store, *, backoff: Backoff | None = None, lease_s: float = 60.0, batch: int = 500,
@@ -145,15 +147,15 @@ class Dispatcher:
         self._running: tuple[Job, datetime] | None = None  # the job whose handler runs now, since when
         self._warned: tuple[Job, datetime] | None = None  # the run (of _running) the slow-handler line was said of
         if not max_overdue >= 1:
-            raise ValueError(f"max_overdue must be at least 1 (handler runs past their hook's timeout_s this "
-                             f"dispatcher may leave running), not {max_overdue}")
+            raise ValueError(f"max_overdue must be at least 1 (handler runs of one hook past its timeout_s "
+                             f"this dispatcher may leave running), not {max_overdue}")
         self.max_overdue = max_overdue
         self._timeouts: dict[str, float | None] = {h.name: h.timeout_s for h in store.hooks}
         # Runs past their hook's timeout_s, by job id: their jobs stay claimed (the heartbeat extends them, as
         # _held's) until the run ends and a turn records its outcome (_reap). Changed by the dispatcher's
         # thread only, under _held_lock.
         self._overdue: dict[int, _Run] = {}
-        self._bound_said = False  # the max_overdue line was said since the bound was last reached
+        self._bound_said: set[str] = set()  # the hooks the max_overdue line was said of since they reached it
         self._in_batch = False  # a batch runs (the heartbeat beats while one does, or a run is overdue)
         self._beater: tuple[threading.Thread, threading.Event] | None = None  # the heartbeat thread, its stop
 
@@ -173,19 +175,22 @@ class Dispatcher:
         when another dispatcher could already be taking them over.
         """
         self._reap()
-        if self._at_bound():
+        full = self._hooks_at_bound()
+        hooks = tuple(name for name in self._hook_names if name not in full)
+        if not hooks:  # every hook of this dispatcher is at max_overdue: nothing to claim until a run ends
             self._claimed_full = False
             return 0
         claimed_at = self._now()
         limit = self.claim_limit
         with self._bookkeeping() as conn:
             jobs = claim(conn, claimed_at, lease=self.lease, limit=limit, max_attempts=self.backoff.max_attempts,
-                         hooks=self._hook_names)
+                         hooks=hooks)
         self._claimed_full = len(jobs) >= limit
         ran = started = 0  # jobs[started:] have not started: given back if the batch is abandoned
         done: list[tuple[Job, float]] = []  # the jobs that succeeded, and how long their handlers took
         finished = False
         interrupted: Job | None = None  # stopped mid-run: given back too (see _interruptible)
+        given_back: set[int] = set()  # jobs of a hook that reached max_overdue in this batch, released already
         try:
             with self._heartbeat() if jobs else nullcontext():
                 for n, job in enumerate(jobs):
@@ -193,9 +198,22 @@ class Dispatcher:
                     # than run here past the stop's wait (a Kubernetes grace period) or held for the lease
                     stopping = self._stop.is_set()
                     late = not stopping and self._now() >= claimed_at + self.lease * 0.8
-                    if stopping or late or self._at_bound(released=len(jobs) - n):  # (a run went overdue)
+                    if job.id in given_back:
+                        started = n + 1
+                        continue
+                    if not stopping and not late and job.hook in self._hooks_at_bound(jobs[n:]):
+                        # a run of its hook went overdue in this batch, the hook at its bound: the batch's jobs
+                        # of that hook not started are given back now, due at once (their claim's attempt not
+                        # counted), while the other hooks' jobs go on
+                        rest = [j for j in jobs[n:] if j.hook == job.hook]
                         with self.store.transaction() as writer:
-                            release(writer.conn, jobs[n:])
+                            release(writer.conn, rest)
+                        given_back.update(j.id for j in rest)
+                        started = n + 1
+                        continue
+                    if stopping or late:
+                        with self.store.transaction() as writer:
+                            release(writer.conn, [j for j in jobs[n:] if j.id not in given_back])
                         started = len(jobs)
                         if stopping:
                             log.info("hook dispatch stopping; the batch's jobs not started are given back",
@@ -223,7 +241,8 @@ class Dispatcher:
                     finished = True  # (attempted: a failure of it is not retried below, its jobs maybe committed)
                     self._finish(done)
         except BaseException:  # a failure's bookkeeping raised, or a stop: the jobs not started are given back
-            self._give_back(jobs[started:], interrupted)  # now, not left claimed for a lease and charged an attempt
+            # now, not left claimed for a lease and charged an attempt
+            self._give_back([j for j in jobs[started:] if j.id not in given_back], interrupted)
             raise
         finally:  # also when the bookkeeping failed (a database blip): the heartbeat must not keep them
             if done and not finished:  # a failure's or a lease's bookkeeping raised mid-batch: the jobs that
@@ -444,18 +463,36 @@ class Dispatcher:
             for run in runs:
                 del self._overdue[run.job.id]
 
-    def _at_bound(self, **said: Any) -> bool:
-        """Whether ``max_overdue`` runs are overdue: the dispatcher then claims, and starts, nothing new until
-        one ends. Said once each time the bound is reached."""
-        if len(self._overdue) < self.max_overdue:
-            self._bound_said = False
-            return False
-        if not self._bound_said:
-            self._bound_said = True
-            log.warning("hook runs overdue at max_overdue: this dispatcher claims nothing new until one ends "
-                        "(give the handlers' network calls a timeout, or raise the hook's timeout_s)",
-                        max_overdue=self.max_overdue, jobs=sorted(self._overdue), **said)
-        return True
+    def overdue_by_hook(self) -> dict[str, int]:
+        """How many runs of each hook are overdue now (past its ``timeout_s``, their jobs still claimed; an
+        ended run counts until a turn records it)."""
+        with self._held_lock:
+            runs = list(self._overdue.values())
+        counts: dict[str, int] = {}
+        for run in runs:
+            counts[run.job.hook] = counts.get(run.job.hook, 0) + 1
+        return counts
+
+    def _hooks_at_bound(self, batch: Sequence[Job] = ()) -> set[str]:
+        """The hooks with ``max_overdue`` runs overdue: this dispatcher claims, and starts, none of their jobs
+        until one of their runs ends; the other hooks' jobs go on. Said once a hook, each time it reaches it
+        (with how many of ``batch``'s jobs, not started, it gives back)."""
+        counts = self.overdue_by_hook()
+        full = {hook for hook, n in counts.items() if n >= self.max_overdue}
+        self._bound_said &= full  # a hook back under its bound is said again when it reaches it next
+        for hook in sorted(full - self._bound_said):
+            self._bound_said.add(hook)
+            with self._held_lock:
+                jobs = sorted(job_id for job_id, run in self._overdue.items() if run.job.hook == hook)
+            others = [name for name in self._hook_names if name not in full]
+            said: dict[str, Any] = {"released": n} if (n := sum(j.hook == hook for j in batch)) else {}
+            log.warning("hook runs overdue at max_overdue: this dispatcher claims none of this hook's jobs until "
+                        "one of its runs ends"
+                        + (", and goes on with the other hooks' jobs" if others else " (it has no other hook)")
+                        + " (give the handler's network calls a timeout, or raise the hook's timeout_s, or "
+                        "clerk-sync worker --max-overdue)", hook=hook, max_overdue=self.max_overdue, jobs=jobs,
+                        **said)
+        return full
 
     def warn_if_slow(self) -> bool:
         """Log, once a job, a handler running for more than ``slow_handler_s`` (the heartbeat calls it);
