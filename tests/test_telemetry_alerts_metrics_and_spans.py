@@ -178,6 +178,57 @@ def test_a_dead_staging_endpoint_fires_while_prod_is_healthy_and_the_alert_names
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def _retrying(alert: str, job: str, hook: str) -> dict[str, Any]:
+    rule = _rules()[alert]
+    shown = {k: v.replace("{{ $labels.hook }}", hook) for k, v in rule["annotations"].items()}
+    return {"exp_labels": {**rule["labels"], "job": job, "hook": hook}, "exp_annotations": shown}
+
+
+def test_a_hook_failing_its_runs_for_15_minutes_fires_before_its_jobs_die_and_stays_firing_across_its_backoff(
+        tmp_path: Path) -> None:
+    """Fixed: a downstream outage raised no alert for about 4 hours. The failing jobs wait on their backoff, not
+    due, so ClerkSyncHooksBehind (the oldest *due* job) never saw them, and ClerkSyncHookJobsDead fires only once
+    they die. ClerkSyncHookRetries fires on the share of a hook's runs that end in a retry, per install and hook:
+    staging's crm fails every run from minute 10 (prod's mail, 1 run in 11 a retry, and staging's healthy mail do
+    not fire); a quiet hook whose one job's retries come an hour apart keeps it firing between them, and it ends
+    within the hour after the hook recovered."""
+    alert = "ClerkSyncHookRetries"
+    cases = [
+        {
+            "interval": "1m",
+            "input_series": [
+                _series("clerk_sync_hook_runs_total", "prod", "0+10x120", hook="mail", outcome="ok"),
+                _series("clerk_sync_hook_runs_total", "prod", "0+1x120", hook="mail", outcome="retry"),
+                _series("clerk_sync_hook_runs_total", "staging", "0+5x120", hook="mail", outcome="ok"),
+                _series("clerk_sync_hook_runs_total", "staging", "0+5x10 50x110", hook="crm", outcome="ok"),
+                _series("clerk_sync_hook_runs_total", "staging", "0x10 0+6x110", hook="crm", outcome="retry"),
+            ],
+            "alert_rule_test": [
+                {"eval_time": "20m", "alertname": alert, "exp_alerts": []},  # failing, not yet for 15 min
+                {"eval_time": "40m", "alertname": alert, "exp_alerts": [_retrying(alert, "staging", "crm")]},
+                {"eval_time": "110m", "alertname": alert, "exp_alerts": [_retrying(alert, "staging", "crm")]},
+            ],
+        },
+        {  # one job of a quiet hook: retries every minute for 30 min, then at the backoff's hour; back at 170m
+            "interval": "1m",
+            "input_series": [
+                _series("clerk_sync_hook_runs_total", "staging", "1+1x30 31x59 32x59 33x59 33x200", hook="sms",
+                        outcome="retry"),
+                _series("clerk_sync_hook_runs_total", "staging", "_x169 0+2x200", hook="sms", outcome="ok"),
+            ],
+            "alert_rule_test": [
+                {"eval_time": "10m", "alertname": alert, "exp_alerts": []},
+                {"eval_time": "20m", "alertname": alert, "exp_alerts": [_retrying(alert, "staging", "sms")]},
+                {"eval_time": "80m", "alertname": alert, "exp_alerts": [_retrying(alert, "staging", "sms")]},
+                {"eval_time": "140m", "alertname": alert, "exp_alerts": [_retrying(alert, "staging", "sms")]},
+                {"eval_time": "240m", "alertname": alert, "exp_alerts": []},
+            ],
+        },
+    ]
+    result = _run_rule_tests(tmp_path, ALERTS, cases)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_the_rules_check_and_their_header_says_which_label_is_an_install() -> None:
     checked = subprocess.run([_promtool(), "check", "rules", str(ALERTS)], capture_output=True, text=True,
                              timeout=60, check=False)
