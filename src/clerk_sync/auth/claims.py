@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
+
+import structlog
 
 from clerk_sync._limits import show
 from clerk_sync.errors import (
@@ -28,6 +32,8 @@ from clerk_sync.errors import (
 __all__ = ["Auth", "ClaimsValidator", "auth_from_claims", "normalize_claims"]
 
 _REQUIRED = ("sub", "sid", "exp")
+
+log = structlog.get_logger("clerk_sync.auth")
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,17 +109,59 @@ class ClaimsValidator:
             raise TokenMalformed("claim 'act' (the impersonating actor) is not an object")
 
     def validate_live(self, auth: Auth, now: float) -> None:
-        """``exp``/``nbf``/``iat`` against ``now`` with the leeway, and a pending ``sts``."""
+        """``exp``/``nbf``/``iat`` against ``now`` with the leeway, and a pending ``sts``.
+
+        The refusals say by how many seconds, and point to this host's clock: a host whose clock is ahead
+        of Clerk's by more than a token's lifetime (60 s by default) plus the leeway refuses every fresh
+        token as expired; one behind by more than the leeway refuses them as not valid yet (``nbf``,
+        ``iat``), which is also logged (``session_token_from_the_future``, at most once a minute)."""
         leeway = self.leeway_s
         if auth.expires_at <= now - leeway:
-            raise TokenExpired("session token expired")
+            iat = auth.claims.get("iat")
+            lifetime = f" (it was valid for {_secs(auth.expires_at - iat)})" if _number(iat) else ""
+            raise TokenExpired(f"session token expired {_secs(now - auth.expires_at)} ago{lifetime}, beyond the "
+                               f"{_secs(leeway)} leeway: send a fresh one (Clerk's front end refreshes it). If "
+                               f"freshly issued tokens are refused so too, this host's clock is ahead: sync it "
+                               f"(NTP); CLERK_SYNC_SESSION_LEEWAY_S (at most 300) widens the tolerance meanwhile")
         nbf, iat = auth.claims.get("nbf"), auth.claims.get("iat")
-        if isinstance(nbf, int | float) and nbf > now + leeway:
-            raise TokenNotYetValid("session token not valid yet (nbf)")
-        if isinstance(iat, int | float) and iat > now + leeway:
-            raise TokenIssuedInFuture("session token issued in the future (iat)")
+        for name, value, error in (("nbf", nbf, TokenNotYetValid), ("iat", iat, TokenIssuedInFuture)):
+            if _number(value) and value > now + leeway:
+                ahead = _secs(value - now)
+                _warn_skew(name, value - now, leeway)
+                what = "not valid yet" if name == "nbf" else "issued in the future"
+                raise error(f"session token {what}: its {name} is {ahead} ahead of this host's clock, beyond the "
+                            f"{_secs(leeway)} leeway: this host's clock is likely behind Clerk's: sync it (NTP); "
+                            f"CLERK_SYNC_SESSION_LEEWAY_S (at most 300) widens the tolerance meanwhile")
         if auth.status == "pending" and self.pending_is_signed_out:
             raise SessionPending("session is pending (sts): treated as signed out")
+
+
+def _number(value: object) -> TypeGuard[float]:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _secs(seconds: float) -> str:
+    return f"{seconds:.0f} s" if abs(seconds) >= 10 else f"{seconds:.1f} s".replace(".0 s", " s")
+
+
+_skew_warned: list[float] = []  # when this process last logged session_token_from_the_future (monotonic)
+_skew_lock = threading.Lock()
+_SKEW_WARN_EVERY_S = 60.0
+
+
+def _warn_skew(claim: str, ahead_s: float, leeway_s: float) -> None:
+    """One WARNING a minute at most: a token stamped in this host's future says its clock is behind
+    (the 401s alone tell an operator nothing: the clients see them)."""
+    at = time.monotonic()
+    with _skew_lock:
+        if _skew_warned and at - _skew_warned[0] < _SKEW_WARN_EVERY_S:
+            return
+        _skew_warned[:] = [at]
+    log.warning("session_token_from_the_future", claim=claim, ahead_s=round(ahead_s, 1), leeway_s=leeway_s,
+                problem="a session token is stamped in this host's future: its clock is likely behind Clerk's, "
+                        "and every fresh token is refused (401) while it is",
+                fix="sync this host's clock (NTP); CLERK_SYNC_SESSION_LEEWAY_S (at most 300) widens the "
+                    "tolerance meanwhile")
 
 
 def auth_from_claims(claims: Mapping[str, Any]) -> Auth:
