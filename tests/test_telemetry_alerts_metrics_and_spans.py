@@ -178,7 +178,7 @@ def test_a_dead_staging_endpoint_fires_while_prod_is_healthy_and_the_alert_names
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def _retrying(alert: str, job: str, hook: str) -> dict[str, Any]:
+def _fires_for_hook(alert: str, job: str, hook: str) -> dict[str, Any]:
     rule = _rules()[alert]
     shown = {k: v.replace("{{ $labels.hook }}", hook) for k, v in rule["annotations"].items()}
     return {"exp_labels": {**rule["labels"], "job": job, "hook": hook}, "exp_annotations": shown}
@@ -205,8 +205,8 @@ def test_a_hook_failing_its_runs_for_15_minutes_fires_before_its_jobs_die_and_st
             ],
             "alert_rule_test": [
                 {"eval_time": "20m", "alertname": alert, "exp_alerts": []},  # failing, not yet for 15 min
-                {"eval_time": "40m", "alertname": alert, "exp_alerts": [_retrying(alert, "staging", "crm")]},
-                {"eval_time": "110m", "alertname": alert, "exp_alerts": [_retrying(alert, "staging", "crm")]},
+                {"eval_time": "40m", "alertname": alert, "exp_alerts": [_fires_for_hook(alert, "staging", "crm")]},
+                {"eval_time": "110m", "alertname": alert, "exp_alerts": [_fires_for_hook(alert, "staging", "crm")]},
             ],
         },
         {  # one job of a quiet hook: retries every minute for 30 min, then at the backoff's hour; back at 170m
@@ -218,13 +218,33 @@ def test_a_hook_failing_its_runs_for_15_minutes_fires_before_its_jobs_die_and_st
             ],
             "alert_rule_test": [
                 {"eval_time": "10m", "alertname": alert, "exp_alerts": []},
-                {"eval_time": "20m", "alertname": alert, "exp_alerts": [_retrying(alert, "staging", "sms")]},
-                {"eval_time": "80m", "alertname": alert, "exp_alerts": [_retrying(alert, "staging", "sms")]},
-                {"eval_time": "140m", "alertname": alert, "exp_alerts": [_retrying(alert, "staging", "sms")]},
+                {"eval_time": "20m", "alertname": alert, "exp_alerts": [_fires_for_hook(alert, "staging", "sms")]},
+                {"eval_time": "80m", "alertname": alert, "exp_alerts": [_fires_for_hook(alert, "staging", "sms")]},
+                {"eval_time": "140m", "alertname": alert, "exp_alerts": [_fires_for_hook(alert, "staging", "sms")]},
                 {"eval_time": "240m", "alertname": alert, "exp_alerts": []},
             ],
         },
     ]
+    result = _run_rule_tests(tmp_path, ALERTS, cases)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_run_hanging_past_its_timeout_for_30_minutes_fires_for_its_hook_and_install(tmp_path: Path) -> None:
+    """ClerkSyncHookRunsOverdue: staging's crm has a run overdue for good on one replica (the other replica's
+    series at 0); prod's mail has runs overdue for a few minutes at a time, which is not a hang."""
+    alert = "ClerkSyncHookRunsOverdue"
+    cases = [{
+        "interval": "1m",
+        "input_series": [
+            _series("clerk_sync_hook_overdue_running", "staging", "0x5 1x100", 1, hook="crm"),
+            _series("clerk_sync_hook_overdue_running", "staging", "0x105", 2, hook="crm"),
+            _series("clerk_sync_hook_overdue_running", "prod", "0 1 1 0 0 2 0 0 1 0x96", hook="mail"),
+        ],
+        "alert_rule_test": [
+            {"eval_time": "30m", "alertname": alert, "exp_alerts": []},
+            {"eval_time": "40m", "alertname": alert, "exp_alerts": [_fires_for_hook(alert, "staging", "crm")]},
+        ],
+    }]
     result = _run_rule_tests(tmp_path, ALERTS, cases)
     assert result.returncode == 0, result.stdout + result.stderr
 

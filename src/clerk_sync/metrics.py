@@ -281,6 +281,10 @@ class Metrics:
         self.hook_overdue = Counter("clerk_sync_hook_overdue",
                                     "Hook handler runs that outlived their hook's timeout_s (the run's outcome "
                                     "is counted in clerk_sync_hook_runs when it ends).", ["hook"], registry=r)
+        self.hook_overdue_running = Gauge(
+            "clerk_sync_hook_overdue_running", "Hook handler runs past their hook's timeout_s still running now (or "
+            "ended, their outcome not yet recorded), by hook: their jobs stay claimed.", ["hook"], registry=r,
+            multiprocess_mode="livesum")
         self.console_sign_in_failures = Counter(
             "clerk_sync_console_sign_in_failures", "Operator console sign-ins refused, by how they came (form, "
             "bearer, link: a sign-in link's token) and reason (wrong_token: a wrong operator token or a forged "
@@ -320,6 +324,11 @@ class Metrics:
     def hook_went_overdue(self, hook: str) -> None:
         """A handler run outlived its hook's ``timeout_s``: its dispatcher went on without it."""
         self.hook_overdue.labels(hook=hook).inc()
+
+    def hook_overdue_now(self, hook: str, delta: int) -> None:
+        """``delta`` runs of ``hook`` went overdue (1) or were recorded once ended (-1): the gauge of those
+        overdue now, summed over a process's dispatchers."""
+        self.hook_overdue_running.labels(hook=hook).inc(delta)
 
     # -- Clerk API (the hook the client calls; see clerk_api) ----------------------------------
     def api_call(self, endpoint: str, status: int | None) -> None:

@@ -422,7 +422,10 @@ class Dispatcher:
         """Hold ``run``'s job in the overdue set while the run lasts (the heartbeat keeps its lease)."""
         with self._held_lock:
             self._held.pop(run.job.id, None)
+            new = run.job.id not in self._overdue
             self._overdue[run.job.id] = run
+        if new and self.metrics is not None:
+            self.metrics.hook_overdue_now(run.job.hook, 1)
 
     def _reap(self) -> None:
         """Record the outcome of each overdue run that ended, as :meth:`_run` would have; a run leaves the
@@ -462,6 +465,9 @@ class Dispatcher:
         with self._held_lock:
             for run in runs:
                 del self._overdue[run.job.id]
+        if self.metrics is not None:
+            for run in runs:
+                self.metrics.hook_overdue_now(run.job.hook, -1)
 
     def overdue_by_hook(self) -> dict[str, int]:
         """How many runs of each hook are overdue now (past its ``timeout_s``, their jobs still claimed; an
@@ -495,20 +501,38 @@ class Dispatcher:
         return full
 
     def warn_if_slow(self) -> bool:
-        """Log, once a job, a handler running for more than ``slow_handler_s`` (the heartbeat calls it);
+        """Log, once a run, a handler running for more than ``slow_handler_s`` (the heartbeat calls it): the
+        one the dispatcher waits for, and each overdue run (past its hook's ``timeout_s``) still running;
         True when it logged."""
-        running = self._running
-        if running is None or self.slow_handler_s <= 0 or self._warned is running:  # (a retry is a new run)
+        if self.slow_handler_s <= 0:
             return False
+        said = self._warn_overdue()
+        running = self._running
+        if running is None or self._warned is running:  # (a retry is a new run)
+            return said
         job, since = running
         seconds = (self._now() - since).total_seconds()
         if seconds < self.slow_handler_s:
-            return False
+            return said
         self._warned = running
         log.warning("hook handler still running; this dispatcher runs nothing else meanwhile, and later jobs of "
                     "its entity wait (give the handler's network calls a timeout)", hook=job.hook, job=job.id,
                     type=job.change.type, running_s=round(seconds, 1))
         return True
+
+    def _warn_overdue(self) -> bool:
+        """The slow-handler line for the overdue runs still running after ``slow_handler_s``, once a run."""
+        now = self._now()
+        with self._held_lock:
+            runs = [run for run in self._overdue.values() if not run.ended and not run.warned
+                    and (now - run.since).total_seconds() >= self.slow_handler_s]
+        for run in runs:
+            run.warned = True
+            log.warning("hook handler still running past its timeout_s; its job stays claimed and later jobs of its "
+                        "entity wait until it ends (a thread cannot be stopped: restart this process, then the job "
+                        "runs again after its lease; docs/RUNBOOK.md, ClerkSyncHookRunsOverdue)", hook=run.job.hook,
+                        job=run.job.id, type=run.job.change.type, running_s=round((now - run.since).total_seconds(), 1))
+        return bool(runs)
 
     def drain(self, max_batches: int = 1000) -> int:
         """Run batches until none is due (jobs waiting on a backoff stay queued); returns jobs claimed."""
@@ -533,7 +557,7 @@ class Dispatcher:
                 if timeout_s is None:
                     handler(job.change)
                 else:
-                    run = _Run(job, handler)
+                    run = _Run(job, handler, self._running[1])
                     if not run.wait(timeout_s):
                         self._went_overdue(run, timeout_s)
                         return None
@@ -658,8 +682,10 @@ class _Run:
     variables of the dispatcher's thread, as an inline run has them). A thread cannot be stopped from
     outside: a run that outlives the timeout is left to end by itself."""
 
-    def __init__(self, job: Job, handler: Handler) -> None:
+    def __init__(self, job: Job, handler: Handler, since: datetime) -> None:
         self.job = job
+        self.since = since  # when it started, by the dispatcher's clock
+        self.warned = False  # the slow-handler line was said of it
         self.error: BaseException | None = None  # what the handler raised
         self.seconds = 0.0  # how long the handler ran, once it ended
         self._ended = threading.Event()
