@@ -291,7 +291,7 @@ def worker(
         "hook at it has no new job claimed until one of its runs ends; the other hooks' jobs go on.")] = 4,
     metrics_port: Annotated[int | None, typer.Option(
         min=1, max=65535, help="Serve this worker's hook series (clerk_sync_hook_runs_total, _seconds, "
-        "_overdue_total) at http://HOST:PORT/metrics.")] = None,
+        "_overdue_total, clerk_sync_hook_overdue_running) at http://HOST:PORT/metrics.")] = None,
     metrics_host: Annotated[str, typer.Option(help="The address --metrics-port listens on.")] = "127.0.0.1",
     json_logs: Annotated[bool, typer.Option("--json-logs", help="Log JSON lines.")] = False,
 ) -> None:
@@ -436,9 +436,11 @@ def list_command(
     if waiting:
         due = ", ".join(f"{hook!r} {count} (the oldest waiting {waited:.0f}s)" for hook, count, waited in waiting)
         Console(stderr=True, highlight=False).print(
-            f"due now, by hook: {due}. A dispatcher claims only the jobs of the hooks it has: a hook whose jobs "
-            "wait on is in no running worker's --hooks (nor serve's)? deploy it there, or, if it was removed or "
-            "renamed, `clerk-sync hooks purge --hook NAME` (its changes will not be handled)", soft_wrap=True)
+            f"due now, by hook: {due}. A dispatcher claims only the jobs of the hooks it has: is a hook whose "
+            "jobs wait in no running worker's --hooks (nor serve's)? If so, deploy it there, or, if it was removed or "
+            "renamed, `clerk-sync hooks purge --hook NAME` (its changes will not be handled). Nor does it claim "
+            "the jobs of a hook with max_overdue runs hanging past its timeout_s (`hooks list --status running`; "
+            "its log says 'hook runs overdue at max_overdue')", soft_wrap=True)
 
 
 def _next_attempts(conn: Connection, ids: list[int]) -> dict[int, datetime]:
@@ -552,8 +554,14 @@ def _purge_hook(hook: str) -> None:
         count = delete_jobs(writer.conn, hook=hook, now=now)  # with those whose dispatcher died mid-run
         running = writer.conn.execute(sa.select(sa.func.count()).select_from(hook_jobs).where(
             hook_jobs.c.hook == hook, hook_jobs.c.status == "running")).scalar_one()
+        others = [] if count or running else list(writer.conn.execute(
+            sa.select(hook_jobs.c.hook).distinct().order_by(hook_jobs.c.hook).limit(20)).scalars())
     store.dispose()
     typer.echo(f"{count} job(s) of hook {hook!r} purged")
+    if not count and not running:  # a typo purges nothing, silently: say so (exit 1, as an id not found)
+        names = ", ".join(repr(name) for name in others) or "none"
+        _refuse([f"no job of hook {hook!r} is queued (the hooks with jobs: {names}): check the name (it is the "
+                 "Hook's name, case-sensitive); nothing purged"])
     if running:
         _refuse([f"{running} job(s) of hook {hook!r} running, left as they are: a dispatcher still has this hook "
                  "(a worker or serve not redeployed yet?)"])
