@@ -118,16 +118,16 @@ class ClaimsValidator:
         leeway = self.leeway_s
         if auth.expires_at <= now - leeway:
             iat = auth.claims.get("iat")
-            lifetime = f" (it was valid for {_secs(auth.expires_at - iat)})" if _number(iat) else ""
-            raise TokenExpired(f"session token expired {_secs(now - auth.expires_at)} ago{lifetime}, beyond the "
+            lifetime = f" (it was valid for {_secs(_gap(auth.expires_at, iat))})" if _number(iat) else ""
+            raise TokenExpired(f"session token expired {_secs(_gap(now, auth.expires_at))} ago{lifetime}, beyond the "
                                f"{_secs(leeway)} leeway: send a fresh one (Clerk's front end refreshes it). If "
                                f"freshly issued tokens are refused so too, this host's clock is ahead: sync it "
                                f"(NTP); CLERK_SYNC_SESSION_LEEWAY_S (at most 300) widens the tolerance meanwhile")
         nbf, iat = auth.claims.get("nbf"), auth.claims.get("iat")
         for name, value, error in (("nbf", nbf, TokenNotYetValid), ("iat", iat, TokenIssuedInFuture)):
             if _number(value) and value > now + leeway:
-                ahead = _secs(value - now)
-                _warn_skew(name, value - now, leeway)
+                ahead = _secs(_gap(value, now))
+                _warn_skew(name, _gap(value, now), leeway)
                 what = "not valid yet" if name == "nbf" else "issued in the future"
                 raise error(f"session token {what}: its {name} is {ahead} ahead of this host's clock, beyond the "
                             f"{_secs(leeway)} leeway: this host's clock is likely behind Clerk's: sync it (NTP); "
@@ -140,7 +140,17 @@ def _number(value: object) -> TypeGuard[float]:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _gap(later: float, earlier: float) -> float:
+    """``later - earlier`` in seconds; a claim too large for a float (a forged ``10**400``) is infinitely far."""
+    try:
+        return float(later) - float(earlier)
+    except OverflowError:
+        return math.inf if later > earlier else -math.inf
+
+
 def _secs(seconds: float) -> str:
+    if math.isinf(seconds):
+        return "more than a lifetime"
     return f"{seconds:.0f} s" if abs(seconds) >= 10 else f"{seconds:.1f} s".replace(".0 s", " s")
 
 
