@@ -261,7 +261,7 @@ def test_rotated_key_verifies_within_seconds_of_its_first_token_even_right_after
         assert server.fetches == 2
 
 
-def test_a_flood_of_random_kids_costs_at_most_one_fetch_per_cooldown(
+def test_a_flood_of_random_kids_costs_at_most_three_fetches_per_cooldown(
     jwks_server: tuple[_JWKSServer, str], clock: list[float]
 ) -> None:
     server, url = jwks_server
@@ -275,12 +275,40 @@ def test_a_flood_of_random_kids_costs_at_most_one_fetch_per_cooldown(
             with pytest.raises(errors.TokenKeyUnknown):
                 verifier.verify(mint(claims(sid=f"sess_evil_{i}"), key=OTHER_KEY, kid=f"ins_evil_{i}"))
             mono[0] += 0.1
-        assert server.fetches == 2  # the start-up fetch and one refetch for the whole flood
-        mono[0] = flood_start + 30  # the cooldown has passed: a real rotation is picked up again
+        assert server.fetches == 4  # the start-up fetch and three refetches (misses) for the whole flood
+        mono[0] = flood_start + 30  # the oldest miss is a cooldown old: a real rotation is picked up again
         server.keys["ins_3"] = OTHER_KEY
         assert verifier.verify(mint(claims(sid="sess_new"), key=OTHER_KEY, kid="ins_3")).user_id == "user_1"
-        assert server.fetches == 3
+        assert server.fetches == 5
         assert verifier.verify(mint(claims(sid="sess_old"))).user_id == "user_1"  # no fetch for a cached kid
+        assert server.fetches == 5
+
+
+def test_one_stray_unknown_kid_does_not_hold_a_rotated_key_for_the_cooldown(
+    jwks_server: tuple[_JWKSServer, str], clock: list[float]
+) -> None:
+    """A soak test: one forged token (or a developer's token of another Clerk instance) before a rotation
+    started the 30 s cooldown, and every token of the rotated key was refused 401 until it ended (~70 valid
+    requests). One miss no longer closes the door: the rotated key verifies within the floor."""
+    server, url = jwks_server
+    mono = [100.0]
+    with httpx.Client() as client:
+        source = JWKSKeySource(f"{url}/v1/jwks", client=client, cooldown_s=30, min_refetch_s=3, now=lambda: mono[0])
+        verifier = SessionVerifier(source, ClaimsValidator(issuer=ISS), now=lambda: clock[0])
+        source.prefetch()
+        mono[0] = 110.0
+        with pytest.raises(errors.TokenKeyUnknown):  # the stray token: a refetch that misses
+            verifier.verify(mint(claims(sid="sess_stray"), key=OTHER_KEY, kid="ins_other_instance"))
+        server.keys["ins_2"] = OTHER_KEY  # Clerk rotates two seconds later
+        mono[0] = 112.0
+        rotated = mint(claims(sid="sess_rot"), key=OTHER_KEY, kid="ins_2")
+        while True:  # the client retries its 401s every half second
+            try:
+                assert verifier.verify(rotated).user_id == "user_1"
+                break
+            except errors.TokenKeyUnknown:
+                mono[0] += 0.5
+        assert mono[0] <= 113.0 + 0.5  # the floor after the stray fetch, not the 30 s cooldown
         assert server.fetches == 3
 
 

@@ -2,10 +2,13 @@
 
 Rotation versus flooding: a token with an unknown ``kid`` refetches the JWKS once the last fetch is
 ``min_refetch_s`` old (a few seconds), so a key Clerk has just rotated in verifies almost at once even
-right after start-up. A refetch that does *not* find the kid (a forged or random kid) starts the
-``cooldown_s``: until it ends, no unknown kid fetches again, so a flood of random kids costs at most
-one fetch per cooldown (PyJWT refetches for every unknown kid, which lets an unauthenticated client
-turn each request into an upstream call). Requests whose kid is cached never wait on a fetch; one whose
+right after start-up. A refetch that does *not* find the kid (a forged or random kid, a token of another
+Clerk instance) counts as a miss: after ``misses_per_cooldown`` (3) misses within ``cooldown_s``, no unknown
+kid fetches again until the oldest of them is that old, so a flood of random kids costs at most three
+fetches per cooldown (PyJWT refetches for every unknown kid, which lets an unauthenticated client turn each
+request into an upstream call), while a stray one (a developer's token of another instance, a bot) no longer
+holds a rotated key's tokens at 401 for the whole cooldown (a soak test: ~70 valid requests refused after a
+rotation behind one forged token). Requests whose kid is cached never wait on a fetch; one whose
 kid is not held waits for a fetch already in flight that can find it: while no key is held at all (the
 first fetch after start-up above all), or a refetch for an unknown kid (a key rotated in). The async path
 waits in a worker thread of its own small limiter (:mod:`~clerk_sync.auth.sessions`), never in the
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -82,8 +86,8 @@ def _normalise_pem(pem: str) -> str:
 class JWKSKeySource:
     """Keys by kid from a JWKS URL, cached ``ttl_s``.
 
-    An unknown kid refetches when the last fetch is ``min_refetch_s`` old, unless an unknown kid
-    missed within the last ``cooldown_s`` (see the module docstring).
+    An unknown kid refetches when the last fetch is ``min_refetch_s`` old, unless ``misses_per_cooldown``
+    unknown kids missed within the last ``cooldown_s`` (see the module docstring).
     """
 
     def __init__(
@@ -95,6 +99,7 @@ class JWKSKeySource:
         ttl_s: float = 300.0,
         cooldown_s: float = 30.0,
         min_refetch_s: float = 5.0,
+        misses_per_cooldown: int = 3,
         fetch_timeout_s: float = 5.0,
         now: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -113,7 +118,8 @@ class JWKSKeySource:
         self._keys: dict[str, RSAPublicKey] = {}
         self._fetched_at: float | None = None
         self._last_attempt: float | None = None
-        self._last_miss: float | None = None  # the last unknown-kid fetch that did not find its kid
+        # when the last unknown-kid fetches that did not find their kid ended (the oldest first)
+        self._misses: deque[float] = deque(maxlen=max(1, misses_per_cooldown))
         self._problem = f"the JWKS from {url} is not fetched yet"  # why there are no keys, while none
         self._lock = threading.Lock()
         self._ended = 0  # fetches ended (under the lock): a caller that waited on the lock sees whether one ran
@@ -175,7 +181,7 @@ class JWKSKeySource:
                 self._fetch(for_unknown=True)
                 current = self._keys.get(kid or "")
         if current is None or same_key(current, key):
-            self._last_miss = self._now()
+            self._misses.append(self._now())
             return None
         return current
 
@@ -203,9 +209,10 @@ class JWKSKeySource:
         return self._since(self._last_attempt) >= self._cooldown
 
     def _may_fetch_unknown(self) -> bool:
-        """An unknown kid: past the short floor (from the last fetch's end), and no unknown kid missed within
-        the cooldown."""
-        return self._since(self._last_attempt) >= self._floor and self._since(self._last_miss) >= self._cooldown
+        """An unknown kid: past the short floor (from the last fetch's end), and fewer than
+        ``misses_per_cooldown`` unknown kids missed within the cooldown."""
+        full = len(self._misses) == self._misses.maxlen and self._since(self._misses[0]) < self._cooldown
+        return self._since(self._last_attempt) >= self._floor and not full
 
     def _off_the_loop(self) -> bool:
         """Whether an async caller with a kid not held (or a key whose signature failed) goes off the event loop:
@@ -227,7 +234,7 @@ class JWKSKeySource:
                 return
             self._fetch(for_unknown=kid is not None)
             if kid is not None and kid not in self._keys:
-                self._last_miss = self._now()
+                self._misses.append(self._now())
         finally:
             self._lock.release()
 
