@@ -131,3 +131,30 @@ def test_serve_at_warning_logs_an_outage_of_refused_deliveries(tmp_path: object)
                if line.get("event") == "webhooks_refused"]
     assert [(line["level"], line["code"]) for line in refused] == [
         ("warning", "webhook_signature_invalid"), ("warning", "wrong_instance"), ("warning", "payload_too_large")], err
+
+
+def test_refusals_said_at_warning_write_no_line_each_at_info(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A soak test: 200 forged requests wrote 201 lines at the default level (INFO), one per request beside
+    the throttled WARNING. The line per refusal is DEBUG for the codes said at WARNING; the others keep theirs,
+    and the sender's id is cut to a length a log line holds."""
+    from clerk_sync._logging import configure_logging
+
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", out)
+    configure_logging("INFO")
+    structlog.configure(cache_logger_on_first_use=False)
+    clock = FakeClock()
+    store = Store.from_url("sqlite://")
+    processor = WebhookProcessor(store, WebhookVerifier([SECRET]), clock=clock, refused_warning_s=60.0, summary_s=0)
+    try:
+        for i in range(50):
+            _refuse(processor, f"msg_forged_{i}", secret=WRONG)
+        _refuse(processor, "msg_" + "x" * 3000, headers=False)  # no signature headers: its INFO line stays
+    finally:
+        store.dispose()
+        structlog.reset_defaults()
+    lines = _fields(out.getvalue())
+    assert [line["event"] for line in lines].count("webhooks_refused") == 1, lines
+    per_delivery = [line for line in lines if line["event"] == "webhook_refused"]
+    assert [line["code"] for line in per_delivery] == ["webhook_headers_missing"], per_delivery
+    assert len(per_delivery[0]["svix_id"]) < 140 and "3004 characters" in per_delivery[0]["svix_id"]
