@@ -165,3 +165,16 @@ def test_every_command_and_face_builds_its_store_with_the_settings_timeouts() ->
                  for path in faces for text in [path.read_text()]
                  for match in re.finditer(r"Store\.from_url\(", text)]
     assert offenders == []
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+def test_postgres_connections_name_themselves_unless_the_url_does(db_url: str) -> None:
+    """pg_stat_activity tells clerk-sync's connections from the app's own (two walkthroughs mapped them by pid):
+    ``application_name`` is ``clerk-sync``, or what the URL's own ``application_name`` says."""
+    from clerk_sync.store import create_engine
+
+    for url, expected in ((db_url, "clerk-sync"), (f"{db_url}&application_name=billing-worker", "billing-worker")):
+        engine = create_engine(url)
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("SHOW application_name").scalar() == expected
+        engine.dispose()

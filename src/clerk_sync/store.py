@@ -194,8 +194,11 @@ def _postgres_bounds(url: str, t: DatabaseTimeouts) -> dict[str, Any]:
     if t.keepalive_s > 0:  # the server drops a vanished client's locks within ~keepalive_s + 6 s
         idle = max(1, int(t.keepalive_s))
         server += [f"-c tcp_keepalives_idle={idle}", "-c tcp_keepalives_interval=2", "-c tcp_keepalives_count=3"]
-    own = sa.engine.make_url(url).query.get("options")
+    query = sa.engine.make_url(url).query
+    own = query.get("options")
     args: dict[str, Any] = {"options": " ".join([*server, *([own] if isinstance(own, str) else own or [])])}
+    if "application_name" not in query:  # pg_stat_activity tells clerk-sync's connections from the app's own
+        args["application_name"] = "clerk-sync"
     if t.keepalive_s > 0:
         args |= {"keepalives": 1, "keepalives_idle": max(1, int(t.keepalive_s)), "keepalives_interval": 2,
                  "keepalives_count": 3}
