@@ -74,6 +74,21 @@ def test_a_stop_mid_batch_lets_the_running_job_finish_and_gives_the_rest_back(sq
     store.dispose()
 
 
+def test_a_drain_after_stop_runs_its_jobs(sqlite_url: str) -> None:
+    """A stop gives back the batch it interrupts, not every batch after it: ``stop()`` then ``drain()`` (the
+    saas_hooks example: stop the thread, then drain to show the jobs now) claimed and gave back the same jobs
+    up to 1,000 times and ran none."""
+    clock = Clock()
+    calls: list[str] = []
+    store = hooked(sqlite_url, Hook("mail", lambda change: calls.append(change.clerk_id)), now=clock)
+    deliver(store, _user("user_1"), _user("user_2"))
+    dispatcher = Dispatcher(store, now=clock, heartbeat_s=0)
+    dispatcher.stop()
+    assert dispatcher.drain() == 2
+    assert sorted(calls) == ["user_1", "user_2"] and jobs(store) == []
+    store.dispose()
+
+
 HOOKS_MODULE = '''
 import os, time
 from pathlib import Path

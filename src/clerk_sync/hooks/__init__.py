@@ -174,6 +174,7 @@ class Dispatcher:
         Jobs not started before 80 % of the lease has passed are given back rather than run late,
         when another dispatcher could already be taking them over.
         """
+        stopped_before = self._stop.is_set()  # (a drain after stop(): its batches run)
         self._reap()
         full = self._hooks_at_bound()
         hooks = tuple(name for name in self._hook_names if name not in full)
@@ -196,7 +197,8 @@ class Dispatcher:
                 for n, job in enumerate(jobs):
                     # stop() asked (SIGTERM): the rest goes back now, due at once for another dispatcher, rather
                     # than run here past the stop's wait (a Kubernetes grace period) or held for the lease
-                    stopping = self._stop.is_set()
+                    # (a stop asked while this batch runs: a drain() or run_once() called after stop() runs its jobs)
+                    stopping = self._stop.is_set() and not stopped_before
                     late = not stopping and self._now() >= claimed_at + self.lease * 0.8
                     if job.id in given_back:
                         started = n + 1
