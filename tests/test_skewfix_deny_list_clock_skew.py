@@ -80,3 +80,29 @@ def test_a_reader_behind_the_receiver_and_empty_tables_at_the_first_load(db_url:
     ticks[0] += 1
     assert deny.is_revoked("sess_same")
     writer.store.dispose()
+
+
+def test_a_receiver_whose_clock_is_ahead_hides_no_other_receivers_revocation(db_url: str) -> None:
+    """Review of the data watermark: a row stamped 10 minutes in the future (a receiver whose clock is ahead, or
+    jumped) lifted the mark past every later stamp of the receivers with a right clock, whose revocations and
+    bans the refreshes then skipped until the full reload, and again after it. The mark is no later than this
+    host's clock."""
+    ahead = SkewedWriter(db_url, timedelta(minutes=10))
+    right = SkewedWriter(db_url, timedelta(0))
+    right.n = 100
+    ticks = [0.0]
+    deny = DenyList(Store.from_url(db_url), refresh_s=1, now=lambda: ticks[0])
+    try:
+        ahead.event("user.created", f.user("user_a", 1))
+        right.event("user.created", f.user("user_b", 1))
+        _revoke(ahead, "user_a")
+        assert deny.is_revoked("sess_user_a")  # the first load: everything
+        ticks[0] += 1
+        _revoke(right, "user_b")
+        assert deny.is_revoked("sess_user_b")  # the next incremental refresh
+        ticks[0] += 1
+        right.event("user.updated", f.user("user_b", 2, banned=True))
+        assert deny.blocked_reason("user_b") == "banned"
+    finally:
+        for store in (deny._store, ahead.store, right.store):
+            store.dispose()

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
 import structlog
@@ -127,7 +127,8 @@ class DenyList:
 
     def refresh(self) -> None:
         """Read revocations and user bans/deletions changed since the last refresh (all, the first time)."""
-        now_ms = self.now_ms()
+        wall = self._wall()
+        now_ms = int(wall.timestamp() * 1000)
         r, u = revoked_sessions, users
         live = sa.or_(r.c.expire_at.is_(None), r.c.expire_at > now_ms)
         revocations = sa.select(r.c.session_id, r.c.expire_at, r.c.revoked_at).where(live)
@@ -182,7 +183,10 @@ class DenyList:
             self._full_at = self._now()
         for session_id in [s for s, exp in self._revoked.items() if exp is not None and exp <= now_ms]:
             del self._revoked[session_id]
-        self._marks = (revoked_mark, user_mark)
+        # No later than this host's clock: a row stamped in the future (a writer whose clock is ahead, or jumped)
+        # would lift the mark past the stamps of every writer with a right clock, whose revocations and bans the
+        # refreshes would then skip until the full reload, and again after it (review). Read again meanwhile.
+        self._marks = (_no_later_than(revoked_mark, wall), _no_later_than(user_mark, wall))
         self._loaded_at = self._now()
 
     def refresh_if_due(self) -> None:
@@ -200,6 +204,17 @@ class DenyList:
 
 def _later(mark: datetime | None, stamp: datetime | None) -> datetime | None:
     return stamp if mark is None or (stamp is not None and stamp > mark) else mark
+
+
+def _no_later_than(mark: datetime | None, wall: datetime) -> datetime | None:
+    """``mark``, or ``wall`` when that is earlier, compared as the column gave it (SQLite's naive UTC)."""
+    if mark is None:
+        return None
+    if mark.tzinfo is None:
+        wall = (wall.astimezone(UTC) if wall.tzinfo is not None else wall).replace(tzinfo=None)
+    elif wall.tzinfo is None:
+        wall = wall.replace(tzinfo=UTC)
+    return min(mark, wall)
 
 
 def _block_reason(banned: bool, deleted_at: datetime | None, deprovisioned: bool, locked: bool) -> str | None:
