@@ -168,13 +168,22 @@ def test_every_command_and_face_builds_its_store_with_the_settings_timeouts() ->
 
 
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
-def test_postgres_connections_name_themselves_unless_the_url_does(db_url: str) -> None:
+def test_postgres_connections_name_themselves_unless_the_url_or_pgappname_does(
+        db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """pg_stat_activity tells clerk-sync's connections from the app's own (two walkthroughs mapped them by pid):
-    ``application_name`` is ``clerk-sync``, or what the URL's own ``application_name`` says."""
+    ``application_name`` is ``clerk-sync``, or what the URL's own ``application_name`` (or ``options=-c
+    application_name=``) says, or libpq's ``PGAPPNAME``."""
     from clerk_sync.store import create_engine
 
-    for url, expected in ((db_url, "clerk-sync"), (f"{db_url}&application_name=billing-worker", "billing-worker")):
+    def name(url: str) -> str:
         engine = create_engine(url)
         with engine.connect() as conn:
-            assert conn.exec_driver_sql("SHOW application_name").scalar() == expected
+            shown = str(conn.exec_driver_sql("SHOW application_name").scalar())
         engine.dispose()
+        return shown
+
+    assert name(db_url) == "clerk-sync"
+    assert name(f"{db_url}&application_name=billing-worker") == "billing-worker"
+    assert name(db_url.replace("options=-c", "options=-capplication_name%3Dcron%20-c")) == "cron"
+    monkeypatch.setenv("PGAPPNAME", "from-env")
+    assert name(db_url) == "from-env"

@@ -197,8 +197,9 @@ def _postgres_bounds(url: str, t: DatabaseTimeouts) -> dict[str, Any]:
     query = sa.engine.make_url(url).query
     own = query.get("options")
     args: dict[str, Any] = {"options": " ".join([*server, *([own] if isinstance(own, str) else own or [])])}
-    if "application_name" not in query:  # pg_stat_activity tells clerk-sync's connections from the app's own
-        args["application_name"] = "clerk-sync"
+    if "application_name" not in query and "application_name" not in args["options"]:
+        # pg_stat_activity tells clerk-sync's connections from the app's own; libpq's fallback: PGAPPNAME wins
+        args["fallback_application_name"] = "clerk-sync"
     if t.keepalive_s > 0:
         args |= {"keepalives": 1, "keepalives_idle": max(1, int(t.keepalive_s)), "keepalives_interval": 2,
                  "keepalives_count": 3}
