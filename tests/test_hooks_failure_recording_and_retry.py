@@ -224,15 +224,15 @@ def test_a_turn_that_crashed_is_logged_and_the_loop_goes_on(db_url: str, monkeyp
     store = hooked(db_url, Hook("done", done))
     deliver(store, *_users(1))
     dispatcher = Dispatcher(store, poll_s=0.01)
-    real, turns = dispatcher.run_once, list[int]()
+    real, turns = dispatcher._run_batch, list[int]()
 
-    def once() -> int:
+    def once(*, stopped_before: bool) -> int:  # (the loop's turn)
         turns.append(1)
         if len(turns) == 1:
             raise asyncio.CancelledError  # from somewhere in the turn's bookkeeping, not a handler
-        return real()
+        return real(stopped_before=stopped_before)
 
-    monkeypatch.setattr(dispatcher, "run_once", once)
+    monkeypatch.setattr(dispatcher, "_run_batch", once)
     with structlog.testing.capture_logs() as logs:
         dispatcher.start()
         try:

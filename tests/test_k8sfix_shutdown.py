@@ -291,3 +291,30 @@ def test_serve_exits_within_its_graceful_timeout_when_a_database_peer_went_silen
     if code == 128 + signal.SIGTERM:  # the exit timer's: one line (not wrapped) saying why
         assert "error: the shutdown outlived 6 s (a request, hook or database call that does not end" in said, said
     assert "clerk-sync serving on http://127.0.0.1:" in said.splitlines()[0] and "(postgresql" in said.splitlines()[0]
+
+
+def test_the_exit_timer_waits_for_a_migration_in_progress(monkeypatch: pytest.MonkeyPatch, sqlite_url: str) -> None:
+    """Review: a SIGTERM during serve's start-up migration armed the exit timer, which ended the process in the
+    middle of DDL (MySQL/MariaDB's is not transactional: a schema left half-migrated). It now waits while an
+    upgrade runs in the process, then ends it."""
+    import importlib
+    import threading
+
+    from clerk_sync import migrations
+
+    cli_main = importlib.import_module("clerk_sync.cli.main")  # (the module: the package exports main())
+
+    seen: list[bool] = []
+    engine = sa.create_engine(sqlite_url)
+    sa.event.listen(engine, "before_cursor_execute", lambda *_: seen.append(migrations.upgrading()))
+    migrations.upgrade(engine)
+    engine.dispose()
+    assert seen and all(seen) and not migrations.upgrading()  # said while it runs, not after
+
+    exited = threading.Event()
+    monkeypatch.setattr(cli_main.os, "_exit", lambda code: exited.set())
+    monkeypatch.setattr(migrations, "_UPGRADES_RUNNING", [1])  # an upgrade in progress
+    cli_main._exit_after(0.01, 143)
+    assert not exited.wait(0.5)  # past its time: it waits for the migration
+    migrations._UPGRADES_RUNNING[0] = 0
+    assert exited.wait(10)

@@ -82,7 +82,7 @@ PUBLIC_API: dict[str, list[str]] = {
     "clerk_sync.retention": ["ErasureReport", "PruneReport", "Retention", "RetentionPolicy", "UnknownUser", "redact_payload"],
     "clerk_sync.tracing": ["ENABLED", "delivery_span", "span"],
     "clerk_sync.mapping": ["Anonymise", "Column", "Deactivate", "DeletePolicy", "HardDelete", "LinkAmbiguous", "LinkLookup", "LinkUnverified", "MappedTable", "SchemaMapping", "SoftDelete", "TRANSFORMS", "build_unique_indexes_concurrently", "check_schema", "migrate_schema"],
-    "clerk_sync.migrations": ["Upgraded", "current_revision", "head_revision", "is_current", "upgrade"],
+    "clerk_sync.migrations": ["Upgraded", "current_revision", "head_revision", "is_current", "upgrade", "upgrading"],
     "clerk_sync.outbox": ["Job", "Outbox", "claim", "delete_jobs", "extend", "fail", "finish", "finish_many", "list_jobs", "redact_jobs", "release", "retry_jobs"],
     "clerk_sync.reconcile": ["Change", "Counts", "Progress", "ReconcileReport", "Reconciler"],
     "clerk_sync.store": ["READ_ONLY_OPTION", "Store", "Writer", "create_engine", "dialect_family", "erased_digest"],

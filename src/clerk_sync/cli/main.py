@@ -173,9 +173,15 @@ def _exit_after(seconds: float, code: int) -> None:
     import threading
 
     def fire() -> None:
-        console.print(f"[red]error:[/] the shutdown outlived {seconds:g} s (a request, hook or database call "
-                      "that does not end: the log above may say which); exiting now. In-flight deliveries are "
-                      "retried by Svix, claimed hook jobs run again after their lease", soft_wrap=True)
+        if migrations.upgrading():  # never in the middle of DDL (MySQL/MariaDB's is not transactional)
+            _exit_after(1.0, code)
+            return
+        said = threading.Thread(daemon=True, target=lambda: console.print(
+            f"[red]error:[/] the shutdown outlived {seconds:g} s (a request, hook or database call that does not "
+            "end: the log above may say which); exiting now. In-flight deliveries are retried by Svix, claimed "
+            "hook jobs run again after their lease", soft_wrap=True))
+        said.start()
+        said.join(1.0)  # (a blocked stderr must not hold the exit either)
         os._exit(code)
 
     timer = threading.Timer(seconds, fire)

@@ -174,7 +174,11 @@ class Dispatcher:
         Jobs not started before 80 % of the lease has passed are given back rather than run late,
         when another dispatcher could already be taking them over.
         """
-        stopped_before = self._stop.is_set()  # (a drain after stop(): its batches run)
+        return self._run_batch(stopped_before=self._stop.is_set())  # (a drain after stop(): its batches run)
+
+    def _run_batch(self, *, stopped_before: bool) -> int:
+        """:meth:`run_once`; a stop asked while it runs (not ``stopped_before``) gives back what it has not
+        started. The loop passes False: a stop landing between its check and the claim ends this batch too."""
         self._reap()
         full = self._hooks_at_bound()
         hooks = tuple(name for name in self._hook_names if name not in full)
@@ -657,7 +661,7 @@ class Dispatcher:
         while not self._stop.is_set():
             pause = self.poll_s
             try:
-                claimed = self.run_once()
+                claimed = self._run_batch(stopped_before=False)
                 crashes = 0
                 if down:
                     log.info("hook dispatch: database available again", failed_turns=down)

@@ -31,7 +31,7 @@ from clerk_sync.store import READ_ONLY_OPTION
 
 # (The public API pinned in tests/test_package.py; VERSION_TABLE, MigrationError (a StoreError), schema_state
 # and Upgraded (what upgrade returns) are for clerk-sync's own commands and /readyz.)
-__all__ = ["Upgraded", "current_revision", "head_revision", "is_current", "upgrade"]
+__all__ = ["Upgraded", "current_revision", "head_revision", "is_current", "upgrade", "upgrading"]
 
 _HERE = Path(__file__).parent
 
@@ -93,7 +93,28 @@ DEADLOCK_BACKOFF_S = (0.5, 1.0, 2.0)
 _sleep = time.sleep  # (a test waits for its own traffic to finish instead)
 
 
+_UPGRADES_RUNNING = [0]  # upgrade() calls in progress in this process (see upgrading)
+_UPGRADES_LOCK = threading.Lock()
+
+
+def upgrading() -> bool:
+    """Whether an :func:`upgrade` runs in this process now: ``serve``'s exit timer waits for it rather than end
+    the process in the middle of DDL (MySQL/MariaDB's is not transactional: a schema left half-migrated)."""
+    return _UPGRADES_RUNNING[0] > 0
+
+
 def upgrade(engine: Engine, revision: str = "head") -> Upgraded:
+    """Apply migrations up to ``revision``: see :func:`_upgrade` (counted for :func:`upgrading`)."""
+    with _UPGRADES_LOCK:
+        _UPGRADES_RUNNING[0] += 1
+    try:
+        return _upgrade(engine, revision)
+    finally:
+        with _UPGRADES_LOCK:
+            _UPGRADES_RUNNING[0] -= 1
+
+
+def _upgrade(engine: Engine, revision: str = "head") -> Upgraded:
     """Apply migrations up to ``revision`` (idempotent) and say which were applied, from which revision (read
     under the migration lock). A database at a revision this release does not know (a newer clerk-sync
     migrated it: a rolled-back deploy) is a :class:`ConfigError` that says so.
