@@ -119,7 +119,8 @@ def serve(
         "--graceful-timeout", envvar="CLERK_SYNC_GRACEFUL_TIMEOUT_S", min=0,
         help="Seconds a stop (SIGTERM, Ctrl-C) waits for requests in flight and the --hooks' running handler; "
              "then they are cut off (Svix retries the deliveries, the jobs run again), and 5 s later the "
-             "process exits whatever still runs. Below Kubernetes' terminationGracePeriodSeconds (30) - 5.",
+             "process exits whatever still runs (not with --workers N: each worker's requests get the same "
+             "bound, without that exit). Below Kubernetes' terminationGracePeriodSeconds (30) - 5.",
     )] = 25,
 ) -> None:
     """Run the webhook sync service: POST /webhooks/clerk, /healthz, /readyz, /metrics."""
