@@ -87,7 +87,7 @@ class _Dispatcher:
     def start(self) -> None:
         self.said.append("start")
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 30.0) -> None:  # (as Dispatcher.stop: serve bounds the wait)
         self.said.append("stop")
 
 

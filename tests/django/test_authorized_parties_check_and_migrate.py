@@ -490,7 +490,7 @@ def test_manage_py_migrate_backfill_exits_1_when_rows_were_refused(tmp_path: Pat
     store.dispose()
     engine = sa.create_engine(url)
     sa.Table("accounts", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
-             sa.Column("email", sa.String(320)), sa.Column("nick", sa.String(8))).create(engine)
+             sa.Column("email", sa.String(320)), sa.Column("nick", sa.String(8), nullable=False)).create(engine)
     engine.dispose()
     settings = {"CLERK_WEBHOOK_SIGNING_SECRET": SECRET, "DATABASE_URL": url,
                 "MAPPING": "tests.django.test_authorized_parties_check_and_migrate.REFUSING"}

@@ -191,6 +191,7 @@ class DispatchWhenMigrated:
         self._stop = threading.Event()
         self._waiter: threading.Thread | None = None
         self._deadline: float | None = None  # time.monotonic() by which a stop asked (SIGTERM) is waited for
+        self._stopped = False  # stop() ran (once is enough: the app's shutdown, then serve's finally)
 
     def attach(self, app: Any) -> None:
         """Wrap ``app``'s lifespan: the dispatcher starts (or starts waiting) once the app has started."""
@@ -250,6 +251,9 @@ class DispatchWhenMigrated:
         started are given back. Waits at most ``timeout_s``, or what is left of :meth:`ask_stop`'s wait."""
         import time
 
+        if self._stopped:  # (the app's shutdown stopped it; serve's own finally asks again: nothing more)
+            return
+        self._stopped = True
         self._stop.set()
         if self._deadline is not None:
             timeout_s = max(0.0, self._deadline - time.monotonic())
