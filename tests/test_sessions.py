@@ -236,6 +236,16 @@ def test_jwks_rotation_without_restart_and_cooldown_on_unknown_kids(jwks_server:
         assert verifier.verify(mint()).user_id == "user_1"  # the old key still served
 
 
+def _retried_until_verified(verifier: SessionVerifier, token: str, mono: list[float]) -> None:
+    """The client retries its 401s every half second (of the key source's clock ``mono``) until one passes."""
+    while True:
+        try:
+            assert verifier.verify(token).user_id == "user_1"
+            return
+        except errors.TokenKeyUnknown:
+            mono[0] += 0.5
+
+
 def test_rotated_key_verifies_within_seconds_of_its_first_token_even_right_after_a_fetch(
     jwks_server: tuple[_JWKSServer, str], clock: list[float]
 ) -> None:
@@ -251,12 +261,7 @@ def test_rotated_key_verifies_within_seconds_of_its_first_token_even_right_after
         mono[0] = 1.0
         rotated = mint(claims(sid="sess_rot"), key=OTHER_KEY, kid="ins_2")
         first_seen = mono[0]
-        while True:  # the client retries its 401s every half second
-            try:
-                assert verifier.verify(rotated).user_id == "user_1"
-                break
-            except errors.TokenKeyUnknown:
-                mono[0] += 0.5
+        _retried_until_verified(verifier, rotated, mono)
         assert mono[0] - first_seen <= 3  # within the floor, not the 30 s cooldown
         assert server.fetches == 2
 
@@ -302,12 +307,7 @@ def test_one_stray_unknown_kid_does_not_hold_a_rotated_key_for_the_cooldown(
         server.keys["ins_2"] = OTHER_KEY  # Clerk rotates two seconds later
         mono[0] = 112.0
         rotated = mint(claims(sid="sess_rot"), key=OTHER_KEY, kid="ins_2")
-        while True:  # the client retries its 401s every half second
-            try:
-                assert verifier.verify(rotated).user_id == "user_1"
-                break
-            except errors.TokenKeyUnknown:
-                mono[0] += 0.5
+        _retried_until_verified(verifier, rotated, mono)
         assert mono[0] <= 113.0 + 0.5  # the floor after the stray fetch, not the 30 s cooldown
         assert server.fetches == 3
 
