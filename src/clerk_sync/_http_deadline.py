@@ -10,15 +10,18 @@ whole attempt with a cancel scope; a blocking socket has no such thing, so the c
 nothing is.
 
 One place for both users: the Clerk API's blocking client (``clerk_api/_client.py``) and the Standard
-Webhooks forwarding sink (``hooks/sinks.py``). It sits at the bottom layer (it imports nothing of
+Webhooks forwarding sink (``hooks/sinks.py``); the same two read a server's ``Retry-After`` here
+(:func:`retry_after`). It sits at the bottom layer (it imports nothing of
 clerk_sync) so the sink need not import the Clerk client to use it.
 """
 
 from __future__ import annotations
 
+import email.utils
+import math
 import ssl
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
@@ -26,7 +29,7 @@ from typing import Any
 import httpcore
 import httpx
 
-__all__ = ["DeadlineBackend", "attempt_until", "install"]
+__all__ = ["DeadlineBackend", "attempt_until", "install", "retry_after"]
 
 _until: ContextVar[float | None] = ContextVar("clerk_sync_attempt_until", default=None)
 _NOTHING_LEFT = "the attempt's deadline ran out"
@@ -115,3 +118,23 @@ def install(http: httpx.Client) -> int:
             pool._network_backend = DeadlineBackend(backend)  # type: ignore[union-attr]
             installed += 1
     return installed
+
+
+def retry_after(headers: Mapping[str, str], *, default: float, cap: float) -> float:
+    """A server's ``Retry-After`` (seconds, or an HTTP date) as seconds from now, within 0 .. ``cap``;
+    ``default`` when absent or unreadable. "inf", "nan" or a date in the year 9999 is the server's mistake:
+    it must not park a client (or a hook job) for longer than ``cap``."""
+    raw = headers.get("retry-after")
+    if raw is None:
+        return default
+    try:
+        seconds = float(raw)
+    except ValueError:
+        pass
+    else:
+        return min(max(0.0, seconds), cap) if math.isfinite(seconds) else default
+    try:  # a malformed date ("99999999999999999999:00:00") overflows rather than failing to parse
+        delay = email.utils.parsedate_to_datetime(raw).timestamp() - time.time()
+    except (TypeError, ValueError, OverflowError):
+        return default
+    return min(max(0.0, delay), cap)

@@ -30,6 +30,8 @@ Branch by what the caller does next::
     │   ├── ClerkValidationError        clerk_validation     400/422: our request was invalid
     │   ├── RateLimited                 clerk_rate_limited   budget spent: retry after ``retry_after``
     │   └── ClerkUnavailable            clerk_unavailable    Clerk down/5xx/timeouts: 503, Retry-After
+    ├── HookGaveUp                      hook_gave_up         raised by a hook handler: its job is dead at once
+    ├── HookRetryLater                  hook_retry_later     raised by a hook handler: retried after ``after_s``
     ├── ReconcileBusy                   reconcile_busy       another reconcile run is making progress
     └── UnknownUser                     unknown_user         erasure of an id never seen here: nothing changed
 
@@ -56,6 +58,7 @@ __all__ = [
     "CrossSiteRequest",
     "EventShapeError",
     "HookGaveUp",
+    "HookRetryLater",
     "ImpersonationEnded",
     "InvalidRole",
     "ParentNotThere",
@@ -332,6 +335,20 @@ class HookGaveUp(ClerkSyncError):
     of retried for hours; ``clerk-sync hooks retry`` queues it again once the cause is fixed."""
 
     code = "hook_gave_up"
+
+
+class HookRetryLater(ClerkSyncError):
+    """Raised by a hook handler: the receiver asked for a pause (HTTP 429 or 503 with ``Retry-After``, a
+    provider's rate limit). The job is tried again no earlier than ``after_s`` seconds from now, and no
+    earlier than its backoff's own delay, nor later than the backoff's ``max_s``; the attempt counts toward
+    ``max_attempts`` like any failure, so a receiver that always says "later" still ends the job dead."""
+
+    code = "hook_retry_later"
+
+    def __init__(self, message: str, *, after_s: float) -> None:
+        super().__init__(message)
+        # (a NaN or negative pause from a handler's own arithmetic is no pause: the backoff's delay stands)
+        self.after_s = after_s if after_s == after_s and after_s > 0 else 0.0
 
 
 class ClerkAPIError(ClerkSyncError):

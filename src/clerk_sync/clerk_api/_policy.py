@@ -8,8 +8,6 @@ faces behave the same and the policy is testable with a fake clock.
 
 from __future__ import annotations
 
-import email.utils
-import math
 import random
 import threading
 import time
@@ -19,6 +17,7 @@ from typing import Any, Generic, TypeVar
 
 import httpx
 
+from clerk_sync._http_deadline import retry_after
 from clerk_sync.clerk_api.ratelimit import Block, Reservation
 from clerk_sync.errors import (
     ClerkAPIError,
@@ -395,20 +394,7 @@ _MAX_RETRY_AFTER_S = 3600.0  # the longest Retry-After believed (Clerk's own win
 
 def _retry_after(response: httpx.Response, default: float) -> float:
     """``Retry-After`` as seconds (integer or HTTP date); ``default`` when absent or unreadable."""
-    raw = response.headers.get("retry-after")
-    if raw is None:
-        return default
-    try:
-        seconds = float(raw)
-    except ValueError:
-        pass
-    else:  # "inf", "nan" or a year: a server's mistake must not stop every later request of this process
-        return min(max(0.0, seconds), _MAX_RETRY_AFTER_S) if math.isfinite(seconds) else default
-    try:  # a malformed date ("99999999999999999999:00:00") overflows rather than failing to parse
-        delay = email.utils.parsedate_to_datetime(raw).timestamp() - time.time()
-    except (TypeError, ValueError, OverflowError):
-        return default
-    return min(max(0.0, delay), _MAX_RETRY_AFTER_S)
+    return retry_after(response.headers, default=default, cap=_MAX_RETRY_AFTER_S)
 
 
 def _clerk_error(response: httpx.Response) -> tuple[str, str | None, str | None]:

@@ -26,12 +26,12 @@ from sqlalchemy.engine import Connection
 
 from clerk_sync._time import utcnow
 from clerk_sync.changes import Change, Handler, Hook
-from clerk_sync.errors import HookGaveUp, StoreDataError, StoreError
+from clerk_sync.errors import HookGaveUp, HookRetryLater, StoreDataError, StoreError
 from clerk_sync.metrics import Metrics
 from clerk_sync.outbox import Job, claim, extend, fail, finish_many, release
 from clerk_sync.store import Store
 
-__all__ = ["Backoff", "Change", "Dispatcher", "Hook", "HookGaveUp"]
+__all__ = ["Backoff", "Change", "Dispatcher", "Hook", "HookGaveUp", "HookRetryLater"]
 
 log = structlog.get_logger("clerk_sync.hooks")
 
@@ -58,10 +58,13 @@ class Backoff:
             raise ValueError(f"invalid backoff {self!r}: max_attempts >= 1, delays from 0 to {_MAX_DELAY_S:g} s "
                              "(a year)")
 
-    def delay(self, attempts: int) -> timedelta:
+    def delay(self, attempts: int, *, asked_s: float = 0.0) -> timedelta:
+        """The pause after ``attempts`` failed attempts; ``asked_s``: the receiver's own ``Retry-After``
+        (:class:`~clerk_sync.errors.HookRetryLater`), waited for when longer, up to ``max_s``."""
         # the exponent capped: 2.0 ** 1025 overflows a float (a max_attempts in the thousands, "retry for
         # days"), and 2 ** 64 s is past any max_s already
-        return timedelta(seconds=min(self.max_s, self.base_s * 2.0 ** min(max(0, attempts - 1), 64)))
+        own = min(self.max_s, self.base_s * 2.0 ** min(max(0, attempts - 1), 64))
+        return timedelta(seconds=max(own, min(asked_s, self.max_s)))
 
 
 class Dispatcher:
@@ -605,7 +608,8 @@ class Dispatcher:
         The message goes to the job's ``last_error`` only (erasure redacts it there; it may quote the
         person, or the receiver's answer): the log names the exception's type, and an HTTP status."""
         dead = final or job.attempts >= self.backoff.max_attempts
-        retry_at = None if dead else self._now() + self.backoff.delay(job.attempts)
+        asked = exc.after_s if isinstance(exc, HookRetryLater) else 0.0
+        retry_at = None if dead else self._now() + self.backoff.delay(job.attempts, asked_s=asked)
         try:
             recorded = self._record(job, _error_text(exc), retry_at)
         except (StoreDataError, ValueError):  # refused even cleaned (UnicodeError is a ValueError): the name alone

@@ -22,10 +22,10 @@ import httpx
 from pydantic import SecretStr
 from standardwebhooks.webhooks import Webhook
 
-from clerk_sync._http_deadline import attempt_until, install
+from clerk_sync._http_deadline import attempt_until, install, retry_after
 from clerk_sync.changes import Change
 from clerk_sync.config import _webhook_key
-from clerk_sync.errors import ConfigError, HookGaveUp
+from clerk_sync.errors import ConfigError, HookGaveUp, HookRetryLater
 
 if TYPE_CHECKING:
     import pika
@@ -44,7 +44,8 @@ class StandardWebhookSink:
     """POSTs each change to ``url``, signed per Standard Webhooks (``webhook-id``/``-timestamp``/
     ``-signature``); any answer but 2xx is a failure the dispatcher retries, except 410 Gone or a
     ``webhook-delivery: disable`` / ``abort-message`` header (Svix's delivery control), after which the job
-    is dead at once (:class:`~clerk_sync.errors.HookGaveUp`).
+    is dead at once (:class:`~clerk_sync.errors.HookGaveUp`). A 429 or 503 with ``Retry-After`` is retried
+    no earlier than the receiver asked (:class:`~clerk_sync.errors.HookRetryLater`).
 
     ``secret`` is a ``whsec_…`` key the receiver verifies with (any Standard Webhooks library): ``whsec_`` +
     standard base64; one with other characters (URL-safe ``-``/``_``, spaces) is a
@@ -121,10 +122,18 @@ class StandardWebhookSink:
             # hours would only repeat it: dead now, ``clerk-sync hooks retry`` once the receiver is back.
             raise HookGaveUp(f"{said} (the receiver asked not to be sent this again: the job is dead, not "
                              "retried; fix the receiver, then `clerk-sync hooks retry`)") from refused
+        after = retry_after(response.headers, default=0.0, cap=_MAX_RETRY_AFTER_S)
+        if response.status_code in (429, 503) and after > 0:
+            # The receiver's own pause (overloaded, rate limited, deploying): the next attempt waits for it,
+            # not only for the backoff's next step, which after an outage is seconds (Dispatcher, Backoff).
+            raise HookRetryLater(f"{said} (Retry-After: {after:g} s)", after_s=after) from refused
         raise RuntimeError(said) from refused
 
     def close(self) -> None:
         self._client.close()
+
+
+_MAX_RETRY_AFTER_S = 86400.0  # a day: longer is the receiver's mistake (the job's backoff caps it again)
 
 
 def _without_secrets(url: str) -> str:
