@@ -5,11 +5,9 @@ PostgreSQL and MariaDB (the ``db_url`` fixture)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import socket
-import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -23,6 +21,7 @@ from clerk_sync.errors import ConfigError
 from clerk_sync.hooks import Dispatcher
 from clerk_sync.hooks.sinks import RabbitMQSink, change_message
 from tests import factories as f
+from tests._proxy import TcpProxy
 from tests.test_hooks import B, Clock, deliver, hooked, jobs
 
 AMQP_URL = os.environ.get("CLERK_SYNC_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
@@ -128,56 +127,10 @@ def test_a_change_no_queue_is_bound_for_is_kept_and_delivered_once_one_is(db_url
     assert jobs(store) == []
 
 
-class _Cuttable:
-    """A loopback TCP proxy to the broker whose open connections the test can cut (as a broker restart, a
-    load balancer's idle timeout or a missed heartbeat would), while it goes on accepting new ones."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.target = (host, port)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.accepted = 0
-        self._open: list[socket.socket] = []
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(self.target)
-            self.accepted += 1
-            self._open += [client, upstream]
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
-
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-
-    def cut(self) -> None:
-        for s in self._open:
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-        self._open.clear()
-
-    def close(self) -> None:
-        self.cut()
-        self.listener.close()
-
-
 def test_a_connection_cut_while_idle_is_opened_again_before_the_next_publish(admin: Any, exchange: str) -> None:
     queue = _queue(admin, exchange)
     params = pika.URLParameters(AMQP_URL)
-    proxy = _Cuttable(params.host, params.port)
+    proxy = TcpProxy((params.host, params.port))
     sink = RabbitMQSink(f"amqp://guest:guest@127.0.0.1:{proxy.port}/%2F", exchange)
     try:
         sink(_change("user_1"))

@@ -25,6 +25,7 @@ from clerk_sync.hooks import Dispatcher
 from clerk_sync.outbox import hook_jobs
 from clerk_sync.store import Store
 from tests import factories as f
+from tests._proxy import TcpProxy
 from tests._server import wait_for_http
 from tests.conftest import SECRET
 from tests.test_hooks import B, Clock, deliver, hooked, jobs
@@ -188,54 +189,6 @@ def test_migrate_and_serve_mask_a_password_given_as_a_query_parameter(db_url: st
         assert "password=***" in said.replace("\n", "") and "sslpassword=***" in said.replace("\n", ""), said
 
 
-class _SilentableProxy:
-    """A TCP proxy to PostgreSQL that can go silent: while ``silent`` is set it stops relaying (sockets stay
-    open, the kernel still ACKs), as a hung PgBouncer or a cloud SQL proxy does to a connection mid-statement."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        import threading
-
-        self.target = target
-        self.silent = threading.Event()
-        self.listener = socket.create_server(("127.0.0.1", _port()))
-        self.port = self.listener.getsockname()[1]
-        self.sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        import threading
-
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(self.target)
-            self.sockets += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        while True:
-            try:
-                data = src.recv(65536)
-            except OSError:
-                return
-            if not data:
-                return
-            while self.silent.is_set():  # held: never relayed, never answered
-                time.sleep(0.05)
-            try:
-                dst.sendall(data)
-            except OSError:
-                return
-
-    def close(self) -> None:
-        self.listener.close()
-        for s in self.sockets:
-            s.close()
-
-
 @pytest.mark.parametrize("db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
 def test_serve_exits_within_its_graceful_timeout_when_a_database_peer_went_silent(db_url: str, tmp_path: Path) -> None:
     """Fixed: serve gave uvicorn no ``timeout_graceful_shutdown``: a delivery whose database connection's peer went
@@ -246,7 +199,7 @@ def test_serve_exits_within_its_graceful_timeout_when_a_database_peer_went_silen
     from urllib.parse import urlsplit
 
     where = urlsplit(db_url.replace("postgresql+psycopg", "postgresql"))
-    proxy = _SilentableProxy((where.hostname or "127.0.0.1", where.port or 5432))
+    proxy = TcpProxy((where.hostname or "127.0.0.1", where.port or 5432))
     url = db_url.replace(f"{where.hostname}:{where.port or 5432}", f"127.0.0.1:{proxy.port}")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CLERK_", "PROMETHEUS_"))}
     env.update({"DATABASE_URL": url, "CLERK_WEBHOOK_SIGNING_SECRET": SECRET, "CLERK_SYNC_GRACEFUL_TIMEOUT_S": "1"})
