@@ -300,8 +300,9 @@ class Retention:
     def _redact_failed_of_gone(self, cutoff: datetime, *, dry_run: bool = False) -> int:
         """Failed deliveries are kept, whole, until replayed; one about a user deleted before ``cutoff`` (the
         tombstones' clearing time) or hard-deleted since can never be applied, so its payload is redacted as
-        the tombstone's columns are cleared (it stays ``failed``, its ``last_error`` too). Who a payload is
-        about is inside its JSON: the failed backlog is read a batch at a time, in id order."""
+        the tombstone's columns are cleared (it stays ``failed``; its ``last_error`` becomes ``(redacted)``, as
+        every redaction's does: :func:`_store_redacted`). Who a payload is about is inside its JSON: the failed
+        backlog is read a batch at a time, in id order."""
         e = webhook_events
         due = sa.select(e.c.id, e.c.payload).where(e.c.status == DeliveryStatus.FAILED, e.c.redacted_at.is_(None))
 
