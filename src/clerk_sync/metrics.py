@@ -13,7 +13,13 @@ failed backlog, last reconcile) come from a ``probe`` callable the caller inject
 Label sets are bounded: ``type`` is a known Clerk event type or ``"other"``, ``endpoint`` a path
 template (``/users/{id}``), ``status`` an outcome or an HTTP status code, ``hook`` a hook's name (set
 in code), ``table`` an app table the mapping names, ``reason`` one of :data:`MAPPED_REFUSAL_REASONS` (the
-console's sign-in failures: ``wrong_token`` or ``throttled``, ``via`` ``form`` or ``bearer``).
+console's sign-in failures: ``wrong_token`` or ``throttled``, ``via`` ``form`` or ``bearer``), ``code`` of a
+refused session one of :data:`AUTH_REFUSAL_CODES` (the refusal's stable error code, else ``"other"``).
+
+The authentication series (:meth:`Metrics.authenticated`, :meth:`Metrics.auth_refused`, :meth:`Metrics.jwks_fetched`)
+are counted in the process that verifies session tokens, the app's: pass the app's ``Metrics`` (the processor's,
+as for the Clerk client and JIT) to :class:`~clerk_sync.auth.authenticator.Authenticator`; the Flask extension and
+the Django app do. Every registry has them at 0 from the start, so an alert's ratio has both sides.
 
 One series is the process's rather than an instance's: :data:`MAPPED_ROWS_REFUSED`, the rows the app's
 mapped tables refused. They are refused deep in the write path (:meth:`clerk_sync.outbox.Outbox.project`, under
@@ -39,6 +45,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+from clerk_sync import errors
 from clerk_sync.engine import HANDLED_EVENT_TYPES, DeliveryStatus
 
 log = structlog.get_logger("clerk_sync.metrics")
@@ -99,6 +106,25 @@ MAPPED_ROWS_REFUSED = Counter("clerk_sync_mapped_rows_refused",
                               "Rows the app's mapped tables refused, by table, entity and reason: the change "
                               "applied to clerk-sync's tables only (the delivery's last_error says why).",
                               ["table", "entity", "reason"], registry=None)
+
+
+#: The ``code`` label of ``clerk_sync_auth_refused_total``: the stable code of each refusal the authenticator raises
+#: (:mod:`clerk_sync.errors`), and ``"other"`` for any other error. ``token_missing`` is not among them: a request
+#: without a session is an anonymous one (a public page's visitor), counted in neither series.
+AUTH_REFUSAL_CODES = (*(error.code for error in (
+    errors.TokenMalformed, errors.TokenAlgorithmNotAllowed, errors.TokenSignatureInvalid,
+    errors.TokenKeyUnknown, errors.TokenKeysUnavailable,  # JWKS: a kid no key held has, or no key at all (503)
+    errors.TokenExpired, errors.TokenNotYetValid, errors.TokenIssuedInFuture,  # the clock's codes
+    errors.TokenIssuerInvalid, errors.TokenAuthorizedPartyInvalid, errors.TokenClaimMissing, errors.TokenError,
+    errors.SessionRevoked, errors.SessionPending,
+    errors.SessionUserBanned, errors.UserLocked, errors.UserDeprovisioned, errors.ImpersonationEnded,  # blocked
+    errors.CrossSiteRequest, errors.AccessDenied, errors.StoreError,  # (StoreError: the deny list unreadable, 503)
+)), "other")
+
+#: The ``outcome`` label of ``clerk_sync_jwks_fetches_total``: ``ok`` (keys read), ``empty`` (a JWKS with no RSA
+#: signing key), ``invalid`` (200 but not JSON), ``refused`` (a 3xx or 4xx: the URL or the secret key is wrong),
+#: ``unavailable`` (a 5xx), ``unreachable`` (no answer: connection, timeout, a request that could not be sent).
+JWKS_FETCH_OUTCOMES = ("ok", "empty", "invalid", "refused", "unavailable", "unreachable")
 
 
 def mapped_rows_refused(table: str, entity: str, reason: str, n: int = 1) -> None:
@@ -290,6 +316,19 @@ class Metrics:
             "bearer, link: a sign-in link's token) and reason (wrong_token: a wrong operator token or a forged "
             "session token; throttled: answered 429 without checking, too many wrong ones from that address).",
             ["via", "reason"], registry=r)
+        self.auth_authenticated = Counter(
+            "clerk_sync_auth_authenticated", "Requests whose session token verified and whose user is not blocked "
+            "(counted once a request, in the app's process, by every face).", registry=r)
+        self.auth_refusals = Counter(
+            "clerk_sync_auth_refused", "Requests whose session was refused, by the refusal's code (token_expired, "
+            "token_not_active_yet, token_iat_in_the_future: this host's clock?; token_key_unknown: the JWKS; "
+            "session_revoked, session_user_banned, user_locked...; a public page serves them as anonymous).",
+            ["code"], registry=r)
+        self.jwks_fetches = Counter("clerk_sync_jwks_fetches", "JWKS fetches by outcome (ok, empty, invalid, refused, "
+                                    "unavailable, unreachable).", ["outcome"], registry=r)
+        # Bound now, so each series exists at 0 (an alert's ratio has both sides) and the per-request cost is one inc.
+        self._auth_refused_children = {code: self.auth_refusals.labels(code=code) for code in AUTH_REFUSAL_CODES}
+        self._jwks_children = {outcome: self.jwks_fetches.labels(outcome=outcome) for outcome in JWKS_FETCH_OUTCOMES}
         r.register(MAPPED_ROWS_REFUSED)  # (the process's: see the module's docstring)
         self.mapped_refused = MAPPED_ROWS_REFUSED
         self._database: _DatabaseCollector | None = None
@@ -329,6 +368,20 @@ class Metrics:
         """``delta`` runs of ``hook`` went overdue (1) or were recorded once ended (-1): the gauge of those
         overdue now, summed over a process's dispatchers."""
         self.hook_overdue_running.labels(hook=hook).inc(delta)
+
+    # -- authentication (the authenticator and the JWKS key source call these; see clerk_sync.auth) -------
+    def authenticated(self) -> None:
+        """One request whose session was accepted."""
+        self.auth_authenticated.inc()
+
+    def auth_refused(self, code: str) -> None:
+        """One request whose session was refused, with the error's ``code`` (``"other"`` when not a known one)."""
+        children = self._auth_refused_children
+        (children.get(code) or children["other"]).inc()
+
+    def jwks_fetched(self, outcome: str) -> None:
+        """One JWKS fetch ended with ``outcome`` (one of :data:`JWKS_FETCH_OUTCOMES`)."""
+        self._jwks_children[outcome].inc()
 
     # -- Clerk API (the hook the client calls; see clerk_api) ----------------------------------
     def api_call(self, endpoint: str, status: int | None) -> None:

@@ -24,18 +24,22 @@ from clerk_sync._time import utcnow
 from clerk_sync.auth.admin import ADMIN_ROLE
 from clerk_sync.auth.audit import AuditEntry, record_audit
 from clerk_sync.auth.claims import Auth
+from clerk_sync.auth.jwks import JWKSKeySource
 from clerk_sync.auth.sessions import SessionVerifier, check_request_origin, token_from_request
 from clerk_sync.auth.users import AuthUser, read_user, standing_error
 from clerk_sync.errors import (
     AccessDenied,
+    ClerkSyncError,
     ImpersonationEnded,
     SessionUserBanned,
+    TokenMissing,
     UserBanned,
     UserDeleted,
     UserDeprovisioned,
     UserLocked,
 )
 from clerk_sync.events import believed_end, same_org_role
+from clerk_sync.metrics import Metrics
 from clerk_sync.store import Store
 from clerk_sync.tables import organization_memberships, revoked_sessions, users
 
@@ -246,12 +250,21 @@ def warn_if_any_origin(authenticator: Authenticator) -> bool:
 
 
 class Authenticator:
-    """Turns a request's headers/cookies into an :class:`Auth`, and answers role questions from the DB."""
+    """Turns a request's headers/cookies into an :class:`Auth`, and answers role questions from the DB.
+
+    ``metrics``: the app's :class:`~clerk_sync.metrics.Metrics` (the processor's), where each
+    :meth:`authenticate` / :meth:`aauthenticate` counts its outcome once: ``clerk_sync_auth_authenticated_total``,
+    or ``clerk_sync_auth_refused_total{code}`` (a request without any session token is anonymous: neither). The
+    verifier's JWKS fetches count there too (``clerk_sync_jwks_fetches_total{outcome}``)."""
 
     def __init__(self, verifier: SessionVerifier, store: Store, *, deny_list: DenyList | None = None,
                  load_user: UserLoader | None = None,
-                 impersonator_roles: frozenset[str] | None = frozenset({ADMIN_ROLE})) -> None:
+                 impersonator_roles: frozenset[str] | None = frozenset({ADMIN_ROLE}),
+                 metrics: Metrics | None = None) -> None:
         self.verifier = verifier
+        self.metrics = metrics
+        if metrics is not None and isinstance(verifier.keys, JWKSKeySource) and verifier.keys.metrics is None:
+            verifier.keys.metrics = metrics
         self.store = store
         # The roles an impersonating user of this app must still hold (None: any role, standing only):
         # AdminActions.start_impersonation grants actor tokens to admins, so an admin demoted since ends it.
@@ -283,11 +296,17 @@ class Authenticator:
         request (a websocket handshake, the console's sign-in) have none to give, and a Bearer token (no
         ambient credential) needs no check at all.
         """
-        token = token_from_request(headers, cookies)
-        self._check_site(headers, method, scheme, trusted_origins)
-        auth = self._check_user(self.verifier.verify(token))
-        if auth.actor_id is not None:
-            self._check_actor(auth)
+        try:
+            token = token_from_request(headers, cookies)
+            self._check_site(headers, method, scheme, trusted_origins)
+            auth = self._check_user(self.verifier.verify(token))
+            if auth.actor_id is not None:
+                self._check_actor(auth)
+        except ClerkSyncError as exc:
+            self._count_refusal(exc)
+            raise
+        if self.metrics is not None:
+            self.metrics.authenticated()
         return auth
 
     async def aauthenticate(self, headers: Mapping[str, str], cookies: Mapping[str, str], *,
@@ -295,18 +314,29 @@ class Authenticator:
                             trusted_origins: Sequence[str] = ()) -> Auth:
         """Async :meth:`authenticate`: the deny list is refreshed in a worker thread, then only read (no
         database query on the event loop, even with a refresh interval of 0)."""
-        token = token_from_request(headers, cookies)  # first: an anonymous request never touches the DB
-        self._check_site(headers, method, scheme, trusted_origins)
-        if self.deny_list.due():  # its DB read runs in a worker thread, never on the event loop
-            await to_thread.run_sync(self.deny_list.refresh_if_due)
-        snapshot = _snapshot_only.set(True)  # ...nor again below, on the loop (see _snapshot_only)
         try:
-            auth = self._check_user(await self.verifier.averify(token))
-        finally:
-            _snapshot_only.reset(snapshot)
-        if auth.actor_id is not None:  # its DB read in a worker thread too
-            await to_thread.run_sync(self._check_actor, auth)
+            token = token_from_request(headers, cookies)  # first: an anonymous request never touches the DB
+            self._check_site(headers, method, scheme, trusted_origins)
+            if self.deny_list.due():  # its DB read runs in a worker thread, never on the event loop
+                await to_thread.run_sync(self.deny_list.refresh_if_due)
+            snapshot = _snapshot_only.set(True)  # ...nor again below, on the loop (see _snapshot_only)
+            try:
+                auth = self._check_user(await self.verifier.averify(token))
+            finally:
+                _snapshot_only.reset(snapshot)
+            if auth.actor_id is not None:  # its DB read in a worker thread too
+                await to_thread.run_sync(self._check_actor, auth)
+        except ClerkSyncError as exc:
+            self._count_refusal(exc)
+            raise
+        if self.metrics is not None:
+            self.metrics.authenticated()
         return auth
+
+    def _count_refusal(self, exc: ClerkSyncError) -> None:
+        """``clerk_sync_auth_refused_total{code}``; a request with no session at all is anonymous, not counted."""
+        if self.metrics is not None and not isinstance(exc, TokenMissing):
+            self.metrics.auth_refused(exc.code)
 
     def _check_site(self, headers: Mapping[str, str], method: str | None, scheme: str | None,
                     trusted_origins: Sequence[str]) -> None:

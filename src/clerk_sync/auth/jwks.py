@@ -39,6 +39,7 @@ from jwt.exceptions import PyJWKError
 
 from clerk_sync._limits import show
 from clerk_sync.errors import ConfigError, TokenKeysUnavailable, TokenKeyUnknown
+from clerk_sync.metrics import Metrics
 
 __all__ = ["JWKSKeySource", "KeySource", "NeedsFetch", "StaticKeySource"]
 
@@ -87,7 +88,9 @@ class JWKSKeySource:
     """Keys by kid from a JWKS URL, cached ``ttl_s``.
 
     An unknown kid refetches when the last fetch is ``min_refetch_s`` old, unless ``misses_per_cooldown``
-    unknown kids missed within the last ``cooldown_s`` (see the module docstring).
+    unknown kids missed within the last ``cooldown_s`` (see the module docstring). ``metrics``: each fetch's
+    outcome counts in ``clerk_sync_jwks_fetches_total`` (an :class:`~clerk_sync.auth.Authenticator` given
+    metrics sets it on its verifier's key source).
     """
 
     def __init__(
@@ -102,8 +105,10 @@ class JWKSKeySource:
         misses_per_cooldown: int = 3,
         fetch_timeout_s: float = 5.0,
         now: Callable[[], float] = time.monotonic,
+        metrics: Metrics | None = None,
     ) -> None:
         self.url = url
+        self.metrics = metrics
         self._client = client
         self._headers = headers or {}
         # Which setting names the URL: the Backend API's /v1/jwks is fetched with the secret key (from
@@ -259,19 +264,19 @@ class JWKSKeySource:
         except (httpx.LocalProtocolError, UnicodeEncodeError):  # never sent; the error's text quotes the header
             unsendable = True
         except (httpx.HTTPError, ValueError) as exc:  # (ValueError: a URL or header httpx refuses to build)
-            return self._failed(self._unreachable(exc), exc)
+            return self._failed("unreachable", self._unreachable(exc), exc)
         if unsendable:  # raised here, outside the handler: no context, so no trace of the key in a traceback
-            return self._failed(f"the JWKS fetch could not send its request to {self.url}: a header value holds a "
-                                "character HTTP cannot carry, most likely CLERK_SECRET_KEY (a newline, a space or a "
-                                "non-ASCII character inside it): set it again", None)
+            return self._failed("unreachable", f"the JWKS fetch could not send its request to {self.url}: a header "
+                                "value holds a character HTTP cannot carry, most likely CLERK_SECRET_KEY (a newline, a "
+                                "space or a non-ASCII character inside it): set it again", None)
         refusal = self._refusal(response)
         if refusal is not None:
-            return self._failed(refusal, None)
+            return self._failed("unavailable" if response.status_code >= 500 else "refused", refusal, None)
         try:
             keys = _parse_jwks(response.json())
         except ValueError as exc:
-            return self._failed(f"{self.url} answered 200 but not with JSON: {self._url_setting} should name the "
-                                "instance's JWKS", exc)
+            return self._failed("invalid", f"{self.url} answered 200 but not with JSON: {self._url_setting} should "
+                                "name the instance's JWKS", exc)
         if keys or not self._keys:  # an empty answer is a misconfiguration, not "trust nothing"
             # A key published again is kept as the object held: verifiers' caches compare keys by identity
             # (a token cached under a key since replaced under its kid is verified again).
@@ -282,10 +287,16 @@ class JWKSKeySource:
             self._problem = f"the JWKS from {self.url} holds no RSA signing key: {self._url_setting} should name " \
                             "the instance's JWKS"
         self._fetched_at = self._now()
+        self._count("ok" if keys else "empty")
 
-    def _failed(self, problem: str, cause: Exception | None) -> None:
-        """A fetch that brought no keys: while none are held, every token is answered 503 saying why (raised
-        here); else the keys held keep serving (the floor and cooldown limit the retries)."""
+    def _count(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.jwks_fetched(outcome)
+
+    def _failed(self, outcome: str, problem: str, cause: Exception | None) -> None:
+        """A fetch that brought no keys (counted as ``outcome``): while none are held, every token is answered 503
+        saying why (raised here); else the keys held keep serving (the floor and cooldown limit the retries)."""
+        self._count(outcome)
         if not self._keys:
             self._problem = problem
             raise self._unavailable() from cause

@@ -92,17 +92,19 @@ class ClerkAuthBackend(AuthenticationBackend):
     async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, BaseUser] | None:
         http = conn.scope["type"] == "http"
         try:
-            if not http:  # as ClerkAuthMiddleware: a cookie handshake from another site is refused
-                _check_websocket_origin(conn.headers, conn.cookies, conn.scope.get("scheme", "ws"),
-                                        self.authenticator)
-            auth = await self.authenticator.aauthenticate(conn.headers, conn.cookies,
-                                                          method=conn.scope["method"] if http else None,
-                                                          scheme=conn.scope.get("scheme", "http"))
-            conn.scope["clerk_auth"] = auth  # one identity per request: FastAPI's dependencies reuse it
-            if auth.is_impersonated and self.audit_impersonation:  # one row a request, as the middleware
-                client = conn.scope.get("client")
-                await run_in_threadpool(self.authenticator.audit_impersonated_request, auth, conn.scope.get(
-                    "method", "GET"), conn.scope["path"], client[0] if client else None)
+            # A ClerkAuthMiddleware outside judged it already: its session (audited there), or its refusal on a
+            # public path. One verdict a request, counted once.
+            judged, refused = conn.scope.get("clerk_auth"), conn.scope.get("clerk_auth_refused")
+            if refused is not None:
+                raise refused
+            if isinstance(judged, Auth):
+                auth = judged
+            else:
+                auth = await self._authenticate(conn, http)
+                if auth.is_impersonated and self.audit_impersonation:  # one row a request, as the middleware
+                    client = conn.scope.get("client")
+                    await run_in_threadpool(self.authenticator.audit_impersonated_request, auth, conn.scope.get(
+                        "method", "GET"), conn.scope["path"], client[0] if client else None)
         except TokenMissing:
             return None
         except (TokenError, AccessDenied, StoreError) as exc:  # AccessDenied: deprovisioned, locked or a
@@ -110,6 +112,15 @@ class ClerkAuthBackend(AuthenticationBackend):
         scopes = ["authenticated", *await self._confirmed_org_role(auth),
                   *auth.org_permissions]  # (permissions: the token's only, see the class docstring)
         return AuthCredentials(scopes), ClerkUser(auth)
+
+    async def _authenticate(self, conn: HTTPConnection, http: bool) -> Auth:
+        if not http:  # as ClerkAuthMiddleware: a cookie handshake from another site is refused
+            _check_websocket_origin(conn.headers, conn.cookies, conn.scope.get("scheme", "ws"), self.authenticator)
+        auth = await self.authenticator.aauthenticate(conn.headers, conn.cookies,
+                                                      method=conn.scope["method"] if http else None,
+                                                      scheme=conn.scope.get("scheme", "http"))
+        conn.scope["clerk_auth"] = auth  # one identity per request: FastAPI's dependencies reuse it
+        return auth
 
     async def _confirmed_org_role(self, auth: Auth) -> list[str]:
         """``[org_role]`` when the token's active organization role stands against ``organization_memberships``
@@ -145,7 +156,10 @@ class ClerkAuthMiddleware:
     A public path's trailing-slash twin is public only when listed in ``slash_twins`` (default: the webhook
     route, served with and without the slash): name yours when the webhook is mounted elsewhere.
 
-    Sets ``scope["clerk_auth"]`` to the :class:`Auth` (or None on a public path without a session).
+    Sets ``scope["clerk_auth"]`` to the :class:`Auth` (or None on a public path without a session). A session
+    refused on a public path is kept in ``scope["clerk_auth_refused"]``: a dependency (``current_auth``), the
+    Starlette backend or a mounted app's own middleware raises it rather than verifying the session again, so
+    the request is judged, and counted in ``clerk_sync_auth_*``, once.
     A refused websocket gets the same JSON answer as HTTP where the server supports the ASGI
     ``websocket.http.response`` extension (uvicorn does), else a close before accept: code 1008
     (policy violation) for a refused session, 1013 (try again later) when the database is down.
@@ -182,6 +196,9 @@ class ClerkAuthMiddleware:
             await error_json(TokenMissing(_PREFLIGHT_REFUSED))(scope, receive, send)
             return
         try:
+            refused = scope.get("clerk_auth_refused")
+            if refused is not None:  # an outer instance's verdict on this request (counted once: not checked again)
+                raise refused
             if repeated:  # two credentials: the app's dependencies and this check could each read another one
                 raise TokenMalformed("more than one Authorization header: send one")
             http = scope["type"] == "http"
@@ -203,6 +220,8 @@ class ClerkAuthMiddleware:
                 return
             if isinstance(exc, CrossSiteRequest):  # anonymous for the app's own checks too (its dependencies
                 scope = {**scope, "headers": _without_session_cookies(scope["headers"])}  # re-verify)
+            else:  # the app's own checks answer this refusal, not a second verification (counted once)
+                scope["clerk_auth_refused"] = exc
             scope["clerk_auth"] = None
         await self.app(scope, receive, send)
 

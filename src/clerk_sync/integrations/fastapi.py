@@ -127,6 +127,9 @@ class ClerkAuth(Generic[UserT]):
         auth = request.scope.get("clerk_auth")
         if isinstance(auth, Auth):
             return auth
+        refused = request.scope.get("clerk_auth_refused")
+        if refused is not None:  # the middleware's refusal on a public path: one verdict (and count) a request
+            raise refused
         auth = await self.authenticator.aauthenticate(request.headers, request.cookies, method=request.method,
                                                       scheme=request.url.scheme)
         if auth.is_impersonated and self.audit_impersonation:  # no audit row, no access (a StoreError: 503)

@@ -152,7 +152,7 @@ class ClerkSync:
         jit = self.jit
         return Authenticator(verifier, self.store, deny_list=deny_list,
                              load_user=jit.get_auth_user if jit is not None else None,
-                             impersonator_roles=self.settings.impersonator_roles())
+                             impersonator_roles=self.settings.impersonator_roles(), metrics=self.metrics)
 
     @_built_once
     def admin_actions(self) -> AdminActions:

@@ -230,12 +230,20 @@ def _current_auth() -> Auth:
     A POST (any unsafe method) riding on the ``__session`` cookie must come from an allowed origin, else
     403 ``cross_site_request`` (see :func:`~clerk_sync.auth.sessions.check_request_origin`).
     """
-    auth: Auth | None = _cached().get("auth")
+    cache = _cached()
+    auth: Auth | None = cache.get("auth")
     if auth is None:
+        refused: ClerkSyncError | None = cache.get("refused")
+        if refused is not None:  # refused once (deny_by_default, optional_clerk, current_user): not judged again
+            raise refused
         state = clerk_state()
         headers = {k.lower(): v for k, v in request.headers.items()}
         authenticator = _authenticator(state)
-        auth = authenticator.authenticate(headers, request.cookies, method=request.method, scheme=request.scheme)
+        try:
+            auth = authenticator.authenticate(headers, request.cookies, method=request.method, scheme=request.scheme)
+        except ClerkSyncError as exc:  # one verdict a request, counted once in clerk_sync_auth_refused_total
+            cache["refused"] = exc
+            raise
         if auth.is_impersonated and state.audit_impersonation:  # no audit row, no access (503)
             authenticator.audit_impersonated_request(auth, request.method, request.path, request.remote_addr)
         _cached()["auth"] = auth

@@ -147,8 +147,8 @@ class ClerkSync:
         if processor is not None:
             closers.append(processor.flush_summary)  # the deliveries since the last summary line
         # The processor's metrics (what an app's /metrics renders): Clerk API calls, 429s, the circuit breaker,
-        # the budget and JIT fetches are counted there too. Without a webhook route (nor its secret) there is no
-        # processor.
+        # the budget, JIT fetches and the authenticator's outcomes are counted there too. Without a webhook route
+        # (nor its secret) there is no processor.
         metrics = processor.metrics if processor is not None else None
         clerk = (ClerkClient.from_settings(settings, metrics=metrics) if settings.clerk_secret_key is not None
                  else None)
@@ -164,7 +164,7 @@ class ClerkSync:
                 verifier_from_settings(settings, http=http), store,
                 deny_list=DenyList(store, refresh_s=self.revocation_refresh_s),
                 load_user=users.get_auth_user if users is not None else None,
-                impersonator_roles=settings.impersonator_roles(),
+                impersonator_roles=settings.impersonator_roles(), metrics=metrics,
             )
             warn_if_any_origin(authenticator)
         admin = AdminActions(store, clerk, impersonator_roles=settings.impersonator_roles()) if clerk else None
