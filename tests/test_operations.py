@@ -305,8 +305,11 @@ def test_alert_rules_name_only_live_series(emu: EmulatorServer, service: tuple[h
         assert all(g.split(",")[0].strip() == "job" for g in re.findall(r"\b(?:by|on)\s*\(([^)]*)\)", expr)), expr
     needed = {"ClerkSyncNoDeliveriesWhileDrift", "ClerkSyncFailedBacklogGrowing", "ClerkSyncApplyLagHigh",
               "ClerkSyncHooksBehind",
-              "ClerkSyncClerkRateLimited", "ClerkSyncClerkCircuitOpen"}
+              "ClerkSyncClerkRateLimited", "ClerkSyncClerkCircuitOpen", "ClerkSyncAuthClockSkew", "ClerkSyncAuthKeyUnknown"}
     assert needed <= {r["alert"] for r in rules}
+    # the authentication series (the app's process: every registry has them at 0, serve's scrape too)
+    assert {"clerk_sync_auth_authenticated_total", "clerk_sync_auth_refused_total",
+            "clerk_sync_jwks_fetches_total"} <= exposed
 
 
 def test_one_log_line_per_delivery_at_the_chosen_level(db_url: str) -> None:
