@@ -51,7 +51,11 @@ def _client(h: Harness) -> Iterator[httpx.Client]:
     async def scopes(request: Request) -> JSONResponse:
         return JSONResponse({"scopes": list(request.auth.scopes)})
 
-    app = Starlette(routes=[Route("/org-admin", org_admin), Route("/scopes", scopes)],
+    @requires("authenticated")
+    async def who(request: Request) -> JSONResponse:
+        return JSONResponse({"org_role": request.user.auth.org_role})
+
+    app = Starlette(routes=[Route("/org-admin", org_admin), Route("/scopes", scopes), Route("/who", who)],
                     middleware=[Middleware(AuthenticationMiddleware, backend=ClerkAuthBackend(h.auth),
                                            on_error=ClerkAuthBackend.on_error)])
     with running(app) as url, httpx.Client(base_url=url) as client:
@@ -93,24 +97,43 @@ def test_a_request_without_an_org_role_reads_no_membership_and_an_outage_is_a_50
     h, now = harness, int(time.time() * 1000)
     h.event("user.created", f.user("user_m", now))
     h.event("organizationMembership.created", f.membership("orgmem_1", "org_1", "user_m", now, role="org:admin"))
-    confirmed: list[tuple[str, ...]] = []
-    confirm = h.auth.confirm_org_role
+    confirmed: list[str | None] = []
+    confirm = h.auth.standing_org_role
 
-    def spy(auth: Any, *roles: str) -> Any:
-        confirmed.append(roles)
-        return confirm(auth, *roles)
+    def spy(auth: Any) -> Any:
+        confirmed.append(auth.org_role)
+        return confirm(auth)
 
-    monkeypatch.setattr(h.auth, "confirm_org_role", spy)
+    monkeypatch.setattr(h.auth, "standing_org_role", spy)
     with _client(h) as client:
         assert _get(client, "/scopes", token("user_m")).json()["scopes"] == ["authenticated"]
         assert confirmed == []  # no active organization: nothing to confirm, no read
         assert _get(client, "/org-admin", token("user_m", o=ORG)).status_code == 200
-        assert confirmed == [("org:admin",)]
+        assert confirmed == ["org:admin"]
 
-        def down(auth: Any, *roles: str) -> Any:
+        def down(auth: Any) -> Any:
             raise StoreError("database unavailable")
 
-        monkeypatch.setattr(h.auth, "confirm_org_role", down)
+        monkeypatch.setattr(h.auth, "standing_org_role", down)
         answer = _get(client, "/scopes", token("user_m", o=ORG))
         assert (answer.status_code, answer.json()["error"]) == (503, StoreError.code)  # not taken for a demotion
         assert "retry-after" in answer.headers
+
+
+def test_request_user_shows_the_databases_org_role_not_the_tokens(harness: Harness) -> None:
+    """``request.user.auth.org_role`` was the token's: a view reading it saw a demoted admin as ``org:admin``
+    (and a removed member as still one) until the token expired, while ``@requires`` refused them. It is the
+    database's role now (None once the membership is deleted); no row yet, the token's."""
+    h, now = harness, int(time.time() * 1000)
+    for user in ("user_kept", "user_demoted", "user_removed", "user_late"):
+        h.event("user.created", f.user(user, now))
+    for i, user in enumerate(("user_kept", "user_demoted", "user_removed")):
+        h.event("organizationMembership.created", f.membership(f"orgmem_{i}", "org_1", user, now, role="org:admin"))
+    tokens = {user: token(user, o=ORG) for user in ("user_kept", "user_demoted", "user_removed", "user_late")}
+    h.event("organizationMembership.updated", f.membership("orgmem_1", "org_1", "user_demoted", now + 1000))
+    h.event("organizationMembership.deleted", f.membership("orgmem_2", "org_1", "user_removed", now + 1000,
+                                                           role="org:admin"))
+    with _client(h) as client:
+        seen = {user: _get(client, "/who", tok).json()["org_role"] for user, tok in tokens.items()}
+    assert seen == {"user_kept": "org:admin", "user_demoted": "org:member", "user_removed": None,
+                    "user_late": "org:admin"}

@@ -424,20 +424,33 @@ class Authenticator:
         may not have arrived yet and a new member is not refused for those seconds. Returns ``auth`` with the
         database's role where it differs from the token's."""
         self.require_org_role(auth, *roles)
-        org_id = auth.org_id or ""
-        row = self._membership(org_id, auth.user_id)
+        standing = self.standing_org_role(auth)
+        if standing.org_role is None:
+            raise AccessDenied(f"no longer a member of organization {auth.org_id} (the membership was deleted "
+                               "since the session token was issued)")
+        if not _org_role_in(standing.org_role, roles):
+            raise AccessDenied(f"organization role {show(standing.org_role)} in the database, changed since the "
+                               f"session token was issued ({show(auth.org_role)}), is not one of {sorted(roles)}")
+        # The confirmed role, not the token's: a guard admitting several roles would otherwise hand the view
+        # a role the member no longer has (the token's permissions stay the token's: Clerk sends no others)
+        return standing
+
+    def standing_org_role(self, auth: Auth) -> Auth:
+        """``auth`` with its active organization role as ``organization_memberships`` has it: the database's
+        role where it differs from the token's, ``org_role=None`` for a membership deleted since the token was
+        issued, ``auth`` itself (the token stands) without an organization or without a row (its
+        ``organizationMembership.created`` may not have arrived yet). One indexed query when the token names
+        an organization role; blocking (async callers run it in a worker thread). What
+        :meth:`confirm_org_role` judges, and what Starlette's ``request.user.auth`` shows."""
+        if auth.org_id is None or auth.org_role is None:
+            return auth
+        row = self._membership(auth.org_id, auth.user_id)
         if row is None:
             return auth
         role, deleted_at = row
         if deleted_at is not None:
-            raise AccessDenied(f"no longer a member of organization {org_id} (the membership was deleted since "
-                               "the session token was issued)")
-        if not _org_role_in(role, roles):
-            raise AccessDenied(f"organization role {show(role)} in the database, changed since the session token "
-                               f"was issued ({show(auth.org_role)}), is not one of {sorted(roles)}")
-        # The confirmed role, not the token's: a guard admitting several roles would otherwise hand the view
-        # a role the member no longer has (the token's permissions stay the token's: Clerk sends no others)
-        if auth.org_role is not None and same_org_role(role) == same_org_role(auth.org_role):
+            return dataclasses.replace(auth, org_role=None)
+        if same_org_role(role) == same_org_role(auth.org_role):
             return auth  # the same role, whichever spelling the token uses
         return dataclasses.replace(auth, org_role=role)
 

@@ -109,9 +109,13 @@ class ClerkAuthBackend(AuthenticationBackend):
             return None
         except (TokenError, AccessDenied, StoreError) as exc:  # AccessDenied: deprovisioned, locked or a
             raise AuthenticationError(exc.code) from exc  # cross-site POST; StoreError: deny list unreadable
-        scopes = ["authenticated", *await self._confirmed_org_role(auth),
+        standing = await self._standing(conn, auth)
+        # the org-role scope only when the token's role stands (a route asking for the database's other role
+        # is refused too, as every face's org-role guard refuses it until a new token carries it)
+        confirmed = [auth.org_role] if standing is auth and auth.org_role is not None else []
+        scopes = ["authenticated", *confirmed,
                   *auth.org_permissions]  # (permissions: the token's only, see the class docstring)
-        return AuthCredentials(scopes), ClerkUser(auth)
+        return AuthCredentials(scopes), ClerkUser(standing)
 
     async def _authenticate(self, conn: HTTPConnection, http: bool) -> Auth:
         if not http:  # as ClerkAuthMiddleware: a cookie handshake from another site is refused
@@ -122,20 +126,21 @@ class ClerkAuthBackend(AuthenticationBackend):
         conn.scope["clerk_auth"] = auth  # one identity per request: FastAPI's dependencies reuse it
         return auth
 
-    async def _confirmed_org_role(self, auth: Auth) -> list[str]:
-        """``[org_role]`` when the token's active organization role stands against ``organization_memberships``
-        (one indexed read in a worker thread; none without a role), else ``[]``. A database error is an
-        ``AuthenticationError`` (503 with ``on_error``): an outage is not taken for a demotion."""
-        role = auth.org_role
-        if role is None:
-            return []
+    async def _standing(self, conn: HTTPConnection, auth: Auth) -> Auth:
+        """``auth`` with the organization role ``organization_memberships`` has
+        (:meth:`~clerk_sync.auth.authenticator.Authenticator.standing_org_role`: one indexed read in a worker
+        thread; none without a role), which ``request.user.auth`` and FastAPI's dependencies then see: a
+        demoted admin's token still says ``org:admin``. A database error is an ``AuthenticationError`` (503
+        with ``on_error``): an outage is not taken for a demotion."""
+        if auth.org_role is None:
+            return auth
         try:
-            await run_in_threadpool(self.authenticator.confirm_org_role, auth, role)
-        except AccessDenied:
-            return []
+            standing = await run_in_threadpool(self.authenticator.standing_org_role, auth)
         except StoreError as exc:
             raise AuthenticationError(exc.code) from exc
-        return [role]
+        if standing is not auth:
+            conn.scope["clerk_auth"] = standing
+        return standing
 
 
 class ClerkAuthMiddleware:
