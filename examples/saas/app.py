@@ -51,7 +51,8 @@ def create_app(settings: Settings) -> FastAPI:
     clerk_api = ClerkClient.from_settings(settings)
     jit = JitUsers(store, clerk=clerk_api, refresh_interval_s=settings.jit_refresh_interval_s)
     authenticator = Authenticator(verifier_from_settings(settings, http=http), store,
-                                  load_user=jit.get_auth_user, impersonator_roles=settings.impersonator_roles())
+                                  load_user=jit.get_auth_user, impersonator_roles=settings.impersonator_roles(),
+                                  metrics=processor.metrics)  # clerk_sync_auth_* beside the webhook series
     clerk = ClerkAuth(authenticator, get_user=lambda auth: jit.get_auth_user(auth.user_id))
     admin_actions = AdminActions(store, clerk_api)
     require_admin = clerk.require_role("admin")
