@@ -143,7 +143,8 @@ def test_a_failed_delivery_about_a_user_deleted_since_is_redacted_with_the_tombs
         store: Store, verifier: WebhookVerifier) -> None:
     """Review finding: a delivery stored ``failed`` (kept whole for its replay) stayed whole for good when its
     user was deleted afterwards, though no replay of it can apply any more. It is redacted when the tombstone's
-    columns are cleared (``clear_tombstones_after``), and stays ``failed``; another user's failure stays whole."""
+    columns are cleared (``clear_tombstones_after``), and settled ``skipped`` (nothing is left to replay: the
+    data-protection walkthrough); another user's failure stays whole."""
     processor = WebhookProcessor(store, verifier)
     assert deliver(processor, f.envelope("user.created", _user("user_g", 100)), "msg_c") == "applied"
     for user_id, svix_id in (("user_g", "msg_bad"), ("user_live", "msg_live")):
@@ -161,7 +162,7 @@ def test_a_failed_delivery_about_a_user_deleted_since_is_redacted_with_the_tombs
     assert stored()["msg_bad"] == ("failed", True)  # (a dry run writes nothing)
     assert Retention(store, policy, now=_later(8)).prune().redacted == 1
     assert stored() | {"msg_c": None, "msg_d": None} == {
-        "msg_bad": ("failed", False), "msg_live": ("failed", True), "msg_c": None, "msg_d": None}
+        "msg_bad": ("skipped", False), "msg_live": ("failed", True), "msg_c": None, "msg_d": None}
     assert Retention(store, policy, now=_later(8)).prune().redacted == 0  # once
 
 

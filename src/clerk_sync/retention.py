@@ -98,6 +98,14 @@ _NESTED_ID = ("organization", "public_user_data", "payer")
 # A redacted delivery's ``last_error``: the reasons may quote the person (an app's error message), and with the
 # payload reduced to ids there is nothing left to replay or fix.
 _REDACTED_ERROR = "(redacted)"
+# A ``failed`` delivery's once its payload is redacted: no fix can make it apply, so it is settled ``skipped`` as
+# ``replay`` would settle it (``ingest._REDACTED_NOT_REPLAYED``), not left to fail doctor and the failed-backlog
+# alert with advice (fix the cause, replay) that cannot apply. Not ``ignored``: that is ``clerk-sync dismiss``'s
+# status, an operator's audited decision with a reason.
+_SETTLED_ERROR = ("(redacted) skipped: its payload was redacted (an erasure, or retention once its user was deleted) "
+                  "to ids and versions while it was failed: nothing is left to apply or replay")
+# The ``last_error`` values a redaction writes: nothing in them can name anyone
+_WRITTEN_ERRORS = (_REDACTED_ERROR, _SETTLED_ERROR)
 # What an erasure leaves in the user's queued role changes (closed: never pushed).
 _ERASED_PENDING = "the user was erased: not pushed"
 # Personal columns and their cleared values (NOT NULL JSON columns get an empty value).
@@ -300,19 +308,31 @@ class Retention:
     def _redact_failed_of_gone(self, cutoff: datetime, *, dry_run: bool = False) -> int:
         """Failed deliveries are kept, whole, until replayed; one about a user deleted before ``cutoff`` (the
         tombstones' clearing time) or hard-deleted since can never be applied, so its payload is redacted as
-        the tombstone's columns are cleared (it stays ``failed``; its ``last_error`` becomes ``(redacted)``, as
-        every redaction's does: :func:`_store_redacted`). Who a payload is about is inside its JSON: the failed
-        backlog is read a batch at a time, in id order."""
+        the tombstone's columns are cleared, and it is settled ``skipped``, as a replay would settle it (its
+        ``last_error``: :data:`_SETTLED_ERROR`; :func:`_store_redacted`): nothing is left for doctor or the
+        failed-backlog alert to ask a fix and a replay for. A failed delivery whose payload was redacted
+        already (stored so on arrival, or by an earlier release) is settled too. Who a payload is about is
+        inside its JSON: the failed backlog is read a batch at a time, in id order. Returns the payloads
+        redacted (the ones settled without a redaction are logged, not counted)."""
         e = webhook_events
-        due = sa.select(e.c.id, e.c.payload).where(e.c.status == DeliveryStatus.FAILED, e.c.redacted_at.is_(None))
+        due = sa.select(e.c.id, e.c.payload, e.c.redacted_at).where(e.c.status == DeliveryStatus.FAILED)
+        settled: list[int] = []
 
         def redact(writer: Writer, rows: Sequence[Any]) -> int:
-            gone = [(row.id, row.payload) for row in rows if _about_gone_user(writer.conn, row.payload, cutoff)]
+            whole = [row for row in rows if row.redacted_at is None]
+            gone = [(row.id, row.payload) for row in whole if _about_gone_user(writer.conn, row.payload, cutoff)]
+            before = [row.id for row in rows if row.redacted_at is not None]
             if not dry_run:
                 _store_redacted(writer, gone)
+                _settle_redacted_failed(writer, before)
+            settled.extend(before)
             return len(gone)
 
-        return self._walk(due, e.c.id, redact)
+        redacted = self._walk(due, e.c.id, redact)
+        if settled and not dry_run:
+            log.info("failed_deliveries_settled", deliveries=len(settled),
+                     why="payload redacted before: nothing to replay, stored skipped")
+        return redacted
 
     def _strip_failed_requests(self, cutoff: datetime, *, dry_run: bool = False,
                                gone_cut: datetime | None = None) -> int:
@@ -814,7 +834,7 @@ def _redact_mentions(writer: Writer, mentions: Mentions, *, since: datetime | No
     lower = unicode_lower(writer.conn)
     query = sa.select(e.c.id, e.c.payload, e.c.redacted_at, e.c.last_error).where(sa.or_(
         sa.and_(e.c.redacted_at.is_(None), _may_name(lower, sa.cast(e.c.payload, sa.Text), mentions)),
-        sa.and_(e.c.last_error.is_not(None), e.c.last_error != _REDACTED_ERROR,
+        sa.and_(e.c.last_error.is_not(None), e.c.last_error.not_in(_WRITTEN_ERRORS),
                 _may_name(lower, e.c.last_error, mentions))))
     if since is not None:
         query = query.where(e.c.received_at >= since)
@@ -930,13 +950,28 @@ def _redacted_details(details: Mapping[str, Any], mentions: Mentions) -> dict[st
 
 
 def _store_redacted(writer: Writer, rows: list[tuple[int, Any]]) -> None:
+    """Store these payloads redacted, their ``last_error`` too; a ``failed`` one is settled ``skipped`` in the
+    same statement (:data:`_SETTLED_ERROR`: nothing is left to replay)."""
     if not rows:
         return
     e = webhook_events
-    stmt = e.update().where(e.c.id == sa.bindparam("row_id")).values(
-        payload=sa.bindparam("new_payload", type_=e.c.payload.type), redacted_at=writer.now,
-        last_error=sa.case((e.c.last_error.is_not(None), _REDACTED_ERROR)))
+    failed = e.c.status == DeliveryStatus.FAILED.value
+    # (status set last, in that order: MySQL's SET reads the columns assigned before it, as assigned)
+    stmt = e.update().where(e.c.id == sa.bindparam("row_id")).ordered_values(
+        (e.c.payload, sa.bindparam("new_payload", type_=e.c.payload.type)), (e.c.redacted_at, writer.now),
+        (e.c.last_error, sa.case((failed, _SETTLED_ERROR), (e.c.last_error.is_not(None), _REDACTED_ERROR))),
+        (e.c.applied_at, sa.case((failed, sa.literal(writer.now, e.c.applied_at.type)), else_=e.c.applied_at)),
+        (e.c.status, sa.case((failed, DeliveryStatus.SKIPPED.value), else_=e.c.status)))
     writer.conn.execute(stmt, [{"row_id": i, "new_payload": redact_payload(_as_dict(p))} for i, p in rows])
+
+
+def _settle_redacted_failed(writer: Writer, ids: list[int]) -> None:
+    """Settle ``failed`` deliveries whose payloads were redacted before (on arrival, about a user deleted or
+    erased already; by a release that left them failed) as :func:`_store_redacted` settles the ones it redacts."""
+    if ids:
+        e = webhook_events
+        writer.conn.execute(e.update().where(e.c.id.in_(ids), e.c.status == DeliveryStatus.FAILED.value).values(
+            status=DeliveryStatus.SKIPPED.value, last_error=_SETTLED_ERROR, applied_at=writer.now))
 
 
 def _about_gone_user(conn: sa.Connection, payload: Any, cutoff: datetime) -> bool:

@@ -1,0 +1,68 @@
+"""The data-protection walkthrough of retention and erasure: what it found, fixed (one test or two each)."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from typing import Any
+
+import sqlalchemy as sa
+
+from clerk_sync.freshness import read_snapshot
+from clerk_sync.ingest import WebhookProcessor, replay_deliveries
+from clerk_sync.retention import Retention, RetentionPolicy
+from clerk_sync.store import Store
+from clerk_sync.tables import webhook_events
+from clerk_sync.webhooks import WebhookVerifier
+from tests import factories as f
+from tests.test_retention import EMAIL, _failing, _later, deliver
+
+
+def _rows(store: Store) -> dict[str, tuple[str, str | None, bool]]:
+    """Each delivery's status, ``last_error``, and whether its payload still holds the person's address."""
+    with store.connect() as conn:
+        return {r.svix_id: (r.status, r.last_error, EMAIL in json.dumps(r.payload))
+                for r in conn.execute(sa.select(webhook_events))}
+
+
+def _redacted_failed_stays(store: Store, svix_id: str) -> None:
+    """As an earlier release left a failed delivery it redacted (or ingest stores one about a gone user)."""
+    with store.transaction() as w:
+        doc: Any = w.conn.execute(sa.select(webhook_events.c.payload)
+                                  .where(webhook_events.c.svix_id == svix_id)).scalar_one()
+        doc = json.loads(doc) if isinstance(doc, str) else doc
+        w.conn.execute(webhook_events.update().where(webhook_events.c.svix_id == svix_id).values(
+            payload={"type": doc["type"], "data": {"id": doc["data"]["id"]}, "redacted": True},
+            redacted_at=w.now, last_error="(redacted)"))
+
+
+def test_a_failed_delivery_an_erasure_or_prune_redacts_is_settled_skipped_not_left_failing(
+        store: Store, verifier: WebhookVerifier) -> None:
+    """Walkthrough item 4: the redacted failed deliveries stayed ``failed`` ("(redacted)"): doctor --freshness
+    failed, and the failed-backlog gauge (its alert) counted them, asking for a fix and a replay that could
+    only settle them ``skipped``. The redaction settles them so, in the same statement; another user's failure
+    stays failed, and so does nothing a replay could still apply."""
+    processor = WebhookProcessor(store, verifier)
+    for user_id in ("user_e", "user_d", "user_old", "user_live"):
+        assert deliver(processor, f.envelope("user.created", f.user(user_id, 100)), f"c_{user_id}") == "applied"
+        assert deliver(processor, _failing(user_id), f"f_{user_id}") == "failed"
+    assert read_snapshot(store).failed_backlog == 4
+
+    Retention(store).erase_user("user_e", reason="DSR")  # the erasure redacts f_user_e
+    assert deliver(processor, f.envelope("user.deleted", f.deleted("user", "user_d")), "d_user_d") == "applied"
+    _redacted_failed_stays(store, "f_user_old")  # redacted, and left failed, before this fix
+    policy = RetentionPolicy(clear_tombstones_after=timedelta(days=7))
+    assert Retention(store, policy, now=_later(8)).prune().redacted == 1  # f_user_d (f_user_old was already)
+
+    rows = _rows(store)
+    settled = "(redacted) skipped: its payload was redacted"
+    for svix_id in ("f_user_e", "f_user_d", "f_user_old"):
+        status, error, whole = rows[svix_id]
+        assert (status, whole) == ("skipped", False), svix_id
+        assert error is not None and error.startswith(settled), (svix_id, error)
+    assert rows["f_user_live"] == ("failed", rows["f_user_live"][1], True)  # a live user's: whole, for its replay
+    assert read_snapshot(store).failed_backlog == 1  # doctor --freshness and clerk_sync_failed_deliveries
+    assert replay_deliveries(store).by_status == {"failed": 1}  # nothing else is left to replay
+    assert Retention(store, policy, now=_later(8)).prune().redacted == 0  # once
+    assert Retention(store, now=_later(91)).prune().deleted >= 3  # settled: deleted at the inbox's age like others
+    assert set(_rows(store)) == {"f_user_live"}
