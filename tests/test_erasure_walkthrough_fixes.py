@@ -66,3 +66,24 @@ def test_a_failed_delivery_an_erasure_or_prune_redacts_is_settled_skipped_not_le
     assert Retention(store, policy, now=_later(8)).prune().redacted == 0  # once
     assert Retention(store, now=_later(91)).prune().deleted >= 3  # settled: deleted at the inbox's age like others
     assert set(_rows(store)) == {"f_user_live"}
+
+
+def test_a_failed_user_delivery_with_a_padded_id_is_redacted_once_its_user_is_deleted(
+        store: Store, verifier: WebhookVerifier) -> None:
+    """Walkthrough item 2: a ``user.*`` delivery whose ``data.id`` is padded (``" user_p"``) is refused, on
+    purpose, and stored ``failed``, whole; once user_p was deleted, prune never redacted it (the id it read
+    was None), though the docs promise "redacted once its user is deleted". The id trimmed decides whom it is
+    about, for the redaction only; a padded id of a live user stays whole, for a fix by hand and a replay."""
+    processor = WebhookProcessor(store, verifier)
+    for user_id in ("user_p", "user_q"):
+        assert deliver(processor, f.envelope("user.created", f.user(user_id, 100)), f"c_{user_id}") == "applied"
+        padded = f.envelope("user.updated", f.user(f" {user_id} ", 200, email=EMAIL))
+        assert deliver(processor, padded, f"pad_{user_id}") == "failed"
+    assert deliver(processor, f.envelope("user.deleted", f.deleted("user", "user_p")), "d_user_p") == "applied"
+    policy = RetentionPolicy(clear_tombstones_after=timedelta(days=7))
+
+    assert Retention(store, policy, now=_later(8)).prune(dry_run=True).redacted == 1
+    assert Retention(store, policy, now=_later(8)).prune().redacted == 1
+    rows = _rows(store)
+    assert (rows["pad_user_p"][0], rows["pad_user_p"][2]) == ("skipped", False)
+    assert (rows["pad_user_q"][0], rows["pad_user_q"][2]) == ("failed", True)  # user_q lives: whole

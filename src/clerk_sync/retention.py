@@ -8,7 +8,10 @@ neither needs the rest; their ``last_error`` becomes ``(redacted)`` (an app's er
 person). After ``delete_after`` those rows are deleted. ``failed`` deliveries are kept whole until
 replayed (or removed by hand): their payload is what a replay needs (one about a user deleted or erased
 already is stored redacted: ``ingest``), except ``event_attributes`` (the requester's IP address and user
-agent, which no replay reads), dropped after ``redact_after``.
+agent, which no replay reads), dropped after ``redact_after``. One about a user deleted since (its id read
+trimmed: :func:`_about_gone_user`) is redacted as the tombstone's columns are cleared. A failed delivery a
+redaction reaches (that, or an erasure's) is settled ``skipped`` in the same statement, as a replay would settle
+it: nothing is left to apply, or for doctor and the failed-backlog alert to ask a replay of.
 
 **Dead hook jobs.** A job queued that long ago (``created_at``) and left ``dead`` is redacted the same way
 after ``redact_after`` (:func:`~clerk_sync.outbox.redact_jobs`: ids and version kept, the change's values
@@ -975,18 +978,35 @@ def _settle_redacted_failed(writer: Writer, ids: list[int]) -> None:
 
 
 def _about_gone_user(conn: sa.Connection, payload: Any, cutoff: datetime) -> bool:
-    """Whether a stored delivery is about a user deleted before ``cutoff``, or hard-deleted (its digest)."""
+    """Whether a stored delivery is about a user deleted before ``cutoff``, or hard-deleted (its digest).
+
+    Its user is :func:`~clerk_sync.engine.user_named`'s, or, where that refuses an id padded with whitespace
+    (``" user_1"``: never applied, on purpose), the id trimmed, for this decision only: such a delivery fails
+    on every replay, and it is about that user all the same, so it is redacted once they are gone (it was kept
+    whole for good). An id no trimming makes readable (not a string, too long) names nobody: kept whole."""
     raw = _as_dict(payload)
     data = raw.get("data")
     if not isinstance(data, dict) or not isinstance(raw.get("type"), str):
         return False
-    person = user_named(Envelope(type=raw["type"], data=data, timestamp_ms=0, instance_id=None, raw=dict(raw)))
+    person = user_named(Envelope(type=raw["type"], data=data, timestamp_ms=0, instance_id=None, raw=dict(raw))) \
+        or user_named(Envelope(type=raw["type"], data=_trimmed(data), timestamp_ms=0, instance_id=None, raw={}))
     if person is None:
         return False
     deleted_at: datetime | None = conn.execute(sa.select(users.c.deleted_at).where(users.c.clerk_id == person)).scalar()
     if deleted_at is not None:
         return aware(deleted_at) < cutoff
     return is_erased(conn, Entity.USER, person)
+
+
+def _trimmed(value: Any) -> Any:
+    """``value`` (a parsed JSON document) with every string stripped of surrounding whitespace."""
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, dict):
+        return {k: _trimmed(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_trimmed(v) for v in value]
+    return value
 
 
 def _due_tombstones(table: sa.Table, cutoff: datetime) -> sa.Select[Any]:
