@@ -12,7 +12,7 @@ from clerk_sync.freshness import read_snapshot
 from clerk_sync.ingest import WebhookProcessor, replay_deliveries
 from clerk_sync.retention import Retention, RetentionPolicy
 from clerk_sync.store import Store
-from clerk_sync.tables import webhook_events
+from clerk_sync.tables import audit_log, organizations, webhook_events
 from clerk_sync.webhooks import WebhookVerifier
 from tests import factories as f
 from tests.test_retention import EMAIL, _failing, _later, deliver
@@ -87,3 +87,43 @@ def test_a_failed_user_delivery_with_a_padded_id_is_redacted_once_its_user_is_de
     rows = _rows(store)
     assert (rows["pad_user_p"][0], rows["pad_user_p"][2]) == ("skipped", False)
     assert (rows["pad_user_q"][0], rows["pad_user_q"][2]) == ("failed", True)  # user_q lives: whole
+
+
+def test_an_erasure_lists_the_organizations_the_person_created_for_review(
+        store: Store, verifier: WebhookVerifier) -> None:
+    """Walkthrough item 1: an organization the erased person created kept a name and slug made of theirs
+    ("Ada Lovelace's team", ``ada-lovelace``), and nothing said so: ``mentioned_elsewhere`` looked for their id,
+    addresses and numbers only. clerk-sync's tables do not keep the creator; the stored events not redacted yet
+    do (``created_by``, also a membership event's ``organization.created_by``): those organizations are listed
+    (report and audit row) and left as they are, the organization's data; another creator's are not."""
+    processor = WebhookProcessor(store, verifier)
+    assert deliver(processor, f.envelope("user.created", f.user("user_a", 100, email=EMAIL)), "c_a") == "applied"
+
+    def org(org_id: str, creator: str, **extra: Any) -> dict[str, Any]:
+        return f.organization(org_id, 100, name="Ada Lovelace's team") | {"slug": f"ada-{org_id}",
+                                                                            "created_by": creator, **extra}
+
+    for svix_id, data in (("o_team", org("org_team", "user_a")),
+                          ("o_both", org("org_both", "user_a", private_metadata={"billing": EMAIL})),
+                          ("o_m", org("org_m", "user_a")), ("o_other", org("org_other", "user_x"))):
+        assert deliver(processor, f.envelope("organization.created", data), svix_id) == "applied"
+    with store.transaction() as w:  # org_m's own event redacted already (retention): its membership event says it
+        w.conn.execute(webhook_events.update().where(webhook_events.c.svix_id == "o_m").values(
+            payload={"type": "organization.created", "data": {"id": "org_m"}, "redacted": True}, redacted_at=w.now))
+    member = f.membership("orgmem_m", "org_m", "user_a", 200, role="org:admin")
+    member["organization"]["created_by"] = "user_a"
+    assert deliver(processor, f.envelope("organizationMembership.created", member), "m_m") == "applied"
+
+    report = Retention(store).erase_user("user_a", reason="DSR-9")
+    assert report.mentioned_elsewhere == ("organizations org_both: private_metadata; created by them (name, slug)",
+                                          "organizations org_team: created by them (name, slug)",
+                                          "organizations org_m: created by them (name, slug)")
+    advice = report.elsewhere_advice()
+    assert advice is not None and "org_team" in advice and "created by them" in advice and "org_other" not in advice
+    with store.connect() as conn:
+        audit = conn.execute(sa.select(audit_log.c.details).where(audit_log.c.action == "user.erased")).scalar_one()
+        names = dict(conn.execute(sa.select(organizations.c.clerk_id, organizations.c.name)).all())
+    assert audit["mentioned_elsewhere"] == list(report.mentioned_elsewhere)
+    assert set(names.values()) == {"Ada Lovelace's team"}  # listed, not changed
+    # (run again, it knows none of it: the row is cleared, the events that said it are redacted)
+    assert Retention(store).erase_user("user_a").mentioned_elsewhere == ()

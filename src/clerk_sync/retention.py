@@ -55,7 +55,7 @@ import dataclasses
 import functools
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -213,8 +213,10 @@ class ErasureReport:
     ``mapped_refused``: what the app's mapped table would not clear (also in the audit row);
     ``audit_rows_redacted``: audit rows whose ``ip`` it cleared or whose ``details`` it redacted;
     ``mentioned_elsewhere``: other users' and organizations' rows whose metadata, name or slug still holds
-    the person's e-mail address or phone number (``"organizations org_1: private_metadata"``), which the
-    erasure does not change: they are someone else's data, mirrored from Clerk (edit them there)."""
+    the person's e-mail address or phone number (``"organizations org_1: private_metadata"``), and the
+    organizations the person created, whose name or slug may be theirs (``"organizations org_2: created by
+    them (name, slug)"``), which the erasure does not change: they are someone else's data, or the
+    organization's, mirrored from Clerk (review and edit them there)."""
 
     clerk_id: str
     row_existed: bool
@@ -224,11 +226,13 @@ class ErasureReport:
     mentioned_elsewhere: tuple[str, ...] = ()
 
     def elsewhere_advice(self) -> str | None:
-        """The line every face's erase command prints when other records still hold the person's address."""
+        """The line every face's erase command prints when other records still hold the person's address, or
+        organizations they created may be named after them."""
         if not self.mentioned_elsewhere:
             return None
         more = " (and maybe more)" if len(self.mentioned_elsewhere) >= _ELSEWHERE_MAX else ""
-        return (f"other records still hold this person's e-mail address or phone number{more}: "
+        return (f"other records still hold this person's e-mail address or phone number, or were created by them "
+                f"(an organization's name or slug may be theirs){more}: "
                 f"{'; '.join(self.mentioned_elsewhere)}. They are mirrored from Clerk: edit them there (Dashboard "
                 "or API), and the next event or reconcile mirrors the change here")
 
@@ -670,13 +674,14 @@ class Retention:
             p = pending_role_changes
             writer.conn.execute(p.update().where(p.c.user_clerk_id == clerk_id, p.c.done_at.is_(None))
                                 .values(done_at=writer.now, last_error=_ERASED_PENDING))
+            created = _organizations_created_by(writer, clerk_id)  # (before the redaction: the payloads say it)
             redacted = _redact_mentions(writer, mentions)
             # Issue 11: the app's mapped table and queued hook jobs hold personal data too.
             redacted += redact_jobs(writer.conn, mentions)
             refused = (tuple(self.store.mapping.erase(writer.conn, Entity.USER, clerk_id))
                        if self.store.mapping is not None else ())
             audited = _redact_audit(writer, clerk_id, mentions)  # (before its own row: the reason stays as given)
-            elsewhere = _mentioned_elsewhere(writer, clerk_id, mentions)
+            elsewhere = _mentioned_elsewhere(writer, clerk_id, mentions, created)
             details: dict[str, Any] = {"payloads_redacted": redacted, "reason": reason}
             if refused:  # the erasure holds; what is left for the app to clear is on record
                 details["mapped_refused"] = list(refused)
@@ -863,16 +868,18 @@ _ELSEWHERE: dict[sa.Table, tuple[str, ...]] = {
 _ELSEWHERE_MAX = 100
 
 
-def _mentioned_elsewhere(writer: Writer, clerk_id: str, mentions: Mentions) -> tuple[str, ...]:
+def _mentioned_elsewhere(writer: Writer, clerk_id: str, mentions: Mentions,
+                         created: Collection[str] = ()) -> tuple[str, ...]:
     """The other users' and organizations' columns that still hold the person's e-mail address or phone number
-    (their Clerk id is left out: another record naming it is a pseudonymous reference, as a membership is).
-    Found by the same text search and exact test as the payloads; listed, not changed (see ErasureReport)."""
+    (their Clerk id is left out: another record naming it is a pseudonymous reference, as a membership is), and
+    the organizations of ``created`` (:func:`_organizations_created_by`) whose name or slug is set: an
+    organization is often named after its creator ("Ada Lovelace's team", ``ada-lovelace``), and only a person
+    can tell. Found by the same text search and exact test as the payloads; listed, not changed (see
+    ErasureReport)."""
     contact = Mentions(n for n in mentions.needles if n != clerk_id)
-    if not contact:
-        return ()
     lower = unicode_lower(writer.conn)
-    found: list[str] = []
-    for table, names in _ELSEWHERE.items():
+    found: dict[tuple[str, str], list[str]] = {}  # (table, Clerk id): what to review there, in order
+    for table, names in _ELSEWHERE.items() if contact else ():
         columns = [table.c[name] for name in names]
         query = sa.select(table.c.clerk_id, *columns).where(
             sa.or_(*(_may_name(lower, sa.cast(column, sa.Text), contact) for column in columns)))
@@ -881,10 +888,45 @@ def _mentioned_elsewhere(writer: Writer, clerk_id: str, mentions: Mentions) -> t
         for row in writer.conn.execute(query.order_by(table.c.id)):
             held = [name for name in names if contact.in_document(_json_value(row._mapping[name]))]
             if held:
-                found.append(f"{table.name} {row.clerk_id}: {', '.join(held)}")
+                found[(table.name, row.clerk_id)] = [", ".join(held)]
             if len(found) >= _ELSEWHERE_MAX:
-                return tuple(found)
-    return tuple(found)
+                return _listed(found)
+    o = organizations
+    named = sa.select(o.c.clerk_id, o.c.name, o.c.slug).where(o.c.clerk_id.in_(sorted(created)),
+                                                              sa.or_(o.c.name.is_not(None), o.c.slug.is_not(None)))
+    for row in writer.conn.execute(named.order_by(o.c.id)) if created else ():
+        kept = ", ".join(name for name in ("name", "slug") if row._mapping[name] is not None)
+        found.setdefault((o.name, row.clerk_id), []).append(f"created by them ({kept})")
+        if len(found) >= _ELSEWHERE_MAX:
+            break
+    return _listed(found)
+
+
+def _listed(found: Mapping[tuple[str, str], list[str]]) -> tuple[str, ...]:
+    return tuple(f"{table} {clerk_id}: {'; '.join(notes)}" for (table, clerk_id), notes in found.items())
+
+
+def _organizations_created_by(writer: Writer, clerk_id: str) -> set[str]:
+    """The organizations the user created, as the stored deliveries not redacted yet say it (an organization
+    event's ``data.created_by``, a membership event's ``data.organization.created_by``): clerk-sync's tables do
+    not keep the creator, so an organization whose events were all redacted (``redact_after``) or deleted is not
+    found. Compared exactly in Python, as :func:`_mentioned` does. Read before the erasure redacts them."""
+    e = webhook_events
+    query = sa.select(e.c.type, e.c.payload).where(
+        e.c.redacted_at.is_(None), e.c.type.like("organization%"),
+        sa.cast(e.c.payload, sa.Text).contains(json.dumps(clerk_id), autoescape=True))
+    found: set[str] = set()
+    result = writer.conn.execute(query.execution_options(yield_per=100))
+    try:
+        for event_type, payload in result:
+            data = _data_of(payload)
+            org = data if data is not None and str(event_type).startswith("organization.") else \
+                (data or {}).get("organization")
+            if isinstance(org, dict) and org.get("created_by") == clerk_id and isinstance(org.get("id"), str):
+                found.add(org["id"])
+    finally:
+        result.close()
+    return found
 
 
 def _json_value(value: Any) -> Any:
