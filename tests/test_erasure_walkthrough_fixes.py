@@ -6,8 +6,11 @@ import json
 from datetime import timedelta
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 
+from clerk_sync.errors import StoreError
+from clerk_sync.events import parse_envelope
 from clerk_sync.freshness import read_snapshot
 from clerk_sync.ingest import WebhookProcessor, replay_deliveries
 from clerk_sync.retention import Retention, RetentionPolicy
@@ -127,3 +130,39 @@ def test_an_erasure_lists_the_organizations_the_person_created_for_review(
     assert set(names.values()) == {"Ada Lovelace's team"}  # listed, not changed
     # (run again, it knows none of it: the row is cleared, the events that said it are redacted)
     assert Retention(store).erase_user("user_a").mentioned_elsewhere == ()
+
+
+@pytest.mark.parametrize("db_url", [pytest.param("postgres", marks=pytest.mark.postgres),
+                                    pytest.param("mariadb", marks=pytest.mark.mariadb)], indirect=True)
+def test_an_erasure_whose_wait_for_deliveries_in_flight_ran_out_says_so_in_its_audit_row(
+        db_url: str, verifier: WebhookVerifier, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Walkthrough item 6: an erasure whose wait for the deliveries in flight ran out (exit 3, "run again")
+    had committed its ``user.erased`` row before the wait, reading as complete (``payloads_redacted`` 0). The
+    row now comes with the wait's outcome: ``"settled": false`` there; the run again writes a complete one
+    (no ``settled`` key, as before), counting what it redacted."""
+    import clerk_sync.retention as retention
+
+    monkeypatch.setattr(retention, "_SETTLE_WAIT_S", 1)
+    store, other = Store.from_url(db_url), Store.from_url(db_url)
+    processor = WebhookProcessor(store, verifier)
+
+    def erased_rows() -> list[dict[str, Any]]:
+        with other.connect() as conn:
+            return [dict(d) for d in conn.execute(sa.select(audit_log.c.details).where(
+                audit_log.c.action == "user.erased").order_by(audit_log.c.id)).scalars()]
+
+    try:
+        assert deliver(processor, f.envelope("user.created", f.user("user_h", 100, email=EMAIL)), "u1") == "applied"
+        with store.transaction() as writer:  # a delivery in flight, its inbox row written, not committed
+            session = {"id": "sess_h", "object": "session", "user_id": "user_h", "client_id": "client_1",
+                       "status": "active", "created_at": 1, "updated_at": 1, "expire_at": 9_999_999_999_999}
+            processor.apply_in(writer, "s1", parse_envelope(f.body_of(f.envelope("session.created", session))))
+            with pytest.raises(StoreError, match="run the erasure again"):
+                Retention(other).erase_user("user_h", reason="DSR-3")
+            assert erased_rows() == [{"payloads_redacted": 1, "reason": "DSR-3", "settled": False}]
+        again = Retention(other).erase_user("user_h", reason="DSR-3")
+        assert again.payloads_redacted == 1  # the session, committed since
+        assert erased_rows()[1:] == [{"payloads_redacted": 1, "reason": "DSR-3"}]
+    finally:
+        store.dispose()
+        other.dispose()

@@ -40,8 +40,10 @@ delivery in flight for them, then clears the row and redacts every stored payloa
 mentions the user's id or e-mail addresses (read after that wait: an address just written is searched too),
 clears the ``ip`` of the audit rows the user made (or made impersonating someone) and redacts the ``details``
 of those that name them (:func:`_redacted_details`: the Clerk ids stay, pseudonymous, for accountability;
-migration 0013's triggers allow that redaction and still refuse any other change), and writes an audit row,
-in one transaction, with no statement time limit (it searches the whole inbox and audit log).
+migration 0013's triggers allow that redaction and still refuse any other change), in one transaction, with no
+statement time limit (it searches the whole inbox and audit log). Its audit row commits with it on SQLite; on
+PostgreSQL and MySQL/MariaDB with the redaction of what the deliveries in flight stored
+(:meth:`Retention._settle`), so it tells the whole outcome (``"settled": false`` when that wait failed).
 The deletion goes to the store's mapped tables and hooks, also when the user was deleted before (an
 erasure run again with them: idempotent).
 
@@ -580,12 +582,21 @@ class Retention:
         :class:`UnknownUser` and changes nothing: a typo would otherwise leave a permanent tombstone for
         nobody while the real user keeps their data. ``allow_unknown`` erases it anyway (a request before
         the first webhook).
+
+        The ``user.erased`` audit row tells the whole outcome: on SQLite it commits with the erasure; on
+        PostgreSQL and MySQL/MariaDB with the redaction of what the deliveries in flight stored
+        (:meth:`_settle`), its ``payloads_redacted`` counting those too. A wait that failed (the "run the
+        erasure again" error) writes it with ``"settled": false``: what they stored was not checked. (A process
+        killed during that wait, seconds, leaves the erasure without its row: it did not say it was done; run it
+        again, which writes one.)
         """
         if not could_be_user_id(clerk_id):
             raise ValueError(f"erase_user needs a Clerk user id (user_...), not {clerk_id!r}")
         began = self.store.now()
+        settles = dialect_family(self.store.engine.dialect) != "sqlite"  # (SQLite: one writer, none in flight)
         try:
-            report, mentions = self._erase_user(clerk_id, actor, reason, allow_unknown=allow_unknown)
+            report, mentions, entry = self._erase_user(clerk_id, actor, reason, allow_unknown=allow_unknown,
+                                                       audit_now=not settles)
         except StoreError as exc:
             if not is_transient(getattr(exc.__cause__, "orig", None)):
                 raise
@@ -593,9 +604,17 @@ class Retention:
                 f"{exc}. If it runs out again (a delivery for this user in progress, a stuck replica), raise "
                 "CLERK_SYNC_DB_LOCK_TIMEOUT_S or CLERK_SYNC_DB_IDLE_IN_TRANSACTION_TIMEOUT_S for this command (an "
                 "erasure's statements have no time limit)") from exc
+        if not settles:
+            return report
+
+        def audited(writer: Writer, late: int, **more: Any) -> None:
+            details = {**(entry.details or {}), "payloads_redacted": report.payloads_redacted + late, **more}
+            record_audit(writer, dataclasses.replace(entry, details=details))
+
         try:
-            late = self._settle(mentions, began - _SETTLE_MARGIN)
+            late = self._settle(mentions, began - _SETTLE_MARGIN, audited)
         except StoreError as exc:
+            self._audit_unsettled(clerk_id, lambda writer: audited(writer, 0, settled=False))
             if is_lock_wait_timeout(getattr(exc.__cause__, "orig", None)):
                 raise StoreError(
                     f"user {clerk_id} is erased, but a delivery in progress held the inbox past {_SETTLE_WAIT_S} s, "
@@ -607,8 +626,19 @@ class Retention:
                 f"store was not checked: run the erasure again{grant}") from exc
         return dataclasses.replace(report, payloads_redacted=report.payloads_redacted + late)
 
-    def _settle(self, mentions: Mentions, since: datetime) -> int:
-        """Redact what deliveries in flight during the erasure stored whole; returns the payloads redacted.
+    def _audit_unsettled(self, clerk_id: str, audited: Callable[[Writer], None]) -> None:
+        """The audit row of an erasure whose wait for the deliveries in flight failed, in a transaction of its
+        own; a database that refuses it too is logged (the erasure's own error is what the caller raises)."""
+        try:
+            with self.store.transaction() as writer:
+                audited(writer)
+        except StoreError as exc:
+            log.error("erasure_audit_not_written", clerk_id=clerk_id, error=str(exc),
+                      fix="run the erasure again: it writes the user.erased row")
+
+    def _settle(self, mentions: Mentions, since: datetime, audited: Callable[[Writer, int], None]) -> int:
+        """Redact what deliveries in flight during the erasure stored whole, and write the erasure's audit row
+        (``audited``, given the payloads this redacted) in the same transaction; returns the payloads redacted.
 
         A delivery that names the user without writing the user's row (``session.*``, ``email.created``) takes
         no lock the erasure's tombstone waits on: one whose inbox row went in (the user not gone yet, so whole)
@@ -616,10 +646,8 @@ class Retention:
         flight on the inbox has ended (PostgreSQL: a SHARE lock on ``webhook_events``, taken and released at
         once; MySQL/MariaDB: ``LOCK TABLES .. READ``, whose metadata lock waits for every open transaction that
         wrote it), then search the rows received since the erasure began again: any delivery after that sees
-        the tombstone and stores its payload redacted. (SQLite: one writer, no delivery in flight.)"""
+        the tombstone and stores its payload redacted. (SQLite: one writer, no delivery in flight: not called.)"""
         family = dialect_family(self.store.engine.dialect)
-        if family == "sqlite":
-            return 0
         try:
             if family == "postgresql":
                 # A queued SHARE request holds every new inbox write behind it: asked for 50 ms at a time
@@ -648,10 +676,13 @@ class Retention:
         except sa.exc.SQLAlchemyError as exc:
             raise store_error(exc) from exc
         with self.store.transaction() as writer, without_statement_bound(writer.conn):
-            return _redact_mentions(writer, mentions, since=since) + redact_jobs(writer.conn, mentions)
+            late = _redact_mentions(writer, mentions, since=since) + redact_jobs(writer.conn, mentions)
+            audited(writer, late)
+            return late
 
-    def _erase_user(self, clerk_id: str, actor: str | None, reason: str | None, *,
-                    allow_unknown: bool) -> tuple[ErasureReport, Mentions]:
+    def _erase_user(self, clerk_id: str, actor: str | None, reason: str | None, *, allow_unknown: bool,
+                    audit_now: bool) -> tuple[ErasureReport, Mentions, AuditEntry]:
+        """The erasure's transaction; its audit row too when ``audit_now`` (else returned, for :meth:`_settle`)."""
         with self.store.transaction() as writer, without_statement_bound(writer.conn):
             existed = writer.conn.execute(sa.select(users.c.id).where(users.c.clerk_id == clerk_id)).first() is not None
             if not (allow_unknown or existed or is_erased(writer.conn, Entity.USER, clerk_id)
@@ -689,8 +720,10 @@ class Retention:
                 details["mentioned_elsewhere"] = list(elsewhere)
             if audited:
                 details["audit_rows_redacted"] = audited
-            record_audit(writer, AuditEntry("user.erased", actor, clerk_id, details=details))
-        return ErasureReport(clerk_id, existed, redacted, refused, audited, elsewhere), mentions
+            entry = AuditEntry("user.erased", actor, clerk_id, details=details)
+            if audit_now:
+                record_audit(writer, entry)
+        return ErasureReport(clerk_id, existed, redacted, refused, audited, elsewhere), mentions, entry
 
 
 def _pass_deletion_on(writer: Writer, outbox: Outbox, clerk_id: str) -> None:
