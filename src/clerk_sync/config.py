@@ -255,6 +255,9 @@ class Settings(BaseSettings):
     )
     instance_id: str | None = Field(None, validation_alias="CLERK_INSTANCE_ID")
     max_body_bytes: int = Field(1024 * 1024, gt=0, validation_alias="CLERK_SYNC_MAX_BODY_BYTES")
+    # A webhook request's body must be in within this long (408 then; Svix waits 15 s for an attempt, its
+    # self-hosted server 30 s): a client sending it slowly, or stalling, cannot hold the memory it sent for ever.
+    webhook_read_timeout_s: float = Field(30.0, gt=0, le=3600, validation_alias="CLERK_SYNC_WEBHOOK_READ_TIMEOUT_S")
     # Bounded (at least 1 s, at most a day): see _tolerance_problem.
     webhook_tolerance_s: int = Field(300, validation_alias="CLERK_SYNC_WEBHOOK_TOLERANCE_S")
     clerk_secret_key: SecretStr | None = Field(None, validation_alias="CLERK_SECRET_KEY")

@@ -21,6 +21,7 @@ from clerk_sync.cli._args import PortInUse
 from clerk_sync.cli._serve import (
     STARTUP_FAILURE,
     DispatchWhenMigrated,
+    bounded_http,
     could_not_start,
     serve_workers,
     shared_metrics,
@@ -122,19 +123,25 @@ def serve(
              "process exits whatever still runs (not with --workers N: each worker's requests get the same "
              "bound, without that exit). Below Kubernetes' terminationGracePeriodSeconds (30) - 5.",
     )] = 25,
+    limit_concurrency: Annotated[int, typer.Option(
+        "--limit-concurrency", envvar="CLERK_SYNC_LIMIT_CONCURRENCY", min=1,
+        help="Connections plus requests in progress a process holds; past it new requests are answered 503 "
+             "(Svix retries). Bounds memory: each may hold up to CLERK_SYNC_MAX_BODY_BYTES of body.",
+    )] = 1000,
 ) -> None:
     """Run the webhook sync service: POST /webhooks/clerk, /healthz, /readyz, /metrics."""
     # One worker with PROMETHEUS_MULTIPROC_DIR set (prometheus_client is then in multiprocess mode) takes a
     # fresh directory inside it too: the files of earlier runs there would add their counts to this one's.
     if workers > 1 or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         with shared_metrics():
-            _serve(host, port, workers, json_logs, hooks, mapping, migrate_first, dispatch, graceful_timeout)
+            _serve(host, port, workers, json_logs, hooks, mapping, migrate_first, dispatch, graceful_timeout,
+                   limit_concurrency)
         return
-    _serve(host, port, workers, json_logs, hooks, mapping, migrate_first, dispatch, graceful_timeout)
+    _serve(host, port, workers, json_logs, hooks, mapping, migrate_first, dispatch, graceful_timeout, limit_concurrency)
 
 
 def _serve(host: str, port: int, workers: int, json_logs: bool, hooks: str | None, mapping: str | None,
-           migrate_first: bool, dispatch: bool, graceful_timeout_s: int) -> None:
+           migrate_first: bool, dispatch: bool, graceful_timeout_s: int, limit_concurrency: int) -> None:
     from clerk_sync.integrations.starlette import build_processor
 
     settings = _settings()
@@ -156,10 +163,11 @@ def _serve(host: str, port: int, workers: int, json_logs: bool, hooks: str | Non
         os.environ["CLERK_SYNC_MIGRATE_ON_START"] = "1" if migrate_first else "0"  # for the worker processes
         with _listen(host, port) as sock:
             _announce(settings, host, sock)
-            serve_workers(host, port, workers, sock, json_logs=json_logs, graceful_timeout_s=graceful_timeout_s)
+            serve_workers(host, port, workers, sock, json_logs=json_logs, graceful_timeout_s=graceful_timeout_s,
+                          limit_concurrency=limit_concurrency)
     else:
         _serve_one(settings, processor, host, port, migrate_first=migrate_first, dispatch=dispatch,
-                   graceful_timeout_s=graceful_timeout_s)
+                   graceful_timeout_s=graceful_timeout_s, limit_concurrency=limit_concurrency)
 
 
 #: How long past --graceful-timeout a stopping ``serve`` may take (the app's shutdown: the committer's queue
@@ -191,7 +199,7 @@ def _exit_after(seconds: float, code: int) -> None:
 
 
 def _serve_one(settings: Settings, processor: WebhookProcessor, host: str, port: int, *, migrate_first: bool,
-               dispatch: bool, graceful_timeout_s: int = 25) -> None:
+               dispatch: bool, graceful_timeout_s: int = 25, limit_concurrency: int = 1000) -> None:
     import signal
     from types import FrameType
 
@@ -219,7 +227,8 @@ def _serve_one(settings: Settings, processor: WebhookProcessor, host: str, port:
                 _exit_after(graceful_timeout_s + _EXIT_MARGIN_S, 128 + sig)
 
     server = Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                                   timeout_graceful_shutdown=graceful_timeout_s))
+                                   timeout_graceful_shutdown=graceful_timeout_s, http=bounded_http(),
+                                   limit_concurrency=limit_concurrency))
     with _listen(host, port) as sock, sigterm_unwinds():
         _announce(settings, host, sock)
         try:

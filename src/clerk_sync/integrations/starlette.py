@@ -79,19 +79,31 @@ def error_json(exc: ClerkSyncError) -> JSONResponse:
     return JSONResponse(answer.body, status_code=answer.status, headers=answer.headers)
 
 
-async def read_limited_body(request: Request, limit: int) -> bytes:
-    """Read at most ``limit`` bytes; refuse larger bodies before reading them in full."""
+async def read_limited_body(request: Request, limit: int, *, timeout_s: float | None = None) -> bytes:
+    """Read at most ``limit`` bytes; refuse larger bodies before reading them in full. With ``timeout_s``, a
+    body not in within that many seconds raises :class:`TimeoutError` (a client stalling mid-body)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"body is {declared} bytes, the limit is {limit}")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    with anyio.move_on_after(timeout_s):
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+    raise _ReadTimeout(timeout_s or 0.0, size, declared)
+
+
+class _ReadTimeout(TimeoutError):
+    """A webhook body not in within its deadline (``CLERK_SYNC_WEBHOOK_READ_TIMEOUT_S``): answered 408, the
+    connection closed, nothing written. No Svix attempt takes that long (15 s, 30 s self-hosted)."""
+
+    def __init__(self, timeout_s: float, received: int, declared: str | None) -> None:
+        super().__init__(f"the body did not arrive within {timeout_s:g} s")
+        self.timeout_s, self.received, self.declared = timeout_s, received, declared
 
 
 class _WebhookPath:
@@ -134,10 +146,27 @@ class _WebhookPath:
         self.processor.refused(exc, claimed)
         return error_response(exc)
 
+    def too_slow(self, exc: _ReadTimeout, claimed: str | None) -> tuple[int, dict[str, str], dict[str, str]]:
+        """Log (WARNING: no Svix attempt is this slow) and count (``clerk_sync_webhook_refused_total{code=
+        "body_timeout"}``) a body that did not arrive in time; the status, body and headers to answer with."""
+        log.warning("webhook_body_timeout", svix_id=_cut(claimed), timeout_s=exc.timeout_s, received_bytes=exc.received,
+                    declared_bytes=_cut(exc.declared))
+        self.processor.metrics.refused.labels(code=BODY_TIMEOUT).inc()
+        return 408, {"error": BODY_TIMEOUT, "message": f"{exc} (nothing was written)"}, _CLOSE
+
+
+BODY_TIMEOUT = "body_timeout"  # the refusal's code (the error in the 408's body, the metric's label)
+_CLOSE = {"connection": "close"}  # an answer sent before the body was read in full: the rest is not waited for
+
+
+def _cut(text: str | None) -> str | None:
+    """A value the client chose, cut to a length a log line holds."""
+    return text if text is None or len(text) <= 100 else f"{text[:100]}... ({len(text)} characters)"
+
 
 def webhook_endpoint(processor: WebhookProcessor, *, threads: int = 4, slow_s: float = 0.5,
                      key_patience_s: float = 0.5, not_ready: Callable[[], str | None] | None = None,
-                     committer: GroupCommitter | None = None) -> Any:
+                     committer: GroupCommitter | None = None, read_timeout_s: float = 30.0) -> Any:
     """An ASGI endpoint for ``POST /webhooks/clerk``.
 
     ``threads`` caps concurrent deliveries in the thread pool: the work is GIL-bound, and more
@@ -148,7 +177,8 @@ def webhook_endpoint(processor: WebhookProcessor, *, threads: int = 4, slow_s: f
     (:class:`~._gate.KeyGate`): while one of them is stuck, the others are refused (503) after
     ``key_patience_s``. ``not_ready()`` says why deliveries must wait (503, nothing written), e.g.
     migrations pending. With a ``committer`` (the service's :class:`~._committer.GroupCommitter`),
-    concurrent deliveries share one transaction and one COMMIT.
+    concurrent deliveries share one transaction and one COMMIT. A body not in within ``read_timeout_s``
+    (``CLERK_SYNC_WEBHOOK_READ_TIMEOUT_S``) is answered 408 and the connection closed, nothing written.
     """
     path = _WebhookPath(processor, threads=threads, slow_s=slow_s, key_patience_s=key_patience_s,
                         not_ready=not_ready, committer=committer)
@@ -157,11 +187,15 @@ def webhook_endpoint(processor: WebhookProcessor, *, threads: int = 4, slow_s: f
         # Unverified, but it correlates every log line of this delivery (refusals included).
         claimed = request.headers.get("svix-id") or request.headers.get("webhook-id")
         try:
-            body = await read_limited_body(request, processor.max_body_bytes)
+            body = await read_limited_body(request, processor.max_body_bytes, timeout_s=read_timeout_s)
             outcome = await path.deliver(request.headers, body)
         except (WebhookError, StoreError) as exc:
             answer = path.refused(exc, claimed)
-            return JSONResponse(answer.body, status_code=answer.status, headers=answer.headers)
+            headers = {**answer.headers, **_CLOSE} if isinstance(exc, PayloadTooLarge) else answer.headers
+            return JSONResponse(answer.body, status_code=answer.status, headers=headers)
+        except _ReadTimeout as exc:
+            status, said, headers = path.too_slow(exc, claimed)
+            return JSONResponse(said, status_code=status, headers=headers)
         except ClientDisconnect:
             return Response(status_code=400)
         return JSONResponse(delivery_answer(outcome.svix_id, outcome.status, outcome.error))
@@ -179,13 +213,15 @@ class WebhookFastPath:
 
     def __init__(self, app: Any, processor: WebhookProcessor, *, path: str = "/webhooks/clerk",
                  not_ready: Callable[[], str | None] | None = None, committer: GroupCommitter | None = None,
-                 threads: int = 4, slow_s: float = 0.5, key_patience_s: float = 0.5) -> None:
+                 threads: int = 4, slow_s: float = 0.5, key_patience_s: float = 0.5,
+                 read_timeout_s: float = 30.0) -> None:
         self.app, self.path_name = app, path
         self._paths = frozenset(with_and_without_slash(path))
         self.committer = committer
         self._path = _WebhookPath(processor, threads=threads, slow_s=slow_s, key_patience_s=key_patience_s,
                                   not_ready=not_ready, committer=self.committer)
         self._limit = processor.max_body_bytes
+        self._read_timeout_s = read_timeout_s  # see webhook_endpoint
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["path"] not in self._paths or scope["method"] != "POST":
@@ -198,7 +234,11 @@ class WebhookFastPath:
             outcome = await self._path.deliver(headers, body)
         except (WebhookError, StoreError) as exc:
             answer = self._path.refused(exc, claimed)
-            await _send_json(send, answer.status, answer.body, answer.headers)
+            headers = {**answer.headers, **_CLOSE} if isinstance(exc, PayloadTooLarge) else answer.headers
+            await _send_json(send, answer.status, answer.body, headers)
+            return
+        except _ReadTimeout as exc:
+            await _send_json(send, *self._path.too_slow(exc, claimed))
             return
         except ClientDisconnect:
             await _send_json(send, 400, {"error": "client_disconnected", "message": "the body was not received"})
@@ -218,17 +258,19 @@ class WebhookFastPath:
             raise PayloadTooLarge(f"body is {declared} bytes, the limit is {self._limit}")
         chunks: list[bytes] = []
         size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise ClientDisconnect()
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self._limit:
-                raise PayloadTooLarge(f"body exceeds the limit of {self._limit} bytes")
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        with anyio.move_on_after(self._read_timeout_s):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientDisconnect()
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > self._limit:
+                    raise PayloadTooLarge(f"body exceeds the limit of {self._limit} bytes")
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        raise _ReadTimeout(self._read_timeout_s, size, declared)
 
 
 _JSON_TYPE = (b"content-type", b"application/json")
@@ -274,9 +316,11 @@ def _limiter(holder: list[CapacityLimiter], threads: int) -> CapacityLimiter:
     return holder[0]
 
 
-def webhook_routes(processor: WebhookProcessor, path: str = "/webhooks/clerk") -> list[BaseRoute]:
-    """The webhook route alone, for apps that mount it themselves (with and without a trailing slash)."""
-    endpoint = webhook_endpoint(processor)
+def webhook_routes(processor: WebhookProcessor, path: str = "/webhooks/clerk", *,
+                   read_timeout_s: float = 30.0) -> list[BaseRoute]:
+    """The webhook route alone, for apps that mount it themselves (with and without a trailing slash); a body
+    not in within ``read_timeout_s`` is answered 408 (:func:`webhook_endpoint`)."""
+    endpoint = webhook_endpoint(processor, read_timeout_s=read_timeout_s)
     return [Route(one, endpoint, methods=["POST"]) for one in with_and_without_slash(path)]
 
 
@@ -339,7 +383,7 @@ class StartupMigration:
 
 
 def _service_routes(processor: WebhookProcessor, migration: StartupMigration | None,
-                    committer: GroupCommitter | None) -> Sequence[BaseRoute]:
+                    committer: GroupCommitter | None, read_timeout_s: float) -> Sequence[BaseRoute]:
     store = processor.store
 
     async def healthz(_: Request) -> Response:
@@ -378,7 +422,7 @@ def _service_routes(processor: WebhookProcessor, migration: StartupMigration | N
         return Response(await to_thread.run_sync(processor.metrics.render), media_type=CONTENT_TYPE_LATEST)
 
     not_ready = migration.pending if migration is not None else None
-    webhook = webhook_endpoint(processor, not_ready=not_ready, committer=committer)
+    webhook = webhook_endpoint(processor, not_ready=not_ready, committer=committer, read_timeout_s=read_timeout_s)
     return [
         *(Route(path, webhook, methods=["POST"]) for path in with_and_without_slash("/webhooks/clerk")),
         Route("/healthz", healthz),
@@ -419,14 +463,15 @@ def create_app(settings: Settings, processor: WebhookProcessor | None = None, *,
             finally:
                 processor.metrics.close()  # serve --workers: this worker's live gauges leave the sums
 
-    routes = list(_service_routes(processor, migration, committer))
+    routes = list(_service_routes(processor, migration, committer, settings.webhook_read_timeout_s))
     if settings.console_enabled:
         from clerk_sync.integrations.console import create_console
 
         routes.append(Mount("/console", app=create_console(processor.store, settings, metrics=processor.metrics)))
     # POST /webhooks/clerk skips the router and Starlette's Request/Response (WebhookFastPath).
     fast = Middleware(WebhookFastPath, processor=processor, committer=committer,
-                      not_ready=migration.pending if migration is not None else None)
+                      not_ready=migration.pending if migration is not None else None,
+                      read_timeout_s=settings.webhook_read_timeout_s)
     return Starlette(routes=routes, lifespan=lifespan, middleware=[fast],
                      exception_handlers={HTTPException: _routing_error})
 

@@ -1,0 +1,283 @@
+"""``serve`` against clients that send slowly, or too much head (adversarial walkthrough 2026-12-05, F1 and F1b).
+
+Fixed: an unauthenticated client could hold ``CLERK_SYNC_MAX_BODY_BYTES`` of memory per connection for ever by
+stalling mid-body (the signature is only checked once the body is in), and without limit by sending an endless
+header block (uvicorn's httptools parser has no head limit, and every byte received cancels its keep-alive
+timer). Now a body not in within ``CLERK_SYNC_WEBHOOK_READ_TIMEOUT_S`` is answered 408 (nothing written,
+counted, a WARNING line), a head over 64 KiB 431, a head not complete within 10 s of its first byte 408 (and a
+connection that sends nothing is closed then), each connection closed; ``--limit-concurrency`` (1000) answers 503
+past it. Real servers on loopback: uvicorn in a thread (short deadlines), and ``clerk-sync serve`` processes.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+import structlog.testing
+import uvicorn
+from starlette.applications import Starlette
+
+from clerk_sync.cli._uvicorn_limits import BoundedHttpTools
+from clerk_sync.config import Settings
+from clerk_sync.ingest import WebhookProcessor
+from clerk_sync.integrations.starlette import build_processor, create_app, webhook_routes
+from clerk_sync.tables import webhook_events
+from tests import factories as f
+from tests._server import wait_for_http
+from tests.conftest import SECRET
+
+
+def _port() -> int:
+    """A free port in this file's range (18650-18699)."""
+    for port in range(18650, 18700):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 18650-18699")
+
+
+class _ShortHead(BoundedHttpTools):
+    head_timeout_s = 1.0
+
+
+@contextmanager
+def _serving(app: Any, *, limit_concurrency: int | None = None) -> Iterator[int]:
+    """``app`` served by uvicorn (httptools, the bounded protocol with a 1 s head deadline) in a thread."""
+    port = _port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off",
+                                           http=_ShortHead, limit_concurrency=limit_concurrency))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.01)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def _app(kind: str, processor: WebhookProcessor, settings: Settings) -> Any:
+    """The service (its fast path) or an app mounting the webhook route (``webhook_routes``)."""
+    if kind == "service":
+        return create_app(settings, processor)
+    return Starlette(routes=webhook_routes(processor, read_timeout_s=settings.webhook_read_timeout_s))
+
+
+def _settings(url: str, read_timeout_s: float) -> Settings:
+    return Settings.from_env({"DATABASE_URL": url, "CLERK_WEBHOOK_SIGNING_SECRET": SECRET,
+                              "CLERK_SYNC_WEBHOOK_READ_TIMEOUT_S": str(read_timeout_s),
+                              "CLERK_SYNC_PRUNE_INTERVAL_S": "0"})
+
+
+def _head(headers: dict[str, str], length: int) -> bytes:
+    lines = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    return f"POST /webhooks/clerk HTTP/1.1\r\nhost: x\r\n{lines}content-length: {length}\r\n\r\n".encode()
+
+
+def _until_closed(sock: socket.socket, within_s: float) -> tuple[float, bytes]:
+    """What the server sends until it closes the connection, and how long that took."""
+    started = time.monotonic()
+    sock.settimeout(within_s)
+    got = b""
+    try:
+        while chunk := sock.recv(65536):
+            got += chunk
+    except TimeoutError:
+        pytest.fail(f"still open after {within_s} s; received {got[:200]!r}")
+    except ConnectionResetError:
+        pass
+    return time.monotonic() - started, got
+
+
+def _send_until_cut(sock: socket.socket, data: bytes, *, pause_s: float) -> tuple[float, int]:
+    """Send ``data`` again and again (``pause_s`` apart) until the server cuts the connection (10 s, 100 MiB
+    at most); how long that took, and how many bytes were sent."""
+    started, sent = time.monotonic(), 0
+    while time.monotonic() - started < 10 and sent < 100 * 1024 * 1024:
+        try:
+            sock.sendall(data)
+        except OSError:  # reset, or a broken pipe
+            return time.monotonic() - started, sent
+        sent += len(data)
+        time.sleep(pause_s)
+    pytest.fail(f"the connection was not cut: {sent} bytes sent in {time.monotonic() - started:.1f} s")
+
+
+def _stored(processor: WebhookProcessor) -> int:
+    with processor.store.connect() as conn:
+        return int(conn.execute(sa.select(sa.func.count()).select_from(webhook_events)).scalar_one())
+
+
+@pytest.mark.parametrize("kind", ["service", "routes"])
+def test_a_stalled_body_is_answered_408_closed_counted_and_nothing_written(sqlite_url: str, kind: str) -> None:
+    settings = _settings(sqlite_url, 1.0)
+    processor = build_processor(settings)
+    headers, body = f.signed(f.envelope("user.created", f.user("user_slow", 1)), "msg_slow")
+    with structlog.testing.capture_logs() as logs, _serving(_app(kind, processor, settings)) as port, \
+            socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(_head(headers, len(body)) + body[: len(body) // 2])  # then nothing more
+        took, answer = _until_closed(sock, within_s=10)
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    assert b"connection: close" in answer.lower() and b'"error":"body_timeout"' in answer.replace(b" ", b"")
+    assert 0.9 < took < 8, took
+    assert _stored(processor) == 0
+    assert processor.metrics.registry.get_sample_value("clerk_sync_webhook_refused_total",
+                                                       {"code": "body_timeout"}) == 1
+    [line] = [line for line in logs if line["event"] == "webhook_body_timeout"]
+    assert line["log_level"] == "warning" and line["svix_id"] == "msg_slow"
+    assert line["received_bytes"] == len(body) // 2 and line["declared_bytes"] == str(len(body))
+    assert not any(b"user_slow" in repr(value).encode() for value in line.values())  # not the body
+    processor.store.dispose()
+
+
+@pytest.mark.parametrize("kind", ["service", "routes"])
+def test_a_body_sent_in_parts_within_the_deadline_applies(sqlite_url: str, kind: str) -> None:
+    settings = _settings(sqlite_url, 5.0)
+    processor = build_processor(settings)
+    headers, body = f.signed(f.envelope("user.created", f.user("user_parts", 1)), "msg_parts")
+    with _serving(_app(kind, processor, settings)) as port, socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(_head(headers, len(body)) + body[:10])
+        time.sleep(0.3)
+        sock.sendall(body[10:])
+        sock.settimeout(10)
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 200 ") and b'"applied"' in answer, answer
+    assert _stored(processor) == 1
+    processor.store.dispose()
+
+
+def test_an_oversized_head_is_answered_431_and_closed(sqlite_url: str) -> None:
+    settings = _settings(sqlite_url, 5.0)
+    processor = build_processor(settings)
+    with _serving(create_app(settings, processor)) as port:
+        with socket.create_connection(("127.0.0.1", port)) as sock:  # 100 KiB of head, not ended
+            sock.sendall(b"POST /webhooks/clerk HTTP/1.1\r\nhost: x\r\nx-a: " + b"a" * 100 * 1024 + b"\r\n")
+            took, answer = _until_closed(sock, within_s=10)
+        assert answer.startswith(b"HTTP/1.1 431 ") and took < 5, (took, answer)
+        with socket.create_connection(("127.0.0.1", port)) as sock:  # one sending on and on is cut off
+            sock.sendall(b"POST /webhooks/clerk HTTP/1.1\r\nhost: x\r\n")
+            took, sent = _send_until_cut(sock, b"x-a: " + b"a" * 64 * 1024 + b"\r\n", pause_s=0)
+            assert took < 5 and sent < 20 * 1024 * 1024, (took, sent)  # (what the sockets buffer)
+    processor.store.dispose()
+
+
+def test_a_head_and_a_large_body_in_one_read_are_no_large_head_and_the_connection_is_kept(sqlite_url: str) -> None:
+    """The head's bytes are counted, not the body's that follow it in the same read; the next request on the
+    kept-alive connection is timed and bounded afresh."""
+    settings = _settings(sqlite_url, 5.0)
+    processor = build_processor(settings)
+    forged = {"svix-id": "msg_forged", "svix-timestamp": str(int(time.time())), "svix-signature": "v1,AAAA"}
+    big = b"{" + b" " * 600_000 + b"}"
+    headers, body = f.signed(f.envelope("user.created", f.user("user_after", 1)), "msg_after")
+    with _serving(create_app(settings, processor)) as port, socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.settimeout(10)
+        sock.sendall(_head(forged, len(big)) + big)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 401 ")
+        time.sleep(1.5)  # longer than the head deadline: between requests it is not running
+        sock.sendall(_head(headers, len(body)) + body)
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 200 ") and b'"applied"' in answer, answer
+    processor.store.dispose()
+
+
+def test_a_trickling_head_is_closed_after_its_deadline(sqlite_url: str) -> None:
+    settings = _settings(sqlite_url, 5.0)
+    processor = build_processor(settings)
+    with _serving(create_app(settings, processor)) as port, socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"POST /webhooks/clerk HTTP/1.1\r\nx-slow: ")
+        took, _ = _send_until_cut(sock, b"a", pause_s=0.1)  # each byte cancelled uvicorn's keep-alive timer
+        sock.settimeout(5)
+        answer = sock.recv(65536)  # (said before the close)
+    assert 0.9 < took < 8, took
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    processor.store.dispose()
+
+
+def test_a_connection_that_sends_nothing_is_closed_after_the_head_deadline(sqlite_url: str) -> None:
+    settings = _settings(sqlite_url, 5.0)
+    processor = build_processor(settings)
+    with _serving(create_app(settings, processor)) as port, socket.create_connection(("127.0.0.1", port)) as sock:
+        took, answer = _until_closed(sock, within_s=10)
+    assert answer == b"" and 0.9 < took < 8, (took, answer)
+    processor.store.dispose()
+
+
+def test_limit_concurrency_answers_503_past_it(sqlite_url: str) -> None:
+    settings = _settings(sqlite_url, 5.0)
+    processor = build_processor(settings)
+    with _serving(create_app(settings, processor), limit_concurrency=2) as port:
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+        try:
+            assert _first_answer(port).startswith(b"HTTP/1.1 503 ")
+        finally:
+            for sock in held:
+                sock.close()
+    processor.store.dispose()
+
+
+def _first_answer(port: int) -> bytes:
+    """The answer to ``GET /healthz`` on a new connection (tried until 503, 5 s at most: the held connections
+    are counted once the server accepted them)."""
+    deadline = time.monotonic() + 5
+    while True:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.settimeout(5)
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+            answer = sock.recv(65536)
+        if answer.startswith(b"HTTP/1.1 503 ") or time.monotonic() > deadline:
+            return answer
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_bounds_slow_bodies_large_heads_and_concurrency(tmp_path: Path, workers: str) -> None:
+    """The real ``clerk-sync serve`` (its workers too: the protocol class and the settings reach them)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLERK_", "PROMETHEUS_")) and k != "DATABASE_URL"}
+    env.update({"DATABASE_URL": f"sqlite:///{tmp_path / 'serve.db'}", "CLERK_WEBHOOK_SIGNING_SECRET": SECRET,
+                "CLERK_SYNC_WEBHOOK_READ_TIMEOUT_S": "1", "CLERK_SYNC_LIMIT_CONCURRENCY": "3"})
+    port = _port()
+    proc = subprocess.Popen([sys.executable, "-c", "from clerk_sync.cli import main; main()", "serve", "--port",
+                             str(port), "--workers", workers], env=env, cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "serve.err", "wb"))  # noqa: SIM115
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/readyz", timeout=60, proc=proc)
+        headers, body = f.signed(f.envelope("user.created", f.user("user_slow", 1)), "msg_slow")
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(_head(headers, len(body)) + body[:20])
+            took, answer = _until_closed(sock, within_s=10)
+        assert answer.startswith(b"HTTP/1.1 408 ") and took < 8, (took, answer)
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.settimeout(10)
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n" + b"x-a: " + b"a" * 100_000 + b"\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 431 ")
+        if workers == "1":  # (with 2 the kernel picks which worker accepts a connection)
+            held = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+            try:
+                assert _first_answer(port).startswith(b"HTTP/1.1 503 ")
+            finally:
+                for sock in held:
+                    sock.close()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
