@@ -163,6 +163,21 @@ def test_a_body_sent_in_parts_within_the_deadline_applies(sqlite_url: str, kind:
     processor.store.dispose()
 
 
+@pytest.mark.parametrize("kind", ["service", "routes"])
+def test_a_body_refused_as_too_large_before_it_is_read_closes_the_connection(sqlite_url: str, kind: str) -> None:
+    """A 413 answered from the declared length, kept alive, left the client sending (or trickling) the rest of
+    its body with no deadline: the connection is closed with the answer now."""
+    settings = _settings(sqlite_url, 5.0)
+    processor = build_processor(settings)
+    headers = {"svix-id": "msg_big", "svix-timestamp": str(int(time.time())), "svix-signature": "v1,AAAA"}
+    with _serving(_app(kind, processor, settings)) as port, socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(_head(headers, 2 * 1024 * 1024) + b"x" * 1000)  # then nothing more
+        took, answer = _until_closed(sock, within_s=10)
+    assert answer.startswith(b"HTTP/1.1 413 ") and b"connection: close" in answer.lower(), answer
+    assert took < 5, took
+    processor.store.dispose()
+
+
 def test_an_oversized_head_is_answered_431_and_closed(sqlite_url: str) -> None:
     settings = _settings(sqlite_url, 5.0)
     processor = build_processor(settings)
