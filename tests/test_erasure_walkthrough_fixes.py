@@ -137,19 +137,19 @@ def test_an_erasure_lists_the_organizations_the_person_created_for_review(
 def test_an_erasure_whose_wait_for_deliveries_in_flight_ran_out_says_so_in_its_audit_row(
         db_url: str, verifier: WebhookVerifier, monkeypatch: pytest.MonkeyPatch) -> None:
     """Walkthrough item 6: an erasure whose wait for the deliveries in flight ran out (exit 3, "run again")
-    had committed its ``user.erased`` row before the wait, reading as complete (``payloads_redacted`` 0). The
-    row now comes with the wait's outcome: ``"settled": false`` there; the run again writes a complete one
-    (no ``settled`` key, as before), counting what it redacted."""
+    committed its ``user.erased`` row before the wait, and nothing recorded that what they stored was left
+    unchecked. The row still commits with the erasure (a kill during the wait leaves no erasure unaudited);
+    a ``user.erasure_settled`` row now says ``"settled": false``, and one counts what a later check redacted."""
     import clerk_sync.retention as retention
 
     monkeypatch.setattr(retention, "_SETTLE_WAIT_S", 1)
     store, other = Store.from_url(db_url), Store.from_url(db_url)
     processor = WebhookProcessor(store, verifier)
 
-    def erased_rows() -> list[dict[str, Any]]:
+    def erased_rows() -> list[tuple[str, dict[str, Any]]]:
         with other.connect() as conn:
-            return [dict(d) for d in conn.execute(sa.select(audit_log.c.details).where(
-                audit_log.c.action == "user.erased").order_by(audit_log.c.id)).scalars()]
+            return [(action, dict(d)) for action, d in conn.execute(sa.select(audit_log.c.action, audit_log.c.details)
+                    .where(audit_log.c.action.like("user.eras%")).order_by(audit_log.c.id))]
 
     try:
         assert deliver(processor, f.envelope("user.created", f.user("user_h", 100, email=EMAIL)), "u1") == "applied"
@@ -159,10 +159,11 @@ def test_an_erasure_whose_wait_for_deliveries_in_flight_ran_out_says_so_in_its_a
             processor.apply_in(writer, "s1", parse_envelope(f.body_of(f.envelope("session.created", session))))
             with pytest.raises(StoreError, match="run the erasure again"):
                 Retention(other).erase_user("user_h", reason="DSR-3")
-            assert erased_rows() == [{"payloads_redacted": 1, "reason": "DSR-3", "settled": False}]
+            assert erased_rows() == [("user.erased", {"payloads_redacted": 1, "reason": "DSR-3"}),
+                                     ("user.erasure_settled", {"payloads_redacted": 0, "settled": False})]
         again = Retention(other).erase_user("user_h", reason="DSR-3")
         assert again.payloads_redacted == 1  # the session, committed since
-        assert erased_rows()[1:] == [{"payloads_redacted": 1, "reason": "DSR-3"}]
+        assert erased_rows()[2:] == [("user.erased", {"payloads_redacted": 1, "reason": "DSR-3"})]  # settled: no more
     finally:
         store.dispose()
         other.dispose()

@@ -40,10 +40,10 @@ delivery in flight for them, then clears the row and redacts every stored payloa
 mentions the user's id or e-mail addresses (read after that wait: an address just written is searched too),
 clears the ``ip`` of the audit rows the user made (or made impersonating someone) and redacts the ``details``
 of those that name them (:func:`_redacted_details`: the Clerk ids stay, pseudonymous, for accountability;
-migration 0013's triggers allow that redaction and still refuse any other change), in one transaction, with no
-statement time limit (it searches the whole inbox and audit log). Its audit row commits with it on SQLite; on
-PostgreSQL and MySQL/MariaDB with the redaction of what the deliveries in flight stored
-(:meth:`Retention._settle`), so it tells the whole outcome (``"settled": false`` when that wait failed).
+migration 0013's triggers allow that redaction and still refuse any other change), and writes an audit row,
+in one transaction, with no statement time limit (it searches the whole inbox and audit log). On PostgreSQL and
+MySQL/MariaDB what the deliveries in flight stored is redacted after (:meth:`Retention._settle`), with a
+``user.erasure_settled`` row when it found any or when that wait failed (``"settled": false``).
 The deletion goes to the store's mapped tables and hooks, also when the user was deleted before (an
 erasure run again with them: idempotent).
 
@@ -583,20 +583,18 @@ class Retention:
         nobody while the real user keeps their data. ``allow_unknown`` erases it anyway (a request before
         the first webhook).
 
-        The ``user.erased`` audit row tells the whole outcome: on SQLite it commits with the erasure; on
-        PostgreSQL and MySQL/MariaDB with the redaction of what the deliveries in flight stored
-        (:meth:`_settle`), its ``payloads_redacted`` counting those too. A wait that failed (the "run the
-        erasure again" error) writes it with ``"settled": false``: what they stored was not checked. (A process
-        killed during that wait, seconds, leaves the erasure without its row: it did not say it was done; run it
-        again, which writes one.)
+        The ``user.erased`` audit row commits with the erasure (a process killed after it leaves no erasure
+        unaudited). On PostgreSQL and MySQL/MariaDB, the redaction of what the deliveries in flight stored
+        (:meth:`_settle`) writes a second row, ``user.erasure_settled``, when it redacted any
+        (``payloads_redacted``, in its transaction) or when its wait failed (``"settled": false``, with the "run
+        the erasure again" error): the ``user.erased`` row alone did not tell that what they stored was left
+        unchecked.
         """
         if not could_be_user_id(clerk_id):
             raise ValueError(f"erase_user needs a Clerk user id (user_...), not {clerk_id!r}")
         began = self.store.now()
-        settles = dialect_family(self.store.engine.dialect) != "sqlite"  # (SQLite: one writer, none in flight)
         try:
-            report, mentions, entry = self._erase_user(clerk_id, actor, reason, allow_unknown=allow_unknown,
-                                                       audit_now=not settles)
+            report, mentions = self._erase_user(clerk_id, actor, reason, allow_unknown=allow_unknown)
         except StoreError as exc:
             if not is_transient(getattr(exc.__cause__, "orig", None)):
                 raise
@@ -604,12 +602,13 @@ class Retention:
                 f"{exc}. If it runs out again (a delivery for this user in progress, a stuck replica), raise "
                 "CLERK_SYNC_DB_LOCK_TIMEOUT_S or CLERK_SYNC_DB_IDLE_IN_TRANSACTION_TIMEOUT_S for this command (an "
                 "erasure's statements have no time limit)") from exc
-        if not settles:
+        if dialect_family(self.store.engine.dialect) == "sqlite":  # one writer: no delivery in flight
             return report
 
         def audited(writer: Writer, late: int, **more: Any) -> None:
-            details = {**(entry.details or {}), "payloads_redacted": report.payloads_redacted + late, **more}
-            record_audit(writer, dataclasses.replace(entry, details=details))
+            if late or more:  # (nothing found and the wait done: the user.erased row is the whole outcome)
+                record_audit(writer, AuditEntry("user.erasure_settled", actor, clerk_id,
+                                                details={"payloads_redacted": late, **more}))
 
         try:
             late = self._settle(mentions, began - _SETTLE_MARGIN, audited)
@@ -627,17 +626,18 @@ class Retention:
         return dataclasses.replace(report, payloads_redacted=report.payloads_redacted + late)
 
     def _audit_unsettled(self, clerk_id: str, audited: Callable[[Writer], None]) -> None:
-        """The audit row of an erasure whose wait for the deliveries in flight failed, in a transaction of its
-        own; a database that refuses it too is logged (the erasure's own error is what the caller raises)."""
+        """The ``user.erasure_settled`` row of an erasure whose wait for the deliveries in flight failed, in a
+        transaction of its own; a database that refuses it too is logged (the erasure's own error is what the
+        caller raises)."""
         try:
             with self.store.transaction() as writer:
                 audited(writer)
         except StoreError as exc:
             log.error("erasure_audit_not_written", clerk_id=clerk_id, error=str(exc),
-                      fix="run the erasure again: it writes the user.erased row")
+                      fix="run the erasure again: it checks what deliveries in flight stored")
 
     def _settle(self, mentions: Mentions, since: datetime, audited: Callable[[Writer, int], None]) -> int:
-        """Redact what deliveries in flight during the erasure stored whole, and write the erasure's audit row
+        """Redact what deliveries in flight during the erasure stored whole, and write its audit row
         (``audited``, given the payloads this redacted) in the same transaction; returns the payloads redacted.
 
         A delivery that names the user without writing the user's row (``session.*``, ``email.created``) takes
@@ -680,9 +680,9 @@ class Retention:
             audited(writer, late)
             return late
 
-    def _erase_user(self, clerk_id: str, actor: str | None, reason: str | None, *, allow_unknown: bool,
-                    audit_now: bool) -> tuple[ErasureReport, Mentions, AuditEntry]:
-        """The erasure's transaction; its audit row too when ``audit_now`` (else returned, for :meth:`_settle`)."""
+    def _erase_user(self, clerk_id: str, actor: str | None, reason: str | None, *,
+                    allow_unknown: bool) -> tuple[ErasureReport, Mentions]:
+        """The erasure's transaction, its ``user.erased`` audit row included."""
         with self.store.transaction() as writer, without_statement_bound(writer.conn):
             existed = writer.conn.execute(sa.select(users.c.id).where(users.c.clerk_id == clerk_id)).first() is not None
             if not (allow_unknown or existed or is_erased(writer.conn, Entity.USER, clerk_id)
@@ -720,10 +720,8 @@ class Retention:
                 details["mentioned_elsewhere"] = list(elsewhere)
             if audited:
                 details["audit_rows_redacted"] = audited
-            entry = AuditEntry("user.erased", actor, clerk_id, details=details)
-            if audit_now:
-                record_audit(writer, entry)
-        return ErasureReport(clerk_id, existed, redacted, refused, audited, elsewhere), mentions, entry
+            record_audit(writer, AuditEntry("user.erased", actor, clerk_id, details=details))
+        return ErasureReport(clerk_id, existed, redacted, refused, audited, elsewhere), mentions
 
 
 def _pass_deletion_on(writer: Writer, outbox: Outbox, clerk_id: str) -> None:
