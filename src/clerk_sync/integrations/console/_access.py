@@ -3,8 +3,9 @@
 Two ways in:
 
 - an **admin signed in with Clerk**: a verified session token (``__session`` cookie, ``Bearer``, or a
-  sign-in link carrying one), then the ``admin`` role confirmed against the database, on every
-  request: a demoted admin loses access at once;
+  sign-in link carrying one, which asks first when followed from another site or into an open console
+  session: :meth:`ConsoleAccess.pending_sign_in`), then the ``admin`` role confirmed against the database,
+  on every request: a demoted admin loses access at once;
 - an **operator token** from the environment (``CLERK_SYNC_CONSOLE_TOKEN``), typed into the login
   form or sent as ``Authorization: Bearer``.
 
@@ -49,11 +50,13 @@ from clerk_sync.errors import AccessDenied, ConfigError, SessionRevoked, TokenEr
 from clerk_sync.store import Store
 from clerk_sync.tables import audit_log, revoked_sessions
 
-__all__ = ["ADMIN", "COOKIE", "LOGIN_COOKIE", "NO_KEY", "OPERATOR", "SIGN_IN", "SIGN_OUT", "ConsoleAccess", "Identity",
-           "bearer_token", "check_csrf", "signing_key"]
+__all__ = ["ADMIN", "COOKIE", "LOGIN_COOKIE", "NO_KEY", "OPERATOR", "PENDING_COOKIE", "PENDING_S", "SIGN_IN",
+           "SIGN_OUT", "ConsoleAccess", "Identity", "bearer_token", "check_csrf", "signing_key"]
 
 COOKIE = "clerk_sync_console"
 LOGIN_COOKIE = "clerk_sync_console_login"
+PENDING_COOKIE = "clerk_sync_console_pending"  # a sign-in link's sign-in, waiting for its confirmation
+PENDING_S = 300  # how long a sign-in link's confirmation page may be answered
 OPERATOR = "operator"
 ADMIN = "admin"
 SIGN_OUT = "console.logout"  # the audit action that ends an identity's earlier console sessions
@@ -123,6 +126,7 @@ class ConsoleAccess:
         self.clock = clock
         self._sessions = _Serializer(secret, salt="clerk-sync-console-session", clock=clock)
         self._login = _Serializer(secret, salt="clerk-sync-console-login", clock=clock)
+        self._pending = _Serializer(secret, salt="clerk-sync-console-pending", clock=clock)
 
     # -- per request -----------------------------------------------------------------------------
     def identify(self, headers: Mapping[str, str], cookies: Mapping[str, str], *, method: str | None = None,
@@ -265,6 +269,37 @@ class ConsoleAccess:
     def clerk_session(self, session_token: str) -> Identity:
         """Sign in with a Clerk session token (a sign-in link from ``clerk-sync dev``, or a front end)."""
         return self.admin_session(*self._clerk_admin({"authorization": f"Bearer {session_token}"}, {}))
+
+    def clerk_admin(self, session_token: str) -> Identity:
+        """Who a Clerk session token would sign in (verified, an admin, its Clerk session live), without opening
+        a console session: a sign-in link waiting for its confirmation (:meth:`pending_sign_in`)."""
+        clerk_id, session_id = self._clerk_admin({"authorization": f"Bearer {session_token}"}, {})
+        ended = self._ended(session_id)
+        if ended is not None:
+            raise ended
+        return Identity(ADMIN, clerk_id, None, session_id=session_id)
+
+    def pending_sign_in(self, admin: Identity) -> str:
+        """The cookie that holds a sign-in link's sign-in until its confirmation page is answered: the admin and
+        their Clerk session (never the token, which stays out of every later request and page) and a CSRF token
+        of its own, which the confirmation form repeats. Valid :data:`PENDING_S`."""
+        return self._pending.dumps({"sub": admin.clerk_id, "sid": admin.session_id,
+                                    "csrf": secrets.token_urlsafe(24)})
+
+    def pending(self, cookie: str | None) -> Identity | None:
+        """The sign-in a :meth:`pending_sign_in` cookie waits to confirm (its ``csrf`` the form's token), or None
+        (none, forged, or older than :data:`PENDING_S`). Nothing is checked against Clerk or the database here:
+        :meth:`admin_session` and :meth:`confirm_admin` do that when it is confirmed."""
+        if not cookie:
+            return None
+        try:
+            data: Any = self._pending.loads(cookie, max_age=PENDING_S)
+        except BadSignature:  # includes SignatureExpired
+            return None
+        if not isinstance(data, dict) or not all(isinstance(data.get(k), str) and data[k]
+                                                 for k in ("sub", "sid", "csrf")):
+            return None
+        return Identity(ADMIN, data["sub"], data["csrf"], session_id=data["sid"])
 
     def admin_session(self, clerk_id: str, session_id: str) -> Identity:
         """A console session for an admin, until the Clerk session ``session_id`` is revoked, ended or

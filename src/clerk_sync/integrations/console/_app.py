@@ -37,7 +37,7 @@ from clerk_sync.errors import (
     TokenMissing,
     TokenSignatureInvalid,
 )
-from clerk_sync.integrations.console import _pages
+from clerk_sync.integrations.console import _link, _pages
 from clerk_sync.integrations.console._access import (
     COOKIE,
     LOGIN_COOKIE,
@@ -198,6 +198,9 @@ def _routes(console: Console) -> list[BaseRoute]:
         Route("/login", _login_page(console), methods=["GET"], name="login"),
         Route("/login", _login_submit(console), methods=["POST"], name="login_submit"),
         Route("/login/clerk", _login_clerk(console), methods=["GET"], name="login_clerk"),
+        Route("/login/clerk/confirm", _link.confirm_page(console), methods=["GET"], name="login_clerk_confirm"),
+        Route("/login/clerk/confirm", _link.confirm_submit(console), methods=["POST"],
+              name="login_clerk_confirm_submit"),
         page("/logout", _pages.logout, "logout", post=True, read_only_ok=True, sign_out=True),
         page("/", _pages.overview, "overview"),
         page("/deliveries", _pages.deliveries, "deliveries"),
@@ -267,12 +270,18 @@ def _login_submit(console: Console) -> Callable[[Request], Awaitable[Response]]:
 def _login_clerk(console: Console) -> Callable[[Request], Awaitable[Response]]:
     """A sign-in link carrying a Clerk session token (``clerk-sync dev`` prints one for its demo admin), or a
     caller already signed in with Clerk (its ``__session`` cookie) or holding a ``Bearer``. A link's token and a
-    ``Bearer`` (the operator token, or a guess at it) are throttled as every sign-in (:meth:`Console.sign_in`)."""
+    ``Bearer`` (the operator token, or a guess at it) are throttled as every sign-in (:meth:`Console.sign_in`).
+    A link followed from another site, or into a browser with a console session open, only asks first
+    (:mod:`._link`); a link's refused token leaves the session open in the browser as it was."""
 
     async def endpoint(request: Request) -> Response:
         token = request.query_params.get("token", "")
         try:
             bearer = bearer_token(request.headers)
+            if token and _link.needs_confirmation(request):
+                admin = await console.sign_in(request, "link", token, lambda: console.access.clerk_admin(token),
+                                               operator=None, sessions=True, guessed=_guessed)
+                return _link.ask_first(console, request, admin)
             if token:  # a session token only: the operator token here is a guess as any other
                 identity = await console.sign_in(request, "link", token, lambda: console.access.clerk_session(token),
                                                   operator=None, sessions=True, guessed=_guessed)
@@ -291,7 +300,7 @@ def _login_clerk(console: Console) -> Callable[[Request], Awaitable[Response]]:
             return _throttled(console, request, exc)
         except ClerkSyncError as exc:
             response = console.clerk_error(request, exc)
-            if isinstance(exc, TokenError):
+            if isinstance(exc, TokenError) and not token:  # any site may link a bad token: no sign-out for it
                 _signed_out(request, response)
             return response
         return _signed_in(console, request, identity, "")
