@@ -140,10 +140,14 @@ def test_a_stalled_body_is_answered_408_closed_counted_and_nothing_written(sqlit
     assert _stored(processor) == 0
     assert processor.metrics.registry.get_sample_value("clerk_sync_webhook_refused_total",
                                                        {"code": "body_timeout"}) == 1
-    [line] = [line for line in logs if line["event"] == "webhook_body_timeout"]
-    assert line["log_level"] == "warning" and line["svix_id"] == "msg_slow"
-    assert line["received_bytes"] == len(body) // 2 and line["declared_bytes"] == str(len(body))
-    assert not any(b"user_slow" in repr(value).encode() for value in line.values())  # not the body
+    # said as every refusal that may be an outage: a DEBUG line per delivery, a WARNING line per code, throttled
+    [line] = [line for line in logs if line["event"] == "webhook_refused"]
+    assert (line["log_level"], line["svix_id"], line["code"]) == ("debug", "msg_slow", "body_timeout")
+    assert f"{len(body) // 2} bytes of {len(body)} declared received" in line["reason"]
+    [warned] = [line for line in logs if line["event"] == "webhooks_refused"]
+    assert (warned["log_level"], warned["code"], warned["refused"]) == ("warning", "body_timeout", 1)
+    assert "CLERK_SYNC_WEBHOOK_READ_TIMEOUT_S" in warned["check"]
+    assert not any(b"user_slow" in repr(value).encode() for entry in (line, warned) for value in entry.values())
     processor.store.dispose()
 
 

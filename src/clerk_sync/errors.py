@@ -7,6 +7,7 @@ Branch by what the caller does next::
     ├── WebhookError                                       reject the delivery, write nothing
     │   ├── WebhookHeadersMissing       webhook_headers_missing   -> 400
     │   ├── WebhookVerificationError    webhook_signature_invalid -> 401
+    │   ├── WebhookBodyTimeout          body_timeout              -> 408 (the body did not arrive in time)
     │   ├── PayloadError                payload_invalid           -> 400
     │   │   └── PayloadTooLarge         payload_too_large         -> 413
     │   └── WrongInstance               wrong_instance            -> 403
@@ -89,6 +90,7 @@ __all__ = [
     "UserDeleted",
     "UserDeprovisioned",
     "UserLocked",
+    "WebhookBodyTimeout",
     "WebhookError",
     "WebhookHeadersMissing",
     "WebhookVerificationError",
@@ -116,6 +118,13 @@ class WebhookError(ClerkSyncError):
     """A delivery was refused before anything was written."""
 
     code = "webhook_error"
+
+
+class WebhookBodyTimeout(WebhookError):
+    """The body did not arrive within ``CLERK_SYNC_WEBHOOK_READ_TIMEOUT_S`` of the headers (a client stalling
+    mid-body; no Svix attempt takes that long): answered 408, the connection closed, nothing written."""
+
+    code = "body_timeout"
 
 
 class WebhookHeadersMissing(WebhookError):

@@ -444,6 +444,9 @@ _REFUSAL_ADVICE = {
     "wrong_instance": "signed by another Clerk instance than CLERK_INSTANCE_ID: check the endpoint and the setting",
     "payload_too_large": "bodies over CLERK_SYNC_MAX_BODY_BYTES are refused (Svix retries, then gives up): raise it",
     "payload_invalid": "signed bodies that are not a Clerk event envelope",
+    "body_timeout": "bodies not in within CLERK_SYNC_WEBHOOK_READ_TIMEOUT_S of their headers (answered 408, nothing "
+                    "written): no Svix attempt is that slow, so a client holding connections (block it at the proxy "
+                    "or firewall), or a proxy streaming bodies over a slow link (buffer them)",
 }
 
 

@@ -31,7 +31,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from clerk_sync import migrations
 from clerk_sync.config import Settings
 from clerk_sync.engine import DeliveryStatus
-from clerk_sync.errors import ClerkSyncError, PayloadTooLarge, StoreError, WebhookError
+from clerk_sync.errors import ClerkSyncError, PayloadTooLarge, StoreError, WebhookBodyTimeout, WebhookError
 from clerk_sync.events import Envelope
 from clerk_sync.freshness import database_probe
 from clerk_sync.ingest import Outcome, WebhookProcessor
@@ -94,16 +94,14 @@ async def read_limited_body(request: Request, limit: int, *, timeout_s: float | 
                 raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
             chunks.append(chunk)
         return b"".join(chunks)
-    raise _ReadTimeout(timeout_s or 0.0, size, declared)
+    raise _too_slow(timeout_s or 0.0, size, declared)
 
 
-class _ReadTimeout(TimeoutError):
-    """A webhook body not in within its deadline (``CLERK_SYNC_WEBHOOK_READ_TIMEOUT_S``): answered 408, the
-    connection closed, nothing written. No Svix attempt takes that long (15 s, 30 s self-hosted)."""
-
-    def __init__(self, timeout_s: float, received: int, declared: str | None) -> None:
-        super().__init__(f"the body did not arrive within {timeout_s:g} s")
-        self.timeout_s, self.received, self.declared = timeout_s, received, declared
+def _too_slow(timeout_s: float, received: int, declared: str | None) -> WebhookBodyTimeout:
+    """The refusal of a body not in within ``timeout_s`` (what came of it, never its content)."""
+    of = f" of {_cut(declared)} declared" if declared is not None else ""
+    return WebhookBodyTimeout(f"the body did not arrive within {timeout_s:g} s ({received} bytes{of} received; "
+                              "nothing was written)")
 
 
 class _WebhookPath:
@@ -146,17 +144,8 @@ class _WebhookPath:
         self.processor.refused(exc, claimed)
         return error_response(exc)
 
-    def too_slow(self, exc: _ReadTimeout, claimed: str | None) -> tuple[int, dict[str, str], dict[str, str]]:
-        """Log (WARNING: no Svix attempt is this slow) and count (``clerk_sync_webhook_refused_total{code=
-        "body_timeout"}``) a body that did not arrive in time; the status, body and headers to answer with."""
-        log.warning("webhook_body_timeout", svix_id=_cut(claimed), timeout_s=exc.timeout_s, received_bytes=exc.received,
-                    declared_bytes=_cut(exc.declared))
-        self.processor.metrics.refused.labels(code=BODY_TIMEOUT).inc()
-        return 408, {"error": BODY_TIMEOUT, "message": f"{exc} (nothing was written)"}, _CLOSE
-
-
-BODY_TIMEOUT = "body_timeout"  # the refusal's code (the error in the 408's body, the metric's label)
 _CLOSE = {"connection": "close"}  # an answer sent before the body was read in full: the rest is not waited for
+_UNREAD = (PayloadTooLarge, WebhookBodyTimeout)  # the refusals answered so
 
 
 def _cut(text: str | None) -> str | None:
@@ -191,11 +180,8 @@ def webhook_endpoint(processor: WebhookProcessor, *, threads: int = 4, slow_s: f
             outcome = await path.deliver(request.headers, body)
         except (WebhookError, StoreError) as exc:
             answer = path.refused(exc, claimed)
-            headers = {**answer.headers, **_CLOSE} if isinstance(exc, PayloadTooLarge) else answer.headers
+            headers = {**answer.headers, **_CLOSE} if isinstance(exc, _UNREAD) else answer.headers
             return JSONResponse(answer.body, status_code=answer.status, headers=headers)
-        except _ReadTimeout as exc:
-            status, said, headers = path.too_slow(exc, claimed)
-            return JSONResponse(said, status_code=status, headers=headers)
         except ClientDisconnect:
             return Response(status_code=400)
         return JSONResponse(delivery_answer(outcome.svix_id, outcome.status, outcome.error))
@@ -234,11 +220,8 @@ class WebhookFastPath:
             outcome = await self._path.deliver(headers, body)
         except (WebhookError, StoreError) as exc:
             answer = self._path.refused(exc, claimed)
-            headers = {**answer.headers, **_CLOSE} if isinstance(exc, PayloadTooLarge) else answer.headers
+            headers = {**answer.headers, **_CLOSE} if isinstance(exc, _UNREAD) else answer.headers
             await _send_json(send, answer.status, answer.body, headers)
-            return
-        except _ReadTimeout as exc:
-            await _send_json(send, *self._path.too_slow(exc, claimed))
             return
         except ClientDisconnect:
             await _send_json(send, 400, {"error": "client_disconnected", "message": "the body was not received"})
@@ -270,7 +253,7 @@ class WebhookFastPath:
                 chunks.append(chunk)
                 if not message.get("more_body", False):
                     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        raise _ReadTimeout(self._read_timeout_s, size, declared)
+        raise _too_slow(self._read_timeout_s, size, declared)
 
 
 _JSON_TYPE = (b"content-type", b"application/json")
