@@ -322,6 +322,11 @@ class Settings(BaseSettings):
     db_keepalive_s: float = Field(10.0, ge=0, le=_MAX_KEEPALIVE_S, validation_alias="CLERK_SYNC_DB_KEEPALIVE_S")
     db_connect_timeout_s: float = Field(
         5.0, ge=0, le=_MAX_DB_WAIT_S, validation_alias="CLERK_SYNC_DB_CONNECT_TIMEOUT_S")
+    # Each process's connection pool on PostgreSQL and MySQL/MariaDB (SQLite: SQLAlchemy's own): the connections
+    # it keeps, and how many more a burst may open (closed when returned). A budget to fit max_connections or a
+    # pooler's size across replicas and workers (RUNBOOK, "Running on Kubernetes").
+    db_pool_size: int = Field(20, ge=1, le=10_000, validation_alias="CLERK_SYNC_DB_POOL_SIZE")
+    db_max_overflow: int = Field(20, ge=0, le=10_000, validation_alias="CLERK_SYNC_DB_MAX_OVERFLOW")
     # The service app factory (multi-worker `serve`) migrates in the background when set.
     migrate_on_start: bool = Field(False, validation_alias="CLERK_SYNC_MIGRATE_ON_START")
     # The operator console at /console of `clerk-sync serve` (opt-in); admins sign in with Clerk, or an

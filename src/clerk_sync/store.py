@@ -1297,9 +1297,11 @@ class Store:
     def from_settings(cls, settings: Settings, *, hooks: Sequence[Hook] = (),
                       mapping: SchemaMapping | None = None) -> Store:
         """The store every command and face builds from the settings: ``DATABASE_URL`` with its
-        ``CLERK_SYNC_DB_*`` timeouts (one place, so no command forgets them)."""
-        return cls.from_url(settings.sqlalchemy_url(), timeouts=settings.database_timeouts(), hooks=hooks,
-                            mapping=mapping)
+        ``CLERK_SYNC_DB_*`` timeouts and pool size (one place, so no command forgets them)."""
+        url = settings.sqlalchemy_url()
+        pool: dict[str, int] = {} if url.startswith("sqlite") else {
+            "pool_size": settings.db_pool_size, "max_overflow": settings.db_max_overflow}
+        return cls.from_url(url, timeouts=settings.database_timeouts(), hooks=hooks, mapping=mapping, **pool)
 
     @contextmanager
     def transaction(self, *, unmapped: str | None = None) -> Iterator[Writer]:
