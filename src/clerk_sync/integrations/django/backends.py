@@ -31,6 +31,12 @@ authenticated meanwhile; :class:`~.middleware.ClerkMiddleware` answers the reque
 and the outage is logged once per request (``django_user_unavailable``). Views that never read
 ``request.user`` keep working. A missing, invalid or revoked session, and a banned, deleted or not yet
 synced user, keep their answers (``AnonymousUser``).
+
+Django's own database down is the same outage (the same 503, the same log line), though clerk-sync's may be up: its
+pooled connections keep working while Django cannot open one ("too many clients already", a database closed to new
+connections). An ``OperationalError`` or ``InterfaceError`` reading or saving the linked Django user raises
+:class:`~.request.ClerkUserUnavailable` with a :class:`~clerk_sync.errors.StoreError` (:func:`_django_outage`); any
+other database error stays Django's 500.
 """
 
 from __future__ import annotations
@@ -40,26 +46,30 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+import sqlalchemy as sa
 import structlog
 from django.conf import settings
 from django.contrib.auth import get_user_model, load_backend
 from django.contrib.auth.backends import BaseBackend
 from django.contrib.auth.hashers import UNUSABLE_PASSWORD_PREFIX, make_password
 from django.contrib.auth.models import AnonymousUser
-from django.db import connections, router, transaction
+from django.db import InterfaceError, OperationalError, connections, router, transaction
 from django.db.models import Q
 from django.http import HttpRequest
 
+from clerk_sync._db_errors import store_error
 from clerk_sync._time import utcnow
 from clerk_sync.auth.users import AuthUser, read_user
 from clerk_sync.errors import (
     ClerkSyncError,
     ConfigError,
     SessionUserBanned,
+    StoreDataError,
     StoreError,
     UserBanned,
     UserDeleted,
     UserLocked,
+    database_message,
 )
 from clerk_sync.integrations.django.request import ClerkUserUnavailable, is_outage
 from clerk_sync.integrations.django.runtime import get_clerk_sync
@@ -204,8 +214,6 @@ def refresh_django_users(batch: int = 500) -> tuple[int, list[Any]]:
     clerk_sync prune`` runs it."""
     import dataclasses
 
-    import sqlalchemy as sa
-
     from clerk_sync.tables import users as users_table
 
     model = get_user_model()
@@ -311,6 +319,29 @@ def _cleared_row(clerk_id: str) -> AuthUser:
                     clerk_created_at=None, clerk_updated_at=0, created_at=gone, updated_at=gone, deleted_at=gone)
 
 
+def _django_outage(exc: BaseException) -> StoreError | None:
+    """The outage a Django database error is, as clerk-sync's :class:`~clerk_sync.errors.StoreError` (503 with
+    ``Retry-After``), or None when it is none.
+
+    Only ``OperationalError`` and ``InterfaceError``: DB-API's errors of the database's operation, "not necessarily
+    under the control of the programmer" (no connection could be opened: refused, "too many clients already", a
+    database closed to new connections; the connection lost; a lock or statement timeout, a deadlock; the server out
+    of memory or disk; SQLite's "database is locked"), which a retry may heal. Not ``IntegrityError``, ``DataError``,
+    ``ProgrammingError``, ``InternalError`` or ``NotSupportedError``: the row or the code refused for good, where
+    "retry in 5 s" would be a lie; they stay Django's 500 with its traceback, as any bug. Nor an ``OperationalError``
+    clerk-sync's store takes for a value refused for good (:class:`~clerk_sync.errors.StoreDataError`: a MySQL
+    column's refusal, which its driver raises as one; a PostgreSQL program limit). The message names the driver's
+    error without the values it may quote."""
+    if not isinstance(exc, OperationalError | InterfaceError):
+        return None
+    orig = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc  # (Django raises it from the driver's)
+    if isinstance(store_error(sa.exc.DBAPIError.instance(None, None, orig, Exception)), StoreDataError):
+        return None
+    return StoreError(f"Django's database: {type(orig).__name__}: {database_message(orig)}; the Django user of a "
+                      "Clerk session could not be read or saved (clerk-sync's own database may be up: check Django's "
+                      "DATABASES, and its server's connections: max_connections, CONN_MAX_AGE under ASGI)")
+
+
 def _refused_for_good(exc: ClerkSyncError) -> bool:
     """Banned, deleted or deprovisioned (not locked: Clerk unlocks on its own; not "no row yet")."""
     return isinstance(exc, (SessionUserBanned, UserDeleted, UserBanned)) and not isinstance(exc, UserLocked)
@@ -364,7 +395,8 @@ class ClerkBackend(BaseBackend):
     inactive, or when the Clerk id names a local user with a usable password (never taken over: see
     the module's docstring for how to resolve it). Raises :class:`~.request.ClerkUserUnavailable` when
     clerk-sync's database or Clerk is down, whether checking the session (``clerk_request.error``) or
-    reading its row failed: nobody is authenticated then, and nobody is told they are signed out either.
+    reading its row failed, or when Django's database is (:func:`_django_outage`) linking the Django user: nobody is
+    authenticated then, and nobody is told they are signed out either.
     """
 
     def __init__(self) -> None:
@@ -389,10 +421,17 @@ class ClerkBackend(BaseBackend):
             # no row (webhook late, JIT off), banned or deleted: not signed in
             if _refused_for_good(exc):
                 clerk_id = clerk_request.auth.user_id
-                with contextlib.suppress(StoreError):  # (unread: the next request does it)
+                # (unread or unsaved, either database down: the next request does it)
+                with contextlib.suppress(StoreError, OperationalError, InterfaceError):
                     deactivate_django_user(clerk_id, read_user(get_clerk_sync().store, clerk_id))
             return None
-        user = sync_django_user(row)
+        try:
+            user = sync_django_user(row)
+        except (OperationalError, InterfaceError) as exc:  # Django's database down: no sign-out either
+            outage = _django_outage(exc)
+            if outage is None:
+                raise
+            raise ClerkUserUnavailable(outage) from exc
         return user if user is not None and self.user_can_authenticate(user) else None
 
     def get_user(self, user_id: Any) -> Any:

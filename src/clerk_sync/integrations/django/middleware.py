@@ -1,7 +1,9 @@
 """``request.clerk``: the verified session of a Django request, and deny-by-default.
 
 Add ``"clerk_sync.integrations.django.middleware.ClerkMiddleware"`` to ``MIDDLEWARE`` after
-``AuthenticationMiddleware``. Per request it verifies the session token (Bearer header or
+``AuthenticationMiddleware`` (with :class:`~.backends.ClerkBackend`, a request that reaches it without
+``request.user`` is refused: ``ImproperlyConfigured``, as Django's own refuses one without ``SessionMiddleware``).
+Per request it verifies the session token (Bearer header or
 ``__session`` cookie: signatures are cached, no DB query) and sets ``request.clerk``, a
 :class:`ClerkRequest` whose ``user`` row is read only when asked. With ``REQUIRE_AUTH`` it answers 401
 on every path not declared public (``PUBLIC_PATHS``, ``PUBLIC_PREFIXES``, :func:`clerk_public`), unknown
@@ -36,6 +38,7 @@ from typing import Any, TypeVar
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
 from django.conf import settings as django_settings
+from django.core.exceptions import ImproperlyConfigured
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.urls import Resolver404, resolve
 from django.utils.functional import SimpleLazyObject
@@ -55,6 +58,7 @@ from clerk_sync.integrations.http import _STORE_RETRY_AFTER_S  # the error table
 __all__ = ["ClerkMiddleware", "clerk_public"]
 
 _BACKEND = "clerk_sync.integrations.django.backends.ClerkBackend"
+_MIDDLEWARE = "clerk_sync.integrations.django.middleware.ClerkMiddleware"
 V = TypeVar("V", bound=Callable[..., Any])
 
 
@@ -83,6 +87,8 @@ class ClerkMiddleware:
     def __call__(self, request: HttpRequest) -> Any:
         if self.is_async:
             return self.__acall__(request)
+        if not hasattr(request, "user"):
+            _require_authentication_middleware()
         state = clerk_request(request)  # (which audits a request made while impersonating, once)
         if state.auth is not None:
             self._signed_in(request, state)
@@ -93,6 +99,8 @@ class ClerkMiddleware:
         return self._outage_answered(request, state, self.get_response(request))
 
     async def __acall__(self, request: HttpRequest) -> HttpResponse:
+        if not hasattr(request, "user"):
+            _require_authentication_middleware()
         state = await aclerk_request(request)
         if state.auth is not None:
             self._signed_in(request, state)
@@ -184,6 +192,22 @@ class ClerkMiddleware:
             return await sync_to_async(django_user)(request, state)
 
         request.auser = auser
+
+
+def _require_authentication_middleware() -> None:
+    """With :class:`~.backends.ClerkBackend`, refuse a request that reached ``ClerkMiddleware`` without
+    ``request.user``: ``AuthenticationMiddleware`` is listed after it (and would overwrite the Clerk session's user
+    with ``AnonymousUser``: ``@require_role("admin")`` passing while the view sees no staff user), or not at all
+    (a request without a session gets no ``request.user``). System check E004 says so, but servers run no checks:
+    refused as Django's own ``AuthenticationMiddleware`` refuses a request without ``SessionMiddleware`` before it,
+    on every request until the setting is fixed. Without the backend, ``request.user`` is none of this
+    middleware's business: nothing to refuse."""
+    if _BACKEND in getattr(django_settings, "AUTHENTICATION_BACKENDS", ()):
+        raise ImproperlyConfigured(
+            "ClerkMiddleware with ClerkBackend needs django.contrib.auth's AuthenticationMiddleware before it: edit "
+            "your MIDDLEWARE setting to list 'django.contrib.auth.middleware.AuthenticationMiddleware' before "
+            f"{_MIDDLEWARE!r} (listed after it, it replaces the Clerk session's request.user with AnonymousUser; "
+            "`manage.py check` reports it as clerk_sync.E004).")
 
 
 def _user_unavailable_response(request: HttpRequest, exc: ClerkUserUnavailable) -> HttpResponse:

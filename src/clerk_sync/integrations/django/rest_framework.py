@@ -8,7 +8,8 @@
 
 They compose with DRF's ``|``, ``&`` and ``~``: ``HasRole.of("admin") | HasOrgRole.of("org:admin")``.
 
-``request.auth`` is the verified :class:`~clerk_sync.auth.claims.Auth`; ``request.user`` is the Django
+``request.auth`` is the verified :class:`~clerk_sync.auth.claims.Auth` (after :class:`HasOrgRole`, with the
+organization role the database confirmed); ``request.user`` is the Django
 user when :class:`~.backends.ClerkBackend` is installed, else a :class:`ClerkPrincipal`. With the backend
 installed, a session whose Django user it refuses (inactive, or a local account it never takes over)
 is not authenticated here either: 401 ``AuthenticationFailed``, as plain Django views see
@@ -38,7 +39,7 @@ from clerk_sync.auth.authenticator import Authenticator
 from clerk_sync.auth.claims import Auth
 from clerk_sync.errors import AccessDenied, ClerkSyncError, UserBanned, UserDeleted
 from clerk_sync.integrations.django.decorators import check_role, confirm_org_role
-from clerk_sync.integrations.django.request import ClerkRequest, clerk_request
+from clerk_sync.integrations.django.request import ClerkRequest, ClerkUserUnavailable, clerk_request
 from clerk_sync.integrations.http import error_response
 
 __all__ = [
@@ -176,7 +177,10 @@ class ClerkAuthentication(BaseAuthentication):
             _ = state.user
         except ClerkSyncError as exc:
             raise ClerkAPIException(exc) from exc
-        user = django_user(request._request, state)
+        try:
+            user = django_user(request._request, state)
+        except ClerkUserUnavailable as exc:  # Django's database down (the row was read): 503, as for the row
+            raise ClerkAPIException(exc.error) from exc
         if not user.is_authenticated:
             raise exceptions.AuthenticationFailed(
                 f"Clerk user {state.auth.user_id} has no Django user that may sign in: ClerkBackend refused "
@@ -199,6 +203,7 @@ class _ClerkCheck(BasePermission):
         the error table's body as DRF's message. Everything else is raised: no session (401), a banned or
         deleted row, the database or Clerk down (503) are no answer to compose."""
         state = _require(request)
+        session = state.auth
         try:
             self.check(state)
         except AccessDenied as exc:
@@ -211,6 +216,11 @@ class _ClerkCheck(BasePermission):
             return False
         except ClerkSyncError as exc:
             raise ClerkAPIException(exc) from exc
+        if state.auth is not session and request.auth is session:
+            # confirmed anew (HasOrgRole: the database's organization role): DRF's request.auth, which
+            # ClerkAuthentication set to the session, is the confirmed one too, as clerk_auth(request) is. (One
+            # another authentication class set, a DRF token, is left alone.)
+            request.auth = state.auth
         return True
 
     def has_object_permission(self, request: Request, view: Any, obj: Any) -> bool:
@@ -237,7 +247,8 @@ class HasRole(_ClerkCheck):
 
 class HasOrgRole(_ClerkCheck):
     """The active organization role in :attr:`roles`, confirmed against the membership row (a member
-    removed or demoted is refused at once); ``HasOrgRole.of("org:admin")``."""
+    removed or demoted is refused at once); ``HasOrgRole.of("org:admin")``. The view's ``request.auth`` (as
+    ``clerk_auth(request)``) then holds the database's role, not the token's."""
 
     roles: ClassVar[tuple[str, ...]] = ()
 
