@@ -28,7 +28,7 @@ from clerk_sync.errors import (
 )
 from clerk_sync.integrations.starlette import error_json
 
-__all__ = ["WEBHOOK_SLASH_TWINS", "ClerkAuthBackend", "ClerkAuthMiddleware", "ClerkUser"]
+__all__ = ["WEBHOOK_SLASH_TWINS", "ClerkAuthBackend", "ClerkAuthMiddleware", "ClerkUser", "refusal_of"]
 
 # The public paths whose trailing-slash twin is public too: the webhook route, which ``webhook_routes`` and
 # ``webhook_router`` serve with and without the slash (Svix follows no redirect). Another public path's twin
@@ -94,7 +94,7 @@ class ClerkAuthBackend(AuthenticationBackend):
         try:
             # A ClerkAuthMiddleware outside judged it already: its session (audited there), or its refusal on a
             # public path. One verdict a request, counted once.
-            judged, refused = conn.scope.get("clerk_auth"), conn.scope.get("clerk_auth_refused")
+            judged, refused = conn.scope.get("clerk_auth"), refusal_of(conn.scope, self.authenticator)
             if refused is not None:
                 raise refused
             if isinstance(judged, Auth):
@@ -129,18 +129,16 @@ class ClerkAuthBackend(AuthenticationBackend):
     async def _standing(self, conn: HTTPConnection, auth: Auth) -> Auth:
         """``auth`` with the organization role ``organization_memberships`` has
         (:meth:`~clerk_sync.auth.authenticator.Authenticator.standing_org_role`: one indexed read in a worker
-        thread; none without a role), which ``request.user.auth`` and FastAPI's dependencies then see: a
-        demoted admin's token still says ``org:admin``. A database error is an ``AuthenticationError`` (503
+        thread; none without a role), which ``request.user.auth`` then shows: a demoted admin's token still says
+        ``org:admin``. ``scope["clerk_auth"]`` keeps the token's: the org-role guards judge the token first, then
+        the database (a promotion waits for a new token). A database error is an ``AuthenticationError`` (503
         with ``on_error``): an outage is not taken for a demotion."""
         if auth.org_role is None:
             return auth
         try:
-            standing = await run_in_threadpool(self.authenticator.standing_org_role, auth)
+            return await run_in_threadpool(self.authenticator.standing_org_role, auth)
         except StoreError as exc:
             raise AuthenticationError(exc.code) from exc
-        if standing is not auth:
-            conn.scope["clerk_auth"] = standing
-        return standing
 
 
 class ClerkAuthMiddleware:
@@ -162,9 +160,10 @@ class ClerkAuthMiddleware:
     route, served with and without the slash): name yours when the webhook is mounted elsewhere.
 
     Sets ``scope["clerk_auth"]`` to the :class:`Auth` (or None on a public path without a session). A session
-    refused on a public path is kept in ``scope["clerk_auth_refused"]``: a dependency (``current_auth``), the
-    Starlette backend or a mounted app's own middleware raises it rather than verifying the session again, so
-    the request is judged, and counted in ``clerk_sync_auth_*``, once.
+    refused on a public path is kept in ``scope["clerk_auth_refused"]`` with the authenticator that refused it: a
+    dependency (``current_auth``), the Starlette backend or a mounted app's own middleware with the same
+    authenticator raises it rather than verifying the session again, so the request is judged, and counted in
+    ``clerk_sync_auth_*``, once (:func:`refusal_of`).
     A refused websocket gets the same JSON answer as HTTP where the server supports the ASGI
     ``websocket.http.response`` extension (uvicorn does), else a close before accept: code 1008
     (policy violation) for a refused session, 1013 (try again later) when the database is down.
@@ -201,7 +200,7 @@ class ClerkAuthMiddleware:
             await error_json(TokenMissing(_PREFLIGHT_REFUSED))(scope, receive, send)
             return
         try:
-            refused = scope.get("clerk_auth_refused")
+            refused = refusal_of(scope, self.authenticator)
             if refused is not None:  # an outer instance's verdict on this request (counted once: not checked again)
                 raise refused
             if repeated:  # two credentials: the app's dependencies and this check could each read another one
@@ -226,10 +225,22 @@ class ClerkAuthMiddleware:
             if isinstance(exc, CrossSiteRequest):  # anonymous for the app's own checks too (its dependencies
                 scope = {**scope, "headers": _without_session_cookies(scope["headers"])}  # re-verify)
             else:  # the app's own checks answer this refusal, not a second verification (counted once)
-                scope["clerk_auth_refused"] = exc
+                scope["clerk_auth_refused"] = (self.authenticator, exc)
             scope["clerk_auth"] = None
         await self.app(scope, receive, send)
 
+
+
+def refusal_of(scope: Scope, authenticator: Authenticator) -> Exception | None:
+    """The refusal a :class:`ClerkAuthMiddleware` with the same ``authenticator`` made of this request on a
+    public path (``scope["clerk_auth_refused"]``), for a later layer to raise instead of verifying, and counting,
+    the session again; None when there is none, or when another authenticator made it (a mounted app with its own
+    Clerk instance or authorized parties judges for itself: the outer refusal is not its verdict)."""
+    refused = scope.get("clerk_auth_refused")
+    if refused is None or refused[0] is not authenticator:
+        return None
+    error: Exception = refused[1]
+    return error
 
 
 def _check_websocket_origin(headers: Mapping[str, str], cookies: Mapping[str, str], scheme: str,

@@ -31,7 +31,7 @@ from clerk_sync.auth.claims import Auth
 from clerk_sync.auth.users import AuthUser, JitUsers
 from clerk_sync.errors import ClerkSyncError
 from clerk_sync.ingest import WebhookProcessor
-from clerk_sync.integrations.asgi import WEBHOOK_SLASH_TWINS, ClerkAuthMiddleware
+from clerk_sync.integrations.asgi import WEBHOOK_SLASH_TWINS, ClerkAuthMiddleware, refusal_of
 from clerk_sync.integrations.starlette import build_processor, error_json, webhook_endpoint, with_and_without_slash
 
 __all__ = ["ClerkAuth", "build_processor", "sync_me_router", "webhook_router"]
@@ -127,7 +127,7 @@ class ClerkAuth(Generic[UserT]):
         auth = request.scope.get("clerk_auth")
         if isinstance(auth, Auth):
             return auth
-        refused = request.scope.get("clerk_auth_refused")
+        refused = refusal_of(request.scope, self.authenticator)
         if refused is not None:  # the middleware's refusal on a public path: one verdict (and count) a request
             raise refused
         auth = await self.authenticator.aauthenticate(request.headers, request.cookies, method=request.method,
