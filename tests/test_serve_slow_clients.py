@@ -11,6 +11,7 @@ past it. Real servers on loopback: uvicorn in a thread (short deadlines), and ``
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
@@ -300,3 +301,89 @@ def test_serve_bounds_slow_bodies_large_heads_and_concurrency(tmp_path: Path, wo
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+async def _paths(scope: Any, receive: Any, send: Any) -> None:
+    """Answers 200 with the request's path: at once (not reading a body), after 1.5 s for ``/slow``, after the
+    whole body for ``/read``."""
+    if scope["type"] != "http":
+        return
+    if scope["path"] == "/slow":
+        await asyncio.sleep(1.5)  # (longer than the head deadline)
+    elif scope["path"] == "/read":
+        while (await receive()).get("more_body"):
+            pass
+    body = scope["path"].encode()
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _answers(sock: socket.socket, count: int, within_s: float = 10) -> list[tuple[int, bytes]]:
+    """The next ``count`` answers on ``sock`` (status, body), each with a content-length."""
+    sock.settimeout(within_s)
+    got, answers = b"", []
+    while len(answers) < count:
+        head_end = got.find(b"\r\n\r\n")
+        if head_end >= 0:
+            head = got[:head_end].decode("latin-1").lower().split("\r\n")
+            [length] = [int(line.split(":", 1)[1]) for line in head if line.startswith("content-length:")]
+            if len(got) >= head_end + 4 + length:
+                answers.append((int(head[0].split()[1]), got[head_end + 4: head_end + 4 + length]))
+                got = got[head_end + 4 + length:]
+                continue
+        chunk = sock.recv(65536)
+        assert chunk, f"closed after {answers}, then {got[:200]!r}"
+        got += chunk
+    assert got == b"", got
+    return answers
+
+
+def test_pipelined_requests_over_the_head_limit_in_one_send_are_all_answered_in_order() -> None:
+    """213 pipelined GETs (71 KiB) in one send were answered one 431, ahead of their answers, and the connection
+    closed (the limit was counted across the requests of a read); the connection is kept alive after them."""
+    requests = [b"GET /p%d HTTP/1.1\r\nhost: x\r\nx-pad: %s\r\n\r\n" % (i, b"a" * 300) for i in range(213)]
+    assert len(b"".join(requests)) > 70 * 1024
+    with _serving(_paths) as port, socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"".join(requests))
+        assert _answers(sock, 213) == [(200, b"/p%d" % i) for i in range(213)]
+        for path in (b"/again", b"/read"):  # sequential requests, a pause past the head deadline before each
+            time.sleep(1.3)
+            sock.sendall(b"POST %s HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nhello" % path)
+            assert _answers(sock, 1) == [(200, path)]
+
+
+def test_a_pipelined_head_over_the_limit_is_answered_431_after_the_answer_before_it() -> None:
+    """The 431 was written at once, ahead of the pending answer to the request before it, which was lost; and
+    the head's bytes in the read that ended that request were not counted (a 100 KiB head was let in)."""
+    with _serving(_paths) as port, socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"GET /slow HTTP/1.1\r\nhost: x\r\n\r\nGET /big HTTP/1.1\r\nhost: x\r\nx-a: "
+                     + b"a" * 100 * 1024 + b"\r\n\r\n")
+        [first, (status, _)] = _answers(sock, 2)
+        assert (first, status) == ((200, b"/slow"), 431)
+        assert sock.recv(65536) == b""  # (closed)
+
+
+def test_a_stalled_pipelined_head_is_answered_408_after_the_answer_before_it() -> None:
+    """A head begun in the read that ended the request before it was not timed (the connection was closed by
+    keep-alive's 5 s, silently); its 408 waits for the answer before it."""
+    with _serving(_paths) as port, socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"GET /slow HTTP/1.1\r\nhost: x\r\n\r\nGET /stalled HTTP/1.1\r\nx-a: a")  # then nothing more
+        started = time.monotonic()
+        [first, (status, _)] = _answers(sock, 2)
+        assert (first, status) == ((200, b"/slow"), 408)
+        assert sock.recv(65536) == b""
+    assert time.monotonic() - started < 3  # (the answer to /slow, 1.5 s, then the 1 s deadline's 408 at once)
+
+
+def test_a_body_still_coming_after_the_answer_closes_the_connection() -> None:
+    """An app answering without reading the body (``/healthz``, ``/metrics``, console pages) left uvicorn
+    reading the declared body, each byte trickled cancelling its keep-alive timer: held for ever."""
+    with _serving(_paths) as port, socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"POST /read HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\n01234")
+        time.sleep(0.3)
+        sock.sendall(b"56789")
+        assert _answers(sock, 1) == [(200, b"/read")]  # (read by the app: kept alive)
+        sock.sendall(b"POST /x HTTP/1.1\r\nhost: x\r\ncontent-length: 100000000\r\n\r\n")
+        assert _answers(sock, 1) == [(200, b"/x")]
+        took, _ = _send_until_cut(sock, b"x", pause_s=0.2)
+    assert took < 3, took
