@@ -163,7 +163,8 @@ def test_an_erasure_whose_wait_for_deliveries_in_flight_ran_out_says_so_in_its_a
                                      ("user.erasure_settled", {"payloads_redacted": 0, "settled": False})]
         again = Retention(other).erase_user("user_h", reason="DSR-3")
         assert again.payloads_redacted == 1  # the session, committed since
-        assert erased_rows()[2:] == [("user.erased", {"payloads_redacted": 1, "reason": "DSR-3"})]  # settled: no more
+        assert erased_rows()[2:] == [("user.erased", {"payloads_redacted": 1, "reason": "DSR-3"}),
+                                     ("user.erasure_settled", {"payloads_redacted": 0, "settled": True})]
     finally:
         store.dispose()
         other.dispose()

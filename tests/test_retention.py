@@ -225,12 +225,15 @@ def test_erase_user_removes_personal_data_everywhere(store: Store, verifier: Web
     assert user_row(store, "user_other")["first_name"] == "Bob"  # nobody else is touched
     with store.connect() as conn:
         membership = conn.execute(sa.select(organization_memberships.c.deleted_at)).scalar_one()
-        audit = conn.execute(sa.select(audit_log)).mappings().one()
+        audit, *settled = conn.execute(sa.select(audit_log).order_by(audit_log.c.id)).mappings().all()
         other_payload = conn.execute(sa.select(webhook_events.c.payload, webhook_events.c.redacted_at)
                                      .where(webhook_events.c.svix_id == "msg_4")).one()
     assert membership is not None
     assert (audit["action"], audit["actor_clerk_id"], audit["target_clerk_id"]) == ("user.erased", "user_admin", "user_e")
     assert audit["details"] == {"payloads_redacted": 3, "reason": "DSR-42"}
+    # PostgreSQL, MariaDB: the wait for deliveries in flight, audited after it (SQLite: one writer, none)
+    assert [(a["action"], a["details"]) for a in settled] == ([] if store.dialect == "sqlite" else [
+        ("user.erasure_settled", {"payloads_redacted": 0, "settled": True})])
     assert other_payload.redacted_at is None and other_payload.payload["data"]["first_name"] == "Bob"
 
     assert deliver(processor, f.envelope("user.created", _user("user_e", 100)), "msg_1") == "duplicate"

@@ -42,8 +42,8 @@ clears the ``ip`` of the audit rows the user made (or made impersonating someone
 of those that name them (:func:`_redacted_details`: the Clerk ids stay, pseudonymous, for accountability;
 migration 0013's triggers allow that redaction and still refuse any other change), and writes an audit row,
 in one transaction, with no statement time limit (it searches the whole inbox and audit log). On PostgreSQL and
-MySQL/MariaDB what the deliveries in flight stored is redacted after (:meth:`Retention._settle`), with a
-``user.erasure_settled`` row when it found any or when that wait failed (``"settled": false``).
+MySQL/MariaDB what the deliveries in flight stored is redacted after (:meth:`Retention._settle`), audited as
+``user.erasure_settled`` (``"settled": false`` when that wait failed; no such row: not checked).
 The deletion goes to the store's mapped tables and hooks, also when the user was deleted before (an
 erasure run again with them: idempotent).
 
@@ -585,10 +585,9 @@ class Retention:
 
         The ``user.erased`` audit row commits with the erasure (a process killed after it leaves no erasure
         unaudited). On PostgreSQL and MySQL/MariaDB, the redaction of what the deliveries in flight stored
-        (:meth:`_settle`) writes a second row, ``user.erasure_settled``, when it redacted any
-        (``payloads_redacted``, in its transaction) or when its wait failed (``"settled": false``, with the "run
-        the erasure again" error): the ``user.erased`` row alone did not tell that what they stored was left
-        unchecked.
+        (:meth:`_settle`) writes a second row, ``user.erasure_settled`` (``payloads_redacted``, in its
+        transaction, ``"settled": true``), or ``"settled": false`` when its wait failed (with the "run the
+        erasure again" error): a ``user.erased`` row without one was not checked (its process killed in between).
         """
         if not could_be_user_id(clerk_id):
             raise ValueError(f"erase_user needs a Clerk user id (user_...), not {clerk_id!r}")
@@ -605,15 +604,15 @@ class Retention:
         if dialect_family(self.store.engine.dialect) == "sqlite":  # one writer: no delivery in flight
             return report
 
-        def audited(writer: Writer, late: int, **more: Any) -> None:
-            if late or more:  # (nothing found and the wait done: the user.erased row is the whole outcome)
-                record_audit(writer, AuditEntry("user.erasure_settled", actor, clerk_id,
-                                                details={"payloads_redacted": late, **more}))
+        def audited(writer: Writer, late: int, *, settled: bool = True) -> None:
+            # always, so that an erasure without this row (its process killed during the wait) reads as unchecked
+            record_audit(writer, AuditEntry("user.erasure_settled", actor, clerk_id,
+                                            details={"payloads_redacted": late, "settled": settled}))
 
         try:
             late = self._settle(mentions, began - _SETTLE_MARGIN, audited)
         except StoreError as exc:
-            self._audit_unsettled(clerk_id, lambda writer: audited(writer, 0, settled=False))
+            self._audit_unsettled(clerk_id, lambda writer: audited(writer, 0, settled=False))  # (the wait failed)
             if is_lock_wait_timeout(getattr(exc.__cause__, "orig", None)):
                 raise StoreError(
                     f"user {clerk_id} is erased, but a delivery in progress held the inbox past {_SETTLE_WAIT_S} s, "
