@@ -30,7 +30,11 @@ class TcpProxy:
                 client, _ = self.listener.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(self.target)
+            try:
+                upstream = socket.create_connection(self.target)
+            except OSError:  # the server is down: this client is refused, the next one tried again
+                client.close()
+                continue
             self.accepted += 1
             self._open += [client, upstream]
             for src, dst in ((client, upstream), (upstream, client)):

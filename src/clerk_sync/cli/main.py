@@ -124,9 +124,10 @@ def serve(
              "bound, without that exit). Below Kubernetes' terminationGracePeriodSeconds (30) - 5.",
     )] = 25,
     limit_concurrency: Annotated[int, typer.Option(
-        "--limit-concurrency", envvar="CLERK_SYNC_LIMIT_CONCURRENCY", min=1,
-        help="Connections plus requests in progress a process holds; past it new requests are answered 503 "
-             "(Svix retries). Bounds memory: each may hold up to CLERK_SYNC_MAX_BODY_BYTES of body.",
+        "--limit-concurrency", envvar="CLERK_SYNC_LIMIT_CONCURRENCY", min=2,
+        help="Connections plus requests in progress a process holds (a request counts beside its connection: "
+             "at least 2); past it new requests are answered 503 (Svix retries). Bounds memory: each may hold "
+             "up to CLERK_SYNC_MAX_BODY_BYTES of body.",
     )] = 1000,
 ) -> None:
     """Run the webhook sync service: POST /webhooks/clerk, /healthz, /readyz, /metrics."""

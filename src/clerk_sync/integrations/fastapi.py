@@ -40,11 +40,13 @@ UserT = TypeVar("UserT", default=AuthUser)  # what ``current_user`` returns: ``g
 UserGetter = Callable[[Auth], UserT]
 
 
-def webhook_router(processor: WebhookProcessor, path: str = "/webhooks/clerk") -> APIRouter:
+def webhook_router(processor: WebhookProcessor, path: str = "/webhooks/clerk", *,
+                   read_timeout_s: float = 30.0) -> APIRouter:
     """A router with ``POST path`` (and its trailing-slash twin: Svix follows no redirect); signature-checked,
-    so keep it outside your auth dependencies."""
+    so keep it outside your auth dependencies. A body not in within ``read_timeout_s`` of its headers is
+    answered 408, nothing written (:func:`~clerk_sync.integrations.starlette.webhook_endpoint`)."""
     router = APIRouter()
-    endpoint = webhook_endpoint(processor)
+    endpoint = webhook_endpoint(processor, read_timeout_s=read_timeout_s)
     for one in with_and_without_slash(path):
         router.add_api_route(one, endpoint, methods=["POST"], include_in_schema=False)
     return router

@@ -374,7 +374,7 @@ def create_console(store: Store, settings: Settings, *, clerk: ClerkClient | Non
     if clerk is None and settings.clerk_secret_key is not None:
         clerk = ClerkClient.from_settings(settings, metrics=metrics)
     if authenticator is None and (settings.clerk_jwt_key or settings.clerk_secret_key or settings.clerk_jwks_url):
-        authenticator = Authenticator(verifier_from_settings(settings), store)
+        authenticator = Authenticator(verifier_from_settings(settings), store, metrics=metrics)
     operator = settings.console_operator_token.get_secret_value() if settings.console_operator_token else None
     if authenticator is None:
         check_console_settings(settings)
