@@ -66,6 +66,29 @@ def test_a_mounted_app_with_its_own_authenticator_judges_a_session_the_outer_one
     h.store.dispose()
 
 
+def test_a_mounted_app_with_its_own_authenticator_refuses_a_session_the_outer_one_accepted(tmp_path: Path) -> None:
+    """Review: the acceptance direction of the case above. A mounted app whose authenticator allows only its own
+    authorized party passed a session the outer one accepted (for another party) straight through to its views."""
+    h = _harness(tmp_path)
+    h.event("user.created", f.user("user_a", int(time.time() * 1000)))
+    inner = Authenticator(SessionVerifier(StaticKeySource(pem(KEY)), ClaimsValidator(
+        issuer=ISS, authorized_parties=frozenset({"https://admin.example.com"}))), h.store,
+        deny_list=DenyList(h.store, refresh_s=0))
+
+    async def who(request: Request) -> JSONResponse:
+        return JSONResponse({"user": request.scope["clerk_auth"].user_id})
+
+    sub = Starlette(routes=[Route("/who", who)], middleware=[Middleware(ClerkAuthMiddleware, authenticator=inner)])
+    app = Starlette(routes=[Mount("/admin", app=sub), Route("/who", who)],
+                    middleware=[Middleware(ClerkAuthMiddleware, authenticator=h.auth)])
+    bearer = {"authorization": f"Bearer {token('user_a')}"}  # the outer app's own party
+    with running(app) as url, httpx.Client(base_url=url) as client:
+        assert client.get("/who", headers=bearer).status_code == 200
+        refused = client.get("/admin/who", headers=bearer)
+        assert (refused.status_code, refused.json()["error"]) == (401, "token_invalid_authorized_parties")
+    h.store.dispose()
+
+
 def _app(h: Harness, *, backend: bool) -> FastAPI:
     clerk = ClerkAuth(h.auth)
     app = FastAPI()

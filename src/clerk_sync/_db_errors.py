@@ -14,8 +14,8 @@ from sqlalchemy.engine import Connection
 
 from clerk_sync.errors import StoreDataError, StoreError, database_message
 
-__all__ = ["driver_cursor", "foreign_key_of", "is_foreign_key_violation", "is_row_referenced", "sqlite_file_advice",
-           "store_error"]
+__all__ = ["driver_cursor", "foreign_key_of", "is_foreign_key_violation", "is_row_referenced", "is_schema_behind",
+           "sqlite_file_advice", "store_error"]
 
 @contextmanager
 def driver_cursor(conn: Connection, what: str) -> Iterator[Any]:
@@ -171,6 +171,11 @@ def _missing_column(orig: object) -> bool:
     message = str(orig)
     return type(orig).__module__ == "sqlite3" and (message.startswith("no such column")
                                                   or " has no column named " in message)
+
+
+def is_schema_behind(orig: object) -> bool:
+    """A table or column the statement names is missing (a migration not run): no retry heals it."""
+    return _missing_table(orig) or _missing_column(orig)
 
 
 def _client_side(orig: object) -> bool:

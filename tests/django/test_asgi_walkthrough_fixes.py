@@ -200,7 +200,14 @@ def test_which_django_database_errors_are_an_outage() -> None:
     for for_good in (_django_error(IntegrityError, sqlite3.IntegrityError("UNIQUE constraint failed: auth_user.email")),
                      _django_error(DataError, psycopg.DataError("value too long for type character varying(150)")),
                      _django_error(OperationalError, MySQLdb.OperationalError(1366, "Incorrect string value: "
-                                                                              "'\\xF0\\x9F' for column 'first_name'"))):
+                                                                              "'\\xF0\\x9F' for column 'first_name'")),
+                     # a schema behind the code (migrate not run) or a statement that cannot run: SQLite and MySQL
+                     # raise these as OperationalError too, PostgreSQL as ProgrammingError; no retry heals them (review)
+                     _django_error(OperationalError, sqlite3.OperationalError("no such table: auth_user")),
+                     _django_error(OperationalError, sqlite3.OperationalError("no such column: auth_user.tier")),
+                     _django_error(OperationalError, sqlite3.OperationalError('near "FROM": syntax error')),
+                     _django_error(OperationalError, MySQLdb.OperationalError(
+                         1054, "Unknown column 'accounts_user.tier' in 'field list'"))):
         assert _django_outage(for_good) is None, for_good
 
 
@@ -261,6 +268,10 @@ def test_clerk_middleware_before_authentication_middleware_is_refused_at_runtime
             with override_settings(AUTHENTICATION_BACKENDS=["django.contrib.auth.backends.ModelBackend"]):
                 assert Client().get("/t/async/billing", headers=tok).json() == {"billing": "ok"}
                 assert asyncio.run(AsyncClient().get("/t/async/billing", headers=tok)).json() == {"billing": "ok"}
+        # no AuthenticationMiddleware at all (a stateless DRF-only project; E004 says the rest): served, as before
+        with override_settings(MIDDLEWARE=[m for m in settings.MIDDLEWARE if m != AUTH_MW]):
+            assert Client().get("/t/async/billing", headers=tok).json() == {"billing": "ok"}
+            assert asyncio.run(AsyncClient().get("/t/async/billing", headers=tok)).json() == {"billing": "ok"}
         # in order: served
         assert Client().get("/w/admin", headers=tok).json()["staff"] is True
         assert asyncio.run(AsyncClient().get("/w/async-admin", headers=tok)).json()["staff"] is True

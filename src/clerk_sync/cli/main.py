@@ -125,8 +125,8 @@ def serve(
     )] = 25,
     limit_concurrency: Annotated[int, typer.Option(
         "--limit-concurrency", envvar="CLERK_SYNC_LIMIT_CONCURRENCY", min=2,
-        help="Connections plus requests in progress a process holds (a request counts beside its connection: "
-             "at least 2); past it new requests are answered 503 (Svix retries). Bounds memory: each may hold "
+        help="Open connections (idle keep-alive ones too) or requests in progress at which a process answers new "
+             "requests 503 (Svix retries): N - 1 connections at most, so at least 2. Bounds memory: each may hold "
              "up to CLERK_SYNC_MAX_BODY_BYTES of body.",
     )] = 1000,
 ) -> None:

@@ -28,7 +28,8 @@ from clerk_sync.errors import (
 )
 from clerk_sync.integrations.starlette import error_json
 
-__all__ = ["WEBHOOK_SLASH_TWINS", "ClerkAuthBackend", "ClerkAuthMiddleware", "ClerkUser", "refusal_of"]
+__all__ = ["WEBHOOK_SLASH_TWINS", "ClerkAuthBackend", "ClerkAuthMiddleware", "ClerkUser", "judged_by", "refusal_of",
+           "remember"]
 
 # The public paths whose trailing-slash twin is public too: the webhook route, which ``webhook_routes`` and
 # ``webhook_router`` serve with and without the slash (Svix follows no redirect). Another public path's twin
@@ -94,7 +95,7 @@ class ClerkAuthBackend(AuthenticationBackend):
         try:
             # A ClerkAuthMiddleware outside judged it already: its session (audited there), or its refusal on a
             # public path. One verdict a request, counted once.
-            judged, refused = conn.scope.get("clerk_auth"), refusal_of(conn.scope, self.authenticator)
+            judged, refused = judged_by(conn.scope, self.authenticator), refusal_of(conn.scope, self.authenticator)
             if refused is not None:
                 raise refused
             if isinstance(judged, Auth):
@@ -123,7 +124,7 @@ class ClerkAuthBackend(AuthenticationBackend):
         auth = await self.authenticator.aauthenticate(conn.headers, conn.cookies,
                                                       method=conn.scope["method"] if http else None,
                                                       scheme=conn.scope.get("scheme", "http"))
-        conn.scope["clerk_auth"] = auth  # one identity per request: FastAPI's dependencies reuse it
+        remember(conn.scope, self.authenticator, auth)  # one identity per request: FastAPI's dependencies reuse it
         return auth
 
     async def _standing(self, conn: HTTPConnection, auth: Auth) -> Auth:
@@ -183,9 +184,9 @@ class ClerkAuthMiddleware:
         return is_public_path(path, self.public_paths, self.public_prefixes, slash_twins=self.slash_twins)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket") or scope.get("clerk_auth") is not None:
+        if scope["type"] not in ("http", "websocket") or judged_by(scope, self.authenticator) is not None:
             await self.app(scope, receive, send)  # lifespan, or an outer instance has authenticated the caller
-            return
+            return  # (with this authenticator: another one's session, a mounted app's own instance, is judged here)
         # (None: an outer instance let an anonymous caller through as public on *its* paths; what is public
         # here is this instance's to say, so a mounted app's own deny-by-default holds: checked again below)
         path: str = scope["path"]
@@ -211,7 +212,7 @@ class ClerkAuthMiddleware:
             auth = await self.authenticator.aauthenticate(headers, _cookies(headers),
                                                           method=scope["method"] if http else None,
                                                           scheme=scope.get("scheme", "http"))
-            scope["clerk_auth"] = auth
+            remember(scope, self.authenticator, auth)
             if auth.is_impersonated and self.audit_impersonation:
                 client = scope.get("client")
                 await run_in_threadpool(self.authenticator.audit_impersonated_request, auth,
@@ -229,6 +230,20 @@ class ClerkAuthMiddleware:
             scope["clerk_auth"] = None
         await self.app(scope, receive, send)
 
+
+
+def judged_by(scope: Scope, authenticator: Authenticator) -> Auth | None:
+    """The session ``authenticator`` already verified for this request (``scope["clerk_auth"]``), for a later
+    layer to reuse (one identity, one audit row, one count a request); None when there is none, or when another
+    authenticator verified it (a mounted app with its own Clerk instance or authorized parties verifies for
+    itself: the outer acceptance is not its verdict; review)."""
+    auth = scope.get("clerk_auth")
+    return auth if isinstance(auth, Auth) and scope.get("clerk_auth_by") is authenticator else None
+
+
+def remember(scope: Scope, authenticator: Authenticator, auth: Auth) -> None:
+    """Keep ``auth`` as this request's session, verified (or confirmed) by ``authenticator`` (:func:`judged_by`)."""
+    scope["clerk_auth"], scope["clerk_auth_by"] = auth, authenticator
 
 
 def refusal_of(scope: Scope, authenticator: Authenticator) -> Exception | None:

@@ -31,7 +31,7 @@ from clerk_sync.auth.claims import Auth
 from clerk_sync.auth.users import AuthUser, JitUsers
 from clerk_sync.errors import ClerkSyncError
 from clerk_sync.ingest import WebhookProcessor
-from clerk_sync.integrations.asgi import WEBHOOK_SLASH_TWINS, ClerkAuthMiddleware, refusal_of
+from clerk_sync.integrations.asgi import WEBHOOK_SLASH_TWINS, ClerkAuthMiddleware, judged_by, refusal_of, remember
 from clerk_sync.integrations.starlette import build_processor, error_json, webhook_endpoint, with_and_without_slash
 
 __all__ = ["ClerkAuth", "build_processor", "sync_me_router", "webhook_router"]
@@ -126,9 +126,9 @@ class ClerkAuth(Generic[UserT]):
         verified for this request when it ran (one identity per request, audited once), else verified here,
         a request made while impersonating audited here (once: the session is kept for the request's other
         dependencies)."""
-        auth = request.scope.get("clerk_auth")
-        if isinstance(auth, Auth):
-            return auth
+        judged = judged_by(request.scope, self.authenticator)
+        if judged is not None:
+            return judged
         refused = refusal_of(request.scope, self.authenticator)
         if refused is not None:  # the middleware's refusal on a public path: one verdict (and count) a request
             raise refused
@@ -137,7 +137,7 @@ class ClerkAuth(Generic[UserT]):
         if auth.is_impersonated and self.audit_impersonation:  # no audit row, no access (a StoreError: 503)
             await run_in_threadpool(self.authenticator.audit_impersonated_request, auth, request.method,
                                     request.url.path, request.client.host if request.client else None)
-        request.scope["clerk_auth"] = auth
+        remember(request.scope, self.authenticator, auth)
         return auth
 
     async def current_user(self, request: Request) -> UserT:
@@ -163,7 +163,7 @@ class ClerkAuth(Generic[UserT]):
         async def dependency(request: Request) -> Auth:
             auth = Authenticator.require_org_role(await self.current_auth(request), *roles)  # a "no" reads nothing
             confirmed = await run_in_threadpool(self.authenticator.confirm_org_role, auth, *roles)
-            request.scope["clerk_auth"] = confirmed  # the rest of the request (current_auth) sees the database's role
+            remember(request.scope, self.authenticator, confirmed)  # current_auth after it: the database's role
             return confirmed
 
         return dependency

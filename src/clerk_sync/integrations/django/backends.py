@@ -57,7 +57,7 @@ from django.db import InterfaceError, OperationalError, connections, router, tra
 from django.db.models import Q
 from django.http import HttpRequest
 
-from clerk_sync._db_errors import store_error
+from clerk_sync._db_errors import is_schema_behind, store_error
 from clerk_sync._time import utcnow
 from clerk_sync.auth.users import AuthUser, read_user
 from clerk_sync.errors import (
@@ -335,11 +335,24 @@ def _django_outage(exc: BaseException) -> StoreError | None:
     if not isinstance(exc, OperationalError | InterfaceError):
         return None
     orig = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc  # (Django raises it from the driver's)
+    if _schema_or_statement_fault(orig):
+        return None
     if isinstance(store_error(sa.exc.DBAPIError.instance(None, None, orig, Exception)), StoreDataError):
         return None
     return StoreError(f"Django's database: {type(orig).__name__}: {database_message(orig)}; the Django user of a "
                       "Clerk session could not be read or saved (clerk-sync's own database may be up: check Django's "
                       "DATABASES, and its server's connections: max_connections, CONN_MAX_AGE under ASGI)")
+
+
+def _schema_or_statement_fault(orig: BaseException) -> bool:
+    """A schema behind the code (a table or column missing: ``manage.py migrate`` not run) or a statement the
+    database cannot run: SQLite and MySQL raise these as ``OperationalError`` too (PostgreSQL as
+    ``ProgrammingError``), but no retry heals them, so they stay Django's 500 with its traceback, as on PostgreSQL,
+    not a 503 that reads as an outage (review)."""
+    if is_schema_behind(orig):
+        return True
+    return type(orig).__module__ == "sqlite3" and any(
+        fault in str(orig) for fault in ("syntax error", "no such function", "no such index", "no such collation"))
 
 
 def _refused_for_good(exc: ClerkSyncError) -> bool:

@@ -1,8 +1,8 @@
 """``request.clerk``: the verified session of a Django request, and deny-by-default.
 
 Add ``"clerk_sync.integrations.django.middleware.ClerkMiddleware"`` to ``MIDDLEWARE`` after
-``AuthenticationMiddleware`` (with :class:`~.backends.ClerkBackend`, a request that reaches it without
-``request.user`` is refused: ``ImproperlyConfigured``, as Django's own refuses one without ``SessionMiddleware``).
+``AuthenticationMiddleware`` (with :class:`~.backends.ClerkBackend`, listed before it, it refuses to start:
+``ImproperlyConfigured``, as Django's own refuses a setting it cannot work with).
 Per request it verifies the session token (Bearer header or
 ``__session`` cookie: signatures are cached, no DB query) and sets ``request.clerk``, a
 :class:`ClerkRequest` whose ``user`` row is read only when asked. With ``REQUIRE_AUTH`` it answers 401
@@ -42,6 +42,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.urls import Resolver404, resolve
 from django.utils.functional import SimpleLazyObject
+from django.utils.module_loading import import_string
 
 from clerk_sync.auth.sessions import is_public_path
 from clerk_sync.errors import ClerkSyncError, StoreError
@@ -59,6 +60,7 @@ __all__ = ["ClerkMiddleware", "clerk_public"]
 
 _BACKEND = "clerk_sync.integrations.django.backends.ClerkBackend"
 _MIDDLEWARE = "clerk_sync.integrations.django.middleware.ClerkMiddleware"
+_AUTH_MIDDLEWARE = "django.contrib.auth.middleware.AuthenticationMiddleware"
 V = TypeVar("V", bound=Callable[..., Any])
 
 
@@ -79,6 +81,7 @@ class ClerkMiddleware:
         from clerk_sync.integrations.django.conf import require_app_installed
 
         require_app_installed("ClerkMiddleware")  # (at start-up: Django builds the middleware chain then)
+        _refuse_authentication_middleware_after_us()
         self.get_response = get_response
         self.is_async = iscoroutinefunction(get_response)
         if self.is_async:
@@ -87,8 +90,6 @@ class ClerkMiddleware:
     def __call__(self, request: HttpRequest) -> Any:
         if self.is_async:
             return self.__acall__(request)
-        if not hasattr(request, "user"):
-            _require_authentication_middleware()
         state = clerk_request(request)  # (which audits a request made while impersonating, once)
         if state.auth is not None:
             self._signed_in(request, state)
@@ -99,8 +100,6 @@ class ClerkMiddleware:
         return self._outage_answered(request, state, self.get_response(request))
 
     async def __acall__(self, request: HttpRequest) -> HttpResponse:
-        if not hasattr(request, "user"):
-            _require_authentication_middleware()
         state = await aclerk_request(request)
         if state.auth is not None:
             self._signed_in(request, state)
@@ -194,15 +193,30 @@ class ClerkMiddleware:
         request.auser = auser
 
 
-def _require_authentication_middleware() -> None:
-    """With :class:`~.backends.ClerkBackend`, refuse a request that reached ``ClerkMiddleware`` without
-    ``request.user``: ``AuthenticationMiddleware`` is listed after it (and would overwrite the Clerk session's user
-    with ``AnonymousUser``: ``@require_role("admin")`` passing while the view sees no staff user), or not at all
-    (a request without a session gets no ``request.user``). System check E004 says so, but servers run no checks:
-    refused as Django's own ``AuthenticationMiddleware`` refuses a request without ``SessionMiddleware`` before it,
-    on every request until the setting is fixed. Without the backend, ``request.user`` is none of this
-    middleware's business: nothing to refuse."""
-    if _BACKEND in getattr(django_settings, "AUTHENTICATION_BACKENDS", ()):
+def _refuse_authentication_middleware_after_us() -> None:
+    """With :class:`~.backends.ClerkBackend`, ``AuthenticationMiddleware`` listed after ``ClerkMiddleware`` would
+    replace the Clerk session's ``request.user`` with ``AnonymousUser`` (``@require_role("admin")`` passing while
+    the view sees no staff user). System check E004 says so, but servers run no checks: refused when Django builds
+    the middleware chain (at start-up, or a test client's first request), as Django's own middleware refuses a
+    setting it cannot work with. A project without ``AuthenticationMiddleware`` (DRF only, stateless) is left to
+    E004, as before: DRF sets ``request.user`` itself (review)."""
+    from django.contrib.auth.middleware import AuthenticationMiddleware
+
+    def position(base: type, path: str) -> int | None:  # (by path, or an app's subclass, as the checks find them)
+        for i, entry in enumerate(getattr(django_settings, "MIDDLEWARE", None) or []):
+            try:
+                found = entry == path or issubclass(import_string(entry), base)
+            except Exception:  # noqa: S112 (Django itself reports a middleware that does not import)
+                continue
+            if found:
+                return i
+        return None
+
+    if _BACKEND not in [b if isinstance(b, str) else f"{b.__module__}.{b.__qualname__}"
+                        for b in getattr(django_settings, "AUTHENTICATION_BACKENDS", None) or []]:
+        return
+    clerk, auth = position(ClerkMiddleware, _MIDDLEWARE), position(AuthenticationMiddleware, _AUTH_MIDDLEWARE)
+    if clerk is not None and auth is not None and clerk < auth:
         raise ImproperlyConfigured(
             "ClerkMiddleware with ClerkBackend needs django.contrib.auth's AuthenticationMiddleware before it: edit "
             "your MIDDLEWARE setting to list 'django.contrib.auth.middleware.AuthenticationMiddleware' before "
