@@ -35,20 +35,8 @@ from clerk_sync.ingest import WebhookProcessor
 from clerk_sync.integrations.starlette import build_processor, create_app, webhook_routes
 from clerk_sync.tables import webhook_events
 from tests import factories as f
-from tests._server import wait_for_http
+from tests._server import free_port, wait_for_http
 from tests.conftest import SECRET
-
-
-def _port() -> int:
-    """A free port in this file's range (18650-18699)."""
-    for port in range(18650, 18700):
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 18650-18699")
 
 
 class _ShortHead(BoundedHttpTools):
@@ -58,7 +46,7 @@ class _ShortHead(BoundedHttpTools):
 @contextmanager
 def _serving(app: Any, *, limit_concurrency: int | None = None) -> Iterator[int]:
     """``app`` served by uvicorn (httptools, the bounded protocol with a 1 s head deadline) in a thread."""
-    port = _port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off",
                                            http=_ShortHead, limit_concurrency=limit_concurrency))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -272,7 +260,7 @@ def test_serve_bounds_slow_bodies_large_heads_and_concurrency(tmp_path: Path, wo
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CLERK_", "PROMETHEUS_")) and k != "DATABASE_URL"}
     env.update({"DATABASE_URL": f"sqlite:///{tmp_path / 'serve.db'}", "CLERK_WEBHOOK_SIGNING_SECRET": SECRET,
                 "CLERK_SYNC_WEBHOOK_READ_TIMEOUT_S": "1", "CLERK_SYNC_LIMIT_CONCURRENCY": "3"})
-    port = _port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-c", "from clerk_sync.cli import main; main()", "serve", "--port",
                              str(port), "--workers", workers], env=env, cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=open(tmp_path / "serve.err", "wb"))  # noqa: SIM115

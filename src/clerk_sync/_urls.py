@@ -1,14 +1,18 @@
-"""A connection URL as it may be shown (messages, logs, ``repr(settings)``): its credentials masked.
+"""URLs: a connection URL as it may be shown (messages, logs, ``repr(settings)``), its credentials masked; the
+origin of an http(s) URL, as browsers compare them (:func:`origin`).
 
-Written by hand: SQLAlchemy's ``render_as_string(hide_password=True)`` masks only what its own parser finds
-(not a password holding an unencoded ``/``, ``?`` or ``#``, not ``?ssl_password=``), and Redis URLs are not
-SQLAlchemy's to parse."""
+The masking is written by hand: SQLAlchemy's ``render_as_string(hide_password=True)`` masks only what its own
+parser finds (not a password holding an unencoded ``/``, ``?`` or ``#``, not ``?ssl_password=``), and Redis URLs
+are not SQLAlchemy's to parse."""
 
 from __future__ import annotations
 
 import re
+from urllib.parse import urlsplit
 
-__all__ = ["masked_url"]
+__all__ = ["masked_url", "origin"]
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 # The value of a query parameter naming a password (?password=, &ssl_password=), to the next '&'.
 _PASSWORD_PARAM = re.compile(r"[?&][^=&?#]*password[^=&?#]*=([^&]*)", re.IGNORECASE)
@@ -29,3 +33,19 @@ def masked_url(url: str) -> str:
             shown += [url[end:first], "***"]
         end = max(end, last)
     return "".join(shown) + url[end:]
+
+
+def origin(url: str) -> str | None:
+    """``scheme://host[:port]`` of an http(s) URL, lower-case and without the default port; None for
+    anything else (``Origin: null`` from sandboxed frames and privacy-sensitive contexts included)."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    scheme, host = parts.scheme.lower(), parts.hostname
+    if scheme not in _DEFAULT_PORTS or not host:
+        return None
+    if ":" in host:  # IPv6: urlsplit dropped the brackets
+        host = f"[{host}]"
+    return f"{scheme}://{host}" if port in (None, _DEFAULT_PORTS[scheme]) else f"{scheme}://{host}:{port}"

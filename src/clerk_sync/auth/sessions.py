@@ -23,7 +23,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
 import httpx
 from anyio import CapacityLimiter, to_thread
@@ -32,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from jwt.algorithms import RSAAlgorithm
 
 from clerk_sync._limits import show
+from clerk_sync._urls import origin as url_origin
 from clerk_sync.auth.claims import Auth, ClaimsValidator, normalize_claims
 from clerk_sync.auth.jwks import JWKSKeySource, KeySource, NeedsFetch, StaticKeySource, same_key
 from clerk_sync.config import Settings
@@ -61,7 +61,6 @@ __all__ = [
 ALLOWED_ALGORITHMS = ("RS256",)
 #: Methods that must not change state (RFC 9110 9.2.1): no cross-site request check for them.
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
-_DEFAULT_PORTS = {"http": 80, "https": 443}
 _HTTP_SCHEMES = {"ws": "http", "wss": "https"}  # a websocket's origin is its page's: http(s)
 _RS256 = RSAAlgorithm(RSAAlgorithm.SHA256)
 _B64URL_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
@@ -190,13 +189,13 @@ def check_request_origin(method: str, headers: Mapping[str, str], *, scheme: str
                                "Referer, so it cannot be told from a cross-site request (browsers send Origin "
                                "on cross-site POSTs); send the token as Authorization: Bearer from "
                                "non-browser clients")
-    origin = _origin(sent)
+    origin = url_origin(sent)
     if authorized_parties is not None:
-        allowed = {o for o in map(_origin, authorized_parties) if o is not None}
+        allowed = {o for o in map(url_origin, authorized_parties) if o is not None}
         expected = "in CLERK_AUTHORIZED_PARTIES (list your front end's origin there)"
     else:
         scheme = _HTTP_SCHEMES.get(scheme, scheme) if scheme else None  # a handshake's ws/wss: same origin
-        own = _origin(f"{scheme}://{headers.get('host', '')}") if scheme else None
+        own = url_origin(f"{scheme}://{headers.get('host', '')}") if scheme else None
         allowed = {own} if own is not None else set()
         expected = (f"this site's own origin {own!r} (behind a proxy, forward the Host and X-Forwarded-Proto "
                     "headers, or list your front end's origin in CLERK_AUTHORIZED_PARTIES)" if own is not None else
@@ -214,10 +213,10 @@ def _trusted(origin: str, trusted_origins: Sequence[str]) -> bool:
     for entry in trusted_origins:
         scheme, sep, rest = entry.strip().partition("://*.")
         if not sep:
-            if _origin(entry) == origin:
+            if url_origin(entry) == origin:
                 return True
             continue
-        suffix = _origin(f"{scheme}://{rest}")
+        suffix = url_origin(f"{scheme}://{rest}")
         if suffix is None:
             continue
         want_scheme, _, want_host = suffix.partition("://")
@@ -232,22 +231,6 @@ def _bearer(headers: Mapping[str, str]) -> str | None:
     if auth[:7].lower() == "bearer " and auth[7:].strip():
         return auth[7:].strip()
     return None
-
-
-def _origin(url: str) -> str | None:
-    """``scheme://host[:port]`` of an http(s) URL, lower-case and without the default port; None for
-    anything else (``Origin: null`` from sandboxed frames and privacy-sensitive contexts included)."""
-    try:
-        parts = urlsplit(url.strip())
-        port = parts.port
-    except ValueError:
-        return None
-    scheme, host = parts.scheme.lower(), parts.hostname
-    if scheme not in _DEFAULT_PORTS or not host:
-        return None
-    if ":" in host:  # IPv6: urlsplit dropped the brackets
-        host = f"[{host}]"
-    return f"{scheme}://{host}" if port in (None, _DEFAULT_PORTS[scheme]) else f"{scheme}://{host}:{port}"
 
 
 class SessionVerifier:

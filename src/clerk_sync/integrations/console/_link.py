@@ -14,12 +14,12 @@ signs in (:func:`confirm_submit`).
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from urllib.parse import urlsplit
 
 from anyio import to_thread
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
+from clerk_sync._urls import origin as url_origin
 from clerk_sync.auth.users import read_user
 from clerk_sync.errors import AccessDenied, ClerkSyncError
 from clerk_sync.integrations.console._access import COOKIE, PENDING_COOKIE, PENDING_S, SIGN_IN, Identity, check_csrf
@@ -28,7 +28,6 @@ from clerk_sync.integrations.console._web import BadInput, read_form, refuse_nul
 
 __all__ = ["ask_first", "confirm_page", "confirm_submit", "needs_confirmation"]
 
-_PORTS = {"http": 80, "https": 443}
 # Sec-Fetch-Site values of a navigation the console trusts to sign in at once: a link on the console's own
 # pages, or one the browser was given directly (typed, pasted, a bookmark, a link opened from another program:
 # the terminal where `clerk-sync dev` printed it). Not ``same-site``: a sibling subdomain is another origin.
@@ -158,23 +157,9 @@ def _foreign(request: Request) -> bool:
     """Whether the request's ``Origin`` or ``Referer`` names another origin than the console's own (its scheme
     and ``Host``; behind a proxy, forward both: a mismatch only ever asks for a confirmation or refuses one).
     ``Origin: null`` (a sandboxed frame, a privacy-sensitive redirect) is another origin."""
-    own = _origin(f"{request.url.scheme}://{request.headers.get('host', '')}")
+    own = url_origin(f"{request.url.scheme}://{request.headers.get('host', '')}")
     for name in ("origin", "referer"):
         sent = request.headers.get(name)
-        if sent is not None and (own is None or _origin(sent) != own):
+        if sent is not None and (own is None or url_origin(sent) != own):
             return True
     return False
-
-
-def _origin(url: str) -> str | None:
-    """``scheme://host[:port]`` of an http(s) URL, lower-case, without the default port; None for anything else."""
-    try:
-        parts = urlsplit(url.strip())
-        port = parts.port
-    except ValueError:
-        return None
-    scheme, host = parts.scheme.lower(), parts.hostname
-    if scheme not in _PORTS or not host:
-        return None
-    host = f"[{host}]" if ":" in host else host
-    return f"{scheme}://{host}" if port in (None, _PORTS[scheme]) else f"{scheme}://{host}:{port}"
