@@ -168,3 +168,28 @@ def test_an_erasure_whose_wait_for_deliveries_in_flight_ran_out_says_so_in_its_a
     finally:
         store.dispose()
         other.dispose()
+
+
+def test_a_failing_delivery_about_a_user_already_deleted_is_stored_settled_skipped(
+        store: Store, verifier: WebhookVerifier) -> None:
+    """Left by the data-protection walkthrough: a delivery about a user deleted before it arrived, that could
+    not apply (here a membership update without its organization), was stored redacted but ``failed`` until
+    prune's next pass settled it: doctor --freshness failed and the failed-backlog alert could fire in between,
+    asking for a fix and a replay that could only settle it. Ingest now stores it settled ``skipped`` at once, with
+    the reason that names nobody; a live user's failing delivery stays ``failed`` and whole, for its replay."""
+    processor = WebhookProcessor(store, verifier)
+    for user_id in ("user_gone", "user_live"):
+        assert deliver(processor, f.envelope("user.created", f.user(user_id, 100)), f"c_{user_id}") == "applied"
+    assert deliver(processor, f.envelope("user.deleted", f.deleted("user", "user_gone")), "d_gone") == "applied"
+
+    assert deliver(processor, _failing("user_gone"), "f_gone") == "skipped"
+    assert deliver(processor, _failing("user_live"), "f_live") == "failed"
+    assert deliver(processor, _failing("user_gone"), "f_gone") == "duplicate"
+
+    rows = _rows(store)
+    status, error, whole = rows["f_gone"]
+    assert (status, whole) == ("skipped", False)
+    assert error is not None and error.startswith("(redacted) skipped: its payload was redacted"), error
+    assert (rows["f_live"][0], rows["f_live"][2]) == ("failed", True)
+    assert read_snapshot(store).failed_backlog == 1
+    assert replay_deliveries(store).by_status == {"failed": 1}

@@ -50,7 +50,7 @@ from clerk_sync.errors import (
 )
 from clerk_sync.events import Envelope, MembershipRecord, instance_mismatch, parse_envelope
 from clerk_sync.metrics import Metrics
-from clerk_sync.retention import redact_payload
+from clerk_sync.retention import redact_payload, settle_if_stored_redacted
 from clerk_sync.store import OneStatement, Store, Writer
 from clerk_sync.tables import webhook_events
 from clerk_sync.tracing import delivery_span
@@ -235,6 +235,8 @@ class WebhookProcessor:
                 status=DeliveryStatus.FAILED, error=error,
                 unless_gone=None if person is None else (person, redact_payload(envelope.raw)),
             )
+            if fresh and person is not None and settle_if_stored_redacted(writer, svix_id):
+                return Outcome(svix_id, envelope.type, DeliveryStatus.SKIPPED, _SETTLED_ON_ARRIVAL)
         return Outcome(svix_id, envelope.type, DeliveryStatus.FAILED if fresh else DeliveryStatus.DUPLICATE, error)
 
     def apply_many_in(self, writer: Writer, deliveries: Sequence[tuple[str, Envelope]]) -> list[Outcome]:
@@ -313,6 +315,9 @@ class WebhookProcessor:
         )
         if not fresh:
             return Outcome(svix_id, envelope.type, DeliveryStatus.DUPLICATE)
+        if (planned.status == DeliveryStatus.FAILED and person is not None
+                and settle_if_stored_redacted(writer, svix_id)):  # (about a user gone already: nothing to replay)
+            return Outcome(svix_id, envelope.type, DeliveryStatus.SKIPPED, _SETTLED_ON_ARRIVAL)
         status = planned.status_after(writer.apply(planned.intent) if planned.intent else True)
         if status != planned.status:
             writer.finish_delivery(svix_id, status, error)
@@ -365,6 +370,9 @@ class WebhookProcessor:
 # is kept for its replay, whole unless the user it is about (``user_named``) is gone: a replay of an event about a
 # deleted user would change nothing (retention redacts those stored before the deletion). A duplicate is not stored.
 _NAMING_KEPT = frozenset({DeliveryStatus.APPLIED, DeliveryStatus.SKIPPED, DeliveryStatus.IGNORED})
+# A failing delivery about a user deleted or erased before it came: stored redacted and settled (the reason
+# the caller and the log see; the row's last_error is retention's, which names nobody either).
+_SETTLED_ON_ARRIVAL = "skipped: its user was deleted or erased before it came, so it was stored redacted and settled"
 _telemetry_said: set[tuple[str, type]] = set()  # (where, exception type) already logged in full
 
 

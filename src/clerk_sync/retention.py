@@ -90,7 +90,8 @@ from clerk_sync.tables import (
     webhook_events,
 )
 
-__all__ = ["ErasureReport", "PruneReport", "Retention", "RetentionPolicy", "UnknownUser", "redact_payload"]
+__all__ = ["ErasureReport", "PruneReport", "Retention", "RetentionPolicy", "UnknownUser", "redact_payload",
+           "settle_if_stored_redacted"]
 
 log = structlog.get_logger("clerk_sync.retention")
 
@@ -1047,6 +1048,17 @@ def _settle_redacted_failed(writer: Writer, ids: list[int]) -> None:
         e = webhook_events
         writer.conn.execute(e.update().where(e.c.id.in_(ids), e.c.status == DeliveryStatus.FAILED.value).values(
             status=DeliveryStatus.SKIPPED.value, last_error=_SETTLED_ERROR, applied_at=writer.now))
+
+
+def settle_if_stored_redacted(writer: Writer, svix_id: str) -> bool:
+    """Settle a delivery just stored ``failed`` if it was stored redacted (ingest: its user was deleted or
+    erased before it came), as prune would on its next pass: a replay could only settle it, and left ``failed``
+    it would fail doctor and raise the failed-backlog alert in between. Whether it was settled."""
+    e = webhook_events
+    done = writer.conn.execute(e.update().where(
+        e.c.svix_id == svix_id, e.c.status == DeliveryStatus.FAILED.value, e.c.redacted_at.is_not(None)).values(
+        status=DeliveryStatus.SKIPPED.value, last_error=_SETTLED_ERROR, applied_at=writer.now))
+    return bool(done.rowcount)
 
 
 def _about_gone_user(conn: sa.Connection, payload: Any, cutoff: datetime) -> bool:
