@@ -45,7 +45,7 @@ def test_session_token_claims(clerk: EmulatorServer) -> None:
     assert claims["fva"] == [0, -1]
     assert "o" not in claims
     assert "act" not in claims
-    assert "sts" not in claims
+    assert claims["sts"] == "active"  # a v2 default claim (Clerk docs: "active", "pending")
     assert _verify(clerk, token, "/.well-known/jwks.json") == claims
 
 
@@ -54,7 +54,7 @@ def test_pending_session_token_as_the_readme_promises(clerk: EmulatorServer) -> 
     user = clerk.create_user("pending@example.com")
     claims = _verify(clerk, clerk.mint_session_token(user["id"], pending=True))
     assert (claims["sub"], claims["sts"]) == (user["id"], "pending")
-    assert "sts" not in _verify(clerk, clerk.mint_session_token(user["id"]))
+    assert _verify(clerk, clerk.mint_session_token(user["id"]))["sts"] == "active"
     events = [d["type"] for d in clerk.deliveries()]
     assert "session.pending" in events
     with pytest.raises(ValueError, match="never pending"):

@@ -9,6 +9,8 @@ or impersonation link, signing out, the Dashboard's replay button) and expose th
 ``POST /_emulator/faults``                change knobs: ``{"latency_s": .2, "outage": true, ...}``
 ``POST /_emulator/webhook``               ``{"url": "http://..."}`` (``null`` pauses deliveries: held, sent
                                           in order at the next URL; reset drops them)
+``POST /_emulator/webhook/rotate_secret``  ``{"secret"?, "grace_s"?}``: sign with a new secret (returned), the
+                                          old one too for grace_s (Svix: 24 h): ``v1,<new> v1,<old>``
 ``GET  /_emulator/deliveries``            delivery log (``?include_payload=true`` adds bodies)
 ``POST /_emulator/deliveries/replay``     ``{"message_ids": [...]}`` and/or ``{"status": "failed"}``
 ``POST /_emulator/keys/rotate``           new signing key; the old one stays in the JWKS (grace);
@@ -44,6 +46,7 @@ from starlette.routing import Route
 
 from . import sessions, users
 from .core import Emulator
+from .delivery import SECRET_ROTATION_GRACE_S
 from .endpoints import admin_endpoint, base_url, bool_param, emulator_of, json_body
 from .errors import ClerkAPIError
 
@@ -86,6 +89,17 @@ async def set_webhook(request: Request) -> Any:
         raise ValueError("url must be a string or null")
     emulator_of(request).set_webhook_url(url)
     return {"webhook_url": url}
+
+
+async def rotate_webhook_secret(request: Request) -> Any:
+    """``{"secret"?: "whsec_..", "grace_s"?: 86400}``: the new secret signs, the old one too for ``grace_s``."""
+    body = await json_body(request)
+    secret, grace = body.get("secret"), body.get("grace_s", SECRET_ROTATION_GRACE_S)
+    if secret is not None and not isinstance(secret, str):
+        raise ValueError("secret must be a whsec_ string, or omitted for a fresh one")
+    if isinstance(grace, bool) or not isinstance(grace, int | float) or not grace >= 0:
+        raise ValueError("grace_s must be a number of seconds, at least 0")
+    return {"secret": emulator_of(request).rotate_webhook_secret(secret, grace_s=float(grace))}
 
 
 async def deliveries(request: Request) -> Any:
@@ -202,6 +216,7 @@ def admin_routes() -> list[Route]:
         _route("/faults", get_faults, "GET"),
         _route("/faults", set_faults, "POST"),
         _route("/webhook", set_webhook, "POST"),
+        _route("/webhook/rotate_secret", rotate_webhook_secret, "POST"),
         _route("/deliveries", deliveries, "GET"),
         _route("/deliveries/replay", replay, "POST"),
         _route("/keys/rotate", rotate_keys, "POST"),

@@ -13,10 +13,12 @@ from starlette.routing import Route
 
 from . import orgs, sessions, users
 from .endpoints import (
+    api_version,
     bapi_endpoint,
     base_url,
     bool_param,
     emulator_of,
+    first_param,
     int_param,
     json_body,
     list_param,
@@ -43,7 +45,7 @@ def _paging(request: Request) -> tuple[int, int]:
 
 def _user_query(request: Request) -> users.UserQuery:
     limit, offset = _paging(request)
-    order_by = request.query_params.get("order_by") or "-created_at"
+    order_by = first_param(request, "order_by") or "-created_at"
     starting_after = request.query_params.get("starting_after") or None
     if starting_after and offset:
         raise ClerkAPIError.invalid("starting_after", "starting_after cannot be used with offset")
@@ -100,7 +102,7 @@ async def get_user(request: Request) -> Any:
 
 
 async def update_user(request: Request) -> Any:
-    version = request.headers.get("clerk-api-version")
+    version = api_version(request)
     return users.update_user(
         emulator_of(request).store, request.path_params["user_id"], await json_body(request), version
     )
@@ -159,7 +161,7 @@ async def list_orgs(request: Request) -> Any:
         query=request.query_params.get("query") or None,
         user_ids=list_param(request, "user_id"),
         org_ids=list_param(request, "organization_id"),
-        order_by=request.query_params.get("order_by") or "-created_at",
+        order_by=first_param(request, "order_by") or "-created_at",
         limit=limit,
         offset=offset,
     )
@@ -174,7 +176,7 @@ async def get_org(request: Request) -> Any:
 
 
 async def update_org(request: Request) -> Any:
-    version = request.headers.get("clerk-api-version")
+    version = api_version(request)
     body = await json_body(request)
     return orgs.update_org(emulator_of(request).store, request.path_params["org_id"], body, version)
 
@@ -200,7 +202,7 @@ async def list_org_memberships(request: Request) -> Any:
         org=request.path_params["org_id"],
         user_ids=_id_filter(request, "user_id"),
         roles=list_param(request, "role"),
-        order_by=request.query_params.get("order_by") or "created_at",
+        order_by=first_param(request, "order_by") or "created_at",
         limit=limit,
         offset=offset,
     )
@@ -232,7 +234,7 @@ async def instance_memberships(request: Request) -> Any:
     limit, offset = _paging(request)
     return orgs.list_memberships(
         emulator_of(request).store,
-        order_by=request.query_params.get("order_by") or "created_at",
+        order_by=first_param(request, "order_by") or "created_at",
         limit=limit,
         offset=offset,
     )

@@ -112,6 +112,9 @@ class EmulatorConfig:
     # Divides the Svix retry delays, so tests can run the whole schedule in milliseconds.
     time_scale: float = 1.0
     retry_schedule_s: tuple[float, ...] = SVIX_RETRY_SCHEDULE_S
+    # Each retry delay times a random factor in [1 - retry_jitter, 1 + retry_jitter]; Svix's is 0.2. Off by
+    # default so a test can name the next attempt's time exactly.
+    retry_jitter: float = 0.0
     delivery_timeout_s: float = 15.0
     # Webhook deliveries in flight at once. Svix delivers a regular endpoint's messages independently and
     # concurrently, in no guaranteed order (FACTS §2.3); 1 (the default) sends them one at a time, in order.
@@ -168,6 +171,8 @@ class EmulatorConfig:
                 isinstance(self.delivery_concurrency, int) and self.delivery_concurrency >= 1):
             raise ValueError(f"delivery_concurrency must be an integer of at least 1 (webhook deliveries in flight "
                              f"at once), got {self.delivery_concurrency!r}")
+        if not 0 <= self.retry_jitter < 1:  # NaN too
+            raise ValueError(f"retry_jitter must be at least 0 and below 1 (Svix's is 0.2), got {self.retry_jitter!r}")
         if not self.time_scale > 0:  # NaN too; 0 would divide the retry delays by zero
             raise ValueError(f"time_scale must be greater than 0 (it divides the Svix retry delays), "
                              f"got {self.time_scale!r}")

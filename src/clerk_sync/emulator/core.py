@@ -15,8 +15,8 @@ from contextvars import ContextVar
 from typing import Any
 
 from . import orgs, sessions, users
-from .config import EmulatorConfig
-from .delivery import Deliverer
+from .config import EmulatorConfig, generate_webhook_secret
+from .delivery import SECRET_ROTATION_GRACE_S, Deliverer
 from .errors import ClerkAPIError
 from .faults import Faults, FaultSettings, RateLimiter
 from .state import Store
@@ -28,6 +28,12 @@ JSON = dict[str, Any]
 #: ``(client_ip, user_agent)`` of the API request being served, for ``event_attributes``.
 REQUEST_ORIGIN: ContextVar[tuple[str, str]] = ContextVar("clerk_emulator_origin", default=("", ""))
 _ALPHABET = string.ascii_letters + string.digits
+
+
+def _message_ids(seed: int | None) -> random.Random:
+    """The ``msg_`` id stream: seeded apart from the records' ids (``Store.rng``), whose stream would otherwise
+    repeat in it (``msg_X`` for ``user_X``), so nothing could tell a ``svix-id`` from a data id but its prefix."""
+    return random.Random(None if seed is None else f"{seed}/svix-id")
 
 
 class Emulator:
@@ -43,7 +49,7 @@ class Emulator:
         # Clerk's per-user/organization/membership limits (``endpoints.PER_OBJECT_LIMITED``), on this clock
         self.object_rate_limiter = RateLimiter(clock)
         self.keys = KeyRing(config.instance_id, grace_s=config.key_grace_s, clock=clock)
-        self._msg_rng = random.Random(config.seed)
+        self._msg_rng = _message_ids(config.seed)
         self.delivery = Deliverer(
             secret=config.effective_webhook_secret,
             url=config.webhook_url,
@@ -53,13 +59,22 @@ class Emulator:
             timeout_s=config.delivery_timeout_s,
             reorder_hold_s=config.reorder_hold_s,
             clock=clock,
+            jitter=config.retry_jitter,
         )
         self.store = Store(seed=config.seed, clock=clock, sink=self._emit, role_permissions=config.role_permissions)
 
     @property
     def webhook_secret(self) -> str:
-        """The ``whsec_`` secret deliveries are signed with."""
-        return self.config.effective_webhook_secret
+        """The ``whsec_`` secret deliveries are signed with (the newest, after :meth:`rotate_webhook_secret`)."""
+        return self.delivery.secret
+
+    def rotate_webhook_secret(self, secret: str | None = None, *, grace_s: float = SECRET_ROTATION_GRACE_S) -> str:
+        """The Dashboard's "rotate signing secret": deliveries are signed with ``secret`` (a fresh one if None,
+        returned) and, for ``grace_s`` more seconds on the emulator's clock (Svix: 24 h), with the previous
+        secret too (``svix-signature: v1,<new> v1,<old>``). :meth:`reset` restores the configured secret."""
+        new = secret or generate_webhook_secret()
+        self.delivery.rotate_secret(new, grace_s=grace_s)
+        return new
 
     def _new_message_id(self) -> str:
         return "msg_" + "".join(self._msg_rng.choices(_ALPHABET, k=27))
@@ -89,7 +104,7 @@ class Emulator:
         with self.store.lock:
             self.store.reset()
             self.delivery.clear()  # drops the messages a pause held, and ends the pause
-            self._msg_rng = random.Random(self.config.seed)
+            self._msg_rng = _message_ids(self.config.seed)
         self.faults.reset(FaultSettings.from_config(self.config))
         self.rate_limiter.reset()
         self.object_rate_limiter.reset()

@@ -5,7 +5,13 @@ API never waits for the receiver: one by default (messages go one at a time, in 
 the ``delivery_concurrency`` fault knob's number of them (changeable at run time), as Svix delivers a regular
 endpoint's messages independently and concurrently (never one message twice at once).  A failed attempt
 (non-2xx, timeout, connection error, injected failure) is retried on the Svix schedule divided by
-``time_scale``, with the same ``svix-id`` and a new ``svix-timestamp`` and signature.
+``time_scale``, with the same ``svix-id`` and a new ``svix-timestamp`` and signature. As Svix's worker does, a
+timeout or a 429 waits at least :data:`OVERLOAD_PENALTY_S`, and a ``Retry-After`` answer (seconds or an HTTP
+date) is honoured within [the scheduled delay, twice it]: it can lengthen a retry, never shorten it. Svix's
+±20 % jitter is the ``jitter`` knob (``EmulatorConfig.retry_jitter``; off by default, so the schedule is exact).
+
+:meth:`Deliverer.rotate_secret` is the Dashboard's "rotate signing secret": for ``grace_s`` (Svix: 24 h) every
+attempt is signed with the new secret and the previous one, ``svix-signature: v1,<new> v1,<old>``.
 
 ``set_url(None)`` pauses deliveries ("the webhook is late"): messages are queued as usual (faults rolled,
 retries kept) but no attempt is made; the next ``set_url(url)`` sends them, in order, as it would have;
@@ -21,7 +27,7 @@ Injected faults, decided per message from the seeded generator when it is queued
 * ``drop_then_redeliver``: the first attempt is not sent and counts as a failure.
 * ``fail`` (rolled per attempt): the attempt is not sent and counts as a failure.
 
-Not emulated: Svix's ±20 % jitter, the 60 s overload penalty and ``Retry-After`` clamping.
+Not emulated: ``webhook-delivery: disable`` disabling the endpoint (it aborts the message, as ``abort-message``).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
@@ -42,10 +49,14 @@ from standardwebhooks.webhooks import Webhook
 from .config import webhook_signer
 from .faults import Faults
 
-__all__ = ["Attempt", "Deliverer", "Message", "sign_headers"]
+__all__ = ["OVERLOAD_PENALTY_S", "SECRET_ROTATION_GRACE_S", "Attempt", "Deliverer", "Message", "sign_headers"]
 
 JSON = dict[str, Any]
 _USER_AGENT = "Svix-Webhooks/1.0 (clerk-sync emulator)"
+#: Svix's least delay after an attempt that timed out or was answered 429 (``OVERLOAD_PENALTY_SECS``).
+OVERLOAD_PENALTY_S = 60.0
+#: How long a rotated-out webhook secret still signs (Svix: "valid for the next 24 hours").
+SECRET_ROTATION_GRACE_S = 86400.0
 
 
 def sign_headers(secret: str, msg_id: str, timestamp: int, body: str) -> dict[str, str]:
@@ -53,9 +64,24 @@ def sign_headers(secret: str, msg_id: str, timestamp: int, body: str) -> dict[st
     return _signed(webhook_signer(secret), msg_id, timestamp, body)
 
 
-def _signed(signer: Webhook, msg_id: str, timestamp: int, body: str) -> dict[str, str]:
-    signature = signer.sign(msg_id, datetime.fromtimestamp(timestamp, tz=UTC), body)
+def _signed(signer: Webhook | list[Webhook], msg_id: str, timestamp: int, body: str) -> dict[str, str]:
+    """One ``v1,<sig>`` per signer, space-separated (Svix signs with every valid endpoint secret)."""
+    when = datetime.fromtimestamp(timestamp, tz=UTC)
+    signature = " ".join(s.sign(msg_id, when, body) for s in (signer if isinstance(signer, list) else [signer]))
     return {"svix-id": msg_id, "svix-timestamp": str(timestamp), "svix-signature": signature}
+
+
+def _retry_after_s(value: str | None, now: float) -> float | None:
+    """A ``Retry-After`` header as seconds from ``now`` (delta-seconds or an HTTP date), None if absent or bad."""
+    if not value or not value.strip():
+        return None
+    text = value.strip()
+    if text.isdigit():
+        return float(text)
+    try:
+        return max(parsedate_to_datetime(text).timestamp() - now, 0.0)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
 
 
 @dataclass
@@ -128,9 +154,13 @@ class Deliverer:
         timeout_s: float = 15.0,
         reorder_hold_s: float = 0.5,
         clock: Callable[[], float] = time.time,
+        jitter: float = 0.0,
     ) -> None:
         self.secret = secret
         self._signer = webhook_signer(secret)  # here, so a bad secret fails at start-up, not in the worker
+        self._configured_secret = secret
+        self._retired: list[tuple[Webhook, float]] = []  # rotated-out secrets' signers, until when they still sign
+        self._jitter = jitter
         self._url = url
         self._endpoint = url  # the last URL deliveries went to: a pause (set_url(None)) keeps it
         self._paused = False  # set_url(None): messages queue up, unsent, until the next set_url(url) or clear()
@@ -200,6 +230,20 @@ class Deliverer:
         self._url = self._endpoint
         self._paused = False
         self._cond.notify_all()
+
+    def rotate_secret(self, secret: str, *, grace_s: float = SECRET_ROTATION_GRACE_S) -> None:
+        """Sign with ``secret`` from now on; the current one also signs for ``grace_s`` more seconds (on the
+        emulator's clock), as Svix keeps a rotated-out secret valid for 24 hours. A bad secret: ``ValueError``."""
+        signer = webhook_signer(secret)
+        with self._cond:
+            self._retired.append((self._signer, self._clock() + grace_s))
+            self.secret, self._signer = secret, signer
+
+    def _signers(self) -> list[Webhook]:
+        """The current signer, then every rotated-out one still in its grace (holding the condition)."""
+        now = self._clock()
+        self._retired = [(s, until) for s, until in self._retired if now < until]
+        return [self._signer, *(s for s, _ in reversed(self._retired))]
 
     def enqueue(self, event_type: str, envelope: JSON) -> Message:
         """Record a message and schedule its first attempt; never blocks on the network."""
@@ -352,6 +396,8 @@ class Deliverer:
             self._queue.clear()
             self._held = None
             self._waited = 0
+            self.secret, self._signer = self._configured_secret, webhook_signer(self._configured_secret)
+            self._retired = []
             self._resume()
 
     # -- worker side -------------------------------------------------------------------
@@ -446,34 +492,53 @@ class Deliverer:
         if injected is None and not duplicate and self._faults.roll("fail_rate", message.rng):
             injected = "injected_failure"
         attempt = Attempt(number, timestamp, injected or "failed", duplicate=duplicate, manual=message.manual)
-        abort = False
+        abort, asked = False, None
         if injected is None:
-            abort = self._send(client, url, message, attempt)
+            abort, asked = self._send(client, url, message, attempt)
         with self._cond:
             message.attempts.append(attempt)
             if not duplicate:
-                self._settle(message, attempt, abort)
+                self._settle(message, attempt, abort, asked)
 
-    def _send(self, client: httpx.Client, url: str, message: Message, attempt: Attempt) -> bool:
-        """POST one attempt; fills ``attempt``; returns True if the receiver aborted retries."""
-        headers = _signed(self._signer, message.id, attempt.timestamp, message.body)
+    def _send(self, client: httpx.Client, url: str, message: Message,
+              attempt: Attempt) -> tuple[bool, float | None]:
+        """POST one attempt; fills ``attempt``; returns whether the receiver aborted retries, and its
+        ``Retry-After`` in seconds (None without one)."""
+        with self._cond:
+            signers = self._signers()
+        headers = _signed(signers, message.id, attempt.timestamp, message.body)
         headers.update({"content-type": "application/json", "user-agent": _USER_AGENT})
         started = time.monotonic()
         try:
             response = client.post(url, content=message.body.encode(), headers=headers)
         except httpx.TimeoutException as exc:
             attempt.outcome, attempt.error = "timeout", repr(exc)
-            return False
+            return False, None
         except httpx.HTTPError as exc:
             attempt.outcome, attempt.error = "error", repr(exc)
-            return False
+            return False, None
         finally:
             attempt.duration_ms = round((time.monotonic() - started) * 1000, 2)
         attempt.status_code = response.status_code
         attempt.outcome = "succeeded" if 200 <= response.status_code < 300 else "failed"
-        return response.headers.get("webhook-delivery", "") in {"abort-message", "disable"}
+        abort = response.headers.get("webhook-delivery", "") in {"abort-message", "disable"}
+        return abort, _retry_after_s(response.headers.get("retry-after"), self._clock())
 
-    def _settle(self, message: Message, attempt: Attempt, abort: bool) -> None:
+    def retry_delay(self, failures: int, attempt: Attempt, asked_s: float | None,
+                    rng: random.Random | None = None) -> float:
+        """Seconds (before ``time_scale``) from the ``failures``-th failed attempt to the next, as Svix's worker
+        computes it: the schedule's delay, at least :data:`OVERLOAD_PENALTY_S` after a timeout or a 429, the
+        receiver's ``Retry-After`` kept within [that delay, twice it], then the ``jitter`` (± fraction)."""
+        delay = self._schedule[failures]
+        if attempt.outcome == "timeout" or attempt.status_code == 429:
+            delay = max(delay, OVERLOAD_PENALTY_S)
+        if asked_s is not None:
+            delay = min(max(asked_s, delay), 2 * delay)
+        if self._jitter and rng is not None:
+            delay *= rng.uniform(1 - self._jitter, 1 + self._jitter)
+        return delay
+
+    def _settle(self, message: Message, attempt: Attempt, abort: bool, asked_s: float | None = None) -> None:
         """Record the result of a regular attempt and schedule what comes next."""
         if attempt.outcome == "succeeded":
             message.status = "succeeded"
@@ -487,7 +552,9 @@ class Deliverer:
             message.status = "failed"
             message.next_attempt_at = None
             return
-        delay = self._schedule[message.failures] / self._faults.settings.time_scale
+        # the jitter's own generator (from the message id), so it draws nothing from the faults' streams
+        jitter_rng = random.Random(f"{message.id}/{message.failures}") if self._jitter else None
+        delay = self.retry_delay(message.failures, attempt, asked_s, jitter_rng) / self._faults.settings.time_scale
         message.status = "pending"
         self._schedule_at(message, self._clock() + delay)
 

@@ -33,15 +33,18 @@ from .errors import ClerkAPIError
 from .users import REQUEST_PARAMS
 
 __all__ = [
+    "API_VERSIONS",
     "HELPER_HEADER",
     "PER_OBJECT_LIMITED",
     "ROUTE_PARAMS",
     "Handler",
     "admin_endpoint",
+    "api_version",
     "bapi_endpoint",
     "base_url",
     "bool_param",
     "emulator_of",
+    "first_param",
     "int_param",
     "json_body",
     "list_param",
@@ -118,6 +121,36 @@ def _check_auth(request: Request, emulator: Emulator) -> None:
     expected = emulator.config.secret_key.encode()
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
         raise ClerkAPIError.unauthorized()
+
+
+#: The Backend API versions Clerk publishes ("Available versions"; 2025-03-12 is a spec release of theirs).
+API_VERSIONS = frozenset({"2021-02-05", "2024-10-01", "2025-03-12", "2025-04-10", "2025-11-10", "2026-05-12"})
+
+
+def api_version(request: Request) -> str | None:
+    """The version asked for (``Clerk-API-Version`` header or ``__clerk_api_version`` query; None: neither).
+
+    Clerk refuses both at once, or a version it does not have, as an invalid request (FACTS §4.1); the
+    emulator once took any string, so a typo in a client's version passed every test. The status and code
+    Clerk answers are not published: 400 ``api_version_invalid`` here."""
+    header = request.headers.get("clerk-api-version")
+    query = request.query_params.get("__clerk_api_version")
+    if header is not None and query is not None:
+        raise ClerkAPIError(400, "api_version_invalid", "Give the API version once",
+                            "The API version was given both as the Clerk-API-Version header and as the "
+                            "__clerk_api_version query parameter: give one of them.")
+    version = header if header is not None else query
+    if version is not None and version.strip() not in API_VERSIONS:
+        raise ClerkAPIError(400, "api_version_invalid", "Invalid API version",
+                            f"{version!r} is not a Clerk API version; use one of {', '.join(sorted(API_VERSIONS))}.")
+    return None if version is None else version.strip()
+
+
+def first_param(request: Request, name: str) -> str | None:
+    """The FIRST value of a repeated query parameter, as Clerk keeps it ("if multiple order_by parameters are
+    provided, we will only keep the first one"); Starlette's ``query_params.get`` gives the last."""
+    values = request.query_params.getlist(name)
+    return values[0] if values else None
 
 
 def _check_rate_limit(request: Request, emulator: Emulator) -> None:
@@ -235,6 +268,7 @@ def bapi_endpoint(handler: Handler, *, rate_limited: bool = True) -> Endpoint:
         params_token = REQUEST_PARAMS.set({})
         try:
             _check_auth(request, emulator)
+            api_version(request)
             route = _route_key(request)
             if rate_limited:
                 _check_rate_limit(request, emulator)

@@ -231,8 +231,7 @@ def session_claims(data: SessionClaimsInput, now: int) -> JSON:
             claims["fea"] = features
     if data.actor:
         claims["act"] = dict(data.actor)
-    if data.pending:
-        claims["sts"] = "pending"
+    claims["sts"] = "pending" if data.pending else "active"  # a v2 default claim: present on every session token
     return claims
 
 
