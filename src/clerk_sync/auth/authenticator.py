@@ -432,41 +432,62 @@ class Authenticator:
             raise AccessDenied(f"organization role {show(standing.org_role)} in the database, changed since the "
                                f"session token was issued ({show(auth.org_role)}), is not one of {sorted(roles)}")
         # The confirmed role, not the token's: a guard admitting several roles would otherwise hand the view
-        # a role the member no longer has (the token's permissions stay the token's: Clerk sends no others)
+        # a role the member no longer has (and the permissions of the one it had: see standing_org_role)
         return standing
 
     def standing_org_role(self, auth: Auth) -> Auth:
-        """``auth`` with its active organization role as ``organization_memberships`` has it: the database's
-        role where it differs from the token's, ``org_role=None`` for a membership deleted since the token was
-        issued, ``auth`` itself (the token stands) without an organization or without a row (its
-        ``organizationMembership.created`` may not have arrived yet). One indexed query when the token names
-        an organization role; blocking (async callers run it in a worker thread). What
-        :meth:`confirm_org_role` judges, and what Starlette's ``request.user.auth`` shows."""
+        """``auth`` with its active organization as ``organization_memberships`` has it now: a membership
+        deleted since the token was issued leaves no active organization (``org_id``, ``org_slug``,
+        ``org_role`` None, no ``org_permissions``: what Clerk's next token will say); a role changed there
+        replaces the token's, whose permissions are then kept only where the row lists them too (see
+        :func:`_held`); ``auth`` itself (the token stands) without an organization, with the same role, or
+        without a row (its ``organizationMembership.created`` may not have arrived yet). One indexed query when
+        the token names an organization role; blocking (async callers run it in a worker thread). What
+        :meth:`confirm_org_role` and :meth:`confirm_permission` judge, and what every face shows the app
+        (Starlette's ``request.user.auth``, FastAPI's ``current_auth``, Flask's ``current_clerk``, Django's
+        ``request.clerk.auth`` and DRF's ``request.auth``). ``auth.claims`` stays the token's, as signed."""
         if auth.org_id is None or auth.org_role is None:
             return auth
         row = self._membership(auth.org_id, auth.user_id)
         if row is None:
             return auth
-        role, deleted_at = row
+        role, deleted_at, permissions = row
         if deleted_at is not None:
-            return dataclasses.replace(auth, org_role=None)
+            return dataclasses.replace(auth, org_id=None, org_slug=None, org_role=None, org_permissions=())
         if same_org_role(role) == same_org_role(auth.org_role):
             return auth  # the same role, whichever spelling the token uses
-        return dataclasses.replace(auth, org_role=role)
+        return dataclasses.replace(auth, org_role=role, org_permissions=_held(auth.org_permissions, permissions))
 
-    def _membership(self, org_id: str, user_id: str) -> tuple[str, datetime | None] | None:
-        """The (role, deleted_at) of the caller's membership of ``org_id``, None without one: one query on the
-        user's index. A member re-added after a removal has a new membership beside the old tombstone: the
-        live one is taken, the latest if there are several."""
+    def confirm_permission(self, auth: Auth, permission: str) -> Auth:
+        """:meth:`require_permission`, confirmed against ``organization_memberships`` (as
+        :meth:`confirm_org_role` confirms the role): the token first (403 without a query), then the
+        permissions of :meth:`standing_org_role`, so a member removed or whose role changed since the token was
+        issued loses what the database's role does not grant. Returns that standing ``auth``. Blocking (one
+        indexed query when the token passes): async callers run it in a worker thread."""
+        self.require_permission(auth, permission)
+        standing = self.standing_org_role(auth)
+        if standing.org_role is None:
+            raise AccessDenied(f"no longer a member of organization {auth.org_id} (the membership was deleted "
+                               "since the session token was issued)")
+        if permission not in standing.org_permissions:
+            raise AccessDenied(f"missing permission {permission!r}: the organization role {show(standing.org_role)} "
+                               f"in the database, changed since the session token was issued "
+                               f"({show(auth.org_role)}), does not grant it")
+        return standing
+
+    def _membership(self, org_id: str, user_id: str) -> tuple[str, datetime | None, object] | None:
+        """The (role, deleted_at, permissions) of the caller's membership of ``org_id``, None without one: one
+        query on the user's index. A member re-added after a removal has a new membership beside the old
+        tombstone: the live one is taken, the latest if there are several."""
         m = organization_memberships
         with self.store.connect() as conn:
             row = conn.execute(
-                sa.select(m.c.role, m.c.deleted_at)
+                sa.select(m.c.role, m.c.deleted_at, m.c.permissions)
                 .where(m.c.user_clerk_id == user_id, m.c.organization_clerk_id == org_id)
                 .order_by(sa.case((m.c.deleted_at.is_(None), 0), else_=1), m.c.clerk_updated_at.desc())
                 .limit(1)
             ).first()
-        return None if row is None else (row[0], row[1])
+        return None if row is None else (row[0], row[1], row[2])
 
     @staticmethod
     def guardable_permission(permission: str) -> str:
@@ -485,8 +506,9 @@ class Authenticator:
     @staticmethod
     def require_permission(auth: Auth, permission: str) -> Auth:
         """``permission`` in the token's active organization. From the token only, valid until it expires:
-        the database keeps no permissions to confirm it against (a role's are Clerk's to define). A system
-        permission (``org:sys_*``) is refused (``ValueError``, see :meth:`guardable_permission`)."""
+        kept for direct callers; the guards use :meth:`confirm_permission`, which also refuses a member removed,
+        or whose role changed, since. A system permission (``org:sys_*``) is refused (``ValueError``, see
+        :meth:`guardable_permission`)."""
         Authenticator.guardable_permission(permission)
         if permission not in auth.org_permissions:
             raise AccessDenied(f"missing permission {permission!r} in the active organization")
@@ -507,6 +529,19 @@ class Authenticator:
 
     def _user_from_table(self, clerk_id: str) -> AuthUser | None:
         return read_user(self.store, clerk_id)
+
+
+def _held(token: tuple[str, ...], row: object) -> tuple[str, ...]:
+    """The token's permissions that the membership row lists too, once the row's role differs from the token's.
+
+    The token's were derived from its role, which the member no longer holds, so they alone no longer say what
+    the member may do. The row's (the ``organizationMembership.updated`` that changed the role) alone are not
+    enough either: they include system permissions no token carries, and a v2 token grants a custom one only
+    for the features the organization's plan enables (``fea``). Held are those both grant: a demotion drops what
+    the lower role lacks at once, a promotion adds nothing until a new token carries it (as for the role
+    itself), and a row without permissions (none sent) leaves none."""
+    listed = {p for p in row if isinstance(p, str)} if isinstance(row, list) else set()
+    return tuple(p for p in token if p in listed)
 
 
 def _org_role_in(role: str, roles: tuple[str, ...]) -> bool:

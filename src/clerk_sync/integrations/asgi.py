@@ -67,9 +67,9 @@ class ClerkAuthBackend(AuthenticationBackend):
     while the session stays authenticated; a membership whose webhook has not arrived yet is judged on the
     token alone. The backend cannot tell which scopes a route will ask for, so this costs one indexed read, in
     a worker thread, on every request whose token carries an active organization role (none for the others);
-    a database outage then refuses the request (503), as an org-role guard would. The permission scopes come
-    from the token only, valid until it expires (as ``require_permission`` on every face): the database keeps
-    no permissions to confirm them against.
+    a database outage then refuses the request (503), as an org-role guard would. The permission scopes are
+    the confirmed ones too (:meth:`~clerk_sync.auth.authenticator.Authenticator.standing_org_role`): none for
+    a removed member, and, once the role changed, only the token's that the membership row also lists.
 
     A refused session is Starlette's ``AuthenticationError``, which the middleware answers with its own
     ``on_error`` (400, plain text, by default); pass ``on_error=ClerkAuthBackend.on_error`` for the
@@ -114,8 +114,7 @@ class ClerkAuthBackend(AuthenticationBackend):
         # the org-role scope only when the token's role stands (a route asking for the database's other role
         # is refused too, as every face's org-role guard refuses it until a new token carries it)
         confirmed = [auth.org_role] if standing is auth and auth.org_role is not None else []
-        scopes = ["authenticated", *confirmed,
-                  *auth.org_permissions]  # (permissions: the token's only, see the class docstring)
+        scopes = ["authenticated", *confirmed, *standing.org_permissions]  # (confirmed: see the class docstring)
         return AuthCredentials(scopes), ClerkUser(standing)
 
     async def _authenticate(self, conn: HTTPConnection, http: bool) -> Auth:

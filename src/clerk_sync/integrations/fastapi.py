@@ -58,7 +58,7 @@ def sync_me_router(clerk: ClerkAuth[Any], users: JitUsers, path: str = "/sync/me
     router = APIRouter()
 
     async def sync_me(request: Request) -> dict[str, Any]:
-        auth = await clerk.current_auth(request)
+        auth = await clerk._session(request)  # (its user id only: no membership read)
         user = await run_in_threadpool(users.refresh_user, auth.user_id)
         return {"user_id": user.clerk_id, "email": user.email, "role": user.role}
 
@@ -122,10 +122,20 @@ class ClerkAuth(Generic[UserT]):
                                audit_impersonation=self.audit_impersonation, slash_twins=slash_twins)
 
     async def current_auth(self, request: Request) -> Auth:
-        """The verified session (401 when missing/invalid/revoked): the one :class:`ClerkAuthMiddleware`
-        verified for this request when it ran (one identity per request, audited once), else verified here,
-        a request made while impersonating audited here (once: the session is kept for the request's other
-        dependencies)."""
+        """The verified session (401 when missing/invalid/revoked), its active organization as
+        ``organization_memberships`` has it now
+        (:meth:`~clerk_sync.auth.authenticator.Authenticator.standing_org_role`: a removed member has none, a
+        member whose role changed has the database's role and only the permissions it still grants; one indexed
+        read in the thread pool when the token names an organization role)."""
+        auth = await self._session(request)
+        if auth.org_role is None:
+            return auth
+        return await run_in_threadpool(self.authenticator.standing_org_role, auth)
+
+    async def _session(self, request: Request) -> Auth:
+        """The token's session: the one :class:`ClerkAuthMiddleware` verified for this request when it ran (one
+        identity per request, audited once), else verified here, a request made while impersonating audited
+        here (once: the session is kept for the request's other dependencies). The guards judge it first."""
         judged = judged_by(request.scope, self.authenticator)
         if judged is not None:
             return judged
@@ -142,7 +152,7 @@ class ClerkAuth(Generic[UserT]):
 
     async def current_user(self, request: Request) -> UserT:
         """The caller's DB row (JIT-synced when configured)."""
-        auth = await self.current_auth(request)
+        auth = await self._session(request)
         with signed_out_if_banned():  # (a JIT getter's 403/410 for a banned/deleted user: 401, as require_role)
             return await run_in_threadpool(self._get_user, auth)
 
@@ -150,7 +160,7 @@ class ClerkAuth(Generic[UserT]):
         """Role confirmed against the DB row, so a demotion applies at once."""
 
         async def dependency(request: Request) -> AuthUser:
-            auth = await self.current_auth(request)
+            auth = await self._session(request)
             return await run_in_threadpool(self.authenticator.require_role, auth, *roles)
 
         return dependency
@@ -161,20 +171,22 @@ class ClerkAuth(Generic[UserT]):
         removed or demoted is refused at once (403). The row is read in the thread pool."""
 
         async def dependency(request: Request) -> Auth:
-            auth = Authenticator.require_org_role(await self.current_auth(request), *roles)  # a "no" reads nothing
-            confirmed = await run_in_threadpool(self.authenticator.confirm_org_role, auth, *roles)
-            remember(request.scope, self.authenticator, confirmed)  # current_auth after it: the database's role
-            return confirmed
+            auth = Authenticator.require_org_role(await self._session(request), *roles)  # a "no" reads nothing
+            # (the database's role; the session kept for the other guards stays the token's, judged first)
+            return await run_in_threadpool(self.authenticator.confirm_org_role, auth, *roles)
 
         return dependency
 
     def require_permission(self, permission: str) -> Callable[[Request], Awaitable[Auth]]:
-        """``permission`` in the active organization, from the token (the database keeps no permissions). A
-        system permission (``org:sys_*``), which tokens never carry, is refused here (``ValueError``)."""
+        """``permission`` in the active organization: in the token, and still granted by the membership row
+        (:meth:`~clerk_sync.auth.authenticator.Authenticator.confirm_permission`, read in the thread pool): a
+        member removed or whose role changed is refused at once (403). A system permission (``org:sys_*``),
+        which tokens never carry, is refused here (``ValueError``)."""
         Authenticator.guardable_permission(permission)
 
         async def dependency(request: Request) -> Auth:
-            return self.authenticator.require_permission(await self.current_auth(request), permission)
+            auth = Authenticator.require_permission(await self._session(request), permission)  # a "no" reads nothing
+            return await run_in_threadpool(self.authenticator.confirm_permission, auth, permission)
 
         return dependency
 

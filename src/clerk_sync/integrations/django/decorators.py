@@ -111,13 +111,17 @@ def confirm_org_role(state: ClerkRequest, roles: tuple[str, ...]) -> Auth:
     """The session's organization role (token first), confirmed against the membership row: see
     :meth:`~clerk_sync.auth.authenticator.Authenticator.confirm_org_role`. Blocking (one indexed query when
     the token passes): async callers run it in a worker thread."""
-    auth = Authenticator.require_org_role(state.require_auth(), *roles)  # a "no" from the token reads nothing
+    state.require_auth()
+    assert state.token_auth is not None  # (set with auth)
+    auth = Authenticator.require_org_role(state.token_auth, *roles)  # the token's first: a "no" reads nothing
     try:
-        state.auth = state.runtime.authenticator.confirm_org_role(auth, *roles)  # the view sees the database's role
-        return state.auth
+        confirmed = state.runtime.authenticator.confirm_org_role(auth, *roles)
     except StoreError as exc:
         state.runtime.naming_database(exc)  # (the same error, its message naming the database)
         raise
+    if confirmed != state.auth:  # the view sees the database's role (read again: it changed since)
+        state.auth = confirmed
+    return confirmed
 
 
 def require_org_role(*roles: str) -> Callable[[V], V]:
@@ -152,9 +156,10 @@ def require_org_role(*roles: str) -> Callable[[V], V]:
 
 
 def require_permission(permission: str) -> Callable[[V], V]:
-    """The active organization grants ``permission`` (e.g. ``"org:invoices:read"``), from the token (the
-    database keeps no permissions). A system permission (``org:sys_*``), which tokens never carry, is refused
-    here (``ValueError``)."""
+    """The active organization grants ``permission`` (e.g. ``"org:invoices:read"``): in the token, and still
+    granted by the membership row (``request.clerk.auth``'s permissions: none for a removed member, and only
+    the token's that the row lists once the role changed). A system permission (``org:sys_*``), which tokens
+    never carry, is refused here (``ValueError``)."""
     Authenticator.guardable_permission(permission)
 
     def check(auth: Auth, user: AuthUser | None) -> None:

@@ -79,12 +79,18 @@ def _what_is_down(error: ClerkSyncError) -> str:
 
 
 class ClerkRequest:
-    """What ``request.clerk`` holds: the session (``auth``), or why there is none (``error``)."""
+    """What ``request.clerk`` holds: the session (``auth``), or why there is none (``error``).
+
+    ``auth``'s active organization is the database's (see
+    :meth:`~clerk_sync.auth.authenticator.Authenticator.standing_org_role`: a removed member has none, a member
+    whose role changed has that role and only the permissions it still grants); ``token_auth`` is the
+    token's, which the org-role guards judge first (a promotion waits for a new token)."""
 
     def __init__(self, runtime: ClerkSync, auth: Auth | None, error: ClerkSyncError | None = None, *,
-                 asgi: bool = False) -> None:
+                 asgi: bool = False, token_auth: Auth | None = None) -> None:
         self.runtime = runtime
         self.auth = auth
+        self.token_auth = token_auth if token_auth is not None else auth
         self.error = error
         self.asgi = asgi  # served by Django's ASGI handler: one event loop for the process (runtime.auser)
         self._user: AuthUser | None = None
@@ -141,13 +147,14 @@ def _trusted_origins() -> list[str]:
     return list(getattr(settings, "CSRF_TRUSTED_ORIGINS", ()) or ())
 
 
-def _answer(runtime: ClerkSync, result: Auth | ClerkSyncError, request: HttpRequest) -> ClerkRequest:
+def _answer(runtime: ClerkSync, result: tuple[Auth, Auth] | ClerkSyncError, request: HttpRequest) -> ClerkRequest:
     asgi = isinstance(request, ASGIRequest)
     if isinstance(result, TokenMissing):
         return ClerkRequest(runtime, None, asgi=asgi)
     if isinstance(result, ClerkSyncError):
         return ClerkRequest(runtime, None, result, asgi=asgi)
-    return ClerkRequest(runtime, result, asgi=asgi)
+    token_auth, standing = result
+    return ClerkRequest(runtime, standing, asgi=asgi, token_auth=token_auth)
 
 
 def _audited(result: Auth | ClerkSyncError, runtime: ClerkSync) -> TypeGuard[Auth]:
@@ -165,14 +172,16 @@ def clerk_request(request: HttpRequest) -> ClerkRequest:
     try:
         # method and scheme: an unsafe request on the __session cookie must come from an allowed Origin (403
         # cross_site_request), as on the other faces, csrf_exempt views and projects without CSRF middleware too
-        result: Auth | ClerkSyncError = runtime.authenticator.authenticate(
+        result = runtime.authenticator.authenticate(
             headers, cookies, method=request.method, scheme=request.scheme, trusted_origins=_trusted_origins())
         if _audited(result, runtime):  # as ClerkMiddleware does (a guard without it)
             runtime.authenticator.audit_impersonated_request(result, request.method or "", request.path,
                                                              request.META.get("REMOTE_ADDR"))
+        # what the app sees: the membership as the database has it (one indexed read with an org role)
+        answer: tuple[Auth, Auth] | ClerkSyncError = (result, _standing(runtime, result))
     except (TokenError, AccessDenied, StoreError, ConfigError) as exc:  # fails protected views only
-        result = runtime.naming_database(exc)
-    state = _answer(runtime, result, request)
+        answer = runtime.naming_database(exc)
+    state = _answer(runtime, answer, request)
     request.clerk = state  # type: ignore[attr-defined]
     return state
 
@@ -185,18 +194,25 @@ async def aclerk_request(request: HttpRequest) -> ClerkRequest:
     runtime = get_clerk_sync()
     headers, cookies = _headers_and_cookies(request)
     try:
-        result: Auth | ClerkSyncError = await runtime.authenticator.aauthenticate(
+        result = await runtime.authenticator.aauthenticate(
             headers, cookies, method=request.method, scheme=request.scheme, trusted_origins=_trusted_origins())
         if _audited(result, runtime):
             await sync_to_async(runtime.authenticator.audit_impersonated_request)(
                 result, request.method or "", request.path, request.META.get("REMOTE_ADDR"))
+        answer: tuple[Auth, Auth] | ClerkSyncError = (
+            result, await sync_to_async(_standing, thread_sensitive=False)(runtime, result))
     except (TokenError, AccessDenied, StoreError, ConfigError) as exc:  # fails protected views only
-        result = runtime.naming_database(exc)
-    if isinstance(result, StoreError):
-        result = _unless_invalid(runtime, result, headers, cookies)  # (no I/O: as averify, on the loop)
-    state = _answer(runtime, result, request)
+        answer = runtime.naming_database(exc)
+    if isinstance(answer, StoreError):
+        answer = _unless_invalid(runtime, answer, headers, cookies)  # (no I/O: as averify, on the loop)
+    state = _answer(runtime, answer, request)
     request.clerk = state  # type: ignore[attr-defined]
     return state
+
+
+def _standing(runtime: ClerkSync, auth: Auth) -> Auth:
+    """``auth`` with its active organization as the database has it (blocking; none read without a role)."""
+    return auth if auth.org_role is None else runtime.authenticator.standing_org_role(auth)
 
 
 def _unless_invalid(runtime: ClerkSync, error: StoreError, headers: Mapping[str, str],

@@ -261,8 +261,8 @@ class HasOrgRole(_ClerkCheck):
 
 
 class HasPermission(_ClerkCheck):
-    """The active organization grants :attr:`permission` (from the token: the database keeps no
-    permissions); ``HasPermission.of("org:invoices:read")``."""
+    """The active organization grants :attr:`permission`, in the token and still by the membership row (as
+    ``request.auth`` shows it); ``HasPermission.of("org:invoices:read")``."""
 
     permission: ClassVar[str] = ""
 

@@ -250,11 +250,25 @@ def _current_auth() -> Auth:
     return auth
 
 
+def _standing_auth() -> Auth:
+    """The verified session with its active organization as ``organization_memberships`` has it now (see
+    :meth:`~clerk_sync.auth.authenticator.Authenticator.standing_org_role`): what ``current_clerk`` shows.
+    Read once a request (one indexed query when the token names an organization role), or taken from the
+    org-role or permission guard that read it."""
+    cache = _cached()
+    standing: Auth | None = cache.get("standing")
+    if standing is None:
+        auth = _current_auth()
+        standing = auth if auth.org_role is None else _authenticator(clerk_state()).standing_org_role(auth)
+        cache["standing"] = standing
+    return standing
+
+
 def sync_me() -> Response:
     """``POST /sync/me`` (``ClerkSync(app, sync_me_path=...)``): Flow A, the front end calls it right after
     sign-up so the row exists before ``user.created`` arrives (one budgeted Clerk call a user per
     ``CLERK_SYNC_JIT_REFRESH_INTERVAL_S``, the webhook's guarded upsert)."""
-    user_id = current_clerk.user_id  # the session first: 401 to a stranger, whatever the set-up
+    user_id = _current_auth().user_id  # the session first: 401 to a stranger, whatever the set-up
     users = clerk_state().users
     if users is None:
         raise ConfigError(f"{request.path} fetches the signed-in user from Clerk: set CLERK_SECRET_KEY (and keep "
@@ -344,8 +358,9 @@ def _current_user() -> SignedInUser | AnonymousUser:
     return user
 
 
-#: The verified session of this request (:class:`~clerk_sync.auth.claims.Auth`); 401 without one.
-current_clerk = cast(Auth, LocalProxy(_current_auth))
+#: The verified session of this request (:class:`~clerk_sync.auth.claims.Auth`), its active organization as
+#: the database has it now (a removed member has none; see :func:`_standing_auth`); 401 without one.
+current_clerk = cast(Auth, LocalProxy(_standing_auth))
 #: The caller's ``users`` row (:class:`SignedInUser`, an :class:`~clerk_sync.auth.users.AuthUser`),
 #: JIT-synced when configured; without a usable session an :class:`AnonymousUser` (``is_authenticated``
 #: False) whose other attributes refuse (401). Typed as the signed-in user: check ``is_authenticated``.
@@ -364,10 +379,11 @@ def user_context() -> dict[str, Any]:
 def optional_clerk() -> Auth | None:
     """The verified session, or None when the request has none (or a bad one): for public pages.
 
-    A database outage (deny list unreadable) also reads as signed out: it must not take public pages down.
+    A database outage (deny list or membership unreadable) also reads as signed out: it must not take public
+    pages down. The active organization is the database's, as :data:`current_clerk` shows it.
     """
     try:
-        return _current_auth()
+        return _standing_auth()
     except (TokenError, AccessDenied, StoreError):  # a locked user browses public pages signed out
         return None
 
@@ -541,17 +557,22 @@ def require_org_role(*roles: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """An active organization with one of ``roles`` (``org:admin`` ...) in the token, confirmed against the
     membership row, so a removal or demotion applies on the next request (403; see
     :meth:`~clerk_sync.auth.authenticator.Authenticator.confirm_org_role`)."""
-    def check() -> None:  # the view's current_auth carries the database's role from here on
-        _cached()["auth"] = _authenticator(clerk_state()).confirm_org_role(_current_auth(), *roles)
+    def check() -> None:  # the view's current_clerk: the database's role (the token's stays the guards')
+        _cached()["standing"] = _authenticator(clerk_state()).confirm_org_role(_current_auth(), *roles)
 
     return _guard(check)
 
 
 def require_permission(permission: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
-    """``permission`` in the active organization, from the token (403; the database keeps no permissions). A
-    system permission (``org:sys_*``), which tokens never carry, is refused here (``ValueError``)."""
+    """``permission`` in the active organization: in the token, and still granted by the membership row (403;
+    see :meth:`~clerk_sync.auth.authenticator.Authenticator.confirm_permission`). A system permission
+    (``org:sys_*``), which tokens never carry, is refused here (``ValueError``)."""
     Authenticator.guardable_permission(permission)
-    return _guard(lambda: Authenticator.require_permission(_current_auth(), permission))
+
+    def check() -> None:
+        _cached()["standing"] = _authenticator(clerk_state()).confirm_permission(_current_auth(), permission)
+
+    return _guard(check)
 
 
 def not_impersonated(view: Callable[P, R]) -> Callable[P, R]:
