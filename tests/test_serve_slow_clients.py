@@ -41,14 +41,17 @@ from tests.conftest import SECRET
 
 class _ShortHead(BoundedHttpTools):
     head_timeout_s = 1.0
+    linger_s = 1.0
 
 
 @contextmanager
-def _serving(app: Any, *, limit_concurrency: int | None = None) -> Iterator[int]:
+def _serving(app: Any, *, limit_concurrency: int | None = None, http: Any = _ShortHead,
+             keep_alive_s: float = 5) -> Iterator[int]:
     """``app`` served by uvicorn (httptools, the bounded protocol with a 1 s head deadline) in a thread."""
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off",
-                                           http=_ShortHead, limit_concurrency=limit_concurrency))
+                                           http=http, limit_concurrency=limit_concurrency,
+                                           timeout_keep_alive=keep_alive_s))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
@@ -256,13 +259,17 @@ def _first_answer(port: int) -> bytes:
 
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_serve_bounds_slow_bodies_large_heads_and_concurrency(tmp_path: Path, workers: str) -> None:
-    """The real ``clerk-sync serve`` (its workers too: the protocol class and the settings reach them)."""
+    """The real ``clerk-sync serve`` (its workers too: the protocol class and the settings reach them). The head
+    limit is a setting (``CLERK_SYNC_MAX_HEAD_BYTES``, here with 2 workers) and an option (``--max-head-bytes``)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CLERK_", "PROMETHEUS_")) and k != "DATABASE_URL"}
     env.update({"DATABASE_URL": f"sqlite:///{tmp_path / 'serve.db'}", "CLERK_WEBHOOK_SIGNING_SECRET": SECRET,
                 "CLERK_SYNC_WEBHOOK_READ_TIMEOUT_S": "1", "CLERK_SYNC_LIMIT_CONCURRENCY": "3"})
+    head_limit = ["--max-head-bytes", "4096"] if workers == "1" else []
+    if workers == "2":
+        env["CLERK_SYNC_MAX_HEAD_BYTES"] = "4096"
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-c", "from clerk_sync.cli import main; main()", "serve", "--port",
-                             str(port), "--workers", workers], env=env, cwd=tmp_path,
+                             str(port), "--workers", workers, *head_limit], env=env, cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=open(tmp_path / "serve.err", "wb"))  # noqa: SIM115
     try:
         wait_for_http(f"http://127.0.0.1:{port}/readyz", timeout=60, proc=proc)
@@ -275,6 +282,11 @@ def test_serve_bounds_slow_bodies_large_heads_and_concurrency(tmp_path: Path, wo
             sock.settimeout(10)
             sock.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n" + b"x-a: " + b"a" * 100_000 + b"\r\n")
             assert sock.recv(65536).startswith(b"HTTP/1.1 431 ")
+        for pad, status in ((3000, b"200"), (5000, b"431")):  # the 4 KiB limit, not the default 64 KiB
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.settimeout(10)
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-a: " + b"a" * pad + b"\r\n\r\n")
+                assert sock.recv(65536).startswith(b"HTTP/1.1 " + status), pad
         if workers == "1":  # (with 2 the kernel picks which worker accepts a connection)
             held = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
             try:
@@ -375,3 +387,107 @@ def test_a_body_still_coming_after_the_answer_closes_the_connection() -> None:
         assert _answers(sock, 1) == [(200, b"/x")]
         took, _ = _send_until_cut(sock, b"x", pause_s=0.2)
     assert took < 3, took
+
+
+# -- review lows: empty lines, paused reading, the lingering close, the limits as settings ------------------------
+def test_empty_lines_between_requests_are_ignored_not_a_head() -> None:
+    """A bare CRLF after a request (RFC 9112 §2.2: a server SHOULD ignore at least one empty line before a
+    request line) armed the head deadline: the idle connection got an unsolicited 408 after it. Now the
+    connection stays idle (closed silently by keep-alive's timer), and a request after empty lines is served."""
+    with _serving(_paths, keep_alive_s=2) as port, socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"\r\n\r\nGET /a HTTP/1.1\r\nhost: x\r\n\r\n")
+        assert _answers(sock, 1) == [(200, b"/a")]
+        sock.sendall(b"\r\n")
+        sock.sendall(b"\r\n\r\nGET /b HTTP/1.1\r\nhost: x\r\n\r\n")
+        assert _answers(sock, 1) == [(200, b"/b")]
+        sock.sendall(b"\r\n\r\n")  # then nothing: idle, not a head begun
+        _, said = _until_closed(sock, within_s=10)
+    assert said == b"", said  # (was: HTTP/1.1 408 Request Timeout, after the 1 s head deadline)
+    with _serving(_paths, keep_alive_s=2) as port, socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"GET /a HTTP/1.1\r\nhost: x\r\n\r\n")
+        assert _answers(sock, 1) == [(200, b"/a")]
+        took, _ = _send_until_cut(sock, b"\r\n", pause_s=0.2)  # empty lines do not hold the connection either
+    assert took < 8, took
+
+
+def _gated(gate: threading.Event) -> Any:
+    """``_paths``, where ``/gate`` answers only once ``gate`` is set."""
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] == "/gate":
+            while not gate.is_set():
+                await asyncio.sleep(0.01)
+        await _paths(scope, receive, send)
+
+    return app
+
+
+def test_a_pipelined_head_is_not_timed_while_reading_waits_for_the_answers_before_it() -> None:
+    """uvicorn stops reading behind a pipelined request until the answer before it is out: the head after it,
+    begun in the same read and sent in full at once, was answered 408 when that answer took longer than the
+    head deadline. Its time counts only while the server reads."""
+    gate = threading.Event()
+    with _serving(_gated(gate)) as port, socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"GET /gate HTTP/1.1\r\nhost: x\r\n\r\nGET /p2 HTTP/1.1\r\nhost: x\r\n\r\n"
+                     b"GET /p3 HTTP/1.1\r\nhost: x\r\n")
+        time.sleep(0.2)
+        sock.sendall(b"\r\n")  # /p3's head, complete: in the socket, not read while /gate's answer is pending
+        time.sleep(3)  # three head deadlines (one-sided: longer only makes the old failure surer)
+        gate.set()
+        assert _answers(sock, 3) == [(200, b"/gate"), (200, b"/p2"), (200, b"/p3")]  # (was: 408 for /p3)
+
+
+async def _large_answer(scope: Any, receive: Any, send: Any) -> None:
+    """8 MiB at once, the request's body not read."""
+    if scope["type"] != "http":
+        return
+    body = b"x" * (8 * 1024 * 1024)
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def test_a_body_still_coming_after_the_answer_is_drained_so_the_client_reads_the_answer() -> None:
+    """A connection closed while its body still came (unread bytes in the server's socket) was reset: the
+    kernel dropped what of the answer it had not sent yet, and the client read a cut answer, then ECONNRESET.
+    Now a lingering close: the answer whole, then the end of the stream, the body read and dropped meanwhile."""
+    with _serving(_large_answer) as port, socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: 100000000\r\n\r\n")
+
+        def upload() -> None:  # 16 MiB of the body, while the answer comes
+            for _ in range(256):
+                try:
+                    sock.sendall(b"b" * 65536)
+                except OSError:
+                    return
+
+        sender = threading.Thread(target=upload, daemon=True)
+        sender.start()
+        time.sleep(0.5)  # (the answer is written meanwhile, not read yet)
+        sock.settimeout(10)
+        got = b""
+        try:
+            while chunk := sock.recv(1 << 20):
+                got += chunk
+        except ConnectionResetError:
+            pass
+        sender.join(10)
+    head_end = got.find(b"\r\n\r\n")
+    assert got.startswith(b"HTTP/1.1 200 ") and len(got) - head_end - 4 == 8 * 1024 * 1024, (got[:100], len(got))
+
+
+def test_the_limits_are_settings(sqlite_url: str) -> None:
+    """``CLERK_SYNC_MAX_HEAD_BYTES`` and ``CLERK_SYNC_HEAD_TIMEOUT_S`` (were class attributes: 64 KiB, 10 s)."""
+    from clerk_sync.cli._serve import bounded_http
+
+    settings = Settings.from_env({"DATABASE_URL": sqlite_url, "CLERK_WEBHOOK_SIGNING_SECRET": SECRET,
+                                  "CLERK_SYNC_MAX_HEAD_BYTES": "2048", "CLERK_SYNC_HEAD_TIMEOUT_S": "0.5"})
+    assert (settings.max_head_bytes, settings.head_timeout_s) == (2048, 0.5)
+    defaults = Settings.from_env({"DATABASE_URL": sqlite_url, "CLERK_WEBHOOK_SIGNING_SECRET": SECRET})
+    assert (defaults.max_head_bytes, defaults.head_timeout_s) == (64 * 1024, 10.0)
+    with _serving(_paths, http=bounded_http(settings.max_head_bytes, settings.head_timeout_s)) as port:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"GET /a HTTP/1.1\r\nhost: x\r\nx-a: " + b"a" * 3000 + b"\r\n\r\n")
+            assert _answers(sock, 1)[0][0] == 431
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"GET /a HTTP/1.1\r\nx-a: a")  # then nothing
+            took, said = _until_closed(sock, within_s=10)
+        assert said.startswith(b"HTTP/1.1 408 ") and took < 5, (took, said)

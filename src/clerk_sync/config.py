@@ -258,6 +258,10 @@ class Settings(BaseSettings):
     # A webhook request's body must be in within this long (408 then; Svix waits 15 s for an attempt, its
     # self-hosted server 30 s): a client sending it slowly, or stalling, cannot hold the memory it sent for ever.
     webhook_read_timeout_s: float = Field(30.0, gt=0, le=3600, validation_alias="CLERK_SYNC_WEBHOOK_READ_TIMEOUT_S")
+    # serve's bound on a request's head (request line and headers; cli/_uvicorn_limits.py): a larger one is answered
+    # 431, one not complete this long after its first byte 408, the connection closed (Svix's heads: under 1 KiB).
+    max_head_bytes: int = Field(64 * 1024, ge=1024, le=1024 * 1024, validation_alias="CLERK_SYNC_MAX_HEAD_BYTES")
+    head_timeout_s: float = Field(10.0, gt=0, le=3600, validation_alias="CLERK_SYNC_HEAD_TIMEOUT_S")
     # Bounded (at least 1 s, at most a day): see _tolerance_problem.
     webhook_tolerance_s: int = Field(300, validation_alias="CLERK_SYNC_WEBHOOK_TOLERANCE_S")
     clerk_secret_key: SecretStr | None = Field(None, validation_alias="CLERK_SECRET_KEY")

@@ -37,7 +37,8 @@ _DEATHS, _DEATHS_WINDOW_S = 3, 60.0  # a worker (slot) that died this often this
 
 
 def serve_workers(host: str, port: int, workers: int, sock: socket.socket, *, json_logs: bool = False,
-                  graceful_timeout_s: int | None = None, limit_concurrency: int | None = None) -> None:
+                  graceful_timeout_s: int | None = None, limit_concurrency: int | None = None,
+                  max_head_bytes: int = 64 * 1024, head_timeout_s: float = 10.0) -> None:
     """uvicorn's multi-worker mode on ``sock`` (bound by ``main._listen``, with IPPROTO_TCP). Exits like
     ``--workers 1`` when the service cannot run: 3 with one line when a worker could not start (uvicorn's
     own supervisor stopped, then returned as from a clean stop: exit 0, review), 1 when workers keep dying
@@ -51,7 +52,8 @@ def serve_workers(host: str, port: int, workers: int, sock: socket.socket, *, js
         os.environ[_JSON_LOGS_ENV] = "1" if json_logs else ""
         config = uvicorn.Config("clerk_sync.cli._serve:_worker_app", factory=True, host=host,
                                 port=port, workers=workers, log_level="warning", access_log=False,
-                                timeout_graceful_shutdown=graceful_timeout_s, http=bounded_http(),
+                                timeout_graceful_shutdown=graceful_timeout_s,
+                                http=bounded_http(max_head_bytes, head_timeout_s),
                                 limit_concurrency=limit_concurrency)  # (each worker's own)
         supervisor = _supervisor(config, sock)
         try:
@@ -67,14 +69,15 @@ def serve_workers(host: str, port: int, workers: int, sock: socket.socket, *, js
             raise SystemExit(code)
 
 
-def bounded_http() -> Any:
-    """uvicorn's ``http=`` for ``serve``: httptools with a bound on each request's head (:mod:`._uvicorn_limits`),
-    or, without httptools, uvicorn's h11, whose own limit on an incomplete head (16 KiB) applies."""
+def bounded_http(max_head_bytes: int, head_timeout_s: float) -> Any:
+    """uvicorn's ``http=`` for ``serve``: httptools with a bound on each request's head (:mod:`._uvicorn_limits`:
+    ``CLERK_SYNC_MAX_HEAD_BYTES``, ``CLERK_SYNC_HEAD_TIMEOUT_S``), or, without httptools, uvicorn's h11, whose own
+    limit on an incomplete head (16 KiB) applies."""
     try:
-        from clerk_sync.cli._uvicorn_limits import BoundedHttpTools
+        from clerk_sync.cli._uvicorn_limits import bounded_httptools
     except ImportError:
         return "auto"
-    return BoundedHttpTools
+    return bounded_httptools(max_head_bytes, head_timeout_s)
 
 
 def _supervisor(config: Any, sock: socket.socket) -> Any:

@@ -129,6 +129,16 @@ def serve(
              "requests 503 (Svix retries): N - 1 connections at most, so at least 2. Bounds memory: each may hold "
              "up to CLERK_SYNC_MAX_BODY_BYTES of body.",
     )] = 1000,
+    max_head_bytes: Annotated[int | None, typer.Option(
+        "--max-head-bytes", min=1024, max=1024 * 1024, show_default=False,
+        help="A request's head (request line and headers) larger than this is answered 431 and its connection "
+             "closed. Default: CLERK_SYNC_MAX_HEAD_BYTES, 65536.",
+    )] = None,
+    head_timeout: Annotated[float | None, typer.Option(
+        "--head-timeout", min=0.001, max=3600, show_default=False,
+        help="Seconds a request's head may take from its first byte (reading paused behind a pipelined answer "
+             "not counted): past it 408 and the connection closed. Default: CLERK_SYNC_HEAD_TIMEOUT_S, 10.",
+    )] = None,
 ) -> None:
     """Run the webhook sync service: POST /webhooks/clerk, /healthz, /readyz, /metrics."""
     # One worker with PROMETHEUS_MULTIPROC_DIR set (prometheus_client is then in multiprocess mode) takes a
@@ -136,16 +146,21 @@ def serve(
     if workers > 1 or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         with shared_metrics():
             _serve(host, port, workers, json_logs, hooks, mapping, migrate_first, dispatch, graceful_timeout,
-                   limit_concurrency)
+                   limit_concurrency, (max_head_bytes, head_timeout))
         return
-    _serve(host, port, workers, json_logs, hooks, mapping, migrate_first, dispatch, graceful_timeout, limit_concurrency)
+    _serve(host, port, workers, json_logs, hooks, mapping, migrate_first, dispatch, graceful_timeout, limit_concurrency,
+           (max_head_bytes, head_timeout))
 
 
 def _serve(host: str, port: int, workers: int, json_logs: bool, hooks: str | None, mapping: str | None,
-           migrate_first: bool, dispatch: bool, graceful_timeout_s: int, limit_concurrency: int) -> None:
+           migrate_first: bool, dispatch: bool, graceful_timeout_s: int, limit_concurrency: int,
+           head_limits: tuple[int | None, float | None] = (None, None)) -> None:
     from clerk_sync.integrations.starlette import build_processor
 
     settings = _settings()
+    max_head_bytes, head_timeout_s = head_limits  # (the options, else the settings)
+    settings = settings.model_copy(update={"max_head_bytes": max_head_bytes or settings.max_head_bytes,
+                                           "head_timeout_s": head_timeout_s or settings.head_timeout_s})
     configure_logging(settings.log_level, json=json_logs)
     if (hooks or mapping) and workers > 1:
         raise ConfigError("--hooks/--mapping run in one process: use --workers 1 (and `clerk-sync worker` beside it)")
@@ -165,7 +180,8 @@ def _serve(host: str, port: int, workers: int, json_logs: bool, hooks: str | Non
         with _listen(host, port) as sock:
             _announce(settings, host, sock)
             serve_workers(host, port, workers, sock, json_logs=json_logs, graceful_timeout_s=graceful_timeout_s,
-                          limit_concurrency=limit_concurrency)
+                          limit_concurrency=limit_concurrency, max_head_bytes=settings.max_head_bytes,
+                          head_timeout_s=settings.head_timeout_s)
     else:
         _serve_one(settings, processor, host, port, migrate_first=migrate_first, dispatch=dispatch,
                    graceful_timeout_s=graceful_timeout_s, limit_concurrency=limit_concurrency)
@@ -228,7 +244,8 @@ def _serve_one(settings: Settings, processor: WebhookProcessor, host: str, port:
                 _exit_after(graceful_timeout_s + _EXIT_MARGIN_S, 128 + sig)
 
     server = Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                                   timeout_graceful_shutdown=graceful_timeout_s, http=bounded_http(),
+                                   timeout_graceful_shutdown=graceful_timeout_s,
+                                   http=bounded_http(settings.max_head_bytes, settings.head_timeout_s),
                                    limit_concurrency=limit_concurrency))
     with _listen(host, port) as sock, sigterm_unwinds():
         _announce(settings, host, sock)
