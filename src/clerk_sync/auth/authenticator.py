@@ -466,7 +466,7 @@ class Authenticator:
         indexed query when the token passes): async callers run it in a worker thread."""
         self.require_permission(auth, permission)
         standing = self.standing_org_role(auth)
-        if standing.org_role is None:
+        if standing.org_id is None:  # (the token named one: it carries the permission)
             raise AccessDenied(f"no longer a member of organization {auth.org_id} (the membership was deleted "
                                "since the session token was issued)")
         if permission not in standing.org_permissions:
