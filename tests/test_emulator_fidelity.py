@@ -14,11 +14,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import jwt
 import pytest
 import yaml
 
+from clerk_sync.auth.claims import auth_from_claims
 from clerk_sync.clerk_api import API_VERSION, ClerkClient
 from clerk_sync.emulator import EmulatorConfig
+from clerk_sync.emulator.config import DEFAULT_ROLE_PERMISSIONS
 from clerk_sync.emulator.delivery import OVERLOAD_PENALTY_S, SECRET_ROTATION_GRACE_S
 from clerk_sync.emulator.endpoints import API_VERSIONS
 from clerk_sync.errors import WebhookVerificationError
@@ -215,3 +218,31 @@ def test_svix_ids_do_not_repeat_the_records_ids(receiver: Receiver) -> None:
         suffixes |= {e["id"].partition("_")[2] for u in users for e in u["email_addresses"]}
         assert not {i.partition("_")[2] for i in receiver.ids()} & suffixes
         assert [json.loads(r.body)["data"]["id"] for r in receiver.received] == [u["id"] for u in users]
+
+
+# -- D9: an instance still on v1 session tokens ------------------------------------------------------------
+
+
+def test_a_v1_instance_mints_v1_claims_and_clerk_sync_reads_them() -> None:
+    """Clerk's docs, session tokens, version 1 tab (FACTS §5.2): no ``v``/``sts``/``jti``/``o``/``fea``; the active
+    organization in top-level ``org_id``, ``org_slug``, ``org_role`` (prefixed) and ``org_permissions`` (custom
+    permissions only). v1 is deprecated, not gone: an instance keeps it until updated in the Dashboard."""
+    admin = (*DEFAULT_ROLE_PERMISSIONS["org:admin"], "org:invoices:read", "org:invoices:create")
+    with EmulatorServer(seed=4, session_token_version=1,
+                        role_permissions={**DEFAULT_ROLE_PERMISSIONS, "org:admin": admin}) as clerk:
+        user = clerk.create_user("v1@example.com")
+        org = clerk.create_organization("Acme", created_by=user["id"])  # its creator is its admin
+        token = clerk.mint_session_token(user["id"], org_id=org["id"])
+        claims = jwt.decode(token, clerk.emulator.keys.public_key_pem(), algorithms=["RS256"],
+                            options={"verify_aud": False})
+        assert set(claims) == {"azp", "exp", "iat", "iss", "nbf", "sid", "sub", "fva", "org_id", "org_slug",
+                               "org_role", "org_permissions"}
+        assert (claims["org_id"], claims["org_slug"], claims["org_role"]) == (org["id"], org["slug"], "org:admin")
+        assert claims["org_permissions"] == ["org:invoices:read", "org:invoices:create"]
+        auth = auth_from_claims(claims)
+        assert (auth.version, auth.status, auth.org_id, auth.org_role) == (1, "active", org["id"], "org:admin")
+        assert auth.org_permissions == ("org:invoices:read", "org:invoices:create")
+        without_org = jwt.decode(clerk.mint_session_token(user["id"]), options={"verify_signature": False})
+        assert not {"org_id", "o", "v", "sts"} & set(without_org)
+    with pytest.raises(ValueError, match="session_token_version"):
+        EmulatorConfig(session_token_version=3)

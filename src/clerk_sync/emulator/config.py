@@ -137,6 +137,9 @@ class EmulatorConfig:
     frontend_url: str | None = None
     authorized_party: str | None = "http://localhost:3000"
     session_token_lifetime_s: int = 60
+    # The instance's session token claims: 2 (Clerk's default since 2025-04-14: ``v``, ``sts``, ``o``/``fea``) or 1
+    # (instances not yet updated in the Dashboard: top-level ``org_id``/``org_slug``/``org_role``/``org_permissions``).
+    session_token_version: int = 2
     session_token_template: Mapping[str, Any] | None = None
     jwt_templates: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     role_permissions: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_ROLE_PERMISSIONS))
@@ -171,6 +174,9 @@ class EmulatorConfig:
                 isinstance(self.delivery_concurrency, int) and self.delivery_concurrency >= 1):
             raise ValueError(f"delivery_concurrency must be an integer of at least 1 (webhook deliveries in flight "
                              f"at once), got {self.delivery_concurrency!r}")
+        if self.session_token_version not in (1, 2) or isinstance(self.session_token_version, bool):
+            raise ValueError(f"session_token_version must be 1 or 2 (Clerk's session token claims), got "
+                             f"{self.session_token_version!r}")
         if not 0 <= self.retry_jitter < 1:  # NaN too
             raise ValueError(f"retry_jitter must be at least 0 and below 1 (Svix's is 0.2), got {self.retry_jitter!r}")
         if not self.time_scale > 0:  # NaN too; 0 would divide the retry delays by zero

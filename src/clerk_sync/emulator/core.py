@@ -221,6 +221,7 @@ class Emulator:
             actor=session.actor,
             pending=session.status == "pending",
             template=self.session_token_template,
+            version=self.config.session_token_version,
         )
 
     def mint_session_token(

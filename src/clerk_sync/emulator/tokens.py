@@ -1,4 +1,4 @@
-"""Signing keys, JWKS and Clerk session tokens (v2 claims).
+"""Signing keys, JWKS and Clerk session tokens (v2 claims, or v1's for an instance configured so).
 
 Tokens are RS256 JWTs signed with a 2048-bit RSA key whose ``kid`` is published in the
 JWKS.  Rotation adds a new current key and keeps retired keys in the JWKS for a grace
@@ -187,6 +187,7 @@ class SessionClaimsInput:
     actor: JSON | None = None
     pending: bool = False
     template: Mapping[str, Any] | None = None
+    version: int = 2  # the instance's session token claims version (1 or 2)
 
 
 def template_context(user: JSON, org: JSON | None, role: str | None, actor: JSON | None) -> JSON:
@@ -204,8 +205,19 @@ def template_context(user: JSON, org: JSON | None, role: str | None, actor: JSON
     return {"user": user_ctx, "org": org_ctx, "session": {"actor": actor}}
 
 
+def _v1_org_claims(data: SessionClaimsInput) -> JSON:
+    """v1's organization claims (Clerk docs, session tokens, version 1 tab): the role with its ``org:`` prefix,
+    and the custom permissions only (system ``org:sys_*`` ones never reach session claims)."""
+    if data.org is None or data.membership_role is None:
+        return {}
+    custom = [p for p in data.permissions if len(p.split(":")) == 3 and not p.split(":")[1].startswith("sys_")]
+    return {"org_id": data.org["id"], "org_slug": data.org["slug"], "org_role": data.membership_role,
+            "org_permissions": custom}
+
+
 def session_claims(data: SessionClaimsInput, now: int) -> JSON:
-    """Claims of a v2 session token minted at ``now`` (unix seconds)."""
+    """Claims of a session token minted at ``now`` (unix seconds): v2's, or v1's when ``data.version`` is 1
+    (no ``v``, ``sts``, ``jti``, ``o`` or ``fea``; the organization in top-level ``org_*`` claims)."""
     claims: JSON = {}
     if data.template:
         context = template_context(data.user, data.org, data.membership_role, data.actor)
@@ -225,6 +237,13 @@ def session_claims(data: SessionClaimsInput, now: int) -> JSON:
     )
     if data.authorized_party:
         claims["azp"] = data.authorized_party
+    if data.version == 1:
+        for v2_only in ("jti", "v"):
+            del claims[v2_only]
+        claims.update(_v1_org_claims(data))
+        if data.actor:
+            claims["act"] = dict(data.actor)
+        return claims
     if data.org is not None and data.membership_role is not None:
         claims["o"], features = org_claims(data.org["id"], data.org["slug"], data.membership_role, data.permissions)
         if features:
