@@ -11,6 +11,7 @@ import json
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,14 +19,19 @@ import jwt
 import pytest
 import yaml
 
+from clerk_sync import migrations
 from clerk_sync.auth.claims import auth_from_claims
+from clerk_sync.auth.users import read_user
 from clerk_sync.clerk_api import API_VERSION, ClerkClient
+from clerk_sync.config import Settings
 from clerk_sync.emulator import EmulatorConfig
 from clerk_sync.emulator.config import DEFAULT_ROLE_PERMISSIONS
 from clerk_sync.emulator.delivery import OVERLOAD_PENALTY_S, SECRET_ROTATION_GRACE_S
 from clerk_sync.emulator.endpoints import API_VERSIONS
 from clerk_sync.errors import WebhookVerificationError
-from clerk_sync.testing import EmulatorServer
+from clerk_sync.integrations.starlette import build_processor, create_app
+from clerk_sync.store import create_engine
+from clerk_sync.testing import EmulatorServer, serve_app
 from clerk_sync.webhooks import WebhookVerifier
 from tests.emulator.support import BAPI_SPEC, Receiver, SpecValidator, served_receiver
 
@@ -246,3 +252,28 @@ def test_a_v1_instance_mints_v1_claims_and_clerk_sync_reads_them() -> None:
         assert not {"org_id", "o", "v", "sts"} & set(without_org)
     with pytest.raises(ValueError, match="session_token_version"):
         EmulatorConfig(session_token_version=3)
+
+
+def test_clerk_sync_s_service_on_the_old_secret_takes_deliveries_through_a_rotation(tmp_path: Path) -> None:
+    """End to end, D1: the service configured with the secret from before the rotation keeps storing deliveries
+    whose ``svix-signature`` carries the new secret's signature first and its own second."""
+    url = f"sqlite:///{tmp_path / 'clerk_sync.db'}"
+    engine = create_engine(url)
+    migrations.upgrade(engine)
+    engine.dispose()
+    with EmulatorServer(seed=1, time_scale=1000.0) as clerk:
+        old = clerk.emulator.webhook_secret
+        settings = Settings.from_env({"DATABASE_URL": url, "CLERK_WEBHOOK_SIGNING_SECRET": old,
+                                      "CLERK_SYNC_PRUNE_INTERVAL_S": "0"})
+        processor = build_processor(settings)
+        try:
+            with serve_app(create_app(settings, processor)) as app_url:
+                clerk.set_webhook_url(f"{app_url}/webhooks/clerk")
+                clerk.emulator.rotate_webhook_secret()
+                user = clerk.create_user("rotated@example.com")
+                clerk.wait_for_deliveries()
+                log = clerk.deliveries()
+                assert [(m["status"], len(m["attempts"])) for m in log] == [("succeeded", 1)]
+                assert read_user(processor.store, user["id"]) is not None
+        finally:
+            processor.store.dispose()
