@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+import pytest
 from fastapi import Depends, FastAPI
 from flask import Flask
 from starlette.applications import Starlette
@@ -47,9 +48,9 @@ ROLE_PERMISSIONS = {"org:admin": (*DEFAULT_ROLE_PERMISSIONS["org:admin"], READ, 
 Get = Callable[[str, str], Any]  # (path, token) -> a response with .status_code and .json()
 
 
-def emulator(port: int) -> EmulatorServer:
+def emulator(port: int, *, token_version: int = 2) -> EmulatorServer:
     return EmulatorServer(webhook_url=f"http://127.0.0.1:{port}/webhooks/clerk", rate_limit_requests=1000,
-                          role_permissions=ROLE_PERMISSIONS)
+                          role_permissions=ROLE_PERMISSIONS, session_token_version=token_version)
 
 
 def seen(auth: Auth) -> dict[str, Any]:
@@ -123,9 +124,11 @@ def fastapi_app(settings: Settings) -> tuple[FastAPI, Callable[[], None]]:
     return app, processor.store.dispose
 
 
-def test_fastapi_shows_and_guards_on_the_standing_membership(db_url: str) -> None:
+@pytest.mark.parametrize("token_version", [2, 1], ids=["v2-tokens", "v1-tokens"])
+def test_fastapi_shows_and_guards_on_the_standing_membership(db_url: str, token_version: int) -> None:
+    """(v1 tokens too: their top-level ``org_permissions``, as an instance not yet on v2 issues them.)"""
     port = free_port()
-    with emulator(port) as clerk:
+    with emulator(port, token_version=token_version) as clerk:
         app, dispose = fastapi_app(Settings.from_env(emulator_env(clerk, db_url)))
         try:
             with running(app, port=port) as url, httpx.Client(base_url=url, timeout=30) as http:
