@@ -89,6 +89,8 @@ def store_error(exc: sa.exc.SQLAlchemyError) -> StoreError:
         return StoreError(message + "; the schema is not current: run clerk-sync's migrations on this database "
                           "(`clerk-sync migrate` with the same DATABASE_URL; in Django `manage.py clerk_sync "
                           f"migrate`, in Flask `flask clerk-sync migrate`){mapped}")
+    if _behind_pooler(orig, first_line):
+        return StoreError(f"{message}; {_POOLER_ADVICE}")
     if isinstance(exc, sa.exc.DataError):  # a value refused for good: retrying cannot help
         return StoreDataError(message)
     if str(getattr(orig, "sqlstate", None) or "").startswith("54"):
@@ -101,6 +103,18 @@ def store_error(exc: sa.exc.SQLAlchemyError) -> StoreError:
         # refusal: the same values would be refused on every retry, so stored failed rather than 503.
         return StoreDataError(message + _CHECK_MAPPING)
     return StoreError(message)
+
+
+# PgBouncer in transaction mode: it refuses libpq's `options` (clerk-sync's timeouts), and psycopg's prepared
+# statements (_pg3_N) are missing or already there on the next server connection (before PgBouncer 1.21).
+_POOLER_ADVICE = ("DATABASE_URL leads to a connection pooler in transaction mode (PgBouncer): set "
+                  "CLERK_SYNC_DB_TRANSACTION_POOLER=1, and clerk-sync's timeouts on its role (RUNBOOK, PgBouncer)")
+
+
+def _behind_pooler(orig: object, first_line: str) -> bool:
+    sqlstate = getattr(orig, "sqlstate", None)
+    return ("unsupported startup parameter" in first_line
+            or (sqlstate in ("42P05", "26000") and '"_pg3_' in first_line))
 
 
 # SQLite's errors about the file rather than a statement (sqlite3_errstr's texts, which sqlite3 raises as the

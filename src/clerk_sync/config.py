@@ -326,6 +326,9 @@ class Settings(BaseSettings):
     db_keepalive_s: float = Field(10.0, ge=0, le=_MAX_KEEPALIVE_S, validation_alias="CLERK_SYNC_DB_KEEPALIVE_S")
     db_connect_timeout_s: float = Field(
         5.0, ge=0, le=_MAX_DB_WAIT_S, validation_alias="CLERK_SYNC_DB_CONNECT_TIMEOUT_S")
+    # PostgreSQL behind a pooler in transaction mode (PgBouncer pool_mode=transaction): no prepared statements,
+    # no startup options (the timeouts are then the role's); see store._pooled_postgres.
+    db_transaction_pooler: bool = Field(False, validation_alias="CLERK_SYNC_DB_TRANSACTION_POOLER")
     # Each process's connection pool on PostgreSQL and MySQL/MariaDB (SQLite: SQLAlchemy's own): the connections
     # it keeps, and how many more a burst may open (closed when returned). A budget to fit max_connections or a
     # pooler's size across replicas and workers (RUNBOOK, "Running on Kubernetes").

@@ -2111,6 +2111,9 @@ def build_unique_indexes_concurrently(engine: sa.Engine, mapping: SchemaMapping,
     for the other, then raises naming the session that holds the turn."""
     done: list[str] = []
     with engine.connect() as conn:
+        if conn.connection.info.get("clerk_sync_transaction_pooler"):  # (store.TRANSACTION_POOLER_INFO)
+            _refuse_through_pooler(conn, mapping)
+            return done
         conn.execution_options(isolation_level="AUTOCOMMIT")
         conn.detach()  # its session settings end with it: never back in the pool
         conn.exec_driver_sql("SET statement_timeout = 0")
@@ -2128,6 +2131,19 @@ def build_unique_indexes_concurrently(engine: sa.Engine, mapping: SchemaMapping,
         for mapped in mapping.tables.values():
             done += _build_unique_index(conn, mapped)
     return done
+
+
+def _refuse_through_pooler(conn: Connection, mapping: SchemaMapping) -> None:
+    """Through a pooler in transaction mode the build cannot run: its session lock (the replicas' turn) and
+    its ``SET`` would stay on a pooled server connection and its statements run on others (a lock left held
+    there stalled every later migrate), and a transaction-scoped turn holds a snapshot the build waits for."""
+    inspector = sa.inspect(conn)
+    missing = [m.table for m in mapping.tables.values() if (m.clerk_id_column,) not in _unique_sets(inspector, m.table)]
+    if missing:
+        raise ConfigError(f"the unique index on the Clerk-id column of {', '.join(missing)} is built CONCURRENTLY, "
+                          "which needs one database session: run `clerk-sync migrate --mapping` once with "
+                          "DATABASE_URL pointing at PostgreSQL itself (not PgBouncer in transaction mode) and "
+                          "without CLERK_SYNC_DB_TRANSACTION_POOLER")
 
 
 def _index_lock_holder(conn: Connection) -> str:

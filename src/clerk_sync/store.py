@@ -82,10 +82,13 @@ def dialect_family(dialect: sa.Dialect) -> str:
     return "mysql" if dialect.name in ("mysql", "mariadb") else dialect.name
 
 
-def create_engine(url: str, *, timeouts: DatabaseTimeouts | None = None, **kwargs: Any) -> Engine:
+def create_engine(url: str, *, timeouts: DatabaseTimeouts | None = None, transaction_pooler: bool = False,
+                  **kwargs: Any) -> Engine:
     """An engine with the settings clerk-sync relies on (SQLite: WAL, busy timeout, BEGIN IMMEDIATE;
     PostgreSQL and MySQL/MariaDB: every wait bounded by ``timeouts``, see
-    :class:`~clerk_sync.config.DatabaseTimeouts`; MySQL/MariaDB: utf8mb4, strict mode, UTC, READ COMMITTED)."""
+    :class:`~clerk_sync.config.DatabaseTimeouts`; MySQL/MariaDB: utf8mb4, strict mode, UTC, READ COMMITTED).
+    ``transaction_pooler``: PostgreSQL behind a pooler in transaction mode (``CLERK_SYNC_DB_TRANSACTION_POOLER``,
+    see :func:`_pooled_postgres`)."""
     kwargs.setdefault("hide_parameters", True)  # bound values (emails, metadata) stay out of errors
     if url.startswith("sqlite"):
         _check_sqlite_directory(url)
@@ -97,11 +100,59 @@ def create_engine(url: str, *, timeouts: DatabaseTimeouts | None = None, **kwarg
     kwargs.setdefault("pool_pre_ping", False)
     kwargs.setdefault("pool_size", 20)
     kwargs.setdefault("max_overflow", 20)
+    if url.startswith("postgresql") and transaction_pooler:
+        return _pooled_postgres(url, timeouts or DatabaseTimeouts(), kwargs)
     if url.startswith("postgresql"):
         kwargs["connect_args"] = _postgres_bounds(url, timeouts or DatabaseTimeouts()) | kwargs.get("connect_args", {})
     if url.startswith(("mysql", "mariadb")):
         return _mysql_engine(url, timeouts or DatabaseTimeouts(), kwargs)
     return sa.create_engine(url, **kwargs)
+
+
+#: ``Connection.connection.info`` key set on a transaction-pooled engine's connections (read by ``mapping``).
+TRANSACTION_POOLER_INFO = "clerk_sync_transaction_pooler"
+
+
+def _pooled_postgres(url: str, t: DatabaseTimeouts, kwargs: dict[str, Any]) -> Engine:
+    """PostgreSQL through a pooler in transaction mode (PgBouncer ``pool_mode=transaction``), where each
+    transaction may run on another server connection: psycopg prepares no statements (a statement prepared
+    on one server connection is missing on the next, or already there under the same name, before PgBouncer
+    1.21's ``max_prepared_statements``), and no ``options`` startup parameter (PgBouncer refuses it), so the
+    timeouts are the role's (``ALTER ROLE ... SET``, which every server connection the pooler opens takes);
+    a connection that finds them unset says so once. Not the default: a direct connection keeps its
+    prepared statements (fewer parse and plan rounds on the webhook path)."""
+    args = _postgres_bounds(url, DatabaseTimeouts(lock_s=0, statement_s=0, idle_in_transaction_s=0, keepalive_s=0,
+                                                  connect_s=t.connect_s))
+    if not args["options"]:
+        del args["options"]  # (the URL's own ?options= is left: the pooler may accept what it names)
+    if t.keepalive_s > 0:  # client side only: the server's keepalives face the pooler, not us
+        args |= {"keepalives": 1, "keepalives_idle": max(1, int(t.keepalive_s)), "keepalives_interval": 2,
+                 "keepalives_count": 3}
+    if sa.engine.make_url(url).get_driver_name() == "psycopg":
+        args["prepare_threshold"] = None
+    kwargs["connect_args"] = args | kwargs.get("connect_args", {})
+    engine = sa.create_engine(url, **kwargs)
+    wanted = {"lock_timeout": t.lock_s, "statement_timeout": t.statement_s,
+              "idle_in_transaction_session_timeout": t.idle_in_transaction_s}
+    checked = threading.Event()  # the role's settings are checked on the engine's first connection only
+
+    @sa_event.listens_for(engine, "connect")
+    def _check_bounds(dbapi_conn: Any, record: Any) -> None:
+        record.info[TRANSACTION_POOLER_INFO] = True
+        if checked.is_set():
+            return
+        checked.set()
+        cur = dbapi_conn.cursor()
+        cur.execute("SELECT name FROM pg_settings WHERE setting = '0' AND name = ANY(%s)",
+                    ([n for n, s in wanted.items() if s > 0],))
+        unbounded = sorted(row[0] for row in cur.fetchall())
+        cur.close()
+        dbapi_conn.rollback()  # (the check's transaction: the pooler's server connection goes back)
+        if unbounded:
+            log.warning("db_role_unbounded", unbounded=unbounded, fix="; ".join(
+                f"ALTER ROLE <clerk-sync's role> SET {n} = '{int(wanted[n] * 1000)}ms'" for n in unbounded),
+                reason="CLERK_SYNC_DB_TRANSACTION_POOLER sends no startup options: the timeouts are the role's")
+    return engine
 
 
 def _check_sqlite_directory(url: str) -> None:
@@ -1283,6 +1334,7 @@ class Store:
             threading.RLock() if engine.dialect.name == "sqlite" else nullcontext()
         )
         self.dialect = dialect_family(engine.dialect)  # "postgresql", "sqlite" or "mysql"
+        self._reflected = False  # the mapped tables, before the first transaction (see _reflect_mapped)
 
     def now(self) -> datetime:
         """The store's clock (injected in tests): what its writes stamp, and what "due" means for hook jobs."""
@@ -1301,13 +1353,16 @@ class Store:
         url = settings.sqlalchemy_url()
         pool: dict[str, int] = {} if url.startswith("sqlite") else {
             "pool_size": settings.db_pool_size, "max_overflow": settings.db_max_overflow}
-        return cls.from_url(url, timeouts=settings.database_timeouts(), hooks=hooks, mapping=mapping, **pool)
+        return cls.from_url(url, timeouts=settings.database_timeouts(), hooks=hooks, mapping=mapping,
+                            transaction_pooler=settings.db_transaction_pooler, **pool)
 
     @contextmanager
     def transaction(self, *, unmapped: str | None = None) -> Iterator[Writer]:
         """One unit of work: commit on success, roll back on any error; DB errors become StoreError.
         ``unmapped``: why the app's mapped tables are left out of it (see :meth:`run`)."""
         written: Writer | None = None  # the unit of work, once it is only to be committed
+        if not self._reflected:
+            self._reflect_mapped()
         try:
             with self._writers, self.engine.begin() as conn:
                 writer = Writer(conn, self._now(), hooks=self.hooks, mapping=self.mapping, unmapped=unmapped)
@@ -1322,6 +1377,19 @@ class Store:
             raise store_error(exc) from exc
         if written is not None and written.outbox is not None:
             written.outbox.committed()  # (after the COMMIT: what it counts is written)
+
+    def _reflect_mapped(self) -> None:
+        """Reflect the app's mapped tables before the first transaction: a writer's pipelined path would do it
+        mid-transaction on a second connection, and through PgBouncer (transaction mode) each open transaction
+        holds a server connection: with as many writers as the pool has, all waited for ever for one more."""
+        if self.mapping is not None and self.dialect == "postgresql":
+            try:
+                with self.engine.connect() as conn:  # (it runs nothing itself: holds no server connection)
+                    for entity in self.mapping.tables:
+                        self.mapping.pipelines(conn, entity)
+            except sa.exc.SQLAlchemyError as exc:
+                raise store_error(exc) from exc
+        self._reflected = True
 
     def _deferred_refusal(self, exc: sa.exc.SQLAlchemyError) -> bool:
         """SQLite with a mapping: a COMMIT a foreign key refused. Ours are checked at each statement, so it is
