@@ -31,6 +31,9 @@ pytestmark = pytest.mark.postgres
 _PGBOUNCER = shutil.which("pgbouncer") or next(
     (p for p in ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer") if os.access(p, os.X_OK)), None)
 _APP = "tests._pgbouncer_app"
+# Advisory locks held in this test's database (pg_locks is the cluster's: other tests' deliveries take them)
+_ADVISORY_HERE = sa.text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND database = "
+                         "(SELECT oid FROM pg_database WHERE datname = current_database())")
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +147,7 @@ def test_serve_hooks_and_migrate_through_transaction_pooling(database: tuple[str
             assert conn.execute(sa.text("SELECT count(*) FROM accounts WHERE clerk_user_id IS NOT NULL")).scalar_one() == 150
             assert conn.execute(sa.text("SELECT count(*) FROM pgb_hook_calls")).scalar_one() >= 150  # (one key per user state)
             assert conn.execute(sa.text("SELECT count(*) FROM webhook_events WHERE status = 'failed'")).scalar_one() == 0
-            assert conn.execute(sa.text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")).scalar_one() == 0
+            assert conn.execute(_ADVISORY_HERE).scalar_one() == 0
     finally:
         for _, proc in servers:
             proc.terminate()
@@ -181,10 +184,11 @@ def test_mapped_index_build_refused_through_the_pooler(database: tuple[str, str]
             migrate_schema(conn, mapping(), unique_indexes=False)
         with pytest.raises(ConfigError, match="DATABASE_URL pointing at PostgreSQL itself"):
             build_unique_indexes_concurrently(engine, mapping(), wait_s=1)
-        assert build_unique_indexes_concurrently(create_engine(direct), mapping()) == ["created unique index "
-                                                                                       "uq_accounts_clerk_user_id"]
+        once = create_engine(direct)
+        assert build_unique_indexes_concurrently(once, mapping()) == ["created unique index uq_accounts_clerk_user_id"]
+        once.dispose()
         assert build_unique_indexes_concurrently(engine, mapping(), wait_s=1) == []
         with engine.connect() as conn:
-            assert conn.execute(sa.text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")).scalar_one() == 0
+            assert conn.execute(_ADVISORY_HERE).scalar_one() == 0
     finally:
         engine.dispose()
