@@ -17,6 +17,36 @@
     });
   });
 
+  // The skip link: focus into the page's content, on this very page (its href drops the query, so a filtered
+  // list would be reloaded unfiltered).
+  var skip = document.querySelector("a.skip");
+  var target = document.getElementById("main");
+  if (skip && target) {
+    skip.addEventListener("click", function (event) {
+      event.preventDefault();
+      target.focus();
+      target.scrollIntoView();
+    });
+  }
+
+  // A table wider than the window scrolls in its own box (the page does not, down to 320 px): a keyboard can
+  // scroll it only if it takes focus, so a box that overflows is a named, focusable region; one that fits is
+  // no tab stop.
+  function scrollers() {
+    document.querySelectorAll(".table-scroll").forEach(function (box) {
+      var caption = box.querySelector("caption");
+      if (box.scrollWidth > box.clientWidth) {
+        box.setAttribute("tabindex", "0");
+        box.setAttribute("role", "region");
+        box.setAttribute("aria-label", caption ? caption.textContent : "table");
+      } else {
+        ["tabindex", "role", "aria-label"].forEach(function (name) { box.removeAttribute(name); });
+      }
+    });
+  }
+  scrollers();
+  window.addEventListener("resize", scrollers);
+
   // The drift page polls its run's status.
   var box = document.querySelector("[data-poll]");
   if (!box) return;
