@@ -114,10 +114,11 @@ def test_rotating_to_a_given_secret_and_refusing_an_unusable_one(receiver: Recei
         (503, "8", 8.0),  # ... lengthens it, within twice the scheduled delay
         (503, "3600", 10.0),  # ... at most twice
         (503, "Tue, 14 Nov 2023 22:13:27 GMT", 7.0),  # an HTTP date (NOW + 7 s)
+        (503, "\u00b2", 5.0),  # not a number ("²".isdigit() is true): as if absent, not a crash of the attempt
         (429, None, OVERLOAD_PENALTY_S),  # a 429 waits at least Svix's overload penalty
         (429, "3600", 2 * OVERLOAD_PENALTY_S),
     ],
-    ids=["plain", "shorter", "longer", "capped", "http-date", "429", "429-retry-after"],
+    ids=["plain", "shorter", "longer", "capped", "http-date", "superscript", "429", "429-retry-after"],
 )
 def test_the_next_attempt_honours_retry_after_and_the_overload_penalty(
     receiver: Receiver, status: int, retry_after: str | None, delay: float

@@ -76,7 +76,7 @@ def _retry_after_s(value: str | None, now: float) -> float | None:
     if not value or not value.strip():
         return None
     text = value.strip()
-    if text.isdigit():
+    if text.isascii() and text.isdigit():  # ("²".isdigit() too, which float() refuses)
         return float(text)
     try:
         return max(parsedate_to_datetime(text).timestamp() - now, 0.0)
