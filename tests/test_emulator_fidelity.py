@@ -92,6 +92,7 @@ def test_rotating_to_a_given_secret_and_refusing_an_unusable_one(receiver: Recei
         chosen = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # vector 1 of webhook-signature-vectors.json
         answer = clerk.request("POST", "/_emulator/webhook/rotate_secret", json={"secret": chosen, "grace_s": 0})
         assert answer == {"secret": chosen}
+        assert clerk.webhook_secret == chosen  # what a test hands its receiver: the secret that signs now
         clerk.create_user("given@example.com")
         clerk.wait_for_deliveries()
         item = receiver.received[-1]

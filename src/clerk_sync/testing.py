@@ -149,7 +149,8 @@ class EmulatorServer:
 
     @property
     def webhook_secret(self) -> str:
-        return self.config.effective_webhook_secret
+        """The secret deliveries are signed with now (the newest after a rotation)."""
+        return self.emulator.webhook_secret
 
     @property
     def api_url(self) -> str:
