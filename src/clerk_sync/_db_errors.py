@@ -14,8 +14,8 @@ from sqlalchemy.engine import Connection
 
 from clerk_sync.errors import StoreDataError, StoreError, database_message
 
-__all__ = ["driver_cursor", "foreign_key_of", "is_foreign_key_violation", "is_row_referenced", "is_schema_behind",
-           "sqlite_file_advice", "store_error"]
+__all__ = ["driver_cursor", "foreign_key_of", "is_foreign_key_violation", "is_pooler_misconfigured",
+           "is_row_referenced", "is_schema_behind", "sqlite_file_advice", "store_error"]
 
 @contextmanager
 def driver_cursor(conn: Connection, what: str) -> Iterator[Any]:
@@ -89,7 +89,7 @@ def store_error(exc: sa.exc.SQLAlchemyError) -> StoreError:
         return StoreError(message + "; the schema is not current: run clerk-sync's migrations on this database "
                           "(`clerk-sync migrate` with the same DATABASE_URL; in Django `manage.py clerk_sync "
                           f"migrate`, in Flask `flask clerk-sync migrate`){mapped}")
-    if _behind_pooler(orig, first_line):
+    if is_pooler_misconfigured(orig):
         return StoreError(f"{message}; {_POOLER_ADVICE}")
     if isinstance(exc, sa.exc.DataError):  # a value refused for good: retrying cannot help
         return StoreDataError(message)
@@ -111,10 +111,12 @@ _POOLER_ADVICE = ("DATABASE_URL leads to a connection pooler in transaction mode
                   "CLERK_SYNC_DB_TRANSACTION_POOLER=1, and clerk-sync's timeouts on its role (RUNBOOK, PgBouncer)")
 
 
-def _behind_pooler(orig: object, first_line: str) -> bool:
+def is_pooler_misconfigured(orig: object) -> bool:
+    """A pooler in transaction mode reached without ``CLERK_SYNC_DB_TRANSACTION_POOLER`` (see :data:`_POOLER_ADVICE`):
+    a setting to fix, which no retry heals (the CLI exits 2), though the webhook path still answers 503."""
     sqlstate = getattr(orig, "sqlstate", None)
-    return ("unsupported startup parameter" in first_line
-            or (sqlstate in ("42P05", "26000") and '"_pg3_' in first_line))
+    text = str(orig)
+    return "unsupported startup parameter" in text or (sqlstate in ("42P05", "26000") and '"_pg3_' in text)
 
 
 # SQLite's errors about the file rather than a statement (sqlite3_errstr's texts, which sqlite3 raises as the

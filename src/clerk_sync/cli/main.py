@@ -15,7 +15,7 @@ from rich.markup import escape
 from sqlalchemy.exc import SQLAlchemyError
 
 from clerk_sync import migrations
-from clerk_sync._db_errors import is_transient
+from clerk_sync._db_errors import is_pooler_misconfigured, is_transient
 from clerk_sync._logging import configure_logging
 from clerk_sync.cli._args import PortInUse
 from clerk_sync.cli._serve import (
@@ -721,6 +721,8 @@ def _database_unavailable(exc: SQLAlchemyError) -> bool:
     if not isinstance(exc, sa.exc.DBAPIError):
         return False
     orig = exc.orig
+    if is_pooler_misconfigured(orig):  # PgBouncer refusing the timeouts' startup parameter: a setting, not a wait
+        return False
     if exc.connection_invalidated or is_transient(orig):
         return True
     module = type(orig).__module__
