@@ -22,11 +22,13 @@ import sqlalchemy as sa
 
 from clerk_sync.errors import ConfigError
 from clerk_sync.mapping import build_unique_indexes_concurrently
-from clerk_sync.store import create_engine
+from clerk_sync.reconcile import Change, Reconciler
+from clerk_sync.store import Store, create_engine
+from clerk_sync.testing import EmulatorServer
 from tests import factories
 from tests._procs import SERVE, post_all
 from tests._server import free_port, wait_for_http
-from tests.conftest import _PG_PROBLEM, PG_URL, require_server
+from tests.conftest import _PG_PROBLEM, PG_URL, clerk_client, require_server
 
 pytestmark = pytest.mark.postgres
 _PGBOUNCER = shutil.which("pgbouncer") or next(
@@ -52,7 +54,9 @@ def pgbouncer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
         f"[databases]\n* = host={pg.host or '127.0.0.1'} port={pg.port or 5432}\n"
         f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
         f"auth_type = trust\nauth_file = {here / 'users.txt'}\npool_mode = transaction\n"
-        "default_pool_size = 2\nmax_client_conn = 500\n")
+        # round robin: a client's next transaction goes to the other server connection (LIFO gave one client the
+        # same one again and again while the pool was quiet: lost session state went unseen)
+        "default_pool_size = 2\nmax_client_conn = 500\nserver_round_robin = 1\n")
     user = ["-u", _unprivileged()] if os.geteuid() == 0 else []  # PgBouncer refuses to run as root
     with open(here / "pgbouncer.log", "wb") as log:
         proc = subprocess.Popen([_PGBOUNCER, *user, str(here / "pgbouncer.ini")], stdout=log, stderr=log)
@@ -210,3 +214,43 @@ def test_mapped_index_build_refused_through_the_pooler(database: tuple[str, str]
             assert conn.execute(_ADVISORY_HERE).scalar_one() == 0
     finally:
         engine.dispose()
+
+
+def _both_server_connections(engine: sa.Engine) -> None:
+    """Two transactions at once: PgBouncer opens its second server connection (round robin then alternates)."""
+    with engine.connect() as one, engine.connect() as two:
+        one.exec_driver_sql("SELECT 1")
+        two.exec_driver_sql("SELECT 1")
+        one.commit()
+        two.commit()
+
+
+def test_reconcile_dry_run_through_the_pooler(database: tuple[str, str], emu: EmulatorServer) -> None:
+    """A dry run stages Clerk's ids in a TEMPORARY table: through the pooler its pages' transactions ran on other
+    server connections ("reconcile_seen_dry does not exist; ... run migrations"). The whole dry run is now one
+    transaction there; it still writes nothing, and reports what the real run then does."""
+    direct, pooled = database
+    assert _cli("migrate", url=direct).returncode == 0
+    for n in range(30):
+        emu.create_user(email=f"pgb{n}@example.com")
+    store = Store.from_url(pooled, transaction_pooler=True)
+    try:
+        with clerk_client(emu) as clerk:
+            Reconciler(store, clerk, page_size=5).run()
+            kept = emu.request("GET", "/v1/users", params={"limit": 1})[0]["id"]
+            emu.request("DELETE", f"/v1/users/{kept}")
+            emu.create_user(email="pgb-new@example.com")
+            _both_server_connections(store.engine)
+            planned: list[Change] = []
+            report = Reconciler(store, clerk, page_size=5, on_change=planned.append).run(dry_run=True)
+            assert report.run_id is None and report.counts["users"].created == 1
+            assert report.counts["users"].deleted == 1 and report.counts["users"].unchanged == 29
+            with store.connect() as conn:
+                assert conn.execute(sa.text("SELECT count(*) FROM reconcile_runs")).scalar_one() == 1
+                assert conn.execute(sa.text("SELECT count(*) FROM users WHERE deleted_at IS NULL")).scalar_one() == 30
+                assert conn.execute(sa.text("SELECT count(*) FROM reconcile_seen")).scalar_one() == 0
+            done: list[Change] = []
+            Reconciler(store, clerk, page_size=5, on_change=done.append).run()
+            assert sorted(planned, key=repr) == sorted(done, key=repr) and len(done) == 2
+    finally:
+        store.engine.dispose()

@@ -144,6 +144,40 @@ def test_dry_run_writes_nothing_and_reports_the_diff(store: Store, clerk: ClerkC
         assert conn.execute(sa.select(sa.func.count()).select_from(reconcile_runs)).scalar_one() == 1
 
 
+def test_a_dry_runs_staging_table_lost_is_not_a_migration_to_run(store: Store, clerk: ClerkClient,
+                                                                   emu: EmulatorServer) -> None:
+    """The TEMPORARY table lives on one server connection: a pooler in transaction mode clerk-sync was not told
+    of (CLERK_SYNC_DB_TRANSACTION_POOLER) hands the next page another one, where it is missing. The error said
+    "the schema is not current: run clerk-sync's migrations", which cannot help; it now says what happened and
+    what to set (exit 2, a setting). Simulated: the table dropped before the second page stages its ids."""
+    from clerk_sync.cli.main import exit_code
+    from clerk_sync.errors import StoreError
+
+    seed(emu, n_users=10)
+    drop = {"postgresql": "DROP TABLE pg_temp.reconcile_seen_dry", "sqlite": "DROP TABLE temp.reconcile_seen_dry",
+            "mysql": "DROP TEMPORARY TABLE reconcile_seen_dry"}[store.dialect]
+    staged: list[str] = []
+
+    def lose(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
+        if statement.lstrip().upper().startswith("INSERT") and "reconcile_seen_dry" in statement:
+            staged.append(statement)
+            if len(staged) == 2:
+                cursor.execute(drop)
+
+    sa.event.listen(store.engine, "before_cursor_execute", lose)
+    try:
+        with pytest.raises(StoreError) as raised:
+            reconciler(store, clerk, page_size=5).run(dry_run=True)
+    finally:
+        sa.event.remove(store.engine, "before_cursor_execute", lose)
+    said = str(raised.value)
+    assert "the dry run's TEMPORARY table reconcile_seen_dry is gone" in said, said
+    assert "CLERK_SYNC_DB_TRANSACTION_POOLER=1" in said and "migrations" not in said, said
+    assert exit_code(raised.value) == 2
+    with store.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(reconcile_runs)).scalar_one() == 0
+
+
 def test_since_repairs_recent_updates_only(store: Store, clerk: ClerkClient, emu: EmulatorServer) -> None:
     ids = seed(emu, n_users=60)
     reconciler(store, clerk).run()

@@ -14,8 +14,8 @@ from sqlalchemy.engine import Connection
 
 from clerk_sync.errors import StoreDataError, StoreError, database_message
 
-__all__ = ["driver_cursor", "foreign_key_of", "is_foreign_key_violation", "is_pooler_misconfigured",
-           "is_row_referenced", "is_schema_behind", "sqlite_file_advice", "store_error"]
+__all__ = ["POOLER_ADVICE", "driver_cursor", "foreign_key_of", "is_foreign_key_violation",
+           "is_pooler_misconfigured", "is_row_referenced", "is_schema_behind", "sqlite_file_advice", "store_error"]
 
 @contextmanager
 def driver_cursor(conn: Connection, what: str) -> Iterator[Any]:
@@ -90,7 +90,7 @@ def store_error(exc: sa.exc.SQLAlchemyError) -> StoreError:
                           "(`clerk-sync migrate` with the same DATABASE_URL; in Django `manage.py clerk_sync "
                           f"migrate`, in Flask `flask clerk-sync migrate`){mapped}")
     if is_pooler_misconfigured(orig):
-        return StoreError(f"{message}; {_POOLER_ADVICE}")
+        return StoreError(f"{message}; {POOLER_ADVICE}")
     if isinstance(exc, sa.exc.DataError):  # a value refused for good: retrying cannot help
         return StoreDataError(message)
     if str(getattr(orig, "sqlstate", None) or "").startswith("54"):
@@ -107,13 +107,13 @@ def store_error(exc: sa.exc.SQLAlchemyError) -> StoreError:
 
 # PgBouncer in transaction mode: it refuses libpq's `options` (clerk-sync's timeouts), and psycopg's prepared
 # statements (_pg3_N) are missing or already there on the next server connection (before PgBouncer 1.21).
-_POOLER_ADVICE = ("DATABASE_URL leads to a connection pooler in transaction mode (PgBouncer): set "
+POOLER_ADVICE = ("DATABASE_URL leads to a connection pooler in transaction mode (PgBouncer): set "
                   "CLERK_SYNC_DB_TRANSACTION_POOLER=1, and clerk-sync's timeouts on its role (RUNBOOK, PgBouncer)")
 
 
 def is_pooler_misconfigured(orig: object) -> bool:
-    """A pooler in transaction mode reached without ``CLERK_SYNC_DB_TRANSACTION_POOLER`` (see :data:`_POOLER_ADVICE`):
-    a setting to fix, which no retry heals (the CLI exits 2), though the webhook path still answers 503."""
+    """A pooler in transaction mode reached without ``CLERK_SYNC_DB_TRANSACTION_POOLER`` (:data:`POOLER_ADVICE`): a
+    setting to fix, which no retry heals (the CLI exits 2), though the webhook path still answers 503."""
     sqlstate = getattr(orig, "sqlstate", None)
     text = str(orig)
     return "unsupported startup parameter" in text or (sqlstate in ("42P05", "26000") and '"_pg3_' in text)

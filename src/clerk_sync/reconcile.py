@@ -34,7 +34,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any, NoReturn, Protocol, TypeVar, cast
@@ -43,6 +43,7 @@ import sqlalchemy as sa
 import structlog
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 
+from clerk_sync._db_errors import POOLER_ADVICE, is_schema_behind
 from clerk_sync._time import as_utc, aware, utcnow
 from clerk_sync.changes import BOOKKEEPING
 from clerk_sync.clerk_api import JSON, ClerkClient
@@ -53,10 +54,11 @@ from clerk_sync.errors import (
     ConfigError,
     EventShapeError,
     ReconcileBusy,
+    StoreError,
 )
 from clerk_sync.events import UserRecord, membership_record, organization_record, user_record
 from clerk_sync.metrics import Metrics
-from clerk_sync.store import Store, Writer, dialect_family, erased_digest
+from clerk_sync.store import TRANSACTION_POOLER_INFO, Store, Writer, dialect_family, erased_digest
 from clerk_sync.tables import (
     MYSQL_TABLE,
     erased,
@@ -78,6 +80,7 @@ PAGE = 500
 MAX_PAGES = 20_000  # per listing: 10 million objects at 500 a page
 _RECENT_PAGES = 8  # a page must bring an id none of these brought (bounded: a listing may hold millions)
 _VERIFY_BATCH = 100  # Clerk accepts up to 100 values per id filter
+_DRY_IDLE_S = 300  # a dry run's one transaction through a transaction pooler: its idle bound (_dry_staging)
 _LISTINGS = (Entity.USER, Entity.ORGANIZATION, Entity.MEMBERSHIP)
 _PHASES = ("users", "organizations", "organization_memberships", "sweep", "done")
 _TABLES = {Entity.USER: users, Entity.ORGANIZATION: organizations, Entity.MEMBERSHIP: organization_memberships}
@@ -164,6 +167,7 @@ class _Run:
     cursor: int
     seen: sa.Table
     conn: sa.Connection | None = None  # dry runs: the one connection holding the TEMPORARY table
+    whole: bool = False  # a dry run through a transaction pooler: conn's one transaction spans the run
     base_requests: int = 0
     base_duration: float = 0.0
     base_rate_limited: int = 0
@@ -311,8 +315,8 @@ class Reconciler:
     @contextmanager
     def _begin(self, since: datetime | None, dry_run: bool) -> Iterator[_Run]:
         if dry_run:
-            with self._dry_staging() as (conn, seen):
-                yield self._start(_Run(ReconcileReport(None, True, since, False), "users", 0, seen, conn))
+            with self._dry_staging() as (conn, seen, whole):
+                yield self._start(_Run(ReconcileReport(None, True, since, False), "users", 0, seen, conn, whole))
             return
         with self.store.transaction() as writer:
             run = self._claim(writer, since)
@@ -415,18 +419,41 @@ class Reconciler:
             pass
 
     @contextmanager
-    def _dry_staging(self) -> Iterator[tuple[sa.Connection, sa.Table]]:
-        """A TEMPORARY copy of ``reconcile_seen`` on one connection: a dry run writes nothing durable."""
+    def _dry_staging(self) -> Iterator[tuple[sa.Connection, sa.Table, bool]]:
+        """A TEMPORARY copy of ``reconcile_seen`` on one connection: a dry run writes nothing durable.
+
+        Through a pooler in transaction mode (``CLERK_SYNC_DB_TRANSACTION_POOLER``) a connection keeps its server
+        connection for one transaction only, and the table lived on another one by the next page: there the whole
+        dry run is one transaction, rolled back at its end (the table with it; it reads, and holds no row lock).
+        Its idle bound is raised for it alone: the transaction waits on Clerk between pages (the role's 15 s
+        would end it at a rate limit's pause), still bounded should the client hang."""
         seen = sa.Table("reconcile_seen_dry", sa.MetaData(), *seen_columns(), prefixes=["TEMPORARY"],
                         **MYSQL_TABLE)  # (MySQL: binary collation, else user_2aBc and user_2abc are one id)
         with self.store.engine.connect() as conn:
-            with conn.begin():
-                seen.create(conn)
             try:
-                yield conn, seen
-            finally:
+                if conn.connection.info.get(TRANSACTION_POOLER_INFO):
+                    with conn.begin() as whole:
+                        conn.exec_driver_sql(f"SET LOCAL idle_in_transaction_session_timeout = '{_DRY_IDLE_S}s'")
+                        seen.create(conn)
+                        yield conn, seen, True
+                        whole.rollback()
+                    return
+                with conn.begin():
+                    seen.create(conn)
+                try:
+                    yield conn, seen, False
+                except BaseException:
+                    with suppress(sa.exc.SQLAlchemyError), conn.begin():  # (the run's error is the one to tell)
+                        seen.drop(conn)
+                    raise
                 with conn.begin():
                     seen.drop(conn)
+            except sa.exc.DBAPIError as exc:
+                if is_schema_behind(exc.orig) and seen.name in str(exc.orig):  # (not a migration to run)
+                    raise StoreError(
+                        f"database error: the dry run's TEMPORARY table {seen.name} is gone from its connection: "
+                        f"its transactions ran on other server connections. {POOLER_ADVICE}") from exc
+                raise
 
     @contextmanager
     def _unit(self, run: _Run) -> Iterator[tuple[sa.Connection, Writer | None]]:
@@ -434,6 +461,8 @@ class Reconciler:
         if run.conn is None:
             with self.store.transaction() as writer:
                 yield writer.conn, writer
+        elif run.whole:  # (the run's one transaction: see _dry_staging)
+            yield run.conn, None
         else:
             with run.conn.begin():
                 yield run.conn, None
