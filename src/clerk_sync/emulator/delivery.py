@@ -528,7 +528,9 @@ class Deliverer:
                     rng: random.Random | None = None) -> float:
         """Seconds (before ``time_scale``) from the ``failures``-th failed attempt to the next, as Svix's worker
         computes it: the schedule's delay, at least :data:`OVERLOAD_PENALTY_S` after a timeout or a 429, the
-        receiver's ``Retry-After`` kept within [that delay, twice it], then the ``jitter`` (± fraction)."""
+        receiver's ``Retry-After`` kept within [that delay, twice it], then the ``jitter`` (± fraction). The
+        order of the first two (the penalty raises the delay the clamp starts from) is this emulator's reading:
+        the references name both rules, not which comes first."""
         delay = self._schedule[failures]
         if attempt.outcome == "timeout" or attempt.status_code == 429:
             delay = max(delay, OVERLOAD_PENALTY_S)
