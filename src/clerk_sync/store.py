@@ -29,7 +29,7 @@ from sqlalchemy import event as sa_event
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
-from clerk_sync._db_errors import is_foreign_key_violation, store_error
+from clerk_sync._db_errors import is_foreign_key_violation, is_schema_behind, store_error
 from clerk_sync._limits import fit_reason
 from clerk_sync.changes import Change, Hook, change_type, describe
 from clerk_sync.config import DatabaseTimeouts, Settings
@@ -1381,14 +1381,27 @@ class Store:
     def _reflect_mapped(self) -> None:
         """Reflect the app's mapped tables before the first transaction: a writer's pipelined path would do it
         mid-transaction on a second connection, and through PgBouncer (transaction mode) each open transaction
-        holds a server connection: with as many writers as the pool has, all waited for ever for one more."""
+        holds a server connection: with as many writers as the pool has, all waited for ever for one more.
+
+        ``pipelines`` says False, never raises, when its reflection failed: a table it answered False for is
+        reflected once more here, on a connection of its own as there, to tell. A database error (down at first
+        use, a pooled connection gone, a pooler whose logins succeed with the server down) is a StoreError, and the
+        reflection is tried again before the next transaction: one attempt per transaction, each bounded by the
+        connect and statement timeouts (marked done, it came back mid-transaction once the database did). The
+        mapping's own problems (a table or column missing) are left to the writes that meet them, as before."""
         if self.mapping is not None and self.dialect == "postgresql":
             try:
                 with self.engine.connect() as conn:  # (it runs nothing itself: holds no server connection)
-                    for entity in self.mapping.tables:
-                        self.mapping.pipelines(conn, entity)
+                    unsure = [mapped.table for entity, mapped in self.mapping.tables.items()
+                              if not self.mapping.pipelines(conn, entity)]
+                for name in unsure:  # (linking, or no unique index: the mapping's answer, reflected fine)
+                    with self.engine.connect() as own:
+                        self.mapping.table(own, name)
             except sa.exc.SQLAlchemyError as exc:
-                raise store_error(exc) from exc
+                if not isinstance(exc, sa.exc.NoSuchTableError) and not is_schema_behind(getattr(exc, "orig", None)):
+                    raise store_error(exc) from exc
+            except Exception:  # noqa: S110 - the mapping refusing the table (one of clerk-sync's): said at its use
+                pass
         self._reflected = True
 
     def _deferred_refusal(self, exc: sa.exc.SQLAlchemyError) -> bool:
