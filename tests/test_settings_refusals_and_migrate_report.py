@@ -232,3 +232,14 @@ def test_a_secret_key_with_a_non_ascii_character_is_refused_without_showing_it()
     with pytest.raises(ConfigError) as caught:
         Settings.from_env({"CLERK_SECRET_KEY": "sk_live_TOPSECRET123\u2026"})
     assert "non-ASCII" in str(caught.value) and "TOPSECRET" not in str(caught.value)
+
+
+@pytest.mark.parametrize("url", ["sqlite:///x.db", "mysql+mysqldb://root@127.0.0.1/test"])
+def test_the_transaction_pooler_setting_with_a_database_it_cannot_apply_to_is_refused(url: str) -> None:
+    """Review: CLERK_SYNC_DB_TRANSACTION_POOLER=1 beside a SQLite or MySQL URL was ignored silently (an operator
+    who meant the pooler's PostgreSQL address ran on another database without a word)."""
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"DATABASE_URL": url, "CLERK_SYNC_DB_TRANSACTION_POOLER": "1"})
+    assert "CLERK_SYNC_DB_TRANSACTION_POOLER is for PostgreSQL" in str(caught.value)
+    assert Settings.from_env({"DATABASE_URL": "postgresql://u@pgbouncer:6432/app",
+                              "CLERK_SYNC_DB_TRANSACTION_POOLER": "1"}).db_transaction_pooler

@@ -492,6 +492,11 @@ class Settings(BaseSettings):
         if hard is not None and hard < self.tombstone_clear_after_days:  # else prune and serve crash later
             raise ValueError("CLERK_SYNC_TOMBSTONE_DELETE_AFTER_DAYS must be >= CLERK_SYNC_TOMBSTONE_CLEAR_AFTER_DAYS "
                              "(a row is cleared before it is deleted)")
+        if self.db_transaction_pooler and not self.database_url.startswith(("postgresql", "postgres:")):
+            scheme = self.database_url.split(":", 1)[0]  # (ignored silently, it hid a wrong DATABASE_URL)
+            raise ValueError(f"CLERK_SYNC_DB_TRANSACTION_POOLER is for PostgreSQL behind a transaction pooler "
+                             f"(PgBouncer pool_mode=transaction); DATABASE_URL is {scheme}: unset the setting, or "
+                             "point DATABASE_URL at the pooler's PostgreSQL address")
         return self
 
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
