@@ -274,9 +274,74 @@ def test_titles_say_what_the_page_is(lived_in: LivedIn, page: Page) -> None:
         titles[name] = page.title()
         expect(page.locator("h1")).to_have_count(1)
     assert titles["not found"] == "Not found · clerk-sync console"
-    assert titles["bad filter"] == "Bad request · clerk-sync console"
+    assert titles["bad filter"] == "Error: Deliveries · clerk-sync console"  # the page itself, with the error
     assert titles["user"] == "grace@example.com · clerk-sync console"
     assert not [t for t in titles.values() if "_" in t.split(" · ")[0]]
+
+
+@pytest.mark.parametrize("db_url", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
+def test_a_bad_filter_is_shown_beside_its_field_on_the_page_itself(lived_in: LivedIn, browser: Browser) -> None:
+    """3.3.1 / 3.3.3: ``?since=yesterday`` answered a bare 400 page: no form, no navigation, the message tied to
+    nothing. Now the page itself (400): the form with the values as typed, the error beside its field and in an
+    alert at the top, the field focused; axe-clean and reflowing at both widths."""
+    site = lived_in
+    cases = [("/deliveries?status=failed&since=yesterday", "Since", "yesterday",
+              "since='yesterday' is not an ISO 8601 time (e.g. 2026-11-30T20:00)"),
+             ("/audit?actor=user_x&until=tomorrow", "Until", "tomorrow",
+              "until='tomorrow' is not an ISO 8601 time (e.g. 2026-11-30T20:00)")]
+    found: dict[str, list[str]] = {}
+    for viewport in (DESKTOP, NARROW):
+        page = new_page(browser, viewport)
+        sign_in(page, site)
+        for path, label, typed, says in cases:
+            response = page.goto(site.url(path))
+            assert response is not None and response.status == 400, path
+            expect(page.get_by_role("navigation")).to_be_visible()
+            field = page.get_by_label(re.compile(f"^{label}"))
+            expect(field).to_have_value(typed)
+            expect(field).to_have_attribute("aria-invalid", "true")
+            expect(field).to_have_accessible_description(says)
+            expect(field).to_be_focused()  # the page opens on the field to fix
+            expect(page.get_by_role("alert")).to_contain_text(says)
+            expect(page.get_by_role("table")).to_have_count(0)  # no results listed
+            found[f"{path} {viewport['width']}"] = violations(page)
+            assert page.evaluate("document.documentElement.scrollWidth") <= viewport["width"], path
+            page.evaluate("document.activeElement.blur()")
+            tab_to(page, field)  # and a keyboard gets there from the top
+        page.context.close()
+    assert {name: v for name, v in found.items() if v} == {}
+
+
+@SQLITE
+def test_the_bulk_replay_asks_first_and_works_from_the_keyboard(lived_in: LivedIn, browser: Browser) -> None:
+    """3.3.4: "Replay all failed matching this filter" replayed on the click itself. It now opens a page that
+    says how many it will replay; only that page's button (a POST with the CSRF token) replays them."""
+    site, stack = lived_in, lived_in.stack
+    found: dict[str, list[str]] = {}
+    for viewport in (NARROW, DESKTOP):
+        page = new_page(browser, viewport)
+        sign_in(page, site)
+        page.goto(site.url("/deliveries?status=failed"))
+        tab_to(page, page.get_by_test_id("replay-matching"))
+        page.keyboard.press("Enter")
+        expect(page.get_by_role("heading", level=1)).to_have_text("Replay 1 failed delivery?")
+        found[f"confirm {viewport['width']}"] = violations(page)
+        assert page.evaluate("document.documentElement.scrollWidth") <= viewport["width"]
+        assert not [r for r in stack.audit_rows() if r["action"].startswith("console.deliver")]  # nothing yet
+        if viewport is NARROW:  # cancel: back to the list, nothing replayed
+            tab_to(page, page.get_by_role("link", name="Cancel"))
+            page.keyboard.press("Enter")
+            expect(page.get_by_test_id("deliveries").locator("tr")).to_have_count(2)
+            page.context.close()
+            continue
+        tab_to(page, page.get_by_role("button", name="Replay 1 delivery"))
+        page.keyboard.press("Enter")
+        expect(page.get_by_role("status")).to_have_text("replayed 1 (applied:1)")
+        found["replayed"] = violations(page)
+        page.context.close()
+    assert {name: v for name, v in found.items() if v} == {}
+    assert [r["action"] for r in stack.audit_rows() if r["action"].startswith("console.deliver")] == [
+        "console.delivery_replayed", "console.deliveries_replayed"]
 
 
 @SQLITE

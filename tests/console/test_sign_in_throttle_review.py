@@ -272,6 +272,10 @@ def test_replay_all_matching_a_filter_with_a_bidi_control_replays_that_filter(st
         fields = [(k, v) for k, v in forms["/console/deliveries/replay"] if k != "csrf"]
         assert fields == [("clerk_id", clerk_id)]  # the exact filter, not "user_spoof⟨U+202E⟩exe.jpg"
         assert RLO not in _shown(page.text) and "user_spoof\u27e8U+202E\u27e9exe.jpg" in page.text  # shown marked
+        asked = client.get("/deliveries/replay", params=fields, headers=HTML)  # the confirmation page, then its form
+        assert asked.status_code == 200 and 'data-testid="replay-count">Replay 1 failed delivery?<' in asked.text
+        fields = [(k, v) for k, v in _forms(asked.text)["/console/deliveries/replay"] if k != "csrf"]
+        assert fields[0] == ("clerk_id", clerk_id) and RLO not in _shown(asked.text)
         replayed = client.post("/deliveries/replay", data=dict(fields), follow_redirects=False)
         assert replayed.status_code == 303, replayed.text[:300]
     rows = [r for r in stack.audit_rows() if r["action"] == "console.deliveries_replayed"]

@@ -204,6 +204,7 @@ def _routes(console: Console) -> list[BaseRoute]:
         page("/logout", _pages.logout, "logout", post=True, read_only_ok=True, sign_out=True),
         page("/", _pages.overview, "overview"),
         page("/deliveries", _pages.deliveries, "deliveries"),
+        page("/deliveries/replay", _pages.replay_matching_confirm, "replay_matching_confirm"),
         page("/deliveries/replay", _pages.replay_matching, "replay_matching", post=True),
         # {delivery_id} is text, read by _pages._row_id: Starlette's int converter calls int() on any run of
         # digits before the guard, and 5,000 of them raise ValueError (500).

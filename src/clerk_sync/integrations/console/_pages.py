@@ -26,7 +26,7 @@ from clerk_sync._time import as_utc
 from clerk_sync.auth.admin import AdminActions
 from clerk_sync.auth.audit import record_audit
 from clerk_sync.engine import DeliveryStatus
-from clerk_sync.errors import ConfigError, StoreError
+from clerk_sync.errors import AccessDenied, ConfigError, StoreError
 from clerk_sync.freshness import (
     REFUSALS_WINDOW_S,
     FreshnessCheck,
@@ -46,7 +46,7 @@ from clerk_sync.tables import audit_log
 
 __all__ = [
     "audit", "audit_csv", "deliveries", "delivery", "drift", "drift_run", "drift_status", "logout", "organization",
-    "overview", "replay", "replay_matching", "reveal", "set_role", "user", "users_page",
+    "overview", "replay", "replay_matching", "replay_matching_confirm", "reveal", "set_role", "user", "users_page",
 ]
 
 Form = dict[str, str]
@@ -58,19 +58,28 @@ _ROLE = re.compile(r"^[A-Za-z0-9:_-]{1,64}$")
 _ROW_ID = re.compile(r"[0-9]{1,19}")  # ASCII digits: str.isdigit() takes "²", which int() refuses
 
 
-def _time(value: str | None, name: str) -> datetime | None:
+class FilterError(BadInput):
+    """Filter values a page cannot use, by field (``{"since": "since='yesterday' is not …"}``): the deliveries and
+    audit pages show each beside its field (an HTML 400 with the form); elsewhere the joined message (a 400)."""
+
+    def __init__(self, errors: dict[str, str]) -> None:
+        super().__init__("; ".join(errors.values()))
+        self.errors = errors
+
+
+def _time(values: Any, name: str, errors: dict[str, str]) -> datetime | None:
     """An ISO 8601 time as aware UTC (naive is UTC). SQLite compares the stored text, so a time that kept its
     offset would shift the filter by it; one with no UTC time (year 1 at +01:00) is refused, not sent."""
+    value = values.get(name)
     if not value:
         return None
     try:
-        parsed = datetime.fromisoformat(value)
+        return as_utc(datetime.fromisoformat(value))
     except ValueError:
-        raise BadInput(f"{name}={value!r} is not an ISO 8601 time (e.g. 2026-11-30T20:00)") from None
-    try:
-        return as_utc(parsed)
+        errors[name] = f"{name}={value!r} is not an ISO 8601 time (e.g. 2026-11-30T20:00)"
     except OverflowError:
-        raise BadInput(f"{name}={value!r} is outside the years 1-9999 once converted to UTC") from None
+        errors[name] = f"{name}={value!r} is outside the years 1-9999 once converted to UTC"
+    return None
 
 
 def _row_id(value: str) -> int | None:
@@ -80,26 +89,58 @@ def _row_id(value: str) -> int | None:
     return int(value)
 
 
-def _before(request: Request) -> int | None:
+def _before(request: Request, errors: dict[str, str] | None = None) -> int | None:
     value = request.query_params.get("before")
     if not value:
         return None
     before = _row_id(value)
     if before is None:
-        raise BadInput(f"before={value!r} is not a row id (a whole number from 0 to {q.MAX_ID})")
+        found = {"before": f"before={value!r} is not a row id (a whole number from 0 to {q.MAX_ID})"}
+        if errors is None:
+            raise FilterError(found)
+        errors.update(found)
     return before
 
 
-def _delivery_filter(values: Any) -> q.DeliveryFilter:
+def _delivery_filter(values: Any, errors: dict[str, str] | None = None) -> q.DeliveryFilter:
+    """The deliveries filter; a value it cannot use goes into ``errors`` (its field left out), or without
+    ``errors`` raises :class:`FilterError`."""
+    found: dict[str, str] = {}
     status = values.get("status") or None
     if status is not None and status not in STATUSES:
-        raise BadInput(f"status={status!r} is not one of {', '.join(STATUSES)}")
+        found["status"] = f"status={status!r} is not one of {', '.join(STATUSES)}"
     clerk_id = (values.get("clerk_id") or "").strip() or None
     if clerk_id is not None and len(clerk_id) > MAX_CLERK_ID:  # audit_log.target_clerk_id is VARCHAR(64): 503
-        raise BadInput(f"clerk_id is {len(clerk_id)} characters long; a Clerk id (user_…, org_…) has at most "
-                       f"{MAX_CLERK_ID}: check the filter")
-    return q.DeliveryFilter(status=status, type=values.get("type") or None, clerk_id=clerk_id,
-                            since=_time(values.get("since"), "since"), until=_time(values.get("until"), "until"))
+        found["clerk_id"] = (f"clerk_id is {len(clerk_id)} characters long; a Clerk id (user_…, org_…) has at "
+                             f"most {MAX_CLERK_ID}: check the filter")
+    since, until = _time(values, "since", found), _time(values, "until", found)
+    _report(found, errors)
+    return q.DeliveryFilter(status=None if "status" in found else status, type=values.get("type") or None,
+                            clerk_id=None if "clerk_id" in found else clerk_id, since=since, until=until)
+
+
+def _report(found: dict[str, str], errors: dict[str, str] | None) -> None:
+    if found and errors is None:
+        raise FilterError(found)
+    if errors is not None:
+        errors.update(found)
+
+
+# The filter fields of each page, in the form's order, with their labels (the error summary names them).
+_DELIVERY_FIELDS = {"status": "Status", "type": "Type", "clerk_id": "Clerk id", "since": "Since", "until": "Until"}
+_AUDIT_FIELDS = {"actor": "Actor", "action": "Action", "target": "Target", "since": "Since", "until": "Until"}
+
+
+def _refused_filter(console: Console, request: Request, identity: Identity, template: str,
+                    fields: dict[str, str], errors: dict[str, str], **context: Any) -> Response:
+    """400 with the page itself for a browser: its filter form holding the values as typed, each error beside
+    its field (the first one focused) and listed at the top, no results. An API caller gets the JSON 400."""
+    if "text/html" not in request.headers.get("accept", ""):
+        raise FilterError(errors)
+    typed = {name: request.query_params.get(name, "") for name in fields}
+    first = next((name for name in fields if name in errors), None)
+    return console.render(request, template, identity, status=400, errors=errors, labels={**fields, "before": "Page"},
+                          first=first, shown=typed, where=None, page=None, done=None, **context)
 
 
 _NOTICES = frozenset({*(f"replayed:{s}" for s in DeliveryStatus), "role:applied", "role:pending"})
@@ -168,12 +209,22 @@ def _clerk_state(console: Console) -> dict[str, Any] | None:
 
 # -- deliveries ------------------------------------------------------------------------------------
 def deliveries(console: Console, request: Request, identity: Identity, form: Form) -> Response:
-    where = _delivery_filter(request.query_params)
+    errors: dict[str, str] = {}
+    where = _delivery_filter(request.query_params, errors)
+    before = _before(request, errors)
     with console.store.connect() as conn:
-        page = q.list_deliveries(conn, where, _before(request))
         types = q.delivery_types(conn)
+        if errors:
+            return _refused_filter(console, request, identity, "deliveries.html", _DELIVERY_FIELDS, errors,
+                                   types=types, statuses=STATUSES)
+        page = q.list_deliveries(conn, where, before)
     return console.render(request, "deliveries.html", identity, page=page, where=where, types=types,
-                          statuses=STATUSES, done=_notice(request))
+                          statuses=STATUSES, done=_notice(request), shown=_shown(_DELIVERY_FIELDS, where.query()),
+                          errors={})
+
+
+def _shown(fields: dict[str, str], query: dict[str, str]) -> dict[str, str]:
+    return {name: query.get(name, "") for name in fields}
 
 
 def _load_delivery(console: Console, request: Request) -> Any:
@@ -229,8 +280,33 @@ def _replay_if_failed(console: Console, request: Request, identity: Identity, sv
     return replay_if_failed(console.store, svix_id, audit=audit)
 
 
+def replay_matching_confirm(console: Console, request: Request, identity: Identity, form: Form) -> Response:
+    """What "Replay all failed matching this filter" leads to: how many failed deliveries match (up to
+    :data:`MAX_REPLAY`), and the button that replays them (:func:`replay_matching`, a POST with the CSRF token).
+    A bulk action on a click alone was one mis-click from replaying a thousand deliveries (WCAG 3.3.4). The
+    button carries the row id of the last delivery counted, so no more are replayed than the page said."""
+    if console.read_only:
+        raise AccessDenied("the console is read-only (CLERK_SYNC_CONSOLE_READ_ONLY is set)")
+    where = _delivery_filter({**request.query_params, "status": "failed"})
+    with console.store.connect() as conn:
+        count, through, more = q.count_upto(conn, where, MAX_REPLAY)
+    return console.render(request, "confirm_replay.html", identity, where=where, count=count, through=through,
+                          more=more, limit=MAX_REPLAY)
+
+
+def _bound(form: Form, name: str) -> int | None:
+    if not form.get(name):
+        return None
+    value = _row_id(form[name])
+    if value is None:
+        raise BadInput(f"{name}={form[name]!r} is not a whole number from 0 to {q.MAX_ID}")
+    return value
+
+
 def replay_matching(console: Console, request: Request, identity: Identity, form: Form) -> Response:
-    """Replay every ``failed`` delivery matching the page's filter (at most :data:`MAX_REPLAY`).
+    """Replay every ``failed`` delivery matching the page's filter (at most :data:`MAX_REPLAY`; with ``through``
+    and ``count``, as the confirmation page sends them, none past that row id and no more than that count: a
+    delivery received after the page, or one that failed meanwhile, does not make it replay more than it said).
 
     Each replay commits with its own audit row, as a single replay does, so a database error midway
     leaves every delivery replayed so far audited (a summary row written in a ``finally`` would not: the
@@ -239,8 +315,9 @@ def replay_matching(console: Console, request: Request, identity: Identity, form
     are done, records the filter and the counts.
     """
     where = _delivery_filter({**form, "status": "failed"})
+    through, count = _bound(form, "through"), _bound(form, "count")
     with console.store.connect() as conn:
-        found = q.delivery_ids(conn, where, MAX_REPLAY)
+        found = q.delivery_ids(conn, where, min(MAX_REPLAY, MAX_REPLAY if count is None else count), through)
     counts: dict[str, int] = {}
     left = 0
     for svix_id, subject in found:
@@ -250,7 +327,8 @@ def replay_matching(console: Console, request: Request, identity: Identity, form
         else:
             left += 1
     console.audit(identity, "console.deliveries_replayed", where.clerk_id, request,
-                  filter=where.query(), total=len(found), by_status=counts, not_replayed=left)
+                  filter=where.query(), total=len(found), by_status=counts, not_replayed=left,
+                  **({"through": through} if through is not None else {}))
     summary = ",".join(f"{k}:{v}" for k, v in sorted(counts.items())) or "none"
     done = f"replayed {len(found) - left} ({summary})" + (f"; not replayed {left} (no longer failed)" if left else "")
     return _redirect(console, request, "deliveries", where.urlencode(done=done))
@@ -329,17 +407,24 @@ def organization(console: Console, request: Request, identity: Identity, form: F
 
 
 # -- audit log -------------------------------------------------------------------------------------
-def _audit_filter(values: Any) -> q.AuditFilter:
+def _audit_filter(values: Any, errors: dict[str, str] | None = None) -> q.AuditFilter:
+    found: dict[str, str] = {}
+    since, until = _time(values, "since", found), _time(values, "until", found)
+    _report(found, errors)
     return q.AuditFilter(actor=values.get("actor") or None, action=values.get("action") or None,
-                         target=values.get("target") or None, since=_time(values.get("since"), "since"),
-                         until=_time(values.get("until"), "until"))
+                         target=values.get("target") or None, since=since, until=until)
 
 
 def audit(console: Console, request: Request, identity: Identity, form: Form) -> Response:
-    where = _audit_filter(request.query_params)
+    errors: dict[str, str] = {}
+    where = _audit_filter(request.query_params, errors)
+    before = _before(request, errors)
+    if errors:
+        return _refused_filter(console, request, identity, "audit.html", _AUDIT_FIELDS, errors)
     with console.store.connect() as conn:
-        page = q.list_audit(conn, where, _before(request))
-    return console.render(request, "audit.html", identity, page=page, where=where)
+        page = q.list_audit(conn, where, before)
+    return console.render(request, "audit.html", identity, page=page, where=where,
+                          shown=_shown(_AUDIT_FIELDS, where.query()), errors={})
 
 
 _FORMULA = frozenset("=+-@\u2212")  # (U+2212 MINUS SIGN: NFKC keeps it, a spreadsheet may read it as minus)

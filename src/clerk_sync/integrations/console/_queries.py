@@ -34,7 +34,7 @@ from clerk_sync.tables import (
 
 __all__ = [
     "MAX_ID", "MEMBERS_SHOWN", "PAGE_SIZE", "AuditFilter", "DeliveryFilter", "Memberships", "Overview", "Page",
-    "aware", "delivery_ids",
+    "aware", "count_upto", "delivery_ids",
     "delivery_types", "get_delivery", "get_organization", "get_user", "list_audit", "list_deliveries", "memberships",
     "overview", "pending_changes", "search_organizations", "search_users", "touching",
 ]
@@ -182,12 +182,24 @@ def list_deliveries(conn: Connection, where: DeliveryFilter, before: int | None,
     return _page(conn, query.where(*where.conditions()), e.id, before, limit)
 
 
-def delivery_ids(conn: Connection, where: DeliveryFilter, limit: int) -> list[tuple[str, str | None]]:
+def delivery_ids(conn: Connection, where: DeliveryFilter, limit: int,
+                 through: int | None = None) -> list[tuple[str, str | None]]:
     """The svix ids matching ``where`` with their subject (``data.id``, the audit row's target), oldest
-    first (replay order), at most ``limit``."""
+    first (replay order), at most ``limit``, and none past the row id ``through`` when given."""
     e = webhook_events.c
     query = sa.select(e.svix_id, _DataId()).where(*where.conditions()).order_by(e.id).limit(limit)
+    if through is not None:
+        query = query.where(e.id <= through)
     return [(svix_id, subject if isinstance(subject, str) else None) for svix_id, subject in conn.execute(query)]
+
+
+def count_upto(conn: Connection, where: DeliveryFilter, limit: int) -> tuple[int, int | None, bool]:
+    """How many deliveries match ``where``, counting at most ``limit`` (oldest first, as replayed): that
+    count, the row id of the last one counted (None when none), and whether more match."""
+    e = webhook_events.c
+    ids = list(conn.execute(sa.select(e.id).where(*where.conditions()).order_by(e.id).limit(limit + 1)).scalars())
+    counted = ids[:limit]
+    return len(counted), (int(counted[-1]) if counted else None), len(ids) > limit
 
 
 def get_delivery(conn: Connection, delivery_id: int) -> RowMapping | None:
@@ -364,12 +376,15 @@ class AuditFilter:
             found.append(a.created_at < self.until)
         return found
 
-    def urlencode(self, **extra: object) -> str:
+    def query(self) -> dict[str, str]:
+        """The filter as query-string parameters (for links to the next page, CSV, and the form)."""
         values = {"actor": self.actor, "action": self.action, "target": self.target,
                   "since": self.since.isoformat() if self.since else None,
-                  "until": self.until.isoformat() if self.until else None,
-                  **{k: str(v) for k, v in extra.items() if v is not None}}
-        return urlencode({k: v for k, v in values.items() if v})
+                  "until": self.until.isoformat() if self.until else None}
+        return {k: v for k, v in values.items() if v}
+
+    def urlencode(self, **extra: object) -> str:
+        return urlencode({**self.query(), **{k: str(v) for k, v in extra.items() if v is not None}})
 
 
 def list_audit(conn: Connection, where: AuditFilter, before: int | None, limit: int = PAGE_SIZE) -> Page:
