@@ -158,6 +158,9 @@ def test_axe_finds_nothing_on_any_page_or_state(lived_in: LivedIn, browser: Brow
     page.get_by_test_id("dry-run").click()
     expect(page.get_by_test_id("drift-status")).to_have_text("done", timeout=30_000)
     found["drift dry run"] = violations(page)
+    # what Apply repairs, said on the button (the dry run's counts, shown below it)
+    expect(page.get_by_test_id("apply")).to_have_accessible_description(
+        re.compile(r"^[0-9]+ missing, [0-9]+ stale, [0-9]+ to delete$"))
     page.get_by_test_id("apply").click()
     expect(page.get_by_test_id("drift-applied")).to_be_visible(timeout=30_000)
     found["drift applied"] = violations(page)
