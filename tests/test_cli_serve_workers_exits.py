@@ -140,3 +140,59 @@ def test_workers_that_keep_dying_end_serve_with_1_and_one_line(tmp_path: Path) -
     assert "a worker process was killed by SIGKILL; starting another" in text
     assert "died 3 times within 60 s (the last time it was killed by SIGKILL)" in text
     assert "the log above says why" in text and "Traceback" not in text
+
+
+class _Worker:
+    """A worker as the supervisor sees it: its process lives, and it answers no health check (still importing)."""
+
+    started = 0
+
+    def __init__(self, *_: object) -> None:
+        self.killed = False
+        self.exitcode: int | None = None
+        self.process = self
+
+    def is_alive(self, timeout: float | None = None) -> bool:
+        return timeout is None and not self.killed  # the OS process lives; the health check (a timeout) fails
+
+    def kill(self) -> None:
+        self.killed, self.exitcode = True, -signal.SIGKILL
+
+    def join(self) -> None:
+        pass
+
+    def start(self) -> None:
+        _Worker.started += 1
+
+
+def test_a_replacement_worker_still_starting_is_not_killed_as_hung(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CI (a loaded box): a replacement worker importing the app answered no health check within 5 s, uvicorn's
+    supervisor killed it as hung, and those kills counted towards ending serve: serve ended with 1 after one
+    kill of its workers. A replacement has a grace to answer once; a worker that served and stops answering is
+    still killed and replaced."""
+    import uvicorn
+    import uvicorn.supervisors.multiprocess as multiprocess
+
+    from clerk_sync.cli._serve import _supervisor
+
+    grace = 60.0  # (_serve._STARTUP_GRACE_S)
+
+    monkeypatch.setattr(multiprocess, "Process", _Worker)
+    monkeypatch.setattr(_Worker, "started", 0)
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    with socket.socket() as sock:
+        supervisor = _supervisor(uvicorn.Config("tests.conftest:SECRET", workers=1), sock)
+        serving = _Worker()
+        supervisor.processes = [serving]
+        supervisor.keep_subprocess_alive()  # a worker that served and stopped answering: killed, replaced
+        assert serving.killed and _Worker.started == 1
+        replacement = supervisor.processes[0]
+        assert replacement is not serving
+        for _ in range(5):  # still starting: not killed, however many checks
+            clock[0] += grace / 10
+            supervisor.keep_subprocess_alive()
+        assert not replacement.killed and supervisor.failure is None
+        clock[0] += grace  # never answered within the grace: hung after all
+        supervisor.keep_subprocess_alive()
+        assert replacement.killed and _Worker.started == 2

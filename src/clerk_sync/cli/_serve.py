@@ -33,6 +33,7 @@ console = Console(stderr=True)
 STARTUP_FAILURE = 3  # uvicorn's exit code for an app that could not start (uvicorn.config.STARTUP_FAILURE)
 _REPORT_ENV = "CLERK_SYNC_STARTUP_REPORT"  # serve --workers: the file a worker writes why it could not start to
 _JSON_LOGS_ENV = "CLERK_SYNC_SERVE_JSON_LOGS"  # serve --workers --json-logs, for the workers' own log set-up
+_STARTUP_GRACE_S = 60.0  # a replacement worker's time to answer its first health check (it imports the app first)
 _DEATHS, _DEATHS_WINDOW_S = 3, 60.0  # a worker (slot) that died this often this recently is not started again
 
 
@@ -92,6 +93,7 @@ def _supervisor(config: Any, sock: socket.socket) -> Any:
             super().__init__(config, sockets=[sock])
             self.failure: tuple[int, str] | None = None  # (exit code, the line saying why) once it gave up
             self._deaths: dict[int, list[float]] = {}  # per worker slot: when its processes died
+            self._replaced: dict[int, float] = {}  # per worker slot: when its replacement was started
 
         def keep_subprocess_alive(self) -> None:
             if self.should_exit.is_set():
@@ -99,6 +101,9 @@ def _supervisor(config: Any, sock: socket.socket) -> Any:
             healthcheck = getattr(self.config, "timeout_worker_healthcheck", 5)
             for idx, process in enumerate(self.processes):
                 if process.is_alive(timeout=healthcheck):
+                    self._replaced.pop(idx, None)
+                    continue
+                if self._starting(idx, process):
                     continue
                 process.kill()  # hung: not answering the health check
                 process.join()
@@ -109,6 +114,16 @@ def _supervisor(config: Any, sock: socket.socket) -> Any:
                 replacement = Process(self.config, self.sockets)
                 replacement.start()
                 self.processes[idx] = replacement
+                self._replaced[idx] = time.monotonic()
+
+        def _starting(self, idx: int, process: Any) -> bool:
+            """A replacement still importing the app answers no health check (its answering thread starts after
+            the imports): on a loaded machine that takes longer than the check's 5 s, and uvicorn's supervisor
+            killed it as hung, which counted towards ending serve (a busy box lost its service in three checks).
+            It is given :data:`_STARTUP_GRACE_S` to answer once, while its process lives."""
+            started = self._replaced.get(idx)
+            return (started is not None and process.process.is_alive()
+                    and time.monotonic() - started < _STARTUP_GRACE_S)
 
         def _given_up(self, idx: int, exitcode: int | None) -> tuple[int, str] | None:
             ended = _ended(exitcode)
