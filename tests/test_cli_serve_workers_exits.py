@@ -195,4 +195,11 @@ def test_a_replacement_worker_still_starting_is_not_killed_as_hung(monkeypatch: 
         assert not replacement.killed and supervisor.failure is None
         clock[0] += grace  # never answered within the grace: hung after all
         supervisor.keep_subprocess_alive()
-        assert replacement.killed and _Worker.started == 2
+        assert replacement.killed and _Worker.started == 2 and supervisor.failure is None
+        # Review: a second replacement that never answers either ends serve (deaths a grace apart never made
+        # three within the minute's window: restarted for ever)
+        clock[0] += grace + 1
+        supervisor.keep_subprocess_alive()
+        assert supervisor.processes[0].killed and _Worker.started == 2
+        assert supervisor.failure is not None and supervisor.failure[0] == 1
+        assert "did not answer within 60 s of starting" in supervisor.failure[1]

@@ -33,7 +33,9 @@ console = Console(stderr=True)
 STARTUP_FAILURE = 3  # uvicorn's exit code for an app that could not start (uvicorn.config.STARTUP_FAILURE)
 _REPORT_ENV = "CLERK_SYNC_STARTUP_REPORT"  # serve --workers: the file a worker writes why it could not start to
 _JSON_LOGS_ENV = "CLERK_SYNC_SERVE_JSON_LOGS"  # serve --workers --json-logs, for the workers' own log set-up
-_STARTUP_GRACE_S = 60.0  # a replacement worker's time to answer its first health check (it imports the app first)
+_STARTUP_GRACE_S = 60.0  # a replacement worker's time to answer its first health check (its process starts first)
+_STARTING_CHECK_S = 0.2  # the health check's wait for a replacement in its grace
+_UNSTARTED = 2  # replacements in a row that never answered within the grace: serve ends
 _DEATHS, _DEATHS_WINDOW_S = 3, 60.0  # a worker (slot) that died this often this recently is not started again
 
 
@@ -94,20 +96,24 @@ def _supervisor(config: Any, sock: socket.socket) -> Any:
             self.failure: tuple[int, str] | None = None  # (exit code, the line saying why) once it gave up
             self._deaths: dict[int, list[float]] = {}  # per worker slot: when its processes died
             self._replaced: dict[int, float] = {}  # per worker slot: when its replacement was started
+            self._unstarted: dict[int, int] = {}  # per worker slot: replacements in a row killed before answering
 
         def keep_subprocess_alive(self) -> None:
             if self.should_exit.is_set():
                 return
             healthcheck = getattr(self.config, "timeout_worker_healthcheck", 5)
             for idx, process in enumerate(self.processes):
-                if process.is_alive(timeout=healthcheck):
+                starting = idx in self._replaced
+                if process.is_alive(timeout=_STARTING_CHECK_S if starting else healthcheck):
                     self._replaced.pop(idx, None)
+                    self._unstarted.pop(idx, None)
                     continue
-                if self._starting(idx, process):
+                unstarted = starting and process.process.is_alive()  # (not one that died while starting)
+                if unstarted and self._within_grace(idx):
                     continue
                 process.kill()  # hung: not answering the health check
                 process.join()
-                self.failure = self._given_up(idx, process.exitcode)
+                self.failure = self._given_up(idx, process.exitcode, unstarted=unstarted)
                 if self.failure is not None:
                     self.should_exit.set()
                     return
@@ -116,19 +122,25 @@ def _supervisor(config: Any, sock: socket.socket) -> Any:
                 self.processes[idx] = replacement
                 self._replaced[idx] = time.monotonic()
 
-        def _starting(self, idx: int, process: Any) -> bool:
-            """A replacement still importing the app answers no health check (its answering thread starts after
-            the imports): on a loaded machine that takes longer than the check's 5 s, and uvicorn's supervisor
-            killed it as hung, which counted towards ending serve (a busy box lost its service in three checks).
-            It is given :data:`_STARTUP_GRACE_S` to answer once, while its process lives."""
-            started = self._replaced.get(idx)
-            return (started is not None and process.process.is_alive()
-                    and time.monotonic() - started < _STARTUP_GRACE_S)
+        def _within_grace(self, idx: int) -> bool:
+            """A replacement answers no health check until its process has started (spawned, the main module
+            and the app's configuration imported again): on a loaded machine that took longer than the check's
+            5 s, and uvicorn's supervisor killed it as hung, which counted towards ending serve (a busy box lost
+            its service after one kill of its workers). While its process lives it is given :data:`_STARTUP_GRACE_S`
+            to answer once, asked with a short check (a long one would hold up the loop and signals)."""
+            return time.monotonic() - self._replaced[idx] < _STARTUP_GRACE_S
 
-        def _given_up(self, idx: int, exitcode: int | None) -> tuple[int, str] | None:
+        def _given_up(self, idx: int, exitcode: int | None, *, unstarted: bool) -> tuple[int, str] | None:
             ended = _ended(exitcode)
             if exitcode == STARTUP_FAILURE:
                 return STARTUP_FAILURE, ended
+            if unstarted:  # (its deaths are a grace apart: the window below would never see three)
+                self._unstarted[idx] = self._unstarted.get(idx, 0) + 1
+                if self._unstarted[idx] >= _UNSTARTED:
+                    return 1, (f"{_UNSTARTED} worker processes in a row did not answer within {_STARTUP_GRACE_S:g} s "
+                               "of starting, so serve stopped rather than restart them for ever: the log above may "
+                               "say why; a machine too loaded to start a process in that time, or run with "
+                               "--workers 1 to see it in one process")
             deaths = self._deaths.setdefault(idx, [])
             now = time.monotonic()
             deaths[:] = [t for t in deaths if now - t < _DEATHS_WINDOW_S] + [now]
