@@ -172,7 +172,9 @@ def test_a_dry_runs_staging_table_lost_is_not_a_migration_to_run(store: Store, c
         sa.event.remove(store.engine, "before_cursor_execute", lose)
     said = str(raised.value)
     assert "the dry run's TEMPORARY table reconcile_seen_dry is gone" in said, said
-    assert "CLERK_SYNC_DB_TRANSACTION_POOLER=1" in said and "migrations" not in said, said
+    assert "migrations" not in said, said
+    # the pooler's advice on PostgreSQL only (the setting is refused beside the other stores' URLs)
+    assert ("CLERK_SYNC_DB_TRANSACTION_POOLER=1" in said) == (store.dialect == "postgresql"), said
     assert exit_code(raised.value) == 2
     with store.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(reconcile_runs)).scalar_one() == 0

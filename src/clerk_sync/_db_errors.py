@@ -115,8 +115,9 @@ def is_pooler_misconfigured(orig: object) -> bool:
     """A pooler in transaction mode reached without ``CLERK_SYNC_DB_TRANSACTION_POOLER`` (:data:`POOLER_ADVICE`): a
     setting to fix, which no retry heals (the CLI exits 2), though the webhook path still answers 503."""
     sqlstate = getattr(orig, "sqlstate", None)
-    text = str(orig)
-    return "unsupported startup parameter" in text or (sqlstate in ("42P05", "26000") and '"_pg3_' in text)
+    text = str(orig).split("\n", 1)[0]  # the message, not a DETAIL line (which may quote a row's values)
+    return ("unsupported startup parameter" in text and sqlstate in (None, "08P01")) or (
+        sqlstate in ("42P05", "26000") and '"_pg3_' in text)
 
 
 # SQLite's errors about the file rather than a statement (sqlite3_errstr's texts, which sqlite3 raises as the

@@ -450,9 +450,12 @@ class Reconciler:
                     seen.drop(conn)
             except sa.exc.DBAPIError as exc:
                 if is_schema_behind(exc.orig) and seen.name in str(exc.orig):  # (not a migration to run)
+                    why = (f"its transactions ran on other server connections. {POOLER_ADVICE}"
+                           if conn.dialect.name == "postgresql"
+                           else "its connection was replaced mid-run: run it again")
                     raise StoreError(
                         f"database error: the dry run's TEMPORARY table {seen.name} is gone from its connection: "
-                        f"its transactions ran on other server connections. {POOLER_ADVICE}") from exc
+                        f"{why}") from exc
                 raise
 
     @contextmanager
