@@ -74,7 +74,7 @@ def org_role_scenario(clerk: EmulatorServer, get: Get, admin_paths: list[str], a
     clerk.wait_for_deliveries()
     for path in admin_paths:
         _denied(get(path, admin_tok), "org:member")
-        _denied(get(path, admin_tok), "changed since the session token")
+        _denied(get(path, admin_tok), "no older than the session token")
     for path in any_paths:  # the DB's role is a member's: the routes open to members stay open, and the view
         answer = get(path, admin_tok)  # is handed the database's role, not the token's (answered as "role")
         assert answer.status_code == 200, path
@@ -188,8 +188,10 @@ def _membership_queries(store: Store) -> tuple[list[str], Callable[[], None]]:
 
 def test_confirm_org_role_reads_one_row_and_the_database_wins(harness: Harness) -> None:
     h = harness
-    h.event("organizationMembership.created", f.membership("orgmem_1", "org_c", "user_c", 1, role="org:admin"))
     admin = _auth(h, "user_c", "org_c", "admin")  # a v2 token: "admin", normalised to "org:admin"
+    # The rows are written after the token was issued (Clerk's updated_at after its iat): the database is newer
+    after = int(admin.claims["iat"]) * 1000 + 1_000
+    h.event("organizationMembership.created", f.membership("orgmem_1", "org_c", "user_c", after, role="org:admin"))
     seen, stop = _membership_queries(h.store)
     try:
         assert h.auth.confirm_org_role(admin, "org:admin") is admin
@@ -200,8 +202,9 @@ def test_confirm_org_role_reads_one_row_and_the_database_wins(harness: Harness) 
     finally:
         stop()
 
-    h.event("organizationMembership.updated", f.membership("orgmem_1", "org_c", "user_c", 2, role="org:member"))
-    with pytest.raises(AccessDenied, match=r"'org:member'.*changed since the session token"):
+    h.event("organizationMembership.updated", f.membership("orgmem_1", "org_c", "user_c", after + 1,
+                                                                role="org:member"))
+    with pytest.raises(AccessDenied, match=r"'org:member' in the database.*no older than the session token"):
         h.auth.confirm_org_role(admin, "org:admin")
     assert Authenticator.require_org_role(admin, "org:admin") is admin  # the static check: the token only, as before
     # A promotion waits for its webhook, as require_role's does: the row says member, the token admin. The
@@ -215,7 +218,8 @@ def test_confirm_org_role_reads_one_row_and_the_database_wins(harness: Harness) 
         h.auth.confirm_org_role(admin, "org:admin", "org:member")
 
     # Removed, then added again: a new membership id, its row live beside the old tombstone.
-    h.event("organizationMembership.created", f.membership("orgmem_2", "org_c", "user_c", 3, role="org:admin"))
+    h.event("organizationMembership.created", f.membership("orgmem_2", "org_c", "user_c", after + 2,
+                                                                role="org:admin"))
     assert h.auth.confirm_org_role(admin, "org:admin") is admin
 
 

@@ -50,7 +50,9 @@ def test_a_demoted_legacy_admin_is_still_refused(harness: Harness) -> None:
     """The spellings are one role, not a looser check: the database's role still wins."""
     harness.event("organizationMembership.created", f.membership("orgmem_d", "org_d", "user_d", 1, role="admin"))
     auth = _authenticate(harness, token("user_d", o={"id": "org_d", "rol": "admin", "slg": "acme"}))
-    harness.event("organizationMembership.updated", f.membership("orgmem_d", "org_d", "user_d", 2, role="basic_member"))
+    after = int(auth.claims["iat"]) * 1000 + 1_000  # the demotion's webhook is newer than the token
+    harness.event("organizationMembership.updated",
+                  f.membership("orgmem_d", "org_d", "user_d", after, role="basic_member"))
     with pytest.raises(AccessDenied, match="org:member"):
         harness.auth.confirm_org_role(auth, "admin", "org:admin")
 

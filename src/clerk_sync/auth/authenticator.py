@@ -411,77 +411,80 @@ class Authenticator:
             raise AccessDenied(f"active organization role must be one of {sorted(roles)}")
         return auth
 
-    def confirm_org_role(self, auth: Auth, *roles: str) -> Auth:
+    def confirm_org_role(self, auth: Auth, *roles: str, standing: Auth | None = None) -> Auth:
         """:meth:`require_org_role`, confirmed against ``organization_memberships`` (as :meth:`require_role`
         confirms app roles): the token's claims last until it expires, so a member removed from the
         organization or demoted would keep them. Blocking (one indexed query, only when the token passes):
-        async callers run it in a worker thread.
+        async callers run it in a worker thread. ``standing``: :meth:`standing_org_role`'s answer already read
+        for this request, judged instead of reading again (one read a request, whichever guards ask).
 
-        The token first (403 without a query). Then the caller's row for the session's organization: a live
-        row whose role is not in ``roles`` is refused (403; the database wins, so a promotion waits for its
-        webhook too), and so is a membership deleted here (403, no longer a member; an organization deleted
-        tombstones its memberships). No row at all: the token stands, since ``organizationMembership.created``
-        may not have arrived yet and a new member is not refused for those seconds. Returns ``auth`` with the
-        database's role where it differs from the token's."""
+        The token first (403 without a query). Then the caller's standing for the session's organization
+        (:meth:`standing_org_role`): a role there not in ``roles`` is refused (403: the row's, when its webhook
+        is no older than the token), and so is a membership deleted here (403, no longer a member; an
+        organization deleted tombstones its memberships). Returns that standing ``auth``."""
         self.require_org_role(auth, *roles)
-        standing = self.standing_org_role(auth)
+        standing = self.standing_org_role(auth) if standing is None else standing
         if standing.org_role is None:
-            raise AccessDenied(f"no longer a member of organization {auth.org_id} (the membership was deleted "
-                               "since the session token was issued)")
+            raise AccessDenied(_deleted(auth))
         if not _org_role_in(standing.org_role, roles):
-            raise AccessDenied(f"organization role {show(standing.org_role)} in the database, changed since the "
-                               f"session token was issued ({show(auth.org_role)}), is not one of {sorted(roles)}")
+            raise AccessDenied(f"organization role {show(standing.org_role)} in the database (its membership's "
+                               f"latest webhook, no older than the session token, which says {show(auth.org_role)}) "
+                               f"is not one of {sorted(roles)}")
         # The confirmed role, not the token's: a guard admitting several roles would otherwise hand the view
         # a role the member no longer has (and the permissions of the one it had: see standing_org_role)
         return standing
 
     def standing_org_role(self, auth: Auth) -> Auth:
         """``auth`` with its active organization as ``organization_memberships`` has it now: a membership
-        deleted since the token was issued leaves no active organization (``org_id``, ``org_slug``,
-        ``org_role`` None, no ``org_permissions``: what Clerk's next token will say); a role changed there
-        replaces the token's, whose permissions are then kept only where the row lists them too (see
-        :func:`_held`); ``auth`` itself (the token stands) without an organization, with the same role, or
-        without a row (its ``organizationMembership.created`` may not have arrived yet). One indexed query when
-        the token names an organization role; blocking (async callers run it in a worker thread). What
-        :meth:`confirm_org_role` and :meth:`confirm_permission` judge, and what every face shows the app
-        (Starlette's ``request.user.auth``, FastAPI's ``current_auth``, Flask's ``current_clerk``, Django's
-        ``request.clerk.auth`` and DRF's ``request.auth``). ``auth.claims`` stays the token's, as signed."""
+        deleted there leaves no active organization (``org_id``, ``org_slug``, ``org_role`` None, no
+        ``org_permissions``: what Clerk's next token will say), whenever it was deleted (a member re-added gets
+        a new membership, which its webhook brings); a role changed there replaces the token's, whose permissions
+        are then kept only where the row lists them too (see :func:`_held`), unless the row is older than the
+        token (its ``clerk_updated_at`` before the token's ``iat``: the webhook that changed the role since is
+        late, Svix retries for a day), whose answer then stands. ``auth`` itself (the token stands) without an
+        organization, with the same role, or without a row (its ``organizationMembership.created`` may not have
+        arrived yet). One indexed query when the token names an organization role; blocking (async callers run
+        it in a worker thread). What :meth:`confirm_org_role` and :meth:`confirm_permission` judge, and what
+        every face shows the app (Starlette's ``request.user.auth``, FastAPI's ``current_auth``, Flask's
+        ``current_clerk``, Django's ``request.clerk.auth`` and DRF's ``request.auth``), read once a request.
+        ``auth.claims`` stays the token's, as signed."""
         if auth.org_id is None or auth.org_role is None:
             return auth
         row = self._membership(auth.org_id, auth.user_id)
         if row is None:
             return auth
-        role, deleted_at, permissions = row
+        role, deleted_at, permissions, updated_ms = row
         if deleted_at is not None:
             return dataclasses.replace(auth, org_id=None, org_slug=None, org_role=None, org_permissions=())
-        if same_org_role(role) == same_org_role(auth.org_role):
-            return auth  # the same role, whichever spelling the token uses
+        if same_org_role(role) == same_org_role(auth.org_role) or _older_than_token(updated_ms, auth):
+            return auth  # the same role, whichever spelling the token uses; or a row the token is newer than
         return dataclasses.replace(auth, org_role=role, org_permissions=_held(auth.org_permissions, permissions))
 
-    def confirm_permission(self, auth: Auth, permission: str) -> Auth:
+    def confirm_permission(self, auth: Auth, permission: str, *, standing: Auth | None = None) -> Auth:
         """:meth:`require_permission`, confirmed against ``organization_memberships`` (as
         :meth:`confirm_org_role` confirms the role): the token first (403 without a query), then the
-        permissions of :meth:`standing_org_role`, so a member removed or whose role changed since the token was
-        issued loses what the database's role does not grant. Returns that standing ``auth``. Blocking (one
-        indexed query when the token passes): async callers run it in a worker thread."""
+        permissions of :meth:`standing_org_role`, so a member removed, or whose role changed after the token
+        was issued, loses what the database's role does not grant. Returns that standing ``auth``. Blocking (one
+        indexed query when the token passes): async callers run it in a worker thread. ``standing``: as for
+        :meth:`confirm_org_role`."""
         self.require_permission(auth, permission)
-        standing = self.standing_org_role(auth)
+        standing = self.standing_org_role(auth) if standing is None else standing
         if standing.org_id is None:  # (the token named one: it carries the permission)
-            raise AccessDenied(f"no longer a member of organization {auth.org_id} (the membership was deleted "
-                               "since the session token was issued)")
+            raise AccessDenied(_deleted(auth))
         if permission not in standing.org_permissions:
             raise AccessDenied(f"missing permission {permission!r}: the organization role {show(standing.org_role)} "
-                               f"in the database, changed since the session token was issued "
-                               f"({show(auth.org_role)}), does not grant it")
+                               f"in the database (its membership's latest webhook, no older than the session token, "
+                               f"which says {show(auth.org_role)}) does not grant it")
         return standing
 
-    def _membership(self, org_id: str, user_id: str) -> tuple[str, datetime | None, object] | None:
-        """The (role, deleted_at, permissions) of the caller's membership of ``org_id``, None without one: one
+    def _membership(self, org_id: str, user_id: str) -> tuple[str, datetime | None, object, int | None] | None:
+        """The (role, deleted_at, permissions, clerk_updated_at) of the caller's membership of ``org_id``, None
+        without one: one
         query on the user's index. A member re-added after a removal has a new membership beside the old
         tombstone: the live one is taken, the latest if there are several."""
         with self.store.connect() as conn:
             row = conn.execute(_MEMBERSHIP, {"user_id": user_id, "org_id": org_id}).first()
-        return None if row is None else (row[0], row[1], row[2])
+        return None if row is None else (row[0], row[1], row[2], row[3])
 
     @staticmethod
     def guardable_permission(permission: str) -> str:
@@ -528,11 +531,27 @@ class Authenticator:
 _m = organization_memberships
 # Built once (a read on every request whose token names an organization role, on some faces): building the
 # statement per call took two thirds of the read's time on SQLite (534 us a read, 170 us with it built once).
-_MEMBERSHIP = (sa.select(_m.c.role, _m.c.deleted_at, _m.c.permissions)
+_MEMBERSHIP = (sa.select(_m.c.role, _m.c.deleted_at, _m.c.permissions, _m.c.clerk_updated_at)
                .where(_m.c.user_clerk_id == sa.bindparam("user_id"),
                       _m.c.organization_clerk_id == sa.bindparam("org_id"))
                .order_by(sa.case((_m.c.deleted_at.is_(None), 0), else_=1), _m.c.clerk_updated_at.desc())
                .limit(1))
+
+
+def _deleted(auth: Auth) -> str:
+    return (f"no longer a member of organization {auth.org_id}: the membership is deleted in the database (a member "
+            "re-added since has a new one, judged once its webhook arrives)")
+
+
+def _older_than_token(updated_ms: int | None, auth: Auth) -> bool:
+    """The membership row was last written (Clerk's ``updated_at``, ms) before the token was issued (``iat``, s):
+    Clerk minted the token from a newer membership than the row, whose webhook is late (Svix retries a failing
+    delivery for about a day), so the row is no measure of it. A row of the same second or later, or a time
+    unknown, is not older: the database's answer stands."""
+    iat = auth.claims.get("iat")
+    if updated_ms is None or isinstance(iat, bool) or not isinstance(iat, int | float):
+        return False
+    return updated_ms < iat * 1000
 
 
 def _held(token: tuple[str, ...], row: object) -> tuple[str, ...]:

@@ -136,9 +136,11 @@ class ClerkAuthBackend(AuthenticationBackend):
         if auth.org_role is None:
             return auth
         try:
-            return await run_in_threadpool(self.authenticator.standing_org_role, auth)
+            standing = await run_in_threadpool(self.authenticator.standing_org_role, auth)
         except StoreError as exc:
             raise AuthenticationError(exc.code) from exc
+        keep_standing(conn.scope, self.authenticator, auth, standing)  # (FastAPI's guards and current_auth reuse it)
+        return standing
 
 
 class ClerkAuthMiddleware:
@@ -243,6 +245,22 @@ def judged_by(scope: Scope, authenticator: Authenticator) -> Auth | None:
 def remember(scope: Scope, authenticator: Authenticator, auth: Auth) -> None:
     """Keep ``auth`` as this request's session, verified (or confirmed) by ``authenticator`` (:func:`judged_by`)."""
     scope["clerk_auth"], scope["clerk_auth_by"] = auth, authenticator
+
+
+def kept_standing(scope: Scope, authenticator: Authenticator, auth: Auth) -> Auth | None:
+    """The :meth:`~clerk_sync.auth.authenticator.Authenticator.standing_org_role` of session ``auth`` that
+    ``authenticator`` already read for this request (:func:`keep_standing`), else None: one read a request."""
+    kept = scope.get("clerk_sync.org_standing")
+    if kept is None or kept[0] is not authenticator or kept[1] is not auth:
+        return None
+    standing: Auth = kept[2]
+    return standing
+
+
+def keep_standing(scope: Scope, authenticator: Authenticator, auth: Auth, standing: Auth) -> None:
+    """Keep ``standing``, session ``auth``'s organization as the database has it, beside (not instead of) the
+    session, which the guards judge first."""
+    scope["clerk_sync.org_standing"] = (authenticator, auth, standing)
 
 
 def refusal_of(scope: Scope, authenticator: Authenticator) -> Exception | None:

@@ -31,7 +31,15 @@ from clerk_sync.auth.claims import Auth
 from clerk_sync.auth.users import AuthUser, JitUsers
 from clerk_sync.errors import ClerkSyncError
 from clerk_sync.ingest import WebhookProcessor
-from clerk_sync.integrations.asgi import WEBHOOK_SLASH_TWINS, ClerkAuthMiddleware, judged_by, refusal_of, remember
+from clerk_sync.integrations.asgi import (
+    WEBHOOK_SLASH_TWINS,
+    ClerkAuthMiddleware,
+    judged_by,
+    keep_standing,
+    kept_standing,
+    refusal_of,
+    remember,
+)
 from clerk_sync.integrations.starlette import build_processor, error_json, webhook_endpoint, with_and_without_slash
 
 __all__ = ["ClerkAuth", "build_processor", "sync_me_router", "webhook_router"]
@@ -126,11 +134,21 @@ class ClerkAuth(Generic[UserT]):
         ``organization_memberships`` has it now
         (:meth:`~clerk_sync.auth.authenticator.Authenticator.standing_org_role`: a removed member has none, a
         member whose role changed has the database's role and only the permissions it still grants; one indexed
-        read in the thread pool when the token names an organization role)."""
-        auth = await self._session(request)
+        read in the thread pool when the token names an organization role, once a request: the org guards'
+        read is reused)."""
+        return await self._standing(request, await self._session(request))
+
+    async def _standing(self, request: Request, auth: Auth) -> Auth:
+        """:meth:`~clerk_sync.auth.authenticator.Authenticator.standing_org_role` of the request's session, read
+        once a request and kept in its scope beside (not instead of) the token's session, which the guards judge
+        first: the guards and ``current_auth`` share the one read."""
         if auth.org_role is None:
             return auth
-        return await run_in_threadpool(self.authenticator.standing_org_role, auth)
+        standing = kept_standing(request.scope, self.authenticator, auth)
+        if standing is None:
+            standing = await run_in_threadpool(self.authenticator.standing_org_role, auth)
+            keep_standing(request.scope, self.authenticator, auth, standing)
+        return standing
 
     async def _session(self, request: Request) -> Auth:
         """The token's session: the one :class:`ClerkAuthMiddleware` verified for this request when it ran (one
@@ -173,7 +191,7 @@ class ClerkAuth(Generic[UserT]):
         async def dependency(request: Request) -> Auth:
             auth = Authenticator.require_org_role(await self._session(request), *roles)  # a "no" reads nothing
             # (the database's role; the session kept for the other guards stays the token's, judged first)
-            return await run_in_threadpool(self.authenticator.confirm_org_role, auth, *roles)
+            return self.authenticator.confirm_org_role(auth, *roles, standing=await self._standing(request, auth))
 
         return dependency
 
@@ -186,12 +204,13 @@ class ClerkAuth(Generic[UserT]):
 
         async def dependency(request: Request) -> Auth:
             auth = Authenticator.require_permission(await self._session(request), permission)  # a "no" reads nothing
-            return await run_in_threadpool(self.authenticator.confirm_permission, auth, permission)
+            return self.authenticator.confirm_permission(auth, permission, standing=await self._standing(request, auth))
 
         return dependency
 
     async def not_impersonated(self, request: Request) -> Auth:
-        """Refuse impersonated sessions on sensitive routes."""
-        return self.authenticator.forbid_impersonation(await self.current_auth(request))
+        """Refuse impersonated sessions on sensitive routes: the token's session judged (no membership read, as
+        Flask's and Django's ``not_impersonated``); returns it."""
+        return self.authenticator.forbid_impersonation(await self._session(request))
 
 

@@ -379,7 +379,8 @@ def django_user(request: HttpRequest, state: ClerkRequest) -> Any:
             except ClerkUserUnavailable as exc:
                 state.user_unavailable = exc
                 log.warning("django_user_unavailable", path=request.path, error=exc.error.code,
-                            clerk_id=state.auth.user_id if state.auth is not None else None, cause=str(exc.error),
+                            clerk_id=state.token_auth.user_id if state.token_auth is not None else None,
+                            cause=str(exc.error),
                             answer="503 with Retry-After (ClerkMiddleware), not AnonymousUser: an outage is no "
                                    "sign-out")
                 raise
@@ -421,7 +422,7 @@ class ClerkBackend(BaseBackend):
                      **_: Any) -> Any:
         if clerk_request is None:
             return None
-        if clerk_request.auth is None:  # no session, or one refused; or one that could not be checked
+        if clerk_request.token_auth is None:  # no session, or one refused; or one that could not be checked
             if is_outage(clerk_request.error):
                 assert clerk_request.error is not None
                 raise ClerkUserUnavailable(clerk_request.error) from clerk_request.error
@@ -433,7 +434,7 @@ class ClerkBackend(BaseBackend):
                 raise ClerkUserUnavailable(exc) from exc
             # no row (webhook late, JIT off), banned or deleted: not signed in
             if _refused_for_good(exc):
-                clerk_id = clerk_request.auth.user_id
+                clerk_id = clerk_request.token_auth.user_id
                 # (unread or unsaved, either database down: the next request does it)
                 with contextlib.suppress(StoreError, OperationalError, InterfaceError):
                     deactivate_django_user(clerk_id, read_user(get_clerk_sync().store, clerk_id))

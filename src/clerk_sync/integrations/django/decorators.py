@@ -27,7 +27,7 @@ from asgiref.sync import iscoroutinefunction, sync_to_async
 from clerk_sync.auth.authenticator import Authenticator
 from clerk_sync.auth.claims import Auth
 from clerk_sync.auth.users import AuthUser
-from clerk_sync.errors import AccessDenied, ClerkSyncError, StoreError
+from clerk_sync.errors import AccessDenied, ClerkSyncError
 from clerk_sync.integrations.django.request import ClerkRequest, aclerk_request, clerk_request
 from clerk_sync.integrations.django.views import error_json
 
@@ -53,8 +53,10 @@ def check_role(user: AuthUser, roles: tuple[str, ...]) -> None:
         raise AccessDenied(f"role {user.role!r} is not one of {sorted(roles)}")
 
 
-def clerk_guard(check: Check, *, needs_user: bool = False) -> Callable[[V], V]:
-    """Build a decorator from a check; the other guards are made with it."""
+def clerk_guard(check: Check, *, needs_user: bool = False, standing: bool = True) -> Callable[[V], V]:
+    """Build a decorator from a check; the other guards are made with it. The check gets ``request.clerk.auth``
+    (the organization as the database has it: one read a request, when the token names an organization role),
+    or with ``standing=False`` the token's session (no membership read)."""
 
     def decorate(view: V) -> V:
         if iscoroutinefunction(view):
@@ -63,7 +65,11 @@ def clerk_guard(check: Check, *, needs_user: bool = False) -> Callable[[V], V]:
             async def async_view(request: Any, *args: Any, **kwargs: Any) -> Any:
                 state = await aclerk_request(request)
                 try:
-                    check(state.require_auth(), await state.auser() if needs_user else None)
+                    auth = state.require_session()
+                    if standing:
+                        await state.astanding()  # (the read in a worker thread)
+                        auth = state.require_auth()
+                    check(auth, await state.auser() if needs_user else None)
                 except ClerkSyncError as exc:
                     return error_json(exc)
                 return await view(request, *args, **kwargs)
@@ -74,7 +80,7 @@ def clerk_guard(check: Check, *, needs_user: bool = False) -> Callable[[V], V]:
         def sync_view(request: Any, *args: Any, **kwargs: Any) -> Any:
             state = clerk_request(request)
             try:
-                _run(check, state, needs_user)
+                _run(check, state, needs_user, standing)
             except ClerkSyncError as exc:
                 return error_json(exc)
             return view(request, *args, **kwargs)
@@ -84,8 +90,9 @@ def clerk_guard(check: Check, *, needs_user: bool = False) -> Callable[[V], V]:
     return decorate
 
 
-def _run(check: Check, state: ClerkRequest, needs_user: bool) -> None:
-    check(state.require_auth(), state.user if needs_user else None)
+def _run(check: Check, state: ClerkRequest, needs_user: bool, standing: bool) -> None:
+    auth = state.require_auth() if standing else state.require_session()
+    check(auth, state.user if needs_user else None)
 
 
 def _signed_in(auth: Auth, user: AuthUser | None) -> None:
@@ -93,8 +100,8 @@ def _signed_in(auth: Auth, user: AuthUser | None) -> None:
 
 
 def clerk_login_required(view: V) -> V:
-    """A verified session (401 otherwise); the row is not read."""
-    return clerk_guard(_signed_in)(view)
+    """A verified session (401 otherwise); neither the user's row nor the membership is read."""
+    return clerk_guard(_signed_in, standing=False)(view)
 
 
 def require_role(*roles: str) -> Callable[[V], V]:
@@ -104,24 +111,16 @@ def require_role(*roles: str) -> Callable[[V], V]:
         assert user is not None  # needs_user
         check_role(user, roles)
 
-    return clerk_guard(check, needs_user=True)
+    return clerk_guard(check, needs_user=True, standing=False)
 
 
 def confirm_org_role(state: ClerkRequest, roles: tuple[str, ...]) -> Auth:
     """The session's organization role (token first), confirmed against the membership row: see
-    :meth:`~clerk_sync.auth.authenticator.Authenticator.confirm_org_role`. Blocking (one indexed query when
-    the token passes): async callers run it in a worker thread."""
-    state.require_auth()
-    assert state.token_auth is not None  # (set with auth)
-    auth = Authenticator.require_org_role(state.token_auth, *roles)  # the token's first: a "no" reads nothing
-    try:
-        confirmed = state.runtime.authenticator.confirm_org_role(auth, *roles)
-    except StoreError as exc:
-        state.runtime.naming_database(exc)  # (the same error, its message naming the database)
-        raise
-    if confirmed != state.auth:  # the view sees the database's role (read again: it changed since)
-        state.auth = confirmed
-    return confirmed
+    :meth:`~clerk_sync.auth.authenticator.Authenticator.confirm_org_role`, judging ``state.auth`` (read once a
+    request, by whichever asks first). Blocking (one indexed query when the token passes and nothing read it
+    yet): async callers run it in a worker thread."""
+    auth = Authenticator.require_org_role(state.require_session(), *roles)  # the token's first: a "no" reads nothing
+    return state.runtime.authenticator.confirm_org_role(auth, *roles, standing=state.require_auth())
 
 
 def require_org_role(*roles: str) -> Callable[[V], V]:
@@ -174,4 +173,4 @@ def _not_impersonated(auth: Auth, user: AuthUser | None) -> None:
 
 def not_impersonated(view: V) -> V:
     """Refuse sessions where an admin acts as the user (billing, password, deleting the account)."""
-    return clerk_guard(_not_impersonated)(view)
+    return clerk_guard(_not_impersonated, standing=False)(view)

@@ -91,7 +91,7 @@ class ClerkMiddleware:
         if self.is_async:
             return self.__acall__(request)
         state = clerk_request(request)  # (which audits a request made while impersonating, once)
-        if state.auth is not None:
+        if state.is_authenticated:  # (the token's session: the membership is read only when asked)
             self._signed_in(request, state)
         elif (refusal := self._refusal(request, state)) is not None:
             return refusal
@@ -101,7 +101,7 @@ class ClerkMiddleware:
 
     async def __acall__(self, request: HttpRequest) -> HttpResponse:
         state = await aclerk_request(request)
-        if state.auth is not None:
+        if state.is_authenticated:  # (the token's session: the membership is read only when asked)
             self._signed_in(request, state)
         elif (refusal := self._refusal(request, state)) is not None:
             return refusal
@@ -134,7 +134,7 @@ class ClerkMiddleware:
         if cls._is_public_view(request, path):
             return None
         try:
-            state.require_auth()
+            state.require_session()
         except ClerkSyncError as exc:
             return error_json(exc)
         return None  # pragma: no cover - require_auth raises when there is no session

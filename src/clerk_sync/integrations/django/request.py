@@ -79,40 +79,80 @@ def _what_is_down(error: ClerkSyncError) -> str:
 
 
 class ClerkRequest:
-    """What ``request.clerk`` holds: the session (``auth``), or why there is none (``error``).
+    """What ``request.clerk`` holds: the session, or why there is none (``error``).
 
-    ``auth``'s active organization is the database's (see
+    ``token_auth`` is the token's session, which the guards judge first (a promotion waits for a new token).
+    ``auth`` is that session with its active organization as the database has it (see
     :meth:`~clerk_sync.auth.authenticator.Authenticator.standing_org_role`: a removed member has none, a member
-    whose role changed has that role and only the permissions it still grants); ``token_auth`` is the
-    token's, which the org-role guards judge first (a promotion waits for a new token)."""
+    whose role changed has that role and only the permissions it still grants): read on first use and kept for
+    the request (one indexed read when the token names an organization role; none for a view that never asks,
+    a public one included). A database down then raises the :class:`~clerk_sync.errors.StoreError` (503) there,
+    and again on later uses without a second attempt. Async code calls ``await`` :meth:`astanding` first, which
+    reads in a worker thread."""
 
     def __init__(self, runtime: ClerkSync, auth: Auth | None, error: ClerkSyncError | None = None, *,
-                 asgi: bool = False, token_auth: Auth | None = None) -> None:
+                 asgi: bool = False) -> None:
         self.runtime = runtime
-        self.auth = auth
-        self.token_auth = token_auth if token_auth is not None else auth
+        self.token_auth = auth
         self.error = error
         self.asgi = asgi  # served by Django's ASGI handler: one event loop for the process (runtime.auser)
+        self._standing: Auth | None = None
+        self._standing_error: StoreError | None = None
         self._user: AuthUser | None = None
         # Set by backends.django_user when resolving request.user hit an outage: later uses raise it again
         # (no second database or Clerk attempt, no second log line) and ClerkMiddleware answers it.
         self.user_unavailable: ClerkUserUnavailable | None = None
 
     @property
+    def auth(self) -> Auth | None:
+        """The session as the database has its organization now (None without a session): see the class."""
+        if self.token_auth is None:
+            return None
+        if self._standing is None:
+            self._standing = self._read_standing(self.token_auth)
+        return self._standing
+
+    def _read_standing(self, session: Auth) -> Auth:
+        if self._standing_error is not None:
+            raise self._standing_error
+        if session.org_role is None:
+            return session
+        try:
+            return self.runtime.authenticator.standing_org_role(session)
+        except StoreError as exc:
+            self._standing_error = exc
+            self.runtime.naming_database(exc)  # (the same error, its message naming the database)
+            raise
+
+    async def astanding(self) -> Auth | None:
+        """:attr:`auth` for async code: its read, if still to make, in a worker thread."""
+        if self.token_auth is not None and self._standing is None:
+            self._standing = await sync_to_async(self._read_standing, thread_sensitive=False)(self.token_auth)
+        return self.auth
+
+    @property
     def is_authenticated(self) -> bool:
-        return self.auth is not None
+        return self.token_auth is not None
+
+    def require_session(self) -> Auth:
+        """The token's session, or the error to answer (401: missing, invalid, revoked; 503: DB down); no
+        membership read."""
+        if self.token_auth is None:
+            raise self.error or TokenMissing("no session token (Authorization: Bearer or __session cookie)")
+        return self.token_auth
 
     def require_auth(self) -> Auth:
-        """The session, or the error to answer (401: missing, invalid, revoked; 503: DB down)."""
-        if self.auth is None:
-            raise self.error or TokenMissing("no session token (Authorization: Bearer or __session cookie)")
-        return self.auth
+        """:attr:`auth`, or the error to answer (401: missing, invalid, revoked; 503: DB down)."""
+        self.require_session()
+        auth = self.auth
+        assert auth is not None
+        return auth
 
     @property
     def user(self) -> AuthUser:
         """The caller's ``users`` row (one indexed query, once per request; JIT-synced when enabled)."""
         if self._user is None:
-            auth = self.require_auth()
+            auth = self.require_session()  # (its user id: no membership read)
             try:
                 self._user = self.runtime.user(auth)
             except StoreError as exc:
@@ -123,7 +163,7 @@ class ClerkRequest:
     async def auser(self) -> AuthUser:
         """Async :attr:`user`: the query runs in a worker thread, a JIT fetch on the event loop."""
         if self._user is None:
-            auth = self.require_auth()
+            auth = self.require_session()
             try:
                 self._user = await self.runtime.auser(auth, asgi=self.asgi)
             except StoreError as exc:
@@ -147,14 +187,13 @@ def _trusted_origins() -> list[str]:
     return list(getattr(settings, "CSRF_TRUSTED_ORIGINS", ()) or ())
 
 
-def _answer(runtime: ClerkSync, result: tuple[Auth, Auth] | ClerkSyncError, request: HttpRequest) -> ClerkRequest:
+def _answer(runtime: ClerkSync, result: Auth | ClerkSyncError, request: HttpRequest) -> ClerkRequest:
     asgi = isinstance(request, ASGIRequest)
     if isinstance(result, TokenMissing):
         return ClerkRequest(runtime, None, asgi=asgi)
     if isinstance(result, ClerkSyncError):
         return ClerkRequest(runtime, None, result, asgi=asgi)
-    token_auth, standing = result
-    return ClerkRequest(runtime, standing, asgi=asgi, token_auth=token_auth)
+    return ClerkRequest(runtime, result, asgi=asgi)
 
 
 def _audited(result: Auth | ClerkSyncError, runtime: ClerkSync) -> TypeGuard[Auth]:
@@ -177,8 +216,7 @@ def clerk_request(request: HttpRequest) -> ClerkRequest:
         if _audited(result, runtime):  # as ClerkMiddleware does (a guard without it)
             runtime.authenticator.audit_impersonated_request(result, request.method or "", request.path,
                                                              request.META.get("REMOTE_ADDR"))
-        # what the app sees: the membership as the database has it (one indexed read with an org role)
-        answer: tuple[Auth, Auth] | ClerkSyncError = (result, _standing(runtime, result))
+        answer: Auth | ClerkSyncError = result  # (the membership: read when first asked, ClerkRequest.auth)
     except (TokenError, AccessDenied, StoreError, ConfigError) as exc:  # fails protected views only
         answer = runtime.naming_database(exc)
     state = _answer(runtime, answer, request)
@@ -199,8 +237,7 @@ async def aclerk_request(request: HttpRequest) -> ClerkRequest:
         if _audited(result, runtime):
             await sync_to_async(runtime.authenticator.audit_impersonated_request)(
                 result, request.method or "", request.path, request.META.get("REMOTE_ADDR"))
-        answer: tuple[Auth, Auth] | ClerkSyncError = (
-            result, await sync_to_async(_standing, thread_sensitive=False)(runtime, result))
+        answer: Auth | ClerkSyncError = result
     except (TokenError, AccessDenied, StoreError, ConfigError) as exc:  # fails protected views only
         answer = runtime.naming_database(exc)
     if isinstance(answer, StoreError):
@@ -208,11 +245,6 @@ async def aclerk_request(request: HttpRequest) -> ClerkRequest:
     state = _answer(runtime, answer, request)
     request.clerk = state  # type: ignore[attr-defined]
     return state
-
-
-def _standing(runtime: ClerkSync, auth: Auth) -> Auth:
-    """``auth`` with its active organization as the database has it (blocking; none read without a role)."""
-    return auth if auth.org_role is None else runtime.authenticator.standing_org_role(auth)
 
 
 def _unless_invalid(runtime: ClerkSync, error: StoreError, headers: Mapping[str, str],

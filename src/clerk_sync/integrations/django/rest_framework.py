@@ -8,9 +8,9 @@
 
 They compose with DRF's ``|``, ``&`` and ``~``: ``HasRole.of("admin") | HasOrgRole.of("org:admin")``.
 
-``request.auth`` is the verified :class:`~clerk_sync.auth.claims.Auth` (after :class:`HasOrgRole`, with the
-organization role the database confirmed); ``request.user`` is the Django
-user when :class:`~.backends.ClerkBackend` is installed, else a :class:`ClerkPrincipal`. With the backend
+``request.auth`` is the verified :class:`~clerk_sync.auth.claims.Auth`, its active organization as the database
+has it (read once a request, shared with :class:`HasOrgRole` and :class:`HasPermission`); ``request.user`` is the
+Django user when :class:`~.backends.ClerkBackend` is installed, else a :class:`ClerkPrincipal`. With the backend
 installed, a session whose Django user it refuses (inactive, or a local account it never takes over)
 is not authenticated here either: 401 ``AuthenticationFailed``, as plain Django views see
 ``AnonymousUser``. Other refusals keep the status, body and headers of the one error table
@@ -106,8 +106,13 @@ class ClerkPrincipal:
 
 
 def clerk_auth(request: Request) -> Auth:
-    """``request.auth`` typed: the verified session (raises the 401 when there is none)."""
-    return _require(request).require_auth()
+    """``request.auth`` typed: the verified session, its organization as the database has it (raises the 401
+    when there is none, the 503 when the database is down)."""
+    state = _require(request)
+    try:
+        return state.require_auth()
+    except ClerkSyncError as exc:
+        raise ClerkAPIException(exc) from exc
 
 
 def _state(request: Request) -> ClerkRequest:
@@ -120,10 +125,10 @@ def _require(request: Request) -> ClerkRequest:
     runs here, since APIView is CSRF-exempt and the view's own classes may be any (or none)."""
     state = _state(request)
     try:
-        state.require_auth()
+        state.require_session()  # (no membership read: a check that needs it reads it, once a request)
     except ClerkSyncError as exc:
         raise ClerkAPIException(exc) from exc
-    if not _has_bearer(request) and request.auth is not state.auth:
+    if not _has_bearer(request) and not isinstance(request.successful_authenticator, ClerkAuthentication):
         ClerkAuthentication.enforce_csrf(request)
     return state
 
@@ -142,13 +147,17 @@ class ClerkAuthentication(BaseAuthentication):
 
     def authenticate(self, request: Request) -> tuple[Any, Auth] | None:
         state = _state(request)
-        if state.auth is None:
+        if state.token_auth is None:
             if state.error is None or not _has_bearer(request):
                 return None
             raise ClerkAPIException(state.error)
         if not _has_bearer(request):
             self.enforce_csrf(request)  # the __session cookie is ambient: as DRF's SessionAuthentication
-        return self._user(request, state), state.auth
+        try:
+            auth = state.require_auth()  # request.auth: the organization as the database has it (503 if down)
+        except ClerkSyncError as exc:
+            raise ClerkAPIException(exc) from exc
+        return self._user(request, state), auth
 
     @staticmethod
     def enforce_csrf(request: Request) -> None:
@@ -203,7 +212,6 @@ class _ClerkCheck(BasePermission):
         the error table's body as DRF's message. Everything else is raised: no session (401), a banned or
         deleted row, the database or Clerk down (503) are no answer to compose."""
         state = _require(request)
-        session = state.auth
         try:
             self.check(state)
         except AccessDenied as exc:
@@ -216,11 +224,6 @@ class _ClerkCheck(BasePermission):
             return False
         except ClerkSyncError as exc:
             raise ClerkAPIException(exc) from exc
-        if state.auth is not session and request.auth is session:
-            # confirmed anew (HasOrgRole: the database's organization role): DRF's request.auth, which
-            # ClerkAuthentication set to the session, is the confirmed one too, as clerk_auth(request) is. (One
-            # another authentication class set, a DRF token, is left alone.)
-            request.auth = state.auth
         return True
 
     def has_object_permission(self, request: Request, view: Any, obj: Any) -> bool:
@@ -276,8 +279,8 @@ class HasPermission(_ClerkCheck):
         return type(f"HasPermission_{permission}", (cls,), {"permission": permission})
 
     def check(self, state: ClerkRequest) -> None:
-        assert state.auth is not None
-        Authenticator.require_permission(state.auth, self.permission)
+        auth = Authenticator.require_permission(state.require_session(), self.permission)  # a "no" reads nothing
+        state.runtime.authenticator.confirm_permission(auth, self.permission, standing=state.require_auth())
 
 
 class NotImpersonated(_ClerkCheck):
@@ -285,5 +288,4 @@ class NotImpersonated(_ClerkCheck):
     (billing, password, deleting the account), as ``not_impersonated`` does for Django views."""
 
     def check(self, state: ClerkRequest) -> None:
-        assert state.auth is not None
-        Authenticator.forbid_impersonation(state.auth)
+        Authenticator.forbid_impersonation(state.require_session())

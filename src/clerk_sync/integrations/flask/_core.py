@@ -557,8 +557,9 @@ def require_org_role(*roles: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """An active organization with one of ``roles`` (``org:admin`` ...) in the token, confirmed against the
     membership row, so a removal or demotion applies on the next request (403; see
     :meth:`~clerk_sync.auth.authenticator.Authenticator.confirm_org_role`)."""
-    def check() -> None:  # the view's current_clerk: the database's role (the token's stays the guards')
-        _cached()["standing"] = _authenticator(clerk_state()).confirm_org_role(_current_auth(), *roles)
+    def check() -> None:  # the standing judged is current_clerk's too: one read a request, whichever guards ask
+        auth = Authenticator.require_org_role(_current_auth(), *roles)  # a "no" reads nothing
+        _authenticator(clerk_state()).confirm_org_role(auth, *roles, standing=_standing_auth())
 
     return _guard(check)
 
@@ -570,7 +571,8 @@ def require_permission(permission: str) -> Callable[[Callable[P, R]], Callable[P
     Authenticator.guardable_permission(permission)
 
     def check() -> None:
-        _cached()["standing"] = _authenticator(clerk_state()).confirm_permission(_current_auth(), permission)
+        auth = Authenticator.require_permission(_current_auth(), permission)  # a "no" reads nothing
+        _authenticator(clerk_state()).confirm_permission(auth, permission, standing=_standing_auth())
 
     return _guard(check)
 

@@ -1,0 +1,143 @@
+"""Django reads the session's membership once a request, and only when something asks (the story:
+:mod:`tests.test_org_standing_once`): ``clerk_request`` read it for every request whose token named an organization
+role, ``clerk_public`` views and views that never look at the organization included, and ``require_org_role`` /
+DRF's ``HasOrgRole`` read it again. While the database is down, the read answers 503 on every Django face."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from django.http import HttpRequest, JsonResponse
+from django.test import override_settings
+from django.urls import path
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from clerk_sync.errors import StoreError
+from clerk_sync.integrations.django.decorators import clerk_login_required, require_org_role, require_permission
+from clerk_sync.integrations.django.middleware import clerk_public
+from clerk_sync.integrations.django.request import aclerk_request, clerk_request
+from clerk_sync.integrations.django.rest_framework import HasOrgRole, HasPermission, IsClerkAuthenticated
+from clerk_sync.integrations.django.runtime import get_clerk_sync
+from clerk_sync.store import create_engine
+from clerk_sync.testing import EmulatorServer
+from tests._server import free_port
+from tests.django.conftest import bearer, django_database, emulator_settings, serve
+from tests.django.urls import urlpatterns as base_urls
+from tests.test_org_standing_permissions import MANAGE, emulator, seen
+
+
+@require_org_role("org:admin")
+@require_permission(MANAGE)
+def guarded(request: HttpRequest) -> JsonResponse:
+    return JsonResponse(seen(clerk_request(request).require_auth()))
+
+
+@require_org_role("org:admin")
+async def async_guarded(request: HttpRequest) -> JsonResponse:
+    return JsonResponse(seen((await aclerk_request(request)).require_auth()))
+
+
+@clerk_public
+def public(request: HttpRequest) -> JsonResponse:
+    return JsonResponse({"page": "public"})
+
+
+@clerk_login_required
+def signed_in(request: HttpRequest) -> JsonResponse:
+    return JsonResponse({"user": clerk_request(request).require_session().user_id})
+
+
+class Drf(APIView):
+    permission_classes = (IsClerkAuthenticated, HasOrgRole.of("org:admin"), HasPermission.of(MANAGE))
+
+    def get(self, request: Request) -> Response:
+        return Response(seen(request.auth))
+
+
+READS = {"/t/once/guarded": 1, "/t/once/async-guarded": 1, "/t/once/drf": 1, "/t/once/public": 0,
+         "/t/once/signed-in": 0}
+urlpatterns = [*base_urls, path("t/once/guarded", guarded), path("t/once/async-guarded", async_guarded),
+               path("t/once/public", public), path("t/once/signed-in", signed_in), path("t/once/drf", Drf.as_view())]
+
+
+@contextmanager
+def world(db_url: str, transport: str) -> Iterator[tuple[EmulatorServer, Any]]:
+    port = free_port()
+    # (the deny list read once for the test: a database taken down is met by the membership read)
+    with emulator(port) as clerk, django_database(db_url), override_settings(
+            ROOT_URLCONF=__name__, CLERK_SYNC=emulator_settings(clerk, DENY_LIST_REFRESH_S=3600)), \
+            serve(transport, port) as app:
+        yield clerk, app
+
+
+@contextmanager
+def membership_reads() -> Iterator[list[str]]:
+    """The statements on ``organization_memberships``, whichever engine and thread ran them."""
+    seen_: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if "organization_memberships" in statement and statement.lstrip().upper().startswith("SELECT"):
+            seen_.append(statement)
+
+    sa.event.listen(sa.engine.Engine, "before_cursor_execute", record)
+    try:
+        yield seen_
+    finally:
+        sa.event.remove(sa.engine.Engine, "before_cursor_execute", record)
+
+
+def _unreachable(db_url: str, tmp_path: Path) -> sa.Engine:
+    url = sa.engine.make_url(db_url)
+    if url.get_backend_name() == "sqlite":
+        gone = tmp_path / f"gone-{uuid.uuid4().hex[:8]}"
+        gone.mkdir()
+        engine = create_engine(f"sqlite:///{gone / 'clerk_sync.db'}")
+        gone.rmdir()
+        return engine
+    url = url.set(host="127.0.0.1", port=free_port())
+    if url.get_backend_name() == "postgresql":
+        url = url.update_query_dict({"connect_timeout": "2"})
+    return create_engine(url.render_as_string(hide_password=False))
+
+
+@pytest.mark.parametrize("transport", ["test-client", "asgi"])
+def test_django_reads_the_membership_once_and_only_when_asked(db_url: str, transport: str, tmp_path: Path) -> None:
+    with world(db_url, transport) as (clerk, app):
+        owner = clerk.create_user("owner@example.com")
+        org = clerk.create_organization("Acme", created_by=owner["id"])
+        admin = clerk.create_user("admin@example.com")["id"]
+        clerk.add_membership(org["id"], admin, role="org:admin")
+        clerk.wait_for_deliveries()
+        tok = clerk.mint_session_token(admin, org_id=org["id"])
+        for route, expected in READS.items():
+            with membership_reads() as reads:
+                answer = app.get(route, headers=bearer(tok))
+            assert answer.status_code == 200, (route, answer.status_code, answer.content)
+            if "org_role" in answer.json():
+                assert answer.json()["org_role"] == "org:admin", route
+            assert len(reads) == expected, (route, reads)
+
+        store = get_clerk_sync().store
+        up = store.engine
+        store.engine = _unreachable(db_url, tmp_path)
+        try:
+            with pytest.raises(StoreError):  # really down
+                store.ping()
+            for route, expected in READS.items():
+                answer = app.get(route, headers=bearer(tok))
+                if expected:  # the read answers 503; a view that reads nothing is served
+                    assert answer.status_code == 503, (route, answer.status_code, answer.content)
+                    assert answer.json()["error"] == "store_unavailable", route
+                else:
+                    assert answer.status_code == 200, (route, answer.status_code, answer.content)
+        finally:
+            store.engine.dispose()
+            store.engine = up

@@ -1,0 +1,254 @@
+"""The session's organization as ``organization_memberships`` has it, read once a request and believed only when
+it is no older than the token (review of the standing-membership work, 2026-12-06):
+
+- a membership row is only as fresh as its last webhook, and Svix retries a failing delivery for about a day: a
+  row written before the token was issued (``clerk_updated_at`` < ``iat``) no longer overrode the newer token
+  (a late demotion showed ``org:admin``; a late promotion refused a new admin token 403). A deletion still wins;
+- FastAPI read the membership twice on a route with an org guard and ``current_auth`` (and Flask with two org
+  guards); ``not_impersonated`` read it (503 while the database was down) where it judges the token only;
+- while the database is down, the read answers 503 on FastAPI and Flask (Django's in
+  ``tests/django/test_org_standing_once.py``).
+
+Real servers on loopback, real tokens; statements counted on the store's engine."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from fastapi import Depends, FastAPI
+from flask import Flask
+
+from clerk_sync.auth.authenticator import Authenticator, DenyList
+from clerk_sync.auth.claims import Auth, ClaimsValidator
+from clerk_sync.auth.jwks import StaticKeySource
+from clerk_sync.auth.sessions import SessionVerifier
+from clerk_sync.errors import AccessDenied, StoreError
+from clerk_sync.integrations.fastapi import ClerkAuth
+from clerk_sync.integrations.flask import ClerkSync, clerk_state, current_clerk, require_org_role, require_permission
+from clerk_sync.store import Store, create_engine
+from tests import factories as f
+from tests._flask import running_wsgi
+from tests._server import free_port, running
+from tests.test_auth import Harness, token
+from tests.test_org_role_confirmed import bearer, emulator_env
+from tests.test_org_standing_permissions import MANAGE, READ, emulator, seen
+from tests.test_sessions import AZP, ISS, KEY, pem
+
+ORG, MEMBER = "org_s", "user_s"
+
+
+def _token(role: str, *permissions: str) -> str:
+    return token(MEMBER, v=1, org_id=ORG, org_role=role, org_slug="acme", org_permissions=list(permissions))
+
+
+def _row(h: Harness, role: str, updated_ms: int, *permissions: str, mem_id: str = "orgmem_s") -> None:
+    data = f.membership(mem_id, ORG, MEMBER, updated_ms, role=role)
+    data["permissions"] = list(permissions)
+    h.event("organizationMembership.updated" if h.n else "organizationMembership.created", data)
+
+
+@pytest.fixture
+def harness(db_url: str) -> Iterator[Harness]:
+    h = Harness(db_url)
+    yield h
+    h.store.dispose()
+
+
+def _authenticator(store: Store) -> Authenticator:
+    """An authenticator whose deny list, once read, is not read again for the test (so a database taken down
+    is met by the membership read, not by the deny list's refresh)."""
+    verifier = SessionVerifier(StaticKeySource(pem(KEY)), ClaimsValidator(issuer=ISS, authorized_parties=frozenset({AZP})))
+    return Authenticator(verifier, store, deny_list=DenyList(store, refresh_s=3600))
+
+
+@contextmanager
+def membership_reads(store: Store) -> Iterator[list[str]]:
+    seen_: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if "organization_memberships" in statement:
+            seen_.append(statement)
+
+    sa.event.listen(store.engine, "before_cursor_execute", record)
+    try:
+        yield seen_
+    finally:
+        sa.event.remove(store.engine, "before_cursor_execute", record)
+
+
+def unreachable(db_url: str, tmp_path: Path) -> sa.Engine:
+    """An engine of the same kind that reaches no database (a SQLite file in a directory removed; a port nothing
+    listens on)."""
+    url = sa.engine.make_url(db_url)
+    if url.get_backend_name() == "sqlite":
+        gone = tmp_path / f"gone-{uuid.uuid4().hex[:8]}"
+        gone.mkdir()
+        engine = create_engine(f"sqlite:///{gone / 'clerk_sync.db'}")
+        gone.rmdir()
+        return engine
+    url = url.set(host="127.0.0.1", port=free_port())
+    if url.get_backend_name() == "postgresql":
+        url = url.update_query_dict({"connect_timeout": "2"})
+    return create_engine(url.render_as_string(hide_password=False))
+
+
+@contextmanager
+def database_down(store: Store, db_url: str, tmp_path: Path) -> Iterator[None]:
+    up = store.engine
+    store.engine = unreachable(db_url, tmp_path)
+    try:
+        with pytest.raises(StoreError):  # really down
+            store.ping()
+        yield
+    finally:
+        store.engine.dispose()
+        store.engine = up
+
+
+# -- M3: a row older than the token does not override it --------------------------------------------------
+def test_a_late_demotion_webhook_does_not_override_a_newer_member_token(harness: Harness) -> None:
+    h = harness
+    now_ms = int(time.time()) * 1000
+    _row(h, "org:admin", now_ms - 60_000, READ, MANAGE)  # the row: admin, a minute before the token
+    member = h.auth.authenticate({"authorization": f"Bearer {_token('org:member', READ)}"}, {})  # a member since
+    standing = h.auth.standing_org_role(member)
+    assert (standing.org_role, standing.org_permissions) == ("org:member", (READ,))
+    with pytest.raises(AccessDenied):
+        h.auth.confirm_org_role(member, "org:admin")
+    assert h.auth.confirm_org_role(member, "org:member").org_role == "org:member"
+
+
+def test_a_late_promotion_webhook_does_not_refuse_a_newer_admin_token(harness: Harness) -> None:
+    h = harness
+    _row(h, "org:member", int(time.time()) * 1000 - 60_000, READ)
+    admin = h.auth.authenticate({"authorization": f"Bearer {_token('org:admin', READ, MANAGE)}"}, {})
+    assert h.auth.standing_org_role(admin) is admin  # the token's role and permissions
+    assert h.auth.confirm_org_role(admin, "org:admin") is admin
+    assert h.auth.confirm_permission(admin, MANAGE) is admin
+
+
+def test_a_row_newer_than_the_token_still_wins(harness: Harness) -> None:
+    h = harness
+    admin = h.auth.authenticate({"authorization": f"Bearer {_token('org:admin', READ, MANAGE)}"}, {})
+    _row(h, "org:member", int(admin.claims["iat"]) * 1000 + 1_000, READ)  # demoted after the token was issued
+    standing = h.auth.standing_org_role(admin)
+    assert (standing.org_role, standing.org_permissions) == ("org:member", (READ,))
+    with pytest.raises(AccessDenied, match="no older than the session token"):
+        h.auth.confirm_org_role(admin, "org:admin")
+    with pytest.raises(AccessDenied, match="no older than the session token"):
+        h.auth.confirm_permission(admin, MANAGE)
+
+
+def test_a_deletion_wins_whatever_its_time(harness: Harness) -> None:
+    h = harness
+    _row(h, "org:admin", int(time.time()) * 1000 - 60_000, READ, MANAGE)
+    h.event("organizationMembership.deleted", f.deleted("organization_membership", "orgmem_s"))
+    admin = h.auth.authenticate({"authorization": f"Bearer {_token('org:admin', READ, MANAGE)}"}, {})
+    assert h.auth.standing_org_role(admin).org_id is None
+    with pytest.raises(AccessDenied, match="the membership is deleted in the database"):
+        h.auth.confirm_org_role(admin, "org:admin")
+
+
+# -- FastAPI: one read a request, none for not_impersonated, 503 while down ---------------------------------
+def _fastapi(authenticator: Authenticator) -> FastAPI:
+    clerk = ClerkAuth(authenticator)
+    app = FastAPI()
+    clerk.install(app, public_paths={"/public"})
+
+    @app.get("/who")
+    async def who(auth: Auth = Depends(clerk.current_auth)) -> dict[str, Any]:
+        return seen(auth)
+
+    @app.get("/guard-then-auth", dependencies=[Depends(clerk.require_org_role("org:admin"))])
+    async def guard_then_auth(auth: Auth = Depends(clerk.current_auth)) -> dict[str, Any]:
+        return seen(auth)
+
+    @app.get("/permission-then-auth", dependencies=[Depends(clerk.require_permission(READ))])
+    def permission_then_auth(auth: Auth = Depends(clerk.current_auth)) -> dict[str, Any]:
+        return seen(auth)
+
+    @app.get("/two-guards", dependencies=[Depends(clerk.require_org_role("org:admin")),
+                                          Depends(clerk.require_permission(MANAGE))])
+    async def two_guards(auth: Auth = Depends(clerk.current_auth)) -> dict[str, Any]:
+        return seen(auth)
+
+    @app.get("/not-impersonated")
+    async def not_impersonated(auth: Auth = Depends(clerk.not_impersonated)) -> dict[str, Any]:
+        return seen(auth)
+
+    return app
+
+
+def test_fastapi_reads_the_membership_once_a_request(harness: Harness, db_url: str, tmp_path: Path) -> None:
+    h = harness
+    authenticator = _authenticator(h.store)
+    tok = _token("org:admin", READ, MANAGE)
+    _row(h, "org:admin", int(time.time()) * 1000 + 1_000, READ, MANAGE)
+    with running(_fastapi(authenticator)) as url, httpx.Client(base_url=url, timeout=30) as http:
+        for path in ("/who", "/guard-then-auth", "/permission-then-auth", "/two-guards"):
+            with membership_reads(h.store) as reads:
+                answer = http.get(path, headers=bearer(tok))
+            assert answer.status_code == 200, (path, answer.text)
+            assert answer.json()["org_role"] == "org:admin"
+            assert len(reads) == 1, (path, reads)
+        with membership_reads(h.store) as reads:  # the token's session judged: no membership read
+            assert http.get("/not-impersonated", headers=bearer(tok)).status_code == 200
+        assert reads == []
+
+        with database_down(h.store, db_url, tmp_path):
+            for path in ("/who", "/guard-then-auth", "/permission-then-auth", "/two-guards"):
+                answer = http.get(path, headers=bearer(tok))
+                assert answer.status_code == 503, (path, answer.status_code, answer.text)
+                assert answer.json()["error"] == "store_unavailable"
+            assert http.get("/not-impersonated", headers=bearer(tok)).status_code == 200  # needs no database
+
+
+# -- Flask: one read a request with two guards, 503 while down ---------------------------------------------
+def test_flask_reads_the_membership_once_a_request_and_answers_503_while_down(db_url: str, tmp_path: Path) -> None:
+    port = free_port()
+    with emulator(port) as clerk:
+        app = Flask(__name__)
+        app.config["CLERK_SYNC"] = emulator_env(clerk, db_url)
+        ClerkSync(app, deny_by_default=True, revocation_refresh_s=3600)
+
+        @app.get("/who")
+        def who() -> dict[str, Any]:
+            return seen(current_clerk)
+
+        @app.get("/two-guards")
+        @require_org_role("org:admin")
+        @require_permission(MANAGE)
+        def two_guards() -> dict[str, Any]:
+            return seen(current_clerk)
+
+        store = clerk_state(app).store
+        try:
+            with running_wsgi(app, port) as url, httpx.Client(base_url=url, timeout=30) as http:
+                owner = clerk.create_user("owner@example.com")
+                org = clerk.create_organization("Acme", created_by=owner["id"])
+                admin = clerk.create_user("admin@example.com")["id"]
+                clerk.add_membership(org["id"], admin, role="org:admin")
+                clerk.wait_for_deliveries()
+                tok = clerk.mint_session_token(admin, org_id=org["id"])
+                get: Callable[[str], httpx.Response] = lambda path: http.get(path, headers=bearer(tok))  # noqa: E731
+                for path in ("/who", "/two-guards"):
+                    with membership_reads(store) as reads:
+                        answer = get(path)
+                    assert answer.status_code == 200, (path, answer.text)
+                    assert answer.json()["org_role"] == "org:admin"
+                    assert len(reads) == 1, (path, reads)
+                with database_down(store, db_url, tmp_path):
+                    for path in ("/who", "/two-guards"):
+                        answer = get(path)
+                        assert answer.status_code == 503, (path, answer.status_code, answer.text)
+                        assert answer.json()["error"] == "store_unavailable"
+        finally:
+            clerk_state(app).close()
