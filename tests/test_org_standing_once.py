@@ -252,3 +252,21 @@ def test_flask_reads_the_membership_once_a_request_and_answers_503_while_down(db
                         assert answer.json()["error"] == "store_unavailable"
         finally:
             clerk_state(app).close()
+
+
+def test_fastapi_shows_and_guards_on_a_newer_token_than_the_row(harness: Harness) -> None:
+    """The reviewer's two stories on the face: a late demotion webhook no longer shows a member ``org:admin``, and
+    a late promotion webhook no longer refuses a new admin token (403 "changed since the session token")."""
+    h = harness
+    _row(h, "org:admin", int(time.time()) * 1000 - 60_000, READ, MANAGE)
+    with running(_fastapi(_authenticator(h.store))) as url, httpx.Client(base_url=url, timeout=30) as http:
+        member = bearer(_token("org:member", READ))
+        assert http.get("/who", headers=member).json() == {"org_id": ORG, "org_slug": "acme", "org_role": "org:member",
+                                                            "permissions": [READ]}
+        assert http.get("/guard-then-auth", headers=member).status_code == 403
+        _row(h, "org:member", int(time.time()) * 1000 - 30_000, READ)  # the demotion's webhook, late
+        admin = bearer(_token("org:admin", READ, MANAGE))  # promoted again since: a new token says admin
+        answer = http.get("/two-guards", headers=admin)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["org_role"] == "org:admin"
+        assert answer.json()["permissions"] == sorted([READ, MANAGE])
