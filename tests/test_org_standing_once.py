@@ -25,12 +25,15 @@ import pytest
 import sqlalchemy as sa
 from fastapi import Depends, FastAPI
 from flask import Flask
+from starlette.middleware import Middleware
+from starlette.middleware.authentication import AuthenticationMiddleware
 
 from clerk_sync.auth.authenticator import Authenticator, DenyList
 from clerk_sync.auth.claims import Auth, ClaimsValidator
 from clerk_sync.auth.jwks import StaticKeySource
 from clerk_sync.auth.sessions import SessionVerifier
 from clerk_sync.errors import AccessDenied, StoreError
+from clerk_sync.integrations.asgi import ClerkAuthBackend
 from clerk_sync.integrations.fastapi import ClerkAuth
 from clerk_sync.integrations.flask import ClerkSync, clerk_state, current_clerk, require_org_role, require_permission
 from clerk_sync.store import Store, create_engine
@@ -158,10 +161,11 @@ def test_a_deletion_wins_whatever_its_time(harness: Harness) -> None:
 
 
 # -- FastAPI: one read a request, none for not_impersonated, 503 while down ---------------------------------
-def _fastapi(authenticator: Authenticator) -> FastAPI:
+def _fastapi(authenticator: Authenticator, *, backend: bool = False) -> FastAPI:
     clerk = ClerkAuth(authenticator)
-    app = FastAPI()
-    clerk.install(app, public_paths={"/public"})
+    app = FastAPI(middleware=[Middleware(AuthenticationMiddleware, backend=ClerkAuthBackend(authenticator),
+                                         on_error=ClerkAuthBackend.on_error)] if backend else [])
+    clerk.install(app, public_paths={"/public"}, deny_by_default=not backend)
 
     @app.get("/who")
     async def who(auth: Auth = Depends(clerk.current_auth)) -> dict[str, Any]:
@@ -187,28 +191,32 @@ def _fastapi(authenticator: Authenticator) -> FastAPI:
     return app
 
 
-def test_fastapi_reads_the_membership_once_a_request(harness: Harness, db_url: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", [False, True], ids=["fastapi", "with-starlette-backend"])
+def test_fastapi_reads_the_membership_once_a_request(harness: Harness, db_url: str, tmp_path: Path,
+                                                     backend: bool) -> None:
+    """Once with FastAPI's dependencies alone, and once under Starlette's ClerkAuthBackend (whose read they reuse)."""
     h = harness
     authenticator = _authenticator(h.store)
     tok = _token("org:admin", READ, MANAGE)
     _row(h, "org:admin", int(time.time()) * 1000 + 1_000, READ, MANAGE)
-    with running(_fastapi(authenticator)) as url, httpx.Client(base_url=url, timeout=30) as http:
+    with running(_fastapi(authenticator, backend=backend)) as url, httpx.Client(base_url=url, timeout=30) as http:
         for path in ("/who", "/guard-then-auth", "/permission-then-auth", "/two-guards"):
             with membership_reads(h.store) as reads:
                 answer = http.get(path, headers=bearer(tok))
             assert answer.status_code == 200, (path, answer.text)
             assert answer.json()["org_role"] == "org:admin"
             assert len(reads) == 1, (path, reads)
-        with membership_reads(h.store) as reads:  # the token's session judged: no membership read
+        with membership_reads(h.store) as reads:  # the token's session judged: no read (but the backend's)
             assert http.get("/not-impersonated", headers=bearer(tok)).status_code == 200
-        assert reads == []
+        assert len(reads) == int(backend)
 
         with database_down(h.store, db_url, tmp_path):
             for path in ("/who", "/guard-then-auth", "/permission-then-auth", "/two-guards"):
                 answer = http.get(path, headers=bearer(tok))
                 assert answer.status_code == 503, (path, answer.status_code, answer.text)
                 assert answer.json()["error"] == "store_unavailable"
-            assert http.get("/not-impersonated", headers=bearer(tok)).status_code == 200  # needs no database
+            if not backend:  # (the backend reads for every request with an org role: 503 there)
+                assert http.get("/not-impersonated", headers=bearer(tok)).status_code == 200  # needs no database
 
 
 # -- Flask: one read a request with two guards, 503 while down ---------------------------------------------
