@@ -28,8 +28,8 @@ from clerk_sync.errors import (
 )
 from clerk_sync.integrations.starlette import error_json
 
-__all__ = ["WEBHOOK_SLASH_TWINS", "ClerkAuthBackend", "ClerkAuthMiddleware", "ClerkUser", "judged_by", "refusal_of",
-           "remember"]
+__all__ = ["WEBHOOK_SLASH_TWINS", "ClerkAuthBackend", "ClerkAuthMiddleware", "ClerkUser", "judged_by", "keep_standing",
+           "kept_standing", "refusal_of", "remember"]
 
 # The public paths whose trailing-slash twin is public too: the webhook route, which ``webhook_routes`` and
 # ``webhook_router`` serve with and without the slash (Svix follows no redirect). Another public path's twin
