@@ -5,7 +5,8 @@ it is no older than the token (review of the standing-membership work, 2026-12-0
   row written before the token was issued (``clerk_updated_at`` < ``iat``) no longer overrode the newer token
   (a late demotion showed ``org:admin``; a late promotion refused a new admin token 403). A deletion still wins;
 - FastAPI read the membership twice on a route with an org guard and ``current_auth`` (and Flask with two org
-  guards); ``not_impersonated`` read it (503 while the database was down) where it judges the token only;
+  guards); ``not_impersonated`` returns the standing too (a removed member's view got the token's organization
+  back from it, review 3 M2), its refusal judged from the token alone;
 - while the database is down, the read answers 503 on FastAPI and Flask (Django's in
   ``tests/django/test_org_standing_once.py``).
 
@@ -206,17 +207,16 @@ def test_fastapi_reads_the_membership_once_a_request(harness: Harness, db_url: s
             assert answer.status_code == 200, (path, answer.text)
             assert answer.json()["org_role"] == "org:admin"
             assert len(reads) == 1, (path, reads)
-        with membership_reads(h.store) as reads:  # the token's session judged: no read (but the backend's)
+        with membership_reads(h.store) as reads:  # the token judged, then the standing: one read (the backend's)
             assert http.get("/not-impersonated", headers=bearer(tok)).status_code == 200
-        assert len(reads) == int(backend)
+        assert len(reads) == 1
 
         with database_down(h.store, db_url, tmp_path):
             for path in ("/who", "/guard-then-auth", "/permission-then-auth", "/two-guards"):
                 answer = http.get(path, headers=bearer(tok))
                 assert answer.status_code == 503, (path, answer.status_code, answer.text)
                 assert answer.json()["error"] == "store_unavailable"
-            if not backend:  # (the backend reads for every request with an org role: 503 there)
-                assert http.get("/not-impersonated", headers=bearer(tok)).status_code == 200  # needs no database
+            assert http.get("/not-impersonated", headers=bearer(tok)).status_code == 503  # its standing needs it
 
 
 # -- Flask: one read a request with two guards, 503 while down ---------------------------------------------
@@ -278,3 +278,16 @@ def test_fastapi_shows_and_guards_on_a_newer_token_than_the_row(harness: Harness
         assert answer.status_code == 200, answer.text
         assert answer.json()["org_role"] == "org:admin"
         assert answer.json()["permissions"] == sorted([READ, MANAGE])
+
+
+def test_fastapi_not_impersonated_shows_a_removed_member_no_organization(harness: Harness) -> None:
+    """Review 3 M2: ``Depends(clerk.not_impersonated)`` returned the token's session, so a member removed from the
+    organization got ``org_id``/``org_role``/permissions back while ``current_auth`` showed none."""
+    h = harness
+    _row(h, "org:admin", int(time.time()) * 1000 - 60_000, READ, MANAGE)
+    h.event("organizationMembership.deleted", f.deleted("organization_membership", "orgmem_s"))
+    with running(_fastapi(_authenticator(h.store))) as url, httpx.Client(base_url=url, timeout=30) as http:
+        admin = bearer(_token("org:admin", READ, MANAGE))
+        none = {"org_id": None, "org_slug": None, "org_role": None, "permissions": []}
+        assert http.get("/who", headers=admin).json() == none
+        assert http.get("/not-impersonated", headers=admin).json() == none

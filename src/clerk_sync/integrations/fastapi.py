@@ -209,8 +209,10 @@ class ClerkAuth(Generic[UserT]):
         return dependency
 
     async def not_impersonated(self, request: Request) -> Auth:
-        """Refuse impersonated sessions on sensitive routes: the token's session judged (no membership read, as
-        Flask's and Django's ``not_impersonated``); returns it."""
-        return self.authenticator.forbid_impersonation(await self._session(request))
+        """Refuse impersonated sessions on sensitive routes: the token's session judged first (a refusal reads
+        nothing); returns the session's standing, as :meth:`current_auth` (the organization as the database has
+        it: a removed member's view scoped by ``org_id`` stops at once; the read shared with the other guards)."""
+        session = self.authenticator.forbid_impersonation(await self._session(request))
+        return await self._standing(request, session)
 
 
