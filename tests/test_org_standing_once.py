@@ -288,6 +288,41 @@ def test_fastapi_not_impersonated_shows_a_removed_member_no_organization(harness
     h.event("organizationMembership.deleted", f.deleted("organization_membership", "orgmem_s"))
     with running(_fastapi(_authenticator(h.store))) as url, httpx.Client(base_url=url, timeout=30) as http:
         admin = bearer(_token("org:admin", READ, MANAGE))
-        none = {"org_id": None, "org_slug": None, "org_role": None, "permissions": []}
+        none: dict[str, Any] = {"org_id": None, "org_slug": None, "org_role": None, "permissions": []}
         assert http.get("/who", headers=admin).json() == none
         assert http.get("/not-impersonated", headers=admin).json() == none
+
+
+def test_a_demotion_within_the_accepted_clock_skew_is_not_older_than_the_token(harness: Harness) -> None:
+    """Review 3 L2: the token check accepts an ``iat`` up to its leeway (5 s) ahead of this host's clock, so a
+    token minted by a host whose clock runs ahead can carry an ``iat`` later than a demotion written after it:
+    the row, 2 s "before" such an iat, was taken as older and ignored for the token's life. A row older than the
+    iat by more than the leeway is still a late webhook, the token standing (the tests above: 30 s, 60 s)."""
+    h = harness
+    now = int(time.time())
+    _row(h, "org:member", now * 1000 + 2_000, READ)
+    skewed = token(MEMBER, v=1, org_id=ORG, org_role="org:admin", org_slug="acme", org_permissions=[READ, MANAGE],
+                   iat=now + 4)
+    admin = h.auth.authenticate({"authorization": f"Bearer {skewed}"}, {})
+    assert h.auth.standing_org_role(admin).org_role == "org:member"
+    with pytest.raises(AccessDenied, match="no older than the session token"):
+        h.auth.confirm_org_role(admin, "org:admin")
+    assert h.auth.verifier.claims.leeway_s == 5.0  # (the skew the token check accepted above)
+
+
+def test_a_standing_of_another_session_is_refused(harness: Harness) -> None:
+    """Review 3 L3: ``confirm_org_role``/``confirm_permission`` judged any ``standing=`` they were given: another
+    session's (an admin's) passed the database half of the guard for this one."""
+    h = harness
+    _row(h, "org:member", int(time.time()) * 1000 + 1_000, READ)  # demoted after the tokens were issued
+    mine = h.auth.authenticate({"authorization": f"Bearer {_token('org:admin', READ, MANAGE)}"}, {})
+    other = h.auth.authenticate({"authorization": "Bearer " + token(
+        MEMBER, sid="sess_other", v=1, org_id=ORG, org_role="org:admin", org_slug="acme", org_permissions=[READ])}, {})
+    assert other.claims is not mine.claims
+    with pytest.raises(ValueError, match="not this session's"):
+        h.auth.confirm_org_role(mine, "org:admin", standing=other)
+    with pytest.raises(ValueError, match="not this session's"):
+        h.auth.confirm_permission(mine, MANAGE, standing=other)
+    standing = h.auth.standing_org_role(mine)  # its own: judged (the row's demotion refuses it)
+    with pytest.raises(AccessDenied):
+        h.auth.confirm_org_role(mine, "org:admin", standing=standing)

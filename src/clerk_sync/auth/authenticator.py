@@ -416,14 +416,15 @@ class Authenticator:
         confirms app roles): the token's claims last until it expires, so a member removed from the
         organization or demoted would keep them. Blocking (one indexed query, only when the token passes):
         async callers run it in a worker thread. ``standing``: :meth:`standing_org_role`'s answer already read
-        for this request, judged instead of reading again (one read a request, whichever guards ask).
+        for this request, judged instead of reading again (one read a request, whichever guards ask); one made
+        from another session is refused (``ValueError``).
 
         The token first (403 without a query). Then the caller's standing for the session's organization
         (:meth:`standing_org_role`): a role there not in ``roles`` is refused (403: the row's, when its webhook
         is no older than the token), and so is a membership deleted here (403, no longer a member; an
         organization deleted tombstones its memberships). Returns that standing ``auth``."""
         self.require_org_role(auth, *roles)
-        standing = self.standing_org_role(auth) if standing is None else standing
+        standing = self.standing_org_role(auth) if standing is None else _of_session(standing, auth)
         if standing.org_role is None:
             raise AccessDenied(_deleted(auth))
         if not _org_role_in(standing.org_role, roles):
@@ -440,8 +441,9 @@ class Authenticator:
         ``org_permissions``: what Clerk's next token will say), whenever it was deleted (a member re-added gets
         a new membership, which its webhook brings); a role changed there replaces the token's, whose permissions
         are then kept only where the row lists them too (see :func:`_held`), unless the row is older than the
-        token (its ``clerk_updated_at`` before the token's ``iat``: the webhook that changed the role since is
-        late, Svix retries for a day), whose answer then stands. ``auth`` itself (the token stands) without an
+        token (its ``clerk_updated_at`` before the token's ``iat`` by more than the token check's clock-skew
+        leeway: the webhook that changed the role since is late, Svix retries for a day), whose answer then
+        stands. ``auth`` itself (the token stands) without an
         organization, with the same role, or without a row (its ``organizationMembership.created`` may not have
         arrived yet). One indexed query when the token names an organization role; blocking (async callers run
         it in a worker thread). What :meth:`confirm_org_role` and :meth:`confirm_permission` judge, and what
@@ -456,7 +458,8 @@ class Authenticator:
         role, deleted_at, permissions, updated_ms = row
         if deleted_at is not None:
             return dataclasses.replace(auth, org_id=None, org_slug=None, org_role=None, org_permissions=())
-        if same_org_role(role) == same_org_role(auth.org_role) or _older_than_token(updated_ms, auth):
+        if same_org_role(role) == same_org_role(auth.org_role) or _older_than_token(
+                updated_ms, auth, skew_s=self.verifier.claims.leeway_s):
             return auth  # the same role, whichever spelling the token uses; or a row the token is newer than
         return dataclasses.replace(auth, org_role=role, org_permissions=_held(auth.org_permissions, permissions))
 
@@ -468,7 +471,7 @@ class Authenticator:
         indexed query when the token passes): async callers run it in a worker thread. ``standing``: as for
         :meth:`confirm_org_role`."""
         self.require_permission(auth, permission)
-        standing = self.standing_org_role(auth) if standing is None else standing
+        standing = self.standing_org_role(auth) if standing is None else _of_session(standing, auth)
         if standing.org_id is None:  # (the token named one: it carries the permission)
             raise AccessDenied(_deleted(auth))
         if permission not in standing.org_permissions:
@@ -543,15 +546,27 @@ def _deleted(auth: Auth) -> str:
             "re-added since has a new one, judged once its webhook arrives)")
 
 
-def _older_than_token(updated_ms: int | None, auth: Auth) -> bool:
-    """The membership row was last written (Clerk's ``updated_at``, ms) before the token was issued (``iat``, s):
-    Clerk minted the token from a newer membership than the row, whose webhook is late (Svix retries a failing
-    delivery for about a day), so the row is no measure of it. A row of the same second or later, or a time
-    unknown, is not older: the database's answer stands."""
+def _of_session(standing: Auth, auth: Auth) -> Auth:
+    """``standing``, refused (``ValueError``: a programming error) unless :meth:`Authenticator.standing_org_role`
+    made it from ``auth``'s very token (it keeps the claims object): another session's standing would pass the
+    database half of a guard for this one."""
+    if standing.claims is not auth.claims:
+        raise ValueError("standing= is not this session's: pass standing_org_role(auth) of the same auth (read once "
+                         "a request for its own session)")
+    return standing
+
+
+def _older_than_token(updated_ms: int | None, auth: Auth, *, skew_s: float) -> bool:
+    """The membership row was last written (Clerk's ``updated_at``, ms) before the token was issued (``iat``, s)
+    by more than ``skew_s``, the clock skew the token check accepts (its leeway): Clerk minted the token from a
+    newer membership than the row, whose webhook is late (Svix retries a failing delivery for about a day), so
+    the row is no measure of it. Within the skew (a token's ``iat`` may be that far ahead of the clock that
+    stamped the row: a demotion written after the mint would look older), of the same second or later, or a time
+    unknown, the row is not older: the database's answer stands."""
     iat = auth.claims.get("iat")
     if updated_ms is None or isinstance(iat, bool) or not isinstance(iat, int | float):
         return False
-    return updated_ms < iat * 1000
+    return updated_ms < (iat - skew_s) * 1000
 
 
 def _held(token: tuple[str, ...], row: object) -> tuple[str, ...]:
