@@ -34,7 +34,9 @@ def who(request: HttpRequest) -> JsonResponse:
 
 @clerk_login_required
 async def async_who(request: HttpRequest) -> JsonResponse:
-    return JsonResponse(seen((await aclerk_request(request)).require_auth()))
+    state = await aclerk_request(request)
+    await state.astanding()  # (the membership read in a worker thread: not on the event loop)
+    return JsonResponse(seen(state.require_auth()))
 
 
 def _guarded(permission: str) -> Any:

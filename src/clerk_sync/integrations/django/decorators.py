@@ -123,9 +123,17 @@ def confirm_org_role(state: ClerkRequest, roles: tuple[str, ...]) -> Auth:
     return state.runtime.authenticator.confirm_org_role(auth, *roles, standing=state.require_auth())
 
 
-def require_org_role(*roles: str) -> Callable[[V], V]:
-    """The session's active organization role is one of ``roles`` (e.g. ``"org:admin"``), confirmed against
-    the ``organization_memberships`` row on each request: a member removed or demoted is refused at once."""
+def _confirm_permission(state: ClerkRequest, permission: str) -> Auth:
+    """``permission`` in the token first (a "no" reads nothing: 403 from the token alone, even with the database
+    down), then still granted by the membership row: see
+    :meth:`~clerk_sync.auth.authenticator.Authenticator.confirm_permission`, judging ``state.auth``. Blocking,
+    as :func:`confirm_org_role`."""
+    auth = Authenticator.require_permission(state.require_session(), permission)
+    return state.runtime.authenticator.confirm_permission(auth, permission, standing=state.require_auth())
+
+
+def _org_guard(confirm: Callable[[ClerkRequest], object]) -> Callable[[V], V]:
+    """A decorator running ``confirm`` (sync; in a worker thread for an async view)."""
 
     def decorate(view: V) -> V:
         if iscoroutinefunction(view):
@@ -134,7 +142,7 @@ def require_org_role(*roles: str) -> Callable[[V], V]:
             async def async_view(request: Any, *args: Any, **kwargs: Any) -> Any:
                 state = await aclerk_request(request)
                 try:
-                    await sync_to_async(confirm_org_role, thread_sensitive=False)(state, roles)
+                    await sync_to_async(confirm, thread_sensitive=False)(state)
                 except ClerkSyncError as exc:
                     return error_json(exc)
                 return await view(request, *args, **kwargs)
@@ -144,7 +152,7 @@ def require_org_role(*roles: str) -> Callable[[V], V]:
         @functools.wraps(view)
         def sync_view(request: Any, *args: Any, **kwargs: Any) -> Any:
             try:
-                confirm_org_role(clerk_request(request), roles)
+                confirm(clerk_request(request))
             except ClerkSyncError as exc:
                 return error_json(exc)
             return view(request, *args, **kwargs)
@@ -154,17 +162,19 @@ def require_org_role(*roles: str) -> Callable[[V], V]:
     return decorate
 
 
+def require_org_role(*roles: str) -> Callable[[V], V]:
+    """The session's active organization role is one of ``roles`` (e.g. ``"org:admin"``), confirmed against
+    the ``organization_memberships`` row on each request: a member removed or demoted is refused at once."""
+    return _org_guard(lambda state: confirm_org_role(state, roles))
+
+
 def require_permission(permission: str) -> Callable[[V], V]:
-    """The active organization grants ``permission`` (e.g. ``"org:invoices:read"``): in the token, and still
-    granted by the membership row (``request.clerk.auth``'s permissions: none for a removed member, and only
-    the token's that the row lists once the role changed). A system permission (``org:sys_*``), which tokens
-    never carry, is refused here (``ValueError``)."""
+    """The active organization grants ``permission`` (e.g. ``"org:invoices:read"``): in the token (judged first:
+    a "no" reads nothing), and still granted by the membership row (:func:`_confirm_permission`: none for a
+    removed member, and only the token's that the row lists once the role changed). A system permission
+    (``org:sys_*``), which tokens never carry, is refused here (``ValueError``)."""
     Authenticator.guardable_permission(permission)
-
-    def check(auth: Auth, user: AuthUser | None) -> None:
-        Authenticator.require_permission(auth, permission)
-
-    return clerk_guard(check)
+    return _org_guard(lambda state: _confirm_permission(state, permission))
 
 
 def _not_impersonated(auth: Auth, user: AuthUser | None) -> None:

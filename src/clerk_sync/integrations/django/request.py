@@ -10,6 +10,7 @@ down (:func:`is_outage`); :class:`~.middleware.ClerkMiddleware` answers it 503.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
 from collections.abc import Mapping
@@ -17,7 +18,7 @@ from typing import TypeGuard
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.core.exceptions import DisallowedHost
+from django.core.exceptions import DisallowedHost, SynchronousOnlyOperation
 from django.core.handlers.asgi import ASGIRequest
 from django.http import HttpRequest
 
@@ -78,6 +79,15 @@ def _what_is_down(error: ClerkSyncError) -> str:
     return "the auth database" if isinstance(error, StoreError) else "Clerk"
 
 
+def _on_event_loop() -> bool:
+    """Whether this thread runs an event loop (async code, where a blocking query would stall every request)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 class ClerkRequest:
     """What ``request.clerk`` holds: the session, or why there is none (``error``).
 
@@ -88,7 +98,8 @@ class ClerkRequest:
     the request (one indexed read when the token names an organization role; none for a view that never asks,
     a public one included). A database down then raises the :class:`~clerk_sync.errors.StoreError` (503) there,
     and again on later uses without a second attempt. Async code calls ``await`` :meth:`astanding` first, which
-    reads in a worker thread."""
+    reads in a worker thread: :attr:`auth` still to read on an event loop's thread raises Django's
+    ``SynchronousOnlyOperation`` rather than block the loop."""
 
     def __init__(self, runtime: ClerkSync, auth: Auth | None, error: ClerkSyncError | None = None, *,
                  asgi: bool = False) -> None:
@@ -117,6 +128,11 @@ class ClerkRequest:
             raise self._standing_error
         if session.org_role is None:
             return session
+        if _on_event_loop():
+            raise SynchronousOnlyOperation(
+                "request.clerk.auth / require_auth() would read the organization membership (a blocking database "
+                "query) on the event loop's thread: in async code, `await request.clerk.astanding()` first (or "
+                "`await (await aclerk_request(request)).astanding()`), which reads it in a worker thread")
         try:
             return self.runtime.authenticator.standing_org_role(session)
         except StoreError as exc:
