@@ -6,12 +6,16 @@ import random
 import socket
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Literal
 
 import httpx
+import sqlalchemy as sa
 
+from clerk_sync.store import create_engine
 from clerk_sync.testing import serve_app
 
 
@@ -69,3 +73,19 @@ def running(app: Any, port: int | None = None, *, lifespan: Literal["auto", "on"
     The public :func:`clerk_sync.testing.serve_app`, with lifespan off by default (most test apps have none)."""
     with serve_app(app, port=port or 0, interface="asgi", lifespan=lifespan) as url:
         yield url
+
+
+def unreachable_engine(db_url: str, tmp_path: Path) -> sa.Engine:
+    """An engine of the same database kind that reaches no database: nothing listens on its port (a SQLite file
+    whose directory was removed after the engine was made cannot be opened; create_engine refuses a missing one)."""
+    url = sa.engine.make_url(db_url)
+    if url.get_backend_name() == "sqlite":
+        gone = tmp_path / f"gone-{uuid.uuid4().hex[:8]}"
+        gone.mkdir()
+        engine = create_engine(f"sqlite:///{gone / 'clerk_sync.db'}")
+        gone.rmdir()
+        return engine
+    url = url.set(host="127.0.0.1", port=free_port())
+    if url.get_backend_name() == "postgresql":
+        url = url.update_query_dict({"connect_timeout": "2"})
+    return create_engine(url.render_as_string(hide_password=False))

@@ -15,7 +15,6 @@ Real servers on loopback, real tokens; statements counted on the store's engine.
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,10 +36,10 @@ from clerk_sync.errors import AccessDenied, StoreError
 from clerk_sync.integrations.asgi import ClerkAuthBackend
 from clerk_sync.integrations.fastapi import ClerkAuth
 from clerk_sync.integrations.flask import ClerkSync, clerk_state, current_clerk, require_org_role, require_permission
-from clerk_sync.store import Store, create_engine
+from clerk_sync.store import Store
 from tests import factories as f
 from tests._flask import running_wsgi
-from tests._server import free_port, running
+from tests._server import free_port, running, unreachable_engine
 from tests.test_auth import Harness, token
 from tests.test_org_role_confirmed import bearer, emulator_env
 from tests.test_org_standing_permissions import MANAGE, READ, emulator, seen
@@ -88,26 +87,11 @@ def membership_reads(store: Store) -> Iterator[list[str]]:
         sa.event.remove(store.engine, "before_cursor_execute", record)
 
 
-def unreachable(db_url: str, tmp_path: Path) -> sa.Engine:
-    """An engine of the same kind that reaches no database (a SQLite file in a directory removed; a port nothing
-    listens on)."""
-    url = sa.engine.make_url(db_url)
-    if url.get_backend_name() == "sqlite":
-        gone = tmp_path / f"gone-{uuid.uuid4().hex[:8]}"
-        gone.mkdir()
-        engine = create_engine(f"sqlite:///{gone / 'clerk_sync.db'}")
-        gone.rmdir()
-        return engine
-    url = url.set(host="127.0.0.1", port=free_port())
-    if url.get_backend_name() == "postgresql":
-        url = url.update_query_dict({"connect_timeout": "2"})
-    return create_engine(url.render_as_string(hide_password=False))
-
 
 @contextmanager
 def database_down(store: Store, db_url: str, tmp_path: Path) -> Iterator[None]:
     up = store.engine
-    store.engine = unreachable(db_url, tmp_path)
+    store.engine = unreachable_engine(db_url, tmp_path)
     try:
         with pytest.raises(StoreError):  # really down
             store.ping()

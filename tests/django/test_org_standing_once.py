@@ -6,7 +6,6 @@ DRF's ``HasOrgRole`` read it again. While the database is down, the read answers
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,9 +27,8 @@ from clerk_sync.integrations.django.middleware import clerk_public
 from clerk_sync.integrations.django.request import aclerk_request, clerk_request
 from clerk_sync.integrations.django.rest_framework import HasOrgRole, HasPermission, IsClerkAuthenticated
 from clerk_sync.integrations.django.runtime import get_clerk_sync
-from clerk_sync.store import create_engine
 from clerk_sync.testing import EmulatorServer
-from tests._server import free_port
+from tests._server import free_port, unreachable_engine
 from tests.django.conftest import bearer, django_database, emulator_settings, serve
 from tests.django.urls import urlpatterns as base_urls
 from tests.test_org_standing_permissions import MANAGE, emulator, seen
@@ -120,19 +118,6 @@ def membership_reads() -> Iterator[list[str]]:
         sa.event.remove(sa.engine.Engine, "before_cursor_execute", record)
 
 
-def _unreachable(db_url: str, tmp_path: Path) -> sa.Engine:
-    url = sa.engine.make_url(db_url)
-    if url.get_backend_name() == "sqlite":
-        gone = tmp_path / f"gone-{uuid.uuid4().hex[:8]}"
-        gone.mkdir()
-        engine = create_engine(f"sqlite:///{gone / 'clerk_sync.db'}")
-        gone.rmdir()
-        return engine
-    url = url.set(host="127.0.0.1", port=free_port())
-    if url.get_backend_name() == "postgresql":
-        url = url.update_query_dict({"connect_timeout": "2"})
-    return create_engine(url.render_as_string(hide_password=False))
-
 
 @pytest.mark.parametrize("transport", ["test-client", "asgi"])
 def test_django_reads_the_membership_once_and_only_when_asked(db_url: str, transport: str, tmp_path: Path) -> None:
@@ -153,7 +138,7 @@ def test_django_reads_the_membership_once_and_only_when_asked(db_url: str, trans
 
         store = get_clerk_sync().store
         up = store.engine
-        store.engine = _unreachable(db_url, tmp_path)
+        store.engine = unreachable_engine(db_url, tmp_path)
         try:
             with pytest.raises(StoreError):  # really down
                 store.ping()
@@ -228,7 +213,7 @@ def test_require_permission_judges_the_token_first(db_url: str, transport: str, 
             assert reads == [], route
         store = get_clerk_sync().store
         up = store.engine
-        store.engine = _unreachable(db_url, tmp_path)
+        store.engine = unreachable_engine(db_url, tmp_path)
         try:
             for route in routes:
                 answer = app.get(route, headers=bearer(tok))

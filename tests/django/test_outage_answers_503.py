@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 import structlog
 from django.contrib.auth import authenticate
 from django.contrib.auth.decorators import login_not_required, login_required
@@ -41,10 +39,9 @@ from clerk_sync.integrations.django.conf import DjangoOptions
 from clerk_sync.integrations.django.middleware import ClerkMiddleware, clerk_public
 from clerk_sync.integrations.django.request import ClerkUserUnavailable, clerk_request
 from clerk_sync.integrations.django.runtime import ClerkSync, get_clerk_sync, reset_clerk_sync
-from clerk_sync.store import create_engine
 from clerk_sync.tables import users
 from clerk_sync.testing import EmulatorServer
-from tests._server import free_port
+from tests._server import unreachable_engine
 from tests.django.conftest import World, bearer, world_for
 from tests.django.urls import urlpatterns as test_urls
 
@@ -129,21 +126,6 @@ def outage_world(db_url: str, transport: str, **settings: Any) -> Iterator[World
         yield world
 
 
-def _unreachable(db_url: str, tmp_path: Path) -> sa.Engine:
-    """An engine of the same database kind that cannot reach it: nothing listens on its port (a SQLite file whose
-    directory was removed after the engine was made cannot be opened; create_engine refuses a missing one)."""
-    url = sa.engine.make_url(db_url)
-    if url.get_backend_name() == "sqlite":
-        gone = tmp_path / f"gone-{uuid.uuid4().hex[:8]}"
-        gone.mkdir()
-        engine = create_engine(f"sqlite:///{gone / 'clerk_sync.db'}")
-        gone.rmdir()
-        return engine
-    url = url.set(host="127.0.0.1", port=free_port())
-    if url.get_backend_name() == "postgresql":
-        url = url.update_query_dict({"connect_timeout": "2"})
-    return create_engine(url.render_as_string(hide_password=False))
-
 
 @contextmanager
 def clerk_sync_db_down(db_url: str, tmp_path: Path) -> Iterator[None]:
@@ -151,7 +133,7 @@ def clerk_sync_db_down(db_url: str, tmp_path: Path) -> Iterator[None]:
     Django's own database still up; back up afterwards."""
     store = get_clerk_sync().store
     up = store.engine
-    store.engine = _unreachable(db_url, tmp_path)
+    store.engine = unreachable_engine(db_url, tmp_path)
     try:
         with pytest.raises(StoreError):  # really down
             store.ping()
