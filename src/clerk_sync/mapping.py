@@ -737,6 +737,12 @@ class _Projection:
         self.bounded = {n: length for n in self.columns
                         if isinstance(type_ := table.c[n].type, sa.String) and not isinstance(type_, sa.Enum)
                         and (length := type_.length)}
+        # Date-time columns a time goes into as UTC's wall clock, an aware one converted first (as the deletion's
+        # stamp is): one without a time zone, or any on SQLite (it keeps none). Passed aware, PostgreSQL put the
+        # session TimeZone's wall clock into a ``timestamp`` column, and SQLite's and MariaDB's drivers drop an
+        # offset (a compute's ``+02:00`` time was two hours off)
+        self.utc_walls = frozenset(n for n in self.columns if isinstance(type_ := table.c[n].type, sa.DateTime)
+                                   and (not type_.timezone or dialect == "sqlite"))
         names = [*self.columns, *self.fixed]
         binds = {n: sa.bindparam(n, type_=table.c[n].type) for n in names}
         row = binds | {self.key.name: sa.bindparam("_clerk_id")}
@@ -791,6 +797,11 @@ class _Projection:
                 log.warning("mapped_value_not_scalar", table=self.m.table, column=name, source=col.source,
                             clerk_id=record.get("clerk_id"), kind=type(value).__name__,
                             advice="its default written; map it with transform='json' to keep it as JSON text")
+        for name in self.utc_walls:
+            value = values.get(name)
+            if isinstance(value, datetime) and value.tzinfo is not None:
+                with suppress(OverflowError):  # (no UTC one in years 1-9999: left for the column's check)
+                    values[name] = value.astimezone(UTC).replace(tzinfo=None)
         return values
 
     def fits(self, values: JSON) -> None:

@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Router
 from starlette.templating import Jinja2Templates
 
+from clerk_sync._time import as_utc
 from clerk_sync.auth.audit import AuditEntry, record_audit
 from clerk_sync.clerk_api import ClerkClient
 from clerk_sync.errors import ClerkSyncError, TokenError
@@ -223,8 +224,8 @@ def _show_bidi(value: Any) -> Any:
 def _when(value: datetime | int | None) -> str:
     if isinstance(value, int):  # Clerk's milliseconds
         value = datetime.fromtimestamp(value / 1000, UTC)
-    value = aware(value)
-    return value.strftime("%Y-%m-%d %H:%M:%S") if value else "—"
+    # (in UTC, as the pages say: a PostgreSQL session whose TimeZone is not UTC hands its times back in that zone)
+    return as_utc(value).strftime("%Y-%m-%d %H:%M:%S") if value else "—"
 
 
 def _pretty(value: Any) -> str:

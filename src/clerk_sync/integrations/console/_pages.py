@@ -467,7 +467,7 @@ def audit_csv(console: Console, request: Request, identity: Identity, form: Form
         rows = list(conn.execute(query).mappings())
     for row in reversed(rows[:MAX_CSV_ROWS]):
         values = [row[c] for c in columns[:-1]]
-        values[1] = q.aware(row["created_at"]).isoformat()
+        values[1] = as_utc(row["created_at"]).isoformat()  # (UTC whatever the session's TimeZone)
         writer.writerow([_cell(v) for v in (*values, _json(row["details"]))])
     if len(rows) > MAX_CSV_ROWS:
         note = (f"only the newest {MAX_CSV_ROWS} matching rows are exported: narrow the filter (until=) "

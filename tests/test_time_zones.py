@@ -1,0 +1,264 @@
+"""clerk-sync where the clocks are not in UTC: a database session in another time zone (PostgreSQL's
+``timezone``, MariaDB's ``time_zone``, set per connection by the test, never on the server) and a host whose
+``TZ`` is not UTC. Stored times are instants: what one session writes, a UTC session reads as the same moment,
+and every comparison (prune's ages, hook jobs' due times, the console's filters) is made between instants.
+
+Pacific/Chatham is +13:45 (+12:45 in its winter): a time read as the wrong zone is off by hours and minutes.
+MariaDB has no named zones unless its tables are loaded, and takes offsets up to +13:00.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
+
+from clerk_sync.changes import Hook
+from clerk_sync.cli._args import parse_since
+from clerk_sync.hooks import Backoff, Dispatcher
+from clerk_sync.integrations.console import _queries as q
+from clerk_sync.integrations.console._console import _when
+from clerk_sync.mapping import Column, MappedTable, SchemaMapping, migrate_schema
+from clerk_sync.retention import Retention, RetentionPolicy
+from clerk_sync.store import Store, create_engine
+from clerk_sync.tables import audit_log, hook_jobs, webhook_events
+from tests import factories as f
+from tests.console.conftest import make_stack, operator_client
+from tests.console.test_http import HTML
+from tests.test_hooks import Clock, Recorder, deliver
+
+PG_ZONE, MARIADB_ZONE = "Pacific/Chatham", "+13:00"
+T0 = datetime(2026, 3, 8, 6, 59, 50, tzinfo=UTC)  # ten seconds before New York's clocks go forward
+
+
+def in_zone(db_url: str, pg_zone: str = PG_ZONE, mariadb_zone: str = MARIADB_ZONE) -> str:
+    """``db_url`` whose every connection's session is in another time zone (SQLite has none)."""
+    url = sa.engine.make_url(db_url)
+    if url.get_backend_name() == "postgresql":
+        options = f"{url.query.get('options', '')} -ctimezone={pg_zone}".strip()
+        url = url.update_query_dict({"options": options})
+    elif url.get_backend_name() == "mysql":
+        url = url.update_query_dict({"init_command": f"SET time_zone = '{mariadb_zone}'"})
+    return url.render_as_string(hide_password=False)
+
+
+def session_zone(engine: sa.Engine) -> str | None:
+    with engine.connect() as conn:
+        if engine.dialect.name == "postgresql":
+            return str(conn.exec_driver_sql("SHOW timezone").scalar())
+        if engine.dialect.name in ("mysql", "mariadb"):
+            return str(conn.exec_driver_sql("SELECT @@session.time_zone").scalar())
+    return None
+
+
+@pytest.fixture
+def zoned(db_url: str) -> str:
+    """The migrated ``db_url``, every session of it in Chatham's zone (MariaDB: +13:00; but see
+    :func:`zoned_store`)."""
+    url = in_zone(db_url)
+    engine = sa.create_engine(url)
+    assert session_zone(engine) in (None, PG_ZONE, MARIADB_ZONE)  # the test's own set-up took
+    engine.dispose()
+    return url
+
+
+def zoned_store(url: str, zone: str = MARIADB_ZONE, **kwargs: Any) -> Store:
+    """A store on ``url``. On MariaDB clerk-sync's engine sets its sessions' time zone to UTC (in place of the
+    URL's ``init_command``), so the zone is set again once each connection is made, as an app's own connect
+    event could: clerk-sync's DATETIME columns hold UTC whatever the session's zone."""
+    store = Store(create_engine(url), **kwargs)
+    if store.engine.dialect.name in ("mysql", "mariadb"):
+        @sa.event.listens_for(store.engine, "connect")
+        def _zone(dbapi_conn: Any, _record: Any) -> None:
+            cursor = dbapi_conn.cursor()
+            cursor.execute(f"SET time_zone = '{zone}'")
+            cursor.close()
+    assert session_zone(store.engine) in (None, PG_ZONE, zone, "America/New_York")
+    return store
+
+
+def utc(value: datetime) -> datetime:
+    """A read-back time as an instant: naive is UTC (SQLite, MariaDB, a column without a time zone)."""
+    return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+# -- the inbox: received times, prune's ages --------------------------------------------------------------
+
+def _record(store: Store, svix_id: str) -> None:
+    with store.transaction() as w:
+        w.record_delivery(svix_id, {"type": "user.created", "data": {}}, event_type="user.created",
+                          instance_id=None, event_timestamp=None, status="applied")
+
+
+def test_received_times_and_prune_ages_under_a_zoned_session(db_url: str, zoned: str) -> None:
+    """Inbox rows written by a +13:45 session at 40 and 20 days ago read back, in a UTC session, as those
+    instants; prune (30 days to redact, 35 to delete) redacts and deletes the older one only, and its dry run
+    counts as much."""
+    clock = Clock(T0 - timedelta(days=40))
+    store = zoned_store(zoned, now=clock)
+    _record(store, "msg_old")
+    clock.t = T0 - timedelta(days=20)
+    _record(store, "msg_new")
+    with sa.create_engine(db_url).connect() as conn:  # a UTC session
+        got = dict(conn.execute(sa.select(webhook_events.c.svix_id, webhook_events.c.received_at)).all())
+    assert {k: utc(v) for k, v in got.items()} == {"msg_old": T0 - timedelta(days=40),
+                                                   "msg_new": T0 - timedelta(days=20)}
+    policy = RetentionPolicy(redact_after=timedelta(days=30), delete_after=timedelta(days=35))
+    retention = Retention(store, policy, now=lambda: T0)
+    dry = retention.prune(dry_run=True)
+    assert (dry.deleted, dry.redacted) == (1, 1)
+    report = retention.prune()
+    assert (report.deleted, report.redacted) == (1, 1)
+    with store.connect() as conn:
+        assert conn.execute(sa.select(webhook_events.c.svix_id)).scalars().all() == ["msg_new"]
+    store.dispose()
+
+
+def test_the_console_shows_a_zoned_sessions_time_in_utc(db_url: str, zoned: str) -> None:
+    """The overview's "last received" is labelled UTC: a PostgreSQL session in +13:45 hands the time back in
+    its zone, and the console showed that wall clock (13 h 45 min off) as UTC."""
+    store = zoned_store(zoned, now=lambda: T0)
+    _record(store, "msg_1")
+    with store.connect() as conn:
+        figures = q.overview(conn, T0)
+    assert _when(figures.last_received_at) == "2026-03-08 06:59:50"
+    store.dispose()
+
+
+# -- hook jobs: due times and backoff -----------------------------------------------------------------------
+
+def test_hook_backoff_and_due_times_under_a_zoned_session_across_a_dst_change(db_url: str) -> None:
+    """A job that fails at 06:59:50 UTC is due 20 s later, after New York's clocks went forward: with the
+    session in America/New_York (MariaDB: -05:00) it is not claimed 1 s early and is claimed when due; its
+    ``available_at`` reads back, in a UTC session, as that instant."""
+    url = in_zone(db_url, pg_zone="America/New_York", mariadb_zone="-05:00")
+    flaky = Recorder(failures=1)
+    clock = Clock(T0)
+    store = zoned_store(url, "-05:00", hooks=[Hook("mail", flaky, on=["user.created"])], now=clock)
+    dispatcher = Dispatcher(store, backoff=Backoff(max_attempts=3, base_s=20, max_s=20), now=clock)
+    deliver(store, f.envelope("user.created", f.user("user_1", 1000)))
+    assert dispatcher.run_once() == 1  # fails
+    with sa.create_engine(db_url).connect() as conn:
+        (due,) = conn.execute(sa.select(hook_jobs.c.available_at)).scalars().all()
+    assert utc(due) == T0 + timedelta(seconds=20)
+    clock.advance(19)
+    assert dispatcher.run_once() == 0
+    clock.advance(1)
+    assert dispatcher.run_once() == 1 and flaky.types == ["user.created", "user.created"]
+    store.dispose()
+
+
+def test_hook_due_times_under_a_plus_1345_session(db_url: str, zoned: str) -> None:
+    flaky = Recorder(failures=1)
+    clock = Clock(T0)
+    store = zoned_store(zoned, hooks=[Hook("mail", flaky, on=["user.created"])], now=clock)
+    dispatcher = Dispatcher(store, backoff=Backoff(max_attempts=3, base_s=60, max_s=60), now=clock)
+    deliver(store, f.envelope("user.created", f.user("user_1", 1000)))
+    assert dispatcher.run_once() == 1
+    clock.advance(59)
+    assert dispatcher.run_once() == 0
+    clock.advance(1)
+    assert dispatcher.run_once() == 1
+    store.dispose()
+
+
+# -- mapped tables' date-time columns -----------------------------------------------------------------------
+
+def test_mapped_date_time_columns_hold_the_instant_under_a_zoned_session(db_url: str, zoned: str) -> None:
+    """``transform="timestamp"`` and a compute's aware time into the app's date-time columns, written by a
+    +13:45 session and read by a UTC one: a column with a time zone (timestamptz; MariaDB's TIMESTAMP, which
+    converts from the session's zone: clerk-sync's engine keeps that UTC) holds the instant, and one without
+    (timestamp, DATETIME; SQLite's any) UTC's wall clock, as clerk-sync's own tables do."""
+    t = sa.Table("acc_tz", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
+                 sa.Column("email", sa.String(320)),
+                 sa.Column("seen_naive", sa.DateTime().with_variant(mysql.DATETIME(fsp=3), "mysql", "mariadb")),
+                 sa.Column("seen_aware", sa.DateTime(timezone=True).with_variant(
+                     mysql.TIMESTAMP(fsp=3), "mysql", "mariadb"), nullable=True),
+                 sa.Column("computed", sa.DateTime().with_variant(mysql.DATETIME(fsp=3), "mysql", "mariadb")),
+                 sa.Column("computed_aware", sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=3), "mysql",
+                                                                                     "mariadb")))
+    expected = datetime(2023, 11, 14, 22, 13, 20, 123000, tzinfo=UTC)
+    in_paris = expected.astimezone(timezone(timedelta(hours=1)))  # a compute's aware time, not in UTC
+    mapping = SchemaMapping(users=MappedTable("acc_tz", "clerk_user_id", {
+        "email": "email", "seen_naive": Column("last_sign_in_at", transform="timestamp"),
+        "seen_aware": Column("last_sign_in_at", transform="timestamp"),
+        "computed": Column(compute=lambda _: in_paris), "computed_aware": Column(compute=lambda _: in_paris)}))
+    engine = sa.create_engine(db_url)
+    with engine.begin() as conn:
+        t.create(conn)
+        migrate_schema(conn, mapping)
+    store = Store.from_url(zoned, mapping=mapping)
+    if engine.dialect.name in ("mysql", "mariadb"):  # its engine's sessions are UTC (TIMESTAMP converts from them)
+        assert session_zone(store.engine) == "+00:00"
+    u = f.user("user_t1", 1_800_000_000_000)
+    u["last_sign_in_at"] = 1_700_000_000_123
+    assert deliver(store, f.envelope("user.created", u)) == ["applied"]
+    with engine.connect() as conn:  # a UTC session
+        got = conn.execute(sa.select(t.c.seen_naive, t.c.seen_aware, t.c.computed, t.c.computed_aware)).one()
+    assert [utc(v) for v in got] == [expected] * 4  # (a driver dropped the compute's +01:00 on SQLite, MariaDB)
+    store.dispose()
+    engine.dispose()
+
+
+# -- the host's TZ -------------------------------------------------------------------------------------------
+
+@pytest.fixture(params=["America/New_York", "Pacific/Chatham", "Asia/Kolkata"])
+def host_tz(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    monkeypatch.setenv("TZ", request.param)
+    time.tzset()
+    yield request.param
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_a_host_tz_moves_no_stored_time(db_url: str, host_tz: str) -> None:
+    assert time.strftime("%z", time.localtime(T0.timestamp())) != "+0000"
+    clock = Clock(T0 - timedelta(days=40))
+    store = Store(create_engine(db_url), now=clock)
+    _record(store, "msg_old")
+    clock.t = T0
+    _record(store, "msg_new")
+    report = Retention(store, RetentionPolicy(redact_after=timedelta(days=10), delete_after=timedelta(days=35)),
+                       now=lambda: T0).prune()
+    assert report.deleted == 1
+    with store.connect() as conn:
+        figures = q.overview(conn, T0)
+        (received,) = conn.execute(sa.select(webhook_events.c.received_at)).scalars().all()
+    assert utc(received) == T0 and _when(figures.last_received_at) == "2026-03-08 06:59:50"
+    assert parse_since("2026-03-08T06:59:50") == T0 == parse_since("2026-03-08T01:59:50-05:00")  # naive: UTC
+    store.dispose()
+
+
+# -- the console over a zoned PostgreSQL session: pages and the CSV export in UTC ------------------------------
+
+@pytest.mark.parametrize("db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
+def test_the_console_pages_filters_and_csv_are_in_utc_under_a_zoned_session(db_url: str) -> None:
+    """The audit page's "when (UTC)" column, its since=/until= filters (UTC) and the CSV export, with the
+    service's PostgreSQL sessions in +13:45: a row written at 06:59:50 UTC shows as that, is found by a
+    window around it in UTC and not by one 13 h 45 min later, and is exported as ``...T06:59:50+00:00``
+    (the page showed 20:44:50, the export ``+13:45``)."""
+    with contextmanager(make_stack)(in_zone(db_url)) as stack:
+        assert session_zone(stack.store.engine) == PG_ZONE
+        with stack.store.transaction() as writer:
+            writer.conn.execute(audit_log.insert().values(
+                created_at=T0, action="impersonation.refused", actor_clerk_id=stack.admin_id,
+                target_clerk_id="user_tz", details={}))
+        with operator_client(stack) as client:
+            page = client.get("/audit", params={"target": "user_tz"}, headers=HTML).text
+            inside = client.get("/audit", params={"target": "user_tz", "since": "2026-03-08T06:59",
+                                                  "until": "2026-03-08T07:00"}, headers=HTML).text
+            later = client.get("/audit", params={"target": "user_tz", "since": "2026-03-08T07:00"},
+                               headers=HTML).text
+            exported = client.get("/audit.csv", params={"target": "user_tz"}).text
+    assert "2026-03-08 06:59:50" in page and "20:44:50" not in page
+    assert "user_tz" in inside.split("<tbody", 1)[-1] and "impersonation.refused" not in later.split("<tbody", 1)[-1]
+    [row] = csv.DictReader(io.StringIO(exported))
+    assert row["created_at"] == "2026-03-08T06:59:50+00:00"
