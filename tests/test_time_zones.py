@@ -33,6 +33,7 @@ from clerk_sync.tables import audit_log, hook_jobs, webhook_events
 from tests import factories as f
 from tests.console.conftest import make_stack, operator_client
 from tests.console.test_http import HTML
+from tests.test_cli import run as run_cli
 from tests.test_hooks import Clock, Recorder, deliver
 
 PG_ZONE, MARIADB_ZONE = "Pacific/Chatham", "+13:00"
@@ -262,3 +263,22 @@ def test_the_console_pages_filters_and_csv_are_in_utc_under_a_zoned_session(db_u
     assert "user_tz" in inside.split("<tbody", 1)[-1] and "impersonation.refused" not in later.split("<tbody", 1)[-1]
     [row] = csv.DictReader(io.StringIO(exported))
     assert row["created_at"] == "2026-03-08T06:59:50+00:00"
+
+
+# -- the CLI in another host TZ, over a session in another zone -----------------------------------------------
+
+@pytest.mark.parametrize("host", ["Pacific/Chatham", "America/New_York"])
+def test_replay_since_in_a_host_tz_over_a_zoned_session(db_url: str, host: str) -> None:
+    """``clerk-sync replay --since`` run with ``TZ`` set, its database sessions in New York's zone on the day
+    its clocks go forward: a naive ``--since`` is UTC, and the replay takes exactly the deliveries received at
+    or after that instant (hourly from 06:00 to 18:00 UTC: 12:00 and after is 7 of them)."""
+    start = datetime(2026, 3, 8, 6, 0, tzinfo=UTC)
+    with sa.create_engine(db_url).begin() as conn:
+        for hour in range(13):
+            conn.execute(webhook_events.insert().values(
+                svix_id=f"msg_tz_{hour}", type="user.updated", received_at=start + timedelta(hours=hour),
+                payload={"type": "user.updated", "data": {}}, status="failed", last_error="test"))
+    url = in_zone(db_url, pg_zone="America/New_York", mariadb_zone="-05:00")
+    result = run_cli("replay", "--status", "failed", "--since", "2026-03-08T12:00:00",
+                     env={"DATABASE_URL": url, "TZ": host})
+    assert "replayed 7 deliveries" in result.stdout + result.stderr, result.stdout + result.stderr
