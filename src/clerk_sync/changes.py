@@ -7,19 +7,26 @@ Values compare as JSON does: ``true`` is not ``1``. The type is the change *as t
 it*: a ``user.updated`` event that arrives before its ``user.created`` creates the row, so it is the
 ``user.created`` change; the late ``user.created`` is then stale and produces nothing. Duplicates,
 stale events, writes that change no field and tombstones for rows never seen produce no change.
+
+The event types clerk-sync stores but does not mirror (Clerk Billing's ``subscription.*``,
+``subscriptionItem.*``, ``paymentAttempt.*``, ``waitlistEntry.*``, ``organizationInvitation.*``...:
+:data:`EVENT_TYPES`) reach the hooks that name them as an :class:`Event`, queued by the ingest in the
+transaction that stores the delivery (:meth:`clerk_sync.outbox.Outbox.record_event`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from clerk_sync.engine import Entity
+from clerk_sync.engine import HANDLED_EVENT_TYPES, Entity
+from clerk_sync.metrics import KNOWN_EVENT_TYPES
 
-__all__ = ["Change", "Handler", "Hook", "describe"]
+__all__ = ["EVENT_TYPES", "Change", "Event", "EventHandler", "Handler", "Hook", "describe", "job_payload"]
 
 JSON = dict[str, Any]
 _PREFIX = {Entity.USER: "user", Entity.ORGANIZATION: "organization", Entity.MEMBERSHIP: "organizationMembership"}
@@ -65,6 +72,71 @@ class Change:
 
 Handler = Callable[[Change], None]
 
+#: The Clerk event types a hook may name that clerk-sync stores (answered ``ignored``) but does not mirror:
+#: their hooks get an :class:`Event`. ``session.revoked``/``ended``/``removed`` are not among them: they are
+#: applied (the revocation deny list), not offered to hooks.
+EVENT_TYPES = frozenset(KNOWN_EVENT_TYPES - HANDLED_EVENT_TYPES)
+_EVENT_FAMILIES = frozenset(f"{t.partition('.')[0]}.*" for t in EVENT_TYPES)
+_SUBJECT_CHARS = 100  # a data.id longer than this is keyed by its digest (hook_jobs.entity_key holds 200)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A stored delivery of a type clerk-sync does not mirror (:data:`EVENT_TYPES`), for the hooks that name it.
+
+    ``type`` and ``data`` are Clerk's (the payload's ``data`` object as received), ``svix_id`` the delivery's
+    id, ``timestamp_ms`` the event's ``timestamp`` (ms; the time received when it had none). ``redacted``:
+    ``data`` was reduced to its ids because the person it names was erased (on arrival, or later by
+    ``clerk-sync users erase``). Jobs of one subject (``data.id``: a subscription, a payment attempt, a
+    waitlist entry) run one at a time in the order the deliveries arrived, which is not always the order
+    Clerk produced them: compare ``timestamp_ms`` (or ``data.updated_at``) with what you stored to
+    leave a late one alone."""
+
+    type: str
+    svix_id: str
+    timestamp_ms: int | None
+    data: JSON
+    redacted: bool = False
+
+    @property
+    def subject(self) -> str:
+        """What the event is about: ``data.id`` (the svix id when it has none); its jobs run in order."""
+        subject = self.data.get("id")
+        return subject if isinstance(subject, str) and subject else self.svix_id
+
+    @property
+    def idempotency_key(self) -> str:
+        """Stable across retries, Clerk's re-deliveries (same svix id) and replicas: ``type:svix_id``."""
+        return f"{self.type}:{self.svix_id}"
+
+    def to_json(self) -> JSON:
+        doc: JSON = {"event": self.type, "svix_id": self.svix_id, "timestamp": self.timestamp_ms,
+                     "subject": self.subject, "data": self.data}
+        if self.redacted:
+            doc["redacted"] = True
+        return doc
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Event:
+        stamp = data.get("timestamp")
+        return cls(str(data["event"]), str(data["svix_id"]), None if stamp is None else int(stamp),
+                   dict(data.get("data") or {}), bool(data.get("redacted")))
+
+    def key(self) -> str:
+        """The part of a job's ``entity_key`` after the hook's name: its family and subject (order per subject)."""
+        subject = self.subject
+        if len(subject) > _SUBJECT_CHARS:
+            subject = "sha256:" + hashlib.sha256(subject.encode()).hexdigest()
+        return f"{self.type.partition('.')[0]}:{subject}"
+
+
+EventHandler = Callable[[Event], None]
+
+
+def job_payload(data: Mapping[str, Any]) -> Change | Event:
+    """A queued job's stored payload: an :class:`Event` (it has ``"event"``) or a :class:`Change`."""
+    return Event.from_json(data) if "event" in data else Change.from_json(data)
+
 
 def change_type(entity: Entity, kind: str) -> str:
     """``user.created``, ``organizationMembership.*`` (kind ``*``), ``user.`` (kind "")."""
@@ -73,11 +145,20 @@ def change_type(entity: Entity, kind: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Hook:
-    """A named handler for some changes.
+    """A named handler for some changes, or some events clerk-sync does not mirror.
 
     ``on`` holds change types (``"user.created"``), entity wildcards (``"user.*"``) or ``"*"``;
     ``fields`` narrows *updates* to those that changed one of these fields (``{"role"}``). The name
     is stored with each queued job, so keep it stable: renaming a hook strands its queued jobs.
+
+    ``on`` may also name event types clerk-sync stores but does not mirror (:data:`EVENT_TYPES`:
+    ``"subscriptionItem.active"``) or their families (``"subscription.*"``, ``"paymentAttempt.*"``): for
+    each new delivery of one (not a duplicate: same svix id), the handler gets an :class:`Event` (type,
+    data, svix id, timestamp, idempotency key), queued in the transaction that stores the delivery. Only
+    by name: ``"*"`` means every *change of a mirrored row*, as it always has, and never an unmirrored
+    event, so a ``"*"`` hook or forwarding sink does not start receiving billing events after an upgrade.
+    A hook naming both kinds gets both (``isinstance(x, Event)`` tells them apart). ``fields`` does not
+    apply to events.
 
     ``timeout_s`` (seconds; None: no limit) bounds how long the dispatcher waits for one run of the
     handler, which then runs in a daemon thread of its own. A run past it cannot be stopped (a thread
@@ -88,7 +169,7 @@ class Hook:
     """
 
     name: str
-    handler: Handler
+    handler: Handler | EventHandler
     on: Collection[str] = ("*",)
     fields: Collection[str] = ()
     timeout_s: float | None = field(default=None, kw_only=True)
@@ -102,14 +183,26 @@ class Hook:
         if isinstance(self.on, str) or isinstance(self.fields, str):
             raise TypeError(f"hook {self.name!r}: 'on' and 'fields' take a list, e.g. on=['user.created']")
         known = {f"{p}.{k}" for p in _PREFIX.values() for k in ("created", "updated", "deleted")}
-        known |= {f"{p}.*" for p in _PREFIX.values()} | {"*"}
+        known |= {f"{p}.*" for p in _PREFIX.values()} | {"*"} | EVENT_TYPES | _EVENT_FAMILIES
         unknown = sorted(set(self.on) - known)
+        applied = [t for t in unknown if t in HANDLED_EVENT_TYPES]
+        if applied:
+            raise ValueError(f"hook {self.name!r}: {applied} are applied by clerk-sync (a session's revocation "
+                             "goes to the deny list), not offered to hooks; name e.g. 'session.created', or "
+                             "watch the users' changes ('user.updated')")
         if unknown:
-            raise ValueError(f"hook {self.name!r}: unknown change type(s) {unknown}; expected e.g. 'user.created'")
+            raise ValueError(f"hook {self.name!r}: unknown change type(s) {unknown}; expected a mirrored "
+                             "change ('user.created', 'organizationMembership.*', '*') or a Clerk event type "
+                             "clerk-sync does not mirror ('subscriptionItem.active', 'subscription.*'; see "
+                             "clerk_sync.changes.EVENT_TYPES)")
 
     def covers(self, entity: Entity) -> bool:
         """Whether some change of ``entity`` may be wanted (no need to look at its changes otherwise)."""
         return any(p == "*" or p.partition(".")[0] == _PREFIX[entity] for p in self.on)
+
+    def wants_event(self, event_type: str) -> bool:
+        """Whether this hook names the unmirrored ``event_type`` (by itself or its family; never by ``"*"``)."""
+        return event_type in self.on or f"{event_type.partition('.')[0]}.*" in self.on
 
     def wants(self, change: Change) -> bool:
         kind = change.type

@@ -24,6 +24,7 @@ import structlog
 
 from clerk_sync._limits import show
 from clerk_sync._time import as_utc
+from clerk_sync.changes import Event
 from clerk_sync.engine import (
     DeliveryPlan,
     DeliveryStatus,
@@ -315,6 +316,8 @@ class WebhookProcessor:
         )
         if not fresh:
             return Outcome(svix_id, envelope.type, DeliveryStatus.DUPLICATE)
+        if planned.status == DeliveryStatus.IGNORED and writer.outbox is not None:  # (no hooks: no outbox)
+            queue_event(writer, svix_id, envelope, person)
         if (planned.status == DeliveryStatus.FAILED and person is not None
                 and settle_if_stored_redacted(writer, svix_id)):  # (about a user gone already: nothing to replay)
             return Outcome(svix_id, envelope.type, DeliveryStatus.SKIPPED, _SETTLED_ON_ARRIVAL)
@@ -662,6 +665,8 @@ def _replay_in(writer: Writer, svix_id: str) -> tuple[DeliveryStatus, bool]:
         return DeliveryStatus.FAILED, True
     refused = len(writer.refused)
     status, error = apply_envelope(writer, envelope)
+    if status == DeliveryStatus.IGNORED and writer.outbox is not None:  # (replay --with-hooks: hooks naming it)
+        queue_event(writer, svix_id, envelope, person_named(envelope))
     # as a live delivery: about a deleted entity (a skipped update, a membership deleted on arrival), it
     # keeps no personal data
     WebhookProcessor.forget_if_deleted(writer, Outcome(svix_id, envelope.type, status, error), envelope)
@@ -669,6 +674,23 @@ def _replay_in(writer: Writer, svix_id: str) -> tuple[DeliveryStatus, bool]:
         return DeliveryStatus(stored), False
     writer.finish_delivery(svix_id, status, writer.refusals_noted(refused, error), count_attempt=True)
     return status, True
+
+
+def queue_event(writer: Writer, svix_id: str, envelope: Envelope, person: str | None) -> bool:
+    """Queue a job for each hook naming this unmirrored delivery's type (:meth:`Hook.wants_event`), in the
+    caller's transaction, which has just stored (or, replayed, read) the delivery: its data as the inbox keeps
+    it (reduced to ids when ``person``, the user it names, is gone: stored redacted). Whether any was queued."""
+    names = writer.outbox.event_hooks(envelope.type) if writer.outbox is not None else ()
+    if not names:
+        return False
+    assert writer.outbox is not None
+    data, redacted = envelope.data, False
+    if person is not None:
+        e = webhook_events.c
+        if writer.conn.execute(sa.select(e.redacted_at).where(e.svix_id == svix_id)).scalar() is not None:
+            data, redacted = redact_payload(envelope.raw).get("data") or {}, True
+    writer.outbox.record_event(Event(envelope.type, svix_id, envelope.timestamp_ms, data, redacted), names)
+    return True
 
 
 def _stored_ms(event_ms: int | None, received_at: datetime) -> int:

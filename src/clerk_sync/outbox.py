@@ -36,7 +36,7 @@ from sqlalchemy.engine import Connection
 
 from clerk_sync._db_errors import driver_cursor, passing_cause, store_error
 from clerk_sync._mentions import Mentions
-from clerk_sync.changes import BOOKKEEPING, Change, Hook, change_type
+from clerk_sync.changes import BOOKKEEPING, Change, Event, Hook, change_type, job_payload
 from clerk_sync.engine import Entity, Tombstone, Upsert
 from clerk_sync.errors import ParentNotThere, StoreDataError, StoreError
 from clerk_sync.events import MembershipRecord, OrganizationRecord, UserRecord, record_columns
@@ -105,6 +105,7 @@ class Outbox:
         self.checked_at_once = False  # whether this transaction checks the app's deferred constraints at once
         self._hooked = {e for e in Entity if any(hook.covers(e) for hook in hooks)}
         self._upsert_hooks: dict[Entity, tuple[HookSpec, ...]] = {}
+        self._event_hooks: dict[str, tuple[str, ...]] = {}  # by unmirrored event type: the hooks naming it
         self._wanted = self._hooked | set(mapping.tables if mapping is not None else ())
 
     def wants(self, intent: Upsert | Tombstone) -> bool:
@@ -149,6 +150,29 @@ class Outbox:
             for at in range(0, len(changes), _SET_CHUNK):
                 self._project_deletions(changes[at:at + _SET_CHUNK])
         self._insert_jobs(changes)
+
+    def event_hooks(self, event_type: str) -> tuple[str, ...]:
+        """The names of the hooks that want unmirrored deliveries of ``event_type`` (:meth:`Hook.wants_event`)."""
+        names = self._event_hooks.get(event_type)
+        if names is None:
+            names = self._event_hooks[event_type] = tuple(h.name for h in self.hooks if h.wants_event(event_type))
+        return names
+
+    def record_event(self, event: Event, names: Sequence[str]) -> None:
+        """One job per hook of ``names`` for ``event`` (a delivery just stored, not a duplicate), in this
+        transaction; ordered after the earlier jobs of the same hook and subject (``entity_key``)."""
+        payload = json.dumps(event.to_json())
+        key = event.key()
+        rows = [(name, f"{name}|{key}") for name in names]
+        if direct_sqlite(self.conn.dialect):
+            now = sqlite_time(self.now)
+            sqlite_execute(self.conn, _SQLITE_JOB_SQL, [
+                [name, event.type, entity_key, event.idempotency_key, payload, now, now]
+                for name, entity_key in rows], many=True)
+            return
+        self.conn.execute(_job_sql(self.conn.dialect.name == "postgresql"), [
+            {"hook": name, "type": event.type, "entity_key": entity_key, "idempotency_key": event.idempotency_key,
+             "payload": payload, "now": self.now} for name, entity_key in rows])
 
     def _project_deletions(self, changes: Sequence[Change]) -> None:
         """One chunk of :meth:`record_many`'s deletions into the app's table under one savepoint; refused (what
@@ -330,7 +354,7 @@ class Job:
 
     id: int
     hook: str
-    change: Change
+    change: Change | Event  # an Event: a delivery of a type clerk-sync does not mirror
     attempts: int
     token: str | None
     status: str = "running"
@@ -413,7 +437,7 @@ def _claim_pages(page: Callable[[int, int], Sequence[tuple[int, str, Any]]],
         # Fewer taken than chosen: another dispatcher holds some of them (it chose the same oldest ones
         # at the same moment): look further rather than come back short.
         taken += take(chosen)
-    return [Job(job_id, hook, Change.from_json(_json(payload)), attempts, token)
+    return [Job(job_id, hook, job_payload(_json(payload)), attempts, token)
             for job_id, hook, payload, attempts in sorted(taken, key=lambda row: row[0])]
 
 
@@ -459,7 +483,7 @@ def _claim_one_by_one(conn: Connection, now: datetime, *, lease: timedelta, limi
             continue
         token = str(uuid.uuid4())
         _set(conn, row.id, status="running", lease_until=now + lease, claim_token=token, attempts=row.attempts + 1)
-        jobs.append(Job(row.id, row.hook, Change.from_json(row.payload), row.attempts + 1, token))
+        jobs.append(Job(row.id, row.hook, job_payload(row.payload), row.attempts + 1, token))
     return jobs
 
 
@@ -546,7 +570,7 @@ def list_jobs(conn: Connection, *, status: str | None = "dead", limit: int = 100
     query = sa.select(hook_jobs).order_by(hook_jobs.c.id).limit(limit)
     if status is not None:
         query = query.where(hook_jobs.c.status == status)
-    return [Job(r.id, r.hook, Change.from_json(r.payload), r.attempts, None, r.status, r.last_error)
+    return [Job(r.id, r.hook, job_payload(r.payload), r.attempts, None, r.status, r.last_error)
             for r in conn.execute(query)]
 
 
@@ -634,13 +658,24 @@ def redact_jobs(conn: Connection, mentions: Mentions | None = None, *, ids: Sequ
             continue  # another person's (``joann@`` for ``ann@``)
         if payload.get("redacted") and row.last_error in (None, _redacted_error(row.last_error or "")):
             continue  # redacted already (an erasure run again): not counted, nor audited, twice
-        kept = {k: payload[k] for k in ("entity", "clerk_id", "kind", "version") if k in payload}
-        redacted: JSON = {"payload": kept | {"values": {}, "previous": {}, "redacted": True}}
+        redacted: JSON = {"payload": _redacted_payload(payload)}
         if row.last_error is not None:
             redacted["last_error"] = _redacted_error(row.last_error)
         conn.execute(sa.update(j).where(j.c.id == row.id).values(**redacted))
         done += 1
     return done
+
+
+def _redacted_payload(payload: JSON) -> JSON:
+    """A job's payload reduced to its ids: a change's entity, Clerk id, kind and version; an event's type, svix
+    id, timestamp and subject (``data`` keeps only its ``id``)."""
+    if "event" in payload:
+        ids = {k: payload[k] for k in ("event", "svix_id", "timestamp", "subject") if k in payload}
+        data = payload.get("data")
+        ident = data.get("id") if isinstance(data, dict) else None
+        return ids | {"data": {"id": ident} if isinstance(ident, str) else {}, "redacted": True}
+    kept = {k: payload[k] for k in ("entity", "clerk_id", "kind", "version") if k in payload}
+    return kept | {"values": {}, "previous": {}, "redacted": True}
 
 
 def _redacted_error(error: str) -> str:

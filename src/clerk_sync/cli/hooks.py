@@ -29,7 +29,7 @@ from sqlalchemy.engine import Connection
 
 from clerk_sync._time import aware
 from clerk_sync.auth.audit import AuditEntry, record_audit
-from clerk_sync.changes import Change, Hook
+from clerk_sync.changes import Change, Event, Hook
 from clerk_sync.clerk_api import ClerkClient
 from clerk_sync.config import Settings
 from clerk_sync.engine import Entity
@@ -429,7 +429,8 @@ def list_command(
     for job in jobs:  # one line per job, fields never holding a tab or newline (`cut -f1` gives the ids)
         # (new columns go at the end: scripts cut the first six by position)
         at = due_at.get(job.id)
-        fields = (job.hook, job.change.type, job.change.clerk_id, f"attempts={job.attempts}", job.last_error or "",
+        about = job.change.subject if isinstance(job.change, Event) else job.change.clerk_id
+        fields = (job.hook, job.change.type, about, f"attempts={job.attempts}", job.last_error or "",
                   job.change.idempotency_key, f"next={at:%Y-%m-%dT%H:%M:%SZ}" if at is not None else "")
         typer.echo("\t".join([str(job.id), *map(_one_field, fields)]))
     Console(stderr=True).print(f"{len(jobs)} {status} job(s)")
@@ -596,7 +597,8 @@ def _out_of_order(conn: Connection, ids: list[int] | None) -> list[str]:
     query = sa.select(j.c.id, j.c.entity_key, j.c.payload).where(j.c.status == "dead").order_by(j.c.id)
     rows = list(conn.execute(query)) if ids is None else [
         row for chunk in _chunks(sorted(set(ids))) for row in conn.execute(query.where(j.c.id.in_(chunk)))]
-    dead = [(row.id, row.entity_key, Change.from_json(row.payload)) for row in rows]
+    # (an Event's jobs run in the order their deliveries came: no version to compare)
+    dead = [(row.id, row.entity_key, Change.from_json(row.payload)) for row in rows if "event" not in row.payload]
     queued = _queued_versions(conn, {key for _, key, _ in dead})
     applied = _applied_versions(conn, [change for _, _, change in dead])
     return [f"warning: job {job_id} ({change.type} of {change.clerk_id}, version {change.version}) is older than "

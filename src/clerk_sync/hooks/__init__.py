@@ -6,6 +6,10 @@ every write through it queues one job per hook that wants the change, in the wri
 claims due jobs, calls the handlers after the commit, retries failures with :class:`Backoff`, and
 leaves a job ``dead`` after ``max_attempts``. Delivery is at least once: a worker killed mid-handler
 means the handler runs again after the lease, with the same ``change.idempotency_key``.
+
+A hook may also name Clerk event types clerk-sync does not mirror (``on=["subscriptionItem.active",
+"paymentAttempt.*"]``): its handler then gets an :class:`Event` for each new delivery of one, queued in
+the transaction that stores the delivery, with the same guarantees (see :class:`Hook`).
 """
 
 from __future__ import annotations
@@ -25,13 +29,15 @@ import structlog
 from sqlalchemy.engine import Connection
 
 from clerk_sync._time import utcnow
-from clerk_sync.changes import Change, Handler, Hook
+from clerk_sync.changes import Change, Event, Hook
 from clerk_sync.errors import HookGaveUp, HookRetryLater, StoreDataError, StoreError
 from clerk_sync.metrics import Metrics
 from clerk_sync.outbox import Job, claim, extend, fail, finish_many, release
 from clerk_sync.store import Store
 
-__all__ = ["Backoff", "Change", "Dispatcher", "Hook", "HookGaveUp", "HookRetryLater"]
+__all__ = ["Backoff", "Change", "Dispatcher", "Event", "Hook", "HookGaveUp", "HookRetryLater"]
+
+_Call = Callable[[Any], None]  # a hook's handler, called with its job's Change or Event
 
 log = structlog.get_logger("clerk_sync.hooks")
 
@@ -128,7 +134,7 @@ class Dispatcher:
         self.poll_s = poll_s
         self._now = now
         self.metrics = metrics  # runs by hook and outcome, and their durations (clerk_sync_hook_*)
-        self._handlers: dict[str, Handler] = {h.name: h.handler for h in store.hooks}
+        self._handlers: dict[str, _Call] = {h.name: h.handler for h in store.hooks}
         # Claimed: only these hooks' jobs. A job of a hook this process lacks (a worker deployed with an older
         # list, a hook renamed) waits, pending, for a dispatcher that has it; none claims it to mark it dead.
         self._hook_names = tuple(self._handlers)
@@ -692,7 +698,7 @@ class _Run:
     variables of the dispatcher's thread, as an inline run has them). A thread cannot be stopped from
     outside: a run that outlives the timeout is left to end by itself."""
 
-    def __init__(self, job: Job, handler: Handler, since: datetime) -> None:
+    def __init__(self, job: Job, handler: _Call, since: datetime) -> None:
         self.job = job
         self.since = since  # when it started, by the dispatcher's clock
         self.warned = False  # the slow-handler line was said of it
@@ -704,7 +710,7 @@ class _Run:
                                   name=f"clerk-sync-hook-{job.hook}-{job.id}")
         thread.start()
 
-    def _call(self, handler: Handler) -> None:
+    def _call(self, handler: _Call) -> None:
         started = time.perf_counter()
         try:
             handler(self.job.change)

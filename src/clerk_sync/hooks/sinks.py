@@ -4,6 +4,10 @@ They run after the commit, from the outbox: when a change arrives, the database 
 Delivery is at least once (a retry after a timeout may repeat one), so receivers deduplicate on the
 idempotency key (the ``webhook-id`` header, the stream entry's ``idempotency_key`` field, or the AMQP
 message's ``message_id``).
+
+A sink's hook that names Clerk event types clerk-sync does not mirror (``on=["subscription.*"]``) forwards
+those events too, as ``{"type", "idempotency_key", "data": {"event", "svix_id", "timestamp", "subject",
+"data"}}`` (:func:`change_message`; docs/FORWARDING.md). ``"*"`` forwards the mirrored changes only.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from pydantic import SecretStr
 from standardwebhooks.webhooks import Webhook
 
 from clerk_sync._http_deadline import attempt_until, install, retry_after
-from clerk_sync.changes import Change
+from clerk_sync.changes import Change, Event
 from clerk_sync.config import _webhook_key
 from clerk_sync.errors import ConfigError, HookGaveUp, HookRetryLater
 
@@ -34,9 +38,10 @@ if TYPE_CHECKING:
 __all__ = ["RabbitMQSink", "RedisStreamSink", "StandardWebhookSink", "change_message"]
 
 
-def change_message(change: Change) -> dict[str, Any]:
-    """The JSON both sinks send: ``{"type", "idempotency_key", "data": {entity, clerk_id, kind, version,
-    values, previous}}``."""
+def change_message(change: Change | Event) -> dict[str, Any]:
+    """The JSON the sinks send: ``{"type", "idempotency_key", "data": {entity, clerk_id, kind, version,
+    values, previous}}`` for a change; for an unmirrored event (:class:`~clerk_sync.changes.Event`)
+    ``"data": {event, svix_id, timestamp, subject, data}`` (``data``: Clerk's payload ``data``)."""
     return {"type": change.type, "idempotency_key": change.idempotency_key, "data": change.to_json()}
 
 
@@ -85,7 +90,7 @@ class StandardWebhookSink:
         install(self._client)  # its sockets wait no longer than what is left of an attempt's timeout_s
         self._now = now
 
-    def __call__(self, change: Change) -> None:
+    def __call__(self, change: Change | Event) -> None:
         body = json.dumps(change_message(change), separators=(",", ":"))
         stamp = datetime.fromtimestamp(int(self._now()), UTC)
         headers = {
@@ -194,7 +199,7 @@ class RedisStreamSink:
         self.stream = stream
         self.maxlen = maxlen
 
-    def __call__(self, change: Change) -> None:
+    def __call__(self, change: Change | Event) -> None:
         fields: dict[Any, Any] = {  # redis' own FieldT/EncodableT aliases are not public
             "type": change.type, "idempotency_key": change.idempotency_key,
             "change": json.dumps(change_message(change), separators=(",", ":")),
@@ -207,11 +212,13 @@ class RabbitMQSink:
     persistent JSON message (:func:`change_message`) with publisher confirms: a job is done only once the
     broker has confirmed the message, and routed it to at least one queue.
 
-    The routing key is the change type (``user.created``, ``organizationMembership.deleted``; or
-    ``routing_key(change)``), so consumers bind their queue to the topic exchange with a pattern
-    (``user.*``, ``#``). Message properties: ``message_id`` is the idempotency key (deduplicate on it: a job
-    retried after a lost confirm publishes again), ``type`` the change type, ``content_type``
-    ``application/json``, ``app_id`` ``clerk-sync``, ``timestamp`` the publish time (seconds).
+    The routing key is the change type (``user.created``, ``organizationMembership.deleted``,
+    ``subscriptionItem.active`` for an unmirrored event the hook names; or ``routing_key(change)``, which then
+    gets a :class:`~clerk_sync.changes.Event` for those), so consumers bind their queue to the topic exchange
+    with a pattern (``user.*``, ``subscription.*``, ``#``). Message properties: ``message_id`` is the
+    idempotency key (deduplicate on it: a job retried after a lost confirm publishes again), ``type`` the
+    change type, ``content_type`` ``application/json``, ``app_id`` ``clerk-sync``, ``timestamp`` the publish
+    time (seconds).
 
     ``declare`` (default) declares the exchange, durable and of type ``topic``, on each new connection;
     with ``declare=False`` it must exist (an exchange an operator owns). A message no queue is bound for is
@@ -230,7 +237,7 @@ class RabbitMQSink:
     """
 
     def __init__(self, url: str = "amqp://guest:guest@127.0.0.1:5672/%2F", exchange: str = "clerk-sync", *,
-                 routing_key: Callable[[Change], str] | None = None, declare: bool = True,
+                 routing_key: Callable[[Any], str] | None = None, declare: bool = True,
                  timeout_s: float = 10.0, now: Callable[[], float] = time.time) -> None:
         try:
             import pika  # (the rabbitmq extra: imported here, so the module loads without it)
@@ -263,7 +270,7 @@ class RabbitMQSink:
         self._connection: pika.BlockingConnection | None = None
         self._channel: Any = None  # pika's BlockingChannel, confirms on
 
-    def __call__(self, change: Change) -> None:
+    def __call__(self, change: Change | Event) -> None:
         pika = self._pika
         errors = pika.exceptions
         key = self._routing_key(change)
@@ -322,7 +329,7 @@ class RabbitMQSink:
             self._drop()
 
 
-def _change_type(change: Change) -> str:
+def _change_type(change: Change | Event) -> str:
     return change.type
 
 

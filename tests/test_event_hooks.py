@@ -1,0 +1,291 @@
+"""Hooks for the Clerk event types clerk-sync stores but does not mirror (Clerk Billing's ``subscription.*``,
+``subscriptionItem.*``, ``paymentAttempt.*``, ``waitlistEntry.*``...): named by a hook, a new delivery of one
+queues one job per hook in the transaction that stores it, runs at least once, in order per subject
+(``data.id``), never again for a duplicate delivery; ``"*"`` keeps meaning the mirrored changes only.
+
+Real deliveries (Clerk's own examples, tests/fixtures/clerk/examples) through ``WebhookProcessor`` and the
+group committer, on SQLite, PostgreSQL and MariaDB; the dispatcher's clock is moved by hand."""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import redis
+import sqlalchemy as sa
+from standardwebhooks.webhooks import Webhook
+
+from clerk_sync.changes import EVENT_TYPES, Change, Event, Hook
+from clerk_sync.events import parse_envelope
+from clerk_sync.hooks import Dispatcher
+from clerk_sync.hooks.sinks import RedisStreamSink, StandardWebhookSink, change_message
+from clerk_sync.ingest import WebhookProcessor, replay_deliveries
+from clerk_sync.integrations._committer import GroupCommitter
+from clerk_sync.metrics import KNOWN_EVENT_TYPES
+from clerk_sync.outbox import claim, redact_jobs
+from clerk_sync.store import Store
+from clerk_sync.tables import hook_jobs
+from clerk_sync.webhooks import WebhookVerifier
+from tests import factories as f
+from tests.conftest import CLERK_FIXTURES
+from tests.test_forwarding_doc import SECRET, receiver
+from tests.test_hooks import B, Clock, deliver, hooked, jobs
+
+EXAMPLES = CLERK_FIXTURES / "examples"
+
+
+def example(event_type: str, **data: Any) -> dict[str, Any]:
+    """Clerk's example delivery of ``event_type`` (its data updated with ``data``), timestamped in ms."""
+    event = json.loads((EXAMPLES / f"{event_type}.json").read_text())
+    event["data"] = copy.deepcopy(event["data"]) | data
+    event["timestamp"] = data.get("updated_at", B)
+    return event
+
+
+class Events:
+    """A handler recording the events it got (and failing its first ``failures`` calls)."""
+
+    def __init__(self, failures: int = 0) -> None:
+        self.seen: list[Event] = []
+        self.failures = failures
+
+    def __call__(self, event: Event) -> None:
+        assert isinstance(event, Event)
+        self.seen.append(event)
+        if self.failures > 0:
+            self.failures -= 1
+            raise RuntimeError("billing API down")
+
+
+def send(store: Store, event: dict[str, Any], svix_id: str) -> str:
+    headers, body = f.signed(event, svix_id)
+    return str(WebhookProcessor(store, WebhookVerifier([f.SECRET])).process(headers, body).status)
+
+
+def drain(dispatcher: Dispatcher) -> None:
+    while dispatcher.run_once():
+        pass
+
+
+# -- which types a hook may name --------------------------------------------------------------------------
+
+def test_a_hook_may_name_the_unmirrored_types_clerk_documents_and_their_families() -> None:
+    examples = {p.stem for p in EXAMPLES.glob("*.json")}
+    assert examples <= KNOWN_EVENT_TYPES  # the list the hooks accept is Clerk's (the examples, the facts sheet)
+    assert {"subscriptionItem.active", "subscription.pastDue", "paymentAttempt.updated",
+            "waitlistEntry.created", "organizationInvitation.accepted", "session.created"} <= EVENT_TYPES
+    assert not EVENT_TYPES & {"user.created", "organizationMembership.deleted", "session.revoked"}
+    hook = Hook("billing", print, on=["subscriptionItem.active", "subscription.*", "paymentAttempt.*"])
+    assert [t for t in sorted(EVENT_TYPES) if hook.wants_event(t)] == [
+        "paymentAttempt.created", "paymentAttempt.updated", "subscription.active", "subscription.created",
+        "subscription.pastDue", "subscription.updated", "subscriptionItem.active"]
+    # "*" means the mirrored changes, as before: no billing event for an existing "*" hook or sink
+    assert not any(Hook("all", print).wants_event(t) for t in EVENT_TYPES)
+    assert not Hook("users", print, on=["user.*"]).wants_event("userSomething.created")
+
+
+@pytest.mark.parametrize(("on", "says"), [
+    (["subscriptionItem.activated"], "unknown change type(s) ['subscriptionItem.activated']"),
+    (["billing.*"], "'subscription.*'"),
+    (["session.revoked"], "applied by clerk-sync"),
+])
+def test_an_unknown_or_applied_type_is_refused_with_what_to_name(on: list[str], says: str) -> None:
+    with pytest.raises(ValueError, match="hook 'h'") as refused:
+        Hook("h", print, on=on)
+    assert says in str(refused.value)
+
+
+# -- queued with the delivery, once ------------------------------------------------------------------------
+
+def test_a_delivery_queues_one_job_per_hook_naming_it_and_a_duplicate_none(db_url: str) -> None:
+    billing, forward, everything = Events(), Events(), Events()
+    store = hooked(db_url, Hook("billing", billing, on=["subscriptionItem.active"]),
+                   Hook("forward", forward, on=["subscriptionItem.*", "paymentAttempt.*"]),
+                   Hook("all", everything, on=["*"]))
+    event = example("subscriptionItem.active", updated_at=B + 5)
+    assert send(store, event, "msg_sub_1") == "ignored"  # stored and answered as before
+    assert send(store, event, "msg_sub_1") == "duplicate"  # Svix's retry of the same message: nothing queued
+    assert send(store, example("waitlistEntry.created"), "msg_wait_1") == "ignored"  # no hook names it
+    queued = jobs(store)
+    assert [(j["hook"], j["type"], j["idempotency_key"]) for j in queued] == [
+        ("billing", "subscriptionItem.active", "subscriptionItem.active:msg_sub_1"),
+        ("forward", "subscriptionItem.active", "subscriptionItem.active:msg_sub_1")]
+    assert queued[0]["entity_key"] == "billing|subscriptionItem:csub_item_2g7np7Hrk0SN6kj5EDMLDaKNL0S"
+    drain(Dispatcher(store))
+    (got,) = billing.seen
+    assert (got.type, got.svix_id, got.timestamp_ms, got.idempotency_key, got.subject) == (
+        "subscriptionItem.active", "msg_sub_1", B + 5, "subscriptionItem.active:msg_sub_1",
+        "csub_item_2g7np7Hrk0SN6kj5EDMLDaKNL0S")
+    assert got.data == event["data"] and not got.redacted  # Clerk's data, as received
+    assert forward.seen == [got] and everything.seen == []
+    assert jobs(store) == []
+    store.dispose()
+
+
+def test_the_group_committer_queues_them_in_the_batch_with_the_mirrored_changes(
+        db_url: str, verifier: WebhookVerifier) -> None:
+    seen: list[Change | Event] = []
+    store = hooked(db_url, Hook("plans", seen.append, on=["user.created", "subscription.*"]))
+    parsed = [(svix_id, parse_envelope(f.body_of(event))) for svix_id, event in [
+        ("m_1", f.envelope("user.created", f.user("user_1", B))),
+        ("m_2", example("subscription.active", updated_at=B + 1)),
+        ("m_3", example("subscription.pastDue", updated_at=B + 2)),
+        ("m_2", example("subscription.active", updated_at=B + 1)),  # the same svix id twice in a batch
+        ("m_4", example("paymentAttempt.created")),  # not named
+    ]]
+    committer = GroupCommitter(WebhookProcessor(store, verifier))
+    assert [str(o.status) for o in committer.write(parsed)] == [
+        "applied", "ignored", "ignored", "duplicate", "ignored"]
+    assert committer.batches == 1
+    assert [(j["type"], j["idempotency_key"]) for j in jobs(store)] == [
+        ("user.created", "user.created:user_1:" + str(B)), ("subscription.active", "subscription.active:m_2"),
+        ("subscription.pastDue", "subscription.pastDue:m_3")]
+    drain(Dispatcher(store))
+    assert [x.type for x in seen] == ["user.created", "subscription.active", "subscription.pastDue"]
+    assert isinstance(seen[0], Change) and isinstance(seen[1], Event)
+    store.dispose()
+
+
+def test_concurrent_deliveries_queue_one_job_each_and_none_for_their_duplicates(db_url: str) -> None:
+    store = hooked(db_url, Hook("billing", Events(), on=["subscriptionItem.*"]))
+    processor = WebhookProcessor(store, WebhookVerifier([f.SECRET]))
+    signed = [f.signed(example("subscriptionItem.updated", id=f"csub_item_{n}", updated_at=B + n), f"msg_{n}")
+              for n in range(6)]
+    statuses: list[str] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(12)
+
+    def post(headers: dict[str, str], body: bytes) -> None:
+        start.wait()
+        try:
+            statuses.append(str(processor.process(headers, body).status))
+        except BaseException as exc:  # (reported below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=post, args=pair) for pair in signed * 2]  # each delivered twice at once
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert sorted(statuses) == ["duplicate"] * 6 + ["ignored"] * 6
+    assert sorted(j["idempotency_key"] for j in jobs(store)) == [f"subscriptionItem.updated:msg_{n}"
+                                                                 for n in range(6)]
+    store.dispose()
+
+
+# -- run in order per subject, at least once ----------------------------------------------------------------
+
+def test_jobs_of_one_subject_run_in_arrival_order_and_wait_for_a_failed_one(db_url: str) -> None:
+    clock = Clock()
+    handler = Events(failures=1)
+    store = hooked(db_url, Hook("plans", handler, on=["subscriptionItem.*"]), now=clock)
+    # Clerk sent active (B+2) then canceled (B+3); Svix delivers the later first: arrival order is kept,
+    # and the handler sees each one's timestamp to leave the stale one alone
+    send(store, example("subscriptionItem.canceled", id="item_a", updated_at=B + 3), "msg_a2")
+    send(store, example("subscriptionItem.active", id="item_a", updated_at=B + 2), "msg_a1")
+    send(store, example("subscriptionItem.active", id="item_b", updated_at=B + 4), "msg_b1")
+    dispatcher = Dispatcher(store, now=clock)
+    drain(dispatcher)  # item_a's first job fails: its second waits; item_b's runs
+    assert [(e.subject, e.svix_id) for e in handler.seen] == [("item_a", "msg_a2"), ("item_b", "msg_b1")]
+    clock.advance(3600)
+    drain(dispatcher)
+    assert [(e.subject, e.svix_id, e.timestamp_ms) for e in handler.seen[2:]] == [
+        ("item_a", "msg_a2", B + 3), ("item_a", "msg_a1", B + 2)]
+    assert handler.seen[0].idempotency_key == handler.seen[2].idempotency_key  # the retry: the same key
+    store.dispose()
+
+
+def test_a_dispatcher_killed_after_its_claim_leaves_the_event_to_the_next_with_the_same_key(db_url: str) -> None:
+    clock = Clock()
+    handler = Events()
+    store = hooked(db_url, Hook("plans", handler, on=["paymentAttempt.*"]), now=clock)
+    send(store, example("paymentAttempt.updated"), "msg_pay_1")
+    with store.transaction() as writer:  # a worker claims the job, then dies before running it
+        (lost,) = claim(writer.conn, clock(), lease=timedelta(seconds=30), limit=10, max_attempts=5)
+    assert isinstance(lost.change, Event)
+    dispatcher = Dispatcher(store, lease_s=30, now=clock)
+    assert dispatcher.run_once() == 0  # still leased
+    clock.advance(31)
+    assert dispatcher.run_once() == 1
+    assert [e.idempotency_key for e in handler.seen] == [lost.change.idempotency_key]
+    assert jobs(store) == []
+    store.dispose()
+
+
+# -- replay, erasure ---------------------------------------------------------------------------------------
+
+def test_replay_queues_them_only_with_hooks(db_url: str) -> None:
+    handler = Events()
+    store = hooked(db_url, Hook("plans", handler, on=["subscription.active"]))
+    with store.transaction() as writer:  # stored before the hook existed (or by a release without it)
+        writer.record_delivery("msg_old", f.body_of(example("subscription.active")).decode(),
+                               event_type="subscription.active", instance_id=None, event_timestamp=B,
+                               status="ignored")
+    assert replay_deliveries(store, status="ignored").left == {"ignored": 1}
+    assert jobs(store) == []
+    report = replay_deliveries(store, status="ignored", with_hooks=True)
+    assert report.left == {"ignored": 1}  # its status stays; the hook's job is queued
+    drain(Dispatcher(store))
+    assert [(e.svix_id, e.idempotency_key) for e in handler.seen] == [("msg_old", "subscription.active:msg_old")]
+    store.dispose()
+
+
+def test_an_event_about_an_erased_payer_reaches_the_hook_without_their_data(db_url: str) -> None:
+    handler = Events()
+    store = hooked(db_url, Hook("plans", handler, on=["subscriptionItem.*"]))
+    payer = "user_34D368EufHwugfYh4yyGNEheM0S"  # the example's payer
+    deliver(store, f.envelope("user.created", f.user(payer, B)), f.envelope("user.deleted", f.deleted("user", payer)))
+    send(store, example("subscriptionItem.active"), "msg_late")  # after the payer's deletion: stored redacted
+    send(store, example("subscriptionItem.ended", id="item_2", payer={"user_id": "user_2", "email": "bo@x.org"}),
+         "msg_other")
+    (queued, other) = [j for j in jobs(store) if j["hook"] == "plans"]
+    assert "test@example.com" not in json.dumps(queued["payload"])
+    with store.transaction() as writer:  # retention's prune redacts a dead job
+        writer.conn.execute(sa.update(hook_jobs).where(hook_jobs.c.id == other["id"]).values(status="dead"))
+        assert redact_jobs(writer.conn, ids=[other["id"]]) == 1
+    drain(Dispatcher(store))
+    (late,) = handler.seen
+    assert late.redacted and late.subject == "csub_item_2g7np7Hrk0SN6kj5EDMLDaKNL0S"
+    assert "email" not in json.dumps(late.data)
+    (dead,) = jobs(store)
+    assert dead["payload"] == {"event": "subscriptionItem.ended", "svix_id": "msg_other", "timestamp": B,
+                               "subject": "item_2", "data": {"id": "item_2"}, "redacted": True}
+    store.dispose()
+
+
+# -- forwarded by the sinks --------------------------------------------------------------------------------
+
+def test_the_sinks_forward_a_named_event_with_the_documented_shape(store: Store) -> None:
+    client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+    stream = f"clerk-sync:events-test:{uuid.uuid4().hex}"
+    try:
+        with receiver() as (url, got):
+            webhook = StandardWebhookSink(url, SECRET)
+            hooks = [Hook("webhook", webhook, on=["subscription.*"]),
+                     Hook("stream", RedisStreamSink(client, stream), on=["subscription.*"]),
+                     Hook("all", StandardWebhookSink(url, SECRET), on=["*"])]  # gets no billing event
+            hooked_store = Store(store.engine, hooks=hooks)
+            event = example("subscription.pastDue", updated_at=B + 9)
+            send(hooked_store, event, "msg_past_due")
+            drain(Dispatcher(hooked_store))
+            webhook.close()
+            ((_, fields),) = client.xrange(stream)
+    finally:
+        client.delete(stream)
+        client.close()
+    ((headers, body),) = got
+    message = Webhook(SECRET).verify(body, headers)
+    assert headers["webhook-id"] == message["idempotency_key"] == "subscription.pastDue:msg_past_due"
+    assert message == {"type": "subscription.pastDue", "idempotency_key": "subscription.pastDue:msg_past_due",
+                       "data": {"event": "subscription.pastDue", "svix_id": "msg_past_due", "timestamp": B + 9,
+                                "subject": event["data"]["id"], "data": event["data"]}}
+    assert json.loads(fields[b"change"]) == message
+    assert fields[b"type"] == b"subscription.pastDue"
+    assert change_message(Event("subscription.pastDue", "msg_past_due", B + 9, event["data"])) == message
+
