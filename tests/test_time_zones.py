@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 import sqlalchemy as sa
@@ -24,6 +25,7 @@ from sqlalchemy.dialects import mysql
 from clerk_sync.changes import Hook
 from clerk_sync.cli._args import parse_since
 from clerk_sync.hooks import Backoff, Dispatcher
+from clerk_sync.ingest import replay_deliveries
 from clerk_sync.integrations.console import _queries as q
 from clerk_sync.integrations.console._console import _when
 from clerk_sync.mapping import Column, MappedTable, SchemaMapping, migrate_schema
@@ -282,3 +284,27 @@ def test_replay_since_in_a_host_tz_over_a_zoned_session(db_url: str, host: str) 
     result = run_cli("replay", "--status", "failed", "--since", "2026-03-08T12:00:00",
                      env={"DATABASE_URL": url, "TZ": host})
     assert "replayed 7 deliveries" in result.stdout + result.stderr, result.stdout + result.stderr
+
+
+# -- an aware time in another zone, handed to the Python API --------------------------------------------------
+
+def test_an_aware_time_in_another_zone_selects_by_its_instant_on_every_store(db_url: str) -> None:
+    """``replay_deliveries(since=...)`` and a store clock given in New York's zone (an app's own ``now``):
+    SQLite keeps a time as text without its offset, and SQLAlchemy's binding dropped it, so 07:00-05:00 was
+    compared (and stamped) as 07:00 UTC, five hours off. Every store compares and stores the instant."""
+    new_york = ZoneInfo("America/New_York")
+    start = datetime(2026, 1, 31, 6, 0, tzinfo=UTC)
+    with sa.create_engine(db_url).begin() as conn:
+        for hour in range(13):
+            conn.execute(webhook_events.insert().values(
+                svix_id=f"msg_ny_{hour}", type="user.updated", received_at=start + timedelta(hours=hour),
+                payload={"type": "user.updated", "data": {}}, status="failed", last_error="test"))
+    store = Store(create_engine(db_url), now=lambda: datetime(2026, 1, 31, 2, 30, tzinfo=new_york))
+    since = datetime(2026, 1, 31, 7, 0, tzinfo=new_york)  # 12:00 UTC: 7 of the 13
+    assert replay_deliveries(store, status="failed", since=since).total == 7
+    _record(store, "msg_ny_stamp")
+    with store.connect() as conn:
+        stamped = conn.execute(sa.select(webhook_events.c.received_at)
+                               .where(webhook_events.c.svix_id == "msg_ny_stamp")).scalar_one()
+    assert utc(stamped) == datetime(2026, 1, 31, 7, 30, tzinfo=UTC)
+    store.dispose()

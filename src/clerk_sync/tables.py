@@ -82,7 +82,17 @@ class UTCDateTime(sa.types.TypeDecorator[datetime]):
         return value
 
 
-Timestamp = sa.DateTime(timezone=True).with_variant(UTCDateTime(), "mysql", "mariadb")
+class SQLiteUTCDateTime(UTCDateTime):
+    """SQLite's text holding UTC, as :class:`UTCDateTime`: SQLAlchemy writes an aware value's wall clock
+    without its offset, so ``07:00-05:00`` (an app's own clock, a ``since=`` in its zone) was stored and
+    compared as 07:00 UTC."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+
+Timestamp = (sa.DateTime(timezone=True).with_variant(UTCDateTime(), "mysql", "mariadb")
+             .with_variant(SQLiteUTCDateTime(), "sqlite"))
 # MySQL/MariaDB tables: 4-byte UTF-8, and a binary collation because Clerk ids are case-sensitive
 # (``user_2aB`` and ``user_2Ab`` are two users; the servers' default ``_ci`` collations would merge them).
 MYSQL_TABLE: dict[str, Any] = {"mysql_charset": "utf8mb4", "mysql_collate": "utf8mb4_bin", "mysql_engine": "InnoDB"}
