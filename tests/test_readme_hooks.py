@@ -12,13 +12,32 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 _THEN = """
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
 from clerk_sync.engine import Entity, Upsert
 from clerk_sync.events import user_record
 from tests import factories as f
 
+from clerk_sync.ingest import WebhookProcessor
+from clerk_sync.webhooks import WebhookVerifier
+
+
+def billing(svix_id, slug, at):  # Clerk Billing's subscriptionItem.active for user_1, as Clerk sends it
+    event = json.loads((Path(f.__file__).parent / "fixtures/clerk/examples/subscriptionItem.active.json").read_text())
+    event["timestamp"], event["data"]["plan"]["slug"], event["data"]["payer"]["user_id"] = at, slug, "user_1"
+    return WebhookProcessor(store, WebhookVerifier([f.SECRET])).process(*f.signed(event, svix_id)).status
+
+
+print(billing("msg_pro", "pro", 1_800_000_000_500))  # before the account exists: its job is retried
+dispatcher.drain()
 with store.transaction() as writer:
     writer.apply(Upsert(Entity.USER, user_record(f.user("user_1", 1_800_000_000_000, role="admin"))))
-dispatcher.drain()
+print(billing("msg_free", "free-plan", 1_800_000_000_100), billing("msg_pro", "pro", 1_800_000_000_500))
+# a minute on, the retry's backoff has passed (the late, older free-plan event then leaves pro; the repeated msg_pro
+# queued nothing)
+Dispatcher(store, now=lambda: datetime.now(UTC) + timedelta(minutes=1)).drain()
 with engine.connect() as conn:
     print(dict(conn.execute(sa.text("SELECT clerk_user_id, email, role, plan FROM accounts")).one()._mapping))
 """
@@ -35,6 +54,8 @@ def test_the_hooks_snippet_runs_as_printed(tmp_path: Path, db_url: str) -> None:
     assert lines == [
         "['added accounts.clerk_user_id', 'added accounts.deleted_at', "
         "'created unique index uq_accounts_clerk_user_id']",
+        "ignored",
+        "ignored duplicate",
         "welcome user_1@example.com user_1",
-        "{'clerk_user_id': 'user_1', 'email': 'user_1@example.com', 'role': 'admin', 'plan': 'free'}",
+        "{'clerk_user_id': 'user_1', 'email': 'user_1@example.com', 'role': 'admin', 'plan': 'pro'}",
     ]

@@ -94,7 +94,7 @@ class Event:
 
     type: str
     svix_id: str
-    timestamp_ms: int | None
+    timestamp_ms: int
     data: JSON
     redacted: bool = False
 
@@ -118,9 +118,8 @@ class Event:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Event:
-        stamp = data.get("timestamp")
-        return cls(str(data["event"]), str(data["svix_id"]), None if stamp is None else int(stamp),
-                   dict(data.get("data") or {}), bool(data.get("redacted")))
+        return cls(str(data["event"]), str(data["svix_id"]), int(data["timestamp"]), dict(data.get("data") or {}),
+                   bool(data.get("redacted")))
 
     def key(self) -> str:
         """The part of a job's ``entity_key`` after the hook's name: its family and subject (order per subject)."""
