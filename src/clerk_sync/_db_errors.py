@@ -14,8 +14,9 @@ from sqlalchemy.engine import Connection
 
 from clerk_sync.errors import StoreDataError, StoreError, database_message
 
-__all__ = ["POOLER_ADVICE", "driver_cursor", "foreign_key_of", "is_foreign_key_violation",
-           "is_pooler_misconfigured", "is_row_referenced", "is_schema_behind", "sqlite_file_advice", "store_error"]
+__all__ = ["POOLER_ADVICE", "PRIVILEGE_ADVICE", "driver_cursor", "foreign_key_of", "is_foreign_key_violation",
+           "is_insufficient_privilege", "is_pooler_misconfigured", "is_row_referenced", "is_schema_behind",
+           "sqlite_file_advice", "store_error"]
 
 @contextmanager
 def driver_cursor(conn: Connection, what: str) -> Iterator[Any]:
@@ -83,6 +84,8 @@ def store_error(exc: sa.exc.SQLAlchemyError) -> StoreError:
     bound = _TIMEOUTS.get(getattr(orig, "sqlstate", None) or "") or _MYSQL_WAITS.get(_mysql_errno(orig))
     if bound is not None:  # a bounded wait ran out: someone else holds what we need, try again later
         return StoreError(f"database timeout: {bound} ({first_line}); nothing was applied, retry later")
+    if is_insufficient_privilege(orig):  # a grant to add: no retry heals it, a GRANT does (the delivery kept)
+        return StoreError(f"{message}; {PRIVILEGE_ADVICE}")
     if _missing_table(orig) or _missing_column(orig):  # the schema is behind (a new install, a new migration)
         mapped = ("; for a column of one of the app's mapped tables, the app's own migrations or `clerk-sync "
                   "migrate --mapping`") if _missing_column(orig) else ""
@@ -103,6 +106,22 @@ def store_error(exc: sa.exc.SQLAlchemyError) -> StoreError:
         # refusal: the same values would be refused on every retry, so stored failed rather than 503.
         return StoreDataError(message + _CHECK_MAPPING)
     return StoreError(message)
+
+
+# A privilege the database role lacks: PostgreSQL's class 42501 (a table's, a column's, a sequence's, TEMPORARY on
+# the database, a schema's USAGE), MySQL/MariaDB 1142 (a table's), 1143 (a column's), 1044 (the database's: CREATE
+# TEMPORARY TABLES, LOCK TABLES), 1227 (a global one). Not 1045 (a wrong password: the login, DATABASE_URL's).
+_MYSQL_DENIED = frozenset({1044, 1142, 1143, 1227})
+PRIVILEGE_ADVICE = ("the database role lacks a privilege clerk-sync needs: grant it, as the tables' owner (`clerk-sync "
+                    "doctor` with this DATABASE_URL prints the GRANT statements; RUNBOOK, \"Least-privilege database "
+                    "roles\"); nothing was applied: retry once granted (a webhook delivery is answered 503, so "
+                    "Svix retries it)")
+
+
+def is_insufficient_privilege(orig: object) -> bool:
+    """The database refused a statement for a privilege its role lacks (:data:`PRIVILEGE_ADVICE`): a setting to fix,
+    never the row's refusal, so the delivery is kept and answered 503 until someone grants it."""
+    return getattr(orig, "sqlstate", None) == "42501" or _mysql_errno(orig) in _MYSQL_DENIED
 
 
 # PgBouncer in transaction mode: it refuses libpq's `options` (clerk-sync's timeouts), and psycopg's prepared
@@ -229,9 +248,10 @@ _SQLITE_PASSING = ("database or disk is full", "disk I/O error", "database is lo
 def passing_cause(exc: BaseException) -> sa.exc.SQLAlchemyError | None:
     """The failure in ``exc``'s chain that is the database's passing state, not a refusal of the row: the
     connection is gone, a bounded wait ran out or a deadlock was broken (:func:`is_transient`), the server
-    ran out of something, a table is missing (mid-deploy), or on MySQL the savepoint was rolled back with
-    the whole transaction (1305: a deadlock). None when the database refused the row itself (a constraint,
-    a trigger's ``RAISE EXCEPTION`` or ``SIGNAL``): retrying the same row cannot help, so it is its refusal.
+    ran out of something, a table is missing (mid-deploy) or a privilege (a GRANT to run), or on MySQL the
+    savepoint was rolled back with the whole transaction (1305: a deadlock). None when the database refused the
+    row itself (a constraint, a trigger's ``RAISE EXCEPTION`` or ``SIGNAL``): retrying the same row cannot help,
+    so it is its refusal.
 
     The whole chain is read: leaving a savepoint may fail on its ROLLBACK, the cause in the context."""
     seen: BaseException | None = exc
@@ -242,6 +262,7 @@ def passing_cause(exc: BaseException) -> sa.exc.SQLAlchemyError | None:
             orig = seen.orig
             sqlstate = str(getattr(orig, "sqlstate", None) or "")
             if (seen.connection_invalidated or is_transient(orig) or _missing_table(orig)
+                    or is_insufficient_privilege(orig)
                     or sqlstate.startswith(_PG_PASSING_CLASSES) or _mysql_errno(orig) in _MYSQL_PASSING
                     or (type(orig).__module__ == "sqlite3" and str(orig).startswith(_SQLITE_PASSING))
                     or _savepoint_gone(orig)):

@@ -13,7 +13,7 @@ import httpx
 import sqlalchemy as sa
 
 from clerk_sync import migrations
-from clerk_sync._db_errors import sqlite_file_advice, store_error
+from clerk_sync._db_errors import PRIVILEGE_ADVICE, is_insufficient_privilege, sqlite_file_advice, store_error
 from clerk_sync.config import Settings
 from clerk_sync.errors import ClerkSyncError, ConfigError, database_message
 from clerk_sync.mapping import SchemaMapping, check_schema
@@ -41,6 +41,9 @@ def run_checks(settings: Settings, *, http: httpx.Client | None = None,
         checks = [_guard("webhook secret", lambda: _webhook_secret(settings)), database]
         if settings.database_url.startswith("sqlite") and reachable:  # what a read of one row cannot see:
             checks.append(_guard("sqlite file", lambda: _sqlite_file(settings)))  # corrupt pages, read-only
+        if not settings.database_url.startswith("sqlite"):  # a server's roles: what this one may do
+            checks.append(_guard("privileges", lambda: _privileges(settings, mapping)) if reachable
+                          else _not_checked("privileges"))
         checks.append(_guard("hook jobs", lambda: _hook_jobs(settings)) if reachable else _not_checked("hook jobs"))
         checks += [_guard(name, fn) for name, fn in (
             ("Clerk Backend API", lambda: _clerk_api(settings, client)),
@@ -61,6 +64,30 @@ _UNREACHABLE = "cannot reach the database"
 
 def _not_checked(name: str) -> Check:
     return Check(name, "warn", "not checked: the database cannot be reached (see the database line)")
+
+
+def _privileges(settings: Settings, mapping: SchemaMapping | None) -> tuple[str, str]:
+    """What DATABASE_URL's role lacks of what the runtime does (``_privileges.missing_privileges``), with the
+    GRANT statements to run as the tables' owner (RUNBOOK, "Least-privilege database roles")."""
+    from clerk_sync.cli._privileges import missing_privileges
+
+    store = Store.from_settings(settings)
+    try:
+        with store.connect() as conn:
+            missing = missing_privileges(conn, mapping)
+    except sa.exc.SQLAlchemyError as exc:
+        raise store_error(exc) from exc
+    finally:
+        store.dispose()
+    mapped = " and the mapped tables' columns" if mapping is not None else ""
+    if missing.needed:
+        return "fail", (f"the role lacks what serve, worker and the commands need ({'; '.join(missing.needed)}): "
+                        "deliveries answer 503 and the commands fail until granted. As the tables' owner, run: "
+                        + " ".join(missing.grants + [grant for _, grant in missing.optional]))
+    if missing.optional:
+        return "warn", ("the role may do what serve and worker need, not: "
+                        + "; ".join(f"{what}: {grant}" for what, grant in missing.optional))
+    return "ok", f"SELECT, INSERT, UPDATE, DELETE on clerk-sync's tables{mapped}, as the runtime needs"
 
 
 def _hook_jobs(settings: Settings) -> tuple[str, str]:
@@ -177,6 +204,8 @@ def _database(settings: Settings) -> tuple[str, str]:
         return _schema(store)
     except Exception as exc:
         text = _cause(exc, settings)  # (a StoreError's words carry sqlite_file_advice's already)
+        if is_insufficient_privilege(getattr(exc, "orig", None)):  # reached: the privileges line says what to grant
+            return "fail", f"reached, but a read was refused: {text}; {PRIVILEGE_ADVICE}"
         advice = sqlite_file_advice(getattr(exc, "orig", None) or exc)  # corrupt, not a database, cannot open
         if advice is None and not any(said in text for said in ("the SQLite file", "DATABASE_URL")):
             advice = "check DATABASE_URL"

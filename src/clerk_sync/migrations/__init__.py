@@ -26,6 +26,7 @@ from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
 from sqlalchemy.engine import Connection, Engine
 
+from clerk_sync._db_errors import is_insufficient_privilege
 from clerk_sync.errors import ConfigError, StoreError
 from clerk_sync.store import READ_ONLY_OPTION
 
@@ -432,7 +433,7 @@ def legacy_revision(conn: Connection) -> str | None:
     holds exactly one row, a revision of clerk-sync's, and clerk-sync's first tables exist. Anything else there
     is the app's own Alembic (its ids may look like ours, such as '0005'): None."""
     inspector = sa.inspect(conn)
-    if not inspector.has_table(LEGACY_VERSION_TABLE):
+    if not _readable_table(inspector, LEGACY_VERSION_TABLE):
         return None
     legacy = sa.table(LEGACY_VERSION_TABLE, sa.column("version_num", sa.String(32)))
     rows = list(conn.execute(sa.select(legacy.c.version_num)).scalars())
@@ -441,6 +442,18 @@ def legacy_revision(conn: Connection) -> str | None:
     if not all(inspector.has_table(name) for name in _FIRST_TABLES) or not _has_our_inbox(inspector):
         return None
     return str(rows[0])
+
+
+def _readable_table(inspector: Any, name: str) -> bool:
+    """``name`` exists and this role may read it. MySQL/MariaDB answer a role granted privileges table by table
+    (RUNBOOK, least-privilege roles) 1142 for any other table, there or not (SQLAlchemy's ``has_table`` raises it):
+    the app's ``alembic_version`` is none of the runtime role's business, so for it that table is not there."""
+    try:
+        return bool(inspector.has_table(name))
+    except sa.exc.DBAPIError as exc:
+        if is_insufficient_privilege(exc.orig):
+            return False
+        raise
 
 
 def _has_our_inbox(inspector: Any) -> bool:

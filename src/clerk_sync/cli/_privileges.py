@@ -1,0 +1,159 @@
+"""``doctor``'s privileges line: what the database role DATABASE_URL names may do to clerk-sync's tables (and the
+app's mapped ones), against what ``serve``, ``worker``, the auth faces, the console and the cron commands do, with
+the GRANT statements that give what is missing (RUNBOOK, "Least-privilege database roles").
+
+Table and column privileges are asked by running what would need them on no row (``INSERT .. SELECT .. WHERE 1 = 0``,
+``UPDATE .. WHERE 1 = 0``, ``DELETE .. WHERE 1 = 0``), each in a transaction rolled back: the database answers by
+its own rules (roles, wildcards, column grants), and nothing is written. PostgreSQL's serial sequences and
+TEMPORARY are asked of its catalog functions; MySQL/MariaDB's database-wide privileges (CREATE TEMPORARY TABLES,
+LOCK TABLES) of ``information_schema``, which shows a role's own grants only (not those of a MariaDB role)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from clerk_sync import tables
+from clerk_sync._db_errors import is_insufficient_privilege
+from clerk_sync.mapping import Anonymise, Deactivate, HardDelete, SchemaMapping, SoftDelete
+from clerk_sync.migrations import VERSION_TABLE
+
+__all__ = ["Missing", "missing_privileges"]
+
+_WRITE = ("SELECT", "INSERT", "UPDATE", "DELETE")
+
+
+@dataclass
+class Missing:
+    """What the role lacks: ``needed`` are refusals that stop the service (each table's GRANT), ``optional``
+    those of one command (``reconcile --dry-run``'s TEMPORARY table, ``users erase``'s LOCK TABLES)."""
+
+    grants: list[str] = field(default_factory=list)  # the GRANT statements to run, as the owner
+    needed: list[str] = field(default_factory=list)  # "hook_jobs: DELETE"
+    optional: list[tuple[str, str]] = field(default_factory=list)  # (what, GRANT statement)
+
+
+@dataclass(frozen=True)
+class _Need:
+    table: str
+    schema: str | None
+    privileges: tuple[str, ...]  # in the order a GRANT names them
+    columns: tuple[str, ...]  # INSERT and UPDATE are asked of these (an app's mapped table: granted on them only)
+    on_columns: bool = False  # the GRANT names the columns (INSERT (a, b), UPDATE (a, b))
+
+
+def _needs(mapping: SchemaMapping | None) -> list[_Need]:
+    needs = [_Need(t.name, None, _WRITE, tuple(t.columns.keys())) for t in tables.metadata.sorted_tables]
+    needs.append(_Need(VERSION_TABLE, None, ("SELECT",), ()))
+    for mapped in (mapping.tables.values() if mapping is not None else ()):
+        written = [mapped.clerk_id_column, *mapped.resolved()]
+        policy = mapped.on_delete
+        if isinstance(policy, SoftDelete | Deactivate) or (isinstance(policy, Anonymise) and policy.column):
+            written.append(str(policy.column))
+        privileges = ("SELECT", "INSERT", "UPDATE") + (("DELETE",) if isinstance(policy, HardDelete) else ())
+        needs.append(_Need(mapped.table, mapped.schema, privileges, tuple(dict.fromkeys(written)), on_columns=True))
+    return needs
+
+
+def missing_privileges(conn: Connection, mapping: SchemaMapping | None = None) -> Missing:
+    """What the connection's role lacks of what clerk-sync's runtime does (:class:`Missing`)."""
+    grantee = _grantee(conn)
+    missing = Missing()
+    for need in _needs(mapping):
+        name = _table_name(conn, need)
+        columns = [_quote(conn, c) for c in need.columns]
+        lacking = [p for p in need.privileges if _refused(conn, _probe(p, name, columns))]
+        if not lacking:
+            continue
+        listed = ", ".join(columns)
+        parts = [f"{p} ({listed})" if need.on_columns and p in ("INSERT", "UPDATE") else p for p in lacking]
+        missing.needed.append(f"{need.table}: {', '.join(parts)}")
+        missing.grants.append(f"GRANT {', '.join(parts)} ON {name} TO {grantee};")
+    if conn.dialect.name == "postgresql":
+        _postgres_extras(conn, mapping, grantee, missing)
+    elif conn.dialect.name in ("mysql", "mariadb"):
+        _mysql_extras(conn, grantee, missing)
+    return missing
+
+
+def _probe(privilege: str, name: str, columns: list[str]) -> str:
+    """A statement needing ``privilege`` on table ``name`` (on each of ``columns``, for INSERT and UPDATE) that
+    touches no row. (Names from clerk-sync's tables and the mapping, quoted: no value of anyone's.)"""
+    if privilege == "SELECT":
+        return f"SELECT 1 FROM {name} WHERE 1 = 0"  # noqa: S608
+    if privilege == "DELETE":
+        return f"DELETE FROM {name} WHERE 1 = 0"  # noqa: S608
+    listed = ", ".join(columns)
+    if privilege == "INSERT":  # (SELECT of the same columns: needed anyway; a NULL would be typed text)
+        return f"INSERT INTO {name} ({listed}) SELECT {listed} FROM {name} WHERE 1 = 0"  # noqa: S608
+    return f"UPDATE {name} SET {', '.join(f'{c} = NULL' for c in columns)} WHERE 1 = 0"  # noqa: S608
+
+
+def _refused(conn: Connection, statement: str) -> bool:
+    """Run ``statement`` in a transaction rolled back: True if the database refused it for a privilege."""
+    outer = conn.begin_nested() if conn.in_transaction() else conn.begin()
+    try:
+        conn.exec_driver_sql(statement)
+    except sa.exc.DBAPIError as exc:
+        outer.rollback()
+        if is_insufficient_privilege(exc.orig):
+            return True
+        raise
+    outer.rollback()
+    return False
+
+
+def _grantee(conn: Connection) -> str:
+    if conn.dialect.name == "postgresql":
+        return _quote(conn, str(conn.exec_driver_sql("SELECT current_user").scalar_one()))
+    user, _, host = str(conn.exec_driver_sql("SELECT CURRENT_USER()").scalar_one()).rpartition("@")
+    return f"'{user}'@'{host}'"
+
+
+def _quote(conn: Connection, name: str) -> str:
+    return str(conn.dialect.identifier_preparer.quote(name))
+
+
+def _table_name(conn: Connection, need: _Need) -> str:
+    schema = need.schema
+    if schema is None and conn.dialect.name in ("mysql", "mariadb"):  # a GRANT's own default is the session's
+        schema = str(conn.exec_driver_sql("SELECT DATABASE()").scalar_one())
+    table = _quote(conn, need.table)
+    return f"{_quote(conn, schema)}.{table}" if schema else table
+
+
+def _postgres_extras(conn: Connection, mapping: SchemaMapping | None, grantee: str, missing: Missing) -> None:
+    """USAGE of the sequences that number the tables' rows (serial columns: an INSERT calls nextval), and
+    TEMPORARY on the database (``reconcile --dry-run``'s table, revoked from PUBLIC by careful set-ups)."""
+    for need in _needs(mapping):
+        if "INSERT" not in need.privileges:
+            continue
+        rows = conn.execute(sa.text(
+            "SELECT s.oid::regclass::text, has_sequence_privilege(s.oid, 'USAGE') FROM pg_depend d "
+            "JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S' "
+            "WHERE d.refobjid = to_regclass(:t) AND d.deptype = 'a' AND d.classid = 'pg_class'::regclass"),
+            {"t": _table_name(conn, need)}).all()
+        for sequence, usage in rows:
+            if not usage:
+                missing.needed.append(f"{sequence}: USAGE (the sequence numbering {need.table}'s rows)")
+                missing.grants.append(f"GRANT USAGE ON SEQUENCE {sequence} TO {grantee};")
+    database = str(conn.exec_driver_sql("SELECT current_database()").scalar_one())
+    if not conn.exec_driver_sql("SELECT has_database_privilege(current_database(), 'TEMPORARY')").scalar_one():
+        missing.optional.append(("TEMPORARY on the database (`reconcile --dry-run` stages ids in a TEMPORARY table)",
+                                 f"GRANT TEMPORARY ON DATABASE {_quote(conn, database)} TO {grantee};"))
+
+
+def _mysql_extras(conn: Connection, grantee: str, missing: Missing) -> None:
+    """CREATE TEMPORARY TABLES (``reconcile --dry-run``) and LOCK TABLES (``users erase``'s wait for deliveries
+    in progress) on the database, as ``information_schema`` shows the role's own grants."""
+    held = set(conn.execute(sa.text(
+        "SELECT PRIVILEGE_TYPE FROM information_schema.SCHEMA_PRIVILEGES WHERE DATABASE() LIKE TABLE_SCHEMA "
+        "UNION SELECT PRIVILEGE_TYPE FROM information_schema.USER_PRIVILEGES")).scalars())
+    database = _quote(conn, str(conn.exec_driver_sql("SELECT DATABASE()").scalar_one()))
+    for privilege, why in (("CREATE TEMPORARY TABLES", "`reconcile --dry-run` stages ids in a TEMPORARY table"),
+                           ("LOCK TABLES", "`users erase` waits for deliveries in progress with LOCK TABLES .. READ")):
+        if privilege not in held:
+            missing.optional.append((f"{privilege} on the database ({why})",
+                                     f"GRANT {privilege} ON {database}.* TO {grantee};"))
