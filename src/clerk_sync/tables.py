@@ -69,11 +69,11 @@ class JSONText(sa.types.TypeDecorator[Any]):
 
 
 JSONType = sa.JSON().with_variant(postgresql.JSONB(), "postgresql").with_variant(JSONText(), "mysql", "mariadb")
-class UTCDateTime(sa.types.TypeDecorator[datetime]):
-    """MySQL's DATETIME(6) holding UTC: it has no time zone and the drivers drop an offset, so an aware
-    value is converted first (read back naive, as SQLite gives it). Plain DATETIME keeps whole seconds."""
+class _WallClockUTC(sa.types.TypeDecorator[datetime]):
+    """A date-time column without a time zone holding UTC: an aware value is converted first (the drivers,
+    and SQLAlchemy on SQLite, drop its offset); read back naive."""
 
-    impl = mysql.DATETIME(fsp=6)
+    impl: sa.types.TypeEngine[datetime] = sa.DateTime()
     cache_ok = True
 
     def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
@@ -82,10 +82,17 @@ class UTCDateTime(sa.types.TypeDecorator[datetime]):
         return value
 
 
-class SQLiteUTCDateTime(UTCDateTime):
-    """SQLite's text holding UTC, as :class:`UTCDateTime`: SQLAlchemy writes an aware value's wall clock
-    without its offset, so ``07:00-05:00`` (an app's own clock, a ``since=`` in its zone) was stored and
-    compared as 07:00 UTC."""
+class UTCDateTime(_WallClockUTC):
+    """MySQL's DATETIME(6) holding UTC (read back naive, as SQLite gives it). Plain DATETIME keeps whole
+    seconds."""
+
+    impl = mysql.DATETIME(fsp=6)
+    cache_ok = True
+
+
+class SQLiteUTCDateTime(_WallClockUTC):
+    """SQLite's text holding UTC: SQLAlchemy wrote an aware value's wall clock without its offset, so
+    ``07:00-05:00`` (an app's own clock, a ``since=`` in its zone) was stored and compared as 07:00 UTC."""
 
     impl = sa.DateTime(timezone=True)
     cache_ok = True
