@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import threading
 import uuid
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -288,4 +290,10 @@ def test_the_sinks_forward_a_named_event_with_the_documented_shape(store: Store)
     assert json.loads(fields[b"change"]) == message
     assert fields[b"type"] == b"subscription.pastDue"
     assert change_message(Event("subscription.pastDue", "msg_past_due", B + 9, event["data"])) == message
+    # docs/FORWARDING.md shows that shape
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "FORWARDING.md").read_text()
+    shown = json.loads(re.search(r"## Events clerk-sync does not mirror\n.*?```json\n(.*?)```", doc, re.S)
+                       .group(1))  # type: ignore[union-attr]
+    assert set(shown) == set(message) and set(shown["data"]) == set(message["data"])
+    assert shown["idempotency_key"] == f"{shown['type']}:{shown['data']['svix_id']}"
 
