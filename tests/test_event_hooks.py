@@ -24,17 +24,19 @@ from standardwebhooks.webhooks import Webhook
 
 from clerk_sync.changes import EVENT_TYPES, Change, Event, Hook
 from clerk_sync.events import parse_envelope
-from clerk_sync.hooks import Dispatcher
+from clerk_sync.hooks import Backoff, Dispatcher
 from clerk_sync.hooks.sinks import RedisStreamSink, StandardWebhookSink, change_message
 from clerk_sync.ingest import WebhookProcessor, replay_deliveries
 from clerk_sync.integrations._committer import GroupCommitter
 from clerk_sync.metrics import KNOWN_EVENT_TYPES
 from clerk_sync.outbox import claim, redact_jobs
+from clerk_sync.retention import Retention
 from clerk_sync.store import Store
 from clerk_sync.tables import hook_jobs
 from clerk_sync.webhooks import WebhookVerifier
 from tests import factories as f
 from tests.conftest import CLERK_FIXTURES
+from tests.test_cli import run
 from tests.test_forwarding_doc import SECRET, receiver
 from tests.test_hooks import B, Clock, deliver, hooked, jobs
 
@@ -232,7 +234,8 @@ def test_replay_queues_them_only_with_hooks(db_url: str) -> None:
     assert replay_deliveries(store, status="ignored").left == {"ignored": 1}
     assert jobs(store) == []
     report = replay_deliveries(store, status="ignored", with_hooks=True)
-    assert report.left == {"ignored": 1}  # its status stays; the hook's job is queued
+    assert report.left == {"ignored": 1} and report.events == 1  # its status stays; the hook's job is queued
+    assert report.summary() == "replayed 1 deliveries: 1 ignored; 1 queued for the hooks naming their event types"
     drain(Dispatcher(store))
     assert [(e.svix_id, e.idempotency_key) for e in handler.seen] == [("msg_old", "subscription.active:msg_old")]
     store.dispose()
@@ -258,6 +261,22 @@ def test_an_event_about_an_erased_payer_reaches_the_hook_without_their_data(db_u
     (dead,) = jobs(store)
     assert dead["payload"] == {"event": "subscriptionItem.ended", "svix_id": "msg_other", "timestamp": B,
                                "subject": "item_2", "data": {"id": "item_2"}, "redacted": True}
+    store.dispose()
+
+
+def test_an_erasure_reduces_the_queued_events_naming_the_person_to_ids(db_url: str) -> None:
+    handler = Events()
+    store = hooked(db_url, Hook("plans", handler, on=["paymentAttempt.*", "subscriptionItem.*"]))
+    payer = {"user_id": "user_pay", "email": "pay@example.com", "first_name": "Pat"}
+    deliver(store, f.envelope("user.created", f.user("user_pay", B, email="pay@example.com")))
+    send(store, example("paymentAttempt.updated", payer=payer), "msg_pay")
+    send(store, example("subscriptionItem.active", id="item_other"), "msg_other")  # another payer: kept whole
+    Retention(store).erase_user("user_pay", reason="DSR")
+    drain(Dispatcher(store))
+    other, erased = sorted(handler.seen, key=lambda e: e.svix_id)
+    assert erased.redacted and erased.svix_id == "msg_pay" and erased.type == "paymentAttempt.updated"
+    assert erased.data == {"id": example("paymentAttempt.updated")["data"]["id"]}
+    assert not other.redacted and other.data["payer"]["email"] == "test@example.com"
     store.dispose()
 
 
@@ -297,3 +316,22 @@ def test_the_sinks_forward_a_named_event_with_the_documented_shape(store: Store)
     assert set(shown) == set(message) and set(shown["data"]) == set(message["data"])
     assert shown["idempotency_key"] == f"{shown['type']}:{shown['data']['svix_id']}"
 
+
+
+# -- the CLI -------------------------------------------------------------------------------------------------
+
+def test_hooks_list_and_retry_show_an_event_job_by_its_subject(db_url: str) -> None:
+    def down(event: Event) -> None:
+        raise RuntimeError("billing API answered 503")
+
+    store = Store.from_url(db_url, hooks=[Hook("plans", down, on=["subscriptionItem.*"])])
+    send(store, example("subscriptionItem.pastDue", id="item_1"), "msg_due")
+    Dispatcher(store, backoff=Backoff(max_attempts=1)).drain()
+    store.dispose()
+    env = {"DATABASE_URL": db_url}
+    (dead,) = [line.split("\t") for line in run("hooks", "list", env=env).stdout.splitlines()]
+    assert dead[1:] == ["plans", "subscriptionItem.pastDue", "item_1", "attempts=1",
+                        "RuntimeError: billing API answered 503", "subscriptionItem.pastDue:msg_due", ""]
+    retried = run("hooks", "retry", "--all", env=env)
+    assert retried.returncode == 0 and "warning" not in retried.stdout + retried.stderr, retried  # no version to compare
+    assert run("hooks", "list", "--status", "pending", env=env).stdout.split("\t")[1] == "plans"

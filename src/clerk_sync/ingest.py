@@ -80,16 +80,19 @@ class ReplayReport:
     ``left``: of those, the deliveries that were not ``failed`` and whose replay changed nothing (stale: the rows
     hold their version or a newer one; or their payload was redacted), by the status they kept. A replay never
     relabels them (an applied delivery replayed is stale, and recording ``skipped`` would rewrite the history the
-    console's filters, the metrics and incident reviews read)."""
+    console's filters, the metrics and incident reviews read). ``events``: the ``ignored`` deliveries (of types
+    clerk-sync does not mirror) that queued jobs for the hooks naming their types (``with_hooks`` only)."""
 
     total: int
     by_status: dict[str, int]
     left: dict[str, int] = field(default_factory=dict)
+    events: int = 0
 
     def summary(self) -> str:
         """The commands' first line: ``replayed 3 deliveries: 2 applied, 1 failed`` (every face's)."""
         by_status = ", ".join(f"{n} {said!s}" for said, n in sorted(self.by_status.items()))
-        return f"replayed {self.total} deliveries" + (f": {by_status}" if by_status else "")
+        events = f"; {self.events} queued for the hooks naming their event types" if self.events else ""
+        return f"replayed {self.total} deliveries" + (f": {by_status}" if by_status else "") + events
 
     @property
     def left_said(self) -> str:
@@ -563,12 +566,14 @@ def replay_deliveries(
         ids = list(conn.execute(query.order_by(webhook_events.c.id)).scalars())
     counts: dict[str, int] = {}
     left: dict[str, int] = {}
+    events = 0
     for svix_id in ids:
         _, result, written = _replay(store, svix_id, None, only_failed=False)
         counts[result] = counts.get(result, 0) + 1  # plain strings: reports print and compare as text
         if not written:
             left[result] = left.get(result, 0) + 1
-    return ReplayReport(len(ids), counts, left)
+        events += written is None
+    return ReplayReport(len(ids), counts, left, events)
 
 
 def replay_delivery(store: Store, svix_id: str, *,
@@ -591,8 +596,9 @@ def replay_if_failed(store: Store, svix_id: str, *,
 
 
 def _replay(store: Store, svix_id: str, audit: Callable[[Writer, DeliveryStatus], None] | None, *,
-            only_failed: bool) -> tuple[bool, str, bool]:
-    """(replayed, the status stored after, whether the replay wrote the delivery's outcome)."""
+            only_failed: bool) -> tuple[bool, str, bool | None]:
+    """(replayed, the status stored after, whether the replay wrote the delivery's outcome: None when it did
+    not and queued the jobs of the hooks naming its event type)."""
     def still_failed(writer: Writer) -> str | None:
         """None when the delivery may be replayed, else its status."""
         if not only_failed:
@@ -602,7 +608,7 @@ def _replay(store: Store, svix_id: str, audit: Callable[[Writer, DeliveryStatus]
                      .scalar_one())
         return None if status == DeliveryStatus.FAILED else status
 
-    def work(writer: Writer) -> tuple[bool, str, bool]:
+    def work(writer: Writer) -> tuple[bool, str, bool | None]:
         current = still_failed(writer)
         if current is not None:
             return False, current, False
@@ -643,8 +649,9 @@ def replay_one(writer: Writer, svix_id: str) -> DeliveryStatus:
 _CHANGED_NOTHING = frozenset({DeliveryStatus.SKIPPED, DeliveryStatus.IGNORED})
 
 
-def _replay_in(writer: Writer, svix_id: str) -> tuple[DeliveryStatus, bool]:
-    """:func:`replay_one`, and whether the delivery's outcome was written (False: left as it was)."""
+def _replay_in(writer: Writer, svix_id: str) -> tuple[DeliveryStatus, bool | None]:
+    """:func:`replay_one`, and whether the delivery's outcome was written (False: left as it was; None: left as
+    it was, and the jobs of the hooks naming its event type queued)."""
     e = webhook_events.c
     payload, event_ms, received_at, stored = writer.conn.execute(
         sa.select(e.payload, e.event_timestamp, e.received_at, e.status).where(e.svix_id == svix_id)
@@ -665,13 +672,13 @@ def _replay_in(writer: Writer, svix_id: str) -> tuple[DeliveryStatus, bool]:
         return DeliveryStatus.FAILED, True
     refused = len(writer.refused)
     status, error = apply_envelope(writer, envelope)
-    if status == DeliveryStatus.IGNORED and writer.outbox is not None:  # (replay --with-hooks: hooks naming it)
-        queue_event(writer, svix_id, envelope, person_named(envelope))
+    queued = (status == DeliveryStatus.IGNORED and writer.outbox is not None  # (replay --with-hooks)
+              and queue_event(writer, svix_id, envelope, person_named(envelope)))
     # as a live delivery: about a deleted entity (a skipped update, a membership deleted on arrival), it
     # keeps no personal data
     WebhookProcessor.forget_if_deleted(writer, Outcome(svix_id, envelope.type, status, error), envelope)
     if not was_failed and status in _CHANGED_NOTHING and len(writer.refused) == refused:
-        return DeliveryStatus(stored), False
+        return DeliveryStatus(stored), None if queued else False
     writer.finish_delivery(svix_id, status, writer.refusals_noted(refused, error), count_attempt=True)
     return status, True
 

@@ -311,8 +311,9 @@ def replay(
     status: Annotated[str, typer.Option(help="Replay deliveries with this status (one that is not failed keeps "
                                              "it when the replay changes nothing).")] = "failed",
     since: Annotated[str | None, typer.Option(help="Received at/after (ISO 8601, naive = UTC).")] = None,
-    with_hooks: Annotated[str | None, typer.Option(help="Fire these hooks for what the replay applies "
-                                                        "(module:attribute); by default none fire.")] = None,
+    with_hooks: Annotated[str | None, typer.Option(help="Fire these hooks for what the replay applies, and, "
+                                                        "with --status ignored, for the events of the types they "
+                                                        "name (module:attribute); by default none fire.")] = None,
     mapping: Annotated[str | None, typer.Option(help=MAPPING_HELP)] = None,
 ) -> None:
     """Re-apply stored deliveries (after fixing what made them fail); exit 1 while some stay failed."""
