@@ -188,7 +188,7 @@ def first_seen_op(pem: str, parts: list[list[str]], prefill: int = 0) -> Op:
         verifier = SessionVerifier(StaticKeySource(pem), policy(), cache_size=max(prefill, total + 1))
         exp = int(time.time()) + 3600
         for i in range(prefill):  # private attribute: the cheapest way to model a busy server's cache
-            verifier._cache[f"synthetic.{i}"] = (Auth(user_id=f"u{i}", session_id=f"s{i}", expires_at=exp), None)
+            verifier._cache[f"synthetic.{i}"] = (Auth(user_id=f"u{i}", session_id=f"s{i}", expires_at=exp), None, None)
 
         def step(i: int) -> int:
             for t in parts[i]:
