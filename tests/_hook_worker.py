@@ -46,3 +46,9 @@ def hooks() -> list[Hook]:
             os.kill(os.getpid(), signal.SIGKILL)
 
     return [Hook("effects", handler)]
+
+
+def event_hooks() -> list[Hook]:
+    """:func:`hooks`' handler for Clerk Billing's events (types clerk-sync does not mirror), named."""
+    (hook,) = hooks()
+    return [Hook("billing-effects", hook.handler, on=["subscription.*", "subscriptionItem.*", "paymentAttempt.*"])]

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
+import subprocess
+import sys
 import threading
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,7 @@ from clerk_sync.retention import Retention
 from clerk_sync.store import Store
 from clerk_sync.tables import hook_jobs
 from clerk_sync.webhooks import WebhookVerifier
+from tests import _hook_worker
 from tests import factories as f
 from tests.conftest import CLERK_FIXTURES
 from tests.test_cli import run
@@ -335,3 +339,61 @@ def test_hooks_list_and_retry_show_an_event_job_by_its_subject(db_url: str) -> N
     retried = run("hooks", "retry", "--all", env=env)
     assert retried.returncode == 0 and "warning" not in retried.stdout + retried.stderr, retried  # no version to compare
     assert run("hooks", "list", "--status", "pending", env=env).stdout.split("\t")[1] == "plans"
+
+
+# -- kill -9 between the commit and the dispatch, and mid-handler -----------------------------------------
+
+_INGEST_THEN_DIE = """
+import json, os, signal, sys, time
+from clerk_sync.ingest import WebhookProcessor
+from clerk_sync.store import Store
+from clerk_sync.webhooks import WebhookVerifier, sign
+from tests import _hook_worker
+store = Store.from_url(os.environ["DATABASE_URL"], hooks=_hook_worker.event_hooks())
+processor = WebhookProcessor(store, WebhookVerifier([sys.argv[2]]))
+for svix_id, body in json.load(open(sys.argv[1])):
+    processor.process(sign(sys.argv[2], svix_id, int(time.time()), body.encode()), body.encode())
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.slow
+def test_kill_9_after_the_commit_and_mid_handler_loses_no_event_and_repeats_no_effect(
+        db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = sa.create_engine(db_url)
+    _hook_worker.meta.create_all(engine)
+    root = Path(__file__).resolve().parents[1]
+    env = {"DATABASE_URL": db_url, "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root)])}
+    events = [("msg_1", example("subscription.created")), ("msg_2", example("subscriptionItem.active")),
+              ("msg_3", example("paymentAttempt.created")), ("msg_4", example("subscription.active")),
+              ("msg_5", example("waitlistEntry.created"))]  # not named: no job
+    deliveries = [(svix_id, f.body_of(event).decode()) for svix_id, event in events]
+    (tmp_path / "deliveries.json").write_text(json.dumps([*deliveries, deliveries[1]]))  # msg_2 delivered twice
+    expected = {f"{event['type']}:{svix_id}" for svix_id, event in events[:4]}
+
+    ingest = subprocess.run([sys.executable, "-c", _INGEST_THEN_DIE, str(tmp_path / "deliveries.json"), f.SECRET],
+                            env={**os.environ, **env}, cwd=root, capture_output=True, text=True, timeout=120,
+                            check=False)
+    assert ingest.returncode == -9, ingest.stderr  # killed before any dispatch: the commits hold the jobs
+    with engine.connect() as conn:
+        assert sorted(conn.execute(sa.select(hook_jobs.c.idempotency_key)).scalars()) == sorted(expected)
+
+    (tmp_path / "crash").touch()  # the worker acts on its first job, then is killed before finishing it
+    worker = run("worker", "--hooks", "tests._hook_worker:event_hooks", "--once",
+                 env={**env, "HOOK_CRASH_FILE": str(tmp_path / "crash")}, cwd=root)
+    assert worker.returncode == -9, worker.stderr
+    with engine.connect() as conn:
+        (first,) = conn.execute(sa.select(_hook_worker.calls.c.key)).scalars()
+
+    monkeypatch.setenv("DATABASE_URL", db_url)
+    store = Store.from_url(db_url, hooks=_hook_worker.event_hooks())
+    later = datetime.now(UTC) + timedelta(seconds=61)  # past the dead worker's lease
+    Dispatcher(store, now=lambda: later).drain()
+    with engine.connect() as conn:
+        calls = list(conn.execute(sa.select(_hook_worker.calls.c.key)).scalars())
+        effects = set(conn.execute(sa.select(_hook_worker.effects.c.key)).scalars())
+        assert conn.execute(sa.select(sa.func.count()).select_from(hook_jobs)).scalar() == 0
+    assert effects == expected  # every event acted on, exactly once
+    assert sorted(calls) == sorted([*expected, first])  # only the interrupted one was called twice
+    store.dispose()
+    engine.dispose()
