@@ -39,6 +39,7 @@ from clerk_sync.tables import hook_jobs
 from clerk_sync.webhooks import WebhookVerifier
 from tests import _hook_worker
 from tests import factories as f
+from tests import test_hooks_rabbitmq_sink as amqp
 from tests.conftest import CLERK_FIXTURES
 from tests.test_cli import run
 from tests.test_forwarding_doc import SECRET, receiver
@@ -322,6 +323,34 @@ def test_the_sinks_forward_a_named_event_with_the_documented_shape(store: Store)
 
 
 
+admin, exchange = amqp.admin, amqp.exchange  # (the RabbitMQ tests' fixtures: a channel of the test's, an exchange)
+
+
+def test_rabbitmq_routes_a_named_event_by_its_type_and_no_event_to_a_star_hook(
+        db_url: str, admin: Any, exchange: str) -> None:
+    queue = amqp._queue(admin, exchange, "subscription.*")
+    everything = amqp._queue(admin, exchange, "#")
+    sink = amqp.RabbitMQSink(amqp.AMQP_URL, exchange)
+    star = amqp.RabbitMQSink(amqp.AMQP_URL, exchange)
+    store = hooked(db_url, Hook("amqp", sink, on=["subscription.*"]), Hook("star", star))  # "*": changes only
+    try:
+        send(store, example("subscription.active", updated_at=B + 1), "msg_active")
+        send(store, example("subscription.pastDue", updated_at=B + 2), "msg_past_due")
+        send(store, example("subscriptionItem.active"), "msg_item")  # not named
+        assert Dispatcher(store, heartbeat_s=0).drain() == 2
+        got = amqp._read(admin, queue)
+        assert len(amqp._read(admin, everything)) == 2  # the "*" hook published none of them
+    finally:
+        sink.close()
+        star.close()
+        store.dispose()
+    assert [(m.routing_key, p.message_id, p.type) for m, p, _ in got] == [
+        ("subscription.active", "subscription.active:msg_active", "subscription.active"),
+        ("subscription.pastDue", "subscription.pastDue:msg_past_due", "subscription.pastDue")]
+    message = json.loads(got[0][2])
+    assert message["data"]["svix_id"] == "msg_active" and message["data"]["timestamp"] == B + 1
+
+
 # -- the CLI -------------------------------------------------------------------------------------------------
 
 def test_hooks_list_and_retry_show_an_event_job_by_its_subject(db_url: str) -> None:
@@ -349,6 +378,7 @@ from clerk_sync.ingest import WebhookProcessor
 from clerk_sync.store import Store
 from clerk_sync.webhooks import WebhookVerifier, sign
 from tests import _hook_worker
+from tests import test_hooks_rabbitmq_sink as amqp
 store = Store.from_url(os.environ["DATABASE_URL"], hooks=_hook_worker.event_hooks())
 processor = WebhookProcessor(store, WebhookVerifier([sys.argv[2]]))
 for svix_id, body in json.load(open(sys.argv[1])):
