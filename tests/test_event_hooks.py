@@ -427,3 +427,17 @@ def test_kill_9_after_the_commit_and_mid_handler_loses_no_event_and_repeats_no_e
     assert sorted(calls) == sorted([*expected, first])  # only the interrupted one was called twice
     store.dispose()
     engine.dispose()
+
+
+def test_an_event_whose_data_no_column_could_hold_is_queued_as_the_inbox_keeps_it(db_url: str) -> None:
+    handler = Events()
+    store = hooked(db_url, Hook("plans", handler, on=["paymentAttempt.*"]))
+    event = example("paymentAttempt.created")
+    event["data"]["note"] = "nul\u0000 and a lone \ud800 surrogate"
+    body = json.dumps(event).encode()  # (json escapes them: \\u0000, \\ud800)
+    processor = WebhookProcessor(store, WebhookVerifier([f.SECRET]))
+    assert processor.process(*f.signed(body, "msg_odd")).status == "ignored"
+    drain(Dispatcher(store))
+    (got,) = handler.seen
+    assert got.data["note"] == "nul\ufffd and a lone \ufffd surrogate"  # as the inbox stores it (README)
+    store.dispose()
