@@ -22,6 +22,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 
+from clerk_sync.auth.authenticator import DenyList
 from clerk_sync.changes import Hook
 from clerk_sync.cli._args import parse_since
 from clerk_sync.hooks import Backoff, Dispatcher
@@ -31,7 +32,7 @@ from clerk_sync.integrations.console._console import _when
 from clerk_sync.mapping import Column, MappedTable, SchemaMapping, migrate_schema
 from clerk_sync.retention import Retention, RetentionPolicy
 from clerk_sync.store import Store, create_engine
-from clerk_sync.tables import audit_log, hook_jobs, webhook_events
+from clerk_sync.tables import audit_log, hook_jobs, users, webhook_events
 from tests import factories as f
 from tests.console.conftest import make_stack, operator_client
 from tests.console.test_http import HTML
@@ -307,4 +308,24 @@ def test_an_aware_time_in_another_zone_selects_by_its_instant_on_every_store(db_
         stamped = conn.execute(sa.select(webhook_events.c.received_at)
                                .where(webhook_events.c.svix_id == "msg_ny_stamp")).scalar_one()
     assert utc(stamped) == datetime(2026, 1, 31, 7, 30, tzinfo=UTC)
+    store.dispose()
+
+
+# -- a naive clock means UTC on every host ------------------------------------------------------------------
+
+def test_a_naive_wall_clock_is_utc_whatever_the_host_tz(db_url: str, host_tz: str) -> None:
+    """``DenyList(wall=...)`` and ``Store(now=...)`` given naive clocks (``datetime.utcnow``'s kind): naive means
+    UTC in clerk-sync, but ``.timestamp()`` read them in the host's zone, so on a New York host a lockout ended
+    five hours early (and on a Kolkata one lasted 5 h 30 min too long), and a delivery's fallback time was
+    shifted as much."""
+    store = Store(create_engine(db_url), now=lambda: T0.replace(tzinfo=None))
+    user = f.user("user_lock", 1000) | {"locked": True, "lockout_expires_in_seconds": 600}
+    assert deliver(store, f.envelope("user.updated", user)) == ["applied"]
+    with store.connect() as conn:
+        ends_ms = conn.execute(sa.select(users.c.locked_until)).scalar_one()
+    ends = datetime.fromtimestamp(ends_ms / 1000, UTC).replace(tzinfo=None)  # naive UTC
+    during = DenyList(store, refresh_s=3600, wall=lambda: ends - timedelta(seconds=1))
+    after = DenyList(store, refresh_s=3600, wall=lambda: ends)
+    assert (during.blocked_reason("user_lock"), after.blocked_reason("user_lock")) == ("locked", None)
+    assert store.now() == T0 and store.now().utcoffset() == timedelta(0)  # naive: read as UTC, given aware
     store.dispose()

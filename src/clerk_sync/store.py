@@ -31,6 +31,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from clerk_sync._db_errors import is_foreign_key_violation, is_schema_behind, store_error
 from clerk_sync._limits import fit_reason
+from clerk_sync._time import as_utc
 from clerk_sync.changes import Change, Hook, change_type, describe
 from clerk_sync.config import DatabaseTimeouts, Settings
 from clerk_sync.engine import DeliveryStatus, Entity, Record, RevokeSession, Tombstone, Upsert
@@ -1337,8 +1338,10 @@ class Store:
         self._reflected = False  # the mapped tables, before the first transaction (see _reflect_mapped)
 
     def now(self) -> datetime:
-        """The store's clock (injected in tests): what its writes stamp, and what "due" means for hook jobs."""
-        return self._now()
+        """The store's clock (injected in tests): what its writes stamp, and what "due" means for hook jobs. In
+        UTC: a naive clock's reading is UTC (``.timestamp()`` would read it in the host's zone), an aware one's
+        converted."""
+        return as_utc(self._now())
 
     @classmethod
     def from_url(cls, url: str, *, hooks: Sequence[Hook] = (), mapping: SchemaMapping | None = None,
@@ -1365,7 +1368,7 @@ class Store:
             self._reflect_mapped()
         try:
             with self._writers, self.engine.begin() as conn:
-                writer = Writer(conn, self._now(), hooks=self.hooks, mapping=self.mapping, unmapped=unmapped)
+                writer = Writer(conn, self.now(), hooks=self.hooks, mapping=self.mapping, unmapped=unmapped)
                 yield writer
                 written = writer
         except sa.exc.SQLAlchemyError as exc:

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import sqlalchemy as sa
 
 from clerk_sync._limits import ROLE_CHARS, show
-from clerk_sync._time import utcnow
+from clerk_sync._time import as_utc, utcnow
 from clerk_sync.auth.audit import AuditEntry, record_audit
 from clerk_sync.auth.users import AuthUser, load_user, read_user, standing_error
 from clerk_sync.engine import Entity, Upsert
@@ -243,7 +243,7 @@ class AdminActions:
         return None
 
     def _now_ms(self) -> int:
-        return int(self._wall().timestamp() * 1000)
+        return int(as_utc(self._wall()).timestamp() * 1000)  # (a naive clock is UTC, not the host's zone)
 
     def _store_clerk_user(self, clerk_user: dict[str, Any], entry: AuditEntry) -> None:
         """Store Clerk's answer, audit it, and close the user's pending changes: they are older

@@ -20,7 +20,7 @@ import structlog
 from anyio import to_thread
 
 from clerk_sync._limits import show
-from clerk_sync._time import utcnow
+from clerk_sync._time import as_utc, utcnow
 from clerk_sync.auth.admin import ADMIN_ROLE
 from clerk_sync.auth.audit import AuditEntry, record_audit
 from clerk_sync.auth.claims import Auth
@@ -123,7 +123,7 @@ class DenyList:
 
     def now_ms(self) -> int:
         """This list's wall clock (``wall``), in epoch milliseconds: what a lockout's end is compared with."""
-        return int(self._wall().timestamp() * 1000)
+        return int(as_utc(self._wall()).timestamp() * 1000)  # (a naive clock is UTC, not the host's zone)
 
     def due(self) -> bool:
         """True when the next check would query the DB (async callers refresh off the event loop)."""
@@ -132,7 +132,7 @@ class DenyList:
     def refresh(self) -> None:
         """Read revocations and user bans/deletions changed since the last refresh (all, the first time)."""
         wall = self._wall()
-        now_ms = int(wall.timestamp() * 1000)
+        now_ms = int(as_utc(wall).timestamp() * 1000)
         r, u = revoked_sessions, users
         live = sa.or_(r.c.expire_at.is_(None), r.c.expire_at > now_ms)
         revocations = sa.select(r.c.session_id, r.c.expire_at, r.c.revoked_at).where(live)

@@ -30,7 +30,7 @@ from typing import Any
 import anyio
 import sqlalchemy as sa
 
-from clerk_sync._time import utcnow
+from clerk_sync._time import as_utc, utcnow
 from clerk_sync.clerk_api import AsyncClerkClient, ClerkClient
 from clerk_sync.engine import Entity, Upsert
 from clerk_sync.errors import (
@@ -126,7 +126,7 @@ def standing_error(user: AuthUser, now_ms: int | None = None) -> UserBanned | Us
 
 
 def _now_ms(wall: Callable[[], datetime] = utcnow) -> int:
-    return int(wall().timestamp() * 1000)
+    return int(as_utc(wall()).timestamp() * 1000)  # (a naive clock is UTC, not the host's zone)
 
 
 def _usable(user: AuthUser, now_ms: int | None = None) -> AuthUser:
