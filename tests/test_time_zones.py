@@ -30,14 +30,18 @@ from clerk_sync.ingest import replay_deliveries
 from clerk_sync.integrations.console import _queries as q
 from clerk_sync.integrations.console._console import _when
 from clerk_sync.mapping import Column, MappedTable, SchemaMapping, migrate_schema
+from clerk_sync.reconcile import Reconciler
 from clerk_sync.retention import Retention, RetentionPolicy
 from clerk_sync.store import Store, create_engine
 from clerk_sync.tables import audit_log, hook_jobs, users, webhook_events
+from clerk_sync.testing import EmulatorServer
 from tests import factories as f
 from tests.console.conftest import make_stack, operator_client
 from tests.console.test_http import HTML
 from tests.test_cli import run as run_cli
 from tests.test_hooks import Clock, Recorder, deliver
+from tests.test_lock_expiry import Clock as LockClock
+from tests.test_lock_expiry import _client as lock_client
 
 PG_ZONE, MARIADB_ZONE = "Pacific/Chatham", "+13:00"
 T0 = datetime(2026, 3, 8, 6, 59, 50, tzinfo=UTC)  # ten seconds before New York's clocks go forward
@@ -328,4 +332,31 @@ def test_a_naive_wall_clock_is_utc_whatever_the_host_tz(db_url: str, host_tz: st
     after = DenyList(store, refresh_s=3600, wall=lambda: ends)
     assert (during.blocked_reason("user_lock"), after.blocked_reason("user_lock")) == ("locked", None)
     assert store.now() == T0 and store.now().utcoffset() == timedelta(0)  # naive: read as UTC, given aware
+    store.dispose()
+
+
+@pytest.mark.parametrize("zone", ["Asia/Kolkata", "Pacific/Chatham"])
+def test_reconcile_with_a_naive_clock_versions_a_tombstone_at_its_utc_instant(
+        db_url: str, zone: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Reconciler(now=...)`` given a naive clock on a host east of UTC: the tombstone of a user deleted in
+    Clerk (no webhook) was versioned at the clock read in the host's zone, hours before the user's own last
+    update, so the deleted row kept that older version instead of the deletion's."""
+    clock = LockClock(time.time())
+    store = Store(create_engine(db_url), now=clock.utc)
+    with EmulatorServer(clock=clock) as emu, lock_client(emu) as clerk:
+        user = emu.create_user(email="gone@example.com")
+        Reconciler(store, clerk, page_size=50).run()
+        emu.request("DELETE", f"/v1/users/{user['id']}")
+        clock.at += 60
+        monkeypatch.setenv("TZ", zone)
+        time.tzset()
+        try:
+            Reconciler(store, clerk, page_size=50, now=lambda: clock.utc().replace(tzinfo=None)).run()
+        finally:
+            monkeypatch.undo()
+            time.tzset()
+    with store.connect() as conn:
+        deleted_at, version = conn.execute(sa.select(users.c.deleted_at, users.c.clerk_updated_at)
+                                           .where(users.c.clerk_id == user["id"])).one()
+    assert deleted_at is not None and version == int(clock.at * 1000)
     store.dispose()

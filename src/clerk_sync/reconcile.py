@@ -628,7 +628,7 @@ class Reconciler:
         counts.failed += failed
         with self._unit(run) as (conn, writer):
             current = _current(conn, entity, [r.clerk_id for r in records])
-            now_ms = int((writer.now if writer is not None else self._now()).timestamp() * 1000)
+            now_ms = int(as_utc(writer.now if writer is not None else self._now()).timestamp() * 1000)
             ended = _ended_lockouts(conn, records, now_ms) if entity is Entity.USER else []
             changed: list[Record] = []
             changes: list[Change] = []  # reported once the page is committed
@@ -796,7 +796,7 @@ class Reconciler:
 
     def _tombstone(self, run: _Run, entity: Entity, gone: list[str]) -> None:
         counts = run.report.counts[entity.value]
-        version = int(self._now().timestamp() * 1000)  # the injected clock, as for heartbeats
+        version = int(as_utc(self._now()).timestamp() * 1000)  # the injected clock (naive: UTC), as for heartbeats
         deleted: list[Change] = []
         with self._unit(run) as (_, writer):
             if writer is not None:  # their locks in one sorted pass (apply by apply: out of the one order)
