@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
+import structlog
 
 from clerk_sync.config import Settings
 from clerk_sync.integrations.starlette import build_processor, create_app
@@ -237,3 +238,20 @@ def test_a_missing_privilege_says_what_to_grant(roles: Roles) -> None:
     assert dry.returncode == 2, dry.stderr
     assert "lacks a privilege" in said and "`clerk-sync doctor`" in said and "Least-privilege" in said, said
     assert "Check DATABASE_URL" not in said, said
+
+
+def test_serve_no_migrate_is_not_ready_on_a_schema_it_may_read_but_not_write(roles: Roles) -> None:
+    """A runtime role short of a GRANT (a table a new migration made, say): /readyz said ready while every
+    delivery answered 503; it now answers 503 naming the missing privilege (the GRANT in the log) until granted."""
+    table = "webhook_events" if roles.kind == "postgresql" else f"`{roles.database}`.webhook_events"
+    roles.as_owner(f"REVOKE INSERT ON {table} FROM {roles.runtime}")
+    with _service(roles) as client, structlog.testing.capture_logs() as logs:
+        short = client.get("/readyz")
+        roles.as_owner(f"GRANT INSERT ON {table} TO {roles.runtime}")
+        granted = client.get("/readyz")
+    assert short.status_code == 503 and short.json()["privileges"] == "missing", short.text
+    assert "`clerk-sync doctor` prints the GRANT statements" in short.json()["hint"]
+    said = next(e for e in logs if e["event"] == "readyz_privileges_missing")
+    grant = f"GRANT INSERT ON {table.replace('`', '')} TO {roles.runtime};"
+    assert "webhook_events: INSERT" in said["needed"] and grant in said["grants"], said
+    assert granted.status_code == 200 and granted.json() == {"database": "ok", "migrations_current": True}

@@ -69,7 +69,7 @@ def _not_checked(name: str) -> Check:
 def _privileges(settings: Settings, mapping: SchemaMapping | None) -> tuple[str, str]:
     """What DATABASE_URL's role lacks of what the runtime does (``_privileges.missing_privileges``), with the
     GRANT statements to run as the tables' owner (RUNBOOK, "Least-privilege database roles")."""
-    from clerk_sync.cli._privileges import missing_privileges
+    from clerk_sync.migrations._privileges import missing_privileges
 
     store = Store.from_settings(settings)
     try:

@@ -29,6 +29,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 
 from clerk_sync import migrations
+from clerk_sync._db_errors import store_error
 from clerk_sync.config import Settings
 from clerk_sync.engine import DeliveryStatus
 from clerk_sync.errors import ClerkSyncError, PayloadTooLarge, StoreError, WebhookBodyTimeout, WebhookError
@@ -365,9 +366,32 @@ class StartupMigration:
             delay = min(delay * 2, self._max)
 
 
+class _RolePrivileges:
+    """What the database role lacks of what the service writes (``migrations._privileges``), for ``/readyz``: a
+    role that may read the schema but not write it (``serve --no-migrate`` as a runtime role short of a GRANT)
+    would answer every delivery 503 while ready. Asked until nothing is missing, then not again (a few dozen
+    statements that touch no row; SQLite has no roles)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.granted = store.engine.dialect.name == "sqlite"
+
+    def missing(self) -> tuple[list[str], list[str]]:
+        """(what is missing, the GRANT statements that give it); both empty once granted."""
+        if self.granted:
+            return [], []
+        from clerk_sync.migrations._privileges import missing_privileges
+
+        with self.store.connect() as conn:
+            found = missing_privileges(conn, self.store.mapping)
+        self.granted = not found.needed
+        return found.needed, found.grants
+
+
 def _service_routes(processor: WebhookProcessor, migration: StartupMigration | None,
                     committer: GroupCommitter | None, read_timeout_s: float) -> Sequence[BaseRoute]:
     store = processor.store
+    privileges = _RolePrivileges(store)
 
     async def healthz(_: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -377,12 +401,20 @@ def _service_routes(processor: WebhookProcessor, migration: StartupMigration | N
             store.ping()
             try:
                 at, _ = migrations.schema_state(store.engine)
-            except SQLAlchemyError as exc:  # went down between the two queries
-                raise StoreError(f"database error: {type(exc).__name__}") from exc
+            except SQLAlchemyError as exc:  # went down between the two queries, or its table may not be read
+                raise store_error(exc) from exc
             # Newer: a newer release migrated it (a rolling deploy): this one runs on that schema, so ready.
             state: dict[str, Any] = {"database": "ok", "migrations_current": at != "behind"}
             if at == "newer":
                 state["migrations"] = "newer than this release"
+            if at != "behind":
+                try:
+                    needed, grants = privileges.missing()
+                except SQLAlchemyError as exc:
+                    raise store_error(exc) from exc
+                if needed:  # the log says what, and the GRANTs (the role's and table names: not for the asker)
+                    log.warning("readyz_privileges_missing", needed="; ".join(needed), grants=" ".join(grants))
+                    state["privileges"] = "missing"
             return state
 
         try:
@@ -394,8 +426,11 @@ def _service_routes(processor: WebhookProcessor, migration: StartupMigration | N
             if migration is not None and not migration.done:
                 state["hint"] = "migrations will run as soon as the database answers"
             return JSONResponse(state, status_code=503)
-        code = 200 if state["migrations_current"] else 503
-        if code != 200:
+        code = 200 if state["migrations_current"] and "privileges" not in state else 503
+        if "privileges" in state:
+            state["hint"] = ("the database role lacks a privilege the service needs: `clerk-sync doctor` prints the "
+                             "GRANT statements (the service's log names them too)")
+        elif code != 200:
             pending = migration is not None and not migration.done
             state["hint"] = "migrating in the background" if pending else "run `clerk-sync migrate`"
         return JSONResponse(state, status_code=code)
