@@ -22,9 +22,11 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 
+from clerk_sync._http_deadline import retry_after
 from clerk_sync.auth.authenticator import DenyList
 from clerk_sync.changes import Hook
 from clerk_sync.cli._args import parse_since
+from clerk_sync.emulator.delivery import _retry_after_s as emulator_retry_after
 from clerk_sync.hooks import Backoff, Dispatcher
 from clerk_sync.ingest import replay_deliveries
 from clerk_sync.integrations.console import _queries as q
@@ -360,3 +362,16 @@ def test_reconcile_with_a_naive_clock_versions_a_tombstone_at_its_utc_instant(
                                            .where(users.c.clerk_id == user["id"])).one()
     assert deleted_at is not None and version == int(clock.at * 1000)
     store.dispose()
+
+
+# -- Retry-After as an HTTP date in the asctime form ----------------------------------------------------------
+
+def test_a_retry_after_date_in_the_asctime_form_is_gmt_whatever_the_host_tz(host_tz: str) -> None:
+    """RFC 9110's third HTTP-date form (``Sun Nov  6 08:49:37 1994``, GMT like the others) parses naive, and
+    ``.timestamp()`` read it in the host's zone: 30 s ahead became 5 h (capped) on a New York host, and
+    already past (retry at once) on a Kolkata or Chatham one. The Clerk client and the emulator's delivery
+    both read it as GMT."""
+    now = time.time()
+    ahead = time.strftime("%a %b %d %H:%M:%S %Y", time.gmtime(int(now) + 30))
+    assert 25 < retry_after({"retry-after": ahead}, default=1.0, cap=3600.0) <= 30
+    assert emulator_retry_after(ahead, float(int(now))) == 30.0

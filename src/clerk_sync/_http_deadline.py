@@ -29,6 +29,8 @@ from typing import Any
 import httpcore
 import httpx
 
+from clerk_sync._time import as_utc
+
 __all__ = ["DeadlineBackend", "attempt_until", "install", "retry_after"]
 
 _until: ContextVar[float | None] = ContextVar("clerk_sync_attempt_until", default=None)
@@ -134,7 +136,9 @@ def retry_after(headers: Mapping[str, str], *, default: float, cap: float) -> fl
     else:
         return min(max(0.0, seconds), cap) if math.isfinite(seconds) else default
     try:  # a malformed date ("99999999999999999999:00:00") overflows rather than failing to parse
-        delay = email.utils.parsedate_to_datetime(raw).timestamp() - time.time()
+        # (an HTTP date is GMT: the asctime form, "Sun Nov  6 08:49:37 1994", parses naive, read as UTC here,
+        # not in the host's zone)
+        delay = as_utc(email.utils.parsedate_to_datetime(raw)).timestamp() - time.time()
     except (TypeError, ValueError, OverflowError):
         return default
     return min(max(0.0, delay), cap)

@@ -79,7 +79,8 @@ def _retry_after_s(value: str | None, now: float) -> float | None:
     if text.isascii() and text.isdigit():  # ("²".isdigit() too, which float() refuses)
         return float(text)
     try:
-        return max(parsedate_to_datetime(text).timestamp() - now, 0.0)
+        when = parsedate_to_datetime(text)  # (GMT: the asctime form parses naive, not in the host's zone)
+        return max((when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp() - now, 0.0)
     except (TypeError, ValueError, IndexError, OverflowError):
         return None
 
