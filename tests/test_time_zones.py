@@ -27,11 +27,13 @@ from clerk_sync.auth.authenticator import DenyList
 from clerk_sync.changes import Hook
 from clerk_sync.cli._args import parse_since
 from clerk_sync.emulator.delivery import _retry_after_s as emulator_retry_after
+from clerk_sync.freshness import read_snapshot
 from clerk_sync.hooks import Backoff, Dispatcher
 from clerk_sync.ingest import replay_deliveries
 from clerk_sync.integrations.console import _queries as q
 from clerk_sync.integrations.console._console import _when
 from clerk_sync.mapping import Column, MappedTable, SchemaMapping, migrate_schema
+from clerk_sync.outbox import claim
 from clerk_sync.reconcile import Reconciler
 from clerk_sync.retention import Retention, RetentionPolicy
 from clerk_sync.store import Store, create_engine
@@ -375,3 +377,35 @@ def test_a_retry_after_date_in_the_asctime_form_is_gmt_whatever_the_host_tz(host
     ahead = time.strftime("%a %b %d %H:%M:%S %Y", time.gmtime(int(now) + 30))
     assert 25 < retry_after({"retry-after": ahead}, default=1.0, cap=3600.0) <= 30
     assert emulator_retry_after(ahead, float(int(now))) == 30.0
+
+
+# -- leases, freshness and the deny list's watermarks under a zoned session -----------------------------------
+
+def test_leases_freshness_and_the_deny_list_under_a_plus_1345_session(db_url: str, zoned: str) -> None:
+    """A hook job's lease (30 s) is not taken over 1 s before it ends and is once it has; the freshness
+    snapshot (the metrics' and the doctor's) reads the newest delivery and the oldest due job at their
+    instants; the deny list's incremental refresh (watermarked by the rows' own times) sees a ban written
+    after its first load."""
+    clock = Clock(T0)
+    store = zoned_store(zoned, hooks=[Hook("mail", Recorder(), on=["user.created"])], now=clock)
+    deliver(store, f.envelope("user.created", f.user("user_1", 1000)))
+    snap = read_snapshot(store)
+    assert (snap.newest_delivery_at, snap.hook_oldest_pending_at) == (T0.timestamp(), T0.timestamp())
+    lease = timedelta(seconds=30)
+
+    def claimed(at: datetime) -> int:
+        with store.transaction() as writer:
+            return len(claim(writer.conn, at, lease=lease, limit=10, max_attempts=5))
+
+    assert claimed(T0) == 1
+    assert claimed(T0 + timedelta(seconds=29)) == 0
+    assert claimed(T0 + timedelta(seconds=31)) == 1
+
+    ticks = [0.0]
+    deny = DenyList(store, refresh_s=1, now=lambda: ticks[0], wall=clock)
+    assert deny.blocked_reason("user_b") is None  # the first (full) load
+    clock.advance(5)
+    assert deliver(store, f.envelope("user.updated", f.user("user_b", 2000, banned=True))) == ["applied"]
+    ticks[0] += 2
+    assert deny.blocked_reason("user_b") == "banned"  # an incremental refresh
+    store.dispose()
