@@ -19,6 +19,7 @@ import pytest
 import sqlalchemy as sa
 import structlog
 
+from clerk_sync import migrations
 from clerk_sync.config import Settings
 from clerk_sync.integrations.starlette import build_processor, create_app
 from clerk_sync.store import Store, create_engine
@@ -255,3 +256,22 @@ def test_serve_no_migrate_is_not_ready_on_a_schema_it_may_read_but_not_write(rol
     grant = f"GRANT INSERT ON {table.replace('`', '')} TO {roles.runtime};"
     assert "webhook_events: INSERT" in said["needed"] and grant in said["grants"], said
     assert granted.status_code == 200 and granted.json() == {"database": "ok", "migrations_current": True}
+
+
+def test_migrate_as_the_runtime_role_says_to_migrate_as_the_owner() -> None:
+    """PostgreSQL: a step's DDL refused to a role that does not own the tables; the advice is the owner's migrate,
+    not the runtime's GRANT (granting the runtime role DDL is what least privilege avoids)."""
+    with _postgres() as made:
+        engine = create_engine(made.owner_url)
+        try:
+            migrations.upgrade(engine, "0017")  # a release behind: 0018 alters hook_jobs
+        finally:
+            engine.dispose()
+        made.as_owner(f"GRANT CONNECT ON DATABASE {made.database} TO {made.runtime}",
+                      f"GRANT USAGE ON SCHEMA public TO {made.runtime}",
+                      f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {made.runtime}")
+        refused = run("migrate", env={"DATABASE_URL": made.runtime_url})
+    said = " ".join(refused.stderr.split())
+    assert refused.returncode == 2, said
+    assert "must be owner" in said and "run `clerk-sync migrate` as the role that owns them" in said, said
+    assert "`clerk-sync doctor` with this DATABASE_URL prints the GRANT" not in said, said

@@ -26,7 +26,7 @@ from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
 from sqlalchemy.engine import Connection, Engine
 
-from clerk_sync._db_errors import is_insufficient_privilege
+from clerk_sync._db_errors import PRIVILEGE_ADVICE, is_insufficient_privilege
 from clerk_sync.errors import ConfigError, StoreError
 from clerk_sync.store import READ_ONLY_OPTION
 
@@ -183,7 +183,7 @@ def _step_failure(revision: str | None, exc: sa.exc.SQLAlchemyError, dialect: st
     # store_error names the cause without SQL or values, and a lock wait that ran out in plain words; its
     # advice for the service ("run the migrations", "retry later") is not this command's.
     cause = str(store_error(exc))
-    for advice in ("; nothing was applied, retry later", "; the schema is not current"):
+    for advice in ("; nothing was applied, retry later", "; the schema is not current", f"; {PRIVILEGE_ADVICE}"):
         cause = cause.split(advice, 1)[0]
     what = f"migration {revision}" if revision else "a migration"
     if dialect in ("mysql", "mariadb"):
@@ -197,6 +197,9 @@ def _step_failure(revision: str | None, exc: sa.exc.SQLAlchemyError, dialect: st
                 "order), not a fault of the schema: run `clerk-sync migrate` again")
     elif cause.startswith("database timeout"):
         todo = "another connection held a lock it needs (traffic on a large table?): run `clerk-sync migrate` again"
+    elif is_insufficient_privilege(getattr(exc, "orig", None)):  # a runtime role's DATABASE_URL, most likely
+        todo = ("migrations create and alter tables: run `clerk-sync migrate` as the role that owns them (the "
+                "service's runtime role then runs `serve --no-migrate`; RUNBOOK, \"Least-privilege database roles\")")
     else:
         todo = "fix the cause, then run `clerk-sync migrate` again"
     taken = _taken_name(exc)
