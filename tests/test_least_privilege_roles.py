@@ -20,6 +20,7 @@ import sqlalchemy as sa
 import structlog
 
 from clerk_sync import migrations
+from clerk_sync.auth.users import JitUsers
 from clerk_sync.config import Settings
 from clerk_sync.integrations.starlette import build_processor, create_app
 from clerk_sync.store import Store, create_engine
@@ -27,7 +28,7 @@ from clerk_sync.testing import EmulatorServer
 from tests import factories as f
 from tests._grants_app import ACCOUNTS_DDL, HOOKS, MAPPING
 from tests._server import running
-from tests.conftest import _MYSQL_PROBLEM, _PG_PROBLEM, MYSQL_URL, PG_URL, SECRET, require_server
+from tests.conftest import _MYSQL_PROBLEM, _PG_PROBLEM, MYSQL_URL, PG_URL, SECRET, clerk_client, require_server
 from tests.test_cli import run
 
 RUNBOOK = Path(__file__).resolve().parent.parent / "docs" / "RUNBOOK.md"
@@ -187,7 +188,13 @@ def test_the_runbook_grants_are_enough_for_every_runtime_command(roles: Roles) -
     assert roles.admin_read("SELECT email, role, plan FROM accounts") == [("user_grants1@example.com", "admin",
                                                                             "free")]
     with EmulatorServer() as emu:
-        emu.create_user("clerk-side@example.com")
+        jit_id = emu.create_user("clerk-side@example.com")["id"]
+        store = Store(create_engine(roles.runtime_url), mapping=MAPPING)  # an auth face's JIT sync
+        try:
+            with clerk_client(emu) as clerk:
+                assert JitUsers(store, clerk=clerk).get_auth_user(jit_id).clerk_id == jit_id
+        finally:
+            store.dispose()
         env = _env(roles, emu)
         for args in (["worker", "--hooks", f"{APP}:HOOKS", "--once"], ["hooks", "list"],
                      ["reconcile", "--dry-run"], ["reconcile", "--mapping", f"{APP}:MAPPING"], ["replay"],
