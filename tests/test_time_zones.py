@@ -185,8 +185,8 @@ def test_hook_due_times_under_a_plus_1345_session(db_url: str, zoned: str) -> No
 # -- mapped tables' date-time columns -----------------------------------------------------------------------
 
 def test_mapped_date_time_columns_hold_the_instant_under_a_zoned_session(db_url: str, zoned: str) -> None:
-    """``transform="timestamp"`` and a compute's aware time into the app's date-time columns, written by a
-    +13:45 session and read by a UTC one: a column with a time zone (timestamptz; MariaDB's TIMESTAMP, which
+    """``transform="timestamp"`` and a compute's aware (or naive, UTC) time into the app's date-time columns,
+    written by a +13:45 session and read by a UTC one: a column with a time zone (timestamptz; MariaDB's TIMESTAMP, which
     converts from the session's zone: clerk-sync's engine keeps that UTC) holds the instant, and one without
     (timestamp, DATETIME; SQLite's any) UTC's wall clock, as clerk-sync's own tables do."""
     t = sa.Table("acc_tz", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
@@ -196,13 +196,16 @@ def test_mapped_date_time_columns_hold_the_instant_under_a_zoned_session(db_url:
                      mysql.TIMESTAMP(fsp=3), "mysql", "mariadb"), nullable=True),
                  sa.Column("computed", sa.DateTime().with_variant(mysql.DATETIME(fsp=3), "mysql", "mariadb")),
                  sa.Column("computed_aware", sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=3), "mysql",
-                                                                                     "mariadb")))
+                                                                                     "mariadb")),
+                 sa.Column("naive_into_aware", sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=3), "mysql",
+                                                                                       "mariadb")))
     expected = datetime(2023, 11, 14, 22, 13, 20, 123000, tzinfo=UTC)
     in_paris = expected.astimezone(timezone(timedelta(hours=1)))  # a compute's aware time, not in UTC
     mapping = SchemaMapping(users=MappedTable("acc_tz", "clerk_user_id", {
         "email": "email", "seen_naive": Column("last_sign_in_at", transform="timestamp"),
         "seen_aware": Column("last_sign_in_at", transform="timestamp"),
-        "computed": Column(compute=lambda _: in_paris), "computed_aware": Column(compute=lambda _: in_paris)}))
+        "computed": Column(compute=lambda _: in_paris), "computed_aware": Column(compute=lambda _: in_paris),
+        "naive_into_aware": Column(compute=lambda _: expected.replace(tzinfo=None))}))  # naive: UTC
     engine = sa.create_engine(db_url)
     with engine.begin() as conn:
         t.create(conn)
@@ -214,8 +217,11 @@ def test_mapped_date_time_columns_hold_the_instant_under_a_zoned_session(db_url:
     u["last_sign_in_at"] = 1_700_000_000_123
     assert deliver(store, f.envelope("user.created", u)) == ["applied"]
     with engine.connect() as conn:  # a UTC session
-        got = conn.execute(sa.select(t.c.seen_naive, t.c.seen_aware, t.c.computed, t.c.computed_aware)).one()
-    assert [utc(v) for v in got] == [expected] * 4  # (a driver dropped the compute's +01:00 on SQLite, MariaDB)
+        got = conn.execute(sa.select(t.c.seen_naive, t.c.seen_aware, t.c.computed, t.c.computed_aware,
+                                     t.c.naive_into_aware)).one()
+    # (a driver dropped the compute's +01:00 on SQLite and MariaDB; PostgreSQL read a naive time into a
+    # timestamptz column in the session's zone)
+    assert [utc(v) for v in got] == [expected] * 5
     store.dispose()
     engine.dispose()
 

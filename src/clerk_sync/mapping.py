@@ -740,9 +740,11 @@ class _Projection:
         # Date-time columns a time goes into as UTC's wall clock, an aware one converted first (as the deletion's
         # stamp is): one without a time zone, or any on SQLite (it keeps none). Passed aware, PostgreSQL put the
         # session TimeZone's wall clock into a ``timestamp`` column, and SQLite's and MariaDB's drivers drop an
-        # offset (a compute's ``+02:00`` time was two hours off)
-        self.utc_walls = frozenset(n for n in self.columns if isinstance(type_ := table.c[n].type, sa.DateTime)
-                                   and (not type_.timezone or dialect == "sqlite"))
+        # offset (a compute's ``+02:00`` time was two hours off). Into one with a time zone (timestamptz) a
+        # naive time goes as UTC: PostgreSQL read it in the session's TimeZone
+        times = {n: type_.timezone for n in self.columns if isinstance(type_ := table.c[n].type, sa.DateTime)}
+        self.utc_walls = frozenset(n for n, zoned in times.items() if not zoned or dialect == "sqlite")
+        self.utc_aware = frozenset(times) - self.utc_walls
         names = [*self.columns, *self.fixed]
         binds = {n: sa.bindparam(n, type_=table.c[n].type) for n in names}
         row = binds | {self.key.name: sa.bindparam("_clerk_id")}
@@ -802,6 +804,10 @@ class _Projection:
             if isinstance(value, datetime) and value.tzinfo is not None:
                 with suppress(OverflowError):  # (no UTC one in years 1-9999: left for the column's check)
                     values[name] = value.astimezone(UTC).replace(tzinfo=None)
+        for name in self.utc_aware:
+            value = values.get(name)
+            if isinstance(value, datetime) and value.tzinfo is None:
+                values[name] = value.replace(tzinfo=UTC)
         return values
 
     def fits(self, values: JSON) -> None:
