@@ -227,8 +227,11 @@ def test_a_mapped_column_not_granted_is_a_503_until_granted_never_a_refused_row(
     roles.as_owner(f"REVOKE UPDATE (role) ON {accounts} FROM {roles.runtime}")
     created = f.envelope("user.created", f.user("user_grants2", 5, role="admin"))
     with _service(roles) as client:
-        refused = _deliver(client, "msg_grants2", created)
+        with structlog.testing.capture_logs() as logs:
+            refused = _deliver(client, "msg_grants2", created)
         assert refused.status_code == 503, refused.text  # Svix retries it; no row refused for good
+        said = " ".join(str(e.get("reason") or e.get("cause") or "") for e in logs)
+        assert "accounts" in said and "lacks a privilege" in said and "prints the GRANT statements" in said, logs
         roles.as_owner(f"GRANT UPDATE (role) ON {accounts} TO {roles.runtime}")
         retried = _deliver(client, "msg_grants2", created)
     assert retried.status_code == 200 and retried.json()["status"] == "applied", retried.text
@@ -282,3 +285,31 @@ def test_migrate_as_the_runtime_role_says_to_migrate_as_the_owner() -> None:
     assert refused.returncode == 2, said
     assert "must be owner" in said and "run `clerk-sync migrate` as the role that owns them" in said, said
     assert "`clerk-sync doctor` with this DATABASE_URL prints the GRANT" not in said, said
+
+
+def test_doctor_from_no_grant_at_all_prints_what_serve_needs() -> None:
+    """PostgreSQL: a runtime role that may only connect (the schema's USAGE too is missing): doctor's database line
+    says the role may not use the schema (its tables looked missing: "run `clerk-sync migrate`"), and the statements
+    its privileges line prints (the schema's, then the tables') are enough for a delivery."""
+    with _postgres() as made:
+        migrated = run("migrate", "--mapping", f"{APP}:MAPPING", env={"DATABASE_URL": made.owner_url})
+        assert migrated.returncode == 0, migrated.stderr
+        made.as_owner(f"GRANT CONNECT ON DATABASE {made.database} TO {made.runtime}",
+                      "REVOKE USAGE ON SCHEMA public FROM PUBLIC")
+        doctor = run("doctor", "--mapping", f"{APP}:MAPPING", env=_env(made))
+        database = " ".join(next(x for x in doctor.stdout.splitlines() if "database:" in x).split())
+        assert database.startswith("FAIL database: reached, but this role may not use schema public") and \
+            "lacks a privilege" in database and "run `clerk-sync migrate`" not in database, doctor.stdout
+        grants = re.findall(r"GRANT [^;]+;", " ".join(_privileges_line(doctor.stdout).split()))
+        assert grants[0] == f"GRANT USAGE ON SCHEMA public TO {made.runtime};", grants
+        made.as_owner(*(g.rstrip(";") for g in grants))
+        second = run("doctor", "--mapping", f"{APP}:MAPPING", env=_env(made))  # the tables, once they are visible
+        made.as_owner(*(g.rstrip(";") for g in re.findall(r"GRANT [^;]+;", " ".join(
+            _privileges_line(second.stdout).split()))))
+        again = run("doctor", "--mapping", f"{APP}:MAPPING", env=_env(made))
+        assert _privileges_line(again.stdout).split()[0] == "ok" and "ok    database: reachable" in again.stdout, \
+            again.stdout
+        with _service(made) as client:
+            answer = _deliver(client, "msg_grants3", f.envelope("user.created", f.user("user_grants3", 5)))
+        assert answer.status_code == 200, answer.text
+        assert made.admin_read("SELECT clerk_user_id FROM accounts") == [("user_grants3",)]

@@ -325,6 +325,13 @@ def _schema(store: Store) -> tuple[str, str]:
                         "migrated it. Finish rolling that release out (or run it here); this one keeps serving, "
                         "and `clerk-sync migrate` of this release cannot go back")
     if state == "behind":
+        from clerk_sync.migrations._privileges import unusable_schemas
+
+        with store.engine.connect() as conn:  # PostgreSQL: a schema without USAGE hides its tables from the role
+            hidden = unusable_schemas(conn)
+        if hidden:
+            return "fail", (f"reached, but this role may not use schema {', '.join(hidden)} (USAGE), so clerk-sync's "
+                            f"tables look missing to it; {PRIVILEGE_ADVICE}")
         return "fail", f"schema at {current or 'nothing'}, code expects {head}: run `clerk-sync migrate`"
     with store.engine.connect().execution_options(**{READ_ONLY_OPTION: True}) as conn:
         leftover = migrations.legacy_leftover(conn)  # (kept by `migrate` for the old release's replicas)

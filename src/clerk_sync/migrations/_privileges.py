@@ -20,7 +20,7 @@ from clerk_sync._db_errors import is_insufficient_privilege
 from clerk_sync.mapping import Anonymise, Deactivate, HardDelete, SchemaMapping, SoftDelete
 from clerk_sync.migrations import VERSION_TABLE
 
-__all__ = ["Missing", "missing_privileges"]
+__all__ = ["Missing", "missing_privileges", "unusable_schemas"]
 
 _WRITE = ("SELECT", "INSERT", "UPDATE", "DELETE")
 
@@ -61,6 +61,14 @@ def missing_privileges(conn: Connection, mapping: SchemaMapping | None = None) -
     """What the connection's role lacks of what clerk-sync's runtime does (:class:`Missing`)."""
     grantee = _grantee(conn)
     missing = Missing()
+    if conn.dialect.name == "postgresql":
+        schemas = [*unusable_schemas(conn), *(n.schema for n in _needs(mapping) if n.schema and not conn.execute(
+            _USAGE, {"s": n.schema}).scalar_one())]
+        for schema in dict.fromkeys(schemas):
+            missing.needed.append(f"schema {schema}: USAGE (its tables are asked once granted: ask again then)")
+            missing.grants.append(f"GRANT USAGE ON SCHEMA {_quote(conn, schema)} TO {grantee};")
+        if missing.needed:  # its tables cannot even be named: asked once it is granted
+            return missing
     for need in _needs(mapping):
         name = _table_name(conn, need)
         columns = [_quote(conn, c) for c in need.columns]
@@ -76,6 +84,20 @@ def missing_privileges(conn: Connection, mapping: SchemaMapping | None = None) -
     elif conn.dialect.name in ("mysql", "mariadb"):
         _mysql_extras(conn, grantee, missing)
     return missing
+
+
+_USAGE = sa.text("SELECT has_schema_privilege(:s, 'USAGE')")
+
+
+def unusable_schemas(conn: Connection) -> list[str]:
+    """PostgreSQL: the schemas of the ``search_path`` that exist but this role may not use (no USAGE): their tables
+    are invisible to it, as if never created (a database that looks unmigrated). Empty elsewhere."""
+    if conn.dialect.name != "postgresql":
+        return []
+    path = str(conn.exec_driver_sql("SHOW search_path").scalar_one())
+    names = [n.strip().strip('"') for n in path.split(",") if n.strip() and n.strip() != '"$user"']
+    return [n for n in names if conn.execute(sa.text("SELECT to_regnamespace(:s) IS NOT NULL"), {"s": n}).scalar_one()
+            and not conn.execute(_USAGE, {"s": n}).scalar_one()]
 
 
 def _probe(privilege: str, name: str, columns: list[str]) -> str:
