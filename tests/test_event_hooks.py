@@ -89,10 +89,12 @@ def test_a_hook_may_name_the_unmirrored_types_clerk_documents_and_their_families
     assert {"subscriptionItem.active", "subscription.pastDue", "paymentAttempt.updated",
             "waitlistEntry.created", "organizationInvitation.accepted", "session.created"} <= EVENT_TYPES
     assert not EVENT_TYPES & {"user.created", "organizationMembership.deleted", "session.revoked"}
+    assert {"subscriptionItem.created", "invitation.accepted"} <= EVENT_TYPES  # listed by Clerk outside its spec
     hook = Hook("billing", print, on=["subscriptionItem.active", "subscription.*", "paymentAttempt.*"])
     assert [t for t in sorted(EVENT_TYPES) if hook.wants_event(t)] == [
         "paymentAttempt.created", "paymentAttempt.updated", "subscription.active", "subscription.created",
         "subscription.pastDue", "subscription.updated", "subscriptionItem.active"]
+    assert hook.wants_event("subscription.resumed")  # a type of a named family Clerk adds later
     # "*" means the mirrored changes, as before: no billing event for an existing "*" hook or sink
     assert not any(Hook("all", print).wants_event(t) for t in EVENT_TYPES)
     assert not Hook("users", print, on=["user.*"]).wants_event("userSomething.created")
@@ -133,6 +135,17 @@ def test_a_delivery_queues_one_job_per_hook_naming_it_and_a_duplicate_none(db_ur
     assert got.data == event["data"] and not got.redacted  # Clerk's data, as received
     assert forward.seen == [got] and everything.seen == []
     assert jobs(store) == []
+    store.dispose()
+
+
+def test_a_type_clerk_adds_later_to_a_named_family_is_queued_and_one_of_no_family_is_not(db_url: str) -> None:
+    handler = Events()
+    store = hooked(db_url, Hook("subs", handler, on=["subscription.*"]))
+    later = example("subscription.active") | {"type": "subscription.resumed"}
+    assert send(store, later, "msg_new") == "ignored"
+    assert send(store, later | {"type": "subscriptionPlan.created"}, "msg_other") == "ignored"
+    drain(Dispatcher(store))
+    assert [(e.type, e.svix_id) for e in handler.seen] == [("subscription.resumed", "msg_new")]
     store.dispose()
 
 
