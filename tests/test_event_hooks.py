@@ -98,6 +98,8 @@ def test_a_hook_may_name_the_unmirrored_types_clerk_documents_and_their_families
     # "*" means the mirrored changes, as before: no billing event for an existing "*" hook or sink
     assert not any(Hook("all", print).wants_event(t) for t in EVENT_TYPES)
     assert not Hook("users", print, on=["user.*"]).wants_event("userSomething.created")
+    # a type Clerk adds to a mirrored family is stored ignored, and no "user.*" hook gets an Event for it
+    assert not Hook("users", print, on=["user.*", "organization.*"]).wants_event("user.createdAtEdge")
 
 
 @pytest.mark.parametrize(("on", "says"), [
@@ -140,10 +142,12 @@ def test_a_delivery_queues_one_job_per_hook_naming_it_and_a_duplicate_none(db_ur
 
 def test_a_type_clerk_adds_later_to_a_named_family_is_queued_and_one_of_no_family_is_not(db_url: str) -> None:
     handler = Events()
-    store = hooked(db_url, Hook("subs", handler, on=["subscription.*"]))
+    store = hooked(db_url, Hook("subs", handler, on=["subscription.*", "user.*"]))
     later = example("subscription.active") | {"type": "subscription.resumed"}
     assert send(store, later, "msg_new") == "ignored"
     assert send(store, later | {"type": "subscriptionPlan.created"}, "msg_other") == "ignored"
+    assert send(store, f.envelope("user.createdAtEdge", f.user("user_1", B)), "msg_user") == "ignored"  # "user.*":
+    # the mirrored changes only
     drain(Dispatcher(store))
     assert [(e.type, e.svix_id) for e in handler.seen] == [("subscription.resumed", "msg_new")]
     store.dispose()

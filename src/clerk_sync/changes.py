@@ -79,6 +79,7 @@ Handler = Callable[[Change], None]
 #: deny list), not offered to hooks. A family (``"subscriptionItem.*"``) also takes a type of it Clerk adds later.
 EVENT_TYPES = frozenset(KNOWN_EVENT_TYPES - HANDLED_EVENT_TYPES) | {
     "subscriptionItem.created", "invitation.created", "invitation.accepted", "invitation.revoked"}
+_MIRRORED = frozenset(_PREFIX.values())  # the families of the mirrored changes: never an Event
 _EVENT_FAMILIES = frozenset(f"{t.partition('.')[0]}.*" for t in EVENT_TYPES)
 _SUBJECT_CHARS = 100  # a data.id longer than this is keyed by its digest (hook_jobs.entity_key holds 200)
 
@@ -203,8 +204,11 @@ class Hook:
         return any(p == "*" or p.partition(".")[0] == _PREFIX[entity] for p in self.on)
 
     def wants_event(self, event_type: str) -> bool:
-        """Whether this hook names the unmirrored ``event_type`` (by itself or its family; never by ``"*"``)."""
-        return event_type in self.on or f"{event_type.partition('.')[0]}.*" in self.on
+        """Whether this hook names the unmirrored ``event_type`` (by itself or its family; never by ``"*"``, nor
+        by a mirrored entity's wildcard: a ``"user.*"`` hook gets :class:`Change` objects only, whatever
+        ``user.`` type Clerk adds)."""
+        family = event_type.partition(".")[0]
+        return family not in _MIRRORED and (event_type in self.on or f"{family}.*" in self.on)
 
     def wants(self, change: Change) -> bool:
         kind = change.type
