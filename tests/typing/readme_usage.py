@@ -66,3 +66,21 @@ def console(settings: Settings) -> Starlette:
 
     store = Store.from_url(settings.sqlalchemy_url())
     return Starlette(routes=[Mount("/console", app=create_console(store, settings))])
+
+
+def hooks_of_changes_and_events() -> list[object]:
+    """README "Your own tables, your side effects": a handler of changes and one of events, both accepted by
+    ``Hook`` (and the sinks, which take either)."""
+    from clerk_sync.changes import Change, Event, Hook
+    from clerk_sync.hooks.sinks import StandardWebhookSink, change_message
+
+    def welcome(change: Change) -> None:
+        print(change.values.get("email"), change.idempotency_key)
+
+    def set_plan(event: Event) -> None:
+        print(event.type, event.svix_id, event.timestamp_ms + 1, event.data.get("plan"), event.idempotency_key)
+
+    sink = StandardWebhookSink("https://example.com/changes", "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+    assert change_message(Event("subscription.active", "msg_1", 1, {}))["type"] == "subscription.active"
+    return [Hook("welcome", welcome, on=["user.created"]), Hook("plan", set_plan, on=["subscriptionItem.active"]),
+            Hook("forward", sink, on=["*", "subscription.*"])]
