@@ -15,11 +15,13 @@ import re
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import redis
 import sqlalchemy as sa
@@ -40,6 +42,7 @@ from clerk_sync.webhooks import WebhookVerifier
 from tests import _hook_worker
 from tests import factories as f
 from tests import test_hooks_rabbitmq_sink as amqp
+from tests._server import free_port, wait_for_http
 from tests.conftest import CLERK_FIXTURES
 from tests.test_cli import run
 from tests.test_forwarding_doc import SECRET, receiver
@@ -396,6 +399,7 @@ from clerk_sync.store import Store
 from clerk_sync.webhooks import WebhookVerifier, sign
 from tests import _hook_worker
 from tests import test_hooks_rabbitmq_sink as amqp
+from tests._server import free_port, wait_for_http
 store = Store.from_url(os.environ["DATABASE_URL"], hooks=_hook_worker.event_hooks())
 processor = WebhookProcessor(store, WebhookVerifier([sys.argv[2]]))
 for svix_id, body in json.load(open(sys.argv[1])):
@@ -458,3 +462,38 @@ def test_an_event_whose_data_no_column_could_hold_is_queued_as_the_inbox_keeps_i
     (got,) = handler.seen
     assert got.data["note"] == "nul\ufffd and a lone \ufffd surrogate"  # as the inbox stores it (README)
     store.dispose()
+
+
+# -- clerk-sync serve ------------------------------------------------------------------------------------------
+
+def test_serve_with_hooks_queues_and_runs_a_billing_event_it_answers_ignored(db_url: str) -> None:
+    engine = sa.create_engine(db_url)
+    _hook_worker.meta.create_all(engine)
+    root = Path(__file__).resolve().parents[1]
+    port = free_port()
+    env = {**os.environ, "DATABASE_URL": db_url, "CLERK_WEBHOOK_SIGNING_SECRET": f.SECRET, "CLERK_SYNC_LOG_LEVEL":
+           "WARNING", "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root)])}
+    proc = subprocess.Popen([sys.executable, "-c", "from clerk_sync.cli import main; main()", "serve", "--port",
+                             str(port), "--hooks", "tests._hook_worker:event_hooks"], env=env, cwd=root,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/healthz", proc=proc)
+        headers, body = f.signed(example("subscriptionItem.active"), "msg_serve_item")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+            first = client.post("/webhooks/clerk", content=body, headers=headers)
+            again = client.post("/webhooks/clerk", content=body, headers=headers)  # Svix's retry: nothing more
+        assert (first.status_code, again.status_code) == (200, 200), (first.text, again.text)
+        assert "ignored" in first.text and "duplicate" in again.text, (first.text, again.text)
+        deadline = time.monotonic() + 30  # the dispatcher polls every second: wait for the outcome, not a time
+        effects: list[str] = []
+        while not effects and time.monotonic() < deadline:
+            with engine.connect() as conn:
+                effects = list(conn.execute(sa.select(_hook_worker.effects.c.key)).scalars())
+            time.sleep(0.05)
+        assert effects == ["subscriptionItem.active:msg_serve_item"]
+        with engine.connect() as conn:
+            assert list(conn.execute(sa.select(_hook_worker.calls.c.key)).scalars()) == effects  # called once
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        engine.dispose()
