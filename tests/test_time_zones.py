@@ -306,7 +306,8 @@ def test_replay_since_in_a_host_tz_over_a_zoned_session(db_url: str, host: str) 
 def test_an_aware_time_in_another_zone_selects_by_its_instant_on_every_store(db_url: str) -> None:
     """``replay_deliveries(since=...)`` and a store clock given in New York's zone (an app's own ``now``):
     SQLite keeps a time as text without its offset, and SQLAlchemy's binding dropped it, so 07:00-05:00 was
-    compared (and stamped) as 07:00 UTC, five hours off. Every store compares and stores the instant."""
+    compared (and stamped) as 07:00 UTC, five hours off. Every store compares and stores the instant; a naive
+    ``since`` is UTC, also over a PostgreSQL session in +13:45 (which read it in its own zone)."""
     new_york = ZoneInfo("America/New_York")
     start = datetime(2026, 1, 31, 6, 0, tzinfo=UTC)
     with sa.create_engine(db_url).begin() as conn:
@@ -317,6 +318,11 @@ def test_an_aware_time_in_another_zone_selects_by_its_instant_on_every_store(db_
     store = Store(create_engine(db_url), now=lambda: datetime(2026, 1, 31, 2, 30, tzinfo=new_york))
     since = datetime(2026, 1, 31, 7, 0, tzinfo=new_york)  # 12:00 UTC: 7 of the 13
     assert replay_deliveries(store, status="failed", since=since).total == 7
+    with sa.create_engine(db_url).begin() as conn:
+        conn.execute(webhook_events.update().values(status="failed"))
+    zoned = zoned_store(in_zone(db_url))  # a naive time is UTC, also where the session's zone is not
+    assert replay_deliveries(zoned, status="failed", since=datetime(2026, 1, 31, 12, 0)).total == 7
+    zoned.dispose()
     _record(store, "msg_ny_stamp")
     with store.connect() as conn:
         stamped = conn.execute(sa.select(webhook_events.c.received_at)

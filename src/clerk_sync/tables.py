@@ -98,8 +98,20 @@ class SQLiteUTCDateTime(_WallClockUTC):
     cache_ok = True
 
 
-Timestamp = (sa.DateTime(timezone=True).with_variant(UTCDateTime(), "mysql", "mariadb")
-             .with_variant(SQLiteUTCDateTime(), "sqlite"))
+class AwareUTCDateTime(sa.types.TypeDecorator[datetime]):
+    """PostgreSQL's timestamptz, a naive value bound as UTC (what a naive time means in clerk-sync): PostgreSQL
+    reads a time without an offset in the session's TimeZone, so ``since=datetime(2026, 1, 31, 12)`` under
+    ``timezone=Pacific/Chatham`` compared from 22:15 UTC the day before."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
+
+
+Timestamp = (sa.DateTime(timezone=True).with_variant(AwareUTCDateTime(), "postgresql")
+             .with_variant(UTCDateTime(), "mysql", "mariadb").with_variant(SQLiteUTCDateTime(), "sqlite"))
 # MySQL/MariaDB tables: 4-byte UTF-8, and a binary collation because Clerk ids are case-sensitive
 # (``user_2aB`` and ``user_2Ab`` are two users; the servers' default ``_ci`` collations would merge them).
 MYSQL_TABLE: dict[str, Any] = {"mysql_charset": "utf8mb4", "mysql_collate": "utf8mb4_bin", "mysql_engine": "InnoDB"}
