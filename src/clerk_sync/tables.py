@@ -97,6 +97,12 @@ class SQLiteUTCDateTime(_WallClockUTC):
     impl = sa.DateTime(timezone=True)
     cache_ok = True
 
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        # (SQLAlchemy writes the wall clock of what it is given: UTC's as it is, the common case, at no cost)
+        if value is not None and value.tzinfo is not None and value.tzinfo is not UTC:
+            return value.astimezone(UTC)
+        return value
+
 
 class AwareUTCDateTime(sa.types.TypeDecorator[datetime]):
     """PostgreSQL's timestamptz, a naive value bound as UTC (what a naive time means in clerk-sync): PostgreSQL
