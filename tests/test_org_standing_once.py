@@ -73,18 +73,30 @@ def _authenticator(store: Store) -> Authenticator:
 
 
 @contextmanager
-def membership_reads(store: Store) -> Iterator[list[str]]:
+def membership_reads(store: Store | None = None, *, note: Callable[[], str] | None = None) -> Iterator[list[str]]:
+    """Each read of ``organization_memberships`` (on ``store``'s engine; None: any), ``note()`` of each if given:
+    the statements SQLAlchemy runs, and the standing reads (:meth:`Authenticator._membership`), which go through
+    the driver, past SQLAlchemy's events."""
     seen_: list[str] = []
+    real = Authenticator._membership
 
     def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if "organization_memberships" in statement:
-            seen_.append(statement)
+        if "organization_memberships" in statement and statement.lstrip().upper().startswith("SELECT"):
+            seen_.append(note() if note is not None else statement)
 
-    sa.event.listen(store.engine, "before_cursor_execute", record)
+    def counted(self: Authenticator, org_id: str, user_id: str) -> Any:
+        if store is None or self.store is store:
+            seen_.append(note() if note is not None else f"standing of {user_id} in {org_id}")
+        return real(self, org_id, user_id)
+
+    target: Any = sa.engine.Engine if store is None else store.engine
+    sa.event.listen(target, "before_cursor_execute", record)
+    setattr(Authenticator, "_membership", counted)  # noqa: B010 (a method replaced for the block)
     try:
         yield seen_
     finally:
-        sa.event.remove(store.engine, "before_cursor_execute", record)
+        setattr(Authenticator, "_membership", real)  # noqa: B010
+        sa.event.remove(target, "before_cursor_execute", record)
 
 
 

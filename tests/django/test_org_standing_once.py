@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 from django.core.exceptions import SynchronousOnlyOperation
 from django.http import HttpRequest, JsonResponse
 from django.test import override_settings
@@ -31,6 +30,7 @@ from clerk_sync.testing import EmulatorServer
 from tests._server import free_port, unreachable_engine
 from tests.django.conftest import bearer, django_database, emulator_settings, serve
 from tests.django.urls import urlpatterns as base_urls
+from tests.test_org_standing_once import membership_reads
 from tests.test_org_standing_permissions import MANAGE, emulator, seen
 
 
@@ -102,23 +102,6 @@ def world(db_url: str, transport: str) -> Iterator[tuple[EmulatorServer, Any]]:
         yield clerk, app
 
 
-@contextmanager
-def membership_reads() -> Iterator[list[str]]:
-    """The statements on ``organization_memberships``, whichever engine and thread ran them."""
-    seen_: list[str] = []
-
-    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if "organization_memberships" in statement and statement.lstrip().upper().startswith("SELECT"):
-            seen_.append(statement)
-
-    sa.event.listen(sa.engine.Engine, "before_cursor_execute", record)
-    try:
-        yield seen_
-    finally:
-        sa.event.remove(sa.engine.Engine, "before_cursor_execute", record)
-
-
-
 @pytest.mark.parametrize("transport", ["test-client", "asgi"])
 def test_django_reads_the_membership_once_and_only_when_asked(db_url: str, transport: str, tmp_path: Path) -> None:
     with world(db_url, transport) as (clerk, app):
@@ -167,12 +150,6 @@ def test_async_code_never_reads_the_membership_on_the_event_loop(db_url: str, tr
     """Review 3 M1: ``state.auth`` in an async view ran the membership query on the event loop's thread (no
     ``SynchronousOnlyOperation``: the store is SQLAlchemy), blocking it (a connect timeout while the database is
     down). Now refused there with the way out; ``astanding()`` and the library's async guards read in a worker."""
-    loops: list[bool] = []
-
-    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if "organization_memberships" in statement and statement.lstrip().upper().startswith("SELECT"):
-            loops.append(_on_loop())
-
     with world(db_url, transport) as (clerk, app):
         owner = clerk.create_user("owner@example.com")
         org = clerk.create_organization("Acme", created_by=owner["id"])
@@ -180,17 +157,13 @@ def test_async_code_never_reads_the_membership_on_the_event_loop(db_url: str, tr
         clerk.add_membership(org["id"], admin, role="org:admin")
         clerk.wait_for_deliveries()
         tok = clerk.mint_session_token(admin, org_id=org["id"])
-        sa.event.listen(sa.engine.Engine, "before_cursor_execute", record)
-        try:
-            for route in ("/t/once/async-reads-auth", "/t/once/async-guarded", "/t/once/async-permission"):
-                loops.clear()
+        for route in ("/t/once/async-reads-auth", "/t/once/async-guarded", "/t/once/async-permission"):
+            with membership_reads(note=lambda: "on the loop" if _on_loop() else "off the loop") as loops:
                 answer = app.get(route, headers=bearer(tok))
-                assert answer.status_code == 200, (route, answer.status_code, answer.content)
-                assert answer.json()["org_role"] == "org:admin", route
-                assert answer.json().get("refused", True) is True, route
-                assert loops == [False], (route, loops)  # one read, off the loop
-        finally:
-            sa.event.remove(sa.engine.Engine, "before_cursor_execute", record)
+            assert answer.status_code == 200, (route, answer.status_code, answer.content)
+            assert answer.json()["org_role"] == "org:admin", route
+            assert answer.json().get("refused", True) is True, route
+            assert loops == ["off the loop"], (route, loops)  # one read, off the loop
 
 
 @pytest.mark.parametrize("transport", ["test-client", "asgi"])
