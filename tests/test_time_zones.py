@@ -421,3 +421,21 @@ def test_leases_freshness_and_the_deny_list_under_a_plus_1345_session(db_url: st
     ticks[0] += 2
     assert deny.blocked_reason("user_b") == "banned"  # an incremental refresh
     store.dispose()
+
+
+def test_a_dispatcher_with_a_naive_clock_claims_due_jobs_under_a_zoned_session(db_url: str, zoned: str) -> None:
+    """``Dispatcher(now=...)`` given a naive clock (UTC) over a +13:45 session: the claim's own statement (psycopg
+    directly) handed PostgreSQL a time without an offset, read in the session's zone, so a due job was not
+    claimed until 13 h 45 min later; the retry after a failure is due 60 s on, not before."""
+    clock = Clock(T0)
+    flaky = Recorder(failures=1)
+    store = zoned_store(zoned, hooks=[Hook("mail", flaky, on=["user.created"])], now=clock)
+    dispatcher = Dispatcher(store, backoff=Backoff(max_attempts=3, base_s=60, max_s=60),
+                            now=lambda: clock().replace(tzinfo=None))
+    deliver(store, f.envelope("user.created", f.user("user_1", 1000)))
+    assert dispatcher.run_once() == 1
+    clock.advance(59)
+    assert dispatcher.run_once() == 0
+    clock.advance(1)
+    assert dispatcher.run_once() == 1 and flaky.types == ["user.created", "user.created"]
+    store.dispose()

@@ -36,6 +36,7 @@ from sqlalchemy.engine import Connection
 
 from clerk_sync._db_errors import driver_cursor, passing_cause, store_error
 from clerk_sync._mentions import Mentions
+from clerk_sync._time import aware
 from clerk_sync.changes import BOOKKEEPING, Change, Event, Hook, change_type, job_payload
 from clerk_sync.engine import Entity, Tombstone, Upsert
 from clerk_sync.errors import ParentNotThere, StoreDataError, StoreError
@@ -798,7 +799,7 @@ def _direct_sql(*, postgres: bool, placeholder: Callable[[str], str], in_ids: st
 _DIRECT: dict[str, _DirectSQL] = {
     "psycopg": _direct_sql(postgres=True, placeholder=lambda name: f"%({name})s", in_ids="= ANY(:ids::bigint[])",
                            in_hooks="= ANY(:hooks::text[])", ids=lambda ids: "{" + ",".join(map(str, ids)) + "}",
-                           hooks=list, time=lambda t: t),
+                           hooks=list, time=aware),  # (a naive time is UTC: PostgreSQL reads it in its TimeZone)
     # sqlite3 takes :name itself; SQLAlchemy's own timestamp text, so comparisons match what it wrote
     "sqlite": _direct_sql(postgres=False, placeholder=lambda name: f":{name}",
                           in_ids="IN (SELECT value FROM json_each(:ids))",
