@@ -313,3 +313,21 @@ def test_doctor_from_no_grant_at_all_prints_what_serve_needs() -> None:
             answer = _deliver(client, "msg_grants3", f.envelope("user.created", f.user("user_grants3", 5)))
         assert answer.status_code == 200, answer.text
         assert made.admin_read("SELECT clerk_user_id FROM accounts") == [("user_grants3",)]
+
+
+def test_a_worker_that_may_not_finish_jobs_claims_none(roles: Roles) -> None:
+    """Without DELETE on hook_jobs a claimed job ran, its end could not be written, and it ran again at each
+    lease's end (a welcome mail a minute) until granted: now no job is claimed, and the worker says the GRANT."""
+    table = "hook_jobs" if roles.kind == "postgresql" else f"`{roles.database}`.hook_jobs"
+    roles.as_owner(f"REVOKE DELETE ON {table} FROM {roles.runtime}")
+    with _service(roles) as client:
+        assert _deliver(client, "msg_grants4", f.envelope("user.created", f.user("user_grants4", 5))).status_code == 200
+    worker = ["worker", "--hooks", f"{APP}:HOOKS", "--once"]
+    refused = run(*worker, env=_env(roles))
+    said = " ".join(refused.stderr.split())
+    assert refused.returncode == 2 and f"GRANT DELETE ON {table.replace('`', '')} TO {roles.runtime};" in said, said
+    assert roles.admin_read("SELECT status, attempts FROM hook_jobs") == [("pending", 0)]  # never claimed
+    roles.as_owner(f"GRANT DELETE ON {table} TO {roles.runtime}")
+    granted = run(*worker, env=_env(roles))
+    assert granted.returncode == 0 and "1 ok" in granted.stderr, (granted.stdout, granted.stderr)
+    assert roles.admin_read("SELECT COUNT(*) FROM hook_jobs") == [(0,)]

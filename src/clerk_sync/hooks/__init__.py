@@ -166,6 +166,8 @@ class Dispatcher:
         self._overdue: dict[int, _Run] = {}
         self._bound_said: set[str] = set()  # the hooks the max_overdue line was said of since they reached it
         self._in_batch = False  # a batch runs (the heartbeat beats while one does, or a run is overdue)
+        # The role may write the outbox (asked before the first claim, until it may: _check_outbox_privileges)
+        self._outbox_granted = store.engine.dialect.name == "sqlite"
         self._beater: tuple[threading.Thread, threading.Event] | None = None  # the heartbeat thread, its stop
 
     @property
@@ -194,6 +196,7 @@ class Dispatcher:
         if not hooks:  # every hook of this dispatcher is at max_overdue: nothing to claim until a run ends
             self._claimed_full = False
             return 0
+        self._check_outbox_privileges()
         claimed_at = self._now()
         limit = self.claim_limit
         with self._bookkeeping() as conn:
@@ -273,6 +276,27 @@ class Dispatcher:
                 per_job = max(0.0, (self._now() - claimed_at).total_seconds()) / ran
                 self._per_job_s = per_job if self._per_job_s is None else (self._per_job_s + per_job) / 2
         return len(jobs)
+
+    def _check_outbox_privileges(self) -> None:
+        """Raise :class:`StoreError` (what to grant) while the database role may not update and delete
+        ``hook_jobs``: a job claimed then would run, its end could not be recorded, and it would run again
+        at every lease's end until someone granted it (a welcome mail a minute). Asked until granted."""
+        if self._outbox_granted:
+            return
+        from clerk_sync._db_errors import store_error
+        from clerk_sync.migrations._privileges import outbox_refusals
+
+        try:
+            with self.store.engine.connect() as conn:
+                lacking, grant, refusal = outbox_refusals(conn)
+        except sa.exc.SQLAlchemyError as exc:
+            raise store_error(exc) from exc
+        if refusal is not None:  # (the database's refusal as the cause: the CLI's exit 2, a setting to fix)
+            raise StoreError(f"the database role may not {', '.join(lacking)} hook_jobs, so no hook job is claimed "
+                             "(one would run and could not be recorded done, then run again at every lease's end): "
+                             f"as the tables' owner, run {grant} (RUNBOOK, \"Least-privilege database roles\"); "
+                             "claiming resumes once granted") from refusal
+        self._outbox_granted = True
 
     def _give_back(self, jobs: list[Job], interrupted: Job | None = None) -> None:
         """Release the jobs not started (their claim's attempt not counted) and the one a stop interrupted
@@ -732,7 +756,7 @@ class _Run:
 def _with_advice(error: str) -> str:
     """A database error with what to check, unless it says already (a lock wait that ran out: "retry later";
     a schema behind: "run clerk-sync's migrations", where "check DATABASE_URL" would mislead)."""
-    if any(said in error for said in ("retry later", "the schema is not current", "DATABASE_URL")):
+    if any(said in error for said in ("retry later", "the schema is not current", "DATABASE_URL", "Least-privilege")):
         return error
     return f"{error}; check DATABASE_URL, and that the database is up (retrying with backoff)"
 

@@ -20,7 +20,7 @@ from clerk_sync._db_errors import is_insufficient_privilege
 from clerk_sync.mapping import Anonymise, Deactivate, HardDelete, SchemaMapping, SoftDelete
 from clerk_sync.migrations import VERSION_TABLE
 
-__all__ = ["Missing", "missing_privileges", "unusable_schemas"]
+__all__ = ["Missing", "missing_privileges", "outbox_refusals", "unusable_schemas"]
 
 _WRITE = ("SELECT", "INSERT", "UPDATE", "DELETE")
 
@@ -86,6 +86,19 @@ def missing_privileges(conn: Connection, mapping: SchemaMapping | None = None) -
     return missing
 
 
+def outbox_refusals(conn: Connection) -> tuple[list[str], str, sa.exc.DBAPIError | None]:
+    """What a hook dispatcher may not do to ``hook_jobs`` (claim, extend, finish: SELECT, UPDATE, DELETE), the
+    GRANT statement that gives it, and the database's first refusal (None: nothing lacking)."""
+    need = _Need(tables.hook_jobs.name, None, ("SELECT", "UPDATE", "DELETE"), tuple(tables.hook_jobs.columns.keys()))
+    name = _table_name(conn, need)
+    columns = [_quote(conn, c) for c in need.columns]
+    refusals = {p: _refusal(conn, _probe(p, name, columns)) for p in need.privileges}
+    lacking = [p for p, refusal in refusals.items() if refusal is not None]
+    if not lacking:
+        return [], "", None
+    return lacking, f"GRANT {', '.join(lacking)} ON {name} TO {_grantee(conn)};", refusals[lacking[0]]
+
+
 _USAGE = sa.text("SELECT has_schema_privilege(:s, 'USAGE')")
 
 
@@ -115,16 +128,21 @@ def _probe(privilege: str, name: str, columns: list[str]) -> str:
 
 def _refused(conn: Connection, statement: str) -> bool:
     """Run ``statement`` in a transaction rolled back: True if the database refused it for a privilege."""
+    return _refusal(conn, statement) is not None
+
+
+def _refusal(conn: Connection, statement: str) -> sa.exc.DBAPIError | None:
+    """:func:`_refused`, with the database's refusal."""
     outer = conn.begin_nested() if conn.in_transaction() else conn.begin()
     try:
         conn.exec_driver_sql(statement)
     except sa.exc.DBAPIError as exc:
         outer.rollback()
         if is_insufficient_privilege(exc.orig):
-            return True
+            return exc
         raise
     outer.rollback()
-    return False
+    return None
 
 
 def _grantee(conn: Connection) -> str:
