@@ -77,14 +77,15 @@ def _postgres() -> Iterator[Roles]:
     tag = uuid.uuid4().hex[:10]
     owner, runtime, database = f"grants_owner_{tag}", f"grants_rt_{tag}", f"grants_{tag}"
     admin = sa.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f"CREATE ROLE {owner} LOGIN PASSWORD 'grants_pw'")
-        conn.exec_driver_sql(f"CREATE ROLE {runtime} LOGIN PASSWORD 'grants_pw'")
-        conn.exec_driver_sql(f"CREATE DATABASE {database} OWNER {owner}")
     roles = Roles("postgresql", _url(PG_URL, database=database),
                   _url(PG_URL, username=owner, password="grants_pw", database=database),
                   _url(PG_URL, username=runtime, password="grants_pw", database=database), database, runtime)
-    try:  # a hardened database: PUBLIC's defaults (CONNECT, TEMPORARY, CREATE on public) revoked
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"CREATE ROLE {owner} LOGIN PASSWORD 'grants_pw'")
+            conn.exec_driver_sql(f"CREATE ROLE {runtime} LOGIN PASSWORD 'grants_pw'")
+            conn.exec_driver_sql(f"CREATE DATABASE {database} OWNER {owner}")
+        # a hardened database: PUBLIC's defaults (CONNECT, TEMPORARY, CREATE on public) revoked
         roles.as_owner(f"REVOKE ALL ON DATABASE {database} FROM PUBLIC", "REVOKE CREATE ON SCHEMA public FROM PUBLIC",
                        ACCOUNTS_DDL["postgresql"])
         yield roles
@@ -102,16 +103,16 @@ def _mariadb() -> Iterator[Roles]:
     tag = uuid.uuid4().hex[:10]
     owner, runtime, database = f"grants_owner_{tag}", f"grants_rt_{tag}", f"grants_{tag}"
     admin = sa.create_engine(MYSQL_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f"CREATE DATABASE `{database}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
-        conn.exec_driver_sql(f"CREATE USER '{owner}'@'%%' IDENTIFIED BY 'grants_pw'")
-        conn.exec_driver_sql(f"CREATE USER '{runtime}'@'%%' IDENTIFIED BY 'grants_pw'")
-        conn.exec_driver_sql(f"GRANT ALL ON `{database}`.* TO '{owner}'@'%%' WITH GRANT OPTION")
     roles = Roles("mysql", _url(MYSQL_URL, database=database),
                   _url(MYSQL_URL, username=owner, password="grants_pw", database=database),
                   _url(MYSQL_URL, username=runtime, password="grants_pw", database=database), database,
                   f"'{runtime}'@'%'")
     try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"CREATE DATABASE `{database}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
+            conn.exec_driver_sql(f"CREATE USER '{owner}'@'%%' IDENTIFIED BY 'grants_pw'")
+            conn.exec_driver_sql(f"CREATE USER '{runtime}'@'%%' IDENTIFIED BY 'grants_pw'")
+            conn.exec_driver_sql(f"GRANT ALL ON `{database}`.* TO '{owner}'@'%%' WITH GRANT OPTION")
         roles.as_owner(ACCOUNTS_DDL["mysql"])
         yield roles
     finally:
