@@ -31,7 +31,7 @@ from clerk_sync.changes import EVENT_TYPES, Change, Event, Hook
 from clerk_sync.events import parse_envelope
 from clerk_sync.hooks import Backoff, Dispatcher
 from clerk_sync.hooks.sinks import RedisStreamSink, StandardWebhookSink, change_message
-from clerk_sync.ingest import WebhookProcessor, replay_deliveries
+from clerk_sync.ingest import WebhookProcessor, replay_deliveries, replay_delivery, replay_if_failed
 from clerk_sync.integrations._committer import GroupCommitter
 from clerk_sync.metrics import KNOWN_EVENT_TYPES
 from clerk_sync.outbox import claim, redact_jobs
@@ -497,3 +497,106 @@ def test_serve_with_hooks_queues_and_runs_a_billing_event_it_answers_ignored(db_
         proc.terminate()
         proc.wait(timeout=20)
         engine.dispose()
+
+
+# -- replays, unreadable jobs, long types --------------------------------------------------------------------
+
+def _stored(store: Store, svix_id: str, event: dict[str, Any], status: str) -> None:
+    """A delivery stored ``status`` (by a release before these hooks, or failed by a database error)."""
+    with store.transaction() as writer:
+        writer.record_delivery(svix_id, f.body_of(event).decode(), event_type=event["type"], instance_id=None,
+                               event_timestamp=B, status=status)
+
+
+def test_a_replay_queues_an_event_again_only_with_hooks_and_a_failed_one_once_it_applies(db_url: str) -> None:
+    handler = Events()
+    store = hooked(db_url, Hook("plans", handler, on=["subscriptionItem.*"]))
+    send(store, example("subscriptionItem.active"), "msg_live")
+    drain(Dispatcher(store))
+    assert [e.svix_id for e in handler.seen] == ["msg_live"]
+    # the Django admin's replay_audited, replay_delivery, the console's replay of the app's (hooked) store:
+    # the event was queued when it came, and no replay but `--with-hooks` queues it again
+    assert replay_delivery(store, "msg_live") == "ignored"
+    assert replay_if_failed(store, "msg_live") == (False, "ignored")
+    assert replay_deliveries(store, status="ignored").events == 0
+    assert jobs(store) == []
+    # a failed delivery (never queued) that now applies as ignored queues, as a failed mirrored delivery's
+    # replay queues its change's jobs: by the console or admin (the store's hooks), or replay --with-hooks
+    _stored(store, "msg_failed_1", example("subscriptionItem.ended", id="item_1"), "failed")
+    _stored(store, "msg_failed_2", example("subscriptionItem.ended", id="item_2"), "failed")
+    assert replay_if_failed(store, "msg_failed_1") == (True, "ignored")
+    report = replay_deliveries(store, status="failed", with_hooks=True)
+    assert (report.by_status, report.left, report.events) == ({"ignored": 1}, {}, 1)  # written and queued
+    drain(Dispatcher(store))
+    assert [e.svix_id for e in handler.seen] == ["msg_live", "msg_failed_1", "msg_failed_2"]
+    _stored(store, "msg_failed_3", example("subscriptionItem.ended", id="item_3"), "failed")
+    assert replay_deliveries(store, status="failed").events == 0  # without --with-hooks: none
+    assert jobs(store) == []
+    store.dispose()
+
+
+def test_a_replayed_event_about_a_payer_deleted_since_is_reduced_as_a_live_one(db_url: str) -> None:
+    payer = "user_34D368EufHwugfYh4yyGNEheM0S"  # the example's payer
+    plain = hooked(db_url)  # no hook yet
+    deliver(plain, f.envelope("user.created", f.user(payer, B)))
+    send(plain, example("subscriptionItem.active"), "msg_before")  # the payer there: stored whole
+    deliver(plain, f.envelope("user.deleted", f.deleted("user", payer)))
+    plain.dispose()
+    handler = Events()
+    store = hooked(db_url, Hook("plans", handler, on=["subscriptionItem.*"]))
+    assert replay_deliveries(store, status="ignored", with_hooks=True).events == 1
+    send(store, example("subscriptionItem.active"), "msg_after")  # the same event arriving now
+    drain(Dispatcher(store))
+    replayed, live = handler.seen
+    assert (replayed.svix_id, live.svix_id) == ("msg_before", "msg_after")
+    assert replayed.redacted and live.redacted and replayed.data == live.data
+    assert "test@example.com" not in json.dumps(replayed.data)
+    with store.connect() as conn:  # and the inbox row is redacted, as the live one
+        stored = conn.execute(sa.select(sa.column("payload")).select_from(sa.table("webhook_events"))
+                              .where(sa.column("svix_id") == "msg_before")).scalar_one()
+    stored = json.loads(stored) if isinstance(stored, str) else stored
+    assert "test@example.com" not in json.dumps(stored)
+    assert replay_deliveries(store, status="ignored", with_hooks=True).events == 0  # redacted: not replayed
+    store.dispose()
+
+
+def test_a_job_whose_payload_this_release_cannot_read_dies_alone(db_url: str) -> None:
+    events, changes = Events(), []
+    store = hooked(db_url, Hook("forward", events, on=["subscription.*"]),
+                   Hook("all", changes.append, on=["*"]))
+    send(store, example("subscription.active", id="sub_1"), "msg_1")
+    send(store, example("subscription.active", id="sub_2"), "msg_2")
+    send(store, example("subscription.active", id="sub_3"), "msg_3")
+    deliver(store, f.envelope("user.created", f.user("user_1", B)))
+    first, second, _, _ = jobs(store)
+    with store.transaction() as writer:
+        # what the previous release's `users erase` left of an event job (it kept a change's keys only) ...
+        writer.conn.execute(sa.update(hook_jobs).where(hook_jobs.c.id == first["id"]).values(
+            payload={"values": {}, "previous": {}, "redacted": True}))
+        # ... and a payload edited by hand
+        writer.conn.execute(sa.update(hook_jobs).where(hook_jobs.c.id == second["id"]).values(
+            payload={"event": "subscription.active", "timestamp": "soon"}))
+    drain(Dispatcher(store))
+    assert [e.svix_id for e in events.seen] == ["msg_3"] and [c.type for c in changes] == ["user.created"]
+    dead = jobs(store)
+    assert [(j["id"], j["status"]) for j in dead] == [(first["id"], "dead"), (second["id"], "dead")]
+    assert dead[0]["last_error"].startswith("unreadable payload (KeyError: 'entity'): ")
+    assert "older release's `users erase`" in dead[0]["last_error"] and "hooks purge" in dead[0]["last_error"]
+    assert dead[1]["last_error"].startswith("unreadable payload (KeyError: 'svix_id')")
+    store.dispose()
+
+
+def test_a_type_longer_than_the_jobs_column_is_queued_bounded_and_reaches_the_hook_whole(db_url: str) -> None:
+    handler = Events()
+    store = hooked(db_url, Hook("subs", handler, on=["subscription.*"]))
+    long_type = "subscription." + "x" * 110  # a type Clerk adds later: webhook_events.type holds 128
+    svix_id = "msg_" + "9" * 100
+    assert send(store, example("subscription.active", id="s" * 150) | {"type": long_type}, svix_id) == "ignored"
+    assert send(store, example("subscription.active", id="s" * 150) | {"type": long_type + "y"}, "msg_2") == "ignored"
+    queued = jobs(store)
+    assert [len(j["type"]) for j in queued] == [64, 64] and queued[0]["type"] != queued[1]["type"]
+    assert len(queued[0]["idempotency_key"]) == 200 and queued[0]["entity_key"] == queued[1]["entity_key"]
+    drain(Dispatcher(store))
+    assert [(e.type, e.idempotency_key) for e in handler.seen] == [
+        (long_type, f"{long_type}:{svix_id}"), (long_type + "y", f"{long_type}y:msg_2")]
+    store.dispose()

@@ -80,8 +80,9 @@ class ReplayReport:
     ``left``: of those, the deliveries that were not ``failed`` and whose replay changed nothing (stale: the rows
     hold their version or a newer one; or their payload was redacted), by the status they kept. A replay never
     relabels them (an applied delivery replayed is stale, and recording ``skipped`` would rewrite the history the
-    console's filters, the metrics and incident reviews read). ``events``: the ``ignored`` deliveries (of types
-    clerk-sync does not mirror) that queued jobs for the hooks naming their types (``with_hooks`` only)."""
+    console's filters, the metrics and incident reviews read). ``events``: the deliveries (of types clerk-sync does
+    not mirror, stored ``ignored`` or ``failed`` until now) that queued jobs for the hooks naming their types
+    (``with_hooks`` only)."""
 
     total: int
     by_status: dict[str, int]
@@ -568,11 +569,11 @@ def replay_deliveries(
     left: dict[str, int] = {}
     events = 0
     for svix_id in ids:
-        _, result, written = _replay(store, svix_id, None, only_failed=False)
+        _, result, written, queued = _replay(store, svix_id, None, only_failed=False, events=with_hooks)
         counts[result] = counts.get(result, 0) + 1  # plain strings: reports print and compare as text
         if not written:
             left[result] = left.get(result, 0) + 1
-        events += written is None
+        events += queued
     return ReplayReport(len(ids), counts, left, events)
 
 
@@ -583,7 +584,7 @@ def replay_delivery(store: Store, svix_id: str, *,
     the database: kept ``failed`` with the reason (and audited so). ``replay`` replays through here, the
     console and the Django admin through :func:`replay_if_failed`. Returns the status it is stored with
     after (one that was not failed keeps its own when the replay changed nothing: :func:`replay_one`)."""
-    return DeliveryStatus(_replay(store, svix_id, audit, only_failed=False)[1])
+    return DeliveryStatus(_replay(store, svix_id, audit, only_failed=False, events=False)[1])
 
 
 def replay_if_failed(store: Store, svix_id: str, *,
@@ -591,14 +592,14 @@ def replay_if_failed(store: Store, svix_id: str, *,
     """:func:`replay_delivery` only if the delivery is still ``failed`` when its transaction reads it (the row
     locked; SQLite has one writer): a double click or a second operator leaves an applied delivery as it is,
     nothing written. Returns (replayed, status)."""
-    replayed, status, _ = _replay(store, svix_id, audit, only_failed=True)
+    replayed, status, _, _ = _replay(store, svix_id, audit, only_failed=True, events=False)
     return replayed, status
 
 
 def _replay(store: Store, svix_id: str, audit: Callable[[Writer, DeliveryStatus], None] | None, *,
-            only_failed: bool) -> tuple[bool, str, bool | None]:
-    """(replayed, the status stored after, whether the replay wrote the delivery's outcome: None when it did
-    not and queued the jobs of the hooks naming its event type)."""
+            only_failed: bool, events: bool) -> tuple[bool, str, bool, bool]:
+    """(replayed, the status stored after, whether the replay wrote the delivery's outcome, whether it queued
+    jobs for the hooks naming its event type). ``events``: :func:`_replay_in`'s."""
     def still_failed(writer: Writer) -> str | None:
         """None when the delivery may be replayed, else its status."""
         if not only_failed:
@@ -608,14 +609,14 @@ def _replay(store: Store, svix_id: str, audit: Callable[[Writer, DeliveryStatus]
                      .scalar_one())
         return None if status == DeliveryStatus.FAILED else status
 
-    def work(writer: Writer) -> tuple[bool, str, bool | None]:
+    def work(writer: Writer) -> tuple[bool, str, bool, bool]:
         current = still_failed(writer)
         if current is not None:
-            return False, current, False
-        status, written = _replay_in(writer, svix_id)
+            return False, current, False, False
+        status, written, queued = _replay_in(writer, svix_id, events=events)
         if audit is not None:
             audit(writer, status)
-        return True, str(status), written
+        return True, str(status), written, queued
 
     try:
         return store.run(work)
@@ -623,11 +624,11 @@ def _replay(store: Store, svix_id: str, audit: Callable[[Writer, DeliveryStatus]
         with store.transaction() as writer:
             current = still_failed(writer)
             if current is not None:
-                return False, current, False
+                return False, current, False, False
             writer.finish_delivery(svix_id, DeliveryStatus.FAILED, str(exc), count_attempt=True)
             if audit is not None:
                 audit(writer, DeliveryStatus.FAILED)
-        return True, DeliveryStatus.FAILED.value, True
+        return True, DeliveryStatus.FAILED.value, True, False
 
 
 _REDACTED_NOT_REPLAYED = ("not replayed: its payload was redacted (retention or erasure) to ids and versions, "
@@ -642,16 +643,23 @@ def replay_one(writer: Writer, svix_id: str) -> DeliveryStatus:
     (skipped: the rows hold its version or a newer one; ignored; its payload redacted): an applied delivery
     replayed is always stale, and recording that as ``skipped`` would relabel the history (the console's
     filters, the outcome metrics, an incident review). One that applies again, or fails, is recorded so."""
-    return _replay_in(writer, svix_id)[0]
+    return _replay_in(writer, svix_id, events=False)[0]
 
 
 # A replay with one of these outcomes changed no row: a delivery that was not failed is left as it was
 _CHANGED_NOTHING = frozenset({DeliveryStatus.SKIPPED, DeliveryStatus.IGNORED})
 
 
-def _replay_in(writer: Writer, svix_id: str) -> tuple[DeliveryStatus, bool | None]:
-    """:func:`replay_one`, and whether the delivery's outcome was written (False: left as it was; None: left as
-    it was, and the jobs of the hooks naming its event type queued)."""
+def _replay_in(writer: Writer, svix_id: str, *, events: bool) -> tuple[DeliveryStatus, bool, bool]:
+    """:func:`replay_one`, whether the delivery's outcome was written (False: left as it was), and whether jobs
+    were queued for the hooks naming its event type (an unmirrored type, :func:`queue_event`; only when the
+    writer has an outbox, i.e. the store's hooks).
+
+    Those jobs are queued as a mirrored delivery's change jobs are: for a ``failed`` delivery that now applies
+    (as ``ignored``: its event was never queued), and for one stored ``ignored`` already only when ``events``
+    (``replay --status ignored --with-hooks``: a hook added later); a replay from the console, the Django admin
+    or :func:`replay_delivery` never queues an event again. A delivery stored redacted (its payer gone, or
+    prune) queues nothing: it is not replayed."""
     e = webhook_events.c
     payload, event_ms, received_at, stored = writer.conn.execute(
         sa.select(e.payload, e.event_timestamp, e.received_at, e.status).where(e.svix_id == svix_id)
@@ -660,27 +668,27 @@ def _replay_in(writer: Writer, svix_id: str) -> tuple[DeliveryStatus, bool | Non
     if isinstance(payload, dict) and payload.get("redacted") is True:  # ids and versions only (retention,
         # erasure): applied, it would blank the row's fields with a version that may be newer
         if not was_failed:  # nothing to apply, and it was applied, skipped or ignored on arrival: as it was
-            return DeliveryStatus(stored), False
+            return DeliveryStatus(stored), False, False
         writer.finish_delivery(svix_id, DeliveryStatus.SKIPPED, _REDACTED_NOT_REPLAYED, count_attempt=True)
-        return DeliveryStatus.SKIPPED, True
+        return DeliveryStatus.SKIPPED, True, False
     try:
         # As when it arrived: an envelope field that did not refuse it live does not now; a timestamp it lacked
         # is the one stored then (the time received), so a tombstone gets the same version again.
         envelope = parse_envelope(json.dumps(payload), received_ms=lambda: _stored_ms(event_ms, received_at))
     except PayloadError as exc:
         writer.finish_delivery(svix_id, DeliveryStatus.FAILED, str(exc), count_attempt=True)
-        return DeliveryStatus.FAILED, True
+        return DeliveryStatus.FAILED, True, False
     refused = len(writer.refused)
     status, error = apply_envelope(writer, envelope)
-    queued = (status == DeliveryStatus.IGNORED and writer.outbox is not None  # (replay --with-hooks)
-              and queue_event(writer, svix_id, envelope, person_named(envelope)))
     # as a live delivery: about a deleted entity (a skipped update, a membership deleted on arrival), it
-    # keeps no personal data
+    # keeps no personal data; redacted before its event is queued, so the hooks get it reduced as live
     WebhookProcessor.forget_if_deleted(writer, Outcome(svix_id, envelope.type, status, error), envelope)
+    queued = (status == DeliveryStatus.IGNORED and writer.outbox is not None and (was_failed or events)
+              and queue_event(writer, svix_id, envelope, person_named(envelope)))
     if not was_failed and status in _CHANGED_NOTHING and len(writer.refused) == refused:
-        return DeliveryStatus(stored), None if queued else False
+        return DeliveryStatus(stored), False, queued
     writer.finish_delivery(svix_id, status, writer.refusals_noted(refused, error), count_attempt=True)
-    return status, True
+    return status, True, queued
 
 
 def queue_event(writer: Writer, svix_id: str, envelope: Envelope, person: str | None) -> bool:

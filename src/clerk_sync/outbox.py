@@ -20,6 +20,7 @@ same inside the delivery's statement (:func:`jobs_cte_sql`). The claim side (:fu
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import re
 import uuid
@@ -162,17 +163,21 @@ class Outbox:
     def record_event(self, event: Event, names: Sequence[str]) -> None:
         """One job per hook of ``names`` for ``event`` (a delivery just stored, not a duplicate), in this
         transaction; ordered after the earlier jobs of the same hook and subject (``entity_key``)."""
+        # The type (webhook_events holds 128 characters; a family hook takes a type Clerk adds later) and the
+        # keys are bounded to hook_jobs' columns (a longer one stored by its head and digest), which are the
+        # queue's bookkeeping: the job's payload keeps the whole type, and its Event the whole idempotency key.
         payload = json.dumps(event.to_json())
-        key = event.key()
-        rows = [(name, f"{name}|{key}") for name in names]
+        key, event_type = event.key(), _bounded(event.type, _TYPE_CHARS)
+        idempotency_key = _bounded(event.idempotency_key, _KEY_CHARS)
+        rows = [(name, _bounded(f"{name}|{key}", _KEY_CHARS)) for name in names]
         if direct_sqlite(self.conn.dialect):
             now = sqlite_time(self.now)
             sqlite_execute(self.conn, _SQLITE_JOB_SQL, [
-                [name, event.type, entity_key, event.idempotency_key, payload, now, now]
+                [name, event_type, entity_key, idempotency_key, payload, now, now]
                 for name, entity_key in rows], many=True)
             return
         self.conn.execute(_job_sql(self.conn.dialect.name == "postgresql"), [
-            {"hook": name, "type": event.type, "entity_key": entity_key, "idempotency_key": event.idempotency_key,
+            {"hook": name, "type": event_type, "entity_key": entity_key, "idempotency_key": idempotency_key,
              "payload": payload, "now": self.now} for name, entity_key in rows])
 
     def _project_deletions(self, changes: Sequence[Change]) -> None:
@@ -405,11 +410,12 @@ def claim(conn: Connection, now: datetime, *, lease: timedelta, limit: int, max_
         first = {key: job_id for key, job_id in conn.execute(_first_sql(pg), {"keys": keys})} if keys else {}
         return [(row.id, row.entity_key, first.get(row.entity_key) == row.id) for row in rows]
 
-    return _claim_pages(page, lambda chosen: conn.execute(_take_sql(pg), take | {"ids": chosen}).all(), limit, token)
+    rows = _claim_pages(page, lambda chosen: conn.execute(_take_sql(pg), take | {"ids": chosen}).all(), limit)
+    return _claimed(conn, rows, token)
 
 
 def _claim_pages(page: Callable[[int, int], Sequence[tuple[int, str, Any]]],
-                 take: Callable[[list[int]], Sequence[Any]], limit: int, token: str) -> list[Job]:
+                 take: Callable[[list[int]], Sequence[Any]], limit: int) -> list[Any]:
     """The walk of :func:`claim`: pages of due jobs after an id (each with whether it is its entity's first
     unfinished job) until ``limit`` are chosen, then ``take`` them (id, hook, payload, attempts rows)."""
     taken: list[Any] = []
@@ -438,8 +444,35 @@ def _claim_pages(page: Callable[[int, int], Sequence[tuple[int, str, Any]]],
         # Fewer taken than chosen: another dispatcher holds some of them (it chose the same oldest ones
         # at the same moment): look further rather than come back short.
         taken += take(chosen)
-    return [Job(job_id, hook, job_payload(_json(payload)), attempts, token)
-            for job_id, hook, payload, attempts in sorted(taken, key=lambda row: row[0])]
+    return sorted(taken, key=lambda row: row[0])
+
+
+def _claimed(conn: Connection, rows: Sequence[Any], token: str) -> list[Job]:
+    """The jobs of claimed (id, hook, payload, attempts) rows; one whose payload this release cannot read is
+    marked dead with the reason (:func:`_unreadable`), the others run: one job's payload never stalls the claim."""
+    jobs: list[Job] = []
+    for job_id, hook, payload, attempts in rows:
+        change = _readable(conn, job_id, payload)
+        if change is not None:
+            jobs.append(Job(job_id, hook, change, attempts, token))
+    return jobs
+
+
+def _readable(conn: Connection, job_id: int, payload: Any) -> Change | Event | None:
+    """A claimed job's change or event; None, the job marked dead with why, when its payload cannot be read."""
+    try:
+        return job_payload(_json(payload))
+    except Exception as exc:  # whatever a payload holds, only its own job fails
+        error = _unreadable(exc)
+        log.error("hook_job_unreadable", job_id=job_id, error=error)
+        _set(conn, job_id, status="dead", lease_until=None, claim_token=None, last_error=_storable(error))
+        return None
+
+
+def _unreadable(exc: Exception) -> str:
+    return (f"unreadable payload ({type(exc).__name__}: {exc}): not a change or event this release reads (one "
+            "rewritten by an older release's `users erase`, or edited by hand); nothing to run: purge it "
+            "(`clerk-sync hooks purge`)")
 
 
 def _claim_direct(conn: Connection, sql: _DirectSQL, now: datetime, *, lease: timedelta, limit: int,
@@ -457,9 +490,10 @@ def _claim_direct(conn: Connection, sql: _DirectSQL, now: datetime, *, lease: ti
         page = sql.page
         if hooks is not None:
             page, params["hooks"] = sql.page_of_hooks, sql.hooks(hooks)
-        return _claim_pages(
+        rows = _claim_pages(
             lambda after, size: cur.execute(page, params | {"after": after, "page": size}).fetchall(),
-            lambda chosen: cur.execute(sql.take, params | {"ids": sql.ids(chosen)}).fetchall(), limit, token)
+            lambda chosen: cur.execute(sql.take, params | {"ids": sql.ids(chosen)}).fetchall(), limit)
+    return _claimed(conn, rows, token)
 
 
 def _claim_one_by_one(conn: Connection, now: datetime, *, lease: timedelta, limit: int,
@@ -482,9 +516,12 @@ def _claim_one_by_one(conn: Connection, now: datetime, *, lease: timedelta, limi
             error = f"lease expired after {row.attempts} {_LEASE_EXPIRED}"
             _set(conn, row.id, status="dead", lease_until=None, claim_token=None, last_error=error)
             continue
+        change = _readable(conn, row.id, row.payload)
+        if change is None:
+            continue
         token = str(uuid.uuid4())
         _set(conn, row.id, status="running", lease_until=now + lease, claim_token=token, attempts=row.attempts + 1)
-        jobs.append(Job(row.id, row.hook, job_payload(row.payload), row.attempts + 1, token))
+        jobs.append(Job(row.id, row.hook, change, row.attempts + 1, token))
     return jobs
 
 
@@ -883,6 +920,18 @@ def _finish_sql(postgres: bool) -> sa.TextClause:
 
 def _json(payload: Any) -> Any:
     return json.loads(payload) if isinstance(payload, str) else payload
+
+
+_TYPE_CHARS = 64  # hook_jobs.type
+_KEY_CHARS = 200  # hook_jobs.entity_key and idempotency_key
+
+
+def _bounded(text: str, limit: int) -> str:
+    """``text`` if it fits a column of ``limit`` characters, else its head and a digest of the whole (distinct
+    texts stay distinct: 128 bits)."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit - 33]}~{hashlib.sha256(text.encode()).hexdigest()[:32]}"
 
 
 def _entity_key(hook: str, change: Change) -> str:
