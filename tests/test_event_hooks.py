@@ -584,6 +584,14 @@ def test_a_job_whose_payload_this_release_cannot_read_dies_alone(db_url: str) ->
     assert "older release's `users erase`" in dead[0]["last_error"] and "hooks purge" in dead[0]["last_error"]
     assert dead[1]["last_error"].startswith("unreadable payload (KeyError: 'svix_id')")
     store.dispose()
+    env = {"DATABASE_URL": db_url}  # the operator sees them, and retry (no version to compare) or purge takes them
+    listed = [line.split("\t") for line in run("hooks", "list", env=env).stdout.splitlines()]
+    assert [row[1:4] + row[6:7] for row in listed] == [
+        ["forward", "subscription.active", "msg_1", "subscription.active:msg_1"],
+        ["forward", "subscription.active", "msg_2", "subscription.active:msg_2"]]
+    assert all(row[5].startswith("unreadable payload") for row in listed)
+    retried = run("hooks", "retry", "--all", env=env)
+    assert retried.returncode == 0 and "warning" not in retried.stdout + retried.stderr, retried
 
 
 def test_a_type_longer_than_the_jobs_column_is_queued_bounded_and_reaches_the_hook_whole(db_url: str) -> None:

@@ -597,8 +597,10 @@ def _out_of_order(conn: Connection, ids: list[int] | None) -> list[str]:
     query = sa.select(j.c.id, j.c.entity_key, j.c.payload).where(j.c.status == "dead").order_by(j.c.id)
     rows = list(conn.execute(query)) if ids is None else [
         row for chunk in _chunks(sorted(set(ids))) for row in conn.execute(query.where(j.c.id.in_(chunk)))]
-    # (an Event's jobs run in the order their deliveries came: no version to compare)
-    dead = [(row.id, row.entity_key, Change.from_json(row.payload)) for row in rows if "event" not in row.payload]
+    # (an Event's jobs run in the order their deliveries came: no version to compare; a payload without an
+    # entity is none this release reads, and dies again unrun)
+    dead = [(row.id, row.entity_key, Change.from_json(row.payload)) for row in rows
+            if isinstance(row.payload, dict) and "event" not in row.payload and "entity" in row.payload]
     queued = _queued_versions(conn, {key for _, key, _ in dead})
     applied = _applied_versions(conn, [change for _, _, change in dead])
     return [f"warning: job {job_id} ({change.type} of {change.clerk_id}, version {change.version}) is older than "
