@@ -59,3 +59,28 @@ def test_the_hooks_snippet_runs_as_printed(tmp_path: Path, db_url: str) -> None:
         "welcome user_1@example.com user_1",
         "{'clerk_user_id': 'user_1', 'email': 'user_1@example.com', 'role': 'admin', 'plan': 'pro'}",
     ]
+
+
+_EDGES = """
+from clerk_sync.changes import Event
+
+item = {"id": "csub_item_1", "object": "subscription_item", "status": "active", "plan": {"slug": "team"}}
+# a payer erased (data reduced to ids: no plan), and an organization's plan (no payer.user_id): left alone
+set_plan(Event("subscriptionItem.active", "msg_erased", 1_800_000_000_900, {"id": "csub_item_1"}, redacted=True))
+set_plan(Event("subscriptionItem.active", "msg_erased", 1_800_000_000_900,
+               {"id": "csub_item_1", "object": "subscription_item", "status": "active",
+                "payer": {"user_id": "user_1"}}, redacted=True))
+set_plan(Event("subscriptionItem.active", "msg_org", 1_800_000_000_900, item | {"payer": {"organization_id": "org_1"}}))
+print("left alone")
+"""
+
+
+def test_the_snippets_set_plan_leaves_an_erased_payers_event_and_an_organizations_plan_alone(
+        tmp_path: Path, db_url: str) -> None:
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- readme-hooks:begin -->\n```python\n(.*?)```\n<!-- readme-hooks:end -->", readme, re.S)
+    assert block is not None
+    result = subprocess.run([sys.executable, "-c", block.group(1) + _EDGES], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=60, check=False, env={"PYTHONPATH": str(ROOT), "PATH": "", "DATABASE_URL": db_url})
+    assert result.returncode == 0, result.stderr  # was: KeyError 'plan', then 'user_id' (retried until dead)
+    assert [line for line in result.stdout.splitlines() if not line.startswith("20")][-1] == "left alone"
