@@ -497,9 +497,10 @@ def render(micro: dict[str, list[float]], sizes: dict[str, int], http: list[dict
         "`ClerkAuthMiddleware` (on `/open` without a token it raises and catches `TokenMissing`). Of the "
         f"~{cpu_me:,.0f} µs/req auth adds, ~{cpu_tok:,.0f} µs come with the token itself (a ~1 kB header "
         "parsed by h11 and the middleware's cached verify) and ~"
-        f"{cpu_me - cpu_tok:,.0f} µs with `Depends(clerk.current_auth)` (FastAPI's dependency solving plus a "
-        f"second cached verify); a cached `Authenticator.authenticate` costs {med(micro['authenticate']):.1f} µs "
-        "in process.",
+        f"{cpu_me - cpu_tok:,.0f} µs with `Depends(clerk.current_auth)` (FastAPI's dependency solving, a "
+        "second cached verify, and the session's standing in its organization: the tokens name an organization "
+        "role, so one indexed read of `organization_memberships` a request, in the thread pool); a cached "
+        f"`Authenticator.authenticate` costs {med(micro['authenticate']):.1f} µs in process.",
         "",
         *(flask_lines(flask_http, cfg) if flask_http else []),
         *(django_lines(django_http, cfg) if django_http else []),
@@ -578,8 +579,9 @@ def flask_lines(http: list[dict[str, Any]], cfg: argparse.Namespace) -> list[str
         f"Protected / unprotected req/s: **{paired('me', lambda a, b: a['rps'] / b['rps']):.2f}** (median of "
         "per-round ratios), same run, same tokens and load generator as the FastAPI rows. The steadier "
         f"measure is server CPU: the session check adds ~{cpu_me:,.0f} µs per request to the {cpu_open:,.0f} µs "
-        f"gunicorn and Flask spend on `/open` ({cpu_me / cpu_open:+.0%}); with that little added, the req/s "
-        "ratio mostly shows what else the shared box was running. `ClerkSync(deny_by_default=True)` verifies "
+        f"gunicorn and Flask spend on `/open` ({cpu_me / cpu_open:+.0%}): a cached verify and the session's "
+        "standing in its organization (one indexed read of `organization_memberships` a request: the tokens "
+        "name an organization role). `ClerkSync(deny_by_default=True)` verifies "
         "in a `before_request` hook (the blocking `Authenticator.authenticate`, a cached verify, no event "
         "loop); a `@public` view never verifies, even with a token, until it reads `current_clerk`.",
         "",
@@ -622,8 +624,10 @@ def django_lines(runs: dict[str, list[dict[str, Any]]], cfg: argparse.Namespace)
                        f"{cpu_me:+,.0f} µs per request on {cpu_open:,.0f} µs for `/open`)")
     lines += [
         "",
-        f"Protected / unprotected req/s: {'; '.join(summary)}; on this shared box a difference that small is "
-        "within the round-to-round noise (see min-max). Every route passes through Django's handler, "
+        f"Protected / unprotected req/s: {'; '.join(summary)}; `/me` pays the session's standing in its "
+        "organization (one indexed read of `organization_memberships` a request: the tokens name an organization "
+        "role), and on this shared box the rows also move round to round (see min-max). Every route passes "
+        "through Django's handler, "
         "`CommonMiddleware`, `CsrfViewMiddleware` and `ClerkMiddleware`. Under WSGI the whole path is sync "
         "(the blocking `Authenticator.authenticate`, a cached verify, no event loop); under ASGI the "
         "middleware awaits `aauthenticate` and Django runs its classic middleware and the sync views in "
