@@ -463,16 +463,16 @@ def _readable(conn: Connection, job_id: int, payload: Any) -> Change | Event | N
     try:
         return job_payload(_json(payload))
     except Exception as exc:  # whatever a payload holds, only its own job fails
-        error = _unreadable(exc)
+        error = _unreadable(exc, job_id)
         log.error("hook_job_unreadable", job_id=job_id, error=error)
         _set(conn, job_id, status="dead", lease_until=None, claim_token=None, last_error=_storable(error))
         return None
 
 
-def _unreadable(exc: Exception) -> str:
+def _unreadable(exc: Exception, job_id: int) -> str:
     return (f"unreadable payload ({type(exc).__name__}: {exc}): not a change or event this release reads (one "
             "rewritten by an older release's `users erase`, or edited by hand); nothing to run: purge it "
-            "(`clerk-sync hooks purge`)")
+            f"(`clerk-sync hooks purge {job_id}`)")
 
 
 def _claim_direct(conn: Connection, sql: _DirectSQL, now: datetime, *, lease: timedelta, limit: int,
