@@ -16,7 +16,7 @@ from clerk_sync.errors import StoreDataError, StoreError, database_message
 
 __all__ = ["POOLER_ADVICE", "PRIVILEGE_ADVICE", "driver_cursor", "foreign_key_of", "is_foreign_key_violation",
            "is_insufficient_privilege", "is_pooler_misconfigured", "is_row_referenced", "is_schema_behind",
-           "sqlite_file_advice", "store_error"]
+           "privilege_refusal", "sqlite_file_advice", "store_error"]
 
 @contextmanager
 def driver_cursor(conn: Connection, what: str) -> Iterator[Any]:
@@ -119,9 +119,23 @@ PRIVILEGE_ADVICE = ("the database role lacks a privilege clerk-sync needs: grant
 
 
 def is_insufficient_privilege(orig: object) -> bool:
-    """The database refused a statement for a privilege its role lacks (:data:`PRIVILEGE_ADVICE`): a setting to fix,
-    never the row's refusal, so the delivery is kept and answered 503 until someone grants it."""
+    """The database refused a statement for a privilege (:data:`PRIVILEGE_ADVICE`). On clerk-sync's own tables a
+    setting to fix (the delivery kept, answered 503 until someone grants it); on an app's mapped table PostgreSQL
+    says the same (42501) for a row-level security policy's refusal and for a trigger raising
+    ``insufficient_privilege``: the row's own refusal, told apart by asking the catalog
+    (:meth:`clerk_sync.mapping.SchemaMapping.role_lacks`), never by this alone (:func:`privilege_refusal`)."""
     return getattr(orig, "sqlstate", None) == "42501" or _mysql_errno(orig) in _MYSQL_DENIED
+
+
+def privilege_refusal(exc: BaseException) -> sa.exc.DBAPIError | None:
+    """The privilege refusal (:func:`is_insufficient_privilege`) in ``exc``'s chain, as :func:`passing_cause` reads
+    it, or None. Not passing by itself: a mapped write's caller asks whether the role really lacks a privilege."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, sa.exc.DBAPIError) and is_insufficient_privilege(seen.orig):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 # PgBouncer in transaction mode: it refuses libpq's `options` (clerk-sync's timeouts), and psycopg's prepared
@@ -248,10 +262,10 @@ _SQLITE_PASSING = ("database or disk is full", "disk I/O error", "database is lo
 def passing_cause(exc: BaseException) -> sa.exc.SQLAlchemyError | None:
     """The failure in ``exc``'s chain that is the database's passing state, not a refusal of the row: the
     connection is gone, a bounded wait ran out or a deadlock was broken (:func:`is_transient`), the server
-    ran out of something, a table is missing (mid-deploy) or a privilege (a GRANT to run), or on MySQL the
+    ran out of something, a table is missing (mid-deploy), or on MySQL the
     savepoint was rolled back with the whole transaction (1305: a deadlock). None when the database refused the
     row itself (a constraint, a trigger's ``RAISE EXCEPTION`` or ``SIGNAL``): retrying the same row cannot help,
-    so it is its refusal.
+    so it is its refusal. A privilege refusal is neither by itself (:func:`privilege_refusal`).
 
     The whole chain is read: leaving a savepoint may fail on its ROLLBACK, the cause in the context."""
     seen: BaseException | None = exc
@@ -262,7 +276,6 @@ def passing_cause(exc: BaseException) -> sa.exc.SQLAlchemyError | None:
             orig = seen.orig
             sqlstate = str(getattr(orig, "sqlstate", None) or "")
             if (seen.connection_invalidated or is_transient(orig) or _missing_table(orig)
-                    or is_insufficient_privilege(orig)
                     or sqlstate.startswith(_PG_PASSING_CLASSES) or _mysql_errno(orig) in _MYSQL_PASSING
                     or (type(orig).__module__ == "sqlite3" and str(orig).startswith(_SQLITE_PASSING))
                     or _savepoint_gone(orig)):

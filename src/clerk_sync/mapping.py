@@ -44,7 +44,9 @@ from clerk_sync._db_errors import (
     driver_cursor,
     foreign_key_of,
     is_foreign_key_violation,
+    is_insufficient_privilege,
     passing_cause,
+    privilege_refusal,
     store_error,
 )
 from clerk_sync._limits import CLERK_ID_CHARS
@@ -401,6 +403,31 @@ class SchemaMapping:
                              unique=True)
         return table
 
+    def role_lacks(self, conn: Connection, entity: Entity) -> bool:
+        """Whether ``conn``'s role lacks a privilege the mapped writes need on ``entity``'s table (its schema's USAGE,
+        :func:`mapped_privileges`, its serial sequences'), asked after the table refused a row with a privilege
+        error (:func:`~clerk_sync._db_errors.is_insufficient_privilege`): then the database's state, a GRANT to
+        run (the delivery answered 503); else the row's own refusal (PostgreSQL's 42501 of a row-level security
+        policy, of a trigger raising ``insufficient_privilege`` or writing a table this role may not write).
+        Under a savepoint of its own; an error asking is taken as lacking (503: Svix retries)."""
+        mapped = self.tables.get(entity)
+        if mapped is None:
+            return True
+        try:
+            with conn.begin_nested():
+                if conn.dialect.name == "postgresql":
+                    schema = mapped.schema
+                    if schema is not None and not conn.execute(sa.text(
+                            "SELECT to_regnamespace(:s) IS NULL OR has_schema_privilege(:s, 'USAGE')"),
+                            {"s": schema}).scalar_one():
+                        return True
+                    if any(not usage for _, usage in conn.execute(sa.text(PG_OWNED_SEQUENCES),
+                                                                  {"t": _qualified(conn, mapped.table)})):
+                        return True
+                return bool(lacking_privileges(conn, mapped))
+        except sa.exc.DBAPIError:
+            return True
+
     def user_writable(self, entity: Entity) -> list[list[str]]:
         """The mapped columns of ``entity``'s table whose value the user chooses in Clerk (see
         :meth:`Column.user_writable`), as the steps in which :meth:`project` leaves them out (``leave_out``)
@@ -663,8 +690,8 @@ class SchemaMapping:
         try:
             with conn.begin_nested():
                 self.project(conn, now, change, leave_out=leave_out)
-        except Exception as exc:  # any refusal is the row's
-            _still_in_transaction(conn, exc)
+        except Exception as exc:  # any refusal is the row's (a privilege's: when the role has every one there)
+            _still_in_transaction(conn, exc, lambda: self.role_lacks(conn, change.entity))
             return exc
         return None
 
@@ -698,7 +725,8 @@ class SchemaMapping:
                         conn.execute(sa.update(table).where(row).values({name: attempt}))
                     break
                 except sa.exc.DBAPIError as exc:
-                    _still_in_transaction(conn, exc)  # (a deadlock: the erasure fails whole, nothing half-done)
+                    # (a deadlock, a grant missing: the erasure fails whole, nothing half-done)
+                    _still_in_transaction(conn, exc, lambda: self.role_lacks(conn, entity))
                     why = database_message(exc.orig or exc)
             else:
                 refused.append(f"{mapped.table} refused clearing {name}: {why}")
@@ -1098,12 +1126,73 @@ def _link_facts(row: Any, facts: Mapping[str, Mapping[str, Any]]) -> JSON:
     return carried
 
 
+# A table's serial sequences (an INSERT calls nextval: USAGE), with whether the role may use them.
+PG_OWNED_SEQUENCES = (
+    "SELECT s.oid::regclass::text, has_sequence_privilege(s.oid, 'USAGE') FROM pg_depend d "
+    "JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S' "
+    "WHERE d.refobjid = to_regclass(:t) AND d.deptype = 'a' AND d.classid = 'pg_class'::regclass")
+
+
+def mapped_privileges(mapped: MappedTable) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """What the mapped writes need of the app's table: the privileges, in a GRANT's order, and the columns INSERT
+    and UPDATE name (the Clerk-id column, the mapped ones, the delete policy's; column-level grants suffice)."""
+    written = [mapped.clerk_id_column, *mapped.resolved()]
+    policy = mapped.on_delete
+    if isinstance(policy, SoftDelete | Deactivate) or (isinstance(policy, Anonymise) and policy.column):
+        written.append(str(policy.column))
+    privileges = ("SELECT", "INSERT", "UPDATE") + (("DELETE",) if isinstance(policy, HardDelete) else ())
+    return privileges, tuple(dict.fromkeys(written))
+
+
+def lacking_privileges(conn: Connection, mapped: MappedTable) -> list[str]:
+    """Which of :func:`mapped_privileges` ``conn``'s role lacks on the app's table (its schema usable). PostgreSQL:
+    asked of the catalog (``has_any_column_privilege``, ``has_column_privilege``, ``has_table_privilege``), so no
+    statement runs on the app's table (a statement-level trigger would fire on a zero-row one). MySQL/MariaDB: by
+    running each on no row in a savepoint rolled back (``.. WHERE 1 = 0``): its triggers are FOR EACH ROW only, so
+    none fires, and the server answers by its own rules (wildcards, roles, column grants). SQLite: none."""
+    privileges, columns = mapped_privileges(mapped)
+    name = _qualified(conn, mapped.table)
+    if conn.dialect.name == "postgresql":
+        held = conn.execute(sa.text(
+            "SELECT has_any_column_privilege(r.oid, 'SELECT'), has_table_privilege(r.oid, 'DELETE'), "
+            "COALESCE(bool_and(has_column_privilege(r.oid, a.attnum, 'INSERT')), true), "
+            "COALESCE(bool_and(has_column_privilege(r.oid, a.attnum, 'UPDATE')), true) "
+            "FROM (SELECT to_regclass(:t) AS oid) r LEFT JOIN pg_attribute a ON a.attrelid = r.oid "
+            "AND a.attname = ANY(:c) AND NOT a.attisdropped GROUP BY r.oid"),
+            {"t": name, "c": list(columns)}).one()
+        if held[0] is None:  # not there (a schema behind, said as that elsewhere)
+            return []
+        have = {"SELECT": held[0], "DELETE": held[1], "INSERT": held[2], "UPDATE": held[3]}
+        return [p for p in privileges if not have[p]]
+    if conn.dialect.name not in ("mysql", "mariadb"):
+        return []
+    quote = conn.dialect.identifier_preparer.quote
+    listed = ", ".join(quote(c) for c in columns)
+    probes = {"SELECT": f"SELECT 1 FROM {name} WHERE 1 = 0",  # noqa: S608 (names of the mapping, quoted)
+              "INSERT": f"INSERT INTO {name} ({listed}) SELECT {listed} FROM {name} WHERE 1 = 0",  # noqa: S608
+              "UPDATE": f"UPDATE {name} SET {', '.join(f'{quote(c)} = NULL' for c in columns)} WHERE 1 = 0",  # noqa: S608
+              "DELETE": f"DELETE FROM {name} WHERE 1 = 0"}  # noqa: S608
+    lacking = []
+    for privilege in privileges:
+        savepoint = conn.begin_nested() if conn.in_transaction() else conn.begin()
+        try:
+            conn.exec_driver_sql(probes[privilege])
+        except sa.exc.DBAPIError as exc:
+            savepoint.rollback()
+            if not is_insufficient_privilege(exc.orig):
+                raise
+            lacking.append(privilege)
+            continue
+        savepoint.rollback()
+    return lacking
+
+
 def _reason(exc: Exception) -> str:
     """A refusal as logged: a StoreError's message, else only its type (a compute's message may quote values)."""
     return str(exc) if isinstance(exc, StoreError) else type(exc).__name__
 
 
-def _still_in_transaction(conn: Connection, exc: Exception) -> None:
+def _still_in_transaction(conn: Connection, exc: Exception, lacks: Callable[[], bool] | None = None) -> None:
     """Whether a failed backfill row is the row's refusal, or the whole transaction's end: a deadlock or a
     lock wait ran out (on MySQL a deadlock rolled everything back; retrying the row in it would count rows
     as written that were not), the connection is gone (or the server's disk or memory, or a table is
@@ -1112,8 +1201,13 @@ def _still_in_transaction(conn: Connection, exc: Exception) -> None:
 
     The deadlock is rarely ``exc`` itself: InnoDB rolled the savepoint back with the transaction, so leaving
     ``begin_nested()`` fails on its ROLLBACK TO SAVEPOINT (1305, "SAVEPOINT does not exist"), the deadlock
-    that caused it in the exception's context: :func:`~clerk_sync._db_errors.passing_cause` reads the chain."""
+    that caused it in the exception's context: :func:`~clerk_sync._db_errors.passing_cause` reads the chain.
+
+    A privilege refusal is the whole's when ``lacks`` (:meth:`SchemaMapping.role_lacks` of the row's table) says
+    the role lacks a grant there; else the row's (a row-level security policy, a trigger's)."""
     cause = passing_cause(exc)
+    if cause is None and lacks is not None and (denied := privilege_refusal(exc)) is not None and lacks():
+        cause = denied
     if cause is not None:
         raise store_error(cause) from exc
     if conn.dialect.name == "sqlite" and not conn.connection.driver_connection.in_transaction:  # type: ignore[union-attr]

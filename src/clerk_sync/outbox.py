@@ -35,12 +35,12 @@ import structlog
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from clerk_sync._db_errors import driver_cursor, passing_cause, store_error
+from clerk_sync._db_errors import driver_cursor, passing_cause, privilege_refusal, store_error
 from clerk_sync._mentions import Mentions
 from clerk_sync._time import aware
 from clerk_sync.changes import BOOKKEEPING, Change, Event, Hook, change_type, job_payload
 from clerk_sync.engine import Entity, Tombstone, Upsert
-from clerk_sync.errors import ParentNotThere, StoreDataError, StoreError
+from clerk_sync.errors import ParentNotThere, StoreDataError, StoreError, database_message
 from clerk_sync.events import MembershipRecord, OrganizationRecord, UserRecord, record_columns
 from clerk_sync.mapping import (
     AppTableRolledBack,
@@ -295,6 +295,16 @@ class Outbox:
         except sa.exc.SQLAlchemyError as exc:
             if passing_cause(exc) is not None:
                 raise  # the connection, a bounded wait, a deadlock, the server: the unit of work is retried
+            denied = privilege_refusal(exc)
+            if denied is not None:
+                if self.mapping.role_lacks(self.conn, change.entity):
+                    raise  # a grant missing on the app's table: the database's state (503 until granted)
+                # PostgreSQL's 42501 with every grant there: a row-level security policy's refusal, or a trigger's
+                orig = denied.orig or denied
+                return (f"database error: {type(orig).__name__}: {database_message(orig)}; the app's "
+                        "table refused the row itself (a row-level security policy, or a trigger raising "
+                        "insufficient_privilege or writing a table this role may not write), though the role has "
+                        "every privilege clerk-sync needs on it"), "database"
             # anything else the database said is about this row (an app trigger's RAISE EXCEPTION or
             # SIGNAL, which no error class marks as the data's): the same row would be refused again
             return str(store_error(exc)), "database"
