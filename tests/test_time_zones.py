@@ -439,3 +439,69 @@ def test_a_dispatcher_with_a_naive_clock_claims_due_jobs_under_a_zoned_session(d
     clock.advance(1)
     assert dispatcher.run_once() == 1 and flaky.types == ["user.created", "user.created"]
     store.dispose()
+
+
+# -- review of the above: the clocks and binds it missed ----------------------------------------------------------
+
+def test_prune_erasing_tombstones_with_a_naive_clock_erases_as_an_aware_one(db_url: str) -> None:
+    """``Retention(now=...)`` given a naive clock (UTC, as everywhere): prune compared it with the aware times of
+    the erasure digests and raised ``TypeError`` (naive vs aware) once ``delete_tombstones_after`` was set, the
+    dry run too."""
+    reports = {}
+    for kind, clock in (("aware", lambda: T0 + timedelta(days=60)),
+                        ("naive", lambda: (T0 + timedelta(days=60)).replace(tzinfo=None))):
+        store = Store(create_engine(db_url), now=lambda: T0)
+        with store.connect() as conn:  # (one store per kind, one database: start from no users)
+            assert conn.execute(sa.select(sa.func.count()).select_from(users)
+                                .where(users.c.clerk_id == f"user_{kind}")).scalar_one() == 0
+        assert deliver(store, f.envelope("user.created", f.user(f"user_{kind}", 1000)),
+                       f.envelope("user.deleted", f.deleted("user", f"user_{kind}"))) == ["applied", "applied"]
+        retention = Retention(store, RetentionPolicy(delete_tombstones_after=timedelta(days=1)), now=clock)
+        dry = retention.prune(dry_run=True)
+        done = retention.prune()
+        reports[kind] = (dry.erased, done.erased)
+        store.dispose()
+    assert reports["naive"] == reports["aware"]
+    assert reports["aware"][1] >= 1
+
+
+def test_the_consoles_naive_clock_is_utc(db_url: str, host_tz: str) -> None:
+    """The console's ``now`` given a naive clock (UTC, as everywhere): ``ago`` subtracted it from aware times
+    (``TypeError``), and the freshness checks read it with ``.timestamp()`` in the host's zone (on a New York
+    host a delivery a minute old was five hours old)."""
+    from clerk_sync.integrations.console._console import Console
+    from clerk_sync.integrations.console._pages import _freshness
+
+    store = Store(create_engine(db_url), now=lambda: T0)
+    assert deliver(store, f.envelope("user.created", f.user("user_fresh", 1000))) == ["applied"]
+    limits = {"max_delivery_age_s": 3600.0, "max_failed": 10, "max_reconcile_age_s": 2 * 86400.0,
+              "max_hook_wait_s": 900.0}
+    seen = {}
+    for kind, clock in (("aware", lambda: T0 + timedelta(minutes=1)),
+                        ("naive", lambda: (T0 + timedelta(minutes=1)).replace(tzinfo=None))):
+        console = Console(store, None, clerk=None, read_only=True, now=clock,  # type: ignore[arg-type]
+                          freshness_limits=limits)
+        assert console.now() == T0 + timedelta(minutes=1)
+        assert console.ago(T0 - timedelta(hours=2)) == "2 h ago"
+        seen[kind] = [(c.name, c.status) for c in _freshness(console)]
+    assert seen["naive"] == seen["aware"]
+    assert dict(seen["aware"]).get("newest delivery") == "ok", seen
+    store.dispose()
+
+
+def test_a_string_bound_to_a_time_column_goes_to_the_driver_as_it_is(db_url: str) -> None:
+    """An app's own statement binding a string to one of clerk-sync's time columns: the bind processing that
+    reads a naive time as UTC raised ``AttributeError`` on a ``str`` (PostgreSQL), which the database parsed
+    before."""
+    engine = create_engine(db_url)
+    if engine.dialect.name == "sqlite":
+        engine.dispose()
+        pytest.skip("SQLAlchemy's SQLite DateTime takes datetime objects only (before these binds too)")
+    with engine.begin() as conn:
+        conn.execute(sa.insert(webhook_events).values(
+            svix_id="msg_str_bind", type="user.created", status="applied", payload={},
+            received_at="2026-01-01 00:00:00" if engine.dialect.name != "postgresql" else "2026-01-01 00:00:00+00"))
+        got = conn.execute(sa.select(webhook_events.c.received_at)
+                           .where(webhook_events.c.svix_id == "msg_str_bind")).scalar_one()
+    assert utc(got) == datetime(2026, 1, 1, tzinfo=UTC)
+    engine.dispose()

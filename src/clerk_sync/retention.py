@@ -68,7 +68,7 @@ from sqlalchemy.dialects import mysql, postgresql, sqlite
 
 from clerk_sync._db_errors import is_lock_wait_timeout, is_row_referenced, is_transient, store_error
 from clerk_sync._mentions import Mentions
-from clerk_sync._time import aware, utcnow
+from clerk_sync._time import as_utc, aware, utcnow
 from clerk_sync.auth.audit import AuditEntry, record_audit
 from clerk_sync.changes import Change
 from clerk_sync.config import Settings
@@ -254,7 +254,7 @@ class Retention:
         self.store = store
         self.policy = policy or RetentionPolicy()
         self.metrics = metrics
-        self._now = now or utcnow
+        self._now = utcnow if now is None else (lambda: as_utc(now()))  # a naive clock is UTC, as everywhere
 
     # -- prune ----------------------------------------------------------------------------------
     def prune(self, *, dry_run: bool = False) -> PruneReport:

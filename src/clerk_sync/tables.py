@@ -77,7 +77,7 @@ class _WallClockUTC(sa.types.TypeDecorator[datetime]):
     cache_ok = True
 
     def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
-        if value is not None and value.tzinfo is not None:
+        if isinstance(value, datetime) and value.tzinfo is not None:  # (anything else as the driver takes it)
             return value.astimezone(UTC).replace(tzinfo=None)
         return value
 
@@ -99,7 +99,7 @@ class SQLiteUTCDateTime(_WallClockUTC):
 
     def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
         # (SQLAlchemy writes the wall clock of what it is given: UTC's as it is, the common case, at no cost)
-        if value is not None and value.tzinfo is not None and value.tzinfo is not UTC:
+        if isinstance(value, datetime) and value.tzinfo is not None and value.tzinfo is not UTC:
             return value.astimezone(UTC)
         return value
 
@@ -113,7 +113,8 @@ class AwareUTCDateTime(sa.types.TypeDecorator[datetime]):
     cache_ok = True
 
     def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
-        return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
+        # (a string, an app's own bind, goes as PostgreSQL parses it)
+        return value.replace(tzinfo=UTC) if isinstance(value, datetime) and value.tzinfo is None else value
 
 
 Timestamp = (sa.DateTime(timezone=True).with_variant(AwareUTCDateTime(), "postgresql")

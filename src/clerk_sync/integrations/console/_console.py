@@ -71,10 +71,10 @@ class Console:
         self.sign_ins = sign_ins if sign_ins is not None else SignInThrottle()
         self.clerk = clerk
         self.read_only = read_only
-        self.now = now
+        self.now: Callable[[], datetime] = lambda: as_utc(now())  # a naive clock is UTC, as everywhere
         # The thresholds of the alert rules and `doctor --freshness` (CLERK_SYNC_FRESHNESS_*).
         self.freshness_limits = freshness_limits or {}
-        self.drift = (DriftJob(store, clerk, now=now, metrics=metrics, instance_id=instance_id)
+        self.drift = (DriftJob(store, clerk, now=self.now, metrics=metrics, instance_id=instance_id)
                       if clerk is not None else None)
         env = Environment(loader=PackageLoader("clerk_sync.integrations.console", "templates"),
                           autoescape=select_autoescape(default=True), trim_blocks=True, lstrip_blocks=True,
