@@ -131,9 +131,9 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 def _as_timestamp(value: Any) -> datetime | None:
     """``transform="timestamp"``: epoch milliseconds (an int, not a bool: Clerk's ``last_sign_in_at``,
     ``created_at``) as an aware UTC datetime, exact to the millisecond; None for anything else or out of
-    datetime's range (years 1 to 9999). For a column with a time zone (PostgreSQL's ``timestamptz``): one
-    without it takes the value in the session's TimeZone there (SQLite and MySQL/MariaDB, whose sessions
-    clerk-sync sets to UTC, store it as UTC)."""
+    datetime's range (years 1 to 9999). A column with a time zone (PostgreSQL's ``timestamptz``) holds the
+    instant; one without (PostgreSQL's ``timestamp``, MySQL/MariaDB's ``DATETIME``, any SQLite column) UTC's
+    wall clock, whatever the session's zone (README, "Time zones")."""
     if not isinstance(value, int) or isinstance(value, bool):
         return None
     try:
@@ -2051,7 +2051,8 @@ def _type_problems(entity: Entity, mapped: MappedTable, columns: Mapping[str, An
         what = "an int, epoch milliseconds" if kind == "int" and col.transform is None else f"a {kind}"
         if kind == "int" and col.transform is None:
             fix = (f"map it to a BIGINT column, or convert it: Column({col.source!r}, transform='timestamp') (an "
-                   "aware UTC date-time: on PostgreSQL for a timestamptz column) or a compute")
+                   "aware UTC date-time, stored as UTC in a date-time column with or without a time zone) or a "
+                   "compute")
         elif kind == "str":
             fix = "map it to a text column, or convert it with a transform ('int', 'bool') or a compute"
         else:
