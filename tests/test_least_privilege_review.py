@@ -6,16 +6,36 @@ Each test makes its own roles (users) and database (tests/test_least_privilege_r
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import httpx
 import pytest
+import sqlalchemy as sa
 import structlog
 
+from clerk_sync.config import Settings
+from clerk_sync.integrations import starlette as starlette_face
+from clerk_sync.integrations.starlette import build_processor, create_app
+from clerk_sync.store import Store, create_engine
 from clerk_sync.testing import EmulatorServer
 from tests import factories as f
+from tests._grants_app import HOOKS, MAPPING
+from tests._server import running
+from tests.conftest import SECRET
 from tests.test_cli import run
-from tests.test_least_privilege_roles import APP, Roles, _deliver, _env, _postgres, _service, documented_grants
+from tests.test_least_privilege_roles import (
+    APP,
+    Roles,
+    _deliver,
+    _env,
+    _mariadb,
+    _postgres,
+    _privileges_line,
+    _service,
+    documented_grants,
+)
 
 
 @contextmanager
@@ -75,3 +95,140 @@ def test_reconcile_mapping_writes_the_other_users_when_a_policy_refuses_one() ->
         assert done.returncode == 0, done.stderr
         assert roles.admin_read("SELECT email FROM accounts") == [("ok@example.com",)]
         assert sorted(roles.admin_read("SELECT email FROM users")) == [("ok@example.com",), ("x@blocked.example",)]
+
+
+@contextmanager
+def _serving(roles: Roles, *, dispatches: bool) -> Iterator[httpx.Client]:
+    """tests/test_least_privilege_roles.py's service; ``dispatches``: as ``serve --hooks`` marks its app."""
+    settings = Settings.from_env({"DATABASE_URL": roles.runtime_url, "CLERK_WEBHOOK_SIGNING_SECRET": SECRET,
+                                  "CLERK_SYNC_PRUNE_INTERVAL_S": "0"})
+    store = Store(create_engine(roles.runtime_url), mapping=MAPPING, hooks=HOOKS)
+    app = create_app(settings, build_processor(settings, store))
+    if dispatches:
+        app.state.clerk_sync_dispatches = True
+    try:
+        with running(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+            yield client
+    finally:
+        store.dispose()
+
+
+def _as_admin(roles: Roles, *statements: str) -> None:
+    engine = sa.create_engine(roles.admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            for statement in statements:
+                conn.exec_driver_sql(statement)
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgres
+def test_readyz_asks_only_what_this_process_writes_and_doctor_says_who_needs_each() -> None:
+    """A DELETE only the hook dispatcher (or reconcile) needs took a `serve --no-dispatch` replica out of rotation
+    while its deliveries worked; doctor said "deliveries answer 503" of every missing line."""
+    with _granted_postgres() as roles:
+        roles.as_owner(f"REVOKE DELETE ON hook_jobs FROM {roles.runtime}",
+                       f"REVOKE DELETE ON reconcile_runs FROM {roles.runtime}")
+        with _serving(roles, dispatches=False) as client:
+            ready = client.get("/readyz")
+            answer = _deliver(client, "msg_grfix3", f.envelope("user.created", f.user("user_grfix3", 5)))
+        with _serving(roles, dispatches=True) as client:
+            dispatching = client.get("/readyz")
+        doctor = run("doctor", "--mapping", f"{APP}:MAPPING", env=_env(roles))
+    assert ready.status_code == 200, ready.text
+    assert answer.status_code == 200, answer.text
+    assert dispatching.status_code == 503 and dispatching.json()["privileges"] == "missing", dispatching.text
+    line = " ".join(_privileges_line(doctor.stdout).split())
+    assert "hook_jobs: DELETE (for the hook dispatcher (serve --hooks, worker))" in line, line
+    assert "reconcile_runs: DELETE (for reconcile)" in line and "deliveries answer 503" not in line, line
+    assert "GRANT DELETE ON hook_jobs" in line and "GRANT DELETE ON reconcile_runs" in line, line
+
+
+@pytest.mark.postgres
+def test_a_schema_of_the_search_path_the_role_may_not_use_is_none_of_readyz_business() -> None:
+    """A schema on the role's search_path it may not use, not where clerk-sync's tables are: /readyz was 503 for
+    ever (privileges missing: USAGE) while every delivery worked."""
+    with _granted_postgres() as roles:
+        roles.as_owner("CREATE SCHEMA grfix_other")
+        _as_admin(roles, f"ALTER ROLE {roles.runtime} IN DATABASE {roles.database} "
+                         "SET search_path = public, grfix_other")
+        with _service(roles) as client:
+            ready = client.get("/readyz")
+            answer = _deliver(client, "msg_grfix4", f.envelope("user.created", f.user("user_grfix4", 5)))
+        doctor = run("doctor", "--mapping", f"{APP}:MAPPING", env=_env(roles))
+    assert answer.status_code == 200, answer.text
+    assert ready.status_code == 200, ready.text
+    assert _privileges_line(doctor.stdout).split()[0] == "ok", doctor.stdout
+
+
+@pytest.mark.mariadb
+def test_mariadb_user_without_the_database_is_told_to_check_its_name() -> None:
+    """1044 at connect (a database name DATABASE_URL misspells, or a user with no grant): the GRANT advice was
+    given ("doctor prints the GRANT statements") while doctor's privileges line printed nothing."""
+    with _mariadb() as roles:
+        doctor = run("doctor", env=_env(roles))
+        prune = run("prune", env=_env(roles))
+    database = " ".join(next(x for x in doctor.stdout.splitlines() if "database:" in x).split())
+    said = f"the user may not use database {roles.database}: check the database name in DATABASE_URL"
+    assert said in database and "prints the GRANT statements" not in database, database
+    assert said in " ".join(prune.stderr.split()) and prune.returncode == 2, prune.stderr
+
+
+@pytest.mark.postgres
+def test_readyz_on_a_read_only_database_says_read_only() -> None:
+    """A standby or default_transaction_read_only: the probe's INSERT got 25006, said "database": "down"."""
+    with _granted_postgres() as roles:
+        _as_admin(roles, f"ALTER ROLE {roles.runtime} IN DATABASE {roles.database} "
+                         "SET default_transaction_read_only = on")
+        with _service(roles) as client:
+            ready = client.get("/readyz")
+    assert ready.status_code == 503, ready.text
+    assert ready.json()["database"] == "read-only", ready.text
+    assert "standby or a read-only role" in ready.json()["hint"], ready.text
+
+
+@pytest.mark.postgres
+def test_readyz_keeps_its_privileges_verdict_a_minute_either_way_and_logs_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each /readyz ran the whole probe (~45 statements) and logged a WARNING while something was missing; once
+    granted it never asked again (a later REVOKE: readyz 200 for good)."""
+    now = [1000.0]
+    monkeypatch.setattr(starlette_face._RolePrivileges, "clock", staticmethod(lambda: now[0]))
+    with _granted_postgres() as roles:
+        roles.as_owner(f"REVOKE INSERT ON webhook_events FROM {roles.runtime}")
+        with _service(roles) as client, structlog.testing.capture_logs() as logs:
+            codes = [client.get("/readyz").status_code for _ in range(3)]
+            roles.as_owner(f"GRANT INSERT ON webhook_events TO {roles.runtime}")
+            codes.append(client.get("/readyz").status_code)  # within the minute: the verdict kept
+            now[0] += 61
+            codes.append(client.get("/readyz").status_code)
+            roles.as_owner(f"REVOKE INSERT ON webhook_events FROM {roles.runtime}")
+            codes.append(client.get("/readyz").status_code)
+            now[0] += 61
+            codes.append(client.get("/readyz").status_code)  # a later REVOKE is seen
+    assert codes == [503, 503, 503, 503, 200, 200, 503], codes
+    said = [e["event"] for e in logs if e["event"].startswith("readyz_privileges")]
+    assert said == ["readyz_privileges_missing", "readyz_privileges_granted", "readyz_privileges_missing"], said
+
+
+@pytest.mark.postgres
+def test_the_privileges_probe_runs_no_statement_on_the_apps_table() -> None:
+    """The probe ran zero-row INSERT/UPDATE on the app's mapped table: its statement-level triggers fired (at each
+    /readyz and doctor). It asks PostgreSQL's catalog instead."""
+    with _granted_postgres() as roles:
+        # (a sequence: what a rolled-back probe cannot undo, as a trigger's mail, NOTIFY to a listener, dblink)
+        roles.as_owner("CREATE SEQUENCE grfix_fired", f"GRANT USAGE ON SEQUENCE grfix_fired TO {roles.runtime}",
+                       "CREATE FUNCTION grfix_note() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                       "PERFORM nextval('grfix_fired'); RETURN NULL; END $$",
+                       "CREATE TRIGGER grfix_note AFTER INSERT OR UPDATE OR DELETE ON accounts "
+                       "FOR EACH STATEMENT EXECUTE FUNCTION grfix_note()",
+                       f"REVOKE UPDATE (role) ON accounts FROM {roles.runtime}")
+        with _service(roles) as client:
+            ready = client.get("/readyz")
+        doctor = run("doctor", "--mapping", f"{APP}:MAPPING", env=_env(roles))
+        fired = roles.admin_read("SELECT is_called FROM grfix_fired")
+    assert ready.status_code == 503, ready.text  # still asked: UPDATE (role) is missing
+    grants = re.findall(r"GRANT [^;]+;", " ".join(_privileges_line(doctor.stdout).split()))
+    assert any("UPDATE (" in g and "accounts" in g for g in grants), grants
+    assert fired == [(False,)], fired

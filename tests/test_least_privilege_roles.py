@@ -22,7 +22,7 @@ import structlog
 from clerk_sync import migrations
 from clerk_sync.auth.users import JitUsers
 from clerk_sync.config import Settings
-from clerk_sync.integrations.starlette import build_processor, create_app
+from clerk_sync.integrations.starlette import _RolePrivileges, build_processor, create_app
 from clerk_sync.store import Store, create_engine
 from clerk_sync.testing import EmulatorServer
 from tests import factories as f
@@ -252,14 +252,19 @@ def test_a_missing_privilege_says_what_to_grant(roles: Roles) -> None:
     assert "Check DATABASE_URL" not in said, said
 
 
-def test_serve_no_migrate_is_not_ready_on_a_schema_it_may_read_but_not_write(roles: Roles) -> None:
+def test_serve_no_migrate_is_not_ready_on_a_schema_it_may_read_but_not_write(
+        roles: Roles, monkeypatch: pytest.MonkeyPatch) -> None:
     """A runtime role short of a GRANT (a table a new migration made, say): /readyz said ready while every
-    delivery answered 503; it now answers 503 naming the missing privilege (the GRANT in the log) until granted."""
+    delivery answered 503; it now answers 503 naming the missing privilege (the GRANT in the log) until granted
+    (seen once its verdict, kept a minute, is asked again)."""
+    now = [0.0]
+    monkeypatch.setattr(_RolePrivileges, "clock", staticmethod(lambda: now[0]))
     table = "webhook_events" if roles.kind == "postgresql" else f"`{roles.database}`.webhook_events"
     roles.as_owner(f"REVOKE INSERT ON {table} FROM {roles.runtime}")
     with _service(roles) as client, structlog.testing.capture_logs() as logs:
         short = client.get("/readyz")
         roles.as_owner(f"GRANT INSERT ON {table} TO {roles.runtime}")
+        now[0] += 61
         granted = client.get("/readyz")
     assert short.status_code == 503 and short.json()["privileges"] == "missing", short.text
     assert "`clerk-sync doctor` prints the GRANT statements" in short.json()["hint"]

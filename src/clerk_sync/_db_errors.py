@@ -5,6 +5,7 @@ refused). One place, for the store's transactions and the outbox's guarded proje
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -84,6 +85,13 @@ def store_error(exc: sa.exc.SQLAlchemyError) -> StoreError:
     bound = _TIMEOUTS.get(getattr(orig, "sqlstate", None) or "") or _MYSQL_WAITS.get(_mysql_errno(orig))
     if bound is not None:  # a bounded wait ran out: someone else holds what we need, try again later
         return StoreError(f"database timeout: {bound} ({first_line}); nothing was applied, retry later")
+    if _mysql_errno(orig) == 1044 and isinstance(exc, sa.exc.DBAPIError) and exc.statement is None:
+        # at connect (no statement): the database DATABASE_URL names is not one this user may use at all
+        named = re.search(r"to database '([^']*)'", first_line)
+        database = f" {named.group(1)}" if named else ""
+        return StoreError(f"{message}; the user may not use database{database}: check the database name in "
+                          "DATABASE_URL, or run the RUNBOOK's GRANT statements as root (\"Least-privilege database "
+                          "roles\")")
     if is_insufficient_privilege(orig):  # a grant to add: no retry heals it, a GRANT does (the delivery kept)
         return StoreError(f"{message}; {PRIVILEGE_ADVICE}")
     if _missing_table(orig) or _missing_column(orig):  # the schema is behind (a new install, a new migration)

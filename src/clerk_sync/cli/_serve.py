@@ -235,8 +235,10 @@ class DispatchWhenMigrated:
         self._stopped = False  # stop() ran (once is enough: the app's shutdown, then serve's finally)
 
     def attach(self, app: Any) -> None:
-        """Wrap ``app``'s lifespan: the dispatcher starts (or starts waiting) once the app has started."""
+        """Wrap ``app``'s lifespan: the dispatcher starts (or starts waiting) once the app has started. ``/readyz``
+        then asks the dispatcher's privileges too (``app.state.clerk_sync_dispatches``)."""
         inner = app.router.lifespan_context
+        app.state.clerk_sync_dispatches = True
 
         @contextlib.asynccontextmanager
         async def lifespan(app_: Any) -> Any:

@@ -81,8 +81,8 @@ def _privileges(settings: Settings, mapping: SchemaMapping | None) -> tuple[str,
         store.dispose()
     mapped = " and the mapped tables' columns" if mapping is not None else ""
     if missing.needed:
-        return "fail", (f"the role lacks what serve, worker and the commands need ({'; '.join(missing.needed)}): "
-                        "deliveries answer 503 and the commands fail until granted. As the tables' owner, run: "
+        return "fail", (f"the role lacks privileges ({'; '.join(missing.needed)}): each is refused to whom it is for "
+                        "until granted. As the tables' owner, run: "
                         + " ".join(missing.grants + [grant for _, grant in missing.optional]))
     if missing.optional:
         return "warn", ("the role may do what serve and worker need, not: "

@@ -366,25 +366,57 @@ class StartupMigration:
             delay = min(delay * 2, self._max)
 
 
+_READ_ONLY = "read-only"
+
+
+def _read_only(exc: BaseException | None) -> bool:
+    """The database refuses every write: PostgreSQL 25006 (a standby, ``default_transaction_read_only``), MySQL/
+    MariaDB 1290 (``--read-only``), 1792 (a read-only transaction)."""
+    orig = getattr(exc, "orig", None) or exc
+    args = getattr(orig, "args", ())
+    return getattr(orig, "sqlstate", None) == "25006" or bool(args and args[0] in (1290, 1792))
+
+
 class _RolePrivileges:
-    """What the database role lacks of what the service writes (``migrations._privileges``), for ``/readyz``: a
+    """What the database role lacks of what this process writes (``migrations._privileges``), for ``/readyz``: a
     role that may read the schema but not write it (``serve --no-migrate`` as a runtime role short of a GRANT)
-    would answer every delivery 503 while ready. Asked until nothing is missing, then not again (a few dozen
-    statements that touch no row; SQLite has no roles)."""
+    would answer every delivery 503 while ready. Only the deliveries' needs, and the hook dispatcher's when this
+    process dispatches (``serve --hooks``): a ``serve --no-dispatch`` replica is not taken out of rotation for a
+    DELETE only the dispatcher needs. The verdict is kept ``ttl_s`` either way (a probe is a few dozen statements,
+    ~25 ms), so a REVOKE is seen within a minute and a missing grant is not asked at every poll; logged once per
+    change (SQLite has no roles)."""
 
-    def __init__(self, store: Store) -> None:
+    clock: Callable[[], float] = staticmethod(time.monotonic)  # (tests inject theirs)
+
+    def __init__(self, store: Store, ttl_s: float = 60.0) -> None:
         self.store = store
-        self.granted = store.engine.dialect.name == "sqlite"
+        self.ttl_s = ttl_s
+        self.sqlite = store.engine.dialect.name == "sqlite"
+        self._verdicts: dict[bool, tuple[float, list[str], list[str]]] = {}
+        self._said: dict[bool, tuple[str, ...]] = {}
 
-    def missing(self) -> tuple[list[str], list[str]]:
-        """(what is missing, the GRANT statements that give it); both empty once granted."""
-        if self.granted:
+    def missing(self, dispatches: bool = False) -> tuple[list[str], list[str]]:
+        """(what is missing, the GRANT statements that give it); both empty when granted."""
+        if self.sqlite:
             return [], []
-        from clerk_sync.migrations._privileges import missing_privileges
+        now = self.clock()
+        kept = self._verdicts.get(dispatches)
+        if kept is not None and now - kept[0] < self.ttl_s:
+            return kept[1], kept[2]
+        from clerk_sync.migrations._privileges import DELIVERIES, DISPATCHER, missing_privileges
 
         with self.store.connect() as conn:
-            found = missing_privileges(conn, self.store.mapping)
-        self.granted = not found.needed
+            found = missing_privileges(conn, self.store.mapping,
+                                       frozenset({DELIVERIES, DISPATCHER} if dispatches else {DELIVERIES}))
+        self._verdicts[dispatches] = (now, found.needed, found.grants)
+        said = tuple(found.needed)
+        if said != self._said.get(dispatches, ()):  # the log says what, and the GRANTs (not for the asker)
+            if said:
+                log.warning("readyz_privileges_missing", needed="; ".join(found.needed),
+                            grants=" ".join(found.grants))
+            else:
+                log.info("readyz_privileges_granted")
+        self._said[dispatches] = said
         return found.needed, found.grants
 
 
@@ -396,7 +428,9 @@ def _service_routes(processor: WebhookProcessor, migration: StartupMigration | N
     async def healthz(_: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
-    async def readyz(_: Request) -> Response:
+    async def readyz(request: Request) -> Response:
+        dispatches = bool(getattr(request.app.state, "clerk_sync_dispatches", False))
+
         def check() -> dict[str, Any]:
             store.ping()
             try:
@@ -409,11 +443,15 @@ def _service_routes(processor: WebhookProcessor, migration: StartupMigration | N
                 state["migrations"] = "newer than this release"
             if at != "behind":
                 try:
-                    needed, grants = privileges.missing()
-                except SQLAlchemyError as exc:
+                    needed, _ = privileges.missing(dispatches)
+                except (SQLAlchemyError, StoreError) as exc:
+                    if _read_only(exc.__cause__ if isinstance(exc, StoreError) else exc):
+                        state["database"] = _READ_ONLY  # a standby, a read-only role: up, but no delivery written
+                        return state
+                    if isinstance(exc, StoreError):
+                        raise
                     raise store_error(exc) from exc
-                if needed:  # the log says what, and the GRANTs (the role's and table names: not for the asker)
-                    log.warning("readyz_privileges_missing", needed="; ".join(needed), grants=" ".join(grants))
+                if needed:
                     state["privileges"] = "missing"
             return state
 
@@ -426,8 +464,11 @@ def _service_routes(processor: WebhookProcessor, migration: StartupMigration | N
             if migration is not None and not migration.done:
                 state["hint"] = "migrations will run as soon as the database answers"
             return JSONResponse(state, status_code=503)
-        code = 200 if state["migrations_current"] and "privileges" not in state else 503
-        if "privileges" in state:
+        code = 200 if state["migrations_current"] and "privileges" not in state and state["database"] == "ok" else 503
+        if state["database"] == _READ_ONLY:
+            log.warning("readyz_database_read_only")
+            state["hint"] = "DATABASE_URL points at a standby or a read-only role: deliveries cannot be written"
+        elif "privileges" in state:
             state["hint"] = ("the database role lacks a privilege the service needs: `clerk-sync doctor` prints the "
                              "GRANT statements (the service's log names them too)")
         elif code != 200:

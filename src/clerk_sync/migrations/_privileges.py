@@ -1,12 +1,17 @@
-"""``doctor``'s privileges line: what the database role DATABASE_URL names may do to clerk-sync's tables (and the
-app's mapped ones), against what ``serve``, ``worker``, the auth faces, the console and the cron commands do, with
-the GRANT statements that give what is missing (RUNBOOK, "Least-privilege database roles").
+"""``doctor``'s privileges line and ``/readyz``: what the database role DATABASE_URL names may do to clerk-sync's tables
+(and the app's mapped ones), against what the webhook deliveries, the hook dispatcher (``serve --hooks``, ``worker``),
+``reconcile``, ``prune`` and erasure, the console do, with the GRANT statements that give what is missing (RUNBOOK,
+"Least-privilege database roles"). Each lack is said with who needs it: ``/readyz`` asks only what this process
+writes (a ``serve --no-dispatch`` replica is not taken out of rotation for a DELETE only the dispatcher needs).
 
-Table and column privileges are asked by running what would need them on no row (``INSERT .. SELECT .. WHERE 1 = 0``,
-``UPDATE .. WHERE 1 = 0``, ``DELETE .. WHERE 1 = 0``), each in a transaction rolled back: the database answers by
-its own rules (roles, wildcards, column grants), and nothing is written. PostgreSQL's serial sequences and
-TEMPORARY are asked of its catalog functions; MySQL/MariaDB's database-wide privileges (CREATE TEMPORARY TABLES,
-LOCK TABLES) of ``information_schema``, which shows a role's own grants only (not those of a MariaDB role)."""
+clerk-sync's own tables are asked by running what would need each privilege on no row (``INSERT .. SELECT .. WHERE
+1 = 0``, ``UPDATE .. WHERE 1 = 0``, ``DELETE .. WHERE 1 = 0``), each in a transaction rolled back: the database
+answers by its own rules (roles, wildcards, column grants), and nothing is written (they have no statement-level
+triggers). The app's mapped tables are asked as :func:`clerk_sync.mapping.lacking_privileges` does: PostgreSQL's
+catalog (no statement runs on the app's table, whose statement-level triggers would fire), MySQL/MariaDB's zero-row
+statements (its triggers are FOR EACH ROW: none fires). PostgreSQL's serial sequences and TEMPORARY are asked of its
+catalog functions; MySQL/MariaDB's database-wide privileges (CREATE TEMPORARY TABLES, LOCK TABLES) of
+``information_schema``, which shows a role's own grants only (not those of a MariaDB role)."""
 
 from __future__ import annotations
 
@@ -17,12 +22,25 @@ from sqlalchemy.engine import Connection
 
 from clerk_sync import tables
 from clerk_sync._db_errors import is_insufficient_privilege
-from clerk_sync.mapping import Anonymise, Deactivate, HardDelete, SchemaMapping, SoftDelete
+from clerk_sync.mapping import PG_OWNED_SEQUENCES, MappedTable, SchemaMapping, lacking_privileges, mapped_privileges
 from clerk_sync.migrations import VERSION_TABLE
 
-__all__ = ["Missing", "missing_privileges", "outbox_refusals", "unusable_schemas"]
+__all__ = ["DELIVERIES", "DISPATCHER", "Missing", "missing_privileges", "outbox_refusals", "unusable_schemas"]
 
 _WRITE = ("SELECT", "INSERT", "UPDATE", "DELETE")
+DELIVERIES = "deliveries (serve's webhook path: answered 503 until granted)"
+DISPATCHER = "the hook dispatcher (serve --hooks, worker)"
+_PRUNE = "prune and users erase"
+# Who needs what of clerk-sync's tables: each line of a lack names who (doctor), and /readyz asks only DELIVERIES'
+# (and DISPATCHER's when the process dispatches). Tables not named: everything, for DELIVERIES.
+_WHO: dict[str, tuple[tuple[tuple[str, ...], str], ...]] = {
+    "audit_log": ((("SELECT", "INSERT"), DELIVERIES), (("UPDATE", "DELETE"), _PRUNE)),
+    "clerk_sync_erased": ((("SELECT",), DELIVERIES), (("INSERT", "UPDATE", "DELETE"), _PRUNE)),
+    "hook_jobs": ((("INSERT",), DELIVERIES), (("SELECT", "UPDATE", "DELETE"), DISPATCHER)),
+    "pending_role_changes": ((_WRITE, "the console's and the admin's role changes"),),
+    "reconcile_runs": ((_WRITE, "reconcile"),),
+    "reconcile_seen": ((_WRITE, "reconcile"),),
+}
 
 
 @dataclass
@@ -42,46 +60,53 @@ class _Need:
     privileges: tuple[str, ...]  # in the order a GRANT names them
     columns: tuple[str, ...]  # INSERT and UPDATE are asked of these (an app's mapped table: granted on them only)
     on_columns: bool = False  # the GRANT names the columns (INSERT (a, b), UPDATE (a, b))
+    who: str = DELIVERIES  # who needs them (doctor's words; /readyz asks only what its process does)
+    mapped: MappedTable | None = None  # the app's: asked as mapping.lacking_privileges does
 
 
-def _needs(mapping: SchemaMapping | None) -> list[_Need]:
-    needs = [_Need(t.name, None, _WRITE, tuple(t.columns.keys())) for t in tables.metadata.sorted_tables]
+def _needs(mapping: SchemaMapping | None, who: frozenset[str] | None = None) -> list[_Need]:
+    """What the runtime needs, of those ``who`` needs (None: everyone)."""
+    everything = ((_WRITE, DELIVERIES),)
+    needs = [_Need(t.name, None, privileges, tuple(t.columns.keys()), who=need_by)
+             for t in tables.metadata.sorted_tables for privileges, need_by in _WHO.get(t.name, everything)]
     needs.append(_Need(VERSION_TABLE, None, ("SELECT",), ()))
     for mapped in (mapping.tables.values() if mapping is not None else ()):
-        written = [mapped.clerk_id_column, *mapped.resolved()]
-        policy = mapped.on_delete
-        if isinstance(policy, SoftDelete | Deactivate) or (isinstance(policy, Anonymise) and policy.column):
-            written.append(str(policy.column))
-        privileges = ("SELECT", "INSERT", "UPDATE") + (("DELETE",) if isinstance(policy, HardDelete) else ())
-        needs.append(_Need(mapped.table, mapped.schema, privileges, tuple(dict.fromkeys(written)), on_columns=True))
-    return needs
+        privileges, written = mapped_privileges(mapped)
+        needs.append(_Need(mapped.table, mapped.schema, privileges, written, on_columns=True, mapped=mapped))
+    return [n for n in needs if who is None or n.who in who]
 
 
-def missing_privileges(conn: Connection, mapping: SchemaMapping | None = None) -> Missing:
-    """What the connection's role lacks of what clerk-sync's runtime does (:class:`Missing`)."""
+def missing_privileges(conn: Connection, mapping: SchemaMapping | None = None,
+                       who: frozenset[str] | None = None) -> Missing:
+    """What the connection's role lacks of what clerk-sync's runtime does (:class:`Missing`), of what ``who`` needs
+    (:data:`DELIVERIES`, :data:`DISPATCHER`, ...; None: everyone, with the optional ones too)."""
     grantee = _grantee(conn)
     missing = Missing()
+    needs = _needs(mapping, who)
     if conn.dialect.name == "postgresql":
-        schemas = [*unusable_schemas(conn), *(n.schema for n in _needs(mapping) if n.schema and not conn.execute(
+        schemas = [*unusable_schemas(conn), *(n.schema for n in needs if n.schema and not conn.execute(
             _USAGE, {"s": n.schema}).scalar_one())]
         for schema in dict.fromkeys(schemas):
             missing.needed.append(f"schema {schema}: USAGE (its tables are asked once granted: ask again then)")
             missing.grants.append(f"GRANT USAGE ON SCHEMA {_quote(conn, schema)} TO {grantee};")
         if missing.needed:  # its tables cannot even be named: asked once it is granted
             return missing
-    for need in _needs(mapping):
+    for need in needs:
         name = _table_name(conn, need)
         columns = [_quote(conn, c) for c in need.columns]
-        lacking = [p for p in need.privileges if _refused(conn, _probe(p, name, columns))]
+        if need.mapped is not None:
+            lacking = lacking_privileges(conn, need.mapped)
+        else:
+            lacking = [p for p in need.privileges if _refused(conn, _probe(p, name, columns))]
         if not lacking:
             continue
         listed = ", ".join(columns)
         parts = [f"{p} ({listed})" if need.on_columns and p in ("INSERT", "UPDATE") else p for p in lacking]
-        missing.needed.append(f"{need.table}: {', '.join(parts)}")
+        missing.needed.append(f"{need.table}: {', '.join(parts)} (for {need.who})")
         missing.grants.append(f"GRANT {', '.join(parts)} ON {name} TO {grantee};")
     if conn.dialect.name == "postgresql":
-        _postgres_extras(conn, mapping, grantee, missing)
-    elif conn.dialect.name in ("mysql", "mariadb"):
+        _postgres_extras(conn, needs, grantee, missing, optional=who is None)
+    elif conn.dialect.name in ("mysql", "mariadb") and who is None:
         _mysql_extras(conn, grantee, missing)
     return missing
 
@@ -104,9 +129,12 @@ _USAGE = sa.text("SELECT has_schema_privilege(:s, 'USAGE')")
 
 def unusable_schemas(conn: Connection) -> list[str]:
     """PostgreSQL: the schemas of the ``search_path`` that exist but this role may not use (no USAGE): their tables
-    are invisible to it, as if never created (a database that looks unmigrated). Empty elsewhere."""
+    are invisible to it, as if never created (a database that looks unmigrated). Empty elsewhere, and when
+    clerk-sync's version table is visible (a schema of the path it does not use, the app's say, is not its need)."""
     if conn.dialect.name != "postgresql":
         return []
+    if conn.execute(sa.text("SELECT to_regclass(:t) IS NOT NULL"), {"t": VERSION_TABLE}).scalar_one():
+        return []  # clerk-sync's tables are visible: another schema of the path is none of its business
     path = str(conn.exec_driver_sql("SHOW search_path").scalar_one())
     names = [n.strip().strip('"') for n in path.split(",") if n.strip() and n.strip() != '"$user"']
     return [n for n in names if conn.execute(sa.text("SELECT to_regnamespace(:s) IS NOT NULL"), {"s": n}).scalar_one()
@@ -157,6 +185,8 @@ def _quote(conn: Connection, name: str) -> str:
 
 
 def _table_name(conn: Connection, need: _Need) -> str:
+    if need.mapped is not None:  # (its name may carry its schema: "public.accounts")
+        return ".".join(_quote(conn, part) for part in need.table.split(".", 1))
     schema = need.schema
     if schema is None and conn.dialect.name in ("mysql", "mariadb"):  # a GRANT's own default is the session's
         schema = str(conn.exec_driver_sql("SELECT DATABASE()").scalar_one())
@@ -164,21 +194,19 @@ def _table_name(conn: Connection, need: _Need) -> str:
     return f"{_quote(conn, schema)}.{table}" if schema else table
 
 
-def _postgres_extras(conn: Connection, mapping: SchemaMapping | None, grantee: str, missing: Missing) -> None:
+def _postgres_extras(conn: Connection, needs: list[_Need], grantee: str, missing: Missing, *, optional: bool) -> None:
     """USAGE of the sequences that number the tables' rows (serial columns: an INSERT calls nextval), and
     TEMPORARY on the database (``reconcile --dry-run``'s table, revoked from PUBLIC by careful set-ups)."""
-    for need in _needs(mapping):
+    for need in needs:
         if "INSERT" not in need.privileges:
             continue
-        rows = conn.execute(sa.text(
-            "SELECT s.oid::regclass::text, has_sequence_privilege(s.oid, 'USAGE') FROM pg_depend d "
-            "JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S' "
-            "WHERE d.refobjid = to_regclass(:t) AND d.deptype = 'a' AND d.classid = 'pg_class'::regclass"),
-            {"t": _table_name(conn, need)}).all()
+        rows = conn.execute(sa.text(PG_OWNED_SEQUENCES), {"t": _table_name(conn, need)}).all()
         for sequence, usage in rows:
             if not usage:
                 missing.needed.append(f"{sequence}: USAGE (the sequence numbering {need.table}'s rows)")
                 missing.grants.append(f"GRANT USAGE ON SEQUENCE {sequence} TO {grantee};")
+    if not optional:
+        return
     database = str(conn.exec_driver_sql("SELECT current_database()").scalar_one())
     if not conn.exec_driver_sql("SELECT has_database_privilege(current_database(), 'TEMPORARY')").scalar_one():
         missing.optional.append(("TEMPORARY on the database (`reconcile --dry-run` stages ids in a TEMPORARY table)",
