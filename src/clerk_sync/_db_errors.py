@@ -121,7 +121,8 @@ def store_error(exc: sa.exc.SQLAlchemyError) -> StoreError:
 # TEMPORARY TABLES, LOCK TABLES), 1227 (a global one). Not 1045 (a wrong password: the login, DATABASE_URL's).
 _MYSQL_DENIED = frozenset({1044, 1142, 1143, 1227})
 PRIVILEGE_ADVICE = ("the database role lacks a privilege clerk-sync needs: grant it, as the tables' owner (`clerk-sync "
-                    "doctor` with this DATABASE_URL prints the GRANT statements; RUNBOOK, \"Least-privilege database "
+                    "doctor` with this DATABASE_URL prints the GRANT statements for clerk-sync's tables and the mapped "
+                    "ones; a table an app trigger writes is yours to grant; RUNBOOK, \"Least-privilege database "
                     "roles\"); nothing was applied: retry once granted (a webhook delivery is answered 503, so "
                     "Svix retries it)")
 
