@@ -11,7 +11,6 @@ from typing import Any
 
 import httpx
 import pytest
-import sqlalchemy as sa
 from fastapi import Depends, FastAPI
 from flask import Flask
 
@@ -27,6 +26,7 @@ from clerk_sync.store import Store
 from clerk_sync.testing import EmulatorServer
 from tests import factories as f
 from tests._flask import running_wsgi
+from tests._reads import membership_reads
 from tests._server import free_port, running
 from tests.test_auth import Harness, token
 
@@ -176,14 +176,10 @@ def _auth(h: Harness, user_id: str, org_id: str, role: str) -> Auth:
 
 
 def _membership_queries(store: Store) -> tuple[list[str], Callable[[], None]]:
-    seen: list[str] = []
-
-    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if "organization_memberships" in statement:
-            seen.append(statement)
-
-    sa.event.listen(store.engine, "before_cursor_execute", record)
-    return seen, lambda: sa.event.remove(store.engine, "before_cursor_execute", record)
+    """The membership reads on ``store`` from here until the returned function is called (tests._reads)."""
+    reads = membership_reads(store)
+    seen = reads.__enter__()
+    return seen, lambda: reads.__exit__(None, None, None)
 
 
 def test_confirm_org_role_reads_one_row_and_the_database_wins(harness: Harness) -> None:

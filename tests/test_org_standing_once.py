@@ -22,7 +22,6 @@ from typing import Any
 
 import httpx
 import pytest
-import sqlalchemy as sa
 from fastapi import Depends, FastAPI
 from flask import Flask
 from starlette.middleware import Middleware
@@ -39,6 +38,7 @@ from clerk_sync.integrations.flask import ClerkSync, clerk_state, current_clerk,
 from clerk_sync.store import Store
 from tests import factories as f
 from tests._flask import running_wsgi
+from tests._reads import membership_reads
 from tests._server import free_port, running, unreachable_engine
 from tests.test_auth import Harness, token
 from tests.test_org_role_confirmed import bearer, emulator_env
@@ -70,33 +70,6 @@ def _authenticator(store: Store) -> Authenticator:
     is met by the membership read, not by the deny list's refresh)."""
     verifier = SessionVerifier(StaticKeySource(pem(KEY)), ClaimsValidator(issuer=ISS, authorized_parties=frozenset({AZP})))
     return Authenticator(verifier, store, deny_list=DenyList(store, refresh_s=3600))
-
-
-@contextmanager
-def membership_reads(store: Store | None = None, *, note: Callable[[], str] | None = None) -> Iterator[list[str]]:
-    """Each read of ``organization_memberships`` (on ``store``'s engine; None: any), ``note()`` of each if given:
-    the statements SQLAlchemy runs, and the standing reads (:meth:`Authenticator._membership`), which go through
-    the driver, past SQLAlchemy's events."""
-    seen_: list[str] = []
-    real = Authenticator._membership
-
-    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if "organization_memberships" in statement and statement.lstrip().upper().startswith("SELECT"):
-            seen_.append(note() if note is not None else statement)
-
-    def counted(self: Authenticator, org_id: str, user_id: str) -> Any:
-        if store is None or self.store is store:
-            seen_.append(note() if note is not None else f"standing of {user_id} in {org_id}")
-        return real(self, org_id, user_id)
-
-    target: Any = sa.engine.Engine if store is None else store.engine
-    sa.event.listen(target, "before_cursor_execute", record)
-    setattr(Authenticator, "_membership", counted)  # noqa: B010 (a method replaced for the block)
-    try:
-        yield seen_
-    finally:
-        setattr(Authenticator, "_membership", real)  # noqa: B010
-        sa.event.remove(target, "before_cursor_execute", record)
 
 
 

@@ -27,10 +27,10 @@ from clerk_sync.integrations.django.request import aclerk_request, clerk_request
 from clerk_sync.integrations.django.rest_framework import HasOrgRole, HasPermission, IsClerkAuthenticated
 from clerk_sync.integrations.django.runtime import get_clerk_sync
 from clerk_sync.testing import EmulatorServer
+from tests._reads import membership_reads
 from tests._server import free_port, unreachable_engine
 from tests.django.conftest import bearer, django_database, emulator_settings, serve
 from tests.django.urls import urlpatterns as base_urls
-from tests.test_org_standing_once import membership_reads
 from tests.test_org_standing_permissions import MANAGE, emulator, seen
 
 
