@@ -27,6 +27,7 @@ import redis
 import sqlalchemy as sa
 from standardwebhooks.webhooks import Webhook
 
+from clerk_sync._mentions import Mentions
 from clerk_sync.changes import EVENT_TYPES, Change, Event, Hook
 from clerk_sync.events import parse_envelope
 from clerk_sync.hooks import Backoff, Dispatcher
@@ -592,6 +593,46 @@ def test_a_job_whose_payload_this_release_cannot_read_dies_alone(db_url: str) ->
     assert all(row[5].startswith("unreadable payload") for row in listed)
     retried = run("hooks", "retry", "--all", env=env)
     assert retried.returncode == 0 and "warning" not in retried.stdout + retried.stderr, retried
+
+
+@pytest.mark.parametrize("db_url", ["sqlite", pytest.param("mariadb", marks=pytest.mark.mariadb)], indirect=True)
+def test_a_job_whose_payload_is_not_json_dies_alone_and_list_retry_and_erasure_take_it(db_url: str) -> None:
+    # (SQLite and MariaDB keep the payload as text, so a hand edit may leave one that is not JSON; PostgreSQL's
+    # JSONB refuses it.) Read while the rows were fetched, it failed every claim, `hooks list` and `retry`.
+    events = Events()
+    store = hooked(db_url, Hook("forward", events, on=["subscription.*"]))
+    send(store, example("subscription.active", id="sub_1"), "msg_1")
+    send(store, example("subscription.active", id="sub_2"), "msg_2")
+    first, _ = jobs_text(store)
+    truncated = '{"event": "subscription.active", "data": {"email": "ann@example.com'
+    with store.engine.begin() as conn:  # edited by hand, cut short
+        conn.execute(sa.text("UPDATE hook_jobs SET payload = :p WHERE id = :id"), {"p": truncated, "id": first[0]})
+    drain(Dispatcher(store))
+    assert [e.svix_id for e in events.seen] == ["msg_2"]
+    (dead,) = jobs_text(store)
+    assert dead[:3] == (first[0], "dead", truncated)
+    assert dead[3].startswith("unreadable payload (JSONDecodeError: ") and f"hooks purge {first[0]}`" in dead[3]
+    env = {"DATABASE_URL": db_url}
+    listed = run("hooks", "list", env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert [line.split("\t")[1:4] for line in listed.stdout.splitlines()] == [
+        ["forward", "subscription.active", "msg_1"]]
+    retried = run("hooks", "retry", "--all", env=env)
+    assert retried.returncode == 0 and "1 " in retried.stdout, retried
+    (again,) = jobs_text(store)
+    assert again[1:3] == ("pending", truncated)  # queued again as it was, to die again alone
+    with store.transaction() as writer:  # an erasure finds the person in its text and keeps none of it
+        assert redact_jobs(writer.conn, Mentions(["ann@example.com"])) == 1
+    (erased,) = jobs_text(store)
+    assert "ann@" not in erased[2] and json.loads(erased[2])["redacted"] is True
+    store.dispose()
+
+
+def jobs_text(store: Store) -> list[tuple[int, str, str, str | None]]:
+    """(id, status, payload as stored, last error) of each job."""
+    with store.connect() as conn:
+        return [tuple(row) for row in conn.execute(sa.text(
+            "SELECT id, status, payload, last_error FROM hook_jobs ORDER BY id"))]
 
 
 def test_a_type_longer_than_the_jobs_column_is_queued_bounded_and_reaches_the_hook_whole(db_url: str) -> None:

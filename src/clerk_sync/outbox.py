@@ -68,6 +68,11 @@ log = structlog.get_logger("clerk_sync.mapping")
 REFUSAL_NOTE = "the app's table refused the change"
 
 JSON = dict[str, Any]
+#: A job's payload as the database holds it: text (SQLite, MySQL/MariaDB) or, on PostgreSQL, the driver's
+#: parsed JSONB. Selected untyped so that no payload is parsed while the rows are fetched: one payload that is
+#: not JSON (edited by hand) would fail the fetch of every row with it, and so every claim, ``hooks list`` and
+#: ``retry``; :func:`parsed_payload` reads each where only its own job fails.
+RAW_PAYLOAD = sa.type_coerce(hook_jobs.c.payload, sa.Text).label("payload")
 HookSpec = tuple[str, tuple[str, ...], tuple[str, ...]]  # a hook's name, the kinds and fields it wants
 # The refusals written again without the user's own columns (Outbox.project): a value, not a link or a parent
 _KEPT_BACK_KINDS = frozenset({"constraint", "database", "value"})
@@ -471,12 +476,17 @@ def _claimed(conn: Connection, rows: Sequence[Any], token: str) -> list[Job]:
 def _readable(conn: Connection, job_id: int, payload: Any) -> Change | Event | None:
     """A claimed job's change or event; None, the job marked dead with why, when its payload cannot be read."""
     try:
-        return job_payload(_json(payload))
+        return job_payload(parsed_payload(payload))
     except Exception as exc:  # whatever a payload holds, only its own job fails
         error = _unreadable(exc, job_id)
         log.error("hook_job_unreadable", job_id=job_id, error=error)
         _set(conn, job_id, status="dead", lease_until=None, claim_token=None, last_error=_storable(error))
         return None
+
+
+def parsed_payload(payload: Any) -> Any:
+    """A :data:`RAW_PAYLOAD`'s document (raises on text that is not JSON)."""
+    return json.loads(payload) if isinstance(payload, str) else payload
 
 
 def _unreadable(exc: Exception, job_id: int) -> str:
@@ -514,7 +524,7 @@ def _claim_one_by_one(conn: Connection, now: datetime, *, lease: timedelta, limi
                  sa.and_(j.c.status == "running", j.c.lease_until < now))
     blocked = sa.exists().where(earlier.c.entity_key == j.c.entity_key, earlier.c.id < j.c.id,
                                 earlier.c.status.in_(("pending", "running")))
-    query = sa.select(j.c.id, j.c.hook, j.c.payload, j.c.attempts, j.c.status).where(due, ~blocked)
+    query = sa.select(j.c.id, j.c.hook, RAW_PAYLOAD, j.c.attempts, j.c.status).where(due, ~blocked)
     if hooks is not None:
         query = query.where(j.c.hook.in_(list(hooks)))
     query = query.order_by(j.c.id).limit(limit).with_for_update(skip_locked=True)  # MariaDB: no FOR UPDATE OF
@@ -615,7 +625,8 @@ def release(conn: Connection, jobs: Sequence[Job]) -> None:
 
 
 def list_jobs(conn: Connection, *, status: str | None = "dead", limit: int = 100) -> list[Job]:
-    query = sa.select(hook_jobs).order_by(hook_jobs.c.id).limit(limit)
+    columns = [c for c in hook_jobs.c if c.name != "payload"]
+    query = sa.select(*columns, RAW_PAYLOAD).order_by(hook_jobs.c.id).limit(limit)
     if status is not None:
         query = query.where(hook_jobs.c.status == status)
     return [Job(r.id, r.hook, _listed(r), r.attempts, None, r.status, r.last_error) for r in conn.execute(query)]
@@ -626,7 +637,7 @@ def _listed(row: Any) -> Change | Event:
     empty redacted Event standing for it, of the row's type and, when its idempotency key is ``type:svix_id``
     (an event's), its svix id, so ``hooks list`` shows it (its last error says why) and ``purge`` takes it."""
     try:
-        return job_payload(_json(row.payload))
+        return job_payload(parsed_payload(row.payload))
     except Exception:  # (what a payload holds: only that job is shown by its columns)
         head, sep, svix_id = str(row.idempotency_key).partition(":")
         return Event(str(row.type), svix_id if sep and head == row.type else "", 0, {}, True)
@@ -643,7 +654,8 @@ def retry_jobs(conn: Connection, now: datetime, ids: Sequence[int] | None = None
     once queue each job once. They are read and queued in id order, :data:`_RETRY_PAGE` at a time (a few
     pages in memory, not every dead payload); ``clerk-sync hooks retry`` also commits each page."""
     j = hook_jobs
-    query = sa.select(j.c.id, *_KEPT_ON_RETRY).where(j.c.status == "dead").order_by(j.c.id).with_for_update()
+    query = sa.select(j.c.id, *_KEPT_ON_RETRY, RAW_PAYLOAD).where(j.c.status == "dead")
+    query = query.order_by(j.c.id).with_for_update()
     count = 0
     if ids is not None:  # sorted: the pages, one after the other, keep the order of the ids
         wanted = sorted(set(ids))
@@ -662,7 +674,7 @@ _RETRY_PAGE = 500  # dead jobs read (with their payloads) and queued again at a 
 
 
 _KEPT_ON_RETRY = tuple(hook_jobs.c[name] for name in (
-    "hook", "type", "entity_key", "idempotency_key", "payload", "last_error", "created_at"))
+    "hook", "type", "entity_key", "idempotency_key", "last_error", "created_at"))  # and the payload, as it is
 
 
 def _requeue(conn: Connection, now: datetime, rows: Sequence[Any]) -> int:
@@ -671,8 +683,14 @@ def _requeue(conn: Connection, now: datetime, rows: Sequence[Any]) -> int:
         return 0
     j = hook_jobs
     conn.execute(sa.delete(j).where(j.c.id.in_([row.id for row in rows])))
-    conn.execute(sa.insert(j), [{**{c.name: getattr(row, c.name) for c in _KEPT_ON_RETRY}, "status": "pending",
-                                 "attempts": 0, "available_at": now} for row in rows])
+    # the payload written back as it was read (RAW_PAYLOAD): one that is not JSON stays what it was
+    text = sa.bindparam("payload_text", type_=sa.Text)
+    insert = sa.insert(j).values(payload=sa.cast(text, postgresql.JSONB) if conn.dialect.name == "postgresql"
+                                 else text)
+    conn.execute(insert, [{**{c.name: getattr(row, c.name) for c in _KEPT_ON_RETRY}, "status": "pending",
+                           "attempts": 0, "available_at": now,
+                           "payload_text": row.payload if isinstance(row.payload, str) else json.dumps(row.payload)}
+                          for row in rows])
     return len(rows)
 
 
@@ -709,11 +727,15 @@ def redact_jobs(conn: Connection, mentions: Mentions | None = None, *, ids: Sequ
         where = sa.or_(*(folded_like(lower, c, n) for n in mentions.patterns()
                          for c in (sa.cast(j.c.payload, sa.Text), j.c.last_error)))
     done = 0
-    for row in conn.execute(sa.select(j.c.id, j.c.payload, j.c.last_error).where(where)).all():
-        payload = row.payload if isinstance(row.payload, dict) else json.loads(row.payload)
+    for row in conn.execute(sa.select(j.c.id, RAW_PAYLOAD, j.c.last_error).where(where)).all():
+        try:
+            document = parsed_payload(row.payload)
+        except ValueError:  # not JSON (edited by hand): searched as text, and none of it kept
+            document = row.payload
         if mentions is not None and ids is None and not (
-                mentions.in_document(payload) or mentions.in_text(row.last_error)):
+                mentions.in_document(document) or mentions.in_text(row.last_error)):
             continue  # another person's (``joann@`` for ``ann@``)
+        payload: JSON = document if isinstance(document, dict) else {}
         if payload.get("redacted") and row.last_error in (None, _redacted_error(row.last_error or "")):
             continue  # redacted already (an erasure run again): not counted, nor audited, twice
         redacted: JSON = {"payload": _redacted_payload(payload)}
@@ -926,7 +948,7 @@ def _take_sql(postgres: bool) -> sa.TextualSelect:
                  sa.bindparam("lease_until", type_=hook_jobs.c.created_at.type),
                  sa.bindparam("ids", type_=postgresql.ARRAY(sa.BigInteger)) if postgres
                  else sa.bindparam("ids", expanding=True))
-    return stmt.columns(hook_jobs.c.id, hook_jobs.c.hook, hook_jobs.c.payload, hook_jobs.c.attempts)
+    return stmt.columns(hook_jobs.c.id, hook_jobs.c.hook, sa.column("payload", sa.Text), hook_jobs.c.attempts)
 
 
 @functools.cache
@@ -936,10 +958,6 @@ def _finish_sql(postgres: bool) -> sa.TextClause:
             sa.bindparam("ids", type_=postgresql.ARRAY(sa.BigInteger)))
     return sa.text("DELETE FROM hook_jobs WHERE claim_token = :token AND id IN :ids RETURNING id").bindparams(
         sa.bindparam("ids", expanding=True))
-
-
-def _json(payload: Any) -> Any:
-    return json.loads(payload) if isinstance(payload, str) else payload
 
 
 _TYPE_CHARS = 64  # hook_jobs.type

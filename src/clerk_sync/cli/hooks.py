@@ -37,7 +37,7 @@ from clerk_sync.errors import ConfigError, EventShapeError
 from clerk_sync.events import user_record
 from clerk_sync.freshness import BACKFILLED
 from clerk_sync.mapping import LinkLookup, SchemaMapping
-from clerk_sync.outbox import delete_jobs, list_jobs, retry_jobs
+from clerk_sync.outbox import RAW_PAYLOAD, delete_jobs, list_jobs, parsed_payload, retry_jobs
 from clerk_sync.store import Store
 from clerk_sync.tables import hook_jobs, organization_memberships, organizations, users
 
@@ -594,13 +594,12 @@ def _out_of_order(conn: Connection, ids: list[int] | None) -> list[str]:
     """A warning for each dead job of ``ids`` (None: all) older than its entity's version in the entity's
     table (applied since: a job of it may have run) or in an unfinished job of the same hook and entity."""
     j = hook_jobs
-    query = sa.select(j.c.id, j.c.entity_key, j.c.payload).where(j.c.status == "dead").order_by(j.c.id)
+    query = sa.select(j.c.id, j.c.entity_key, RAW_PAYLOAD).where(j.c.status == "dead").order_by(j.c.id)
     rows = list(conn.execute(query)) if ids is None else [
         row for chunk in _chunks(sorted(set(ids))) for row in conn.execute(query.where(j.c.id.in_(chunk)))]
-    # (an Event's jobs run in the order their deliveries came: no version to compare; a payload without an
-    # entity is none this release reads, and dies again unrun)
-    dead = [(row.id, row.entity_key, Change.from_json(row.payload)) for row in rows
-            if isinstance(row.payload, dict) and "event" not in row.payload and "entity" in row.payload]
+    # (an Event's jobs run in the order their deliveries came: no version to compare; a payload that is not a
+    # change this release reads dies again unrun)
+    dead = [(row.id, row.entity_key, change) for row in rows if (change := _change(row.payload)) is not None]
     queued = _queued_versions(conn, {key for _, key, _ in dead})
     applied = _applied_versions(conn, [change for _, _, change in dead])
     return [f"warning: job {job_id} ({change.type} of {change.clerk_id}, version {change.version}) is older than "
@@ -613,10 +612,22 @@ def _queued_versions(conn: Connection, keys: set[str]) -> dict[str, int]:
     """The newest version of each entity key's (hook, entity, Clerk id) unfinished jobs."""
     j, newest = hook_jobs, dict[str, int]()
     for chunk in _chunks(sorted(keys)):
-        query = sa.select(j.c.entity_key, j.c.payload).where(j.c.entity_key.in_(chunk), j.c.status != "dead")
+        query = sa.select(j.c.entity_key, RAW_PAYLOAD).where(j.c.entity_key.in_(chunk), j.c.status != "dead")
         for key, payload in conn.execute(query):
-            newest[key] = max(newest.get(key, 0), int(payload["version"]))
+            if (change := _change(payload)) is not None:
+                newest[key] = max(newest.get(key, 0), change.version)
     return newest
+
+
+def _change(payload: object) -> Change | None:
+    """A job's change; None for an event's, and for a payload this release cannot read (its claim marks it
+    dead, saying why)."""
+    try:
+        document = parsed_payload(payload)
+        is_change = isinstance(document, dict) and "event" not in document and "entity" in document
+        return Change.from_json(document) if is_change else None
+    except Exception:  # whatever a payload holds: its job has no version to compare
+        return None
 
 
 def _applied_versions(conn: Connection, changes: list[Change]) -> dict[tuple[Entity, str], int]:
