@@ -232,3 +232,68 @@ def test_the_privileges_probe_runs_no_statement_on_the_apps_table() -> None:
     grants = re.findall(r"GRANT [^;]+;", " ".join(_privileges_line(doctor.stdout).split()))
     assert any("UPDATE (" in g and "accounts" in g for g in grants), grants
     assert fired == [(False,)], fired
+
+
+def _doctor_grants(roles: Roles) -> list[str]:
+    doctor = run("doctor", "--mapping", f"{APP}:MAPPING", env=_env(roles))
+    return re.findall(r"GRANT [^;]+;", " ".join(_privileges_line(doctor.stdout).split()))
+
+
+@pytest.mark.postgres
+def test_a_column_the_mapped_writes_read_without_select_is_a_grant_to_run_not_the_rows_refusal() -> None:
+    """SELECT granted on some columns of the app's table (``GRANT SELECT (id, email)``), not those the upsert reads
+    (its Clerk-id column, the written ones): PostgreSQL refuses every row with 42501, which was taken for the row's
+    own refusal (a policy's): every user's row stored as refused, /readyz and doctor content."""
+    with _granted_postgres() as roles:
+        roles.as_owner(f"REVOKE SELECT ON accounts FROM {roles.runtime}",  # noqa: S608
+                       f"GRANT SELECT (id, email) ON accounts TO {roles.runtime}")
+        created = f.envelope("user.created", f.user("user_grfix5", 5, email="five@example.com"))
+        with _service(roles) as client:
+            refused = _deliver(client, "msg_grfix5", created)
+            ready = client.get("/readyz")
+        grants = _doctor_grants(roles)
+        stored = roles.admin_read("SELECT status FROM webhook_events")
+        roles.as_owner(*(g.rstrip(";") for g in grants))
+        with _service(roles) as client:
+            applied = _deliver(client, "msg_grfix5", created)
+        rows = roles.admin_read("SELECT clerk_user_id, email FROM accounts")
+    assert refused.status_code == 503 and stored == [], (refused.text, stored)
+    assert ready.status_code == 503 and ready.json()["privileges"] == "missing", ready.text
+    assert grants == [f"GRANT SELECT (clerk_user_id, email, name, role, deleted_at) ON accounts TO {roles.runtime};"]
+    assert applied.status_code == 200 and applied.json()["status"] == "applied", applied.text
+    assert rows == [("user_grfix5", "five@example.com")]
+
+
+@pytest.mark.postgres
+def test_a_sequence_a_column_default_calls_without_owned_by_is_asked_for_usage() -> None:
+    """``DEFAULT nextval('ids')`` of a sequence created apart (no OWNED BY): only serial (owned) sequences were asked,
+    so its missing USAGE was taken for the row's own refusal, every row stored as refused, /readyz and doctor ok."""
+    with _granted_postgres() as roles:
+        roles.as_owner("CREATE SEQUENCE grfix_ids", "ALTER TABLE accounts ALTER COLUMN id SET DEFAULT nextval('grfix_ids')")
+        created = f.envelope("user.created", f.user("user_grfix6", 5, email="six@example.com"))
+        with _service(roles) as client:
+            refused = _deliver(client, "msg_grfix6", created)
+            ready = client.get("/readyz")
+        grants = _doctor_grants(roles)
+        stored = roles.admin_read("SELECT status FROM webhook_events")
+        roles.as_owner(*(g.rstrip(";") for g in grants))
+        with _service(roles) as client:
+            applied = _deliver(client, "msg_grfix6", created)
+        rows = roles.admin_read("SELECT id, clerk_user_id FROM accounts")
+    assert refused.status_code == 503 and stored == [], (refused.text, stored)
+    assert ready.status_code == 503 and ready.json()["privileges"] == "missing", ready.text
+    assert grants == [f"GRANT USAGE ON SEQUENCE grfix_ids TO {roles.runtime};"]
+    assert applied.status_code == 200 and applied.json()["status"] == "applied", applied.text
+    assert rows == [(1, "user_grfix6")]
+
+
+@pytest.mark.postgres
+def test_a_mixed_case_schema_the_role_may_not_use_is_named_by_doctor() -> None:
+    """clerk-sync's tables in schema "Grfix" (mixed case, as quoted), the role without USAGE there: to_regnamespace
+    read the name as an identifier (folded to grfix, not found), so doctor said "run `clerk-sync migrate`" instead."""
+    with _postgres() as roles:
+        roles.as_owner('CREATE SCHEMA "Grfix"', f"GRANT CONNECT ON DATABASE {roles.database} TO {roles.runtime}")
+        _as_admin(roles, f'ALTER ROLE {roles.runtime} IN DATABASE {roles.database} SET search_path = "Grfix"')
+        doctor = run("doctor", env=_env(roles))
+    database = " ".join(next(x for x in doctor.stdout.splitlines() if "database:" in x).split())
+    assert "may not use schema Grfix (USAGE)" in database and "run `clerk-sync migrate`" not in database, database

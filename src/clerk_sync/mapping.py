@@ -405,9 +405,9 @@ class SchemaMapping:
 
     def role_lacks(self, conn: Connection, entity: Entity) -> bool:
         """Whether ``conn``'s role lacks a privilege the mapped writes need on ``entity``'s table (its schema's USAGE,
-        :func:`mapped_privileges`, its serial sequences'), asked after the table refused a row with a privilege
-        error (:func:`~clerk_sync._db_errors.is_insufficient_privilege`): then the database's state, a GRANT to
-        run (the delivery answered 503); else the row's own refusal (PostgreSQL's 42501 of a row-level security
+        :func:`lacking_privileges`, the sequences its defaults call), asked after the table refused a row with a
+        privilege error (:func:`~clerk_sync._db_errors.is_insufficient_privilege`): then the database's state, a GRANT
+        to run (the delivery answered 503); else the row's own refusal (PostgreSQL's 42501 of a row-level security
         policy, of a trigger raising ``insufficient_privilege`` or writing a table this role may not write).
         Under a savepoint of its own; an error asking is taken as lacking (503: Svix retries)."""
         mapped = self.tables.get(entity)
@@ -417,11 +417,9 @@ class SchemaMapping:
             with conn.begin_nested():
                 if conn.dialect.name == "postgresql":
                     schema = mapped.schema
-                    if schema is not None and not conn.execute(sa.text(
-                            "SELECT to_regnamespace(:s) IS NULL OR has_schema_privilege(:s, 'USAGE')"),
-                            {"s": schema}).scalar_one():
+                    if schema is not None and conn.execute(sa.text(PG_SCHEMA_USAGE), {"s": schema}).scalar() is False:
                         return True
-                    if any(not usage for _, usage in conn.execute(sa.text(PG_OWNED_SEQUENCES),
+                    if any(not usage for _, usage in conn.execute(sa.text(PG_TABLE_SEQUENCES),
                                                                   {"t": _qualified(conn, mapped.table)})):
                         return True
                 return bool(lacking_privileges(conn, mapped))
@@ -1126,11 +1124,20 @@ def _link_facts(row: Any, facts: Mapping[str, Mapping[str, Any]]) -> JSON:
     return carried
 
 
-# A table's serial sequences (an INSERT calls nextval: USAGE), with whether the role may use them.
-PG_OWNED_SEQUENCES = (
-    "SELECT s.oid::regclass::text, has_sequence_privilege(s.oid, 'USAGE') FROM pg_depend d "
-    "JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S' "
-    "WHERE d.refobjid = to_regclass(:t) AND d.deptype = 'a' AND d.classid = 'pg_class'::regclass")
+# The sequences an INSERT into table :t may call nextval on (USAGE), with whether the role may use them: its serial
+# columns' (OWNED BY the table) and any a column default names (``DEFAULT nextval('ids')`` of a sequence created
+# apart, owned by no column or by another table's). (An identity column's sequence needs no privilege.)
+PG_TABLE_SEQUENCES = (
+    "SELECT s.oid::regclass::text, has_sequence_privilege(s.oid, 'USAGE') FROM pg_class s "
+    "WHERE s.relkind = 'S' AND s.oid IN ("
+    "SELECT d.objid FROM pg_depend d WHERE d.classid = 'pg_class'::regclass "
+    "AND d.refclassid = 'pg_class'::regclass AND d.refobjid = to_regclass(:t) AND d.deptype = 'a' "
+    "UNION SELECT d.refobjid FROM pg_attrdef ad JOIN pg_depend d ON d.classid = 'pg_attrdef'::regclass "
+    "AND d.objid = ad.oid AND d.refclassid = 'pg_class'::regclass AND d.deptype = 'n' "
+    "WHERE ad.adrelid = to_regclass(:t)) ORDER BY 1")
+# Whether the role may use schema :s (USAGE); no row: no such schema. Looked up by its name as written (a mixed-case
+# one too): to_regnamespace would read it as an identifier, folding it to lower case.
+PG_SCHEMA_USAGE = "SELECT has_schema_privilege(n.oid, 'USAGE') FROM pg_namespace n WHERE n.nspname = :s"
 
 
 def mapped_privileges(mapped: MappedTable) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -1144,31 +1151,48 @@ def mapped_privileges(mapped: MappedTable) -> tuple[tuple[str, ...], tuple[str, 
     return privileges, tuple(dict.fromkeys(written))
 
 
+def mapped_reads(conn: Connection, mapped: MappedTable) -> tuple[str, ...]:
+    """The columns of the app's table the mapped writes read (SELECT; column-level grants suffice): the written ones
+    (:func:`mapped_privileges`: the upsert's ``WHERE`` and ``ON CONFLICT`` name the Clerk-id column, a coalesced
+    column reads its value, a soft delete its column), the link columns and then the primary key (a row to link is
+    found by them)."""
+    _, written = mapped_privileges(mapped)
+    reads = [*written, *mapped.link_columns]
+    if mapped.links:
+        schema, bare = _split(mapped.table)
+        reads += sa.inspect(conn).get_pk_constraint(bare, schema=schema)["constrained_columns"]
+    return tuple(dict.fromkeys(reads))
+
+
 def lacking_privileges(conn: Connection, mapped: MappedTable) -> list[str]:
-    """Which of :func:`mapped_privileges` ``conn``'s role lacks on the app's table (its schema usable). PostgreSQL:
-    asked of the catalog (``has_any_column_privilege``, ``has_column_privilege``, ``has_table_privilege``), so no
-    statement runs on the app's table (a statement-level trigger would fire on a zero-row one). MySQL/MariaDB: by
+    """Which of :func:`mapped_privileges` ``conn``'s role lacks on the app's table (its schema usable); SELECT on each
+    of :func:`mapped_reads`. PostgreSQL: asked of the catalog (``has_column_privilege``, ``has_table_privilege``), so
+    no statement runs on the app's table (a statement-level trigger would fire on a zero-row one). MySQL/MariaDB: by
     running each on no row in a savepoint rolled back (``.. WHERE 1 = 0``): its triggers are FOR EACH ROW only, so
     none fires, and the server answers by its own rules (wildcards, roles, column grants). SQLite: none."""
     privileges, columns = mapped_privileges(mapped)
+    reads = mapped_reads(conn, mapped)
     name = _qualified(conn, mapped.table)
     if conn.dialect.name == "postgresql":
         held = conn.execute(sa.text(
-            "SELECT has_any_column_privilege(r.oid, 'SELECT'), has_table_privilege(r.oid, 'DELETE'), "
-            "COALESCE(bool_and(has_column_privilege(r.oid, a.attnum, 'INSERT')), true), "
-            "COALESCE(bool_and(has_column_privilege(r.oid, a.attnum, 'UPDATE')), true) "
+            "SELECT r.oid IS NOT NULL, has_table_privilege(r.oid, 'DELETE'), "
+            "COALESCE(bool_and(has_column_privilege(r.oid, a.attnum, 'SELECT')), true), "
+            "COALESCE(bool_and(has_column_privilege(r.oid, a.attnum, 'INSERT')) FILTER (WHERE a.attname = ANY(:c)), "
+            "true), "
+            "COALESCE(bool_and(has_column_privilege(r.oid, a.attnum, 'UPDATE')) FILTER (WHERE a.attname = ANY(:c)), "
+            "true) "
             "FROM (SELECT to_regclass(:t) AS oid) r LEFT JOIN pg_attribute a ON a.attrelid = r.oid "
-            "AND a.attname = ANY(:c) AND NOT a.attisdropped GROUP BY r.oid"),
-            {"t": name, "c": list(columns)}).one()
-        if held[0] is None:  # not there (a schema behind, said as that elsewhere)
+            "AND a.attname = ANY(:r) AND NOT a.attisdropped GROUP BY r.oid"),
+            {"t": name, "c": list(columns), "r": list(reads)}).one()
+        if not held[0]:  # not there (a schema behind, said as that elsewhere)
             return []
-        have = {"SELECT": held[0], "DELETE": held[1], "INSERT": held[2], "UPDATE": held[3]}
+        have = {"DELETE": held[1], "SELECT": held[2], "INSERT": held[3], "UPDATE": held[4]}
         return [p for p in privileges if not have[p]]
     if conn.dialect.name not in ("mysql", "mariadb"):
         return []
     quote = conn.dialect.identifier_preparer.quote
     listed = ", ".join(quote(c) for c in columns)
-    probes = {"SELECT": f"SELECT 1 FROM {name} WHERE 1 = 0",  # noqa: S608 (names of the mapping, quoted)
+    probes = {"SELECT": f"SELECT {', '.join(quote(c) for c in reads)} FROM {name} WHERE 1 = 0",  # noqa: S608
               "INSERT": f"INSERT INTO {name} ({listed}) SELECT {listed} FROM {name} WHERE 1 = 0",  # noqa: S608
               "UPDATE": f"UPDATE {name} SET {', '.join(f'{quote(c)} = NULL' for c in columns)} WHERE 1 = 0",  # noqa: S608
               "DELETE": f"DELETE FROM {name} WHERE 1 = 0"}  # noqa: S608

@@ -22,7 +22,15 @@ from sqlalchemy.engine import Connection
 
 from clerk_sync import tables
 from clerk_sync._db_errors import is_insufficient_privilege
-from clerk_sync.mapping import PG_OWNED_SEQUENCES, MappedTable, SchemaMapping, lacking_privileges, mapped_privileges
+from clerk_sync.mapping import (
+    PG_SCHEMA_USAGE,
+    PG_TABLE_SEQUENCES,
+    MappedTable,
+    SchemaMapping,
+    lacking_privileges,
+    mapped_privileges,
+    mapped_reads,
+)
 from clerk_sync.migrations import VERSION_TABLE
 
 __all__ = ["DELIVERIES", "DISPATCHER", "Missing", "missing_privileges", "outbox_refusals", "unusable_schemas"]
@@ -84,8 +92,8 @@ def missing_privileges(conn: Connection, mapping: SchemaMapping | None = None,
     missing = Missing()
     needs = _needs(mapping, who)
     if conn.dialect.name == "postgresql":
-        schemas = [*unusable_schemas(conn), *(n.schema for n in needs if n.schema and not conn.execute(
-            _USAGE, {"s": n.schema}).scalar_one())]
+        schemas = [*unusable_schemas(conn), *(n.schema for n in needs if n.schema and conn.execute(
+            _USAGE, {"s": n.schema}).scalar() is False)]
         for schema in dict.fromkeys(schemas):
             missing.needed.append(f"schema {schema}: USAGE (its tables are asked once granted: ask again then)")
             missing.grants.append(f"GRANT USAGE ON SCHEMA {_quote(conn, schema)} TO {grantee};")
@@ -101,7 +109,9 @@ def missing_privileges(conn: Connection, mapping: SchemaMapping | None = None,
         if not lacking:
             continue
         listed = ", ".join(columns)
-        parts = [f"{p} ({listed})" if need.on_columns and p in ("INSERT", "UPDATE") else p for p in lacking]
+        read = ", ".join(_quote(conn, c) for c in mapped_reads(conn, need.mapped)) if need.mapped is not None else ""
+        parts = [f"{p} ({listed})" if need.on_columns and p in ("INSERT", "UPDATE") else
+                 f"{p} ({read})" if need.on_columns and p == "SELECT" else p for p in lacking]
         missing.needed.append(f"{need.table}: {', '.join(parts)} (for {need.who})")
         missing.grants.append(f"GRANT {', '.join(parts)} ON {name} TO {grantee};")
     if conn.dialect.name == "postgresql":
@@ -124,7 +134,7 @@ def outbox_refusals(conn: Connection) -> tuple[list[str], str, sa.exc.DBAPIError
     return lacking, f"GRANT {', '.join(lacking)} ON {name} TO {_grantee(conn)};", refusals[lacking[0]]
 
 
-_USAGE = sa.text("SELECT has_schema_privilege(:s, 'USAGE')")
+_USAGE = sa.text(PG_SCHEMA_USAGE)  # (no row: no such schema)
 
 
 def unusable_schemas(conn: Connection) -> list[str]:
@@ -137,8 +147,7 @@ def unusable_schemas(conn: Connection) -> list[str]:
         return []  # clerk-sync's tables are visible: another schema of the path is none of its business
     path = str(conn.exec_driver_sql("SHOW search_path").scalar_one())
     names = [n.strip().strip('"') for n in path.split(",") if n.strip() and n.strip() != '"$user"']
-    return [n for n in names if conn.execute(sa.text("SELECT to_regnamespace(:s) IS NOT NULL"), {"s": n}).scalar_one()
-            and not conn.execute(_USAGE, {"s": n}).scalar_one()]
+    return [n for n in names if conn.execute(_USAGE, {"s": n}).scalar() is False]
 
 
 def _probe(privilege: str, name: str, columns: list[str]) -> str:
@@ -195,12 +204,13 @@ def _table_name(conn: Connection, need: _Need) -> str:
 
 
 def _postgres_extras(conn: Connection, needs: list[_Need], grantee: str, missing: Missing, *, optional: bool) -> None:
-    """USAGE of the sequences that number the tables' rows (serial columns: an INSERT calls nextval), and
+    """USAGE of the sequences that number the tables' rows (serial columns, or a default naming a sequence: an INSERT
+    calls nextval), and
     TEMPORARY on the database (``reconcile --dry-run``'s table, revoked from PUBLIC by careful set-ups)."""
     for need in needs:
         if "INSERT" not in need.privileges:
             continue
-        rows = conn.execute(sa.text(PG_OWNED_SEQUENCES), {"t": _table_name(conn, need)}).all()
+        rows = conn.execute(sa.text(PG_TABLE_SEQUENCES), {"t": _table_name(conn, need)}).all()
         for sequence, usage in rows:
             if not usage:
                 missing.needed.append(f"{sequence}: USAGE (the sequence numbering {need.table}'s rows)")
