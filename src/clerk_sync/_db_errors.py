@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from typing import Any
 
 import sqlalchemy as sa
@@ -23,22 +23,34 @@ __all__ = ["POOLER_ADVICE", "PRIVILEGE_ADVICE", "driver_cursor", "foreign_key_of
 def driver_cursor(conn: Connection, what: str) -> Iterator[Any]:
     """A cursor of the driver under ``conn``, in its transaction (SQLAlchemy began it), for statements whose
     SQLAlchemy overhead was measured to matter; a driver error comes out as SQLAlchemy's own execute
-    raises it (``what`` stands for the statement), so :func:`store_error` classifies it as any other."""
+    raises it (``what`` stands for the statement), so :func:`store_error` classifies it as any other.
+
+    A disconnect (the database restarted, the connection was killed) is handled as SQLAlchemy's execute handles
+    it: this connection is invalidated (no ROLLBACK on it later, whose failure would hide this error), and so is
+    every connection the pool handed out before it (all dead alike after a restart): each is replaced at its
+    next checkout, rather than failing one request each first."""
     dbapi: Any = conn.dialect.dbapi
-    raw: Any = conn.connection.driver_connection
+    proxied = conn.connection
+    raw: Any = proxied.driver_connection
     cur = None
     try:
         cur = raw.cursor()  # a closed connection refuses this already
         yield cur
     except dbapi.Error as exc:
-        closed = bool(getattr(raw, "closed", False))
-        if closed:  # as SQLAlchemy does: no ROLLBACK on it later, whose failure would hide this error
+        disconnect = bool(getattr(raw, "closed", False)) or conn.dialect.is_disconnect(exc, proxied, cur)
+        if disconnect and not conn.invalidated:
+            # SQLAlchemy's own step (Connection._handle_dbapi_exception); Pool._invalidate is private, and no
+            # public call marks the pool's older connections stale without replacing the pool under the
+            # connections in use (Engine.dispose). Pinned by tests/test_driver_cursor_disconnect.py.
+            conn.engine.pool._invalidate(proxied, exc)
             conn.invalidate(exc)
         raise sa.exc.DBAPIError.instance(what, None, exc, dbapi.Error, hide_parameters=True,
-                                         connection_invalidated=closed) from exc
+                                         connection_invalidated=disconnect) from exc
     finally:
         if cur is not None:
-            cur.close()
+            closing: AbstractContextManager[object] = suppress(dbapi.Error) if conn.invalidated else nullcontext()
+            with closing:  # (a dead connection's cursor may refuse to close: mysqlclient's does)
+                cur.close()
 
 
 _TIMEOUTS = {  # SQLSTATEs of the bounds set in _postgres_bounds
