@@ -7,6 +7,7 @@ Each test makes its own roles (users) and database (tests/test_least_privilege_r
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -297,3 +298,42 @@ def test_a_mixed_case_schema_the_role_may_not_use_is_named_by_doctor() -> None:
         doctor = run("doctor", env=_env(roles))
     database = " ".join(next(x for x in doctor.stdout.splitlines() if "database:" in x).split())
     assert "may not use schema Grfix (USAGE)" in database and "run `clerk-sync migrate`" not in database, database
+
+
+@pytest.mark.parametrize("db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
+def test_two_readyz_polls_at_once_ask_the_role_and_log_once(db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two polls at once (a load balancer's probes) each ran the whole probe and each logged the missing GRANT:
+    the verdict kept a minute is now decided once, the other poll waiting for it."""
+    from clerk_sync.migrations import _privileges
+
+    asked: list[object] = []
+    second_probed = threading.Event()
+    answers: list[int] = []
+    others: list[threading.Thread] = []
+
+    def probe(conn: sa.Connection, mapping: object = None, who: object = None) -> _privileges.Missing:
+        asked.append(who)
+        if len(asked) == 1:  # a second poll while this one asks (without a lock it probes too, meanwhile)
+            other = threading.Thread(target=lambda: answers.append(httpx.get(f"{url}/readyz", timeout=30).status_code))
+            other.start()
+            others.append(other)
+            second_probed.wait(timeout=1)
+        else:
+            second_probed.set()
+        return _privileges.Missing(grants=["GRANT DELETE ON hook_jobs TO someone;"], needed=["hook_jobs: DELETE"])
+
+    monkeypatch.setattr(_privileges, "missing_privileges", probe)
+    settings = Settings.from_env({"DATABASE_URL": db_url, "CLERK_WEBHOOK_SIGNING_SECRET": SECRET,
+                                  "CLERK_SYNC_PRUNE_INTERVAL_S": "0"})
+    store = Store(create_engine(db_url))
+    try:
+        with running(create_app(settings, build_processor(settings, store))) as url, \
+                structlog.testing.capture_logs() as logs:
+            first = httpx.get(f"{url}/readyz", timeout=30)
+            for other in others:
+                other.join()
+    finally:
+        store.dispose()
+    assert (first.status_code, answers) == (503, [503])
+    assert len(asked) == 1, asked
+    assert [e["event"] for e in logs if e["event"].startswith("readyz_privileges")] == ["readyz_privileges_missing"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -384,7 +385,9 @@ class _RolePrivileges:
     process dispatches (``serve --hooks``): a ``serve --no-dispatch`` replica is not taken out of rotation for a
     DELETE only the dispatcher needs. The verdict is kept ``ttl_s`` either way (a probe is a few dozen statements,
     ~25 ms), so a REVOKE is seen within a minute and a missing grant is not asked at every poll; logged once per
-    change (SQLite has no roles)."""
+    change (SQLite has no roles). Polls at once (two probes of a load balancer) wait for one verdict: one probe, one
+    log line. Whether this process dispatches is ``app.state.clerk_sync_dispatches`` (``serve --hooks`` sets it; an
+    app that starts its own :class:`~clerk_sync.hooks.Dispatcher` sets it too)."""
 
     clock: Callable[[], float] = staticmethod(time.monotonic)  # (tests inject theirs)
 
@@ -394,11 +397,16 @@ class _RolePrivileges:
         self.sqlite = store.engine.dialect.name == "sqlite"
         self._verdicts: dict[bool, tuple[float, list[str], list[str]]] = {}
         self._said: dict[bool, tuple[str, ...]] = {}
+        self._asking = threading.Lock()  # (readyz runs in worker threads)
 
     def missing(self, dispatches: bool = False) -> tuple[list[str], list[str]]:
         """(what is missing, the GRANT statements that give it); both empty when granted."""
         if self.sqlite:
             return [], []
+        with self._asking:
+            return self._missing(dispatches)
+
+    def _missing(self, dispatches: bool) -> tuple[list[str], list[str]]:
         now = self.clock()
         kept = self._verdicts.get(dispatches)
         if kept is not None and now - kept[0] < self.ttl_s:
