@@ -17,8 +17,10 @@ import sqlalchemy as sa
 import structlog
 
 from clerk_sync.config import Settings
+from clerk_sync.engine import Entity
 from clerk_sync.integrations import starlette as starlette_face
 from clerk_sync.integrations.starlette import build_processor, create_app
+from clerk_sync.mapping import MappedTable, SchemaMapping, SoftDelete, lacking_privileges, mapped_reads
 from clerk_sync.store import Store, create_engine
 from clerk_sync.testing import EmulatorServer
 from tests import factories as f
@@ -337,3 +339,27 @@ def test_two_readyz_polls_at_once_ask_the_role_and_log_once(db_url: str, monkeyp
     assert (first.status_code, answers) == (503, [503])
     assert len(asked) == 1, asked
     assert [e["event"] for e in logs if e["event"].startswith("readyz_privileges")] == ["readyz_privileges_missing"]
+
+
+@pytest.mark.postgres
+def test_a_linking_mapping_needs_select_on_its_link_columns_and_primary_key() -> None:
+    """A mapping that links users by e-mail finds the row to link by the e-mail column and reads its primary key:
+    SELECT granted on the written columns only is still a GRANT to run (its 42501 is no row's own refusal)."""
+    linking = MappedTable("accounts", "clerk_user_id", {"name": "full_name"}, link_by_email="email",
+                          on_delete=SoftDelete("deleted_at"))
+    with _granted_postgres() as roles:
+        roles.as_owner(f"REVOKE SELECT ON accounts FROM {roles.runtime}",  # noqa: S608
+                       f"GRANT SELECT (clerk_user_id, name, deleted_at) ON accounts TO {roles.runtime}")
+        engine = sa.create_engine(roles.runtime_url)
+        try:
+            with engine.connect() as conn:
+                reads = mapped_reads(conn, linking)
+                lacking = lacking_privileges(conn, linking)
+                lacks = SchemaMapping(users=linking).role_lacks(conn, Entity.USER)
+            roles.as_owner(f"GRANT SELECT (email, id) ON accounts TO {roles.runtime}")
+            with engine.connect() as conn:
+                granted = lacking_privileges(conn, linking)
+        finally:
+            engine.dispose()
+    assert reads == ("clerk_user_id", "name", "deleted_at", "email", "id")
+    assert (lacking, lacks, granted) == (["SELECT"], True, [])
