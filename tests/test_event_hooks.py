@@ -27,6 +27,7 @@ import redis
 import sqlalchemy as sa
 from standardwebhooks.webhooks import Webhook
 
+from clerk_sync import outbox
 from clerk_sync._mentions import Mentions
 from clerk_sync.changes import EVENT_TYPES, Change, Event, Hook
 from clerk_sync.events import parse_envelope
@@ -648,4 +649,41 @@ def test_a_type_longer_than_the_jobs_column_is_queued_bounded_and_reaches_the_ho
     drain(Dispatcher(store))
     assert [(e.type, e.idempotency_key) for e in handler.seen] == [
         (long_type, f"{long_type}:{svix_id}"), (long_type + "y", f"{long_type}y:msg_2")]
+    store.dispose()
+
+
+@pytest.mark.parametrize("db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
+@pytest.mark.parametrize("direct", [True, False], ids=["psycopg", "sqlalchemy"])
+def test_a_jsonb_payload_that_is_a_json_string_dies_alone_and_retry_writes_it_back_as_it_was(
+        db_url: str, direct: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # psycopg decodes JSONB as it fetches it: a payload that is a JSON string came back a Python str, which retry
+    # wrote back as JSON text (CAST('user_1 hand-edited' AS JSONB): refused, the whole retry page with it), and
+    # one holding a change's JSON text was decoded twice and run. Read as stored text, each is parsed once.
+    if not direct:  # the claim's SQLAlchemy statements (another PostgreSQL driver)
+        monkeypatch.setattr(outbox, "_direct", lambda conn: None)
+    events = Events()
+    store = hooked(db_url, Hook("forward", events, on=["subscription.*"]))
+    send(store, example("subscription.active", id="sub_1"), "msg_1")
+    send(store, example("subscription.active", id="sub_2"), "msg_2")
+    with store.engine.begin() as conn:
+        (first, readable), (second, _) = conn.execute(
+            sa.text("SELECT id, payload::text FROM hook_jobs ORDER BY id")).all()
+        conn.execute(sa.text("UPDATE hook_jobs SET payload = to_jsonb(CAST(:p AS TEXT)) WHERE id = :id"),
+                     [{"p": "user_1 hand-edited", "id": first}, {"p": readable, "id": second}])
+
+    def stored() -> list[tuple[str, str]]:
+        with store.connect() as conn:
+            return [tuple(row) for row in conn.execute(sa.text("SELECT status, payload::text FROM hook_jobs "
+                                                               "ORDER BY id"))]
+
+    was = [payload for _, payload in stored()]
+    drain(Dispatcher(store))
+    assert events.seen == []  # the JSON text inside a JSON string is no event
+    assert stored() == [("dead", was[0]), ("dead", was[1])]
+    env = {"DATABASE_URL": db_url}
+    listed = run("hooks", "list", env=env)
+    assert listed.returncode == 0 and len(listed.stdout.splitlines()) == 2, listed
+    retried = run("hooks", "retry", "--all", env=env)
+    assert retried.returncode == 0 and "2 " in retried.stdout, retried
+    assert stored() == [("pending", was[0]), ("pending", was[1])]  # queued again as they were
     store.dispose()

@@ -34,6 +34,9 @@ import sqlalchemy as sa
 import structlog
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
 
 from clerk_sync._db_errors import driver_cursor, passing_cause, privilege_refusal, store_error
 from clerk_sync._mentions import Mentions
@@ -68,11 +71,34 @@ log = structlog.get_logger("clerk_sync.mapping")
 REFUSAL_NOTE = "the app's table refused the change"
 
 JSON = dict[str, Any]
-#: A job's payload as the database holds it: text (SQLite, MySQL/MariaDB) or, on PostgreSQL, the driver's
-#: parsed JSONB. Selected untyped so that no payload is parsed while the rows are fetched: one payload that is
-#: not JSON (edited by hand) would fail the fetch of every row with it, and so every claim, ``hooks list`` and
-#: ``retry``; :func:`parsed_payload` reads each where only its own job fails.
-RAW_PAYLOAD = sa.type_coerce(hook_jobs.c.payload, sa.Text).label("payload")
+
+
+class _StoredText(FunctionElement[str]):
+    """A JSON column's value as the text the database holds, never parsed by the driver: the column itself
+    (SQLite, MySQL/MariaDB keep text); on PostgreSQL ``CAST(.. AS TEXT)``, as psycopg decodes JSONB."""
+
+    type = sa.Text()
+    inherit_cache = True
+
+
+@compiles(_StoredText)
+def _stored_text(element: _StoredText, compiler: SQLCompiler, **kw: Any) -> str:
+    return compiler.process(element.clauses, **kw)
+
+
+@compiles(_StoredText, "postgresql")
+def _pg_stored_text(element: _StoredText, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"CAST({compiler.process(element.clauses, **kw)} AS TEXT)"
+
+
+#: A job's payload as the database holds it: its text, on every database (:class:`_StoredText`). Not parsed while
+#: the rows are fetched: one payload that is not JSON (edited by hand) would fail the fetch of every row with it,
+#: and so every claim, ``hooks list`` and ``retry``; :func:`parsed_payload` reads each, once, where only its own
+#: job fails. (A JSONB value that is a JSON string, decoded by psycopg, came back a str: retry wrote it back as
+#: JSON text, refused, and one holding JSON text was decoded twice.)
+RAW_PAYLOAD = _StoredText(hook_jobs.c.payload).label("payload")
+# RAW_PAYLOAD in the claim's SQL text (a RETURNING list)
+_PG_PAYLOAD_TEXT = "CAST(payload AS TEXT) AS payload"
 HookSpec = tuple[str, tuple[str, ...], tuple[str, ...]]  # a hook's name, the kinds and fields it wants
 # The refusals written again without the user's own columns (Outbox.project): a value, not a link or a parent
 _KEPT_BACK_KINDS = frozenset({"constraint", "database", "value"})
@@ -870,7 +896,8 @@ def _direct_sql(*, postgres: bool, placeholder: Callable[[str], str], in_ids: st
         page=page(""), page_of_hooks=page(f" AND j.hook {in_hooks}"),
         take=bind("UPDATE hook_jobs SET status = 'running', lease_until = :lease_until, "  # noqa: S608
                   "claim_token = :token, attempts = attempts + 1 WHERE id IN (SELECT j.id FROM hook_jobs j "
-                  f"WHERE j.id {in_ids} AND {_STILL_DUE}{lock}) RETURNING id, hook, payload, attempts"),
+                  f"WHERE j.id {in_ids} AND {_STILL_DUE}{lock}) "
+                  f"RETURNING id, hook, {_PG_PAYLOAD_TEXT if postgres else 'payload'}, attempts"),
         finish=bind(f"DELETE FROM hook_jobs WHERE claim_token = :token AND id {in_ids} RETURNING id"),  # noqa: S608
         ids=ids, hooks=hooks, time=time)
 
@@ -943,7 +970,7 @@ def _take_sql(postgres: bool) -> sa.TextualSelect:
     stmt = sa.text(
         "UPDATE hook_jobs SET status = 'running', lease_until = :lease_until, claim_token = :token, "  # noqa: S608
         f"attempts = attempts + 1 WHERE id IN (SELECT j.id FROM hook_jobs j WHERE {ids} AND {_STILL_DUE}{lock}) "
-        "RETURNING id, hook, payload, attempts"
+        f"RETURNING id, hook, {_PG_PAYLOAD_TEXT if postgres else 'payload'}, attempts"
     ).bindparams(sa.bindparam("now", type_=hook_jobs.c.created_at.type),
                  sa.bindparam("lease_until", type_=hook_jobs.c.created_at.type),
                  sa.bindparam("ids", type_=postgresql.ARRAY(sa.BigInteger)) if postgres
