@@ -8,8 +8,11 @@ Real servers: the pool's connections are killed by an admin connection, as a res
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import sqlalchemy as sa
+from structlog.testing import capture_logs
 
 from clerk_sync._db_errors import driver_cursor
 from clerk_sync.store import create_engine
@@ -51,3 +54,41 @@ def test_after_a_restart_one_read_fails_and_the_pool_replaces_every_connection(d
         assert outcomes == [("invalidated", True), 1, 1, 1, 1, 1]
     finally:
         engine.dispose()
+
+
+class _CloseRefused:
+    """A driver cursor whose close fails after closing it (mysqlclient's 2014, "Commands out of sync")."""
+
+    def __init__(self, cursor: Any, error: Exception) -> None:
+        self._cursor, self._error = cursor, error
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cursor, name)
+
+    def close(self) -> None:
+        self._cursor.close()
+        raise self._error
+
+
+@pytest.mark.parametrize("db_url", SERVERS, indirect=True)
+def test_a_cursor_that_will_not_close_after_an_error_leaves_the_error_as_it_was(
+        db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A statement's error that is no disconnect (a missing table) comes out, not the cursor's refusal to close
+    (which replaced it: an OperationalError no one could act on, unclassified); the refusal is logged at debug."""
+    engine = create_engine(db_url)
+    dbapi: Any = engine.dialect.dbapi
+    try:
+        with engine.connect() as conn:
+            driver: Any = type(conn.connection.driver_connection)  # (mysqlclient's instance takes no attribute)
+            real = driver.cursor
+            refused = dbapi.OperationalError(2014, "Commands out of sync; you can't run this command now")
+            monkeypatch.setattr(driver, "cursor", lambda self, *args, **kwargs: _CloseRefused(
+                real(self, *args, **kwargs), refused))
+            with capture_logs() as logs, pytest.raises(sa.exc.DBAPIError) as raised, \
+                    driver_cursor(conn, "SELECT missing") as cur:
+                cur.execute("SELECT * FROM fix3_no_such_table")
+    finally:
+        engine.dispose()
+    assert isinstance(raised.value.orig, dbapi.ProgrammingError) and not raised.value.connection_invalidated
+    assert [(e["event"], e["log_level"], e["error"]) for e in logs] == [
+        ("driver_cursor_close_failed", "debug", "OperationalError")]

@@ -7,10 +7,11 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
+from contextlib import contextmanager
 from typing import Any
 
 import sqlalchemy as sa
+import structlog
 from sqlalchemy.engine import Connection
 
 from clerk_sync.errors import StoreDataError, StoreError, database_message
@@ -18,6 +19,8 @@ from clerk_sync.errors import StoreDataError, StoreError, database_message
 __all__ = ["POOLER_ADVICE", "PRIVILEGE_ADVICE", "driver_cursor", "foreign_key_of", "is_foreign_key_violation",
            "is_insufficient_privilege", "is_pooler_misconfigured", "is_row_referenced", "is_schema_behind",
            "privilege_refusal", "sqlite_file_advice", "store_error"]
+
+log = structlog.get_logger("clerk_sync.store")
 
 @contextmanager
 def driver_cursor(conn: Connection, what: str) -> Iterator[Any]:
@@ -28,15 +31,19 @@ def driver_cursor(conn: Connection, what: str) -> Iterator[Any]:
     A disconnect (the database restarted, the connection was killed) is handled as SQLAlchemy's execute handles
     it: this connection is invalidated (no ROLLBACK on it later, whose failure would hide this error), and so is
     every connection the pool handed out before it (all dead alike after a restart): each is replaced at its
-    next checkout, rather than failing one request each first."""
+    next checkout, rather than failing one request each first. A cursor refusing to close while an error is on its
+    way out (a dead connection's; mysqlclient's 2014 after a statement's error) does not replace that error: the
+    refusal is logged at debug."""
     dbapi: Any = conn.dialect.dbapi
     proxied = conn.connection
     raw: Any = proxied.driver_connection
     cur = None
+    failing = False  # an exception is on its way out: a cursor refusing to close must not replace it
     try:
         cur = raw.cursor()  # a closed connection refuses this already
         yield cur
     except dbapi.Error as exc:
+        failing = True
         disconnect = bool(getattr(raw, "closed", False)) or conn.dialect.is_disconnect(exc, proxied, cur)
         if disconnect and not conn.invalidated:
             # SQLAlchemy's own step (Connection._handle_dbapi_exception); Pool._invalidate is private, and no
@@ -46,11 +53,17 @@ def driver_cursor(conn: Connection, what: str) -> Iterator[Any]:
             conn.invalidate(exc)
         raise sa.exc.DBAPIError.instance(what, None, exc, dbapi.Error, hide_parameters=True,
                                          connection_invalidated=disconnect) from exc
+    except BaseException:
+        failing = True
+        raise
     finally:
         if cur is not None:
-            closing: AbstractContextManager[object] = suppress(dbapi.Error) if conn.invalidated else nullcontext()
-            with closing:  # (a dead connection's cursor may refuse to close: mysqlclient's does)
+            try:
                 cur.close()
+            except dbapi.Error as refused:  # a dead connection's cursor, or mysqlclient's after an error (2014)
+                if not (failing or conn.invalidated):
+                    raise
+                log.debug("driver_cursor_close_failed", what=what, error=type(refused).__name__)
 
 
 _TIMEOUTS = {  # SQLSTATEs of the bounds set in _postgres_bounds
