@@ -687,3 +687,20 @@ def test_a_jsonb_payload_that_is_a_json_string_dies_alone_and_retry_writes_it_ba
     assert retried.returncode == 0 and "2 " in retried.stdout, retried
     assert stored() == [("pending", was[0]), ("pending", was[1])]  # queued again as they were
     store.dispose()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite", pytest.param("mariadb", marks=pytest.mark.mariadb)], indirect=True)
+def test_an_erasure_redacts_a_payload_that_is_not_json_whenever_its_search_matched(db_url: str) -> None:
+    # The SQL search matches a JSON escape of the address (zo\u00eb@, as json.dumps writes it); the text of a
+    # payload that is not JSON was checked again in Python without escapes, missed it, and kept the address.
+    store = hooked(db_url, Hook("forward", Events(), on=["subscription.*"]))
+    send(store, example("subscription.active", id="sub_1"), "msg_1")
+    (first,) = jobs_text(store)
+    truncated = '{"event": "subscription.active", "data": {"email": "zo\\u00eb@example.com'
+    with store.engine.begin() as conn:  # edited by hand, cut short
+        conn.execute(sa.text("UPDATE hook_jobs SET payload = :p WHERE id = :id"), {"p": truncated, "id": first[0]})
+    with store.transaction() as writer:
+        assert redact_jobs(writer.conn, Mentions(["zoë@example.com"])) == 1
+    (erased,) = jobs_text(store)
+    assert "u00eb@" not in erased[2] and json.loads(erased[2])["redacted"] is True
+    store.dispose()

@@ -755,12 +755,15 @@ def redact_jobs(conn: Connection, mentions: Mentions | None = None, *, ids: Sequ
     done = 0
     for row in conn.execute(sa.select(j.c.id, RAW_PAYLOAD, j.c.last_error).where(where)).all():
         try:
-            document = parsed_payload(row.payload)
-        except ValueError:  # not JSON (edited by hand): searched as text, and none of it kept
-            document = row.payload
-        if mentions is not None and ids is None and not (
+            document, readable = parsed_payload(row.payload), True
+        except ValueError:  # not JSON (edited by hand): none of it kept
+            document, readable = row.payload, False
+        # Another person's (``joann@`` for ``ann@``) is told apart in a readable document; a payload that is not
+        # JSON is redacted whenever the search matched (its text may hold the address as a JSON escape,
+        # ``zo\u00eb@``, which the search matches and a text check does not: better redacted than kept)
+        if mentions is not None and ids is None and readable and not (
                 mentions.in_document(document) or mentions.in_text(row.last_error)):
-            continue  # another person's (``joann@`` for ``ann@``)
+            continue
         payload: JSON = document if isinstance(document, dict) else {}
         if payload.get("redacted") and row.last_error in (None, _redacted_error(row.last_error or "")):
             continue  # redacted already (an erasure run again): not counted, nor audited, twice
