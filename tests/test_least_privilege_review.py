@@ -10,6 +10,7 @@ import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import httpx
 import pytest
@@ -242,6 +243,21 @@ def _doctor_grants(roles: Roles) -> list[str]:
     return re.findall(r"GRANT [^;]+;", " ".join(_privileges_line(doctor.stdout).split()))
 
 
+def _refused_until_granted(roles: Roles, svix_id: str, event: dict[str, Any]
+                           ) -> tuple[httpx.Response, httpx.Response, list[str], list[Any], httpx.Response]:
+    """``event`` delivered to a service short of a grant (its answer, /readyz's, doctor's GRANTs, the inbox's
+    statuses), then again once those GRANTs ran (its answer)."""
+    with _service(roles) as client:
+        refused = _deliver(client, svix_id, event)
+        ready = client.get("/readyz")
+    grants = _doctor_grants(roles)
+    stored = roles.admin_read("SELECT status FROM webhook_events")
+    roles.as_owner(*(g.rstrip(";") for g in grants))
+    with _service(roles) as client:
+        applied = _deliver(client, svix_id, event)
+    return refused, ready, grants, stored, applied
+
+
 @pytest.mark.postgres
 def test_a_column_the_mapped_writes_read_without_select_is_a_grant_to_run_not_the_rows_refusal() -> None:
     """SELECT granted on some columns of the app's table (``GRANT SELECT (id, email)``), not those the upsert reads
@@ -250,15 +266,8 @@ def test_a_column_the_mapped_writes_read_without_select_is_a_grant_to_run_not_th
     with _granted_postgres() as roles:
         roles.as_owner(f"REVOKE SELECT ON accounts FROM {roles.runtime}",  # noqa: S608
                        f"GRANT SELECT (id, email) ON accounts TO {roles.runtime}")
-        created = f.envelope("user.created", f.user("user_grfix5", 5, email="five@example.com"))
-        with _service(roles) as client:
-            refused = _deliver(client, "msg_grfix5", created)
-            ready = client.get("/readyz")
-        grants = _doctor_grants(roles)
-        stored = roles.admin_read("SELECT status FROM webhook_events")
-        roles.as_owner(*(g.rstrip(";") for g in grants))
-        with _service(roles) as client:
-            applied = _deliver(client, "msg_grfix5", created)
+        refused, ready, grants, stored, applied = _refused_until_granted(
+            roles, "msg_grfix5", f.envelope("user.created", f.user("user_grfix5", 5, email="five@example.com")))
         rows = roles.admin_read("SELECT clerk_user_id, email FROM accounts")
     assert refused.status_code == 503 and stored == [], (refused.text, stored)
     assert ready.status_code == 503 and ready.json()["privileges"] == "missing", ready.text
@@ -273,15 +282,8 @@ def test_a_sequence_a_column_default_calls_without_owned_by_is_asked_for_usage()
     so its missing USAGE was taken for the row's own refusal, every row stored as refused, /readyz and doctor ok."""
     with _granted_postgres() as roles:
         roles.as_owner("CREATE SEQUENCE grfix_ids", "ALTER TABLE accounts ALTER COLUMN id SET DEFAULT nextval('grfix_ids')")
-        created = f.envelope("user.created", f.user("user_grfix6", 5, email="six@example.com"))
-        with _service(roles) as client:
-            refused = _deliver(client, "msg_grfix6", created)
-            ready = client.get("/readyz")
-        grants = _doctor_grants(roles)
-        stored = roles.admin_read("SELECT status FROM webhook_events")
-        roles.as_owner(*(g.rstrip(";") for g in grants))
-        with _service(roles) as client:
-            applied = _deliver(client, "msg_grfix6", created)
+        refused, ready, grants, stored, applied = _refused_until_granted(
+            roles, "msg_grfix6", f.envelope("user.created", f.user("user_grfix6", 5, email="six@example.com")))
         rows = roles.admin_read("SELECT id, clerk_user_id FROM accounts")
     assert refused.status_code == 503 and stored == [], (refused.text, stored)
     assert ready.status_code == 503 and ready.json()["privileges"] == "missing", ready.text
