@@ -52,3 +52,25 @@ def event_hooks() -> list[Hook]:
     """:func:`hooks`' handler for Clerk Billing's events (types clerk-sync does not mirror), named."""
     (hook,) = hooks()
     return [Hook("billing-effects", hook.handler, on=["subscription.*", "subscriptionItem.*", "paymentAttempt.*"])]
+
+
+def resume_after_lease(db_url: str, engine: sa.Engine, hooks: list[Hook]) -> tuple[list[str], set[str], int]:
+    """What a dispatcher finds once a dead worker's lease is over (61 s on): it drains the queue; then every
+    handler call's key, the keyed effects, and the jobs left."""
+    from datetime import UTC, datetime, timedelta
+
+    from clerk_sync.hooks import Dispatcher
+    from clerk_sync.store import Store
+    from clerk_sync.tables import hook_jobs
+
+    later = datetime.now(UTC) + timedelta(seconds=61)  # past the dead worker's lease
+    store = Store.from_url(db_url, hooks=hooks)
+    try:
+        Dispatcher(store, now=lambda: later).drain()
+    finally:
+        store.dispose()
+    with engine.connect() as conn:
+        called = list(conn.execute(sa.select(calls.c.key)).scalars())
+        done = set(conn.execute(sa.select(effects.c.key)).scalars())
+        left = conn.execute(sa.select(sa.func.count()).select_from(hook_jobs)).scalar_one()
+    return called, done, left

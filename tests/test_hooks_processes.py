@@ -12,7 +12,6 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -96,16 +95,10 @@ def test_kill_9_after_commit_and_mid_handler(db_url: str, tmp_path: Path, monkey
             == "running"
 
     monkeypatch.setenv("DATABASE_URL", db_url)
-    store = Store.from_url(db_url, hooks=_hook_worker.hooks())
-    later = datetime.now(UTC) + timedelta(seconds=61)  # past the dead worker's lease
-    Dispatcher(store, now=lambda: later).drain()
-    with engine.connect() as conn:
-        calls = list(conn.execute(sa.select(_hook_worker.calls.c.key)).scalars())
-        effects = set(conn.execute(sa.select(_hook_worker.effects.c.key)).scalars())
-        assert conn.execute(sa.select(sa.func.count()).select_from(hook_jobs)).scalar() == 0
+    calls, effects, left = _hook_worker.resume_after_lease(db_url, engine, _hook_worker.hooks())
+    assert left == 0
     assert effects == EXPECTED  # every applied change acted on, exactly once
     assert sorted(calls) == sorted([*EXPECTED, first])  # only the interrupted one was called twice
-    store.dispose()
     engine.dispose()
 
 
