@@ -73,12 +73,11 @@ class Change:
 Handler = Callable[[Change], None]
 
 #: The Clerk event types a hook may name that clerk-sync stores (answered ``ignored``) but does not mirror:
-#: their hooks get an :class:`Event`. Those of Clerk's webhook spec (``metrics.KNOWN_EVENT_TYPES``), and those
-#: Clerk lists elsewhere (its JS SDK's ``subscriptionItem.created``, the ``invitation.*`` of application
-#: invitations). ``session.revoked``/``ended``/``removed`` are not among them: they are applied (the revocation
+#: their hooks get an :class:`Event`. Every type Clerk documents (``metrics.KNOWN_EVENT_TYPES``: its webhook
+#: spec's, its JS SDK's ``subscriptionItem.created``, the ``invitation.*`` of application invitations) but the
+#: mirrored ones. ``session.revoked``/``ended``/``removed`` are not among them: they are applied (the revocation
 #: deny list), not offered to hooks. A family (``"subscriptionItem.*"``) also takes a type of it Clerk adds later.
-EVENT_TYPES = frozenset(KNOWN_EVENT_TYPES - HANDLED_EVENT_TYPES) | {
-    "subscriptionItem.created", "invitation.created", "invitation.accepted", "invitation.revoked"}
+EVENT_TYPES = KNOWN_EVENT_TYPES - HANDLED_EVENT_TYPES
 _MIRRORED = frozenset(_PREFIX.values())  # the families of the mirrored changes: never an Event
 _EVENT_FAMILIES = frozenset(f"{t.partition('.')[0]}.*" for t in EVENT_TYPES)
 _SUBJECT_CHARS = 100  # a data.id longer than this is keyed by its digest (hook_jobs.entity_key holds 200)

@@ -68,7 +68,9 @@ def _multiprocess() -> bool:
 
 __all__ = ["CONTENT_TYPE_LATEST", "KNOWN_EVENT_TYPES", "DatabaseSnapshot", "Metrics", "event_type_label"]
 
-# Clerk's webhook event types (shared/clerk/examples) : anything else is counted as "other", so a
+# Every webhook event type Clerk documents: its webhooks spec's 45 (the examples in tests/fixtures/clerk), and
+# those it lists elsewhere (its JS SDK's ``subscriptionItem.created``, the ``invitation.*`` of application
+# invitations: tests/fixtures/clerk/event-types-outside-spec.json). Anything else is counted as "other", so a
 # sender cannot grow the label set.
 KNOWN_EVENT_TYPES = HANDLED_EVENT_TYPES | frozenset({
     "email.created", "sms.created", "session.created", "session.pending",
@@ -80,7 +82,8 @@ KNOWN_EVENT_TYPES = HANDLED_EVENT_TYPES | frozenset({
     "subscription.active", "subscription.pastDue", "subscriptionItem.updated", "subscriptionItem.active",
     "subscriptionItem.canceled", "subscriptionItem.upcoming", "subscriptionItem.ended",
     "subscriptionItem.abandoned", "subscriptionItem.incomplete", "subscriptionItem.pastDue",
-    "subscriptionItem.freeTrialEnding",
+    "subscriptionItem.freeTrialEnding", "subscriptionItem.created",
+    "invitation.created", "invitation.accepted", "invitation.revoked",
 })
 _APPLIED = frozenset({DeliveryStatus.APPLIED, DeliveryStatus.SKIPPED})
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
