@@ -89,12 +89,14 @@ class Event:
 
     ``type`` and ``data`` are Clerk's (the payload's ``data`` object as received), ``svix_id`` the delivery's
     id, ``timestamp_ms`` the event's ``timestamp`` (ms; the time received when it had none). ``redacted``:
-    ``data`` was reduced because the person it names was deleted or erased: arriving (or replayed) after
-    that, to what the inbox keeps (``id``, ``object``, ``created_at``, ``updated_at``, ``status``, the
-    payer's ids); queued before, by ``clerk-sync users erase`` (or prune, dead), to ``{"id": ...}`` alone.
-    Jobs of one subject (``data.id``: a subscription, a payment attempt, a waitlist entry) run one at a time
-    in the order the deliveries arrived, which is not always the order Clerk produced them: compare
-    ``timestamp_ms`` (or ``data.updated_at``) with what you stored to leave a late one alone."""
+    ``data`` was reduced because the person it names was deleted or erased (or the organization that pays,
+    ``payer.organization_id``, was deleted): arriving (or replayed) after that, to what the inbox keeps
+    (``id``, ``object``, ``created_at``, ``updated_at``, ``status``, the payer's ``id``, ``user_id`` and
+    ``organization_id``); queued before, by ``clerk-sync users erase`` (or prune, dead), to ``{"id": ...}``
+    alone. Jobs of one subject (``data.id``: a subscription, a payment attempt, a waitlist entry; a user's or an
+    organization's alike) run one at a time in the order the deliveries arrived, which is not always the order
+    Clerk produced them: compare ``timestamp_ms`` (or ``data.updated_at``) with what you stored to leave a late
+    one alone."""
 
     type: str
     svix_id: str

@@ -22,7 +22,7 @@ from datetime import datetime
 import sqlalchemy as sa
 import structlog
 
-from clerk_sync._limits import show
+from clerk_sync._limits import CLERK_ID_CHARS, show
 from clerk_sync._time import as_utc
 from clerk_sync.changes import Event
 from clerk_sync.engine import (
@@ -320,8 +320,11 @@ class WebhookProcessor:
         )
         if not fresh:
             return Outcome(svix_id, envelope.type, DeliveryStatus.DUPLICATE)
+        paid_by = payer_organization(envelope) if person is None and planned.status in _NAMING_KEPT else None
+        if paid_by is not None:  # an organization pays: stored redacted if it is gone, before its event is queued
+            writer.forget_payload_if_deleted(svix_id, Entity.ORGANIZATION, paid_by, redact_payload(envelope.raw))
         if planned.status == DeliveryStatus.IGNORED and writer.outbox is not None:  # (no hooks: no outbox)
-            queue_event(writer, svix_id, envelope, person)
+            queue_event(writer, svix_id, envelope, person or paid_by)
         if (planned.status == DeliveryStatus.FAILED and person is not None
                 and settle_if_stored_redacted(writer, svix_id)):  # (about a user gone already: nothing to replay)
             return Outcome(svix_id, envelope.type, DeliveryStatus.SKIPPED, _SETTLED_ON_ARRIVAL)
@@ -329,7 +332,7 @@ class WebhookProcessor:
         if status != planned.status:
             writer.finish_delivery(svix_id, status, error)
         outcome = self._noting_refusals(writer, refused, Outcome(svix_id, envelope.type, status, error))
-        if person is None:
+        if person is None and paid_by is None:
             self.forget_if_deleted(writer, outcome, envelope)
         return outcome
 
@@ -349,10 +352,15 @@ class WebhookProcessor:
         deleted on arrival because its user or organization is (its ``public_user_data`` names the person) or
         deleted late (skipped: the erasure or the parent's deletion already tombstoned it), or another event
         about a deleted or erased user (a session's, ``email.created``, ``sms.created``, a billing event's
-        payer): keep its ids and versions for dedup, not the personal data it carries."""
+        payer), or a billing event an organization deleted pays (:func:`payer_organization`): keep its ids and
+        versions for dedup, not the personal data it carries."""
         skipped = outcome.status == DeliveryStatus.SKIPPED
         if outcome.status in _NAMING_KEPT and (person := person_named(envelope)) is not None:
             writer.forget_payload_if_deleted(outcome.svix_id, Entity.USER, person, redact_payload(envelope.raw))
+            return
+        if outcome.status in _NAMING_KEPT and (paid_by := payer_organization(envelope)) is not None:
+            writer.forget_payload_if_deleted(outcome.svix_id, Entity.ORGANIZATION, paid_by,
+                                             redact_payload(envelope.raw))
             return
         if not skipped and not writer.deleted_with_parent:
             return  # (the common case: no statement, no re-planning)
@@ -684,7 +692,7 @@ def _replay_in(writer: Writer, svix_id: str, *, events: bool) -> tuple[DeliveryS
     # keeps no personal data; redacted before its event is queued, so the hooks get it reduced as live
     WebhookProcessor.forget_if_deleted(writer, Outcome(svix_id, envelope.type, status, error), envelope)
     queued = (status == DeliveryStatus.IGNORED and writer.outbox is not None and (was_failed or events)
-              and queue_event(writer, svix_id, envelope, person_named(envelope)))
+              and queue_event(writer, svix_id, envelope, person_named(envelope) or payer_organization(envelope)))
     if not was_failed and status in _CHANGED_NOTHING and len(writer.refused) == refused:
         return DeliveryStatus(stored), False, queued
     writer.finish_delivery(svix_id, status, writer.refusals_noted(refused, error), count_attempt=True)
@@ -694,7 +702,8 @@ def _replay_in(writer: Writer, svix_id: str, *, events: bool) -> tuple[DeliveryS
 def queue_event(writer: Writer, svix_id: str, envelope: Envelope, person: str | None) -> bool:
     """Queue a job for each hook naming this unmirrored delivery's type (:meth:`Hook.wants_event`), in the
     caller's transaction, which has just stored (or, replayed, read) the delivery: its data as the inbox keeps
-    it (reduced to ids when ``person``, the user it names, is gone: stored redacted). Whether any was queued."""
+    it (reduced to ids when ``person``, the user it names or the organization that pays, is gone: stored
+    redacted). Whether any was queued."""
     names = writer.outbox.event_hooks(envelope.type) if writer.outbox is not None else ()
     if not names:
         return False
@@ -706,6 +715,17 @@ def queue_event(writer: Writer, svix_id: str, envelope: Envelope, person: str | 
             data, redacted = redact_payload(envelope.raw).get("data") or {}, True
     writer.outbox.record_event(Event(envelope.type, svix_id, envelope.timestamp_ms, data, redacted), names)
     return True
+
+
+def payer_organization(envelope: Envelope) -> str | None:
+    """The organization a Clerk Billing event's payer is (``data.payer.organization_id``), when the payer is no
+    user (Clerk leaves the payer's ``user_id`` and names empty then): once that organization is deleted, the
+    event is stored, and reaches its hooks, reduced, as the events of a deleted user are."""
+    payer = envelope.data.get("payer")
+    if not isinstance(payer, Mapping) or payer.get("user_id"):
+        return None
+    org = payer.get("organization_id")
+    return org if isinstance(org, str) and org and org == org.strip() and len(org) <= CLERK_ID_CHARS else None
 
 
 def _stored_ms(event_ms: int | None, received_at: datetime) -> int:

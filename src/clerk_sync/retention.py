@@ -101,6 +101,7 @@ _ENVELOPE_KEEP = ("type", "object", "timestamp", "instance_id")
 _DATA_KEEP = ("id", "object", "deleted", "created_at", "updated_at", "user_id", "organization_id",
               "expire_at", "status")
 _NESTED_ID = ("organization", "public_user_data", "payer")
+_NESTED_KEEP = ("id", "user_id", "organization_id")  # (a payer's: the user or the organization that pays)
 # A redacted delivery's ``last_error``: the reasons may quote the person (an app's error message), and with the
 # payload reduced to ids there is nothing left to replay or fix.
 _REDACTED_ERROR = "(redacted)"
@@ -144,7 +145,7 @@ def redact_payload(payload: Mapping[str, Any]) -> dict[str, Any]:
         for key in _NESTED_ID:
             nested = data.get(key)
             if isinstance(nested, Mapping):
-                kept[key] = {k: nested[k] for k in ("id", "user_id") if k in nested}
+                kept[key] = {k: nested[k] for k in _NESTED_KEEP if k in nested}
         out["data"] = kept
     out["redacted"] = True
     return out
