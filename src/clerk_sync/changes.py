@@ -192,9 +192,12 @@ class Hook:
         unknown = sorted(set(self.on) - known)
         applied = [t for t in unknown if t in HANDLED_EVENT_TYPES]
         if applied:
-            raise ValueError(f"hook {self.name!r}: {applied} are applied by clerk-sync (a session's revocation "
-                             "goes to the deny list), not offered to hooks; name e.g. 'session.created', or "
-                             "watch the users' changes ('user.updated')")
+            raise ValueError(f"hook {self.name!r}: {applied} are applied by clerk-sync, not offered to hooks: a "
+                             "revoked, ended or removed session goes to the deny list, and its tokens are refused "
+                             "from then on (401 session_revoked, within the deny list's refresh: 1 s) with no code "
+                             "of yours; to act on one yourself (close a long-lived connection), ask "
+                             "clerk_sync.auth.DenyList.is_revoked(session_id). A hook may name 'session.created' "
+                             "and 'session.pending'")
         if unknown:
             raise ValueError(f"hook {self.name!r}: unknown change type(s) {unknown}; expected a mirrored "
                              "change ('user.created', 'organizationMembership.*', '*') or a Clerk event type "
