@@ -83,9 +83,9 @@ def zoned(db_url: str) -> str:
 
 
 def zoned_store(url: str, zone: str = MARIADB_ZONE, **kwargs: Any) -> Store:
-    """A store on ``url``. On MariaDB clerk-sync's engine sets its sessions' time zone to UTC (in place of the
-    URL's ``init_command``), so the zone is set again once each connection is made, as an app's own connect
-    event could: clerk-sync's DATETIME columns hold UTC whatever the session's zone."""
+    """A store on ``url``. On MariaDB clerk-sync's engine sets its sessions' time zone to UTC (after the URL's
+    ``init_command``, whose zone it overrides), so the zone is set again once each connection is made, as an app's
+    own connect event could: clerk-sync's DATETIME columns hold UTC whatever the session's zone."""
     store = Store(create_engine(url), **kwargs)
     if store.engine.dialect.name in ("mysql", "mariadb"):
         @sa.event.listens_for(store.engine, "connect")

@@ -29,7 +29,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -450,7 +450,8 @@ class SchemaMapping:
             return
         projection = self._projection(conn, change.entity, mapped)
         try:
-            projection.apply(conn, now, change, frozenset(leave_out))
+            with _utc_session(conn) if projection.zoned else nullcontext():
+                projection.apply(conn, now, change, frozenset(leave_out))
         except sa.exc.IntegrityError as exc:
             first_line = database_message(exc.orig or exc)  # never the values (MySQL quotes them)
             refused = f"{mapped.table} refused {change.type} for {change.clerk_id}: {first_line}"
@@ -479,7 +480,8 @@ class SchemaMapping:
             return
         projection = self._projection(conn, entity, mapped)
         try:
-            projection.delete_many(conn, now, clerk_ids)
+            with _utc_session(conn) if projection.zoned else nullcontext():
+                projection.delete_many(conn, now, clerk_ids)
         except sa.exc.IntegrityError as exc:
             first_line = database_message(exc.orig or exc)
             raise StoreDataError(f"{mapped.table} refused the deletion of {len(clerk_ids)} rows at once: "
@@ -771,6 +773,11 @@ class _Projection:
         times = {n: type_.timezone for n in self.columns if isinstance(type_ := table.c[n].type, sa.DateTime)}
         self.utc_walls = frozenset(n for n, zoned in times.items() if not zoned or dialect == "sqlite")
         self.utc_aware = frozenset(times) - self.utc_walls
+        # MySQL/MariaDB's TIMESTAMP converts what is written from the session's time_zone: see _utc_session
+        policy = _policy_column(mapped)
+        written = {*self.columns, *self.fixed, *([policy[0]] if policy is not None else [])}
+        self.zoned = dialect in ("mysql", "mariadb") and any(
+            isinstance(table.c[n].type, sa.TIMESTAMP) for n in written if n in table.c)
         names = [*self.columns, *self.fixed]
         binds = {n: sa.bindparam(n, type_=table.c[n].type) for n in names}
         row = binds | {self.key.name: sa.bindparam("_clerk_id")}
@@ -1108,6 +1115,26 @@ _BACKFILL_PAGE = 500  # rows of a backfill page (one savepoint, one query)
 LinkLookup = Callable[[Sequence[str]], Mapping[str, Mapping[str, Any]]]
 """What links users, by Clerk user id: ``email``, ``email_verified`` and ``external_id`` as Clerk has them now
 (a user it does not know is left out). :meth:`SchemaMapping.backfill` asks it for a page's unwritten users."""
+
+
+@contextmanager
+def _utc_session(conn: Connection) -> Iterator[None]:
+    """The MySQL/MariaDB session's ``time_zone`` at UTC while clerk-sync writes an app table's TIMESTAMP columns,
+    then put back: TIMESTAMP converts what is written from the session's zone, and an app's own engine may keep its
+    sessions in another (clerk-sync's sets UTC: ``store.create_engine``), so our UTC wall clock was stored hours
+    off. Not a connect event on the app's engine: that would move the app's own sessions (and its reads) to UTC.
+    Not ``CONVERT_TZ(value, '+00:00', @@session.time_zone)``: it cannot tell the hour a DST change repeats from
+    the one before. One round trip to ask; two more only in a session that is not UTC."""
+    zone = conn.exec_driver_sql("SELECT @@session.time_zone").scalar()
+    if zone in ("+00:00", "UTC"):
+        yield
+        return
+    conn.exec_driver_sql("SET time_zone = '+00:00'")
+    try:
+        yield
+    finally:
+        with suppress(sa.exc.DBAPIError):  # (a connection gone is not pooled again: nothing to put back)
+            conn.exec_driver_sql("SET time_zone = %s", (zone,))
 
 
 def _link_facts(row: Any, facts: Mapping[str, Mapping[str, Any]]) -> JSON:

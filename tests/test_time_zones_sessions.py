@@ -1,0 +1,181 @@
+"""Database sessions clerk-sync does not set up itself: a ``DATABASE_URL`` carrying its own MariaDB
+``init_command``, an app's own engine whose sessions are in another time zone (its mapped TIMESTAMP columns, and
+reconcile's resume and takeover). Zones are set per connection by the test, never on the server."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
+
+from clerk_sync import migrations
+from clerk_sync.clerk_api.ratelimit import RateLimit
+from clerk_sync.errors import ClerkUnavailable, ReconcileBusy
+from clerk_sync.mapping import Column, MappedTable, SchemaMapping, SoftDelete, migrate_schema
+from clerk_sync.reconcile import Reconciler
+from clerk_sync.store import Store, create_engine
+from clerk_sync.tables import reconcile_runs
+from clerk_sync.testing import EmulatorServer
+from tests import factories as f
+from tests.conftest import clerk_client, mysql_database, pg_schema
+from tests.test_hooks import deliver
+from tests.test_reconcile import RETRY
+from tests.test_time_zones import in_zone, session_zone
+
+# -- a DATABASE_URL's own init_command (MariaDB) ------------------------------------------------------------
+
+THEIRS = "SET SESSION group_concat_max_len = 12345, time_zone = '+05:00', sql_mode = 'ANSI_QUOTES'"
+
+
+@pytest.mark.mariadb
+@pytest.mark.parametrize("driver", ["mysqldb", "pymysql"])
+@pytest.mark.parametrize("given_in", ["url", "connect_args"])
+def test_an_init_command_of_the_url_runs_before_clerk_syncs_session_settings(driver: str, given_in: str) -> None:
+    """Fixed: the URL's ``init_command`` (or one in ``connect_args``) was replaced by clerk-sync's without a word
+    (its ``group_concat_max_len`` never set), or replaced clerk-sync's (the session's zone and sql_mode not UTC and
+    strict). Both run now, theirs first: where both set a variable, clerk-sync's wins, and before SQLAlchemy reads
+    ``sql_mode`` on the first connection (it took ANSI_QUOTES from theirs, and quoted names with ``"``)."""
+    with mysql_database() as url:
+        parsed = sa.engine.make_url(url).set(drivername=f"mysql+{driver}")
+        kwargs: dict[str, Any] = {}
+        if given_in == "url":
+            parsed = parsed.update_query_dict({"init_command": THEIRS})
+        else:
+            kwargs["connect_args"] = {"init_command": THEIRS}
+        engine = create_engine(parsed.render_as_string(hide_password=False), **kwargs)
+        migrations.upgrade(engine)  # (quoted names throughout: refused if the dialect quoted them with ")
+        with engine.connect() as conn:
+            length, zone, mode = conn.exec_driver_sql(
+                "SELECT @@session.group_concat_max_len, @@session.time_zone, @@session.sql_mode").one()
+        assert (int(length), zone) == (12345, "+00:00")
+        assert "STRICT_ALL_TABLES" in mode and "ANSI_QUOTES" not in mode
+        assert engine.dialect.identifier_preparer.initial_quote == "`"
+        engine.dispose()
+
+
+# -- an app's own engine: mapped TIMESTAMP columns (MariaDB) -------------------------------------------------
+
+
+@pytest.fixture
+def maria() -> Iterator[str]:
+    with mysql_database() as url:
+        engine = create_engine(url)
+        migrations.upgrade(engine)
+        engine.dispose()
+        yield url
+
+
+def _has_named_zones(engine: sa.Engine) -> bool:
+    with engine.connect() as conn:
+        return conn.exec_driver_sql("SELECT CONVERT_TZ('2026-01-01', '+00:00', 'America/New_York')").scalar() \
+            is not None
+
+
+@pytest.mark.mariadb
+@pytest.mark.parametrize(("zone", "instant"), [
+    ("+13:00", datetime(2023, 11, 14, 22, 13, 20, 123000, tzinfo=UTC)),
+    # 01:30 in New York for the second time (EST): the wall clock alone cannot tell it from the first (EDT)
+    ("America/New_York", datetime(2026, 11, 1, 6, 30, 0, 123000, tzinfo=UTC)),
+])
+def test_mapped_timestamp_columns_hold_the_instant_through_an_apps_engine_in_another_zone(
+        maria: str, zone: str, instant: datetime) -> None:
+    """Fixed: through an app's own engine whose sessions are not UTC, the UTC wall clock clerk-sync writes into a
+    TIMESTAMP column (which converts from the session's zone) was stored shifted by the zone: 13 hours off under
+    +13:00. The mapped writes now run in UTC, and the app's connections are handed back in their own zone."""
+    utc_engine = create_engine(maria)  # a UTC session: it reads what was written
+    if "/" in zone and not _has_named_zones(utc_engine):
+        utc_engine.dispose()
+        pytest.skip("MariaDB's time zone tables are not loaded (mariadb-tzinfo-to-sql)")
+    url = sa.engine.make_url(maria).update_query_dict({"init_command": f"SET time_zone = '{zone}'"})
+    engine = sa.create_engine(url)  # the app's, not clerk-sync's create_engine
+    table = sa.Table("acc_ts", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
+                     sa.Column("clerk_user_id", sa.String(64), unique=True), sa.Column("email", sa.String(320)),
+                     sa.Column("seen", mysql.TIMESTAMP(fsp=3), nullable=True),
+                     sa.Column("deleted_at", mysql.TIMESTAMP(fsp=6), nullable=True))
+    mapping = SchemaMapping(users=MappedTable("acc_ts", "clerk_user_id", {
+        "email": "email", "seen": Column("last_sign_in_at", transform="timestamp")},
+        on_delete=SoftDelete("deleted_at")))
+    with engine.begin() as conn:
+        table.create(conn)
+        migrate_schema(conn, mapping)
+    deleted = datetime(2026, 3, 8, 6, 59, 50, 250000, tzinfo=UTC)
+    store = Store(engine, mapping=mapping, now=lambda: deleted)
+    u = f.user("user_ts", 1_800_000_000_000)
+    u["last_sign_in_at"] = int(instant.timestamp() * 1000)
+    assert deliver(store, f.envelope("user.created", u)) == ["applied"]
+    assert deliver(store, f.envelope("user.deleted", {"id": "user_ts", "deleted": True})) == ["applied"]
+    with utc_engine.connect() as conn:
+        seen, deleted_at = conn.execute(sa.select(table.c.seen, table.c.deleted_at)).one()
+    assert (seen.replace(tzinfo=UTC), deleted_at.replace(tzinfo=UTC)) == (instant, deleted)
+    assert isinstance(engine.pool, sa.pool.QueuePool)
+    pooled = engine.pool.checkedin()  # every connection the writes used is back in the app's zone
+    held = [engine.connect() for _ in range(pooled)]
+    assert [c.exec_driver_sql("SELECT @@session.time_zone").scalar() for c in held] == [zone] * pooled
+    for c in held:
+        c.close()
+    store.dispose()
+    utc_engine.dispose()
+
+
+# -- reconcile's resume and takeover through an app's engine in +13:45 (PostgreSQL) / +13:00 (MariaDB) ---------
+
+
+@pytest.fixture(params=[pytest.param("postgres", marks=pytest.mark.postgres),
+                        pytest.param("mariadb", marks=pytest.mark.mariadb)])
+def zoned_engine(request: pytest.FixtureRequest) -> Iterator[sa.Engine]:
+    """An app's own engine (plain SQLAlchemy) on a migrated database, every session of it in Chatham's zone
+    (PostgreSQL's ``options=-ctimezone=``; MariaDB: ``init_command`` +13:00, the driver's own)."""
+    with (pg_schema() if request.param == "postgres" else mysql_database()) as url:
+        own = create_engine(url)
+        migrations.upgrade(own)
+        own.dispose()
+        engine = sa.create_engine(in_zone(url))
+        assert session_zone(engine) in ("Pacific/Chatham", "+13:00")
+        yield engine
+        engine.dispose()
+
+
+@pytest.mark.parametrize("since", [None, datetime(2020, 1, 1, 12, tzinfo=ZoneInfo("Pacific/Chatham"))])
+def test_reconcile_resumes_and_is_taken_over_by_its_instants_under_a_zoned_session(
+        zoned_engine: sa.Engine, emu: EmulatorServer, since: datetime | None) -> None:
+    """A failed run whose process is gone, still marked running: at 59 s of silence (stale_after_s=60) it is
+    live and not taken over; at 61 s it is, and resumed from its cursor with its ``since`` (read back from the
+    zoned session as the same instant), not started again. A heartbeat read as the wrong zone would be hours
+    off, one way or the other."""
+    t0 = datetime(2026, 3, 8, 6, 59, 50, tzinfo=UTC)
+    clock = [t0]
+    store = Store(zoned_engine, now=lambda: clock[0])
+    emu.emulator.bulk_create_users(300)
+    with clerk_client(emu, limit=RateLimit(200, 1.0), retry=RETRY) as clerk:
+        calls = {"n": 0}
+        real = clerk.list_users
+
+        def flaky(**kwargs: Any) -> Any:
+            calls["n"] += 1
+            if calls["n"] == 4:
+                raise ClerkUnavailable("simulated outage", retry_after=1.0)
+            return real(**kwargs)
+
+        clerk.list_users = flaky  # type: ignore[method-assign]
+        with pytest.raises(ClerkUnavailable):
+            Reconciler(store, clerk, page_size=50, prefetch=1, stale_after_s=60).run(since=since)
+        with store.transaction() as writer:  # as if killed mid-run: still marked running
+            writer.conn.execute(reconcile_runs.update().values(status="running"))
+        with store.connect() as conn:
+            run = conn.execute(sa.select(reconcile_runs)).mappings().one()
+        assert 0 < run["cursor"] < 300
+        clock[0] = t0 + timedelta(seconds=59)
+        with pytest.raises(ReconcileBusy, match=r"last progress 59s ago"):
+            Reconciler(store, clerk, page_size=50, prefetch=1, stale_after_s=60).run(since=since)
+        clock[0] = t0 + timedelta(seconds=61)
+        report = Reconciler(store, clerk, page_size=50, prefetch=1, stale_after_s=60).run(since=since)
+    assert report.resumed and report.run_id == run["id"] and report.counts["users"].created == 300
+    with store.connect() as conn:
+        done = conn.execute(sa.select(reconcile_runs)).mappings().one()
+    assert done["status"] == "completed"
+    store.dispose()
