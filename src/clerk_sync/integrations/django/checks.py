@@ -8,6 +8,7 @@ refuse a setup they cannot work in.
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
@@ -21,6 +22,7 @@ from clerk_sync.auth.sessions import verifier_from_settings
 from clerk_sync.config import Settings
 from clerk_sync.errors import ConfigError
 from clerk_sync.integrations.django.conf import (
+    _SCHEMES,
     DjangoOptions,
     _in_test_environment,
     clerk_settings,
@@ -50,7 +52,8 @@ def check_settings(app_configs: Any = None, **_: Any) -> list[checks.CheckMessag
                              "USER_FIELDS, HOOKS and MAPPING dotted paths to importable objects).",
                              id="clerk_sync.E001")]
     database = _database(settings)  # (a database it cannot open first: which one the models read comes after)
-    return [*database, *([] if database else _models_database(settings)), *_webhook_secret(settings),
+    return [*database, *([] if database else _models_database(settings)), *_database_time_zone(),
+            *_webhook_secret(settings),
             *_session_keys(settings),
             *_authorized_parties(settings), *_middleware_order(), *_require_auth(options),
             *_backend_without_middleware(), *_csrf_middleware()]
@@ -104,6 +107,44 @@ def _models_database(settings: Settings) -> list[checks.CheckMessage]:
              "that alias for it. If both URLs name the same database (a host alias, a pooler), silence this with "
              "SILENCED_SYSTEM_CHECKS = ['clerk_sync.W004'].",
         id="clerk_sync.W004")]
+
+
+def _database_time_zone() -> list[checks.CheckMessage]:
+    """clerk-sync's SQLite and MySQL/MariaDB columns hold UTC's wall clock, and Django reads a time without a zone
+    from such a database in its ``DATABASES[...]['TIME_ZONE']``: another zone there had the admin pages (and
+    ``ClerkUser.objects``) show every time shifted by its offset, and filter by shifted times. A warning rather
+    than fields that read UTC: Django's own date functions (``TruncDate``, the admin's date drill-down) would still
+    convert in SQL from the database's zone."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    from django.db import connections, router
+
+    from clerk_sync.integrations.django.models import ClerkUser
+
+    alias = router.db_for_read(ClerkUser) or "default"
+    if alias not in django_settings.DATABASES or not getattr(django_settings, "USE_TZ", False):
+        return []  # (without USE_TZ Django refuses a database TIME_ZONE itself)
+    # (read as _models_database reads it: the connection's under the test environment, else the setting)
+    entry = connections[alias].settings_dict if _in_test_environment() else django_settings.DATABASES[alias]
+    zone, vendor = entry.get("TIME_ZONE"), _SCHEMES.get(str(entry.get("ENGINE") or ""), "").partition("+")[0]
+    if zone is None or vendor not in ("sqlite", "mysql"):  # (PostgreSQL: timestamptz, read as instants)
+        return []
+    try:
+        tz = ZoneInfo(str(zone))
+    except (ZoneInfoNotFoundError, ValueError):
+        return []  # (Django says so when it connects)
+    if all(tz.utcoffset(datetime(2026, month, 1)) == timedelta(0) for month in (1, 7)):
+        return []  # UTC by another name (Etc/UTC, GMT)
+    name = "SQLite" if vendor == "sqlite" else "MySQL/MariaDB"
+    return [checks.Warning(
+        f"DATABASES[{alias!r}]['TIME_ZONE'] is {zone!r}: Django reads the times of that {name} database in "
+        f"{zone}, but clerk-sync stores them in UTC, so its admin pages and models (ClerkUser, WebhookDelivery...) "
+        "show and filter every time shifted by that zone's offset.",
+        hint=f"Remove TIME_ZONE from DATABASES[{alias!r}] (Django then reads the database's times as UTC, and "
+             "still shows them in settings.TIME_ZONE). If your own tables hold that zone's wall clock, keep it and "
+             "add a second DATABASES entry for the same database without TIME_ZONE, then route the app label "
+             "'clerk_sync' to it with a DATABASE_ROUTERS router whose db_for_read returns that alias.",
+        id="clerk_sync.W005")]
 
 
 def _same_database(a: str, b: str) -> bool:
