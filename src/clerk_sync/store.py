@@ -646,6 +646,8 @@ class Writer:
         Needed for the membership cascade: "membership deleted if its user is deleted" reads one
         row and writes another, which row locks alone cannot order. SQLite has one writer already.
         """
+        if not (self._pg or self._my):
+            return  # SQLite: nothing to take, nor lock ids to compute (two CRC-32s a key, every mapped delivery)
         # In the order of their lock ids, as every writer takes them (the piped batches' ``_LOCKS_SQL``): two
         # writers sorting the same keys differently would deadlock (a backfill page against a batch).
         ids = sorted({_lock_id(k) for k in keys})

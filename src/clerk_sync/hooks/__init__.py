@@ -219,7 +219,9 @@ class Dispatcher:
                     if job.id in given_back:
                         started = n + 1
                         continue
-                    if not stopping and not late and job.hook in self._hooks_at_bound(jobs[n:]):
+                    # (no run overdue, the common case: no hook is at its bound, and nothing is looked up per job)
+                    if (self._overdue and not stopping and not late
+                            and job.hook in self._hooks_at_bound(jobs[n:])):
                         # a run of its hook went overdue in this batch, the hook at its bound: the batch's jobs
                         # of that hook not started are given back now, due at once (their claim's attempt not
                         # counted), while the other hooks' jobs go on
