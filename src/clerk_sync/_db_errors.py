@@ -14,7 +14,7 @@ import sqlalchemy as sa
 import structlog
 from sqlalchemy.engine import Connection
 
-from clerk_sync.errors import StoreDataError, StoreError, database_message
+from clerk_sync.errors import StoreDataError, StoreError, StorePrivilegeMissing, database_message
 
 __all__ = ["POOLER_ADVICE", "PRIVILEGE_ADVICE", "driver_cursor", "foreign_key_of", "is_foreign_key_violation",
            "is_insufficient_privilege", "is_pooler_misconfigured", "is_row_referenced", "is_schema_behind",
@@ -118,7 +118,7 @@ def store_error(exc: sa.exc.SQLAlchemyError) -> StoreError:
                           "DATABASE_URL, or run the RUNBOOK's GRANT statements as root (\"Least-privilege database "
                           "roles\")")
     if is_insufficient_privilege(orig):  # a grant to add: no retry heals it, a GRANT does (the delivery kept)
-        return StoreError(f"{message}; {PRIVILEGE_ADVICE}")
+        return StorePrivilegeMissing(f"{message}; {PRIVILEGE_ADVICE}")
     if _missing_table(orig) or _missing_column(orig):  # the schema is behind (a new install, a new migration)
         mapped = ("; for a column of one of the app's mapped tables, the app's own migrations or `clerk-sync "
                   "migrate --mapping`") if _missing_column(orig) else ""

@@ -24,7 +24,8 @@ Branch by what the caller does next::
     │   │   └── UserDeprovisioned       user_deprovisioned   removed by the company's identity provider (SCIM)
     │   └── UserDeleted                 user_deleted         the user was deleted in Clerk -> 410
     ├── StoreError                      store_unavailable    transient DB failure: 5xx, Svix retries
-    │   └── ParentNotThere              parent_not_there     a row an app table refers to has not arrived: 503, retried
+    │   ├── ParentNotThere              parent_not_there     a row an app table refers to has not arrived: 503, retried
+    │   └── StorePrivilegeMissing       store_privilege_missing  the role lacks a GRANT: 503, applied once granted
     ├── ClerkAPIError                   clerk_api_error      Clerk's Backend API refused or failed
     │   ├── ClerkNotFound               clerk_not_found      404: the object does not exist (any more)
     │   ├── ClerkUnauthorized           clerk_unauthorized   401/403: CLERK_SECRET_KEY is wrong
@@ -72,6 +73,7 @@ __all__ = [
     "SessionUserBanned",
     "StoreDataError",
     "StoreError",
+    "StorePrivilegeMissing",
     "TokenAlgorithmNotAllowed",
     "TokenAuthorizedPartyInvalid",
     "TokenClaimMissing",
@@ -181,6 +183,14 @@ class ParentNotThere(StoreError):
     def __init__(self, message: str, refused: str = "") -> None:
         super().__init__(message)
         self.refused = refused
+
+
+class StorePrivilegeMissing(StoreError):
+    """The database refused a statement because the role clerk-sync runs as lacks a privilege (a GRANT to run
+    as the tables' owner; ``clerk-sync doctor`` with the same DATABASE_URL prints it): not an outage, a setting.
+    Nothing was written; a webhook delivery is answered 503 so Svix retries it, and it applies once granted."""
+
+    code = "store_privilege_missing"
 
 
 class StoreDataError(StoreError):

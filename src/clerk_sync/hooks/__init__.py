@@ -30,7 +30,7 @@ from sqlalchemy.engine import Connection
 
 from clerk_sync._time import utcnow
 from clerk_sync.changes import Change, Event, Hook
-from clerk_sync.errors import HookGaveUp, HookRetryLater, StoreDataError, StoreError
+from clerk_sync.errors import HookGaveUp, HookRetryLater, StoreDataError, StoreError, StorePrivilegeMissing
 from clerk_sync.metrics import Metrics
 from clerk_sync.outbox import Job, claim, extend, fail, finish_many, release
 from clerk_sync.store import Store
@@ -280,7 +280,7 @@ class Dispatcher:
         return len(jobs)
 
     def _check_outbox_privileges(self) -> None:
-        """Raise :class:`StoreError` (what to grant) while the database role may not update and delete
+        """Raise :class:`StorePrivilegeMissing` (what to grant) while the database role may not update and delete
         ``hook_jobs``: a job claimed then would run, its end could not be recorded, and it would run again
         at every lease's end until someone granted it (a welcome mail a minute). Asked until granted."""
         if self._outbox_granted:
@@ -294,10 +294,10 @@ class Dispatcher:
         except sa.exc.SQLAlchemyError as exc:
             raise store_error(exc) from exc
         if refusal is not None:  # (the database's refusal as the cause: the CLI's exit 2, a setting to fix)
-            raise StoreError(f"the database role may not {', '.join(lacking)} hook_jobs, so no hook job is claimed "
-                             "(one would run and could not be recorded done, then run again at every lease's end): "
-                             f"as the tables' owner, run {grant} (RUNBOOK, \"Least-privilege database roles\"); "
-                             "claiming resumes once granted") from refusal
+            raise StorePrivilegeMissing(
+                f"the database role may not {', '.join(lacking)} hook_jobs, so no hook job is claimed (one would run "
+                "and could not be recorded done, then run again at every lease's end): as the tables' owner, run "
+                f"{grant} (RUNBOOK, \"Least-privilege database roles\"); claiming resumes once granted") from refusal
         self._outbox_granted = True
 
     def _give_back(self, jobs: list[Job], interrupted: Job | None = None) -> None:
@@ -705,8 +705,12 @@ class Dispatcher:
             except StoreError as exc:
                 down += 1
                 pause = self._pause(down, max(_DOWN_PAUSE_MAX_S, self.poll_s))
-                log.warning("hook dispatch: database unavailable", error=_with_advice(str(exc)), attempt=down,
-                            retry_in_s=round(pause, 3))
+                if isinstance(exc, StorePrivilegeMissing):  # a GRANT to run (its message has it), not an outage
+                    log.warning("hook dispatch: the database role lacks a privilege; no job is claimed until it is "
+                                "granted", error=str(exc), attempt=down, retry_in_s=round(pause, 3))
+                else:
+                    log.warning("hook dispatch: database unavailable", error=_with_advice(str(exc)), attempt=down,
+                                retry_in_s=round(pause, 3))
                 claimed = 0
             except BaseException as exc:  # a bug must not stop hooks for good while serve keeps answering 200
                 if self._stopping(exc):

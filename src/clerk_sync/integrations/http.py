@@ -35,6 +35,7 @@ from clerk_sync.errors import (
     ReconcileBusy,
     StoreDataError,
     StoreError,
+    StorePrivilegeMissing,
     TokenError,
     TokenKeysUnavailable,
     UnknownUser,
@@ -67,6 +68,7 @@ STATUS_BY_ERROR: dict[type[ClerkSyncError], int] = {
     UserDeleted: 410,
     StoreError: 503,
     ParentNotThere: 503,  # not an outage, but retried the same way (nothing was written)
+    StorePrivilegeMissing: 503,  # a setting, not an outage: still 503, so Svix retries it once granted
     ClerkAPIError: 502,
     ClerkNotFound: 404,
     ClerkUnauthorized: 500,
@@ -88,6 +90,11 @@ _PUBLIC_MESSAGES: dict[type[ClerkSyncError], str] = {  # the first class that ma
     ParentNotThere: "a row this change refers to in the app's tables (the organization or user of a membership) "
                     "has not arrived yet: nothing was written; Clerk retries the delivery, which applies once "
                     "it has (the table and the change are in the service's log)",
+    # (no table, privilege or role name: those are the operator's, in the log and in doctor's output)
+    StorePrivilegeMissing: "the database role this service runs as lacks a privilege it needs: nothing was written, "
+                           "retry later (Clerk retries deliveries). The operator runs `clerk-sync doctor` as that "
+                           "role (the service's DATABASE_URL), which prints the GRANT statements to run as the "
+                           "tables' owner (which table and privilege: the service's log)",
     StoreError: "the database is unavailable: retry later (the cause is in the service's log)",
     TokenKeysUnavailable: "the keys that verify session tokens are unavailable: retry later (the cause is in "
                           "the service's log)",
@@ -169,8 +176,10 @@ def _log_cause(cls: type[ClerkSyncError], exc: ClerkSyncError) -> None:
     if cls is StoreDataError:  # about one request's data, not an outage: each one is its own story
         log.warning("answered_unavailable", error=exc.code, cause=str(exc), also_answered_since_last_line=0)
         return
-    # A parent not arrived yet is an ordering Svix's retry heals (info), not an outage (warning)
+    # A parent not arrived yet is an ordering Svix's retry heals (info), not an outage (warning); a missing
+    # privilege is a setting to fix, said as that (its cause has the GRANT advice)
     say, event = ((log.info, "answered_parent_not_there") if cls is ParentNotThere
+                  else (log.warning, "answered_privilege_missing") if cls is StorePrivilegeMissing
                   else (log.warning, "answered_unavailable"))
     cause = (cls, _cause_key(" ".join(str(exc).split())))
     now = _now()

@@ -45,7 +45,7 @@ from django.utils.functional import SimpleLazyObject
 from django.utils.module_loading import import_string
 
 from clerk_sync.auth.sessions import is_public_path
-from clerk_sync.errors import ClerkSyncError, StoreError
+from clerk_sync.errors import ClerkSyncError, StoreError, StorePrivilegeMissing
 from clerk_sync.integrations.django.request import (
     ClerkRequest,
     ClerkUserUnavailable,
@@ -232,8 +232,12 @@ def _user_unavailable_response(request: HttpRequest, exc: ClerkUserUnavailable) 
     error = exc.error
     retry_after = getattr(error, "retry_after", None)
     wait = max(1, int(retry_after)) if isinstance(retry_after, int | float) else _STORE_RETRY_AFTER_S
-    down = "the auth database" if isinstance(error, StoreError) else "Clerk"
-    message = f"{down} is unavailable, so who is signed in cannot be told: retry in {wait} s"
+    if isinstance(error, StorePrivilegeMissing):  # a GRANT to run, not an outage (the log names it)
+        down = ("the auth database refuses this service's database role a privilege it needs (the service's log "
+                "says which)")
+    else:
+        down = f"{'the auth database' if isinstance(error, StoreError) else 'Clerk'} is unavailable"
+    message = f"{down}, so who is signed in cannot be told: retry in {wait} s"
     if _wants_json(request):
         response: HttpResponse = JsonResponse({"error": error.code, "message": message}, status=503)
     else:

@@ -34,6 +34,7 @@ from clerk_sync.errors import (
     RateLimited,
     StoreDataError,
     StoreError,
+    StorePrivilegeMissing,
     TokenError,
     TokenKeysUnavailable,
     TokenMissing,
@@ -67,8 +68,7 @@ class ClerkUserUnavailable(Exception):
     templates would swallow as a missing variable and render the page as signed out."""
 
     def __init__(self, error: ClerkSyncError) -> None:
-        super().__init__(f"who is signed in cannot be told while {_what_is_down(error)} is unavailable "
-                         f"({error.code}): answered 503")
+        super().__init__(f"who is signed in cannot be told while {_what_is_down(error)} ({error.code}): answered 503")
         self.error = error
 
     def __reduce__(self) -> tuple[type[ClerkUserUnavailable], tuple[ClerkSyncError]]:  # copy, pickle
@@ -76,7 +76,10 @@ class ClerkUserUnavailable(Exception):
 
 
 def _what_is_down(error: ClerkSyncError) -> str:
-    return "the auth database" if isinstance(error, StoreError) else "Clerk"
+    """What stops the answer, as "while ..." says it: a missing GRANT is no outage (the operator's to run)."""
+    if isinstance(error, StorePrivilegeMissing):
+        return "the auth database refuses this service's database role a privilege it needs"
+    return f"{'the auth database' if isinstance(error, StoreError) else 'Clerk'} is unavailable"
 
 
 def _on_event_loop() -> bool:
