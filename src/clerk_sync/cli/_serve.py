@@ -192,6 +192,14 @@ def _worker_app() -> Any:
         report(_one_line(exc))
         raise SystemExit(STARTUP_FAILURE) from None
     tell_startup_failure(app, report)
+    migration = getattr(app.state, "clerk_sync_migration", None)
+    if migration is not None:  # refused for good while serving (the database was down at start): as a failed start
+
+        def refused() -> None:  # (nothing to lose: every delivery was answered 503 until migrated)
+            report(migration.refused or "the migration was refused")
+            os._exit(STARTUP_FAILURE)  # the supervisor stops the others and says the report's line
+
+        migration.on_refused = refused
     return app
 
 

@@ -30,10 +30,18 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 
 from clerk_sync import migrations
-from clerk_sync._db_errors import store_error
+from clerk_sync._db_errors import privilege_refusal, store_error
 from clerk_sync.config import Settings
 from clerk_sync.engine import DeliveryStatus
-from clerk_sync.errors import ClerkSyncError, PayloadTooLarge, StoreError, WebhookBodyTimeout, WebhookError
+from clerk_sync.errors import (
+    ClerkSyncError,
+    ConfigError,
+    PayloadTooLarge,
+    StoreError,
+    WebhookBodyTimeout,
+    WebhookError,
+    database_message,
+)
 from clerk_sync.events import Envelope
 from clerk_sync.freshness import database_probe
 from clerk_sync.ingest import Outcome, WebhookProcessor
@@ -320,12 +328,19 @@ def with_and_without_slash(path: str) -> list[str]:
 class StartupMigration:
     """``serve`` migrates in the background instead of refusing to start when the database is down:
     until the migration has run, ``/readyz`` and deliveries answer 503 (Svix retries); attempts back
-    off from ``first_delay_s`` to ``max_delay_s``."""
+    off from ``first_delay_s`` to ``max_delay_s``.
+
+    A migration the database refuses for a privilege (``serve --migrate`` run as a runtime role on a schema
+    behind: no retry grants it) or a database a newer release migrated is no outage: :meth:`attempt` raises
+    :class:`ConfigError` (before serving: the start fails, saying what to run) and :meth:`retry` stops, ``refused``
+    says why and ``on_refused`` is called (``serve`` exits 2). A database that is merely down is retried."""
 
     def __init__(self, engine: Engine, *, first_delay_s: float = 0.5, max_delay_s: float = 30.0) -> None:
         self.engine = engine
         self.done = False
         self.error: str | None = None
+        self.refused: str | None = None  # why the migration can never run as this role (set, it is not retried)
+        self.on_refused: Callable[[], None] | None = None  # (``serve`` stops itself; set before start-up)
         self.attempts = 0
         self._first, self._max = first_delay_s, max_delay_s
 
@@ -334,18 +349,26 @@ class StartupMigration:
         user) is not in it, only in the service log: this is the body of a 503 anyone may receive."""
         if self.done:
             return None
+        if self.refused is not None:
+            return ("database not ready: the migration was refused and is not retried (the service log says why: "
+                    "migration_refused)")
         return ("database not ready: migrations have not run yet, retrying in the background (the service log "
                 "says why: migration_retry)")
 
     async def attempt(self) -> bool:
-        """One try; True once migrations are current."""
+        """One try; True once migrations are current. Raises :class:`ConfigError` when no retry can help."""
         self.attempts += 1
         try:
             await to_thread.run_sync(migrations.upgrade, self.engine)
-        except (SQLAlchemyError, StoreError, CommandError) as exc:
+        except (SQLAlchemyError, StoreError, CommandError, ConfigError) as exc:
             # The database down, a failed step (MigrationError: which one, why), or Alembic's refusal: one
             # line in the log, and tried again (a lock wait that ran out passes). A database a newer release
-            # migrated is a ConfigError: the start fails, saying so.
+            # migrated (ConfigError), or a step refused for a privilege: the start fails, saying so.
+            refused = _refused(exc)
+            if refused is not None:
+                self.refused = self.error = refused
+                log.error("migration_refused", attempt=self.attempts, error=refused)
+                raise ConfigError(refused) from exc
             if isinstance(exc, SQLAlchemyError):
                 orig = getattr(exc, "orig", None) or exc
                 self.error = f"{type(orig).__name__}: {(str(orig).strip().splitlines() or [''])[0][:200]}"
@@ -357,14 +380,37 @@ class StartupMigration:
         return True
 
     async def retry(self) -> None:
-        """Try again with backoff until it works (the service keeps answering meanwhile)."""
+        """Try again with backoff until it works (the service keeps answering meanwhile), or until the database
+        refuses it for good (``refused``; ``on_refused`` is called)."""
         delay = self._first
         while True:
             log.warning("migration_retry", attempt=self.attempts, retry_in_s=delay, error=self.error)
             await anyio.sleep(delay)
-            if await self.attempt():
+            try:
+                if await self.attempt():
+                    return
+            except ConfigError:
+                if self.on_refused is not None:
+                    self.on_refused()
                 return
             delay = min(delay * 2, self._max)
+
+
+def _refused(exc: BaseException) -> str | None:
+    """Why ``exc`` (of a migration) can never succeed as this role, or None when a retry may: a database a newer
+    release migrated (its ConfigError says what to do), or a refusal for a privilege (what, and whose job it is)."""
+    if isinstance(exc, ConfigError):
+        return str(exc)
+    denied = privilege_refusal(exc)
+    if denied is None:
+        return None
+    if isinstance(exc, StoreError):  # a failed step (MigrationError): it names the step and the owner's migrate
+        return f"serve --migrate: {' '.join(str(exc).split())}"
+    orig = denied.orig or denied
+    return (f"serve --migrate: the database refused the migration for a privilege ({type(orig).__name__}: "
+            f"{database_message(orig)}): this role may not change the schema, and no retry grants it. Run "
+            "`clerk-sync migrate` as the role that owns the tables, then `serve --no-migrate` as this one (RUNBOOK, "
+            "\"Least-privilege database roles\")")
 
 
 _READ_ONLY = "read-only"
@@ -387,9 +433,16 @@ class _RolePrivileges:
     ~25 ms), so a REVOKE is seen within a minute and a missing grant is not asked at every poll; logged once per
     change (SQLite has no roles). Polls at once (two probes of a load balancer) wait for one verdict: one probe, one
     log line. Whether this process dispatches is ``app.state.clerk_sync_dispatches`` (``serve --hooks`` sets it; an
-    app that starts its own :class:`~clerk_sync.hooks.Dispatcher` sets it too)."""
+    app that starts its own :class:`~clerk_sync.hooks.Dispatcher` sets it too).
+
+    A poll waits at most ``wait_s`` for a probe under way (a database that hangs on the catalog, a pool with no
+    connection to give): past it, it answers the last verdict, however old (the probe under way asks the same of
+    the same role, and a replica is not taken out of rotation because a catalog read is slow), or ``None`` when
+    there is none yet (``/readyz`` then says ``"privileges": "unknown"``, not ready: never checked is not granted).
+    Without the bound every poll queued behind a hung probe, each holding a worker thread, for ever."""
 
     clock: Callable[[], float] = staticmethod(time.monotonic)  # (tests inject theirs)
+    wait_s = 2.0  # a probe takes ~25 ms: one that outlives this is hung, or waits on the database (tests: theirs)
 
     def __init__(self, store: Store, ttl_s: float = 60.0) -> None:
         self.store = store
@@ -398,13 +451,33 @@ class _RolePrivileges:
         self._verdicts: dict[bool, tuple[float, list[str], list[str]]] = {}
         self._said: dict[bool, tuple[str, ...]] = {}
         self._asking = threading.Lock()  # (readyz runs in worker threads)
+        self._probes = 0  # probes started (under _asking): which one a slow-probe line was said of
+        self._slow_said = -1
 
-    def missing(self, dispatches: bool = False) -> tuple[list[str], list[str]]:
-        """(what is missing, the GRANT statements that give it); both empty when granted."""
+    def missing(self, dispatches: bool = False) -> tuple[list[str], list[str]] | None:
+        """(what is missing, the GRANT statements that give it); both empty when granted; None when a probe under
+        way outlived ``wait_s`` and there is no verdict yet."""
         if self.sqlite:
             return [], []
-        with self._asking:
+        kept = self._verdicts.get(dispatches)
+        if kept is not None and self.clock() - kept[0] < self.ttl_s:  # a fresh verdict: no wait behind a probe
+            return kept[1], kept[2]
+        if not self._asking.acquire(timeout=self.wait_s):
+            return self._while_probing(dispatches)
+        try:
             return self._missing(dispatches)
+        finally:
+            self._asking.release()
+
+    def _while_probing(self, dispatches: bool) -> tuple[list[str], list[str]] | None:
+        kept = self._verdicts.get(dispatches)
+        if self._slow_said != self._probes:  # once per probe that hangs, not at every poll behind it
+            self._slow_said = self._probes
+            log.warning("readyz_privilege_probe_slow", waited_s=self.wait_s,
+                        answered="the last verdict" if kept is not None else "privileges unknown (not ready)",
+                        hint="the database answers the privileges probe slowly or not at all (a hung catalog read, "
+                             "a connection pool with none to give): check the database and its locks")
+        return (kept[1], kept[2]) if kept is not None else None
 
     def _missing(self, dispatches: bool) -> tuple[list[str], list[str]]:
         now = self.clock()
@@ -413,6 +486,7 @@ class _RolePrivileges:
             return kept[1], kept[2]
         from clerk_sync.migrations._privileges import DELIVERIES, DISPATCHER, missing_privileges
 
+        self._probes += 1
         with self.store.connect() as conn:
             found = missing_privileges(conn, self.store.mapping,
                                        frozenset({DELIVERIES, DISPATCHER} if dispatches else {DELIVERIES}))
@@ -451,7 +525,7 @@ def _service_routes(processor: WebhookProcessor, migration: StartupMigration | N
                 state["migrations"] = "newer than this release"
             if at != "behind":
                 try:
-                    needed, _ = privileges.missing(dispatches)
+                    verdict = privileges.missing(dispatches)
                 except (SQLAlchemyError, StoreError) as exc:
                     if _read_only(exc.__cause__ if isinstance(exc, StoreError) else exc):
                         state["database"] = _READ_ONLY  # a standby, a read-only role: up, but no delivery written
@@ -459,7 +533,9 @@ def _service_routes(processor: WebhookProcessor, migration: StartupMigration | N
                     if isinstance(exc, StoreError):
                         raise
                     raise store_error(exc) from exc
-                if needed:
+                if verdict is None:  # a probe under way outlived its wait, and none has answered yet
+                    state["privileges"] = "unknown"
+                elif verdict[0]:
                     state["privileges"] = "missing"
             return state
 
@@ -476,6 +552,9 @@ def _service_routes(processor: WebhookProcessor, migration: StartupMigration | N
         if state["database"] == _READ_ONLY:
             log.warning("readyz_database_read_only")
             state["hint"] = "DATABASE_URL points at a standby or a read-only role: deliveries cannot be written"
+        elif state.get("privileges") == "unknown":
+            state["hint"] = ("the database has not answered the privileges probe yet (the service's log says more: "
+                             "readyz_privilege_probe_slow); ask again")
         elif "privileges" in state:
             state["hint"] = ("the database role lacks a privilege the service needs: `clerk-sync doctor` prints the "
                              "GRANT statements (the service's log names them too)")
@@ -539,8 +618,10 @@ def create_app(settings: Settings, processor: WebhookProcessor | None = None, *,
     fast = Middleware(WebhookFastPath, processor=processor, committer=committer,
                       not_ready=migration.pending if migration is not None else None,
                       read_timeout_s=settings.webhook_read_timeout_s)
-    return Starlette(routes=routes, lifespan=lifespan, middleware=[fast],
-                     exception_handlers={HTTPException: _routing_error})
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=[fast],
+                    exception_handlers={HTTPException: _routing_error})
+    app.state.clerk_sync_migration = migration  # (serve stops itself on a migration refused for good: on_refused)
+    return app
 
 
 async def _routing_error(request: Request, exc: Exception) -> Response:

@@ -10,11 +10,12 @@ answers by its own rules (roles, wildcards, column grants), and nothing is writt
 triggers). The app's mapped tables are asked as :func:`clerk_sync.mapping.lacking_privileges` does: PostgreSQL's
 catalog (no statement runs on the app's table, whose statement-level triggers would fire), MySQL/MariaDB's zero-row
 statements (its triggers are FOR EACH ROW: none fires). PostgreSQL's serial sequences and TEMPORARY are asked of its
-catalog functions; MySQL/MariaDB's database-wide privileges (CREATE TEMPORARY TABLES, LOCK TABLES) of
-``information_schema``, which shows a role's own grants only (not those of a MariaDB role)."""
+catalog functions; MySQL/MariaDB's database-wide privileges (CREATE TEMPORARY TABLES, LOCK TABLES) of ``SHOW GRANTS``
+for the user and the roles it has in use (``information_schema`` alone shows a user's own grants, not a role's)."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import sqlalchemy as sa
@@ -225,13 +226,66 @@ def _postgres_extras(conn: Connection, needs: list[_Need], grantee: str, missing
 
 def _mysql_extras(conn: Connection, grantee: str, missing: Missing) -> None:
     """CREATE TEMPORARY TABLES (``reconcile --dry-run``) and LOCK TABLES (``users erase``'s wait for deliveries
-    in progress) on the database, as ``information_schema`` shows the role's own grants."""
-    held = set(conn.execute(sa.text(
-        "SELECT PRIVILEGE_TYPE FROM information_schema.SCHEMA_PRIVILEGES WHERE DATABASE() LIKE TABLE_SCHEMA "
-        "UNION SELECT PRIVILEGE_TYPE FROM information_schema.USER_PRIVILEGES")).scalars())
+    in progress) on the database, as the role holds them itself or through the roles it has in use
+    (:func:`_mysql_database_privileges`)."""
+    held = _mysql_database_privileges(conn)
     database = _quote(conn, str(conn.exec_driver_sql("SELECT DATABASE()").scalar_one()))
     for privilege, why in (("CREATE TEMPORARY TABLES", "`reconcile --dry-run` stages ids in a TEMPORARY table"),
                            ("LOCK TABLES", "`users erase` waits for deliveries in progress with LOCK TABLES .. READ")):
-        if privilege not in held:
+        if privilege not in held and "ALL PRIVILEGES" not in held:
             missing.optional.append((f"{privilege} on the database ({why})",
                                      f"GRANT {privilege} ON {database}.* TO {grantee};"))
+
+
+# A GRANT statement SHOW GRANTS prints: its privileges (column lists in parentheses) and what it is on. A role's own
+# line ("GRANT `role` TO `user`@`%`") has no ON.
+_GRANT_LINE = re.compile(r"^GRANT (?P<privileges>.+?) ON (?:(?:TABLE|FUNCTION|PROCEDURE|PACKAGE(?: BODY)?) )?"
+                         r"(?P<database>\*|`(?:[^`]|``)*`|\w+)\.(?P<table>\*|`(?:[^`]|``)*`|\w+) TO ", re.DOTALL)
+
+
+def _mysql_database_privileges(conn: Connection) -> set[str]:
+    """The database-wide (and global) privileges this session holds on its database: what ``SHOW GRANTS`` says of
+    the user and of each role in use (``information_schema.ENABLED_ROLES``: the default role, SET ROLE's, and the
+    roles granted to those), with what ``information_schema`` lists for the user (MySQL). ``information_schema``
+    alone shows the user's own grants, not those received through a MariaDB role: a false warning there."""
+    held = set(conn.execute(sa.text(
+        "SELECT PRIVILEGE_TYPE FROM information_schema.SCHEMA_PRIVILEGES WHERE DATABASE() LIKE TABLE_SCHEMA "
+        "UNION SELECT PRIVILEGE_TYPE FROM information_schema.USER_PRIVILEGES")).scalars())
+    database = str(conn.exec_driver_sql("SELECT DATABASE()").scalar_one())
+    lines = [str(row[0]) for row in conn.exec_driver_sql("SHOW GRANTS")]
+    try:
+        roles = [str(role) for role in conn.exec_driver_sql(
+            "SELECT ROLE_NAME FROM information_schema.ENABLED_ROLES").scalars() if role is not None]  # (none: NULL)
+    except sa.exc.DBAPIError:  # a server without it (MySQL before 8.0.19): the user's own grants only
+        roles = []
+    for role in roles:
+        try:  # (MariaDB lets a user see the grants of a role it has; a refusal leaves the role's out)
+            lines += [str(row[0]) for row in conn.exec_driver_sql(f"SHOW GRANTS FOR {_quote_always(role)}")]
+        except sa.exc.DBAPIError:
+            continue
+    for line in lines:
+        grant = _GRANT_LINE.match(line)
+        if grant is None or grant["table"] != "*":
+            continue
+        if grant["database"] != "*" and not _database_matches(_unquote(grant["database"]), database):
+            continue
+        listed = re.sub(r"\([^)]*\)", "", grant["privileges"])  # column lists: not a database-wide privilege
+        held.update(p.strip().upper() for p in listed.split(","))
+    return held
+
+
+def _quote_always(name: str) -> str:
+    return "`" + name.replace("`", "``") + "`"
+
+
+def _unquote(name: str) -> str:
+    return name[1:-1].replace("``", "`") if name.startswith("`") else name
+
+
+def _database_matches(pattern: str, database: str) -> bool:
+    """A GRANT's database name, whose ``_`` and ``%`` are wildcards unless escaped (``grants\\_x``), matches
+    ``database``."""
+    parts = re.findall(r"\\.|.", pattern, re.DOTALL)
+    regex = "".join(re.escape(p[1]) if p.startswith("\\") and len(p) == 2 else
+                    "." if p == "_" else ".*" if p == "%" else re.escape(p) for p in parts)
+    return re.fullmatch(regex, database, re.DOTALL) is not None
