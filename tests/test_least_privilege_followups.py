@@ -7,7 +7,9 @@ The database tests make their own roles (users) and database (tests/test_least_p
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -31,7 +33,7 @@ from clerk_sync.migrations import _privileges
 from clerk_sync.store import Store, create_engine
 from tests import factories as f
 from tests._grants_app import HOOKS
-from tests._server import running, unreachable_engine
+from tests._server import free_port, running, unreachable_engine
 from tests.conftest import SECRET
 from tests.test_cli import CLI, run
 from tests.test_least_privilege_roles import (
@@ -298,3 +300,62 @@ def test_mariadb_doctor_sees_temporary_and_lock_tables_granted_through_a_role() 
 def _cli_env(env: dict[str, str]) -> dict[str, Any]:
     full = {k: v for k, v in os.environ.items() if not k.startswith("CLERK_") and k != "DATABASE_URL"}
     return full | env
+
+
+def _forward(listener: socket.socket, target: tuple[str, int]) -> None:
+    """Accept on ``listener`` and pass bytes both ways to ``target`` (the database, once the test lets it be reached)."""
+    while True:
+        try:
+            client, _ = listener.accept()
+        except OSError:  # closed: the test is over
+            return
+        server = socket.create_connection(target)
+        for source, sink in ((client, server), (server, client)):
+            threading.Thread(target=_pump, args=(source, sink), daemon=True).start()
+
+
+def _pump(source: socket.socket, sink: socket.socket) -> None:
+    try:
+        while data := source.recv(65536):
+            sink.sendall(data)
+    except OSError:
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+
+@pytest.mark.postgres
+def test_serve_migrate_refused_once_the_database_is_back_exits_too() -> None:
+    """The database down at start (its port closed: migration_retry), then reached (the test opens the port once the
+    retry is logged): the migration refused for a privilege stops serve with exit 2, as at start."""
+    with _postgres() as made:
+        _behind_for_the_runtime_role(made)
+        port = free_port()
+        url = sa.engine.make_url(made.runtime_url).set(host="127.0.0.1", port=port)
+        database = sa.engine.make_url(made.runtime_url)
+        env = _cli_env(_env(made) | {"DATABASE_URL": url.render_as_string(hide_password=False)})
+        proc = subprocess.Popen([*CLI, "serve", "--port", "0", "--migrate"], env=env, text=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        listener = socket.socket()
+        try:
+            assert proc.stderr is not None
+            for line in proc.stderr:
+                if "migration_retry" in line:
+                    break
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("127.0.0.1", port))
+            listener.listen()
+            threading.Thread(target=_forward, args=(listener, (database.host or "127.0.0.1", database.port or 5432)),
+                             daemon=True).start()
+            try:
+                _, err = proc.communicate(timeout=90)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                _, err = proc.communicate()
+                pytest.fail(f"serve --migrate kept running: {err[-2000:]}")
+        finally:
+            listener.close()
+    said = " ".join(err.split())
+    assert proc.returncode == 2, said
+    assert "migration_refused" in said and "run `clerk-sync migrate` as the role that owns them" in said, said
