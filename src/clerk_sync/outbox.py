@@ -738,12 +738,12 @@ def delete_jobs(conn: Connection, ids: Sequence[int] | None = None, *, hook: str
 
 
 def redact_jobs(conn: Connection, mentions: Mentions | None = None, *, ids: Sequence[int] | None = None,
-                only: Callable[[JSON], bool] | None = None) -> int:
+                types: Sequence[str] | None = None, only: Callable[[JSON], bool] | None = None) -> int:
     """Keep only the ids (entity, Clerk id, kind, version) of the jobs whose change or last error names the
     person ``mentions`` (erasure), or of the jobs ``ids`` (pruning): the handler still learns of the change,
     not the person. The last error (a handler's message may quote the person) keeps only the exception's
-    name. ``only``: of the jobs ``mentions`` finds, those whose parsed payload it takes (one that is not JSON:
-    none). Returns how many."""
+    name. ``types``: only the jobs of these types are searched; ``only``: of the jobs ``mentions`` finds, those
+    whose parsed payload it takes (one that is not JSON: none). Returns how many."""
     j = hook_jobs
     where: sa.ColumnElement[bool]
     if ids is not None:
@@ -754,6 +754,8 @@ def redact_jobs(conn: Connection, mentions: Mentions | None = None, *, ids: Sequ
         lower = unicode_lower(conn)
         where = sa.or_(*(folded_like(lower, c, n) for n in mentions.patterns()
                          for c in (sa.cast(j.c.payload, sa.Text), j.c.last_error)))
+    if types is not None:
+        where = sa.and_(j.c.type.in_(types), where)
     done = 0
     for row in conn.execute(sa.select(j.c.id, RAW_PAYLOAD, j.c.last_error).where(where)).all():
         try:
