@@ -13,9 +13,10 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 
+from clerk_sync import mapping as mapping_module
 from clerk_sync import migrations
 from clerk_sync.clerk_api.ratelimit import RateLimit
-from clerk_sync.errors import ClerkUnavailable, ReconcileBusy
+from clerk_sync.errors import ClerkUnavailable, ReconcileBusy, StoreError
 from clerk_sync.mapping import Column, MappedTable, SchemaMapping, SoftDelete, migrate_schema
 from clerk_sync.reconcile import Reconciler
 from clerk_sync.store import Store, create_engine
@@ -179,3 +180,45 @@ def test_reconcile_resumes_and_is_taken_over_by_its_instants_under_a_zoned_sessi
         done = conn.execute(sa.select(reconcile_runs)).mappings().one()
     assert done["status"] == "completed"
     store.dispose()
+
+
+# -- the session's zone put back: a connection lost mid-write, a put-back refused (MariaDB) ----------------------
+
+
+def _zoned_app(url: str, zone: str = "+05:00") -> tuple[sa.Engine, SchemaMapping]:
+    """An app's own engine whose sessions are in ``zone``, and a mapping into its table with a TIMESTAMP column."""
+    engine = sa.create_engine(sa.engine.make_url(url).update_query_dict({"init_command": f"SET time_zone = '{zone}'"}))
+    table = sa.Table("acc_ts", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
+                     sa.Column("clerk_user_id", sa.String(64), unique=True), sa.Column("email", sa.String(320)),
+                     sa.Column("seen", mysql.TIMESTAMP(fsp=3), nullable=True))
+    mapping = SchemaMapping(users=MappedTable("acc_ts", "clerk_user_id", {
+        "email": "email", "seen": Column("last_sign_in_at", transform="timestamp")}))
+    with engine.begin() as conn:
+        table.create(conn)
+        migrate_schema(conn, mapping)
+    return engine, mapping
+
+
+@pytest.mark.mariadb
+def test_a_connection_lost_during_a_mapped_timestamp_write_is_reported_as_lost(
+        maria: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fixed: the connection KILLed during the write, putting the session's zone back on it raised SQLAlchemy's
+    PendingRollbackError ("Can't reconnect until invalid savepoint transaction is rolled back"), which replaced the
+    real cause in the log and the delivery's ``last_error``. The lost connection is what is reported now."""
+    engine, mapping = _zoned_app(maria)
+    killer = sa.create_engine(maria, isolation_level="AUTOCOMMIT")
+    real = mapping_module._Projection.apply
+
+    def killed(self: Any, conn: sa.Connection, *args: Any, **kwargs: Any) -> None:
+        with killer.connect() as other:
+            other.exec_driver_sql(f"KILL {conn.exec_driver_sql('SELECT CONNECTION_ID()').scalar()}")
+        real(self, conn, *args, **kwargs)
+
+    monkeypatch.setattr(mapping_module._Projection, "apply", killed)
+    store = Store(engine, mapping=mapping)
+    with pytest.raises(StoreError) as raised:
+        deliver(store, f.envelope("user.created", f.user("user_ts", 1_800_000_000_000)))
+    assert "PendingRollbackError" not in str(raised.value)
+    assert "OperationalError" in str(raised.value) and "Lost connection" in str(raised.value)
+    store.dispose()
+    killer.dispose()

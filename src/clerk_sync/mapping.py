@@ -1133,8 +1133,11 @@ def _utc_session(conn: Connection) -> Iterator[None]:
     try:
         yield
     finally:
-        with suppress(sa.exc.DBAPIError):  # (a connection gone is not pooled again: nothing to put back)
-            conn.exec_driver_sql("SET time_zone = %s", (zone,))
+        # A connection lost mid-write is not pooled again: nothing to put back, and the SET would raise
+        # SQLAlchemy's PendingRollbackError in place of the lost connection's own error
+        if not conn.invalidated:
+            with suppress(sa.exc.DBAPIError):
+                conn.exec_driver_sql("SET time_zone = %s", (zone,))
 
 
 def _link_facts(row: Any, facts: Mapping[str, Mapping[str, Any]]) -> JSON:
