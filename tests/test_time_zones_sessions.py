@@ -11,17 +11,22 @@ from zoneinfo import ZoneInfo
 
 import pytest
 import sqlalchemy as sa
+import structlog
 from sqlalchemy.dialects import mysql
 
 from clerk_sync import mapping as mapping_module
 from clerk_sync import migrations
 from clerk_sync.clerk_api.ratelimit import RateLimit
 from clerk_sync.errors import ClerkUnavailable, ReconcileBusy, StoreError
+from clerk_sync.events import parse_envelope
+from clerk_sync.ingest import WebhookProcessor
+from clerk_sync.integrations._committer import GroupCommitter
 from clerk_sync.mapping import Column, MappedTable, SchemaMapping, SoftDelete, migrate_schema
 from clerk_sync.reconcile import Reconciler
 from clerk_sync.store import Store, create_engine
 from clerk_sync.tables import reconcile_runs
 from clerk_sync.testing import EmulatorServer
+from clerk_sync.webhooks import WebhookVerifier
 from tests import factories as f
 from tests.conftest import clerk_client, mysql_database, pg_schema
 from tests.test_hooks import deliver
@@ -222,3 +227,114 @@ def test_a_connection_lost_during_a_mapped_timestamp_write_is_reported_as_lost(
     assert "OperationalError" in str(raised.value) and "Lost connection" in str(raised.value)
     store.dispose()
     killer.dispose()
+
+
+def _zone_statements(engine: sa.Engine) -> list[str]:
+    """Every statement ``engine`` sends from now on that reads or sets ``time_zone``."""
+    sent: list[str] = []
+
+    @sa.event.listens_for(engine, "before_cursor_execute")
+    def _seen(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if "time_zone" in statement:
+            sent.append(statement.split()[0].upper())
+    return sent
+
+
+def _batch(store: Store, *events: dict[str, Any]) -> list[Any]:
+    """``events`` written as one group-commit batch: one transaction."""
+    committer = GroupCommitter(WebhookProcessor(store, WebhookVerifier([f.SECRET])))
+    results = committer.write([(f"msg_{n}_{e['data']['id']}_{e['type']}", parse_envelope(f.body_of(e)))
+                               for n, e in enumerate(events)])
+    return [r.status for r in results]
+
+
+def _updated(clerk_id: str, version: int, seen: datetime) -> dict[str, Any]:
+    u = f.user(clerk_id, version)
+    u["last_sign_in_at"] = int(seen.timestamp() * 1000)
+    return f.envelope("user.updated" if version > 1 else "user.created", u)
+
+
+@pytest.mark.mariadb
+def test_the_session_zone_is_asked_once_a_transaction_and_systems_utc_is_utc(maria: str) -> None:
+    """Fixed: every mapped write to a table with a TIMESTAMP column asked ``SELECT @@session.time_zone``, on
+    clerk-sync's own engine too (its sessions set to UTC), once per delivery of a group-commit batch; and MariaDB's
+    default ``SYSTEM`` on a UTC host was taken for another zone: set and put back around every write (7 statements a
+    delivery became 10). Now one question a transaction, and nothing set where the session is UTC."""
+    own = create_engine(maria)
+    _, mapping = _zoned_app(maria)
+    at = datetime(2026, 3, 8, 6, 59, 50, 250000, tzinfo=UTC)
+    store = Store(own, mapping=mapping)
+    sent = _zone_statements(own)
+    assert deliver(store, _updated("user_a", 1, at)) == ["applied"]
+    assert sent == ["SELECT"]  # a delivery alone: one question
+    sent.clear()
+    assert _batch(store, *(_updated(f"user_{n}", 1, at) for n in "bcdef")) == ["applied"] * 5
+    assert sent == ["SELECT"]  # a batch of five: still one
+    store.dispose()
+
+    plain = sa.create_engine(maria)  # an app's engine left at the server's default zone
+    with plain.connect() as conn:
+        default = tuple(conn.exec_driver_sql("SELECT @@session.time_zone, @@system_time_zone").one())
+    store = Store(plain, mapping=mapping)
+    sent = _zone_statements(plain)
+    assert _batch(store, *(_updated(f"user_{n}", 2, at) for n in "abc")) == ["applied"] * 3
+    if default in (("SYSTEM", "UTC"), ("+00:00", "UTC"), ("UTC", "UTC")):
+        assert sent == ["SELECT"]
+    with own.connect() as conn:
+        assert {s.replace(tzinfo=UTC) for s in conn.execute(sa.text("SELECT seen FROM acc_ts")).scalars()} == {at}
+    store.dispose()
+    plain.dispose()
+
+
+@pytest.mark.mariadb
+def test_a_zone_changed_between_transactions_is_seen(maria: str) -> None:
+    """The answer is the transaction's: a pooled connection the app moved to another zone since (its own SET) is
+    written in UTC all the same, and handed back in the zone the app left it in."""
+    engine, mapping = _zoned_app(maria)
+    at = datetime(2026, 3, 8, 6, 59, 50, 250000, tzinfo=UTC)
+    store = Store(engine, mapping=mapping)
+    engine.pool.dispose()
+    sent = _zone_statements(engine)
+    assert _batch(store, *(_updated(f"user_{n}", 1, at) for n in "ab")) == ["applied"] * 2
+    assert sent == ["SELECT", "SET", "SET", "SET", "SET"]  # asked once; to UTC and back around each write
+    with engine.connect() as conn:  # the pool's one connection
+        conn.exec_driver_sql("SET time_zone = '+07:00'")
+        conn.commit()
+    assert engine.pool.checkedin() == 1
+    later = at + timedelta(hours=1)
+    assert deliver(store, _updated("user_a", 2, later)) == ["applied"]
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT @@session.time_zone").scalar() == "+07:00"
+        conn.exec_driver_sql("SET time_zone = '+00:00'")
+        seen = {k: v for k, v in conn.execute(sa.text("SELECT clerk_user_id, seen FROM acc_ts"))}
+        conn.exec_driver_sql("SET time_zone = '+05:00'")
+    assert {k: v.replace(tzinfo=UTC) for k, v in seen.items()} == {"user_a": later, "user_b": at}
+    store.dispose()
+    engine.dispose()
+
+
+@pytest.mark.mariadb
+def test_a_zone_not_put_back_on_a_live_connection_keeps_it_out_of_the_apps_pool(
+        maria: str) -> None:
+    """Fixed: putting the session's zone back refused on a connection still alive (a KILL QUERY landing on it) was
+    swallowed, and the connection went back to the app's pool in UTC: the app's own TIMESTAMP writes and reads
+    through it shifted. It is now closed at its next checkout (this transaction goes on), and logged."""
+    engine, mapping = _zoned_app(maria)
+    store = Store(engine, mapping=mapping)
+    refused = {"n": 0}
+
+    @sa.event.listens_for(engine, "before_cursor_execute", retval=True)
+    def _refuse(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> tuple[str, Any]:
+        if statement.startswith("SET time_zone = %s") and not refused["n"]:
+            refused["n"] += 1
+            return "SET time_zone = 'No/Such_Zone'", ()  # (1298 unknown or incorrect time zone)
+        return statement, parameters
+
+    with structlog.testing.capture_logs() as logs:
+        assert deliver(store, _updated("user_a", 1, datetime(2026, 3, 8, tzinfo=UTC))) == ["applied"]
+    assert refused["n"] == 1
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT @@session.time_zone").scalar() == "+05:00"
+    assert [e["zone"] for e in logs if e["event"] == "mapped_time_zone_not_put_back"] == ["+05:00"]
+    store.dispose()
+    engine.dispose()

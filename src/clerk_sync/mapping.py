@@ -28,6 +28,7 @@ import re
 import time
 import uuid
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
@@ -1117,6 +1118,9 @@ LinkLookup = Callable[[Sequence[str]], Mapping[str, Mapping[str, Any]]]
 (a user it does not know is left out). :meth:`SchemaMapping.backfill` asks it for a page's unwritten users."""
 
 
+_SESSION_ZONE = "clerk_sync.session_zone"  # conn.info: (a weak reference to the transaction, its zone; None: UTC)
+
+
 @contextmanager
 def _utc_session(conn: Connection) -> Iterator[None]:
     """The MySQL/MariaDB session's ``time_zone`` at UTC while clerk-sync writes an app table's TIMESTAMP columns,
@@ -1124,9 +1128,25 @@ def _utc_session(conn: Connection) -> Iterator[None]:
     sessions in another (clerk-sync's sets UTC: ``store.create_engine``), so our UTC wall clock was stored hours
     off. Not a connect event on the app's engine: that would move the app's own sessions (and its reads) to UTC.
     Not ``CONVERT_TZ(value, '+00:00', @@session.time_zone)``: it cannot tell the hour a DST change repeats from
-    the one before. One round trip to ask; two more only in a session that is not UTC."""
-    zone = conn.exec_driver_sql("SELECT @@session.time_zone").scalar()
-    if zone in ("+00:00", "UTC"):
+    the one before.
+
+    Asked once per transaction (the answer kept in the connection's ``info`` with the transaction it was read in):
+    one round trip a transaction, not one a row of a batch or a backfill page; two more a write only in a session
+    that is not UTC. A zone changed between transactions (an app's connect event, its own SET on a pooled
+    connection) is seen; one changed by the caller's own statements between two writes of one transaction is
+    not. MariaDB's default ``SYSTEM`` is UTC when the server's host is (``@@system_time_zone``; not 'GMT', which
+    London's winter also names)."""
+    transaction = conn.get_transaction()
+    known = conn.info.get(_SESSION_ZONE)
+    if transaction is not None and known is not None and known[0]() is transaction:
+        zone = known[1]
+    else:
+        zone, system = conn.exec_driver_sql("SELECT @@session.time_zone, @@system_time_zone").one()
+        if zone in ("+00:00", "UTC") or (zone == "SYSTEM" and system == "UTC"):
+            zone = None
+        if transaction is not None:
+            conn.info[_SESSION_ZONE] = (weakref.ref(transaction), zone)
+    if zone is None:
         yield
         return
     conn.exec_driver_sql("SET time_zone = '+00:00'")
@@ -1136,8 +1156,23 @@ def _utc_session(conn: Connection) -> Iterator[None]:
         # A connection lost mid-write is not pooled again: nothing to put back, and the SET would raise
         # SQLAlchemy's PendingRollbackError in place of the lost connection's own error
         if not conn.invalidated:
-            with suppress(sa.exc.DBAPIError):
-                conn.exec_driver_sql("SET time_zone = %s", (zone,))
+            _put_zone_back(conn, zone)
+
+
+def _put_zone_back(conn: Connection, zone: str) -> None:
+    """The session's own ``zone`` again after :func:`_utc_session`. Refused on a connection still alive (a KILL
+    QUERY landing on it): that connection is replaced at its next checkout (a soft invalidation: this transaction
+    goes on), as pooled in UTC the app's own TIMESTAMP reads and writes through it would be shifted."""
+    try:
+        conn.execute(sa.text("SET time_zone = :zone"), {"zone": zone})  # (any driver's paramstyle)
+    except sa.exc.DBAPIError as exc:
+        if conn.invalidated:
+            return
+        conn.info.pop(_SESSION_ZONE, None)
+        conn.connection.invalidate(exc, soft=True)
+        log.warning("mapped_time_zone_not_put_back", zone=zone, error=database_message(exc.orig or exc),
+                    consequence="the connection is closed at its next checkout instead of going back to the "
+                                "app's pool in UTC")
 
 
 def _link_facts(row: Any, facts: Mapping[str, Mapping[str, Any]]) -> JSON:
