@@ -18,8 +18,8 @@ CHECKED = {"CLERK_WEBHOOK_SIGNING_SECRET": SECRET, "CLERK_JWT_KEY": pem(KEY), "C
 pytestmark = pytest.mark.filterwarnings("ignore:Overriding setting DATABASES:UserWarning")
 
 
-def _found(databases: dict[str, Any], **settings: Any) -> list[Any]:
-    with override_settings(DATABASES=databases, CLERK_SYNC=CHECKED, **settings):
+def _found(databases: dict[str, Any], clerk: dict[str, Any] = CHECKED, **settings: Any) -> list[Any]:
+    with override_settings(DATABASES=databases, CLERK_SYNC=clerk, **settings):
         return [m for m in check_settings() if m.id == "clerk_sync.W005"]
 
 
@@ -62,3 +62,14 @@ def test_the_models_routed_to_an_alias_without_a_time_zone_silence_it(tmp_path: 
                  "clerk": _sqlite(tmp_path / "app.db")}
     assert _found(databases, DATABASE_ROUTERS=[f"{__name__}.ClerkSyncRouter"]) == []
     assert len(_found(databases, DATABASE_ROUTERS=[])) == 1
+
+
+def test_a_backend_of_its_own_is_known_by_its_vendor(tmp_path: Path) -> None:
+    """Fixed: a backend module clerk-sync does not list (a project's own subclass, django-prometheus's, MySQL
+    Connector's) passed ``check`` with ``TIME_ZONE='Asia/Kolkata'``: the vendor came from a list of Django's module
+    names. It is the backend's own ``vendor`` now. (clerk-sync takes such a database by its own DATABASE_URL.)"""
+    own = {"ENGINE": "tests.django.own_sqlite_backend", "NAME": str(tmp_path / "app.db"), "TIME_ZONE": "Asia/Kolkata"}
+    clerk = {**CHECKED, "DATABASE_URL": f"sqlite:///{tmp_path / 'app.db'}"}
+    found = _found({"default": own}, clerk)
+    assert len(found) == 1 and "SQLite" in found[0].msg
+    assert _found({"default": {**own, "ENGINE": "no.such.backend"}}, clerk) == []

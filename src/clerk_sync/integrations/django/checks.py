@@ -22,7 +22,6 @@ from clerk_sync.auth.sessions import verifier_from_settings
 from clerk_sync.config import Settings
 from clerk_sync.errors import ConfigError
 from clerk_sync.integrations.django.conf import (
-    _SCHEMES,
     DjangoOptions,
     _in_test_environment,
     clerk_settings,
@@ -118,6 +117,7 @@ def _database_time_zone() -> list[checks.CheckMessage]:
     from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
     from django.db import connections, router
+    from django.db.utils import load_backend
 
     from clerk_sync.integrations.django.models import ClerkUser
 
@@ -126,8 +126,15 @@ def _database_time_zone() -> list[checks.CheckMessage]:
         return []  # (without USE_TZ Django refuses a database TIME_ZONE itself)
     # (read as _models_database reads it: the connection's under the test environment, else the setting)
     entry = connections[alias].settings_dict if _in_test_environment() else django_settings.DATABASES[alias]
-    zone, vendor = entry.get("TIME_ZONE"), _SCHEMES.get(str(entry.get("ENGINE") or ""), "").partition("+")[0]
-    if zone is None or vendor not in ("sqlite", "mysql"):  # (PostgreSQL: timestamptz, read as instants)
+    zone = entry.get("TIME_ZONE")
+    if zone is None:
+        return []
+    try:  # the vendor the backend declares (connections[alias].vendor, without connecting): a backend of its own,
+        # django-prometheus's or MySQL Connector's is a sqlite or mysql one as well
+        vendor = load_backend(str(entry.get("ENGINE") or "")).DatabaseWrapper.vendor
+    except (ImproperlyConfigured, ImportError, AttributeError):
+        return []  # (Django says so when it connects)
+    if vendor not in ("sqlite", "mysql"):  # (PostgreSQL: timestamptz, read as instants)
         return []
     try:
         tz = ZoneInfo(str(zone))
