@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -55,6 +56,28 @@ def test_an_init_command_of_the_url_runs_before_clerk_syncs_session_settings(dri
             kwargs["connect_args"] = {"init_command": THEIRS}
         engine = create_engine(parsed.render_as_string(hide_password=False), **kwargs)
         migrations.upgrade(engine)  # (quoted names throughout: refused if the dialect quoted them with ")
+        with engine.connect() as conn:
+            length, zone, mode = conn.exec_driver_sql(
+                "SELECT @@session.group_concat_max_len, @@session.time_zone, @@session.sql_mode").one()
+        assert (int(length), zone) == (12345, "+00:00")
+        assert "STRICT_ALL_TABLES" in mode and "ANSI_QUOTES" not in mode
+        assert engine.dialect.identifier_preparer.initial_quote == "`"
+        engine.dispose()
+
+
+@pytest.mark.mariadb
+def test_an_option_files_init_command_runs_before_clerk_syncs_session_settings(tmp_path: Path) -> None:
+    """Fixed: an ``init-command`` in a MySQL option file (``?read_default_file=``, which the Django integration
+    passes from ``OPTIONS``) ran after clerk-sync's settings, given as the driver's ``init_command``: the session
+    was left in +05:00 without strict mode, and SQLAlchemy took ANSI_QUOTES for its identifier quote. clerk-sync's
+    settings now follow every init_command, the option file's too."""
+    option_file = tmp_path / "my.cnf"
+    option_file.write_text(f"[client]\ninit-command={THEIRS}\n")
+    with mysql_database() as url:
+        parsed = sa.engine.make_url(url).set(drivername="mysql+mysqldb")
+        engine = create_engine(parsed.update_query_dict({"read_default_file": str(option_file)})
+                               .render_as_string(hide_password=False))
+        migrations.upgrade(engine)
         with engine.connect() as conn:
             length, zone, mode = conn.exec_driver_sql(
                 "SELECT @@session.group_concat_max_len, @@session.time_zone, @@session.sql_mode").one()

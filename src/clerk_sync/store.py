@@ -191,8 +191,7 @@ def _mysql_engine(url: str, t: DatabaseTimeouts, kwargs: dict[str, Any]) -> Engi
         wait = max(1, round(t.lock_s))
         session += [f"innodb_lock_wait_timeout = {wait}", f"lock_wait_timeout = {wait}"]
     ours = "SET SESSION " + ", ".join(session)
-    theirs = "init_command" in parsed.query or "init_command" in kwargs.get("connect_args", {})
-    connect: dict[str, Any] = {} if theirs else {"init_command": ours}
+    connect: dict[str, Any] = {}
     if t.connect_s > 0:
         connect["connect_timeout"] = max(1, int(t.connect_s))
     kwargs["connect_args"] = connect | kwargs.get("connect_args", {})
@@ -200,10 +199,10 @@ def _mysql_engine(url: str, t: DatabaseTimeouts, kwargs: dict[str, Any]) -> Engi
     # before that, without a ping per checkout.
     kwargs.setdefault("pool_recycle", 3600)
     engine = sa.create_engine(parsed, **kwargs)
-    if theirs:
-        @sa_event.listens_for(engine, "connect", insert=True)
-        def _after_theirs(dbapi_conn: Any, _record: Any) -> None:
-            _after_their_init_command(dbapi_conn, ours)
+
+    @sa_event.listens_for(engine, "connect", insert=True)
+    def _after_theirs(dbapi_conn: Any, _record: Any) -> None:
+        _after_their_init_command(dbapi_conn, ours)
 
     @sa_event.listens_for(engine, "connect")
     def _bounds(dbapi_conn: Any, _record: Any) -> None:
@@ -224,12 +223,13 @@ def _mysql_engine(url: str, t: DatabaseTimeouts, kwargs: dict[str, Any]) -> Engi
 
 
 def _after_their_init_command(dbapi_conn: Any, ours: str) -> None:
-    """Our session settings after the URL's own ``init_command`` (or ``connect_args``'): the driver runs one
-    statement there, and two in it need ``CLIENT.MULTI_STATEMENTS``, which PyMySQL leaves off (and which would
-    let any statement stack another). So theirs stays the driver's, run first as they asked, and ours follows
-    here, ahead of SQLAlchemy's first-connect checks (which read ``sql_mode``): where both set one variable
-    (``time_zone``, ``sql_mode``), clerk-sync's wins, as it relies on it. Replaced, their statement was lost
-    without a word."""
+    """Our session settings after every ``init_command`` the driver runs: the URL's own (or ``connect_args``'),
+    and an option file's (``?read_default_file=``, as Django's ``OPTIONS`` pass it: the client library runs its
+    ``init-command`` after the one it is given, so ours as the driver's was overridden there). Not joined to
+    theirs: two statements in one need ``CLIENT.MULTI_STATEMENTS``, which PyMySQL leaves off (and which would let
+    any statement stack another). So theirs stay the driver's, run first as they asked, and ours follows here on
+    every new connection (one round trip), ahead of SQLAlchemy's first-connect checks (which read ``sql_mode``):
+    where both set one variable (``time_zone``, ``sql_mode``), clerk-sync's wins, as it relies on it."""
     cur = dbapi_conn.cursor()
     try:
         cur.execute(ours)
