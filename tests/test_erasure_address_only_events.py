@@ -9,19 +9,18 @@ erasure cannot search for it), by prune as it clears the tombstone. Clerk's own 
 from __future__ import annotations
 
 import json
-from datetime import timedelta
 from typing import Any
 
 import sqlalchemy as sa
 
 from clerk_sync.changes import Event, Hook
 from clerk_sync.hooks import Dispatcher
-from clerk_sync.retention import Retention, RetentionPolicy
+from clerk_sync.retention import Retention
 from clerk_sync.store import Store
 from clerk_sync.tables import hook_jobs, webhook_events
 from tests import factories as f
 from tests.test_event_hooks import example, send
-from tests.test_hooks import B, Clock, deliver, hooked
+from tests.test_hooks import B, deliver, hooked
 
 USER = "user_waitlisted"
 ADDRESS = "john.doe@example.com"  # the address in Clerk's waitlist examples
@@ -70,26 +69,4 @@ def test_an_erasure_redacts_the_waitlist_and_invitation_events_and_jobs_holding_
     assert holding(store, ADDRESS) == []
     assert report.payloads_redacted >= 4  # the three events and the user's own
     assert len(holding(store, OTHER)) == 4  # another person's: their two deliveries and two jobs, whole
-    store.dispose()
-
-
-def test_prune_clearing_a_deleted_users_tombstone_redacts_the_events_holding_only_their_address(
-        db_url: str) -> None:
-    clock = Clock()
-    store = hooked(db_url, Hook("crm", crm_refuses, on=["organizationInvitation.*"]), now=clock)
-    deliver(store, f.envelope("user.created", f.user(USER, B, email=ADDRESS)))
-    clock.advance(timedelta(days=40).total_seconds())  # their user.created is redacted (redact_after) ...
-    invited = example("organizationInvitation.created", email_address=ADDRESS.upper())
-    assert send(store, invited, "msg_invited") == "ignored"  # ... an invitation to their address is not
-    other = example("organizationInvitation.created", id="orginv_other", email_address=OTHER)
-    assert send(store, other, "msg_other") == "ignored"
-    deliver(store, f.envelope("user.deleted", f.deleted("user", USER)))  # deleted in Clerk
-    Dispatcher(store, now=clock).run_once()
-    clock.advance(60)
-    retention = Retention(store, RetentionPolicy(), now=clock)
-    assert retention.prune().cleared == 1  # the tombstone cleared: the address forgotten
-    assert holding(store, ADDRESS) == []  # so what holds it alone is redacted now: no erasure can find it later
-    assert holding(store, OTHER) == ["msg_other", "organizationInvitation.created:msg_other"]
-    retention.erase_user(USER, reason="DSR")  # an erasure after: nothing left to find
-    assert holding(store, ADDRESS) == []
     store.dispose()

@@ -737,13 +737,11 @@ def delete_jobs(conn: Connection, ids: Sequence[int] | None = None, *, hook: str
     return conn.execute(stmt).rowcount
 
 
-def redact_jobs(conn: Connection, mentions: Mentions | None = None, *, ids: Sequence[int] | None = None,
-                types: Sequence[str] | None = None, only: Callable[[JSON], bool] | None = None) -> int:
+def redact_jobs(conn: Connection, mentions: Mentions | None = None, *, ids: Sequence[int] | None = None) -> int:
     """Keep only the ids (entity, Clerk id, kind, version) of the jobs whose change or last error names the
     person ``mentions`` (erasure), or of the jobs ``ids`` (pruning): the handler still learns of the change,
     not the person. The last error (a handler's message may quote the person) keeps only the exception's
-    name. ``types``: only the jobs of these types are searched; ``only``: of the jobs ``mentions`` finds, those
-    whose parsed payload it takes (one that is not JSON: none). Returns how many."""
+    name. Returns how many."""
     j = hook_jobs
     where: sa.ColumnElement[bool]
     if ids is not None:
@@ -754,8 +752,6 @@ def redact_jobs(conn: Connection, mentions: Mentions | None = None, *, ids: Sequ
         lower = unicode_lower(conn)
         where = sa.or_(*(folded_like(lower, c, n) for n in mentions.patterns()
                          for c in (sa.cast(j.c.payload, sa.Text), j.c.last_error)))
-    if types is not None:
-        where = sa.and_(j.c.type.in_(types), where)
     done = 0
     for row in conn.execute(sa.select(j.c.id, RAW_PAYLOAD, j.c.last_error).where(where)).all():
         try:
@@ -767,8 +763,6 @@ def redact_jobs(conn: Connection, mentions: Mentions | None = None, *, ids: Sequ
         # ``zo\u00eb@``, which the search matches and a text check does not: better redacted than kept)
         if mentions is not None and ids is None and readable and not (
                 mentions.in_document(document) or mentions.in_text(row.last_error)):
-            continue
-        if only is not None and not (readable and isinstance(document, dict) and only(document)):
             continue
         payload: JSON = document if isinstance(document, dict) else {}
         if payload.get("redacted") and row.last_error in (None, _redacted_error(row.last_error or "")):

@@ -20,11 +20,9 @@ left whole: their handlers have yet to see the change.
 
 **Tombstones.** ``user.deleted`` keeps the row with ``deleted_at`` set: that row is what makes a late
 ``user.created`` a no-op (``engine.decide``: a tombstone is terminal). After ``clear_tombstones_after``
-its personal columns are cleared, and the unmirrored deliveries that hold a user's address and name no user
-(a waitlist entry, an invitation) are redacted with their hook jobs: once the address is forgotten, no erasure
-could find them. By default the row itself (ids, version, ``deleted_at``) stays for good. With
-``delete_tombstones_after`` the rows of users, organizations and memberships deleted that long ago are
-hard-deleted, and what stops a late or replayed ``user.created`` from bringing one back
+its personal columns are cleared; by default the row itself (ids, version, ``deleted_at``) stays for
+good. With ``delete_tombstones_after`` the rows of users, organizations and memberships deleted that
+long ago are hard-deleted, and what stops a late or replayed ``user.created`` from bringing one back
 is then a row of ``clerk_sync_erased``: the SHA-256 of "entity:clerk_id", which every guarded insert
 consults (``store._NOT_ERASED``). It is not salted (every replica must compute it alike): whoever holds
 a candidate Clerk id can tell it was erased here, which says nothing more about the person. A pass writes
@@ -72,7 +70,7 @@ from clerk_sync._db_errors import is_lock_wait_timeout, is_row_referenced, is_tr
 from clerk_sync._mentions import Mentions
 from clerk_sync._time import as_utc, aware, utcnow
 from clerk_sync.auth.audit import AuditEntry, record_audit
-from clerk_sync.changes import EVENT_TYPES, Change
+from clerk_sync.changes import Change
 from clerk_sync.config import Settings
 from clerk_sync.engine import DeliveryStatus, Entity, Tombstone, user_named
 from clerk_sync.errors import StoreError, UnknownUser
@@ -422,13 +420,10 @@ class Retention:
         if ids and table is users:
             # Their addresses are forgotten now: an audit row quoting one (an app's note, an error message) is
             # redacted now too, as an erasure would; a later erasure request no longer knows what to look for.
-            # So is an event holding one and naming no user (a waitlist entry, an invitation) and its hook jobs:
-            # nothing else leads an erasure to them.
             found = writer.conn.execute(sa.select(users.c.email, users.c.email_addresses).where(users.c.id.in_(ids)))
             addresses = Mentions({address for row in found for address in _emails(row)})
             if addresses:
                 _redact_audit_details(writer, addresses)
-                _redact_address_only(writer, addresses)
         if ids:
             writer.conn.execute(table.update().where(table.c.id.in_(ids)).values(**_CLEARED[table]))
         return len(ids)
@@ -894,45 +889,6 @@ def _redact_mentions(writer: Writer, mentions: Mentions, *, since: datetime | No
     if errors:
         writer.conn.execute(e.update().where(e.c.id.in_(errors)).values(last_error=_REDACTED_ERROR))
     return len(payloads)
-
-
-def _redact_address_only(writer: Writer, addresses: Mentions) -> None:
-    """Redact the stored deliveries of :data:`_ADDRESS_ONLY` (``ignored``: nothing to replay) that hold one of
-    ``addresses`` and name no user by id, and their hook jobs, as an erasure that knew the addresses would (the
-    ones naming a user an erasure finds by id). Those types' rows not redacted yet (``redact_after``'s window)
-    are read by the type's index and checked here, not searched with a pattern per address (a batch of 500
-    users' addresses over the inbox: minutes, past the statement bound)."""
-    e = webhook_events
-    query = sa.select(e.c.id, e.c.payload).where(
-        e.c.type.in_(_ADDRESS_ONLY), e.c.redacted_at.is_(None), e.c.status == DeliveryStatus.IGNORED.value)
-    rows: list[tuple[int, Any]] = []
-    result = writer.conn.execute(query.execution_options(yield_per=500))
-    try:
-        for row in result:
-            document = _as_dict(row.payload)
-            if _names_no_user(document) and addresses.in_document(document):
-                rows.append((row.id, row.payload))
-    finally:
-        result.close()
-    _store_redacted(writer, rows)
-    jobs = redact_jobs(writer.conn, addresses, types=_ADDRESS_ONLY, only=lambda job: _names_no_user(
-        {"type": job.get("event"), "data": job.get("data")}))
-    if rows or jobs:
-        log.info("address_only_events_redacted", deliveries=len(rows), hook_jobs=jobs,
-                 why="the tombstones holding their addresses were cleared: no erasure could find them after")
-
-
-# The unmirrored event types that hold a person's e-mail address and may name no user by id.
-_ADDRESS_ONLY = sorted(t for t in EVENT_TYPES if t.startswith(
-    ("waitlistEntry.", "organizationInvitation.", "invitation.", "email.")))
-
-
-def _names_no_user(payload: Mapping[str, Any]) -> bool:
-    """Whether a delivery's payload names no user by id (:func:`~clerk_sync.engine.user_named`)."""
-    data, event_type = payload.get("data"), payload.get("type")
-    if not isinstance(data, dict) or not isinstance(event_type, str):
-        return False
-    return user_named(Envelope(type=event_type, data=data, timestamp_ms=0, instance_id=None, raw={})) is None
 
 
 # Where another record may quote a person (a billing contact in an organization's metadata, a manager's address
