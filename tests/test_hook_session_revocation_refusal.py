@@ -17,7 +17,7 @@ def test_naming_a_session_revocation_says_why_and_what_to_use_instead(event_type
     said = str(refused.value)
     assert f"['{event_type}'] are applied by clerk-sync, not offered to hooks" in said
     assert "goes to the deny list" in said and "401 session_revoked" in said  # why no hook is needed
-    assert "clerk_sync.auth.DenyList.is_revoked(session_id)" in said and hasattr(DenyList, "is_revoked")
+    assert "clerk_sync.auth.DenyList(store)'s is_revoked(session_id)" in said and hasattr(DenyList, "is_revoked")
     assert "'session.created'" in said and "'session.pending'" in said
     assert {"session.created", "session.pending"} <= EVENT_TYPES  # what it offers instead may be named
     assert "user.updated" not in said  # no user change follows a revocation

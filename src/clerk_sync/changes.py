@@ -194,9 +194,10 @@ class Hook:
         if applied:
             raise ValueError(f"hook {self.name!r}: {applied} are applied by clerk-sync, not offered to hooks: a "
                              "revoked, ended or removed session goes to the deny list, and its tokens are refused "
-                             "from then on (401 session_revoked, within the deny list's refresh: 1 s) with no code "
-                             "of yours; to act on one yourself (close a long-lived connection), ask "
-                             "clerk_sync.auth.DenyList.is_revoked(session_id). A hook may name 'session.created' "
+                             "from then on by clerk-sync's protection (401 session_revoked, within the deny list's "
+                             "refresh: 1 s) with no code of yours; to act on one yourself (close a long-lived "
+                             "connection), ask a clerk_sync.auth.DenyList(store)'s is_revoked(session_id). A hook "
+                             "may name 'session.created' "
                              "and 'session.pending'")
         if unknown:
             raise ValueError(f"hook {self.name!r}: unknown change type(s) {unknown}; expected a mirrored "
