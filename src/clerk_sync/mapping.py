@@ -372,7 +372,10 @@ class SchemaMapping:
         for entity, mapped in self.tables.items():
             if mapped.links and entity is not Entity.USER:
                 raise ValueError(f"{mapped.table}: link_by_email/link_by_external_id apply to users only")
-        self._projections: dict[tuple[int, Entity], _Projection] = {}
+        # Per engine, weakly: an engine's id is reused once it is collected, and a projection reflected through
+        # another database's engine would then write with its columns and indexes.
+        self._projections: weakref.WeakKeyDictionary[sa.Engine, dict[Entity, _Projection]] = (
+            weakref.WeakKeyDictionary())
 
     def check_dialect(self, dialect: str) -> None:
         """A :class:`~clerk_sync.errors.ConfigError` for a table the store cannot map (a schema-qualified name on
@@ -541,7 +544,7 @@ class SchemaMapping:
         mapped = self.tables.get(entity)
         if mapped is None:
             return True
-        if (id(conn.engine), entity) not in self._projections:
+        if entity not in self._projections.get(conn.engine, {}):
             try:
                 with conn.engine.connect() as own:
                     self._projection(own, entity, mapped)
@@ -569,10 +572,10 @@ class SchemaMapping:
         return self._projection(conn, entity, mapped).wave
 
     def _projection(self, conn: Connection, entity: Entity, mapped: MappedTable) -> _Projection:
-        key = (id(conn.engine), entity)  # reflected, and statements built, once per engine
-        if key not in self._projections:
-            self._projections[key] = _Projection(self.table(conn, mapped.table), mapped, conn.dialect.name)
-        return self._projections[key]
+        built = self._projections.setdefault(conn.engine, {})  # reflected, and statements built, once per engine
+        if entity not in built:
+            built[entity] = _Projection(self.table(conn, mapped.table), mapped, conn.dialect.name)
+        return built[entity]
 
     def backfill(self, store: _BackfillStore, *, lookup: LinkLookup | None = None) -> dict[str, int]:
         """Project every row the contract tables already hold (a mapping added to a running install);
@@ -870,14 +873,13 @@ class _Projection:
         return self.cte_sql, [*(Jsonb(v) if i in self.json_at else v for i, v in enumerate(row)), clerk_id]
 
     def apply(self, conn: Connection, now: datetime, change: Change, leave_out: frozenset[str] = frozenset()) -> None:
-        self.conn, self.now = conn, now
         if change.kind == "deleted":
-            self._delete(change.clerk_id)
+            self._delete(conn, now, change.clerk_id)
             return
         values = self.values(change.values, leave_out)
         self.fits(values)
         if leave_out:
-            self._apply_without(change, values)
+            self._apply_without(conn, change, values)
             return
         new = values | self.fixed  # a row inserted: the policy's live value too
         if self.sqlite_upsert is not None and direct_sqlite(conn.dialect):
@@ -896,22 +898,22 @@ class _Projection:
         # insert-only column's value goes into an INSERT alone, never into a row updated or linked)
         kept = {n: v for n, v in values.items() if n not in self.insert_only}
         updated = conn.execute(self.update, kept | self.coalesced | {"_clerk_id": change.clerk_id}).rowcount
-        if updated == 0 and not self._link(change, kept):
+        if updated == 0 and not self._link(conn, change, kept):
             conn.execute(self.insert, params)
 
-    def _apply_without(self, change: Change, values: JSON) -> None:
+    def _apply_without(self, conn: Connection, change: Change, values: JSON) -> None:
         """:meth:`apply` writing only ``values`` (some mapped columns left out): statements built for the call
         (a rare path, the retry of a refused row). An existing row keeps the left-out columns; a new one
         gets the table's defaults there (a NOT NULL column without one refuses it)."""
         kept = {n: v for n, v in values.items() if n not in self.insert_only}
         sets: dict[str, Any] = kept | {n: sa.func.coalesce(self.t.c[n], v) for n, v in self.coalesced.items()}
         where = self.key == change.clerk_id
-        updated = self.conn.execute(sa.update(self.t).where(where).values(
+        updated = conn.execute(sa.update(self.t).where(where).values(
             sets or {self.key.name: change.clerk_id})).rowcount
-        if updated == 0 and not self._link(change, kept):
-            self.conn.execute(sa.insert(self.t).values({**values, **self.fixed, self.key.name: change.clerk_id}))
+        if updated == 0 and not self._link(conn, change, kept):
+            conn.execute(sa.insert(self.t).values({**values, **self.fixed, self.key.name: change.clerk_id}))
 
-    def _link(self, change: Change, values: JSON) -> bool:
+    def _link(self, conn: Connection, change: Change, values: JSON) -> bool:
         """Adopt the one existing row without a Clerk id whose external id, else e-mail, is this user's."""
         external_id, email = change.values.get("external_id"), change.values.get("email")
         if self.m.link_by_external_id and "external_id" not in change.values:
@@ -925,10 +927,10 @@ class _Projection:
             column = self.t.c[self.m.link_by_external_id]
             wanted = _as_column_value(column, external_id)
             match = column == wanted  # (the plain equality first: the column's index serves it)
-            if isinstance(column.type, sa.String) and self.conn.dialect.name in ("mysql", "mariadb"):
-                match = sa.and_(match, _exactly(self.conn, column) == _exactly(self.conn, sa.literal(wanted,
+            if isinstance(column.type, sa.String) and conn.dialect.name in ("mysql", "mariadb"):
+                match = sa.and_(match, _exactly(conn, column) == _exactly(conn, sa.literal(wanted,
                                                                                                       column.type)))
-            if wanted is not None and self._adopt(change, values, match, f"external id ({column.name})"):
+            if wanted is not None and self._adopt(conn, change, values, match, f"external id ({column.name})"):
                 return True
         # Only an address Clerk verified: an unverified primary (verification at sign-up off, an OAuth provider
         # that does not verify, one added through the API unverified) would hand its claimant another's row.
@@ -942,12 +944,12 @@ class _Projection:
         verified = change.values.get("email_verified")  # None: not known (a backfill, see below)
         if self.m.link_by_email and email:
             column = self.t.c[self.m.link_by_email]
-            lower = unicode_lower(self.conn)  # the same lower() on both sides (PostgreSQL's and Python's differ)
-            match = _exactly(self.conn, lower(column)) == _exactly(self.conn, lower(sa.literal(email)))
+            lower = unicode_lower(conn)  # the same lower() on both sides (PostgreSQL's and Python's differ)
+            match = _exactly(conn, lower(column)) == _exactly(conn, lower(sa.literal(email)))
             if verified is False:
                 # Neither linked (whoever claims the address would get the row) nor a second row beside it: the
                 # event that verifies the address finds no row by Clerk id, and links this one then.
-                if self._unlinked(match):
+                if self._unlinked(conn, match):
                     raise LinkUnverified(
                         f"{self.m.table}: a row without a Clerk id has user {change.clerk_id}'s e-mail "
                         f"({column.name}), which Clerk has not verified: not written (linking would hand that row "
@@ -959,23 +961,23 @@ class _Projection:
                 # A backfill projects clerk-sync's users rows, which do not keep whether Clerk verified the
                 # address: linking could hand the row to a claimant, and a new row beside the customer's would
                 # be linked by nothing later. Refused (counted by the backfill); the user's next event links it.
-                if self._unlinked(match):
+                if self._unlinked(conn, match):
                     raise LinkUnverified(
                         f"{self.m.table}: a row without a Clerk id has user {change.clerk_id}'s e-mail "
                         f"({column.name}), and whether Clerk verified it is known only from the user's events: not "
                         f"written; the user's next event links it (or set {self.key.name} on that row yourself)")
                 return False
-            return self._adopt(change, values, match, f"e-mail ({column.name})")
+            return self._adopt(conn, change, values, match, f"e-mail ({column.name})")
         return False
 
-    def _unlinked(self, match: sa.ColumnElement[bool]) -> list[Any]:
+    def _unlinked(self, conn: Connection, match: sa.ColumnElement[bool]) -> list[Any]:
         """Up to 3 rows (their primary keys) that ``match`` and have no Clerk id."""
         pk = list(self.t.primary_key.columns)
-        return list(self.conn.execute(sa.select(*pk).where(match, self.key.is_(None)).limit(3)).all())
+        return list(conn.execute(sa.select(*pk).where(match, self.key.is_(None)).limit(3)).all())
 
-    def _adopt(self, change: Change, values: JSON, match: sa.ColumnElement[bool], what: str) -> bool:
+    def _adopt(self, conn: Connection, change: Change, values: JSON, match: sa.ColumnElement[bool], what: str) -> bool:
         pk = list(self.t.primary_key.columns)
-        matches = self._unlinked(match)
+        matches = self._unlinked(conn, match)
         if len(matches) > 1:  # (the value is not quoted: the message lands in last_error and logs, which
             # outlive an erasure of the person; clerk-sync's users row has it while the user is not erased)
             raise LinkAmbiguous(
@@ -991,7 +993,7 @@ class _Projection:
         # The app's own row: its policy column stays as the app left it (a legacy account it deactivated is
         # not re-enabled by a sign-up with the same e-mail); only a NULL gets the live value, as on update.
         kept = {n: sa.func.coalesce(self.t.c[n], v) for n, v in self.coalesced.items()}
-        adopted = self.conn.execute(sa.update(self.t).where(where).values(
+        adopted = conn.execute(sa.update(self.t).where(where).values(
             {**values, **kept, self.key.name: change.clerk_id}))  # (one key each: a policy column may be mapped)
         if adopted.rowcount != 1:
             raise StoreError(f"{self.m.table}: the row with {what} was linked to another user meanwhile; "
@@ -1062,10 +1064,9 @@ class _Projection:
     def delete_many(self, conn: Connection, now: datetime, clerk_ids: Sequence[str]) -> None:
         """:meth:`_delete` of every row of ``clerk_ids``: one statement per policy step for the set (an
         :class:`Anonymise` with a UNIQUE column, whose cleared value is each row's own, one per distinct value)."""
-        self.conn, self.now = conn, now
         policy, where = self.m.on_delete, self.key.in_(clerk_ids)
         if not isinstance(policy, Anonymise):
-            self._delete_where(where)
+            self._delete_where(conn, now, where)
             return
         groups: dict[str, tuple[JSON, list[str]]] = {}  # by the cleared values (repr: a default may be a list)
         for clerk_id in clerk_ids:
@@ -1074,40 +1075,40 @@ class _Projection:
             groups.setdefault(repr(personal), (personal, []))[1].append(clerk_id)
         for personal, ids in groups.values():
             if personal:
-                self.conn.execute(sa.update(self.t).where(self.key.in_(ids)).values(**personal))
+                conn.execute(sa.update(self.t).where(self.key.in_(ids)).values(**personal))
         if policy.column is not None:
-            self._stamp_deletion(where, policy.column)
+            self._stamp_deletion(conn, now, where, policy.column)
 
-    def _delete(self, clerk_id: str) -> None:
+    def _delete(self, conn: Connection, now: datetime, clerk_id: str) -> None:
         policy, where = self.m.on_delete, self.key == clerk_id
         if not isinstance(policy, Anonymise):
-            self._delete_where(where)
+            self._delete_where(conn, now, where)
             return
         personal, kept = cleared_values(self.t, self.m.clearable(), clerk_id)
         personal |= dict.fromkeys(kept)  # (the table refuses NULL there: the row's refusal, doctor says so)
         if personal:
-            self.conn.execute(sa.update(self.t).where(where).values(**personal))
+            conn.execute(sa.update(self.t).where(where).values(**personal))
         if policy.column is not None:
-            self._stamp_deletion(where, policy.column)
+            self._stamp_deletion(conn, now, where, policy.column)
 
-    def _delete_where(self, where: sa.ColumnElement[bool]) -> None:
+    def _delete_where(self, conn: Connection, now: datetime, where: sa.ColumnElement[bool]) -> None:
         """The rows ``where`` selects, deleted by a policy other than :class:`Anonymise`."""
         policy = self.m.on_delete
         if isinstance(policy, HardDelete):
-            self.conn.execute(sa.delete(self.t).where(where))
+            conn.execute(sa.delete(self.t).where(where))
         elif isinstance(policy, SoftDelete):
-            self._stamp_deletion(where, policy.column)
+            self._stamp_deletion(conn, now, where, policy.column)
         elif isinstance(policy, Deactivate):
-            self.conn.execute(sa.update(self.t).where(where).values(**{policy.column: False}))
+            conn.execute(sa.update(self.t).where(where).values(**{policy.column: False}))
 
-    def _stamp_deletion(self, where: sa.ColumnElement[bool], name: str) -> None:
+    def _stamp_deletion(self, conn: Connection, now: datetime, where: sa.ColumnElement[bool], name: str) -> None:
         """The deletion's time into ``name``; the first one's kept (a backfill re-run, a replay). A column
         without a time zone gets UTC's wall time, as on every store (PostgreSQL would convert an aware time
         to its session's TimeZone)."""
-        column, when = self.t.c[name], self.now
+        column, when = self.t.c[name], now
         if isinstance(column.type, sa.DateTime) and not column.type.timezone and when.tzinfo is not None:
             when = when.astimezone(UTC).replace(tzinfo=None)
-        self.conn.execute(sa.update(self.t).where(where, column.is_(None)).values(**{name: when}))
+        conn.execute(sa.update(self.t).where(where, column.is_(None)).values(**{name: when}))
 
 
 CHECK_AT_ONCE = "SET CONSTRAINTS ALL IMMEDIATE"
