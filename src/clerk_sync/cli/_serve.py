@@ -1,9 +1,9 @@
 """``clerk-sync serve``'s process side: uvicorn's multi-worker supervisor made to exit like one worker does
 (3 with one line when the service cannot start, as ``main`` exits 3 for a port in use: ``main.EXIT_UNAVAILABLE``;
-1 when workers keep dying), and a start-up failure told as
-one line instead of uvicorn's traceback, and the fresh multiprocess metrics directory ``serve`` and ``worker``
-count in. Apart from ``main`` because it reaches into uvicorn's supervisor (``Multiprocess.keep_subprocess_alive``),
-which no public API lets us change."""
+2 when a worker's migration was refused for good, as ``main.EXIT_SETTINGS``; 1 when workers keep dying), and a
+start-up failure told as one line instead of uvicorn's traceback, and the fresh multiprocess metrics directory
+``serve`` and ``worker`` count in. Apart from ``main`` because it reaches into uvicorn's supervisor
+(``Multiprocess.keep_subprocess_alive``), which no public API lets us change."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ __all__ = ["STARTUP_FAILURE", "DispatchWhenMigrated", "bounded_http", "could_not
 console = Console(stderr=True)
 
 STARTUP_FAILURE = 3  # uvicorn's exit code for an app that could not start (uvicorn.config.STARTUP_FAILURE)
+_REFUSED = 2  # a worker whose migration the database refused for good (main.EXIT_SETTINGS, as --workers 1 exits)
 _REPORT_ENV = "CLERK_SYNC_STARTUP_REPORT"  # serve --workers: the file a worker writes why it could not start to
 _JSON_LOGS_ENV = "CLERK_SYNC_SERVE_JSON_LOGS"  # serve --workers --json-logs, for the workers' own log set-up
 _STARTUP_GRACE_S = 60.0  # a replacement worker's time to answer its first health check (its process starts first)
@@ -68,6 +69,8 @@ def serve_workers(host: str, port: int, workers: int, sock: socket.socket, *, js
             code, line = supervisor.failure
             if code == STARTUP_FAILURE:
                 line = could_not_start(_first_report(report), workers=True)
+            elif code == _REFUSED:  # the refusal's own line (what to run, as whom), at start or while serving
+                line = _first_report(report) or f"a worker process {line}"
             console.print(f"[red]error:[/] {escape(line)}")
             raise SystemExit(code)
 
@@ -132,8 +135,8 @@ def _supervisor(config: Any, sock: socket.socket) -> Any:
 
         def _given_up(self, idx: int, exitcode: int | None, *, unstarted: bool) -> tuple[int, str] | None:
             ended = _ended(exitcode)
-            if exitcode == STARTUP_FAILURE:
-                return STARTUP_FAILURE, ended
+            if exitcode in (STARTUP_FAILURE, _REFUSED):
+                return exitcode, ended
             if unstarted:  # (its deaths are a grace apart: the window below would never see three)
                 self._unstarted[idx] = self._unstarted.get(idx, 0) + 1
                 if self._unstarted[idx] >= _UNSTARTED:
@@ -191,14 +194,19 @@ def _worker_app() -> Any:
             traceback.print_exc()
         report(_one_line(exc))
         raise SystemExit(STARTUP_FAILURE) from None
-    tell_startup_failure(app, report)
     migration = getattr(app.state, "clerk_sync_migration", None)
-    if migration is not None:  # refused for good while serving (the database was down at start): as a failed start
 
-        def refused() -> None:  # (nothing to lose: every delivery was answered 503 until migrated)
-            report(migration.refused or "the migration was refused")
-            os._exit(STARTUP_FAILURE)  # the supervisor stops the others and says the report's line
+    def tell(line: str) -> None:
+        if migration is not None and migration.refused is not None:  # refused at start: exit 2 as --workers 1
+            refused()
+        report(line)
 
+    def refused() -> None:  # (nothing to lose: every delivery was answered 503 until migrated)
+        report(migration.refused if migration is not None and migration.refused else "the migration was refused")
+        os._exit(_REFUSED)  # the supervisor stops the others, says the report's line and exits 2
+
+    tell_startup_failure(app, tell)
+    if migration is not None:  # refused for good while serving (the database was down at start): as at start
         migration.on_refused = refused
     return app
 

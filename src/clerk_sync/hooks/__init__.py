@@ -694,18 +694,21 @@ class Dispatcher:
         elsewhere is its job's failure), or an exit while :meth:`stop` was asked, ends the loop otherwise; the
         job it cut short is given back with those not started."""
         crashes = down = 0
+        denied = False
         while not self._stop.is_set():
             pause = self.poll_s
             try:
                 claimed = self._run_batch(stopped_before=False)
                 crashes = 0
                 if down:
-                    log.info("hook dispatch: database available again", failed_turns=down)
-                    down = 0
+                    log.info("hook dispatch: privilege granted; claiming again" if denied else
+                             "hook dispatch: database available again", failed_turns=down)
+                    down, denied = 0, False
             except StoreError as exc:
                 down += 1
+                denied = isinstance(exc, StorePrivilegeMissing)  # the last failed turn's: what its recovery says
                 pause = self._pause(down, max(_DOWN_PAUSE_MAX_S, self.poll_s))
-                if isinstance(exc, StorePrivilegeMissing):  # a GRANT to run (its message has it), not an outage
+                if denied:  # a GRANT to run (its message has it), not an outage
                     log.warning("hook dispatch: the database role lacks a privilege; no job is claimed until it is "
                                 "granted", error=str(exc), attempt=down, retry_in_s=round(pause, 3))
                 else:

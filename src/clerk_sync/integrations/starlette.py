@@ -38,6 +38,7 @@ from clerk_sync.errors import (
     ConfigError,
     PayloadTooLarge,
     StoreError,
+    StorePrivilegeMissing,
     WebhookBodyTimeout,
     WebhookError,
     database_message,
@@ -333,7 +334,11 @@ class StartupMigration:
     A migration the database refuses for a privilege (``serve --migrate`` run as a runtime role on a schema
     behind: no retry grants it) or a database a newer release migrated is no outage: :meth:`attempt` raises
     :class:`ConfigError` (before serving: the start fails, saying what to run) and :meth:`retry` stops, ``refused``
-    says why and ``on_refused`` is called (``serve`` exits 2). A database that is merely down is retried."""
+    says why and ``on_refused`` is called (``serve`` exits 2); with no ``on_refused`` (an embedding app) the schema
+    version is read every ``recheck_s`` until another process (the owner's `clerk-sync migrate`) has made it
+    current. A database that is merely down is retried."""
+
+    recheck_s = 60.0  # refused, no on_refused: how often the schema version is read (tests: theirs)
 
     def __init__(self, engine: Engine, *, first_delay_s: float = 0.5, max_delay_s: float = 30.0) -> None:
         self.engine = engine
@@ -343,6 +348,7 @@ class StartupMigration:
         self.on_refused: Callable[[], None] | None = None  # (``serve`` stops itself; set before start-up)
         self.attempts = 0
         self._first, self._max = first_delay_s, max_delay_s
+        self._for_privilege = False
 
     def pending(self) -> str | None:
         """Why deliveries must wait, or None once migrations are current. The driver's error (host, port,
@@ -350,10 +356,16 @@ class StartupMigration:
         if self.done:
             return None
         if self.refused is not None:
-            return ("database not ready: the migration was refused and is not retried (the service log says why: "
-                    "migration_refused)")
+            return f"database not ready: {self.refused_hint()}"
         return ("database not ready: migrations have not run yet, retrying in the background (the service log "
                 "says why: migration_retry)")
+
+    def refused_hint(self) -> str:
+        """What to do about a refusal, without the driver's text (for anyone who asks)."""
+        if self._for_privilege:
+            return ("the migration was refused: run `clerk-sync migrate` as the tables' owner (the service log says "
+                    "why: migration_refused)")
+        return "the migration was refused (the service log says why and what to do: migration_refused)"
 
     async def attempt(self) -> bool:
         """One try; True once migrations are current. Raises :class:`ConfigError` when no retry can help."""
@@ -367,6 +379,7 @@ class StartupMigration:
             refused = _refused(exc)
             if refused is not None:
                 self.refused = self.error = refused
+                self._for_privilege = not isinstance(exc, ConfigError)  # (else a newer release migrated it)
                 log.error("migration_refused", attempt=self.attempts, error=refused)
                 raise ConfigError(refused) from exc
             if isinstance(exc, SQLAlchemyError):
@@ -392,8 +405,26 @@ class StartupMigration:
             except ConfigError:
                 if self.on_refused is not None:
                     self.on_refused()
+                    return
+                await self._until_migrated()
                 return
             delay = min(delay * 2, self._max)
+
+    async def _until_migrated(self) -> None:
+        """Refused, and nobody stops the process (an app embedding ``create_app(migrate=True)``): the schema version
+        is read every ``recheck_s`` (one query), and once the owner has run `clerk-sync migrate` (current) deliveries
+        are taken again, rather than 503 until a restart."""
+        while True:
+            await anyio.sleep(self.recheck_s)
+            try:
+                state, _ = await to_thread.run_sync(migrations.schema_state, self.engine)
+            except SQLAlchemyError as exc:  # down meanwhile: read again later (migration_refused said why)
+                log.debug("migration_refused_recheck_failed", error=type(exc).__name__)
+                continue
+            if state == "current":
+                self.done, self.refused, self.error = True, None, None
+                log.info("migrations_current", attempts=self.attempts, migrated_by="another process")
+                return
 
 
 def _refused(exc: BaseException) -> str | None:
@@ -402,7 +433,9 @@ def _refused(exc: BaseException) -> str | None:
     if isinstance(exc, ConfigError):
         return str(exc)
     denied = privilege_refusal(exc)
-    if denied is None:
+    if denied is None or not isinstance(store_error(denied), StorePrivilegeMissing):
+        # MariaDB's 1044 at connect (no statement ran: this user may not use the database, or its name is
+        # misspelled) is store_error's "database unavailable": retried, as PostgreSQL's missing CONNECT is
         return None
     if isinstance(exc, StoreError):  # a failed step (MigrationError): it names the step and the owner's migrate
         return f"serve --migrate: {' '.join(str(exc).split())}"
@@ -435,14 +468,14 @@ class _RolePrivileges:
     log line. Whether this process dispatches is ``app.state.clerk_sync_dispatches`` (``serve --hooks`` sets it; an
     app that starts its own :class:`~clerk_sync.hooks.Dispatcher` sets it too).
 
-    A poll waits at most ``wait_s`` for a probe under way (a database that hangs on the catalog, a pool with no
-    connection to give): past it, it answers the last verdict, however old (the probe under way asks the same of
-    the same role, and a replica is not taken out of rotation because a catalog read is slow), or ``None`` when
-    there is none yet (``/readyz`` then says ``"privileges": "unknown"``, not ready: never checked is not granted).
-    Without the bound every poll queued behind a hung probe, each holding a worker thread, for ever."""
+    A poll finding a probe under way (a database that hangs on the catalog) answers the last verdict at once, however
+    old (the probe under way asks the same of the same role, and a replica is not taken out of rotation because a
+    catalog read is slow, nor a worker thread the webhooks share held waiting); with none yet it waits at most
+    ``wait_s``, then answers ``None`` (``/readyz`` says ``"privileges": "unknown"``, not ready: never checked is
+    not granted). Without the bound every poll queued behind a hung probe, each holding a worker thread, for ever."""
 
     clock: Callable[[], float] = staticmethod(time.monotonic)  # (tests inject theirs)
-    wait_s = 2.0  # a probe takes ~25 ms: one that outlives this is hung, or waits on the database (tests: theirs)
+    wait_s = 0.5  # (no verdict yet) a probe takes ~25 ms: one that outlives this is hung (tests: theirs)
 
     def __init__(self, store: Store, ttl_s: float = 60.0) -> None:
         self.store = store
@@ -462,7 +495,10 @@ class _RolePrivileges:
         kept = self._verdicts.get(dispatches)
         if kept is not None and self.clock() - kept[0] < self.ttl_s:  # a fresh verdict: no wait behind a probe
             return kept[1], kept[2]
-        if not self._asking.acquire(timeout=self.wait_s):
+        # An old verdict: asked again by the first poll to get the lock, the others answer it at once (no thread
+        # held waiting). None yet: a short bounded wait, under Kubernetes' 1 s probe timeout.
+        got = self._asking.acquire(blocking=False) if kept is not None else self._asking.acquire(timeout=self.wait_s)
+        if not got:
             return self._while_probing(dispatches)
         try:
             return self._missing(dispatches)
@@ -473,7 +509,7 @@ class _RolePrivileges:
         kept = self._verdicts.get(dispatches)
         if self._slow_said != self._probes:  # once per probe that hangs, not at every poll behind it
             self._slow_said = self._probes
-            log.warning("readyz_privilege_probe_slow", waited_s=self.wait_s,
+            log.warning("readyz_privilege_probe_slow", waited_s=self.wait_s if kept is None else 0,
                         answered="the last verdict" if kept is not None else "privileges unknown (not ready)",
                         hint="the database answers the privileges probe slowly or not at all (a hung catalog read, "
                              "a connection pool with none to give): check the database and its locks")
@@ -545,7 +581,9 @@ def _service_routes(processor: WebhookProcessor, migration: StartupMigration | N
             # The driver's message (host, port, role names) goes to the log, not to whoever asks /readyz.
             log.warning("readyz_database_down", error=str(exc))
             state = {"database": "down", "error": "the database did not answer (the service's log says why)"}
-            if migration is not None and not migration.done:
+            if migration is not None and migration.refused is not None:
+                state["hint"] = migration.refused_hint()
+            elif migration is not None and not migration.done:
                 state["hint"] = "migrations will run as soon as the database answers"
             return JSONResponse(state, status_code=503)
         code = 200 if state["migrations_current"] and "privileges" not in state and state["database"] == "ok" else 503
@@ -559,8 +597,11 @@ def _service_routes(processor: WebhookProcessor, migration: StartupMigration | N
             state["hint"] = ("the database role lacks a privilege the service needs: `clerk-sync doctor` prints the "
                              "GRANT statements (the service's log names them too)")
         elif code != 200:
-            pending = migration is not None and not migration.done
-            state["hint"] = "migrating in the background" if pending else "run `clerk-sync migrate`"
+            if migration is not None and migration.refused is not None:
+                state["hint"] = migration.refused_hint()
+            else:
+                pending = migration is not None and not migration.done
+                state["hint"] = "migrating in the background" if pending else "run `clerk-sync migrate`"
         return JSONResponse(state, status_code=code)
 
     async def metrics(_: Request) -> Response:
