@@ -6,6 +6,7 @@ with the columns and indexes of another database's table."""
 from __future__ import annotations
 
 import gc
+import pickle
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
@@ -98,4 +99,24 @@ def test_two_threads_projecting_at_once_write_each_in_its_own_transaction(db_url
         rows = {r.clerk_user_id: r for r in conn.execute(sa.select(accounts))}
     assert rows["a"].email is None and rows["a"].deleted_at is not None  # a's deletion whole
     assert rows["b"].email == "b@example.com" and rows["b"].deleted_at is None  # b's rolled back, whole
+    engine.dispose()
+
+
+def test_a_mapping_pickles_and_an_option_engine_shares_its_parents_reflection(tmp_path: Path) -> None:
+    mapping = SchemaMapping(users=MappedTable("accounts", "clerk_user_id", {"email": "email"}))
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'app.db'}")
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE accounts (id INTEGER PRIMARY KEY, email TEXT, clerk_user_id TEXT UNIQUE, "
+                             "deleted_at TIMESTAMP)"))
+    with engine.connect() as conn:
+        mapping.pipelines(conn, Entity.USER)  # reflected (False on SQLite: its statements are its own)
+    assert list(mapping._projections[engine]) == [Entity.USER]
+    copy = pickle.loads(pickle.dumps(mapping))  # noqa: S301 - our own bytes (a process pool, a task queue)
+    assert copy.tables == mapping.tables and len(copy._projections) == 0
+    reflected: list[str] = []
+    sa.event.listen(engine, "before_cursor_execute", lambda *a: reflected.append(a[2]))
+    for _ in range(3):  # a new OptionEngine each time, its connections' conn.engine
+        with engine.execution_options(isolation_level="AUTOCOMMIT").connect() as conn:
+            mapping.pipelines(conn, Entity.USER)
+    assert reflected == []  # the parent's reflection served them
     engine.dispose()

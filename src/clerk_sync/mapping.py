@@ -377,6 +377,20 @@ class SchemaMapping:
         self._projections: weakref.WeakKeyDictionary[sa.Engine, dict[Entity, _Projection]] = (
             weakref.WeakKeyDictionary())
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable (a process pool, a task queue): what was reflected stays behind, reflected again there."""
+        return {**self.__dict__, "_projections": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._projections = weakref.WeakKeyDictionary()
+
+    def _built(self, engine: sa.Engine) -> dict[Entity, _Projection]:
+        """What was reflected through ``engine``; an ``engine.execution_options(...)`` copy (a new OptionEngine each
+        call, its connections' ``conn.engine``) shares its parent's, or each call would reflect again."""
+        # (OptionEngine keeps its parent as _proxied, SQLAlchemy's only handle on it)
+        return self._projections.setdefault(getattr(engine, "_proxied", engine), {})
+
     def check_dialect(self, dialect: str) -> None:
         """A :class:`~clerk_sync.errors.ConfigError` for a table the store cannot map (a schema-qualified name on
         SQLite), raised when the store is made: not each delivery refused for it."""
@@ -544,7 +558,7 @@ class SchemaMapping:
         mapped = self.tables.get(entity)
         if mapped is None:
             return True
-        if entity not in self._projections.get(conn.engine, {}):
+        if entity not in self._built(conn.engine):
             try:
                 with conn.engine.connect() as own:
                     self._projection(own, entity, mapped)
@@ -572,7 +586,7 @@ class SchemaMapping:
         return self._projection(conn, entity, mapped).wave
 
     def _projection(self, conn: Connection, entity: Entity, mapped: MappedTable) -> _Projection:
-        built = self._projections.setdefault(conn.engine, {})  # reflected, and statements built, once per engine
+        built = self._built(conn.engine)  # reflected, and statements built, once per engine
         if entity not in built:
             built[entity] = _Projection(self.table(conn, mapped.table), mapped, conn.dialect.name)
         return built[entity]
