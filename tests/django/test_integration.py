@@ -69,7 +69,8 @@ def test_database_url_defaults_to_djangos_database() -> None:
         assert clerk_settings({}).database_url == "mysql+mysqldb://me@db:3307/app"
     tls = {"ENGINE": "django.db.backends.mysql", "NAME": "app", "HOST": "db",
            "OPTIONS": {"charset": "utf8mb4", "ssl": {"ca": "/etc/ca.pem"}, "init_command": "SET x=1"}}
-    assert database_url_from_django(tls) == "mysql+mysqldb://db/app?charset=utf8mb4&ssl_ca=%2Fetc%2Fca.pem"
+    assert database_url_from_django(tls) == (  # the app's init_command kept (clerk-sync's settings run after it)
+        "mysql+mysqldb://db/app?charset=utf8mb4&init_command=SET+x%3D1&ssl_ca=%2Fetc%2Fca.pem")
     with override_settings(DATABASES={"default": {"ENGINE": "django.db.backends.oracle", "NAME": "x"}}), \
             pytest.raises(ImproperlyConfigured, match=r"ENGINE 'django.db.backends.oracle'.*CLERK_SYNC\['DATABASE_URL'\]"):
         clerk_settings({})  # never a local SQLite file in place of the app's database (see test_checks_csrf_and_shared_clients)

@@ -325,11 +325,12 @@ def _postgres_query(options: Mapping[str, Any]) -> dict[str, str]:
 
 
 def _mysql_query(options: Mapping[str, Any]) -> dict[str, str]:
-    """Django's MySQL ``OPTIONS`` that reach the connection (socket, TLS, charset, option file) as the
-    URL query mysqlclient's SQLAlchemy dialect reads; others (``init_command``, ``isolation_level``)
-    are left out: clerk-sync sets its own session."""
+    """Django's MySQL ``OPTIONS`` that reach the connection (socket, TLS, charset, option file, the app's
+    ``init_command``: run first, clerk-sync's session settings after it) as the URL query mysqlclient's
+    SQLAlchemy dialect reads; ``isolation_level`` is left out: clerk-sync sets its own."""
     query: dict[str, str] = {k: str(options[k]) for k in ("charset", "unix_socket", "read_default_file",
-                                                           "read_default_group", "ssl_mode") if k in options}
+                                                           "read_default_group", "ssl_mode", "init_command")
+                             if k in options}
     ssl = options.get("ssl")
     if isinstance(ssl, Mapping):
         query |= {f"ssl_{k}": str(v) for k, v in ssl.items() if k in ("ca", "cert", "key", "capath", "cipher")}
