@@ -421,10 +421,17 @@ class StartupMigration:
             except SQLAlchemyError as exc:  # down meanwhile: read again later (migration_refused said why)
                 log.debug("migration_refused_recheck_failed", error=type(exc).__name__)
                 continue
-            if state == "current":
-                self.done, self.refused, self.error = True, None, None
-                log.info("migrations_current", attempts=self.attempts, migrated_by="another process")
+            if state != "behind":
+                self.healed()
                 return
+
+    def healed(self) -> None:
+        """After a refusal, the schema read current, or newer (another release's migrate: a schema this one runs
+        on, as `/readyz` and ``is_current`` say): deliveries are taken again. Called by the recheck, or at once by
+        a `/readyz` poll that read it so (it would otherwise say ready while deliveries wait up to a recheck)."""
+        if self.refused is not None:
+            self.done, self.refused, self.error = True, None, None
+            log.info("migrations_current", attempts=self.attempts, migrated_by="another process")
 
 
 def _refused(exc: BaseException) -> str | None:
@@ -464,18 +471,21 @@ class _RolePrivileges:
     process dispatches (``serve --hooks``): a ``serve --no-dispatch`` replica is not taken out of rotation for a
     DELETE only the dispatcher needs. The verdict is kept ``ttl_s`` either way (a probe is a few dozen statements,
     ~25 ms), so a REVOKE is seen within a minute and a missing grant is not asked at every poll; logged once per
-    change (SQLite has no roles). Polls at once (two probes of a load balancer) wait for one verdict: one probe, one
-    log line. Whether this process dispatches is ``app.state.clerk_sync_dispatches`` (``serve --hooks`` sets it; an
-    app that starts its own :class:`~clerk_sync.hooks.Dispatcher` sets it too).
+    change (SQLite has no roles). Polls at once (two probes of a load balancer) share one probe: one log line.
+    Whether this process dispatches is ``app.state.clerk_sync_dispatches`` (``serve --hooks`` sets it; an app that
+    starts its own :class:`~clerk_sync.hooks.Dispatcher` sets it too).
 
     A poll finding a probe under way (a database that hangs on the catalog) answers the last verdict at once, however
     old (the probe under way asks the same of the same role, and a replica is not taken out of rotation because a
     catalog read is slow, nor a worker thread the webhooks share held waiting); with none yet it waits at most
     ``wait_s``, then answers ``None`` (``/readyz`` says ``"privileges": "unknown"``, not ready: never checked is
-    not granted). Without the bound every poll queued behind a hung probe, each holding a worker thread, for ever."""
+    not granted). Without the bound every poll queued behind a hung probe, each holding a worker thread, for ever.
+    ``readyz_privilege_probe_slow`` is said once per probe, by a poll that waited in vain or found it running
+    ``slow_s`` or more (not by two polls meeting an ordinary probe)."""
 
     clock: Callable[[], float] = staticmethod(time.monotonic)  # (tests inject theirs)
     wait_s = 0.5  # (no verdict yet) a probe takes ~25 ms: one that outlives this is hung (tests: theirs)
+    slow_s = 1.0  # (a verdict at hand) a poll finding a probe under way this long says so, once
 
     def __init__(self, store: Store, ttl_s: float = 60.0) -> None:
         self.store = store
@@ -486,6 +496,7 @@ class _RolePrivileges:
         self._asking = threading.Lock()  # (readyz runs in worker threads)
         self._probes = 0  # probes started (under _asking): which one a slow-probe line was said of
         self._slow_said = -1
+        self._probe_started = 0.0  # (clock) when the probe under way began
 
     def missing(self, dispatches: bool = False) -> tuple[list[str], list[str]] | None:
         """(what is missing, the GRANT statements that give it); both empty when granted; None when a probe under
@@ -507,9 +518,12 @@ class _RolePrivileges:
 
     def _while_probing(self, dispatches: bool) -> tuple[list[str], list[str]] | None:
         kept = self._verdicts.get(dispatches)
-        if self._slow_said != self._probes:  # once per probe that hangs, not at every poll behind it
+        running_s = self.clock() - self._probe_started
+        slow = kept is None or running_s >= self.slow_s  # (two polls meeting a 25 ms probe: nothing to say)
+        if slow and self._slow_said != self._probes:  # once per probe that hangs, not at every poll behind it
             self._slow_said = self._probes
             log.warning("readyz_privilege_probe_slow", waited_s=self.wait_s if kept is None else 0,
+                        probe_running_s=round(running_s, 3),
                         answered="the last verdict" if kept is not None else "privileges unknown (not ready)",
                         hint="the database answers the privileges probe slowly or not at all (a hung catalog read, "
                              "a connection pool with none to give): check the database and its locks")
@@ -523,6 +537,7 @@ class _RolePrivileges:
         from clerk_sync.migrations._privileges import DELIVERIES, DISPATCHER, missing_privileges
 
         self._probes += 1
+        self._probe_started = now
         with self.store.connect() as conn:
             found = missing_privileges(conn, self.store.mapping,
                                        frozenset({DELIVERIES, DISPATCHER} if dispatches else {DELIVERIES}))
@@ -557,6 +572,8 @@ def _service_routes(processor: WebhookProcessor, migration: StartupMigration | N
                 raise store_error(exc) from exc
             # Newer: a newer release migrated it (a rolling deploy): this one runs on that schema, so ready.
             state: dict[str, Any] = {"database": "ok", "migrations_current": at != "behind"}
+            if at != "behind" and migration is not None:
+                migration.healed()  # refused before, migrated by the owner since: deliveries taken from now on
             if at == "newer":
                 state["migrations"] = "newer than this release"
             if at != "behind":
@@ -586,7 +603,9 @@ def _service_routes(processor: WebhookProcessor, migration: StartupMigration | N
             elif migration is not None and not migration.done:
                 state["hint"] = "migrations will run as soon as the database answers"
             return JSONResponse(state, status_code=503)
-        code = 200 if state["migrations_current"] and "privileges" not in state and state["database"] == "ok" else 503
+        waiting = migration is not None and migration.pending() is not None  # (deliveries answered 503)
+        code = (200 if state["migrations_current"] and not waiting and "privileges" not in state
+                and state["database"] == "ok" else 503)
         if state["database"] == _READ_ONLY:
             log.warning("readyz_database_read_only")
             state["hint"] = "DATABASE_URL points at a standby or a read-only role: deliveries cannot be written"
