@@ -12,7 +12,6 @@ import os
 import socket
 import subprocess
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from clerk_sync.integrations.starlette import StartupMigration, _RolePrivileges,
 from clerk_sync.migrations import _privileges
 from clerk_sync.store import Store, create_engine
 from tests import factories as f
+from tests import test_least_privilege_roles
 from tests._grants_app import HOOKS
 from tests._server import free_port, running, unreachable_engine
 from tests.conftest import SECRET
@@ -48,16 +48,7 @@ from tests.test_least_privilege_roles import (
     documented_grants,
 )
 
-
-@pytest.fixture(params=[pytest.param("postgresql", marks=pytest.mark.postgres),
-                        pytest.param("mysql", marks=pytest.mark.mariadb)])
-def roles(request: pytest.FixtureRequest) -> Iterator[Roles]:
-    """tests/test_least_privilege_roles.py's: owner and runtime roles, the owner's migration, the RUNBOOK's grants."""
-    with (_postgres() if request.param == "postgresql" else _mariadb()) as made:
-        migrated = run("migrate", "--mapping", f"{APP}:MAPPING", env={"DATABASE_URL": made.owner_url})
-        assert migrated.returncode == 0, migrated.stderr
-        made.as_owner(*documented_grants(made))
-        yield made
+roles = test_least_privilege_roles.roles  # the shared fixture (owner and runtime roles, grants), found by name
 
 
 class _Refused(Exception):

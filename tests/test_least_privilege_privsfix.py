@@ -25,23 +25,21 @@ from clerk_sync.integrations.starlette import StartupMigration, _refused, _RoleP
 from clerk_sync.migrations import _privileges
 from clerk_sync.store import Store, create_engine
 from tests import factories as f
+from tests import test_least_privilege_roles
 from tests._grants_app import HOOKS
 from tests._server import free_port, running
 from tests.conftest import SECRET
-from tests.test_cli import CLI, run
+from tests.test_cli import CLI
 from tests.test_least_privilege_followups import _behind_for_the_runtime_role, _cli_env, _forward
-from tests.test_least_privilege_roles import APP, Roles, _deliver, _env, _mariadb, _postgres, documented_grants
+from tests.test_least_privilege_roles import (
+    Roles,
+    _deliver,
+    _env,
+    _mariadb,
+    _postgres,
+)
 
-
-@pytest.fixture(params=[pytest.param("postgresql", marks=pytest.mark.postgres),
-                        pytest.param("mysql", marks=pytest.mark.mariadb)])
-def roles(request: pytest.FixtureRequest) -> Iterator[Roles]:
-    """tests/test_least_privilege_roles.py's: owner and runtime roles, the owner's migration, the RUNBOOK's grants."""
-    with (_postgres() if request.param == "postgresql" else _mariadb()) as made:
-        migrated = run("migrate", "--mapping", f"{APP}:MAPPING", env={"DATABASE_URL": made.owner_url})
-        assert migrated.returncode == 0, migrated.stderr
-        made.as_owner(*documented_grants(made))
-        yield made
+roles = test_least_privilege_roles.roles  # the shared fixture (owner and runtime roles, grants), found by name
 
 
 class _MySQLDenied(Exception):

@@ -38,18 +38,8 @@ from tests.test_least_privilege_roles import (
     _postgres,
     _privileges_line,
     _service,
-    documented_grants,
+    granted,
 )
-
-
-@contextmanager
-def _granted_postgres() -> Iterator[Roles]:
-    with _postgres() as made:
-        migrated = run("migrate", "--mapping", f"{APP}:MAPPING", env={"DATABASE_URL": made.owner_url})
-        assert migrated.returncode == 0, migrated.stderr
-        made.as_owner(*documented_grants(made))
-        yield made
-
 
 _ROW_REFUSALS = {
     "rls": ("ALTER TABLE accounts ENABLE ROW LEVEL SECURITY",
@@ -68,7 +58,7 @@ def test_a_row_the_app_table_refuses_with_42501_is_the_rows_refusal_not_a_503(ki
     """A row-level security policy's WITH CHECK, or a trigger raising insufficient_privilege, refuses one row with
     the SQLSTATE of a missing grant: the delivery was answered 503 until Svix gave up (~27 h), the user's ban, role
     and deletion never applied. The role has every grant on the table: the row's refusal, the delivery applied."""
-    with _granted_postgres() as roles:
+    with granted("postgresql") as roles:
         roles.as_owner(*_ROW_REFUSALS[kind])
         blocked = f.envelope("user.created", f.user("user_grfix1", 5, email="x@blocked.example", banned=True))
         with _service(roles) as client, structlog.testing.capture_logs() as logs:
@@ -90,7 +80,7 @@ def test_a_row_the_app_table_refuses_with_42501_is_the_rows_refusal_not_a_503(ki
 @pytest.mark.postgres
 def test_reconcile_mapping_writes_the_other_users_when_a_policy_refuses_one() -> None:
     """The same refusal during `reconcile --mapping` failed the whole run (every day); the other users are written."""
-    with _granted_postgres() as roles:
+    with granted("postgresql") as roles:
         roles.as_owner(*_ROW_REFUSALS["rls"])
         with EmulatorServer() as emu:
             emu.create_user("ok@example.com")
@@ -131,7 +121,7 @@ def _as_admin(roles: Roles, *statements: str) -> None:
 def test_readyz_asks_only_what_this_process_writes_and_doctor_says_who_needs_each() -> None:
     """A DELETE only the hook dispatcher (or reconcile) needs took a `serve --no-dispatch` replica out of rotation
     while its deliveries worked; doctor said "deliveries answer 503" of every missing line."""
-    with _granted_postgres() as roles:
+    with granted("postgresql") as roles:
         roles.as_owner(f"REVOKE DELETE ON hook_jobs FROM {roles.runtime}",
                        f"REVOKE DELETE ON reconcile_runs FROM {roles.runtime}")
         with _serving(roles, dispatches=False) as client:
@@ -153,7 +143,7 @@ def test_readyz_asks_only_what_this_process_writes_and_doctor_says_who_needs_eac
 def test_a_schema_of_the_search_path_the_role_may_not_use_is_none_of_readyz_business() -> None:
     """A schema on the role's search_path it may not use, not where clerk-sync's tables are: /readyz was 503 for
     ever (privileges missing: USAGE) while every delivery worked."""
-    with _granted_postgres() as roles:
+    with granted("postgresql") as roles:
         roles.as_owner("CREATE SCHEMA grfix_other")
         _as_admin(roles, f"ALTER ROLE {roles.runtime} IN DATABASE {roles.database} "
                          "SET search_path = public, grfix_other")
@@ -182,7 +172,7 @@ def test_mariadb_user_without_the_database_is_told_to_check_its_name() -> None:
 @pytest.mark.postgres
 def test_readyz_on_a_read_only_database_says_read_only() -> None:
     """A standby or default_transaction_read_only: the probe's INSERT got 25006, said "database": "down"."""
-    with _granted_postgres() as roles:
+    with granted("postgresql") as roles:
         _as_admin(roles, f"ALTER ROLE {roles.runtime} IN DATABASE {roles.database} "
                          "SET default_transaction_read_only = on")
         with _service(roles) as client:
@@ -199,7 +189,7 @@ def test_readyz_keeps_its_privileges_verdict_a_minute_either_way_and_logs_once(
     granted it never asked again (a later REVOKE: readyz 200 for good)."""
     now = [1000.0]
     monkeypatch.setattr(starlette_face._RolePrivileges, "clock", staticmethod(lambda: now[0]))
-    with _granted_postgres() as roles:
+    with granted("postgresql") as roles:
         roles.as_owner(f"REVOKE INSERT ON webhook_events FROM {roles.runtime}")
         with _service(roles) as client, structlog.testing.capture_logs() as logs:
             codes = [client.get("/readyz").status_code for _ in range(3)]
@@ -220,7 +210,7 @@ def test_readyz_keeps_its_privileges_verdict_a_minute_either_way_and_logs_once(
 def test_the_privileges_probe_runs_no_statement_on_the_apps_table() -> None:
     """The probe ran zero-row INSERT/UPDATE on the app's mapped table: its statement-level triggers fired (at each
     /readyz and doctor). It asks PostgreSQL's catalog instead."""
-    with _granted_postgres() as roles:
+    with granted("postgresql") as roles:
         # (a sequence: what a rolled-back probe cannot undo, as a trigger's mail, NOTIFY to a listener, dblink)
         roles.as_owner("CREATE SEQUENCE grfix_fired", f"GRANT USAGE ON SEQUENCE grfix_fired TO {roles.runtime}",
                        "CREATE FUNCTION grfix_note() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
@@ -263,7 +253,7 @@ def test_a_column_the_mapped_writes_read_without_select_is_a_grant_to_run_not_th
     """SELECT granted on some columns of the app's table (``GRANT SELECT (id, email)``), not those the upsert reads
     (its Clerk-id column, the written ones): PostgreSQL refuses every row with 42501, which was taken for the row's
     own refusal (a policy's): every user's row stored as refused, /readyz and doctor content."""
-    with _granted_postgres() as roles:
+    with granted("postgresql") as roles:
         roles.as_owner(f"REVOKE SELECT ON accounts FROM {roles.runtime}",  # noqa: S608
                        f"GRANT SELECT (id, email) ON accounts TO {roles.runtime}")
         refused, ready, grants, stored, applied = _refused_until_granted(
@@ -280,7 +270,7 @@ def test_a_column_the_mapped_writes_read_without_select_is_a_grant_to_run_not_th
 def test_a_sequence_a_column_default_calls_without_owned_by_is_asked_for_usage() -> None:
     """``DEFAULT nextval('ids')`` of a sequence created apart (no OWNED BY): only serial (owned) sequences were asked,
     so its missing USAGE was taken for the row's own refusal, every row stored as refused, /readyz and doctor ok."""
-    with _granted_postgres() as roles:
+    with granted("postgresql") as roles:
         roles.as_owner("CREATE SEQUENCE grfix_ids", "ALTER TABLE accounts ALTER COLUMN id SET DEFAULT nextval('grfix_ids')")
         refused, ready, grants, stored, applied = _refused_until_granted(
             roles, "msg_grfix6", f.envelope("user.created", f.user("user_grfix6", 5, email="six@example.com")))
@@ -349,7 +339,7 @@ def test_a_linking_mapping_needs_select_on_its_link_columns_and_primary_key() ->
     SELECT granted on the written columns only is still a GRANT to run (its 42501 is no row's own refusal)."""
     linking = MappedTable("accounts", "clerk_user_id", {"name": "full_name"}, link_by_email="email",
                           on_delete=SoftDelete("deleted_at"))
-    with _granted_postgres() as roles:
+    with granted("postgresql") as roles:
         roles.as_owner(f"REVOKE SELECT ON accounts FROM {roles.runtime}",  # noqa: S608
                        f"GRANT SELECT (clerk_user_id, name, deleted_at) ON accounts TO {roles.runtime}")
         engine = sa.create_engine(roles.runtime_url)
@@ -360,11 +350,11 @@ def test_a_linking_mapping_needs_select_on_its_link_columns_and_primary_key() ->
                 lacks = SchemaMapping(users=linking).role_lacks(conn, Entity.USER)
             roles.as_owner(f"GRANT SELECT (email, id) ON accounts TO {roles.runtime}")
             with engine.connect() as conn:
-                granted = lacking_privileges(conn, linking)
+                after_grant = lacking_privileges(conn, linking)
         finally:
             engine.dispose()
     assert reads == ("clerk_user_id", "name", "deleted_at", "email", "id")
-    assert (lacking, lacks, granted) == (["SELECT"], True, [])
+    assert (lacking, lacks, after_grant) == (["SELECT"], True, [])
 
 
 @pytest.mark.mariadb

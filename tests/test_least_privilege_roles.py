@@ -127,7 +127,14 @@ def _mariadb() -> Iterator[Roles]:
                         pytest.param("mysql", marks=pytest.mark.mariadb)])
 def roles(request: pytest.FixtureRequest) -> Iterator[Roles]:
     """Owner and runtime roles, a database the owner migrated (with the mapped table), the RUNBOOK's grants run."""
-    with (_postgres() if request.param == "postgresql" else _mariadb()) as made:
+    with granted(request.param) as made:
+        yield made
+
+
+@contextmanager
+def granted(kind: str) -> Iterator[Roles]:
+    """``roles``, for a test on one store (``postgresql`` or ``mysql``)."""
+    with (_postgres() if kind == "postgresql" else _mariadb()) as made:
         migrated = run("migrate", "--mapping", f"{APP}:MAPPING", env={"DATABASE_URL": made.owner_url})
         assert migrated.returncode == 0, migrated.stderr
         made.as_owner(*documented_grants(made))

@@ -421,6 +421,9 @@ class StartupMigration:
             except SQLAlchemyError as exc:  # down meanwhile: read again later (migration_refused said why)
                 log.debug("migration_refused_recheck_failed", error=type(exc).__name__)
                 continue
+            except Exception as exc:  # anything else ended the recheck (and the prune schedule beside it) for good
+                log.warning("migration_refused_recheck_failed", error=f"{type(exc).__name__}: {exc}"[:300])
+                continue
             if state != "behind":
                 self.healed()
                 return
