@@ -25,6 +25,7 @@ Branch by what the caller does next::
     │   └── UserDeleted                 user_deleted         the user was deleted in Clerk -> 410
     ├── StoreError                      store_unavailable    transient DB failure: 5xx, Svix retries
     │   ├── ParentNotThere              parent_not_there     a row an app table refers to has not arrived: 503, retried
+    │   ├── MigrationPending            migration_pending    the start-up migration has not run (or was refused): 503
     │   └── StorePrivilegeMissing       store_privilege_missing  the role lacks a GRANT: 503, applied once granted
     ├── ClerkAPIError                   clerk_api_error      Clerk's Backend API refused or failed
     │   ├── ClerkNotFound               clerk_not_found      404: the object does not exist (any more)
@@ -63,6 +64,7 @@ __all__ = [
     "HookRetryLater",
     "ImpersonationEnded",
     "InvalidRole",
+    "MigrationPending",
     "ParentNotThere",
     "PayloadError",
     "PayloadTooLarge",
@@ -183,6 +185,15 @@ class ParentNotThere(StoreError):
     def __init__(self, message: str, refused: str = "") -> None:
         super().__init__(message)
         self.refused = refused
+
+
+class MigrationPending(StoreError):
+    """A delivery arrived before the start-up migration (``serve --migrate``, ``create_app(migrate=True)``) has made
+    the schema current: it is retrying in the background, or the database refused it (the message says what to
+    run). Not an outage: nothing was written, the delivery is answered 503 so Svix retries it, and it applies once
+    migrated. The message is public (the 503's body): it never carries the driver's text."""
+
+    code = "migration_pending"
 
 
 class StorePrivilegeMissing(StoreError):

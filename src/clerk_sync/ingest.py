@@ -41,6 +41,7 @@ from clerk_sync.engine import (
 )
 from clerk_sync.errors import (
     ClerkSyncError,
+    MigrationPending,
     ParentNotThere,
     PayloadError,
     PayloadTooLarge,
@@ -192,6 +193,8 @@ class WebhookProcessor:
         elif isinstance(exc, ParentNotThere):  # an ordering Svix's retry heals, not a database failure
             log.info("webhook_parent_not_there", svix_id=claimed, reason=str(exc))
             self.metrics.parent_not_there.inc()
+        elif isinstance(exc, MigrationPending):  # not a database failure: migration_retry/_refused say why
+            log.debug("webhook_migration_pending", svix_id=claimed, reason=str(exc))
         elif isinstance(exc, StoreError):
             log.warning("webhook_store_error", svix_id=claimed, reason=str(exc))
             self.metrics.db_errors.labels(operation="webhook").inc()

@@ -28,6 +28,7 @@ from clerk_sync.errors import (
     CrossSiteRequest,
     EventShapeError,
     InvalidRole,
+    MigrationPending,
     ParentNotThere,
     PayloadError,
     PayloadTooLarge,
@@ -69,6 +70,7 @@ STATUS_BY_ERROR: dict[type[ClerkSyncError], int] = {
     StoreError: 503,
     ParentNotThere: 503,  # not an outage, but retried the same way (nothing was written)
     StorePrivilegeMissing: 503,  # a setting, not an outage: still 503, so Svix retries it once granted
+    MigrationPending: 503,  # the start-up migration has not run (or was refused): retried the same way
     ClerkAPIError: 502,
     ClerkNotFound: 404,
     ClerkUnauthorized: 500,
@@ -162,6 +164,9 @@ def delivery_answer(svix_id: str, status: str, error: str | None = None) -> dict
 
 
 def _public_message(exc: ClerkSyncError) -> str:
+    if isinstance(exc, MigrationPending):  # its own text says what to do, free of the driver's (pending())
+        _log_cause(MigrationPending, exc)
+        return str(exc)
     for cls, message in _PUBLIC_MESSAGES.items():
         if isinstance(exc, cls):
             _log_cause(cls, exc)
@@ -179,6 +184,7 @@ def _log_cause(cls: type[ClerkSyncError], exc: ClerkSyncError) -> None:
     # A parent not arrived yet is an ordering Svix's retry heals (info), not an outage (warning); a missing
     # privilege is a setting to fix, said as that (its cause has the GRANT advice)
     say, event = ((log.info, "answered_parent_not_there") if cls is ParentNotThere
+                  else (log.info, "answered_migration_pending") if cls is MigrationPending
                   else (log.warning, "answered_privilege_missing") if cls is StorePrivilegeMissing
                   else (log.warning, "answered_unavailable"))
     cause = (cls, _cause_key(" ".join(str(exc).split())))

@@ -36,6 +36,7 @@ from clerk_sync.engine import DeliveryStatus
 from clerk_sync.errors import (
     ClerkSyncError,
     ConfigError,
+    MigrationPending,
     PayloadTooLarge,
     StoreError,
     StorePrivilegeMissing,
@@ -135,7 +136,7 @@ class _WebhookPath:
         svix_id, envelope = self.processor.verify_and_parse(headers, body)  # forged or malformed: 4xx, always
         waiting = self.not_ready() if self.not_ready is not None else None
         if waiting is not None:
-            raise StoreError(waiting)
+            raise MigrationPending(waiting)  # its text is pending()'s: what to do, not "database unavailable"
         keys = envelope_keys(svix_id, envelope.type, envelope.data)
         result: Outcome | object = ALONE
         if self.committer is not None and not self.gate.busy(keys):
