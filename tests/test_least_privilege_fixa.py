@@ -56,3 +56,58 @@ def test_a_delivery_while_the_migration_is_pending_or_refused_says_so_not_databa
     assert not [e for e in logs if e["event"] == "webhook_store_error"], logs
     assert processor.metrics.db_errors.labels(operation="webhook")._value.get() == 0
     assert processor.metrics.unavailable._value.get() == 0
+
+
+def _serve_refused_then_healed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list[tuple[float, int]],
+                                                                                         pytest.ExceptionInfo[Any]]:
+    """`serve --migrate` in this process, its server replaced by one that runs the migration's retries (refused
+    for a privilege while serving), then heals it as a /readyz poll during the drain would (the owner's migrate,
+    or another release's, landed meanwhile), then returns as uvicorn does once drained. The exit watchdogs armed."""
+    import importlib
+
+    import uvicorn
+
+    main = importlib.import_module("clerk_sync.cli.main")
+    from clerk_sync.errors import ConfigError
+
+    armed: list[tuple[float, int]] = []
+    monkeypatch.setattr(main, "_exit_after", lambda seconds, code: armed.append((seconds, code)))
+
+    async def refused(self: StartupMigration) -> bool:
+        self.refused = self.error = "serve --migrate: refused for a privilege (for the test)"
+        self._for_privilege = True
+        raise ConfigError(self.refused)
+
+    monkeypatch.setattr(StartupMigration, "attempt", refused)
+
+    def run(self: Any, sockets: Any = None) -> None:
+        import anyio
+
+        self.started = True
+        migration: StartupMigration = self.config.app.state.clerk_sync_migration
+        migration._first = 0.01
+        anyio.run(migration.retry)  # refused: on_refused is called
+        assert self.should_exit
+        migration.healed()  # a /readyz poll served during the drain read the schema current
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
+    url = f"sqlite:///{tmp_path / 'fixa_serve.db'}"
+    settings = Settings.from_env({"DATABASE_URL": url, "CLERK_WEBHOOK_SIGNING_SECRET": SECRET,
+                                  "CLERK_SYNC_PRUNE_INTERVAL_S": "0"})
+    processor = build_processor(settings, Store(create_engine(url)))
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            main._serve_one(settings, processor, "127.0.0.1", 0, migrate_first=True, dispatch=False,
+                            graceful_timeout_s=7)
+    finally:
+        processor.store.dispose()
+    return armed, stopped
+
+
+def test_serve_stopped_for_a_refusal_exits_2_even_if_a_readyz_poll_heals_it_during_the_drain(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """healed() from a /readyz poll during the drain cleared `refused`, and serve, stopped for the refusal, returned
+    exit 0 with no error line (systemd's Restart=on-failure and deploy scripts read a clean stop)."""
+    _, stopped = _serve_refused_then_healed(tmp_path, monkeypatch)
+    assert stopped.value.code == 2, stopped.value.code
+    assert "refused for a privilege (for the test)" in capsys.readouterr().err

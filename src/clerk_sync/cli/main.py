@@ -248,8 +248,14 @@ def _serve_one(settings: Settings, processor: WebhookProcessor, host: str, port:
                                    http=bounded_http(settings.max_head_bytes, settings.head_timeout_s),
                                    limit_concurrency=limit_concurrency))
     migration = getattr(app.state, "clerk_sync_migration", None)
+    stopped_for: list[str] = []  # the refusal that stopped serve (what exits 2, whatever `refused` says later)
     if migration is not None:  # refused for good while serving (the database was down at start): stop, as at start
-        migration.on_refused = lambda: setattr(server, "should_exit", True)
+
+        def refused() -> None:
+            stopped_for.append(migration.refused or "the start-up migration was refused (the log says why)")
+            server.should_exit = True
+
+        migration.on_refused = refused
     with _listen(host, port) as sock, sigterm_unwinds():
         _announce(settings, host, sock)
         try:
@@ -261,8 +267,9 @@ def _serve_one(settings: Settings, processor: WebhookProcessor, host: str, port:
             if dispatcher is not None:  # (stopped by the app's shutdown already, unless it never started)
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut this short
                 dispatcher.stop()
-    if migration is not None and migration.refused is not None:  # a setting to fix (the role), not a wait: 2
-        console.print(f"[red]error:[/] {escape(migration.refused)}", soft_wrap=True)
+    refusal = stopped_for[0] if stopped_for else migration.refused if migration is not None else None
+    if refusal is not None:  # a setting to fix (the role), not a wait: 2
+        console.print(f"[red]error:[/] {escape(refusal)}", soft_wrap=True)
         raise SystemExit(EXIT_SETTINGS)
     if not server.started:  # the app's start-up failed (uvicorn logged the traceback): as uvicorn.run exits
         console.print(f"[red]error:[/] {escape(could_not_start(why[0] if why else None))}")

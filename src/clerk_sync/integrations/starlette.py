@@ -350,6 +350,7 @@ class StartupMigration:
         self.attempts = 0
         self._first, self._max = first_delay_s, max_delay_s
         self._for_privilege = False
+        self._stopping = False  # on_refused was called: this process is stopping for the refusal
 
     def pending(self) -> str | None:
         """Why deliveries must wait, or None once migrations are current. The driver's error (host, port,
@@ -405,6 +406,7 @@ class StartupMigration:
                     return
             except ConfigError:
                 if self.on_refused is not None:
+                    self._stopping = True  # (healed() from a /readyz poll during the drain changes nothing now)
                     self.on_refused()
                     return
                 await self._until_migrated()
@@ -432,8 +434,9 @@ class StartupMigration:
     def healed(self) -> None:
         """After a refusal, the schema read current, or newer (another release's migrate: a schema this one runs
         on, as `/readyz` and ``is_current`` say): deliveries are taken again. Called by the recheck, or at once by
-        a `/readyz` poll that read it so (it would otherwise say ready while deliveries wait up to a recheck)."""
-        if self.refused is not None:
+        a `/readyz` poll that read it so (it would otherwise say ready while deliveries wait up to a recheck). Not once
+        ``on_refused`` was called: that process is stopping for the refusal (and exits 2 for it)."""
+        if self.refused is not None and not self._stopping:
             self.done, self.refused, self.error = True, None, None
             log.info("migrations_current", attempts=self.attempts, migrated_by="another process")
 
