@@ -111,3 +111,13 @@ def test_serve_stopped_for_a_refusal_exits_2_even_if_a_readyz_poll_heals_it_duri
     _, stopped = _serve_refused_then_healed(tmp_path, monkeypatch)
     assert stopped.value.code == 2, stopped.value.code
     assert "refused for a privilege (for the test)" in capsys.readouterr().err
+
+
+def test_serve_stopped_for_a_refusal_arms_the_shutdown_watchdog_as_a_signal_does(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The refusal set should_exit only: no watchdog, so a request's worker thread that never ends (a hung
+    privileges probe, a statement blocked on a silent peer; anyio's are not daemon threads) held the process at
+    the interpreter's exit for ever. Now armed as a signal's stop is: --graceful-timeout + margin, exit 2."""
+    armed, stopped = _serve_refused_then_healed(tmp_path, monkeypatch)
+    assert stopped.value.code == 2, stopped.value.code
+    assert armed == [(7 + 5.0, 2)], armed

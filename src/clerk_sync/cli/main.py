@@ -234,14 +234,19 @@ def _serve_one(settings: Settings, processor: WebhookProcessor, host: str, port:
                                           processor.store.engine, migrate=migrate_first)
         dispatcher.attach(app)
 
+    def stopping(code: int) -> None:
+        """A stop begins (a signal, a refused migration): the dispatcher stops now, beside the requests' drain,
+        within the same bound, and the watchdog exits ``code`` if a thread outlives it."""
+        if dispatcher is not None:
+            dispatcher.ask_stop(graceful_timeout_s)
+        _exit_after(graceful_timeout_s + _EXIT_MARGIN_S, code)
+
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             first = not self.should_exit
             super().handle_exit(sig, frame)
-            if first:  # the dispatcher stops now, beside the requests' drain, within the same bound
-                if dispatcher is not None:
-                    dispatcher.ask_stop(graceful_timeout_s)
-                _exit_after(graceful_timeout_s + _EXIT_MARGIN_S, 128 + sig)
+            if first:
+                stopping(128 + sig)
 
     server = Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                                    timeout_graceful_shutdown=graceful_timeout_s,
@@ -253,7 +258,9 @@ def _serve_one(settings: Settings, processor: WebhookProcessor, host: str, port:
 
         def refused() -> None:
             stopped_for.append(migration.refused or "the start-up migration was refused (the log says why)")
-            server.should_exit = True
+            if not server.should_exit:  # (as a signal's stop: a worker thread that never ends cannot hold it)
+                server.should_exit = True
+                stopping(EXIT_SETTINGS)
 
         migration.on_refused = refused
     with _listen(host, port) as sock, sigterm_unwinds():
