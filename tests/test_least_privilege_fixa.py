@@ -121,3 +121,53 @@ def test_serve_stopped_for_a_refusal_arms_the_shutdown_watchdog_as_a_signal_does
     armed, stopped = _serve_refused_then_healed(tmp_path, monkeypatch)
     assert stopped.value.code == 2, stopped.value.code
     assert armed == [(7 + 5.0, 2)], armed
+
+
+@pytest.mark.parametrize("refused_by", ["schema_state", "probe"])
+def test_readyz_says_a_read_refused_for_a_privilege_is_one_not_the_database_down(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refused_by: str) -> None:
+    """The runtime role without SELECT on clerk_sync_alembic_version (doctor lists it), or a probe's read refused:
+    /readyz said {"database": "down", "error": "the database did not answer"} and logged readyz_database_down, for
+    ever, while deliveries worked: the operator hunted an outage. Now: reached, privileges missing, doctor's hint."""
+    from clerk_sync import migrations
+    from clerk_sync._db_errors import store_error
+    from clerk_sync.integrations.starlette import _RolePrivileges
+    from tests.test_least_privilege_followups import _privilege_refusal
+
+    app, processor = _embedded(tmp_path)
+    migrations.upgrade(processor.store.engine)
+    app.state.clerk_sync_migration.done = True
+
+    def refuse(*_: Any, **__: Any) -> Any:
+        if refused_by == "probe":
+            raise store_error(_privilege_refusal())
+        raise _privilege_refusal()
+
+    if refused_by == "probe":
+        monkeypatch.setattr(_RolePrivileges, "missing", refuse)
+    else:
+        monkeypatch.setattr(migrations, "schema_state", refuse)
+    try:
+        with (structlog.testing.capture_logs() as logs, running(app) as base,
+              httpx.Client(base_url=base, timeout=30) as client):
+            ready = client.get("/readyz")
+    finally:
+        processor.store.dispose()
+    said = ready.json()
+    assert ready.status_code == 503 and said["database"] == "ok" and said["privileges"] == "missing", ready.text
+    assert "clerk-sync doctor" in said["hint"] and "accounts" not in ready.text, ready.text
+    events = [e["event"] for e in logs]
+    assert "readyz_privilege_missing" in events and "readyz_database_down" not in events, events
+
+
+@pytest.mark.postgres
+def test_readyz_as_a_runtime_role_that_may_not_read_the_schema_version_says_privileges_missing() -> None:
+    from clerk_sync import migrations
+    from tests.test_least_privilege_roles import _service, granted
+
+    with granted("postgresql") as roles:
+        roles.as_owner(f"REVOKE SELECT ON {migrations.VERSION_TABLE} FROM {roles.runtime}")  # noqa: S608 - our own names
+        with _service(roles) as client:
+            ready = client.get("/readyz")
+    assert ready.status_code == 503, ready.text
+    assert ready.json()["database"] == "ok" and ready.json()["privileges"] == "missing", ready.text

@@ -601,6 +601,13 @@ def _service_routes(processor: WebhookProcessor, migration: StartupMigration | N
 
         try:
             state = await to_thread.run_sync(check)
+        except StorePrivilegeMissing as exc:  # reached, but a read of the schema version or the probe was refused
+            log.warning("readyz_privilege_missing", error=str(exc))  # (the cause: what, and the GRANT advice)
+            state = {"database": "ok", "privileges": "missing",
+                     "hint": "the database refused a read this check needs for a privilege the role lacks: "
+                             "`clerk-sync doctor` run as this role prints the GRANT statements (the service's log "
+                             "says which: readyz_privilege_missing)"}
+            return JSONResponse(state, status_code=503)
         except StoreError as exc:
             # The driver's message (host, port, role names) goes to the log, not to whoever asks /readyz.
             log.warning("readyz_database_down", error=str(exc))
