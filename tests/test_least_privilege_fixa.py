@@ -171,3 +171,28 @@ def test_readyz_as_a_runtime_role_that_may_not_read_the_schema_version_says_priv
             ready = client.get("/readyz")
     assert ready.status_code == 503, ready.text
     assert ready.json()["database"] == "ok" and ready.json()["privileges"] == "missing", ready.text
+
+
+def test_a_poll_that_meets_a_probe_not_yet_started_says_nothing_slow() -> None:
+    """The verdict a TTL old, two polls at once: A takes the lock, B fails the non-blocking acquire before A
+    recorded its probe's start, reads the previous probe's (61 s ago) and logged readyz_privilege_probe_slow
+    probe_running_s=61, "check the database and its locks": the false alarm 6ad5057 meant to remove."""
+    from types import SimpleNamespace
+
+    from clerk_sync.integrations.starlette import _RolePrivileges
+
+    now = [1000.0]
+    privileges = _RolePrivileges(SimpleNamespace(engine=SimpleNamespace(dialect=SimpleNamespace(name="postgresql"))),
+                                 ttl_s=60.0)  # type: ignore[arg-type]
+    privileges.clock = lambda: now[0]  # type: ignore[method-assign]
+    privileges._verdicts[False] = (now[0], [], [])  # the previous probe, begun and answered at 1000
+    privileges._probe_started = now[0]
+    now[0] += 61.0
+    privileges._asking.acquire()  # poll A: the lock taken, its probe's start not recorded yet
+    try:
+        with structlog.testing.capture_logs() as logs:
+            answer = privileges.missing(False)  # poll B
+    finally:
+        privileges._asking.release()
+    assert answer == ([], []), answer  # the last verdict, at once
+    assert not [e for e in logs if e["event"] == "readyz_privilege_probe_slow"], logs

@@ -525,7 +525,10 @@ class _RolePrivileges:
 
     def _while_probing(self, dispatches: bool) -> tuple[list[str], list[str]] | None:
         kept = self._verdicts.get(dispatches)
-        running_s = self.clock() - self._probe_started
+        # A probe start no later than the verdict is the verdict's own probe: the poll holding the lock has not
+        # recorded its start yet, so it has just begun (else the previous probe's start, a TTL ago, said "slow")
+        started = self._probe_started if kept is None or self._probe_started > kept[0] else self.clock()
+        running_s = self.clock() - started
         slow = kept is None or running_s >= self.slow_s  # (two polls meeting a 25 ms probe: nothing to say)
         if slow and self._slow_said != self._probes:  # once per probe that hangs, not at every poll behind it
             self._slow_said = self._probes
