@@ -196,3 +196,15 @@ def test_a_poll_that_meets_a_probe_not_yet_started_says_nothing_slow() -> None:
         privileges._asking.release()
     assert answer == ([], []), answer  # the last verdict, at once
     assert not [e for e in logs if e["event"] == "readyz_privilege_probe_slow"], logs
+
+
+def test_the_refusal_names_both_ways_to_start_without_migrating_not_serve_only() -> None:
+    """An app embedding create_app(migrate=True) (or CLERK_SYNC_MIGRATE_ON_START=1) under its own server was told
+    "serve --migrate: ... then `serve --no-migrate`": a command it does not run."""
+    from clerk_sync.integrations.starlette import _refused
+    from tests.test_least_privilege_followups import _privilege_refusal
+
+    said = _refused(_privilege_refusal())
+    assert said is not None and not said.startswith("serve --migrate"), said
+    assert said.startswith("the start-up migration: ") and "CLERK_SYNC_MIGRATE_ON_START=0" in said, said
+    assert "`serve --no-migrate`" in said and "`clerk-sync migrate` as the role that owns the tables" in said, said

@@ -236,7 +236,7 @@ def test_serve_workers_migrate_refused_at_start_exits_2_with_the_refusal() -> No
             pytest.fail(f"serve --workers --migrate kept running: {err[-2000:]}")
     said = " ".join(err.split())
     assert proc.returncode == 2, said
-    assert "error: serve --migrate:" in said and "as the role that owns them" in said, said
+    assert "error: the start-up migration:" in said and "as the role that owns them" in said, said
     assert "could not start" not in said, said
 
 
@@ -265,7 +265,7 @@ def test_serve_workers_migrate_refused_while_serving_exits_2_with_the_refusal() 
                 pytest.fail(f"serve --workers --migrate kept running: {err[-2000:]}")
     said = " ".join((''.join(seen) + err).split())
     assert proc.returncode == 2, said[-3000:]
-    assert "error: serve --migrate:" in said and "could not start" not in said, said[-3000:]
+    assert "error: the start-up migration:" in said and "could not start" not in said, said[-3000:]
 
 
 # -- L5: the dispatcher's recovery line after a GRANT ---------------------------------------------------------------

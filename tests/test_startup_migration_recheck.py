@@ -35,7 +35,7 @@ def test_a_recheck_that_raises_something_else_than_a_database_error_keeps_rechec
     engine = create_engine(f"sqlite:///{tmp_path}/recheck.db")
     migration = StartupMigration(engine)
     migration.recheck_s = 0.0
-    migration.refused = migration.error = "serve --migrate: refused (for the test)"
+    migration.refused = migration.error = "the start-up migration: refused (for the test)"
 
     async def main() -> None:
         with anyio.fail_after(30):

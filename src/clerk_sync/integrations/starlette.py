@@ -452,12 +452,17 @@ def _refused(exc: BaseException) -> str | None:
         # misspelled) is store_error's "database unavailable": retried, as PostgreSQL's missing CONNECT is
         return None
     if isinstance(exc, StoreError):  # a failed step (MigrationError): it names the step and the owner's migrate
-        return f"serve --migrate: {' '.join(str(exc).split())}"
+        return f"the start-up migration: {' '.join(str(exc).split())}"
     orig = denied.orig or denied
-    return (f"serve --migrate: the database refused the migration for a privilege ({type(orig).__name__}: "
+    return (f"the start-up migration: the database refused it for a privilege ({type(orig).__name__}: "
             f"{database_message(orig)}): this role may not change the schema, and no retry grants it. Run "
-            "`clerk-sync migrate` as the role that owns the tables, then `serve --no-migrate` as this one (RUNBOOK, "
-            "\"Least-privilege database roles\")")
+            f"`clerk-sync migrate` as the role that owns the tables{_START_WITHOUT} (RUNBOOK, \"Least-privilege "
+            "database roles\")")
+
+
+# (the start-up migration is `serve --migrate`'s, or an embedding app's: both ways named)
+_START_WITHOUT = (", then start this one without migrating (`serve --no-migrate`, or CLERK_SYNC_MIGRATE_ON_START=0 / "
+                  "create_app(migrate=False))")
 
 
 _READ_ONLY = "read-only"

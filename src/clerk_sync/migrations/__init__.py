@@ -199,7 +199,8 @@ def _step_failure(revision: str | None, exc: sa.exc.SQLAlchemyError, dialect: st
         todo = "another connection held a lock it needs (traffic on a large table?): run `clerk-sync migrate` again"
     elif is_insufficient_privilege(getattr(exc, "orig", None)):  # a runtime role's DATABASE_URL, most likely
         todo = ("migrations create and alter tables: run `clerk-sync migrate` as the role that owns them (the "
-                "service's runtime role then runs `serve --no-migrate`; RUNBOOK, \"Least-privilege database roles\")")
+                "service's runtime role then starts without migrating: `serve --no-migrate`, or "
+                "CLERK_SYNC_MIGRATE_ON_START=0; RUNBOOK, \"Least-privilege database roles\")")
     else:
         todo = "fix the cause, then run `clerk-sync migrate` again"
     taken = _taken_name(exc)
