@@ -119,4 +119,9 @@ def test_a_mapping_pickles_and_an_option_engine_shares_its_parents_reflection(tm
         with engine.execution_options(isolation_level="AUTOCOMMIT").connect() as conn:
             mapping.pipelines(conn, Entity.USER)
     assert reflected == []  # the parent's reflection served them
+    for _ in range(3):  # a copy of a copy (a middle OptionEngine made per call: it keyed the cache, reflected again)
+        with engine.execution_options(logging_token="a").execution_options(isolation_level="AUTOCOMMIT").connect() \
+                as conn:
+            mapping.pipelines(conn, Entity.USER)
+    assert reflected == []
     engine.dispose()

@@ -252,6 +252,35 @@ def test_a_connection_lost_during_a_mapped_timestamp_write_is_reported_as_lost(
     killer.dispose()
 
 
+@pytest.mark.mariadb
+def test_a_connection_lost_at_the_zones_put_back_is_reported_as_lost_not_as_the_rows_refusal(maria: str) -> None:
+    """The write done, the connection KILLed just before the session's zone was put back: the put-back's error was
+    swallowed, leaving the savepoint raised PendingRollbackError, which the outbox took for the app row's own
+    refusal (a ``mapped_row_refused`` warning) and the delivery reported in place of the lost connection."""
+    engine, mapping = _zoned_app(maria)
+    killer = sa.create_engine(maria, isolation_level="AUTOCOMMIT")
+    killed: list[str] = []
+
+    @sa.event.listens_for(engine, "before_cursor_execute")
+    def _kill_at_put_back(_conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        if statement.startswith("SET time_zone = ") and "'+00:00'" not in statement and not killed:
+            killed.append(statement)
+            with killer.connect() as other:
+                other.exec_driver_sql(f"KILL {cursor.connection.thread_id()}")
+
+    store = Store(engine, mapping=mapping)
+    try:
+        with structlog.testing.capture_logs() as logs, pytest.raises(StoreError) as raised:
+            deliver(store, _updated("user_putback", 1, datetime(2026, 3, 8, tzinfo=UTC)))
+    finally:
+        store.dispose()
+        killer.dispose()
+    assert killed, "the put-back never ran: the test's zone is UTC?"
+    assert "PendingRollbackError" not in str(raised.value), raised.value
+    assert "Lost connection" in str(raised.value) or "server has gone away" in str(raised.value), raised.value
+    assert not [e for e in logs if e["event"] == "mapped_row_refused"], logs
+
+
 def _zone_statements(engine: sa.Engine) -> list[str]:
     """Every statement ``engine`` sends from now on that reads or sets ``time_zone``."""
     sent: list[str] = []

@@ -388,8 +388,11 @@ class SchemaMapping:
     def _built(self, engine: sa.Engine) -> dict[Entity, _Projection]:
         """What was reflected through ``engine``; an ``engine.execution_options(...)`` copy (a new OptionEngine each
         call, its connections' ``conn.engine``) shares its parent's, or each call would reflect again."""
-        # (OptionEngine keeps its parent as _proxied, SQLAlchemy's only handle on it)
-        return self._projections.setdefault(getattr(engine, "_proxied", engine), {})
+        # (OptionEngine keeps its parent as _proxied, SQLAlchemy's only handle on it; a copy of a copy: followed
+        # to the root, or the short-lived middle copy would key the cache and each call reflect again)
+        while (parent := getattr(engine, "_proxied", None)) is not None:
+            engine = parent
+        return self._projections.setdefault(engine, {})
 
     def check_dialect(self, dialect: str) -> None:
         """A :class:`~clerk_sync.errors.ConfigError` for a table the store cannot map (a schema-qualified name on
@@ -1164,24 +1167,31 @@ def _utc_session(conn: Connection) -> Iterator[None]:
     if zone is None:
         yield
         return
-    conn.exec_driver_sql("SET time_zone = '+00:00'")
     try:
+        # (inside: set, then an exception raised in Python, an app's cursor event, still puts it back)
+        conn.exec_driver_sql("SET time_zone = '+00:00'")
         yield
-    finally:
+    except BaseException:
         # A connection lost mid-write is not pooled again: nothing to put back, and the SET would raise
         # SQLAlchemy's PendingRollbackError in place of the lost connection's own error
         if not conn.invalidated:
             _put_zone_back(conn, zone)
+        raise
+    _put_zone_back(conn, zone, lost_raises=True)
 
 
-def _put_zone_back(conn: Connection, zone: str) -> None:
+def _put_zone_back(conn: Connection, zone: str, *, lost_raises: bool = False) -> None:
     """The session's own ``zone`` again after :func:`_utc_session`. Refused on a connection still alive (a KILL
     QUERY landing on it): that connection is replaced at its next checkout (a soft invalidation: this transaction
-    goes on), as pooled in UTC the app's own TIMESTAMP reads and writes through it would be shifted."""
+    goes on), as pooled in UTC the app's own TIMESTAMP reads and writes through it would be shifted. The
+    connection lost by the put-back itself, after the write (``lost_raises``): that error, the delivery's (else
+    leaving the savepoint raised PendingRollbackError, taken for the app row's own refusal)."""
     try:
         conn.execute(sa.text("SET time_zone = :zone"), {"zone": zone})  # (any driver's paramstyle)
     except sa.exc.DBAPIError as exc:
         if conn.invalidated:
+            if lost_raises:
+                raise
             return
         conn.info.pop(_SESSION_ZONE, None)
         conn.connection.invalidate(exc, soft=True)
