@@ -58,6 +58,31 @@ def test_a_delivery_while_the_migration_is_pending_or_refused_says_so_not_databa
     assert processor.metrics.unavailable._value.get() == 0
 
 
+def test_an_apps_own_not_ready_stays_an_outage_its_text_kept_out_of_the_answer(tmp_path: Path) -> None:
+    """``webhook_endpoint(not_ready=...)`` is public: an app's own reason (a failover naming its host) was answered
+    ``migration_pending`` with that text in the body, Svix's attempt log, and counted nowhere (review of 3be2afb).
+    Only the start-up migration's gate answers migration_pending."""
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    from clerk_sync.integrations.starlette import webhook_endpoint
+
+    url = f"sqlite:///{tmp_path / 'own.db'}"
+    settings = Settings.from_env({"DATABASE_URL": url, "CLERK_WEBHOOK_SIGNING_SECRET": SECRET})
+    processor = build_processor(settings, Store(create_engine(url)))
+    endpoint = webhook_endpoint(processor, not_ready=lambda: "failover of db-primary.internal:5432")
+    app = Starlette(routes=[Route("/webhooks/clerk", endpoint, methods=["POST"])])
+    try:
+        headers, body = f.signed(f.envelope("user.created", f.user("user_fixa_own", 5)), "msg_fixa_own")
+        with running(app) as base, httpx.Client(base_url=base, timeout=30) as client:
+            answer = client.post("/webhooks/clerk", content=body, headers={**headers, "content-type": "application/json"})
+    finally:
+        processor.store.dispose()
+    assert answer.status_code == 503 and answer.json()["error"] == "store_unavailable", answer.text
+    assert "db-primary" not in answer.text, answer.text
+    assert processor.metrics.unavailable._value.get() == 1
+
+
 def _serve_refused_then_healed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list[tuple[float, int]],
                                                                                          pytest.ExceptionInfo[Any]]:
     """`serve --migrate` in this process, its server replaced by one that runs the migration's retries (refused
@@ -157,7 +182,7 @@ def test_readyz_says_a_read_refused_for_a_privilege_is_one_not_the_database_down
     assert ready.status_code == 503 and said["database"] == "ok" and said["privileges"] == "missing", ready.text
     assert "clerk-sync doctor" in said["hint"] and "accounts" not in ready.text, ready.text
     events = [e["event"] for e in logs]
-    assert "readyz_privilege_missing" in events and "readyz_database_down" not in events, events
+    assert "readyz_read_refused" in events and "readyz_database_down" not in events, events
 
 
 @pytest.mark.postgres

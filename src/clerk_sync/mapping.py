@@ -390,7 +390,7 @@ class SchemaMapping:
         call, its connections' ``conn.engine``) shares its parent's, or each call would reflect again."""
         # (OptionEngine keeps its parent as _proxied, SQLAlchemy's only handle on it; a copy of a copy: followed
         # to the root, or the short-lived middle copy would key the cache and each call reflect again)
-        while (parent := getattr(engine, "_proxied", None)) is not None:
+        while isinstance(parent := getattr(engine, "_proxied", None), sa.Engine):  # (a Mock's would never end)
             engine = parent
         return self._projections.setdefault(engine, {})
 

@@ -136,7 +136,7 @@ class _WebhookPath:
         svix_id, envelope = self.processor.verify_and_parse(headers, body)  # forged or malformed: 4xx, always
         waiting = self.not_ready() if self.not_ready is not None else None
         if waiting is not None:
-            raise MigrationPending(waiting)  # its text is pending()'s: what to do, not "database unavailable"
+            raise StoreError(waiting)  # an app's own reason: logged, answered store_unavailable (its text not public)
         keys = envelope_keys(svix_id, envelope.type, envelope.data)
         result: Outcome | object = ALONE
         if self.committer is not None and not self.gate.busy(keys):
@@ -176,8 +176,10 @@ def webhook_endpoint(processor: WebhookProcessor, *, threads: int = 4, slow_s: f
     CPU: it gives its place back so unrelated deliveries do not queue behind it (the database's own
     ``lock_timeout`` ends its wait). Deliveries for one user or organization take turns
     (:class:`~._gate.KeyGate`): while one of them is stuck, the others are refused (503) after
-    ``key_patience_s``. ``not_ready()`` says why deliveries must wait (503, nothing written), e.g.
-    migrations pending. With a ``committer`` (the service's :class:`~._committer.GroupCommitter`),
+    ``key_patience_s``. ``not_ready()`` says why deliveries must wait (503 ``store_unavailable``, nothing written;
+    its text goes to the log, not to the caller), or raises a :class:`~clerk_sync.errors.StoreError` of its own
+    to answer with (:meth:`StartupMigration.gate`: ``migration_pending``, with its public text). With a
+    ``committer`` (the service's :class:`~._committer.GroupCommitter`),
     concurrent deliveries share one transaction and one COMMIT. A body not in within ``read_timeout_s``
     (``CLERK_SYNC_WEBHOOK_READ_TIMEOUT_S``) is answered 408 and the connection closed, nothing written.
     """
@@ -361,6 +363,15 @@ class StartupMigration:
             return f"database not ready: {self.refused_hint()}"
         return ("database not ready: migrations have not run yet, retrying in the background (the service log "
                 "says why: migration_retry)")
+
+    def gate(self) -> str | None:
+        """The webhook route's ``not_ready``: raises :class:`MigrationPending` (its own 503 code, :meth:`pending`'s
+        public text) while migrations are not current. Not a returned text: an app's own ``not_ready`` reason is
+        an outage's, answered ``store_unavailable`` and counted as one, its text kept out of the answer."""
+        waiting = self.pending()
+        if waiting is not None:
+            raise MigrationPending(waiting)
+        return None
 
     def refused_hint(self) -> str:
         """What to do about a refusal, without the driver's text (for anyone who asks)."""
@@ -610,11 +621,11 @@ def _service_routes(processor: WebhookProcessor, migration: StartupMigration | N
         try:
             state = await to_thread.run_sync(check)
         except StorePrivilegeMissing as exc:  # reached, but a read of the schema version or the probe was refused
-            log.warning("readyz_privilege_missing", error=str(exc))  # (the cause: what, and the GRANT advice)
+            log.warning("readyz_read_refused", error=str(exc))  # (the cause: what, and the GRANT advice)
             state = {"database": "ok", "privileges": "missing",
                      "hint": "the database refused a read this check needs for a privilege the role lacks: "
                              "`clerk-sync doctor` run as this role prints the GRANT statements (the service's log "
-                             "says which: readyz_privilege_missing)"}
+                             "says which: readyz_read_refused)"}
             return JSONResponse(state, status_code=503)
         except StoreError as exc:
             # The driver's message (host, port, role names) goes to the log, not to whoever asks /readyz.
@@ -649,7 +660,7 @@ def _service_routes(processor: WebhookProcessor, migration: StartupMigration | N
         # Off the event loop: rendering reads the database (cached freshness series).
         return Response(await to_thread.run_sync(processor.metrics.render), media_type=CONTENT_TYPE_LATEST)
 
-    not_ready = migration.pending if migration is not None else None
+    not_ready = migration.gate if migration is not None else None
     webhook = webhook_endpoint(processor, not_ready=not_ready, committer=committer, read_timeout_s=read_timeout_s)
     return [
         *(Route(path, webhook, methods=["POST"]) for path in with_and_without_slash("/webhooks/clerk")),
@@ -698,7 +709,7 @@ def create_app(settings: Settings, processor: WebhookProcessor | None = None, *,
         routes.append(Mount("/console", app=create_console(processor.store, settings, metrics=processor.metrics)))
     # POST /webhooks/clerk skips the router and Starlette's Request/Response (WebhookFastPath).
     fast = Middleware(WebhookFastPath, processor=processor, committer=committer,
-                      not_ready=migration.pending if migration is not None else None,
+                      not_ready=migration.gate if migration is not None else None,
                       read_timeout_s=settings.webhook_read_timeout_s)
     app = Starlette(routes=routes, lifespan=lifespan, middleware=[fast],
                     exception_handlers={HTTPException: _routing_error})
