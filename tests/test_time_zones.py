@@ -357,7 +357,9 @@ def test_reconcile_with_a_naive_clock_versions_a_tombstone_at_its_utc_instant(
     """``Reconciler(now=...)`` given a naive clock on a host east of UTC: the tombstone of a user deleted in
     Clerk (no webhook) was versioned at the clock read in the host's zone, hours before the user's own last
     update, so the deleted row kept that older version instead of the deletion's."""
-    clock = LockClock(time.time())
+    # Whole seconds: a fraction such as .8049996 is .805 once a datetime (microseconds, rounded), so the
+    # expected version below would be one millisecond short of the stored one (int() truncates).
+    clock = LockClock(float(int(time.time())))
     store = Store(create_engine(db_url), now=clock.utc)
     with EmulatorServer(clock=clock) as emu, lock_client(emu) as clerk:
         user = emu.create_user(email="gone@example.com")
