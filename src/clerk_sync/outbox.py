@@ -136,6 +136,8 @@ class Outbox:
         self.refused: list[str] = []
         self._uncounted: dict[tuple[str, str, str], int] = {}  # refusals counted when this transaction commits
         self.checked_at_once = False  # whether this transaction checks the app's deferred constraints at once
+        # SQLite's job rows held for one executemany at the end of a batch (defer_jobs), else None: written at once
+        self._held_jobs: list[list[Any]] | None = None
         self._hooked = {e for e in Entity if any(hook.covers(e) for hook in hooks)}
         self._upsert_hooks: dict[Entity, tuple[HookSpec, ...]] = {}
         self._event_hooks: dict[str, tuple[str, ...]] = {}  # by unmirrored event type: the hooks naming it
@@ -203,9 +205,8 @@ class Outbox:
         rows = [(name, _bounded(f"{name}|{key}", _KEY_CHARS)) for name in names]
         if direct_sqlite(self.conn.dialect):
             now = sqlite_time(self.now)
-            sqlite_execute(self.conn, _SQLITE_JOB_SQL, [
-                [name, event_type, entity_key, idempotency_key, payload, now, now]
-                for name, entity_key in rows], many=True)
+            self._sqlite_jobs([[name, event_type, entity_key, idempotency_key, payload, now, now]
+                               for name, entity_key in rows])
             return
         self.conn.execute(_job_sql(self.conn.dialect.name == "postgresql"), [
             {"hook": name, "type": event_type, "entity_key": entity_key, "idempotency_key": idempotency_key,
@@ -247,12 +248,31 @@ class Outbox:
             return
         if direct_sqlite(self.conn.dialect):
             now = sqlite_time(self.now)
-            sqlite_execute(self.conn, _SQLITE_JOB_SQL, [
-                [name, change.type, _entity_key(name, change), change.idempotency_key, payload, now, now]
-                for name, change, payload in rows], many=True)
+            self._sqlite_jobs([[name, change.type, _entity_key(name, change), change.idempotency_key, payload, now, now]
+                               for name, change, payload in rows])
             return
         pg = self.conn.dialect.name == "postgresql"  # JSONB: the payload is cast there
         self.conn.execute(_job_sql(pg), [self._job(name, change, payload) for name, change, payload in rows])
+
+    def _sqlite_jobs(self, rows: list[list[Any]]) -> None:
+        if self._held_jobs is not None:
+            self._held_jobs.extend(rows)
+        else:
+            sqlite_execute(self.conn, _SQLITE_JOB_SQL, rows, many=True)
+
+    def defer_jobs(self) -> None:
+        """SQLite: hold the job rows of this transaction's changes and events for one executemany
+        (:meth:`write_jobs`), in the order they were queued (their ids, hence each entity's order, as written
+        one by one). For a group-committed batch (nothing in it reads ``hook_jobs``): one statement per
+        delivery less, ~10 % of a mapped + hooked delivery's write (BENCHMARKS.md, issue 11)."""
+        if direct_sqlite(self.conn.dialect):
+            self._held_jobs = []
+
+    def write_jobs(self) -> None:
+        """The job rows :meth:`defer_jobs` held, written; before the COMMIT."""
+        held, self._held_jobs = self._held_jobs, None
+        if held:
+            sqlite_execute(self.conn, _SQLITE_JOB_SQL, held, many=True)
 
     def project(self, change: Change) -> None:
         """The change into the app's mapped table, under a savepoint: what the app's table refuses for good
@@ -309,7 +329,8 @@ class Outbox:
         (why the app's table refused it, the kind of refusal). What is not the row's is raised."""
         assert self.mapping is not None
         try:
-            with _savepoint(self.conn):
+            alone = self.mapping.undoes_itself(self.conn, change, leave_out)  # (SQLite: one statement, no trigger)
+            with _statement_alone(self.conn) if alone else _savepoint(self.conn):
                 self.mapping.project(self.conn, self.now, change, leave_out=leave_out)
         except AppTableRolledBack:
             raise
@@ -843,17 +864,34 @@ def _savepoint(conn: Connection) -> Iterator[None]:
     except BaseException as exc:
         if conn.invalidated:  # the connection is gone (SQLAlchemy saw it): the original error says why
             raise
-        raw: Any = conn.connection.driver_connection
-        if conn.dialect.driver == "pysqlite" and not raw.in_transaction:
-            cause = exc.orig if isinstance(exc, sa.exc.DBAPIError) else exc
-            raise AppTableRolledBack(f"{cause} (and it rolled back the whole transaction: a trigger's "
-                                     "RAISE(ROLLBACK); RAISE(ABORT) refuses only the row)") from exc
+        _raise_if_transaction_ended(conn, exc)
         with driver_cursor(conn, "ROLLBACK TO SAVEPOINT") as cur:
             cur.execute("ROLLBACK TO SAVEPOINT clerk_sync_mapped")
             cur.execute("RELEASE SAVEPOINT clerk_sync_mapped")
         raise
     with driver_cursor(conn, "RELEASE SAVEPOINT") as cur:
         cur.execute("RELEASE SAVEPOINT clerk_sync_mapped")
+
+
+@contextmanager
+def _statement_alone(conn: Connection) -> Iterator[None]:
+    """In place of :func:`_savepoint` for a projection SQLite backs out by itself when it fails
+    (:meth:`SchemaMapping.undoes_itself`): only the end of the whole transaction is left to tell."""
+    try:
+        yield
+    except BaseException as exc:
+        if not conn.invalidated:
+            _raise_if_transaction_ended(conn, exc)
+        raise
+
+
+def _raise_if_transaction_ended(conn: Connection, exc: BaseException) -> None:
+    """SQLite's transaction ended by the app's table while ``exc`` was raised: :class:`AppTableRolledBack`."""
+    raw: Any = conn.connection.driver_connection
+    if conn.dialect.driver == "pysqlite" and not raw.in_transaction:
+        cause = exc.orig if isinstance(exc, sa.exc.DBAPIError) else exc
+        raise AppTableRolledBack(f"{cause} (and it rolled back the whole transaction: a trigger's "
+                                 "RAISE(ROLLBACK); RAISE(ABORT) refuses only the row)") from exc
 
 
 @dataclass(frozen=True)

@@ -222,6 +222,8 @@ class GroupCommitter:
                 writer.check_at_once()
                 _pg_batch_locks(writer, jobs)
             mysql = processor.store.dialect == "mysql"
+            if writer.outbox is not None:
+                writer.outbox.defer_jobs()  # (SQLite: the batch's hook jobs in one statement, below)
             with _mysql_batch_bound(writer, jobs) if mysql else contextlib.nullcontext():
                 outcomes: list[Outcome] = []
                 for position, (svix_id, envelope) in enumerate(jobs):
@@ -231,7 +233,14 @@ class GroupCommitter:
                         if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
                             raise  # the connection is gone: fail the batch (StoreError)
                         raise _Isolate(position, exc) from exc
-                return outcomes
+            if writer.outbox is not None:
+                try:
+                    writer.outbox.write_jobs()
+                except Exception as exc:  # no delivery to name: each alone, where its jobs go with it
+                    if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+                        raise
+                    raise _EachAlone(f"the batch's hook jobs: {type(exc).__name__}") from exc
+            return outcomes
 
     def _pipelined(self, writer: Writer, jobs: list[tuple[str, Envelope]]) -> list[Outcome]:
         """The batch in two round trips: BEGIN, the lock bound and every upsert in one psycopg pipeline

@@ -1,0 +1,180 @@
+"""SQLite's group-committed batch with a mapped table and a hook, in fewer statements (issue 11's SQLite
+cells): a mapped row without a savepoint of its own where SQLite backs its one statement out by itself, and the
+batch's hook jobs in one statement. What must not change: a refused row is that row's alone (its batch-mates
+and its own contract row commit), a trigger's half-done work is undone, the jobs keep their order."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from clerk_sync import migrations
+from clerk_sync import outbox as outbox_module
+from clerk_sync.changes import Hook
+from clerk_sync.events import parse_envelope
+from clerk_sync.ingest import WebhookProcessor
+from clerk_sync.integrations._committer import GroupCommitter
+from clerk_sync.mapping import Column, MappedTable, SchemaMapping, SoftDelete, migrate_schema
+from clerk_sync.outbox import list_jobs
+from clerk_sync.store import Store, create_engine
+from clerk_sync.webhooks import WebhookVerifier
+from tests import factories as f
+from tests.test_hook_path_cost import statements
+
+B = 1_700_000_000_000
+MAPPING = SchemaMapping(users=MappedTable(
+    "accounts", "clerk_user_id",
+    {"email": "email", "name": "full_name", "role": Column("public_metadata.role", default="member")},
+    on_delete=SoftDelete("deleted_at"),
+))
+
+
+def _store(tmp_path: Path, *app_sql: str) -> Store:
+    """A migrated SQLite database with the app's ``accounts`` table (its e-mail UNIQUE) and ``app_sql`` run
+    after it (a trigger), and a store writing it through :data:`MAPPING` with one hook on every user change."""
+    url = f"sqlite:///{tmp_path / 'app.db'}"
+    engine = create_engine(url)
+    migrations.upgrade(engine)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE accounts (id INTEGER PRIMARY KEY, email VARCHAR(320) UNIQUE, "
+                             "name VARCHAR(255), role VARCHAR(32) NOT NULL DEFAULT 'member')")
+        conn.exec_driver_sql("CREATE TABLE audit (email TEXT)")
+        for sql in app_sql:
+            conn.exec_driver_sql(sql)
+        migrate_schema(conn, MAPPING)
+    return Store(engine, mapping=MAPPING, hooks=[Hook("count", lambda change: None, on=["user.*"])])
+
+
+def _batch(*users: tuple[str, str]) -> list[tuple[str, Any]]:
+    return [(f"msg_{uid}", parse_envelope(f.body_of(f.envelope("user.created", f.user(uid, B + n, email=email)))))
+            for n, (uid, email) in enumerate(users)]
+
+
+def _write(store: Store, batch: list[tuple[str, Any]]) -> list[str]:
+    committer = GroupCommitter(WebhookProcessor(store, WebhookVerifier([f.SECRET])))
+    with statements(store) as seen:
+        results = committer.write(batch)
+    assert [getattr(r, "status", r).value for r in results] == ["applied"] * len(batch), results
+    return seen
+
+
+def _rows(store: Store, sql: str) -> list[Any]:
+    with store.connect() as conn:
+        return [tuple(row) for row in conn.exec_driver_sql(sql)]
+
+
+def test_a_refused_row_mid_batch_without_a_savepoint_is_its_alone_and_the_jobs_are_one_statement(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The middle delivery's e-mail is another account's (UNIQUE): its mapped row is refused, SQLite backs that
+    one statement out, and the batch goes on in the same transaction: every contract row and inbox row, the
+    other accounts, the refused user's account without the columns the user writes (its retry, several
+    statements, under a savepoint: the only one sent), and the three hook jobs (in delivery order, in one
+    INSERT) commit."""
+    store = _store(tmp_path)
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO accounts (email) VALUES ('taken@example.com')")
+    job_statements: list[int] = []  # (sqlite3's trace shows an executemany as one statement per row)
+    real = outbox_module.sqlite_execute
+
+    def counted(conn: Any, sql: str, rows: Any, *, many: bool = False) -> list[Any]:
+        if sql.startswith("INSERT INTO hook_jobs"):
+            job_statements.append(len(rows))
+        return real(conn, sql, rows, many=many)
+
+    monkeypatch.setattr(outbox_module, "sqlite_execute", counted)
+    seen = _write(store, _batch(("user_a", "a@example.com"), ("user_b", "taken@example.com"),
+                                ("user_c", "c@example.com")))
+    assert [s for s in seen if s.upper().startswith("SAVEPOINT")] == ["SAVEPOINT clerk_sync_mapped"], seen
+    assert job_statements == [3]
+    assert _rows(store, "SELECT clerk_id FROM users ORDER BY clerk_id") == [("user_a",), ("user_b",), ("user_c",)]
+    assert _rows(store, "SELECT email, clerk_user_id FROM accounts ORDER BY id") == [
+        ("taken@example.com", None), ("a@example.com", "user_a"), (None, "user_b"), ("c@example.com", "user_c")]
+    refused = _rows(store, "SELECT svix_id, last_error FROM webhook_events WHERE last_error IS NOT NULL")
+    assert [r[0] for r in refused] == ["msg_user_b"] and "UNIQUE" in refused[0][1], refused
+    with store.connect() as conn:
+        queued = [job.change.clerk_id for job in list_jobs(conn, status="pending", limit=10)]
+    assert queued == ["user_a", "user_b", "user_c"]  # (the refused row's role holds: its job is queued too)
+    store.dispose()
+
+
+def test_a_trigger_that_fails_half_done_is_undone_by_a_savepoint(tmp_path: Path) -> None:
+    """An app trigger writes its audit row, then ``RAISE(FAIL)``: SQLite keeps what a FAIL statement had done
+    (the account row and the audit row), so with a trigger on the database the mapped row still gets its
+    savepoint, and neither is left behind by the refused row; the batch-mate's rows are written."""
+    store = _store(tmp_path, "CREATE TRIGGER audited AFTER INSERT ON accounts BEGIN "
+                             "INSERT INTO audit VALUES (NEW.email); "
+                             "SELECT RAISE(FAIL, 'no such domain') WHERE NEW.email LIKE '%@bad.example'; END")
+    seen = _write(store, _batch(("user_a", "a@example.com"), ("user_b", "b@bad.example")))
+    assert [s for s in seen if s.upper().startswith("SAVEPOINT")], "no savepoint while the app has a trigger"
+    # (user_b's account is written again without the columns the user sets, its e-mail among them: audited
+    # with none; what the failed statement had done, b@bad.example's account and audit row, is gone)
+    assert _rows(store, "SELECT email FROM audit") == [("a@example.com",), (None,)]
+    assert _rows(store, "SELECT email, clerk_user_id FROM accounts ORDER BY id") == [
+        ("a@example.com", "user_a"), (None, "user_b")]
+    assert _rows(store, "SELECT clerk_id FROM users ORDER BY clerk_id") == [("user_a",), ("user_b",)]
+    store.dispose()
+
+
+@pytest.mark.parametrize("clause", ["UNIQUE ON CONFLICT FAIL", "UNIQUE on conflict fail"])
+def test_a_conflict_clause_in_a_table_keeps_the_savepoint(tmp_path: Path, clause: str) -> None:
+    """A table declaring a conflict clause (FAIL keeps a failing statement's earlier work) is a database whose
+    statements may fail half done: the mapped rows keep their savepoints there."""
+    store = _store(tmp_path, f"CREATE TABLE app_codes (code TEXT {clause})")
+    seen = _write(store, _batch(("user_a", "a@example.com")))
+    assert [s for s in seen if s.upper().startswith("SAVEPOINT")]
+    store.dispose()
+
+
+def test_the_batch_jobs_keep_each_users_order_across_batches(tmp_path: Path) -> None:
+    """Held for one statement, the jobs still get ids in the order their changes were applied: a user created
+    in one batch and updated twice in the next is queued created, updated, updated."""
+    store = _store(tmp_path)
+    _write(store, _batch(("user_a", "a@example.com"), ("user_b", "b@example.com")))
+    updates = [(f"msg_u{n}", parse_envelope(f.body_of(f.envelope(
+        "user.updated", f.user(uid, B + 10 + n, email=f"{uid}{n}@example.com")))))
+        for n, uid in enumerate(["user_b", "user_a", "user_b"])]
+    _write(store, updates)
+    with store.connect() as conn:
+        queued = [(job.change.clerk_id, job.change.kind, job.change.values.get("email"))
+                  for job in list_jobs(conn, status="pending", limit=10)]
+    assert queued == [("user_a", "created", "a@example.com"), ("user_b", "created", "b@example.com"),
+                      ("user_b", "updated", "user_b0@example.com"), ("user_a", "updated", "user_a1@example.com"),
+                      ("user_b", "updated", "user_b2@example.com")]
+    store.dispose()
+
+
+def test_jobs_held_for_the_batch_are_dropped_with_a_batch_that_fails(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batch's job statement failing (here: a bug) names no delivery: each goes alone, its job with it,
+    and nothing is queued twice."""
+    from clerk_sync.outbox import Outbox
+
+    store = _store(tmp_path)
+
+    def broken(self: Outbox) -> None:
+        raise RuntimeError("job statement bug")
+
+    monkeypatch.setattr(Outbox, "write_jobs", broken)
+    committer = GroupCommitter(WebhookProcessor(store, WebhookVerifier([f.SECRET])))
+    from clerk_sync.integrations._committer import ALONE
+
+    assert committer.write(_batch(("user_a", "a@example.com"), ("user_b", "b@example.com"))) == [ALONE, ALONE]
+    assert _rows(store, "SELECT count(*) FROM hook_jobs") == [(0,)]
+    assert _rows(store, "SELECT count(*) FROM users") == [(0,)]
+    store.dispose()
+
+
+def test_the_check_ignores_clerk_syncs_own_triggers(tmp_path: Path) -> None:
+    """``audit_log``'s append-only triggers are clerk-sync's own, on a table the app's statement never writes:
+    they leave the mapped rows without a savepoint."""
+    store = _store(tmp_path)
+    names = [r[0] for r in _rows(store, "SELECT tbl_name FROM sqlite_master WHERE type = 'trigger'")]
+    assert names and set(names) == {"audit_log"}
+    seen = _write(store, _batch(("user_a", "a@example.com")))
+    assert not [s for s in seen if "SAVEPOINT" in s.upper()]
+    with sa.create_engine(f"sqlite:///{tmp_path / 'app.db'}").connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM accounts WHERE clerk_user_id = 'user_a'").scalar() == 1
+    store.dispose()
