@@ -1,7 +1,7 @@
-"""SQLite's group-committed batch with a mapped table and a hook, in fewer statements (issue 11's SQLite
-cells): a mapped row without a savepoint of its own where SQLite backs its one statement out by itself, and the
-batch's hook jobs in one statement. What must not change: a refused row is that row's alone (its batch-mates
-and its own contract row commit), a trigger's half-done work is undone, the jobs keep their order."""
+"""SQLite's group-committed batch with a mapped table and a hook writes the batch's hook jobs in one statement
+(issue 11's SQLite cells), not one a delivery. What must not change: a refused mapped row is that row's alone
+(its batch-mates and its own contract row and job commit), a trigger's half-done work is undone, the jobs keep
+their order, and a batch that fails leaves none behind."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 
 from clerk_sync import migrations
 from clerk_sync import outbox as outbox_module
@@ -66,13 +65,11 @@ def _rows(store: Store, sql: str) -> list[Any]:
         return [tuple(row) for row in conn.exec_driver_sql(sql)]
 
 
-def test_a_refused_row_mid_batch_without_a_savepoint_is_its_alone_and_the_jobs_are_one_statement(
+def test_a_refused_row_mid_batch_is_its_alone_and_the_batch_jobs_are_one_statement(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The middle delivery's e-mail is another account's (UNIQUE): its mapped row is refused, SQLite backs that
-    one statement out, and the batch goes on in the same transaction: every contract row and inbox row, the
-    other accounts, the refused user's account without the columns the user writes (its retry, several
-    statements, under a savepoint: the only one sent), and the three hook jobs (in delivery order, in one
-    INSERT) commit."""
+    """The middle delivery's e-mail is another account's (UNIQUE): its mapped row is refused, and the batch goes
+    on in the same transaction: every contract row and inbox row, the other accounts, the refused user's account
+    without the columns the user writes, and the three hook jobs (in delivery order, in one INSERT) commit."""
     store = _store(tmp_path)
     with store.engine.begin() as conn:
         conn.exec_driver_sql("INSERT INTO accounts (email) VALUES ('taken@example.com')")
@@ -85,9 +82,7 @@ def test_a_refused_row_mid_batch_without_a_savepoint_is_its_alone_and_the_jobs_a
         return real(conn, sql, rows, many=many)
 
     monkeypatch.setattr(outbox_module, "sqlite_execute", counted)
-    seen = _write(store, _batch(("user_a", "a@example.com"), ("user_b", "taken@example.com"),
-                                ("user_c", "c@example.com")))
-    assert [s for s in seen if s.upper().startswith("SAVEPOINT")] == ["SAVEPOINT clerk_sync_mapped"], seen
+    _write(store, _batch(("user_a", "a@example.com"), ("user_b", "taken@example.com"), ("user_c", "c@example.com")))
     assert job_statements == [3]
     assert _rows(store, "SELECT clerk_id FROM users ORDER BY clerk_id") == [("user_a",), ("user_b",), ("user_c",)]
     assert _rows(store, "SELECT email, clerk_user_id FROM accounts ORDER BY id") == [
@@ -102,29 +97,19 @@ def test_a_refused_row_mid_batch_without_a_savepoint_is_its_alone_and_the_jobs_a
 
 def test_a_trigger_that_fails_half_done_is_undone_by_a_savepoint(tmp_path: Path) -> None:
     """An app trigger writes its audit row, then ``RAISE(FAIL)``: SQLite keeps what a FAIL statement had done
-    (the account row and the audit row), so with a trigger on the database the mapped row still gets its
-    savepoint, and neither is left behind by the refused row; the batch-mate's rows are written."""
+    (the account row and the audit row); the mapped row's savepoint undoes both, and the batch-mate's rows are
+    written. (Why a mapped row keeps its savepoint on SQLite, whose default ABORT backs a failing statement out
+    by itself: this.)"""
     store = _store(tmp_path, "CREATE TRIGGER audited AFTER INSERT ON accounts BEGIN "
                              "INSERT INTO audit VALUES (NEW.email); "
                              "SELECT RAISE(FAIL, 'no such domain') WHERE NEW.email LIKE '%@bad.example'; END")
-    seen = _write(store, _batch(("user_a", "a@example.com"), ("user_b", "b@bad.example")))
-    assert [s for s in seen if s.upper().startswith("SAVEPOINT")], "no savepoint while the app has a trigger"
+    _write(store, _batch(("user_a", "a@example.com"), ("user_b", "b@bad.example")))
     # (user_b's account is written again without the columns the user sets, its e-mail among them: audited
     # with none; what the failed statement had done, b@bad.example's account and audit row, is gone)
     assert _rows(store, "SELECT email FROM audit") == [("a@example.com",), (None,)]
     assert _rows(store, "SELECT email, clerk_user_id FROM accounts ORDER BY id") == [
         ("a@example.com", "user_a"), (None, "user_b")]
     assert _rows(store, "SELECT clerk_id FROM users ORDER BY clerk_id") == [("user_a",), ("user_b",)]
-    store.dispose()
-
-
-@pytest.mark.parametrize("clause", ["UNIQUE ON CONFLICT FAIL", "UNIQUE on conflict fail"])
-def test_a_conflict_clause_in_a_table_keeps_the_savepoint(tmp_path: Path, clause: str) -> None:
-    """A table declaring a conflict clause (FAIL keeps a failing statement's earlier work) is a database whose
-    statements may fail half done: the mapped rows keep their savepoints there."""
-    store = _store(tmp_path, f"CREATE TABLE app_codes (code TEXT {clause})")
-    seen = _write(store, _batch(("user_a", "a@example.com")))
-    assert [s for s in seen if s.upper().startswith("SAVEPOINT")]
     store.dispose()
 
 
@@ -161,20 +146,36 @@ def test_jobs_held_for_the_batch_are_dropped_with_a_batch_that_fails(tmp_path: P
     committer = GroupCommitter(WebhookProcessor(store, WebhookVerifier([f.SECRET])))
     from clerk_sync.integrations._committer import ALONE
 
-    assert committer.write(_batch(("user_a", "a@example.com"), ("user_b", "b@example.com"))) == [ALONE, ALONE]
+    batch = _batch(("user_a", "a@example.com"), ("user_b", "b@example.com"))
+    assert committer.write(batch) == [ALONE, ALONE]
     assert _rows(store, "SELECT count(*) FROM hook_jobs") == [(0,)]
     assert _rows(store, "SELECT count(*) FROM users") == [(0,)]
+    monkeypatch.undo()
+    for delivery in batch:  # (as the service then writes each: alone)
+        _write(store, [delivery])
+    with store.connect() as conn:
+        assert [job.change.clerk_id for job in list_jobs(conn, status="pending", limit=10)] == ["user_a", "user_b"]
     store.dispose()
 
 
-def test_the_check_ignores_clerk_syncs_own_triggers(tmp_path: Path) -> None:
-    """``audit_log``'s append-only triggers are clerk-sync's own, on a table the app's statement never writes:
-    they leave the mapped rows without a savepoint."""
+def test_a_batch_holds_at_most_so_many_jobs_before_writing_them(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Held job rows are written once they reach the bound (an organization's deletion queues one a member and
+    hook), in order, the rest at the batch's end."""
+    monkeypatch.setattr(outbox_module, "_HELD_JOBS_MAX", 2)
+    written: list[list[str]] = []
+    real = outbox_module.sqlite_execute
+
+    def counted(conn: Any, sql: str, rows: Any, *, many: bool = False) -> list[Any]:
+        if sql.startswith("INSERT INTO hook_jobs"):
+            written.append([row[3].split(":")[1] for row in rows])  # (the idempotency key names the user)
+        return real(conn, sql, rows, many=many)
+
+    monkeypatch.setattr(outbox_module, "sqlite_execute", counted)
     store = _store(tmp_path)
-    names = [r[0] for r in _rows(store, "SELECT tbl_name FROM sqlite_master WHERE type = 'trigger'")]
-    assert names and set(names) == {"audit_log"}
-    seen = _write(store, _batch(("user_a", "a@example.com")))
-    assert not [s for s in seen if "SAVEPOINT" in s.upper()]
-    with sa.create_engine(f"sqlite:///{tmp_path / 'app.db'}").connect() as conn:
-        assert conn.exec_driver_sql("SELECT count(*) FROM accounts WHERE clerk_user_id = 'user_a'").scalar() == 1
+    _write(store, _batch(("user_a", "a@example.com"), ("user_b", "b@example.com"), ("user_c", "c@example.com")))
+    assert written == [["user_a", "user_b"], ["user_c"]]
+    with store.connect() as conn:
+        assert [job.change.clerk_id for job in list_jobs(conn, status="pending", limit=10)] == [
+            "user_a", "user_b", "user_c"]
     store.dispose()

@@ -588,27 +588,10 @@ class SchemaMapping:
             return None
         return self._projection(conn, entity, mapped).wave
 
-    def undoes_itself(self, conn: Connection, change: Change, leave_out: Sequence[str] = ()) -> bool:
-        """Whether projecting ``change`` is one statement that SQLite backs out whole when it fails: its default
-        conflict resolution (ABORT) undoes the failing statement's work and keeps the transaction and what came
-        before in it, so no savepoint of its own is needed (its SAVEPOINT and RELEASE were ~10 % of a mapped
-        delivery's write on SQLite: BENCHMARKS.md, issue 11). Only a created/updated row's prebuilt upsert
-        (:attr:`_Projection.sqlite_upsert`), and only in a database with no trigger and no table declaring a
-        conflict clause (``UNIQUE ON CONFLICT FAIL``): a trigger's ``RAISE(FAIL)`` or a FAIL clause keep what
-        the failing statement had done (the row, a trigger's audit row), which only a savepoint undoes."""
-        mapped = self.tables.get(change.entity)
-        if mapped is None or change.kind == "deleted" or leave_out or not direct_sqlite(conn.dialect):
-            return False
-        projection = self._projection(conn, change.entity, mapped)
-        return projection.sqlite_upsert is not None and projection.undoes_itself
-
     def _projection(self, conn: Connection, entity: Entity, mapped: MappedTable) -> _Projection:
         built = self._built(conn.engine)  # reflected, and statements built, once per engine
         if entity not in built:
-            projection = _Projection(self.table(conn, mapped.table), mapped, conn.dialect.name)
-            if conn.dialect.name == "sqlite":  # (read once, as the reflection: a trigger added later is
-                projection.undoes_itself = _sqlite_statements_undo_themselves(conn)  # seen after a restart)
-            built[entity] = projection
+            built[entity] = _Projection(self.table(conn, mapped.table), mapped, conn.dialect.name)
         return built[entity]
 
     def backfill(self, store: _BackfillStore, *, lookup: LinkLookup | None = None) -> dict[str, int]:
@@ -779,7 +762,6 @@ class _Projection:
     def __init__(self, table: sa.Table, mapped: MappedTable, dialect: str) -> None:
         self.t, self.m, self.columns = table, mapped, mapped.resolved()
         self.key = table.c[mapped.clerk_id_column]
-        self.undoes_itself = False  # SQLite: see SchemaMapping.undoes_itself
         self.fixed: JSON = {}  # what a live row's delete-policy column holds
         if isinstance(mapped.on_delete, SoftDelete):
             self.fixed[mapped.on_delete.column] = None
@@ -1452,21 +1434,6 @@ def folded_like(lower: Any, column: Any, pattern: str) -> sa.ColumnElement[bool]
     ``Σ``)."""
     folded: sa.ColumnElement[bool] = lower(column).like(lower(sa.literal(pattern)), escape="/")
     return folded
-
-
-def _sqlite_statements_undo_themselves(conn: Connection) -> bool:
-    """Whether no trigger and no conflict clause in a table's declaration (a FAIL one keeps part of a failing
-    statement's work) can make an app table's statement in this SQLite database fail half done (see
-    :meth:`SchemaMapping.undoes_itself`). clerk-sync's own tables are left out (``audit_log``'s append-only
-    triggers fire on its own writes only; an app trigger writing it is on an app table, and counted). A
-    mention of ``ON CONFLICT`` anywhere in a table's SQL (a default's text too) counts: a savepoint too many
-    costs time, one too few a half-written row."""
-    ours = set(metadata.tables)
-    rows = conn.exec_driver_sql(
-        "SELECT type, tbl_name, sql FROM sqlite_master WHERE type IN ('trigger', 'table') "
-        "UNION ALL SELECT type, tbl_name, sql FROM sqlite_temp_master WHERE type IN ('trigger', 'table')").all()
-    return not any(name not in ours and (kind == "trigger" or "ON CONFLICT" in (sql or "").upper())
-                   for kind, name, sql in rows)
 
 
 def sqlite_execute(conn: Connection, sql: str, rows: Sequence[Sequence[Any]], *, many: bool = False) -> list[Any]:

@@ -105,6 +105,8 @@ _KEPT_BACK_KINDS = frozenset({"constraint", "database", "value"})
 # The rows of one set-wise statement of Outbox.record_many (its IN list): few round trips for a 20,000-member
 # organization, and within every driver's parameter limit (SQLite's 32,766; 999 before 3.32)
 _SET_CHUNK = 500
+# The most job rows a group-committed batch holds before writing them (Outbox.defer_jobs)
+_HELD_JOBS_MAX = 5_000
 _TABLES: dict[Entity, sa.Table] = {
     Entity.USER: users,
     Entity.ORGANIZATION: organizations,
@@ -255,16 +257,19 @@ class Outbox:
         self.conn.execute(_job_sql(pg), [self._job(name, change, payload) for name, change, payload in rows])
 
     def _sqlite_jobs(self, rows: list[list[Any]]) -> None:
-        if self._held_jobs is not None:
-            self._held_jobs.extend(rows)
-        else:
+        if self._held_jobs is None:
             sqlite_execute(self.conn, _SQLITE_JOB_SQL, rows, many=True)
+            return
+        self._held_jobs.extend(rows)
+        if len(self._held_jobs) >= _HELD_JOBS_MAX:  # (an organization's deletion: its members' jobs not all in memory)
+            self.write_jobs()
+            self._held_jobs = []
 
     def defer_jobs(self) -> None:
         """SQLite: hold the job rows of this transaction's changes and events for one executemany
-        (:meth:`write_jobs`), in the order they were queued (their ids, hence each entity's order, as written
-        one by one). For a group-committed batch (nothing in it reads ``hook_jobs``): one statement per
-        delivery less, ~10 % of a mapped + hooked delivery's write (BENCHMARKS.md, issue 11)."""
+        (:meth:`write_jobs`), in the order they were queued (their ids, hence each entity's order, are those
+        written one by one would get). For a group-committed batch (nothing in it reads ``hook_jobs``): one
+        statement a batch instead of one a delivery (BENCHMARKS.md, issue 11)."""
         if direct_sqlite(self.conn.dialect):
             self._held_jobs = []
 
@@ -329,8 +334,7 @@ class Outbox:
         (why the app's table refused it, the kind of refusal). What is not the row's is raised."""
         assert self.mapping is not None
         try:
-            alone = self.mapping.undoes_itself(self.conn, change, leave_out)  # (SQLite: one statement, no trigger)
-            with _statement_alone(self.conn) if alone else _savepoint(self.conn):
+            with _savepoint(self.conn):
                 self.mapping.project(self.conn, self.now, change, leave_out=leave_out)
         except AppTableRolledBack:
             raise
@@ -864,34 +868,17 @@ def _savepoint(conn: Connection) -> Iterator[None]:
     except BaseException as exc:
         if conn.invalidated:  # the connection is gone (SQLAlchemy saw it): the original error says why
             raise
-        _raise_if_transaction_ended(conn, exc)
+        raw: Any = conn.connection.driver_connection
+        if conn.dialect.driver == "pysqlite" and not raw.in_transaction:
+            cause = exc.orig if isinstance(exc, sa.exc.DBAPIError) else exc
+            raise AppTableRolledBack(f"{cause} (and it rolled back the whole transaction: a trigger's "
+                                     "RAISE(ROLLBACK); RAISE(ABORT) refuses only the row)") from exc
         with driver_cursor(conn, "ROLLBACK TO SAVEPOINT") as cur:
             cur.execute("ROLLBACK TO SAVEPOINT clerk_sync_mapped")
             cur.execute("RELEASE SAVEPOINT clerk_sync_mapped")
         raise
     with driver_cursor(conn, "RELEASE SAVEPOINT") as cur:
         cur.execute("RELEASE SAVEPOINT clerk_sync_mapped")
-
-
-@contextmanager
-def _statement_alone(conn: Connection) -> Iterator[None]:
-    """In place of :func:`_savepoint` for a projection SQLite backs out by itself when it fails
-    (:meth:`SchemaMapping.undoes_itself`): only the end of the whole transaction is left to tell."""
-    try:
-        yield
-    except BaseException as exc:
-        if not conn.invalidated:
-            _raise_if_transaction_ended(conn, exc)
-        raise
-
-
-def _raise_if_transaction_ended(conn: Connection, exc: BaseException) -> None:
-    """SQLite's transaction ended by the app's table while ``exc`` was raised: :class:`AppTableRolledBack`."""
-    raw: Any = conn.connection.driver_connection
-    if conn.dialect.driver == "pysqlite" and not raw.in_transaction:
-        cause = exc.orig if isinstance(exc, sa.exc.DBAPIError) else exc
-        raise AppTableRolledBack(f"{cause} (and it rolled back the whole transaction: a trigger's "
-                                 "RAISE(ROLLBACK); RAISE(ABORT) refuses only the row)") from exc
 
 
 @dataclass(frozen=True)
