@@ -243,6 +243,8 @@ def _serve_one(settings: Settings, processor: WebhookProcessor, host: str, port:
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            if stopped_for and sig == signal.SIGTERM:  # the refusal's stop is under way, bounded by its watchdog:
+                return  # uvicorn would raise the signal again once drained (143, no refusal line) for its exit 2
             first = not self.should_exit
             super().handle_exit(sig, frame)
             if first:
