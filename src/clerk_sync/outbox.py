@@ -856,7 +856,8 @@ def _savepoint(conn: Connection) -> Iterator[None]:
 
     On SQLite an app's trigger can end the whole transaction (``RAISE(ROLLBACK)``), savepoint included:
     that comes out as :class:`AppTableRolledBack` (the unit of work is to be written again without the
-    app's tables), not as "no such savepoint", a 503 on every retry of the delivery."""
+    app's tables), not as "no such savepoint", a 503 on every retry of the delivery. SQLite ends it too on
+    a full disk or an I/O error: a :class:`StoreError` then (503), not the app's table's refusal."""
     if conn.dialect.driver not in ("psycopg", "pysqlite"):
         with conn.begin_nested():
             yield
@@ -870,6 +871,9 @@ def _savepoint(conn: Connection) -> Iterator[None]:
             raise
         raw: Any = conn.connection.driver_connection
         if conn.dialect.driver == "pysqlite" and not raw.in_transaction:
+            passing = passing_cause(exc)
+            if passing is not None:  # SQLite ends the transaction on a full disk, an I/O error: not the app's
+                raise store_error(passing) from exc  # doing, nor the row's (503, retried whole)
             cause = exc.orig if isinstance(exc, sa.exc.DBAPIError) else exc
             raise AppTableRolledBack(f"{cause} (and it rolled back the whole transaction: a trigger's "
                                      "RAISE(ROLLBACK); RAISE(ABORT) refuses only the row)") from exc
