@@ -179,3 +179,26 @@ def test_a_batch_holds_at_most_so_many_jobs_before_writing_them(tmp_path: Path,
         assert [job.change.clerk_id for job in list_jobs(conn, status="pending", limit=10)] == [
             "user_a", "user_b", "user_c"]
     store.dispose()
+
+
+def test_held_jobs_refused_at_the_bound_blame_no_one_delivery(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rows written at the bound are several deliveries' jobs: refused there, the batch names none (each goes
+    alone), not the delivery that happened to reach the bound (isolated, and each retry blaming the next)."""
+    from clerk_sync.integrations._committer import ALONE
+
+    monkeypatch.setattr(outbox_module, "_HELD_JOBS_MAX", 2)
+    real, failed = outbox_module.sqlite_execute, []
+
+    def once(conn: Any, sql: str, rows: Any, *, many: bool = False) -> list[Any]:
+        if sql.startswith("INSERT INTO hook_jobs") and not failed:
+            failed.append(len(rows))
+            raise RuntimeError("job statement refused once")
+        return real(conn, sql, rows, many=many)
+
+    monkeypatch.setattr(outbox_module, "sqlite_execute", once)
+    store = _store(tmp_path)
+    committer = GroupCommitter(WebhookProcessor(store, WebhookVerifier([f.SECRET])))
+    batch = _batch(("user_a", "a@example.com"), ("user_b", "b@example.com"), ("user_c", "c@example.com"))
+    assert committer.write(batch) == [ALONE, ALONE, ALONE]
+    assert failed == [2] and _rows(store, "SELECT count(*) FROM hook_jobs") == [(0,)]
+    store.dispose()

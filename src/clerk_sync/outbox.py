@@ -119,6 +119,11 @@ FIELDS: dict[Entity, list[str]] = {  # the columns a change's row before is read
 }
 
 
+class HeldJobsNotWritten(Exception):
+    """The job rows a group-committed batch held (:meth:`Outbox.defer_jobs`) were refused: rows of several of
+    its deliveries, so the batch names none (each is written again alone)."""
+
+
 class Outbox:
     """Where the applied changes of one unit of work go: the app's mapped tables (projected at once,
     :mod:`clerk_sync.mapping`) and the hook jobs. ``changes`` lists what it recorded, in order (not the
@@ -261,8 +266,13 @@ class Outbox:
             sqlite_execute(self.conn, _SQLITE_JOB_SQL, rows, many=True)
             return
         self._held_jobs.extend(rows)
-        if len(self._held_jobs) >= _HELD_JOBS_MAX:  # (an organization's deletion: its members' jobs not all in memory)
-            self.write_jobs()
+        if len(self._held_jobs) >= _HELD_JOBS_MAX:  # (a batch of organizations' deletions: their members' jobs
+            try:  # written as they come, not all held to the batch's end)
+                self.write_jobs()
+            except Exception as exc:
+                if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+                    raise
+                raise HeldJobsNotWritten(f"the batch's hook jobs: {type(exc).__name__}") from exc
             self._held_jobs = []
 
     def defer_jobs(self) -> None:

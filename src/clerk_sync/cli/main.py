@@ -241,6 +241,8 @@ def _serve_one(settings: Settings, processor: WebhookProcessor, host: str, port:
             dispatcher.ask_stop(graceful_timeout_s)
         _exit_after(graceful_timeout_s + _EXIT_MARGIN_S, code)
 
+    stopped_for: list[str] = []  # the refusal that stopped serve (what exits 2, whatever `refused` says later)
+
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             if stopped_for and sig == signal.SIGTERM:  # the refusal's stop is under way, bounded by its watchdog:
@@ -255,7 +257,6 @@ def _serve_one(settings: Settings, processor: WebhookProcessor, host: str, port:
                                    http=bounded_http(settings.max_head_bytes, settings.head_timeout_s),
                                    limit_concurrency=limit_concurrency))
     migration = getattr(app.state, "clerk_sync_migration", None)
-    stopped_for: list[str] = []  # the refusal that stopped serve (what exits 2, whatever `refused` says later)
     if migration is not None:  # refused for good while serving (the database was down at start): stop, as at start
 
         def refused() -> None:
@@ -273,8 +274,10 @@ def _serve_one(settings: Settings, processor: WebhookProcessor, host: str, port:
             if server.started:
                 raise
         finally:
-            if dispatcher is not None:  # (stopped by the app's shutdown already, unless it never started)
+            if dispatcher is not None or stopped_for:  # (the dispatcher: stopped by the app's shutdown already,
+                # unless it never started; a refusal: its exit 2 and its line, below)
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut this short
+            if dispatcher is not None:
                 dispatcher.stop()
     refusal = stopped_for[0] if stopped_for else migration.refused if migration is not None else None
     if refusal is not None:  # a setting to fix (the role), not a wait: 2

@@ -38,6 +38,7 @@ from clerk_sync.errors import StoreError, database_message
 from clerk_sync.events import Envelope
 from clerk_sync.ingest import Outcome, WebhookProcessor, _plan
 from clerk_sync.mapping import RefusedAtCommit
+from clerk_sync.outbox import HeldJobsNotWritten
 from clerk_sync.store import Writer, _lock_id
 
 __all__ = ["ALONE", "GroupCommitter"]
@@ -229,6 +230,8 @@ class GroupCommitter:
                 for position, (svix_id, envelope) in enumerate(jobs):
                     try:
                         outcomes.append(processor.apply_in(writer, svix_id, envelope))
+                    except HeldJobsNotWritten as exc:  # rows of earlier deliveries too: none to name
+                        raise _EachAlone(str(exc)) from exc
                     except Exception as exc:  # any failure of one delivery: it goes alone, its batch-mates commit
                         if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
                             raise  # the connection is gone: fail the batch (StoreError)
