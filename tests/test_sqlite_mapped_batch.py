@@ -135,14 +135,15 @@ def test_jobs_held_for_the_batch_are_dropped_with_a_batch_that_fails(tmp_path: P
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """The batch's job statement failing (here: a bug) names no delivery: each goes alone, its job with it,
     and nothing is queued twice."""
-    from clerk_sync.outbox import Outbox
-
     store = _store(tmp_path)
+    real = outbox_module.sqlite_execute
 
-    def broken(self: Outbox) -> None:
-        raise RuntimeError("job statement bug")
+    def broken(conn: Any, sql: str, rows: Any, *, many: bool = False) -> list[Any]:
+        if sql.startswith("INSERT INTO hook_jobs"):
+            raise RuntimeError("job statement bug")
+        return real(conn, sql, rows, many=many)
 
-    monkeypatch.setattr(Outbox, "write_jobs", broken)
+    monkeypatch.setattr(outbox_module, "sqlite_execute", broken)
     committer = GroupCommitter(WebhookProcessor(store, WebhookVerifier([f.SECRET])))
     from clerk_sync.integrations._committer import ALONE
 

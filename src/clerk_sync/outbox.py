@@ -267,12 +267,7 @@ class Outbox:
             return
         self._held_jobs.extend(rows)
         if len(self._held_jobs) >= _HELD_JOBS_MAX:  # (a batch of organizations' deletions: their members' jobs
-            try:  # written as they come, not all held to the batch's end)
-                self.write_jobs()
-            except Exception as exc:
-                if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
-                    raise
-                raise HeldJobsNotWritten(f"the batch's hook jobs: {type(exc).__name__}") from exc
+            self.write_jobs()  # written as they come, not all held to the batch's end)
             self._held_jobs = []
 
     def defer_jobs(self) -> None:
@@ -284,10 +279,17 @@ class Outbox:
             self._held_jobs = []
 
     def write_jobs(self) -> None:
-        """The job rows :meth:`defer_jobs` held, written; before the COMMIT."""
+        """The job rows :meth:`defer_jobs` held, written; before the COMMIT. Refused: :class:`HeldJobsNotWritten`
+        (a lost connection as itself)."""
         held, self._held_jobs = self._held_jobs, None
-        if held:
+        if not held:
+            return
+        try:
             sqlite_execute(self.conn, _SQLITE_JOB_SQL, held, many=True)
+        except Exception as exc:
+            if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+                raise
+            raise HeldJobsNotWritten(f"the batch's hook jobs: {type(exc).__name__}") from exc
 
     def project(self, change: Change) -> None:
         """The change into the app's mapped table, under a savepoint: what the app's table refuses for good

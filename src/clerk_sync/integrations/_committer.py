@@ -197,7 +197,8 @@ class GroupCommitter:
                 log.info("group_commit_isolated", svix_id=batch[index][0], reason=type(cause).__name__,
                          same_entity=len(held))
                 continue
-            except (_EachAlone, RefusedAtCommit) as cause:  # (SQLite: a deferred key names no delivery)
+            except (_EachAlone, RefusedAtCommit, HeldJobsNotWritten) as cause:  # (SQLite: a deferred key, the
+                # batch's job rows name no delivery)
                 for index in pending:
                     results[index] = ALONE
                 log.info("group_commit_each_alone", deliveries=len(pending), reason=str(cause))
@@ -230,19 +231,14 @@ class GroupCommitter:
                 for position, (svix_id, envelope) in enumerate(jobs):
                     try:
                         outcomes.append(processor.apply_in(writer, svix_id, envelope))
-                    except HeldJobsNotWritten as exc:  # rows of earlier deliveries too: none to name
-                        raise _EachAlone(str(exc)) from exc
+                    except HeldJobsNotWritten:  # rows of earlier deliveries too: none to name (each alone)
+                        raise
                     except Exception as exc:  # any failure of one delivery: it goes alone, its batch-mates commit
                         if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
                             raise  # the connection is gone: fail the batch (StoreError)
                         raise _Isolate(position, exc) from exc
             if writer.outbox is not None:
-                try:
-                    writer.outbox.write_jobs()
-                except Exception as exc:  # no delivery to name: each alone, where its jobs go with it
-                    if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
-                        raise
-                    raise _EachAlone(f"the batch's hook jobs: {type(exc).__name__}") from exc
+                writer.outbox.write_jobs()  # (refused: HeldJobsNotWritten, each alone)
             return outcomes
 
     def _pipelined(self, writer: Writer, jobs: list[tuple[str, Envelope]]) -> list[Outcome]:
