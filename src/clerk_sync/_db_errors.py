@@ -161,6 +161,19 @@ def is_insufficient_privilege(orig: object) -> bool:
     return getattr(orig, "sqlstate", None) == "42501" or _mysql_errno(orig) in _MYSQL_DENIED
 
 
+# MySQL/MariaDB 1419: binary logging is on, and CREATE TRIGGER (a migration's) needs SUPER unless the server
+# trusts routine creators. A server setting, not a grant doctor can print.
+BINLOG_TRIGGER_ADVICE = ("binary logging is on and log_bin_trust_function_creators is off, so only a role with SUPER "
+                         "may create triggers: set log_bin_trust_function_creators=1 (SET GLOBAL as an admin, and in "
+                         "the server's configuration; RDS and Aurora: the DB parameter group), or run `clerk-sync "
+                         "migrate` as a role with SUPER (MariaDB 10.5 and newer: BINLOG ADMIN)")
+
+
+def is_binlog_trigger_refusal(orig: object) -> bool:
+    """MySQL/MariaDB refused CREATE TRIGGER for binary logging (1419, :data:`BINLOG_TRIGGER_ADVICE`)."""
+    return _mysql_errno(orig) == 1419
+
+
 def privilege_refusal(exc: BaseException) -> sa.exc.DBAPIError | None:
     """The privilege refusal (:func:`is_insufficient_privilege`) in ``exc``'s chain, as :func:`passing_cause` reads
     it, or None. Not passing by itself: a mapped write's caller asks whether the role really lacks a privilege."""

@@ -23,10 +23,16 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.script.revision import RevisionError
 from alembic.util.exc import CommandError
 from sqlalchemy.engine import Connection, Engine
 
-from clerk_sync._db_errors import PRIVILEGE_ADVICE, is_insufficient_privilege
+from clerk_sync._db_errors import (
+    BINLOG_TRIGGER_ADVICE,
+    PRIVILEGE_ADVICE,
+    is_binlog_trigger_refusal,
+    is_insufficient_privilege,
+)
 from clerk_sync.errors import ConfigError, StoreError
 from clerk_sync.store import READ_ONLY_OPTION
 
@@ -156,6 +162,49 @@ def _upgrade(engine: Engine, revision: str = "head") -> Upgraded:
     raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
 
 
+# The steps that create triggers on MySQL/MariaDB (the audit log's guards; 0013 and 0014 drop one and create its
+# successor). With binary logging on, the server refuses CREATE TRIGGER (1419) to a role without SUPER unless
+# log_bin_trust_function_creators is on (RDS and Aurora, by default).
+_MYSQL_TRIGGER_STEPS = frozenset({"0004", "0013", "0014"})
+_TRIGGER_PROBE = "clerk_sync_trigger_probe"
+
+
+def refuse_untrusted_trigger_creation(conn: Connection, start: str | None,
+                                      destination: str | tuple[str, ...] | None) -> None:
+    """Before a MySQL/MariaDB upgrade whose steps create triggers: a :class:`ConfigError` when the server will refuse
+    them (binary logging on, ``log_bin_trust_function_creators`` off, and this role may not), so that nothing is
+    changed. Without it the step fails half-done (MySQL cannot roll DDL back): 0004 leaves a table that makes the
+    next ``migrate`` fail ("already exists"), and 0013/0014 leave the audit log without its update guard (the old
+    trigger dropped, its successor refused).
+
+    Tried on a scratch table rather than deduced from the grants: which privilege lets a role past the check
+    differs between MySQL 8 and MariaDB versions (SUPER, BINLOG ADMIN, SET_USER_ID ...)."""
+    try:
+        pending = {step.revision for step in _script().iterate_revisions(destination, start or "base")}
+        creating = pending & _MYSQL_TRIGGER_STEPS
+    except RevisionError:  # a downgrade: 0014's and 0013's create their predecessor's trigger again
+        pending = {step.revision for step in _script().iterate_revisions(start, destination)}
+        creating = pending & (_MYSQL_TRIGGER_STEPS - {"0004"})
+    if not creating:
+        return
+    binlog, trusted = conn.exec_driver_sql("SELECT @@log_bin, @@log_bin_trust_function_creators").one()
+    if not binlog or trusted:
+        return
+    conn.exec_driver_sql(f"CREATE TABLE IF NOT EXISTS {_TRIGGER_PROBE} (id INT)")
+    try:
+        conn.exec_driver_sql(f"CREATE TRIGGER {_TRIGGER_PROBE} BEFORE INSERT ON {_TRIGGER_PROBE} FOR EACH ROW "
+                             "SET NEW.id = NEW.id")
+    except sa.exc.DBAPIError as exc:
+        if not is_binlog_trigger_refusal(exc.orig):
+            raise
+        steps = ", ".join(sorted(creating))
+        raise ConfigError(f"the database refuses to create triggers (migrations {steps} create the audit log's "
+                          f"guards): {BINLOG_TRIGGER_ADVICE}; nothing was changed, run `clerk-sync migrate` "
+                          "again once it is set") from None
+    finally:
+        conn.exec_driver_sql(f"DROP TABLE IF EXISTS {_TRIGGER_PROBE}")  # (its trigger with it)
+
+
 def _is_deadlock(exc: sa.exc.SQLAlchemyError) -> bool:
     """PostgreSQL's 40P01, MySQL/MariaDB's 1213: the server broke a deadlock by rolling this transaction back."""
     orig = getattr(exc, "orig", None)
@@ -197,6 +246,8 @@ def _step_failure(revision: str | None, exc: sa.exc.SQLAlchemyError, dialect: st
                 "order), not a fault of the schema: run `clerk-sync migrate` again")
     elif cause.startswith("database timeout"):
         todo = "another connection held a lock it needs (traffic on a large table?): run `clerk-sync migrate` again"
+    elif is_binlog_trigger_refusal(getattr(exc, "orig", None)):  # (the probe before the upgrade passed: changed since)
+        todo = f"{BINLOG_TRIGGER_ADVICE}; then run `clerk-sync migrate` again"
     elif is_insufficient_privilege(getattr(exc, "orig", None)):  # a runtime role's DATABASE_URL, most likely
         todo = ("migrations create and alter tables: run `clerk-sync migrate` as the role that owns them (the "
                 "service's runtime role then starts without migrating: `serve --no-migrate`, or "

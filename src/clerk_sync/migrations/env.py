@@ -15,7 +15,7 @@ from alembic import context
 from alembic.runtime.migration import MigrationContext, MigrationInfo
 
 from clerk_sync.errors import StoreError
-from clerk_sync.migrations import _PROGRESS, VERSION_TABLE, adopt
+from clerk_sync.migrations import _PROGRESS, VERSION_TABLE, adopt, refuse_untrusted_trigger_creation
 from clerk_sync.tables import metadata
 
 # Any fixed 64-bit number: replicas starting together on PostgreSQL migrate one at a time.
@@ -58,6 +58,8 @@ with engine.connect() as connection:
             context.configure(connection=connection, target_metadata=metadata, render_as_batch=True,
                               version_table=VERSION_TABLE, on_version_apply=_applied)
             progress.update(start=context.get_context().get_current_revision(), applied=[])
+            if mysql:  # before any step: a refusal of its triggers would leave the step half-done
+                refuse_untrusted_trigger_creation(connection, progress["start"], context.get_revision_argument())
             context.run_migrations()
         # Committed (the last version bump with it) before the lock is released, below.
     finally:
