@@ -213,7 +213,8 @@ def _worker_app() -> Any:
 
 def tell_startup_failure(app: Any, tell: Callable[[str], None]) -> None:
     """Wrap ``app``'s lifespan: an exception before it started serving is told to ``tell`` as one line
-    (uvicorn logs it as a traceback, and a traceback is not what to do)."""
+    (uvicorn logs it as a traceback, and a traceback is not what to do). Ours (a :class:`ClerkSyncError`: its
+    message says what to do) is told without the traceback; anything else keeps it (a bug's, to report)."""
     inner = app.router.lifespan_context
 
     @contextlib.asynccontextmanager
@@ -226,6 +227,8 @@ def tell_startup_failure(app: Any, tell: Callable[[str], None]) -> None:
         except BaseException as exc:
             if not started:
                 tell(_one_line(exc))
+                if isinstance(_first(exc), ClerkSyncError):
+                    _drop_next_traceback()
             raise
 
     app.router.lifespan_context = lifespan
@@ -322,10 +325,32 @@ class DispatchWhenMigrated:
                              max(0.0, self._deadline - time.monotonic()))
 
 
-def _one_line(exc: BaseException) -> str:
-    """An exception as one line: the first of a task group's (``ExceptionGroup``), ours by its message."""
+def _drop_next_traceback() -> None:
+    """Starlette hands uvicorn a start-up failure as its formatted traceback, which uvicorn logs at ERROR: the next
+    such record of ``uvicorn.error`` is dropped (once), "Application startup failed. Exiting." kept."""
+    import logging
+
+    target = logging.getLogger("uvicorn.error")
+
+    def once(record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and "Traceback (most recent call last)" in record.getMessage():
+            target.removeFilter(once)
+            return False
+        return True
+
+    target.addFilter(once)
+
+
+def _first(exc: BaseException) -> BaseException:
+    """The first exception of a task group's (``ExceptionGroup``), or ``exc``."""
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
+    return exc
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception as one line: the first of a task group's (``ExceptionGroup``), ours by its message."""
+    exc = _first(exc)
     text = " ".join(str(exc).split())
     return text if isinstance(exc, ClerkSyncError) and text else f"{type(exc).__name__}: {text}"
 
