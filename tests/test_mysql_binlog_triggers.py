@@ -125,8 +125,16 @@ def _run(*args: str, url: str, timeout: float = 120) -> subprocess.CompletedProc
     return subprocess.run([*CLI, *args], env=env, text=True, capture_output=True, timeout=timeout)
 
 
+def _doctor_database_line(url: str) -> str:
+    said = _run("doctor", url=url)
+    return next(" ".join(line.split()) for line in said.stdout.splitlines() if "database:" in line)
+
+
 def test_migrate_refused_before_any_step_then_runs_whole_once_the_server_trusts_trigger_creators(
         binlog_server: str, fresh: str) -> None:
+    before = _doctor_database_line(fresh)  # doctor says it before anyone tries
+    assert "run `clerk-sync migrate`" in before and "migrations 0004, 0013, 0014 create triggers" in before, before
+    assert "log_bin_trust_function_creators=1" in before, before
     refused = _run("migrate", url=fresh)
     said = " ".join(refused.stderr.split())
     assert refused.returncode == 2, said
@@ -135,6 +143,8 @@ def test_migrate_refused_before_any_step_then_runs_whole_once_the_server_trusts_
     assert _tables(binlog_server) == []  # not pending_role_changes, not the version table, not the probe
 
     _admin(binlog_server, "SET GLOBAL log_bin_trust_function_creators = 1")
+    trusted = _doctor_database_line(fresh)
+    assert "run `clerk-sync migrate`" in trusted and "triggers" not in trusted, trusted
     done = _run("migrate", url=fresh)
     assert done.returncode == 0, done.stderr
     assert _triggers(binlog_server) == ["audit_log_no_delete", "audit_log_no_update"]

@@ -13,7 +13,13 @@ import httpx
 import sqlalchemy as sa
 
 from clerk_sync import migrations
-from clerk_sync._db_errors import PRIVILEGE_ADVICE, is_insufficient_privilege, sqlite_file_advice, store_error
+from clerk_sync._db_errors import (
+    BINLOG_TRIGGER_ADVICE,
+    PRIVILEGE_ADVICE,
+    is_insufficient_privilege,
+    sqlite_file_advice,
+    store_error,
+)
 from clerk_sync.config import Settings
 from clerk_sync.errors import ClerkSyncError, ConfigError, database_message
 from clerk_sync.mapping import SchemaMapping, check_schema
@@ -329,10 +335,16 @@ def _schema(store: Store) -> tuple[str, str]:
 
         with store.engine.connect() as conn:  # PostgreSQL: a schema without USAGE hides its tables from the role
             hidden = unusable_schemas(conn)
+            untrusted = (migrations.untrusted_trigger_steps(conn, current, "heads")
+                         if conn.dialect.name in ("mysql", "mariadb") else [])
         if hidden:
             return "fail", (f"reached, but this role may not use schema {', '.join(hidden)} (USAGE), so clerk-sync's "
                             f"tables look missing to it; {PRIVILEGE_ADVICE}")
-        return "fail", f"schema at {current or 'nothing'}, code expects {head}: run `clerk-sync migrate`"
+        told = f"schema at {current or 'nothing'}, code expects {head}: run `clerk-sync migrate`"
+        if untrusted:  # (whether this role has SUPER, only trying tells: `migrate` does, before any step)
+            told += (f"; migrations {', '.join(untrusted)} create triggers, and {BINLOG_TRIGGER_ADVICE} (`migrate` "
+                     "tries first and changes nothing if refused)")
+        return "fail", told
     with store.engine.connect().execution_options(**{READ_ONLY_OPTION: True}) as conn:
         leftover = migrations.legacy_leftover(conn)  # (kept by `migrate` for the old release's replicas)
     if leftover is not None:

@@ -169,6 +169,23 @@ _MYSQL_TRIGGER_STEPS = frozenset({"0004", "0013", "0014"})
 _TRIGGER_PROBE = "clerk_sync_trigger_probe"
 
 
+def untrusted_trigger_steps(conn: Connection, start: str | None,
+                            destination: str | tuple[str, ...] | None) -> list[str]:
+    """The steps from ``start`` to ``destination`` that create triggers, when this MySQL/MariaDB server lets only a
+    role with SUPER create them (binary logging on, ``log_bin_trust_function_creators`` off); [] otherwise. Reads
+    two server variables, writes nothing (``doctor`` asks it too)."""
+    try:
+        pending = {step.revision for step in _script().iterate_revisions(destination, start or "base")}
+        creating = pending & _MYSQL_TRIGGER_STEPS
+    except RevisionError:  # a downgrade: 0014's and 0013's create their predecessor's trigger again
+        pending = {step.revision for step in _script().iterate_revisions(start, destination)}
+        creating = pending & (_MYSQL_TRIGGER_STEPS - {"0004"})
+    if not creating:
+        return []
+    binlog, trusted = conn.exec_driver_sql("SELECT @@log_bin, @@log_bin_trust_function_creators").one()
+    return [] if not binlog or trusted else sorted(creating)
+
+
 def refuse_untrusted_trigger_creation(conn: Connection, start: str | None,
                                       destination: str | tuple[str, ...] | None) -> None:
     """Before a MySQL/MariaDB upgrade whose steps create triggers: a :class:`ConfigError` when the server will refuse
@@ -179,16 +196,8 @@ def refuse_untrusted_trigger_creation(conn: Connection, start: str | None,
 
     Tried on a scratch table rather than deduced from the grants: which privilege lets a role past the check
     differs between MySQL 8 and MariaDB versions (SUPER, BINLOG ADMIN, SET_USER_ID ...)."""
-    try:
-        pending = {step.revision for step in _script().iterate_revisions(destination, start or "base")}
-        creating = pending & _MYSQL_TRIGGER_STEPS
-    except RevisionError:  # a downgrade: 0014's and 0013's create their predecessor's trigger again
-        pending = {step.revision for step in _script().iterate_revisions(start, destination)}
-        creating = pending & (_MYSQL_TRIGGER_STEPS - {"0004"})
+    creating = untrusted_trigger_steps(conn, start, destination)
     if not creating:
-        return
-    binlog, trusted = conn.exec_driver_sql("SELECT @@log_bin, @@log_bin_trust_function_creators").one()
-    if not binlog or trusted:
         return
     conn.exec_driver_sql(f"CREATE TABLE IF NOT EXISTS {_TRIGGER_PROBE} (id INT)")
     try:
