@@ -329,6 +329,30 @@ def with_and_without_slash(path: str) -> list[str]:
     return [bare] if bare == "/" else [bare, bare + "/"]
 
 
+class _SaidOnChange:
+    """``/readyz`` is polled every few seconds by each replica's orchestrator: a database down, a read refused or a
+    standby is logged at WARNING when the poll first finds it (or its error changes), each repeat at DEBUG, and its
+    end once at INFO (``readyz_database_answers``, with how many polls found it not), rather than a warning a poll."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last: tuple[str, str | None] | None = None
+        self._polls = 0
+
+    def warning(self, event: str, error: str | None = None) -> None:
+        with self._lock:
+            new = self._last != (event, error)
+            self._last, self._polls = (event, error), self._polls + 1
+        (log.warning if new else log.debug)(event, **({} if error is None else {"error": error}))
+
+    def ended(self) -> None:
+        with self._lock:
+            last, polls = self._last, self._polls
+            self._last, self._polls = None, 0
+        if last is not None:
+            log.info("readyz_database_answers", after=last[0], polls=polls)
+
+
 class StartupMigration:
     """``serve`` migrates in the background instead of refusing to start when the database is down:
     until the migration has run, ``/readyz`` and deliveries answer 503 (Svix retries); attempts back
@@ -600,6 +624,8 @@ def _service_routes(processor: WebhookProcessor, migration: StartupMigration | N
     async def healthz(_: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
+    said = _SaidOnChange()
+
     async def readyz(request: Request) -> Response:
         dispatches = bool(getattr(request.app.state, "clerk_sync_dispatches", False))
 
@@ -634,7 +660,7 @@ def _service_routes(processor: WebhookProcessor, migration: StartupMigration | N
         try:
             state = await to_thread.run_sync(check)
         except StorePrivilegeMissing as exc:  # reached, but a read of the schema version or the probe was refused
-            log.warning("readyz_read_refused", error=str(exc))  # (the cause: what, and the GRANT advice)
+            said.warning("readyz_read_refused", error=str(exc))  # (the cause: what, and the GRANT advice)
             state = {"database": "ok", "privileges": "missing",
                      "hint": "the database refused a read this check needs for a privilege the role lacks: "
                              "`clerk-sync doctor` run as this role prints the GRANT statements (the service's log "
@@ -642,7 +668,7 @@ def _service_routes(processor: WebhookProcessor, migration: StartupMigration | N
             return JSONResponse(state, status_code=503)
         except StoreError as exc:
             # The driver's message (host, port, role names) goes to the log, not to whoever asks /readyz.
-            log.warning("readyz_database_down", error=str(exc))
+            said.warning("readyz_database_down", error=str(exc))
             state = {"database": "down", "error": "the database did not answer (the service's log says why)"}
             if migration is not None and migration.refused is not None:
                 state["hint"] = migration.refused_hint()
@@ -653,7 +679,7 @@ def _service_routes(processor: WebhookProcessor, migration: StartupMigration | N
         code = (200 if state["migrations_current"] and not waiting and "privileges" not in state
                 and state["database"] == "ok" else 503)
         if state["database"] == _READ_ONLY:
-            log.warning("readyz_database_read_only")
+            said.warning("readyz_database_read_only")
             state["hint"] = "DATABASE_URL points at a standby or a read-only role: deliveries cannot be written"
         elif state.get("privileges") == "unknown":
             state["hint"] = ("the database has not answered the privileges probe yet (the service's log says more: "
@@ -667,6 +693,8 @@ def _service_routes(processor: WebhookProcessor, migration: StartupMigration | N
             else:
                 pending = migration is not None and not migration.done
                 state["hint"] = "migrating in the background" if pending else "run `clerk-sync migrate`"
+        if state["database"] == "ok":
+            said.ended()  # (the database answers again: a state that begins anew is logged anew)
         return JSONResponse(state, status_code=code)
 
     async def metrics(_: Request) -> Response:
