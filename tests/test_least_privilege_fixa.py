@@ -233,3 +233,34 @@ def test_the_refusal_names_both_ways_to_start_without_migrating_not_serve_only()
     assert said is not None and not said.startswith("serve --migrate"), said
     assert said.startswith("the start-up migration: ") and "CLERK_SYNC_MIGRATE_ON_START=0" in said, said
     assert "`serve --no-migrate`" in said and "`clerk-sync migrate` as the role that owns the tables" in said, said
+
+
+def test_a_poll_after_a_failed_probe_says_nothing_slow() -> None:
+    """A probe failed (the database down at 1061): its start stayed recorded, newer than the verdict (1000), so a
+    poll meeting the next probe before it recorded its own start read "running since 1061" and logged
+    readyz_privilege_probe_slow probe_running_s=61 for a probe just begun."""
+    from types import SimpleNamespace
+
+    from clerk_sync.errors import StoreError
+    from clerk_sync.integrations.starlette import _RolePrivileges
+
+    def down() -> Any:
+        raise StoreError("database error: OperationalError: connection refused")
+
+    now = [1000.0]
+    store = SimpleNamespace(engine=SimpleNamespace(dialect=SimpleNamespace(name="postgresql")), connect=down)
+    privileges = _RolePrivileges(store, ttl_s=60.0)  # type: ignore[arg-type]
+    privileges.clock = lambda: now[0]  # type: ignore[method-assign]
+    privileges._verdicts[False] = (now[0], [], [])  # the previous probe, begun and answered at 1000
+    now[0] += 61.0
+    with pytest.raises(StoreError):
+        privileges.missing(False)  # the verdict old: probed again, and the database is down
+    now[0] += 61.0
+    privileges._asking.acquire()  # poll A: the lock taken, its probe's start not recorded yet
+    try:
+        with structlog.testing.capture_logs() as logs:
+            answer = privileges.missing(False)  # poll B
+    finally:
+        privileges._asking.release()
+    assert answer == ([], []), answer  # the last verdict, at once
+    assert not [e for e in logs if e["event"] == "readyz_privilege_probe_slow"], logs

@@ -556,7 +556,7 @@ class _RolePrivileges:
         self._asking = threading.Lock()  # (readyz runs in worker threads)
         self._probes = 0  # probes started (under _asking): which one a slow-probe line was said of
         self._slow_said = -1
-        self._probe_started = 0.0  # (clock) when the probe under way began
+        self._probe_started: float | None = None  # (clock) when the probe under way began; None: none under way
 
     def missing(self, dispatches: bool = False) -> tuple[list[str], list[str]] | None:
         """(what is missing, the GRANT statements that give it); both empty when granted; None when a probe under
@@ -578,9 +578,11 @@ class _RolePrivileges:
 
     def _while_probing(self, dispatches: bool) -> tuple[list[str], list[str]] | None:
         kept = self._verdicts.get(dispatches)
-        # A probe start no later than the verdict is the verdict's own probe: the poll holding the lock has not
-        # recorded its start yet, so it has just begun (else the previous probe's start, a TTL ago, said "slow")
-        started = self._probe_started if kept is None or self._probe_started > kept[0] else self.clock()
+        # A probe start no later than the verdict is the verdict's own probe, and none (the last one ended, answered
+        # or failed) is none under way: the poll holding the lock has not recorded its start yet, so it has just
+        # begun (else a previous probe's start, a TTL ago, said "slow")
+        begun = self._probe_started
+        started = begun if begun is not None and (kept is None or begun > kept[0]) else self.clock()
         running_s = self.clock() - started
         slow = kept is None or running_s >= self.slow_s  # (two polls meeting a 25 ms probe: nothing to say)
         if slow and self._slow_said != self._probes:  # once per probe that hangs, not at every poll behind it
@@ -601,9 +603,12 @@ class _RolePrivileges:
 
         self._probes += 1
         self._probe_started = now
-        with self.store.connect() as conn:
-            found = missing_privileges(conn, self.store.mapping,
-                                       frozenset({DELIVERIES, DISPATCHER} if dispatches else {DELIVERIES}))
+        try:
+            with self.store.connect() as conn:
+                found = missing_privileges(conn, self.store.mapping,
+                                           frozenset({DELIVERIES, DISPATCHER} if dispatches else {DELIVERIES}))
+        finally:
+            self._probe_started = None  # (a failed probe is not one under way: its start said "slow" a TTL later)
         self._verdicts[dispatches] = (now, found.needed, found.grants)
         said = tuple(found.needed)
         if said != self._said.get(dispatches, ()):  # the log says what, and the GRANTs (not for the asker)
