@@ -58,8 +58,9 @@ def binlog_server() -> Iterator[str]:
         port = _free_port()
         proc = subprocess.Popen([server, "--no-defaults", "--user=root", f"--datadir={data}", f"--port={port}",
                                  "--bind-address=127.0.0.1", f"--socket={tmp}/sock", f"--pid-file={tmp}/pid",
-                                 f"--log-bin={data}/bin", "--server-id=1"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                 f"--log-bin={data}/bin", "--server-id=1",
+                                 "--innodb-force-primary-key=1"],  # (as managed servers may: a probe table had none)
+                                stdout=subprocess.DEVNULL, stderr=(Path(tmp) / "server.log").open("w"))
         root = f"mysql+mysqldb://root@127.0.0.1:{port}/mysql"
         engine = sa.create_engine(root, isolation_level="AUTOCOMMIT")
         try:
@@ -67,14 +68,20 @@ def binlog_server() -> Iterator[str]:
             while True:  # until the server answers (it was just started)
                 try:
                     with engine.connect() as conn:
+                        # ours, not a server that took the port meanwhile (the port was free when asked)
+                        assert conn.exec_driver_sql("SELECT @@datadir").scalar().rstrip("/") == str(data)
                         assert conn.exec_driver_sql("SELECT @@log_bin").scalar() == 1
                         for statement in ("CREATE DATABASE test CHARACTER SET utf8mb4 COLLATE utf8mb4_bin",
-                                          "CREATE USER app@'127.0.0.1'", "GRANT ALL ON test.* TO app@'127.0.0.1'"):
+                                          "CREATE USER app@'127.0.0.1'", "GRANT ALL ON test.* TO app@'127.0.0.1'",
+                                          # SUPER, and no DROP: what the steps need, and no more
+                                          "CREATE USER owner@'127.0.0.1'", "GRANT SUPER ON *.* TO owner@'127.0.0.1'",
+                                          "GRANT SELECT, INSERT, UPDATE, DELETE, CREATE, ALTER, INDEX, TRIGGER, "
+                                          "REFERENCES, LOCK TABLES ON test.* TO owner@'127.0.0.1'"):
                             conn.exec_driver_sql(statement)
                     break
                 except sa.exc.OperationalError:
                     if proc.poll() is not None or time.monotonic() > deadline:
-                        raise
+                        raise AssertionError((Path(tmp) / "server.log").read_text()[-3000:]) from None
                     time.sleep(0.2)
             yield root
         finally:
@@ -208,7 +215,7 @@ def test_a_step_refused_for_binary_logging_after_the_probe_is_no_outage_to_retry
     engine = sa.create_engine(fresh)
     try:
         with engine.begin() as conn:
-            conn.exec_driver_sql("CREATE TABLE t (id INT)")
+            conn.exec_driver_sql("CREATE TABLE t (id INT PRIMARY KEY)")
             with pytest.raises(sa.exc.OperationalError) as refused:
                 conn.exec_driver_sql("CREATE TRIGGER t_guard BEFORE INSERT ON t FOR EACH ROW SET NEW.id = NEW.id")
     finally:
@@ -220,3 +227,34 @@ def test_a_step_refused_for_binary_logging_after_the_probe_is_no_outage_to_retry
     other = MigrationError("migration 0004 failed: database timeout", "0004")
     other.__cause__ = sa.exc.OperationalError("x", {}, Exception(1205, "Lock wait timeout exceeded"))
     assert _refused(other) is None  # a lock wait that ran out is still retried
+
+
+def test_a_role_with_super_and_no_drop_migrates_whole_and_the_probe_leaves_nothing(binlog_server: str,
+                                                                                   fresh: str) -> None:
+    """The probe once made a table and dropped it: a role without DROP (which no step needs) failed every migrate
+    from then on, and a server requiring primary keys (this one does) refused the table."""
+    done = _run("migrate", url=fresh.replace("app@", "owner@"))
+    assert done.returncode == 0, done.stderr
+    assert _triggers(binlog_server) == ["audit_log_no_delete", "audit_log_no_update"]
+    assert not [t for t in _tables(binlog_server) if "probe" in t or "no_such" in t]
+
+
+def test_a_database_a_newer_release_migrated_is_said_so_and_relative_downgrades_are_probed(binlog_server: str,
+                                                                                           fresh: str) -> None:
+    _admin(binlog_server, "SET GLOBAL log_bin_trust_function_creators = 1")
+    engine = sa.create_engine(fresh)
+    try:
+        migrations.upgrade(engine, "0016")
+        migrations.downgrade(engine, "-1")  # (Alembic reads -1 from the database's revision: 0015)
+        assert migrations.current_revision(engine) == "0015"
+        _admin(binlog_server, "SET GLOBAL log_bin_trust_function_creators = 0")
+        with pytest.raises(ConfigError, match="the database refuses to create triggers"):
+            migrations.downgrade(engine, "-2")  # 0015, 0014: 0014's downgrade creates 0013's trigger again
+        assert migrations.current_revision(engine) == "0015"
+        assert _triggers(binlog_server) == ["audit_log_no_delete", "audit_log_no_update"]
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"UPDATE {migrations.VERSION_TABLE} SET version_num = '0099'")  # noqa: S608
+        with pytest.raises(ConfigError, match="a newer clerk-sync migrated it"):
+            migrations.upgrade(engine)
+    finally:
+        engine.dispose()

@@ -44,6 +44,7 @@ def test_ours_is_told_in_one_line_without_the_traceback_and_a_bug_keeps_its_own(
     assert told == ["the database refuses to create triggers: set log_bin_trust_function_creators=1"]
     assert "Application startup failed. Exiting." in ours, ours
     assert not any("Traceback" in line for line in ours), ours
+    assert not logging.getLogger("uvicorn.error").filters
 
     caplog.clear()
     told = _start(RuntimeError("a bug"))
@@ -51,3 +52,11 @@ def test_ours_is_told_in_one_line_without_the_traceback_and_a_bug_keeps_its_own(
     assert told == ["RuntimeError: a bug"]
     assert any("Traceback (most recent call last)" in line and "RuntimeError: a bug" in line for line in bug), bug
     assert not logging.getLogger("uvicorn.error").filters  # the drop was for one record, not left behind
+
+
+def test_a_bug_beside_ours_in_a_task_group_keeps_the_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="uvicorn.error")
+    _start(ExceptionGroup("start-up", [ConfigError("a setting"), RuntimeError("a bug beside it")]))
+    said = [r.getMessage() for r in caplog.records if r.name == "uvicorn.error"]
+    assert any("Traceback (most recent call last)" in line and "a bug beside it" in line for line in said), said
+    assert not logging.getLogger("uvicorn.error").filters

@@ -166,7 +166,7 @@ def is_insufficient_privilege(orig: object) -> bool:
 BINLOG_TRIGGER_ADVICE = ("binary logging is on and log_bin_trust_function_creators is off, so only a role with SUPER "
                          "may create triggers: set log_bin_trust_function_creators=1 (SET GLOBAL as an admin, and in "
                          "the server's configuration; RDS and Aurora: the DB parameter group), or run `clerk-sync "
-                         "migrate` as a role with SUPER (MariaDB 10.5 and newer: BINLOG ADMIN)")
+                         "migrate` as a role with SUPER")
 
 
 def is_binlog_trigger_refusal(orig: object) -> bool:

@@ -227,8 +227,8 @@ def tell_startup_failure(app: Any, tell: Callable[[str], None]) -> None:
         except BaseException as exc:
             if not started:
                 tell(_one_line(exc))
-                if isinstance(_first(exc), ClerkSyncError):
-                    _drop_next_traceback()
+                if all(isinstance(leaf, ClerkSyncError) for leaf in _leaves(exc)):  # (a bug beside it: kept)
+                    _drop_next_traceback(type(_first(exc)).__name__)
             raise
 
     app.router.lifespan_context = lifespan
@@ -325,20 +325,31 @@ class DispatchWhenMigrated:
                              max(0.0, self._deadline - time.monotonic()))
 
 
-def _drop_next_traceback() -> None:
+def _drop_next_traceback(name: str) -> None:
     """Starlette hands uvicorn a start-up failure as its formatted traceback, which uvicorn logs at ERROR: the next
-    such record of ``uvicorn.error`` is dropped (once), "Application startup failed. Exiting." kept."""
+    such record of ``uvicorn.error`` naming the exception's type ``name`` is dropped, "Application startup failed.
+    Exiting." kept. The filter goes with either record (uvicorn logs the second after the first)."""
     import logging
 
     target = logging.getLogger("uvicorn.error")
 
     def once(record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.ERROR and "Traceback (most recent call last)" in record.getMessage():
+        said = record.getMessage()
+        if said.startswith("Application startup failed"):
+            target.removeFilter(once)
+        elif record.levelno >= logging.ERROR and "Traceback (most recent call last)" in said and name in said:
             target.removeFilter(once)
             return False
         return True
 
     target.addFilter(once)
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions a task group's (``ExceptionGroup``, nested) holds, or ``exc``."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
 
 
 def _first(exc: BaseException) -> BaseException:

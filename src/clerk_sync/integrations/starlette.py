@@ -501,7 +501,9 @@ def _binlog_refusal(exc: BaseException) -> bool:
     """A step refused CREATE TRIGGER for binary logging (1419; the probe before the upgrade found it allowed): no
     retry helps until someone changes the server's setting."""
     seen: BaseException | None = exc
-    while seen is not None:
+    walked: set[int] = set()
+    while seen is not None and id(seen) not in walked:  # (a chain can loop back on itself)
+        walked.add(id(seen))
         if is_binlog_trigger_refusal(getattr(seen, "orig", None)):
             return True
         seen = seen.__cause__ or seen.__context__

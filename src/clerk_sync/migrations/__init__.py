@@ -163,55 +163,71 @@ def _upgrade(engine: Engine, revision: str = "head") -> Upgraded:
 
 
 # The steps that create triggers on MySQL/MariaDB (the audit log's guards; 0013 and 0014 drop one and create its
-# successor). With binary logging on, the server refuses CREATE TRIGGER (1419) to a role without SUPER unless
-# log_bin_trust_function_creators is on (RDS and Aurora, by default).
+# successor). With binary logging on (or a Galera node's emulated one), the server refuses CREATE TRIGGER (1419) to
+# a role without SUPER unless log_bin_trust_function_creators is on (RDS and Aurora: off by default).
 _MYSQL_TRIGGER_STEPS = frozenset({"0004", "0013", "0014"})
 _TRIGGER_PROBE = "clerk_sync_trigger_probe"
+_NO_SUCH_TABLE = "clerk_sync_no_such_table"  # (the probe's trigger is on a table that does not exist)
+
+
+def _trigger_steps(start: str | None, destination: str | tuple[str, ...] | None) -> list[str] | None:
+    """The steps from ``start`` to ``destination`` that create triggers on MySQL/MariaDB, or None when the range
+    cannot be read here (a relative destination such as ``-2``, which Alembic resolves from ``start``)."""
+    if isinstance(destination, str) and re.search(r"[+-]\d+$", destination):
+        return None
+    try:
+        pending = {step.revision for step in _script().iterate_revisions(destination, start or "base")}
+        return sorted(pending & _MYSQL_TRIGGER_STEPS)
+    except (RevisionError, CommandError):
+        pass
+    try:  # a downgrade: 0014's and 0013's create their predecessor's trigger again
+        pending = {step.revision for step in _script().iterate_revisions(start, destination)}
+        return sorted(pending & (_MYSQL_TRIGGER_STEPS - {"0004"}))
+    except (RevisionError, CommandError):
+        return None
 
 
 def untrusted_trigger_steps(conn: Connection, start: str | None,
                             destination: str | tuple[str, ...] | None) -> list[str]:
-    """The steps from ``start`` to ``destination`` that create triggers, when this MySQL/MariaDB server lets only a
-    role with SUPER create them (binary logging on, ``log_bin_trust_function_creators`` off); [] otherwise. Reads
-    two server variables, writes nothing (``doctor`` asks it too)."""
-    try:
-        pending = {step.revision for step in _script().iterate_revisions(destination, start or "base")}
-        creating = pending & _MYSQL_TRIGGER_STEPS
-    except RevisionError:  # a downgrade: 0014's and 0013's create their predecessor's trigger again
-        pending = {step.revision for step in _script().iterate_revisions(start, destination)}
-        creating = pending & (_MYSQL_TRIGGER_STEPS - {"0004"})
-    if not creating:
+    """``doctor``'s question: the steps from ``start`` to ``destination`` that create triggers, when this
+    MySQL/MariaDB server logs binary and does not trust routine creators (only a role with SUPER may then create
+    them); [] otherwise. Reads two server variables, writes nothing."""
+    steps = _trigger_steps(start, destination)
+    if not steps:
         return []
     binlog, trusted = conn.exec_driver_sql("SELECT @@log_bin, @@log_bin_trust_function_creators").one()
-    return [] if not binlog or trusted else sorted(creating)
+    return [] if not binlog or trusted else steps
 
 
 def refuse_untrusted_trigger_creation(conn: Connection, start: str | None,
                                       destination: str | tuple[str, ...] | None) -> None:
-    """Before a MySQL/MariaDB upgrade whose steps create triggers: a :class:`ConfigError` when the server will refuse
-    them (binary logging on, ``log_bin_trust_function_creators`` off, and this role may not), so that nothing is
-    changed. Without it the step fails half-done (MySQL cannot roll DDL back): 0004 leaves a table that makes the
-    next ``migrate`` fail ("already exists"), and 0013/0014 leave the audit log without its update guard (the old
-    trigger dropped, its successor refused).
+    """Before a MySQL/MariaDB upgrade (or downgrade) whose steps create triggers: a :class:`ConfigError` when the
+    server will refuse them to this role (1419), so that no step runs. Without it the step fails half-done (MySQL
+    cannot roll DDL back): 0004 leaves a table that makes the next ``migrate`` fail ("already exists"), and
+    0013/0014 leave the audit log without its update guard (the old trigger dropped, its successor refused).
 
-    Tried on a scratch table rather than deduced from the grants: which privilege lets a role past the check
-    differs between MySQL 8 and MariaDB versions (SUPER, BINLOG ADMIN, SET_USER_ID ...)."""
-    creating = untrusted_trigger_steps(conn, start, destination)
-    if not creating:
+    Tried rather than deduced (which privilege passes the check differs between MySQL and MariaDB versions, and a
+    Galera node refuses with ``log_bin`` off): a trigger on a table that does not exist, which both servers judge
+    for 1419 before they look for the table. 1146 (no such table) means allowed; no table is created, no privilege
+    beyond the steps' own is needed, nothing is left behind."""
+    if start is not None and not _knows(start):
+        return  # a newer release migrated it: the upgrade itself says so
+    steps = _trigger_steps(start, destination)
+    if steps == []:
         return
-    conn.exec_driver_sql(f"CREATE TABLE IF NOT EXISTS {_TRIGGER_PROBE} (id INT)")
+    if conn.exec_driver_sql("SELECT @@log_bin_trust_function_creators").scalar():
+        return
     try:
-        conn.exec_driver_sql(f"CREATE TRIGGER {_TRIGGER_PROBE} BEFORE INSERT ON {_TRIGGER_PROBE} FOR EACH ROW "
-                             "SET NEW.id = NEW.id")
+        conn.exec_driver_sql(f"CREATE TRIGGER {_TRIGGER_PROBE} BEFORE INSERT ON {_NO_SUCH_TABLE} FOR EACH ROW "
+                             "SET @clerk_sync_probe = 1")
     except sa.exc.DBAPIError as exc:
         if not is_binlog_trigger_refusal(exc.orig):
-            raise
-        steps = ", ".join(sorted(creating))
-        raise ConfigError(f"the database refuses to create triggers (migrations {steps} create the audit log's "
-                          f"guards): {BINLOG_TRIGGER_ADVICE}; nothing was changed, run `clerk-sync migrate` "
-                          "again once it is set") from None
-    finally:
-        conn.exec_driver_sql(f"DROP TABLE IF EXISTS {_TRIGGER_PROBE}")  # (its trigger with it)
+            return  # 1146, the table missing: allowed (any other refusal is the steps' own to report)
+        which = f"migrations {', '.join(steps)} create" if steps else "the migrations create"
+        raise ConfigError(f"the database refuses to create triggers ({which} the audit log's guards): "
+                          f"{BINLOG_TRIGGER_ADVICE}; nothing was changed, run `clerk-sync migrate` again once it is "
+                          "set") from None
+    conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS {_TRIGGER_PROBE}")  # (only if someone made that table)
 
 
 def _is_deadlock(exc: sa.exc.SQLAlchemyError) -> bool:
