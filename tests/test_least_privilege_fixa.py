@@ -198,6 +198,17 @@ def test_readyz_as_a_runtime_role_that_may_not_read_the_schema_version_says_priv
     assert ready.json()["database"] == "ok" and ready.json()["privileges"] == "missing", ready.text
 
 
+def _poll_meeting_a_probe_just_begun_says_nothing_slow(privileges: Any) -> None:
+    privileges._asking.acquire()  # poll A: the lock taken, its probe's start not recorded yet
+    try:
+        with structlog.testing.capture_logs() as logs:
+            answer = privileges.missing(False)  # poll B
+    finally:
+        privileges._asking.release()
+    assert answer == ([], []), answer  # the last verdict, at once
+    assert not [e for e in logs if e["event"] == "readyz_privilege_probe_slow"], logs
+
+
 def test_a_poll_that_meets_a_probe_not_yet_started_says_nothing_slow() -> None:
     """The verdict a TTL old, two polls at once: A takes the lock, B fails the non-blocking acquire before A
     recorded its probe's start, reads the previous probe's (61 s ago) and logged readyz_privilege_probe_slow
@@ -213,14 +224,7 @@ def test_a_poll_that_meets_a_probe_not_yet_started_says_nothing_slow() -> None:
     privileges._verdicts[False] = (now[0], [], [])  # the previous probe, begun and answered at 1000
     privileges._probe_started = now[0]
     now[0] += 61.0
-    privileges._asking.acquire()  # poll A: the lock taken, its probe's start not recorded yet
-    try:
-        with structlog.testing.capture_logs() as logs:
-            answer = privileges.missing(False)  # poll B
-    finally:
-        privileges._asking.release()
-    assert answer == ([], []), answer  # the last verdict, at once
-    assert not [e for e in logs if e["event"] == "readyz_privilege_probe_slow"], logs
+    _poll_meeting_a_probe_just_begun_says_nothing_slow(privileges)
 
 
 def test_the_refusal_names_both_ways_to_start_without_migrating_not_serve_only() -> None:
@@ -256,11 +260,4 @@ def test_a_poll_after_a_failed_probe_says_nothing_slow() -> None:
     with pytest.raises(StoreError):
         privileges.missing(False)  # the verdict old: probed again, and the database is down
     now[0] += 61.0
-    privileges._asking.acquire()  # poll A: the lock taken, its probe's start not recorded yet
-    try:
-        with structlog.testing.capture_logs() as logs:
-            answer = privileges.missing(False)  # poll B
-    finally:
-        privileges._asking.release()
-    assert answer == ([], []), answer  # the last verdict, at once
-    assert not [e for e in logs if e["event"] == "readyz_privilege_probe_slow"], logs
+    _poll_meeting_a_probe_just_begun_says_nothing_slow(privileges)
