@@ -50,6 +50,22 @@ def test_an_outage_is_warned_once_repeats_are_debug_and_its_end_is_said(tmp_path
     said = [(e["log_level"], e["event"], e.get("polls")) for e in logs if e["event"].startswith("readyz_")]
     assert said == [("warning", "readyz_database_down", None), ("debug", "readyz_database_down", None),
                     ("debug", "readyz_database_down", None), ("warning", "readyz_database_down", None),
-                    ("info", "readyz_database_answers", 4), ("warning", "readyz_database_down", None)], said
+                    ("info", "readyz_state_ended", 4), ("warning", "readyz_database_down", None)], said
     downs = [e for e in logs if e["event"] == "readyz_database_down"]
     assert "connection refused" in downs[0]["error"] and "closed the connection" in downs[3]["error"], downs
+
+
+def test_a_poll_answering_after_a_later_one_is_not_said() -> None:
+    """At recovery, a poll stuck on a connect timeout finished after a later poll that found the database: it warned
+    again after the end had been said, and the next poll said the end a second time."""
+    from clerk_sync.integrations.starlette import _SaidOnChange
+
+    said = _SaidOnChange()
+    with structlog.testing.capture_logs() as logs:
+        said.warning(said.ticket(), "readyz_database_down", error="connection refused")
+        slow, fast = said.ticket(), said.ticket()
+        said.ended(fast)  # the later poll: the database answers
+        said.warning(slow, "readyz_database_down", error="timeout expired")  # the earlier one, late
+        said.ended(said.ticket())
+    assert [(e["log_level"], e["event"]) for e in logs] == [("warning", "readyz_database_down"),
+                                                           ("info", "readyz_state_ended")], logs

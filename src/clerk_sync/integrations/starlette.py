@@ -332,25 +332,38 @@ def with_and_without_slash(path: str) -> list[str]:
 class _SaidOnChange:
     """``/readyz`` is polled every few seconds by each replica's orchestrator: a database down, a read refused or a
     standby is logged at WARNING when the poll first finds it (or its error changes), each repeat at DEBUG, and its
-    end once at INFO (``readyz_database_answers``, with how many polls found it not), rather than a warning a poll."""
+    end once at INFO (``readyz_state_ended``: which, and how many polls found one), rather than a warning a poll.
+    Polls finish in any order (a connect timeout outlives the polls after it): each takes a ticket before its check,
+    and an answer older than the last one said is not said (it would warn again after the end)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._last: tuple[str, str | None] | None = None
         self._polls = 0
+        self._tickets = 0
+        self._said_of = 0  # the ticket of the last answer said
 
-    def warning(self, event: str, error: str | None = None) -> None:
+    def ticket(self) -> int:
         with self._lock:
+            self._tickets += 1
+            return self._tickets
+
+    def warning(self, ticket: int, event: str, error: str | None = None) -> None:
+        with self._lock:
+            if ticket < self._said_of:
+                return
             new = self._last != (event, error)
-            self._last, self._polls = (event, error), self._polls + 1
-        (log.warning if new else log.debug)(event, **({} if error is None else {"error": error}))
+            self._last, self._polls, self._said_of = (event, error), self._polls + 1, ticket
+            (log.warning if new else log.debug)(event, **({} if error is None else {"error": error}))
 
-    def ended(self) -> None:
+    def ended(self, ticket: int) -> None:
         with self._lock:
+            if ticket < self._said_of:
+                return
             last, polls = self._last, self._polls
-            self._last, self._polls = None, 0
-        if last is not None:
-            log.info("readyz_database_answers", after=last[0], polls=polls)
+            self._last, self._polls, self._said_of = None, 0, ticket
+            if last is not None:
+                log.info("readyz_state_ended", after=last[0], polls=polls)
 
 
 class StartupMigration:
@@ -664,10 +677,11 @@ def _service_routes(processor: WebhookProcessor, migration: StartupMigration | N
                     state["privileges"] = "missing"
             return state
 
+        ticket = said.ticket()
         try:
             state = await to_thread.run_sync(check)
         except StorePrivilegeMissing as exc:  # reached, but a read of the schema version or the probe was refused
-            said.warning("readyz_read_refused", error=str(exc))  # (the cause: what, and the GRANT advice)
+            said.warning(ticket, "readyz_read_refused", error=str(exc))  # (the cause: what, and the GRANT advice)
             state = {"database": "ok", "privileges": "missing",
                      "hint": "the database refused a read this check needs for a privilege the role lacks: "
                              "`clerk-sync doctor` run as this role prints the GRANT statements (the service's log "
@@ -675,7 +689,7 @@ def _service_routes(processor: WebhookProcessor, migration: StartupMigration | N
             return JSONResponse(state, status_code=503)
         except StoreError as exc:
             # The driver's message (host, port, role names) goes to the log, not to whoever asks /readyz.
-            said.warning("readyz_database_down", error=str(exc))
+            said.warning(ticket, "readyz_database_down", error=str(exc))
             state = {"database": "down", "error": "the database did not answer (the service's log says why)"}
             if migration is not None and migration.refused is not None:
                 state["hint"] = migration.refused_hint()
@@ -686,7 +700,7 @@ def _service_routes(processor: WebhookProcessor, migration: StartupMigration | N
         code = (200 if state["migrations_current"] and not waiting and "privileges" not in state
                 and state["database"] == "ok" else 503)
         if state["database"] == _READ_ONLY:
-            said.warning("readyz_database_read_only")
+            said.warning(ticket, "readyz_database_read_only")
             state["hint"] = "DATABASE_URL points at a standby or a read-only role: deliveries cannot be written"
         elif state.get("privileges") == "unknown":
             state["hint"] = ("the database has not answered the privileges probe yet (the service's log says more: "
@@ -701,7 +715,7 @@ def _service_routes(processor: WebhookProcessor, migration: StartupMigration | N
                 pending = migration is not None and not migration.done
                 state["hint"] = "migrating in the background" if pending else "run `clerk-sync migrate`"
         if state["database"] == "ok":
-            said.ended()  # (the database answers again: a state that begins anew is logged anew)
+            said.ended(ticket)  # (the database answers again: a state that begins anew is logged anew)
         return JSONResponse(state, status_code=code)
 
     async def metrics(_: Request) -> Response:

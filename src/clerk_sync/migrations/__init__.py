@@ -221,6 +221,8 @@ def refuse_untrusted_trigger_creation(conn: Connection, start: str | None,
         conn.exec_driver_sql(f"CREATE TRIGGER {_TRIGGER_PROBE} BEFORE INSERT ON {_NO_SUCH_TABLE} FOR EACH ROW "
                              "SET @clerk_sync_probe = 1")
     except sa.exc.DBAPIError as exc:
+        if exc.connection_invalidated:  # the connection lost: that, not a step's failure
+            raise
         if not is_binlog_trigger_refusal(exc.orig):
             return  # 1146, the table missing: allowed (any other refusal is the steps' own to report)
         which = f"migrations {', '.join(steps)} create" if steps else "the migrations create"
