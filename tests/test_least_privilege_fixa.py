@@ -260,4 +260,42 @@ def test_a_poll_after_a_failed_probe_says_nothing_slow() -> None:
     with pytest.raises(StoreError):
         privileges.missing(False)  # the verdict old: probed again, and the database is down
     now[0] += 61.0
-    _poll_meeting_a_probe_just_begun_says_nothing_slow(privileges)
+    privileges._asking.acquire()  # poll A: the next probe, its start not recorded yet
+    try:
+        with structlog.testing.capture_logs() as logs, pytest.raises(StoreError):
+            privileges.missing(False)  # poll B: the last probe's answer (down), not the verdict from before it
+    finally:
+        privileges._asking.release()
+    assert not [e for e in logs if e["event"] == "readyz_privilege_probe_slow"], logs
+
+
+def test_a_poll_meeting_the_probe_after_a_failed_one_says_the_failure_not_the_verdict_before_it() -> None:
+    """A failover made the database a standby: the probe failed read-only, and a poll meeting the next probe answered
+    the verdict from before the failover (granted: /readyz 200 from a read-only database), every two polls at once."""
+    from types import SimpleNamespace
+
+    from clerk_sync.errors import StoreError
+    from clerk_sync.integrations.starlette import _RolePrivileges
+
+    read_only = StoreError("database error: ReadOnlySqlTransaction: cannot execute INSERT in a read-only transaction")
+    answers: list[Any] = [read_only]
+
+    def connect() -> Any:
+        raise answers[0]
+
+    now = [1000.0]
+    store = SimpleNamespace(engine=SimpleNamespace(dialect=SimpleNamespace(name="postgresql")), connect=connect)
+    privileges = _RolePrivileges(store, ttl_s=60.0)  # type: ignore[arg-type]
+    privileges.clock = lambda: now[0]  # type: ignore[method-assign]
+    privileges._verdicts[False] = (now[0], [], [])  # granted, before the failover
+    now[0] += 61.0
+    with pytest.raises(StoreError) as first:
+        privileges.missing(False)  # the probe: read-only
+    assert first.value is read_only
+    privileges._asking.acquire()  # poll A: the next probe under way
+    try:
+        with pytest.raises(StoreError) as met:
+            privileges.missing(False)  # poll B
+    finally:
+        privileges._asking.release()
+    assert met.value is read_only

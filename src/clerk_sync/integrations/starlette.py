@@ -572,6 +572,10 @@ class _RolePrivileges:
         self._probes = 0  # probes started (under _asking): which one a slow-probe line was said of
         self._slow_said = -1
         self._probe_started: float | None = None  # (clock) when the probe under way began; None: none under way
+        # The last probe's failure (a standby after a failover, a read refused, the database down), until a probe
+        # answers: a poll meeting the next probe says it again rather than the verdict from before it (a 200 from
+        # a read-only database, and the log's state flapping with every two polls at once).
+        self._failed: BaseException | None = None
 
     def missing(self, dispatches: bool = False) -> tuple[list[str], list[str]] | None:
         """(what is missing, the GRANT statements that give it); both empty when granted; None when a probe under
@@ -592,6 +596,9 @@ class _RolePrivileges:
             self._asking.release()
 
     def _while_probing(self, dispatches: bool) -> tuple[list[str], list[str]] | None:
+        failed = self._failed
+        if failed is not None:
+            raise failed
         kept = self._verdicts.get(dispatches)
         # A probe start no later than the verdict is the verdict's own probe, and none (the last one ended, answered
         # or failed) is none under way: the poll holding the lock has not recorded its start yet, so it has just
@@ -622,8 +629,12 @@ class _RolePrivileges:
             with self.store.connect() as conn:
                 found = missing_privileges(conn, self.store.mapping,
                                            frozenset({DELIVERIES, DISPATCHER} if dispatches else {DELIVERIES}))
+        except Exception as exc:
+            self._failed = exc
+            raise
         finally:
             self._probe_started = None  # (a failed probe is not one under way: its start said "slow" a TTL later)
+        self._failed = None
         self._verdicts[dispatches] = (now, found.needed, found.grants)
         said = tuple(found.needed)
         if said != self._said.get(dispatches, ()):  # the log says what, and the GRANTs (not for the asker)
