@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -174,15 +174,29 @@ def is_binlog_trigger_refusal(orig: object) -> bool:
     return _mysql_errno(orig) == 1419
 
 
-def privilege_refusal(exc: BaseException) -> sa.exc.DBAPIError | None:
-    """The privilege refusal (:func:`is_insufficient_privilege`) in ``exc``'s chain, as :func:`passing_cause` reads
-    it, or None. Not passing by itself: a mapped write's caller asks whether the role really lacks a privilege."""
+def _in_chain(exc: BaseException, test: Callable[[object], bool]) -> sa.exc.DBAPIError | None:
+    """The first driver error in ``exc``'s chain (``__cause__``, else ``__context__``) whose ``orig`` passes
+    ``test``, or None."""
     seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, sa.exc.DBAPIError) and is_insufficient_privilege(seen.orig):
+    walked: set[int] = set()
+    while seen is not None and id(seen) not in walked:  # (a chain can loop back on itself)
+        walked.add(id(seen))
+        if isinstance(seen, sa.exc.DBAPIError) and test(seen.orig):
             return seen
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+def privilege_refusal(exc: BaseException) -> sa.exc.DBAPIError | None:
+    """The privilege refusal (:func:`is_insufficient_privilege`) in ``exc``'s chain, as :func:`passing_cause` reads
+    it, or None. Not passing by itself: a mapped write's caller asks whether the role really lacks a privilege."""
+    return _in_chain(exc, is_insufficient_privilege)
+
+
+def binlog_trigger_refusal(exc: BaseException) -> sa.exc.DBAPIError | None:
+    """A migration step's CREATE TRIGGER refused for binary logging (:func:`is_binlog_trigger_refusal`) in ``exc``'s
+    chain, or None: no retry helps until someone changes the server's setting."""
+    return _in_chain(exc, is_binlog_trigger_refusal)
 
 
 # PgBouncer in transaction mode: it refuses libpq's `options` (clerk-sync's timeouts), and psycopg's prepared

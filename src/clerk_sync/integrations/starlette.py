@@ -30,7 +30,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 
 from clerk_sync import migrations
-from clerk_sync._db_errors import is_binlog_trigger_refusal, privilege_refusal, store_error
+from clerk_sync._db_errors import binlog_trigger_refusal, privilege_refusal, store_error
 from clerk_sync.config import Settings
 from clerk_sync.engine import DeliveryStatus
 from clerk_sync.errors import (
@@ -494,7 +494,7 @@ def _refused(exc: BaseException) -> str | None:
     release migrated (its ConfigError says what to do), or a refusal for a privilege (what, and whose job it is)."""
     if isinstance(exc, ConfigError):
         return str(exc)
-    if isinstance(exc, StoreError) and _binlog_refusal(exc):  # the server's setting, changed since its probe
+    if isinstance(exc, StoreError) and binlog_trigger_refusal(exc):  # the server's setting, changed since its probe
         return f"the start-up migration: {' '.join(str(exc).split())}"
     denied = privilege_refusal(exc)
     if denied is None or not isinstance(store_error(denied), StorePrivilegeMissing):
@@ -508,19 +508,6 @@ def _refused(exc: BaseException) -> str | None:
             f"{database_message(orig)}): this role may not change the schema, and no retry grants it. Run "
             f"`clerk-sync migrate` as the role that owns the tables{_START_WITHOUT} (RUNBOOK, \"Least-privilege "
             "database roles\")")
-
-
-def _binlog_refusal(exc: BaseException) -> bool:
-    """A step refused CREATE TRIGGER for binary logging (1419; the probe before the upgrade found it allowed): no
-    retry helps until someone changes the server's setting."""
-    seen: BaseException | None = exc
-    walked: set[int] = set()
-    while seen is not None and id(seen) not in walked:  # (a chain can loop back on itself)
-        walked.add(id(seen))
-        if is_binlog_trigger_refusal(getattr(seen, "orig", None)):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
 
 
 # (the start-up migration is `serve --migrate`'s, or an embedding app's: both ways named)
