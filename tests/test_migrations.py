@@ -103,3 +103,17 @@ def test_a_database_a_newer_release_migrated_is_one_line_saying_what_to_do(tmp_p
     assert result.returncode == 2 and "Traceback" not in out, out
     assert "the database is at migration '0099_from_the_future', which this clerk-sync does not know" in out
     assert f"(its newest is '{migrations.head_revision()}')" in out and "serve --no-migrate" in out
+
+
+@pytest.mark.parametrize(("variables", "refused"), [
+    ({"log_bin": "ON", "wsrep_on": "OFF", "log_bin_trust_function_creators": "OFF"}, True),
+    # a Galera node emulates binary logging with log_bin off, and refuses just the same
+    ({"log_bin": "OFF", "wsrep_on": "ON", "log_bin_trust_function_creators": "OFF"}, True),
+    ({"log_bin": "ON", "log_bin_trust_function_creators": "OFF"}, True),  # MySQL: no wsrep_on at all
+    ({"log_bin": "ON", "wsrep_on": "ON", "log_bin_trust_function_creators": "ON"}, False),
+    ({"log_bin": "OFF", "wsrep_on": "OFF", "log_bin_trust_function_creators": "OFF"}, False),
+    ({"log_bin": "OFF", "log_bin_trust_function_creators": "OFF"}, False),
+])
+def test_doctor_reads_a_galera_node_as_refusing_untrusted_triggers_like_binary_logging(
+        variables: dict[str, str], refused: bool) -> None:
+    assert migrations.refuses_untrusted_triggers(variables) is refused

@@ -258,3 +258,23 @@ def test_a_database_a_newer_release_migrated_is_said_so_and_relative_downgrades_
             migrations.upgrade(engine)
     finally:
         engine.dispose()
+
+
+def test_the_steps_doctor_warns_of_follow_the_servers_variables(binlog_server: str, fresh: str) -> None:
+    """``doctor``'s read (``SHOW VARIABLES``, which a server without wsrep answers too): the trigger steps on this
+    binary-logging server while it does not trust creators, none once it does, none on the shared server."""
+    app = sa.create_engine(fresh)
+    try:
+        with app.connect() as conn:
+            assert migrations.untrusted_trigger_steps(conn, None, "heads") == ["0004", "0013", "0014"]
+            _admin(binlog_server, "SET GLOBAL log_bin_trust_function_creators = 1")
+            assert migrations.untrusted_trigger_steps(conn, None, "heads") == []
+    finally:
+        app.dispose()
+    shared = sa.create_engine(MYSQL_URL)
+    try:
+        with shared.connect() as conn:
+            assert conn.exec_driver_sql("SELECT @@log_bin").scalar() == 0, "the shared server logs binary now"
+            assert migrations.untrusted_trigger_steps(conn, None, "heads") == []
+    finally:
+        shared.dispose()

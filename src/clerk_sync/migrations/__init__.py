@@ -13,7 +13,7 @@ import functools
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -190,13 +190,27 @@ def _trigger_steps(start: str | None, destination: str | tuple[str, ...] | None)
 def untrusted_trigger_steps(conn: Connection, start: str | None,
                             destination: str | tuple[str, ...] | None) -> list[str]:
     """``doctor``'s question: the steps from ``start`` to ``destination`` that create triggers, when this
-    MySQL/MariaDB server logs binary and does not trust routine creators (only a role with SUPER may then create
-    them); [] otherwise. Reads two server variables, writes nothing."""
+    MySQL/MariaDB server logs binary (or is a Galera node) and does not trust routine creators (only a role with
+    SUPER may then create them); [] otherwise. Reads three server variables, writes nothing."""
     steps = _trigger_steps(start, destination)
     if not steps:
         return []
-    binlog, trusted = conn.exec_driver_sql("SELECT @@log_bin, @@log_bin_trust_function_creators").one()
-    return [] if not binlog or trusted else steps
+    names = ", ".join(f"'{name}'" for name in _BINLOG_VARIABLES)  # (SHOW: a server without wsrep lacks it)
+    variables: dict[str, str] = dict(conn.exec_driver_sql(f"SHOW VARIABLES WHERE Variable_name IN ({names})").all())
+    return steps if refuses_untrusted_triggers(variables) else []
+
+
+_BINLOG_VARIABLES = ("log_bin", "wsrep_on", "log_bin_trust_function_creators")
+
+
+def refuses_untrusted_triggers(variables: Mapping[str, str]) -> bool:
+    """Whether a server with these variables (``SHOW VARIABLES``: ``ON``/``OFF``) refuses CREATE TRIGGER to a role
+    without SUPER: binary logging on, or a Galera node (``wsrep_on``, which emulates it with ``log_bin`` off), and
+    routine creators not trusted. A variable the server lacks is off."""
+    def on(name: str) -> bool:
+        return str(variables.get(name, "OFF")).upper() in ("ON", "1")
+
+    return (on("log_bin") or on("wsrep_on")) and not on("log_bin_trust_function_creators")
 
 
 def refuse_untrusted_trigger_creation(conn: Connection, start: str | None,
