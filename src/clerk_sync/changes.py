@@ -17,6 +17,7 @@ transaction that stores the delivery (:meth:`clerk_sync.outbox.Outbox.record_eve
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
@@ -187,6 +188,11 @@ class Hook:
                              f"seconds more than 0, not {self.timeout_s!r}")
         if isinstance(self.on, str) or isinstance(self.fields, str):
             raise TypeError(f"hook {self.name!r}: 'on' and 'fields' take a list, e.g. on=['user.created']")
+        if is_async_callable(self.handler):
+            raise TypeError(f"hook {self.name!r}: its handler is an async function, which the dispatcher would "
+                            "call and never await (the job marked done, nothing sent): hooks run in the "
+                            "dispatcher's own thread, not in an event loop; pass a plain function, e.g. "
+                            "handler=lambda change: asyncio.run(send_welcome(change))")
         known = {f"{p}.{k}" for p in _PREFIX.values() for k in ("created", "updated", "deleted")}
         known |= {f"{p}.*" for p in _PREFIX.values()} | {"*"} | EVENT_TYPES | _EVENT_FAMILIES
         unknown = sorted(set(self.on) - known)
@@ -221,6 +227,14 @@ class Hook:
         if not ({"*", kind, kind.rpartition(".")[0] + ".*"} & set(self.on)):
             return False
         return change.kind != "updated" or not self.fields or any(change.changed(f) for f in self.fields)
+
+
+def is_async_callable(handler: object) -> bool:
+    """Whether calling ``handler`` only makes a coroutine or an async generator (an ``async def``, a partial of
+    one, an object whose ``__call__`` is one): work that runs only when awaited."""
+    call = inspect.getattr_static(type(handler), "__call__", None) if not inspect.isroutine(handler) else None
+    return any(inspect.iscoroutinefunction(f) or inspect.isasyncgenfunction(f) for f in (handler, call)
+               if f is not None)
 
 
 def describe(entity: Entity, clerk_id: str, version: int, before: JSON | None, after: JSON | None) -> Change | None:

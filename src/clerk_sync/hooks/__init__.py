@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import inspect
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 import structlog
@@ -596,7 +597,7 @@ class Dispatcher:
             self._running = (job, self._now())
             try:
                 if timeout_s is None:
-                    handler(job.change)
+                    _call_handler(handler, job.change)
                 else:
                     run = _Run(job, handler, self._running[1])
                     if not run.wait(timeout_s):
@@ -726,6 +727,18 @@ class Dispatcher:
                 self._stop.wait(pause)
 
 
+def _call_handler(handler: _Call, item: Change | Event) -> None:
+    """Run ``handler`` on ``item``; a TypeError (the job's failure, its last error) when it handed back an
+    awaitable, whose work never ran (a handler object :class:`Hook` could not tell was async)."""
+    result = cast("Callable[[Any], object]", handler)(item)  # (typed None; an async one hands back more)
+    if inspect.isawaitable(result):
+        if inspect.iscoroutine(result):
+            result.close()  # (no "never awaited" warning: the error says it)
+        raise TypeError(f"the handler returned {type(result).__name__} (an async handler?), which the dispatcher "
+                        "does not await, so its work did not run: hooks run in the dispatcher's thread; make it a "
+                        "plain function (e.g. one calling asyncio.run)")
+
+
 class _Run:
     """One run of a handler whose hook has a ``timeout_s``, in a daemon thread of its own (with the context
     variables of the dispatcher's thread, as an inline run has them). A thread cannot be stopped from
@@ -746,7 +759,7 @@ class _Run:
     def _call(self, handler: _Call) -> None:
         started = time.perf_counter()
         try:
-            handler(self.job.change)
+            _call_handler(handler, self.job.change)
         except BaseException as exc:  # the job's failure, recorded by the dispatcher's thread
             self.error = exc
         finally:
