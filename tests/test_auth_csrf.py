@@ -179,3 +179,32 @@ def test_the_starlette_backend_refuses_a_cross_site_cookie_post(harness: Harness
         assert (r.status_code, r.text) == (400, "cross_site_request")  # Starlette's on_error answer
         assert client.post("/", headers={**cookie, "Origin": AZP}).text == "user_c"
         assert client.get("/", headers={**cookie, "Origin": EVIL}).text == "user_c"
+
+
+def test_flask_refuses_a_cookie_websocket_handshake_from_another_origin(harness: Harness, db_url: str) -> None:
+    """As ASGI's faces do: a handshake is a GET, which the POST rule lets through, so a page on another site
+    could open the socket with the visitor's cookie (cross-site websocket hijacking). flask-sock and
+    simple-websocket serve handshakes through Flask's routing (a ``websocket=True`` rule) and its guards."""
+    served: list[str] = []
+    app = flask_app(db_url, served, CLERK_AUTHORIZED_PARTIES=AZP)
+
+    @app.route("/socket", websocket=True)
+    @clerk_login_required
+    def socket() -> dict[str, Any]:  # where flask-sock would upgrade the connection
+        served.append(current_clerk.user_id)
+        return {"user": current_clerk.user_id}
+
+    handshake = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+                 "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+    cookie = {"Cookie": f"__session={token('user_c')}"}
+    with running_wsgi(app) as url, httpx.Client(base_url=url) as client:
+        r = client.get("/socket", headers={**handshake, **cookie, "Origin": EVIL})
+        assert (r.status_code, r.json()["error"]) == (403, "cross_site_request"), r.text
+        assert "WEBSOCKET" in r.json()["message"] and EVIL in r.json()["message"]
+        assert served == []
+        assert client.get("/socket", headers={**handshake, **cookie, "Origin": AZP}).json() == {"user": "user_c"}
+        # Bearer: no ambient credential; no Origin: no browser sent it (as the ASGI faces judge both)
+        assert client.get("/socket", headers={**handshake, **bearer(token("user_c")), "Origin": EVIL}).status_code == 200
+        assert client.get("/socket", headers={**handshake, **cookie}).status_code == 200
+    app.extensions["clerk_sync"].close()
+    assert served == ["user_c", "user_c", "user_c"]

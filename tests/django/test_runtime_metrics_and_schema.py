@@ -98,3 +98,14 @@ def test_under_djangos_test_environment_the_test_database_wins_over_the_environm
                 assert clerk_settings(env).database_url == "sqlite:///chosen.db"
         finally:
             teardown_test_environment()
+
+
+def test_the_processors_metrics_carry_the_databases_freshness_series(db_url: str) -> None:
+    """What ``serve`` exposes on ``/metrics`` (database up, schema current, hook jobs), read at scrape time: an
+    app rendering ``processor.metrics`` had none of them, so ClerkSyncDatabaseDown and the schema alerts could
+    never fire for a Django app receiving its own webhooks."""
+    with EmulatorServer() as clerk, django_database(db_url), override_settings(CLERK_SYNC=emulator_settings(clerk)):
+        text = get_clerk_sync().processor.metrics.render().decode()
+    assert _sample(text, "clerk_sync_database_up") == 1
+    assert _sample(text, "clerk_sync_schema_current") == 1
+    assert "clerk_sync_hook_jobs" in text

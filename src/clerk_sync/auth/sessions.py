@@ -52,6 +52,7 @@ __all__ = [
     "RevocationCheck",
     "SessionVerifier",
     "check_request_origin",
+    "check_websocket_origin",
     "is_cors_preflight",
     "is_public_path",
     "token_from_request",
@@ -157,6 +158,26 @@ def is_cors_preflight(method: str | None, access_control_request_method: str | N
     only where no view code answers it (Flask's automatic OPTIONS); ASGI's
     :class:`~clerk_sync.integrations.asgi.ClerkAuthMiddleware` refuses it, saying where the CORS layer goes."""
     return method == "OPTIONS" and bool(access_control_request_method)
+
+
+def is_session_cookie(name: str) -> bool:
+    """Whether a cookie of this name carries a Clerk session: ``__session`` or ``__session_<suffix>``."""
+    return name == "__session" or name.startswith("__session_")
+
+
+def check_websocket_origin(headers: Mapping[str, str], cookies: Mapping[str, str], *, scheme: str,
+                           authorized_parties: frozenset[str] | None) -> None:
+    """A websocket handshake riding on the ``__session`` cookie must come from an authorized origin
+    (``CLERK_AUTHORIZED_PARTIES``), or without that list from the site's own, as a cookie POST must
+    (:func:`check_request_origin`): browsers send cookies with cross-site websocket handshakes (a GET, which the
+    POST rule lets through), and ``azp`` only says which origin the token was minted for, not which page opened
+    the socket. Bearer handshakes carry no ambient credential; a handshake without ``Origin`` comes from no
+    browser. ``scheme``: the request's (``ws``/``wss`` or ``http``/``https``). Raises :class:`CrossSiteRequest`;
+    a handshake with no session cookie is left to the session check (an anonymous socket is no one's)."""
+    if "origin" not in headers or not any(is_session_cookie(name) for name in cookies):
+        return
+    check_request_origin("WEBSOCKET", headers, scheme="https" if scheme in ("wss", "https") else "http",
+                         authorized_parties=authorized_parties)
 
 
 def check_request_origin(method: str, headers: Mapping[str, str], *, scheme: str | None,

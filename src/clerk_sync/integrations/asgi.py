@@ -16,7 +16,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from clerk_sync.auth.authenticator import Authenticator
 from clerk_sync.auth.claims import Auth
-from clerk_sync.auth.sessions import check_request_origin, is_cors_preflight, is_public_path
+from clerk_sync.auth.sessions import (
+    check_websocket_origin,
+    is_cors_preflight,
+    is_public_path,
+    is_session_cookie,
+)
 from clerk_sync.errors import (
     AccessDenied,
     ClerkSyncError,
@@ -277,17 +282,8 @@ def refusal_of(scope: Scope, authenticator: Authenticator) -> Exception | None:
 
 def _check_websocket_origin(headers: Mapping[str, str], cookies: Mapping[str, str], scheme: str,
                             authenticator: Authenticator) -> None:
-    """A websocket handshake riding on the ``__session`` cookie must come from an authorized origin
-    (``CLERK_AUTHORIZED_PARTIES``), or without that list from the site's own, as a cookie POST must
-    (:func:`check_request_origin`): browsers send cookies with cross-site websocket handshakes, and
-    ``azp`` only says which origin the token was minted for, not which page opened the socket. Bearer
-    handshakes carry no ambient credential; a handshake without ``Origin`` comes from no browser.
-    Raises :class:`CrossSiteRequest`; a handshake with no session cookie is left to the session check (an
-    anonymous socket is no one's)."""
-    if "origin" not in headers or not any(_is_session_cookie(name) for name in cookies):
-        return
-    check_request_origin("WEBSOCKET", headers, scheme="https" if scheme in ("wss", "https") else "http",
-                         authorized_parties=authenticator.verifier.claims.authorized_parties)
+    check_websocket_origin(headers, cookies, scheme=scheme,
+                           authorized_parties=authenticator.verifier.claims.authorized_parties)
 
 
 def _is_browser_preflight(method: str, headers: Mapping[str, str]) -> bool:
@@ -297,7 +293,7 @@ def _is_browser_preflight(method: str, headers: Mapping[str, str]) -> bool:
     request."""
     if not (is_cors_preflight(method, headers.get("access-control-request-method")) and "origin" in headers):
         return False
-    return "authorization" not in headers and not any(_is_session_cookie(name) for name in _cookies(headers))
+    return "authorization" not in headers and not any(is_session_cookie(name) for name in _cookies(headers))
 
 
 _PREFLIGHT_REFUSED = ("a CORS preflight reached ClerkAuthMiddleware: browsers send no session on a preflight, so "
@@ -336,13 +332,9 @@ def _without_session_cookies(headers: Iterable[tuple[bytes, bytes]]) -> list[tup
     for key, value in headers:
         if key.lower() == b"cookie":
             pairs = [p for p in value.split(b";")
-                     if not _is_session_cookie(p.split(b"=", 1)[0].strip().decode("latin-1"))]
+                     if not is_session_cookie(p.split(b"=", 1)[0].strip().decode("latin-1"))]
             if not pairs:
                 continue
             value = b";".join(pairs).strip()
         kept.append((key, value))
     return kept
-
-
-def _is_session_cookie(name: str) -> bool:
-    return name == "__session" or name.startswith("__session_")

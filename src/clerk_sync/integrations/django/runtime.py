@@ -31,6 +31,7 @@ from clerk_sync.clerk_api import AsyncClerkClient, CircuitBreaker, ClerkClient
 from clerk_sync.clerk_api.ratelimit import Budget, budget_from_settings
 from clerk_sync.config import Settings
 from clerk_sync.errors import ConfigError, StoreError
+from clerk_sync.freshness import database_probe
 from clerk_sync.ingest import WebhookProcessor
 from clerk_sync.integrations.django.conf import DjangoOptions, clerk_settings, django_options
 from clerk_sync.integrations.starlette import build_processor
@@ -111,6 +112,8 @@ class ClerkSync:
         """Raises ConfigError (naming the variable) when the webhook secret is missing or malformed."""
         processor = build_processor(self.settings, self.store)
         processor.metrics = self.metrics  # one registry for the process: the Clerk clients' and JIT's series too
+        # the freshness series (database up, schema current, lag, hook jobs), read at scrape time, as serve's
+        processor.metrics.watch_database(database_probe(processor.store))
         return processor
 
     @_built_once

@@ -36,7 +36,7 @@ from werkzeug.routing.exceptions import NoMatch
 from clerk_sync.auth.admin import AdminActions
 from clerk_sync.auth.authenticator import Authenticator
 from clerk_sync.auth.claims import Auth
-from clerk_sync.auth.sessions import is_cors_preflight
+from clerk_sync.auth.sessions import check_websocket_origin, is_cors_preflight
 from clerk_sync.auth.users import AuthUser, JitUsers
 from clerk_sync.config import Settings
 from clerk_sync.errors import AccessDenied, ClerkAPIError, ClerkSyncError, ConfigError, StoreError, TokenError
@@ -240,6 +240,9 @@ def _current_auth() -> Auth:
         headers = {k.lower(): v for k, v in request.headers.items()}
         authenticator = _authenticator(state)
         try:
+            if _is_websocket_handshake(headers):  # a GET the POST rule lets through: its origin checked as ASGI's
+                check_websocket_origin(headers, request.cookies, scheme=request.scheme,
+                                       authorized_parties=authenticator.verifier.claims.authorized_parties)
             auth = authenticator.authenticate(headers, request.cookies, method=request.method, scheme=request.scheme)
         except ClerkSyncError as exc:  # one verdict a request, counted once in clerk_sync_auth_refused_total
             cache["refused"] = exc
@@ -248,6 +251,12 @@ def _current_auth() -> Auth:
             authenticator.audit_impersonated_request(auth, request.method, request.path, request.remote_addr)
         _cached()["auth"] = auth
     return auth
+
+
+def _is_websocket_handshake(headers: Mapping[str, str]) -> bool:
+    """A websocket opening handshake (RFC 6455: ``Upgrade: websocket``), as flask-sock and simple-websocket serve
+    them through Flask's routing and its ``before_request`` hooks."""
+    return any(token.strip().lower() == "websocket" for token in headers.get("upgrade", "").split(","))
 
 
 def _standing_auth() -> Auth:

@@ -15,6 +15,7 @@ from clerk_sync.auth.users import JitUsers
 from clerk_sync.clerk_api import ClerkClient
 from clerk_sync.config import Settings
 from clerk_sync.errors import ClerkSyncError, ConfigError
+from clerk_sync.freshness import database_probe
 from clerk_sync.integrations.flask._cli import clerk_sync_cli
 from clerk_sync.integrations.flask._core import (
     EXTENSION_KEY,
@@ -146,6 +147,9 @@ class ClerkSync:
         closers: list[Callable[[], None]] = [] if given is not None else [store.dispose]
         if processor is not None:
             closers.append(processor.flush_summary)  # the deliveries since the last summary line
+            # the freshness series (database up, schema current, lag, hook jobs), read at scrape time, as serve's:
+            # without them ClerkSyncDatabaseDown and the schema alerts cannot fire for an app receiving its webhooks
+            processor.metrics.watch_database(database_probe(store))
         # The processor's metrics (what an app's /metrics renders): Clerk API calls, 429s, the circuit breaker,
         # the budget, JIT fetches and the authenticator's outcomes are counted there too. Without a webhook route
         # (nor its secret) there is no processor.
