@@ -1,10 +1,13 @@
-"""A JWKS fetch keeps to ``fetch_timeout_s`` as a whole.
+"""A JWKS fetch keeps to ``fetch_timeout_s`` as a whole, and a ``CLERK_JWKS_URL`` read with a line break works.
 
 Review (finding 1): the fetch passed ``fetch_timeout_s`` to httpx, which bounds each socket read on its own, so a
 JWKS answer dripping a byte every few seconds held the fetch, the key source's lock and every request waiting on
 it for minutes (``fetch_timeout_s=5``: 8 async requests at start-up still waiting after 25 s). The whole fetch,
 connect to the body's last byte, ends by ``fetch_timeout_s`` now, and a body of more than 1 MiB is refused; both
-are the JWKS-unavailable 503 a connect failure gives.
+are the JWKS-unavailable 503 a connect failure gives. Finding 2: ``CLERK_JWKS_URL`` was checked stripped but kept
+as given, so one read from a file (``...jwks.json\\n``, a Kubernetes secret) passed the settings and then every
+authenticated request was a 500 (httpx's ``InvalidURL``, which the fetch did not catch): the settings keep it
+stripped now, and a URL httpx refuses is the same 503.
 
 The slow JWKS is a raw socket on loopback (what it sends is exactly what the test says, byte by byte); the others
 are real HTTP servers on loopback.
@@ -19,21 +22,31 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from fastapi import Depends, FastAPI
 from jwt.algorithms import RSAAlgorithm
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from clerk_sync.auth.claims import ClaimsValidator
+from clerk_sync import migrations
+from clerk_sync.auth.authenticator import Authenticator, DenyList
+from clerk_sync.auth.claims import Auth, ClaimsValidator
 from clerk_sync.auth.jwks import JWKSKeySource
-from clerk_sync.auth.sessions import SessionVerifier
+from clerk_sync.auth.sessions import SessionVerifier, verifier_from_settings
+from clerk_sync.cli.doctor import run_checks
+from clerk_sync.config import Settings
 from clerk_sync.errors import TokenKeysUnavailable
+from clerk_sync.integrations.fastapi import ClerkAuth
+from clerk_sync.store import create_engine
+from tests import factories as f
 from tests._server import running
-from tests.test_auth import AZP, token
+from tests.test_auth import AZP, Harness, token
 from tests.test_sessions import ISS, KEY
 
 TIMEOUT_S = 0.5
@@ -186,3 +199,74 @@ def test_a_jwks_of_more_than_1_mib_is_refused(how: str) -> None:
     assert f"{base}/{how}/jwks.json answered a body of more than 1 MiB, the most read" in str(caught.value)
     assert "CLERK_JWKS_URL should name the instance's JWKS" in str(caught.value)
     assert source.fetches == 1
+
+
+@pytest.mark.parametrize("around", ["{}\n", " {}", "{} ", "\t{}\r\n"])
+def test_clerk_jwks_url_is_kept_without_the_space_around_it(around: str) -> None:
+    url = "https://clerk.example.com/.well-known/jwks.json"
+    settings = Settings.from_env({"DATABASE_URL": "sqlite://", "CLERK_JWKS_URL": around.format(url)})
+    assert settings.clerk_jwks_url == url
+    keys = verifier_from_settings(settings, http=httpx.Client()).keys
+    assert isinstance(keys, JWKSKeySource) and keys.url == url
+
+
+def _harness(tmp_path: Path) -> Harness:
+    url = f"sqlite:///{tmp_path / 'jwks_url.db'}"
+    engine = create_engine(url)
+    migrations.upgrade(engine)
+    engine.dispose()
+    return Harness(url)
+
+
+def _app(auth: Authenticator) -> FastAPI:
+    clerk = ClerkAuth(auth)
+    app = FastAPI()
+    clerk.install(app, public_paths={"/"})
+
+    @app.get("/me")
+    async def me(who: Auth = Depends(clerk.current_auth)) -> dict[str, Any]:
+        return {"user": who.user_id}
+
+    return app
+
+
+def test_a_jwks_url_read_from_a_file_with_its_line_break_verifies_sessions(tmp_path: Path) -> None:
+    """Was: every authenticated request a 500 (and ``clerk-sync doctor`` a traceback)."""
+    h = _harness(tmp_path)
+    h.event("user.created", f.user("user_a", int(time.time() * 1000)))
+    jwks = Starlette(routes=[Route("/.well-known/jwks.json", lambda _: Response(JWKS, media_type="application/json"))])
+    with running(jwks) as jwks_url, httpx.Client() as http:
+        settings = Settings.from_env({"DATABASE_URL": "sqlite://", "CLERK_ISSUER": ISS, "CLERK_AUTHORIZED_PARTIES": AZP,
+                                      "CLERK_JWKS_URL": f"{jwks_url}/.well-known/jwks.json\n"})
+        auth = Authenticator(verifier_from_settings(settings, http=http), h.store,
+                             deny_list=DenyList(h.store, refresh_s=0))
+        with running(_app(auth)) as url, httpx.Client(base_url=url) as client:
+            answer = client.get("/me", headers={"authorization": f"Bearer {token('user_a')}"})
+    assert (answer.status_code, answer.json()) == (200, {"user": "user_a"})
+    h.store.dispose()
+
+
+def test_doctor_reads_a_jwks_url_with_its_line_break() -> None:
+    """Was: ``clerk-sync doctor`` ended in httpx's ``InvalidURL`` traceback."""
+    jwks = Starlette(routes=[Route("/.well-known/jwks.json", lambda _: Response(JWKS, media_type="application/json"))])
+    with running(jwks) as jwks_url:
+        settings = Settings.from_env({"DATABASE_URL": "sqlite://", "CLERK_JWKS_URL": f"{jwks_url}/.well-known/jwks.json\n"})
+        (line,) = [check for check in run_checks(settings) if check.name == "session keys"]
+    assert line.status in ("ok", "warn") and f"JWKS {jwks_url}/.well-known/jwks.json (1 key(s))" in line.detail, line
+
+
+def test_a_jwks_url_httpx_cannot_fetch_is_a_503_not_a_500(tmp_path: Path) -> None:
+    """A key source given such a URL in code (Settings strips it now) answers as an unreachable JWKS does."""
+    h = _harness(tmp_path)
+    h.event("user.created", f.user("user_a", int(time.time() * 1000)))
+    with httpx.Client() as http:
+        verifier, _ = _verifier("https://clerk.example.com/.well-known/jwks.json\n", http)
+        with pytest.raises(TokenKeysUnavailable) as caught:
+            verifier.verify(token("user_a"))
+        assert "the JWKS URL 'https://clerk.example.com/.well-known/jwks.json\\n' cannot be fetched" in str(caught.value)
+        assert "set CLERK_JWKS_URL again, without spaces or line breaks" in str(caught.value)
+        auth = Authenticator(verifier, h.store, deny_list=DenyList(h.store, refresh_s=0))
+        with running(_app(auth)) as url, httpx.Client(base_url=url) as client:
+            answer = client.get("/me", headers={"authorization": f"Bearer {token('user_a')}"})
+    assert answer.status_code == 503, answer.text
+    h.store.dispose()

@@ -277,6 +277,9 @@ class JWKSKeySource:
                 body = _read_body(response, deadline) if refusal is None else b""
         except (httpx.LocalProtocolError, UnicodeEncodeError):  # never sent; the error's text quotes the header
             unsendable = True
+        except httpx.InvalidURL as exc:  # (not an HTTPError: a URL httpx refuses to send, a newline in it)
+            return self._failed("unreachable", f"the JWKS URL {self.url!r} cannot be fetched ({exc}): set "
+                                f"{self._url_setting} again, without spaces or line breaks", exc)
         except (httpx.HTTPError, ValueError) as exc:  # (ValueError: a URL or header httpx refuses to build)
             return self._failed("unreachable", self._unreachable(exc), exc)
         if unsendable:  # raised here, outside the handler: no context, so no trace of the key in a traceback
