@@ -99,7 +99,8 @@ def test_no_connection_names_the_url_and_what_to_check(clerk: EmulatorServer,
 
 
 @pytest.mark.parametrize(("answer", "said"), [
-    (httpx.ReadTimeout("timed out"), "got no answer within 5 s: check CLERK_API_URL and the network"),
+    (httpx.ReadTimeout("timed out"), "got no full answer within its total time of 5 s (fetch_timeout_s: connecting, "
+                                     "the answer and its body): check CLERK_API_URL and the network"),
     (httpx.Response(503, text="down"), "answered 503: Clerk is unavailable, retry later"),
     (httpx.Response(200, text="<html>"), "answered 200 but not with JSON: CLERK_API_URL should name the instance's"),
     (httpx.Response(301, headers={"location": "https://elsewhere.example/jwks"}),

@@ -413,11 +413,13 @@ class Settings(BaseSettings):
     @field_validator("clerk_jwks_url")
     @classmethod
     def _jwks_http_url(cls, value: str | None) -> str | None:
-        if value is not None:
-            _require_http_url(value.strip(), "no key could be fetched, so no session token would verify; like "
-                              "https://clerk.example.com/.well-known/jwks.json (or unset it: CLERK_SECRET_KEY fetches "
-                              "them)")
-        return value
+        # Kept stripped, as checked: one read from a file (a Kubernetes secret) ends with a line break, which
+        # httpx refuses in a URL (every authenticated request was a 500).
+        if value is None:
+            return None
+        return _require_http_url(value.strip(), "no key could be fetched, so no session token would verify; like "
+                                 "https://clerk.example.com/.well-known/jwks.json (or unset it: CLERK_SECRET_KEY "
+                                 "fetches them)")
 
     @field_validator("authorized_parties_raw")
     @classmethod

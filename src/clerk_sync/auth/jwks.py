@@ -16,7 +16,10 @@ default one the app's threaded work shares; during a TTL refresh, an unknown kid
 the keys held. A caller that waited for a fetch takes that fetch's outcome (its keys, or none: 503 at
 once) and does not fetch again, and the floor counts from a fetch's *end*: with the JWKS unreachable,
 requests arriving during a fetch all answer when it fails, and the endpoint is hit once per floor, not
-once per request in a queue each waiting a timeout longer.
+once per request in a queue each waiting a timeout longer. ``fetch_timeout_s`` bounds a fetch as a whole
+(connecting, the answer's headers and its body; :mod:`clerk_sync._http_deadline` cuts each socket wait to what is
+left of it), so a JWKS answer dripping in a byte every few seconds cannot hold the lock, and every request
+waiting on it, for minutes; a body of more than 1 MiB is refused.
 
 While no key is loaded at all (the JWKS unreachable since start-up, or empty), every token is refused
 with :class:`~clerk_sync.errors.TokenKeysUnavailable` (503, retry), not only the one whose fetch
@@ -25,6 +28,7 @@ failed: a 401 in between would tell front ends their users are signed out during
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import deque
@@ -37,11 +41,14 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from jwt import PyJWK
 from jwt.exceptions import PyJWKError
 
+from clerk_sync._http_deadline import attempt_until, install
 from clerk_sync._limits import show
 from clerk_sync.errors import ConfigError, TokenKeysUnavailable, TokenKeyUnknown
 from clerk_sync.metrics import Metrics
 
 __all__ = ["JWKSKeySource", "KeySource", "NeedsFetch", "StaticKeySource"]
+
+_MAX_JWKS_BYTES = 1024 * 1024  # 1 MiB, the most of a JWKS answer read: Clerk's is a few KB, more is not held
 
 
 class NeedsFetch(Exception):
@@ -88,7 +95,9 @@ class JWKSKeySource:
     """Keys by kid from a JWKS URL, cached ``ttl_s``.
 
     An unknown kid refetches when the last fetch is ``min_refetch_s`` old, unless ``misses_per_cooldown``
-    unknown kids missed within the last ``cooldown_s`` (see the module docstring). ``metrics``: each fetch's
+    unknown kids missed within the last ``cooldown_s`` (see the module docstring). ``fetch_timeout_s`` is a
+    fetch's whole time, from connecting to the body's last byte: the sockets of ``client``'s own transports wait
+    no longer than what is left of it (:func:`clerk_sync._http_deadline.install`). ``metrics``: each fetch's
     outcome counts in ``clerk_sync_jwks_fetches_total`` (an :class:`~clerk_sync.auth.Authenticator` given
     metrics sets it on its verifier's key source).
     """
@@ -110,6 +119,7 @@ class JWKSKeySource:
         self.url = url
         self.metrics = metrics
         self._client = client
+        install(client)  # its sockets wait no longer than what is left of a fetch's fetch_timeout_s
         self._headers = headers or {}
         # Which setting names the URL: the Backend API's /v1/jwks is fetched with the secret key (from
         # CLERK_API_URL), a CLERK_JWKS_URL is public and fetched without one.
@@ -259,21 +269,30 @@ class JWKSKeySource:
 
     def _fetch_keys(self) -> None:
         unsendable = False
+        deadline = time.monotonic() + self._timeout  # (real time, as the sockets wait it; not the injected clock)
         try:
-            response = self._client.get(self.url, headers=self._headers, timeout=self._timeout)
+            with (attempt_until(deadline),
+                  self._client.stream("GET", self.url, headers=self._headers, timeout=self._timeout) as response):
+                refusal = self._refusal(response)
+                body = _read_body(response, deadline) if refusal is None else b""
         except (httpx.LocalProtocolError, UnicodeEncodeError):  # never sent; the error's text quotes the header
             unsendable = True
+        except httpx.InvalidURL as exc:  # (not an HTTPError: a URL httpx refuses to send, a newline in it)
+            return self._failed("unreachable", f"the JWKS URL {self.url!r} cannot be fetched ({exc}): set "
+                                f"{self._url_setting} again, without spaces or line breaks", exc)
         except (httpx.HTTPError, ValueError) as exc:  # (ValueError: a URL or header httpx refuses to build)
             return self._failed("unreachable", self._unreachable(exc), exc)
         if unsendable:  # raised here, outside the handler: no context, so no trace of the key in a traceback
             return self._failed("unreachable", f"the JWKS fetch could not send its request to {self.url}: a header "
                                 "value holds a character HTTP cannot carry, most likely CLERK_SECRET_KEY (a newline, a "
                                 "space or a non-ASCII character inside it): set it again", None)
-        refusal = self._refusal(response)
         if refusal is not None:
             return self._failed("unavailable" if response.status_code >= 500 else "refused", refusal, None)
+        if body is None:
+            return self._failed("invalid", f"{self.url} answered a body of more than 1 MiB, the most read (a JWKS "
+                                f"is a few KB): {self._url_setting} should name the instance's JWKS", None)
         try:
-            keys = _parse_jwks(response.json())
+            keys = _parse_jwks(json.loads(body))
         except ValueError as exc:
             return self._failed("invalid", f"{self.url} answered 200 but not with JSON: {self._url_setting} should "
                                 "name the instance's JWKS", exc)
@@ -325,10 +344,26 @@ class JWKSKeySource:
 
     def _unreachable(self, exc: Exception) -> str:
         if isinstance(exc, httpx.TimeoutException):
-            return f"the JWKS fetch from {self.url} got no answer within {self._timeout:g} s: check " \
-                   f"{self._url_setting} and the network"
+            return f"the JWKS fetch from {self.url} got no full answer within its total time of {self._timeout:g} s " \
+                   f"(fetch_timeout_s: connecting, the answer and its body): check {self._url_setting} and the network"
         return f"the JWKS fetch could not connect to {self.url} ({str(exc) or type(exc).__name__}): check " \
                f"{self._url_setting} and the network"
+
+
+def _read_body(response: httpx.Response, deadline: float) -> bytes | None:
+    """The body of a 200, read by ``deadline`` (``time.monotonic()``); None past ``_MAX_JWKS_BYTES``. A
+    transport with no socket of ours (``MockTransport``) is held to the deadline between its chunks."""
+    declared = response.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > _MAX_JWKS_BYTES:
+        return None
+    body = bytearray()
+    for chunk in response.iter_bytes():
+        body += chunk
+        if len(body) > _MAX_JWKS_BYTES:
+            return None
+        if time.monotonic() >= deadline:
+            raise httpx.ReadTimeout("the fetch's total time ran out while its body came in", request=response.request)
+    return bytes(body)
 
 
 def same_key(a: RSAPublicKey, b: RSAPublicKey) -> bool:
