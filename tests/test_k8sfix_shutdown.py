@@ -271,3 +271,40 @@ def test_the_exit_timer_waits_for_a_migration_in_progress(monkeypatch: pytest.Mo
     assert not exited.wait(0.5)  # past its time: it waits for the migration
     migrations._UPGRADES_RUNNING[0] = 0
     assert exited.wait(10)
+
+
+def test_masked_url_hides_every_query_parameter_naming_a_password_or_secret() -> None:
+    from clerk_sync._urls import masked_url
+
+    url = ("mysql://app@db:3306/app?passwd=p1&charset=utf8mb4&PWD=p2&ssl_passphrase=p3&password=p4&"
+           "auth_token=p5&client_secret=p6&sslmode=require")
+    assert masked_url(url) == ("mysql://***@db:3306/app?passwd=***&charset=utf8mb4&PWD=***&ssl_passphrase=***&"
+                               "password=***&auth_token=***&client_secret=***&sslmode=require")
+
+
+@pytest.mark.parametrize("db_url", [pytest.param("mariadb", marks=pytest.mark.mariadb)], indirect=True)
+def test_migrate_masks_a_mysql_password_given_as_passwd(db_url: str) -> None:
+    """Fixed: only parameters naming ``password`` were masked, and ``passwd`` is the name mysqlclient and PyMySQL
+    take: ``migrate`` printed it in clear."""
+    import sqlalchemy as sa
+
+    database = sa.make_url(db_url).database
+    admin = sa.create_engine(db_url)
+    try:
+        with admin.begin() as conn:
+            conn.exec_driver_sql("DROP USER IF EXISTS cs_masked@'%%'")
+            conn.exec_driver_sql("CREATE USER cs_masked@'%%' IDENTIFIED BY 'hunter4passwd'")
+            conn.exec_driver_sql(f"GRANT ALL ON `{database}`.* TO cs_masked@'%%'")
+        url = sa.make_url(db_url).set(username="cs_masked", password=None).render_as_string(hide_password=False)
+        url += ("&" if "?" in url else "?") + "passwd=hunter4passwd"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("CLERK_", "PROMETHEUS_"))}
+        env.update({"DATABASE_URL": url, "CLERK_WEBHOOK_SIGNING_SECRET": SECRET})
+        cli = [sys.executable, "-c", "from clerk_sync.cli import main; main()"]
+        migrated = subprocess.run([*cli, "migrate"], env=env, capture_output=True, text=True, timeout=60)
+        said = migrated.stdout + migrated.stderr
+        assert migrated.returncode == 0 and "already current" in said, said
+        assert "hunter4passwd" not in said and "passwd=***" in said.replace("\n", ""), said
+    finally:
+        with admin.begin() as conn:
+            conn.exec_driver_sql("DROP USER IF EXISTS cs_masked@'%%'")
+        admin.dispose()

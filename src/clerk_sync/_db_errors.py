@@ -94,6 +94,11 @@ def _mysql_errno(orig: object) -> int:
     return args[0] if args and isinstance(args[0], int) else 0
 
 
+CONNECTION_OPTION_ADVICE = ("the database driver refused DATABASE_URL's connection options before connecting: "
+                            "correct or remove the query option it names (a PostgreSQL spelling such as ?sslmode= "
+                            "is not MySQL's, and a misspelt one such as ?sslmod= is no one's)")
+
+
 def store_error(exc: sa.exc.SQLAlchemyError) -> StoreError:
     """A StoreError whose message names the failure but never carries SQL or bound values
     (they hold emails and private metadata, and the message reaches HTTP answers and logs)."""
@@ -117,6 +122,11 @@ def store_error(exc: sa.exc.SQLAlchemyError) -> StoreError:
         return StoreError(f"{message}; the user may not use database{database}: check the database name in "
                           "DATABASE_URL, or run the RUNBOOK's GRANT statements as root (\"Least-privilege database "
                           "roles\")")
+    if isinstance(exc, sa.exc.ProgrammingError) and exc.statement is None and _client_side(orig) \
+            and type(orig).__module__.startswith("psycopg"):
+        # at connect (no statement), refused by the driver before any round trip: DATABASE_URL's options
+        # ("invalid connection option \"sslmod\""), not a value of a row (the mapping's advice below)
+        return StoreError(f"{message}; {CONNECTION_OPTION_ADVICE}")
     if is_insufficient_privilege(orig):  # a grant to add: no retry heals it, a GRANT does (the delivery kept)
         return StorePrivilegeMissing(f"{message}; {PRIVILEGE_ADVICE}")
     if _missing_table(orig) or _missing_column(orig):  # the schema is behind (a new install, a new migration)

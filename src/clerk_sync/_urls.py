@@ -14,12 +14,14 @@ __all__ = ["masked_url", "origin"]
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
-# The value of a query parameter naming a password (?password=, &ssl_password=), to the next '&'.
-_PASSWORD_PARAM = re.compile(r"[?&][^=&?#]*password[^=&?#]*=([^&]*)", re.IGNORECASE)
+# The value of a query parameter naming a password or another secret, to the next '&': ?password=,
+# &ssl_password=, ?passwd= (what mysqlclient and PyMySQL take), ?pwd=, ?passphrase=, a token's or a secret's.
+_PASSWORD_PARAM = re.compile(r"[?&][^=&?#]*(?:pass|pwd|secret|token)[^=&?#]*=([^&]*)", re.IGNORECASE)
 
 
 def masked_url(url: str) -> str:
-    """``url`` with the user part read as ``***``, as is every query parameter naming a password. The user part
+    """``url`` with the user part read as ``***``, as is every query parameter naming a password
+    (``password``, ``passwd``, ``pwd``) or a secret or token. The user part
     is all up to the URL's last ``@``, so a password holding an unencoded ``/``, ``?``, ``#`` or ``@`` (which
     ends urllib's netloc early) is masked whole too."""
     start = url.find("://") + 3 if "://" in url else 0

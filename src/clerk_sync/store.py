@@ -29,7 +29,7 @@ from sqlalchemy import event as sa_event
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
-from clerk_sync._db_errors import is_foreign_key_violation, is_schema_behind, store_error
+from clerk_sync._db_errors import CONNECTION_OPTION_ADVICE, is_foreign_key_violation, is_schema_behind, store_error
 from clerk_sync._limits import fit_reason
 from clerk_sync._time import as_utc
 from clerk_sync.changes import Change, Hook, change_type, describe
@@ -198,7 +198,20 @@ def _mysql_engine(url: str, t: DatabaseTimeouts, kwargs: dict[str, Any]) -> Engi
     # Pooled connections idle past the server's wait_timeout (8 h by default) are gone: replace them
     # before that, without a ping per checkout.
     kwargs.setdefault("pool_recycle", 3600)
-    engine = sa.create_engine(parsed, **kwargs)
+    try:
+        engine = sa.create_engine(parsed, **kwargs)
+    except (TypeError, ValueError) as exc:  # an option SQLAlchemy's dialect converts (?connect_timeout=abc)
+        options = ", ".join(f"?{name}=" for name in parsed.query if name != "charset")
+        raise ConfigError(f"DATABASE_URL's options ({options}): {exc}; {CONNECTION_OPTION_ADVICE}") from None
+
+    @sa_event.listens_for(engine, "do_connect")
+    def _driver_refusals(dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
+        # The MySQL drivers refuse an unknown keyword (?sslmode=require, PostgreSQL's) with a plain TypeError,
+        # which SQLAlchemy passes on unwrapped: a setting to fix, said as one, not a traceback
+        try:
+            return dialect.connect(*cargs, **cparams)
+        except TypeError as exc:
+            raise ConfigError(f"DATABASE_URL: {exc}; {CONNECTION_OPTION_ADVICE}") from None
 
     @sa_event.listens_for(engine, "connect", insert=True)
     def _after_theirs(dbapi_conn: Any, _record: Any) -> None:

@@ -71,7 +71,7 @@ def serve_workers(host: str, port: int, workers: int, sock: socket.socket, *, js
                 line = could_not_start(_first_report(report), workers=True)
             elif code == _REFUSED:  # the refusal's own line (what to run, as whom), at start or while serving
                 line = _first_report(report) or f"a worker process {line}"
-            console.print(f"[red]error:[/] {escape(line)}")
+            console.print(f"[red]error:[/] {escape(line)}", soft_wrap=True)
             raise SystemExit(code)
 
 

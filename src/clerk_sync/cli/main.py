@@ -284,7 +284,7 @@ def _serve_one(settings: Settings, processor: WebhookProcessor, host: str, port:
         console.print(f"[red]error:[/] {escape(refusal)}", soft_wrap=True)
         raise SystemExit(EXIT_SETTINGS)
     if not server.started:  # the app's start-up failed (uvicorn logged the traceback): as uvicorn.run exits
-        console.print(f"[red]error:[/] {escape(could_not_start(why[0] if why else None))}")
+        console.print(f"[red]error:[/] {escape(could_not_start(why[0] if why else None))}", soft_wrap=True)
         raise SystemExit(STARTUP_FAILURE)
 
 
@@ -473,7 +473,7 @@ def users_promote(
     clerk_id = find_user_by_email(store, email)
     if clerk_id is None:
         console.print(f"[red]error:[/] no synced user with email {escape(repr(email))} "
-                      "(run `clerk-sync reconcile` first?)")
+                      "(run `clerk-sync reconcile` first?)", soft_wrap=True)
         raise SystemExit(EXIT_UNDONE)
     with ClerkClient.from_settings(settings) as client:
         actions = AdminActions(store, client)
@@ -545,7 +545,7 @@ def users_erase(
     except UnknownUser:
         console.print(f"[red]error:[/] no user {escape(repr(clerk_id))} in this database (no row, no stored "
                       "event); nothing was changed. Check the id (Clerk Dashboard -> Users, or the users table's "
-                      "clerk_id), or pass --force to tombstone a user never synced.")
+                      "clerk_id), or pass --force to tombstone a user never synced.", soft_wrap=True)
         raise SystemExit(EXIT_UNDONE) from None
     finally:
         store.dispose()
@@ -554,7 +554,7 @@ def users_erase(
         console.print(f"[yellow]warning:[/] {escape(advice)}", highlight=False)
     for refused in report.mapped_refused:
         console.print(f"[red]error:[/] {escape(str(refused))}: clear it in the app's table "
-                      "(see `clerk-sync doctor --mapping`)")
+                      "(see `clerk-sync doctor --mapping`)", soft_wrap=True)
     if report.mapped_refused:  # clerk-sync's rows are erased, the request is not done: a script must see it
         raise SystemExit(EXIT_UNDONE)
     untold = [(what, option) for what, option, given in (
@@ -625,7 +625,7 @@ def reconcile(
     report = reconcile_command(_settings(), since=since, dry_run=dry_run, console=console, hooks=hooks,
                                mapping=load_mapping(mapping), allow_mass_delete=allow_mass_delete)
     if (unread := unread_objects(report)) is not None:
-        console.print(f"[red]error:[/] {escape(unread)}", highlight=False)
+        console.print(f"[red]error:[/] {escape(unread)}", highlight=False, soft_wrap=True)
         raise SystemExit(EXIT_UNDONE)
 
 
@@ -689,7 +689,8 @@ def main() -> None:
         app()
     except (ClerkSyncError, SQLAlchemyError, CommandError) as exc:
         code = exit_code(exc)
-        console.print(f"[red]error:[/] {escape(_error_line(exc, code))}")  # "clerk-sync[postgres]" is text
+        # ("clerk-sync[postgres]" is text, not markup: escaped; one line whatever the terminal, a pipe too)
+        console.print(f"[red]error:[/] {escape(_error_line(exc, code))}", soft_wrap=True)
         raise SystemExit(code) from None
 
 

@@ -1,0 +1,57 @@
+"""A DATABASE_URL query option the driver refuses is a setting to fix, said in one line (exit 2).
+
+Before: the MySQL drivers' TypeError at connect (``?sslmode=require``, PostgreSQL's spelling; ``?bogus=1``) and
+SQLAlchemy's ValueError (``?connect_timeout=abc``) were tracebacks with exit 1 ("work left undone"); psycopg's
+"invalid connection option" got the advice to check the mapping's column types. And the error line was wrapped
+at 80 columns whenever stderr was not a terminal (a pod's log: one error in several records)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from tests.conftest import SECRET
+
+CLI = [sys.executable, "-c", "from clerk_sync.cli import main; main()"]
+
+
+def _run(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLERK_", "PROMETHEUS_")) and k != "COLUMNS"}
+    env.update({"DATABASE_URL": url, "CLERK_WEBHOOK_SIGNING_SECRET": SECRET})
+    return subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=60)
+
+
+def _with(url: str, option: str) -> str:
+    return url + ("&" if "?" in url else "?") + option
+
+
+@pytest.mark.parametrize("db_url", [pytest.param("mariadb", marks=pytest.mark.mariadb)], indirect=True)
+@pytest.mark.parametrize("option", ["sslmode=require", "bogus=1", "connect_timeout=abc"])
+def test_a_mysql_url_option_the_driver_refuses_is_one_line_and_exit_2(db_url: str, option: str) -> None:
+    for command in (["migrate"], ["doctor", "--freshness"], ["hooks", "list"]):
+        said = _run(_with(db_url, option), *command)
+        assert said.returncode == 2, (command, said.stdout, said.stderr)
+        assert "Traceback" not in said.stderr, said.stderr
+        assert option.split("=")[0] in said.stderr and "correct or remove the query option" in said.stderr, said.stderr
+
+
+@pytest.mark.parametrize("db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
+def test_a_misspelt_postgres_url_option_is_not_taken_for_the_mappings_column_types(db_url: str) -> None:
+    said = _run(_with(db_url, "sslmod=disable"), "doctor", "--freshness")
+    assert said.returncode == 2, said.stderr
+    assert 'invalid connection option "sslmod"' in said.stderr and "correct or remove" in said.stderr, said.stderr
+    assert "column types" not in said.stderr, said.stderr
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_the_error_line_is_one_line_through_a_pipe(db_url: str, tmp_path: Path) -> None:
+    deep = tmp_path / ("a-very-long-directory-name-for-the-database-files-of-this-service-" + "x" * 40) / "sub"
+    said = _run(sa.engine.URL.create("sqlite", database=str(deep / "x.db")).render_as_string(), "migrate")
+    assert said.returncode == 2, said.stderr
+    (line,) = [line for line in said.stderr.splitlines() if line.strip()]  # one record in a log
+    assert line.startswith("error:") and f"mkdir -p {deep}" in line, line
