@@ -55,3 +55,13 @@ def test_the_error_line_is_one_line_through_a_pipe(db_url: str, tmp_path: Path) 
     assert said.returncode == 2, said.stderr
     (line,) = [line for line in said.stderr.splitlines() if line.strip()]  # one record in a log
     assert line.startswith("error:") and f"mkdir -p {deep}" in line, line
+
+
+@pytest.mark.parametrize("args", [["serve", "--port", "70000"], ["serve", "--port", "-1"], ["serve", "--workers", "0"],
+                                  ["emulate", "--port", "70000"], ["dev", "--port", "70000"]])
+def test_a_port_or_worker_count_out_of_range_is_refused_by_the_argument_parser(args: list[str]) -> None:
+    """Before: ``bind(): port must be 0-65535`` as a traceback (exit 1, "undone"), or ``--workers 0`` served with
+    one worker without a word."""
+    said = _run("sqlite:///unused.db", *args)
+    assert said.returncode == 2, said.stderr
+    assert "Traceback" not in said.stderr and f"Invalid value for '{args[1]}'" in said.stderr, said.stderr

@@ -243,3 +243,21 @@ def test_the_transaction_pooler_setting_with_a_database_it_cannot_apply_to_is_re
     assert "CLERK_SYNC_DB_TRANSACTION_POOLER is for PostgreSQL" in str(caught.value)
     assert Settings.from_env({"DATABASE_URL": "postgresql://u@pgbouncer:6432/app",
                               "CLERK_SYNC_DB_TRANSACTION_POOLER": "1"}).db_transaction_pooler
+
+
+@pytest.mark.parametrize("given", ["postgresql://app@db:5432/app\n", " sqlite:////var/lib/app.db ", "\tsqlite:///x.db\r\n"])
+def test_a_database_url_read_from_a_file_is_used_without_its_line_break(given: str) -> None:
+    """Before: kept whole, so PostgreSQL was asked for database "app\\n" (the driver's message cut at the line
+    break: 'database "app. Check DATABASE_URL') and a trailing space named a database that does not exist."""
+    assert Settings.from_env({"DATABASE_URL": given}).database_url == given.strip()
+
+
+@pytest.mark.parametrize(("given", "said"), [
+    ("'postgresql://app@db:5432/app'", "is quoted"),  # docker --env-file keeps the quotes
+    ('"sqlite:///app.db"', "is quoted"),
+    ("sqlite:///~/app.db", "'~'"),  # no shell expands it: the advice was `mkdir -p ./~`
+])
+def test_a_quoted_database_url_or_one_under_home_is_refused_saying_why(given: str, said: str) -> None:
+    with pytest.raises(ConfigError, match="DATABASE_URL") as refused:
+        Settings.from_env({"DATABASE_URL": given})
+    assert said in str(refused.value)

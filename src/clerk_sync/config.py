@@ -453,7 +453,16 @@ class Settings(BaseSettings):
     @field_validator("database_url", mode="before")
     @classmethod
     def _blank_is_default(cls, value: object) -> object:
-        return DEFAULT_DATABASE_URL if isinstance(value, str) and not value.strip() else value
+        if not isinstance(value, str):
+            return value
+        url = value.strip()  # a line break from a secret file cut the driver's message ('database "app.')
+        if not url:
+            return DEFAULT_DATABASE_URL
+        if len(url) > 1 and url[0] == url[-1] and url[0] in "'\"":  # kept by docker's --env-file, and by systemd
+            raise ValueError(f"is quoted ({url[0]}...{url[0]}): the quotes are part of the value there; remove them")
+        if url.startswith("sqlite") and url.partition(":///")[2].startswith("~"):  # no shell expands it here
+            raise ValueError("names a path starting with '~', which is not expanded here: write the full path")
+        return url
 
     @field_validator("webhook_tolerance_s")
     @classmethod

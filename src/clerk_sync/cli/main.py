@@ -101,8 +101,8 @@ def migrate(
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to bind.")] = 8000,
-    workers: Annotated[int, typer.Option(help="Worker processes (PostgreSQL for more than 1).")] = 1,
+    port: Annotated[int, typer.Option(help="Port to bind (0 = any free port).", min=0, max=65535)] = 8000,
+    workers: Annotated[int, typer.Option(help="Worker processes (PostgreSQL for more than 1).", min=1)] = 1,
     migrate_first: Annotated[bool, typer.Option(
         "--migrate/--no-migrate",
         help="Apply migrations in the background from start-up (retried while the database is down); "
@@ -392,7 +392,7 @@ def dismiss(
 @app.command()
 def emulate(
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to bind.")] = 4010,
+    port: Annotated[int, typer.Option(help="Port to bind.", min=0, max=65535)] = 4010,
     webhook_url: Annotated[str | None, typer.Option(help="Where to deliver webhooks.")] = None,
     seed: Annotated[int | None, typer.Option(help="Make fault injection deterministic.")] = None,
     time_scale: Annotated[float | None, typer.Option(help="Divide Svix retry delays by this (> 0; default "
@@ -433,7 +433,7 @@ def emulate(
 def dev(
     db: Annotated[Path, typer.Option(help="SQLite file for the demo (recreated; an existing file must be an "
                                           "earlier demo's).")] = Path("clerk_sync_dev.db"),
-    port: Annotated[int, typer.Option(help="Sync service port (0 = any free port).")] = 0,
+    port: Annotated[int, typer.Option(help="Sync service port (0 = any free port).", min=0, max=65535)] = 0,
     users: Annotated[int, typer.Option(min=2, help="Demo users to create (the demo renames one, deletes "
                                                    "another).")] = 12,
     orgs: Annotated[int, typer.Option(min=0, help="Demo organizations to create.")] = 3,
