@@ -18,6 +18,8 @@ from clerk_sync.config import DatabaseTimeouts
 from clerk_sync.engine import DeliveryStatus
 from clerk_sync.errors import StoreDataError, StoreError
 from clerk_sync.events import parse_envelope
+from clerk_sync.hooks import Dispatcher
+from clerk_sync.hooks.sinks import change_message
 from clerk_sync.ingest import WebhookProcessor, replay_deliveries
 from clerk_sync.integrations._committer import GroupCommitter
 from clerk_sync.mapping import MappedTable, SchemaMapping, migrate_schema
@@ -369,3 +371,22 @@ def test_an_erasure_after_the_deletion_reaches_receivers_that_deduplicate_or_kee
     assert erasure[0]["idempotency_key"] != deletion[0]["idempotency_key"]
     assert erasure[0]["payload"]["version"] > deletion[0]["payload"]["version"]
     app.dispose()
+
+
+def test_a_hook_job_queued_before_its_users_erasure_reaches_its_handler_marked_redacted(db_url: str) -> None:
+    """Fixed: the erasure emptied the queued change's ``values`` (``{}``) and its handler could not tell: the
+    README's ``change.values["email"]`` failed with KeyError for four hours, then the job was dead (and
+    ClerkSyncHookJobsDead paged). ``Change.redacted`` says it; the forwarded body carries ``data.redacted``."""
+    clock = Clock()
+    seen = Recorder()
+    store = hooked(db_url, Hook("welcome", seen, on=["user.created"]), now=clock)
+    hook_deliver(store, f.envelope("user.created", f.user("user_j", 1000, email=MAIL)),
+                 f.envelope("user.created", f.user("user_k", 1000, email="kept@example.com")))
+    Retention(store).erase_user("user_j", reason="DSR")
+    Dispatcher(store, now=clock).drain()
+    store.dispose()
+    by_id = {change.clerk_id: change for change in seen.seen}
+    assert (by_id["user_j"].redacted, by_id["user_j"].values, by_id["user_j"].previous) == (True, {}, {})
+    assert by_id["user_k"].redacted is False and by_id["user_k"].values["email"] == "kept@example.com"
+    assert change_message(by_id["user_j"])["data"]["redacted"] is True
+    assert "redacted" not in change_message(by_id["user_k"])["data"]  # (a live user's body as it was)

@@ -38,7 +38,11 @@ BOOKKEEPING = frozenset({"clerk_updated_at", "lock_version"})
 @dataclass(frozen=True, slots=True)
 class Change:
     """One applied change: ``values`` as written (for a delete, the last values), ``previous`` the old
-    value of each field an update changed, ``version`` the Clerk ``updated_at`` (ms) it carries."""
+    value of each field an update changed, ``version`` the Clerk ``updated_at`` (ms) it carries.
+
+    ``redacted``: queued before the person it names was erased (``clerk-sync users erase``; a dead job by
+    prune), so ``values`` and ``previous`` were emptied (``{}``): act on the ids alone, or leave it (a welcome
+    mail to no address). Read ``change.values.get("email")``, not ``["email"]``, in a handler that may meet one."""
 
     entity: Entity
     clerk_id: str
@@ -46,6 +50,7 @@ class Change:
     version: int
     values: JSON
     previous: JSON = field(default_factory=dict)
+    redacted: bool = field(default=False, kw_only=True)
 
     @property
     def type(self) -> str:
@@ -62,13 +67,16 @@ class Change:
         return self.kind != "updated" or name in self.previous
 
     def to_json(self) -> JSON:
-        return {"entity": self.entity.value, "clerk_id": self.clerk_id, "kind": self.kind,
-                "version": self.version, "values": self.values, "previous": self.previous}
+        doc: JSON = {"entity": self.entity.value, "clerk_id": self.clerk_id, "kind": self.kind,
+                     "version": self.version, "values": self.values, "previous": self.previous}
+        if self.redacted:
+            doc["redacted"] = True
+        return doc
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Change:
         return cls(Entity(data["entity"]), data["clerk_id"], data["kind"], int(data["version"]),
-                   dict(data["values"]), dict(data.get("previous") or {}))
+                   dict(data["values"]), dict(data.get("previous") or {}), redacted=bool(data.get("redacted")))
 
 
 Handler = Callable[[Change], None]

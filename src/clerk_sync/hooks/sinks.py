@@ -40,8 +40,9 @@ __all__ = ["RabbitMQSink", "RedisStreamSink", "StandardWebhookSink", "change_mes
 
 def change_message(change: Change | Event) -> dict[str, Any]:
     """The JSON the sinks send: ``{"type", "idempotency_key", "data": {entity, clerk_id, kind, version,
-    values, previous}}`` for a change; for an unmirrored event (:class:`~clerk_sync.changes.Event`)
-    ``"data": {event, svix_id, timestamp, subject, data}`` (``data``: Clerk's payload ``data``)."""
+    values, previous}}`` for a change (``redacted: true`` beside them when an erasure emptied them); for an
+    unmirrored event (:class:`~clerk_sync.changes.Event`) ``"data": {event, svix_id, timestamp, subject, data}``
+    (``data``: Clerk's payload ``data``)."""
     return {"type": change.type, "idempotency_key": change.idempotency_key, "data": change.to_json()}
 
 
