@@ -64,8 +64,10 @@ class StandardWebhookSink:
     success's body is read for at most what is left (to keep the connection), an error's start for the
     job's last error. The outcome is the status's alone: a body that cannot be read or decoded (a bad gzip,
     a connection cut mid-body, an unknown charset) neither undoes a success nor hides a 410. Answers are
-    asked for uncompressed (``accept-encoding: identity``): a small compressed one could inflate to far more
-    in memory. A ``client`` of your own keeps its own per-wait timeouts, within ``timeout_s``.
+    asked for uncompressed (``accept-encoding: identity``) and their bodies are read as sent, never decoded:
+    a receiver that compresses anyway (``Content-Encoding: gzip, gzip``: a few hundred bytes that inflate to
+    hundreds of MB) is quoted as such, not inflated. A ``client`` of your own keeps its own per-wait
+    timeouts, within ``timeout_s``.
 
     A refusal's message names the URL without its ``user:password@``, query or fragment (where tokens
     go) and quotes the start of the answer: it is the job's last error, which erasure redacts. It is
@@ -158,15 +160,24 @@ def _read_start(response: httpx.Response, deadline: float, limit: int = 200) -> 
     """The first ``limit`` bytes of an answer's body (an error's, for the job's last error), read until
     ``deadline`` at most (what came by then: the socket's wait is cut there too, a timeout that ends the read,
     not the answer); a body read to its end leaves the connection reusable. Never raises for the body: the
-    status is in and decides the outcome."""
-    got = b""
-    try:
-        for chunk in response.iter_bytes():
-            got += chunk
-            if len(got) >= limit or time.monotonic() >= deadline:
-                break
-    except httpx.HTTPError:  # slow, cut short, or not decodable: it neither undoes a success nor hides a 410
-        pass
+    status is in and decides the outcome.
+
+    Read raw (as sent): httpx would decode any ``Content-Encoding`` in full, stacked ones too, so a
+    compressed answer (though ``identity`` was asked for) is named, not inflated."""
+    if response.is_stream_consumed:  # built in memory (a client of yours with a mock transport): read already
+        got = response.content[:limit]
+    else:
+        got = b""
+        try:
+            for chunk in response.iter_raw():  # the network's chunks (64 KiB at most), however it is encoded
+                got += chunk
+                if len(got) >= limit or time.monotonic() >= deadline:
+                    break
+        except httpx.HTTPError:  # slow or cut short: it neither undoes a success nor hides a 410
+            pass
+        encoding = response.headers.get("content-encoding", "").strip()
+        if encoding.lower() not in ("", "identity"):
+            return f"(a body in Content-Encoding {encoding[:100]!r}, not decoded)"
     try:
         return got[:limit].decode(response.encoding or "utf-8", errors="replace")
     except LookupError:  # a charset Python knows only as a bytes codec (rot13, base64): not a text encoding
