@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import redis
+import redis.asyncio
 import sqlalchemy as sa
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from starlette.applications import Starlette
@@ -20,6 +21,7 @@ from starlette.routing import Route
 
 from clerk_sync.changes import Change, Hook
 from clerk_sync.engine import Entity
+from clerk_sync.errors import ConfigError
 from clerk_sync.hooks import Backoff, Dispatcher
 from clerk_sync.hooks.sinks import RedisStreamSink, StandardWebhookSink
 from clerk_sync.store import Store
@@ -114,6 +116,17 @@ def redis_client() -> Iterator[redis.Redis]:
         pytest.skip(f"Redis unreachable: {exc}")
     yield client
     client.close()
+
+
+@pytest.mark.parametrize("make", [lambda: redis.asyncio.Redis.from_url(REDIS_URL),
+                                  lambda: redis.asyncio.RedisCluster(host="127.0.0.1", port=6379)],
+                         ids=["Redis", "RedisCluster"])
+def test_redis_stream_sink_refuses_an_asyncio_client(make: Any) -> None:
+    """Fixed: given a ``redis.asyncio`` client, ``xadd`` returned a coroutine that was never awaited: the
+    job was finished and the change lost. The sink refuses it when built, saying what to pass."""
+    with pytest.raises(ConfigError, match=r"needs a synchronous Redis client, not redis\.asyncio\..*"
+                                          r"pass redis\.Redis\.from_url\(url\)"):
+        RedisStreamSink(make(), "clerk-sync-test:never")
 
 
 def test_redis_stream_sink_appends_each_change(store: Store, redis_client: redis.Redis) -> None:

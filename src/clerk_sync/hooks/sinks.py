@@ -13,6 +13,7 @@ those events too, as ``{"type", "idempotency_key", "data": {"event", "svix_id", 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import threading
@@ -185,7 +186,8 @@ def _read_start(response: httpx.Response, deadline: float, limit: int = 200) -> 
 
 
 class RedisStreamSink:
-    """Appends each change to a Redis Stream (``XADD``), trimmed to about ``maxlen`` entries if set.
+    """Appends each change to a Redis Stream (``XADD``), trimmed to about ``maxlen`` entries if set, through a
+    synchronous ``client`` (``redis.Redis``; a ``redis.asyncio`` one is a :class:`~clerk_sync.errors.ConfigError`).
 
     Fields: ``type``, ``idempotency_key`` and ``change`` (the JSON of :func:`change_message`).
 
@@ -206,6 +208,11 @@ class RedisStreamSink:
     def __init__(self, client: redis.Redis, stream: str = "clerk-sync:changes", *, maxlen: int | None = None) -> None:
         if maxlen is not None and maxlen < 1:  # 0 would trim the stream to (about) nothing
             raise ValueError(f"maxlen must be None (no trimming) or at least 1, not {maxlen}")
+        if inspect.iscoroutinefunction(getattr(client, "execute_command", None)):
+            # redis.asyncio: xadd would return a coroutine nobody awaits, the job done and the change lost
+            raise ConfigError(f"RedisStreamSink needs a synchronous Redis client, not {type(client).__module__}."
+                              f"{type(client).__qualname__} (hooks run in the dispatcher's thread, which awaits "
+                              "nothing): pass redis.Redis.from_url(url), not redis.asyncio's")
         self.client = client
         self.stream = stream
         self.maxlen = maxlen
