@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
-import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -68,7 +67,9 @@ class StandardWebhookSink:
     asked for uncompressed (``accept-encoding: identity``) and their bodies are read as sent, never decoded:
     a receiver that compresses anyway (``Content-Encoding: gzip, gzip``: a few hundred bytes that inflate to
     hundreds of MB) is quoted as such, not inflated. A ``client`` of your own keeps its own per-wait
-    timeouts, within ``timeout_s``.
+    timeouts, within ``timeout_s``. A ``url`` that is not http(s) with a host, or a ``timeout_s`` that is not
+    more than 0 and at most a day, is refused here (:class:`~clerk_sync.errors.ConfigError`,
+    :class:`ValueError`), not by every delivery for hours.
 
     A refusal's message names the URL without its ``user:password@``, query or fragment (where tokens
     go) and quotes the start of the answer: it is the job's last error, which erasure redacts. It is
@@ -78,6 +79,8 @@ class StandardWebhookSink:
     def __init__(self, url: str, secret: str | SecretStr | Sequence[str | SecretStr], *,
                  client: httpx.Client | None = None, timeout_s: float = 10.0,
                  now: Callable[[], float] = time.time) -> None:
+        _check_timeout(timeout_s)
+        _check_url(url)  # a typo here would fail every delivery, each retried for hours: refused now
         secrets = [secret] if isinstance(secret, str | SecretStr) else list(secret)  # one secret, not its characters
         if not secrets:
             raise ConfigError(f"StandardWebhookSink's secret is an empty list. {_KEY_HELP}")
@@ -151,6 +154,40 @@ def _without_secrets(url: str) -> str:
     return f"{parsed.scheme}://{parsed.netloc.decode('ascii')}{path}"
 
 
+def _check_url(url: str) -> None:
+    """Refuse a URL no delivery could be sent to, saying why."""
+    why = _unsendable(url)
+    if why:
+        raise ConfigError(f"StandardWebhookSink: not a URL a webhook can be sent to ({why}); expected the "
+                          "receiver's http or https URL, e.g. 'https://example.com/clerk-hooks'")
+
+
+def _unsendable(url: str) -> str:
+    """Why ``url`` is not an http(s) URL with a host (never quoting it: it may hold a password), or ``""``."""
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError) as exc:  # names the bad part (a port, a character), not a password
+        return f"{type(exc).__name__}: {exc}"
+    if "://" not in url:  # "localhost:8080/hook" reads as the scheme "localhost"
+        return "no scheme: it starts with neither 'https://' nor 'http://'"
+    if parsed.scheme not in ("http", "https"):
+        return f"the scheme is {parsed.scheme!r}, not http or https"
+    if not parsed.host:
+        return "it names no host"
+    if parsed.port is not None and not 0 < parsed.port < 65536:
+        return f"the port {parsed.port} is not 1-65535"
+    if any(c.isspace() for c in url):
+        return "it contains whitespace"
+    return ""
+
+
+def _check_timeout(timeout_s: object) -> None:
+    if not (isinstance(timeout_s, int | float) and 0 < timeout_s <= _MAX_TIMEOUT_S):  # NaN and None too
+        raise ValueError(f"timeout_s must be a number of seconds more than 0 and at most {_MAX_TIMEOUT_S:g} (a "
+                         f"day), not {timeout_s!r}")
+
+
+_MAX_TIMEOUT_S = 86400.0  # a day; sockets cannot wait past about 292 years (nanoseconds in 64 bits), inf at all
 _KEEP_ALIVE_BODY = 64 * 1024  # a success's body read to its end up to this, so its connection is reused
 _KEY_HELP = ("Pass the receiver's Standard Webhooks secret: 'whsec_' + the standard base64 of its key (e.g. "
              "'whsec_' + base64.b64encode(secrets.token_bytes(32)).decode()), the same string the receiver "
@@ -261,8 +298,7 @@ class RabbitMQSink:
             import pika  # (the rabbitmq extra: imported here, so the module loads without it)
         except ImportError as exc:
             raise ConfigError("RabbitMQSink needs pika: pip install 'clerk-sync[rabbitmq]'") from exc
-        if not (timeout_s > 0 and math.isfinite(timeout_s)):  # NaN too
-            raise ValueError(f"timeout_s must be a finite number of seconds more than 0, not {timeout_s!r}")
+        _check_timeout(timeout_s)
         self._pika = pika
         try:
             if urlsplit(url).scheme not in ("amqp", "amqps"):
