@@ -418,7 +418,8 @@ def list_command(
     idempotency key (what a receiver got as ``webhook-id``, ``message_id`` or the stream's ``idempotency_key``),
     and for a pending job ``next=`` when its next attempt is due (UTC; empty for the others).
 
-    Backslash, tab, newline and carriage return within a field are written \\\\, \\t, \\n and \\r.
+    Backslash, tab, newline and carriage return within a field are written \\\\, \\t, \\n and \\r;
+    other control characters \\xNN (an escape sequence in an error is shown, not acted on by a terminal).
     """
     store = _store()
     with store.connect() as conn:
@@ -465,8 +466,14 @@ def _due_by_hook(conn: Connection, now: datetime) -> list[tuple[str, int, float]
 
 
 def _one_field(text: str) -> str:
-    """Backslash, newline, carriage return and tab as backslash escapes (\\\\, \\n, \\r, \\t)."""
-    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+    """Backslash, newline, carriage return and tab as backslash escapes (\\\\, \\n, \\r, \\t), every other
+    control character (C0, DEL, C1) as \\xNN: a receiver's answer or a handler's message in a job's last error
+    reaches the terminal as text, never as an escape sequence it acts on (a title, colours, a cleared screen)."""
+    return text.translate(_FIELD_ESCAPES)
+
+
+_FIELD_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))} | {
+    ord("\\"): "\\\\", ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"}
 
 
 @hooks_app.command("retry")
