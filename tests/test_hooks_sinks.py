@@ -94,6 +94,23 @@ def test_a_receiver_that_is_gone_leaves_the_job_dead_at_once(store: Store, statu
     assert "clerk-sync hooks retry" in job.last_error
 
 
+@pytest.mark.parametrize("header", ["disable", "abort-message"])
+def test_a_success_with_a_delivery_control_header_is_delivered(store: Store, header: str) -> None:
+    """What the docs say (README, FORWARDING.md, RUNBOOK): ``webhook-delivery`` gives up on a change only
+    on a non-2xx answer; a 2xx has the change kept, so its job is done, not dead."""
+    async def endpoint(request: Request) -> Response:
+        return Response(status_code=200, headers={"webhook-delivery": header})
+
+    with running(Starlette(routes=[Route("/in", endpoint, methods=["POST"])])) as url:
+        sink = StandardWebhookSink(f"{url}/in", FORWARD_SECRET)
+        hooked = Store(store.engine, hooks=[Hook("forward", sink, on=["user.*"])])
+        deliver(hooked, f.envelope("user.created", f.user("user_1", B + 1000)))
+        assert Dispatcher(hooked, backoff=Backoff(base_s=0)).drain() == 1
+        sink.close()
+    with store.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(hook_jobs)).scalar() == 0
+
+
 def test_a_wrong_signature_is_refused_by_the_receiver(store: Store) -> None:
     received: list[dict[str, Any]] = []
     with running(receiver(store, received, [])) as url:
