@@ -48,3 +48,23 @@ def test_hooks_list_ends_each_line_with_the_idempotency_key_and_a_pending_jobs_n
     due = pending[0][7]
     assert due.startswith("next=") and due.endswith("Z"), due
     assert datetime.fromisoformat(due.removeprefix("next=")) == before + timedelta(hours=1)
+
+
+def test_hooks_list_shows_control_characters_in_an_error_escaped(sqlite_url: str) -> None:
+    """Fixed: only backslash, tab, newline and CR were escaped, so a last error quoting a receiver's answer
+    or a handler's message wrote its escape sequences to the terminal raw (a window title, colours, a cleared
+    screen, a hyperlink). Every C0 and C1 control character and DEL is written as \\xNN."""
+    store = Store.from_url(sqlite_url, hooks=[Hook("forward", _down)])
+    deliver(store, f.envelope("user.created", f.user("user_1", B + 1000)))
+    Dispatcher(store, backoff=Backoff(max_attempts=1)).drain()
+    error = "RuntimeError: \x1b]0;owned\x07\x1b[2J\x9b31m\x7f\x00 é\\\t\n\r"
+    with store.transaction() as writer:
+        writer.conn.execute(hook_jobs.update().values(last_error=error))
+    store.dispose()
+
+    listed = run("hooks", "list", env={"DATABASE_URL": sqlite_url})
+
+    assert listed.returncode == 0, listed.stderr
+    (row,) = [line.split("\t") for line in listed.stdout.splitlines()]
+    assert row[5] == "RuntimeError: \\x1b]0;owned\\x07\\x1b[2J\\x9b31m\\x7f\\x00 é\\\\\\t\\n\\r"
+    assert not any(c < " " or "\x7f" <= c < "\xa0" for c in listed.stdout.replace("\t", "").replace("\n", ""))

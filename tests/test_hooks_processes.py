@@ -324,13 +324,57 @@ def test_the_worker_vacuums_the_outbox_as_told(db_url: str, monkeypatch: pytest.
     engine.dispose()
 
 
-@pytest.mark.parametrize(("option", "value"), [("--lease", "0"), ("--lease", "-5"), ("--poll", "-1")])
-def test_the_worker_refuses_a_lease_or_poll_out_of_range(tmp_path: Path, option: str, value: str) -> None:
-    """A lease of 0 s would let every other worker take each job at once; a usage error, before any work."""
+_LEASE_RANGE = "must be more than 0 and at most 86400 seconds (a day)"
+_POLL_RANGE = "must be from 0 to 86400 seconds (a day)"
+
+
+@pytest.mark.parametrize(("option", "value", "allowed"), [
+    ("--lease", "0", _LEASE_RANGE), ("--lease", "-5", _LEASE_RANGE), ("--poll", "-1", _POLL_RANGE),
+    ("--lease", "1e300", _LEASE_RANGE), ("--lease", "inf", _LEASE_RANGE), ("--lease", "nan", _LEASE_RANGE),
+    ("--lease", "86401", _LEASE_RANGE),
+    ("--poll", "1e300", _POLL_RANGE), ("--poll", "inf", _POLL_RANGE), ("--poll", "nan", _POLL_RANGE),
+], ids=lambda value: value if value.startswith("-") or value[0].isdigit() or value in ("inf", "nan") else "")
+def test_the_worker_refuses_a_lease_or_poll_out_of_range(tmp_path: Path, option: str, value: str,
+                                                         allowed: str) -> None:
+    """A lease of 0 s would let every other worker take each job at once; a usage error, before any work.
+    Fixed: 1e300 was an OverflowError traceback (a wait too long for the platform) and ``--lease inf`` a
+    ValueError about ``heartbeat_s``; both are bounded at a day, the error saying the range."""
     env = {"DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}", "PYTHONPATH": PATHS}
     refused = run("worker", "--hooks", "tests._hook_worker:hooks", "--once", option, value, env=env, cwd=ROOT)
     assert refused.returncode == 2 and option in refused.stderr, refused.stderr
+    assert allowed in " ".join(refused.stderr.replace("│", " ").split()), refused.stderr
+    assert "Traceback" not in refused.stderr
     assert not (tmp_path / "x.db").exists()
+
+
+@pytest.mark.parametrize("args", [["retry", "99999999999999999999"], ["purge", "99999999999999999999"],
+                                  ["purge", "0"], ["retry", "3", "--", "-1"]], ids=["retry-2**66", "purge-2**66",
+                                                                                    "purge-0", "retry-negative"])
+def test_hooks_retry_and_purge_refuse_a_job_id_out_of_range(tmp_path: Path, args: list[str]) -> None:
+    """Fixed: an id past 64 bits was an OverflowError traceback on SQLite and "bigint out of range. Check
+    DATABASE_URL" on PostgreSQL. Ids are checked when the arguments are read: a usage error, the range said."""
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}"}
+    refused = run("hooks", *args, env=env)
+    said = " ".join(refused.stderr.replace("│", " ").split())
+    assert refused.returncode == 2, refused.stderr
+    assert "job ids are from 1 to 9223372036854775807" in said and f"not {args[-1]}" in said, refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert not (tmp_path / "x.db").exists()
+
+
+def test_hooks_list_refuses_a_limit_past_64_bits(tmp_path: Path) -> None:
+    """Fixed: an OverflowError traceback from the driver, as for the ids."""
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}"}
+    refused = run("hooks", "list", "--limit", "99999999999999999999", env=env)
+    assert refused.returncode == 2 and "--limit" in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
+
+
+def test_the_largest_job_id_is_looked_up(db_url: str) -> None:
+    """2**63-1 fits every store's ids: not found, as any id no job has (exit 1), not a database error."""
+    for verb in ("retry", "purge"):
+        result = run("hooks", verb, str(2**63 - 1), env={"DATABASE_URL": db_url})
+        assert result.returncode == 1, result.stderr
+        assert f"job {2**63 - 1}: not found" in result.stdout + result.stderr
 
 
 def _dead_and_pending(db_url: str) -> tuple[str, str]:

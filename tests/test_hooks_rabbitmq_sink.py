@@ -219,7 +219,7 @@ def test_a_url_pika_cannot_read_is_a_config_error(url: str) -> None:
         RabbitMQSink(url)
 
 
-@pytest.mark.parametrize("timeout_s", [0, -1, float("nan"), float("inf")])
+@pytest.mark.parametrize("timeout_s", [0, -1, float("nan"), float("inf"), None, 1e12])
 def test_timeout_must_be_a_finite_positive_number(timeout_s: float) -> None:
     with pytest.raises(ValueError, match="timeout_s"):
         RabbitMQSink(AMQP_URL, timeout_s=timeout_s)

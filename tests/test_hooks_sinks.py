@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import redis
+import redis.asyncio
 import sqlalchemy as sa
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from starlette.applications import Starlette
@@ -20,6 +21,7 @@ from starlette.routing import Route
 
 from clerk_sync.changes import Change, Hook
 from clerk_sync.engine import Entity
+from clerk_sync.errors import ConfigError
 from clerk_sync.hooks import Backoff, Dispatcher
 from clerk_sync.hooks.sinks import RedisStreamSink, StandardWebhookSink
 from clerk_sync.store import Store
@@ -92,6 +94,23 @@ def test_a_receiver_that_is_gone_leaves_the_job_dead_at_once(store: Store, statu
     assert "clerk-sync hooks retry" in job.last_error
 
 
+@pytest.mark.parametrize("header", ["disable", "abort-message"])
+def test_a_success_with_a_delivery_control_header_is_delivered(store: Store, header: str) -> None:
+    """What the docs say (README, FORWARDING.md, RUNBOOK): ``webhook-delivery`` gives up on a change only
+    on a non-2xx answer; a 2xx has the change kept, so its job is done, not dead."""
+    async def endpoint(request: Request) -> Response:
+        return Response(status_code=200, headers={"webhook-delivery": header})
+
+    with running(Starlette(routes=[Route("/in", endpoint, methods=["POST"])])) as url:
+        sink = StandardWebhookSink(f"{url}/in", FORWARD_SECRET)
+        hooked = Store(store.engine, hooks=[Hook("forward", sink, on=["user.*"])])
+        deliver(hooked, f.envelope("user.created", f.user("user_1", B + 1000)))
+        assert Dispatcher(hooked, backoff=Backoff(base_s=0)).drain() == 1
+        sink.close()
+    with store.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(hook_jobs)).scalar() == 0
+
+
 def test_a_wrong_signature_is_refused_by_the_receiver(store: Store) -> None:
     received: list[dict[str, Any]] = []
     with running(receiver(store, received, [])) as url:
@@ -114,6 +133,17 @@ def redis_client() -> Iterator[redis.Redis]:
         pytest.skip(f"Redis unreachable: {exc}")
     yield client
     client.close()
+
+
+@pytest.mark.parametrize("make", [lambda: redis.asyncio.Redis.from_url(REDIS_URL),
+                                  lambda: redis.asyncio.RedisCluster(host="127.0.0.1", port=6379)],
+                         ids=["Redis", "RedisCluster"])
+def test_redis_stream_sink_refuses_an_asyncio_client(make: Any) -> None:
+    """Fixed: given a ``redis.asyncio`` client, ``xadd`` returned a coroutine that was never awaited: the
+    job was finished and the change lost. The sink refuses it when built, saying what to pass."""
+    with pytest.raises(ConfigError, match=r"needs a synchronous Redis client, not redis\.asyncio\..*"
+                                          r"pass redis\.Redis\.from_url\(url\)"):
+        RedisStreamSink(make(), "clerk-sync-test:never")
 
 
 def test_redis_stream_sink_appends_each_change(store: Store, redis_client: redis.Redis) -> None:

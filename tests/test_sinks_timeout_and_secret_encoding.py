@@ -251,3 +251,43 @@ def test_a_receiver_that_cannot_be_reached_is_a_retried_failure_naming_it(store:
     assert job.last_error.startswith(f"ConnectionError: http://127.0.0.1:{port}/changes could not be reached "
                                      "(ConnectError: "), job.last_error
     assert "pw" not in job.last_error and "t0ken" not in job.last_error
+
+
+@pytest.mark.parametrize("timeout_s", [None, 0, -1, float("nan"), float("inf"), 1e12, "10"])
+def test_a_timeout_no_attempt_could_keep_is_refused_when_built(timeout_s: object) -> None:
+    """Fixed: ``timeout_s`` was not checked, so ``None`` raised a TypeError on every attempt, 0 and -1 timed
+    out before connecting, NaN, inf and 1e12 overflowed a socket's timeout: each delivery failed, retried for
+    hours, then dead. It is refused when the sink is built, as RabbitMQSink refuses it."""
+    with pytest.raises(ValueError, match=r"timeout_s must be a number of seconds more than 0 and at most 86400"):
+        StandardWebhookSink("https://example.com/hook", SECRET, timeout_s=timeout_s)  # type: ignore[arg-type]
+
+
+def test_a_timeout_up_to_a_day_is_taken() -> None:
+    for timeout_s in (0.001, 30, 86400):
+        StandardWebhookSink("https://example.com/hook", SECRET, timeout_s=timeout_s).close()
+
+
+@pytest.mark.parametrize(("url", "why"), [
+    ("localhost:8080/hook", "no scheme: it starts with neither 'https://' nor 'http://'"),
+    ("", "no scheme"),
+    ("example.com/hook", "no scheme"),
+    ("ftp://example.com/x", "the scheme is 'ftp', not http or https"),
+    ("http://", "it names no host"),
+    ("https:///hook", "it names no host"),
+    ("http://exa mple.com/", "it contains whitespace"),
+    ("https://[::1/x", "InvalidURL: Invalid port"),
+    ("http://user:s3cret@127.0.0.1:99999/", "the port 99999 is not 1-65535"),
+])
+def test_a_url_no_delivery_could_reach_is_a_config_error_when_built(url: str, why: str) -> None:
+    """Fixed: any string was taken, and every delivery then failed (``UnsupportedProtocol``, a refused port),
+    retried for hours, then dead. The sink refuses it when built, saying why, never quoting the URL."""
+    with pytest.raises(ConfigError, match=r"StandardWebhookSink: not a URL a webhook can be sent to") as refused:
+        StandardWebhookSink(url, SECRET)
+    assert why in str(refused.value)
+    assert "s3cret" not in str(refused.value)
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8080/hook", "https://example.com", "HTTPS://Example.com/x?t=1",
+                                 "http://[::1]:8080/", "https://user:pw@hooks.example.com/in#frag"])
+def test_an_http_url_with_a_host_is_taken(url: str) -> None:
+    StandardWebhookSink(url, SECRET).close()

@@ -1,5 +1,6 @@
 """The forwarding sink: an answer's body that cannot be read does not decide the outcome (its
-status does), answers are asked for uncompressed, and several secrets sign one delivery while rotating.
+status does), answers are asked for uncompressed and read as sent (never inflated), and several
+secrets sign one delivery while rotating.
 
 The receivers are real loopback servers: raw sockets where the answer must be malformed byte for byte
 (``tests.test_sinks_timeout_and_secret_encoding.slow_receiver``), a Starlette app under uvicorn otherwise.
@@ -7,9 +8,13 @@ The receivers are real loopback servers: raw sockets where the answer must be ma
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import gzip
 import socket
 import threading
+import tracemalloc
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -183,3 +188,77 @@ def test_each_secret_of_a_list_is_checked(secrets: list[str | SecretStr], said: 
     with pytest.raises(ConfigError, match=said) as refused:
         StandardWebhookSink("http://receiver.test/hook", secrets)
     assert "Pass the receiver's Standard Webhooks secret" in str(refused.value)
+
+
+# -- a compressed answer is not inflated --------------------------------------------------------------------
+
+@functools.cache
+def _gzip_bomb(megabytes: int = 200) -> bytes:
+    """``megabytes`` MB of zeros, gzipped twice: a few hundred bytes (``Content-Encoding: gzip, gzip``)."""
+    inner = zlib.compressobj(9, zlib.DEFLATED, 31)  # wbits 31: the gzip container
+    once = b"".join(inner.compress(bytes(1 << 20)) for _ in range(megabytes)) + inner.flush()
+    return gzip.compress(once)
+
+
+def _bomb_answer(status: int) -> Answer:
+    def answer(conn: socket.socket, stop: threading.Event) -> None:
+        body = _gzip_bomb()
+        conn.sendall(f"HTTP/1.1 {status} X\r\nContent-Encoding: gzip, gzip\r\nContent-Length: {len(body)}\r\n"
+                     "Connection: close\r\n\r\n".encode() + body)
+
+    return answer
+
+
+def _peak_bytes(call: Callable[[], object]) -> int:
+    """The most memory Python held during ``call`` beyond what it held before."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        call()
+        return tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("status", [200, 500])
+def test_a_compressed_answer_is_not_inflated(status: int) -> None:
+    """Fixed: httpx decoded whatever Content-Encoding the receiver sent, stacked and without bound, so
+    a 658-byte answer inflated to ~600 MB in the worker. The body is read as sent: a success is done,
+    an error quotes the encoding, and the process holds no more than the few bytes it read."""
+    assert len(_gzip_bomb()) < 4096  # 200 MB once inflated
+    with slow_receiver(_bomb_answer(status)) as (url, _):
+        sink = StandardWebhookSink(url, SECRET, timeout_s=5)
+        with contextlib.suppress(RuntimeError):  # once before measuring: what is imported or cached at first use
+            sink(CHANGE)
+        outcome: list[object] = []
+
+        def deliver_once() -> None:
+            try:
+                sink(CHANGE)
+                outcome.append("done")
+            except RuntimeError as exc:
+                outcome.append(str(exc))
+
+        peak = _peak_bytes(deliver_once)
+        sink.close()
+    assert peak < 4 << 20, f"{peak / 2**20:.0f} MB held while reading a {len(_gzip_bomb())}-byte answer"
+    assert outcome == (["done"] if status == 200 else
+                       [f"{url} answered 500: (a body in Content-Encoding 'gzip, gzip', not decoded)"])
+
+
+@pytest.mark.parametrize(("status", "left"), [(200, 0), (500, 1)])
+def test_a_compressed_answer_finishes_or_retries_its_job_as_its_status_says(
+        sqlite_url: str, status: int, left: int) -> None:
+    """Through the dispatcher: a 200 is done, a 500 pending for a retry with the encoding as its last error."""
+    with slow_receiver(_bomb_answer(status)) as (url, _):
+        sink = StandardWebhookSink(url, SECRET, timeout_s=5)
+        store = hooked(sqlite_url, Hook("forward", sink, on=["user.*"]))
+        deliver(store, f.envelope("user.created", f.user("user_1", B + 1000)))
+        Dispatcher(store, backoff=Backoff(base_s=60), heartbeat_s=0).run_once()
+        sink.close()
+    left_jobs = jobs(store)
+    assert len(left_jobs) == left
+    if left:
+        assert left_jobs[0]["attempts"] == 1
+        assert "answered 500: (a body in Content-Encoding 'gzip, gzip', not decoded)" in left_jobs[0]["last_error"]
+    store.dispose()

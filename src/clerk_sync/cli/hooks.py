@@ -267,10 +267,28 @@ def load_mapping(spec: str | None) -> SchemaMapping | None:
     return value
 
 
-def _positive(value: float) -> float:
-    if not value > 0:
-        raise typer.BadParameter(f"must be more than 0 seconds, not {value}")
+_DAY_S = 86400.0  # the longest --poll and --lease: longer overflows a wait (1e300) or breaks the heartbeat (inf)
+_MAX_JOB_ID = 2**63 - 1  # the outbox's ids are 64-bit: a larger one overflowed in the driver or the database
+
+
+def _poll_seconds(value: float) -> float:
+    if not 0 <= value <= _DAY_S:  # NaN too
+        raise typer.BadParameter(f"must be from 0 to {_DAY_S:g} seconds (a day), not {value}")
     return value
+
+
+def _lease_seconds(value: float) -> float:
+    if not 0 < value <= _DAY_S:  # NaN too
+        raise typer.BadParameter(f"must be more than 0 and at most {_DAY_S:g} seconds (a day), not {value}")
+    return value
+
+
+def _job_ids(ids: list[int] | None) -> list[int] | None:
+    wrong = [i for i in ids or () if not 1 <= i <= _MAX_JOB_ID]
+    if wrong:
+        raise typer.BadParameter(f"job ids are from 1 to {_MAX_JOB_ID} (the first column of `clerk-sync hooks "
+                                 f"list`), not {', '.join(map(str, wrong))}")
+    return ids
 
 
 def worker(
@@ -278,12 +296,14 @@ def worker(
     once: Annotated[bool, typer.Option("--once", help="Run the due jobs, then exit (a run past its hook's "
                                        "timeout_s is waited for up to a lease; exit 1 if a job died or one "
                                        "still runs).")] = False,
-    poll: Annotated[float, typer.Option(min=0, help="Seconds between polls of an empty queue.")] = 1.0,
+    poll: Annotated[float, typer.Option(
+        callback=_poll_seconds, help="Seconds between polls of an empty queue (0 to 86400: a day).")] = 1.0,
     batch: Annotated[int, typer.Option(
         min=1, help="The most jobs one claim takes (fewer while handlers are slow: a tenth of the lease's worth)."),
     ] = 500,
     lease: Annotated[float, typer.Option(
-        callback=_positive, help="Seconds a claim lasts (a heartbeat extends it every third of it).")] = 60.0,
+        callback=_lease_seconds, help="Seconds a claim lasts (a heartbeat extends it every third of it; more than 0, "
+        "at most 86400: a day).")] = 60.0,
     vacuum_every: Annotated[int, typer.Option(
         min=0, help="PostgreSQL: VACUUM the outbox after so many finished jobs (0: leave it to autovacuum).")] = 1000,
     max_overdue: Annotated[int, typer.Option(
@@ -412,13 +432,14 @@ def _ids(ids: list[int] | None, all_: bool, verb: str) -> list[int] | None:
 @hooks_app.command("list")
 def list_command(
     status: Annotated[Literal["dead", "pending", "running"], typer.Option(help="dead, pending or running.")] = "dead",
-    limit: Annotated[int, typer.Option(min=1, help="At most this many.")] = 50,
+    limit: Annotated[int, typer.Option(min=1, max=_MAX_JOB_ID, help="At most this many.")] = 50,
 ) -> None:
     """List queued hook jobs (dead ones by default), tab-separated: id, hook, type, Clerk id, attempts, error,
     idempotency key (what a receiver got as ``webhook-id``, ``message_id`` or the stream's ``idempotency_key``),
     and for a pending job ``next=`` when its next attempt is due (UTC; empty for the others).
 
-    Backslash, tab, newline and carriage return within a field are written \\\\, \\t, \\n and \\r.
+    Backslash, tab, newline and carriage return within a field are written \\\\, \\t, \\n and \\r;
+    other control characters \\xNN (an escape sequence in an error is shown, not acted on by a terminal).
     """
     store = _store()
     with store.connect() as conn:
@@ -465,13 +486,19 @@ def _due_by_hook(conn: Connection, now: datetime) -> list[tuple[str, int, float]
 
 
 def _one_field(text: str) -> str:
-    """Backslash, newline, carriage return and tab as backslash escapes (\\\\, \\n, \\r, \\t)."""
-    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+    """Backslash, newline, carriage return and tab as backslash escapes (\\\\, \\n, \\r, \\t), every other
+    control character (C0, DEL, C1) as \\xNN: a receiver's answer or a handler's message in a job's last error
+    reaches the terminal as text, never as an escape sequence it acts on (a title, colours, a cleared screen)."""
+    return text.translate(_FIELD_ESCAPES)
+
+
+_FIELD_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))} | {
+    ord("\\"): "\\\\", ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"}
 
 
 @hooks_app.command("retry")
 def retry_command(
-    ids: Annotated[list[int] | None, typer.Argument(help="Job ids.")] = None,
+    ids: Annotated[list[int] | None, typer.Argument(callback=_job_ids, help="Job ids.")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Every dead job.")] = False,
 ) -> None:
     """Queue dead jobs again, with a fresh attempt budget.
@@ -523,7 +550,7 @@ def _next_page(conn: Connection, wanted: list[int] | None, after: int, page: int
 
 @hooks_app.command("purge")
 def purge_command(
-    ids: Annotated[list[int] | None, typer.Argument(help="Job ids.")] = None,
+    ids: Annotated[list[int] | None, typer.Argument(callback=_job_ids, help="Job ids.")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Every dead job.")] = False,
     hook: Annotated[str | None, typer.Option(
         help="Every job of this hook that is not running, pending ones too: a hook removed or renamed, whose "

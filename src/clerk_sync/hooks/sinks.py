@@ -13,8 +13,8 @@ those events too, as ``{"type", "idempotency_key", "data": {"event", "svix_id", 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
-import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -65,8 +65,12 @@ class StandardWebhookSink:
     success's body is read for at most what is left (to keep the connection), an error's start for the
     job's last error. The outcome is the status's alone: a body that cannot be read or decoded (a bad gzip,
     a connection cut mid-body, an unknown charset) neither undoes a success nor hides a 410. Answers are
-    asked for uncompressed (``accept-encoding: identity``): a small compressed one could inflate to far more
-    in memory. A ``client`` of your own keeps its own per-wait timeouts, within ``timeout_s``.
+    asked for uncompressed (``accept-encoding: identity``) and their bodies are read as sent, never decoded:
+    a receiver that compresses anyway (``Content-Encoding: gzip, gzip``: a few hundred bytes that inflate to
+    hundreds of MB) is quoted as such, not inflated. A ``client`` of your own keeps its own per-wait
+    timeouts, within ``timeout_s``. A ``url`` that is not http(s) with a host, or a ``timeout_s`` that is not
+    more than 0 and at most a day, is refused here (:class:`~clerk_sync.errors.ConfigError`,
+    :class:`ValueError`), not by every delivery for hours.
 
     A refusal's message names the URL without its ``user:password@``, query or fragment (where tokens
     go) and quotes the start of the answer: it is the job's last error, which erasure redacts. It is
@@ -76,6 +80,8 @@ class StandardWebhookSink:
     def __init__(self, url: str, secret: str | SecretStr | Sequence[str | SecretStr], *,
                  client: httpx.Client | None = None, timeout_s: float = 10.0,
                  now: Callable[[], float] = time.time) -> None:
+        _check_timeout(timeout_s)
+        _check_url(url)  # a typo here would fail every delivery, each retried for hours: refused now
         secrets = [secret] if isinstance(secret, str | SecretStr) else list(secret)  # one secret, not its characters
         if not secrets:
             raise ConfigError(f"StandardWebhookSink's secret is an empty list. {_KEY_HELP}")
@@ -149,6 +155,40 @@ def _without_secrets(url: str) -> str:
     return f"{parsed.scheme}://{parsed.netloc.decode('ascii')}{path}"
 
 
+def _check_url(url: str) -> None:
+    """Refuse a URL no delivery could be sent to, saying why."""
+    why = _unsendable(url)
+    if why:
+        raise ConfigError(f"StandardWebhookSink: not a URL a webhook can be sent to ({why}); expected the "
+                          "receiver's http or https URL, e.g. 'https://example.com/clerk-hooks'")
+
+
+def _unsendable(url: str) -> str:
+    """Why ``url`` is not an http(s) URL with a host (never quoting it: it may hold a password), or ``""``."""
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError) as exc:  # names the bad part (a port, a character), not a password
+        return f"{type(exc).__name__}: {exc}"
+    if "://" not in url:  # "localhost:8080/hook" reads as the scheme "localhost"
+        return "no scheme: it starts with neither 'https://' nor 'http://'"
+    if parsed.scheme not in ("http", "https"):
+        return f"the scheme is {parsed.scheme!r}, not http or https"
+    if not parsed.host:
+        return "it names no host"
+    if parsed.port is not None and not 0 < parsed.port < 65536:
+        return f"the port {parsed.port} is not 1-65535"
+    if any(c.isspace() for c in url):
+        return "it contains whitespace"
+    return ""
+
+
+def _check_timeout(timeout_s: object) -> None:
+    if not (isinstance(timeout_s, int | float) and 0 < timeout_s <= _MAX_TIMEOUT_S):  # NaN and None too
+        raise ValueError(f"timeout_s must be a number of seconds more than 0 and at most {_MAX_TIMEOUT_S:g} (a "
+                         f"day), not {timeout_s!r}")
+
+
+_MAX_TIMEOUT_S = 86400.0  # a day; sockets cannot wait past about 292 years (nanoseconds in 64 bits), inf at all
 _KEEP_ALIVE_BODY = 64 * 1024  # a success's body read to its end up to this, so its connection is reused
 _KEY_HELP = ("Pass the receiver's Standard Webhooks secret: 'whsec_' + the standard base64 of its key (e.g. "
              "'whsec_' + base64.b64encode(secrets.token_bytes(32)).decode()), the same string the receiver "
@@ -159,15 +199,24 @@ def _read_start(response: httpx.Response, deadline: float, limit: int = 200) -> 
     """The first ``limit`` bytes of an answer's body (an error's, for the job's last error), read until
     ``deadline`` at most (what came by then: the socket's wait is cut there too, a timeout that ends the read,
     not the answer); a body read to its end leaves the connection reusable. Never raises for the body: the
-    status is in and decides the outcome."""
-    got = b""
-    try:
-        for chunk in response.iter_bytes():
-            got += chunk
-            if len(got) >= limit or time.monotonic() >= deadline:
-                break
-    except httpx.HTTPError:  # slow, cut short, or not decodable: it neither undoes a success nor hides a 410
-        pass
+    status is in and decides the outcome.
+
+    Read raw (as sent): httpx would decode any ``Content-Encoding`` in full, stacked ones too, so a
+    compressed answer (though ``identity`` was asked for) is named, not inflated."""
+    if response.is_stream_consumed:  # built in memory (a client of yours with a mock transport): read already
+        got = response.content[:limit]
+    else:
+        got = b""
+        try:
+            for chunk in response.iter_raw():  # the network's chunks (64 KiB at most), however it is encoded
+                got += chunk
+                if len(got) >= limit or time.monotonic() >= deadline:
+                    break
+        except httpx.HTTPError:  # slow or cut short: it neither undoes a success nor hides a 410
+            pass
+        encoding = response.headers.get("content-encoding", "").strip()
+        if encoding.lower() not in ("", "identity"):
+            return f"(a body in Content-Encoding {encoding[:100]!r}, not decoded)"
     try:
         return got[:limit].decode(response.encoding or "utf-8", errors="replace")
     except LookupError:  # a charset Python knows only as a bytes codec (rot13, base64): not a text encoding
@@ -175,7 +224,8 @@ def _read_start(response: httpx.Response, deadline: float, limit: int = 200) -> 
 
 
 class RedisStreamSink:
-    """Appends each change to a Redis Stream (``XADD``), trimmed to about ``maxlen`` entries if set.
+    """Appends each change to a Redis Stream (``XADD``), trimmed to about ``maxlen`` entries if set, through a
+    synchronous ``client`` (``redis.Redis``; a ``redis.asyncio`` one is a :class:`~clerk_sync.errors.ConfigError`).
 
     Fields: ``type``, ``idempotency_key`` and ``change`` (the JSON of :func:`change_message`).
 
@@ -196,6 +246,11 @@ class RedisStreamSink:
     def __init__(self, client: redis.Redis, stream: str = "clerk-sync:changes", *, maxlen: int | None = None) -> None:
         if maxlen is not None and maxlen < 1:  # 0 would trim the stream to (about) nothing
             raise ValueError(f"maxlen must be None (no trimming) or at least 1, not {maxlen}")
+        if inspect.iscoroutinefunction(getattr(client, "execute_command", None)):
+            # redis.asyncio: xadd would return a coroutine nobody awaits, the job done and the change lost
+            raise ConfigError(f"RedisStreamSink needs a synchronous Redis client, not {type(client).__module__}."
+                              f"{type(client).__qualname__} (hooks run in the dispatcher's thread, which awaits "
+                              "nothing): pass redis.Redis.from_url(url), not redis.asyncio's")
         self.client = client
         self.stream = stream
         self.maxlen = maxlen
@@ -244,8 +299,7 @@ class RabbitMQSink:
             import pika  # (the rabbitmq extra: imported here, so the module loads without it)
         except ImportError as exc:
             raise ConfigError("RabbitMQSink needs pika: pip install 'clerk-sync[rabbitmq]'") from exc
-        if not (timeout_s > 0 and math.isfinite(timeout_s)):  # NaN too
-            raise ValueError(f"timeout_s must be a finite number of seconds more than 0, not {timeout_s!r}")
+        _check_timeout(timeout_s)
         self._pika = pika
         try:
             if urlsplit(url).scheme not in ("amqp", "amqps"):
