@@ -29,7 +29,7 @@ PUBLIC_API: dict[str, list[str]] = {
                                       "warn_if_any_origin"],
     "clerk_sync.auth.claims": ["Auth", "ClaimsValidator", "auth_from_claims", "normalize_claims"],
     "clerk_sync.auth.jwks": ["JWKSKeySource", "KeySource", "NeedsFetch", "StaticKeySource"],
-    "clerk_sync.auth.sessions": ["ALLOWED_ALGORITHMS", "RevocationCheck", "SAFE_METHODS", "SessionVerifier", "check_request_origin", "check_websocket_origin", "is_cors_preflight", "is_public_path", "token_from_request", "verifier_from_settings"],
+    "clerk_sync.auth.sessions": ["ALLOWED_ALGORITHMS", "RevocationCheck", "SAFE_METHODS", "SessionVerifier", "check_request_origin", "check_websocket_origin", "cookie_suffix", "is_cors_preflight", "is_public_path", "token_from_request", "verifier_from_settings"],
     "clerk_sync.auth.users": ["AuthUser", "JitUsers", "load_user", "read_user", "standing_error"],
     "clerk_sync.changes": ["Change", "EVENT_TYPES", "Event", "EventHandler", "Handler", "Hook", "describe", "job_payload"],
     "clerk_sync.clerk_api": ["API_VERSION", "ApiRequest", "AsyncClerkClient", "CircuitBreaker", "ClerkClient", "DEFAULT_API_URL", "DEFAULT_TIMEOUT", "JSON", "MAX_PAGE", "Page", "RetryPolicy", "Stats", "UNREACHABLE", "unreachable_advice"],

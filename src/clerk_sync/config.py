@@ -277,6 +277,10 @@ class Settings(BaseSettings):
     clerk_jwt_key: SecretStr | None = Field(None, validation_alias="CLERK_JWT_KEY")
     clerk_jwks_url: str | None = Field(None, validation_alias="CLERK_JWKS_URL")
     clerk_issuer: str | None = Field(None, validation_alias=AliasChoices("CLERK_ISSUER", "CLERK_FRONTEND_API_URL"))
+    # The front end's publishable key (public): picks this app's __session_<suffix> cookie where several
+    # Clerk apps share a host (localhost), as Clerk's own backend SDKs do with it.
+    clerk_publishable_key: str | None = Field(None, validation_alias=AliasChoices(
+        "CLERK_PUBLISHABLE_KEY", "NEXT_PUBLIC_CLERK_PUBLISHABLE_KEY", "VITE_CLERK_PUBLISHABLE_KEY"))
     authorized_parties_raw: str | None = Field(None, validation_alias="CLERK_AUTHORIZED_PARTIES")
     # Roles an impersonating user of the app must still hold (comma-separated; unset: admin; "*": any role,
     # standing only), for apps whose support staff impersonate with actor tokens of their own.
@@ -349,7 +353,8 @@ class Settings(BaseSettings):
     console_session_s: int = Field(8 * 3600, ge=60, le=7 * 86400, validation_alias="CLERK_SYNC_CONSOLE_SESSION_S")
 
     @field_validator("instance_id", "redis_url", "webhook_secret", "clerk_secret_key", "clerk_api_rate_limit",
-                     "clerk_jwt_key", "clerk_jwks_url", "clerk_issuer", "authorized_parties_raw",
+                     "clerk_jwt_key", "clerk_jwks_url", "clerk_issuer", "clerk_publishable_key",
+                     "authorized_parties_raw",
                      "impersonator_roles_raw", "console_operator_token", "console_secret",
                      "tombstone_delete_after_days", "freshness_max_delivery_age_s", "audit_ip_clear_after_days",
                      mode="before")
@@ -383,6 +388,18 @@ class Settings(BaseSettings):
             raise ValueError(f"must be at least {_MIN_CONSOLE_SECRET_CHARS} characters (it signs the console's "
                              f"session cookies); {_CONSOLE_SECRET_HELP}")
         return value
+
+    @field_validator("clerk_publishable_key")
+    @classmethod
+    def _publishable_key(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        key = value.strip()
+        if not key.startswith(("pk_test_", "pk_live_")) or not key.isascii() or any(c.isspace() for c in key):
+            shown = "a secret key ('sk_...'), not shown" if key.startswith("sk_") else repr(key[:12])
+            raise ValueError(f"must be the publishable key, starting with 'pk_test_' or 'pk_live_' (Clerk Dashboard "
+                             f"-> API keys), not {shown}")
+        return key
 
     @field_validator("clerk_issuer")
     @classmethod

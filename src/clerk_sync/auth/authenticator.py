@@ -299,7 +299,7 @@ class Authenticator:
         ambient credential) needs no check at all.
         """
         try:
-            token = token_from_request(headers, cookies)
+            token = token_from_request(headers, cookies, suffix=self.verifier.cookie_suffix)
             self._check_site(headers, method, scheme, trusted_origins)
             auth = self._check_user(self.verifier.verify(token))
             if auth.actor_id is not None:
@@ -317,7 +317,8 @@ class Authenticator:
         """Async :meth:`authenticate`: the deny list is refreshed in a worker thread, then only read (no
         database query on the event loop, even with a refresh interval of 0)."""
         try:
-            token = token_from_request(headers, cookies)  # first: an anonymous request never touches the DB
+            # first: an anonymous request never touches the DB
+            token = token_from_request(headers, cookies, suffix=self.verifier.cookie_suffix)
             self._check_site(headers, method, scheme, trusted_origins)
             if self.deny_list.due():  # its DB read runs in a worker thread, never on the event loop
                 await to_thread.run_sync(self.deny_list.refresh_if_due)

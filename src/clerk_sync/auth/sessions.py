@@ -17,6 +17,7 @@ parsed only after the signature holds.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import threading
 import time
@@ -53,6 +54,7 @@ __all__ = [
     "SessionVerifier",
     "check_request_origin",
     "check_websocket_origin",
+    "cookie_suffix",
     "is_cors_preflight",
     "is_public_path",
     "token_from_request",
@@ -103,14 +105,23 @@ def is_public_path(path: str, paths: Iterable[str], prefixes: Iterable[str], *,
     return False
 
 
-def token_from_request(headers: Mapping[str, str], cookies: Mapping[str, str]) -> str:
+def cookie_suffix(publishable_key: str) -> str:
+    """The suffix of this app's ``__session_<suffix>`` cookie: the first 8 characters of the URL-safe base64
+    SHA-1 of its publishable key, as Clerk JS names it (FACTS 5.3, ``getCookieSuffix``)."""
+    digest = hashlib.sha1(publishable_key.encode(), usedforsecurity=False).digest()
+    return base64.urlsafe_b64encode(digest).decode()[:8]
+
+
+def token_from_request(headers: Mapping[str, str], cookies: Mapping[str, str], *, suffix: str | None = None) -> str:
     """``Authorization: Bearer`` first (cross-origin), else the session cookie (same-origin).
 
     Clerk names the cookie ``__session``, or ``__session_<suffix>`` when several apps share a host (the
-    suffix comes from each app's publishable key, and Clerk JS writes both names). The choice does not
-    depend on the order of the ``Cookie`` header: one non-empty candidate is used whatever its name;
-    among several, the plain ``__session``; several suffixed ones without it are refused
-    (:class:`~clerk_sync.errors.TokenMalformed`), as nothing says which app's is ours.
+    suffix comes from each app's publishable key, and Clerk JS writes both names: ``__session`` then holds
+    whichever app refreshed last). With this app's ``suffix`` (:func:`cookie_suffix` of
+    ``CLERK_PUBLISHABLE_KEY``), its own suffixed cookie is used when present, as Clerk's backend SDKs do.
+    Otherwise the choice does not depend on the order of the ``Cookie`` header: one non-empty candidate is
+    used whatever its name; among several, the plain ``__session``; several suffixed ones without it are
+    refused (:class:`~clerk_sync.errors.TokenMalformed`), as nothing says which app's is ours.
 
     One name with two different values in the raw ``Cookie`` header (cookie tossing: a sibling subdomain
     sets a second ``__session``) is refused too, as two Authorization headers are: Starlette and Django
@@ -124,8 +135,9 @@ def token_from_request(headers: Mapping[str, str], cookies: Mapping[str, str]) -
         raise TokenMalformed(f"two different {tossed} cookies in one request (one set for a parent domain or "
                              "another path?): cannot tell which session is meant; clear this site's cookies and "
                              "sign in again, or send the token as Authorization: Bearer")
-    candidates = {name: value for name, value in cookies.items()
-                  if value and (name == "__session" or name.startswith("__session_"))}
+    candidates = {name: value for name, value in cookies.items() if value and is_session_cookie(name)}
+    if suffix is not None and candidates.get(f"__session_{suffix}"):
+        return candidates[f"__session_{suffix}"]
     if len(candidates) == 1:
         return next(iter(candidates.values()))
     if "__session" in candidates:
@@ -265,10 +277,12 @@ class SessionVerifier:
         revocations: RevocationCheck | None = None,
         now: Callable[[], float] = time.time,
         cache_size: int = 10_000,
+        cookie_suffix: str | None = None,
     ) -> None:
         self.keys = keys
         self.claims = claims
         self.revocations = revocations
+        self.cookie_suffix = cookie_suffix  # this app's __session_<suffix> cookie (token_from_request)
         self._now = now
         # token -> its Auth, kid and the key that verified it
         self._cache: OrderedDict[str, tuple[Auth, str | None, RSAPublicKey]] = OrderedDict()
@@ -402,7 +416,8 @@ def verifier_from_settings(settings: Settings, *, http: httpx.Client | None = No
             headers["Authorization"] = f"Bearer {settings.clerk_secret_key.get_secret_value()}"
         keys = JWKSKeySource(url, client=http or httpx.Client(), headers=headers,
                              min_refetch_s=settings.jwks_min_refetch_s)
-    return SessionVerifier(keys, claims, revocations=revocations)
+    suffix = cookie_suffix(settings.clerk_publishable_key) if settings.clerk_publishable_key else None
+    return SessionVerifier(keys, claims, revocations=revocations, cookie_suffix=suffix)
 
 
 def _header_kid(segment: bytes) -> str | None:

@@ -276,7 +276,7 @@ def _unless_invalid(runtime: ClerkSync, error: StoreError, headers: Mapping[str,
     try:
         verifier = copy.copy(runtime.authenticator.verifier)  # (shares the key source and the caches)
         verifier.revocations = None
-        verifier.verify(token_from_request(headers, cookies), allow_fetch=False)
+        verifier.verify(token_from_request(headers, cookies, suffix=verifier.cookie_suffix), allow_fetch=False)
     except TokenError as invalid:
         return invalid
     except NeedsFetch:  # a key it does not hold yet: cannot tell, the outage stands
