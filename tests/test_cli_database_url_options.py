@@ -65,3 +65,16 @@ def test_a_port_or_worker_count_out_of_range_is_refused_by_the_argument_parser(a
     said = _run("sqlite:///unused.db", *args)
     assert said.returncode == 2, said.stderr
     assert "Traceback" not in said.stderr and f"Invalid value for '{args[1]}'" in said.stderr, said.stderr
+
+
+@pytest.mark.parametrize("command", [["doctor"], ["doctor", "--freshness"]])
+def test_doctor_on_a_sqlite_file_that_does_not_exist_says_so_and_creates_nothing(tmp_path: Path,
+                                                                                 command: list[str]) -> None:
+    """Before: doctor opened it (SQLite made an empty file there) and said "schema at nothing: run `clerk-sync
+    migrate`", which built a second, empty database at the mistyped path."""
+    typo = tmp_path / "typo.db"
+    said = _run(f"sqlite:///{typo}", *command)
+    assert said.returncode == (1 if command == ["doctor"] else 2), said.stdout + said.stderr
+    assert f"the SQLite file {typo} does not exist (nothing was created)" in " ".join(
+        (said.stdout + said.stderr).split()), said.stdout + said.stderr
+    assert not typo.exists() and list(tmp_path.iterdir()) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import time
 from collections.abc import Callable
@@ -41,7 +42,9 @@ def run_checks(settings: Settings, *, http: httpx.Client | None = None,
                mapping: SchemaMapping | None = None) -> list[Check]:
     """Run every check; one failing check never hides the others."""
     client = http or httpx.Client(timeout=5)
-    database = _guard("database", lambda: _database(settings))
+    missing = _missing_sqlite_file(settings)
+    database = (Check("database", "fail", f"{_UNREACHABLE}: {missing}") if missing is not None
+                else _guard("database", lambda: _database(settings)))
     reachable = not database.detail.startswith(_UNREACHABLE)  # else what reads it says so, not "migrate"
     try:
         checks = [_guard("webhook secret", lambda: _webhook_secret(settings)), database]
@@ -147,6 +150,9 @@ def run_freshness(settings: Settings, *, now: Callable[[], float] = time.time) -
         read_snapshot,
     )
 
+    missing = _missing_sqlite_file(settings)
+    if missing is not None:
+        raise ConfigError(missing)
     store = Store.from_settings(settings)
     at = now()
     try:
@@ -162,6 +168,19 @@ def run_freshness(settings: Settings, *, now: Callable[[], float] = time.time) -
                             max_hook_wait_s=settings.freshness_max_hook_wait_s, refusals=refusals,
                             initial_load=initial_load)
     return schema + [Check(c.name, c.status, c.detail) for c in found]
+
+
+def _missing_sqlite_file(settings: Settings) -> str | None:
+    """What to say when DATABASE_URL names a SQLite file that does not exist, or None. Said instead of opening it:
+    SQLite would create an empty file there, and "run `clerk-sync migrate`" would then build a second, empty
+    database at a mistyped path (a relative one resolves against the current directory)."""
+    url = sa.engine.make_url(settings.sqlalchemy_url())
+    path = url.database if url.get_backend_name() == "sqlite" else None
+    if not path or path == ":memory:" or path.startswith("file:") or "uri" in url.query or os.path.exists(path):
+        return None
+    return (f"the SQLite file {os.path.abspath(path)} does not exist (nothing was created): on a new install "
+            "`clerk-sync migrate` creates it; otherwise fix DATABASE_URL (sqlite:///relative.db is relative to the "
+            "current directory, sqlite:////absolute/path.db is not)")
 
 
 def _read_schema(store: Store) -> list[Check]:
