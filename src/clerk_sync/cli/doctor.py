@@ -178,9 +178,9 @@ def _missing_sqlite_file(settings: Settings) -> str | None:
     path = url.database if url.get_backend_name() == "sqlite" else None
     if not path or path == ":memory:" or path.startswith("file:") or "uri" in url.query or os.path.exists(path):
         return None
-    return (f"the SQLite file {os.path.abspath(path)} does not exist (nothing was created): on a new install "
-            "`clerk-sync migrate` creates it; otherwise fix DATABASE_URL (sqlite:///relative.db is relative to the "
-            "current directory, sqlite:////absolute/path.db is not)")
+    return (f"the SQLite file {os.path.abspath(path)} does not exist (nothing was created): on a new install run "
+            "`clerk-sync migrate`, which creates it; otherwise fix DATABASE_URL (sqlite:///relative.db is relative "
+            "to the current directory, sqlite:////absolute/path.db is not)")
 
 
 def _read_schema(store: Store) -> list[Check]:
