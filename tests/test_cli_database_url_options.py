@@ -78,3 +78,38 @@ def test_doctor_on_a_sqlite_file_that_does_not_exist_says_so_and_creates_nothing
     assert f"the SQLite file {typo} does not exist (nothing was created)" in " ".join(
         (said.stdout + said.stderr).split()), said.stdout + said.stderr
     assert not typo.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("db_url", [pytest.param("mariadb", marks=pytest.mark.mariadb)], indirect=True)
+def test_an_apps_own_do_connect_listener_still_sets_the_credentials(db_url: str) -> None:
+    """The refusals' wrapper must not answer the connect itself: SQLAlchemy stops at the first ``do_connect``
+    listener that returns a connection, and an app's (an IAM token, a rotated password) would never run."""
+    from sqlalchemy import event
+
+    from clerk_sync.store import Store
+
+    real = sa.make_url(db_url)
+    store = Store.from_url(real.set(username="cs_no_such_user", password="stale").render_as_string(False))
+    called: list[str] = []
+
+    @event.listens_for(store.engine, "do_connect")
+    def _credentials(dialect: object, record: object, cargs: object, cparams: dict[str, object]) -> None:
+        called.append("yes")
+        cparams["user"] = real.username
+        cparams.pop("passwd", None)
+        cparams.pop("password", None)
+
+    try:
+        with store.engine.connect() as conn:
+            assert conn.exec_driver_sql("SELECT 1").scalar() == 1
+    finally:
+        store.dispose()
+    assert called == ["yes"]
+
+
+@pytest.mark.parametrize("db_url", [pytest.param("mariadb", marks=pytest.mark.mariadb)], indirect=True)
+def test_an_engine_keyword_mistake_is_not_blamed_on_database_url(db_url: str) -> None:
+    from clerk_sync.store import create_engine
+
+    with pytest.raises(TypeError, match="pool_sizee"):
+        create_engine(db_url, pool_sizee=5)

@@ -277,9 +277,10 @@ def test_masked_url_hides_every_query_parameter_naming_a_password_or_secret() ->
     from clerk_sync._urls import masked_url
 
     url = ("mysql://app@db:3306/app?passwd=p1&charset=utf8mb4&PWD=p2&ssl_passphrase=p3&password=p4&"
-           "auth_token=p5&client_secret=p6&sslmode=require")
+           "auth_token=p5&client_secret=p6&sslmode=require&passfile=/home/app/.pgpass")
     assert masked_url(url) == ("mysql://***@db:3306/app?passwd=***&charset=utf8mb4&PWD=***&ssl_passphrase=***&"
-                               "password=***&auth_token=***&client_secret=***&sslmode=require")
+                               "password=***&auth_token=***&client_secret=***&sslmode=require&"
+                               "passfile=/home/app/.pgpass")  # (a path: which file was read is what to check)
 
 
 @pytest.mark.parametrize("db_url", [pytest.param("mariadb", marks=pytest.mark.mariadb)], indirect=True)

@@ -291,3 +291,19 @@ def test_a_url_no_delivery_could_reach_is_a_config_error_when_built(url: str, wh
                                  "http://[::1]:8080/", "https://user:pw@hooks.example.com/in#frag"])
 def test_an_http_url_with_a_host_is_taken(url: str) -> None:
     StandardWebhookSink(url, SECRET).close()
+
+
+def test_a_path_on_a_clients_base_url_is_taken_as_that_client_sends_it() -> None:
+    """Review: the URL check refused ``"/clerk-hooks"`` with ``httpx.Client(base_url=...)``, which delivers it."""
+    got: list[str] = []
+
+    def receiver(request: httpx.Request) -> httpx.Response:
+        got.append(str(request.url))
+        return httpx.Response(204)
+
+    client = httpx.Client(base_url="https://receiver.internal", transport=httpx.MockTransport(receiver))
+    sink = StandardWebhookSink("/clerk-hooks", SECRET, client=client)
+    sink(Change(Entity.USER, "user_1", "created", 1, {"clerk_id": "user_1"}))
+    assert got == ["https://receiver.internal/clerk-hooks"]
+    with pytest.raises(ConfigError, match="no scheme"):  # without a base_url, still refused
+        StandardWebhookSink("/clerk-hooks", SECRET, client=httpx.Client())

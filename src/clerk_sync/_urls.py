@@ -15,8 +15,9 @@ __all__ = ["masked_url", "origin"]
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 # The value of a query parameter naming a password or another secret, to the next '&': ?password=,
-# &ssl_password=, ?passwd= (what mysqlclient and PyMySQL take), ?pwd=, ?passphrase=, a token's or a secret's.
-_PASSWORD_PARAM = re.compile(r"[?&][^=&?#]*(?:pass|pwd|secret|token)[^=&?#]*=([^&]*)", re.IGNORECASE)
+# &ssl_password=, ?passwd= (what mysqlclient and PyMySQL take), ?pwd=, ?passphrase=, a token's or a secret's;
+# not ?passfile= (libpq's path to a password file, shown: which file was read is what to check).
+_PASSWORD_PARAM = re.compile(r"[?&](?!passfile=)[^=&?#]*(?:pass|pwd|secret|token)[^=&?#]*=([^&]*)", re.IGNORECASE)
 
 
 def masked_url(url: str) -> str:

@@ -198,20 +198,14 @@ def _mysql_engine(url: str, t: DatabaseTimeouts, kwargs: dict[str, Any]) -> Engi
     # Pooled connections idle past the server's wait_timeout (8 h by default) are gone: replace them
     # before that, without a ping per checkout.
     kwargs.setdefault("pool_recycle", 3600)
+    options = [f"?{name}=" for name in parsed.query if name != "charset"]
     try:
         engine = sa.create_engine(parsed, **kwargs)
     except (TypeError, ValueError) as exc:  # an option SQLAlchemy's dialect converts (?connect_timeout=abc)
-        options = ", ".join(f"?{name}=" for name in parsed.query if name != "charset")
-        raise ConfigError(f"DATABASE_URL's options ({options}): {exc}; {CONNECTION_OPTION_ADVICE}") from None
-
-    @sa_event.listens_for(engine, "do_connect")
-    def _driver_refusals(dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
-        # The MySQL drivers refuse an unknown keyword (?sslmode=require, PostgreSQL's) with a plain TypeError,
-        # which SQLAlchemy passes on unwrapped: a setting to fix, said as one, not a traceback
-        try:
-            return dialect.connect(*cargs, **cparams)
-        except TypeError as exc:
-            raise ConfigError(f"DATABASE_URL: {exc}; {CONNECTION_OPTION_ADVICE}") from None
+        if not options or "sent to create_engine" in str(exc):  # (the caller's own keyword arguments: theirs)
+            raise
+        raise ConfigError(f"DATABASE_URL's options ({', '.join(options)}): {exc}; {CONNECTION_OPTION_ADVICE}") from None
+    _refusals_said(engine)
 
     @sa_event.listens_for(engine, "connect", insert=True)
     def _after_theirs(dbapi_conn: Any, _record: Any) -> None:
@@ -233,6 +227,23 @@ def _mysql_engine(url: str, t: DatabaseTimeouts, kwargs: dict[str, Any]) -> Engi
         if t.keepalive_s > 0:
             _keepalive(dbapi_conn, t.keepalive_s)
     return engine
+
+
+def _refusals_said(engine: Engine) -> None:
+    """The MySQL drivers refuse an unknown keyword (``?sslmode=require``, PostgreSQL's) with a plain TypeError at
+    connect, which SQLAlchemy passes on unwrapped: a setting to fix, said as one (:class:`ConfigError`), not a
+    traceback. The dialect's own ``connect`` is wrapped, not a ``do_connect`` listener: a listener returning the
+    connection would keep the app's own listeners (a token or password set at connect time) from running."""
+    dialect = engine.dialect
+    connect = dialect.connect
+
+    def said(*cargs: Any, **cparams: Any) -> Any:
+        try:
+            return connect(*cargs, **cparams)
+        except TypeError as exc:
+            raise ConfigError(f"DATABASE_URL: {exc}; {CONNECTION_OPTION_ADVICE}") from None
+
+    dialect.connect = said  # type: ignore[method-assign]
 
 
 def _after_their_init_command(dbapi_conn: Any, ours: str) -> None:

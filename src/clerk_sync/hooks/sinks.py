@@ -81,7 +81,9 @@ class StandardWebhookSink:
                  client: httpx.Client | None = None, timeout_s: float = 10.0,
                  now: Callable[[], float] = time.time) -> None:
         _check_timeout(timeout_s)
-        _check_url(url)  # a typo here would fail every delivery, each retried for hours: refused now
+        # a typo here would fail every delivery, each retried for hours: refused now (a path on a client's base_url
+        # as that client sends it)
+        _check_url(str(client.base_url.join(url)) if client is not None and client.base_url else url)
         secrets = [secret] if isinstance(secret, str | SecretStr) else list(secret)  # one secret, not its characters
         if not secrets:
             raise ConfigError(f"StandardWebhookSink's secret is an empty list. {_KEY_HELP}")
