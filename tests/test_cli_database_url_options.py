@@ -113,3 +113,18 @@ def test_an_engine_keyword_mistake_is_not_blamed_on_database_url(db_url: str) ->
 
     with pytest.raises(TypeError, match="pool_sizee"):
         create_engine(db_url, pool_sizee=5)
+
+
+def test_migrate_backfill_without_a_mapping_is_refused_before_any_step(tmp_path: Path) -> None:
+    """Before: the migrations ran, then the flag was refused (exit 2 after the schema had changed)."""
+    url = f"sqlite:///{tmp_path / 'app.db'}"
+    said = _run(url, "migrate", "--backfill")
+    assert said.returncode == 2 and "--backfill needs --mapping" in said.stderr, said.stderr
+    assert "nothing was migrated" in " ".join(said.stderr.split())
+    assert not (tmp_path / "app.db").exists()
+
+
+def test_doctor_freshness_with_a_mapping_is_refused_not_ignored(tmp_path: Path) -> None:
+    """Before: exit 0, the mapping never loaded (``--mapping nosuch:X`` passed too)."""
+    said = _run(f"sqlite:///{tmp_path / 'app.db'}", "doctor", "--freshness", "--mapping", "nosuch:X")
+    assert said.returncode == 2 and "--freshness does not check a mapping" in said.stderr, said.stderr

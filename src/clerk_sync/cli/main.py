@@ -82,6 +82,9 @@ def migrate(
     """Apply database migrations (DATABASE_URL)."""
     settings = _settings()
     schema = load_mapping(mapping)
+    if backfill and schema is None:  # before any step: a deploy script's typo must not migrate half its intent
+        raise ConfigError("--backfill needs --mapping module:attribute (the mapped tables to write); nothing was "
+                          "migrated")
     store = Store.from_settings(settings)
     upgraded = migrations.upgrade(store.engine)
     console.print(f"[green]{upgraded.summary()}[/] on {_safe(settings)}")
@@ -91,8 +94,6 @@ def migrate(
         for line in migrated:
             console.print(line)
         refused = migrated.refused
-    elif backfill:
-        raise ConfigError("--backfill needs --mapping module:attribute")
     store.dispose()
     if refused:  # a deploy step or cron sees that the repair did not finish
         raise SystemExit(EXIT_UNDONE)
@@ -657,6 +658,9 @@ def doctor(
     """
     from clerk_sync.cli.doctor import run_checks, run_freshness
 
+    if freshness and mapping is not None:  # (it was ignored: exit 0 with a mapping never loaded)
+        raise ConfigError("--freshness does not check a mapping: run `clerk-sync doctor --mapping ...` for it, and "
+                          "`doctor --freshness` without --mapping")
     results = run_freshness(_settings()) if freshness else run_checks(_settings(), mapping=load_mapping(mapping))
     out = Console(soft_wrap=True)  # the report is the command's output: stdout, one line per check
     for check in results:
