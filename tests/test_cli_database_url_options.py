@@ -128,3 +128,16 @@ def test_doctor_freshness_with_a_mapping_is_refused_not_ignored(tmp_path: Path) 
     """Before: exit 0, the mapping never loaded (``--mapping nosuch:X`` passed too)."""
     said = _run(f"sqlite:///{tmp_path / 'app.db'}", "doctor", "--freshness", "--mapping", "nosuch:X")
     assert said.returncode == 2 and "--freshness does not check a mapping" in said.stderr, said.stderr
+
+
+@pytest.mark.parametrize("args", [["users", "erase", "user_\udcff"], ["dismiss", "msg_\udcff"],
+                                  ["hooks", "purge", "--hook", "\udcff"]])
+def test_an_argument_that_is_not_utf8_is_one_line_and_exit_2(tmp_path: Path, args: list[str]) -> None:
+    """Before: ``UnicodeEncodeError: surrogates not allowed`` from the driver, a traceback with exit 1."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLERK_", "PROMETHEUS_"))}
+    env.update({"DATABASE_URL": f"sqlite:///{tmp_path / 'app.db'}", "CLERK_WEBHOOK_SIGNING_SECRET": SECRET})
+    raw = [os.fsencode(a) for a in args]  # (as a shell in another encoding passes them: \xff, not UTF-8)
+    said = subprocess.run([os.fsencode(sys.executable), b"-c", b"from clerk_sync.cli import main; main()", *raw],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert said.returncode == 2 and "Traceback" not in said.stderr, said.stderr
+    assert "is not valid UTF-8" in said.stderr and "\\xff" in said.stderr, said.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -689,6 +690,14 @@ _HINTS: dict[type[Exception], str] = {
 
 def main() -> None:
     """Console entry point: turn our errors into one readable line and the exit code :func:`exit_code` gives."""
+    for arg in sys.argv[1:]:  # undecodable bytes (surrogates, PEP 383) would fail deep in a driver: a traceback
+        try:
+            arg.encode()
+        except UnicodeEncodeError:
+            shown = arg.encode("utf-8", "surrogateescape").decode("ascii", "backslashreplace")
+            console.print(f"[red]error:[/] the argument {escape(shown)} is not valid UTF-8 (a terminal or "
+                          "script in another encoding?): give it as UTF-8", soft_wrap=True, highlight=False)
+            raise SystemExit(EXIT_SETTINGS) from None
     try:
         app()
     except (ClerkSyncError, SQLAlchemyError, CommandError) as exc:
