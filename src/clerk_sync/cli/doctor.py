@@ -178,6 +178,8 @@ def _missing_sqlite_file(settings: Settings) -> str | None:
     path = url.database if url.get_backend_name() == "sqlite" else None
     if not path or path == ":memory:" or path.startswith("file:") or "uri" in url.query or os.path.exists(path):
         return None
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        return None  # its directory missing too: the store says that (mkdir -p ...), and creates nothing either
     return (f"the SQLite file {os.path.abspath(path)} does not exist (nothing was created): on a new install run "
             "`clerk-sync migrate`, which creates it; otherwise fix DATABASE_URL (sqlite:///relative.db is relative "
             "to the current directory, sqlite:////absolute/path.db is not)")
