@@ -434,11 +434,13 @@ def test_deny_list_forgets_expired_revocations_and_unbanned_users(db_url: str) -
 
     h = Harness(db_url)
     deny = DenyList(h.store, refresh_s=0)
-    past = int(datetime.now(UTC).timestamp() * 1000) - 1000
-    with h.store.transaction() as w:
-        w.conn.execute(revoked_sessions.insert().values(session_id="sess_old", reason="ended", revoked_at=w.now,
-                                                        expire_at=past))
+    now_ms = int(datetime.now(UTC).timestamp() * 1000)
+    with h.store.transaction() as w:  # (kept past expire_at as long as a token minted before it may live: 7 min)
+        for session_id, expire_at in (("sess_old", now_ms - 8 * 60_000), ("sess_recent", now_ms - 1000)):
+            w.conn.execute(revoked_sessions.insert().values(session_id=session_id, reason="ended", revoked_at=w.now,
+                                                            expire_at=expire_at))
     assert not deny.is_revoked("sess_old")
+    assert deny.is_revoked("sess_recent")
     h.event("user.created", f.user("user_ub", 1, banned=True))
     assert deny.is_user_blocked("user_ub")
     h.event("user.updated", f.user("user_ub", 2, banned=False))
@@ -876,3 +878,18 @@ def test_a_ban_committed_long_after_its_transaction_began_is_seen_by_the_next_fu
     clock[0] = 1202.0
     assert deny.blocked_reason("user_late_ban") is None
     h.store.dispose()
+
+
+def test_a_revocation_outlives_its_sessions_expiry_for_as_long_as_a_token_may(
+        harness: tuple[Harness, httpx.Client]) -> None:
+    """Review: the deny list dropped a revoked session once its ``expire_at`` passed, but a token minted just
+    before it lives its 60 s (and the leeway) after: it was accepted again, revoked. Nothing says Clerk caps a
+    token's ``exp`` at its session's expiry."""
+    h, client = harness
+    h.event("user.created", f.user("user_x", 1))
+    tok = token("user_x")  # valid for another 60 s
+    expired = int(time.time() * 1000) - 30_000  # the session expired 30 s ago
+    h.event("session.revoked", {"id": "sess_user_x", "object": "session", "user_id": "user_x", "status": "revoked",
+                                "expire_at": expired})
+    r = client.get("/me", headers=bearer(tok))
+    assert (r.status_code, r.json()["error"]) == (401, "session_revoked"), r.text

@@ -136,7 +136,8 @@ class DenyList:
         wall = self._wall()
         now_ms = int(as_utc(wall).timestamp() * 1000)
         r, u = revoked_sessions, users
-        live = sa.or_(r.c.expire_at.is_(None), r.c.expire_at > now_ms)
+        kept_from = now_ms - _REVOCATION_OUTLIVES_EXPIRY_MS  # (a token minted just before expire_at lives on)
+        live = sa.or_(r.c.expire_at.is_(None), r.c.expire_at > kept_from)
         revocations = sa.select(r.c.session_id, r.c.expire_at, r.c.revoked_at).where(live)
         changed_users = sa.select(u.c.clerk_id, u.c.banned, u.c.deleted_at, u.c.deprovisioned, u.c.locked,
                                   u.c.locked_until, u.c.clerk_updated_at, u.c.lock_version, u.c.updated_at)
@@ -187,7 +188,7 @@ class DenyList:
         if full:
             self._revoked, self._blocked_users, self._lock_ends = revoked, blocked, lock_ends
             self._full_at = self._now()
-        for session_id in [s for s, exp in self._revoked.items() if exp is not None and exp <= now_ms]:
+        for session_id in [s for s, exp in self._revoked.items() if exp is not None and exp <= kept_from]:
             del self._revoked[session_id]
         # No later than this host's clock: a row stamped in the future (a writer whose clock is ahead, or jumped)
         # would lift the mark past the stamps of every writer with a right clock, whose revocations and bans the
@@ -206,6 +207,13 @@ class DenyList:
                     self.refresh()
             finally:
                 self._lock.release()
+
+
+# How long a revoked session stays on the list past its expire_at: a session token minted just before it lives
+# its 60 s, and is accepted within the token check's clock-skew leeway after that; nothing says Clerk caps a
+# token's exp at its session's expiry, so the revocation must outlive both: 60 s, the largest leeway
+# (CLERK_SYNC_SESSION_LEEWAY_S, 300 s) and a minute for the clocks.
+_REVOCATION_OUTLIVES_EXPIRY_MS = (60 + 300 + 60) * 1000
 
 
 def _later(mark: datetime | None, stamp: datetime | None) -> datetime | None:
