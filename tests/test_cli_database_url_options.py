@@ -141,3 +141,11 @@ def test_an_argument_that_is_not_utf8_is_one_line_and_exit_2(tmp_path: Path, arg
                           env=env, capture_output=True, text=True, timeout=60)
     assert said.returncode == 2 and "Traceback" not in said.stderr, said.stderr
     assert "is not valid UTF-8" in said.stderr and "\\xff" in said.stderr, said.stderr
+
+
+@pytest.mark.parametrize("url", ["mysql+mysqldb://root@127.0.0.1:abc/test", "sqlite+nosuch:///x.db"])
+def test_doctor_on_a_malformed_database_url_still_runs_its_other_checks(url: str) -> None:
+    """Review: the missing-file check ran outside doctor's guard, so a malformed URL ended doctor at once."""
+    said = _run(url, "doctor")
+    assert said.returncode == 1, said.stdout + said.stderr
+    assert "FAIL  database: cannot reach the database" in said.stdout and "webhook secret" in said.stdout, said.stdout

@@ -177,3 +177,12 @@ def test_prune_applies_retention_to_the_apps_store(db_url: str) -> None:
     with store.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(webhook_events)).scalar() == 0
     clerk_state(app).close()
+
+
+def test_an_argument_that_is_not_utf8_is_one_line_and_exit_2(db_url: str) -> None:
+    """Review: only ``clerk-sync``'s own entry point checked it; ``flask clerk-sync promote $'j\\xfcrgen@...'``
+    was a driver's UnicodeEncodeError traceback (exit 1)."""
+    app = flask_app(DATABASE_URL=db_url)
+    result = app.test_cli_runner().invoke(args=["clerk-sync", "promote", "j\udcfcrgen@example.com"])
+    assert result.exit_code == 2 and "is not valid UTF-8" in result.output, result.output
+    assert "j\\xfcrgen" in result.output

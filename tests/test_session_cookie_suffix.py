@@ -85,3 +85,25 @@ def test_a_visitor_stays_signed_in_whichever_app_refreshed_the_plain_cookie_last
         answer = httpx.get(f"{url}/me", headers={"Cookie": cookie})
     h.store.dispose()
     assert (answer.status_code, answer.json()) == (200, {"user_id": "user_here"}), answer.text
+
+
+@pytest.mark.parametrize("value", ["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", '"sk_live_abcdefghijklmnop"'])
+def test_a_secret_pasted_as_the_publishable_key_is_not_shown_even_in_part(value: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env({"CLERK_PUBLISHABLE_KEY": value})
+    said = str(refused.value)
+    assert all(part not in said for part in ("whsec_", "MfKQ", "sk_live", "abcdef")), said
+
+
+def test_another_apps_duplicate_cookie_does_not_refuse_this_apps_own() -> None:
+    """Review: the duplicate check (cookie tossing) ran over every ``__session*`` name before ours was chosen."""
+    ours, theirs = cookie_suffix(OURS), cookie_suffix(THEIRS)
+    for header in (f"__session_{ours}=ours; __session=A; __session=B",
+                   f"__session_{ours}=ours; __session_{theirs}=A; __session_{theirs}=B"):
+        cookies = dict(pair.split("=", 1) for pair in header.split("; "))
+        assert token_from_request({"cookie": header}, cookies, suffix=ours) == "ours"
+    tossed = f"__session_{ours}=ours; __session_{ours}=planted"  # ours tossed: still refused
+    with pytest.raises(TokenMalformed, match="two different"):
+        token_from_request({"cookie": tossed}, {f"__session_{ours}": "planted"}, suffix=ours)
+    with pytest.raises(TokenMalformed, match="two different"):  # without the key: as before
+        token_from_request({"cookie": "__session=A; __session=B"}, {"__session": "B"})

@@ -396,9 +396,9 @@ class Settings(BaseSettings):
             return None
         key = value.strip()
         if not key.startswith(("pk_test_", "pk_live_")) or not key.isascii() or any(c.isspace() for c in key):
-            shown = "a secret key ('sk_...'), not shown" if key.startswith("sk_") else repr(key[:12])
-            raise ValueError(f"must be the publishable key, starting with 'pk_test_' or 'pk_live_' (Clerk Dashboard "
-                             f"-> API keys), not {shown}")
+            # (never shown: a secret key or signing secret pasted here, in quotes or not, would reach the logs)
+            raise ValueError("must be the publishable key, starting with 'pk_test_' or 'pk_live_' (Clerk Dashboard "
+                             "-> API keys), without quotes or spaces; the value given is not (not shown)")
         return key
 
     @field_validator("clerk_issuer")

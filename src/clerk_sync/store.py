@@ -241,7 +241,7 @@ def _refusals_said(engine: Engine) -> None:
         try:
             return connect(*cargs, **cparams)
         except TypeError as exc:
-            raise ConfigError(f"DATABASE_URL: {exc}; {CONNECTION_OPTION_ADVICE}") from None
+            raise ConfigError(f"DATABASE_URL (or connect_args): {exc}; {CONNECTION_OPTION_ADVICE}") from None
 
     dialect.connect = said  # type: ignore[method-assign]
 

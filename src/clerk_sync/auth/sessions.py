@@ -130,14 +130,16 @@ def token_from_request(headers: Mapping[str, str], cookies: Mapping[str, str], *
     token = _bearer(headers)
     if token is not None:
         return token
-    tossed = _repeated_session_cookie(headers.get("cookie"))
+    ours = f"__session_{suffix}" if suffix is not None and cookies.get(f"__session_{suffix}") else None
+    # (this app's own cookie present: only its name's duplicates matter, not another app's on the same host)
+    tossed = _repeated_session_cookie(headers.get("cookie"), only=ours)
     if tossed is not None:
         raise TokenMalformed(f"two different {tossed} cookies in one request (one set for a parent domain or "
                              "another path?): cannot tell which session is meant; clear this site's cookies and "
                              "sign in again, or send the token as Authorization: Bearer")
+    if ours is not None:
+        return cookies[ours]
     candidates = {name: value for name, value in cookies.items() if value and is_session_cookie(name)}
-    if suffix is not None and candidates.get(f"__session_{suffix}"):
-        return candidates[f"__session_{suffix}"]
     if len(candidates) == 1:
         return next(iter(candidates.values()))
     if "__session" in candidates:
@@ -148,15 +150,16 @@ def token_from_request(headers: Mapping[str, str], cookies: Mapping[str, str], *
     raise TokenMissing("no session token (Authorization: Bearer or __session cookie)")
 
 
-def _repeated_session_cookie(raw: str | None) -> str | None:
-    """The first ``__session*`` name the ``Cookie`` header carries with two different values, if any."""
+def _repeated_session_cookie(raw: str | None, *, only: str | None = None) -> str | None:
+    """The first ``__session*`` name (``only`` that one, when given) the ``Cookie`` header carries with two
+    different values, if any."""
     seen: dict[str, str] = {}
     for pair in (raw or "").split(";"):
         name, eq, value = pair.partition("=")
         name, value = name.strip(), value.strip()
         if len(value) > 1 and value[0] == value[-1] == '"':  # a quoted copy is the same value to the frameworks
             value = value[1:-1]
-        if not eq or not (name == "__session" or name.startswith("__session_")):
+        if not eq or not is_session_cookie(name) or (only is not None and name != only):
             continue
         if seen.setdefault(name, value) != value:
             return name

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 
 from clerk_sync._time import as_utc
 from clerk_sync.engine import DeliveryStatus
 from clerk_sync.errors import ClerkSyncError, ConfigError
 
-__all__ = ["STORED_STATUSES", "PortInUse", "parse_since"]
+__all__ = ["STORED_STATUSES", "PortInUse", "parse_since", "refuse_undecodable"]
 
 
 class PortInUse(ClerkSyncError):
@@ -34,3 +35,17 @@ def parse_since(value: str | None) -> datetime | None:
         raise ConfigError(f"--since {value!r} is not an ISO 8601 date or time") from None
     except OverflowError:  # in UTC before year 1 or after 9999 (0001-01-01T00:30+01:00)
         raise ConfigError(f"--since {value!r} is out of range in UTC") from None
+
+
+def refuse_undecodable(args: Iterable[object]) -> None:
+    """A :class:`ConfigError` for an argument holding bytes that are not UTF-8 (PEP 383's surrogates: a terminal
+    or script in another encoding), naming it, before it fails deep in a database driver with a traceback."""
+    for arg in args:
+        if not isinstance(arg, str):
+            continue
+        try:
+            arg.encode()
+        except UnicodeEncodeError:
+            shown = arg.encode("utf-8", "surrogateescape").decode("ascii", "backslashreplace")
+            raise ConfigError(f"the argument {shown} is not valid UTF-8 (a terminal or script in another "
+                              "encoding?): give it as UTF-8") from None

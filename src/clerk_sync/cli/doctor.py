@@ -174,7 +174,12 @@ def _missing_sqlite_file(settings: Settings) -> str | None:
     """What to say when DATABASE_URL names a SQLite file that does not exist, or None. Said instead of opening it:
     SQLite would create an empty file there, and "run `clerk-sync migrate`" would then build a second, empty
     database at a mistyped path (a relative one resolves against the current directory)."""
-    url = sa.engine.make_url(settings.sqlalchemy_url())
+    if not settings.database_url.startswith("sqlite"):
+        return None
+    try:
+        url = sa.engine.make_url(settings.sqlalchemy_url())
+    except (ClerkSyncError, ValueError, sa.exc.ArgumentError):  # malformed: the database line says so (_database)
+        return None
     path = url.database if url.get_backend_name() == "sqlite" else None
     if not path or path == ":memory:" or path.startswith("file:") or "uri" in url.query or os.path.exists(path):
         return None

@@ -18,7 +18,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from clerk_sync import migrations
 from clerk_sync._db_errors import is_pooler_misconfigured, is_transient
 from clerk_sync._logging import configure_logging
-from clerk_sync.cli._args import PortInUse
+from clerk_sync.cli._args import PortInUse, refuse_undecodable
 from clerk_sync.cli._serve import (
     STARTUP_FAILURE,
     DispatchWhenMigrated,
@@ -690,15 +690,8 @@ _HINTS: dict[type[Exception], str] = {
 
 def main() -> None:
     """Console entry point: turn our errors into one readable line and the exit code :func:`exit_code` gives."""
-    for arg in sys.argv[1:]:  # undecodable bytes (surrogates, PEP 383) would fail deep in a driver: a traceback
-        try:
-            arg.encode()
-        except UnicodeEncodeError:
-            shown = arg.encode("utf-8", "surrogateescape").decode("ascii", "backslashreplace")
-            console.print(f"[red]error:[/] the argument {escape(shown)} is not valid UTF-8 (a terminal or "
-                          "script in another encoding?): give it as UTF-8", soft_wrap=True, highlight=False)
-            raise SystemExit(EXIT_SETTINGS) from None
     try:
+        refuse_undecodable(sys.argv[1:])
         app()
     except (ClerkSyncError, SQLAlchemyError, CommandError) as exc:
         code = exit_code(exc)

@@ -18,7 +18,7 @@ from flask.cli import AppGroup
 from rich.console import Console
 
 from clerk_sync import migrations
-from clerk_sync.cli._args import STORED_STATUSES
+from clerk_sync.cli._args import STORED_STATUSES, refuse_undecodable
 from clerk_sync.engine import DeliveryStatus
 from clerk_sync.errors import ClerkSyncError, ConfigError
 from clerk_sync.integrations.flask._core import clerk_state
@@ -46,6 +46,7 @@ def _readable(command: Callable[P, R]) -> Callable[P, R]:
     @functools.wraps(command)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
+            refuse_undecodable([*args, *kwargs.values()])  # (not UTF-8: a driver's traceback later)
             return command(*args, **kwargs)
         except (ClerkSyncError, sa.exc.SQLAlchemyError, CommandError) as exc:
             from clerk_sync.cli.main import _error_line, exit_code  # (the CLI's one table, not a copy)

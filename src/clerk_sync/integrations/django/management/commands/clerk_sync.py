@@ -27,7 +27,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from clerk_sync import migrations
 from clerk_sync._db_errors import store_error
 from clerk_sync._urls import masked_url
-from clerk_sync.cli._args import STORED_STATUSES
+from clerk_sync.cli._args import STORED_STATUSES, refuse_undecodable
 from clerk_sync.cli.main import EXIT_SETTINGS, EXIT_UNAVAILABLE, EXIT_UNDONE, erase_outcome, exit_code
 from clerk_sync.engine import DeliveryStatus
 from clerk_sync.errors import ClerkSyncError, StoreError
@@ -107,6 +107,7 @@ class Command(BaseCommand):
         """Exit codes as ``clerk-sync``'s (:func:`~clerk_sync.cli.main.exit_code`, the one table): 3 for the
         database or Clerk unavailable, 2 for a setting (or the schema) to fix, 1 for work left undone."""
         try:
+            refuse_undecodable([*args, *options.values()])  # (not UTF-8: a driver's traceback later)
             getattr(self, f"_{action.replace('-', '_')}")(**options)
         except ImproperlyConfigured as exc:  # (CLERK_SYNC read: a setting to fix)
             raise CommandError(str(exc), returncode=EXIT_SETTINGS) from exc
