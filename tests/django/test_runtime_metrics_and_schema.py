@@ -113,7 +113,7 @@ def test_the_processors_metrics_carry_the_databases_freshness_series(db_url: str
 
 def test_a_command_argument_that_is_not_utf8_is_a_command_error_exit_2(db_url: str) -> None:
     """Review: ``manage.py clerk_sync promote $'j\\xfcrgen@...'`` was a driver's UnicodeEncodeError traceback."""
-    with EmulatorServer() as clerk, django_database(db_url), override_settings(CLERK_SYNC=emulator_settings(clerk)):
-        with pytest.raises(CommandError, match="is not valid UTF-8") as refused:
-            call_command("clerk_sync", "promote", "j\udcfcrgen@example.com")
+    with EmulatorServer() as clerk, django_database(db_url), override_settings(CLERK_SYNC=emulator_settings(clerk)), \
+            pytest.raises(CommandError, match="is not valid UTF-8") as refused:
+        call_command("clerk_sync", "promote", "j\udcfcrgen@example.com")
     assert refused.value.returncode == 2
