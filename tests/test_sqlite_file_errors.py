@@ -229,8 +229,11 @@ def test_doctor_probes_the_write_on_a_file_not_migrated_yet(tmp_path: Path) -> N
     with contextlib.closing(sqlite3.connect(path)) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == 7
         assert [r[0] for r in conn.execute("SELECT name FROM sqlite_master")] == ["app_things"]
-    empty = _checks(f"sqlite:///{tmp_path / 'new.db'}")["sqlite file"]  # (a file SQLite creates on connect)
-    assert empty.status == "ok" and "writable" in empty.detail, empty
+    # A file that does not exist is said so, and not created (SQLite would make an empty one on connect, and
+    # "run `clerk-sync migrate`" then built a second database at a mistyped path): no file line to probe.
+    missing = _checks(f"sqlite:///{tmp_path / 'new.db'}")
+    assert "does not exist (nothing was created)" in missing["database"].detail, missing
+    assert "sqlite file" not in missing and not (tmp_path / "new.db").exists()
 
 
 @pytest.mark.parametrize(("version", "threshold", "runs"), [
