@@ -156,13 +156,23 @@ def _pooled_postgres(url: str, t: DatabaseTimeouts, kwargs: dict[str, Any]) -> E
     return engine
 
 
+def sqlite_file(url: str) -> str | None:
+    """The file a SQLite URL names, or None: another database, in memory, or a URI filename the driver resolves
+    itself. Raises SQLAlchemy's ArgumentError for a URL it cannot parse."""
+    parsed = sa.engine.make_url(url)
+    path = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not path or path == ":memory:" or path.startswith("file:") \
+            or "uri" in parsed.query:
+        return None
+    return path
+
+
 def _check_sqlite_directory(url: str) -> None:
     """A SQLite file whose directory does not exist is a setting to fix (the driver says only "unable to open
     database file", which reads as the database being down: retry)."""
-    parsed = sa.engine.make_url(url)
-    path = parsed.database
-    if not path or path == ":memory:" or path.startswith("file:") or "uri" in parsed.query:
-        return  # in memory, or a URI filename the driver resolves itself
+    path = sqlite_file(url)
+    if path is None:
+        return
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise ConfigError(

@@ -24,7 +24,7 @@ from clerk_sync._db_errors import (
 from clerk_sync.config import Settings
 from clerk_sync.errors import ClerkSyncError, ConfigError, database_message
 from clerk_sync.mapping import SchemaMapping, check_schema
-from clerk_sync.store import READ_ONLY_OPTION, Store
+from clerk_sync.store import READ_ONLY_OPTION, Store, sqlite_file
 
 __all__ = ["Check", "run_checks", "run_freshness"]
 
@@ -177,11 +177,10 @@ def _missing_sqlite_file(settings: Settings) -> str | None:
     if not settings.database_url.startswith("sqlite"):
         return None
     try:
-        url = sa.engine.make_url(settings.sqlalchemy_url())
+        path = sqlite_file(settings.sqlalchemy_url())
     except (ClerkSyncError, ValueError, sa.exc.ArgumentError):  # malformed: the database line says so (_database)
         return None
-    path = url.database if url.get_backend_name() == "sqlite" else None
-    if not path or path == ":memory:" or path.startswith("file:") or "uri" in url.query or os.path.exists(path):
+    if path is None or os.path.exists(path):
         return None
     if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
         return None  # its directory missing too: the store says that (mkdir -p ...), and creates nothing either
