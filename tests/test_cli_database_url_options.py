@@ -80,6 +80,32 @@ def test_doctor_on_a_sqlite_file_that_does_not_exist_says_so_and_creates_nothing
     assert not typo.exists() and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("command", [["replay"], ["dismiss", "msg_1", "--reason", "r"], ["prune"],
+                                     ["prune", "--dry-run"], ["users", "promote", "a@example.com"],
+                                     ["users", "erase", "user_1"], ["users", "retry-pending"], ["reconcile"],
+                                     ["hooks", "list"], ["hooks", "retry", "--all"], ["hooks", "purge", "--all"]])
+def test_a_command_on_a_sqlite_file_that_does_not_exist_says_so_and_creates_nothing(tmp_path: Path,
+                                                                                    command: list[str]) -> None:
+    """As doctor's: before, each of these opened the mistyped path (SQLite made an empty file there) and said the
+    schema was not current, whose advice (`clerk-sync migrate`) built a second, empty database there."""
+    typo = tmp_path / "typo.db"
+    said = _run(f"sqlite:///{typo}", *command)
+    assert said.returncode == 2, said.stdout + said.stderr
+    assert "Traceback" not in said.stderr, said.stderr
+    assert f"the SQLite file {typo} does not exist (nothing was created)" in " ".join(said.stderr.split()), \
+        said.stderr
+    assert not typo.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_migrate_still_creates_a_new_installs_sqlite_file(tmp_path: Path) -> None:
+    """The refusal is for commands that need the database there: ``migrate`` is how a new install makes it."""
+    new = tmp_path / "new.db"
+    said = _run(f"sqlite:///{new}", "migrate")
+    assert said.returncode == 0, said.stdout + said.stderr
+    assert new.exists()
+    assert _run(f"sqlite:///{new}", "hooks", "list").returncode == 0
+
+
 @pytest.mark.parametrize("db_url", [pytest.param("mariadb", marks=pytest.mark.mariadb)], indirect=True)
 def test_an_apps_own_do_connect_listener_still_sets_the_credentials(db_url: str) -> None:
     """The refusals' wrapper must not answer the connect itself: SQLAlchemy stops at the first ``do_connect``

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shlex
 import time
 from collections.abc import Callable
@@ -21,10 +20,11 @@ from clerk_sync._db_errors import (
     sqlite_file_advice,
     store_error,
 )
+from clerk_sync.cli._database import missing_sqlite_file
 from clerk_sync.config import Settings
 from clerk_sync.errors import ClerkSyncError, ConfigError, database_message
 from clerk_sync.mapping import SchemaMapping, check_schema
-from clerk_sync.store import READ_ONLY_OPTION, Store, sqlite_file
+from clerk_sync.store import READ_ONLY_OPTION, Store
 
 __all__ = ["Check", "run_checks", "run_freshness"]
 
@@ -42,7 +42,7 @@ def run_checks(settings: Settings, *, http: httpx.Client | None = None,
                mapping: SchemaMapping | None = None) -> list[Check]:
     """Run every check; one failing check never hides the others."""
     client = http or httpx.Client(timeout=5)
-    missing = _missing_sqlite_file(settings)
+    missing = missing_sqlite_file(settings)
     database = (Check("database", "fail", f"{_UNREACHABLE}: {missing}") if missing is not None
                 else _guard("database", lambda: _database(settings)))
     reachable = not database.detail.startswith(_UNREACHABLE)  # else what reads it says so, not "migrate"
@@ -150,7 +150,7 @@ def run_freshness(settings: Settings, *, now: Callable[[], float] = time.time) -
         read_snapshot,
     )
 
-    missing = _missing_sqlite_file(settings)
+    missing = missing_sqlite_file(settings)
     if missing is not None:
         raise ConfigError(missing)
     store = Store.from_settings(settings)
@@ -168,25 +168,6 @@ def run_freshness(settings: Settings, *, now: Callable[[], float] = time.time) -
                             max_hook_wait_s=settings.freshness_max_hook_wait_s, refusals=refusals,
                             initial_load=initial_load)
     return schema + [Check(c.name, c.status, c.detail) for c in found]
-
-
-def _missing_sqlite_file(settings: Settings) -> str | None:
-    """What to say when DATABASE_URL names a SQLite file that does not exist, or None. Said instead of opening it:
-    SQLite would create an empty file there, and "run `clerk-sync migrate`" would then build a second, empty
-    database at a mistyped path (a relative one resolves against the current directory)."""
-    if not settings.database_url.startswith("sqlite"):
-        return None
-    try:
-        path = sqlite_file(settings.sqlalchemy_url())
-    except (ClerkSyncError, ValueError, sa.exc.ArgumentError):  # malformed: the database line says so (_database)
-        return None
-    if path is None or os.path.exists(path):
-        return None
-    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-        return None  # its directory missing too: the store says that (mkdir -p ...), and creates nothing either
-    return (f"the SQLite file {os.path.abspath(path)} does not exist (nothing was created): on a new install run "
-            "`clerk-sync migrate`, which creates it; otherwise fix DATABASE_URL (sqlite:///relative.db is relative "
-            "to the current directory, sqlite:////absolute/path.db is not)")
 
 
 def _read_schema(store: Store) -> list[Check]:

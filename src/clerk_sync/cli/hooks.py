@@ -31,6 +31,7 @@ from clerk_sync._time import aware
 from clerk_sync.auth.audit import AuditEntry, record_audit
 from clerk_sync.changes import Change, Event, Hook
 from clerk_sync.clerk_api import ClerkClient
+from clerk_sync.cli._database import existing_store
 from clerk_sync.config import Settings
 from clerk_sync.engine import Entity
 from clerk_sync.errors import ConfigError, EventShapeError
@@ -417,7 +418,7 @@ def _run_once(store: Store, **options: Any) -> None:
 
 
 def _store() -> Store:
-    return Store.from_settings(Settings.from_env())
+    return existing_store(Settings.from_env())
 
 
 def _ids(ids: list[int] | None, all_: bool, verb: str) -> list[int] | None:

@@ -19,6 +19,7 @@ from clerk_sync import migrations
 from clerk_sync._db_errors import is_pooler_misconfigured, is_transient
 from clerk_sync._logging import configure_logging
 from clerk_sync.cli._args import PortInUse, refuse_undecodable
+from clerk_sync.cli._database import existing_store
 from clerk_sync.cli._serve import (
     STARTUP_FAILURE,
     DispatchWhenMigrated,
@@ -352,8 +353,8 @@ def replay(
         raise typer.BadParameter(f"{status!r} is no stored status; one of {', '.join(STORED_STATUSES)}",
                                  param_hint="--status")
     settings = _settings()
-    store = Store.from_settings(settings, hooks=load_hooks(with_hooks) if with_hooks else (),
-                                mapping=load_mapping(mapping))
+    store = existing_store(settings, hooks=load_hooks(with_hooks) if with_hooks else (),
+                           mapping=load_mapping(mapping))
     report = replay_deliveries(store, status=status, since=parse_since(since), with_hooks=bool(with_hooks))
     store.dispose()
     console.print(report.summary(), highlight=False)
@@ -380,7 +381,7 @@ def dismiss(
 
     if not reason.strip():
         raise typer.BadParameter("is blank: say why these deliveries can never apply", param_hint="--reason")
-    store = Store.from_settings(_settings())
+    store = existing_store(_settings())
     try:
         done = dismiss_failed(store, svix_ids, reason=reason)
     finally:
@@ -471,7 +472,7 @@ def users_promote(
         raise typer.BadParameter("is blank: pass the role to set, e.g. --role admin (--role user to demote)",
                                  param_hint="'--role'")
     settings = _settings()
-    store = Store.from_settings(settings)
+    store = existing_store(settings)
     clerk_id = find_user_by_email(store, email)
     if clerk_id is None:
         console.print(f"[red]error:[/] no synced user with email {escape(repr(email))} "
@@ -504,7 +505,7 @@ def prune(
     from clerk_sync.retention import Retention, RetentionPolicy
 
     settings = _settings()
-    store = Store.from_settings(settings)
+    store = existing_store(settings)
     try:
         report = Retention(store, RetentionPolicy.from_settings(settings)).prune(dry_run=dry_run)
     finally:
@@ -539,7 +540,7 @@ def users_erase(
     from clerk_sync.retention import Retention, UnknownUser
 
     settings = _settings()
-    store = Store.from_settings(settings, hooks=load_hooks(hooks) if hooks else (), mapping=load_mapping(mapping))
+    store = existing_store(settings, hooks=load_hooks(hooks) if hooks else (), mapping=load_mapping(mapping))
     try:
         _check_user_id(store, clerk_id, any_id=any_id)
         report = Retention(store).erase_user(clerk_id, actor=actor, reason=reason, allow_unknown=force)
@@ -638,7 +639,7 @@ def users_retry_pending() -> None:
     from clerk_sync.clerk_api import ClerkClient
 
     settings = _settings()
-    store = Store.from_settings(settings)
+    store = existing_store(settings)
     with ClerkClient.from_settings(settings) as client:
         counts = AdminActions(store, client).retry_pending()
     store.dispose()

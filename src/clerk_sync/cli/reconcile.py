@@ -17,6 +17,7 @@ from clerk_sync._logging import configure_logging
 from clerk_sync.changes import Hook
 from clerk_sync.clerk_api import ClerkClient
 from clerk_sync.cli._args import parse_since
+from clerk_sync.cli._database import existing_store
 from clerk_sync.mapping import SchemaMapping
 from clerk_sync.reconcile import Change, Reconciler, ReconcileReport
 from clerk_sync.store import Store
@@ -59,7 +60,7 @@ def reconcile_command(settings: Any, *, since: str | None, dry_run: bool, consol
 
     own = store is None
     if store is None:
-        store = Store.from_settings(settings, hooks=hooks, mapping=mapping)
+        store = existing_store(settings, hooks=hooks, mapping=mapping)
     diff = _Diff()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     try:
