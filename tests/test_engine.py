@@ -65,8 +65,22 @@ def test_plan_maps_each_mirrored_type() -> None:
     mem = plan(parse_envelope(f.body_of(f.envelope("organizationMembership.deleted", f.membership("m", "o", "u", 5)))))
     assert isinstance(mem, Tombstone) and mem.entity is Entity.MEMBERSHIP
     assert isinstance(plan(parse_envelope(f.body_of(f.envelope("session.created", {"id": "s"})))), Ignore)
-    revoke = plan(parse_envelope(f.body_of(f.envelope("session.revoked", {"id": "sess_1", "user_id": "u", "expire_at": 9}))))
-    assert revoke == RevokeSession("sess_1", "u", "revoked", 9)
+    revoke = plan(parse_envelope(f.body_of(f.envelope("session.revoked", {"id": "sess_1", "user_id": "u",
+                                                                          "expire_at": 1_900_000_000_000}))))
+    assert revoke == RevokeSession("sess_1", "u", "revoked", 1_900_000_000_000)
+
+
+@pytest.mark.parametrize(("expire_at", "kept", "said"), [(9, None, "dropped (the revocation is kept)"),
+                                                         (0, None, "dropped (the revocation is kept)"),
+                                                         (1_900_000_000, 1_900_000_000_000, "read as seconds")])
+def test_a_revocations_expiry_that_is_no_millisecond_time_never_lets_the_session_back(
+        expire_at: int, kept: int | None, said: str) -> None:
+    """Review (webhook edge) 2: an ``expire_at`` of 0 or in seconds was stored as it came: the deny list took the
+    session for long expired and never loaded the revocation (applied, no note, and the session kept working)."""
+    revoke = plan(parse_envelope(f.body_of(f.envelope("session.revoked", {"id": "sess_1", "user_id": "u",
+                                                                          "expire_at": expire_at}))))
+    assert isinstance(revoke, RevokeSession) and revoke.expire_at == kept
+    assert revoke.notes == (f"data.expire_at {expire_at} is not a millisecond timestamp: {said}",)
 
 
 def test_primary_email_is_the_one_named_by_primary_email_address_id() -> None:

@@ -21,3 +21,14 @@ def test_naming_a_session_revocation_says_why_and_what_to_use_instead(event_type
     assert "'session.created'" in said and "'session.pending'" in said
     assert {"session.created", "session.pending"} <= EVENT_TYPES  # what it offers instead may be named
     assert "user.updated" not in said  # no user change follows a revocation
+
+
+def test_session_family_wildcard_is_refused_as_it_would_never_get_a_revocation() -> None:
+    """Review (webhook edge) 3: ``on=["session.*"]`` was accepted and got session.created and session.pending
+    only, never a revoked, ended or removed session: an app closing connections on a revocation got nothing."""
+    with pytest.raises(ValueError, match="hook 'logout'") as refused:
+        Hook("logout", print, on=["session.*"])
+    said = str(refused.value)
+    assert "'session.*' would get session.created and session.pending only" in said
+    assert "on=['session.created']" in said and "is_revoked(session_id)" in said
+    assert Hook("seen", print, on=["session.created", "session.pending"]).wants_event("session.created")

@@ -14,6 +14,7 @@ import itertools
 import json
 import os
 import sqlite3
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import closing
@@ -389,14 +390,67 @@ def test_a_version_in_microseconds_does_not_hold_back_the_next_ban_on_any_store(
     """Review (hostile events) 2: a ``user.updated`` whose ``updated_at`` was in microseconds became the row's
     version, and Clerk's next change (a ban and a demotion) was skipped as stale, for good, on every store."""
     uid = seed_admin(sides)
-    micro = f.envelope("user.updated", f.user(uid, 1_700_000_000_001_000, role="admin"), timestamp=1_700_000_000_000)
-    ban = f.envelope("user.updated", f.user(uid, 1_700_000_100_000, role="user", banned=True),
-                     timestamp=1_700_000_100_000)
+    sent = int(time.time() * 1000) - 200_000  # (an event's timestamp is within a year of its arrival)
+    micro = f.envelope("user.updated", f.user(uid, (sent + 1) * 1000, role="admin"), timestamp=sent)
+    ban = f.envelope("user.updated", f.user(uid, sent + 100_000, role="user", banned=True), timestamp=sent + 100_000)
     for side in sides:
         assert send(side, f.body_of(micro), fresh("msg")).json()["status"] == "applied"
         assert send(side, f.body_of(ban), fresh("msg")).json()["status"] == "applied"
         row = user_row(side, uid)
-        assert (row["role"], row["banned"], row["clerk_updated_at"]) == ("user", True, 1_700_000_100_000)
+        assert (row["role"], row["banned"], row["clerk_updated_at"]) == ("user", True, sent + 100_000)
+
+
+@pytest.mark.parametrize("stamp", [0, 1000, 1_000_000, "micro", "year_ahead"])
+def test_an_envelope_timestamp_that_cannot_be_the_events_time_holds_no_ban_back_on_any_store(
+        sides: list[Side], stamp: object) -> None:
+    """Review (webhook edge) 1: the envelope ``timestamp`` was taken as it came whenever it was a number: 0 (1970)
+    replaced a good ``updated_at`` as the version (more than a year after it), and the ban and demotion the event
+    carried were skipped as stale; in microseconds it let an ``updated_at`` in microseconds freeze the row, and
+    every later ban was skipped. One more than a year before, or a day after, the time received is the time
+    received now (noted), as a missing one is."""
+    from clerk_sync.auth.authenticator import DenyList
+
+    now = int(time.time() * 1000)
+    stamped = {"micro": now * 1000, "year_ahead": now + 370 * 86_400_000}.get(str(stamp), stamp)
+    uid = fresh("user")
+    for side in sides:
+        created = f.envelope("user.created", f.user(uid, now - 60_000, role="admin"), timestamp=now - 60_000)
+        assert send(side, f.body_of(created), fresh("msg")).json()["status"] == "applied"
+        version = now * 1000 if stamp == "micro" else now
+        odd = f.envelope("user.updated", f.user(uid, version, role="user", banned=True), timestamp=stamped)
+        said = send(side, f.body_of(odd), sid := fresh("msg")).json()
+        assert said["status"] == "applied", said
+        assert "the time received used instead" in (inbox_row(side, sid)["last_error"] or "")
+        later = f.envelope("user.updated", f.user(uid, now + 5000, role="admin", banned=False), timestamp=now + 5000)
+        row = user_row(side, uid)
+        assert (row["role"], row["banned"]) == ("user", True), row
+        assert send(side, f.body_of(later), fresh("msg")).json()["status"] == "applied"  # nothing frozen
+        assert user_row(side, uid)["role"] == "admin"
+        locked_uid = fresh("user")
+        locked = {**f.user(locked_uid, now), "locked": True, "lockout_expires_in_seconds": 1800}
+        assert send(side, f.body_of(f.envelope("user.created", locked, timestamp=stamped)),
+                    fresh("msg")).json()["status"] == "applied"
+        assert DenyList(side.store).blocked_reason(locked_uid) is not None  # the lock is in force
+
+
+@pytest.mark.parametrize("expiry", ["seconds", "zero"])
+def test_a_revocation_whose_expiry_is_not_in_milliseconds_is_in_force_on_any_store(sides: list[Side],
+                                                                                  expiry: str) -> None:
+    """Review (webhook edge) 2: stored ``applied`` with ``expire_at`` 1970 (0, or seconds read as ms), the
+    revocation was never loaded into the deny list: the revoked session kept working, and nothing said why."""
+    from clerk_sync.auth.authenticator import DenyList
+
+    session = fresh("sess")
+    expire_at = int(time.time()) + 3600 if expiry == "seconds" else 0
+    event = f.envelope("session.revoked", {"id": session, "object": "session", "user_id": fresh("user"),
+                                           "status": "revoked", "expire_at": expire_at})
+    for side in sides:
+        said = send(side, f.body_of(event), sid := fresh("msg")).json()
+        assert said["status"] == "applied", said
+        assert "is not a millisecond timestamp" in (inbox_row(side, sid)["last_error"] or "")
+        deny = DenyList(side.store)
+        deny.refresh()
+        assert deny.is_revoked(session)
 
 
 def test_an_id_padded_with_a_space_names_no_deleted_user_on_any_store(sides: list[Side]) -> None:

@@ -320,6 +320,35 @@ def test_a_dry_run_counts_a_failed_delivery_of_a_gone_user_once(store: Store, ve
     assert (dry.redacted, dry.cleared) == (real.redacted, real.cleared) == (3, 1), (dry, real)
 
 
+def test_a_dry_run_locks_nothing_and_runs_on_a_read_only_login(db_url: str, verifier: WebhookVerifier) -> None:
+    """Before: the dry run walked the failed deliveries with ``SELECT .. FOR UPDATE SKIP LOCKED`` in a write
+    transaction: refused on a read-only replica or login (PostgreSQL: "cannot execute SELECT FOR UPDATE in a
+    read-only transaction"), and a replica's real pass meanwhile skipped the rows it counted."""
+    if db_url.startswith("sqlite"):
+        pytest.skip("SQLite has no row locks nor read-only sessions")
+    store = Store.from_url(db_url)
+    processor = WebhookProcessor(store, verifier)
+    assert deliver(processor, f.envelope("user.created", _user("user_g", 100)), "msg_c") == "applied"
+    assert deliver(processor, _failing("user_g"), "msg_bad") == "failed"
+    assert deliver(processor, f.envelope("user.deleted", f.deleted("user", "user_g")), "msg_d") == "applied"
+    store.dispose()
+    reader = Store.from_url(db_url)
+    read_only = ("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY" if db_url.startswith("postgresql")
+                 else "SET SESSION TRANSACTION READ ONLY")
+
+    @sa.event.listens_for(reader.engine, "connect")
+    def _read_only(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute(read_only)
+        cursor.close()
+        dbapi_connection.commit()
+
+    policy = RetentionPolicy(redact_after=timedelta(days=30), delete_after=timedelta(days=90))
+    dry = Retention(reader, policy, now=_later(31)).prune(dry_run=True)
+    reader.dispose()
+    assert (dry.redacted, dry.cleared) == (3, 1), dry
+
+
 def test_erasing_an_unknown_user_leaves_a_tombstone(store: Store, verifier: WebhookVerifier) -> None:
     report = Retention(store).erase_user("user_never_seen", allow_unknown=True)
     assert not report.row_existed and report.payloads_redacted == 0
@@ -746,6 +775,33 @@ def test_prune_redacts_then_deletes_dead_hook_jobs(db_url: str) -> None:
     store.dispose()
 
 
+def test_a_dead_job_whose_payload_is_not_json_is_redacted_and_holds_no_prune_pass_back(db_url: str) -> None:
+    """Before: on SQLite ``json_extract`` raised "malformed JSON" on such a job (edited by hand, written by
+    another release), so every prune pass and its dry run failed there, and the inbox deletion, tombstone
+    clearing and the rest of retention after it never ran; its handler's failure could not be recorded either."""
+    if db_url.startswith("postgresql"):
+        pytest.skip("PostgreSQL's JSONB holds valid JSON only")
+    clock = Clock()
+    store = hooked(db_url, Hook("crm", _crm), now=clock)
+    hook_deliver(store, f.envelope("user.created", _user("user_1", 1000)))
+    Dispatcher(store, backoff=Backoff(max_attempts=1), now=clock).drain()  # dead
+    with store.transaction() as writer:
+        writer.conn.execute(sa.text("UPDATE hook_jobs SET payload = :bad"), {"bad": '{"clerk_id": "user_1", ' + EMAIL})
+
+    def at(days: int) -> Retention:
+        return Retention(store, now=lambda: clock() + timedelta(days=days))
+
+    assert at(31).prune(dry_run=True).redacted == 2  # the delivery and the dead job
+    assert at(31).prune().redacted == 2
+    with store.connect() as conn:
+        payload, error = conn.execute(sa.text("SELECT payload, last_error FROM hook_jobs")).one()
+    assert EMAIL not in str(payload) and json.loads(payload)["redacted"] is True, payload
+    assert error == "ValueError: (redacted)"
+    assert at(91).prune().deleted == 2  # the steps after it ran: the delivery and the job are gone
+    assert hook_jobs_of(store) == [] and dump(store)["webhook_events"] == ""
+    store.dispose()
+
+
 def test_erasing_a_deleted_and_pruned_user_finds_the_addresses_their_events_carried(db_url: str) -> None:
     """Once a deleted user's tombstone is cleared by the prune ``serve`` runs, their row holds no e-mail: the
     erasure read its needles from the row only, so a stored payload naming just the address (an
@@ -798,6 +854,57 @@ def test_an_address_is_searched_for_with_a_few_patterns_whatever_its_letters() -
         assert len(Mentions([address]).patterns()) <= 4, address
     assert "%ann\\u____@example.com%" in Mentions(["anné@example.com"]).patterns()
     assert Mentions(["user_2a%b"]).patterns() == ["%user/_2a/%b%"]  # LIKE's own characters taken literally
+
+
+def test_a_non_ascii_letter_is_a_wildcard_in_the_search_whatever_lower_folds() -> None:
+    """The database's lower() may fold ASCII only (PostgreSQL under LC_CTYPE=C): the letters it would not fold
+    are left to :meth:`Mentions.in_document`."""
+    from clerk_sync._mentions import Mentions
+
+    assert "%%lodie@example.com%" in Mentions(["élodie@example.com"]).patterns()
+    assert "%ilker@example.com%" not in Mentions(["İlker@example.com"]).patterns()  # not folded away in Python
+    assert "%%lker@example.com%" in Mentions(["İlker@example.com"]).patterns()
+
+
+@pytest.mark.postgres
+def test_erasure_finds_an_address_in_another_case_on_a_postgresql_database_with_the_c_ctype() -> None:
+    """Before: ``lower('ÉLODIE@...')`` is ``Élodie@...`` under LC_CTYPE=C, so the text search never offered an
+    invitation to ``ÉLODIE@example.com`` for erasure of ``élodie@example.com`` (SQLite, MariaDB and a C.UTF-8
+    PostgreSQL found it)."""
+    import uuid
+
+    from clerk_sync import migrations
+    from clerk_sync.store import create_engine
+    from tests.conftest import PG_URL
+
+    name = f"cs_ctype_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"CREATE DATABASE {name} TEMPLATE template0 ENCODING 'UTF8' LC_CTYPE 'C' "
+                             "LC_COLLATE 'C'")
+    url = sa.engine.make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
+    try:
+        engine = create_engine(url)
+        migrations.upgrade(engine)
+        engine.dispose()
+        store = Store.from_url(url)
+        processor = WebhookProcessor(store, WebhookVerifier([SECRET]))
+        user = f.user("user_e", 1, email="élodie@example.com")
+        assert deliver(processor, f.envelope("user.created", user), "msg_u") == "applied"
+        invitation = {"id": "orginv_1", "object": "organization_invitation", "email_address": "ÉLODIE@example.com",
+                      "organization_id": "org_1", "role": "org:member", "status": "pending", "created_at": 1,
+                      "updated_at": 2, "public_metadata": {}, "private_metadata": {}}
+        deliver(processor, f.envelope("organizationInvitation.created", invitation), "msg_inv")
+        assert Retention(store).erase_user("user_e").payloads_redacted == 2
+        with store.connect() as conn:
+            texts = [json.dumps(p, ensure_ascii=False) for p in conn.execute(sa.select(webhook_events.c.payload))
+                     .scalars()]
+        assert texts and not [t for t in texts if "lodie@example.com" in t.lower()], texts
+        store.dispose()
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.dispose()
 
 
 @pytest.mark.parametrize(("known", "sent"), [("anné@example.com", "ANNÉ@example.com"),

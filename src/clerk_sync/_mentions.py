@@ -25,6 +25,7 @@ _EMAIL_BEFORE = r"(?<![\w.%+-])"
 _EMAIL_AFTER = r"(?![\w-])(?!\.\w)"
 _ID_BEFORE, _ID_AFTER = r"(?<!\w)", r"(?!\w)"
 _ESCAPE = re.compile(r"\\u[0-9a-fA-F]{4}")  # a JSON escape, \u00e9
+_NON_ASCII = re.compile(r"[^\x00-\x7f]+")
 
 
 class Mentions:
@@ -71,6 +72,9 @@ class Mentions:
 
 
 def _like(text: str) -> str:
-    """``%text%`` as a LIKE pattern: ``/``, ``%`` and ``_`` escaped, each JSON escape's hex digits ``____``."""
-    pieces = [piece.replace("/", "//").replace("%", "/%").replace("_", "/_") for piece in _ESCAPE.split(text)]
+    """``%text%`` as a LIKE pattern: ``/``, ``%`` and ``_`` escaped, each JSON escape's hex digits ``____``, each
+    run of non-ASCII letters ``%``: the database's ``lower()`` may fold ASCII only (PostgreSQL under
+    ``LC_CTYPE=C``: ``lower('ANNÉ')`` is ``annÉ``), and Python's may change a letter's length (``İ``)."""
+    pieces = [_NON_ASCII.sub("%", piece.replace("/", "//").replace("%", "/%").replace("_", "/_"))
+              for piece in _ESCAPE.split(text)]
     return "%" + "\\u____".join(pieces) + "%"

@@ -201,6 +201,12 @@ class Hook:
                             "call and never await (the job marked done, nothing sent): hooks run in the "
                             "dispatcher's own thread, not in an event loop; pass a plain function, e.g. "
                             "handler=lambda change: asyncio.run(send_welcome(change))")
+        if "session.*" in self.on:  # it reads as every session event, and would never get a revocation
+            raise ValueError(f"hook {self.name!r}: 'session.*' would get session.created and session.pending "
+                             "only: a revoked, ended or removed session is applied by clerk-sync (the deny list, "
+                             "its tokens refused within 1 s), not offered to hooks; name the types you want, e.g. "
+                             "on=['session.created'], and to act on a revocation ask a "
+                             "clerk_sync.auth.DenyList(store)'s is_revoked(session_id)")
         known = {f"{p}.{k}" for p in _PREFIX.values() for k in ("created", "updated", "deleted")}
         known |= {f"{p}.*" for p in _PREFIX.values()} | {"*"} | EVENT_TYPES | _EVENT_FAMILIES
         unknown = sorted(set(self.on) - known)

@@ -15,6 +15,7 @@ from typing import Any, Protocol, TypeGuard
 from clerk_sync._limits import CLERK_ID_CHARS, fit_clerk_id, fit_ms, fit_reason, fit_text, show
 from clerk_sync.errors import EventShapeError
 from clerk_sync.events import (
+    MS_THRESHOLD,
     VERSION_AHEAD_MS,
     Envelope,
     MembershipRecord,
@@ -151,6 +152,9 @@ def _tombstone(entity: Entity) -> Callable[[Envelope], Intent]:
     return plan_delete
 
 
+_SECONDS_SINCE_2001 = 1_000_000_000  # a number of seconds this large is a time Clerk could have written
+
+
 def _revoke(env: Envelope) -> Intent:
     # Only the session id is essential: the deny list is keyed by it. A user id or expiry that no
     # column can hold is dropped (and noted) rather than holding the revocation back.
@@ -161,6 +165,13 @@ def _revoke(env: Envelope) -> Intent:
     expire_at = fit_ms(raw_expiry)
     if raw_expiry is not None and expire_at is None:
         notes.append(f"data.expire_at dropped: not a millisecond timestamp in range ({show(raw_expiry)})")
+    elif expire_at is not None and expire_at < MS_THRESHOLD:
+        # 0, or seconds (1970 read as ms): the deny list would take the session for long expired and never
+        # load the revocation (fail open); seconds are read as seconds, anything else is kept (no expiry)
+        as_seconds = fit_ms(expire_at * 1000) if expire_at >= _SECONDS_SINCE_2001 else None
+        notes.append(f"data.expire_at {expire_at} is not a millisecond timestamp: "
+                     + ("read as seconds" if as_seconds is not None else "dropped (the revocation is kept)"))
+        expire_at = as_seconds
     reason = env.type.removeprefix("session.")
     return RevokeSession(session_id, user_id or None, reason, expire_at, tuple(notes))
 

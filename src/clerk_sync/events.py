@@ -53,7 +53,7 @@ JSON = dict[str, Any]
 # Larger timestamps would not fit BIGINT columns (and are meaningless: year 292 million).
 _MAX_MS = BIGINT_MAX
 # Seconds-vs-milliseconds cut-off: 10^11 s is the year 5138, 10^11 ms is 1973.
-_MS_THRESHOLD = 100_000_000_000
+MS_THRESHOLD = 100_000_000_000
 # Legacy payloads used role keys without the ``org:`` prefix (see shared/clerk examples/variants).
 _LEGACY_ORG_ROLES = {"admin": "org:admin", "basic_member": "org:member"}
 
@@ -73,7 +73,7 @@ def normalize_timestamp_ms(value: object) -> int:
     if not -_MAX_MS <= value <= _MAX_MS:  # before float(): an integer of 400 digits (either sign) overflows it
         raise PayloadError(f"event timestamp {show(value)} is out of range")
     number = float(value)
-    ms = int(number if number >= _MS_THRESHOLD else number * 1000)
+    ms = int(number if number >= MS_THRESHOLD else number * 1000)
     if not 0 <= ms <= _MAX_MS:
         raise PayloadError(f"event timestamp {show(value)} is out of range")
     return ms
@@ -131,6 +131,8 @@ def parse_envelope(body: bytes | str, *, received_ms: Callable[[], int] | None =
         instance_id = None
     try:
         timestamp_ms = normalize_timestamp_ms(raw.get("timestamp"))
+        if received_ms is not None:
+            _check_plausible(timestamp_ms, received_ms())
     except PayloadError as exc:
         if received_ms is None:
             raise
@@ -148,6 +150,25 @@ def parse_envelope(body: bytes | str, *, received_ms: Callable[[], int] | None =
         text=parsed.text,
         notes=notes,
     )
+
+
+# How far a live event's ``timestamp`` may be from the time it was received. Before: a retry (Svix's schedule ends
+# after ~28 h) or a replay from Clerk's Dashboard of an older message, so up to a year. After: a year too, as
+# :data:`VERSION_AHEAD_MS` allows an ``updated_at`` (test suites, ours and apps', stamp events with round future
+# times). Outside, it is not the event's time: 0, 1000 or microseconds would otherwise anchor the row's version
+# (:func:`_version`), a deletion's tombstone and a lock's end, and hold back the ban or demotion the event
+# carries, or every later one.
+TIMESTAMP_BEFORE_MS = TIMESTAMP_AFTER_MS = 366 * 86_400_000
+
+
+def _check_plausible(timestamp_ms: int, received_ms: int) -> None:
+    """Raise :class:`PayloadError` when a live event's ``timestamp`` cannot be its time (see above)."""
+    if timestamp_ms < received_ms - TIMESTAMP_BEFORE_MS:
+        raise PayloadError(f"event timestamp {timestamp_ms} is more than a year before the time received "
+                           f"({received_ms})")
+    if timestamp_ms > received_ms + TIMESTAMP_AFTER_MS:
+        raise PayloadError(f"event timestamp {timestamp_ms} is more than a year after the time received "
+                           f"({received_ms})")
 
 
 def instance_mismatch(raw: JSON, expected: str) -> object | None:

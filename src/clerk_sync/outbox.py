@@ -99,6 +99,31 @@ def _pg_stored_text(element: _StoredText, compiler: SQLCompiler, **kw: Any) -> s
 RAW_PAYLOAD = _StoredText(hook_jobs.c.payload).label("payload")
 # RAW_PAYLOAD in the claim's SQL text (a RETURNING list)
 _PG_PAYLOAD_TEXT = "CAST(payload AS TEXT) AS payload"
+
+
+class _RedactedMark(FunctionElement[str]):
+    """A job payload's ``redacted`` member as text, or NULL. On SQLite NULL too for a payload that is not JSON:
+    ``json_extract`` raises "malformed JSON" there, and one hand-edited dead job failed every prune pass (and
+    so every retention step after it) and the recording of its handler's failure."""
+
+    type = sa.Text()
+    inherit_cache = True
+
+
+@compiles(_RedactedMark)
+def _redacted_mark(element: _RedactedMark, compiler: SQLCompiler, **kw: Any) -> str:
+    return compiler.process(hook_jobs.c.payload["redacted"].as_string(), **kw)
+
+
+@compiles(_RedactedMark, "sqlite")
+def _sqlite_redacted_mark(element: _RedactedMark, compiler: SQLCompiler, **kw: Any) -> str:
+    payload = hook_jobs.c.payload
+    return compiler.process(sa.case((sa.func.json_valid(payload) == 1, payload["redacted"].as_string())), **kw)
+
+
+#: A job's ``redacted`` mark (:class:`_RedactedMark`): NULL for a job not redacted, or whose payload is not JSON.
+REDACTED_MARK = _RedactedMark()
+
 HookSpec = tuple[str, tuple[str, ...], tuple[str, ...]]  # a hook's name, the kinds and fields it wants
 # The refusals written again without the user's own columns (Outbox.project): a value, not a link or a parent
 _KEPT_BACK_KINDS = frozenset({"constraint", "database", "value"})
@@ -659,7 +684,7 @@ def fail(conn: Connection, job: Job, error: str, retry_at: datetime | None) -> b
     as every database takes it (:func:`_storable`)."""
     j = hook_jobs
     error = _storable(error)
-    redacted = j.c.payload["redacted"].as_string().is_not(None)
+    redacted = REDACTED_MARK.is_not(None)
     last_error = sa.case((redacted, _redacted_error(error)), else_=sa.literal(error, j.c.last_error.type))
     values: JSON = {"status": "pending" if retry_at else "dead", "last_error": last_error,
                     "lease_until": None, "claim_token": None}

@@ -65,6 +65,7 @@ from typing import Any
 import sqlalchemy as sa
 import structlog
 from sqlalchemy.dialects import mysql, postgresql, sqlite
+from sqlalchemy.engine import Connection
 
 from clerk_sync._db_errors import is_lock_wait_timeout, is_row_referenced, is_transient, store_error
 from clerk_sync._mentions import Mentions
@@ -77,7 +78,7 @@ from clerk_sync.errors import StoreError, UnknownUser
 from clerk_sync.events import Envelope
 from clerk_sync.mapping import folded_like, unicode_lower, without_statement_bound
 from clerk_sync.metrics import Metrics
-from clerk_sync.outbox import FIELDS, Outbox, delete_jobs, redact_jobs
+from clerk_sync.outbox import FIELDS, REDACTED_MARK, Outbox, delete_jobs, redact_jobs
 from clerk_sync.store import Store, Writer, dialect_family, erased_digest, is_erased
 from clerk_sync.tables import (
     audit_log,
@@ -329,17 +330,17 @@ class Retention:
         due = sa.select(e.c.id, e.c.payload, e.c.redacted_at).where(e.c.status == DeliveryStatus.FAILED)
         settled: list[int] = []
 
-        def redact(writer: Writer, rows: Sequence[Any]) -> int:
+        def redact(conn: Connection, writer: Writer | None, rows: Sequence[Any]) -> int:
             whole = [row for row in rows if row.redacted_at is None]
-            gone = [(row.id, row.payload) for row in whole if _about_gone_user(writer.conn, row.payload, cutoff)]
+            gone = [(row.id, row.payload) for row in whole if _about_gone_user(conn, row.payload, cutoff)]
             before = [row.id for row in rows if row.redacted_at is not None]
-            if not dry_run:
+            if writer is not None:
                 _store_redacted(writer, gone)
                 _settle_redacted_failed(writer, before)
             settled.extend(before)
             return len(gone)
 
-        redacted = self._walk(due, e.c.id, redact)
+        redacted = self._walk(due, e.c.id, redact, dry_run=dry_run)
         if settled and not dry_run:
             log.info("failed_deliveries_settled", deliveries=len(settled),
                      why="payload redacted before: nothing to replay, stored skipped")
@@ -360,39 +361,47 @@ class Retention:
         stmt = e.update().where(e.c.id == sa.bindparam("row_id")).values(
             payload=sa.bindparam("new_payload", type_=e.c.payload.type))
 
-        def strip(writer: Writer, rows: Sequence[Any]) -> int:
+        def strip(conn: Connection, writer: Writer | None, rows: Sequence[Any]) -> int:
             documents = [(row.id, dict(_as_dict(row.payload))) for row in rows]
             stripped = [{"row_id": i, "new_payload": {k: v for k, v in doc.items() if k != "event_attributes"}}
                         for i, doc in documents if "event_attributes" in doc
-                        and (gone_cut is None or not _about_gone_user(writer.conn, doc, gone_cut))]
-            if stripped and not dry_run:
-                writer.conn.execute(stmt, stripped)
+                        and (gone_cut is None or not _about_gone_user(conn, doc, gone_cut))]
+            if stripped and writer is not None:
+                conn.execute(stmt, stripped)
             return len(stripped)
 
-        return self._walk(due, e.c.id, strip)
+        return self._walk(due, e.c.id, strip, dry_run=dry_run)
 
     def _clear_ips(self, cutoff: datetime) -> int:
         """Clear the ``ip`` of the audit rows written before ``cutoff``, a batch at a time in id order (a
         cursor: the log is kept for good, and each batch must not walk the rows cleared before it)."""
         a = audit_log
 
-        def clear(writer: Writer, rows: Sequence[Any]) -> int:
+        def clear(conn: Connection, writer: Writer | None, rows: Sequence[Any]) -> int:
             if rows:  # (0013's triggers allow this one change of an audit row: ip to NULL)
-                writer.conn.execute(a.update().where(a.c.id.in_([row.id for row in rows])).values(ip=None))
+                conn.execute(a.update().where(a.c.id.in_([row.id for row in rows])).values(ip=None))
             return len(rows)
 
         return self._walk(sa.select(a.c.id).where(*_audit_ips_due(cutoff)), a.c.id, clear)
 
     def _walk(self, query: sa.Select[Any], id_column: sa.ColumnElement[Any],
-              handle: Callable[[Writer, Sequence[Any]], int]) -> int:
+              handle: Callable[[Connection, Writer | None, Sequence[Any]], int], *, dry_run: bool = False) -> int:
         """Run ``handle`` over ``query``'s rows (each with an ``id``) a batch at a time, in id order, each
         batch in its own short transaction; a cursor, so no batch walks the rows the earlier ones passed over.
-        Returns the sum of what ``handle`` returned."""
+        Returns the sum of what ``handle`` returned. A dry run reads on a plain connection, locking nothing
+        (``handle`` gets no writer): ``prune --dry-run`` works on a read-only replica or login, and does not
+        make a replica's real pass skip the rows it counts."""
         total, after = 0, 0
         while True:
-            with self.store.transaction() as writer:
-                rows = writer.conn.execute(self._pick(query.where(id_column > after).order_by(id_column))).all()
-                total += handle(writer, rows)
+            ordered = query.where(id_column > after).order_by(id_column)
+            if dry_run:
+                with self.store.connect() as conn:
+                    rows = conn.execute(ordered.limit(self.policy.batch)).all()
+                    total += handle(conn, None, rows)
+            else:
+                with self.store.transaction() as writer:
+                    rows = writer.conn.execute(self._pick(ordered)).all()
+                    total += handle(writer.conn, writer, rows)
             if len(rows) < self.policy.batch:
                 return total
             after = rows[-1].id
@@ -780,7 +789,7 @@ def _referred_to(exc: StoreError) -> bool:
 def _redactable_jobs(cutoff: datetime) -> list[sa.ColumnElement[bool]]:
     """Dead hook jobs queued before ``cutoff`` and not redacted yet (their payload has no ``redacted``)."""
     j = hook_jobs
-    return [j.c.status == "dead", j.c.created_at < cutoff, j.c.payload["redacted"].as_string().is_(None)]
+    return [j.c.status == "dead", j.c.created_at < cutoff, REDACTED_MARK.is_(None)]
 
 
 def _audit_ips_due(cutoff: datetime) -> list[sa.ColumnElement[bool]]:
