@@ -210,3 +210,11 @@ def test_a_set_up_flask_refuses_half_way_registers_nothing(tmp_path: Path) -> No
     assert "clerk_sync" in app.blueprints
     clerk_state(app).close()
 
+
+
+def test_sync_me_path_with_jit_off_is_refused_when_built() -> None:
+    """Before: ``ClerkSync(jit=False, sync_me_path=...)`` was accepted and every POST to the route answered 500
+    ``config_error`` ("set CLERK_SECRET_KEY (and keep ClerkSync(jit=True))"), found by the first user."""
+    with pytest.raises(ValueError, match="jit=False turns off: keep jit=True"):
+        ClerkSync(sync_me_path="/sync/me", jit=False)
+    assert ClerkSync(sync_me_path="/sync/me").sync_me_path == "/sync/me"

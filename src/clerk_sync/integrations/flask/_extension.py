@@ -84,6 +84,9 @@ class ClerkSync:
         self.revocation_refresh_s = revocation_refresh_s
         if sync_me_path is not None and not sync_me_path.startswith("/"):
             raise ValueError(f"sync_me_path must start with '/', like a Flask route: {sync_me_path!r}")
+        if sync_me_path is not None and not jit:  # its route syncs a user just in time: 500 on every POST
+            raise ValueError(f"sync_me_path={sync_me_path!r} syncs the signed-in user just in time, which "
+                             "jit=False turns off: keep jit=True (the default), or drop sync_me_path")
         self.sync_me_path = sync_me_path
         if app is not None:
             self.init_app(app)
