@@ -12,6 +12,8 @@ from clerk_sync.config import Settings
 from clerk_sync.errors import ClerkSyncError, ConfigError
 from clerk_sync.store import Store, sqlite_file
 
+__all__ = ["existing_store", "missing_sqlite_file"]
+
 
 def missing_sqlite_file(settings: Settings) -> str | None:
     """What to say when DATABASE_URL names a SQLite file that does not exist, or None. Said instead of opening it:
