@@ -59,10 +59,10 @@ def test_a_probe_our_budget_refuses_frees_the_slot_for_the_next_call() -> None:
         pass
     sent: list[httpx.Request] = []
     transport = httpx.MockTransport(lambda request: sent.append(request) or httpx.Response(200, json=_USER))
-    with ClerkClient("sk_test_x", api_url="https://api.clerk.com", transport=transport, breaker=breaker,
-                     budget=budget, retry=RetryPolicy(deadline_s=1.0)) as clerk:
-        with pytest.raises(RateLimited, match="our Clerk request budget"):
-            clerk.get_user("user_1")
+    clerk = ClerkClient("sk_test_x", api_url="https://api.clerk.com", transport=transport, breaker=breaker,
+                        budget=budget, retry=RetryPolicy(deadline_s=1.0))
+    with clerk, pytest.raises(RateLimited, match="our Clerk request budget"):
+        clerk.get_user("user_1")
     assert sent == [] and breaker.is_open  # no verdict on Clerk either way...
     assert not breaker.refusing() and breaker.check() is None  # ...and the next call probes at once
 
