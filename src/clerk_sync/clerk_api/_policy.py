@@ -283,6 +283,12 @@ def _attempts(ctx: _Context, req: ApiRequest[T], total: float, deadline: float, 
             raise ClerkUnavailable("Clerk is unavailable (circuit open)", retry_after=blocked, **where)
         reservation: Reservation = yield Acquire(max_wait=max(0.0, deadline - ctx.clock() - floor))
         if not reservation.granted:
+            block: Block = yield Hold()
+            if block.left > 0:  # a 429's Retry-After holds the budget, not our own rate
+                raise RateLimited(
+                    f"{req.method} {req.path}: Clerk answered 429 to this client earlier and its Retry-After holds "
+                    f"every call for {block.left:.2f}s more, past the {total:g}s deadline: retry after that",
+                    retry_after=reservation.wait, status=429, **where)
             raise RateLimited(
                 f"{req.method} {req.path}: our Clerk request budget (not Clerk) is the limit: the next token "
                 f"is {reservation.wait:.2f}s away, which would leave less than {floor:.2f}s of the "
