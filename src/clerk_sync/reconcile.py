@@ -158,6 +158,8 @@ class _NoProgress:
 Anchor = tuple[str, int | None]  # a users cursor: the last listed user's id and creation time (ms)
 # What Clerk may answer a cursor naming a deleted user, rather than an empty page
 _CURSOR_REFUSALS = frozenset({400, 404, 422})
+# The instance_id of Clerk's example payloads (its docs, its OpenAPI, the Dashboard's "Send Example"): no instance's
+_EXAMPLE_INSTANCES = ("ins_2g7np7Hrk0SN6kj5EDMLDaKNL0S", "ins_123")
 
 
 @dataclass
@@ -289,15 +291,23 @@ class Reconciler:
         return found
 
     def _mirrored_instance(self) -> tuple[str | None, str]:
-        """The instance this database's own records name: its newest delivery's, else an earlier run's."""
+        """The instance this database's own records name: its newest delivery's (Clerk's example payloads,
+        which the Dashboard's "Send Example" delivers, name no real instance and are passed over), else an
+        earlier run's."""
         e = webhook_events
         with self.store.connect() as conn:
             # among the newest deliveries only (an install whose deliveries carry none would scan them all)
-            recent = sa.select(e.c.instance_id).order_by(e.c.received_at.desc()).limit(1000).subquery()
-            newest = conn.execute(sa.select(recent.c.instance_id).where(recent.c.instance_id.is_not(None))
-                                  .limit(1)).scalar()
-            if newest:
-                return str(newest), "the instance_id of its newest webhook delivery"
+            newest_first = (e.c.received_at.desc(), e.c.id.desc())
+            recent = sa.select(e.c.id, e.c.instance_id, e.c.svix_id, e.c.received_at).order_by(*newest_first)
+            recent = recent.limit(1000).subquery()
+            newest = conn.execute(sa.select(recent.c.instance_id, recent.c.svix_id)
+                                  .where(recent.c.instance_id.is_not(None),
+                                         recent.c.instance_id.not_in(_EXAMPLE_INSTANCES))
+                                  .order_by(recent.c.received_at.desc(), recent.c.id.desc()).limit(1)).first()
+            if newest is not None:
+                return str(newest.instance_id), (
+                    f"the instance_id of its newest webhook delivery, {newest.svix_id}; if that was a test event "
+                    f"sent from another instance, set CLERK_INSTANCE_ID to the instance this database mirrors")
             for details in conn.execute(sa.select(reconcile_runs.c.details).order_by(reconcile_runs.c.id.desc())
                                         .limit(20)).scalars():
                 recorded = details.get("instance_id") if isinstance(details, dict) else None
