@@ -56,7 +56,7 @@ from clerk_sync.errors import (
     ReconcileBusy,
     StoreError,
 )
-from clerk_sync.events import UserRecord, membership_record, organization_record, user_record
+from clerk_sync.events import MembershipRecord, UserRecord, membership_record, organization_record, user_record
 from clerk_sync.metrics import Metrics
 from clerk_sync.store import TRANSACTION_POOLER_INFO, Store, Writer, dialect_family, erased_digest
 from clerk_sync.tables import (
@@ -637,7 +637,7 @@ class Reconciler:
         counts = run.report.counts[entity.value]
         counts.failed += failed
         with self._unit(run) as (conn, writer):
-            current = _current(conn, entity, [r.clerk_id for r in records])
+            current = _current(conn, entity, records)
             now_ms = int(as_utc(writer.now if writer is not None else self._now()).timestamp() * 1000)
             ended = _ended_lockouts(conn, records, now_ms) if entity is Entity.USER else []
             changed: list[Record] = []
@@ -939,20 +939,33 @@ def _updated_at(data: JSON) -> int:
     return int(value) if isinstance(value, int | float) else 0
 
 
-def _current(conn: sa.Connection, entity: Entity, ids: list[str]) -> dict[str, RowState]:
-    if not ids:
+def _current(conn: sa.Connection, entity: Entity, records: list[Record]) -> dict[str, RowState]:
+    if not records:
         return {}
     table = _TABLES[entity]
     query = sa.select(table.c.clerk_id, table.c.clerk_updated_at, table.c.deleted_at).where(
-        table.c.clerk_id.in_(ids))
+        table.c.clerk_id.in_([r.clerk_id for r in records]))
     found = {r.clerk_id: RowState(r.clerk_updated_at, r.deleted_at is not None) for r in conn.execute(query)}
-    # A hard-deleted tombstone (retention) is a digest in clerk_sync_erased: still deleted for good. Without
-    # it, every run counted such an entity Clerk still lists as "created" (the guarded insert refuses it).
-    digests = {erased_digest(entity, i): i for i in ids if i not in found}
+    # A hard-deleted tombstone (retention, erasure) is a digest in clerk_sync_erased: still deleted for good, and
+    # so is a membership of an erased user or organization. Without it, every run counted such an entity Clerk
+    # still lists as "created" (the guarded insert refuses it) and reported a repair that never happened.
+    digests: dict[str, list[str]] = {}
+    for record in records:
+        if record.clerk_id not in found:
+            for digest in _erased_digests(entity, record):
+                digests.setdefault(digest, []).append(record.clerk_id)
     if digests:
         gone = conn.execute(sa.select(erased.c.digest).where(erased.c.digest.in_(list(digests)))).scalars()
-        found.update({digests[d]: RowState(0, True) for d in gone})
+        found.update({clerk_id: RowState(0, True) for d in gone for clerk_id in digests[d]})
     return found
+
+
+def _erased_digests(entity: Entity, record: Record) -> list[str]:
+    """The digests that, in clerk_sync_erased, mean the record is gone for good (the guarded insert's own)."""
+    if isinstance(record, MembershipRecord):
+        return [erased_digest(entity, record.clerk_id), erased_digest(Entity.USER, record.user_clerk_id),
+                erased_digest(Entity.ORGANIZATION, record.organization_clerk_id)]
+    return [erased_digest(entity, record.clerk_id)]
 
 
 def _stage(conn: sa.Connection, seen: sa.Table, run_id: int, entity: Entity, ids: list[str]) -> None:
