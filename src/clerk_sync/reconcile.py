@@ -297,9 +297,8 @@ class Reconciler:
         e = webhook_events
         with self.store.connect() as conn:
             # among the newest deliveries only (an install whose deliveries carry none would scan them all)
-            newest_first = (e.c.received_at.desc(), e.c.id.desc())
-            recent = sa.select(e.c.id, e.c.instance_id, e.c.svix_id, e.c.received_at).order_by(*newest_first)
-            recent = recent.limit(1000).subquery()
+            recent = (sa.select(e.c.id, e.c.instance_id, e.c.svix_id, e.c.received_at)
+                      .order_by(e.c.received_at.desc(), e.c.id.desc()).limit(1000).subquery())
             newest = conn.execute(sa.select(recent.c.instance_id, recent.c.svix_id)
                                   .where(recent.c.instance_id.is_not(None),
                                          recent.c.instance_id.not_in(_EXAMPLE_INSTANCES))
@@ -504,14 +503,15 @@ class Reconciler:
                      self._pages(self._fetcher(entity), run.cursor, None, advance, sequential=by_update))
         done = run.cursor
         for offset, items, after in pages:
-            fresh = [d for d in items if not by_update or _updated_at(d) >= since_ms]  # type: ignore[operator]
+            older = [by_update and _older(d, since_ms) for d in items]
+            fresh = [d for d, old in zip(items, older, strict=True) if not old]
             self._apply_page(run, entity, fresh, offset + len(items), after)
             done += len(items)
             if total is not None and done > total:  # users created since the count (or listed twice after a
                 total = done  # deleted cursor): the bar's total grows with them, never "2951/2949"
                 self.progress.start(entity.value, total, done - len(items))
             self.progress.advance(entity.value, len(items))
-            if len(fresh) < len(items):
+            if any(older):
                 break  # ordered by -updated_at: the rest is older than --since
 
     def _fetcher(self, entity: Entity) -> Callable[[int], tuple[list[JSON], int | None]]:
@@ -759,10 +759,10 @@ class Reconciler:
         ids = [c[0] for c in candidates]
         if entity is Entity.USER:
             found = self.clerk.list_users(limit=_VERIFY_BATCH, order_by=None, user_ids=ids)
-            _only_asked("/users?user_id=...", {u["id"] for u in found}, ids)
+            _only_asked("/users?user_id=...", {_id_of(u) for u in found}, ids)
         elif entity is Entity.ORGANIZATION:
             found = self.clerk.list_organizations(limit=_VERIFY_BATCH, order_by=None, org_ids=ids).data
-            _only_asked("/organizations?organization_id=...", {o["id"] for o in found}, ids)
+            _only_asked("/organizations?organization_id=...", {_id_of(o) for o in found}, ids)
         else:
             by_org: dict[str, set[str]] = {}
             for _, org_id, user_id in candidates:
@@ -771,8 +771,8 @@ class Reconciler:
             for org_id, user_ids in sorted(by_org.items()):
                 self._keep_alive(run)  # a call per organization: a batch can outlast stale_after_s
                 found += self._memberships(org_id, sorted(user_ids))
-        present, asked = {o["id"] for o in found}, set(ids)
-        return [i for i in ids if i not in present], [o for o in found if o["id"] in asked]
+        present, asked = {_id_of(o) for o in found}, set(ids)
+        return [i for i in ids if i not in present], [o for o in found if _id_of(o) in asked]
 
     def _keep_alive(self, run: _Run) -> None:
         """The run's heartbeat, written between two Clerk calls of one long step (a batch's membership checks
@@ -860,12 +860,18 @@ def _only_asked(path: str, answered: set[Any], asked: Sequence[str]) -> None:
                             "deleted on its word (is CLERK_API_URL Clerk's API?)", method="GET", path=path)
 
 
-def _member_of(membership: JSON) -> Any:
-    return (membership.get("organization") or {}).get("id")
+def _id_of(item: Any) -> Any:
+    """An object's id; None for an item that is not an object (an answer naming none of the ids asked)."""
+    return item.get("id") if isinstance(item, dict) else None
 
 
-def _member_user(membership: JSON) -> Any:
-    return (membership.get("public_user_data") or {}).get("user_id")
+def _member_of(membership: Any) -> Any:
+    return _id_of(membership.get("organization")) if isinstance(membership, dict) else None
+
+
+def _member_user(membership: Any) -> Any:
+    user = membership.get("public_user_data") if isinstance(membership, dict) else None
+    return user.get("user_id") if isinstance(user, dict) else None
 
 
 MASS_DELETE_SHARE = 0.25  # of an entity's live rows (see Reconciler)
@@ -924,6 +930,8 @@ def _records(entity: Entity, items: list[JSON]) -> tuple[list[Record], int]:
     failed = 0
     for data in items:
         try:
+            if not isinstance(data, dict):  # (null, a string: a listing's item Clerk never sends)
+                raise EventShapeError(f"a listed item is {type(data).__name__}, not an object")
             record = build(data)
         except EventShapeError:
             failed += 1
@@ -934,9 +942,12 @@ def _records(entity: Entity, items: list[JSON]) -> tuple[list[Record], int]:
     return list(by_id.values()), failed
 
 
-def _updated_at(data: JSON) -> int:
-    value = data.get("updated_at")
-    return int(value) if isinstance(value, int | float) else 0
+def _older(data: Any, since_ms: int | None) -> bool:
+    """Updated before ``since_ms``. An item without a readable ``updated_at`` is not: it is kept (and counted
+    failed by :func:`_records`), and ends no listing early."""
+    value = data.get("updated_at") if isinstance(data, dict) else None
+    return (since_ms is not None and isinstance(value, int | float) and not isinstance(value, bool)
+            and value < since_ms)
 
 
 def _current(conn: sa.Connection, entity: Entity, records: list[Record]) -> dict[str, RowState]:
