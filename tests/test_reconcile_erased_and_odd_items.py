@@ -12,6 +12,7 @@ import sqlalchemy as sa
 
 from clerk_sync.clerk_api import ClerkClient
 from clerk_sync.clerk_api.ratelimit import LocalBudget, RateLimit
+from clerk_sync.errors import ClerkAPIError
 from clerk_sync.reconcile import Change, Reconciler
 from clerk_sync.retention import Retention, RetentionPolicy
 from clerk_sync.store import Store
@@ -84,3 +85,32 @@ def test_with_since_a_user_without_updated_at_does_not_end_the_listing(
     report = Reconciler(store, client, page_size=2).run(since=SINCE)
     assert (report.counts["users"].created, report.counts["users"].failed) == (3, 1)
     assert clerk.requests["users"] == 3  # the page holding an older user ends the listing
+
+
+def test_with_since_rows_moved_by_updates_meanwhile_do_not_stop_the_run(
+        store: Store, odd_clerk: tuple[ClerkStandIn, ClerkClient]) -> None:
+    """Review: users updated between two pages of the -updated_at listing move to its front, and the next page
+    repeats ids already read: the run stopped, blaming CLERK_API_URL. One such page is read past."""
+    clerk, client = odd_clerk
+    clerk.users = [f.user(f"user_{i}", SINCE_MS + i) for i in range(6, 0, -1)]  # newest first
+    listed = client.list_users
+
+    def edited_meanwhile(**query: Any) -> list[dict[str, Any]]:
+        page = listed(**query)
+        if query.get("offset") == 0:  # two users edited in Clerk: now the newest
+            clerk.users = clerk.users[-2:] + clerk.users[:-2]
+        return page
+
+    client.list_users = edited_meanwhile  # type: ignore[method-assign]
+    report = Reconciler(store, client, page_size=2).run(since=SINCE)
+    assert report.counts["users"].created == 4  # (the two edited meanwhile: their webhooks bring them)
+
+
+def test_with_since_a_listing_that_ignores_offset_still_stops(
+        store: Store, odd_clerk: tuple[ClerkStandIn, ClerkClient]) -> None:
+    clerk, client = odd_clerk
+    clerk.users = [f.user(f"user_{i}", SINCE_MS + i) for i in range(6, 0, -1)]
+    clerk.broken["users"] = "repeat"
+    with pytest.raises(ClerkAPIError, match="the page at offset 18 brings no id the pages before it did not "
+                                            r"\(nor did the 8 pages before it\)"):
+        Reconciler(store, client, page_size=2).run(since=SINCE)

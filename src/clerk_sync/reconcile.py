@@ -495,7 +495,7 @@ class Reconciler:
         by_cursor = entity is Entity.USER and not by_update
         total = self.clerk.count_users() if by_cursor else None
         self.progress.start(entity.value, total, run.cursor)
-        advance = _Advance(f"/{entity.value}", self.page_size, self.max_pages)
+        advance = _Advance(f"/{entity.value}", self.page_size, self.max_pages, moving=by_update)
         if by_cursor:  # (a run saved before cursors has none: from the first page)
             pages = self._user_pages(run.after, run.cursor if run.after is not None else 0, advance)
         else:
@@ -883,20 +883,27 @@ class _Advance:
     last pages did not, an offset a page past the reported ``total_count``, or ``max_pages`` pages.
 
     Such a listing (a proxy or stand-in that ignores ``offset``) is broken: the run fails before its
-    sweep, so nothing is deleted on its word, and stays resumable.
+    sweep, so nothing is deleted on its word, and stays resumable. ``moving``: a listing by ``-updated_at``,
+    where users updated meanwhile move to its front and push rows already read to the next offsets: such pages
+    are read past (the listing goes on), up to as many in a row as it remembers (more are not rows moving).
     """
 
-    def __init__(self, path: str, size: int, max_pages: int) -> None:
+    def __init__(self, path: str, size: int, max_pages: int, *, moving: bool = False) -> None:
         self.path, self.size, self.max_pages = path, size, max_pages
         self.pages = 0
         self.recent: deque[set[Any]] = deque(maxlen=_RECENT_PAGES)
+        self.moving, self.repeats = moving, 0  # full pages in a row that brought no new id
 
     def check(self, offset: int, items: list[JSON], total: int | None) -> None:
         """Called for each full page (one that says there is more)."""
         self.pages += 1
         ids = {d.get("id") if isinstance(d, dict) else None for d in items}
-        if not ids.difference(*self.recent):
-            self.stop(f"the page at offset {offset} brings no id the pages before it did not")
+        self.repeats = 0 if ids.difference(*self.recent) else self.repeats + 1
+        if self.repeats and self.moving and self.repeats <= _RECENT_PAGES:
+            log.info("reconcile_rows_moved", path=self.path, offset=offset)  # updated meanwhile: read on
+        elif self.repeats:
+            self.stop(f"the page at offset {offset} brings no id the pages before it did not"
+                      + (f" (nor did the {_RECENT_PAGES} pages before it)" if self.moving else ""))
         if total is not None and offset >= total + self.size:
             self.stop(f"offset {offset} is a page past the total_count of {total} it reports")
         if self.pages >= self.max_pages:
