@@ -272,12 +272,13 @@ def test_budget_wait_past_the_deadline_is_refused_without_sending(emu: EmulatorS
 
 def test_budget_wait_never_leaves_clerk_too_little_time(emu: EmulatorServer) -> None:
     """Review: a token 0.8 s away under a 1 s deadline was taken and the request sent with 0.2 s left,
-    too little for Clerk's 0.6 s; the timeout counted against Clerk. Now refused at once, as our budget's."""
+    too little for Clerk's 0.6 s; the timeout counted against Clerk. Now refused at once, naming the 429's
+    Retry-After that holds the budget."""
     emu.set_faults(latency_s=0.6)
     budget = LocalBudget(RateLimit(10, 1.0), clock=FakeClock())
     budget.penalize(0.8)  # the next token is 0.8 s away on the budget's clock, which stands still
     with ClerkClient(emu.secret_key, api_url=emu.url, budget=budget, retry=FAST_RETRY) as clerk:
-        with pytest.raises(RateLimited, match=r"budget \(not Clerk\) is the limit") as refused:
+        with pytest.raises(RateLimited, match=r"Retry-After holds every call for 0.80s more, past the 1s") as refused:
             clerk.count_users(deadline_s=1.0)
         assert refused.value.retry_after == pytest.approx(0.8)
         assert clerk.stats.requests == 0 and not clerk.breaker.is_open

@@ -161,3 +161,18 @@ def test_a_budget_of_the_apps_own_without_blocked_still_works() -> None:
             return [await aclerk.list_users(limit=1) for _ in range(2)]
 
     assert anyio.run(main) == [[], []]
+
+
+def test_a_call_refused_while_a_429_holds_the_budget_names_clerks_retry_after() -> None:
+    """Review: it said "our Clerk request budget (not Clerk) is the limit", sending the reader to tune a
+    budget that was not the cause."""
+    answers = iter([httpx.Response(429, headers={"retry-after": "120"})])
+    transport = httpx.MockTransport(lambda request: next(answers, httpx.Response(200, json={"id": "user_1"})))
+    with ClerkClient("sk_test_x", api_url="https://api.clerk.com", transport=transport,
+                     budget=LocalBudget(RateLimit(100, 1.0))) as clerk:
+        with pytest.raises(RateLimited, match="Clerk answered 429 Too Many Requests"):
+            clerk.get_user("user_1")
+        with pytest.raises(RateLimited, match=r"Clerk answered 429 to this client earlier and its Retry-After holds "
+                                              r"every call for 1[12]\d\.\d\ds more") as caught:
+            clerk.get_user("user_2")
+        assert caught.value.retry_after > 110 and clerk.stats.requests == 1

@@ -337,7 +337,7 @@ class ClerkStandIn:
         if after is not None and mode == "endless":
             offset = int(after.rsplit("_", 1)[1]) + 1
         elif after is not None:
-            ids = [i["id"] for i in items]
+            ids = [i["id"] if isinstance(i, dict) else None for i in items]  # (a test's odd items too)
             offset = ids.index(after) + 1 if after in ids else len(ids)
         if mode == "endless":
             fresh = factories.user if name == "users" else factories.organization

@@ -102,3 +102,31 @@ def test_when_clerk_does_not_say_the_run_goes_on_and_when_it_refuses_the_run_sto
             with pytest.raises(ClerkAPIError):
                 reconciler.run()
             assert _counts(store) == (0, 0, 0)
+
+
+EXAMPLE = "ins_2g7np7Hrk0SN6kj5EDMLDaKNL0S"  # Clerk's example payloads (the Dashboard's "Send Example")
+
+
+def _deliver(store: Store, svix_id: str, instance_id: str) -> None:
+    event = f.envelope("user.created", f.user(f"user_{svix_id}", 1_800_000_000_000)) | {"instance_id": instance_id}
+    headers, body = f.signed(event, svix_id)
+    assert WebhookProcessor(store, WebhookVerifier([f.SECRET])).process(headers, body).status == "applied"
+
+
+def test_a_test_event_with_clerks_example_instance_does_not_name_the_instance(store: Store) -> None:
+    """Review: one "Send Example" delivery (its instance_id is Clerk's example id) made every reconcile refuse
+    the right key, with advice (use the key of the example instance) nobody can follow."""
+    _deliver(store, "msg_example", EXAMPLE)
+    with EmulatorServer(instance_id=OURS) as ours, clerk_client(ours) as clerk:
+        ours.create_user(email="ours@example.com")
+        report = Reconciler(store, clerk, page_size=50).run()
+    assert report.counts["users"].created == 1
+
+
+def test_a_newer_test_event_does_not_hide_the_instance_the_deliveries_name(store: Store) -> None:
+    _deliver(store, "msg_ours", OURS)
+    _deliver(store, "msg_example", EXAMPLE)
+    with _other_instance() as theirs, clerk_client(theirs) as clerk, pytest.raises(
+            ConfigError, match=f"mirrors {OURS} .*delivery, msg_ours; if that was a test event .*CLERK_INSTANCE_ID"):
+        Reconciler(store, clerk, page_size=50).run()
+    assert _counts(store) == (2, 0, 0)

@@ -56,7 +56,7 @@ from clerk_sync.errors import (
     ReconcileBusy,
     StoreError,
 )
-from clerk_sync.events import UserRecord, membership_record, organization_record, user_record
+from clerk_sync.events import MembershipRecord, UserRecord, membership_record, organization_record, user_record
 from clerk_sync.metrics import Metrics
 from clerk_sync.store import TRANSACTION_POOLER_INFO, Store, Writer, dialect_family, erased_digest
 from clerk_sync.tables import (
@@ -158,6 +158,8 @@ class _NoProgress:
 Anchor = tuple[str, int | None]  # a users cursor: the last listed user's id and creation time (ms)
 # What Clerk may answer a cursor naming a deleted user, rather than an empty page
 _CURSOR_REFUSALS = frozenset({400, 404, 422})
+# The instance_id of Clerk's example payloads (its docs, its OpenAPI, the Dashboard's "Send Example"): no instance's
+_EXAMPLE_INSTANCES = ("ins_2g7np7Hrk0SN6kj5EDMLDaKNL0S", "ins_123")
 
 
 @dataclass
@@ -289,15 +291,22 @@ class Reconciler:
         return found
 
     def _mirrored_instance(self) -> tuple[str | None, str]:
-        """The instance this database's own records name: its newest delivery's, else an earlier run's."""
+        """The instance this database's own records name: its newest delivery's (Clerk's example payloads,
+        which the Dashboard's "Send Example" delivers, name no real instance and are passed over), else an
+        earlier run's."""
         e = webhook_events
         with self.store.connect() as conn:
             # among the newest deliveries only (an install whose deliveries carry none would scan them all)
-            recent = sa.select(e.c.instance_id).order_by(e.c.received_at.desc()).limit(1000).subquery()
-            newest = conn.execute(sa.select(recent.c.instance_id).where(recent.c.instance_id.is_not(None))
-                                  .limit(1)).scalar()
-            if newest:
-                return str(newest), "the instance_id of its newest webhook delivery"
+            recent = (sa.select(e.c.id, e.c.instance_id, e.c.svix_id, e.c.received_at)
+                      .order_by(e.c.received_at.desc(), e.c.id.desc()).limit(1000).subquery())
+            newest = conn.execute(sa.select(recent.c.instance_id, recent.c.svix_id)
+                                  .where(recent.c.instance_id.is_not(None),
+                                         recent.c.instance_id.not_in(_EXAMPLE_INSTANCES))
+                                  .order_by(recent.c.received_at.desc(), recent.c.id.desc()).limit(1)).first()
+            if newest is not None:
+                return str(newest.instance_id), (
+                    f"the instance_id of its newest webhook delivery, {newest.svix_id}; if that was a test event "
+                    f"sent from another instance, set CLERK_INSTANCE_ID to the instance this database mirrors")
             for details in conn.execute(sa.select(reconcile_runs.c.details).order_by(reconcile_runs.c.id.desc())
                                         .limit(20)).scalars():
                 recorded = details.get("instance_id") if isinstance(details, dict) else None
@@ -486,7 +495,7 @@ class Reconciler:
         by_cursor = entity is Entity.USER and not by_update
         total = self.clerk.count_users() if by_cursor else None
         self.progress.start(entity.value, total, run.cursor)
-        advance = _Advance(f"/{entity.value}", self.page_size, self.max_pages)
+        advance = _Advance(f"/{entity.value}", self.page_size, self.max_pages, moving=by_update)
         if by_cursor:  # (a run saved before cursors has none: from the first page)
             pages = self._user_pages(run.after, run.cursor if run.after is not None else 0, advance)
         else:
@@ -494,14 +503,15 @@ class Reconciler:
                      self._pages(self._fetcher(entity), run.cursor, None, advance, sequential=by_update))
         done = run.cursor
         for offset, items, after in pages:
-            fresh = [d for d in items if not by_update or _updated_at(d) >= since_ms]  # type: ignore[operator]
+            older = [by_update and _older(d, since_ms) for d in items]
+            fresh = [d for d, old in zip(items, older, strict=True) if not old]
             self._apply_page(run, entity, fresh, offset + len(items), after)
             done += len(items)
             if total is not None and done > total:  # users created since the count (or listed twice after a
                 total = done  # deleted cursor): the bar's total grows with them, never "2951/2949"
                 self.progress.start(entity.value, total, done - len(items))
             self.progress.advance(entity.value, len(items))
-            if len(fresh) < len(items):
+            if any(older):
                 break  # ordered by -updated_at: the rest is older than --since
 
     def _fetcher(self, entity: Entity) -> Callable[[int], tuple[list[JSON], int | None]]:
@@ -627,7 +637,7 @@ class Reconciler:
         counts = run.report.counts[entity.value]
         counts.failed += failed
         with self._unit(run) as (conn, writer):
-            current = _current(conn, entity, [r.clerk_id for r in records])
+            current = _current(conn, entity, records)
             now_ms = int(as_utc(writer.now if writer is not None else self._now()).timestamp() * 1000)
             ended = _ended_lockouts(conn, records, now_ms) if entity is Entity.USER else []
             changed: list[Record] = []
@@ -749,10 +759,10 @@ class Reconciler:
         ids = [c[0] for c in candidates]
         if entity is Entity.USER:
             found = self.clerk.list_users(limit=_VERIFY_BATCH, order_by=None, user_ids=ids)
-            _only_asked("/users?user_id=...", {u["id"] for u in found}, ids)
+            _only_asked("/users?user_id=...", {_id_of(u) for u in found}, ids)
         elif entity is Entity.ORGANIZATION:
             found = self.clerk.list_organizations(limit=_VERIFY_BATCH, order_by=None, org_ids=ids).data
-            _only_asked("/organizations?organization_id=...", {o["id"] for o in found}, ids)
+            _only_asked("/organizations?organization_id=...", {_id_of(o) for o in found}, ids)
         else:
             by_org: dict[str, set[str]] = {}
             for _, org_id, user_id in candidates:
@@ -761,8 +771,8 @@ class Reconciler:
             for org_id, user_ids in sorted(by_org.items()):
                 self._keep_alive(run)  # a call per organization: a batch can outlast stale_after_s
                 found += self._memberships(org_id, sorted(user_ids))
-        present, asked = {o["id"] for o in found}, set(ids)
-        return [i for i in ids if i not in present], [o for o in found if o["id"] in asked]
+        present, asked = {_id_of(o) for o in found}, set(ids)
+        return [i for i in ids if i not in present], [o for o in found if _id_of(o) in asked]
 
     def _keep_alive(self, run: _Run) -> None:
         """The run's heartbeat, written between two Clerk calls of one long step (a batch's membership checks
@@ -850,12 +860,18 @@ def _only_asked(path: str, answered: set[Any], asked: Sequence[str]) -> None:
                             "deleted on its word (is CLERK_API_URL Clerk's API?)", method="GET", path=path)
 
 
-def _member_of(membership: JSON) -> Any:
-    return (membership.get("organization") or {}).get("id")
+def _id_of(item: Any) -> Any:
+    """An object's id; None for an item that is not an object (an answer naming none of the ids asked)."""
+    return item.get("id") if isinstance(item, dict) else None
 
 
-def _member_user(membership: JSON) -> Any:
-    return (membership.get("public_user_data") or {}).get("user_id")
+def _member_of(membership: Any) -> Any:
+    return _id_of(membership.get("organization")) if isinstance(membership, dict) else None
+
+
+def _member_user(membership: Any) -> Any:
+    user = membership.get("public_user_data") if isinstance(membership, dict) else None
+    return user.get("user_id") if isinstance(user, dict) else None
 
 
 MASS_DELETE_SHARE = 0.25  # of an entity's live rows (see Reconciler)
@@ -867,20 +883,27 @@ class _Advance:
     last pages did not, an offset a page past the reported ``total_count``, or ``max_pages`` pages.
 
     Such a listing (a proxy or stand-in that ignores ``offset``) is broken: the run fails before its
-    sweep, so nothing is deleted on its word, and stays resumable.
+    sweep, so nothing is deleted on its word, and stays resumable. ``moving``: a listing by ``-updated_at``,
+    where users updated meanwhile move to its front and push rows already read to the next offsets: such pages
+    are read past (the listing goes on), up to as many in a row as it remembers (more are not rows moving).
     """
 
-    def __init__(self, path: str, size: int, max_pages: int) -> None:
+    def __init__(self, path: str, size: int, max_pages: int, *, moving: bool = False) -> None:
         self.path, self.size, self.max_pages = path, size, max_pages
         self.pages = 0
         self.recent: deque[set[Any]] = deque(maxlen=_RECENT_PAGES)
+        self.moving, self.repeats = moving, 0  # full pages in a row that brought no new id
 
     def check(self, offset: int, items: list[JSON], total: int | None) -> None:
         """Called for each full page (one that says there is more)."""
         self.pages += 1
         ids = {d.get("id") if isinstance(d, dict) else None for d in items}
-        if not ids.difference(*self.recent):
-            self.stop(f"the page at offset {offset} brings no id the pages before it did not")
+        self.repeats = 0 if ids.difference(*self.recent) else self.repeats + 1
+        if self.repeats and self.moving and self.repeats <= _RECENT_PAGES:
+            log.info("reconcile_rows_moved", path=self.path, offset=offset)  # updated meanwhile: read on
+        elif self.repeats:
+            self.stop(f"the page at offset {offset} brings no id the pages before it did not"
+                      + (f" (nor did the {_RECENT_PAGES} pages before it)" if self.moving else ""))
         if total is not None and offset >= total + self.size:
             self.stop(f"offset {offset} is a page past the total_count of {total} it reports")
         if self.pages >= self.max_pages:
@@ -914,6 +937,8 @@ def _records(entity: Entity, items: list[JSON]) -> tuple[list[Record], int]:
     failed = 0
     for data in items:
         try:
+            if not isinstance(data, dict):  # (null, a string: a listing's item Clerk never sends)
+                raise EventShapeError(f"a listed item is {type(data).__name__}, not an object")
             record = build(data)
         except EventShapeError:
             failed += 1
@@ -924,25 +949,41 @@ def _records(entity: Entity, items: list[JSON]) -> tuple[list[Record], int]:
     return list(by_id.values()), failed
 
 
-def _updated_at(data: JSON) -> int:
-    value = data.get("updated_at")
-    return int(value) if isinstance(value, int | float) else 0
+def _older(data: Any, since_ms: int | None) -> bool:
+    """Updated before ``since_ms``. An item without a readable ``updated_at`` is not: it is kept (and counted
+    failed by :func:`_records`), and ends no listing early."""
+    value = data.get("updated_at") if isinstance(data, dict) else None
+    return (since_ms is not None and isinstance(value, int | float) and not isinstance(value, bool)
+            and value < since_ms)
 
 
-def _current(conn: sa.Connection, entity: Entity, ids: list[str]) -> dict[str, RowState]:
-    if not ids:
+def _current(conn: sa.Connection, entity: Entity, records: list[Record]) -> dict[str, RowState]:
+    if not records:
         return {}
     table = _TABLES[entity]
     query = sa.select(table.c.clerk_id, table.c.clerk_updated_at, table.c.deleted_at).where(
-        table.c.clerk_id.in_(ids))
+        table.c.clerk_id.in_([r.clerk_id for r in records]))
     found = {r.clerk_id: RowState(r.clerk_updated_at, r.deleted_at is not None) for r in conn.execute(query)}
-    # A hard-deleted tombstone (retention) is a digest in clerk_sync_erased: still deleted for good. Without
-    # it, every run counted such an entity Clerk still lists as "created" (the guarded insert refuses it).
-    digests = {erased_digest(entity, i): i for i in ids if i not in found}
+    # A hard-deleted tombstone (retention, erasure) is a digest in clerk_sync_erased: still deleted for good, and
+    # so is a membership of an erased user or organization. Without it, every run counted such an entity Clerk
+    # still lists as "created" (the guarded insert refuses it) and reported a repair that never happened.
+    digests: dict[str, list[str]] = {}
+    for record in records:
+        if record.clerk_id not in found:
+            for digest in _erased_digests(entity, record):
+                digests.setdefault(digest, []).append(record.clerk_id)
     if digests:
         gone = conn.execute(sa.select(erased.c.digest).where(erased.c.digest.in_(list(digests)))).scalars()
-        found.update({digests[d]: RowState(0, True) for d in gone})
+        found.update({clerk_id: RowState(0, True) for d in gone for clerk_id in digests[d]})
     return found
+
+
+def _erased_digests(entity: Entity, record: Record) -> list[str]:
+    """The digests that, in clerk_sync_erased, mean the record is gone for good (the guarded insert's own)."""
+    if isinstance(record, MembershipRecord):
+        return [erased_digest(entity, record.clerk_id), erased_digest(Entity.USER, record.user_clerk_id),
+                erased_digest(Entity.ORGANIZATION, record.organization_clerk_id)]
+    return [erased_digest(entity, record.clerk_id)]
 
 
 def _stage(conn: sa.Connection, seen: sa.Table, run_id: int, entity: Entity, ids: list[str]) -> None:

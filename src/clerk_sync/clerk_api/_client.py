@@ -270,6 +270,7 @@ class ClerkClient(_Base):
                 error = exc
                 raise
             finally:
+                flow.close()  # a call given up mid-flow (cancelled, interrupted) frees its probe slot now
                 traced.end(error)
 
     def _execute(self, step: Step) -> Any:
@@ -425,6 +426,7 @@ class AsyncClerkClient(_Base):
                 error = exc
                 raise
             finally:
+                flow.close()  # a call given up mid-flow (cancelled, interrupted) frees its probe slot now
                 traced.end(error)
 
     async def _execute(self, step: Step) -> Any:

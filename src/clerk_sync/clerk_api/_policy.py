@@ -118,6 +118,7 @@ class CircuitBreaker:
         self._failures = 0
         self._opened_at: float | None = None
         self._probe_at: float | None = None
+        self._probe = 0  # numbers the probes, so a call frees only its own slot (release)
 
     @property
     def is_open(self) -> bool:
@@ -141,17 +142,29 @@ class CircuitBreaker:
 
     def check(self) -> float | None:
         """``None`` when a request may go out, else seconds until the circuit lets a probe through."""
+        return self.admit()[0]
+
+    def admit(self) -> tuple[float | None, int | None]:
+        """:meth:`check`, and the probe's number when this call is the half-open probe: it must end in
+        :meth:`success`, :meth:`failure` or :meth:`release`, or every other call waits ``reset_s`` for it."""
         with self._lock:
             if self._opened_at is None:
-                return None
+                return None, None
             now = self._clock()
             wait = self._opened_at + self.reset_s - now
             if wait > 0:
-                return wait
+                return wait, None
             if self._probe_at is not None and now - self._probe_at < self.reset_s:
-                return self._probe_at + self.reset_s - now  # a probe is in flight
-            self._probe_at = now
-            return None
+                return self._probe_at + self.reset_s - now, None  # a probe is in flight
+            self._probe_at, self._probe = now, self._probe + 1
+            return None, self._probe
+
+    def release(self, probe: int) -> None:
+        """Probe ``probe`` ended without a verdict on Clerk (our budget refused it, the deadline ran out, the
+        caller gave up): the next call probes instead of waiting out ``reset_s``."""
+        with self._lock:
+            if self._probe_at is not None and self._probe == probe:
+                self._probe_at = None
 
     def success(self) -> None:
         with self._lock:
@@ -250,14 +263,32 @@ def call_flow(ctx: _Context, req: ApiRequest[T], deadline_s: float | None = None
     total = deadline_s if deadline_s is not None else ctx.retry.deadline_s
     deadline = ctx.clock() + total
     floor = ctx.retry.floor(total)
+    probes: list[int] = []  # the half-open probes this call took: freed at its end, verdict or not
+    try:
+        return (yield from _attempts(ctx, req, total, deadline, floor, probes))
+    finally:
+        for probe in probes:
+            ctx.breaker.release(probe)
+
+
+def _attempts(ctx: _Context, req: ApiRequest[T], total: float, deadline: float, floor: float,
+              probes: list[int]) -> Flow[T]:
     attempt = limited = 0
     where = {"method": req.method, "path": req.path}
     while True:
-        blocked = ctx.breaker.check()
+        blocked, probe = ctx.breaker.admit()
+        if probe is not None:
+            probes.append(probe)
         if blocked is not None:
             raise ClerkUnavailable("Clerk is unavailable (circuit open)", retry_after=blocked, **where)
         reservation: Reservation = yield Acquire(max_wait=max(0.0, deadline - ctx.clock() - floor))
         if not reservation.granted:
+            block: Block = yield Hold()
+            if block.left > 0:  # a 429's Retry-After holds the budget, not our own rate
+                raise RateLimited(
+                    f"{req.method} {req.path}: Clerk answered 429 to this client earlier and its Retry-After holds "
+                    f"every call for {block.left:.2f}s more, past the {total:g}s deadline: retry after that",
+                    retry_after=reservation.wait, status=429, **where)
             raise RateLimited(
                 f"{req.method} {req.path}: our Clerk request budget (not Clerk) is the limit: the next token "
                 f"is {reservation.wait:.2f}s away, which would leave less than {floor:.2f}s of the "
@@ -275,6 +306,7 @@ def call_flow(ctx: _Context, req: ApiRequest[T], deadline_s: float | None = None
             ctx.breaker.success()
             return _parsed(outcome, req)
         if status == 429:
+            ctx.breaker.success()  # Clerk answered: it is up (its limit is not an outage)
             limited += 1
             retry_after = _retry_after(outcome, default=1.0)
             if not req.per_object_limit:  # the instance's limit: every caller of the (shared) budget waits
