@@ -90,6 +90,32 @@ def test_the_welcome_hook_run_twice_with_one_change_sends_one_mail(db_url: str) 
     assert mails == [(change.idempotency_key, "twice@example.com")]
 
 
+def test_a_user_created_again_is_not_welcomed_twice(db_url: str) -> None:
+    """Docs review 3: the mail was keyed by the change's idempotency key, once per change: a user whose rows
+    were deleted (a restore) and synced again got a second welcome mail, against the README's advice (a side
+    effect once per user deduplicates on the Clerk id)."""
+    example = build(_settings(db_url), billing_url="http://127.0.0.1:9/unused", billing_secret=BILLING_SECRET)
+    try:
+        send = welcome_mail(example.store.engine)
+        send(Change(Entity.USER, "user_again", "created", 1, {"email": "again@example.com"}))
+        send(Change(Entity.USER, "user_again", "created", 2, {"email": "again@example.com"}))
+        with example.store.connect() as conn:
+            mails = conn.execute(sa.select(welcome_mails.c.clerk_user_id, welcome_mails.c.to)).all()
+    finally:
+        example.store.dispose()
+    assert mails == [("user_again", "again@example.com")]
+
+
+def test_billing_skips_a_redacted_change_and_takes_the_next() -> None:
+    """Docs review 1: a change queued before its user was erased arrives with ``data.redacted`` and
+    ``values == {}``; billing read ``values["email"]``, answered 500, and the job was retried for 4 h, holding
+    the user's later changes, then died."""
+    redacted = Change(Entity.USER, "user_gone", "updated", 5, {}, redacted=True)
+    with running(create_billing(BILLING_SECRET)) as billing:
+        assert _deliver(billing, redacted) == 204
+        assert _deliver(billing, Change(Entity.USER, "user_gone", "deleted", 6, {})) == 204
+
+
 class _DownOnce(dict[str, dict[str, Any]]):
     """Billing's customer store, whose first write fails (its database was down)."""
 

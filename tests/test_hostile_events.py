@@ -433,6 +433,22 @@ def test_an_envelope_timestamp_that_cannot_be_the_events_time_holds_no_ban_back_
         assert DenyList(side.store).blocked_reason(locked_uid) is not None  # the lock is in force
 
 
+def test_an_updated_at_in_seconds_holds_no_ban_back_on_any_store(sides: list[Side]) -> None:
+    """Docs review 2: an ``updated_at`` in seconds was a 1970 version in milliseconds, so a ban it carried was
+    skipped as stale against the row's millisecond version, nothing noted (the README said such a value is
+    replaced). One within a year of the event's time is read as seconds now."""
+    now = int(time.time() * 1000)
+    uid = fresh("user")
+    for side in sides:
+        created = f.envelope("user.created", f.user(uid, now - 60_000, role="admin"), timestamp=now - 60_000)
+        assert send(side, f.body_of(created), fresh("msg")).json()["status"] == "applied"
+        ban = f.envelope("user.updated", f.user(uid, now // 1000, role="user", banned=True), timestamp=now)
+        assert send(side, f.body_of(ban), sid := fresh("msg")).json()["status"] == "applied"
+        assert f"'updated_at' {now // 1000} is in seconds: read as seconds" in inbox_row(side, sid)["last_error"]
+        row = user_row(side, uid)
+        assert (row["role"], row["banned"], row["clerk_updated_at"]) == ("user", True, now // 1000 * 1000)
+
+
 @pytest.mark.parametrize("expiry", ["seconds", "zero"])
 def test_a_revocation_whose_expiry_is_not_in_milliseconds_is_in_force_on_any_store(sides: list[Side],
                                                                                   expiry: str) -> None:

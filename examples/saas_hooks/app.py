@@ -3,7 +3,8 @@ sign-up, and every change is forwarded to a second service (``billing.py``), sig
 
 Nothing here runs in the webhook request: the row is written with the delivery, the hook jobs are
 queued in the same transaction, and the dispatcher runs them after the commit (retried, at least
-once). The mail hook keys on ``change.idempotency_key``, so a retry never sends twice. Everything
+once). The mail is keyed by the Clerk id, so neither a retry nor a second ``user.created`` of the same user
+(its rows restored from a backup, then re-synced) sends it twice. Everything
 here is portable SQL: the same code runs on SQLite, PostgreSQL and MariaDB/MySQL.
 """
 
@@ -35,7 +36,8 @@ accounts = sa.Table(  # the app's own table: clerk-sync writes only the mapped c
 )
 welcome_mails = sa.Table(  # the "mail server": one row per mail sent
     "welcome_mails", app_tables,
-    sa.Column("idempotency_key", sa.String(200), primary_key=True),
+    sa.Column("idempotency_key", sa.String(200), nullable=False),  # the job that sent it
+    sa.Column("clerk_user_id", sa.String(64), primary_key=True),  # once per user, not once per change
     sa.Column("to", sa.String(320), nullable=False),
     sa.Column("body", sa.Text, nullable=False),
 )
@@ -57,8 +59,9 @@ class Example:
 
 def welcome_mail(engine: sa.Engine) -> Any:
     """The ``welcome-mail`` handler. A job runs at least once: a retry, or a run whose success was not
-    recorded (a crash in between), runs it again with the same change, so the mail is keyed by
-    ``change.idempotency_key`` and a second run finds the key and sends nothing.
+    recorded (a crash in between), runs it again with the same change. A side effect once per *user* is
+    keyed by ``change.clerk_id`` (not ``change.idempotency_key``, which is once per change: the same user
+    may be created again here, after a restore), so a second run finds the user and sends nothing.
 
     Note: a pre-Clerk row adopted through ``link_by_email`` reaches hooks as ``user.created`` too (the
     Clerk user is new to the table), so it is welcomed like a sign-up. To skip those, look the row up
@@ -70,17 +73,18 @@ def welcome_mail(engine: sa.Engine) -> Any:
         email = change.values.get("email")
         if not email:
             return
-        mail = {"idempotency_key": change.idempotency_key, "to": email,
+        mail = {"idempotency_key": change.idempotency_key, "clerk_user_id": change.clerk_id, "to": email,
                 "body": f"Welcome, {change.values.get('first_name') or email}!"}
         try:
             # A plain INSERT, portable to every store (no dialect's ON CONFLICT / INSERT IGNORE).
             with engine.begin() as conn:
                 conn.execute(welcome_mails.insert().values(**mail))
         except sa.exc.IntegrityError:
-            # Already sent (by an earlier run of this job) if the key is there; anything else is an error.
+            # Already sent (by an earlier run, or for an earlier sign-up) if the user is there; anything else
+            # is an error.
             with engine.connect() as conn:
                 sent = conn.execute(sa.select(sa.literal(1)).where(
-                    welcome_mails.c.idempotency_key == change.idempotency_key)).first()
+                    welcome_mails.c.clerk_user_id == change.clerk_id)).first()
             if sent is None:
                 raise
 

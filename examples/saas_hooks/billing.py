@@ -51,6 +51,8 @@ def create_billing(secret: str, customers: MutableMapping[str, dict[str, Any]] |
             return Response(status_code=204)
         if deleted:
             customers.pop(clerk_id, None)
+        elif data.get("redacted"):  # queued before its user was erased: nothing of theirs left to keep (their
+            pass  # deletion follows); reading values["email"] would fail it until it died, holding later ones
         else:  # an exception here answers 500: the sink retries, and the message is not yet seen
             customers[clerk_id] = {"email": data["values"]["email"], "role": data["values"]["role"]}
         applied[clerk_id] = (version, deleted)
