@@ -91,12 +91,17 @@ class DjangoOptions:
     #: queue the same hooks and write the same tables as ``clerk-sync serve --hooks/--mapping``.
     hooks: tuple[Any, ...] = ()
     mapping: Any = None
+    #: ``CLERK_ID_FIELD``: the ``AUTH_USER_MODEL`` field holding the Clerk id, the one the backend looks its
+    #: users up by (``None``: ``USERNAME_FIELD``). Needed when the login is the e-mail address (``USERNAME_FIELD
+    #: = "email"``): a Clerk id is not an address, and an address (which a user may change in Clerk) is no key.
+    clerk_id_field: str | None = None
 
 
 _OPTION_KEYS = {
     "REQUIRE_AUTH": "require_auth", "PUBLIC_PATHS": "public_paths", "PUBLIC_PREFIXES": "public_prefixes",
     "JIT": "jit", "AUDIT_IMPERSONATION": "audit_impersonation", "DENY_LIST_REFRESH_S": "deny_list_refresh_s",
     "USER_FIELDS": "user_fields", "HOOKS": "hooks", "MAPPING": "mapping",
+    "CLERK_ID_FIELD": "clerk_id_field",
 }
 
 
@@ -194,6 +199,9 @@ def django_options() -> DjangoOptions:
             values[name] = import_string(values[name])
     if "hooks" in values:
         values["hooks"] = tuple(values["hooks"])
+    if "CLERK_ID_FIELD" in raw and not (isinstance(raw["CLERK_ID_FIELD"], str) and raw["CLERK_ID_FIELD"]):
+        raise ImproperlyConfigured(f"settings.CLERK_SYNC['CLERK_ID_FIELD'] must name a field of AUTH_USER_MODEL, "
+                                   f"e.g. 'clerk_id', not {raw['CLERK_ID_FIELD']!r}")
     for key in _BOOL_KEYS:
         _require_bool(raw, key)
     if "DENY_LIST_REFRESH_S" in raw:
