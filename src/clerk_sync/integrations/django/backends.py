@@ -58,6 +58,7 @@ from django.contrib.auth.models import AnonymousUser
 from django.db import InterfaceError, OperationalError, connections, router, transaction
 from django.db.models import Q
 from django.http import HttpRequest
+from django.utils.module_loading import import_string
 
 from clerk_sync._db_errors import is_schema_behind, store_error
 from clerk_sync._time import utcnow
@@ -81,7 +82,8 @@ if TYPE_CHECKING:
     from clerk_sync.integrations.django.request import ClerkRequest
 
 __all__ = ["ClerkBackend", "deactivate_django_user", "django_user", "forget_cleared_django_users",
-           "forget_django_user", "refresh_django_user", "refresh_django_users", "sync_django_user"]
+           "forget_django_user", "refresh_django_user", "refresh_django_users", "sync_django_user",
+           "uses_clerk_backend"]
 
 log = structlog.get_logger("clerk_sync.django")
 
@@ -436,6 +438,26 @@ def django_user(request: HttpRequest, state: ClerkRequest) -> Any:
             user.backend = path
             return user
     return AnonymousUser()
+
+
+def uses_clerk_backend() -> bool:
+    """Whether ``AUTHENTICATION_BACKENDS`` lists :class:`ClerkBackend` or an app's subclass of it (as the checks and
+    :func:`django_user` find it): by its exact path only, a subclass was ignored by the middleware and DRF, so
+    ``request.user`` never became the Clerk session's user. Cached per list (read on every request)."""
+    return _lists_clerk_backend(tuple(getattr(settings, "AUTHENTICATION_BACKENDS", None) or ()))
+
+
+@functools.lru_cache(maxsize=16)
+def _lists_clerk_backend(paths: tuple[Any, ...]) -> bool:
+    return any(_is_clerk_backend(path) for path in paths)
+
+
+def _is_clerk_backend(path: Any) -> bool:
+    try:  # (Django itself reports a backend that does not import)
+        found = import_string(path) if isinstance(path, str) else path
+    except ImportError:
+        return False
+    return isinstance(found, type) and issubclass(found, ClerkBackend)
 
 
 def _lock_clock_ms() -> int:
