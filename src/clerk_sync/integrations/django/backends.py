@@ -252,28 +252,21 @@ def _in_step(user: Any, row: AuthUser) -> bool:
 
 
 def refresh_django_users(batch: int = 500) -> tuple[int, list[Any]]:
-    """:func:`refresh_django_user` for every linked Django user still active, staff or superuser whose ``users``
-    row is banned, deleted or deprovisioned, or whose copied fields no longer match the row (a demotion): what
-    the webhook view does at once, for deliveries another process applied (``clerk-sync serve``, ``replay``,
-    ``reconcile``). ``batch`` users and one query of their rows at a time; returns how many changed and the
-    primary keys of those that could not be changed (logged ``django_user_refresh_failed``). ``manage.py
-    clerk_sync prune`` runs it."""
+    """:func:`refresh_django_user` for every linked Django user: deactivated once its ``users`` row is banned,
+    deleted or deprovisioned, else given the copied fields that no longer match the row (a demotion; an unban
+    makes an inactive user active again, so inactive users are read too): what the webhook view does at once,
+    for deliveries another process applied (``clerk-sync serve``, ``replay``, ``reconcile``). ``batch`` users and one
+    query of their rows at a time; returns how many changed and the primary keys of those that could not be changed
+    (logged ``django_user_refresh_failed``). ``manage.py clerk_sync prune`` runs it."""
     import dataclasses
 
     from clerk_sync.tables import users as users_table
 
-    model = get_user_model()
-    names = {f.name for f in model._meta.get_fields()}
-    flagged = Q()
-    for flag in _FLAGS:
-        if flag in names:
-            flagged |= Q(**{flag: True})
-    linked = _linked_users(model)
     store = get_clerk_sync().store
     columns = [users_table.c[f.name] for f in dataclasses.fields(AuthUser)]
     changed = 0
     failed: list[Any] = []
-    for page in _pages(linked.filter(flagged) if flagged else linked, batch):
+    for page in _pages(_linked_users(get_user_model()), batch):
         ids = [_clerk_id(user) for user in page]
         with store.connect() as conn:
             rows = {r["clerk_id"]: AuthUser(**r) for r in conn.execute(
@@ -533,8 +526,8 @@ class ClerkBackend(BaseBackend):
             user = model._default_manager.get(pk=user_id)
         except model.DoesNotExist:
             return None
-        if not self.user_can_authenticate(user):
-            return None
+        # A linked user's row is read before is_active is judged: one deactivated by a ban is active again once
+        # the ban is lifted (by another process: reconcile, clerk-sync serve), as its Clerk session is.
         if _is_linked(user):
             clerk_id = _clerk_id(user)
             try:
