@@ -16,6 +16,7 @@ from django.conf import settings as django_settings
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
+from sqlalchemy.exc import ArgumentError
 
 from clerk_sync._urls import masked_url
 from clerk_sync.auth.sessions import verifier_from_settings
@@ -28,6 +29,7 @@ from clerk_sync.integrations.django.conf import (
     database_url_from_django,
     django_options,
 )
+from clerk_sync.store import _check_sqlite_directory as _sqlite_directory
 
 __all__ = ["check_settings"]
 
@@ -61,6 +63,14 @@ def check_settings(app_configs: Any = None, **_: Any) -> list[checks.CheckMessag
 def _database(settings: Settings) -> list[checks.CheckMessage]:
     """The database URL's driver loads (as the first request builds the store): a missing one would fail every
     request with a 500, public pages included, and ``check`` said nothing."""
+    try:  # (a warning said only that the admin reads another database, while every request answered 500)
+        _sqlite_directory(settings.database_url)
+    except ConfigError as exc:
+        return [checks.Error(f"clerk-sync cannot open its database: {exc}", id="clerk_sync.E009",
+                             hint="Create the directory, or point CLERK_SYNC['DATABASE_URL'] at an existing one: "
+                                  "every request reads the database, so each would answer 500.")]
+    except ArgumentError:
+        pass  # (a URL SQLAlchemy cannot parse: E007 below)
     try:
         settings.sqlalchemy_url()
     except ConfigError as exc:
