@@ -93,6 +93,9 @@ with store.engine.begin() as conn:
 out["refresh"] = refresh_django_users()[0]
 out["active"] = get_user_model().objects.get(pk=pk).is_active
 out["get_user"] = ClerkBackend().get_user(pk) is not None
+if app == "emailusers":  # a user of the app's own (no Clerk id, no usable password: a social login's): not Clerk's
+    local = get_user_model().objects.create(email="local@example.com", password="!unusable")
+    out["local_user"] = ClerkBackend().get_user(local.pk) is not None
 print(json.dumps(out))
 """
 
@@ -120,6 +123,7 @@ def test_an_email_login_model_with_clerk_id_field_keeps_one_user_with_the_addres
     assert out["users"] == [[pk, "ada@example.com"], [pk, "ada@example.com"], [pk, "ada@new.example.com"]]
     assert out["count"] == 1
     assert (out["refresh"], out["active"], out["get_user"]) == (1, False, False)
+    assert out["local_user"]  # (no Clerk id held: a login session the backend does not judge)
 
 
 @pytest.mark.slow

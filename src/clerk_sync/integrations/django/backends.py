@@ -165,8 +165,9 @@ def _copy_fields(user: Any, fields: dict[str, Any]) -> list[str]:
 
 
 def _is_linked(user: Any) -> bool:
-    """Whether the backend owns this Django user (no usable password), so may change it."""
-    return not (user.password and user.has_usable_password())
+    """Whether the backend owns this Django user (no usable password, a Clerk id held: a ``CLERK_ID_FIELD`` may be
+    empty for the app's other users), so may change it."""
+    return not (user.password and user.has_usable_password()) and bool(getattr(user, _clerk_id_field(type(user))))
 
 
 _FLAGS = ("is_active", "is_staff", "is_superuser")
