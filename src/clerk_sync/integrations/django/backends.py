@@ -132,6 +132,7 @@ def _clerk_id(user: Any) -> str:
 
 @functools.cache
 def _field_names(model: Any) -> frozenset[str]:
+    """The model's concrete fields, by name and by column attribute (``USER_FIELDS`` may give either)."""
     return frozenset({f.name for f in model._meta.concrete_fields} | {f.attname for f in model._meta.concrete_fields})
 
 
