@@ -4,7 +4,8 @@ the Django admin work for Clerk sessions (opt-in)::
     AUTHENTICATION_BACKENDS = ["clerk_sync.integrations.django.backends.ClerkBackend",
                                "django.contrib.auth.backends.ModelBackend"]
 
-The Django user's ``USERNAME_FIELD`` holds the Clerk user id. It is created on the first request of
+The Django user's ``USERNAME_FIELD`` holds the Clerk user id (or the field ``CLERK_SYNC["CLERK_ID_FIELD"]``
+names, which an e-mail-login model needs: see :func:`_clerk_id_field`). It is created on the first request of
 a Clerk session and updated from the mirrored ``users`` row whenever the copied fields differ. What
 is copied is decided by ``CLERK_SYNC["USER_FIELDS"]``, a dotted path to ``(AuthUser) -> dict``; the
 default (:func:`~.conf.default_user_fields`) copies email and names, ``is_active`` and gives Django
@@ -42,6 +43,7 @@ other database error stays Django's 500.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -56,6 +58,7 @@ from django.contrib.auth.models import AnonymousUser
 from django.db import InterfaceError, OperationalError, connections, router, transaction
 from django.db.models import Q
 from django.http import HttpRequest
+from django.utils.module_loading import import_string
 
 from clerk_sync._db_errors import is_schema_behind, store_error
 from clerk_sync._time import utcnow
@@ -71,14 +74,16 @@ from clerk_sync.errors import (
     UserLocked,
     database_message,
 )
+from clerk_sync.integrations.django.conf import default_user_fields
 from clerk_sync.integrations.django.request import ClerkUserUnavailable, is_outage
 from clerk_sync.integrations.django.runtime import get_clerk_sync
 
 if TYPE_CHECKING:
     from clerk_sync.integrations.django.request import ClerkRequest
 
-__all__ = ["ClerkBackend", "deactivate_django_user", "django_user", "forget_cleared_django_users", "forget_django_user",
-           "refresh_django_user", "refresh_django_users", "sync_django_user"]
+__all__ = ["ClerkBackend", "deactivate_django_user", "django_user", "forget_cleared_django_users",
+           "forget_django_user", "refresh_django_user", "refresh_django_users", "sync_django_user",
+           "uses_clerk_backend"]
 
 log = structlog.get_logger("clerk_sync.django")
 
@@ -87,8 +92,8 @@ def sync_django_user(row: AuthUser) -> Any:
     """Create or update the Django user for a ``users`` row (saves only when a copied field changed),
     or ``None`` when the Clerk id names a local user with a usable password, never taken over."""
     model = get_user_model()
-    fields = get_clerk_sync().options.user_fields(row)
-    lookup: dict[str, Any] = {str(model.USERNAME_FIELD): row.clerk_id}
+    fields = _user_fields(model, row)
+    lookup: dict[str, Any] = {_clerk_id_field(model): row.clerk_id}
     # Created without a usable password in the one INSERT: a concurrent first request that loses the
     # race reads the row back and must see it as the backend's own, never as a local account.
     defaults = {**fields, "password": make_password(None)}
@@ -99,13 +104,55 @@ def sync_django_user(row: AuthUser) -> Any:
     # nobody in, though Django calls it usable: the backend's own, as an unusable one is.
     if user.password and user.has_usable_password():
         log.error("django_user_not_linked", clerk_id=row.clerk_id, django_user_pk=user.pk,
-                  reason=f"a local Django user {model.USERNAME_FIELD}={row.clerk_id!r} with a usable password "
+                  reason=f"a local Django user {_clerk_id_field(model)}={row.clerk_id!r} with a usable password "
                          "already exists; a Clerk session never takes over a local account, so it is refused",
                   fix="rename the local user (the next request creates the Clerk-linked one), or, if it is the "
                       "same person, link it explicitly: user.set_unusable_password(); user.save()")
         return None
     _copy_fields(user, fields)
     return user
+
+
+def _clerk_id_field(model: Any) -> str:
+    """The user model's field holding the Clerk id, the one the backend looks its users up by:
+    ``CLERK_SYNC["CLERK_ID_FIELD"]``, else ``USERNAME_FIELD``.
+
+    ``USERNAME_FIELD`` by default, as with Django's own ``User`` (the username is the Clerk id, no column to add).
+    A model whose login is the e-mail address (``USERNAME_FIELD = "email"``) must name another field, a unique one
+    of its own (``clerk_id``): the address is what Clerk changes and ``USER_FIELDS`` copies, and a key overwritten
+    by the copy finds nobody on the next request, which then creates the user again (check ``clerk_sync.E008``
+    refuses the setup)."""
+    return get_clerk_sync().options.clerk_id_field or str(model.USERNAME_FIELD)
+
+
+def _clerk_id(user: Any) -> str:
+    """The Clerk id a linked ``user`` holds (:func:`_clerk_id_field`)."""
+    return str(getattr(user, _clerk_id_field(type(user))))
+
+
+@functools.cache
+def _field_names(model: Any) -> frozenset[str]:
+    """The model's concrete fields, by name and by column attribute (``USER_FIELDS`` may give either)."""
+    return frozenset({f.name for f in model._meta.concrete_fields} | {f.attname for f in model._meta.concrete_fields})
+
+
+_unknown_fields_logged: set[frozenset[str]] = set()
+
+
+def _user_fields(model: Any, row: AuthUser) -> dict[str, Any]:
+    """``USER_FIELDS`` for ``row``, less what the backend must not copy: the field holding the Clerk id (the lookup
+    key: overwritten, the next request would find nobody and create the user again) and the fields the model does
+    not have (the default's ``first_name``, ``is_staff``... on a model without ``AbstractUser``'s fields: skipped
+    silently; a ``USER_FIELDS`` of the app's own naming one is logged once, ``django_user_field_unknown``)."""
+    options = get_clerk_sync().options
+    fields = options.user_fields(row)
+    key, names = _clerk_id_field(model), _field_names(model)
+    unknown = frozenset(name for name in fields if name not in names)
+    if unknown and options.user_fields is not default_user_fields and unknown not in _unknown_fields_logged:
+        _unknown_fields_logged.add(unknown)
+        log.warning("django_user_field_unknown", fields=sorted(unknown), model=model._meta.label,
+                    fix="CLERK_SYNC['USER_FIELDS'] returns fields the user model does not have; they are not copied")
+    return {name: value for name, value in fields.items() if name != key and name in names}
 
 
 def _copy_fields(user: Any, fields: dict[str, Any]) -> list[str]:
@@ -119,8 +166,9 @@ def _copy_fields(user: Any, fields: dict[str, Any]) -> list[str]:
 
 
 def _is_linked(user: Any) -> bool:
-    """Whether the backend owns this Django user (no usable password), so may change it."""
-    return not (user.password and user.has_usable_password())
+    """Whether the backend owns this Django user (no usable password, a Clerk id held: a ``CLERK_ID_FIELD`` may be
+    empty for the app's other users), so may change it."""
+    return not (user.password and user.has_usable_password()) and bool(getattr(user, _clerk_id_field(type(user))))
 
 
 _FLAGS = ("is_active", "is_staff", "is_superuser")
@@ -134,7 +182,7 @@ def deactivate_django_user(clerk_id: str, row: AuthUser | None = None) -> None:
     deletion (terminal) or a row that is gone, all three. A local account (usable password) is never
     touched."""
     model = get_user_model()
-    user = model._default_manager.filter(**{str(model.USERNAME_FIELD): clerk_id}).first()
+    user = model._default_manager.filter(**{_clerk_id_field(model): clerk_id}).first()
     if user is None or not _is_linked(user):
         return
     _deactivate(user, row)
@@ -144,9 +192,9 @@ def _deactivate(user: Any, row: AuthUser | None) -> bool:
     """:func:`deactivate_django_user` of a linked ``user`` read already; whether it changed."""
     names: tuple[str, ...] = _FLAGS
     if row is not None and not row.is_deleted:
-        names = tuple(n for n in _FLAGS if n in get_clerk_sync().options.user_fields(row))
+        names = tuple(n for n in _FLAGS if n in _user_fields(type(user), row))
     if _copy_fields(user, {name: False for name in names if hasattr(user, name)}):
-        log.warning("django_user_deactivated", clerk_id=str(user.get_username()), django_user_pk=user.pk)
+        log.warning("django_user_deactivated", clerk_id=_clerk_id(user), django_user_pk=user.pk)
         return True
     return False
 
@@ -168,7 +216,7 @@ def refresh_django_user(clerk_id: str) -> bool:
     through ``ClerkBackend``) takes no lock at all."""
     model = get_user_model()
     using = router.db_for_write(model)
-    users = model._default_manager.using(using).filter(**{str(model.USERNAME_FIELD): clerk_id})
+    users = model._default_manager.using(using).filter(**{_clerk_id_field(model): clerk_id})
     if not any(_is_linked(user) for user in users[:1]):  # (no lock for a user never signed in here, or local)
         return False
     with transaction.atomic(using=using):
@@ -201,39 +249,32 @@ def _in_step(user: Any, row: AuthUser) -> bool:
     if row.banned or row.is_deleted or row.deprovisioned:
         changed = _deactivate(user, row)
     else:
-        changed = bool(_copy_fields(user, get_clerk_sync().options.user_fields(row)))
+        changed = bool(_copy_fields(user, _user_fields(type(user), row)))
     return changed
 
 
 def refresh_django_users(batch: int = 500) -> tuple[int, list[Any]]:
-    """:func:`refresh_django_user` for every linked Django user still active, staff or superuser whose ``users``
-    row is banned, deleted or deprovisioned, or whose copied fields no longer match the row (a demotion): what
-    the webhook view does at once, for deliveries another process applied (``clerk-sync serve``, ``replay``,
-    ``reconcile``). ``batch`` users and one query of their rows at a time; returns how many changed and the
-    primary keys of those that could not be changed (logged ``django_user_refresh_failed``). ``manage.py
-    clerk_sync prune`` runs it."""
+    """:func:`refresh_django_user` for every linked Django user: deactivated once its ``users`` row is banned,
+    deleted or deprovisioned, else given the copied fields that no longer match the row (a demotion; an unban
+    makes an inactive user active again, so inactive users are read too): what the webhook view does at once,
+    for deliveries another process applied (``clerk-sync serve``, ``replay``, ``reconcile``). ``batch`` users and one
+    query of their rows at a time; returns how many changed and the primary keys of those that could not be changed
+    (logged ``django_user_refresh_failed``). ``manage.py clerk_sync prune`` runs it."""
     import dataclasses
 
     from clerk_sync.tables import users as users_table
 
-    model = get_user_model()
-    names = {f.name for f in model._meta.get_fields()}
-    flagged = Q()
-    for flag in _FLAGS:
-        if flag in names:
-            flagged |= Q(**{flag: True})
-    linked = _linked_users(model)
     store = get_clerk_sync().store
     columns = [users_table.c[f.name] for f in dataclasses.fields(AuthUser)]
     changed = 0
     failed: list[Any] = []
-    for page in _pages(linked.filter(flagged) if flagged else linked, batch):
-        ids = [str(user.get_username()) for user in page]
+    for page in _pages(_linked_users(get_user_model()), batch):
+        ids = [_clerk_id(user) for user in page]
         with store.connect() as conn:
             rows = {r["clerk_id"]: AuthUser(**r) for r in conn.execute(
                 sa.select(*columns).where(users_table.c.clerk_id.in_(ids))).mappings()}
         for user in page:
-            row = rows.get(str(user.get_username()))
+            row = rows.get(_clerk_id(user))
             if row is None:  # never synced here, or a purged tombstone (forget_cleared_django_users' part)
                 continue
             try:
@@ -247,9 +288,12 @@ def refresh_django_users(batch: int = 500) -> tuple[int, list[Any]]:
 
 
 def _linked_users(model: Any) -> Any:
-    """The Django users the backend owns (no usable password: :func:`_is_linked`), as a queryset."""
+    """The Django users the backend owns (no usable password: :func:`_is_linked`) and holding a Clerk id (a
+    ``CLERK_ID_FIELD`` may be empty for the app's other users), as a queryset."""
+    key = _clerk_id_field(model)
     return model._default_manager.filter(Q(password="") | Q(password__isnull=True)
-                                         | Q(password__startswith=UNUSABLE_PASSWORD_PREFIX))
+                                         | Q(password__startswith=UNUSABLE_PASSWORD_PREFIX)).exclude(
+        Q(**{f"{key}__isnull": True}) | Q(**{key: ""}))
 
 
 def _pages(users: Any, batch: int) -> Iterator[list[Any]]:
@@ -271,7 +315,7 @@ def forget_django_user(clerk_id: str) -> bool:
     (``manage.py clerk_sync erase``, and ``prune`` for tombstones it clears). A local account (usable password)
     is never touched. Returns whether the user changed."""
     model = get_user_model()
-    user = model._default_manager.filter(**{str(model.USERNAME_FIELD): clerk_id}).first()
+    user = model._default_manager.filter(**{_clerk_id_field(model): clerk_id}).first()
     return user is not None and _is_linked(user) and _forget(user, clerk_id)
 
 
@@ -287,13 +331,13 @@ def forget_cleared_django_users(batch: int = 500) -> tuple[int, list[Any]]:
     changed = 0
     failed: list[Any] = []
     for page in _pages(_linked_users(get_user_model()), batch):
-        cleared = retention.cleared_users([str(user.get_username()) for user in page])
+        cleared = retention.cleared_users([_clerk_id(user) for user in page])
         for user in page:
-            if user.get_username() not in cleared:
+            if _clerk_id(user) not in cleared:
                 continue
             try:
                 with transaction.atomic(using=user._state.db):  # (a refused save inside a caller's transaction
-                    changed += _forget(user, str(user.get_username()))  # must not doom the users after it)
+                    changed += _forget(user, _clerk_id(user))  # must not doom the users after it)
             except Exception as exc:  # one user must not stop every later prune at the same place
                 failed.append(user.pk)
                 log.error("django_user_forget_failed", django_user_pk=user.pk, error=type(exc).__name__,
@@ -303,7 +347,7 @@ def forget_cleared_django_users(batch: int = 500) -> tuple[int, list[Any]]:
 
 
 def _forget(user: Any, clerk_id: str) -> bool:
-    changed = _copy_fields(user, {**get_clerk_sync().options.user_fields(_cleared_row(clerk_id)),
+    changed = _copy_fields(user, {**_user_fields(type(user), _cleared_row(clerk_id)),
                                   **{flag: False for flag in _FLAGS if hasattr(user, flag)}})
     if changed:
         log.info("django_user_forgotten", clerk_id=clerk_id, django_user_pk=user.pk, fields=changed)
@@ -391,6 +435,26 @@ def django_user(request: HttpRequest, state: ClerkRequest) -> Any:
     return AnonymousUser()
 
 
+def uses_clerk_backend() -> bool:
+    """Whether ``AUTHENTICATION_BACKENDS`` lists :class:`ClerkBackend` or an app's subclass of it (as the checks and
+    :func:`django_user` find it): by its exact path only, a subclass was ignored by the middleware and DRF, so
+    ``request.user`` never became the Clerk session's user. Cached per list (read on every request)."""
+    return _lists_clerk_backend(tuple(getattr(settings, "AUTHENTICATION_BACKENDS", None) or ()))
+
+
+@functools.lru_cache(maxsize=16)
+def _lists_clerk_backend(paths: tuple[Any, ...]) -> bool:
+    return any(_is_clerk_backend(path) for path in paths)
+
+
+def _is_clerk_backend(path: Any) -> bool:
+    try:  # (Django itself reports a backend that does not import)
+        found = import_string(path) if isinstance(path, str) else path
+    except ImportError:
+        return False
+    return isinstance(found, type) and issubclass(found, ClerkBackend)
+
+
 def _lock_clock_ms() -> int:
     """Now (epoch ms) as the Clerk-session paths compare a lock's end with: the deny list's wall clock
     (:meth:`~clerk_sync.auth.authenticator.DenyList.now_ms`), so a lock ends for a login session when it ends for
@@ -464,10 +528,10 @@ class ClerkBackend(BaseBackend):
             user = model._default_manager.get(pk=user_id)
         except model.DoesNotExist:
             return None
-        if not self.user_can_authenticate(user):
-            return None
+        # A linked user's row is read before is_active is judged: one deactivated by a ban is active again once
+        # the ban is lifted (by another process: reconcile, clerk-sync serve), as its Clerk session is.
         if _is_linked(user):
-            clerk_id = str(user.get_username())
+            clerk_id = _clerk_id(user)
             try:
                 row = read_user(get_clerk_sync().store, clerk_id)
             except StoreError:
@@ -483,7 +547,7 @@ class ClerkBackend(BaseBackend):
                 log.info("django_session_user_locked", clerk_id=clerk_id, django_user_pk=user.pk,
                          locked_until=row.locked_until)
                 return None
-            _copy_fields(user, get_clerk_sync().options.user_fields(row))
+            _copy_fields(user, _user_fields(model, row))
         return user if self.user_can_authenticate(user) else None
 
     @staticmethod

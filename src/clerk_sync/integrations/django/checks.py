@@ -16,6 +16,7 @@ from django.conf import settings as django_settings
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
+from sqlalchemy.exc import ArgumentError
 
 from clerk_sync._urls import masked_url
 from clerk_sync.auth.sessions import verifier_from_settings
@@ -28,6 +29,7 @@ from clerk_sync.integrations.django.conf import (
     database_url_from_django,
     django_options,
 )
+from clerk_sync.store import _check_sqlite_directory as _sqlite_directory
 
 __all__ = ["check_settings"]
 
@@ -55,12 +57,20 @@ def check_settings(app_configs: Any = None, **_: Any) -> list[checks.CheckMessag
             *_webhook_secret(settings),
             *_session_keys(settings),
             *_authorized_parties(settings), *_middleware_order(), *_require_auth(options),
-            *_backend_without_middleware(), *_csrf_middleware()]
+            *_backend_without_middleware(), *_csrf_middleware(), *_clerk_id_field(options)]
 
 
 def _database(settings: Settings) -> list[checks.CheckMessage]:
     """The database URL's driver loads (as the first request builds the store): a missing one would fail every
     request with a 500, public pages included, and ``check`` said nothing."""
+    try:  # (a warning said only that the admin reads another database, while every request answered 500)
+        _sqlite_directory(settings.database_url)
+    except ConfigError as exc:
+        return [checks.Error(f"clerk-sync cannot open its database: {exc}", id="clerk_sync.E009",
+                             hint="Create the directory, or point CLERK_SYNC['DATABASE_URL'] at an existing one: "
+                                  "every request reads the database, so each would answer 500.")]
+    except ArgumentError:
+        pass  # (a URL SQLAlchemy cannot parse: E007 below)
     try:
         settings.sqlalchemy_url()
     except ConfigError as exc:
@@ -263,6 +273,50 @@ def _backend_without_middleware() -> list[checks.CheckMessage]:
             "is never a Clerk session's user in Django views (only DRF's ClerkAuthentication signs one in).",
             hint=f"Add {_MIDDLEWARE!r} to MIDDLEWARE, after {_AUTH_MIDDLEWARE!r}.", id="clerk_sync.W003")]
     return []
+
+
+def _clerk_id_field(options: DjangoOptions) -> list[checks.CheckMessage]:
+    """With ``ClerkBackend``, the user model's field holding the Clerk id (``CLERK_ID_FIELD``, else
+    ``USERNAME_FIELD``: :func:`~.backends._clerk_id_field`) must be a unique field the copied fields leave alone.
+    An e-mail login (``USERNAME_FIELD = "email"``) had the first request create the user with the address, every
+    later one look ``email=user_...`` up, find nobody and create it again: IntegrityError, a 500 on every page
+    (the backend now never copies onto the key, which would leave the Clerk id in the e-mail field instead). A
+    ``USER_FIELDS`` of the app's own cannot be read here."""
+    from django.contrib.auth import get_user_model
+    from django.core.exceptions import FieldDoesNotExist
+
+    from clerk_sync.integrations.django.conf import default_user_fields
+
+    if not any(_names(b, _BACKEND) for b in getattr(django_settings, "AUTHENTICATION_BACKENDS", None) or []):
+        return []
+    try:
+        model = get_user_model()
+    except ImproperlyConfigured:
+        return []  # (Django reports an AUTH_USER_MODEL it cannot load)
+    key = options.clerk_id_field or str(model.USERNAME_FIELD)
+    label, setting = model._meta.label, "CLERK_SYNC['CLERK_ID_FIELD']"
+    hint = (f"Add a unique field for the Clerk id to {label}, e.g. clerk_id = models.CharField(max_length=64, "
+            f"unique=True, null=True), migrate, and set {setting} = 'clerk_id'.")
+    try:
+        field = model._meta.get_field(key)
+    except FieldDoesNotExist:
+        return [checks.Error(f"{setting} is {key!r}, which is no field of {label}.", hint=hint,
+                             id="clerk_sync.E008")]
+    copied = options.user_fields is default_user_fields and key in _DEFAULT_COPIED
+    if copied or key == model.get_email_field_name() or field.get_internal_type() == "EmailField":
+        named = f"{setting} is {key!r}" if options.clerk_id_field else f"{label}'s USERNAME_FIELD is {key!r}"
+        return [checks.Error(
+            f"{named}, but ClerkBackend keeps the Clerk id in that field and looks its users up by it, so it never "
+            "copies Clerk's value there: every user's e-mail address would read user_2abc...", hint=hint,
+            id="clerk_sync.E008")]
+    if not getattr(field, "unique", False) or not getattr(field, "concrete", False):
+        return [checks.Error(
+            f"{label}.{key}, which holds the Clerk id ClerkBackend looks its users up by, is not unique: two users "
+            "could hold one Clerk id.", hint=hint, id="clerk_sync.E008")]
+    return []
+
+
+_DEFAULT_COPIED = ("email", "first_name", "last_name", "is_active", "is_staff", "is_superuser")
 
 
 def _is_clerk_middleware(path: str) -> bool:

@@ -91,12 +91,17 @@ class DjangoOptions:
     #: queue the same hooks and write the same tables as ``clerk-sync serve --hooks/--mapping``.
     hooks: tuple[Any, ...] = ()
     mapping: Any = None
+    #: ``CLERK_ID_FIELD``: the ``AUTH_USER_MODEL`` field holding the Clerk id, the one the backend looks its
+    #: users up by (``None``: ``USERNAME_FIELD``). Needed when the login is the e-mail address (``USERNAME_FIELD
+    #: = "email"``): a Clerk id is not an address, and an address (which a user may change in Clerk) is no key.
+    clerk_id_field: str | None = None
 
 
 _OPTION_KEYS = {
     "REQUIRE_AUTH": "require_auth", "PUBLIC_PATHS": "public_paths", "PUBLIC_PREFIXES": "public_prefixes",
     "JIT": "jit", "AUDIT_IMPERSONATION": "audit_impersonation", "DENY_LIST_REFRESH_S": "deny_list_refresh_s",
     "USER_FIELDS": "user_fields", "HOOKS": "hooks", "MAPPING": "mapping",
+    "CLERK_ID_FIELD": "clerk_id_field",
 }
 
 
@@ -192,8 +197,12 @@ def django_options() -> DjangoOptions:
     for name in ("user_fields", "hooks", "mapping"):
         if isinstance(values.get(name), str):
             values[name] = import_string(values[name])
+    _require_kinds(values)
     if "hooks" in values:
         values["hooks"] = tuple(values["hooks"])
+    if "CLERK_ID_FIELD" in raw and not (isinstance(raw["CLERK_ID_FIELD"], str) and raw["CLERK_ID_FIELD"]):
+        raise ImproperlyConfigured(f"settings.CLERK_SYNC['CLERK_ID_FIELD'] must name a field of AUTH_USER_MODEL, "
+                                   f"e.g. 'clerk_id', not {raw['CLERK_ID_FIELD']!r}")
     for key in _BOOL_KEYS:
         _require_bool(raw, key)
     if "DENY_LIST_REFRESH_S" in raw:
@@ -202,6 +211,25 @@ def django_options() -> DjangoOptions:
 
 
 _BOOL_KEYS = ("REQUIRE_AUTH", "JIT", "AUDIT_IMPERSONATION")
+
+
+def _require_kinds(values: Mapping[str, Any]) -> None:
+    """``USER_FIELDS``, ``HOOKS`` and ``MAPPING`` (imported) of the kind they name: another object passed the
+    system checks, then every page answered 500 (the store is built on the first request)."""
+    from clerk_sync.changes import Hook
+    from clerk_sync.mapping import SchemaMapping
+
+    def refuse(key: str, wanted: str, value: Any) -> None:
+        raise ImproperlyConfigured(f"settings.CLERK_SYNC[{key!r}] must be {wanted}, not a {type(value).__name__}: "
+                                   "fix the dotted path or the object it names")
+
+    if "user_fields" in values and not callable(values["user_fields"]):
+        refuse("USER_FIELDS", "a function (AuthUser) -> dict (a dotted path to it)", values["user_fields"])
+    hooks = values.get("hooks", ())
+    if not isinstance(hooks, list | tuple) or not all(isinstance(hook, Hook) for hook in hooks):
+        refuse("HOOKS", "a list of clerk_sync.changes.Hook (a dotted path to it)", hooks)
+    if values.get("mapping") is not None and not isinstance(values["mapping"], SchemaMapping):
+        refuse("MAPPING", "a clerk_sync.mapping.SchemaMapping (a dotted path to it)", values["mapping"])
 
 
 def _require_bool(raw: Mapping[str, Any], key: str) -> None:
@@ -305,9 +333,20 @@ def database_url_from_django(db: Mapping[str, Any]) -> str | None:
             query["host"], host = host, None  # a Unix socket directory, as libpq takes it
     url = sa.engine.URL.create(scheme, username=str(db.get("USER") or "") or None,
                                password=str(db.get("PASSWORD") or "") or None, host=host,
-                               port=int(db["PORT"]) if db.get("PORT") else None,
+                               port=_port(db),
                                database=str(db.get("NAME") or "") or None, query=query)
     return url.render_as_string(hide_password=False)
+
+
+def _port(db: Mapping[str, Any]) -> int | None:
+    port = db.get("PORT")
+    if not port:
+        return None
+    try:
+        return int(port)
+    except (TypeError, ValueError):
+        raise ImproperlyConfigured(f"DATABASES['default']['PORT'] is {port!r}, not a port number: set it to one "
+                                   "(e.g. '5432'), or leave it empty for the driver's default") from None
 
 
 # libpq's connection parameters Django passes through OPTIONS (TLS above all: left out, a `verify-full`

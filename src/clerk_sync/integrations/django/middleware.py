@@ -58,7 +58,6 @@ from clerk_sync.integrations.http import _STORE_RETRY_AFTER_S  # the error table
 
 __all__ = ["ClerkMiddleware", "clerk_public"]
 
-_BACKEND = "clerk_sync.integrations.django.backends.ClerkBackend"
 _MIDDLEWARE = "clerk_sync.integrations.django.middleware.ClerkMiddleware"
 _AUTH_MIDDLEWARE = "django.contrib.auth.middleware.AuthenticationMiddleware"
 V = TypeVar("V", bound=Callable[..., Any])
@@ -181,9 +180,10 @@ class ClerkMiddleware:
         """``request.user`` from the Clerk session, resolved on first use (a Clerk session wins over a
         Django login session; one that could not be checked for an outage raises on use, see
         :mod:`.backends`)."""
-        if _BACKEND not in getattr(django_settings, "AUTHENTICATION_BACKENDS", ()):
+        from clerk_sync.integrations.django.backends import django_user, uses_clerk_backend
+
+        if not uses_clerk_backend():
             return
-        from clerk_sync.integrations.django.backends import django_user
 
         request.user = SimpleLazyObject(lambda: django_user(request, state))  # type: ignore[assignment]
 
@@ -212,8 +212,9 @@ def _refuse_authentication_middleware_after_us() -> None:
                 return i
         return None
 
-    if _BACKEND not in [b if isinstance(b, str) else f"{b.__module__}.{b.__qualname__}"
-                        for b in getattr(django_settings, "AUTHENTICATION_BACKENDS", None) or []]:
+    from clerk_sync.integrations.django.backends import uses_clerk_backend
+
+    if not uses_clerk_backend():
         return
     clerk, auth = position(ClerkMiddleware, _MIDDLEWARE), position(AuthenticationMiddleware, _AUTH_MIDDLEWARE)
     if clerk is not None and auth is not None and clerk < auth:

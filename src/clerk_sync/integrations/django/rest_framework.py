@@ -54,9 +54,6 @@ __all__ = [
     "clerk_auth",
 ]
 
-_BACKEND = "clerk_sync.integrations.django.backends.ClerkBackend"
-
-
 class ClerkAPIException(exceptions.APIException):
     """A clerk-sync error in DRF's shape, with the status, body and headers of ``error_response``."""
 
@@ -175,12 +172,12 @@ class ClerkAuthentication(BaseAuthentication):
     def _user(request: Request, state: ClerkRequest) -> Any:
         """The Django user when :class:`~.backends.ClerkBackend` is installed (never a principal in its
         place: a user the backend refuses fails authentication), else a :class:`ClerkPrincipal`."""
-        from django.conf import settings
 
         assert state.auth is not None
-        if _BACKEND not in getattr(settings, "AUTHENTICATION_BACKENDS", ()):
+        from clerk_sync.integrations.django.backends import django_user, uses_clerk_backend
+
+        if not uses_clerk_backend():
             return ClerkPrincipal(state.auth)
-        from clerk_sync.integrations.django.backends import django_user
 
         try:  # the row first: none (late webhook, JIT off or failing), or deleted, answers its own error
             _ = state.user

@@ -10,10 +10,8 @@ from __future__ import annotations
 import json
 
 import structlog
-from django.conf import settings
 from django.contrib.auth.decorators import login_not_required
 from django.http import HttpRequest, HttpResponse, JsonResponse
-from django.utils.module_loading import import_string
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
@@ -78,9 +76,10 @@ def _refresh_django_user(body: bytes) -> None:
     (:func:`~.backends.refresh_django_user`: a deleted or banned admin is no live superuser in ``auth_user`` until
     their next request). Only with ``ClerkBackend`` configured (it made those users). The delivery is stored and
     applied whatever happens here: a failure is logged, and the next request or ``prune`` brings the user in step."""
-    if not any(_is_clerk_backend(path) for path in settings.AUTHENTICATION_BACKENDS):
+    from clerk_sync.integrations.django.backends import refresh_django_user, uses_clerk_backend
+
+    if not uses_clerk_backend():
         return
-    from clerk_sync.integrations.django.backends import refresh_django_user
 
     clerk_id = None
     try:
@@ -91,16 +90,6 @@ def _refresh_django_user(body: bytes) -> None:
     except Exception as exc:  # (the delivery is applied: its answer stays 200)
         log.error("django_user_refresh_failed", clerk_id=clerk_id, error=type(exc).__name__, cause=str(exc)[:200],
                   fix="its next request, or manage.py clerk_sync prune, brings the Django user in step")
-
-
-def _is_clerk_backend(path: str) -> bool:
-    from clerk_sync.integrations.django.backends import ClerkBackend
-
-    try:
-        backend = import_string(path)
-    except ImportError:
-        return False
-    return isinstance(backend, type) and issubclass(backend, ClerkBackend)
 
 
 webhook.clerk_public = True  # type: ignore[attr-defined]  # signed deliveries carry no session

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from django.core.exceptions import ImproperlyConfigured
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import BaseCommand, CommandError, CommandParser, SystemCheckError
 
 from clerk_sync import migrations
 from clerk_sync._db_errors import store_error
@@ -102,6 +102,15 @@ class Command(BaseCommand):
                                              "exit 3 while some still wait.")
         for action in sub.choices.values():
             _common_options(action)
+
+    def execute(self, *args: Any, **options: Any) -> Any:
+        """A system check's error (``SystemCheckError``, raised before ``handle``) exits 2, a setting to fix, as
+        every other one: Django's default 1 reads as "work left undone" (deliveries still failed) to cron."""
+        try:
+            return super().execute(*args, **options)
+        except SystemCheckError as exc:
+            exc.returncode = EXIT_SETTINGS
+            raise
 
     def handle(self, *args: Any, action: str, **options: Any) -> None:
         """Exit codes as ``clerk-sync``'s (:func:`~clerk_sync.cli.main.exit_code`, the one table): 3 for the
