@@ -287,8 +287,8 @@ def test_a_request_waits_for_the_fetch_under_way_no_longer_than_its_timeout(stor
         assert clerk.asked.wait(WAIT)
         until(lambda: sharing(jit, "user_new") == 1, *lead)
         try:
-            with pytest.raises(ClerkUnavailable, match=re.escape("waited 1.1s for user user_new's fetch from Clerk, "
-                                                                 "under way in another request")) as waited:
+            with pytest.raises(ClerkUnavailable, match=re.escape("waited 1.1s for user user_new's fetch from Clerk "
+                                                                 "(another request's, still under way)")) as waited:
                 jit.get_auth_user("user_new")
         finally:
             clerk.release.set()

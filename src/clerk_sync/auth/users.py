@@ -300,8 +300,8 @@ class JitUsers:
 
     def _waited(self, user_id: str) -> ClerkUnavailable:
         self._count("unavailable")
-        return ClerkUnavailable(f"waited {self.timeout_s + 1.0:.1f}s for user {user_id}'s fetch from Clerk, under way "
-                                "in another request", retry_after=1.0)
+        return ClerkUnavailable(f"waited {self.timeout_s + 1.0:.1f}s for user {user_id}'s fetch from Clerk (another "
+                                "request's, still under way); try again shortly", retry_after=1.0)
 
     # -- blocking ---------------------------------------------------------------------------
     def get_auth_user(self, user_id: str) -> AuthUser:
