@@ -2,9 +2,9 @@
 
 ``get_auth_user`` costs one indexed query when the row exists. When it does not (the sign-up race:
 the user's first request beats ``user.created``), it fetches the user from Clerk once — single-flight
-and within the shared budget — upserts it through the same guarded write as the webhook path
-(``Writer.apply(Upsert(...))``), and returns it. Whichever of webhook and JIT lands first, the other
-is a no-op, so the row ends the same.
+across threads and event loops, until the fetch is stored, and within the shared budget — upserts it
+through the same guarded write as the webhook path (``Writer.apply(Upsert(...))``), and returns it.
+Whichever of webhook and JIT lands first, the other is a no-op, so the row ends the same.
 
 Usage::
 
@@ -19,6 +19,9 @@ leaves :class:`~clerk_sync.errors.UserLocked` and :class:`~clerk_sync.errors.Use
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import copy
 import threading
 import time
 from collections import OrderedDict
@@ -29,6 +32,7 @@ from typing import Any
 
 import anyio
 import sqlalchemy as sa
+from anyio import CapacityLimiter, to_thread
 
 from clerk_sync._time import as_utc, utcnow
 from clerk_sync.clerk_api import AsyncClerkClient, ClerkClient
@@ -153,11 +157,65 @@ def _asked_for(user_id: str, data: JSON) -> JSON:
     return data
 
 
+class _Fetch:
+    """One user's fetch under way, from the Clerk call to the upsert and its being counted in the interval: who
+    asks for that user meanwhile (a thread, or a task of any event loop) waits for it instead of asking Clerk
+    again. It ends only once its outcome is recorded, so no request finds neither it nor the outcome."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.user: AuthUser | None = None
+        self.error: BaseException | None = None
+        self.abandoned = False  # its leader never finished (cancelled, interrupted): a follower takes over
+        self.found: bool | None = None  # what Clerk said (None: nothing, or not asked), for the interval
+        self.callers = 1  # the requests sharing it
+        self.wakers: list[Callable[[], None]] = []  # the async followers' (thread-safe)
+        self.loop: int | None = None  # an async leader's: the thread its event loop runs in
+
+    def outcome(self) -> AuthUser:
+        """The leader's user (a copy: nobody sees another caller's mutations), or its error again."""
+        if self.error is not None:
+            try:
+                error = copy.copy(self.error)
+            except TypeError:  # an exception its own constructor cannot rebuild: the leader's, shared
+                raise self.error from None
+            raise error from self.error
+        return copy.deepcopy(self.user)  # type: ignore[return-value]
+
+
+def _waker() -> tuple[anyio.Event, Callable[[], None]] | None:
+    """An event of the running asyncio loop and a function setting it from any thread (None: not asyncio)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # trio: see _await
+        return None
+    event = anyio.Event()
+
+    def wake() -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(event.set)
+    return event, wake
+
+
+async def _await(fetch: _Fetch, woken: anyio.Event | None, left: float) -> bool:
+    """Wait ``left`` seconds at most for ``fetch`` on the event loop; whether it ended. Off asyncio (trio) in a
+    worker thread of its own: never one of anyio's default threads, which the fetch's upsert may need."""
+    with anyio.move_on_after(left):
+        if woken is not None:
+            await woken.wait()
+        else:
+            await to_thread.run_sync(fetch.done.wait, left, limiter=CapacityLimiter(1))
+    return fetch.done.is_set()
+
+
 class JitUsers:
     """The signed-in user's row, with a just-in-time fetch from Clerk; one instance per app.
 
     Pass ``clerk`` for the blocking methods, ``aclerk`` for the async ones (or both).
     ``timeout_s`` bounds the Clerk part of a call, waiting for the budget and retries included.
+
+    Requests for a user whose fetch is under way (threads and tasks, both faces) wait for it, its upsert
+    included, up to ``timeout_s`` and a second, and share its outcome: one Clerk call, not one per request.
 
     ``refresh_interval_s`` is the least time between two Clerk fetches for one user (0: none). The Clerk
     budget is shared by every user and by ``reconcile``, and ``POST /sync/me`` is any signed-in user's to
@@ -187,7 +245,8 @@ class JitUsers:
         self._clock = clock
         self._wall = wall
         self._fetched_at: OrderedDict[str, tuple[float, bool]] = OrderedDict()  # user -> (when, found)
-        self._fetched_lock = threading.Lock()
+        self._fetches: dict[str, _Fetch] = {}  # user -> its fetch under way
+        self._fetched_lock = threading.Lock()  # both, held for no I/O
 
     def _usable(self, user: AuthUser) -> AuthUser:
         return _usable(user, _now_ms(self._wall))
@@ -196,16 +255,27 @@ class JitUsers:
         if self.metrics is not None:
             self.metrics.jit.labels(outcome=outcome).inc()
 
-    def _recent(self, user_id: str) -> AuthUser | None:
-        """The stored row when this user's last fetch ended within the interval (None: fetch now).
-        Only finished fetches count: concurrent first requests still share one Clerk call (single-flight)."""
-        if self.refresh_interval_s <= 0:
-            return None
+    def _claim(self, user_id: str, waker: Callable[[], None] | None = None, *,
+               recent: bool = True) -> tuple[_Fetch, bool] | bool:
+        """In one step, so that no request falls between a fetch ending and its being recorded: the user's fetch
+        under way to wait for (``(fetch, False)``), or what Clerk said (found or not) within the interval, or
+        a new fetch for the caller to lead (``(fetch, True)``). ``waker``: an async follower's."""
         with self._fetched_lock:
+            fetch = self._fetches.get(user_id)
+            if fetch is not None:
+                fetch.callers += 1
+                if waker is not None:
+                    fetch.wakers.append(waker)
+                return fetch, False
             last = self._fetched_at.get(user_id)
-        if last is None or self._clock() - last[0] >= self.refresh_interval_s:
-            return None
-        if not last[1]:
+            if recent and last is not None and self._clock() - last[0] < self.refresh_interval_s:
+                return last[1]
+            fetch = self._fetches[user_id] = _Fetch()
+            return fetch, True
+
+    def _recent(self, user_id: str, found: bool) -> AuthUser | None:
+        """The stored row of a user fetched within the interval (None: not stored; fetch now)."""
+        if not found:
             self._count("throttled")
             raise UserDeleted(f"user {user_id} does not exist in Clerk")
         user = self._read(user_id)
@@ -213,66 +283,156 @@ class JitUsers:
             self._count("throttled")
         return user
 
-    def _fetched(self, user_id: str, *, found: bool) -> None:
-        if self.refresh_interval_s <= 0:
-            return
+    def _end(self, user_id: str, fetch: _Fetch) -> None:
+        """Record the fetch's outcome in the interval and end it, in one step (see :meth:`_claim`); then wake
+        its followers. A failed fetch is not recorded: the next request asks Clerk again."""
         with self._fetched_lock:
-            self._fetched_at[user_id] = (self._clock(), found)
-            self._fetched_at.move_to_end(user_id)
-            while len(self._fetched_at) > self.max_tracked_users:
-                self._fetched_at.popitem(last=False)
+            del self._fetches[user_id]
+            if fetch.found is not None and self.refresh_interval_s > 0:
+                self._fetched_at[user_id] = (self._clock(), fetch.found)
+                self._fetched_at.move_to_end(user_id)
+                while len(self._fetched_at) > self.max_tracked_users:
+                    self._fetched_at.popitem(last=False)
+            wakers, fetch.wakers = fetch.wakers, []
+        fetch.done.set()
+        for wake in wakers:
+            wake()
+
+    def _waited(self, user_id: str) -> ClerkUnavailable:
+        self._count("unavailable")
+        return ClerkUnavailable(f"waited {self.timeout_s + 1.0:.1f}s for user {user_id}'s fetch from Clerk (another "
+                                "request's, still under way); try again shortly", retry_after=1.0)
 
     # -- blocking ---------------------------------------------------------------------------
     def get_auth_user(self, user_id: str) -> AuthUser:
         """The user's row; fetched from Clerk and stored first if the webhook has not arrived yet."""
         user = self._read(user_id)
         if user is None:
-            user = self.refresh_user(user_id, check=False)
+            user = self._refresh(user_id, missing=True)
         return self._usable(user)
 
     def refresh_user(self, user_id: str, *, check: bool = True) -> AuthUser:
         """Fetch the user from Clerk now and upsert it (after sign-up: ``POST /sync/me``); at most once per
         ``refresh_interval_s`` a user (within it: the stored row)."""
+        user = self._refresh(user_id)
+        return self._usable(user) if check else user
+
+    def _refresh(self, user_id: str, *, missing: bool = False) -> AuthUser:
+        """The user from one fetch per interval: this caller's, or the one under way (waited for, up to the
+        Clerk part's ``timeout_s`` and a second for its upsert). ``missing``: the caller found no row."""
         if self.clerk is None:
             raise TypeError("JitUsers needs clerk=ClerkClient(...) for blocking calls")
-        recent = self._recent(user_id)
-        if recent is not None:
-            return self._usable(recent) if check else recent
+        deadline = time.monotonic() + self.timeout_s + 1.0
+        recent = True
+        while True:
+            claim = self._claim(user_id, recent=recent)
+            if isinstance(claim, bool):
+                user = self._recent(user_id, claim)
+                if user is not None:
+                    return user
+                recent = False
+                continue
+            fetch, leader = claim
+            if leader:
+                return self._lead(user_id, fetch, missing)
+            if fetch.loop == threading.get_ident():  # a blocking call in a task of the loop leading the fetch:
+                return self._fetch(user_id, _Fetch(), missing)  # waiting would hold that loop up, fetch alone
+            if not fetch.done.wait(max(0.0, deadline - time.monotonic())):
+                raise self._waited(user_id)
+            if not fetch.abandoned:
+                return fetch.outcome()
+
+    def _lead(self, user_id: str, fetch: _Fetch, missing: bool) -> AuthUser:
+        try:
+            fetch.user = self._fetch(user_id, fetch, missing)
+            return fetch.user
+        except Exception as exc:
+            fetch.error = exc
+            raise
+        except BaseException:  # KeyboardInterrupt, SystemExit: this thread's, not the followers'
+            fetch.abandoned = True
+            raise
+        finally:
+            self._end(user_id, fetch)
+
+    def _fetch(self, user_id: str, fetch: _Fetch, missing: bool) -> AuthUser:
+        assert self.clerk is not None
+        if missing and (user := self._read(user_id)) is not None:
+            return user  # stored since the caller's read (a fetch that just ended, the webhook): no Clerk call
         try:
             data = _asked_for(user_id, self.clerk.get_user(user_id, deadline_s=self.timeout_s))
         except ClerkNotFound:
             self._count("not_found")
-            self._fetched(user_id, found=False)
+            fetch.found = False
             raise UserDeleted(f"user {user_id} does not exist in Clerk") from None
         except ClerkAPIError as exc:
             self._count(_failure(exc))
             raise
         user = self._store(data, _now_ms(self._wall))  # fetched now: the base of a lockout's end
-        self._fetched(user_id, found=True)
-        return self._usable(user) if check else user
+        fetch.found = True
+        return user
 
     # -- async ------------------------------------------------------------------------------
     async def aget_auth_user(self, user_id: str) -> AuthUser:
         """Async :meth:`get_auth_user`: the database runs in a worker thread, Clerk on the event loop."""
-        user = await anyio.to_thread.run_sync(self._read, user_id)
+        user = await to_thread.run_sync(self._read, user_id)
         if user is None:
-            user = await self.arefresh_user(user_id, check=False)
+            user = await self._arefresh(user_id, missing=True)
         return self._usable(user)
 
     async def arefresh_user(self, user_id: str, *, check: bool = True) -> AuthUser:
         """Async :meth:`refresh_user`."""
+        user = await self._arefresh(user_id)
+        return self._usable(user) if check else user
+
+    async def _arefresh(self, user_id: str, *, missing: bool = False) -> AuthUser:
+        """Async :meth:`_refresh`: one fetch shared with the blocking face's callers too."""
         if self.aclerk is None:
             raise TypeError("JitUsers needs aclerk=AsyncClerkClient(...) for async calls")
-        recent = await anyio.to_thread.run_sync(self._recent, user_id)
-        if recent is not None:
-            return self._usable(recent) if check else recent
+        deadline = time.monotonic() + self.timeout_s + 1.0
+        recent = True
+        while True:
+            waiting = _waker()
+            claim = self._claim(user_id, waiting[1] if waiting else None, recent=recent)
+            if isinstance(claim, bool):
+                user = await to_thread.run_sync(self._recent, user_id, claim)
+                if user is not None:
+                    return user
+                recent = False
+                continue
+            fetch, leader = claim
+            if leader:
+                return await self._alead(user_id, fetch, missing)
+            if not await _await(fetch, waiting[0] if waiting else None, deadline - time.monotonic()):
+                raise self._waited(user_id)
+            if not fetch.abandoned:
+                return fetch.outcome()
+
+    async def _alead(self, user_id: str, fetch: _Fetch, missing: bool) -> AuthUser:
+        fetch.loop = threading.get_ident()
+        try:
+            fetch.user = await self._afetch(user_id, fetch, missing)
+            return fetch.user
+        except Exception as exc:
+            fetch.error = exc
+            raise
+        except BaseException:  # cancelled (or KeyboardInterrupt): a waiting follower takes over
+            fetch.abandoned = True
+            raise
+        finally:
+            self._end(user_id, fetch)
+
+    async def _afetch(self, user_id: str, fetch: _Fetch, missing: bool) -> AuthUser:
+        assert self.aclerk is not None
+        if missing and (user := await to_thread.run_sync(self._read, user_id)) is not None:
+            return user
         try:
             # The client's deadline already bounds the call; this is the belt to its braces.
             with anyio.fail_after(self.timeout_s + 1.0):
                 data = _asked_for(user_id, await self.aclerk.get_user(user_id, deadline_s=self.timeout_s))
         except ClerkNotFound:
             self._count("not_found")
-            self._fetched(user_id, found=False)
+            fetch.found = False
             raise UserDeleted(f"user {user_id} does not exist in Clerk") from None
         except ClerkAPIError as exc:
             self._count(_failure(exc))
@@ -280,9 +440,9 @@ class JitUsers:
         except TimeoutError:
             self._count("unavailable")
             raise ClerkUnavailable(f"Clerk did not answer within {self.timeout_s}s", retry_after=1.0) from None
-        user = await anyio.to_thread.run_sync(self._store, data, _now_ms(self._wall))
-        self._fetched(user_id, found=True)
-        return self._usable(user) if check else user
+        user = await to_thread.run_sync(self._store, data, _now_ms(self._wall))
+        fetch.found = True
+        return user
 
     # -- database ---------------------------------------------------------------------------
     def _read(self, user_id: str) -> AuthUser | None:
