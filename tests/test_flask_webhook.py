@@ -23,7 +23,7 @@ from tests import factories as f
 from tests._flask import running_wsgi
 from tests._server import running
 from tests.conftest import SECRET
-from tests.test_service import EXAMPLE_FILES, _bad_requests, row_counts
+from tests.test_service import EXAMPLE_FILES, _bad_requests, example_as_sent, row_counts
 
 Answer = tuple[int, Any]
 Post = Callable[[dict[str, str], bytes], Answer]
@@ -67,10 +67,8 @@ def flask_post(request: pytest.FixtureRequest, db_url: str) -> Iterator[tuple[Po
 
 def deliver_examples(post: Post) -> list[Answer]:
     answers = []
-    for i, path in enumerate(EXAMPLE_FILES):
-        event = json.loads(path.read_bytes())
-        event.pop("instance_id", None)  # examples come from other instances; the check is tested below
-        answers.append(post(*f.signed(json.dumps(event).encode(), f"msg_example_{i}")))
+    for i, path in enumerate(EXAMPLE_FILES):  # (the instance check is tested below)
+        answers.append(post(*f.signed(example_as_sent(path), f"msg_example_{i}")))
     return answers
 
 

@@ -341,3 +341,35 @@ async def test_a_blocking_call_on_the_loop_leading_the_fetch_does_not_wait_for_i
                 assert jit.get_auth_user("user_new").clerk_id == "user_new"  # (blocking, on the loop)
                 clerk.release.set()
     assert clerk.calls["user_new"] == 2 and rows(store) == 1
+
+
+@pytest.mark.anyio
+async def test_blocking_requests_waiting_in_anyios_threads_leave_the_async_leader_a_thread(store: Store) -> None:
+    """Final review: blocking requests waiting for an async request's fetch (a sync route, run in anyio's worker
+    threads) could hold every thread of anyio's default pool, and the leader's upsert, queued for one of those,
+    waited until they gave up: 503s for all, Clerk having answered at once. Its database work has threads of its
+    own now. (The pool is cut to 4 tokens here, standing for the 40 of a busy app.)"""
+    clerk = HeldClerk([factories.user("user_new", 5)], held="user_new")
+    anyio.to_thread.current_default_thread_limiter().total_tokens = 4
+    results: dict[str, str] = {}
+    with ClerkClient("sk_test_x", transport=httpx.MockTransport(clerk.answer), budget=budget()) as client:
+        transport = httpx.MockTransport(clerk.aanswer)
+        async with AsyncClerkClient("sk_test_x", transport=transport, budget=budget()) as aclient:
+            jit = JitUsers(store, clerk=client, aclerk=aclient, timeout_s=WAIT)
+
+            async def lead() -> None:
+                results["leader"] = (await jit.aget_auth_user("user_new")).clerk_id
+
+            async def follow(i: int) -> None:
+                results[f"follower {i}"] = (await anyio.to_thread.run_sync(jit.get_auth_user, "user_new")).clerk_id
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(lead)
+                assert await anyio.to_thread.run_sync(clerk.asked.wait, WAIT)  # (a thread, given back)
+                for i in range(4):  # three, and the held Clerk answer's: every token; the fourth queued for one
+                    tg.start_soon(follow, i)
+                pool = anyio.to_thread.current_default_thread_limiter()
+                await auntil(lambda: sharing(jit, "user_new") == 4 and pool.statistics().tasks_waiting == 1)
+                clerk.release.set()  # the answer's token goes to the queued follower, first in line
+    assert results == {"leader": "user_new", **{f"follower {i}": "user_new" for i in range(4)}}
+    assert clerk.calls["user_new"] == 1 and rows(store) == 1

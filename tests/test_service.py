@@ -24,6 +24,17 @@ from tests._server import running
 from tests.conftest import EXAMPLES, SECRET
 
 EXAMPLE_FILES = sorted((EXAMPLES / "examples").glob("*.json")) + sorted((EXAMPLES / "examples" / "variants").glob("*.json"))
+#: When the examples are "sent", for faces compared row by row: their own timestamps are years old, and a live
+#: event's more than a year from the time received is the time received, another one on each face compared.
+EXAMPLES_SENT_MS = int(time.time() * 1000)
+
+
+def example_as_sent(path: Path) -> bytes:
+    """An example payload as Clerk would send it now (no ``instance_id``: they come from other instances)."""
+    event = json.loads(path.read_bytes())
+    event.pop("instance_id", None)
+    event["timestamp"] = EXAMPLES_SENT_MS
+    return json.dumps(event).encode()
 
 
 def _settings(db_url: str, **extra: str) -> Settings:

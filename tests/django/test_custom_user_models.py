@@ -96,6 +96,13 @@ out["get_user"] = ClerkBackend().get_user(pk) is not None
 if app == "emailusers":  # a user of the app's own (no Clerk id, no usable password: a social login's): not Clerk's
     local = get_user_model().objects.create(email="local@example.com", password="!unusable")
     out["local_user"] = ClerkBackend().get_user(local.pk) is not None
+    refused = []  # a unique address held by another Django user: refused, said, anonymous (not a 500)
+    for clerk_id, email in (("user_2new", "ada@new.example.com"), ("user_2p1", ""), ("user_2p2", "")):
+        try:
+            refused.append(sync_django_user(replace(row, clerk_id=clerk_id, email=email)) is None)
+        except Exception as exc:
+            refused.append(type(exc).__name__)
+    out["refused"] = refused
 print(json.dumps(out))
 """
 
@@ -124,6 +131,9 @@ def test_an_email_login_model_with_clerk_id_field_keeps_one_user_with_the_addres
     assert out["count"] == 1
     assert (out["refresh"], out["active"], out["get_user"]) == (1, False, False)
     assert out["local_user"]  # (no Clerk id held: a login session the backend does not judge)
+    # Final review: the address of the banned (deactivated) user, and a second user without an address (``""``
+    # in the unique e-mail column) raised IntegrityError, a 500 on every request: refused and said now.
+    assert out["refused"] == [True, False, True]
 
 
 @pytest.mark.slow

@@ -3,7 +3,6 @@ every example payload and every bad request."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from tests import factories as f
 from tests._server import running
 from tests.conftest import SECRET
 from tests.django.conftest import django_database
-from tests.test_service import EXAMPLE_FILES, _bad_requests
+from tests.test_service import EXAMPLE_FILES, _bad_requests, example_as_sent
 
 VOLATILE = {"id", "created_at", "updated_at", "received_at", "applied_at"}
 
@@ -65,9 +64,7 @@ def rows(store: Store) -> dict[str, list[dict[str, Any]]]:
 def deliveries() -> list[tuple[dict[str, str], bytes]]:
     out = []
     for i, path in enumerate(EXAMPLE_FILES):
-        event = json.loads(path.read_bytes())
-        event.pop("instance_id", None)  # examples come from other instances
-        out.append(f.signed(json.dumps(event).encode(), f"msg_example_{i}"))
+        out.append(f.signed(example_as_sent(path), f"msg_example_{i}"))
     return out
 
 

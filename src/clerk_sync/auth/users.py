@@ -424,7 +424,9 @@ class JitUsers:
 
     async def _afetch(self, user_id: str, fetch: _Fetch, missing: bool) -> AuthUser:
         assert self.aclerk is not None
-        if missing and (user := await to_thread.run_sync(self._read, user_id)) is not None:
+        # The leader's database work runs in a thread of its own, never one of anyio's default pool: blocking
+        # requests waiting for this fetch (a sync route's, in that pool) could hold every one of those threads.
+        if missing and (user := await to_thread.run_sync(self._read, user_id, limiter=CapacityLimiter(1))) is not None:
             return user
         try:
             # The client's deadline already bounds the call; this is the belt to its braces.
@@ -440,7 +442,7 @@ class JitUsers:
         except TimeoutError:
             self._count("unavailable")
             raise ClerkUnavailable(f"Clerk did not answer within {self.timeout_s}s", retry_after=1.0) from None
-        user = await to_thread.run_sync(self._store, data, _now_ms(self._wall))
+        user = await to_thread.run_sync(self._store, data, _now_ms(self._wall), limiter=CapacityLimiter(1))
         fetch.found = True
         return user
 

@@ -55,7 +55,7 @@ from django.contrib.auth import get_user_model, load_backend
 from django.contrib.auth.backends import BaseBackend
 from django.contrib.auth.hashers import UNUSABLE_PASSWORD_PREFIX, make_password
 from django.contrib.auth.models import AnonymousUser
-from django.db import InterfaceError, OperationalError, connections, router, transaction
+from django.db import IntegrityError, InterfaceError, OperationalError, connections, router, transaction
 from django.db.models import Q
 from django.http import HttpRequest
 from django.utils.module_loading import import_string
@@ -97,7 +97,10 @@ def sync_django_user(row: AuthUser) -> Any:
     # Created without a usable password in the one INSERT: a concurrent first request that loses the
     # race reads the row back and must see it as the backend's own, never as a local account.
     defaults = {**fields, "password": make_password(None)}
-    user, created = model._default_manager.get_or_create(**lookup, defaults=defaults)
+    try:
+        user, created = model._default_manager.get_or_create(**lookup, defaults=defaults)  # (its own savepoint)
+    except IntegrityError as exc:
+        return _refused(row, exc)
     if created:
         return user
     # An empty password (a row created without one, or left so by the earlier two-step create) can sign
@@ -109,8 +112,24 @@ def sync_django_user(row: AuthUser) -> Any:
                   fix="rename the local user (the next request creates the Clerk-linked one), or, if it is the "
                       "same person, link it explicitly: user.set_unusable_password(); user.save()")
         return None
-    _copy_fields(user, fields)
+    if any(getattr(user, name) != value for name, value in fields.items()):  # (no savepoint per request)
+        try:
+            with transaction.atomic(using=user._state.db):  # a refused save must not doom the request's one
+                _copy_fields(user, fields)
+        except IntegrityError as exc:
+            return _refused(row, exc)
     return user
+
+
+def _refused(row: AuthUser, exc: IntegrityError) -> None:
+    """The user model refused the Clerk user's copied fields: a unique one (the e-mail address of a login-by-e-mail
+    model) is held by another Django user. Said, and the session left anonymous: a 500 on every request would
+    tell nobody more."""
+    log.error("django_user_not_linked", clerk_id=row.clerk_id, reason=f"the user model refused it: {exc}",
+              fix="a unique field USER_FIELDS copies is held by another Django user: e.g. the address of a "
+                  "deactivated user whose Clerk account was deleted (free it, or wait for `manage.py clerk_sync "
+                  "prune` to forget that user), or an empty address of a second user without one (make the field "
+                  "null=True: an empty address is stored NULL there)")
 
 
 def _clerk_id_field(model: Any) -> str:
@@ -152,7 +171,16 @@ def _user_fields(model: Any, row: AuthUser) -> dict[str, Any]:
         _unknown_fields_logged.add(unknown)
         log.warning("django_user_field_unknown", fields=sorted(unknown), model=model._meta.label,
                     fix="CLERK_SYNC['USER_FIELDS'] returns fields the user model does not have; they are not copied")
-    return {name: value for name, value in fields.items() if name != key and name in names}
+    return {name: _storable(model, name, value) for name, value in fields.items() if name != key and name in names}
+
+
+def _storable(model: Any, name: str, value: Any) -> Any:
+    """``value`` as the model's field takes it: an empty string is NULL in a unique field allowing NULL (a second
+    user without an e-mail address would collide with the first on ``""``)."""
+    if value != "":
+        return value
+    field = model._meta.get_field(name)
+    return None if field.unique and field.null else value
 
 
 def _copy_fields(user: Any, fields: dict[str, Any]) -> list[str]:
