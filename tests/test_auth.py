@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, WebSocket
 
 from clerk_sync.auth.authenticator import Authenticator, DenyList
 from clerk_sync.auth.claims import Auth, ClaimsValidator
@@ -452,7 +452,6 @@ def test_deny_list_forgets_expired_revocations_and_unbanned_users(db_url: str) -
 def _ws_app(h: Harness) -> Any:
     from starlette.applications import Starlette
     from starlette.routing import WebSocketRoute
-    from starlette.websockets import WebSocket
 
     async def whoami(ws: WebSocket) -> None:
         await ws.accept()
@@ -493,7 +492,6 @@ def _ws_backend_app(h: Harness) -> Any:
     from starlette.middleware import Middleware
     from starlette.middleware.authentication import AuthenticationMiddleware
     from starlette.routing import WebSocketRoute
-    from starlette.websockets import WebSocket
 
     async def whoami(ws: WebSocket) -> None:
         await ws.accept()
@@ -893,3 +891,52 @@ def test_a_revocation_outlives_its_sessions_expiry_for_as_long_as_a_token_may(
                                 "expire_at": expired})
     r = client.get("/me", headers=bearer(tok))
     assert (r.status_code, r.json()["error"]) == (401, "session_revoked"), r.text
+
+
+def _fastapi_ws_app(h: Harness, *, deny_by_default: bool) -> Any:
+    """FastAPI websocket routes guarded by ClerkAuth's dependencies (HTTP routes' dependencies, as the docs
+    show them), with or without the deny-by-default middleware in front."""
+    clerk = ClerkAuth(h.auth)
+    app = FastAPI()
+    clerk.install(app, public_paths={"/"}, deny_by_default=deny_by_default)
+
+    @app.websocket("/ws")
+    async def whoami(ws: WebSocket, auth: Auth = Depends(clerk.current_auth)) -> None:
+        await ws.accept()
+        await ws.send_json({"user_id": auth.user_id})
+        await ws.close()
+
+    @app.websocket("/admin-ws")
+    async def admin(ws: WebSocket, user: AuthUser = Depends(clerk.require_role("admin"))) -> None:
+        await ws.accept()
+        await ws.send_json({"admin": user.clerk_id})
+        await ws.close()
+
+    return app
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("deny_by_default", [False, True], ids=["dependencies-only", "behind-the-middleware"])
+def test_fastapi_dependencies_guard_websocket_routes(db_url: str, deny_by_default: bool) -> None:
+    """Review finding: every ClerkAuth dependency took a ``Request``, which FastAPI fills on HTTP routes only: on
+    a websocket route each raised TypeError (a 500), even for a handshake the middleware had let through. They
+    take the connection now: a session is verified (a cookie handshake from another site refused), a refusal
+    denies the handshake with its HTTP answer."""
+    h = Harness(db_url)
+    h.event("user.created", f.user("user_fws", 1))
+    h.event("user.created", f.user("user_fadm", 1, role="admin"))
+    with running(_fastapi_ws_app(h, deny_by_default=deny_by_default)) as url:
+        assert _ws_answer(url, bearer(token("user_fws")), None) == {"user_id": "user_fws"}
+        assert _ws_answer(url, {}, None) == 401
+        assert _ws_answer(url, {"Cookie": f"__session={token('user_fws')}"}, "https://evil.example") == 403
+        assert _ws_answer(url, {"Cookie": f"__session={token('user_fws')}"}, AZP) == {"user_id": "user_fws"}
+        from websockets.exceptions import InvalidStatus
+        from websockets.sync.client import connect
+
+        admin_ws = f"{url.replace('http://', 'ws://')}/admin-ws"
+        with pytest.raises(InvalidStatus) as refused:
+            connect(admin_ws, additional_headers=bearer(token("user_fws")), open_timeout=5)
+        assert refused.value.response.status_code == 403
+        with connect(admin_ws, additional_headers=bearer(token("user_fadm")), open_timeout=5) as ws:
+            assert json.loads(ws.recv(timeout=5)) == {"admin": "user_fadm"}
+    h.store.dispose()

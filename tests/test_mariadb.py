@@ -5,6 +5,7 @@ safety, concurrency, migrations, bad input) runs on MariaDB through the ``db_url
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC
@@ -341,3 +342,62 @@ def test_a_table_held_elsewhere_ends_in_the_lock_bound_not_the_statement_bound(m
     finally:
         holder.dispose()
         waiter.dispose()
+
+
+def test_a_deadlock_in_a_batchs_lock_pass_sends_its_deliveries_alone(maria_url: str) -> None:
+    """Review finding: a transaction that inserted a new lock row rolled back while two batches waited on that
+    row, and InnoDB broke the tie by a deadlock (1213): the victim's lock pass raised it and its whole batch,
+    an unrelated organization's delivery included, was answered 503. Now each of its deliveries goes alone."""
+    from clerk_sync.events import parse_envelope
+    from clerk_sync.integrations._committer import ALONE, GroupCommitter
+
+    store = Store(create_engine(maria_url, timeouts=DatabaseTimeouts(lock_s=5)))
+    holder = Store(create_engine(maria_url))
+    watcher = sa.create_engine(maria_url)
+    committer = GroupCommitter(WebhookProcessor(store, WebhookVerifier([f.SECRET])))
+    tag = uuid.uuid4().hex[:8]
+    new_user = f"user_{tag}"
+    results: dict[str, list[object]] = {}
+
+    def batch(name: str, version: int) -> list[tuple[str, object]]:
+        return [(f"msg_{tag}_{name}_u", parse_envelope(f.body_of(f.envelope("user.updated", f.user(new_user, version))))),
+                (f"msg_{tag}_{name}_o", parse_envelope(f.body_of(f.envelope(
+                    "organization.created", f.organization(f"org_{tag}_{name}", 1)))))]
+
+    def write(name: str, version: int) -> None:
+        results[name] = committer.write(batch(name, version))  # type: ignore[arg-type]
+
+    def waiting() -> int:
+        with watcher.connect() as conn:
+            return int(conn.execute(sa.text(  # (innodb_trx listed no waiter here)
+                "SELECT COUNT(*) FROM information_schema.processlist WHERE db = DATABASE() AND command = 'Query' "
+                "AND info LIKE 'INSERT INTO clerk_sync_locks%'")).scalar_one())
+
+    class RolledBack(Exception):
+        pass
+
+    threads = [threading.Thread(target=write, args=(name, version)) for name, version in (("b", 3), ("c", 4))]
+
+    def hold_then_roll_back() -> None:
+        with holder.transaction() as held:
+            held.lock([f"user:{new_user}"])  # a new lock row, not committed: both batches' lock passes wait on it
+            for thread in threads:
+                thread.start()
+            deadline = time.monotonic() + 10
+            while waiting() < 2:  # (each batch waits two seconds at most: well before, both are waiting)
+                assert time.monotonic() < deadline, "the batches never waited on the lock row"
+                time.sleep(0.005)
+            raise RolledBack  # the insert rolled back: InnoDB makes one waiter a deadlock's victim
+
+    try:
+        with pytest.raises(RolledBack):
+            hold_then_roll_back()
+        for thread in threads:
+            thread.join(30)
+        outcomes = [o for name in ("b", "c") for o in results[name]]
+        assert not [o for o in outcomes if isinstance(o, BaseException)], results
+        assert ALONE in outcomes, results  # the victim's deliveries, each to go alone (this test's deadlock)
+    finally:
+        store.dispose()
+        holder.dispose()
+        watcher.dispose()

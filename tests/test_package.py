@@ -50,7 +50,7 @@ PUBLIC_API: dict[str, list[str]] = {
     "clerk_sync.ingest": ["Outcome", "ReplayReport", "WebhookProcessor", "apply_envelope", "dismiss_failed", "replay_deliveries", "replay_one"],
     "clerk_sync.integrations": [],
     "clerk_sync.integrations.console": ["SignInThrottle", "check_console_settings", "create_console"],
-    "clerk_sync.integrations.asgi": ["ClerkAuthBackend", "ClerkAuthMiddleware", "ClerkUser", "WEBHOOK_SLASH_TWINS", "judged_by", "keep_standing", "kept_standing", "refusal_of", "remember"],
+    "clerk_sync.integrations.asgi": ["ClerkAuthBackend", "ClerkAuthMiddleware", "ClerkUser", "WEBHOOK_SLASH_TWINS", "check_handshake_origin", "judged_by", "keep_standing", "kept_standing", "refusal_of", "refuse_handshake", "remember"],
     "clerk_sync.integrations.django": [],
     "clerk_sync.integrations.django.admin": ["AuditLogAdmin", "ClerkUserAdmin", "MembershipAdmin", "OrganizationAdmin", "ReadOnlyAdmin", "WebhookDeliveryAdmin", "replay_audited"],
     "clerk_sync.integrations.django.apps": ["ClerkSyncConfig"],

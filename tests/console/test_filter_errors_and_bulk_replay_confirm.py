@@ -139,3 +139,31 @@ def test_a_read_only_console_neither_offers_nor_asks_to_replay(read_only: Consol
         asked = client.get("/deliveries/replay", headers=HTML)
         assert asked.status_code == 403 and "read-only" in asked.text and 'data-testid="confirm-replay"' not in asked.text
     assert status_of(stack, svix_id) == "failed" and stack.audit_rows() == []
+
+
+def test_a_failed_delivery_with_an_over_long_id_neither_blocks_replays_nor_its_own_reveal(
+        stack: ConsoleStack) -> None:
+    """Review finding: the audit row's target was the payload's ``data.id``, unchecked; a failed delivery whose id
+    no Clerk id column holds (stored failed for it: no fix makes it apply) made its reveal and replay 503 on
+    PostgreSQL and MariaDB, retried in vain, and "replay all failed" (oldest first) stopped on it every time."""
+    long_id = "user_" + "a" * 70
+    payload = {"object": "event", "type": "user.created", "data": {"id": long_id, "object": "user"},
+               "timestamp": 1_764_000_000_000, "instance_id": stack.emulator.config.instance_id}
+    with stack.store.transaction() as w:
+        w.record_delivery("msg_console_long", payload, event_type="user.created", instance_id=payload["instance_id"],
+                          event_timestamp=payload["timestamp"], status="failed",
+                          error="Clerk ids have at most 64 characters")
+    later = stack.failed_delivery(stack.user_id, first_name="Gracie")
+    with operator_client(stack) as client:
+        revealed = client.post(f"/deliveries/{delivery_id(stack, 'msg_console_long')}/reveal")
+        assert revealed.status_code == 200, revealed.text[:300]
+        asked = client.get("/deliveries/replay", headers=HTML)
+        form = dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', asked.text))
+        assert form["count"] == "2"
+        replayed = client.post("/deliveries/replay", data=form)
+        assert replayed.status_code == 303, replayed.text[:300]
+    assert status_of(stack, later) == "applied" and status_of(stack, "msg_console_long") == "failed"
+    subjects = [(r["action"], r["target_clerk_id"], r["details"].get("target")) for r in stack.audit_rows()
+                if r["action"] in ("console.payload_revealed", "console.delivery_replayed")]
+    assert ("console.payload_revealed", None, repr(long_id)) in subjects, subjects
+    assert ("console.delivery_replayed", stack.user_id, None) in subjects, subjects

@@ -474,3 +474,27 @@ def test_overview_shows_rows_the_apps_mapped_table_refused(stack: ConsoleStack) 
         alarmed = client.get("/", headers=HTML).text
     row = re.search(r"<tr><td><span class=\"bad\">fail</span></td><td>mapped rows</td><td>([^<]+)</td>", alarmed)
     assert row is not None and "msg_refused_row" in row.group(1)
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_the_overview_says_the_circuit_is_open_only_while_calls_are_refused(stack: ConsoleStack) -> None:
+    """Review finding: the card read ``is_open``, which stays set until a call succeeds; the console's client
+    calls Clerk rarely, so it said "circuit open" for days after Clerk was back, while
+    ``clerk_sync_clerk_api_circuit_open`` (``refusing()``) read 0. Both read the same now."""
+    from clerk_sync.clerk_api import CircuitBreaker
+
+    now = [1000.0]
+    assert stack.console.clerk is not None
+    breaker = stack.console.clerk.breaker = CircuitBreaker(threshold=1, reset_s=5.0, clock=lambda: now[0])
+    breaker.failure()
+
+    def card() -> str:
+        with operator_client(stack) as client:
+            page = client.get("/", headers=HTML)
+            assert page.status_code == 200
+            return page.text
+
+    assert "circuit open" in card()
+    now[0] += 3600  # an hour on, no call since: the next one goes through
+    assert breaker.is_open and not breaker.refusing()
+    assert "circuit open" not in card() and "reachable" in card()

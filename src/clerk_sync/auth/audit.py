@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from clerk_sync._limits import CLERK_ID_CHARS, show
 from clerk_sync.store import Writer
 from clerk_sync.tables import audit_log
 
@@ -33,10 +34,18 @@ def record_audit(writer: Writer, entry: AuditEntry) -> None:
     """Append to ``audit_log`` inside the caller's transaction (rows are never deleted; only an erasure redacts)."""
     if not entry.action:
         raise ValueError("audit entries need an action")
+    details = dict(entry.details or {})
+    target = entry.target
+    # A subject no Clerk id column holds (a failed delivery's over-long ``data.id``, which the console reveals
+    # and replays): kept, cut short, in the details. Stored as the target it failed the action on PostgreSQL and
+    # MariaDB (503, retried in vain: one such delivery blocked every "replay all failed" after it).
+    if target is not None and len(target) > CLERK_ID_CHARS:
+        details.setdefault("target", show(target, 200))
+        target = None
     writer.conn.execute(
         audit_log.insert().values(
-            action=entry.action, actor_clerk_id=entry.actor, target_clerk_id=entry.target,
-            impersonator_clerk_id=entry.impersonator, details=dict(entry.details or {}),
+            action=entry.action, actor_clerk_id=entry.actor, target_clerk_id=target,
+            impersonator_clerk_id=entry.impersonator, details=details,
             ip=entry.ip, created_at=writer.now,
         )
     )

@@ -36,15 +36,18 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import httpx
+import structlog
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from jwt import PyJWK
-from jwt.exceptions import PyJWKError
+from jwt.exceptions import PyJWTError
 
 from clerk_sync._http_deadline import attempt_until, install
 from clerk_sync._limits import show
 from clerk_sync.errors import ConfigError, TokenKeysUnavailable, TokenKeyUnknown
 from clerk_sync.metrics import Metrics
+
+log = structlog.get_logger("clerk_sync.auth")
 
 __all__ = ["JWKSKeySource", "KeySource", "NeedsFetch", "StaticKeySource"]
 
@@ -378,7 +381,11 @@ def _parse_jwks(document: Any) -> dict[str, RSAPublicKey]:
             continue
         try:
             key = PyJWK(jwk, algorithm="RS256").key
-        except PyJWKError:
+        # One malformed entry is skipped, not the whole answer: PyJWT raises InvalidKeyError (not a PyJWKError)
+        # for an RSA key it cannot load, and letting it out answered 500 and froze the keys held (a key Clerk
+        # had withdrawn kept verifying). The keys loaded from the rest serve; none loaded: the "empty" answer.
+        except (PyJWTError, ValueError, TypeError) as exc:
+            log.warning("jwks_key_skipped", kid=str(jwk.get("kid", ""))[:100], reason=show(str(exc), 200))
             continue
         if isinstance(key, RSAPublicKey):
             keys[str(jwk.get("kid", ""))] = key

@@ -32,7 +32,7 @@ from typing import Any, Final, cast
 import sqlalchemy as sa
 import structlog
 
-from clerk_sync._db_errors import is_lock_wait_timeout
+from clerk_sync._db_errors import is_lock_wait_timeout, is_transient
 from clerk_sync.engine import DeliveryStatus, Entity, Tombstone, Upsert, plan_delivery, touches
 from clerk_sync.errors import StoreError, database_message
 from clerk_sync.events import Envelope
@@ -362,7 +362,9 @@ def _mysql_batch_bound(writer: Writer, jobs: list[tuple[str, Envelope]]) -> Iter
         try:
             writer.lock_entities([plan_delivery(envelope).intent for _, envelope in jobs])
         except sa.exc.DBAPIError as exc:
-            if not exc.connection_invalidated and is_lock_wait_timeout(exc.orig):
+            # A lock wait, or a deadlock InnoDB broke (a batch that inserted a new lock row rolled back while two
+            # waited on it: one is its victim): each delivery alone, as on PostgreSQL, not the batch failed
+            if not exc.connection_invalidated and is_transient(exc.orig):
                 raise _EachAlone(database_message(exc.orig or exc)) from exc
             raise
         yield

@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import HTTPConnection, cookie_parser
 from starlette.responses import PlainTextResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.websockets import WebSocket
 
 from clerk_sync.auth.authenticator import Authenticator
 from clerk_sync.auth.claims import Auth
@@ -33,8 +34,8 @@ from clerk_sync.errors import (
 )
 from clerk_sync.integrations.starlette import error_json
 
-__all__ = ["WEBHOOK_SLASH_TWINS", "ClerkAuthBackend", "ClerkAuthMiddleware", "ClerkUser", "judged_by", "keep_standing",
-           "kept_standing", "refusal_of", "remember"]
+__all__ = ["WEBHOOK_SLASH_TWINS", "ClerkAuthBackend", "ClerkAuthMiddleware", "ClerkUser", "check_handshake_origin",
+           "judged_by", "keep_standing", "kept_standing", "refusal_of", "refuse_handshake", "remember"]
 
 # The public paths whose trailing-slash twin is public too: the webhook route, which ``webhook_routes`` and
 # ``webhook_router`` serve with and without the slash (Svix follows no redirect). Another public path's twin
@@ -124,7 +125,7 @@ class ClerkAuthBackend(AuthenticationBackend):
 
     async def _authenticate(self, conn: HTTPConnection, http: bool) -> Auth:
         if not http:  # as ClerkAuthMiddleware: a cookie handshake from another site is refused
-            _check_websocket_origin(conn.headers, conn.cookies, conn.scope.get("scheme", "ws"), self.authenticator)
+            check_handshake_origin(conn.headers, conn.cookies, conn.scope.get("scheme", "ws"), self.authenticator)
         auth = await self.authenticator.aauthenticate(conn.headers, conn.cookies,
                                                       method=conn.scope["method"] if http else None,
                                                       scheme=conn.scope.get("scheme", "http"))
@@ -214,7 +215,7 @@ class ClerkAuthMiddleware:
                 raise TokenMalformed("more than one Authorization header: send one")
             http = scope["type"] == "http"
             if not http:
-                _check_websocket_origin(headers, _cookies(headers), scope.get("scheme", "ws"), self.authenticator)
+                check_handshake_origin(headers, _cookies(headers), scope.get("scheme", "ws"), self.authenticator)
             auth = await self.authenticator.aauthenticate(headers, _cookies(headers),
                                                           method=scope["method"] if http else None,
                                                           scheme=scope.get("scheme", "http"))
@@ -280,8 +281,10 @@ def refusal_of(scope: Scope, authenticator: Authenticator) -> Exception | None:
     return error
 
 
-def _check_websocket_origin(headers: Mapping[str, str], cookies: Mapping[str, str], scheme: str,
-                            authenticator: Authenticator) -> None:
+def check_handshake_origin(headers: Mapping[str, str], cookies: Mapping[str, str], scheme: str,
+                           authenticator: Authenticator) -> None:
+    """A websocket handshake riding on the session cookie from another site refused
+    (:func:`~clerk_sync.auth.sessions.check_websocket_origin` with the authenticator's authorized parties)."""
     check_websocket_origin(headers, cookies, scheme=scheme,
                            authorized_parties=authenticator.verifier.claims.authorized_parties)
 
@@ -315,8 +318,21 @@ async def _refuse(exc: ClerkSyncError, scope: Scope, receive: Receive, send: Sen
     if scope["type"] == "http" or "websocket.http.response" in scope.get("extensions", {}):
         await error_json(exc)(scope, receive, send)  # Starlette turns it into a handshake denial
         return
-    code = 1013 if isinstance(exc, StoreError) else 1008
-    await send({"type": "websocket.close", "code": code, "reason": exc.code})
+    await send({"type": "websocket.close", "code": _close_code(exc), "reason": exc.code})
+
+
+async def refuse_handshake(websocket: WebSocket, exc: ClerkSyncError) -> None:
+    """A websocket handshake refused as :class:`ClerkAuthMiddleware` refuses one (a FastAPI dependency's
+    refusal): the error's HTTP answer where the server can send one, else a close with a code saying why."""
+    if "websocket.http.response" in websocket.scope.get("extensions", {}):
+        await websocket.send_denial_response(error_json(exc))
+    else:
+        await websocket.close(code=_close_code(exc), reason=exc.code)
+
+
+def _close_code(exc: ClerkSyncError) -> int:
+    """1013 (try again later) for a database that did not answer, else 1008 (policy violation)."""
+    return 1013 if isinstance(exc, StoreError) else 1008
 
 
 def _cookies(headers: Mapping[str, str]) -> dict[str, str]:

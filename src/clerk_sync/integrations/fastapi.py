@@ -19,11 +19,13 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Generic, cast, overload
 
 try:
-    from fastapi import APIRouter, FastAPI, Request
+    from fastapi import APIRouter, FastAPI
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("clerk_sync.integrations.fastapi needs FastAPI: pip install 'clerk-sync[fastapi]'") from exc
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import HTTPConnection
 from starlette.responses import JSONResponse
+from starlette.websockets import WebSocket
 from typing_extensions import TypeVar  # (a TypeVar default: a bare ``ClerkAuth`` is ``ClerkAuth[AuthUser]``)
 
 from clerk_sync.auth.authenticator import Authenticator, signed_out_if_banned, warn_if_any_origin
@@ -34,10 +36,12 @@ from clerk_sync.ingest import WebhookProcessor
 from clerk_sync.integrations.asgi import (
     WEBHOOK_SLASH_TWINS,
     ClerkAuthMiddleware,
+    check_handshake_origin,
     judged_by,
     keep_standing,
     kept_standing,
     refusal_of,
+    refuse_handshake,
     remember,
 )
 from clerk_sync.integrations.starlette import build_processor, error_json, webhook_endpoint, with_and_without_slash
@@ -65,7 +69,7 @@ def sync_me_router(clerk: ClerkAuth[Any], users: JitUsers, path: str = "/sync/me
     the ``user.created`` webhook arrives (one budgeted Clerk call, the same guarded upsert)."""
     router = APIRouter()
 
-    async def sync_me(request: Request) -> dict[str, Any]:
+    async def sync_me(request: HTTPConnection) -> dict[str, Any]:
         auth = await clerk._session(request)  # (its user id only: no membership read)
         user = await run_in_threadpool(users.refresh_user, auth.user_id)
         return {"user_id": user.clerk_id, "email": user.email, "role": user.role}
@@ -118,18 +122,21 @@ class ClerkAuth(Generic[UserT]):
         it after (see :class:`ClerkAuthMiddleware`).
         """
 
-        async def handle(_: Request, exc: Exception) -> JSONResponse:
+        async def handle(conn: HTTPConnection, exc: Exception) -> JSONResponse | None:
             assert isinstance(exc, ClerkSyncError)
+            if isinstance(conn, WebSocket):  # a dependency of a websocket route refused the handshake
+                await refuse_handshake(conn, exc)
+                return None
             return error_json(exc)
 
-        app.add_exception_handler(ClerkSyncError, handle)
+        app.add_exception_handler(ClerkSyncError, cast(Any, handle))  # (typed for one kind of connection or the other)
         warn_if_any_origin(self.authenticator)
         if deny_by_default:
             app.add_middleware(ClerkAuthMiddleware, authenticator=self.authenticator,
                                public_paths=public_paths, public_prefixes=public_prefixes,
                                audit_impersonation=self.audit_impersonation, slash_twins=slash_twins)
 
-    async def current_auth(self, request: Request) -> Auth:
+    async def current_auth(self, request: HTTPConnection) -> Auth:
         """The verified session (401 when missing/invalid/revoked), its active organization as
         ``organization_memberships`` has it now
         (:meth:`~clerk_sync.auth.authenticator.Authenticator.standing_org_role`: a removed member has none, a
@@ -138,7 +145,7 @@ class ClerkAuth(Generic[UserT]):
         read is reused)."""
         return await self._standing(request, await self._session(request))
 
-    async def _standing(self, request: Request, auth: Auth) -> Auth:
+    async def _standing(self, request: HTTPConnection, auth: Auth) -> Auth:
         """:meth:`~clerk_sync.auth.authenticator.Authenticator.standing_org_role` of the request's session, read
         once a request and kept in its scope beside (not instead of) the token's session, which the guards judge
         first: the guards and ``current_auth`` share the one read."""
@@ -150,7 +157,7 @@ class ClerkAuth(Generic[UserT]):
             keep_standing(request.scope, self.authenticator, auth, standing)
         return standing
 
-    async def _session(self, request: Request) -> Auth:
+    async def _session(self, request: HTTPConnection) -> Auth:
         """The token's session: the one :class:`ClerkAuthMiddleware` verified for this request when it ran (one
         identity per request, audited once), else verified here, a request made while impersonating audited
         here (once: the session is kept for the request's other dependencies). The guards judge it first."""
@@ -160,55 +167,61 @@ class ClerkAuth(Generic[UserT]):
         refused = refusal_of(request.scope, self.authenticator)
         if refused is not None:  # the middleware's refusal on a public path: one verdict (and count) a request
             raise refused
-        auth = await self.authenticator.aauthenticate(request.headers, request.cookies, method=request.method,
+        # A websocket route's dependency (HTTPConnection: FastAPI passes one for both) judges the handshake as
+        # the middleware does: a cookie handshake from another site refused, no method to check a POST by.
+        http = request.scope["type"] == "http"
+        if not http:
+            check_handshake_origin(request.headers, request.cookies, request.url.scheme, self.authenticator)
+        method = request.scope["method"] if http else None
+        auth = await self.authenticator.aauthenticate(request.headers, request.cookies, method=method,
                                                       scheme=request.url.scheme)
         if auth.is_impersonated and self.audit_impersonation:  # no audit row, no access (a StoreError: 503)
-            await run_in_threadpool(self.authenticator.audit_impersonated_request, auth, request.method,
+            await run_in_threadpool(self.authenticator.audit_impersonated_request, auth, method or "GET",
                                     request.url.path, request.client.host if request.client else None)
         remember(request.scope, self.authenticator, auth)
         return auth
 
-    async def current_user(self, request: Request) -> UserT:
+    async def current_user(self, request: HTTPConnection) -> UserT:
         """The caller's DB row (JIT-synced when configured)."""
         auth = await self._session(request)
         with signed_out_if_banned():  # (a JIT getter's 403/410 for a banned/deleted user: 401, as require_role)
             return await run_in_threadpool(self._get_user, auth)
 
-    def require_role(self, *roles: str) -> Callable[[Request], Awaitable[AuthUser]]:
+    def require_role(self, *roles: str) -> Callable[[HTTPConnection], Awaitable[AuthUser]]:
         """Role confirmed against the DB row, so a demotion applies at once."""
 
-        async def dependency(request: Request) -> AuthUser:
+        async def dependency(request: HTTPConnection) -> AuthUser:
             auth = await self._session(request)
             return await run_in_threadpool(self.authenticator.require_role, auth, *roles)
 
         return dependency
 
-    def require_org_role(self, *roles: str) -> Callable[[Request], Awaitable[Auth]]:
+    def require_org_role(self, *roles: str) -> Callable[[HTTPConnection], Awaitable[Auth]]:
         """The active organization role (``"org:admin"`` ...) from the token, confirmed against the
         membership row (:meth:`~clerk_sync.auth.authenticator.Authenticator.confirm_org_role`): a member
         removed or demoted is refused at once (403). The row is read in the thread pool."""
 
-        async def dependency(request: Request) -> Auth:
+        async def dependency(request: HTTPConnection) -> Auth:
             auth = Authenticator.require_org_role(await self._session(request), *roles)  # a "no" reads nothing
             # (the database's role; the session kept for the other guards stays the token's, judged first)
             return self.authenticator.confirm_org_role(auth, *roles, standing=await self._standing(request, auth))
 
         return dependency
 
-    def require_permission(self, permission: str) -> Callable[[Request], Awaitable[Auth]]:
+    def require_permission(self, permission: str) -> Callable[[HTTPConnection], Awaitable[Auth]]:
         """``permission`` in the active organization: in the token, and still granted by the membership row
         (:meth:`~clerk_sync.auth.authenticator.Authenticator.confirm_permission`, read in the thread pool): a
         member removed or whose role changed is refused at once (403). A system permission (``org:sys_*``),
         which tokens never carry, is refused here (``ValueError``)."""
         Authenticator.guardable_permission(permission)
 
-        async def dependency(request: Request) -> Auth:
+        async def dependency(request: HTTPConnection) -> Auth:
             auth = Authenticator.require_permission(await self._session(request), permission)  # a "no" reads nothing
             return self.authenticator.confirm_permission(auth, permission, standing=await self._standing(request, auth))
 
         return dependency
 
-    async def not_impersonated(self, request: Request) -> Auth:
+    async def not_impersonated(self, request: HTTPConnection) -> Auth:
         """Refuse impersonated sessions on sensitive routes: the token's session judged first (a refusal reads
         nothing); returns the session's standing, as :meth:`current_auth` (the organization as the database has
         it: a removed member's view scoped by ``org_id`` stops at once; the read shared with the other guards)."""

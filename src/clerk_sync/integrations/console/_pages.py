@@ -202,9 +202,11 @@ def _clerk_state(console: Console) -> dict[str, Any] | None:
         return None
     limit = getattr(console.clerk.budget, "limit", None)
     stats = console.clerk.stats
+    # (refusing(), as the circuit-open gauge reads: is_open stays set until a call succeeds, and the console's
+    # client calls Clerk rarely, so the card said "circuit open" for days after Clerk was back)
     return {"limit": f"{limit.requests} requests / {limit.window_s:g} s" if limit else "shared (Redis)",
             "requests": stats.requests, "rate_limited": stats.rate_limited, "failures": stats.failures,
-            "breaker_open": console.clerk.breaker.is_open}
+            "breaker_open": console.clerk.breaker.refusing()}
 
 
 # -- deliveries ------------------------------------------------------------------------------------
