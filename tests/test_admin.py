@@ -55,6 +55,20 @@ def test_non_admin_cannot_promote_and_the_refusal_is_audited(emu: EmulatorServer
     assert [r["action"] for r in audit_rows(store)] == ["role.change.refused"]
 
 
+def test_a_role_change_clerk_refuses_for_good_is_audited(emu: EmulatorServer, store: Store, actions: AdminActions) -> None:
+    """Review finding: a promotion Clerk refused for good (no such user) left no audit row, while the same
+    refusal of a queued change (``retry_pending``) and of an impersonation is audited."""
+    from clerk_sync.errors import ClerkNotFound
+
+    admin = synced_user(emu, store, "admin@example.com", role="admin")
+    with pytest.raises(ClerkNotFound):
+        actions.promote("user_nobody", "admin", by=admin, ip="203.0.113.9")
+    [row] = audit_rows(store)
+    assert (row["action"], row["actor_clerk_id"], row["target_clerk_id"], row["ip"]) == (
+        "role.change_failed", admin, "user_nobody", "203.0.113.9")
+    assert row["details"]["to"] == "admin" and row["details"]["from"] is None and row["details"]["error"]
+
+
 def test_clerk_outage_records_pending_then_retry_converges(emu: EmulatorServer, store: Store, actions: AdminActions) -> None:
     target = synced_user(emu, store, "carol@example.com")
     emu.set_faults(outage=True)

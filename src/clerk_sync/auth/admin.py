@@ -150,6 +150,13 @@ class AdminActions:
         except _RETRYABLE as exc:
             self._record_pending(target, role, by, ip, previous, str(exc))
             return RoleChange(target, role, "pending", previous, str(exc))
+        except ClerkUnauthorized:
+            raise  # our secret key refused: says nothing of this change (as retry_pending)
+        except ClerkAPIError as exc:  # refused for good (no such user, a value refused): the attempt audited,
+            with self.store.transaction() as w:  # as a queued change refused later is, and a failed impersonation
+                record_audit(w, AuditEntry("role.change_failed", by, target,
+                                           details={"from": previous, "to": role, "error": str(exc)}, ip=ip))
+            raise
         entry = AuditEntry("role.changed", by, target, details={"from": previous, "to": role}, ip=ip)
         self._store_clerk_user(clerk_user, entry)
         return RoleChange(target, role, "applied", previous)
