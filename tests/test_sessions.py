@@ -656,3 +656,11 @@ def test_a_signed_azp_that_is_not_a_string_is_malformed(azp: Any) -> None:
                                now=lambda: float(NOW))
     with pytest.raises(errors.TokenMalformed, match="azp"):
         verifier.verify(mint(claims(azp=azp)))
+
+
+@pytest.mark.parametrize("act", [{}, {"sub": 123}, {"sub": ""}, {"sub": None, "sid": "sess_a"}])
+def test_an_actor_claim_without_a_user_id_is_refused(verifier: SessionVerifier, act: Any) -> None:
+    """Review finding: an ``act`` with no string ``sub`` passed as impersonated with no actor, so the
+    impersonator's checks were skipped and its audit rows named nobody (Clerk's ``act`` always names one)."""
+    with pytest.raises(errors.TokenMalformed, match="names no user id"):
+        verifier.verify(mint(claims(act=act)))

@@ -105,8 +105,13 @@ class ClaimsValidator:
             if name in claims and (not isinstance(value, int | float) or isinstance(value, bool)
                                    or (isinstance(value, float) and not math.isfinite(value))):
                 raise TokenMalformed(f"claim {name!r} is not a number")
-        if claims.get("act") is not None and not isinstance(claims["act"], dict):  # else read as "not impersonated"
+        act = claims.get("act")
+        if act is not None and not isinstance(act, dict):  # else read as "not impersonated"
             raise TokenMalformed("claim 'act' (the impersonating actor) is not an object")
+        # An actor with no user id would pass as impersonated with no one to check or audit (Clerk's always names
+        # the impersonator in ``act.sub``)
+        if isinstance(act, dict) and (not isinstance(act.get("sub"), str) or not act["sub"]):
+            raise TokenMalformed("claim 'act' (the impersonating actor) names no user id in 'sub'")
 
     def validate_live(self, auth: Auth, now: float) -> None:
         """``exp``/``nbf``/``iat`` against ``now`` with the leeway, and a pending ``sts``.
