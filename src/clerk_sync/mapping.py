@@ -336,6 +336,14 @@ class MappedTable:
         if len(parts) > 2 or not all(parts):
             raise ValueError(f"table {self.table!r}: name a table, or a schema (database) and a table: "
                              "'users' or 'public.users'")
+        # A Deactivate flag may be mapped (is_active from "banned"): the mapping's value is the live one, and the
+        # deletion still sets it false. A deletion time may not: a value written by every update would make a
+        # live row read as deleted, and a deletion keeps the first stamp (one the mapping wrote).
+        stamp = self.on_delete.column if isinstance(self.on_delete, SoftDelete | Anonymise) else None
+        if stamp is not None and stamp in self.columns:
+            raise ValueError(f"{self.table}.{stamp} is the deletion time of on_delete="
+                             f"{type(self.on_delete).__name__}({stamp!r}), which clerk-sync writes (NULL while the "
+                             "row is live): remove it from the mapped columns, or name another column")
 
     @property
     def schema(self) -> str | None:
@@ -769,6 +777,12 @@ class _Projection:
             self.fixed[mapped.on_delete.column] = True
         elif isinstance(mapped.on_delete, Anonymise) and mapped.on_delete.column is not None:
             self.fixed[mapped.on_delete.column] = None
+        # A mapped Deactivate flag (``is_active`` computed from ``banned``) is the mapping's: its value is the live
+        # one on insert, update and link (named once in each statement); the deletion still sets it false.
+        # (:class:`MappedTable` refuses a mapped deletion time.) ``live``: the policy's value for a new row, also
+        # where a retry leaves the mapped flag out (_apply_without).
+        self.live: JSON = dict(self.fixed)
+        self.fixed = {n: v for n, v in self.fixed.items() if n not in self.columns}
         # An existing row's policy column is the app's once written (an admin's own deactivation): an update
         # fills it only where it holds nothing (is_active NULL: added by migrate); SoftDelete's NULL not at all.
         self.coalesced: JSON = {n: v for n, v in self.fixed.items() if v is not None}
@@ -928,7 +942,7 @@ class _Projection:
         updated = conn.execute(sa.update(self.t).where(where).values(
             sets or {self.key.name: change.clerk_id})).rowcount
         if updated == 0 and not self._link(conn, change, kept):
-            conn.execute(sa.insert(self.t).values({**values, **self.fixed, self.key.name: change.clerk_id}))
+            conn.execute(sa.insert(self.t).values({**self.live, **values, self.key.name: change.clerk_id}))
 
     def _link(self, conn: Connection, change: Change, values: JSON) -> bool:
         """Adopt the one existing row without a Clerk id whose external id, else e-mail, is this user's."""
@@ -1008,7 +1022,8 @@ class _Projection:
         # e-mail may have adopted it since the SELECT (it waited on the row's lock); that user keeps it.
         where = sa.and_(*[c == v for c, v in zip(pk, matches[0], strict=True)], self.key.is_(None))
         # The app's own row: its policy column stays as the app left it (a legacy account it deactivated is
-        # not re-enabled by a sign-up with the same e-mail); only a NULL gets the live value, as on update.
+        # not re-enabled by a sign-up with the same e-mail); only a NULL gets the live value, as on update. A
+        # mapped one is the mapping's (in ``values``), as on update.
         kept = {n: sa.func.coalesce(self.t.c[n], v) for n, v in self.coalesced.items()}
         adopted = conn.execute(sa.update(self.t).where(where).values(
             {**values, **kept, self.key.name: change.clerk_id}))  # (one key each: a policy column may be mapped)

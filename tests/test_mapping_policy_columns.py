@@ -1,0 +1,87 @@
+"""The delete policy's column in the mapped writes: a Deactivate flag the mapping also maps (``is_active`` from
+``banned``) is the mapping's live value, named once in each statement (PostgreSQL and SQLite refused every row
+for naming it twice, MariaDB's ``COALESCE(is_active, TRUE)`` kept a banned user active), and the deletion still
+sets it false; a mapped deletion time is refused when the mapping is declared."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from clerk_sync.events import parse_envelope
+from clerk_sync.ingest import WebhookProcessor
+from clerk_sync.integrations._committer import ALONE, GroupCommitter
+from clerk_sync.mapping import (
+    Anonymise,
+    Column,
+    Deactivate,
+    MappedTable,
+    SchemaMapping,
+    SoftDelete,
+    check_schema,
+    migrate_schema,
+)
+from clerk_sync.store import Store
+from clerk_sync.webhooks import WebhookVerifier
+from tests import factories as f
+from tests.test_hooks import B, deliver
+
+
+def _accounts(db_url: str, mapping: SchemaMapping, flag: sa.types.TypeEngine[Any]) -> tuple[Store, sa.Engine]:
+    engine = sa.create_engine(db_url)
+    table = sa.Table("pol_accounts", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+                     sa.Column("email", sa.String(320)), sa.Column("is_active", flag))
+    with engine.begin() as conn:
+        table.create(conn)
+        migrate_schema(conn, mapping)
+        assert [p for p in check_schema(conn, mapping) if p[0] == "fail"] == []
+    return Store.from_url(db_url, mapping=mapping), engine
+
+
+def _flags(engine: sa.Engine) -> dict[str, Any]:
+    with engine.connect() as conn:
+        return {k: v for k, v in conn.execute(sa.text("SELECT clerk_user_id, is_active FROM pol_accounts")).all()}
+
+
+def _errors(engine: sa.Engine) -> list[Any]:
+    with engine.connect() as conn:
+        return list(conn.execute(sa.text("SELECT last_error FROM webhook_events WHERE last_error IS NOT NULL")).scalars())
+
+
+BANNED = SchemaMapping(users=MappedTable("pol_accounts", "clerk_user_id", {
+    "email": "email", "is_active": Column(compute=lambda v: not v["banned"])}, on_delete=Deactivate("is_active")))
+
+
+def test_a_mapped_deactivate_flag_is_the_mappings_value_and_the_deletion_still_clears_it(db_url: str) -> None:
+    store, engine = _accounts(db_url, BANNED, sa.Boolean())
+    assert deliver(store, f.envelope("user.created", f.user("user_a", B)),
+                   f.envelope("user.created", f.user("user_b", B, banned=True))) == ["applied"] * 2
+    assert {k: bool(v) for k, v in _flags(engine).items()} == {"user_a": True, "user_b": False}
+    assert deliver(store, f.envelope("user.updated", f.user("user_a", B + 1, banned=True)),
+                   f.envelope("user.updated", f.user("user_b", B + 1))) == ["applied"] * 2
+    assert {k: bool(v) for k, v in _flags(engine).items()} == {"user_a": False, "user_b": True}
+    assert deliver(store, f.envelope("user.deleted", f.deleted("user", "user_b"))) == ["applied"]
+    assert {k: bool(v) for k, v in _flags(engine).items()} == {"user_a": False, "user_b": False}
+    # a batch (PostgreSQL: the wave's one statement per entity type), created banned or not
+    processor = WebhookProcessor(store, WebhookVerifier([f.SECRET]))
+    committer = GroupCommitter(processor)
+    batch = [(f"msg_pol{i}", parse_envelope(json.dumps(f.envelope("user.created", f.user(user, B, banned=banned)))))
+             for i, (user, banned) in enumerate([("user_c", True), ("user_d", False)])]
+    results = committer.write(batch)
+    assert [(processor.apply_alone(*item) if r is ALONE else r).status
+            for item, r in zip(batch, results, strict=True)] == ["applied"] * 2
+    assert committer.retried == 0
+    assert {k: bool(v) for k, v in _flags(engine).items() if k in ("user_c", "user_d")} == {
+        "user_c": False, "user_d": True}
+    assert _errors(engine) == []
+    store.dispose()
+    engine.dispose()
+
+
+@pytest.mark.parametrize("policy", [SoftDelete("deleted_at"), Anonymise("deleted_at")], ids=lambda p: type(p).__name__)
+def test_a_mapped_deletion_time_is_refused_when_declared(policy: SoftDelete | Anonymise) -> None:
+    with pytest.raises(ValueError, match=r"pol_accounts\.deleted_at is the deletion time"):
+        MappedTable("pol_accounts", "clerk_user_id", {"deleted_at": "public_metadata.gone"}, on_delete=policy)
