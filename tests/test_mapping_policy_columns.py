@@ -55,8 +55,11 @@ BANNED = SchemaMapping(users=MappedTable("pol_accounts", "clerk_user_id", {
     "email": "email", "is_active": Column(compute=lambda v: not v["banned"])}, on_delete=Deactivate("is_active")))
 
 
-def test_a_mapped_deactivate_flag_is_the_mappings_value_and_the_deletion_still_clears_it(db_url: str) -> None:
-    store, engine = _accounts(db_url, BANNED, sa.Boolean())
+@pytest.mark.parametrize("flag", [sa.Boolean(), sa.SmallInteger()], ids=["boolean", "smallint"])
+def test_a_mapped_deactivate_flag_is_the_mappings_value_and_the_deletion_still_clears_it(
+        db_url: str, flag: sa.types.TypeEngine[Any]) -> None:
+    """A ``smallint`` flag too: a true/false goes into a number column as 1/0 (PostgreSQL refused the boolean)."""
+    store, engine = _accounts(db_url, BANNED, flag)
     assert deliver(store, f.envelope("user.created", f.user("user_a", B)),
                    f.envelope("user.created", f.user("user_b", B, banned=True))) == ["applied"] * 2
     assert {k: bool(v) for k, v in _flags(engine).items()} == {"user_a": True, "user_b": False}
@@ -85,3 +88,44 @@ def test_a_mapped_deactivate_flag_is_the_mappings_value_and_the_deletion_still_c
 def test_a_mapped_deletion_time_is_refused_when_declared(policy: SoftDelete | Anonymise) -> None:
     with pytest.raises(ValueError, match=r"pol_accounts\.deleted_at is the deletion time"):
         MappedTable("pol_accounts", "clerk_user_id", {"deleted_at": "public_metadata.gone"}, on_delete=policy)
+
+
+def test_true_false_into_number_columns_as_one_and_zero_on_every_store(db_url: str) -> None:
+    """``banned``, a ``transform="bool"`` and Deactivate's own flag into ``smallint`` columns: 1/0 on every store
+    (PostgreSQL refused every row with "cannot cast type boolean to smallint", so the ban never reached the app),
+    through one delivery, a batch (PostgreSQL's wave) and the deletion."""
+    mapping = SchemaMapping(users=MappedTable("pol_accounts", "clerk_user_id", {
+        "email": "email", "is_banned": "banned", "vip": Column("public_metadata.vip", transform="bool")},
+        on_delete=Deactivate("is_active")))
+    engine = sa.create_engine(db_url)
+    table = sa.Table("pol_accounts", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+                     sa.Column("email", sa.String(320)), sa.Column("is_banned", sa.SmallInteger),
+                     sa.Column("vip", sa.Numeric(1, 0)), sa.Column("is_active", sa.SmallInteger))
+    with engine.begin() as conn:
+        table.create(conn)
+        migrate_schema(conn, mapping)
+        assert [p for p in check_schema(conn, mapping) if p[0] == "fail"] == []
+    store = Store.from_url(db_url, mapping=mapping)
+
+    def rows() -> dict[str, tuple[Any, ...]]:
+        with engine.connect() as conn:
+            return {r[0]: tuple(v if v is None else int(v) for v in r[1:]) for r in conn.execute(sa.text(
+                "SELECT clerk_user_id, is_banned, vip, is_active FROM pol_accounts"))}
+
+    vip = {"public_metadata": {"vip": "yes"}}
+    assert deliver(store, f.envelope("user.created", f.user("user_a", B) | vip)) == ["applied"]
+    assert deliver(store, f.envelope("user.updated", f.user("user_a", B + 1, banned=True) | vip)) == ["applied"]
+    processor = WebhookProcessor(store, WebhookVerifier([f.SECRET]))
+    committer = GroupCommitter(processor)
+    batch = [(f"msg_num{i}", parse_envelope(json.dumps(f.envelope("user.created", user))))
+             for i, user in enumerate([f.user("user_b", B, banned=True) | vip, f.user("user_c", B)])]
+    results = committer.write(batch)
+    assert [(processor.apply_alone(*item) if r is ALONE else r).status
+            for item, r in zip(batch, results, strict=True)] == ["applied"] * 2
+    assert committer.retried == 0
+    assert rows() == {"user_a": (1, 1, 1), "user_b": (1, 1, 1), "user_c": (0, None, 1)}
+    assert deliver(store, f.envelope("user.deleted", f.deleted("user", "user_c"))) == ["applied"]
+    assert rows()["user_c"] == (0, None, 0)
+    assert _errors(engine) == []
+    store.dispose()
+    engine.dispose()

@@ -15,7 +15,7 @@ as ``last_sign_in_at`` and ``clerk_created_at``, to an aware UTC datetime), each
 record's values, for the rest.
 
 Delete policies: :class:`SoftDelete` (a timestamp column), :class:`Deactivate` (a boolean column set
-false), :class:`Anonymise` (mapped personal columns cleared) and :class:`HardDelete`.
+false, or a number column set 0), :class:`Anonymise` (mapped personal columns cleared) and :class:`HardDelete`.
 """
 
 from __future__ import annotations
@@ -781,11 +781,14 @@ class _Projection:
         # one on insert, update and link (named once in each statement); the deletion still sets it false.
         # (:class:`MappedTable` refuses a mapped deletion time.) ``live``: the policy's value for a new row, also
         # where a retry leaves the mapped flag out (_apply_without).
+        self.fixed = {n: _as_flag(table.c[n].type, v) for n, v in self.fixed.items()}
         self.live: JSON = dict(self.fixed)
         self.fixed = {n: v for n, v in self.fixed.items() if n not in self.columns}
         # An existing row's policy column is the app's once written (an admin's own deactivation): an update
         # fills it only where it holds nothing (is_active NULL: added by migrate); SoftDelete's NULL not at all.
         self.coalesced: JSON = {n: v for n, v in self.fixed.items() if v is not None}
+        # Number columns a true/false goes into as 1/0 (see _as_flag)
+        self.numbers = frozenset(n for n in self.columns if _as_flag(table.c[n].type, True) is not True)
         # Columns written only into a row inserted here: never SET on a row already there (linked, updated)
         self.insert_only = frozenset(n for n, c in self.columns.items() if c.insert_only)
         # A source's value into a column of one scalar (text, number, flag, time): a list or object there is
@@ -867,6 +870,9 @@ class _Projection:
                 log.warning("mapped_value_not_scalar", table=self.m.table, column=name, source=col.source,
                             clerk_id=record.get("clerk_id"), kind=type(value).__name__,
                             advice="its default written; map it with transform='json' to keep it as JSON text")
+        for name in self.numbers:
+            if isinstance(value := values.get(name), bool):
+                values[name] = int(value)
         for name in self.utc_walls:
             value = values.get(name)
             if isinstance(value, datetime) and value.tzinfo is not None:
@@ -1131,7 +1137,8 @@ class _Projection:
         elif isinstance(policy, SoftDelete):
             self._stamp_deletion(conn, now, where, policy.column)
         elif isinstance(policy, Deactivate):
-            conn.execute(sa.update(self.t).where(where).values(**{policy.column: False}))
+            conn.execute(sa.update(self.t).where(where).values(
+                **{policy.column: _as_flag(self.t.c[policy.column].type, False)}))
 
     def _stamp_deletion(self, conn: Connection, now: datetime, where: sa.ColumnElement[bool], name: str) -> None:
         """The deletion's time into ``name``; the first one's kept (a backfill re-run, a replay). A column
@@ -1704,6 +1711,15 @@ def _wave(table: sa.Table, key: sa.Column[Any], names: list[str], projection: _P
     sql = (f"mapped AS ({insert} SELECT {values} FROM up "  # noqa: S608 (identifiers quoted; values bound)
            f"JOIN v ON v.clerk_id = up.clerk_id ORDER BY v.clerk_id {conflict})")
     return MappedWave(columns, sql, row)
+
+
+def _as_flag(type_: Any, value: Any) -> Any:
+    """A true/false (``banned``, ``transform="bool"``, Deactivate's flag) as 1/0 for a number column (a
+    ``smallint`` flag): PostgreSQL refuses a boolean there ("cannot cast type boolean to smallint"), every
+    row with it, where MariaDB and SQLite store 1/0; anything else as it is."""
+    if isinstance(value, bool) and isinstance(type_, sa.Integer | sa.Numeric) and not isinstance(type_, sa.Boolean):
+        return int(value)
+    return value
 
 
 def _as_column_value(column: sa.Column[Any], external_id: str) -> Any:
