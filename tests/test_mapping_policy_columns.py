@@ -129,3 +129,28 @@ def test_true_false_into_number_columns_as_one_and_zero_on_every_store(db_url: s
     assert _errors(engine) == []
     store.dispose()
     engine.dispose()
+
+
+@pytest.mark.parametrize(("policy", "type_", "fails"), [
+    (SoftDelete("gone"), sa.BigInteger(), True), (SoftDelete("gone"), sa.Boolean(), True),
+    (Anonymise("gone"), sa.Integer(), True), (SoftDelete("gone"), sa.DateTime(timezone=True), False),
+    (Deactivate("gone"), sa.String(5), True), (Deactivate("gone"), sa.DateTime(), True),
+    (Deactivate("gone"), sa.SmallInteger(), False), (Deactivate("gone"), sa.Boolean(), False),
+], ids=lambda v: type(v).__name__ if not isinstance(v, bool) else str(v))
+def test_doctor_fails_a_policy_column_of_a_type_the_policy_cannot_write(
+        db_url: str, policy: SoftDelete | Anonymise | Deactivate, type_: sa.types.TypeEngine[Any], fails: bool) -> None:
+    """A deletion time into a number or boolean column refused every deletion (a true/false into a text or date
+    column every row) while doctor said ok: it fails now, naming the column and what it must be."""
+    mapping = SchemaMapping(users=MappedTable("pol_kinds", "clerk_user_id", {"email": "email"}, on_delete=policy))
+    engine = sa.create_engine(db_url)
+    with engine.begin() as conn:
+        sa.Table("pol_kinds", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+                 sa.Column("email", sa.String(320)), sa.Column("gone", type_)).create(conn)
+        migrate_schema(conn, mapping)
+        failed = [p for s, p in check_schema(conn, mapping) if s == "fail"]
+    engine.dispose()
+    if not fails:
+        assert failed == []
+        return
+    assert len(failed) == 1 and failed[0].startswith("pol_kinds.gone is "), failed
+    assert ("make it a boolean column" if isinstance(policy, Deactivate) else "make it a date-time column") in failed[0]

@@ -1915,6 +1915,7 @@ def check_schema(conn: Connection, mapping: SchemaMapping) -> list[tuple[str, st
             problems += _deferrable_problems(inspector, mapped)
         problems += _insert_problems(inspector, entity, mapped, columns)
         problems += _type_problems(entity, mapped, columns)
+        problems += _policy_type_problems(conn.dialect.name, mapped, columns)
         problems += _unbounded_problems(mapped, columns)
         problems += _refused_deletion_problems(inspector, mapping, entity, mapped)
         problems += _inactive_rows_problems(conn, mapped, columns)
@@ -2229,6 +2230,34 @@ def _type_problems(entity: Entity, mapped: MappedTable, columns: Mapping[str, An
                                  f"{what}: the column cannot take it (every row is refused; MySQL/MariaDB may "
                                  f"store a wrong value instead); {fix}"))
     return problems
+
+
+def _policy_type_problems(dialect: str, mapped: MappedTable, columns: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The delete policy's column of a type that cannot take what the policy writes: a deletion time
+    (:class:`SoftDelete`, :class:`Anonymise`) in a number or boolean column refuses every deletion, the app's
+    row staying live; :class:`Deactivate`'s true/false (1/0 in a number column) in a text or date column refuses
+    every row. SQLite keeps a time in a text column as well; a column of no declared type takes anything."""
+    policy = _policy_column(mapped)
+    if policy is None or policy[0] not in columns:
+        return []
+    column, type_ = policy[0], columns[policy[0]]["type"]
+    if isinstance(type_, sa.types.NullType):
+        return []
+    kind = type(mapped.on_delete).__name__
+    if isinstance(mapped.on_delete, Deactivate):
+        if isinstance(type_, sa.Boolean | sa.Integer | sa.Numeric):
+            return []
+        return [("fail", f"{mapped.table}.{column} is {type_} and on_delete={kind}({column!r}) writes true/false "
+                         "there (1/0 in a number column): every row is refused; make it a boolean column, or name "
+                         "another column")]
+    if isinstance(type_, sa.DateTime) or (dialect == "sqlite" and isinstance(type_, sa.String)):
+        return []
+    wanted = {"postgresql": "timestamptz", "sqlite": "TIMESTAMP"}.get(dialect, "DATETIME(6)")
+    refused = ("every deletion is refused, the app's row staying live" if dialect != "sqlite" else
+               "a deletion is refused or stored as a text the app's column type does not read as a time")
+    return [("fail", f"{mapped.table}.{column} is {type_} and on_delete={kind}({column!r}) writes the deletion's "
+                     f"time there: {refused}, while Clerk and clerk-sync's tables have it deleted; make it a date-time "
+                     f"column ({wanted}, converting what the app keeps there), or name another column")]
 
 
 def _unbounded_problems(mapped: MappedTable, columns: Mapping[str, Any]) -> list[tuple[str, str]]:
