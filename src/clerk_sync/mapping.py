@@ -964,7 +964,7 @@ class _Projection:
             column = self.t.c[self.m.link_by_external_id]
             wanted = _as_column_value(column, external_id)
             match = column == wanted  # (the plain equality first: the column's index serves it)
-            if isinstance(column.type, sa.String) and conn.dialect.name in ("mysql", "mariadb"):
+            if isinstance(column.type, sa.String) and conn.dialect.name in ("mysql", "mariadb", "postgresql"):
                 match = sa.and_(match, _exactly(conn, column) == _exactly(conn, sa.literal(wanted,
                                                                                                       column.type)))
             if wanted is not None and self._adopt(conn, change, values, match, f"external id ({column.name})"):
@@ -1440,11 +1440,15 @@ def unicode_lower(conn: Connection) -> Any:
     return sa.func.clerk_sync_lower
 
 
-def _exactly(conn: Connection, text: Any) -> Any:
+def _exactly(conn: Connection, text: Any, *, collatable: bool = True) -> Any:
     """``text`` compared code point by code point. MySQL/MariaDB compare with the column's collation, whose
     defaults (``*_general_ci``, ``*_unicode_ci``) ignore accents and trailing spaces: linking would give a
     new ``élodie@example.com`` the row of ``elodie@example.com``, another person's account. There both sides
-    go as utf8mb4 bytes (``utf8mb4_bin`` still pads spaces); elsewhere ``=`` already compares exactly."""
+    go as utf8mb4 bytes (``utf8mb4_bin`` still pads spaces). PostgreSQL's column may have a non-deterministic
+    ICU collation (``deterministic = false``: case or accents ignored), the same hazard: compared under
+    ``COLLATE "C"`` (``collatable``: a text; a number column takes no collation). SQLite: as it is."""
+    if conn.dialect.name == "postgresql":
+        return sa.collate(text, "C") if collatable else text
     if conn.dialect.name not in ("mysql", "mariadb"):
         return text
     return sa.cast(sa.cast(text, mysql.CHAR(charset="utf8mb4")), sa.LargeBinary)
@@ -1882,7 +1886,9 @@ def check_schema(conn: Connection, mapping: SchemaMapping) -> list[tuple[str, st
                 problems.append(("fail", f"{name}.{column} is missing: {fix}"))
         # (before migrate, without the Clerk-id column, every row is unlinked: the preflight run says it too)
         problems += [("warn", p) for c in mapped.link_columns if c in columns
-                     for p in _shared_link_values(conn, mapped, c, linked=mapped.clerk_id_column in columns)]
+                     for p in _shared_link_values(conn, mapped, c, linked=mapped.clerk_id_column in columns,
+                                                  text=isinstance(columns[c]["type"], sa.String))]
+        problems += _nondeterministic_link_problems(conn, mapped, [c for c in mapped.link_columns if c in columns])
         collation, column_type, nullable = (_mysql_collation(conn, name, mapped.clerk_id_column)
                                             if mapped.clerk_id_column in columns else ("", "", True))
         if collation.endswith("_ci"):  # MySQL/MariaDB: a case-insensitive collation (often the table's default)
@@ -2291,14 +2297,18 @@ def _mysql_collation(conn: Connection, table: str, column: str) -> tuple[str, st
     return str(found[0] or ""), str(found[1]), found[2] == "YES"
 
 
-def _shared_link_values(conn: Connection, mapped: MappedTable, column: str, *, linked: bool = True) -> list[str]:
+def _shared_link_values(conn: Connection, mapped: MappedTable, column: str, *, linked: bool = True,
+                        text: bool = True) -> list[str]:
     """The link column's values held by several rows without a Clerk id: users with them will not be
     linked (their rows refused as :class:`LinkAmbiguous`). Counted, not shown (they are personal).
-    ``linked``: whether the table has its Clerk-id column yet (before migrate it has not: every row counts)."""
+    ``linked``: whether the table has its Clerk-id column yet (before migrate it has not: every row counts).
+    ``text``: whether the column is a text one (a number takes no collation, :func:`_exactly`)."""
     t = sa.table(_split(mapped.table)[1], sa.column(column), *([sa.column(mapped.clerk_id_column)] if linked else []),
                  schema=mapped.schema)
-    # grouped as linking compares: the same lower(), then exactly (not by a MariaDB _ci collation)
-    value = _exactly(conn, unicode_lower(conn)(t.c[column]) if column == mapped.link_by_email else t.c[column])
+    # grouped as linking compares: the same lower(), then exactly (not by a MariaDB _ci collation, nor a
+    # PostgreSQL non-deterministic one)
+    email = column == mapped.link_by_email
+    value = _exactly(conn, unicode_lower(conn)(t.c[column]) if email else t.c[column], collatable=email or text)
     unlinked = [t.c[mapped.clerk_id_column].is_(None)] if linked else []
     shared = (sa.select(value).where(*unlinked, t.c[column].is_not(None))
               .group_by(value).having(sa.func.count() > 1).subquery())
@@ -2313,6 +2323,23 @@ def _shared_link_values(conn: Connection, mapped: MappedTable, column: str, *, l
             "users with them will not be linked: their rows are refused (the deliveries apply to clerk-sync's tables, "
             "so replay does not take them up again); merge the rows, then run `clerk-sync migrate --mapping ... "
             "--backfill`"]
+
+
+def _nondeterministic_link_problems(conn: Connection, mapped: MappedTable,
+                                    columns: Sequence[str]) -> list[tuple[str, str]]:
+    """PostgreSQL: a link column under a non-deterministic collation (an ICU one created ``deterministic =
+    false``, ignoring case or accents): linking compares exactly (``COLLATE "C"``), which its index does not
+    serve, and the app's own lookups take ``elodie@`` and ``élodie@`` for one person."""
+    if conn.dialect.name != "postgresql" or not columns:
+        return []
+    found = conn.execute(sa.text(
+        "SELECT a.attname, c.collname FROM pg_attribute a JOIN pg_collation c ON c.oid = a.attcollation "
+        "WHERE a.attrelid = to_regclass(:t) AND a.attname = ANY(:c) AND NOT c.collisdeterministic "
+        "ORDER BY a.attname"), {"t": _qualified(conn, mapped.table), "c": list(columns)}).all()
+    return [("warn", f"{mapped.table}.{column} compares under the non-deterministic collation {collation} (case or "
+                     "accents ignored), so the app's own lookups may take elodie@ and élodie@ (or ids ABC and abc) "
+                     "for one person; clerk-sync links by the exact value (COLLATE \"C\"), which this column's "
+                     "index does not serve: consider a deterministic collation") for column, collation in found]
 
 
 def _primary_key(inspector: Any, table: str) -> set[str]:
