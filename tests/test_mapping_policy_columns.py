@@ -154,3 +154,23 @@ def test_doctor_fails_a_policy_column_of_a_type_the_policy_cannot_write(
         return
     assert len(failed) == 1 and failed[0].startswith("pol_kinds.gone is "), failed
     assert ("make it a boolean column" if isinstance(policy, Deactivate) else "make it a date-time column") in failed[0]
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_doctor_warns_of_locked_mapped_without_the_lockouts_end(db_url: str) -> None:
+    """A mapped ``locked`` stayed true after Clerk's lockout ended by itself (no webhook says so) and doctor said
+    nothing: it warns now, unless ``locked_until`` is mapped too, which the app can read the end from."""
+    engine = sa.create_engine(db_url)
+    with engine.begin() as conn:
+        sa.Table("pol_locks", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
+                 sa.Column("is_locked", sa.Boolean), sa.Column("locked_until", sa.DateTime)).create(conn)
+        columns: dict[str, str | Column] = {"is_locked": "locked"}
+        mapping = SchemaMapping(users=MappedTable("pol_locks", "clerk_user_id", columns))
+        migrate_schema(conn, mapping)
+        warned = [p for s, p in check_schema(conn, mapping) if s == "warn"]
+        assert len(warned) == 1 and warned[0].startswith("pol_locks.is_locked is mapped from 'locked'"), warned
+        assert 'Column("locked_until", transform="timestamp")' in warned[0]
+        with_end = SchemaMapping(users=MappedTable("pol_locks", "clerk_user_id", {
+            **columns, "locked_until": Column("locked_until", transform="timestamp")}))
+        assert check_schema(conn, with_end) == []
+    engine.dispose()

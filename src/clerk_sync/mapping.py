@@ -1922,6 +1922,7 @@ def check_schema(conn: Connection, mapping: SchemaMapping) -> list[tuple[str, st
         problems += _insert_problems(inspector, entity, mapped, columns)
         problems += _type_problems(entity, mapped, columns)
         problems += _policy_type_problems(conn.dialect.name, mapped, columns)
+        problems += _lockout_problems(entity, mapped)
         problems += _unbounded_problems(mapped, columns)
         problems += _refused_deletion_problems(inspector, mapping, entity, mapped)
         problems += _inactive_rows_problems(conn, mapped, columns)
@@ -2264,6 +2265,23 @@ def _policy_type_problems(dialect: str, mapped: MappedTable, columns: Mapping[st
     return [("fail", f"{mapped.table}.{column} is {type_} and on_delete={kind}({column!r}) writes the deletion's "
                      f"time there: {refused}, while Clerk and clerk-sync's tables have it deleted; make it a date-time "
                      f"column ({wanted}, converting what the app keeps there), or name another column")]
+
+
+def _lockout_problems(entity: Entity, mapped: MappedTable) -> list[tuple[str, str]]:
+    """``locked`` mapped without ``locked_until``: a Clerk lockout ends by itself with no webhook (and no new
+    ``updated_at``), so the mapped flag stays true until the user's next event or a reconcile that lists them
+    unlocked. (Not unlocked by serve on its own: that would write clerk-sync's rows and run the hooks for a
+    change Clerk never sent, from every replica; the lock's end is known, so the app can read it.)"""
+    if entity is not Entity.USER:
+        return []
+    resolved = mapped.resolved()
+    if any(col.source == "locked_until" for col in resolved.values()):
+        return []
+    return [("warn", f"{mapped.table}.{column} is mapped from 'locked', and a Clerk lockout ends by itself with no "
+                     "webhook: the column stays true after it ends, until the user's next event or `clerk-sync "
+                     "reconcile`; map its end too, \"locked_until\": Column(\"locked_until\", transform=\"timestamp\") "
+                     f"(NULL: no end), and treat the user as locked while {column} AND (locked_until IS NULL OR "
+                     "locked_until > now)") for column, col in resolved.items() if col.source == "locked"]
 
 
 def _unbounded_problems(mapped: MappedTable, columns: Mapping[str, Any]) -> list[tuple[str, str]]:
