@@ -6,6 +6,7 @@ sets it false; a mapped deletion time is refused when the mapping is declared.""
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -173,4 +174,29 @@ def test_doctor_warns_of_locked_mapped_without_the_lockouts_end(db_url: str) -> 
         with_end = SchemaMapping(users=MappedTable("pol_locks", "clerk_user_id", {
             **columns, "locked_until": Column("locked_until", transform="timestamp")}))
         assert check_schema(conn, with_end) == []
+    engine.dispose()
+
+
+def test_an_iso_8601_text_into_a_date_time_column_is_the_time_it_says_on_every_store(db_url: str) -> None:
+    """A metadata date (``"2026-01-01T02:00:00+02:00"``) mapped into a ``timestamp`` column: PostgreSQL stored it
+    dropping the offset (02:00), MariaDB and SQLite refused the whole row, the ban with it. It is parsed now: UTC's
+    wall clock, as every time the mapping writes."""
+    mapping = SchemaMapping(users=MappedTable("pol_times", "clerk_user_id", {
+        "banned": "banned", "renews": "public_metadata.renews"}))
+    engine = sa.create_engine(db_url)
+    with engine.begin() as conn:
+        sa.Table("pol_times", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+                 sa.Column("banned", sa.Boolean), sa.Column("renews", sa.DateTime)).create(conn)
+        migrate_schema(conn, mapping)
+    store = Store.from_url(db_url, mapping=mapping)
+    renews = {"public_metadata": {"renews": "2026-01-01T02:00:00+02:00"}}
+    assert deliver(store, f.envelope("user.created", f.user("user_a", B, banned=True) | renews),
+                   f.envelope("user.created", f.user("user_b", B) | {"public_metadata": {
+                       "renews": "2026-03-04"}})) == ["applied"] * 2
+    table = sa.Table("pol_times", sa.MetaData(), autoload_with=engine)
+    with engine.connect() as conn:
+        rows = {r.clerk_user_id: (bool(r.banned), r.renews) for r in conn.execute(sa.select(table))}
+    assert rows == {"user_a": (True, datetime(2026, 1, 1)), "user_b": (False, datetime(2026, 3, 4))}
+    assert _errors(engine) == []
+    store.dispose()
     engine.dispose()

@@ -12,7 +12,7 @@ or a dotted metadata path (``public_metadata.plan``, ``private_metadata.stripe.c
 ``lower``, ``strip``, ``str``, ``bool``, ``int``, ``json`` (a JSON text), ``timestamp`` (epoch milliseconds,
 as ``last_sign_in_at`` and ``clerk_created_at``, to an aware UTC datetime), each total (``int``, ``bool`` and
 ``timestamp`` give None for what is not one: see :data:`TRANSFORMS`); or ``compute``, a function of the
-record's values, for the rest.
+record's values, for the rest. An ISO-8601 text into a date-time column is parsed (see :meth:`_Projection.values`).
 
 Delete policies: :class:`SoftDelete` (a timestamp column), :class:`Deactivate` (a boolean column set
 false, or a number column set 0), :class:`Anonymise` (mapped personal columns cleared) and :class:`HardDelete`.
@@ -809,6 +809,7 @@ class _Projection:
         # offset (a compute's ``+02:00`` time was two hours off). Into one with a time zone (timestamptz) a
         # naive time goes as UTC: PostgreSQL read it in the session's TimeZone
         times = {n: type_.timezone for n in self.columns if isinstance(type_ := table.c[n].type, sa.DateTime)}
+        self.times = frozenset(times)
         self.utc_walls = frozenset(n for n, zoned in times.items() if not zoned or dialect == "sqlite")
         self.utc_aware = frozenset(times) - self.utc_walls
         # MySQL/MariaDB's TIMESTAMP converts what is written from the session's time_zone: see _utc_session
@@ -873,6 +874,11 @@ class _Projection:
         for name in self.numbers:
             if isinstance(value := values.get(name), bool):
                 values[name] = int(value)
+        for name in self.times:  # an ISO-8601 text (a metadata date) as the time it says, on every store: PostgreSQL
+            # parsed it (dropping an offset in a column without a time zone), MariaDB and SQLite refused the row
+            if isinstance(value := values.get(name), str):
+                with suppress(ValueError):  # (not one: as it is, for the column to take or refuse)
+                    values[name] = datetime.fromisoformat(value.strip())
         for name in self.utc_walls:
             value = values.get(name)
             if isinstance(value, datetime) and value.tzinfo is not None:
