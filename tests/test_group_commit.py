@@ -515,7 +515,9 @@ def test_mapped_values_in_a_wave_are_stored_as_one_statement_per_delivery_stores
                     "FROM accounts WHERE clerk_user_id LIKE %s", (f"%{ns}%",)))
 
             assert rows(batched) == rows(alone)
-            assert rows(batched)[0][1:] == ("False", "null", "0.30000000000000000", "2024-01-01 00:00:00",
+            # (the offset text is the time it says, as UTC's wall clock in a column without a time zone: PostgreSQL
+            # had dropped its offset, 00:00)
+            assert rows(batched)[0][1:] == ("False", "null", "0.30000000000000000", "2023-12-31 22:00:00",
                                             "2024-03-31 02:30:00", "12", stored)
     finally:
         store.dispose()

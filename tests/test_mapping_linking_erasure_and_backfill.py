@@ -87,7 +87,7 @@ def test_erasure_clears_not_null_personal_columns_to_empty_not_null(db_url: str)
         conn.execute(sa.text("ALTER TABLE auth_user ADD COLUMN age integer NOT NULL DEFAULT 0"))
         aged = SchemaMapping(users=MappedTable("auth_user", "clerk_id", {
             **mapping.tables[Entity.USER].columns, "age": Column("private_metadata.age", personal=True)},
-            on_delete=SoftDelete("date_joined")))
+            on_delete=mapping.tables[Entity.USER].on_delete))
         assert any("auth_user.age is NOT NULL and holds personal data" in p for _, p in check_schema(conn, aged))
     store = Store.from_url(db_url, mapping=mapping)
     assert deliver(store, f.envelope("user.created", f.user("user_1", B + 1000, first_name="Ada"))) == ["applied"]

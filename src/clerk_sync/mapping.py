@@ -12,10 +12,10 @@ or a dotted metadata path (``public_metadata.plan``, ``private_metadata.stripe.c
 ``lower``, ``strip``, ``str``, ``bool``, ``int``, ``json`` (a JSON text), ``timestamp`` (epoch milliseconds,
 as ``last_sign_in_at`` and ``clerk_created_at``, to an aware UTC datetime), each total (``int``, ``bool`` and
 ``timestamp`` give None for what is not one: see :data:`TRANSFORMS`); or ``compute``, a function of the
-record's values, for the rest.
+record's values, for the rest. An ISO-8601 text into a date-time column is parsed (see :meth:`_Projection.values`).
 
 Delete policies: :class:`SoftDelete` (a timestamp column), :class:`Deactivate` (a boolean column set
-false), :class:`Anonymise` (mapped personal columns cleared) and :class:`HardDelete`.
+false, or a number column set 0), :class:`Anonymise` (mapped personal columns cleared) and :class:`HardDelete`.
 """
 
 from __future__ import annotations
@@ -336,6 +336,14 @@ class MappedTable:
         if len(parts) > 2 or not all(parts):
             raise ValueError(f"table {self.table!r}: name a table, or a schema (database) and a table: "
                              "'users' or 'public.users'")
+        # A Deactivate flag may be mapped (is_active from "banned"): the mapping's value is the live one, and the
+        # deletion still sets it false. A deletion time may not: a value written by every update would make a
+        # live row read as deleted, and a deletion keeps the first stamp (one the mapping wrote).
+        stamp = self.on_delete.column if isinstance(self.on_delete, SoftDelete | Anonymise) else None
+        if stamp is not None and stamp in self.columns:
+            raise ValueError(f"{self.table}.{stamp} is the deletion time of on_delete="
+                             f"{type(self.on_delete).__name__}({stamp!r}), which clerk-sync writes (NULL while the "
+                             "row is live): remove it from the mapped columns, or name another column")
 
     @property
     def schema(self) -> str | None:
@@ -769,9 +777,18 @@ class _Projection:
             self.fixed[mapped.on_delete.column] = True
         elif isinstance(mapped.on_delete, Anonymise) and mapped.on_delete.column is not None:
             self.fixed[mapped.on_delete.column] = None
+        # A mapped Deactivate flag (``is_active`` computed from ``banned``) is the mapping's: its value is the live
+        # one on insert, update and link (named once in each statement); the deletion still sets it false.
+        # (:class:`MappedTable` refuses a mapped deletion time.) ``live``: the policy's value for a new row, also
+        # where a retry leaves the mapped flag out (_apply_without).
+        self.fixed = {n: _as_flag(table.c[n].type, v) for n, v in self.fixed.items()}
+        self.live: JSON = dict(self.fixed)
+        self.fixed = {n: v for n, v in self.fixed.items() if n not in self.columns}
         # An existing row's policy column is the app's once written (an admin's own deactivation): an update
         # fills it only where it holds nothing (is_active NULL: added by migrate); SoftDelete's NULL not at all.
         self.coalesced: JSON = {n: v for n, v in self.fixed.items() if v is not None}
+        # Number columns a true/false goes into as 1/0 (see _as_flag)
+        self.numbers = frozenset(n for n in self.columns if _as_flag(table.c[n].type, True) is not True)
         # Columns written only into a row inserted here: never SET on a row already there (linked, updated)
         self.insert_only = frozenset(n for n, c in self.columns.items() if c.insert_only)
         # A source's value into a column of one scalar (text, number, flag, time): a list or object there is
@@ -792,6 +809,7 @@ class _Projection:
         # offset (a compute's ``+02:00`` time was two hours off). Into one with a time zone (timestamptz) a
         # naive time goes as UTC: PostgreSQL read it in the session's TimeZone
         times = {n: type_.timezone for n in self.columns if isinstance(type_ := table.c[n].type, sa.DateTime)}
+        self.times = frozenset(times)
         self.utc_walls = frozenset(n for n, zoned in times.items() if not zoned or dialect == "sqlite")
         self.utc_aware = frozenset(times) - self.utc_walls
         # MySQL/MariaDB's TIMESTAMP converts what is written from the session's time_zone: see _utc_session
@@ -853,6 +871,14 @@ class _Projection:
                 log.warning("mapped_value_not_scalar", table=self.m.table, column=name, source=col.source,
                             clerk_id=record.get("clerk_id"), kind=type(value).__name__,
                             advice="its default written; map it with transform='json' to keep it as JSON text")
+        for name in self.numbers:
+            if isinstance(value := values.get(name), bool):
+                values[name] = int(value)
+        for name in self.times:  # an ISO-8601 text (a metadata date) as the time it says, on every store: PostgreSQL
+            # parsed it (dropping an offset in a column without a time zone), MariaDB and SQLite refused the row
+            if isinstance(value := values.get(name), str):
+                with suppress(ValueError):  # (not one: as it is, for the column to take or refuse)
+                    values[name] = datetime.fromisoformat(value.strip())
         for name in self.utc_walls:
             value = values.get(name)
             if isinstance(value, datetime) and value.tzinfo is not None:
@@ -928,7 +954,7 @@ class _Projection:
         updated = conn.execute(sa.update(self.t).where(where).values(
             sets or {self.key.name: change.clerk_id})).rowcount
         if updated == 0 and not self._link(conn, change, kept):
-            conn.execute(sa.insert(self.t).values({**values, **self.fixed, self.key.name: change.clerk_id}))
+            conn.execute(sa.insert(self.t).values({**self.live, **values, self.key.name: change.clerk_id}))
 
     def _link(self, conn: Connection, change: Change, values: JSON) -> bool:
         """Adopt the one existing row without a Clerk id whose external id, else e-mail, is this user's."""
@@ -944,7 +970,7 @@ class _Projection:
             column = self.t.c[self.m.link_by_external_id]
             wanted = _as_column_value(column, external_id)
             match = column == wanted  # (the plain equality first: the column's index serves it)
-            if isinstance(column.type, sa.String) and conn.dialect.name in ("mysql", "mariadb"):
+            if isinstance(column.type, sa.String) and conn.dialect.name in ("mysql", "mariadb", "postgresql"):
                 match = sa.and_(match, _exactly(conn, column) == _exactly(conn, sa.literal(wanted,
                                                                                                       column.type)))
             if wanted is not None and self._adopt(conn, change, values, match, f"external id ({column.name})"):
@@ -1008,7 +1034,8 @@ class _Projection:
         # e-mail may have adopted it since the SELECT (it waited on the row's lock); that user keeps it.
         where = sa.and_(*[c == v for c, v in zip(pk, matches[0], strict=True)], self.key.is_(None))
         # The app's own row: its policy column stays as the app left it (a legacy account it deactivated is
-        # not re-enabled by a sign-up with the same e-mail); only a NULL gets the live value, as on update.
+        # not re-enabled by a sign-up with the same e-mail); only a NULL gets the live value, as on update. A
+        # mapped one is the mapping's (in ``values``), as on update.
         kept = {n: sa.func.coalesce(self.t.c[n], v) for n, v in self.coalesced.items()}
         adopted = conn.execute(sa.update(self.t).where(where).values(
             {**values, **kept, self.key.name: change.clerk_id}))  # (one key each: a policy column may be mapped)
@@ -1116,7 +1143,8 @@ class _Projection:
         elif isinstance(policy, SoftDelete):
             self._stamp_deletion(conn, now, where, policy.column)
         elif isinstance(policy, Deactivate):
-            conn.execute(sa.update(self.t).where(where).values(**{policy.column: False}))
+            conn.execute(sa.update(self.t).where(where).values(
+                **{policy.column: _as_flag(self.t.c[policy.column].type, False)}))
 
     def _stamp_deletion(self, conn: Connection, now: datetime, where: sa.ColumnElement[bool], name: str) -> None:
         """The deletion's time into ``name``; the first one's kept (a backfill re-run, a replay). A column
@@ -1418,11 +1446,15 @@ def unicode_lower(conn: Connection) -> Any:
     return sa.func.clerk_sync_lower
 
 
-def _exactly(conn: Connection, text: Any) -> Any:
+def _exactly(conn: Connection, text: Any, *, collatable: bool = True) -> Any:
     """``text`` compared code point by code point. MySQL/MariaDB compare with the column's collation, whose
     defaults (``*_general_ci``, ``*_unicode_ci``) ignore accents and trailing spaces: linking would give a
     new ``élodie@example.com`` the row of ``elodie@example.com``, another person's account. There both sides
-    go as utf8mb4 bytes (``utf8mb4_bin`` still pads spaces); elsewhere ``=`` already compares exactly."""
+    go as utf8mb4 bytes (``utf8mb4_bin`` still pads spaces). PostgreSQL's column may have a non-deterministic
+    ICU collation (``deterministic = false``: case or accents ignored), the same hazard: compared under
+    ``COLLATE "C"`` (``collatable``: a text; a number column takes no collation). SQLite: as it is."""
+    if conn.dialect.name == "postgresql":
+        return sa.collate(text, "C") if collatable else text
     if conn.dialect.name not in ("mysql", "mariadb"):
         return text
     return sa.cast(sa.cast(text, mysql.CHAR(charset="utf8mb4")), sa.LargeBinary)
@@ -1691,6 +1723,15 @@ def _wave(table: sa.Table, key: sa.Column[Any], names: list[str], projection: _P
     return MappedWave(columns, sql, row)
 
 
+def _as_flag(type_: Any, value: Any) -> Any:
+    """A true/false (``banned``, ``transform="bool"``, Deactivate's flag) as 1/0 for a number column (a
+    ``smallint`` flag): PostgreSQL refuses a boolean there ("cannot cast type boolean to smallint"), every
+    row with it, where MariaDB and SQLite store 1/0; anything else as it is."""
+    if isinstance(value, bool) and isinstance(type_, sa.Integer | sa.Numeric) and not isinstance(type_, sa.Boolean):
+        return int(value)
+    return value
+
+
 def _as_column_value(column: sa.Column[Any], external_id: str) -> Any:
     """Clerk's external id (a string) as the app's id column holds it; None if it cannot be one (the
     text ``"abc"`` is no integer id), so nothing matches."""
@@ -1851,7 +1892,9 @@ def check_schema(conn: Connection, mapping: SchemaMapping) -> list[tuple[str, st
                 problems.append(("fail", f"{name}.{column} is missing: {fix}"))
         # (before migrate, without the Clerk-id column, every row is unlinked: the preflight run says it too)
         problems += [("warn", p) for c in mapped.link_columns if c in columns
-                     for p in _shared_link_values(conn, mapped, c, linked=mapped.clerk_id_column in columns)]
+                     for p in _shared_link_values(conn, mapped, c, linked=mapped.clerk_id_column in columns,
+                                                  text=isinstance(columns[c]["type"], sa.String))]
+        problems += _nondeterministic_link_problems(conn, mapped, [c for c in mapped.link_columns if c in columns])
         collation, column_type, nullable = (_mysql_collation(conn, name, mapped.clerk_id_column)
                                             if mapped.clerk_id_column in columns else ("", "", True))
         if collation.endswith("_ci"):  # MySQL/MariaDB: a case-insensitive collation (often the table's default)
@@ -1884,6 +1927,8 @@ def check_schema(conn: Connection, mapping: SchemaMapping) -> list[tuple[str, st
             problems += _deferrable_problems(inspector, mapped)
         problems += _insert_problems(inspector, entity, mapped, columns)
         problems += _type_problems(entity, mapped, columns)
+        problems += _policy_type_problems(conn.dialect.name, mapped, columns)
+        problems += _lockout_problems(entity, mapped)
         problems += _unbounded_problems(mapped, columns)
         problems += _refused_deletion_problems(inspector, mapping, entity, mapped)
         problems += _inactive_rows_problems(conn, mapped, columns)
@@ -2200,6 +2245,51 @@ def _type_problems(entity: Entity, mapped: MappedTable, columns: Mapping[str, An
     return problems
 
 
+def _policy_type_problems(dialect: str, mapped: MappedTable, columns: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The delete policy's column of a type that cannot take what the policy writes: a deletion time
+    (:class:`SoftDelete`, :class:`Anonymise`) in a number or boolean column refuses every deletion, the app's
+    row staying live; :class:`Deactivate`'s true/false (1/0 in a number column) in a text or date column refuses
+    every row. SQLite keeps a time in a text column as well; a column of no declared type takes anything."""
+    policy = _policy_column(mapped)
+    if policy is None or policy[0] not in columns:
+        return []
+    column, type_ = policy[0], columns[policy[0]]["type"]
+    if isinstance(type_, sa.types.NullType):
+        return []
+    kind = type(mapped.on_delete).__name__
+    if isinstance(mapped.on_delete, Deactivate):
+        if isinstance(type_, sa.Boolean | sa.Integer | sa.Numeric):
+            return []
+        return [("fail", f"{mapped.table}.{column} is {type_} and on_delete={kind}({column!r}) writes true/false "
+                         "there (1/0 in a number column): every row is refused; make it a boolean column, or name "
+                         "another column")]
+    if isinstance(type_, sa.DateTime) or (dialect == "sqlite" and isinstance(type_, sa.String)):
+        return []
+    wanted = {"postgresql": "timestamptz", "sqlite": "TIMESTAMP"}.get(dialect, "DATETIME(6)")
+    refused = ("every deletion is refused, the app's row staying live" if dialect != "sqlite" else
+               "a deletion is refused or stored as a text the app's column type does not read as a time")
+    return [("fail", f"{mapped.table}.{column} is {type_} and on_delete={kind}({column!r}) writes the deletion's "
+                     f"time there: {refused}, while Clerk and clerk-sync's tables have it deleted; make it a date-time "
+                     f"column ({wanted}, converting what the app keeps there), or name another column")]
+
+
+def _lockout_problems(entity: Entity, mapped: MappedTable) -> list[tuple[str, str]]:
+    """``locked`` mapped without ``locked_until``: a Clerk lockout ends by itself with no webhook (and no new
+    ``updated_at``), so the mapped flag stays true until the user's next event or a reconcile that lists them
+    unlocked. (Not unlocked by serve on its own: that would write clerk-sync's rows and run the hooks for a
+    change Clerk never sent, from every replica; the lock's end is known, so the app can read it.)"""
+    if entity is not Entity.USER:
+        return []
+    resolved = mapped.resolved()
+    if any(col.source == "locked_until" for col in resolved.values()):
+        return []
+    return [("warn", f"{mapped.table}.{column} is mapped from 'locked', and a Clerk lockout ends by itself with no "
+                     "webhook: the column stays true after it ends, until the user's next event or `clerk-sync "
+                     "reconcile`; map its end too, \"locked_until\": Column(\"locked_until\", transform=\"timestamp\") "
+                     f"(NULL: no end), and treat the user as locked while {column} AND (locked_until IS NULL OR "
+                     "locked_until > now)") for column, col in resolved.items() if col.source == "locked"]
+
+
 def _unbounded_problems(mapped: MappedTable, columns: Mapping[str, Any]) -> list[tuple[str, str]]:
     """A text of any length the user writes (an ``unsafe_metadata`` path) mapped into a column of bounded
     length: a longer value is kept back (the row written without the user's columns, :meth:`Outbox.project`)."""
@@ -2231,14 +2321,18 @@ def _mysql_collation(conn: Connection, table: str, column: str) -> tuple[str, st
     return str(found[0] or ""), str(found[1]), found[2] == "YES"
 
 
-def _shared_link_values(conn: Connection, mapped: MappedTable, column: str, *, linked: bool = True) -> list[str]:
+def _shared_link_values(conn: Connection, mapped: MappedTable, column: str, *, linked: bool = True,
+                        text: bool = True) -> list[str]:
     """The link column's values held by several rows without a Clerk id: users with them will not be
     linked (their rows refused as :class:`LinkAmbiguous`). Counted, not shown (they are personal).
-    ``linked``: whether the table has its Clerk-id column yet (before migrate it has not: every row counts)."""
+    ``linked``: whether the table has its Clerk-id column yet (before migrate it has not: every row counts).
+    ``text``: whether the column is a text one (a number takes no collation, :func:`_exactly`)."""
     t = sa.table(_split(mapped.table)[1], sa.column(column), *([sa.column(mapped.clerk_id_column)] if linked else []),
                  schema=mapped.schema)
-    # grouped as linking compares: the same lower(), then exactly (not by a MariaDB _ci collation)
-    value = _exactly(conn, unicode_lower(conn)(t.c[column]) if column == mapped.link_by_email else t.c[column])
+    # grouped as linking compares: the same lower(), then exactly (not by a MariaDB _ci collation, nor a
+    # PostgreSQL non-deterministic one)
+    email = column == mapped.link_by_email
+    value = _exactly(conn, unicode_lower(conn)(t.c[column]) if email else t.c[column], collatable=email or text)
     unlinked = [t.c[mapped.clerk_id_column].is_(None)] if linked else []
     shared = (sa.select(value).where(*unlinked, t.c[column].is_not(None))
               .group_by(value).having(sa.func.count() > 1).subquery())
@@ -2253,6 +2347,23 @@ def _shared_link_values(conn: Connection, mapped: MappedTable, column: str, *, l
             "users with them will not be linked: their rows are refused (the deliveries apply to clerk-sync's tables, "
             "so replay does not take them up again); merge the rows, then run `clerk-sync migrate --mapping ... "
             "--backfill`"]
+
+
+def _nondeterministic_link_problems(conn: Connection, mapped: MappedTable,
+                                    columns: Sequence[str]) -> list[tuple[str, str]]:
+    """PostgreSQL: a link column under a non-deterministic collation (an ICU one created ``deterministic =
+    false``, ignoring case or accents): linking compares exactly (``COLLATE "C"``), which its index does not
+    serve, and the app's own lookups take ``elodie@`` and ``élodie@`` for one person."""
+    if conn.dialect.name != "postgresql" or not columns:
+        return []
+    found = conn.execute(sa.text(
+        "SELECT a.attname, c.collname FROM pg_attribute a JOIN pg_collation c ON c.oid = a.attcollation "
+        "WHERE a.attrelid = to_regclass(:t) AND a.attname = ANY(:c) AND NOT c.collisdeterministic "
+        "ORDER BY a.attname"), {"t": _qualified(conn, mapped.table), "c": list(columns)}).all()
+    return [("warn", f"{mapped.table}.{column} compares under the non-deterministic collation {collation} (case or "
+                     "accents ignored), so the app's own lookups may take elodie@ and élodie@ (or ids ABC and abc) "
+                     "for one person; clerk-sync links by the exact value (COLLATE \"C\"), which this column's "
+                     "index does not serve: consider a deterministic collation") for column, collation in found]
 
 
 def _primary_key(inspector: Any, table: str) -> set[str]:
