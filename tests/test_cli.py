@@ -86,7 +86,12 @@ def test_users_promote_against_the_emulator(tmp_path: Path) -> None:
         assert clerk.request("GET", f"/v1/users/{user['id']}")["public_metadata"]["role"] == "admin"
         missing = run("users", "promote", "nobody@example.com", env=env)
         assert missing.returncode == 1
-        assert "no synced user" in missing.stdout + missing.stderr
+        assert "no live synced user with the primary e-mail 'nobody@example.com'" in missing.stdout + missing.stderr
+        # an id is named as one (it said "email"), and a deleted user is not sent to reconcile only
+        missing = run("users", "promote", "user_nobody", env=env)
+        assert missing.returncode == 1
+        said = " ".join((missing.stdout + missing.stderr).split())
+        assert "no live synced user with the id 'user_nobody'" in said and "or deleted" in said
     with store.connect() as conn:
         assert conn.execute(sa.select(users.c.role)).scalar_one() == "admin"
         assert conn.execute(sa.select(audit_log.c.action)).scalar_one() == "role.changed"

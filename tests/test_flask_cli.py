@@ -86,7 +86,7 @@ def test_reconcile_then_promote_against_the_emulator(tmp_path: Path) -> None:
         assert f"applied: ada@example.com ({ada['id']}) user -> admin" in promoted.output
         assert clerk.request("GET", f"/v1/users/{ada['id']}")["public_metadata"]["role"] == "admin"
         missing = cli.invoke(args=["clerk-sync", "promote", "nobody@example.com"])
-        assert missing.exit_code == 1 and "no synced user with email 'nobody@example.com'" in missing.output
+        assert missing.exit_code == 1 and "no live synced user with the primary e-mail 'nobody@example.com'" in missing.output
     store = clerk_state(app).store
     with store.connect() as conn:
         assert conn.execute(sa.select(users.c.role)).scalar_one() == "admin"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import math
+import re
 from datetime import UTC, datetime
 
 import pytest
@@ -129,6 +130,24 @@ def test_a_secret_outside_standard_base64_is_refused_by_the_verifier(secret: str
     if secret.strip() == secret and " " not in secret:  # the settings split a list at spaces
         with pytest.raises(ConfigError, match=hint):
             parse_webhook_secrets(secret)
+
+
+@pytest.mark.parametrize(("secret", "said"), [
+    ("sk_test_4eC39HqLyjWDarjtT1zdp7dc0000", "it belongs in CLERK_SECRET_KEY"),
+    ("sk_live_4eC39HqLyjWDarjtT1zdp7dc0000", "it belongs in CLERK_SECRET_KEY"),
+    ("pk_test_Y2xlcmsuZXhhbXBsZS5jb20k", "it belongs in your front end (the publishable key)"),
+    (f'"{SECRET}"', "is wrapped in quotes"),
+    (f"'{SECRET}'", "is wrapped in quotes"),
+], ids=["secret-key", "live-secret-key", "publishable-key", "double-quoted", "single-quoted"])
+def test_another_clerk_key_or_a_quoted_secret_is_named_not_taken_for_url_safe_base64(secret: str, said: str) -> None:
+    """Review finding: Clerk's secret key (``sk_..._abc-_``) pasted as the signing secret, or a secret kept in
+    its quotes (``docker --env-file``), was refused as "URL-safe base64" with a conversion to run, which made a
+    wrong key. It is named for what it is now, never shown."""
+    with pytest.raises(ConfigError, match=re.escape(said)) as refused:
+        parse_webhook_secrets(secret)
+    message = str(refused.value)
+    assert "URL-safe" not in message and secret.strip("'\"") not in message
+    assert "CLERK_WEBHOOK_SIGNING_SECRET" in message
 
 
 def test_a_secret_read_from_a_file_keeps_its_line_break_and_still_works() -> None:

@@ -59,7 +59,15 @@ def _webhook_key(secret: str, *, name: str, fix: str) -> bytes:
     else outside ``A-Z a-z 0-9 + /`` and trailing ``=`` is refused.
     Callers hand the returned bytes to ``Webhook``, so the key used is the one checked here.
     """
-    body = secret.strip().removeprefix("whsec_")  # a secret read from a file keeps its line break: not the key's
+    stripped = secret.strip()  # a secret read from a file keeps its line break: not the key's
+    for prefix, home in _SECRET_PREFIXES.items():  # another of Clerk's keys pasted here (base64 would fail,
+        if prefix != "whsec_" and stripped.startswith(prefix):  # its hint then pointing the wrong way)
+            raise ConfigError(f"{name} is a Clerk key ({prefix}...; not shown), not a webhook signing secret: it "
+                              f"belongs in {home}. {fix}")
+    if len(stripped) > 1 and stripped[0] in "\"'" and stripped[-1] == stripped[0]:
+        raise ConfigError(f"{name} is wrapped in quotes ({stripped[0]}...{stripped[0]}; not shown): remove them "
+                          f"(an env file read by `docker --env-file` keeps quotes as part of the value). {fix}")
+    body = stripped.removeprefix("whsec_")
     if not body:
         said = "is empty" if not secret else "is only the 'whsec_' prefix"
         raise ConfigError(f"{name} {said}. {fix}")

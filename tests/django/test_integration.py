@@ -210,7 +210,7 @@ def test_manage_py_replay_promote_and_reconcile(client_world: World) -> None:
     assert "applied: ada@example.com" in out.getvalue()
     row = read_user(store, ada["id"])
     assert row is not None and row.role == "admin"
-    with pytest.raises(CommandError, match="no synced user"):
+    with pytest.raises(CommandError, match="no live synced user"):
         call_command("clerk_sync", "promote", "nobody@example.com", stdout=out)
     # Clerk away: the change waits (exit 3, why, what pushes it), `retry-pending` pushes it once Clerk is back
     clerk.set_faults(outage=True)

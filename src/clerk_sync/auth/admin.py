@@ -353,6 +353,13 @@ class AdminActions:
         return user
 
 
+def no_user_found(email: str, reconcile: str) -> str:
+    """What a face says when :func:`find_user_by_email` found no one (``reconcile``: its reconcile command)."""
+    named = "id" if email.startswith("user_") and "@" not in email else "primary e-mail"
+    return (f"no live synced user with the {named} {email!r}: not synced yet (run `{reconcile}`), or deleted (a "
+            "deleted or erased user takes no role)")
+
+
 def find_user_by_email(store: Store, email: str) -> str | None:
     """The Clerk id of the live user with this primary e-mail (for the CLI), None if there is none; a Clerk
     user id (``user_...``) names its live user directly. Several live users can share an address for a while

@@ -460,12 +460,12 @@ app.add_typer(users_app, name="users")
 
 @users_app.command("promote")
 def users_promote(
-    email: Annotated[str, typer.Argument(help="Primary email of the user.")],
+    email: Annotated[str, typer.Argument(help="Primary e-mail of the user, or their Clerk id (user_...).")],
     role: Annotated[str, typer.Option(help="Role to set in public_metadata.role.")] = "admin",
     retry_pending: Annotated[bool, typer.Option("--retry-pending", help="Also push earlier pending changes.")] = False,
 ) -> None:
     """Set a user's role in Clerk and the DB (CLERK_SECRET_KEY, DATABASE_URL); audited."""
-    from clerk_sync.auth.admin import AdminActions, find_user_by_email
+    from clerk_sync.auth.admin import AdminActions, find_user_by_email, no_user_found
     from clerk_sync.clerk_api import ClerkClient
 
     if not role.strip():  # an empty role written to Clerk and the DB takes the user's role away, silently
@@ -475,8 +475,7 @@ def users_promote(
     store = existing_store(settings)
     clerk_id = find_user_by_email(store, email)
     if clerk_id is None:
-        console.print(f"[red]error:[/] no synced user with email {escape(repr(email))} "
-                      "(run `clerk-sync reconcile` first?)", soft_wrap=True)
+        console.print(f"[red]error:[/] {escape(no_user_found(email, 'clerk-sync reconcile'))}", soft_wrap=True)
         raise SystemExit(EXIT_UNDONE)
     with ClerkClient.from_settings(settings) as client:
         actions = AdminActions(store, client)

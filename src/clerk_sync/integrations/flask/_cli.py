@@ -148,14 +148,14 @@ def reconcile(since: str | None, dry_run: bool, with_hooks: bool, allow_mass_del
 @_readable
 def promote(email: str, role: str) -> None:
     """Set a user's role in Clerk and the DB (needs CLERK_SECRET_KEY); audited."""
-    from clerk_sync.auth.admin import find_user_by_email
+    from clerk_sync.auth.admin import find_user_by_email, no_user_found
 
     state = clerk_state()
     if state.admin is None:
         raise ConfigError("promote needs CLERK_SECRET_KEY (Clerk Dashboard -> API keys) in app.config")
     clerk_id = find_user_by_email(state.store, email)
     if clerk_id is None:
-        raise click.ClickException(f"no synced user with email {email!r} (run `flask clerk-sync reconcile` first?)")
+        raise click.ClickException(no_user_found(email, "flask clerk-sync reconcile"))
     change = state.admin.promote(clerk_id, role, by=None)
     click.echo(f"{change.status}: {email} ({clerk_id}) {change.previous_role} -> {role}")
     if change.status == "pending":  # not done: a script must see it

@@ -237,7 +237,7 @@ class Command(BaseCommand):
             raise CommandError(refused, returncode=EXIT_UNDONE)
 
     def _promote(self, *, email: str, role: str, **_: Any) -> None:
-        from clerk_sync.auth.admin import AdminActions, find_user_by_email
+        from clerk_sync.auth.admin import AdminActions, find_user_by_email, no_user_found
         from clerk_sync.clerk_api import ClerkClient
 
         settings = clerk_settings()
@@ -245,8 +245,7 @@ class Command(BaseCommand):
         try:
             clerk_id = find_user_by_email(store, email)
             if clerk_id is None:
-                raise CommandError(f"no synced user with email {email!r} (run `manage.py clerk_sync reconcile` first?)",
-                                   returncode=EXIT_UNDONE)
+                raise CommandError(no_user_found(email, "manage.py clerk_sync reconcile"), returncode=EXIT_UNDONE)
             with ClerkClient.from_settings(settings) as client:
                 change = AdminActions(store, client).promote(clerk_id, role, by=None)
         finally:
