@@ -137,10 +137,10 @@ def test_describe_compares_values_as_json() -> None:
 def test_hook_matching_and_validation() -> None:
     change = Change(Entity.USER, "u1", "updated", 2, {"role": "admin"}, {"role": "user"})
     assert Hook("a", print, on=["user.updated"], fields=["role"]).wants(change)
-    assert not Hook("b", print, on=["user.updated"], fields=["plan"]).wants(change)
+    assert not Hook("b", print, on=["user.updated"], fields=["email"]).wants(change)
     assert Hook("c", print, on=["user.*"]).wants(change)
     assert not Hook("d", print, on=["organizationMembership.deleted"]).wants(change)
-    assert Hook("e", print, fields=["plan"]).wants(Change(Entity.USER, "u1", "created", 1, {}))
+    assert Hook("e", print, fields=["email"]).wants(Change(Entity.USER, "u1", "created", 1, {}))
     assert change.idempotency_key == "user.updated:u1:2"
     assert Change.from_json(change.to_json()) == change
     with pytest.raises(ValueError, match="unknown change type"):
@@ -149,6 +149,26 @@ def test_hook_matching_and_validation() -> None:
         Hook("x", print, on="user.created")
     with pytest.raises(ValueError, match="unique"):
         Store(sa.create_engine("sqlite://"), hooks=[Hook("x", print), Hook("x", print)])
+
+
+def test_hook_fields_and_on_are_checked_against_the_changes_they_could_match() -> None:
+    """Review finding: a typo, a Clerk-style name (``email_address``, ``firstName``) or a bookkeeping field in
+    ``fields`` was accepted, and the hook then never ran for an update; ``on=[]`` never ran at all."""
+    for wrong in (["emial"], ["email_address"], ["firstName"], ["clerk_updated_at"], ["lock_version"],
+                  ["clerk_id"], ["role", "plan"]):
+        with pytest.raises(ValueError, match=r"unknown field\(s\).*first_name") as raised:
+            Hook("crm", print, on=["user.updated"], fields=wrong)
+        assert "role" not in str(raised.value).split("unknown field(s)")[1].split("]")[0]  # only the wrong ones
+    with pytest.raises(ValueError, match=r"\['slug'\].*for user: "):  # an organization's field, on user changes
+        Hook("crm", print, on=["user.*"], fields=["slug"])
+    with pytest.raises(ValueError, match="'on' is empty"):
+        Hook("crm", print, on=[])
+    with pytest.raises(ValueError, match="events have no fields"):
+        Hook("billing", print, on=["subscription.*"], fields=["role"])
+    # every name a change of a covered entity carries and may change is accepted
+    assert Hook("a", print, on=["organization.updated", "user.updated"], fields=["slug", "email"]).fields
+    assert Hook("b", print, on=["organizationMembership.*"], fields=["role", "permissions"]).fields
+    assert Hook("c", print, fields=["name", "first_name", "public_metadata", "locked_until"]).fields
 
 
 # -- the outbox is written in the apply's transaction, only for applied changes -----------------------
