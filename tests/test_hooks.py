@@ -171,6 +171,17 @@ def test_hook_fields_and_on_are_checked_against_the_changes_they_could_match() -
     assert Hook("c", print, fields=["name", "first_name", "public_metadata", "locked_until"]).fields
 
 
+@pytest.mark.parametrize("name", ["external_id", "email_verified", "lockout_pending_s"])
+def test_a_carried_field_in_hook_fields_is_refused_saying_why(name: str) -> None:
+    """Review finding: a user's ``external_id``, ``email_verified`` and ``lockout_pending_s`` have no column, so
+    no previous value: a change to one alone is no change (``describe``), and a hook narrowed to one never ran
+    for it. Refused, saying why and what to do instead."""
+    with pytest.raises(ValueError, match=rf"\['{name}'\].*no column.*Change\.values.*MappedTable"):
+        Hook("crm", print, on=["user.updated"], fields=["role", name])
+    before = {"clerk_id": "u1", "clerk_updated_at": 1, "role": "user"}
+    assert describe(Entity.USER, "u1", 2, before, before | {"clerk_updated_at": 2, name: "x"}) is None  # as said
+
+
 # -- the outbox is written in the apply's transaction, only for applied changes -----------------------
 
 def test_jobs_only_for_applied_changes(hstore: Store) -> None:

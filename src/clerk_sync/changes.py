@@ -20,7 +20,7 @@ import hashlib
 import inspect
 import math
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from decimal import Decimal
 from typing import Any
 
@@ -39,6 +39,9 @@ BOOKKEEPING = frozenset({"clerk_updated_at", "lock_version"})
 _CHANGEABLE = {entity: frozenset(record_columns(record)) - BOOKKEEPING - {"clerk_id"}
                for entity, record in ((Entity.USER, UserRecord), (Entity.ORGANIZATION, OrganizationRecord),
                                       (Entity.MEMBERSHIP, MembershipRecord))}
+# Carried in a change's values (for the mapping and hooks) with no column to keep a previous value in: a user's
+# external_id, email_verified, lockout_pending_s. Never "a change" on their own (:func:`describe`).
+_CARRIED = frozenset(f.name for f in fields(UserRecord)) - set(record_columns(UserRecord))
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +173,9 @@ class Hook:
     ``on`` holds change types (``"user.created"``), entity wildcards (``"user.*"``) or ``"*"``;
     ``fields`` narrows *updates* to those that changed one of these fields (``{"role"}``): the names of
     ``Change.values`` (snake_case: ``first_name``, not Clerk's ``firstName``) that the entities ``on``
-    covers have; any other name (a typo, ``clerk_updated_at``), and ``on=[]``, raise ValueError. The name
+    covers have; any other name (a typo, ``clerk_updated_at``), and ``on=[]``, raise ValueError, as does a
+    user's ``external_id``, ``email_verified`` or ``lockout_pending_s``: carried in ``values`` with no
+    previous value kept, so a change to one alone is not detected. The name
     is stored with each queued job, so keep it stable: renaming a hook strands its queued jobs.
 
     ``on`` may also name event types clerk-sync stores but does not mirror (:data:`EVENT_TYPES`:
@@ -244,6 +249,15 @@ class Hook:
         covered = [entity for entity in _PREFIX if self.covers(entity)]
         valid = sorted(set().union(*(_CHANGEABLE[entity] for entity in covered)))
         unknown = sorted(set(self.fields) - set(valid))
+        carried = sorted(set(self.fields) & _CARRIED)
+        if carried:
+            raise ValueError(f"hook {self.name!r}: {carried} in 'fields' can never be seen to change: clerk-sync's "
+                             "users table has no column for them, so no previous value is kept and a change to "
+                             "one alone makes no change (no hook job, nothing forwarded); they ride along in "
+                             "Change.values of the user's other changes. To follow one, map it into a column of "
+                             "your app's table (SchemaMapping: MappedTable(..., {'external_id': 'external_id'}), "
+                             "written on every applied event of the user) and act on that column; 'fields' "
+                             "takes the others")
         if not covered:
             raise ValueError(f"hook {self.name!r}: 'fields' narrows updates of mirrored rows, and 'on' names "
                              f"none ({sorted(self.on)}): events have no fields to match; leave 'fields' out")
