@@ -414,6 +414,42 @@ def test_a_failure_after_the_claim_was_lost_is_not_recorded_as_this_runs(db_url:
     store.dispose()
 
 
+@pytest.mark.parametrize(("skew_s", "taken_over"), [(35, False), (45, True)])
+def test_a_replica_whose_clock_runs_ahead_by_more_than_the_lease_minus_the_heartbeat_takes_a_running_job_over(
+        db_url: str, skew_s: int, taken_over: bool) -> None:
+    """docs/RUNBOOK.md said a clock "a lease ahead": a beat renews the lease to its time + lease, and the next
+    beat is a heartbeat away, so a replica ahead by more than lease - heartbeat (40 s of the default 60 s) takes
+    a job over from a dispatcher that beats as it should. The lost claim's log line names the clocks."""
+    true = Clock()
+    calls: list[str] = []
+
+    def slow(change: Change) -> None:
+        calls.append(change.idempotency_key)
+        if len(calls) > 1:
+            return  # the rival's run of the job it took over
+        true.advance(20)
+        assert dispatcher.extend_leases() == 1  # the beat at 20 s (heartbeat: a third of the 60 s lease)
+        true.advance(19)  # just before the next one
+        taken.append(rival.run_once())
+
+    taken: list[int] = []
+    behind, ahead = (lambda: true() - timedelta(seconds=skew_s)), true
+    store = hooked(db_url, Hook("slow", slow), now=behind)
+    rival_store = hooked(db_url, Hook("slow", slow), now=ahead)
+    deliver(store, f.envelope("user.created", f.user("user_1", B + 1000)))
+    dispatcher = Dispatcher(store, lease_s=60, heartbeat_s=0, now=behind)
+    rival = Dispatcher(rival_store, lease_s=60, heartbeat_s=0, now=ahead)
+    with structlog.testing.capture_logs() as logs:
+        assert dispatcher.run_once() == 1
+    assert (taken, len(calls)) == (([1], 2) if taken_over else ([0], 1))
+    lost = [entry["event"] for entry in logs if entry["event"].startswith("hook claims lost")]
+    assert len(lost) == taken_over
+    if taken_over:
+        assert "clock" in lost[0] and "lease_s minus heartbeat_s" in lost[0]
+    store.dispose()
+    rival_store.dispose()
+
+
 def test_an_expired_lease_is_taken_over_with_the_same_idempotency_key(hstore: Store, recorder: Recorder) -> None:
     deliver(hstore, f.envelope("user.created", f.user("user_1", 1000)))
     clock = Clock()  # after the delivery: the job is due

@@ -355,7 +355,9 @@ class Dispatcher:
         with self._bookkeeping() as conn:
             lost = finish_many(conn, [job for job, _ in done])
         if lost:
-            log.warning("hook claims lost (lease expired while running; raise lease_s)", jobs=lost)
+            log.warning("hook claims lost (lease expired while running: raise lease_s; or a replica's clock ahead "
+                        "of this one's by more than lease_s minus heartbeat_s took the jobs over: sync the clocks, "
+                        "NTP)", jobs=lost)
         for job, seconds in done:
             self._ran(job, "lost" if job.id in lost else "ok", seconds)
         self._vacuum_now_and_then(len(done))
