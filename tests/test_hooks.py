@@ -137,10 +137,10 @@ def test_describe_compares_values_as_json() -> None:
 def test_hook_matching_and_validation() -> None:
     change = Change(Entity.USER, "u1", "updated", 2, {"role": "admin"}, {"role": "user"})
     assert Hook("a", print, on=["user.updated"], fields=["role"]).wants(change)
-    assert not Hook("b", print, on=["user.updated"], fields=["plan"]).wants(change)
+    assert not Hook("b", print, on=["user.updated"], fields=["email"]).wants(change)
     assert Hook("c", print, on=["user.*"]).wants(change)
     assert not Hook("d", print, on=["organizationMembership.deleted"]).wants(change)
-    assert Hook("e", print, fields=["plan"]).wants(Change(Entity.USER, "u1", "created", 1, {}))
+    assert Hook("e", print, fields=["email"]).wants(Change(Entity.USER, "u1", "created", 1, {}))
     assert change.idempotency_key == "user.updated:u1:2"
     assert Change.from_json(change.to_json()) == change
     with pytest.raises(ValueError, match="unknown change type"):
@@ -149,6 +149,37 @@ def test_hook_matching_and_validation() -> None:
         Hook("x", print, on="user.created")
     with pytest.raises(ValueError, match="unique"):
         Store(sa.create_engine("sqlite://"), hooks=[Hook("x", print), Hook("x", print)])
+
+
+def test_hook_fields_and_on_are_checked_against_the_changes_they_could_match() -> None:
+    """Review finding: a typo, a Clerk-style name (``email_address``, ``firstName``) or a bookkeeping field in
+    ``fields`` was accepted, and the hook then never ran for an update; ``on=[]`` never ran at all."""
+    for wrong in (["emial"], ["email_address"], ["firstName"], ["clerk_updated_at"], ["lock_version"],
+                  ["clerk_id"], ["role", "plan"]):
+        with pytest.raises(ValueError, match=r"unknown field\(s\).*first_name") as raised:
+            Hook("crm", print, on=["user.updated"], fields=wrong)
+        assert "role" not in str(raised.value).split("unknown field(s)")[1].split("]")[0]  # only the wrong ones
+    with pytest.raises(ValueError, match=r"\['slug'\].*for user: "):  # an organization's field, on user changes
+        Hook("crm", print, on=["user.*"], fields=["slug"])
+    with pytest.raises(ValueError, match="'on' is empty"):
+        Hook("crm", print, on=[])
+    with pytest.raises(ValueError, match="events have no fields"):
+        Hook("billing", print, on=["subscription.*"], fields=["role"])
+    # every name a change of a covered entity carries and may change is accepted
+    assert Hook("a", print, on=["organization.updated", "user.updated"], fields=["slug", "email"]).fields
+    assert Hook("b", print, on=["organizationMembership.*"], fields=["role", "permissions"]).fields
+    assert Hook("c", print, fields=["name", "first_name", "public_metadata", "locked_until"]).fields
+
+
+@pytest.mark.parametrize("name", ["external_id", "email_verified", "lockout_pending_s"])
+def test_a_carried_field_in_hook_fields_is_refused_saying_why(name: str) -> None:
+    """Review finding: a user's ``external_id``, ``email_verified`` and ``lockout_pending_s`` have no column, so
+    no previous value: a change to one alone is no change (``describe``), and a hook narrowed to one never ran
+    for it. Refused, saying why and what to do instead."""
+    with pytest.raises(ValueError, match=rf"\['{name}'\].*no column.*Change\.values.*MappedTable"):
+        Hook("crm", print, on=["user.updated"], fields=["role", name])
+    before = {"clerk_id": "u1", "clerk_updated_at": 1, "role": "user"}
+    assert describe(Entity.USER, "u1", 2, before, before | {"clerk_updated_at": 2, name: "x"}) is None  # as said
 
 
 # -- the outbox is written in the apply's transaction, only for applied changes -----------------------
@@ -381,6 +412,42 @@ def test_a_failure_after_the_claim_was_lost_is_not_recorded_as_this_runs(db_url:
     assert (job["status"], job["attempts"], job["last_error"]) == ("running", 2, None)  # the other claim's
     assert metrics.hook_runs.labels(hook="slow", outcome="lost")._value.get() == 1
     store.dispose()
+
+
+@pytest.mark.parametrize(("skew_s", "taken_over"), [(35, False), (45, True)])
+def test_a_replica_whose_clock_runs_ahead_by_more_than_the_lease_minus_the_heartbeat_takes_a_running_job_over(
+        db_url: str, skew_s: int, taken_over: bool) -> None:
+    """docs/RUNBOOK.md said a clock "a lease ahead": a beat renews the lease to its time + lease, and the next
+    beat is a heartbeat away, so a replica ahead by more than lease - heartbeat (40 s of the default 60 s) takes
+    a job over from a dispatcher that beats as it should. The lost claim's log line names the clocks."""
+    true = Clock()
+    calls: list[str] = []
+
+    def slow(change: Change) -> None:
+        calls.append(change.idempotency_key)
+        if len(calls) > 1:
+            return  # the rival's run of the job it took over
+        true.advance(20)
+        assert dispatcher.extend_leases() == 1  # the beat at 20 s (heartbeat: a third of the 60 s lease)
+        true.advance(19)  # just before the next one
+        taken.append(rival.run_once())
+
+    taken: list[int] = []
+    behind, ahead = (lambda: true() - timedelta(seconds=skew_s)), true
+    store = hooked(db_url, Hook("slow", slow), now=behind)
+    rival_store = hooked(db_url, Hook("slow", slow), now=ahead)
+    deliver(store, f.envelope("user.created", f.user("user_1", B + 1000)))
+    dispatcher = Dispatcher(store, lease_s=60, heartbeat_s=0, now=behind)
+    rival = Dispatcher(rival_store, lease_s=60, heartbeat_s=0, now=ahead)
+    with structlog.testing.capture_logs() as logs:
+        assert dispatcher.run_once() == 1
+    assert (taken, len(calls)) == (([1], 2) if taken_over else ([0], 1))
+    lost = [entry["event"] for entry in logs if entry["event"].startswith("hook claims lost")]
+    assert len(lost) == taken_over
+    if taken_over:
+        assert "clock" in lost[0] and "lease_s minus heartbeat_s" in lost[0]
+    store.dispose()
+    rival_store.dispose()
 
 
 def test_an_expired_lease_is_taken_over_with_the_same_idempotency_key(hstore: Store, recorder: Recorder) -> None:

@@ -20,11 +20,12 @@ import hashlib
 import inspect
 import math
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from decimal import Decimal
 from typing import Any
 
 from clerk_sync.engine import HANDLED_EVENT_TYPES, Entity
+from clerk_sync.events import MembershipRecord, OrganizationRecord, UserRecord, record_columns
 from clerk_sync.metrics import KNOWN_EVENT_TYPES
 
 __all__ = ["EVENT_TYPES", "Change", "Event", "EventHandler", "Handler", "Hook", "describe", "job_payload"]
@@ -33,6 +34,14 @@ JSON = dict[str, Any]
 _PREFIX = {Entity.USER: "user", Entity.ORGANIZATION: "organization", Entity.MEMBERSHIP: "organizationMembership"}
 # Always different on an applied update, so never "a change" on their own.
 BOOKKEEPING = frozenset({"clerk_updated_at", "lock_version"})
+# The fields an update may change, per entity (``Hook(fields=)``): the contract table's columns, less the id
+# and the bookkeeping.
+_CHANGEABLE = {entity: frozenset(record_columns(record)) - BOOKKEEPING - {"clerk_id"}
+               for entity, record in ((Entity.USER, UserRecord), (Entity.ORGANIZATION, OrganizationRecord),
+                                      (Entity.MEMBERSHIP, MembershipRecord))}
+# Carried in a change's values (for the mapping and hooks) with no column to keep a previous value in: a user's
+# external_id, email_verified, lockout_pending_s. Never "a change" on their own (:func:`describe`).
+_CARRIED = frozenset(f.name for f in fields(UserRecord)) - set(record_columns(UserRecord))
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +171,11 @@ class Hook:
     """A named handler for some changes, or some events clerk-sync does not mirror.
 
     ``on`` holds change types (``"user.created"``), entity wildcards (``"user.*"``) or ``"*"``;
-    ``fields`` narrows *updates* to those that changed one of these fields (``{"role"}``). The name
+    ``fields`` narrows *updates* to those that changed one of these fields (``{"role"}``): the names of
+    ``Change.values`` (snake_case: ``first_name``, not Clerk's ``firstName``) that the entities ``on``
+    covers have; any other name (a typo, ``clerk_updated_at``), and ``on=[]``, raise ValueError, as does a
+    user's ``external_id``, ``email_verified`` or ``lockout_pending_s``: carried in ``values`` with no
+    previous value kept, so a change to one alone is not detected. The name
     is stored with each queued job, so keep it stable: renaming a hook strands its queued jobs.
 
     ``on`` may also name event types clerk-sync stores but does not mirror (:data:`EVENT_TYPES`:
@@ -224,6 +237,34 @@ class Hook:
                              "change ('user.created', 'organizationMembership.*', '*') or a Clerk event type "
                              "clerk-sync does not mirror ('subscriptionItem.active', 'subscription.*'; see "
                              "clerk_sync.changes.EVENT_TYPES)")
+        if not self.on:
+            raise ValueError(f"hook {self.name!r}: 'on' is empty, so it would never run; name the change types "
+                             "it wants (on=['user.created']), or leave 'on' out for every change ('*')")
+        if self.fields:
+            self._check_fields()
+
+    def _check_fields(self) -> None:
+        """Refuse ``fields`` that no update of an entity ``on`` covers can change (a typo, Clerk's
+        ``email_address`` or ``firstName``, ``clerk_updated_at``): the hook would never run for an update."""
+        covered = [entity for entity in _PREFIX if self.covers(entity)]
+        valid = sorted(set().union(*(_CHANGEABLE[entity] for entity in covered)))
+        unknown = sorted(set(self.fields) - set(valid))
+        carried = sorted(set(self.fields) & _CARRIED)
+        if carried:
+            raise ValueError(f"hook {self.name!r}: {carried} in 'fields' can never be seen to change: clerk-sync's "
+                             "users table has no column for them, so no previous value is kept and a change to "
+                             "one alone makes no change (no hook job, nothing forwarded); they ride along in "
+                             "Change.values of the user's other changes. To follow one, map it into a column of "
+                             "your app's table (SchemaMapping: MappedTable(..., {'external_id': 'external_id'}), "
+                             "written on every applied event of the user) and act on that column; 'fields' "
+                             "takes the others")
+        if not covered:
+            raise ValueError(f"hook {self.name!r}: 'fields' narrows updates of mirrored rows, and 'on' names "
+                             f"none ({sorted(self.on)}): events have no fields to match; leave 'fields' out")
+        if unknown:
+            raise ValueError(f"hook {self.name!r}: unknown field(s) {unknown} in 'fields', so an update "
+                             f"would never run it; the fields of the mirrored row (as in Change.values, "
+                             f"snake_case) for {', '.join(_PREFIX[e] for e in covered)}: {valid}")
 
     def covers(self, entity: Entity) -> bool:
         """Whether some change of ``entity`` may be wanted (no need to look at its changes otherwise)."""

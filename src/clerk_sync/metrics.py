@@ -303,7 +303,9 @@ class Metrics:
                               "(audit_ips: audit rows whose IP it cleared).",
                               ["action"], registry=r)
         self.hook_runs = Counter("clerk_sync_hook_runs",
-                                 "Hook handler runs by hook and outcome (ok, retry, dead, lost).",
+                                 "Hook handler runs by hook and outcome (ok, retry, dead, lost); dead also counts "
+                                 "the jobs a claim marked dead unrun (lease expired on their last attempt, or an "
+                                 "unreadable payload).",
                                  ["hook", "outcome"], registry=r)
         self.hook_seconds = Histogram("clerk_sync_hook_seconds", "Time one hook handler run took, by hook.",
                                       ["hook"], buckets=_HOOK_BUCKETS, registry=r)
@@ -362,6 +364,11 @@ class Metrics:
                                                                 self.hook_seconds.labels(hook=hook))
         children[0].inc()
         children[1].observe(seconds)
+
+    def hook_dead_unrun(self, hook: str) -> None:
+        """A job of ``hook`` a claim marked dead instead of running it (lease expired on its last attempt, or a
+        payload that cannot be read): counted as a dead run, with no duration."""
+        self.hook_runs.labels(hook=hook, outcome="dead").inc()
 
     def hook_went_overdue(self, hook: str) -> None:
         """A handler run outlived its hook's ``timeout_s``: its dispatcher went on without it."""

@@ -474,7 +474,7 @@ _LEASE_EXPIRED = "attempts (worker killed, or handler slower than the lease)"  #
 
 
 def claim(conn: Connection, now: datetime, *, lease: timedelta, limit: int, max_attempts: int,
-          hooks: Sequence[str] | None = None) -> list[Job]:
+          hooks: Sequence[str] | None = None, dead: list[tuple[int, str]] | None = None) -> list[Job]:
     """Lease up to ``limit`` claimable jobs (at most one per entity_key), oldest first; all jobs of one
     claim share its token. Run inside the caller's transaction. ``hooks``: only the jobs of these hooks
     (the dispatcher's own; None: every hook's). A job's ``entity_key`` starts with its hook's name, so the
@@ -482,7 +482,8 @@ def claim(conn: Connection, now: datetime, *, lease: timedelta, limit: int, max_
     hook still run one at a time, in order, by whichever dispatcher has that hook.
 
     A job whose lease expired after ``max_attempts`` claims is marked dead instead (its worker keeps
-    dying, or the handler outlives the lease).
+    dying, or the handler outlives the lease), as is one whose payload cannot be read: ``dead`` (when
+    given) is appended the (id, hook) of each job the claim marked dead, which it does not return.
 
     Three short statements rather than one: the oldest due jobs, page by page (2 x ``limit`` a page); the
     first unfinished job of each of their entities (only that one may run: order per entity); then the
@@ -495,12 +496,16 @@ def claim(conn: Connection, now: datetime, *, lease: timedelta, limit: int, max_
     page row for its entity's first job, so the same bound holds.
     """
     if conn.dialect.name in ("mysql", "mariadb"):  # no UPDATE .. RETURNING, nor a subquery on the updated table
-        return _claim_one_by_one(conn, now, lease=lease, limit=limit, max_attempts=max_attempts, hooks=hooks)
+        return _claim_one_by_one(conn, now, lease=lease, limit=limit, max_attempts=max_attempts, hooks=hooks,
+                                 dead=dead)
     pg = conn.dialect.name == "postgresql"
     direct = _direct(conn)
     if direct is not None:
-        return _claim_direct(conn, direct, now, lease=lease, limit=limit, max_attempts=max_attempts, hooks=hooks)
-    conn.execute(_dead_sql(pg), {"now": now, "max_attempts": max_attempts, "error": _LEASE_EXPIRED})
+        return _claim_direct(conn, direct, now, lease=lease, limit=limit, max_attempts=max_attempts, hooks=hooks,
+                             dead=dead)
+    expired = conn.execute(_dead_sql(pg), {"now": now, "max_attempts": max_attempts, "error": _LEASE_EXPIRED}).all()
+    if dead is not None:
+        dead += [(job_id, hook) for job_id, hook in expired]
     due: dict[str, Any] = {"now": now, "max_attempts": max_attempts}
     if hooks is not None:
         due["hooks"] = list(hooks)
@@ -514,7 +519,7 @@ def claim(conn: Connection, now: datetime, *, lease: timedelta, limit: int, max_
         return [(row.id, row.entity_key, first.get(row.entity_key) == row.id) for row in rows]
 
     rows = _claim_pages(page, lambda chosen: conn.execute(_take_sql(pg), take | {"ids": chosen}).all(), limit)
-    return _claimed(conn, rows, token)
+    return _claimed(conn, rows, token, dead)
 
 
 def _claim_pages(page: Callable[[int, int], Sequence[tuple[int, str, Any]]],
@@ -550,7 +555,7 @@ def _claim_pages(page: Callable[[int, int], Sequence[tuple[int, str, Any]]],
     return sorted(taken, key=lambda row: row[0])
 
 
-def _claimed(conn: Connection, rows: Sequence[Any], token: str) -> list[Job]:
+def _claimed(conn: Connection, rows: Sequence[Any], token: str, dead: list[tuple[int, str]] | None) -> list[Job]:
     """The jobs of claimed (id, hook, payload, attempts) rows; one whose payload this release cannot read is
     marked dead with the reason (:func:`_unreadable`), the others run: one job's payload never stalls the claim."""
     jobs: list[Job] = []
@@ -558,6 +563,8 @@ def _claimed(conn: Connection, rows: Sequence[Any], token: str) -> list[Job]:
         change = _readable(conn, job_id, payload)
         if change is not None:
             jobs.append(Job(job_id, hook, change, attempts, token))
+        elif dead is not None:
+            dead.append((job_id, hook))
     return jobs
 
 
@@ -584,7 +591,7 @@ def _unreadable(exc: Exception, job_id: int) -> str:
 
 
 def _claim_direct(conn: Connection, sql: _DirectSQL, now: datetime, *, lease: timedelta, limit: int,
-                  max_attempts: int, hooks: Sequence[str] | None) -> list[Job]:
+                  max_attempts: int, hooks: Sequence[str] | None, dead: list[tuple[int, str]] | None) -> list[Job]:
     """:func:`claim` through the driver itself (psycopg, sqlite3), two statements a page instead of three:
     each page of due jobs comes with whether each is its entity's first unfinished job (the keys are not
     sent back), and the rows are the driver's tuples, not SQLAlchemy's. The dispatcher in ``serve`` shares
@@ -593,7 +600,7 @@ def _claim_direct(conn: Connection, sql: _DirectSQL, now: datetime, *, lease: ti
     params: dict[str, Any] = {"now": sql.time(now), "max_attempts": max_attempts, "error": _LEASE_EXPIRED}
     token = str(uuid.uuid4())
     with driver_cursor(conn, "claim hook jobs") as cur:
-        cur.execute(sql.dead, params)
+        expired = cur.execute(sql.dead, params).fetchall()
         params |= {"lease_until": sql.time(now + lease), "token": token}
         page = sql.page
         if hooks is not None:
@@ -601,11 +608,14 @@ def _claim_direct(conn: Connection, sql: _DirectSQL, now: datetime, *, lease: ti
         rows = _claim_pages(
             lambda after, size: cur.execute(page, params | {"after": after, "page": size}).fetchall(),
             lambda chosen: cur.execute(sql.take, params | {"ids": sql.ids(chosen)}).fetchall(), limit)
-    return _claimed(conn, rows, token)
+    if dead is not None:
+        dead += [(job_id, hook) for job_id, hook in expired]
+    return _claimed(conn, rows, token, dead)
 
 
 def _claim_one_by_one(conn: Connection, now: datetime, *, lease: timedelta, limit: int,
-                      max_attempts: int, hooks: Sequence[str] | None) -> list[Job]:
+                      max_attempts: int, hooks: Sequence[str] | None,
+                      dead: list[tuple[int, str]] | None) -> list[Job]:
     """:func:`claim` as a select then one update per job (MySQL/MariaDB)."""
     j, earlier = hook_jobs, hook_jobs.alias("earlier")
     due = sa.or_(sa.and_(j.c.status == "pending", j.c.available_at <= now),
@@ -623,9 +633,13 @@ def _claim_one_by_one(conn: Connection, now: datetime, *, lease: timedelta, limi
         if row.status == "running" and row.attempts >= max_attempts:
             error = f"lease expired after {row.attempts} {_LEASE_EXPIRED}"
             _set(conn, row.id, status="dead", lease_until=None, claim_token=None, last_error=error)
+            if dead is not None:
+                dead.append((row.id, row.hook))
             continue
         change = _readable(conn, row.id, row.payload)
         if change is None:
+            if dead is not None:
+                dead.append((row.id, row.hook))
             continue
         token = str(uuid.uuid4())
         _set(conn, row.id, status="running", lease_until=now + lease, claim_token=token, attempts=row.attempts + 1)
@@ -961,7 +975,7 @@ def _direct_sql(*, postgres: bool, placeholder: Callable[[str], str], in_ids: st
         dead=bind("UPDATE hook_jobs SET status = 'dead', lease_until = NULL, claim_token = NULL, "  # noqa: S608
                   "last_error = 'lease expired after ' || attempts || ' ' || :error WHERE id IN (SELECT j.id "
                   "FROM hook_jobs j WHERE j.status = 'running' AND j.lease_until < :now "
-                  f"AND j.attempts >= :max_attempts{' FOR UPDATE SKIP LOCKED' if lock else ''})"),
+                  f"AND j.attempts >= :max_attempts{' FOR UPDATE SKIP LOCKED' if lock else ''}) RETURNING id, hook"),
         page=page(""), page_of_hooks=page(f" AND j.hook {in_hooks}"),
         take=bind("UPDATE hook_jobs SET status = 'running', lease_until = :lease_until, "  # noqa: S608
                   "claim_token = :token, attempts = attempts + 1 WHERE id IN (SELECT j.id FROM hook_jobs j "
@@ -999,7 +1013,7 @@ def _dead_sql(postgres: bool) -> sa.TextClause:
         "UPDATE hook_jobs SET status = 'dead', lease_until = NULL, claim_token = NULL, "  # noqa: S608
         "last_error = 'lease expired after ' || attempts || ' ' || :error "
         "WHERE id IN (SELECT j.id FROM hook_jobs j WHERE j.status = 'running' AND j.lease_until < :now "
-        f"AND j.attempts >= :max_attempts{lock})"
+        f"AND j.attempts >= :max_attempts{lock}) RETURNING id, hook"
     ).bindparams(sa.bindparam("now", type_=hook_jobs.c.created_at.type))
 
 

@@ -378,8 +378,9 @@ def _run_forever(store: Store, metrics: Metrics, *, metrics_port: int | None, me
 
 def _run_once(store: Store, **options: Any) -> None:
     """``worker --once``: run the due jobs and say how each ended; exit 1 when one died (a cron run must
-    not look fine while jobs wait for a person in ``hooks list``), or when a run past its hook's
-    ``timeout_s`` still runs after a lease's wait (its job runs again once the lease ends)."""
+    not look fine while jobs wait for a person in ``hooks list``; one a claim marked dead unrun counts), or
+    when a run past its hook's ``timeout_s`` still runs after a lease's wait (its job runs again once the
+    lease ends)."""
     from clerk_sync.hooks import Dispatcher
     from clerk_sync.metrics import Metrics
 
@@ -402,8 +403,11 @@ def _run_once(store: Store, **options: Any) -> None:
         for sample in metric.samples:
             if sample.name.endswith("_total"):
                 ended[sample.labels["outcome"]] = ended.get(sample.labels["outcome"], 0) + int(sample.value)
+    unrun = dispatcher.dead_at_claim  # (counted dead in the metrics too)
     Console(stderr=True).print(f"ran {count} hook jobs: {ended['ok']} ok, {ended['retry']} failed (queued again "
-                               f"after a backoff), {ended['dead']} dead, {ended['lost']} lost their lease")
+                               f"after a backoff), {ended['dead'] - unrun} dead, {ended['lost']} lost their lease"
+                               + (f"; {unrun} more marked dead unrun (lease expired on their last attempt, or a "
+                                  "payload that cannot be read)" if unrun else ""))
     if overdue:
         waited = f"{options['lease_s']:g} s"
         Console(stderr=True).print(

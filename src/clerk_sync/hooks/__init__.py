@@ -151,6 +151,11 @@ class Dispatcher:
         self._since_vacuum = 0
         self._per_job_s: float | None = None  # how long a job of this dispatcher takes, lately (claim_limit)
         self._claimed_full = False  # the last claim took all it asked for: more may be due (run_forever)
+        self._claim_killed = 0  # jobs the last claim marked dead instead of returning them (drain goes on)
+        #: Jobs this dispatcher's claims marked dead without running them: lease expired on their last attempt
+        #: (their worker died, or the handler outlived the lease), or a payload this release cannot read.
+        #: Counted in ``clerk_sync_hook_runs_total{outcome="dead"}`` too.
+        self.dead_at_claim = 0
         if not slow_handler_s >= 0:
             raise ValueError(f"slow_handler_s must be 0 (never warn) or more seconds, not {slow_handler_s}")
         self.slow_handler_s = slow_handler_s
@@ -194,16 +199,20 @@ class Dispatcher:
         self._reap()
         full = self._hooks_at_bound()
         hooks = tuple(name for name in self._hook_names if name not in full)
+        self._claim_killed = 0
         if not hooks:  # every hook of this dispatcher is at max_overdue: nothing to claim until a run ends
             self._claimed_full = False
             return 0
         self._check_outbox_privileges()
         claimed_at = self._now()
         limit = self.claim_limit
+        dead: list[tuple[int, str]] = []
         with self._bookkeeping() as conn:
             jobs = claim(conn, claimed_at, lease=self.lease, limit=limit, max_attempts=self.backoff.max_attempts,
-                         hooks=hooks)
-        self._claimed_full = len(jobs) >= limit
+                         hooks=hooks, dead=dead)
+        if dead:
+            self._died_at_claim(dead)
+        self._claimed_full = len(jobs) + len(dead) >= limit  # (rows it marked dead took room in the claim)
         ran = started = 0  # jobs[started:] have not started: given back if the batch is abandoned
         done: list[tuple[Job, float]] = []  # the jobs that succeeded, and how long their handlers took
         finished = False
@@ -280,6 +289,18 @@ class Dispatcher:
                 self._per_job_s = per_job if self._per_job_s is None else (self._per_job_s + per_job) / 2
         return len(jobs)
 
+    def _died_at_claim(self, dead: list[tuple[int, str]]) -> None:
+        """Count the jobs a claim marked dead (committed with it) as dead runs: they wait in ``hooks list``
+        for a person as a handler's dead job does, and ``worker --once`` must not exit 0 over them."""
+        self._claim_killed = len(dead)
+        self.dead_at_claim += len(dead)
+        if self.metrics is not None:
+            for _, hook in dead:
+                self.metrics.hook_dead_unrun(hook)
+        log.error("hook jobs marked dead when claimed (lease expired on their last attempt: worker killed, handler "
+                  "slower than the lease, or clocks of the replicas apart; or a payload that cannot be read); "
+                  "`clerk-sync hooks list` shows why", jobs=[job_id for job_id, _ in dead])
+
     def _check_outbox_privileges(self) -> None:
         """Raise :class:`StorePrivilegeMissing` (what to grant) while the database role may not update and delete
         ``hook_jobs``: a job claimed then would run, its end could not be recorded, and it would run again
@@ -334,7 +355,9 @@ class Dispatcher:
         with self._bookkeeping() as conn:
             lost = finish_many(conn, [job for job, _ in done])
         if lost:
-            log.warning("hook claims lost (lease expired while running; raise lease_s)", jobs=lost)
+            log.warning("hook claims lost (lease expired while running: raise lease_s; or a replica's clock ahead "
+                        "of this one's by more than lease_s minus heartbeat_s took the jobs over: sync the clocks, "
+                        "NTP)", jobs=lost)
         for job, seconds in done:
             self._ran(job, "lost" if job.id in lost else "ok", seconds)
         self._vacuum_now_and_then(len(done))
@@ -577,12 +600,13 @@ class Dispatcher:
         return bool(runs)
 
     def drain(self, max_batches: int = 1000) -> int:
-        """Run batches until none is due (jobs waiting on a backoff stay queued); returns jobs claimed."""
+        """Run batches until none is due (jobs waiting on a backoff stay queued); returns jobs claimed (not
+        counting those a claim marked dead instead: :attr:`dead_at_claim`)."""
         total = 0
         for _ in range(max_batches):
             claimed = self.run_once()
             total += claimed
-            if not claimed:
+            if not claimed and not self._claim_killed:  # (a claim of dead rows only: more may be due behind them)
                 break
         return total
 
@@ -723,7 +747,7 @@ class Dispatcher:
                 pause = self._pause(crashes, _CRASH_PAUSE_MAX_S)
                 log.exception("hook dispatch crashed; retrying after a pause", pause_s=pause)
                 claimed = 0
-            if not (claimed and self._claimed_full):  # the queue had no more due: pause
+            if not ((claimed or self._claim_killed) and self._claimed_full):  # the queue had no more due: pause
                 self._stop.wait(pause)
 
 
