@@ -54,3 +54,44 @@ def test_linking_compares_exactly_under_a_non_deterministic_collation() -> None:
                         "x@example.com": "user_x"}
         store.dispose()
         engine.dispose()
+
+
+@pytest.mark.postgres
+def test_linking_by_email_is_served_by_an_index_on_lower_email() -> None:
+    """Review finding: the exact comparison under ``COLLATE "C"`` alone could not use the app's index on
+    ``lower(email)`` (Django's and Rails' usual one): every new user's link scanned the whole table, in the
+    webhook's transaction. The plain equality goes first again, the exact one filters what it finds."""
+    with pg_schema("collix_") as url:
+        engine = sa.create_engine(url)
+        with engine.begin() as conn:
+            conn.exec_driver_sql("CREATE TABLE ix_accounts (id serial PRIMARY KEY, email varchar(320), name text)")
+            conn.exec_driver_sql("CREATE INDEX ix_accounts_lower_email ON ix_accounts (lower(email))")
+            conn.exec_driver_sql("INSERT INTO ix_accounts (email) SELECT 'someone' || n || '@example.com' "
+                                 "FROM generate_series(1, 2000) AS n")
+            conn.exec_driver_sql("ANALYZE ix_accounts")
+        upgrade(engine)
+        mapping = SchemaMapping(users=MappedTable("ix_accounts", "clerk_user_id", {"email": "email"},
+                                                  link_by_email="email"))
+        with engine.begin() as conn:
+            migrate_schema(conn, mapping)
+        store = Store.from_url(url, mapping=mapping)
+        seen: list[tuple[str, object]] = []
+
+        def capture(conn: object, cursor: object, statement: str, parameters: object, context: object,
+                    executemany: bool) -> None:
+            if "FROM ix_accounts" in statement and 'COLLATE "C"' in statement and statement.startswith("SELECT"):
+                seen.append((statement, parameters))
+
+        sa.event.listen(store.engine, "before_cursor_execute", capture)
+        assert deliver(store, f.envelope("user.created", f.user("user_ix", B, email="Someone7@example.com"))) == [
+            "applied"]
+        assert seen, "no link query was sent"
+        with engine.begin() as conn:
+            conn.exec_driver_sql("SET LOCAL enable_seqscan = off")  # a plan that can use the index does
+            plan = "\n".join(r[0] for r in conn.exec_driver_sql(f"EXPLAIN {seen[0][0]}", seen[0][1]))  # type: ignore[arg-type]
+            linked = conn.execute(sa.text("SELECT clerk_user_id FROM ix_accounts WHERE lower(email) = "
+                                          "'someone7@example.com'")).scalar_one()
+        assert "ix_accounts_lower_email" in plan, plan
+        assert linked == "user_ix"
+        store.dispose()
+        engine.dispose()

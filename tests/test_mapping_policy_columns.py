@@ -132,16 +132,24 @@ def test_true_false_into_number_columns_as_one_and_zero_on_every_store(db_url: s
     engine.dispose()
 
 
+_ALL = frozenset({"sqlite", "postgresql", "mysql"})
+
+
 @pytest.mark.parametrize(("policy", "type_", "fails"), [
-    (SoftDelete("gone"), sa.BigInteger(), True), (SoftDelete("gone"), sa.Boolean(), True),
-    (Anonymise("gone"), sa.Integer(), True), (SoftDelete("gone"), sa.DateTime(timezone=True), False),
-    (Deactivate("gone"), sa.String(5), True), (Deactivate("gone"), sa.DateTime(), True),
-    (Deactivate("gone"), sa.SmallInteger(), False), (Deactivate("gone"), sa.Boolean(), False),
-], ids=lambda v: type(v).__name__ if not isinstance(v, bool) else str(v))
+    (SoftDelete("gone"), sa.BigInteger(), _ALL), (SoftDelete("gone"), sa.Boolean(), _ALL),
+    (Anonymise("gone"), sa.Integer(), _ALL), (SoftDelete("gone"), sa.DateTime(timezone=True), frozenset()),
+    # (review: a DATE keeps the day, a text the time as text: deletions applied, doctor must not fail them)
+    (SoftDelete("gone"), sa.Date(), frozenset()), (SoftDelete("gone"), sa.String(40), frozenset()),
+    (Deactivate("gone"), sa.String(5), frozenset({"postgresql"})),
+    (Deactivate("gone"), sa.DateTime(), frozenset({"postgresql", "mysql"})),
+    (Deactivate("gone"), sa.SmallInteger(), frozenset()), (Deactivate("gone"), sa.Boolean(), frozenset()),
+], ids=lambda v: type(v).__name__ if not isinstance(v, frozenset) else "-".join(sorted(v)) or "none")
 def test_doctor_fails_a_policy_column_of_a_type_the_policy_cannot_write(
-        db_url: str, policy: SoftDelete | Anonymise | Deactivate, type_: sa.types.TypeEngine[Any], fails: bool) -> None:
-    """A deletion time into a number or boolean column refused every deletion (a true/false into a text or date
-    column every row) while doctor said ok: it fails now, naming the column and what it must be."""
+        db_url: str, policy: SoftDelete | Anonymise | Deactivate, type_: sa.types.TypeEngine[Any],
+        fails: frozenset[str]) -> None:
+    """A deletion time into a number or boolean column refused every deletion (a true/false into a date column,
+    or a text one on PostgreSQL, every row) while doctor said ok: it fails now, naming the column and what it
+    must be; columns that take what the policy writes are not failed."""
     mapping = SchemaMapping(users=MappedTable("pol_kinds", "clerk_user_id", {"email": "email"}, on_delete=policy))
     engine = sa.create_engine(db_url)
     with engine.begin() as conn:
@@ -149,8 +157,9 @@ def test_doctor_fails_a_policy_column_of_a_type_the_policy_cannot_write(
                  sa.Column("email", sa.String(320)), sa.Column("gone", type_)).create(conn)
         migrate_schema(conn, mapping)
         failed = [p for s, p in check_schema(conn, mapping) if s == "fail"]
+    dialect = "mysql" if engine.dialect.name == "mariadb" else engine.dialect.name
     engine.dispose()
-    if not fails:
+    if dialect not in fails:
         assert failed == []
         return
     assert len(failed) == 1 and failed[0].startswith("pol_kinds.gone is "), failed

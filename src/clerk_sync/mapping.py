@@ -989,6 +989,9 @@ class _Projection:
             column = self.t.c[self.m.link_by_email]
             lower = unicode_lower(conn)  # the same lower() on both sides (PostgreSQL's and Python's differ)
             match = _exactly(conn, lower(column)) == _exactly(conn, lower(sa.literal(email)))
+            if conn.dialect.name == "postgresql":  # the plain equality first: an index on lower(email) serves it
+                # (the exact one under COLLATE "C" alone scanned the whole table for every new user)
+                match = sa.and_(lower(column) == lower(sa.literal(email)), match)
             if verified is False:
                 # Neither linked (whoever claims the address would get the row) nor a second row beside it: the
                 # event that verifies the address finds no row by Clerk id, and links this one then.
@@ -2246,31 +2249,32 @@ def _type_problems(entity: Entity, mapped: MappedTable, columns: Mapping[str, An
 
 
 def _policy_type_problems(dialect: str, mapped: MappedTable, columns: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """The delete policy's column of a type that cannot take what the policy writes: a deletion time
+    """The delete policy's column of a type that refuses what the policy writes: a deletion time
     (:class:`SoftDelete`, :class:`Anonymise`) in a number or boolean column refuses every deletion, the app's
-    row staying live; :class:`Deactivate`'s true/false (1/0 in a number column) in a text or date column refuses
-    every row. SQLite keeps a time in a text column as well; a column of no declared type takes anything."""
+    row staying live; :class:`Deactivate`'s true/false (1/0 in a number column) in a date or time column (on
+    SQLite: kept anyway), or a text one on PostgreSQL, refuses every row. Only those: a ``DATE`` keeps the day, a
+    text column the time as text (MariaDB, SQLite), ``BIT(1)`` the flag; a column of no declared type anything."""
     policy = _policy_column(mapped)
     if policy is None or policy[0] not in columns:
         return []
     column, type_ = policy[0], columns[policy[0]]["type"]
-    if isinstance(type_, sa.types.NullType):
-        return []
     kind = type(mapped.on_delete).__name__
     if isinstance(mapped.on_delete, Deactivate):
-        if isinstance(type_, sa.Boolean | sa.Integer | sa.Numeric):
+        refused = (isinstance(type_, sa.Date | sa.DateTime | sa.Time) and dialect != "sqlite"
+                   or isinstance(type_, sa.String) and not isinstance(type_, sa.Enum) and dialect == "postgresql")
+        if not refused:
             return []
         return [("fail", f"{mapped.table}.{column} is {type_} and on_delete={kind}({column!r}) writes true/false "
                          "there (1/0 in a number column): every row is refused; make it a boolean column, or name "
                          "another column")]
-    if isinstance(type_, sa.DateTime) or (dialect == "sqlite" and isinstance(type_, sa.String)):
+    if not isinstance(type_, sa.Integer | sa.Numeric | sa.Boolean):
         return []
     wanted = {"postgresql": "timestamptz", "sqlite": "TIMESTAMP"}.get(dialect, "DATETIME(6)")
-    refused = ("every deletion is refused, the app's row staying live" if dialect != "sqlite" else
-               "a deletion is refused or stored as a text the app's column type does not read as a time")
+    refused_text = ("every deletion is refused, the app's row staying live" if dialect != "sqlite" else
+                    "a deletion is stored as a text the app's column type does not read as a time")
     return [("fail", f"{mapped.table}.{column} is {type_} and on_delete={kind}({column!r}) writes the deletion's "
-                     f"time there: {refused}, while Clerk and clerk-sync's tables have it deleted; make it a date-time "
-                     f"column ({wanted}, converting what the app keeps there), or name another column")]
+                     f"time there: {refused_text}, while Clerk and clerk-sync's tables have it deleted; make it a "
+                     f"date-time column ({wanted}, converting what the app keeps there), or name another column")]
 
 
 def _lockout_problems(entity: Entity, mapped: MappedTable) -> list[tuple[str, str]]:
@@ -2362,8 +2366,8 @@ def _nondeterministic_link_problems(conn: Connection, mapped: MappedTable,
         "ORDER BY a.attname"), {"t": _qualified(conn, mapped.table), "c": list(columns)}).all()
     return [("warn", f"{mapped.table}.{column} compares under the non-deterministic collation {collation} (case or "
                      "accents ignored), so the app's own lookups may take elodie@ and élodie@ (or ids ABC and abc) "
-                     "for one person; clerk-sync links by the exact value (COLLATE \"C\"), which this column's "
-                     "index does not serve: consider a deterministic collation") for column, collation in found]
+                     "for one person; clerk-sync links by the exact value (COLLATE \"C\", after the column's own "
+                     "comparison): consider a deterministic collation") for column, collation in found]
 
 
 def _primary_key(inspector: Any, table: str) -> set[str]:
