@@ -2260,8 +2260,8 @@ def _policy_type_problems(dialect: str, mapped: MappedTable, columns: Mapping[st
     column, type_ = policy[0], columns[policy[0]]["type"]
     kind = type(mapped.on_delete).__name__
     if isinstance(mapped.on_delete, Deactivate):
-        refused = (isinstance(type_, sa.Date | sa.DateTime | sa.Time) and dialect != "sqlite"
-                   or isinstance(type_, sa.String) and not isinstance(type_, sa.Enum) and dialect == "postgresql")
+        refused = ((isinstance(type_, sa.Date | sa.DateTime | sa.Time) and dialect != "sqlite")
+                   or (isinstance(type_, sa.String) and not isinstance(type_, sa.Enum) and dialect == "postgresql"))
         if not refused:
             return []
         return [("fail", f"{mapped.table}.{column} is {type_} and on_delete={kind}({column!r}) writes true/false "
