@@ -209,6 +209,25 @@ def error_json(exc: ClerkSyncError) -> Response:
     return response
 
 
+def _refusal(exc: ClerkSyncError) -> Response:
+    """The answer to a refusal of :func:`deny_by_default` or a guard, made where it is raised instead of raising
+    it: Flask tries a blueprint's error handlers for every class of the exception before the app's, so a
+    blueprint's ``errorhandler(Exception)`` (Flask's documented catch-all) turned every 401 and 403 into its
+    500. An app's or blueprint's own handler for ``ClerkSyncError`` (or a subclass) still answers, looked up as
+    Flask does (the request's blueprints, innermost first, then the app), over the exception's classes up to
+    ``ClerkSyncError`` only; :func:`error_json` otherwise."""
+    app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
+    classes = type(exc).__mro__
+    classes = classes[:classes.index(ClerkSyncError) + 1]
+    for name in (*request.blueprints, None):
+        handlers = app.error_handler_spec.get(name, {}).get(None, {})  # (get: no entry added to the spec)
+        for cls in classes:
+            handler = handlers.get(cls)
+            if handler is not None:
+                return app.make_response(app.ensure_sync(handler)(exc))
+    return error_json(exc)
+
+
 # -- who is calling --------------------------------------------------------------------------------
 def _cached() -> dict[str, Any]:
     """This request's verified session and row, on the request object itself. Not in ``g``: that belongs
@@ -404,7 +423,7 @@ def public(view: Callable[P, R]) -> Callable[P, R]:
     return view
 
 
-def deny_by_default() -> None:
+def deny_by_default() -> Response | None:
     """``before_request``: refuse non-public endpoints without a valid session (when the app asks for it).
 
     A URL the routing answers with a redirect has no endpoint here: this runs before Flask acts on it, and
@@ -412,18 +431,22 @@ def deny_by_default() -> None:
     """
     state = clerk_state()
     if not state.deny_by_default:
-        return
+        return None
     rule = request.url_rule
     if (is_cors_preflight(request.method, request.headers.get("Access-Control-Request-Method"))
             and rule is not None and getattr(rule, "provide_automatic_options", False)):
-        return  # Flask answers it itself, no view runs (Flask-CORS adds its headers): a browser's preflight
+        return None  # Flask answers it itself, no view runs (Flask-CORS adds its headers): a browser's preflight
         # carries no session by design. A view that takes OPTIONS itself stays protected.
     if isinstance(request.routing_exception, RequestRedirect):  # (endpoint is None: no rule was matched)
         if _redirect_is_public(state):
-            return
+            return None
     elif _is_public(state, request.endpoint):
-        return
-    _current_auth()  # unknown paths too: refuse before revealing what exists
+        return None
+    try:
+        _current_auth()  # unknown paths too: refuse before revealing what exists
+    except ClerkSyncError as exc:
+        return _refusal(exc)  # answered here: returned, a before_request's value is the response
+    return None
 
 
 def _is_public(state: ClerkSyncState, endpoint: str | None) -> bool:
@@ -538,7 +561,10 @@ def _guard(check: Callable[[], object]) -> Callable[[Callable[P, R]], Callable[P
     def decorator(view: Callable[P, R]) -> Callable[P, R]:
         @functools.wraps(view)
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-            check()
+            try:
+                check()
+            except ClerkSyncError as exc:  # answered here, as deny_by_default does: the view does not run
+                return cast(R, _refusal(exc))
             # An ``async def`` view (flask[async]) is run to its result, as Flask does for an undecorated one
             # and Flask-Login's guards do: called as is, it would return a coroutine (500).
             return cast(R, current_app.ensure_sync(view)(*args, **kwargs))
