@@ -107,3 +107,39 @@ def test_a_blueprints_catch_all_handler_does_not_turn_refusals_into_500s(sqlite_
         assert client.get("/api/shop/cart", headers=member).get_json() == {"cart": "user_member"}
     clerk_state(app).close()
 
+
+def test_init_app_keeps_the_apps_own_clerk_sync_error_handler(sqlite_url: str) -> None:
+    """Fixed: ``init_app`` registered its JSON handler over the one the app's factory registered first (the
+    usual order), silently: the app's sign-in redirect became a 401 JSON body."""
+    clerk = ClerkSync()
+    app = Flask(__name__)
+    app.config["CLERK_SYNC"] = _config(sqlite_url)
+
+    @app.errorhandler(ClerkSyncError)
+    def to_sign_in(e: ClerkSyncError) -> Response:
+        return redirect("/sign-in")
+
+    clerk.init_app(app)
+
+    @app.get("/dash")
+    @clerk_login_required
+    def dash() -> dict[str, str]:
+        return {}
+
+    @app.get("/unguarded")
+    def unguarded() -> dict[str, str]:
+        return {"email": current_user.email}  # refused through the app's handler (raised in the view)
+
+    with app.test_client() as client:
+        for path in ("/dash", "/unguarded"):
+            r = client.get(path)
+            assert (r.status_code, r.headers.get("Location")) == (302, "/sign-in"), path
+    clerk_state(app).close()
+    plain = Flask(__name__)  # without one of the app's, clerk-sync's JSON answers
+    plain.config["CLERK_SYNC"] = _config(sqlite_url)
+    ClerkSync(plain)
+    plain.add_url_rule("/unguarded", view_func=unguarded)
+    r = plain.test_client().get("/unguarded")
+    assert (r.status_code, r.get_json()["error"]) == (401, "token_missing")
+    clerk_state(plain).close()
+
