@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from flask import Blueprint, Flask, jsonify, redirect
+from flask import Blueprint, Flask, jsonify, redirect, render_template_string
 from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response
 
@@ -143,3 +143,17 @@ def test_init_app_keeps_the_apps_own_clerk_sync_error_handler(sqlite_url: str) -
     assert (r.status_code, r.get_json()["error"]) == (401, "token_missing")
     clerk_state(plain).close()
 
+
+def test_templates_rendered_without_a_request_see_no_current_user(sqlite_url: str) -> None:
+    """Fixed: the ``current_user`` context processor read the request, so any template rendered inside
+    ``app.app_context()`` alone (an e-mail sent by a CLI command or a job) raised RuntimeError."""
+    app = Flask(__name__)
+    app.config["CLERK_SYNC"] = _config(sqlite_url)
+    ClerkSync(app)
+    page = "{% if current_user.is_authenticated %}Hi {{ current_user.email }}{% else %}Welcome{% endif %}"
+    shape = " {{ current_user.is_anonymous }} {{ current_user.get_id() }}{% if current_user %} truthy{% endif %}"
+    with app.app_context():  # an anonymous user, shaped as with a request
+        assert render_template_string(page + shape) == "Welcome True None"
+    with app.test_request_context("/"):  # with a request, as before
+        assert render_template_string(page + shape) == "Welcome True None"
+    clerk_state(app).close()

@@ -26,7 +26,7 @@ from typing import Any, NoReturn, ParamSpec, TypeVar, cast
 from urllib.parse import unquote, urlsplit
 
 import click
-from flask import Flask, Response, current_app, jsonify, request
+from flask import Flask, Response, current_app, has_request_context, jsonify, request
 from flask.cli import ScriptInfo
 from werkzeug.exceptions import HTTPException
 from werkzeug.local import LocalProxy
@@ -39,7 +39,15 @@ from clerk_sync.auth.claims import Auth
 from clerk_sync.auth.sessions import check_websocket_origin, is_cors_preflight
 from clerk_sync.auth.users import AuthUser, JitUsers
 from clerk_sync.config import Settings
-from clerk_sync.errors import AccessDenied, ClerkAPIError, ClerkSyncError, ConfigError, StoreError, TokenError
+from clerk_sync.errors import (
+    AccessDenied,
+    ClerkAPIError,
+    ClerkSyncError,
+    ConfigError,
+    StoreError,
+    TokenError,
+    TokenMissing,
+)
 from clerk_sync.ingest import WebhookProcessor
 from clerk_sync.integrations.http import error_response
 from clerk_sync.store import Store
@@ -398,9 +406,14 @@ current_user = cast(SignedInUser, LocalProxy(_current_user))
 def user_context() -> dict[str, Any]:
     """Context processor: ``current_user`` in templates, as Flask-Login does (which keeps its own when the
     app also uses Flask-Login). Lazy: the row is read only when a template uses it. None without session
-    keys (a webhook-only app): it would shadow the app's own ``current_user`` with a 500 on every page."""
+    keys (a webhook-only app): it would shadow the app's own ``current_user`` with a 500 on every page.
+    Without a request (a template rendered in ``app.app_context()`` alone: an e-mail sent by a CLI command or a
+    job) nobody is calling: an :class:`AnonymousUser` (Flask-Login gives None there)."""
     if hasattr(current_app, "login_manager") or clerk_state().authenticator is None:
         return {}
+    if not has_request_context():
+        return {"current_user": AnonymousUser(TokenMissing("no request: this template was rendered outside one "
+                                                           "(app.app_context() alone), nobody is signed in"))}
     return {"current_user": current_user}
 
 
