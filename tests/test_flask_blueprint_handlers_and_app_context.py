@@ -4,10 +4,13 @@ without a request (an e-mail from a CLI command) raised "Working outside of requ
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from flask import Blueprint, Flask, jsonify, redirect, render_template_string
+from flask.views import MethodView
 from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response
 
@@ -62,6 +65,26 @@ def _blueprint_app(url: str, *, deny: bool) -> Flask:
     def boom() -> None:
         raise RuntimeError("the view's own failure")
 
+    def logged(view: Callable[..., Any]) -> Callable[..., Any]:  # the app's own decorator over a guard
+        @functools.wraps(view)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            return view(*args, **kwargs)
+        return wrapper
+
+    @api.get("/wrapped")
+    @logged
+    @require_role("member")
+    def wrapped() -> dict[str, str]:
+        return {"member": current_clerk.user_id}
+
+    class Items(MethodView):
+        decorators = [clerk_login_required]  # noqa: RUF012 (Flask's own attribute)
+
+        def get(self) -> dict[str, str]:
+            return {"items": current_clerk.user_id}
+
+    api.add_url_rule("/items", view_func=Items.as_view("items"))
+
     shop = Blueprint("shop", __name__, url_prefix="/shop")  # nested, with its own ClerkSyncError handler
 
     @shop.errorhandler(ClerkSyncError)
@@ -90,7 +113,7 @@ def test_a_blueprints_catch_all_handler_does_not_turn_refusals_into_500s(sqlite_
     assert processor.process(*f.signed(env, "msg_member")).status == "applied"
     member = bearer(token("user_member"))
     with app.test_client() as client:
-        for path in ("/api/me", "/api/admin", "/api/async", "/api/boom"):
+        for path in ("/api/me", "/api/admin", "/api/async", "/api/boom", "/api/wrapped", "/api/items"):
             r = client.get(path)
             assert (r.status_code, r.get_json()["error"]) == (401, "token_missing"), path
             assert r.headers["WWW-Authenticate"] == "Bearer"
@@ -100,6 +123,8 @@ def test_a_blueprints_catch_all_handler_does_not_turn_refusals_into_500s(sqlite_
         assert (r.status_code, r.get_json()["error"]) == (403, "access_denied")
         assert client.get("/api/me", headers=member).get_json() == {"user": "user_member"}
         assert client.get("/api/async", headers=member).get_json() == {"user": "user_member"}
+        assert client.get("/api/wrapped", headers=member).get_json() == {"member": "user_member"}
+        assert client.get("/api/items", headers=member).get_json() == {"items": "user_member"}
         r = client.get("/api/boom", headers=member)  # the blueprint's handler still answers the rest
         assert (r.status_code, r.get_json()) == (500, {"error": "internal server error"})
         r = client.get("/api/shop/cart")  # the nested blueprint's own handler, before its parent's catch-all
@@ -139,8 +164,15 @@ def test_init_app_keeps_the_apps_own_clerk_sync_error_handler(sqlite_url: str) -
     plain.config["CLERK_SYNC"] = _config(sqlite_url)
     ClerkSync(plain)
     plain.add_url_rule("/unguarded", view_func=unguarded)
-    r = plain.test_client().get("/unguarded")
-    assert (r.status_code, r.get_json()["error"]) == (401, "token_missing")
+
+    @clerk_login_required
+    def helper() -> str:  # a guarded function a view calls, not the view: it raises, as before
+        return current_clerk.user_id
+
+    plain.add_url_rule("/calls", "calls", lambda: {"user": helper()})
+    for path in ("/unguarded", "/calls"):
+        r = plain.test_client().get(path)
+        assert (r.status_code, r.get_json()["error"]) == (401, "token_missing"), path
     clerk_state(plain).close()
 
 

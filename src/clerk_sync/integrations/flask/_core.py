@@ -17,6 +17,7 @@ unknown paths included, answers 401 (see :func:`_redirect_is_public`).
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import weakref
 from collections.abc import Callable, Iterator, Mapping
@@ -576,8 +577,10 @@ def _guard(check: Callable[[], object]) -> Callable[[Callable[P, R]], Callable[P
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
             try:
                 check()
-            except ClerkSyncError as exc:  # answered here, as deny_by_default does: the view does not run
-                return cast(R, _refusal(exc))
+            except ClerkSyncError as exc:
+                if not _dispatched(wrapper):  # a Flask-SocketIO event, a function a view calls: raised
+                    raise
+                return cast(R, _refusal(exc))  # the view Flask runs: answered here, as deny_by_default does
             # An ``async def`` view (flask[async]) is run to its result, as Flask does for an undecorated one
             # and Flask-Login's guards do: called as is, it would return a coroutine (500).
             return cast(R, current_app.ensure_sync(view)(*args, **kwargs))
@@ -585,6 +588,17 @@ def _guard(check: Callable[[], object]) -> Callable[[Callable[P, R]], Callable[P
         return wrapper
 
     return decorator
+
+
+def _dispatched(guarded: Callable[..., Any]) -> bool:
+    """Whether ``guarded`` is the view Flask dispatches this request to, or wrapped by it (other decorators
+    over a guard keep ``__wrapped__``, as ``functools.wraps`` sets it; a ``MethodView``'s ``decorators``
+    too). Only then is a refusal answered by the guard (see :func:`_refusal`): a Flask-SocketIO event handler
+    (run in a request context of the handshake's, with no endpoint) or a guarded function a view calls gets
+    the exception, as before, for its own handling."""
+    endpoint = request.endpoint
+    view = current_app.view_functions.get(endpoint) if endpoint is not None else None
+    return view is not None and inspect.unwrap(view, stop=lambda f: f is guarded) is guarded
 
 
 def clerk_login_required(view: Callable[P, R]) -> Callable[P, R]:
