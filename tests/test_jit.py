@@ -6,6 +6,7 @@ import re
 import threading
 import time
 from dataclasses import asdict
+from datetime import UTC, datetime
 from typing import Any
 
 import anyio
@@ -194,7 +195,7 @@ def test_a_user_erased_here_but_live_in_clerk_is_refused_without_a_clerk_call(st
     JIT fetch from Clerk (which still has the user) was refused by the guard, and ``assert user is not
     None`` made every request of that user a 500 and a Clerk call. Now 410 ``UserDeleted``, sync and async,
     before any Clerk request; and the guard's refusal after the read (an erasure in between) is a 410 too."""
-    from datetime import UTC, datetime, timedelta
+    from datetime import timedelta
 
     from clerk_sync.retention import Retention, RetentionPolicy
 
@@ -216,9 +217,53 @@ def test_a_user_erased_here_but_live_in_clerk_is_refused_without_a_clerk_call(st
             assert aclerk.stats.requests == 0
     anyio.run(main)
 
-    with pytest.raises(UserDeleted):  # refresh_user fetches (Clerk has the user); the guard refuses the row
-        jit.refresh_user(data["id"])
-    assert jit.clerk.stats.requests == 1 and rows(store) == 0
+    for _ in range(3):  # POST /sync/me too (it skipped the check: a Clerk call each, never throttled)
+        with pytest.raises(UserDeleted):
+            jit.refresh_user(data["id"])
+    assert jit.clerk.stats.requests == 0 and rows(store) == 0
+
+    async def refresh() -> None:
+        async with AsyncClerkClient(emu.secret_key, api_url=emu.url, retry=RETRY) as aclerk:
+            with pytest.raises(UserDeleted):
+                await JitUsers(store, aclerk=aclerk, timeout_s=2.0).arefresh_user(data["id"])
+            assert aclerk.stats.requests == 0
+    anyio.run(refresh)
+
+
+def test_a_user_erased_during_the_fetch_is_refused_for_the_interval(store: Store, emu: EmulatorServer) -> None:
+    """The guard's refusal after the read (an erasure while Clerk answered) is a 410, and counts in the
+    interval as Clerk's 404 does: the user was never recorded, and every POST /sync/me asked Clerk again."""
+    from clerk_sync.store import erased_digest
+    from clerk_sync.tables import erased
+
+    clock = FakeClock()
+    data = emu.create_user(email="erased@example.com")
+
+    def erase(response: httpx.Response) -> None:  # Clerk answered; the user is erased here meanwhile
+        with store.engine.begin() as conn:
+            conn.execute(erased.insert().values(digest=erased_digest(Entity.USER, data["id"]), entity="user",
+                                                erased_at=datetime.now(UTC)))
+
+    with httpx.Client(event_hooks={"response": [erase]}) as http, clerk_client(emu, http=http) as clerk:
+        jit = JitUsers(store, clerk=clerk, timeout_s=2.0, clock=clock)
+        with pytest.raises(UserDeleted):
+            jit.refresh_user(data["id"])
+        assert clerk.stats.requests == 1 and rows(store) == 0
+        assert jit._fetched_at[data["id"]] == (clock.t, False)  # 410 within the interval, without a read
+
+    async def main() -> None:
+        async def aerase(response: httpx.Response) -> None:
+            erase(response)  # (a test's blocking write on the loop)
+
+        with store.engine.begin() as conn:
+            conn.execute(erased.delete())
+        async with httpx.AsyncClient(event_hooks={"response": [aerase]}) as http, \
+                AsyncClerkClient(emu.secret_key, api_url=emu.url, retry=RETRY, http=http) as aclerk:
+            ajit = JitUsers(store, aclerk=aclerk, timeout_s=2.0, clock=clock)
+            with pytest.raises(UserDeleted):
+                await ajit.arefresh_user(data["id"])
+            assert aclerk.stats.requests == 1 and ajit._fetched_at[data["id"]] == (clock.t, False)
+    anyio.run(main)
 
 def test_clerk_outage_without_a_row_is_a_fast_503(store: Store, emu: EmulatorServer) -> None:
     clock = FakeClock()

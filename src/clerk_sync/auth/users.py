@@ -357,7 +357,8 @@ class JitUsers:
 
     def _fetch(self, user_id: str, fetch: _Fetch, missing: bool) -> AuthUser:
         assert self.clerk is not None
-        if missing and (user := self._read(user_id)) is not None:
+        # Read first whatever ``missing`` is: an erased user (refused by _read) costs no Clerk call, refresh or not
+        if (user := self._read(user_id)) is not None and missing:
             return user  # stored since the caller's read (a fetch that just ended, the webhook): no Clerk call
         try:
             data = _asked_for(user_id, self.clerk.get_user(user_id, deadline_s=self.timeout_s))
@@ -368,7 +369,11 @@ class JitUsers:
         except ClerkAPIError as exc:
             self._count(_failure(exc))
             raise
-        user = self._store(data, _now_ms(self._wall))  # fetched now: the base of a lockout's end
+        try:
+            user = self._store(data, _now_ms(self._wall))  # fetched now: the base of a lockout's end
+        except UserDeleted:
+            fetch.found = False  # erased here since the read: 410 for the interval, as Clerk's 404
+            raise
         fetch.found = True
         return user
 
@@ -426,8 +431,8 @@ class JitUsers:
         assert self.aclerk is not None
         # The leader's database work runs in a thread of its own, never one of anyio's default pool: blocking
         # requests waiting for this fetch (a sync route's, in that pool) could hold every one of those threads.
-        if missing and (user := await to_thread.run_sync(self._read, user_id, limiter=CapacityLimiter(1))) is not None:
-            return user
+        if (user := await to_thread.run_sync(self._read, user_id, limiter=CapacityLimiter(1))) is not None and missing:
+            return user  # (read whatever ``missing`` is: see _fetch)
         try:
             # The client's deadline already bounds the call; this is the belt to its braces.
             with anyio.fail_after(self.timeout_s + 1.0):
@@ -442,7 +447,11 @@ class JitUsers:
         except TimeoutError:
             self._count("unavailable")
             raise ClerkUnavailable(f"Clerk did not answer within {self.timeout_s}s", retry_after=1.0) from None
-        user = await to_thread.run_sync(self._store, data, _now_ms(self._wall), limiter=CapacityLimiter(1))
+        try:
+            user = await to_thread.run_sync(self._store, data, _now_ms(self._wall), limiter=CapacityLimiter(1))
+        except UserDeleted:
+            fetch.found = False  # see _fetch
+            raise
         fetch.found = True
         return user
 

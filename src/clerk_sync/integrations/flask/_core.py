@@ -17,6 +17,7 @@ unknown paths included, answers 401 (see :func:`_redirect_is_public`).
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import weakref
 from collections.abc import Callable, Iterator, Mapping
@@ -26,7 +27,7 @@ from typing import Any, NoReturn, ParamSpec, TypeVar, cast
 from urllib.parse import unquote, urlsplit
 
 import click
-from flask import Flask, Response, current_app, jsonify, request
+from flask import Flask, Response, current_app, has_request_context, jsonify, request
 from flask.cli import ScriptInfo
 from werkzeug.exceptions import HTTPException
 from werkzeug.local import LocalProxy
@@ -39,7 +40,15 @@ from clerk_sync.auth.claims import Auth
 from clerk_sync.auth.sessions import check_websocket_origin, is_cors_preflight
 from clerk_sync.auth.users import AuthUser, JitUsers
 from clerk_sync.config import Settings
-from clerk_sync.errors import AccessDenied, ClerkAPIError, ClerkSyncError, ConfigError, StoreError, TokenError
+from clerk_sync.errors import (
+    AccessDenied,
+    ClerkAPIError,
+    ClerkSyncError,
+    ConfigError,
+    StoreError,
+    TokenError,
+    TokenMissing,
+)
 from clerk_sync.ingest import WebhookProcessor
 from clerk_sync.integrations.http import error_response
 from clerk_sync.store import Store
@@ -207,6 +216,25 @@ def error_json(exc: ClerkSyncError) -> Response:
     response.status_code = answer.status
     response.headers.update(answer.headers)
     return response
+
+
+def _refusal(exc: ClerkSyncError) -> Response:
+    """The answer to a refusal of :func:`deny_by_default` or a guard, made where it is raised instead of raising
+    it: Flask tries a blueprint's error handlers for every class of the exception before the app's, so a
+    blueprint's ``errorhandler(Exception)`` (Flask's documented catch-all) turned every 401 and 403 into its
+    500. An app's or blueprint's own handler for ``ClerkSyncError`` (or a subclass) still answers, looked up as
+    Flask does (the request's blueprints, innermost first, then the app), over the exception's classes up to
+    ``ClerkSyncError`` only; :func:`error_json` otherwise."""
+    app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
+    classes = type(exc).__mro__
+    classes = classes[:classes.index(ClerkSyncError) + 1]
+    for name in (*request.blueprints, None):
+        handlers = app.error_handler_spec.get(name, {}).get(None, {})  # (get: no entry added to the spec)
+        for cls in classes:
+            handler = handlers.get(cls)
+            if handler is not None:
+                return app.make_response(app.ensure_sync(handler)(exc))
+    return error_json(exc)
 
 
 # -- who is calling --------------------------------------------------------------------------------
@@ -379,9 +407,14 @@ current_user = cast(SignedInUser, LocalProxy(_current_user))
 def user_context() -> dict[str, Any]:
     """Context processor: ``current_user`` in templates, as Flask-Login does (which keeps its own when the
     app also uses Flask-Login). Lazy: the row is read only when a template uses it. None without session
-    keys (a webhook-only app): it would shadow the app's own ``current_user`` with a 500 on every page."""
+    keys (a webhook-only app): it would shadow the app's own ``current_user`` with a 500 on every page.
+    Without a request (a template rendered in ``app.app_context()`` alone: an e-mail sent by a CLI command or a
+    job) nobody is calling: an :class:`AnonymousUser` (Flask-Login gives None there)."""
     if hasattr(current_app, "login_manager") or clerk_state().authenticator is None:
         return {}
+    if not has_request_context():
+        return {"current_user": AnonymousUser(TokenMissing("no request: this template was rendered outside one "
+                                                           "(app.app_context() alone), nobody is signed in"))}
     return {"current_user": current_user}
 
 
@@ -404,7 +437,7 @@ def public(view: Callable[P, R]) -> Callable[P, R]:
     return view
 
 
-def deny_by_default() -> None:
+def deny_by_default() -> Response | None:
     """``before_request``: refuse non-public endpoints without a valid session (when the app asks for it).
 
     A URL the routing answers with a redirect has no endpoint here: this runs before Flask acts on it, and
@@ -412,18 +445,22 @@ def deny_by_default() -> None:
     """
     state = clerk_state()
     if not state.deny_by_default:
-        return
+        return None
     rule = request.url_rule
     if (is_cors_preflight(request.method, request.headers.get("Access-Control-Request-Method"))
             and rule is not None and getattr(rule, "provide_automatic_options", False)):
-        return  # Flask answers it itself, no view runs (Flask-CORS adds its headers): a browser's preflight
+        return None  # Flask answers it itself, no view runs (Flask-CORS adds its headers): a browser's preflight
         # carries no session by design. A view that takes OPTIONS itself stays protected.
     if isinstance(request.routing_exception, RequestRedirect):  # (endpoint is None: no rule was matched)
         if _redirect_is_public(state):
-            return
+            return None
     elif _is_public(state, request.endpoint):
-        return
-    _current_auth()  # unknown paths too: refuse before revealing what exists
+        return None
+    try:
+        _current_auth()  # unknown paths too: refuse before revealing what exists
+    except ClerkSyncError as exc:
+        return _refusal(exc)  # answered here: returned, a before_request's value is the response
+    return None
 
 
 def _is_public(state: ClerkSyncState, endpoint: str | None) -> bool:
@@ -538,7 +575,12 @@ def _guard(check: Callable[[], object]) -> Callable[[Callable[P, R]], Callable[P
     def decorator(view: Callable[P, R]) -> Callable[P, R]:
         @functools.wraps(view)
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-            check()
+            try:
+                check()
+            except ClerkSyncError as exc:
+                if not _dispatched(wrapper):  # a Flask-SocketIO event, a function a view calls: raised
+                    raise
+                return cast(R, _refusal(exc))  # the view Flask runs: answered here, as deny_by_default does
             # An ``async def`` view (flask[async]) is run to its result, as Flask does for an undecorated one
             # and Flask-Login's guards do: called as is, it would return a coroutine (500).
             return cast(R, current_app.ensure_sync(view)(*args, **kwargs))
@@ -546,6 +588,17 @@ def _guard(check: Callable[[], object]) -> Callable[[Callable[P, R]], Callable[P
         return wrapper
 
     return decorator
+
+
+def _dispatched(guarded: Callable[..., Any]) -> bool:
+    """Whether ``guarded`` is the view Flask dispatches this request to, or wrapped by it (other decorators
+    over a guard keep ``__wrapped__``, as ``functools.wraps`` sets it; a ``MethodView``'s ``decorators``
+    too). Only then is a refusal answered by the guard (see :func:`_refusal`): a Flask-SocketIO event handler
+    (run in a request context of the handshake's, with no endpoint) or a guarded function a view calls gets
+    the exception, as before, for its own handling."""
+    endpoint = request.endpoint
+    view = current_app.view_functions.get(endpoint) if endpoint is not None else None
+    return view is not None and inspect.unwrap(view, stop=lambda f: f is guarded) is guarded
 
 
 def clerk_login_required(view: Callable[P, R]) -> Callable[P, R]:

@@ -53,6 +53,8 @@ class ClerkSync:
     the signed-out otherwise. A ``redirect_to`` rule whose endpoint is public answers wherever it leads
     (``public_endpoints={"old_blog"}`` for ``add_url_rule("/blog", "old_blog", redirect_to="https://...")``);
     a ``redirect_to`` callable is judged as a view, by its endpoint alone.
+    Refusals answer as JSON (status, ``{"error", "message"}``), unless the app registered its own handler for
+    :class:`~clerk_sync.errors.ClerkSyncError` (before or after ``init_app``), or a blueprint for its routes.
     ``jit`` syncs a signed-in user whose webhook has not arrived (needs ``CLERK_SECRET_KEY``).
     Its Clerk API calls (429s, the circuit breaker, the budget) and JIT fetches are counted in the webhook
     processor's metrics, with the deliveries: ``clerk_state(app).processor.metrics.render()`` answers a ``/metrics``.
@@ -126,7 +128,8 @@ class ClerkSync:
                 app.add_url_rule(self.sync_me_path, endpoint=SYNC_ME_ENDPOINT, view_func=sync_me, methods=["POST"])
             if self.webhook_path is not None:
                 app.register_blueprint(webhook_blueprint(self.webhook_path))
-            app.register_error_handler(ClerkSyncError, error_json)
+            if ClerkSyncError not in app.error_handler_spec.get(None, {}).get(None, {}):  # the app's own wins
+                app.register_error_handler(ClerkSyncError, error_json)
             app.before_request(deny_by_default)
             app.context_processor(user_context)  # {% if current_user.is_authenticated %}, as with Flask-Login
         except Exception:  # a blueprint named clerk_sync already, an app already serving: no half-set-up app
