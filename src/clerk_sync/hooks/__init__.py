@@ -299,7 +299,8 @@ class Dispatcher:
                 self.metrics.hook_dead_unrun(hook)
         log.error("hook jobs marked dead when claimed (lease expired on their last attempt: worker killed, handler "
                   "slower than the lease, or clocks of the replicas apart; or a payload that cannot be read); "
-                  "`clerk-sync hooks list` shows why", jobs=[job_id for job_id, _ in dead])
+                  "`clerk-sync hooks list` shows why", count=len(dead),
+                  jobs=[job_id for job_id, _ in dead[:20]])  # (the first 20: one line, however many)
 
     def _check_outbox_privileges(self) -> None:
         """Raise :class:`StorePrivilegeMissing` (what to grant) while the database role may not update and delete
