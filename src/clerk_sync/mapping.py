@@ -732,26 +732,40 @@ class SchemaMapping:
         """Erasure: clear the mapped personal columns of this entity's row, whatever the delete policy (as
         :func:`cleared_values`: Django's NOT NULL ``first_name`` gets ``""``, not a NULL that rolled the whole
         erasure back). Under a savepoint: what the app's table still refuses (a CHECK, a trigger, a NOT NULL
-        column with no cleared value) is logged and returned, and the erasure of clerk-sync's rows holds."""
+        column with no cleared value, a column the mapping names that the table lacks) is logged and returned,
+        and the erasure of clerk-sync's rows holds."""
         mapped = self.tables.get(entity)
         if mapped is None or not any(col.is_personal for col in mapped.clearable().values()):
             return []
-        table = self.table(conn, mapped.table)
-        personal, kept = cleared_values(table, mapped.clearable(), clerk_id)
+        try:
+            table = self.table(conn, mapped.table)
+        except sa.exc.NoSuchTableError:
+            refused = [f"{mapped.table} does not exist: nothing cleared there (the mapping names it)"]
+            log.warning("mapped_erasure_refused", table=mapped.table, clerk_id=clerk_id, reason=refused[0])
+            return refused
+        columns = mapped.clearable()
+        if mapped.clerk_id_column not in table.c:  # (check_schema fails it; a delivery's row is refused for it)
+            refused = [f"{mapped.table}.{mapped.clerk_id_column} (the mapping's Clerk-id column) is missing: run "
+                       "`clerk-sync migrate --mapping ...`; the person's row there is not cleared"]
+            personal: JSON = {}
+        else:
+            refused = [f"{mapped.table}.{name} is missing: add it or remove it from the mapping; not cleared"
+                       for name, col in columns.items() if col.is_personal and name not in table.c]
+            personal, kept = cleared_values(table, {n: c for n, c in columns.items() if n in table.c}, clerk_id)
+            refused += [f"{mapped.table}.{c} is NOT NULL (or UNIQUE) with nothing to clear it to: not cleared"
+                        for c in kept]
         check_at_once(conn)
-        refused = [f"{mapped.table}.{c} is NOT NULL (or UNIQUE) with nothing to clear it to: not cleared"
-                   for c in kept]
-        row = table.c[mapped.clerk_id_column] == clerk_id
         for name, value in personal.items():  # one at a time: a column the table refuses leaves the others cleared
             tries = [value]
             column = table.c[name]
             if isinstance(value, str) and isinstance(column.type, sa.String):  # unique in a way not reflected
-                own = erased_placeholder(clerk_id, mapped.clearable()[name].source == "email", column.type.length)
+                own = erased_placeholder(clerk_id, columns[name].source == "email", column.type.length)
                 tries += [own] if own != value else []  # (an expression index: lower(email))
             for attempt in tries:
                 try:
                     with conn.begin_nested():
-                        conn.execute(sa.update(table).where(row).values({name: attempt}))
+                        conn.execute(sa.update(table).where(table.c[mapped.clerk_id_column] == clerk_id)
+                                     .values({name: attempt}))
                     break
                 except sa.exc.DBAPIError as exc:
                     # (a deadlock, a grant missing: the erasure fails whole, nothing half-done)

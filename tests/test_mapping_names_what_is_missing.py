@@ -1,0 +1,63 @@
+"""A mapping naming what is not there: a column the app's table lacks, a source no record has.
+
+Erasure crashed (KeyError) and erased nothing when the mapping named a personal column the table lacks; a
+missing mapped column passed ``migrate --mapping`` and then refused every row with a ``KeyError`` naming no
+column; a typo in a source (``"ful_name"``) wrote NULL into every row, silently."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from clerk_sync.mapping import MappedTable, SchemaMapping
+from clerk_sync.retention import Retention
+from clerk_sync.store import Store
+from tests import factories as f
+from tests.test_cli import run
+from tests.test_hooks import B, deliver
+from tests.test_mapping import _with_app_table
+
+
+def _scalar(store: Store, sql: str) -> object:
+    with store.connect() as conn:
+        return conn.execute(sa.text(sql)).scalar_one()
+
+
+def test_erasure_reports_a_mapped_column_the_table_lacks_and_still_erases(db_url: str, tmp_path: Path) -> None:
+    """The missing column is that table's refusal (reported, audited, exit 1); clerk-sync's rows and the
+    columns the table has are cleared."""
+    accounts = sa.Table("lacking_accounts", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
+                        sa.Column("email", sa.String(320)))
+    store, engine = _with_app_table(db_url, accounts, SchemaMapping(users=MappedTable(
+        "lacking_accounts", "clerk_user_id", {"email": "email"})))
+    assert deliver(store, f.envelope("user.created", f.user("user_e", B + 1000, email="e@example.com")),
+                   f.envelope("user.created", f.user("user_c", B + 1000, email="c@example.com"))) == ["applied"] * 2
+    store.dispose()
+    source = ("from clerk_sync.mapping import MappedTable, SchemaMapping\n"
+              "MAPPING = SchemaMapping(users=MappedTable('lacking_accounts', 'clerk_user_id',\n"
+              "                                          {'email': 'email', 'name': 'full_name'}))\n")
+    (tmp_path / "lackmap.py").write_text(source)
+    namespace: dict[str, object] = {}
+    exec(source, namespace)  # noqa: S102 (the module the CLI loads, for the library call)
+    mapping = namespace["MAPPING"]
+    assert isinstance(mapping, SchemaMapping)
+    store = Store.from_url(db_url, mapping=mapping)
+
+    report = Retention(store).erase_user("user_e", reason="DSR")
+    assert len(report.mapped_refused) == 1, report.mapped_refused
+    assert "lacking_accounts.name is missing" in report.mapped_refused[0]
+    assert _scalar(store, "SELECT email FROM users WHERE clerk_id = 'user_e'") is None  # clerk-sync's erased
+    assert _scalar(store, "SELECT email FROM lacking_accounts WHERE clerk_user_id = 'user_e'") is None
+
+    result = run("users", "erase", "user_c", "--mapping", "lackmap:MAPPING",
+                 env={"DATABASE_URL": db_url, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])})
+    said = " ".join(result.stderr.split())
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "lacking_accounts.name is missing" in said and "Traceback" not in said, said
+    assert _scalar(store, "SELECT email FROM users WHERE clerk_id = 'user_c'") is None
+    assert _scalar(store, "SELECT email FROM lacking_accounts WHERE clerk_user_id = 'user_c'") is None
+    store.dispose()
+    engine.dispose()
