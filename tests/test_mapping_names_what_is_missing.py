@@ -61,3 +61,34 @@ def test_erasure_reports_a_mapped_column_the_table_lacks_and_still_erases(db_url
     assert _scalar(store, "SELECT email FROM lacking_accounts WHERE clerk_user_id = 'user_c'") is None
     store.dispose()
     engine.dispose()
+
+
+def test_a_missing_mapped_column_fails_migrate_and_each_row_names_it(db_url: str, tmp_path: Path) -> None:
+    """``migrate --mapping`` exits 2 naming the column, before changing anything; a delivery is applied, its
+    mapped row refused with a ``last_error`` naming the column (not "KeyError: a value the column's type
+    cannot take")."""
+    engine = sa.create_engine(db_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE typo_accounts (id INTEGER PRIMARY KEY, email VARCHAR(320))")
+    (tmp_path / "typomap.py").write_text(
+        "from clerk_sync.mapping import MappedTable, SchemaMapping\n"
+        "MAPPING = SchemaMapping(users=MappedTable('typo_accounts', 'clerk_user_id', {'emial': 'email'}))\n")
+    result = run("migrate", "--mapping", "typomap:MAPPING",
+                 env={"DATABASE_URL": db_url, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])})
+    said = " ".join(result.stderr.split())
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "typo_accounts.emial (a mapped column) is missing" in said, said
+    with engine.connect() as conn:  # nothing added: the Clerk-id column neither
+        assert {c["name"] for c in sa.inspect(conn).get_columns("typo_accounts")} == {"id", "email"}
+
+    with engine.begin() as conn:  # migrated by an earlier, correct mapping
+        conn.exec_driver_sql("ALTER TABLE typo_accounts ADD COLUMN clerk_user_id VARCHAR(64)")
+        conn.exec_driver_sql("ALTER TABLE typo_accounts ADD COLUMN deleted_at TIMESTAMP NULL")
+    store = Store.from_url(db_url, mapping=SchemaMapping(users=MappedTable(
+        "typo_accounts", "clerk_user_id", {"emial": "email"})))
+    assert deliver(store, f.envelope("user.created", f.user("user_t", B + 1000, banned=True))) == ["applied"]
+    assert _scalar(store, "SELECT banned FROM users WHERE clerk_id = 'user_t'") in (True, 1)
+    error = str(_scalar(store, "SELECT last_error FROM webhook_events"))
+    assert "typo_accounts.emial (a mapped column) is missing" in error and "KeyError" not in error, error
+    store.dispose()
+    engine.dispose()

@@ -29,7 +29,7 @@ import time
 import uuid
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -782,6 +782,7 @@ class _Projection:
     """The statements for one mapped table, built once (bound parameters, no per-call construct)."""
 
     def __init__(self, table: sa.Table, mapped: MappedTable, dialect: str) -> None:
+        _refuse_missing_columns(table, mapped)
         self.t, self.m, self.columns = table, mapped, mapped.resolved()
         self.key = table.c[mapped.clerk_id_column]
         self.fixed: JSON = {}  # what a live row's delete-policy column holds
@@ -1859,6 +1860,27 @@ def _pg_table_state(conn: Connection, name: str) -> tuple[str | None, set[str], 
     return str(row.schema), set(row.invalid), set(row.deferrable), partitions
 
 
+def _missing_columns(mapped: MappedTable, columns: Iterable[str]) -> list[str]:
+    """What the mapping names that the app's table (its ``columns``) lacks, each as what to do about it."""
+    migrate = "run `clerk-sync migrate --mapping ...`, which adds it"
+    policy = _policy_column(mapped)
+    named = {**{c: ("a link column", "add it or stop linking by it") for c in mapped.link_columns},
+             **{c: ("a mapped column", "add it or remove it from the mapping") for c in mapped.columns},
+             **({policy[0]: (f"{type(mapped.on_delete).__name__}'s column", migrate)} if policy else {}),
+             mapped.clerk_id_column: ("the Clerk-id column", migrate)}
+    present = set(columns)
+    return [f"{mapped.table}.{column} ({what}) is missing: {fix}"
+            for column, (what, fix) in named.items() if column not in present]
+
+
+def _refuse_missing_columns(table: sa.Table, mapped: MappedTable) -> None:
+    """A column the mapping names that the app's table lacks: each row's refusal, naming it (a ``KeyError`` deep in
+    the projection said only "a value the column's type cannot take")."""
+    missing = _missing_columns(mapped, table.c.keys())
+    if missing:
+        raise StoreDataError("; ".join(missing))
+
+
 def _lookup(values: JSON, source: str) -> Any:
     if source == "full_name":
         names = [values.get("first_name"), values.get("last_name")]
@@ -2393,7 +2415,8 @@ _CLERK_ID_TYPE = sa.String(64).with_variant(mysql.VARCHAR(64, charset="utf8mb4",
 def migrate_schema(conn: Connection, mapping: SchemaMapping, *, unique_indexes: bool = True) -> list[str]:
     """Add what the mapping needs (the Clerk-id column with a unique index, the delete-policy column: a
     :class:`Deactivate` flag with ``DEFAULT TRUE``, so the rows already there stay active), through Alembic
-    operations; returns what it did. Idempotent; never drops or alters a column.
+    operations; returns what it did. Idempotent; never drops or alters a column. A mapped table, or a mapped or
+    link column, that is not there: :class:`~clerk_sync.errors.ConfigError` naming each, before anything is changed.
 
     The unique index is built in ``conn``'s transaction: on PostgreSQL that holds a SHARE lock on the app's
     table, blocking its writes, for the whole build; ``unique_indexes=False`` leaves the indexes out, for
@@ -2407,10 +2430,17 @@ def migrate_schema(conn: Connection, mapping: SchemaMapping, *, unique_indexes: 
     with without_statement_bound(conn):
         ops = Operations(MigrationContext.configure(conn))
         inspector = sa.inspect(conn)
+        missing: list[str] = []
         for mapped in mapping.tables.values():  # every table checked before any is changed
             schema, bare = _not_clerk_syncs(conn, mapped.table)
             if not inspector.has_table(bare, schema):
                 raise ConfigError(_missing_table_message(mapped))
+            # (what migrate adds, the Clerk-id and delete columns, aside: every row would be refused for the rest)
+            added = {mapped.clerk_id_column, *([policy[0]] if (policy := _policy_column(mapped)) else [])}
+            missing += _missing_columns(mapped, {c["name"] for c in inspector.get_columns(bare, schema)} | added)
+        if missing:
+            raise ConfigError(f"the mapping names columns the app's tables lack ({'; '.join(missing)}); nothing was "
+                              "migrated: every row would be refused for them")
         for mapped in mapping.tables.values():
             name = mapped.table
             schema, bare = _not_clerk_syncs(conn, name)
