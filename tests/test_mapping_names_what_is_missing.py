@@ -7,12 +7,14 @@ column; a typo in a source (``"ful_name"``) wrote NULL into every row, silently.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 
-from clerk_sync.mapping import MappedTable, SchemaMapping
+from clerk_sync.mapping import Column, MappedTable, SchemaMapping
 from clerk_sync.retention import Retention
 from clerk_sync.store import Store
 from tests import factories as f
@@ -92,3 +94,30 @@ def test_a_missing_mapped_column_fails_migrate_and_each_row_names_it(db_url: str
     assert "typo_accounts.emial (a mapped column) is missing" in error and "KeyError" not in error, error
     store.dispose()
     engine.dispose()
+
+
+def test_a_source_no_record_has_is_refused_when_the_mapping_is_declared() -> None:
+    """``"ful_name"`` for ``full_name``, a metadata path under a misspelt or another entity's field: each wrote
+    NULL into every row, silently. Refused when the mapping is made, naming the source, the entity and the
+    sources known."""
+    cases = [(dict(users=MappedTable("accounts", "clerk_user_id", {"email": "email", "name": "ful_name"})),
+              "accounts.name: unknown source 'ful_name' for users (did you mean 'full_name'?)"),
+             (dict(users=MappedTable("accounts", "clerk_user_id", {"plan": "public_metdata.plan"})),
+              "unknown source 'public_metdata.plan' for users (did you mean 'public_metadata.plan'?)"),
+             (dict(users=MappedTable("accounts", "clerk_user_id", {"plan": "email.plan"})),
+              "unknown source 'email.plan' for users"),
+             (dict(organizations=MappedTable("teams", "clerk_org_id", {"name": "full_name"})),
+              "unknown source 'full_name' for organizations"),
+             (dict(memberships=MappedTable("seats", "clerk_membership_id", {"tier": "public_metadata.tier"})),
+              "unknown source 'public_metadata.tier' for organization_memberships")]
+    for tables, said in cases:
+        with pytest.raises(ValueError, match=re.escape(said)) as refused:
+            SchemaMapping(**tables)
+        assert "known: clerk_id" in str(refused.value), refused.value
+    # every kind of source a mapping may name
+    SchemaMapping(users=MappedTable("accounts", "clerk_user_id", {
+        "email": "email", "name": "full_name", "plan": "public_metadata.billing.plan", "meta": "unsafe_metadata",
+        "ext": "external_id", "until": Column("locked_until", transform="timestamp"),
+        "initials": Column(compute=lambda v: "x")}),
+        organizations=MappedTable("teams", "clerk_org_id", {"name": "name", "tier": "private_metadata.tier"}),
+        memberships=MappedTable("seats", "clerk_membership_id", {"who": "user_clerk_id", "perms": "permissions"}))

@@ -21,6 +21,7 @@ false, or a number column set 0), :class:`Anonymise` (mapped personal columns cl
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import math
@@ -380,6 +381,8 @@ class SchemaMapping:
         for entity, mapped in self.tables.items():
             if mapped.links and entity is not Entity.USER:
                 raise ValueError(f"{mapped.table}: link_by_email/link_by_external_id apply to users only")
+            for name, col in mapped.resolved().items():
+                _check_source(entity, mapped, name, col)
         # Per engine, weakly: an engine's id is reused once it is collected, and a projection reflected through
         # another database's engine would then write with its columns and indexes.
         self._projections: weakref.WeakKeyDictionary[sa.Engine, dict[Entity, _Projection]] = (
@@ -1879,6 +1882,29 @@ def _refuse_missing_columns(table: sa.Table, mapped: MappedTable) -> None:
     missing = _missing_columns(mapped, table.c.keys())
     if missing:
         raise StoreDataError("; ".join(missing))
+
+
+def _sources(entity: Entity) -> list[str]:
+    """The sources a Column of ``entity``'s table may name (a dotted path under the ``*_metadata`` ones too)."""
+    fields = [name for name in _RECORD_FIELDS[entity] if name not in ("clerk_updated_at", "lock_version",
+                                                                        "lockout_pending_s")]
+    return [*fields, "full_name"] if entity is Entity.USER else fields
+
+
+def _check_source(entity: Entity, mapped: MappedTable, name: str, col: Column) -> None:
+    """A source no record of ``entity`` has (``"ful_name"``) would write NULL into every row: refused when declared."""
+    if col.source is None:
+        return
+    known = _sources(entity)
+    head, dot, rest = col.source.partition(".")
+    paths = [field for field in known if field.endswith("_metadata")]
+    if (head in paths) if dot else (head in known):
+        return
+    close = difflib.get_close_matches(head, paths if dot else known, n=1)
+    hint = f" (did you mean {close[0] + dot + rest!r}?)" if close else ""
+    under = f", or a dotted path under {', '.join(paths)}" if paths else ""
+    raise ValueError(f"{mapped.table}.{name}: unknown source {col.source!r} for {entity.value}{hint}; known: "
+                     f"{', '.join(known)}{under}; or Column(compute=...)")
 
 
 def _lookup(values: JSON, source: str) -> Any:
