@@ -576,7 +576,7 @@ class SchemaMapping:
             try:
                 with conn.engine.connect() as own:
                     self._projection(own, entity, mapped)
-            except Exception:  # a column the mapping names that the table lacks (KeyError): not raised
+            except Exception:  # a column the mapping names that the table lacks (StoreDataError): not raised
                 # here, outside the delivery's refusal guard, which Outbox.project's path has (the row's refusal)
                 return False
         return self._projection(conn, entity, mapped).cte_sql is not None
