@@ -21,6 +21,7 @@ false, or a number column set 0), :class:`Anonymise` (mapped personal columns cl
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import math
@@ -29,7 +30,7 @@ import time
 import uuid
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -380,6 +381,8 @@ class SchemaMapping:
         for entity, mapped in self.tables.items():
             if mapped.links and entity is not Entity.USER:
                 raise ValueError(f"{mapped.table}: link_by_email/link_by_external_id apply to users only")
+            for name, col in mapped.resolved().items():
+                _check_source(entity, mapped, name, col)
         # Per engine, weakly: an engine's id is reused once it is collected, and a projection reflected through
         # another database's engine would then write with its columns and indexes.
         self._projections: weakref.WeakKeyDictionary[sa.Engine, dict[Entity, _Projection]] = (
@@ -573,7 +576,7 @@ class SchemaMapping:
             try:
                 with conn.engine.connect() as own:
                     self._projection(own, entity, mapped)
-            except Exception:  # a column the mapping names that the table lacks (KeyError): not raised
+            except Exception:  # a column the mapping names that the table lacks (StoreDataError): not raised
                 # here, outside the delivery's refusal guard, which Outbox.project's path has (the row's refusal)
                 return False
         return self._projection(conn, entity, mapped).cte_sql is not None
@@ -732,26 +735,40 @@ class SchemaMapping:
         """Erasure: clear the mapped personal columns of this entity's row, whatever the delete policy (as
         :func:`cleared_values`: Django's NOT NULL ``first_name`` gets ``""``, not a NULL that rolled the whole
         erasure back). Under a savepoint: what the app's table still refuses (a CHECK, a trigger, a NOT NULL
-        column with no cleared value) is logged and returned, and the erasure of clerk-sync's rows holds."""
+        column with no cleared value, a column the mapping names that the table lacks) is logged and returned,
+        and the erasure of clerk-sync's rows holds."""
         mapped = self.tables.get(entity)
         if mapped is None or not any(col.is_personal for col in mapped.clearable().values()):
             return []
-        table = self.table(conn, mapped.table)
-        personal, kept = cleared_values(table, mapped.clearable(), clerk_id)
+        try:
+            table = self.table(conn, mapped.table)
+        except sa.exc.NoSuchTableError:
+            refused = [f"{mapped.table} does not exist: nothing cleared there (the mapping names it)"]
+            log.warning("mapped_erasure_refused", table=mapped.table, clerk_id=clerk_id, reason=refused[0])
+            return refused
+        columns = mapped.clearable()
+        if mapped.clerk_id_column not in table.c:  # (check_schema fails it; a delivery's row is refused for it)
+            refused = [f"{mapped.table}.{mapped.clerk_id_column} (the mapping's Clerk-id column) is missing: run "
+                       "`clerk-sync migrate --mapping ...`; the person's row there is not cleared"]
+            personal: JSON = {}
+        else:
+            refused = [f"{mapped.table}.{name} is missing: add it or remove it from the mapping; not cleared"
+                       for name, col in columns.items() if col.is_personal and name not in table.c]
+            personal, kept = cleared_values(table, {n: c for n, c in columns.items() if n in table.c}, clerk_id)
+            refused += [f"{mapped.table}.{c} is NOT NULL (or UNIQUE) with nothing to clear it to: not cleared"
+                        for c in kept]
         check_at_once(conn)
-        refused = [f"{mapped.table}.{c} is NOT NULL (or UNIQUE) with nothing to clear it to: not cleared"
-                   for c in kept]
-        row = table.c[mapped.clerk_id_column] == clerk_id
         for name, value in personal.items():  # one at a time: a column the table refuses leaves the others cleared
             tries = [value]
             column = table.c[name]
             if isinstance(value, str) and isinstance(column.type, sa.String):  # unique in a way not reflected
-                own = erased_placeholder(clerk_id, mapped.clearable()[name].source == "email", column.type.length)
+                own = erased_placeholder(clerk_id, columns[name].source == "email", column.type.length)
                 tries += [own] if own != value else []  # (an expression index: lower(email))
             for attempt in tries:
                 try:
                     with conn.begin_nested():
-                        conn.execute(sa.update(table).where(row).values({name: attempt}))
+                        conn.execute(sa.update(table).where(table.c[mapped.clerk_id_column] == clerk_id)
+                                     .values({name: attempt}))
                     break
                 except sa.exc.DBAPIError as exc:
                     # (a deadlock, a grant missing: the erasure fails whole, nothing half-done)
@@ -768,6 +785,7 @@ class _Projection:
     """The statements for one mapped table, built once (bound parameters, no per-call construct)."""
 
     def __init__(self, table: sa.Table, mapped: MappedTable, dialect: str) -> None:
+        _refuse_missing_columns(table, mapped)
         self.t, self.m, self.columns = table, mapped, mapped.resolved()
         self.key = table.c[mapped.clerk_id_column]
         self.fixed: JSON = {}  # what a live row's delete-policy column holds
@@ -1848,6 +1866,50 @@ def _pg_table_state(conn: Connection, name: str) -> tuple[str | None, set[str], 
     return str(row.schema), set(row.invalid), set(row.deferrable), partitions
 
 
+def _missing_columns(mapped: MappedTable, columns: Iterable[str]) -> list[str]:
+    """What the mapping names that the app's table (its ``columns``) lacks, each as what to do about it."""
+    migrate = "run `clerk-sync migrate --mapping ...`, which adds it"
+    policy = _policy_column(mapped)
+    named = {**{c: ("a link column", "add it or stop linking by it") for c in mapped.link_columns},
+             **{c: ("a mapped column", "add it or remove it from the mapping") for c in mapped.columns},
+             **({policy[0]: (f"{type(mapped.on_delete).__name__}'s column", migrate)} if policy else {}),
+             mapped.clerk_id_column: ("the Clerk-id column", migrate)}
+    present = set(columns)
+    return [f"{mapped.table}.{column} ({what}) is missing: {fix}"
+            for column, (what, fix) in named.items() if column not in present]
+
+
+def _refuse_missing_columns(table: sa.Table, mapped: MappedTable) -> None:
+    """A column the mapping names that the app's table lacks: each row's refusal, naming it (a ``KeyError`` deep in
+    the projection said only "a value the column's type cannot take")."""
+    missing = _missing_columns(mapped, table.c.keys())
+    if missing:
+        raise StoreDataError("; ".join(missing))
+
+
+def _sources(entity: Entity) -> list[str]:
+    """The sources a Column of ``entity``'s table may name (a dotted path under the ``*_metadata`` ones too)."""
+    fields = [name for name in _RECORD_FIELDS[entity] if name not in ("clerk_updated_at", "lock_version",
+                                                                        "lockout_pending_s")]
+    return [*fields, "full_name"] if entity is Entity.USER else fields
+
+
+def _check_source(entity: Entity, mapped: MappedTable, name: str, col: Column) -> None:
+    """A source no record of ``entity`` has (``"ful_name"``) would write NULL into every row: refused when declared."""
+    if col.source is None:
+        return
+    known = _sources(entity)
+    head, dot, rest = col.source.partition(".")
+    paths = [field for field in known if field.endswith("_metadata")]
+    if (head in paths) if dot else (head in known):
+        return
+    close = difflib.get_close_matches(head, paths if dot else known, n=1)
+    hint = f" (did you mean {close[0] + dot + rest!r}?)" if close else ""
+    under = f", or a dotted path under {', '.join(paths)}" if paths else ""
+    raise ValueError(f"{mapped.table}.{name}: unknown source {col.source!r} for {entity.value}{hint}; known: "
+                     f"{', '.join(known)}{under}; or Column(compute=...)")
+
+
 def _lookup(values: JSON, source: str) -> Any:
     if source == "full_name":
         names = [values.get("first_name"), values.get("last_name")]
@@ -2383,7 +2445,8 @@ _CLERK_ID_TYPE = sa.String(64).with_variant(mysql.VARCHAR(64, charset="utf8mb4",
 def migrate_schema(conn: Connection, mapping: SchemaMapping, *, unique_indexes: bool = True) -> list[str]:
     """Add what the mapping needs (the Clerk-id column with a unique index, the delete-policy column: a
     :class:`Deactivate` flag with ``DEFAULT TRUE``, so the rows already there stay active), through Alembic
-    operations; returns what it did. Idempotent; never drops or alters a column.
+    operations; returns what it did. Idempotent; never drops or alters a column. A mapped table, or a mapped or
+    link column, that is not there: :class:`~clerk_sync.errors.ConfigError` naming each, before anything is changed.
 
     The unique index is built in ``conn``'s transaction: on PostgreSQL that holds a SHARE lock on the app's
     table, blocking its writes, for the whole build; ``unique_indexes=False`` leaves the indexes out, for
@@ -2397,10 +2460,17 @@ def migrate_schema(conn: Connection, mapping: SchemaMapping, *, unique_indexes: 
     with without_statement_bound(conn):
         ops = Operations(MigrationContext.configure(conn))
         inspector = sa.inspect(conn)
+        missing: list[str] = []
         for mapped in mapping.tables.values():  # every table checked before any is changed
             schema, bare = _not_clerk_syncs(conn, mapped.table)
             if not inspector.has_table(bare, schema):
                 raise ConfigError(_missing_table_message(mapped))
+            # (what migrate adds, the Clerk-id and delete columns, aside: every row would be refused for the rest)
+            added = {mapped.clerk_id_column, *([policy[0]] if (policy := _policy_column(mapped)) else [])}
+            missing += _missing_columns(mapped, {c["name"] for c in inspector.get_columns(bare, schema)} | added)
+        if missing:
+            raise ConfigError(f"the mapping names columns the app's tables lack ({'; '.join(missing)}); nothing was "
+                              "migrated: every row would be refused for them")
         for mapped in mapping.tables.values():
             name = mapped.table
             schema, bare = _not_clerk_syncs(conn, name)
