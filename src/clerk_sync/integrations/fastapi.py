@@ -10,7 +10,8 @@ Usage::
     def admin(user: AuthUser = Depends(clerk.require_role("admin"))): ...
 
 Each dependency verifies the token itself (cheap: verified signatures are cached until ``exp``),
-so a route stays protected even where no middleware runs.
+so a route stays protected even where no middleware runs; on a websocket route (``@app.websocket``) it judges
+the handshake, and a refusal denies it.
 """
 
 from __future__ import annotations
