@@ -9,8 +9,9 @@ import sqlalchemy as sa
 
 from clerk_sync import migrations
 from clerk_sync.auth.authenticator import DenyList
-from clerk_sync.changes import Hook
+from clerk_sync.changes import Change, Hook
 from clerk_sync.events import lock_in_force, user_record
+from clerk_sync.hooks import Dispatcher
 from clerk_sync.mapping import MappedTable, SchemaMapping
 from clerk_sync.reconcile import Reconciler
 from clerk_sync.store import Store, create_engine
@@ -96,3 +97,28 @@ def test_an_end_counted_on_a_clock_behind_clerks_is_not_an_earlier_locks(db_url:
     assert not lock_in_force(True, rec.locked_until, now_ms=U + 3_600_000, version_ms=rec.clerk_updated_at,
                              lock_version=rec.lock_version), \
         "an hour after the lock ended (by any clock) the user is still refused"
+
+
+def test_the_repair_has_an_idempotency_key_and_version_of_its_own(db_url: str) -> None:
+    """The unlock shares the lock's ``updated_at`` (a lockout's end bumps none): described at that version, its
+    key was the lock's, and a receiver deduplicating on it (or keeping the newest version) dropped the unlock
+    and kept the user locked. It is versioned 1 ms after: newer than the lock, below any later real update."""
+    seen: list[Change] = []
+    clock = Clock()
+    store = Store(create_engine(db_url), now=clock.utc, hooks=[Hook("crm", seen.append, on=["user.*"])])
+    with EmulatorServer(clock=clock) as emu, _client(emu) as clerk:
+        user = emu.create_user(email="locked@example.com")
+        run = lambda: Reconciler(store, clerk, page_size=50, now=clock.utc, with_hooks=True).run()  # noqa: E731
+        run()
+        clock.at += 5
+        emu.request("POST", f"/v1/users/{user['id']}/lock")
+        run()
+        clock.at += 2 * 3600  # the lockout ended in Clerk, its updated_at unchanged
+        run()
+        version = emu.request("GET", f"/v1/users/{user['id']}")["updated_at"]
+    Dispatcher(store, now=clock.utc).drain()
+    store.dispose()
+    updates = [c for c in seen if c.kind == "updated"]
+    assert [(c.values["locked"], c.version) for c in updates] == [(True, version), (False, version + 1)]
+    assert len({c.idempotency_key for c in seen}) == len(seen), [c.idempotency_key for c in seen]
+    assert updates[1].values["clerk_updated_at"] == version  # the row's own version is still Clerk's

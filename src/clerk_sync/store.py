@@ -775,7 +775,10 @@ class Writer:
         ).values(locked=False, locked_until=None, updated_at=self.now)).rowcount == 1
         if done and outbox is not None and before is not None:
             after = {**before, "locked": False, "locked_until": None}
-            outbox.record(describe(Entity.USER, record.clerk_id, record.clerk_updated_at, before, after))
+            # Versioned one ms after the lock's change (same ``updated_at``), so its idempotency key is its own:
+            # a receiver deduplicating on it, or keeping the newest version, would drop the unlock otherwise.
+            # Never above a real later update: Clerk listed the user at this version after the lock had ended.
+            outbox.record(describe(Entity.USER, record.clerk_id, record.clerk_updated_at + 1, before, after))
         return done
 
     def _settled_record(self, record: Record) -> Record:
