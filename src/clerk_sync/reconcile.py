@@ -13,7 +13,10 @@ had not committed.
 Deletions: rows Clerk did not list are *candidates*; before tombstoning (which is final) each batch is
 confirmed with Clerk by id (``GET /users?user_id=...``, memberships by their users through
 ``GET /organizations/{id}/memberships?user_id=...``), because an object deleted mid-run shifts later
-offsets and could hide a live object from a listing (one hidden so is repaired from that answer instead).
+offsets and could hide a live object from a listing (one we hold, hidden so, is repaired from that answer
+instead). An offset page whose ``total_count`` fell since the page before is preceded by the objects that
+many places before it, read again, so one we lack is not skipped (a deletion and a creation between the same
+two pages cancel in the count: the next run finds what that hid).
 ``--since`` lists only users updated since then (``-updated_at``), so it repairs updates but cannot find
 user deletions; organizations and memberships are always listed in full.
 
@@ -604,6 +607,7 @@ class Reconciler:
         horizon = total
         pending: deque[tuple[int, Future[tuple[list[JSON], int | None]]]] = deque()
         next_offset = start
+        last_total: int | None = None  # the total_count the page before reported
         with ThreadPoolExecutor(max_workers=self.prefetch, thread_name_prefix="reconcile") as pool:
             try:
                 while True:
@@ -615,6 +619,10 @@ class Reconciler:
                         return
                     offset, future = pending.popleft()
                     items, reported = future.result()
+                    if reported is not None:
+                        if last_total is not None and reported < last_total:
+                            yield from self._shifted(fetch, offset, last_total - reported)
+                        last_total = reported
                     if len(items) < size:
                         yield offset, items
                         return
@@ -625,6 +633,15 @@ class Reconciler:
                 for _, future in pending:
                     future.cancel()
 
+    def _shifted(self, fetch: Callable[[int], tuple[list[JSON], int | None]], offset: int,
+                 gone: int) -> Iterator[tuple[int, list[JSON]]]:
+        """The ``gone`` objects before ``offset`` again: the listing's total fell by ``gone`` since the page
+        before, so objects deleted in Clerk meanwhile may have moved the next ones below this offset, out of
+        every page (a live object we lack would never be created: the sweep confirms only rows we hold). If
+        the deletions were after it instead, these are objects listed twice (harmless: guarded upserts)."""
+        for at in range(max(0, offset - gone), offset, self.page_size):
+            items, _ = fetch(at)
+            yield at, items[:offset - at]
     def _apply_page(self, run: _Run, entity: Entity, items: list[JSON], next_cursor: int,
                     after: Anchor | None = None) -> None:
         with span("reconcile.page", {"clerk_sync.entity": entity.value, "clerk_sync.items": len(items),
