@@ -883,3 +883,49 @@ def test_a_duplicate_of_a_failed_delivery_applies_nothing_on_every_store(
     assert replay_deliveries(target).by_status == {"applied": 3}  # the way a failed delivery is applied
     with store.connect() as conn:
         assert set(conn.execute(sa.select(users.c.first_name)).scalars()) == {"New"}
+
+
+@pytest.mark.parametrize("stored", ["ignored", "skipped", "applied"])
+@pytest.mark.parametrize("hooked", [False, True], ids=["plain", "hooked"])
+def test_a_repeated_svix_id_applies_nothing_whatever_the_stored_status_or_body(
+        store: Store, verifier: WebhookVerifier, hooked: bool, stored: str) -> None:
+    """Review finding: the guard above refused only a stored ``failed`` delivery, so on PostgreSQL a re-sent
+    delivery an operator had dismissed (``ignored``), or a svix id re-sent with another body, was answered
+    ``duplicate`` and still applied (a ban included), the inbox never saying so; SQLite and MariaDB wrote
+    nothing. A svix id the inbox holds applies nothing on every store now, alone and in a batch."""
+    from clerk_sync.changes import Hook
+    from clerk_sync.tables import hook_jobs
+
+    target = Store(store.engine, hooks=[Hook("count", lambda change: None)]) if hooked else store
+    processor = WebhookProcessor(target, verifier)
+    base = 1_800_000_000_000
+    first = [f.envelope("user.created", f.user("user_alone", base, first_name="Old")),
+             f.envelope("user.created", f.user("user_batch", base, first_name="Old")),
+             f.envelope("organization.created", f.organization("org_1", base)),
+             f.envelope("organizationMembership.created", f.membership("orgmem_1", "org_1", "user_alone", base))]
+    assert _statuses(GroupCommitter(processor).write([(f"msg_{i}", _parsed(e)) for i, e in enumerate(first)])) == [
+        "applied"] * 4
+    later = {"msg_u1": f.envelope("user.updated", f.user("user_alone", base + 1, first_name="New", banned=True)),
+             "msg_u2": f.envelope("user.updated", f.user("user_batch", base + 1, first_name="New", banned=True)),
+             "msg_u3": f.envelope("user.created", f.user("user_other", base + 1, first_name="New")),
+             "msg_m": f.envelope("organizationMembership.updated",
+                                 f.membership("orgmem_1", "org_1", "user_alone", base + 1, role="org:admin"))}
+    with store.transaction() as writer:  # these ids are stored already, with another body
+        for svix_id in later:
+            other = f.envelope("email.created", {"id": f"ema_{svix_id}", "object": "email"})
+            writer.record_delivery(svix_id, f.body_of(other).decode(), event_type=other["type"], instance_id=None,
+                                   event_timestamp=None, status=DeliveryStatus(stored), error=None)
+    with store.connect() as conn:
+        jobs_before = conn.execute(sa.select(sa.func.count()).select_from(hook_jobs)).scalar_one()
+    headers, body = f.signed(later["msg_u1"], "msg_u1")
+    assert processor.process(headers, body).status == "duplicate"
+    again = GroupCommitter(processor).write([(k, _parsed(later[k])) for k in ("msg_u2", "msg_u3", "msg_m")])
+    assert _statuses(again) == ["duplicate"] * 3
+    with store.connect() as conn:
+        rows = {k: (n, bool(b)) for k, n, b in conn.execute(
+            sa.select(users.c.clerk_id, users.c.first_name, users.c.banned))}
+        role = conn.execute(sa.select(organization_memberships.c.role)).scalar_one()
+        jobs_after = conn.execute(sa.select(sa.func.count()).select_from(hook_jobs)).scalar_one()
+    assert (rows, role, jobs_after) == (
+        {"user_alone": ("Old", False), "user_batch": ("Old", False)}, "org:member", jobs_before)
+    assert {k: v for k, v in _inbox(store).items() if k in later} == dict.fromkeys(later, stored)

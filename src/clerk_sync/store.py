@@ -461,9 +461,8 @@ class Writer:
         """The inbox row and the guarded upsert in one statement (a data-modifying CTE, PostgreSQL):
         ``applied``, ``skipped`` (the guard refused the row), or None for a duplicate ``svix_id``.
 
-        The upsert runs before the inbox insert, also for a duplicate: harmless, because the guard
-        (``clerk_updated_at <`` the stored one) refuses a version that was already written, and a duplicate
-        of a delivery stored ``failed`` is refused too (:data:`_UNLESS_FAILED`: ``replay`` applies it). The
+        The upsert runs before the inbox insert, so it refuses a ``svix_id`` the inbox holds itself
+        (:data:`_UNLESS_STORED`: whatever that delivery's status or body; ``replay`` applies a failed one). The
         statement goes to psycopg directly (prepared by psycopg after a few runs): no SQLAlchemy work
         per delivery on the hot path.
         """
@@ -484,7 +483,7 @@ class Writer:
         mapped values the wave's JSON cannot carry as psycopg would (see ``mapping._as_json``) takes the
         statement per delivery described below.
 
-        Memberships take three statements (inbox row, guarded upsert, "deleted if its user or
+        Memberships take three statements (guarded upsert, inbox row, "deleted if its user or
         organization is"), after one statement that takes the advisory locks of all of them in one
         sorted pass (see :meth:`lock`); a membership the guard refused is set ``skipped`` afterwards.
 
@@ -493,7 +492,7 @@ class Writer:
         about (see :meth:`Outbox.upsert_hooks`) takes its entity's lock in that pass too, and its statement
         also reads the row before and writes the jobs of the change (:func:`~clerk_sync.outbox.jobs_cte_sql`:
         the change described in SQL, as :meth:`_apply_with_hooks` does in Python). A duplicate ``svix_id``
-        applies nothing (:data:`_UNLESS_FAILED`), as on the other stores. Jobs written in SQL are not in
+        applies nothing (:data:`_UNLESS_STORED`), as on the other stores. Jobs written in SQL are not in
         ``Outbox.changes``.
         Alone (``pipeline=False``) the statement returns the row before, and the mapping and the jobs go
         through :meth:`Outbox.record`, whose errors say which table refused what.
@@ -564,13 +563,13 @@ class Writer:
             where.append((len(statements), 0))
             values: list[Any] = [getattr(intent.record, name) for name in _RECORD_FIELDS[intent.entity]]
             if intent.entity is Entity.MEMBERSHIP:
-                sql, json_at = _raw_upsert_sql(intent.entity, unless_failed=True)
+                sql, json_at = _raw_upsert_sql(intent.entity, unless_stored=True)
                 for i in json_at:
                     values[i] = Jsonb(values[i])
-                statements += [
+                statements += [  # (the upsert first: its _UNLESS_STORED must not see this inbox row)
+                    (sql, [*values, now, now, *_erased_params(intent.entity, intent.record).values(), svix_id]),
                     (_RAW_INBOX_SQL, [svix_id, event_type, instance_id, event_timestamp, DeliveryStatus.APPLIED.value,
                                       error, now, payload, now]),
-                    (sql, [*values, now, now, *_erased_params(intent.entity, intent.record).values(), svix_id]),
                     (_RAW_PARENT_DELETED_SQL, [now, now, intent.clerk_id]),
                 ]
                 shape.append(3)
@@ -584,7 +583,7 @@ class Writer:
                 sql, json_at = (_hooked_statement_sql if h else _one_statement_sql)(intent.entity, mapped_sql)
             for i in json_at:
                 values[i] = Jsonb(values[i])
-            values += [now, now, erased_digest(intent.entity, intent.clerk_id), svix_id,  # (_UNLESS_FAILED's)
+            values += [now, now, erased_digest(intent.entity, intent.clerk_id), svix_id,  # (_UNLESS_STORED's)
                        svix_id, event_type, instance_id, event_timestamp, error, now, payload, now, *mapped_params]
             if specs:
                 assert outbox is not None  # specs come from it
@@ -631,9 +630,9 @@ class Writer:
                     upserted_alone.append((item[-1], _hooked_change(item[-1], before)))
             elif size == 1:
                 out.append(None if rows[at] is None else DeliveryStatus(rows[at][0]))
-            elif rows[at] is None:
-                out.append(None)  # a duplicate: its upsert and check ran again, harmlessly (guarded)
-            elif rows[at + 1] is None and rows[at + 2] is None:
+            elif rows[at + 1] is None:
+                out.append(None)  # a duplicate: its upsert refused (_UNLESS_STORED), its cascade check harmless
+            elif rows[at] is None and rows[at + 2] is None:
                 self.finish_delivery(item[0], DeliveryStatus.SKIPPED, item[5])
                 out.append(DeliveryStatus.SKIPPED)
             else:
@@ -1174,27 +1173,27 @@ def _sqlite_upsert(entity: Entity) -> tuple[str, list[Callable[[Any], Any] | Non
             processors([table.c[n].type for n in _RECORD_FIELDS[entity]], sqlite.dialect()))
 
 
-def _raw_upsert(entity: Entity, returning: str, *, unless_failed: bool = False) -> str:
+def _raw_upsert(entity: Entity, returning: str, *, unless_stored: bool = False) -> str:
     """:func:`_upsert_sql` as psycopg SQL (positional: the record's fields, now, now, the erased digests, and
-    with ``unless_failed`` the delivery's ``svix_id``: see :data:`_UNLESS_FAILED`)."""
+    with ``unless_stored`` the delivery's ``svix_id``: see :data:`_UNLESS_STORED`)."""
     table, names = _TABLES[entity], _RECORD_FIELDS[entity]
     t = table.name
     sets = ", ".join(f"{n} = excluded.{n}" for n in names if n != "clerk_id")
     return (
         f"INSERT INTO {t} ({', '.join(names)}, created_at, updated_at) SELECT {', '.join(['%s'] * (len(names) + 2))} "
-        f"{_not_erased(entity, named=False)}{_UNLESS_FAILED % '%s' if unless_failed else ''} "
+        f"{_not_erased(entity, named=False)}{_UNLESS_STORED % '%s' if unless_stored else ''} "
         f"ON CONFLICT (clerk_id) DO UPDATE SET {sets}, updated_at = excluded.updated_at "
         f"WHERE {t}.deleted_at IS NULL AND {t}.clerk_updated_at < excluded.clerk_updated_at RETURNING {returning}"
     )
 
 
-# The statements that write the inbox row and the upsert together run the upsert for a duplicate too
-# (guarded, so a version already written is refused). A duplicate of a delivery stored ``failed`` must
-# not apply either: on SQLite and MariaDB a duplicate writes nothing, and a failed delivery is applied by
-# ``replay``, which updates its inbox row (else the row changed, the mapping and hooks fired, and the inbox
-# still said failed, the alert firing for what was applied).
-_UNLESS_FAILED = (f" AND NOT EXISTS (SELECT 1 FROM webhook_events f_ WHERE f_.svix_id = %s "
-                  f"AND f_.status = '{DeliveryStatus.FAILED}')")
+# The statements that write the inbox row and the upsert together run the upsert before the inbox insert
+# knows the delivery is a duplicate. A duplicate ``svix_id`` must apply nothing, as on SQLite and MariaDB:
+# not the version guard's job alone, since the stored delivery may be one ``failed`` (``replay`` applies it,
+# updating its inbox row) or dismissed (``ignored``), or a re-send of the id with another body, none of
+# which the inbox would then say was applied. The inbox row of the delivery itself is not seen: written in
+# the same statement (a data-modifying CTE sees the snapshot before it), or, for a membership, after it.
+_UNLESS_STORED = " AND NOT EXISTS (SELECT 1 FROM webhook_events f_ WHERE f_.svix_id = %s)"
 
 
 def _json_at(entity: Entity) -> tuple[int, ...]:
@@ -1214,9 +1213,9 @@ _RAW_INBOX_CTE = (
 
 
 @functools.cache
-def _raw_upsert_sql(entity: Entity, *, unless_failed: bool = False) -> tuple[str, tuple[int, ...]]:
+def _raw_upsert_sql(entity: Entity, *, unless_stored: bool = False) -> tuple[str, tuple[int, ...]]:
     """:func:`_upsert_sql` as psycopg SQL (positional), and the positions of its JSON parameters."""
-    return _raw_upsert(entity, "id", unless_failed=unless_failed), _json_at(entity)
+    return _raw_upsert(entity, "id", unless_stored=unless_stored), _json_at(entity)
 # svix_id, payload text, event type, instance id, event timestamp (ms), reason, the upsert
 OneStatement = tuple[str, str, str, str | None, int | None, str | None, Upsert]
 
@@ -1225,10 +1224,10 @@ OneStatement = tuple[str, str, str, str | None, int | None, str | None, Upsert]
 def _one_statement_sql(entity: Entity, mapped: str = "") -> tuple[str, tuple[int, ...]]:
     """psycopg SQL for :meth:`Writer.record_and_upsert`, and the positions of its JSON parameters.
 
-    Parameters: the record's, now, now, the erased digest, the svix_id (:data:`_UNLESS_FAILED`), then the
+    Parameters: the record's, now, now, the erased digest, the svix_id (:data:`_UNLESS_STORED`), then the
     inbox row's, then those of ``mapped`` (a mapped table's upsert, :meth:`SchemaMapping.cte`; "" for none)."""
     also = f", {mapped}" if mapped else ""
-    up = _raw_upsert(entity, '1', unless_failed=True)
+    up = _raw_upsert(entity, '1', unless_stored=True)
     return f"WITH up AS ({up}), {_RAW_INBOX_CTE}{also} SELECT status FROM ins", _json_at(entity)
 
 
@@ -1258,7 +1257,7 @@ def _wave_sql(entity: Entity, mapped_columns: str = "", mapped: str = "", hooks:
         f"up AS (INSERT INTO {t} ({', '.join(names)}, created_at, updated_at) "
         f"SELECT {', '.join('v.' + n for n in names)}, %s::timestamptz, %s::timestamptz FROM v "
         f"WHERE NOT EXISTS (SELECT 1 FROM {erased.name} x WHERE x.digest = v.erased_)"
-        f"{_UNLESS_FAILED % 'v.svix_id_'} ORDER BY v.clerk_id "
+        f"{_UNLESS_STORED % 'v.svix_id_'} ORDER BY v.clerk_id "
         f"ON CONFLICT (clerk_id) DO UPDATE SET {sets}, updated_at = excluded.updated_at "
         f"WHERE {t}.deleted_at IS NULL AND {t}.clerk_updated_at < excluded.clerk_updated_at RETURNING clerk_id), "
         "ins AS (INSERT INTO webhook_events (svix_id, type, instance_id, event_timestamp, status, last_error, "
@@ -1280,7 +1279,7 @@ def _hooked_statement_sql(entity: Entity, mapped: str = "") -> tuple[str, tuple[
     also = f", {mapped}" if mapped else ""
     sql = (
         f"WITH before AS (SELECT {', '.join(names)} FROM {t} WHERE clerk_id = %s AND deleted_at IS NULL), "
-        f"up AS ({_raw_upsert(entity, '1', unless_failed=True)}), {_RAW_INBOX_CTE}{also} "
+        f"up AS ({_raw_upsert(entity, '1', unless_stored=True)}), {_RAW_INBOX_CTE}{also} "
         "SELECT (SELECT status FROM ins), EXISTS (SELECT 1 FROM up), before.* "
         "FROM (SELECT 1) AS one LEFT JOIN before ON true"
     )
@@ -1298,7 +1297,7 @@ def _jobs_statement_sql(entity: Entity, mapped: str, hooks: tuple[HookSpec, ...]
     sql = (
         f"WITH before AS (SELECT to_jsonb(r) AS prev FROM (SELECT {', '.join(names)} FROM {t} "
         "WHERE clerk_id = %s AND deleted_at IS NULL) AS r), "
-        f"up AS ({_raw_upsert(entity, '1', unless_failed=True)}), {_RAW_INBOX_CTE}{also}, {jobs_cte_sql(hooks)} "
+        f"up AS ({_raw_upsert(entity, '1', unless_stored=True)}), {_RAW_INBOX_CTE}{also}, {jobs_cte_sql(hooks)} "
         "SELECT status FROM ins"
     )
     return sql, _json_at(entity)
