@@ -221,6 +221,39 @@ def test_failed_run_resumes_from_its_cursor(store: Store, clerk: ClerkClient, em
     assert len(live_rows(store, "users")) == 300
 
 
+@pytest.mark.parametrize("silent_h", [5.9, 6.1])
+def test_a_run_silent_for_hours_is_listed_afresh_not_resumed(
+        store: Store, clerk: ClerkClient, emu: EmulatorServer, silent_h: float) -> None:
+    """Review finding: a failed run of any age was resumed mid-phase with its old listings, so the users Clerk
+    created since in the pages it had done (their webhooks missed) stayed missing, in a run reported
+    completed. Past ``resume_within_s`` (6 h) it is abandoned and the next run lists Clerk afresh."""
+    emu.emulator.bulk_create_users(120)
+    emu.create_organization(name="acme")
+    real = clerk.list_organizations
+
+    def down(**kwargs: Any) -> Any:
+        raise ClerkUnavailable("simulated outage", retry_after=1.0)
+
+    clerk.list_organizations = down  # type: ignore[method-assign]
+    with pytest.raises(ClerkUnavailable):  # the users' phase done, the organizations' failed
+        reconciler(store, clerk, prefetch=1).run()
+    clerk.list_organizations = real  # type: ignore[method-assign]
+    with store.connect() as conn:
+        failed = conn.execute(sa.select(reconcile_runs)).mappings().one()
+    assert failed["status"] == "failed" and failed["phase"] == "organizations"
+    late = emu.create_user(email="meanwhile@example.com")["id"]  # its user.created webhook missed
+    clock = lambda: datetime.now(UTC) + timedelta(hours=silent_h)  # noqa: E731
+    report = reconciler(Store(store.engine, now=clock), clerk, prefetch=1, now=clock).run()
+    with store.connect() as conn:
+        statuses = dict(conn.execute(sa.select(reconcile_runs.c.id, reconcile_runs.c.status)).all())
+    if silent_h < 6:  # resumed at its phase: the users are not listed again
+        assert report.resumed and report.run_id == failed["id"] and late not in live_rows(store, "users")
+        assert len(live_rows(store, "users")) == 120
+    else:
+        assert not report.resumed and statuses == {failed["id"]: "abandoned", report.run_id: "completed"}
+        assert late in live_rows(store, "users") and len(live_rows(store, "users")) == 121
+
+
 def test_a_live_run_is_not_taken_over(store: Store, clerk: ClerkClient) -> None:
     now = datetime.now(UTC)
     with store.transaction() as writer:

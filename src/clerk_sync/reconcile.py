@@ -8,7 +8,7 @@ Clerk's API and are paged by offset, a few pages in flight so the budget, not la
 Every page is one transaction: the changed rows are upserted under the webhook path's guard (newer
 ``updated_at`` wins, tombstones are final), the listed ids are staged in ``reconcile_seen``, and the
 run's cursor (the offset, and for users the last id) moves on — so a killed run resumes at the page it
-had not committed.
+had not committed (within ``resume_within_s``, 6 hours: past it, the run is abandoned and the next lists afresh).
 
 Deletions: rows Clerk did not list are *candidates*; before tombstoning (which is final) each batch is
 confirmed with Clerk by id (``GET /users?user_id=...``, memberships by their users through
@@ -91,6 +91,7 @@ _BUILD: dict[Entity, Callable[[JSON], Record]] = {
     Entity.USER: user_record, Entity.ORGANIZATION: organization_record, Entity.MEMBERSHIP: membership_record,
 }
 _RESUMABLE = ("running", "interrupted", "failed")
+RESUME_WITHIN_S = 6 * 3600.0  # an unfinished run silent longer is abandoned, not resumed (Reconciler)
 _CLAIM_LOCK = "reconcile_runs:claim"  # Writer.lock: one invocation at a time reads and claims the runs
 
 
@@ -205,7 +206,10 @@ class Reconciler:
     """Pages through Clerk and repairs our tables; see the module docstring for the guarantees.
 
     ``prefetch`` pages are requested concurrently (the budget still spaces them); ``stale_after_s`` is
-    how old a ``running`` run's heartbeat must be before another invocation may take it over.
+    how old a ``running`` run's heartbeat must be before another invocation may take it over;
+    ``resume_within_s``, how recent an unfinished run's last progress must be for the next run to resume it
+    (older, its listings are stale: resumed, the phases it had done would not be read again, so whatever
+    Clerk created meanwhile there would be missed by a run reported completed; it is abandoned instead).
     ``max_pages`` bounds each listing, whatever the server says.
 
     A run that finds more than a quarter of the live rows of an entity missing from Clerk's listing (and
@@ -223,6 +227,7 @@ class Reconciler:
         page_size: int = PAGE,
         prefetch: int = 4,
         stale_after_s: float = 60.0,
+        resume_within_s: float = RESUME_WITHIN_S,
         progress: Progress | None = None,
         on_change: Callable[[Change], None] | None = None,
         now: Callable[[], datetime] = utcnow,
@@ -237,6 +242,7 @@ class Reconciler:
         self.page_size = page_size
         self.prefetch = max(1, prefetch)
         self.stale_after_s = stale_after_s
+        self.resume_within_s = resume_within_s
         self.progress: Progress = progress or _NoProgress()
         self.on_change = on_change or (lambda change: None)
         self._now = now
@@ -357,7 +363,7 @@ class Reconciler:
                     f"reconcile run {row['id']} is running (last progress {age:.0f}s ago); if it was killed, "
                     f"run again in {max(1, round(self.stale_after_s - age))}s: a run silent for "
                     f"{self.stale_after_s:g}s is taken over and resumed where it stopped")
-            if aware(row["since"]) == since:
+            if aware(row["since"]) == since and age < self.resume_within_s:
                 writer.conn.execute(reconcile_runs.update().where(reconcile_runs.c.id == row["id"])
                                     .values(status="running", heartbeat_at=now, error=None))
                 report = ReconcileReport(row["id"], False, since, True, _load_counts(row["details"]),
