@@ -182,6 +182,35 @@ def test_drf_permission_classes_compose_with_or_and_not(client_world: World) -> 
     assert status("/t/drf/not-admin", as_member) == 401  # deleted: signed out, not let through by ~
 
 
+@pytest.mark.parametrize("backends", [["django.contrib.auth.backends.ModelBackend"], [BACKEND]])
+def test_drf_permission_classes_compose_on_a_view_authenticated_by_drfs_own_classes(
+        client_world: World, backends: list[str]) -> None:
+    """Fixed: on a view whose only class is DRF's ``SessionAuthentication``, without ``ClerkBackend``, the session
+    ``ClerkMiddleware`` verified was authenticated by no class, so a check's own "no" was raised (DRF answers a
+    False with 401 there): ``HasRole.of("admin") | HasOrgRole.of("org:admin")`` refused an org admin and
+    ``~HasRole.of("admin")`` everyone. The Clerk classes now authenticate it as ``ClerkAuthentication`` does."""
+    clerk, app = client_world.clerk, client_world.app
+    root = clerk.create_user("root@example.com", public_metadata={"role": "admin"})
+    owner = clerk.create_user("owner@example.com")
+    member = clerk.create_user("member@example.com")
+    org = clerk.create_organization("Acme", created_by=owner["id"])
+    clerk.add_membership(org["id"], member["id"])
+    clerk.wait_for_deliveries()
+    as_root = bearer(clerk.mint_session_token(root["id"]))
+    as_owner = bearer(clerk.mint_session_token(owner["id"], org_id=org["id"]))
+    as_member = bearer(clerk.mint_session_token(member["id"], org_id=org["id"]))
+
+    with override_settings(AUTHENTICATION_BACKENDS=backends):
+        either = [app.get("/t/drf/session/admin-or-org-admin", headers=h) for h in (as_root, as_owner, as_member)]
+        assert [answer.status_code for answer in either] == [200, 200, 403]
+        assert "WWW-Authenticate" not in either[2].headers  # refused, not DRF's 401 "not authenticated"
+        assert either[1].json()["request_user"] == owner["id"]  # the Clerk session's user, not AnonymousUser
+        assert [app.get("/t/drf/session/not-admin", headers=h).status_code
+                for h in (as_root, as_owner, as_member)] == [403, 200, 200]
+        anonymous = app.get("/t/drf/session/not-admin")  # no session: never "not an admin"
+        assert (anonymous.status_code, anonymous.headers["WWW-Authenticate"]) == (401, "Bearer")
+
+
 def test_the_sync_me_view_is_the_one_fastapi_and_flask_have(db_url: str) -> None:
     """Fixed: Django had no ``POST /sync/me`` (FastAPI's ``sync_me_router``): every project wrote it, the
     example with an ``assert`` (a 500 without ``CLERK_SECRET_KEY``). ``views.sync_me``, routed by the project:

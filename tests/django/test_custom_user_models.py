@@ -42,6 +42,20 @@ _MODELS = {
             USERNAME_FIELD = "username"
             objects = BaseUserManager()
     """,
+    "noactive": """
+        from django.contrib.auth.models import AbstractBaseUser, BaseUserManager, PermissionsMixin
+        from django.db import models
+
+        class User(AbstractBaseUser, PermissionsMixin):  # is_active: AbstractBaseUser's class attribute (True)
+            username = models.CharField(max_length=150, unique=True)
+            email = models.EmailField(blank=True)
+            USERNAME_FIELD = "username"
+            objects = BaseUserManager()
+
+            @property
+            def is_staff(self):
+                return self.is_superuser
+    """,
 }
 
 _SCRIPT = """
@@ -103,6 +117,27 @@ if app == "emailusers":  # a user of the app's own (no Clerk id, no usable passw
         except Exception as exc:
             refused.append(type(exc).__name__)
     out["refused"] = refused
+if app == "noactive":  # deleted (a login session's next request), erased by the command, erased then pruned
+    from io import StringIO
+    from clerk_sync.retention import Retention
+
+    def outcome(call):
+        try:
+            return call()
+        except Exception as exc:
+            return [type(exc).__name__, getattr(exc, "returncode", None)]
+
+    bob = replace(row, clerk_id="user_2bob", email="bob@example.com", role="user")
+    sync_django_user(bob)
+    with store.engine.begin() as conn:
+        conn.execute(table.update().where(table.c.clerk_id == row.clerk_id).values(banned=False,
+                                                                                   deleted_at=_cleared_row("x").deleted_at))
+        conn.execute(table.insert().values({k: v for k, v in dataclasses.asdict(bob).items() if k != "id"}))
+    out["deleted_get_user"] = outcome(lambda: ClerkBackend().get_user(pk))
+    out["erase"] = outcome(lambda: call_command("clerk_sync", "erase", row.clerk_id, "--skip-checks", stdout=StringIO()))
+    Retention(store).erase_user(bob.clerk_id)  # clerk-sync's own erasure: prune clears the Django user's copy
+    out["prune"] = outcome(lambda: call_command("clerk_sync", "prune", "--skip-checks", stdout=StringIO()))
+    out["emails"] = sorted(get_user_model().objects.values_list("email", flat=True))
 print(json.dumps(out))
 """
 
@@ -153,6 +188,19 @@ def test_a_model_without_abstractusers_fields_copies_the_fields_it_has(tmp_path:
     pk = out["users"][0][0]
     assert out["users"] == [[pk, "ada@example.com"], [pk, "ada@example.com"], [pk, "ada@new.example.com"]]
     assert (out["count"], out["refresh"], out["active"], out["get_user"]) == (1, 1, False, False)
+
+
+@pytest.mark.slow
+def test_a_model_without_an_is_active_field_is_deactivated_and_erased_by_the_fields_it_has(tmp_path: Path) -> None:
+    """Fixed: a model without an ``is_active`` field (``AbstractBaseUser``'s class attribute, as Django's docs
+    allow) or with ``is_staff`` as a property had the flag named in ``save(update_fields=...)``: ValueError, a 500
+    on every request of a deleted Clerk user's Django login session, ``erase`` failing after clerk-sync's own
+    erasure committed and ``prune`` exiting 1 on every run. Only the stored flags are cleared now."""
+    out = _run(tmp_path, "noactive")
+    assert (out["refresh"], out["active"], out["get_user"]) == (1, True, False)  # a ban: is_superuser cleared
+    # the deleted user's login session refused (not a 500), then erase and prune done (exit 0)
+    assert (out["deleted_get_user"], out["erase"], out["prune"]) == (None, None, None)
+    assert out["emails"] == ["", ""]  # both Django users' copies cleared
 
 
 @pytest.mark.slow

@@ -35,6 +35,8 @@ urlpatterns = [
     path("t/drf/django-authenticated", views.DrfDjangoAuthenticated.as_view()),
     path("t/drf/admin-or-org-admin", views.DrfAdminOrOrgAdmin.as_view()),
     path("t/drf/not-admin", views.DrfNotAdmin.as_view()),
+    path("t/drf/session/admin-or-org-admin", views.DrfSessionAdminOrOrgAdmin.as_view()),
+    path("t/drf/session/not-admin", views.DrfSessionNotAdmin.as_view()),
     path("t/csrf-exempt/admin", views.csrf_exempt_admin),
     path("t/csrf-exempt/async-admin", views.async_csrf_exempt_admin),
     path("t/public-slash/", views.public_with_slash),

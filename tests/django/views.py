@@ -9,6 +9,7 @@ from django.http import HttpRequest, JsonResponse
 from django.views import View
 from django.views.decorators.csrf import csrf_exempt
 from rest_framework import viewsets
+from rest_framework.authentication import SessionAuthentication
 from rest_framework.permissions import AllowAny, IsAdminUser, IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -197,6 +198,19 @@ class DrfNotAdmin(APIView):
         if request.query_params.get("object"):  # a detail view's check (retrieve, update, destroy) as well
             self.check_object_permissions(request, {"id": request.query_params["object"]})
         return Response({"user": clerk_auth(request).user_id})
+
+
+class DrfSessionAdminOrOrgAdmin(DrfAdminOrOrgAdmin):
+    """The Clerk session verified by ``ClerkMiddleware`` only: DRF's own class authenticates the view."""
+
+    authentication_classes = (SessionAuthentication,)
+
+    def get(self, request: Request) -> Response:
+        return Response({"user": clerk_auth(request).user_id, "request_user": str(request.user)})
+
+
+class DrfSessionNotAdmin(DrfNotAdmin):
+    authentication_classes = (SessionAuthentication,)
 
 
 @clerk_public

@@ -202,6 +202,13 @@ def _is_linked(user: Any) -> bool:
 _FLAGS = ("is_active", "is_staff", "is_superuser")
 
 
+def _flags(model: Any) -> tuple[str, ...]:
+    """The flags ``model`` stores: a model without the field (``AbstractBaseUser``'s ``is_active`` is a class
+    attribute, ``True``; an ``is_staff`` property) has nothing to clear, and ``save(update_fields=...)`` naming it
+    raises ``ValueError``."""
+    return tuple(name for name in _FLAGS if name in _field_names(model))
+
+
 def deactivate_django_user(clerk_id: str, row: AuthUser | None = None) -> None:
     """Make the linked Django user of a banned, deleted or deprovisioned Clerk user inactive and not staff:
     ``sync_django_user`` never runs for a refused row, and a Django login session (``login()``) would
@@ -218,10 +225,11 @@ def deactivate_django_user(clerk_id: str, row: AuthUser | None = None) -> None:
 
 def _deactivate(user: Any, row: AuthUser | None) -> bool:
     """:func:`deactivate_django_user` of a linked ``user`` read already; whether it changed."""
-    names: tuple[str, ...] = _FLAGS
+    names = _flags(type(user))
     if row is not None and not row.is_deleted:
-        names = tuple(n for n in _FLAGS if n in _user_fields(type(user), row))
-    if _copy_fields(user, {name: False for name in names if hasattr(user, name)}):
+        copied = _user_fields(type(user), row)
+        names = tuple(n for n in names if n in copied)
+    if _copy_fields(user, dict.fromkeys(names, False)):
         log.warning("django_user_deactivated", clerk_id=_clerk_id(user), django_user_pk=user.pk)
         return True
     return False
@@ -376,7 +384,7 @@ def forget_cleared_django_users(batch: int = 500) -> tuple[int, list[Any]]:
 
 def _forget(user: Any, clerk_id: str) -> bool:
     changed = _copy_fields(user, {**_user_fields(type(user), _cleared_row(clerk_id)),
-                                  **{flag: False for flag in _FLAGS if hasattr(user, flag)}})
+                                  **dict.fromkeys(_flags(type(user)), False)})
     if changed:
         log.info("django_user_forgotten", clerk_id=clerk_id, django_user_pk=user.pk, fields=changed)
     return bool(changed)

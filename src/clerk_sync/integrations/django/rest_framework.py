@@ -6,7 +6,9 @@
     class Invoices(APIView):
         permission_classes = [IsClerkAuthenticated, HasPermission.of("org:invoices:read")]
 
-They compose with DRF's ``|``, ``&`` and ``~``: ``HasRole.of("admin") | HasOrgRole.of("org:admin")``.
+They compose with DRF's ``|``, ``&`` and ``~``: ``HasRole.of("admin") | HasOrgRole.of("org:admin")``, whichever
+authentication classes the view has (a session ``ClerkMiddleware`` verified that none of them took is authenticated
+as :class:`ClerkAuthentication` would, so DRF refuses with 403, not its 401 ``NotAuthenticated``).
 
 ``request.auth`` is the verified :class:`~clerk_sync.auth.claims.Auth`, its active organization as the database
 has it (read once a request, shared with :class:`HasOrgRole` and :class:`HasPermission`); ``request.user`` is the
@@ -125,9 +127,22 @@ def _require(request: Request) -> ClerkRequest:
         state.require_session()  # (no membership read: a check that needs it reads it, once a request)
     except ClerkSyncError as exc:
         raise ClerkAPIException(exc) from exc
+    if request.authenticators and not request.successful_authenticator:
+        _authenticate_as_clerk(request)
     if not _has_bearer(request) and not isinstance(request.successful_authenticator, ClerkAuthentication):
         ClerkAuthentication.enforce_csrf(request)
     return state
+
+
+def _authenticate_as_clerk(request: Request) -> None:
+    """The session verified by the middleware, on a view whose own classes took nothing (SessionAuthentication
+    without ClerkBackend): authenticated as :class:`ClerkAuthentication` would have, so that DRF answers a
+    check's False with 403 and its message, not 401 ``NotAuthenticated``, and ``|``, ``&``, ``~`` compose."""
+    authenticator = ClerkAuthentication()
+    found = authenticator.authenticate(request)  # (CSRF for a cookie; the backend's refusal is its 401)
+    assert found is not None  # (a verified session)
+    request._authenticator = authenticator  # type: ignore[attr-defined]  # (successful_authenticator: no setter)
+    request.user, request.auth = found
 
 
 def _has_bearer(request: Request) -> bool:
@@ -212,10 +227,7 @@ class _ClerkCheck(BasePermission):
         try:
             self.check(state)
         except AccessDenied as exc:
-            if isinstance(exc, UserBanned | UserDeleted) or (request.authenticators
-                                                              and not request.successful_authenticator):
-                # (DRF answers a False with 401 when no authentication class took the request: the session
-                # here is verified all the same, by the middleware or a guard)
+            if isinstance(exc, UserBanned | UserDeleted):
                 raise ClerkAPIException(exc) from exc
             self.message, self.code = error_response(exc).body, exc.code
             return False
