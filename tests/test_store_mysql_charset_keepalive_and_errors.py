@@ -173,5 +173,12 @@ def test_the_console_drift_run_counts_in_the_reconcile_series(store: Store, cler
     assert job.wait(60)
     assert job.snapshot()["status"] == "done", job.snapshot()
     assert metrics.registry.get_sample_value("clerk_sync_reconcile_runs_total", {"result": "dry_run"}) == 1
+    # a dry run repairs nothing: its drift is not counted (every preview of the page added it again, review)
+    assert metrics.registry.get_sample_value("clerk_sync_reconcile_drift_total",
+                                             {"entity": "users", "action": "created"}) is None
+    job.start(dry_run=False, actor=None, ip=None)
+    assert job.wait(60)
+    assert job.snapshot()["status"] == "done", job.snapshot()
+    assert metrics.registry.get_sample_value("clerk_sync_reconcile_runs_total", {"result": "completed"}) == 1
     assert metrics.registry.get_sample_value("clerk_sync_reconcile_drift_total",
                                              {"entity": "users", "action": "created"}) == 1

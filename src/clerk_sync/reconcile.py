@@ -325,8 +325,10 @@ class Reconciler:
 
     def _observe(self, result: str, report: ReconcileReport) -> None:
         if self.metrics is not None:
-            drift = {name: {"created": c.created, "updated": c.updated, "deleted": c.deleted}
-                     for name, c in report.counts.items()}
+            # A dry run's would-be repairs are not drift repaired: counted, every preview of the console's drift
+            # page added the same rows again (its run still counts in reconcile_runs_total{result="dry_run"}).
+            drift = {} if report.dry_run else {name: {"created": c.created, "updated": c.updated,
+                                                      "deleted": c.deleted} for name, c in report.counts.items()}
             self.metrics.reconciled(result, drift)
 
     # -- run bookkeeping --------------------------------------------------------------------
