@@ -37,7 +37,9 @@ are evidence an incident review may need) prune clears it on the rows written th
 
 **Erasure** (:meth:`Retention.erase_user`): tombstones the user now (memberships too), which waits for a
 delivery in flight for them, then clears the row and redacts every stored payload and ``last_error`` that
-mentions the user's id or e-mail addresses (read after that wait: an address just written is searched too),
+mentions the user's id or e-mail addresses (read after that wait: an address just written is searched too; one
+a live user holds now, given to them by Clerk once this person's account was deleted, is theirs too: not searched
+for, and named in ``mentioned_elsewhere``),
 clears the ``ip`` of the audit rows the user made (or made impersonating someone) and redacts the ``details``
 of those that name them (:func:`_redacted_details`: the Clerk ids stay, pseudonymous, for accountability;
 migration 0013's triggers allow that redaction and still refuse any other change), and writes an audit row,
@@ -68,6 +70,7 @@ from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from clerk_sync._db_errors import is_lock_wait_timeout, is_row_referenced, is_transient, store_error
+from clerk_sync._limits import CLERK_ID_CHARS
 from clerk_sync._mentions import Mentions
 from clerk_sync._time import as_utc, aware, utcnow
 from clerk_sync.auth.audit import AuditEntry, record_audit
@@ -218,7 +221,9 @@ class ErasureReport:
     ``mapped_refused``: what the app's mapped table would not clear (also in the audit row);
     ``audit_rows_redacted``: audit rows whose ``ip`` it cleared or whose ``details`` it redacted;
     ``mentioned_elsewhere``: other users' and organizations' rows whose metadata, name or slug still holds
-    the person's e-mail address or phone number (``"organizations org_1: private_metadata"``), and the
+    the person's e-mail address or phone number (``"organizations org_1: private_metadata"``), live users who
+    hold one of the person's addresses now (Clerk freed it with the account; ``"users user_2: email (a live
+    user holds this address now: ...)"``: that address was not searched for, the person's id was), and the
     organizations the person created, whose name or slug may be theirs (``"organizations org_2: created by
     them (name, slug)"``), which the erasure does not change: they are someone else's data, or the
     organization's, mirrored from Clerk (review and edit them there)."""
@@ -236,10 +241,15 @@ class ErasureReport:
         if not self.mentioned_elsewhere:
             return None
         more = " (and maybe more)" if len(self.mentioned_elsewhere) >= _ELSEWHERE_MAX else ""
+        reused = ("" if not any(entry.endswith(_HOLDS_NOW) for entry in self.mentioned_elsewhere) else
+                  ". An address a live user holds now (Clerk gave it to them once this person's account was "
+                  "deleted) is theirs: not searched for, so a stored delivery, hook job or audit row naming only "
+                  "that address (not this person's id) was left whole; review those by hand, and leave that user's "
+                  "own data as it is")
         return (f"other records still hold this person's e-mail address or phone number, or were created by them "
                 f"(an organization's name or slug may be theirs){more}: "
                 f"{'; '.join(self.mentioned_elsewhere)}. They are mirrored from Clerk: edit them there (Dashboard "
-                "or API), and the next event or reconcile mirrors the change here")
+                f"or API), and the next event or reconcile mirrors the change here{reused}")
 
 
 # An erasure waits this long for the inbox writes in flight to end (see Retention._settle), then searches the
@@ -317,7 +327,8 @@ class Retention:
         _store_redacted(writer, [(row.id, row.payload) for row in rows])
         return len(rows)
 
-    def _redact_failed_of_gone(self, cutoff: datetime, *, dry_run: bool = False) -> int:
+    def _redact_failed_of_gone(self, cutoff: datetime, *, dry_run: bool = False,
+                               settling: list[datetime] | None = None) -> int:
         """Failed deliveries are kept, whole, until replayed; one about a user deleted before ``cutoff`` (the
         tombstones' clearing time) or hard-deleted since can never be applied, so its payload is redacted as
         the tombstone's columns are cleared, and it is settled ``skipped``, as a replay would settle it (its
@@ -325,19 +336,23 @@ class Retention:
         failed-backlog alert to ask a fix and a replay for. A failed delivery whose payload was redacted
         already (stored so on arrival, or by an earlier release) is settled too. Who a payload is about is
         inside its JSON: the failed backlog is read a batch at a time, in id order. Returns the payloads
-        redacted (the ones settled without a redaction are logged, not counted)."""
+        redacted (the ones settled without a redaction are logged, not counted). ``settling`` (a dry run's) gets
+        the ``received_at`` of every delivery settled: the pass deletes those as old as ``delete_after`` next."""
         e = webhook_events
-        due = sa.select(e.c.id, e.c.payload, e.c.redacted_at).where(e.c.status == DeliveryStatus.FAILED)
+        due = sa.select(e.c.id, e.c.payload, e.c.redacted_at, e.c.received_at).where(
+            e.c.status == DeliveryStatus.FAILED)
         settled: list[int] = []
 
         def redact(conn: Connection, writer: Writer | None, rows: Sequence[Any]) -> int:
             whole = [row for row in rows if row.redacted_at is None]
-            gone = [(row.id, row.payload) for row in whole if _about_gone_user(conn, row.payload, cutoff)]
-            before = [row.id for row in rows if row.redacted_at is not None]
+            gone = [row for row in whole if _about_gone_user(conn, row.payload, cutoff)]
+            before = [row for row in rows if row.redacted_at is not None]
             if writer is not None:
-                _store_redacted(writer, gone)
-                _settle_redacted_failed(writer, before)
-            settled.extend(before)
+                _store_redacted(writer, [(row.id, row.payload) for row in gone])
+                _settle_redacted_failed(writer, [row.id for row in before])
+            settled.extend(row.id for row in before)
+            if settling is not None:
+                settling.extend(row.received_at for row in (*gone, *before))
             return len(gone)
 
         redacted = self._walk(due, e.c.id, redact, dry_run=dry_run)
@@ -430,7 +445,9 @@ class Retention:
             # Their addresses are forgotten now: an audit row quoting one (an app's note, an error message) is
             # redacted now too, as an erasure would; a later erasure request no longer knows what to look for.
             found = writer.conn.execute(sa.select(users.c.email, users.c.email_addresses).where(users.c.id.in_(ids)))
-            addresses = Mentions({address for row in found for address in _emails(row)})
+            emails = {address for row in found for address in _emails(row)}
+            taken = {a for held in _live_holders(writer.conn, None, emails).values() for a in held}
+            addresses = Mentions(a for a in emails if a.casefold() not in taken)  # (a live user's now: theirs)
             if addresses:
                 _redact_audit_details(writer, addresses)
         if ids:
@@ -533,8 +550,10 @@ class Retention:
         def count(table: sa.Table, *where: sa.ColumnElement[bool]) -> int:
             return int(conn.execute(sa.select(sa.func.count()).select_from(table).where(*where)).scalar_one())
 
-        failed_of_gone = self._redact_failed_of_gone(clear_cut, dry_run=True) \
+        settling: list[datetime] = []  # failed ones the pass settles skipped first: deleted too once old enough
+        failed_of_gone = self._redact_failed_of_gone(clear_cut, dry_run=True, settling=settling) \
             + self._strip_failed_requests(redact_cut, dry_run=True, gone_cut=clear_cut)
+        settled_deleted = sum(1 for received in settling if aware(received) < delete_cut)
         with self.store.connect() as conn:
             erasing = [self._count_tombstones(conn, e, erase_cut, settled) for e in _ERASABLE] \
                 if erase_cut is not None else []
@@ -542,7 +561,7 @@ class Retention:
                 redacted=count(webhook_events, *self._redactable(redact_cut))
                 + count(hook_jobs, *_redactable_jobs(redact_cut)) + failed_of_gone,
                 deleted=count(webhook_events, *self._deletable(delete_cut))
-                + count(hook_jobs, *_deletable_jobs(delete_cut)),
+                + count(hook_jobs, *_deletable_jobs(delete_cut)) + settled_deleted,
                 cleared=sum(count(t, t.c.deleted_at.is_not(None), t.c.deleted_at < clear_cut, _not_cleared(t))
                             for t in _CLEARED),
                 dry_run=True,
@@ -601,7 +620,8 @@ class Retention:
         erasure again" error): a ``user.erased`` row without one was not checked (its process killed in between).
         """
         if not could_be_user_id(clerk_id):
-            raise ValueError(f"erase_user needs a Clerk user id (user_...), not {clerk_id!r}")
+            raise ValueError(too_long_for_an_id(clerk_id)
+                             or f"erase_user needs a Clerk user id (user_...), not {clerk_id!r}")
         began = self.store.now()
         try:
             report, mentions = self._erase_user(clerk_id, actor, reason, allow_unknown=allow_unknown)
@@ -625,9 +645,14 @@ class Retention:
         except StoreError as exc:
             self._audit_unsettled(clerk_id, lambda writer: audited(writer, 0, settled=False))  # (the wait failed)
             if is_lock_wait_timeout(getattr(exc.__cause__, "orig", None)):
+                holder, then = _inbox_holders(self.store.engine), "in a minute"
+                if holder is None:
+                    holder = "a delivery in progress"
+                elif holder.startswith("a VACUUM"):
+                    then = "once it ends (pg_stat_progress_vacuum shows how far it is)"
                 raise StoreError(
-                    f"user {clerk_id} is erased, but a delivery in progress held the inbox past {_SETTLE_WAIT_S} s, "
-                    f"so what it stores was not checked ({exc}): run the erasure again in a minute") from exc
+                    f"user {clerk_id} is erased, but {holder} held the inbox past {_SETTLE_WAIT_S} s, so what "
+                    f"deliveries in progress store was not checked ({exc}): run the erasure again {then}") from exc
             grant = (" (the database user needs the LOCK TABLES privilege for this wait)"
                      if dialect_family(self.store.engine.dialect) == "mysql" else "")
             raise StoreError(
@@ -708,7 +733,12 @@ class Retention:
             row = writer.conn.execute(
                 sa.select(users.c.email, users.c.email_addresses).where(users.c.clerk_id == clerk_id)
             ).first()
-            mentions = Mentions({clerk_id, *_emails(row), *_user_events(writer, clerk_id)[1]})
+            # An address a live user holds now (Clerk frees it with the account: someone signed up with it
+            # again) names them too: not searched for (the user's own events carry their id), only reported.
+            addresses = {*_emails(row), *_user_events(writer, clerk_id)[1]}
+            holders = _live_holders(writer.conn, clerk_id, addresses)
+            taken = {address for held in holders.values() for address in held}
+            mentions = Mentions({clerk_id, *(a for a in addresses if a.casefold() not in taken)})
             writer.conn.execute(users.update().where(users.c.clerk_id == clerk_id).values(**_CLEARED[users]))
             # A role change queued for them while Clerk was down is closed, not pushed later (`retry-pending`
             # would otherwise set it in Clerk, and audit it, for a user erased here).
@@ -722,7 +752,7 @@ class Retention:
             refused = (tuple(self.store.mapping.erase(writer.conn, Entity.USER, clerk_id))
                        if self.store.mapping is not None else ())
             audited = _redact_audit(writer, clerk_id, mentions)  # (before its own row: the reason stays as given)
-            elsewhere = _mentioned_elsewhere(writer, clerk_id, mentions, created)
+            elsewhere = _mentioned_elsewhere(writer, clerk_id, mentions, created, holders)
             details: dict[str, Any] = {"payloads_redacted": redacted, "reason": reason}
             if refused:  # the erasure holds; what is left for the app to clear is on record
                 details["mapped_refused"] = list(refused)
@@ -732,6 +762,47 @@ class Retention:
                 details["audit_rows_redacted"] = audited
             record_audit(writer, AuditEntry("user.erased", actor, clerk_id, details=details))
         return ErasureReport(clerk_id, existed, redacted, refused, audited, elsewhere), mentions
+
+
+# Who holds ``webhook_events`` against an erasure's SHARE lock (PostgreSQL): the sessions holding a mode that
+# conflicts with it, each with what it is, and whether it is a vacuum (autovacuum or a manual VACUUM).
+_HOLDERS_SQL = """
+SELECT l.pid, l.mode, a.backend_type = 'autovacuum worker' AS auto,
+       EXISTS (SELECT 1 FROM pg_stat_progress_vacuum v WHERE v.pid = l.pid)
+       OR a.backend_type = 'autovacuum worker' OR a.query ILIKE 'vacuum%' AS vacuum
+FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'relation' AND l.relation = to_regclass('webhook_events') AND l.granted
+  AND l.pid <> pg_backend_pid() AND l.mode IN ('RowExclusiveLock', 'ShareUpdateExclusiveLock',
+  'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock')
+ORDER BY l.pid
+"""
+
+
+def _inbox_holders(engine: sa.Engine) -> str | None:
+    """What held ``webhook_events`` when an erasure's wait for it ran out, said for its error message, when
+    it was not (only) deliveries being written: a VACUUM or autovacuum of the table (``SHARE UPDATE EXCLUSIVE``,
+    held for its whole run: an autovacuum yields only to a lock request that waits ``deadlock_timeout``, and the
+    erasure asks 50 ms at a time), or another session holding that mode or a stronger one. None when only
+    writers held it, on MySQL/MariaDB and SQLite, or when the catalog could not be read (the wait's own error is
+    what matters)."""
+    if dialect_family(engine.dialect) != "postgresql":
+        return None
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("SET LOCAL statement_timeout = '2s'")
+            rows = conn.execute(sa.text(_HOLDERS_SQL)).all()
+    except sa.exc.SQLAlchemyError as exc:
+        log.info("inbox_holders_not_read", error=str(store_error(exc)))
+        return None
+    vacuums = [row for row in rows if row.vacuum]
+    if vacuums:
+        kind = "autovacuum" if vacuums[0].auto else "VACUUM"
+        return f"a VACUUM of webhook_events ({kind}, pid {vacuums[0].pid})"
+    others = [row for row in rows if row.mode != "RowExclusiveLock"]
+    if not others:
+        return None
+    return (f"a session holding webhook_events in {others[0].mode} (pid {others[0].pid}: a VACUUM or autovacuum, "
+            "ANALYZE, CREATE INDEX CONCURRENTLY, an ALTER TABLE or a LOCK TABLE; see pg_stat_activity)")
 
 
 def _pass_deletion_on(writer: Writer, outbox: Outbox, clerk_id: str) -> None:
@@ -808,8 +879,20 @@ def _emails(row: Any) -> set[str]:
 
 
 def could_be_user_id(clerk_id: str) -> bool:
-    """Not blank, no ``@`` (an e-mail address), no whitespace: erasing anything else tombstones nobody."""
-    return bool(clerk_id) and "@" not in clerk_id and not any(c.isspace() for c in clerk_id)
+    """Not blank, no ``@`` (an e-mail address), no whitespace, no longer than a Clerk id
+    (:func:`too_long_for_an_id`): erasing anything else tombstones nobody."""
+    return bool(clerk_id) and "@" not in clerk_id and not any(c.isspace() for c in clerk_id) \
+        and too_long_for_an_id(clerk_id) is None
+
+
+def too_long_for_an_id(clerk_id: str) -> str | None:
+    """Why ``clerk_id`` is no Clerk id when it is longer than any (the ``clerk_id`` columns hold
+    ``CLERK_ID_CHARS``; PostgreSQL and MariaDB refused its tombstone with a database error, SQLite kept one for
+    nobody), or None: every face's erase command says it so."""
+    if len(clerk_id) <= CLERK_ID_CHARS:
+        return None
+    return (f"{clerk_id[:24]!r}... is {len(clerk_id)} characters long: not a Clerk user id (they have at most "
+            f"{CLERK_ID_CHARS} characters); check that it was copied whole, and alone")
 
 
 def _data_of(payload: Any) -> dict[str, Any] | None:
@@ -909,17 +992,18 @@ _ELSEWHERE: dict[sa.Table, tuple[str, ...]] = {
 _ELSEWHERE_MAX = 100
 
 
-def _mentioned_elsewhere(writer: Writer, clerk_id: str, mentions: Mentions,
-                         created: Collection[str] = ()) -> tuple[str, ...]:
+def _mentioned_elsewhere(writer: Writer, clerk_id: str, mentions: Mentions, created: Collection[str] = (),
+                         holders: Mapping[str, Collection[str]] | None = None) -> tuple[str, ...]:
     """The other users' and organizations' columns that still hold the person's e-mail address or phone number
-    (their Clerk id is left out: another record naming it is a pseudonymous reference, as a membership is), and
-    the organizations of ``created`` (:func:`_organizations_created_by`) whose name or slug is set: an
-    organization is often named after its creator ("Ada Lovelace's team", ``ada-lovelace``), and only a person
-    can tell. Found by the same text search and exact test as the payloads; listed, not changed (see
-    ErasureReport)."""
+    (their Clerk id is left out: another record naming it is a pseudonymous reference, as a membership is), the
+    live users of ``holders`` (:func:`_live_holders`: they hold one of the person's addresses now, which was
+    not searched for), and the organizations of ``created`` (:func:`_organizations_created_by`) whose name or
+    slug is set: an organization is often named after its creator ("Ada Lovelace's team", ``ada-lovelace``),
+    and only a person can tell. Found by the same text search and exact test as the payloads; listed, not
+    changed (see ErasureReport)."""
     contact = Mentions(n for n in mentions.needles if n != clerk_id)
     lower = unicode_lower(writer.conn)
-    found: dict[tuple[str, str], list[str]] = {}  # (table, Clerk id): what to review there, in order
+    found: dict[tuple[str, str], list[str]] = {(users.name, holder): [_HOLDS_NOW] for holder in holders or {}}
     for table, names in _ELSEWHERE.items() if contact else ():
         columns = [table.c[name] for name in names]
         query = sa.select(table.c.clerk_id, *columns).where(
@@ -941,6 +1025,32 @@ def _mentioned_elsewhere(writer: Writer, clerk_id: str, mentions: Mentions,
         if len(found) >= _ELSEWHERE_MAX:
             break
     return _listed(found)
+
+
+# What ``mentioned_elsewhere`` says of a live user who holds one of the person's addresses now.
+_HOLDS_NOW = ("email (a live user holds this address now: it was not searched for, what names only it was "
+              "left whole)")
+
+
+def _live_holders(conn: Connection, clerk_id: str | None, addresses: Collection[str]) -> dict[str, set[str]]:
+    """The live users (other than ``clerk_id``) that hold one of ``addresses`` now (``email`` or
+    ``email_addresses``), with the ones each holds (case-folded). Clerk frees an address when its account is
+    deleted: a payload, hook job or audit row naming it may be the new holder's, which an erasure of the old
+    one must not redact (their pending jobs would get an empty change, their deliveries no replay)."""
+    folded = {a.casefold() for a in addresses if a}
+    if not folded:
+        return {}
+    u, lower = users, unicode_lower(conn)
+    query = sa.select(u.c.clerk_id, u.c.email, u.c.email_addresses).where(
+        u.c.deleted_at.is_(None), u.c.clerk_id != (clerk_id or ""),
+        sa.or_(u.c.email.in_(sorted(addresses)), lower(u.c.email).in_(sorted(folded)),
+               _may_name(lower, sa.cast(u.c.email_addresses, sa.Text), Mentions(addresses))))
+    found: dict[str, set[str]] = {}
+    for row in conn.execute(query.order_by(u.c.id)):
+        held = {a.casefold() for a in _emails(row)} & folded
+        if held:
+            found[row.clerk_id] = held
+    return found
 
 
 def _listed(found: Mapping[tuple[str, str], list[str]]) -> tuple[str, ...]:

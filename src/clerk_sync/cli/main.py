@@ -588,13 +588,15 @@ def erase_outcome(store: Store, report: ErasureReport) -> str:
 
 
 def _check_user_id(store: Store, clerk_id: str, *, any_id: bool) -> None:
-    """Refuse what cannot be a Clerk user id (an e-mail, blanks, another object's id unless ``any_id``):
-    erasing it would tombstone nobody."""
+    """Refuse what cannot be a Clerk user id (an e-mail, blanks, one longer than any, another object's id unless
+    ``any_id``): erasing it would tombstone nobody."""
     from clerk_sync.auth.admin import find_user_by_email
-    from clerk_sync.retention import could_be_user_id
+    from clerk_sync.retention import could_be_user_id, too_long_for_an_id
 
     if could_be_user_id(clerk_id) and (any_id or clerk_id.startswith("user_")):
         return
+    if "@" not in clerk_id and (too_long := too_long_for_an_id(clerk_id)) is not None:  # (an e-mail: found below)
+        raise typer.BadParameter(too_long, param_hint="CLERK_ID")
     if could_be_user_id(clerk_id):
         raise typer.BadParameter(f"{clerk_id!r} is not a Clerk user id (they start with user_; this may be an "
                                  "organization's or another object's): pass the user's id, or --any-id if your "

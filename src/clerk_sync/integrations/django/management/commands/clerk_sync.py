@@ -213,10 +213,11 @@ class Command(BaseCommand):
     def _erase(self, *, clerk_id: str, reason: str | None, actor: str | None, force: bool, **_: Any) -> None:
         """``clerk-sync users erase`` with ``CLERK_SYNC["MAPPING"]``/``["HOOKS"]``, then the Django user's copy."""
         from clerk_sync.integrations.django.backends import forget_django_user
-        from clerk_sync.retention import Retention, UnknownUser, could_be_user_id
+        from clerk_sync.retention import Retention, UnknownUser, could_be_user_id, too_long_for_an_id
 
         if not could_be_user_id(clerk_id):
-            raise CommandError(f"erase needs a Clerk user id (user_...), not {clerk_id!r}", returncode=EXIT_SETTINGS)
+            raise CommandError(too_long_for_an_id(clerk_id) or f"erase needs a Clerk user id (user_...), not "
+                               f"{clerk_id!r}", returncode=EXIT_SETTINGS)
         store = self._store()
         try:
             report = Retention(store).erase_user(clerk_id, actor=actor, reason=reason, allow_unknown=force)
