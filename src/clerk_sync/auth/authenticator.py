@@ -34,6 +34,7 @@ from clerk_sync.errors import (
     ClerkSyncError,
     ImpersonationEnded,
     SessionUserBanned,
+    StoreError,
     TokenMissing,
     UserBanned,
     UserDeleted,
@@ -84,12 +85,21 @@ class DenyList:
     revocations are dropped, so the set stays the size of live sessions. Every
     ``full_every_s`` a refresh reads everything again: a ban whose transaction committed later than the
     margin after it began (database timeouts disabled) is then seen too, not missed until a restart.
+
+    While one thread refreshes, the others serve the previous snapshot, but only while it is younger than
+    ``max_stale_s`` (default: 5 s, or twice ``refresh_s`` if longer). Past it (a refresh stuck on a database
+    that holds the connection and never answers: a hung pooler, a paused host), they wait up to ``wait_s`` for
+    it, then refuse with :class:`~clerk_sync.errors.StoreError` (503): an old snapshot served for as long as
+    the hang lasted let every session revoked and user banned since in (review).
     """
 
     def __init__(self, store: Store, *, refresh_s: float = 1.0, margin_s: float = 60.0, full_every_s: float = 600.0,
-                 now: Callable[[], float] = time.monotonic, wall: Callable[[], datetime] = utcnow) -> None:
+                 now: Callable[[], float] = time.monotonic, wall: Callable[[], datetime] = utcnow,
+                 max_stale_s: float | None = None, wait_s: float = 5.0) -> None:
         self._store = store
         self._refresh_s = refresh_s
+        self._max_stale_s = max(5.0, 2 * refresh_s) if max_stale_s is None else max_stale_s
+        self._wait_s = wait_s
         self._full_every_s = full_every_s
         self._full_at: float | None = None
         self._margin = timedelta(seconds=margin_s)
@@ -199,14 +209,24 @@ class DenyList:
     def refresh_if_due(self) -> None:
         if _snapshot_only.get() or not self.due():
             return
-        # The first load blocks (nothing to serve yet); later, one thread refreshes and others keep
-        # serving the previous snapshot.
-        if self._lock.acquire(blocking=self._loaded_at is None):
-            try:
-                if self.due():
-                    self.refresh()
-            finally:
-                self._lock.release()
+        # One thread refreshes; the others keep serving the previous snapshot while it is fresh enough, else
+        # (the first load: nothing to serve yet) wait for that refresh, a bounded time.
+        loaded = self._loaded_at
+        if loaded is not None and self._now() - loaded < self._max_stale_s:
+            if not self._lock.acquire(blocking=False):
+                return
+        elif not self._lock.acquire(timeout=self._wait_s):
+            age = "never loaded" if loaded is None else f"last read {self._now() - loaded:.0f} s ago"
+            raise StoreError(
+                f"the deny list (revoked sessions, banned users) could not be read: a refresh has been waiting on "
+                f"the database ({age}; another {self._wait_s:g} s waited here), and serving an old list would let "
+                "sessions revoked since in. Is the database (or a pooler in front of it) answering? The next "
+                "request tries again")
+        try:
+            if self.due():
+                self.refresh()
+        finally:
+            self._lock.release()
 
 
 # How long a revoked session stays on the list past its expire_at: a session token minted just before it lives
