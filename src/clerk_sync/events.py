@@ -66,6 +66,15 @@ def same_org_role(role: str) -> str:
     return _LEGACY_ORG_ROLES.get(bare, f"org:{bare}")
 
 
+def org_role_spellings(role: str) -> tuple[str, ...]:
+    """Every ``org:``-prefixed spelling :func:`same_org_role` takes for ``role``'s, its own first: what an
+    exact-match check (Starlette's scopes) needs to agree with it. Never the bare ``admin`` a v1 token may carry,
+    which an app could take for its own role of that name."""
+    one = same_org_role(role)
+    legacy = (f"org:{name}" for name, mapped in _LEGACY_ORG_ROLES.items() if mapped == one)
+    return tuple(dict.fromkeys((one, f"org:{role.removeprefix('org:')}", *legacy)))
+
+
 def normalize_timestamp_ms(value: object) -> int:
     """Clerk's envelope ``timestamp`` is ms in the docs and seconds in the spec examples."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not isfinite(value):

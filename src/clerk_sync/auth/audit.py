@@ -35,17 +35,24 @@ def record_audit(writer: Writer, entry: AuditEntry) -> None:
     if not entry.action:
         raise ValueError("audit entries need an action")
     details = dict(entry.details or {})
-    target = entry.target
-    # A subject no Clerk id column holds (a failed delivery's over-long ``data.id``, which the console reveals
-    # and replays): kept, cut short, in the details. Stored as the target it failed the action on PostgreSQL and
-    # MariaDB (503, retried in vain: one such delivery blocked every "replay all failed" after it).
-    if target is not None and len(target) > CLERK_ID_CHARS:
-        details.setdefault("target", show(target, 200))
-        target = None
+    # An id no Clerk id column holds (a failed delivery's over-long ``data.id``, which the console reveals and
+    # replays; a token's over-long ``act.sub``): kept, cut short, in the details. Stored in its column it failed
+    # the action on PostgreSQL and MariaDB (503, retried in vain: one such delivery blocked every "replay all
+    # failed" after it).
+    ids = {name: _fitted(value, name, details) for name, value in
+           (("actor", entry.actor), ("target", entry.target), ("impersonator", entry.impersonator))}
     writer.conn.execute(
         audit_log.insert().values(
-            action=entry.action, actor_clerk_id=entry.actor, target_clerk_id=target,
-            impersonator_clerk_id=entry.impersonator, details=details,
+            action=entry.action, actor_clerk_id=ids["actor"], target_clerk_id=ids["target"],
+            impersonator_clerk_id=ids["impersonator"], details=details,
             ip=entry.ip, created_at=writer.now,
         )
     )
+
+
+def _fitted(clerk_id: str | None, name: str, details: dict[str, Any]) -> str | None:
+    """``clerk_id`` if its column holds it; else None, and ``details[name]`` holds it cut short."""
+    if clerk_id is None or len(clerk_id) <= CLERK_ID_CHARS:
+        return clerk_id
+    details.setdefault(name, show(clerk_id, 200))
+    return None

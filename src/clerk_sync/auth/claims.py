@@ -17,7 +17,7 @@ from typing import Any, TypeGuard
 
 import structlog
 
-from clerk_sync._limits import show
+from clerk_sync._limits import CLERK_ID_CHARS, show
 from clerk_sync.errors import (
     SessionPending,
     TokenAuthorizedPartyInvalid,
@@ -112,6 +112,13 @@ class ClaimsValidator:
         # the impersonator in ``act.sub``)
         if isinstance(act, dict) and (not isinstance(act.get("sub"), str) or not act["sub"]):
             raise TokenMalformed("claim 'act' (the impersonating actor) names no user id in 'sub'")
+        # Clerk ids have at most CLERK_ID_CHARS, as every id column: an impersonator's longer id failed each of
+        # its requests' audit rows on PostgreSQL and MariaDB (503, retried in vain), a longer session id could
+        # never be on the deny list
+        for name, value in (("sub", claims["sub"]), ("sid", claims["sid"]), ("act.sub", act and act["sub"])):
+            if isinstance(value, str) and len(value) > CLERK_ID_CHARS:
+                raise TokenMalformed(f"claim {name!r} is {len(value)} characters; Clerk ids have at most "
+                                     f"{CLERK_ID_CHARS}")
 
     def validate_live(self, auth: Auth, now: float) -> None:
         """``exp``/``nbf``/``iat`` against ``now`` with the leeway, and a pending ``sts``.

@@ -32,6 +32,7 @@ from clerk_sync.errors import (
     TokenMalformed,
     TokenMissing,
 )
+from clerk_sync.events import org_role_spellings
 from clerk_sync.integrations.starlette import error_json
 
 __all__ = ["WEBHOOK_SLASH_TWINS", "ClerkAuthBackend", "ClerkAuthMiddleware", "ClerkUser", "check_handshake_origin",
@@ -64,7 +65,9 @@ class ClerkUser(BaseUser):
 
 class ClerkAuthBackend(AuthenticationBackend):
     """For ``starlette.middleware.authentication.AuthenticationMiddleware``: scopes ``authenticated``,
-    ``org:<role>`` and each org permission.
+    ``org:<role>`` and each org permission. The role is named as every other face's guard compares it
+    (:func:`~clerk_sync.events.same_org_role`): a v1 token's legacy ``admin`` is ``org:admin``, never a bare
+    ``admin`` scope; ``basic_member`` is both ``org:member`` and ``org:basic_member``.
 
     The ``org:<role>`` scope (``@requires("org:admin")``) is granted only once the role is confirmed against
     ``organization_memberships``, as every other face's org-role guard does
@@ -119,7 +122,8 @@ class ClerkAuthBackend(AuthenticationBackend):
         standing = await self._standing(conn, auth)
         # the org-role scope only when the token's role stands (a route asking for the database's other role
         # is refused too, as every face's org-role guard refuses it until a new token carries it)
-        confirmed = [auth.org_role] if standing is auth and auth.org_role is not None else []
+        # (every org:-prefixed spelling: a v1 token's legacy "admin" is "org:admin", as to the other faces' guards)
+        confirmed = org_role_spellings(auth.org_role) if standing is auth and auth.org_role is not None else ()
         scopes = ["authenticated", *confirmed, *standing.org_permissions]  # (confirmed: see the class docstring)
         return AuthCredentials(scopes), ClerkUser(standing)
 
