@@ -297,7 +297,8 @@ class Metrics:
         self._closed = threading.Event()
         self.reconcile_runs = Counter("clerk_sync_reconcile_runs", "Reconcile runs by result.", ["result"],
                                       registry=r)
-        self.reconcile_drift = Counter("clerk_sync_reconcile_drift", "Drift reconcile repaired, by table and action (not dry runs).",
+        self.reconcile_drift = Counter("clerk_sync_reconcile_drift",
+                                       "Drift reconcile repaired, by table and action (not dry runs).",
                                        ["entity", "action"], registry=r)
         self.pruned = Counter("clerk_sync_pruned_rows", "Rows retention redacted, deleted, cleared or erased "
                               "(audit_ips: audit rows whose IP it cleared).",
