@@ -1,8 +1,9 @@
 """The deny list while its refresh hangs (review finding): one thread refreshes, the others served the previous
 snapshot, however old, for as long as the refresh waited. A database (or a pooler in front of it) that holds the
 connection and never answers kept every session revoked, and every user banned, since then accepted on every
-replica so reading, for the whole hang. The snapshot is served only while it is younger than ``max_stale_s``;
-past it, a request waits ``wait_s`` for the refresh, then is refused (StoreError: 503)."""
+replica so reading, for the whole hang. The previous snapshot is served while the refresh has run less than
+``hung_after_s``; past it, a request waits ``wait_s`` for the refresh, then is refused (StoreError: 503). A
+refresh that is only slow (the first load, a full reload after an idle spell) is waited for, never refused."""
 
 from __future__ import annotations
 
@@ -29,11 +30,11 @@ class Clock:
 
 
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
-def test_a_hung_refresh_is_not_covered_by_an_old_snapshot_past_max_stale(db_url: str, store: Store) -> None:
+def test_a_hung_refresh_is_not_covered_by_the_old_snapshot_past_hung_after(db_url: str, store: Store) -> None:
     proxy = TcpProxy(("127.0.0.1", sa.make_url(db_url).port or 5432))
     via = Store.from_url(str(sa.make_url(db_url).set(port=proxy.port).render_as_string(hide_password=False)))
     clock = Clock()
-    deny = DenyList(via, refresh_s=1.0, now=clock)  # max_stale_s 5 s, wait_s 5 s: the defaults
+    deny = DenyList(via, refresh_s=1.0, now=clock)  # hung_after_s 10 s, wait_s 5 s: the defaults
     try:
         assert deny.is_revoked("sess_revoked") is False  # first load
         proxy.silent.set()  # the reader's database path hangs: sockets open, nothing answered
@@ -46,8 +47,10 @@ def test_a_hung_refresh_is_not_covered_by_an_old_snapshot_past_max_stale(db_url:
         refreshing.start()
         while not deny._lock.locked():  # (white box: until that refresh holds the list's lock)
             time.sleep(0.01)
-        assert deny.is_revoked("sess_revoked") is False  # 1.5 s old: served while the refresh runs
-        clock.at += 4.0  # 5.5 s old, the refresh still hanging
+        assert deny.is_revoked("sess_revoked") is False  # served while the refresh runs
+        clock.at += 9.0
+        assert deny.is_revoked("sess_revoked") is False  # 9 s into it: still served
+        clock.at += 1.0  # 10 s: the refresh hangs
         started = time.monotonic()
         with pytest.raises(StoreError, match="deny list"):
             deny.is_revoked("sess_revoked")
@@ -73,3 +76,40 @@ def test_a_refresh_that_answers_in_time_is_waited_for_not_refused(store: Store) 
                                                              revoked_at=datetime.now(UTC), expire_at=None))
     clock.at += 60
     assert deny.is_revoked("sess_x") is True
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+def test_concurrent_first_loads_and_a_slow_reload_after_an_idle_spell_are_waited_for(db_url: str) -> None:
+    """Whole-change review finding on the first version of the bound: a first load under concurrency (a new
+    replica's first requests) or a full reload after an idle spell that took more than 5 s answered 503 to all
+    but the refreshing request, the database answering all along. Slow is waited for; only hung is refused."""
+    proxy = TcpProxy(("127.0.0.1", sa.make_url(db_url).port or 5432))
+    via = Store.from_url(str(sa.make_url(db_url).set(port=proxy.port).render_as_string(hide_password=False)))
+    clock = Clock()
+    deny = DenyList(via, refresh_s=1.0, now=clock)
+    answers: list[object] = []
+
+    def check() -> None:
+        try:
+            answers.append(deny.is_revoked("sess_1"))
+        except StoreError as exc:  # (what the first version answered)
+            answers.append(exc)
+
+    try:
+        for idle in (0.0, 900.0):  # the first load; then, after 15 idle minutes, a full reload
+            clock.at += idle
+            answers.clear()
+            proxy.silent.set()  # slow: held for a while, then answered
+            threads = [threading.Thread(target=check, daemon=True) for _ in range(3)]
+            for thread in threads:
+                thread.start()
+            while not deny._lock.locked():  # (white box: a refresh is under way)
+                time.sleep(0.01)
+            time.sleep(0.5)
+            proxy.silent.clear()
+            for thread in threads:
+                thread.join(30)
+            assert answers == [False, False, False]
+    finally:
+        proxy.close()
+        via.dispose()

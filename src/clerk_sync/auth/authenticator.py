@@ -86,20 +86,22 @@ class DenyList:
     ``full_every_s`` a refresh reads everything again: a ban whose transaction committed later than the
     margin after it began (database timeouts disabled) is then seen too, not missed until a restart.
 
-    While one thread refreshes, the others serve the previous snapshot, but only while it is younger than
-    ``max_stale_s`` (default: 5 s, or twice ``refresh_s`` if longer). Past it (a refresh stuck on a database
-    that holds the connection and never answers: a hung pooler, a paused host), they wait up to ``wait_s`` for
-    it, then refuse with :class:`~clerk_sync.errors.StoreError` (503): an old snapshot served for as long as
-    the hang lasted let every session revoked and user banned since in (review).
+    While one thread refreshes, the others serve the previous snapshot (the first load: they wait for it, up
+    to ``hung_after_s`` + ``wait_s``), unless that refresh has been running for ``hung_after_s`` (10 s): stuck on
+    a database that holds the connection and never answers (a hung pooler, a paused host), the previous snapshot
+    served for as long as the hang lasted let every session revoked and user banned since in (review). They wait
+    up to ``wait_s`` for it then, and are refused with :class:`~clerk_sync.errors.StoreError` (503). A refresh
+    that is only slow (a full reload of a large table, a first load) is waited for, never refused.
     """
 
     def __init__(self, store: Store, *, refresh_s: float = 1.0, margin_s: float = 60.0, full_every_s: float = 600.0,
                  now: Callable[[], float] = time.monotonic, wall: Callable[[], datetime] = utcnow,
-                 max_stale_s: float | None = None, wait_s: float = 5.0) -> None:
+                 hung_after_s: float = 10.0, wait_s: float = 5.0) -> None:
         self._store = store
         self._refresh_s = refresh_s
-        self._max_stale_s = max(5.0, 2 * refresh_s) if max_stale_s is None else max_stale_s
+        self._hung_after_s = hung_after_s
         self._wait_s = wait_s
+        self._refreshing_since: float | None = None  # when the refresh in progress began (``now``)
         self._full_every_s = full_every_s
         self._full_at: float | None = None
         self._margin = timedelta(seconds=margin_s)
@@ -209,22 +211,27 @@ class DenyList:
     def refresh_if_due(self) -> None:
         if _snapshot_only.get() or not self.due():
             return
-        # One thread refreshes; the others keep serving the previous snapshot while it is fresh enough, else
-        # (the first load: nothing to serve yet) wait for that refresh, a bounded time.
-        loaded = self._loaded_at
-        if loaded is not None and self._now() - loaded < self._max_stale_s:
-            if not self._lock.acquire(blocking=False):
+        # One thread refreshes; the others serve the previous snapshot meanwhile, unless there is none yet (they
+        # wait for the first load) or that refresh hangs (they wait a little, then refuse).
+        if not self._lock.acquire(blocking=False):
+            since = self._refreshing_since
+            hung = since is not None and self._now() - since >= self._hung_after_s
+            if self._loaded_at is not None and not hung:
                 return
-        elif not self._lock.acquire(timeout=self._wait_s):
-            age = "never loaded" if loaded is None else f"last read {self._now() - loaded:.0f} s ago"
-            raise StoreError(
-                f"the deny list (revoked sessions, banned users) could not be read: a refresh has been waiting on "
-                f"the database ({age}; another {self._wait_s:g} s waited here), and serving an old list would let "
-                "sessions revoked since in. Is the database (or a pooler in front of it) answering? The next "
-                "request tries again")
+            wait = self._wait_s if hung else self._hung_after_s + self._wait_s
+            if not self._lock.acquire(timeout=wait):
+                raise StoreError(
+                    "the deny list (revoked sessions, banned users) could not be read: its refresh has waited on the "
+                    f"database for {self._now() - (since or self._now()):.0f} s (and {wait:g} s more here), and "
+                    "serving an older list would let sessions revoked since in. Is the database (or a pooler in "
+                    "front of it) answering? The next request tries again")
         try:
             if self.due():
-                self.refresh()
+                self._refreshing_since = self._now()
+                try:
+                    self.refresh()
+                finally:
+                    self._refreshing_since = None
         finally:
             self._lock.release()
 
