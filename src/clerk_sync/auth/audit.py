@@ -7,6 +7,7 @@ erasure's redaction (``ip`` cleared, ``details`` reduced: ``retention._redact_au
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,10 @@ from clerk_sync.store import Writer
 from clerk_sync.tables import audit_log
 
 __all__ = ["AuditEntry", "record_audit"]
+
+# How deep ``details`` may nest (the object itself is level 1). MariaDB's JSON_VALID, which the audit trigger
+# asks of every redaction, is false from 32 levels on: a deeper row could never be redacted there.
+_MAX_DETAILS_DEPTH = 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +40,7 @@ def record_audit(writer: Writer, entry: AuditEntry) -> None:
     if not entry.action:
         raise ValueError("audit entries need an action")
     details = dict(entry.details or {})
+    _check_details(details)
     # An id no Clerk id column holds (a failed delivery's over-long ``data.id``, which the console reveals and
     # replays; a token's over-long ``act.sub``): kept, cut short, in the details. Stored in its column it failed
     # the action on PostgreSQL and MariaDB (503, retried in vain: one such delivery blocked every "replay all
@@ -56,3 +62,27 @@ def _fitted(clerk_id: str | None, name: str, details: dict[str, Any]) -> str | N
         return clerk_id
     details.setdefault(name, show(clerk_id, 200))
     return None
+
+
+def _check_details(details: dict[str, Any]) -> None:
+    """Refuse what one store would keep and another refuse: NaN and infinities (no JSON; PostgreSQL refuses
+    them, SQLite and MariaDB stored text that every later erasure of the people named failed to read) and
+    nesting MariaDB's JSON_VALID rejects (its audit trigger then refused every redaction of the row)."""
+    if _depth(details) > _MAX_DETAILS_DEPTH:  # (first: json.dumps recurses)
+        raise ValueError(f"audit details nest deeper than {_MAX_DETAILS_DEPTH} levels")
+    try:
+        json.dumps(details, allow_nan=False)
+    except ValueError:
+        raise ValueError("audit details cannot hold NaN or infinite numbers (they are not JSON)") from None
+
+
+def _depth(value: Any) -> int:
+    """How many containers deep ``value`` nests (a scalar: 0), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        children = item.values() if isinstance(item, Mapping) else item if isinstance(item, list | tuple) else None
+        if children is not None:
+            deepest = max(deepest, level)
+            stack.extend((child, level + 1) for child in children)
+    return deepest
