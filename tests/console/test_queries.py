@@ -157,3 +157,23 @@ def test_mask_hides_fields_it_has_never_heard_of_in_every_clerk_example() -> Non
                 assert value not in shown, (path.name, name)
         assert "@" not in shown.replace(MASK, ""), path.name  # no e-mail address anywhere
         assert mask(payload)["data"].get("id") == payload["data"].get("id")  # ids stay in clear
+
+def test_names_python_and_the_database_lower_case_differently_are_found_on_every_store(store: Store) -> None:
+    """The typed text is lower-cased by the database's ``lower()``, as the indexed column is: Python gives
+    ``İ`` as ``i̇`` (PostgreSQL and MariaDB: ``i``) and lower-cases Deseret ``𐐀`` (MariaDB leaves it), so these
+    names were never found, typed exactly as stored."""
+    processor = WebhookProcessor(store, WebhookVerifier([f.SECRET]))
+    ibrahim, orin = f.user("user_i", 10, first_name="İbrahim"), f.user("user_d", 10, first_name="\U00010400rin")
+    ibrahim["last_name"], orin["last_name"] = "Öz", "İnce"
+    events = {"i": f.envelope("user.created", ibrahim), "d": f.envelope("user.created", orin),
+              "o": f.envelope("organization.created", f.organization("org_i", 10, name="İstanbul Works"))}
+    for key, event in events.items():
+        assert processor.process(*f.signed(event, f"msg_fold_{key}")).status == "applied"
+    with store.connect() as conn:
+        def found(q: str) -> list[str]:
+            return sorted(r["clerk_id"] for r in search_users(conn, q, None).rows)
+
+        assert found("İbrahim") == found("İbr") == found("İbrahim Öz") == ["user_i"]
+        assert found("\U00010400rin") == found("\U00010400") == found("\U00010400rin İnce") == ["user_d"]
+        assert found("İ") == ["user_d", "user_i"]  # a first name, a last name
+        assert [r["clerk_id"] for r in search_organizations(conn, "İstanbul")] == ["org_i"]

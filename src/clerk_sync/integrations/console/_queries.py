@@ -263,6 +263,15 @@ def _prefix(column: sa.ColumnElement[str], q: str) -> sa.ColumnElement[bool]:
     return sa.and_(column >= q, column < q + _TOP)
 
 
+def _lower_prefix(column: sa.ColumnElement[str], typed: str) -> sa.ColumnElement[bool]:
+    """``column`` lower-cased starts with ``typed`` lower-cased, both by the database's ``lower()``: Python's
+    disagrees with it (``İ`` gives ``i̇``, which PostgreSQL's and MariaDB's do not; MariaDB leaves 4-byte letters
+    such as ``𐐀`` as they are; SQLite folds ASCII only), and such names were never found. ``lower(:typed)`` is
+    a constant: the index on ``lower(column)`` still serves the range."""
+    low = sa.func.lower(sa.literal(typed, sa.String()), type_=sa.String())
+    return sa.and_(_Lower(column) >= low, _Lower(column) < low.concat(_TOP))
+
+
 def search_users(conn: Connection, q: str, before: int | None, limit: int = PAGE_SIZE) -> Page:
     """Users by Clerk id (``user_...``), email or name prefix (case-insensitive); newest first."""
     u = users.c
@@ -282,12 +291,11 @@ def _user_matches(q: str) -> sa.CompoundSelect[Any] | sa.Select[Any]:
     if "@" in q:  # as typed, or lower-cased (Clerk keeps an address as it was entered): both on ix_users_email
         exact = sa.select(u.id).where(_prefix(u.email, q))
         return exact if q == low else sa.union(exact, sa.select(u.id).where(_prefix(u.email, low)))
-    first, _, last = low.partition(" ")
+    first, _, last = q.partition(" ")
     if last:
-        return sa.select(u.id).where(_prefix(_Lower(u.first_name), first),
-                                     _prefix(_Lower(u.last_name), last.strip()))
-    return sa.union(sa.select(u.id).where(_prefix(_Lower(u.first_name), low)),
-                    sa.select(u.id).where(_prefix(_Lower(u.last_name), low)),
+        return sa.select(u.id).where(_lower_prefix(u.first_name, first), _lower_prefix(u.last_name, last.strip()))
+    return sa.union(sa.select(u.id).where(_lower_prefix(u.first_name, q)),
+                    sa.select(u.id).where(_lower_prefix(u.last_name, q)),
                     sa.select(u.id).where(_prefix(u.email, low)))
 
 
@@ -298,7 +306,7 @@ def search_organizations(conn: Connection, q: str, limit: int = 20) -> list[RowM
     if q.startswith("org_"):
         query = query.where(_prefix(o.clerk_id, q))
     elif q:
-        query = query.where(_prefix(_Lower(o.name), q.lower()))
+        query = query.where(_lower_prefix(o.name, q))
     return list(conn.execute(query.order_by(o.id.desc()).limit(limit)).mappings())
 
 
