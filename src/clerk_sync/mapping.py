@@ -1981,6 +1981,7 @@ def check_schema(conn: Connection, mapping: SchemaMapping) -> list[tuple[str, st
                         "not serve")
             problems.append(("warn", f"{name}.{column} compares without regard to case or accents ({collation}), "
                                      f"{same}: consider COLLATE utf8mb4_bin"))
+        problems += _email_scan_problems(conn, mapped, columns)
         unique = _unique_sets(inspector, name)
         if mapped.clerk_id_column in columns and (mapped.clerk_id_column,) not in unique:
             problems.append(("fail", f"{name}.{mapped.clerk_id_column} has no unique index: run "
@@ -2371,6 +2372,19 @@ def _unbounded_problems(mapped: MappedTable, columns: Mapping[str, Any]) -> list
                                  "refuses it, and the row is written without the user's own columns (names, e-mail, "
                                  "unsafe_metadata, computes) until they change it; a TEXT column takes any"))
     return problems
+
+
+def _email_scan_problems(conn: Connection, mapped: MappedTable, columns: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """MySQL/MariaDB: linking by e-mail compares ``lower()`` of the column as bytes, which no index serves; every
+    new user's lookup reads the whole table. (A ``_ci`` column has its own warning, which says so.)"""
+    column = mapped.link_by_email
+    if conn.dialect.name not in ("mysql", "mariadb") or column is None or column not in columns:
+        return []
+    if _mysql_collation(conn, mapped.table, column)[0].endswith("_ci"):
+        return []
+    return [("warn", f"{mapped.table}.{column}: linking by e-mail reads every row of {mapped.table} on MySQL/MariaDB "
+                     "(its exact comparison after lower() uses no index), once for each new user: fine for a small "
+                     "table, slow for a large one")]
 
 
 def _mysql_collation(conn: Connection, table: str, column: str) -> tuple[str, str, bool]:
