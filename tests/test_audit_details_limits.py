@@ -5,12 +5,14 @@ redaction of a row nested 32 levels deep)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
 from clerk_sync.auth.audit import AuditEntry, record_audit
+from clerk_sync.errors import StoreError
 from clerk_sync.ingest import WebhookProcessor
 from clerk_sync.retention import Retention
 from clerk_sync.store import Store
@@ -67,3 +69,24 @@ def test_details_nested_deeper_than_mariadb_validates_are_refused(store: Store, 
     _audit(store, {"note": f"contact {ANN}", "tree": _nested(29)})  # 30 levels in all: kept, and redactable
     Retention(store).erase_user("user_ann")
     assert _details(store) == [{"tree": _nested(29), "redacted": True}]
+
+
+@pytest.mark.parametrize("kind", ["nan", "deep"])
+def test_a_row_an_earlier_release_stored_unreadable_is_redacted_to_the_marker(store: Store, verifier: WebhookVerifier,
+                                                                            kind: str) -> None:
+    """Rows recorded before the refusal (written here as those releases did, raw): SQLite's guard failed
+    "malformed JSON" on NaN, MariaDB's refused both (its JSON_VALID is false), so every erasure of Ann rolled
+    back. Migration 0019 lets such a row become the marker alone; nothing else may be written to it."""
+    _sync_ann(store, verifier)
+    if kind == "nan" and store.dialect == "postgresql":
+        pytest.skip("PostgreSQL's json refused NaN when it was written")
+    extra = '"score": NaN' if kind == "nan" else f'"tree": {json.dumps(_nested(31))}'
+    with store.transaction() as w:
+        w.conn.execute(sa.text("INSERT INTO audit_log (action, actor_clerk_id, target_clerk_id, details, created_at) "
+                               "VALUES ('app.profile_changed', 'user_admin', 'user_ann', :details, :at)"),
+                       {"details": f'{{"note": "contact {ANN}", "keep": 1, {extra}}}', "at": w.now})
+    if store.dialect != "postgresql":  # anything but the marker alone is still refused
+        with pytest.raises(StoreError, match="append-only"), store.transaction() as w:
+            w.conn.execute(audit_log.update().values(details={"keep": 2, "redacted": True}))
+    Retention(store).erase_user("user_ann")
+    assert _details(store) == [{"redacted": True}]

@@ -1,6 +1,6 @@
 """MariaDB with binary logging on (RDS, Aurora, any replicated server): CREATE TRIGGER is refused (1419) to a role
 without SUPER unless ``log_bin_trust_function_creators`` is on. The audit log's guards are triggers (migrations
-0004, 0013, 0014), and MySQL cannot roll DDL back: the refusal must come before any step changes anything.
+0004, 0013, 0014, 0019), and MySQL cannot roll DDL back: the refusal must come before any step changes anything.
 
 Before: `clerk-sync migrate` failed in 0004 with ``pending_role_changes`` created, so the next `migrate` (the
 setting fixed) failed with "already exists"; `serve --migrate` retried it for ever; an upgrade through 0013 dropped
@@ -140,7 +140,7 @@ def _doctor_database_line(url: str) -> str:
 def test_migrate_refused_before_any_step_then_runs_whole_once_the_server_trusts_trigger_creators(
         binlog_server: str, fresh: str) -> None:
     before = _doctor_database_line(fresh)  # doctor says it before anyone tries
-    assert "run `clerk-sync migrate`" in before and "migrations 0004, 0013, 0014 create triggers" in before, before
+    assert "run `clerk-sync migrate`" in before and "migrations 0004, 0013, 0014, 0019 create triggers" in before, before
     assert "log_bin_trust_function_creators=1" in before, before
     refused = _run("migrate", url=fresh)
     said = " ".join(refused.stderr.split())
@@ -159,12 +159,16 @@ def test_migrate_refused_before_any_step_then_runs_whole_once_the_server_trusts_
     engine = sa.create_engine(fresh)
     try:
         assert migrations.is_current(engine)
-        # A downgrade through 0014 and 0013 creates their predecessors' triggers again: refused before it drops one.
+        # A downgrade through 0019, 0014 and 0013 creates their predecessors' triggers again: refused before it
+        # drops one.
         _admin(binlog_server, "SET GLOBAL log_bin_trust_function_creators = 0")
-        with pytest.raises(ConfigError, match=r"migrations 0013, 0014 create"):
+        with pytest.raises(ConfigError, match=r"migrations 0013, 0014, 0019 create"):
             migrations.downgrade(engine, "0012")
         assert migrations.is_current(engine)
         assert _triggers(binlog_server) == ["audit_log_no_delete", "audit_log_no_update"]
+        _admin(binlog_server, "SET GLOBAL log_bin_trust_function_creators = 1")
+        migrations.downgrade(engine, "0018")  # (0019's downgrade creates 0014's trigger again)
+        _admin(binlog_server, "SET GLOBAL log_bin_trust_function_creators = 0")
         migrations.downgrade(engine, "0014")  # (0018 .. 0015 create none)
         assert migrations.current_revision(engine) == "0014"
     finally:
@@ -180,7 +184,7 @@ def test_an_upgrade_through_the_audit_guards_keeps_the_old_guard_when_the_new_on
     try:
         migrations.upgrade(engine, "0012")
         _admin(binlog_server, "SET GLOBAL log_bin_trust_function_creators = 0")
-        with pytest.raises(ConfigError, match=r"migrations 0013, 0014 create"):
+        with pytest.raises(ConfigError, match=r"migrations 0013, 0014, 0019 create"):
             migrations.upgrade(engine)
         assert migrations.current_revision(engine) == "0012"
         assert _triggers(binlog_server) == ["audit_log_no_delete", "audit_log_no_update"]
@@ -266,7 +270,7 @@ def test_the_steps_doctor_warns_of_follow_the_servers_variables(binlog_server: s
     app = sa.create_engine(fresh)
     try:
         with app.connect() as conn:
-            assert migrations.untrusted_trigger_steps(conn, None, "heads") == ["0004", "0013", "0014"]
+            assert migrations.untrusted_trigger_steps(conn, None, "heads") == ["0004", "0013", "0014", "0019"]
             _admin(binlog_server, "SET GLOBAL log_bin_trust_function_creators = 1")
             assert migrations.untrusted_trigger_steps(conn, None, "heads") == []
     finally:

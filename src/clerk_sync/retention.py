@@ -73,7 +73,7 @@ from clerk_sync._db_errors import is_lock_wait_timeout, is_row_referenced, is_tr
 from clerk_sync._limits import CLERK_ID_CHARS
 from clerk_sync._mentions import Mentions
 from clerk_sync._time import as_utc, aware, utcnow
-from clerk_sync.auth.audit import AuditEntry, record_audit
+from clerk_sync.auth.audit import AuditEntry, readable_details, record_audit
 from clerk_sync.changes import Change
 from clerk_sync.config import Settings
 from clerk_sync.engine import DeliveryStatus, Entity, Tombstone, user_named
@@ -1139,7 +1139,11 @@ def _redacted_details(details: Mapping[str, Any], mentions: Mentions) -> dict[st
     """An audit row's ``details`` without what names the person: the keys whose name and value do not, marked
     ``redacted``. The one form migration 0013's triggers let an UPDATE write: keys of the old object with
     their values unchanged, and the marker. A key that is not printable ASCII, or holds ``"`` or ``\\``, goes too:
-    MySQL's JSON path names each key kept, as written (none of clerk-sync's own keys is such)."""
+    MySQL's JSON path names each key kept, as written (none of clerk-sync's own keys is such). Details the
+    database cannot read (NaN, nesting MariaDB rejects: recorded by releases before ``record_audit`` refused
+    them) become the marker alone, the one redaction migration 0019 lets an UPDATE write there."""
+    if not readable_details(details):
+        return {"redacted": True}
     kept = {k: v for k, v in details.items() if k != "redacted" and k.isascii() and k.isprintable()
             and '"' not in k and "\\" not in k and not mentions.in_text(k) and not mentions.in_document(v)}
     return {**kept, "redacted": True}

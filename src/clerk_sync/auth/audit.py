@@ -70,10 +70,21 @@ def _check_details(details: dict[str, Any]) -> None:
     nesting MariaDB's JSON_VALID rejects (its audit trigger then refused every redaction of the row)."""
     if _depth(details) > _MAX_DETAILS_DEPTH:  # (first: json.dumps recurses)
         raise ValueError(f"audit details nest deeper than {_MAX_DETAILS_DEPTH} levels")
+    if not _finite(details):
+        raise ValueError("audit details cannot hold NaN or infinite numbers (they are not JSON)")
+
+
+def readable_details(details: Mapping[str, Any]) -> bool:
+    """Whether every store reads ``details`` as JSON (what :func:`record_audit` lets through)."""
+    return _depth(details) <= _MAX_DETAILS_DEPTH and _finite(details)
+
+
+def _finite(details: Mapping[str, Any]) -> bool:
     try:
         json.dumps(details, allow_nan=False)
     except ValueError:
-        raise ValueError("audit details cannot hold NaN or infinite numbers (they are not JSON)") from None
+        return False
+    return True
 
 
 def _depth(value: Any) -> int:

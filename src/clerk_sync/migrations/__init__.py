@@ -162,10 +162,10 @@ def _upgrade(engine: Engine, revision: str = "head") -> Upgraded:
     raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
 
 
-# The steps that create triggers on MySQL/MariaDB (the audit log's guards; 0013 and 0014 drop one and create its
-# successor). With binary logging on (or a Galera node's emulated one), the server refuses CREATE TRIGGER (1419) to
+# The steps that create triggers on MySQL/MariaDB (the audit log's guards; 0013, 0014 and 0019 drop one and create
+# its successor). With binary logging on (or a Galera node's emulated one), the server refuses CREATE TRIGGER (1419) to
 # a role without SUPER unless log_bin_trust_function_creators is on (RDS and Aurora: off by default).
-_MYSQL_TRIGGER_STEPS = frozenset({"0004", "0013", "0014"})
+_MYSQL_TRIGGER_STEPS = frozenset({"0004", "0013", "0014", "0019"})
 _TRIGGER_PROBE = "clerk_sync_trigger_probe"
 _NO_SUCH_TABLE = "clerk_sync_no_such_table"  # (the probe's trigger is on a table that does not exist)
 
@@ -180,7 +180,7 @@ def _trigger_steps(start: str | None, destination: str | tuple[str, ...] | None)
         return sorted(pending & _MYSQL_TRIGGER_STEPS)
     except (RevisionError, CommandError):
         pass
-    try:  # a downgrade: 0014's and 0013's create their predecessor's trigger again
+    try:  # a downgrade: 0019's, 0014's and 0013's create their predecessor's trigger again
         pending = {step.revision for step in _script().iterate_revisions(start, destination)}
         return sorted(pending & (_MYSQL_TRIGGER_STEPS - {"0004"}))
     except (RevisionError, CommandError):
