@@ -40,9 +40,9 @@ def harness(db_url: str) -> Iterator[Harness]:
     h.store.dispose()
 
 
-@contextmanager
-def _client(h: Harness) -> Iterator[httpx.Client]:
-    """The app on a real server on loopback (the worker threads, the event loop)."""
+def org_scopes_app(h: Harness) -> Starlette:
+    """``/org-admin`` (``@requires("org:admin")``), ``/scopes`` and ``/who`` (the session's org role) behind
+    ``ClerkAuthBackend`` on ``h``."""
     @requires("org:admin")
     async def org_admin(request: Request) -> JSONResponse:
         return JSONResponse({"ok": True})
@@ -55,9 +55,15 @@ def _client(h: Harness) -> Iterator[httpx.Client]:
     async def who(request: Request) -> JSONResponse:
         return JSONResponse({"org_role": request.user.auth.org_role})
 
-    app = Starlette(routes=[Route("/org-admin", org_admin), Route("/scopes", scopes), Route("/who", who)],
-                    middleware=[Middleware(AuthenticationMiddleware, backend=ClerkAuthBackend(h.auth),
-                                           on_error=ClerkAuthBackend.on_error)])
+    return Starlette(routes=[Route("/org-admin", org_admin), Route("/scopes", scopes), Route("/who", who)],
+                     middleware=[Middleware(AuthenticationMiddleware, backend=ClerkAuthBackend(h.auth),
+                                            on_error=ClerkAuthBackend.on_error)])
+
+
+@contextmanager
+def _client(h: Harness) -> Iterator[httpx.Client]:
+    """The app on a real server on loopback (the worker threads, the event loop)."""
+    app = org_scopes_app(h)
     with running(app) as url, httpx.Client(base_url=url) as client:
         yield client
 

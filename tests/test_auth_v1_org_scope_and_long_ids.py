@@ -23,22 +23,15 @@ import httpx
 import pytest
 import sqlalchemy as sa
 from fastapi import Depends, FastAPI
-from starlette.applications import Starlette
-from starlette.authentication import requires
-from starlette.middleware import Middleware
-from starlette.middleware.authentication import AuthenticationMiddleware
-from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
 
 from clerk_sync._limits import CLERK_ID_CHARS
 from clerk_sync.auth.audit import AuditEntry, record_audit
 from clerk_sync.auth.claims import Auth
-from clerk_sync.integrations.asgi import ClerkAuthBackend
 from clerk_sync.integrations.fastapi import ClerkAuth
 from clerk_sync.tables import audit_log
 from tests import factories as f
 from tests.test_auth import Harness, token
+from tests.test_auth_edges_starlette_org_scopes import org_scopes_app
 
 
 @pytest.fixture
@@ -54,20 +47,6 @@ def _get_all(app: Any, requests: list[tuple[str, str]]) -> list[httpx.Response]:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
             return [await http.get(path, headers={"authorization": f"Bearer {tok}"}) for path, tok in requests]
     return anyio.run(run)
-
-
-def _starlette(h: Harness) -> Starlette:
-    @requires("org:admin")
-    async def org_admin(request: Request) -> JSONResponse:
-        return JSONResponse({"ok": True})
-
-    @requires("authenticated")
-    async def scopes(request: Request) -> JSONResponse:
-        return JSONResponse({"scopes": list(request.auth.scopes)})
-
-    return Starlette(routes=[Route("/org-admin", org_admin), Route("/scopes", scopes)],
-                     middleware=[Middleware(AuthenticationMiddleware, backend=ClerkAuthBackend(h.auth),
-                                            on_error=ClerkAuthBackend.on_error)])
 
 
 def _fastapi(h: Harness) -> FastAPI:
@@ -100,7 +79,7 @@ def test_a_v1_tokens_legacy_admin_role_is_the_org_admin_scope(harness: Harness, 
         h.event("organizationMembership.created",
                 f.membership("orgmem_m", "org_1", "user_m", now, role="basic_member"))
     admin, member = _v1("user_a", "admin"), _v1("user_m", "basic_member")
-    allowed, admin_scopes, refused, member_scopes = _get_all(_starlette(h), [
+    allowed, admin_scopes, refused, member_scopes = _get_all(org_scopes_app(h), [
         ("/org-admin", admin), ("/scopes", admin), ("/org-admin", member), ("/scopes", member)])
     assert allowed.status_code == 200
     assert admin_scopes.json()["scopes"] == ["authenticated", "org:admin", "org:invoices:read"]  # no bare "admin"
@@ -114,7 +93,7 @@ def test_a_v1_tokens_legacy_admin_role_is_the_org_admin_scope(harness: Harness, 
 def test_a_v2_tokens_roles_keep_their_scopes(harness: Harness) -> None:
     admin = token("user_a", o={"id": "org_1", "rol": "admin", "slg": "acme"})
     member = token("user_m", o={"id": "org_1", "rol": "basic_member", "slg": "acme"})
-    got = _get_all(_starlette(harness), [("/scopes", admin), ("/scopes", member)])
+    got = _get_all(org_scopes_app(harness), [("/scopes", admin), ("/scopes", member)])
     assert [r.json()["scopes"] for r in got] == [["authenticated", "org:admin"],
                                                  ["authenticated", "org:member", "org:basic_member"]]
 

@@ -158,6 +158,17 @@ def test_concurrent_requests_share_one_batch_and_are_answered_after_its_commit(
     assert len(_inbox(store)) == len(posts)
 
 
+def _two_users_an_org_and_a_membership(processor: WebhookProcessor, base: int) -> None:
+    """``user_alone`` and ``user_batch`` (first name "Old"), ``org_1`` and ``orgmem_1`` (user_alone's), applied
+    in one batch at ``base``."""
+    first = [f.envelope("user.created", f.user("user_alone", base, first_name="Old")),
+             f.envelope("user.created", f.user("user_batch", base, first_name="Old")),
+             f.envelope("organization.created", f.organization("org_1", base)),
+             f.envelope("organizationMembership.created", f.membership("orgmem_1", "org_1", "user_alone", base))]
+    assert _statuses(GroupCommitter(processor).write([(f"msg_{i}", _parsed(e)) for i, e in enumerate(first)])) == [
+        "applied"] * 4
+
+
 def _inbox_count(store: Store) -> int:
     # A reader beside the held writer lock (WAL: readers do not wait for the writer).
     with store.connect() as conn:
@@ -854,12 +865,7 @@ def test_a_duplicate_of_a_failed_delivery_applies_nothing_on_every_store(
     target = Store(store.engine, hooks=[Hook("count", lambda change: None)]) if hooked else store
     processor = WebhookProcessor(target, verifier)
     base = 1_800_000_000_000
-    first = [f.envelope("user.created", f.user("user_alone", base, first_name="Old")),
-             f.envelope("user.created", f.user("user_batch", base, first_name="Old")),
-             f.envelope("organization.created", f.organization("org_1", base)),
-             f.envelope("organizationMembership.created", f.membership("orgmem_1", "org_1", "user_alone", base))]
-    assert _statuses(GroupCommitter(processor).write([(f"msg_{i}", _parsed(e)) for i, e in enumerate(first)])) == [
-        "applied"] * 4
+    _two_users_an_org_and_a_membership(processor, base)
     later = {"msg_u1": f.envelope("user.updated", f.user("user_alone", base + 1, first_name="New")),
              "msg_u2": f.envelope("user.updated", f.user("user_batch", base + 1, first_name="New")),
              "msg_m": f.envelope("organizationMembership.updated",
@@ -899,12 +905,7 @@ def test_a_repeated_svix_id_applies_nothing_whatever_the_stored_status_or_body(
     target = Store(store.engine, hooks=[Hook("count", lambda change: None)]) if hooked else store
     processor = WebhookProcessor(target, verifier)
     base = 1_800_000_000_000
-    first = [f.envelope("user.created", f.user("user_alone", base, first_name="Old")),
-             f.envelope("user.created", f.user("user_batch", base, first_name="Old")),
-             f.envelope("organization.created", f.organization("org_1", base)),
-             f.envelope("organizationMembership.created", f.membership("orgmem_1", "org_1", "user_alone", base))]
-    assert _statuses(GroupCommitter(processor).write([(f"msg_{i}", _parsed(e)) for i, e in enumerate(first)])) == [
-        "applied"] * 4
+    _two_users_an_org_and_a_membership(processor, base)
     later = {"msg_u1": f.envelope("user.updated", f.user("user_alone", base + 1, first_name="New", banned=True)),
              "msg_u2": f.envelope("user.updated", f.user("user_batch", base + 1, first_name="New", banned=True)),
              "msg_u3": f.envelope("user.created", f.user("user_other", base + 1, first_name="New")),

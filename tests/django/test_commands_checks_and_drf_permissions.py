@@ -18,6 +18,7 @@ from clerk_sync.auth.users import read_user
 from clerk_sync.integrations.django.checks import check_settings
 from clerk_sync.integrations.django.middleware import ClerkMiddleware
 from clerk_sync.integrations.django.runtime import get_clerk_sync
+from clerk_sync.testing import EmulatorServer
 from tests import factories as f
 from tests.django.conftest import World, bearer, django_database, emulator_settings
 from tests.django.test_checks_csrf_and_shared_clients import BASE, CHECKED
@@ -151,20 +152,26 @@ def test_a_subclass_of_clerk_middleware_before_authentication_middleware_is_a_ch
 # -- DRF's composed permission classes --------------------------------------------------------------------
 
 
-def test_drf_permission_classes_compose_with_or_and_not(client_world: World) -> None:
-    """Fixed: the Clerk permission classes raised their 403 instead of answering False, so DRF's ``|`` never
-    asked the other side (``HasRole.of("admin") | HasOrgRole.of("org:admin")`` refused an org admin) and ``~``
-    refused everyone. No session, or a refusal for good, is still raised (401), composed or not."""
-    clerk, app = client_world.clerk, client_world.app
+def _root_owner_and_member(clerk: EmulatorServer) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
+    """An app admin (``role: admin``), the owner of org Acme and a plain member of it, synced: their
+    ``Authorization`` headers (the org members' tokens in Acme) and their Clerk users, in that order."""
     root = clerk.create_user("root@example.com", public_metadata={"role": "admin"})
     owner = clerk.create_user("owner@example.com")
     member = clerk.create_user("member@example.com")
     org = clerk.create_organization("Acme", created_by=owner["id"])
     clerk.add_membership(org["id"], member["id"])
     clerk.wait_for_deliveries()
-    as_root = bearer(clerk.mint_session_token(root["id"]))
-    as_owner = bearer(clerk.mint_session_token(owner["id"], org_id=org["id"]))
-    as_member = bearer(clerk.mint_session_token(member["id"], org_id=org["id"]))
+    return [bearer(clerk.mint_session_token(root["id"])),
+            bearer(clerk.mint_session_token(owner["id"], org_id=org["id"])),
+            bearer(clerk.mint_session_token(member["id"], org_id=org["id"]))], [root, owner, member]
+
+
+def test_drf_permission_classes_compose_with_or_and_not(client_world: World) -> None:
+    """Fixed: the Clerk permission classes raised their 403 instead of answering False, so DRF's ``|`` never
+    asked the other side (``HasRole.of("admin") | HasOrgRole.of("org:admin")`` refused an org admin) and ``~``
+    refused everyone. No session, or a refusal for good, is still raised (401), composed or not."""
+    clerk, app = client_world.clerk, client_world.app
+    (as_root, as_owner, as_member), (_, _, member) = _root_owner_and_member(clerk)
 
     def status(path: str, headers: dict[str, str] | None = None) -> Any:
         return app.get(path, headers=headers or {}).status_code
@@ -190,15 +197,7 @@ def test_drf_permission_classes_compose_on_a_view_authenticated_by_drfs_own_clas
     False with 401 there): ``HasRole.of("admin") | HasOrgRole.of("org:admin")`` refused an org admin and
     ``~HasRole.of("admin")`` everyone. The Clerk classes now authenticate it as ``ClerkAuthentication`` does."""
     clerk, app = client_world.clerk, client_world.app
-    root = clerk.create_user("root@example.com", public_metadata={"role": "admin"})
-    owner = clerk.create_user("owner@example.com")
-    member = clerk.create_user("member@example.com")
-    org = clerk.create_organization("Acme", created_by=owner["id"])
-    clerk.add_membership(org["id"], member["id"])
-    clerk.wait_for_deliveries()
-    as_root = bearer(clerk.mint_session_token(root["id"]))
-    as_owner = bearer(clerk.mint_session_token(owner["id"], org_id=org["id"]))
-    as_member = bearer(clerk.mint_session_token(member["id"], org_id=org["id"]))
+    (as_root, as_owner, as_member), (_, owner, _) = _root_owner_and_member(clerk)
 
     with override_settings(AUTHENTICATION_BACKENDS=backends):
         either = [app.get("/t/drf/session/admin-or-org-admin", headers=h) for h in (as_root, as_owner, as_member)]
