@@ -361,6 +361,38 @@ def test_jit_returns_the_user_it_asked_for(store: Store) -> None:
     assert rows(store) == 0
 
 
+@pytest.mark.parametrize(("field", "value"), [("updated_at", None), ("updated_at", "yesterday")])
+def test_a_user_object_clerk_sync_cannot_read_is_a_bad_answer_from_clerk_not_the_callers(
+        store: Store, field: str, value: Any) -> None:
+    """Review finding: ``GET /users/{id}`` answering an object the event mapping refuses (no ``updated_at``, a
+    proxy or stand-in breaking Clerk's contract) reached the signed-in caller as ``422 event_shape_invalid``, a
+    client error naming a webhook field, and was not counted in ``clerk_sync_jit_fetches_total``. It is a bad
+    answer from Clerk now (502, what to check), counted as ``error``, nothing stored, in both faces."""
+    from clerk_sync.metrics import Metrics
+
+    odd = {**factories.user("user_new", 5), field: value}
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json=odd)
+
+    metrics = Metrics()
+    refused = r"GET /users/user_new answered a user object clerk-sync cannot read \(.*'?%s.*\); nothing stored" % field
+    budget = LocalBudget(RateLimit(1000, 1.0))
+    with ClerkClient("sk_test_x", transport=httpx.MockTransport(answer), budget=budget) as clerk:
+        with pytest.raises(ClerkAPIError, match=refused) as bad:
+            JitUsers(store, clerk=clerk, metrics=metrics).get_auth_user("user_new")
+        assert (status_for(bad.value), bad.value.code) == (502, "clerk_api_error")
+
+    async def main() -> None:
+        async with AsyncClerkClient("sk_test_x", transport=httpx.MockTransport(answer), budget=budget) as aclerk:
+            with pytest.raises(ClerkAPIError, match=refused):
+                await JitUsers(store, aclerk=aclerk, metrics=metrics).aget_auth_user("user_new")
+
+    anyio.run(main)
+    assert rows(store) == 0
+    assert metrics.registry.get_sample_value("clerk_sync_jit_fetches_total", {"outcome": "error"}) == 2
+
+
 def test_one_user_refreshing_in_a_loop_costs_one_clerk_call_an_interval(store: Store, emu: EmulatorServer) -> None:
     """Review finding: ``POST /sync/me`` is any signed-in user's to call, and every call was a Clerk request
     from the budget every user and ``reconcile`` share. Now one fetch per user per ``refresh_interval_s``;

@@ -41,6 +41,7 @@ from clerk_sync.errors import (
     ClerkAPIError,
     ClerkNotFound,
     ClerkUnavailable,
+    EventShapeError,
     RateLimited,
     StoreError,
     UserBanned,
@@ -469,7 +470,14 @@ class JitUsers:
     def _store(self, data: JSON, fetched_ms: int) -> AuthUser:
         """Upsert through the webhook path's guard, then read back what won (maybe a newer webhook).
         ``fetched_ms``: when Clerk answered (the base of a lockout's end)."""
-        record = user_record(data, fetched_ms=fetched_ms)
+        try:
+            record = user_record(data, fetched_ms=fetched_ms)
+        except EventShapeError as exc:  # Clerk's answer, not the caller's request: a 502, never the client's 422
+            self._count("error")
+            raise ClerkAPIError(
+                f"GET /users/{str(data.get('id'))[:64]} answered a user object clerk-sync cannot read ({exc}); "
+                "nothing stored (is CLERK_API_URL Clerk's API, with no proxy rewriting its answers in between?)",
+                method="GET", path=f"/users/{str(data.get('id'))[:64]}") from exc
 
         def write(writer: Writer) -> AuthUser | None:
             writer.apply(Upsert(Entity.USER, record))
