@@ -18,6 +18,7 @@ import zlib
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import pytest
 from pydantic import SecretStr
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
@@ -262,3 +263,26 @@ def test_a_compressed_answer_finishes_or_retries_its_job_as_its_status_says(
         assert left_jobs[0]["attempts"] == 1
         assert "answered 500: (a body in Content-Encoding 'gzip, gzip', not decoded)" in left_jobs[0]["last_error"]
     store.dispose()
+
+
+def test_a_redirect_is_not_followed_even_by_a_client_that_follows_them() -> None:
+    """Review finding: FORWARDING.md says a 3xx is not followed (point the sink at the final URL), but that held
+    only for the sink's own client: one given with ``follow_redirects=True`` re-sent the signed body (private
+    metadata included) wherever the receiver's ``Location`` pointed, another host too, and the job counted as
+    delivered. The sink asks for no redirect on every request now: the 307 is the job's error, retried."""
+    elsewhere: list[bytes] = []
+
+    async def other_host(request: Request) -> Response:
+        elsewhere.append(await request.body())
+        return Response(status_code=204)
+
+    with running(Starlette(routes=[Route("/elsewhere", other_host, methods=["POST"])])) as other:
+        async def moved(request: Request) -> Response:
+            return Response(status_code=307, headers={"location": f"{other}/elsewhere"})
+
+        with running(Starlette(routes=[Route("/in", moved, methods=["POST"])])) as url:
+            sink = StandardWebhookSink(f"{url}/in", SECRET, client=httpx.Client(follow_redirects=True))
+            with pytest.raises(RuntimeError, match=r"/in answered 307"):
+                sink(CHANGE)
+            sink.close()
+    assert elsewhere == []

@@ -113,7 +113,8 @@ class StandardWebhookSink:
         deadline = time.monotonic() + self.timeout_s
         try:
             with (attempt_until(deadline),
-                  self._client.stream("POST", self.url, content=body.encode(), headers=headers) as response):
+                  self._client.stream("POST", self.url, content=body.encode(), headers=headers,
+                                     follow_redirects=False) as response):  # (whatever client was given)
                 if response.is_success:  # its body is read (a short one, the usual) only so the connection is kept
                     _read_start(response, deadline, limit=_KEEP_ALIVE_BODY)
                     return
