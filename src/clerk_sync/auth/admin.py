@@ -8,7 +8,7 @@ Clerk is unreachable the change is recorded in ``pending_role_changes`` (and aud
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -136,10 +136,14 @@ class AdminActions:
         self.impersonator_roles = impersonator_roles
 
     # -- roles -----------------------------------------------------------------------------------
-    def promote(self, target: str, role: str, *, by: str | None, ip: str | None = None) -> RoleChange:
+    def promote(self, target: str, role: str, *, by: str | None, ip: str | None = None,
+                audit_details: Mapping[str, Any] | None = None) -> RoleChange:
         """Set ``public_metadata.role`` in Clerk and the DB; ``by`` must be an admin (None = CLI operator).
         A role this database could not hold as given is refused first (:class:`InvalidRole`): Clerk would
-        store it, and the webhook would then apply the least-privileged role in its place."""
+        store it, and the webhook would then apply the least-privileged role in its place. ``audit_details``: added
+        to the audit rows' details (the console's ``{"via": "console", "as": ...}``: where the change came from,
+        ``by`` being None for the CLI and the console's operator token alike)."""
+        extra = dict(audit_details or {})
         if by is not None:  # first: a non-admin's attempt is refused and audited whatever the role
             self._require_admin(by, action="role.change", target=target, ip=ip)
         check_role(role)
@@ -148,16 +152,16 @@ class AdminActions:
         try:
             clerk_user = self.clerk.update_user_metadata(target, public_metadata={"role": role})
         except _RETRYABLE as exc:
-            self._record_pending(target, role, by, ip, previous, str(exc))
+            self._record_pending(target, role, by, ip, previous, str(exc), extra)
             return RoleChange(target, role, "pending", previous, str(exc))
         except ClerkUnauthorized:
             raise  # our secret key refused: says nothing of this change (as retry_pending)
         except ClerkAPIError as exc:  # refused for good (no such user, a value refused): the attempt audited,
             with self.store.transaction() as w:  # as a queued change refused later is, and a failed impersonation
                 record_audit(w, AuditEntry("role.change_failed", by, target,
-                                           details={"from": previous, "to": role, "error": str(exc)}, ip=ip))
+                                           details={**extra, "from": previous, "to": role, "error": str(exc)}, ip=ip))
             raise
-        entry = AuditEntry("role.changed", by, target, details={"from": previous, "to": role}, ip=ip)
+        entry = AuditEntry("role.changed", by, target, details={**extra, "from": previous, "to": role}, ip=ip)
         self._store_clerk_user(clerk_user, entry)
         return RoleChange(target, role, "applied", previous)
 
@@ -268,12 +272,12 @@ class AdminActions:
                        .values(done_at=w.now, attempts=p.c.attempts + 1, last_error=error))
 
     def _record_pending(self, target: str, role: str, by: str | None, ip: str | None, previous: str | None,
-                        error: str) -> None:
+                        error: str, extra: Mapping[str, Any]) -> None:
         with self.store.transaction() as w:
             w.conn.execute(pending_role_changes.insert().values(
                 user_clerk_id=target, role=role, requested_by=by, attempts=1, last_error=error, created_at=w.now))
             record_audit(w, AuditEntry("role.change_pending", by, target,
-                                       details={"from": previous, "to": role, "error": error}, ip=ip))
+                                       details={**extra, "from": previous, "to": role, "error": error}, ip=ip))
 
     # -- impersonation ---------------------------------------------------------------------------
     def start_impersonation(self, admin: str, target: str, *, ip: str | None = None,

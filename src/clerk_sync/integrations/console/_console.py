@@ -111,9 +111,15 @@ class Console:
             record_audit(w, self.audit_entry(identity, action, target, request, **details))
 
     @staticmethod
+    def origin(identity: Identity) -> dict[str, Any]:
+        """Where an audited action came from: ``{"via": "console", "as": <identity kind>}`` (the operator token's
+        actor is None, as the CLI's: these details tell them apart)."""
+        return {"via": "console", "as": identity.kind}
+
+    @staticmethod
     def audit_entry(identity: Identity, action: str, target: str | None, request: Request,
                     **details: Any) -> AuditEntry:
-        details = {"via": "console", "as": identity.kind, **details}
+        details = {**Console.origin(identity), **details}
         return AuditEntry(action, identity.actor, target, details=details, ip=client_ip(request))
 
     # -- failed sign-ins -----------------------------------------------------------------------------

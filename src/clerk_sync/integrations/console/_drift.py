@@ -9,7 +9,7 @@ budget like ``clerk-sync reconcile`` does.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from datetime import datetime
 from typing import Any
@@ -41,15 +41,17 @@ class DriftJob:
         self._thread: threading.Thread | None = None
         self._state: dict[str, Any] = {"status": "idle"}
 
-    def start(self, *, dry_run: bool, actor: str | None, ip: str | None) -> None:
-        """Start a run in the background (ReconcileBusy while one is running)."""
+    def start(self, *, dry_run: bool, actor: str | None, ip: str | None,
+              audit_details: Mapping[str, Any] | None = None) -> None:
+        """Start a run in the background (ReconcileBusy while one is running). ``audit_details``: added to the
+        applied run's audit row (the console's ``via``/``as``)."""
         with self._lock:
             if self._thread is not None and self._thread.is_alive():
                 raise ReconcileBusy("a console reconcile is already running; wait for it to finish")
             self._state = {"status": "running", "dry_run": dry_run, "started_at": self._now().isoformat(),
                            "actor": actor, "phases": {}, "changes": [], "counts": {k: 0 for k in _KINDS.values()}}
-            self._thread = threading.Thread(target=self._run, args=(dry_run, actor, ip), name="console-reconcile",
-                                            daemon=True)
+            self._thread = threading.Thread(target=self._run, args=(dry_run, actor, ip, dict(audit_details or {})),
+                                            name="console-reconcile", daemon=True)
             self._thread.start()
 
     def snapshot(self) -> dict[str, Any]:
@@ -68,7 +70,7 @@ class DriftJob:
         return thread is None or not thread.is_alive()
 
     # -- the worker thread -------------------------------------------------------------------------
-    def _run(self, dry_run: bool, actor: str | None, ip: str | None) -> None:
+    def _run(self, dry_run: bool, actor: str | None, ip: str | None, audit_details: dict[str, Any]) -> None:
         reconciler = Reconciler(self.store, self.clerk, progress=_Progress(self), on_change=self._change,
                                 metrics=self.metrics, instance_id=self.instance_id)
         try:
@@ -78,7 +80,8 @@ class DriftJob:
             return
         if not dry_run:
             with self.store.transaction() as w:
-                record_audit(w, AuditEntry("console.reconcile.applied", actor, None, details=_summary(report), ip=ip))
+                record_audit(w, AuditEntry("console.reconcile.applied", actor, None,
+                                           details={**audit_details, **_summary(report)}, ip=ip))
         self._update(status="done", report=_summary(report), finished_at=self._now().isoformat())
 
     def _update(self, **values: Any) -> None:

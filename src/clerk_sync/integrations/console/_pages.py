@@ -254,11 +254,25 @@ def _subject(payload: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _whose(payload: Any) -> str | None:
+    """The person a payload's personal data is about: a membership's member (``public_user_data.user_id``), a
+    session's or an e-mail's user (``user_id``), else the object itself. A reveal is audited under them, so the
+    user's audit trail shows who looked at their data (review: a membership's was filed under ``orgmem_...``)."""
+    data = payload.get("data") if isinstance(payload, dict) else None
+    if isinstance(data, dict):
+        member = data.get("public_user_data")
+        for value in (member.get("user_id") if isinstance(member, dict) else None, data.get("user_id")):
+            if isinstance(value, str) and value:
+                return value
+    return _subject(payload)
+
+
 def reveal(console: Console, request: Request, identity: Identity, form: Form) -> Response:
     """Show the payload unmasked, once, and record who looked at whose data."""
     row = _load_delivery(console, request)
-    console.audit(identity, "console.payload_revealed", _subject(row["payload"]), request,
-                  delivery_id=row["id"], svix_id=row["svix_id"])
+    whose, subject = _whose(row["payload"]), _subject(row["payload"])
+    console.audit(identity, "console.payload_revealed", whose, request, delivery_id=row["id"],
+                  svix_id=row["svix_id"], **({"object": subject} if subject not in (None, whose) else {}))
     return delivery(console, request, identity, form, revealed=True)
 
 
@@ -348,7 +362,8 @@ def drift_run(console: Console, request: Request, identity: Identity, form: Form
     mode = form.get("mode")
     if mode not in ("dry_run", "apply"):
         raise BadInput("mode must be dry_run or apply")
-    console.drift.start(dry_run=mode == "dry_run", actor=identity.actor, ip=client_ip(request))  # 409 when busy
+    console.drift.start(dry_run=mode == "dry_run", actor=identity.actor, ip=client_ip(request),
+                        audit_details=console.origin(identity))  # 409 when busy
     console.audit(identity, "console.reconcile.started", None, request, dry_run=mode == "dry_run")
     return _redirect(console, request, "drift")
 
@@ -393,7 +408,8 @@ def set_role(console: Console, request: Request, identity: Identity, form: Form)
         if q.get_user(conn, clerk_id) is None:
             raise NotFound(f"no user {clerk_id} in the database")
     change = AdminActions(console.store, console.clerk).promote(
-        clerk_id, role, by=identity.actor, ip=client_ip(request))
+        clerk_id, role, by=identity.actor, ip=client_ip(request),
+        audit_details=console.origin(identity))
     return _redirect(console, request, "user", f"done=role:{change.status}", clerk_id=clerk_id)
 
 
