@@ -139,3 +139,23 @@ def _render(store: Store) -> str:
     metrics = Metrics()
     metrics.watch_database(database_probe(store))
     return metrics.render().decode()
+
+
+@pytest.mark.parametrize("older", ["0008_console", "base"], ids=["before-the-hooks-outbox", "empty"])
+def test_a_database_older_than_the_hooks_outbox_or_empty_is_up_with_its_schema_behind(db_url: str, older: str) -> None:
+    """Review finding: the second read (without the version table) reads the hooks outbox too, so a schema from
+    before it (0009) or an empty database (a restore under way) failed it as well, and /metrics said
+    ``clerk_sync_database_up 0``: ClerkSyncDatabaseDown paged ("check DATABASE_URL and the server") where
+    ClerkSyncSchemaNotCurrent is the lead, as /readyz and doctor said. Now: up, schema 0, nothing else read."""
+    engine = create_engine(db_url)
+    migrations.downgrade(engine, older)
+    engine.dispose()
+    store = Store.from_url(db_url)
+    try:
+        snap = read_snapshot(store)
+        assert (snap.schema_current, snap.tables_read) == (False, False)
+        scrape = Scrape(_render(store))
+        assert scrape.get("clerk_sync_database_up") == 1 and scrape.get("clerk_sync_schema_current") == 0
+        assert not scrape.has("clerk_sync_failed_deliveries") and not scrape.has("clerk_sync_hook_jobs")
+    finally:
+        store.dispose()

@@ -61,10 +61,20 @@ def read_snapshot(store: Store) -> DatabaseSnapshot:
         try:
             row: tuple[Any, ...] = tuple(conn.execute(sa.select(*values, revision, revisions)).one())
         except sa.exc.SQLAlchemyError as exc:
-            if _SCHEMA_BEHIND not in str(store_error(exc)):  # down, a timeout: as without the version
+            if not _behind(exc):  # down, a timeout: as without the version
                 raise
             conn.rollback()  # (PostgreSQL: the failed statement ended the transaction)
-            row = (*conn.execute(sa.select(*values)).one(), None, 0)
+            try:
+                row = (*conn.execute(sa.select(*values)).one(), None, 0)
+            except sa.exc.SQLAlchemyError as again:
+                if not _behind(again):
+                    raise
+                # Older still (no hook_jobs: before 0009) or empty (a restore under way): the database answers,
+                # so it is up; what it lacks is the schema (review: this read as clerk_sync_database_up 0,
+                # paging ClerkSyncDatabaseDown where ClerkSyncSchemaNotCurrent is the lead).
+                conn.rollback()
+                return DatabaseSnapshot(None, 0, None, schema_current=_schema_current(store, None, 0),
+                                        tables_read=False)
         run = conn.execute(
             sa.select(r.c.finished_at, r.c.created, r.c.updated, r.c.deleted).where(r.c.id == last_id)
         ).first()
@@ -83,6 +93,10 @@ def read_snapshot(store: Store) -> DatabaseSnapshot:
 
 _VERSIONS = sa.table(migrations.VERSION_TABLE, sa.column("version_num", sa.String(32)))
 _SCHEMA_BEHIND = "the schema is not current"  # (store_error's words for a missing table or column)
+
+
+def _behind(exc: sa.exc.SQLAlchemyError) -> bool:
+    return _SCHEMA_BEHIND in str(store_error(exc))
 
 
 def _schema_current(store: Store, revision: str | None, revisions: int) -> bool | None:

@@ -159,6 +159,9 @@ class DatabaseSnapshot:
     # the schema has what this release needs (at its migrations' head, or newer): /readyz's migrations_current;
     # None: not read (the series is left out)
     schema_current: bool | None = None
+    # False: the database answered but lacks the tables the other values are read from (a schema older than the
+    # hooks outbox, an empty database being restored): only database_up and schema_current are exported
+    tables_read: bool = True
 
 
 class _DatabaseCollector(Collector):
@@ -211,6 +214,8 @@ class _DatabaseCollector(Collector):
                                        "head, or newer); 0 while `clerk-sync migrate` is due (deliveries answer 503).")
             schema.add_metric([], 1.0 if snap.schema_current else 0.0)
             yield schema
+        if not snap.tables_read:
+            return
         backlog = GaugeMetricFamily("clerk_sync_failed_deliveries", "Deliveries stored as failed (replay them).")
         backlog.add_metric([], float(snap.failed_backlog))
         yield backlog
