@@ -130,3 +130,20 @@ def test_a_newer_test_event_does_not_hide_the_instance_the_deliveries_name(store
             ConfigError, match=f"mirrors {OURS} .*delivery, msg_ours; if that was a test event .*CLERK_INSTANCE_ID"):
         Reconciler(store, clerk, page_size=50).run()
     assert _counts(store) == (2, 0, 0)
+
+
+def test_a_run_refused_at_the_instance_check_is_counted_failed(store: Store) -> None:
+    """Review finding: the instance check ran before the run's bookkeeping, so a run refused there (another
+    instance's key, Clerk down, a key revoked: every scheduled run) never moved
+    ``clerk_sync_reconcile_runs_total{result="failed"}``; only the two-day staleness alerts would notice."""
+    from clerk_sync.metrics import Metrics
+
+    metrics = Metrics()
+    with _other_instance() as theirs, clerk_client(theirs) as clerk:
+        with pytest.raises(ConfigError, match="CLERK_INSTANCE_ID"):
+            Reconciler(store, clerk, page_size=50, instance_id=OURS, metrics=metrics).run()
+        theirs.set_faults(outage=True)
+        with pytest.raises(ClerkAPIError):
+            Reconciler(store, clerk, page_size=50, metrics=metrics).run()
+    assert metrics.registry.get_sample_value("clerk_sync_reconcile_runs_total", {"result": "failed"}) == 2
+    assert _counts(store) == (0, 0, 0)

@@ -259,7 +259,12 @@ class Reconciler:
             return self._run(since, dry_run)
 
     def _run(self, since: datetime | None, dry_run: bool) -> ReconcileReport:
-        instance = self._check_instance()
+        try:
+            instance = self._check_instance()
+        except Exception:  # (Clerk down, a key refused, another instance's key: a failed run all the same,
+            if self.metrics is not None:  # counted, or a scheduled run failing there never moved the series)
+                self.metrics.reconciled("failed", {})
+            raise
         with self._begin(since, dry_run) as run:
             run.instance_id = instance
             try:
