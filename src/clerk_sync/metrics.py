@@ -56,6 +56,16 @@ _WRITING = threading.Lock()
 os.register_at_fork(before=_WRITING.acquire, after_in_parent=_WRITING.release, after_in_child=_WRITING.release)
 
 
+def _refresh(ref: weakref.ReferenceType[Metrics], closed: threading.Event) -> None:
+    """The multiprocess refresher's loop: until stopped, or until its Metrics is collected."""
+    while not closed.wait(_REFRESH_S):
+        metrics = ref()
+        if metrics is None:
+            return
+        metrics._write_watched()
+        del metrics  # (not held across the wait)
+
+
 def _restart_in_child(ref: weakref.ReferenceType[Metrics]) -> None:
     metrics = ref()
     if metrics is not None:
@@ -437,7 +447,10 @@ class Metrics:
         return self.budget_tokens
 
     def _start_refresher(self) -> None:
-        self._refresher = threading.Thread(target=self._refresh, name="clerk-sync-metrics", daemon=True)
+        # The thread holds this object weakly: an app dropped without stop() (a test suite's many app factories)
+        # is collected, its store and connections with it, and the thread ends at its next tick (review).
+        self._refresher = threading.Thread(target=_refresh, args=(weakref.ref(self), self._closed),
+                                           name="clerk-sync-metrics", daemon=True)
         self._refresher.start()
 
     def _forked(self) -> None:
@@ -446,9 +459,6 @@ class Metrics:
             self._closed = threading.Event()  # (the parent's may hold the dead thread's waiter)
             self._start_refresher()
 
-    def _refresh(self) -> None:
-        while not self._closed.wait(_REFRESH_S):
-            self._write_watched()
 
     def _write_watched(self) -> None:
         for gauge, fn in self._read_at_scrape:
@@ -459,9 +469,14 @@ class Metrics:
             except Exception:  # a metric must never take a worker down
                 log.debug("metrics_refresh_failed", exc_info=True)
 
+    def stop(self) -> None:
+        """An app torn down (``ClerkSyncState.close()``, its Clerk client closed): the thread writing its
+        gauges stops; this process's values stay in the multiprocess files (other apps of it write there)."""
+        self._closed.set()
+
     def close(self) -> None:
         """A worker that ends (``serve --workers``): its live gauges leave the sums, its thread stops."""
-        self._closed.set()
+        self.stop()
         if _multiprocess():
             multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
 

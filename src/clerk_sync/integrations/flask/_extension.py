@@ -153,6 +153,7 @@ class ClerkSync:
         closers: list[Callable[[], None]] = [] if given is not None else [store.dispose]
         if processor is not None:
             closers.append(processor.flush_summary)  # the deliveries since the last summary line
+            closers.append(processor.metrics.stop)  # (multiprocess mode: the thread writing its gauges)
             # the freshness series (database up, schema current, lag, hook jobs), read at scrape time, as serve's:
             # without them ClerkSyncDatabaseDown and the schema alerts cannot fire for an app receiving its webhooks
             processor.metrics.watch_database(database_probe(store))
