@@ -235,7 +235,7 @@ def test_deny_by_default_public_views_and_unknown_paths(world: World) -> None:
     assert world.app.get("/session", token).json == {"user": user["id"]}
     assert world.app.get("/nowhere").status == 401  # what exists is not revealed to the signed-out
     assert world.app.get("/nowhere", token).status == 404
-    # A browser's CORS preflight carries no session by design: Flask's automatic OPTIONS answers it, not 401
+    # A browser's CORS preflight carries no session by design: a bare 200 answers it, not 401
     preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
     if world.app.http is not None:
         answers = tuple(world.app.http.options(path, headers=headers).status_code
@@ -244,8 +244,9 @@ def test_deny_by_default_public_views_and_unknown_paths(world: World) -> None:
         with world.app.app.test_client() as client:
             answers = tuple(client.options(path, headers=headers).status_code
                             for path, headers in (("/session", preflight), ("/session", {}), ("/export", preflight)))
-    # a plain OPTIONS is still refused, and so is a "preflight" any client can fake to a view that runs for it
-    assert answers == (200, 401, 401)
+    # a plain OPTIONS is still refused; a "preflight" to a view that takes OPTIONS itself gets the same bare 200
+    # (any client can fake one: the view does not run for it)
+    assert answers == (200, 401, 200)
 
 
 def test_role_is_confirmed_against_the_row_and_demotion_applies_on_the_next_request(world: World) -> None:

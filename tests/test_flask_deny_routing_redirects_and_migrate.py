@@ -147,16 +147,40 @@ def test_a_redirect_to_a_protected_page_tells_a_stranger_no_more_than_an_unknown
 
 
 def test_a_redirect_is_judged_for_the_requests_method(apps: tuple[Flask, Flask]) -> None:
-    """A preflight-shaped ``OPTIONS /admin`` leads to a protected page: 401, the preflight exemption is for
-    a matched rule's automatic OPTIONS only. ``OPTIONS /docs`` is Flask's 308. A POST to ``/docs`` (whose
+    """A preflight-shaped ``OPTIONS /admin`` leads to a protected page: the bare 200 every preflight to what is
+    not public gets, never Flask's 308 (which would tell ``/admin/`` exists). ``OPTIONS /docs`` is Flask's 308. A
+    POST to ``/docs`` (whose
     ``/docs/`` takes GET only) is Flask's 404 to the signed-in, an unknown path's 401 to the others."""
     guarded, bare = apps
     preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "GET"}
-    assert answer(guarded, "/admin", "OPTIONS", headers=preflight) == (401, None)
+    assert answer(guarded, "/admin", "OPTIONS", headers=preflight) == (200, None)
     assert answer(guarded, "/docs", "OPTIONS", headers=preflight) == answer(bare, "/docs", "OPTIONS") == \
         (308, "http://localhost/docs/")
     assert answer(guarded, "/docs", "POST") == (401, None)
     assert answer(guarded, "/docs", "POST", headers=bearer(token("user_post"))) == answer(bare, "/docs", "POST")
+
+
+def test_a_preflight_tells_no_protected_route_from_a_path_nothing_serves(apps: tuple[Flask, Flask]) -> None:
+    """Review finding: Flask's automatic OPTIONS answered a faked preflight to a protected route 200 with its
+    methods in ``Allow`` while a path nothing serves got 401, so any client could map the protected routes and
+    their methods. Every preflight to what is not public gets the same bare answer now; a public page's is
+    Flask's own, as it was."""
+    guarded, bare = apps
+
+    @guarded.route("/admin/export", methods=["GET", "DELETE"])
+    def export() -> str:  # pragma: no cover - never runs for a preflight
+        raise AssertionError("a view ran for a signed-out preflight")
+
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "DELETE"}
+    seen = set()
+    with guarded.test_client() as client:
+        for path in ("/admin/export", "/admin/", "/admin", "/old-admin", "/admin/no-such-page", "/nowhere"):
+            got = client.options(path, headers=preflight)
+            seen.add((got.status_code, got.get_data(), tuple(sorted(k for k, _ in got.headers))))
+        public = client.options("/docs/", headers=preflight)
+    assert seen == {(200, b"", ("Content-Length", "Content-Type"))}, seen
+    with bare.test_client() as client:  # a public page: Flask's answer, Allow and all
+        assert public.headers["Allow"] == client.options("/docs/", headers=preflight).headers["Allow"]
 
 
 def test_a_redirect_over_http_names_the_servers_host_and_port(apps: tuple[Flask, Flask]) -> None:

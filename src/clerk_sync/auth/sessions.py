@@ -169,8 +169,8 @@ def _repeated_session_cookie(raw: str | None, *, only: str | None = None) -> str
 def is_cors_preflight(method: str | None, access_control_request_method: str | None) -> bool:
     """A browser's CORS preflight (``OPTIONS`` with an ``Access-Control-Request-Method`` header): it never
     carries the session (no cookie, no Authorization), and a browser needs a 2xx answer before it sends the
-    real request. Any client can send those headers, though: deny-by-default lets such a request through
-    only where no view code answers it (Flask's automatic OPTIONS); ASGI's
+    real request. Any client can send those headers, though: Flask's deny-by-default answers every one to what
+    is not public with the same bare 200, no view run; ASGI's
     :class:`~clerk_sync.integrations.asgi.ClerkAuthMiddleware` refuses it, saying where the CORS layer goes."""
     return method == "OPTIONS" and bool(access_control_request_method)
 

@@ -446,16 +446,15 @@ def deny_by_default() -> Response | None:
     state = clerk_state()
     if not state.deny_by_default:
         return None
-    rule = request.url_rule
-    if (is_cors_preflight(request.method, request.headers.get("Access-Control-Request-Method"))
-            and rule is not None and getattr(rule, "provide_automatic_options", False)):
-        return None  # Flask answers it itself, no view runs (Flask-CORS adds its headers): a browser's preflight
-        # carries no session by design. A view that takes OPTIONS itself stays protected.
-    if isinstance(request.routing_exception, RequestRedirect):  # (endpoint is None: no rule was matched)
-        if _redirect_is_public(state):
-            return None
-    elif _is_public(state, request.endpoint):
+    redirect = isinstance(request.routing_exception, RequestRedirect)  # (endpoint is None: no rule was matched)
+    if _redirect_is_public(state) if redirect else _is_public(state, request.endpoint):
         return None
+    if is_cors_preflight(request.method, request.headers.get("Access-Control-Request-Method")):
+        # A browser's preflight carries no session by design and needs a 2xx before the real request; any
+        # client can fake one, though. So every preflight to what is not public gets this same bare 200 (Flask-CORS
+        # adds its headers), whatever the path: Flask's own answer listed a route's methods in ``Allow`` where
+        # a path nothing serves got 401, telling strangers what exists (review). No view runs for it.
+        return current_app.response_class(status=200)
     try:
         _current_auth()  # unknown paths too: refuse before revealing what exists
     except ClerkSyncError as exc:
