@@ -230,13 +230,24 @@ def test_a_connection_that_sends_nothing_is_closed_after_the_head_deadline(sqlit
     processor.store.dispose()
 
 
-def test_limit_concurrency_answers_503_past_it(sqlite_url: str) -> None:
+def test_limit_concurrency_answers_503_past_it_but_to_the_liveness_probe(sqlite_url: str) -> None:
+    """Past the limit every request is 503 (Svix retries), but ``GET``/``HEAD /healthz``: held connections
+    (load, or idle ones anyone can open) made the liveness probe fail, and Kubernetes restarted a pod that was
+    up (review). ``/readyz`` stays 503 there: a pod past its limit is rightly out of rotation."""
     settings = _settings(sqlite_url, 5.0)
     processor = build_processor(settings)
     with _serving(create_app(settings, processor), limit_concurrency=2) as port:
         held = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
         try:
             assert _first_answer(port).startswith(b"HTTP/1.1 503 ")
+            for head in (b"GET /healthz", b"HEAD /healthz", b"GET /healthz?probe=1", b"GET /readyz",
+                         b"POST /healthz"):
+                with socket.create_connection(("127.0.0.1", port)) as sock:
+                    sock.settimeout(5)
+                    sock.sendall(head + b" HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n")
+                    status = sock.recv(65536).split(b"\r\n", 1)[0]
+                alive = head.startswith((b"GET /healthz", b"HEAD /healthz"))
+                assert status == (b"HTTP/1.1 200 OK" if alive else b"HTTP/1.1 503 Service Unavailable"), head
         finally:
             for sock in held:
                 sock.close()
@@ -244,13 +255,13 @@ def test_limit_concurrency_answers_503_past_it(sqlite_url: str) -> None:
 
 
 def _first_answer(port: int) -> bytes:
-    """The answer to ``GET /healthz`` on a new connection (tried until 503, 5 s at most: the held connections
+    """The answer to ``GET /metrics`` on a new connection (tried until 503, 5 s at most: the held connections
     are counted once the server accepted them)."""
     deadline = time.monotonic() + 5
     while True:
         with socket.create_connection(("127.0.0.1", port)) as sock:
             sock.settimeout(5)
-            sock.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
             answer = sock.recv(65536)
         if answer.startswith(b"HTTP/1.1 503 ") or time.monotonic() > deadline:
             return answer

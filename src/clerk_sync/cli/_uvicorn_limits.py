@@ -14,9 +14,10 @@ answer is complete (an app that answered without reading it: every byte trickled
 timer) ends the connection with a lingering close, as nginx's: writing shut down once the answer is out, what
 arrives read and dropped until the client stops sending (``linger_idle_s``) or ``linger_s`` at most, then closed
 (closed at once, the unread bytes reset the connection, and the client could lose the answer).
+Past ``--limit-concurrency`` a liveness probe (``GET /healthz``) is still answered, as nothing else is.
 Relies on names uvicorn has had since 0.30 (``data_received``, ``on_message_begin``, ``on_headers_complete``,
 ``on_message_complete``, ``on_response_complete``, ``cycle.response_complete``, ``flow`` and its
-``FlowControl``, ``transport``, ``parser``, ``loop``); a module-level class, so ``serve --workers N``'s spawned
+``FlowControl``, ``transport``, ``parser``, ``loop``, ``url``, ``limit_concurrency``); a module-level class, so ``serve --workers N``'s spawned
 workers unpickle it (a ``functools.partial`` of it with the settings, :func:`bounded_httptools`) with the
 ``uvicorn.Config``.
 """
@@ -34,6 +35,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 __all__ = ["BoundedHttpTools", "bounded_httptools"]
 
 _EMPTY_LINE = b"\r\n"
+LIVENESS_PATH = b"/healthz"  # answered past --limit-concurrency (BoundedHttpTools.on_headers_complete)
 
 
 def bounded_httptools(max_head_bytes: int, head_timeout_s: float) -> Any:
@@ -148,7 +150,23 @@ class BoundedHttpTools(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._head = None
         self._stop_timer()
-        super().on_headers_complete()
+        limit = self.limit_concurrency
+        if limit is None or not self._is_liveness_probe():
+            super().on_headers_complete()
+            return
+        # Past --limit-concurrency uvicorn answers every request 503, the liveness probe's too: held connections
+        # (load, or idle ones anyone can open) would have Kubernetes restart a pod that is up, its deliveries
+        # and hook handlers cut (review). /healthz costs no body and no database: it is answered. /readyz is
+        # not (a pod past its limit is rightly taken out of rotation).
+        self.limit_concurrency = None
+        try:
+            super().on_headers_complete()
+        finally:
+            self.limit_concurrency = limit
+
+    def _is_liveness_probe(self) -> bool:
+        path = self.url.partition(b"?")[0]
+        return path == LIVENESS_PATH and self.parser.get_method() in (b"GET", b"HEAD")
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
