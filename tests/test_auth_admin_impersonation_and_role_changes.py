@@ -18,8 +18,11 @@ from clerk_sync.auth.claims import Auth
 from clerk_sync.auth.users import AuthUser, read_user
 from clerk_sync.clerk_api import CircuitBreaker, ClerkClient, RetryPolicy
 from clerk_sync.errors import (
+    ClerkAPIError,
     ClerkUnauthorized,
+    ClerkUnavailable,
     ImpersonationEnded,
+    RateLimited,
     StoreDataError,
     StoreError,
     TokenKeysUnavailable,
@@ -188,6 +191,14 @@ def test_a_loaders_locked_or_deprovisioned_refusal_stays_a_403(harness: tuple[Ha
     (StoreDataError("value too long for column email: 'alice@example.com'"), "store_data_rejected"),
     (TokenKeysUnavailable("no signing keys yet: the JWKS fetch from http://10.255.0.9:8080/jwks failed"),
      "token_keys_unavailable"),
+    # review: a JIT fetch's Clerk failures named CLERK_API_URL's or REDIS_URL's host to any signed-in caller
+    (ClerkUnavailable("GET /users/user_x: could not connect to http://10.255.0.9:8080/v1 (ConnectError): check "
+                      "CLERK_API_URL"), "clerk_unavailable"),
+    (RateLimited("the shared Clerk request budget in Redis at redis://***@10.255.0.9:6379/0 is unreachable",
+                 retry_after=3), "clerk_rate_limited"),
+    (ClerkUnauthorized("GET /users/user_x: http://10.255.0.9:8080/v1 answered 401"), "clerk_unauthorized"),
+    (ClerkAPIError("GET /users/user_x answered user 'alice', not the one asked for (http://10.255.0.9:8080)"),
+     "clerk_api_error"),
 ])
 def test_outage_answers_keep_their_cause_for_the_log(exc: Exception, code: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every face answers through the one table: the body says what happened and what to do, the cause (host,

@@ -376,7 +376,7 @@ def test_a_user_object_clerk_sync_cannot_read_is_a_bad_answer_from_clerk_not_the
         return httpx.Response(200, json=odd)
 
     metrics = Metrics()
-    refused = r"GET /users/user_new answered a user object clerk-sync cannot read \(.*'?%s.*\); nothing stored" % field
+    refused = rf"GET /users/user_new answered a user object clerk-sync cannot read \(.*{field}.*\); nothing stored"
     budget = LocalBudget(RateLimit(1000, 1.0))
     with ClerkClient("sk_test_x", transport=httpx.MockTransport(answer), budget=budget) as clerk:
         with pytest.raises(ClerkAPIError, match=refused) as bad:

@@ -67,14 +67,14 @@ def read_snapshot(store: Store) -> DatabaseSnapshot:
             try:
                 row = (*conn.execute(sa.select(*values)).one(), None, 0)
             except sa.exc.SQLAlchemyError as again:
-                if not _behind(again):
-                    raise
                 # Older still (no hook_jobs: before 0009) or empty (a restore under way): the database answers,
                 # so it is up; what it lacks is the schema (review: this read as clerk_sync_database_up 0,
-                # paging ClerkSyncDatabaseDown where ClerkSyncSchemaNotCurrent is the lead).
+                # paging ClerkSyncDatabaseDown where ClerkSyncSchemaNotCurrent is the lead). A table missing
+                # under a revision that says current is no schema to migrate: a failed read, as before.
+                if not _behind(again) or _schema_current(store, None, 0) is not False:
+                    raise
                 conn.rollback()
-                return DatabaseSnapshot(None, 0, None, schema_current=_schema_current(store, None, 0),
-                                        tables_read=False)
+                return DatabaseSnapshot(None, 0, None, schema_current=False, tables_read=False)
         run = conn.execute(
             sa.select(r.c.finished_at, r.c.created, r.c.updated, r.c.deleted).where(r.c.id == last_id)
         ).first()

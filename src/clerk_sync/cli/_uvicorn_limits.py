@@ -17,9 +17,9 @@ arrives read and dropped until the client stops sending (``linger_idle_s``) or `
 Past ``--limit-concurrency`` a liveness probe (``GET /healthz``) is still answered, as nothing else is.
 Relies on names uvicorn has had since 0.30 (``data_received``, ``on_message_begin``, ``on_headers_complete``,
 ``on_message_complete``, ``on_response_complete``, ``cycle.response_complete``, ``flow`` and its
-``FlowControl``, ``transport``, ``parser``, ``loop``, ``url``, ``limit_concurrency``); a module-level class, so ``serve --workers N``'s spawned
-workers unpickle it (a ``functools.partial`` of it with the settings, :func:`bounded_httptools`) with the
-``uvicorn.Config``.
+``FlowControl``, ``transport``, ``parser``, ``loop``, ``url``, ``limit_concurrency``); a module-level class,
+so ``serve --workers N``'s spawned workers unpickle it (a ``functools.partial`` of it with the settings,
+:func:`bounded_httptools`) with the ``uvicorn.Config``.
 """
 
 from __future__ import annotations

@@ -100,7 +100,17 @@ _PUBLIC_MESSAGES: dict[type[ClerkSyncError], str] = {  # the first class that ma
     StoreError: "the database is unavailable: retry later (the cause is in the service's log)",
     TokenKeysUnavailable: "the keys that verify session tokens are unavailable: retry later (the cause is in "
                           "the service's log)",
+    # Clerk's API failing this service (a just-in-time fetch, an admin action): the cause names CLERK_API_URL's
+    # or REDIS_URL's host and the operator's advice, for the log (review). A Clerk answer about the request
+    # itself (not found, a value refused) is the caller's and keeps its own text.
+    RateLimited: "Clerk's API rate limit is reached: retry after the time Retry-After gives (the cause is in the "
+                 "service's log)",
+    ClerkUnavailable: "Clerk's API is unavailable: retry later (the cause is in the service's log)",
+    ClerkUnauthorized: "this service's Clerk secret key was refused: the operator must set a valid "
+                       "CLERK_SECRET_KEY (the cause is in the service's log)",
 }
+# ClerkAPIError itself (not a subclass): an answer of Clerk's this service could not use
+_UNUSABLE_ANSWER = "Clerk's API gave an answer this service could not use (the cause is in the service's log)"
 _LOG_EVERY_S = 10.0  # an outage answers every request: one log line per cause this often, with a count
 _CAUSES_HELD = 64  # causes remembered for throttling; past it, the one logged longest ago is forgotten
 # Addresses, durations, counters: not a new cause. An HTTP status the message quotes ("answered 429", "(401)")
@@ -171,6 +181,9 @@ def _public_message(exc: ClerkSyncError) -> str:
         if isinstance(exc, cls):
             _log_cause(cls, exc)
             return message
+    if type(exc) is ClerkAPIError:
+        _log_cause(ClerkAPIError, exc)
+        return _UNUSABLE_ANSWER
     return str(exc)
 
 
