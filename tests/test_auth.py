@@ -522,6 +522,31 @@ def test_a_cookie_websocket_from_a_foreign_origin_is_refused(db_url: str, integr
     h.store.dispose()
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_refusal_after_the_handshake_closes_the_websocket_with_its_code(db_url: str) -> None:
+    """Review finding: a route that accepts, then checks again per message, turned a refusal into an ASGI
+    error (a denial response after accept): "Exception in ASGI application" and the connection dropped without
+    a close frame. It closes with 1008 and the refusal's code as the reason."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    h = Harness(db_url)
+    h.event("user.created", f.user("user_chat_admin", 1, role="admin"))
+    h.event("user.created", f.user("user_chat", 1))
+    with running(_fastapi_ws_app(h, deny_by_default=True)) as url:
+        chat = f"{url.replace('http://', 'ws://')}/chat"
+        with connect(chat, additional_headers=bearer(token("user_chat_admin")), open_timeout=5) as ws:
+            ws.send("hi")
+            assert json.loads(ws.recv(timeout=5)) == {"from": "user_chat_admin", "said": "hi"}
+        with connect(chat, additional_headers=bearer(token("user_chat")), open_timeout=5) as ws:
+            ws.send("hi")
+            with pytest.raises(ConnectionClosed) as closed:
+                ws.recv(timeout=5)
+        assert closed.value.rcvd is not None
+        assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1008, "access_denied")
+    h.store.dispose()
+
+
 def _ws_answer(url: str, headers: dict[str, str], origin: str | None) -> Any:
     """What the ``/ws`` handshake from ``origin`` gets: the first message, or the refusal's HTTP status."""
     from websockets.exceptions import InvalidStatus
@@ -911,6 +936,14 @@ def _fastapi_ws_app(h: Harness, *, deny_by_default: bool) -> Any:
         await ws.accept()
         await ws.send_json({"admin": user.clerk_id})
         await ws.close()
+
+    @app.websocket("/chat")
+    async def chat(ws: WebSocket) -> None:  # accepted for any session; each message checked again
+        await ws.accept()
+        while True:
+            said = await ws.receive_text()
+            user = await clerk.require_role("admin")(ws)
+            await ws.send_json({"from": user.clerk_id, "said": said})
 
     return app
 

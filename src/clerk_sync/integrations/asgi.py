@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import HTTPConnection, cookie_parser
 from starlette.responses import PlainTextResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
-from starlette.websockets import WebSocket
+from starlette.websockets import WebSocket, WebSocketState
 
 from clerk_sync.auth.authenticator import Authenticator
 from clerk_sync.auth.claims import Auth
@@ -327,10 +327,13 @@ async def _refuse(exc: ClerkSyncError, scope: Scope, receive: Receive, send: Sen
 
 async def refuse_handshake(websocket: WebSocket, exc: ClerkSyncError) -> None:
     """A websocket handshake refused as :class:`ClerkAuthMiddleware` refuses one (a FastAPI dependency's
-    refusal): the error's HTTP answer where the server can send one, else a close with a code saying why."""
-    if "websocket.http.response" in websocket.scope.get("extensions", {}):
+    refusal): the error's HTTP answer where the server can send one, else a close with a code saying why. A
+    refusal after the handshake was accepted (a route checking again per message) is that close: a denial
+    response then was an ASGI error, the connection dropped without a close frame (review)."""
+    state = websocket.application_state
+    if state == WebSocketState.CONNECTING and "websocket.http.response" in websocket.scope.get("extensions", {}):
         await websocket.send_denial_response(error_json(exc))
-    else:
+    elif state != WebSocketState.DISCONNECTED:
         await websocket.close(code=_close_code(exc), reason=exc.code)
 
 
