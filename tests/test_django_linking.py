@@ -181,3 +181,25 @@ def test_a_session_the_backend_refuses_is_no_failed_login(db_url: str) -> None:
         finally:
             user_login_failed.disconnect(record)
     assert failed == []
+
+
+def test_a_refused_copy_is_logged_without_the_values_the_database_quotes(client_world: World) -> None:
+    """Review finding: a unique field the user model refused (the address another Django user holds) was
+    logged at ERROR with the driver's whole message: on PostgreSQL its DETAIL line, on MariaDB its "Duplicate
+    entry", each quoting the e-mail address, on every request of that user. The line keeps the driver's first
+    line without the values."""
+    from django.db import connection
+
+    clerk, app = client_world.clerk, client_world.app
+    with connection.cursor() as cursor:
+        cursor.execute("CREATE UNIQUE INDEX uq_auth_user_email_review ON auth_user (email)")
+    get_user_model().objects.create_user("ada-local", email="ada.lovelace@example.com", password="pw")
+    ada = clerk.create_user("ada.lovelace@example.com")
+    clerk.wait_for_deliveries()
+    with structlog.testing.capture_logs() as lines:
+        assert app.get("/t/django-login-required", headers=bearer(clerk.mint_session_token(ada["id"]))
+                       ).status_code == 302  # signed out: the account is not linked
+    [refusal] = _refusals(lines)
+    assert "ada.lovelace" not in str(refusal), refusal
+    assert refusal["reason"].startswith("the user model refused it: ")  # what refused it: the index, or the column
+    assert "uq_auth_user_email_review" in refusal["reason"] or "auth_user.email" in refusal["reason"], refusal

@@ -125,7 +125,10 @@ def _refused(row: AuthUser, exc: IntegrityError) -> None:
     """The user model refused the Clerk user's copied fields: a unique one (the e-mail address of a login-by-e-mail
     model) is held by another Django user. Said, and the session left anonymous: a 500 on every request would
     tell nobody more."""
-    log.error("django_user_not_linked", clerk_id=row.clerk_id, reason=f"the user model refused it: {exc}",
+    # The driver's message without the values it quotes (PostgreSQL's DETAIL line, MySQL's "Duplicate entry
+    # 'ada@…'"): an e-mail address in an ERROR line on every request of that user (review)
+    refused = database_message(exc.__cause__ or exc)
+    log.error("django_user_not_linked", clerk_id=row.clerk_id, reason=f"the user model refused it: {refused}",
               fix="a unique field USER_FIELDS copies is held by another Django user: e.g. the address of a "
                   "deactivated user whose Clerk account was deleted (free it, or wait for `manage.py clerk_sync "
                   "prune` to forget that user), or an empty address of a second user without one (make the field "

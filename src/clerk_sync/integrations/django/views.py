@@ -16,7 +16,14 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
 from clerk_sync.engine import DeliveryStatus
-from clerk_sync.errors import ClerkSyncError, ConfigError, PayloadTooLarge, StoreError, WebhookError
+from clerk_sync.errors import (
+    ClerkSyncError,
+    ConfigError,
+    PayloadTooLarge,
+    StoreError,
+    WebhookError,
+    database_message,
+)
 from clerk_sync.integrations.django.request import clerk_request
 from clerk_sync.integrations.django.runtime import get_clerk_sync
 from clerk_sync.integrations.http import delivery_answer, error_response
@@ -88,7 +95,8 @@ def _refresh_django_user(body: bytes) -> None:
         if isinstance(clerk_id, str) and clerk_id:
             refresh_django_user(clerk_id)
     except Exception as exc:  # (the delivery is applied: its answer stays 200)
-        log.error("django_user_refresh_failed", clerk_id=clerk_id, error=type(exc).__name__, cause=str(exc)[:200],
+        log.error("django_user_refresh_failed", clerk_id=clerk_id, error=type(exc).__name__,
+                  cause=database_message(exc.__cause__ or exc),  # (first line, quoted values out: no address)
                   fix="its next request, or manage.py clerk_sync prune, brings the Django user in step")
 
 
