@@ -48,6 +48,22 @@ def test_a_misspelt_postgres_url_option_is_not_taken_for_the_mappings_column_typ
     assert "column types" not in said.stderr, said.stderr
 
 
+@pytest.mark.parametrize("db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
+@pytest.mark.parametrize("option", ["sslmode=bogus", "target_session_attrs=bogus", "options=-cbogus_guc%3D1"])
+def test_a_postgres_url_option_value_refused_is_exit_2_not_retry_later(db_url: str, option: str) -> None:
+    """Review finding: a value libpq refuses (``sslmode=bogus``) or a setting the server refuses
+    (``options=-c...``) came with no SQLSTATE, so it was taken for a database that is down: exit 3 and "retry
+    once it answers", which a cron or a deploy step retries for ever. It is a setting to fix: exit 2."""
+    url = _with(db_url, option)
+    if option.startswith("options"):  # (the schema's search_path is an options= too: a second one replaces it)
+        url = db_url.split("?")[0] + "?" + option
+    for command in (["migrate"], ["doctor", "--freshness"]):
+        said = _run(url, *command)
+        assert said.returncode == 2, (command, said.stdout, said.stderr)
+        assert "Traceback" not in said.stderr and "retry once it answers" not in said.stderr, said.stderr
+        assert "DATABASE_URL" in said.stderr, said.stderr
+
+
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_the_error_line_is_one_line_through_a_pipe(db_url: str, tmp_path: Path) -> None:
     deep = tmp_path / ("a-very-long-directory-name-for-the-database-files-of-this-service-" + "x" * 40) / "sub"

@@ -58,3 +58,14 @@ def test_a_since_out_of_range_in_utc_is_a_config_error_not_a_traceback() -> None
     for value in ("0001-01-01T00:30:00+01:00", "9999-12-31T23:30:00-01:00"):
         with pytest.raises(ConfigError, match="out of range"):
             parse_since(value)
+
+
+def test_a_huge_since_is_not_echoed_whole() -> None:
+    """Review finding: ``replay --since "2026-<100 KB>"`` printed the whole argument in its one error line."""
+    from clerk_sync.errors import ConfigError
+
+    with pytest.raises(ConfigError) as refused:
+        parse_since("2026-" + "x" * 100_000)
+    assert len(str(refused.value)) < 300 and "100007 characters" in str(refused.value), str(refused.value)[:300]
+    with pytest.raises(ConfigError, match=r"--since 'yesterday' is not an ISO 8601 date or time"):
+        parse_since("yesterday")  # a short one whole, as before

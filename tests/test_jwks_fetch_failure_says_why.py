@@ -149,3 +149,18 @@ def test_a_key_httpx_cannot_encode_is_a_503_not_a_500(clerk: EmulatorServer) -> 
             source.prefetch()
     assert "TOPSECRET" not in str(caught.value) and "non-ASCII" in str(caught.value)
     assert caught.value.__cause__ is None and caught.value.__context__ is None  # (its repr quotes the header)
+
+
+def test_credentials_in_the_jwks_or_api_url_are_never_shown(clerk: EmulatorServer) -> None:
+    """Review finding: a proxy in front of the JWKS or the Backend API may take credentials in the URL; the JWKS
+    messages (doctor's line, the service's log), doctor's Clerk API line and ``repr(settings)`` showed them."""
+    port = _closed_port()
+    jwks = _settings(CLERK_JWKS_URL=f"http://jwksuser:JwksPW@127.0.0.1:{port}/jwks.json")
+    line = _session_keys_line(jwks)
+    assert "JwksPW" not in line and "jwksuser" not in line and f"***@127.0.0.1:{port}/jwks.json" in line, line
+    api = _settings(CLERK_SECRET_KEY=clerk.secret_key,
+                    CLERK_API_URL=clerk.url.replace("http://", "http://proxyuser:Pr0xyPW@"))
+    (api_line,) = [check for check in run_checks(api) if check.name == "Clerk Backend API"]
+    assert "Pr0xyPW" not in api_line.detail and "***@" in api_line.detail, api_line  # (whatever Clerk answered)
+    for settings in (jwks, api):
+        assert "JwksPW" not in repr(settings) and "Pr0xyPW" not in repr(settings)

@@ -249,6 +249,11 @@ _MIN_CONSOLE_SECRET_CHARS = 32
 _CONSOLE_SECRET_HELP = 'make one with `python -c "import secrets; print(secrets.token_urlsafe(32))"`'  # noqa: S105
 
 
+
+# Shown masked by repr(settings): a connection URL's user part and password parameters (the Clerk API's and the
+# JWKS URL's too: a proxy in front of them may take credentials in the URL; review)
+_URL_FIELDS = ("database_url", "redis_url", "clerk_api_url", "clerk_jwks_url")
+
 class Settings(BaseSettings):
     """Everything clerk-sync reads from the environment; build with :meth:`from_env`."""
 
@@ -539,7 +544,7 @@ class Settings(BaseSettings):
         """``repr(settings)`` (a log line, a traceback's locals) shows the URLs with their credentials masked;
         the secrets are ``SecretStr`` already."""
         for name, value in super().__repr_args__():
-            yield name, masked_url(value) if name in ("database_url", "redis_url") and value else value
+            yield name, masked_url(value) if name in _URL_FIELDS and value else value
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:

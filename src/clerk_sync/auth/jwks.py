@@ -44,6 +44,7 @@ from jwt.exceptions import PyJWTError
 
 from clerk_sync._http_deadline import attempt_until, install
 from clerk_sync._limits import show
+from clerk_sync._urls import masked_url
 from clerk_sync.errors import ConfigError, TokenKeysUnavailable, TokenKeyUnknown
 from clerk_sync.metrics import Metrics
 
@@ -120,6 +121,7 @@ class JWKSKeySource:
         metrics: Metrics | None = None,
     ) -> None:
         self.url = url
+        self._shown = masked_url(url)  # (in messages and logs: credentials a proxy takes in the URL masked)
         self.metrics = metrics
         self._client = client
         install(client)  # its sockets wait no longer than what is left of a fetch's fetch_timeout_s
@@ -155,7 +157,7 @@ class JWKSKeySource:
                 self._refresh(wait=False, allowed=self._may_refresh)
                 key = self._keys.get(kid or "")
                 if key is None:
-                    raise TokenKeyUnknown(f"key {show(kid)} is no longer in {self.url}")
+                    raise TokenKeyUnknown(f"key {show(kid)} is no longer in {self._shown}")
             return key
         if not allow_fetch:
             # A fetch in flight that can find the kid (the first one after start-up, above all: no key held
@@ -172,7 +174,7 @@ class JWKSKeySource:
         self._refresh(wait=True, allowed=self._may_fetch_unknown, kid=kid or "")
         key = self._keys.get(kid or "")
         if key is None:
-            raise self._unknown(f"no key with kid {show(kid)} in {self.url}")
+            raise self._unknown(f"no key with kid {show(kid)} in {self._shown}")
         return key
 
     def renewed(self, kid: str | None, key: RSAPublicKey, *, allow_fetch: bool = True) -> RSAPublicKey | None:
@@ -281,23 +283,23 @@ class JWKSKeySource:
         except (httpx.LocalProtocolError, UnicodeEncodeError):  # never sent; the error's text quotes the header
             unsendable = True
         except httpx.InvalidURL as exc:  # (not an HTTPError: a URL httpx refuses to send, a newline in it)
-            return self._failed("unreachable", f"the JWKS URL {self.url!r} cannot be fetched ({exc}): set "
+            return self._failed("unreachable", f"the JWKS URL {self._shown!r} cannot be fetched ({exc}): set "
                                 f"{self._url_setting} again, without spaces or line breaks", exc)
         except (httpx.HTTPError, ValueError) as exc:  # (ValueError: a URL or header httpx refuses to build)
             return self._failed("unreachable", self._unreachable(exc), exc)
         if unsendable:  # raised here, outside the handler: no context, so no trace of the key in a traceback
-            return self._failed("unreachable", f"the JWKS fetch could not send its request to {self.url}: a header "
+            return self._failed("unreachable", f"the JWKS fetch could not send its request to {self._shown}: a header "
                                 "value holds a character HTTP cannot carry, most likely CLERK_SECRET_KEY (a newline, a "
                                 "space or a non-ASCII character inside it): set it again", None)
         if refusal is not None:
             return self._failed("unavailable" if response.status_code >= 500 else "refused", refusal, None)
         if body is None:
-            return self._failed("invalid", f"{self.url} answered a body of more than 1 MiB, the most read (a JWKS "
+            return self._failed("invalid", f"{self._shown} answered a body of more than 1 MiB, the most read (a JWKS "
                                 f"is a few KB): {self._url_setting} should name the instance's JWKS", None)
         try:
             keys = _parse_jwks(json.loads(body))
         except ValueError as exc:
-            return self._failed("invalid", f"{self.url} answered 200 but not with JSON: {self._url_setting} should "
+            return self._failed("invalid", f"{self._shown} answered 200 but not with JSON: {self._url_setting} should "
                                 "name the instance's JWKS", exc)
         if keys or not self._keys:  # an empty answer is a misconfiguration, not "trust nothing"
             # A key published again is kept as the object held: verifiers' caches compare keys by identity
@@ -306,7 +308,7 @@ class JWKSKeySource:
             self._keys = {kid: held[kid] if kid in held and same_key(held[kid], key) else key
                           for kid, key in keys.items()}
         if not keys:
-            self._problem = f"the JWKS from {self.url} holds no RSA signing key: {self._url_setting} should name " \
+            self._problem = f"the JWKS from {self._shown} holds no RSA signing key: {self._url_setting} should name " \
                             "the instance's JWKS"
         self._fetched_at = self._now()
         self._count("ok" if keys else "empty")
@@ -330,26 +332,27 @@ class JWKSKeySource:
         if status == 200:
             return None
         if status in (401, 403) and self._keyed:
-            return (f"Clerk refused CLERK_SECRET_KEY ({status}) at {self.url}: it is not this instance's secret key "
+            return (f"Clerk refused CLERK_SECRET_KEY ({status}) at {self._shown}: it is not this instance's secret key "
                     "(Clerk Dashboard -> API keys)")
         if status in (401, 403):
-            return (f"{self.url} refused the request ({status}): CLERK_JWKS_URL should be the instance's public "
+            return (f"{self._shown} refused the request ({status}): CLERK_JWKS_URL should be the instance's public "
                     "JWKS (Clerk Dashboard -> API keys -> JWKS URL), or leave it unset to fetch with CLERK_SECRET_KEY")
         if status == 404:
             should = ("CLERK_API_URL should be the Backend API's base URL (default https://api.clerk.com)"
                       if self._keyed else "CLERK_JWKS_URL is wrong (Clerk Dashboard -> API keys -> JWKS URL)")
-            return f"{self.url} answered 404 (no JWKS there): {should}"
+            return f"{self._shown} answered 404 (no JWKS there): {should}"
         if 300 <= status < 400:
             to = f" (to {response.headers['location']})" if "location" in response.headers else ""
-            return f"{self.url} answered {status}{to}: redirects are not followed, {self._url_setting} should " \
+            return f"{self._shown} answered {status}{to}: redirects are not followed, {self._url_setting} should " \
                    "name the JWKS itself"
-        return f"{self.url} answered {status}" + (": Clerk is unavailable, retry later" if status >= 500 else "")
+        return f"{self._shown} answered {status}" + (": Clerk is unavailable, retry later" if status >= 500 else "")
 
     def _unreachable(self, exc: Exception) -> str:
         if isinstance(exc, httpx.TimeoutException):
-            return f"the JWKS fetch from {self.url} got no full answer within its total time of {self._timeout:g} s " \
-                   f"(fetch_timeout_s: connecting, the answer and its body): check {self._url_setting} and the network"
-        return f"the JWKS fetch could not connect to {self.url} ({str(exc) or type(exc).__name__}): check " \
+            return f"the JWKS fetch from {self._shown} got no full answer within its total time of " \
+                   f"{self._timeout:g} s (fetch_timeout_s: connecting, the answer and its body): check " \
+                   f"{self._url_setting} and the network"
+        return f"the JWKS fetch could not connect to {self._shown} ({str(exc) or type(exc).__name__}): check " \
                f"{self._url_setting} and the network"
 
 

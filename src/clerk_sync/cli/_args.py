@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import datetime
 
+from clerk_sync._limits import show
 from clerk_sync._time import as_utc
 from clerk_sync.engine import DeliveryStatus
 from clerk_sync.errors import ClerkSyncError, ConfigError
@@ -32,9 +33,9 @@ def parse_since(value: str | None) -> datetime | None:
     try:
         return as_utc(datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00")))
     except ValueError:
-        raise ConfigError(f"--since {value!r} is not an ISO 8601 date or time") from None
+        raise ConfigError(f"--since {show(value, 80)} is not an ISO 8601 date or time") from None
     except OverflowError:  # in UTC before year 1 or after 9999 (0001-01-01T00:30+01:00)
-        raise ConfigError(f"--since {value!r} is out of range in UTC") from None
+        raise ConfigError(f"--since {show(value, 80)} is out of range in UTC") from None
 
 
 def refuse_undecodable(args: Iterable[object]) -> None:

@@ -20,6 +20,7 @@ from clerk_sync._db_errors import (
     sqlite_file_advice,
     store_error,
 )
+from clerk_sync._urls import masked_url
 from clerk_sync.cli._database import missing_sqlite_file
 from clerk_sync.config import Settings
 from clerk_sync.errors import ClerkSyncError, ConfigError, database_message
@@ -381,9 +382,10 @@ def _clerk_api(settings: Settings, client: httpx.Client) -> tuple[str, str]:
     from clerk_sync.clerk_api import UNREACHABLE, unreachable_advice
 
     base = settings.clerk_api_url.rstrip("/") + "/v1"
-    url = base + "/users/count"
+    url = masked_url(base + "/users/count")  # (shown: credentials a proxy takes in the URL masked; review)
     try:
-        response = client.get(url, headers={"Authorization": f"Bearer {settings.clerk_secret_key.get_secret_value()}"})
+        key = settings.clerk_secret_key.get_secret_value()
+        response = client.get(base + "/users/count", headers={"Authorization": f"Bearer {key}"})
     except UNREACHABLE as exc:  # reconcile's words (never the refused header: the key)
         return "fail", f"GET /users/count: {unreachable_advice(exc, base)}"
     except httpx.ProxyError as exc:
@@ -402,7 +404,7 @@ def _clerk_api(settings: Settings, client: httpx.Client) -> tuple[str, str]:
         total = response.json().get("total_count", "?")
     except (ValueError, AttributeError):
         return "fail", f"{url} answered {response.status_code} but not with Clerk's JSON: {expected}"
-    return "ok", f"{settings.clerk_api_url} reachable, {total} users"
+    return "ok", f"{masked_url(settings.clerk_api_url)} reachable, {total} users"
 
 
 def _session_keys(settings: Settings, client: httpx.Client) -> tuple[str, str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import socket
 import sys
 from pathlib import Path
@@ -734,7 +735,11 @@ def _database_cause(exc: BaseException) -> SQLAlchemyError | None:
 # Server errors of a database that is there but refuses this login or has no such database: settings to fix.
 # PostgreSQL says them at connection time without a SQLSTATE (psycopg), so by its message's words.
 _PG_LOGIN_REFUSED = ("authentication failed", "does not exist", "pg_hba.conf", "password", "permission denied",
-                     "SSL", "certificate")
+                     "SSL", "certificate",
+                     # a DATABASE_URL option libpq or the server refuses (``sslmode=bogus``, ``options=-cbogus=1``):
+                     # exit 2 with the setting to fix, not 3 "retry later" for ever (review)
+                     "unrecognized configuration parameter", "invalid value for parameter")
+_PG_OPTION_VALUE_REFUSED = re.compile(r"invalid \w+ value")  # libpq: "invalid sslmode value: ..." and the like
 # MySQL/MariaDB client errors of a server that cannot be reached or went away (can't connect, unknown host, gone
 # away, lost the connection, too many connections, shutting down) and the server's passing states (killed,
 # out of resources); the bounded waits are is_transient's.
@@ -765,7 +770,7 @@ def _database_unavailable(exc: SQLAlchemyError) -> bool:
         state = str(getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None) or "")
         if not state:  # at connection time: no server reached, or a FATAL refusal of the login
             return isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError) and not any(
-                words in str(orig) for words in _PG_LOGIN_REFUSED)
+                words in str(orig) for words in _PG_LOGIN_REFUSED) and not _PG_OPTION_VALUE_REFUSED.search(str(orig))
         return state.startswith(_PG_UNAVAILABLE_CLASSES)
     if module == "sqlite3":
         return str(orig).startswith(_SQLITE_UNAVAILABLE)
