@@ -277,7 +277,8 @@ class JWKSKeySource:
         deadline = time.monotonic() + self._timeout  # (real time, as the sockets wait it; not the injected clock)
         try:
             with (attempt_until(deadline),
-                  self._client.stream("GET", self.url, headers=self._headers, timeout=self._timeout) as response):
+                  self._client.stream("GET", self.url, headers=self._headers, timeout=self._timeout,
+                                      follow_redirects=False) as response):  # (whatever client was given)
                 refusal = self._refusal(response)
                 body = _read_body(response, deadline) if refusal is None else b""
         except (httpx.LocalProtocolError, UnicodeEncodeError):  # never sent; the error's text quotes the header

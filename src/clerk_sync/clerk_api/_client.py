@@ -293,7 +293,9 @@ class ClerkClient(_Base):
         until = time.monotonic() + step.left
         with attempt_until(until):
             try:
-                response = self._http.send(step.request, stream=True)
+                # (never a redirect, whatever client was given: a 302 would turn a PATCH into a GET, and the
+                # secret key would travel on to wherever Location points; review)
+                response = self._http.send(step.request, stream=True, follow_redirects=False)
             except _FAILED as exc:
                 return _late_or(exc, until, step)
             try:
@@ -446,7 +448,7 @@ class AsyncClerkClient(_Base):
         """Send, and read the answer by the deadline (httpx's timeouts bound each read, not the answer)."""
         try:
             with anyio.fail_after(step.left):
-                return await self._http.send(step.request)
+                return await self._http.send(step.request, follow_redirects=False)  # (as the blocking client)
         except TimeoutError:
             return _late(step)
         except _FAILED as exc:

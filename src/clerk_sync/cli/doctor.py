@@ -418,8 +418,8 @@ def _session_keys(settings: Settings, client: httpx.Client) -> tuple[str, str]:
     if isinstance(keys, JWKSKeySource):
         count = keys.prefetch()
         if count == 0:
-            return "fail", f"{keys.url} holds no RS256 signing key"
-        mode = f"JWKS {keys.url} ({count} key(s))"
+            return "fail", f"{masked_url(keys.url)} holds no RS256 signing key"
+        mode = f"JWKS {masked_url(keys.url)} ({count} key(s))"
     parties = settings.authorized_parties()
     if not parties:
         return "warn", f"{mode}; azp is not checked: set CLERK_AUTHORIZED_PARTIES to your app's origins"
