@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 import subprocess
@@ -26,8 +27,15 @@ def free_port() -> int:
     otherwise be the very one released here before its server binds it ("Address already in use",
     seen once in CI when an emulator started in between)."""
     low = _ephemeral_low()
+    # Under pytest-xdist each worker draws from its own slice: two workers' ports, remembered in _given per
+    # process, could otherwise be the same one, each released here before its own server binds it.
+    workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1))
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker[2:]) % workers if worker[2:].isdigit() else 0
+    span = (low - max(1024, low - 12_000)) // workers
+    first = max(1024, low - 12_000) + index * span
     for _ in range(500):
-        port = random.randrange(max(1024, low - 12_000), low)
+        port = random.randrange(first, first + span)
         if port in _given:
             continue
         with socket.socket() as s:

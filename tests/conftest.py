@@ -31,6 +31,52 @@ from clerk_sync.testing import EmulatorServer
 from clerk_sync.webhooks import WebhookVerifier
 
 PG_URL = os.environ.get("CLERK_SYNC_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+def _database_of_this_worker(url: str) -> str:
+    """Under pytest-xdist (``scripts/test``), each worker's PostgreSQL tests run in a database of their own,
+    ``<database>_<worker>``, made afresh here and dropped at the session's end. Schemas alone do not keep
+    workers apart: advisory locks (clerk-sync's per-user and per-organization ones) and the waits of ``CREATE
+    INDEX CONCURRENTLY`` are per database, so another worker's tests held or waited on them (review: a 0.5 s
+    lock bound failed beside test_stuck_replica_pg.py). Unreachable: the URL as given (the tests say why)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not worker or os.environ.get(_MADE_FOR) == worker:  # (a subprocess of the worker: its database, as given)
+        return url
+    given = sa.engine.make_url(url)
+    name = f"{given.database}_{worker}"
+    try:
+        admin = sa.create_engine(given, isolation_level="AUTOCOMMIT")
+        try:
+            with admin.connect() as conn:
+                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')  # an earlier run's, killed
+                conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+        finally:
+            admin.dispose()
+    except sa.exc.SQLAlchemyError:
+        return url
+    made = given.set(database=name).render_as_string(hide_password=False)
+    os.environ["CLERK_SYNC_TEST_PG_URL"], os.environ[_MADE_FOR] = made, worker  # what its subprocesses see
+    return made
+
+
+_MADE_FOR = "CLERK_SYNC_TEST_PG_DATABASE_OF"
+
+
+def _drop_database_of_this_worker() -> None:
+    if PG_URL == _GIVEN_PG_URL:
+        return
+    admin = sa.create_engine(_GIVEN_PG_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{sa.engine.make_url(PG_URL).database}" WITH (FORCE)')
+    except sa.exc.SQLAlchemyError:
+        pass  # (made afresh by the next run's worker of this name)
+    finally:
+        admin.dispose()
+
+
+_GIVEN_PG_URL = PG_URL
+PG_URL = _database_of_this_worker(PG_URL)
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 # Clerk's published payloads, signature vectors and OpenAPI specs, vendored (see its README.md).
 CLERK_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "clerk"
@@ -173,6 +219,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     from clerk_sync.ingest import _SUMMARIES
 
     _SUMMARIES.clear()
+    _drop_database_of_this_worker()
 
 
 @pytest.fixture

@@ -89,6 +89,7 @@ def _until_waiting(engine: sa.Engine, lock: int) -> None:
         while time.monotonic() < deadline:
             waiting = conn.execute(sa.text(
                 "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+                "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "  # (this one's)
                 "AND classid::bigint = :classid AND objid::bigint = :objid"), {"classid": classid, "objid": objid}
             ).scalar_one()
             conn.rollback()

@@ -56,7 +56,7 @@ def test_a_membership_before_its_organization_answers_parent_not_there_then_appl
     member = f.envelope("organizationMembership.created",
                         f.membership("orgmem_b2b", "org_b2b", "user_b2b", B + 1000, role="org:admin"))
     try:
-        with running(Starlette(routes=webhook_routes(processor)), port=18311) as base, \
+        with running(Starlette(routes=webhook_routes(processor))) as base, \
                 httpx.Client(base_url=base) as client:
 
             def post(event: dict[str, Any], svix_id: str) -> httpx.Response:
