@@ -77,13 +77,16 @@ def test_a_running_vacuum_is_named_as_what_held_the_inbox(stores: tuple[Store, S
         thread.start()
         with other.engine.connect() as conn:  # until it runs (and waits on the pin)
             started = threading.Event()
-            for _ in range(200):
+            for _ in range(1200):  # (60 s at most: a busy box, or a lock the VACUUM queues behind first)
                 if conn.execute(sa.text("SELECT 1 FROM pg_stat_progress_vacuum WHERE pid = :pid"),
                                 {"pid": pid}).first() is not None:
                     started.set()
                     break
                 started.wait(0.05)
-            assert started.is_set(), "the VACUUM never started"
+            # (what it waited for instead, if it never started: the sessions blocking it and what they ran)
+            assert started.is_set(), ("the VACUUM never started", conn.execute(sa.text(
+                "SELECT a.pid, a.backend_type, a.state, a.wait_event_type, a.query FROM pg_stat_activity a "
+                "WHERE a.pid = :pid OR a.pid = ANY(pg_blocking_pids(:pid))"), {"pid": pid}).all())
         with pytest.raises(StoreError) as caught:
             Retention(other).erase_user("user_v")
         assert not done.is_set()
