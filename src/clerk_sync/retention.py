@@ -37,7 +37,8 @@ are evidence an incident review may need) prune clears it on the rows written th
 
 **Erasure** (:meth:`Retention.erase_user`): tombstones the user now (memberships too), which waits for a
 delivery in flight for them, then clears the row and redacts every stored payload and ``last_error`` that
-mentions the user's id or e-mail addresses (read after that wait: an address just written is searched too; one
+mentions the user's id or e-mail addresses (the row's, their stored events', their memberships' identifier;
+read after that wait: an address just written is searched too; one
 a live user holds now, given to them by Clerk once this person's account was deleted, is theirs too: not searched
 for, and named in ``mentioned_elsewhere``),
 clears the ``ip`` of the audit rows the user made (or made impersonating someone) and redacts the ``details``
@@ -58,6 +59,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import re
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -735,7 +737,7 @@ class Retention:
             ).first()
             # An address a live user holds now (Clerk frees it with the account: someone signed up with it
             # again) names them too: not searched for (the user's own events carry their id), only reported.
-            addresses = {*_emails(row), *_user_events(writer, clerk_id)[1]}
+            addresses = {*_emails(row), *_user_events(writer, clerk_id)[1], *_membership_identifiers(writer, clerk_id)}
             holders = _live_holders(writer.conn, clerk_id, addresses)
             taken = {address for held in holders.values() for address in held}
             mentions = Mentions({clerk_id, *(a for a in addresses if a.casefold() not in taken)})
@@ -954,6 +956,29 @@ def _user_events(writer: Writer, clerk_id: str) -> tuple[bool, set[str]]:
                 if isinstance(value, str) and value.strip():
                     found.add(value)
     return seen, found
+
+
+def _membership_identifiers(writer: Writer, clerk_id: str) -> set[str]:
+    """The e-mail addresses and phone numbers the user's stored ``organizationMembership.*`` events give as
+    ``public_user_data.identifier``: a member whose ``user.*`` events never came (synced before clerk-sync, or
+    pruned) is known by address only there, and an invitation or ``email.created`` naming only that address
+    stayed whole until its redaction by age. A username or wallet as identifier is not searched for: a short
+    word would match other people's payloads."""
+    e = webhook_events
+    query = sa.select(e.c.payload).where(e.c.type.like("organizationMembership.%"), e.c.redacted_at.is_(None),
+                                         sa.cast(e.c.payload, sa.Text).contains(clerk_id, autoescape=True))
+    found: set[str] = set()
+    for (payload,) in writer.conn.execute(query):
+        member = (_data_of(payload) or {}).get("public_user_data")
+        if not isinstance(member, dict) or member.get("user_id") != clerk_id:
+            continue
+        value = member.get("identifier")
+        if isinstance(value, str) and ("@" in value or _PHONE.fullmatch(value.strip())):
+            found.add(value.strip())
+    return found
+
+
+_PHONE = re.compile(r"\+[0-9]{6,15}")  # (E.164, as Clerk stores phone numbers)
 
 
 def _redact_mentions(writer: Writer, mentions: Mentions, *, since: datetime | None = None) -> int:
