@@ -322,6 +322,29 @@ def test_retry_requeues_dead_jobs_a_page_at_a_time_in_order(db_url: str, named: 
     store.dispose()
 
 
+def test_retry_all_stops_at_the_jobs_dead_when_it_began(db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fixed (review): a job queued again goes to the tail under a new id; a worker that ran it and lost it
+    again between two pages (a receiver still answering 410, ``HookGaveUp``) made it dead past the pages
+    done, and ``--all`` queued it again, and again: it never ended. Here a "worker" kills every pending job
+    before each page is read."""
+    import clerk_sync.cli.hooks as cli_hooks
+
+    store, order = _dead_jobs(db_url)
+    real = cli_hooks._next_page
+    pages = list[list[int]]()
+
+    def worker_between_pages(conn: sa.Connection, *args: Any, **kwargs: Any) -> list[int]:
+        conn.execute(hook_jobs.update().where(hook_jobs.c.status == "pending").values(status="dead"))
+        pages.append(real(conn, *args, **kwargs))
+        assert len(pages) <= 10, "still paging: it queues again what died after it began"
+        return pages[-1]
+
+    monkeypatch.setattr(cli_hooks, "_next_page", worker_between_pages)
+    count, _ = cli_hooks._retry_dead(store, None, datetime.now(UTC), page=2)
+    assert count == len(order) == 7 and [len(p) for p in pages] == [2, 2, 2, 1, 0]
+    store.dispose()
+
+
 def test_hooks_retry_all_commits_a_page_at_a_time(db_url: str, monkeypatch: pytest.MonkeyPatch,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     """The command itself: ``hooks retry --all`` over seven dead jobs, two a page, commits once a page (it

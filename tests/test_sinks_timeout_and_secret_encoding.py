@@ -307,3 +307,23 @@ def test_a_path_on_a_clients_base_url_is_taken_as_that_client_sends_it() -> None
     assert got == ["https://receiver.internal/clerk-hooks"]
     with pytest.raises(ConfigError, match="no scheme"):  # without a base_url, still refused
         StandardWebhookSink("/clerk-hooks", SECRET, client=httpx.Client())
+
+
+def test_a_path_on_a_clients_base_url_is_named_whole_in_the_jobs_last_error() -> None:
+    """Review: every refusal named the receiver ``:///clerk-hooks`` (the path alone, parsed as a URL): with
+    sinks on several base URLs, which receiver failed could not be told. The whole URL, secrets left out."""
+    client = httpx.Client(base_url="https://ops:s3cret@receiver.internal/v1/",
+                          transport=httpx.MockTransport(lambda request: httpx.Response(500, text="boom")))
+    sink = StandardWebhookSink("clerk-hooks?token=t0k", SECRET, client=client)
+    with pytest.raises(RuntimeError) as refused:
+        sink(Change(Entity.USER, "user_1", "created", 1, {"clerk_id": "user_1"}))
+    assert str(refused.value).startswith("https://receiver.internal/v1/clerk-hooks answered 500"), refused.value
+    assert "s3cret" not in str(refused.value) and "t0k" not in str(refused.value)
+
+    def unreachable(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    down = StandardWebhookSink("/in", SECRET, client=httpx.Client(base_url="http://127.0.0.1:9",
+                                                                 transport=httpx.MockTransport(unreachable)))
+    with pytest.raises(ConnectionError, match=r"^http://127\.0\.0\.1:9/in could not be reached"):
+        down(Change(Entity.USER, "user_1", "created", 1, {"clerk_id": "user_1"}))

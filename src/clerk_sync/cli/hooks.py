@@ -531,12 +531,23 @@ def _retry_dead(store: Store, ids: list[int] | None, now: datetime, *,
     """Queue the dead jobs ``ids`` (None: all) again, ``page`` at a time in id order, one transaction each:
     a backlog of dead jobs is neither read into memory nor locked at once. Returns how many were queued,
     and the out-of-order warnings (each page's are read before it is queued, as a single retry's were).
-    Pages go in id order, so each entity's jobs are queued again in their order."""
+    Pages go in id order, so each entity's jobs are queued again in their order. All of them: those dead when
+    it began, up to the highest id then (a job queued again goes to the tail under a new id; a worker that ran
+    and lost it again meanwhile, a receiver still answering 410, made it dead past that id, and paging on would
+    queue it again and again)."""
     count, stale, after = 0, list[str](), 0
     wanted = None if ids is None else sorted(set(ids))
+    if wanted is None:
+        with store.connect() as conn:
+            last = conn.execute(sa.select(sa.func.max(hook_jobs.c.id)).where(hook_jobs.c.status == "dead")).scalar()
+        if last is None:
+            return count, stale
+        wanted_up_to: int | None = int(last)
+    else:
+        wanted_up_to = None
     while True:
         with store.transaction() as writer:
-            chunk = _next_page(writer.conn, wanted, after, page)
+            chunk = _next_page(writer.conn, wanted, after, page, up_to=wanted_up_to)
             if not chunk:
                 return count, stale
             stale += _out_of_order(writer.conn, chunk)
@@ -544,12 +555,16 @@ def _retry_dead(store: Store, ids: list[int] | None, now: datetime, *,
         after = chunk[-1]
 
 
-def _next_page(conn: Connection, wanted: list[int] | None, after: int, page: int) -> list[int]:
-    """The next ``page`` ids after ``after``: of ``wanted`` (sorted), or of the dead jobs."""
+def _next_page(conn: Connection, wanted: list[int] | None, after: int, page: int, *,
+               up_to: int | None = None) -> list[int]:
+    """The next ``page`` ids after ``after``: of ``wanted`` (sorted), or of the dead jobs (to ``up_to``)."""
     if wanted is not None:
         return [i for i in wanted if i > after][:page]
     j = hook_jobs
-    query = sa.select(j.c.id).where(j.c.status == "dead", j.c.id > after).order_by(j.c.id).limit(page)
+    query = sa.select(j.c.id).where(j.c.status == "dead", j.c.id > after)
+    if up_to is not None:
+        query = query.where(j.c.id <= up_to)
+    query = query.order_by(j.c.id).limit(page)
     return list(conn.execute(query).scalars())
 
 

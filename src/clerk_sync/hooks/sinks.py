@@ -83,7 +83,8 @@ class StandardWebhookSink:
         _check_timeout(timeout_s)
         # a typo here would fail every delivery, each retried for hours: refused now (a path on a client's base_url
         # as that client sends it)
-        _check_url(str(client.base_url.join(url)) if client is not None and client.base_url else url)
+        resolved = str(client.base_url.join(url)) if client is not None and client.base_url else url
+        _check_url(resolved)
         secrets = [secret] if isinstance(secret, str | SecretStr) else list(secret)  # one secret, not its characters
         if not secrets:
             raise ConfigError(f"StandardWebhookSink's secret is an empty list. {_KEY_HELP}")
@@ -94,6 +95,7 @@ class StandardWebhookSink:
                                               name=name, fix=_KEY_HELP))
                          for s, name in zip(secrets, names, strict=True)]
         self.url = url
+        self._shown = _without_secrets(resolved)  # (whose answer, in the job's last error: the whole URL)
         self.timeout_s = timeout_s
         self._client = client or httpx.Client(timeout=timeout_s)
         install(self._client)  # its sockets wait no longer than what is left of an attempt's timeout_s
@@ -122,12 +124,12 @@ class StandardWebhookSink:
         except httpx.TimeoutException as exc:
             # httpx's message says which wait ("timed out", or the attempt's deadline cut it): the job's last
             # error says whose answer and which bound, and the dispatcher retries the job.
-            raise TimeoutError(f"{_without_secrets(self.url)} gave no answer within timeout_s={self.timeout_s:g}s "
+            raise TimeoutError(f"{self._shown} gave no answer within timeout_s={self.timeout_s:g}s "
                                f"({type(exc).__name__}: {str(exc) or 'timed out'})") from exc
         except httpx.TransportError as exc:  # refused, reset, unresolvable: whose, in the job's last error too
-            raise ConnectionError(f"{_without_secrets(self.url)} could not be reached ({type(exc).__name__}: "
+            raise ConnectionError(f"{self._shown} could not be reached ({type(exc).__name__}: "
                                   f"{str(exc) or 'no detail'}); the job is retried") from exc
-        answered = f"{_without_secrets(self.url)} answered {response.status_code}"
+        answered = f"{self._shown} answered {response.status_code}"
         refused = httpx.HTTPStatusError(answered, request=response.request, response=response)
         said = f"{answered}: {start}"
         control = response.headers.get("webhook-delivery", "").strip().lower()
