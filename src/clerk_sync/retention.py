@@ -737,10 +737,12 @@ class Retention:
             ).first()
             # An address a live user holds now (Clerk frees it with the account: someone signed up with it
             # again) names them too: not searched for (the user's own events carry their id), only reported.
-            addresses = {*_emails(row), *_user_events(writer, clerk_id)[1], *_membership_identifiers(writer, clerk_id)}
+            addresses = {*_emails(row), *_user_events(writer, clerk_id)[1], *_tied_to(writer, clerk_id)}
             holders = _live_holders(writer.conn, clerk_id, addresses)
-            taken = {address for held in holders.values() for address in held}
-            mentions = Mentions({clerk_id, *(a for a in addresses if a.casefold() not in taken)})
+            by_events = _holders_by_events(writer, clerk_id, addresses)
+            taken = {address for found in (holders, by_events) for held in found.values() for address in held}
+            mentions = Mentions({clerk_id, *(a for a in addresses
+                                             if a.casefold() not in taken and a.strip() not in taken)})
             writer.conn.execute(users.update().where(users.c.clerk_id == clerk_id).values(**_CLEARED[users]))
             # A role change queued for them while Clerk was down is closed, not pushed later (`retry-pending`
             # would otherwise set it in Clerk, and audit it, for a user erased here).
@@ -754,7 +756,7 @@ class Retention:
             refused = (tuple(self.store.mapping.erase(writer.conn, Entity.USER, clerk_id))
                        if self.store.mapping is not None else ())
             audited = _redact_audit(writer, clerk_id, mentions)  # (before its own row: the reason stays as given)
-            elsewhere = _mentioned_elsewhere(writer, clerk_id, mentions, created, holders)
+            elsewhere = _mentioned_elsewhere(writer, clerk_id, mentions, created, holders, by_events)
             details: dict[str, Any] = {"payloads_redacted": redacted, "reason": reason}
             if refused:  # the erasure holds; what is left for the app to clear is on record
                 details["mapped_refused"] = list(refused)
@@ -927,13 +929,13 @@ def _mentioned(writer: Writer, clerk_id: str) -> bool:
     return False
 
 
-def _user_ids_named(data: dict[str, Any]) -> set[Any]:
-    found = {data.get("user_id"), data.get("created_by")}  # (an organization's creator)
+def _user_ids_named(data: dict[str, Any]) -> set[str]:
+    found = [data.get("user_id"), data.get("created_by")]  # (an organization's creator)
     for parent in ("public_user_data", "payer"):
         inner = data.get(parent)
         if isinstance(inner, dict):
-            found.add(inner.get("user_id"))
-    return found
+            found.append(inner.get("user_id"))
+    return {value for value in found if isinstance(value, str)}  # (a list there: unhashable, and no id)
 
 
 def _user_events(writer: Writer, clerk_id: str) -> tuple[bool, set[str]]:
@@ -950,32 +952,93 @@ def _user_events(writer: Writer, clerk_id: str) -> tuple[bool, set[str]]:
         if data is None or data.get("id") != clerk_id:
             continue
         seen = True
-        for key, field in (("email_addresses", "email_address"), ("phone_numbers", "phone_number")):
-            for entry in data.get(key) or []:
-                value = entry.get(field) if isinstance(entry, dict) else None
-                if isinstance(value, str) and value.strip():
-                    found.add(value)
+        found.update(_addresses_of_user(data))
     return seen, found
 
 
-def _membership_identifiers(writer: Writer, clerk_id: str) -> set[str]:
-    """The e-mail addresses and phone numbers the user's stored ``organizationMembership.*`` events give as
-    ``public_user_data.identifier``: a member whose ``user.*`` events never came (synced before clerk-sync, or
-    pruned) is known by address only there, and an invitation or ``email.created`` naming only that address
-    stayed whole until its redaction by age. A username or wallet as identifier is not searched for: a short
-    word would match other people's payloads."""
-    e = webhook_events
-    query = sa.select(e.c.payload).where(e.c.type.like("organizationMembership.%"), e.c.redacted_at.is_(None),
-                                         sa.cast(e.c.payload, sa.Text).contains(clerk_id, autoescape=True))
-    found: set[str] = set()
-    for (payload,) in writer.conn.execute(query):
-        member = (_data_of(payload) or {}).get("public_user_data")
-        if not isinstance(member, dict) or member.get("user_id") != clerk_id:
-            continue
-        value = member.get("identifier")
-        if isinstance(value, str) and ("@" in value or _PHONE.fullmatch(value.strip())):
-            found.add(value.strip())
+def _addresses_of_user(data: dict[str, Any]) -> list[str]:
+    """The e-mail addresses and phone numbers a ``user.*`` event's data carries."""
+    found = []
+    for key, field in (("email_addresses", "email_address"), ("phone_numbers", "phone_number")):
+        entries = data.get(key)  # (a signed event may carry anything here: stored as received, "cleaned")
+        for entry in entries if isinstance(entries, list) else []:
+            value = entry.get(field) if isinstance(entry, dict) else None
+            if isinstance(value, str) and value.strip():
+                found.append(value)
     return found
+
+
+# Deliveries that tie an address or number to a user id: whose it is (the id) and what (the address).
+_TYING = ("organizationMembership.%", "email.created", "sms.created", "organizationInvitation.accepted")
+
+
+def _ties(event_type: str, data: dict[str, Any]) -> list[tuple[Any, Any]]:
+    """``(user id, address or number)`` pairs one delivery ties (:data:`_TYING`): a membership's
+    ``public_user_data.identifier`` (an address or an E.164 number; a username or wallet is not one: a short word
+    would match other people's payloads), a mail's or text's recipient, an accepted invitation's invitee."""
+    if event_type.startswith("organizationMembership."):
+        member = data.get("public_user_data")
+        if not isinstance(member, dict):
+            return []
+        value = member.get("identifier")
+        if not (isinstance(value, str) and ("@" in value or _PHONE.fullmatch(value.strip()))):
+            return []
+        return [(member.get("user_id"), value)]
+    field = {"email.created": "to_email_address", "sms.created": "to_phone_number",
+             "organizationInvitation.accepted": "email_address"}.get(event_type)
+    return [(data.get("user_id"), data.get(field))] if field else []
+
+
+def _tied_to(writer: Writer, clerk_id: str) -> set[str]:
+    """The e-mail addresses and phone numbers the user's stored deliveries other than ``user.*`` tie to them
+    (:func:`_ties`): a member whose ``user.*`` events never came (synced before clerk-sync, or pruned) is known
+    by address only there, and an invitation or ``email.created`` naming only that address stayed whole until
+    its redaction by age; an address they were invited at is tied by the accepted invitation."""
+    e = webhook_events
+    query = sa.select(e.c.type, e.c.payload).where(
+        sa.or_(*(e.c.type.like(t) for t in _TYING)), e.c.redacted_at.is_(None),
+        sa.cast(e.c.payload, sa.Text).contains(clerk_id, autoescape=True))
+    found: set[str] = set()
+    for event_type, payload in writer.conn.execute(query):
+        for owner, value in _ties(str(event_type), _data_of(payload) or {}):
+            if owner == clerk_id and isinstance(value, str) and value.strip():
+                found.add(value.strip())
+    return found
+
+
+def _holders_by_events(writer: Writer, clerk_id: str, addresses: Collection[str]) -> dict[str, set[str]]:
+    """The live users other than ``clerk_id`` whose stored deliveries tie one of ``addresses`` to them now
+    (``user.*`` events' addresses and numbers, :func:`_ties`), with the ones each holds (e-mail addresses
+    case-folded). Phone numbers are recycled and an address freed with an account is given again, to a user
+    clerk-sync may know by deliveries only (no row holding it, or a number, which no row keeps): the erasure of
+    the earlier holder must not redact the new one's data. Live: not deleted, not erased."""
+    def key(value: str) -> str:
+        return value.casefold() if "@" in value else value
+
+    wanted = {key(a.strip()) for a in addresses if a and a.strip()}
+    if not wanted:
+        return {}
+    e, lower = webhook_events, unicode_lower(writer.conn)
+    query = sa.select(e.c.type, e.c.payload).where(
+        sa.or_(e.c.type.like("user.%"), *(e.c.type.like(t) for t in _TYING)), e.c.redacted_at.is_(None),
+        _may_name(lower, sa.cast(e.c.payload, sa.Text), Mentions(addresses)))
+    found: dict[str, set[str]] = {}
+    for event_type, payload in writer.conn.execute(query):
+        data = _data_of(payload) or {}
+        ties = _ties(str(event_type), data)
+        if str(event_type).startswith("user."):
+            ties = [(data.get("id"), value) for value in _addresses_of_user(data)]
+        for owner, value in ties:
+            if isinstance(owner, str) and owner != clerk_id and isinstance(value, str) and key(value.strip()) in wanted:
+                found.setdefault(owner, set()).add(key(value.strip()))
+    if not found:
+        return {}
+    u = users
+    rows = dict(writer.conn.execute(
+        sa.select(u.c.clerk_id, u.c.deleted_at).where(u.c.clerk_id.in_(sorted(found)))).all())
+    return {owner: held for owner, held in found.items()
+            if (owner in rows and rows[owner] is None)
+            or (owner not in rows and not is_erased(writer.conn, Entity.USER, owner))}
 
 
 _PHONE = re.compile(r"\+[0-9]{6,15}")  # (E.164, as Clerk stores phone numbers)
@@ -1018,7 +1081,8 @@ _ELSEWHERE_MAX = 100
 
 
 def _mentioned_elsewhere(writer: Writer, clerk_id: str, mentions: Mentions, created: Collection[str] = (),
-                         holders: Mapping[str, Collection[str]] | None = None) -> tuple[str, ...]:
+                         holders: Mapping[str, Collection[str]] | None = None,
+                         by_events: Mapping[str, Collection[str]] | None = None) -> tuple[str, ...]:
     """The other users' and organizations' columns that still hold the person's e-mail address or phone number
     (their Clerk id is left out: another record naming it is a pseudonymous reference, as a membership is), the
     live users of ``holders`` (:func:`_live_holders`: they hold one of the person's addresses now, which was
@@ -1029,6 +1093,9 @@ def _mentioned_elsewhere(writer: Writer, clerk_id: str, mentions: Mentions, crea
     contact = Mentions(n for n in mentions.needles if n != clerk_id)
     lower = unicode_lower(writer.conn)
     found: dict[tuple[str, str], list[str]] = {(users.name, holder): [_HOLDS_NOW] for holder in holders or {}}
+    for holder, held in (by_events or {}).items():  # (:func:`_holders_by_events`: what the row does not say)
+        if set(held) - set((holders or {}).get(holder, ())):
+            found.setdefault((users.name, holder), []).append(_HOLDS_NOW_BY_EVENTS)
     for table, names in _ELSEWHERE.items() if contact else ():
         columns = [table.c[name] for name in names]
         query = sa.select(table.c.clerk_id, *columns).where(
@@ -1055,6 +1122,10 @@ def _mentioned_elsewhere(writer: Writer, clerk_id: str, mentions: Mentions, crea
 # What ``mentioned_elsewhere`` says of a live user who holds one of the person's addresses now.
 _HOLDS_NOW = ("email (a live user holds this address now: it was not searched for, what names only it was "
               "left whole)")
+
+
+_HOLDS_NOW_BY_EVENTS = ("stored deliveries (a live user's: they hold this address or number now: it was not "
+                        "searched for, what names only it was left whole)")
 
 
 def _live_holders(conn: Connection, clerk_id: str | None, addresses: Collection[str]) -> dict[str, set[str]]:

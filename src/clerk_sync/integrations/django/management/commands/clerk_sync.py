@@ -95,6 +95,9 @@ class Command(BaseCommand):
         erase.add_argument("--force", action="store_true",
                            help="Erase an id this database has never seen (a tombstone is written so its events "
                                 "never land); without it such an id (a typo?) is refused.")
+        erase.add_argument("--any-id", action="store_true",
+                           help="Accept an id that does not start with user_ (a users table holding ids of "
+                                "another form).")
         promote = sub.add_parser("promote", help="Set a user's role in Clerk and the DB; audited.")
         promote.add_argument("email", help="Primary email of the user.")
         promote.add_argument("--role", default="admin", help="Role to set in public_metadata.role.")
@@ -210,7 +213,8 @@ class Command(BaseCommand):
                                    f"{unrefreshed[:20]}): see the django_user_refresh_failed log lines",
                                    returncode=EXIT_UNDONE)
 
-    def _erase(self, *, clerk_id: str, reason: str | None, actor: str | None, force: bool, **_: Any) -> None:
+    def _erase(self, *, clerk_id: str, reason: str | None, actor: str | None, force: bool, any_id: bool = False,
+               **_: Any) -> None:
         """``clerk-sync users erase`` with ``CLERK_SYNC["MAPPING"]``/``["HOOKS"]``, then the Django user's copy."""
         from clerk_sync.integrations.django.backends import forget_django_user
         from clerk_sync.retention import Retention, UnknownUser, could_be_user_id, too_long_for_an_id
@@ -218,6 +222,12 @@ class Command(BaseCommand):
         if not could_be_user_id(clerk_id):
             raise CommandError(too_long_for_an_id(clerk_id) or f"erase needs a Clerk user id (user_...), not "
                                f"{clerk_id!r}", returncode=EXIT_SETTINGS)
+        if not (any_id or clerk_id.startswith("user_")):
+            # as `clerk-sync users erase`: an organization's id tombstoned as a user's, and (with --force) every
+            # stored delivery naming it redacted, other members' failed ones settled for good (review)
+            raise CommandError(f"{clerk_id!r} is not a Clerk user id (they start with user_; this may be an "
+                               "organization's or another object's): pass the user's id, or --any-id if your users "
+                               "table holds ids of another form; nothing was changed", returncode=EXIT_SETTINGS)
         store = self._store()
         try:
             report = Retention(store).erase_user(clerk_id, actor=actor, reason=reason, allow_unknown=force)
