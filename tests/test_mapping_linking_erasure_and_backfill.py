@@ -490,7 +490,7 @@ def test_a_backfill_that_meets_a_deadlock_fails_whole_not_as_a_refused_row(
     class Deadlock(Exception):
         pass
 
-    def project(self: SchemaMapping, conn: Any, now: Any, change: Any) -> None:
+    def project(self: SchemaMapping, conn: Any, now: Any, change: Any, **_: Any) -> None:
         if change.clerk_id == "user_1":
             raise sa.exc.OperationalError("UPDATE dl_accounts ..", {}, Deadlock(1213, "Deadlock found"))
 
@@ -499,7 +499,7 @@ def test_a_backfill_that_meets_a_deadlock_fails_whole_not_as_a_refused_row(
         mapping.backfill(Store(engine))
     assert not isinstance(failed.value, StoreDataError)
 
-    def savepoint_gone(self: SchemaMapping, conn: Any, now: Any, change: Any) -> None:
+    def savepoint_gone(self: SchemaMapping, conn: Any, now: Any, change: Any, **_: Any) -> None:
         """As on a real MariaDB: the deadlock rolled the savepoint back with the transaction,
         so leaving begin_nested() fails on ROLLBACK TO SAVEPOINT, the deadlock only in the context."""
         if change.clerk_id == "user_1":

@@ -33,7 +33,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Protocol
 
@@ -688,7 +688,7 @@ class SchemaMapping:
             with conn.begin_nested():
                 for change in changes:
                     try:
-                        self.project(conn, now, change)
+                        self.project(conn, now, change, leave_out=self._not_kept(change))
                     except LinkUnverified as exc:  # raised before the row wrote anything (_link): the page goes
                         unlinked.append((change, exc))  # on (a migration's pages are full of them)
         except Exception as exc:
@@ -721,11 +721,23 @@ class SchemaMapping:
         """One backfilled row under a savepoint: None when written, else why the app's table refused it."""
         try:
             with conn.begin_nested():
-                self.project(conn, now, change, leave_out=leave_out)
+                self.project(conn, now, change, leave_out=[*leave_out, *self._not_kept(change)])
         except Exception as exc:  # any refusal is the row's (a privilege's: when the role has every one there)
             _still_in_transaction(conn, exc, lambda: self.role_lacks(conn, change.entity))
             return exc
         return None
+
+    def _not_kept(self, change: Change) -> list[str]:
+        """A backfilled row's mapped columns whose source clerk-sync's tables do not keep (``external_id``,
+        ``email_verified``: given only to a user not yet written, to link by): left as they are, not cleared.
+        The backfill wrote their default (None) over what the events had written (review)."""
+        mapped = self.tables.get(change.entity)
+        if mapped is None or change.kind == "deleted":
+            return []
+        carried = set(_RECORD_FIELDS[change.entity]) - set(record_columns(_RECORDS[change.entity]))
+        return [name for name, col in mapped.resolved().items()
+                if col.source is not None and (head := col.source.partition(".")[0]) in carried
+                and head not in change.values]
 
     def _backfill_refused(self, entity: Entity, change: Change, reason: str, counts: dict[str, int]) -> None:
         log.warning("backfill_row_refused", table=self.tables[entity].table, clerk_id=change.clerk_id, reason=reason)
@@ -830,6 +842,9 @@ class _Projection:
         self.times = frozenset(times)
         self.utc_walls = frozenset(n for n, zoned in times.items() if not zoned or dialect == "sqlite")
         self.utc_aware = frozenset(times) - self.utc_walls
+        # An ISO date (a metadata "2026-01-31") into a DATE column: PostgreSQL and MariaDB parsed it, SQLite's
+        # type refused it (the whole row); a date on every store now (review)
+        self.dates = frozenset(n for n in self.columns if isinstance(table.c[n].type, sa.Date))
         # MySQL/MariaDB's TIMESTAMP converts what is written from the session's time_zone: see _utc_session
         policy = _policy_column(mapped)
         written = {*self.columns, *self.fixed, *([policy[0]] if policy is not None else [])}
@@ -897,6 +912,10 @@ class _Projection:
             if isinstance(value := values.get(name), str):
                 with suppress(ValueError):  # (not one: as it is, for the column to take or refuse)
                     values[name] = datetime.fromisoformat(value.strip())
+        for name in self.dates:
+            if isinstance(value := values.get(name), str):
+                with suppress(ValueError):  # (not one: as it is, for the column to take or refuse)
+                    values[name] = date.fromisoformat(value.strip())
         for name in self.utc_walls:
             value = values.get(name)
             if isinstance(value, datetime) and value.tzinfo is not None:
@@ -1982,6 +2001,11 @@ def check_schema(conn: Connection, mapping: SchemaMapping) -> list[tuple[str, st
             problems.append(("warn", f"{name}.{column} compares without regard to case or accents ({collation}), "
                                      f"{same}: consider COLLATE utf8mb4_bin"))
         problems += _email_scan_problems(conn, mapped, columns)
+        if mapped.links and not (inspector.get_pk_constraint(*_at(name)) or {}).get("constrained_columns"):
+            # a linked row is read and adopted by its primary key: without one every new user was refused
+            # (SQLite, MariaDB: a syntax error naming nothing) or every unlinked row adopted at once (review)
+            problems.append(("fail", f"{name} has no primary key, and link_by_email/link_by_external_id adopt an "
+                                     "existing row by it: add one (an id column), or drop the linking"))
         unique = _unique_sets(inspector, name)
         if mapped.clerk_id_column in columns and (mapped.clerk_id_column,) not in unique:
             problems.append(("fail", f"{name}.{mapped.clerk_id_column} has no unique index: run "
@@ -1992,7 +2016,7 @@ def check_schema(conn: Connection, mapping: SchemaMapping) -> list[tuple[str, st
             problems += _invalid_index_problems(inspector, mapped, (mapped.clerk_id_column,) in unique)
             problems += _deferrable_problems(inspector, mapped)
         problems += _insert_problems(inspector, entity, mapped, columns)
-        problems += _type_problems(entity, mapped, columns)
+        problems += _type_problems(entity, mapped, columns, conn.dialect.name)
         problems += _policy_type_problems(conn.dialect.name, mapped, columns)
         problems += _lockout_problems(entity, mapped)
         problems += _unbounded_problems(mapped, columns)
@@ -2286,13 +2310,23 @@ def _source_kind(entity: Entity, col: Column) -> str | None:
     return kind if kind in ("int", "str", "bool") else None
 
 
-def _type_problems(entity: Entity, mapped: MappedTable, columns: Mapping[str, Any]) -> list[tuple[str, str]]:
+def _type_problems(entity: Entity, mapped: MappedTable, columns: Mapping[str, Any],
+                   dialect: str = "sqlite") -> list[tuple[str, str]]:
     """A mapped column whose type cannot take what its source gives: an epoch-milliseconds field
-    (``last_sign_in_at``, ``clerk_created_at``) in a date-time column, a text in a number, boolean or date
-    column. Sources of unknown type (metadata paths, ``compute``) are not checked."""
+    (``last_sign_in_at``, ``clerk_created_at``) in a date-time column, or in a 32-bit integer one (PostgreSQL's
+    and MariaDB's INTEGER: today's times are 13 digits), a text in a number, boolean or date column. Sources of
+    unknown type (metadata paths, ``compute``) are not checked."""
     problems: list[tuple[str, str]] = []
     for column, col in mapped.resolved().items():
         kind = _source_kind(entity, col)
+        if (kind == "int" and col.transform is None and dialect != "sqlite" and column in columns
+                and _epoch_ms(col.source) and _narrow_integer(columns[column]["type"])):
+            problems.append(("fail", f"{mapped.table}.{column} is {columns[column]['type']} and its source "
+                                     f"{col.source!r} gives epoch milliseconds (13 digits), past what it holds: "
+                                     "every row with one set is refused (its role, ban or deletion never reaches "
+                                     "this table); make it a BIGINT column, or convert it: "
+                                     f"Column({col.source!r}, transform='timestamp') into a date-time column"))
+            continue
         if kind is None or column not in columns or not isinstance(columns[column]["type"], _NOT_FOR[kind]):
             continue
         how = f"{col.source!r}" + (f" (transform {col.transform!r})" if col.transform else "")
@@ -2309,6 +2343,16 @@ def _type_problems(entity: Entity, mapped: MappedTable, columns: Mapping[str, An
                                  f"{what}: the column cannot take it (every row is refused; MySQL/MariaDB may "
                                  f"store a wrong value instead); {fix}"))
     return problems
+
+
+def _epoch_ms(source: str | None) -> bool:
+    """Whether a record field is a time in epoch milliseconds (``*_at``, ``locked_until``)."""
+    return source is not None and (source.endswith("_at") or source == "locked_until")
+
+
+def _narrow_integer(type_: Any) -> bool:
+    """An integer column of 32 bits or fewer (INTEGER, SMALLINT, MEDIUMINT), not BIGINT."""
+    return isinstance(type_, sa.Integer) and not isinstance(type_, sa.BigInteger)
 
 
 def _policy_type_problems(dialect: str, mapped: MappedTable, columns: Mapping[str, Any]) -> list[tuple[str, str]]:

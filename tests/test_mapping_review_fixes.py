@@ -1,0 +1,95 @@
+"""Mapped tables: what a review of the mapping found (stop 60), each on SQLite, PostgreSQL and MariaDB."""
+
+from __future__ import annotations
+
+from datetime import date
+
+import sqlalchemy as sa
+
+from clerk_sync.mapping import MappedTable, SchemaMapping, SoftDelete, check_schema
+from tests import factories as f
+from tests.test_mapping import B, _with_app_table, deliver
+
+
+def test_a_backfill_keeps_the_mapped_values_clerk_syncs_tables_do_not_hold(db_url: str) -> None:
+    """``external_id`` and ``email_verified`` are carried by events, not kept in clerk-sync's tables: a
+    backfill (``migrate --mapping .. --backfill``, as the docs advise after fixing a refusal) wrote their
+    default, NULL, over what the events had written."""
+    accounts = sa.Table("accounts", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
+                        sa.Column("email", sa.String(320)), sa.Column("legacy_id", sa.String(64)),
+                        sa.Column("verified", sa.Boolean), sa.Column("deleted_at", sa.DateTime))
+    mapping = SchemaMapping(users=MappedTable("accounts", "clerk_user_id", {
+        "email": "email", "legacy_id": "external_id", "verified": "email_verified"}, on_delete=SoftDelete()))
+    store, engine = _with_app_table(db_url, accounts, mapping)
+    user = {**f.user("user_1", B + 1000, email="ada@example.com"), "external_id": "legacy-42"}
+    assert deliver(store, f.envelope("user.created", user)) == ["applied"]
+
+    def rows() -> list[tuple[object, ...]]:
+        with engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(sa.text("SELECT clerk_user_id, email, legacy_id, verified "
+                                                           "FROM accounts ORDER BY clerk_user_id"))]
+
+    written = rows()
+    assert written == [("user_1", "ada@example.com", "legacy-42", True)] or \
+        written == [("user_1", "ada@example.com", "legacy-42", 1)]
+    with engine.begin() as conn:  # a column the app changed by hand since: the backfill writes it back
+        conn.execute(sa.text("UPDATE accounts SET email = 'edited@example.com'"))
+    assert mapping.backfill(store) == {"users": 1}
+    assert rows() == [(*written[0][:1], "ada@example.com", *written[0][2:])]
+    store.dispose()
+    engine.dispose()
+
+
+def test_an_iso_date_in_metadata_goes_into_a_date_column_on_every_store(db_url: str) -> None:
+    """PostgreSQL and MariaDB parsed ``"2026-01-31"`` for a DATE column; SQLite's type refused it, and with it
+    the whole row (the user had no row in the app's table)."""
+    trials = sa.Table("trials", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
+                      sa.Column("email", sa.String(320)), sa.Column("trial_ends", sa.Date))
+    mapping = SchemaMapping(users=MappedTable("trials", "clerk_user_id", {
+        "email": "email", "trial_ends": "public_metadata.trial_ends"}))
+    store, engine = _with_app_table(db_url, trials, mapping)
+    user = f.user("user_1", B + 1000)
+    user["public_metadata"] = {"trial_ends": "2026-01-31"}
+    assert deliver(store, f.envelope("user.created", user)) == ["applied"]
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(trials.c.trial_ends)).scalar_one() == date(2026, 1, 31)
+    store.dispose()
+    engine.dispose()
+
+
+def test_doctor_fails_an_epoch_ms_source_in_a_32_bit_integer_column(db_url: str) -> None:
+    """``last_sign_in_at`` into INTEGER passed doctor; on PostgreSQL and MariaDB the user's first sign-in then
+    refused every later update of their row (a role change, a ban) as out of range. SQLite's INTEGER holds 64
+    bits: no problem there."""
+    logins = sa.Table("logins", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
+                      sa.Column("last_ms", sa.Integer), sa.Column("created_ms", sa.BigInteger))
+    mapping = SchemaMapping(users=MappedTable("logins", "clerk_user_id", {
+        "last_ms": "last_sign_in_at", "created_ms": "clerk_created_at"}))
+    store, engine = _with_app_table(db_url, logins, mapping)
+    with engine.connect() as conn:
+        problems = [p for level, p in check_schema(conn, mapping) if level == "fail"]
+    store.dispose()
+    engine.dispose()
+    narrow = [p for p in problems if "epoch milliseconds" in p]
+    if db_url.startswith("sqlite"):
+        assert narrow == []
+    else:
+        assert len(narrow) == 1 and narrow[0].startswith("logins.last_ms is INTEGER and its source "
+                                                         "'last_sign_in_at' gives epoch milliseconds"), problems
+        assert "make it a BIGINT column" in narrow[0]
+
+
+def test_doctor_fails_linking_on_a_table_without_a_primary_key(db_url: str) -> None:
+    """A linked row is read and adopted by its primary key: without one every new user was refused (SQLite and
+    MariaDB with a syntax error naming nothing; PostgreSQL adopted every unlinked row at once) while doctor
+    said nothing."""
+    legacy = sa.Table("legacy", sa.MetaData(), sa.Column("email", sa.String(320)), sa.Column("name", sa.String(64)))
+    mapping = SchemaMapping(users=MappedTable("legacy", "clerk_user_id", {"email": "email"},
+                                              link_by_email="email"))
+    store, engine = _with_app_table(db_url, legacy, mapping)
+    with engine.connect() as conn:
+        problems = [p for level, p in check_schema(conn, mapping) if level == "fail"]
+    store.dispose()
+    engine.dispose()
+    assert any(p.startswith("legacy has no primary key, and link_by_email/link_by_external_id adopt") for p in problems), \
+        problems
