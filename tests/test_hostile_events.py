@@ -13,6 +13,7 @@ import copy
 import itertools
 import json
 import os
+import re
 import sqlite3
 import time
 import uuid
@@ -142,10 +143,14 @@ def outcome(side: Side, svix_id: str, table: sa.Table, clerk_id: str | None) -> 
             key = table.c.session_id if table is revoked_sessions else table.c.clerk_id
             row = conn.execute(sa.select(table).where(key == clerk_id)).mappings().first()
     skip = {"id", "created_at", "updated_at", "received_at", "applied_at", "revoked_at"}
-    if inbox is not None and "the time received used instead" in (inbox["last_error"] or ""):
+    received = inbox is not None and "the time received used instead" in (inbox["last_error"] or "")
+    if received:
         skip |= {"event_timestamp", "clerk_updated_at"}  # each store's own time of receipt
     return {
-        "inbox": None if inbox is None else {k: norm(v) for k, v in inbox.items() if k not in skip},
+        "inbox": None if inbox is None else {
+            # (the note quotes that time too: "... the time received (1796658524302): ...")
+            k: re.sub(r"the time received \(\d+\)", "the time received (ms)", v) if received and k == "last_error"
+            else norm(v) for k, v in inbox.items() if k not in skip},
         "row": None if row is None else {k: (v is not None if k == "deleted_at" else norm(v)) for k, v in row.items() if k not in skip},
     }
 

@@ -6,7 +6,7 @@ from datetime import date
 
 import sqlalchemy as sa
 
-from clerk_sync.mapping import MappedTable, SchemaMapping, SoftDelete, check_schema
+from clerk_sync.mapping import MappedTable, SchemaMapping, SoftDelete, check_schema, migrate_schema
 from tests import factories as f
 from tests.test_mapping import B, _with_app_table, deliver
 
@@ -93,3 +93,24 @@ def test_doctor_fails_linking_on_a_table_without_a_primary_key(db_url: str) -> N
     engine.dispose()
     assert any(p.startswith("legacy has no primary key, and link_by_email/link_by_external_id adopt") for p in problems), \
         problems
+
+
+def test_a_long_table_and_column_name_get_a_unique_index_the_database_takes(db_url: str) -> None:
+    """``uq_<table>_<column>`` past 63 bytes: SQLAlchemy refused to send it to PostgreSQL (``migrate_schema``
+    migrated nothing) and MariaDB refused it past 64 characters (``migrate`` added the column, then failed, and
+    again on every run, doctor saying to run it). Cut as PostgreSQL cuts a name itself."""
+    seats = sa.Table("myapp_organization_membership", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
+                     sa.Column("role", sa.String(64)), sa.Column("deleted_at", sa.DateTime))
+    mapping = SchemaMapping(memberships=MappedTable("myapp_organization_membership",
+                                                    "clerk_organization_membership_id", {"role": "role"},
+                                                    on_delete=SoftDelete()))
+    store, engine = _with_app_table(db_url, seats, mapping)
+    with engine.connect() as conn:
+        assert [p for level, p in check_schema(conn, mapping) if level == "fail"] == []
+        indexes = [i["name"] for i in sa.inspect(conn).get_indexes("myapp_organization_membership") if i["unique"]]
+    assert len(indexes) == 1 and indexes[0].startswith("uq_myapp_organization_membership_clerk_organization")
+    assert len(indexes[0]) <= 64 or db_url.startswith("sqlite")
+    with engine.begin() as conn:
+        assert migrate_schema(conn, mapping) == []  # run again: nothing left to do
+    store.dispose()
+    engine.dispose()

@@ -2064,7 +2064,8 @@ def _clerk_id_problems(inspector: Any, entity: Entity, mapped: MappedTable, info
         problems.append(("warn", f"{name}.{column} is unique only through a partial index (WHERE {predicates[0]}): "
                                  "each delivery's row is written with an UPDATE, then an INSERT, not one upsert "
                                  "(nor in the delivery's own statement on PostgreSQL); a plain unique index allows "
-                                 f"many NULLs too: CREATE UNIQUE INDEX {_index_name(mapped)} ON {name} ({column})"))
+                                 f"many NULLs too: CREATE UNIQUE INDEX {_index_name(mapped, inspector.dialect.name)} "
+                                 f"ON {name} ({column})"))
     return problems
 
 
@@ -2553,7 +2554,7 @@ def migrate_schema(conn: Connection, mapping: SchemaMapping, *, unique_indexes: 
                                                    server_default=sa.true() if active else None), schema=schema)
                     done.append(f"added {name}.{column}")
             if unique_indexes and (mapped.clerk_id_column,) not in _unique_sets(inspector, name):
-                index = _index_name(mapped)
+                index = _index_name(mapped, conn.dialect.name)
                 if index in _invalid_indexes(inspector, name):  # a CONCURRENTLY build that failed: not an index
                     ops.drop_index(index, bare, schema=schema)
                     done.append(f"dropped invalid index {index} (a build that failed or was interrupted)")
@@ -2572,9 +2573,15 @@ def _missing_table_message(mapped: MappedTable) -> str:
             "database than your app's)")
 
 
-def _index_name(mapped: MappedTable) -> str:
-    """The Clerk-id column's unique index (in the table's own schema: named without it)."""
-    return f"uq_{_split(mapped.table)[1]}_{mapped.clerk_id_column}"
+def _index_name(mapped: MappedTable, dialect: str = "sqlite") -> str:
+    """The Clerk-id column's unique index (in the table's own schema: named without it), cut to what the
+    database takes: PostgreSQL's 63 bytes (as it cuts a longer one itself; SQLAlchemy refused to send one),
+    MySQL/MariaDB's 64 characters (it refused a longer one: ``migrate`` failed for a long table and column
+    name, after adding the column, and again on every run) (review)."""
+    name = f"uq_{_split(mapped.table)[1]}_{mapped.clerk_id_column}"
+    if dialect == "postgresql":
+        return _pg_name(name)
+    return name[:64] if dialect in ("mysql", "mariadb") else name
 
 
 def _deferrable_constraints(inspector: Any, name: str) -> set[str]:
