@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from datetime import date
 
 import sqlalchemy as sa
+import sqlalchemy.dialects.postgresql
 
-from clerk_sync.mapping import MappedTable, SchemaMapping, SoftDelete, check_schema, migrate_schema
+from clerk_sync.events import parse_envelope
+from clerk_sync.ingest import Outcome, WebhookProcessor
+from clerk_sync.integrations._committer import GroupCommitter
+from clerk_sync.mapping import Column, MappedTable, SchemaMapping, SoftDelete, check_schema, migrate_schema
+from clerk_sync.webhooks import WebhookVerifier
 from tests import factories as f
 from tests.test_mapping import B, _with_app_table, deliver
 
@@ -112,5 +118,30 @@ def test_a_long_table_and_column_name_get_a_unique_index_the_database_takes(db_u
     assert len(indexes[0]) <= 64 or db_url.startswith("sqlite")
     with engine.begin() as conn:
         assert migrate_schema(conn, mapping) == []  # run again: nothing left to do
+    store.dispose()
+    engine.dispose()
+
+
+def test_transform_json_into_a_json_column_is_the_document_on_every_store(db_url: str) -> None:
+    """The JSON text was encoded again by the column's type on SQLite and PostgreSQL (a JSON string:
+    ``meta->>'role'`` NULL), while MariaDB's JSON (a LONGTEXT to reflection) held the object."""
+    json_type = sa.JSON().with_variant(sa.dialects.postgresql.JSONB(), "postgresql")
+    accounts = sa.Table("accounts", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
+                        sa.Column("meta", json_type), sa.Column("meta_text", sa.Text))
+    mapping = SchemaMapping(users=MappedTable("accounts", "clerk_user_id", {
+        "meta": Column("public_metadata", transform="json"), "meta_text": Column("public_metadata", transform="json")}))
+    store, engine = _with_app_table(db_url, accounts, mapping)
+    assert deliver(store, f.envelope("user.created", f.user("user_1", B + 1000, role="admin"))) == ["applied"]
+    # and through the group committer's batches (on PostgreSQL, the delivery's own statement)
+    committer = GroupCommitter(WebhookProcessor(store, WebhookVerifier([f.SECRET])))
+    envelope = parse_envelope(json.dumps(f.envelope("user.created", f.user("user_2", B + 1000, role="owner"))))
+    assert all(isinstance(r, Outcome) for r in committer.write([("msg_batched", envelope)]))
+    extract = {"postgresql": "meta->>'role'", "sqlite": "json_extract(meta, '$.role')"}.get(
+        engine.dialect.name, "json_unquote(json_extract(meta, '$.role'))")
+    with engine.connect() as conn:
+        found = conn.execute(sa.text(f"SELECT {extract}, meta_text FROM accounts "  # noqa: S608
+                                     "ORDER BY clerk_user_id")).all()
+    assert [role for role, _ in found] == ["admin", "owner"]
+    assert [json.loads(text)["role"] for _, text in found] == ["admin", "owner"]  # a text column: its JSON text
     store.dispose()
     engine.dispose()

@@ -830,6 +830,11 @@ class _Projection:
         # PostgreSQL's json columns stored it: review)
         self.unbounded_text = frozenset(n for n in self.scalar if isinstance(type_ := table.c[n].type, sa.String)
                                         and not isinstance(type_, sa.Enum) and not type_.length)
+        # transform="json" into a JSON column (json, jsonb; SQLite's JSON): the document, not its text, which the
+        # column's type encoded again, a JSON string (`meta->>'role'` NULL) where MariaDB's (LONGTEXT) held the
+        # object (review)
+        self.json_documents = frozenset(n for n, c in self.columns.items()
+                                        if c.transform == "json" and isinstance(table.c[n].type, sa.JSON))
         self.bounded = {n: length for n in self.columns
                         if isinstance(type_ := table.c[n].type, sa.String) and not isinstance(type_, sa.Enum)
                         and (length := type_.length)}
@@ -904,6 +909,9 @@ class _Projection:
                 log.warning("mapped_value_not_scalar", table=self.m.table, column=name, source=col.source,
                             clerk_id=record.get("clerk_id"), kind=type(value).__name__,
                             advice="its default written; map it with transform='json' to keep it as JSON text")
+        for name in self.json_documents:
+            if isinstance(value := values.get(name), str):
+                values[name] = json.loads(value)
         for name in self.numbers:
             if isinstance(value := values.get(name), bool):
                 values[name] = int(value)
