@@ -145,3 +145,22 @@ def test_transform_json_into_a_json_column_is_the_document_on_every_store(db_url
     assert [json.loads(text)["role"] for _, text in found] == ["admin", "owner"]  # a text column: its JSON text
     store.dispose()
     engine.dispose()
+
+
+def test_an_external_id_into_an_integer_column_is_a_warning_and_its_digits_go_in(db_url: str) -> None:
+    """doctor failed it ("every row is refused") while an app's integer ids given to Clerk as external_id go in
+    on every store; only a user whose external_id is not digits has their row refused."""
+    accounts = sa.Table("accounts", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
+                        sa.Column("legacy_id", sa.Integer))
+    mapping = SchemaMapping(users=MappedTable("accounts", "clerk_user_id", {"legacy_id": "external_id"}))
+    store, engine = _with_app_table(db_url, accounts, mapping)
+    with engine.connect() as conn:
+        problems = check_schema(conn, mapping)
+    said = [(level, p) for level, p in problems if "legacy_id" in p]
+    assert len(said) == 1 and said[0][0] == "warn" and "not an integer's digits" in said[0][1], problems
+    assert deliver(store, f.envelope("user.created", {**f.user("user_1", B + 1000), "external_id": "42"})) \
+        == ["applied"]
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT clerk_user_id, legacy_id FROM accounts")).all() == [("user_1", 42)]
+    store.dispose()
+    engine.dispose()

@@ -2338,6 +2338,15 @@ def _type_problems(entity: Entity, mapped: MappedTable, columns: Mapping[str, An
             continue
         if kind is None or column not in columns or not isinstance(columns[column]["type"], _NOT_FOR[kind]):
             continue
+        if kind == "str" and col.source == "external_id" and col.transform is None \
+                and isinstance(columns[column]["type"], sa.Integer):
+            # an app's own integer id, given to Clerk as the user's external_id (as link_by_external_id takes
+            # it): the digits go in; it was a fail, "every row is refused", for a mapping that works (review)
+            problems.append(("warn", f"{mapped.table}.{column} is {columns[column]['type']} and its source "
+                                     "'external_id' is a text: a user whose external_id is not an integer's digits "
+                                     "has their row refused (clerk-sync's tables still hold them); map it to a text "
+                                     "column if Clerk may hold another"))
+            continue
         how = f"{col.source!r}" + (f" (transform {col.transform!r})" if col.transform else "")
         what = "an int, epoch milliseconds" if kind == "int" and col.transform is None else f"a {kind}"
         if kind == "int" and col.transform is None:
