@@ -164,3 +164,24 @@ def test_an_external_id_into_an_integer_column_is_a_warning_and_its_digits_go_in
         assert conn.execute(sa.text("SELECT clerk_user_id, legacy_id FROM accounts")).all() == [("user_1", 42)]
     store.dispose()
     engine.dispose()
+
+
+def test_a_text_for_a_boolean_column_is_refused_naming_the_column_on_every_store(db_url: str) -> None:
+    """A metadata ``"beta": "true"`` into a BOOLEAN column: SQLite's and PostgreSQL's refusal said "TypeError:
+    a value the column's type cannot take" (or "could not be bound"), naming neither the column nor the fix."""
+    flags = sa.Table("flags", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
+                     sa.Column("beta", sa.Boolean))
+    mapping = SchemaMapping(users=MappedTable("flags", "clerk_user_id", {"beta": "public_metadata.beta"}))
+    store, engine = _with_app_table(db_url, flags, mapping)
+    user = f.user("user_1", B + 1000)
+    user["public_metadata"] = {"beta": "true"}
+    assert deliver(store, f.envelope("user.created", user)) == ["applied"]  # clerk-sync's tables hold the user
+    with engine.connect() as conn:
+        error = conn.execute(sa.text("SELECT last_error FROM webhook_events")).scalar_one()
+    if engine.dialect.name in ("mysql", "mariadb"):  # a TINYINT(1) to reflection: MariaDB's refusal names it
+        assert "`flags`.`beta`" in error, error
+    else:
+        assert "flags.beta is a boolean column and the value for it is a text" in error, error
+        assert "transform='bool'" in error
+    store.dispose()
+    engine.dispose()

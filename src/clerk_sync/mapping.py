@@ -871,6 +871,7 @@ class _Projection:
                            if _unique(table, self.key) and dialect in ("postgresql", "sqlite") else None)
         self.cte_sql, self.json_at = _cte_sql(table, self.key, names, mapped, dialect, self.fixed, self.insert_only)
         self.bool_at = [i for i, n in enumerate(names) if isinstance(table.c[n].type, sa.Boolean)]
+        self.booleans = frozenset(n for n in self.columns if isinstance(table.c[n].type, sa.Boolean))
         self.wave = _wave(table, self.key, names, self) if self.cte_sql is not None else None
         # Creations and updates in one prebuilt statement (no Core construct to key per call), when
         # ON CONFLICT can name the Clerk-id column and no row is to be linked.
@@ -943,6 +944,12 @@ class _Projection:
             if isinstance(value, str) and len(value) > length:
                 raise ValueTooLong(f"{self.m.table}.{name} takes at most {length} characters: the value for it "
                                    f"has {len(value)}", name)
+        for name in self.booleans:
+            # (a metadata "true": SQLite's and psycopg's binding refused it with a TypeError naming nothing, so the
+            # refusal said neither the column nor the fix; MariaDB's named it: review)
+            if isinstance(values.get(name), str):
+                raise StoreDataError(f"{self.m.table}.{name} is a boolean column and the value for it is a text: "
+                                     "map it with transform='bool' (true/1/yes/on, false/0/no/off)")
 
     def row(self, values: JSON) -> list[Any]:
         """The mapped columns' values of a created/updated record's ``values`` (then the policy's fixed ones)."""
