@@ -9,7 +9,7 @@ import pytest
 
 from clerk_sync.clerk_api import AsyncClerkClient, CircuitBreaker, ClerkClient, RetryPolicy
 from clerk_sync.clerk_api.ratelimit import LocalBudget, RateLimit
-from clerk_sync.errors import RateLimited
+from clerk_sync.errors import ClerkUnavailable, RateLimited
 from tests.conftest import FakeClock
 
 _USER = {"id": "user_1", "object": "user"}
@@ -79,3 +79,19 @@ def test_releasing_a_probe_frees_only_its_own_slot() -> None:
     assert second is not None and breaker.refusing()  # the second probe still holds the slot
     breaker.release(second)
     assert not breaker.refusing()
+
+
+def test_a_session_revoke_whose_answer_was_lost_is_not_sent_again() -> None:
+    """Review: after a read timeout the revoke was sent again; Clerk had revoked it, answered the second one
+    400 "not active", and the caller got ClerkValidationError for a revocation that was done. Sent once (as
+    the token-creating POSTs): the caller learns Clerk's state was not confirmed (ClerkUnavailable)."""
+    sent: list[str] = []
+
+    def answer_lost(request: httpx.Request) -> httpx.Response:
+        sent.append(f"{request.method} {request.url.path}")
+        raise httpx.ReadTimeout("the answer was lost", request=request)
+
+    with ClerkClient("sk_test_x", api_url="https://api.clerk.com", transport=httpx.MockTransport(answer_lost),
+                     budget=LocalBudget(RateLimit(1000, 1.0))) as clerk, pytest.raises(ClerkUnavailable):
+        clerk.revoke_session("sess_1")
+    assert sent == ["POST /v1/sessions/sess_1/revoke"]

@@ -515,8 +515,14 @@ class Reconciler:
         if by_cursor:  # (a run saved before cursors has none: from the first page)
             pages = self._user_pages(run.after, run.cursor if run.after is not None else 0, advance)
         else:
+            # A resumed offset listing starts a page before its cursor: objects deleted in Clerk while the run
+            # was down, before the cursor, moved the next ones below it, out of every page (one we lack was
+            # never created, the run "completed"); the page before holds them (read again: guarded upserts)
+            # as long as fewer than a page went (review).
+            start = max(0, run.cursor - self.page_size) if run.report.resumed else run.cursor
             pages = ((offset, items, None) for offset, items in
-                     self._pages(self._fetcher(entity), run.cursor, None, advance, sequential=by_update))
+                     self._pages(self._fetcher(entity), start, None, advance, sequential=by_update,
+                                 overlap=_overlap(self.page_size) if by_update else 0))
         done = run.cursor
         for offset, items, after in pages:
             older = [by_update and _older(d, since_ms) for d in items]
@@ -609,25 +615,30 @@ class Reconciler:
         return {str(u.get("id")) for u in found if isinstance(u, dict)}
 
     def _pages(self, fetch: Callable[[int], tuple[list[JSON], int | None]], start: int, total: int | None,
-               advance: _Advance, *, sequential: bool) -> Iterator[tuple[int, list[JSON]]]:
+               advance: _Advance, *, sequential: bool, overlap: int = 0) -> Iterator[tuple[int, list[JSON]]]:
         """Pages in offset order with up to ``prefetch`` requests in flight; ends at a short page, and
         raises when the listing does not advance (:class:`_Advance`).
 
         Offsets below the known total are fetched ahead; past it, one page at a time (objects created
-        during the run still get listed).
+        during the run still get listed). ``overlap`` (a sequential listing with no ``total_count`` to tell a
+        deletion by: users by ``-updated_at``): each page starts that many objects before the page before
+        ended, so that as many deleted in Clerk between two pages (the next ones moving up, the first of
+        the next page out of every page: review) are still read; the objects the page before had are
+        passed over (yielded from the offset after them).
         """
         size = self.page_size
         horizon = total
         pending: deque[tuple[int, Future[tuple[list[JSON], int | None]]]] = deque()
         next_offset = start
         last_total: int | None = None  # the total_count the page before reported
+        seen: set[Any] = set()  # (overlap: the ids of the page before)
         with ThreadPoolExecutor(max_workers=self.prefetch, thread_name_prefix="reconcile") as pool:
             try:
                 while True:
                     window = 1 if sequential or horizon is None else self.prefetch
                     while len(pending) < window and (not pending if horizon is None else next_offset < horizon):
                         pending.append((next_offset, _in_context(pool, fetch, next_offset)))
-                        next_offset += size
+                        next_offset += size - overlap
                     if not pending:
                         return
                     offset, future = pending.popleft()
@@ -636,12 +647,18 @@ class Reconciler:
                         if last_total is not None and reported < last_total:
                             yield from self._shifted(fetch, offset, last_total - reported)
                         last_total = reported
-                    if len(items) < size:
-                        yield offset, items
-                        return
-                    advance.check(offset, items, reported)
-                    horizon = max(reported or 0, horizon or 0, offset + size + 1)
+                    full = len(items) >= size
+                    if full:
+                        advance.check(offset, items, reported)
+                        horizon = max(reported or 0, horizon or 0, offset + size + 1)
+                    if overlap:
+                        before, seen = seen, {_id_of(d) for d in items}
+                        had = sum(1 for d in items[:overlap] if _id_of(d) in before)
+                        offset, items = offset + had, [d for i, d in enumerate(items)
+                                                       if i >= overlap or _id_of(d) not in before]
                     yield offset, items
+                    if not full:
+                        return
             finally:
                 for _, future in pending:
                     future.cancel()
@@ -906,6 +923,12 @@ def _member_user(membership: Any) -> Any:
 
 MASS_DELETE_SHARE = 0.25  # of an entity's live rows (see Reconciler)
 MASS_DELETE_FLOOR = 100  # below this many, a run deletes what Clerk confirms whatever the share
+
+
+def _overlap(page_size: int) -> int:
+    """How many objects a sequential offset listing's pages overlap by (:meth:`Reconciler._pages`): a tenth
+    of a page (50 of the default 500: requests grow by a ninth); none for pages under 10."""
+    return page_size // 10
 
 
 class _Advance:

@@ -136,4 +136,7 @@ def create_sign_in_token(user_id: str, expires_in_seconds: int | None) -> ApiReq
 
 
 def revoke_session(session_id: str) -> ApiRequest[JSON]:
-    return ApiRequest("POST", f"/sessions/{_id(session_id)}/revoke", _object, route="/sessions/{id}/revoke")
+    # not idempotent: a revoke whose answer was lost, sent again, is refused ("not active") for a session it
+    # revoked: the caller got ClerkValidationError for a success (review)
+    return ApiRequest("POST", f"/sessions/{_id(session_id)}/revoke", _object, route="/sessions/{id}/revoke",
+                      idempotent=False)
