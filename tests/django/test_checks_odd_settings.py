@@ -38,3 +38,15 @@ def test_a_sqlite_database_url_in_a_missing_directory_is_an_error(tmp_path: Any)
     with override_settings(CLERK_SYNC={**BASE, "DATABASE_URL": f"sqlite:///{tmp_path}/missing/x.db"}):
         found = check_settings()
     assert [m.id for m in found] == ["clerk_sync.E009"] and "mkdir -p" in found[0].msg
+
+
+@pytest.mark.parametrize("url", ["http://default:S3cret@cache.internal:6380/0", "redis://host:port/0"])
+def test_a_redis_url_redis_py_cannot_read_is_an_error(url: str) -> None:
+    """Review: it passed ``check``, and every signed-in request then answered 500 (the Clerk API budget is built
+    from it on the first one); Flask and the CLI refuse it at start. Its password is not shown."""
+    with override_settings(CLERK_SYNC={**BASE, "REDIS_URL": url}):
+        found = check_settings()
+    assert [m.id for m in found] == ["clerk_sync.E010"], found
+    assert "is not a Redis URL redis-py can read" in found[0].msg and "S3cret" not in found[0].msg
+    with override_settings(CLERK_SYNC={**BASE, "REDIS_URL": "redis://127.0.0.1:1/0"}):  # readable: not connected to
+        assert check_settings() == []

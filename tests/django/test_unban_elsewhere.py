@@ -45,3 +45,36 @@ def test_prune_makes_a_user_unbanned_elsewhere_active_again(client_world: World)
     clerk_id, _ = _banned_then_unbanned_elsewhere(client_world)
     call_command("clerk_sync", "prune", stdout=StringIO())
     assert get_user_model().objects.get(username=clerk_id).is_active
+
+
+def test_prune_leaves_the_apps_own_django_users_alone_without_clerk_backend(client_world: World) -> None:
+    """Review: ``prune`` brought "linked" Django users (username = a Clerk id, no usable password) in step with
+    the ``users`` rows whatever ``AUTHENTICATION_BACKENDS`` said: an app's own users keyed by the Clerk id (its
+    own sign-in code, a MAPPING onto auth_user) were made superusers by the Clerk role, lost the staff the app
+    gave them, and had their e-mail and names rewritten. The webhook view refreshes only ClerkBackend's."""
+    from django.test import override_settings
+
+    clerk = client_world.clerk
+    admin = clerk.create_user("ada@example.com", first_name="Ada", public_metadata={"role": "admin"})
+    staffer = clerk.create_user("bo@example.com", first_name="Bo")
+    clerk.wait_for_deliveries()
+    model = get_user_model()
+    model.objects.filter(username__in=[admin["id"], staffer["id"]]).delete()  # (made by ClerkBackend's JIT, if any)
+    for user, staff in [(admin, False), (staffer, True)]:
+        own = model(username=user["id"], email="own@app.example", first_name="Own", is_staff=staff,
+                    is_superuser=staff)
+        own.set_unusable_password()
+        own.save()
+
+    def rows() -> list[tuple[str, str, bool, bool]]:
+        return [(u.email, u.first_name, u.is_staff, u.is_superuser) for u in model.objects.order_by("username")
+                if u.username in (admin["id"], staffer["id"])]
+
+    before = rows()
+    out = StringIO()
+    with override_settings(AUTHENTICATION_BACKENDS=["django.contrib.auth.backends.ModelBackend"]):
+        call_command("clerk_sync", "prune", stdout=out)
+    assert rows() == before
+    assert "Django users: left alone (AUTHENTICATION_BACKENDS lists no ClerkBackend)" in out.getvalue()
+    call_command("clerk_sync", "prune", stdout=StringIO())  # with ClerkBackend: its users, brought in step
+    assert sorted(rows()) != sorted(before)

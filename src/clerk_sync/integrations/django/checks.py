@@ -55,9 +55,29 @@ def check_settings(app_configs: Any = None, **_: Any) -> list[checks.CheckMessag
     database = _database(settings)  # (a database it cannot open first: which one the models read comes after)
     return [*database, *([] if database else _models_database(settings)), *_database_time_zone(),
             *_webhook_secret(settings),
-            *_session_keys(settings),
+            *_session_keys(settings), *_redis_url(settings),
             *_authorized_parties(settings), *_middleware_order(), *_require_auth(options),
             *_backend_without_middleware(), *_csrf_middleware(), *_clerk_id_field(options)]
+
+
+def _redis_url(settings: Settings) -> list[checks.CheckMessage]:
+    """``REDIS_URL`` readable, as the first signed-in request builds the Clerk API budget from it (with a secret
+    key): one redis-py cannot parse passed ``check`` and then answered every signed-in request 500, while Flask and
+    the CLI refuse it at start (review). Nothing is connected to."""
+    if not (settings.redis_url and settings.clerk_secret_key):
+        return []
+    from clerk_sync.clerk_api.ratelimit import RedisBudget, budget_from_settings
+
+    try:
+        budget = budget_from_settings(settings)
+    except ConfigError as exc:
+        return [checks.Error(str(exc), id="clerk_sync.E010",
+                             hint="Fix CLERK_SYNC['REDIS_URL'] (redis://[:password@]host:port/db, rediss:// for TLS), "
+                                  "or remove it for a budget of this process alone: every signed-in request builds "
+                                  "the Clerk API client from it, so each would answer 500.")]
+    if isinstance(budget, RedisBudget):
+        budget.close()
+    return []
 
 
 def _database(settings: Settings) -> list[checks.CheckMessage]:

@@ -189,7 +189,11 @@ class Command(BaseCommand):
                                "deliveries), fix the cause, then replay again", returncode=EXIT_UNDONE)
 
     def _prune(self, *, dry_run: bool, **_: Any) -> None:
-        from clerk_sync.integrations.django.backends import forget_cleared_django_users, refresh_django_users
+        from clerk_sync.integrations.django.backends import (
+            forget_cleared_django_users,
+            refresh_django_users,
+            uses_clerk_backend,
+        )
         from clerk_sync.retention import Retention, RetentionPolicy
 
         store = self._store()
@@ -198,7 +202,12 @@ class Command(BaseCommand):
         finally:
             store.dispose()
         self.stdout.write(report.summary())
-        if not dry_run:  # the tombstones cleared now, and before: their Django users' copies go too
+        if not dry_run and not uses_clerk_backend():
+            # Only ClerkBackend's Django users, as the webhook view: an app's own users keyed by the Clerk id
+            # (no password; a MAPPING onto auth_user) were made superusers by the role, or lost the staff the
+            # app gave them, and their e-mail and names rewritten (review)
+            self.stdout.write("Django users: left alone (AUTHENTICATION_BACKENDS lists no ClerkBackend)")
+        elif not dry_run:  # the tombstones cleared now, and before: their Django users' copies go too
             changed, failed = forget_cleared_django_users()
             self.stdout.write(f"Django users cleared: {changed}")
             # ...and the Django users of users banned, deleted or demoted by deliveries another process applied
