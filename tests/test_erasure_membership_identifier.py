@@ -150,3 +150,25 @@ def test_an_erasure_reads_past_a_stored_event_of_another_shape(db_url: str, fiel
     report = Retention(store).erase_user("user_h")
     assert report.row_existed and {"msg_h", "msg_odd"} <= set(_redacted(store))
     store.dispose()
+
+
+def test_an_address_or_number_another_user_held_once_is_searched_for(db_url: str) -> None:
+    """Review of the above: any stored delivery that ever named the address made its user its holder "now":
+    user_b had the address (and the number), changed them, user_a signed up with them; erasing user_a left
+    their invitation and texts whole, and the report said user_b holds them."""
+    store = Store.from_url(db_url)
+    address, phone = "shared@example.com", "+15555550199"
+    assert send(store, f.envelope("user.created", _with_phone("user_b", address, phone, 100)), "msg_b1") \
+        == "applied"
+    assert send(store, f.envelope("user.updated", _with_phone("user_b", "b.new@example.com", "+15555550100", 200)),
+                "msg_b2") == "applied"
+    assert send(store, f.envelope("user.created", _with_phone("user_a", address, phone, 300)), "msg_a1") \
+        == "applied"
+    assert send(store, example("organizationInvitation.created", email_address=address), "msg_invite") == "ignored"
+    text = example("sms.created", to_phone_number=phone, user_id=None, phone_number_id=None)
+    assert send(store, text, "msg_sms") == "ignored"
+    report = Retention(store).erase_user("user_a", reason="DSR")
+    # (user_b's old event, superseded, names it too: redacted with the rest, as before the holders were read)
+    assert holding(store, address) == [] and holding(store, phone) == []
+    assert report.mentioned_elsewhere == ()
+    store.dispose()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from datetime import date
 
+import pytest
 import sqlalchemy as sa
 import sqlalchemy.dialects.postgresql
 
@@ -183,5 +184,26 @@ def test_a_text_for_a_boolean_column_is_refused_naming_the_column_on_every_store
     else:
         assert "flags.beta is a boolean column and the value for it is a text" in error, error
         assert "transform='bool'" in error
+    store.dispose()
+    engine.dispose()
+
+
+def test_transform_json_into_a_json_column_keeps_the_columns_default(db_url: str) -> None:
+    """Review of the above: the default (a text) was parsed as JSON text, and every user without the metadata
+    had their row refused (JSONDecodeError)."""
+    if db_url.startswith("mysql"):
+        pytest.skip("MariaDB's JSON is a LONGTEXT to reflection: the text path, its default written as given")
+    plans = sa.Table("plans", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
+                     sa.Column("plan", sa.JSON))
+    mapping = SchemaMapping(users=MappedTable("plans", "clerk_user_id", {
+        "plan": Column("public_metadata.plan", transform="json", default="free")}))
+    store, engine = _with_app_table(db_url, plans, mapping)
+    paying = f.user("user_2", B + 1000)
+    paying["public_metadata"] = {"plan": {"tier": "pro"}}
+    assert deliver(store, f.envelope("user.created", f.user("user_1", B + 1000)),
+                   f.envelope("user.created", paying)) == ["applied", "applied"]
+    with engine.connect() as conn:
+        found = dict(conn.execute(sa.select(sa.column("clerk_user_id"), plans.c.plan).select_from(plans)).all())
+    assert found == {"user_1": "free", "user_2": {"tier": "pro"}}
     store.dispose()
     engine.dispose()

@@ -45,6 +45,8 @@ def test_a_resumed_run_reads_the_objects_deletions_moved_below_its_cursor(db_url
         report = Reconciler(store, clerk, page_size=2, prefetch=1).run()
     assert report.resumed
     assert _held(store, organizations) >= set(ids[1:])  # o2 too, moved to offset 1 meanwhile
+    # the page read again is not counted again (o1, unchanged since the first process counted it created)
+    assert (report.counts["organizations"].created, report.counts["organizations"].unchanged) == (7, 0)
     store.dispose()
 
 

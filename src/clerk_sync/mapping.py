@@ -910,9 +910,11 @@ class _Projection:
                 log.warning("mapped_value_not_scalar", table=self.m.table, column=name, source=col.source,
                             clerk_id=record.get("clerk_id"), kind=type(value).__name__,
                             advice="its default written; map it with transform='json' to keep it as JSON text")
-        for name in self.json_documents:
-            if isinstance(value := values.get(name), str):
-                values[name] = json.loads(value)
+        for name in self.json_documents:  # the value itself (the Column's default, as it is, when there is none)
+            if name in values:
+                col = self.columns[name]
+                found = _lookup(record, col.source or "")
+                values[name] = col.default if found is None else found
         for name in self.numbers:
             if isinstance(value := values.get(name), bool):
                 values[name] = int(value)

@@ -527,7 +527,12 @@ class Reconciler:
         for offset, items, after in pages:
             older = [by_update and _older(d, since_ms) for d in items]
             fresh = [d for d, old in zip(items, older, strict=True) if not old]
+            counts = run.report.counts[entity.value]
+            before = counts.unchanged
             self._apply_page(run, entity, fresh, offset + len(items), after)
+            if offset < done:  # the page before a resumed cursor, read again: its rows were counted then
+                counts.unchanged = before
+                continue
             done += len(items)
             if total is not None and done > total:  # users created since the count (or listed twice after a
                 total = done  # deleted cursor): the bar's total grows with them, never "2951/2949"

@@ -1007,38 +1007,73 @@ def _tied_to(writer: Writer, clerk_id: str) -> set[str]:
 
 
 def _holders_by_events(writer: Writer, clerk_id: str, addresses: Collection[str]) -> dict[str, set[str]]:
-    """The live users other than ``clerk_id`` whose stored deliveries tie one of ``addresses`` to them now
-    (``user.*`` events' addresses and numbers, :func:`_ties`), with the ones each holds (e-mail addresses
-    case-folded). Phone numbers are recycled and an address freed with an account is given again, to a user
-    clerk-sync may know by deliveries only (no row holding it, or a number, which no row keeps): the erasure of
-    the earlier holder must not redact the new one's data. Live: not deleted, not erased."""
-    def key(value: str) -> str:
-        return value.casefold() if "@" in value else value
+    """The live users other than ``clerk_id`` whose stored deliveries tie one of ``addresses`` to them now,
+    with the ones each holds (e-mail addresses case-folded). Phone numbers are recycled and an address freed
+    with an account is given again, to a user clerk-sync may know by deliveries only (no row holding it, or a
+    number, which no row keeps): the erasure of the earlier holder must not redact the new one's data.
 
-    wanted = {key(a.strip()) for a in addresses if a and a.strip()}
+    Now: those their other deliveries tie (:func:`_ties`: a membership's identifier, a mail to them), and of
+    their ``user.*`` events only the newest's (an older one that named the address says nothing of today:
+    review; for a user with a row, only its numbers: the row says their e-mail addresses, :func:`_live_holders`).
+    Live: not deleted, not erased."""
+    def key(value: str) -> str:
+        return value.strip().casefold() if "@" in value else value.strip()
+
+    wanted = {key(a) for a in addresses if a and a.strip()}
     if not wanted:
         return {}
     e, lower = webhook_events, unicode_lower(writer.conn)
     query = sa.select(e.c.type, e.c.payload).where(
         sa.or_(e.c.type.like("user.%"), *(e.c.type.like(t) for t in _TYING)), e.c.redacted_at.is_(None),
         _may_name(lower, sa.cast(e.c.payload, sa.Text), Mentions(addresses)))
-    found: dict[str, set[str]] = {}
+    tied: dict[str, set[str]] = {}  # by their other deliveries (:func:`_ties`)
+    by_user_events: set[str] = set()  # named by a user.* event of theirs: judged by their newest
     for event_type, payload in writer.conn.execute(query):
         data = _data_of(payload) or {}
-        ties = _ties(str(event_type), data)
-        if str(event_type).startswith("user."):
-            ties = [(data.get("id"), value) for value in _addresses_of_user(data)]
+        user_event = str(event_type).startswith("user.")
+        ties = ([(data.get("id"), value) for value in _addresses_of_user(data)] if user_event
+                else _ties(str(event_type), data))
         for owner, value in ties:
-            if isinstance(owner, str) and owner != clerk_id and isinstance(value, str) and key(value.strip()) in wanted:
-                found.setdefault(owner, set()).add(key(value.strip()))
-    if not found:
+            if isinstance(owner, str) and owner != clerk_id and isinstance(value, str) and key(value) in wanted:
+                if user_event:
+                    by_user_events.add(owner)
+                else:
+                    tied.setdefault(owner, set()).add(key(value))
+    owners = sorted({*tied, *by_user_events})
+    if not owners:
         return {}
     u = users
-    rows = dict(writer.conn.execute(
-        sa.select(u.c.clerk_id, u.c.deleted_at).where(u.c.clerk_id.in_(sorted(found)))).all())
-    return {owner: held for owner, held in found.items()
-            if (owner in rows and rows[owner] is None)
-            or (owner not in rows and not is_erased(writer.conn, Entity.USER, owner))}
+    rows = {row.clerk_id: row for row in writer.conn.execute(
+        sa.select(u.c.clerk_id, u.c.deleted_at).where(u.c.clerk_id.in_(owners)))}
+    found: dict[str, set[str]] = {}
+    for owner in owners:
+        if (owner in rows and rows[owner].deleted_at is not None) or (
+                owner not in rows and is_erased(writer.conn, Entity.USER, owner)):
+            continue
+        held = set(tied.get(owner, ()))
+        if owner in by_user_events:
+            newest = {key(value) for value in _newest_addresses(writer, owner)} & wanted
+            held |= {value for value in newest if owner not in rows or "@" not in value}  # (a row: its e-mails)
+        if held:
+            found[owner] = held
+    return found
+
+
+def _newest_addresses(writer: Writer, clerk_id: str) -> list[str]:
+    """The e-mail addresses and numbers of the user's newest stored ``user.*`` event (by ``updated_at``)."""
+    e = webhook_events
+    query = sa.select(e.c.payload).where(e.c.type.like("user.%"), e.c.redacted_at.is_(None),
+                                         sa.cast(e.c.payload, sa.Text).contains(clerk_id, autoescape=True))
+    newest: tuple[float, list[str]] | None = None
+    for (payload,) in writer.conn.execute(query):
+        data = _data_of(payload)
+        if data is None or data.get("id") != clerk_id:
+            continue
+        at = data.get("updated_at")
+        version = float(at) if isinstance(at, int | float) and not isinstance(at, bool) else float("-inf")
+        if newest is None or version >= newest[0]:
+            newest = (version, _addresses_of_user(data))
+    return newest[1] if newest is not None else []
 
 
 _PHONE = re.compile(r"\+[0-9]{6,15}")  # (E.164, as Clerk stores phone numbers)
