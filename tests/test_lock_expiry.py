@@ -289,7 +289,7 @@ def test_jit_and_reconcile_stamp_the_lock_end_from_the_fetch_time(db_url: str) -
         clock.at += 1
         assert jit.get_auth_user(jit_user["id"]).clerk_id == jit_user["id"]  # served: the stored row's lock is over
         report = Reconciler(store, clerk, page_size=50).run()  # Clerk now says unlocked, same updated_at
-        assert report.counts["users"].updated == 2  # the rows say so too (the ended lockouts are tidied)
+        assert report.counts["users"].lockouts_ended == 2  # the rows say so too (the ended lockouts are tidied)
         assert not _row(store, jit_user["id"]).locked and _row(store, swept["id"]).locked_until is None
     store.dispose()
 

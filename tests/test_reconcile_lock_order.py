@@ -54,7 +54,7 @@ def test_a_page_with_ended_lockouts_and_changed_users_locks_once_in_order(db_url
         monkeypatch.setattr(Writer, "lock", recording)
         report = Reconciler(store, clerk, page_size=50, now=clock.utc).run()
     store.dispose()
-    assert report.counts["users"].updated == 6  # three ended lockouts, three changed users
+    assert (report.counts["users"].updated, report.counts["users"].lockouts_ended) == (3, 3)  # three changed users
     (page,) = [c for c in calls.values() if any(k.startswith("user:") for keys in c for k in keys)]
     first = next(keys for keys in page if keys)
     assert {f"user:{clerk_id}" for clerk_id in made} <= first  # all in the first pass

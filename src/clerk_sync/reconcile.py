@@ -108,6 +108,10 @@ class Counts:
     deleted: int = 0
     unchanged: int = 0
     failed: int = 0
+    # Stored locks Clerk lists ended (it sends no webhook then, nor bumps updated_at): tidied, not drift. In
+    # ``updated`` they read as repairs, i.e. missed deliveries: clerk_sync_reconcile_last_drift and doctor
+    # --freshness paged ClerkSyncNoDeliveriesWhileDrift on a healthy install (review).
+    lockouts_ended: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -707,7 +711,7 @@ class Reconciler:
             _stage(conn, run.seen, run.id, entity, [r.clerk_id for r in records])
             if writer is None:
                 changes += _diff(conn, entity, changed, current)
-                counts.updated += len(ended)
+                counts.lockouts_ended += len(ended)
                 changes += [_unlocked(clerk_id) for clerk_id in ended]
             else:
                 by_id = {r.clerk_id: r for r in records if isinstance(r, UserRecord)}
@@ -718,7 +722,7 @@ class Reconciler:
                 writer.lock_page(entity, [*(by_id[c] for c in ended), *changed])
                 changes += _diff(conn, entity, changed, current)  # (the rows as they are before the writes)
                 unlocked = [clerk_id for clerk_id in sorted(ended) if writer.end_lockout(by_id[clerk_id])]
-                counts.updated += len(unlocked)
+                counts.lockouts_ended += len(unlocked)
                 counts.unchanged += len(ended) - len(unlocked)  # (a webhook won the race)
                 changes += [_unlocked(clerk_id) for clerk_id in unlocked]
                 _upsert_many(writer, entity, changed)

@@ -162,8 +162,8 @@ def _summary_table(report: ReconcileReport) -> Any:
         table.add_column(name, justify="left" if name == "table" else "right")
     for entity, counts in report.counts.items():
         deleted = str(counts.deleted) if entity in report.swept else "not checked"
-        table.add_row(entity, str(counts.created), str(counts.updated), deleted, str(counts.unchanged),
-                      str(counts.failed))
+        updated = str(counts.updated) + (f" (+{counts.lockouts_ended} lockouts ended)" if counts.lockouts_ended else "")
+        table.add_row(entity, str(counts.created), updated, deleted, str(counts.unchanged), str(counts.failed))
     table.caption = _caption(report)
     return table
 
