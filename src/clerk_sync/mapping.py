@@ -734,7 +734,7 @@ class SchemaMapping:
         mapped = self.tables.get(change.entity)
         if mapped is None or change.kind == "deleted":
             return []
-        carried = set(_RECORD_FIELDS[change.entity]) - set(record_columns(_RECORDS[change.entity]))
+        carried = _CARRIED[change.entity]
         return [name for name, col in mapped.resolved().items()
                 if col.source is not None and (head := col.source.partition(".")[0]) in carried
                 and head not in change.values]
@@ -2303,6 +2303,10 @@ def _may_be_empty(entity: Entity, col: Column) -> bool:
 
 
 _RECORD_FIELDS = {entity: {f.name: f for f in dataclasses.fields(record)} for entity, record in _RECORDS.items()}
+# Record fields events carry that clerk-sync's tables do not keep (``external_id``, ``email_verified``): a
+# backfill, which reads those tables, does not know them (SchemaMapping._not_kept)
+_CARRIED = {entity: frozenset(fields) - frozenset(record_columns(_RECORDS[entity]))
+            for entity, fields in _RECORD_FIELDS.items()}
 
 # The column types a source's values cannot go into (every row refused, or on MySQL/MariaDB a wrong value
 # stored: an epoch-milliseconds int in a DATETIME is '0170-00-00 00:00:00'), by the kind of value it gives.
@@ -2709,7 +2713,7 @@ def _pg_name(index: str) -> str:
 
 def _build_unique_index(conn: Connection, mapped: MappedTable) -> list[str]:
     inspector = sa.inspect(conn)
-    name, column, index = mapped.table, mapped.clerk_id_column, _pg_name(_index_name(mapped))
+    name, column, index = mapped.table, mapped.clerk_id_column, _index_name(mapped, "postgresql")
     if (column,) in _unique_sets(inspector, name):
         return []
     done: list[str] = []
@@ -2756,7 +2760,7 @@ def _drop_concurrently(conn: Connection, table: str, index: str) -> bool:
 def _build_failed(conn: Connection, mapped: MappedTable, state: str | None, exc: sa.exc.DBAPIError,
                   left: str) -> StoreError:
     """What failed, why and what to do, for a CONCURRENTLY build of the Clerk-id column's unique index."""
-    name, column, index = mapped.table, mapped.clerk_id_column, _pg_name(_index_name(mapped))
+    name, column, index = mapped.table, mapped.clerk_id_column, _index_name(mapped, "postgresql")
     failed = f"{name}.{column}: building its unique index {index} (CONCURRENTLY) failed"
     if state == "23505":
         t = sa.table(_split(name)[1], sa.column(column), schema=mapped.schema)

@@ -61,7 +61,7 @@ import functools
 import json
 import re
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -942,18 +942,24 @@ def _user_events(writer: Writer, clerk_id: str) -> tuple[bool, set[str]]:
     """Whether the user's own stored events (``user.*`` about ``clerk_id``, not redacted yet) exist, and
     the e-mail addresses and phone numbers they carry (an ``sms.created`` sent before sign-up completed
     names only the number)."""
-    e = webhook_events
-    query = sa.select(e.c.payload).where(e.c.type.like("user.%"), e.c.redacted_at.is_(None),
-                                         sa.cast(e.c.payload, sa.Text).contains(clerk_id, autoescape=True))
     found: set[str] = set()
     seen = False
-    for (payload,) in writer.conn.execute(query):
-        data = _data_of(payload)
-        if data is None or data.get("id") != clerk_id:
-            continue
+    for data in _own_user_events(writer, clerk_id):
         seen = True
         found.update(_addresses_of_user(data))
     return seen, found
+
+
+def _own_user_events(writer: Writer, clerk_id: str) -> Iterator[dict[str, Any]]:
+    """The data of the user's own stored ``user.*`` events not redacted yet (found by a text search, kept
+    when ``data.id`` is theirs)."""
+    e = webhook_events
+    query = sa.select(e.c.payload).where(e.c.type.like("user.%"), e.c.redacted_at.is_(None),
+                                         sa.cast(e.c.payload, sa.Text).contains(clerk_id, autoescape=True))
+    for (payload,) in writer.conn.execute(query):
+        data = _data_of(payload)
+        if data is not None and data.get("id") == clerk_id:
+            yield data
 
 
 def _addresses_of_user(data: dict[str, Any]) -> list[str]:
@@ -1061,14 +1067,8 @@ def _holders_by_events(writer: Writer, clerk_id: str, addresses: Collection[str]
 
 def _newest_addresses(writer: Writer, clerk_id: str) -> list[str]:
     """The e-mail addresses and numbers of the user's newest stored ``user.*`` event (by ``updated_at``)."""
-    e = webhook_events
-    query = sa.select(e.c.payload).where(e.c.type.like("user.%"), e.c.redacted_at.is_(None),
-                                         sa.cast(e.c.payload, sa.Text).contains(clerk_id, autoescape=True))
     newest: tuple[float, list[str]] | None = None
-    for (payload,) in writer.conn.execute(query):
-        data = _data_of(payload)
-        if data is None or data.get("id") != clerk_id:
-            continue
+    for data in _own_user_events(writer, clerk_id):
         at = data.get("updated_at")
         version = float(at) if isinstance(at, int | float) and not isinstance(at, bool) else float("-inf")
         if newest is None or version >= newest[0]:

@@ -537,17 +537,15 @@ def _retry_dead(store: Store, ids: list[int] | None, now: datetime, *,
     queue it again and again)."""
     count, stale, after = 0, list[str](), 0
     wanted = None if ids is None else sorted(set(ids))
+    up_to: int | None = None
     if wanted is None:
         with store.connect() as conn:
-            last = conn.execute(sa.select(sa.func.max(hook_jobs.c.id)).where(hook_jobs.c.status == "dead")).scalar()
-        if last is None:
+            up_to = conn.execute(sa.select(sa.func.max(hook_jobs.c.id)).where(hook_jobs.c.status == "dead")).scalar()
+        if up_to is None:
             return count, stale
-        wanted_up_to: int | None = int(last)
-    else:
-        wanted_up_to = None
     while True:
         with store.transaction() as writer:
-            chunk = _next_page(writer.conn, wanted, after, page, up_to=wanted_up_to)
+            chunk = _next_page(writer.conn, wanted, after, page, up_to=up_to)
             if not chunk:
                 return count, stale
             stale += _out_of_order(writer.conn, chunk)
