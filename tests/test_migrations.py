@@ -17,11 +17,13 @@ from clerk_sync.tables import metadata
 # Expression indexes (migration 0008_console) live in the migration only: SQLAlchemy cannot reflect
 # them on SQLite, nor compare them on PostgreSQL.
 EXPRESSION_INDEXES = {"ix_webhook_events_data_id", "ix_webhook_events_data_user_id", "ix_webhook_events_data_org_id",
-                      "ix_users_first_name_lower", "ix_users_last_name_lower", "ix_organizations_name_lower"}
+                      "ix_users_first_name_lower", "ix_users_last_name_lower", "ix_organizations_name_lower",
+                      "ix_webhook_events_data_owner_id", "ix_users_email_lower"}  # (the last two: 0020)
 
 
 # ... and on MySQL/MariaDB, the indexed virtual columns standing in for them (migration 0012).
-CONSOLE_COLUMNS = {"data_id", "data_user_id", "data_org_id", "first_name_lower", "last_name_lower", "name_lower"}
+CONSOLE_COLUMNS = {"data_id", "data_user_id", "data_org_id", "first_name_lower", "last_name_lower", "name_lower",
+                   "data_owner_id", "email_lower"}
 
 
 # ... and PostgreSQL's partial index for a dispatcher's claim (migration 0018; its predicate is not compared).

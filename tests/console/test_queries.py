@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
+from clerk_sync.auth.audit import AuditEntry, record_audit
 from clerk_sync.ingest import WebhookProcessor
 from clerk_sync.integrations.console._masking import MASK, mask
 from clerk_sync.integrations.console._queries import (
+    AuditFilter,
     DeliveryFilter,
     _user_matches,
+    delivery_ids,
+    list_audit,
     list_deliveries,
     memberships,
     search_organizations,
@@ -37,14 +41,20 @@ def _plan(store: Store, query: sa.Select[tuple[int]] | sa.CompoundSelect[tuple[i
 
 def test_clerk_id_filter_uses_the_payload_indexes(store: Store) -> None:
     plan = _plan(store, sa.select(webhook_events.c.id).where(webhook_events.c.id.in_(touching("user_1"))))
-    for index in ("ix_webhook_events_data_id", "ix_webhook_events_data_user_id", "ix_webhook_events_data_org_id"):
+    for index in ("ix_webhook_events_data_id", "ix_webhook_events_data_user_id", "ix_webhook_events_data_org_id",
+                  "ix_webhook_events_data_owner_id"):
         assert index in plan, plan
 
 
 def test_name_search_uses_the_lower_case_indexes(store: Store) -> None:
     plan = _plan(store, sa.select(users.c.id).where(users.c.id.in_(_user_matches("ada"))))
-    for index in ("ix_users_first_name_lower", "ix_users_last_name_lower", "ix_users_email"):
+    for index in ("ix_users_first_name_lower", "ix_users_last_name_lower", "ix_users_email_lower"):
         assert index in plan, plan
+
+
+def test_address_search_uses_the_lower_case_index(store: Store) -> None:
+    plan = _plan(store, sa.select(users.c.id).where(users.c.id.in_(_user_matches("John.Smith@"))))
+    assert "ix_users_email_lower" in plan, plan
 
 
 def test_time_filter_uses_the_received_at_index(store: Store) -> None:
@@ -88,6 +98,59 @@ def test_an_address_is_found_as_typed_and_lower_cased_on_every_store(store: Stor
         assert found("Twin@") == ["user_t"]
         assert found("lower@case.example") == found("LOWER@Case") == ["user_l"]
         assert found("nobody@case.example") == []
+
+
+def test_an_address_stored_with_capitals_is_found_typed_in_any_case_on_every_store(store: Store) -> None:
+    """The search says it is case-insensitive, and was for names only: ``john.smith@example.com`` (how an
+    operator types it) never found ``John.Smith@Example.com``, nor did ``john`` (console review)."""
+    processor = WebhookProcessor(store, WebhookVerifier([f.SECRET]))
+    event = f.envelope("user.created", f.user("user_j", 10, email="John.Smith@Example.com", first_name="Ann"))
+    assert processor.process(*f.signed(event, "msg_john")).status == "applied"
+    with store.connect() as conn:
+        def found(q: str) -> list[str]:
+            return [r["clerk_id"] for r in search_users(conn, q, None).rows]
+
+        for q in ("John.Smith@Example.com", "john.smith@example.com", "JOHN.SMITH@", "john", "JOHN", "John.S"):
+            assert found(q) == ["user_j"], q
+        assert found("jane") == found("john.smith@example.org") == []
+
+
+def test_a_session_event_is_about_its_user_on_every_store(store: Store) -> None:
+    """A ``session.*`` event names its user in ``data.user_id``: a failed revocation was missing from the user's
+    deliveries, from the ``clerk_id`` filter and from the bulk replay of that user's failed deliveries (console
+    review); the index of migration 0020 serves the lookup."""
+    processor = WebhookProcessor(store, WebhookVerifier([f.SECRET]))
+    session = {"object": "session", "id": "sess_1", "user_id": "user_s", "client_id": "client_1", "status": "revoked",
+               "expire_at": 1_900_000_000_000, "abandon_at": 1_900_000_000_000, "last_active_at": 1_700_000_000_000,
+               "created_at": 1_700_000_000_000, "updated_at": 1_700_000_000_000}
+    deliveries = {"msg_user": (f.envelope("user.created", f.user("user_s", 10)), "applied"),
+                  "msg_ok": (f.envelope("session.revoked", session), "applied"),
+                  "msg_bad": (f.envelope("session.revoked", {**session, "id": ["not", "an", "id"]}), "failed"),
+                  "msg_other": (f.envelope("session.revoked", {**session, "id": "sess_2", "user_id": "user_o"}),
+                                "applied")}
+    for svix_id, (event, status) in deliveries.items():
+        assert processor.process(*f.signed(event, svix_id)).status == status, svix_id
+    with store.connect() as conn:
+        about = {r["svix_id"] for r in list_deliveries(conn, DeliveryFilter(clerk_id="user_s"), None).rows}
+        assert about == {"msg_user", "msg_ok", "msg_bad"}
+        assert [s for s, _ in delivery_ids(conn, DeliveryFilter(status="failed", clerk_id="user_s"), 10)] == ["msg_bad"]
+
+
+def test_the_operator_token_is_an_actor_the_audit_filter_finds_on_every_store(store: Store) -> None:
+    """The audit page shows an operator-token action's actor as ``operator``; filtering by that found nothing
+    (the filter compared ``actor_clerk_id``, which such a row lacks), nor did anything else (console review)."""
+    entries = [AuditEntry("console.reveal", None, "user_a", details={"via": "console", "as": "operator"}),
+               AuditEntry("user.role_changed", None, "user_a", details={"via": "cli"}),
+               AuditEntry("console.reveal", "user_admin", "user_a", details={"via": "console", "as": "admin"})]
+    with store.transaction() as writer:
+        for entry in entries:
+            record_audit(writer, entry)
+    with store.connect() as conn:
+        def actions(actor: str) -> list[tuple[str, str | None]]:
+            return [(r["action"], r["actor_clerk_id"]) for r in list_audit(conn, AuditFilter(actor=actor), None).rows]
+
+        assert actions("operator") == [("console.reveal", None)]
+        assert actions("user_admin") == [("console.reveal", "user_admin")]
 
 
 def test_memberships_come_admins_first_with_their_count_on_every_store(store: Store) -> None:

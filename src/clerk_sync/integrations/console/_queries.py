@@ -22,6 +22,7 @@ from sqlalchemy.sql.functions import FunctionElement
 
 from clerk_sync._limits import BIGINT_MAX
 from clerk_sync._time import aware  # a name of this module too: _console and _pages read it here
+from clerk_sync.integrations.console._access import OPERATOR
 from clerk_sync.tables import (
     audit_log,
     organization_memberships,
@@ -66,6 +67,14 @@ class _DataUserId(_PayloadText):
     column = "data_user_id"
 
 
+class _DataOwnerId(_PayloadText):
+    """A session's, an e-mail's or a text's user (``session.*``, ``email.created``, ``sms.created``; 0020)."""
+
+    inherit_cache = True
+    path = ("data", "user_id")
+    column = "data_owner_id"
+
+
 class _DataOrgId(_PayloadText):
     inherit_cache = True
     path = ("data", "organization", "id")
@@ -73,8 +82,8 @@ class _DataOrgId(_PayloadText):
 
 
 class _Lower(FunctionElement[str]):
-    """``lower(column)`` as migration 0008_console indexes it; on MySQL/MariaDB the indexed virtual
-    ``<column>_lower`` of migration 0012."""
+    """``lower(column)`` as migrations 0008_console and 0020 index it; on MySQL/MariaDB the indexed virtual
+    ``<column>_lower`` of migrations 0012 and 0020."""
 
     type = sa.String()
     inherit_cache = True
@@ -86,7 +95,7 @@ def _lower(element: _Lower, compiler: SQLCompiler, **kw: Any) -> str:
 
 
 _LOWER_COLUMNS = {("users", "first_name"): "first_name_lower", ("users", "last_name"): "last_name_lower",
-                  ("organizations", "name"): "name_lower"}
+                  ("users", "email"): "email_lower", ("organizations", "name"): "name_lower"}
 
 
 @compiles(_Lower, "mysql")
@@ -94,6 +103,30 @@ _LOWER_COLUMNS = {("users", "first_name"): "first_name_lower", ("users", "last_n
 def _mysql_lower(element: _Lower, compiler: SQLCompiler, **kw: Any) -> str:
     (column,) = element.clauses
     return _LOWER_COLUMNS[(column.table.name, column.name)]  # computed and indexed (migration 0012)
+
+
+class _DetailsAs(FunctionElement[str]):
+    """An audit row's ``details.as`` (who acted through the console: ``operator`` for the operator token)."""
+
+    type = sa.String()
+    inherit_cache = True
+
+
+@compiles(_DetailsAs)
+def _details_as(element: _DetailsAs, compiler: SQLCompiler, **kw: Any) -> str:
+    return "json_extract(details, '$.as')"
+
+
+@compiles(_DetailsAs, "postgresql")
+def _pg_details_as(element: _DetailsAs, compiler: SQLCompiler, **kw: Any) -> str:
+    return "(details ->> 'as')"
+
+
+@compiles(_DetailsAs, "mysql")
+@compiles(_DetailsAs, "mariadb")
+def _mysql_details_as(element: _DetailsAs, compiler: SQLCompiler, **kw: Any) -> str:
+    return "JSON_VALUE(details, '$.as')" if getattr(compiler.dialect, "is_mariadb", False) else \
+        "JSON_UNQUOTE(JSON_EXTRACT(details, '$.as'))"
 
 
 @compiles(_PayloadText, "sqlite")
@@ -170,9 +203,11 @@ class DeliveryFilter:
 
 
 def touching(clerk_id: str) -> sa.CompoundSelect[Any]:
-    """Ids of deliveries about ``clerk_id``: the object itself, or a membership of that user/org."""
+    """Ids of deliveries about ``clerk_id``: the object itself, a membership of that user/org, or a session
+    (e-mail, text) of that user."""
     e = webhook_events
-    return sa.union(*(sa.select(e.c.id).where(expr == clerk_id) for expr in (_DataId(), _DataUserId(), _DataOrgId())))
+    return sa.union(*(sa.select(e.c.id).where(expr == clerk_id)
+                      for expr in (_DataId(), _DataUserId(), _DataOrgId(), _DataOwnerId())))
 
 
 def list_deliveries(conn: Connection, where: DeliveryFilter, before: int | None, limit: int = PAGE_SIZE) -> Page:
@@ -285,18 +320,16 @@ def search_users(conn: Connection, q: str, before: int | None, limit: int = PAGE
 
 def _user_matches(q: str) -> sa.CompoundSelect[Any] | sa.Select[Any]:
     u = users.c
-    low = q.lower()
     if q.startswith("user_"):
         return sa.select(u.id).where(_prefix(u.clerk_id, q))
-    if "@" in q:  # as typed, or lower-cased (Clerk keeps an address as it was entered): both on ix_users_email
-        exact = sa.select(u.id).where(_prefix(u.email, q))
-        return exact if q == low else sa.union(exact, sa.select(u.id).where(_prefix(u.email, low)))
+    if "@" in q:  # in any case (Clerk keeps an address as it was entered: John.Smith@Example.com)
+        return sa.select(u.id).where(_lower_prefix(u.email, q))
     first, _, last = q.partition(" ")
     if last:
         return sa.select(u.id).where(_lower_prefix(u.first_name, first), _lower_prefix(u.last_name, last.strip()))
     return sa.union(sa.select(u.id).where(_lower_prefix(u.first_name, q)),
                     sa.select(u.id).where(_lower_prefix(u.last_name, q)),
-                    sa.select(u.id).where(_prefix(u.email, low)))
+                    sa.select(u.id).where(_lower_prefix(u.email, q)))
 
 
 def search_organizations(conn: Connection, q: str, limit: int = 20) -> list[RowMapping]:
@@ -371,7 +404,9 @@ class AuditFilter:
     def conditions(self) -> list[sa.ColumnElement[bool]]:
         a = audit_log.c
         found: list[sa.ColumnElement[bool]] = []
-        if self.actor:
+        if self.actor == OPERATOR:  # the operator token has no Clerk id: its rows say so in their details
+            found += [a.actor_clerk_id.is_(None), _DetailsAs() == OPERATOR]
+        elif self.actor:
             found.append(a.actor_clerk_id == self.actor)
         if self.action:
             found.append(_prefix(a.action, self.action[:-1]) if self.action.endswith("*")
