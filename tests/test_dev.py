@@ -67,7 +67,7 @@ def test_a_port_in_use_is_named_and_the_last_demo_is_kept(tmp_path: Path) -> Non
 
     import pytest
 
-    from clerk_sync.errors import ConfigError
+    from clerk_sync.cli._args import PortInUse
 
     db = tmp_path / "dev.db"
     db.write_bytes(b"the last demo")
@@ -75,7 +75,7 @@ def test_a_port_in_use_is_named_and_the_last_demo_is_kept(tmp_path: Path) -> Non
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        with pytest.raises(ConfigError, match=f"127.0.0.1:{port}.*--port"):
+        with pytest.raises(PortInUse, match=f"127.0.0.1:{port}.*--port"):  # (exit 3: retry later)
             DevStack(db, port=port)
     assert db.read_bytes() == b"the last demo"  # fresh=True, but nothing was started: nothing removed
 

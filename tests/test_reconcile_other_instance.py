@@ -147,3 +147,33 @@ def test_a_run_refused_at_the_instance_check_is_counted_failed(store: Store) -> 
             Reconciler(store, clerk, page_size=50, metrics=metrics).run()
     assert metrics.registry.get_sample_value("clerk_sync_reconcile_runs_total", {"result": "failed"}) == 2
     assert _counts(store) == (0, 0, 0)
+
+
+def test_doctor_fails_a_key_of_another_instance_than_the_database_mirrors(db_url: str) -> None:
+    """``doctor`` said "ok Clerk Backend API: reachable" for a development key against the production database,
+    which every ``reconcile`` then refused (and JIT sync and promotions reached the other instance): it asks
+    ``GET /instance`` and compares it as reconcile does now (CLI review). The same key with
+    CLERK_INSTANCE_ID set to its instance, and a key of the mirrored instance, pass."""
+    from clerk_sync.cli.doctor import run_checks
+    from clerk_sync.config import Settings
+
+    store = Store.from_url(db_url)
+    event = f.envelope("user.created", f.user("user_ours", 1_800_000_000_000)) | {"instance_id": OURS}
+    assert WebhookProcessor(store, WebhookVerifier([f.SECRET])).process(*f.signed(event, "msg_ours")).status == "applied"
+    store.dispose()
+
+    def clerk_line(emu: EmulatorServer, **extra: str) -> tuple[str, str]:
+        settings = Settings.from_env({"DATABASE_URL": db_url, "CLERK_WEBHOOK_SIGNING_SECRET": f.SECRET,
+                                      "CLERK_SECRET_KEY": emu.secret_key, "CLERK_API_URL": emu.url, **extra})
+        (check,) = [c for c in run_checks(settings) if c.name == "Clerk Backend API"]
+        return check.status, check.detail
+
+    with _other_instance() as theirs:
+        status, detail = clerk_line(theirs)
+        assert status == "fail", detail
+        assert f"instance {THEIRS}, but this database mirrors {OURS}" in detail and "msg_ours" in detail, detail
+        assert f"CLERK_INSTANCE_ID={THEIRS}" in detail and "reconcile" in detail, detail
+        assert clerk_line(theirs, CLERK_INSTANCE_ID=THEIRS)[0] == "ok"
+    with EmulatorServer(instance_id=OURS) as ours:
+        status, detail = clerk_line(ours)
+        assert status == "ok" and "reachable" in detail, detail

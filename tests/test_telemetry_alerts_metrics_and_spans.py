@@ -6,6 +6,8 @@ without a local budget, and where ``svix_id`` is bound to log lines."""
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -588,3 +590,28 @@ def test_svix_id_is_bound_to_log_lines_by_flask_but_not_by_serve_as_the_logging_
     finally:
         processor.store.dispose()
     assert [bound.get("svix_id") for bound in seen] == ["msg_flask", None]
+
+
+def test_the_headers_command_moves_every_aggregation_to_the_other_label(tmp_path: Path) -> None:
+    """The header's ``sed`` for installs that share a job matched ``(job)`` and ``(job, le)`` only: five rules
+    (``by (job, hook)``, ``by (job, table)``, ``by (job, instance)``) kept lumping prod and staging together and
+    carried no ``env`` (docs review). Run as printed on a copy: no aggregation or join is by ``job`` any more,
+    each is by ``env`` instead, and the rules still check."""
+    header = ALERTS.read_text().split("groups:", 1)[0]
+    command = re.search(r"`(sed -i -E '[^']+' alerts\.yml)`", header)
+    assert command is not None, header
+    copy = tmp_path / "alerts.yml"
+    copy.write_text(ALERTS.read_text())
+    subprocess.run(shlex.split(command.group(1)), cwd=tmp_path, check=True, timeout=30)
+    clause = re.compile(r"\b(?:by|on) ?\((\w+)")
+
+    def firsts(text: str) -> list[str]:  # the first label of every by (...) / on(...) of the expressions
+        return [m.group(1) for line in text.splitlines() if not line.lstrip().startswith("#")
+                for m in clause.finditer(line)]
+
+    before, after = firsts(ALERTS.read_text()), firsts(copy.read_text())
+    assert before and set(before) == {"job"}
+    assert after == ["env"] * len(before)
+    checked = subprocess.run([_promtool(), "check", "rules", str(copy)], capture_output=True, text=True, timeout=60,
+                             check=False)
+    assert checked.returncode == 0, checked.stdout + checked.stderr

@@ -747,7 +747,8 @@ def _listed(row: Any) -> Change | Event:
 
 def retry_jobs(conn: Connection, now: datetime, ids: Sequence[int] | None = None) -> int:
     """Dead jobs (all, or these ids) queued again with a fresh attempt budget, at the tail of the queue:
-    each becomes a new job (a new id, the same change and idempotency key) and the dead row goes.
+    each becomes a new job (a new id, the same change and idempotency key; on SQLite, whose ``hook_jobs`` ids are
+    not AUTOINCREMENT, the dead row's number may come back when it was the highest) and the dead row goes.
 
     Not set back to pending in place: a dead job no longer holds its entity back, so a later job of the
     same entity may be running; back under its old (lower) id it would be that entity's first unfinished

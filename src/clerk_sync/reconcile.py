@@ -298,39 +298,11 @@ class Reconciler:
             return None
         if not isinstance(found, str) or not found:
             return None
-        expected, source = self.instance_id, "CLERK_INSTANCE_ID"
-        if expected is None:
-            expected, source = self._mirrored_instance()
-        if expected is not None and expected != found:
-            raise ConfigError(
-                f"CLERK_SECRET_KEY is a key of the Clerk instance {found}, but this database mirrors {expected} "
-                f"({source}): nothing was written. Use the secret key of {expected} (Clerk Dashboard -> API keys); if "
-                f"this database is to mirror {found} from now on, set CLERK_INSTANCE_ID={found} (its webhooks too).")
+        mismatch = instance_mismatch(self.store, found, self.instance_id)
+        if mismatch is not None:
+            problem, advice = mismatch
+            raise ConfigError(f"{problem}: nothing was written. {advice}")
         return found
-
-    def _mirrored_instance(self) -> tuple[str | None, str]:
-        """The instance this database's own records name: its newest delivery's (Clerk's example payloads,
-        which the Dashboard's "Send Example" delivers, name no real instance and are passed over), else an
-        earlier run's."""
-        e = webhook_events
-        with self.store.connect() as conn:
-            # among the newest deliveries only (an install whose deliveries carry none would scan them all)
-            recent = (sa.select(e.c.id, e.c.instance_id, e.c.svix_id, e.c.received_at)
-                      .order_by(e.c.received_at.desc(), e.c.id.desc()).limit(1000).subquery())
-            newest = conn.execute(sa.select(recent.c.instance_id, recent.c.svix_id)
-                                  .where(recent.c.instance_id.is_not(None),
-                                         recent.c.instance_id.not_in(_EXAMPLE_INSTANCES))
-                                  .order_by(recent.c.received_at.desc(), recent.c.id.desc()).limit(1)).first()
-            if newest is not None:
-                return str(newest.instance_id), (
-                    f"the instance_id of its newest webhook delivery, {newest.svix_id}; if that was a test event "
-                    f"sent from another instance, set CLERK_INSTANCE_ID to the instance this database mirrors")
-            for details in conn.execute(sa.select(reconcile_runs.c.details).order_by(reconcile_runs.c.id.desc())
-                                        .limit(20)).scalars():
-                recorded = details.get("instance_id") if isinstance(details, dict) else None
-                if isinstance(recorded, str) and recorded:
-                    return recorded, "the instance an earlier reconcile run listed"
-        return None, ""
 
     def _observe(self, result: str, report: ReconcileReport) -> None:
         if self.metrics is not None:
@@ -1111,3 +1083,40 @@ def _load_rate_limited(details: Any) -> int:
 def _load_counts(details: Any) -> dict[str, Counts]:
     stored = details.get("counts", {}) if isinstance(details, dict) else {}
     return {e.value: Counts(**stored.get(e.value, {})) for e in _LISTINGS}
+
+
+def instance_mismatch(store: Store, found: str, configured: str | None) -> tuple[str, str] | None:
+    """What is wrong, and what to do, when the secret key's instance ``found`` is not the one this database
+    mirrors (``configured``: CLERK_INSTANCE_ID, else :func:`mirrored_instance`); None when it is, or nothing
+    says which one it mirrors. ``reconcile`` refuses to run on it; ``doctor`` fails on it."""
+    expected, source = (configured, "CLERK_INSTANCE_ID") if configured is not None else mirrored_instance(store)
+    if expected is None or expected == found:
+        return None
+    return (f"CLERK_SECRET_KEY is a key of the Clerk instance {found}, but this database mirrors {expected} "
+            f"({source})", f"Use the secret key of {expected} (Clerk Dashboard -> API keys); if this database is "
+            f"to mirror {found} from now on, set CLERK_INSTANCE_ID={found} (its webhooks too).")
+
+
+def mirrored_instance(store: Store) -> tuple[str | None, str]:
+    """The instance this database's own records name, and which record says so: its newest delivery's (Clerk's
+    example payloads, which the Dashboard's "Send Example" delivers, name no real instance and are passed over),
+    else an earlier run's."""
+    e = webhook_events
+    with store.connect() as conn:
+        # among the newest deliveries only (an install whose deliveries carry none would scan them all)
+        recent = (sa.select(e.c.id, e.c.instance_id, e.c.svix_id, e.c.received_at)
+                  .order_by(e.c.received_at.desc(), e.c.id.desc()).limit(1000).subquery())
+        newest = conn.execute(sa.select(recent.c.instance_id, recent.c.svix_id)
+                              .where(recent.c.instance_id.is_not(None),
+                                     recent.c.instance_id.not_in(_EXAMPLE_INSTANCES))
+                              .order_by(recent.c.received_at.desc(), recent.c.id.desc()).limit(1)).first()
+        if newest is not None:
+            return str(newest.instance_id), (
+                f"the instance_id of its newest webhook delivery, {newest.svix_id}; if that was a test event "
+                f"sent from another instance, set CLERK_INSTANCE_ID to the instance this database mirrors")
+        for details in conn.execute(sa.select(reconcile_runs.c.details).order_by(reconcile_runs.c.id.desc())
+                                    .limit(20)).scalars():
+            recorded = details.get("instance_id") if isinstance(details, dict) else None
+            if isinstance(recorded, str) and recorded:
+                return recorded, "the instance an earlier reconcile run listed"
+    return None, ""

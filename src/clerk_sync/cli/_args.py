@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterable
 from datetime import datetime
 
@@ -10,7 +11,7 @@ from clerk_sync._time import as_utc
 from clerk_sync.engine import DeliveryStatus
 from clerk_sync.errors import ClerkSyncError, ConfigError
 
-__all__ = ["STORED_STATUSES", "PortInUse", "parse_since", "refuse_undecodable"]
+__all__ = ["STORED_STATUSES", "PortInUse", "bind_error", "parse_since", "refuse_undecodable"]
 
 
 class PortInUse(ClerkSyncError):
@@ -50,3 +51,17 @@ def refuse_undecodable(args: Iterable[object]) -> None:
             shown = arg.encode("utf-8", "surrogateescape").decode("ascii", "backslashreplace")
             raise ConfigError(f"the argument {shown} is not valid UTF-8 (a terminal or script in another "
                               "encoding?): give it as UTF-8") from None
+
+
+def bind_error(exc: OSError, what: str, host_option: str = "--host") -> ClerkSyncError:
+    """What a failed bind says, by its cause: a port in use (exit 3), an address not of this host or a port
+    below 1024 without the right (each a setting to fix, exit 2); "pass another --port" fitted only the first."""
+    if exc.errno == errno.EADDRINUSE:
+        return PortInUse(f"{what} ({exc.strerror}): pass another --port, or stop what uses it")
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return ConfigError(f"{what} ({exc.strerror}): {host_option} must be an address of this host "
+                           "(0.0.0.0 listens on all of them, 127.0.0.1 on this host only)")
+    if exc.errno == errno.EACCES:
+        return ConfigError(f"{what} ({exc.strerror}): a port below 1024 needs privileges; pass --port 1024 or "
+                           "above (a proxy in front can take 443)")
+    return ConfigError(f"{what} ({exc.strerror}): pass another {host_option} or --port")

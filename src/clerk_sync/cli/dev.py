@@ -29,6 +29,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from clerk_sync import migrations
+from clerk_sync.cli._args import bind_error
 from clerk_sync.config import Settings
 from clerk_sync.errors import ConfigError
 from clerk_sync.integrations.starlette import build_processor, create_app
@@ -103,8 +104,7 @@ def _bound(port: int) -> socket.socket:
         sock.bind(("127.0.0.1", port))
     except OSError as exc:
         sock.close()
-        raise ConfigError(f"the sync service cannot listen on 127.0.0.1:{port} ({exc.strerror}): "
-                          "pass another --port, or stop what uses it") from None
+        raise bind_error(exc, f"the sync service cannot listen on 127.0.0.1:{port}") from None
     return sock
 
 

@@ -56,7 +56,7 @@ def run_checks(settings: Settings, *, http: httpx.Client | None = None,
                           else _not_checked("privileges"))
         checks.append(_guard("hook jobs", lambda: _hook_jobs(settings)) if reachable else _not_checked("hook jobs"))
         checks += [_guard(name, fn) for name, fn in (
-            ("Clerk Backend API", lambda: _clerk_api(settings, client)),
+            ("Clerk Backend API", lambda: _clerk_api(settings, client, mirrors=reachable)),
             ("session keys", lambda: _session_keys(settings, client)),
         )]
         if settings.console_enabled:  # what `serve` would refuse to start with
@@ -376,7 +376,9 @@ def _cause(exc: Exception, settings: Settings) -> str:
     return text
 
 
-def _clerk_api(settings: Settings, client: httpx.Client) -> tuple[str, str]:
+def _clerk_api(settings: Settings, client: httpx.Client, *, mirrors: bool = False) -> tuple[str, str]:
+    """Whether the Backend API answers to CLERK_SECRET_KEY, and (``mirrors``: the database can be read) whether
+    the key is of the instance this database mirrors, as ``reconcile`` checks before it writes."""
     if settings.clerk_secret_key is None:
         return "warn", "CLERK_SECRET_KEY not set: JIT sync, reconcile and admin actions are unavailable"
     from clerk_sync.clerk_api import UNREACHABLE, unreachable_advice
@@ -404,7 +406,35 @@ def _clerk_api(settings: Settings, client: httpx.Client) -> tuple[str, str]:
         total = response.json().get("total_count", "?")
     except (ValueError, AttributeError):
         return "fail", f"{url} answered {response.status_code} but not with Clerk's JSON: {expected}"
+    mismatch = _instance_mismatch(settings, client, base) if mirrors else None
+    if mismatch is not None:
+        return "fail", mismatch
     return "ok", f"{masked_url(settings.clerk_api_url)} reachable, {total} users"
+
+
+def _instance_mismatch(settings: Settings, client: httpx.Client, base: str) -> str | None:
+    """The key's instance (``GET /instance``) against the one this database mirrors (``reconcile``'s check: a
+    development key against the production database passed here, then every nightly reconcile refused to run,
+    and JIT sync and promotions went to the other instance). No verdict when Clerk does not say."""
+    from clerk_sync.reconcile import instance_mismatch
+
+    assert settings.clerk_secret_key is not None  # (checked by the caller)
+    try:
+        response = client.get(base + "/instance",
+                              headers={"Authorization": f"Bearer {settings.clerk_secret_key.get_secret_value()}"})
+        found = response.json().get("id") if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError, AttributeError):  # (an API without the endpoint, a key without the
+        return None  # permission, a body not Clerk's: as reconcile, not a verdict on the instance)
+    if not isinstance(found, str) or not found:
+        return None
+    store = Store.from_settings(settings)
+    try:
+        mismatch = instance_mismatch(store, found, settings.instance_id)
+    except (sa.exc.SQLAlchemyError, ClerkSyncError):  # (not migrated, say: the database line says so)
+        return None
+    finally:
+        store.dispose()
+    return None if mismatch is None else f"{mismatch[0]}: {mismatch[1]} (`reconcile` refuses to run with this key)"
 
 
 def _session_keys(settings: Settings, client: httpx.Client) -> tuple[str, str]:

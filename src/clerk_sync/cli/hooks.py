@@ -324,7 +324,9 @@ def worker(
     # serve's set-up: CLERK_SYNC_LOG_LEVEL, logfmt (JSON with --json-logs) on stderr; without it the worker
     # logged with structlog's defaults, every level, on stdout (a warning a second while the database was down)
     configure_logging(settings.log_level, json=json_logs)
-    store = Store.from_settings(settings, hooks=load_hooks(hooks))
+    # An existing database only: a worker never migrates, so a SQLite path it would create (a typo, another
+    # directory) was an empty second database it polled for ever, "no such table" a line every few seconds
+    store = existing_store(settings, hooks=load_hooks(hooks))
     with _own_metrics_dir():
         if once:
             _run_once(store, batch=batch, lease_s=lease, poll_s=poll, vacuum_every=vacuum_every,
@@ -367,7 +369,10 @@ def _run_forever(store: Store, metrics: Metrics, *, metrics_port: int | None, me
                         "free port (each worker on a host needs its own)") from exc
     dispatcher = Dispatcher(store, metrics=metrics, **options)
     signal.signal(signal.SIGTERM, lambda *_: dispatcher.stop(timeout_s=0))
-    Console(stderr=True).print(f"clerk-sync worker: hooks {[h.name for h in store.hooks]}")
+    from clerk_sync._urls import masked_url
+
+    Console(stderr=True).print(f"clerk-sync worker: hooks {[h.name for h in store.hooks]} on "
+                               f"{masked_url(store.engine.url.render_as_string(hide_password=False))}", soft_wrap=True)
     try:
         dispatcher.run_forever()
     except KeyboardInterrupt:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import re
 import socket
@@ -19,7 +18,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from clerk_sync import migrations
 from clerk_sync._db_errors import is_pooler_misconfigured, is_transient
 from clerk_sync._logging import configure_logging
-from clerk_sync.cli._args import PortInUse, refuse_undecodable
+from clerk_sync.cli._args import PortInUse, bind_error, refuse_undecodable
 from clerk_sync.cli._database import existing_store
 from clerk_sync.cli._serve import (
     STARTUP_FAILURE,
@@ -196,20 +195,21 @@ def _serve(host: str, port: int, workers: int, json_logs: bool, hooks: str | Non
 _EXIT_MARGIN_S = 5.0
 
 
-def _exit_after(seconds: float, code: int) -> None:
+def _exit_after(seconds: float, code: int, *, bound_s: float | None = None) -> None:
     """A daemon timer that ends the process with ``code`` if it still runs ``seconds`` from now: a thread
     that does not end (a request's worker thread blocked on a database peer gone silent; anyio's are not
-    daemon threads) would otherwise hold the process after its shutdown, until a SIGKILL."""
+    daemon threads) would otherwise hold the process after its shutdown, until a SIGKILL. ``bound_s``: the
+    bound the message names (the first timer's, when an upgrade on MySQL/MariaDB put the exit off)."""
     import threading
 
     def fire() -> None:
         if migrations.upgrading():  # never in the middle of DDL (MySQL/MariaDB's is not transactional)
-            _exit_after(1.0, code)
+            _exit_after(1.0, code, bound_s=bound_s or seconds)
             return
         said = threading.Thread(daemon=True, target=lambda: console.print(
-            f"[red]error:[/] the shutdown outlived {seconds:g} s (a request, hook or database call that does not "
-            "end: the log above may say which); exiting now. In-flight deliveries are retried by Svix, claimed "
-            "hook jobs run again after their lease", soft_wrap=True))
+            f"[red]error:[/] the shutdown outlived {bound_s or seconds:g} s (a request, hook or database call that "
+            "does not end: the log above may say which); exiting now. In-flight deliveries are retried by Svix, "
+            "claimed hook jobs run again after their lease", soft_wrap=True))
         said.start()
         said.join(1.0)  # (a blocked stderr must not hold the exit either)
         os._exit(code)
@@ -307,9 +307,7 @@ def _listen(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         # In use: exit 3 (the service could not start, as _serve's failed start-up), else a setting to fix (2)
-        error = PortInUse if exc.errno == errno.EADDRINUSE else ConfigError
-        raise error(f"cannot listen on {host}:{port} ({exc.strerror}): pass another --port, or stop what "
-                    "uses it") from None
+        raise bind_error(exc, f"cannot listen on {host}:{port}") from None
     sock.set_inheritable(True)  # serve --workers: the worker processes accept on it
     return sock
 
@@ -430,7 +428,7 @@ def emulate(
     try:
         serve(config, host, port)
     except CannotListen as exc:  # serve binds before printing anything: the port is busy or not ours
-        raise (PortInUse if exc.errno == errno.EADDRINUSE else ConfigError)(exc.strerror or str(exc)) from None
+        raise bind_error(exc, f"the emulator cannot listen on {host}:{port}") from None
 
 
 @app.command()

@@ -34,7 +34,7 @@ from clerk_sync._db_errors import (
     is_insufficient_privilege,
 )
 from clerk_sync.errors import ConfigError, StoreError
-from clerk_sync.store import READ_ONLY_OPTION
+from clerk_sync.store import READ_ONLY_OPTION, dialect_family
 
 # (The public API pinned in tests/test_package.py; VERSION_TABLE, MigrationError (a StoreError), schema_state
 # and Upgraded (what upgrade returns) are for clerk-sync's own commands and /readyz.)
@@ -105,20 +105,25 @@ _UPGRADES_LOCK = threading.Lock()
 
 
 def upgrading() -> bool:
-    """Whether an :func:`upgrade` runs in this process now: ``serve``'s exit timer waits for it rather than end
-    the process in the middle of DDL (MySQL/MariaDB's is not transactional: a schema left half-migrated)."""
+    """Whether an :func:`upgrade` on MySQL/MariaDB runs in this process now: ``serve``'s exit timer waits for it
+    rather than end the process in the middle of DDL (theirs is not transactional: a schema left half-migrated).
+    PostgreSQL's and SQLite's DDL roll back whole: an upgrade there, or one still connecting to an unreachable
+    host, does not hold a stopping ``serve`` past its bound (review: a SIGTERM waited out the connect timeout)."""
     return _UPGRADES_RUNNING[0] > 0
 
 
 def upgrade(engine: Engine, revision: str = "head") -> Upgraded:
-    """Apply migrations up to ``revision``: see :func:`_upgrade` (counted for :func:`upgrading`)."""
-    with _UPGRADES_LOCK:
-        _UPGRADES_RUNNING[0] += 1
+    """Apply migrations up to ``revision``: see :func:`_upgrade` (counted for :func:`upgrading` on MySQL/MariaDB)."""
+    counted = dialect_family(engine.dialect) == "mysql"
+    if counted:
+        with _UPGRADES_LOCK:
+            _UPGRADES_RUNNING[0] += 1
     try:
         return _upgrade(engine, revision)
     finally:
-        with _UPGRADES_LOCK:
-            _UPGRADES_RUNNING[0] -= 1
+        if counted:
+            with _UPGRADES_LOCK:
+                _UPGRADES_RUNNING[0] -= 1
 
 
 def _upgrade(engine: Engine, revision: str = "head") -> Upgraded:
