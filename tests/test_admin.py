@@ -207,3 +207,61 @@ def test_a_role_change_queued_for_a_user_deleted_since_is_closed_not_pushed(emu:
     assert [r["action"] for r in audit_rows(store)] == ["role.change_pending", "role.change_refused"]
     assert "deleted or erased" in audit_rows(store)[-1]["details"]["reason"]
     assert actions.retry_pending() == {"applied": 0, "pending": 0, "failed": 0}  # closed: once
+
+
+def test_a_queued_role_change_is_not_pushed_over_a_newer_state_from_clerk(emu: EmulatorServer, store: Store,
+                                                                          actions: AdminActions) -> None:
+    """Review: a promotion queued during an outage, then the role set in Clerk's Dashboard (incident response:
+    the user's admin taken back there, its `user.updated` applied here): `retry-pending` pushed the stale role,
+    in Clerk and here. A row written since the change was queued means Clerk holds a newer state: the change is
+    closed unpushed, audited with the reason; asked again, it is applied (its audit row says from what)."""
+    target = synced_user(emu, store, "hal@example.com")
+    emu.set_faults(outage=True)
+    assert actions.promote(target, "admin", by=None).status == "pending"
+    emu.set_faults(outage=False)
+    changed = emu.request("PATCH", f"/v1/users/{target}", json={"public_metadata": {"role": "user", "plan": "x"}})
+    with store.transaction() as w:  # its user.updated, applied here
+        w.apply(Upsert(Entity.USER, user_record(changed)))
+    assert actions.retry_pending() == {"applied": 0, "pending": 0, "failed": 1}
+    assert emu.request("GET", f"/v1/users/{target}")["public_metadata"]["role"] == "user"
+    db = read_user(store, target)
+    assert db is not None and db.role == "user"
+    refused = audit_rows(store)[-1]
+    assert refused["action"] == "role.change_refused", refused
+    assert "changed in Clerk since it was queued (their role is user now)" in refused["details"]["reason"]
+    assert actions.retry_pending() == {"applied": 0, "pending": 0, "failed": 0}  # closed: once
+    emu.set_faults(outage=True)
+    assert actions.promote(target, "admin", by=None).status == "pending"
+    emu.set_faults(outage=False)
+    assert actions.retry_pending() == {"applied": 1, "pending": 0, "failed": 0}  # nothing newer: pushed
+    assert audit_rows(store)[-1]["details"] == {"from": "user", "to": "admin", "pending_id": 2}
+
+
+def test_a_role_change_for_a_deleted_or_erased_user_is_refused_before_clerk(emu: EmulatorServer, store: Store,
+                                                                           actions: AdminActions) -> None:
+    """Review: `promote` (and the console's role change, which calls it) on a user deleted here set the role in
+    Clerk (which may still hold an erased user), answered "applied", and audited `role.changed` for a change the
+    database never made (its guarded upsert refused Clerk's answer). Refused first now, audited, 410."""
+    from clerk_sync.engine import Tombstone
+    from clerk_sync.errors import UserDeleted
+
+    target = synced_user(emu, store, "ida@example.com")
+    with store.transaction() as w:
+        w.apply(Tombstone(Entity.USER, target, 10**13))
+    with pytest.raises(UserDeleted, match=f"{target} was deleted or erased"):
+        actions.promote(target, "admin", by=None)
+    assert emu.request("GET", f"/v1/users/{target}")["public_metadata"].get("role") == "user"
+    refused = audit_rows(store)[-1]
+    assert refused["action"] == "role.change_refused" and refused["details"]["to"] == "admin", refused
+
+
+def test_an_admin_asking_to_impersonate_themself_is_audited(emu: EmulatorServer, store: Store,
+                                                            actions: AdminActions) -> None:
+    """Refusals are audited, the docstring says: this one was not (review)."""
+    admin = synced_user(emu, store, "jo@example.com", role="admin")
+    with pytest.raises(AccessDenied, match="themself"):
+        actions.start_impersonation(admin, admin)
+    refused = audit_rows(store)[-1]
+    assert (refused["action"], refused["actor_clerk_id"], refused["target_clerk_id"]) == (
+        "impersonation.refused", admin, admin)
+    assert refused["details"] == {"reason": "self"}

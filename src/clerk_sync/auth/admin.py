@@ -30,6 +30,7 @@ from clerk_sync.errors import (
     ClerkValidationError,
     InvalidRole,
     RateLimited,
+    UserDeleted,
     UserLocked,
 )
 from clerk_sync.errors import ClerkUnavailable as _ClerkUnavailable
@@ -149,6 +150,14 @@ class AdminActions:
         check_role(role)
         before = read_user(self.store, target)
         previous = before.role if before else None
+        with self.store.connect() as conn:
+            gone = _refusal_of_target(conn, target)
+        if gone is not None:  # (Clerk may still hold an erased user: the role would be set there, and audited as
+            # a change the database never made, its guarded upsert refusing the answer)
+            with self.store.transaction() as w:
+                record_audit(w, AuditEntry("role.change_refused", by, target,
+                                           details={**extra, "from": previous, "to": role, "reason": gone}, ip=ip))
+            raise UserDeleted(f"{target} {gone.removeprefix('the user ')}")
         try:
             clerk_user = self.clerk.update_user_metadata(target, public_metadata={"role": role})
         except _RETRYABLE as exc:
@@ -190,8 +199,9 @@ class AdminActions:
                 self._refuse_pending(row, refusal)
                 counts["failed"] += 1
                 continue
-            gone = self._target_gone(row["id"], row["user_clerk_id"])
-            if gone is not None:  # closed meanwhile (an erasure), or its user deleted or erased since it was queued
+            gone = self._target_gone(row["id"], row["user_clerk_id"], queued_at=row["created_at"])
+            if gone is not None:  # closed meanwhile (an erasure), its user deleted or erased, or changed in Clerk,
+                # since it was queued
                 if gone:
                     self._refuse_pending(row, gone)
                     counts["failed"] += 1
@@ -214,8 +224,10 @@ class AdminActions:
                                                details={"to": row["role"], "error": str(exc)}))
                 counts["failed"] += 1
                 continue
+            previous = read_user(self.store, row["user_clerk_id"])
             entry = AuditEntry("role.changed", row["requested_by"], row["user_clerk_id"],
-                               details={"to": row["role"], "pending_id": row["id"]})
+                               details={"from": previous.role if previous else None, "to": row["role"],
+                                        "pending_id": row["id"]})
             self._store_clerk_user(clerk_user, entry)
             counts["applied"] += 1
         return counts
@@ -227,18 +239,17 @@ class AdminActions:
             record_audit(w, AuditEntry("role.change_refused", row["requested_by"], row["user_clerk_id"],
                                        details={"to": row["role"], "reason": reason, "pending_id": row["id"]}))
 
-    def _target_gone(self, pending_id: int, target: str) -> str | None:
+    def _target_gone(self, pending_id: int, target: str, *, queued_at: datetime | None = None) -> str | None:
         """Read just before the push: ``""`` when the change was closed meanwhile (an erasure closes its user's),
-        a reason when its user has been deleted or erased since it was queued (Clerk may still hold an erased
-        user: the push would set the role there and audit it), else None."""
+        a reason when its user has been deleted or erased (Clerk may still hold an erased user: the push would
+        set the role there and audit it), or their row written since ``queued_at`` (a webhook, reconcile or JIT
+        sync brought a newer state from Clerk: a role set in the Dashboard during the outage, a compromised
+        admin's role taken back there, would be undone by the push), else None."""
         p = pending_role_changes
         with self.store.connect() as conn:
             if conn.execute(sa.select(p.c.done_at).where(p.c.id == pending_id)).scalar_one_or_none() is not None:
                 return ""
-            user = load_user(conn, target)
-            if (user is not None and user.is_deleted) or (user is None and is_erased(conn, Entity.USER, target)):
-                return "the user was deleted or erased since it was queued: not pushed"
-        return None
+            return _refusal_of_target(conn, target, since=queued_at)
 
     def _requester_refusal(self, requested_by: str | None) -> str | None:
         """Why a queued change may no longer be pushed: its admin was demoted, banned or deleted since
@@ -296,7 +307,9 @@ class AdminActions:
         """
         _check_session_max_s(session_max_s)
         self._require_admin(admin, action="impersonation", target=target, ip=ip)
-        if admin == target:
+        if admin == target:  # (refusals are audited: this one too)
+            with self.store.transaction() as w:
+                record_audit(w, AuditEntry("impersonation.refused", admin, target, details={"reason": "self"}, ip=ip))
             raise AccessDenied("an admin cannot impersonate themself")
         self._require_unprivileged_target(admin, target, ip)
         ttl = max(1, min(expires_in_s, MAX_IMPERSONATION_S))
@@ -382,3 +395,15 @@ def find_user_by_email(store: Store, email: str) -> str | None:
     return found[0] if found else None
 
 
+def _refusal_of_target(conn: sa.Connection, target: str, *, since: datetime | None = None) -> str | None:
+    """Why a role may not be set on ``target`` now: deleted or erased, or (``since``: a queued change) their row
+    written after it was queued; None when it may."""
+    user = load_user(conn, target)
+    if (user is not None and user.is_deleted) or (user is None and is_erased(conn, Entity.USER, target)):
+        return f"the user was deleted or erased{' since it was queued' if since is not None else ''}: not pushed"
+    if since is not None and user is not None:
+        written = conn.execute(sa.select(users.c.updated_at).where(users.c.clerk_id == target)).scalar_one_or_none()
+        if written is not None and as_utc(written) > as_utc(since):
+            return (f"the user changed in Clerk since it was queued (their role is {user.role} now): not pushed, "
+                    "so a newer change made there is not undone; ask again if it still stands")
+    return None
