@@ -173,7 +173,8 @@ def test_a_later_job_of_the_same_entity_waits_for_the_overdue_one(db_url: str, c
 @pytest.mark.parametrize("db_url", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
 def test_the_heartbeat_thread_keeps_an_overdue_jobs_lease_across_batches_and_polls(db_url: str, crm: Hanging) -> None:
     """The heartbeat (a real thread here) goes on after the batch whose run went overdue, through turns that
-    claim nothing, for as long as the run lasts; it ends by itself once no overdue run is left."""
+    claim nothing, for as long as the run lasts and until its outcome is recorded; it ends by itself once no
+    overdue run is left."""
     clock = Clock()
     store = hooked(db_url, Hook("crm", crm, on=["organization.created"], timeout_s=0.05), now=clock)
     deliver(store, org_created("org_hang"))
@@ -187,10 +188,10 @@ def test_the_heartbeat_thread_keeps_an_overdue_jobs_lease_across_batches_and_pol
         time.sleep(0.005)  # waiting for the beat, not for a threshold
     crm.release.set()
     join_runs()
+    assert dispatcher.run_once() == 0 and jobs(store) == []  # recorded (done, or failed: due again later)
     while dispatcher._beater is not None:
         assert time.monotonic() < deadline, "the heartbeat outlived the overdue run"
         time.sleep(0.005)
-    assert dispatcher.run_once() == 0 and jobs(store) == []
     store.dispose()
 
 
@@ -284,4 +285,46 @@ def test_settle_waits_for_an_overdue_run_and_records_it(db_url: str, crm: Hangin
     assert dispatcher.settle(60) == 0
     assert jobs(store) == [] and crm.started == ["org_hang:created"]
     assert metrics.hook_runs.labels(hook="crm", outcome="ok")._value.get() == 1
+    store.dispose()
+
+
+def test_an_overdue_run_that_ended_keeps_its_lease_until_it_is_recorded(db_url: str, crm: Hanging) -> None:
+    """Review: the heartbeat ended at its first beat after an overdue run ended, the outcome waiting for the
+    dispatcher's next turn (a --poll later): a poll longer than the lease let the lease run out, and another
+    dispatcher ran the handler again after it had succeeded. It beats until the run is recorded now."""
+    clock = Clock()
+    store = hooked(db_url, Hook("crm", crm, on=["organization.created"], timeout_s=0.05), now=clock)
+    deliver(store, org_created("org_hang"))
+    dispatcher = Dispatcher(store, lease_s=60, heartbeat_s=0.01, now=clock)
+    assert dispatcher.run_once() == 1  # overdue: the batch ends, the job stays claimed
+    crm.release.set()
+    join_runs()  # it succeeded; no turn has recorded it
+    clock.advance(45)
+    deadline = time.monotonic() + 10
+    while lease_of(store, "org_hang") < clock() + timedelta(seconds=60):
+        assert time.monotonic() < deadline, "no beat extended the lease of the run that ended unrecorded"
+        time.sleep(0.005)  # waiting for the beat, not for a threshold
+    assert job_of(store, "org_hang")["status"] == "running"
+    assert dispatcher.run_once() == 0 and jobs(store) == []  # the next turn records it
+    while dispatcher._beater is not None:
+        assert time.monotonic() < deadline, "the heartbeat outlived the recorded run"
+        time.sleep(0.005)
+    assert crm.started == ["org_hang:created"]
+    store.dispose()
+
+
+def test_a_stopping_dispatcher_records_the_overdue_runs_that_ended(db_url: str, crm: Hanging) -> None:
+    """Review: a run that ended successfully after the dispatcher's last turn was not recorded when the loop
+    stopped (a SIGTERM to `clerk-sync worker`, serve's shutdown): its job stayed claimed until the lease, then ran
+    again elsewhere. The loop records what ended when it stops."""
+    clock = Clock()
+    store = hooked(db_url, Hook("crm", crm, on=["organization.created"], timeout_s=0.05), now=clock)
+    deliver(store, org_created("org_hang"))
+    dispatcher = Dispatcher(store, lease_s=60, heartbeat_s=0, poll_s=3600, now=clock)
+    assert dispatcher.run_once() == 1  # overdue
+    dispatcher._stop.set()  # a stop asked while the run lasts: the loop below makes one turn at most
+    crm.release.set()
+    join_runs()
+    dispatcher.run_forever()  # returns at once (stopped): records what ended
+    assert jobs(store) == [] and crm.started == ["org_hang:created"]
     store.dispose()

@@ -446,7 +446,7 @@ class Dispatcher:
         finally:
             with self._held_lock:
                 self._in_batch = False
-                beater, keep = self._beater, self._overdue_running()
+                beater, keep = self._beater, bool(self._overdue)
                 if not keep:
                     self._beater = None
             if beater is not None and not keep:  # nothing left to keep: it ends with the batch
@@ -454,8 +454,9 @@ class Dispatcher:
                 beater[0].join()
 
     def _beat(self, stop: threading.Event) -> None:
-        """The heartbeat thread: it ends when stopped, or at a beat after the batch when no overdue run lasts
-        (one that ended is recorded at the dispatcher's next turn, well within the lease this beat gave it)."""
+        """The heartbeat thread: it ends when stopped, or at a beat after the batch when no overdue run is left
+        unrecorded (one that ended keeps its lease until the dispatcher's next turn records it: its job, claimed
+        still, must not run again elsewhere after it succeeded)."""
         while not stop.wait(self.heartbeat_s):
             try:
                 self.extend_leases()
@@ -463,14 +464,10 @@ class Dispatcher:
                 log.warning("hook lease heartbeat failed", exc_info=True)
             self.warn_if_slow()
             with self._held_lock:
-                if not self._in_batch and not self._overdue_running():
+                if not self._in_batch and not self._overdue:
                     if self._beater is not None and self._beater[1] is stop:
                         self._beater = None
                     return
-
-    def _overdue_running(self) -> bool:
-        """Whether an overdue run still runs (under ``_held_lock``)."""
-        return any(not run.ended for run in self._overdue.values())
 
     def _went_overdue(self, run: _Run, timeout_s: float) -> None:
         """``run`` outlived its hook's ``timeout_s``: its job stays claimed (the heartbeat keeps its lease) while
@@ -749,7 +746,22 @@ class Dispatcher:
                 log.exception("hook dispatch crashed; retrying after a pause", pause_s=pause)
                 claimed = 0
             if not ((claimed or self._claim_killed) and self._claimed_full):  # the queue had no more due: pause
+                if self._overdue:  # (a run that ends is recorded within a second, not a --poll later)
+                    pause = min(pause, _OVERDUE_CHECK_S)
                 self._stop.wait(pause)
+        self._reap_at_stop()
+
+    def _reap_at_stop(self) -> None:
+        """Record the overdue runs that ended before the stop (best effort): unrecorded, their jobs stayed claimed
+        until the lease ended, then ran again elsewhere, after they had succeeded."""
+        try:
+            self._reap()
+        except Exception:
+            log.warning("hook runs that ended could not be recorded at stop; their jobs run again after their lease",
+                        exc_info=True)
+
+
+_OVERDUE_CHECK_S = 1.0  # the longest idle wait while an overdue run is unrecorded (run_forever)
 
 
 def _call_handler(handler: _Call, item: Change | Event) -> None:
