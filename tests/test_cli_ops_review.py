@@ -49,3 +49,14 @@ def test_serve_on_an_address_not_of_this_host_says_so(tmp_path: Path) -> None:
     assert "cannot listen on 192.0.2.1:" in said(result), said(result)
     assert "--host must be an address of this host (0.0.0.0 listens on all of them" in said(result), said(result)
     assert "pass another --port" not in said(result)
+
+
+def test_emulate_on_a_busy_port_says_it_once(tmp_path: Path) -> None:
+    """The emulator's own message says what and where with its advice: wrapped again by the CLI's, the line
+    gave the advice twice (review of this change). Exit 3, one sentence."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = run("emulate", "--port", str(taken.getsockname()[1]))
+    assert result.returncode == 3, said(result)
+    assert said(result).count("cannot listen on") == 1 and said(result).count("or stop what uses it") == 1, said(result)

@@ -261,3 +261,18 @@ def test_a_quoted_database_url_or_one_under_home_is_refused_saying_why(given: st
     with pytest.raises(ConfigError, match="DATABASE_URL") as refused:
         Settings.from_env({"DATABASE_URL": given})
     assert said in str(refused.value)
+
+
+def test_a_prune_batch_past_what_one_statement_takes_is_refused_at_start() -> None:
+    """Review: CLERK_SYNC_PRUNE_BATCH=70000 was taken, and every prune on PostgreSQL then failed ("number of
+    parameters must be between 0 and 65535", reported as a database to check): nothing was ever pruned again.
+    Refused when read now, naming the setting, as is the policy built by hand."""
+    from datetime import timedelta
+
+    from clerk_sync.retention import RetentionPolicy
+
+    with pytest.raises(ConfigError, match=r"CLERK_SYNC_PRUNE_BATCH.*less than or equal to 10000"):
+        Settings.from_env({"CLERK_SYNC_PRUNE_BATCH": "70000"})
+    assert Settings.from_env({"CLERK_SYNC_PRUNE_BATCH": "10000"}).prune_batch == 10_000
+    with pytest.raises(ValueError, match="batch must be 1 to 10,000"):
+        RetentionPolicy(batch=70_000, redact_after=timedelta(days=30))

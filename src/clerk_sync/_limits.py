@@ -274,3 +274,6 @@ def _sub(path: tuple[str, ...], key: str) -> tuple[str, ...]:
     # Keys name the place in notes; keep them short and printable (they may come from metadata).
     shown = "".join(c if c.isprintable() else "?" for c in key[:40])
     return (*path, shown if len(key) <= 40 else f"{shown}...")
+
+PRUNE_BATCH_MAX = 10_000  # rows a prune transaction takes at most: its ids go in one statement (PostgreSQL's
+# protocol takes 65,535 parameters), and a batch that size is a short transaction still

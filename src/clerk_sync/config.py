@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from clerk_sync._limits import PRUNE_BATCH_MAX
 from clerk_sync._urls import masked_url
 from clerk_sync.errors import ConfigError
 
@@ -322,7 +323,7 @@ class Settings(BaseSettings):
     audit_ip_clear_after_days: float | None = Field(
         None, ge=0, le=_MAX_DAYS, validation_alias="CLERK_SYNC_AUDIT_IP_CLEAR_AFTER_DAYS")
     prune_interval_s: float = Field(3600.0, ge=0, validation_alias="CLERK_SYNC_PRUNE_INTERVAL_S")
-    prune_batch: int = Field(500, gt=0, validation_alias="CLERK_SYNC_PRUNE_BATCH")
+    prune_batch: int = Field(500, gt=0, le=PRUNE_BATCH_MAX, validation_alias="CLERK_SYNC_PRUNE_BATCH")
     # None: a quiet install is not stale (deliveries are judged by reconcile's drift); N: for an app whose
     # users change all day, no delivery for N seconds fails `doctor --freshness`.
     freshness_max_delivery_age_s: float | None = Field(

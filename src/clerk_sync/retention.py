@@ -72,7 +72,7 @@ from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from clerk_sync._db_errors import is_lock_wait_timeout, is_row_referenced, is_transient, store_error
-from clerk_sync._limits import CLERK_ID_CHARS
+from clerk_sync._limits import CLERK_ID_CHARS, PRUNE_BATCH_MAX
 from clerk_sync._mentions import Mentions
 from clerk_sync._time import as_utc, aware, utcnow
 from clerk_sync.auth.audit import AuditEntry, readable_details, record_audit
@@ -172,8 +172,9 @@ class RetentionPolicy:
     def __post_init__(self) -> None:
         if self.delete_after < self.redact_after:
             raise ValueError("delete_after must not be shorter than redact_after")
-        if self.batch < 1:
-            raise ValueError("batch must be at least 1")
+        if not 1 <= self.batch <= PRUNE_BATCH_MAX:
+            raise ValueError(f"batch must be 1 to {PRUNE_BATCH_MAX:,} (a batch's ids go in one statement: "
+                             "PostgreSQL takes 65,535 parameters)")
         if self.delete_tombstones_after is not None and self.delete_tombstones_after < self.clear_tombstones_after:
             raise ValueError("delete_tombstones_after must not be shorter than clear_tombstones_after")
         if self.digest_settle <= timedelta(0):

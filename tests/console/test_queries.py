@@ -151,6 +151,24 @@ def test_the_operator_token_is_an_actor_the_audit_filter_finds_on_every_store(st
 
         assert actions("operator") == [("console.reveal", None)]
         assert actions("user_admin") == [("console.reveal", "user_admin")]
+    if store.dialect == "postgresql":
+        return  # (its json refused NaN when an earlier release wrote it)
+    with store.transaction() as w:  # an earlier release's unreadable details, no actor (kept by migration 0019)
+        w.conn.execute(sa.text("INSERT INTO audit_log (action, actor_clerk_id, target_clerk_id, details, created_at) "
+                               "VALUES ('users.erased', NULL, 'user_b', '{\"score\": NaN}', :at)"), {"at": w.now})
+    with store.connect() as conn:  # SQLite's json_extract raised "malformed JSON": the page answered 503 (review)
+        assert actions("operator") == [("console.reveal", None)]
+
+
+def test_an_address_with_letters_beyond_ascii_is_found_typed_in_capitals_on_every_store(store: Store) -> None:
+    """SQLite's lower() folds ASCII only: ``JÜRGEN@`` found ``jürgen@example.de`` when the query was lower-cased in
+    Python, and not once the search went through the database's lower() (review of this change)."""
+    processor = WebhookProcessor(store, WebhookVerifier([f.SECRET]))
+    event = f.envelope("user.created", f.user("user_j", 10, email="jürgen@example.de", first_name="J"))
+    assert processor.process(*f.signed(event, "msg_jurgen")).status == "applied"
+    with store.connect() as conn:
+        for q in ("JÜRGEN@", "JÜRGEN", "jürgen@example.de", "Jürgen@Example.DE"):
+            assert [r["clerk_id"] for r in search_users(conn, q, None).rows] == ["user_j"], q
 
 
 def test_memberships_come_admins_first_with_their_count_on_every_store(store: Store) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import socket
@@ -428,7 +429,8 @@ def emulate(
     try:
         serve(config, host, port)
     except CannotListen as exc:  # serve binds before printing anything: the port is busy or not ours
-        raise bind_error(exc, f"the emulator cannot listen on {host}:{port}") from None
+        # (its message says what and where, with its own advice: only the exit code is the CLI's)
+        raise (PortInUse if exc.errno == errno.EADDRINUSE else ConfigError)(exc.strerror or str(exc)) from None
 
 
 @app.command()

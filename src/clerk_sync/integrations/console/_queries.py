@@ -114,7 +114,9 @@ class _DetailsAs(FunctionElement[str]):
 
 @compiles(_DetailsAs)
 def _details_as(element: _DetailsAs, compiler: SQLCompiler, **kw: Any) -> str:
-    return "json_extract(details, '$.as')"
+    # (json_valid first: an older release's row may hold details no JSON reader takes, NaN say, on which
+    # json_extract raises and fails the whole page; migration 0019 keeps such rows)
+    return "CASE WHEN json_valid(details) THEN json_extract(details, '$.as') END"
 
 
 @compiles(_DetailsAs, "postgresql")
@@ -126,7 +128,7 @@ def _pg_details_as(element: _DetailsAs, compiler: SQLCompiler, **kw: Any) -> str
 @compiles(_DetailsAs, "mariadb")
 def _mysql_details_as(element: _DetailsAs, compiler: SQLCompiler, **kw: Any) -> str:
     return "JSON_VALUE(details, '$.as')" if getattr(compiler.dialect, "is_mariadb", False) else \
-        "JSON_UNQUOTE(JSON_EXTRACT(details, '$.as'))"
+        "CASE WHEN JSON_VALID(details) THEN JSON_UNQUOTE(JSON_EXTRACT(details, '$.as')) END"
 
 
 @compiles(_PayloadText, "sqlite")
@@ -322,14 +324,17 @@ def _user_matches(q: str) -> sa.CompoundSelect[Any] | sa.Select[Any]:
     u = users.c
     if q.startswith("user_"):
         return sa.select(u.id).where(_prefix(u.clerk_id, q))
-    if "@" in q:  # in any case (Clerk keeps an address as it was entered: John.Smith@Example.com)
-        return sa.select(u.id).where(_lower_prefix(u.email, q))
+    # An address in any case (Clerk keeps it as it was entered: John.Smith@Example.com), by the database's
+    # lower(); and as Python lower-cases the query, which SQLite's lower() (ASCII only) does not match for
+    # jürgen@ typed JÜRGEN@
+    addresses = [sa.select(u.id).where(_lower_prefix(u.email, q)), sa.select(u.id).where(_prefix(u.email, q.lower()))]
+    if "@" in q:
+        return sa.union(*addresses)
     first, _, last = q.partition(" ")
     if last:
         return sa.select(u.id).where(_lower_prefix(u.first_name, first), _lower_prefix(u.last_name, last.strip()))
     return sa.union(sa.select(u.id).where(_lower_prefix(u.first_name, q)),
-                    sa.select(u.id).where(_lower_prefix(u.last_name, q)),
-                    sa.select(u.id).where(_lower_prefix(u.email, q)))
+                    sa.select(u.id).where(_lower_prefix(u.last_name, q)), *addresses)
 
 
 def search_organizations(conn: Connection, q: str, limit: int = 20) -> list[RowMapping]:
