@@ -47,10 +47,27 @@ def read_limited_body(request: HttpRequest, limit: int) -> bytes:
     declared = request.headers.get("Content-Length", "")
     if declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"body is {declared} bytes, the limit is {limit}")
-    body = request.read(limit + 1)
+    body = _chunked_wsgi_body(request, limit) if not declared else None
+    if body is None:
+        body = request.read(limit + 1)
     if len(body) > limit:
         raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
     return body
+
+
+def _chunked_wsgi_body(request: HttpRequest, limit: int) -> bytes | None:
+    """A chunked body (no Content-Length) under WSGI, where Django reads the body as empty (its stream is capped
+    at CONTENT_LENGTH, 0 when absent): every signed delivery a proxy forwarded chunked was refused as forged.
+    Read from the server's own stream when it says the body ends there (``wsgi.input_terminated``: gunicorn,
+    werkzeug), refused with what to do otherwise; None: not such a request (ASGI reads chunked bodies itself)."""
+    meta = request.META
+    if "chunked" not in request.headers.get("Transfer-Encoding", "").lower() or "wsgi.input" not in meta:
+        return None
+    if not meta.get("wsgi.input_terminated"):
+        raise WebhookError("a chunked body (no Content-Length) cannot be read under this WSGI server (it does not "
+                           "set wsgi.input_terminated): have the proxy send Content-Length, or serve the app with "
+                           "gunicorn or under ASGI")
+    return bytes(meta["wsgi.input"].read(limit + 1))
 
 
 @csrf_exempt  # authenticated by its Svix signature, not by a browser session
