@@ -1007,3 +1007,30 @@ def test_reconcile_counts_a_hard_deleted_user_clerk_still_lists_as_unchanged(db_
             assert (counts.created, counts.updated, counts.unchanged) == (0, 0, 1)
     assert _rows(store, users, ada["id"]) == 0
     store.dispose()
+
+
+def test_an_inbox_payload_that_is_not_json_is_redacted_whole_and_holds_no_prune_pass_back(db_url: str) -> None:
+    """Review: on MariaDB (the inbox's payload column is text there) one delivery whose payload is not JSON (edited
+    by hand) failed the fetch of its redaction batch: every prune pass, dry runs too, raised JSONDecodeError, and
+    no retention step after it ran (deletion, tombstones, audit IPs). It is redacted whole now, as a dead hook
+    job's is. (SQLite's check and PostgreSQL's JSONB hold JSON only.)"""
+    if not db_url.startswith("mysql"):
+        pytest.skip("only MySQL/MariaDB store an inbox payload as text without a check")
+    clock = Clock()
+    store = hooked(db_url, now=clock)
+    hook_deliver(store, f.envelope("user.created", _user("user_1", 1000)), f.envelope("user.created", _user("user_2", 1000)))
+    with store.transaction() as writer:
+        writer.conn.execute(sa.text("UPDATE webhook_events SET payload = :bad WHERE id = (SELECT min(id) FROM "
+                                    "(SELECT id FROM webhook_events) AS ids)"), {"bad": "not json " + EMAIL})
+
+    def at(days: int) -> Retention:
+        return Retention(store, now=lambda: clock() + timedelta(days=days))
+
+    assert at(31).prune(dry_run=True).redacted == 2
+    assert at(31).prune().redacted == 2
+    with store.connect() as conn:
+        payloads = [json.loads(p) for p in conn.execute(sa.text("SELECT payload FROM webhook_events ORDER BY id"))
+                    .scalars()]
+    assert payloads[0] == {"redacted": True} and payloads[1]["redacted"] is True, payloads
+    assert at(91).prune().deleted == 2  # the steps after it ran
+    store.dispose()

@@ -97,6 +97,11 @@ def _pg_stored_text(element: _StoredText, compiler: SQLCompiler, **kw: Any) -> s
 #: job fails. (A JSONB value that is a JSON string, decoded by psycopg, came back a str: retry wrote it back as
 #: JSON text, refused, and one holding JSON text was decoded twice.)
 RAW_PAYLOAD = _StoredText(hook_jobs.c.payload).label("payload")
+
+
+def stored_text(column: sa.ColumnElement[Any]) -> sa.ColumnElement[str]:
+    """A JSON column as the text the database holds (:class:`_StoredText`; the inbox's payloads in retention)."""
+    return _StoredText(column)
 # RAW_PAYLOAD in the claim's SQL text (a RETURNING list)
 _PG_PAYLOAD_TEXT = "CAST(payload AS TEXT) AS payload"
 

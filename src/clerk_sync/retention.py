@@ -83,7 +83,7 @@ from clerk_sync.errors import StoreError, UnknownUser
 from clerk_sync.events import Envelope
 from clerk_sync.mapping import folded_like, unicode_lower, without_statement_bound
 from clerk_sync.metrics import Metrics
-from clerk_sync.outbox import FIELDS, REDACTED_MARK, Outbox, delete_jobs, redact_jobs
+from clerk_sync.outbox import FIELDS, REDACTED_MARK, Outbox, delete_jobs, redact_jobs, stored_text
 from clerk_sync.store import Store, Writer, dialect_family, erased_digest, is_erased
 from clerk_sync.tables import (
     audit_log,
@@ -326,7 +326,7 @@ class Retention:
 
     def _redact_batch(self, writer: Writer, cutoff: datetime) -> int:
         e = webhook_events
-        rows = writer.conn.execute(self._pick(sa.select(e.c.id, e.c.payload).where(*self._redactable(cutoff)))).all()
+        rows = writer.conn.execute(self._pick(sa.select(e.c.id, _PAYLOAD).where(*self._redactable(cutoff)))).all()
         _store_redacted(writer, [(row.id, row.payload) for row in rows])
         return len(rows)
 
@@ -342,7 +342,7 @@ class Retention:
         redacted (the ones settled without a redaction are logged, not counted). ``settling`` (a dry run's) gets
         the ``received_at`` of every delivery settled: the pass deletes those as old as ``delete_after`` next."""
         e = webhook_events
-        due = sa.select(e.c.id, e.c.payload, e.c.redacted_at, e.c.received_at).where(
+        due = sa.select(e.c.id, _PAYLOAD, e.c.redacted_at, e.c.received_at).where(
             e.c.status == DeliveryStatus.FAILED)
         settled: list[int] = []
 
@@ -373,7 +373,7 @@ class Retention:
         the tombstones' clearing time) leaves out those :meth:`_redact_failed_of_gone` counts, which the real
         pass redacts whole first."""
         e = webhook_events
-        due = sa.select(e.c.id, e.c.payload).where(
+        due = sa.select(e.c.id, _PAYLOAD).where(
             e.c.status == DeliveryStatus.FAILED, e.c.redacted_at.is_(None), e.c.received_at < cutoff,
             sa.cast(e.c.payload, sa.Text).contains('"event_attributes"'))
         stmt = e.update().where(e.c.id == sa.bindparam("row_id")).values(
@@ -1360,9 +1360,19 @@ def _settled(digest_written: datetime, settled: datetime) -> bool:
     return aware(digest_written) < settled
 
 
+#: An inbox payload as the text stored (parsed by :func:`_as_dict`, row by row): on MariaDB the column is text,
+#: and one row that is not JSON (edited by hand) failed the fetch of its whole batch while parsed there, and so
+#: every prune pass, every retention step after it, dry runs too.
+_PAYLOAD = stored_text(webhook_events.c.payload).label("payload")
+
+
 def _as_dict(payload: Any) -> Mapping[str, Any]:
-    if isinstance(payload, str):  # SQLite hands JSON back parsed, but be liberal
-        payload = json.loads(payload)
+    """A stored payload's document; ``{}`` for one that is not a JSON object (not JSON at all: redacted whole)."""
+    if isinstance(payload, str):
+        try:
+            payload = json.loads(payload)
+        except ValueError:
+            return {}
     return payload if isinstance(payload, Mapping) else {}
 
 
