@@ -177,3 +177,4 @@ def test_doctor_fails_a_key_of_another_instance_than_the_database_mirrors(db_url
     with EmulatorServer(instance_id=OURS) as ours:
         status, detail = clerk_line(ours)
         assert status == "ok" and "reachable" in detail, detail
+

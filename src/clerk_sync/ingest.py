@@ -468,7 +468,8 @@ _REFUSAL_ADVICE = {
                                  "(set the new one; during a rotation list both), this host's clock off (NTP), or "
                                  "requests not from Clerk; when every delivery is refused it is an outage",
     "wrong_instance": "signed by another Clerk instance than CLERK_INSTANCE_ID: check the endpoint and the setting",
-    "payload_too_large": "bodies over CLERK_SYNC_MAX_BODY_BYTES are refused (Svix retries, then gives up): raise it",
+    "payload_too_large": "bodies over CLERK_SYNC_MAX_BODY_BYTES are refused (Svix retries, then gives up): raise it "
+                         "(on MySQL/MariaDB below max_allowed_packet: `clerk-sync doctor` checks)",
     "payload_invalid": "signed bodies that are not a Clerk event envelope",
     "body_timeout": "bodies not in within CLERK_SYNC_WEBHOOK_READ_TIMEOUT_S of their headers (answered 408, nothing "
                     "written): no Svix attempt is that slow, so a client holding connections (block it at the proxy "

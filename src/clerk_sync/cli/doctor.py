@@ -54,6 +54,8 @@ def run_checks(settings: Settings, *, http: httpx.Client | None = None,
         if not settings.database_url.startswith("sqlite"):  # a server's roles: what this one may do
             checks.append(_guard("privileges", lambda: _privileges(settings, mapping)) if reachable
                           else _not_checked("privileges"))
+        if reachable and settings.database_url.startswith(("mysql", "mariadb")):
+            checks.append(_guard("body limit", lambda: _mysql_packet(settings)))
         checks.append(_guard("hook jobs", lambda: _hook_jobs(settings)) if reachable else _not_checked("hook jobs"))
         checks += [_guard(name, fn) for name, fn in (
             ("Clerk Backend API", lambda: _clerk_api(settings, client, mirrors=reachable)),
@@ -74,6 +76,32 @@ _UNREACHABLE = "cannot reach the database"
 
 def _not_checked(name: str) -> Check:
     return Check(name, "warn", "not checked: the database cannot be reached (see the database line)")
+
+
+#: What a delivery's statement carries beside its body (the row's other columns, the statement's own text)
+_PACKET_MARGIN = 64 * 1024
+
+
+def _mysql_packet(settings: Settings) -> tuple[str, str]:
+    """CLERK_SYNC_MAX_BODY_BYTES against the server's ``max_allowed_packet``: a signed delivery whose statement
+    is larger is dropped with the connection (2006 "gone away", read as an outage), so it answered 503 on every
+    retry, never stored (review). The limit must leave room for the body in one statement."""
+    store = Store.from_settings(settings)
+    try:
+        with store.connect() as conn:
+            packet = int(conn.exec_driver_sql("SELECT @@max_allowed_packet").scalar_one())
+    except sa.exc.SQLAlchemyError as exc:
+        raise store_error(exc) from exc
+    finally:
+        store.dispose()
+    room = packet - _PACKET_MARGIN
+    if settings.max_body_bytes > room:
+        return "fail", (f"CLERK_SYNC_MAX_BODY_BYTES is {settings.max_body_bytes:,} but the server's max_allowed_packet "
+                        f"is {packet:,}: a delivery larger than ~{room:,} bytes would be refused with the connection "
+                        "(503 on every retry, never stored). Lower CLERK_SYNC_MAX_BODY_BYTES to at most "
+                        f"{room:,}, or raise max_allowed_packet (SET GLOBAL max_allowed_packet, and in the server's "
+                        "config) above the limit + 64 KiB")
+    return "ok", f"CLERK_SYNC_MAX_BODY_BYTES {settings.max_body_bytes:,} fits max_allowed_packet {packet:,}"
 
 
 def _privileges(settings: Settings, mapping: SchemaMapping | None) -> tuple[str, str]:
