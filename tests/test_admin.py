@@ -265,3 +265,40 @@ def test_an_admin_asking_to_impersonate_themself_is_audited(emu: EmulatorServer,
     assert (refused["action"], refused["actor_clerk_id"], refused["target_clerk_id"]) == (
         "impersonation.refused", admin, admin)
     assert refused["details"] == {"reason": "self"}
+
+
+def test_two_retry_pending_runs_at_once_push_a_change_once(emu: EmulatorServer, store: Store,
+                                                           actions: AdminActions) -> None:
+    """Review: the cron overlapping `users promote --retry-pending` (or two hosts' crons) both pushed the same
+    queued change, two calls to Clerk and two `role.changed` rows in the append-only log for one request. A run
+    claims a change first (migration 0021); the other passes it over, counted still pending. Run B starts while
+    run A is inside its call to Clerk (events, not timing)."""
+    import threading
+
+    target = synced_user(emu, store, "kim@example.com")
+    emu.set_faults(outage=True)
+    assert actions.promote(target, "admin", by=None).status == "pending"
+    emu.set_faults(outage=False)
+    in_push, release = threading.Event(), threading.Event()
+
+    class Held:  # run A's Clerk: holds its push until run B has run
+        def __getattr__(self, name: str) -> Any:
+            return getattr(actions.clerk, name)
+
+        def update_user_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            in_push.set()
+            assert release.wait(30)
+            return actions.clerk.update_user_metadata(*args, **kwargs)
+
+    results: list[dict[str, int]] = []
+    run_a = threading.Thread(target=lambda: results.append(AdminActions(store, Held()).retry_pending()))
+    run_a.start()
+    try:
+        assert in_push.wait(30)
+        assert actions.retry_pending() == {"applied": 0, "pending": 1, "failed": 0}  # B: A holds it
+    finally:
+        release.set()
+        run_a.join(30)
+    assert results == [{"applied": 1, "pending": 0, "failed": 0}]
+    assert [r["action"] for r in audit_rows(store)] == ["role.change_pending", "role.changed"]
+    assert actions.retry_pending() == {"applied": 0, "pending": 0, "failed": 0}  # closed, its claim let go

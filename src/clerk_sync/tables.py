@@ -246,6 +246,8 @@ pending_role_changes = sa.Table(
     sa.Column("last_error", sa.Text, nullable=True),
     sa.Column("created_at", Timestamp, nullable=False),
     sa.Column("done_at", Timestamp, nullable=True),
+    # a `retry-pending` run pushing it until then (another run passes it over; 0021)
+    sa.Column("pushing_until", Timestamp, nullable=True),
 )
 
 # -- Bookkeeping of ``clerk-sync reconcile`` (not contract tables): runs with their cursor, and seen ids.

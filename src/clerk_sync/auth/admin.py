@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 import sqlalchemy as sa
@@ -120,6 +120,9 @@ def check_role(role: object) -> None:
                           "as the app checks it")
 
 
+_PUSH_CLAIM = timedelta(minutes=5)  # how long a retry-pending run holds a change it pushes (past Clerk's deadline)
+
+
 class AdminActions:
     """Promotion and impersonation with their audit trail."""
 
@@ -194,43 +197,69 @@ class AdminActions:
         # A's "demote them" must not win the race).
         refusals = {row["id"]: self._requester_refusal(row["requested_by"]) for row in newest.values()}
         for row in reversed(list(newest.values())):
-            refusal = refusals[row["id"]]
-            if refusal is not None:  # an admin's request is theirs while they are one: not after a demotion
-                self._refuse_pending(row, refusal)
-                counts["failed"] += 1
-                continue
-            gone = self._target_gone(row["id"], row["user_clerk_id"], queued_at=row["created_at"])
-            if gone is not None:  # closed meanwhile (an erasure), its user deleted or erased, or changed in Clerk,
-                # since it was queued
-                if gone:
-                    self._refuse_pending(row, gone)
-                    counts["failed"] += 1
-                continue
-            try:
-                patch = {"role": row["role"]}
-                clerk_user = self.clerk.update_user_metadata(row["user_clerk_id"], public_metadata=patch)
-            except _RETRYABLE as exc:
-                with self.store.transaction() as w:
-                    w.conn.execute(p.update().where(p.c.id == row["id"])
-                                   .values(attempts=p.c.attempts + 1, last_error=str(exc)))
+            if not self._claim_push(row["id"]):  # another run pushes it now: theirs to apply and audit
                 counts["pending"] += 1
                 continue
-            except ClerkUnauthorized:
-                raise  # a wrong or rotated CLERK_SECRET_KEY refuses every change alike: close none of them
-            except ClerkAPIError as exc:
-                with self.store.transaction() as w:
-                    self._close_pending(w, row["user_clerk_id"], error=str(exc))
-                    record_audit(w, AuditEntry("role.change_failed", row["requested_by"], row["user_clerk_id"],
-                                               details={"to": row["role"], "error": str(exc)}))
-                counts["failed"] += 1
-                continue
-            previous = read_user(self.store, row["user_clerk_id"])
-            entry = AuditEntry("role.changed", row["requested_by"], row["user_clerk_id"],
-                               details={"from": previous.role if previous else None, "to": row["role"],
-                                        "pending_id": row["id"]})
-            self._store_clerk_user(clerk_user, entry)
-            counts["applied"] += 1
+            try:
+                self._push_pending(row, refusals[row["id"]], counts)
+            finally:
+                self._unclaim_push(row["id"])
         return counts
+
+    def _claim_push(self, pending_id: int) -> bool:
+        """Take the open change ``pending_id`` for this run's push, unless another run holds it (two runs at once
+        pushed it twice and audited it twice: review); a claim a run that died left expires."""
+        p = pending_role_changes
+        with self.store.transaction() as w:
+            taken = w.conn.execute(p.update().where(
+                p.c.id == pending_id, p.c.done_at.is_(None),
+                sa.or_(p.c.pushing_until.is_(None), p.c.pushing_until < w.now)).values(
+                pushing_until=w.now + _PUSH_CLAIM)).rowcount
+        return bool(taken)
+
+    def _unclaim_push(self, pending_id: int) -> None:
+        p = pending_role_changes
+        with self.store.transaction() as w:
+            w.conn.execute(p.update().where(p.c.id == pending_id).values(pushing_until=None))
+
+    def _push_pending(self, row: Any, refusal: str | None, counts: dict[str, int]) -> None:
+        """One claimed change of :meth:`retry_pending`: refused, closed, pushed, or left queued; counted."""
+        p = pending_role_changes
+        if refusal is not None:  # an admin's request is theirs while they are one: not after a demotion
+            self._refuse_pending(row, refusal)
+            counts["failed"] += 1
+            return
+        gone = self._target_gone(row["id"], row["user_clerk_id"], queued_at=row["created_at"])
+        if gone is not None:  # closed meanwhile (an erasure), its user deleted or erased, or changed in Clerk,
+            # since it was queued
+            if gone:
+                self._refuse_pending(row, gone)
+                counts["failed"] += 1
+            return
+        try:
+            patch = {"role": row["role"]}
+            clerk_user = self.clerk.update_user_metadata(row["user_clerk_id"], public_metadata=patch)
+        except _RETRYABLE as exc:
+            with self.store.transaction() as w:
+                w.conn.execute(p.update().where(p.c.id == row["id"])
+                               .values(attempts=p.c.attempts + 1, last_error=str(exc)))
+            counts["pending"] += 1
+            return
+        except ClerkUnauthorized:
+            raise  # a wrong or rotated CLERK_SECRET_KEY refuses every change alike: close none of them
+        except ClerkAPIError as exc:
+            with self.store.transaction() as w:
+                self._close_pending(w, row["user_clerk_id"], error=str(exc))
+                record_audit(w, AuditEntry("role.change_failed", row["requested_by"], row["user_clerk_id"],
+                                           details={"to": row["role"], "error": str(exc)}))
+            counts["failed"] += 1
+            return
+        previous = read_user(self.store, row["user_clerk_id"])
+        entry = AuditEntry("role.changed", row["requested_by"], row["user_clerk_id"],
+                           details={"from": previous.role if previous else None, "to": row["role"],
+                                    "pending_id": row["id"]})
+        self._store_clerk_user(clerk_user, entry)
+        counts["applied"] += 1
 
     def _refuse_pending(self, row: Any, reason: str) -> None:
         """Close the user's pending changes unpushed and audit why (``role.change_refused``)."""
