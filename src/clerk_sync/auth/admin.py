@@ -151,10 +151,10 @@ class AdminActions:
         if by is not None:  # first: a non-admin's attempt is refused and audited whatever the role
             self._require_admin(by, action="role.change", target=target, ip=ip)
         check_role(role)
-        before = read_user(self.store, target)
-        previous = before.role if before else None
         with self.store.connect() as conn:
-            gone = _refusal_of_target(conn, target)
+            before = load_user(conn, target)
+            gone = _refusal_of_target(conn, target, before)
+        previous = before.role if before else None
         if gone is not None:  # (Clerk may still hold an erased user: the role would be set there, and audited as
             # a change the database never made, its guarded upsert refusing the answer)
             with self.store.transaction() as w:
@@ -278,7 +278,7 @@ class AdminActions:
         with self.store.connect() as conn:
             if conn.execute(sa.select(p.c.done_at).where(p.c.id == pending_id)).scalar_one_or_none() is not None:
                 return ""
-            return _refusal_of_target(conn, target, since=queued_at)
+            return _refusal_of_target(conn, target, load_user(conn, target), since=queued_at)
 
     def _requester_refusal(self, requested_by: str | None) -> str | None:
         """Why a queued change may no longer be pushed: its admin was demoted, banned or deleted since
@@ -424,10 +424,10 @@ def find_user_by_email(store: Store, email: str) -> str | None:
     return found[0] if found else None
 
 
-def _refusal_of_target(conn: sa.Connection, target: str, *, since: datetime | None = None) -> str | None:
-    """Why a role may not be set on ``target`` now: deleted or erased, or (``since``: a queued change) their row
-    written after it was queued; None when it may."""
-    user = load_user(conn, target)
+def _refusal_of_target(conn: sa.Connection, target: str, user: AuthUser | None, *,
+                       since: datetime | None = None) -> str | None:
+    """Why a role may not be set on ``target`` (``user``: its row, read on ``conn``) now: deleted or erased, or
+    (``since``: a queued change) their row written after it was queued; None when it may."""
     if (user is not None and user.is_deleted) or (user is None and is_erased(conn, Entity.USER, target)):
         return f"the user was deleted or erased{' since it was queued' if since is not None else ''}: not pushed"
     if since is not None and user is not None:
