@@ -302,3 +302,19 @@ def test_two_retry_pending_runs_at_once_push_a_change_once(emu: EmulatorServer, 
     assert results == [{"applied": 1, "pending": 0, "failed": 0}]
     assert [r["action"] for r in audit_rows(store)] == ["role.change_pending", "role.changed"]
     assert actions.retry_pending() == {"applied": 0, "pending": 0, "failed": 0}  # closed, its claim let go
+
+
+def test_a_queued_change_clerk_applied_before_its_answer_was_lost_is_pushed_not_refused(
+        emu: EmulatorServer, store: Store, actions: AdminActions) -> None:
+    """Review: a push that timed out after Clerk applied it is queued; Clerk's `user.updated` then writes the row
+    with the role asked for. That is no newer state to protect: the change is pushed (it changes nothing) and
+    audited `role.changed`, not refused."""
+    target = synced_user(emu, store, "lee@example.com")
+    emu.set_faults(outage=True)
+    assert actions.promote(target, "admin", by=None).status == "pending"
+    emu.set_faults(outage=False)
+    applied = emu.request("PATCH", f"/v1/users/{target}", json={"public_metadata": {"role": "admin"}})
+    with store.transaction() as w:  # its user.updated, applied here
+        w.apply(Upsert(Entity.USER, user_record(applied)))
+    assert actions.retry_pending() == {"applied": 1, "pending": 0, "failed": 0}
+    assert [r["action"] for r in audit_rows(store)] == ["role.change_pending", "role.changed"]

@@ -197,8 +197,9 @@ class AdminActions:
         # A's "demote them" must not win the race).
         refusals = {row["id"]: self._requester_refusal(row["requested_by"]) for row in newest.values()}
         for row in reversed(list(newest.values())):
-            if not self._claim_push(row["id"]):  # another run pushes it now: theirs to apply and audit
-                counts["pending"] += 1
+            claim = self._claim_push(row["id"])
+            if claim != "taken":  # another run pushes it now (theirs to apply and audit), or it was closed since
+                counts["pending"] += claim == "held"
                 continue
             try:
                 self._push_pending(row, refusals[row["id"]], counts)
@@ -206,16 +207,20 @@ class AdminActions:
                 self._unclaim_push(row["id"])
         return counts
 
-    def _claim_push(self, pending_id: int) -> bool:
-        """Take the open change ``pending_id`` for this run's push, unless another run holds it (two runs at once
-        pushed it twice and audited it twice: review); a claim a run that died left expires."""
+    def _claim_push(self, pending_id: int) -> str:
+        """Take the open change ``pending_id`` for this run's push (``"taken"``), unless another run holds it
+        (``"held"``: two runs at once pushed it twice and audited it twice, review) or it was closed since
+        (``"closed"``); a claim a run that died left expires."""
         p = pending_role_changes
         with self.store.transaction() as w:
             taken = w.conn.execute(p.update().where(
                 p.c.id == pending_id, p.c.done_at.is_(None),
                 sa.or_(p.c.pushing_until.is_(None), p.c.pushing_until < w.now)).values(
                 pushing_until=w.now + _PUSH_CLAIM)).rowcount
-        return bool(taken)
+            if taken:
+                return "taken"
+            done = w.conn.execute(sa.select(p.c.done_at).where(p.c.id == pending_id)).scalar_one_or_none()
+        return "held" if done is None else "closed"
 
     def _unclaim_push(self, pending_id: int) -> None:
         p = pending_role_changes
@@ -229,7 +234,7 @@ class AdminActions:
             self._refuse_pending(row, refusal)
             counts["failed"] += 1
             return
-        gone = self._target_gone(row["id"], row["user_clerk_id"], queued_at=row["created_at"])
+        gone = self._target_gone(row["id"], row["user_clerk_id"], queued_at=row["created_at"], wanted=row["role"])
         if gone is not None:  # closed meanwhile (an erasure), its user deleted or erased, or changed in Clerk,
             # since it was queued
             if gone:
@@ -268,7 +273,8 @@ class AdminActions:
             record_audit(w, AuditEntry("role.change_refused", row["requested_by"], row["user_clerk_id"],
                                        details={"to": row["role"], "reason": reason, "pending_id": row["id"]}))
 
-    def _target_gone(self, pending_id: int, target: str, *, queued_at: datetime | None = None) -> str | None:
+    def _target_gone(self, pending_id: int, target: str, *, queued_at: datetime | None = None,
+                     wanted: str | None = None) -> str | None:
         """Read just before the push: ``""`` when the change was closed meanwhile (an erasure closes its user's),
         a reason when its user has been deleted or erased (Clerk may still hold an erased user: the push would
         set the role there and audit it), or their row written since ``queued_at`` (a webhook, reconcile or JIT
@@ -278,7 +284,7 @@ class AdminActions:
         with self.store.connect() as conn:
             if conn.execute(sa.select(p.c.done_at).where(p.c.id == pending_id)).scalar_one_or_none() is not None:
                 return ""
-            return _refusal_of_target(conn, target, load_user(conn, target), since=queued_at)
+            return _refusal_of_target(conn, target, load_user(conn, target), since=queued_at, wanted=wanted)
 
     def _requester_refusal(self, requested_by: str | None) -> str | None:
         """Why a queued change may no longer be pushed: its admin was demoted, banned or deleted since
@@ -425,12 +431,14 @@ def find_user_by_email(store: Store, email: str) -> str | None:
 
 
 def _refusal_of_target(conn: sa.Connection, target: str, user: AuthUser | None, *,
-                       since: datetime | None = None) -> str | None:
+                       since: datetime | None = None, wanted: str | None = None) -> str | None:
     """Why a role may not be set on ``target`` (``user``: its row, read on ``conn``) now: deleted or erased, or
-    (``since``: a queued change) their row written after it was queued; None when it may."""
+    (``since``: a queued change) their row written after it was queued, unless it holds the ``wanted`` role already
+    (a push that timed out after Clerk applied it: its webhook wrote the row; pushed again, it changes nothing);
+    None when it may."""
     if (user is not None and user.is_deleted) or (user is None and is_erased(conn, Entity.USER, target)):
         return f"the user was deleted or erased{' since it was queued' if since is not None else ''}: not pushed"
-    if since is not None and user is not None:
+    if since is not None and user is not None and user.role != wanted:
         written = conn.execute(sa.select(users.c.updated_at).where(users.c.clerk_id == target)).scalar_one_or_none()
         if written is not None and as_utc(written) > as_utc(since):
             return (f"the user changed in Clerk since it was queued (their role is {user.role} now): not pushed, "

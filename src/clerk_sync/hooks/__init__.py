@@ -469,6 +469,11 @@ class Dispatcher:
                         self._beater = None
                     return
 
+    def _overdue_ended(self) -> bool:
+        """Whether an overdue run has ended, its outcome not recorded yet."""
+        with self._held_lock:
+            return any(run.ended for run in self._overdue.values())
+
     def _went_overdue(self, run: _Run, timeout_s: float) -> None:
         """``run`` outlived its hook's ``timeout_s``: its job stays claimed (the heartbeat keeps its lease) while
         the dispatcher goes on; :meth:`_reap` records its outcome once it ends."""
@@ -746,8 +751,8 @@ class Dispatcher:
                 log.exception("hook dispatch crashed; retrying after a pause", pause_s=pause)
                 claimed = 0
             if not ((claimed or self._claim_killed) and self._claimed_full):  # the queue had no more due: pause
-                if self._overdue:  # (a run that ends is recorded within a second, not a --poll later)
-                    pause = min(pause, _OVERDUE_CHECK_S)
+                if not (down or crashes) and self._overdue_ended():  # (recorded within a second, not a --poll
+                    pause = min(pause, _OVERDUE_CHECK_S)  # later; an outage's or a crash's backoff stands)
                 self._stop.wait(pause)
         self._reap_at_stop()
 
@@ -761,7 +766,7 @@ class Dispatcher:
                         exc_info=True)
 
 
-_OVERDUE_CHECK_S = 1.0  # the longest idle wait while an overdue run is unrecorded (run_forever)
+_OVERDUE_CHECK_S = 1.0  # the longest idle wait while an overdue run that ended is unrecorded (run_forever)
 
 
 def _call_handler(handler: _Call, item: Change | Event) -> None:
