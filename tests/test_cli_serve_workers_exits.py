@@ -207,3 +207,34 @@ def test_a_replacement_worker_still_starting_is_not_killed_as_hung(monkeypatch: 
         assert supervisor.processes[0].killed and _Worker.started == 2
         assert supervisor.failure is not None and supervisor.failure[0] == 1
         assert "did not answer within 60 s of starting" in supervisor.failure[1]
+
+
+def test_a_first_worker_still_starting_is_not_killed_as_hung(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CI (a loaded box, floors): serve's first workers had no grace, only replacements did. One of them, still
+    importing after the health check's 5 s, was killed as hung and that death counted: the test above then saw
+    serve end with 1 after its second kill of the workers ("serve ended while its workers were being replaced").
+    The first workers have the replacements' grace now; one that never answers within it is still killed."""
+    import uvicorn
+    import uvicorn.supervisors.multiprocess as multiprocess
+
+    from clerk_sync.cli._serve import _supervisor
+
+    grace = 60.0  # (_serve._STARTUP_GRACE_S)
+    monkeypatch.setattr(multiprocess, "Process", _Worker)
+    monkeypatch.setattr(_Worker, "started", 0)
+    monkeypatch.setattr(signal, "signal", lambda *_: None)  # (as above: this process's signals stay its own)
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    with socket.socket() as sock:
+        supervisor = _supervisor(uvicorn.Config("tests.conftest:SECRET", workers=2), sock)
+        supervisor.init_processes()
+        first = list(supervisor.processes)
+        assert len(first) == 2 and _Worker.started == 2
+        for _ in range(5):  # still importing, past the 5 s check: not killed
+            clock[0] += grace / 10
+            supervisor.keep_subprocess_alive()
+        assert not any(worker.killed for worker in first) and supervisor.failure is None
+        clock[0] += grace  # never answered within the grace: hung after all, and replaced
+        supervisor.keep_subprocess_alive()
+        assert all(worker.killed for worker in first) and _Worker.started == 4
+        assert supervisor.failure is None

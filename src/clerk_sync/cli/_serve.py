@@ -34,9 +34,9 @@ STARTUP_FAILURE = 3  # uvicorn's exit code for an app that could not start (uvic
 _REFUSED = 2  # a worker whose migration the database refused for good (main.EXIT_SETTINGS, as --workers 1 exits)
 _REPORT_ENV = "CLERK_SYNC_STARTUP_REPORT"  # serve --workers: the file a worker writes why it could not start to
 _JSON_LOGS_ENV = "CLERK_SYNC_SERVE_JSON_LOGS"  # serve --workers --json-logs, for the workers' own log set-up
-_STARTUP_GRACE_S = 60.0  # a replacement worker's time to answer its first health check (its process starts first)
-_STARTING_CHECK_S = 0.2  # the health check's wait for a replacement in its grace
-_UNSTARTED = 2  # replacements in a row that never answered within the grace: serve ends
+_STARTUP_GRACE_S = 60.0  # a worker's time to answer its first health check (its process starts first)
+_STARTING_CHECK_S = 0.2  # the health check's wait for a worker in its grace
+_UNSTARTED = 2  # workers of a slot in a row that never answered within the grace: serve ends
 _DEATHS, _DEATHS_WINDOW_S = 3, 60.0  # a worker (slot) that died this often this recently is not started again
 
 
@@ -98,17 +98,25 @@ def _supervisor(config: Any, sock: socket.socket) -> Any:
             super().__init__(config, sockets=[sock])
             self.failure: tuple[int, str] | None = None  # (exit code, the line saying why) once it gave up
             self._deaths: dict[int, list[float]] = {}  # per worker slot: when its processes died
-            self._replaced: dict[int, float] = {}  # per worker slot: when its replacement was started
+            self._starting: dict[int, float] = {}  # per worker slot: when its process was started, until it answers
             self._unstarted: dict[int, int] = {}  # per worker slot: replacements in a row killed before answering
+
+        def init_processes(self) -> None:
+            """The first workers start within the same grace as a replacement: CI (a loaded box) had one of
+            them still importing after the check's 5 s, killed as hung, and that death counted towards the
+            three that end serve (two kills of its workers later, serve ended with 1)."""
+            super().init_processes()
+            started = time.monotonic()
+            self._starting = dict.fromkeys(range(len(self.processes)), started)
 
         def keep_subprocess_alive(self) -> None:
             if self.should_exit.is_set():
                 return
             healthcheck = getattr(self.config, "timeout_worker_healthcheck", 5)
             for idx, process in enumerate(self.processes):
-                starting = idx in self._replaced
+                starting = idx in self._starting
                 if process.is_alive(timeout=_STARTING_CHECK_S if starting else healthcheck):
-                    self._replaced.pop(idx, None)
+                    self._starting.pop(idx, None)
                     self._unstarted.pop(idx, None)
                     continue
                 unstarted = starting and process.process.is_alive()  # (not one that died while starting)
@@ -123,7 +131,7 @@ def _supervisor(config: Any, sock: socket.socket) -> Any:
                 replacement = Process(self.config, self.sockets)
                 replacement.start()
                 self.processes[idx] = replacement
-                self._replaced[idx] = time.monotonic()
+                self._starting[idx] = time.monotonic()
 
         def _within_grace(self, idx: int) -> bool:
             """A replacement answers no health check until its process has started (spawned, the main module
@@ -131,7 +139,7 @@ def _supervisor(config: Any, sock: socket.socket) -> Any:
             5 s, and uvicorn's supervisor killed it as hung, which counted towards ending serve (a busy box lost
             its service after one kill of its workers). While its process lives it is given :data:`_STARTUP_GRACE_S`
             to answer once, asked with a short check (a long one would hold up the loop and signals)."""
-            return time.monotonic() - self._replaced[idx] < _STARTUP_GRACE_S
+            return time.monotonic() - self._starting[idx] < _STARTUP_GRACE_S
 
         def _given_up(self, idx: int, exitcode: int | None, *, unstarted: bool) -> tuple[int, str] | None:
             ended = _ended(exitcode)
