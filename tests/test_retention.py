@@ -1034,3 +1034,27 @@ def test_an_inbox_payload_that_is_not_json_is_redacted_whole_and_holds_no_prune_
     assert payloads[0] == {"redacted": True} and payloads[1]["redacted"] is True, payloads
     assert at(91).prune().deleted == 2  # the steps after it ran
     store.dispose()
+
+
+def test_an_erasure_redacts_an_inbox_payload_that_is_not_json_whole_and_is_not_failed_by_one(db_url: str) -> None:
+    """On MariaDB one delivery whose payload is not JSON (edited by hand) failed every erasure whose text search
+    found it (the scans read payloads parsed: JSONDecodeError, the erasure rolled back): a data-subject request
+    could not be met. Read as stored text now: one that names the person is redacted whole, one that does not
+    is left as it is."""
+    if not db_url.startswith("mysql"):
+        pytest.skip("only MySQL/MariaDB store an inbox payload as text without a check")
+    store = hooked(db_url, now=Clock())
+    hook_deliver(store, *(f.envelope("user.created", _user(uid, 1000)) for uid in ("user_1", "user_2", "user_3")))
+    with store.transaction() as writer:
+        ids = writer.conn.execute(sa.text("SELECT id FROM webhook_events ORDER BY id")).scalars().all()
+        for row_id, bad in zip(ids[:2], ("not json, about user_1 <" + EMAIL + ">", "not json, about user_11"),
+                               strict=True):
+            writer.conn.execute(sa.text("UPDATE webhook_events SET payload = :bad WHERE id = :id"),
+                                {"bad": bad, "id": row_id})
+    report = Retention(store).erase_user("user_1", reason="DSR")
+    with store.connect() as conn:
+        stored = conn.execute(sa.text("SELECT payload FROM webhook_events ORDER BY id")).scalars().all()
+    assert json.loads(stored[0]) == {"redacted": True}, stored[0]  # named them: redacted whole
+    assert stored[1] == "not json, about user_11"  # another id, not theirs: left
+    assert report.payloads_redacted >= 1 and EMAIL not in stored[0]
+    store.dispose()

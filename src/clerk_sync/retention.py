@@ -901,9 +901,8 @@ def too_long_for_an_id(clerk_id: str) -> str | None:
 
 
 def _data_of(payload: Any) -> dict[str, Any] | None:
-    """A stored payload's ``data`` object (stored as text on SQLite, parsed elsewhere), or None."""
-    document = json.loads(payload) if isinstance(payload, str) else payload
-    data = document.get("data") if isinstance(document, dict) else None
+    """A stored payload's ``data`` object (read as stored text, :data:`_PAYLOAD`), or None (not JSON too)."""
+    data = _as_dict(payload).get("data")
     return data if isinstance(data, dict) else None
 
 
@@ -916,7 +915,7 @@ def _mentioned(writer: Writer, clerk_id: str) -> bool:
     m, e = organization_memberships, webhook_events
     if writer.conn.execute(sa.select(m.c.id).where(m.c.user_clerk_id == clerk_id).limit(1)).first() is not None:
         return True
-    named = sa.select(e.c.payload).where(e.c.redacted_at.is_(None),
+    named = sa.select(_PAYLOAD).where(e.c.redacted_at.is_(None),
                                          # as a JSON string, quotes included: not "user_an" inside "user_ann"
                                          sa.cast(e.c.payload, sa.Text).contains(json.dumps(clerk_id), autoescape=True))
     result = writer.conn.execute(named.execution_options(yield_per=100))  # every candidate, to the first match
@@ -955,7 +954,7 @@ def _own_user_events(writer: Writer, clerk_id: str) -> Iterator[dict[str, Any]]:
     """The data of the user's own stored ``user.*`` events not redacted yet (found by a text search, kept
     when ``data.id`` is theirs)."""
     e = webhook_events
-    query = sa.select(e.c.payload).where(e.c.type.like("user.%"), e.c.redacted_at.is_(None),
+    query = sa.select(_PAYLOAD).where(e.c.type.like("user.%"), e.c.redacted_at.is_(None),
                                          sa.cast(e.c.payload, sa.Text).contains(clerk_id, autoescape=True))
     for (payload,) in writer.conn.execute(query):
         data = _data_of(payload)
@@ -1002,7 +1001,7 @@ def _tied_to(writer: Writer, clerk_id: str) -> set[str]:
     by address only there, and an invitation or ``email.created`` naming only that address stayed whole until
     its redaction by age; an address they were invited at is tied by the accepted invitation."""
     e = webhook_events
-    query = sa.select(e.c.type, e.c.payload).where(
+    query = sa.select(e.c.type, _PAYLOAD).where(
         sa.or_(*(e.c.type.like(t) for t in _TYING)), e.c.redacted_at.is_(None),
         sa.cast(e.c.payload, sa.Text).contains(clerk_id, autoescape=True))
     found: set[str] = set()
@@ -1030,7 +1029,7 @@ def _holders_by_events(writer: Writer, clerk_id: str, addresses: Collection[str]
     if not wanted:
         return {}
     e, lower = webhook_events, unicode_lower(writer.conn)
-    query = sa.select(e.c.type, e.c.payload).where(
+    query = sa.select(e.c.type, _PAYLOAD).where(
         sa.or_(e.c.type.like("user.%"), *(e.c.type.like(t) for t in _TYING)), e.c.redacted_at.is_(None),
         _may_name(lower, sa.cast(e.c.payload, sa.Text), Mentions(addresses)))
     tied: dict[str, set[str]] = {}  # by their other deliveries (:func:`_ties`)
@@ -1088,7 +1087,7 @@ def _redact_mentions(writer: Writer, mentions: Mentions, *, since: datetime | No
     ``since``: only the rows received from then on."""
     e = webhook_events
     lower = unicode_lower(writer.conn)
-    query = sa.select(e.c.id, e.c.payload, e.c.redacted_at, e.c.last_error).where(sa.or_(
+    query = sa.select(e.c.id, _PAYLOAD, e.c.redacted_at, e.c.last_error).where(sa.or_(
         sa.and_(e.c.redacted_at.is_(None), _may_name(lower, sa.cast(e.c.payload, sa.Text), mentions)),
         sa.and_(e.c.last_error.is_not(None), e.c.last_error.not_in(_WRITTEN_ERRORS),
                 _may_name(lower, e.c.last_error, mentions))))
@@ -1097,7 +1096,7 @@ def _redact_mentions(writer: Writer, mentions: Mentions, *, since: datetime | No
     payloads: list[tuple[int, Any]] = []
     errors: list[int] = []
     for row in writer.conn.execute(query):
-        if row.redacted_at is None and mentions.in_document(_as_dict(row.payload)):
+        if row.redacted_at is None and mentions.in_document(_document_or_text(row.payload)):
             payloads.append((row.id, row.payload))
         elif mentions.in_text(row.last_error):
             errors.append(row.id)
@@ -1195,7 +1194,7 @@ def _organizations_created_by(writer: Writer, clerk_id: str) -> set[str]:
     not keep the creator, so an organization whose events were all redacted (``redact_after``) or deleted is not
     found. Compared exactly in Python, as :func:`_mentioned` does. Read before the erasure redacts them."""
     e = webhook_events
-    query = sa.select(e.c.type, e.c.payload).where(
+    query = sa.select(e.c.type, _PAYLOAD).where(
         e.c.redacted_at.is_(None), e.c.type.like("organization%"),
         sa.cast(e.c.payload, sa.Text).contains(json.dumps(clerk_id), autoescape=True))
     found: set[str] = set()
@@ -1364,6 +1363,17 @@ def _settled(digest_written: datetime, settled: datetime) -> bool:
 #: and one row that is not JSON (edited by hand) failed the fetch of its whole batch while parsed there, and so
 #: every prune pass, every retention step after it, dry runs too.
 _PAYLOAD = stored_text(webhook_events.c.payload).label("payload")
+
+
+def _document_or_text(payload: Any) -> Any:
+    """A stored payload parsed, or its text when it is not JSON (MariaDB keeps one edited by hand): an erasure
+    searches that text for the person and redacts it whole (its parsed read failed the whole erasure)."""
+    if isinstance(payload, str):
+        try:
+            return json.loads(payload)
+        except ValueError:
+            return payload
+    return payload
 
 
 def _as_dict(payload: Any) -> Mapping[str, Any]:
