@@ -29,6 +29,18 @@ def test_a_worker_refuses_a_sqlite_file_that_is_not_there_and_creates_none(tmp_p
     assert not missing.exists()
 
 
+def test_serve_no_migrate_on_a_missing_sqlite_file_exits_2_and_creates_nothing(tmp_path: Path) -> None:
+    """``serve --no-migrate`` on a mistyped SQLite path created an empty file and answered every delivery 503
+    ("not migrated") for ever; `clerk-sync migrate`, as /readyz advised, filled that second database. It exits 2
+    naming the path, as `worker` does; with migrations (the default) it still creates a new install's file."""
+    missing = tmp_path / "typo.db"
+    result = run("serve", "--no-migrate", "--port", str(free_port()),
+                 env={"DATABASE_URL": f"sqlite:///{missing}", "CLERK_WEBHOOK_SIGNING_SECRET": SECRET})
+    assert result.returncode == 2, said(result)
+    assert f"the SQLite file {missing} does not exist (nothing was created)" in said(result), said(result)
+    assert not missing.exists()
+
+
 def test_dev_on_a_busy_port_exits_3_as_serve_does(tmp_path: Path) -> None:
     """The README's exit codes: 3 when the port to listen on is in use (retry later), for every command; `dev`
     said 2 (a setting to fix)."""

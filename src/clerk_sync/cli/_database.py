@@ -37,8 +37,8 @@ def missing_sqlite_file(settings: Settings) -> str | None:
 def existing_store(settings: Settings, **options: Any) -> Store:
     """:meth:`Store.from_settings` for a command that reads or changes a database already there (``replay``,
     ``prune``, ``hooks list``, ...): a SQLite file that does not exist raises :class:`ConfigError` (exit 2)
-    saying where it was looked for (``worker`` too: it never migrates). ``migrate`` and ``serve`` open theirs as
-    they did: they may be the first to reach a new install's file."""
+    saying where it was looked for (``worker`` too: it never migrates; ``serve --no-migrate`` checks the same).
+    ``migrate`` and ``serve`` open theirs as they did: they may be the first to reach a new install's file."""
     if (missing := missing_sqlite_file(settings)) is not None:
         raise ConfigError(missing)
     return Store.from_settings(settings, **options)

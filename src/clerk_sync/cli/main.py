@@ -20,7 +20,7 @@ from clerk_sync import migrations
 from clerk_sync._db_errors import is_pooler_misconfigured, is_transient
 from clerk_sync._logging import configure_logging
 from clerk_sync.cli._args import PortInUse, bind_error, refuse_undecodable
-from clerk_sync.cli._database import existing_store
+from clerk_sync.cli._database import existing_store, missing_sqlite_file
 from clerk_sync.cli._serve import (
     STARTUP_FAILURE,
     DispatchWhenMigrated,
@@ -168,6 +168,10 @@ def _serve(host: str, port: int, workers: int, json_logs: bool, hooks: str | Non
     configure_logging(settings.log_level, json=json_logs)
     if (hooks or mapping) and workers > 1:
         raise ConfigError("--hooks/--mapping run in one process: use --workers 1 (and `clerk-sync worker` beside it)")
+    if not migrate_first and (missing := missing_sqlite_file(settings)) is not None:
+        # (not migrating, it would serve an empty file SQLite creates at a mistyped path: 503 "not migrated" for
+        # ever, and `clerk-sync migrate` as told would fill a second database)
+        raise ConfigError(missing)
     store = None
     if hooks or mapping:
         store = Store.from_settings(settings, hooks=load_hooks(hooks) if hooks else (),
