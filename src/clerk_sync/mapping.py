@@ -835,6 +835,9 @@ class _Projection:
         # object (review)
         self.json_documents = frozenset(n for n, c in self.columns.items()
                                         if c.transform == "json" and isinstance(table.c[n].type, sa.JSON))
+        # A true/false into a text column: one spelling on every store, JSON's and PostgreSQL's ("true"/"false");
+        # psycopg sent a bool (PostgreSQL wrote 'true'), sqlite3 and mysqlclient 1/0 ('1'): review
+        self.texts = frozenset(n for n in self.columns if isinstance(table.c[n].type, sa.String))
         self.bounded = {n: length for n in self.columns
                         if isinstance(type_ := table.c[n].type, sa.String) and not isinstance(type_, sa.Enum)
                         and (length := type_.length)}
@@ -918,6 +921,9 @@ class _Projection:
         for name in self.numbers:
             if isinstance(value := values.get(name), bool):
                 values[name] = int(value)
+        for name in self.texts:
+            if isinstance(value := values.get(name), bool):
+                values[name] = "true" if value else "false"
         for name in self.times:  # an ISO-8601 text (a metadata date) as the time it says, on every store: PostgreSQL
             # parsed it (dropping an offset in a column without a time zone), MariaDB and SQLite refused the row
             if isinstance(value := values.get(name), str):
@@ -2059,6 +2065,16 @@ def _clerk_id_problems(inspector: Any, entity: Entity, mapped: MappedTable, info
     on it that is only partial (each row then takes an UPDATE, then an INSERT, not one upsert)."""
     name, column = mapped.table, mapped.clerk_id_column
     problems: list[tuple[str, str]] = []
+    if not isinstance(info["type"], sa.String | sa.types.NullType):
+        # (an integer one took every id on SQLite, refused on the others: the doctor said ok; a SQLite column
+        # declared without a type, NullType, takes text)
+        fix = (f"ALTER TABLE {name} ALTER COLUMN {column} TYPE varchar({CLERK_ID_CHARS})"
+               if inspector.dialect.name == "postgresql" else
+               f"ALTER TABLE {name} MODIFY {column} VARCHAR({CLERK_ID_CHARS}) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+               if inspector.dialect.name != "sqlite" else f"a {column} VARCHAR({CLERK_ID_CHARS}) column (SQLite: a new "
+               "table, its rows copied)")
+        return [("fail", f"{name}.{column} is {info['type']} and Clerk's ids are text ({_ID_PREFIX[entity]}...): every "
+                         f"row is refused on PostgreSQL and MySQL/MariaDB; make it text: {fix}")]
     length = getattr(info["type"], "length", None)
     if inspector.dialect.name != "sqlite" and isinstance(length, int) and length < CLERK_ID_CHARS:
         widen = (f"ALTER TABLE {name} ALTER COLUMN {column} TYPE varchar({CLERK_ID_CHARS})"
@@ -2348,6 +2364,14 @@ def _type_problems(entity: Entity, mapped: MappedTable, columns: Mapping[str, An
                                      "every row with one set is refused (its role, ban or deletion never reaches "
                                      "this table); make it a BIGINT column, or convert it: "
                                      f"Column({col.source!r}, transform='timestamp') into a date-time column"))
+            continue
+        type_ = columns[column]["type"] if column in columns else None
+        length = getattr(type_, "length", None)
+        if kind == "bool" and isinstance(type_, sa.String) and isinstance(length, int) and length < len("false"):
+            problems.append(("fail", f"{mapped.table}.{column} is {type_} and its source {col.source!r} gives a "
+                                     "true/false, written as the text 'true' or 'false': a 'false' (5 characters) "
+                                     "does not fit, and every such row is refused; widen it to VARCHAR(5) or more, "
+                                     "or map it to a boolean column"))
             continue
         if kind is None or column not in columns or not isinstance(columns[column]["type"], _NOT_FOR[kind]):
             continue
