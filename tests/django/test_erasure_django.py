@@ -159,3 +159,34 @@ def test_manage_py_erase_of_a_hard_deleted_tombstone_says_nothing_was_written(cl
     call_command("clerk_sync", "erase", "user_gone", stdout=out)
     assert "tombstone written" not in out.getvalue(), out.getvalue()
     assert "user_gone: already erased" in out.getvalue() and "no row written" in out.getvalue(), out.getvalue()
+
+
+
+def test_manage_py_prune_with_djangos_database_down_exits_3_in_one_line(db_url: str) -> None:
+    """Review: clerk-sync's database up, Django's down (unreachable): prune ran its retention, then reading the
+    Django users raised Django's OperationalError as a traceback, exit 1 ("work left undone"). One line now,
+    exit 3 (retry later), naming Django's DATABASES."""
+    from django.db import connections
+    from django.test import override_settings
+
+    from tests.django.conftest import emulator_settings, world_for
+
+    with world_for(db_url, "test-client") as world, \
+            override_settings(CLERK_SYNC=emulator_settings(world.clerk, DATABASE_URL=world.store.engine.url
+                                                           .render_as_string(hide_password=False))):
+        _signed_in(world, "ann@example.com", first_name="Ann")
+        connections.close_all()
+        default = connections.settings["default"]
+        saved = dict(default)
+        default.update({"NAME": "/nonexistent-dir/django.db"} if default["ENGINE"].endswith("sqlite3")
+                       else {"HOST": "127.0.0.1", "PORT": "1"})
+        try:
+            with pytest.raises(CommandError) as refused:
+                call_command("clerk_sync", "prune", stdout=StringIO())
+        finally:
+            connections.close_all()
+            default.clear()
+            default.update(saved)
+    assert refused.value.returncode == 3, refused.value
+    assert "Django's database: OperationalError" in str(refused.value), refused.value
+    assert "check DATABASES['default']" in str(refused.value)

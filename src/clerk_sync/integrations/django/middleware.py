@@ -64,9 +64,19 @@ V = TypeVar("V", bound=Callable[..., Any])
 
 
 def clerk_public(view: V) -> V:
-    """Mark a view as open without a session when ``REQUIRE_AUTH`` is on (like ``login_not_required``)."""
+    """Mark a view as open without a session when ``REQUIRE_AUTH`` is on (like ``login_not_required``).
+    A marked class-based view or ViewSet opens only itself: a subclass (a protected page built on a public one's
+    code) is protected unless marked too."""
     view.clerk_public = True  # type: ignore[attr-defined]
     return view
+
+
+def _marked_public(owner: Any) -> bool:
+    """Whether a view function or view class carries :func:`clerk_public`'s mark, a class's own only: read
+    through inheritance, a subclass of a public view was served without a session under ``REQUIRE_AUTH``."""
+    if isinstance(owner, type):
+        return vars(owner).get("clerk_public", False) is True
+    return getattr(owner, "clerk_public", False) is True
 
 
 class ClerkMiddleware:
@@ -151,7 +161,7 @@ class ClerkMiddleware:
                 func = resolve(candidate, urlconf).func
             except Resolver404:
                 continue
-            return any(getattr(owner, "clerk_public", False)
+            return any(_marked_public(owner)
                        for owner in (func, getattr(func, "view_class", None), getattr(func, "cls", None)))
         return False
 

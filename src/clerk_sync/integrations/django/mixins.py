@@ -42,6 +42,12 @@ class _GuardMixin:
         return self._guard()(parent)(request, *args, **kwargs)
 
 
+def _names(value: str | tuple[str, ...]) -> tuple[str, ...]:
+    """One name or several, as Django's ``PermissionRequiredMixin`` takes ``permission_required``: a string was
+    read letter by letter (``required_roles = "admin"`` refused the admin and let a role ``"a"`` in: review)."""
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
 class ClerkLoginRequiredMixin(_GuardMixin):
     """A verified Clerk session (401 otherwise)."""
 
@@ -52,24 +58,24 @@ class ClerkLoginRequiredMixin(_GuardMixin):
 class RoleRequiredMixin(_GuardMixin):
     """``users.role`` in :attr:`required_roles`, confirmed against the DB."""
 
-    required_roles: ClassVar[tuple[str, ...]] = ()
+    required_roles: ClassVar[str | tuple[str, ...]] = ()  # (one role as a string too)
 
     def _guard(self) -> Any:
         if not self.required_roles:
             raise TypeError(f"{type(self).__name__} sets no required_roles")
-        return decorators.require_role(*self.required_roles)
+        return decorators.require_role(*_names(self.required_roles))
 
 
 class OrgRoleRequiredMixin(_GuardMixin):
     """The active organization role in :attr:`required_org_roles`, confirmed against the membership row
     (see :func:`~.decorators.require_org_role`)."""
 
-    required_org_roles: ClassVar[tuple[str, ...]] = ()
+    required_org_roles: ClassVar[str | tuple[str, ...]] = ()  # (one role as a string too)
 
     def _guard(self) -> Any:
         if not self.required_org_roles:
             raise TypeError(f"{type(self).__name__} sets no required_org_roles")
-        return decorators.require_org_role(*self.required_org_roles)
+        return decorators.require_org_role(*_names(self.required_org_roles))
 
 
 class OrgPermissionRequiredMixin(_GuardMixin):

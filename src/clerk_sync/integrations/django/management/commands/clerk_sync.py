@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser, SystemCheckError
+from django.db import InterfaceError, OperationalError
 
 from clerk_sync import migrations
 from clerk_sync._db_errors import store_error
@@ -128,6 +129,16 @@ class Command(BaseCommand):
                                returncode=exit_code(exc)) from exc
         except ClerkSyncError as exc:
             raise CommandError(str(exc), returncode=exit_code(exc)) from exc
+        except (OperationalError, InterfaceError) as exc:
+            # Django's own database (prune's and erase's Django users): down, one line and exit 3 as clerk-sync's
+            # (a traceback and 1, "work left undone", before: review); a fault for good stays Django's traceback
+            from clerk_sync.integrations.django.backends import _django_outage
+
+            if (outage := _django_outage(exc)) is None:
+                raise
+            raise CommandError(str(outage).split("; the Django user")[0] + "; check DATABASES['default'] and that "
+                               "Django's database is up, then run it again (clerk-sync's own part is done and kept)",
+                               returncode=EXIT_UNAVAILABLE) from exc
         except sa.exc.SQLAlchemyError as exc:  # (migrate with the database down): one line, no SQL nor values
             raise CommandError(f"{store_error(exc)}; check CLERK_SYNC['DATABASE_URL'], else DATABASES['default'], "
                                f"and that the database is up ({masked_url(clerk_settings().database_url)})",
