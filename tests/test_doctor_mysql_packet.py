@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests import factories as f
@@ -23,3 +25,51 @@ def test_doctor_fails_a_body_limit_the_servers_packet_cannot_carry(db_url: str) 
     status, detail = body_line(CLERK_SYNC_MAX_BODY_BYTES=str(1 << 40))
     assert status == "fail" and "max_allowed_packet" in detail and "Lower CLERK_SYNC_MAX_BODY_BYTES" in detail, detail
     assert body_line()[0] == "ok"  # the default 1 MiB
+
+
+@pytest.mark.parametrize("db_url", ["mariadb"], indirect=True)
+def test_a_body_the_doctor_allows_is_applied_however_its_text_is_escaped(db_url: str) -> None:
+    """Review: the check allowed twice the body in max_allowed_packet, but a row's JSON columns are written
+    ASCII-escaped and escaped again by the driver: a body of raw non-ASCII text ("é" * n, with a ban) takes 3.5
+    times its size, so a limit of 45 % of the packet (allowed before) let such a delivery drop the connection
+    (503 on every retry, the ban never applied). The doctor fails that limit now, and a body as large as the
+    largest limit it allows, made of that text, is applied."""
+    import sqlalchemy as sa
+
+    from clerk_sync.cli.doctor import run_checks
+    from clerk_sync.config import Settings
+    from clerk_sync.ingest import WebhookProcessor
+    from clerk_sync.store import Store
+    from clerk_sync.tables import users
+    from clerk_sync.webhooks import WebhookVerifier
+
+    store = Store.from_url(db_url)
+    with store.connect() as conn:
+        packet = int(conn.exec_driver_sql("SELECT @@max_allowed_packet").scalar_one())
+
+    def body_status(limit: int) -> str:
+        settings = Settings.from_env({"DATABASE_URL": db_url, "CLERK_WEBHOOK_SIGNING_SECRET": f.SECRET,
+                                      "CLERK_SYNC_MAX_BODY_BYTES": str(limit)})
+        (check,) = [c for c in run_checks(settings) if c.name == "body limit"]
+        return check.status
+
+    assert body_status(packet * 45 // 100) == "fail"
+    allowed = (packet - 64 * 1024) * 2 // 7
+    assert body_status(allowed) == "ok" and body_status(allowed + 1) == "fail"
+    user = f.user("user_big", 1_800_000_000_000)
+    user["banned"] = True
+    user["unsafe_metadata"] = {"bio": ""}
+
+    def raw(event: dict[str, object]) -> bytes:  # as Clerk sends it: UTF-8, not ASCII-escaped
+        return json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode()
+
+    room = allowed - len(raw(f.envelope("user.updated", user)))
+    user["unsafe_metadata"] = {"bio": "é" * (room // 2)}  # (2 bytes each in the body)
+    body = raw(f.envelope("user.updated", user))
+    assert allowed - 2 <= len(body) <= allowed
+    headers, _ = f.signed(body, "msg_big")
+    processor = WebhookProcessor(store, WebhookVerifier([f.SECRET]), max_body_bytes=allowed)
+    assert processor.process(headers, body).status == "applied"
+    with store.connect() as conn:
+        assert conn.execute(sa.select(users.c.banned).where(users.c.clerk_id == "user_big")).scalar_one() is True
+    store.dispose()
