@@ -545,6 +545,23 @@ def test_a_run_that_would_delete_most_rows_stops_before_deleting_any(
     assert live_rows(store, "users") == {}
 
 
+def test_a_mass_deletion_of_organizations_is_refused_before_any_user_is_deleted(
+        store: Store, stand_in: tuple[ClerkStandIn, ClerkClient]) -> None:
+    """Review: the refusal was judged one entity at a time, in the sweep: the users' sweep tombstoned a user
+    Clerk deleted (final), then the organizations' check refused, saying "Nothing was deleted". Users and
+    organizations are judged before either is swept now: nothing is deleted, as it says."""
+    from clerk_sync.errors import ConfigError
+
+    clerk, client = stand_in
+    clerk.users = [factories.user(f"user_{i}", 1) for i in range(3)]
+    clerk.orgs = [factories.organization(f"org_{i:03d}", 1) for i in range(120)]
+    reconciler(store, client).run()
+    clerk.users, clerk.orgs = clerk.users[1:], []  # one user deleted in Clerk; every organization unlisted
+    with pytest.raises(ConfigError, match=r"would delete 120 of 120 organizations.*Nothing was deleted"):
+        reconciler(store, client).run()
+    assert "user_0" in live_rows(store, "users") and len(live_rows(store, "organizations")) == 120
+
+
 def test_a_refused_run_is_not_resumed_once_the_key_is_fixed(
         store: Store, stand_in: tuple[ClerkStandIn, ClerkClient]) -> None:
     """Review finding (CLI): the refused run was stored ``failed`` in its sweep and resumed, with the listing

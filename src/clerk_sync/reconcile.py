@@ -717,6 +717,13 @@ class Reconciler:
     # -- deletions --------------------------------------------------------------------------
     def _sweep_all(self, run: _Run) -> None:
         self._analyze_seen(run)
+        if not run.report.dry_run and not self.allow_mass_delete:
+            # Users and organizations judged before either is swept: the organizations' refusal came after the
+            # users' sweep had tombstoned some (final), and said "Nothing was deleted" (review). Memberships are
+            # judged at their sweep, after the cascades of the deletions before it.
+            for entity in (Entity.USER, Entity.ORGANIZATION):
+                if not (entity is Entity.USER and run.report.since is not None):
+                    self._refuse_mass_delete(run, entity)
         for entity in _LISTINGS:
             if entity is Entity.USER and run.report.since is not None:
                 continue  # a partial listing says nothing about deletions
@@ -741,8 +748,8 @@ class Reconciler:
         listed = sa.exists().where(seen.c.run_id == run.id, seen.c.entity == entity.value,
                                    seen.c.clerk_id == table.c.clerk_id)
         extra = [table.c.organization_clerk_id, table.c.user_clerk_id] if entity is Entity.MEMBERSHIP else []
-        if not run.report.dry_run and not self.allow_mass_delete:
-            self._refuse_mass_delete(run, entity, listed)
+        if entity is Entity.MEMBERSHIP and not run.report.dry_run and not self.allow_mass_delete:
+            self._refuse_mass_delete(run, entity)
         after = ""
         while True:
             query = (sa.select(table.c.clerk_id, *extra)
@@ -765,18 +772,24 @@ class Reconciler:
             self._tombstone(run, entity, gone)
             self.progress.advance(f"{entity.value} deletions", len(candidates))
 
-    def _refuse_mass_delete(self, run: _Run, entity: Entity, listed: sa.Exists) -> None:
+    def _refuse_mass_delete(self, run: _Run, entity: Entity) -> None:
         """Stop before the sweep when Clerk did not list a large share of the live rows (see the class)."""
-        table = _TABLES[entity]
+        table, seen = _TABLES[entity], run.seen
+        listed = sa.exists().where(seen.c.run_id == run.id, seen.c.entity == entity.value,
+                                   seen.c.clerk_id == table.c.clerk_id)
         live = sa.select(sa.func.count()).select_from(table).where(table.c.deleted_at.is_(None))
         with self._unit(run) as (conn, _):
             total = conn.execute(live).scalar_one()
             missing = conn.execute(live.where(~listed)).scalar_one()
         if missing >= MASS_DELETE_FLOOR and missing > MASS_DELETE_SHARE * total:
+            made = run.report.total("deleted")
+            kept = ("Nothing was deleted (the repairs so far are kept)." if not made else
+                    f"Nothing more was deleted: the {made} deletion(s) this run made before (each confirmed with "
+                    "Clerk by id) and its repairs are kept.")
             raise _MassDeleteRefused(
                 f"reconcile would delete {missing} of {total} {entity.value} ({missing / total:.0%}) that Clerk did "
-                "not list: is CLERK_SECRET_KEY the key of the Clerk instance this database mirrors? Nothing was "
-                "deleted (the repairs so far are kept). `reconcile --dry-run` lists them (`clerk-sync`, "
+                f"not list: is CLERK_SECRET_KEY the key of the Clerk instance this database mirrors? {kept} "
+                "`reconcile --dry-run` lists them (`clerk-sync`, "
                 "`manage.py clerk_sync` or `flask clerk-sync`); `--allow-mass-delete` deletes them if they really "
                 "are gone")
 
