@@ -51,6 +51,9 @@ def clerk(emu: EmulatorServer) -> Iterator[ClerkClient]:
         yield c
 
 
+B_MS = 1_800_000_000_000  # a realistic Clerk ms timestamp
+
+
 def reconciler(store: Store, clerk: ClerkClient, **options: Any) -> Reconciler:
     options.setdefault("page_size", 50)
     return Reconciler(store, clerk, **options)
@@ -193,6 +196,32 @@ def test_since_repairs_recent_updates_only(store: Store, clerk: ClerkClient, emu
     assert "users" not in report.swept and ids["bob"]["id"] in live_rows(store, "users")
     assert live_rows(store, "users")[ids["ada"]["id"]]["first_name"] == "Grace"
     assert parse_since("2026-01-31T12:00:00Z") == datetime(2026, 1, 31, 12, tzinfo=UTC)
+
+
+def test_since_counts_a_page_after_a_deletion_between_pages_and_stops_at_the_first_older_user(
+        store: Store, stand_in: tuple[ClerkStandIn, ClerkClient]) -> None:
+    """Review: a user deleted in Clerk between two pages of a ``--since`` listing (by -updated_at, pages
+    overlapping by one) moved the next page's first object up: that page read as one "read again" (its offset
+    below the run's count), its unchanged users were dropped from the report and the listing went on past the
+    first user older than ``--since``. Counted, and stopped there, now."""
+    clerk, client = stand_in
+    recent = [factories.user(f"user_new_{i:02d}", B_MS + 1000 - i) for i in range(15)]  # (by -updated_at)
+    older = [factories.user(f"user_old_{i:02d}", B_MS - 1000 - i) for i in range(20)]
+    clerk.users = recent + older
+    reconciler(store, client, page_size=10).run()
+    served = clerk.listing
+
+    def deleting_after_the_first_page(name: str, request: Request) -> tuple[list[dict[str, Any]], int]:
+        page = served(name, request)
+        if name == "users" and request.query_params.get("offset") == "0":
+            clerk.users = [u for u in clerk.users if u["id"] != "user_new_09"]  # the first page's last
+        return page
+
+    clerk.listing = deleting_after_the_first_page  # type: ignore[method-assign]
+    clerk.requests.clear()
+    report = reconciler(store, client, page_size=10).run(since=datetime.fromtimestamp(B_MS / 1000, UTC))
+    assert report.counts["users"].unchanged == 15  # 10 on the first page, user_new_10..14 on the second
+    assert clerk.requests["users"] == 2  # the second page held an older user: no third
 
 
 def test_failed_run_resumes_from_its_cursor(store: Store, clerk: ClerkClient, emu: EmulatorServer) -> None:
