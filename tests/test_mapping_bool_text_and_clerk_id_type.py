@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 
-from clerk_sync.mapping import MappedTable, SchemaMapping, SoftDelete, check_schema
+from clerk_sync.mapping import Column, Deactivate, MappedTable, SchemaMapping, SoftDelete, check_schema
 from tests import factories as f
 from tests.test_hooks import B, deliver
 from tests.test_mapping import _with_app_table
@@ -51,6 +51,32 @@ def test_a_true_or_false_into_a_too_short_text_column_is_failed_by_the_doctor_an
         assert conn.execute(sa.text("SELECT count(*) FROM acc_short")).scalar() == 0
         error = conn.execute(sa.text("SELECT last_error FROM webhook_events")).scalar()
     assert "acc_short.banned takes at most 3 characters" in str(error), error
+    store.dispose()
+    engine.dispose()
+
+
+@pytest.mark.parametrize("mapped", [False, True], ids=["policy-only", "mapped-flag"])
+def test_a_deactivate_flag_in_a_text_column_is_true_then_false_on_every_store(db_url: str, mapped: bool) -> None:
+    """Review of the fix above: Deactivate's own true/false (a new row's, the deletion's) still went as a bool:
+    a mapped ``is_active`` read 'true' while live and '0' once deleted on SQLite and MariaDB, and PostgreSQL
+    refused the boolean. 'true'/'false' there too now."""
+    columns: dict[str, str | Column] = {"email": "email"}
+    if mapped:
+        columns["is_active"] = Column(compute=lambda v: not v["banned"])
+    mapping = SchemaMapping(users=MappedTable("acc_deact", "clerk_user_id", columns, on_delete=Deactivate("is_active")))
+    table = sa.Table("acc_deact", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
+                     sa.Column("clerk_user_id", sa.String(64), unique=True), sa.Column("email", sa.String(200)),
+                     sa.Column("is_active", sa.String(8)))
+    store, engine = _with_app_table(db_url, table, mapping)
+    with engine.connect() as conn:
+        assert [s for s, _ in check_schema(conn, mapping) if s == "fail"] == []
+    assert deliver(store, f.envelope("user.created", f.user("user_ada", B)),
+                   f.envelope("user.created", f.user("user_bob", B))) == ["applied"] * 2
+    assert deliver(store, f.envelope("user.deleted", {"id": "user_bob", "deleted": True, "object": "user"})) \
+        == ["applied"]
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT clerk_user_id, is_active FROM acc_deact ORDER BY clerk_user_id")).all()
+    assert [tuple(r) for r in rows] == [("user_ada", "true"), ("user_bob", "false")]
     store.dispose()
     engine.dispose()
 

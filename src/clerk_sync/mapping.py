@@ -818,7 +818,7 @@ class _Projection:
         # fills it only where it holds nothing (is_active NULL: added by migrate); SoftDelete's NULL not at all.
         self.coalesced: JSON = {n: v for n, v in self.fixed.items() if v is not None}
         # Number columns a true/false goes into as 1/0 (see _as_flag)
-        self.numbers = frozenset(n for n in self.columns if _as_flag(table.c[n].type, True) is not True)
+        self.numbers = frozenset(n for n in self.columns if type(_as_flag(table.c[n].type, True)) is int)
         # Columns written only into a row inserted here: never SET on a row already there (linked, updated)
         self.insert_only = frozenset(n for n, c in self.columns.items() if c.insert_only)
         # A source's value into a column of one scalar (text, number, flag, time): a list or object there is
@@ -1789,9 +1789,14 @@ def _wave(table: sa.Table, key: sa.Column[Any], names: list[str], projection: _P
 def _as_flag(type_: Any, value: Any) -> Any:
     """A true/false (``banned``, ``transform="bool"``, Deactivate's flag) as 1/0 for a number column (a
     ``smallint`` flag): PostgreSQL refuses a boolean there ("cannot cast type boolean to smallint"), every
-    row with it, where MariaDB and SQLite store 1/0; anything else as it is."""
-    if isinstance(value, bool) and isinstance(type_, sa.Integer | sa.Numeric) and not isinstance(type_, sa.Boolean):
-        return int(value)
+    row with it, where MariaDB and SQLite store 1/0; as ``'true'``/``'false'`` for a text column, the mapped
+    values' spelling (:meth:`_Projection.values`; PostgreSQL refused the boolean, the others wrote 1/0); anything
+    else as it is."""
+    if isinstance(value, bool) and not isinstance(type_, sa.Boolean):
+        if isinstance(type_, sa.Integer | sa.Numeric):
+            return int(value)
+        if isinstance(type_, sa.String):
+            return "true" if value else "false"
     return value
 
 
@@ -2414,16 +2419,19 @@ def _policy_type_problems(dialect: str, mapped: MappedTable, columns: Mapping[st
     """The delete policy's column of a type that refuses what the policy writes: a deletion time
     (:class:`SoftDelete`, :class:`Anonymise`) in a number or boolean column refuses every deletion, the app's
     row staying live; :class:`Deactivate`'s true/false (1/0 in a number column) in a date or time column (on
-    SQLite: kept anyway), or a text one on PostgreSQL, refuses every row. Only those: a ``DATE`` keeps the day, a
-    text column the time as text (MariaDB, SQLite), ``BIT(1)`` the flag; a column of no declared type anything."""
+    SQLite: kept anyway), or a text one too short for ``'false'`` (not SQLite), refuses every row. Only those: a
+    ``DATE`` keeps the day, a text column the time as text (MariaDB, SQLite), ``BIT(1)`` the flag; a column of no
+    declared type anything."""
     policy = _policy_column(mapped)
     if policy is None or policy[0] not in columns:
         return []
     column, type_ = policy[0], columns[policy[0]]["type"]
     kind = type(mapped.on_delete).__name__
     if isinstance(mapped.on_delete, Deactivate):
+        length = getattr(type_, "length", None)  # ('true'/'false' into text: 'false' needs 5 characters)
         refused = ((isinstance(type_, sa.Date | sa.DateTime | sa.Time) and dialect != "sqlite")
-                   or (isinstance(type_, sa.String) and not isinstance(type_, sa.Enum) and dialect == "postgresql"))
+                   or (isinstance(type_, sa.String) and not isinstance(type_, sa.Enum) and dialect != "sqlite"
+                       and isinstance(length, int) and length < len("false")))
         if not refused:
             return []
         return [("fail", f"{mapped.table}.{column} is {type_} and on_delete={kind}({column!r}) writes true/false "

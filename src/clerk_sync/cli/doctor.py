@@ -94,16 +94,18 @@ def _mysql_packet(settings: Settings) -> tuple[str, str]:
         raise store_error(exc) from exc
     finally:
         store.dispose()
-    # A body's statement is up to 3.5 times the body: a row's JSON columns are written ASCII-escaped ("é", 2
-    # bytes, as \u00e9), and the driver escapes each backslash again (7 bytes); twice allowed a body of raw
-    # non-ASCII text that dropped the connection (review)
-    room = (packet - _PACKET_MARGIN) * 2 // 7
+    # A body's statement is up to 7 times the body: JSON columns are written ASCII-escaped ("é", 2 bytes, as
+    # \u00e9) and the driver escapes each backslash again (7 bytes: 3.5 times), and a hook job holds the change's
+    # values and its previous values (twice that). Twice the body allowed a delivery of raw non-ASCII text that
+    # dropped the connection (review)
+    room = (packet - _PACKET_MARGIN) // 7
     if settings.max_body_bytes > room:
         return "fail", (f"CLERK_SYNC_MAX_BODY_BYTES is {settings.max_body_bytes:,} but the server's max_allowed_packet "
                         f"is {packet:,}: a delivery larger than ~{room:,} bytes would be refused with the connection "
                         "(503 on every retry, never stored). Lower CLERK_SYNC_MAX_BODY_BYTES to at most "
                         f"{room:,}, or raise max_allowed_packet (SET GLOBAL max_allowed_packet, and in the server's "
-                        "config) above 3.5 times the limit + 64 KiB")
+                        "config) above 7 times the limit + 64 KiB: escaped, a body's text may take 3.5 times its "
+                        "size, twice in a hook job)")
     return "ok", f"CLERK_SYNC_MAX_BODY_BYTES {settings.max_body_bytes:,} fits max_allowed_packet {packet:,}"
 
 

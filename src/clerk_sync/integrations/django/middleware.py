@@ -71,6 +71,12 @@ def clerk_public(view: V) -> V:
     return view
 
 
+def _inherited_dispatch_mark(view_class: type) -> bool:
+    """Whether ``view_class`` takes a :func:`clerk_public` ``dispatch`` from a base class, not its own."""
+    return "dispatch" not in vars(view_class) and getattr(getattr(view_class, "dispatch", None), "clerk_public",
+                                                          False) is True
+
+
 def _marked_public(owner: Any) -> bool:
     """Whether a view function or view class carries :func:`clerk_public`'s mark, a class's own only: read
     through inheritance, a subclass of a public view was served without a session under ``REQUIRE_AUTH``."""
@@ -161,8 +167,13 @@ class ClerkMiddleware:
                 func = resolve(candidate, urlconf).func
             except Resolver404:
                 continue
-            return any(_marked_public(owner)
-                       for owner in (func, getattr(func, "view_class", None), getattr(func, "cls", None)))
+            classes = [c for c in (getattr(func, "view_class", None), getattr(func, "cls", None)) if c is not None]
+            if any(_marked_public(c) for c in classes):
+                return True
+            # A view function's own mark; for an as_view() function, not one it took from an inherited dispatch
+            # (as_view copies dispatch's attributes: a base's @method_decorator(clerk_public, name="dispatch")
+            # opened its subclasses: review)
+            return _marked_public(func) and not any(_inherited_dispatch_mark(c) for c in classes)
         return False
 
     def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponse | None:
