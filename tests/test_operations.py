@@ -234,6 +234,36 @@ def test_hook_series_move_with_the_outbox_and_the_dispatcher(db_url: str) -> Non
     assert after.families["clerk_sync_hook_jobs"] == "gauge"
 
 
+def test_jobs_a_dead_dispatcher_held_count_as_due(db_url: str) -> None:
+    """Review: only pending jobs were due. Jobs a dispatcher claimed, then died holding (OOM, SIGKILL, a worker not
+    restarted), are claimed again only by a running dispatcher once their lease runs out; with none running they
+    waited for ever while the oldest-due series, ClerkSyncHooksBehind and ``doctor --freshness`` said nothing."""
+    from datetime import UTC, datetime, timedelta
+
+    from clerk_sync._time import aware
+    from clerk_sync.freshness import read_snapshot
+    from clerk_sync.tables import hook_jobs
+
+    moment = [datetime.now(UTC)]
+    store = Store(create_engine(db_url), hooks=[Hook("welcome", lambda change: None)], now=lambda: moment[0])
+    processor = build_processor(_settings(db_url), store)
+    with running(create_app(_settings(db_url), processor)) as url, httpx.Client(base_url=url) as client:
+        assert post(client, f.envelope("user.created", f.user("user_held", 1)), "msg_held").status_code == 200
+    with store.transaction() as writer:  # as a dispatcher leaves it when killed inside its handler
+        writer.conn.execute(hook_jobs.update().values(status="running", lease_until=moment[0] + timedelta(minutes=5)))
+    assert read_snapshot(store).hook_oldest_pending_at is None  # its lease holds: a handler still running
+    moment[0] += timedelta(hours=1)  # the lease long run out, no dispatcher took it again
+    snap = read_snapshot(store)
+    with store.connect() as conn:
+        created = conn.execute(sa.select(hook_jobs.c.created_at)).scalar_one()
+    assert snap.hook_jobs["running"] == 1 and snap.hook_oldest_pending_hook == "welcome"
+    assert snap.hook_oldest_pending_at is not None and abs(snap.hook_oldest_pending_at - aware(created).timestamp()) < 1
+    (hooks,) = [c for c in check_freshness(snap, now=moment[0].timestamp(), max_delivery_age_s=None, max_failed=0,
+                                           max_reconcile_age_s=86400) if c.name == "hook jobs"]
+    assert hooks.status == "fail" and "the oldest due job (hook 'welcome') has waited" in hooks.detail, hooks
+    store.dispose()
+
+
 def test_database_series_are_cached_between_scrapes() -> None:
     reads: list[int] = []
     clock = FakeClock()

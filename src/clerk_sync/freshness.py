@@ -49,10 +49,14 @@ def read_snapshot(store: Store) -> DatabaseSnapshot:
     # due ones only: a job waiting on its retry backoff is a failing handler (hook_runs), not a stopped
     # dispatcher, which is what this series is for
     now = store.now()  # (one reading: the oldest due job and its hook are read against the same moment)
-    due_pending = sa.and_(j.c.status == "pending", j.c.available_at <= now)
-    oldest = sa.select(sa.func.min(j.c.created_at)).where(due_pending).scalar_subquery()
+    # Due: pending past its backoff, or claimed by a dispatcher that died holding it (its lease run out: the
+    # claim takes it again, as a pending one). Only the pending ones were counted: jobs a killed dispatcher held,
+    # with none running since, were due for ever while the series and ClerkSyncHooksBehind said nothing (review).
+    due = sa.or_(sa.and_(j.c.status == "pending", j.c.available_at <= now),
+                 sa.and_(j.c.status == "running", j.c.lease_until < now))
+    oldest = sa.select(sa.func.min(j.c.created_at)).where(due).scalar_subquery()
     # its hook: a job no running dispatcher has the hook of waits for ever
-    oldest_hook = sa.select(j.c.hook).where(due_pending).order_by(j.c.created_at, j.c.id).limit(1).scalar_subquery()
+    oldest_hook = sa.select(j.c.hook).where(due).order_by(j.c.created_at, j.c.id).limit(1).scalar_subquery()
     values = (*newest, failed, *jobs, oldest, oldest_hook)
     v = _VERSIONS  # one row at any revision a release of ours leaves: a primary-key lookup, no round trip more
     revision = sa.select(sa.func.max(v.c.version_num)).scalar_subquery()
