@@ -44,9 +44,20 @@ def test_a_quiet_night_is_not_stale() -> None:
     assert _checks(quiet, max_delivery_age_s=3600)["newest delivery"][0] == "fail"
 
 
+def test_a_long_reconcile_that_repaired_a_change_in_flight_is_not_a_missed_delivery() -> None:
+    """Review: measured from the run's end, a 45-minute reconcile that repaired a change whose delivery came
+    one second after the run started failed (ClerkSyncNoDeliveriesWhileDrift paged): from its start now."""
+    started = NOW - 3000
+    long_run = DatabaseSnapshot(started + 1, 0, started + 2700, DRIFT, reconcile_last_started_at=started)
+    assert _checks(long_run)["newest delivery"][0] == "ok"
+    missed = DatabaseSnapshot(started - MISSED_AFTER_S - 60, 0, started + 2700, DRIFT, reconcile_last_started_at=started)
+    status, detail = _checks(missed)["newest delivery"]
+    assert status == "fail" and f"started {MISSED_AFTER_S + 60:.0f}s after it" in detail, detail
+
+
 def test_deliveries_missed_while_reconcile_repairs_fail_as_the_alert_does() -> None:
     """ClerkSyncNoDeliveriesWhileDrift: the last reconcile repaired rows and finished more than 30 min after
-    the newest delivery."""
+    the newest delivery (a snapshot without the run's start, as a test's)."""
     missed = DatabaseSnapshot(NOW - 7200, 0, NOW - 7200 + MISSED_AFTER_S + 60, DRIFT)
     status, detail = _checks(missed)["newest delivery"]
     assert status == "fail" and "deliveries are missed" in detail and "Clerk Dashboard" in detail

@@ -105,12 +105,18 @@ def _two_installs() -> list[dict[str, Any]]:
         {  # staging's endpoint died: its last reconcile repaired rows an hour after its newest delivery
             "interval": "1m",
             "input_series": [
-                *(_series("clerk_sync_reconcile_last_success_timestamp_seconds", "prod", "10000x30", i) for i in (1, 2)),
+                *(_series("clerk_sync_reconcile_last_started_timestamp_seconds", "prod", "10000x30", i) for i in (1, 2)),
                 *(_series("clerk_sync_newest_delivery_timestamp_seconds", "prod", "9900x30", i) for i in (1, 2)),
                 _series("clerk_sync_reconcile_last_drift", "prod", "0x30", action="created"),
-                _series("clerk_sync_reconcile_last_success_timestamp_seconds", "staging", "10000x30"),
+                _series("clerk_sync_reconcile_last_started_timestamp_seconds", "staging", "10000x30"),
                 _series("clerk_sync_newest_delivery_timestamp_seconds", "staging", "6000x30"),
                 _series("clerk_sync_reconcile_last_drift", "staging", "4x30", action="created"),
+                # (review) a 45-minute run that repaired a change whose delivery came a second after it started:
+                # it finished long after the newest delivery, and that is no outage
+                _series("clerk_sync_reconcile_last_started_timestamp_seconds", "bulk", "10000x30"),
+                _series("clerk_sync_reconcile_last_success_timestamp_seconds", "bulk", "12700x30"),
+                _series("clerk_sync_newest_delivery_timestamp_seconds", "bulk", "10001x30"),
+                _series("clerk_sync_reconcile_last_drift", "bulk", "1x30", action="updated"),
             ],
             "alert_rule_test": [
                 {"eval_time": "5m", "alertname": "ClerkSyncNoDeliveriesWhileDrift", "exp_alerts": []},

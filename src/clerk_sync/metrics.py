@@ -172,6 +172,9 @@ class DatabaseSnapshot:
     # False: the database answered but lacks the tables the other values are read from (a schema older than the
     # hooks outbox, an empty database being restored): only database_up and schema_current are exported
     tables_read: bool = True
+    # unix seconds, when the last completed reconcile run started: drift it found was missed before then (a change
+    # it repaired in flight has its delivery after the start, however long the run took)
+    reconcile_last_started_at: float | None = None
 
 
 class _DatabaseCollector(Collector):
@@ -241,6 +244,11 @@ class _DatabaseCollector(Collector):
                                      "When the last completed reconcile run finished.")
             last.add_metric([], snap.reconcile_last_success_at)
             yield last
+            if snap.reconcile_last_started_at is not None:
+                started = GaugeMetricFamily("clerk_sync_reconcile_last_started_timestamp_seconds",
+                                            "When the last completed reconcile run started.")
+                started.add_metric([], snap.reconcile_last_started_at)
+                yield started
             drift = GaugeMetricFamily("clerk_sync_reconcile_last_drift",
                                       "Rows the last completed reconcile run repaired, by action.", labels=["action"])
             for action in ("created", "updated", "deleted"):
