@@ -273,6 +273,7 @@ def test_serve_announces_only_what_it_bound(tmp_path: Path) -> None:
     no_sign_in = run("serve", "--port", "0", env={**env, "CLERK_SYNC_CONSOLE": "1"})
     assert no_sign_in.returncode == 2 and "the console has no way to sign in" in said(no_sign_in)
     assert "serving on" not in said(no_sign_in) and "operator console on" not in said(no_sign_in)
+    assert run("migrate", env=env).returncode == 0  # (--no-migrate serves an existing database only)
     proc = subprocess.Popen([*CLI, "serve", "--port", "0", "--no-migrate"], stderr=subprocess.PIPE, text=True,
                             env=_clean_env(env))
     try:
