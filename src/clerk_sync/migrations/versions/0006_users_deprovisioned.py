@@ -17,7 +17,10 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.add_column("users", sa.Column("deprovisioned", sa.Boolean, nullable=False, server_default=sa.false()))
+    # (MySQL's DDL is not transactional: a run killed after the server added it, before the version was
+    # written, runs this again)
+    if "deprovisioned" not in {c["name"] for c in sa.inspect(op.get_bind()).get_columns("users")}:
+        op.add_column("users", sa.Column("deprovisioned", sa.Boolean, nullable=False, server_default=sa.false()))
 
 
 def downgrade() -> None:

@@ -18,9 +18,15 @@ depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("webhook_events") as batch:
-        batch.add_column(sa.Column("redacted_at", Timestamp, nullable=True))
-    op.create_index("ix_webhook_events_redacted_at_received_at", "webhook_events", ["redacted_at", "received_at"])
+    # (MySQL's DDL is not transactional: a run killed after the server finished a step, before the version was
+    # written, runs this again; each step is taken only if missing)
+    inspector = sa.inspect(op.get_bind())
+    if "redacted_at" not in {c["name"] for c in inspector.get_columns("webhook_events")}:
+        with op.batch_alter_table("webhook_events") as batch:
+            batch.add_column(sa.Column("redacted_at", Timestamp, nullable=True))
+    index = "ix_webhook_events_redacted_at_received_at"
+    if index not in {i["name"] for i in sa.inspect(op.get_bind()).get_indexes("webhook_events")}:
+        op.create_index(index, "webhook_events", ["redacted_at", "received_at"])
 
 
 def downgrade() -> None:

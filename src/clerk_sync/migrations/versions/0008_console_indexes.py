@@ -10,6 +10,7 @@ Revises: 0007
 
 from __future__ import annotations
 
+import sqlalchemy as sa
 from alembic import op
 
 revision = "0008_console"
@@ -46,7 +47,11 @@ _EXPRESSIONS = {
 
 
 def upgrade() -> None:
-    op.create_index("ix_webhook_events_received_at", "webhook_events", ["received_at"])
+    # (MySQL's DDL is not transactional: a run killed after the server built it, before the version was written,
+    # runs this again)
+    have = {i["name"] for i in sa.inspect(op.get_bind()).get_indexes("webhook_events")}
+    if "ix_webhook_events_received_at" not in have:
+        op.create_index("ix_webhook_events_received_at", "webhook_events", ["received_at"])
     dialect = op.get_bind().dialect.name
     if dialect in ("mysql", "mariadb"):
         # MariaDB indexes no expressions: migration 0012 indexes virtual columns computing them there.

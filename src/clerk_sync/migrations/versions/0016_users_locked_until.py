@@ -25,7 +25,10 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.add_column("users", sa.Column("locked_until", sa.BigInteger, nullable=True))
+    # (MySQL's DDL is not transactional: a run killed after the server added it, before the version was
+    # written, runs this again)
+    if "locked_until" not in {c["name"] for c in sa.inspect(op.get_bind()).get_columns("users")}:
+        op.add_column("users", sa.Column("locked_until", sa.BigInteger, nullable=True))
 
 
 def downgrade() -> None:
