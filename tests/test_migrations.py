@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -141,4 +142,25 @@ def test_a_step_whose_ddl_finished_without_its_version_runs_again(db_url: str) -
         assert migrations.current_revision(engine) == step
     migrations.upgrade(engine)
     assert migrations.schema_state(engine)[0] == "current"
+    engine.dispose()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_an_inbox_payload_with_nan_from_0_2_0_does_not_stop_the_upgrade(db_url: str) -> None:
+    """Review: release 0.2.0 parsed bodies with a plain json.loads, which takes NaN, and stored them so: to
+    SQLite before 3.42 no JSON, and 0008's json_extract indexes over every row failed the upgrade every time.
+    Such numbers are stored as null first; the rest of the payload as it was."""
+    engine = create_engine(db_url)
+    migrations.downgrade(engine, "base")
+    migrations.upgrade(engine, "0007")
+    payload = '{"type":"user.updated","data":{"id":"user_nan","unsafe_metadata":{"score":NaN,"top":-Infinity}}}'
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO webhook_events (svix_id, type, received_at, payload, status, attempts) "
+                             "VALUES ('msg_nan', 'user.updated', '2026-01-01 00:00:00', ?, 'applied', 1)", (payload,))
+    migrations.upgrade(engine)
+    assert migrations.schema_state(engine)[0] == "current"
+    with engine.connect() as conn:
+        stored = conn.exec_driver_sql("SELECT payload FROM webhook_events WHERE svix_id = 'msg_nan'").scalar_one()
+    assert json.loads(stored) == {"type": "user.updated",
+                                  "data": {"id": "user_nan", "unsafe_metadata": {"score": None, "top": None}}}
     engine.dispose()

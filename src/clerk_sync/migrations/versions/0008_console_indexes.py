@@ -10,6 +10,8 @@ Revises: 0007
 
 from __future__ import annotations
 
+import json
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -57,10 +59,27 @@ def upgrade() -> None:
         # MariaDB indexes no expressions: migration 0012 indexes virtual columns computing them there.
         return
     postgres = dialect == "postgresql"
+    if dialect == "sqlite":
+        _repair_non_finite_numbers(op.get_bind())
     for name, (table, sqlite_expr, pg_expr, partial) in _EXPRESSIONS.items():
         expr = pg_expr if postgres else sqlite_expr
         where = f" WHERE {expr} IS NOT NULL" if partial else ""
         op.execute(f"CREATE INDEX {name} ON {table} ({expr}){where}")
+
+
+def _repair_non_finite_numbers(conn: sa.Connection) -> None:
+    """Release 0.2.0 parsed bodies with a plain ``json.loads``, which takes ``NaN`` and ``Infinity``, and stored
+    them so: no JSON to SQLite before 3.42, and the ``json_extract`` indexes below, built over every row, failed
+    the upgrade every time (review). Such numbers are stored as null, as the parser has stored them since (a
+    payload not even that can parse is left: the index build names the failure)."""
+    rows = conn.exec_driver_sql("SELECT id, payload FROM webhook_events WHERE NOT json_valid(payload)").all()
+    for row_id, text in rows:
+        try:
+            document = json.loads(text, parse_constant=lambda _: None)
+        except (TypeError, ValueError):
+            continue
+        conn.exec_driver_sql("UPDATE webhook_events SET payload = ? WHERE id = ?",
+                             (json.dumps(document, allow_nan=False), row_id))
 
 
 def downgrade() -> None:
