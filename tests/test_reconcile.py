@@ -28,7 +28,14 @@ from clerk_sync.errors import ClerkAPIError, ClerkUnavailable, ReconcileBusy
 from clerk_sync.events import UserRecord, membership_record, organization_record, record_columns, user_record
 from clerk_sync.reconcile import Change, Reconciler
 from clerk_sync.store import Store
-from clerk_sync.tables import organization_memberships, organizations, reconcile_runs, reconcile_seen, users
+from clerk_sync.tables import (
+    organization_memberships,
+    organizations,
+    reconcile_runs,
+    reconcile_seen,
+    users,
+    webhook_events,
+)
 from clerk_sync.testing import EmulatorServer
 from tests import factories
 from tests._server import running
@@ -222,6 +229,45 @@ def test_since_counts_a_page_after_a_deletion_between_pages_and_stops_at_the_fir
     report = reconciler(store, client, page_size=10).run(since=datetime.fromtimestamp(B_MS / 1000, UTC))
     assert report.counts["users"].unchanged == 15  # 10 on the first page, user_new_10..14 on the second
     assert clerk.requests["users"] == 2  # the second page held an older user: no third
+
+
+def test_a_resumed_run_measures_missed_deliveries_from_its_own_start(
+        store: Store, clerk: ClerkClient, emu: EmulatorServer) -> None:
+    """Review: freshness measured missed deliveries from the last completed run's start, and a resumed run keeps
+    its first attempt's: an organization created (its webhook never arriving) before a resume 5 hours later was
+    repaired by it, and the gap read 10 minutes: `doctor --freshness` said ok, the alert stayed quiet. From the
+    resumed attempt's own start now (recorded in the run's details)."""
+    from clerk_sync.freshness import check_freshness, read_snapshot
+
+    t0 = datetime.now(UTC)
+    emu.emulator.bulk_create_users(5)
+    reconciler(store, clerk, prefetch=1).run()  # the initial load
+    with store.transaction() as writer:  # the newest delivery: 10 min before the next run starts
+        writer.conn.execute(webhook_events.insert().values(
+            svix_id="msg_last", type="user.updated", received_at=t0 - timedelta(minutes=10),
+            payload={"type": "user.updated", "data": {"id": "user_x"}}, status="applied"))
+    listed = clerk.list_organizations
+
+    def down(**_: Any) -> Any:
+        raise ClerkUnavailable("down", retry_after=1.0)
+
+    clerk.list_organizations = down  # type: ignore[method-assign]
+    with pytest.raises(ClerkUnavailable):
+        reconciler(store, clerk, prefetch=1).run()  # users done, organizations failed: resumable
+    clerk.list_organizations = listed  # type: ignore[method-assign]
+    emu.create_organization(name="missed-org")  # its webhook never arrives
+
+    def later() -> datetime:
+        return datetime.now(UTC) + timedelta(hours=5)
+
+    report = reconciler(Store(store.engine, now=later), clerk, prefetch=1, now=later).run()
+    assert report.resumed and report.counts["organizations"].created == 1
+    snap = read_snapshot(store)
+    assert snap.reconcile_last_started_at is not None and snap.newest_delivery_at is not None
+    assert snap.reconcile_last_started_at - snap.newest_delivery_at > 4 * 3600
+    (delivery,) = [c for c in check_freshness(snap, now=later().timestamp(), max_delivery_age_s=None, max_failed=100,
+                                              max_reconcile_age_s=86400) if c.name == "newest delivery"]
+    assert delivery.status == "fail" and "deliveries are missed" in delivery.detail, delivery
 
 
 def test_failed_run_resumes_from_its_cursor(store: Store, clerk: ClerkClient, emu: EmulatorServer) -> None:

@@ -9,7 +9,9 @@ Each read is a handful of index lookups: the newest delivery per outcome and the
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -23,7 +25,7 @@ from clerk_sync.engine import DeliveryStatus
 from clerk_sync.metrics import DatabaseSnapshot
 from clerk_sync.outbox import REFUSAL_NOTE
 from clerk_sync.store import Store
-from clerk_sync.tables import audit_log, hook_jobs, reconcile_runs, webhook_events
+from clerk_sync.tables import RECONCILE_ATTEMPT_STARTED, audit_log, hook_jobs, reconcile_runs, webhook_events
 
 __all__ = ["FreshnessCheck", "check_freshness", "database_probe", "read_initial_load", "read_snapshot"]
 
@@ -80,20 +82,34 @@ def read_snapshot(store: Store) -> DatabaseSnapshot:
                 conn.rollback()
                 return DatabaseSnapshot(None, 0, None, schema_current=False, tables_read=False)
         run = conn.execute(
-            sa.select(r.c.started_at, r.c.finished_at, r.c.created, r.c.updated, r.c.deleted).where(r.c.id == last_id)
+            sa.select(r.c.started_at, r.c.finished_at, r.c.created, r.c.updated, r.c.deleted, r.c.details)
+            .where(r.c.id == last_id)
         ).first()
     stamps = [s for s in (_stamp(v) for v in row[:3]) if s is not None]
     return DatabaseSnapshot(
         newest_delivery_at=max(stamps) if stamps else None,
         failed_backlog=int(row[3]),
         reconcile_last_success_at=_stamp(run.finished_at) if run is not None else None,
-        reconcile_last_started_at=_stamp(run.started_at) if run is not None else None,
+        reconcile_last_started_at=_attempt_started(run.started_at, run.details) if run is not None else None,
         reconcile_last_drift={"created": run.created, "updated": run.updated, "deleted": run.deleted} if run else {},
         hook_jobs={s: int(n) for s, n in zip(_JOB_STATUSES, row[4:7], strict=True)},
         hook_oldest_pending_at=_stamp(row[7]),
         hook_oldest_pending_hook=row[8],
         schema_current=_schema_current(store, row[9], int(row[10])),
     )
+
+
+def _attempt_started(started_at: datetime, details: Any) -> float | None:
+    """When the run's last attempt started: a resumed run's own (its details), else the run's start. From the first
+    attempt's, drift a run resumed hours later repaired was measured from before the outage began (review)."""
+    if isinstance(details, str):
+        with suppress(ValueError):
+            details = json.loads(details)
+    attempt = details.get(RECONCILE_ATTEMPT_STARTED) if isinstance(details, dict) else None
+    if isinstance(attempt, str):
+        with suppress(ValueError):
+            return aware(datetime.fromisoformat(attempt)).timestamp()
+    return _stamp(started_at)
 
 
 _VERSIONS = sa.table(migrations.VERSION_TABLE, sa.column("version_num", sa.String(32)))
@@ -213,9 +229,10 @@ def check_freshness(snap: DatabaseSnapshot, *, now: float, max_delivery_age_s: f
                     initial_load: int | None = None) -> list[FreshnessCheck]:
     """The alert rules' questions, answered from one snapshot (pure: ``now`` is unix seconds).
 
-    A quiet install is not a stale one: deliveries fail the check when the last reconcile repaired rows
-    and finished more than :data:`MISSED_AFTER_S` after the newest delivery (ClerkSyncNoDeliveriesWhileDrift),
-    or, only with ``max_delivery_age_s`` (an app whose users change all day), when the newest is older.
+    A quiet install is not a stale one: deliveries fail the check when the last reconcile repaired rows and
+    started (its last attempt) more than :data:`MISSED_AFTER_S` after the newest delivery
+    (ClerkSyncNoDeliveriesWhileDrift), or, only with ``max_delivery_age_s`` (an app whose users change all day),
+    when the newest is older.
     With ``refusals`` (:func:`read_refusals`), a fifth line: rows the app's mapped tables refused
     (ClerkSyncMappedRowsRefused). ``initial_load`` (:func:`read_initial_load`) is the last run's id when it
     is the first completed one: the rows it created are the initial load, neither drift nor a sign of missed

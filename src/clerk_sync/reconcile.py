@@ -64,6 +64,7 @@ from clerk_sync.metrics import Metrics
 from clerk_sync.store import TRANSACTION_POOLER_INFO, Store, Writer, dialect_family, erased_digest
 from clerk_sync.tables import (
     MYSQL_TABLE,
+    RECONCILE_ATTEMPT_STARTED,
     erased,
     organization_memberships,
     organizations,
@@ -188,6 +189,9 @@ class _Run:
     heartbeat: datetime | None = None  # the store's time of our last heartbeat: the run is still ours (_beat)
     after: Anchor | None = None  # the users listing's cursor: the last user of its last committed page
     instance_id: str | None = None  # the Clerk instance the key belongs to (recorded in the run's details)
+    # A resumed run: when this attempt started (recorded in its details): the freshness checks measure missed
+    # deliveries from it, not from the first attempt's start up to RESUME_WITHIN_S before (review)
+    attempt_started_at: datetime | None = None
     # A dry run's deletions by entity: the memberships of a user or organization it would delete go with them
     # (the cascade), so its membership sweep leaves them out, as the real run finds them deleted already.
     dry_deleted: dict[Entity, set[str]] = field(default_factory=dict)
@@ -353,7 +357,7 @@ class Reconciler:
                                          requests_before=row["requests"], duration_before_s=row["duration_s"])
                 return _Run(report, row["phase"], row["cursor"], reconcile_seen, after=_load_after(row["details"]),
                             base_requests=row["requests"], base_duration=row["duration_s"], heartbeat=now,
-                            base_rate_limited=_load_rate_limited(row["details"]))
+                            base_rate_limited=_load_rate_limited(row["details"]), attempt_started_at=now)
             writer.conn.execute(reconcile_runs.update().where(reconcile_runs.c.id == row["id"])
                                 .values(status="abandoned", finished_at=now))
             writer.conn.execute(reconcile_seen.delete().where(reconcile_seen.c.run_id == row["id"]))
@@ -370,7 +374,8 @@ class Reconciler:
             return
         report = run.report
         self._beat(writer, run, phase=run.phase, cursor=run.cursor, requests=report.requests,
-                   duration_s=report.duration_s, details=_dump_counts(report, run.after, run.instance_id),
+                   duration_s=report.duration_s, details=_dump_counts(report, run.after, run.instance_id,
+                                                                     run.attempt_started_at),
                    **{name: report.total(name) for name in ("created", "updated", "deleted", "unchanged")},
                    **values)
 
@@ -1058,12 +1063,14 @@ def _upsert_many(writer: Writer, entity: Entity, records: list[Record]) -> None:
         writer.upsert_many(entity, records)
 
 
-def _dump_counts(report: ReconcileReport, after: Anchor | None = None,
-                 instance_id: str | None = None) -> dict[str, Any]:
+def _dump_counts(report: ReconcileReport, after: Anchor | None = None, instance_id: str | None = None,
+                 attempt_started_at: datetime | None = None) -> dict[str, Any]:
     cursor = {"after": after[0], "after_created_at": after[1]} if after is not None else {}
     instance = {"instance_id": instance_id} if instance_id else {}
+    attempt = ({RECONCILE_ATTEMPT_STARTED: aware(attempt_started_at).isoformat()}
+               if attempt_started_at is not None else {})
     return {"counts": {k: asdict(v) for k, v in report.counts.items()}, "swept": report.swept,
-            "rate_limited": report.rate_limited, **cursor, **instance}
+            "rate_limited": report.rate_limited, **cursor, **instance, **attempt}
 
 
 def _load_after(details: Any) -> Anchor | None:

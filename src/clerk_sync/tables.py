@@ -275,6 +275,10 @@ reconcile_runs = sa.Table(
     sa.Column("finished_at", Timestamp, nullable=True),
 )
 
+#: A resumed run's ``details``: when its last attempt started (ISO 8601): freshness measures missed deliveries
+#: from it (``read_snapshot``), not from the first attempt's ``started_at``.
+RECONCILE_ATTEMPT_STARTED = "attempt_started_at"
+
 # The Clerk ids a run has listed, per table: staged here rather than in memory so 10 M users cost
 # no RAM and a resumed run still knows what it saw before the kill.
 def seen_columns() -> list[sa.Column[Any]]:
