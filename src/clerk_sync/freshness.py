@@ -9,7 +9,6 @@ Each read is a handful of index lookups: the newest delivery per outcome and the
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
@@ -102,9 +101,6 @@ def read_snapshot(store: Store) -> DatabaseSnapshot:
 def _attempt_started(started_at: datetime, details: Any) -> float | None:
     """When the run's last attempt started: a resumed run's own (its details), else the run's start. From the first
     attempt's, drift a run resumed hours later repaired was measured from before the outage began (review)."""
-    if isinstance(details, str):
-        with suppress(ValueError):
-            details = json.loads(details)
     attempt = details.get(RECONCILE_ATTEMPT_STARTED) if isinstance(details, dict) else None
     if isinstance(attempt, str):
         with suppress(ValueError):

@@ -817,8 +817,9 @@ class _Projection:
         # An existing row's policy column is the app's once written (an admin's own deactivation): an update
         # fills it only where it holds nothing (is_active NULL: added by migrate); SoftDelete's NULL not at all.
         self.coalesced: JSON = {n: v for n, v in self.fixed.items() if v is not None}
-        # Number columns a true/false goes into as 1/0 (see _as_flag)
-        self.numbers = frozenset(n for n in self.columns if type(_as_flag(table.c[n].type, True)) is int)
+        # Number and text columns a true/false goes into as 1/0 or 'true'/'false' (see _as_flag), by their type
+        self.flag_types = {n: type_ for n in self.columns
+                           if _as_flag(type_ := table.c[n].type, True) is not True}
         # Columns written only into a row inserted here: never SET on a row already there (linked, updated)
         self.insert_only = frozenset(n for n, c in self.columns.items() if c.insert_only)
         # A source's value into a column of one scalar (text, number, flag, time): a list or object there is
@@ -835,9 +836,6 @@ class _Projection:
         # object (review)
         self.json_documents = frozenset(n for n, c in self.columns.items()
                                         if c.transform == "json" and isinstance(table.c[n].type, sa.JSON))
-        # A true/false into a text column: one spelling on every store, JSON's and PostgreSQL's ("true"/"false");
-        # psycopg sent a bool (PostgreSQL wrote 'true'), sqlite3 and mysqlclient 1/0 ('1'): review
-        self.texts = frozenset(n for n in self.columns if isinstance(table.c[n].type, sa.String))
         self.bounded = {n: length for n in self.columns
                         if isinstance(type_ := table.c[n].type, sa.String) and not isinstance(type_, sa.Enum)
                         and (length := type_.length)}
@@ -918,12 +916,9 @@ class _Projection:
                 col = self.columns[name]
                 found = _lookup(record, col.source or "")
                 values[name] = col.default if found is None else found
-        for name in self.numbers:
+        for name, type_ in self.flag_types.items():
             if isinstance(value := values.get(name), bool):
-                values[name] = int(value)
-        for name in self.texts:
-            if isinstance(value := values.get(name), bool):
-                values[name] = "true" if value else "false"
+                values[name] = _as_flag(type_, value)
         for name in self.times:  # an ISO-8601 text (a metadata date) as the time it says, on every store: PostgreSQL
             # parsed it (dropping an offset in a column without a time zone), MariaDB and SQLite refused the row
             if isinstance(value := values.get(name), str):
@@ -1789,9 +1784,9 @@ def _wave(table: sa.Table, key: sa.Column[Any], names: list[str], projection: _P
 def _as_flag(type_: Any, value: Any) -> Any:
     """A true/false (``banned``, ``transform="bool"``, Deactivate's flag) as 1/0 for a number column (a
     ``smallint`` flag): PostgreSQL refuses a boolean there ("cannot cast type boolean to smallint"), every
-    row with it, where MariaDB and SQLite store 1/0; as ``'true'``/``'false'`` for a text column, the mapped
-    values' spelling (:meth:`_Projection.values`; PostgreSQL refused the boolean, the others wrote 1/0); anything
-    else as it is."""
+    row with it, where MariaDB and SQLite store 1/0; as ``'true'``/``'false'`` for a text column, one spelling on
+    every store, JSON's and PostgreSQL's (psycopg sent a bool, written 'true', sqlite3 and mysqlclient 1/0: review);
+    anything else as it is."""
     if isinstance(value, bool) and not isinstance(type_, sa.Boolean):
         if isinstance(type_, sa.Integer | sa.Numeric):
             return int(value)
@@ -2070,22 +2065,19 @@ def _clerk_id_problems(inspector: Any, entity: Entity, mapped: MappedTable, info
     on it that is only partial (each row then takes an UPDATE, then an INSERT, not one upsert)."""
     name, column = mapped.table, mapped.clerk_id_column
     problems: list[tuple[str, str]] = []
+    widen = (f"ALTER TABLE {name} ALTER COLUMN {column} TYPE varchar({CLERK_ID_CHARS})"
+             if inspector.dialect.name == "postgresql" else
+             f"ALTER TABLE {name} MODIFY {column} VARCHAR({CLERK_ID_CHARS}) CHARACTER SET utf8mb4 COLLATE "
+             "utf8mb4_bin (restate NOT NULL, DEFAULT and COMMENT if it has them)"
+             if inspector.dialect.name != "sqlite" else
+             f"a {column} VARCHAR({CLERK_ID_CHARS}) column (SQLite: a new table, its rows copied)")
     if not isinstance(info["type"], sa.String | sa.types.NullType):
         # (an integer one took every id on SQLite, refused on the others: the doctor said ok; a SQLite column
         # declared without a type, NullType, takes text)
-        fix = (f"ALTER TABLE {name} ALTER COLUMN {column} TYPE varchar({CLERK_ID_CHARS})"
-               if inspector.dialect.name == "postgresql" else
-               f"ALTER TABLE {name} MODIFY {column} VARCHAR({CLERK_ID_CHARS}) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
-               if inspector.dialect.name != "sqlite" else f"a {column} VARCHAR({CLERK_ID_CHARS}) column (SQLite: a new "
-               "table, its rows copied)")
         return [("fail", f"{name}.{column} is {info['type']} and Clerk's ids are text ({_ID_PREFIX[entity]}...): every "
-                         f"row is refused on PostgreSQL and MySQL/MariaDB; make it text: {fix}")]
+                         f"row is refused on PostgreSQL and MySQL/MariaDB; make it text: {widen}")]
     length = getattr(info["type"], "length", None)
     if inspector.dialect.name != "sqlite" and isinstance(length, int) and length < CLERK_ID_CHARS:
-        widen = (f"ALTER TABLE {name} ALTER COLUMN {column} TYPE varchar({CLERK_ID_CHARS})"
-                 if inspector.dialect.name == "postgresql" else
-                 f"ALTER TABLE {name} MODIFY {column} VARCHAR({CLERK_ID_CHARS}) CHARACTER SET utf8mb4 COLLATE "
-                 "utf8mb4_bin (restate NOT NULL, DEFAULT and COMMENT if it has them)")
         if length < len(_ID_PREFIX[entity]) + 27:
             problems.append(("fail", f"{name}.{column} holds {length} characters and Clerk's ids there "
                                      f"({_ID_PREFIX[entity]}...) have {len(_ID_PREFIX[entity]) + 27}: every row is "

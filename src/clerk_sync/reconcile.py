@@ -725,16 +725,16 @@ class Reconciler:
     # -- deletions --------------------------------------------------------------------------
     def _sweep_all(self, run: _Run) -> None:
         self._analyze_seen(run)
+        # (users not after a --since run: a partial listing says nothing about deletions)
+        swept = [e for e in _LISTINGS if not (e is Entity.USER and run.report.since is not None)]
         if not run.report.dry_run and not self.allow_mass_delete:
             # Users and organizations judged before either is swept: the organizations' refusal came after the
             # users' sweep had tombstoned some (final), and said "Nothing was deleted" (review). Memberships are
             # judged at their sweep, after the cascades of the deletions before it.
-            for entity in (Entity.USER, Entity.ORGANIZATION):
-                if not (entity is Entity.USER and run.report.since is not None):
+            for entity in swept:
+                if entity is not Entity.MEMBERSHIP:
                     self._refuse_mass_delete(run, entity)
-        for entity in _LISTINGS:
-            if entity is Entity.USER and run.report.since is not None:
-                continue  # a partial listing says nothing about deletions
+        for entity in swept:
             self.progress.start(f"{entity.value} deletions", None, 0)
             self._sweep(run, entity)
             run.report.swept.append(entity.value)
@@ -752,9 +752,8 @@ class Reconciler:
                 conn.exec_driver_sql(f"ANALYZE {conn.dialect.identifier_preparer.format_table(run.seen)}")
 
     def _sweep(self, run: _Run, entity: Entity) -> None:
-        table, seen = _TABLES[entity], run.seen
-        listed = sa.exists().where(seen.c.run_id == run.id, seen.c.entity == entity.value,
-                                   seen.c.clerk_id == table.c.clerk_id)
+        table = _TABLES[entity]
+        listed = _listed(run, entity)
         extra = [table.c.organization_clerk_id, table.c.user_clerk_id] if entity is Entity.MEMBERSHIP else []
         if entity is Entity.MEMBERSHIP and not run.report.dry_run and not self.allow_mass_delete:
             self._refuse_mass_delete(run, entity)
@@ -782,9 +781,7 @@ class Reconciler:
 
     def _refuse_mass_delete(self, run: _Run, entity: Entity) -> None:
         """Stop before the sweep when Clerk did not list a large share of the live rows (see the class)."""
-        table, seen = _TABLES[entity], run.seen
-        listed = sa.exists().where(seen.c.run_id == run.id, seen.c.entity == entity.value,
-                                   seen.c.clerk_id == table.c.clerk_id)
+        table, listed = _TABLES[entity], _listed(run, entity)
         live = sa.select(sa.func.count()).select_from(table).where(table.c.deleted_at.is_(None))
         with self._unit(run) as (conn, _):
             total = conn.execute(live).scalar_one()
@@ -1061,6 +1058,14 @@ def _upsert_many(writer: Writer, entity: Entity, records: list[Record]) -> None:
             writer.apply(Upsert(entity, record))
     else:
         writer.upsert_many(entity, records)
+
+
+def _listed(run: _Run, entity: Entity) -> sa.Exists:
+    """The rows of ``entity``'s table this run listed (staged in ``run.seen``): the sweep's candidates are the
+    others."""
+    table, seen = _TABLES[entity], run.seen
+    return sa.exists().where(seen.c.run_id == run.id, seen.c.entity == entity.value,
+                             seen.c.clerk_id == table.c.clerk_id)
 
 
 def _dump_counts(report: ReconcileReport, after: Anchor | None = None, instance_id: str | None = None,

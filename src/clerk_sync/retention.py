@@ -1378,12 +1378,8 @@ def _document_or_text(payload: Any) -> Any:
 
 def _as_dict(payload: Any) -> Mapping[str, Any]:
     """A stored payload's document; ``{}`` for one that is not a JSON object (not JSON at all: redacted whole)."""
-    if isinstance(payload, str):
-        try:
-            payload = json.loads(payload)
-        except ValueError:
-            return {}
-    return payload if isinstance(payload, Mapping) else {}
+    document = _document_or_text(payload)
+    return document if isinstance(document, Mapping) else {}
 
 
 def _not_cleared(table: sa.Table) -> sa.ColumnElement[bool]:

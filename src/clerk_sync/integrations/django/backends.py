@@ -402,7 +402,12 @@ def _cleared_row(clerk_id: str) -> AuthUser:
                     clerk_created_at=None, clerk_updated_at=0, created_at=gone, updated_at=gone, deleted_at=gone)
 
 
-def _django_outage(exc: BaseException) -> StoreError | None:
+_SESSION_USER_UNREAD = ("the Django user of a Clerk session could not be read or saved (clerk-sync's own database may "
+                        "be up: check Django's DATABASES, and its server's connections: max_connections, "
+                        "CONN_MAX_AGE under ASGI)")
+
+
+def _django_outage(exc: BaseException, then: str = _SESSION_USER_UNREAD) -> StoreError | None:
     """The outage a Django database error is, as clerk-sync's :class:`~clerk_sync.errors.StoreError` (503 with
     ``Retry-After``), or None when it is none.
 
@@ -414,7 +419,7 @@ def _django_outage(exc: BaseException) -> StoreError | None:
     "retry in 5 s" would be a lie; they stay Django's 500 with its traceback, as any bug. Nor an ``OperationalError``
     clerk-sync's store takes for a value refused for good (:class:`~clerk_sync.errors.StoreDataError`: a MySQL
     column's refusal, which its driver raises as one; a PostgreSQL program limit). The message names the driver's
-    error without the values it may quote."""
+    error without the values it may quote, then ``then``: what could not be done, and what to check."""
     if not isinstance(exc, OperationalError | InterfaceError):
         return None
     orig = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc  # (Django raises it from the driver's)
@@ -422,9 +427,7 @@ def _django_outage(exc: BaseException) -> StoreError | None:
         return None
     if isinstance(store_error(sa.exc.DBAPIError.instance(None, None, orig, Exception)), StoreDataError):
         return None
-    return StoreError(f"Django's database: {type(orig).__name__}: {database_message(orig)}; the Django user of a "
-                      "Clerk session could not be read or saved (clerk-sync's own database may be up: check Django's "
-                      "DATABASES, and its server's connections: max_connections, CONN_MAX_AGE under ASGI)")
+    return StoreError(f"Django's database: {type(orig).__name__}: {database_message(orig)}; {then}")
 
 
 def _schema_or_statement_fault(orig: BaseException) -> bool:

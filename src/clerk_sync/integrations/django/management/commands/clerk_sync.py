@@ -134,11 +134,11 @@ class Command(BaseCommand):
             # (a traceback and 1, "work left undone", before: review); a fault for good stays Django's traceback
             from clerk_sync.integrations.django.backends import _django_outage
 
-            if (outage := _django_outage(exc)) is None:
+            outage = _django_outage(exc, "check DATABASES['default'] and that Django's database is up, then run it "
+                                         "again (clerk-sync's own part is done and kept)")
+            if outage is None:
                 raise
-            raise CommandError(str(outage).split("; the Django user")[0] + "; check DATABASES['default'] and that "
-                               "Django's database is up, then run it again (clerk-sync's own part is done and kept)",
-                               returncode=EXIT_UNAVAILABLE) from exc
+            raise CommandError(str(outage), returncode=EXIT_UNAVAILABLE) from exc
         except sa.exc.SQLAlchemyError as exc:  # (migrate with the database down): one line, no SQL nor values
             raise CommandError(f"{store_error(exc)}; check CLERK_SYNC['DATABASE_URL'], else DATABASES['default'], "
                                f"and that the database is up ({masked_url(clerk_settings().database_url)})",
