@@ -55,6 +55,23 @@ def test_a_true_or_false_into_a_too_short_text_column_is_failed_by_the_doctor_an
     engine.dispose()
 
 
+def test_a_true_or_false_into_a_float_column_is_1_or_0_on_every_store(db_url: str) -> None:
+    """Review: SQLAlchemy 2.1's Float is no Numeric, so a true/false into a ``double precision`` column went as a
+    boolean and PostgreSQL refused every row with it (the others stored 1/0)."""
+    table = sa.Table("acc_float", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
+                     sa.Column("clerk_user_id", sa.String(64), unique=True), sa.Column("banned", sa.Float))
+    mapping = SchemaMapping(users=MappedTable("acc_float", "clerk_user_id", {"banned": "banned"}))
+    store, engine = _with_app_table(db_url, table, mapping)
+    ada, bob = f.user("user_ada", B), f.user("user_bob", B)
+    bob["banned"] = True
+    assert deliver(store, f.envelope("user.created", ada), f.envelope("user.created", bob)) == ["applied"] * 2
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT clerk_user_id, banned FROM acc_float ORDER BY clerk_user_id")).all()
+    assert [(r[0], float(r[1])) for r in rows] == [("user_ada", 0.0), ("user_bob", 1.0)]
+    store.dispose()
+    engine.dispose()
+
+
 @pytest.mark.parametrize("mapped", [False, True], ids=["policy-only", "mapped-flag"])
 def test_a_deactivate_flag_in_a_text_column_is_true_then_false_on_every_store(db_url: str, mapped: bool) -> None:
     """Review of the fix above: Deactivate's own true/false (a new row's, the deletion's) still went as a bool:

@@ -1788,7 +1788,7 @@ def _as_flag(type_: Any, value: Any) -> Any:
     every store, JSON's and PostgreSQL's (psycopg sent a bool, written 'true', sqlite3 and mysqlclient 1/0: review);
     anything else as it is."""
     if isinstance(value, bool) and not isinstance(type_, sa.Boolean):
-        if isinstance(type_, sa.Integer | sa.Numeric):
+        if isinstance(type_, sa.Integer | sa.Numeric | sa.Float):  # (SQLAlchemy 2.1's Float is no Numeric)
             return int(value)
         if isinstance(type_, sa.String):
             return "true" if value else "false"
