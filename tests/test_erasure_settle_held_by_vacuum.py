@@ -79,8 +79,12 @@ def test_a_running_vacuum_is_named_as_what_held_the_inbox(stores: tuple[Store, S
         with other.engine.connect() as conn:  # until it runs (and waits on the pin)
             started = threading.Event()
             for _ in range(1200):  # (60 s at most: a busy box, or a lock the VACUUM queues behind first)
-                if conn.execute(sa.text("SELECT 1 FROM pg_stat_progress_vacuum WHERE pid = :pid"),
-                                {"pid": pid}).first() is not None:
+                running = conn.execute(sa.text("SELECT 1 FROM pg_stat_progress_vacuum WHERE pid = :pid"),
+                                       {"pid": pid}).first() is not None
+                # (the server's view of other sessions is read once a transaction and kept to its end: polled in
+                # one transaction, a VACUUM that had not started at the first look "never started". Failed in CI)
+                conn.rollback()
+                if running:
                     started.set()
                     break
                 started.wait(0.05)
