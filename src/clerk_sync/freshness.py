@@ -22,6 +22,7 @@ from clerk_sync._db_errors import store_error
 from clerk_sync._time import aware
 from clerk_sync.engine import DeliveryStatus
 from clerk_sync.metrics import DatabaseSnapshot
+from clerk_sync.migrations._privileges import delivery_tables, missing_tables
 from clerk_sync.outbox import REFUSAL_NOTE
 from clerk_sync.store import Store
 from clerk_sync.tables import RECONCILE_ATTEMPT_STARTED, audit_log, hook_jobs, reconcile_runs, webhook_events
@@ -30,6 +31,7 @@ __all__ = ["FreshnessCheck", "check_freshness", "database_probe", "read_initial_
 
 _DONE = (DeliveryStatus.APPLIED, DeliveryStatus.SKIPPED, DeliveryStatus.IGNORED)
 _JOB_STATUSES = ("pending", "running", "dead")
+_TABLES = delivery_tables()
 
 
 def _stamp(value: datetime | None) -> float | None:
@@ -40,7 +42,8 @@ def read_snapshot(store: Store) -> DatabaseSnapshot:
     """Two read-only round trips: newest delivery, failed backlog, hook jobs by status, the schema's revision
     (:data:`~clerk_sync.migrations.VERSION_TABLE`, for ``clerk_sync_schema_current``); the last completed
     reconcile run. Without a version table of clerk-sync's (a database an older release migrated, or none),
-    the first is read again without it and the schema's state the way ``/readyz`` reads it."""
+    the first is read again without it and the schema's state the way ``/readyz`` reads it; a table of the
+    deliveries' missing (the catalog says which) is a schema not current whatever its version says."""
     e, r = webhook_events, reconcile_runs
     newest = [sa.select(sa.func.max(e.c.received_at)).where(e.c.status == s).scalar_subquery() for s in _DONE]
     failed = sa.select(sa.func.count()).select_from(e).where(e.c.status == DeliveryStatus.FAILED).scalar_subquery()
@@ -58,25 +61,38 @@ def read_snapshot(store: Store) -> DatabaseSnapshot:
     oldest = sa.select(sa.func.min(j.c.created_at)).where(due).scalar_subquery()
     # its hook: a job no running dispatcher has the hook of waits for ever
     oldest_hook = sa.select(j.c.hook).where(due).order_by(j.c.created_at, j.c.id).limit(1).scalar_subquery()
+    # Every table the deliveries need named (planned, not read): one missing under a revision that says current (a
+    # partial restore, a table dropped) fails this read, and is told from the schema behind below (review: read as
+    # the database down or, for a table these values do not read, as current).
+    there = [sa.exists(sa.select(sa.literal(1)).select_from(sa.table(t)).where(sa.false())) for t in _TABLES]
     values = (*newest, failed, *jobs, oldest, oldest_hook)
     v = _VERSIONS  # one row at any revision a release of ours leaves: a primary-key lookup, no round trip more
     revision = sa.select(sa.func.max(v.c.version_num)).scalar_subquery()
     revisions = sa.select(sa.func.count()).select_from(v).scalar_subquery()
     with store.connect() as conn:
         try:
-            row: tuple[Any, ...] = tuple(conn.execute(sa.select(*values, revision, revisions)).one())
+            row: tuple[Any, ...] = tuple(conn.execute(sa.select(*values, revision, revisions, *there)).one())[:11]
         except sa.exc.SQLAlchemyError as exc:
             if not _behind(exc):  # down, a timeout: as without the version
                 raise
             conn.rollback()  # (PostgreSQL: the failed statement ended the transaction)
             try:
-                row = (*conn.execute(sa.select(*values)).one(), None, 0)
+                row = tuple(conn.execute(sa.select(*values)).one())
+                gone = missing_tables(conn)  # (the catalog: a table missing at the version read next)
+                conn.rollback()
+                if not gone:
+                    row = (*row, None, 0)  # no version table of clerk-sync's: the state as /readyz reads it
             except sa.exc.SQLAlchemyError as again:
                 # Older still (no hook_jobs: before 0009) or empty (a restore under way): the database answers,
                 # so it is up; what it lacks is the schema (review: this read as clerk_sync_database_up 0,
                 # paging ClerkSyncDatabaseDown where ClerkSyncSchemaNotCurrent is the lead). A table missing
-                # under a revision that says current is no schema to migrate: a failed read, as before.
-                if not _behind(again) or _schema_current(store, None, 0) is not False:
+                # under a revision that says current (a partial restore, a table dropped) is the schema's too:
+                # it read as the database down, and /readyz says which tables (review).
+                if not _behind(again):
+                    raise
+                conn.rollback()
+                current = _schema_current(store, None, 0)
+                if current is None or (current and not missing_tables(conn)):
                     raise
                 conn.rollback()
                 return DatabaseSnapshot(None, 0, None, schema_current=False, tables_read=False)
@@ -84,6 +100,7 @@ def read_snapshot(store: Store) -> DatabaseSnapshot:
             sa.select(r.c.started_at, r.c.finished_at, r.c.created, r.c.updated, r.c.deleted, r.c.details)
             .where(r.c.id == last_id)
         ).first()
+        current = _schema_current(store, row[9], int(row[10])) if len(row) > 9 else False
     stamps = [s for s in (_stamp(v) for v in row[:3]) if s is not None]
     return DatabaseSnapshot(
         newest_delivery_at=max(stamps) if stamps else None,
@@ -94,7 +111,7 @@ def read_snapshot(store: Store) -> DatabaseSnapshot:
         hook_jobs={s: int(n) for s, n in zip(_JOB_STATUSES, row[4:7], strict=True)},
         hook_oldest_pending_at=_stamp(row[7]),
         hook_oldest_pending_hook=row[8],
-        schema_current=_schema_current(store, row[9], int(row[10])),
+        schema_current=current,
     )
 
 

@@ -385,8 +385,14 @@ def _schema(store: Store) -> tuple[str, str]:
             told += (f"; migrations {', '.join(untrusted)} create triggers, and {BINLOG_TRIGGER_ADVICE} (`migrate` "
                      "tries first and changes nothing if refused)")
         return "fail", told
+    from clerk_sync.migrations._privileges import MISSING_TABLES_ADVICE, missing_tables
+
     with store.engine.connect().execution_options(**{READ_ONLY_OPTION: True}) as conn:
+        gone = missing_tables(conn) if state == "current" else []
         leftover = migrations.legacy_leftover(conn)  # (kept by `migrate` for the old release's replicas)
+    if gone:
+        return "fail", f"reachable, migrations current ({head}), but missing tables: {', '.join(gone)}; " \
+                       f"{MISSING_TABLES_ADVICE}"
     if leftover is not None:
         return "warn", f"reachable, migrations current ({head}); {migrations.legacy_leftover_advice(leftover)}"
     return "ok", f"reachable, migrations current ({head})"

@@ -51,8 +51,9 @@ from clerk_sync.integrations._committer import ALONE, GroupCommitter
 from clerk_sync.integrations._gate import KeyGate, envelope_keys
 from clerk_sync.integrations.http import ErrorResponse, delivery_answer, error_response
 from clerk_sync.metrics import CONTENT_TYPE_LATEST
+from clerk_sync.migrations._privileges import MISSING_TABLES_ADVICE, missing_tables
 from clerk_sync.retention import PruneReport, Retention, RetentionPolicy
-from clerk_sync.store import Store
+from clerk_sync.store import READ_ONLY_OPTION, Store
 from clerk_sync.webhooks import WebhookVerifier
 
 __all__ = [
@@ -634,6 +635,15 @@ class _RolePrivileges:
         return found.needed, found.grants
 
 
+def _missing_tables(store: Store) -> list[str]:
+    """:func:`~clerk_sync.migrations._privileges.missing_tables`, a read (SQLite: no write lock)."""
+    try:
+        with store.engine.connect().execution_options(**{READ_ONLY_OPTION: True}) as conn:
+            return missing_tables(conn)
+    except SQLAlchemyError as exc:
+        raise store_error(exc) from exc
+
+
 def _service_routes(processor: WebhookProcessor, migration: StartupMigration | None,
                     committer: GroupCommitter | None, read_timeout_s: float) -> Sequence[BaseRoute]:
     store = processor.store
@@ -659,6 +669,11 @@ def _service_routes(processor: WebhookProcessor, migration: StartupMigration | N
                 migration.healed()  # refused before, migrated by the owner since: deliveries taken from now on
             if at == "newer":
                 state["migrations"] = "newer than this release"
+            if at == "current":
+                gone = _missing_tables(store)
+                if gone:  # a partial restore, a table dropped: every delivery fails while the version says current
+                    state |= {"migrations_current": False, "tables_missing": gone}
+                    return state
             if at != "behind":
                 try:
                     verdict = privileges.missing(dispatches)
@@ -706,6 +721,8 @@ def _service_routes(processor: WebhookProcessor, migration: StartupMigration | N
         elif "privileges" in state:
             state["hint"] = ("the database role lacks a privilege the service needs: `clerk-sync doctor` prints the "
                              "GRANT statements (the service's log names them too)")
+        elif "tables_missing" in state:
+            state["hint"] = f"missing tables: {', '.join(state['tables_missing'])}; {MISSING_TABLES_ADVICE}"
         elif code != 200:
             if migration is not None and migration.refused is not None:
                 state["hint"] = migration.refused_hint()

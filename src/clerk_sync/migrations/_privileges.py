@@ -34,7 +34,8 @@ from clerk_sync.mapping import (
 )
 from clerk_sync.migrations import VERSION_TABLE
 
-__all__ = ["DELIVERIES", "DISPATCHER", "Missing", "missing_privileges", "outbox_refusals", "unusable_schemas"]
+__all__ = ["DELIVERIES", "DISPATCHER", "MISSING_TABLES_ADVICE", "Missing", "delivery_tables", "missing_privileges",
+           "missing_tables", "outbox_refusals", "unusable_schemas"]
 
 _WRITE = ("SELECT", "INSERT", "UPDATE", "DELETE")
 DELIVERIES = "deliveries (serve's webhook path: answered 503 until granted)"
@@ -120,6 +121,25 @@ def missing_privileges(conn: Connection, mapping: SchemaMapping | None = None,
     elif conn.dialect.name in ("mysql", "mariadb") and who is None:
         _mysql_extras(conn, grantee, missing)
     return missing
+
+
+def missing_tables(conn: Connection) -> list[str]:
+    """clerk-sync's tables the deliveries need that the database lacks (one catalog read). Asked only at this
+    release's head: the version table then says migrated, so a table missing was dropped or left out of a partial
+    restore, and `clerk-sync migrate` adds nothing. Without this, ``/readyz`` said ready on SQLite (and "database
+    down" elsewhere) while every delivery failed, and ``doctor`` said ok. Only the deliveries' tables: MySQL/MariaDB
+    hide a table from a role with no privilege on it at all (``reconcile_runs`` from a runtime role, say)."""
+    present = set(sa.inspect(conn).get_table_names())
+    return [name for name in delivery_tables() if name not in present]
+
+
+def delivery_tables() -> list[str]:
+    """clerk-sync's own tables the deliveries write or read (not the version table: read on its own)."""
+    return [n for n in dict.fromkeys(n.table for n in _needs(None, frozenset({DELIVERIES}))) if n != VERSION_TABLE]
+
+
+MISSING_TABLES_ADVICE = ("the schema's version says migrated, so `clerk-sync migrate` adds nothing: restore them from "
+                         "a backup (a partial restore or a table dropped by hand)")
 
 
 def outbox_refusals(conn: Connection) -> tuple[list[str], str, sa.exc.DBAPIError | None]:
