@@ -456,10 +456,15 @@ class Settings(BaseSettings):
     @classmethod
     def _origins(cls, value: str | None) -> str | None:
         # Compared exactly with the tokens' azp: an entry that can never equal one refuses every session.
-        for entry in (value or "").split(","):
-            problem = _party_problem(entry.strip().rstrip("/")) if entry.strip() else None
+        entries = [entry.strip() for entry in (value or "").split(",")]
+        for entry in entries:
+            problem = _party_problem(entry.rstrip("/")) if entry else None
             if problem is not None:
                 raise ValueError(problem)
+        if value is not None and value.strip() and not any(entries):
+            # (a template whose parts were all empty, "${A},${B}"): no origin at all refused every session
+            raise ValueError(f"no origin in it ({value!r}): list your front end's origins, comma-separated (e.g. "
+                             "https://app.example.com,http://localhost:3000), or unset it")
         return value
 
     @field_validator("clerk_secret_key")
@@ -575,10 +580,11 @@ class Settings(BaseSettings):
 
     def authorized_parties(self) -> frozenset[str] | None:
         """``CLERK_AUTHORIZED_PARTIES`` (comma-separated origins), or None when unset (azp not checked)."""
-        if not self.authorized_parties_raw:
+        raw = self.authorized_parties_raw or ""
+        if not raw.strip():  # (blank: unset, as an empty value is)
             return None
         # as browsers write origins (a token's azp is one): "https://App.example.com:443" is https://app.example.com
-        return frozenset(_origin(p.strip().rstrip("/")) for p in self.authorized_parties_raw.split(",") if p.strip())
+        return frozenset(_origin(p.strip().rstrip("/")) for p in raw.split(",") if p.strip())
 
     def impersonator_roles(self) -> frozenset[str] | None:
         """``CLERK_IMPERSONATOR_ROLES`` for :class:`~clerk_sync.auth.authenticator.Authenticator` (None: any)."""

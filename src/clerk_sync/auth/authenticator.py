@@ -311,6 +311,14 @@ class Authenticator:
             verifier.revocations = self.deny_list
         self._load_user = load_user or self._user_from_table
 
+    def _deny_lists(self) -> tuple[DenyList, ...]:
+        """This authenticator's list, and the verifier's when that is another one (a verifier given its own, or
+        shared with another authenticator): below, in snapshot mode, neither refreshes by itself, so the
+        verifier's was never read and every revoked session was let in on the async path (review)."""
+        other = self.verifier.revocations
+        return (self.deny_list, other) if isinstance(other, DenyList) and other is not self.deny_list \
+            else (self.deny_list,)
+
     # -- who -------------------------------------------------------------------------------------
     def authenticate(self, headers: Mapping[str, str], cookies: Mapping[str, str], *, method: str | None = None,
                      scheme: str | None = None, trusted_origins: Sequence[str] = ()) -> Auth:
@@ -355,8 +363,9 @@ class Authenticator:
             # first: an anonymous request never touches the DB
             token = token_from_request(headers, cookies, suffix=self.verifier.cookie_suffix)
             self._check_site(headers, method, scheme, trusted_origins)
-            if self.deny_list.due():  # its DB read runs in a worker thread, never on the event loop
-                await to_thread.run_sync(self.deny_list.refresh_if_due)
+            for deny_list in self._deny_lists():  # their DB reads run in a worker thread, never on the event loop
+                if deny_list.due():
+                    await to_thread.run_sync(deny_list.refresh_if_due)
             snapshot = _snapshot_only.set(True)  # ...nor again below, on the loop (see _snapshot_only)
             try:
                 auth = self._check_user(await self.verifier.averify(token))

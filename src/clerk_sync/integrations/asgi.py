@@ -33,6 +33,7 @@ from clerk_sync.errors import (
     TokenMissing,
 )
 from clerk_sync.events import org_role_spellings
+from clerk_sync.integrations.http import status_for
 from clerk_sync.integrations.starlette import error_json
 
 __all__ = ["WEBHOOK_SLASH_TWINS", "ClerkAuthBackend", "ClerkAuthMiddleware", "ClerkUser", "check_handshake_origin",
@@ -338,8 +339,9 @@ async def refuse_handshake(websocket: WebSocket, exc: ClerkSyncError) -> None:
 
 
 def _close_code(exc: ClerkSyncError) -> int:
-    """1013 (try again later) for a database that did not answer, else 1008 (policy violation)."""
-    return 1013 if isinstance(exc, StoreError) else 1008
+    """1013 (try again later) for what HTTP answers 503 (a database that did not answer, Clerk's keys that could
+    not be fetched: they were 1008, a refusal, review), else 1008 (policy violation)."""
+    return 1013 if status_for(exc) == 503 else 1008
 
 
 def _cookies(headers: Mapping[str, str]) -> dict[str, str]:
