@@ -143,7 +143,8 @@ def test_an_attempt_after_a_wait_for_the_budget_has_what_is_left(face: str) -> N
     with raw_http(_slow_head) as url:
         took, error = _call(face, url, deadline_s=1.0, budget=budget)
     assert 0.4 <= took < 1.0 + SLACK, f"{face}: took {took:.2f}s"
-    assert re.search(r"no answer within the 0\.[56]\ds left of the 1s deadline \(the rest went waiting for our budget",
+    # (what is left is ~0.6 s, less the call's own set-up: any figure under 0.7 s, as a loaded box stretches it)
+    assert re.search(r"no answer within the 0\.[0-6]\ds left of the 1s deadline \(the rest went waiting for our budget",
                      str(error)), str(error)
 
 
