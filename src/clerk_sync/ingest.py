@@ -613,13 +613,13 @@ def _replay(store: Store, svix_id: str, audit: Callable[[Writer, DeliveryStatus]
     """(replayed, the status stored after, whether the replay wrote the delivery's outcome, whether it queued
     jobs for the hooks naming its event type). ``events``: :func:`_replay_in`'s."""
     def still_failed(writer: Writer) -> str | None:
-        """None when the delivery may be replayed, else its status."""
+        """None when the delivery may be replayed, else its status ("gone": deleted since it was listed, by the
+        prune or another operator; it raised, and a console's bulk replay stopped there with a 503, review)."""
         if not only_failed:
             return None
         e = webhook_events.c
-        status = str(writer.conn.execute(sa.select(e.status).where(e.svix_id == svix_id).with_for_update())
-                     .scalar_one())
-        return None if status == DeliveryStatus.FAILED else status
+        status = writer.conn.execute(sa.select(e.status).where(e.svix_id == svix_id).with_for_update()).scalar()
+        return None if status == DeliveryStatus.FAILED else "gone" if status is None else str(status)
 
     def work(writer: Writer) -> tuple[bool, str, bool, bool]:
         current = still_failed(writer)
@@ -717,8 +717,22 @@ def queue_event(writer: Writer, svix_id: str, envelope: Envelope, person: str | 
         e = webhook_events.c
         if writer.conn.execute(sa.select(e.redacted_at).where(e.svix_id == svix_id)).scalar() is not None:
             data, redacted = redact_payload(envelope.raw).get("data") or {}, True
+    writer.lock(event_locks(writer, svix_id, envelope))
     writer.outbox.record_event(Event(envelope.type, svix_id, envelope.timestamp_ms, data, redacted), names)
     return True
+
+
+def event_locks(writer: Writer, svix_id: str, envelope: Envelope) -> list[str]:
+    """The lock a delivery queuing jobs for an unmirrored event takes for its subject (``data.id``), held to its
+    COMMIT: jobs of one subject are then numbered in commit order, as the locks of users and organizations make
+    theirs. Without it, of two deliveries about one subscription in flight at once, the later one's job committed
+    first and ran; the earlier one's, committed next, was that subject's first unfinished job and ran beside it,
+    finishing last (review). None when no hook names the type (nothing queued) or the subject is the delivery
+    itself (no ``data.id``)."""
+    if writer.outbox is None or not writer.outbox.event_hooks(envelope.type):
+        return []
+    event = Event(envelope.type, svix_id, envelope.timestamp_ms, envelope.data)
+    return [] if event.subject == svix_id else [f"event:{event.key()}"]
 
 
 def payer_organization(envelope: Envelope) -> str | None:

@@ -724,13 +724,14 @@ class Writer:
         """The locks a delivery of these records of ``entity`` takes for them (a backfill page's)."""
         self.lock([f"{_LOCK_PREFIX[entity]}:{clerk_id}" for clerk_id in clerk_ids])
 
-    def lock_entities(self, intents: Sequence[object]) -> None:
-        """Lock every user/organization/membership a batch will write, in one sorted pass, before
-        writing any (MySQL/MariaDB group commit): batches touching the same entities in different
-        orders then queue instead of deadlocking on their rows (InnoDB would roll one back)."""
+    def lock_entities(self, intents: Sequence[object], extra: Sequence[str] = ()) -> None:
+        """Lock every user/organization/membership a batch will write (and the ``extra`` keys: its unmirrored
+        events' subjects), in one sorted pass, before writing any (MySQL/MariaDB group commit): batches touching
+        the same entities in different orders then queue instead of deadlocking on their rows (InnoDB would
+        roll one back)."""
         keys = [key for intent in intents if isinstance(intent, Upsert | Tombstone)
                 for key in (*_lock_keys(intent), f"{_LOCK_PREFIX[intent.entity]}:{intent.clerk_id}")]
-        self.lock(keys)
+        self.lock([*keys, *extra])
 
     def apply(self, intent: Upsert | Tombstone | RevokeSession) -> bool:
         """Execute an intent under the ordering guard; True when a row changed."""

@@ -33,10 +33,10 @@ import sqlalchemy as sa
 import structlog
 
 from clerk_sync._db_errors import is_lock_wait_timeout, is_transient
-from clerk_sync.engine import DeliveryStatus, Entity, Tombstone, Upsert, plan_delivery, touches
+from clerk_sync.engine import DeliveryPlan, DeliveryStatus, Entity, Tombstone, Upsert, plan_delivery, touches
 from clerk_sync.errors import StoreError, database_message
 from clerk_sync.events import Envelope
-from clerk_sync.ingest import Outcome, WebhookProcessor, _plan
+from clerk_sync.ingest import Outcome, WebhookProcessor, _plan, event_locks
 from clerk_sync.mapping import RefusedAtCommit
 from clerk_sync.outbox import HeldJobsNotWritten
 from clerk_sync.store import Writer, _lock_id
@@ -325,8 +325,7 @@ def _pg_batch_locks(writer: Writer, jobs: list[tuple[str, Envelope]]) -> None:
     conn = writer.conn
     keys: list[list[str]] = []
     try:
-        intents = [_plan(writer, envelope).intent for _, envelope in jobs]
-        keys = [writer.locks_of(i) if isinstance(i, Upsert | Tombstone) else [] for i in intents]
+        keys = [_locks(writer, svix_id, envelope, _plan(writer, envelope)) for svix_id, envelope in jobs]
         with conn.begin_nested():
             writer.lock([k for ks in keys for k in ks])  # (Writer.lock_batch, with the keys kept for below)
     except sa.exc.DBAPIError as exc:
@@ -339,6 +338,14 @@ def _pg_batch_locks(writer: Writer, jobs: list[tuple[str, Envelope]]) -> None:
                 raise _Isolate(next(n for n, ks in enumerate(keys) if key in ks), exc) from exc
         # Released meanwhile (a short batch committed): each delivery alone, as on MySQL/MariaDB
         raise _EachAlone(database_message(exc.orig or exc)) from exc
+
+
+def _locks(writer: Writer, svix_id: str, envelope: Envelope, planned: DeliveryPlan) -> list[str]:
+    """The locks one delivery of a batch takes: its apply's, or its unmirrored event's subject's
+    (:func:`~clerk_sync.ingest.event_locks`), taken by ``queue_event`` too (again: held already)."""
+    if isinstance(planned.intent, Upsert | Tombstone):
+        return writer.locks_of(planned.intent)
+    return event_locks(writer, svix_id, envelope) if planned.status == DeliveryStatus.IGNORED else []
 
 
 _TRY_LOCK = sa.text("SELECT pg_try_advisory_xact_lock(:key)").bindparams(sa.bindparam("key", type_=sa.BigInteger))
@@ -360,7 +367,10 @@ def _mysql_batch_bound(writer: Writer, jobs: list[tuple[str, Envelope]]) -> Iter
                          f"SESSION innodb_lock_wait_timeout = {_MYSQL_BATCH_LOCK_WAIT_S}")
     try:
         try:
-            writer.lock_entities([plan_delivery(envelope).intent for _, envelope in jobs])
+            plans = [(svix_id, envelope, plan_delivery(envelope)) for svix_id, envelope in jobs]
+            writer.lock_entities([p.intent for _, _, p in plans], [k for svix_id, envelope, p in plans
+                                                                   if p.status == DeliveryStatus.IGNORED
+                                                                   for k in event_locks(writer, svix_id, envelope)])
         except sa.exc.DBAPIError as exc:
             # A lock wait, or a deadlock InnoDB broke (a batch that inserted a new lock row rolled back while two
             # waited on it: one is its victim): each delivery alone, as on PostgreSQL, not the batch failed

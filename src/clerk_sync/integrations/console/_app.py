@@ -119,7 +119,9 @@ def _guard(console: Console, handler: Handler, *, post: bool = False, read_only_
             return _throttled(console, request, exc)
         except TokenError as exc:
             if request.method == "GET" and "text/html" in request.headers.get("accept", ""):
-                target = console.path_for(request, "login") + "?next=" + quote(request.url.path)
+                # (the query too: a link to a filtered page, an alert's, lands on that filter once signed in)
+                here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+                target = console.path_for(request, "login") + "?next=" + quote(here, safe="/")
                 return _signed_out(request, RedirectResponse(target, status_code=303))
             return _signed_out(request, console.clerk_error(request, exc))
         except ClerkSyncError as exc:  # AccessDenied (403), StoreError (503)
@@ -262,7 +264,12 @@ def _login_submit(console: Console) -> Callable[[Request], Awaitable[Response]]:
             return response
         except TokenError as exc:
             return _login_form(console, request, status=401, message=str(exc))
-        await to_thread.run_sync(lambda: console.audit(identity, SIGN_IN, None, request, method="operator"))
+        except ClerkSyncError as exc:  # (the database down: the console's 503 page, as every page's)
+            return console.clerk_error(request, exc)
+        try:  # the sign-in is audited before its cookie is set: the database down, a 503 page (was a bare 500)
+            await to_thread.run_sync(lambda: console.audit(identity, SIGN_IN, None, request, method="operator"))
+        except ClerkSyncError as exc:
+            return console.clerk_error(request, exc)
         return _signed_in(console, request, identity, form.get("next", ""))
 
     return endpoint

@@ -77,8 +77,11 @@ def confirm_page(console: Console) -> Callable[[Request], Awaitable[Response]]:
         pending = console.access.pending(request.cookies.get(PENDING_COOKIE))
         if pending is None:
             return _no_pending(console, request)
-        user = await to_thread.run_sync(read_user, console.store, str(pending.clerk_id))
-        current = await to_thread.run_sync(_current, console, request)
+        try:
+            user = await to_thread.run_sync(read_user, console.store, str(pending.clerk_id))
+            current = await to_thread.run_sync(_current, console, request)
+        except ClerkSyncError as exc:  # the database down: the console's 503 page (was a bare 500)
+            return console.clerk_error(request, exc)
         return console.render(request, "confirm_sign_in.html", None, pending=pending, user=user, current=current,
                               pending_csrf=pending.csrf)
 
