@@ -70,3 +70,21 @@ def test_the_cli_dismisses_and_says_what_it_left(tmp_path: Path) -> None:
     assert run("doctor", "--freshness", env={"DATABASE_URL": url}).returncode == 0
     blank = run("dismiss", "msg_bad", "--reason", " ", env={"DATABASE_URL": url})
     assert blank.returncode == 2
+
+
+def test_replaying_the_ignored_deliveries_leaves_a_dismissed_one_dismissed(store: Store) -> None:
+    """Review: ``replay --status ignored`` (the README's way to queue stored events for a hook added later)
+    turned every dismissed delivery back into ``failed``, its note overwritten: the failed-deliveries alert,
+    ``doctor --freshness`` and every later scheduled ``replay`` failed until it was dismissed again. One that
+    fails again stays dismissed, its note kept; the others are replayed as before."""
+    _unfixable(store)
+    assert _deliver(store, f.envelope("subscriptionItem.active", {"id": "subi_1", "object": "x"}), "msg_ev") \
+        == "ignored"
+    dismiss_failed(store, ["msg_bad"], reason="id too long")
+    report = replay_deliveries(store, status="ignored")
+    assert report.total == 2 and report.by_status == {"ignored": 2}, report
+    with store.connect() as conn:
+        status, error = conn.execute(sa.select(webhook_events.c.status, webhook_events.c.last_error)
+                                     .where(webhook_events.c.svix_id == "msg_bad")).one()
+    assert status == "ignored" and error.startswith("dismissed by an operator: id too long (it had failed: "), error
+    assert _failed_check(store) == "ok"

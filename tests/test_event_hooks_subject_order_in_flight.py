@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from clerk_sync.changes import Event, Hook
 from clerk_sync.ingest import WebhookProcessor
 from clerk_sync.outbox import claim
-from clerk_sync.store import Store
+from clerk_sync.store import Store, _lock_id
 from clerk_sync.tables import hook_jobs
 from clerk_sync.webhooks import WebhookVerifier
 from tests import factories as f
@@ -49,9 +49,12 @@ _AT_THE_TRIGGER = {
     "postgresql": "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND database = (SELECT oid "  # noqa: S608
                   f"FROM pg_database WHERE datname = current_database()) AND objid = {HELD}",
     "mysql": "SELECT count(*) FROM information_schema.PROCESSLIST WHERE db = DATABASE() AND state = 'User lock'"}
+_SUBJECT = _lock_id("event:subscriptionItem:subi_1")
 _WAITING = {
-    "postgresql": "SELECT count(*) FROM pg_locks WHERE NOT granted AND database = (SELECT oid FROM pg_database WHERE "  # noqa: S608
-                  f"datname = current_database()) AND NOT (locktype = 'advisory' AND objid = {HELD})",
+    # (the second delivery's wait for the subject's lock itself: another test's wait in the database is not it)
+    "postgresql": "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND database = "  # noqa: S608
+                  f"(SELECT oid FROM pg_database WHERE datname = current_database()) AND classid::bigint = "
+                  f"{(_SUBJECT >> 32) & 0xFFFFFFFF} AND objid::bigint = {_SUBJECT & 0xFFFFFFFF}",
     # (MariaDB names no waiter for a lock row another transaction inserted: the statement taking it, running)
     "mysql": "SELECT count(*) FROM information_schema.PROCESSLIST WHERE db = DATABASE() AND command = 'Query' "
              "AND info LIKE 'INSERT INTO clerk_sync_locks%%'"}

@@ -286,13 +286,17 @@ class WebhookProcessor:
         piped = set(fast)
         then = [plan.intent for i, plan in enumerate(plans) if i not in piped
                 and isinstance(plan.intent, Upsert | Tombstone)]
-        if fast or (then and writer.pipelines):  # (no pipeline: each apply_in takes its own, as the batch's)
+        # and the subjects of the unmirrored events it queues jobs for (queue_event takes each again: held)
+        events = [k for (svix_id, envelope), plan in zip(deliveries, plans, strict=True)
+                  if plan.status == DeliveryStatus.IGNORED for k in event_locks(writer, svix_id, envelope)]
+        if fast or ((then or events) and writer.pipelines):  # (no pipeline: each apply_in takes its own)
             items: list[OneStatement] = []
             for i in fast:
                 svix_id, envelope = deliveries[i]
                 items.append((svix_id, envelope.text, envelope.type, envelope.instance_id, envelope.timestamp_ms,
                               plans[i].reason, plans[i].intent))  # type: ignore[arg-type]
-            for i, status in zip(fast, writer.record_and_upsert_many(items, then=then), strict=True):
+            for i, status in zip(fast, writer.record_and_upsert_many(items, then=then, then_keys=events),
+                                 strict=True):
                 svix_id, envelope = deliveries[i]
                 outcomes[i] = Outcome(svix_id, envelope.type, status or DeliveryStatus.DUPLICATE, plans[i].reason)
         return outcomes
@@ -553,13 +557,16 @@ def dismiss_failed(store: Store, svix_ids: Sequence[str], *, reason: str, by: st
                 e.c.svix_id == svix_id, e.c.status == DeliveryStatus.FAILED.value)).first()
             if before is None:
                 continue
-            said = f"dismissed by {by or 'an operator'}: {reason.strip()} (it had failed: {before.last_error or '-'})"
+            said = f"{_DISMISSED}{by or 'an operator'}: {reason.strip()} (it had failed: {before.last_error or '-'})"
             writer.conn.execute(e.update().where(e.c.svix_id == svix_id, e.c.status == DeliveryStatus.FAILED.value)
                                 .values(status=DeliveryStatus.IGNORED.value, last_error=said))
             record_audit(writer, AuditEntry("delivery.dismissed", by, svix_id,
                                             details={"reason": reason.strip(), "type": before.type}))
             done.append(svix_id)
     return done
+
+
+_DISMISSED = "dismissed by "  # how a dismissed delivery's last_error begins (:func:`dismiss_failed`)
 
 
 def replay_deliveries(
@@ -637,6 +644,11 @@ def _replay(store: Store, svix_id: str, audit: Callable[[Writer, DeliveryStatus]
             current = still_failed(writer)
             if current is not None:
                 return False, current, False, False
+            e = webhook_events.c
+            if str(writer.conn.execute(sa.select(e.last_error).where(
+                    e.svix_id == svix_id, e.status == DeliveryStatus.IGNORED.value)).scalar() or "").startswith(
+                    _DISMISSED):  # refused again: stays dismissed, as in _replay_in
+                return True, DeliveryStatus.IGNORED.value, False, False
             writer.finish_delivery(svix_id, DeliveryStatus.FAILED, str(exc), count_attempt=True)
             if audit is not None:
                 audit(writer, DeliveryStatus.FAILED)
@@ -673,10 +685,14 @@ def _replay_in(writer: Writer, svix_id: str, *, events: bool) -> tuple[DeliveryS
     or :func:`replay_delivery` never queues an event again. A delivery stored redacted (its payer gone, or
     prune) queues nothing: it is not replayed."""
     e = webhook_events.c
-    payload, event_ms, received_at, stored = writer.conn.execute(
-        sa.select(e.payload, e.event_timestamp, e.received_at, e.status).where(e.svix_id == svix_id)
+    payload, event_ms, received_at, stored, last_error = writer.conn.execute(
+        sa.select(e.payload, e.event_timestamp, e.received_at, e.status, e.last_error).where(e.svix_id == svix_id)
     ).one()
     was_failed = stored == DeliveryStatus.FAILED
+    # Dismissed (:func:`dismiss_failed`): tried again by ``replay --status ignored`` (as for a hook added later),
+    # but one that fails again stays dismissed, its note kept. It went back to failed: the alert, doctor and every
+    # later scheduled replay failed until someone dismissed it again (review).
+    dismissed = stored == DeliveryStatus.IGNORED and str(last_error or "").startswith(_DISMISSED)
     if isinstance(payload, dict) and payload.get("redacted") is True:  # ids and versions only (retention,
         # erasure): applied, it would blank the row's fields with a version that may be newer
         if not was_failed:  # nothing to apply, and it was applied, skipped or ignored on arrival: as it was
@@ -688,10 +704,14 @@ def _replay_in(writer: Writer, svix_id: str, *, events: bool) -> tuple[DeliveryS
         # is the one stored then (the time received), so a tombstone gets the same version again.
         envelope = parse_envelope(json.dumps(payload), received_ms=lambda: _stored_ms(event_ms, received_at))
     except PayloadError as exc:
+        if dismissed:
+            return DeliveryStatus.IGNORED, False, False
         writer.finish_delivery(svix_id, DeliveryStatus.FAILED, str(exc), count_attempt=True)
         return DeliveryStatus.FAILED, True, False
     refused = len(writer.refused)
     status, error = apply_envelope(writer, envelope)
+    if dismissed and status == DeliveryStatus.FAILED:
+        return DeliveryStatus.IGNORED, False, False
     # as a live delivery: about a deleted entity (a skipped update, a membership deleted on arrival), it
     # keeps no personal data; redacted before its event is queued, so the hooks get it reduced as live
     WebhookProcessor.forget_if_deleted(writer, Outcome(svix_id, envelope.type, status, error), envelope)

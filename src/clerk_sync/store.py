@@ -470,7 +470,8 @@ class Writer:
                                               intent)], pipeline=False)[0]
 
     def record_and_upsert_many(self, items: Sequence[OneStatement], *, pipeline: bool = True,
-                               then: Sequence[Upsert | Tombstone] = ()) -> list[DeliveryStatus | None]:
+                               then: Sequence[Upsert | Tombstone] = (),
+                               then_keys: Sequence[str] = ()) -> list[DeliveryStatus | None]:
         """:meth:`record_and_upsert` for many deliveries, sent in one psycopg pipeline (one round trip
         for all of them). A failure does not say which delivery caused it: the caller retries them one
         by one to find out.
@@ -498,7 +499,8 @@ class Writer:
         through :meth:`Outbox.record`, whose errors say which table refused what.
 
         ``then``: what the caller applies after these in the same transaction (deletions): their locks are
-        taken in the same pass, so that no lock is taken out of the one order every writer keeps.
+        taken in the same pass, so that no lock is taken out of the one order every writer keeps; ``then_keys``
+        too (the unmirrored events' subjects it queues jobs for).
         """
         from psycopg.types.json import Jsonb  # the postgres extra; only reached on a psycopg connection
 
@@ -523,7 +525,8 @@ class Writer:
                        for k in _lock_keys(intent)}
                       | {_lock_id(f"{_LOCK_PREFIX[item[-1].entity]}:{item[-1].clerk_id}")
                          for item, h in zip(items, hooked, strict=True) if h}
-                      | {_lock_id(k) for intent in then for k in self.locks_of(intent)})
+                      | {_lock_id(k) for intent in then for k in self.locks_of(intent)}
+                      | {_lock_id(k) for k in then_keys})
         if keys:
             statements.append((_LOCKS_SQL, [keys]))
         # Users and organizations go in waves (_wave_sql): one statement per entity type and wave, a

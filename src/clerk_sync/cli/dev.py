@@ -320,7 +320,7 @@ def run_dev(db_path: Path, *, port: int = 0, users_n: int = 12, orgs_n: int = 3,
     stack = DevStack(db_path, port=port, force=force)
     with stack.running():
         console.print(f"Clerk emulator  {stack.emulator.url}/v1   (secret key {stack.emulator.secret_key})")
-        console.print(f"sync service    {stack.service_url}/webhooks/clerk   (SQLite {db_path})")
+        console.print(f"sync service    {stack.service_url}/webhooks/clerk   (SQLite {db_path})", soft_wrap=True)
         with Progress(console=console, transient=True) as progress, stack.clerk() as clerk:
             seed_demo(clerk, users_n, orgs_n, progress)
         converged = stack.wait_converged()

@@ -232,9 +232,10 @@ def _hooks_list(value: Any) -> bool:
 _HOOKS_WANTED = "a list of clerk_sync.changes.Hook, or a function returning one"
 
 
-def load_hooks(spec: str) -> list[Hook]:
-    """Import ``module:attribute`` and return its hooks; every mistake is a :class:`ConfigError`."""
-    value, called = _load("--hooks", spec, _hooks_list, _HOOKS_WANTED)
+def load_hooks(spec: str, option: str = "--hooks") -> list[Hook]:
+    """Import ``module:attribute`` and return its hooks; every mistake is a :class:`ConfigError` naming
+    ``option`` (``replay`` and ``reconcile`` take theirs as ``--with-hooks``)."""
+    value, called = _load(option, spec, _hooks_list, _HOOKS_WANTED)
     if not _hooks_list(value):
         module_name, _, attr = spec.partition(":")
         if isinstance(value, Hook):
@@ -242,7 +243,7 @@ def load_hooks(spec: str) -> list[Hook]:
         elif called:  # a handler whose change parameter has a default, or a factory that forgot its return
             function = getattr(importlib.import_module(module_name), attr)
             handler = not inspect.isclass(function) and _required_parameters(function, all_=True)
-            advice = _handler_advice("--hooks", module_name, attr) if handler else "; make it return the list"
+            advice = _handler_advice(option, module_name, attr) if handler else "; make it return the list"
             why = f": calling {attr}() returned {_shown(value)}{advice}"
         else:
             why = f", not {_shown(value)}"

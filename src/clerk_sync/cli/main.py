@@ -90,7 +90,7 @@ def migrate(
                           "migrated")
     store = Store.from_settings(settings)
     upgraded = migrations.upgrade(store.engine)
-    console.print(f"[green]{upgraded.summary()}[/] on {_safe(settings)}")
+    console.print(f"[green]{upgraded.summary()}[/] on {_safe(settings)}", soft_wrap=True)  # (one line, piped too)
     refused = 0
     if schema is not None:
         migrated = migrate_mapping(store, schema, backfill=backfill, settings=settings)
@@ -318,11 +318,12 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 def _announce(settings: Settings, host: str, sock: socket.socket) -> None:
-    where = f"http://{host}:{sock.getsockname()[1]}"
+    # (an IPv6 address in brackets, as a URL writes it: "http://::1:8000" was no URL to paste)
+    where = f"http://{f'[{host}]' if ':' in host else host}:{sock.getsockname()[1]}"
     # one line, as a log pipeline reads it (rich wrapped it at 80 columns when stderr is no terminal)
     console.print(f"clerk-sync serving on {where}/webhooks/clerk ({_safe(settings)})", soft_wrap=True)
     if settings.console_enabled:
-        console.print(f"operator console on {where}/console")
+        console.print(f"operator console on {where}/console", soft_wrap=True)
 
 
 def _replay_advice(mapping: str | None, with_hooks: str | None) -> str:
@@ -357,7 +358,7 @@ def replay(
         raise typer.BadParameter(f"{status!r} is no stored status; one of {', '.join(STORED_STATUSES)}",
                                  param_hint="--status")
     settings = _settings()
-    store = existing_store(settings, hooks=load_hooks(with_hooks) if with_hooks else (),
+    store = existing_store(settings, hooks=load_hooks(with_hooks, "--with-hooks") if with_hooks else (),
                            mapping=load_mapping(mapping))
     report = replay_deliveries(store, status=status, since=parse_since(since), with_hooks=bool(with_hooks))
     store.dispose()
@@ -370,7 +371,8 @@ def replay(
     if still := report.by_status.get(DeliveryStatus.FAILED.value):  # a scheduled replay must not look fine
         failed = "still failed" if status == DeliveryStatus.FAILED else "failed"
         console.print(f"[red]{still} {failed}[/]: read webhook_events.last_error (or the console), fix the "
-                      "cause, then replay again (one no fix can make apply: `clerk-sync dismiss SVIX_ID --reason ..`)")
+                      "cause, then replay again (one no fix can make apply: `clerk-sync dismiss SVIX_ID --reason ..`)",
+                      soft_wrap=True)
         raise SystemExit(EXIT_UNDONE)
 
 
@@ -630,7 +632,7 @@ def reconcile(
     """
     from clerk_sync.cli.reconcile import reconcile_command, unread_objects
 
-    hooks = load_hooks(with_hooks) if with_hooks else ()
+    hooks = load_hooks(with_hooks, "--with-hooks") if with_hooks else ()
     report = reconcile_command(_settings(), since=since, dry_run=dry_run, console=console, hooks=hooks,
                                mapping=load_mapping(mapping), allow_mass_delete=allow_mass_delete)
     if (unread := unread_objects(report)) is not None:

@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from clerk_sync import tables
-from clerk_sync._db_errors import is_insufficient_privilege
+from clerk_sync._db_errors import is_insufficient_privilege, is_schema_behind
 from clerk_sync.mapping import (
     PG_SCHEMA_USAGE,
     PG_TABLE_SEQUENCES,
@@ -130,7 +130,25 @@ def missing_tables(conn: Connection) -> list[str]:
     down" elsewhere) while every delivery failed, and ``doctor`` said ok. Only the deliveries' tables: MySQL/MariaDB
     hide a table from a role with no privilege on it at all (``reconcile_runs`` from a runtime role, say)."""
     present = set(sa.inspect(conn).get_table_names())
-    return [name for name in delivery_tables() if name not in present]
+    absent = [name for name in delivery_tables() if name not in present]
+    if conn.dialect.name in ("mysql", "mariadb"):  # hidden or gone? Only a read tells, when it may be told
+        absent = [name for name in absent if _gone(conn, name)]
+    return absent
+
+
+def _gone(conn: Connection, table: str) -> bool:
+    """MySQL/MariaDB: a table the catalog does not list is gone when a read says so (1146); refused (1142, which
+    they answer for a table the role has no privilege on, there or not: the RUNBOOK's step of a new table to
+    grant) it is no table to restore: the privileges probe says what to grant (review)."""
+    try:
+        conn.exec_driver_sql(_probe("SELECT", _quote(conn, table), []))
+    except sa.exc.DBAPIError as exc:
+        if is_insufficient_privilege(exc.orig):
+            return False
+        if is_schema_behind(exc.orig):
+            return True
+        raise
+    return False
 
 
 def delivery_tables() -> list[str]:
