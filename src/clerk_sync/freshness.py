@@ -69,6 +69,7 @@ def read_snapshot(store: Store) -> DatabaseSnapshot:
     v = _VERSIONS  # one row at any revision a release of ours leaves: a primary-key lookup, no round trip more
     revision = sa.select(sa.func.max(v.c.version_num)).scalar_subquery()
     revisions = sa.select(sa.func.count()).select_from(v).scalar_subquery()
+    gone: list[str] = []  # tables missing, read when a privilege refused the first statement
     with store.connect() as conn:
         try:
             try:
@@ -80,6 +81,9 @@ def read_snapshot(store: Store) -> DatabaseSnapshot:
                 # /readyz says what to grant): the values as before, not the database down (review)
                 conn.rollback()
                 row = tuple(conn.execute(sa.select(*values, revision, revisions)).one())
+                # (MySQL/MariaDB answer the privilege before a table gone: the catalog, and its probe, say)
+                gone = missing_tables(conn)
+                conn.rollback()
         except sa.exc.SQLAlchemyError as exc:
             if not _behind(exc):  # down, a timeout: as without the version
                 raise
@@ -108,7 +112,7 @@ def read_snapshot(store: Store) -> DatabaseSnapshot:
             sa.select(r.c.started_at, r.c.finished_at, r.c.created, r.c.updated, r.c.deleted, r.c.details)
             .where(r.c.id == last_id)
         ).first()
-        current = _schema_current(store, row[9], int(row[10])) if len(row) > 9 else False
+        current = _schema_current(store, row[9], int(row[10])) if len(row) > 9 and not gone else False
     stamps = [s for s in (_stamp(v) for v in row[:3]) if s is not None]
     return DatabaseSnapshot(
         newest_delivery_at=max(stamps) if stamps else None,

@@ -647,7 +647,9 @@ def _replay(store: Store, svix_id: str, audit: Callable[[Writer, DeliveryStatus]
             e = webhook_events.c
             if str(writer.conn.execute(sa.select(e.last_error).where(
                     e.svix_id == svix_id, e.status == DeliveryStatus.IGNORED.value)).scalar() or "").startswith(
-                    _DISMISSED):  # refused again: stays dismissed, as in _replay_in
+                    _DISMISSED):  # refused again: stays dismissed, as in _replay_in (audited as there)
+                if audit is not None:
+                    audit(writer, DeliveryStatus.IGNORED)
                 return True, DeliveryStatus.IGNORED.value, False, False
             writer.finish_delivery(svix_id, DeliveryStatus.FAILED, str(exc), count_attempt=True)
             if audit is not None:

@@ -188,10 +188,10 @@ def _required_parameters(function: Callable[..., Any], *, all_: bool = False) ->
 
 def _handler_advice(option: str, module_name: str, attr: str) -> str:
     """For ``--hooks`` naming a handler (a function of a change) rather than the hooks list."""
-    if option != "--hooks":
+    if option not in ("--hooks", "--with-hooks"):
         return ""
     return (f"; that looks like a handler: wrap it in a Hook, in a list (HOOKS = [Hook(\"{attr}\", {attr}, "
-            f"on=[\"user.created\"])]), and point --hooks at the list ({module_name}:HOOKS)")
+            f"on=[\"user.created\"])]), and point {option} at the list ({module_name}:HOOKS)")
 
 
 def _import(module_name: str) -> Any:
@@ -247,7 +247,7 @@ def load_hooks(spec: str, option: str = "--hooks") -> list[Hook]:
             why = f": calling {attr}() returned {_shown(value)}{advice}"
         else:
             why = f", not {_shown(value)}"
-        raise ConfigError(f"--hooks {spec!r} must be a non-empty list of clerk_sync.changes.Hook (or a function "
+        raise ConfigError(f"{option} {spec!r} must be a non-empty list of clerk_sync.changes.Hook (or a function "
                           f"returning one){why}")
     return list(value)
 
