@@ -21,9 +21,11 @@ import pytest
 import sqlalchemy as sa
 
 from clerk_sync.changes import Event, Hook
+from clerk_sync.events import Envelope, parse_envelope
 from clerk_sync.ingest import WebhookProcessor
+from clerk_sync.integrations._committer import GroupCommitter
 from clerk_sync.outbox import claim
-from clerk_sync.store import Store, _lock_id
+from clerk_sync.store import Store, Writer, _lock_id
 from clerk_sync.tables import hook_jobs
 from clerk_sync.webhooks import WebhookVerifier
 from tests import factories as f
@@ -122,4 +124,35 @@ def test_a_later_delivery_about_the_same_subject_waits_for_the_one_in_flight(db_
         with admin.begin() as conn:
             conn.exec_driver_sql("DROP TRIGGER cs_hold_first" + (" ON hook_jobs" if dialect == "postgresql" else ""))
         admin.dispose()
+        store.dispose()
+
+
+@pytest.mark.parametrize("db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
+def test_a_pipelined_batch_takes_its_events_subject_locks_in_its_one_pass(db_url: str,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The group committer's pipelined batch (PostgreSQL, psycopg) takes every lock in one sorted pass: its
+    events' subjects too. They were taken one by one afterwards, in delivery order, by each event's queuing: two
+    batches naming two subjects in opposite orders waited on each other until the batch's lock bound sent every
+    delivery alone (review)."""
+    store = Store.from_url(db_url, hooks=[Hook("billing", print, on=["subscriptionItem.*"])])
+    committer = GroupCommitter(WebhookProcessor(store, WebhookVerifier([f.SECRET])))
+    passes: list[list[str]] = []
+    piped = Writer.record_and_upsert_many
+
+    def recording(self: Writer, items: Any, **options: Any) -> Any:
+        passes.append(sorted(options.get("then_keys", ())))
+        return piped(self, items, **options)
+
+    monkeypatch.setattr(Writer, "record_and_upsert_many", recording)
+
+    def delivery(subject: str, svix_id: str) -> tuple[str, Envelope]:
+        _, body = f.signed(f.envelope("subscriptionItem.active", {"id": subject, "object": "x"}, 1_000), svix_id)
+        return svix_id, parse_envelope(body.decode())
+
+    try:
+        results = committer.write([delivery("subi_2", "msg_p2"), delivery("subi_1", "msg_p1")])
+        assert [getattr(r, "status", r) for r in results] == ["ignored", "ignored"], results
+        assert passes == [["event:subscriptionItem:subi_1", "event:subscriptionItem:subi_2"]], passes
+        assert committer.retried == 0
+    finally:
         store.dispose()
