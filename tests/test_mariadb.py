@@ -234,7 +234,7 @@ def test_a_lock_pass_that_fails_otherwise_restores_the_lock_wait_and_keeps_its_e
     store = Store(create_engine(maria_url, timeouts=DatabaseTimeouts(lock_s=10), pool_size=1, max_overflow=0))
     committer = GroupCommitter(WebhookProcessor(store, WebhookVerifier([f.SECRET])), writers=1)
 
-    def broken(self: Writer, intents: object) -> None:
+    def broken(self: Writer, intents: object, extra: object = ()) -> None:
         raise RuntimeError("lock pass bug")
 
     monkeypatch.setattr(Writer, "lock_entities", broken)
@@ -245,7 +245,7 @@ def test_a_lock_pass_that_fails_otherwise_restores_the_lock_wait_and_keeps_its_e
         with store.connect() as conn:  # the pool's one connection: the one the pass used
             assert conn.exec_driver_sql("SELECT @@SESSION.innodb_lock_wait_timeout").scalar() == 10
 
-        def spoiled(self: Writer, intents: object) -> None:  # and the restore fails too
+        def spoiled(self: Writer, intents: object, extra: object = ()) -> None:  # and the restore fails too
             self.conn.exec_driver_sql("SET @clerk_sync_lock_wait = 'not a number'")
             raise RuntimeError("lock pass bug")
 
