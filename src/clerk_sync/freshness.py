@@ -89,11 +89,11 @@ def read_snapshot(store: Store) -> DatabaseSnapshot:
                 raise
             conn.rollback()  # (PostgreSQL: the failed statement ended the transaction)
             try:
-                row = tuple(conn.execute(sa.select(*values)).one())
-                gone = missing_tables(conn)  # (the catalog: a table missing at the version read next)
+                # no version table of clerk-sync's: the state as /readyz reads it, unless the catalog says a
+                # table is missing
+                row = (*conn.execute(sa.select(*values)).one(), None, 0)
+                gone = missing_tables(conn)
                 conn.rollback()
-                if not gone:
-                    row = (*row, None, 0)  # no version table of clerk-sync's: the state as /readyz reads it
             except sa.exc.SQLAlchemyError as again:
                 # Older still (no hook_jobs: before 0009) or empty (a restore under way): the database answers,
                 # so it is up; what it lacks is the schema (review: this read as clerk_sync_database_up 0,
@@ -112,7 +112,7 @@ def read_snapshot(store: Store) -> DatabaseSnapshot:
             sa.select(r.c.started_at, r.c.finished_at, r.c.created, r.c.updated, r.c.deleted, r.c.details)
             .where(r.c.id == last_id)
         ).first()
-        current = _schema_current(store, row[9], int(row[10])) if len(row) > 9 and not gone else False
+        current = False if gone else _schema_current(store, row[9], int(row[10]))
     stamps = [s for s in (_stamp(v) for v in row[:3]) if s is not None]
     return DatabaseSnapshot(
         newest_delivery_at=max(stamps) if stamps else None,

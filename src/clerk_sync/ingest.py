@@ -569,6 +569,11 @@ def dismiss_failed(store: Store, svix_ids: Sequence[str], *, reason: str, by: st
 _DISMISSED = "dismissed by "  # how a dismissed delivery's last_error begins (:func:`dismiss_failed`)
 
 
+def _dismissed(status: str, last_error: str | None) -> bool:
+    """A delivery :func:`dismiss_failed` set aside (stored ``ignored``, its note first in ``last_error``)."""
+    return status == DeliveryStatus.IGNORED and str(last_error or "").startswith(_DISMISSED)
+
+
 def replay_deliveries(
     store: Store, *, status: str = "failed", since: datetime | None = None, with_hooks: bool = False
 ) -> ReplayReport:
@@ -645,9 +650,8 @@ def _replay(store: Store, svix_id: str, audit: Callable[[Writer, DeliveryStatus]
             if current is not None:
                 return False, current, False, False
             e = webhook_events.c
-            if str(writer.conn.execute(sa.select(e.last_error).where(
-                    e.svix_id == svix_id, e.status == DeliveryStatus.IGNORED.value)).scalar() or "").startswith(
-                    _DISMISSED):  # refused again: stays dismissed, as in _replay_in (audited as there)
+            stored = writer.conn.execute(sa.select(e.status, e.last_error).where(e.svix_id == svix_id)).first()
+            if stored is not None and _dismissed(*stored):  # refused again: stays dismissed, as in _replay_in
                 if audit is not None:
                     audit(writer, DeliveryStatus.IGNORED)
                 return True, DeliveryStatus.IGNORED.value, False, False
@@ -694,7 +698,7 @@ def _replay_in(writer: Writer, svix_id: str, *, events: bool) -> tuple[DeliveryS
     # Dismissed (:func:`dismiss_failed`): tried again by ``replay --status ignored`` (as for a hook added later),
     # but one that fails again stays dismissed, its note kept. It went back to failed: the alert, doctor and every
     # later scheduled replay failed until someone dismissed it again (review).
-    dismissed = stored == DeliveryStatus.IGNORED and str(last_error or "").startswith(_DISMISSED)
+    dismissed = _dismissed(stored, last_error)
     if isinstance(payload, dict) and payload.get("redacted") is True:  # ids and versions only (retention,
         # erasure): applied, it would blank the row's fields with a version that may be newer
         if not was_failed:  # nothing to apply, and it was applied, skipped or ignored on arrival: as it was
